@@ -1,0 +1,135 @@
+"""The block table: which parameter (or slice of one) each block is, what it costs, who owns it.
+
+A block is a contiguous range ``[start, stop)`` of one parameter along one dimension (``dim``), or the
+whole parameter (``dim is None``). The table depends only on the parameters and on the optimizer's
+blocking rule, never on the world size, which is what makes checkpoints world-size independent: state
+is keyed by ``(param_index, block_index_within_param)`` and only the owner column changes with W.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Sequence
+
+import torch
+
+from lightning_soaa.distributed.assignment import assign_owners
+
+__all__ = ["BlockSpec", "BlockInfo", "BlockTable", "param_fingerprint"]
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSpec:
+    """What an optimizer asks for: a slice of one parameter and its cost."""
+
+    dim: int | None
+    start: int
+    stop: int
+    cost: float
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockInfo:
+    """One row of the block table."""
+
+    block_id: int  # position in the table
+    param_index: int  # position of the parameter across all param groups, in order
+    group_index: int
+    sub_index: int  # index of the block within its parameter
+    dim: int | None
+    start: int
+    stop: int
+    shape: tuple[int, ...]
+    cost: float
+    owner: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    def view(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This block's view into ``tensor`` (a parameter, its gradient, or a like-shaped buffer)."""
+        if self.dim is None:
+            return tensor
+        return tensor.narrow(self.dim, self.start, self.stop - self.start)
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.param_index, self.sub_index)
+
+
+def whole_param_block(p: torch.Tensor, cost: float | None = None) -> list[BlockSpec]:
+    return [BlockSpec(None, 0, 0, float(p.numel()) if cost is None else cost)]
+
+
+class BlockTable:
+    """All blocks of an optimizer, their owners, and per-rank views for packing flat buffers."""
+
+    def __init__(
+        self,
+        params: Sequence[torch.Tensor],
+        group_of_param: Sequence[int],
+        specs: Sequence[Sequence[BlockSpec]],
+        world_size: int,
+        rank: int,
+        shard: bool = True,
+    ) -> None:
+        rows: list[tuple[int, int, int, BlockSpec, tuple[int, ...]]] = []
+        for pi, (p, gi, plist) in enumerate(zip(params, group_of_param, specs)):
+            if not plist:
+                raise ValueError(f"parameter {pi} produced no blocks")
+            for si, s in enumerate(plist):
+                if s.dim is None:
+                    shape = tuple(p.shape)
+                else:
+                    if not (0 <= s.start < s.stop <= p.shape[s.dim]):
+                        raise ValueError(f"block {si} of parameter {pi} has an invalid range {s}")
+                    shape = tuple(p.shape[:s.dim]) + (s.stop - s.start,) + tuple(p.shape[s.dim + 1:])
+                rows.append((pi, gi, si, s, shape))
+        self.world_size = world_size
+        self.rank = rank
+        self.shard = shard
+        costs = [r[3].cost for r in rows]
+        # Without sharding (W = 1, or DeepSpeed already partitioned the parameters) every block is ours.
+        owners = assign_owners(costs, world_size) if shard else [rank] * len(rows)
+        self.blocks: list[BlockInfo] = [
+            BlockInfo(bid, pi, gi, si, s.dim, s.start, s.stop, shape, s.cost, owners[bid])
+            for bid, (pi, gi, si, s, shape) in enumerate(rows)
+        ]
+        self.by_param: list[list[BlockInfo]] = [[] for _ in params]
+        for b in self.blocks:
+            self.by_param[b.param_index].append(b)
+
+    def owned(self) -> list[BlockInfo]:
+        return [b for b in self.blocks if b.owner == self.rank]
+
+    def owned_by(self, rank: int) -> list[BlockInfo]:
+        return [b for b in self.blocks if b.owner == rank]
+
+    def loads(self) -> list[float]:
+        loads = [0.0] * self.world_size
+        for b in self.blocks:
+            loads[b.owner] += b.cost
+        return loads
+
+    def balance(self) -> float:
+        """max load / mean load (1.0 is perfect)."""
+        loads = self.loads()
+        mean = sum(loads) / len(loads)
+        return max(loads) / mean if mean > 0 else 1.0
+
+    def layout(self) -> list[list[tuple[int | None, int, int]]]:
+        """World-size independent description of the blocking, stored in checkpoints."""
+        return [[(b.dim, b.start, b.stop) for b in blist] for blist in self.by_param]
+
+
+def param_fingerprint(params: Sequence[torch.Tensor]) -> int:
+    """A cheap 63-bit hash of the parameter list's shapes and dtypes, compared across ranks."""
+    h = hashlib.sha256()
+    for p in params:
+        h.update(repr((tuple(p.shape), str(p.dtype))).encode())
+    return int.from_bytes(h.digest()[:8], "little") & ((1 << 62) - 1)

@@ -1,0 +1,234 @@
+"""Communicators: the only place in the package that calls ``torch.distributed``.
+
+Every collective an optimizer makes is one visible line in ``optim/*.py`` calling a method here, so a
+reader can check that all ranks make the same calls, in the same order, with the same shapes.
+
+Layout of one optimizer step with W = 3 ranks and five blocks (owners chosen by
+:func:`lightning_soaa.distributed.assignment.assign_owners`)::
+
+    blocks      b0(900)  b1(400)  b2(400)  b3(300)  b4(10)
+    owner        r0       r1       r2       r2       r1
+
+    reduce_scatter (optional)     grads  [r0: b0 | r1: b1 b4 | r2: b2 b3]   -> each rank its owned grads
+    all_reduce_scalars            [nonfinite flag, partials...]  fp64, W-identical result
+    (owners update their blocks)
+    all_gather_flat               [r0: b0 pad | r1: b1 b4 pad | r2: b2 b3 pad] -> every rank all params
+
+Buffers are padded to the largest per-rank size so that every rank passes equal shapes.
+
+Each communicator counts calls and bytes (what this rank sends into the collective), per step and in
+total, so that benchmarks and the Lightning diagnostics can report communication.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "CommStats",
+    "Communicator",
+    "LocalComm",
+    "TorchComm",
+    "default_communicator",
+]
+
+
+@dataclasses.dataclass
+class CommStats:
+    """Counts of collectives made by one rank: calls and bytes per operation name."""
+
+    calls: dict[str, int] = dataclasses.field(default_factory=dict)
+    bytes: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def add(self, op: str, nbytes: int) -> None:
+        self.calls[op] = self.calls.get(op, 0) + 1
+        self.bytes[op] = self.bytes.get(op, 0) + int(nbytes)
+
+    @property
+    def total_calls(self) -> int:
+        return sum(self.calls.values())
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes.values())
+
+    def copy(self) -> CommStats:
+        return CommStats(dict(self.calls), dict(self.bytes))
+
+    def as_dict(self) -> dict[str, float]:
+        out: dict[str, float] = {"comm_calls": float(self.total_calls), "comm_bytes": float(self.total_bytes)}
+        for op, n in self.bytes.items():
+            out[f"comm_bytes_{op}"] = float(n)
+        return out
+
+
+@runtime_checkable
+class Communicator(Protocol):
+    """What an optimizer needs from a process group. Every method is a collective when W > 1."""
+
+    rank: int
+    world_size: int
+    step_stats: CommStats
+    total_stats: CommStats
+
+    def begin_step(self) -> None: ...
+
+    def all_reduce_scalars(self, values: torch.Tensor) -> torch.Tensor: ...
+
+    def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor: ...
+
+    def all_gather_flat(self, buffer: torch.Tensor) -> torch.Tensor: ...
+
+    def reduce_scatter_flat(self, buffer: torch.Tensor) -> torch.Tensor: ...
+
+    def broadcast_(self, tensor: torch.Tensor, src: int) -> torch.Tensor: ...
+
+    def all_gather_object(self, obj: Any) -> list[Any]: ...
+
+
+class _StatsMixin:
+    def _init_stats(self) -> None:
+        self.step_stats = CommStats()
+        self.total_stats = CommStats()
+        self.last_step_stats = CommStats()
+
+    def begin_step(self) -> None:
+        """Start counting a new optimizer step; the previous step's counts stay in ``last_step_stats``."""
+        self.last_step_stats = self.step_stats
+        self.step_stats = CommStats()
+
+    def _count(self, op: str, nbytes: int) -> None:
+        self.step_stats.add(op, nbytes)
+        self.total_stats.add(op, nbytes)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class LocalComm(_StatsMixin):
+    """The single-process communicator: every collective is the identity and nothing is counted."""
+
+    def __init__(self) -> None:
+        self.rank = 0
+        self.world_size = 1
+        self._init_stats()
+
+    def all_reduce_scalars(self, values: torch.Tensor) -> torch.Tensor:
+        return values.to(torch.float64)
+
+    def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def all_gather_flat(self, buffer: torch.Tensor) -> torch.Tensor:
+        return buffer
+
+    def reduce_scatter_flat(self, buffer: torch.Tensor) -> torch.Tensor:
+        return buffer
+
+    def broadcast_(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
+        return tensor
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        return [obj]
+
+    def __repr__(self) -> str:
+        return "LocalComm()"
+
+
+class TorchComm(_StatsMixin):
+    """A communicator over a ``torch.distributed`` process group (gloo on CPU, NCCL on GPU).
+
+    Scalars are reduced in float64 so that every rank derives bit-identical trust-region and damping
+    decisions. Flat buffers are reduced in their own dtype; callers pad them to equal shapes.
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(
+                "TorchComm needs an initialized torch.distributed process group; "
+                "call torch.distributed.init_process_group first or use LocalComm."
+            )
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        backend = dist.get_backend(group)
+        # NCCL only reduces tensors that live on the GPU; gloo only on the CPU.
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        )
+        self._init_stats()
+
+    def _to_comm_device(self, t: torch.Tensor) -> torch.Tensor:
+        return t if t.device == self.device else t.to(self.device)
+
+    def all_reduce_scalars(self, values: torch.Tensor) -> torch.Tensor:
+        """Sum a small vector across ranks in float64; the result is identical on every rank."""
+        buf = self._to_comm_device(values.detach().to(torch.float64).reshape(-1).clone())
+        self._count("all_reduce", _nbytes(buf))
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group)
+        return buf.to(values.device)
+
+    def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """In-place sum of a tensor across ranks (used for Gram matrices and gradients)."""
+        buf = self._to_comm_device(tensor)
+        self._count("all_reduce", _nbytes(buf))
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group)
+        if buf is not tensor:
+            tensor.copy_(buf)
+        return tensor
+
+    def all_gather_flat(self, buffer: torch.Tensor) -> torch.Tensor:
+        """Gather equal-length 1-D buffers from all ranks into one ``[W * len]`` tensor, rank-major."""
+        buf = self._to_comm_device(buffer.reshape(-1))
+        out = torch.empty(buf.numel() * self.world_size, dtype=buf.dtype, device=buf.device)
+        self._count("all_gather", _nbytes(buf))
+        dist.all_gather_into_tensor(out, buf, group=self.group)
+        return out.to(buffer.device)
+
+    def reduce_scatter_flat(self, buffer: torch.Tensor) -> torch.Tensor:
+        """Sum ``[W * len]`` buffers across ranks and return this rank's ``len`` slice."""
+        buf = self._to_comm_device(buffer.reshape(-1))
+        if buf.numel() % self.world_size:
+            raise ValueError(
+                f"reduce_scatter_flat needs a length divisible by world_size={self.world_size}, "
+                f"got {buf.numel()}"
+            )
+        out = torch.empty(buf.numel() // self.world_size, dtype=buf.dtype, device=buf.device)
+        self._count("reduce_scatter", _nbytes(buf))
+        dist.reduce_scatter_tensor(out, buf, op=dist.ReduceOp.SUM, group=self.group)
+        return out.to(buffer.device)
+
+    def broadcast_(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
+        buf = self._to_comm_device(tensor)
+        self._count("broadcast", _nbytes(buf))
+        global_src = dist.get_global_rank(self.group, src) if self.group is not None else src
+        dist.broadcast(buf, src=global_src, group=self.group)
+        if buf is not tensor:
+            tensor.copy_(buf)
+        return tensor
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Gather a picklable object from every rank (checkpoint consolidation; not for hot paths)."""
+        out: list[Any] = [None] * self.world_size
+        self._count("all_gather_object", len(pickle.dumps(obj)))
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def __repr__(self) -> str:
+        return f"TorchComm(rank={self.rank}, world_size={self.world_size}, device={self.device})"
+
+
+def default_communicator(process_group: dist.ProcessGroup | None = None) -> LocalComm | TorchComm:
+    """``TorchComm`` over ``process_group`` (or the default group) when torch.distributed runs with W > 1."""
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size(process_group) > 1:
+            return TorchComm(process_group)
+    elif process_group is not None:
+        raise ValueError("process_group was given but torch.distributed is not initialized")
+    return LocalComm()

@@ -1,0 +1,83 @@
+"""Sharded AdamW: the simplest concrete :class:`ShardedOptimizer`, and ASGO's fallback."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from lightning_soaa.config import AdamWConfig, config_from_group
+from lightning_soaa.functional.adamw import adamw_update_
+from lightning_soaa.optim.base import BlockView, ShardedOptimizer
+
+__all__ = ["ShardedAdamW"]
+
+
+class ShardedAdamW(ShardedOptimizer):
+    r"""AdamW with ZeRO-style sharded state; equal to ``torch.optim.AdamW`` up to float rounding.
+
+    .. math::
+        \begin{aligned}
+        &m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t, \qquad v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2 \\
+        &\theta_t = \theta_{t-1}(1 - \eta\lambda) - \eta\,\frac{m_t/(1-\beta_1^t)}{\sqrt{v_t/(1-\beta_2^t)} + \epsilon}
+        \end{aligned}
+
+    Args:
+        params: tensors, ``named_parameters()`` or param groups.
+        lr: learning rate :math:`\eta` (default 1e-3).
+        betas: :math:`(\beta_1, \beta_2)` (default (0.9, 0.999)).
+        eps: :math:`\epsilon` added outside the square root (default 1e-8).
+        weight_decay: decoupled weight decay :math:`\lambda`, scaled by lr (default 1e-2).
+        process_group, comm, shard, grad_reduction: see :class:`ShardedOptimizer`.
+
+    References:
+        Loshchilov & Hutter, *Decoupled Weight Decay Regularization*, ICLR 2019.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        process_group: Any = None,
+        comm: Any = None,
+        shard: bool = True,
+        grad_reduction: str = "none",
+    ) -> None:
+        cfg = AdamWConfig(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        defaults = dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+        super().__init__(params, defaults, process_group=process_group, comm=comm, shard=shard,
+                         grad_reduction=grad_reduction)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        config_from_group(AdamWConfig, group)
+
+    def _apply(self, views: list[BlockView], scalars: dict[str, Any]) -> None:
+        by_group: dict[int, list[BlockView]] = {}
+        for v in views:
+            if v.grad is not None:
+                by_group.setdefault(v.block.group_index, []).append(v)
+        for gi, vs in by_group.items():
+            group = self.param_groups[gi]
+            for v in vs:
+                if "step" not in v.state:
+                    v.state["step"] = torch.zeros((), dtype=torch.float32)
+                    v.state["exp_avg"] = torch.zeros_like(v.param, memory_format=torch.preserve_format)
+                    v.state["exp_avg_sq"] = torch.zeros_like(v.param, memory_format=torch.preserve_format)
+            beta1, beta2 = group["betas"]
+            adamw_update_(
+                [v.param for v in vs],
+                [v.grad for v in vs],  # type: ignore[misc]
+                [v.state["exp_avg"] for v in vs],
+                [v.state["exp_avg_sq"] for v in vs],
+                [v.state["step"] for v in vs],
+                lr=float(group["lr"]),
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+            )
