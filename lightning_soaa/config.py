@@ -18,6 +18,10 @@ __all__ = [
     "AdamWConfig",
     "ShardingConfig",
     "config_from_group",
+    "ASGOConfig",
+    "DASGOConfig",
+    "SOAAConfig",
+    "EGNConfig",
 ]
 
 
@@ -105,6 +109,182 @@ class AdamWConfig:
         check_betas("betas", self.betas)
         check_range("eps", self.eps, 0.0)
         check_range("weight_decay", self.weight_decay, 0.0)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EGNConfig:
+    """Exact Gauss-Newton (spec/algorithms.md §2.3); defaults from the authors' code unless marked.
+
+    Attributes:
+        loss: ``"mse"`` (ℓ = ½‖y − z‖²), ``"cross_entropy"`` (softmax, integer targets) or ``"bce"``
+            (sigmoid logits, targets in [0, 1]); always averaged over the global batch b.
+        lr: the step size α₀, or α_max when ``line_search`` is on.
+        damping: initial λ (> 0; the bc system is solved with bλ).
+        momentum: β_m of the bias-corrected EMA of directions (0 disables it).
+        line_search: Armijo backtracking on the same batch.
+        adaptive_damping: λ update from the gain ratio ρ.
+        armijo_c, ls_decrease, ls_increase, max_ls, ls_reset: the line search (c = 0.1, ×0.8, ×1.5, 15,
+            ``"increase"`` or ``"conservative"``).
+        rho_low, rho_high, damping_increase, damping_decrease, damping_min, damping_max: the λ rule
+            (ρ < 0.25 → λ·1.01; ρ > 0.75 → λ·0.99; λ clipped to [1e-12, 1e6]).
+        solve_dtype: ``"float64"`` (default) or ``"model"``: the dtype of K and the bc×bc solve.
+        max_solve_retries: Cholesky failures retried with 10·λ this many times (each one counted).
+        max_gram_size: memory guard: the largest allowed bc (K is bc×bc).
+        jacobian: ``"auto"`` (Gram factors for ``nn.Linear``, explicit per-sample Jacobians for the
+            rest) or ``"explicit"`` (explicit Jacobians everywhere).
+    """
+
+    loss: str = "mse"
+    lr: float = 0.1
+    damping: float = 1.0
+    momentum: float = 0.0
+    line_search: bool = False
+    adaptive_damping: bool = False
+    armijo_c: float = 0.1
+    ls_decrease: float = 0.8
+    ls_increase: float = 1.5
+    max_ls: int = 15
+    ls_reset: str = "increase"
+    rho_low: float = 0.25
+    rho_high: float = 0.75
+    damping_increase: float = 1.01
+    damping_decrease: float = 0.99
+    damping_min: float = 1e-12
+    damping_max: float = 1e6
+    solve_dtype: str = "float64"
+    max_solve_retries: int = 6
+    max_gram_size: int = 4096
+    jacobian: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_choice("loss", self.loss, ("mse", "cross_entropy", "bce"))
+        check_range("lr", self.lr, 0.0, lo_inclusive=False)
+        check_range("damping", self.damping, 0.0, lo_inclusive=False)
+        check_range("momentum", self.momentum, 0.0, 1.0, hi_inclusive=False)
+        for name in ("line_search", "adaptive_damping"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"Invalid {name}={getattr(self, name)!r}. Must be True or False.")
+        check_range("armijo_c", self.armijo_c, 0.0, 1.0, lo_inclusive=False, hi_inclusive=False)
+        check_range("ls_decrease", self.ls_decrease, 0.0, 1.0, lo_inclusive=False, hi_inclusive=False)
+        check_range("ls_increase", self.ls_increase, 1.0)
+        check_int("max_ls", self.max_ls, 1)
+        check_choice("ls_reset", self.ls_reset, ("increase", "conservative"))
+        check_range("rho_low", self.rho_low, 0.0, 1.0)
+        check_range("rho_high", self.rho_high, self.rho_low, 1.0)
+        check_range("damping_increase", self.damping_increase, 1.0)
+        check_range("damping_decrease", self.damping_decrease, 0.0, 1.0, lo_inclusive=False)
+        check_range("damping_min", self.damping_min, 0.0, lo_inclusive=False)
+        check_range("damping_max", self.damping_max, self.damping_min)
+        check_choice("solve_dtype", self.solve_dtype, ("float64", "model"))
+        check_int("max_solve_retries", self.max_solve_retries, 0)
+        check_int("max_gram_size", self.max_gram_size, 1)
+        check_choice("jacobian", self.jacobian, ("auto", "explicit"))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SOAAConfig:
+    """SOAA (spec/algorithms.md §1, variant A). See :class:`lightning_soaa.optim.soaa.SOAA`.
+
+    Attributes:
+        lr, betas, eps, weight_decay: as in AdamW (weight decay decoupled and scaled by lr).
+        gamma: band factor γ in [0, 1): the band on d narrows from [1, 2] to [1-γ, 1+γ].
+        total_steps: T, the number of optimizer steps the band narrows over (t > T clamps); ``None``
+            uses the final band [1-γ, 1+γ] from the first step.
+        acceptance: ``"lagged"`` (the paper's rule, no extra forward) or ``"same_batch"`` (trial step,
+            re-evaluated on the same batch through the closure; may reject).
+        eta1, eta2: same_batch thresholds: reject when ρ < eta1, expand when ρ > eta2 (0 <= eta1 <= eta2).
+        shrink, expand: same_batch factors on d after a rejection (in (0, 1)) and an expansion (>= 1).
+        d_min: same_batch floor for d (> 0); the ceiling is the band's hi_t.
+    """
+
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    gamma: float = 0.1
+    total_steps: int | None = None
+    acceptance: str = "lagged"
+    eta1: float = 0.25
+    eta2: float = 0.75
+    shrink: float = 0.5
+    expand: float = 2.0
+    d_min: float = 1e-3
+
+    def __post_init__(self) -> None:
+        check_range("lr", self.lr, 0.0)
+        check_betas("betas", self.betas)
+        check_range("eps", self.eps, 0.0)
+        check_range("weight_decay", self.weight_decay, 0.0)
+        check_range("gamma", self.gamma, 0.0, 1.0, hi_inclusive=False)
+        check_int("total_steps", self.total_steps, 1, allow_none=True)
+        check_choice("acceptance", self.acceptance, ("lagged", "same_batch"))
+        check_range("eta1", self.eta1, 0.0)
+        check_range("eta2", self.eta2, self.eta1)
+        check_range("shrink", self.shrink, 0.0, 1.0, lo_inclusive=False, hi_inclusive=False)
+        check_range("expand", self.expand, 1.0)
+        check_range("d_min", self.d_min, 0.0, 1.0, lo_inclusive=False)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ASGOConfig:
+    """ASGO hyperparameters (one-sided matrix preconditioning); see :class:`lightning_soaa.ASGO`.
+
+    ``root_iters=None`` uses the method's default iteration count. ``adam_*`` configure the AdamW
+    fallback for 1-D parameters and embeddings (same ``lr``).
+    """
+
+    lr: float = 1e-2
+    betas: tuple[float, float] = (0.9, 0.8)
+    weight_decay: float = 0.1
+    rms_scale: float = 0.2
+    eps: float = 1e-10
+    damping: float = 0.0
+    inverse_root: str = "polar_express"
+    root_iters: int | None = None
+    root_every: int = 1
+    max_block_size: int = 1024
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    adam_eps: float = 1e-8
+    adam_weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_range("lr", self.lr, 0.0)
+        check_betas("betas", self.betas)
+        check_range("weight_decay", self.weight_decay, 0.0)
+        check_range("rms_scale", self.rms_scale, 0.0, lo_inclusive=False)
+        check_range("eps", self.eps, 0.0)
+        check_range("damping", self.damping, 0.0)
+        check_choice("inverse_root", self.inverse_root, ("polar_express", "newton_schulz", "eigh"))
+        check_int("root_iters", self.root_iters, 1, allow_none=True)
+        check_int("root_every", self.root_every, 1)
+        check_int("max_block_size", self.max_block_size, 1)
+        check_betas("adam_betas", self.adam_betas)
+        check_range("adam_eps", self.adam_eps, 0.0)
+        check_range("adam_weight_decay", self.adam_weight_decay, 0.0)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DASGOConfig:
+    """DASGO hyperparameters (diagonal one-sided variant); see :class:`lightning_soaa.DASGO`."""
+
+    lr: float = 1e-2
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.1
+    rms_scale: float = 0.2
+    eps: float = 1e-8
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    adam_eps: float = 1e-8
+    adam_weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_range("lr", self.lr, 0.0)
+        check_betas("betas", self.betas)
+        check_range("weight_decay", self.weight_decay, 0.0)
+        check_range("rms_scale", self.rms_scale, 0.0, lo_inclusive=False)
+        check_range("eps", self.eps, 0.0)
+        check_betas("adam_betas", self.adam_betas)
+        check_range("adam_eps", self.adam_eps, 0.0)
+        check_range("adam_weight_decay", self.adam_weight_decay, 0.0)
 
 
 def config_from_group(cls: type, group: dict[str, Any]) -> Any:

@@ -48,8 +48,8 @@ class ShardedAdamW(ShardedOptimizer):
         shard: bool = True,
         grad_reduction: str = "none",
     ) -> None:
-        cfg = AdamWConfig(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
-        defaults = dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+        cfg = AdamWConfig(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        defaults = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
         super().__init__(params, defaults, process_group=process_group, comm=comm, shard=shard,
                          grad_reduction=grad_reduction)
 

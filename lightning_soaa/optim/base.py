@@ -77,6 +77,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     #: number of fp64 partials ``_prepare`` returns; fixed per optimizer so all ranks agree on shapes.
     num_partials: int = 0
+    #: True when ``_prepare``'s partials are non-finite whenever an owned gradient is (e.g. SOAA's Σm̂²):
+    #: the base then skips its own scan of the gradients, which costs one extra read of every gradient.
+    #: (With ``grad_reduction="none"`` the owner of a block sees the same gradient as every rank.)
+    partials_cover_grads: bool = False
 
     def __init__(
         self,
@@ -300,7 +304,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         else:
             grads = [v.grad for v in views if v.grad is not None]
         bad = False
-        if grads:
+        if grads and not (self.partials_cover_grads and partials is not None):
             norms = torch._foreach_norm(grads)
             bad = not bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())
         if partials is not None and not bool(torch.isfinite(partials).all()):

@@ -47,6 +47,14 @@ def _worker(rank: int, world_size: int, store_path: str, out_dir: str, fn: Calla
             dist.destroy_process_group()
 
 
+def _context():
+    """A forkserver that has imported torch once: children start in ~0.1 s instead of ~2 s for spawn,
+    and fork from a clean server process (no OpenMP threads of the pytest process)."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "lightning_soaa", "tests.harness.distributed"])
+    return ctx
+
+
 def run_distributed(fn: Callable[..., Any], world_size: int, tmp_path: Path, *args: Any,
                     timeout: float = 120.0) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return the per-rank results."""
@@ -54,7 +62,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, tmp_path: Path, *ar
     run_dir = Path(tmp_path) / f"dist_{fn.__name__}_{world_size}_{time.monotonic_ns()}"
     run_dir.mkdir(parents=True)
     store_path = str(run_dir / "store")
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     procs = [ctx.Process(target=_worker, args=(r, world_size, store_path, str(run_dir), fn, args), daemon=True)
              for r in range(world_size)]
     for p in procs:

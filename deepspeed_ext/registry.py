@@ -1,0 +1,100 @@
+"""Which of our optimizers DeepSpeed configs may name, and at which ZeRO stages each one works.
+
+A DeepSpeed JSON cannot name a third-party optimizer (its ``optimizer.type`` accepts only DeepSpeed's
+built-ins and ``torch.optim`` class names), so :mod:`deepspeed_ext` reads ``"type": "lightning_soaa.X"``
+itself, builds the optimizer and hands it to ``deepspeed.initialize`` as a client optimizer. This module
+is the table behind that: names, import paths, how each optimizer sees a ZeRO partition, and the stages
+it supports. Nothing here imports deepspeed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+from typing import Any
+
+__all__ = ["OptimizerEntry", "REGISTRY", "PREFIX", "lookup", "valid_names", "constructor_params"]
+
+PREFIX = "lightning_soaa."
+
+#: keyword arguments the adapter sets itself; a JSON must not set them.
+RESERVED_PARAMS = ("params", "process_group", "comm", "shard", "grad_reduction", "model")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimizerEntry:
+    """One optimizer a DeepSpeed config can name.
+
+    Attributes:
+        name: the ``optimizer.type`` users write, e.g. ``"lightning_soaa.SOAA"``.
+        module, attr: where the class lives (imported lazily, so unlanded optimizers only fail when used).
+        layout: ``"elementwise"`` (the math is valid on any 1-D slice: it runs on ZeRO's flat partitions
+            directly) or ``"structured"`` (needs matrices: the adapter rebuilds them from DeepSpeed's
+            per-parameter fragment maps, see :mod:`deepspeed_ext.structure`).
+        stages: ZeRO stages that work.
+        unsupported_reason: what to say for any other stage, naming the stage to use.
+    """
+
+    name: str
+    module: str
+    attr: str
+    layout: str
+    stages: tuple[int, ...]
+    unsupported_reason: str = ""
+
+    def load(self) -> type:
+        try:
+            mod = importlib.import_module(self.module)
+        except ImportError as exc:  # an optimizer that is not installed/landed
+            raise ImportError(f"{self.name}: cannot import {self.module} ({exc})") from exc
+        return getattr(mod, self.attr)
+
+
+REGISTRY: dict[str, OptimizerEntry] = {
+    e.name.lower(): e
+    for e in (
+        OptimizerEntry(name="lightning_soaa.AdamW", module="lightning_soaa.optim.adamw", attr="ShardedAdamW",
+                       layout="elementwise", stages=(0, 1, 2, 3)),
+        OptimizerEntry(name="lightning_soaa.SOAA", module="lightning_soaa.optim.soaa", attr="SOAA",
+                       layout="elementwise", stages=(0, 1, 2, 3)),
+        OptimizerEntry(name="lightning_soaa.ASGO", module="lightning_soaa.optim.asgo", attr="ASGO",
+                       layout="structured", stages=(0, 1, 2, 3)),
+        OptimizerEntry(name="lightning_soaa.DASGO", module="lightning_soaa.optim.asgo", attr="DASGO",
+                       layout="structured", stages=(0, 1, 2, 3)),
+        OptimizerEntry(
+            name="lightning_soaa.EGN", module="lightning_soaa.optim.egn", attr="EGN", layout="model",
+            stages=(),
+            unsupported_reason=(
+                "EGN needs the whole model and the mini-batch inside step() (it forms per-sample Jacobians), "
+                "but the DeepSpeed engine calls optimizer.step() with neither, and ZeRO-1/2/3 hand the "
+                "optimizer flat partitions instead of the model's parameters. Train EGN without DeepSpeed "
+                "(Lightning strategy='ddp', torchrun or mpirun: EGN shards its own state), and use "
+                "lightning_soaa.SOAA, lightning_soaa.ASGO or lightning_soaa.AdamW under DeepSpeed."
+            ),
+        ),
+    )
+}
+
+
+def valid_names() -> list[str]:
+    return sorted(e.name for e in REGISTRY.values())
+
+
+def lookup(type_name: Any) -> OptimizerEntry:
+    """The entry for ``type_name`` (case-insensitive); ``ValueError`` listing the valid names otherwise."""
+    if not isinstance(type_name, str) or type_name.lower() not in REGISTRY:
+        raise ValueError(
+            f"Invalid optimizer.type={type_name!r}. Must be one of {', '.join(valid_names())} "
+            "(or a DeepSpeed built-in optimizer name, which deepspeed_ext passes through unchanged)."
+        )
+    return REGISTRY[type_name.lower()]
+
+
+def constructor_params(cls: type) -> dict[str, inspect.Parameter]:
+    """The hyperparameters a JSON may set: the constructor's keywords minus the reserved ones."""
+    sig = inspect.signature(cls.__init__)
+    return {
+        n: p for n, p in sig.parameters.items()
+        if n != "self" and n not in RESERVED_PARAMS and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    }

@@ -1,0 +1,262 @@
+"""Find out who launched this process (torchrun, mpirun, srun, or nobody) and join the process group.
+
+:func:`detect_launch` is a pure function of the environment: it reads the variables each launcher sets
+and returns one :class:`LaunchInfo` (rank, world size, local rank, node rank, rendezvous address).
+:func:`init_from_env` uses it to call ``torch.distributed.init_process_group`` with gloo (CPU) or NCCL
+(GPU). Precedence, most specific first, because launchers nest (``torchrun`` inside an ``sbatch`` script
+still sees ``SLURM_*``; ``mpirun`` inside an allocation still sees ``SLURM_PROCID=0``):
+
+1. ``torchrun`` / ``torch.distributed.run``: ``RANK`` and ``WORLD_SIZE`` (plus ``LOCAL_RANK``,
+   ``MASTER_ADDR``, ``MASTER_PORT``); also any launcher that exports the torch ``env://`` variables.
+2. ``mpirun`` (Open MPI): ``OMPI_COMM_WORLD_RANK`` / ``_SIZE`` / ``_LOCAL_RANK`` / ``_NODE_RANK``;
+   MPICH / Intel MPI: ``PMI_RANK`` / ``PMI_SIZE`` / ``MPI_LOCALRANKID``.
+3. ``srun``: ``SLURM_PROCID`` with ``SLURM_STEP_NUM_TASKS`` (set for a job *step*, i.e. by ``srun``).
+   A plain batch script also sees ``SLURM_PROCID=0`` and ``SLURM_NTASKS`` but is a single process, so
+   the step variable is what tells them apart.
+
+The rendezvous address is ``MASTER_ADDR`` / ``MASTER_PORT`` when exported. Otherwise, under SLURM the
+address is the first host of the step's node list and the port is derived from the job id (every task
+computes the same one); under MPI, :func:`init_from_env` lets rank 0 pick a free port and broadcasts
+its host and port with ``mpi4py`` (imported only then, never at module import time).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import os
+import re
+import socket
+from collections.abc import Mapping
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["LaunchInfo", "detect_launch", "first_slurm_host", "init_from_env", "slurm_port"]
+
+log = logging.getLogger(__name__)
+
+LAUNCHERS = ("torchrun", "mpi", "slurm", "single")
+
+#: SLURM-derived ports live in [_SLURM_PORT_BASE, _SLURM_PORT_BASE + _SLURM_PORT_SPAN): above the usual
+#: service ports and below Linux's default ephemeral range (32768+), so a client socket rarely holds one.
+_SLURM_PORT_BASE = 15000
+_SLURM_PORT_SPAN = 15000
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LaunchInfo:
+    """Where this process sits in a job, as read from the launcher's environment variables.
+
+    ``master_addr`` / ``master_port`` are ``None`` when the environment does not determine them
+    (MPI without ``MASTER_ADDR``/``MASTER_PORT``: :func:`init_from_env` then agrees on them via mpi4py).
+    """
+
+    launcher: str
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    node_rank: int
+    master_addr: str | None
+    master_port: int | None
+
+    def __post_init__(self) -> None:
+        if self.launcher not in LAUNCHERS:
+            raise ValueError(f"Invalid launcher={self.launcher!r}. Must be one of {LAUNCHERS}.")
+        if self.world_size < 1:
+            raise ValueError(f"Invalid world_size={self.world_size}. Must be >= 1.")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"Invalid rank={self.rank}. Must be in [0, {self.world_size}).")
+        if self.master_port is not None and not 0 < self.master_port < 65536:
+            raise ValueError(f"Invalid master_port={self.master_port}. Must be in [1, 65535].")
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _int(env: Mapping[str, str], key: str, default: int | None = None) -> int:
+    raw = env.get(key)
+    if raw is None or raw.strip() == "":
+        if default is None:
+            raise ValueError(f"environment variable {key} is not set")
+        return default
+    try:
+        return int(raw.strip())
+    except ValueError:
+        raise ValueError(f"Invalid {key}={raw!r}. Must be an integer.") from None
+
+
+def _slurm_tasks_per_node(env: Mapping[str, str]) -> int:
+    """Tasks on this node; SLURM_STEP_TASKS_PER_NODE looks like ``2(x3),1`` (we need this node's entry)."""
+    if "SLURM_NTASKS_PER_NODE" in env:
+        return _int(env, "SLURM_NTASKS_PER_NODE")
+    raw = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or "1"
+    counts: list[int] = []
+    for part in raw.split(","):
+        m = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
+        if m is None:
+            return 1
+        counts += [int(m.group(1))] * int(m.group(2) or 1)
+    node = _int(env, "SLURM_NODEID", 0)
+    return counts[node] if node < len(counts) else counts[-1]
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """The first host name of a SLURM node list: ``"gpu[03-05,9],cpu1"`` -> ``"gpu03"``."""
+    nodelist = nodelist.strip()
+    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
+    if m is None or not nodelist:
+        raise ValueError(f"Invalid SLURM node list {nodelist!r}.")
+    prefix, ranges = m.group(1), m.group(2)
+    if ranges is None:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]  # keep the zero padding: "03-05" -> "03"
+
+
+def slurm_port(job_id: int) -> int:
+    """A rendezvous port every task of a job derives identically from the job id."""
+    return _SLURM_PORT_BASE + job_id % _SLURM_PORT_SPAN
+
+
+def _master(env: Mapping[str, str]) -> tuple[str | None, int | None]:
+    addr = env.get("MASTER_ADDR") or None
+    port = _int(env, "MASTER_PORT") if env.get("MASTER_PORT") else None
+    return addr, port
+
+
+def detect_launch(env: Mapping[str, str] | None = None) -> LaunchInfo:
+    """Read rank, world size, local rank and the rendezvous address from launcher variables.
+
+    Args:
+        env: the environment to read (default ``os.environ``); pass a dict in tests.
+
+    Returns:
+        A :class:`LaunchInfo`; ``launcher="single"`` with world size 1 when no launcher is detected.
+    """
+    env = os.environ if env is None else env
+    addr, port = _master(env)
+    if "RANK" in env and "WORLD_SIZE" in env:
+        world = _int(env, "WORLD_SIZE")
+        return LaunchInfo(
+            launcher="torchrun",
+            rank=_int(env, "RANK"),
+            world_size=world,
+            local_rank=_int(env, "LOCAL_RANK", 0),
+            local_world_size=_int(env, "LOCAL_WORLD_SIZE", world),
+            node_rank=_int(env, "GROUP_RANK", _int(env, "NODE_RANK", 0)),
+            master_addr=addr or "127.0.0.1",
+            master_port=port if port is not None else 29500,  # torch's env:// default
+        )
+    if "OMPI_COMM_WORLD_RANK" in env and "OMPI_COMM_WORLD_SIZE" in env:
+        world = _int(env, "OMPI_COMM_WORLD_SIZE")
+        return LaunchInfo(
+            launcher="mpi",
+            rank=_int(env, "OMPI_COMM_WORLD_RANK"),
+            world_size=world,
+            local_rank=_int(env, "OMPI_COMM_WORLD_LOCAL_RANK", 0),
+            local_world_size=_int(env, "OMPI_COMM_WORLD_LOCAL_SIZE", world),
+            node_rank=_int(env, "OMPI_COMM_WORLD_NODE_RANK", 0),
+            master_addr=addr,
+            master_port=port,
+        )
+    if "PMI_RANK" in env and "PMI_SIZE" in env:
+        world = _int(env, "PMI_SIZE")
+        return LaunchInfo(
+            launcher="mpi",
+            rank=_int(env, "PMI_RANK"),
+            world_size=world,
+            local_rank=_int(env, "MPI_LOCALRANKID", 0),
+            local_world_size=_int(env, "MPI_LOCALNRANKS", world),
+            node_rank=0,
+            master_addr=addr,
+            master_port=port,
+        )
+    if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        if addr is None:
+            if not nodelist:
+                raise ValueError("srun launch without MASTER_ADDR and without SLURM_STEP_NODELIST")
+            addr = first_slurm_host(nodelist)
+        if port is None:
+            port = slurm_port(_int(env, "SLURM_JOB_ID", 0))
+        return LaunchInfo(
+            launcher="slurm",
+            rank=_int(env, "SLURM_PROCID"),
+            world_size=_int(env, "SLURM_STEP_NUM_TASKS"),
+            local_rank=_int(env, "SLURM_LOCALID", 0),
+            local_world_size=_slurm_tasks_per_node(env),
+            node_rank=_int(env, "SLURM_NODEID", 0),
+            master_addr=addr,
+            master_port=port,
+        )
+    return LaunchInfo(launcher="single", rank=0, world_size=1, local_rank=0, local_world_size=1, node_rank=0,
+                      master_addr=addr, master_port=port)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
+
+
+def _mpi_rendezvous(info: LaunchInfo) -> LaunchInfo:
+    """Rank 0 picks its host and a free port; mpi4py broadcasts them to every rank."""
+    try:
+        from mpi4py import MPI  # imported here only: mpi4py initialises MPI on import
+    except ImportError as e:
+        raise RuntimeError(
+            "Launched by mpirun without MASTER_ADDR/MASTER_PORT: install mpi4py (pip install "
+            "'lightning-soaa[mpi]') so that rank 0 can broadcast a rendezvous port, or export "
+            "MASTER_ADDR and MASTER_PORT to every rank (mpirun -x MASTER_ADDR -x MASTER_PORT)."
+        ) from e
+    comm = MPI.COMM_WORLD
+    payload = None
+    if comm.Get_rank() == 0:
+        addr = info.master_addr or socket.gethostbyname(socket.gethostname())
+        payload = (addr, info.master_port or _free_port())
+    addr, port = comm.bcast(payload, root=0)
+    return dataclasses.replace(info, master_addr=addr, master_port=int(port))
+
+
+def init_from_env(
+    backend: str | None = None,
+    *,
+    timeout_s: float = 300.0,
+    env: Mapping[str, str] | None = None,
+) -> LaunchInfo:
+    """Initialise the default ``torch.distributed`` process group from whichever launcher started us.
+
+    Does nothing (and returns ``launcher="single"``) when no launcher is detected or the world size is 1,
+    so the same script runs as a plain ``python train.py``. Idempotent: an already initialised group is
+    kept.
+
+    Args:
+        backend: ``"gloo"``, ``"nccl"``, or ``None`` for NCCL when CUDA is available, else gloo.
+        timeout_s: rendezvous and collective timeout in seconds (default 300).
+        env: environment to read (default ``os.environ``).
+
+    Returns:
+        The :class:`LaunchInfo` used, with the rendezvous address filled in.
+    """
+    info = detect_launch(env)
+    if not info.distributed:
+        return info
+    if info.launcher == "mpi" and (info.master_addr is None or info.master_port is None):
+        info = _mpi_rendezvous(info)
+    if dist.is_initialized():
+        return info
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(info.local_rank)
+    # torchrun's agent already hosts the store on MASTER_PORT: env:// joins it as a client, while a
+    # tcp:// URL on rank 0 would try to bind the same port again.
+    url = "env://" if info.launcher == "torchrun" else f"tcp://{info.master_addr}:{info.master_port}"
+    log.info("init_process_group(%s) rank %d/%d via %s (%s)", backend, info.rank, info.world_size, url,
+             info.launcher)
+    dist.init_process_group(backend, init_method=url, rank=info.rank, world_size=info.world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    return info

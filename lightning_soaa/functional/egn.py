@@ -1,0 +1,215 @@
+"""Exact Gauss-Newton math in the bc×bc mini-batch space (spec/algorithms.md §2). Pure torch.
+
+Notation (§2.1): b samples, c outputs each, model outputs ``z`` of shape ``[b, c]``, loss
+L_b = (1/b) Σ_i ℓ(y_i, z_i). Row ``i*c + k`` of the stacked Jacobian J is ∂z_ik/∂w, so every bc-vector
+here is laid out sample-major. r = −∇_zℓ is the pseudo-residual and Q = blockdiag_i(∇²_zℓ_i) = S Sᵀ
+with per-sample factors ``S[i]`` (``None`` stands for Q = I).
+
+Direction (Duncan-Guttman, §2.2): d = Jᵀv with v = (QK + bλI)⁻¹ r and K = JJᵀ. Because QK + bλI is not
+symmetric when Q ≠ I, it is solved in the SPD form (INFERRED, exact):
+
+    A = SᵀKS + bλI,     v = (r − S A⁻¹ Sᵀ K r) / (bλ)
+
+which is the push-through identity (bλI + S·SᵀK)⁻¹ = (1/bλ)[I − S(bλI + SᵀKS)⁻¹SᵀK].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "LOSSES",
+    "check_outputs_targets",
+    "loss_sum",
+    "residual_and_factor",
+    "apply_q",
+    "q_norm_sq",
+    "SolveResult",
+    "solve_coefficients",
+    "directional_derivative",
+    "model_change",
+    "gain_ratio",
+    "armijo_ok",
+    "update_damping",
+]
+
+LOSSES = ("mse", "cross_entropy", "bce")
+
+
+def check_outputs_targets(loss: str, outputs: Tensor, targets: Tensor) -> None:
+    """Raise ``ValueError`` unless ``outputs`` ([b, c]) and ``targets`` fit ``loss``."""
+    if loss not in LOSSES:
+        raise ValueError(f"Invalid loss={loss!r}. Must be one of {', '.join(repr(x) for x in LOSSES)}.")
+    if outputs.dim() != 2:
+        raise ValueError(
+            f"EGN needs model outputs of shape [batch, outputs]; got shape {tuple(outputs.shape)} "
+            "(reshape the model's output, e.g. a final nn.Flatten, or use c = 1 columns)."
+        )
+    b, c = outputs.shape
+    if loss == "cross_entropy":
+        if targets.shape != (b,) or targets.is_floating_point() or targets.is_complex():
+            raise ValueError(
+                f"loss='cross_entropy' needs integer class targets of shape [{b}]; got "
+                f"{tuple(targets.shape)} of dtype {targets.dtype}."
+            )
+        if b and (int(targets.min()) < 0 or int(targets.max()) >= c):
+            raise ValueError(
+                f"loss='cross_entropy' needs targets in [0, {c}); got values in "
+                f"[{int(targets.min())}, {int(targets.max())}]."
+            )
+        if c < 2:
+            raise ValueError(f"loss='cross_entropy' needs at least 2 output classes; got c={c}.")
+    else:
+        if tuple(targets.shape) != (b, c):
+            raise ValueError(
+                f"loss={loss!r} needs targets of the outputs' shape [{b}, {c}]; got {tuple(targets.shape)}."
+            )
+        if not targets.is_floating_point():
+            raise ValueError(f"loss={loss!r} needs floating-point targets; got dtype {targets.dtype}.")
+
+
+def loss_sum(loss: str, z: Tensor, y: Tensor) -> Tensor:
+    """Σ_i ℓ(y_i, z_i) (a sum over samples: the caller divides by the global batch size)."""
+    if loss == "mse":
+        return 0.5 * (y - z).pow(2).sum()
+    if loss == "cross_entropy":
+        return torch.nn.functional.cross_entropy(z, y.long(), reduction="sum")
+    if loss == "bce":
+        return torch.nn.functional.binary_cross_entropy_with_logits(z, y, reduction="sum")
+    raise ValueError(f"Invalid loss={loss!r}. Must be one of {', '.join(repr(x) for x in LOSSES)}.")
+
+
+def residual_and_factor(loss: str, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor | None]:
+    """The pseudo-residual r = −∇_zℓ ([b, c]) and S ([b, c, c], Q_i = S_i S_iᵀ; ``None`` for Q = I)."""
+    if loss == "mse":
+        return y - z, None
+    if loss == "cross_entropy":
+        p = torch.softmax(z, dim=-1)
+        r = torch.nn.functional.one_hot(y.long(), z.shape[-1]).to(z.dtype) - p
+        sp = p.sqrt()
+        # S_i = diag(√p)(I − √p√pᵀ): I − √p√pᵀ is a projection (‖√p‖ = 1), so S Sᵀ = diag(p) − p pᵀ.
+        s = torch.diag_embed(sp) - p.unsqueeze(-1) * sp.unsqueeze(-2)
+        return r, s
+    if loss == "bce":
+        sig = torch.sigmoid(z)
+        return y - sig, torch.diag_embed((sig * (1 - sig)).sqrt())
+    raise ValueError(f"Invalid loss={loss!r}. Must be one of {', '.join(repr(x) for x in LOSSES)}.")
+
+
+def _apply_s(s: Tensor, u: Tensor) -> Tensor:
+    """S u for a bc-vector u (blockwise S_i u_i)."""
+    b, c, _ = s.shape
+    return torch.einsum("ikl,il->ik", s, u.view(b, c)).reshape(-1)
+
+
+def _apply_st(s: Tensor, u: Tensor) -> Tensor:
+    """Sᵀ u for a bc-vector u."""
+    b, c, _ = s.shape
+    return torch.einsum("ilk,il->ik", s, u.view(b, c)).reshape(-1)
+
+
+def apply_q(s: Tensor | None, u: Tensor) -> Tensor:
+    """Q u = S Sᵀ u (identity when ``s`` is None)."""
+    return u if s is None else _apply_s(s, _apply_st(s, u))
+
+
+def q_norm_sq(s: Tensor | None, u: Tensor) -> Tensor:
+    """uᵀQu = ‖Sᵀu‖²."""
+    w = u if s is None else _apply_st(s, u)
+    return w.dot(w)
+
+
+@dataclasses.dataclass
+class SolveResult:
+    """The bc-vector v, the damping the solve succeeded with, and how many retries it took."""
+
+    v: Tensor
+    damping: float
+    fallbacks: int
+    ok: bool
+
+
+def solve_coefficients(
+    k: Tensor, r: Tensor, s: Tensor | None, batch_size: int, damping: float, *, max_retries: int = 6
+) -> SolveResult:
+    """Solve (QK + bλI) v = r through its SPD form with Cholesky.
+
+    On a Cholesky failure (or a non-finite v) λ is multiplied by 10 and the solve retried, at most
+    ``max_retries`` times (spec §2.7); the returned ``damping`` is the λ actually used. ``ok=False``
+    means every try failed (the caller skips the step).
+
+    Args:
+        k: the Gram matrix JJᵀ, [bc, bc], in the solve dtype.
+        r: the pseudo-residual, [bc].
+        s: per-sample factors of Q, [b, c, c], or ``None`` for Q = I.
+        batch_size: the global b (the system is damped with bλ).
+        damping: λ > 0.
+    """
+    n = k.shape[0]
+    k = 0.5 * (k + k.T)  # round-off asymmetry would make Cholesky read a slightly different matrix
+    kr = k @ r
+    st_kr = kr if s is None else _apply_st(s, kr)
+    lam = float(damping)
+    fallbacks = 0
+    eye = torch.eye(n, dtype=k.dtype, device=k.device)
+    if s is not None:
+        b, c, _ = s.shape
+        k4 = k.view(b, c, b, c)
+        # SᵀKS[(i,k),(j,l)] = Σ_{a,e} S_i[a,k] K[(i,a),(j,e)] S_j[e,l]
+        sks = torch.einsum("iak,iajb,jbl->ikjl", s, k4, s).reshape(n, n)
+        sks = 0.5 * (sks + sks.T)
+    for attempt in range(max_retries + 1):
+        lam_b = batch_size * lam
+        if s is None:
+            chol, info = torch.linalg.cholesky_ex(k + lam_b * eye)
+            v = torch.cholesky_solve(r.unsqueeze(1), chol).squeeze(1) if int(info) == 0 else None
+        else:
+            chol, info = torch.linalg.cholesky_ex(sks + lam_b * eye)
+            if int(info) == 0:
+                w = torch.cholesky_solve(st_kr.unsqueeze(1), chol).squeeze(1)
+                v = (r - _apply_s(s, w)) / lam_b
+            else:
+                v = None
+        if v is not None and bool(torch.isfinite(v).all()):
+            return SolveResult(v, lam, fallbacks, True)
+        if attempt < max_retries:
+            lam *= 10.0
+            fallbacks += 1
+    return SolveResult(torch.full_like(r, float("nan")), lam, fallbacks, False)
+
+
+def directional_derivative(r: Tensor, kv: Tensor, batch_size: int) -> float:
+    """gᵀd = −rᵀKv / b for d = Jᵀv (exact when no momentum changed d)."""
+    return float(-(r.dot(kv)) / batch_size)
+
+
+def model_change(gtd: float, jd_q_norm_sq: float, alpha: float, batch_size: int) -> float:
+    """The Gauss-Newton model change gᵀΔ + ½(1/b)(JΔ)ᵀQ(JΔ) for Δ = αd (negative on a good step)."""
+    return alpha * gtd + 0.5 * alpha * alpha * jd_q_norm_sq / batch_size
+
+
+def gain_ratio(actual: float, predicted: float) -> float:
+    """ρ = actual / predicted change. INFERRED: a non-negative prediction (no predicted decrease)
+    counts as ρ = 0 so that λ grows."""
+    if not (predicted < 0.0) or not math.isfinite(actual):
+        return 0.0
+    return actual / predicted
+
+
+def armijo_ok(f_new: float, f0: float, alpha: float, gtd: float, c: float, slack: float) -> bool:
+    """The Armijo test L(w + αd) ≤ L(w) + c·α·gᵀd (+ round-off slack); NaN fails."""
+    return math.isfinite(f_new) and f_new <= f0 + c * alpha * gtd + slack
+
+
+def update_damping(damping: float, rho: float, *, rho_low: float, rho_high: float, increase: float,
+                   decrease: float, lo: float, hi: float) -> float:
+    """ρ < rho_low: λ·increase; ρ > rho_high: λ·decrease; clipped to [lo, hi] (spec §2.3 step 7)."""
+    if rho < rho_low:
+        damping *= increase
+    elif rho > rho_high:
+        damping *= decrease
+    return min(max(damping, lo), hi)

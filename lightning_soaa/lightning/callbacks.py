@@ -1,0 +1,197 @@
+"""Lightning callbacks that connect a standard LightningModule to SOAA, EGN and every sharded optimizer.
+
+* :class:`LossToOptimizer` hands the training loss to optimizers that use it (SOAA's trust region).
+  It listens on ``on_before_backward``, which fires under every precision plugin and under DeepSpeed,
+  where no closure reaches ``optimizer.step``.
+* :class:`BatchToOptimizer` hands the current batch (and the module) to optimizers that differentiate the
+  model themselves (EGN), so ``training_step`` stays unchanged.
+* :class:`OptimizerDiagnostics` logs ``optimizer.statistics()`` through ``pl_module.log_dict``, so the
+  numbers land in whatever logger the trainer has (CSV, TensorBoard, ...).
+
+All three are plain picklable objects (``ddp_spawn`` pickles callbacks to the worker processes).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+from lightning_soaa.lightning.factory import check_sharding_matches_world, unwrap_optimizer
+
+__all__ = ["LossToOptimizer", "BatchToOptimizer", "OptimizerDiagnostics", "default_split_batch"]
+
+log = logging.getLogger(__name__)
+
+
+def _all_optimizers(trainer: pl.Trainer) -> list[Any]:
+    return list(trainer.optimizers)
+
+
+class LossToOptimizer(Callback):
+    """Hand the training loss to every optimizer that offers ``set_loss`` (SOAA).
+
+    The loss handed over is the loss of the whole optimizer step: with ``accumulate_grad_batches=k``
+    Lightning backpropagates ``loss_i / k`` for each micro-batch, and this callback sums those, so the
+    optimizer sees the mean over the k micro-batches. Under 16-bit AMP the hook receives the scaled loss;
+    it is unscaled here. The value is handed over after every backward (so it is in place however the
+    optimizer is stepped) and the running sum restarts once the optimizer step begins.
+
+    Under default precision Lightning's closure also reaches ``optimizer.step(closure)``; the closure's
+    loss and the handed-over loss are the same number, so nothing is counted twice (SOAA uses one of them).
+
+    Args:
+        check_sharding: raise if a sharded optimizer was built before ``torch.distributed`` started
+            (see :func:`~lightning_soaa.lightning.factory.check_sharding_matches_world`).
+    """
+
+    def __init__(self, check_sharding: bool = True) -> None:
+        self.check_sharding = check_sharding
+        self._sum: torch.Tensor | None = None
+        self._restart = True
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._sum, self._restart = None, True
+        if self.check_sharding:
+            for opt in _all_optimizers(trainer):
+                check_sharding_matches_world(opt)
+        if not any(unwrap_optimizer(o, "set_loss") for o in _all_optimizers(trainer)):
+            log.info("LossToOptimizer: no optimizer with set_loss(); the callback does nothing.")
+
+    @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        value = loss.detach().float()
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None and hasattr(scaler, "get_scale"):
+            value = value / scaler.get_scale()
+        if self._restart or self._sum is None:
+            self._sum, self._restart = value, False
+        else:
+            self._sum = self._sum + value
+        for opt in _all_optimizers(trainer):
+            target = unwrap_optimizer(opt, "set_loss")
+            if target is not None:
+                target.set_loss(self._sum)
+
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        # The next backward belongs to the next optimizer step (or to a re-evaluation of this batch,
+        # whose loss then replaces, not adds to, the one handed over).
+        self._restart = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"check_sharding": self.check_sharding}
+
+
+def default_split_batch(batch: Any) -> tuple[Any, Any]:
+    """``(inputs, targets)`` from a ``(x, y, ...)`` tuple/list or a dict with ``inputs``/``targets``
+    (or ``x``/``y``) keys."""
+    if isinstance(batch, dict):
+        for ki, kt in (("inputs", "targets"), ("x", "y"), ("input", "target")):
+            if ki in batch and kt in batch:
+                return batch[ki], batch[kt]
+        raise ValueError(
+            f"BatchToOptimizer: cannot find inputs/targets in a batch dict with keys {sorted(batch)}; pass "
+            "split_batch=<picklable function batch -> (inputs, targets)>."
+        )
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    raise ValueError(
+        f"BatchToOptimizer: cannot split a batch of type {type(batch).__name__} into (inputs, targets); pass "
+        "split_batch=<picklable function batch -> (inputs, targets)>."
+    )
+
+
+class BatchToOptimizer(Callback):
+    """Hand the current batch to every optimizer that offers ``set_batch`` (EGN).
+
+    EGN forms per-sample Jacobians of the model outputs itself, so it needs the inputs and targets of
+    the mini-batch, not only the gradient. With this callback a user switches ``configure_optimizers``
+    to ``EGN(self, loss=...)`` and keeps ``training_step`` unchanged: before each batch the callback
+    calls ``optimizer.set_batch(inputs, targets)`` and EGN's ``step(closure)`` then works from it.
+
+    Args:
+        split_batch: ``batch -> (inputs, targets)``; must be picklable (a module-level function) for
+            ``ddp_spawn``. Default: :func:`default_split_batch`.
+    """
+
+    def __init__(self, split_batch: Callable[[Any], tuple[Any, Any]] | None = None) -> None:
+        self.split_batch = split_batch or default_split_batch
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for opt in _all_optimizers(trainer):
+            check_sharding_matches_world(opt)
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        targets_opts = [t for t in (unwrap_optimizer(o, "set_batch") for o in _all_optimizers(trainer)) if t]
+        if not targets_opts:
+            return
+        inputs, targets = self.split_batch(batch)
+        for opt in targets_opts:
+            opt.set_batch(inputs, targets)
+
+
+def _prefixes(optimizers: list[Any]) -> list[str]:
+    """Log-key prefix per optimizer: the class name of the innermost optimizer with statistics()."""
+    names = [type(unwrap_optimizer(opt, "statistics") or opt).__name__ for opt in optimizers]
+    return [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
+
+
+class OptimizerDiagnostics(Callback):
+    """Log each optimizer's ``statistics()`` (and learning rates) through ``pl_module.log_dict``.
+
+    Keys are ``"<OptimizerClass>/<statistic>"``, e.g. ``SOAA/d``, ``EGN/damping``,
+    ``ShardedAdamW/comm_bytes`` (bytes this rank sent into collectives during the last step). Values are
+    rank 0's view (every rank takes the same global decisions; communication counts are per rank).
+    Logged after every optimizer step, subject to the trainer's ``log_every_n_steps``.
+
+    Args:
+        include_lr: also log ``<name>/lr`` (group 0) and ``<name>/lr_<i>`` for further groups.
+        every_n_steps: compute the statistics only every n optimizer steps.
+    """
+
+    def __init__(self, include_lr: bool = True, every_n_steps: int = 1) -> None:
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ValueError(f"Invalid every_n_steps={every_n_steps!r}. Must be an integer >= 1.")
+        self.include_lr = include_lr
+        self.every_n_steps = every_n_steps
+
+    def collect(self, trainer: pl.Trainer) -> dict[str, float]:
+        """The flat ``{key: float}`` dict that would be logged now."""
+        optimizers = _all_optimizers(trainer)
+        out: dict[str, float] = {}
+        for prefix, opt in zip(_prefixes(optimizers), optimizers):
+            src = unwrap_optimizer(opt, "statistics")
+            if src is not None:
+                for k, v in src.statistics().items():
+                    if isinstance(v, bool):
+                        v = float(v)
+                    if isinstance(v, (int, float)) and math.isfinite(float(v)):
+                        out[f"{prefix}/{k}"] = float(v)
+            if self.include_lr:
+                base = unwrap_optimizer(opt, "param_groups") or opt
+                for gi, group in enumerate(getattr(base, "param_groups", [])):
+                    if "lr" in group:
+                        out[f"{prefix}/lr" if gi == 0 else f"{prefix}/lr_{gi}"] = float(group["lr"])
+        return out
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.global_step == 0 or trainer.global_step % self.every_n_steps:
+            return
+        stats = self.collect(trainer)
+        if stats:
+            # on_step only: these are per-step quantities; averaging them over an epoch would mislead.
+            pl_module.log_dict(stats, on_step=True, on_epoch=False, sync_dist=False, rank_zero_only=True,
+                               batch_size=1)

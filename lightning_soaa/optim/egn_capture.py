@@ -1,0 +1,175 @@
+"""What EGN needs from a module: per-layer Gram factors for ``nn.Linear`` and explicit per-sample
+Jacobians (torch.func) for every other trainable parameter. No communication here.
+
+* :func:`plan_curvature` decides, once, which parameters go through Linear factors and which through
+  explicit Jacobians.
+* :class:`LinearCapture` records each factored Linear's input ``a`` (forward hook) and hands back a copy
+  of its output so the back-signals δ = ∂z/∂y can be read with ``torch.autograd.grad`` even when a later
+  layer works in place.
+* :func:`explicit_jacobian_rows` is ``vmap(jacrev(functional_call))`` over the samples, restricted to the
+  parameters that are not factored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jacrev, jvp, vmap
+
+__all__ = ["LinearSite", "plan_curvature", "LinearCapture", "back_signals", "explicit_jacobian_rows",
+           "jvp_outputs"]
+
+
+@dataclasses.dataclass
+class LinearSite:
+    """One factored ``nn.Linear``: its module and which of its parameters are trained."""
+
+    path: str
+    module: nn.Linear
+    weight: bool
+    bias: bool
+    param_names: tuple[str, ...]
+
+
+def plan_curvature(model: nn.Module, trainable: dict[str, Tensor], mode: str) -> tuple[list[LinearSite], list[str]]:
+    """Split the trainable parameters into factored Linear sites and explicit-Jacobian names.
+
+    A Linear is factored only when it is a plain ``nn.Linear`` (its ``forward`` not overridden) and its
+    parameters belong to no other module (tied weights would miss the other module's contribution).
+    """
+    owners: dict[int, int] = {}
+    for _, m in model.named_modules(remove_duplicate=True):
+        for p in m._parameters.values():
+            if p is not None:
+                owners[id(p)] = owners.get(id(p), 0) + 1
+    by_id = {id(p): n for n, p in trainable.items()}
+    sites: list[LinearSite] = []
+    factored: set[str] = set()
+    if mode == "auto":
+        for path, m in model.named_modules(remove_duplicate=True):
+            if not isinstance(m, nn.Linear) or type(m).forward is not nn.Linear.forward:
+                continue
+            ps = [p for p in (m.weight, m.bias) if p is not None]
+            if any(owners.get(id(p), 0) > 1 for p in ps):
+                continue
+            w = id(m.weight) in by_id
+            bb = m.bias is not None and id(m.bias) in by_id
+            if not (w or bb):
+                continue
+            names = tuple(by_id[id(p)] for p in ps if id(p) in by_id)
+            sites.append(LinearSite(path, m, w, bb, names))
+            factored.update(names)
+    explicit = [n for n in trainable if n not in factored]
+    return sites, explicit
+
+
+class LinearCapture:
+    """Forward hooks that record (input, output) of each factored Linear for one forward pass."""
+
+    def __init__(self, sites: Sequence[LinearSite], batch_size: int) -> None:
+        self.sites = list(sites)
+        self.batch_size = batch_size
+        self.inputs: list[list[Tensor]] = [[] for _ in self.sites]
+        self.outputs: list[list[Tensor]] = [[] for _ in self.sites]
+        self.error: str | None = None
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> LinearCapture:
+        for i, site in enumerate(self.sites):
+            self._handles.append(site.module.register_forward_hook(self._hook(i)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _hook(self, i: int):  # noqa: ANN202 - a torch hook
+        def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor | None:
+            a = args[0]
+            if a.dim() < 2 or a.shape[0] != self.batch_size:
+                self.error = (
+                    f"EGN: the Linear layer {self.sites[i].path!r} received an input of shape "
+                    f"{tuple(a.shape)} whose first dimension is not the batch size {self.batch_size}; "
+                    "per-layer Gram factors need per-sample inputs. Use jacobian='explicit'."
+                )
+                return None
+            # Cloned: a later in-place op on the input must not change the recorded factor.
+            self.inputs[i].append(a.detach().reshape(self.batch_size, -1, a.shape[-1]).clone())
+            self.outputs[i].append(output)
+            # Downstream layers see a copy, so in-place ops after this layer cannot rewrite the tensor
+            # that the back-signals are read from.
+            return output.clone()
+
+        return hook
+
+    def factors(self, deltas: list[list[Tensor | None]], num_outputs: int) -> list[tuple[Tensor, Tensor]]:
+        """Per site: A [b, T, d_in] and Δ [b, c, T, d_out], calls concatenated along T."""
+        out = []
+        b, c = self.batch_size, num_outputs
+        for i, site in enumerate(self.sites):
+            m = site.module
+            if not self.inputs[i]:
+                out.append((torch.zeros(b, 0, m.in_features, dtype=m.weight.dtype, device=m.weight.device),
+                            torch.zeros(b, c, 0, m.out_features, dtype=m.weight.dtype, device=m.weight.device)))
+                continue
+            a = torch.cat(self.inputs[i], dim=1)
+            ds = []
+            for call, y in enumerate(self.outputs[i]):
+                per_k = [deltas[k][self._flat_index(i, call)] for k in range(c)]
+                per_k = [torch.zeros_like(y) if g is None else g for g in per_k]
+                ds.append(torch.stack([g.reshape(b, -1, m.out_features) for g in per_k], dim=1))
+            out.append((a, torch.cat(ds, dim=2)))
+        return out
+
+    def flat_outputs(self) -> list[Tensor]:
+        return [y for ys in self.outputs for y in ys]
+
+    def _flat_index(self, site: int, call: int) -> int:
+        return sum(len(ys) for ys in self.outputs[:site]) + call
+
+
+def back_signals(z: Tensor, outs: list[Tensor], num_outputs: int) -> list[list[Tensor | None]]:
+    """δ for every output column k: grads of Σ_i z_ik with respect to each recorded layer output.
+
+    Samples are independent (eval mode), so ∂(Σ_i z_ik)/∂y_j = ∂z_jk/∂y_j: c backward passes give
+    every sample's back-signals.
+    """
+    if not outs:
+        return [[] for _ in range(num_outputs)]
+    res = []
+    for k in range(num_outputs):
+        e = torch.zeros_like(z)
+        e[:, k] = 1.0
+        res.append(list(torch.autograd.grad(z, outs, grad_outputs=e, retain_graph=True, allow_unused=True)))
+    return res
+
+
+def _single(model: nn.Module, pdict: dict[str, Tensor], xs: tuple[Tensor, ...]) -> Tensor:
+    out = functional_call(model, pdict, tuple(x.unsqueeze(0) for x in xs))
+    return out.squeeze(0)
+
+
+def explicit_jacobian_rows(model: nn.Module, params: dict[str, Tensor], xs: tuple[Tensor, ...]) -> Tensor:
+    """Per-sample Jacobians of the outputs w.r.t. ``params``, flattened: [b, c, Σ numel]."""
+    pdict = {n: p.detach() for n, p in params.items()}
+    jac = vmap(jacrev(_single, argnums=1), in_dims=(None, None, 0))(model, pdict, xs)
+    b = xs[0].shape[0]
+    first = jac[next(iter(pdict))]
+    c = first.shape[1]
+    return torch.cat([jac[n].reshape(b, c, -1) for n in pdict], dim=2)
+
+
+def jvp_outputs(model: nn.Module, params: dict[str, Tensor], tangents: dict[str, Tensor],
+                xs: tuple[Tensor, ...]) -> Tensor:
+    """J·t for the batch: forward-mode derivative of the outputs along ``tangents``, [b, c]."""
+    pdict = {n: p.detach() for n, p in params.items()}
+
+    def f(p: dict[str, Tensor]) -> Tensor:
+        return functional_call(model, p, xs)
+
+    _, out = jvp(f, (pdict,), ({n: tangents[n] for n in pdict},))
+    return out

@@ -1,0 +1,206 @@
+#!/usr/bin/env python
+"""Plain torch.distributed training with lightning-soaa optimizers, under any launcher.
+
+The same script runs as
+
+    python train.py --optimizer soaa                                # one process
+    torchrun --nproc_per_node=2 train.py --optimizer soaa           # torchrun (one or more nodes)
+    mpirun -np 2 python train.py --optimizer soaa                   # Open MPI / MPICH
+    srun -N2 --ntasks-per-node=1 python train.py --optimizer soaa   # SLURM
+
+:func:`lightning_soaa.distributed.launch.init_from_env` reads the launcher's variables and joins the
+process group (gloo on CPU, NCCL on GPU). Every step draws the same *global* batch on every rank and each
+rank trains on its contiguous slice, so a run on W ranks follows the single-process run on the whole
+batch (up to float rounding): the tests in ``tests/multinode`` check exactly that.
+
+Each rank writes ``result_rank{R}.json`` (losses, timings, launcher facts) and ``params_rank{R}.pt`` (the
+final model ``state_dict``) under ``--out-dir``; rank 0 also prints its JSON on one stdout line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_soaa.distributed.launch import LaunchInfo, init_from_env
+
+log = logging.getLogger("train")
+
+OPTIMIZERS = ("adamw", "soaa", "asgo", "egn")
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--global-batch", type=int, default=32, help="samples per step over all ranks")
+    p.add_argument("--lr", type=float, default=None, help="default: the optimizer's own default (AdamW 1e-2)")
+    p.add_argument("--hidden", type=int, default=32)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float64")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grad-sync", choices=("ddp", "optimizer"), default="ddp",
+                   help="ddp: DistributedDataParallel averages gradients; optimizer: the optimizer "
+                        "reduce-scatters them to the owning ranks (grad_reduction='mean')")
+    p.add_argument("--backend", choices=("gloo", "nccl"), default=None, help="default: nccl if CUDA, else gloo")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per rank")
+    p.add_argument("--out-dir", type=Path, default=None, help="where each rank writes its JSON and params")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------- model and data
+IN_DIM, OUT_DIM = 8, 4
+
+
+def make_model(hidden: int, seed: int, dtype: torch.dtype) -> nn.Module:
+    torch.manual_seed(seed)  # identical initial weights on every rank, no broadcast needed
+    return nn.Sequential(
+        nn.Linear(IN_DIM, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, OUT_DIM)
+    ).to(dtype)
+
+
+def global_batch(step: int, size: int, seed: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A deterministic regression batch: a fixed random teacher network plus a little noise."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + 7919)
+    w1 = torch.randn(IN_DIM, 16, generator=g, dtype=torch.float64)
+    w2 = torch.randn(16, OUT_DIM, generator=g, dtype=torch.float64) / 4.0
+    g.manual_seed(seed * 1_000_003 + 1 + step)
+    x = torch.randn(size, IN_DIM, generator=g, dtype=torch.float64)
+    y = torch.tanh(x @ w1) @ w2 + 0.01 * torch.randn(size, OUT_DIM, generator=g, dtype=torch.float64)
+    return x.to(dtype), y.to(dtype)
+
+
+def local_slice(x: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    n = x.shape[0] // world
+    return x[rank * n:(rank + 1) * n]
+
+
+# ---------------------------------------------------------------------------------------- optimizers
+def make_optimizer(name: str, model: nn.Module, args: argparse.Namespace) -> Any:
+    """Build the optimizer; SOAA/ASGO/EGN are imported only when asked for."""
+    kw: dict[str, Any] = {} if args.lr is None else {"lr": args.lr}
+    sharding = {"grad_reduction": "mean"} if args.grad_sync == "optimizer" else {}
+    if name == "adamw":
+        from lightning_soaa.optim.adamw import ShardedAdamW
+
+        return ShardedAdamW(model.parameters(), **{"lr": 1e-2, **kw}, **sharding)
+    if name == "soaa":
+        from lightning_soaa import SOAA
+
+        return SOAA(model.parameters(), total_steps=args.steps, **kw, **sharding)
+    if name == "asgo":
+        from lightning_soaa import ASGO
+
+        return ASGO(model.named_parameters(), **kw, **sharding)
+    if name == "egn":
+        from lightning_soaa import EGN
+
+        return EGN(model, loss="mse", **kw)
+    raise ValueError(f"Invalid optimizer={name!r}. Must be one of {OPTIMIZERS}.")
+
+
+def loss_of(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(out, y)
+
+
+def global_mean(value: torch.Tensor, world: int) -> float:
+    """The loss averaged over ranks (equal local batch sizes), for logging only."""
+    v = value.detach().to(torch.float64).reshape(1).clone()
+    if world > 1:
+        dist.all_reduce(v)
+        v /= world
+    return float(v.item())
+
+
+# ---------------------------------------------------------------------------------------- training
+def train(args: argparse.Namespace, info: LaunchInfo) -> dict[str, Any]:
+    rank, world = info.rank, info.world_size
+    if args.global_batch % world:
+        raise ValueError(f"Invalid --global-batch={args.global_batch}. Must be divisible by the world size {world}.")
+    dtype = DTYPES[args.dtype]
+    model = make_model(args.hidden, args.seed, dtype)
+    use_ddp = world > 1 and args.grad_sync == "ddp" and args.optimizer != "egn"
+    # EGN forms its own Jacobians and Gram matrix across ranks: it gets the bare module, no DDP.
+    net: nn.Module = nn.parallel.DistributedDataParallel(model) if use_ddp else model
+    opt = make_optimizer(args.optimizer, model, args)
+
+    losses: list[float] = []
+    step_times: list[float] = []
+    for step in range(args.steps):
+        x, y = global_batch(step, args.global_batch, args.seed, dtype)
+        x, y = local_slice(x, rank, world), local_slice(y, rank, world)
+        t0 = time.perf_counter()
+        if args.optimizer == "egn":
+            with torch.no_grad():
+                loss = loss_of(model(x), y)
+            opt.step(inputs=x, targets=y)
+        else:
+            opt.zero_grad(set_to_none=True)
+            loss = loss_of(net(x), y)
+            loss.backward()
+            if args.optimizer == "soaa":
+                opt.step(loss=loss.detach())
+            else:
+                opt.step()
+        step_times.append(time.perf_counter() - t0)
+        losses.append(global_mean(loss, world))
+
+    stats = opt.statistics() if hasattr(opt, "statistics") else {}
+    return {
+        "launcher": info.launcher,
+        "rank": rank,
+        "world_size": world,
+        "local_rank": info.local_rank,
+        "node_rank": info.node_rank,
+        "hostname": socket.gethostname(),
+        "slurm_nodename": os.environ.get("SLURMD_NODENAME"),
+        "optimizer": args.optimizer,
+        "grad_sync": args.grad_sync if world > 1 else "none",
+        "steps": args.steps,
+        "global_batch": args.global_batch,
+        "losses": losses,
+        "final_loss": losses[-1] if losses else None,
+        "mean_step_s": sum(step_times) / max(len(step_times), 1),
+        "statistics": {k: float(v) for k, v in stats.items() if isinstance(v, (int, float))},
+        "params": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)  # ranks sharing a node should not oversubscribe its cores
+    t0 = time.perf_counter()
+    info = init_from_env(args.backend)
+    try:
+        result = train(args, info)
+    finally:
+        # Without this, mpirun runs that succeeded can abort at exit (seen with Open MPI 4.1).
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    params = result.pop("params")
+    result["wall_s"] = time.perf_counter() - t0
+    if args.out_dir is not None:
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(params, args.out_dir / f"params_rank{info.rank}.pt")
+        (args.out_dir / f"result_rank{info.rank}.json").write_text(json.dumps(result, indent=1))
+    if info.rank == 0:
+        sys.stdout.write(json.dumps(result) + "\n")
+        sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

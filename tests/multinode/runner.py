@@ -1,0 +1,88 @@
+"""Run ``multinode_examples/train.py`` under a launcher and compare ranks with a single-process run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+TRAIN = REPO / "multinode_examples" / "train.py"
+
+#: launcher variables that must not leak from the test's own environment (CI may run under SLURM)
+_LAUNCH_PREFIXES = ("OMPI_", "PMI_", "PMIX_", "SLURM_", "TORCHELASTIC_")
+_LAUNCH_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK",
+                "MASTER_ADDR", "MASTER_PORT")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in _LAUNCH_KEYS and not k.startswith(_LAUNCH_PREFIXES)}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    env["OMP_NUM_THREADS"] = "1"
+    env.update(extra)
+    return env
+
+
+def train_args(optimizer: str, out_dir: Path, steps: int = 12, extra: tuple[str, ...] = ()) -> list[str]:
+    return [str(TRAIN), "--optimizer", optimizer, "--steps", str(steps), "--global-batch", "16",
+            "--out-dir", str(out_dir), *extra]
+
+
+def run(cmd: list[str], *, env: dict[str, str], timeout: float, cwd: Path | None = None) -> str:
+    """Run a command; on failure or timeout raise with its output (the process group is killed)."""
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd or REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        out, _ = proc.communicate(timeout=10)
+        raise AssertionError(f"timed out after {timeout}s: {' '.join(cmd)}\n{out.decode(errors='replace')[-4000:]}")
+    text = out.decode(errors="replace")
+    if proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}: {' '.join(cmd)}\n{text[-4000:]}")
+    return text
+
+
+def single_process(optimizer: str, out_dir: Path, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    run([sys.executable, *train_args(optimizer, out_dir, extra=extra)], env=clean_env(), timeout=120)
+    return load(out_dir, 1)[0]
+
+
+def load(out_dir: Path, world_size: int) -> list[dict[str, Any]]:
+    results = []
+    for r in range(world_size):
+        res = json.loads((out_dir / f"result_rank{r}.json").read_text())
+        res["params"] = torch.load(out_dir / f"params_rank{r}.pt", weights_only=True)
+        results.append(res)
+    return results
+
+
+def assert_matches_single(ranks: list[dict[str, Any]], single: dict[str, Any], *, launcher: str,
+                          rtol: float = 1e-9, atol: float = 1e-11) -> None:
+    """Every rank holds the same final parameters, equal to the single-process run of the global batch."""
+    world = len(ranks)
+    assert single["launcher"] == "single" and single["world_size"] == 1
+    assert sorted(r["rank"] for r in ranks) == list(range(world))
+    for r in ranks:
+        assert r["launcher"] == launcher, r["launcher"]
+        assert r["world_size"] == world
+        assert r["steps"] == single["steps"] and r["optimizer"] == single["optimizer"]
+    ref = single["params"]
+    for r in ranks:
+        assert r["params"].keys() == ref.keys()
+        for k in ref:
+            # replicas are copies of the owners' blocks: bit-identical across ranks
+            assert torch.equal(r["params"][k], ranks[0]["params"][k]), f"rank {r['rank']} differs on {k}"
+            torch.testing.assert_close(r["params"][k], ref[k], rtol=rtol, atol=atol,
+                                       msg=lambda m, k=k: f"{launcher} W={world} vs single, {k}: {m}")
+    # training really happened (the loss went down) and the logged global loss follows the reference
+    assert min(single["losses"][1:]) < single["losses"][0], single["losses"]
+    torch.testing.assert_close(torch.tensor(ranks[0]["losses"]), torch.tensor(single["losses"]),
+                               rtol=1e-8, atol=1e-12)

@@ -1,0 +1,181 @@
+"""ShardedOptimizer on one process, through its simplest concrete subclass: ShardedAdamW."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_soaa.optim.adamw import ShardedAdamW
+from tests.harness.models import batch, loss_fn, tiny_mlp
+
+
+def _train(model, opt, steps, start=0, closure=False):
+    for t in range(start, start + steps):
+        x, y = batch(t, 0)
+        if closure:
+            def c():
+                opt.zero_grad()
+                loss = loss_fn(model, x, y)
+                loss.backward()
+                return loss
+            opt.step(c)
+        else:
+            opt.zero_grad()
+            loss_fn(model, x, y).backward()
+            opt.step()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-14), (torch.float32, 1e-6)])
+def test_matches_torch_adamw(dtype, tol):
+    m1 = tiny_mlp(dtype=dtype)
+    m2 = copy.deepcopy(m1)
+    kw = dict(lr=3e-2, betas=(0.8, 0.95), eps=1e-7, weight_decay=0.1)
+    o1 = ShardedAdamW(m1.parameters(), **kw)
+    o2 = torch.optim.AdamW(m2.parameters(), **kw)
+    for t in range(30):
+        x, y = batch(t, 0, dtype=dtype)
+        for m, o in ((m1, o1), (m2, o2)):
+            o.zero_grad()
+            loss_fn(m, x, y).backward()
+            o.step()
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+
+
+def test_param_groups_scheduler_hooks_closure_and_named_params():
+    m1 = tiny_mlp()
+    m2 = copy.deepcopy(m1)
+    named = list(m1.named_parameters())
+    groups1 = [{"params": named[:2], "lr": 1e-2}, {"params": named[2:], "weight_decay": 0.0}]
+    o1 = ShardedAdamW(groups1, lr=5e-2)
+    p2 = list(m2.parameters())
+    o2 = torch.optim.AdamW([{"params": p2[:2], "lr": 1e-2}, {"params": p2[2:], "weight_decay": 0.0}],
+                           lr=5e-2, weight_decay=1e-2)
+    assert o1.param_groups[0]["param_names"] == [n for n, _ in named[:2]]
+    s1 = torch.optim.lr_scheduler.StepLR(o1, step_size=3, gamma=0.5)
+    s2 = torch.optim.lr_scheduler.StepLR(o2, step_size=3, gamma=0.5)
+    calls = []
+    o1.register_step_pre_hook(lambda opt, a, k: calls.append("pre"))
+    o1.register_step_post_hook(lambda opt, a, k: calls.append("post"))
+    for t in range(10):
+        x, y = batch(t, 0)
+
+        def closure():
+            o1.zero_grad()
+            loss = loss_fn(m1, x, y)
+            loss.backward()
+            return loss
+        loss = o1.step(closure)
+        assert torch.is_tensor(loss)
+        o2.zero_grad()
+        loss_fn(m2, x, y).backward()
+        o2.step()
+        s1.step()
+        s2.step()
+    assert calls == ["pre", "post"] * 10
+    assert o1.param_groups[0]["lr"] == pytest.approx(o2.param_groups[0]["lr"])
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-14, rtol=0)
+
+
+def test_add_param_group_after_construction():
+    m = tiny_mlp()
+    params = list(m.parameters())
+    opt = ShardedAdamW(params[:2], lr=1e-2)
+    _train(m, opt, 2)
+    opt.add_param_group({"params": params[2:], "lr": 1e-3})
+    _train(m, opt, 2, start=2)
+    assert len(opt.block_table.blocks) == len(params)
+    assert float(opt.state[params[0]]["step"]) == 4.0
+    assert float(opt.state[params[-1]]["step"]) == 2.0
+
+
+def test_state_dict_round_trip_continues_identically():
+    m1 = tiny_mlp()
+    o1 = ShardedAdamW(m1.parameters(), lr=1e-2)
+    _train(m1, o1, 5)
+    sd = copy.deepcopy(o1.state_dict())
+    m2 = copy.deepcopy(m1)
+    o2 = ShardedAdamW(m2.parameters(), lr=1.0)  # lr comes back from the state
+    o2.load_state_dict(sd)
+    assert o2.param_groups[0]["lr"] == 1e-2
+    _train(m1, o1, 5, start=5)
+    _train(m2, o2, 5, start=5)
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_state_dict_from_a_different_model_is_rejected_and_nothing_changes():
+    m1 = tiny_mlp()
+    o1 = ShardedAdamW(m1.parameters(), lr=1e-2)
+    _train(m1, o1, 3)
+    before = copy.deepcopy(o1.state_dict())
+    other = tiny_mlp(sizes=(6, 9, 5, 3))
+    o_other = ShardedAdamW(other.parameters(), lr=7e-3)
+    _train(other, o_other, 1)
+    with pytest.raises(ValueError, match=re.escape("parameter 0 has shape [9, 6] in the state and [8, 6] here")):
+        o1.load_state_dict(o_other.state_dict())
+    fewer = ShardedAdamW(list(tiny_mlp(sizes=(6, 3)).parameters()), lr=7e-3)
+    with pytest.raises(ValueError, match="has 2 parameters in the state and 6 in this optimizer"):
+        o1.load_state_dict(fewer.state_dict())
+    with pytest.raises(ValueError, match="not a lightning_soaa optimizer state"):
+        o1.load_state_dict(torch.optim.AdamW(m1.parameters()).state_dict())
+    after = o1.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    for pi, blocks in before["state"].items():
+        for si, st in blocks.items():
+            for k, v in st.items():
+                assert torch.equal(v, after["state"][pi][si][k])
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"lr": -1.0}, "Invalid lr=-1.0. Must be in [0.0, inf]."),
+        ({"betas": (0.9, 1.0)}, "Invalid betas[1]=1.0. Must be in [0.0, 1.0)."),
+        ({"betas": (1.5, 0.9)}, "Invalid betas[0]=1.5. Must be in [0.0, 1.0)."),
+        ({"betas": 0.9}, "Invalid betas=0.9. Must be a pair (beta1, beta2)."),
+        ({"eps": float("nan")}, "Invalid eps=nan. Must be in [0.0, inf]."),
+        ({"weight_decay": -0.1}, "Invalid weight_decay=-0.1. Must be in [0.0, inf]."),
+    ],
+)
+def test_invalid_hyperparameters(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ShardedAdamW(tiny_mlp().parameters(), **kwargs)
+
+
+def test_invalid_per_group_override():
+    m = tiny_mlp()
+    with pytest.raises(ValueError, match=re.escape("Invalid lr=-0.5. Must be in [0.0, inf].")):
+        ShardedAdamW([{"params": list(m.parameters()), "lr": -0.5}])
+
+
+def test_nonfinite_gradient_skips_step_and_keeps_state():
+    m = tiny_mlp()
+    opt = ShardedAdamW(m.parameters(), lr=1e-2)
+    _train(m, opt, 2)
+    params_before = [p.detach().clone() for p in m.parameters()]
+    state_before = copy.deepcopy(opt.state_dict())
+    opt.zero_grad()
+    loss_fn(m, *batch(2, 0)).backward()
+    next(m.parameters()).grad[0, 0] = float("inf")
+    opt.step()
+    assert opt.skipped_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(params_before, m.parameters()))
+    after = opt.state_dict()
+    assert float(after["state"][0][0]["step"]) == float(state_before["state"][0][0]["step"]) == 2.0
+    assert opt.statistics()["skipped_steps"] == 1.0
+
+
+def test_grad_none_params_are_skipped():
+    m = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3)).double()
+    opt = ShardedAdamW(m.parameters(), lr=1e-2)
+    m[1](torch.randn(2, 3, dtype=torch.float64)).sum().backward()
+    w0 = m[0].weight.detach().clone()
+    opt.step()
+    assert torch.equal(w0, m[0].weight)
+    assert m[0].weight not in opt.state or not opt.state[m[0].weight]
