@@ -30,8 +30,9 @@ class OptimizerEntry:
         name: the ``optimizer.type`` users write, e.g. ``"lightning_soaa.SOAA"``.
         module, attr: where the class lives (imported lazily, so unlanded optimizers only fail when used).
         layout: ``"elementwise"`` (the math is valid on any 1-D slice: it runs on ZeRO's flat partitions
-            directly) or ``"structured"`` (needs matrices: the adapter rebuilds them from DeepSpeed's
-            per-parameter fragment maps, see :mod:`deepspeed_ext.structure`).
+            directly), ``"structured"`` (needs matrices: the adapter rebuilds them from DeepSpeed's
+            per-parameter fragment maps, see :mod:`deepspeed_ext.structure`) or ``"model"`` (needs the
+            module itself: EGN, see :mod:`deepspeed_ext.egn_client`).
         stages: ZeRO stages that work.
         unsupported_reason: what to say for any other stage, naming the stage to use.
     """
@@ -42,6 +43,10 @@ class OptimizerEntry:
     layout: str
     stages: tuple[int, ...]
     unsupported_reason: str = ""
+    #: refuse bf16/fp16 (their fp32 master copies would overwrite the optimizer's update of the module)
+    fp32_only: bool = False
+    #: keyword arguments whose values DeepSpeed constrains: name -> (allowed values, why)
+    constraints: tuple[tuple[str, tuple[Any, ...], str], ...] = ()
 
     def load(self) -> type:
         try:
@@ -56,21 +61,25 @@ REGISTRY: dict[str, OptimizerEntry] = {
     for e in (
         OptimizerEntry(name="lightning_soaa.AdamW", module="lightning_soaa.optim.adamw", attr="ShardedAdamW",
                        layout="elementwise", stages=(0, 1, 2, 3)),
-        OptimizerEntry(name="lightning_soaa.SOAA", module="lightning_soaa.optim.soaa", attr="SOAA",
-                       layout="elementwise", stages=(0, 1, 2, 3)),
+        OptimizerEntry(
+            name="lightning_soaa.SOAA", module="lightning_soaa.optim.soaa", attr="SOAA",
+            layout="elementwise", stages=(0, 1, 2, 3),
+            constraints=(("acceptance", ("lagged",),
+                          "the DeepSpeed engine calls step() without a closure, and acceptance='same_batch' "
+                          "re-evaluates the loss through one"),),
+        ),
         OptimizerEntry(name="lightning_soaa.ASGO", module="lightning_soaa.optim.asgo", attr="ASGO",
                        layout="structured", stages=(0, 1, 2, 3)),
         OptimizerEntry(name="lightning_soaa.DASGO", module="lightning_soaa.optim.asgo", attr="DASGO",
                        layout="structured", stages=(0, 1, 2, 3)),
         OptimizerEntry(
             name="lightning_soaa.EGN", module="lightning_soaa.optim.egn", attr="EGN", layout="model",
-            stages=(),
+            stages=(0,), fp32_only=True,
             unsupported_reason=(
-                "EGN needs the whole model and the mini-batch inside step() (it forms per-sample Jacobians), "
-                "but the DeepSpeed engine calls optimizer.step() with neither, and ZeRO-1/2/3 hand the "
-                "optimizer flat partitions instead of the model's parameters. Train EGN without DeepSpeed "
-                "(Lightning strategy='ddp', torchrun or mpirun: EGN shards its own state), and use "
-                "lightning_soaa.SOAA, lightning_soaa.ASGO or lightning_soaa.AdamW under DeepSpeed."
+                "EGN differentiates the whole model itself (per-sample Jacobians), but ZeRO-1/2/3 hand the "
+                "optimizer flat partitions of master copies instead of the model's parameters. Use "
+                "zero_optimization.stage 0 (EGN then shards its own state over the data-parallel group), "
+                "or train EGN without DeepSpeed (Lightning strategy='ddp', torchrun, mpirun)."
             ),
         ),
     )

@@ -55,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="ddp: DistributedDataParallel averages gradients; optimizer: the optimizer "
                         "reduce-scatters them to the owning ranks (grad_reduction='mean')")
     p.add_argument("--backend", choices=("gloo", "nccl"), default=None, help="default: nccl if CUDA, else gloo")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: cuda:LOCAL_RANK when CUDA is available, else cpu")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per rank")
     p.add_argument("--out-dir", type=Path, default=None, help="where each rank writes its JSON and params")
     return p.parse_args(argv)
@@ -82,9 +84,10 @@ def global_batch(step: int, size: int, seed: int, dtype: torch.dtype) -> tuple[t
     return x.to(dtype), y.to(dtype)
 
 
-def local_slice(x: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-    n = x.shape[0] // world
-    return x[rank * n:(rank + 1) * n]
+def local_slice(global_size: int, rank: int, world: int) -> tuple[int, int]:
+    """This rank's contiguous share ``[start, stop)`` of the global batch."""
+    n = global_size // world
+    return rank * n, (rank + 1) * n
 
 
 # ---------------------------------------------------------------------------------------- optimizers
@@ -130,17 +133,22 @@ def train(args: argparse.Namespace, info: LaunchInfo) -> dict[str, Any]:
     if args.global_batch % world:
         raise ValueError(f"Invalid --global-batch={args.global_batch}. Must be divisible by the world size {world}.")
     dtype = DTYPES[args.dtype]
-    model = make_model(args.hidden, args.seed, dtype)
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda", info.local_rank) if cuda else torch.device("cpu")
+    model = make_model(args.hidden, args.seed, dtype).to(device)
     use_ddp = world > 1 and args.grad_sync == "ddp" and args.optimizer != "egn"
     # EGN forms its own Jacobians and Gram matrix across ranks: it gets the bare module, no DDP.
-    net: nn.Module = nn.parallel.DistributedDataParallel(model) if use_ddp else model
+    net: nn.Module = model
+    if use_ddp:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
     opt = make_optimizer(args.optimizer, model, args)
 
+    start, stop = local_slice(args.global_batch, rank, world)
     losses: list[float] = []
     step_times: list[float] = []
     for step in range(args.steps):
         x, y = global_batch(step, args.global_batch, args.seed, dtype)
-        x, y = local_slice(x, rank, world), local_slice(y, rank, world)
+        x, y = x[start:stop].to(device), y[start:stop].to(device)
         t0 = time.perf_counter()
         if args.optimizer == "egn":
             with torch.no_grad():
@@ -165,11 +173,13 @@ def train(args: argparse.Namespace, info: LaunchInfo) -> dict[str, Any]:
         "local_rank": info.local_rank,
         "node_rank": info.node_rank,
         "hostname": socket.gethostname(),
+        "device": str(device),
         "slurm_nodename": os.environ.get("SLURMD_NODENAME"),
         "optimizer": args.optimizer,
         "grad_sync": args.grad_sync if world > 1 else "none",
         "steps": args.steps,
         "global_batch": args.global_batch,
+        "local_samples": [start, stop],
         "losses": losses,
         "final_loss": losses[-1] if losses else None,
         "mean_step_s": sum(step_times) / max(len(step_times), 1),

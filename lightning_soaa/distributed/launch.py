@@ -90,15 +90,16 @@ def _int(env: Mapping[str, str], key: str, default: int | None = None) -> int:
 
 
 def _slurm_tasks_per_node(env: Mapping[str, str]) -> int:
-    """Tasks on this node; SLURM_STEP_TASKS_PER_NODE looks like ``2(x3),1`` (we need this node's entry)."""
-    if "SLURM_NTASKS_PER_NODE" in env:
-        return _int(env, "SLURM_NTASKS_PER_NODE")
-    raw = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or "1"
+    """Tasks of this step on this node. ``SLURM_STEP_TASKS_PER_NODE`` (the step's own layout, which may
+    differ from the job's) looks like ``2(x3),1``: expand it and take this node's entry."""
+    raw = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
+    if not raw:
+        return _int(env, "SLURM_NTASKS_PER_NODE", 1)
     counts: list[int] = []
     for part in raw.split(","):
         m = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
         if m is None:
-            return 1
+            raise ValueError(f"Invalid SLURM_STEP_TASKS_PER_NODE={raw!r}. Must look like '2(x3),1'.")
         counts += [int(m.group(1))] * int(m.group(2) or 1)
     node = _int(env, "SLURM_NODEID", 0)
     return counts[node] if node < len(counts) else counts[-1]
@@ -215,7 +216,9 @@ def _mpi_rendezvous(info: LaunchInfo) -> LaunchInfo:
     comm = MPI.COMM_WORLD
     payload = None
     if comm.Get_rank() == 0:
-        addr = info.master_addr or socket.gethostbyname(socket.gethostname())
+        # The host *name*, resolved by each rank itself: resolving it here could give a loopback
+        # alias (Debian maps the own hostname to 127.0.1.1) that other hosts cannot reach.
+        addr = info.master_addr or socket.gethostname()
         payload = (addr, info.master_port or _free_port())
     addr, port = comm.bcast(payload, root=0)
     return dataclasses.replace(info, master_addr=addr, master_port=int(port))

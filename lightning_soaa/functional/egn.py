@@ -150,25 +150,27 @@ def solve_coefficients(
         damping: λ > 0.
     """
     n = k.shape[0]
-    k = 0.5 * (k + k.T)  # round-off asymmetry would make Cholesky read a slightly different matrix
+    # Cholesky reads one triangle only, so K's round-off asymmetry needs no symmetrising pass.
     kr = k @ r
     st_kr = kr if s is None else _apply_st(s, kr)
     lam = float(damping)
     fallbacks = 0
-    eye = torch.eye(n, dtype=k.dtype, device=k.device)
     if s is not None:
         b, c, _ = s.shape
         k4 = k.view(b, c, b, c)
         # SᵀKS[(i,k),(j,l)] = Σ_{a,e} S_i[a,k] K[(i,a),(j,e)] S_j[e,l]
-        sks = torch.einsum("iak,iajb,jbl->ikjl", s, k4, s).reshape(n, n)
-        sks = 0.5 * (sks + sks.T)
+        base = torch.einsum("iak,iajb,jbl->ikjl", s, k4, s).reshape(n, n)
+    else:
+        base = k
     for attempt in range(max_retries + 1):
         lam_b = batch_size * lam
+        a = base.clone()
+        a.diagonal().add_(lam_b)
         if s is None:
-            chol, info = torch.linalg.cholesky_ex(k + lam_b * eye)
+            chol, info = torch.linalg.cholesky_ex(a)
             v = torch.cholesky_solve(r.unsqueeze(1), chol).squeeze(1) if int(info) == 0 else None
         else:
-            chol, info = torch.linalg.cholesky_ex(sks + lam_b * eye)
+            chol, info = torch.linalg.cholesky_ex(a)
             if int(info) == 0:
                 w = torch.cholesky_solve(st_kr.unsqueeze(1), chol).squeeze(1)
                 v = (r - _apply_s(s, w)) / lam_b

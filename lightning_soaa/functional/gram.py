@@ -57,7 +57,10 @@ def linear_gram(a: Tensor, delta: Tensor, *, weight: bool = True, bias: bool = T
     if row_cost <= pair_cost:
         rows = linear_jacobian_rows(a, delta, weight=weight, bias=bias)
         return rows @ rows.T
-    ga = torch.einsum("itd,jsd->itjs", a, a) if weight else torch.zeros(b, t, b, t, dtype=a.dtype, device=a.device)
+    if weight:
+        ga = torch.einsum("itd,jsd->itjs", a, a)
+    else:
+        ga = torch.zeros(b, t, b, t, dtype=a.dtype, device=a.device)
     if bias:
         ga = ga + 1.0
     gd = torch.einsum("ikto,jlso->iktjls", delta, delta)

@@ -89,7 +89,7 @@ def damp(v: Tensor, damping: float) -> Tensor:
 def inv_sqrt_coupled(
     v: Tensor, coeffs: Sequence[tuple[float, float, float]], num_iters: int, eps: float = 1e-10
 ) -> Tensor:
-    """V^{-1/2} of a symmetric PSD ``k x k`` matrix by a coupled polynomial iteration.
+    """V^{-1/2} of a symmetric PSD ``k x k`` matrix (or a ``b x k x k`` batch) by a coupled iteration.
 
     Scale ``s = 1.01 * ||V + eps I||_F`` so that the spectrum of ``Y = V/s`` lies in [0, 1); start from
     ``Z = I`` and repeat, with the triple ``(a, b, c)`` of iteration ``i`` (the last triple repeats)::
@@ -101,39 +101,42 @@ def inv_sqrt_coupled(
     ``eps`` enters only the scaling norm; a zero eigenvalue gives a large finite value (about
     ``2.2e4/sqrt(s)`` for 10 Polar Express iterations), i.e. an implicit damping, never infinity.
 
-    Runs in :func:`root_compute_dtype` of ``v``; the result has that dtype.
+    Cost: ``4 * num_iters - 3`` matmuls (the first iteration has ``Z = I``, the last needs no ``Y``).
+    Runs in :func:`root_compute_dtype` of ``v``; the result has that dtype and ``v``'s shape.
     """
     dt = root_compute_dtype(v.dtype)
-    v = v.to(dt)
-    k = v.shape[-1]
+    squeeze = v.dim() == 2
+    v3 = v.to(dt).reshape(-1, v.shape[-2], v.shape[-1])
+    k = v3.shape[-1]
     eye = torch.eye(k, dtype=dt, device=v.device)
-    fro = torch.linalg.matrix_norm(v + eps * eye)
-    s = 1.01 * fro
-    y = v / s
-    z = eye.clone()
+    s = 1.01 * torch.linalg.matrix_norm(v3 + eps * eye).reshape(-1, 1, 1)
+    y = v3 / s
+    z = eye.expand_as(y)
     for i in range(num_iters):
         a, b, c = coeffs[min(i, len(coeffs) - 1)]
-        t = z @ y
-        bmat = torch.addmm(t, t, t, beta=b, alpha=c)  # b T + c T^2
-        y = torch.addmm(y, y, bmat, beta=a)  # a Y + Y B
-        z = torch.addmm(z, bmat, z, beta=a)  # a Z + B Z
-    return z / torch.sqrt(s)
+        t = y if i == 0 else torch.bmm(z, y)
+        bmat = torch.baddbmm(t, t, t, beta=b, alpha=c)  # b T + c T^2
+        if i < num_iters - 1:
+            y = torch.baddbmm(y, y, bmat, beta=a)  # a Y + Y B
+        z = bmat + a * eye if i == 0 else torch.baddbmm(z, bmat, z, beta=a)  # a Z + B Z
+    out = z / torch.sqrt(s)
+    return out[0] if squeeze else out.reshape(v.shape)
 
 
 def inv_sqrt_polar_express(v: Tensor, num_iters: int | None = None, eps: float = 1e-10) -> Tensor:
-    """V^{-1/2} by the coupled Polar Express iteration (default 10 iterations); see :func:`inv_sqrt_coupled`."""
+    """V^{-1/2} by coupled Polar Express iterations (default 10); see :func:`inv_sqrt_coupled`."""
     n = DEFAULT_ROOT_ITERS["polar_express"] if num_iters is None else num_iters
     return inv_sqrt_coupled(v, POLAR_EXPRESS_COEFFS, n, eps)
 
 
 def inv_sqrt_newton_schulz(v: Tensor, num_iters: int | None = None, eps: float = 1e-10) -> Tensor:
-    """V^{-1/2} by the coupled Newton-Schulz iteration (default 18 iterations); see :func:`inv_sqrt_coupled`."""
+    """V^{-1/2} by coupled Newton-Schulz iterations (default 18); see :func:`inv_sqrt_coupled`."""
     n = DEFAULT_ROOT_ITERS["newton_schulz"] if num_iters is None else num_iters
     return inv_sqrt_coupled(v, (NEWTON_SCHULZ_COEFFS,), n, eps)
 
 
 def inv_sqrt_eigh(v: Tensor, rcond: float = 1e-12) -> Tensor:
-    """Reference V^{-1/2} in float64 by eigendecomposition (pseudo-inverse root).
+    """Reference V^{-1/2} in float64 by eigendecomposition (pseudo-inverse root); batches allowed.
 
     Eigenvalues ``<= rcond * max eigenvalue`` (and negative rounding noise) count as zero and map to
     zero, so for ``V = G G^T`` the product ``V^{-1/2} G`` is the polar factor of ``G`` even when ``G``
@@ -143,11 +146,11 @@ def inv_sqrt_eigh(v: Tensor, rcond: float = 1e-12) -> Tensor:
     v64 = v.to(torch.float64)
     v64 = 0.5 * (v64 + v64.transpose(-1, -2))  # exact symmetry for eigh
     evals, evecs = torch.linalg.eigh(v64)
-    top = evals.max().clamp_min(0.0)
+    top = evals.amax(dim=-1, keepdim=True).clamp_min(0.0)
     keep = evals > rcond * top
     inv_root = torch.where(keep, evals.clamp_min(torch.finfo(torch.float64).tiny).rsqrt(),
                            torch.zeros_like(evals))
-    return ((evecs * inv_root) @ evecs.transpose(-1, -2)).to(out_dt)
+    return ((evecs * inv_root.unsqueeze(-2)) @ evecs.transpose(-1, -2)).to(out_dt)
 
 
 def inverse_sqrt(

@@ -7,7 +7,7 @@ float64 partial sums which the caller adds across blocks and ranks. Nothing here
 
 One step, with the optimizer's single all-reduce between the two tensor kernels::
 
-    m_t, v_t, [Σm̂², Σ(v̂+ε)]   = soaa_moments(g, m, v, t)          # new tensors, state untouched
+    m_t, v_t, [Σm̂², Σ(v̂+ε)]   = soaa_moments(g, m, v, t, out=)    # into other buffers: m, v untouched
     (all-reduce the partials, the loss and the lagged partials of the previous update)
     c_t, ρ_t, d_t, L_t, ...      = trust_region_scalars(...)          # pure Python float64
     [Σm̂·u, Σv̂·u²]              = soaa_update_(θ, m_t, v_t, t, d_{t-1}, c_t)   # θ in place
@@ -15,12 +15,19 @@ One step, with the optimizer's single all-reduce between the two tensor kernels:
 ``t`` is the per-tensor step count *of this update* (1 on the first step): the caller keeps one counter
 per tensor (torch's convention, and what DeepSpeed ZeRO-3 needs, since it calls ``step()`` once per
 sub-group), so tensors that joined later are bias-corrected like Adam does.
+
+Two execution paths with the same arithmetic: ``foreach`` (torch ``_foreach_*`` ops; default on CUDA)
+and a loop (default on CPU) that writes into caller-owned buffers and runs the whole chain of ops tile
+by tile, because on CPU the foreach ops are a per-tensor loop anyway and their out-of-place forms
+allocate a parameter-sized tensor per op. Global sums are accumulated per row of 4096 elements in the
+tensor's dtype and added in float64.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -32,6 +39,7 @@ __all__ = [
     "soaa_update_",
     "trust_region_scalars",
     "predicted_reduction",
+    "use_foreach",
 ]
 
 
@@ -43,6 +51,91 @@ def _by_step(ts: list[int]) -> dict[int, list[int]]:
     return out
 
 
+# Global sums are taken in chunks of this many elements: each chunk is reduced in the tensor's dtype
+# (fast, and exact enough at this length), the chunk results are added in float64. A plain fp32 sum of
+# 1e7 elements is off by ~1e-3 relative here; chunking brings it to ~1e-8 without an fp64 copy.
+_CHUNK = 4096
+
+
+def _rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    flat = x.reshape(-1)
+    k = flat.numel() // _CHUNK
+    return flat[: k * _CHUNK].view(k, _CHUNK), flat[k * _CHUNK:]
+
+
+def _sum64(x: Tensor) -> Tensor:
+    rows, tail = _rows(x)
+    return rows.sum(1, dtype=x.dtype).double().sum() + tail.double().sum()
+
+
+def _sum_sq64(x: Tensor) -> Tensor:
+    rows, tail = _rows(x)
+    return torch.linalg.vector_norm(rows, dim=1).double().square().sum() + tail.double().square().sum()
+
+
+def _dot64(a: Tensor, b: Tensor) -> Tensor:
+    ra, ta = _rows(a)
+    rb, tb = _rows(b)
+    return torch.bmm(ra.unsqueeze(1), rb.unsqueeze(2)).double().sum() + (ta.double() * tb.double()).sum()
+
+
+# The loop path runs the whole chain of elementwise ops on one tile before moving to the next, so the
+# tile's operands stay in cache: the chain costs about one trip to memory instead of one per op.
+_TILE = 1 << 20
+
+
+def _tiles(*ts: Tensor) -> Iterator[tuple[Tensor, ...]]:
+    """Aligned pieces of equal-shape tensors (whole tensors when small or not contiguous)."""
+    if ts[0].numel() <= _TILE or not all(t.is_contiguous() for t in ts):
+        yield ts
+        return
+    flats = [t.view(-1) for t in ts]
+    for i in range(0, flats[0].numel(), _TILE):
+        yield tuple(f[i:i + _TILE] for f in flats)
+
+
+class _Acc:
+    """A float64 sum over many tiles: per-row results (``_CHUNK`` elements, tensor dtype) are kept and
+    added in float64 once at the end, so a tile costs one reduction call."""
+
+    def __init__(self, square: bool = False) -> None:
+        self.square = square
+        self.rows: list[Tensor] = []
+        self.extra: list[Tensor] = []
+
+    def sum(self, x: Tensor) -> None:
+        rows, tail = _rows(x)
+        if rows.numel():
+            self.rows.append(rows.sum(1))
+        if tail.numel():
+            self.extra.append(tail.double().sum())
+
+    def sum_sq(self, x: Tensor) -> None:  # needs square=True
+        rows, tail = _rows(x)
+        if rows.numel():
+            self.rows.append(torch.linalg.vector_norm(rows, dim=1))
+        if tail.numel():
+            self.extra.append(tail.double().square().sum())
+
+    def total(self, device: torch.device) -> Tensor:
+        out = torch.zeros((), dtype=torch.float64, device=device)
+        if self.rows:
+            r = torch.cat(self.rows).double()
+            out = out + (r.square() if self.square else r).sum()
+        if self.extra:
+            out = out + torch.stack(self.extra).sum()
+        return out
+
+
+def use_foreach(tensors: list[Tensor], foreach: bool | None) -> bool:
+    # On CPU the foreach ops are a per-tensor loop anyway, and their out-of-place forms allocate: a
+    # fresh 40 MB tensor costs more than the arithmetic (page faults). The loop path writes into
+    # caller-owned buffers instead. On CUDA the caching allocator makes foreach the faster choice.
+    if foreach is not None:
+        return foreach
+    return bool(tensors) and tensors[0].device.type != "cpu"
+
+
 def soaa_moments(
     grads: list[Tensor],
     exp_avgs: list[Tensor],
@@ -52,40 +145,58 @@ def soaa_moments(
     beta1: float,
     beta2: float,
     eps: float,
+    out: tuple[list[Tensor], list[Tensor]] | None = None,
+    foreach: bool | None = None,
 ) -> tuple[list[Tensor], list[Tensor], Tensor]:
-    r"""New moments :math:`m_t, v_t` (fresh tensors; the inputs are not modified) and the partials.
+    r"""New moments :math:`m_t, v_t` and the partials; the inputs are not modified.
 
     Args:
         grads, exp_avgs, exp_avg_sqs: equal-shape tensors per block (any shape, any floating dtype).
         ts: the step count of this update per tensor (``t >= 1``), used for the bias correction.
         beta1, beta2, eps: as in :class:`~lightning_soaa.optim.soaa.SOAA`.
+        out: buffers (shaped like the moments, not aliasing them) that receive :math:`m_t, v_t` on the
+            loop path; ``None`` allocates. The foreach path always allocates.
+        foreach: ``None`` picks foreach on CUDA and the loop on CPU (same arithmetic, bit-identical).
 
     Returns:
-        ``(m_t, v_t, partials)`` with ``partials = [Σ m̂², Σ (v̂ + ε)]`` (float64, shape ``[2]``, on the
-        device of the tensors). A non-finite gradient makes ``Σ m̂²`` non-finite, so the caller can use
-        the partials as its overflow check.
+        ``(m_t, v_t, partials)`` with ``partials = [Σ m̂², Σ (v̂ + ε)]`` (float64, shape ``[2]``). A
+        non-finite gradient makes ``Σ m̂²`` non-finite, so the caller can use the partials as its
+        overflow check.
     """
     if not grads:
         return [], [], torch.zeros(2, dtype=torch.float64)
-    m_new = torch._foreach_lerp(exp_avgs, grads, 1.0 - beta1)
-    v_new = torch._foreach_mul(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(v_new, grads, grads, value=1.0 - beta2)
-    # Per-tensor sums, then scaled and added in float64 (the sums run over every parameter, §1.8).
-    sq_m = torch.stack(torch._foreach_norm(m_new, 2, dtype=torch.float64)).square()
-    sum_v = torch.stack(torch._foreach_norm(v_new, 1, dtype=torch.float64))  # v >= 0: |v|_1 = Σ v
-    inv_bc1_sq = []
-    inv_bc2 = []
-    n_eps = 0.0
-    for t, v in zip(ts, v_new):
-        inv_bc1_sq.append(1.0 / (1.0 - beta1**t) ** 2)
-        inv_bc2.append(1.0 / (1.0 - beta2**t))
-        n_eps += v.numel() * eps
-    dev = sq_m.device
-    partials = torch.stack([
-        (sq_m * torch.tensor(inv_bc1_sq, dtype=torch.float64, device=dev)).sum(),
-        (sum_v * torch.tensor(inv_bc2, dtype=torch.float64, device=dev)).sum() + n_eps,
-    ])
-    return m_new, v_new, partials
+    if use_foreach(grads, foreach):
+        m_new = list(torch._foreach_lerp(exp_avgs, grads, 1.0 - beta1))
+        v_new = list(torch._foreach_mul(exp_avg_sqs, beta2))
+        torch._foreach_addcmul_(v_new, grads, grads, value=1.0 - beta2)
+        s_m2 = torch.zeros((), dtype=torch.float64, device=grads[0].device)
+        s_v = torch.zeros((), dtype=torch.float64, device=grads[0].device)
+        n_eps = 0.0
+        for t, m, v in zip(ts, m_new, v_new):
+            s_m2 = s_m2 + _sum_sq64(m) / (1.0 - beta1**t) ** 2
+            s_v = s_v + _sum64(v) / (1.0 - beta2**t)
+            n_eps += v.numel() * eps
+        return m_new, v_new, torch.stack([s_m2, s_v + n_eps])
+    else:
+        m_new = out[0] if out is not None else [torch.empty_like(m) for m in exp_avgs]
+        v_new = out[1] if out is not None else [torch.empty_like(v) for v in exp_avg_sqs]
+        dev = grads[0].device
+        s_m2 = torch.zeros((), dtype=torch.float64, device=dev)
+        s_v = torch.zeros((), dtype=torch.float64, device=dev)
+        n_eps = 0.0
+        for t, idx in _by_step(ts).items():
+            acc_m, acc_v = _Acc(square=True), _Acc()
+            for i in idx:
+                for g, m, v, mo, vo in _tiles(grads[i], exp_avgs[i], exp_avg_sqs[i], m_new[i], v_new[i]):
+                    torch.lerp(m, g, 1.0 - beta1, out=mo)
+                    torch.mul(v, beta2, out=vo)
+                    vo.addcmul_(g, g, value=1.0 - beta2)
+                    acc_m.sum_sq(mo)
+                    acc_v.sum(vo)
+                n_eps += grads[i].numel() * eps
+            s_m2 = s_m2 + acc_m.total(dev) / (1.0 - beta1**t) ** 2
+            s_v = s_v + acc_v.total(dev) / (1.0 - beta2**t)
+        return m_new, v_new, torch.stack([s_m2, s_v + n_eps])
 
 
 def soaa_update_(
@@ -102,12 +213,16 @@ def soaa_update_(
     d: float,
     c: float,
     count_limited: bool = False,
+    foreach: bool | None = None,
 ) -> Tensor:
     r"""Apply :math:`\theta \leftarrow \theta(1-\eta\lambda) - \eta u` in place and return the partials.
 
     :math:`u = d\,\hat m / (\max(d\,c\,\hat v, \sqrt{\hat v}) + \epsilon)`, with ``exp_avgs`` and
     ``exp_avg_sqs`` the moments *of this step* (from :func:`soaa_moments`), ``d`` the multiplier set at
     the end of the previous step and ``c`` the global Fisher scale :math:`c_t`.
+
+    Args:
+        foreach: as in :func:`soaa_moments`. The loop path needs only two tile-sized scratch buffers.
 
     Returns:
         float64 ``[Σ m̂·u, Σ v̂·u²]`` (plus, with ``count_limited``, the number of coordinates on the
@@ -117,43 +232,69 @@ def soaa_update_(
     n_out = 3 if count_limited else 2
     if not params:
         return torch.zeros(n_out, dtype=torch.float64)
-    if weight_decay != 0.0:
-        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
-    sums: list[Tensor] = []
-    limited = 0.0
+    fe = use_foreach(params, foreach)
+    dev = params[0].device
+    s_mu = torch.zeros((), dtype=torch.float64, device=dev)
+    s_vu = torch.zeros((), dtype=torch.float64, device=dev)
+    limited = torch.zeros((), dtype=torch.float64, device=dev)
+    decay = 1.0 - lr * weight_decay
     for t, idx in _by_step(ts).items():
         bc1 = 1.0 - beta1**t
         bc2 = 1.0 - beta2**t
+        # With s = sqrt(v): d c v̂ = k1 s² and sqrt(v̂) = k2 s (k1 = d c / bc2, k2 = 1 / sqrt(bc2)), so
+        # r + ε = max(k1 s², k2 s) + ε = k1 · s · max(s, k2 / k1) + ε: a sqrt, a clamp and one addcmul,
+        # with no v̂ copy. (k1 > 0 since d >= lo_t > 0 and c >= 1.)
+        k1 = d * c / bc2
+        knee = (1.0 / math.sqrt(bc2)) / k1  # s below the knee: the d-branch (Adam-like) of the cap
+        step = d / bc1  # u = step · q with q = m / (r + ε)
         ps = [params[i] for i in idx]
         ms = [exp_avgs[i] for i in idx]
         vs = [exp_avg_sqs[i] for i in idx]
-        # With s = sqrt(v): d c v̂ = (d c / bc2) s², sqrt(v̂) = s / sqrt(bc2), so
-        # r = max(d c v̂, sqrt(v̂)) = s · max(k1 s, k2).  Written this way it costs one sqrt, no v̂ copy.
-        k1 = d * c / bc2
-        k2 = 1.0 / math.sqrt(bc2)
-        s = torch._foreach_sqrt(vs)
-        den = torch._foreach_mul(s, k1)
-        if count_limited:
-            # d-branch: d c v̂ < sqrt(v̂) (strict; where v = 0 the step is 0 on either branch)
-            limited += sum(float((x < k2).sum()) for x in den)
-        torch._foreach_clamp_min_(den, k2)
-        torch._foreach_mul_(den, s)
-        torch._foreach_add_(den, eps)
-        q = torch._foreach_div(ms, den)  # u = (d / bc1) q
-        step = d / bc1
-        torch._foreach_add_(ps, q, alpha=-lr * step)
-        # Σ m̂·u = (d / bc1²) Σ m q.  m q = m² / den >= 0, so the 1-norm of m q is the plain sum.
-        mq = torch._foreach_mul(ms, q)
-        s_mu = torch.stack(torch._foreach_norm(mq, 1, dtype=torch.float64)).sum() * (step / bc1)
-        # Σ v̂·u² = (d / bc1)² Σ (sqrt(v̂) q)² = (d / bc1)² / bc2 · ||s q||².
-        torch._foreach_mul_(s, q)
-        s_vu = torch.stack(torch._foreach_norm(s, 2, dtype=torch.float64)).square().sum() * (step * step / bc2)
-        sums.append(torch.stack([s_mu, s_vu]))
-    out = torch.stack(sums).sum(0)
-    if count_limited:
-        out = torch.cat([out, torch.tensor([limited], dtype=torch.float64,
-                                           device=out.device)])
-    return out
+        if fe:
+            if weight_decay != 0.0:
+                torch._foreach_mul_(ps, decay)
+            s = torch._foreach_sqrt(vs)
+            if count_limited:
+                for si in s:
+                    limited = limited + (si < knee).sum()
+            q = list(torch._foreach_clamp_min(s, knee))
+            torch._foreach_mul_(q, k1)
+            torch._foreach_mul_(q, s)
+            torch._foreach_add_(q, eps)
+            q = list(torch._foreach_div(ms, q))
+            torch._foreach_add_(ps, q, alpha=-lr * step)
+            for m, si, qi in zip(ms, s, q):
+                # Σ m̂·u = (d / bc1²) Σ m q ;  Σ v̂·u² = (d / bc1)² / bc2 · Σ (s q)²
+                s_mu = s_mu + _dot64(m, qi) * (step / bc1)
+                si.mul_(qi)
+                s_vu = s_vu + _sum_sq64(si) * (step * step / bc2)
+            continue
+        eps_t = torch.full((), eps, dtype=vs[0].dtype, device=dev)
+        buf_s = torch.empty(min(_TILE, max(v.numel() for v in vs)), dtype=vs[0].dtype, device=dev)
+        buf_q = torch.empty_like(buf_s)
+        acc_mu, acc_vu = _Acc(), _Acc(square=True)
+        for p, m, v in zip(ps, ms, vs):
+            for pt, mt, vt in _tiles(p, m, v):
+                n = vt.numel()
+                si = buf_s[:n].view(vt.shape) if n <= buf_s.numel() else torch.empty_like(vt)
+                qi = buf_q[:n].view(vt.shape) if n <= buf_q.numel() else torch.empty_like(vt)
+                torch.sqrt(vt, out=si)
+                if count_limited:
+                    limited = limited + (si < knee).sum()
+                torch.clamp_min(si, knee, out=qi)
+                torch.addcmul(eps_t, qi, si, value=k1, out=qi)
+                torch.div(mt, qi, out=qi)
+                if weight_decay != 0.0:
+                    pt.mul_(decay)
+                pt.add_(qi, alpha=-lr * step)
+                si.mul_(qi)  # s q
+                acc_vu.sum_sq(si)
+                torch.mul(mt, qi, out=si)  # m q = m² / (r + ε) >= 0 (cheaper than a batched dot here)
+                acc_mu.sum(si)
+        s_mu = s_mu + acc_mu.total(dev) * (step / bc1)
+        s_vu = s_vu + acc_vu.total(dev) * (step * step / bc2)
+    parts = [s_mu, s_vu, limited] if count_limited else [s_mu, s_vu]
+    return torch.stack(parts)
 
 
 def predicted_reduction(lr_m_u: float, lr_v_u2: float) -> float:

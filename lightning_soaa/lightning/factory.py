@@ -78,6 +78,17 @@ def resolve_optimizer_class(name: str | type) -> type[torch.optim.Optimizer]:
     return cls
 
 
+def _lightning_ready(cls: type) -> type:
+    """``lightning_soaa.EGN`` has no ``set_batch``; under Lightning use the subclass that adds it
+    (same name and checkpoints), so ``--optimizer lightning_soaa.EGN`` works with BatchToOptimizer."""
+    is_base_egn = cls.__module__ == "lightning_soaa.optim.egn" and cls.__name__ == "EGN"
+    if is_base_egn and not hasattr(cls, "set_batch"):
+        from lightning_soaa.lightning.egn import EGN
+
+        return EGN
+    return cls
+
+
 def _wants_module(cls: type) -> bool:
     """True for optimizers that take the model itself (EGN), not its parameters."""
     if getattr(cls, "takes_module", False):
@@ -126,7 +137,7 @@ class OptimizerFactory:
         return resolve_optimizer_class(self.class_path)
 
     def build(self, module: nn.Module) -> torch.optim.Optimizer:
-        cls = self.optimizer_class
+        cls = _lightning_ready(self.optimizer_class)
         return cls(_first_argument(cls, module), **self.init_args)
 
     def __call__(self, module: nn.Module) -> Any:
@@ -159,7 +170,8 @@ def attach_optimizer(module: nn.Module, factory: OptimizerFactory) -> nn.Module:
     A ``functools.partial`` (not a bound method) so that the module stays picklable for ``ddp_spawn``
     and Lightning's ``is_overridden`` still recognises the override.
     """
-    module.configure_optimizers = functools.partial(_configure_optimizers, module, factory)  # type: ignore[method-assign]
+    bound = functools.partial(_configure_optimizers, module, factory)
+    module.configure_optimizers = bound  # type: ignore[method-assign]
     return module
 
 

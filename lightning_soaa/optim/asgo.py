@@ -39,7 +39,7 @@ from lightning_soaa.config import ASGOConfig, DASGOConfig
 from lightning_soaa.distributed.blocks import BlockSpec
 from lightning_soaa.functional import asgo as F
 from lightning_soaa.functional.adamw import adamw_update_
-from lightning_soaa.functional.linalg import DEFAULT_ROOT_ITERS, ROOT_METHODS, inv_sqrt_eigh, inverse_sqrt
+from lightning_soaa.functional.linalg import DEFAULT_ROOT_ITERS, ROOT_METHODS, damp, inv_sqrt_eigh, inverse_sqrt
 from lightning_soaa.optim.base import BlockView, ShardedOptimizer
 
 __all__ = ["ASGO", "DASGO", "asgo_param_groups", "asgo_block_specs", "asgo_block_cost"]
@@ -54,6 +54,11 @@ GRAM = "gram"  # ASGO statistic V (k x k)
 INV_ROOT = "inv_root"  # ASGO preconditioner P ~ (V + damping)^{-1/2} (k x k), reused for root_every steps
 ROOT_FALLBACKS = "root_fallbacks"  # how often this block's root was non-finite
 COL_STAT = "col_stat"  # DASGO column statistic (n)
+
+
+def _pair(x: Any) -> Any:
+    """Lists become tuples; anything else is passed on for the config to reject with a clear message."""
+    return tuple(x) if isinstance(x, (list, tuple)) else x
 
 
 def _matrix_shape(shape: tuple[int, ...] | torch.Size) -> tuple[int, int]:
@@ -167,6 +172,13 @@ class _OneSided(ShardedOptimizer):
             return False
         return name is None or "emb" not in name.lower()
 
+    def _warn_if_no_matrices(self) -> None:
+        plist = self._all_params()
+        if plist and not any(self.is_matrix_param(p, self.param_groups[gi], n) for p, gi, n in plist):
+            # e.g. DeepSpeed ZeRO's flat 1-D partitions: the optimizer would silently be plain AdamW
+            log.warning("%s: none of the %d parameters has >= 2 dimensions (or all are routed to the "
+                        "fallback); every parameter uses AdamW.", type(self).__name__, len(plist))
+
     def _is_matrix_view(self, v: BlockView) -> bool:
         return self.is_matrix_param(self._params[v.block.param_index], v.group, v.name)
 
@@ -196,7 +208,8 @@ class _OneSided(ShardedOptimizer):
             beta1, beta2 = group["adam_betas"]
             adamw_update_(
                 [v.param for v in vs], [v.grad for v in vs],  # type: ignore[misc]
-                [v.state[EXP_AVG] for v in vs], [v.state[EXP_AVG_SQ] for v in vs], [v.state[STEP] for v in vs],
+                [v.state[EXP_AVG] for v in vs], [v.state[EXP_AVG_SQ] for v in vs],
+                [v.state[STEP] for v in vs],
                 lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=float(group["adam_eps"]),
                 weight_decay=float(group["adam_weight_decay"]),
             )
@@ -233,13 +246,15 @@ class ASGO(_OneSided):
 
     .. math::
         \begin{aligned}
-        &\textbf{input: } \eta \text{ (lr)}, \beta_1, \beta_2 \text{ (betas)}, \lambda \text{ (weight\_decay)},
+        &\textbf{input: } \eta \text{ (lr)}, \beta_1, \beta_2 \text{ (betas)},
+            \lambda \text{ (weight\_decay)},
             \rho \text{ (rms\_scale)}, \delta \text{ (damping)}, \tau \text{ (root\_every)} \\
         &\textbf{init: } M_0 = 0_{m\times n},\ V_0 = 0_{k\times k} \\
         &\textbf{for } t = 1, 2, \dots: \\
         &\quad M_t = \beta_1 M_{t-1} + (1-\beta_1) G_t \\
         &\quad V_t = \beta_2 V_{t-1} + (1-\beta_2) G_t G_t^\top \\
-        &\quad \text{if } (t-1) \bmod \tau = 0:\ P_t \approx \big(V_t + \delta\,\tfrac{\operatorname{tr} V_t}{k} I\big)^{-1/2}
+        &\quad \text{if } (t-1) \bmod \tau = 0:\
+            P_t \approx \big(V_t + \delta\,\tfrac{\operatorname{tr} V_t}{k} I\big)^{-1/2}
             \text{ else } P_t = P_{t-1} \\
         &\quad U_t = P_t M_t,\qquad U_t \leftarrow \rho\sqrt{mn}\; U_t / \lVert U_t\rVert_F \\
         &\quad W_t = W_{t-1}(1-\eta\lambda) - \eta\, U_t
@@ -306,15 +321,16 @@ class ASGO(_OneSided):
         grad_reduction: str = "none",
     ) -> None:
         cfg = ASGOConfig(
-            lr=lr, betas=tuple(betas), weight_decay=weight_decay, rms_scale=rms_scale, eps=eps,  # type: ignore[arg-type]
+            lr=lr, betas=_pair(betas), weight_decay=weight_decay, rms_scale=rms_scale, eps=eps,
             damping=damping, inverse_root=inverse_root, root_iters=root_iters, root_every=root_every,
-            max_block_size=max_block_size, adam_betas=tuple(adam_betas), adam_eps=adam_eps,  # type: ignore[arg-type]
+            max_block_size=max_block_size, adam_betas=_pair(adam_betas), adam_eps=adam_eps,
             adam_weight_decay=adam_weight_decay,
         )
         defaults = dict(vars(cfg))
         defaults["use_asgo"] = None
         super().__init__(params, defaults, process_group=process_group, comm=comm, shard=shard,
                          grad_reduction=grad_reduction)
+        self._warn_if_no_matrices()
 
     @staticmethod
     def _root_iters(group: dict[str, Any]) -> int:
@@ -329,8 +345,10 @@ class ASGO(_OneSided):
         return asgo_block_specs(param.shape, int(group["max_block_size"]), iters, int(group["root_every"]))
 
     def _matrix_step(self, views: list[BlockView]) -> None:
-        need_root: list[tuple[BlockView, Tensor]] = []
-        prepared: list[tuple[BlockView, Tensor, str]] = []
+        # Blocks whose root is due this step, grouped by everything the root depends on, so that
+        # equal-sized blocks are computed as one batch (few large kernels instead of many small ones).
+        due: dict[tuple[Any, ...], list[BlockView]] = {}
+        prepared: list[tuple[BlockView, str]] = []
         for v in views:
             group = v.group
             beta1, beta2 = group["betas"]
@@ -350,12 +368,17 @@ class ASGO(_OneSided):
             F.update_gram_(st[GRAM], g, float(beta2), side)
             t = int(st[STEP].item())
             if INV_ROOT not in st or (t - 1) % int(group["root_every"]) == 0:
-                p_new = inverse_sqrt(st[GRAM], group["inverse_root"], num_iters=group["root_iters"],
-                                     eps=float(group["eps"]), damping=float(group["damping"]))
-                need_root.append((v, p_new))
-            prepared.append((v, g, side))
+                key = (k, st[GRAM].dtype, st[GRAM].device, group["inverse_root"], group["root_iters"],
+                       float(group["eps"]), float(group["damping"]))
+                due.setdefault(key, []).append(v)
+            prepared.append((v, side))
+        need_root: list[tuple[BlockView, Tensor]] = []
+        for (_k, _dt, _dev, method, iters, eps, damping), vs in due.items():
+            roots = inverse_sqrt(torch.stack([v.state[GRAM] for v in vs]), method, num_iters=iters, eps=eps,
+                                 damping=damping)
+            need_root.extend(zip(vs, roots.unbind(0)))
         self._accept_roots(need_root)
-        for v, _g, side in prepared:
+        for v, side in prepared:
             group = v.group
             u = F.asgo_direction(v.state[INV_ROOT], v.state[EXP_AVG], side, float(group["rms_scale"]))
             F.apply_update_(v.param, u, float(group["lr"]), float(group["weight_decay"]))
@@ -385,18 +408,14 @@ class ASGO(_OneSided):
                 st[INV_ROOT] = p_ref
             else:
                 log.error("ASGO: no finite root for block %s of parameter %s (eigh failed too); using the "
-                          "identity (normalised momentum) for this step", v.block.sub_index, label)
+                          "identity (normalised momentum) until its next root", v.block.sub_index, label)
                 k = st[GRAM].shape[0]
                 st[INV_ROOT] = torch.eye(k, dtype=p_new.dtype, device=p_new.device)
 
     @staticmethod
     def _eigh_fallback(gram: Tensor, damping: float, dtype: torch.dtype) -> Tensor | None:
         try:
-            vd = gram.to(torch.float64)
-            if damping:
-                vd = vd + damping * torch.diagonal(vd).sum() / vd.shape[0] * torch.eye(
-                    vd.shape[0], dtype=torch.float64, device=vd.device)
-            p = inv_sqrt_eigh(vd).to(dtype)
+            p = inv_sqrt_eigh(damp(gram.to(torch.float64), damping)).to(dtype)
         except (RuntimeError, ValueError):  # torch.linalg.LinAlgError is a RuntimeError
             return None
         return p if bool(torch.isfinite(p).all()) else None
@@ -407,17 +426,18 @@ class ASGO(_OneSided):
         for m in ROOT_METHODS:
             stats[f"asgo_root_method_{m}"] = 1.0 if m in used else 0.0
         fallbacks = 0
-        conds: list[float] = []
-        traces: list[float] = []
+        cond_t: list[Tensor] = []
+        trace_t: list[Tensor] = []
         for b in self._owned:
             st = self.block_state(b)
             if GRAM not in st:
                 continue
             fallbacks += int(st[ROOT_FALLBACKS])
             gram = st[GRAM]
-            traces.append(float(torch.diagonal(gram).sum()) / gram.shape[0])
+            trace_t.append(torch.diagonal(gram).sum().to(torch.float64) / gram.shape[0])
             if INV_ROOT in st:
-                conds.append(_cond_estimate(gram, st[INV_ROOT]))
+                cond_t.append(_cond_estimate(gram, st[INV_ROOT]))
+        conds, traces = _to_floats(cond_t), _to_floats(trace_t)
         stats["asgo_root_fallbacks"] = float(fallbacks)
         stats["asgo_cond_max"] = max(conds) if conds else 0.0
         stats["asgo_cond_median"] = float(torch.tensor(conds).median()) if conds else 0.0
@@ -426,22 +446,28 @@ class ASGO(_OneSided):
         return stats
 
 
-def _top_eig(a: Tensor, iters: int = 20) -> float:
-    """Largest eigenvalue of a symmetric PSD matrix by power iteration (cheap: k^2 per iteration)."""
+def _to_floats(ts: list[Tensor]) -> list[float]:
+    """0-d tensors to floats with one device-to-host copy (not one per tensor)."""
+    if not ts:
+        return []
+    dev = ts[0].device
+    return torch.stack([t.to(dev) for t in ts]).tolist()
+
+
+def _top_eig(a: Tensor, iters: int = 30) -> Tensor:
+    """Largest eigenvalue of a symmetric PSD matrix by power iteration, as a 0-d float64 tensor.
+
+    Cheap (k^2 per iteration) and free of host syncs, so statistics() stays light on accelerators.
+    """
     a = a.to(torch.float64)
     x = torch.ones(a.shape[0], dtype=torch.float64, device=a.device) / math.sqrt(a.shape[0])
-    lam = 0.0
     for _ in range(iters):
         y = a @ x
-        nrm = float(torch.linalg.vector_norm(y))
-        if nrm == 0.0 or not math.isfinite(nrm):
-            return nrm
-        lam = float(x @ y)
-        x = y / nrm
-    return lam
+        x = y / torch.linalg.vector_norm(y).clamp_min(torch.finfo(torch.float64).tiny)
+    return x @ (a @ x)
 
 
-def _cond_estimate(gram: Tensor, inv_root: Tensor) -> float:
+def _cond_estimate(gram: Tensor, inv_root: Tensor) -> Tensor:
     """cond(V + damping) ~ lambda_max(V) * lambda_max(P)^2 for P ~ (V + damping)^{-1/2} (power iterations)."""
     return _top_eig(gram) * _top_eig(inv_root) ** 2
 
@@ -496,13 +522,14 @@ class DASGO(_OneSided):
         shard: bool = True,
         grad_reduction: str = "none",
     ) -> None:
-        cfg = DASGOConfig(lr=lr, betas=tuple(betas), weight_decay=weight_decay, rms_scale=rms_scale,  # type: ignore[arg-type]
-                          eps=eps, adam_betas=tuple(adam_betas), adam_eps=adam_eps,  # type: ignore[arg-type]
+        cfg = DASGOConfig(lr=lr, betas=_pair(betas), weight_decay=weight_decay, rms_scale=rms_scale,
+                          eps=eps, adam_betas=_pair(adam_betas), adam_eps=adam_eps,
                           adam_weight_decay=adam_weight_decay)
         defaults = dict(vars(cfg))
         defaults["use_asgo"] = None
         super().__init__(params, defaults, process_group=process_group, comm=comm, shard=shard,
                          grad_reduction=grad_reduction)
+        self._warn_if_no_matrices()
 
     def _matrix_step(self, views: list[BlockView]) -> None:
         for v in views:

@@ -140,7 +140,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ parameter groups and blocks
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        self._validate_group(self.param_groups[-1])
+        try:
+            self._validate_group(self.param_groups[-1])
+        except ValueError:
+            self.param_groups.pop()  # a rejected group must leave the optimizer unchanged
+            raise
         if self._table is not None:  # added after construction: re-shard, keeping existing state
             full = self._gather_full_state() if self._sharded_multi_rank() else None
             self._build_table()

@@ -34,7 +34,8 @@ class LinearSite:
     param_names: tuple[str, ...]
 
 
-def plan_curvature(model: nn.Module, trainable: dict[str, Tensor], mode: str) -> tuple[list[LinearSite], list[str]]:
+def plan_curvature(model: nn.Module, trainable: dict[str, Tensor],
+                   mode: str) -> tuple[list[LinearSite], list[str]]:
     """Split the trainable parameters into factored Linear sites and explicit-Jacobian names.
 
     A Linear is factored only when it is a plain ``nn.Linear`` (its ``forward`` not overridden) and its
@@ -113,8 +114,9 @@ class LinearCapture:
         for i, site in enumerate(self.sites):
             m = site.module
             if not self.inputs[i]:
-                out.append((torch.zeros(b, 0, m.in_features, dtype=m.weight.dtype, device=m.weight.device),
-                            torch.zeros(b, c, 0, m.out_features, dtype=m.weight.dtype, device=m.weight.device)))
+                like = dict(dtype=m.weight.dtype, device=m.weight.device)
+                out.append((torch.zeros(b, 0, m.in_features, **like),
+                            torch.zeros(b, c, 0, m.out_features, **like)))
                 continue
             a = torch.cat(self.inputs[i], dim=1)
             ds = []

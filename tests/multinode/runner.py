@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-TRAIN = REPO / "multinode_examples" / "train.py"
+EXAMPLES = REPO / "multinode_examples"
+TRAIN = EXAMPLES / "train.py"
 
 #: launcher variables that must not leak from the test's own environment (CI may run under SLURM)
 _LAUNCH_PREFIXES = ("OMPI_", "PMI_", "PMIX_", "SLURM_", "TORCHELASTIC_")
@@ -74,6 +75,11 @@ def assert_matches_single(ranks: list[dict[str, Any]], single: dict[str, Any], *
         assert r["launcher"] == launcher, r["launcher"]
         assert r["world_size"] == world
         assert r["steps"] == single["steps"] and r["optimizer"] == single["optimizer"]
+    # the ranks split the global batch into disjoint slices (a rank training on everything would also
+    # match the reference, so the partition is checked explicitly)
+    slices = sorted(tuple(r["local_samples"]) for r in ranks)
+    n = single["global_batch"]
+    assert slices == [(i * n // world, (i + 1) * n // world) for i in range(world)], slices
     ref = single["params"]
     for r in ranks:
         assert r["params"].keys() == ref.keys()
@@ -86,3 +92,25 @@ def assert_matches_single(ranks: list[dict[str, Any]], single: dict[str, Any], *
     assert min(single["losses"][1:]) < single["losses"][0], single["losses"]
     torch.testing.assert_close(torch.tensor(ranks[0]["losses"]), torch.tensor(single["losses"]),
                                rtol=1e-8, atol=1e-12)
+
+
+def run_together(cmds: list[tuple[list[str], dict[str, str]]], *, timeout: float) -> list[str]:
+    """Start several commands at once (e.g. one torchrun per host), wait for all; kill all on failure."""
+    procs = [subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              start_new_session=True) for cmd, env in cmds]
+    outs: list[str] = []
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=timeout)  # the slowest one bounds the total
+            outs.append(out.decode(errors="replace"))
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"timed out after {timeout}s:\n" + "\n".join(" ".join(c) for c, _ in cmds)) from None
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, 9)
+                p.wait(10)
+    bad = [(c, p.returncode, o) for (c, _), p, o in zip(cmds, procs, outs) if p.returncode != 0]
+    if bad:
+        raise AssertionError("\n".join(f"exit {rc}: {' '.join(c)}\n{o[-3000:]}" for c, rc, o in bad))
+    return outs

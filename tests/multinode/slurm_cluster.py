@@ -84,7 +84,8 @@ class SlurmCluster:
     def _write_config(self) -> None:
         munge = self.root / "munge"
         ctld_port, *node_ports = _free_ports(1 + len(self.nodes))
-        host = socket.gethostname()
+        # slurmctld checks SlurmctldHost against its own *short* host name
+        host = socket.gethostname().split(".")[0]
         lines = [
             "ClusterName=soaatest",
             f"SlurmctldHost={host}(127.0.0.1)",
@@ -244,3 +245,28 @@ class SlurmCluster:
             except OSError:
                 pass
         return "\n".join(out)
+
+
+def main() -> None:
+    """Start a toy cluster and keep it up until Ctrl-C: ``python -m tests.multinode.slurm_cluster``."""
+    missing = missing_slurm_binaries()
+    if missing:
+        raise SystemExit(f"missing: {', '.join(missing)} (apt-get install slurm-wlm munge)")
+    def _interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    # explicit handlers: a background job starts with SIGINT ignored, and SIGTERM must clean up too
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
+    with SlurmCluster() as cluster:
+        print(f"two-node SLURM cluster up ({cluster.node_states()}).\n"
+              f"In another shell:  export SLURM_CONF={cluster.conf} MASTER_ADDR=127.0.0.1\n"
+              "Ctrl-C (or SIGTERM) stops every daemon.", flush=True)
+        try:
+            signal.pause()
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    main()

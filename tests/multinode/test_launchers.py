@@ -1,7 +1,8 @@
 """The example training script under real launchers equals the single-process run of the global batch.
 
 Each test runs ``multinode_examples/train.py`` as real processes: ``torchrun --nproc_per_node=2``,
-``mpirun -np 2``, and ``srun -N2`` on a two-node SLURM cluster that the test starts itself (munged,
+``torchrun --nnodes=2`` across two network namespaces, ``mpirun -np 2`` (through ``mpirun.sh``), and
+``srun -N2`` / the two sbatch recipes on a two-node SLURM cluster that the test starts itself (munged,
 slurmctld, two slurmd on one host). Ranks write their final parameters; they must be identical on every
 rank and equal (float64, to rounding) to one process training on the whole batch.
 """
@@ -12,6 +13,7 @@ import importlib.util
 import os
 import shutil
 import socket
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,26 +21,28 @@ from typing import Any
 import pytest
 
 from tests.multinode import runner
+from tests.multinode.netns import netns_unavailable, two_hosts
 from tests.multinode.slurm_cluster import SlurmCluster, missing_slurm_binaries
 
 _MODULES = {"adamw": "adamw", "soaa": "soaa", "asgo": "asgo", "egn": "egn"}
 
 
+def _has(name: str) -> bool:
+    return importlib.util.find_spec(f"lightning_soaa.optim.{_MODULES[name]}") is not None
+
+
 def _opt(name: str) -> Any:
     """A parameter that is skipped, with the reason, while the optimizer's module does not exist yet."""
-    exists = importlib.util.find_spec(f"lightning_soaa.optim.{_MODULES[name]}") is not None
-    return pytest.param(name, id=name, marks=() if exists else pytest.mark.skip(
+    return pytest.param(name, id=name, marks=() if _has(name) else pytest.mark.skip(
         reason=f"lightning_soaa/optim/{_MODULES[name]}.py does not exist in this checkout"))
 
 
 OPTIMIZERS = [_opt(n) for n in _MODULES]
 
-_single_cache: dict[tuple[str, tuple[str, ...]], dict[str, Any]] = {}
-
-
 @pytest.fixture(scope="module")
 def single(tmp_path_factory: pytest.TempPathFactory):
     """The single-process reference run, computed once per optimizer for the whole module."""
+    _single_cache: dict[tuple[str, tuple[str, ...]], dict[str, Any]] = {}
 
     def get(optimizer: str, extra: tuple[str, ...] = ()) -> dict[str, Any]:
         key = (optimizer, extra)
@@ -65,15 +69,38 @@ def test_torchrun_two_ranks_equal_single_process(optimizer: str, tmp_path: Path,
     runner.assert_matches_single(runner.load(tmp_path, 2), single(optimizer), launcher="torchrun")
 
 
-def test_torchrun_reduce_scatter_grad_sync(tmp_path: Path, single) -> None:
+@pytest.mark.parametrize("optimizer", [p for p in OPTIMIZERS if p.values[0] != "egn"])  # EGN takes no grads
+def test_torchrun_reduce_scatter_grad_sync(optimizer: str, tmp_path: Path, single) -> None:
     """No DDP: the optimizer itself reduce-scatters gradients to the owning ranks."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           *runner.train_args("adamw", tmp_path, extra=("--grad-sync", "optimizer"))]
+           *runner.train_args(optimizer, tmp_path, extra=("--grad-sync", "optimizer"))]
     runner.run(cmd, env=runner.clean_env(), timeout=180)
     ranks = runner.load(tmp_path, 2)
     assert {r["grad_sync"] for r in ranks} == {"optimizer"}
     assert all(r["statistics"].get("comm_bytes_reduce_scatter", 0) > 0 for r in ranks)
-    runner.assert_matches_single(ranks, single("adamw"), launcher="torchrun")
+    runner.assert_matches_single(ranks, single(optimizer), launcher="torchrun")
+
+
+def test_torchrun_two_hosts_in_network_namespaces(tmp_path: Path, single) -> None:
+    """Two "hosts" (network namespaces joined by a veth pair, own addresses): one torchrun per host,
+    gloo bound to the veth through GLOO_SOCKET_IFNAME, rendezvous on host A's address."""
+    reason = netns_unavailable()
+    if reason:
+        pytest.skip(reason)
+    try:
+        with two_hosts() as (a, b):
+            cmds = []
+            for node_rank, host in enumerate((a, b)):
+                cmd = [*host.prefix(), sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
+                       f"--node_rank={node_rank}", "--nproc_per_node=1", f"--master_addr={a.address}",
+                       "--master_port=29500", *runner.train_args("asgo" if _has("asgo") else "adamw", tmp_path)]
+                cmds.append((cmd, runner.clean_env(GLOO_SOCKET_IFNAME=host.interface)))
+            runner.run_together(cmds, timeout=180)
+    except subprocess.CalledProcessError as e:
+        pytest.skip(f"cannot create network namespaces here: {e.stderr!r}")
+    ranks = runner.load(tmp_path, 2)
+    assert sorted(r["node_rank"] for r in ranks) == [0, 1]
+    runner.assert_matches_single(ranks, single(ranks[0]["optimizer"]), launcher="torchrun")
 
 
 # ---------------------------------------------------------------------------------------- mpirun
@@ -90,12 +117,13 @@ def _mpirun() -> list[str]:
 @pytest.mark.mpi
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 def test_mpirun_two_ranks_equal_single_process(optimizer: str, tmp_path: Path, single) -> None:
-    """Ranks from OMPI_COMM_WORLD_*; rank 0 picks a free port and broadcasts it through mpi4py."""
-    cmd = _mpirun()
+    """The mpirun.sh recipe: ranks from OMPI_COMM_WORLD_*, rank 0 broadcasts a free port via mpi4py."""
+    mpirun = _mpirun()[0]
     if importlib.util.find_spec("mpi4py") is None:
         pytest.skip("mpi4py not installed (pip install 'lightning-soaa[mpi]')")
-    runner.run([*cmd, sys.executable, *runner.train_args(optimizer, tmp_path)], env=runner.clean_env(),
-               timeout=180)
+    env = runner.clean_env(NP="2", OVERSUBSCRIBE="1", PYTHON=sys.executable, MPIRUN=mpirun)
+    runner.run(["bash", str(runner.EXAMPLES / "mpirun.sh"), *runner.train_args(optimizer, tmp_path)[1:]],
+               env=env, timeout=180)
     runner.assert_matches_single(runner.load(tmp_path, 2), single(optimizer), launcher="mpi")
 
 
@@ -135,7 +163,7 @@ def slurm_cluster():
 def test_srun_two_nodes_equal_single_process(optimizer: str, tmp_path: Path, single, slurm_cluster) -> None:
     """srun -N2 --ntasks-per-node=1: one rank on each fake node, ranks from SLURM_PROCID et al."""
     env = slurm_cluster.env(runner.clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())))
-    cmd = ["srun", "-N2", "--ntasks-per-node=1", "--time=2", f"--chdir={runner.REPO}", sys.executable,
+    cmd = ["srun", "-N2", "--ntasks-per-node=1", "--time=5", f"--chdir={runner.REPO}", sys.executable,
            *runner.train_args(optimizer, tmp_path)]
     try:
         runner.run(cmd, env=env, timeout=180)
@@ -145,3 +173,44 @@ def test_srun_two_nodes_equal_single_process(optimizer: str, tmp_path: Path, sin
     assert sorted(r["slurm_nodename"] for r in ranks) == ["node1", "node2"]
     assert sorted(r["node_rank"] for r in ranks) == [0, 1]
     runner.assert_matches_single(ranks, single(optimizer), launcher="slurm")
+
+
+def _sbatch(cluster: SlurmCluster, script: str, args: list[str], tmp_path: Path, **env: str) -> str:
+    """Submit one of the example sbatch scripts, wait for it, return its output file's text."""
+    out = tmp_path / "job.out"
+    env = cluster.env(runner.clean_env(PYTHON=sys.executable, EXAMPLES_DIR=str(runner.EXAMPLES),
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), **env))
+    cmd = ["sbatch", "--wait", "--time=5", f"--chdir={tmp_path}", f"--output={out}",
+           str(runner.EXAMPLES / script), *args]
+    try:
+        runner.run(cmd, env=env, timeout=240)
+    except AssertionError as e:
+        text = out.read_text(errors="replace")[-4000:] if out.exists() else "(no job output)"
+        raise AssertionError(f"{e}\njob output:\n{text}\n{cluster.diagnostics()}") from None
+    return out.read_text(errors="replace")
+
+
+@pytest.mark.slurm
+def test_sbatch_torchrun_recipe_two_nodes(tmp_path: Path, single, slurm_cluster) -> None:
+    """slurm_torchrun.sbatch: one torchrun agent per node, static rendezvous on the first node."""
+    _sbatch(slurm_cluster, "slurm_torchrun.sbatch", runner.train_args("adamw", tmp_path / "out")[1:], tmp_path)
+    ranks = runner.load(tmp_path / "out", 2)
+    assert sorted(r["node_rank"] for r in ranks) == [0, 1]
+    assert sorted(r["slurm_nodename"] for r in ranks) == ["node1", "node2"]
+    runner.assert_matches_single(ranks, single("adamw"), launcher="torchrun")
+
+
+@pytest.mark.slurm
+@pytest.mark.lightning
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_sbatch_lightning_recipe_two_nodes(optimizer: str, tmp_path: Path, single, slurm_cluster) -> None:
+    """slurm_lightning.sbatch: Lightning's SLURMEnvironment, DDP over the two fake nodes. The optimizer
+    gets Lightning's closure (SOAA reads the loss from it) or, for EGN, runs in manual optimization;
+    the result must equal train.py's single process, which passes the loss / the batch explicitly."""
+    if importlib.util.find_spec("lightning") is None:
+        pytest.skip("lightning not installed (pip install 'lightning-soaa[lightning]')")
+    args = runner.train_args(optimizer, tmp_path / "out")[1:]
+    _sbatch(slurm_cluster, "slurm_lightning.sbatch", args, tmp_path)
+    ranks = runner.load(tmp_path / "out", 2)
+    assert sorted(r["slurm_nodename"] for r in ranks) == ["node1", "node2"]
+    runner.assert_matches_single(ranks, single(optimizer), launcher="SLURMEnvironment")

@@ -11,4 +11,5 @@ The modules define no ``configure_optimizers``: pass ``--optimizer`` to the ``li
 from lightning_soaa.lightning.demo.data import DigitsDataModule, TopicsDataModule, topics_text, topics_vocab
 from lightning_soaa.lightning.demo.models import CharTransformer, DigitsMLP
 
-__all__ = ["DigitsDataModule", "TopicsDataModule", "DigitsMLP", "CharTransformer", "topics_text", "topics_vocab"]
+__all__ = ["DigitsDataModule", "TopicsDataModule", "DigitsMLP", "CharTransformer", "topics_text",
+           "topics_vocab"]

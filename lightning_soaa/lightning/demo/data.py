@@ -99,7 +99,8 @@ class TopicsDataModule(pl.LightningDataModule):
         super().__init__()
         if context < 1 or batch_size < 1 or max_val_windows < 1:
             raise ValueError(
-                f"Invalid context={context!r}, batch_size={batch_size!r} or max_val_windows={max_val_windows!r}. "
+                f"Invalid context={context!r}, batch_size={batch_size!r} or "
+                f"max_val_windows={max_val_windows!r}. "
                 "Each must be an integer >= 1."
             )
         if not 0.0 < val_fraction < 1.0:

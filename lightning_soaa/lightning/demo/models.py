@@ -47,7 +47,8 @@ class DigitsMLP(ClassifierSteps):
         in_features, num_classes: input and output sizes.
     """
 
-    def __init__(self, hidden: tuple[int, ...] = (128, 128), in_features: int = 64, num_classes: int = 10) -> None:
+    def __init__(self, hidden: tuple[int, ...] = (128, 128), in_features: int = 64,
+                 num_classes: int = 10) -> None:
         super().__init__()
         self.save_hyperparameters()
         sizes = (in_features, *hidden)

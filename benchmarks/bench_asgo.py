@@ -1,0 +1,287 @@
+"""ASGO step time vs torch.optim.Muon and AdamW on a small transformer, in one run.
+
+What is measured (all optimizers on identical copies of one model, same data, interleaved step by step
+so that machine noise hits every optimizer alike):
+
+* ``step_ms``: wall time of ``optimizer.step()`` alone (median over the timed steps);
+* ``fwd_bwd_ms``: forward + backward of the same step (the denominator for the overhead ratio);
+* the ASGO root cost, by comparing ``root_every`` = 1 and 10 (and the float64 ``eigh`` root);
+* the loss after the timed steps (a sanity check that every optimizer trains, not a quality claim).
+
+Optimizers: AdamW (torch), Muon (torch.optim.Muon on hidden matrices + AdamW on the rest, Muon's RMS
+matched to AdamW as in the ASGO paper's baseline), ASGO (``root_every`` 1 and 10, ``eigh``), DASGO.
+
+Usage::
+
+    python benchmarks/bench_asgo.py                 # ~1-3 minutes on a 2-core CPU (1 thread)
+    python benchmarks/bench_asgo.py --d-model 768 --layers 12 --threads 0 --device cuda
+
+Writes ``benchmarks/results/bench_asgo.json`` and ``bench_asgo.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from lightning_soaa import ASGO, DASGO
+from lightning_soaa.optim.asgo import asgo_param_groups
+
+log = logging.getLogger("bench_asgo")
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with separate q/k/v/o projections (as the ASGO GPT code)."""
+
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln_1 = nn.LayerNorm(d)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.ln_2 = nn.LayerNorm(d)
+        self.fc = nn.Linear(d, 4 * d)
+        self.proj = nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        h = self.ln_1(x)
+        q, k, v = (m(h).view(b, t, self.heads, d // self.heads).transpose(1, 2)
+                   for m in (self.q, self.k, self.v))
+        att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.o(att.transpose(1, 2).reshape(b, t, d))
+        return x + self.proj(F.gelu(self.fc(self.ln_2(x))))
+
+
+class TinyGPT(nn.Module):
+    def __init__(self, vocab: int, d: int, layers: int, heads: int, block: int) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(vocab, d)
+        self.wpe = nn.Embedding(block, d)
+        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.wte.weight  # tied, as GPT-2
+        with torch.no_grad():  # GPT-2 initialisation scale for the (tied) embeddings
+            self.wte.weight.normal_(0.0, 0.02)
+            self.wpe.weight.normal_(0.0, 0.02)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(self.ln_f(x))
+
+
+class _Combo:
+    """Muon on hidden matrices plus AdamW on the rest, stepped together."""
+
+    def __init__(self, opts: list[torch.optim.Optimizer]) -> None:
+        self.opts = opts
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.opts:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for o in self.opts:
+            o.step()
+
+
+def make_optimizers(lr: float) -> dict[str, Callable[[nn.Module], Any]]:
+    def adamw(m: nn.Module) -> Any:
+        return torch.optim.AdamW(m.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+
+    def muon(m: nn.Module) -> Any:
+        groups = asgo_param_groups(m)  # the same routing as ASGO: matrices vs embeddings/1-D
+        mats = [p for _, p in groups[0]["params"] if p.dim() == 2]
+        rest = [p for g in groups for _, p in g["params"] if not (g is groups[0] and p.dim() == 2)]
+        return _Combo([
+            torch.optim.Muon(mats, lr=lr, weight_decay=0.1, momentum=0.9, nesterov=False,
+                             adjust_lr_fn="match_rms_adamw"),
+            torch.optim.AdamW(rest, lr=lr, betas=(0.9, 0.95), weight_decay=0.0),
+        ])
+
+    return {
+        "adamw": adamw,
+        "muon": muon,
+        "asgo_root_every_1": lambda m: ASGO(asgo_param_groups(m), lr=lr, root_every=1),
+        "asgo_root_every_10": lambda m: ASGO(asgo_param_groups(m), lr=lr, root_every=10),
+        "asgo_eigh": lambda m: ASGO(asgo_param_groups(m), lr=lr, inverse_root="eigh"),
+        "dasgo": lambda m: DASGO(asgo_param_groups(m), lr=lr),
+    }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    base = TinyGPT(args.vocab, args.d_model, args.layers, args.heads, args.seq).to(device)
+    names = [n for n in make_optimizers(args.lr) if n in args.optimizers]
+    factories = make_optimizers(args.lr)
+    runs = {}
+    for n in names:
+        model = copy.deepcopy(base)
+        runs[n] = {"model": model, "opt": factories[n](model), "step": [], "fb": [], "loss": []}
+    gen = torch.Generator().manual_seed(1)
+    total = args.warmup + args.steps
+    for t in range(total):
+        # a learnable task: a random first token, then every next token a fixed function of the current one
+        idx = torch.empty(args.batch, args.seq + 1, dtype=torch.long)
+        idx[:, 0] = torch.randint(0, args.vocab, (args.batch,), generator=gen)
+        for j in range(args.seq):
+            idx[:, j + 1] = (idx[:, j] * 7 + 3) % args.vocab
+        idx = idx.to(device)
+        for n in names:
+            r = runs[n]
+            r["opt"].zero_grad(set_to_none=True)
+            _sync(device)
+            t0 = time.perf_counter()
+            logits = r["model"](idx[:, :-1])
+            loss = F.cross_entropy(logits.reshape(-1, args.vocab), idx[:, 1:].reshape(-1))
+            loss.backward()
+            _sync(device)
+            t1 = time.perf_counter()
+            r["opt"].step()
+            _sync(device)
+            t2 = time.perf_counter()
+            if t >= args.warmup:
+                r["fb"].append(t1 - t0)
+                r["step"].append(t2 - t1)
+            r["loss"].append(float(loss.detach()))
+        if t % 10 == 0:
+            log.info("step %d/%d: %s", t, total, {n: round(runs[n]["loss"][-1], 3) for n in names})
+    results: dict[str, Any] = {}
+    for n in names:
+        r = runs[n]
+        step_ms = 1e3 * statistics.median(r["step"])
+        fb_ms = 1e3 * statistics.median(r["fb"])
+        results[n] = {
+            "step_ms_median": step_ms,
+            "step_ms_mean": 1e3 * statistics.fmean(r["step"]),
+            "step_ms_p90": 1e3 * sorted(r["step"])[int(0.9 * (len(r["step"]) - 1))],
+            "fwd_bwd_ms_median": fb_ms,
+            "step_over_fwd_bwd": step_ms / fb_ms,
+            "loss_first": r["loss"][0],
+            "loss_last": statistics.fmean(r["loss"][-5:]),
+            "step_times_ms": [1e3 * x for x in r["step"]],
+            "losses": r["loss"],
+        }
+        if isinstance(r["opt"], (ASGO, DASGO)):
+            st = r["opt"].statistics()
+            results[n]["optimizer_statistics"] = {k: v for k, v in st.items() if not k.startswith("comm")}
+    ratios = {}
+    for n in names:
+        if "adamw" in results:
+            ratios[f"{n}_over_adamw"] = results[n]["step_ms_median"] / results["adamw"]["step_ms_median"]
+        if "muon" in results:
+            ratios[f"{n}_over_muon"] = results[n]["step_ms_median"] / results["muon"]["step_ms_median"]
+    if "asgo_root_every_1" in results and "asgo_root_every_10" in results:
+        s1 = results["asgo_root_every_1"]["step_ms_median"]
+        s10 = results["asgo_root_every_10"]["step_ms_median"]
+        # step(tau) = other + root/tau  =>  root = (s1 - s10) * 10/9
+        ratios["asgo_root_cost_ms_estimate"] = (s1 - s10) * 10.0 / 9.0
+        ratios["asgo_root_share_of_step"] = ratios["asgo_root_cost_ms_estimate"] / s1
+    n_params = sum(p.numel() for p in base.parameters())
+    return {
+        "benchmark": "bench_asgo",
+        "config": {k: v for k, v in vars(args).items() if k != "out"},
+        "model_params": n_params,
+        "matrix_shapes": sorted({tuple(p.shape) for p in base.parameters() if p.dim() == 2}),
+        "device": str(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "results": results,
+        "ratios": ratios,
+    }
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = report["results"]
+    names = list(res)
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(17, 4.5))
+    step = [res[n]["step_ms_median"] for n in names]
+    fb = [res[n]["fwd_bwd_ms_median"] for n in names]
+    x = range(len(names))
+    ax1.bar(x, fb, label="forward+backward", color="#bbbbbb")
+    ax1.bar(x, step, bottom=fb, label="optimizer.step()", color="#3b75af")
+    ax1.set_xticks(list(x), names, rotation=30, ha="right")
+    ax1.set_ylabel("ms per training step (median)")
+    cfg = report["config"]
+    ax1.set_title(f"TinyGPT d={cfg['d_model']} L={cfg['layers']} on {report['device']} "
+                  f"({report['threads']} threads)")
+    ax1.legend()
+    for i, n in enumerate(names):
+        ax1.text(i, fb[i] + step[i], f"{step[i]:.1f}", ha="center", va="bottom", fontsize=8)
+    for n in names:
+        ax2.plot(res[n]["step_times_ms"], label=n)
+    ax2.set_xlabel("timed step")
+    ax2.set_ylabel("optimizer.step() ms")
+    ax2.set_yscale("log")
+    ax2.legend(fontsize=8)
+    for n in names:
+        ax3.plot(res[n]["losses"], label=n)
+    ax3.set_xlabel("step (warm-up included)")
+    ax3.set_ylabel("training loss (sanity check, AdamW at lr 1e-3)")
+    ax3.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=64)
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (0: leave torch's default)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--optimizers", nargs="+",
+                   default=["adamw", "muon", "asgo_root_every_1", "asgo_root_every_10", "asgo_eigh", "dasgo"])
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report = run(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_asgo.json").write_text(json.dumps(report, indent=2, default=str))
+    plot(report, args.out / "bench_asgo.png")
+    for n, r in report["results"].items():
+        log.info("%-20s step %8.2f ms (fwd+bwd %7.2f ms, ratio %.2f), loss %.3f -> %.3f", n,
+                 r["step_ms_median"],
+                 r["fwd_bwd_ms_median"], r["step_over_fwd_bwd"], r["loss_first"], r["loss_last"])
+    log.info("ratios: %s", json.dumps({k: round(v, 3) for k, v in report["ratios"].items()}))
+    log.info("wrote %s", args.out / "bench_asgo.json")
+
+
+if __name__ == "__main__":
+    main()

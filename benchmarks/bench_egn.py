@@ -1,0 +1,164 @@
+"""EGN vs AdamW: per-step time and peak memory on an MLP, and Gram-factor vs explicit-Jacobian memory.
+
+Every (optimizer, batch size, Jacobian path) runs in a fresh subprocess so that its peak resident set
+size is its own: memory is the growth of ``ru_maxrss`` (resource.getrusage, KiB on Linux) from just
+before the first step to the end of the run — a high-water-mark delta of the whole process, which
+includes the allocator's slack. Times are the median wall time of ``--steps`` steps after one warm-up
+step (``time.perf_counter``), single thread. The bytes of the per-step EGN exchange buffer (what
+``all_gather_flat`` would move across ranks) are computed exactly from the shapes as well.
+
+    python benchmarks/bench_egn.py            # writes benchmarks/results/bench_egn.{json,png}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SIZES = (32, 64, 64, 10)  # MLP widths: d_in, hidden, hidden, classes
+
+
+def _mlp(seed: int = 0):
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    layers = []
+    for i in range(len(SIZES) - 1):
+        layers.append(nn.Linear(SIZES[i], SIZES[i + 1]))
+        if i < len(SIZES) - 2:
+            layers.append(nn.Tanh())
+    return nn.Sequential(*layers)
+
+
+def _exchange_bytes(b: int, jacobian: str) -> int:
+    """float64 numbers per step in EGN's gathered buffer: z, y, and factors or Jacobian rows."""
+    c = SIZES[-1]
+    per_sample = c + 1
+    n = 0
+    for d_in, d_out in zip(SIZES[:-1], SIZES[1:]):
+        n += d_in * d_out + d_out
+        per_sample += d_in + c * d_out if jacobian == "auto" else 0
+    if jacobian == "explicit":
+        per_sample += c * n
+    return 8 * b * per_sample
+
+
+def worker(kind: str, b: int, steps: int) -> dict:
+    import torch
+
+    torch.set_num_threads(1)
+    from lightning_soaa import EGN
+
+    model = _mlp()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(b, SIZES[0], generator=g)
+    y = torch.randint(0, SIZES[-1], (b,), generator=g)
+    if kind == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+        def one() -> float:
+            opt.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            return float(loss)
+    else:
+        jac = "auto" if kind == "egn_gram" else "explicit"
+        opt = EGN(model, loss="cross_entropy", lr=0.5, damping=1.0, jacobian=jac, max_gram_size=1 << 14)
+
+        def one() -> float:
+            return float(opt.step(inputs=x, targets=y))
+
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    losses = [one()]  # warm-up
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        losses.append(one())
+        times.append(time.perf_counter() - t0)
+    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"kind": kind, "b": b, "step_s_median": statistics.median(times), "step_s_all": times,
+            "peak_rss_delta_mib": (rss1 - rss0) / 1024.0, "loss_first": losses[0], "loss_last": losses[-1]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", type=int, nargs="+", default=[16, 64, 256])
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    ap.add_argument("--worker", nargs=2, metavar=("KIND", "B"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker[0], int(args.worker[1]), args.steps)))
+        return
+    rows = []
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for b in args.batches:
+        for kind in ("adamw", "egn_gram", "egn_explicit"):
+            cmd = [sys.executable, __file__, "--worker", kind, str(b), "--steps", str(args.steps)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            if kind != "adamw":
+                row["exchange_bytes"] = _exchange_bytes(b, "auto" if kind == "egn_gram" else "explicit")
+            rows.append(row)
+            print(f"b={b:4d} {kind:13s} step {row['step_s_median'] * 1e3:9.2f} ms  "
+                  f"peak RSS +{row['peak_rss_delta_mib']:8.1f} MiB  loss {row['loss_first']:.3f} -> "
+                  f"{row['loss_last']:.3f}", flush=True)
+    by = {(r["kind"], r["b"]): r for r in rows}
+    def ratio(key: str, num: str, den: str, b: int) -> float:
+        return by[(num, b)][key] / by[(den, b)][key]
+
+    t, m = "step_s_median", "peak_rss_delta_mib"
+    ratios = {str(b): {"egn_gram_over_adamw_time": ratio(t, "egn_gram", "adamw", b),
+                       "egn_explicit_over_gram_time": ratio(t, "egn_explicit", "egn_gram", b),
+                       "egn_gram_over_adamw_rss": ratio(m, "egn_gram", "adamw", b),
+                       "egn_explicit_over_gram_rss": ratio(m, "egn_explicit", "egn_gram", b),
+                       "explicit_over_gram_exchange_bytes": ratio("exchange_bytes", "egn_explicit", "egn_gram", b)}
+              for b in args.batches}
+    import torch
+
+    result = {"benchmark": "bench_egn", "mlp_sizes": SIZES, "loss": "cross_entropy", "dtype": "float32",
+              "threads": 1, "steps_timed": args.steps, "memory_metric": "ru_maxrss growth over the run (MiB)",
+              "torch": torch.__version__, "machine": platform.platform(), "processor": platform.processor(),
+              "rows": rows, "ratios": ratios}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_egn.json").write_text(json.dumps(result, indent=2))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    labels = (("adamw", "AdamW", "C0"), ("egn_gram", "EGN (Gram factors)", "C1"),
+              ("egn_explicit", "EGN (explicit J)", "C2"))
+    bs = list(args.batches)
+    for kind, label, color in labels:
+        style = dict(marker="o", label=label, color=color)
+        axes[0].plot(bs, [by[(kind, b)]["step_s_median"] * 1e3 for b in bs], **style)
+        axes[1].plot(bs, [max(by[(kind, b)]["peak_rss_delta_mib"], 1e-2) for b in bs], **style)
+        if kind != "adamw":
+            axes[2].plot(bs, [by[(kind, b)]["exchange_bytes"] / 2**20 for b in bs], **style)
+    titles = ("median step time (ms)", "peak RSS growth (MiB)", "EGN exchange buffer (MiB)")
+    for ax, title in zip(axes, titles):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch size b")
+        ax.set_title(title)
+        ax.legend()
+    fig.suptitle(f"EGN vs AdamW, MLP {SIZES}, cross-entropy, CPU 1 thread")
+    fig.tight_layout()
+    fig.savefig(args.out / "bench_egn.png", dpi=110)
+    print(json.dumps(ratios, indent=2))
+
+
+if __name__ == "__main__":
+    main()

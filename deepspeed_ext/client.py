@@ -1,0 +1,403 @@
+"""The client optimizer DeepSpeed steps: one of our optimizers, translated to ZeRO's view of the model.
+
+DeepSpeed does three things to a client optimizer that a plain ``torch.optim.Optimizer`` never sees
+(spec/frameworks.md):
+
+* **ZeRO-1/2/3 swap the parameters.** ``param_groups[i]["params"]`` becomes this rank's flat 1-D fp32
+  partition of group ``i``; its edges cut through parameters. Stage 0 with bf16 swaps in fp32 master
+  copies (real shapes).
+* **One training step may be several** ``step()`` **calls.** ZeRO-1/2 call ``step()`` once per param
+  group (with ``param_groups`` temporarily narrowed to that group); ZeRO-3 once per sub-group (with
+  ``params`` set to that sub-group's flat tensor). An optimizer with global scalars (SOAA's Fisher scale,
+  trust region and loss) must see all of them at once and update its trust region once per training step.
+* **No closure, and a step at init.** The engine passes no closure; at stage 0 + bf16 DeepSpeed calls
+  ``step()`` once during ``initialize`` with zero gradients to create state.
+
+:class:`DeepSpeedClientOptimizer` therefore wraps the real optimizer (the *inner* one) instead of being
+it::
+
+    DeepSpeed ZeRO wrapper ──step()──▶ DeepSpeedClientOptimizer ──once per training step──▶ inner
+      (param_groups it mutates)          collects the calls of one           (SOAA/ASGO/AdamW over
+                                         training step, then steps once      "virtual" parameters)
+
+* The inner optimizer is built lazily (at the first real step or checkpoint call) over *virtual
+  parameters* (:mod:`deepspeed_ext.structure`): the flat partitions themselves for elementwise
+  optimizers, or per-parameter views rebuilt from DeepSpeed's fragment maps for ASGO.
+* Stage 0: the inner optimizer shards its own state over the data-parallel group (``shard=True``).
+  Stages 1-3: ``shard=False`` -- DeepSpeed already partitioned, so every local block is owned, nothing is
+  gathered, and only the global scalars are all-reduced over the data-parallel group.
+* Multi-call steps: the calls are collected (gradients kept by reference) until every flat partition of
+  the step has been seen; then the inner optimizer steps once over all of them and the partitions that
+  DeepSpeed already copied to its low-precision buffers are written back (through :meth:`bind`).
+* Hyperparameters live in this wrapper's ``param_groups`` (DeepSpeed's LR schedulers change them) and are
+  copied to the inner groups before every inner step.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from deepspeed_ext.structure import VirtualParams, build_virtual_params
+
+__all__ = ["DeepSpeedClientOptimizer", "StateLayoutError"]
+
+log = logging.getLogger(__name__)
+
+STATE_KEY = "lightning_soaa_deepspeed"
+_NON_HYPER = ("params", "param_names")
+
+
+class StateLayoutError(ValueError):
+    """A checkpoint's optimizer state was written for another ZeRO partitioning (world size or stage)."""
+
+
+class DeepSpeedClientOptimizer(torch.optim.Optimizer):
+    """Our optimizer as a DeepSpeed client optimizer (see the module docstring for the why).
+
+    Args:
+        params: the model's trainable parameters (tensors, ``named_parameters()`` pairs or groups).
+        optimizer_cls: a :class:`~lightning_soaa.optim.base.ShardedOptimizer` subclass.
+        hyperparams: its keyword arguments (validated by building a probe instance right here).
+        zero_stage: the ZeRO stage of the engine this optimizer is handed to (0-3).
+        layout: ``"elementwise"`` or ``"structured"`` (see :mod:`deepspeed_ext.registry`).
+        process_group: the data-parallel group (``None``: the default group).
+        param_names: optional ``{id(param): name}`` for structure-aware optimizers (ASGO routes by name).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        optimizer_cls: type,
+        hyperparams: dict[str, Any] | None = None,
+        *,
+        zero_stage: int,
+        layout: str = "elementwise",
+        process_group: Any = None,
+        param_names: dict[int, str] | None = None,
+    ) -> None:
+        from lightning_soaa.distributed.comm import LocalComm
+
+        if zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"Invalid zero_stage={zero_stage!r}. Must be one of 0, 1, 2, 3.")
+        if layout not in ("elementwise", "structured"):
+            raise ValueError(f"Invalid layout={layout!r}. Must be one of 'elementwise', 'structured'.")
+        self.optimizer_cls = optimizer_cls
+        self.hyperparams = dict(hyperparams or {})
+        self.zero_stage = zero_stage
+        self.layout = layout
+        self.process_group = process_group
+        # Validate the hyperparameters now, before DeepSpeed or training starts: a probe instance on one
+        # dummy parameter raises the optimizer's own ValueError (field, value, allowed range).
+        probe = optimizer_cls([torch.zeros(2, 2, requires_grad=True)], comm=LocalComm(), shard=False,
+                              **self.hyperparams)
+        self._group_keys = tuple(k for k in probe.defaults if k not in _NON_HYPER)
+        super().__init__(params, dict(probe.defaults))
+        names = dict(param_names or {})
+        for group in self.param_groups:  # named_parameters() input: torch keeps the names per group
+            for p, n in zip(group["params"], group.get("param_names", ())):
+                names.setdefault(id(p), n)
+        self._param_names = names
+        # DeepSpeed filters empty groups in place and ZeRO-1/2 narrow `self.param_groups` to one group
+        # during step() and restore this very list afterwards, so this reference stays the truth.
+        self._canonical_groups = self.param_groups
+        self._model_params = [p for g in self.param_groups for p in g["params"]]
+        self._inner: Any = None
+        self._inner_src: list[int] = []
+        self._vparams: VirtualParams | None = None
+        self._pending: dict[int, tuple[Tensor, Tensor | None]] = {}  # id(flat) -> (flat, grad)
+        self._zero_opt: Any = None  # the DeepSpeed ZeRO wrapper, after bind()
+        self.suspended = False  # True while deepspeed.initialize runs (ignores its init-time step)
+        self.training_steps = 0  # inner steps taken (one per training step)
+        self.ignored_steps = 0  # step() calls during deepspeed.initialize
+        self.step_calls = 0  # step() calls DeepSpeed made (several per training step at ZeRO-1/2/3)
+
+    @classmethod
+    def from_optimizer(cls, optimizer: Any, *, zero_stage: int, layout: str, process_group: Any = None,
+                       param_names: dict[int, str] | None = None) -> DeepSpeedClientOptimizer:
+        """A client optimizer equivalent to an already constructed (and not yet stepped) optimizer,
+        e.g. the one ``LightningModule.configure_optimizers`` returned: same class, same param groups
+        (with their per-group hyperparameters), same constructor arguments."""
+        import inspect
+
+        from deepspeed_ext.registry import RESERVED_PARAMS
+
+        if any(len(st) for st in optimizer.state.values()):
+            raise ValueError(
+                f"{type(optimizer).__name__} has already taken steps; hand DeepSpeed a fresh optimizer "
+                "(its state cannot be re-partitioned into ZeRO's flat partitions)."
+            )
+        config = getattr(optimizer, "config", None)
+        kwargs: dict[str, Any] = {}
+        for name, prm in inspect.signature(type(optimizer).__init__).parameters.items():
+            if name == "self" or name in RESERVED_PARAMS or prm.kind in (prm.VAR_POSITIONAL, prm.VAR_KEYWORD):
+                continue
+            if config is not None and hasattr(config, name):
+                kwargs[name] = getattr(config, name)
+            elif name in optimizer.defaults:
+                kwargs[name] = optimizer.defaults[name]
+            elif hasattr(optimizer, name):
+                kwargs[name] = getattr(optimizer, name)
+        names = dict(param_names or {})
+        groups = []
+        for g in optimizer.param_groups:
+            for p, n in zip(g["params"], g.get("param_names", ())):
+                names.setdefault(id(p), n)
+            groups.append({k: v for k, v in g.items() if k != "param_names"})
+        return cls(groups, type(optimizer), kwargs, zero_stage=zero_stage, layout=layout,
+                   process_group=process_group, param_names=names)
+
+    # ------------------------------------------------------------------ binding to the engine
+    def bind(self, engine_or_zero_optimizer: Any) -> None:
+        """Remember DeepSpeed's optimizer wrapper (needed to write back multi-call steps at ZeRO-1/2/3).
+
+        :func:`deepspeed_ext.initialize` and :class:`deepspeed_ext.strategy.DeepSpeedStrategy` call it.
+        """
+        zo = engine_or_zero_optimizer
+        if hasattr(zo, "save_checkpoint") and hasattr(zo, "optimizer"):  # the engine itself
+            zo = zo.optimizer
+        if zo is self:
+            zo = None  # stage 0, fp32: DeepSpeed steps us directly
+        self._zero_opt = zo
+        if zo is not None and getattr(zo, "swap_optimizer", False):
+            raise ValueError(
+                "zero_optimization.offload_optimizer.device='nvme' swaps optimizer state out between "
+                "sub-group steps, which lightning_soaa optimizers do not support; use device 'cpu' or 'none'."
+            )
+
+    @property
+    def inner(self) -> Any:
+        """The wrapped optimizer (``None`` until the first step or checkpoint call builds it)."""
+        return self._inner
+
+    # ------------------------------------------------------------------ flats DeepSpeed hands us
+    def _all_flats(self) -> list[tuple[int, Tensor]]:
+        """(group index, tensor) for every tensor the inner optimizer must cover, in DeepSpeed's order."""
+        zo = self._zero_opt
+        if self.zero_stage == 3:
+            if zo is None or not hasattr(zo, "fp32_partitioned_groups_flat"):
+                raise RuntimeError(
+                    "DeepSpeedClientOptimizer at ZeRO-3 must be bound to the engine: call "
+                    "deepspeed_ext.bind(engine) after deepspeed.initialize, or build the engine with "
+                    "deepspeed_ext.initialize(...) (or the Lightning strategy "
+                    "deepspeed_ext.DeepSpeedStrategy)."
+                )
+            return [(zo.sub_group_to_group_id[k], t) for k, t in enumerate(zo.fp32_partitioned_groups_flat)]
+        return [(gi, p) for gi, g in enumerate(self._canonical_groups) for p in g["params"]]
+
+    def _writeback(self, flats_done: list[Tensor]) -> None:
+        """Copy updated fp32 partitions into DeepSpeed's low-precision buffers for flats whose step()
+        call already returned (DeepSpeed copied them before we updated them)."""
+        if not flats_done:
+            return
+        zo = self._zero_opt
+        if zo is None:
+            raise RuntimeError(
+                "DeepSpeed called step() several times in one training step (several param groups or "
+                "ZeRO-3 sub-groups) but the optimizer is not bound to the engine; call "
+                "deepspeed_ext.bind(engine) after deepspeed.initialize or use deepspeed_ext.initialize."
+            )
+        ids = {id(t) for t in flats_done}
+        if hasattr(zo, "fp32_partitioned_groups_flat"):  # ZeRO-3
+            for k, flat in enumerate(zo.fp32_partitioned_groups_flat):
+                if id(flat) in ids and zo.fp16_partitioned_groups_flat[k] is not None:
+                    zo.fp16_partitioned_groups_flat[k].data.copy_(flat.data)
+        elif hasattr(zo, "single_partition_of_fp32_groups"):  # ZeRO-1/2
+            import torch.distributed as dist
+
+            for i, flat in enumerate(zo.single_partition_of_fp32_groups):
+                if id(flat) in ids:
+                    pid = dist.get_rank(group=zo.real_dp_process_group[i])
+                    zo.parallel_partitioned_bit16_groups[i][pid].data.copy_(flat.data)
+        else:
+            raise RuntimeError(f"cannot write back a multi-call step through {type(zo).__name__}")
+
+    # ------------------------------------------------------------------ the inner optimizer
+    def _ensure_inner(self) -> Any:
+        if self._inner is not None:
+            return self._inner
+        from lightning_soaa.distributed.comm import default_communicator
+
+        flats = self._all_flats()
+        self._vparams = build_virtual_params(
+            flats, layout=self.layout if self.zero_stage > 0 else "native", zero_stage=self.zero_stage,
+            zero_optimizer=self._zero_opt, model_params=self._model_params, param_names=self._param_names,
+        )
+        groups = []
+        self._inner_src: list[int] = []  # inner group -> canonical group it takes hyperparameters from
+        for gi, cg in enumerate(self._canonical_groups):
+            hyper = {k: v for k, v in cg.items() if k not in _NON_HYPER}
+            forced = cg.get("use_asgo") is True
+            for tensors, names, override in self._vparams.split_group(gi, forced_matrix=forced):
+                g = dict(hyper, **override)
+                g["params"] = tensors
+                if names is not None:
+                    g["param_names"] = names
+                groups.append(g)
+                self._inner_src.append(gi)
+        comm = default_communicator(self.process_group)
+        self._inner = self.optimizer_cls(groups, comm=comm, shard=self.zero_stage == 0, **self.hyperparams)
+        if self.layout == "elementwise" or self.zero_stage == 0:
+            # Share the state dict so that DeepSpeed's fragment links (safe_get_*_optimizer_state) see it.
+            self.state = self._inner.state
+        log.info("%s: built %s over %d virtual parameters (ZeRO-%d, %s)", type(self).__name__,
+                 self.optimizer_cls.__name__, len(self._vparams.tensors), self.zero_stage, self.layout)
+        return self._inner
+
+    def _sync_hyperparams(self) -> None:
+        for src, ig in zip(self._inner_src, self._inner.param_groups):
+            for k, v in self._canonical_groups[src].items():
+                if k not in _NON_HYPER and not (k == "use_asgo" and ig.get(k) is False):
+                    ig[k] = v
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Collect one DeepSpeed step() call; step the inner optimizer once all calls of the training
+        step have arrived (at once when there is only one)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.suspended:
+            # stage 0 + bf16: FP16_UnfusedOptimizer steps once inside deepspeed.initialize with zero
+            # gradients to create state; that step must not advance our counters or decay weights.
+            self.ignored_steps += 1
+            return loss
+        self.step_calls += 1
+        current = [p for g in self.param_groups for p in g["params"]]
+        if self.zero_stage == 0:
+            if self._inner is None:
+                self._ensure_inner()
+            self._run_inner()
+            return loss
+        for p in current:
+            if id(p) in self._pending:
+                raise RuntimeError(
+                    "DeepSpeed stepped the same partition twice before the training step was complete; "
+                    "this layout of step() calls is not supported."
+                )
+            self._pending[id(p)] = (p, p.grad)
+        expected = self._all_flats()
+        if not all(id(t) in self._pending for _, t in expected):
+            return loss  # more calls of this training step are coming
+        done_before = [t for _, t in expected if all(t is not c for c in current)]
+        if done_before and self._zero_opt is None:
+            self._pending.clear()
+            raise RuntimeError(
+                "DeepSpeed called step() several times in one training step (several param groups or "
+                "ZeRO-3 sub-groups) but the optimizer is not bound to the engine, so the partitions of the "
+                "earlier calls could not be written back; call deepspeed_ext.bind(engine) after "
+                "deepspeed.initialize, or use deepspeed_ext.initialize. Nothing was updated."
+            )
+        self._ensure_inner()
+        saved = [(t, t.grad) for _, t in expected]
+        try:
+            for _, t in expected:
+                t.grad = self._pending[id(t)][1]
+            self._run_inner()
+        finally:
+            for t, g in saved:
+                t.grad = g
+            self._pending.clear()
+        self._writeback(done_before)
+        return loss
+
+    def _run_inner(self) -> None:
+        assert self._vparams is not None
+        self._sync_hyperparams()
+        self._vparams.attach_grads()
+        try:
+            self._inner.step()
+        finally:
+            self._vparams.detach_grads()
+        self.training_steps += 1
+
+    # ------------------------------------------------------------------ the loss (SOAA)
+    def set_loss(self, loss: Any) -> None:
+        """Hand this training step's (rank-local, mean) loss to the inner optimizer, e.g. SOAA.
+
+        The inner optimizer all-reduces it with its other global scalars, so every rank sees the
+        data-parallel mean. Builds the inner optimizer on first use.
+        """
+        inner = self._inner if self._inner is not None else self._ensure_inner()
+        if not hasattr(inner, "set_loss"):
+            raise TypeError(f"{type(inner).__name__} does not use the loss (no set_loss method)")
+        inner.set_loss(loss)
+
+    def statistics(self) -> dict[str, float]:
+        stats = {} if self._inner is None else dict(self._inner.statistics())
+        stats["deepspeed_training_steps"] = float(self.training_steps)
+        return stats
+
+    # ------------------------------------------------------------------ checkpoints
+    def _layout_signature(self) -> dict[str, Any]:
+        assert self._vparams is not None
+        return {"zero_stage": self.zero_stage, "shapes": [list(t.shape) for t in self._vparams.tensors],
+                "world_size": self._inner.comm.world_size}
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch-shaped state: hyperparameters per group plus the inner optimizer's state.
+
+        Stage 0 (our sharding): the inner state is consolidated (a collective; DeepSpeed calls this on
+        every rank) and world-size independent. Stages 1-3: the inner state is this rank's partition.
+        """
+        inner = self._ensure_inner()
+        if self.zero_stage == 0 and inner.comm.world_size > 1:
+            inner.consolidate_state_dict(to=None)
+        groups = []
+        index = 0
+        for cg in self._canonical_groups:
+            g = {k: v for k, v in cg.items() if k not in _NON_HYPER}
+            n = len(cg["params"])
+            g["params"] = list(range(index, index + n))
+            index += n
+            groups.append(g)
+        return {
+            "state": {},
+            "param_groups": groups,
+            STATE_KEY: {"inner": inner.state_dict(), "layout": self._layout_signature(),
+                        "training_steps": self.training_steps},
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not isinstance(state_dict, dict) or STATE_KEY not in state_dict:
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: not a lightning_soaa DeepSpeed optimizer state "
+                f"(missing '{STATE_KEY}')."
+            )
+        inner = self._ensure_inner()
+        ours = state_dict[STATE_KEY]
+        saved, mine = ours["layout"], self._layout_signature()
+        if self.zero_stage > 0 and saved != mine:
+            raise StateLayoutError(
+                f"The optimizer state in this checkpoint was written by ZeRO-{saved['zero_stage']} on "
+                f"{saved['world_size']} data-parallel ranks (partition shapes {saved['shapes']}); "
+                f"this run is "
+                f"ZeRO-{mine['zero_stage']} on {mine['world_size']} ranks (shapes {mine['shapes']}). "
+                "ZeRO-1/2/3 optimizer state is per-partition: resume with the same world size and ZeRO "
+                "config, or load the module only (engine.load_checkpoint(..., load_optimizer_states=False, "
+                "load_lr_scheduler_states=False)) to restart the optimizer. ZeRO stage 0 (our own sharding) "
+                "checkpoints resume at any world size."
+            )
+        if self.zero_stage == 0 and saved["zero_stage"] != 0:
+            raise StateLayoutError(
+                f"The optimizer state was written under ZeRO-{saved['zero_stage']} (per-partition); "
+                "it cannot "
+                "be loaded at ZeRO stage 0. Resume with the original ZeRO config and world size."
+            )
+        inner.load_state_dict(ours["inner"])
+        self.training_steps = int(ours.get("training_steps", 0))
+        for cg, sg in zip(self._canonical_groups, state_dict["param_groups"]):
+            for k, v in sg.items():
+                if k not in _NON_HYPER:
+                    cg[k] = tuple(v) if k == "betas" else v
+        self._pending.clear()
+
+    def __repr__(self) -> str:
+        return (f"DeepSpeedClientOptimizer({self.optimizer_cls.__name__}, zero_stage={self.zero_stage}, "
+                f"layout={self.layout!r})")

@@ -1,0 +1,144 @@
+"""Read a DeepSpeed config that names one of our optimizers; check it before anything starts.
+
+Users write a normal DeepSpeed JSON with::
+
+    "optimizer": {"type": "lightning_soaa.SOAA", "params": {"lr": 1e-3, "total_steps": 1000}}
+
+:func:`parse_config` splits that block off (DeepSpeed could not build it), validates the name, the
+parameters and the ZeRO stage, and returns the config DeepSpeed gets: without the block, with
+``zero_allow_untested_optimizer`` (ZeRO >= 1 refuses client optimizers otherwise) and, with ZeRO-Offload,
+``zero_force_ds_cpu_optimizer: false``. A config without one of our optimizers passes through untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from deepspeed_ext.registry import PREFIX, RESERVED_PARAMS, OptimizerEntry, constructor_params, lookup
+
+__all__ = ["ParsedConfig", "load_config", "parse_config", "zero_stage_of"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ParsedConfig:
+    """A DeepSpeed config split into DeepSpeed's part and ours.
+
+    Attributes:
+        ds_config: what to pass to ``deepspeed.initialize(config=...)``.
+        entry: our optimizer (``None`` when the config names a DeepSpeed/torch optimizer or none).
+        optimizer_params: its keyword arguments from the JSON.
+        zero_stage: 0-3.
+    """
+
+    ds_config: dict[str, Any]
+    entry: OptimizerEntry | None
+    optimizer_params: dict[str, Any]
+    zero_stage: int
+
+
+def load_config(config: Any) -> dict[str, Any]:
+    """A config given as a dict, a path to a JSON file, or a JSON string; returns a deep copy."""
+    if isinstance(config, dict):
+        return copy.deepcopy(config)
+    if isinstance(config, (str, os.PathLike)):
+        text = str(config)
+        if text.lstrip().startswith("{"):
+            return json.loads(text)
+        path = Path(text)
+        if not path.is_file():
+            raise ValueError(
+                f"Invalid config={text!r}. Must be a dict, a JSON string or the path of a JSON file.")
+        with path.open() as fh:
+            return json.load(fh)
+    raise ValueError(
+        f"Invalid config of type {type(config).__name__}. Must be a dict, a JSON string or a path.")
+
+
+def zero_stage_of(ds_config: dict[str, Any]) -> int:
+    zero = ds_config.get("zero_optimization") or {}
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+        raise ValueError(f"Invalid zero_optimization.stage={stage!r}. Must be one of 0, 1, 2, 3.")
+    return int(stage)
+
+
+def _offload_device(ds_config: dict[str, Any]) -> str:
+    off = (ds_config.get("zero_optimization") or {}).get("offload_optimizer") or {}
+    return str(off.get("device", "none")).lower() if isinstance(off, dict) else "none"
+
+
+def check_params(entry: OptimizerEntry, params: Any) -> dict[str, Any]:
+    """Names of the JSON's optimizer params must be constructor keywords (values are checked by the
+    optimizer itself when it is built)."""
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise ValueError(f"Invalid optimizer.params={params!r}. Must be a JSON object of keyword arguments.")
+    cls = entry.load()
+    allowed = constructor_params(cls)
+    out = {}
+    for k, v in params.items():
+        if k in RESERVED_PARAMS:
+            raise ValueError(
+                f"Invalid optimizer.params key {k!r} for {entry.name}: deepspeed_ext sets it itself "
+                "(the data-parallel group and the sharding mode follow from the ZeRO stage)."
+            )
+        if k not in allowed:
+            raise ValueError(
+                f"Invalid optimizer.params key {k!r} for {entry.name}. Must be one of "
+                f"{', '.join(sorted(allowed))}."
+            )
+        out[k] = tuple(v) if k in ("betas", "adam_betas") and isinstance(v, list) else v
+    for name, allowed, why in entry.constraints:
+        if name in out and out[name] not in allowed:
+            raise ValueError(
+                f"Invalid optimizer.params {name}={out[name]!r} for {entry.name} under DeepSpeed. "
+                "Must be one of "
+                f"{', '.join(repr(a) for a in allowed)}: {why}."
+            )
+    return out
+
+
+def parse_config(config: Any) -> ParsedConfig:
+    """Split and validate; raises ``ValueError`` before any process group or engine exists."""
+    ds = load_config(config)
+    stage = zero_stage_of(ds)
+    opt = ds.get("optimizer")
+    if not isinstance(opt, dict) or not str(opt.get("type", "")).lower().startswith(PREFIX):
+        return ParsedConfig(ds_config=ds, entry=None, optimizer_params={}, zero_stage=stage)
+    entry = lookup(opt.get("type"))
+    if stage not in entry.stages:
+        supported = ", ".join(str(s) for s in entry.stages) or "none"
+        raise ValueError(
+            f"Invalid combination optimizer.type={entry.name!r} with zero_optimization.stage={stage}. "
+            f"{entry.name} supports ZeRO stages: {supported}. {entry.unsupported_reason}".rstrip()
+        )
+    if entry.fp32_only:
+        for key in ("bf16", "fp16"):
+            block = ds.get(key)
+            if isinstance(block, dict) and block.get("enabled", False):
+                raise ValueError(
+                    f"Invalid combination optimizer.type={entry.name!r} with {key}.enabled=true. "
+                    f"{entry.name} updates the module's parameters itself, and DeepSpeed's {key} mode "
+                    "copies its fp32 master "
+                    "weights over them after every step. Must run in fp32 (leave bf16/fp16 disabled)."
+                )
+    offload = _offload_device(ds)
+    if offload == "nvme":
+        raise ValueError(
+            "Invalid zero_optimization.offload_optimizer.device='nvme' with "
+            f"optimizer.type={entry.name!r}: NVMe swaps optimizer state between sub-group steps, which "
+            "lightning_soaa optimizers do not support. Must be 'cpu' or 'none'."
+        )
+    params = check_params(entry, opt.get("params"))
+    ds.pop("optimizer")
+    if stage >= 1:
+        ds["zero_allow_untested_optimizer"] = True
+    if offload == "cpu":
+        ds["zero_force_ds_cpu_optimizer"] = False
+    return ParsedConfig(ds_config=ds, entry=entry, optimizer_params=params, zero_stage=stage)

@@ -1,0 +1,137 @@
+"""EGN as a DeepSpeed client optimizer -- ZeRO stage 0, fp32 only.
+
+EGN differentiates the model itself (per-sample Jacobians, a Gram matrix over the global mini-batch), so
+it needs the real ``nn.Module`` with its real parameters and the batch, not a gradient:
+
+* ZeRO-1/2/3 hand the client optimizer flat partitions of fp32 master copies (and ZeRO-3 even removes
+  the module's parameters between forwards): there is no model for EGN to differentiate. Refused.
+* bf16/fp16 keep fp32 master copies that DeepSpeed copies back over the module after every step, so an
+  update EGN applies to the module would be overwritten. Refused.
+* Stage 0, fp32: DeepSpeed steps the client optimizer directly and the module's parameters are the ones
+  it trains. EGN shards its own state over the data-parallel group and assembles the exact Gram matrix
+  across ranks (see :class:`lightning_soaa.optim.egn.EGN`).
+
+Usage (the engine still runs forward/backward; EGN ignores ``p.grad``)::
+
+    engine, opt, _, _ = deepspeed_ext.initialize(model=model, config="configs/deepspeed/egn_zero0.json")
+    for x, y in loader:
+        opt.set_batch(x, y)            # the batch EGN's step works on
+        loss = loss_fn(engine(x), y)
+        engine.backward(loss)
+        engine.step()                  # -> EGN.step(inputs=x, targets=y)
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["DeepSpeedEGNOptimizer"]
+
+log = logging.getLogger(__name__)
+
+STATE_KEY = "lightning_soaa_deepspeed_egn"
+
+
+class DeepSpeedEGNOptimizer(torch.optim.Optimizer):
+    """Holds the batch for EGN and runs ``EGN.step(inputs=..., targets=...)`` when DeepSpeed steps.
+
+    Args:
+        model: the module handed to ``deepspeed.initialize``.
+        optimizer_cls: :class:`lightning_soaa.optim.egn.EGN`.
+        hyperparams: its keyword arguments (validated right here on a probe instance).
+        process_group: the data-parallel group (``None``: the default group).
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer_cls: type, hyperparams: dict[str, Any] | None = None,
+                 *, process_group: Any = None) -> None:
+        from lightning_soaa.distributed.comm import LocalComm
+
+        self.model = model
+        self.optimizer_cls = optimizer_cls
+        self.hyperparams = dict(hyperparams or {})
+        self.process_group = process_group
+        probe = optimizer_cls(model, comm=LocalComm(), **self.hyperparams)  # raises on bad values
+        params = [p for p in model.parameters() if p.requires_grad]
+        super().__init__(params, {k: v for k, v in probe.defaults.items()
+                                  if k not in ("params", "param_names")})
+        self._inner: Any = None
+        self._batch: tuple[Any, Tensor] | None = None
+        self.zero_stage = 0
+        self.layout = "model"
+        self.suspended = False
+        self.training_steps = 0
+        self.ignored_steps = 0
+        self.step_calls = 0
+
+    @property
+    def inner(self) -> Any:
+        return self._inner
+
+    def bind(self, engine_or_optimizer: Any) -> None:
+        """Nothing to bind at stage 0 (kept for the common client-optimizer interface)."""
+
+    def _ensure_inner(self) -> Any:
+        if self._inner is None:
+            from lightning_soaa.distributed.comm import default_communicator
+
+            self._inner = self.optimizer_cls(self.model, comm=default_communicator(self.process_group),
+                                             **self.hyperparams)
+            self.state = self._inner.state
+        return self._inner
+
+    def set_batch(self, inputs: Any, targets: Tensor) -> None:
+        """The mini-batch of the next ``engine.step()`` (this rank's samples)."""
+        self._batch = (inputs, targets)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        if self.suspended:
+            self.ignored_steps += 1
+            return None
+        self.step_calls += 1
+        if self._batch is None:
+            raise ValueError(
+                "EGN under DeepSpeed needs the batch: call optimizer.set_batch(inputs, targets) before "
+                "engine.step() (deepspeed_ext.find_client_optimizer(engine) returns this optimizer)."
+            )
+        inner = self._ensure_inner()
+        for k, v in self.param_groups[0].items():  # LR schedulers change the wrapper's group
+            if k not in ("params", "param_names") and k in inner.param_groups[0]:
+                inner.param_groups[0][k] = v
+        inputs, targets = self._batch
+        self._batch = None
+        with torch.enable_grad():
+            loss = inner.step(closure, inputs=inputs, targets=targets)
+        self.training_steps += 1
+        return loss
+
+    def statistics(self) -> dict[str, float]:
+        stats = {} if self._inner is None else dict(self._inner.statistics())
+        stats["deepspeed_training_steps"] = float(self.training_steps)
+        return stats
+
+    def state_dict(self) -> dict[str, Any]:
+        """EGN's world-size independent state (consolidated: DeepSpeed calls this on every rank)."""
+        inner = self._ensure_inner()
+        if inner.comm.world_size > 1:
+            inner.consolidate_state_dict(to=None)
+        groups = [{k: v for k, v in g.items() if k not in ("params", "param_names")}
+                  | {"params": list(range(len(g["params"])))} for g in self.param_groups]
+        return {"state": {}, "param_groups": groups,
+                STATE_KEY: {"inner": inner.state_dict(), "training_steps": self.training_steps}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not isinstance(state_dict, dict) or STATE_KEY not in state_dict:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: not an EGN DeepSpeed state (missing "
+                             f"'{STATE_KEY}').")
+        self._ensure_inner().load_state_dict(state_dict[STATE_KEY]["inner"])
+        self.training_steps = int(state_dict[STATE_KEY].get("training_steps", 0))
+        for g, sg in zip(self.param_groups, state_dict["param_groups"]):
+            g.update({k: v for k, v in sg.items() if k not in ("params", "param_names")})
+
+    def __repr__(self) -> str:
+        return f"DeepSpeedEGNOptimizer({self.optimizer_cls.__name__}, zero_stage=0)"

@@ -1,0 +1,185 @@
+"""Lightning's ``DeepSpeedStrategy`` with lightning_soaa optimizers, on GPUs and (for tests) on CPU.
+
+What it adds to the stock strategy:
+
+* **Our optimizers as client optimizers.** The optimizer from ``configure_optimizers`` (or
+  ``LightningCLI --optimizer``), or a ``"optimizer": {"type": "lightning_soaa.X"}`` block in the DeepSpeed
+  config, becomes a :class:`~deepspeed_ext.client.DeepSpeedClientOptimizer` for the configured ZeRO stage,
+  bound to the engine. Feed SOAA its loss with the ``lightning_soaa.lightning.LossToOptimizer`` callback
+  (DeepSpeed passes no closure).
+* **CPU with gloo** (three overrides, each only taken when the accelerator is not CUDA, so GPU runs are
+  the stock code path): ``setup_environment`` skips the "only supported on CUDA GPUs" check;
+  ``setup_distributed`` skips ``_validate_device_index_selection`` (CPU devices have index None);
+  ``deepspeed.initialize`` gets ``device_rank=local_rank`` (Lightning passes ``root_device.index``, None
+  on CPU, and DeepSpeed fails on ``None >= 0``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+import torch
+from lightning.pytorch.accelerators import CUDAAccelerator
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy as _LightningDeepSpeedStrategy
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from typing_extensions import override
+
+from deepspeed_ext.client import DeepSpeedClientOptimizer
+from deepspeed_ext.ds_config import ParsedConfig, parse_config, zero_stage_of
+from deepspeed_ext.registry import REGISTRY
+
+__all__ = ["DeepSpeedStrategy"]
+
+log = logging.getLogger(__name__)
+
+
+def _is_ours(optimizer: Any) -> bool:
+    from lightning_soaa.optim.base import ShardedOptimizer
+
+    return isinstance(optimizer, (ShardedOptimizer, DeepSpeedClientOptimizer))
+
+
+def _entry_for(optimizer: Any) -> Any:
+    cls = optimizer.optimizer_cls if isinstance(optimizer, DeepSpeedClientOptimizer) else type(optimizer)
+    for e in REGISTRY.values():
+        try:
+            if e.load() is cls:
+                return e
+        except ImportError:
+            continue
+    raise ValueError(f"{cls.__name__} is not a lightning_soaa optimizer that DeepSpeed supports; "
+                     f"supported: {', '.join(sorted(e.name for e in REGISTRY.values()))}")
+
+
+class DeepSpeedStrategy(_LightningDeepSpeedStrategy):
+    """``lightning.pytorch.strategies.DeepSpeedStrategy`` plus lightning_soaa optimizers (and CPU/gloo).
+
+    Takes every argument of the stock strategy, plus ``start_method`` (``"popen"``, the default, as the
+    stock strategy; ``"spawn"`` to start the ranks with ``torch.multiprocessing`` -- e.g. inside pytest,
+    where popen would re-run the pytest command line). A ``config`` whose ``optimizer.type`` is
+    ``"lightning_soaa.X"`` is validated here, at construction (unknown optimizer, bad params or an
+    unsupported stage raise ``ValueError`` before any process starts); its block is then taken out of the
+    config DeepSpeed sees and the optimizer is built in ``deepspeed.initialize``.
+    """
+
+    strategy_name = "deepspeed_lightning_soaa"
+
+    def __init__(self, *args: Any, start_method: str = "popen", **kwargs: Any) -> None:
+        if start_method not in ("popen", "spawn", "fork", "forkserver"):
+            raise ValueError(f"Invalid start_method={start_method!r}. Must be one of 'popen', 'spawn', "
+                             "'fork', "
+                             "'forkserver'.")
+        super().__init__(*args, **kwargs)
+        self._start_method = start_method  # DDPStrategy._configure_launcher reads it
+        self._parsed: ParsedConfig | None = None
+        if isinstance(self.config, dict):
+            parsed = parse_config(self.config)
+            if parsed.entry is not None:
+                self._parsed = parsed
+                self.config = parsed.ds_config
+
+    # ------------------------------------------------------------------ CPU overrides
+    def _on_cuda(self) -> bool:
+        return isinstance(self.accelerator, CUDAAccelerator)
+
+    @override
+    def setup_environment(self) -> None:
+        if self._on_cuda():
+            super().setup_environment()
+        else:
+            DDPStrategy.setup_environment(self)  # skips the CUDA-only check; calls setup_distributed
+
+    @override
+    def setup_distributed(self) -> None:
+        from deepspeed_ext.compat import maybe_skip_shm_comm_op
+
+        maybe_skip_shm_comm_op()
+        if self._on_cuda():
+            super().setup_distributed()
+            return
+        from lightning.fabric.utilities.seed import reset_seed
+
+        reset_seed()
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
+    # ------------------------------------------------------------------ optimizer
+    def _zero_stage(self) -> int:
+        assert isinstance(self.config, dict)
+        return zero_stage_of(self.config)
+
+    def _client_for(self, model: torch.nn.Module, optimizer: Any) -> DeepSpeedClientOptimizer | None:
+        stage = self._zero_stage()
+        names = {id(p): n for n, p in model.named_parameters()}
+        if self._parsed is not None:
+            if optimizer is not None and _is_ours(optimizer):
+                raise ValueError("the DeepSpeed config names a lightning_soaa optimizer and "
+                                 "configure_optimizers "
+                                 "returned one too; use one of them")
+            from deepspeed_ext.engine import build_client_optimizer
+
+            if self._parsed.entry is not None and self._parsed.entry.layout == "model":
+                raise ValueError(f"{self._parsed.entry.name} under Lightning's DeepSpeed strategy is not "
+                                 "supported; use strategy='ddp' with the BatchToOptimizer callback.")
+            return build_client_optimizer(model, self._parsed)  # type: ignore[return-value]
+        if optimizer is None or not _is_ours(optimizer):
+            return None
+        entry = _entry_for(optimizer)
+        if entry.layout == "model":
+            raise ValueError(
+                f"{entry.name} under Lightning's DeepSpeed strategy is not supported (EGN differentiates the "
+                "module itself and needs its batch every step). Use strategy='ddp' with the BatchToOptimizer "
+                "callback (EGN shards its own state), or deepspeed_ext.initialize at "
+                "zero_optimization.stage 0."
+            )
+        if stage not in entry.stages:
+            raise ValueError(
+                f"Invalid combination {entry.name} with zero_optimization.stage={stage}. {entry.name} "
+                f"supports ZeRO stages: {', '.join(map(str, entry.stages)) or 'none'}. "
+                f"{entry.unsupported_reason}".rstrip()
+            )
+        if isinstance(optimizer, DeepSpeedClientOptimizer):
+            return optimizer
+        return DeepSpeedClientOptimizer.from_optimizer(optimizer, zero_stage=stage, layout=entry.layout,
+                                                       param_names=names)
+
+    @override
+    def _setup_model_and_optimizer(self, model: torch.nn.Module, optimizer: Any,
+                                   lr_scheduler: Any = None) -> Any:
+        import deepspeed
+
+        client = self._client_for(model, optimizer)
+        if client is None:
+            if self._on_cuda():
+                return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
+            client_opt = optimizer
+        else:
+            client_opt = client
+            assert isinstance(self.config, dict)
+            if self._zero_stage() >= 1:
+                self.config["zero_allow_untested_optimizer"] = True
+            rank_zero_info(f"lightning_soaa: {client.optimizer_cls.__name__} as DeepSpeed client optimizer "
+                           f"(ZeRO-{client.zero_stage}, {client.layout})")
+        device_rank = self.root_device.index if self.root_device.index is not None else self.local_rank
+        if client is not None:
+            client.suspended = True
+        try:
+            engine, ds_optimizer, _, _ = deepspeed.initialize(
+                args=argparse.Namespace(device_rank=device_rank),
+                config=self.config,
+                model=model,
+                model_parameters=None if client is not None else [p for p in model.parameters()
+                                                                   if p.requires_grad],
+                optimizer=client_opt,
+                lr_scheduler=lr_scheduler,
+                dist_init_required=False,
+            )
+        finally:
+            if client is not None:
+                client.suspended = False
+        if client is not None:
+            client.bind(engine.optimizer)
+        return engine, ds_optimizer

@@ -1,0 +1,106 @@
+"""The ``lightning-soaa`` console script: a LightningCLI that knows our optimizers.
+
+Usage::
+
+    lightning-soaa fit --config configs/digits_soaa.yaml
+    lightning-soaa fit --config configs/digits_soaa.yaml --optimizer lightning_soaa.ASGO --optimizer.lr 0.01
+
+Differences from a stock ``LightningCLI``, each for a reason:
+
+* ``--optimizer`` is constructed inside ``configure_optimizers`` (after ``torch.distributed`` started),
+  not at parse time, so our optimizers shard across DDP ranks (see
+  :mod:`lightning_soaa.lightning.factory`). EGN receives the module, our sharded optimizers
+  ``named_parameters()``; the argument ``model`` of EGN is therefore not a CLI option.
+* An unknown optimizer class path fails with the list of valid ones.
+* :class:`LossToOptimizer`, :class:`BatchToOptimizer` and :class:`OptimizerDiagnostics` are added to the
+  trainer unless the config already has them (each does nothing for optimizers that do not need it).
+* Model and data are given by class path (``model.class_path``, ``data.class_path``), e.g. the demo
+  modules in :mod:`lightning_soaa.lightning.demo`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from torch.optim import Optimizer
+
+from lightning_soaa.lightning.callbacks import BatchToOptimizer, LossToOptimizer, OptimizerDiagnostics
+from lightning_soaa.lightning.factory import OptimizerFactory, attach_optimizer, valid_optimizer_names
+
+__all__ = ["SOAALightningCLI", "main"]
+
+_AUTO_CALLBACKS = (LossToOptimizer, BatchToOptimizer, OptimizerDiagnostics)
+
+
+def _to_dict(obj: Any) -> Any:
+    if hasattr(obj, "as_dict"):
+        return obj.as_dict()
+    return obj
+
+
+class SOAALightningCLI(LightningCLI):
+    """A ``LightningCLI`` whose ``--optimizer`` works with sharded optimizers under DDP.
+
+    Accepts every ``LightningCLI`` argument; defaults: any LightningModule / LightningDataModule by class
+    path, and configs saved with ``overwrite=True``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        parser_kwargs = dict(kwargs.pop("parser_kwargs", None) or {})
+        # Errors are raised (not printed + exit) while parsing so that an unknown optimizer can be
+        # reported with the list of valid ones; parse_arguments restores the normal CLI behaviour.
+        parser_kwargs.setdefault("exit_on_error", False)
+        for sub in self.subcommands():
+            parser_kwargs.setdefault(sub, {}).setdefault("exit_on_error", False)
+        super().__init__(*args, parser_kwargs=parser_kwargs, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # As LightningCLI's automatic optimizer group, but EGN's first argument ("model") is skipped too.
+        parser.add_subclass_arguments((Optimizer,), "optimizer", instantiate=False, fail_untyped=False,
+                                      skip={"params", "model"}, required=False)
+        parser._optimizers["optimizer"] = ((Optimizer,), "AUTOMATIC")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        try:
+            super().parse_arguments(parser, args)
+        except argparse.ArgumentError as err:
+            msg = str(err)
+            if 'key "optimizer"' in msg or "optimizer" in msg.split("\n", 1)[0]:
+                msg = (f"{msg}\nUnknown or invalid optimizer. Valid optimizers: {valid_optimizer_names()}.")
+            parser.exit_on_error = True
+            parser.error(msg)
+
+    def _add_configure_optimizers_method_to_model(self, subcommand: str | None) -> None:
+        """Like LightningCLI's, but the optimizer is built lazily inside ``configure_optimizers``."""
+        init = self._get(self.config_init, "optimizer")
+        if not init:
+            return
+        init = _to_dict(init)
+        sched = self._get(self.config_init, "lr_scheduler")
+        sched = _to_dict(sched) if sched else None
+        factory = OptimizerFactory(init["class_path"], dict(init.get("init_args") or {}), lr_scheduler=sched)
+        attach_optimizer(self.model, factory)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        present = {type(c) for c in trainer.callbacks}
+        missing = [cls() for cls in _AUTO_CALLBACKS if cls not in present]
+        # Keep checkpoint callbacks last, as Lightning orders them.
+        callbacks = trainer.callbacks
+        at = next((i for i, c in enumerate(callbacks) if isinstance(c, Checkpoint)), len(callbacks))
+        trainer.callbacks[at:at] = missing
+        return trainer
+
+
+def main(args: ArgsType = None) -> None:
+    """Entry point of the ``lightning-soaa`` console script."""
+    SOAALightningCLI(args=args)
+
+
+if __name__ == "__main__":
+    main()

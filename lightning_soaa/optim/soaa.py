@@ -1,0 +1,467 @@
+"""SOAA: Adam with a diagonal-Fisher cap and an adaptive trust-region multiplier, ZeRO-sharded.
+
+Collectives per step (every rank, same order): with ``acceptance="lagged"`` exactly **one**
+``all_reduce_scalars`` of 8 float64 values (plus the base's parameter all-gather when sharded)::
+
+    [nonfinite flag, Σm̂², Σ(v̂+ε), lagged η·Σm̂u, lagged η·Σv̂u², loss·w, w, missing-loss count]
+
+The two "lagged" sums belong to the *previous* update: its predicted reduction p_{t-1} is first needed
+at step t (spec §1.6), so it rides in this step's reduction instead of costing a second one. Until then
+those sums are rank-local (``_lag``); checkpoints store their global value (see ``_global_state``).
+
+``acceptance="same_batch"`` adds one closure evaluation and one more 6-value ``all_reduce_scalars``
+(and, after a rejection, one parameter all-gather to restore θ).
+
+For the DeepSpeed adapter: ``shard=False`` makes every local tensor (e.g. a ZeRO flat fp32 partition)
+an owned block; the partials and the loss are still all-reduced over the communicator's group, so the
+trust region stays global. ``step()`` assumes ONE call per training step, which holds for ZeRO-1/2.
+ZeRO-3 calls ``step()`` once per sub-group; there a plain ``SOAA.step()`` per call would advance
+``t, d, L`` several times per training step and consume the loss at the first call (the next one would
+raise the missing-loss error). An adapter for ZeRO-3 should drive the kernels itself: per sub-group
+:func:`~lightning_soaa.functional.soaa.soaa_moments`, then one reduction of the summed partials and the
+loss, :func:`~lightning_soaa.functional.soaa.trust_region_scalars` once, then
+:func:`~lightning_soaa.functional.soaa.soaa_update_` per sub-group. What this class keeps for it: the
+per-tensor counter ``state[p]["step"]`` (Adam's key; it drives the bias correction), the moments
+``exp_avg`` / ``exp_avg_sq``, and the optimizer-wide scalars in :meth:`SOAA.trust_state` (``t, d,
+loss_ema, pred, lag``), which only move in a step that ran.
+
+Memory on the CPU (loop) path: m, v and two spare buffers that receive the next moments (so that a
+step skipped for a non-finite value leaves the state untouched without copying it): 4x the owned
+parameters. The foreach path (CUDA) allocates the new moments per step instead (caching allocator).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_soaa.config import SOAAConfig, config_from_group
+from lightning_soaa.functional.soaa import (
+    band,
+    predicted_reduction,
+    soaa_moments,
+    soaa_update_,
+    trust_region_scalars,
+    use_foreach,
+)
+from lightning_soaa.optim.base import BlockView, ShardedOptimizer
+
+__all__ = ["SOAA"]
+
+log = logging.getLogger(__name__)
+
+#: hyperparameters of the global trust region: one value for the whole model, never per group.
+_GLOBAL_KEYS = ("gamma", "total_steps", "acceptance", "eta1", "eta2", "shrink", "expand", "d_min")
+
+MISSING_LOSS_MESSAGE = (
+    "SOAA needs the mini-batch loss of every step (its trust region compares actual and predicted "
+    "loss reduction). Give it one of: opt.step(closure), opt.step(loss=loss), or opt.set_loss(loss) "
+    "before step(); under Lightning add the lightning_soaa.lightning LossToOptimizer callback."
+)
+
+
+def _check_loss(loss: Any) -> Tensor | float:
+    """A scalar tensor (kept detached, so handing it over does not sync a GPU) or a float."""
+    if isinstance(loss, Tensor):
+        if loss.numel() != 1:
+            raise ValueError(f"SOAA: the loss must be a scalar, got a tensor of shape {tuple(loss.shape)}.")
+        return loss.detach().reshape(())
+    if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+        return float(loss)
+    raise ValueError(f"SOAA: the loss must be a scalar tensor or a float, got {type(loss).__name__}.")
+
+
+def _loss_value(loss: Any) -> float:
+    value = _check_loss(loss)
+    return float(value.item()) if isinstance(value, Tensor) else value
+
+
+class SOAA(ShardedOptimizer):
+    r"""SecondOrderAdaptiveAdam (variant A, global form): Adam whose step is capped per coordinate by a
+    diagonal-Fisher Newton step and scaled by a trust multiplier :math:`d` driven by the ratio of actual
+    to predicted loss reduction.
+
+    .. math::
+        \begin{aligned}
+        &\textbf{input: } \eta, \beta_1, \beta_2, \epsilon, \lambda, \gamma, T;\quad
+          \textbf{init: } m_0 = v_0 = 0,\ L_0 = 0,\ d_0 = 1,\ p_0 = 0 \\
+        &\textbf{for } t = 1, 2, \dots:\quad g_t = \nabla\ell_t(\theta_{t-1}) \\
+        &\quad m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t,\quad v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2,\quad
+          \hat m_t = \tfrac{m_t}{1-\beta_1^t},\ \hat v_t = \tfrac{v_t}{1-\beta_2^t} \\
+        &\quad c_t = 1 + \frac{\sum_i \hat m_{t,i}^2}{\sum_i (\hat v_{t,i} + \epsilon)},\qquad
+          F_t = c_t \hat v_t \qquad \text{(sums over all parameters of all ranks)} \\
+        &\quad u_t = \frac{d_{t-1}\,\hat m_t}{\max(d_{t-1} F_t, \sqrt{\hat v_t}) + \epsilon},\qquad
+          \theta_t = \theta_{t-1} - \eta\lambda\theta_{t-1} - \eta u_t \\
+        &\quad L_t = \beta_1 L_{t-1} + (1-\beta_1)\ell_t,\quad \hat\ell_t = \tfrac{L_t}{1-\beta_1^t},\quad
+          \rho_t = \frac{\hat\ell_t - \ell_t}{\max(p_{t-1}, \epsilon)} \\
+        &\quad lo_t = (1-\gamma)^{(\min(t,T)-1)/T},\ hi_t = 1 + \gamma^{(\min(t,T)-1)/T},\quad
+          d_t = \operatorname{clip}(\rho_t d_{t-1}, lo_t, hi_t) \\
+        &\quad p_t = \eta\Big(\sum_i \hat m_{t,i} u_{t,i} - \tfrac12 \sum_i \hat v_{t,i} u_{t,i}^2\Big)
+        \end{aligned}
+
+    Per coordinate (:math:`\epsilon = 0`): :math:`|u| = \min(|\hat m|/F, d|\hat m|/\sqrt{\hat v})`, so for
+    small gradients SOAA is AdamW with learning rate :math:`\eta d_t`; with :math:`\gamma = 0`,
+    :math:`d \equiv 1`.
+
+    ``acceptance="same_batch"`` (INFERRED extension, a true trust region): after the trial step the
+    closure is evaluated again on the same batch, :math:`\rho = (\ell_t - \ell(\theta_t)) / \max(p_t,
+    \epsilon)` with :math:`p_t` the trial step's predicted reduction; :math:`\rho < \eta_1` rejects the
+    step (θ restored; the moments and step counters keep the gradient that was observed at the unchanged
+    θ, so the state stays consistent) and sets :math:`d \leftarrow \max(\text{shrink}\cdot d, d_{min})`;
+    :math:`\rho > \eta_2` with at least one coordinate on the :math:`d`-branch of the cap ("the step was
+    limited by d") sets :math:`d \leftarrow \text{expand}\cdot d`; :math:`d` is kept
+    :math:`\le hi_t`. **Cost:** one extra closure evaluation per step (a forward, plus a backward if
+    the closure calls it), a copy of the owned parameters, and a second scalar all-reduce.
+
+    Args:
+        params: tensors, ``named_parameters()`` or param groups (groups may set lr, betas, eps,
+            weight_decay; the trust-region hyperparameters are global).
+        lr: :math:`\eta` (default 1e-3).
+        betas: :math:`(\beta_1, \beta_2)` (default (0.9, 0.999)); the loss EMA uses the default β1.
+        eps: :math:`\epsilon` (default 1e-8).
+        weight_decay: decoupled :math:`\lambda`, scaled by lr (default 0).
+        gamma: band factor :math:`\gamma \in [0, 1)` (default 0.1).
+        total_steps: :math:`T` (default None). ``t > T`` uses the band at ``T``. ``None`` (INFERRED):
+            the final band :math:`[1-\gamma, 1+\gamma]` at every step. Of the two readings of "unknown
+            T" this one keeps the trust region able to shrink (a band [1, 2] forever would only allow
+            d >= 1, i.e. never take a step smaller than Adam's, and up to 2x larger ones with no end);
+            it also keeps :math:`\gamma = 0` exactly AdamW. Note d after step 1 is then 1-γ, not 1.
+        acceptance: ``"lagged"`` (default; the paper's rule, no extra forward, works without a closure)
+            or ``"same_batch"`` (needs ``step(closure)``).
+        eta1, eta2, shrink, expand, d_min: the same_batch rule (defaults 0.25, 0.75, 0.5, 2.0, 1e-3).
+        foreach: ``None`` (default) uses torch's ``_foreach`` ops on CUDA and a per-tensor loop writing
+            into preallocated buffers on CPU (bit-identical results); ``True``/``False`` force one.
+        process_group, comm, shard, grad_reduction: see :class:`ShardedOptimizer`.
+
+    The loss: ``step(closure)`` (evaluated under ``enable_grad``), ``step(loss=...)`` (tensor or
+    float), or :meth:`set_loss` before ``step()`` (what the Lightning ``LossToOptimizer`` callback
+    calls). It is averaged over ranks (weighted by ``weight``) inside the step's single all-reduce. No
+    loss raises ``ValueError`` on every rank; SOAA never silently runs as Adam.
+
+    References:
+        Vo & Vo, *SecondOrderAdaptiveAdam (SOAA)*, arXiv:2410.02293, 2024 [P: abstract only].
+        Update rule, bias correction, c_t over all parameters, lr-scaled decoupled weight decay,
+        p = η(Σm̂u − ½Σv̂u²): slrodini/nadir@4cbb441 src/soaa.cc [C] and the summary [S]. Predecessor
+        Tadam (Yang, Cho, Lee, Neural Networks 2023) [C dddong2/Tadam@74eb9b2]. Defaults γ = 0.1 [C nadir];
+        the paper's default is unknown. INFERRED: the one-reduction lagged layout, ``total_steps=None``,
+        the whole ``same_batch`` mode, per-tensor step counters for the bias correction.
+    """
+
+    num_partials = 4  # Σm̂², Σ(v̂+ε), lagged η·Σm̂u, lagged η·Σv̂u²
+    partials_cover_grads = True  # a non-finite gradient makes Σm̂² non-finite
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        gamma: float = 0.1,
+        total_steps: int | None = None,
+        acceptance: str = "lagged",
+        *,
+        eta1: float = 0.25,
+        eta2: float = 0.75,
+        shrink: float = 0.5,
+        expand: float = 2.0,
+        d_min: float = 1e-3,
+        foreach: bool | None = None,
+        process_group: Any = None,
+        comm: Any = None,
+        shard: bool = True,
+        grad_reduction: str = "none",
+    ) -> None:
+        self.config = SOAAConfig(
+            lr=lr, betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas, eps=eps,
+            weight_decay=weight_decay, gamma=gamma, total_steps=total_steps, acceptance=acceptance,
+            eta1=eta1, eta2=eta2, shrink=shrink, expand=expand, d_min=d_min,
+        )
+        defaults = dict(lr=self.config.lr, betas=tuple(self.config.betas), eps=self.config.eps,
+                        weight_decay=self.config.weight_decay)
+        self._reset_trust_state()
+        self._pending_loss: tuple[Tensor | float, float] | None = None
+        self._loss_weight = 1.0
+        self._trial: Tensor | None = None
+        self._snapshot: list[tuple[Tensor, Tensor]] = []
+        if foreach is not None and not isinstance(foreach, bool):
+            raise ValueError(f"Invalid foreach={foreach!r}. Must be True, False or None.")
+        self.foreach = foreach
+        # Loop path only: two buffers per owned block that receive the next moments (after the swap in
+        # _apply they hold the stale ones), so _prepare never modifies the state and never allocates.
+        # Memory: 4x the owned parameters (Adam: 2x plus a transient copy per step).
+        self._spare: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
+        super().__init__(params, defaults, process_group=process_group, comm=comm, shard=shard,
+                         grad_reduction=grad_reduction)
+
+    def _reset_trust_state(self) -> None:
+        self._t = 0  # optimizer-wide step number (steps that ran, accepted or rejected)
+        self._d = 1.0
+        self._loss_ema = 0.0
+        self._pred = 0.0  # the predicted reduction used by the last ρ (lagged) or of the last trial
+        self._lag = torch.zeros(2, dtype=torch.float64)  # rank-local η·Σm̂u, η·Σv̂u² not yet reduced
+        self._c = 1.0
+        self._rho = 0.0
+        self._actual = 0.0
+        self._loss = 0.0
+        self._lo, self._hi = band(1, self.config.gamma, self.config.total_steps)
+        self._accepted = 0
+        self._rejected = 0
+
+    # ------------------------------------------------------------------ validation
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        for k in _GLOBAL_KEYS:
+            if k in group and group[k] != getattr(self.config, k):
+                raise ValueError(
+                    f"Invalid {k}={group[k]!r} in a param group. SOAA's trust region is global: pass "
+                    f"{k} to the SOAA constructor (it is {getattr(self.config, k)!r})."
+                )
+        config_from_group(SOAAConfig, group)
+
+    # ------------------------------------------------------------------ the loss
+    def set_loss(self, loss: Tensor | float, weight: float = 1.0) -> None:
+        """Store the mini-batch loss for the next :meth:`step` (e.g. from ``on_before_backward``).
+
+        ``weight`` (e.g. the local batch size) weights this rank's loss in the cross-rank average; the
+        default 1 averages ranks equally (equal per-rank batches, spec §1.6).
+        """
+        w = float(weight)
+        if not math.isfinite(w) or w <= 0.0:
+            raise ValueError(f"Invalid weight={weight!r}. Must be a finite number > 0.")
+        self._pending_loss = (_check_loss(loss), w)
+
+    # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def step(  # type: ignore[override]
+        self, closure: Callable[[], Any] | None = None, *, loss: Tensor | float | None = None
+    ) -> Any:
+        """One SOAA step (collective when W > 1: every rank must call it).
+
+        Args:
+            closure: re-evaluates the model and returns the loss (required for ``same_batch``).
+            loss: the mini-batch loss when there is no closure (overrides a :meth:`set_loss` value).
+        """
+        if self.config.acceptance == "same_batch" and closure is None:
+            raise ValueError(
+                "SOAA(acceptance='same_batch') re-evaluates the loss after the trial step and needs "
+                "step(closure); use acceptance='lagged' when no closure is available (DeepSpeed, AMP)."
+            )
+        ret = self._run_closure(closure)
+        if loss is not None:
+            self.set_loss(loss)
+        elif closure is not None and ret is not None:
+            self.set_loss(ret)
+        try:
+            ran = self._sharded_step()
+        finally:
+            self._pending_loss = None  # a loss belongs to one step, whatever happened
+        if ran and self.config.acceptance == "same_batch":
+            self._same_batch_check(closure)  # type: ignore[arg-type]
+        return ret
+
+    def _groups_of(self, views: list[BlockView]) -> dict[int, list[BlockView]]:
+        by_group: dict[int, list[BlockView]] = {}
+        for v in views:
+            if v.grad is not None:
+                by_group.setdefault(v.block.group_index, []).append(v)
+        return by_group
+
+    def _prepare(self, views: list[BlockView]) -> Tensor:
+        total = torch.zeros(2, dtype=torch.float64)
+        for gi, vs in self._groups_of(views).items():
+            group = self.param_groups[gi]
+            for v in vs:
+                if "step" not in v.state:  # zero state == no state, so lazy init is not a mutation
+                    v.state["step"] = torch.zeros((), dtype=torch.float32)
+                    v.state["exp_avg"] = torch.zeros_like(v.param, memory_format=torch.preserve_format)
+                    v.state["exp_avg_sq"] = torch.zeros_like(v.param, memory_format=torch.preserve_format)
+            ts = [int(s) + 1 for s in torch.stack([v.state["step"] for v in vs]).tolist()]
+            beta1, beta2 = group["betas"]
+            ms = [v.state["exp_avg"] for v in vs]
+            fe = use_foreach(ms, self.foreach)
+            out = None if fe else self._spares(vs)
+            m_new, v_new, part = soaa_moments(
+                [v.grad for v in vs],  # type: ignore[misc]
+                ms, [v.state["exp_avg_sq"] for v in vs],
+                ts, beta1=beta1, beta2=beta2, eps=group["eps"], out=out, foreach=fe,
+            )
+            for v, m, s, t in zip(vs, m_new, v_new, ts):
+                v.scratch["m"], v.scratch["v"], v.scratch["t"] = m, s, t
+            total += part.to("cpu")
+        lag = self._lag if self.config.acceptance == "lagged" else torch.zeros(2, dtype=torch.float64)
+        return torch.cat([total, lag])
+
+    def _spares(self, vs: list[BlockView]) -> tuple[list[Tensor], list[Tensor]]:
+        outs: tuple[list[Tensor], list[Tensor]] = ([], [])
+        for v in vs:
+            sp = self._spare.get(v.block.key)
+            m = v.state["exp_avg"]
+            if sp is None or sp[0].shape != m.shape or sp[0].dtype != m.dtype or sp[0].device != m.device:
+                sp = (torch.empty_like(m), torch.empty_like(m))
+                self._spare[v.block.key] = sp
+            outs[0].append(sp[0])
+            outs[1].append(sp[1])
+        return outs
+
+    def _extra_partials(self) -> list[float]:
+        if self._pending_loss is None:
+            return [0.0, 0.0, 1.0]
+        raw, w = self._pending_loss
+        loss = float(raw.item()) if isinstance(raw, Tensor) else float(raw)  # the one sync, at step time
+        self._loss_weight = w  # same_batch weighs the re-evaluated loss like the step's loss
+        return [loss * w, w, 0.0]
+
+    def _decide(self, reduced: Tensor) -> dict[str, Any]:
+        s_m2, s_veps, lag_mu, lag_vu2, lw, w, missing = reduced.tolist()
+        if missing > 0:
+            raise ValueError(
+                f"{MISSING_LOSS_MESSAGE} (missing on {int(missing)} of {self.comm.world_size} rank(s))"
+            )
+        cfg = self.config
+        t = self._t + 1
+        pred_prev = predicted_reduction(lag_mu, lag_vu2)
+        scal = trust_region_scalars(
+            sum_mhat_sq=s_m2, sum_vhat_eps=s_veps, loss=lw / w, loss_ema=self._loss_ema,
+            pred_prev=pred_prev, d_prev=self._d, t=t, beta1=cfg.betas[0], eps=cfg.eps,
+            gamma=cfg.gamma, total_steps=cfg.total_steps,
+        )
+        return {"t": t, "scalars": scal, "pred_prev": pred_prev, "loss": lw / w}
+
+    def _apply(self, views: list[BlockView], scalars: dict[str, Any]) -> None:
+        scal = scalars["scalars"]
+        d_prev = self._d  # the update of step t uses d_{t-1}
+        same_batch = self.config.acceptance == "same_batch"
+        lag = torch.zeros(3 if same_batch else 2, dtype=torch.float64)
+        if same_batch:
+            self._snapshot = [(v.param, v.param.detach().clone()) for v in views if v.grad is not None]
+        for gi, vs in self._groups_of(views).items():
+            group = self.param_groups[gi]
+            old_m = [v.state["exp_avg"] for v in vs]
+            old_v = [v.state["exp_avg_sq"] for v in vs]
+            for v, m, sq in zip(vs, old_m, old_v):
+                v.state["exp_avg"] = v.scratch.pop("m")
+                v.state["exp_avg_sq"] = v.scratch.pop("v")
+            fe = use_foreach(old_m, self.foreach)
+            if not fe:  # the stale moments become the buffers that receive the next step's moments
+                for v, m, sq in zip(vs, old_m, old_v):
+                    self._spare[v.block.key] = (m, sq)
+            torch._foreach_add_([v.state["step"] for v in vs], 1.0)
+            beta1, beta2 = group["betas"]
+            lr = float(group["lr"])
+            part = soaa_update_(
+                [v.param for v in vs], [v.state["exp_avg"] for v in vs], [v.state["exp_avg_sq"] for v in vs],
+                [v.scratch.pop("t") for v in vs], lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
+                weight_decay=group["weight_decay"], d=d_prev, c=scal.c, count_limited=same_batch,
+                foreach=fe,
+            ).to("cpu")
+            lag[:2] += lr * part[:2]
+            if same_batch:
+                lag[2] += part[2]
+        self._t = scalars["t"]
+        self._loss_ema = scal.loss_ema
+        self._loss = scalars["loss"]
+        self._c = scal.c
+        self._lo, self._hi = scal.lo, scal.hi
+        if same_batch:
+            self._trial = lag  # reduced in _same_batch_check
+        else:
+            self._lag = lag
+            self._pred = scalars["pred_prev"]
+            self._rho, self._actual, self._d = scal.rho, scal.actual, scal.d
+            self._accepted += 1
+
+    def _on_skip(self) -> None:
+        self._snapshot = []
+
+    # ------------------------------------------------------------------ same_batch acceptance
+    def _same_batch_check(self, closure: Callable[[], Any]) -> None:
+        cfg = self.config
+        new_loss = self._run_closure(closure)
+        val = _loss_value(new_loss) if new_loss is not None else float("nan")
+        ok = math.isfinite(val)
+        trial = self._trial if self._trial is not None else torch.zeros(3, dtype=torch.float64)
+        w = self._loss_weight
+        vec = torch.tensor([trial[0], trial[1], val * w if ok else 0.0, w, 0.0 if ok else 1.0, trial[2]],
+                           dtype=torch.float64)
+        mu, vu2, loss_sum, count, bad, limited = self.comm.all_reduce_scalars(vec).tolist()
+        pred = predicted_reduction(mu, vu2)
+        actual = self._loss - loss_sum / count if bad == 0 else -math.inf
+        rho = actual / max(pred, cfg.eps) if bad == 0 else -math.inf
+        self._pred, self._actual, self._rho = pred, actual, rho
+        d = self._d
+        if rho < cfg.eta1:
+            log.debug("SOAA same_batch: step %d rejected (rho=%.3g, predicted=%.3g, actual=%.3g)",
+                      self._t, rho, pred, actual)
+            for p, saved in self._snapshot:  # reject: θ back to θ_{t-1} on every rank
+                p.copy_(saved)
+            if self._sharded_multi_rank():
+                self._gather_params()
+            d = max(cfg.shrink * d, cfg.d_min)
+            self._rejected += 1
+        else:
+            if rho > cfg.eta2 and limited > 0:
+                d = cfg.expand * d
+            self._accepted += 1
+        self._d = max(min(d, self._hi), cfg.d_min)
+        self._snapshot = []
+        self._trial = None
+
+    # ------------------------------------------------------------------ checkpoints and statistics
+    def trust_state(self) -> dict[str, Any]:
+        """The optimizer-wide scalars (identical on every rank, except the rank-local ``lag``)."""
+        return {
+            "t": self._t, "d": self._d, "loss_ema": self._loss_ema, "pred": self._pred,
+            "lag": self._lag.tolist(), "c": self._c, "rho": self._rho, "actual": self._actual,
+            "loss": self._loss, "lo": self._lo, "hi": self._hi, "accepted": self._accepted,
+            "rejected": self._rejected,
+        }
+
+    def _global_state(self) -> dict[str, Any]:
+        st = self.trust_state()
+        if self._sharded_multi_rank():
+            # Collective (we are inside consolidate_state_dict on every rank): the pending lagged sums
+            # become their global value, so the checkpoint does not depend on the world size.
+            st["lag"] = self.comm.all_reduce_scalars(self._lag.clone()).tolist()
+            st["lag_scope"] = "global"
+        else:
+            # W = 1 is global; shard=False with W > 1 (DeepSpeed) saves one state per rank.
+            st["lag_scope"] = "global" if self.comm.world_size == 1 else "rank"
+        return {"soaa": st}
+
+    def _load_global_state(self, state: dict[str, Any]) -> None:
+        self._reset_trust_state()
+        st = state.get("soaa")
+        if st is None:
+            return
+        self._t = int(st["t"])
+        self._d = float(st["d"])
+        self._loss_ema = float(st["loss_ema"])
+        self._pred = float(st["pred"])
+        self._c, self._rho, self._actual = float(st["c"]), float(st["rho"]), float(st["actual"])
+        self._loss, self._lo, self._hi = float(st["loss"]), float(st["lo"]), float(st["hi"])
+        self._accepted, self._rejected = int(st["accepted"]), int(st["rejected"])
+        lag = torch.tensor(st["lag"], dtype=torch.float64)
+        if st.get("lag_scope") == "global" and self.comm.rank != 0:
+            lag.zero_()  # the global sum lives on rank 0 only; the next all-reduce restores it exactly
+        self._lag = lag
+
+    def _extra_statistics(self) -> dict[str, float]:
+        return {
+            "d": self._d,
+            "rho": self._rho,
+            "predicted_reduction": self._pred,
+            "actual_reduction": self._actual,
+            "fisher_scale": self._c,
+            "accepted": float(self._accepted),
+            "rejected": float(self._rejected),
+            "loss": self._loss,
+            "loss_ema": self._loss_ema,
+            "band_lo": self._lo,
+            "band_hi": self._hi,
+            "t": float(self._t),
+        }

@@ -1,0 +1,150 @@
+#!/usr/bin/env python
+"""The same regression task as ``train.py``, trained by a Lightning ``Trainer`` with our optimizers.
+
+    python train_lightning.py --optimizer soaa                                  # one process
+    srun -N2 --ntasks-per-node=1 python train_lightning.py --num-nodes 2 --devices 1   # SLURM (see
+                                                                               # slurm_lightning.sbatch)
+
+Lightning finds its ranks itself (``SLURMEnvironment`` under srun, ``TorchElasticEnvironment`` under
+torchrun, ``MPIEnvironment`` under mpirun with mpi4py installed). Under SLURM, ``--ntasks-per-node``
+must equal ``--devices`` and ``--num-nodes`` the number of nodes: Lightning rejects ``--ntasks`` alone.
+
+The dataset is the concatenation of ``train.py``'s global batches and every rank reads its contiguous
+slice of each step's batch (an explicit sampler built once the ranks are known, so Lightning's own
+``DistributedSampler`` is switched off), exactly as ``train.py`` does: a W-rank run follows the
+single-process one. Each rank writes ``result_rank{R}.json`` and
+``params_rank{R}.pt`` like ``train.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import lightning.pytorch as pl
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the example's own train.py, also when copied
+from train import DTYPES, OPTIMIZERS, global_batch, local_slice, loss_of, make_model  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--global-batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--hidden", type=int, default=32)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float64")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-nodes", type=int, default=int(os.environ.get("SLURM_NNODES", "1")))
+    p.add_argument("--devices", type=int, default=1, help="processes per node (= --ntasks-per-node)")
+    p.add_argument("--accelerator", default="cpu")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out-dir", type=Path, default=None)
+    return p.parse_args(argv)
+
+
+class Regression(pl.LightningModule):
+    def __init__(self, args: argparse.Namespace) -> None:
+        super().__init__()
+        self.args = args
+        self.net = make_model(args.hidden, args.seed, DTYPES[args.dtype])
+        # EGN solves its own Gauss-Newton system from inputs and targets: it runs in manual optimization.
+        self.automatic_optimization = args.optimizer != "egn"
+        self.losses: list[float] = []
+        xs, ys = zip(*(global_batch(s, args.global_batch, args.seed, DTYPES[args.dtype]) for s in range(args.steps)))
+        self.data = TensorDataset(torch.cat(xs), torch.cat(ys))
+
+    def train_dataloader(self) -> DataLoader:
+        # Called after the process group exists, so the rank is known: step s of rank r reads samples
+        # [s*B + r*B/W, s*B + (r+1)*B/W), the same slice train.py takes.
+        world, rank, b = self.trainer.world_size, self.trainer.global_rank, self.args.global_batch
+        local = self.local_samples = local_slice(b, rank, world)
+        order = [s * b + i for s in range(self.args.steps) for i in range(*local)]
+        return DataLoader(self.data, batch_size=local[1] - local[0], sampler=order, shuffle=False)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+        x, y = batch
+        if self.automatic_optimization:
+            loss = loss_of(self.net(x), y)
+        else:
+            with torch.no_grad():
+                loss = loss_of(self.net(x), y)
+            self.optimizers().optimizer.step(inputs=x, targets=y)
+        # the global mean loss, logged identically on every rank
+        self.losses.append(float(self.all_gather(loss.detach()).mean()))
+        return loss if self.automatic_optimization else None
+
+    def configure_optimizers(self) -> Any:
+        a = self.args
+        kw: dict[str, Any] = {} if a.lr is None else {"lr": a.lr}
+        if a.optimizer == "adamw":
+            from lightning_soaa.optim.adamw import ShardedAdamW
+
+            return ShardedAdamW(self.parameters(), **{"lr": 1e-2, **kw})
+        if a.optimizer == "soaa":
+            from lightning_soaa import SOAA
+
+            return SOAA(self.parameters(), total_steps=a.steps, **kw)  # Lightning hands it the closure
+        if a.optimizer == "asgo":
+            from lightning_soaa import ASGO
+
+            return ASGO(self.net.named_parameters(), **kw)
+        from lightning_soaa import EGN
+
+        return EGN(self.net, loss="mse", **kw)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    world = args.num_nodes * args.devices
+    if args.global_batch % world:
+        raise ValueError(f"Invalid --global-batch={args.global_batch}. Must be divisible by {world} processes.")
+    model = Regression(args)
+    trainer = pl.Trainer(
+        accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes,
+        strategy="ddp" if world > 1 else "auto", max_steps=args.steps, max_epochs=1, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        use_distributed_sampler=False,
+    )
+    trainer.fit(model)
+    rank = trainer.global_rank
+    opt = trainer.optimizers[0]
+    result = {
+        "launcher": type(trainer.strategy.cluster_environment).__name__ if world > 1 else "single",
+        "rank": rank,
+        "world_size": trainer.world_size,
+        "node_rank": trainer.node_rank,
+        "slurm_nodename": os.environ.get("SLURMD_NODENAME"),
+        "optimizer": args.optimizer,
+        "steps": trainer.global_step if model.automatic_optimization else len(model.losses),
+        "global_batch": args.global_batch,
+        "local_samples": list(model.local_samples),
+        "losses": model.losses,
+        "statistics": {k: float(v) for k, v in getattr(opt, "statistics", dict)().items()
+                       if isinstance(v, (int, float))},
+        "wall_s": time.perf_counter() - t0,
+    }
+    if args.out_dir is not None:
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        torch.save({k: v.detach().cpu() for k, v in model.net.state_dict().items()},
+                   args.out_dir / f"params_rank{rank}.pt")
+        (args.out_dir / f"result_rank{rank}.json").write_text(json.dumps(result, indent=1))
+    if rank == 0:
+        sys.stdout.write(json.dumps(result) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

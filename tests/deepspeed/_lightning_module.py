@@ -1,0 +1,66 @@
+"""A picklable LightningModule for the DeepSpeed strategy test.
+
+``training_step`` ignores the loader's content and trains on ``batch(step, rank)`` from the harness, so
+the run is comparable with our sharded reference. ``on_fit_end`` (every rank, process group still up)
+gathers the fp32 master parameters, runs the reference, and writes both to ``<out>/rank{r}.pt``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from tests.deepspeed._workers import SIZES, run_reference, split_groups
+from tests.harness.models import batch, loss_fn, tiny_mlp
+
+
+class DSModule(pl.LightningModule):
+    def __init__(self, out_dir: str, opt_params: dict[str, Any], steps: int, stage: int, dtype: str,
+                 from_json: bool = False) -> None:
+        super().__init__()
+        self.net = tiny_mlp(0, torch.float32, SIZES)
+        self.out_dir, self.opt_params, self.steps = out_dir, opt_params, steps
+        self.stage, self.dtype_name, self.from_json = stage, dtype, from_json
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(torch.zeros(64, 1)), batch_size=1)
+
+    def training_step(self, _batch: Any, _idx: int) -> torch.Tensor:
+        x, y = batch(self.global_step, self.global_rank, dtype=torch.float32)
+        dt = torch.bfloat16 if self.dtype_name == "bf16" else torch.float32
+        return loss_fn(self.net, x.to(dt), y.to(dt))
+
+    def configure_optimizers(self) -> Any:
+        from lightning_soaa.optim.soaa import SOAA
+
+        if self.from_json:  # the DeepSpeed config names the optimizer
+            return None
+
+        # same code as under DDP; two groups so that ZeRO-1/2 step twice per training step
+        return SOAA(split_groups(self.net), **self.opt_params)
+
+    def on_fit_end(self) -> None:
+        import deepspeed_ext
+
+        client = deepspeed_ext.find_client_optimizer(self.trainer.optimizers[0])
+        if self.stage >= 1:
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            params = [safe_get_full_fp32_param(p).detach().clone().float() for p in self.net.parameters()]
+        else:
+            raise NotImplementedError("stage 0 is covered by test_equivalence.py")
+        from lightning_soaa.optim.soaa import SOAA
+
+        ref = run_reference(self.global_rank, self.trainer.world_size, self.dtype_name, SOAA, self.opt_params,
+                            self.steps, groups=not self.from_json)
+        torch.save({"params": params, "ref": ref["params"], "stats": client.statistics(),
+                    "ref_stats": ref["stats"], "wrapper": type(self.trainer.optimizers[0]).__name__,
+                    "step_calls": client.step_calls},
+                   Path(self.out_dir) / f"rank{self.global_rank}.pt")

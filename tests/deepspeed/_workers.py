@@ -1,0 +1,303 @@
+"""Module-level workers for the DeepSpeed tests (spawned by tests/harness/distributed.py).
+
+Each worker sets the env DeepSpeed insists on (LOCAL_RANK, ...) and keeps its shm-op JIT out (see
+deepspeed_ext.compat.skip_shm_comm_op), then reuses the gloo group the harness already initialized.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from tests.harness.models import batch, loss_fn, tiny_mlp
+
+SIZES = (6, 8, 5, 3)
+
+
+def ds_env(rank: int, world: int) -> None:
+    os.environ["LOCAL_RANK"] = str(rank)
+    os.environ["RANK"] = str(rank)
+    os.environ["WORLD_SIZE"] = str(world)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed_ext
+
+    deepspeed_ext.skip_shm_comm_op()
+
+
+def make_config(stage: int, dtype: str, opt_type: str, opt_params: dict[str, Any], *,
+                sub_group_size: int | None = None, grad_accum: int = 1, offload: bool = False) -> dict[str, Any]:
+    zero: dict[str, Any] = {"stage": stage}
+    if offload:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if stage == 3:
+        # persistence 0: every parameter is partitioned (the flat partitions cut through all of them)
+        zero["stage3_param_persistence_threshold"] = 0
+        if sub_group_size is not None:
+            zero["sub_group_size"] = sub_group_size
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": 8,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": 0.0,  # DeepSpeed's default is 1.0; the references do not clip
+        "zero_optimization": zero,
+        "optimizer": {"type": opt_type, "params": dict(opt_params)},
+        "steps_per_print": 10_000,
+    }
+    if dtype == "bf16":
+        cfg["bf16"] = {"enabled": True}
+    return cfg
+
+
+def split_groups(model: torch.nn.Module, named: bool = False) -> list[dict[str, Any]]:
+    """Two param groups (matrices, vectors) with different weight decay: several step() calls per
+    training step at ZeRO-1/2/3."""
+    mats = [(n, p) for n, p in model.named_parameters() if p.ndim >= 2]
+    vecs = [(n, p) for n, p in model.named_parameters() if p.ndim < 2]
+    pick = (lambda xs: xs) if named else (lambda xs: [p for _, p in xs])
+    return [{"params": pick(mats)}, {"params": pick(vecs), "weight_decay": 0.0}]
+
+
+def full_fp32_params(engine: Any, stage: int, client: Any, model_params: list[torch.Tensor],
+                     group_order: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The fp32 master value of every model parameter, in module order (collective at ZeRO >= 1)."""
+    if stage >= 1:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return [safe_get_full_fp32_param(p).detach().clone().float() for p in model_params]
+    # stage 0: the client's groups hold the parameters (fp32) or DeepSpeed's fp32 masters (bf16), in
+    # param-group order
+    masters = [p for g in client._canonical_groups for p in g["params"]]
+    by_id = {id(p): m for p, m in zip(group_order, masters)}
+    return [by_id[id(p)].detach().clone().float() for p in model_params]
+
+
+def _feed(x: torch.Tensor, dtype: str) -> torch.Tensor:
+    return x.to(torch.bfloat16) if dtype == "bf16" else x
+
+
+def run_deepspeed(rank: int, world: int, stage: int, dtype: str, opt_type: str, opt_params: dict[str, Any],
+                  steps: int, *, groups: bool = False, sub_group_size: int | None = None,
+                  grad_accum: int = 1, offload: bool = False) -> dict[str, Any]:
+    import deepspeed_ext
+
+    model = tiny_mlp(0, torch.float32, SIZES)
+    model_params = list(model.parameters())
+    cfg = make_config(stage, dtype, opt_type, opt_params, sub_group_size=sub_group_size, grad_accum=grad_accum,
+                      offload=offload)
+    model_parameters = split_groups(model, named=True) if groups else None
+    group_order = [p for g in model_parameters for _, p in g["params"]] if groups else model_params
+    t0 = time.perf_counter()
+    engine, _, _, _ = deepspeed_ext.initialize(model=model, config=cfg, model_parameters=model_parameters)
+    t1 = time.perf_counter()
+    client = deepspeed_ext.find_client_optimizer(engine.optimizer)
+    losses = []
+    for s in range(steps):
+        for m in range(grad_accum):
+            x, y = batch(s * grad_accum + m, rank, dtype=torch.float32)
+            loss = loss_fn(engine, _feed(x, dtype), _feed(y, dtype))
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+    t2 = time.perf_counter()
+    params = full_fp32_params(engine, stage, client, model_params, group_order)
+    out = {"params": params, "losses": losses, "init_s": t1 - t0, "train_s": t2 - t1,
+           "training_steps": client.training_steps, "ignored_steps": client.ignored_steps,
+           "wrapper": type(engine.optimizer).__name__, "stats": client.statistics(),
+           "step_calls": client.step_calls, "pieces": _pieces(client)}
+    del engine
+    return out
+
+
+def _pieces(client: Any) -> list[tuple[Any, ...]] | None:
+    vp = client._vparams
+    if vp is None or not any(p is not None for p in vp.pieces):
+        return None
+    return [(g, p.param_name, p.lp_start, p.numel, p.shape, p.name, p.kind) for g, p in zip(vp.groups, vp.pieces)]
+
+
+def _piece_params(master: torch.nn.Module, pieces: list[tuple[Any, ...]], groups: bool):
+    """Views of the master parameters laid out like DeepSpeed's pieces (the documented ZeRO-1/2/3
+    decomposition), as param groups, plus a function that attaches the matching gradient views."""
+    by_name = dict(master.named_parameters())
+    views, grads_of, per_group = [], [], {}
+    for g, pname, start, n, shape, name, _kind in sorted(pieces, key=lambda x: (x[0], x[1], x[2])):
+        base = by_name[pname]
+        v = base.detach().view(-1).narrow(0, start, n).view(shape)
+        views.append(v)
+        grads_of.append((v, base, start, n, shape))
+        per_group.setdefault(g, []).append((name, v))
+    extra = [{}, {"weight_decay": 0.0}] if groups else [{}]
+    param_groups = [dict(extra[g], params=per_group[g]) for g in sorted(per_group)]
+
+    def attach() -> None:
+        for v, base, start, n, shape in grads_of:
+            v.grad = base.grad.view(-1).narrow(0, start, n).view(shape)
+
+    return param_groups, attach
+
+
+def run_reference(rank: int, world: int, dtype: str, opt_cls: type, opt_params: dict[str, Any], steps: int,
+                  *, groups: bool = False, grad_accum: int = 1,
+                  pieces: list[tuple[Any, ...]] | None = None) -> dict[str, Any]:
+    """Our own sharded run (shard=True over the default group) with DeepSpeed's numerics: fp32 master
+    weights; under bf16 the forward/backward run on a bf16 copy and bf16 gradients are averaged in bf16."""
+    master = tiny_mlp(0, torch.float32, SIZES)
+    work = tiny_mlp(0, torch.bfloat16 if dtype == "bf16" else torch.float32, SIZES)
+    attach = None
+    if pieces is not None:
+        params, attach = _piece_params(master, pieces, groups)
+    else:
+        params = split_groups(master) if groups else list(master.parameters())
+    opt = opt_cls(params, **opt_params)
+    mp, wp = list(master.parameters()), list(work.parameters())
+    if dtype == "bf16":  # DeepSpeed makes its fp32 masters from the bf16 model: start from rounded values
+        with torch.no_grad():
+            for b in mp:
+                b.copy_(b.to(torch.bfloat16).float())
+    for s in range(steps):
+        with torch.no_grad():
+            for a, b in zip(wp, mp):
+                a.copy_(b)
+        for p in wp:
+            p.grad = None
+        total = 0.0
+        for m in range(grad_accum):
+            x, y = batch(s * grad_accum + m, rank, dtype=torch.float32)
+            loss = loss_fn(work, _feed(x, dtype), _feed(y, dtype))
+            (loss / grad_accum).backward()
+            total += loss.item()
+        for a, b in zip(wp, mp):
+            g = a.grad  # DeepSpeed reduces bf16 gradients in bf16
+            dist.all_reduce(g)
+            b.grad = (g / world).float()
+        if attach is not None:
+            attach()
+        if hasattr(opt, "set_loss"):
+            opt.set_loss(total / grad_accum)
+        opt.step()
+    return {"params": [p.detach().clone() for p in mp], "stats": opt.statistics()}
+
+
+def w_equivalence(rank: int, world: int, cases: list[dict[str, Any]], opt_path: tuple[str, str],
+                  opt_params: dict[str, Any], steps: int, ref_variants: list[dict[str, Any]]) -> dict[str, Any]:
+    """Run each DeepSpeed case, then each reference variant; return everything for the parent."""
+    ds_env(rank, world)
+    import importlib
+
+    opt_cls = getattr(importlib.import_module(opt_path[0]), opt_path[1])
+    out: dict[str, Any] = {"ds": [], "ref": []}
+    for case in cases:
+        out["ds"].append(run_deepspeed(rank, world, steps=steps, opt_params=opt_params, **case))
+    for var in ref_variants:
+        var = dict(var)
+        if "pieces_from" in var:  # the union over ranks of DeepSpeed's pieces in that case
+            mine = out["ds"][var.pop("pieces_from")]["pieces"]
+            everyone: list[Any] = [None] * world
+            dist.all_gather_object(everyone, mine)
+            var["pieces"] = [p for part in everyone for p in part]
+        out["ref"].append(run_reference(rank, world, opt_cls=opt_cls, opt_params=opt_params, steps=steps, **var))
+    return out
+
+
+def w_many(rank: int, world: int, jobs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Several :func:`w_equivalence` jobs in the same two processes (DeepSpeed's first engine costs most
+    of the time: imports; later engines take ~0.1-1.5 s each)."""
+    out = {}
+    for name, job in jobs.items():
+        t0 = time.perf_counter()
+        out[name] = w_equivalence(rank, world, **job)
+        out[name]["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def _train(engine: Any, rank: int, steps: range, dtype: str = "fp32") -> None:
+    for s in steps:
+        x, y = batch(s, rank, dtype=torch.float32)
+        loss = loss_fn(engine, _feed(x, dtype), _feed(y, dtype))
+        engine.backward(loss)
+        engine.step()
+
+
+def w_checkpoint(rank: int, world: int, ckpt_root: str, stages: list[int], opt_type: str,
+                 opt_params: dict[str, Any], dtype: str) -> dict[str, Any]:
+    """Per stage: train 3 steps, save, train 3 more (run A); a fresh engine (other initial weights)
+    loads the checkpoint and trains the same 3 steps (run B). Returns both runs' parameters and
+    optimizer statistics."""
+    ds_env(rank, world)
+    import deepspeed_ext
+
+    out: dict[str, Any] = {}
+    for stage in stages:
+        cfg = make_config(stage, dtype, opt_type, opt_params, sub_group_size=40 if stage == 3 else None)
+        runs = {}
+        for label, seed in (("A", 0), ("B", 7)):
+            model = tiny_mlp(seed, torch.float32, SIZES)
+            params = list(model.parameters())
+            engine, _, _, _ = deepspeed_ext.initialize(model=model, config=cfg, model_parameters=split_groups(model))
+            client = deepspeed_ext.find_client_optimizer(engine.optimizer)
+            path = os.path.join(ckpt_root, f"stage{stage}")
+            if label == "A":
+                _train(engine, rank, range(3), dtype)
+                engine.save_checkpoint(path, tag="t3")
+            else:
+                engine.load_checkpoint(path, tag="t3")
+            _train(engine, rank, range(3, 6), dtype)
+            order = [p for g in split_groups(model) for p in g["params"]]
+            runs[label] = {"params": full_fp32_params(engine, stage, client, params, order),
+                           "stats": client.statistics()}
+            del engine
+        out[stage] = runs
+    return out
+
+
+def w_resume_other_world(rank: int, world: int, ckpt_root: str, opt_type: str, opt_params: dict[str, Any]) -> dict[str, Any]:
+    """Load checkpoints written on 2 ranks: stage 0 (our sharding: world-size independent) must resume;
+    stage 2 must fail with an error naming the supported path."""
+    ds_env(rank, world)
+    import deepspeed_ext
+
+    out: dict[str, Any] = {}
+    for stage in (0, 2):
+        cfg = make_config(stage, "fp32", opt_type, opt_params)
+        model = tiny_mlp(7, torch.float32, SIZES)
+        engine, _, _, _ = deepspeed_ext.initialize(model=model, config=cfg, model_parameters=split_groups(model))
+        client = deepspeed_ext.find_client_optimizer(engine.optimizer)
+        try:
+            engine.load_checkpoint(os.path.join(ckpt_root, f"stage{stage}"), tag="t3")
+            out[stage] = {"ok": True, "stats": client.statistics(),
+                          "params": [p.detach().clone() for p in model.parameters()]}
+        except Exception as exc:  # noqa: BLE001 - the message is what the test checks
+            out[stage] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        del engine
+    return out
+
+
+def w_egn(rank: int, world: int, opt_params: dict[str, Any], steps: int) -> dict[str, Any]:
+    """EGN at ZeRO stage 0 under the engine vs our own sharded EGN on the same per-rank batches."""
+    ds_env(rank, world)
+    import deepspeed_ext
+    from lightning_soaa.optim.egn import EGN
+
+    cfg = make_config(0, "fp32", "lightning_soaa.EGN", opt_params)
+    model = tiny_mlp(0, torch.float32, SIZES)
+    engine, _, _, _ = deepspeed_ext.initialize(model=model, config=cfg)
+    client = deepspeed_ext.find_client_optimizer(engine)
+    for s in range(steps):
+        x, y = batch(s, rank, dtype=torch.float32)
+        client.set_batch(x, y)
+        loss = loss_fn(engine, x, y)
+        engine.backward(loss)
+        engine.step()
+    ds_params = [p.detach().clone() for p in model.parameters()]
+    stats = client.statistics()
+    ref_model = tiny_mlp(0, torch.float32, SIZES)
+    ref = EGN(ref_model, **opt_params)
+    for s in range(steps):
+        x, y = batch(s, rank, dtype=torch.float32)
+        ref.step(inputs=x, targets=y)
+    return {"params": ds_params, "ref": [p.detach().clone() for p in ref_model.parameters()], "stats": stats,
+            "ref_stats": ref.statistics(), "training_steps": client.training_steps,
+            "wrapper": type(engine.optimizer).__name__}

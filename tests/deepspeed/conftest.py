@@ -1,0 +1,14 @@
+"""DeepSpeed tests need deepspeed; skip the folder cleanly without it."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install lightning-soaa[deepspeed])")
+
+
+@pytest.fixture(autouse=True)
+def _no_shm_op_jit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DeepSpeed would JIT-compile its CPU shm op (inference only, ~30 s) in every new process; the
+    adapter skips it when this variable is set, and spawned ranks / launcher children inherit it."""
+    monkeypatch.setenv("DEEPSPEED_EXT_SKIP_SHM_OP", "1")

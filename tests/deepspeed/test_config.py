@@ -1,0 +1,178 @@
+"""The DeepSpeed JSON side: names, parameters, stages, flags -- all checked before any engine exists.
+
+No process group here: these run in-process in milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import deepspeed_ext
+from deepspeed_ext.client import DeepSpeedClientOptimizer, StateLayoutError
+from deepspeed_ext.ds_config import parse_config
+from deepspeed_ext.registry import valid_names
+from lightning_soaa.optim.adamw import ShardedAdamW
+
+pytestmark = pytest.mark.deepspeed
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
+
+
+def _cfg(opt_type: str = "lightning_soaa.AdamW", stage: int = 2, **params):
+    return {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": stage},
+            "optimizer": {"type": opt_type, "params": params}}
+
+
+def test_unknown_optimizer_lists_the_valid_ones():
+    with pytest.raises(ValueError) as exc:
+        parse_config(_cfg("lightning_soaa.Adamz"))
+    msg = str(exc.value)
+    assert "'lightning_soaa.Adamz'" in msg
+    for name in valid_names():
+        assert name in msg
+    assert {"lightning_soaa.SOAA", "lightning_soaa.ASGO", "lightning_soaa.AdamW"} <= set(valid_names())
+
+
+def test_unknown_param_key_lists_the_accepted_ones():
+    with pytest.raises(ValueError, match=r"Invalid optimizer.params key 'lrr'.*Must be one of .*\blr\b.*weight_decay"):
+        parse_config(_cfg(lrr=0.1))
+
+
+@pytest.mark.parametrize("key", ["shard", "process_group", "comm", "grad_reduction"])
+def test_reserved_keys_are_refused(key):
+    with pytest.raises(ValueError, match=f"'{key}'.*sets it itself"):
+        parse_config(_cfg(**{key: True}))
+
+
+def test_invalid_param_value_raises_before_deepspeed_starts():
+    """Hyperparameter values are checked by building the client optimizer, which happens before
+    deepspeed.init_distributed / initialize: no process group exists here and none is needed."""
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(ValueError, match=r"Invalid betas\[1\]=1.5"):
+        deepspeed_ext.initialize(model=model, config=_cfg(betas=[0.9, 1.5]))
+    assert not torch.distributed.is_initialized()
+
+
+def test_egn_only_at_stage_0_in_fp32_with_a_pointer_to_what_works():
+    for stage in (1, 2, 3):
+        with pytest.raises(ValueError) as exc:
+            parse_config(_cfg("lightning_soaa.EGN", stage=stage))
+        msg = str(exc.value)
+        assert f"zero_optimization.stage={stage}" in msg and "supports ZeRO stages: 0" in msg
+        assert "Use zero_optimization.stage 0" in msg and "strategy='ddp'" in msg
+    assert parse_config(_cfg("lightning_soaa.EGN", stage=0, damping=0.5)).optimizer_params == {"damping": 0.5}
+    cfg = _cfg("lightning_soaa.EGN", stage=0)
+    cfg["bf16"] = {"enabled": True}
+    with pytest.raises(ValueError, match=r"bf16.enabled=true.*Must run in fp32"):
+        parse_config(cfg)
+
+
+def test_soaa_same_batch_needs_a_closure_deepspeed_never_passes():
+    pytest.importorskip("lightning_soaa.optim.soaa")
+    with pytest.raises(ValueError, match="acceptance='same_batch'.*Must be one of 'lagged'"):
+        parse_config(_cfg("lightning_soaa.SOAA", acceptance="same_batch"))
+
+
+def test_nvme_offload_is_refused():
+    cfg = _cfg()
+    cfg["zero_optimization"]["offload_optimizer"] = {"device": "nvme", "nvme_path": "/tmp"}
+    with pytest.raises(ValueError, match="nvme.*Must be 'cpu' or 'none'"):
+        parse_config(cfg)
+
+
+def test_bad_stage_is_refused():
+    with pytest.raises(ValueError, match=r"Invalid zero_optimization.stage=4"):
+        parse_config(_cfg(stage=4))
+
+
+def test_flags_set_for_deepspeed_and_block_removed():
+    p = parse_config(_cfg(stage=1, lr=0.1))
+    assert "optimizer" not in p.ds_config and p.ds_config["zero_allow_untested_optimizer"] is True
+    assert p.optimizer_params == {"lr": 0.1} and p.zero_stage == 1
+    cfg = _cfg(stage=2)
+    cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    assert parse_config(cfg).ds_config["zero_force_ds_cpu_optimizer"] is False
+    assert "zero_allow_untested_optimizer" not in parse_config(_cfg(stage=0)).ds_config
+
+
+def test_deepspeed_builtin_optimizers_pass_through_untouched():
+    cfg = {"zero_optimization": {"stage": 1}, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}
+    p = parse_config(cfg)
+    assert p.entry is None and p.ds_config == cfg
+
+
+def test_config_may_be_a_path_or_json_text(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(_cfg(stage=3)))
+    assert parse_config(str(path)).zero_stage == 3
+    assert parse_config(json.dumps(_cfg(stage=1))).zero_stage == 1
+    with pytest.raises(ValueError, match="Must be a dict, a JSON string or the path"):
+        parse_config(str(tmp_path / "missing.json"))
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.json")), ids=lambda p: p.name)
+def test_shipped_configs_parse_and_build(path):
+    """Every example config names a registered optimizer, at a stage it supports, with valid params."""
+    parsed = parse_config(path)
+    if parsed.entry is None:
+        return
+    try:
+        cls = parsed.entry.load()
+    except ImportError as exc:
+        pytest.skip(f"{parsed.entry.name} has not landed: {exc}")
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    if parsed.entry.layout == "model":
+        from deepspeed_ext.egn_client import DeepSpeedEGNOptimizer
+
+        egn = DeepSpeedEGNOptimizer(model, cls, parsed.optimizer_params)
+        assert parsed.zero_stage == 0 and egn.zero_stage == 0
+        return
+    client = DeepSpeedClientOptimizer(model.parameters(), cls, parsed.optimizer_params,
+                                      zero_stage=parsed.zero_stage, layout=parsed.entry.layout)
+    assert client.zero_stage == parsed.zero_stage
+
+
+def test_zero_partition_state_refuses_another_layout():
+    """ZeRO-1/2/3 state is per partition: loading it into another partitioning says what to do."""
+    flat = torch.zeros(10, requires_grad=True)
+    a = DeepSpeedClientOptimizer([flat], ShardedAdamW, {"lr": 0.1}, zero_stage=1)
+    flat.grad = torch.ones(10)
+    a.step()
+    sd = a.state_dict()
+    other = torch.zeros(6, requires_grad=True)
+    b = DeepSpeedClientOptimizer([other], ShardedAdamW, {"lr": 0.1}, zero_stage=1)
+    before = other.detach().clone()
+    with pytest.raises(StateLayoutError, match="same world size and ZeRO config.*load_optimizer_states=False"):
+        b.load_state_dict(sd)
+    assert torch.equal(other.detach(), before) and b.inner is not None and not b.inner.state
+    c = DeepSpeedClientOptimizer([torch.zeros(10, requires_grad=True)], ShardedAdamW, {"lr": 0.1}, zero_stage=1)
+    c.load_state_dict(sd)  # same layout: fine
+    assert int(next(iter(c.inner.state.values()))["step"]) == 1
+
+
+def test_client_collects_multi_call_steps_without_double_stepping():
+    """ZeRO-1/2 call step() once per param group with param_groups narrowed to that group: the first call
+    is only collected. Unbound to an engine, the completing call cannot write back the first group, so
+    it refuses before updating anything (the bound path is tested in test_equivalence.py)."""
+    f1, f2 = torch.zeros(4, requires_grad=True), torch.zeros(3, requires_grad=True)
+    c = DeepSpeedClientOptimizer([{"params": [f1]}, {"params": [f2], "lr": 0.5}], ShardedAdamW,
+                                 {"lr": 0.1, "weight_decay": 0.0}, zero_stage=2)
+    f1.grad, f2.grad = torch.ones(4), -torch.ones(3)
+    groups = c.param_groups
+    c.param_groups = [groups[0]]
+    c.step()  # first call: collected only
+    assert torch.equal(f1.detach(), torch.zeros(4)) and c.training_steps == 0
+    c.param_groups = [groups[1]]
+    with pytest.raises(RuntimeError, match="not bound to the engine.*Nothing was updated"):
+        c.step()
+    assert c.training_steps == 0 and c.inner is None
+    assert torch.equal(f1.detach(), torch.zeros(4)) and torch.equal(f2.detach(), torch.zeros(3))
+    # one call holding every group (BF16_Optimizer, or a single group): steps at once, per-group lr
+    c.param_groups = groups
+    c.step()
+    assert c.training_steps == 1
+    assert torch.allclose(f1.detach(), torch.full((4,), -0.1)) and torch.allclose(f2.detach(), torch.full((3,), 0.5))

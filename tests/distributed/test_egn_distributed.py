@@ -1,0 +1,129 @@
+"""EGN on W gloo ranks holding disjoint slices of the batch equals one process holding all of it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_soaa.optim.egn import EGN
+from tests.harness.distributed import run_distributed
+from tests.harness.models import tiny_mlp
+
+DT = torch.float64
+STEPS = 3
+
+
+class _Mixed(nn.Module):
+    """Linear layers (Gram factors) plus a LayerNorm (explicit Jacobians)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(21)
+        self.l1 = nn.Linear(6, 5).double()
+        self.ln = nn.LayerNorm(5).double()
+        self.l2 = nn.Linear(5, 3).double()
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(0.5 * torch.randn(p.shape, generator=g, dtype=DT) + (1.0 if p.dim() == 1 else 0.0))
+
+    def forward(self, x):
+        return self.l2(torch.tanh(self.ln(self.l1(x))))
+
+
+CONFIGS = {
+    "mse_plain": dict(model="mlp", kw=dict(loss="mse", lr=1.0, damping=0.3), uneven=False),
+    "ce_all": dict(model="mlp", kw=dict(loss="cross_entropy", lr=2.0, damping=0.5, momentum=0.7,
+                                        line_search=True, adaptive_damping=True), uneven=True),
+    "bce_mixed": dict(model="mixed", kw=dict(loss="bce", lr=1.0, damping=0.2, momentum=0.5,
+                                             adaptive_damping=True), uneven=False),
+    # replicated state (shard=False): d is all-reduced instead of reduce-scattered to owners
+    "mse_unsharded": dict(model="mlp", kw=dict(loss="mse", lr=1.0, damping=0.3, momentum=0.5, shard=False),
+                          uneven=True),
+    "linear_idle": dict(model="linear", kw=dict(loss="mse", lr=3.0, damping=0.05, line_search=True),
+                        uneven=True),
+}
+
+
+def _model(kind: str) -> nn.Module:
+    if kind == "mlp":
+        return tiny_mlp(0, DT)
+    if kind == "mixed":
+        return _Mixed()
+    torch.manual_seed(4)
+    return nn.Linear(6, 3).double()
+
+
+def _global_batch(step: int, loss: str, world: int, uneven: bool):
+    sizes = [2 + r for r in range(world)] if uneven else [4] * world
+    g = torch.Generator().manual_seed(1000 + step)
+    b = sum(sizes)
+    x = torch.randn(b, 6, generator=g, dtype=DT)
+    if loss == "cross_entropy":
+        y = torch.randint(0, 3, (b,), generator=g)
+    elif loss == "bce":
+        y = torch.rand(b, 3, generator=g, dtype=DT)
+    else:
+        y = torch.randn(b, 3, generator=g, dtype=DT)
+    return x, y, sizes
+
+
+def _flat(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def _worker(rank: int, world: int) -> dict:
+    out = {}
+    for name, cfg in CONFIGS.items():
+        model = _model(cfg["model"])
+        opt = EGN(model, **cfg["kw"])
+        ckpt = None
+        for t in range(STEPS):
+            x, y, sizes = _global_batch(t, cfg["kw"]["loss"], world, cfg["uneven"])
+            lo = sum(sizes[:rank])
+            opt.step(inputs=x[lo:lo + sizes[rank]], targets=y[lo:lo + sizes[rank]])
+            if t == STEPS - 2:
+                opt.consolidate_state_dict(to=0)
+                if rank == 0:
+                    ckpt = {"model": {k: v.clone() for k, v in model.state_dict().items()},
+                            "opt": opt.state_dict()}
+        st = opt.statistics()
+        out[name] = {"params": _flat(model), "damping": opt.damping, "alpha": opt.alpha,
+                     "owned": st["owned_blocks"], "calls": st.get("comm_calls", 0.0), "ckpt": ckpt}
+    return out
+
+
+def _single(name: str, world: int, start: int = 0, ckpt: dict | None = None) -> tuple[torch.Tensor, EGN]:
+    cfg = CONFIGS[name]
+    model = _model(cfg["model"])
+    opt = EGN(model, **cfg["kw"])
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+    for t in range(start, STEPS):
+        x, y, _ = _global_batch(t, cfg["kw"]["loss"], world, cfg["uneven"])
+        opt.step(inputs=x, targets=y)
+    return _flat(model), opt
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_w_ranks_equal_one_process(world: int, tmp_path) -> None:
+    results = run_distributed(_worker, world, tmp_path, timeout=240)
+    for name in CONFIGS:
+        ref, ref_opt = _single(name, world)
+        for r, res in enumerate(results):
+            got = res[name]
+            # every rank holds bit-identical parameters
+            assert torch.equal(got["params"], results[0][name]["params"]), (name, r)
+            torch.testing.assert_close(got["params"], ref, rtol=1e-10, atol=1e-12, msg=f"{name} rank {r}")
+            assert got["damping"] == pytest.approx(ref_opt.damping, rel=1e-12)
+            assert got["alpha"] == pytest.approx(ref_opt.alpha, rel=1e-12)
+        if world > 1 and CONFIGS[name]["kw"].get("shard", True):
+            n_params = len(list(_model(CONFIGS[name]["model"]).parameters()))
+            assert sum(res[name]["owned"] for res in results) == n_params
+            assert len({res[name]["calls"] for res in results}) == 1  # same collectives on every rank
+        if name == "linear_idle" and world >= 3:
+            assert min(res[name]["owned"] for res in results) == 0  # an idle rank took part
+        # a state saved on W ranks resumes in one process and continues the same trajectory
+        resumed, _ = _single(name, world, start=STEPS - 1, ckpt=results[0][name]["ckpt"])
+        torch.testing.assert_close(resumed, ref, rtol=1e-10, atol=1e-12, msg=f"{name} resume from W={world}")

@@ -1,0 +1,222 @@
+"""The callbacks and the factory in one process: what reaches the optimizer, errors, pickling."""
+
+from __future__ import annotations
+
+import csv
+import pickle
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import CSVLogger
+
+import lightning_soaa
+from lightning_soaa.lightning import (
+    BatchToOptimizer,
+    LossToOptimizer,
+    OptimizerDiagnostics,
+    OptimizerFactory,
+    attach_optimizer,
+    resolve_optimizer_class,
+)
+from lightning_soaa.lightning.factory import check_sharding_matches_world
+from lightning_soaa.optim.adamw import ShardedAdamW
+from tests.lightning.helpers import PlainRegressor, TinyRegressor, make_trainer
+
+pytestmark = [pytest.mark.lightning, pytest.mark.timeout(120)]
+
+
+class RecordingAdamW(ShardedAdamW):
+    """ShardedAdamW that records every set_loss and the loss it holds when a step runs."""
+
+    def __init__(self, params: Any, **kw: Any) -> None:
+        super().__init__(params, **kw)
+        self.handed: list[float] = []
+        self.pending: float | None = None
+        self.at_step: list[float | None] = []
+
+    def set_loss(self, loss: Any) -> None:
+        self.pending = float(loss)
+        self.handed.append(self.pending)
+
+    def step(self, closure: Any = None) -> Any:
+        ret = super().step(closure)
+        self.at_step.append(self.pending)
+        self.pending = None
+        return ret
+
+
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_loss_to_optimizer_hands_the_step_loss(accumulate: int, tmp_path: Path) -> None:
+    model = TinyRegressor(OptimizerFactory(RecordingAdamW, {"lr": 0.01}), batch_size=4)
+    trainer = make_trainer(tmp_path, max_steps=4, accumulate_grad_batches=accumulate,
+                           callbacks=[LossToOptimizer()])
+    trainer.fit(model)
+    opt = trainer.optimizers[0]
+    assert len(opt.at_step) == 4
+    losses = model.losses  # unscaled per-micro-batch losses, recorded in training_step
+    assert len(losses) == 4 * accumulate
+    for k, handed in enumerate(opt.at_step):
+        expected = sum(losses[k * accumulate:(k + 1) * accumulate]) / accumulate
+        assert handed == pytest.approx(expected, rel=1e-12), (k, handed, expected)
+
+
+def _manual_module(opt_kind: str) -> PlainRegressor:
+    class Manual(PlainRegressor):
+        def __init__(self) -> None:
+            super().__init__(batch_size=8)
+            self.automatic_optimization = False
+
+        def configure_optimizers(self) -> Any:
+            if opt_kind == "SOAA":
+                return lightning_soaa.SOAA(self.parameters(), lr=0.01)
+            return lightning_soaa.EGN(self, loss="mse", lr=0.5)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            opt = self.optimizers()
+            x, y = batch
+            loss = F.mse_loss(self(x), y)
+            self.losses.append(float(loss.detach()))
+            if opt_kind == "SOAA":
+                opt.zero_grad()
+                self.manual_backward(loss)
+                opt.step()  # no closure, no loss=: only LossToOptimizer can supply the loss
+            else:
+                # The documented manual-optimization recipe for EGN: hand it the batch.
+                opt.step(inputs=x, targets=y)
+            return loss
+
+    return Manual()
+
+
+def test_soaa_without_loss_names_the_callback(tmp_path: Path) -> None:
+    pytest.importorskip("lightning_soaa.optim.soaa")
+    trainer = make_trainer(tmp_path, max_steps=2)
+    with pytest.raises(ValueError, match="LossToOptimizer"):
+        trainer.fit(_manual_module("SOAA"))
+    # ... and with the callback the same module trains.
+    model = _manual_module("SOAA")
+    trainer = make_trainer(tmp_path, max_steps=4, callbacks=[LossToOptimizer()])
+    trainer.fit(model)
+    stats = trainer.optimizers[0].statistics()
+    assert stats["steps"] == 4.0 and stats["loss"] == pytest.approx(model.losses[-1], rel=1e-6)
+
+
+def test_egn_manual_optimization_recipe(tmp_path: Path) -> None:
+    pytest.importorskip("lightning_soaa.optim.egn")
+    model = _manual_module("EGN")
+    trainer = make_trainer(tmp_path, max_steps=6)
+    trainer.fit(model)
+    assert trainer.optimizers[0].statistics()["steps"] == 6.0
+    assert model.losses[-1] < model.losses[0]
+
+
+def test_egn_without_batch_names_the_callback(tmp_path: Path) -> None:
+    pytest.importorskip("lightning_soaa.optim.egn")
+    model = TinyRegressor(OptimizerFactory("lightning_soaa.EGN", {"loss": "mse", "lr": 0.5}))
+    with pytest.raises(ValueError, match="BatchToOptimizer"):
+        make_trainer(tmp_path, max_steps=2).fit(model)
+
+
+def test_batch_callback_rejects_plain_egn(tmp_path: Path) -> None:
+    pytest.importorskip("lightning_soaa.optim.egn")
+    from lightning_soaa.optim.egn import EGN as PlainEGN
+
+    if hasattr(PlainEGN, "set_batch"):
+        pytest.skip("lightning_soaa.EGN now has set_batch itself")
+
+    class UsesPlainEGN(PlainRegressor):
+        def configure_optimizers(self) -> Any:
+            return PlainEGN(self, loss="mse", lr=0.5)
+
+    with pytest.raises(ValueError, match=r"lightning_soaa\.lightning\.EGN"):
+        make_trainer(tmp_path, max_steps=2, callbacks=[BatchToOptimizer()]).fit(UsesPlainEGN())
+
+
+def test_egn_with_batch_callback_keeps_training_step(tmp_path: Path) -> None:
+    pytest.importorskip("lightning_soaa.optim.egn")
+    # The user writes lightning_soaa.EGN in configure_optimizers, unchanged training_step.
+    from lightning_soaa.lightning import EGN
+
+    class UsesEGN(PlainRegressor):
+        def configure_optimizers(self) -> Any:
+            return EGN(self, loss="mse", lr=0.5)
+
+    model = UsesEGN()
+    trainer = make_trainer(tmp_path, max_steps=6, callbacks=[BatchToOptimizer()])
+    trainer.fit(model)
+    assert trainer.optimizers[0].statistics()["steps"] == 6.0
+    assert model.losses[-1] < model.losses[0]
+
+
+def test_diagnostics_in_csv_logger(tmp_path: Path) -> None:
+    pytest.importorskip("lightning_soaa.optim.soaa")
+    model = TinyRegressor(OptimizerFactory("SOAA", {"lr": 0.01}))
+    logger = CSVLogger(str(tmp_path), name="diag", version=0)
+    trainer = make_trainer(tmp_path, max_steps=5, logger=logger, log_every_n_steps=1,
+                           callbacks=[LossToOptimizer(), OptimizerDiagnostics()])
+    trainer.fit(model)
+    with open(tmp_path / "diag" / "version_0" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for key in ("SOAA/d", "SOAA/rho", "SOAA/accepted", "SOAA/steps", "SOAA/lr", "SOAA/ownership_balance"):
+        values = [r[key] for r in rows if r.get(key)]
+        assert values, f"{key} missing from the CSV log (columns: {sorted(rows[0])})"
+    assert [float(r["SOAA/steps"]) for r in rows if r.get("SOAA/steps")] == [1.0, 2.0, 3.0, 4.0, 5.0]
+
+
+def test_diagnostics_rejects_bad_interval() -> None:
+    with pytest.raises(ValueError, match="every_n_steps=0"):
+        OptimizerDiagnostics(every_n_steps=0)
+
+
+def test_callbacks_and_attached_module_pickle() -> None:
+    for cb in (LossToOptimizer(), BatchToOptimizer(), OptimizerDiagnostics(every_n_steps=2)):
+        clone = pickle.loads(pickle.dumps(cb))
+        assert type(clone) is type(cb) and clone.__dict__.keys() == cb.__dict__.keys()
+    module = attach_optimizer(PlainRegressor(), OptimizerFactory("ShardedAdamW", {"lr": 0.1}))
+    clone = pickle.loads(pickle.dumps(module))
+    opt = clone.configure_optimizers()
+    assert isinstance(opt, ShardedAdamW) and opt.param_groups[0]["lr"] == 0.1
+    # the clone's optimizer holds the clone's parameters, not the original's
+    assert {id(p) for p in opt.param_groups[0]["params"]} == {id(p) for p in clone.parameters()}
+
+
+def test_factory_names_and_first_argument() -> None:
+    assert resolve_optimizer_class("ShardedAdamW") is ShardedAdamW
+    assert resolve_optimizer_class("torch.optim.AdamW") is torch.optim.AdamW
+    listed = r"Unknown optimizer .*lightning_soaa\.SOAA.*lightning_soaa\.EGN"
+    bad_names = ("lightning_soaa.Nope", "SOAAA", "torch.optim.Adamm", "os.path", "lightning_soaa.config.check_range")
+    for bad in bad_names:
+        with pytest.raises(ValueError, match=listed):
+            resolve_optimizer_class(bad)
+    module = PlainRegressor()
+    torch_opt = OptimizerFactory("torch.optim.SGD", {"lr": 0.1}).build(module)
+    assert isinstance(torch_opt, torch.optim.SGD)
+    ours = OptimizerFactory("ShardedAdamW").build(module)
+    assert ours.param_groups[0]["param_names"] == [n for n, _ in module.named_parameters()]
+
+
+def test_check_sharding_detects_optimizer_built_too_early(monkeypatch: pytest.MonkeyPatch) -> None:
+    opt = ShardedAdamW(PlainRegressor().parameters())  # LocalComm: no process group yet
+    check_sharding_matches_world(opt)  # fine while torch.distributed is not running
+    # undone inside the test: the autouse teardown asks torch.distributed whether a group is left over
+    with monkeypatch.context() as m:
+        m.setattr(torch.distributed, "is_initialized", lambda: True)
+        m.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+        with pytest.raises(RuntimeError, match="configure_optimizers"):
+            check_sharding_matches_world(opt)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "SOAA.step(closure) replaces the loss handed over by LossToOptimizer with the closure's return value, "
+    "and Lightning's closure returns loss / accumulate_grad_batches; needs SOAA to prefer a loss set "
+    "during the closure call (requested from the SOAA owner)."))
+def test_soaa_sees_the_mean_loss_under_gradient_accumulation(tmp_path: Path) -> None:
+    pytest.importorskip("lightning_soaa.optim.soaa")
+    model = TinyRegressor(OptimizerFactory("SOAA", {"lr": 0.01}), batch_size=4)
+    trainer = make_trainer(tmp_path, max_steps=2, accumulate_grad_batches=2, callbacks=[LossToOptimizer()])
+    trainer.fit(model)
+    expected = sum(model.losses[2:4]) / 2
+    assert trainer.optimizers[0].statistics()["loss"] == pytest.approx(expected, rel=1e-9)

@@ -1,0 +1,112 @@
+"""LightningCLI: ``--optimizer <class path>`` on a module without configure_optimizers, unknown optimizers,
+and the ``lightning-soaa`` console script running ``fit`` from a config on 2 processes."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lightning_soaa.lightning import BatchToOptimizer, LossToOptimizer, OptimizerDiagnostics
+from lightning_soaa.lightning.cli import SOAALightningCLI
+
+pytestmark = [pytest.mark.lightning, pytest.mark.timeout(240)]
+
+REPO = Path(__file__).resolve().parents[2]
+BASE = ["fit", "--model", "tests.lightning.helpers.PlainRegressor", "--trainer.accelerator", "cpu",
+        "--trainer.devices", "1", "--trainer.max_steps", "3", "--trainer.precision", "64-true",
+        "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+@pytest.mark.parametrize(("class_path", "extra", "check"), [
+    ("lightning_soaa.SOAA", ["--optimizer.lr", "0.02", "--optimizer.gamma", "0.2"], {"lr": 0.02}),
+    ("lightning_soaa.ASGO", ["--optimizer.lr", "0.02"], {"lr": 0.02}),
+    ("lightning_soaa.EGN", ["--optimizer.loss", "mse", "--optimizer.lr", "0.5"], {"lr": 0.5}),
+    ("lightning_soaa.ShardedAdamW", ["--optimizer.lr", "0.02"], {"lr": 0.02}),
+    ("torch.optim.AdamW", ["--optimizer.lr", "0.02"], {"lr": 0.02}),
+])
+def test_cli_optimizer_class_path(class_path: str, extra: list[str], check: dict, tmp_path: Path,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    module_name = class_path.rsplit(".", 1)[1]
+    if class_path.startswith("lightning_soaa.") and module_name != "ShardedAdamW":
+        pytest.importorskip(f"lightning_soaa.optim.{module_name.lower()}")
+    monkeypatch.chdir(tmp_path)
+    cli = SOAALightningCLI(args=[*BASE, "--optimizer", class_path, *extra])
+    opt = cli.trainer.optimizers[0]
+    assert f"{type(opt).__module__}.{type(opt).__name__}".endswith(module_name)
+    for k, v in check.items():
+        assert opt.param_groups[0][k] == v
+    if hasattr(opt, "statistics"):
+        assert opt.statistics()["steps"] == 3.0
+    names = {type(c) for c in cli.trainer.callbacks}
+    assert {LossToOptimizer, BatchToOptimizer, OptimizerDiagnostics} <= names
+    assert cli.trainer.state.finished
+
+
+def test_cli_unknown_optimizer_lists_valid_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        SOAALightningCLI(args=[*BASE, "--optimizer", "lightning_soaa.SOAB"])
+    assert exc.value.code != 0
+    err = capsys.readouterr().err
+    assert "lightning_soaa.SOAB" in err
+    for name in ("lightning_soaa.SOAA", "lightning_soaa.EGN", "lightning_soaa.ASGO", "torch.optim.AdamW"):
+        assert name in err, err
+    # the same from a YAML config file
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("optimizer:\n  class_path: lightning_soaa.NotAnOptimizer\n  init_args:\n    lr: 0.1\n")
+    with pytest.raises(SystemExit):
+        SOAALightningCLI(args=[*BASE, "--config", str(cfg)])
+    err = capsys.readouterr().err
+    assert "NotAnOptimizer" in err and "Valid optimizers" in err and "lightning_soaa.SOAA" in err
+
+
+def _console_script() -> list[str]:
+    script = Path(sys.executable).with_name("lightning-soaa")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "lightning_soaa.lightning.cli"]
+
+
+def test_console_script_fits_from_config_on_two_processes(tmp_path: Path) -> None:
+    pytest.importorskip("lightning_soaa.optim.soaa")
+    pytest.importorskip("sklearn")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK")}
+    cmd = [*_console_script(), "fit", "--config", str(REPO / "configs" / "digits_soaa.yaml"),
+           "--trainer.max_steps", "12", "--trainer.val_check_interval", "6",
+           "--trainer.log_every_n_steps", "2",
+           "--trainer.enable_progress_bar", "false",
+           "--trainer.logger.init_args.save_dir", str(tmp_path / "logs")]
+    # strategy="ddp" re-launches the command for rank 1: fine in a subprocess, never inside pytest itself.
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    metrics = next((tmp_path / "logs" / "digits_soaa").glob("version_*/metrics.csv"))
+    with open(metrics, newline="") as f:
+        rows = list(csv.DictReader(f))
+    world = {float(r["SOAA/world_size"]) for r in rows if r.get("SOAA/world_size")}
+    assert world == {2.0}, "the optimizer must be sharded across the 2 DDP processes"
+    assert all(float(r["SOAA/comm_bytes"]) > 0 for r in rows if r.get("SOAA/comm_bytes"))
+    steps = [float(r["SOAA/steps"]) for r in rows if r.get("SOAA/steps")]
+    assert steps and steps[-1] == 12.0
+    assert any(r.get("val_loss") for r in rows)
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_parse(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every configs/*.yaml names importable classes and valid arguments (parsed, not run)."""
+    import yaml
+
+    class_path = yaml.safe_load(config.read_text())["optimizer"]["class_path"]
+    name = class_path.rsplit(".", 1)[1]
+    if name != "ShardedAdamW":
+        pytest.importorskip(f"lightning_soaa.optim.{name.lower()}", reason=f"{name} has not landed")
+    with pytest.raises(SystemExit) as exc:
+        SOAALightningCLI(args=["fit", "--config", str(config), "--print_config"])
+    assert exc.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "optimizer:" in printed and "class_path: lightning_soaa." in printed

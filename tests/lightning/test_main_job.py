@@ -1,0 +1,51 @@
+"""The main job's quick mode, end to end: 2 CPU processes with Lightning DDP, run as a subprocess
+(``strategy="ddp"`` re-launches the command line, which must not be pytest's)."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.lightning, pytest.mark.timeout(420)]
+
+REQUIRED = ("lightning_soaa.optim.soaa", "lightning_soaa.optim.egn", "lightning_soaa.optim.asgo", "sklearn",
+            "matplotlib")
+
+
+def test_main_job_quick(tmp_path: Path) -> None:
+    for mod in REQUIRED:
+        pytest.importorskip(mod)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK")}
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightning_soaa.lightning.main_job", "--quick", "--out", str(out)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    # the table, once (rank 0 only), with every (task, optimizer) pair
+    assert proc.stdout.count("train loss") == 1, proc.stdout[-3000:]
+    with open(out / "summary.csv", newline="") as f:
+        summary = list(csv.DictReader(f))
+    pairs = {(r["task"], r["optimizer"]) for r in summary}
+    assert pairs == {("digits", o) for o in ("AdamW", "SOAA", "EGN", "ASGO")} | \
+        {("chars", o) for o in ("AdamW", "SOAA", "ASGO")}
+    uniform = {"digits": math.log(10), "chars": math.log(103)}
+    for r in summary:
+        assert int(r["steps"]) == (40 if r["task"] == "digits" else 30)
+        for k in ("wall_s", "train_s", "train_loss", "val_loss", "val_acc", "train_acc"):
+            assert math.isfinite(float(r[k])), (r, k)
+        # every optimizer learned something: better than the uniform guess
+        assert float(r["val_loss"]) < 0.9 * uniform[r["task"]], r
+    with open(out / "results.csv", newline="") as f:
+        curve = list(csv.DictReader(f))
+    assert len(curve) == 2 * 7  # two validation points per run in quick mode
+    png = out / "val_loss.png"
+    assert png.exists() and png.stat().st_size > 10_000
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,119 @@
+"""``detect_launch`` reads each launcher's variables; precedence when launchers nest; bad values."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+import torch.distributed as dist
+
+from lightning_soaa.distributed.launch import LaunchInfo, detect_launch, first_slurm_host, init_from_env, slurm_port
+
+TORCHRUN = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "1",
+            "MASTER_ADDR": "10.0.0.5", "MASTER_PORT": "29400", "TORCHELASTIC_RUN_ID": "x"}
+OMPI = {"OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+        "OMPI_COMM_WORLD_LOCAL_SIZE": "4", "OMPI_COMM_WORLD_NODE_RANK": "1"}
+SRUN = {"SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "4", "SLURM_LOCALID": "1", "SLURM_NODEID": "1",
+        "SLURM_STEP_NODELIST": "gpu[07-08]", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "4242",
+        "SLURM_STEP_TASKS_PER_NODE": "2(x2)", "SLURM_NTASKS": "4"}
+# what a batch script sees outside any srun step: one process, although SLURM_NTASKS says 4
+SBATCH = {"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "4242",
+          "SLURM_NODEID": "0", "SLURM_LOCALID": "0", "SLURM_TASKS_PER_NODE": "2(x2)"}
+
+
+def test_single_process_when_no_launcher() -> None:
+    info = detect_launch({})
+    assert info == LaunchInfo(launcher="single", rank=0, world_size=1, local_rank=0, local_world_size=1,
+                              node_rank=0, master_addr=None, master_port=None)
+    assert not info.distributed
+
+
+def test_torchrun() -> None:
+    info = detect_launch(TORCHRUN)
+    assert (info.launcher, info.rank, info.world_size, info.local_rank, info.local_world_size, info.node_rank) == \
+        ("torchrun", 3, 4, 1, 2, 1)
+    assert (info.master_addr, info.master_port) == ("10.0.0.5", 29400)
+
+
+def test_open_mpi_without_rendezvous_address() -> None:
+    info = detect_launch(OMPI)
+    assert (info.launcher, info.rank, info.world_size, info.local_rank, info.local_world_size, info.node_rank) == \
+        ("mpi", 5, 8, 1, 4, 1)
+    assert info.master_addr is None and info.master_port is None  # init_from_env asks mpi4py
+
+
+def test_open_mpi_with_exported_rendezvous_address() -> None:
+    info = detect_launch({**OMPI, "MASTER_ADDR": "node7", "MASTER_PORT": "1234"})
+    assert (info.master_addr, info.master_port) == ("node7", 1234)
+
+
+def test_mpich_pmi() -> None:
+    info = detect_launch({"PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2"})
+    assert (info.launcher, info.rank, info.world_size, info.local_rank) == ("mpi", 1, 2, 1)
+
+
+def test_srun_derives_address_and_port_from_the_step() -> None:
+    info = detect_launch(SRUN)
+    assert (info.launcher, info.rank, info.world_size, info.local_rank, info.local_world_size, info.node_rank) == \
+        ("slurm", 3, 4, 1, 2, 1)
+    assert info.master_addr == "gpu07"
+    assert info.master_port == slurm_port(4242)
+    # every task of the job derives the same port, in a range clear of the ephemeral ports
+    assert 1024 < slurm_port(4242) < 32768 and slurm_port(4242) == slurm_port(4242)
+    assert detect_launch({**SRUN, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "23456"}).master_addr == "127.0.0.1"
+
+
+def test_batch_script_outside_srun_is_a_single_process() -> None:
+    assert detect_launch(SBATCH).launcher == "single"
+
+
+def test_nested_launchers_most_specific_wins() -> None:
+    # torchrun inside an sbatch/srun step: torchrun's ranks, not SLURM's
+    assert detect_launch({**SRUN, **TORCHRUN}).launcher == "torchrun"
+    # mpirun inside an allocation: the batch step's SLURM_PROCID=0 must not win
+    assert detect_launch({**SBATCH, **OMPI}).launcher == "mpi"
+    assert detect_launch({**SRUN, **OMPI}).rank == 5
+
+
+@pytest.mark.parametrize(("nodelist", "first"), [
+    ("node1", "node1"), ("node[1-2]", "node1"), ("gpu[03-05,9],cpu1", "gpu03"), ("a-b[10,2]", "a-b10"),
+    ("x1,x2", "x1"),
+])
+def test_first_slurm_host(nodelist: str, first: str) -> None:
+    assert first_slurm_host(nodelist) == first
+
+
+def test_slurm_tasks_per_node_formats() -> None:
+    env = {k: v for k, v in SRUN.items()}
+    env["SLURM_STEP_TASKS_PER_NODE"] = "3,2(x2)"
+    env["SLURM_NODEID"] = "2"
+    assert detect_launch(env).local_world_size == 2
+    env["SLURM_NODEID"] = "0"
+    assert detect_launch(env).local_world_size == 3
+
+
+@pytest.mark.parametrize(("env", "field"), [
+    ({"RANK": "a", "WORLD_SIZE": "2"}, "RANK='a'"),
+    ({"RANK": "2", "WORLD_SIZE": "2"}, "rank=2"),
+    ({"RANK": "0", "WORLD_SIZE": "0"}, "world_size=0"),
+    ({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2", "MASTER_PORT": "70000"}, "master_port=70000"),
+    ({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2"}, "SLURM_STEP_NODELIST"),
+    ({**SRUN, "SLURM_STEP_TASKS_PER_NODE": "2(y3)"}, "SLURM_STEP_TASKS_PER_NODE='2(y3)'"),
+])
+def test_bad_values_name_the_variable(env: dict[str, str], field: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(field)):
+        detect_launch(env)
+
+
+def test_init_from_env_single_process_does_not_initialise() -> None:
+    info = init_from_env(env={})
+    assert info.launcher == "single" and not dist.is_initialized()
+
+
+def test_module_import_does_not_import_mpi4py() -> None:
+    code = ("import sys, lightning_soaa.distributed.launch as m; "
+            "assert 'mpi4py' not in sys.modules, 'mpi4py imported'; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

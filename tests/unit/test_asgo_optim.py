@@ -1,0 +1,343 @@
+"""ASGO / DASGO as optimizers on one process: routing, blocking, cost model, validation, checkpoints."""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_soaa import ASGO, DASGO
+from lightning_soaa.distributed.assignment import assign_owners, rank_loads
+from lightning_soaa.optim.asgo import asgo_block_cost, asgo_block_specs, asgo_param_groups
+from tests.harness.models import batch, loss_fn, tiny_mlp
+
+f64 = torch.float64
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.tok_emb = nn.Embedding(10, 6)
+        self.wpe = nn.Embedding(4, 6)  # a GPT-2 style name without "emb"
+        self.conv = nn.Conv1d(6, 6, 3, padding=1)
+        self.ln = nn.LayerNorm(6)
+        self.fc = nn.Linear(6, 9)
+        self.head = nn.Linear(9, 10, bias=False)
+        self.double()
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=f64) * 0.3)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.tok_emb(idx) + self.wpe(torch.arange(idx.shape[1]))
+        x = self.conv(x.transpose(1, 2)).transpose(1, 2)
+        return self.head(torch.tanh(self.fc(self.ln(x))))
+
+
+def _net_loss(net: _Net, t: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(t)
+    idx = torch.randint(0, 10, (3, 4), generator=g)
+    return nn.functional.cross_entropy(net(idx).reshape(-1, 10), idx.reshape(-1))
+
+
+def _routes(opt: ASGO) -> dict[str, bool]:
+    return {n: opt.is_matrix_param(p, opt.param_groups[gi], n) for p, gi, n in opt._all_params()}
+
+
+def test_routing_named_parameters():
+    net = _Net()
+    opt = ASGO(net.named_parameters())
+    assert _routes(opt) == {
+        "tok_emb.weight": False,  # name contains "emb"
+        "wpe.weight": True,  # 2-D, name without "emb": routed by shape (use asgo_param_groups, below)
+        "conv.weight": True, "conv.bias": False, "ln.weight": False, "ln.bias": False,
+        "fc.weight": True, "fc.bias": False, "head.weight": True,
+    }
+    net.zero_grad()
+    _net_loss(net, 0).backward()
+    opt.step()
+    assert set(opt.state[net.conv.weight]) >= {"exp_avg", "gram", "inv_root"}
+    assert opt.state[net.conv.weight]["exp_avg"].shape == (6, 18)  # out x (in * k), right side
+    assert opt.state[net.conv.weight]["gram"].shape == (6, 6)
+    assert set(opt.state[net.tok_emb.weight]) == {"step", "exp_avg", "exp_avg_sq"}
+
+
+def test_asgo_param_groups_finds_embeddings_and_tied_heads():
+    net = _Net()
+    net.head.weight = net.tok_emb.weight  # tie (10 x 6): named_parameters() reports it once
+    net.head.in_features = 6
+    net.fc = nn.Linear(6, 6).double()
+    groups = asgo_param_groups(net, lr=3e-3)
+    opt = ASGO(groups)
+    routes = _routes(opt)
+    assert routes["tok_emb.weight"] is False and routes["wpe.weight"] is False
+    assert routes["fc.weight"] is True and routes["conv.weight"] is True
+    assert opt.param_groups[1]["use_asgo"] is False and opt.param_groups[1]["lr"] == 3e-3
+
+
+def test_use_asgo_group_option():
+    net = _Net()
+    params = dict(net.named_parameters())
+    opt = ASGO([{"params": [params["fc.weight"], params["head.weight"]], "use_asgo": False},
+                {"params": [params["conv.weight"]]}])
+    g0 = opt.param_groups[0]
+    assert [opt.is_matrix_param(p, g0, None) for p in g0["params"]] == [False, False]
+    msg = "Invalid use_asgo=True for parameter 'fc.bias' of shape (9,)."
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        ASGO([{"params": [("fc.bias", params["fc.bias"])], "use_asgo": True}])
+    with pytest.raises(ValueError, match=re.escape("Invalid use_asgo='yes'. Must be True, False or None.")):
+        ASGO([{"params": [params["fc.weight"]], "use_asgo": "yes"}])
+
+
+def test_warns_when_nothing_is_a_matrix(caplog):
+    # what a flat 1-D partition (DeepSpeed ZeRO) would look like: ASGO would silently be AdamW
+    with caplog.at_level("WARNING"):
+        ASGO([nn.Parameter(torch.randn(100))])
+    assert "every parameter uses AdamW" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        ASGO([nn.Parameter(torch.randn(3, 4))])
+    assert "every parameter uses AdamW" not in caplog.text
+
+
+def test_adam_fallback_matches_torch_adamw_over_many_steps():
+    b1 = nn.Parameter(torch.randn(7, dtype=f64))
+    b2 = nn.Parameter(b1.detach().clone())
+    o1 = ASGO([b1], lr=1e-2)
+    o2 = torch.optim.AdamW([b2], lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    for t in range(20):
+        g = torch.randn(7, dtype=f64, generator=torch.Generator().manual_seed(t))
+        b1.grad, b2.grad = g.clone(), g.clone()
+        o1.step()
+        o2.step()
+    torch.testing.assert_close(b1, b2, rtol=1e-14, atol=1e-14)
+
+
+def test_conv_kernel_equals_reshaped_matrix():
+    k4 = nn.Parameter(torch.randn(5, 3, 2, 2, dtype=f64))  # 5 x 12 -> left side
+    k2 = nn.Parameter(k4.detach().reshape(5, 12).clone())
+    o4, o2 = ASGO([k4], lr=0.1), ASGO([k2], lr=0.1)
+    for t in range(4):
+        g = torch.randn(5, 3, 2, 2, dtype=f64, generator=torch.Generator().manual_seed(t))
+        k4.grad, k2.grad = g.clone(), g.reshape(5, 12).clone()
+        o4.step()
+        o2.step()
+    torch.testing.assert_close(k4.detach().reshape(5, 12), k2.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape,split_dim,pieces", [
+    ((8, 30), 0, [(0, 3), (3, 6), (6, 8)]),  # left: rows cut
+    ((30, 8), 1, [(0, 3), (3, 6), (6, 8)]),  # right: columns cut
+    ((40, 4, 2, 2), 1, [(0, 2), (2, 4)]),  # right side of a 40 x 16 kernel: whole input channels (4 cols)
+])
+def test_blocks_are_independent_asgo_problems(shape, split_dim, pieces):
+    mbs = 3 if len(shape) == 2 else 8
+    specs = asgo_block_specs(shape, mbs)
+    assert [(s.dim, s.start, s.stop) for s in specs] == [(split_dim, a, b) for a, b in pieces]
+    w = nn.Parameter(torch.randn(shape, dtype=f64))
+    parts = [nn.Parameter(w.detach().narrow(split_dim, a, b - a).clone()) for a, b in pieces]
+    o_big = ASGO([w], lr=0.1, max_block_size=mbs)
+    o_parts = ASGO(parts, lr=0.1, max_block_size=10**6)
+    assert len(o_big.block_table.blocks) == len(pieces)
+    for t in range(3):
+        g = torch.randn(shape, dtype=f64, generator=torch.Generator().manual_seed(t))
+        w.grad = g.clone()
+        for p, (a, b) in zip(parts, pieces):
+            p.grad = g.narrow(split_dim, a, b - a).clone()
+        o_big.step()
+        o_parts.step()
+    for p, (a, b) in zip(parts, pieces):
+        torch.testing.assert_close(w.detach().narrow(split_dim, a, b - a), p.detach(), rtol=0, atol=0)
+    assert set(o_big.state[w]) == set(range(len(pieces)))
+
+
+def test_block_cost_model():
+    assert asgo_block_cost(768, 3072, 10, 1) == 4 * 10 * 768**3 + 4 * 768**2 * 3072
+    assert asgo_block_cost(768, 768, 10, 10) == 4 * 768**3 + 4 * 768**3
+    spec = asgo_block_specs((3072, 768), 1024)
+    assert len(spec) == 1 and spec[0].dim is None and spec[0].cost == asgo_block_cost(768, 3072, 10, 1)
+
+
+def _gpt_like(n_layer: int, d: int, vocab: int = 50304, block: int = 256) -> list[tuple[str, torch.Tensor]]:
+    def t(*s: int) -> torch.Tensor:
+        return torch.empty(s, device="meta")
+    out = [("wte_emb.weight", t(vocab, d)), ("wpe_emb.weight", t(block, d))]
+    for i in range(n_layer):
+        h = f"h.{i}."
+        out += [(h + "ln_1.weight", t(d)), (h + "ln_1.bias", t(d))]
+        for name in ("q", "k", "v", "o"):
+            out += [(h + f"attn.{name}.weight", t(d, d)), (h + f"attn.{name}.bias", t(d))]
+        out += [(h + "ln_2.weight", t(d)), (h + "ln_2.bias", t(d)),
+                (h + "mlp.fc.weight", t(4 * d, d)), (h + "mlp.fc.bias", t(4 * d)),
+                (h + "mlp.proj.weight", t(d, 4 * d)), (h + "mlp.proj.bias", t(d))]
+    return out + [("ln_f.weight", t(d)), ("ln_f.bias", t(d))]
+
+
+@pytest.mark.parametrize("n_layer,d,max_block_size", [(12, 768, 1024), (24, 1024, 512), (6, 384, 1024)])
+@pytest.mark.parametrize("world_size", [2, 3, 4, 8, 16])
+def test_ownership_balance_gpt_like(n_layer, d, max_block_size, world_size):
+    # The optimizer's own blocking and cost model on meta tensors (no memory), then the pure assignment.
+    opt = ASGO(_gpt_like(n_layer, d), max_block_size=max_block_size)
+    costs = [b.cost for b in opt.block_table.blocks]
+    owners = assign_owners(costs, world_size)
+    loads = rank_loads(costs, owners, world_size)
+    ideal = sum(costs) / world_size
+    assert max(loads) <= 1.3 * ideal, f"max/ideal = {max(loads) / ideal:.3f}"
+    assert min(loads) > 0
+    if max_block_size == 512:  # 1024-wide matrices are cut in two along the preconditioned side
+        assert max(b.shape[0] if b.dim == 0 else 1 for b in opt.block_table.blocks) <= 512
+
+
+BAD = [
+    (dict(lr=-1.0), "Invalid lr=-1.0. Must be in [0.0, inf]."),
+    (dict(betas=(0.9, 1.0)), "Invalid betas[1]=1.0. Must be in [0.0, 1.0)."),
+    (dict(betas=(0.9,)), "Invalid betas=(0.9,). Must be a pair (beta1, beta2)."),
+    (dict(weight_decay=-0.1), "Invalid weight_decay=-0.1. Must be in [0.0, inf]."),
+    (dict(rms_scale=0.0), "Invalid rms_scale=0.0. Must be in (0.0, inf]."),
+    (dict(eps=-1e-3), "Invalid eps=-0.001. Must be in [0.0, inf]."),
+    (dict(damping=float("nan")), "Invalid damping=nan. Must be in [0.0, inf]."),
+    (dict(inverse_root="svd"),
+     "Invalid inverse_root='svd'. Must be one of 'polar_express', 'newton_schulz', 'eigh'."),
+    (dict(root_iters=0), "Invalid root_iters=0. Must be an integer >= 1 or None."),
+    (dict(root_every=0), "Invalid root_every=0. Must be an integer >= 1."),
+    (dict(root_every=2.0), "Invalid root_every=2.0. Must be an integer >= 1."),
+    (dict(max_block_size=0), "Invalid max_block_size=0. Must be an integer >= 1."),
+    (dict(adam_betas=(1.0, 0.9)), "Invalid adam_betas[0]=1.0. Must be in [0.0, 1.0)."),
+    (dict(adam_eps=-1.0), "Invalid adam_eps=-1.0. Must be in [0.0, inf]."),
+    (dict(adam_weight_decay=-1.0), "Invalid adam_weight_decay=-1.0. Must be in [0.0, inf]."),
+]
+
+
+@pytest.mark.parametrize("kwargs,msg", BAD)
+def test_bad_hyperparameters(kwargs, msg):
+    w = nn.Parameter(torch.randn(3, 4))
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        ASGO([w], **kwargs)
+
+
+@pytest.mark.parametrize("kwargs,msg", [(k, m) for k, m in BAD if set(k) & {"lr", "betas", "weight_decay",
+                                        "rms_scale", "eps", "adam_betas", "adam_eps", "adam_weight_decay"}])
+def test_bad_hyperparameters_dasgo(kwargs, msg):
+    w = nn.Parameter(torch.randn(3, 4))
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        DASGO([w], **kwargs)
+
+
+def test_bad_group_override_is_rejected():
+    w, b = nn.Parameter(torch.randn(3, 4)), nn.Parameter(torch.randn(3))
+    with pytest.raises(ValueError, match=re.escape("Invalid root_every=-2. Must be an integer >= 1.")):
+        ASGO([{"params": [w]}, {"params": [b], "root_every": -2}])
+
+
+def test_bad_added_group_leaves_optimizer_unchanged():
+    w, b = nn.Parameter(torch.randn(3, 4)), nn.Parameter(torch.randn(3))
+    opt = ASGO([w])
+    with pytest.raises(ValueError, match=re.escape("Invalid inverse_root='qr'.")):
+        opt.add_param_group({"params": [b], "inverse_root": "qr"})
+    assert len(opt.param_groups) == 1 and len(opt.block_table.blocks) == 1
+
+
+def test_bad_state_dict_leaves_optimizer_untouched():
+    m = tiny_mlp()
+    opt = ASGO(m.parameters())
+    x, y = batch(0, 0)
+    loss_fn(m, x, y).backward()
+    opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    sd["param_groups"][0]["rms_scale"] = -1.0
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=re.escape("Invalid rms_scale=-1.0. Must be in (0.0, inf].")):
+        opt.load_state_dict(sd)
+    after = opt.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    for pi, blk in before["state"].items():
+        for si, st in blk.items():
+            for k, v in st.items():
+                assert torch.equal(after["state"][pi][si][k], v)
+
+
+def _run(model, opt, start, steps):
+    for t in range(start, start + steps):
+        x, y = batch(t, 0)
+        opt.zero_grad()
+        loss_fn(model, x, y).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("cls,kw", [
+    (ASGO, dict(root_every=2, max_block_size=4, damping=1e-6)),
+    (ASGO, dict(inverse_root="newton_schulz")),
+    (DASGO, dict()),
+])
+def test_resume_equals_uninterrupted(cls, kw):
+    m_ref = tiny_mlp()
+    o_ref = cls(m_ref.named_parameters(), lr=2e-2, **kw)
+    _run(m_ref, o_ref, 0, 7)
+
+    m1 = tiny_mlp()
+    o1 = cls(m1.named_parameters(), lr=2e-2, **kw)
+    _run(m1, o1, 0, 3)  # resume at an odd step: the stored root (root_every=2) must come back
+    sd = copy.deepcopy(o1.state_dict())
+    model_sd = copy.deepcopy(m1.state_dict())
+
+    m2 = tiny_mlp(seed=99)
+    m2.load_state_dict(model_sd)
+    o2 = cls(m2.named_parameters(), lr=0.5, **kw)  # lr comes back from the checkpoint
+    o2.load_state_dict(sd)
+    assert o2.param_groups[0]["lr"] == 2e-2
+    _run(m2, o2, 3, 4)
+    for a, b in zip(m_ref.parameters(), m2.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert o2.num_steps == 7
+
+
+def test_statistics_report_root_method_fallbacks_condition_and_balance():
+    m = tiny_mlp()
+    opt = ASGO(m.named_parameters(), inverse_root="newton_schulz", damping=1e-3)
+    _run(m, opt, 0, 3)
+    s = opt.statistics()
+    assert s["asgo_root_method_newton_schulz"] == 1.0 and s["asgo_root_method_polar_express"] == 0.0
+    assert s["asgo_root_fallbacks"] == 0.0
+    assert s["asgo_blocks_owned"] == 3.0 and s["adam_blocks_owned"] == 3.0
+    assert s["ownership_balance"] == 1.0
+    # condition estimate vs the exact condition number of the damped statistic of the first layer
+    conds = []
+    for p in m.parameters():
+        st = opt.state[p]
+        if "gram" in st:
+            v = st["gram"]
+            vd = v + 1e-3 * torch.trace(v) / v.shape[0] * torch.eye(v.shape[0], dtype=v.dtype)
+            ev = torch.linalg.eigvalsh(vd)
+            conds.append((ev[-1] / ev[0]).item())
+    assert math.isclose(s["asgo_cond_max"], max(conds), rel_tol=1e-2)
+    assert s["asgo_mean_eig_max"] >= s["asgo_mean_eig_min"] > 0
+
+
+def test_bf16_parameters_keep_fp32_state_and_train():
+    m = tiny_mlp(dtype=torch.bfloat16)
+    opt = ASGO(m.named_parameters())
+    for t in range(3):
+        x, y = batch(t, 0, dtype=torch.bfloat16)
+        opt.zero_grad()
+        loss_fn(m, x, y).backward()
+        opt.step()
+    w = m[0].weight
+    assert opt.state[w]["gram"].dtype == torch.float32 and opt.state[w]["inv_root"].dtype == torch.float32
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+
+
+def test_dasgo_routes_like_asgo():
+    net = _Net()
+    opt = DASGO(net.named_parameters())
+    net.zero_grad()
+    _net_loss(net, 0).backward()
+    opt.step()
+    assert opt.state[net.fc.weight]["col_stat"].shape == (6,)
+    assert opt.state[net.conv.weight]["col_stat"].shape == (18,)
+    assert "exp_avg_sq" in opt.state[net.tok_emb.weight]
+    assert opt.statistics()["dasgo_blocks_owned"] == 4.0

@@ -1,0 +1,259 @@
+"""ASGO / DASGO update rules against the float64 oracles of algorithms.md §4 (ASGO 1-6), one process."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lightning_soaa.optim.asgo as asgo_mod
+from lightning_soaa import ASGO, DASGO
+from lightning_soaa.functional.linalg import inv_sqrt_eigh
+
+f64 = torch.float64
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _one_step_update(opt: torch.optim.Optimizer, w: nn.Parameter, g: torch.Tensor) -> torch.Tensor:
+    """Apply one step with gradient g; return U = -(W_new - W_old)/lr (lr=1, wd=0 in these tests)."""
+    before = w.detach().clone()
+    w.grad = g.clone()
+    opt.step()
+    return before - w.detach()
+
+
+def _polar(g: torch.Tensor) -> torch.Tensor:
+    u, _, vh = torch.linalg.svd(g, full_matrices=False)
+    return u @ vh
+
+
+@pytest.mark.parametrize("shape", [(5, 9), (9, 5), (6, 6), (1, 7), (7, 1)])
+@pytest.mark.parametrize("method,tol", [("eigh", 1e-11), ("polar_express", 1e-8), ("newton_schulz", 1e-8)])
+def test_polar_factor_oracle(shape, method, tol):
+    # beta1 = beta2 = 0 and an exact root: U = 0.2 sqrt(mn) polar(G)/||polar(G)||_F (Muon without momentum)
+    m, n = shape
+    w = nn.Parameter(torch.randn(m, n, dtype=f64, generator=_gen(1)))
+    opt = ASGO([w], lr=1.0, betas=(0.0, 0.0), weight_decay=0.0, inverse_root=method)
+    for t in range(3):
+        g = torch.randn(m, n, dtype=f64, generator=_gen(10 + t))
+        u = _one_step_update(opt, w, g)
+        pol = _polar(g)
+        expected = 0.2 * math.sqrt(m * n) * pol / torch.linalg.matrix_norm(pol)
+        torch.testing.assert_close(u, expected, rtol=tol, atol=tol)
+
+
+def test_polar_factor_oracle_rank_deficient_gradient_with_eigh():
+    # rank(G) = 2 < min(m, n): the pseudo-inverse root still gives the polar factor on the range
+    m, n = 4, 7
+    a = torch.randn(m, 2, dtype=f64, generator=_gen(2))
+    b = torch.randn(2, n, dtype=f64, generator=_gen(3))
+    g = a @ b
+    w = nn.Parameter(torch.zeros(m, n, dtype=f64))
+    opt = ASGO([w], lr=1.0, betas=(0.0, 0.0), weight_decay=0.0, inverse_root="eigh")
+    u = _one_step_update(opt, w, g)
+    uu, s, vh = torch.linalg.svd(g, full_matrices=False)
+    pol = uu[:, :2] @ vh[:2]
+    expected = 0.2 * math.sqrt(m * n) * pol / torch.linalg.matrix_norm(pol)
+    torch.testing.assert_close(u, expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("method", ["polar_express", "eigh"])
+def test_row_vector_is_normalised_momentum(method):
+    # m = 1: V is a scalar, U = 0.2 sqrt(n) M/||M||_F exactly; ||U||_F = 0.2 sqrt(mn)
+    n = 11
+    w = nn.Parameter(torch.zeros(1, n, dtype=f64))
+    opt = ASGO([w], lr=1.0, betas=(0.9, 0.8), weight_decay=0.0, inverse_root=method)
+    mom = torch.zeros(1, n, dtype=f64)
+    for t in range(6):
+        g = torch.randn(1, n, dtype=f64, generator=_gen(t))
+        mom = 0.9 * mom + 0.1 * g
+        u = _one_step_update(opt, w, g)
+        torch.testing.assert_close(u, 0.2 * math.sqrt(n) * mom / mom.norm(), rtol=1e-12, atol=1e-14)
+        assert abs(u.norm().item() - 0.2 * math.sqrt(n)) < 1e-12
+
+
+@pytest.mark.parametrize("dtype,tol", [(f64, 1e-12), (torch.float32, 2e-6)])
+@pytest.mark.parametrize("method", ["polar_express", "newton_schulz", "eigh"])
+def test_norm_invariant(dtype, tol, method):
+    shapes = [(3, 8), (8, 3), (6, 6), (2, 3, 2, 2)]
+    ws = [nn.Parameter(torch.randn(s, dtype=dtype, generator=_gen(i))) for i, s in enumerate(shapes)]
+    opt = ASGO(ws, lr=1.0, weight_decay=0.0, inverse_root=method)
+    for t in range(4):
+        before = [w.detach().clone() for w in ws]
+        for i, w in enumerate(ws):
+            w.grad = torch.randn(w.shape, dtype=dtype, generator=_gen(100 * t + i))
+        opt.step()
+        for w, b in zip(ws, before):
+            target = 0.2 * math.sqrt(w.numel())
+            assert abs((b - w.detach()).double().norm().item() / target - 1) < tol
+
+
+@pytest.mark.parametrize("method", ["polar_express", "eigh"])
+def test_transpose_equivariance(method):
+    m, n = 4, 9
+    w1 = nn.Parameter(torch.randn(m, n, dtype=f64, generator=_gen(5)))
+    w2 = nn.Parameter(w1.detach().T.clone())
+    o1 = ASGO([w1], lr=0.1, inverse_root=method)
+    o2 = ASGO([w2], lr=0.1, inverse_root=method)
+    for t in range(5):
+        g = torch.randn(m, n, dtype=f64, generator=_gen(20 + t))
+        w1.grad, w2.grad = g.clone(), g.T.clone()
+        o1.step()
+        o2.step()
+        torch.testing.assert_close(w2.detach(), w1.detach().T, rtol=1e-12, atol=1e-12)
+
+
+def test_rotation_equivariance_on_the_preconditioned_side():
+    # G -> O G (left side, O orthogonal m x m) gives U -> O U: the Polar Express polynomials commute with O
+    m, n = 5, 12
+    o, _ = torch.linalg.qr(torch.randn(m, m, dtype=f64, generator=_gen(7)))
+    w1 = nn.Parameter(torch.zeros(m, n, dtype=f64))
+    w2 = nn.Parameter(torch.zeros(m, n, dtype=f64))
+    o1 = ASGO([w1], lr=1.0, weight_decay=0.0)
+    o2 = ASGO([w2], lr=1.0, weight_decay=0.0)
+    for t in range(4):
+        g = torch.randn(m, n, dtype=f64, generator=_gen(40 + t))
+        u1 = _one_step_update(o1, w1, g)
+        u2 = _one_step_update(o2, w2, o @ g)
+        torch.testing.assert_close(u2, o @ u1, rtol=1e-10, atol=1e-10)
+
+
+def test_orthogonal_rows_give_per_row_rms_normalisation():
+    # rows with disjoint column supports: G G^T diagonal at every step, V diagonal, U_i ~ M_i / sqrt(V_ii)
+    m, n = 3, 9
+    mask = torch.zeros(m, n, dtype=f64)
+    for i in range(m):
+        mask[i, 3 * i:3 * i + 3] = 1.0
+    w = nn.Parameter(torch.zeros(m, n, dtype=f64))
+    opt = ASGO([w], lr=1.0, betas=(0.9, 0.8), weight_decay=0.0, inverse_root="eigh")
+    mom = torch.zeros(m, n, dtype=f64)
+    v = torch.zeros(m, dtype=f64)
+    for t in range(5):
+        g = torch.randn(m, n, dtype=f64, generator=_gen(60 + t)) * mask
+        mom = 0.9 * mom + 0.1 * g
+        v = 0.8 * v + 0.2 * (g * g).sum(1)
+        u = _one_step_update(opt, w, g)
+        expected = mom / v.sqrt().unsqueeze(1)
+        expected = 0.2 * math.sqrt(m * n) * expected / expected.norm()
+        torch.testing.assert_close(u, expected, rtol=1e-11, atol=1e-12)
+
+
+def test_full_reference_with_momentum_damping_and_weight_decay():
+    # the whole rule of the ASGO docstring, in float64, against the optimizer over several steps
+    m, n, lr, wd, delta = 6, 4, 0.05, 0.1, 1e-3  # right side (m >= n)
+    w = nn.Parameter(torch.randn(m, n, dtype=f64, generator=_gen(8)))
+    ref = w.detach().clone()
+    opt = ASGO([w], lr=lr, weight_decay=wd, damping=delta, inverse_root="eigh")
+    mom = torch.zeros(m, n, dtype=f64)
+    v = torch.zeros(n, n, dtype=f64)
+    for t in range(5):
+        g = torch.randn(m, n, dtype=f64, generator=_gen(80 + t))
+        mom = 0.9 * mom + 0.1 * g
+        v = 0.8 * v + 0.2 * g.T @ g
+        vd = v + delta * torch.trace(v) / n * torch.eye(n, dtype=f64)
+        evals, evecs = torch.linalg.eigh(vd)
+        u = mom @ (evecs * evals.rsqrt()) @ evecs.T
+        u = 0.2 * math.sqrt(m * n) * u / u.norm()
+        ref = ref * (1 - lr * wd) - lr * u
+        w.grad = g
+        opt.step()
+        torch.testing.assert_close(w.detach(), ref, rtol=1e-11, atol=1e-12)
+
+
+def test_zero_update_is_guarded():
+    w = nn.Parameter(torch.ones(3, 5, dtype=f64))
+    opt = ASGO([w], lr=0.1, weight_decay=0.1)
+    w.grad = torch.zeros(3, 5, dtype=f64)
+    opt.step()
+    assert torch.isfinite(w).all()
+    torch.testing.assert_close(w.detach(), torch.full((3, 5), 1 - 0.1 * 0.1, dtype=f64))
+
+
+def test_root_every_reuses_the_stored_preconditioner():
+    m, n = 4, 7
+    w = nn.Parameter(torch.zeros(m, n, dtype=f64))
+    opt = ASGO([w], lr=1.0, weight_decay=0.0, root_every=3, inverse_root="eigh")
+    mom = torch.zeros(m, n, dtype=f64)
+    v = torch.zeros(m, m, dtype=f64)
+    p = None
+    for t in range(7):
+        g = torch.randn(m, n, dtype=f64, generator=_gen(90 + t))
+        mom = 0.9 * mom + 0.1 * g
+        v = 0.8 * v + 0.2 * g @ g.T
+        if t % 3 == 0:  # steps 1, 4, 7 recompute
+            p = inv_sqrt_eigh(v)
+        u = _one_step_update(opt, w, g)
+        expected = p @ mom
+        expected = 0.2 * math.sqrt(m * n) * expected / expected.norm()
+        torch.testing.assert_close(u, expected, rtol=1e-11, atol=1e-12)
+        torch.testing.assert_close(opt.state[w]["inv_root"], p)
+
+
+def test_non_finite_root_keeps_previous_preconditioner_and_is_counted(monkeypatch, caplog):
+    m, n = 3, 6
+    w = nn.Parameter(torch.zeros(m, n, dtype=f64))
+    opt = ASGO([w], lr=1.0, weight_decay=0.0)
+    real = asgo_mod.inverse_sqrt
+    calls = {"n": 0}
+
+    def flaky(v, *a, **k):
+        calls["n"] += 1
+        out = real(v, *a, **k)
+        return out * float("nan") if calls["n"] == 2 else out
+
+    monkeypatch.setattr(asgo_mod, "inverse_sqrt", flaky)
+    g1 = torch.randn(m, n, dtype=f64, generator=_gen(1))
+    _one_step_update(opt, w, g1)
+    p1 = opt.state[w]["inv_root"].clone()
+    g2 = torch.randn(m, n, dtype=f64, generator=_gen(2))
+    with caplog.at_level("WARNING"):
+        u2 = _one_step_update(opt, w, g2)
+    assert "keeping the previous preconditioner" in caplog.text
+    torch.testing.assert_close(opt.state[w]["inv_root"], p1)  # kept, not the identity
+    mom = 0.9 * (0.1 * g1) + 0.1 * g2
+    expected = p1 @ mom
+    torch.testing.assert_close(u2, 0.2 * math.sqrt(m * n) * expected / expected.norm())
+    assert opt.statistics()["asgo_root_fallbacks"] == 1.0
+    _one_step_update(opt, w, g1)  # step 3 is fine again
+    assert opt.statistics()["asgo_root_fallbacks"] == 1.0
+
+
+def test_non_finite_first_root_uses_eigh_and_is_counted(monkeypatch):
+    m, n = 3, 6
+    w = nn.Parameter(torch.zeros(m, n, dtype=f64))
+    opt = ASGO([w], lr=1.0, weight_decay=0.0, damping=1e-4)
+    monkeypatch.setattr(asgo_mod, "inverse_sqrt", lambda v, *a, **k: torch.full_like(v, float("nan")))
+    g = torch.randn(m, n, dtype=f64, generator=_gen(4))
+    u = _one_step_update(opt, w, g)
+    v = 0.2 * g @ g.T
+    p = inv_sqrt_eigh(v + 1e-4 * torch.trace(v) / m * torch.eye(m, dtype=f64))
+    expected = p @ (0.1 * g)
+    torch.testing.assert_close(u, 0.2 * math.sqrt(m * n) * expected / expected.norm())
+    assert opt.statistics()["asgo_root_fallbacks"] == 1.0
+
+
+def test_dasgo_reference():
+    m, n, lr, wd, eps = 5, 3, 0.05, 0.1, 1e-8
+    w = nn.Parameter(torch.randn(m, n, dtype=f64, generator=_gen(9)))
+    b = nn.Parameter(torch.zeros(n, dtype=f64))
+    ref = w.detach().clone()
+    opt = DASGO([w, b], lr=lr, weight_decay=wd, eps=eps)
+    mom = torch.zeros(m, n, dtype=f64)
+    v = torch.zeros(n, dtype=f64)
+    for t in range(5):
+        g = torch.randn(m, n, dtype=f64, generator=_gen(120 + t))
+        mom = 0.9 * mom + 0.1 * g
+        v = 0.95 * v + 0.05 * (g * g).sum(0)
+        u = mom / (v + eps).sqrt()
+        u = 0.2 * math.sqrt(m * n) * u / u.norm()
+        ref = ref * (1 - lr * wd) - lr * u
+        w.grad = g
+        b.grad = torch.ones(n, dtype=f64)
+        opt.step()
+        torch.testing.assert_close(w.detach(), ref, rtol=1e-12, atol=1e-13)
+    assert "col_stat" in opt.state[w] and "exp_avg_sq" in opt.state[b]  # b went to AdamW

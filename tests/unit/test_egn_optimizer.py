@@ -1,0 +1,287 @@
+"""EGN as an optimizer: line search, momentum, adaptive damping, modes, bad input, checkpoints."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_soaa import EGN, EGNConfig
+from lightning_soaa.functional import egn as F
+from tests.harness.models import tiny_mlp
+from tests.unit._egn_oracle import direct_direction, flat_params, mean_loss
+
+DT = torch.float64
+
+
+def _data(loss: str = "mse", b: int = 8, seed: int = 0, c: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, 6, generator=g, dtype=DT)
+    if loss == "cross_entropy":
+        return x, torch.randint(0, c, (b,), generator=g)
+    if loss == "bce":
+        return x, torch.rand(b, c, generator=g, dtype=DT)
+    return x, torch.randn(b, c, generator=g, dtype=DT)
+
+
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+def test_line_search_satisfies_armijo_and_descends(loss: str) -> None:
+    model = tiny_mlp(0, DT)
+    x, y = _data(loss)
+    lr = 6.0  # too long a step: the search must backtrack
+    ref = direct_direction(model, x, y, loss, damping=0.01)
+    f0 = mean_loss(model, x, y, loss)
+    w0 = flat_params(model)
+    opt = EGN(model, loss=loss, lr=lr, damping=0.01, line_search=True)
+    opt.step(inputs=x, targets=y)
+    st = opt.statistics()
+    alpha, tries = st["alpha"], int(st["ls_tries"])
+    assert 1 < tries < 15
+    assert alpha == pytest.approx(lr * 0.8 ** (tries - 1), rel=1e-12) and alpha <= lr
+    gtd = float(ref["g"] @ ref["d"])
+    assert gtd < 0 and st["gtd"] == pytest.approx(gtd, rel=1e-9)
+    f1 = mean_loss(model, x, y, loss)
+    assert f1 == pytest.approx(st["loss_after"], rel=1e-10)
+    assert f1 <= f0 + 0.1 * alpha * gtd
+    # the previous trial (α/0.8) failed the test
+    m2 = tiny_mlp(0, DT)
+    torch.nn.utils.vector_to_parameters(w0 + (alpha / 0.8) * ref["d"], m2.parameters())
+    assert mean_loss(m2, x, y, loss) > f0 + 0.1 * (alpha / 0.8) * gtd
+    torch.testing.assert_close(flat_params(model) - w0, alpha * ref["d"], rtol=1e-9, atol=1e-12)
+
+
+def test_line_search_resets_from_previous_alpha_and_hits_maxls() -> None:
+    model = tiny_mlp(0, DT)
+    x, y = _data()
+    opt = EGN(model, lr=6.0, damping=0.01, line_search=True)
+    opt.step(inputs=x, targets=y)
+    a1 = opt.alpha
+    opt.step(inputs=x, targets=y)
+    tries = int(opt.statistics()["ls_tries"])
+    assert opt.alpha == pytest.approx(min(1.5 * a1, 6.0) * 0.8 ** (tries - 1), rel=1e-12)
+    # maxls = 1: the first α is taken even if Armijo fails (no rejection)
+    m2 = tiny_mlp(0, DT)
+    opt2 = EGN(m2, lr=1e4, damping=0.01, line_search=True, max_ls=1)
+    opt2.step(inputs=x, targets=y)
+    assert opt2.statistics()["ls_tries"] == 1.0 and opt2.alpha == 1e4
+
+
+def test_momentum_is_bias_corrected_and_rejected_when_not_descent() -> None:
+    lin = nn.Linear(6, 3).double()
+    with torch.no_grad():
+        lin.weight.zero_()
+        lin.bias.zero_()
+    x, y = _data()
+    beta = 0.5
+    opt = EGN(lin, lr=1e-6, damping=0.1, momentum=beta)
+    w0 = flat_params(lin)
+    d1 = direct_direction(lin, x, y, "mse", 0.1)["d"]
+    opt.step(inputs=x, targets=y)
+    # bias correction: the first momentum direction equals the plain direction
+    torch.testing.assert_close((flat_params(lin) - w0) / 1e-6, d1, rtol=1e-6, atol=1e-9)
+    assert opt.statistics()["momentum_used"] == 1.0
+    # second batch pulls the other way: β·d1 + d2 points uphill for it, so the plain d2 is used
+    y2 = -0.1 * y
+    ref2 = direct_direction(lin, x, y2, "mse", 0.1)
+    m_dir = (beta * d1 + ref2["d"]) / (1 + beta)
+    assert float(ref2["g"] @ m_dir) > 0
+    w1 = flat_params(lin)
+    opt.step(inputs=x, targets=y2)
+    assert opt.momentum_rejections == 1 and opt.statistics()["momentum_used"] == 0.0
+    torch.testing.assert_close((flat_params(lin) - w1) / 1e-6, ref2["d"], rtol=1e-6, atol=1e-9)
+    assert opt.momentum_steps == 2
+    # β = 0 leaves the direction unchanged
+    m3 = tiny_mlp(0, DT)
+    ref3 = direct_direction(m3, x, y, "mse", 0.1)["d"]
+    w3 = flat_params(m3)
+    EGN(m3, lr=1.0, damping=0.1, momentum=0.0).step(inputs=x, targets=y)
+    torch.testing.assert_close(flat_params(m3) - w3, ref3, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.6])
+def test_adaptive_damping_follows_gain_ratio(momentum: float) -> None:
+    model = tiny_mlp(0, DT)
+    x, y = _data("cross_entropy")
+    opt = EGN(model, loss="cross_entropy", lr=0.5, damping=0.2, momentum=momentum, adaptive_damping=True)
+    x0, y0 = _data("cross_entropy", seed=9)
+    opt.step(inputs=x0, targets=y0)  # fills the momentum buffer
+    lam = opt.damping
+    w0 = flat_params(model)
+    f0 = mean_loss(model, x, y, "cross_entropy")
+    ref = direct_direction(model, x, y, "cross_entropy", lam)
+    opt.step(inputs=x, targets=y)
+    st = opt.statistics()
+    delta = flat_params(model) - w0
+    f1 = mean_loss(model, x, y, "cross_entropy")
+    jd = ref["J"] @ delta
+    predicted = float(ref["g"] @ delta) + 0.5 * float(jd @ ref["Q"] @ jd) / x.shape[0]
+    rho = (f1 - f0) / predicted
+    assert st["rho"] == pytest.approx(rho, rel=1e-8)
+    expected = lam * (1.01 if rho < 0.25 else 0.99 if rho > 0.75 else 1.0)
+    assert opt.damping == pytest.approx(expected, rel=1e-14)
+    assert opt.damping != lam
+
+
+def test_batchnorm_and_dropout_use_eval_mode_and_modes_are_restored() -> None:
+    def make() -> nn.Module:
+        torch.manual_seed(11)
+        m = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Dropout(0.5),
+                          nn.Linear(8, 3)).double()
+        with torch.no_grad():  # non-trivial running statistics
+            for _ in range(3):
+                m(torch.randn(16, 6, dtype=DT) * 2 + 1)
+        return m
+
+    x, y = _data("cross_entropy")
+    a, b = make(), make()
+    b.eval()
+    a.train()
+    a[1].eval()  # a submodule already in eval mode must stay so
+    stats_before = (a[1].running_mean.clone(), a[1].running_var.clone(), int(a[1].num_batches_tracked))
+    ref_model = copy.deepcopy(b)
+    ref = direct_direction(ref_model, x, y, "cross_entropy", 0.3)
+    wa, wb = flat_params(a), flat_params(b)
+    for m in (a, b):
+        EGN(m, loss="cross_entropy", lr=1.0, damping=0.3, line_search=True, adaptive_damping=True).step(
+            inputs=x, targets=y)
+    torch.testing.assert_close(flat_params(a) - wa, flat_params(b) - wb, rtol=0, atol=0)
+    # the direction is the Gauss-Newton direction of the eval-mode network (BN params: explicit path)
+    assert [m.training for m in a.modules()] == [True, True, False, True, True, True]
+    assert not any(m.training for m in b.modules())
+    torch.testing.assert_close(a[1].running_mean, stats_before[0], rtol=0, atol=0)
+    torch.testing.assert_close(a[1].running_var, stats_before[1], rtol=0, atol=0)
+    assert int(a[1].num_batches_tracked) == stats_before[2]
+    m3 = make()
+    w3 = flat_params(m3)
+    EGN(m3, loss="cross_entropy", lr=1.0, damping=0.3).step(inputs=x, targets=y)
+    torch.testing.assert_close(flat_params(m3) - w3, ref["d"], rtol=1e-10, atol=1e-12)
+
+
+def _assert_untouched(model: nn.Module, w0: torch.Tensor, opt: EGN) -> None:
+    assert torch.equal(flat_params(model), w0)
+    assert opt.num_steps == 0 and opt.skipped_steps == 0 and len(opt.state) == 0
+
+
+def test_bad_input_raises_and_changes_nothing() -> None:
+    with pytest.raises(ValueError, match="loss='hinge'"):
+        EGN(tiny_mlp(), loss="hinge")
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        EGN(tiny_mlp().requires_grad_(False))
+    with pytest.raises(ValueError, match="damping"):
+        EGN(tiny_mlp(), damping=0.0)
+    with pytest.raises(ValueError, match="nn.Module"):
+        EGN(list(tiny_mlp().parameters()))
+    with pytest.raises(ValueError, match="momentum"):
+        EGNConfig(momentum=1.0)
+    model = tiny_mlp(0, DT)
+    w0 = flat_params(model)
+    x, y = _data()
+    opt = EGN(model, lr=1.0, momentum=0.9, max_gram_size=20)
+    with pytest.raises(ValueError, match=r"24x24 .*b=8 .*c=3.*max_gram_size=20"):
+        opt.step(inputs=x, targets=y)
+    _assert_untouched(model, w0, opt)
+    opt = EGN(model, lr=1.0, momentum=0.9)
+    cases = [
+        (x, y[:, :2], r"targets of the outputs' shape \[8, 3\]"),
+        (x, y[:5], "share the batch dimension"),
+        (x[:, :4], y, "forward failed"),
+        (x, y.long(), "floating-point targets"),
+    ]
+    for xi, yi, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            opt.step(inputs=xi, targets=yi)
+        _assert_untouched(model, w0, opt)
+    ce = EGN(model, loss="cross_entropy")
+    for yi, msg in ((torch.randn(8), "integer class targets"), (torch.full((8,), 3), r"targets in \[0, 3\)")):
+        with pytest.raises(ValueError, match=msg):
+            ce.step(inputs=x, targets=yi)
+        _assert_untouched(model, w0, ce)
+    flat = nn.Sequential(nn.Linear(6, 3), nn.Unflatten(1, (3, 1))).double()
+    with pytest.raises(ValueError, match=r"outputs of shape \[batch, outputs\]"):
+        EGN(flat).step(inputs=x, targets=y)
+    with pytest.raises(ValueError, match="needs the batch"):
+        opt.step(lambda: torch.tensor(1.0))
+    _assert_untouched(model, w0, opt)
+
+
+def test_closure_returning_batch_and_closure_with_inputs() -> None:
+    x, y = _data()
+    a, b = tiny_mlp(0, DT), tiny_mlp(0, DT)
+    EGN(a, lr=0.5).step(lambda: (x, y))
+    calls = []
+
+    def closure():
+        calls.append(1)
+        return torch.tensor(7.0)
+
+    out = EGN(b, lr=0.5).step(closure, inputs=x, targets=y)
+    assert calls == [1] and float(out) == 7.0
+    torch.testing.assert_close(flat_params(a), flat_params(b), rtol=0, atol=0)
+
+
+def test_nonfinite_skips_without_changing_state() -> None:
+    model = tiny_mlp(0, DT)
+    x, y = _data()
+    opt = EGN(model, lr=1.0, momentum=0.9, adaptive_damping=True)
+    opt.step(inputs=x, targets=y)
+    w1, lam = flat_params(model), opt.damping
+    buf = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    y_bad = y.clone()
+    y_bad[0, 0] = float("nan")
+    opt.step(inputs=x, targets=y_bad)
+    assert opt.skipped_steps == 1 and opt.num_steps == 1 and opt.damping == lam
+    assert torch.equal(flat_params(model), w1)
+    for p, m in zip(model.parameters(), buf):
+        assert torch.equal(m, opt.state[p]["momentum_buffer"])
+
+
+def _run(model: nn.Module, opt: EGN, steps: range) -> None:
+    for t in steps:
+        x, y = _data("cross_entropy", seed=100 + t)
+        opt.step(inputs=x, targets=y)
+
+
+def test_resume_equals_uninterrupted() -> None:
+    kw = dict(loss="cross_entropy", lr=2.0, damping=0.5, momentum=0.7, line_search=True,
+              adaptive_damping=True)
+    full = tiny_mlp(0, DT)
+    opt = EGN(full, **kw)
+    _run(full, opt, range(6))
+    part = tiny_mlp(0, DT)
+    opt_a = EGN(part, **kw)
+    _run(part, opt_a, range(3))
+    buf = io.BytesIO()
+    torch.save({"model": part.state_dict(), "opt": opt_a.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=False)
+    resumed = tiny_mlp(5, DT)  # different init: everything must come from the checkpoint
+    resumed.load_state_dict(saved["model"])
+    opt_b = EGN(resumed, **kw)
+    opt_b.load_state_dict(saved["opt"])
+    assert opt_b.damping == opt_a.damping and opt_b.alpha == opt_a.alpha and opt_b.num_steps == 3
+    _run(resumed, opt_b, range(3, 6))
+    assert torch.equal(flat_params(resumed), flat_params(full))
+    assert opt_b.damping == opt.damping and opt_b.momentum_steps == opt.momentum_steps == 6
+
+
+def test_statistics_for_loggers() -> None:
+    model = tiny_mlp(0, DT)
+    x, y = _data()
+    opt = EGN(model, lr=1.0, line_search=True, adaptive_damping=True)
+    opt.step(inputs=x, targets=y)
+    st = opt.statistics()
+    for key in ("damping", "alpha", "ls_tries", "rho", "solve_fallbacks", "gtd", "loss", "gram_size"):
+        assert key in st and isinstance(st[key], float)
+    assert st["gram_size"] == 24.0 and st["steps"] == 1.0
+
+
+def test_float32_model_trains() -> None:
+    model = tiny_mlp(0, torch.float32)
+    x, y = (t.float() for t in _data())
+    opt = EGN(model, lr=1.0, damping=0.1, line_search=True)
+    losses = [float(opt.step(inputs=x, targets=y)) for _ in range(5)]
+    assert losses[-1] < 0.5 * losses[0]
+    assert all(p.dtype == torch.float32 for p in model.parameters())

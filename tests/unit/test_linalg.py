@@ -1,0 +1,131 @@
+"""Inverse square roots (functional/linalg.py) against a float64 eigh reference."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from lightning_soaa.functional.linalg import (
+    POLAR_EXPRESS_COEFFS,
+    ROOT_METHODS,
+    damp,
+    inv_sqrt_eigh,
+    inverse_sqrt,
+    root_compute_dtype,
+)
+
+
+def _spd(k: int, lo: float, hi: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A float64 SPD matrix with a log-spaced spectrum in [lo, hi], its eigenvectors and eigenvalues."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(k, k, generator=g, dtype=torch.float64))
+    ev = torch.logspace(torch.log10(torch.tensor(lo)).item(), torch.log10(torch.tensor(hi)).item(), k,
+                        dtype=torch.float64)
+    return (q * ev) @ q.T, q, ev
+
+
+def _ref_inv_sqrt(q: torch.Tensor, ev: torch.Tensor) -> torch.Tensor:
+    return (q * ev.rsqrt()) @ q.T
+
+
+@pytest.mark.parametrize("method", ROOT_METHODS)
+@pytest.mark.parametrize("k", [8, 48])
+def test_inverse_root_accuracy_float64(method, k):
+    v, q, ev = _spd(k, 1e-6, 1.0, seed=k)
+    z = inverse_sqrt(v, method)
+    assert z.dtype == torch.float64
+    eye = torch.eye(k, dtype=torch.float64)
+    # the oracle of algorithms.md §4 (ASGO 6): ||Z V Z - I|| <= 1e-3; float64 iterations do far better
+    assert torch.linalg.matrix_norm(z @ v @ z - eye, ord=2) <= 1e-3
+    ref = _ref_inv_sqrt(q, ev)
+    rel = torch.linalg.matrix_norm(z - ref) / torch.linalg.matrix_norm(ref)
+    assert rel <= 1e-8, f"{method}: relative error {rel:.2e} vs float64 eigh"
+
+
+@pytest.mark.parametrize("method", ROOT_METHODS)
+def test_inverse_root_accuracy_float32(method):
+    # In float32 the rounding of V itself (cond 1e6 x eps 6e-8) limits every method, eigh included, to
+    # about 1e-3 relative; the iterations must stay within a small factor of that.
+    k = 48
+    v, q, ev = _spd(k, 1e-6, 1.0, seed=3)
+    z = inverse_sqrt(v.float(), method)
+    assert z.dtype == torch.float32
+    ref = _ref_inv_sqrt(q, ev)
+    rel = torch.linalg.matrix_norm(z.double() - ref) / torch.linalg.matrix_norm(ref)
+    assert rel <= 5e-3, f"{method}: relative error {rel:.2e}"
+    zvz = z.double() @ v @ z.double() - torch.eye(k, dtype=torch.float64)
+    assert torch.linalg.matrix_norm(zvz, ord=2) <= 2e-2
+
+
+def test_half_precision_is_promoted_never_computed_in_bf16():
+    v, _, _ = _spd(16, 1e-3, 1.0)
+    assert root_compute_dtype(torch.bfloat16) == torch.float32
+    assert root_compute_dtype(torch.float64) == torch.float64
+    for method in ROOT_METHODS:
+        assert inverse_sqrt(v.to(torch.bfloat16), method).dtype == torch.float32
+
+
+def test_scalar_recursion_matches_spec_behaviour():
+    # algorithms.md §3.3: with 10 Polar Express iterations, eigenvalues of V/s >= 1e-6 are exact to (far
+    # better than) 4 digits and 1e-8 comes out about 0.6% low. Diagonal matrices run the scalar recursion.
+    # V = diag(x) has ||V||_F ~ 1.04, so the scaled eigenvalues x/(1.01 ||V||_F) are x/1.05.
+    x = torch.tensor([1.0, 0.3, 1e-2, 1e-4, 1e-6, 1e-7, 1e-8], dtype=torch.float64)
+    z = torch.diagonal(inverse_sqrt(torch.diag(x), "polar_express", eps=0.0)) * torch.sqrt(x)
+    assert (z[:6] - 1).abs().max() < 1e-9
+    assert -0.01 < z[6].item() - 1 < -0.004
+    assert POLAR_EXPRESS_COEFFS[-1] == (1.875, -1.25, 0.375) and len(POLAR_EXPRESS_COEFFS) == 8
+
+
+def test_damping_really_damps():
+    # A rank-1 statistic: without damping the null space gets the iteration's implicit ~1/sqrt(2e-9||V||)
+    # gain; with damping delta the smallest eigenvalue becomes delta * tr(V)/k exactly.
+    k = 6
+    u = torch.zeros(k, dtype=torch.float64)
+    u[0] = 2.0
+    v = torch.outer(u, u)  # eigenvalues 4, 0, ..., 0; tr/k = 4/6
+    vd = damp(v, 0.1)
+    floor = torch.full((k - 1,), 0.1 * 4 / 6, dtype=torch.float64)
+    assert torch.allclose(torch.linalg.eigvalsh(vd)[:-1], floor)
+    assert torch.equal(v, torch.outer(u, u))  # not modified in place
+    for method in ROOT_METHODS:
+        z = inverse_sqrt(v, method, damping=0.1)
+        ref = inv_sqrt_eigh(vd)
+        torch.testing.assert_close(z, ref, rtol=1e-8, atol=1e-8)
+        # the null direction is scaled by (0.1 * 4/6)^{-1/2} ~ 3.87, not by thousands
+        assert abs(z[1, 1].item() - (0.1 * 4 / 6) ** -0.5) < 1e-6
+    undamped = inverse_sqrt(v, "polar_express")
+    assert undamped[1, 1].item() > 1e3  # the implicit damping of the iteration is tiny
+
+
+def test_eigh_is_a_pseudo_inverse_root_on_rank_deficient_input():
+    g = torch.randn(3, 7, dtype=torch.float64)
+    v = g.T @ g  # 7x7 of rank 3
+    p = inv_sqrt_eigh(v)
+    assert torch.isfinite(p).all()
+    u_, _, vh = torch.linalg.svd(g, full_matrices=False)
+    torch.testing.assert_close(g @ p, u_ @ vh, rtol=1e-10, atol=1e-10)
+
+
+def test_non_finite_input_gives_non_finite_output_not_identity():
+    v, _, _ = _spd(5, 0.1, 1.0)
+    v[0, 1] = float("nan")
+    for method in ("polar_express", "newton_schulz"):
+        assert not torch.isfinite(inverse_sqrt(v, method)).all()
+
+
+def test_unknown_method_message():
+    with pytest.raises(ValueError, match=re.escape(
+            "Invalid inverse_root='cholesky'. Must be one of 'polar_express', 'newton_schulz', 'eigh'.")):
+        inverse_sqrt(torch.eye(2), "cholesky")
+
+
+@pytest.mark.parametrize("method", ROOT_METHODS)
+def test_batched_roots_equal_one_at_a_time(method):
+    vs = torch.stack([_spd(6, 1e-4, 1.0, seed=s)[0] for s in range(3)])
+    batched = inverse_sqrt(vs, method, damping=1e-3)
+    assert batched.shape == (3, 6, 6)
+    for i in range(3):
+        single = inverse_sqrt(vs[i], method, damping=1e-3)
+        torch.testing.assert_close(batched[i], single, rtol=1e-12, atol=1e-12)

@@ -1,0 +1,208 @@
+"""float64 oracles for the SOAA kernels (spec/algorithms.md §1.3 and §4)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import lightning_soaa.functional.soaa as soaa_mod
+from lightning_soaa.functional.soaa import (
+    _sum64,
+    _sum_sq64,
+    band,
+    predicted_reduction,
+    soaa_moments,
+    soaa_update_,
+    trust_region_scalars,
+)
+
+B1, B2 = 0.9, 0.999
+
+
+def _state(seed: int, shapes: list[tuple[int, ...]], gscale: list[float]):
+    g = torch.Generator().manual_seed(seed)
+    grads = [s * torch.randn(sh, generator=g, dtype=torch.float64) for sh, s in zip(shapes, gscale)]
+    ms = [0.5 * s * torch.randn(sh, generator=g, dtype=torch.float64) for sh, s in zip(shapes, gscale)]
+    vs = [s * s * torch.rand(sh, generator=g, dtype=torch.float64) for sh, s in zip(shapes, gscale)]
+    ps = [torch.randn(sh, generator=g, dtype=torch.float64) for sh in shapes]
+    return grads, ms, vs, ps
+
+
+def _reference(grads, ms, vs, ps, t, *, lr, eps, wd, d, c=None):
+    """Direct transcription of §1.3 steps 1-7 and 11 on the concatenation of all tensors."""
+    g = torch.cat([x.reshape(-1) for x in grads])
+    m = B1 * torch.cat([x.reshape(-1) for x in ms]) + (1 - B1) * g
+    v = B2 * torch.cat([x.reshape(-1) for x in vs]) + (1 - B2) * g * g
+    mh, vh = m / (1 - B1**t), v / (1 - B2**t)
+    if c is None:
+        c = 1 + (mh**2).sum() / (vh + eps).sum()
+    F = c * vh
+    r = torch.maximum(d * F, vh.sqrt())
+    u = d * mh / (r + eps)
+    p = torch.cat([x.reshape(-1) for x in ps])
+    new_p = p - lr * wd * p - lr * u
+    return dict(m=m, v=v, mh=mh, vh=vh, c=float(c), u=u, p=new_p,
+                s_m2=float((mh**2).sum()), s_veps=float((vh + eps).sum()),
+                s_mu=float((mh * u).sum()), s_vu=float((vh * u * u).sum()))
+
+
+def _flat(xs):
+    return torch.cat([x.reshape(-1) for x in xs])
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_kernels_match_the_spec_transcription(foreach: bool) -> None:
+    shapes = [(7, 5), (5,), (3, 2, 4)]
+    # scales straddle 1, so both branches of the cap are active
+    grads, ms, vs, ps = _state(0, shapes, [3.0, 1e-3, 0.3])
+    t, lr, eps, wd, d = 3, 0.1, 1e-8, 0.01, 1.3
+    ref = _reference(grads, ms, vs, ps, t, lr=lr, eps=eps, wd=wd, d=d)
+    ms0, vs0 = [x.clone() for x in ms], [x.clone() for x in vs]
+    m_new, v_new, part = soaa_moments(grads, ms, vs, [t] * 3, beta1=B1, beta2=B2, eps=eps, foreach=foreach)
+    assert all(torch.equal(a, b) for a, b in zip(ms, ms0)) and all(torch.equal(a, b) for a, b in zip(vs, vs0))
+    torch.testing.assert_close(_flat(m_new), ref["m"], rtol=1e-14, atol=0)
+    torch.testing.assert_close(_flat(v_new), ref["v"], rtol=1e-14, atol=0)
+    assert part.dtype == torch.float64
+    assert part[0].item() == pytest.approx(ref["s_m2"], rel=1e-13)
+    assert part[1].item() == pytest.approx(ref["s_veps"], rel=1e-13)
+    c = 1 + part[0].item() / part[1].item()
+    assert c == pytest.approx(ref["c"], rel=1e-13)
+    parts2 = soaa_update_(ps, m_new, v_new, [t] * 3, lr=lr, beta1=B1, beta2=B2, eps=eps, weight_decay=wd,
+                          d=d, c=c, foreach=foreach)
+    torch.testing.assert_close(_flat(ps), ref["p"], rtol=1e-13, atol=1e-15)
+    assert parts2[0].item() == pytest.approx(ref["s_mu"], rel=1e-12)
+    assert parts2[1].item() == pytest.approx(ref["s_vu"], rel=1e-12)
+
+
+def test_per_coordinate_identity_eps0() -> None:
+    """|u| = min(|m̂|/F, d·|m̂|/sqrt(v̂)) with ε = 0 (§4 SOAA 2), with both branches present."""
+    shapes = [(40,), (6, 7)]
+    grads, ms, vs, ps = _state(1, shapes, [5.0, 1e-2])
+    t, lr, d = 4, 1.0, 0.8
+    m_new, v_new, part = soaa_moments(grads, ms, vs, [t, t], beta1=B1, beta2=B2, eps=0.0)
+    c = 1 + part[0].item() / part[1].item()
+    ps = [torch.zeros_like(p) for p in ps]  # θ = 0, so θ_new = −lr·u has no cancellation
+    soaa_update_(ps, m_new, v_new, [t, t], lr=lr, beta1=B1, beta2=B2, eps=0.0, weight_decay=0.0, d=d, c=c)
+    u = -_flat(ps) / lr
+    mh, vh = _flat(m_new) / (1 - B1**t), _flat(v_new) / (1 - B2**t)
+    F = c * vh
+    fisher, adam = mh.abs() / F, d * mh.abs() / vh.sqrt()
+    torch.testing.assert_close(u.abs(), torch.minimum(fisher, adam), rtol=1e-13, atol=0)
+    assert bool((fisher < adam).any()) and bool((adam < fisher).any())  # both branches exercised
+    assert bool((torch.sign(u) == torch.sign(mh)).all())
+
+
+def test_count_limited_counts_the_d_branch() -> None:
+    grads, ms, vs, ps = _state(2, [(50,)], [1.0])
+    m_new, v_new, part = soaa_moments(grads, ms, vs, [2], beta1=B1, beta2=B2, eps=1e-8)
+    c, d = 1 + part[0].item() / part[1].item(), 1.0
+    out = soaa_update_(ps, m_new, v_new, [2], lr=0.1, beta1=B1, beta2=B2, eps=1e-8, weight_decay=0.0,
+                       d=d, c=c, count_limited=True)
+    vh = v_new[0] / (1 - B2**2)
+    assert out.shape == (3,)
+    assert out[2].item() == float((d * c * vh < vh.sqrt()).sum())
+
+
+def test_flat_slices_give_the_same_update_and_sums() -> None:
+    """A DeepSpeed-like 1-D flat partition cut anywhere gives the same result as whole tensors."""
+    shapes = [(7, 5), (11,), (4, 3)]
+    grads, ms, vs, ps = _state(3, shapes, [1.0, 0.1, 2.0])
+    t, kw = 5, dict(lr=0.05, beta1=B1, beta2=B2, eps=1e-8, weight_decay=0.1, d=1.1)
+    flat = [_flat(x).clone() for x in (grads, ms, vs, ps)]
+    m1, v1, a1 = soaa_moments(grads, ms, vs, [t] * 3, beta1=B1, beta2=B2, eps=1e-8)
+    c = 1 + a1[0].item() / a1[1].item()
+    b1 = soaa_update_(ps, m1, v1, [t] * 3, c=c, **kw)
+    cuts = [0, 13, 14, 60, flat[0].numel()]  # uneven cuts across tensor boundaries, one of length 1
+    sl = [[x[cuts[i]:cuts[i + 1]] for i in range(len(cuts) - 1)] for x in flat]
+    m2, v2, a2 = soaa_moments(sl[0], sl[1], sl[2], [t] * 4, beta1=B1, beta2=B2, eps=1e-8)
+    torch.testing.assert_close(a2, a1, rtol=1e-13, atol=0)
+    b2 = soaa_update_(sl[3], m2, v2, [t] * 4, c=c, **kw)
+    torch.testing.assert_close(b2, b1, rtol=1e-13, atol=0)
+    torch.testing.assert_close(flat[3], _flat(ps), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("tile", [1 << 18, 5000])
+def test_loop_and_foreach_paths_agree_in_fp32(monkeypatch: pytest.MonkeyPatch, tile: int) -> None:
+    """The CPU loop path (tiled, into buffers) against the foreach path; tile 5000 cuts every tensor
+    into several tiles with ragged ends (and rows of _CHUNK with tails)."""
+    monkeypatch.setattr(soaa_mod, "_TILE", tile)
+    shapes = [(640, 33), (33,), (9001,)]
+    grads, ms, vs, ps = (list(map(lambda x: x.float(), xs)) for xs in _state(4, shapes, [1.0, 0.01, 3.0]))
+    ps2 = [p.clone() for p in ps]
+    res = []
+    for fe, pp in ((False, ps), (True, ps2)):
+        m, v, a = soaa_moments(grads, ms, vs, [7, 7, 7], beta1=B1, beta2=B2, eps=1e-8, foreach=fe)
+        b = soaa_update_(pp, m, v, [7, 7, 7], lr=0.1, beta1=B1, beta2=B2, eps=1e-8, weight_decay=0.01, d=1.2,
+                         c=1 + a[0].item() / a[1].item(), foreach=fe)
+        res.append((m, v, a, b))
+    # the moments are bit-identical; the update differs at most by the rounding of a fused addcmul
+    for x, y in zip(res[0][0] + res[0][1], res[1][0] + res[1][1]):
+        assert torch.equal(x, y)
+    for x, y in zip(ps, ps2):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(res[0][2], res[1][2], rtol=1e-6, atol=0)  # fp32 rows cut differently
+    torch.testing.assert_close(res[0][3], res[1][3], rtol=1e-5, atol=0)
+
+
+def test_nonfinite_gradient_makes_the_partials_nonfinite() -> None:
+    grads, ms, vs, _ = _state(5, [(4,)], [1.0])
+    grads[0][2] = float("inf")
+    _, _, part = soaa_moments(grads, ms, vs, [1], beta1=B1, beta2=B2, eps=1e-8)
+    assert not bool(torch.isfinite(part).all())
+    grads[0][2] = float("nan")
+    _, _, part = soaa_moments(grads, ms, vs, [1], beta1=B1, beta2=B2, eps=1e-8)
+    assert not bool(torch.isfinite(part).all())
+
+
+def test_chunked_fp32_sums_are_accurate() -> None:
+    x = 1.0 + 1e-3 * torch.rand(3_000_017, generator=torch.Generator().manual_seed(0))
+    ref1, ref2 = x.double().sum().item(), (x.double() ** 2).sum().item()
+    assert _sum64(x).item() == pytest.approx(ref1, rel=1e-7)
+    assert _sum_sq64(x).item() == pytest.approx(ref2, rel=1e-7)
+
+
+def test_band_schedule() -> None:
+    assert band(1, 0.1, 100) == (1.0, 2.0)
+    lo, hi = band(100, 0.1, 100)
+    assert lo == pytest.approx(0.9 ** 0.99) and hi == pytest.approx(1 + 0.1 ** 0.99)
+    assert band(500, 0.1, 100) == band(100, 0.1, 100)  # t > T clamps
+    assert band(1, 0.25, None) == band(77, 0.25, None) == (0.75, 1.25)
+    assert band(1, 0.0, 10) == (1.0, 2.0) and band(2, 0.0, 10) == (1.0, 1.0)
+    for t in range(1, 60):  # the band narrows monotonically and always contains 1
+        lo, hi = band(t, 0.2, 50)
+        lo2, hi2 = band(t + 1, 0.2, 50)
+        assert lo2 <= lo <= 1.0 <= hi2 <= hi
+
+
+def _scalars(**kw):
+    base = dict(sum_mhat_sq=1.0, sum_vhat_eps=2.0, loss=1.0, loss_ema=0.0, pred_prev=0.0, d_prev=1.0, t=1,
+                beta1=B1, eps=1e-8, gamma=0.1, total_steps=20)
+    base.update(kw)
+    return trust_region_scalars(**base)
+
+
+def test_trust_region_scalars() -> None:
+    s = _scalars()
+    assert s.c == 1.5 and s.d == 1.0 and (s.lo, s.hi) == (1.0, 2.0)  # d after step 1 is 1
+    # ρ = (ℓ̂ − ℓ) / max(p, ε) scales d multiplicatively, then the band clips it.
+    s = _scalars(loss=1.0, loss_ema=0.5, t=3, pred_prev=0.01, d_prev=1.0)
+    loss_ema = B1 * 0.5 + (1 - B1) * 1.0
+    assert s.loss_ema == pytest.approx(loss_ema)
+    assert s.rho == pytest.approx((loss_ema / (1 - B1**3) - 1.0) / 0.01)
+    assert s.d == pytest.approx(min(max(s.rho, s.lo), s.hi))
+    # p <= 0 uses ε in the denominator; a loss increase gives ρ < 0 and d = lo.
+    s = _scalars(loss=5.0, loss_ema=1.0, t=4, pred_prev=-1.0, d_prev=1.5)
+    assert s.rho < 0 and s.d == s.lo
+    assert predicted_reduction(3.0, 2.0) == 2.0
+
+
+def test_constant_loss_drives_d_to_lo() -> None:
+    loss_ema, d = 0.0, 1.0
+    for t in range(1, 40):
+        s = _scalars(loss=2.5, loss_ema=loss_ema, t=t, pred_prev=0.3, d_prev=d, total_steps=30)
+        loss_ema, d = s.loss_ema, s.d
+        assert abs(s.rho) < 1e-6  # ℓ̂ equals the constant loss up to rounding
+        assert d == s.lo and s.lo <= d <= s.hi
+    assert math.isclose(d, band(30, 0.1, 30)[0])

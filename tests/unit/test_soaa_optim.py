@@ -1,0 +1,309 @@
+"""SOAA the optimizer, single process: AdamW limit, band, loss plumbing, same_batch, checkpoints, errors."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+import torch
+
+from lightning_soaa import SOAA, SOAAConfig
+from lightning_soaa.functional.soaa import band
+from lightning_soaa.optim.soaa import MISSING_LOSS_MESSAGE
+from tests.harness.models import batch, loss_fn, tiny_mlp
+
+
+def _closure(opt, model, step, scale=1.0):
+    x, y = batch(step, 0)
+
+    def closure():
+        opt.zero_grad()
+        loss = scale * loss_fn(model, x, y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def test_gamma0_small_grads_equals_torch_adamw() -> None:
+    """§4 SOAA 1: γ = 0 ⇒ d ≡ 1; with |g| ≪ 1 the Fisher cap never binds ⇒ AdamW (1e-7, float64)."""
+    m1, m2 = tiny_mlp(0), tiny_mlp(0)
+    opt = SOAA(m1.parameters(), lr=1e-2, gamma=0.0, total_steps=50, weight_decay=0.1)
+    ref = torch.optim.AdamW(m2.parameters(), lr=1e-2, weight_decay=0.1)
+    for s in range(100):
+        if s % 2:
+            opt.step(_closure(opt, m1, s, scale=1e-3))
+        else:  # the step(loss=...) path
+            loss = _closure(opt, m1, s, scale=1e-3)()
+            opt.step(loss=loss)
+        _closure(ref, m2, s, scale=1e-3)()
+        ref.step()
+        assert opt.statistics()["d"] == 1.0
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+    diff = max((a - b).abs().max().item() for a, b in zip(m1.parameters(), m2.parameters()))
+    assert diff < 1e-12  # in practice equal to rounding
+    assert max(p.detach().abs().max().item() for p in m1.parameters()) > 0.1  # it did move
+
+
+def test_large_gradients_do_not_equal_adamw() -> None:
+    """Guard against a test that cannot fail: at |g| ~ 1 the Fisher cap binds and SOAA differs."""
+    m1, m2 = tiny_mlp(0), tiny_mlp(0)
+    opt = SOAA(m1.parameters(), lr=1e-2, gamma=0.0)
+    ref = torch.optim.AdamW(m2.parameters(), lr=1e-2, weight_decay=0.0)
+    for s in range(5):
+        opt.step(_closure(opt, m1, s, scale=1e3))
+        _closure(ref, m2, s, scale=1e3)()
+        ref.step()
+    diff = max((a - b).abs().max().item() for a, b in zip(m1.parameters(), m2.parameters()))
+    assert diff > 1e-3
+
+
+def test_band_invariant_and_statistics() -> None:
+    model = tiny_mlp(1)
+    opt = SOAA(model.parameters(), lr=0.05, gamma=0.25, total_steps=15)
+    ds = []
+    for s in range(25):
+        opt.step(_closure(opt, model, s))
+        st = opt.statistics()
+        lo, hi = band(s + 1, 0.25, 15)
+        assert (st["band_lo"], st["band_hi"]) == (lo, hi)
+        assert lo <= st["d"] <= hi
+        ds.append(st["d"])
+        if s == 0:
+            assert st["d"] == 1.0
+    assert len(set(ds)) > 5  # d really moves (a constant d would pass the band check trivially)
+    for k in ("d", "rho", "predicted_reduction", "actual_reduction", "fisher_scale", "accepted", "rejected"):
+        assert k in st
+    assert st["accepted"] == 25 and st["rejected"] == 0 and st["fisher_scale"] >= 1.0
+    assert st["t"] == 25 and (st["band_lo"], st["band_hi"]) == band(15, 0.25, 15)  # t > T clamps
+
+
+def test_constant_loss_drives_d_to_lo() -> None:
+    model = tiny_mlp(2)
+    opt = SOAA(model.parameters(), lr=0.01, gamma=0.2, total_steps=10)
+    for s in range(14):
+        _closure(opt, model, s)()  # real gradients, but the reported loss is constant
+        opt.step(loss=3.0)
+        st = opt.statistics()
+        assert st["d"] == st["band_lo"] == band(s + 1, 0.2, 10)[0]
+        assert abs(st["rho"]) < 1e-6
+
+
+def test_total_steps_none_uses_the_final_band() -> None:
+    model = tiny_mlp(3)
+    opt = SOAA(model.parameters(), lr=0.01, gamma=0.1)
+    for s in range(5):
+        opt.step(_closure(opt, model, s))
+        st = opt.statistics()
+        assert (st["band_lo"], st["band_hi"]) == (0.9, 1.1) and 0.9 <= st["d"] <= 1.1
+
+
+def test_set_loss_and_loss_kwarg_and_closure_agree() -> None:
+    models = [tiny_mlp(4) for _ in range(3)]
+    opts = [SOAA(m.parameters(), lr=0.05, gamma=0.3, total_steps=8) for m in models]
+    for s in range(6):
+        opts[0].step(_closure(opts[0], models[0], s))
+        opts[1].step(loss=_closure(opts[1], models[1], s)())
+        opts[2].set_loss(_closure(opts[2], models[2], s)().item())
+        opts[2].step()
+    for o in opts[1:]:
+        assert o.statistics()["d"] == opts[0].statistics()["d"]
+    for ps in zip(*(m.parameters() for m in models)):
+        assert torch.equal(ps[0], ps[1]) and torch.equal(ps[0], ps[2])
+
+
+def test_missing_loss_raises_and_changes_nothing() -> None:
+    model = tiny_mlp(5)
+    opt = SOAA(model.parameters())
+    opt.step(_closure(opt, model, 0))
+    before = copy.deepcopy(opt.state_dict())
+    params = [p.detach().clone() for p in model.parameters()]
+    _closure(opt, model, 1)()
+    with pytest.raises(ValueError, match=re.escape(MISSING_LOSS_MESSAGE)):
+        opt.step()
+    after = opt.state_dict()
+    assert after["lightning_soaa"]["global"] == before["lightning_soaa"]["global"]
+    for (k, a), b in zip(after["state"].items(), before["state"].values()):
+        for kk in a[0]:
+            assert torch.equal(a[0][kk], b[0][kk])
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
+    # a used loss is consumed: it is not silently reused by the next step
+    opt.step(loss=1.0)
+    with pytest.raises(ValueError, match="LossToOptimizer"):
+        opt.step()
+
+
+def test_nonfinite_gradient_skips_without_advancing() -> None:
+    model = tiny_mlp(6)
+    opt = SOAA(model.parameters(), lr=0.05, gamma=0.3, total_steps=10)
+    for s in range(3):
+        opt.step(_closure(opt, model, s))
+    g0 = copy.deepcopy(opt.state_dict())
+    params = [p.detach().clone() for p in model.parameters()]
+    _closure(opt, model, 3)()
+    next(model.parameters()).grad[0, 0] = float("nan")
+    opt.step(loss=1.0)
+    assert opt.statistics()["skipped_steps"] == 1
+    assert opt.state_dict()["lightning_soaa"]["global"]["soaa"] == g0["lightning_soaa"]["global"]["soaa"]
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
+    for a, b in zip(opt.state_dict()["state"].values(), g0["state"].values()):
+        assert all(torch.equal(a[0][k], b[0][k]) for k in a[0])
+    opt.step(loss=float("inf"))  # a non-finite loss skips too
+    assert opt.statistics()["skipped_steps"] == 2
+
+
+def _quadratic(theta: torch.Tensor, a: float = 1.0) -> torch.Tensor:
+    return 0.5 * a * (theta**2).sum()
+
+
+def test_same_batch_rejects_an_overshooting_step() -> None:
+    theta = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+    # Step 1: g = θ, m̂ = g, v̂ = g², c ≈ 1 + Σg²/Σg² = 2, F = 2g², so u = min(m̂/F, m̂/|g|) = 1/(2g)
+    # per coordinate; lr = 10 moves θ = (1, -2) to (-4, 0.5): the loss rises and the step is rejected.
+    opt = SOAA([theta], lr=10.0, acceptance="same_batch", gamma=0.1, total_steps=100)
+
+    def closure():
+        opt.zero_grad()
+        loss = _quadratic(theta)
+        loss.backward()
+        return loss
+
+    before = theta.detach().clone()
+    opt.step(closure)
+    st = opt.statistics()
+    assert st["rejected"] == 1 and st["accepted"] == 0 and st["rho"] < 0.25
+    assert torch.equal(theta.detach(), before)
+    assert st["d"] == 0.5  # shrink · d_0
+    assert st["predicted_reduction"] > 0 and st["actual_reduction"] < 0
+    assert opt.state[theta]["step"].item() == 1.0  # the observed gradient is kept in the moments
+
+
+def test_same_batch_accepts_and_expands_a_good_step() -> None:
+    theta = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+    opt = SOAA([theta], lr=0.5, acceptance="same_batch", gamma=0.1, total_steps=10, expand=1.5)
+
+    def closure():
+        opt.zero_grad()
+        loss = _quadratic(theta)
+        loss.backward()
+        return loss
+
+    before = theta.detach().clone()
+    opt.step(closure)
+    st = opt.statistics()
+    assert st["accepted"] == 1 and st["rejected"] == 0 and st["rho"] > 0.75
+    assert not torch.equal(theta.detach(), before)
+    assert _quadratic(theta).item() < _quadratic(before).item()
+    assert 1.0 <= st["d"] <= st["band_hi"]
+
+
+def test_same_batch_needs_a_closure() -> None:
+    opt = SOAA([torch.nn.Parameter(torch.ones(2))], acceptance="same_batch")
+    with pytest.raises(ValueError, match=re.escape("needs step(closure)")):
+        opt.step(loss=1.0)
+
+
+def _run(model, opt, steps):
+    ds, stats = [], []
+    for s in steps:
+        opt.step(_closure(opt, model, s))
+        st = opt.statistics()
+        ds.append(st["d"])
+        stats.append((st["loss_ema"], st["predicted_reduction"], st["rho"]))
+    return ds, stats
+
+
+@pytest.mark.parametrize("acceptance", ["lagged", "same_batch"])
+def test_resume_equals_uninterrupted(acceptance: str) -> None:
+    kw = dict(lr=0.05, gamma=0.3, total_steps=12, weight_decay=0.01, acceptance=acceptance)
+    full = tiny_mlp(7)
+    o_full = SOAA(full.named_parameters(), **kw)
+    d_full, s_full = _run(full, o_full, range(12))
+
+    first = tiny_mlp(7)
+    o1 = SOAA(first.named_parameters(), **kw)
+    d1, s1 = _run(first, o1, range(5))
+    sd = copy.deepcopy(o1.state_dict())
+    model_sd = copy.deepcopy(first.state_dict())
+    resumed = tiny_mlp(99)
+    resumed.load_state_dict(model_sd)
+    o2 = SOAA(resumed.named_parameters(), **kw)
+    o2.load_state_dict(sd)
+    assert o2.statistics()["d"] == o1.statistics()["d"]
+    d2, s2 = _run(resumed, o2, range(5, 12))
+    assert d1 + d2 == d_full  # bit-identical in a single process
+    assert s1 + s2 == s_full
+    for a, b in zip(full.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_param_groups_and_foreach_flag() -> None:
+    m1, m2 = tiny_mlp(8), tiny_mlp(8)
+
+    def groups(m):
+        ps = list(m.parameters())
+        return [{"params": ps[:2], "lr": 0.02}, {"params": ps[2:], "weight_decay": 0.1}]
+
+    o1 = SOAA(groups(m1), lr=0.05, gamma=0.2, total_steps=5)
+    o2 = SOAA(groups(m2), lr=0.05, gamma=0.2, total_steps=5, foreach=True)
+    for s in range(6):
+        o1.step(_closure(o1, m1, s))
+        o2.step(_closure(o2, m2, s))
+    for a, b in zip(m1.parameters(), m2.parameters()):  # loop vs foreach: equal up to a fused addcmul
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
+    assert o1.statistics()["d"] == pytest.approx(o2.statistics()["d"], rel=1e-12)
+
+
+PINNED = [
+    (dict(gamma=1.0), "Invalid gamma=1.0. Must be in [0.0, 1.0)."),
+    (dict(gamma=-0.1), "Invalid gamma=-0.1. Must be in [0.0, 1.0)."),
+    (dict(lr=-1e-3), "Invalid lr=-0.001. Must be in [0.0, inf]."),
+    (dict(eps=float("nan")), "Invalid eps=nan. Must be in [0.0, inf]."),
+    (dict(weight_decay=-1), "Invalid weight_decay=-1. Must be in [0.0, inf]."),
+    (dict(betas=(0.9, 1.0)), "Invalid betas[1]=1.0. Must be in [0.0, 1.0)."),
+    (dict(betas=(0.9,)), "Invalid betas=(0.9,). Must be a pair (beta1, beta2)."),
+    (dict(total_steps=0), "Invalid total_steps=0. Must be an integer >= 1 or None."),
+    (dict(total_steps=10.0), "Invalid total_steps=10.0. Must be an integer >= 1 or None."),
+    (dict(acceptance="greedy"), "Invalid acceptance='greedy'. Must be one of 'lagged', 'same_batch'."),
+    (dict(eta1=0.5, eta2=0.25), "Invalid eta2=0.25. Must be in [0.5, inf]."),
+    (dict(shrink=1.0), "Invalid shrink=1.0. Must be in (0.0, 1.0)."),
+    (dict(expand=0.5), "Invalid expand=0.5. Must be in [1.0, inf]."),
+    (dict(d_min=0.0), "Invalid d_min=0.0. Must be in (0.0, 1.0]."),
+    (dict(foreach="yes"), "Invalid foreach='yes'. Must be True, False or None."),
+]
+
+
+@pytest.mark.parametrize("kwargs,message", PINNED)
+def test_bad_hyperparameters_raise_pinned_messages(kwargs, message) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        SOAA([torch.nn.Parameter(torch.ones(2))], **kwargs)
+
+
+def test_bad_group_values_and_weights() -> None:
+    p, q = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(3))
+    with pytest.raises(ValueError, match=re.escape("Invalid lr=-1.0. Must be in [0.0, inf].")):
+        SOAA([{"params": [p]}, {"params": [q], "lr": -1.0}])
+    msg = "Invalid gamma=0.5 in a param group. SOAA's trust region is global"
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        SOAA([{"params": [p]}, {"params": [q], "gamma": 0.5}])
+    opt = SOAA([p])
+    with pytest.raises(ValueError, match=re.escape("Invalid weight=0. Must be a finite number > 0.")):
+        opt.set_loss(1.0, weight=0)
+    with pytest.raises(ValueError, match="must be a scalar"):
+        opt.set_loss(torch.ones(3))
+    # load_state_dict validates the groups before changing anything
+    sd = opt.state_dict()
+    sd["param_groups"][0]["lr"] = -5.0
+    with pytest.raises(ValueError, match=re.escape("Invalid lr=-5.0")):
+        opt.load_state_dict(sd)
+    assert opt.param_groups[0]["lr"] == 1e-3
+
+
+def test_config_defaults_match_the_constructor() -> None:
+    cfg = SOAAConfig()
+    opt = SOAA([torch.nn.Parameter(torch.ones(2))])
+    assert opt.config == cfg
+    assert (cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay, cfg.gamma, cfg.total_steps, cfg.acceptance) == (
+        1e-3, (0.9, 0.999), 1e-8, 0.0, 0.1, None, "lagged")
