@@ -46,8 +46,8 @@ class LossToOptimizer(Callback):
     Under default precision Lightning's closure also reaches ``optimizer.step(closure)``; without gradient
     accumulation the closure's loss and the handed-over loss are the same number, so nothing is counted
     twice (SOAA keeps one value per step). With ``accumulate_grad_batches=k > 1`` Lightning's closure
-    returns ``loss_k / k`` and ``SOAA.step(closure)`` currently prefers that value over the handed-over
-    mean (a known limitation, tested as an expected failure).
+    returns ``loss_k / k``; ``SOAA.step(closure)`` then keeps the mean handed over during the closure
+    call, which takes precedence over the closure's return value.
 
     Args:
         check_sharding: raise if a sharded optimizer was built before ``torch.distributed`` started
@@ -133,14 +133,6 @@ class BatchToOptimizer(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for opt in _all_optimizers(trainer):
             check_sharding_matches_world(opt)
-            inner = unwrap_optimizer(opt, "model")
-            if inner is not None and type(inner).__name__ == "EGN" and not hasattr(inner, "set_batch"):
-                raise ValueError(
-                    "BatchToOptimizer: this EGN has no set_batch(); under Lightning's automatic "
-                    "optimization return lightning_soaa.lightning.EGN(...) from configure_optimizers (same "
-                    "arguments and checkpoints, adds set_batch), or use manual optimization with "
-                    "opt.step(inputs=x, targets=y)."
-                )
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,

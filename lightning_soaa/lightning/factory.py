@@ -78,17 +78,6 @@ def resolve_optimizer_class(name: str | type) -> type[torch.optim.Optimizer]:
     return cls
 
 
-def _lightning_ready(cls: type) -> type:
-    """``lightning_soaa.EGN`` has no ``set_batch``; under Lightning use the subclass that adds it
-    (same name and checkpoints), so ``--optimizer lightning_soaa.EGN`` works with BatchToOptimizer."""
-    is_base_egn = cls.__module__ == "lightning_soaa.optim.egn" and cls.__name__ == "EGN"
-    if is_base_egn and not hasattr(cls, "set_batch"):
-        from lightning_soaa.lightning.egn import EGN
-
-        return EGN
-    return cls
-
-
 def _wants_module(cls: type) -> bool:
     """True for optimizers that take the model itself (EGN), not its parameters."""
     if getattr(cls, "takes_module", False):
@@ -137,7 +126,7 @@ class OptimizerFactory:
         return resolve_optimizer_class(self.class_path)
 
     def build(self, module: nn.Module) -> torch.optim.Optimizer:
-        cls = _lightning_ready(self.optimizer_class)
+        cls = self.optimizer_class
         return cls(_first_argument(cls, module), **self.init_args)
 
     def __call__(self, module: nn.Module) -> Any:

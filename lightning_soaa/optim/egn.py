@@ -22,9 +22,15 @@ from lightning_soaa.optim.egn_capture import (
     plan_curvature,
 )
 
-__all__ = ["EGN"]
+__all__ = ["EGN", "MISSING_BATCH_MESSAGE"]
 
 log = logging.getLogger(__name__)
+
+MISSING_BATCH_MESSAGE = (
+    "EGN.step() got no mini-batch: EGN forms Jacobians from the inputs and targets, not from a loss. "
+    "Call opt.step(inputs=x, targets=y) or opt.set_batch(x, y) before step(); under Lightning add the "
+    "callback lightning_soaa.lightning.BatchToOptimizer() to the Trainer, or use manual optimization."
+)
 
 
 class _Invalid(ValueError):
@@ -58,8 +64,9 @@ class EGN(ShardedOptimizer):
 
     **Calling it.** ``opt.step(inputs=x, targets=y)``: EGN runs the model itself. ``step(closure)``
     works when the closure returns ``(inputs, targets)``; a closure together with ``inputs=``/``targets=``
-    is simply run first (e.g. Lightning's training-step closure) and its return value is returned. The
-    gradients in ``p.grad`` are never read.
+    or after :meth:`set_batch` is simply run first (e.g. Lightning's training-step closure, fed by the
+    ``BatchToOptimizer`` callback) and its return value is returned. The gradients in ``p.grad`` are
+    never read.
 
     **Mode.** The whole step (Jacobians, Gram factors, line-search and ρ forwards) runs with every
     submodule in eval mode — BatchNorm uses its running statistics and dropout is off — so the
@@ -112,6 +119,9 @@ class EGN(ShardedOptimizer):
         Adaptive damping follows the paper-era rule (commented out in the authors' code) [C].
     """
 
+    #: the constructor takes the module itself, not its parameters (read by the Lightning factory)
+    takes_module = True
+
     def __init__(
         self,
         model: nn.Module,
@@ -160,6 +170,7 @@ class EGN(ShardedOptimizer):
         super().__init__(named, dict(lr=cfg.lr, momentum=cfg.momentum), process_group=process_group,
                          comm=comm, shard=shard, grad_reduction="none")
         self._trainable = dict(named)
+        self._pending_batch: tuple[Any, Tensor] | None = None  # from set_batch(), used by the next step
         self._sites, self._explicit = plan_curvature(model, self._trainable, cfg.jacobian)
         self.damping = float(cfg.damping)
         self.alpha = float(cfg.lr)  # α of the previous step (the line search resets from it)
@@ -197,6 +208,11 @@ class EGN(ShardedOptimizer):
         return out
 
     # ------------------------------------------------------------------ the step
+    def set_batch(self, inputs: Any, targets: Tensor) -> None:
+        """Store the mini-batch for the next :meth:`step` when the caller cannot pass it there
+        (Lightning's automatic optimization via ``BatchToOptimizer``, the DeepSpeed engine)."""
+        self._pending_batch = (inputs, targets)
+
     def step(self, closure: Callable[[], Any] | None = None, *, inputs: Any = None,  # type: ignore[override]
              targets: Tensor | None = None) -> Any:
         """One EGN step on the batch ``(inputs, targets)``; collective when W > 1.
@@ -204,20 +220,19 @@ class EGN(ShardedOptimizer):
         Returns the closure's value when a closure was given, else the global mean loss L_b(w) before
         the step (a 0-d tensor).
         """
+        pending, self._pending_batch = self._pending_batch, None  # a batch belongs to one step
         closure_value = None
         if closure is not None:
             with torch.enable_grad():
                 closure_value = closure()
-            if inputs is None and targets is None:
-                if not (isinstance(closure_value, (tuple, list)) and len(closure_value) == 2):
-                    raise ValueError(
-                        "EGN.step(closure): EGN needs the batch, not a loss. Call step(inputs=x, targets=y), "
-                        "or pass a closure that returns (inputs, targets)."
-                    )
+        if inputs is None and targets is None:
+            if pending is not None:  # set_batch() wins; a closure then only supplies the returned loss
+                inputs, targets = pending
+            elif isinstance(closure_value, (tuple, list)) and len(closure_value) == 2:
                 inputs, targets = closure_value
                 closure_value = None
         if inputs is None or targets is None:
-            raise ValueError("EGN.step needs the mini-batch: step(inputs=x, targets=y).")
+            raise ValueError(MISSING_BATCH_MESSAGE)
         xs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
         if not xs or not all(isinstance(x, Tensor) for x in xs) or not isinstance(targets, Tensor):
             raise ValueError("EGN.step: inputs must be a tensor or a tuple of tensors, targets a tensor.")

@@ -186,6 +186,7 @@ class SOAA(ShardedOptimizer):
                         weight_decay=self.config.weight_decay)
         self._reset_trust_state()
         self._pending_loss: tuple[Tensor | float, float] | None = None
+        self._set_loss_calls = 0  # lets step(closure) see whether the closure handed a loss over itself
         self._loss_weight = 1.0
         self._trial: Tensor | None = None
         self._snapshot: list[tuple[Tensor, Tensor]] = []
@@ -234,6 +235,7 @@ class SOAA(ShardedOptimizer):
         if not math.isfinite(w) or w <= 0.0:
             raise ValueError(f"Invalid weight={weight!r}. Must be a finite number > 0.")
         self._pending_loss = (_check_loss(loss), w)
+        self._set_loss_calls += 1
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
@@ -251,10 +253,14 @@ class SOAA(ShardedOptimizer):
                 "SOAA(acceptance='same_batch') re-evaluates the loss after the trial step and needs "
                 "step(closure); use acceptance='lagged' when no closure is available (DeepSpeed, AMP)."
             )
+        calls_before = self._set_loss_calls
         ret = self._run_closure(closure)
         if loss is not None:
             self.set_loss(loss)
-        elif closure is not None and ret is not None:
+        elif closure is not None and ret is not None and self._set_loss_calls == calls_before:
+            # A loss handed over *during* the closure (Lightning's LossToOptimizer fires inside it) wins
+            # over the closure's return value: under gradient accumulation Lightning's closure returns
+            # the last micro-batch's loss divided by k, the callback the mean over the whole step.
             self.set_loss(ret)
         try:
             ran = self._sharded_step()

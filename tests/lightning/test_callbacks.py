@@ -120,21 +120,6 @@ def test_egn_without_batch_names_the_callback(tmp_path: Path) -> None:
         make_trainer(tmp_path, max_steps=2).fit(model)
 
 
-def test_batch_callback_rejects_plain_egn(tmp_path: Path) -> None:
-    pytest.importorskip("lightning_soaa.optim.egn")
-    from lightning_soaa.optim.egn import EGN as PlainEGN
-
-    if hasattr(PlainEGN, "set_batch"):
-        pytest.skip("lightning_soaa.EGN now has set_batch itself")
-
-    class UsesPlainEGN(PlainRegressor):
-        def configure_optimizers(self) -> Any:
-            return PlainEGN(self, loss="mse", lr=0.5)
-
-    with pytest.raises(ValueError, match=r"lightning_soaa\.lightning\.EGN"):
-        make_trainer(tmp_path, max_steps=2, callbacks=[BatchToOptimizer()]).fit(UsesPlainEGN())
-
-
 def test_egn_with_batch_callback_keeps_training_step(tmp_path: Path) -> None:
     pytest.importorskip("lightning_soaa.optim.egn")
     # The user writes lightning_soaa.EGN in configure_optimizers, unchanged training_step.
@@ -209,10 +194,6 @@ def test_check_sharding_detects_optimizer_built_too_early(monkeypatch: pytest.Mo
             check_sharding_matches_world(opt)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "SOAA.step(closure) replaces the loss handed over by LossToOptimizer with the closure's return value, "
-    "and Lightning's closure returns loss / accumulate_grad_batches; needs SOAA to prefer a loss set "
-    "during the closure call (requested from the SOAA owner)."))
 def test_soaa_sees_the_mean_loss_under_gradient_accumulation(tmp_path: Path) -> None:
     pytest.importorskip("lightning_soaa.optim.soaa")
     model = TinyRegressor(OptimizerFactory("SOAA", {"lr": 0.01}), batch_size=4)
