@@ -30,6 +30,7 @@ import argparse
 import csv
 import dataclasses
 import logging
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -45,6 +46,9 @@ from lightning_soaa.lightning.factory import OptimizerFactory, attach_optimizer
 __all__ = ["main", "TASKS", "Budget"]
 
 log = logging.getLogger(__name__)
+# The job's report (headers, the results table) goes to stdout through this logger; main() attaches
+# the handler, so importing the module configures nothing.
+report = logging.getLogger(__name__ + ".report")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -163,8 +167,8 @@ def _run_one(task: str, opt_name: str, quick: bool, out: Path, seed: int, device
         callbacks=[LossToOptimizer(), BatchToOptimizer(), OptimizerDiagnostics(), recorder],
     )
     if trainer.is_global_zero:
-        print(f"\n=== {task} / {opt_name}: {budget.max_steps} steps on {devices} CPU processes ({strategy})",
-              flush=True)
+        report.info("\n=== %s / %s: %d steps on %d CPU processes (%s)", task, opt_name, budget.max_steps,
+                    devices, strategy)
     trainer.fit(model, datamodule=data)
     last = recorder.rows[-1] if recorder.rows else {}
     return {"task": task, "optimizer": opt_name, "steps": trainer.global_step, "wall_s": recorder.fit_s,
@@ -260,6 +264,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
+    if not report.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        report.addHandler(handler)
+        report.setLevel(logging.INFO)
+        report.propagate = False
     # Quiet, identical runs: one thread per process (2 processes on 2 cores), no tips.
     torch.set_num_threads(1)
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
@@ -275,9 +285,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                                     progress=not args.no_progress_bar))
     if results and results[0]["is_global_zero"]:
         _write_outputs(results, args.out)
-        print("\n" + format_table(results), flush=True)
-        print(f"\nwrote {args.out / 'results.csv'}, {args.out / 'summary.csv'}, {args.out / 'val_loss.png'}",
-              flush=True)
+        report.info("\n%s", format_table(results))
+        report.info("\nwrote %s, %s, %s", args.out / "results.csv", args.out / "summary.csv",
+                    args.out / "val_loss.png")
     return results
 
 

@@ -133,7 +133,8 @@ def _w_save(rank, world_size, steps, path):
     return raised
 
 
-def _w_resume(rank, world_size, path, first, steps):
+def _restore(path):
+    """Model and sharded optimizer of this rank, restored from a checkpoint saved by ``_w_save``."""
     ckpt = torch.load(path, weights_only=False)
     model = tiny_mlp()
     with torch.no_grad():
@@ -141,6 +142,11 @@ def _w_resume(rank, world_size, path, first, steps):
             p.copy_(q)
     opt = ShardedAdamW(model.parameters(), grad_reduction="mean", **KW)
     opt.load_state_dict(ckpt["opt"])
+    return model, opt
+
+
+def _w_resume(rank, world_size, path, first, steps):
+    model, opt = _restore(path)
     for t in range(first, first + steps):
         opt.zero_grad()
         # the global batch of step t, split over the *new* world size, so the math matches the reference
@@ -187,13 +193,7 @@ def test_save_at_two_resume_at_three(tmp_path: Path):
 
 
 def _w_resume3(rank, world_size, path):
-    ckpt = torch.load(path, weights_only=False)
-    model = tiny_mlp()
-    with torch.no_grad():
-        for p, q in zip(model.parameters(), ckpt["params"]):
-            p.copy_(q)
-    opt = ShardedAdamW(model.parameters(), grad_reduction="mean", **KW)
-    opt.load_state_dict(ckpt["opt"])
+    model, opt = _restore(path)
     assert len(opt.state) == len(opt.block_table.owned())  # only the owned blocks were kept
     for t in range(4, 8):
         opt.zero_grad()
