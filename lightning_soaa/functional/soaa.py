@@ -26,11 +26,16 @@ tensor's dtype and added in float64.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "SOAAScalars",
@@ -125,6 +130,91 @@ class _Acc:
         if self.extra:
             out = out + torch.stack(self.extra).sum()
         return out
+
+
+# ---------------------------------------------------------------- compiled update (CPU, float32)
+# On CPU the eager update is ~10 elementwise ops per tile, each a dispatch and a trip through the cache.
+# torch.compile (inductor, C++) fuses the chain into two loops: θ and q in one, the row sums in the
+# other (measured: the update ~1.2-1.9x faster, the step ~1.25x, on a 10M-parameter model). Used for
+# float32 CPU tensors only, on whole pieces of exactly ``_CTILE`` elements, so each kernel compiles
+# once per process (fixed shape, ``dynamic=False``, scalars as 0-dim tensors); the rest of a tensor
+# and every smaller tensor run the eager ops. Same formula, same order; the C++ compiler may contract a
+# multiply-add differently from ATen, so θ can differ from the eager path by one rounding (as the
+# foreach path's fused add does). Row sums keep the ``_CHUNK`` layout. LIGHTNING_SOAA_COMPILE=0 turns it
+# off; a failure to compile turns it off with one warning and the update runs eager.
+_CTILE = 1 << 19
+_compiled: dict[str, Callable[..., Any] | None] = {}
+
+
+def _q_kernel(p: Tensor, m: Tensor, v: Tensor, q_out: Tensor, decay: Tensor, alr: Tensor, k1: Tensor,
+              knee: Tensor, eps: Tensor) -> None:
+    """The elementwise chain of :func:`soaa_update_`: q = m / (k1 s max(s, knee) + ε) into ``q_out``,
+    θ ← θ·decay + alr·q in place."""
+    s = torch.sqrt(v)
+    q = m / (eps + k1 * torch.clamp_min(s, knee) * s)
+    q_out.copy_(q)
+    p.copy_(p * decay + alr * q)
+
+
+def _sums_kernel(m: Tensor, v: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row of ``(rows, _CHUNK)`` pieces: Σ m q and Σ (s q)²."""
+    sq = torch.sqrt(v) * q
+    return (m * q).sum(1), (sq * sq).sum(1)
+
+
+# Two graphs, not one: in one graph inductor allocates a tile-sized temporary for q on every call,
+# which with glibc's default heuristics can come back as fresh pages (page faults) every step.
+def _compiled_kernels() -> tuple[Callable[..., Any], Callable[..., Any]] | None:
+    if "update" not in _compiled:
+        fns = None
+        if os.environ.get("LIGHTNING_SOAA_COMPILE", "1") != "0" and hasattr(torch, "compile"):
+            try:
+                fns = (torch.compile(_q_kernel, fullgraph=True, dynamic=False),
+                       torch.compile(_sums_kernel, fullgraph=True, dynamic=False))
+            except Exception as e:  # noqa: BLE001 - any compiler problem means: run eager
+                log.warning("SOAA: torch.compile unavailable (%s); using the eager CPU update", e)
+        _compiled["update"] = fns
+    return _compiled["update"]
+
+
+def _use_compiled(p: Tensor, m: Tensor, v: Tensor, count_limited: bool) -> bool:
+    return (
+        not count_limited
+        and v.numel() >= _CTILE
+        and v.device.type == "cpu"
+        and p.dtype == m.dtype == v.dtype == torch.float32
+        and p.is_contiguous() and m.is_contiguous() and v.is_contiguous()
+        and not torch.compiler.is_compiling()
+        and _compiled_kernels() is not None
+    )
+
+
+def _compile_failed(e: Exception) -> None:
+    log.warning("SOAA: the compiled CPU update failed (%s: %s); using the eager update", type(e).__name__, e)
+    _compiled["update"] = None
+
+
+def _run_compiled(p: Tensor, m: Tensor, v: Tensor, q_buf: Tensor,
+                  scal: tuple[Tensor, ...]) -> tuple[Tensor, Tensor] | None:
+    """One ``_CTILE`` piece through the compiled kernels: the row sums, or None (θ untouched, the
+    kernels off) when the first kernel cannot run."""
+    kernels = _compiled_kernels()
+    if kernels is None:
+        return None
+    shape = (_CTILE // _CHUNK, _CHUNK)
+    p2, m2, v2, q2 = (t.detach().view(shape) for t in (p, m, v, q_buf))
+    with torch.no_grad():  # the same global state on every call: no recompilation
+        try:
+            kernels[0](p2, m2, v2, q2, *scal)
+        except Exception as e:  # noqa: BLE001 - compile errors surface at the first call, before any write
+            _compile_failed(e)
+            return None
+        try:
+            return kernels[1](m2, v2, q2)
+        except Exception as e:  # noqa: BLE001 - θ is already updated: take the sums eagerly
+            _compile_failed(e)
+            sq = torch.sqrt(v2).mul_(q2)
+            return (m2 * q2).sum(1), sq.mul_(sq).sum(1)
 
 
 def use_foreach(tensors: list[Tensor], foreach: bool | None) -> bool:
@@ -270,29 +360,56 @@ def soaa_update_(
                 s_vu = s_vu + _sum_sq64(si) * (step * step / bc2)
             continue
         eps_t = torch.full((), eps, dtype=vs[0].dtype, device=dev)
-        buf_s = torch.empty(min(_TILE, max(v.numel() for v in vs)), dtype=vs[0].dtype, device=dev)
-        buf_q = torch.empty_like(buf_s)
-        acc_mu, acc_vu = _Acc(), _Acc(square=True)
+        acc_mu, acc_vu, acc_vu2 = _Acc(), _Acc(square=True), _Acc()
+        pieces: list[tuple[Tensor, Tensor, Tensor]] = []
+        scal: tuple[Tensor, ...] = ()
+        q_buf: Tensor | None = None  # q of one compiled piece, later the eager pieces' q buffer
         for p, m, v in zip(ps, ms, vs):
-            for pt, mt, vt in _tiles(p, m, v):
-                n = vt.numel()
-                si = buf_s[:n].view(vt.shape) if n <= buf_s.numel() else torch.empty_like(vt)
-                qi = buf_q[:n].view(vt.shape) if n <= buf_q.numel() else torch.empty_like(vt)
-                torch.sqrt(vt, out=si)
-                if count_limited:
-                    limited = limited + (si < knee).sum()
-                torch.clamp_min(si, knee, out=qi)
-                torch.addcmul(eps_t, qi, si, value=k1, out=qi)
-                torch.div(mt, qi, out=qi)
-                if weight_decay != 0.0:
-                    pt.mul_(decay)
-                pt.add_(qi, alpha=-lr * step)
-                si.mul_(qi)  # s q
-                acc_vu.sum_sq(si)
-                torch.mul(mt, qi, out=si)  # m q = m² / (r + ε) >= 0 (cheaper than a batched dot here)
-                acc_mu.sum(si)
+            n_fast = 0
+            if _use_compiled(p, m, v, count_limited):
+                if q_buf is None:
+                    scal = tuple(torch.tensor(x, dtype=torch.float32)
+                                 for x in (decay, -lr * step, k1, knee, eps))
+                    q_buf = torch.empty(_CTILE, dtype=torch.float32)
+                pf, mf, vf = p.view(-1), m.view(-1), v.view(-1)
+                n_fast = vf.numel() // _CTILE * _CTILE
+                for i in range(0, n_fast, _CTILE):
+                    res = _run_compiled(pf[i:i + _CTILE], mf[i:i + _CTILE], vf[i:i + _CTILE], q_buf, scal)
+                    if res is None:  # failed before writing: this and the rest of the tensor run eager
+                        n_fast = i
+                        break
+                    acc_mu.rows.append(res[0])
+                    acc_vu2.rows.append(res[1])
+                if n_fast:
+                    pieces.extend(_tiles(pf[n_fast:], mf[n_fast:], vf[n_fast:]))
+                    continue
+            pieces.extend(_tiles(p, m, v))
+        if pieces:
+            n_buf = min(_TILE, max(t[2].numel() for t in pieces))
+            buf_s = torch.empty(n_buf, dtype=vs[0].dtype, device=dev)
+            if q_buf is not None and n_buf <= q_buf.numel() and buf_s.dtype == q_buf.dtype:
+                buf_q = q_buf  # the compiled kernels are done with it
+            else:
+                buf_q = torch.empty_like(buf_s)
+        for pt, mt, vt in pieces:
+            n = vt.numel()
+            si = buf_s[:n].view(vt.shape) if n <= buf_s.numel() else torch.empty_like(vt)
+            qi = buf_q[:n].view(vt.shape) if n <= buf_q.numel() else torch.empty_like(vt)
+            torch.sqrt(vt, out=si)
+            if count_limited:
+                limited = limited + (si < knee).sum()
+            torch.clamp_min(si, knee, out=qi)
+            torch.addcmul(eps_t, qi, si, value=k1, out=qi)
+            torch.div(mt, qi, out=qi)
+            if weight_decay != 0.0:
+                pt.mul_(decay)
+            pt.add_(qi, alpha=-lr * step)
+            si.mul_(qi)  # s q
+            acc_vu.sum_sq(si)
+            torch.mul(mt, qi, out=si)  # m q = m² / (r + ε) >= 0 (cheaper than a batched dot here)
+            acc_mu.sum(si)
         s_mu = s_mu + acc_mu.total(dev) * (step / bc1)
-        s_vu = s_vu + acc_vu.total(dev) * (step * step / bc2)
+        s_vu = s_vu + (acc_vu.total(dev) + acc_vu2.total(dev)) * (step * step / bc2)
     parts = [s_mu, s_vu, limited] if count_limited else [s_mu, s_vu]
     return torch.stack(parts)
 

@@ -136,6 +136,11 @@ class SOAA(ShardedOptimizer):
         eta1, eta2, shrink, expand, d_min: the same_batch rule (defaults 0.25, 0.75, 0.5, 2.0, 1e-3).
         foreach: ``None`` (default) uses torch's ``_foreach`` ops on CUDA and a per-tensor loop writing
             into preallocated buffers on CPU (bit-identical results); ``True``/``False`` force one.
+            On CPU, float32 tensors of at least 2**19 elements take the update through two
+            ``torch.compile``'d kernels (compiled once per process: about 3-11 s on the first step;
+            1.15x AdamW's step time instead of 1.47x on a 10M-parameter model). Set the environment
+            variable ``LIGHTNING_SOAA_COMPILE=0`` to stay eager; a compiler failure falls back to eager
+            with one warning.
         process_group, comm, shard, grad_reduction: see :class:`ShardedOptimizer`.
 
     The loss: ``step(closure)`` (evaluated under ``enable_grad``), ``step(loss=...)`` (tensor or

@@ -146,6 +146,36 @@ def test_loop_and_foreach_paths_agree_in_fp32(monkeypatch: pytest.MonkeyPatch, t
     torch.testing.assert_close(res[0][3], res[1][3], rtol=1e-5, atol=0)
 
 
+def test_compiled_cpu_update_matches_eager_and_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The torch.compile'd CPU update (float32 pieces of _CTILE elements) against the eager ops and the
+    float64 transcription; the first tensor is one compiled piece plus a ragged eager remainder."""
+    monkeypatch.delenv("LIGHTNING_SOAA_COMPILE", raising=False)
+    monkeypatch.setattr(soaa_mod, "_compiled", {})
+    shapes = [(soaa_mod._CTILE + 3 * 4096 + 17,), (1000,)]
+    grads, ms, vs, ps = _state(11, shapes, [1.0, 0.5])
+    kw = dict(lr=0.05, beta1=B1, beta2=B2, eps=1e-8, weight_decay=0.01, d=1.3)
+    m, v, a = soaa_moments([x.float() for x in grads], [x.float() for x in ms], [x.float() for x in vs],
+                           [5, 5], beta1=B1, beta2=B2, eps=1e-8)
+    c = 1 + a[0].item() / a[1].item()
+    runs = []
+    for compiled in (True, False):
+        if not compiled:
+            monkeypatch.setitem(soaa_mod._compiled, "update", None)  # the eager fallback, same process
+        pp = [x.float().clone() for x in ps]
+        b = soaa_update_(pp, m, v, [5, 5], c=c, **kw)
+        if compiled and soaa_mod._compiled.get("update") is None:
+            pytest.skip("torch.compile is unavailable here (no C++ compiler?); the eager path is covered above")
+        runs.append((pp, b))
+    (pc, bc), (pe, be) = runs
+    for x, y in zip(pc, pe):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)  # at most a contracted multiply-add apart
+    torch.testing.assert_close(bc, be, rtol=1e-6, atol=0)
+    ref = _reference(grads, ms, vs, ps, 5, lr=0.05, eps=1e-8, wd=0.01, d=1.3, c=c)
+    torch.testing.assert_close(_flat(pc).double(), ref["p"], rtol=1e-5, atol=1e-6)
+    assert bc[0].item() == pytest.approx(ref["s_mu"], rel=1e-5)
+    assert bc[1].item() == pytest.approx(ref["s_vu"], rel=1e-5)
+
+
 def test_nonfinite_gradient_makes_the_partials_nonfinite() -> None:
     grads, ms, vs, _ = _state(5, [(4,)], [1.0])
     grads[0][2] = float("inf")
