@@ -237,6 +237,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def _padded_len(per_rank: list[list[BlockInfo]]) -> int:
         return max(sum(b.numel for b in blist) for blist in per_rank)
 
+    def _layout_device(self, per_rank: list[list[BlockInfo]]) -> torch.device:
+        """Where the parameters of one flat layout live (any block will do: a layout has one dtype and,
+        in every supported setup, one device). A rank that owns nothing still builds its buffer there."""
+        first = next(b for blist in per_rank for b in blist)
+        return self._params[first.param_index].device
+
     def _gather_params(self) -> None:
         """All-gather updated parameters from their owners: one collective per dtype."""
         rank, world = self.comm.rank, self.comm.world_size
@@ -244,10 +250,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             n = self._padded_len(per_rank)
             if n == 0:
                 continue
-            device = self._params[per_rank[rank][0].param_index].device if per_rank[rank] else None
-            if device is None:
-                device = self._params[next(b for bl in per_rank for b in bl).param_index].device
-            buf = torch.zeros(n, dtype=dt, device=device)
+            buf = torch.zeros(n, dtype=dt, device=self._layout_device(per_rank))
             off = 0
             for b in per_rank[rank]:
                 buf[off:off + b.numel].view(b.shape).copy_(b.view(self._params[b.param_index]))
@@ -268,8 +271,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             n = self._padded_len(per_rank)
             if n == 0:
                 continue
-            device = self._params[per_rank[0][0].param_index].device if per_rank[0] else torch.device("cpu")
-            buf = torch.zeros(world * n, dtype=dt, device=device)
+            buf = torch.zeros(world * n, dtype=dt, device=self._layout_device(per_rank))
             for r in range(world):
                 off = r * n
                 for b in per_rank[r]:

@@ -158,17 +158,22 @@ def _quadratic(theta: torch.Tensor, a: float = 1.0) -> torch.Tensor:
     return 0.5 * a * (theta**2).sum()
 
 
+def _quadratic_closure(opt: SOAA, theta: torch.Tensor):
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = _quadratic(theta)
+        loss.backward()
+        return loss
+    return closure
+
+
 def test_same_batch_rejects_an_overshooting_step() -> None:
     theta = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
     # Step 1: g = θ, m̂ = g, v̂ = g², c ≈ 1 + Σg²/Σg² = 2, F = 2g², so u = min(m̂/F, m̂/|g|) = 1/(2g)
     # per coordinate; lr = 10 moves θ = (1, -2) to (-4, 0.5): the loss rises and the step is rejected.
     opt = SOAA([theta], lr=10.0, acceptance="same_batch", gamma=0.1, total_steps=100)
 
-    def closure():
-        opt.zero_grad()
-        loss = _quadratic(theta)
-        loss.backward()
-        return loss
+    closure = _quadratic_closure(opt, theta)
 
     before = theta.detach().clone()
     opt.step(closure)
@@ -184,11 +189,7 @@ def test_same_batch_accepts_and_expands_a_good_step() -> None:
     theta = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
     opt = SOAA([theta], lr=0.5, acceptance="same_batch", gamma=0.1, total_steps=10, expand=1.5)
 
-    def closure():
-        opt.zero_grad()
-        loss = _quadratic(theta)
-        loss.backward()
-        return loss
+    closure = _quadratic_closure(opt, theta)
 
     before = theta.detach().clone()
     opt.step(closure)
