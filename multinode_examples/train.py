@@ -194,11 +194,18 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)  # ranks sharing a node should not oversubscribe its cores
     t0 = time.perf_counter()
     info = init_from_env(args.backend)
+    ok = False
     try:
         result = train(args, info)
+        ok = True
     finally:
-        # Without this, mpirun runs that succeeded can abort at exit (seen with Open MPI 4.1).
+        # Without this, mpirun runs that succeeded can abort at exit (seen with Open MPI 4.1). The
+        # barrier (success path only: after a failure the peers may never arrive) keeps a fast rank from
+        # tearing down its gloo pairs while a peer still uses them; once, without it, a torchrun rank
+        # aborted at exit ("terminate called without an active exception") after training finished.
         if dist.is_initialized():
+            if ok:
+                dist.barrier()
             dist.destroy_process_group()
     params = result.pop("params")
     result["wall_s"] = time.perf_counter() - t0
