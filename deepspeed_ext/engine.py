@@ -216,9 +216,12 @@ class _LossFeed:
 
 
 def install_loss_feed(engine: Any, client: Any) -> None:
-    """Route ``engine.backward(loss)`` through :class:`_LossFeed` when the optimizer has ``set_loss``."""
-    inner_cls = client.optimizer_cls
-    if not hasattr(inner_cls, "set_loss") or not hasattr(client, "set_loss"):
+    """Route ``engine.backward(loss)`` through :class:`_LossFeed` when the optimizer's step needs the loss
+    (``StepNeeds.LOSS`` in :mod:`lightning_soaa.registry`)."""
+    from lightning_soaa.registry import StepNeeds, spec_of
+
+    spec = spec_of(client.optimizer_cls)
+    if spec is None or spec.needs is not StepNeeds.LOSS:
         return
     feed = _LossFeed(engine, client)
     engine.backward = feed.backward  # instance attribute: only this engine is affected

@@ -3,91 +3,75 @@
 A DeepSpeed JSON cannot name a third-party optimizer (its ``optimizer.type`` accepts only DeepSpeed's
 built-ins and ``torch.optim`` class names), so :mod:`deepspeed_ext` reads ``"type": "lightning_soaa.X"``
 itself, builds the optimizer and hands it to ``deepspeed.initialize`` as a client optimizer. This module
-is the table behind that: names, import paths, how each optimizer sees a ZeRO partition, and the stages
-it supports. Nothing here imports deepspeed.
+reads the table behind that -- names, how each optimizer sees a ZeRO partition, the stages it supports --
+from :mod:`lightning_soaa.registry`, the one list of optimizers. Nothing here imports deepspeed.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import inspect
 from typing import Any
 
-__all__ = ["OptimizerEntry", "REGISTRY", "PREFIX", "lookup", "valid_names", "constructor_params"]
+from lightning_soaa import registry as optimizer_registry
+from lightning_soaa.registry import PREFIX, OptimizerSpec
 
-PREFIX = "lightning_soaa."
+__all__ = ["OptimizerEntry", "REGISTRY", "PREFIX", "lookup", "valid_names", "constructor_params"]
 
 #: keyword arguments the adapter sets itself; a JSON must not set them.
 RESERVED_PARAMS = ("params", "process_group", "comm", "shard", "grad_reduction", "model")
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@dataclasses.dataclass(frozen=True)
 class OptimizerEntry:
-    """One optimizer a DeepSpeed config can name.
+    """One optimizer a DeepSpeed config can name: the DeepSpeed view of a
+    :class:`lightning_soaa.registry.OptimizerSpec` (which holds every field; nothing is spelled here).
 
-    Attributes:
-        name: the ``optimizer.type`` users write, e.g. ``"lightning_soaa.SOAA"``.
-        module, attr: where the class lives (imported lazily, so unlanded optimizers only fail when used).
-        layout: ``"elementwise"`` (the math is valid on any 1-D slice: it runs on ZeRO's flat partitions
-            directly), ``"structured"`` (needs matrices: the adapter rebuilds them from DeepSpeed's
-            per-parameter fragment maps, see :mod:`deepspeed_ext.structure`) or ``"model"`` (needs the
-            module itself: EGN, see :mod:`deepspeed_ext.egn_client`).
-        stages: ZeRO stages that work.
-        unsupported_reason: what to say for any other stage, naming the stage to use.
+    ``layout`` is ``"elementwise"`` (the math is valid on any 1-D slice: it runs on ZeRO's flat partitions
+    directly), ``"structured"`` (needs matrices: rebuilt from DeepSpeed's per-parameter fragment maps, see
+    :mod:`deepspeed_ext.structure`) or ``"model"`` (needs the module itself: EGN, see
+    :mod:`deepspeed_ext.egn_client`).
     """
 
-    name: str
-    module: str
-    attr: str
-    layout: str
-    stages: tuple[int, ...]
-    unsupported_reason: str = ""
-    #: refuse bf16/fp16 (their fp32 master copies would overwrite the optimizer's update of the module)
-    fp32_only: bool = False
-    #: keyword arguments whose values DeepSpeed constrains: name -> (allowed values, why)
-    constraints: tuple[tuple[str, tuple[Any, ...], str], ...] = ()
+    spec: OptimizerSpec
+
+    @property
+    def name(self) -> str:
+        return self.spec.qualified_name
+
+    @property
+    def layout(self) -> str:
+        return self.spec.ds_layout.value
+
+    @property
+    def stages(self) -> tuple[int, ...]:
+        return self.spec.ds_stages
+
+    @property
+    def unsupported_reason(self) -> str:
+        return self.spec.ds_unsupported_reason
+
+    @property
+    def fp32_only(self) -> bool:
+        return self.spec.ds_fp32_only
+
+    @property
+    def constraints(self) -> tuple[tuple[str, tuple[Any, ...], str], ...]:
+        return self.spec.ds_constraints
 
     def load(self) -> type:
-        try:
-            mod = importlib.import_module(self.module)
-        except ImportError as exc:  # an optimizer that is not installed/landed
-            raise ImportError(f"{self.name}: cannot import {self.module} ({exc})") from exc
-        return getattr(mod, self.attr)
+        return self.spec.load()
 
 
+#: qualified names and aliases (lower case) -> entry, e.g. "lightning_soaa.adamw" and "lightning_soaa.shardedadamw"
 REGISTRY: dict[str, OptimizerEntry] = {
-    e.name.lower(): e
-    for e in (
-        OptimizerEntry(name="lightning_soaa.AdamW", module="lightning_soaa.optim.adamw", attr="ShardedAdamW",
-                       layout="elementwise", stages=(0, 1, 2, 3)),
-        OptimizerEntry(
-            name="lightning_soaa.SOAA", module="lightning_soaa.optim.soaa", attr="SOAA",
-            layout="elementwise", stages=(0, 1, 2, 3),
-            constraints=(("acceptance", ("lagged",),
-                          "the DeepSpeed engine calls step() without a closure, and acceptance='same_batch' "
-                          "re-evaluates the loss through one"),),
-        ),
-        OptimizerEntry(name="lightning_soaa.ASGO", module="lightning_soaa.optim.asgo", attr="ASGO",
-                       layout="structured", stages=(0, 1, 2, 3)),
-        OptimizerEntry(name="lightning_soaa.DASGO", module="lightning_soaa.optim.asgo", attr="DASGO",
-                       layout="structured", stages=(0, 1, 2, 3)),
-        OptimizerEntry(
-            name="lightning_soaa.EGN", module="lightning_soaa.optim.egn", attr="EGN", layout="model",
-            stages=(0,), fp32_only=True,
-            unsupported_reason=(
-                "EGN differentiates the whole model itself (per-sample Jacobians), but ZeRO-1/2/3 hand the "
-                "optimizer flat partitions of master copies instead of the model's parameters. Use "
-                "zero_optimization.stage 0 (EGN then shards its own state over the data-parallel group), "
-                "or train EGN without DeepSpeed (Lightning strategy='ddp', torchrun, mpirun)."
-            ),
-        ),
-    )
+    (PREFIX + n).lower(): OptimizerEntry(spec)
+    for spec in optimizer_registry.REGISTRY for n in (spec.name, *spec.aliases)
 }
 
 
 def valid_names() -> list[str]:
-    return sorted(e.name for e in REGISTRY.values())
+    return optimizer_registry.qualified_names()
 
 
 def lookup(type_name: Any) -> OptimizerEntry:

@@ -29,7 +29,8 @@ from typing_extensions import override
 
 from deepspeed_ext.client import DeepSpeedClientOptimizer
 from deepspeed_ext.ds_config import ParsedConfig, parse_config, zero_stage_of
-from deepspeed_ext.registry import REGISTRY
+from deepspeed_ext.registry import lookup
+from lightning_soaa.registry import qualified_names, spec_of
 
 __all__ = ["DeepSpeedStrategy"]
 
@@ -44,14 +45,11 @@ def _is_ours(optimizer: Any) -> bool:
 
 def _entry_for(optimizer: Any) -> Any:
     cls = optimizer.optimizer_cls if isinstance(optimizer, DeepSpeedClientOptimizer) else type(optimizer)
-    for e in REGISTRY.values():
-        try:
-            if e.load() is cls:
-                return e
-        except ImportError:
-            continue
-    raise ValueError(f"{cls.__name__} is not a lightning_soaa optimizer that DeepSpeed supports; "
-                     f"supported: {', '.join(sorted(e.name for e in REGISTRY.values()))}")
+    spec = spec_of(cls)
+    if spec is None:
+        raise ValueError(f"{cls.__name__} is not a lightning_soaa optimizer that DeepSpeed supports; "
+                         f"supported: {', '.join(qualified_names())}")
+    return lookup(spec.qualified_name)
 
 
 class DeepSpeedStrategy(_LightningDeepSpeedStrategy):

@@ -9,30 +9,29 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from lightning_soaa import registry as _registry
+
 __version__ = "0.1.0"
 
-# name -> module; resolved lazily so that `import lightning_soaa` stays cheap.
-_EXPORTS = {
-    "ShardedOptimizer": "lightning_soaa.optim.base",
-    "ShardedAdamW": "lightning_soaa.optim.adamw",
-    "SOAA": "lightning_soaa.optim.soaa",
-    "EGN": "lightning_soaa.optim.egn",
-    "ASGO": "lightning_soaa.optim.asgo",
-    "DASGO": "lightning_soaa.optim.asgo",
-    "AdamWConfig": "lightning_soaa.config",
-    "SOAAConfig": "lightning_soaa.config",
-    "EGNConfig": "lightning_soaa.config",
-    "ASGOConfig": "lightning_soaa.config",
-    "DASGOConfig": "lightning_soaa.config",
-    "ShardingConfig": "lightning_soaa.config",
+# name -> "module:attr"; resolved lazily so that `import lightning_soaa` stays cheap. The optimizers and
+# their configs come from the registry (the one list of optimizers); `AdamW` and its alias `ShardedAdamW`
+# are the same class, so `lightning_soaa.AdamW` in a DeepSpeed JSON or on the CLI names a Python object.
+_EXPORTS: dict[str, str] = {
+    "ShardedOptimizer": "lightning_soaa.optim.base:ShardedOptimizer",
+    "ShardingConfig": "lightning_soaa.config:ShardingConfig",
 }
+for _spec in _registry.REGISTRY:
+    for _name in (_spec.name, *_spec.aliases):
+        _EXPORTS[_name] = _spec.class_path
+    _EXPORTS[_spec.config_path.partition(":")[2]] = _spec.config_path
 
 __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
+        module, _, attr = _EXPORTS[name].partition(":")
+        return getattr(importlib.import_module(module), attr)
     raise AttributeError(f"module 'lightning_soaa' has no attribute {name!r}")
 
 

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_soaa.registry import StepNeeds, spec_of
+
 log = logging.getLogger("deepspeed_train")
 
 
@@ -77,13 +79,15 @@ def main(argv: list[str] | None = None) -> dict:
         torch.bfloat16 if engine.bfloat16_enabled() else torch.float32)
     x, y = load_data(args.seed)
     client = deepspeed_ext.find_client_optimizer(engine.optimizer)
+    spec = spec_of(client.optimizer_cls) if client else None
+    needs = spec.needs if spec else StepNeeds.NOTHING
     losses: list[float] = []
     t0 = time.perf_counter()
     for step in range(args.steps):
         for micro_step in range(engine.gradient_accumulation_steps()):
             start = ((step * engine.gradient_accumulation_steps() + micro_step) * world + rank) * micro % len(x)
             xb, yb = x[start:start + micro], y[start:start + micro]
-            if hasattr(client, "set_batch"):  # EGN (ZeRO stage 0) works on the batch itself
+            if needs is StepNeeds.BATCH:  # EGN (ZeRO stage 0) works on the batch itself
                 client.set_batch(xb.to(dtype), yb)
             loss = F.cross_entropy(engine(xb.to(dtype)).float(), yb)
             engine.backward(loss)

@@ -34,11 +34,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_soaa import registry
 from lightning_soaa.distributed.launch import LaunchInfo, init_from_env
+from lightning_soaa.registry import OptimizerSpec, StepNeeds
 
 log = logging.getLogger("train")
 
-OPTIMIZERS = ("adamw", "soaa", "asgo", "egn")
+OPTIMIZERS = tuple(n.lower() for n in registry.names())
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
@@ -91,27 +93,16 @@ def local_slice(global_size: int, rank: int, world: int) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------------------- optimizers
-def make_optimizer(name: str, model: nn.Module, args: argparse.Namespace) -> Any:
-    """Build the optimizer; SOAA/ASGO/EGN are imported only when asked for."""
-    kw: dict[str, Any] = {} if args.lr is None else {"lr": args.lr}
-    sharding = {"grad_reduction": "mean"} if args.grad_sync == "optimizer" else {}
-    if name == "adamw":
-        from lightning_soaa.optim.adamw import ShardedAdamW
-
-        return ShardedAdamW(model.parameters(), **{"lr": 1e-2, **kw}, **sharding)
-    if name == "soaa":
-        from lightning_soaa import SOAA
-
-        return SOAA(model.parameters(), total_steps=args.steps, **kw, **sharding)
-    if name == "asgo":
-        from lightning_soaa import ASGO
-
-        return ASGO(model.named_parameters(), **kw, **sharding)
-    if name == "egn":
-        from lightning_soaa import EGN
-
-        return EGN(model, loss="mse", **kw)
-    raise ValueError(f"Invalid optimizer={name!r}. Must be one of {OPTIMIZERS}.")
+def make_optimizer(spec: OptimizerSpec, model: nn.Module, args: argparse.Namespace) -> Any:
+    """Build the optimizer the registry describes (its module is imported only now)."""
+    kw: dict[str, Any] = {"lr": 1e-2} if spec.name == "AdamW" else {}  # AdamW's default 1e-3 is slow here
+    if args.lr is not None:
+        kw["lr"] = args.lr
+    if spec.horizon_kwarg:
+        kw[spec.horizon_kwarg] = args.steps
+    if spec.needs is not StepNeeds.BATCH and getattr(args, "grad_sync", "ddp") == "optimizer":
+        kw["grad_reduction"] = "mean"
+    return spec.build(model, **kw)
 
 
 def loss_of(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -136,12 +127,14 @@ def train(args: argparse.Namespace, info: LaunchInfo) -> dict[str, Any]:
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda", info.local_rank) if cuda else torch.device("cpu")
     model = make_model(args.hidden, args.seed, dtype).to(device)
-    use_ddp = world > 1 and args.grad_sync == "ddp" and args.optimizer != "egn"
-    # EGN forms its own Jacobians and Gram matrix across ranks: it gets the bare module, no DDP.
+    spec = registry.get(args.optimizer)
+    # An optimizer that takes the batch (EGN) forms its own Jacobians and Gram matrix across ranks: it
+    # gets the bare module, no DDP.
+    use_ddp = world > 1 and args.grad_sync == "ddp" and spec.needs is not StepNeeds.BATCH
     net: nn.Module = model
     if use_ddp:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
-    opt = make_optimizer(args.optimizer, model, args)
+    opt = make_optimizer(spec, model, args)
 
     start, stop = local_slice(args.global_batch, rank, world)
     losses: list[float] = []
@@ -150,18 +143,7 @@ def train(args: argparse.Namespace, info: LaunchInfo) -> dict[str, Any]:
         x, y = global_batch(step, args.global_batch, args.seed, dtype)
         x, y = x[start:stop].to(device), y[start:stop].to(device)
         t0 = time.perf_counter()
-        if args.optimizer == "egn":
-            with torch.no_grad():
-                loss = loss_of(model(x), y)
-            opt.step(inputs=x, targets=y)
-        else:
-            opt.zero_grad(set_to_none=True)
-            loss = loss_of(net(x), y)
-            loss.backward()
-            if args.optimizer == "soaa":
-                opt.step(loss=loss.detach())
-            else:
-                opt.step()
+        loss = spec.take_step(opt, net, x, y, loss_of)  # the step as the registry says to call it
         step_times.append(time.perf_counter() - t0)
         losses.append(global_mean(loss, world))
 

@@ -33,7 +33,18 @@ from torch.utils.data import DataLoader, TensorDataset
 import lightning.pytorch as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the example's own train.py, also when copied
-from train import DTYPES, OPTIMIZERS, global_batch, local_slice, loss_of, make_model  # noqa: E402
+from train import (  # noqa: E402
+    DTYPES,
+    OPTIMIZERS,
+    global_batch,
+    local_slice,
+    loss_of,
+    make_model,
+    make_optimizer,
+)
+
+from lightning_soaa import registry  # noqa: E402
+from lightning_soaa.registry import StepNeeds  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,7 +70,7 @@ class Regression(pl.LightningModule):
         self.args = args
         self.net = make_model(args.hidden, args.seed, DTYPES[args.dtype])
         # EGN solves its own Gauss-Newton system from inputs and targets: it runs in manual optimization.
-        self.automatic_optimization = args.optimizer != "egn"
+        self.automatic_optimization = registry.get(args.optimizer).needs is not StepNeeds.BATCH
         self.losses: list[float] = []
         xs, ys = zip(*(global_batch(s, args.global_batch, args.seed, DTYPES[args.dtype]) for s in range(args.steps)))
         self.data = TensorDataset(torch.cat(xs), torch.cat(ys))
@@ -85,23 +96,8 @@ class Regression(pl.LightningModule):
         return loss if self.automatic_optimization else None
 
     def configure_optimizers(self) -> Any:
-        a = self.args
-        kw: dict[str, Any] = {} if a.lr is None else {"lr": a.lr}
-        if a.optimizer == "adamw":
-            from lightning_soaa.optim.adamw import ShardedAdamW
-
-            return ShardedAdamW(self.parameters(), **{"lr": 1e-2, **kw})
-        if a.optimizer == "soaa":
-            from lightning_soaa import SOAA
-
-            return SOAA(self.parameters(), total_steps=a.steps, **kw)  # Lightning hands it the closure
-        if a.optimizer == "asgo":
-            from lightning_soaa import ASGO
-
-            return ASGO(self.net.named_parameters(), **kw)
-        from lightning_soaa import EGN
-
-        return EGN(self.net, loss="mse", **kw)
+        # train.py's recipe (the registry's entry, with its horizon and lr); SOAA gets Lightning's closure.
+        return make_optimizer(registry.get(self.args.optimizer), self.net, self.args)
 
 
 def main(argv: list[str] | None = None) -> int:

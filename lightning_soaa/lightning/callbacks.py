@@ -23,7 +23,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lightning_soaa.lightning.factory import check_sharding_matches_world, unwrap_optimizer
+from lightning_soaa.lightning.factory import check_sharding_matches_world, optimizer_needing, unwrap_optimizer
+from lightning_soaa.registry import StepNeeds
 
 __all__ = ["LossToOptimizer", "BatchToOptimizer", "OptimizerDiagnostics", "default_split_batch"]
 
@@ -35,7 +36,7 @@ def _all_optimizers(trainer: pl.Trainer) -> list[Any]:
 
 
 class LossToOptimizer(Callback):
-    """Hand the training loss to every optimizer that offers ``set_loss`` (SOAA).
+    """Hand the training loss to every optimizer whose step needs it (``StepNeeds.LOSS`` in the registry: SOAA).
 
     The loss handed over is the loss of the whole optimizer step: with ``accumulate_grad_batches=k``
     Lightning backpropagates ``loss_i / k`` for each micro-batch, and this callback sums those, so the
@@ -65,7 +66,7 @@ class LossToOptimizer(Callback):
         if self.check_sharding:
             for opt in _all_optimizers(trainer):
                 check_sharding_matches_world(opt)
-        if not any(unwrap_optimizer(o, "set_loss") for o in _all_optimizers(trainer)):
+        if not any(optimizer_needing(o, StepNeeds.LOSS) for o in _all_optimizers(trainer)):
             log.info("LossToOptimizer: no optimizer with set_loss(); the callback does nothing.")
 
     @override
@@ -82,7 +83,7 @@ class LossToOptimizer(Callback):
         else:
             self._sum = self._sum + value
         for opt in _all_optimizers(trainer):
-            target = unwrap_optimizer(opt, "set_loss")
+            target = optimizer_needing(opt, StepNeeds.LOSS)
             if target is not None:
                 target.set_loss(self._sum)
 
@@ -114,7 +115,7 @@ def default_split_batch(batch: Any) -> tuple[Any, Any]:
 
 
 class BatchToOptimizer(Callback):
-    """Hand the current batch to every optimizer that offers ``set_batch`` (EGN).
+    """Hand the current batch to every optimizer whose step needs it (``StepNeeds.BATCH``: EGN).
 
     EGN forms per-sample Jacobians of the model outputs itself, so it needs the inputs and targets of
     the mini-batch, not only the gradient. With this callback a user switches ``configure_optimizers``
@@ -137,7 +138,8 @@ class BatchToOptimizer(Callback):
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        targets_opts = [t for t in (unwrap_optimizer(o, "set_batch") for o in _all_optimizers(trainer)) if t]
+        found = (optimizer_needing(o, StepNeeds.BATCH) for o in _all_optimizers(trainer))
+        targets_opts = [t for t in found if t is not None]
         if not targets_opts:
             return
         inputs, targets = self.split_batch(batch)

@@ -17,15 +17,19 @@ from __future__ import annotations
 
 import functools
 import importlib
-import inspect
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
+from lightning_soaa import registry as optimizer_registry
+from lightning_soaa.registry import FirstArg, StepNeeds
+
 __all__ = [
     "KNOWN_OPTIMIZERS",
+    "step_needs",
+    "optimizer_needing",
     "OptimizerFactory",
     "attach_optimizer",
     "check_sharding_matches_world",
@@ -35,13 +39,9 @@ __all__ = [
     "valid_optimizer_names",
 ]
 
-#: Our optimizers by short name -> class path (the import paths are part of the public API).
+#: Our optimizers by short name (aliases included) -> public class path, read from the registry.
 KNOWN_OPTIMIZERS: dict[str, str] = {
-    "SOAA": "lightning_soaa.SOAA",
-    "EGN": "lightning_soaa.EGN",
-    "ASGO": "lightning_soaa.ASGO",
-    "DASGO": "lightning_soaa.DASGO",
-    "ShardedAdamW": "lightning_soaa.ShardedAdamW",
+    n: spec.qualified_name for spec in optimizer_registry.REGISTRY for n in (spec.name, *spec.aliases)
 }
 
 # torch.optim classes listed in the "unknown optimizer" message (any torch.optim.Optimizer works).
@@ -50,7 +50,7 @@ _TORCH_EXAMPLES = ("torch.optim.AdamW", "torch.optim.Adam", "torch.optim.SGD")
 
 def valid_optimizer_names() -> str:
     """Human-readable list of accepted optimizer names, for error messages."""
-    ours = ", ".join(KNOWN_OPTIMIZERS.values())
+    ours = ", ".join(optimizer_registry.qualified_names())
     return (f"{ours}; or the class path of any torch.optim.Optimizer subclass, e.g. "
             f"{', '.join(_TORCH_EXAMPLES)}")
 
@@ -65,8 +65,10 @@ def resolve_optimizer_class(name: str | type) -> type[torch.optim.Optimizer]:
     if isinstance(name, type):
         cls: Any = name
     else:
-        path = KNOWN_OPTIMIZERS.get(name, name)
-        module_name, _, attr = path.rpartition(".")
+        spec = optimizer_registry.lookup(name)
+        if spec is not None:
+            return spec.load()
+        module_name, _, attr = name.rpartition(".")
         cls = None
         if module_name:
             try:
@@ -78,26 +80,11 @@ def resolve_optimizer_class(name: str | type) -> type[torch.optim.Optimizer]:
     return cls
 
 
-def _wants_module(cls: type) -> bool:
-    """True for optimizers that take the model itself (EGN), not its parameters."""
-    if getattr(cls, "takes_module", False):
-        return True
-    try:
-        params = list(inspect.signature(cls.__init__).parameters.values())[1:2]
-    except (ValueError, TypeError):
-        return False
-    if not params:
-        return False
-    first = params[0]
-    return first.name in ("model", "module")
-
-
 def _first_argument(cls: type, module: nn.Module) -> Any:
-    if _wants_module(cls):
+    spec = optimizer_registry.spec_of(cls)
+    if spec is not None and spec.first_arg is FirstArg.MODULE:
         return module
-    from lightning_soaa.optim.base import ShardedOptimizer
-
-    if issubclass(cls, ShardedOptimizer):
+    if spec is not None:
         return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     return [p for p in module.parameters() if p.requires_grad]
 
@@ -182,6 +169,36 @@ def unwrap_optimizer(optimizer: Any, attribute: str) -> Any | None:
         if hasattr(obj, attribute):
             return obj
     return None
+
+
+def step_needs(optimizer: Any) -> tuple[Any, StepNeeds] | None:
+    """What the optimizer behind ``optimizer`` needs at each step, and the object to hand it to.
+
+    Looks through the wrapper chain (LightningOptimizer -> DeepSpeed client -> ours). A DeepSpeed client
+    stands for the class it wraps (``optimizer_cls``) and forwards ``set_loss``/``set_batch``. The answer
+    is the registry's :class:`~lightning_soaa.registry.StepNeeds`; a class may declare its own with a
+    ``step_needs`` class attribute (a subclass of ours, or a foreign optimizer that wants the loss).
+    None for optimizers that declare nothing.
+    """
+    for obj in iter_wrapped(optimizer):
+        inner = getattr(obj, "optimizer_cls", None)
+        cls = inner if isinstance(inner, type) else type(obj)
+        declared = getattr(cls, "step_needs", None)
+        if isinstance(declared, StepNeeds):
+            return obj, declared
+        spec = optimizer_registry.spec_of(cls)
+        if spec is not None:
+            return obj, spec.needs
+    return None
+
+
+def optimizer_needing(optimizer: Any, needs: StepNeeds) -> Any | None:
+    """The object to hand the loss (``StepNeeds.LOSS``) or the batch (``StepNeeds.BATCH``) to when the
+    optimizer behind ``optimizer`` needs it; otherwise None."""
+    found = step_needs(optimizer)
+    if found is None or found[1] is not needs:
+        return None
+    return found[0]
 
 
 def check_sharding_matches_world(optimizer: Any) -> None:

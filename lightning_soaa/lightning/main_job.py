@@ -63,14 +63,14 @@ class Budget:
 # for a model of this size (AdamW 3e-3/1e-3, ASGO's 1e-2 peak, SOAA = AdamW's lr, EGN's damped GN step).
 TASKS: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {
     "digits": {
-        "AdamW": ("lightning_soaa.ShardedAdamW", {"lr": 3e-3, "weight_decay": 0.0}),
+        "AdamW": ("lightning_soaa.AdamW", {"lr": 3e-3, "weight_decay": 0.0}),
         "SOAA": ("lightning_soaa.SOAA", {"lr": 3e-3}),
         "ASGO": ("lightning_soaa.ASGO", {"lr": 1e-2, "weight_decay": 0.0}),
         "EGN": ("lightning_soaa.EGN", {"loss": "cross_entropy", "lr": 1.0, "damping": 1.0,
                                        "line_search": True}),
     },
     "chars": {
-        "AdamW": ("lightning_soaa.ShardedAdamW", {"lr": 3e-3, "weight_decay": 0.0}),
+        "AdamW": ("lightning_soaa.AdamW", {"lr": 3e-3, "weight_decay": 0.0}),
         "SOAA": ("lightning_soaa.SOAA", {"lr": 3e-3}),
         "ASGO": ("lightning_soaa.ASGO", {"lr": 1e-2, "weight_decay": 0.0}),
     },

@@ -23,6 +23,7 @@ from lightning_soaa.lightning import (
 )
 from lightning_soaa.lightning.factory import check_sharding_matches_world
 from lightning_soaa.optim.adamw import ShardedAdamW
+from lightning_soaa.registry import StepNeeds
 from tests.lightning.helpers import PlainRegressor, TinyRegressor, make_trainer
 
 pytestmark = [pytest.mark.lightning, pytest.mark.timeout(120)]
@@ -30,6 +31,8 @@ pytestmark = [pytest.mark.lightning, pytest.mark.timeout(120)]
 
 class RecordingAdamW(ShardedAdamW):
     """ShardedAdamW that records every set_loss and the loss it holds when a step runs."""
+
+    step_needs = StepNeeds.LOSS  # declared, so LossToOptimizer hands it the loss like SOAA
 
     def __init__(self, params: Any, **kw: Any) -> None:
         super().__init__(params, **kw)

@@ -9,9 +9,10 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from lightning_soaa import registry
 from lightning_soaa.lightning import BatchToOptimizer, LossToOptimizer, OptimizerFactory
 from tests.lightning.helpers import RankRecorder, TinyRegressor, load_records, make_trainer
-from tests.lightning.test_strategies import _case
+from tests.lightning.test_strategies import _case, class_name
 
 pytestmark = [pytest.mark.lightning, pytest.mark.timeout(240)]
 
@@ -34,7 +35,7 @@ def _assert_state_equal(a: object, b: object, path: str = "state") -> None:
         assert a == b, f"{path}: {a!r} != {b!r}"
 
 
-@pytest.mark.parametrize("name", ["ShardedAdamW", "SOAA", "EGN", "ASGO"])
+@pytest.mark.parametrize("name", registry.names())
 def test_resume_2_to_1(name: str, tmp_path: Path) -> None:
     """2 -> 1 for every optimizer; 2 -> 2 as well for one of them (each spawn costs seconds)."""
     class_path, init_args = _case(name)
@@ -42,7 +43,7 @@ def test_resume_2_to_1(name: str, tmp_path: Path) -> None:
         init_args = {**init_args, "momentum": 0.5}
     factory = OptimizerFactory(class_path, init_args)
     ckpt_dir = tmp_path / "ckpt"
-    also_two = name == "ShardedAdamW"
+    also_two = name == "AdamW"
     # Uninterrupted: 2 processes x batch 8, 2 epochs of 4 steps, a checkpoint after each epoch.
     full = make_trainer(
         tmp_path, devices=2, max_steps=-1, max_epochs=2, enable_checkpointing=True,
@@ -54,7 +55,7 @@ def test_resume_2_to_1(name: str, tmp_path: Path) -> None:
     ckpt = ckpt_dir / "epoch=0-step=4.ckpt"
     assert ckpt.exists(), sorted(p.name for p in ckpt_dir.iterdir())
     saved = torch.load(ckpt, weights_only=False)["optimizer_states"][0]
-    assert saved["lightning_soaa"]["optimizer"] == name
+    assert saved["lightning_soaa"]["optimizer"] == class_name(name)
     # the consolidated state holds every block, not only rank 0's
     n_params = len(list(TinyRegressor().parameters()))
     assert len(saved["state"]) == n_params

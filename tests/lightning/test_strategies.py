@@ -3,41 +3,32 @@
 from __future__ import annotations
 
 import csv
-import importlib
 from pathlib import Path
 
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
+from lightning_soaa import registry
 from lightning_soaa.lightning import BatchToOptimizer, LossToOptimizer, OptimizerDiagnostics, OptimizerFactory
 from tests.lightning.helpers import RankRecorder, TinyRegressor, load_records, make_trainer
 
 pytestmark = [pytest.mark.lightning, pytest.mark.timeout(180)]
 
 
-def _available(module: str, name: str) -> bool:
-    try:
-        return hasattr(importlib.import_module(module), name)
-    except ImportError:
-        return False
+# Per registry entry: (class path, init args) that make a tiny fit decrease the loss.
+_TINY_FIT = {"SOAA": {"lr": 0.05}, "EGN": {"loss": "mse", "lr": 0.5}, "ASGO": {"lr": 0.05},
+             "DASGO": {"lr": 0.05}, "AdamW": {"lr": 0.05}}
+CASES = {spec.name: (spec.qualified_name, _TINY_FIT[spec.name]) for spec in registry.REGISTRY}
 
 
-# (class path, init args, model kwargs) -- hyperparameters that make a 6-step tiny fit decrease the loss.
-CASES = {
-    "ShardedAdamW": ("lightning_soaa.ShardedAdamW", {"lr": 0.05}),
-    "SOAA": ("lightning_soaa.SOAA", {"lr": 0.05}),
-    "EGN": ("lightning_soaa.EGN", {"loss": "mse", "lr": 0.5}),
-    "ASGO": ("lightning_soaa.ASGO", {"lr": 0.05}),
-}
-MODULES = {"ShardedAdamW": "lightning_soaa.optim.adamw", "SOAA": "lightning_soaa.optim.soaa",
-           "EGN": "lightning_soaa.optim.egn", "ASGO": "lightning_soaa.optim.asgo"}
-
-
-def _case(name: str):
-    if not _available(MODULES[name], name):
-        pytest.skip(f"{name} has not landed yet ({MODULES[name]}.{name} is not importable)")
+def _case(name: str) -> tuple[str, dict]:
     return CASES[name]
+
+
+def class_name(name: str) -> str:
+    """The optimizer's class name, as checkpoints and RankRecorder record it (AdamW is ShardedAdamW)."""
+    return registry.get(name).attr
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
@@ -59,7 +50,7 @@ def test_fit_tiny_model(name: str, devices: int, tmp_path: Path) -> None:
     assert trainer.state.finished
     recs = load_records(tmp_path, "", devices)
     for r in recs:
-        assert r["optimizer"] == name
+        assert r["optimizer"] == class_name(name)
         assert r["world_size"] == devices
         assert r["global_step"] == 8
         # sharding is automatic: the communicator spans the DDP ranks

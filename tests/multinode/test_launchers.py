@@ -20,24 +20,16 @@ from typing import Any
 
 import pytest
 
+from lightning_soaa import registry
+from lightning_soaa.registry import StepNeeds
 from tests.multinode import runner
 from tests.multinode.netns import netns_unavailable, two_hosts
 from tests.multinode.slurm_cluster import SlurmCluster, missing_slurm_binaries
 
-_MODULES = {"adamw": "adamw", "soaa": "soaa", "asgo": "asgo", "egn": "egn"}
+# Every optimizer in the registry, by the name train.py's --optimizer takes.
+OPTIMIZERS = [spec.name.lower() for spec in registry.REGISTRY]
+GRADIENT_OPTIMIZERS = [spec.name.lower() for spec in registry.REGISTRY if spec.needs is not StepNeeds.BATCH]
 
-
-def _has(name: str) -> bool:
-    return importlib.util.find_spec(f"lightning_soaa.optim.{_MODULES[name]}") is not None
-
-
-def _opt(name: str) -> Any:
-    """A parameter that is skipped, with the reason, while the optimizer's module does not exist yet."""
-    return pytest.param(name, id=name, marks=() if _has(name) else pytest.mark.skip(
-        reason=f"lightning_soaa/optim/{_MODULES[name]}.py does not exist in this checkout"))
-
-
-OPTIMIZERS = [_opt(n) for n in _MODULES]
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory: pytest.TempPathFactory):
@@ -69,7 +61,7 @@ def test_torchrun_two_ranks_equal_single_process(optimizer: str, tmp_path: Path,
     runner.assert_matches_single(runner.load(tmp_path, 2), single(optimizer), launcher="torchrun")
 
 
-@pytest.mark.parametrize("optimizer", [p for p in OPTIMIZERS if p.values[0] != "egn"])  # EGN takes no grads
+@pytest.mark.parametrize("optimizer", GRADIENT_OPTIMIZERS)  # EGN takes the batch, not gradients
 def test_torchrun_reduce_scatter_grad_sync(optimizer: str, tmp_path: Path, single) -> None:
     """No DDP: the optimizer itself reduce-scatters gradients to the owning ranks."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

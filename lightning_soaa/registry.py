@@ -1,0 +1,262 @@
+"""The one list of lightning-soaa's optimizers.
+
+Everything that needs to know which optimizers exist reads this module: the package exports
+(``lightning_soaa.SOAA``), the Lightning factory and CLI, the callbacks (which optimizer needs the loss or
+the batch), the DeepSpeed adapter (layout, ZeRO stages), the examples, and the test battery (one driver per
+optimizer takes a step). Adding an optimizer means: its config in :mod:`lightning_soaa.config`, its math in
+:mod:`lightning_soaa.functional`, its class in :mod:`lightning_soaa.optim`, and one :class:`OptimizerSpec`
+below.
+
+The public name of every optimizer is ``lightning_soaa.<name>``; the same spelling is what a DeepSpeed JSON
+writes in ``"optimizer": {"type": "lightning_soaa.<name>"}`` and what ``--optimizer`` takes on the CLI.
+Nothing here imports the optimizer modules until a class is asked for, so ``import lightning_soaa`` stays
+cheap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "PREFIX",
+    "REGISTRY",
+    "DeepSpeedLayout",
+    "FirstArg",
+    "OptimizerSpec",
+    "StepNeeds",
+    "get",
+    "lookup",
+    "names",
+    "qualified_names",
+    "spec_of",
+]
+
+#: the package prefix of every public optimizer name
+PREFIX = "lightning_soaa."
+
+
+class StepNeeds(enum.Enum):
+    """What ``step()`` needs besides the gradients (how a training loop must call it)."""
+
+    #: gradients only: ``loss.backward(); opt.step()``
+    NOTHING = "nothing"
+    #: the mini-batch loss: ``opt.step(loss=loss)``, ``opt.set_loss(loss)`` or a closure
+    LOSS = "loss"
+    #: the mini-batch itself (no gradients): ``opt.step(inputs=x, targets=y)`` or ``opt.set_batch(x, y)``
+    BATCH = "batch"
+
+
+class FirstArg(enum.Enum):
+    """What the constructor's first argument is."""
+
+    #: ``model.parameters()`` or ``model.named_parameters()`` (names route ASGO's parameters)
+    NAMED_PARAMETERS = "named_parameters"
+    #: the ``nn.Module`` itself (EGN differentiates the model)
+    MODULE = "module"
+
+
+class DeepSpeedLayout(enum.Enum):
+    """How the optimizer sees a ZeRO-1/2/3 partition (see :mod:`deepspeed_ext.structure`)."""
+
+    #: the math is valid on any 1-D slice: runs on the flat partitions directly
+    ELEMENTWISE = "elementwise"
+    #: needs matrices: rebuilt from DeepSpeed's per-parameter fragment maps
+    STRUCTURED = "structured"
+    #: needs the module itself (runs at stage 0 only)
+    MODEL = "model"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimizerSpec:
+    """Everything the rest of the project needs to know about one optimizer.
+
+    Attributes:
+        name: the public name; the class is ``lightning_soaa.<name>``.
+        class_path: where the class is defined, ``module:attr``.
+        config_path: its frozen hyperparameter config, ``module:attr``.
+        needs: what a step needs besides gradients.
+        first_arg: what the constructor takes first.
+        aliases: other names that resolve to this optimizer (kept for old configs and code).
+        ds_layout: how it runs on DeepSpeed's ZeRO partitions.
+        ds_stages: the ZeRO stages that work.
+        ds_unsupported_reason: the message for any other stage, naming what to use instead.
+        ds_fp32_only: refuse bf16/fp16 under DeepSpeed.
+        ds_constraints: keyword arguments whose values DeepSpeed constrains: (name, allowed values, why).
+        horizon_kwarg: the constructor keyword that takes the run's length in optimizer steps, when the
+            optimizer schedules something over it (SOAA's trust band); the CLI and the examples fill it.
+        test_kwargs: small hyperparameters for the conformance battery (a step on a tiny float64 model
+            must move the parameters visibly and stay finite).
+    """
+
+    name: str
+    class_path: str
+    config_path: str
+    needs: StepNeeds
+    first_arg: FirstArg = FirstArg.NAMED_PARAMETERS
+    aliases: tuple[str, ...] = ()
+    ds_layout: DeepSpeedLayout
+    ds_stages: tuple[int, ...]
+    ds_unsupported_reason: str = ""
+    ds_fp32_only: bool = False
+    ds_constraints: tuple[tuple[str, tuple[Any, ...], str], ...] = ()
+    horizon_kwarg: str | None = None
+    test_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def qualified_name(self) -> str:
+        """``lightning_soaa.<name>``: the spelling used in Python, DeepSpeed JSON and the CLI."""
+        return PREFIX + self.name
+
+    @property
+    def module(self) -> str:
+        return self.class_path.partition(":")[0]
+
+    @property
+    def attr(self) -> str:
+        return self.class_path.partition(":")[2]
+
+    def load(self) -> type[torch.optim.Optimizer]:
+        """The optimizer class (imports its module on first use)."""
+        return _load(self.class_path)
+
+    def load_config(self) -> type:
+        """The optimizer's frozen hyperparameter config class."""
+        return _load(self.config_path)
+
+    # ------------------------------------------------------------------ drivers (tests, examples)
+    def build(self, model: nn.Module, **kwargs: Any) -> torch.optim.Optimizer:
+        """Construct the optimizer for ``model`` with the right first argument (the module, or its
+        trainable ``named_parameters()``). The tests pass ``**spec.test_kwargs``; an optimizer that takes
+        the module is given ``loss="mse"`` unless told otherwise, matching :meth:`take_step`'s loss."""
+        cls = self.load()
+        if self.first_arg is FirstArg.MODULE:
+            kwargs.setdefault("loss", "mse")
+            return cls(model, **kwargs)
+        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        return cls(params, **kwargs)
+
+    def take_step(self, opt: Any, model: nn.Module, inputs: Tensor, targets: Tensor,
+                  loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None) -> Tensor:
+        """One training step the way a user's loop takes it; returns the (detached) loss before the step.
+
+        ``model`` is what the forward pass runs through (a DDP wrapper is fine, except for optimizers
+        that take the batch: they differentiate the bare module themselves). ``loss_fn(outputs,
+        targets)`` defaults to :func:`half_mse`, the loss EGN's ``"mse"`` minimises, so every optimizer
+        trains on the same objective.
+        """
+        fn = loss_fn or half_mse
+        if self.needs is StepNeeds.BATCH:
+            with torch.no_grad():
+                loss = fn(model(inputs), targets)
+            opt.step(inputs=inputs, targets=targets)
+            return loss.detach()
+        opt.zero_grad(set_to_none=True)
+        loss = fn(model(inputs), targets)
+        loss.backward()
+        if self.needs is StepNeeds.LOSS:
+            opt.step(loss=loss.detach())
+        else:
+            opt.step()
+        return loss.detach()
+
+
+def half_mse(outputs: Tensor, targets: Tensor) -> Tensor:
+    """``mean_i ½‖z_i − y_i‖²``: EGN's ``"mse"`` loss, also the drivers' default objective."""
+    return 0.5 * (outputs - targets).pow(2).sum(dim=-1).mean()
+
+
+def _load(path: str) -> Any:
+    module, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+_EGN_STAGES_REASON = (
+    "EGN differentiates the whole model itself (per-sample Jacobians), but ZeRO-1/2/3 hand the "
+    "optimizer flat partitions of master copies instead of the model's parameters. Use "
+    "zero_optimization.stage 0 (EGN then shards its own state over the data-parallel group), "
+    "or train EGN without DeepSpeed (Lightning strategy='ddp', torchrun, mpirun)."
+)
+
+#: every optimizer, in the order they are listed to users
+REGISTRY: tuple[OptimizerSpec, ...] = (
+    OptimizerSpec(
+        name="SOAA", class_path="lightning_soaa.optim.soaa:SOAA", config_path="lightning_soaa.config:SOAAConfig",
+        needs=StepNeeds.LOSS, ds_layout=DeepSpeedLayout.ELEMENTWISE, ds_stages=(0, 1, 2, 3),
+        horizon_kwarg="total_steps",
+        ds_constraints=(("acceptance", ("lagged",),
+                         "the DeepSpeed engine calls step() without a closure, and acceptance='same_batch' "
+                         "re-evaluates the loss through one"),),
+        test_kwargs={"lr": 1e-2, "total_steps": 20},
+    ),
+    OptimizerSpec(
+        name="EGN", class_path="lightning_soaa.optim.egn:EGN", config_path="lightning_soaa.config:EGNConfig",
+        needs=StepNeeds.BATCH, first_arg=FirstArg.MODULE, ds_layout=DeepSpeedLayout.MODEL, ds_stages=(0,),
+        ds_fp32_only=True, ds_unsupported_reason=_EGN_STAGES_REASON,
+        test_kwargs={"lr": 0.5, "damping": 1.0},
+    ),
+    OptimizerSpec(
+        name="ASGO", class_path="lightning_soaa.optim.asgo:ASGO", config_path="lightning_soaa.config:ASGOConfig",
+        needs=StepNeeds.NOTHING, ds_layout=DeepSpeedLayout.STRUCTURED, ds_stages=(0, 1, 2, 3),
+        test_kwargs={"lr": 1e-2},
+    ),
+    OptimizerSpec(
+        name="DASGO", class_path="lightning_soaa.optim.asgo:DASGO",
+        config_path="lightning_soaa.config:DASGOConfig",
+        needs=StepNeeds.NOTHING, ds_layout=DeepSpeedLayout.STRUCTURED, ds_stages=(0, 1, 2, 3),
+        test_kwargs={"lr": 1e-2},
+    ),
+    OptimizerSpec(
+        name="AdamW", class_path="lightning_soaa.optim.adamw:ShardedAdamW",
+        config_path="lightning_soaa.config:AdamWConfig", aliases=("ShardedAdamW",),
+        needs=StepNeeds.NOTHING, ds_layout=DeepSpeedLayout.ELEMENTWISE, ds_stages=(0, 1, 2, 3),
+        test_kwargs={"lr": 1e-2},
+    ),
+)
+
+_BY_NAME: dict[str, OptimizerSpec] = {}
+for _spec in REGISTRY:
+    for _n in (_spec.name, *_spec.aliases):
+        _BY_NAME[_n.lower()] = _spec
+        _BY_NAME[(PREFIX + _n).lower()] = _spec
+
+
+def names() -> list[str]:
+    """The public short names, in registry order: ``["SOAA", "EGN", "ASGO", "DASGO", "AdamW"]``."""
+    return [s.name for s in REGISTRY]
+
+
+def qualified_names() -> list[str]:
+    """``["lightning_soaa.SOAA", ...]``: the spelling for DeepSpeed JSON and the CLI."""
+    return [s.qualified_name for s in REGISTRY]
+
+
+def lookup(name: str) -> OptimizerSpec | None:
+    """The spec for a short, qualified or alias name (case-insensitive), or None."""
+    if not isinstance(name, str):
+        return None
+    return _BY_NAME.get(name.lower())
+
+
+def get(name: str) -> OptimizerSpec:
+    """Like :func:`lookup`, but raises ``ValueError`` listing the valid names."""
+    spec = lookup(name)
+    if spec is None:
+        raise ValueError(f"Invalid optimizer={name!r}. Must be one of {', '.join(qualified_names())}.")
+    return spec
+
+
+def spec_of(optimizer: Any) -> OptimizerSpec | None:
+    """The spec of an optimizer instance or class (subclasses included), or None for foreign ones."""
+    cls = optimizer if isinstance(optimizer, type) else type(optimizer)
+    for spec in REGISTRY:
+        module = importlib.import_module(spec.module)  # already imported when an instance exists
+        if issubclass(cls, getattr(module, spec.attr)):
+            return spec
+    return None
