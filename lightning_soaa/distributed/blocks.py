@@ -62,10 +62,6 @@ class BlockInfo:
         return (self.param_index, self.sub_index)
 
 
-def whole_param_block(p: torch.Tensor, cost: float | None = None) -> list[BlockSpec]:
-    return [BlockSpec(None, 0, 0, float(p.numel()) if cost is None else cost)]
-
-
 class BlockTable:
     """All blocks of an optimizer, their owners, and per-rank views for packing flat buffers."""
 
@@ -106,9 +102,6 @@ class BlockTable:
 
     def owned(self) -> list[BlockInfo]:
         return [b for b in self.blocks if b.owner == self.rank]
-
-    def owned_by(self, rank: int) -> list[BlockInfo]:
-        return [b for b in self.blocks if b.owner == rank]
 
     def loads(self) -> list[float]:
         loads = [0.0] * self.world_size

@@ -86,8 +86,6 @@ class Communicator(Protocol):
 
     def reduce_scatter_flat(self, buffer: torch.Tensor) -> torch.Tensor: ...
 
-    def broadcast_(self, tensor: torch.Tensor, src: int) -> torch.Tensor: ...
-
     def all_gather_object(self, obj: Any) -> list[Any]: ...
 
 
@@ -130,9 +128,6 @@ class LocalComm(_StatsMixin):
 
     def reduce_scatter_flat(self, buffer: torch.Tensor) -> torch.Tensor:
         return buffer
-
-    def broadcast_(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
-        return tensor
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         return [obj]
@@ -203,15 +198,6 @@ class TorchComm(_StatsMixin):
         self._count("reduce_scatter", _nbytes(buf))
         dist.reduce_scatter_tensor(out, buf, op=dist.ReduceOp.SUM, group=self.group)
         return out.to(buffer.device)
-
-    def broadcast_(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
-        buf = self._to_comm_device(tensor)
-        self._count("broadcast", _nbytes(buf))
-        global_src = dist.get_global_rank(self.group, src) if self.group is not None else src
-        dist.broadcast(buf, src=global_src, group=self.group)
-        if buf is not tensor:
-            tensor.copy_(buf)
-        return tensor
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         """Gather a picklable object from every rank (checkpoint consolidation; not for hot paths)."""

@@ -23,8 +23,13 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lightning_soaa.lightning.factory import check_sharding_matches_world, optimizer_needing, unwrap_optimizer
-from lightning_soaa.registry import StepNeeds
+from lightning_soaa.lightning.factory import (
+    check_sharding_matches_world,
+    iter_wrapped,
+    optimizer_needing,
+    unwrap_optimizer,
+)
+from lightning_soaa.registry import StepNeeds, spec_of
 
 __all__ = ["LossToOptimizer", "BatchToOptimizer", "OptimizerDiagnostics", "default_split_batch"]
 
@@ -147,17 +152,28 @@ class BatchToOptimizer(Callback):
             opt.set_batch(inputs, targets)
 
 
+def display_name(optimizer: Any) -> str:
+    """The registry name of the optimizer behind any wrapper (``SOAA``, ``AdamW``), the same under DDP and
+    DeepSpeed, so dashboards survive a change of strategy; the class name for foreign optimizers."""
+    for obj in iter_wrapped(optimizer):
+        inner = getattr(obj, "optimizer_cls", None)
+        spec = spec_of(inner if isinstance(inner, type) else obj)
+        if spec is not None:
+            return spec.name
+    return type(unwrap_optimizer(optimizer, "statistics") or optimizer).__name__
+
+
 def _prefixes(optimizers: list[Any]) -> list[str]:
-    """Log-key prefix per optimizer: the class name of the innermost optimizer with statistics()."""
-    names = [type(unwrap_optimizer(opt, "statistics") or opt).__name__ for opt in optimizers]
+    """Log-key prefix per optimizer: its :func:`display_name`, numbered when two share one."""
+    names = [display_name(opt) for opt in optimizers]
     return [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
 
 
 class OptimizerDiagnostics(Callback):
     """Log each optimizer's ``statistics()`` (and learning rates) through ``pl_module.log_dict``.
 
-    Keys are ``"<OptimizerClass>/<statistic>"``, e.g. ``SOAA/d``, ``EGN/damping``,
-    ``ShardedAdamW/comm_bytes`` (bytes this rank sent into collectives during the last step). Values are
+    Keys are ``"<registry name>/<statistic>"``, e.g. ``SOAA/d``, ``EGN/damping``,
+    ``AdamW/comm_bytes`` (bytes this rank sent into collectives during the last step). Values are
     rank 0's view (every rank takes the same global decisions; communication counts are per rank).
     Logged after every optimizer step, subject to the trainer's ``log_every_n_steps``.
 
