@@ -143,13 +143,16 @@ class OptimizerSpec:
         return cls(params, **kwargs)
 
     def take_step(self, opt: Any, model: nn.Module, inputs: Tensor, targets: Tensor,
-                  loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None) -> Tensor:
+                  loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None, *,
+                  on_gradients: Callable[[], None] | None = None) -> Tensor:
         """One training step the way a user's loop takes it; returns the (detached) loss before the step.
 
         ``model`` is what the forward pass runs through (a DDP wrapper is fine, except for optimizers
         that take the batch: they differentiate the bare module themselves). ``loss_fn(outputs,
         targets)`` defaults to :func:`half_mse`, the loss EGN's ``"mse"`` minimises, so every optimizer
-        trains on the same objective.
+        trains on the same objective. ``on_gradients()`` runs between ``backward()`` and ``step()`` (to
+        average gradients as DDP would, or to inject a fault); optimizers that take the batch read no
+        gradients and never call it.
         """
         fn = loss_fn or half_mse
         if self.needs is StepNeeds.BATCH:
@@ -160,6 +163,8 @@ class OptimizerSpec:
         opt.zero_grad(set_to_none=True)
         loss = fn(model(inputs), targets)
         loss.backward()
+        if on_gradients is not None:
+            on_gradients()
         if self.needs is StepNeeds.LOSS:
             opt.step(loss=loss.detach())
         else:

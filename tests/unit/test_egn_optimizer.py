@@ -285,3 +285,16 @@ def test_float32_model_trains() -> None:
     losses = [float(opt.step(inputs=x, targets=y)) for _ in range(5)]
     assert losses[-1] < 0.5 * losses[0]
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_line_search_warm_up_from_lr_zero() -> None:
+    """lr = 0 (a warm-up's first step) takes no step, and must not pin every later α at 0."""
+    model = tiny_mlp(0, DT)
+    x, y = _data()
+    opt = EGN(model, lr=0.0, damping=0.1, line_search=True)
+    w0 = flat_params(model)
+    opt.step(inputs=x, targets=y)
+    assert torch.equal(flat_params(model), w0) and opt.alpha == 0.0
+    opt.param_groups[0]["lr"] = 1.0
+    opt.step(inputs=x, targets=y)
+    assert 0.0 < opt.alpha <= 1.0 and not torch.equal(flat_params(model), w0)
