@@ -56,13 +56,16 @@ def data(t: int, sizes: tuple[int, ...] = SIZES, rank: int = 0, world: int = 1) 
     return x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
 
 
-def poison_hook(spec: OptimizerSpec, model: nn.Module) -> Callable[[], None]:
-    """Put a NaN into the gradient of the *last* parameter (on ranks > 0 a block the rank may not own)."""
-    last = list(model.parameters())[-1]
+def poison_hook(model: nn.Module, opt: Any) -> Callable[[], None]:
+    """Put a NaN into the gradient of a parameter this rank owns no block of (the hard case: only its
+    owner reads it in the update), or of the last parameter when the rank owns them all."""
+    plist = list(model.parameters())
+    owned = {b.param_index for b in opt.block_table.owned()}
+    target = next((p for i, p in enumerate(plist) if i not in owned), plist[-1])
 
     def hook() -> None:
-        assert last.grad is not None
-        last.grad.view(-1)[0] = float("nan")
+        assert target.grad is not None
+        target.grad.view(-1)[0] = float("nan")
 
     return hook
 
@@ -89,7 +92,7 @@ def step(spec: OptimizerSpec, model: nn.Module, opt: Any, t: int, *, sizes: tupl
             y = y.clone()
             y[0, 0] = float("nan")
         else:
-            hooks.append(poison_hook(spec, model))
+            hooks.append(poison_hook(model, opt))
 
     def on_gradients() -> None:
         for h in hooks:

@@ -25,7 +25,6 @@ from tests.conformance._battery import (
     assert_identical,
     bad_values,
     each_optimizer,
-    first_arg_for,
     make,
     params,
     step,
