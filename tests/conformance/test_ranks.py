@@ -8,9 +8,11 @@ the tests below are parametrized over the registry and read that launch's result
   at W ≥ 3 also a two-block model, so some ranks own nothing and must still join every collective.
   Odd W use ``grad_reduction="mean"`` where the optimizer has it, even W average the gradients first
   (what DDP does), so both gradient paths are covered.
-* checkpoints: ``state_dict()`` before ``consolidate_state_dict()`` is an error at W > 1; a checkpoint
-  saved at W = 2 resumes at W = 3 and W = 4, one saved at W = 3 resumes at W = 1, each continuing equal
-  to the uninterrupted run.
+* sharding: the ranks own disjoint blocks covering the table, and each rank holds state for exactly
+  the blocks it owns (after training and after loading a checkpoint saved at another world size).
+* checkpoints: ``state_dict()`` before ``consolidate_state_dict()`` is an error at W > 1; checkpoints
+  resume across world sizes 1 → 2, 2 → 3, 3 → 1 and 2 → 4, each continuing equal to the uninterrupted
+  run.
 * W = 2 and 3: a non-finite value on rank 1 only (a NaN gradient in a parameter rank 1 does not own,
   after the gradient averaging; a NaN target for optimizers that take the batch) is skipped on every
   rank with parameters and state unchanged and ``skipped_steps`` counted.
@@ -49,8 +51,8 @@ from tests.harness.distributed import run_distributed
 
 STEPS, SAVE_AT, NAN_AT, TINY_STEPS = 6, 3, 2, 3
 NAN_WORLDS = (2, 3)  # grad_reduction "none" (gradients averaged first) and "mean"
-#: (world size, the launch whose checkpoint it resumes, or None)
-LAUNCHES: dict[int, int | None] = {2: None, 3: 2, 1: 3, 4: 2}
+#: world size -> the world size whose checkpoint it resumes (0: the single-process reference run)
+LAUNCHES: dict[int, int] = {2: 0, 3: 2, 1: 3, 4: 2}
 PICKLED = "AdamW"  # whose W = 2 pickle the re-attachment checks use (the mechanism is in the base class)
 
 
@@ -68,6 +70,18 @@ def _build(spec: OptimizerSpec, world: int, sizes: tuple[int, ...] = SIZES, seed
 def _consolidated(opt: Any, rank: int, to: int | None = 0) -> dict[str, Any] | None:
     opt.consolidate_state_dict(to=to)  # collective
     return copy.deepcopy(opt.state_dict()) if to is None or rank == to else None
+
+
+def _held_blocks(opt: Any) -> dict[str, list[tuple[int, int]]]:
+    """The (param_index, sub_index) blocks this rank holds state for, and those it owns."""
+    plist = [p for g in opt.param_groups for p in g["params"]]
+    held = []
+    for pi, p in enumerate(plist):
+        st = opt.state.get(p)
+        if st:
+            subs = [k for k in st if isinstance(k, int)]
+            held += [(pi, k) for k in subs] if subs else [(pi, 0)]
+    return {"held": sorted(held), "owned": sorted(b.key for b in opt.block_table.owned())}
 
 
 def _state_dict_raises(opt: Any) -> bool:
@@ -88,6 +102,7 @@ def _main_run(spec: OptimizerSpec, rank: int, world: int) -> tuple[Any, Any, dic
             out["ckpt"] = None if sd is None else (copy.deepcopy(model.state_dict()), sd)
         step(spec, model, opt, t, rank=rank, world=world, average=average)
     out["params"] = params(model)
+    out["blocks"] = _held_blocks(opt)
     out["final"] = _consolidated(opt, rank)
     return model, opt, out
 
@@ -108,9 +123,10 @@ def _resumed_run(spec: OptimizerSpec, rank: int, world: int, ckpt: tuple[Any, An
     model, opt, average = _build(spec, world, seed=5)  # another init: everything comes from the checkpoint
     model.load_state_dict(ckpt[0])
     opt.load_state_dict(ckpt[1])
+    loaded = _held_blocks(opt)
     for t in range(SAVE_AT, STEPS):
         step(spec, model, opt, t, rank=rank, world=world, average=average)
-    return {"params": params(model), "final": _consolidated(opt, rank)}
+    return {"params": params(model), "final": _consolidated(opt, rank), "blocks": loaded}
 
 
 def _tiny_run(spec: OptimizerSpec, rank: int, world: int) -> dict[str, Any]:
@@ -147,15 +163,14 @@ def _reattach_elsewhere(blob: bytes, rank: int, world: int) -> str:
     return "no error"
 
 
-def _worker(rank: int, world: int, resume: dict[str, Any] | None, blob: bytes | None) -> dict[str, Any]:
+def _worker(rank: int, world: int, resume: dict[str, Any], blob: bytes | None) -> dict[str, Any]:
     torch.manual_seed(rank)  # nothing may depend on it
     out: dict[str, Any] = {}
     for spec in SPECS:
         model, opt, res = _main_run(spec, rank, world)
         if world in NAN_WORLDS:
             res["nan"] = _nan_run(spec, rank, world)
-        if resume is not None:
-            res["resumed"] = _resumed_run(spec, rank, world, resume[spec.name])
+        res["resumed"] = _resumed_run(spec, rank, world, resume[spec.name])
         if world >= 3:
             res["tiny"] = _tiny_run(spec, rank, world)
         if world == 2:
@@ -178,7 +193,8 @@ class _Launches:
     def get(self, world: int) -> list[dict[str, Any]]:
         if world not in self.results:
             src = LAUNCHES[world]
-            resume = None if src is None else {s.name: self.get(src)[0][s.name]["ckpt"] for s in SPECS}
+            resume = {s.name: _reference(s.name)["ckpt"] if src == 0 else self.get(src)[0][s.name]["ckpt"]
+                      for s in SPECS}
             blob = self.get(2)[0][PICKLED]["copies"]["bytes"] if world == 3 else None
             self.results[world] = run_distributed(_worker, world, self.tmp, resume, blob, timeout=300)
         return self.results[world]
@@ -197,10 +213,11 @@ def _reference(name: str, sizes: tuple[int, ...] = SIZES, steps: int = STEPS) ->
     out: dict[str, Any] = {}
     for t in range(steps):
         if t == SAVE_AT:
-            out["ckpt"] = copy.deepcopy(opt.state_dict())
+            out["ckpt"] = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()))
         step(spec, model, opt, t, sizes=sizes)
     out["params"] = params(model)
     out["final"] = copy.deepcopy(opt.state_dict())
+    out["blocks"] = [b.key for b in opt.block_table.blocks]
     return out
 
 
@@ -222,6 +239,10 @@ def test_w_ranks_equal_one_process(launches: _Launches, spec: OptimizerSpec, wor
     _assert_equal_to_reference([r["params"] for r in results], results[0]["final"], ref,
                                skipped=0, what=f"W={world}")
     assert all(r["final"] is None for r in results[1:])  # consolidate_state_dict(to=0) keeps it on rank 0
+    owned = sorted(k for r in results for k in r["blocks"]["owned"])
+    assert len(owned) == len(set(owned)) and len(owned) == len(_reference(spec.name)["blocks"])
+    for r, res in enumerate(results):  # sharded: a rank holds the state of its own blocks, and only those
+        assert res["blocks"]["held"] == res["blocks"]["owned"], f"rank {r}"
     if world >= 3:  # two blocks over W ranks: W - 2 ranks own nothing and still joined every collective
         tiny_ref = _reference(spec.name, TINY, TINY_STEPS)
         owned = [r["tiny"]["owned"] for r in results]
@@ -237,15 +258,17 @@ def test_checkpoint_needs_consolidation_and_equals_one_process(launches: _Launch
     results = [res[spec.name] for res in launches.get(world)]
     assert all(r["raises_before_consolidation"] for r in results)
     _, sd = results[0]["ckpt"]
-    assert_close(sd, _reference(spec.name)["ckpt"], f"checkpoint at W={world}")
+    assert_close(sd, _reference(spec.name)["ckpt"][1], f"checkpoint at W={world}")
 
 
-@pytest.mark.parametrize("saved,resumed", [(2, 3), (3, 1), (2, 4)])
+@pytest.mark.parametrize("saved,resumed", [(1, 2), (2, 3), (3, 1), (2, 4)])
 @each_optimizer
 def test_resume_at_another_world_size_equals_uninterrupted(launches: _Launches, spec: OptimizerSpec,
                                                            saved: int, resumed: int) -> None:
-    assert LAUNCHES[resumed] == saved
+    assert LAUNCHES[resumed] == (0 if saved == 1 else saved)  # W = 1: the reference run, no process group
     results = [res[spec.name]["resumed"] for res in launches.get(resumed)]
+    for r, res in enumerate(results):  # loading keeps only the blocks this rank now owns
+        assert res["blocks"]["held"] == res["blocks"]["owned"], f"rank {r}"
     _assert_equal_to_reference([r["params"] for r in results], results[0]["final"], _reference(spec.name),
                                skipped=0,
                                what=f"saved at W={saved}, resumed at W={resumed}")
