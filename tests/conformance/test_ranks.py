@@ -5,6 +5,7 @@ the tests below are parametrized over the registry and read that launch's result
 
 * W ∈ {1, 2, 3, 4} equals one process on the same global batch (float64, rtol 1e-10): parameters on
   every rank (bit-identical across ranks) and the consolidated state (moments, optimizer-wide scalars);
+  every rank made the same collectives (calls and bytes) in a step;
   at W ≥ 3 also a two-block model, so some ranks own nothing and must still join every collective.
   Odd W use ``grad_reduction="mean"`` where the optimizer has it, even W average the gradients first
   (what DDP does), so both gradient paths are covered.
@@ -101,6 +102,8 @@ def _main_run(spec: OptimizerSpec, rank: int, world: int) -> tuple[Any, Any, dic
             sd = _consolidated(opt, rank)
             out["ckpt"] = None if sd is None else (copy.deepcopy(model.state_dict()), sd)
         step(spec, model, opt, t, rank=rank, world=world, average=average)
+    last = opt.comm.step_stats  # the last step's collectives, before consolidation adds its own
+    out["comm"] = (dict(last.calls), dict(last.bytes))
     out["params"] = params(model)
     out["blocks"] = _held_blocks(opt)
     out["final"] = _consolidated(opt, rank)
@@ -239,6 +242,9 @@ def test_w_ranks_equal_one_process(launches: _Launches, spec: OptimizerSpec, wor
     _assert_equal_to_reference([r["params"] for r in results], results[0]["final"], ref,
                                skipped=0, what=f"W={world}")
     assert all(r["final"] is None for r in results[1:])  # consolidate_state_dict(to=0) keeps it on rank 0
+    for r, res in enumerate(results):  # the same collectives, in number and size, on every rank
+        assert res["comm"] == results[0]["comm"], f"rank {r}: {res['comm']} vs rank 0: {results[0]['comm']}"
+    assert (sum(results[0]["comm"][0].values()) > 0) == (world > 1)
     owned = sorted(k for r in results for k in r["blocks"]["owned"])
     assert len(owned) == len(set(owned)) and len(owned) == len(_reference(spec.name)["blocks"])
     for r, res in enumerate(results):  # sharded: a rank holds the state of its own blocks, and only those
