@@ -7,8 +7,6 @@ import pytest
 from tests.deepspeed._workers import w_egn
 from tests.harness.distributed import run_distributed
 
-pytest.importorskip("lightning_soaa.optim.egn", reason="EGN has not landed")
-
 pytestmark = [pytest.mark.deepspeed, pytest.mark.timeout(200)]
 
 

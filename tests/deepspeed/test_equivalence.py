@@ -41,22 +41,6 @@ def _check_calls(ds: dict, stage: int) -> None:
     assert ds["step_calls"] == expected_calls, (stage, ds["step_calls"])
 
 
-def _soaa_available() -> bool:
-    try:
-        from lightning_soaa.optim.soaa import SOAA  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _asgo_available() -> bool:
-    try:
-        from lightning_soaa.optim.asgo import ASGO  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 SOAA_PARAMS = {"lr": 1e-2, "weight_decay": 0.1, "gamma": 0.1, "total_steps": 10}
 ASGO_PARAMS = {"lr": 1e-2, "weight_decay": 0.1}
 ADAMW_PARAMS = {"lr": 1e-2, "weight_decay": 0.1}
@@ -69,12 +53,11 @@ def _jobs() -> dict[str, dict]:
                                       opt_path=("lightning_soaa.optim.adamw", "ShardedAdamW"),
                                       opt_params=ADAMW_PARAMS, steps=STEPS,
                                       ref_variants=[dict(dtype=dtype, groups=True)])
-        if _soaa_available():
-            jobs[f"soaa-{dtype}"] = dict(cases=_cases("lightning_soaa.SOAA", dtype),
-                                         opt_path=("lightning_soaa.optim.soaa", "SOAA"),
-                                         opt_params=SOAA_PARAMS, steps=STEPS,
-                                         ref_variants=[dict(dtype=dtype, groups=True)])
-        if _soaa_available() and dtype == "fp32":
+        jobs[f"soaa-{dtype}"] = dict(cases=_cases("lightning_soaa.SOAA", dtype),
+                                     opt_path=("lightning_soaa.optim.soaa", "SOAA"),
+                                     opt_params=SOAA_PARAMS, steps=STEPS,
+                                     ref_variants=[dict(dtype=dtype, groups=True)])
+        if dtype == "fp32":
             # gradient accumulation (the loss handed to SOAA is the mean over micro-steps) and
             # ZeRO-Offload (client optimizer on CPU partitions, zero_force_ds_cpu_optimizer=false)
             jobs["soaa-extra"] = dict(
@@ -82,18 +65,17 @@ def _jobs() -> dict[str, dict]:
                        dict(stage=2, dtype="fp32", opt_type="lightning_soaa.SOAA", groups=True, offload=True)],
                 opt_path=("lightning_soaa.optim.soaa", "SOAA"), opt_params=SOAA_PARAMS, steps=STEPS,
                 ref_variants=[dict(dtype="fp32", groups=True, grad_accum=2), dict(dtype="fp32", groups=True)])
-        if _asgo_available() and dtype == "fp32":
+        if dtype == "fp32":
             jobs["dasgo-fp32"] = dict(
                 cases=_cases("lightning_soaa.DASGO", "fp32"), opt_path=("lightning_soaa.optim.asgo", "DASGO"),
                 opt_params=ASGO_PARAMS, steps=STEPS,
                 ref_variants=[dict(dtype="fp32", groups=True)]
                 + [dict(dtype="fp32", groups=True, pieces_from=i) for i in (1, 2, 3)])
-        if _asgo_available():
-            jobs[f"asgo-{dtype}"] = dict(
-                cases=_cases("lightning_soaa.ASGO", dtype), opt_path=("lightning_soaa.optim.asgo", "ASGO"),
-                opt_params=ASGO_PARAMS, steps=STEPS,
-                ref_variants=[dict(dtype=dtype, groups=True)]
-                + [dict(dtype=dtype, groups=True, pieces_from=i) for i in (1, 2, 3)])
+        jobs[f"asgo-{dtype}"] = dict(
+            cases=_cases("lightning_soaa.ASGO", dtype), opt_path=("lightning_soaa.optim.asgo", "ASGO"),
+            opt_params=ASGO_PARAMS, steps=STEPS,
+            ref_variants=[dict(dtype=dtype, groups=True)]
+            + [dict(dtype=dtype, groups=True, pieces_from=i) for i in (1, 2, 3)])
     return jobs
 
 
@@ -126,7 +108,6 @@ def _initial_params(dtype: str) -> list[torch.Tensor]:
     return [p.to(torch.bfloat16).float() for p in ps] if dtype == "bf16" else ps
 
 
-@pytest.mark.skipif(not _soaa_available(), reason="lightning_soaa.optim.soaa has not landed")
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_soaa_all_stages_match_sharded_run(results, dtype):
     """SOAA: every stage equals our sharded run to float tolerance, the trust region advanced exactly once
@@ -145,7 +126,6 @@ def test_soaa_all_stages_match_sharded_run(results, dtype):
         assert ref["stats"]["d"] != 1.0  # the trust region did move
 
 
-@pytest.mark.skipif(not _soaa_available(), reason="lightning_soaa.optim.soaa has not landed")
 def test_soaa_gradient_accumulation_and_cpu_offload(results):
     for rank_res in results:
         job = rank_res["soaa-extra"]
@@ -157,7 +137,6 @@ def test_soaa_gradient_accumulation_and_cpu_offload(results):
         assert len(job["ds"][0]["losses"]) == 2 * STEPS  # two micro-batches per step
 
 
-@pytest.mark.skipif(not _asgo_available(), reason="lightning_soaa.optim.asgo has not landed")
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "dasgo-fp32"])
 def test_asgo_stage0_equal_and_partitions_follow_documented_layout(results, dtype):
     """ASGO: stage 0 equals our sharded ASGO. At ZeRO-1/2/3 (documented in deepspeed_ext/structure.py)

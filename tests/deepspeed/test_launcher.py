@@ -24,7 +24,6 @@ def _free_port() -> int:
 
 
 def test_deepspeed_launcher_runs_the_example(tmp_path):
-    pytest.importorskip("lightning_soaa.optim.asgo", reason="ASGO has not landed")
     launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or shutil.which("deepspeed")
     if launcher is None:
         pytest.skip("the deepspeed launcher script is not installed")

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 pytest.importorskip("lightning")
-pytest.importorskip("lightning_soaa.optim.soaa", reason="SOAA has not landed")
 
 pytestmark = [pytest.mark.deepspeed, pytest.mark.lightning, pytest.mark.timeout(240)]
 
