@@ -17,6 +17,10 @@ One step (see :mod:`lightning_soaa.distributed.comm` for the picture)::
     _apply(owned views, _decide(reduced))
     all_gather_flat(owned parameters)                      # one call per dtype
 
+Step hooks (torch's ``register_step_pre_hook``/``register_step_post_hook``) wrap every ``step()`` call,
+as in torch, so they also fire for a step the optimizer skips for a non-finite value (``skipped_steps``
+tells the two apart); a ``step()`` that raises fires no post hook.
+
 Copies and pickles (``copy.deepcopy(opt)``, ``pickle.dumps(opt)``, ``torch.save(opt)``) keep everything
 the optimizer needs to continue identically: configs, block table, optimizer-wide scalars, state.
 torch's own ``Optimizer.__getstate__`` keeps only ``defaults``/``state``/``param_groups``, so the base
