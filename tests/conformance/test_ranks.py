@@ -5,7 +5,9 @@ the tests below are parametrized over the registry and read that launch's result
 
 * W ∈ {1, 2, 3, 4} equals one process on the same global batch (float64, rtol 1e-10): parameters on
   every rank (bit-identical across ranks) and the consolidated state (moments, optimizer-wide scalars);
-  every rank made the same collectives (calls and bytes) in a step;
+  every rank made the same collectives (calls and bytes) in a step, and an optimizer on the base class's
+  step template exactly one scalar all-reduce, one parameter all-gather and, with
+  ``grad_reduction="mean"``, one gradient reduce-scatter;
   at W ≥ 3 also a two-block model, so some ranks own nothing and must still join every collective.
   Odd W use ``grad_reduction="mean"`` where the optimizer has it, even W average the gradients first
   (what DDP does), so both gradient paths are covered.
@@ -245,6 +247,11 @@ def test_w_ranks_equal_one_process(launches: _Launches, spec: OptimizerSpec, wor
     for r, res in enumerate(results):  # the same collectives, in number and size, on every rank
         assert res["comm"] == results[0]["comm"], f"rank {r}: {res['comm']} vs rank 0: {results[0]['comm']}"
     assert (sum(results[0]["comm"][0].values()) > 0) == (world > 1)
+    if world > 1 and spec.needs is not StepNeeds.BATCH:  # the base class's step template, one dtype
+        expected = {"all_reduce": 1, "all_gather": 1}  # [flag, partials] in fp64; the updated parameters
+        if world % 2 and takes_kwarg(spec, "grad_reduction"):
+            expected["reduce_scatter"] = 1  # grad_reduction="mean": gradients to their owners
+        assert results[0]["comm"][0] == expected
     owned = sorted(k for r in results for k in r["blocks"]["owned"])
     assert len(owned) == len(set(owned)) and len(owned) == len(_reference(spec.name)["blocks"])
     for r, res in enumerate(results):  # sharded: a rank holds the state of its own blocks, and only those
