@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_soaa import registry
+from lightning_soaa.config import ShardingConfig
 from lightning_soaa.registry import FirstArg, OptimizerSpec, StepNeeds
 from tests.harness.models import batch, tiny_mlp
 
@@ -167,9 +168,11 @@ def bad_values(spec: OptimizerSpec) -> Iterator[tuple[str, Any]]:
     be ints; strings are choices; pairs are betas in [0, 1).
     """
     config = spec.load_config()
-    hints = typing.get_type_hints(config)
-    for f in dataclasses.fields(config):
-        kind = hints[f.name]
+    fields = [(f, typing.get_type_hints(config)[f.name]) for f in dataclasses.fields(config)]
+    # and the sharding options the constructor takes (ShardingConfig validates them)
+    fields += [(f, typing.get_type_hints(ShardingConfig)[f.name]) for f in dataclasses.fields(ShardingConfig)
+               if takes_kwarg(spec, f.name)]
+    for f, kind in fields:
         if kind is bool:
             yield f.name, "yes"
         elif kind is float:
@@ -181,7 +184,7 @@ def bad_values(spec: OptimizerSpec) -> Iterator[tuple[str, Any]]:
         elif typing.get_origin(kind) is tuple:
             yield from ((f.name, v) for v in ((0.5,), (0.5, 1.5), 0.9))
         else:  # a new field type: teach the battery about it
-            raise AssertionError(f"{config.__name__}.{f.name}: no bad values known for type {kind}")
+            raise AssertionError(f"{spec.name}: {f.name}: no bad values known for type {kind}")
 
 
 def first_arg_for(spec: OptimizerSpec, model: nn.Module) -> Any:
