@@ -244,8 +244,8 @@ class DeferredComm:
 
     At its first collective it attaches to the **default** process group, which by then must be
     initialized with the same world size and this process at the same rank (the optimizer's block table,
-    i.e. which blocks this rank owns, was built for them). Anything else raises ``RuntimeError`` on that
-    first use, naming the fix: to continue at another world size, save ``state_dict()`` and load it into
+    i.e. which blocks this rank owns, was built for them); the ranks agree on that in one all-reduce, so
+    when any rank moved every rank raises ``RuntimeError`` on that first use, naming the fix: to continue at another world size, save ``state_dict()`` and load it into
     a new optimizer; for a non-default group, assign ``opt.comm = TorchComm(group)`` after unpickling.
     Counters read before the first collective are empty.
     """
@@ -275,11 +275,15 @@ class DeferredComm:
                 "optimizer to continue at another world size."
             )
         real = TorchComm(None)
-        if (real.rank, real.world_size) != (self.rank, self.world_size):
+        moved = (real.rank, real.world_size) != (self.rank, self.world_size)
+        # One agreement, once: a rank that is where it was pickled must not walk into a collective that
+        # the moved ranks will never join, so every rank raises when any rank moved.
+        moved_ranks = int(real.all_reduce_scalars(torch.tensor([float(moved)]))[0])
+        if moved_ranks:
             raise RuntimeError(
                 f"This optimizer was pickled on {where} but is used on rank {real.rank} of world size "
-                f"{real.world_size}; it owns the blocks of its old rank. Save state_dict() and load it into "
-                "a new optimizer to continue at another world size."
+                f"{real.world_size} ({moved_ranks} rank(s) moved); it owns the blocks of its old rank. Save "
+                "state_dict() and load it into a new optimizer to continue at another world size."
             )
         self._real = real
         return real

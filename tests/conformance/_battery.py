@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from lightning_soaa import registry
 from lightning_soaa.config import ShardingConfig
-from lightning_soaa.registry import FirstArg, OptimizerSpec, StepNeeds
+from lightning_soaa.registry import OptimizerSpec, StepNeeds
 from tests.harness.models import batch, tiny_mlp
 
 SPECS: tuple[OptimizerSpec, ...] = registry.REGISTRY
@@ -185,7 +185,3 @@ def bad_values(spec: OptimizerSpec) -> Iterator[tuple[str, Any]]:
             yield from ((f.name, v) for v in ((0.5,), (0.5, 1.5), 0.9))
         else:  # a new field type: teach the battery about it
             raise AssertionError(f"{spec.name}: {f.name}: no bad values known for type {kind}")
-
-
-def first_arg_for(spec: OptimizerSpec, model: nn.Module) -> Any:
-    return model if spec.first_arg is FirstArg.MODULE else list(model.named_parameters())

@@ -21,7 +21,8 @@ the tests below are parametrized over the registry and read that launch's result
   rank with parameters and state unchanged and ``skipped_steps`` counted.
 * W = 2: ``deepcopy`` and pickle of (model, optimizer) continue identically (the pickle re-attaches to
   the default group at its first collective).
-* a pickle re-attaches only to the world size and rank it was made for; elsewhere it raises.
+* a pickle re-attaches only to the world size and rank it was made for; elsewhere every rank raises,
+  also when a single rank moved.
 """
 
 from __future__ import annotations
@@ -183,6 +184,12 @@ def _worker(rank: int, world: int, resume: dict[str, Any], blob: bytes | None) -
         out[spec.name] = res
     if blob is not None:
         out["reattach"] = _reattach_elsewhere(blob, rank, world)
+    if world == 2:  # every rank loads rank 0's pickle: rank 1 alone moved, and both must refuse
+        import torch.distributed as dist
+
+        blobs: list[Any] = [None] * world
+        dist.all_gather_object(blobs, out[PICKLED]["copies"]["bytes"])
+        out["reattach"] = _reattach_elsewhere(blobs[0], rank, world)
     out["cpu_s"] = time.process_time()
     return out
 
@@ -327,8 +334,12 @@ def test_copies_at_two_ranks_continue_identically(launches: _Launches, spec: Opt
 
 
 def test_a_pickle_reattaches_only_where_it_was_made(launches: _Launches) -> None:
-    for r, res in enumerate(launches.get(3)):
-        assert "pickled on rank 0 of world size 2 but is used on rank" in res["reattach"], (r, res["reattach"])
+    for r, res in enumerate(launches.get(3)):  # another world size: every rank moved
+        assert f"pickled on rank 0 of world size 2 but is used on rank {r} of world size 3 (3 rank(s) moved)" \
+            in res["reattach"], (r, res["reattach"])
+    for r, res in enumerate(launches.get(2)):  # rank 1 alone moved: rank 0 must not wait in a collective
+        assert f"pickled on rank 0 of world size 2 but is used on rank {r} of world size 2 (1 rank(s) moved)" \
+            in res["reattach"], (r, res["reattach"])
     spec = next(s for s in SPECS if s.name == PICKLED)
     model, opt = pickle.loads(launches.get(2)[0][PICKLED]["copies"]["bytes"])  # no process group here
     assert opt.statistics()["comm_calls"] == 0.0  # reading counters needs no group
