@@ -118,7 +118,8 @@ class EGNConfig:
     Attributes:
         loss: ``"mse"`` (ℓ = ½‖y − z‖²), ``"cross_entropy"`` (softmax, integer targets) or ``"bce"``
             (sigmoid logits, targets in [0, 1]); always averaged over the global batch b.
-        lr: the step size α₀, or α_max when ``line_search`` is on.
+        lr: the step size α₀, or α_max when ``line_search`` is on (>= 0; 0 leaves the parameters
+            unchanged).
         damping: initial λ (> 0; the bc system is solved with bλ).
         momentum: β_m of the bias-corrected EMA of directions (0 disables it).
         line_search: Armijo backtracking on the same batch.
@@ -158,7 +159,7 @@ class EGNConfig:
 
     def __post_init__(self) -> None:
         check_choice("loss", self.loss, ("mse", "cross_entropy", "bce"))
-        check_range("lr", self.lr, 0.0, lo_inclusive=False)
+        check_range("lr", self.lr, 0.0)  # 0 is allowed, as in torch: warm-up schedules start there
         check_range("damping", self.damping, 0.0, lo_inclusive=False)
         check_range("momentum", self.momentum, 0.0, 1.0, hi_inclusive=False)
         for name in ("line_search", "adaptive_damping"):

@@ -92,7 +92,9 @@ class OptimizerSpec:
         horizon_kwarg: the constructor keyword that takes the run's length in optimizer steps, when the
             optimizer schedules something over it (SOAA's trust band); the CLI and the examples fill it.
         test_kwargs: small hyperparameters for the conformance battery (a step on a tiny float64 model
-            must move the parameters visibly and stay finite).
+            must move the parameters visibly and stay finite). Choose them so that every piece of state
+            the optimizer has is exercised (momentum, damping, split blocks, stored roots...): the battery
+            checks each guarantee with these, so a path they leave off is checked nowhere generic.
     """
 
     name: str
@@ -143,13 +145,16 @@ class OptimizerSpec:
         return cls(params, **kwargs)
 
     def take_step(self, opt: Any, model: nn.Module, inputs: Tensor, targets: Tensor,
-                  loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None) -> Tensor:
+                  loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None, *,
+                  on_gradients: Callable[[], None] | None = None) -> Tensor:
         """One training step the way a user's loop takes it; returns the (detached) loss before the step.
 
         ``model`` is what the forward pass runs through (a DDP wrapper is fine, except for optimizers
         that take the batch: they differentiate the bare module themselves). ``loss_fn(outputs,
         targets)`` defaults to :func:`half_mse`, the loss EGN's ``"mse"`` minimises, so every optimizer
-        trains on the same objective.
+        trains on the same objective. ``on_gradients()`` runs between ``backward()`` and ``step()`` (to
+        average gradients as DDP would, or to inject a fault); optimizers that take the batch read no
+        gradients and never call it.
         """
         fn = loss_fn or half_mse
         if self.needs is StepNeeds.BATCH:
@@ -160,6 +165,8 @@ class OptimizerSpec:
         opt.zero_grad(set_to_none=True)
         loss = fn(model(inputs), targets)
         loss.backward()
+        if on_gradients is not None:
+            on_gradients()
         if self.needs is StepNeeds.LOSS:
             opt.step(loss=loss.detach())
         else:
@@ -193,30 +200,31 @@ REGISTRY: tuple[OptimizerSpec, ...] = (
         ds_constraints=(("acceptance", ("lagged",),
                          "the DeepSpeed engine calls step() without a closure, and acceptance='same_batch' "
                          "re-evaluates the loss through one"),),
-        test_kwargs={"lr": 1e-2, "total_steps": 20},
+        test_kwargs={"lr": 5e-2, "gamma": 0.3, "total_steps": 10, "weight_decay": 0.01},
     ),
     OptimizerSpec(
         name="EGN", class_path="lightning_soaa.optim.egn:EGN", config_path="lightning_soaa.config:EGNConfig",
         needs=StepNeeds.BATCH, first_arg=FirstArg.MODULE, ds_layout=DeepSpeedLayout.MODEL, ds_stages=(0,),
         ds_fp32_only=True, ds_unsupported_reason=_EGN_STAGES_REASON,
-        test_kwargs={"lr": 0.5, "damping": 1.0},
+        test_kwargs={"lr": 0.5, "damping": 0.5, "momentum": 0.5, "line_search": True,
+                     "adaptive_damping": True},
     ),
     OptimizerSpec(
         name="ASGO", class_path="lightning_soaa.optim.asgo:ASGO", config_path="lightning_soaa.config:ASGOConfig",
         needs=StepNeeds.NOTHING, ds_layout=DeepSpeedLayout.STRUCTURED, ds_stages=(0, 1, 2, 3),
-        test_kwargs={"lr": 1e-2},
+        test_kwargs={"lr": 2e-2, "max_block_size": 4, "root_every": 2, "damping": 1e-6},
     ),
     OptimizerSpec(
         name="DASGO", class_path="lightning_soaa.optim.asgo:DASGO",
         config_path="lightning_soaa.config:DASGOConfig",
         needs=StepNeeds.NOTHING, ds_layout=DeepSpeedLayout.STRUCTURED, ds_stages=(0, 1, 2, 3),
-        test_kwargs={"lr": 1e-2},
+        test_kwargs={"lr": 2e-2},
     ),
     OptimizerSpec(
         name="AdamW", class_path="lightning_soaa.optim.adamw:ShardedAdamW",
         config_path="lightning_soaa.config:AdamWConfig", aliases=("ShardedAdamW",),
         needs=StepNeeds.NOTHING, ds_layout=DeepSpeedLayout.ELEMENTWISE, ds_stages=(0, 1, 2, 3),
-        test_kwargs={"lr": 1e-2},
+        test_kwargs={"lr": 2e-2, "betas": (0.9, 0.99), "weight_decay": 0.05},
     ),
 )
 

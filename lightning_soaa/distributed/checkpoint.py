@@ -26,6 +26,7 @@ __all__ = ["FORMAT_KEY", "FORMAT_VERSION", "build_state_dict", "validate_state_d
 
 FORMAT_KEY = "lightning_soaa"
 FORMAT_VERSION = 1
+_META_KEYS = ("version", "optimizer", "shapes", "layout", "global")
 
 
 def _shapes(opt: ShardedOptimizer) -> list[list[int]]:
@@ -69,6 +70,12 @@ def validate_state_dict(optimizer: ShardedOptimizer, sd: Any) -> None:
             f"'param_groups' and '{FORMAT_KEY}'; got {sorted(sd) if isinstance(sd, dict) else type(sd)})."
         )
     meta = sd[FORMAT_KEY]
+    missing = [k for k in _META_KEYS if k not in meta] if isinstance(meta, dict) else list(_META_KEYS)
+    if missing:  # checked here, before anything changes (a missing "global" used to fail mid-load)
+        raise ValueError(
+            f"{name}.load_state_dict: the '{FORMAT_KEY}' entry of the state lacks "
+            f"{', '.join(repr(k) for k in missing)} (a damaged or foreign checkpoint)."
+        )
     if meta.get("version") != FORMAT_VERSION:
         raise ValueError(f"{name}.load_state_dict: unsupported format version {meta.get('version')!r}")
     if meta.get("optimizer") != name:

@@ -32,6 +32,7 @@ import torch.distributed as dist
 __all__ = [
     "CommStats",
     "Communicator",
+    "DeferredComm",
     "LocalComm",
     "TorchComm",
     "default_communicator",
@@ -208,6 +209,107 @@ class TorchComm(_StatsMixin):
 
     def __repr__(self) -> str:
         return f"TorchComm(rank={self.rank}, world_size={self.world_size}, device={self.device})"
+
+    # A process group is a handle into this process's runtime: it cannot cross a pickle, but a deepcopy
+    # (same process) may keep using it.
+    def __deepcopy__(self, memo: dict[int, Any]) -> TorchComm:
+        """The same group with fresh counters (the copy's collectives are its own)."""
+        return TorchComm(self.group)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled as a :class:`DeferredComm` that re-attaches at its first collective."""
+        return (DeferredComm, (self.rank, self.world_size, _is_default_group(self.group)))
+
+
+def _is_default_group(group: dist.ProcessGroup | None) -> bool:
+    return group is None or group == dist.group.WORLD
+
+
+class DeferredComm:
+    """What a pickled :class:`TorchComm` becomes: the rank and world size it was built for, and no group.
+
+    At its first collective it attaches to the **default** process group, which by then must be
+    initialized with the same world size and this process at the same rank (the optimizer's block table,
+    i.e. which blocks this rank owns, was built for them); the ranks agree on that in one all-reduce, so
+    when any rank moved every rank raises ``RuntimeError`` on that first use, naming the fix: to continue at another world size, save ``state_dict()`` and load it into
+    a new optimizer; for a non-default group, assign ``opt.comm = TorchComm(group)`` after unpickling.
+    Counters read before the first collective are empty.
+    """
+
+    def __init__(self, rank: int, world_size: int, default_group: bool = True) -> None:
+        self.rank = rank
+        self.world_size = world_size
+        self.default_group = default_group
+        self._real: TorchComm | None = None
+        self._empty = CommStats()
+
+    def attach(self) -> TorchComm:
+        """The communicator this one stands for (created on first use); raises when it cannot be."""
+        if self._real is not None:
+            return self._real
+        where = f"rank {self.rank} of world size {self.world_size}"
+        if not self.default_group:
+            raise RuntimeError(
+                f"This optimizer was pickled on {where} over a non-default process group, which cannot be "
+                "restored from a pickle; assign opt.comm = lightning_soaa.distributed.comm.TorchComm(group) "
+                "on every rank before stepping."
+            )
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(
+                f"This optimizer was pickled on {where}; call torch.distributed.init_process_group (same "
+                "world size, same rank) before using it, or save state_dict() and load it into a new "
+                "optimizer to continue at another world size."
+            )
+        real = TorchComm(None)
+        moved = (real.rank, real.world_size) != (self.rank, self.world_size)
+        # One agreement, once: a rank that is where it was pickled must not walk into a collective that
+        # the moved ranks will never join, so every rank raises when any rank moved.
+        moved_ranks = int(real.all_reduce_scalars(torch.tensor([float(moved)]))[0])
+        if moved_ranks:
+            raise RuntimeError(
+                f"This optimizer was pickled on {where} but is used on rank {real.rank} of world size "
+                f"{real.world_size} ({moved_ranks} rank(s) moved); it owns the blocks of its old rank. Save "
+                "state_dict() and load it into a new optimizer to continue at another world size."
+            )
+        self._real = real
+        return real
+
+    @property
+    def step_stats(self) -> CommStats:
+        return self._empty if self._real is None else self._real.step_stats
+
+    @property
+    def total_stats(self) -> CommStats:
+        return self._empty if self._real is None else self._real.total_stats
+
+    @property
+    def last_step_stats(self) -> CommStats:
+        return self._empty if self._real is None else self._real.last_step_stats
+
+    def begin_step(self) -> None:
+        self.attach().begin_step()
+
+    def all_reduce_scalars(self, values: torch.Tensor) -> torch.Tensor:
+        return self.attach().all_reduce_scalars(values)
+
+    def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.attach().all_reduce_(tensor)
+
+    def all_gather_flat(self, buffer: torch.Tensor) -> torch.Tensor:
+        return self.attach().all_gather_flat(buffer)
+
+    def reduce_scatter_flat(self, buffer: torch.Tensor) -> torch.Tensor:
+        return self.attach().reduce_scatter_flat(buffer)
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        return self.attach().all_gather_object(obj)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (DeferredComm, (self.rank, self.world_size, self.default_group))
+
+    def __repr__(self) -> str:
+        state = "attached" if self._real is not None else "not attached yet"
+        return f"DeferredComm(rank={self.rank}, world_size={self.world_size}, {state})"
 
 
 def default_communicator(process_group: dist.ProcessGroup | None = None) -> LocalComm | TorchComm:

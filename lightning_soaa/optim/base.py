@@ -17,6 +17,18 @@ One step (see :mod:`lightning_soaa.distributed.comm` for the picture)::
     _apply(owned views, _decide(reduced))
     all_gather_flat(owned parameters)                      # one call per dtype
 
+Step hooks (torch's ``register_step_pre_hook``/``register_step_post_hook``) wrap every ``step()`` call,
+as in torch, so they also fire for a step the optimizer skips for a non-finite value (``skipped_steps``
+tells the two apart); a ``step()`` that raises fires no post hook.
+
+Copies and pickles (``copy.deepcopy(opt)``, ``pickle.dumps(opt)``, ``torch.save(opt)``) keep everything
+the optimizer needs to continue identically: configs, block table, optimizer-wide scalars, state.
+torch's own ``Optimizer.__getstate__`` keeps only ``defaults``/``state``/``param_groups``, so the base
+overrides it. As in torch, step and state-dict hooks are not copied. The communicator: a deepcopy shares
+the process group (fresh counters); a pickle made at W > 1 re-attaches to the default process group at
+its first collective and checks that the world size and rank are the ones it was built for (see
+:class:`~lightning_soaa.distributed.comm.DeferredComm`); at W = 1 it stays a ``LocalComm``.
+
 State for a whole-parameter block lives in ``self.state[p]`` as in torch (``state[p]["exp_avg"]``);
 a parameter split into several blocks keeps ``self.state[p][sub_index] = {...}`` for the blocks this
 rank owns. Checkpoints are keyed by ``(param_index, sub_index)`` and are independent of world size.
@@ -101,6 +113,19 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self.skipped_steps = 0
         super().__init__(params, defaults)
         self._build_table()
+
+    # ------------------------------------------------------------------ copy and pickle
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything but the hooks (torch's rule). Subclass attributes, the block table and the configs
+        are kept; the communicator pickles itself (see the module docstring)."""
+        return {k: v for k, v in self.__dict__.items()
+                if not (k.startswith("_optimizer_") and k.endswith("_hooks"))}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        had_differentiable = "differentiable" in state["defaults"]
+        super().__setstate__(state)  # empty hook dicts, step wrapped for hooks
+        if not had_differentiable:  # torch adds it; a copy must not differ from its original
+            self.defaults.pop("differentiable", None)
 
     # ------------------------------------------------------------------ hooks for subclasses
     def _validate_group(self, group: dict[str, Any]) -> None:

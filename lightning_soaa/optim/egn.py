@@ -181,7 +181,7 @@ class EGN(ShardedOptimizer):
 
     # ------------------------------------------------------------------ groups and checkpoints
     def _validate_group(self, group: dict[str, Any]) -> None:
-        check_range("lr", group["lr"], 0.0, lo_inclusive=False)
+        check_range("lr", group["lr"], 0.0)
         check_range("momentum", group["momentum"], 0.0, 1.0, hi_inclusive=False)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -444,7 +444,8 @@ class EGN(ShardedOptimizer):
         tries = 0
         f_new = float("nan")
         if cfg.line_search:
-            prev = min(self.alpha, lr)
+            # α = 0 (lr = 0 at the start of a warm-up) must not pin every later α at 0: restart from lr.
+            prev = min(self.alpha, lr) if self.alpha > 0 else lr
             alpha = min(cfg.ls_increase * prev, lr) if cfg.ls_reset == "increase" else prev
             slack = torch.finfo(z.dtype).eps * max(1.0, abs(f0)) * 4
             for i in range(cfg.max_ls):

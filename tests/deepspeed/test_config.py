@@ -72,7 +72,6 @@ def test_egn_only_at_stage_0_in_fp32_with_a_pointer_to_what_works():
 
 
 def test_soaa_same_batch_needs_a_closure_deepspeed_never_passes():
-    pytest.importorskip("lightning_soaa.optim.soaa")
     with pytest.raises(ValueError, match="acceptance='same_batch'.*Must be one of 'lagged'"):
         parse_config(_cfg("lightning_soaa.SOAA", acceptance="same_batch"))
 

@@ -7,7 +7,6 @@ import pytest
 from tests.deepspeed._workers import w_egn
 from tests.harness.distributed import run_distributed
 
-
 pytestmark = [pytest.mark.deepspeed, pytest.mark.timeout(200)]
 
 

@@ -1,4 +1,10 @@
-"""EGN on W gloo ranks holding disjoint slices of the batch equals one process holding all of it."""
+"""EGN on W gloo ranks holding disjoint slices of the batch equals one process holding all of it.
+
+The battery (tests/conformance/test_ranks.py) checks EGN with the MSE loss, momentum, line search and
+adaptive damping on equal batches at W ∈ {1, 2, 3, 4}, checkpoints across world sizes and non-finite
+batches. Here: the other losses, uneven per-rank batches, explicit Jacobians (LayerNorm), replicated
+state (``shard=False``) and idle ranks on a one-layer model, each resumed in one process.
+"""
 
 from __future__ import annotations
 
@@ -32,7 +38,6 @@ class _Mixed(nn.Module):
 
 
 CONFIGS = {
-    "mse_plain": dict(model="mlp", kw=dict(loss="mse", lr=1.0, damping=0.3), uneven=False),
     "ce_all": dict(model="mlp", kw=dict(loss="cross_entropy", lr=2.0, damping=0.5, momentum=0.7,
                                         line_search=True, adaptive_damping=True), uneven=True),
     "bce_mixed": dict(model="mixed", kw=dict(loss="bce", lr=1.0, damping=0.2, momentum=0.5,
@@ -106,7 +111,7 @@ def _single(name: str, world: int, start: int = 0, ckpt: dict | None = None) -> 
     return _flat(model), opt
 
 
-@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("world", [2, 3, 4])
 def test_w_ranks_equal_one_process(world: int, tmp_path) -> None:
     results = run_distributed(_worker, world, tmp_path, timeout=240)
     for name in CONFIGS:

@@ -95,7 +95,6 @@ def _manual_module(opt_kind: str) -> PlainRegressor:
 
 
 def test_soaa_without_loss_names_the_callback(tmp_path: Path) -> None:
-    pytest.importorskip("lightning_soaa.optim.soaa")
     trainer = make_trainer(tmp_path, max_steps=2)
     with pytest.raises(ValueError, match="LossToOptimizer"):
         trainer.fit(_manual_module("SOAA"))
@@ -108,7 +107,6 @@ def test_soaa_without_loss_names_the_callback(tmp_path: Path) -> None:
 
 
 def test_egn_manual_optimization_recipe(tmp_path: Path) -> None:
-    pytest.importorskip("lightning_soaa.optim.egn")
     model = _manual_module("EGN")
     trainer = make_trainer(tmp_path, max_steps=6)
     trainer.fit(model)
@@ -117,14 +115,12 @@ def test_egn_manual_optimization_recipe(tmp_path: Path) -> None:
 
 
 def test_egn_without_batch_names_the_callback(tmp_path: Path) -> None:
-    pytest.importorskip("lightning_soaa.optim.egn")
     model = TinyRegressor(OptimizerFactory("lightning_soaa.EGN", {"loss": "mse", "lr": 0.5}))
     with pytest.raises(ValueError, match="BatchToOptimizer"):
         make_trainer(tmp_path, max_steps=2).fit(model)
 
 
 def test_egn_with_batch_callback_keeps_training_step(tmp_path: Path) -> None:
-    pytest.importorskip("lightning_soaa.optim.egn")
     # The user writes lightning_soaa.EGN in configure_optimizers, unchanged training_step.
     from lightning_soaa.lightning import EGN
 
@@ -140,7 +136,6 @@ def test_egn_with_batch_callback_keeps_training_step(tmp_path: Path) -> None:
 
 
 def test_diagnostics_in_csv_logger(tmp_path: Path) -> None:
-    pytest.importorskip("lightning_soaa.optim.soaa")
     model = TinyRegressor(OptimizerFactory("SOAA", {"lr": 0.01}))
     logger = CSVLogger(str(tmp_path), name="diag", version=0)
     trainer = make_trainer(tmp_path, max_steps=5, logger=logger, log_every_n_steps=1,
@@ -198,7 +193,6 @@ def test_check_sharding_detects_optimizer_built_too_early(monkeypatch: pytest.Mo
 
 
 def test_soaa_sees_the_mean_loss_under_gradient_accumulation(tmp_path: Path) -> None:
-    pytest.importorskip("lightning_soaa.optim.soaa")
     model = TinyRegressor(OptimizerFactory("SOAA", {"lr": 0.01}), batch_size=4)
     trainer = make_trainer(tmp_path, max_steps=2, accumulate_grad_batches=2, callbacks=[LossToOptimizer()])
     trainer.fit(model)

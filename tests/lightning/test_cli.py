@@ -80,7 +80,6 @@ def _console_script() -> list[str]:
 
 
 def test_console_script_fits_from_config_on_two_processes(tmp_path: Path) -> None:
-    pytest.importorskip("lightning_soaa.optim.soaa")
     pytest.importorskip("sklearn")
     env = {k: v for k, v in os.environ.items()
            if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK")}

@@ -14,8 +14,7 @@ import pytest
 
 pytestmark = [pytest.mark.lightning, pytest.mark.timeout(420)]
 
-REQUIRED = ("lightning_soaa.optim.soaa", "lightning_soaa.optim.egn", "lightning_soaa.optim.asgo", "sklearn",
-            "matplotlib")
+REQUIRED = ("sklearn", "matplotlib")  # optional extras the main job plots and scores with
 
 
 def test_main_job_quick(tmp_path: Path) -> None:

@@ -1,4 +1,8 @@
-"""ASGO / DASGO as optimizers on one process: routing, blocking, cost model, validation, checkpoints."""
+"""ASGO / DASGO as optimizers on one process: routing, blocking, cost model, validation, checkpoints.
+
+The guarantees every optimizer shares (round trips, copies, hooks, non-finite gradients, validation
+naming the field, rejected checkpoints and param groups) are in tests/conformance.
+"""
 
 from __future__ import annotations
 
@@ -234,33 +238,6 @@ def test_bad_group_override_is_rejected():
         ASGO([{"params": [w]}, {"params": [b], "root_every": -2}])
 
 
-def test_bad_added_group_leaves_optimizer_unchanged():
-    w, b = nn.Parameter(torch.randn(3, 4)), nn.Parameter(torch.randn(3))
-    opt = ASGO([w])
-    with pytest.raises(ValueError, match=re.escape("Invalid inverse_root='qr'.")):
-        opt.add_param_group({"params": [b], "inverse_root": "qr"})
-    assert len(opt.param_groups) == 1 and len(opt.block_table.blocks) == 1
-
-
-def test_bad_state_dict_leaves_optimizer_untouched():
-    m = tiny_mlp()
-    opt = ASGO(m.parameters())
-    x, y = batch(0, 0)
-    loss_fn(m, x, y).backward()
-    opt.step()
-    sd = copy.deepcopy(opt.state_dict())
-    sd["param_groups"][0]["rms_scale"] = -1.0
-    before = copy.deepcopy(opt.state_dict())
-    with pytest.raises(ValueError, match=re.escape("Invalid rms_scale=-1.0. Must be in (0.0, inf].")):
-        opt.load_state_dict(sd)
-    after = opt.state_dict()
-    assert after["param_groups"] == before["param_groups"]
-    for pi, blk in before["state"].items():
-        for si, st in blk.items():
-            for k, v in st.items():
-                assert torch.equal(after["state"][pi][si][k], v)
-
-
 def _run(model, opt, start, steps):
     for t in range(start, start + steps):
         x, y = batch(t, 0)
@@ -269,11 +246,9 @@ def _run(model, opt, start, steps):
         opt.step()
 
 
-@pytest.mark.parametrize("cls,kw", [
-    (ASGO, dict(root_every=2, max_block_size=4, damping=1e-6)),
-    (ASGO, dict(inverse_root="newton_schulz")),
-    (DASGO, dict()),
-])
+# ASGO with split blocks and stored roots, and DASGO, resume in tests/conformance (their registry
+# test_kwargs); this adds the other inverse root.
+@pytest.mark.parametrize("cls,kw", [(ASGO, dict(inverse_root="newton_schulz"))])
 def test_resume_equals_uninterrupted(cls, kw):
     m_ref = tiny_mlp()
     o_ref = cls(m_ref.named_parameters(), lr=2e-2, **kw)

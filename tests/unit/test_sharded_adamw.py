@@ -1,4 +1,9 @@
-"""ShardedOptimizer on one process, through its simplest concrete subclass: ShardedAdamW."""
+"""ShardedOptimizer on one process, through its simplest concrete subclass: ShardedAdamW.
+
+What every optimizer guarantees (state_dict round trips, rejected checkpoints, non-finite steps, step
+hooks, copies, validation naming the field) is checked in tests/conformance; this file keeps AdamW's
+oracle (torch.optim.AdamW), its pinned messages and base-class behaviours exercised through it.
+"""
 
 from __future__ import annotations
 
@@ -46,7 +51,7 @@ def test_matches_torch_adamw(dtype, tol):
         torch.testing.assert_close(a, b, atol=tol, rtol=tol)
 
 
-def test_param_groups_scheduler_hooks_closure_and_named_params():
+def test_param_groups_scheduler_closure_and_named_params():
     m1 = tiny_mlp()
     m2 = copy.deepcopy(m1)
     named = list(m1.named_parameters())
@@ -58,9 +63,6 @@ def test_param_groups_scheduler_hooks_closure_and_named_params():
     assert o1.param_groups[0]["param_names"] == [n for n, _ in named[:2]]
     s1 = torch.optim.lr_scheduler.StepLR(o1, step_size=3, gamma=0.5)
     s2 = torch.optim.lr_scheduler.StepLR(o2, step_size=3, gamma=0.5)
-    calls = []
-    o1.register_step_pre_hook(lambda opt, a, k: calls.append("pre"))
-    o1.register_step_post_hook(lambda opt, a, k: calls.append("post"))
     for t in range(10):
         x, y = batch(t, 0)
 
@@ -76,7 +78,6 @@ def test_param_groups_scheduler_hooks_closure_and_named_params():
         o2.step()
         s1.step()
         s2.step()
-    assert calls == ["pre", "post"] * 10
     assert o1.param_groups[0]["lr"] == pytest.approx(o2.param_groups[0]["lr"])
     for a, b in zip(m1.parameters(), m2.parameters()):
         torch.testing.assert_close(a, b, atol=1e-14, rtol=0)
@@ -94,44 +95,6 @@ def test_add_param_group_after_construction():
     assert float(opt.state[params[-1]]["step"]) == 2.0
 
 
-def test_state_dict_round_trip_continues_identically():
-    m1 = tiny_mlp()
-    o1 = ShardedAdamW(m1.parameters(), lr=1e-2)
-    _train(m1, o1, 5)
-    sd = copy.deepcopy(o1.state_dict())
-    m2 = copy.deepcopy(m1)
-    o2 = ShardedAdamW(m2.parameters(), lr=1.0)  # lr comes back from the state
-    o2.load_state_dict(sd)
-    assert o2.param_groups[0]["lr"] == 1e-2
-    _train(m1, o1, 5, start=5)
-    _train(m2, o2, 5, start=5)
-    for a, b in zip(m1.parameters(), m2.parameters()):
-        assert torch.equal(a, b)
-
-
-def test_state_dict_from_a_different_model_is_rejected_and_nothing_changes():
-    m1 = tiny_mlp()
-    o1 = ShardedAdamW(m1.parameters(), lr=1e-2)
-    _train(m1, o1, 3)
-    before = copy.deepcopy(o1.state_dict())
-    other = tiny_mlp(sizes=(6, 9, 5, 3))
-    o_other = ShardedAdamW(other.parameters(), lr=7e-3)
-    _train(other, o_other, 1)
-    with pytest.raises(ValueError, match=re.escape("parameter 0 has shape [9, 6] in the state and [8, 6] here")):
-        o1.load_state_dict(o_other.state_dict())
-    fewer = ShardedAdamW(list(tiny_mlp(sizes=(6, 3)).parameters()), lr=7e-3)
-    with pytest.raises(ValueError, match="has 2 parameters in the state and 6 in this optimizer"):
-        o1.load_state_dict(fewer.state_dict())
-    with pytest.raises(ValueError, match="not a lightning_soaa optimizer state"):
-        o1.load_state_dict(torch.optim.AdamW(m1.parameters()).state_dict())
-    after = o1.state_dict()
-    assert after["param_groups"] == before["param_groups"]
-    for pi, blocks in before["state"].items():
-        for si, st in blocks.items():
-            for k, v in st.items():
-                assert torch.equal(v, after["state"][pi][si][k])
-
-
 @pytest.mark.parametrize(
     "kwargs,message",
     [
@@ -146,29 +109,6 @@ def test_state_dict_from_a_different_model_is_rejected_and_nothing_changes():
 def test_invalid_hyperparameters(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         ShardedAdamW(tiny_mlp().parameters(), **kwargs)
-
-
-def test_invalid_per_group_override():
-    m = tiny_mlp()
-    with pytest.raises(ValueError, match=re.escape("Invalid lr=-0.5. Must be in [0.0, inf].")):
-        ShardedAdamW([{"params": list(m.parameters()), "lr": -0.5}])
-
-
-def test_nonfinite_gradient_skips_step_and_keeps_state():
-    m = tiny_mlp()
-    opt = ShardedAdamW(m.parameters(), lr=1e-2)
-    _train(m, opt, 2)
-    params_before = [p.detach().clone() for p in m.parameters()]
-    state_before = copy.deepcopy(opt.state_dict())
-    opt.zero_grad()
-    loss_fn(m, *batch(2, 0)).backward()
-    next(m.parameters()).grad[0, 0] = float("inf")
-    opt.step()
-    assert opt.skipped_steps == 1
-    assert all(torch.equal(a, b) for a, b in zip(params_before, m.parameters()))
-    after = opt.state_dict()
-    assert float(after["state"][0][0]["step"]) == float(state_before["state"][0][0]["step"]) == 2.0
-    assert opt.statistics()["skipped_steps"] == 1.0
 
 
 def test_grad_none_params_are_skipped():

@@ -1,4 +1,8 @@
-"""SOAA the optimizer, single process: AdamW limit, band, loss plumbing, same_batch, checkpoints, errors."""
+"""SOAA the optimizer, single process: AdamW limit, band, loss plumbing, same_batch, checkpoints, errors.
+
+The guarantees every optimizer shares (round trips, copies, hooks, non-finite gradients, validation
+naming the field, rejected checkpoints) are in tests/conformance.
+"""
 
 from __future__ import annotations
 
@@ -135,7 +139,8 @@ def test_missing_loss_raises_and_changes_nothing() -> None:
         opt.step()
 
 
-def test_nonfinite_gradient_skips_without_advancing() -> None:
+def test_nonfinite_loss_skips_without_advancing() -> None:
+    """A non-finite *loss* skips like a non-finite gradient (the gradient case is in tests/conformance)."""
     model = tiny_mlp(6)
     opt = SOAA(model.parameters(), lr=0.05, gamma=0.3, total_steps=10)
     for s in range(3):
@@ -143,15 +148,12 @@ def test_nonfinite_gradient_skips_without_advancing() -> None:
     g0 = copy.deepcopy(opt.state_dict())
     params = [p.detach().clone() for p in model.parameters()]
     _closure(opt, model, 3)()
-    next(model.parameters()).grad[0, 0] = float("nan")
-    opt.step(loss=1.0)
+    opt.step(loss=float("inf"))
     assert opt.statistics()["skipped_steps"] == 1
     assert opt.state_dict()["lightning_soaa"]["global"]["soaa"] == g0["lightning_soaa"]["global"]["soaa"]
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
     for a, b in zip(opt.state_dict()["state"].values(), g0["state"].values()):
         assert all(torch.equal(a[0][k], b[0][k]) for k in a[0])
-    opt.step(loss=float("inf"))  # a non-finite loss skips too
-    assert opt.statistics()["skipped_steps"] == 2
 
 
 def _quadratic(theta: torch.Tensor, a: float = 1.0) -> torch.Tensor:
@@ -216,9 +218,9 @@ def _run(model, opt, steps):
     return ds, stats
 
 
-@pytest.mark.parametrize("acceptance", ["lagged", "same_batch"])
-def test_resume_equals_uninterrupted(acceptance: str) -> None:
-    kw = dict(lr=0.05, gamma=0.3, total_steps=12, weight_decay=0.01, acceptance=acceptance)
+def test_same_batch_resume_equals_uninterrupted() -> None:
+    """same_batch's trust state survives a checkpoint (the lagged default is in tests/conformance)."""
+    kw = dict(lr=0.05, gamma=0.3, total_steps=12, weight_decay=0.01, acceptance="same_batch")
     full = tiny_mlp(7)
     o_full = SOAA(full.named_parameters(), **kw)
     d_full, s_full = _run(full, o_full, range(12))
@@ -282,10 +284,8 @@ def test_bad_hyperparameters_raise_pinned_messages(kwargs, message) -> None:
         SOAA([torch.nn.Parameter(torch.ones(2))], **kwargs)
 
 
-def test_bad_group_values_and_weights() -> None:
+def test_global_keys_in_groups_and_bad_weights() -> None:
     p, q = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(3))
-    with pytest.raises(ValueError, match=re.escape("Invalid lr=-1.0. Must be in [0.0, inf].")):
-        SOAA([{"params": [p]}, {"params": [q], "lr": -1.0}])
     msg = "Invalid gamma=0.5 in a param group. SOAA's trust region is global"
     with pytest.raises(ValueError, match=re.escape(msg)):
         SOAA([{"params": [p]}, {"params": [q], "gamma": 0.5}])
@@ -294,12 +294,6 @@ def test_bad_group_values_and_weights() -> None:
         opt.set_loss(1.0, weight=0)
     with pytest.raises(ValueError, match="must be a scalar"):
         opt.set_loss(torch.ones(3))
-    # load_state_dict validates the groups before changing anything
-    sd = opt.state_dict()
-    sd["param_groups"][0]["lr"] = -5.0
-    with pytest.raises(ValueError, match=re.escape("Invalid lr=-5.0")):
-        opt.load_state_dict(sd)
-    assert opt.param_groups[0]["lr"] == 1e-3
 
 
 def test_config_defaults_match_the_constructor() -> None:

@@ -1,0 +1,257 @@
+"""Single-process guarantees of every registered optimizer.
+
+Constructor validation (derived from the config dataclass), lr = 0, step hooks, non-finite steps,
+``state_dict`` round trips (through ``torch.save``/``torch.load(weights_only=True)``), ``deepcopy`` and
+pickle, and rejected checkpoints that leave the optimizer unchanged. The multi-rank guarantees are in
+:mod:`tests.conformance.test_ranks`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import io
+import pickle
+import re
+from typing import Any
+
+import pytest
+import torch
+
+from lightning_soaa.registry import FirstArg, OptimizerSpec, StepNeeds
+from tests.conformance._battery import (
+    SPECS,
+    assert_identical,
+    bad_values,
+    each_optimizer,
+    make,
+    params,
+    step,
+    without_skips,
+)
+from tests.harness.models import tiny_mlp
+
+
+def _bad_cases() -> list[Any]:
+    return [pytest.param(spec, name, value, id=f"{spec.name}-{name}={value!r}")
+            for spec in SPECS for name, value in bad_values(spec)]
+
+
+# ---------------------------------------------------------------------------------------- construction
+@each_optimizer
+def test_config_fields_are_constructor_keywords_with_the_same_defaults(spec: OptimizerSpec) -> None:
+    config = spec.load_config()
+    sig = inspect.signature(spec.load()).parameters
+    for f in dataclasses.fields(config):
+        assert f.name in sig, f"{config.__name__}.{f.name} is not a keyword of {spec.name}()"
+        assert sig[f.name].default == f.default, (f.name, sig[f.name].default, f.default)
+    assert spec.load_config()() is not None  # the defaults themselves are valid
+
+
+@pytest.mark.parametrize("spec,name,value", _bad_cases())
+def test_bad_hyperparameter_raises_naming_field_and_value(spec: OptimizerSpec, name: str, value: Any) -> None:
+    with pytest.raises(ValueError) as info:
+        make(spec, **{name: value})
+    msg = str(info.value)
+    shown = [repr(value)] + ([repr(v) for v in value] if isinstance(value, tuple) else [])
+    assert re.search(rf"Invalid {re.escape(name)}(\[\d\])?=", msg), msg
+    assert any(s in msg for s in shown), msg
+    assert "Must be" in msg, msg  # says what is allowed
+
+
+_GROUPED = [s for s in SPECS if s.first_arg is FirstArg.NAMED_PARAMETERS]
+
+
+@pytest.mark.parametrize("spec", _GROUPED, ids=[s.name for s in _GROUPED])
+def test_bad_group_values_raise_and_a_rejected_group_changes_nothing(spec: OptimizerSpec) -> None:
+    model = tiny_mlp(0)
+    named = list(model.named_parameters())
+    cls = spec.load()
+    with pytest.raises(ValueError, match=re.escape("Invalid lr=-1.0")):
+        cls([{"params": named[:2]}, {"params": named[2:], "lr": -1.0}], **spec.test_kwargs)
+    opt = cls(named[:4], **spec.test_kwargs)
+    before, blocks = copy.deepcopy(opt.state_dict()), len(opt.block_table.blocks)
+    with pytest.raises(ValueError, match=re.escape("Invalid lr=-1.0")):
+        opt.add_param_group({"params": named[4:], "lr": -1.0})
+    assert len(opt.param_groups) == 1 and len(opt.block_table.blocks) == blocks
+    assert_identical(opt.state_dict(), before)
+
+
+# ---------------------------------------------------------------------------------------- lr = 0
+@each_optimizer
+def test_lr_zero_is_accepted_and_leaves_the_parameters_unchanged(spec: OptimizerSpec) -> None:
+    model, opt = make(spec, lr=0.0)
+    w0 = params(model)
+    for t in range(2):
+        step(spec, model, opt, t)
+    assert opt.num_steps == 2 and opt.skipped_steps == 0
+    assert_identical(params(model), w0, "params")
+    # a warm-up: the same optimizer moves once lr > 0
+    for group in opt.param_groups:
+        group["lr"] = spec.test_kwargs["lr"]
+    step(spec, model, opt, 2)
+    assert not all(torch.equal(a, b) for a, b in zip(params(model), w0))
+
+
+# ---------------------------------------------------------------------------------------- hooks
+@each_optimizer
+def test_step_hooks_fire_once_per_step_including_skipped_steps(spec: OptimizerSpec) -> None:
+    """Hooks wrap ``step()`` (torch's rule): every call fires pre and post once, also one the optimizer
+    skips for a non-finite value. A copy does not carry them (torch's ``__getstate__`` drops hooks)."""
+    model, opt = make(spec)
+    calls: list[tuple[str, int]] = []
+    opt.register_step_pre_hook(lambda o, a, k: calls.append(("pre", o.num_steps + o.skipped_steps)))
+    opt.register_step_post_hook(lambda o, a, k: calls.append(("post", o.num_steps + o.skipped_steps)))
+    step(spec, model, opt, 0)
+    step(spec, model, opt, 1, poison=True)
+    step(spec, model, opt, 2)
+    assert opt.skipped_steps == 1 and opt.num_steps == 2
+    assert calls == [("pre", 0), ("post", 1), ("pre", 1), ("post", 2), ("pre", 2), ("post", 3)]
+    model2, opt2 = copy.deepcopy((model, opt))
+    step(spec, model2, opt2, 3)
+    assert len(calls) == 6
+
+
+# ---------------------------------------------------------------------------------------- non-finite
+@each_optimizer
+def test_nonfinite_step_is_skipped_and_changes_nothing(spec: OptimizerSpec) -> None:
+    model, opt = make(spec)
+    for t in range(2):
+        step(spec, model, opt, t)
+    sd, w = copy.deepcopy(opt.state_dict()), params(model)
+    step(spec, model, opt, 2, poison=True)
+    assert opt.skipped_steps == 1 and opt.num_steps == 2
+    assert opt.statistics()["skipped_steps"] == 1.0
+    assert_identical(params(model), w, "params")
+    assert_identical(without_skips(opt.state_dict()), without_skips(sd))
+
+
+# ---------------------------------------------------------------------------------------- checkpoints
+def _round_trip_bytes(obj: Any) -> Any:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)  # what torch.load does by default since 2.6
+
+
+def _continue_both(spec: OptimizerSpec, a: tuple[Any, Any], b: tuple[Any, Any], steps: range) -> None:
+    for t in steps:
+        step(spec, *b, t)  # the copy first: a shared buffer would show up as a difference
+        step(spec, *a, t)
+    assert_identical(params(b[0]), params(a[0]), "params")
+    assert_identical(b[1].state_dict(), a[1].state_dict())
+
+
+@each_optimizer
+def test_state_dict_round_trip_continues_identically(spec: OptimizerSpec) -> None:
+    model, opt = make(spec)
+    for t in range(3):
+        step(spec, model, opt, t)
+    saved = _round_trip_bytes({"model": model.state_dict(), "opt": opt.state_dict()})
+    model2, opt2 = make(spec, seed=7, lr=3 * spec.test_kwargs["lr"])  # lr comes back from the state
+    model2.load_state_dict(saved["model"])
+    opt2.load_state_dict(saved["opt"])
+    assert opt2.param_groups[0]["lr"] == spec.test_kwargs["lr"]
+    assert opt2.num_steps == 3
+    assert_identical(opt2.state_dict(), opt.state_dict())
+    _continue_both(spec, (model, opt), (model2, opt2), range(3, 6))
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
+@each_optimizer
+def test_copies_continue_identically(spec: OptimizerSpec, how: str) -> None:
+    model, opt = make(spec)
+    for t in range(2):
+        step(spec, model, opt, t)
+    if how == "deepcopy":
+        alone = copy.deepcopy(opt)  # the optimizer alone: its own copies of the parameters
+        assert_identical(alone.state_dict(), opt.state_dict())
+        assert not any(p is q for p, q in zip(alone.param_groups[0]["params"], model.parameters()))
+        twin = copy.deepcopy((model, opt))
+    elif how == "pickle":
+        twin = pickle.loads(pickle.dumps((model, opt)))
+    else:
+        buf = io.BytesIO()
+        torch.save((model, opt), buf)
+        buf.seek(0)
+        twin = torch.load(buf, weights_only=False)
+    assert twin[1].param_groups[0]["params"][0] is next(twin[0].parameters())
+    assert_identical(twin[1].state_dict(), opt.state_dict())
+    _continue_both(spec, (model, opt), twin, range(2, 5))
+
+
+def _bad_checkpoints(spec: OptimizerSpec, good: dict[str, Any]) -> list[tuple[str, Any, str]]:
+    """(what, state dict, expected message) for checkpoints that must be rejected."""
+    other = next(s for s in SPECS if s.name != spec.name and s.load() is not spec.load())
+    m_other, o_other = make(other)
+    step(other, m_other, o_other, 0)
+    m_wide, o_wide = make(spec, sizes=(6, 9, 5, 3))
+    step(spec, m_wide, o_wide, 0, sizes=(6, 9, 5, 3))
+    m_short, o_short = make(spec, sizes=(6, 3))
+    step(spec, m_short, o_short, 0, sizes=(6, 3))
+    torch_sd = torch.optim.AdamW(tiny_mlp(0).parameters()).state_dict()
+    cases = [
+        ("another optimizer", o_other.state_dict(), f"saved by '{other.load().__name__}'"),
+        ("wrong shapes", o_wide.state_dict(), r"different model: parameter 0 has shape \[9, 6\]"),
+        ("fewer parameters", o_short.state_dict(), "parameters in the state"),
+        ("a torch optimizer's state", torch_sd, "not a lightning_soaa optimizer state"),
+        ("not a dict", [1, 2], "not a lightning_soaa optimizer state"),
+    ]
+    for key in ("state", "param_groups", "lightning_soaa"):
+        sd = copy.deepcopy(good)
+        del sd[key]
+        cases.append((f"no {key!r}", sd, "not a lightning_soaa optimizer state"))
+    for key in ("version", "optimizer", "shapes", "layout", "global"):
+        sd = copy.deepcopy(good)
+        del sd["lightning_soaa"][key]
+        cases.append((f"no lightning_soaa.{key!r}", sd, re.escape(f"'{key}'")))
+    sd = copy.deepcopy(good)
+    sd["param_groups"][0]["lr"] = -1.0
+    cases.append(("a bad hyperparameter", sd, re.escape("Invalid lr=-1.0")))
+    return cases
+
+
+@each_optimizer
+def test_bad_checkpoints_are_rejected_and_change_nothing(spec: OptimizerSpec) -> None:
+    model, opt = make(spec)
+    for t in range(2):
+        step(spec, model, opt, t)
+    twin = copy.deepcopy((model, opt))  # never sees a bad checkpoint
+    good = copy.deepcopy(opt.state_dict())
+    for what, sd, message in _bad_checkpoints(spec, good):
+        with pytest.raises(ValueError, match=message):
+            opt.load_state_dict(sd)
+        assert_identical(opt.state_dict(), good, f"after loading {what}")
+    _continue_both(spec, (model, opt), twin, range(2, 4))  # the optimizer behaves as if nothing happened
+
+
+@each_optimizer
+def test_registry_driver_matches_what_the_optimizer_needs(spec: OptimizerSpec) -> None:
+    """The driver takes the step the way the spec says; a step without what it needs is an error."""
+    model, opt = make(spec)
+    if spec.needs is StepNeeds.NOTHING:
+        model(torch.zeros(1, 6, dtype=torch.float64)).sum().backward()
+        opt.step()
+        assert opt.num_steps == 1
+        return
+    w = params(model)
+    if spec.needs is StepNeeds.LOSS:
+        model(torch.zeros(1, 6, dtype=torch.float64)).sum().backward()
+    with pytest.raises(ValueError):
+        opt.step()
+    assert opt.num_steps == 0
+    assert_identical(params(model), w, "params")
+
+
+@each_optimizer
+def test_the_battery_hyperparameters_move_the_model(spec: OptimizerSpec) -> None:
+    """Guards every check above against passing vacuously: the steps change parameters and state."""
+    model, opt = make(spec)
+    w0 = params(model)
+    for t in range(3):
+        step(spec, model, opt, t)
+    moved = max((a - b).abs().max().item() for a, b in zip(params(model), w0))
+    assert 1e-4 < moved < 10.0 and opt.num_steps == 3
+    assert all(torch.isfinite(p).all() for p in params(model))
+    assert opt.state_dict()["state"] or opt.state_dict()["lightning_soaa"]["global"]
