@@ -113,6 +113,32 @@ def default_split_batch(batch: Any) -> tuple[Any, Any]:
     )
 
 
+def check_trainer_supports_batch_optimizer(trainer: pl.Trainer) -> None:
+    """Refuse Trainer settings that an optimizer stepping from the batch (EGN) would silently ignore.
+
+    EGN builds its step from the model and the batch handed over by :class:`BatchToOptimizer`, never
+    from ``p.grad`` and outside the Trainer's autocast: gradient accumulation would give it the last
+    micro-batch only, gradient clipping and mixed precision would not act on its step. The settings are
+    the same on every rank, so every rank raises together, before the first step.
+    """
+    problems = []
+    k = int(getattr(trainer, "accumulate_grad_batches", 1))
+    if k != 1:
+        problems.append(f"accumulate_grad_batches={k} (EGN would build its Gram matrix from the last "
+                        "micro-batch only; use a k-times larger batch, EGN's step is exact for it)")
+    clip = getattr(trainer, "gradient_clip_val", None)
+    if clip:
+        problems.append(f"gradient_clip_val={clip} (EGN never reads the gradients; bound its step with lr, "
+                        "damping or line_search=True)")
+    precision = str(getattr(trainer, "precision", ""))
+    if precision.endswith("-mixed"):
+        problems.append(f"precision={precision!r} (EGN's own forwards do not run under the Trainer's "
+                        "autocast; use '32-true', '64-true' or 'bf16-true')")
+    if problems:
+        raise ValueError("EGN (via BatchToOptimizer) does not support these Trainer settings: "
+                         + "; ".join(problems) + ".")
+
+
 class BatchToOptimizer(Callback):
     """Hand the current batch to every optimizer that offers ``set_batch`` (EGN).
 
@@ -133,6 +159,8 @@ class BatchToOptimizer(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for opt in _all_optimizers(trainer):
             check_sharding_matches_world(opt)
+            if unwrap_optimizer(opt, "set_batch") is not None:
+                check_trainer_supports_batch_optimizer(trainer)
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,

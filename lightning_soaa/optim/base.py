@@ -26,9 +26,10 @@ live in :class:`~lightning_soaa.distributed.exchange.OwnerExchange` (``self.exch
 **Extension points** for optimizers whose step needs collectives the template does not have (EGN: a
 validation all-reduce, the Gram-factor all-gather, a reduce-scatter of its direction; after the
 decision, a gather of the direction and line-search all-reduces): override :meth:`_exchange_in`
-(before ``_prepare``; it may return a reason to skip, which every rank must derive identically) and
-:meth:`_exchange_out` (after ``_apply``, replacing the parameter gather). The skip path (counter, log,
-``_on_skip``) and ``num_steps`` stay in the base.
+(before ``_prepare``; it may return a reason to skip, which every rank must derive identically),
+run them in ``_decide`` (which may return :class:`SkipStep`), and override :meth:`_exchange_out`
+(after ``_apply``, replacing the parameter gather). The skip path (counter, log, ``_on_skip``) and
+``num_steps`` stay in the base.
 
 State for a whole-parameter block lives in ``self.state[p]`` as in torch (``state[p]["exp_avg"]``);
 a parameter split into several blocks keeps ``self.state[p][sub_index] = {...}`` for the blocks this
@@ -57,7 +58,7 @@ from lightning_soaa.distributed.checkpoint import (
 from lightning_soaa.distributed.comm import Communicator, default_communicator
 from lightning_soaa.distributed.exchange import OwnerExchange
 
-__all__ = ["ShardedOptimizer", "BlockView", "StepRecord", "summed"]
+__all__ = ["ShardedOptimizer", "BlockView", "SkipStep", "StepRecord", "summed"]
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,14 @@ class StepRecord:
     def with_sums(self, vector: Tensor) -> StepRecord:
         """A copy whose summed fields are ``vector`` (the all-reduced values); other fields are kept."""
         return dataclasses.replace(self, **dict(zip(self.summed_fields(), vector.tolist())))
+
+
+@dataclasses.dataclass(frozen=True)
+class SkipStep:
+    """``_decide``'s answer when every rank decided, from the same reduced values, to skip this step
+    (e.g. EGN's trial loss is non-finite). Nothing may have changed; the base's skip path runs."""
+
+    reason: str
 
 
 class ShardedOptimizer(torch.optim.Optimizer):
@@ -168,6 +177,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         return None
 
     def _decide(self, reduced: StepRecord) -> Any:
+        """The decision for ``_apply``, or :class:`SkipStep`. May run collectives only when every rank
+        makes the same ones (EGN's line search)."""
         return None
 
     def _apply(self, views: list[BlockView], decision: Any) -> None:
@@ -327,6 +338,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if reduced.nonfinite > 0:
             return self._skip_step(f"non-finite gradient or statistic on {int(reduced.nonfinite)} rank(s)")
         decision = self._decide(reduced)
+        if isinstance(decision, SkipStep):
+            return self._skip_step(decision.reason)
         self._apply(views, decision)
         self._exchange_out(decision)
         self.num_steps += 1

@@ -20,7 +20,7 @@ from lightning_soaa.functional.gram import (
     pack_factor_table,
     split_factor_table,
 )
-from lightning_soaa.optim.base import BlockView, ShardedOptimizer, StepRecord, summed
+from lightning_soaa.optim.base import BlockView, ShardedOptimizer, SkipStep, StepRecord, summed
 from lightning_soaa.optim.egn_capture import (
     LinearCapture,
     back_signals,
@@ -38,6 +38,32 @@ MISSING_BATCH_MESSAGE = (
     "Call opt.step(inputs=x, targets=y) or opt.set_batch(x, y) before step(); under Lightning add the "
     "callback lightning_soaa.lightning.BatchToOptimizer() to the Trainer, or use manual optimization."
 )
+
+
+def _compiled_inner(module: nn.Module) -> nn.Module | None:
+    """The eager module inside a ``torch.compile`` wrapper (``OptimizedModule._orig_mod``), else None."""
+    inner = getattr(module, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else None
+
+
+def _eager_module(model: nn.Module) -> nn.Module:
+    """The module EGN hooks, differentiates and runs. Its capture (forward hooks on each Linear) and
+    ``torch.func`` transforms need eager modules: a compiled graph does not run the hooks as eager code
+    would (the step was wrong by 0.29-3.6 relative to eager). A ``torch.compile``'d model is unwrapped (the
+    wrapper shares its parameters, so the user's compiled forward still sees every update); a compiled
+    submodule cannot be unwrapped without changing the user's model and is refused."""
+    inner = _compiled_inner(model)
+    if inner is not None:
+        log.info("EGN: the model is torch.compile'd; EGN runs its own forwards on the eager _orig_mod.")
+        model = inner
+    for name, m in model.named_modules():
+        if _compiled_inner(m) is not None:
+            raise ValueError(
+                f"EGN: the submodule {name!r} is torch.compile'd; EGN's per-layer capture needs the eager "
+                "modules. Pass EGN the model without compiling its submodules (compiling the whole model is "
+                "fine: EGN then uses model._orig_mod)."
+            )
+    return model
 
 
 @dataclasses.dataclass
@@ -96,6 +122,12 @@ class _EGNDecision:
     buffers: list[Tensor]
     use_momentum: bool = False
     momentum_rejected: bool = False
+    full: list[Tensor] = dataclasses.field(default_factory=list)  # the direction, every parameter
+    w0: list[Tensor] = dataclasses.field(default_factory=list)  # the parameters before the step
+    jd_qq: float = float("nan")
+    alpha: float = float("nan")
+    f_new: float = float("nan")  # L_b(w0 + αd)
+    tries: int = 0
 
 
 @dataclasses.dataclass
@@ -108,6 +140,7 @@ class _Pass:
     curvature: _Curvature | None = None
     at_owners: list[list[Tensor]] = dataclasses.field(default_factory=list)  # [d (, g)] owned blocks
     f0: float = float("nan")
+    trial_rejected: bool = False  # the loss after the step was non-finite
 
 
 class EGN(ShardedOptimizer):
@@ -160,15 +193,18 @@ class EGN(ShardedOptimizer):
     3. ``reduce_scatter_flat`` (``exchange.sum_to_owners``): d = Jᵀv as the sum over ranks of each rank's VJP with its slice of v
        (and g = −Jᵀr/b when momentum is on), delivered to the parameter owners.
     4. ``all_reduce_scalars`` (the template's): non-finite flag and the owners' partial gᵀd.
-    5. ``all_gather_flat`` (``exchange.gather_from_owners``, in ``_exchange_out``) of the owners' final
+    5. ``all_gather_flat`` (``exchange.gather_from_owners``, in ``_decide``) of the owners' final
        direction. Every rank then applies w ← w + αd to all
        parameters itself; this replaces the base class's parameter all-gather (same bytes) because the
        line search needs the full d on every rank anyway.
-    6. One ``all_reduce_scalars`` per line-search trial (``_trial_loss``; one for ρ without line search)
-       and one for (Jd)ᵀQ(Jd) with momentum and adaptive damping (``_jd_q_norm``).
+    6. One ``all_reduce_scalars`` per line-search trial (``_trial_loss``; exactly one without line
+       search) and one for (Jd)ᵀQ(Jd) with momentum and adaptive damping (``_jd_q_norm``).
 
     A non-finite value anywhere (outputs, loss, direction) or an unsolvable system skips the step on
-    every rank through the base's skip path, leaving all state unchanged.
+    every rank through the base's skip path, leaving all state unchanged. **A step whose loss
+    L_b(w + αd) is non-finite is never taken** (also without line search, which is why a trial loss is
+    always evaluated): it is skipped and λ grows ×10 (up to ``damping_max``; counted in
+    ``nonfinite_trials``), so a too-long step cannot leave the model with non-finite outputs.
 
     Args:
         model: the ``nn.Module``; its trainable parameters are optimized (one param group).
@@ -236,6 +272,7 @@ class EGN(ShardedOptimizer):
         if not isinstance(model, nn.Module):
             raise ValueError(f"Invalid model={type(model).__name__}. EGN needs the nn.Module itself "
                              "(it forms Jacobians from it), not its parameters.")
+        model = _eager_module(model)
         cfg = EGNConfig(
             loss=loss, lr=lr, damping=damping, momentum=momentum, line_search=line_search,
             adaptive_damping=adaptive_damping, armijo_c=armijo_c, ls_decrease=ls_decrease,
@@ -260,6 +297,7 @@ class EGN(ShardedOptimizer):
         self.momentum_steps = 0
         self.solve_fallbacks = 0
         self.momentum_rejections = 0
+        self.nonfinite_trials = 0  # steps skipped because the loss after them was non-finite
         self._last: dict[str, float] = {}
 
     # ------------------------------------------------------------------ groups and checkpoints
@@ -275,7 +313,8 @@ class EGN(ShardedOptimizer):
 
     def _global_state(self) -> dict[str, Any]:
         return {"damping": self.damping, "alpha": self.alpha, "momentum_steps": self.momentum_steps,
-                "solve_fallbacks": self.solve_fallbacks, "momentum_rejections": self.momentum_rejections}
+                "solve_fallbacks": self.solve_fallbacks, "momentum_rejections": self.momentum_rejections,
+                "nonfinite_trials": self.nonfinite_trials}
 
     def _load_global_state(self, state: dict[str, Any]) -> None:
         self.damping = float(state.get("damping", self.cfg.damping))
@@ -283,10 +322,12 @@ class EGN(ShardedOptimizer):
         self.momentum_steps = int(state.get("momentum_steps", 0))
         self.solve_fallbacks = int(state.get("solve_fallbacks", 0))
         self.momentum_rejections = int(state.get("momentum_rejections", 0))
+        self.nonfinite_trials = int(state.get("nonfinite_trials", 0))
 
     def _extra_statistics(self) -> dict[str, float]:
         out = {"damping": self.damping, "alpha": self.alpha, "solve_fallbacks": float(self.solve_fallbacks),
-               "momentum_rejections": float(self.momentum_rejections)}
+               "momentum_rejections": float(self.momentum_rejections),
+               "nonfinite_trials": float(self.nonfinite_trials)}
         out.update(self._last)
         return out
 
@@ -366,8 +407,30 @@ class EGN(ShardedOptimizer):
                 rec.gtd_momentum += float((g * (m_new / (1 - beta ** t_next)).to(torch.float64)).sum())
         return rec
 
-    def _decide(self, reduced: StepRecord) -> _EGNDecision:
-        """Keep the momentum direction only when it descends (gᵀd < 0), identically on every rank."""
+    def _decide(self, reduced: StepRecord) -> _EGNDecision | SkipStep:
+        """The direction (momentum kept only when it descends) and the step size, identically on every
+        rank. A non-finite loss after the step is never accepted: the step is skipped (parameters back
+        at w) and :meth:`_on_skip` raises the damping."""
+        dec = self._choose_direction(reduced)
+        ps = self._current()
+        curv, batch = ps.curvature, ps.batch
+        assert curv is not None and batch is not None
+        dec.full = self.exchange.gather_from_owners(dec.direction)  # collective: all_gather_flat
+        dec.w0 = [p.detach().clone() for p in self._params]
+        dec.jd_qq = curv.jd_qq
+        if dec.use_momentum and self.cfg.adaptive_damping:
+            dec.jd_qq = self._jd_q_norm(batch, curv, dec.full)  # collective: all_reduce_scalars
+        dec.alpha, dec.f_new, dec.tries = self._step_size(batch, dec.w0, dec.full, dec.gtd)  # all_reduce/trial
+        if not math.isfinite(dec.f_new):
+            with torch.no_grad():
+                for p, w in zip(self._params, dec.w0):
+                    p.copy_(w)
+            ps.trial_rejected = True
+            return SkipStep(f"non-finite loss after the step (α={dec.alpha:.3g}); the damping grows")
+        return dec
+
+    def _choose_direction(self, reduced: StepRecord) -> _EGNDecision:
+        """Keep the momentum direction only when it descends (gᵀd < 0)."""
         assert isinstance(reduced, _EGNRecord)
         beta = float(self.param_groups[0]["momentum"])
         curv = self._current().curvature
@@ -386,39 +449,38 @@ class EGN(ShardedOptimizer):
         return dec
 
     def _apply(self, views: list[BlockView], decision: _EGNDecision) -> None:
-        """Commit the owned state (momentum buffers) and the counters; parameters move in
-        :meth:`_exchange_out`, on every rank, once the step size is known."""
+        """Commit the owned state (momentum buffers), the counters, λ from ρ, and w ← w + αd on every
+        rank for every parameter (each rank holds the full direction)."""
+        ps = self._current()
+        curv, batch = ps.curvature, ps.batch
+        assert curv is not None and batch is not None
         if float(self.param_groups[0]["momentum"]) > 0:
             for v, m_new in zip(views, decision.buffers):
                 v.state["momentum_buffer"] = m_new
             self.momentum_steps += 1
             self.momentum_rejections += int(decision.momentum_rejected)
-        curv = self._current().curvature
-        assert curv is not None
         self.solve_fallbacks += curv.sol.fallbacks
+        rho = self._adapt_damping(batch, decision.gtd, decision.jd_qq, decision.alpha, decision.f_new)
+        with torch.no_grad():
+            for p, w, d in zip(self._params, decision.w0, decision.full):
+                p.copy_(w + decision.alpha * d)
+        self.alpha = decision.alpha
+        b, c = batch.b, batch.c
+        self._last = {"loss": ps.f0, "loss_after": decision.f_new, "gtd": decision.gtd,
+                      "ls_tries": float(decision.tries), "rho": rho, "step_fallbacks": float(curv.sol.fallbacks),
+                      "solve_damping": curv.sol.damping, "momentum_used": float(decision.use_momentum),
+                      "gram_size": float(b * c), "batch_size": float(b)}
 
     def _exchange_out(self, decision: _EGNDecision) -> None:
-        """Replaces the parameter gather: every rank receives the full direction from its owners (same
-        bytes), chooses the step size (line search / ρ, identical on every rank) and applies it."""
-        ps = self._current()
-        curv, batch = ps.curvature, ps.batch
-        assert curv is not None and batch is not None
-        d_full = self.exchange.gather_from_owners(decision.direction)  # collective: all_gather_flat
-        w0 = [p.detach().clone() for p in self._params]
-        jd_qq = curv.jd_qq
-        if decision.use_momentum and self.cfg.adaptive_damping:
-            jd_qq = self._jd_q_norm(batch, curv, d_full)  # collective: all_reduce_scalars
-        alpha, f_new, tries = self._step_size(batch, w0, d_full, decision.gtd)  # all_reduce per trial
-        rho = self._adapt_damping(batch, decision.gtd, jd_qq, alpha, f_new)
-        with torch.no_grad():
-            for p, w, d in zip(self._params, w0, d_full):
-                p.copy_(w + alpha * d)
-        self.alpha = alpha
-        b, c = batch.b, batch.c
-        self._last = {"loss": ps.f0, "loss_after": f_new, "gtd": decision.gtd, "ls_tries": float(tries),
-                      "rho": rho, "step_fallbacks": float(curv.sol.fallbacks), "solve_damping": curv.sol.damping,
-                      "momentum_used": float(decision.use_momentum), "gram_size": float(b * c),
-                      "batch_size": float(b)}
+        """No parameter gather: ``_decide`` gathered the full direction from its owners (the same bytes)
+        and every rank applied it to every parameter."""
+
+    def _on_skip(self) -> None:
+        if self._pass is not None and self._pass.trial_rejected:
+            # INFERRED: ×10 as for a failed solve (spec §2.7): a non-finite trial means the model's
+            # quadratic model was far off; 1.01 would take hundreds of skipped steps to matter.
+            self.damping = min(self.damping * 10.0, self.cfg.damping_max)
+            self.nonfinite_trials += 1
 
     def _current(self) -> _Pass:
         if self._pass is None:
@@ -566,13 +628,12 @@ class EGN(ShardedOptimizer):
 
     def _step_size(self, batch: _Batch, w0: list[Tensor], d: list[Tensor],
                    gtd: float) -> tuple[float, float, int]:
-        """(α, L_b(w0 + αd), trials): Armijo backtracking from the previous α, or α = lr (with one
-        trial for ρ when damping adapts)."""
+        """(α, L_b(w0 + αd), trials): Armijo backtracking from the previous α, or α = lr with one trial
+        (for ρ, and so that a step to a non-finite loss is never taken). Leaves w0 + αd in place."""
         cfg = self.cfg
         lr = float(self.param_groups[0]["lr"])
         if not cfg.line_search:
-            f_new = self._trial_loss(batch, w0, d, lr) if cfg.adaptive_damping else float("nan")
-            return lr, f_new, 0
+            return lr, self._trial_loss(batch, w0, d, lr), 0
         prev = min(self.alpha, lr)
         alpha = min(cfg.ls_increase * prev, lr) if cfg.ls_reset == "increase" else prev
         slack = torch.finfo(batch.z.dtype).eps * max(1.0, abs(batch.f0)) * 4

@@ -136,6 +136,29 @@ def test_egn_with_batch_callback_keeps_training_step(tmp_path: Path) -> None:
     assert model.losses[-1] < model.losses[0]
 
 
+@pytest.mark.parametrize("setting,match", [
+    ({"accumulate_grad_batches": 2}, "accumulate_grad_batches=2"),
+    ({"gradient_clip_val": 1.0}, "gradient_clip_val=1.0"),
+    ({"precision": "bf16-mixed"}, "precision='bf16-mixed'"),
+])
+def test_egn_refuses_trainer_settings_it_would_ignore(tmp_path: Path, setting: dict, match: str) -> None:
+    """Gradient accumulation (Gram of the last micro-batch only), clipping and mixed precision (EGN never
+    reads p.grad, runs its own forwards) used to train on silently; now fit() raises before any step."""
+    pytest.importorskip("lightning_soaa.optim.egn")
+    from lightning_soaa.lightning import EGN
+
+    class UsesEGN(PlainRegressor):
+        def configure_optimizers(self) -> Any:
+            return EGN(self, loss="mse", lr=0.5)
+
+    model = UsesEGN()
+    w0 = [p.detach().clone() for p in model.parameters()]
+    trainer = make_trainer(tmp_path, max_steps=4, callbacks=[BatchToOptimizer()], **setting)
+    with pytest.raises(ValueError, match=match):
+        trainer.fit(model)
+    assert all(torch.equal(a, b) for a, b in zip(w0, model.parameters()))  # no step was taken
+
+
 def test_diagnostics_in_csv_logger(tmp_path: Path) -> None:
     pytest.importorskip("lightning_soaa.optim.soaa")
     model = TinyRegressor(OptimizerFactory("SOAA", {"lr": 0.01}))
