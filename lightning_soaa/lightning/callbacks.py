@@ -117,15 +117,12 @@ def check_trainer_supports_batch_optimizer(trainer: pl.Trainer) -> None:
     """Refuse Trainer settings that an optimizer stepping from the batch (EGN) would silently ignore.
 
     EGN builds its step from the model and the batch handed over by :class:`BatchToOptimizer`, never
-    from ``p.grad`` and outside the Trainer's autocast: gradient accumulation would give it the last
-    micro-batch only, gradient clipping and mixed precision would not act on its step. The settings are
-    the same on every rank, so every rank raises together, before the first step.
+    from ``p.grad`` and outside the Trainer's autocast: gradient clipping and mixed precision would not
+    act on its step. (Gradient accumulation is honoured: the callback hands over all micro-batches of
+    the step.) The settings are the same on every rank, so every rank raises together, before the first
+    step.
     """
     problems = []
-    k = int(getattr(trainer, "accumulate_grad_batches", 1))
-    if k != 1:
-        problems.append(f"accumulate_grad_batches={k} (EGN would build its Gram matrix from the last "
-                        "micro-batch only; use a k-times larger batch, EGN's step is exact for it)")
     clip = getattr(trainer, "gradient_clip_val", None)
     if clip:
         problems.append(f"gradient_clip_val={clip} (EGN never reads the gradients; bound its step with lr, "
@@ -147,6 +144,11 @@ class BatchToOptimizer(Callback):
     to ``EGN(self, loss=...)`` and keeps ``training_step`` unchanged: before each batch the callback
     calls ``optimizer.set_batch(inputs, targets)`` and EGN's ``step(closure)`` then works from it.
 
+    Under ``accumulate_grad_batches=k`` the batch handed over is the concatenation of the step's
+    micro-batches so far, so the step sees all k of them: the exact Gauss-Newton step of the
+    accumulated batch (its Gram matrix is k² times larger). Gradient clipping and mixed precision,
+    which EGN would ignore, are refused (:func:`check_trainer_supports_batch_optimizer`).
+
     Args:
         split_batch: ``batch -> (inputs, targets)``; must be picklable (a module-level function) for
             ``ddp_spawn``. Default: :func:`default_split_batch`.
@@ -154,6 +156,7 @@ class BatchToOptimizer(Callback):
 
     def __init__(self, split_batch: Callable[[Any], tuple[Any, Any]] | None = None) -> None:
         self.split_batch = split_batch or default_split_batch
+        self._window: list[tuple[Any, Any]] = []  # the micro-batches of the current accumulation window
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -169,8 +172,26 @@ class BatchToOptimizer(Callback):
         if not targets_opts:
             return
         inputs, targets = self.split_batch(batch)
+        k = int(trainer.accumulate_grad_batches)
+        if k > 1:
+            # Lightning steps after micro-batches with (batch_idx + 1) % k == 0 and after an epoch's last
+            # batch, and batch_idx restarts every epoch: a window starts where batch_idx % k == 0.
+            if batch_idx % k == 0:
+                self._window = []
+            self._window.append((inputs, targets))
+            inputs, targets = _concat_batches(self._window)
         for opt in targets_opts:
             opt.set_batch(inputs, targets)
+
+
+def _concat_batches(batches: list[tuple[Any, Any]]) -> tuple[Any, Any]:
+    """Concatenate (inputs, targets) pairs along the samples; inputs may be tuples of tensors."""
+    xs = [x for x, _ in batches]
+    if isinstance(xs[0], (tuple, list)):
+        inputs: Any = tuple(torch.cat(parts, dim=0) for parts in zip(*xs))
+    else:
+        inputs = torch.cat(xs, dim=0)
+    return inputs, torch.cat([y for _, y in batches], dim=0)
 
 
 def _prefixes(optimizers: list[Any]) -> list[str]:
