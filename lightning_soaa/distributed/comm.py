@@ -1,7 +1,9 @@
 """Communicators: the only place in the package that calls ``torch.distributed``.
 
-Every collective an optimizer makes is one visible line in ``optim/*.py`` calling a method here, so a
-reader can check that all ranks make the same calls, in the same order, with the same shapes.
+Every collective an optimizer makes is one visible line in ``optim/*.py`` calling a method here, or
+calling :class:`~lightning_soaa.distributed.exchange.OwnerExchange` (the flat-buffer moves between ranks
+and block owners, one collective per dtype), so a reader can check that all ranks make the same calls,
+in the same order, with the same shapes.
 
 Layout of one optimizer step with W = 3 ranks and five blocks (owners chosen by
 :func:`lightning_soaa.distributed.assignment.assign_owners`)::

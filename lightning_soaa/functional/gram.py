@@ -8,14 +8,31 @@ is the back-signal. Hence (spec §2.4, INFERRED "Gram trick")
 
 and K = Σ_ℓ K_ℓ + J_rest J_restᵀ. With one position per sample (T = 1) this is (AAᵀ + 1) ⊙ (ΔΔᵀ)
 and costs b·c·(d_in + d_out) memory per layer instead of b·c·d_in·d_out for the rows.
+
+Across ranks the factors travel as one table with a row per sample (:class:`GramLayout`,
+:func:`pack_factor_table`); the rows of all ranks stacked are the global batch's table, from which
+:func:`assemble_gram` builds the same K on every rank.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
-__all__ = ["linear_gram", "linear_jacobian_rows", "jacobian_gram"]
+__all__ = [
+    "GramFactors",
+    "GramLayout",
+    "LinearFactorShape",
+    "assemble_gram",
+    "jacobian_gram",
+    "linear_gram",
+    "linear_jacobian_rows",
+    "pack_factor_table",
+    "split_factor_table",
+]
 
 
 def linear_jacobian_rows(a: Tensor, delta: Tensor, *, weight: bool = True, bias: bool = True) -> Tensor:
@@ -70,3 +87,105 @@ def linear_gram(a: Tensor, delta: Tensor, *, weight: bool = True, bias: bool = T
 def jacobian_gram(rows: Tensor) -> Tensor:
     """K = J Jᵀ from explicit rows [b·c, n]."""
     return rows @ rows.T
+
+
+# ---------------------------------------------------------------------- the gathered factor table
+@dataclasses.dataclass(frozen=True)
+class LinearFactorShape:
+    """One factored Linear as the table sees it: positions per sample T, widths, trained parameters."""
+
+    positions: int
+    d_in: int
+    d_out: int
+    weight: bool = True
+    bias: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class GramLayout:
+    """Columns of one sample's row in the factor table that ranks exchange to build K = JJᵀ.
+
+    Per sample, in this order: the outputs z (c), the targets (c, or 1 class label), per factored Linear
+    its inputs A (T·d_in) and back-signals Δ (c·T·d_out), then the explicit Jacobian rows of the other
+    parameters (c·rest). Stacking the tables of several ranks along the samples gives the table of the
+    global batch, so K is assembled from it exactly as from one process's batch.
+    """
+
+    num_outputs: int
+    class_targets: bool
+    sites: tuple[LinearFactorShape, ...]
+    rest: int
+
+    def widths(self) -> list[int]:
+        c = self.num_outputs
+        out = [c, 1 if self.class_targets else c]
+        for s in self.sites:
+            out += [s.positions * s.d_in, c * s.positions * s.d_out]
+        if self.rest:
+            out.append(c * self.rest)
+        return out
+
+    @property
+    def width(self) -> int:
+        return sum(self.widths())
+
+
+@dataclasses.dataclass
+class GramFactors:
+    """A factor table split into its pieces (b samples): z [b, c], targets [b, c] or [b],
+    per site (A [b, T, d_in], Δ [b, c, T, d_out]), explicit rows [b·c, rest] or None."""
+
+    outputs: Tensor
+    targets: Tensor
+    linear: list[tuple[Tensor, Tensor]]
+    rows: Tensor | None
+
+
+def pack_factor_table(layout: GramLayout, outputs: Tensor, targets: Tensor,
+                      linear: Sequence[tuple[Tensor, Tensor]], rows: Tensor | None) -> Tensor:
+    """One row per sample, float64 [b, layout.width]; the inverse of :func:`split_factor_table`.
+
+    ``linear`` holds per site (A [b, T, d_in], Δ [b, c, T, d_out]); ``rows`` is [b, c, rest] or None.
+    """
+    b = outputs.shape[0]
+    pieces = [outputs, targets]
+    for a, delta in linear:
+        pieces += [a, delta]
+    if layout.rest:
+        if rows is None:
+            raise ValueError(f"layout has rest={layout.rest} explicit columns but rows is None")
+        pieces.append(rows)
+    widths = layout.widths()
+    if len(pieces) != len(widths) or any(t.numel() != b * w for t, w in zip(pieces, widths)):
+        got = [t.numel() // max(b, 1) for t in pieces]
+        raise ValueError(f"factor table pieces have {got} columns per sample, the layout {widths}")
+    table = torch.cat([t.detach().reshape(b, w).to(torch.float64) for t, w in zip(pieces, widths)], dim=1)
+    return table
+
+
+def split_factor_table(layout: GramLayout, table: Tensor) -> GramFactors:
+    """Views of the pieces of a [b, layout.width] table (of any dtype)."""
+    b, c = table.shape[0], layout.num_outputs
+    parts = iter(torch.split(table, layout.widths(), dim=1))
+    outputs = next(parts)
+    targets = next(parts)
+    if layout.class_targets:
+        targets = targets.reshape(b)
+    linear = []
+    for s in layout.sites:
+        a = next(parts).reshape(b, s.positions, s.d_in)
+        linear.append((a, next(parts).reshape(b, c, s.positions, s.d_out)))
+    rows = next(parts).reshape(b * c, layout.rest) if layout.rest else None
+    return GramFactors(outputs, targets, linear, rows)
+
+
+def assemble_gram(layout: GramLayout, factors: GramFactors) -> Tensor:
+    """K = Σ_ℓ K_ℓ (Linear factors) + J_rest J_restᵀ, [b·c, b·c] in the table's dtype."""
+    n = factors.outputs.shape[0] * layout.num_outputs
+    k = torch.zeros(n, n, dtype=factors.outputs.dtype, device=factors.outputs.device)
+    for s, (a, delta) in zip(layout.sites, factors.linear):
+        if s.positions:
+            k += linear_gram(a, delta, weight=s.weight, bias=s.bias)
+    if factors.rows is not None:
+        k += jacobian_gram(factors.rows)
+    return k

@@ -119,6 +119,29 @@ def default_split_batch(batch: Any) -> tuple[Any, Any]:
     )
 
 
+def check_trainer_supports_batch_optimizer(trainer: pl.Trainer) -> None:
+    """Refuse Trainer settings that an optimizer stepping from the batch (EGN) would silently ignore.
+
+    EGN builds its step from the model and the batch handed over by :class:`BatchToOptimizer`, never
+    from ``p.grad`` and outside the Trainer's autocast: gradient clipping and mixed precision would not
+    act on its step. (Gradient accumulation is honoured: the callback hands over all micro-batches of
+    the step.) The settings are the same on every rank, so every rank raises together, before the first
+    step.
+    """
+    problems = []
+    clip = getattr(trainer, "gradient_clip_val", None)
+    if clip:
+        problems.append(f"gradient_clip_val={clip} (EGN never reads the gradients; bound its step with lr, "
+                        "damping or line_search=True)")
+    precision = str(getattr(trainer, "precision", ""))
+    if precision.endswith("-mixed"):
+        problems.append(f"precision={precision!r} (EGN's own forwards do not run under the Trainer's "
+                        "autocast; use '32-true', '64-true' or 'bf16-true')")
+    if problems:
+        raise ValueError("EGN (via BatchToOptimizer) does not support these Trainer settings: "
+                         + "; ".join(problems) + ".")
+
+
 class BatchToOptimizer(Callback):
     """Hand the current batch to every optimizer whose step needs it (``StepNeeds.BATCH``: EGN).
 
@@ -127,6 +150,11 @@ class BatchToOptimizer(Callback):
     to ``EGN(self, loss=...)`` and keeps ``training_step`` unchanged: before each batch the callback
     calls ``optimizer.set_batch(inputs, targets)`` and EGN's ``step(closure)`` then works from it.
 
+    Under ``accumulate_grad_batches=k`` the batch handed over is the concatenation of the step's
+    micro-batches so far, so the step sees all k of them: the exact Gauss-Newton step of the
+    accumulated batch (its Gram matrix is k² times larger). Gradient clipping and mixed precision,
+    which EGN would ignore, are refused (:func:`check_trainer_supports_batch_optimizer`).
+
     Args:
         split_batch: ``batch -> (inputs, targets)``; must be picklable (a module-level function) for
             ``ddp_spawn``. Default: :func:`default_split_batch`.
@@ -134,11 +162,14 @@ class BatchToOptimizer(Callback):
 
     def __init__(self, split_batch: Callable[[Any], tuple[Any, Any]] | None = None) -> None:
         self.split_batch = split_batch or default_split_batch
+        self._window: list[tuple[Any, Any]] = []  # the micro-batches of the current accumulation window
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for opt in _all_optimizers(trainer):
             check_sharding_matches_world(opt)
+            if unwrap_optimizer(opt, "set_batch") is not None:
+                check_trainer_supports_batch_optimizer(trainer)
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
@@ -148,6 +179,14 @@ class BatchToOptimizer(Callback):
         if not targets_opts:
             return
         inputs, targets = self.split_batch(batch)
+        k = int(trainer.accumulate_grad_batches)
+        if k > 1:
+            # Lightning steps after micro-batches with (batch_idx + 1) % k == 0 and after an epoch's last
+            # batch, and batch_idx restarts every epoch: a window starts where batch_idx % k == 0.
+            if batch_idx % k == 0:
+                self._window = []
+            self._window.append((inputs, targets))
+            inputs, targets = _concat_batches(self._window)
         for opt in targets_opts:
             opt.set_batch(inputs, targets)
 
@@ -161,6 +200,16 @@ def display_name(optimizer: Any) -> str:
         if spec is not None:
             return spec.name
     return type(unwrap_optimizer(optimizer, "statistics") or optimizer).__name__
+
+
+def _concat_batches(batches: list[tuple[Any, Any]]) -> tuple[Any, Any]:
+    """Concatenate (inputs, targets) pairs along the samples; inputs may be tuples of tensors."""
+    xs = [x for x, _ in batches]
+    if isinstance(xs[0], (tuple, list)):
+        inputs: Any = tuple(torch.cat(parts, dim=0) for parts in zip(*xs))
+    else:
+        inputs = torch.cat(xs, dim=0)
+    return inputs, torch.cat([y for _, y in batches], dim=0)
 
 
 def _prefixes(optimizers: list[Any]) -> list[str]:

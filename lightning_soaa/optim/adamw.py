@@ -56,7 +56,7 @@ class ShardedAdamW(ShardedOptimizer):
     def _validate_group(self, group: dict[str, Any]) -> None:
         config_from_group(AdamWConfig, group)
 
-    def _apply(self, views: list[BlockView], scalars: dict[str, Any]) -> None:
+    def _apply(self, views: list[BlockView], decision: Any) -> None:
         by_group: dict[int, list[BlockView]] = {}
         for v in views:
             if v.grad is not None:

@@ -20,7 +20,7 @@ Sharding: each matrix is one block, or, when its preconditioned side ``k`` excee
 several blocks cut along that side (each with its own ``V``: a block-diagonal preconditioner, which
 changes the algorithm slightly and does not depend on the world size). Blocks go to ranks by cost
 (:func:`asgo_block_cost`); the owner keeps M, V and P, computes the update, and the base class
-all-gathers parameters. No global scalar is needed (``num_partials = 0``): one step costs the base's
+all-gathers parameters. No global scalar is needed (the base ``StepRecord``): one step costs the base's
 one-flag all-reduce plus the parameter all-gather.
 """
 
@@ -183,7 +183,7 @@ class _OneSided(ShardedOptimizer):
         return self.is_matrix_param(self._params[v.block.param_index], v.group, v.name)
 
     # ------------------------------------------------------------------ the step
-    def _apply(self, views: list[BlockView], scalars: dict[str, Any]) -> None:
+    def _apply(self, views: list[BlockView], decision: Any) -> None:
         adam: dict[int, list[BlockView]] = {}
         matrix: list[BlockView] = []
         for v in views:

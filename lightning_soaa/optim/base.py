@@ -2,20 +2,34 @@
 
 A subclass supplies the math in three hooks; the base owns blocks, collectives and checkpoints:
 
-* ``_prepare(views) -> Tensor | None``: read owned blocks, return this rank's fp64 partial sums
-  (e.g. SOAA's Σm̂², Σ(v̂+ε)). **Must not modify state or parameters** — the step may still be skipped.
-* ``_decide(reduced) -> dict``: turn the all-reduced partials into scalars. Runs on every rank with
-  bit-identical inputs, so every rank takes the same decision.
-* ``_apply(views, scalars)``: update state and owned parameters.
+* ``_prepare(views) -> StepRecord | None``: read owned blocks, return this rank's record: its
+  :func:`summed` fields are the fp64 partial sums (e.g. SOAA's Σm̂², Σ(v̂+ε), the loss), its other
+  fields hand tensors over to ``_apply``. **Must not modify state or parameters** — the step may still
+  be skipped.
+* ``_decide(reduced) -> decision``: turn the all-reduced record into a (typed) decision. Runs on every
+  rank with bit-identical inputs, so every rank takes the same decision.
+* ``_apply(views, decision)``: update state and owned parameters.
 
 One step (see :mod:`lightning_soaa.distributed.comm` for the picture)::
 
-    [grad_reduction="mean": reduce_scatter grads to owners]
-    partials = _prepare(owned views)                      # local, no communication
-    reduced  = all_reduce_scalars([nonfinite, partials, extra])   # ONE fp64 call, every rank
-    if reduced[0] > 0: skip on every rank; nothing advances
+    _exchange_in()        # default: [grad_reduction="mean": reduce_scatter grads to owners]
+    record  = _prepare(owned views)                       # local, no communication
+    reduced = all_reduce_scalars(record.vector())         # ONE fp64 call, every rank
+    if reduced.nonfinite > 0: skip on every rank; nothing advances
     _apply(owned views, _decide(reduced))
-    all_gather_flat(owned parameters)                      # one call per dtype
+    _exchange_out(decision)  # default: all_gather_flat(owned parameters), one call per dtype
+
+The vector's layout is the step record's class (:class:`StepRecord`): the non-finite flag, then the
+subclass's summed fields in declaration order, written once. Flat-buffer moves between ranks and owners
+live in :class:`~lightning_soaa.distributed.exchange.OwnerExchange` (``self.exchange``).
+
+**Extension points** for optimizers whose step needs collectives the template does not have (EGN: a
+validation all-reduce, the Gram-factor all-gather, a reduce-scatter of its direction; after the
+decision, a gather of the direction and line-search all-reduces): override :meth:`_exchange_in`
+(before ``_prepare``; it may return a reason to skip, which every rank must derive identically),
+run them in ``_decide`` (which may return :class:`SkipStep`), and override :meth:`_exchange_out`
+(after ``_apply``, replacing the parameter gather). The skip path (counter, log, ``_on_skip``) and
+``num_steps`` stay in the base.
 
 Step hooks (torch's ``register_step_pre_hook``/``register_step_post_hook``) wrap every ``step()`` call,
 as in torch, so they also fire for a step the optimizer skips for a non-finite value (``skipped_steps``
@@ -39,7 +53,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -55,8 +68,9 @@ from lightning_soaa.distributed.checkpoint import (
     validate_state_dict,
 )
 from lightning_soaa.distributed.comm import Communicator, default_communicator
+from lightning_soaa.distributed.exchange import OwnerExchange
 
-__all__ = ["ShardedOptimizer", "BlockView"]
+__all__ = ["ShardedOptimizer", "BlockView", "SkipStep", "StepRecord", "summed"]
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +85,45 @@ class BlockView:
     state: dict[str, Any]
     group: dict[str, Any]
     name: str | None = None
-    scratch: dict[str, Any] = dataclasses.field(default_factory=dict)  # _prepare -> _apply hand-over
+
+
+def summed(default: float = 0.0) -> Any:
+    """Declare a :class:`StepRecord` field that the step's one all-reduce sums over ranks."""
+    return dataclasses.field(default=default, metadata={"summed": True})
+
+
+@dataclasses.dataclass
+class StepRecord:
+    """What ``_prepare`` hands to the step: the rank-local fp64 sums and, in plain fields, tensors for
+    ``_apply``.
+
+    The all-reduced vector is the :func:`summed` fields in declaration order (this class's flag first,
+    then a subclass's fields), so its layout is written once, here and in the subclass. Every rank uses
+    the same class, so every rank passes the same shape. Summed fields may hold floats or 0-d tensors.
+    """
+
+    #: ranks that saw a non-finite value (the base sets this rank's 0/1; > 0 after the reduction: skip)
+    nonfinite: float = summed()
+
+    @classmethod
+    def summed_fields(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("summed"))
+
+    def vector(self) -> Tensor:
+        """The summed fields as one fp64 CPU vector (the order of :meth:`summed_fields`)."""
+        return torch.tensor([float(getattr(self, n)) for n in self.summed_fields()], dtype=torch.float64)
+
+    def with_sums(self, vector: Tensor) -> StepRecord:
+        """A copy whose summed fields are ``vector`` (the all-reduced values); other fields are kept."""
+        return dataclasses.replace(self, **dict(zip(self.summed_fields(), vector.tolist())))
+
+
+@dataclasses.dataclass(frozen=True)
+class SkipStep:
+    """``_decide``'s answer when every rank decided, from the same reduced values, to skip this step
+    (e.g. EGN's trial loss is non-finite). Nothing may have changed; the base's skip path runs."""
+
+    reason: str
 
 
 class ShardedOptimizer(torch.optim.Optimizer):
@@ -87,10 +139,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
         grad_reduction: see :class:`~lightning_soaa.config.ShardingConfig`.
     """
 
-    #: number of fp64 partials ``_prepare`` returns; fixed per optimizer so all ranks agree on shapes.
-    num_partials: int = 0
-    #: True when ``_prepare``'s partials are non-finite whenever an owned gradient is (e.g. SOAA's Σm̂²):
-    #: the base then skips its own scan of the gradients, which costs one extra read of every gradient.
+    #: the record ``_prepare`` returns (its summed fields are the all-reduced vector); fixed per optimizer
+    #: so that all ranks agree on shapes.
+    step_record: type[StepRecord] = StepRecord
+    #: True when ``_prepare``'s partials are non-finite whenever an owned gradient is (e.g. SOAA's Σm̂²),
+    #: or when the optimizer reads no gradients (EGN): the base then skips its own scan of the gradients,
+    #: which costs one extra read of every gradient.
     #: (With ``grad_reduction="none"`` the owner of a block sees the same gradient as every rank.)
     partials_cover_grads: bool = False
 
@@ -135,18 +189,30 @@ class ShardedOptimizer(torch.optim.Optimizer):
         """How to cut ``param`` into blocks; default: the whole parameter, cost = numel."""
         return [BlockSpec(None, 0, 0, float(max(param.numel(), 1)))]
 
-    def _prepare(self, views: list[BlockView]) -> Tensor | None:
+    def _exchange_in(self) -> str | None:
+        """Collectives before ``_prepare`` (default: average the gradients into their owners when
+        ``grad_reduction="mean"``). An override may run more collectives (the same on every rank) and
+        return a reason to skip the step; the skip itself makes no collective, so every rank must derive
+        that reason identically (e.g. from reduced values)."""
+        if self.sharding.grad_reduction == "mean":
+            self.exchange.reduce_scatter_grads()
         return None
 
-    def _extra_partials(self) -> list[float]:
-        """Rank-local scalars to sum with the partials (e.g. the loss); length fixed per optimizer."""
-        return []
+    def _prepare(self, views: list[BlockView]) -> StepRecord | None:
+        return None
 
-    def _decide(self, reduced: Tensor) -> dict[str, Any]:
-        return {}
+    def _decide(self, reduced: StepRecord) -> Any:
+        """The decision for ``_apply``, or :class:`SkipStep`. May run collectives only when every rank
+        makes the same ones (EGN's line search)."""
+        return None
 
-    def _apply(self, views: list[BlockView], scalars: dict[str, Any]) -> None:
+    def _apply(self, views: list[BlockView], decision: Any) -> None:
         raise NotImplementedError
+
+    def _exchange_out(self, decision: Any) -> None:
+        """Collectives after ``_apply`` (default: every rank receives the updated parameters from their
+        owners). An override replaces the parameter gather and must leave every rank's parameters equal."""
+        self.exchange.gather_params()
 
     def _on_skip(self) -> None:
         """Called on every rank when a step is skipped for a non-finite value."""
@@ -204,7 +270,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._params = params
         self._names = [name for _, _, name in plist]
         self._owned = self._table.owned()
-        self._flat_layouts = self._make_flat_layouts()
+        self.exchange = OwnerExchange(self._table, params, self.comm, sharded=self.sharding.shard)
 
     def _check_same_params_on_all_ranks(self, params: list[Tensor]) -> None:
         """Fail fast (instead of hanging in a later collective) when ranks disagree on the parameters."""
@@ -246,73 +312,6 @@ class ShardedOptimizer(torch.optim.Optimizer):
             )
         return views
 
-    # ------------------------------------------------------------------ flat buffers per dtype
-    def _make_flat_layouts(self) -> dict[torch.dtype, list[list[BlockInfo]]]:
-        """Per dtype: the blocks of each rank, in block order (the packing order of flat buffers)."""
-        layouts: dict[torch.dtype, list[list[BlockInfo]]] = {}
-        if not self._sharded_multi_rank():
-            return layouts
-        for b in self.block_table.blocks:
-            dt = self._params[b.param_index].dtype
-            per_rank = layouts.setdefault(dt, [[] for _ in range(self.comm.world_size)])
-            per_rank[b.owner].append(b)
-        return layouts
-
-    @staticmethod
-    def _padded_len(per_rank: list[list[BlockInfo]]) -> int:
-        return max(sum(b.numel for b in blist) for blist in per_rank)
-
-    def _layout_device(self, per_rank: list[list[BlockInfo]]) -> torch.device:
-        """Where the parameters of one flat layout live (any block will do: a layout has one dtype and,
-        in every supported setup, one device). A rank that owns nothing still builds its buffer there."""
-        first = next(b for blist in per_rank for b in blist)
-        return self._params[first.param_index].device
-
-    def _gather_params(self) -> None:
-        """All-gather updated parameters from their owners: one collective per dtype."""
-        rank, world = self.comm.rank, self.comm.world_size
-        for dt, per_rank in self._flat_layouts.items():
-            n = self._padded_len(per_rank)
-            if n == 0:
-                continue
-            buf = torch.zeros(n, dtype=dt, device=self._layout_device(per_rank))
-            off = 0
-            for b in per_rank[rank]:
-                buf[off:off + b.numel].view(b.shape).copy_(b.view(self._params[b.param_index]))
-                off += b.numel
-            out = self.comm.all_gather_flat(buf)
-            for r in range(world):
-                if r == rank:
-                    continue
-                off = r * n
-                for b in per_rank[r]:
-                    b.view(self._params[b.param_index]).copy_(out[off:off + b.numel].view(b.shape))
-                    off += b.numel
-
-    def _reduce_scatter_grads(self) -> None:
-        """Average gradients across ranks, delivering to each rank only the blocks it owns."""
-        rank, world = self.comm.rank, self.comm.world_size
-        for dt, per_rank in self._flat_layouts.items():
-            n = self._padded_len(per_rank)
-            if n == 0:
-                continue
-            buf = torch.zeros(world * n, dtype=dt, device=self._layout_device(per_rank))
-            for r in range(world):
-                off = r * n
-                for b in per_rank[r]:
-                    p = self._params[b.param_index]
-                    if p.grad is not None:
-                        buf[off:off + b.numel].view(b.shape).copy_(b.view(p.grad))
-                    off += b.numel
-            mine = self.comm.reduce_scatter_flat(buf).div_(world)
-            off = 0
-            for b in per_rank[rank]:
-                p = self._params[b.param_index]
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                b.view(p.grad).copy_(mine[off:off + b.numel].view(b.shape))
-                off += b.numel
-
     # ------------------------------------------------------------------ the step
     def _run_closure(self, closure: Callable[[], Any] | None) -> Any:
         if closure is None:
@@ -327,7 +326,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._sharded_step()
         return loss
 
-    def _local_nonfinite(self, views: list[BlockView], partials: Tensor | None, extra: list[float]) -> bool:
+    def _local_nonfinite(self, views: list[BlockView], partials: Tensor) -> bool:
         # With grad_reduction="none" a rank only reads the blocks it owns, so a NaN that appeared in
         # another block on this rank would otherwise go unseen; check every local gradient then.
         if self.sharding.grad_reduction == "none":
@@ -335,47 +334,49 @@ class ShardedOptimizer(torch.optim.Optimizer):
         else:
             grads = [v.grad for v in views if v.grad is not None]
         bad = False
-        if grads and not (self.partials_cover_grads and partials is not None):
+        if grads and not self.partials_cover_grads:
             norms = torch._foreach_norm(grads)
             bad = not bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())
-        if partials is not None and not bool(torch.isfinite(partials).all()):
-            bad = True
-        if any(not math.isfinite(x) for x in extra):
-            bad = True
-        return bad
+        return bad or not bool(torch.isfinite(partials).all())
+
+    def _reduce_record(self, views: list[BlockView]) -> StepRecord:
+        """``_prepare``, this rank's non-finite flag, and the step's ONE fp64 all-reduce."""
+        record = self._prepare(views)
+        if record is None:
+            record = self.step_record()
+        if type(record) is not self.step_record:
+            raise RuntimeError(f"_prepare returned a {type(record).__name__}, expected {self.step_record.__name__}")
+        vec = record.vector()
+        bad = float(record.nonfinite) > 0 or self._local_nonfinite(views, vec[1:])
+        vec[0] = 1.0 if bad else 0.0
+        # Every rank joins this call, including ranks that own no block, so shapes always match.
+        return record.with_sums(self.comm.all_reduce_scalars(vec))
 
     def _sharded_step(self) -> bool:
         """The template step. Returns False when the step was skipped on every rank."""
         self.comm.begin_step()
-        if self.sharding.grad_reduction == "mean" and self._sharded_multi_rank():
-            self._reduce_scatter_grads()
+        why = self._exchange_in()
+        if why is not None:
+            return self._skip_step(why)
         views = self._owned_views()
-        partials = self._prepare(views)
-        if partials is None:
-            partials = torch.zeros(self.num_partials, dtype=torch.float64)
-        partials = partials.detach().to(device="cpu", dtype=torch.float64).reshape(-1)
-        if partials.numel() != self.num_partials:
-            raise RuntimeError(f"_prepare returned {partials.numel()} partials, expected {self.num_partials}")
-        extra = [float(x) for x in self._extra_partials()]
-        flag = 1.0 if self._local_nonfinite(views, partials, extra) else 0.0
-        vec = torch.cat([torch.tensor([flag], dtype=torch.float64), partials,
-                         torch.tensor(extra, dtype=torch.float64)])
-        # Every rank joins this call, including ranks that own no block, so shapes always match.
-        reduced = self.comm.all_reduce_scalars(vec)
-        if reduced[0].item() > 0:
-            self.skipped_steps += 1
-            log.warning(
-                "%s: non-finite gradient or statistic on %d rank(s); step skipped on every rank "
-                "(skipped so far: %d)", type(self).__name__, int(reduced[0].item()), self.skipped_steps,
-            )
-            self._on_skip()
-            return False
-        scalars = self._decide(reduced[1:])
-        self._apply(views, scalars)
-        if self._sharded_multi_rank():
-            self._gather_params()
+        reduced = self._reduce_record(views)
+        if reduced.nonfinite > 0:
+            return self._skip_step(f"non-finite gradient or statistic on {int(reduced.nonfinite)} rank(s)")
+        decision = self._decide(reduced)
+        if isinstance(decision, SkipStep):
+            return self._skip_step(decision.reason)
+        self._apply(views, decision)
+        self._exchange_out(decision)
         self.num_steps += 1
         return True
+
+    def _skip_step(self, why: str) -> bool:
+        """The one skip path (every rank calls it for the same step): count, log, ``_on_skip``."""
+        self.skipped_steps += 1
+        log.warning("%s: %s; step skipped on every rank (skipped so far: %d)",
+                    type(self).__name__, why, self.skipped_steps)
+        self._on_skip()
+        return False
 
     # ------------------------------------------------------------------ statistics
     def statistics(self) -> dict[str, float]:

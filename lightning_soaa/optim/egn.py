@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable
@@ -11,9 +12,15 @@ import torch
 from torch import Tensor, nn
 
 from lightning_soaa.config import EGNConfig, check_range
-from lightning_soaa.functional import egn as F
-from lightning_soaa.functional.gram import jacobian_gram, linear_gram
-from lightning_soaa.optim.base import ShardedOptimizer
+from lightning_soaa.functional import egn as egn_math
+from lightning_soaa.functional.gram import (
+    GramLayout,
+    LinearFactorShape,
+    assemble_gram,
+    pack_factor_table,
+    split_factor_table,
+)
+from lightning_soaa.optim.base import BlockView, ShardedOptimizer, SkipStep, StepRecord, summed
 from lightning_soaa.optim.egn_capture import (
     LinearCapture,
     back_signals,
@@ -33,8 +40,107 @@ MISSING_BATCH_MESSAGE = (
 )
 
 
-class _Invalid(ValueError):
-    pass
+def _compiled_inner(module: nn.Module) -> nn.Module | None:
+    """The eager module inside a ``torch.compile`` wrapper (``OptimizedModule._orig_mod``), else None."""
+    inner = getattr(module, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else None
+
+
+def _eager_module(model: nn.Module) -> nn.Module:
+    """The module EGN hooks, differentiates and runs. Its capture (forward hooks on each Linear) and
+    ``torch.func`` transforms need eager modules: a compiled graph does not run the hooks as eager code
+    would (the step was wrong by 0.29-3.6 relative to eager). A ``torch.compile``'d model is unwrapped (the
+    wrapper shares its parameters, so the user's compiled forward still sees every update); a compiled
+    submodule cannot be unwrapped without changing the user's model and is refused."""
+    inner = _compiled_inner(model)
+    if inner is not None:
+        log.info("EGN: the model is torch.compile'd; EGN runs its own forwards on the eager _orig_mod.")
+        model = inner
+    for name, m in model.named_modules():
+        if _compiled_inner(m) is not None:
+            raise ValueError(
+                f"EGN: the submodule {name!r} is torch.compile'd; EGN's per-layer capture needs the eager "
+                "modules. Pass EGN the model without compiling its submodules (compiling the whole model is "
+                "fine: EGN then uses model._orig_mod)."
+            )
+    return model
+
+
+@dataclasses.dataclass
+class _Batch:
+    """This rank's batch after the validation all-reduce: every rank agrees on sizes and shapes."""
+
+    xs: tuple[Tensor, ...]
+    y: Tensor  # targets on the outputs' device (float targets in the outputs' dtype)
+    z: Tensor  # outputs [b_r, c], still attached to the capture's graph
+    cap: LinearCapture
+    sizes: list[int]  # local batch size of every rank
+    c: int
+    rank: int
+    positions: list[int]  # T per factored Linear
+    nonfinite: bool  # some rank saw non-finite outputs or loss
+    f0: float  # L_b(w), the global mean loss
+
+    @property
+    def b(self) -> int:
+        return sum(self.sizes)
+
+    @property
+    def b_r(self) -> int:
+        return self.sizes[self.rank]
+
+    @property
+    def start(self) -> int:
+        """Index of this rank's first sample in the global batch."""
+        return sum(self.sizes[:self.rank])
+
+
+@dataclasses.dataclass
+class _Curvature:
+    """The global Gauss-Newton system's solution, identical on every rank."""
+
+    r: Tensor  # pseudo-residual [bc]
+    s: Tensor | None  # Q's per-sample factors
+    sol: egn_math.SolveResult
+    gtd: float  # gᵀd of the plain direction d = Jᵀv
+    jd_qq: float  # (Jd)ᵀQ(Jd) of the plain direction
+
+
+@dataclasses.dataclass
+class _EGNRecord(StepRecord):
+    """The template's all-reduce: [non-finite flag, owners' partial gᵀd of the momentum direction]."""
+
+    gtd_momentum: float = summed()
+    direction: list[Tensor] = dataclasses.field(default_factory=list)  # owned blocks of d = Jᵀv
+    buffers: list[Tensor] = dataclasses.field(default_factory=list)  # new momentum buffers (owned)
+
+
+@dataclasses.dataclass
+class _EGNDecision:
+    direction: list[Tensor]  # owned blocks of the direction taken
+    gtd: float
+    buffers: list[Tensor]
+    use_momentum: bool = False
+    momentum_rejected: bool = False
+    full: list[Tensor] = dataclasses.field(default_factory=list)  # the direction, every parameter
+    w0: list[Tensor] = dataclasses.field(default_factory=list)  # the parameters before the step
+    jd_qq: float = float("nan")
+    alpha: float = float("nan")
+    f_new: float = float("nan")  # L_b(w0 + αd)
+    tries: int = 0
+
+
+@dataclasses.dataclass
+class _Pass:
+    """What one step's hooks hand each other (lives inside :meth:`EGN.step` only)."""
+
+    xs: tuple[Tensor, ...]
+    targets: Tensor
+    batch: _Batch | None = None
+    curvature: _Curvature | None = None
+    at_owners: list[list[Tensor]] = dataclasses.field(default_factory=list)  # [d (, g)] owned blocks
+    f0: float = float("nan")
+    trial_rejected: bool = False  # the loss after the step was non-finite
 
 
 class EGN(ShardedOptimizer):
@@ -74,23 +180,31 @@ class EGN(ShardedOptimizer):
     mode is restored afterwards and BatchNorm running statistics are not updated by ``step``.
 
     **Across ranks (exact).** Every rank holds its own samples (local batch sizes may differ; b is the
-    global sum). Per step, on every rank and in this order:
+    global sum). Per step, on every rank and in this order, through the base class's step template
+    (:meth:`_exchange_in` → :meth:`_prepare` → the template's one all-reduce → :meth:`_decide` →
+    :meth:`_apply` → :meth:`_exchange_out`):
 
-    1. ``all_reduce_scalars``: validity flags, local batch sizes, layer layouts and the local loss sum.
-    2. ``all_gather_flat`` of one padded float64 buffer per rank: outputs z, targets, each factored
+    1. ``all_reduce_scalars`` (``_agree_on_batch``): validity flags, local batch sizes, layer layouts and the local loss sum.
+    2. ``all_gather_flat`` (``_gather_factors``) of one padded float64 buffer per rank (the factor table
+       of :mod:`lightning_soaa.functional.gram`): outputs z, targets, each factored
        Linear's inputs A and back-signals Δ, and the explicit Jacobian rows of the other parameters
        (≈ b·(2c + Σ_ℓ T_ℓ(d_in + c·d_out) + c·n_rest) numbers in total). Every rank builds the same
-       global K, r, Q and solves the same bc×bc system.
-    3. ``reduce_scatter_flat``: d = Jᵀv as the sum over ranks of each rank's VJP with its slice of v
+       global K, r, Q and solves the same bc×bc system (``_solve``).
+    3. ``reduce_scatter_flat`` (``exchange.sum_to_owners``): d = Jᵀv as the sum over ranks of each rank's VJP with its slice of v
        (and g = −Jᵀr/b when momentum is on), delivered to the parameter owners.
-    4. ``all_reduce_scalars``: non-finite flag and the owners' partial gᵀd.
-    5. ``all_gather_flat`` of the owners' final direction. Every rank then applies w ← w + αd to all
+    4. ``all_reduce_scalars`` (the template's): non-finite flag and the owners' partial gᵀd.
+    5. ``all_gather_flat`` (``exchange.gather_from_owners``, in ``_decide``) of the owners' final
+       direction. Every rank then applies w ← w + αd to all
        parameters itself; this replaces the base class's parameter all-gather (same bytes) because the
        line search needs the full d on every rank anyway.
-    6. One ``all_reduce_scalars`` per line-search trial (and one for ρ without line search; one for
-       (Jd)ᵀQ(Jd) with momentum and adaptive damping).
+    6. One ``all_reduce_scalars`` per line-search trial (``_trial_loss``; exactly one without line
+       search) and one for (Jd)ᵀQ(Jd) with momentum and adaptive damping (``_jd_q_norm``).
 
-    A non-finite value anywhere skips the step on every rank, leaving all state unchanged.
+    A non-finite value anywhere (outputs, loss, direction) or an unsolvable system skips the step on
+    every rank through the base's skip path, leaving all state unchanged. **A step whose loss
+    L_b(w + αd) is non-finite is never taken** (also without line search, which is why a trial loss is
+    always evaluated): it is skipped and λ grows ×10 (up to ``damping_max``; counted in
+    ``nonfinite_trials``), so a too-long step cannot leave the model with non-finite outputs.
 
     Args:
         model: the ``nn.Module``; its trainable parameters are optimized (one param group).
@@ -121,6 +235,10 @@ class EGN(ShardedOptimizer):
 
     #: the constructor takes the module itself, not its parameters (read by the Lightning factory)
     takes_module = True
+    step_record = _EGNRecord
+    #: EGN never reads ``p.grad`` (Lightning may leave stale or non-finite ones): the base must not scan
+    #: them; ``_prepare`` flags a non-finite direction itself.
+    partials_cover_grads = True
 
     def __init__(
         self,
@@ -154,6 +272,7 @@ class EGN(ShardedOptimizer):
         if not isinstance(model, nn.Module):
             raise ValueError(f"Invalid model={type(model).__name__}. EGN needs the nn.Module itself "
                              "(it forms Jacobians from it), not its parameters.")
+        model = _eager_module(model)
         cfg = EGNConfig(
             loss=loss, lr=lr, damping=damping, momentum=momentum, line_search=line_search,
             adaptive_damping=adaptive_damping, armijo_c=armijo_c, ls_decrease=ls_decrease,
@@ -169,14 +288,16 @@ class EGN(ShardedOptimizer):
         self.model = model
         super().__init__(named, dict(lr=cfg.lr, momentum=cfg.momentum), process_group=process_group,
                          comm=comm, shard=shard, grad_reduction="none")
-        self._trainable = dict(named)
+        self._trainable: dict[str, Tensor] = dict(named)
         self._pending_batch: tuple[Any, Tensor] | None = None  # from set_batch(), used by the next step
+        self._pass: _Pass | None = None  # the step in progress
         self._sites, self._explicit = plan_curvature(model, self._trainable, cfg.jacobian)
         self.damping = float(cfg.damping)
         self.alpha = float(cfg.lr)  # α of the previous step (the line search resets from it)
         self.momentum_steps = 0
         self.solve_fallbacks = 0
         self.momentum_rejections = 0
+        self.nonfinite_trials = 0  # steps skipped because the loss after them was non-finite
         self._last: dict[str, float] = {}
 
     # ------------------------------------------------------------------ groups and checkpoints
@@ -192,7 +313,8 @@ class EGN(ShardedOptimizer):
 
     def _global_state(self) -> dict[str, Any]:
         return {"damping": self.damping, "alpha": self.alpha, "momentum_steps": self.momentum_steps,
-                "solve_fallbacks": self.solve_fallbacks, "momentum_rejections": self.momentum_rejections}
+                "solve_fallbacks": self.solve_fallbacks, "momentum_rejections": self.momentum_rejections,
+                "nonfinite_trials": self.nonfinite_trials}
 
     def _load_global_state(self, state: dict[str, Any]) -> None:
         self.damping = float(state.get("damping", self.cfg.damping))
@@ -200,10 +322,12 @@ class EGN(ShardedOptimizer):
         self.momentum_steps = int(state.get("momentum_steps", 0))
         self.solve_fallbacks = int(state.get("solve_fallbacks", 0))
         self.momentum_rejections = int(state.get("momentum_rejections", 0))
+        self.nonfinite_trials = int(state.get("nonfinite_trials", 0))
 
     def _extra_statistics(self) -> dict[str, float]:
         out = {"damping": self.damping, "alpha": self.alpha, "solve_fallbacks": float(self.solve_fallbacks),
-               "momentum_rejections": float(self.momentum_rejections)}
+               "momentum_rejections": float(self.momentum_rejections),
+               "nonfinite_trials": float(self.nonfinite_trials)}
         out.update(self._last)
         return out
 
@@ -238,16 +362,132 @@ class EGN(ShardedOptimizer):
             raise ValueError("EGN.step: inputs must be a tensor or a tuple of tensors, targets a tensor.")
         modes = [(m, m.training) for m in self.model.modules()]
         self.model.eval()
+        self._pass = _Pass(xs, targets)
         try:
-            f0 = self._egn_step(xs, targets)
+            self._sharded_step()  # the base's template, through the hooks below
+            f0 = self._pass.f0
         finally:
+            self._pass = None
             for m, mode in modes:
                 m.training = mode
         if closure_value is not None:
             return closure_value
         return torch.tensor(f0, dtype=torch.float64)
 
-    # -- pieces -----------------------------------------------------------------------------
+    # -- template hooks ---------------------------------------------------------------------
+    def _exchange_in(self) -> str | None:
+        """Before the template's all-reduce: agree on the batch, gather the Gram factors, solve the
+        bc×bc system (identically on every rank), and sum each rank's VJP into the owners."""
+        ps = self._current()
+        batch = ps.batch = self._agree_on_batch(ps.xs, ps.targets)  # collective: all_reduce_scalars
+        if batch.nonfinite:
+            return "non-finite model outputs or loss"
+        ps.f0 = batch.f0
+        layout, table = self._gather_factors(batch)  # collective: all_gather_flat
+        curv = ps.curvature = self._solve(batch, layout, table)
+        if not curv.sol.ok:
+            return f"the bc system could not be solved after {curv.sol.fallbacks} damping retries"
+        ps.at_owners = self.exchange.sum_to_owners(self._vjps(batch, curv))  # collective: reduce_scatter
+        return None
+
+    def _prepare(self, views: list[BlockView]) -> _EGNRecord:
+        """The owners' direction blocks, new momentum buffers and their partial gᵀd (momentum only)."""
+        at_owners = self._current().at_owners
+        beta = float(self.param_groups[0]["momentum"])
+        t_next = self.momentum_steps + 1
+        rec = _EGNRecord(direction=at_owners[0])
+        for j, (v, d) in enumerate(zip(views, at_owners[0])):
+            if not bool(torch.isfinite(d).all()):
+                rec.nonfinite = 1.0
+            if beta > 0:
+                m_old = v.state.get("momentum_buffer")
+                m_new = (1 - beta) * d if m_old is None else beta * m_old + (1 - beta) * d
+                rec.buffers.append(m_new)
+                g = at_owners[1][j].to(torch.float64)
+                rec.gtd_momentum += float((g * (m_new / (1 - beta ** t_next)).to(torch.float64)).sum())
+        return rec
+
+    def _decide(self, reduced: StepRecord) -> _EGNDecision | SkipStep:
+        """The direction (momentum kept only when it descends) and the step size, identically on every
+        rank. A non-finite loss after the step is never accepted: the step is skipped (parameters back
+        at w) and :meth:`_on_skip` raises the damping."""
+        dec = self._choose_direction(reduced)
+        ps = self._current()
+        curv, batch = ps.curvature, ps.batch
+        assert curv is not None and batch is not None
+        dec.full = self.exchange.gather_from_owners(dec.direction)  # collective: all_gather_flat
+        dec.w0 = [p.detach().clone() for p in self._params]
+        dec.jd_qq = curv.jd_qq
+        if dec.use_momentum and self.cfg.adaptive_damping:
+            dec.jd_qq = self._jd_q_norm(batch, curv, dec.full)  # collective: all_reduce_scalars
+        dec.alpha, dec.f_new, dec.tries = self._step_size(batch, dec.w0, dec.full, dec.gtd)  # all_reduce/trial
+        if not math.isfinite(dec.f_new):
+            with torch.no_grad():
+                for p, w in zip(self._params, dec.w0):
+                    p.copy_(w)
+            ps.trial_rejected = True
+            return SkipStep(f"non-finite loss after the step (α={dec.alpha:.3g}); the damping grows")
+        return dec
+
+    def _choose_direction(self, reduced: StepRecord) -> _EGNDecision:
+        """Keep the momentum direction only when it descends (gᵀd < 0)."""
+        assert isinstance(reduced, _EGNRecord)
+        beta = float(self.param_groups[0]["momentum"])
+        curv = self._current().curvature
+        assert curv is not None
+        dec = _EGNDecision(direction=reduced.direction, gtd=curv.gtd, buffers=reduced.buffers)
+        if beta <= 0:
+            return dec
+        if reduced.gtd_momentum < 0:
+            t_next = self.momentum_steps + 1
+            dec.use_momentum, dec.gtd = True, reduced.gtd_momentum
+            dec.direction = [m / (1 - beta ** t_next) for m in reduced.buffers]
+        else:
+            dec.momentum_rejected = True
+            log.info("EGN: momentum direction is not a descent direction (gᵀd=%.3e); plain step used",
+                     reduced.gtd_momentum)
+        return dec
+
+    def _apply(self, views: list[BlockView], decision: _EGNDecision) -> None:
+        """Commit the owned state (momentum buffers), the counters, λ from ρ, and w ← w + αd on every
+        rank for every parameter (each rank holds the full direction)."""
+        ps = self._current()
+        curv, batch = ps.curvature, ps.batch
+        assert curv is not None and batch is not None
+        if float(self.param_groups[0]["momentum"]) > 0:
+            for v, m_new in zip(views, decision.buffers):
+                v.state["momentum_buffer"] = m_new
+            self.momentum_steps += 1
+            self.momentum_rejections += int(decision.momentum_rejected)
+        self.solve_fallbacks += curv.sol.fallbacks
+        rho = self._adapt_damping(batch, decision.gtd, decision.jd_qq, decision.alpha, decision.f_new)
+        with torch.no_grad():
+            for p, w, d in zip(self._params, decision.w0, decision.full):
+                p.copy_(w + decision.alpha * d)
+        self.alpha = decision.alpha
+        b, c = batch.b, batch.c
+        self._last = {"loss": ps.f0, "loss_after": decision.f_new, "gtd": decision.gtd,
+                      "ls_tries": float(decision.tries), "rho": rho, "step_fallbacks": float(curv.sol.fallbacks),
+                      "solve_damping": curv.sol.damping, "momentum_used": float(decision.use_momentum),
+                      "gram_size": float(b * c), "batch_size": float(b)}
+
+    def _exchange_out(self, decision: _EGNDecision) -> None:
+        """No parameter gather: ``_decide`` gathered the full direction from its owners (the same bytes)
+        and every rank applied it to every parameter."""
+
+    def _on_skip(self) -> None:
+        if self._pass is not None and self._pass.trial_rejected:
+            # INFERRED: ×10 as for a failed solve (spec §2.7): a non-finite trial means the model's
+            # quadratic model was far off; 1.01 would take hundreds of skipped steps to matter.
+            self.damping = min(self.damping * 10.0, self.cfg.damping_max)
+            self.nonfinite_trials += 1
+
+    def _current(self) -> _Pass:
+        if self._pass is None:
+            raise RuntimeError("EGN: the step hooks run only inside EGN.step().")
+        return self._pass
+
+    # -- 1. the batch: local forward and validation, one all-reduce -------------------------
     def _forward_capture(self, xs: tuple[Tensor, ...], targets: Tensor):  # noqa: ANN202
         """Local forward with Linear capture; returns (z, capture, message-or-None)."""
         b = xs[0].shape[0] if xs[0].dim() else -1
@@ -266,43 +506,41 @@ class EGN(ShardedOptimizer):
         if not isinstance(z, Tensor):
             return None, None, f"EGN: the model must return a tensor; got {type(z).__name__}."
         try:
-            F.check_outputs_targets(self.cfg.loss, z, targets.to(z.device))
+            egn_math.check_outputs_targets(self.cfg.loss, z, targets.to(z.device))
         except ValueError as exc:
             return None, None, str(exc)
         return z, cap, None
 
-    def _solve_dtype(self) -> torch.dtype:
-        return torch.float64 if self.cfg.solve_dtype == "float64" else self._params[0].dtype
-
-    def _egn_step(self, xs: tuple[Tensor, ...], targets: Tensor) -> float:
-        cfg = self.cfg
-        comm = self.comm
-        comm.begin_step()
-        world, rank = comm.world_size, comm.rank
-        nsites = len(self._sites)
-
-        # -- 1. local forward + validation; every rank reports into one scalar all-reduce ---------
+    def _agree_on_batch(self, xs: tuple[Tensor, ...], targets: Tensor) -> _Batch:
+        """Local forward; then ONE all-reduce of [non-finite, loss sum, per rank: error, b_r, c, T per
+        Linear site], so that every rank raises together or goes on with the same global sizes."""
+        world, rank, nsites = self.comm.world_size, self.comm.rank, len(self._sites)
         z, cap, err = self._forward_capture(xs, targets)
-        b_r = int(xs[0].shape[0]) if xs[0].dim() else 0
         per_rank = torch.zeros(world, 3 + nsites, dtype=torch.float64)
         head = torch.zeros(2, dtype=torch.float64)
+        per_rank[rank, 0] = 1.0 if err is not None else 0.0
         if err is None:
             assert z is not None and cap is not None
-            y = targets.to(z.device)
             with torch.no_grad():
-                local_loss = float(F.loss_sum(cfg.loss, z.detach(), y))
-            per_rank[rank, 0] = 0.0
-            per_rank[rank, 1] = b_r
-            per_rank[rank, 2] = z.shape[1]
+                local_loss = float(egn_math.loss_sum(self.cfg.loss, z.detach(), targets.to(z.device)))
+            per_rank[rank, 1:3] = torch.tensor([float(xs[0].shape[0]), float(z.shape[1])])
             for i in range(nsites):
                 per_rank[rank, 3 + i] = sum(a.shape[1] for a in cap.inputs[i])
-            head[1] = local_loss
             nonfinite = not (math.isfinite(local_loss) and bool(torch.isfinite(z.detach()).all()))
-            head[0] = 1.0 if nonfinite else 0.0
-        else:
-            per_rank[rank, 0] = 1.0
-        red = comm.all_reduce_scalars(torch.cat([head, per_rank.reshape(-1)]))
+            head[:] = torch.tensor([1.0 if nonfinite else 0.0, local_loss])
+        red = self.comm.all_reduce_scalars(torch.cat([head, per_rank.reshape(-1)]))  # collective
         info = red[2:].view(world, 3 + nsites)
+        sizes, c = self._check_agreement(info, err)
+        assert z is not None and cap is not None
+        y = targets.to(device=z.device, dtype=z.dtype if targets.is_floating_point() else targets.dtype)
+        b = sum(sizes)
+        return _Batch(xs=xs, y=y, z=z, cap=cap, sizes=sizes, c=c, rank=rank,
+                      positions=[int(info[0, 3 + i]) for i in range(nsites)], nonfinite=bool(red[0] > 0),
+                      f0=float("nan") if red[0] > 0 else float(red[1]) / b)
+
+    def _check_agreement(self, info: Tensor, err: str | None) -> tuple[list[int], int]:
+        """Raise (on every rank: ``info`` is the reduced table) unless the ranks' batches fit together."""
+        world = info.shape[0]
         bad = [r for r in range(world) if info[r, 0] > 0]
         if bad:
             raise ValueError(err if err is not None
@@ -311,253 +549,120 @@ class EGN(ShardedOptimizer):
         cs = {int(info[r, 2]) for r in range(world)}
         if len(cs) != 1:
             raise ValueError(f"EGN: ranks disagree on the number of outputs c: {sorted(cs)}.")
-        if nsites and not bool((info[:, 3:] == info[0:1, 3:]).all()):
+        if self._sites and not bool((info[:, 3:] == info[0:1, 3:]).all()):
             raise ValueError("EGN: ranks disagree on the number of positions per sample seen by the Linear "
                              "layers (e.g. sequence lengths); pad the batches to equal lengths.")
-        c = cs.pop()
-        b = sum(sizes)
+        c, b = cs.pop(), sum(sizes)
         if b <= 0:
             raise ValueError("EGN: the global batch is empty.")
-        if b * c > cfg.max_gram_size:
+        if b * c > self.cfg.max_gram_size:
             raise ValueError(
                 f"EGN: the Gram matrix would be {b * c}x{b * c} (global batch b={b} times c={c} outputs), "
-                f"above max_gram_size={cfg.max_gram_size}. Use a smaller batch or raise max_gram_size."
+                f"above max_gram_size={self.cfg.max_gram_size}. Use a smaller batch or raise max_gram_size."
             )
-        assert z is not None and cap is not None
-        y = targets.to(device=z.device, dtype=z.dtype if targets.is_floating_point() else targets.dtype)
-        if red[0] > 0:
-            return self._skip("non-finite model outputs or loss", float("nan"))
-        f0 = float(red[1]) / b
-        ts = [int(info[0, 3 + i]) for i in range(nsites)]
+        return sizes, c
 
-        # -- 2. local factors, gathered so every rank holds the global batch ----------------------
-        deltas = back_signals(z, cap.flat_outputs(), c)
-        factors = cap.factors(deltas, c)
+    # -- 2. the Gram factors of the global batch on every rank: one all-gather --------------
+    def _gather_factors(self, batch: _Batch) -> tuple[GramLayout, Tensor]:
+        """Pack this rank's factor table (one row per sample), all-gather the padded tables, and stack
+        the rows of every rank: the global batch's table, in the solve dtype."""
+        c = batch.c
+        factors = batch.cap.factors(back_signals(batch.z, batch.cap.flat_outputs(), c), c)
         rows = None
         if self._explicit:
-            rows = explicit_jacobian_rows(self.model, {n: self._trainable[n] for n in self._explicit}, xs)
-        sdt = self._solve_dtype()
-        cols = [z.detach().to(torch.float64),
-                (y.reshape(b_r, 1) if cfg.loss == "cross_entropy" else y).to(torch.float64)]
-        for a, dl in factors:
-            cols.append(a.reshape(b_r, -1).to(torch.float64))
-            cols.append(dl.reshape(b_r, -1).to(torch.float64))
-        if rows is not None:
-            cols.append(rows.reshape(b_r, -1).to(torch.float64))
-        local = torch.cat(cols, dim=1).detach()
-        width = local.shape[1]
-        bmax = max(sizes)
-        buf = torch.zeros(bmax, width, dtype=torch.float64, device=local.device)
-        buf[:b_r] = local
-        gathered = comm.all_gather_flat(buf.reshape(-1)).view(world, bmax, width)
-        glob = torch.cat([gathered[r, :sizes[r]] for r in range(world)], dim=0).to(sdt)
-        del buf, gathered
+            rows = explicit_jacobian_rows(self.model, {n: self._trainable[n] for n in self._explicit}, batch.xs)
+        layout = GramLayout(
+            num_outputs=c, class_targets=self.cfg.loss == "cross_entropy",
+            sites=tuple(LinearFactorShape(t, s.module.in_features, s.module.out_features, s.weight, s.bias)
+                        for s, t in zip(self._sites, batch.positions)),
+            rest=sum(self._trainable[n].numel() for n in self._explicit),
+        )
+        local = pack_factor_table(layout, batch.z, batch.y, factors, rows)
+        bmax = max(batch.sizes)
+        buf = torch.zeros(bmax, layout.width, dtype=torch.float64, device=local.device)
+        buf[:batch.b_r] = local
+        gathered = self.comm.all_gather_flat(buf.reshape(-1)).view(len(batch.sizes), bmax, layout.width)
+        table = torch.cat([gathered[r, :n] for r, n in enumerate(batch.sizes)], dim=0)
+        return layout, table.to(self._solve_dtype())
 
-        # -- 3. identical on every rank: K, r, Q, the bc×bc solve ---------------------------------
-        off = 0
+    # -- 3. identical on every rank: K, r, Q and the bc×bc solve (no communication) ---------
+    def _solve_dtype(self) -> torch.dtype:
+        return torch.float64 if self.cfg.solve_dtype == "float64" else self._params[0].dtype
 
-        def take(n: int) -> Tensor:
-            nonlocal off
-            out = glob[:, off:off + n]
-            off += n
-            return out
-
-        zg = take(c)
-        yg = take(1).reshape(b) if cfg.loss == "cross_entropy" else take(c)
-        k = torch.zeros(b * c, b * c, dtype=sdt, device=glob.device)
-        for site, (a, dl), t in zip(self._sites, factors, ts):
-            ag = take(t * a.shape[-1]).reshape(b, t, a.shape[-1])
-            dg = take(c * t * dl.shape[-1]).reshape(b, c, t, dl.shape[-1])
-            if t:
-                k += linear_gram(ag, dg, weight=site.weight, bias=site.bias)
-        if rows is not None:
-            k += jacobian_gram(take(c * rows.shape[-1]).reshape(b * c, -1))
-        r2, s = F.residual_and_factor(cfg.loss, zg, yg)
+    def _solve(self, batch: _Batch, layout: GramLayout, table: Tensor) -> _Curvature:
+        pieces = split_factor_table(layout, table)
+        k = assemble_gram(layout, pieces)
+        r2, s = egn_math.residual_and_factor(self.cfg.loss, pieces.outputs, pieces.targets)
         r = r2.reshape(-1)
-        sol = F.solve_coefficients(k, r, s, b, self.damping, max_retries=cfg.max_solve_retries)
+        sol = egn_math.solve_coefficients(k, r, s, batch.b, self.damping, max_retries=self.cfg.max_solve_retries)
         if not sol.ok:
-            return self._skip(f"the bc system could not be solved after {sol.fallbacks} damping retries", f0)
-        v = sol.v
-        kv = k @ v
-        gtd_plain = F.directional_derivative(r, kv, b)
-        jd_qq_plain = float(F.q_norm_sq(s, kv))
-        start = sum(sizes[:rank]) * c
-        v_local = v[start:start + b_r * c].view(b_r, c).to(z.dtype)
-        r_local = r[start:start + b_r * c].view(b_r, c).to(z.dtype)
+            return _Curvature(r=r, s=s, sol=sol, gtd=float("nan"), jd_qq=float("nan"))
+        kv = k @ sol.v
+        return _Curvature(r=r, s=s, sol=sol, gtd=egn_math.directional_derivative(r, kv, batch.b),
+                          jd_qq=float(egn_math.q_norm_sq(s, kv)))
 
-        # -- 4. d = Jᵀv (and g with momentum) to the owners -------------------------------------
-        params = self._params
-        beta = float(self.param_groups[0]["momentum"])
-        channels = [self._vjp(z, v_local, params, retain=beta > 0)]
-        if beta > 0:
-            channels.append(self._vjp(z, -r_local / b, params, retain=False))
-        owned = self._to_owners(channels)
-        d_owned = owned[0]
-        flag = 0.0
-        gtd_m_part = 0.0
-        new_bufs: list[Tensor] = []
-        t_next = self.momentum_steps + 1
-        for j, blk in enumerate(self._owned):
-            d = d_owned[j]
-            if not bool(torch.isfinite(d).all()):
-                flag = 1.0
-            if beta > 0:
-                st = self.block_state(blk)
-                m_old = st.get("momentum_buffer")
-                m_new = (1 - beta) * d if m_old is None else beta * m_old + (1 - beta) * d
-                new_bufs.append(m_new)
-                gtd_m_part += float((owned[1][j].to(torch.float64) * (m_new / (1 - beta ** t_next))
-                                     .to(torch.float64)).sum())
-        red2 = comm.all_reduce_scalars(torch.tensor([flag, gtd_m_part], dtype=torch.float64))
-        if red2[0] > 0:
-            return self._skip("non-finite direction", f0)
-        use_momentum = False
-        gtd = gtd_plain
-        if beta > 0:
-            gtd_m = float(red2[1])
-            if gtd_m < 0:
-                use_momentum, gtd = True, gtd_m
-            else:
-                self.momentum_rejections += 1
-                log.info("EGN: momentum direction is not a descent direction (gᵀd=%.3e); plain step used",
-                         gtd_m)
-            for blk, m_new in zip(self._owned, new_bufs):
-                self.block_state(blk)["momentum_buffer"] = m_new
-            self.momentum_steps = t_next
-            if use_momentum:
-                d_owned = [m / (1 - beta ** t_next) for m in new_bufs]
-        self.solve_fallbacks += sol.fallbacks
-
-        # -- 5. the full final direction on every rank ----------------------------------------
-        d_full = self._from_owners(d_owned)
-
-        # -- 6. step size: fixed, or Armijo on the same batch; ρ and λ ---------------------------
-        lr = float(self.param_groups[0]["lr"])
-        w0 = [p.detach().clone() for p in params]
-        jd_qq = jd_qq_plain
-        if use_momentum and cfg.adaptive_damping:
-            jd = jvp_outputs(self.model, self._trainable,
-                             {n: d_full[i] for i, n in enumerate(self._names)}, xs)
-            part = F.q_norm_sq(None if s is None else s[start // c:start // c + b_r],
-                               jd.detach().reshape(-1).to(sdt))
-            jd_qq = float(comm.all_reduce_scalars(torch.tensor([float(part)], dtype=torch.float64))[0])
-        tries = 0
-        f_new = float("nan")
-        if cfg.line_search:
-            # α = 0 (lr = 0 at the start of a warm-up) must not pin every later α at 0: restart from lr.
-            prev = min(self.alpha, lr) if self.alpha > 0 else lr
-            alpha = min(cfg.ls_increase * prev, lr) if cfg.ls_reset == "increase" else prev
-            slack = torch.finfo(z.dtype).eps * max(1.0, abs(f0)) * 4
-            for i in range(cfg.max_ls):
-                f_new = self._trial_loss(w0, d_full, alpha, xs, y, b)
-                tries += 1
-                if F.armijo_ok(f_new, f0, alpha, gtd, cfg.armijo_c, slack):
-                    break
-                if i < cfg.max_ls - 1:
-                    alpha *= cfg.ls_decrease
-        else:
-            alpha = lr
-            if cfg.adaptive_damping:
-                f_new = self._trial_loss(w0, d_full, alpha, xs, y, b)
-        rho = float("nan")
-        if cfg.adaptive_damping:
-            rho = F.gain_ratio(f_new - f0, F.model_change(gtd, jd_qq, alpha, b))
-            self.damping = F.update_damping(
-                self.damping, rho, rho_low=cfg.rho_low, rho_high=cfg.rho_high, increase=cfg.damping_increase,
-                decrease=cfg.damping_decrease, lo=cfg.damping_min, hi=cfg.damping_max)
-
-        # -- 7. apply on every rank (identical inputs, identical result) ------------------------
-        with torch.no_grad():
-            for p, w, d in zip(params, w0, d_full):
-                p.copy_(w + alpha * d)
-        self.alpha = alpha
-        self.num_steps += 1
-        self._last = {"loss": f0, "loss_after": f_new, "gtd": gtd, "ls_tries": float(tries), "rho": rho,
-                      "step_fallbacks": float(sol.fallbacks), "solve_damping": sol.damping,
-                      "momentum_used": float(use_momentum), "gram_size": float(b * c), "batch_size": float(b)}
-        return f0
-
-    def _skip(self, why: str, f0: float) -> float:
-        self.skipped_steps += 1
-        log.warning("EGN: %s; step skipped on every rank (skipped so far: %d)", why, self.skipped_steps)
-        self._on_skip()
-        return f0
+    # -- 4. d = Jᵀv (and g = −Jᵀr/b with momentum): this rank's samples' VJPs ---------------
+    def _vjps(self, batch: _Batch, curv: _Curvature) -> list[list[Tensor | None]]:
+        lo, hi = batch.start * batch.c, (batch.start + batch.b_r) * batch.c
+        v_local = curv.sol.v[lo:hi].view(batch.b_r, batch.c).to(batch.z.dtype)
+        momentum = float(self.param_groups[0]["momentum"]) > 0
+        channels: list[list[Tensor | None]] = [self._vjp(batch.z, v_local, self._params, retain=momentum)]
+        if momentum:
+            r_local = curv.r[lo:hi].view(batch.b_r, batch.c).to(batch.z.dtype)
+            channels.append(self._vjp(batch.z, -r_local / batch.b, self._params, retain=False))
+        return channels
 
     @staticmethod
-    def _vjp(z: Tensor, cot: Tensor, params: list[Tensor], retain: bool) -> list[Tensor]:
+    def _vjp(z: Tensor, cot: Tensor, params: list[Tensor], retain: bool) -> list[Tensor | None]:
         grads = torch.autograd.grad(z, params, grad_outputs=cot, retain_graph=retain, allow_unused=True)
         return [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)]
 
-    def _trial_loss(self, w0: list[Tensor], d: list[Tensor], alpha: float, xs: tuple[Tensor, ...],
-                    y: Tensor, b: int) -> float:
+    # -- 6. step size and damping: identical on every rank ----------------------------------
+    def _jd_q_norm(self, batch: _Batch, curv: _Curvature, d_full: list[Tensor]) -> float:
+        """(Jd)ᵀQ(Jd) for the momentum direction: a local JVP and one all-reduce."""
+        jd = jvp_outputs(self.model, self._trainable, {n: d_full[i] for i, n in enumerate(self._trainable)},
+                         batch.xs)
+        s_local = None if curv.s is None else curv.s[batch.start:batch.start + batch.b_r]
+        part = egn_math.q_norm_sq(s_local, jd.detach().reshape(-1).to(self._solve_dtype()))
+        return float(self.comm.all_reduce_scalars(torch.tensor([float(part)], dtype=torch.float64))[0])
+
+    def _step_size(self, batch: _Batch, w0: list[Tensor], d: list[Tensor],
+                   gtd: float) -> tuple[float, float, int]:
+        """(α, L_b(w0 + αd), trials): Armijo backtracking from the previous α, or α = lr with one trial
+        (for ρ, and so that a step to a non-finite loss is never taken). Leaves w0 + αd in place."""
+        cfg = self.cfg
+        lr = float(self.param_groups[0]["lr"])
+        if not cfg.line_search:
+            return lr, self._trial_loss(batch, w0, d, lr), 0
+        # α = 0 (lr = 0 at the start of a warm-up) must not pin every later α at 0: restart from lr.
+        prev = min(self.alpha, lr) if self.alpha > 0 else lr
+        alpha = min(cfg.ls_increase * prev, lr) if cfg.ls_reset == "increase" else prev
+        slack = torch.finfo(batch.z.dtype).eps * max(1.0, abs(batch.f0)) * 4
+        f_new, tries = float("nan"), 0
+        for i in range(cfg.max_ls):
+            f_new = self._trial_loss(batch, w0, d, alpha)
+            tries += 1
+            if egn_math.armijo_ok(f_new, batch.f0, alpha, gtd, cfg.armijo_c, slack):
+                break
+            if i < cfg.max_ls - 1:
+                alpha *= cfg.ls_decrease
+        return alpha, f_new, tries
+
+    def _trial_loss(self, batch: _Batch, w0: list[Tensor], d: list[Tensor], alpha: float) -> float:
         """L_b(w0 + αd): a local forward and one scalar all-reduce (every rank, same order)."""
         with torch.no_grad():
             for p, w, dd in zip(self._params, w0, d):
                 p.copy_(w + alpha * dd)
-            local = float(F.loss_sum(self.cfg.loss, self.model(*xs), y))
-        return float(self.comm.all_reduce_scalars(torch.tensor([local], dtype=torch.float64))[0]) / b
+            local = float(egn_math.loss_sum(self.cfg.loss, self.model(*batch.xs), batch.y))
+        return float(self.comm.all_reduce_scalars(torch.tensor([local], dtype=torch.float64))[0]) / batch.b
 
-    # -- routing between "every rank's local sum" and "owners" ------------------------------
-    def _to_owners(self, channels: list[list[Tensor]]) -> list[list[Tensor]]:
-        """Sum per-parameter tensors over ranks; return, per channel, the owned blocks' sums."""
-        world, rank = self.comm.world_size, self.comm.rank
-        if world == 1:
-            return [[blk.view(ch[blk.param_index]) for blk in self._owned] for ch in channels]
-        if not self._sharded_multi_rank():
-            out = []
-            for ch in channels:
-                flat = torch.cat([t.reshape(-1) for t in ch])
-                self.comm.all_reduce_(flat)
-                full = list(torch.split(flat, [t.numel() for t in ch]))
-                out.append([blk.view(full[blk.param_index].view_as(ch[blk.param_index]))
-                            for blk in self._owned])
-            return out
-        nch = len(channels)
-        result: dict[int, list[Tensor]] = {}
-        for dt, layout in self._flat_layouts.items():
-            n = self._padded_len(layout)
-            if n == 0:
-                continue
-            dev = channels[0][layout[0][0].param_index].device if layout[0] else self._params[0].device
-            buf = torch.zeros(world * nch * n, dtype=dt, device=dev)
-            for r in range(world):
-                for ci, ch in enumerate(channels):
-                    o = (r * nch + ci) * n
-                    for blk in layout[r]:
-                        buf[o:o + blk.numel].view(blk.shape).copy_(blk.view(ch[blk.param_index]))
-                        o += blk.numel
-            mine = self.comm.reduce_scatter_flat(buf)
-            for ci in range(nch):
-                o = ci * n
-                for blk in layout[rank]:
-                    slot = result.setdefault(blk.block_id, [None] * nch)  # type: ignore[list-item]
-                    slot[ci] = mine[o:o + blk.numel].view(blk.shape)
-                    o += blk.numel
-        return [[result[blk.block_id][ci] for blk in self._owned] for ci in range(nch)]
-
-    def _from_owners(self, owned: list[Tensor]) -> list[Tensor]:
-        """Every rank gets every parameter's tensor from its owner (the owned list follows ``_owned``)."""
-        world, rank = self.comm.world_size, self.comm.rank
-        full = [torch.zeros_like(p) for p in self._params]
-        if world == 1 or not self._sharded_multi_rank():
-            for blk, t in zip(self._owned, owned):
-                blk.view(full[blk.param_index]).copy_(t)
-            return full
-        mine = {blk.block_id: t for blk, t in zip(self._owned, owned)}
-        for dt, layout in self._flat_layouts.items():
-            n = self._padded_len(layout)
-            if n == 0:
-                continue
-            dev = self._params[0].device
-            buf = torch.zeros(n, dtype=dt, device=dev)
-            o = 0
-            for blk in layout[rank]:
-                buf[o:o + blk.numel].view(blk.shape).copy_(mine[blk.block_id])
-                o += blk.numel
-            out = self.comm.all_gather_flat(buf)
-            for r in range(world):
-                o = r * n
-                for blk in layout[r]:
-                    blk.view(full[blk.param_index]).copy_(out[o:o + blk.numel].view(blk.shape))
-                    o += blk.numel
-        return full
+    def _adapt_damping(self, batch: _Batch, gtd: float, jd_qq: float, alpha: float, f_new: float) -> float:
+        """ρ from the actual and predicted change; λ follows it (adaptive damping only)."""
+        cfg = self.cfg
+        if not cfg.adaptive_damping:
+            return float("nan")
+        rho = egn_math.gain_ratio(f_new - batch.f0, egn_math.model_change(gtd, jd_qq, alpha, batch.b))
+        self.damping = egn_math.update_damping(
+            self.damping, rho, rho_low=cfg.rho_low, rho_high=cfg.rho_high, increase=cfg.damping_increase,
+            decrease=cfg.damping_decrease, lo=cfg.damping_min, hi=cfg.damping_max)
+        return rho

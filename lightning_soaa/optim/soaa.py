@@ -32,6 +32,7 @@ parameters. The foreach path (CUDA) allocates the new moments per step instead (
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Iterable
@@ -49,11 +50,37 @@ from lightning_soaa.functional.soaa import (
     trust_region_scalars,
     use_foreach,
 )
-from lightning_soaa.optim.base import BlockView, ShardedOptimizer
+from lightning_soaa.optim.base import BlockView, ShardedOptimizer, StepRecord, summed
 
 __all__ = ["SOAA"]
 
 log = logging.getLogger(__name__)
+
+@dataclasses.dataclass
+class _SOAAStep(StepRecord):
+    """The step's all-reduced vector (after the base's flag, in this order) and the new moments."""
+
+    sum_mhat_sq: float = summed()  # Σm̂²
+    sum_vhat_eps: float = summed()  # Σ(v̂+ε)
+    lag_mu: float = summed()  # lagged η·Σm̂u (the previous update's, rank-local until reduced here)
+    lag_vu2: float = summed()  # lagged η·Σv̂u²
+    loss_sum: float = summed()  # loss·w
+    loss_weight: float = summed()  # w
+    missing_loss: float = summed()  # ranks without a loss
+    #: per block key: (m, v, t) for _apply to install
+    moments: dict[tuple[int, int], tuple[Tensor, Tensor, int]] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class _SOAADecision:
+    """What every rank decided from the reduced vector."""
+
+    t: int
+    scalars: Any  # trust_region_scalars(...)
+    pred_prev: float
+    loss: float
+    moments: dict[tuple[int, int], tuple[Tensor, Tensor, int]]
+
 
 #: hyperparameters of the global trust region: one value for the whole model, never per group.
 _GLOBAL_KEYS = ("gamma", "total_steps", "acceptance", "eta1", "eta2", "shrink", "expand", "d_min")
@@ -157,7 +184,7 @@ class SOAA(ShardedOptimizer):
         the whole ``same_batch`` mode, per-tensor step counters for the bias correction.
     """
 
-    num_partials = 4  # Σm̂², Σ(v̂+ε), lagged η·Σm̂u, lagged η·Σv̂u²
+    step_record = _SOAAStep
     partials_cover_grads = True  # a non-finite gradient makes Σm̂² non-finite
 
     def __init__(
@@ -282,8 +309,9 @@ class SOAA(ShardedOptimizer):
                 by_group.setdefault(v.block.group_index, []).append(v)
         return by_group
 
-    def _prepare(self, views: list[BlockView]) -> Tensor:
+    def _prepare(self, views: list[BlockView]) -> _SOAAStep:
         total = torch.zeros(2, dtype=torch.float64)
+        moments: dict[tuple[int, int], tuple[Tensor, Tensor, int]] = {}
         for gi, vs in self._groups_of(views).items():
             group = self.param_groups[gi]
             for v in vs:
@@ -302,10 +330,13 @@ class SOAA(ShardedOptimizer):
                 ts, beta1=beta1, beta2=beta2, eps=group["eps"], out=out, foreach=fe,
             )
             for v, m, s, t in zip(vs, m_new, v_new, ts):
-                v.scratch["m"], v.scratch["v"], v.scratch["t"] = m, s, t
+                moments[v.block.key] = (m, s, t)
             total += part.to("cpu")
         lag = self._lag if self.config.acceptance == "lagged" else torch.zeros(2, dtype=torch.float64)
-        return torch.cat([total, lag])
+        loss_sum, weight, missing = self._loss_partials()
+        (s_m2, s_veps), (lag_mu, lag_vu2) = total.tolist(), lag.tolist()
+        return _SOAAStep(sum_mhat_sq=s_m2, sum_vhat_eps=s_veps, lag_mu=lag_mu, lag_vu2=lag_vu2,
+                         loss_sum=loss_sum, loss_weight=weight, missing_loss=missing, moments=moments)
 
     def _spares(self, vs: list[BlockView]) -> tuple[list[Tensor], list[Tensor]]:
         outs: tuple[list[Tensor], list[Tensor]] = ([], [])
@@ -319,16 +350,19 @@ class SOAA(ShardedOptimizer):
             outs[1].append(sp[1])
         return outs
 
-    def _extra_partials(self) -> list[float]:
+    def _loss_partials(self) -> tuple[float, float, float]:
+        """(loss·w, w, missing) of this rank."""
         if self._pending_loss is None:
-            return [0.0, 0.0, 1.0]
+            return 0.0, 0.0, 1.0
         raw, w = self._pending_loss
         loss = float(raw.item()) if isinstance(raw, Tensor) else float(raw)  # the one sync, at step time
         self._loss_weight = w  # same_batch weighs the re-evaluated loss like the step's loss
-        return [loss * w, w, 0.0]
+        return loss * w, w, 0.0
 
-    def _decide(self, reduced: Tensor) -> dict[str, Any]:
-        s_m2, s_veps, lag_mu, lag_vu2, lw, w, missing = reduced.tolist()
+    def _decide(self, reduced: StepRecord) -> _SOAADecision:
+        assert isinstance(reduced, _SOAAStep)
+        s_m2, s_veps, lag_mu, lag_vu2 = reduced.sum_mhat_sq, reduced.sum_vhat_eps, reduced.lag_mu, reduced.lag_vu2
+        lw, w, missing = reduced.loss_sum, reduced.loss_weight, reduced.missing_loss
         if missing > 0:
             raise ValueError(
                 f"{MISSING_LOSS_MESSAGE} (missing on {int(missing)} of {self.comm.world_size} rank(s))"
@@ -341,10 +375,10 @@ class SOAA(ShardedOptimizer):
             pred_prev=pred_prev, d_prev=self._d, t=t, beta1=cfg.betas[0], eps=cfg.eps,
             gamma=cfg.gamma, total_steps=cfg.total_steps,
         )
-        return {"t": t, "scalars": scal, "pred_prev": pred_prev, "loss": lw / w}
+        return _SOAADecision(t=t, scalars=scal, pred_prev=pred_prev, loss=lw / w, moments=reduced.moments)
 
-    def _apply(self, views: list[BlockView], scalars: dict[str, Any]) -> None:
-        scal = scalars["scalars"]
+    def _apply(self, views: list[BlockView], decision: _SOAADecision) -> None:
+        scal = decision.scalars
         d_prev = self._d  # the update of step t uses d_{t-1}
         same_batch = self.config.acceptance == "same_batch"
         lag = torch.zeros(3 if same_batch else 2, dtype=torch.float64)
@@ -354,9 +388,8 @@ class SOAA(ShardedOptimizer):
             group = self.param_groups[gi]
             old_m = [v.state["exp_avg"] for v in vs]
             old_v = [v.state["exp_avg_sq"] for v in vs]
-            for v, m, sq in zip(vs, old_m, old_v):
-                v.state["exp_avg"] = v.scratch.pop("m")
-                v.state["exp_avg_sq"] = v.scratch.pop("v")
+            for v in vs:
+                v.state["exp_avg"], v.state["exp_avg_sq"], _ = decision.moments[v.block.key]
             fe = use_foreach(old_m, self.foreach)
             if not fe:  # the stale moments become the buffers that receive the next step's moments
                 for v, m, sq in zip(vs, old_m, old_v):
@@ -366,23 +399,23 @@ class SOAA(ShardedOptimizer):
             lr = float(group["lr"])
             part = soaa_update_(
                 [v.param for v in vs], [v.state["exp_avg"] for v in vs], [v.state["exp_avg_sq"] for v in vs],
-                [v.scratch.pop("t") for v in vs], lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
+                [decision.moments[v.block.key][2] for v in vs], lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
                 weight_decay=group["weight_decay"], d=d_prev, c=scal.c, count_limited=same_batch,
                 foreach=fe,
             ).to("cpu")
             lag[:2] += lr * part[:2]
             if same_batch:
                 lag[2] += part[2]
-        self._t = scalars["t"]
+        self._t = decision.t
         self._loss_ema = scal.loss_ema
-        self._loss = scalars["loss"]
+        self._loss = decision.loss
         self._c = scal.c
         self._lo, self._hi = scal.lo, scal.hi
         if same_batch:
             self._trial = lag  # reduced in _same_batch_check
         else:
             self._lag = lag
-            self._pred = scalars["pred_prev"]
+            self._pred = decision.pred_prev
             self._rho, self._actual, self._d = scal.rho, scal.actual, scal.d
             self._accepted += 1
 
@@ -411,7 +444,7 @@ class SOAA(ShardedOptimizer):
             for p, saved in self._snapshot:  # reject: θ back to θ_{t-1} on every rank
                 p.copy_(saved)
             if self._sharded_multi_rank():
-                self._gather_params()
+                self.exchange.gather_params()
             d = max(cfg.shrink * d, cfg.d_min)
             self._rejected += 1
         else:

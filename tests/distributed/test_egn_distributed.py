@@ -94,7 +94,8 @@ def _worker(rank: int, world: int) -> dict:
                             "opt": opt.state_dict()}
         st = opt.statistics()
         out[name] = {"params": _flat(model), "damping": opt.damping, "alpha": opt.alpha,
-                     "owned": st["owned_blocks"], "calls": st.get("comm_calls", 0.0), "ckpt": ckpt}
+                     "owned": st["owned_blocks"], "calls": st.get("comm_calls", 0.0), "ckpt": ckpt,
+                     "last_calls": dict(opt.comm.step_stats.calls)}
     return out
 
 
@@ -127,6 +128,10 @@ def test_w_ranks_equal_one_process(world: int, tmp_path) -> None:
             n_params = len(list(_model(CONFIGS[name]["model"]).parameters()))
             assert sum(res[name]["owned"] for res in results) == n_params
             assert len({res[name]["calls"] for res in results}) == 1  # same collectives on every rank
+            if name == "mse_plain":  # the documented step: validation, factors, d to owners, the template's
+                # all-reduce, d from owners, one trial loss (never accept a non-finite loss)
+                for res in results:
+                    assert res[name]["last_calls"] == {"all_reduce": 3, "all_gather": 2, "reduce_scatter": 1}
         if name == "linear_idle" and world >= 3:
             assert min(res[name]["owned"] for res in results) == 0  # an idle rank took part
         # a state saved on W ranks resumes in one process and continues the same trajectory

@@ -34,7 +34,7 @@ def _w_train(rank, world_size, steps, sizes, grad_reduction):
         "owned": len(opt.block_table.owned()),
         "stats": opt.statistics(),
         "last": opt.comm.step_stats.copy(),
-        "padded": {str(dt): opt._padded_len(pr) for dt, pr in opt._flat_layouts.items()},
+        "padded": {str(dt): opt.exchange.padded_len(dt) for dt in opt.exchange.layouts},
     }
 
 

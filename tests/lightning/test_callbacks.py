@@ -135,6 +135,52 @@ def test_egn_with_batch_callback_keeps_training_step(tmp_path: Path) -> None:
     assert model.losses[-1] < model.losses[0]
 
 
+@pytest.mark.parametrize("setting,match", [
+    ({"gradient_clip_val": 1.0}, "gradient_clip_val=1.0"),
+    ({"precision": "bf16-mixed"}, "precision='bf16-mixed'"),
+])
+def test_egn_refuses_trainer_settings_it_would_ignore(tmp_path: Path, setting: dict, match: str) -> None:
+    """Gradient clipping and mixed precision (EGN never reads p.grad, runs its own forwards) used to
+    train on silently; now fit() raises before any step."""
+    pytest.importorskip("lightning_soaa.optim.egn")
+    from lightning_soaa.lightning import EGN
+
+    class UsesEGN(PlainRegressor):
+        def configure_optimizers(self) -> Any:
+            return EGN(self, loss="mse", lr=0.5)
+
+    model = UsesEGN()
+    w0 = [p.detach().clone() for p in model.parameters()]
+    trainer = make_trainer(tmp_path, max_steps=4, callbacks=[BatchToOptimizer()], **setting)
+    with pytest.raises(ValueError, match=match):
+        trainer.fit(model)
+    assert all(torch.equal(a, b) for a, b in zip(w0, model.parameters()))  # no step was taken
+
+
+def _egn_params_after(tmp_path: Path, batch_size: int, steps: int, **trainer_kw: Any) -> list[torch.Tensor]:
+    from lightning_soaa.lightning import EGN
+
+    class UsesEGN(PlainRegressor):
+        def configure_optimizers(self) -> Any:
+            return EGN(self, loss="mse", lr=0.5, damping=0.3, momentum=0.5)
+
+    model = UsesEGN(batch_size=batch_size)
+    trainer = make_trainer(tmp_path, max_steps=steps, callbacks=[BatchToOptimizer()], **trainer_kw)
+    trainer.fit(model)
+    assert trainer.optimizers[0].statistics()["batch_size"] == 8.0
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_egn_under_gradient_accumulation_uses_every_micro_batch(tmp_path: Path) -> None:
+    """accumulate_grad_batches=2 with batches of 4 is EGN's exact step on the batches of 8 they make
+    (before, the Gram matrix came from the last micro-batch only)."""
+    pytest.importorskip("lightning_soaa.optim.egn")
+    ref = _egn_params_after(tmp_path / "ref", 8, 3)
+    got = _egn_params_after(tmp_path / "acc", 4, 3, accumulate_grad_batches=2)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 def test_diagnostics_in_csv_logger(tmp_path: Path) -> None:
     model = TinyRegressor(OptimizerFactory("SOAA", {"lr": 0.01}))
     logger = CSVLogger(str(tmp_path), name="diag", version=0)

@@ -1,0 +1,176 @@
+"""``OwnerExchange``: the one place that moves per-parameter tensors between every rank and block owners.
+
+Every sharded optimizer needs the same three moves, built from the block table and a communicator:
+
+* :meth:`OwnerExchange.reduce_scatter_grads`: average ``p.grad`` over ranks, each rank keeping only the
+  blocks it owns (``grad_reduction="mean"``).
+* :meth:`OwnerExchange.sum_to_owners`: the same move for any per-parameter tensors ("channels"), e.g.
+  EGN's rank-local VJPs Jᵀv; several channels share one collective per dtype.
+* :meth:`OwnerExchange.gather_params` / :meth:`OwnerExchange.gather_from_owners`: every rank receives
+  every block from its owner, written into the parameters themselves or into fresh full-size tensors.
+
+Flat buffers are packed per dtype, rank-major, each rank's blocks in block order, padded to the largest
+per-rank size so that every rank passes equal shapes (the picture is in
+:mod:`lightning_soaa.distributed.comm`). One collective per dtype and move; a rank that owns nothing
+still joins every call. A layout's buffer lives on the device of its parameters (any block of the
+layout will do: a layout has one dtype and, in every supported setup, one device), also on a rank that
+owns none of them.
+
+Without sharding (``shard=False`` with W > 1: every rank owns every block, e.g. under DeepSpeed)
+:meth:`sum_to_owners` is an all-reduce per channel and the gathers are local copies; with one rank
+every move is local.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from lightning_soaa.distributed.blocks import BlockInfo, BlockTable
+from lightning_soaa.distributed.comm import Communicator
+
+__all__ = ["OwnerExchange"]
+
+#: per dtype: the blocks of each rank, in block order (the packing order of the flat buffers)
+Layouts = dict[torch.dtype, list[list[BlockInfo]]]
+
+
+class OwnerExchange:
+    """Flat-buffer moves between "every rank holds each parameter" and "owners hold their blocks".
+
+    Args:
+        table: the block table (owners per block).
+        params: the parameters, indexed like ``BlockInfo.param_index``.
+        comm: the communicator; every method is a collective when W > 1.
+        sharded: False when every rank owns every block (no flat buffers are built then).
+    """
+
+    def __init__(self, table: BlockTable, params: Sequence[Tensor], comm: Communicator, *, sharded: bool) -> None:
+        self.table = table
+        self.params = list(params)
+        self.comm = comm
+        self.sharded = sharded and comm.world_size > 1
+        self.owned = table.owned()
+        self.layouts: Layouts = {}
+        if self.sharded:
+            for b in table.blocks:
+                per_rank = self.layouts.setdefault(self.params[b.param_index].dtype,
+                                                   [[] for _ in range(comm.world_size)])
+                per_rank[b.owner].append(b)
+
+    # ------------------------------------------------------------------ layout helpers
+    def padded_len(self, dtype: torch.dtype) -> int:
+        """Elements each rank contributes to the flat buffer of ``dtype`` (the largest rank's share)."""
+        return max(sum(b.numel for b in blist) for blist in self.layouts[dtype])
+
+    def _device(self, per_rank: list[list[BlockInfo]]) -> torch.device:
+        first = next(b for blist in per_rank for b in blist)
+        return self.params[first.param_index].device
+
+    def _nonempty(self) -> list[tuple[torch.dtype, list[list[BlockInfo]], int]]:
+        out = []
+        for dt, per_rank in self.layouts.items():
+            n = self.padded_len(dt)
+            if n:
+                out.append((dt, per_rank, n))
+        return out
+
+    @staticmethod
+    def _pack(buf: Tensor, blocks: list[BlockInfo], tensors: list[Tensor | None]) -> None:
+        off = 0
+        for b, t in zip(blocks, tensors):
+            if t is not None:  # None leaves the (zero) padding: e.g. a parameter without a gradient
+                buf[off:off + b.numel].view(b.shape).copy_(t)
+            off += b.numel
+
+    @staticmethod
+    def _unpack(buf: Tensor, blocks: list[BlockInfo]) -> list[Tensor]:
+        out, off = [], 0
+        for b in blocks:
+            out.append(buf[off:off + b.numel].view(b.shape))
+            off += b.numel
+        return out
+
+    # ------------------------------------------------------------------ to the owners
+    def sum_to_owners(self, channels: list[list[Tensor | None]]) -> list[list[Tensor]]:
+        """Sum per-parameter tensors over ranks; per channel, the owned blocks' sums (``table.owned()``
+        order). ``None`` entries count as zeros. One ``reduce_scatter_flat`` per dtype (sharded) or one
+        ``all_reduce_`` per channel (unsharded, W > 1)."""
+        if self.comm.world_size == 1:
+            return [[_block_or_zeros(b, ch[b.param_index], self.params) for b in self.owned] for ch in channels]
+        if not self.sharded:
+            return [self._all_reduce_channel(ch) for ch in channels]
+        world, rank, nch = self.comm.world_size, self.comm.rank, len(channels)
+        mine: dict[int, list[Tensor]] = {}
+        for dt, per_rank, n in self._nonempty():
+            buf = torch.zeros(world * nch * n, dtype=dt, device=self._device(per_rank))
+            for r in range(world):
+                for ci, ch in enumerate(channels):
+                    o = (r * nch + ci) * n
+                    self._pack(buf[o:o + n], per_rank[r], [_block_of(b, ch[b.param_index]) for b in per_rank[r]])
+            got = self.comm.reduce_scatter_flat(buf)
+            for ci in range(nch):
+                for b, t in zip(per_rank[rank], self._unpack(got[ci * n:(ci + 1) * n], per_rank[rank])):
+                    mine.setdefault(b.block_id, [t] * nch)[ci] = t
+        return [[mine[b.block_id][ci] for b in self.owned] for ci in range(nch)]
+
+    def _all_reduce_channel(self, ch: list[Tensor | None]) -> list[Tensor]:
+        full = [torch.zeros_like(p) if t is None else t for p, t in zip(self.params, ch)]
+        flat = torch.cat([t.reshape(-1) for t in full])
+        self.comm.all_reduce_(flat)
+        # Mixed dtypes are summed in their promoted dtype and handed back in each tensor's own dtype.
+        parts = [x.view_as(t).to(t.dtype) for x, t in zip(torch.split(flat, [t.numel() for t in full]), full)]
+        return [b.view(parts[b.param_index]) for b in self.owned]
+
+    def reduce_scatter_grads(self) -> None:
+        """Average gradients over ranks into each owner's ``p.grad`` blocks (one collective per dtype).
+        Blocks this rank does not own keep their local gradient; they are never read."""
+        if not self.sharded:
+            return
+        world = self.comm.world_size
+        (sums,) = self.sum_to_owners([[p.grad for p in self.params]])
+        for b, s in zip(self.owned, sums):
+            p = self.params[b.param_index]
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            b.view(p.grad).copy_(s.div_(world))
+
+    # ------------------------------------------------------------------ from the owners
+    def gather_params(self) -> None:
+        """All-gather updated parameter blocks from their owners into every rank's parameters."""
+        if self.sharded:
+            self._gather(lambda b: b.view(self.params[b.param_index]), self.params, skip_own=True)
+
+    def gather_from_owners(self, owned: list[Tensor]) -> list[Tensor]:
+        """Every rank gets a full-size tensor per parameter, each block from its owner; ``owned`` holds
+        this rank's blocks in ``table.owned()`` order (one ``all_gather_flat`` per dtype when sharded)."""
+        full = [torch.zeros_like(p) for p in self.params]
+        if not self.sharded:
+            for b, t in zip(self.owned, owned):
+                b.view(full[b.param_index]).copy_(t)
+            return full
+        mine = {b.block_id: t for b, t in zip(self.owned, owned)}
+        self._gather(lambda b: mine[b.block_id], full, skip_own=False)
+        return full
+
+    def _gather(self, source: Callable[[BlockInfo], Tensor], dest: list[Tensor], *, skip_own: bool) -> None:
+        rank, world = self.comm.rank, self.comm.world_size
+        for dt, per_rank, n in self._nonempty():
+            buf = torch.zeros(n, dtype=dt, device=self._device(per_rank))
+            self._pack(buf, per_rank[rank], [source(b) for b in per_rank[rank]])
+            out = self.comm.all_gather_flat(buf)
+            for r in range(world):
+                if skip_own and r == rank:
+                    continue
+                for b, t in zip(per_rank[r], self._unpack(out[r * n:(r + 1) * n], per_rank[r])):
+                    b.view(dest[b.param_index]).copy_(t)
+
+
+def _block_of(b: BlockInfo, t: Tensor | None) -> Tensor | None:
+    return None if t is None else b.view(t)
+
+
+def _block_or_zeros(b: BlockInfo, t: Tensor | None, params: list[Tensor]) -> Tensor:
+    return b.view(torch.zeros_like(params[b.param_index]) if t is None else t)
