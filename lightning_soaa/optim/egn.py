@@ -121,6 +121,16 @@ class EGN(ShardedOptimizer):
 
     #: the constructor takes the module itself, not its parameters (read by the Lightning factory)
     takes_module = True
+    #: FSDP2 refused: EGN's forwards/JVPs run the module itself and its Gram factors are built from whole
+    #: layer weights; over sharded parameters that needs FSDP's unshard hooks inside EGN's passes.
+    supports_dtensor = False
+
+    def _dtensor_refusal(self) -> Exception:
+        return ValueError(
+            "EGN does not support DTensor (FSDP2 fully_shard / ModelParallelStrategy) parameters. EGN "
+            "shards its own state over ranks: run it on a model that is not fully_shard'ed (plain "
+            "torchrun, DDP, or Lightning's DDPStrategy); under FSDP2 use SOAA, ASGO, DASGO or ShardedAdamW."
+        )
 
     def __init__(
         self,
