@@ -189,3 +189,20 @@ def bad_combinations(rank: int, world_size: int) -> dict[str, str]:
     out["two_meshes"] = expect_error(lambda: SOAA([a, b]))
     out["add_group"] = expect_error(lambda: SOAA([a]).add_param_group({"params": [nn.Parameter(torch.zeros(2))]}))
     return out
+
+
+def nonfinite_skip(rank: int, world_size: int) -> dict[str, Any]:
+    """A NaN only in rank 1's gradient of a plain (uncounted there) tensor skips the step on every rank."""
+    mesh = make_mesh(world_size, False)
+    model = sharded_model(TALL, mesh, plain_last=True)
+    opt = SOAA(model.named_parameters(), lr=1e-2)
+    before = full_params(model)
+    opt.zero_grad()
+    loss = loss_fn(model, *local_batch(0, TALL, rank, world_size))
+    loss.backward()
+    last = [p for p in model.parameters()][-2]  # the plain last weight
+    if rank == 1:
+        last.grad[0, 0] = float("nan")
+    opt.step(loss=loss)
+    after = full_params(model)
+    return {"skipped": opt.skipped_steps, "unchanged": all(torch.equal(a, b) for a, b in zip(before, after))}

@@ -3,7 +3,8 @@
 Launches (each checks several things; spawns cost seconds on a loaded 2-core machine):
 
 * W = 2: every optimizer equals the plain single-process run (uneven shards: 5, 7 and 9 rows), writes a
-  checkpoint after 2 steps, and the bad combinations raise on every rank;
+  checkpoint after 2 steps, the bad combinations raise on every rank, and a NaN in one rank's gradient
+  of a plain tensor (not counted in the sums there) skips the step on every rank;
 * W = 1 and W = 4 (1-D mesh; at W = 4 the 5-row weight leaves rank 3 an empty shard): equal, and resume
   the W = 2 checkpoint to the same final parameters as the uninterrupted single-process run;
 * W = 4 HSDP (2 x 2 replicate x shard mesh), with the last layer left as plain tensors (mixed model).
@@ -62,6 +63,7 @@ def _w2(rank: int, world_size: int, ckpt: str) -> dict[str, Any]:
     out = W.equivalence(rank, world_size)
     W.save_checkpoints(rank, world_size, ckpt)
     out["errors"] = W.bad_combinations(rank, world_size)
+    out["nonfinite"] = W.nonfinite_skip(rank, world_size)
     return out
 
 
@@ -139,3 +141,8 @@ def test_hsdp_with_plain_parameters(tmp_path: Path, references):
     results = run_distributed(_w1_or_4, 4, tmp_path, "", True, timeout=300)
     _assert_equal(results, references, wide="asgo_wide_mixed")
     _assert_collectives(results, plain_last=True)
+
+
+def test_nonfinite_in_an_uncounted_piece_skips_on_every_rank(w2_run):
+    results, _ = w2_run
+    assert [res["nonfinite"] for res in results] == [{"skipped": 1, "unchanged": True}] * 2
