@@ -77,6 +77,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         comm: inject a communicator directly (tests, DeepSpeed adapter); overrides ``process_group``.
         shard: see :class:`~lightning_soaa.config.ShardingConfig`.
         grad_reduction: see :class:`~lightning_soaa.config.ShardingConfig`.
+
+    Parameters that are DTensors (FSDP2 ``fully_shard``) switch the optimizer to their mesh: local shards
+    are owned, nothing is gathered, global sums count each piece once (:mod:`lightning_soaa.distributed.dtensor`).
     """
 
     #: number of fp64 partials ``_prepare`` returns; fixed per optimizer so all ranks agree on shapes.

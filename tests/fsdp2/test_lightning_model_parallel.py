@@ -15,7 +15,7 @@ import lightning_soaa.functional.asgo as asgo_functional
 
 pytest.importorskip("lightning", reason="the [lightning] extra is not installed")
 
-from tests.fsdp2 import _lightning_model_parallel as script  # noqa: E402
+from tests.fsdp2 import _lightning_model_parallel as script
 
 pytestmark = [pytest.mark.lightning]
 
@@ -42,7 +42,7 @@ def test_model_parallel_strategy_equals_single_process(tmp_path: Path, monkeypat
            "OMP_NUM_THREADS": "1"}
     for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(k, None)
-    proc = subprocess.run([sys.executable, script.__file__, str(out)], cwd=tmp_path, env=env,
+    proc = subprocess.run([sys.executable, script.__file__, str(out)], check=False, cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     saved = torch.load(out)
