@@ -162,6 +162,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
                                       process_group=process_group, optimizer=type(self).__name__)
         self.comm = self._dtensor.comm
         self.sharding = ShardingConfig(shard=False, grad_reduction=self.sharding.grad_reduction)
+        plain = [lab for lab, pl in zip(labels, self._dtensor.placements) if not pl.is_dtensor]
+        if plain and self.sharding.grad_reduction == "none" and self.comm.world_size > 1:
+            log.warning("%s: parameters %s are not DTensors, so FSDP2 does not average their gradients; "
+                        "with grad_reduction='none' they must already be identical on every rank (else the "
+                        "replicas diverge). Pass grad_reduction='mean' to average them.",
+                        type(self).__name__, ", ".join(plain[:5]) + (" ..." if len(plain) > 5 else ""))
 
     def _dtensor_refusal(self) -> Exception:
         return ValueError(f"{type(self).__name__} does not support DTensor (FSDP2) parameters.")

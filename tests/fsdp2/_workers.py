@@ -7,6 +7,7 @@ and FSDP2's gradient mean equals the single-process gradient of the global mean 
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -195,7 +196,15 @@ def nonfinite_skip(rank: int, world_size: int) -> dict[str, Any]:
     """A NaN only in rank 1's gradient of a plain (uncounted there) tensor skips the step on every rank."""
     mesh = make_mesh(world_size, False)
     model = sharded_model(TALL, mesh, plain_last=True)
-    opt = SOAA(model.named_parameters(), lr=1e-2)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logging.getLogger("lightning_soaa.optim.base").addHandler(handler)
+    try:
+        opt = SOAA(model.named_parameters(), lr=1e-2)  # plain tensors + grad_reduction="none": warned
+    finally:
+        logging.getLogger("lightning_soaa.optim.base").removeHandler(handler)
+    warned = any("grad_reduction='mean'" in r.getMessage() for r in records)
     before = full_params(model)
     opt.zero_grad()
     loss = loss_fn(model, *local_batch(0, TALL, rank, world_size))
@@ -205,4 +214,5 @@ def nonfinite_skip(rank: int, world_size: int) -> dict[str, Any]:
         last.grad[0, 0] = float("nan")
     opt.step(loss=loss)
     after = full_params(model)
-    return {"skipped": opt.skipped_steps, "unchanged": all(torch.equal(a, b) for a, b in zip(before, after))}
+    return {"skipped": opt.skipped_steps, "unchanged": all(torch.equal(a, b) for a, b in zip(before, after)),
+            "warned": warned}
