@@ -216,3 +216,34 @@ def nonfinite_skip(rank: int, world_size: int) -> dict[str, Any]:
     after = full_params(model)
     return {"skipped": opt.skipped_steps, "unchanged": all(torch.equal(a, b) for a, b in zip(before, after)),
             "warned": warned}
+
+
+SAME_BATCH = dict(lr=0.3, gamma=0.3, acceptance="same_batch")  # lr large enough that steps get rejected
+
+
+def _same_batch_steps(model: nn.Module, opt: Any, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    for x, y in batches:
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = loss_fn(model, x, y)
+            loss.backward()
+            return loss.detach()
+
+        opt.step(closure)
+
+
+def same_batch_reference() -> dict[str, Any]:
+    model = tiny_mlp(sizes=TALL)
+    opt = SOAA(model.named_parameters(), **SAME_BATCH)
+    _same_batch_steps(model, opt, [global_batch(t, TALL) for t in range(STEPS)])
+    return {"params": [p.detach().clone() for p in model.parameters()], "stats": soaa_stats(opt),
+            "rejected": opt.statistics()["rejected"]}
+
+
+def same_batch(rank: int, world_size: int) -> dict[str, Any]:
+    """SOAA(acceptance="same_batch") over FSDP2: the re-evaluated loss, the trial sums and a rejected
+    step's restore of the local shards."""
+    model = sharded_model(TALL, make_mesh(world_size, False))
+    opt = SOAA(model.named_parameters(), **SAME_BATCH)
+    _same_batch_steps(model, opt, [local_batch(t, TALL, rank, world_size) for t in range(STEPS)])
+    return {"params": full_params(model), "stats": soaa_stats(opt), "rejected": opt.statistics()["rejected"]}

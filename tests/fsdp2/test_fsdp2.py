@@ -2,7 +2,8 @@
 
 Launches (each checks several things; spawns cost seconds on a loaded 2-core machine):
 
-* W = 2: every optimizer equals the plain single-process run (uneven shards: 5, 7 and 9 rows), writes a
+* W = 2: every optimizer equals the plain single-process run (uneven shards: 5, 7 and 9 rows; SOAA also
+  with acceptance="same_batch", 2 rejected steps), writes a
   checkpoint after 2 steps, the bad combinations raise on every rank, and a NaN in one rank's gradient
   of a plain tensor (not counted in the sums there) skips the step on every rank;
 * W = 1 and W = 4 (1-D mesh; at W = 4 the 5-row weight leaves rank 3 an empty shard): equal, and resume
@@ -64,6 +65,7 @@ def _w2(rank: int, world_size: int, ckpt: str) -> dict[str, Any]:
     W.save_checkpoints(rank, world_size, ckpt)
     out["errors"] = W.bad_combinations(rank, world_size)
     out["nonfinite"] = W.nonfinite_skip(rank, world_size)
+    out["same_batch"] = W.same_batch(rank, world_size)
     return out
 
 
@@ -146,3 +148,15 @@ def test_hsdp_with_plain_parameters(tmp_path: Path, references):
 def test_nonfinite_in_an_uncounted_piece_skips_on_every_rank(w2_run):
     results, _ = w2_run
     assert [res["nonfinite"] for res in results] == [{"skipped": 1, "unchanged": True, "warned": True}] * 2
+
+
+def test_soaa_same_batch_equals_single_process(w2_run):
+    results, _ = w2_run
+    ref = W.same_batch_reference()
+    assert ref["rejected"] > 0  # the restore path of a rejected step is exercised
+    for r, res in enumerate(results):
+        assert res["same_batch"]["rejected"] == ref["rejected"]
+        for i, (a, b) in enumerate(zip(res["same_batch"]["params"], ref["params"], strict=True)):
+            torch.testing.assert_close(a, b, atol=ATOL, rtol=0, msg=lambda m: f"rank {r} param {i}: {m}")
+        torch.testing.assert_close(torch.tensor(res["same_batch"]["stats"]), torch.tensor(ref["stats"]),
+                                   atol=ATOL, rtol=ATOL)
