@@ -26,6 +26,7 @@ __all__ = [
     "update_gram_",
     "precondition",
     "rms_normalize",
+    "scale_to_rms",
     "apply_update_",
     "asgo_direction",
     "update_column_stat_",
@@ -37,8 +38,9 @@ RIGHT = "right"
 
 
 def matrix_view(t: Tensor) -> Tensor:
-    """``t`` as ``shape[0] x prod(shape[1:])`` (a view when possible, else a copy)."""
-    return t.reshape(t.shape[0], -1)
+    """``t`` as ``shape[0] x prod(shape[1:])`` (a view when possible, else a copy). Explicit sizes, not
+    ``-1``: an empty FSDP2 shard (0 rows) keeps its column count."""
+    return t.reshape(t.shape[0], math.prod(t.shape[1:]))
 
 
 def preconditioned_side(m: int, n: int) -> str:
@@ -74,6 +76,14 @@ def rms_normalize(u: Tensor, rms_scale: float) -> Tensor:
     norm = torch.linalg.vector_norm(u)
     factor = (rms_scale * math.sqrt(u.numel())) / norm.clamp_min(torch.finfo(norm.dtype).tiny)
     return u * factor
+
+
+def scale_to_rms(u: Tensor, rms_scale: float, sq_norm: Tensor, numel: int) -> Tensor:
+    """``u * rms_scale * sqrt(numel) / sqrt(sq_norm)``: :func:`rms_normalize` for a piece ``u`` of a
+    larger update whose squared Frobenius norm ``sq_norm`` and size ``numel`` were summed elsewhere (e.g.
+    over the row shards of an FSDP2 parameter). A zero norm leaves the (then zero) update zero."""
+    norm = sq_norm.sqrt()
+    return u * ((rms_scale * math.sqrt(numel)) / norm.clamp_min(torch.finfo(norm.dtype).tiny))
 
 
 def apply_update_(param: Tensor, u: Tensor, lr: float, weight_decay: float) -> None:

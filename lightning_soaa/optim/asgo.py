@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from lightning_soaa.config import ASGOConfig, DASGOConfig
 from lightning_soaa.distributed.blocks import BlockSpec
+from lightning_soaa.distributed.dtensor import is_dtensor
 from lightning_soaa.functional import asgo as F
 from lightning_soaa.functional.adamw import adamw_update_
 from lightning_soaa.functional.linalg import DEFAULT_ROOT_ITERS, ROOT_METHODS, damp, inv_sqrt_eigh, inverse_sqrt
@@ -85,9 +86,11 @@ def _even_chunks(total: int, max_size: int) -> list[tuple[int, int]]:
 
 
 def asgo_block_specs(
-    shape: tuple[int, ...] | torch.Size, max_block_size: int, root_iters: int = 10, root_every: int = 1
+    shape: tuple[int, ...] | torch.Size, max_block_size: int, root_iters: int = 10, root_every: int = 1,
+    side: str | None = None,
 ) -> list[BlockSpec]:
-    """Blocks of a matrix parameter of ``shape`` (>= 2-D): cut along the preconditioned side.
+    """Blocks of a matrix parameter of ``shape`` (>= 2-D): cut along the preconditioned side (``side``,
+    default :func:`~lightning_soaa.functional.asgo.preconditioned_side`).
 
     With ``(m, n) = (shape[0], prod(shape[1:]))``: ``m < n`` cuts rows (dim 0) into pieces of at most
     ``max_block_size``; otherwise columns. For an N-D kernel the column cut runs along dim 1 in whole
@@ -95,7 +98,7 @@ def asgo_block_specs(
     channel alone does. A matrix that fits is one whole-parameter block.
     """
     m, n = _matrix_shape(shape)
-    side = F.preconditioned_side(m, n)
+    side = F.preconditioned_side(m, n) if side is None else side
     k, other = (m, n) if side == F.LEFT else (n, m)
     if k <= max_block_size:
         return [BlockSpec(None, 0, 0, asgo_block_cost(k, other, root_iters, root_every))]
@@ -216,6 +219,79 @@ class _OneSided(ShardedOptimizer):
 
     def _matrix_step(self, views: list[BlockView]) -> None:
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ FSDP2 (DTensor) parameters
+    def _fsdp_side(self, param: Tensor, group: dict[str, Any], name: str | None) -> str | None:
+        """``RIGHT`` for a matrix DTensor split along dim 0 (the statistic then is a sum over row shards:
+        G^T G = sum_r G_r^T G_r, column sums likewise), ``None`` when the usual rule applies. Other
+        splits raise. Decided from the placements, not the world size, so the block layout (and with
+        it the checkpoint) is the same at every W."""
+        if not (is_dtensor(param) and self.is_matrix_param(param, group, name)):
+            return None
+        from torch.distributed.tensor import Shard
+
+        dims = {pl.dim % param.dim() for pl in param.placements if isinstance(pl, Shard)}  # type: ignore
+        if not dims:
+            return None
+        if dims != {0}:
+            raise ValueError(
+                f"{type(self).__name__}: matrix parameter {name or '(unnamed)'} of shape {tuple(param.shape)} "
+                f"is sharded along dims {sorted(dims)} ({tuple(param.placements)}); only row sharding "  # type: ignore
+                "(Shard(0), fully_shard's default) is supported. Use fully_shard without "
+                "shard_placement_fn, or route it to AdamW with use_asgo=False."
+            )
+        return F.RIGHT
+
+    def _side_of(self, v: BlockView, m: int, n: int) -> str:
+        p = self._params[v.block.param_index]
+        forced = self._fsdp_side(p, v.group, v.name) if self._dtensor is not None else None
+        return forced or F.preconditioned_side(m, n)
+
+    def _row_sharded(self, v: BlockView) -> bool:
+        """Whether this block's statistics and norm are sums over ranks (an FSDP2 shard, W > 1)."""
+        if self._dtensor is None or self.comm.world_size == 1:
+            return False
+        return bool(self._dtensor.placements[v.block.param_index].sharded_dims)
+
+    def _mesh_sum(self, parts: list[Tensor], counted: list[bool]) -> list[Tensor]:
+        """Sum over the mesh of the counted pieces (a replica adds zeros): one all-reduce per dtype, in
+        block order, the same on every rank (every rank holds a piece, maybe empty, of every block)."""
+        out: list[Tensor] = list(parts)
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for i, t in enumerate(parts):
+            by_dtype.setdefault(t.dtype, []).append(i)
+        for dt in sorted(by_dtype, key=str):
+            idx = by_dtype[dt]
+            flat = torch.cat([(parts[i] if counted[i] else torch.zeros_like(parts[i])).reshape(-1) for i in idx])
+            self.comm.all_reduce_(flat)
+            off = 0
+            for i in idx:
+                out[i] = flat[off:off + parts[i].numel()].view_as(parts[i])
+                off += parts[i].numel()
+        return out
+
+    def _sharded_stats_(self, items: list[tuple[BlockView, Tensor, Tensor, float]]) -> None:
+        """``S <- beta2 S + (1 - beta2) sum_r C_r`` for ``(view, S, C_r, beta2)`` of row-sharded blocks."""
+        if not items:
+            return
+        sums = self._mesh_sum([c for _, _, c, _ in items], [v.counted for v, _, _, _ in items])
+        for (_, stat, _, beta2), total in zip(items, sums):
+            stat.mul_(beta2).add_(total, alpha=1.0 - beta2)
+
+    def _apply_directions(self, items: list[tuple[BlockView, Tensor]]) -> None:
+        """RMS-normalise each raw update and apply it; a row-sharded block's norm is summed over the mesh
+        (one all-reduce for all of them) and its size counts the global rows."""
+        sharded = [(v, u) for v, u in items if self._row_sharded(v)]
+        sq = self._mesh_sum([u.square().sum().reshape(1) for _, u in sharded], [v.counted for v, _ in sharded])
+        norms = {id(v): s for (v, _), s in zip(sharded, sq)}
+        for v, u in items:
+            rms = float(v.group["rms_scale"])
+            if id(v) in norms:
+                rows = self._dtensor.placements[v.block.param_index].global_shape[0]  # type: ignore[union-attr]
+                u = F.scale_to_rms(u, rms, norms[id(v)][0], rows * u.shape[1])
+            else:
+                u = F.rms_normalize(u, rms)
+            F.apply_update_(v.param, u, float(v.group["lr"]), float(v.group["weight_decay"]))
 
     @staticmethod
     def _state_dtype(param: Tensor) -> torch.dtype:
@@ -342,20 +418,42 @@ class ASGO(_OneSided):
             return [BlockSpec(None, 0, 0, float(max(param.numel(), 1)))]
         # eigh costs about as much as ~10 matmul iterations; count it like that for balancing.
         iters = max(self._root_iters(group), 10)
-        return asgo_block_specs(param.shape, int(group["max_block_size"]), iters, int(group["root_every"]))
+        return asgo_block_specs(param.shape, int(group["max_block_size"]), iters, int(group["root_every"]),
+                                side=self._fsdp_side(param, group, name))
 
     def _matrix_step(self, views: list[BlockView]) -> None:
         # Blocks whose root is due this step, grouped by everything the root depends on, so that
         # equal-sized blocks are computed as one batch (few large kernels instead of many small ones).
+        prepared = self._update_statistics(views)
         due: dict[tuple[Any, ...], list[BlockView]] = {}
+        for v, side in prepared:
+            group, st = v.group, v.state
+            k = st[GRAM].shape[0]
+            t = int(st[STEP].item())
+            if INV_ROOT not in st or (t - 1) % int(group["root_every"]) == 0:
+                key = (k, st[GRAM].dtype, st[GRAM].device, group["inverse_root"], group["root_iters"],
+                       float(group["eps"]), float(group["damping"]))
+                due.setdefault(key, []).append(v)
+        need_root: list[tuple[BlockView, Tensor]] = []
+        for (_k, _dt, _dev, method, iters, eps, damping), vs in due.items():
+            roots = inverse_sqrt(torch.stack([v.state[GRAM] for v in vs]), method, num_iters=iters, eps=eps,
+                                 damping=damping)
+            need_root.extend(zip(vs, roots.unbind(0)))
+        self._accept_roots(need_root)
+        self._apply_directions([(v, F.precondition(v.state[INV_ROOT], v.state[EXP_AVG], side))
+                                for v, side in prepared])
+
+    def _update_statistics(self, views: list[BlockView]) -> list[tuple[BlockView, str]]:
+        """Momentum and Gram of every block; the Gram of a row-sharded FSDP2 block is the sum over the
+        mesh of its shards' ``G_r^T G_r`` (one all-reduce for all such blocks)."""
         prepared: list[tuple[BlockView, str]] = []
+        sharded: list[tuple[BlockView, Tensor, Tensor, float]] = []
         for v in views:
-            group = v.group
-            beta1, beta2 = group["betas"]
+            beta1, beta2 = v.group["betas"]
             sdt = self._state_dtype(v.param)
             g = F.matrix_view(v.grad).to(sdt)  # type: ignore[arg-type]
             m, n = g.shape
-            side = F.preconditioned_side(m, n)
+            side = self._side_of(v, m, n)
             k = m if side == F.LEFT else n
             st = v.state
             if STEP not in st:
@@ -365,23 +463,13 @@ class ASGO(_OneSided):
                 st[ROOT_FALLBACKS] = torch.zeros((), dtype=torch.int64)
             st[STEP] += 1
             F.update_momentum_(st[EXP_AVG], g, float(beta1))
-            F.update_gram_(st[GRAM], g, float(beta2), side)
-            t = int(st[STEP].item())
-            if INV_ROOT not in st or (t - 1) % int(group["root_every"]) == 0:
-                key = (k, st[GRAM].dtype, st[GRAM].device, group["inverse_root"], group["root_iters"],
-                       float(group["eps"]), float(group["damping"]))
-                due.setdefault(key, []).append(v)
+            if self._row_sharded(v):
+                sharded.append((v, st[GRAM], g.transpose(0, 1) @ g, float(beta2)))
+            else:
+                F.update_gram_(st[GRAM], g, float(beta2), side)
             prepared.append((v, side))
-        need_root: list[tuple[BlockView, Tensor]] = []
-        for (_k, _dt, _dev, method, iters, eps, damping), vs in due.items():
-            roots = inverse_sqrt(torch.stack([v.state[GRAM] for v in vs]), method, num_iters=iters, eps=eps,
-                                 damping=damping)
-            need_root.extend(zip(vs, roots.unbind(0)))
-        self._accept_roots(need_root)
-        for v, side in prepared:
-            group = v.group
-            u = F.asgo_direction(v.state[INV_ROOT], v.state[EXP_AVG], side, float(group["rms_scale"]))
-            F.apply_update_(v.param, u, float(group["lr"]), float(group["weight_decay"]))
+        self._sharded_stats_(sharded)
+        return prepared
 
     def _accept_roots(self, candidates: list[tuple[BlockView, Tensor]]) -> None:
         """Store finite roots; keep the previous root (or fall back, counted) for non-finite ones."""
@@ -531,10 +619,14 @@ class DASGO(_OneSided):
                          grad_reduction=grad_reduction)
         self._warn_if_no_matrices()
 
+    def _block_specs(self, param: Tensor, group: dict[str, Any], name: str | None) -> list[BlockSpec]:
+        self._fsdp_side(param, group, name)  # raises for a DTensor split other than by rows
+        return super()._block_specs(param, group, name)
+
     def _matrix_step(self, views: list[BlockView]) -> None:
+        sharded: list[tuple[BlockView, Tensor, Tensor, float]] = []
         for v in views:
-            group = v.group
-            beta1, beta2 = group["betas"]
+            beta1, beta2 = v.group["betas"]
             sdt = self._state_dtype(v.param)
             g = F.matrix_view(v.grad).to(sdt)  # type: ignore[arg-type]
             st = v.state
@@ -544,6 +636,11 @@ class DASGO(_OneSided):
                 st[COL_STAT] = torch.zeros(g.shape[1], dtype=sdt, device=g.device)
             st[STEP] += 1
             F.update_momentum_(st[EXP_AVG], g, float(beta1))
-            F.update_column_stat_(st[COL_STAT], g, float(beta2))
-            u = F.dasgo_direction(st[EXP_AVG], st[COL_STAT], float(group["eps"]), float(group["rms_scale"]))
-            F.apply_update_(v.param, u, float(group["lr"]), float(group["weight_decay"]))
+            if self._row_sharded(v):  # column sums of a row-sharded matrix: a sum over the shards
+                sharded.append((v, st[COL_STAT], g.square().sum(dim=0), float(beta2)))
+            else:
+                F.update_column_stat_(st[COL_STAT], g, float(beta2))
+        self._sharded_stats_(sharded)
+        # rms_normalize(M (v + eps)^{-1/2}) is dasgo_direction, with the norm split over the shards
+        self._apply_directions([(v, v.state[EXP_AVG] * (v.state[COL_STAT] + float(v.group["eps"])).rsqrt()
+                                 .unsqueeze(0)) for v in views])

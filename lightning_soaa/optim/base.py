@@ -68,6 +68,7 @@ from lightning_soaa.distributed.checkpoint import (
     validate_state_dict,
 )
 from lightning_soaa.distributed.comm import Communicator, default_communicator
+from lightning_soaa.distributed.dtensor import DTensorLayout, has_dtensor, local
 from lightning_soaa.distributed.exchange import OwnerExchange
 
 __all__ = ["ShardedOptimizer", "BlockView", "SkipStep", "StepRecord", "summed"]
@@ -85,6 +86,9 @@ class BlockView:
     state: dict[str, Any]
     group: dict[str, Any]
     name: str | None = None
+    #: whether this rank's piece enters global sums (False for a replica of an HSDP shard or of a plain
+    #: tensor under FSDP2; see lightning_soaa.distributed.dtensor). Always True without DTensors.
+    counted: bool = True
 
 
 def summed(default: float = 0.0) -> Any:
@@ -137,6 +141,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         comm: inject a communicator directly (tests, DeepSpeed adapter); overrides ``process_group``.
         shard: see :class:`~lightning_soaa.config.ShardingConfig`.
         grad_reduction: see :class:`~lightning_soaa.config.ShardingConfig`.
+
+    Parameters that are DTensors (FSDP2 ``fully_shard``) switch the optimizer to their mesh: local shards
+    are owned, nothing is gathered, global sums count each piece once (:mod:`lightning_soaa.distributed.dtensor`).
     """
 
     #: the record ``_prepare`` returns (its summed fields are the all-reduced vector); fixed per optimizer
@@ -160,12 +167,14 @@ class ShardedOptimizer(torch.optim.Optimizer):
     ) -> None:
         self.sharding = ShardingConfig(shard=shard, grad_reduction=grad_reduction)
         self.comm: Communicator = comm if comm is not None else default_communicator(process_group)
+        self._dtensor: DTensorLayout | None = None
         self._table: BlockTable | None = None
         self._consolidated: dict[str, Any] | None = None
         self._consolidated_at: int = -1
         self.num_steps = 0  # optimizer steps taken (not counting skipped ones)
         self.skipped_steps = 0
         super().__init__(params, defaults)
+        self._setup_dtensor(comm, process_group)
         self._build_table()
 
     # ------------------------------------------------------------------ copy and pickle
@@ -194,7 +203,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         ``grad_reduction="mean"``). An override may run more collectives (the same on every rank) and
         return a reason to skip the step; the skip itself makes no collective, so every rank must derive
         that reason identically (e.g. from reduced values)."""
-        if self.sharding.grad_reduction == "mean":
+        if self.sharding.grad_reduction == "mean" and self._dtensor is not None:
+            self._dtensor.mean_plain_grads()  # FSDP2 averages the DTensor gradients; plain ones: here
+        elif self.sharding.grad_reduction == "mean":
             self.exchange.reduce_scatter_grads()
         return None
 
@@ -228,6 +239,36 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def _extra_statistics(self) -> dict[str, float]:
         return {}
 
+    # ------------------------------------------------------------------ DTensor (FSDP2) parameters
+    #: False where the optimizer cannot run over DTensor parameters (raises at construction).
+    supports_dtensor: bool = True
+
+    def _setup_dtensor(self, comm: Communicator | None, process_group: Any) -> None:
+        """FSDP2: parameters already sharded -> every local shard is owned, sums run over their mesh."""
+        plist = self._all_params()
+        if not has_dtensor([p for p, _, _ in plist]):
+            return
+        if not self.supports_dtensor:
+            raise self._dtensor_refusal()
+        labels = [repr(n) if n else f"#{i}" for i, (_, _, n) in enumerate(plist)]
+        self._dtensor = DTensorLayout([p for p, _, _ in plist], labels, comm=comm,
+                                      process_group=process_group, optimizer=type(self).__name__)
+        self.comm = self._dtensor.comm
+        self.sharding = ShardingConfig(shard=False, grad_reduction=self.sharding.grad_reduction)
+        plain = [lab for lab, pl in zip(labels, self._dtensor.placements) if not pl.is_dtensor]
+        if plain and self.sharding.grad_reduction == "none" and self.comm.world_size > 1:
+            log.warning("%s: parameters %s are not DTensors, so FSDP2 does not average their gradients; "
+                        "with grad_reduction='none' they must already be identical on every rank (else the "
+                        "replicas diverge). Pass grad_reduction='mean' to average them.",
+                        type(self).__name__, ", ".join(plain[:5]) + (" ..." if len(plain) > 5 else ""))
+
+    def _dtensor_refusal(self) -> Exception:
+        return ValueError(f"{type(self).__name__} does not support DTensor (FSDP2) parameters.")
+
+    def _consolidating(self) -> bool:
+        """Whether checkpoints need a collective (state spread over ranks: ZeRO blocks or DTensor shards)."""
+        return self._sharded_multi_rank() or (self._dtensor is not None and self.comm.world_size > 1)
+
     # ------------------------------------------------------------------ parameter groups and blocks
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -237,6 +278,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
             self.param_groups.pop()  # a rejected group must leave the optimizer unchanged
             raise
         if self._table is not None:  # added after construction: re-shard, keeping existing state
+            if self._dtensor is not None or has_dtensor(param_group["params"]):
+                raise ValueError(f"{type(self).__name__}: add_param_group is not supported with DTensor "
+                                 "(FSDP2) parameters; pass every param group to the constructor.")
             full = self._gather_full_state() if self._sharded_multi_rank() else None
             self._build_table()
             if full is not None:
@@ -256,7 +300,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def _build_table(self) -> None:
         plist = self._all_params()
         params = [p for p, _, _ in plist]
-        if self._sharded_multi_rank():
+        if self._consolidating():
             self._check_same_params_on_all_ranks(params)
         specs = [self._block_specs(p, self.param_groups[gi], name) for p, gi, name in plist]
         self._table = BlockTable(
@@ -303,11 +347,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
             views.append(
                 BlockView(
                     block=b,
-                    param=b.view(p),
-                    grad=None if p.grad is None else b.view(p.grad),
+                    param=b.view(local(p)),  # type: ignore[arg-type]
+                    grad=None if p.grad is None else b.view(local(p.grad)),  # type: ignore[arg-type]
                     state=self.block_state(b),
                     group=self.param_groups[b.group_index],
                     name=self._names[b.param_index],
+                    counted=True if self._dtensor is None else self._dtensor.counted(b.param_index),
                 )
             )
         return views
@@ -330,7 +375,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         # With grad_reduction="none" a rank only reads the blocks it owns, so a NaN that appeared in
         # another block on this rank would otherwise go unseen; check every local gradient then.
         if self.sharding.grad_reduction == "none":
-            grads = [p.grad for p in self._params if p.grad is not None]
+            grads = [local(p.grad) for p in self._params if p.grad is not None]
         else:
             grads = [v.grad for v in views if v.grad is not None]
         bad = False
@@ -410,9 +455,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     def _gather_full_state(self) -> dict[str, Any]:
         """Collective: every rank's owned block states, merged, plus the global state."""
-        local = self._local_block_states()
+        mine = self._local_block_states()
+        if self._dtensor is not None and self.comm.world_size > 1:  # local shards -> full tensors
+            by_key = {b.key: b for b in self._owned}
+            mine = {key: self._dtensor.gather_state(by_key[key], st) for key, st in mine.items()}
         merged: dict[tuple[int, int], dict[str, Any]] = {}
-        for part in self.comm.all_gather_object(local) if self._sharded_multi_rank() else [local]:
+        for part in self.comm.all_gather_object(mine) if self._sharded_multi_rank() else [mine]:
             merged.update(part)
         return build_state_dict(
             optimizer=self,
@@ -440,7 +488,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         Without sharding (or with one rank) this is local. With W > 1 sharded ranks call
         :meth:`consolidate_state_dict` on every rank first.
         """
-        if not self._sharded_multi_rank():
+        if not self._consolidating():
             return self._gather_full_state()
         if self._consolidated is None or self._consolidated_at != self.num_steps + self.skipped_steps:
             raise RuntimeError(
@@ -471,6 +519,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     def _restore_owned_state(self, state_dict: dict[str, Any]) -> None:
         owned_states = select_owned_state(self, state_dict)
+        if self._dtensor is not None:  # full tensors -> this rank's shards
+            by_key = {b.key: b for b in self._owned}
+            owned_states = {key: self._dtensor.shard_state(by_key[key], st) for key, st in owned_states.items()}
         new_state: dict[Tensor, dict[Any, Any]] = {}
         for b in self._owned:
             blk = owned_states.get(b.key)

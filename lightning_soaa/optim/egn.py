@@ -239,6 +239,16 @@ class EGN(ShardedOptimizer):
     #: EGN never reads ``p.grad`` (Lightning may leave stale or non-finite ones): the base must not scan
     #: them; ``_prepare`` flags a non-finite direction itself.
     partials_cover_grads = True
+    #: FSDP2 refused: EGN's forwards/JVPs run the module itself and its Gram factors are built from whole
+    #: layer weights; over sharded parameters that needs FSDP's unshard hooks inside EGN's passes.
+    supports_dtensor = False
+
+    def _dtensor_refusal(self) -> Exception:
+        return ValueError(
+            "EGN does not support DTensor (FSDP2 fully_shard / ModelParallelStrategy) parameters. EGN "
+            "shards its own state over ranks: run it on a model that is not fully_shard'ed (plain "
+            "torchrun, DDP, or Lightning's DDPStrategy); under FSDP2 use SOAA, ASGO, DASGO or ShardedAdamW."
+        )
 
     def __init__(
         self,

@@ -302,17 +302,19 @@ class SOAA(ShardedOptimizer):
             self._same_batch_check(closure)  # type: ignore[arg-type]
         return ret
 
-    def _groups_of(self, views: list[BlockView]) -> dict[int, list[BlockView]]:
-        by_group: dict[int, list[BlockView]] = {}
+    def _groups_of(self, views: list[BlockView]) -> dict[tuple[int, bool], list[BlockView]]:
+        """Views with a gradient by (param group, counted): only counted pieces enter the global sums
+        (under FSDP2 a replica's piece is not counted; see lightning_soaa.distributed.dtensor)."""
+        by_group: dict[tuple[int, bool], list[BlockView]] = {}
         for v in views:
             if v.grad is not None:
-                by_group.setdefault(v.block.group_index, []).append(v)
+                by_group.setdefault((v.block.group_index, v.counted), []).append(v)
         return by_group
 
     def _prepare(self, views: list[BlockView]) -> _SOAAStep:
         total = torch.zeros(2, dtype=torch.float64)
         moments: dict[tuple[int, int], tuple[Tensor, Tensor, int]] = {}
-        for gi, vs in self._groups_of(views).items():
+        for (gi, counted), vs in self._groups_of(views).items():
             group = self.param_groups[gi]
             for v in vs:
                 if "step" not in v.state:  # zero state == no state, so lazy init is not a mutation
@@ -331,7 +333,8 @@ class SOAA(ShardedOptimizer):
             )
             for v, m, s, t in zip(vs, m_new, v_new, ts):
                 moments[v.block.key] = (m, s, t)
-            total += part.to("cpu")
+            # An uncounted piece adds 0, or NaN when it is non-finite: the step is then skipped everywhere.
+            total += part.to("cpu") if counted else part.to("cpu") * 0.0
         lag = self._lag if self.config.acceptance == "lagged" else torch.zeros(2, dtype=torch.float64)
         loss_sum, weight, missing = self._loss_partials()
         (s_m2, s_veps), (lag_mu, lag_vu2) = total.tolist(), lag.tolist()
@@ -384,7 +387,7 @@ class SOAA(ShardedOptimizer):
         lag = torch.zeros(3 if same_batch else 2, dtype=torch.float64)
         if same_batch:
             self._snapshot = [(v.param, v.param.detach().clone()) for v in views if v.grad is not None]
-        for gi, vs in self._groups_of(views).items():
+        for (gi, counted), vs in self._groups_of(views).items():
             group = self.param_groups[gi]
             old_m = [v.state["exp_avg"] for v in vs]
             old_v = [v.state["exp_avg_sq"] for v in vs]
@@ -403,6 +406,8 @@ class SOAA(ShardedOptimizer):
                 weight_decay=group["weight_decay"], d=d_prev, c=scal.c, count_limited=same_batch,
                 foreach=fe,
             ).to("cpu")
+            if not counted:
+                continue
             lag[:2] += lr * part[:2]
             if same_batch:
                 lag[2] += part[2]
@@ -467,7 +472,7 @@ class SOAA(ShardedOptimizer):
 
     def _global_state(self) -> dict[str, Any]:
         st = self.trust_state()
-        if self._sharded_multi_rank():
+        if self._consolidating():
             # Collective (we are inside consolidate_state_dict on every rank): the pending lagged sums
             # become their global value, so the checkpoint does not depend on the world size.
             st["lag"] = self.comm.all_reduce_scalars(self._lag.clone()).tolist()

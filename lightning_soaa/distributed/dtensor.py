@@ -1,0 +1,251 @@
+"""DTensor (FSDP2 ``fully_shard``) parameters: local shards, the mesh communicator, which sums count.
+
+When an optimizer's parameters include DTensors, the parameters are already sharded by FSDP2, so the
+optimizer works like ``shard=False`` (DeepSpeed's flat partitions): every rank updates the local shard
+of every parameter, and nothing is all-gathered afterwards. What must be global is reduced over the
+parameters' device mesh with the communicator built here (the whole mesh, flattened: for HSDP the
+replicate x shard mesh, because the loss and the non-finite flag differ on every data-parallel rank).
+
+Replicated mesh dimensions hold identical local pieces (FSDP2 all-reduces HSDP gradients over them), so
+a sum over the whole mesh would count a piece once per replica. Each (parameter, rank) pair therefore
+has a ``counted`` flag: a DTensor's local piece counts on the ranks whose coordinate is 0 on every
+``Replicate`` mesh dimension; a plain tensor (replicated on every rank) counts on mesh rank 0 only.
+Optimizers add only counted pieces to their global sums; the non-finite flag is an OR (any count > 0)
+and needs no mask.
+
+Checkpoints stay world-size independent: :meth:`DTensorLayout.gather_state` turns a rank's local
+parameter-shaped state (``exp_avg``-like keys) into the full tensor (an all-gather through DTensor, a
+collective: called in parameter order on every rank), :meth:`DTensorLayout.shard_state` cuts a full
+tensor back to this rank's piece without communication. Those DTensor all-gathers and the gradient
+mean below are the only collectives made outside :mod:`lightning_soaa.distributed.comm`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lightning_soaa.distributed.blocks import BlockInfo
+from lightning_soaa.distributed.comm import Communicator, LocalComm, TorchComm
+
+__all__ = ["DTensorLayout", "ParamPlacement", "PARAM_LIKE_STATE_KEYS", "has_dtensor", "is_dtensor", "local"]
+
+log = logging.getLogger(__name__)
+
+#: state keys shaped like the parameter (or its ``rows x rest`` matrix form): sharded like it.
+PARAM_LIKE_STATE_KEYS = frozenset({"exp_avg", "exp_avg_sq"})
+
+
+def _dtensor_cls() -> type | None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return None
+    return DTensor
+
+
+def is_dtensor(t: Any) -> bool:
+    cls = _dtensor_cls()
+    return cls is not None and isinstance(t, cls)
+
+
+def has_dtensor(params: Sequence[Tensor]) -> bool:
+    return any(is_dtensor(p) for p in params)
+
+
+def local(t: Tensor | None) -> Tensor | None:
+    """The local piece of a DTensor (shares storage, so in-place updates reach the parameter)."""
+    if t is None or not is_dtensor(t):
+        return t
+    return t.to_local()  # type: ignore[attr-defined]
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamPlacement:
+    """How one parameter lies on this rank."""
+
+    is_dtensor: bool
+    counted: bool  # this rank's local piece enters global sums
+    row_sharded: bool  # dim 0 is split over ranks (only Shard(0) and Replicate placements)
+    sharded_dims: tuple[int, ...]  # tensor dims split over mesh dims
+    global_shape: tuple[int, ...]
+
+
+def _placement_of(p: Tensor, rank: int, label: str, optimizer: str) -> ParamPlacement:
+    from torch.distributed.tensor import Replicate, Shard
+
+    if not is_dtensor(p):
+        return ParamPlacement(False, rank == 0, False, (), tuple(p.shape))
+    mesh = p.device_mesh  # type: ignore[attr-defined]
+    coord = mesh.get_coordinate()
+    counted = True
+    dims: list[int] = []
+    for mdim, pl in enumerate(p.placements):  # type: ignore[attr-defined]
+        if isinstance(pl, Replicate):
+            counted = counted and coord is not None and coord[mdim] == 0
+        elif isinstance(pl, Shard):
+            dims.append(pl.dim % max(p.dim(), 1))
+        else:
+            raise ValueError(
+                f"{optimizer}: parameter {label} has placements {tuple(p.placements)}; only Shard and "  # type: ignore[attr-defined]
+                "Replicate are supported (a Partial parameter has no well-defined local value). Use "
+                "torch.distributed.fsdp.fully_shard, whose parameters are Shard(0) or (Replicate, Shard(0))."
+            )
+    return ParamPlacement(True, counted, bool(dims) and set(dims) == {0}, tuple(dims), tuple(p.shape))
+
+
+def _mesh_ranks(mesh: Any) -> list[int]:
+    return [int(r) for r in mesh.mesh.flatten().tolist()]
+
+
+def _mesh_communicator(mesh: Any, comm: Communicator | None, process_group: Any, optimizer: str) -> Communicator:
+    """A communicator over exactly the ranks of ``mesh`` (checked when one is given)."""
+    ranks = sorted(_mesh_ranks(mesh))
+    if comm is not None:
+        given = getattr(comm, "group", "unknown")
+        ok = comm.world_size == len(ranks)
+        if ok and given != "unknown" and dist.is_initialized():
+            ok = sorted(dist.get_process_group_ranks(given) if given is not None
+                        else range(dist.get_world_size())) == ranks
+        if not ok:
+            raise ValueError(
+                f"{optimizer}: the communicator {comm!r} does not span the parameters' device mesh "
+                f"(ranks {ranks}). Under FSDP2 the global sums run over the whole mesh; pass no comm, or "
+                "one over exactly those ranks."
+            )
+        return comm
+    if len(ranks) == 1:
+        return LocalComm()
+    if process_group is not None:
+        if sorted(dist.get_process_group_ranks(process_group)) != ranks:
+            raise ValueError(
+                f"{optimizer}: process_group spans ranks {sorted(dist.get_process_group_ranks(process_group))}"
+                f", the parameters' device mesh spans ranks {ranks}. Pass process_group=None (the mesh "
+                "is used) or a group over exactly the mesh's ranks."
+            )
+        return TorchComm(process_group)
+    if len(ranks) == dist.get_world_size():
+        return TorchComm(None)
+    if mesh.ndim == 1:
+        return TorchComm(mesh.get_group())
+    raise ValueError(
+        f"{optimizer}: the parameters' {mesh.ndim}-D device mesh spans ranks {ranks}, a subset of the "
+        f"{dist.get_world_size()} ranks. Pass process_group=torch.distributed.new_group({ranks}) so that "
+        "the global sums run over the whole mesh."
+    )
+
+
+class DTensorLayout:
+    """Per-parameter placements of an optimizer whose parameters include DTensors, and their mesh."""
+
+    def __init__(self, params: Sequence[Tensor], labels: Sequence[str], *, comm: Communicator | None,
+                 process_group: Any, optimizer: str) -> None:
+        meshes = [(lab, p.device_mesh) for p, lab in zip(params, labels) if is_dtensor(p)]  # type: ignore[attr-defined]
+        mesh = meshes[0][1]
+        for lab, m in meshes[1:]:
+            if m != mesh:
+                raise ValueError(
+                    f"{optimizer}: parameter {lab} lives on {m}, parameter {meshes[0][0]} on {mesh}. All "
+                    "DTensor parameters of one optimizer must share one device mesh; build one optimizer "
+                    "per mesh."
+                )
+        self.mesh = mesh
+        self.comm = _mesh_communicator(mesh, comm, process_group, optimizer)
+        self.placements = [_placement_of(p, self.comm.rank, lab, optimizer) for p, lab in zip(params, labels)]
+        self._params = list(params)
+
+    def counted(self, param_index: int) -> bool:
+        return self.placements[param_index].counted
+
+    def is_dtensor(self, param_index: int) -> bool:
+        return self.placements[param_index].is_dtensor
+
+    # ------------------------------------------------------------------ gradients of plain tensors
+    def mean_plain_grads(self) -> None:
+        """Average the gradients of the non-DTensor parameters over the mesh (``grad_reduction="mean"``):
+        FSDP2 reduces only its own parameters. One all-reduce per dtype, every rank, parameter order."""
+        if self.comm.world_size == 1:
+            return
+        by_dtype: dict[torch.dtype, list[Tensor]] = {}
+        for p, pl in zip(self._params, self.placements):
+            if not pl.is_dtensor:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                by_dtype.setdefault(p.dtype, []).append(p)
+        for dt in sorted(by_dtype, key=str):
+            ps = by_dtype[dt]
+            flat = torch.cat([p.grad.reshape(-1) for p in ps])  # type: ignore[union-attr]
+            self.comm.all_reduce_(flat).div_(self.comm.world_size)
+            off = 0
+            for p in ps:
+                p.grad.copy_(flat[off:off + p.numel()].view_as(p))  # type: ignore[union-attr]
+                off += p.numel()
+
+    # ------------------------------------------------------------------ checkpoints
+    def _block_shapes(self, block: BlockInfo) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(local, global) shape of a block. Blocks are cut along unsharded dims only (ASGO cuts the
+        columns of a row-sharded matrix), so the global block is the local one with full sharded dims."""
+        pl = self.placements[block.param_index]
+        if block.dim is not None and block.dim in pl.sharded_dims:
+            raise ValueError(f"block {block.key} is cut along dim {block.dim}, which is sharded over ranks")
+        loc = block.view(local(self._params[block.param_index]))  # type: ignore[arg-type]
+        return tuple(loc.shape), tuple(block.shape)
+
+    def _as_dtensor_like(self, block: BlockInfo) -> tuple[Any, Any]:
+        p = self._params[block.param_index]
+        return p.device_mesh, p.placements  # type: ignore[attr-defined]
+
+    def gather_state(self, block: BlockInfo, state: dict[str, Any]) -> dict[str, Any]:
+        """Collective: ``state`` with every parameter-like tensor replaced by the full tensor of the block
+        (its own ``rows x rest`` matrix form kept). Call in block order on every rank."""
+        from torch.distributed.tensor import DTensor
+
+        if not self.placements[block.param_index].is_dtensor:
+            return state
+        loc_shape, glob_shape = self._block_shapes(block)
+        mesh, placements = self._as_dtensor_like(block)
+        out = dict(state)
+        for key in sorted(k for k, t in state.items() if k in PARAM_LIKE_STATE_KEYS and isinstance(t, Tensor)):
+            t = state[key]
+            if t.numel() != math.prod(loc_shape):
+                raise ValueError(f"state {key!r} of block {block.key} has shape {tuple(t.shape)}; "
+                                 f"expected {loc_shape} (the block's local shard)")
+            full = DTensor.from_local(t.reshape(loc_shape), mesh, placements, shape=glob_shape,
+                                      stride=_contiguous_stride(glob_shape)).full_tensor()
+            out[key] = full if tuple(t.shape) == loc_shape else full.reshape(glob_shape[0], -1)
+        return out
+
+    def shard_state(self, block: BlockInfo, state: dict[str, Any]) -> dict[str, Any]:
+        """The inverse of :meth:`gather_state`, without communication (every rank holds the full loaded
+        state): this rank's piece of every parameter-like tensor."""
+        from torch.distributed.tensor import distribute_tensor
+
+        if not self.placements[block.param_index].is_dtensor:
+            return state
+        _, glob_shape = self._block_shapes(block)
+        mesh, placements = self._as_dtensor_like(block)
+        out = dict(state)
+        for key, t in state.items():
+            if key not in PARAM_LIKE_STATE_KEYS or not isinstance(t, Tensor):
+                continue
+            if t.numel() != math.prod(glob_shape):
+                raise ValueError(f"saved state {key!r} of block {block.key} has shape {tuple(t.shape)}; "
+                                 f"expected {glob_shape} (the block of the full parameter)")
+            piece = distribute_tensor(t.reshape(glob_shape), mesh, placements, src_data_rank=None).to_local()
+            out[key] = (piece if tuple(t.shape) == glob_shape else piece.reshape(piece.shape[0], -1)).clone()
+        return out
+
+
+def _contiguous_stride(shape: Sequence[int]) -> tuple[int, ...]:
+    stride, acc = [], 1
+    for s in reversed(tuple(shape)):
+        stride.append(acc)
+        acc *= max(int(s), 1)
+    return tuple(reversed(stride))

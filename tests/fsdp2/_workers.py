@@ -1,0 +1,249 @@
+"""Rank functions and single-process references for the FSDP2 tests.
+
+Data: one global batch of ``N`` rows per step, split evenly over the data-parallel ranks (every rank of
+the mesh, HSDP included), so a W-rank run and the single-process reference see the same data at every W
+and FSDP2's gradient mean equals the single-process gradient of the global mean loss.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lightning_soaa import ASGO, DASGO, SOAA, ShardedAdamW
+from tests.harness.models import loss_fn, tiny_mlp
+
+N = 8  # global rows per step (divisible by 1, 2 and 4)
+TALL = (3, 5, 7, 9)  # weights 5x3, 7x5, 9x7: rows >= cols, so ASGO's right side is also the unsharded choice
+WIDE = (9, 7, 5, 3)  # weights 7x9, 5x7, 3x5: rows < cols, unsharded ASGO preconditions the left side
+STEPS = 4
+CKPT_AT = 2
+
+#: (name, class, kwargs, model sizes)
+CASES: list[tuple[str, type, dict[str, Any], tuple[int, ...]]] = [
+    ("soaa", SOAA, dict(lr=3e-2, gamma=0.3, weight_decay=0.01), TALL),
+    ("adamw", ShardedAdamW, dict(lr=3e-2), TALL),
+    ("dasgo", DASGO, dict(lr=2e-2, eps=1e-2), WIDE),
+    ("asgo_tall", ASGO, dict(lr=2e-2, max_block_size=4, root_every=2, damping=1e-6), TALL),
+    ("asgo_wide", ASGO, dict(lr=2e-2, damping=1e-6), WIDE),
+]
+CASE = {c[0]: c for c in CASES}
+
+
+def global_batch(step: int, sizes: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(7919 * step + 17)
+    x = torch.randn(N, sizes[0], generator=g, dtype=torch.float64)
+    y = torch.randn(N, sizes[-1], generator=g, dtype=torch.float64)
+    return x, y
+
+
+def local_batch(step: int, sizes: tuple[int, ...], rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = global_batch(step, sizes)
+    n = N // world_size
+    return x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
+
+
+def train_step(model: nn.Module, opt: Any, x: torch.Tensor, y: torch.Tensor) -> None:
+    opt.zero_grad()
+    loss = loss_fn(model, x, y)
+    loss.backward()
+    if isinstance(opt, SOAA):
+        opt.set_loss(loss)
+    opt.step()
+
+
+#: SOAA's global scalars: the trust-region sums enter them, so a sum counted twice (an HSDP replica)
+#: or missed (a shard) shows here even where the parameters hide it (d clipped to its band).
+SOAA_STATS = ("predicted_reduction", "actual_reduction", "rho", "d", "fisher_scale", "loss")
+
+
+def soaa_stats(opt: Any) -> list[float]:
+    st = opt.statistics()
+    return [st[k] for k in SOAA_STATS] if isinstance(opt, SOAA) else []
+
+
+def reference(name: str, steps: range, start: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The plain single-process run (no DTensor, no process group) of case ``name``."""
+    _, cls, kw, sizes = CASE[name]
+    model = tiny_mlp(sizes=sizes)
+    opt = cls(model.named_parameters(), **kw)
+    if start is not None:
+        model.load_state_dict(start["model"])
+        opt.load_state_dict(start["opt"])
+    for t in steps:
+        train_step(model, opt, *global_batch(t, sizes))
+    return {"params": [p.detach().clone() for p in model.parameters()], "stats": soaa_stats(opt)}
+
+
+def make_mesh(world_size: int, hsdp: bool):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if hsdp:
+        return init_device_mesh("cpu", (2, world_size // 2), mesh_dim_names=("replicate", "shard"))
+    return init_device_mesh("cpu", (world_size,))
+
+
+def sharded_model(sizes: tuple[int, ...], mesh: Any, *, plain_last: bool = False,
+                  state: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """tiny_mlp under fully_shard: every Linear its own FSDP unit, or all but the last one (which then
+    keeps plain tensors: a model mixing DTensor and ordinary parameters)."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = tiny_mlp(sizes=sizes)
+    if state is not None:
+        model.load_state_dict(state)
+    linears = [m for m in model if isinstance(m, nn.Linear)]
+    for lin in linears[:-1] if plain_last else linears:
+        fully_shard(lin, mesh=mesh)
+    if not plain_last:
+        fully_shard(model, mesh=mesh)
+    return model
+
+
+def full_params(model: nn.Module) -> list[torch.Tensor]:
+    """Every parameter as a full tensor (DTensor all-gathers: a collective, in parameter order)."""
+    from torch.distributed.tensor import DTensor
+
+    return [(p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for p in model.parameters()]
+
+
+def run_case(name: str, rank: int, world_size: int, mesh: Any, *, plain_last: bool = False,
+             steps: range = range(STEPS), start: dict[str, Any] | None = None):
+    _, cls, kw, sizes = CASE[name]
+    model = sharded_model(sizes, mesh, plain_last=plain_last, state=None if start is None else start["model"])
+    opt = cls(model.named_parameters(), **kw, grad_reduction="mean" if plain_last else "none")
+    if start is not None:
+        opt.load_state_dict(start["opt"])
+    for t in steps:
+        train_step(model, opt, *local_batch(t, sizes, rank, world_size))
+    return model, opt
+
+
+def equivalence(rank: int, world_size: int, hsdp: bool = False, plain_last: bool = False) -> dict[str, Any]:
+    mesh = make_mesh(world_size, hsdp)
+    out: dict[str, Any] = {}
+    for name, *_ in CASES:
+        model, opt = run_case(name, rank, world_size, mesh, plain_last=plain_last)
+        out[name] = {"params": full_params(model), "stats": soaa_stats(opt),
+                     "calls": dict(opt.comm.step_stats.calls)}
+    return out
+
+
+def save_checkpoints(rank: int, world_size: int, path: str) -> None:
+    """After CKPT_AT steps: the consolidated optimizer state and the full model, written by rank 0."""
+    mesh = make_mesh(world_size, False)
+    saved: dict[str, Any] = {}
+    for name, *_ in CASES:
+        model, opt = run_case(name, rank, world_size, mesh, steps=range(CKPT_AT))
+        names = [n for n, _ in model.named_parameters()]
+        params = full_params(model)
+        opt.consolidate_state_dict(to=0)
+        if rank == 0:
+            saved[name] = {"opt": opt.state_dict(), "model": dict(zip(names, params))}
+    if rank == 0:
+        torch.save(saved, path)
+    dist.barrier()
+
+
+def resume(rank: int, world_size: int, path: str) -> dict[str, Any]:
+    """Load the checkpoint written at another world size and run the remaining steps."""
+    saved = torch.load(path, weights_only=False)
+    mesh = make_mesh(world_size, False)
+    out: dict[str, Any] = {}
+    for name, *_ in CASES:
+        model, opt = run_case(name, rank, world_size, mesh, steps=range(CKPT_AT, STEPS), start=saved[name])
+        out[name] = {"params": full_params(model), "stats": soaa_stats(opt)}
+    return out
+
+
+def expect_error(fn: Any) -> str:
+    try:
+        fn()
+    except (ValueError, RuntimeError) as e:
+        return f"{type(e).__name__}: {e}"
+    return "no error"
+
+
+def bad_combinations(rank: int, world_size: int) -> dict[str, str]:
+    """Each construction must raise, with a clear message, on every rank (and hang nowhere)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from lightning_soaa import EGN
+
+    mesh = make_mesh(world_size, False)
+    out: dict[str, str] = {}
+    model = sharded_model(WIDE, mesh)
+    out["egn"] = expect_error(lambda: EGN(model, loss="mse"))
+    col = tiny_mlp(sizes=(8, 4, 4))  # FSDP2 needs Shard(1) dims divisible by W
+    fully_shard(col, mesh=mesh, shard_placement_fn=lambda p: Shard(1) if p.dim() == 2 else Shard(0))
+    out["asgo_shard1"] = expect_error(lambda: ASGO(col.named_parameters()))
+    out["dasgo_shard1"] = expect_error(lambda: DASGO(col.named_parameters()))
+    solo = init_device_mesh("cpu", (world_size,), mesh_dim_names=("other",))
+    a = nn.Parameter(distribute_tensor(torch.zeros(4, 3, dtype=torch.float64), mesh, [Shard(0)]))
+    b = nn.Parameter(distribute_tensor(torch.zeros(4, 3, dtype=torch.float64), solo, [Shard(0)]))
+    out["two_meshes"] = expect_error(lambda: SOAA([a, b]))
+    out["add_group"] = expect_error(lambda: SOAA([a]).add_param_group({"params": [nn.Parameter(torch.zeros(2))]}))
+    return out
+
+
+def nonfinite_skip(rank: int, world_size: int) -> dict[str, Any]:
+    """A NaN only in rank 1's gradient of a plain (uncounted there) tensor skips the step on every rank."""
+    mesh = make_mesh(world_size, False)
+    model = sharded_model(TALL, mesh, plain_last=True)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logging.getLogger("lightning_soaa.optim.base").addHandler(handler)
+    try:
+        opt = SOAA(model.named_parameters(), lr=1e-2)  # plain tensors + grad_reduction="none": warned
+    finally:
+        logging.getLogger("lightning_soaa.optim.base").removeHandler(handler)
+    warned = any("grad_reduction='mean'" in r.getMessage() for r in records)
+    before = full_params(model)
+    opt.zero_grad()
+    loss = loss_fn(model, *local_batch(0, TALL, rank, world_size))
+    loss.backward()
+    last = [p for p in model.parameters()][-2]  # the plain last weight
+    if rank == 1:
+        last.grad[0, 0] = float("nan")
+    opt.step(loss=loss)
+    after = full_params(model)
+    return {"skipped": opt.skipped_steps, "unchanged": all(torch.equal(a, b) for a, b in zip(before, after)),
+            "warned": warned}
+
+
+SAME_BATCH = dict(lr=0.3, gamma=0.3, acceptance="same_batch")  # lr large enough that steps get rejected
+
+
+def _same_batch_steps(model: nn.Module, opt: Any, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    for x, y in batches:
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = loss_fn(model, x, y)
+            loss.backward()
+            return loss.detach()
+
+        opt.step(closure)
+
+
+def same_batch_reference() -> dict[str, Any]:
+    model = tiny_mlp(sizes=TALL)
+    opt = SOAA(model.named_parameters(), **SAME_BATCH)
+    _same_batch_steps(model, opt, [global_batch(t, TALL) for t in range(STEPS)])
+    return {"params": [p.detach().clone() for p in model.parameters()], "stats": soaa_stats(opt),
+            "rejected": opt.statistics()["rejected"]}
+
+
+def same_batch(rank: int, world_size: int) -> dict[str, Any]:
+    """SOAA(acceptance="same_batch") over FSDP2: the re-evaluated loss, the trial sums and a rejected
+    step's restore of the local shards."""
+    model = sharded_model(TALL, make_mesh(world_size, False))
+    opt = SOAA(model.named_parameters(), **SAME_BATCH)
+    _same_batch_steps(model, opt, [local_batch(t, TALL, rank, world_size) for t in range(STEPS)])
+    return {"params": full_params(model), "stats": soaa_stats(opt), "rejected": opt.statistics()["rejected"]}
