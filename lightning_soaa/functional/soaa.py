@@ -162,7 +162,16 @@ def _moments_kernel(g: Tensor, m: Tensor, v: Tensor, m_out: Tensor, v_out: Tenso
 
 def _update_kernel(p: Tensor, m: Tensor, v: Tensor, scal: Tensor) -> Tensor:
     """θ ← θ·decay + alr·q with q = m / (k1 s max(s, knee) + ε), s = √v; returns float64
-    [Σ m q, Σ (s q)², #(s < knee)]. ``scal = [decay, alr, k1, knee, ε]``."""
+    [Σ m q, Σ (s q)²]. ``scal = [decay, alr, k1, knee, ε]``."""
+    s = torch.sqrt(v)
+    q = m / (scal[4] + scal[2] * torch.clamp_min(s, scal[3]) * s)
+    p.copy_(p * scal[0] + scal[1] * q)
+    sq = s * q
+    return torch.stack([torch.sum(m * q, dtype=torch.float64), torch.sum(sq * sq, dtype=torch.float64)])
+
+
+def _update_count_kernel(p: Tensor, m: Tensor, v: Tensor, scal: Tensor) -> Tensor:
+    """:func:`_update_kernel` plus #(s < knee) (the coordinates on the d-branch), for ``same_batch``."""
     s = torch.sqrt(v)
     q = m / (scal[4] + scal[2] * torch.clamp_min(s, scal[3]) * s)
     p.copy_(p * scal[0] + scal[1] * q)
@@ -188,6 +197,8 @@ class SOAAKernels:
         self.failure: str | None = None
         self.moments: Callable[..., Tensor] = torch.compile(_moments_kernel, dynamic=True, fullgraph=True)
         self.update: Callable[..., Tensor] = torch.compile(_update_kernel, dynamic=True, fullgraph=True)
+        self.update_count: Callable[..., Tensor] = torch.compile(_update_count_kernel, dynamic=True,
+                                                                 fullgraph=True)
 
     def accepts(self, *ts: Tensor) -> bool:
         """Whether these equal-shape tensors (one block) can go through the compiled kernels."""
@@ -237,24 +248,27 @@ def _compiled_soaa_moments(
 def _compiled_soaa_update_(
     kernels: SOAAKernels, params: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
     ts: list[int], *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, d: float, c: float,
+    count_limited: bool,
 ) -> tuple[Tensor, int]:
     """θ of the tensors through the compiled kernel, in order. Returns float64 ``[Σ m̂·u, Σ v̂·u², n_limited]``
     and how many tensors were done (fewer than all after a compiler failure; the rest are untouched)."""
     rows, weights = [], []
+    kernel = kernels.update_count if count_limited else kernels.update
     with torch.no_grad():
         for p, m, v, t in zip(params, exp_avgs, exp_avg_sqs, ts):
             k1, knee, step, bc1, bc2 = _cap_scalars(t, beta1, beta2, d, c)
             scal = kernels.scalars([1.0 - lr * weight_decay, -lr * step, k1, knee, eps], p)
             try:
-                rows.append(kernels.update(_flat(p), _flat(m), _flat(v), scal))
+                rows.append(kernel(_flat(p), _flat(m), _flat(v), scal))
             except Exception as e:  # noqa: BLE001 - fails before writing θ of this tensor
                 kernels.fail(e)
                 break
-            weights.append([step / bc1, step * step / bc2, 1.0])
+            weights.append([step / bc1, step * step / bc2, 1.0][:3 if count_limited else 2])
     if not rows:
         return torch.zeros(3, dtype=torch.float64), 0
     w = torch.tensor(weights, dtype=torch.float64).to(rows[0].device)
-    return (torch.stack(rows) * w).sum(0), len(rows)
+    total = (torch.stack(rows) * w).sum(0)
+    return (total if count_limited else torch.cat([total, total.new_zeros(1)])), len(rows)
 
 
 # ---------------------------------------------------------------- eager kernels
@@ -505,7 +519,7 @@ def soaa_update_(
     total = torch.zeros(3, dtype=torch.float64, device=params[0].device)
     if fast:
         part, n_done = _compiled_soaa_update_(kernels, *(_pick(x, fast) for x in lists),  # type: ignore[arg-type]
-                                              _pick(ts, fast), **kw)
+                                              _pick(ts, fast), count_limited=count_limited, **kw)
         total = total + part.to(total.device)
         rest = sorted(rest + fast[n_done:])
     kernel = _multi_tensor_soaa_update_ if use_foreach(params, foreach) else _single_tensor_soaa_update_

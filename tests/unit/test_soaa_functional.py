@@ -241,7 +241,7 @@ def test_compiler_failure_falls_back_to_eager_with_one_warning(caplog: pytest.Lo
 
     kernels = SOAAKernels(min_numel=10)
     kernels.moments = broken
-    kernels.update = broken
+    kernels.update = kernels.update_count = broken
     data = _state(24, [(300,), (50,)], [1.0, 0.1])
     grads, ms, vs, ps = (list(x.clone() for x in xs) for xs in data)
     m1, v1, a1, b1, _ = _run_both_passes(grads, ms, vs, ps, [3, 3], kernels=kernels, lr=0.1, eps=1e-8,
