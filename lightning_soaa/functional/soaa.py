@@ -84,6 +84,21 @@ def _dot64(a: Tensor, b: Tensor) -> Tensor:
     return torch.bmm(ra.unsqueeze(1), rb.unsqueeze(2)).double().sum() + (ta.double() * tb.double()).sum()
 
 
+def _total64(xs: list[Tensor]) -> Tensor:
+    """Σ over all elements of many tensors, float64: one concatenation on CPU (a norm per tensor costs
+    more than the arithmetic of small tensors), a multi-tensor norm on accelerators (x >= 0 only)."""
+    if xs[0].device.type == "cpu":
+        return _sum64(torch.cat([x.reshape(-1) for x in xs]))
+    return torch.stack(torch._foreach_norm(xs, 1)).double().sum()
+
+
+def _total_sq64(xs: list[Tensor]) -> Tensor:
+    """Σ x² over all elements of many tensors, float64 (see :func:`_total64`)."""
+    if xs[0].device.type == "cpu":
+        return _sum_sq64(torch.cat([x.reshape(-1) for x in xs]))
+    return torch.stack(torch._foreach_norm(xs)).double().square().sum()
+
+
 # The loop path runs the whole chain of elementwise ops on one tile before moving to the next, so the
 # tile's operands stay in cache: the chain costs about one trip to memory instead of one per op.
 _TILE = 1 << 20
@@ -298,20 +313,26 @@ def _cap_scalars(t: int, beta1: float, beta2: float, d: float, c: float) -> tupl
 
 def _multi_tensor_soaa_moments(
     grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], ts: list[int],
-    *, beta1: float, beta2: float, eps: float,
+    out: tuple[list[Tensor], list[Tensor]] | None, *, beta1: float, beta2: float, eps: float,
 ) -> tuple[list[Tensor], list[Tensor], Tensor]:
-    """torch ``_foreach_*`` ops; allocates the new moments."""
-    m_new = list(torch._foreach_lerp(exp_avgs, grads, 1.0 - beta1))
-    v_new = list(torch._foreach_mul(exp_avg_sqs, beta2))
+    """torch ``_foreach_*`` ops, a fixed number of calls whatever the number of tensors: into ``out``
+    (copy, then in place) or into new tensors. Sums from per-tensor norms (Σm² = ‖m‖², Σv = ‖v‖₁ as
+    v >= 0), scaled per tensor by its bias correction in float64."""
+    if out is None:
+        m_new = list(torch._foreach_lerp(exp_avgs, grads, 1.0 - beta1))
+        v_new = list(torch._foreach_mul(exp_avg_sqs, beta2))
+    else:
+        m_new, v_new = list(out[0]), list(out[1])
+        torch._foreach_copy_(m_new, exp_avgs)
+        torch._foreach_lerp_(m_new, grads, 1.0 - beta1)
+        torch._foreach_copy_(v_new, exp_avg_sqs)
+        torch._foreach_mul_(v_new, beta2)
     torch._foreach_addcmul_(v_new, grads, grads, value=1.0 - beta2)
-    s_m2 = torch.zeros((), dtype=torch.float64, device=grads[0].device)
-    s_v = torch.zeros((), dtype=torch.float64, device=grads[0].device)
-    n_eps = 0.0
-    for t, m, v in zip(ts, m_new, v_new):
-        s_m2 = s_m2 + _sum_sq64(m) / (1.0 - beta1**t) ** 2
-        s_v = s_v + _sum64(v) / (1.0 - beta2**t)
-        n_eps += v.numel() * eps
-    return m_new, v_new, torch.stack([s_m2, s_v + n_eps])
+    s_m2 = s_v = 0.0
+    for t, idx in _by_step(ts).items():
+        s_m2 = _total_sq64(_pick(m_new, idx)) / (1.0 - beta1**t) ** 2 + s_m2
+        s_v = _total64(_pick(v_new, idx)) / (1.0 - beta2**t) + s_v
+    return m_new, v_new, torch.stack([s_m2, s_v + eps * sum(g.numel() for g in grads)])  # type: ignore[list-item]
 
 
 def _single_tensor_soaa_moments(
@@ -342,30 +363,26 @@ def _multi_tensor_soaa_update_(
     params: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], t: int, *, lr: float,
     beta1: float, beta2: float, eps: float, weight_decay: float, d: float, c: float, count_limited: bool,
 ) -> Tensor:
-    """Tensors of one step count ``t`` through ``_foreach_*`` ops; float64 ``[Σm̂u, Σv̂u², n_limited]``."""
+    """Tensors of one step count ``t`` through ``_foreach_*`` ops (a fixed number of calls);
+    float64 ``[Σm̂u, Σv̂u², n_limited]``."""
     k1, knee, step, bc1, bc2 = _cap_scalars(t, beta1, beta2, d, c)
     dev = params[0].device
-    s_mu = torch.zeros((), dtype=torch.float64, device=dev)
-    s_vu = torch.zeros((), dtype=torch.float64, device=dev)
     limited = torch.zeros((), dtype=torch.float64, device=dev)
     if weight_decay != 0.0:
         torch._foreach_mul_(params, 1.0 - lr * weight_decay)
-    s = torch._foreach_sqrt(exp_avg_sqs)
-    if count_limited:
-        for si in s:
-            limited = limited + (si < knee).sum()
+    s = list(torch._foreach_sqrt(exp_avg_sqs))
+    if count_limited:  # same_batch only
+        limited = limited + sum((si < knee).sum() for si in s)
     q = list(torch._foreach_clamp_min(s, knee))
     torch._foreach_mul_(q, k1)
     torch._foreach_mul_(q, s)
     torch._foreach_add_(q, eps)
     q = list(torch._foreach_div(exp_avgs, q))
     torch._foreach_add_(params, q, alpha=-lr * step)
-    for m, si, qi in zip(exp_avgs, s, q):
-        # Σ m̂·u = (d / bc1²) Σ m q ;  Σ v̂·u² = (d / bc1)² / bc2 · Σ (s q)²
-        s_mu = s_mu + _dot64(m, qi) * (step / bc1)
-        si.mul_(qi)
-        s_vu = s_vu + _sum_sq64(si) * (step * step / bc2)
-    return torch.stack([s_mu, s_vu, limited])
+    # Σ m̂·u = (d / bc1²) Σ m q ;  Σ v̂·u² = (d / bc1)² / bc2 · Σ (s q)²
+    torch._foreach_mul_(s, q)
+    torch._foreach_mul_(q, exp_avgs)  # m q = m² / (r + ε) >= 0
+    return torch.stack([_total64(q) * (step / bc1), _total_sq64(s) * (step * step / bc2), limited])
 
 
 def _single_tensor_soaa_update_(
@@ -410,6 +427,19 @@ def _split(kernels: SOAAKernels | None, *lists: list[Tensor]) -> tuple[list[int]
     fast = [i for i in range(len(lists[0])) if kernels.accepts(*(x[i] for x in lists))]
     fast_set = set(fast)
     return fast, [i for i in range(len(lists[0])) if i not in fast_set]
+
+
+# Below this many elements a tensor's eager ops cost their dispatch, not their arithmetic: such tensors
+# go through the foreach kernels (a fixed number of calls for all of them) also on CPU, where the
+# allocations are small heap blocks, not fresh pages.
+_SMALL = 1 << 16
+
+
+def _eager_split(tensors: list[Tensor], idx: list[int], foreach: bool | None) -> tuple[list[int], list[int]]:
+    """``idx`` split into the blocks for the foreach kernels and for the tiled loop."""
+    if foreach is not None or not tensors or tensors[0].device.type != "cpu":
+        return (idx, []) if use_foreach(tensors, foreach) else ([], idx)
+    return [i for i in idx if tensors[i].numel() < _SMALL], [i for i in idx if tensors[i].numel() >= _SMALL]
 
 
 def _pick(xs: list[Any], idx: list[int]) -> list[Any]:
@@ -461,20 +491,18 @@ def soaa_moments(
             rest = sorted(rest + fast)
         else:
             total = total + part
-    if rest:
-        sub = [_pick(x, rest) for x in lists]
-        if use_foreach(grads, foreach):
-            ms, vs, part = _multi_tensor_soaa_moments(*sub, _pick(ts, rest), beta1=beta1, beta2=beta2, eps=eps)
-            for i, m, v in zip(rest, ms, vs):
-                if out is None:
-                    m_new[i], v_new[i] = m, v
-                else:
-                    m_new[i].copy_(m)
-                    v_new[i].copy_(v)
-        else:
-            part = _single_tensor_soaa_moments(*sub, _pick(ts, rest), _pick(m_new, rest), _pick(v_new, rest),
-                                               beta1=beta1, beta2=beta2, eps=eps)
+    multi, single = _eager_split(grads, rest, foreach)
+    if multi:
+        sub = [_pick(x, multi) for x in lists]
+        outs = None if out is None else (_pick(m_new, multi), _pick(v_new, multi))
+        ms, vs, part = _multi_tensor_soaa_moments(*sub, _pick(ts, multi), outs, beta1=beta1, beta2=beta2, eps=eps)
+        for i, m, v in zip(multi, ms, vs):
+            m_new[i], v_new[i] = m, v
         total = total + part
+    if single:
+        sub = [_pick(x, single) for x in lists]
+        total = total + _single_tensor_soaa_moments(*sub, _pick(ts, single), _pick(m_new, single),
+                                                    _pick(v_new, single), beta1=beta1, beta2=beta2, eps=eps)
     return m_new, v_new, total
 
 
@@ -522,10 +550,11 @@ def soaa_update_(
                                               _pick(ts, fast), count_limited=count_limited, **kw)
         total = total + part.to(total.device)
         rest = sorted(rest + fast[n_done:])
-    kernel = _multi_tensor_soaa_update_ if use_foreach(params, foreach) else _single_tensor_soaa_update_
-    for t, idx in _by_step(_pick(ts, rest)).items():
-        sub = [_pick(_pick(x, rest), idx) for x in lists]
-        total = total + kernel(*sub, t, count_limited=count_limited, **kw)  # type: ignore[arg-type]
+    multi, single = _eager_split(params, rest, foreach)
+    for kernel, part in ((_multi_tensor_soaa_update_, multi), (_single_tensor_soaa_update_, single)):
+        for t, idx in _by_step(_pick(ts, part)).items():
+            sub = [_pick(_pick(x, part), idx) for x in lists]
+            total = total + kernel(*sub, t, count_limited=count_limited, **kw)  # type: ignore[operator]
     return total[:n_out]
 
 

@@ -320,7 +320,7 @@ class SOAA(ShardedOptimizer):
             m_new, v_new, part = soaa_moments(
                 [v.grad for v in vs],  # type: ignore[misc]
                 ms, [v.state["exp_avg_sq"] for v in vs],
-                ts, beta1=beta1, beta2=beta2, eps=group["eps"], out=out, foreach=fe, kernels=self._kernels(),
+                ts, beta1=beta1, beta2=beta2, eps=group["eps"], out=out, foreach=self.foreach, kernels=self._kernels(),
             )
             for v, m, s, t in zip(vs, m_new, v_new, ts):
                 v.scratch["m"], v.scratch["v"], v.scratch["t"] = m, s, t
@@ -389,7 +389,7 @@ class SOAA(ShardedOptimizer):
                 [v.param for v in vs], [v.state["exp_avg"] for v in vs], [v.state["exp_avg_sq"] for v in vs],
                 [v.scratch.pop("t") for v in vs], lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
                 weight_decay=group["weight_decay"], d=d_prev, c=scal.c, count_limited=same_batch,
-                foreach=fe, kernels=self._kernels(),
+                foreach=self.foreach, kernels=self._kernels(),
             ).to("cpu")
             lag[:2] += lr * part[:2]
             if same_batch:
