@@ -103,7 +103,8 @@ def _timed_rounds(opts: dict[str, Any], args: argparse.Namespace, sync: Callable
                 sync()
                 times[k][r].append(time.perf_counter() - t0)
                 cpu[k][r].append(time.process_time() - c0)
-        log.info("round %d: %s", r, "  ".join(f"{k} {statistics.median(times[k][r]) * 1e3:.2f}" for k in names))
+        log.info("round %d: %s", r,
+                 "  ".join(f"{k} {statistics.median(times[k][r]) * 1e3:.2f}" for k in names))
     return times, cpu
 
 

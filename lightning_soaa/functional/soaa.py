@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -38,12 +37,13 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "SOAAKernels",
     "SOAAScalars",
     "band",
+    "predicted_reduction",
     "soaa_moments",
     "soaa_update_",
     "trust_region_scalars",
-    "predicted_reduction",
     "use_foreach",
 ]
 
@@ -84,19 +84,33 @@ def _dot64(a: Tensor, b: Tensor) -> Tensor:
     return torch.bmm(ra.unsqueeze(1), rb.unsqueeze(2)).double().sum() + (ta.double() * tb.double()).sum()
 
 
+# Up to this many elements in all, the foreach path's global sums convert the concatenated values to
+# float64 (exact products, float64 accumulation, three ATen calls); beyond it they use the chunked sums.
+_CAT64 = 1 << 20
+
+
+def _cat64(xs: list[Tensor]) -> Tensor | None:
+    """All elements of ``xs`` as one float64 vector, or None when too many to copy cheaply."""
+    if sum(x.numel() for x in xs) > _CAT64:
+        return None
+    return torch.cat([x.reshape(-1) for x in xs]).double() if len(xs) > 1 else xs[0].reshape(-1).double()
+
+
 def _total64(xs: list[Tensor]) -> Tensor:
     """Σ over all elements of many tensors, float64: one concatenation on CPU (a norm per tensor costs
     more than the arithmetic of small tensors), a multi-tensor norm on accelerators (x >= 0 only)."""
-    if xs[0].device.type == "cpu":
-        return _sum64(torch.cat([x.reshape(-1) for x in xs]))
-    return torch.stack(torch._foreach_norm(xs, 1)).double().sum()
+    if xs[0].device.type != "cpu":
+        return torch.stack(torch._foreach_norm(xs, 1)).double().sum()
+    flat = _cat64(xs)
+    return flat.sum() if flat is not None else _sum64(torch.cat([x.reshape(-1) for x in xs]))
 
 
 def _total_sq64(xs: list[Tensor]) -> Tensor:
     """Σ x² over all elements of many tensors, float64 (see :func:`_total64`)."""
-    if xs[0].device.type == "cpu":
-        return _sum_sq64(torch.cat([x.reshape(-1) for x in xs]))
-    return torch.stack(torch._foreach_norm(xs)).double().square().sum()
+    if xs[0].device.type != "cpu":
+        return torch.stack(torch._foreach_norm(xs)).double().square().sum()
+    flat = _cat64(xs)
+    return torch.dot(flat, flat) if flat is not None else _sum_sq64(torch.cat([x.reshape(-1) for x in xs]))
 
 
 # The loop path runs the whole chain of elementwise ops on one tile before moving to the next, so the
@@ -254,7 +268,8 @@ def _compiled_soaa_moments(
         except Exception as e:  # noqa: BLE001 - any compiler problem means: run eager
             kernels.fail(e)
             return None
-    weights = torch.tensor([[(1.0 - beta1**t) ** -2, 1.0 / (1.0 - beta2**t)] for t in ts], dtype=torch.float64)
+    weights = torch.tensor([[(1.0 - beta1**t) ** -2, 1.0 / (1.0 - beta2**t)] for t in ts],
+                           dtype=torch.float64)
     total = (torch.stack(sums) * weights.to(sums[0].device)).sum(0)
     return total + torch.tensor([0.0, eps * sum(g.numel() for g in grads)], dtype=torch.float64,
                                 device=total.device)
@@ -262,11 +277,12 @@ def _compiled_soaa_moments(
 
 def _compiled_soaa_update_(
     kernels: SOAAKernels, params: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-    ts: list[int], *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, d: float, c: float,
-    count_limited: bool,
+    ts: list[int], *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, d: float,
+    c: float, count_limited: bool,
 ) -> tuple[Tensor, int]:
-    """θ of the tensors through the compiled kernel, in order. Returns float64 ``[Σ m̂·u, Σ v̂·u², n_limited]``
-    and how many tensors were done (fewer than all after a compiler failure; the rest are untouched)."""
+    """θ of the tensors through the compiled kernel, in order. Returns float64 ``[Σ m̂·u, Σ v̂·u²]``
+    (plus ``n_limited`` with ``count_limited``) and how many tensors were done (fewer than all after a
+    compiler failure; the rest are untouched)."""
     rows, weights = [], []
     kernel = kernels.update_count if count_limited else kernels.update
     with torch.no_grad():
@@ -280,10 +296,10 @@ def _compiled_soaa_update_(
                 break
             weights.append([step / bc1, step * step / bc2, 1.0][:3 if count_limited else 2])
     if not rows:
-        return torch.zeros(3, dtype=torch.float64), 0
+        return torch.zeros(3 if count_limited else 2, dtype=torch.float64), 0
     w = torch.tensor(weights, dtype=torch.float64).to(rows[0].device)
     total = (torch.stack(rows) * w).sum(0)
-    return (total if count_limited else torch.cat([total, total.new_zeros(1)])), len(rows)
+    return total, len(rows)
 
 
 # ---------------------------------------------------------------- eager kernels
@@ -296,7 +312,8 @@ def use_foreach(tensors: list[Tensor], foreach: bool | None) -> bool:
     return bool(tensors) and tensors[0].device.type != "cpu"
 
 
-def _cap_scalars(t: int, beta1: float, beta2: float, d: float, c: float) -> tuple[float, float, float, float, float]:
+def _cap_scalars(t: int, beta1: float, beta2: float, d: float, c: float
+                 ) -> tuple[float, float, float, float, float]:
     """``(k1, knee, step, bc1, bc2)`` of the capped update at step count ``t``.
 
     With s = sqrt(v): d c v̂ = k1 s² and sqrt(v̂) = k2 s (k1 = d c / bc2, k2 = 1 / sqrt(bc2)), so
@@ -313,26 +330,21 @@ def _cap_scalars(t: int, beta1: float, beta2: float, d: float, c: float) -> tupl
 
 def _multi_tensor_soaa_moments(
     grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], ts: list[int],
-    out: tuple[list[Tensor], list[Tensor]] | None, *, beta1: float, beta2: float, eps: float,
+    *, beta1: float, beta2: float, eps: float,
 ) -> tuple[list[Tensor], list[Tensor], Tensor]:
-    """torch ``_foreach_*`` ops, a fixed number of calls whatever the number of tensors: into ``out``
-    (copy, then in place) or into new tensors. Sums from per-tensor norms (Σm² = ‖m‖², Σv = ‖v‖₁ as
-    v >= 0), scaled per tensor by its bias correction in float64."""
-    if out is None:
-        m_new = list(torch._foreach_lerp(exp_avgs, grads, 1.0 - beta1))
-        v_new = list(torch._foreach_mul(exp_avg_sqs, beta2))
-    else:
-        m_new, v_new = list(out[0]), list(out[1])
-        torch._foreach_copy_(m_new, exp_avgs)
-        torch._foreach_lerp_(m_new, grads, 1.0 - beta1)
-        torch._foreach_copy_(v_new, exp_avg_sqs)
-        torch._foreach_mul_(v_new, beta2)
+    """torch ``_foreach_*`` ops, a fixed number of calls whatever the number of tensors, into new
+    tensors (for small tensors an allocation is cheaper than a copy into ``out``). The global sums per
+    step group, scaled by its bias correction, in float64."""
+    m_new = list(torch._foreach_lerp(exp_avgs, grads, 1.0 - beta1))
+    v_new = list(torch._foreach_mul(exp_avg_sqs, beta2))
     torch._foreach_addcmul_(v_new, grads, grads, value=1.0 - beta2)
-    s_m2 = s_v = 0.0
+    s_m2: list[Tensor] = []
+    s_v: list[Tensor] = []
     for t, idx in _by_step(ts).items():
-        s_m2 = _total_sq64(_pick(m_new, idx)) / (1.0 - beta1**t) ** 2 + s_m2
-        s_v = _total64(_pick(v_new, idx)) / (1.0 - beta2**t) + s_v
-    return m_new, v_new, torch.stack([s_m2, s_v + eps * sum(g.numel() for g in grads)])  # type: ignore[list-item]
+        s_m2.append(_total_sq64(_pick(m_new, idx)) / (1.0 - beta1**t) ** 2)
+        s_v.append(_total64(_pick(v_new, idx)) / (1.0 - beta2**t))
+    n_eps = eps * sum(g.numel() for g in grads)
+    return m_new, v_new, torch.stack([sum(s_m2[1:], s_m2[0]), sum(s_v[1:], s_v[0]) + n_eps])
 
 
 def _single_tensor_soaa_moments(
@@ -366,13 +378,12 @@ def _multi_tensor_soaa_update_(
     """Tensors of one step count ``t`` through ``_foreach_*`` ops (a fixed number of calls);
     float64 ``[Σm̂u, Σv̂u², n_limited]``."""
     k1, knee, step, bc1, bc2 = _cap_scalars(t, beta1, beta2, d, c)
-    dev = params[0].device
-    limited = torch.zeros((), dtype=torch.float64, device=dev)
     if weight_decay != 0.0:
         torch._foreach_mul_(params, 1.0 - lr * weight_decay)
     s = list(torch._foreach_sqrt(exp_avg_sqs))
+    sums = []
     if count_limited:  # same_batch only
-        limited = limited + sum((si < knee).sum() for si in s)
+        sums.append(torch.stack([(si < knee).sum() for si in s]).sum().double())
     q = list(torch._foreach_clamp_min(s, knee))
     torch._foreach_mul_(q, k1)
     torch._foreach_mul_(q, s)
@@ -382,7 +393,7 @@ def _multi_tensor_soaa_update_(
     # Σ m̂·u = (d / bc1²) Σ m q ;  Σ v̂·u² = (d / bc1)² / bc2 · Σ (s q)²
     torch._foreach_mul_(s, q)
     torch._foreach_mul_(q, exp_avgs)  # m q = m² / (r + ε) >= 0
-    return torch.stack([_total64(q) * (step / bc1), _total_sq64(s) * (step * step / bc2), limited])
+    return torch.stack([_total64(q) * (step / bc1), _total_sq64(s) * (step * step / bc2)] + sums)
 
 
 def _single_tensor_soaa_update_(
@@ -416,7 +427,8 @@ def _single_tensor_soaa_update_(
         acc_vu.sum_sq(si)
         torch.mul(mt, qi, out=si)  # m q = m² / (r + ε) >= 0 (cheaper than a batched dot here)
         acc_mu.sum(si)
-    return torch.stack([acc_mu.total(dev) * (step / bc1), acc_vu.total(dev) * (step * step / bc2), limited])
+    sums = [acc_mu.total(dev) * (step / bc1), acc_vu.total(dev) * (step * step / bc2)]
+    return torch.stack(sums + [limited] if count_limited else sums)
 
 
 # ---------------------------------------------------------------- dispatchers
@@ -442,8 +454,18 @@ def _eager_split(tensors: list[Tensor], idx: list[int], foreach: bool | None) ->
     return [i for i in idx if tensors[i].numel() < _SMALL], [i for i in idx if tensors[i].numel() >= _SMALL]
 
 
+def _add(parts: list[Tensor]) -> Tensor:
+    """The sum of the kernels' partial-sum vectors (usually there is one)."""
+    return parts[0] if len(parts) == 1 else torch.stack([p.to(parts[0].device) for p in parts]).sum(0)
+
+
 def _pick(xs: list[Any], idx: list[int]) -> list[Any]:
     return [xs[i] for i in idx]
+
+
+def _sub(lists: tuple[list[Tensor], list[Tensor], list[Tensor]], idx: list[int]
+         ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    return _pick(lists[0], idx), _pick(lists[1], idx), _pick(lists[2], idx)
 
 
 def soaa_moments(
@@ -465,9 +487,9 @@ def soaa_moments(
         grads, exp_avgs, exp_avg_sqs: equal-shape tensors per block (any shape, any floating dtype).
         ts: the step count of this update per tensor (``t >= 1``), used for the bias correction.
         beta1, beta2, eps: as in :class:`~lightning_soaa.optim.soaa.SOAA`.
-        out: buffers (shaped like the moments, not aliasing them) that receive :math:`m_t, v_t`;
-            ``None`` allocates. Only the compiled and the loop path write into them; with ``out`` the
-            returned lists are ``out``'s tensors whatever the path.
+        out: buffers (shaped like the moments, not aliasing them) that receive :math:`m_t, v_t` on
+            the compiled and the loop path; ``None`` allocates. The foreach path always allocates (its
+            tensors are small on CPU), so use the returned lists, not ``out``.
         foreach: ``None`` picks foreach on CUDA and the loop on CPU (same arithmetic, bit-identical).
         kernels: compiled kernels (:class:`SOAAKernels`) for the blocks they accept; the other blocks,
             and all blocks when ``None``, take the eager path chosen by ``foreach``.
@@ -480,30 +502,35 @@ def soaa_moments(
     if not grads:
         return [], [], torch.zeros(2, dtype=torch.float64)
     lists = (grads, exp_avgs, exp_avg_sqs)
-    m_new = list(out[0]) if out is not None else [torch.empty_like(m) for m in exp_avgs]
-    v_new = list(out[1]) if out is not None else [torch.empty_like(v) for v in exp_avg_sqs]
-    fast, rest = _split(kernels, *lists, m_new, v_new)
-    total = torch.zeros(2, dtype=torch.float64, device=grads[0].device)
-    if fast:
-        part = _compiled_soaa_moments(kernels, *(_pick(x, fast) for x in lists), _pick(m_new, fast),  # type: ignore[arg-type]
-                                      _pick(v_new, fast), _pick(ts, fast), beta1=beta1, beta2=beta2, eps=eps)
-        if part is None:
-            rest = sorted(rest + fast)
-        else:
-            total = total + part
+    fast, rest = _split(kernels, *lists, *(out if out is not None else ()))
     multi, single = _eager_split(grads, rest, foreach)
+    m_new: list[Tensor] = list(out[0]) if out is not None else list(exp_avgs)  # placeholders until written
+    v_new: list[Tensor] = list(out[1]) if out is not None else list(exp_avg_sqs)
+    if out is None:  # the foreach kernels allocate their own
+        for i in fast + single:
+            m_new[i], v_new[i] = torch.empty_like(exp_avgs[i]), torch.empty_like(exp_avg_sqs[i])
+    parts: list[Tensor] = []
+    if fast:
+        assert kernels is not None
+        g_, m_, v_ = _sub(lists, fast)
+        part = _compiled_soaa_moments(kernels, g_, m_, v_, _pick(m_new, fast), _pick(v_new, fast),
+                                      _pick(ts, fast), beta1=beta1, beta2=beta2, eps=eps)
+        if part is None:  # compiler failure: these blocks take the eager path too
+            multi, single = _eager_split(grads, sorted(rest + fast), foreach)
+        else:
+            parts.append(part)
     if multi:
-        sub = [_pick(x, multi) for x in lists]
-        outs = None if out is None else (_pick(m_new, multi), _pick(v_new, multi))
-        ms, vs, part = _multi_tensor_soaa_moments(*sub, _pick(ts, multi), outs, beta1=beta1, beta2=beta2, eps=eps)
+        g_, m_, v_ = _sub(lists, multi)
+        ms, vs, part = _multi_tensor_soaa_moments(g_, m_, v_, _pick(ts, multi), beta1=beta1, beta2=beta2,
+                                                  eps=eps)
         for i, m, v in zip(multi, ms, vs):
             m_new[i], v_new[i] = m, v
-        total = total + part
+        parts.append(part)
     if single:
-        sub = [_pick(x, single) for x in lists]
-        total = total + _single_tensor_soaa_moments(*sub, _pick(ts, single), _pick(m_new, single),
-                                                    _pick(v_new, single), beta1=beta1, beta2=beta2, eps=eps)
-    return m_new, v_new, total
+        g_, m_, v_ = _sub(lists, single)
+        parts.append(_single_tensor_soaa_moments(g_, m_, v_, _pick(ts, single), _pick(m_new, single),
+                                                 _pick(v_new, single), beta1=beta1, beta2=beta2, eps=eps))
+    return m_new, v_new, _add(parts)
 
 
 def soaa_update_(
@@ -542,20 +569,24 @@ def soaa_update_(
     if not params:
         return torch.zeros(n_out, dtype=torch.float64)
     lists = (params, exp_avgs, exp_avg_sqs)
-    kw = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, d=d, c=c)
+    kw: dict[str, Any] = {"lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps, "weight_decay": weight_decay,
+                          "d": d, "c": c, "count_limited": count_limited}
     fast, rest = _split(kernels, *lists)
-    total = torch.zeros(3, dtype=torch.float64, device=params[0].device)
+    parts: list[Tensor] = []
     if fast:
-        part, n_done = _compiled_soaa_update_(kernels, *(_pick(x, fast) for x in lists),  # type: ignore[arg-type]
-                                              _pick(ts, fast), count_limited=count_limited, **kw)
-        total = total + part.to(total.device)
+        assert kernels is not None
+        p_, m_, v_ = _sub(lists, fast)
+        done, n_done = _compiled_soaa_update_(kernels, p_, m_, v_, _pick(ts, fast), **kw)
+        parts.append(done)
         rest = sorted(rest + fast[n_done:])
     multi, single = _eager_split(params, rest, foreach)
-    for kernel, part in ((_multi_tensor_soaa_update_, multi), (_single_tensor_soaa_update_, single)):
-        for t, idx in _by_step(_pick(ts, part)).items():
-            sub = [_pick(_pick(x, part), idx) for x in lists]
-            total = total + kernel(*sub, t, count_limited=count_limited, **kw)  # type: ignore[operator]
-    return total[:n_out]
+    eager: tuple[tuple[Callable[..., Tensor], list[int]], ...] = (
+        (_multi_tensor_soaa_update_, multi), (_single_tensor_soaa_update_, single))
+    for kernel, blocks in eager:
+        for t, idx in _by_step(_pick(ts, blocks)).items():
+            p_, m_, v_ = _sub(lists, [blocks[i] for i in idx])
+            parts.append(kernel(p_, m_, v_, t, **kw))
+    return _add(parts)
 
 
 def predicted_reduction(lr_m_u: float, lr_v_u2: float) -> float:

@@ -320,7 +320,8 @@ class SOAA(ShardedOptimizer):
             m_new, v_new, part = soaa_moments(
                 [v.grad for v in vs],  # type: ignore[misc]
                 ms, [v.state["exp_avg_sq"] for v in vs],
-                ts, beta1=beta1, beta2=beta2, eps=group["eps"], out=out, foreach=self.foreach, kernels=self._kernels(),
+                ts, beta1=beta1, beta2=beta2, eps=group["eps"], out=out, foreach=self.foreach,
+                kernels=self._kernels(),
             )
             for v, m, s, t in zip(vs, m_new, v_new, ts):
                 v.scratch["m"], v.scratch["v"], v.scratch["t"] = m, s, t
@@ -379,7 +380,7 @@ class SOAA(ShardedOptimizer):
                 v.state["exp_avg"] = v.scratch.pop("m")
                 v.state["exp_avg_sq"] = v.scratch.pop("v")
             fe = use_foreach(old_m, self.foreach)
-            if not fe or self._kernels() is not None:  # the stale moments become the buffers that receive the next step's moments
+            if not fe or self._kernels() is not None:  # the stale moments receive the next step's moments
                 for v, m, sq in zip(vs, old_m, old_v):
                     self._spare[v.block.key] = (m, sq)
             torch._foreach_add_([v.state["step"] for v in vs], 1.0)

@@ -153,8 +153,9 @@ def _kernels_or_skip(kernels: SOAAKernels) -> None:
 
 
 def _run_both_passes(grads, ms, vs, ps, ts, *, kernels, foreach=None, count_limited=False, **kw):
+    out = ([torch.empty_like(x) for x in ms], [torch.empty_like(x) for x in vs])
     m, v, a = soaa_moments(grads, ms, vs, ts, beta1=B1, beta2=B2, eps=kw["eps"], foreach=foreach,
-                           kernels=kernels, out=([torch.empty_like(x) for x in ms], [torch.empty_like(x) for x in vs]))
+                           kernels=kernels, out=out)
     c = 1 + a[0].item() / a[1].item()
     b = soaa_update_(ps, m, v, ts, beta1=B1, beta2=B2, c=c, count_limited=count_limited, foreach=foreach,
                      kernels=kernels, **kw)
@@ -169,7 +170,7 @@ def test_compiled_kernels_match_the_spec_transcription(dtype: torch.dtype) -> No
     shapes = [(70, 50), (5,), (3001,), (40, 30)]
     grads, ms, vs, ps = _state(21, shapes, [3.0, 1e-3, 0.3, 1.0])
     t, lr, eps, wd, d = 3, 0.1, 1e-8, 0.01, 1.3
-    cast = lambda xs: [x.to(dtype) for x in xs]  # noqa: E731
+    cast = lambda xs: [x.to(dtype) for x in xs]
     grads_c, ms_c, vs_c, ps_c = cast(grads), cast(ms), cast(vs), cast(ps)
     # the transcription of the rounded inputs: what is left is the kernels' own arithmetic
     ref = _reference(*[[x.double() for x in xs] for xs in (grads_c, ms_c, vs_c, ps_c)], t, lr=lr, eps=eps,
@@ -198,7 +199,7 @@ def test_compiled_kernels_agree_with_the_loop_path_per_tensor_steps_and_count() 
     ts = [2, 9, 9]
     runs = []
     for kernels in (SOAAKernels(min_numel=1000), None):
-        grads, ms, vs, ps = (list(x.clone() for x in xs) for xs in data)
+        grads, ms, vs, ps = ([x.clone() for x in xs] for xs in data)
         m, v, a, b, c = _run_both_passes(grads, ms, vs, ps, ts, kernels=kernels, foreach=False,
                                          count_limited=True, lr=0.1, eps=1e-8, weight_decay=0.01, d=1.2)
         if kernels is not None:
@@ -219,7 +220,7 @@ def test_compiled_kernels_bf16_match_the_reference() -> None:
     kernels = SOAAKernels(min_numel=1000)
     grads, ms, vs, ps = _state(23, [(3000,)], [1.0])
     t, kw = 4, dict(lr=0.05, eps=1e-8, weight_decay=0.01, d=1.1)
-    bf = lambda xs: [x.bfloat16() for x in xs]  # noqa: E731
+    bf = lambda xs: [x.bfloat16() for x in xs]
     grads_b, ms_b, vs_b, ps_b = bf(grads), bf(ms), bf(vs), bf(ps)
     m, v, a, b, c = _run_both_passes(grads_b, ms_b, vs_b, ps_b, [t], kernels=kernels, **kw)
     _kernels_or_skip(kernels)
@@ -243,12 +244,12 @@ def test_compiler_failure_falls_back_to_eager_with_one_warning(caplog: pytest.Lo
     kernels.moments = broken
     kernels.update = kernels.update_count = broken
     data = _state(24, [(300,), (50,)], [1.0, 0.1])
-    grads, ms, vs, ps = (list(x.clone() for x in xs) for xs in data)
+    grads, ms, vs, ps = ([x.clone() for x in xs] for xs in data)
     m1, v1, a1, b1, _ = _run_both_passes(grads, ms, vs, ps, [3, 3], kernels=kernels, lr=0.1, eps=1e-8,
                                          weight_decay=0.0, d=1.0)
     assert kernels.failure is not None and "no C++ compiler" in kernels.failure
     assert sum("compiled kernels failed" in r.message for r in caplog.records) == 1
-    grads, ms, vs, ps2 = (list(x.clone() for x in xs) for xs in data)
+    grads, ms, vs, ps2 = ([x.clone() for x in xs] for xs in data)
     m2, v2, a2, b2, _ = _run_both_passes(grads, ms, vs, ps2, [3, 3], kernels=None, lr=0.1, eps=1e-8,
                                          weight_decay=0.0, d=1.0)
     assert torch.equal(a1, a2) and torch.equal(b1, b2)
@@ -262,7 +263,7 @@ def test_compiled_kernels_on_cuda_match_the_reference() -> None:
     grads, ms, vs, ps = _state(25, shapes, [1.0, 0.1])
     t, lr, eps, wd, d = 5, 0.05, 1e-8, 0.01, 1.2
     ref = _reference(grads, ms, vs, ps, t, lr=lr, eps=eps, wd=wd, d=d)
-    cu = lambda xs: [x.float().cuda() for x in xs]  # noqa: E731
+    cu = lambda xs: [x.float().cuda() for x in xs]
     grads_c, ms_c, vs_c, ps_c = cu(grads), cu(ms), cu(vs), cu(ps)
     m, v, a, b, c = _run_both_passes(grads_c, ms_c, vs_c, ps_c, [t, t], kernels=kernels, lr=lr, eps=eps,
                                      weight_decay=wd, d=d)
