@@ -16,11 +16,22 @@ One step, with the optimizer's single all-reduce between the two tensor kernels:
 per tensor (torch's convention, and what DeepSpeed ZeRO-3 needs, since it calls ``step()`` once per
 sub-group), so tensors that joined later are bias-corrected like Adam does.
 
-Two execution paths with the same arithmetic: ``foreach`` (torch ``_foreach_*`` ops; default on CUDA)
-and a loop (default on CPU) that writes into caller-owned buffers and runs the whole chain of ops tile
-by tile, because on CPU the foreach ops are a per-tensor loop anyway and their out-of-place forms
-allocate a parameter-sized tensor per op. Global sums are accumulated per row of 4096 elements in the
-tensor's dtype and added in float64.
+Kernels, torch-style, behind the two dispatchers :func:`soaa_moments` and :func:`soaa_update_` (same
+arithmetic, per block):
+
+* compiled (``_compiled_*``): each pass is one ``torch.compile``'d sweep over a whole tensor (C++/OpenMP
+  on CPU, Triton on CUDA) that also accumulates the sums, for blocks of at least
+  ``SOAAKernels.min_numel`` elements, when the caller passes a :class:`SOAAKernels` (the optimizer owns
+  it: ``SOAA(compile=...)``; nothing is cached in this module);
+* multi-tensor (``_multi_tensor_*``): torch ``_foreach_*`` ops, a fixed number of calls for any number of
+  tensors; default on CUDA, and on CPU for tensors under 2**16 elements, where an op's dispatch costs
+  more than its arithmetic;
+* single-tensor (``_single_tensor_*``): on CPU, the whole chain of ops tile by tile into caller-owned
+  buffers, because there the foreach ops are a per-tensor loop anyway and their out-of-place forms
+  allocate a parameter-sized tensor per op. Global sums are accumulated per row of 4096 elements in the
+  tensor's dtype and added in float64.
+
+``foreach=True/False`` forces one eager kernel for every block that does not take the compiled one.
 """
 
 from __future__ import annotations
@@ -172,6 +183,12 @@ class _Acc:
 # the scalars travel as one small tensor, so new step counts or learning rates never recompile. The
 # compiled callables live in a SOAAKernels object owned by the caller (the optimizer): this module keeps
 # no state of its own. Sums are accumulated in float64 inside the loop (no chunking needed).
+# Measured (1 thread, 10 x 1e6 fp32, CPU time): moments 10.8 ms, update 11.6 ms, fused AdamW's whole step
+# 7.5 ms. The moments pass writes into buffers that are not in cache (the optimizer's spares, so that a
+# skipped step leaves the state untouched), which costs a read-for-ownership per store: ~28 B/param of
+# traffic, as much as fused AdamW's in-place step. Recomputing the moments in place in the update pass
+# (pass 1 only reads and sums) would cut that and the spare buffers; inductor then needs the same care
+# as above to keep one loop.
 
 
 def _moments_kernel(g: Tensor, m: Tensor, v: Tensor, m_out: Tensor, v_out: Tensor, scal: Tensor) -> Tensor:
