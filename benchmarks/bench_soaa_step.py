@@ -1,32 +1,35 @@
-"""SOAA optimizer-step time vs ``torch.optim.AdamW(foreach=True)`` on a ~10M-parameter model, in one run.
+"""SOAA optimizer-step time against ``torch.optim.AdamW(fused=True)`` (and foreach AdamW), in one run.
 
-What is measured: the wall time of ``optimizer.step()`` alone. Every optimizer gets its own copy of the
-same model with the same fixed gradients (no forward/backward, so only the optimizer is timed); steps
-are interleaved and the order rotates every step, so machine noise and cache effects hit every
-optimizer alike. The reported number is the ratio of medians over the timed steps.
+What is measured: the wall time of ``optimizer.step()`` alone on ``--count`` tensors of ``--shape``
+(default 10 x 1000x1000, 10M parameters, the figure of issue 14). Every optimizer gets its own copy of
+the same parameters with the same fixed gradients (no forward/backward, only the optimizer is timed);
+steps are interleaved and the order rotates every step, so machine noise and cache effects hit every
+optimizer alike. The run is split into ``--rounds`` rounds; per round the median step time of each
+optimizer and its ratio to fused AdamW are taken, and the report gives the median over rounds with the
+min-max spread of the round medians (on a shared machine single rounds can be far off).
 
-Optimizers: ``torch.optim.AdamW(foreach=True)`` (the baseline), ``SOAA`` (default path: on CPU a
-tiled per-tensor loop into preallocated buffers, on CUDA foreach), ``ShardedAdamW`` (the package's own
-AdamW, for reference) and, with ``--with-foreach``, ``SOAA(foreach=True)``. SOAA gets a loss every step
-through ``step(loss=...)``; its trust-region statistics, one scalar all-reduce (a no-op here, W = 1)
-and the lagged predicted-reduction sums are all part of the timed step.
+Optimizers: ``adamw_fused`` (baseline: one ATen kernel, at the memory-bandwidth bound), ``adamw_foreach``,
+``soaa`` (default: ``compile=True``, the two passes as compiled kernels), ``soaa_eager``
+(``compile=False``: the tiled loop on CPU, foreach on CUDA) and ``sharded_adamw`` (the package's AdamW).
+SOAA gets a loss every step through ``step(loss=...)``; its trust-region statistics, one scalar
+all-reduce (a no-op here, W = 1) and the lagged predicted-reduction sums are all part of the timed step.
+
+Memory traffic per parameter (fp32): fused AdamW reads θ, g, m, v and writes θ, m, v: 28 B. SOAA's
+first pass reads g, m, v and writes m', v' (20 B), its second reads θ, m', v' and writes θ (16 B): 36 B,
+so 36/28 = 1.29x fused AdamW is the bound for two passes.
 
 Usage::
 
-    python benchmarks/bench_soaa_step.py                      # ~1-3 minutes on a 2-core CPU, 1 thread
-    python benchmarks/bench_soaa_step.py --threads 0          # torch's default thread count
-    python benchmarks/bench_soaa_step.py --steps 200 --device cuda
+    python benchmarks/bench_soaa_step.py --threads 2            # ~1-2 minutes on a 2-core CPU
+    python benchmarks/bench_soaa_step.py --threads 1 --dtype bfloat16
+    python benchmarks/bench_soaa_step.py --device cuda --steps 200
 
-Writes ``benchmarks/results/bench_soaa_step.json`` and ``bench_soaa_step.png`` (``*_warm.*`` with
-``--warm-allocator``). The allocator matters on CPU: AdamW allocates a parameter-sized temporary every
-step, which with glibc's defaults is a fresh mmap (page faults) each time; in a training process the
-heap is usually warm. Report both.
+Writes ``benchmarks/results/bench_soaa_step_<device>_<dtype>_t<threads>.json`` and ``.png``.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import os
@@ -38,157 +41,177 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from lightning_soaa import SOAA, ShardedAdamW
 
 log = logging.getLogger("bench_soaa_step")
 
 
-def build_model(width: int, layers: int, out: int) -> nn.Module:
-    mods: list[nn.Module] = []
-    for _ in range(layers):
-        mods += [nn.Linear(width, width), nn.GELU()]
-    mods.append(nn.Linear(width, out))
-    return nn.Sequential(*mods)
+def _params(shape: tuple[int, ...], count: int, dtype: torch.dtype, device: torch.device,
+            grads: list[torch.Tensor]) -> list[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(shape, generator=g).to(device, dtype)) for _ in range(count)]
+    for p, gr in zip(ps, grads):
+        p.grad = gr.clone()
+    return ps
 
 
-def _warm_allocator() -> bool:
-    """Ask glibc never to return freed memory to the OS (no mmap for big blocks, no trimming)."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        ok = libc.mallopt(m_mmap_threshold, 2**30) == 1 and libc.mallopt(m_trim_threshold, 2**31 - 1) == 1
-    except (OSError, AttributeError):
-        ok = False
-    if not ok:
-        log.warning("--warm-allocator: mallopt is not available here; running with the default allocator")
-    return ok
+def _optimizers(args: argparse.Namespace, make: Callable[[], list[torch.nn.Parameter]]) -> dict[str, Any]:
+    kw = dict(lr=1e-3, weight_decay=0.01)
+    opts: dict[str, Any] = {
+        "adamw_fused": torch.optim.AdamW(make(), fused=True, **kw),
+        "adamw_foreach": torch.optim.AdamW(make(), foreach=True, **kw),
+        "soaa": SOAA(make(), total_steps=1000, compile=True, **kw),
+        "soaa_eager": SOAA(make(), total_steps=1000, compile=False, **kw),
+    }
+    if args.with_sharded_adamw:
+        opts["sharded_adamw"] = ShardedAdamW(make(), **kw)
+    return opts
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--width", type=int, default=1024)
-    ap.add_argument("--layers", type=int, default=9)
-    ap.add_argument("--out", type=int, default=1000)
-    ap.add_argument("--steps", type=int, default=60, help="timed steps per optimizer")
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (0: torch's default). Default 1: on a shared, oversubscribed CPU "
-                         "every multi-threaded op waits for a descheduled OpenMP thread (~8 ms per op "
-                         "measured here), which then measures the scheduler, not the optimizer")
-    ap.add_argument("--warm-allocator", action="store_true",
-                    help="glibc only: keep freed memory in the heap (mallopt), as in a training process "
-                         "whose forward/backward keep the heap warm; then AdamW's per-step temporary "
-                         "costs no page faults")
-    ap.add_argument("--with-foreach", action="store_true",
-                    help="also time SOAA(foreach=True) (on CPU it allocates per step; meant for CUDA)")
-    ap.add_argument("--results", default=str(Path(__file__).resolve().parent / "results"))
-    args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    warm = _warm_allocator() if args.warm_allocator else False
-    torch.manual_seed(0)
-    device = torch.device(args.device)
-
-    base = build_model(args.width, args.layers, args.out).to(device)
-    n_params = sum(p.numel() for p in base.parameters())
-    grads = [torch.randn_like(p) * 1e-3 for p in base.parameters()]
-
-    def fresh() -> list[nn.Parameter]:
-        ps = [p for p in copy.deepcopy(base).parameters()]
-        for p, g in zip(ps, grads):
-            p.grad = g.clone()
-        return ps
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    adamw = torch.optim.AdamW(fresh(), lr=1e-3, weight_decay=0.01, foreach=True)
-    soaa = SOAA(fresh(), lr=1e-3, weight_decay=0.01, total_steps=1000)
-    soaa_fe = (SOAA(fresh(), lr=1e-3, weight_decay=0.01, total_steps=1000, foreach=True)
-               if args.with_foreach else None)
-    sadamw = ShardedAdamW(fresh(), lr=1e-3, weight_decay=0.01)
+def _timed_rounds(opts: dict[str, Any], args: argparse.Namespace, sync: Callable[[], None]
+                  ) -> tuple[dict[str, list[list[float]]], dict[str, list[list[float]]]]:
+    """Per optimizer and round: the wall times and the process CPU times (s) of the timed steps."""
+    names = list(opts)
     step_no = [0]
 
-    def soaa_step(opt: SOAA) -> Callable[[], None]:
-        return lambda: opt.step(loss=1.0 / (1.0 + 0.01 * step_no[0]))
+    def runner(k: str) -> Callable[[], Any]:
+        opt = opts[k]
+        if isinstance(opt, SOAA):
+            return lambda: opt.step(loss=1.0 / (1.0 + 0.01 * step_no[0]))
+        return opt.step
 
-    runs: dict[str, Callable[[], Any]] = {
-        "adamw_foreach": adamw.step,
-        "soaa": soaa_step(soaa),
-        "sharded_adamw": sadamw.step,
-    }
-    if soaa_fe is not None:
-        runs["soaa_foreach"] = soaa_step(soaa_fe)
-    names = list(runs)
-    times: dict[str, list[float]] = {k: [] for k in names}
-    for i in range(args.warmup + args.steps):
+    runs = {k: runner(k) for k in names}
+    for i in range(args.warmup):  # includes the compilation of SOAA's kernels
         step_no[0] = i
-        order = names[i % len(names):] + names[:i % len(names)]  # rotate: no optimizer always goes first
-        for k in order:
-            sync()
-            t0 = time.perf_counter()
+        for k in names:
             runs[k]()
-            sync()
-            if i >= args.warmup:
-                times[k].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-    ratio = {k: med[k] / med["adamw_foreach"] for k in names}
-    result = {
-        "benchmark": "bench_soaa_step",
-        "model": {"width": args.width, "layers": args.layers, "out": args.out, "params": n_params},
-        "device": str(device),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "warm_allocator": warm,
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "steps": args.steps,
-        "warmup": args.warmup,
-        "median_step_ms": med,
-        "p10_step_ms": {k: sorted(v)[len(v) // 10] * 1e3 for k, v in times.items()},
-        "p90_step_ms": {k: sorted(v)[(9 * len(v)) // 10] * 1e3 for k, v in times.items()},
-        "ratio_to_adamw_foreach": ratio,
-        "goal": "soaa / adamw_foreach <= 1.2",
-        "goal_met": ratio["soaa"] <= 1.2,
-        "soaa_stats": soaa.statistics(),
-    }
-    out_dir = Path(args.results)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = "bench_soaa_step_warm" if warm else "bench_soaa_step"
-    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2))
-    for k in names:
-        log.info("%-14s median %8.2f ms   ratio to AdamW(foreach) %.3f", k, med[k], ratio[k])
-    log.info("params: %d; goal SOAA <= 1.2x AdamW(foreach): %s", n_params,
-             "met" if result["goal_met"] else "NOT met")
+    sync()
+    times: dict[str, list[list[float]]] = {k: [] for k in names}
+    cpu: dict[str, list[list[float]]] = {k: [] for k in names}
+    for r in range(args.rounds):
+        for k in names:
+            times[k].append([])
+            cpu[k].append([])
+        for i in range(args.steps):
+            step_no[0] += 1
+            j = i % len(names)
+            for k in names[j:] + names[:j]:  # rotate: no optimizer always goes first
+                sync()
+                c0, t0 = time.process_time(), time.perf_counter()
+                runs[k]()
+                sync()
+                times[k][r].append(time.perf_counter() - t0)
+                cpu[k][r].append(time.process_time() - c0)
+        log.info("round %d: %s", r,
+                 "  ".join(f"{k} {statistics.median(times[k][r]) * 1e3:.2f}" for k in names))
+    return times, cpu
 
+
+def _summary(times: dict[str, list[list[float]]]) -> dict[str, Any]:
+    base = "adamw_fused"
+    out: dict[str, Any] = {}
+    for k, rounds in times.items():
+        med = [statistics.median(r) * 1e3 for r in rounds]
+        ratio = [statistics.median(r) / statistics.median(b) for r, b in zip(rounds, times[base])]
+        flat = sorted(t * 1e3 for r in rounds for t in r)
+        out[k] = {
+            "median_ms": statistics.median(med), "round_medians_ms": med,
+            "min_ms": flat[0], "p10_ms": flat[len(flat) // 10], "p90_ms": flat[(9 * len(flat)) // 10],
+            "ratio_to_adamw_fused": statistics.median(ratio),
+            "ratio_round_min": min(ratio), "ratio_round_max": max(ratio),
+        }
+    return out
+
+
+def _plot(times: dict[str, list[list[float]]], summary: dict[str, Any], title: str, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-    ax[0].boxplot([[t * 1e3 for t in times[k]] for k in names], showfliers=False)
+    names = list(times)
+    fig, ax = plt.subplots(1, 2, figsize=(12, 4.2))
+    ax[0].boxplot([[t * 1e3 for r in times[k] for t in r] for k in names], showfliers=False)
     ax[0].set_xticks(range(1, len(names) + 1), names, rotation=15)
     ax[0].set_ylabel("optimizer.step() [ms]")
-    ax[0].set_title(f"{n_params / 1e6:.1f}M params, {device}, {torch.get_num_threads()} threads")
+    ax[0].set_title(title, fontsize=9)
     for k in names:
-        ax[1].plot([t * 1e3 for t in times[k]], label=k, lw=0.8)
-    ax[1].set_xlabel("timed step (interleaved)")
+        ax[1].plot([t * 1e3 for r in times[k] for t in r], label=k, lw=0.7)
+    ax[1].set_yscale("log")
+    ax[1].set_xlabel("timed step (interleaved, all rounds)")
     ax[1].set_ylabel("ms")
-    ax[1].legend()
-    ax[1].set_title(f"median SOAA / AdamW(foreach) = {ratio['soaa']:.2f}"
-                    + (" (warm alloc.)" if warm else ""))
+    ax[1].legend(fontsize=8)
+    s = summary["soaa"]
+    ax[1].set_title(f"SOAA / fused AdamW: median {s['ratio_to_adamw_fused']:.2f}x "
+                    f"(rounds {s['ratio_round_min']:.2f}-{s['ratio_round_max']:.2f})", fontsize=9)
     fig.tight_layout()
-    fig.savefig(out_dir / f"{stem}.png", dpi=120)
-    log.info("wrote %s and %s", out_dir / f"{stem}.json", out_dir / f"{stem}.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="1000x1000", help="shape of each tensor, e.g. 1000x1000")
+    ap.add_argument("--count", type=int, default=10, help="number of tensors")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--steps", type=int, default=25, help="timed steps per optimizer and round")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (0: torch's default)")
+    ap.add_argument("--with-sharded-adamw", action="store_true", help="also time the package's ShardedAdamW")
+    ap.add_argument("--results", default=str(Path(__file__).resolve().parent / "results"))
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    shape = tuple(int(x) for x in args.shape.split("x"))
+    g = torch.Generator().manual_seed(1)
+    grads = [(torch.randn(shape, generator=g) * 1e-3).to(device, dtype) for _ in range(args.count)]
+    opts = _optimizers(args, lambda: _params(shape, args.count, dtype, device, grads))
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    t0 = time.perf_counter()
+    times, cpu = _timed_rounds(opts, args, sync)
+    summary = _summary(times)
+    summary_cpu = _summary(cpu)
+    n_params = args.count * int(torch.Size(shape).numel())
+    kernels = opts["soaa"]._kernels()
+    result = {
+        "benchmark": "bench_soaa_step",
+        "tensors": {"shape": list(shape), "count": args.count, "params": n_params, "dtype": args.dtype},
+        "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(), "platform": platform.platform(),
+        "load_average_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "steps_per_round": args.steps, "rounds": args.rounds, "warmup": args.warmup,
+        "wall_s": time.perf_counter() - t0,
+        "soaa_compiled_kernels": kernels is not None and kernels.failure is None,
+        "summary": summary,
+        # CPU time of the process per step (all threads): what the step costs in work, much less
+        # sensitive than wall time to other processes taking the cores (it still pays for their
+        # cache and memory-bandwidth use)
+        "summary_cpu_time": summary_cpu,
+        "goal": "soaa / adamw_fused <= 1.5 (two-pass bound 36/28 B = 1.29)",
+        "goal_met": summary["soaa"]["ratio_to_adamw_fused"] <= 1.5,
+    }
+    out_dir = Path(args.results)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"bench_soaa_step_{device.type}_{args.dtype}_t{torch.get_num_threads()}"
+    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    for label, summ in (("wall", summary), ("cpu", summary_cpu)):
+        for k, s in summ.items():
+            log.info("%s %-14s median %8.2f ms (rounds %.2f-%.2f)   / fused AdamW %.2fx (rounds %.2f-%.2f)",
+                     label, k, s["median_ms"], min(s["round_medians_ms"]), max(s["round_medians_ms"]),
+                     s["ratio_to_adamw_fused"], s["ratio_round_min"], s["ratio_round_max"])
+    title = (f"{n_params / 1e6:.0f}M {args.dtype} params ({args.count} x {args.shape}), {device}, "
+             f"{torch.get_num_threads()} threads, {args.rounds} rounds x {args.steps} steps")
+    _plot(times, summary, title, out_dir / f"{stem}.png")
+    log.info("wrote %s.json and .png", out_dir / stem)
 
 
 if __name__ == "__main__":

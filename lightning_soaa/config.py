@@ -196,6 +196,9 @@ class SOAAConfig:
         eta1, eta2: same_batch thresholds: reject when ρ < eta1, expand when ρ > eta2 (0 <= eta1 <= eta2).
         shrink, expand: same_batch factors on d after a rejection (in (0, 1)) and an expansion (>= 1).
         d_min: same_batch floor for d (> 0); the ceiling is the band's hi_t.
+        compile: run the two elementwise passes through ``torch.compile``'d kernels (one sweep over
+            each tensor per pass) for tensors large enough to pay for a compiled call; ``None`` leaves
+            the choice to the optimizer (the environment variable ``LIGHTNING_SOAA_COMPILE``).
     """
 
     lr: float = 1e-3
@@ -210,10 +213,13 @@ class SOAAConfig:
     shrink: float = 0.5
     expand: float = 2.0
     d_min: float = 1e-3
+    compile: bool | None = None
 
     def __post_init__(self) -> None:
         check_range("lr", self.lr, 0.0)
         check_betas("betas", self.betas)
+        if self.compile is not None and not isinstance(self.compile, bool):
+            raise ValueError(f"Invalid compile={self.compile!r}. Must be True, False or None.")
         check_range("eps", self.eps, 0.0)
         check_range("weight_decay", self.weight_decay, 0.0)
         check_range("gamma", self.gamma, 0.0, 1.0, hi_inclusive=False)

@@ -25,9 +25,10 @@ per-tensor counter ``state[p]["step"]`` (Adam's key; it drives the bias correcti
 ``exp_avg`` / ``exp_avg_sq``, and the optimizer-wide scalars in :meth:`SOAA.trust_state` (``t, d,
 loss_ema, pred, lag``), which only move in a step that ran.
 
-Memory on the CPU (loop) path: m, v and two spare buffers that receive the next moments (so that a
-step skipped for a non-finite value leaves the state untouched without copying it): 4x the owned
-parameters. The foreach path (CUDA) allocates the new moments per step instead (caching allocator).
+Memory on the loop and the compiled paths: m, v and two spare buffers that receive the next moments
+(so that a step skipped for a non-finite value leaves the state untouched without copying it): 4x the
+owned parameters. The eager foreach path (CUDA, ``compile=False``) allocates the new moments per step
+instead (caching allocator).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -43,6 +45,7 @@ from torch import Tensor
 
 from lightning_soaa.config import SOAAConfig, config_from_group
 from lightning_soaa.functional.soaa import (
+    SOAAKernels,
     band,
     predicted_reduction,
     soaa_moments,
@@ -83,7 +86,7 @@ class _SOAADecision:
 
 
 #: hyperparameters of the global trust region: one value for the whole model, never per group.
-_GLOBAL_KEYS = ("gamma", "total_steps", "acceptance", "eta1", "eta2", "shrink", "expand", "d_min")
+_GLOBAL_KEYS = ("gamma", "total_steps", "acceptance", "eta1", "eta2", "shrink", "expand", "d_min", "compile")
 
 MISSING_LOSS_MESSAGE = (
     "SOAA needs the mini-batch loss of every step (its trust region compares actual and predicted "
@@ -101,6 +104,11 @@ def _check_loss(loss: Any) -> Tensor | float:
     if isinstance(loss, (int, float)) and not isinstance(loss, bool):
         return float(loss)
     raise ValueError(f"SOAA: the loss must be a scalar tensor or a float, got {type(loss).__name__}.")
+
+
+def _compile_default() -> bool:
+    """``compile=None``: on unless the environment says ``LIGHTNING_SOAA_COMPILE=0``."""
+    return os.environ.get("LIGHTNING_SOAA_COMPILE", "1") != "0" and hasattr(torch, "compile")
 
 
 def _loss_value(loss: Any) -> float:
@@ -161,13 +169,14 @@ class SOAA(ShardedOptimizer):
         acceptance: ``"lagged"`` (default; the paper's rule, no extra forward, works without a closure)
             or ``"same_batch"`` (needs ``step(closure)``).
         eta1, eta2, shrink, expand, d_min: the same_batch rule (defaults 0.25, 0.75, 0.5, 2.0, 1e-3).
-        foreach: ``None`` (default) uses torch's ``_foreach`` ops on CUDA and a per-tensor loop writing
-            into preallocated buffers on CPU (bit-identical results); ``True``/``False`` force one.
-            On CPU, float32 tensors of at least 2**19 elements take the update through two
-            ``torch.compile``'d kernels (compiled once per process: about 3-11 s on the first step;
-            1.15x AdamW's step time instead of 1.47x on a 10M-parameter model). Set the environment
-            variable ``LIGHTNING_SOAA_COMPILE=0`` to stay eager; a compiler failure falls back to eager
-            with one warning.
+        foreach: the eager path: ``None`` (default) uses torch's ``_foreach`` ops on CUDA and a
+            per-tensor loop writing into preallocated buffers on CPU (bit-identical results);
+            ``True``/``False`` force one.
+        compile: ``True`` runs each of the step's two elementwise passes over a tensor of at least
+            2**16 elements as one ``torch.compile``'d kernel (C++/OpenMP on CPU, Triton on CUDA;
+            compiled once per process and dtype, a few seconds at the first step); smaller tensors take
+            the eager path. ``None`` (default): ``True`` unless the environment variable
+            ``LIGHTNING_SOAA_COMPILE=0``. A compiler failure falls back to eager with one warning.
         process_group, comm, shard, grad_reduction: see :class:`ShardedOptimizer`.
 
     The loss: ``step(closure)`` (evaluated under ``enable_grad``), ``step(loss=...)`` (tensor or
@@ -204,6 +213,7 @@ class SOAA(ShardedOptimizer):
         expand: float = 2.0,
         d_min: float = 1e-3,
         foreach: bool | None = None,
+        compile: bool | None = None,
         process_group: Any = None,
         comm: Any = None,
         shard: bool = True,
@@ -213,6 +223,7 @@ class SOAA(ShardedOptimizer):
             lr=lr, betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas, eps=eps,
             weight_decay=weight_decay, gamma=gamma, total_steps=total_steps, acceptance=acceptance,
             eta1=eta1, eta2=eta2, shrink=shrink, expand=expand, d_min=d_min,
+            compile=compile,
         )
         defaults = dict(lr=self.config.lr, betas=tuple(self.config.betas), eps=self.config.eps,
                         weight_decay=self.config.weight_decay)
@@ -225,12 +236,22 @@ class SOAA(ShardedOptimizer):
         if foreach is not None and not isinstance(foreach, bool):
             raise ValueError(f"Invalid foreach={foreach!r}. Must be True, False or None.")
         self.foreach = foreach
+        self._soaa_kernels: SOAAKernels | None
+        self._kernels()  # resolves compile=None from the environment now
         # Loop path only: two buffers per owned block that receive the next moments (after the swap in
         # _apply they hold the stale ones), so _prepare never modifies the state and never allocates.
         # Memory: 4x the owned parameters (Adam: 2x plus a transient copy per step).
         self._spare: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
         super().__init__(params, defaults, process_group=process_group, comm=comm, shard=shard,
                          grad_reduction=grad_reduction)
+
+    def _kernels(self) -> SOAAKernels | None:
+        """This optimizer's compiled kernels, or None (eager). Rebuilt from the config after unpickling
+        (compiled callables do not pickle); compiling itself waits for the first call."""
+        if "_soaa_kernels" not in self.__dict__:
+            use = self.config.compile if self.config.compile is not None else _compile_default()
+            self._soaa_kernels = SOAAKernels() if use else None
+        return self._soaa_kernels
 
     def _reset_trust_state(self) -> None:
         self._t = 0  # optimizer-wide step number (steps that ran, accepted or rejected)
@@ -325,11 +346,12 @@ class SOAA(ShardedOptimizer):
             beta1, beta2 = group["betas"]
             ms = [v.state["exp_avg"] for v in vs]
             fe = use_foreach(ms, self.foreach)
-            out = None if fe else self._spares(vs)
+            out = None if fe and self._kernels() is None else self._spares(vs)
             m_new, v_new, part = soaa_moments(
                 [v.grad for v in vs],  # type: ignore[misc]
                 ms, [v.state["exp_avg_sq"] for v in vs],
-                ts, beta1=beta1, beta2=beta2, eps=group["eps"], out=out, foreach=fe,
+                ts, beta1=beta1, beta2=beta2, eps=group["eps"], out=out, foreach=self.foreach,
+                kernels=self._kernels(),
             )
             for v, m, s, t in zip(vs, m_new, v_new, ts):
                 moments[v.block.key] = (m, s, t)
@@ -394,7 +416,7 @@ class SOAA(ShardedOptimizer):
             for v in vs:
                 v.state["exp_avg"], v.state["exp_avg_sq"], _ = decision.moments[v.block.key]
             fe = use_foreach(old_m, self.foreach)
-            if not fe:  # the stale moments become the buffers that receive the next step's moments
+            if not fe or self._kernels() is not None:  # the stale moments receive the next step's moments
                 for v, m, sq in zip(vs, old_m, old_v):
                     self._spare[v.block.key] = (m, sq)
             torch._foreach_add_([v.state["step"] for v in vs], 1.0)
@@ -404,7 +426,7 @@ class SOAA(ShardedOptimizer):
                 [v.param for v in vs], [v.state["exp_avg"] for v in vs], [v.state["exp_avg_sq"] for v in vs],
                 [decision.moments[v.block.key][2] for v in vs], lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
                 weight_decay=group["weight_decay"], d=d_prev, c=scal.c, count_limited=same_batch,
-                foreach=fe,
+                foreach=self.foreach, kernels=self._kernels(),
             ).to("cpu")
             if not counted:
                 continue

@@ -9,6 +9,7 @@ import torch
 
 import lightning_soaa.functional.soaa as soaa_mod
 from lightning_soaa.functional.soaa import (
+    SOAAKernels,
     _sum64,
     _sum_sq64,
     band,
@@ -146,34 +147,132 @@ def test_loop_and_foreach_paths_agree_in_fp32(monkeypatch: pytest.MonkeyPatch, t
     torch.testing.assert_close(res[0][3], res[1][3], rtol=1e-5, atol=0)
 
 
-def test_compiled_cpu_update_matches_eager_and_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The torch.compile'd CPU update (float32 pieces of _CTILE elements) against the eager ops and the
-    float64 transcription; the first tensor is one compiled piece plus a ragged eager remainder."""
-    monkeypatch.delenv("LIGHTNING_SOAA_COMPILE", raising=False)
-    monkeypatch.setattr(soaa_mod, "_compiled", {})
-    shapes = [(soaa_mod._CTILE + 3 * 4096 + 17,), (1000,)]
-    grads, ms, vs, ps = _state(11, shapes, [1.0, 0.5])
-    kw = dict(lr=0.05, beta1=B1, beta2=B2, eps=1e-8, weight_decay=0.01, d=1.3)
-    m, v, a = soaa_moments([x.float() for x in grads], [x.float() for x in ms], [x.float() for x in vs],
-                           [5, 5], beta1=B1, beta2=B2, eps=1e-8)
+def _kernels_or_skip(kernels: SOAAKernels) -> None:
+    if kernels.failure is not None:
+        pytest.skip(f"torch.compile does not work here ({kernels.failure}); the eager paths are tested above")
+
+
+def _run_both_passes(grads, ms, vs, ps, ts, *, kernels, foreach=None, count_limited=False, **kw):
+    out = ([torch.empty_like(x) for x in ms], [torch.empty_like(x) for x in vs])
+    m, v, a = soaa_moments(grads, ms, vs, ts, beta1=B1, beta2=B2, eps=kw["eps"], foreach=foreach,
+                           kernels=kernels, out=out)
     c = 1 + a[0].item() / a[1].item()
+    b = soaa_update_(ps, m, v, ts, beta1=B1, beta2=B2, c=c, count_limited=count_limited, foreach=foreach,
+                     kernels=kernels, **kw)
+    return m, v, a, b, c
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_compiled_kernels_match_the_spec_transcription(dtype: torch.dtype) -> None:
+    """Both compiled passes (the big tensors) mixed with the eager path (the small ones) against the
+    float64 transcription; in float64 the compiled arithmetic must agree to rounding."""
+    kernels = SOAAKernels(min_numel=1000)
+    shapes = [(70, 50), (5,), (3001,), (40, 30)]
+    grads, ms, vs, ps = _state(21, shapes, [3.0, 1e-3, 0.3, 1.0])
+    t, lr, eps, wd, d = 3, 0.1, 1e-8, 0.01, 1.3
+    cast = lambda xs: [x.to(dtype) for x in xs]
+    grads_c, ms_c, vs_c, ps_c = cast(grads), cast(ms), cast(vs), cast(ps)
+    # the transcription of the rounded inputs: what is left is the kernels' own arithmetic
+    ref = _reference(*[[x.double() for x in xs] for xs in (grads_c, ms_c, vs_c, ps_c)], t, lr=lr, eps=eps,
+                     wd=wd, d=d)
+    m, v, a, b, c = _run_both_passes(grads_c, ms_c, vs_c, ps_c, [t] * 4, kernels=kernels, lr=lr, eps=eps,
+                                     weight_decay=wd, d=d)
+    _kernels_or_skip(kernels)
+    tight = dtype == torch.float64
+    rtol = 1e-13 if tight else 2e-6
+    # m = m + (g - m)(1 - β1) cancels where g ≈ m: an absolute bound at the scale of the inputs (~3)
+    torch.testing.assert_close(_flat(m).double(), ref["m"], rtol=rtol, atol=1e-15 if tight else 1e-6)
+    torch.testing.assert_close(_flat(v).double(), ref["v"], rtol=rtol, atol=1e-15 if tight else 1e-6)
+    assert a[0].item() == pytest.approx(ref["s_m2"], rel=1e-12 if tight else 1e-6)
+    assert a[1].item() == pytest.approx(ref["s_veps"], rel=1e-12 if tight else 1e-6)
+    torch.testing.assert_close(_flat(ps_c).double(), ref["p"], rtol=1e-12 if tight else 1e-5,
+                               atol=1e-14 if tight else 1e-6)
+    assert b[0].item() == pytest.approx(ref["s_mu"], rel=1e-11 if tight else 1e-5)
+    assert b[1].item() == pytest.approx(ref["s_vu"], rel=1e-11 if tight else 1e-5)
+
+
+def test_compiled_kernels_agree_with_the_loop_path_per_tensor_steps_and_count() -> None:
+    """Tensors with different step counts (bias corrections), count_limited, float32: compiled and loop
+    paths give the same moments, θ and sums (up to a contracted multiply-add)."""
+    shapes = [(4000,), (2000, 3), (17,)]
+    data = [list(map(lambda x: x.float(), xs)) for xs in _state(22, shapes, [1.0, 0.01, 3.0])]
+    ts = [2, 9, 9]
     runs = []
-    for compiled in (True, False):
-        if not compiled:
-            monkeypatch.setitem(soaa_mod._compiled, "update", None)  # the eager fallback, same process
-        pp = [x.float().clone() for x in ps]
-        b = soaa_update_(pp, m, v, [5, 5], c=c, **kw)
-        if compiled and soaa_mod._compiled.get("update") is None:
-            pytest.skip("torch.compile is unavailable here (no C++ compiler?); the eager path is covered above")
-        runs.append((pp, b))
-    (pc, bc), (pe, be) = runs
+    for kernels in (SOAAKernels(min_numel=1000), None):
+        grads, ms, vs, ps = ([x.clone() for x in xs] for xs in data)
+        m, v, a, b, c = _run_both_passes(grads, ms, vs, ps, ts, kernels=kernels, foreach=False,
+                                         count_limited=True, lr=0.1, eps=1e-8, weight_decay=0.01, d=1.2)
+        if kernels is not None:
+            _kernels_or_skip(kernels)
+        runs.append((m, v, a, b, ps))
+    (mc, vc, ac, bc, pc), (me, ve, ae, be, pe) = runs
+    for x, y in zip(mc + vc, me + ve):  # a contracted multiply-add apart, near cancellations too
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(ac, ae, rtol=1e-6, atol=0)
     for x, y in zip(pc, pe):
-        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)  # at most a contracted multiply-add apart
-    torch.testing.assert_close(bc, be, rtol=1e-6, atol=0)
-    ref = _reference(grads, ms, vs, ps, 5, lr=0.05, eps=1e-8, wd=0.01, d=1.3, c=c)
-    torch.testing.assert_close(_flat(pc).double(), ref["p"], rtol=1e-5, atol=1e-6)
-    assert bc[0].item() == pytest.approx(ref["s_mu"], rel=1e-5)
-    assert bc[1].item() == pytest.approx(ref["s_vu"], rel=1e-5)
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(bc[:2], be[:2], rtol=1e-5, atol=0)
+    assert bc[2].item() == be[2].item() > 0  # the same coordinates on the d-branch, and some exist
+
+
+def test_compiled_kernels_bf16_match_the_reference() -> None:
+    """bfloat16 state and parameters: the compiled passes compute in float32 and round once per store."""
+    kernels = SOAAKernels(min_numel=1000)
+    grads, ms, vs, ps = _state(23, [(3000,)], [1.0])
+    t, kw = 4, dict(lr=0.05, eps=1e-8, weight_decay=0.01, d=1.1)
+    bf = lambda xs: [x.bfloat16() for x in xs]
+    grads_b, ms_b, vs_b, ps_b = bf(grads), bf(ms), bf(vs), bf(ps)
+    m, v, a, b, c = _run_both_passes(grads_b, ms_b, vs_b, ps_b, [t], kernels=kernels, **kw)
+    _kernels_or_skip(kernels)
+    # the reference from the same (bf16-rounded) inputs, and the c the kernels found
+    ref = _reference(*[[x.double() for x in xs] for xs in (grads_b, ms_b, vs_b, bf(ps))], t, lr=0.05,
+                     eps=1e-8, wd=0.01, d=1.1, c=c)
+    assert c == pytest.approx(ref["c"], rel=1e-2)
+    torch.testing.assert_close(_flat(m).double(), ref["m"], rtol=8e-3, atol=1e-6)
+    torch.testing.assert_close(_flat(ps_b).double(), ref["p"], rtol=8e-3, atol=1e-3)
+    assert b[0].item() == pytest.approx(ref["s_mu"], rel=2e-2)
+    assert b[1].item() == pytest.approx(ref["s_vu"], rel=2e-2)
+
+
+def test_compiler_failure_falls_back_to_eager_with_one_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """A kernel that raises (as a missing compiler does, at the first call) turns the object off; the
+    results are the eager path's, θ is updated exactly once."""
+    def broken(*args):
+        raise RuntimeError("no C++ compiler")
+
+    kernels = SOAAKernels(min_numel=10)
+    kernels.moments = broken
+    kernels.update = kernels.update_count = broken
+    data = _state(24, [(300,), (50,)], [1.0, 0.1])
+    grads, ms, vs, ps = ([x.clone() for x in xs] for xs in data)
+    m1, v1, a1, b1, _ = _run_both_passes(grads, ms, vs, ps, [3, 3], kernels=kernels, lr=0.1, eps=1e-8,
+                                         weight_decay=0.0, d=1.0)
+    assert kernels.failure is not None and "no C++ compiler" in kernels.failure
+    assert sum("compiled kernels failed" in r.message for r in caplog.records) == 1
+    grads, ms, vs, ps2 = ([x.clone() for x in xs] for xs in data)
+    m2, v2, a2, b2, _ = _run_both_passes(grads, ms, vs, ps2, [3, 3], kernels=None, lr=0.1, eps=1e-8,
+                                         weight_decay=0.0, d=1.0)
+    assert torch.equal(a1, a2) and torch.equal(b1, b2)
+    assert all(torch.equal(x, y) for x, y in zip(ps + m1 + v1, ps2 + m2 + v2))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the Triton kernels)")
+def test_compiled_kernels_on_cuda_match_the_reference() -> None:
+    kernels = SOAAKernels(min_numel=1000)
+    shapes = [(300, 40), (7,)]
+    grads, ms, vs, ps = _state(25, shapes, [1.0, 0.1])
+    t, lr, eps, wd, d = 5, 0.05, 1e-8, 0.01, 1.2
+    ref = _reference(grads, ms, vs, ps, t, lr=lr, eps=eps, wd=wd, d=d)
+    cu = lambda xs: [x.float().cuda() for x in xs]
+    grads_c, ms_c, vs_c, ps_c = cu(grads), cu(ms), cu(vs), cu(ps)
+    m, v, a, b, c = _run_both_passes(grads_c, ms_c, vs_c, ps_c, [t, t], kernels=kernels, lr=lr, eps=eps,
+                                     weight_decay=wd, d=d)
+    assert kernels.failure is None, kernels.failure
+    torch.testing.assert_close(_flat(m).double().cpu(), ref["m"], rtol=2e-6, atol=1e-9)
+    torch.testing.assert_close(_flat(ps_c).double().cpu(), ref["p"], rtol=1e-5, atol=1e-6)
+    assert a[0].item() == pytest.approx(ref["s_m2"], rel=1e-6)
+    assert b[0].item() == pytest.approx(ref["s_mu"], rel=1e-5)
+    assert b[1].item() == pytest.approx(ref["s_vu"], rel=1e-5)
 
 
 def test_nonfinite_gradient_makes_the_partials_nonfinite() -> None:

@@ -1,0 +1,61 @@
+"""SOAA with its compiled kernels (``compile=True``) against the eager optimizer, and the flag's rules.
+
+The kernels themselves are checked against the float64 transcription in ``test_soaa_functional.py``.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from lightning_soaa import SOAA
+
+
+def _model(seed: int) -> list[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    # one tensor above the compiled kernels' size threshold (2**16), two below it
+    shapes = [(300, 250), (250,), (7, 3)]
+    return [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+
+
+def test_compiled_optimizer_follows_the_eager_one() -> None:
+    runs = []
+    for compile_ in (True, False):
+        ps = _model(0)
+        opt = SOAA(ps, lr=0.01, weight_decay=0.01, gamma=0.2, total_steps=10, compile=compile_)
+        assert (opt._kernels() is not None) == compile_
+        g = torch.Generator().manual_seed(1)
+        for k in range(4):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=g) * (0.1 + k)
+            opt.step(loss=1.0 / (1 + k))
+        kernels = opt._kernels()
+        if kernels is not None and kernels.failure is not None:
+            pytest.skip(f"torch.compile does not work here ({kernels.failure})")
+        runs.append((ps, opt.trust_state(), opt))
+    (pc, sc, oc), (pe, se, oe) = runs
+    for a, b in zip(pc, pe):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for k in ("d", "c", "rho", "loss_ema"):
+        assert sc[k] == pytest.approx(se[k], rel=1e-4), k
+    for a, b in zip(oc.state.values(), oe.state.values()):
+        torch.testing.assert_close(a["exp_avg"], b["exp_avg"], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(a["exp_avg_sq"], b["exp_avg_sq"], rtol=1e-5, atol=1e-9)
+
+
+def test_compile_flag_default_and_validation(monkeypatch: pytest.MonkeyPatch) -> None:
+    p = [torch.nn.Parameter(torch.ones(3))]
+    monkeypatch.setenv("LIGHTNING_SOAA_COMPILE", "0")
+    assert SOAA(p)._kernels() is None
+    assert SOAA(p, compile=True)._kernels() is not None  # the argument wins over the environment
+    monkeypatch.delenv("LIGHTNING_SOAA_COMPILE")
+    assert SOAA(p)._kernels() is not None
+    assert SOAA(p, compile=False)._kernels() is None
+    a, b = SOAA(p, compile=True), SOAA(p, compile=True)
+    assert a._kernels() is not b._kernels()  # owned by the instance, nothing shared in the module
+    with pytest.raises(ValueError, match=re.escape("Invalid compile='yes'. Must be True, False or None.")):
+        SOAA(p, compile="yes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="Invalid compile=True in a param group"):
+        SOAA([{"params": p, "compile": True}])
