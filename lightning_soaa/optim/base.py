@@ -178,11 +178,15 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._build_table()
 
     # ------------------------------------------------------------------ copy and pickle
+    #: attributes a copy or pickle leaves out because the subclass rebuilds them on first use (e.g.
+    #: compiled kernels, which cannot be pickled and belong to one process)
+    _transient: tuple[str, ...] = ()
+
     def __getstate__(self) -> dict[str, Any]:
         """Everything but the hooks (torch's rule). Subclass attributes, the block table and the configs
         are kept; the communicator pickles itself (see the module docstring)."""
         return {k: v for k, v in self.__dict__.items()
-                if not (k.startswith("_optimizer_") and k.endswith("_hooks"))}
+                if not (k.startswith("_optimizer_") and k.endswith("_hooks")) and k not in self._transient}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         had_differentiable = "differentiable" in state["defaults"]

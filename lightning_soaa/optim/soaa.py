@@ -245,6 +245,8 @@ class SOAA(ShardedOptimizer):
         super().__init__(params, defaults, process_group=process_group, comm=comm, shard=shard,
                          grad_reduction=grad_reduction)
 
+    _transient = ("_soaa_kernels",)  # compiled per process; rebuilt by _kernels() after a copy or pickle
+
     def _kernels(self) -> SOAAKernels | None:
         """This optimizer's compiled kernels, or None (eager). Rebuilt from the config after unpickling
         (compiled callables do not pickle); compiling itself waits for the first call."""

@@ -173,7 +173,7 @@ def bad_values(spec: OptimizerSpec) -> Iterator[tuple[str, Any]]:
     fields += [(f, typing.get_type_hints(ShardingConfig)[f.name]) for f in dataclasses.fields(ShardingConfig)
                if takes_kwarg(spec, f.name)]
     for f, kind in fields:
-        if kind is bool:
+        if kind is bool or kind == (bool | None):
             yield f.name, "yes"
         elif kind is float:
             yield from ((f.name, v) for v in (-1.0, float("nan"), "0.1"))
