@@ -93,6 +93,10 @@ class OptimizerSpec:
             optimizer schedules something over it (SOAA's trust band); the CLI and the examples fill it.
         test_kwargs: small hyperparameters for the conformance battery (a step on a tiny float64 model
             must move the parameters visibly and stay finite).
+        supports_complex: complex parameters are stepped correctly (as ``torch.view_as_real``, the way
+            ``torch.optim.AdamW`` does); otherwise the constructor refuses them, naming the parameter.
+        supports_zero_size: parameters without elements (shape ``(0, 5)``) are accepted and left as
+            they are; otherwise the constructor refuses them, naming the parameter.
     """
 
     name: str
@@ -108,6 +112,8 @@ class OptimizerSpec:
     ds_constraints: tuple[tuple[str, tuple[Any, ...], str], ...] = ()
     horizon_kwarg: str | None = None
     test_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    supports_complex: bool = False
+    supports_zero_size: bool = True
 
     @property
     def qualified_name(self) -> str:
@@ -200,6 +206,8 @@ REGISTRY: tuple[OptimizerSpec, ...] = (
         needs=StepNeeds.BATCH, first_arg=FirstArg.MODULE, ds_layout=DeepSpeedLayout.MODEL, ds_stages=(0,),
         ds_fp32_only=True, ds_unsupported_reason=_EGN_STAGES_REASON,
         test_kwargs={"lr": 0.5, "damping": 1.0},
+        # its Linear capture forms per-sample Jacobians; an empty weight (Linear(0, n)) has none to form
+        supports_zero_size=False,
     ),
     OptimizerSpec(
         name="ASGO", class_path="lightning_soaa.optim.asgo:ASGO", config_path="lightning_soaa.config:ASGOConfig",
@@ -216,7 +224,7 @@ REGISTRY: tuple[OptimizerSpec, ...] = (
         name="AdamW", class_path="lightning_soaa.optim.adamw:ShardedAdamW",
         config_path="lightning_soaa.config:AdamWConfig", aliases=("ShardedAdamW",),
         needs=StepNeeds.NOTHING, ds_layout=DeepSpeedLayout.ELEMENTWISE, ds_stages=(0, 1, 2, 3),
-        test_kwargs={"lr": 1e-2},
+        test_kwargs={"lr": 1e-2}, supports_complex=True,
     ),
 )
 

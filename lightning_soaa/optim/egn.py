@@ -14,6 +14,7 @@ from lightning_soaa.config import EGNConfig, check_range
 from lightning_soaa.functional import egn as F
 from lightning_soaa.functional.gram import jacobian_gram, linear_gram
 from lightning_soaa.optim.base import ShardedOptimizer
+from lightning_soaa.optim.param_checks import check_step
 from lightning_soaa.optim.egn_capture import (
     LinearCapture,
     back_signals,
@@ -221,6 +222,7 @@ class EGN(ShardedOptimizer):
         the step (a 0-d tensor).
         """
         pending, self._pending_batch = self._pending_batch, None  # a batch belongs to one step
+        check_step(self, self._params, self._names, gradients=False)  # meta parameters; .grad is unused
         closure_value = None
         if closure is not None:
             with torch.enable_grad():
