@@ -85,7 +85,7 @@ def test_torchrun_two_hosts_in_network_namespaces(tmp_path: Path, single) -> Non
             for node_rank, host in enumerate((a, b)):
                 cmd = [*host.prefix(), sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
                        f"--node_rank={node_rank}", "--nproc_per_node=1", f"--master_addr={a.address}",
-                       "--master_port=29500", *runner.train_args("asgo" if _has("asgo") else "adamw", tmp_path)]
+                       "--master_port=29500", *runner.train_args("asgo", tmp_path)]
                 cmds.append((cmd, runner.clean_env(GLOO_SOCKET_IFNAME=host.interface)))
             runner.run_together(cmds, timeout=180)
     except subprocess.CalledProcessError as e:
