@@ -240,7 +240,10 @@ def attempt_store(store: dist.Store, *, restart_count: int, rank: int, world_siz
     of an attempt adds one to a counter for ``(restart_count, world_size)``, so the ``n``-th arrival
     belongs to generation ``(n - 1) // world_size``: all ranks of an attempt agree as long as every rank of
     the previous attempt with the same count and size got here (a rank that dies earlier fails its
-    group, which torchrun counts as a restart: a fresh counter).
+    group, which torchrun counts as a restart: a fresh counter). Limit: torchrun counts restarts per
+    node agent, and an agent that restarts still-running workers because another node re-joined does
+    not count it, so on several nodes the counts can differ; the group then fails to form (after the
+    timeout) rather than join a dead attempt's addresses.
 
     Args:
         store: the job's store (torchrun's agent store, or rank 0's).

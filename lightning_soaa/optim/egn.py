@@ -14,7 +14,6 @@ from lightning_soaa.config import EGNConfig, check_range
 from lightning_soaa.functional import egn as F
 from lightning_soaa.functional.gram import jacobian_gram, linear_gram
 from lightning_soaa.optim.base import ShardedOptimizer
-from lightning_soaa.optim.param_checks import check_step
 from lightning_soaa.optim.egn_capture import (
     LinearCapture,
     back_signals,
@@ -22,6 +21,7 @@ from lightning_soaa.optim.egn_capture import (
     jvp_outputs,
     plan_curvature,
 )
+from lightning_soaa.optim.param_checks import check_step
 
 __all__ = ["EGN", "MISSING_BATCH_MESSAGE"]
 

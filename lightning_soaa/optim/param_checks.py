@@ -81,19 +81,23 @@ def check_step(optimizer: Any, params: Sequence[Tensor], names: Sequence[str | N
     parameter or collective: a ``meta`` parameter (no data; also what an optimizer built before
     ``model.to_empty()`` still holds), or, with ``gradients``, a sparse (non-strided) gradient, which the
     dense kernels would otherwise reject mid-step."""
-    what = type(optimizer).__name__
-    for i, p in enumerate(params):
-        label = repr(names[i]) if names[i] else f"#{i}"
-        if p.is_meta:
-            raise RuntimeError(
-                f"{what}: parameter {label} of shape {tuple(p.shape)} is on the meta device (no data) and "
-                "cannot be stepped. Materialise the model (e.g. model.to_empty(device=...) and initialise "
-                "its weights), then construct the optimizer over the materialised parameters."
-            )
+    for i, p in enumerate(params):  # runs every step: only attribute reads unless something is wrong
         g = p.grad if gradients else None
-        if g is not None and (g.is_sparse or g.layout != p.layout):
-            raise RuntimeError(
-                f"{what}: parameter {label} has a {g.layout} gradient; only dense (torch.strided) "
-                "gradients are supported. Use nn.Embedding(sparse=False) / nn.EmbeddingBag(sparse=False), "
-                "or torch.optim.SparseAdam for those parameters."
-            )
+        if p.is_meta or (g is not None and g.layout != p.layout):
+            _refuse_step(optimizer, p, repr(names[i]) if names[i] else f"#{i}")
+
+
+def _refuse_step(optimizer: Any, p: Tensor, label: str) -> None:
+    what = type(optimizer).__name__
+    if p.is_meta:
+        raise RuntimeError(
+            f"{what}: parameter {label} of shape {tuple(p.shape)} is on the meta device (no data) and "
+            "cannot be stepped. Materialise the model (e.g. model.to_empty(device=...) and initialise "
+            "its weights), then construct the optimizer over the materialised parameters."
+        )
+    layout = None if p.grad is None else p.grad.layout
+    raise RuntimeError(
+        f"{what}: parameter {label} has a {layout} gradient; only dense (torch.strided) gradients are "
+        "supported. Use nn.Embedding(sparse=False) / nn.EmbeddingBag(sparse=False), or torch.optim.SparseAdam "
+        "for those parameters."
+    )
