@@ -147,9 +147,12 @@ def restart_count() -> int:
 
 def latest_checkpoint_step(ckpt_dir: Path | None, world: int) -> int:
     """The step of the newest complete checkpoint, agreed by every rank (rank 0's listing wins, so ranks
-    never resume from different steps); 0 when there is none."""
+    never resume from different steps); 0 when there is none or no ``--checkpoint-dir`` (no collective
+    then: every rank has the same arguments)."""
+    if ckpt_dir is None:
+        return 0
     step = 0
-    if ckpt_dir is not None and ckpt_dir.is_dir():
+    if ckpt_dir.is_dir():
         # only finished files: a save is a write to a temporary name and an atomic rename
         steps = [int(f.stem[len(CKPT_PREFIX):]) for f in ckpt_dir.glob(f"{CKPT_PREFIX}*.pt")
                  if f.stem[len(CKPT_PREFIX):].isdigit()]
@@ -212,6 +215,8 @@ def load_checkpoint(ckpt_dir: Path, step: int, model: nn.Module, opt: Any, rank:
 
 def maybe_crash(args: argparse.Namespace, step: int, rank: int, world: int) -> None:
     """``--fail-at-step``: die without any cleanup, like a killed or segfaulted worker, first attempt only."""
+    if args.fail_at_step is None:
+        return
     if not -world <= args.fail_rank < world:
         raise ValueError(f"Invalid --fail-rank={args.fail_rank}. Must be in [{-world}, {world}).")
     fail_rank = args.fail_rank % world
