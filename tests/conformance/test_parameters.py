@@ -244,3 +244,20 @@ def test_zero_size_parameters_are_left_alone_or_refused(spec: OptimizerSpec) -> 
     for k in ("w", "b"):
         assert not torch.equal(without[k], init[k])
         torch.testing.assert_close(with_empty[k], without[k], rtol=1e-12, atol=1e-14)
+
+
+def test_adamw_complex_state_round_trips_through_a_checkpoint() -> None:
+    """The moments of a complex parameter are stored complex (torch's layout) and load back exactly."""
+    spec = registry.get("AdamW")
+    init, grads = _complex_problem()
+    a = [(f"p{i}", nn.Parameter(t.clone())) for i, t in enumerate(init)]
+    opt_a = spec.load()(a, **spec.test_kwargs)
+    _run_opt(opt_a, a, grads[:2])
+    sd = opt_a.state_dict()
+    b = [(n, nn.Parameter(p.detach().clone())) for n, p in a]
+    opt_b = spec.load()(b, **spec.test_kwargs)
+    opt_b.load_state_dict(sd)
+    out_a, out_b = _run_opt(opt_a, a, grads[2:]), _run_opt(opt_b, b, grads[2:])
+    for x, y in zip(out_a, out_b):
+        assert torch.equal(x, y)
+    assert opt_b.state[b[0][1]]["exp_avg"].dtype == torch.complex128
