@@ -95,6 +95,10 @@ class OptimizerSpec:
             must move the parameters visibly and stay finite). Choose them so that every piece of state
             the optimizer has is exercised (momentum, damping, split blocks, stored roots...): the battery
             checks each guarantee with these, so a path they leave off is checked nowhere generic.
+        supports_complex: complex parameters are stepped correctly (as ``torch.view_as_real``, the way
+            ``torch.optim.AdamW`` does); otherwise the constructor refuses them, naming the parameter.
+        supports_zero_size: parameters without elements (shape ``(0, 5)``) are accepted and left as
+            they are; otherwise the constructor refuses them, naming the parameter.
     """
 
     name: str
@@ -110,6 +114,8 @@ class OptimizerSpec:
     ds_constraints: tuple[tuple[str, tuple[Any, ...], str], ...] = ()
     horizon_kwarg: str | None = None
     test_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    supports_complex: bool = False
+    supports_zero_size: bool = True
 
     @property
     def qualified_name(self) -> str:
@@ -208,6 +214,8 @@ REGISTRY: tuple[OptimizerSpec, ...] = (
         ds_fp32_only=True, ds_unsupported_reason=_EGN_STAGES_REASON,
         test_kwargs={"lr": 0.5, "damping": 0.5, "momentum": 0.5, "line_search": True,
                      "adaptive_damping": True},
+        # its Linear capture forms per-sample Jacobians; an empty weight (Linear(0, n)) has none to form
+        supports_zero_size=False,
     ),
     OptimizerSpec(
         name="ASGO", class_path="lightning_soaa.optim.asgo:ASGO", config_path="lightning_soaa.config:ASGOConfig",
@@ -224,7 +232,7 @@ REGISTRY: tuple[OptimizerSpec, ...] = (
         name="AdamW", class_path="lightning_soaa.optim.adamw:ShardedAdamW",
         config_path="lightning_soaa.config:AdamWConfig", aliases=("ShardedAdamW",),
         needs=StepNeeds.NOTHING, ds_layout=DeepSpeedLayout.ELEMENTWISE, ds_stages=(0, 1, 2, 3),
-        test_kwargs={"lr": 2e-2, "betas": (0.9, 0.99), "weight_decay": 0.05},
+        test_kwargs={"lr": 2e-2, "betas": (0.9, 0.99), "weight_decay": 0.05}, supports_complex=True,
     ),
 )
 

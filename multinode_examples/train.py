@@ -15,6 +15,12 @@ batch (up to float rounding): the tests in ``tests/multinode`` check exactly tha
 
 Each rank writes ``result_rank{R}.json`` (losses, timings, launcher facts) and ``params_rank{R}.pt`` (the
 final model ``state_dict``) under ``--out-dir``; rank 0 also prints its JSON on one stdout line.
+
+Fault tolerance (``torchrun --max-restarts=K``): with ``--checkpoint-dir`` rank 0 writes a checkpoint every
+``--checkpoint-every`` steps (model, the consolidated optimizer state, the step counter, the losses so far,
+each rank's RNG state), atomically; a restarted run resumes from the latest one and ends bit-identical to
+an uninterrupted run. ``--fail-at-step N`` makes ``--fail-rank`` die hard after N steps on the first
+attempt only (``TORCHELASTIC_RESTART_COUNT`` unset or 0), to try it.
 """
 
 from __future__ import annotations
@@ -61,7 +67,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="auto: cuda:LOCAL_RANK when CUDA is available, else cpu")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per rank")
     p.add_argument("--out-dir", type=Path, default=None, help="where each rank writes its JSON and params")
-    return p.parse_args(argv)
+    p.add_argument("--checkpoint-dir", type=Path, default=None,
+                   help="write checkpoints here and resume from the latest one (a directory every rank can "
+                        "read: shared storage on several nodes)")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: never)")
+    p.add_argument("--fail-at-step", type=int, default=None,
+                   help="simulate a crash: --fail-rank exits hard after this many steps, first attempt only")
+    p.add_argument("--fail-rank", type=int, default=-1, help="the rank that crashes (default: the last)")
+    args = p.parse_args(argv)
+    if args.checkpoint_every < 0:
+        p.error(f"Invalid --checkpoint-every={args.checkpoint_every}. Must be >= 0.")
+    if args.checkpoint_every and args.checkpoint_dir is None:
+        p.error("--checkpoint-every needs --checkpoint-dir")
+    return args
 
 
 # ---------------------------------------------------------------------------------------- model and data
@@ -118,6 +136,96 @@ def global_mean(value: torch.Tensor, world: int) -> float:
     return float(v.item())
 
 
+# ---------------------------------------------------------------------------------------- checkpoints
+CKPT_PREFIX = "step_"
+
+
+def restart_count() -> int:
+    """Which torchrun attempt this is (0: the first; also when not launched by torchrun)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
+def latest_checkpoint_step(ckpt_dir: Path | None, world: int) -> int:
+    """The step of the newest complete checkpoint, agreed by every rank (rank 0's listing wins, so ranks
+    never resume from different steps); 0 when there is none or no ``--checkpoint-dir`` (no collective
+    then: every rank has the same arguments)."""
+    if ckpt_dir is None:
+        return 0
+    step = 0
+    if ckpt_dir.is_dir():
+        # only finished files: a save is a write to a temporary name and an atomic rename
+        steps = [int(f.stem[len(CKPT_PREFIX):]) for f in ckpt_dir.glob(f"{CKPT_PREFIX}*.pt")
+                 if f.stem[len(CKPT_PREFIX):].isdigit()]
+        step = max(steps, default=0)
+    if world > 1:
+        box = [step]
+        dist.broadcast_object_list(box, src=0)  # on the current device under NCCL, on the CPU under gloo
+        step = int(box[0])
+    return step
+
+
+def checkpoint_path(ckpt_dir: Path, step: int) -> Path:
+    return ckpt_dir / f"{CKPT_PREFIX}{step:08d}.pt"
+
+
+def rng_state() -> dict[str, Any]:
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, model: nn.Module, opt: Any, losses: list[float], world: int,
+                    rank: int) -> None:
+    """Collective: consolidate the sharded optimizer state and every rank's RNG state onto rank 0, which
+    writes ``step_<step>.pt`` atomically (a crash mid-write leaves the previous checkpoint the latest)."""
+    if hasattr(opt, "consolidate_state_dict"):
+        opt.consolidate_state_dict(to=0)
+    rngs: list[Any] = [None] * world
+    if world > 1:
+        dist.all_gather_object(rngs, rng_state())
+    else:
+        rngs = [rng_state()]
+    if rank != 0:
+        return
+    state = {"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(), "losses": list(losses),
+             "rng": rngs, "world_size": world}
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    final = checkpoint_path(ckpt_dir, step)
+    tmp = final.with_name(final.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, final)
+    log.info("checkpoint after step %d: %s", step, final)
+
+
+def load_checkpoint(ckpt_dir: Path, step: int, model: nn.Module, opt: Any, rank: int, world: int) -> list[float]:
+    """Restore model, optimizer, RNG state; return the losses logged before ``step``."""
+    path = checkpoint_path(ckpt_dir, step)
+    if not path.is_file():
+        raise FileNotFoundError(f"rank {rank}: checkpoint {path} (chosen by rank 0) is not readable here; "
+                                "--checkpoint-dir must be shared by every rank")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    if state["world_size"] == world:  # another world size: each rank keeps its fresh RNG stream
+        torch.set_rng_state(state["rng"][rank]["cpu"])
+        if state["rng"][rank]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"][rank]["cuda"])
+    log.info("resumed from %s (attempt %d)", path, restart_count())
+    return list(state["losses"])
+
+
+def maybe_crash(args: argparse.Namespace, step: int, rank: int, world: int) -> None:
+    """``--fail-at-step``: die without any cleanup, like a killed or segfaulted worker, first attempt only."""
+    if args.fail_at_step is None:
+        return
+    if not -world <= args.fail_rank < world:
+        raise ValueError(f"Invalid --fail-rank={args.fail_rank}. Must be in [{-world}, {world}).")
+    fail_rank = args.fail_rank % world
+    if args.fail_at_step == step and rank == fail_rank and restart_count() == 0:
+        log.error("simulated crash of rank %d after %d steps (--fail-at-step)", rank, step)
+        logging.shutdown()
+        os._exit(17)
+
+
 # ---------------------------------------------------------------------------------------- training
 def train(args: argparse.Namespace, info: LaunchInfo) -> dict[str, Any]:
     rank, world = info.rank, info.world_size
@@ -135,17 +243,24 @@ def train(args: argparse.Namespace, info: LaunchInfo) -> dict[str, Any]:
     if use_ddp:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
     opt = make_optimizer(spec, model, args)
+    first = latest_checkpoint_step(args.checkpoint_dir, world)
+    losses: list[float] = []
+    if first:
+        # the model's tensors are loaded in place, so DDP's and the optimizer's references stay valid
+        losses = load_checkpoint(args.checkpoint_dir, first, model, opt, rank, world)
 
     start, stop = local_slice(args.global_batch, rank, world)
-    losses: list[float] = []
     step_times: list[float] = []
-    for step in range(args.steps):
+    for step in range(first, args.steps):
+        maybe_crash(args, step, rank, world)
         x, y = global_batch(step, args.global_batch, args.seed, dtype)
         x, y = x[start:stop].to(device), y[start:stop].to(device)
         t0 = time.perf_counter()
         loss = spec.take_step(opt, net, x, y, loss_of)  # the step as the registry says to call it
         step_times.append(time.perf_counter() - t0)
         losses.append(global_mean(loss, world))
+        if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
+            save_checkpoint(args.checkpoint_dir, step + 1, model, opt, losses, world, rank)
 
     stats = opt.statistics() if hasattr(opt, "statistics") else {}
     return {
@@ -162,6 +277,8 @@ def train(args: argparse.Namespace, info: LaunchInfo) -> dict[str, Any]:
         "steps": args.steps,
         "global_batch": args.global_batch,
         "local_samples": [start, stop],
+        "restart_count": restart_count(),
+        "resumed_from_step": first,
         "losses": losses,
         "final_loss": losses[-1] if losses else None,
         "mean_step_s": sum(step_times) / max(len(step_times), 1),

@@ -18,6 +18,12 @@ The rendezvous address is ``MASTER_ADDR`` / ``MASTER_PORT`` when exported. Other
 address is the first host of the step's node list and the port is derived from the job id (every task
 computes the same one); under MPI, :func:`init_from_env` lets rank 0 pick a free port and broadcasts
 its host and port with ``mpi4py`` (imported only then, never at module import time).
+
+Restarts (``torchrun --max-restarts=K``): torchrun's agent keeps one TCP store for the whole job, and the
+workers of every attempt meet in it. The keys a process group leaves there (each rank's gloo address)
+outlive a dead attempt, so a restarted rank could read its dead peer's address ("Connection refused" in
+``connectFullMesh``) or a stale count (a hang). :func:`init_from_env` therefore gives each attempt its own
+key space, :func:`attempt_store`.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from collections.abc import Mapping
 import torch
 import torch.distributed as dist
 
-__all__ = ["LaunchInfo", "detect_launch", "first_slurm_host", "init_from_env", "slurm_port"]
+__all__ = ["LaunchInfo", "attempt_store", "detect_launch", "first_slurm_host", "init_from_env", "slurm_port"]
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +230,48 @@ def _mpi_rendezvous(info: LaunchInfo) -> LaunchInfo:
     return dataclasses.replace(info, master_addr=addr, master_port=int(port))
 
 
+def attempt_store(store: dist.Store, *, restart_count: int, rank: int, world_size: int) -> dist.Store:
+    """The part of ``store`` that belongs to this attempt of the job: a ``PrefixStore`` no earlier
+    attempt has written to.
+
+    The prefix holds torchrun's restart count (``TORCHELASTIC_RESTART_COUNT``), the world size and a
+    generation that the ranks count in the store itself: a restart after a membership change (a node
+    joined or was replaced) reuses the restart count, because torchrun counts only failures. Every rank
+    of an attempt adds one to a counter for ``(restart_count, world_size)``, so the ``n``-th arrival
+    belongs to generation ``(n - 1) // world_size``: all ranks of an attempt agree as long as every rank of
+    the previous attempt with the same count and size got here (a rank that dies earlier fails its
+    group, which torchrun counts as a restart: a fresh counter). Limit: torchrun counts restarts per
+    node agent, and an agent that restarts still-running workers because another node re-joined does
+    not count it, so on several nodes the counts can differ; the group then fails to form (after the
+    timeout) rather than join a dead attempt's addresses.
+
+    Args:
+        store: the job's store (torchrun's agent store, or rank 0's).
+        restart_count: ``TORCHELASTIC_RESTART_COUNT`` (0 for the first attempt).
+        rank, world_size: this process in this attempt.
+    """
+    scope = f"lightning_soaa/attempt/{restart_count}/{world_size}"
+    generation = (store.add(f"{scope}/arrivals", 1) - 1) // world_size
+    log.debug("rank %d joins %s generation %d", rank, scope, generation)
+    return dist.PrefixStore(f"{scope}/{generation}/", store)
+
+
+def _torchrun_store(info: LaunchInfo, env: Mapping[str, str], timeout: datetime.timedelta) -> dist.Store:
+    """The store torchrun points us to, prefixed for this attempt (see :func:`attempt_store`).
+
+    torchrun's agent hosts the store on ``MASTER_ADDR:MASTER_PORT`` when it sets
+    ``TORCHELASTIC_USE_AGENT_STORE=True``: every rank is a client then (rank 0 binding the same port
+    would fail). Otherwise (a launcher that only exports the ``env://`` variables, or torchrun with
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``) rank 0 hosts it, as ``env://`` would.
+    """
+    agent = env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    assert info.master_addr is not None and info.master_port is not None
+    store = dist.TCPStore(info.master_addr, info.master_port, info.world_size, is_master=not agent and info.rank == 0,
+                          timeout=timeout, multi_tenant=True)
+    return attempt_store(store, restart_count=_int(env, "TORCHELASTIC_RESTART_COUNT", 0), rank=info.rank,
+                         world_size=info.world_size)
+
+
 def init_from_env(
     backend: str | None = None,
     *,
@@ -255,11 +303,14 @@ def init_from_env(
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(info.local_rank)
-    # torchrun's agent already hosts the store on MASTER_PORT: env:// joins it as a client, while a
-    # tcp:// URL on rank 0 would try to bind the same port again.
-    url = "env://" if info.launcher == "torchrun" else f"tcp://{info.master_addr}:{info.master_port}"
-    log.info("init_process_group(%s) rank %d/%d via %s (%s)", backend, info.rank, info.world_size, url,
-             info.launcher)
-    dist.init_process_group(backend, init_method=url, rank=info.rank, world_size=info.world_size,
-                            timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    log.info("init_process_group(%s) rank %d/%d via %s:%s (%s)", backend, info.rank, info.world_size,
+             info.master_addr, info.master_port, info.launcher)
+    if info.launcher == "torchrun":
+        store = _torchrun_store(info, os.environ if env is None else env, timeout)
+        dist.init_process_group(backend, store=store, rank=info.rank, world_size=info.world_size, timeout=timeout)
+    else:
+        url = f"tcp://{info.master_addr}:{info.master_port}"
+        dist.init_process_group(backend, init_method=url, rank=info.rank, world_size=info.world_size,
+                                timeout=timeout)
     return info

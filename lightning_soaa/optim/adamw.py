@@ -14,8 +14,17 @@ from lightning_soaa.optim.base import BlockView, ShardedOptimizer
 __all__ = ["ShardedAdamW"]
 
 
+def _real(t: torch.Tensor) -> torch.Tensor:
+    """A complex tensor as real pairs (a view), as ``torch.optim.AdamW`` steps it: each of the real and
+    imaginary parts gets its own second moment (``g*g`` on the complex numbers would not be ``|g|²``)."""
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
 class ShardedAdamW(ShardedOptimizer):
     r"""AdamW with ZeRO-style sharded state; equal to ``torch.optim.AdamW`` up to float rounding.
+
+    Complex parameters are stepped as ``torch.view_as_real`` pairs, like ``torch.optim.AdamW``; the
+    moments are stored complex (the parameter's dtype), as torch stores them.
 
     .. math::
         \begin{aligned}
@@ -70,10 +79,10 @@ class ShardedAdamW(ShardedOptimizer):
                     v.state["exp_avg_sq"] = torch.zeros_like(v.param, memory_format=torch.preserve_format)
             beta1, beta2 = group["betas"]
             adamw_update_(
-                [v.param for v in vs],
-                [v.grad for v in vs],  # type: ignore[misc]
-                [v.state["exp_avg"] for v in vs],
-                [v.state["exp_avg_sq"] for v in vs],
+                [_real(v.param) for v in vs],
+                [_real(v.grad) for v in vs],  # type: ignore[arg-type]
+                [_real(v.state["exp_avg"]) for v in vs],
+                [_real(v.state["exp_avg_sq"]) for v in vs],
                 [v.state["step"] for v in vs],
                 lr=float(group["lr"]),
                 beta1=beta1,

@@ -168,6 +168,8 @@ class _OneSided(ShardedOptimizer):
     @staticmethod
     def is_matrix_param(param: Tensor, group: dict[str, Any], name: str | None) -> bool:
         """The routing rule of the module docstring: True for the matrix method, False for AdamW."""
+        if param.numel() == 0:
+            return False  # nothing to precondition (a (0, n) block has no Gram); AdamW leaves it as is
         use = group.get("use_asgo")
         if use is not None:
             return bool(use)

@@ -70,6 +70,7 @@ from lightning_soaa.distributed.checkpoint import (
 from lightning_soaa.distributed.comm import Communicator, default_communicator
 from lightning_soaa.distributed.dtensor import DTensorLayout, has_dtensor, local
 from lightning_soaa.distributed.exchange import OwnerExchange
+from lightning_soaa.optim.param_checks import check_param_group, check_step
 
 __all__ = ["ShardedOptimizer", "BlockView", "SkipStep", "StepRecord", "summed"]
 
@@ -277,6 +278,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         try:
+            check_param_group(self, self.param_groups[-1])  # duplicates, complex, zero-size
             self._validate_group(self.param_groups[-1])
         except ValueError:
             self.param_groups.pop()  # a rejected group must leave the optimizer unchanged
@@ -403,6 +405,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     def _sharded_step(self) -> bool:
         """The template step. Returns False when the step was skipped on every rank."""
+        check_step(self, self._params, self._names)  # meta tensors, sparse gradients: before any collective
         self.comm.begin_step()
         why = self._exchange_in()
         if why is not None:

@@ -28,6 +28,7 @@ from lightning_soaa.optim.egn_capture import (
     jvp_outputs,
     plan_curvature,
 )
+from lightning_soaa.optim.param_checks import check_step
 
 __all__ = ["EGN", "MISSING_BATCH_MESSAGE"]
 
@@ -355,6 +356,7 @@ class EGN(ShardedOptimizer):
         the step (a 0-d tensor).
         """
         pending, self._pending_batch = self._pending_batch, None  # a batch belongs to one step
+        check_step(self, self._params, self._names, gradients=False)  # meta parameters; .grad is unused
         closure_value = None
         if closure is not None:
             with torch.enable_grad():

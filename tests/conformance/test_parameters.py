@@ -1,0 +1,263 @@
+"""Parameters every optimizer either steps correctly or refuses with a message naming them.
+
+For every optimizer in :data:`lightning_soaa.registry.REGISTRY`:
+
+* a tensor listed twice (torch only warns, then steps it twice) is refused at construction and by
+  ``add_param_group``, which leaves the optimizer unchanged;
+* complex parameters: where the registry says ``supports_complex``, a step equals the same optimizer's
+  step on the ``torch.view_as_real`` parameters (what ``torch.optim.AdamW`` does; AdamW is also checked
+  against torch itself, on one process and sharded over two gloo ranks, to 1e-12 in complex128);
+  elsewhere refused at construction;
+* a sparse gradient is refused at the step, before anything changes;
+* ``meta`` parameters: the optimizer may be built on them (sharding plans), a step is refused;
+* zero-size parameters (shape ``(0, 5)``): where ``supports_zero_size``, they are left as they are and the
+  other parameters follow exactly the run without them; elsewhere refused at construction.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_soaa import registry
+from lightning_soaa.registry import FirstArg, OptimizerSpec, StepNeeds
+from tests.harness.distributed import run_distributed
+
+SPECS = [pytest.param(spec, id=spec.name) for spec in registry.REGISTRY]
+LOSSES = (1.0, 0.9, 0.85)  # the losses an optimizer that needs one is told, one per step
+
+
+def _takes_params(spec: OptimizerSpec) -> None:
+    if spec.first_arg is FirstArg.MODULE:
+        pytest.skip(f"{spec.name} takes the module: named_parameters() lists each tensor once, and there "
+                    "is no parameter list to get wrong")
+
+
+def _param(*shape: int, dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.Parameter:
+    g = torch.Generator().manual_seed(seed)
+    return nn.Parameter(torch.randn(*shape, dtype=dtype, generator=g))
+
+
+def _step(spec: OptimizerSpec, opt: Any, i: int) -> None:
+    if spec.needs is StepNeeds.LOSS:
+        opt.step(loss=LOSSES[i])
+    else:
+        opt.step()
+
+
+def _set_grads(params: list[nn.Parameter], i: int) -> None:
+    for k, p in enumerate(params):
+        g = torch.Generator().manual_seed(1000 * i + k)
+        p.grad = torch.randn(p.shape, dtype=p.dtype, generator=g)
+
+
+# ---------------------------------------------------------------------------------------- duplicates
+@pytest.mark.parametrize("spec", SPECS)
+def test_parameter_listed_twice_is_refused(spec: OptimizerSpec) -> None:
+    _takes_params(spec)
+    w, b = _param(4, 3), _param(3, seed=1)
+    cls = spec.load()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's own "duplicate parameters" warning comes first
+        with pytest.raises(ValueError, match="parameter 'again' is the same tensor as parameter 'w'"):
+            cls([("w", w), ("b", b), ("again", w)], **spec.test_kwargs)
+        with pytest.raises(ValueError, match=r"parameter #2 of the group is the same tensor as parameter #0"):
+            cls([w, b, w], **spec.test_kwargs)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_add_param_group_with_a_repeated_parameter_leaves_the_optimizer_unchanged(spec: OptimizerSpec) -> None:
+    _takes_params(spec)
+    w, b, c = _param(4, 3), _param(3, seed=1), _param(2, 2, seed=2)
+    opt = spec.load()([("w", w), ("b", b)], **spec.test_kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match="parameter 'c2' is the same tensor as parameter 'c'"):
+            opt.add_param_group({"params": [("c", c), ("c2", c)]})
+    with pytest.raises(ValueError, match="more than one parameter group"):  # torch's check, across groups
+        opt.add_param_group({"params": [("w_again", w)]})
+    assert len(opt.param_groups) == 1 and [len(g["params"]) for g in opt.param_groups] == [2]
+    _set_grads([w, b], 0)
+    before = w.detach().clone()
+    _step(spec, opt, 0)  # still a working optimizer over w and b
+    assert not torch.equal(w, before)
+
+
+# ---------------------------------------------------------------------------------------- complex
+def _run(spec: OptimizerSpec, params: list[tuple[str, nn.Parameter]], grads: list[list[torch.Tensor]],
+         **kwargs: Any) -> list[torch.Tensor]:
+    opt = spec.load()(params, **{**spec.test_kwargs, **kwargs})
+    for i, gs in enumerate(grads):
+        for (_, p), g in zip(params, gs):
+            p.grad = g.clone()
+        _step(spec, opt, i)
+    return [p.detach().clone() for _, p in params]
+
+
+def _complex_problem() -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
+    g = torch.Generator().manual_seed(7)
+    shapes = [(5, 3), (4,)]
+    init = [torch.randn(s, dtype=torch.complex128, generator=g) for s in shapes]
+    grads = [[torch.randn(s, dtype=torch.complex128, generator=g) for s in shapes] for _ in LOSSES]
+    return init, grads
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_complex_parameters_follow_their_real_view_or_are_refused(spec: OptimizerSpec) -> None:
+    init, grads = _complex_problem()
+    if not spec.supports_complex:
+        model = nn.Linear(3, 2, dtype=torch.complex128)
+        first = [("w", nn.Parameter(init[0].clone()))] if spec.first_arg is FirstArg.NAMED_PARAMETERS else None
+        with pytest.raises(ValueError, match=r"parameter 'w(eight)?' has complex dtype torch.complex128"):
+            spec.load()(first, **spec.test_kwargs) if first else spec.build(model, **spec.test_kwargs)
+        return
+    cplx = _run(spec, [(f"p{i}", nn.Parameter(t.clone())) for i, t in enumerate(init)], grads)
+    real = _run(spec, [(f"p{i}", nn.Parameter(torch.view_as_real(t).clone())) for i, t in enumerate(init)],
+                [[torch.view_as_real(g) for g in gs] for gs in grads])
+    for c, r, t in zip(cplx, real, init):
+        assert c.dtype == torch.complex128
+        assert not torch.equal(c, t)  # it moved
+        torch.testing.assert_close(torch.view_as_real(c), r, rtol=1e-12, atol=1e-12)
+
+
+def _torch_adamw(init: list[torch.Tensor], grads: list[list[torch.Tensor]], lr: float) -> list[torch.Tensor]:
+    params = [nn.Parameter(t.clone()) for t in init]
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, foreach=False)
+    for gs in grads:
+        for p, g in zip(params, gs):
+            p.grad = g.clone()
+        opt.step()
+    return [p.detach().clone() for p in params]
+
+
+def test_adamw_complex_equals_torch_adamw_one_process() -> None:
+    spec = registry.get("AdamW")
+    init, grads = _complex_problem()
+    ours = _run(spec, [(f"p{i}", nn.Parameter(t.clone())) for i, t in enumerate(init)], grads,
+                weight_decay=1e-2)
+    ref = _torch_adamw(init, grads, lr=spec.test_kwargs["lr"])
+    for o, r, t in zip(ours, ref, init):
+        assert (o - t).abs().max() > 1e-3  # a visible step
+        torch.testing.assert_close(o, r, rtol=1e-12, atol=1e-12)
+
+
+def _complex_adamw_worker(rank: int, world_size: int, grad_reduction: str) -> list[torch.Tensor]:
+    spec = registry.get("AdamW")
+    init, grads = _complex_problem()
+    if grad_reduction == "mean":
+        # each rank sees half of the gradient; the optimizer averages them (x2 makes the mean the full one)
+        grads = [[g * 2 * (rank + 1) / 3 for g in gs] for gs in grads]
+    params = [(f"p{i}", nn.Parameter(t.clone())) for i, t in enumerate(init)]
+    opt = spec.load()(params, **spec.test_kwargs, weight_decay=1e-2, grad_reduction=grad_reduction)
+    assert opt.comm.world_size == 2 and len(opt.block_table.blocks) == 2
+    return _run_opt(opt, params, grads)
+
+
+def _run_opt(opt: Any, params: list[tuple[str, nn.Parameter]], grads: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    for gs in grads:
+        for (_, p), g in zip(params, gs):
+            p.grad = g.clone()
+        opt.step()
+    return [p.detach().clone() for _, p in params]
+
+
+@pytest.mark.parametrize("grad_reduction", ["none", "mean"])
+def test_adamw_complex_sharded_over_two_ranks_equals_torch_adamw(grad_reduction: str, tmp_path: Path) -> None:
+    """Sharded: each rank owns one of the two complex parameters and all-gathers the other (complex
+    buffers through gloo); with grad_reduction="mean" the complex gradients are reduce-scattered."""
+    init, grads = _complex_problem()
+    ref = _torch_adamw(init, grads, lr=registry.get("AdamW").test_kwargs["lr"])
+    for ranks_params in run_distributed(_complex_adamw_worker, 2, tmp_path, grad_reduction):
+        for o, r in zip(ranks_params, ref):
+            torch.testing.assert_close(o, r, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------- sparse, meta
+@pytest.mark.parametrize("spec", SPECS)
+def test_sparse_gradient_is_refused_before_anything_changes(spec: OptimizerSpec) -> None:
+    if spec.needs is StepNeeds.BATCH:
+        pytest.skip(f"{spec.name} forms its own Jacobians from the batch and never reads .grad")
+    emb = nn.Embedding(6, 3, sparse=True, dtype=torch.float64)
+    w = _param(3, 2)
+    opt = spec.load()([("emb.weight", emb.weight), ("w", w)], **spec.test_kwargs)
+    (emb(torch.tensor([1, 4])) @ w).sum().backward()
+    assert emb.weight.grad is not None and emb.weight.grad.is_sparse
+    before = [emb.weight.detach().clone(), w.detach().clone()]
+    with pytest.raises(RuntimeError, match=r"parameter 'emb.weight' has a torch.sparse_coo gradient"):
+        _step(spec, opt, 0)
+    assert torch.equal(emb.weight, before[0]) and torch.equal(w, before[1])
+    assert opt.num_steps == 0 and opt.skipped_steps == 0 and len(opt.state) == 0
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_meta_parameters_plan_but_do_not_step(spec: OptimizerSpec) -> None:
+    """On ``meta`` tensors an optimizer may be built (to plan the sharding of a large model without
+    memory), but a step is refused, naming the parameter, and nothing changes."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(device="meta", dtype=torch.float64)
+    opt = spec.build(model, **spec.test_kwargs)
+    assert len(opt.block_table.blocks) >= 4
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    msg = re.escape("parameter '0.weight' of shape (4, 3) is on the meta device")
+    with pytest.raises(RuntimeError, match=msg):
+        if spec.needs is StepNeeds.BATCH:
+            opt.step(inputs=x.to("meta"), targets=y.to("meta"))
+        else:
+            for p in model.parameters():
+                p.grad = torch.ones_like(p)
+            _step(spec, opt, 0)
+    assert opt.num_steps == 0 and opt.skipped_steps == 0 and len(opt.state) == 0
+    # the usual mistake: the model is materialised, but the optimizer still holds the meta tensors
+    model.to_empty(device="cpu")
+    with pytest.raises(RuntimeError, match=msg):
+        spec.take_step(opt, model, x, y)
+
+
+# ---------------------------------------------------------------------------------------- zero-size
+@pytest.mark.parametrize("spec", SPECS)
+def test_zero_size_parameters_are_left_alone_or_refused(spec: OptimizerSpec) -> None:
+    if not spec.supports_zero_size:
+        model = nn.Sequential(nn.Linear(0, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+        with pytest.raises(ValueError, match=re.escape("parameter '0.weight' has shape (4, 0) (no elements)")):
+            spec.build(model, **spec.test_kwargs)
+        return
+    if spec.first_arg is FirstArg.MODULE:
+        pytest.fail(f"{spec.name}: supports_zero_size without a test for optimizers taking the module")
+    g = torch.Generator().manual_seed(3)
+    init = {"empty": torch.empty(0, 5, dtype=torch.float64), "w": torch.randn(6, 5, dtype=torch.float64, generator=g),
+            "empty_rows": torch.empty(3, 0, dtype=torch.float64), "b": torch.randn(5, dtype=torch.float64, generator=g)}
+    grads = [{k: torch.randn(t.shape, dtype=t.dtype, generator=g) for k, t in init.items()} for _ in LOSSES]
+
+    def run(keys: list[str]) -> dict[str, torch.Tensor]:
+        params = [(k, nn.Parameter(init[k].clone())) for k in keys]
+        out = _run(spec, params, [[gs[k] for k in keys] for gs in grads])
+        return dict(zip(keys, out))
+
+    with_empty = run(["empty", "w", "empty_rows", "b"])
+    without = run(["w", "b"])
+    assert with_empty["empty"].shape == (0, 5) and with_empty["empty_rows"].shape == (3, 0)
+    for k in ("w", "b"):
+        assert not torch.equal(without[k], init[k])
+        torch.testing.assert_close(with_empty[k], without[k], rtol=1e-12, atol=1e-14)
+
+
+def test_adamw_complex_state_round_trips_through_a_checkpoint() -> None:
+    """The moments of a complex parameter are stored complex (torch's layout) and load back exactly."""
+    spec = registry.get("AdamW")
+    init, grads = _complex_problem()
+    a = [(f"p{i}", nn.Parameter(t.clone())) for i, t in enumerate(init)]
+    opt_a = spec.load()(a, **spec.test_kwargs)
+    _run_opt(opt_a, a, grads[:2])
+    sd = opt_a.state_dict()
+    b = [(n, nn.Parameter(p.detach().clone())) for n, p in a]
+    opt_b = spec.load()(b, **spec.test_kwargs)
+    opt_b.load_state_dict(sd)
+    out_a, out_b = _run_opt(opt_a, a, grads[2:]), _run_opt(opt_b, b, grads[2:])
+    for x, y in zip(out_a, out_b):
+        assert torch.equal(x, y)
+    assert opt_b.state[b[0][1]]["exp_avg"].dtype == torch.complex128
