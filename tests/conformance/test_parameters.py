@@ -126,9 +126,13 @@ def test_complex_parameters_follow_their_real_view_or_are_refused(spec: Optimize
         torch.testing.assert_close(torch.view_as_real(c), r, rtol=1e-12, atol=1e-12)
 
 
-def _torch_adamw(init: list[torch.Tensor], grads: list[list[torch.Tensor]], lr: float) -> list[torch.Tensor]:
+#: the hyperparameters both AdamWs run with in the complex comparisons
+_TORCH_KW = {"lr": 1e-2, "betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 1e-2}
+
+
+def _torch_adamw(init: list[torch.Tensor], grads: list[list[torch.Tensor]]) -> list[torch.Tensor]:
     params = [nn.Parameter(t.clone()) for t in init]
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, foreach=False)
+    opt = torch.optim.AdamW(params, **_TORCH_KW, foreach=False)
     for gs in grads:
         for p, g in zip(params, gs):
             p.grad = g.clone()
@@ -139,9 +143,8 @@ def _torch_adamw(init: list[torch.Tensor], grads: list[list[torch.Tensor]], lr: 
 def test_adamw_complex_equals_torch_adamw_one_process() -> None:
     spec = registry.get("AdamW")
     init, grads = _complex_problem()
-    ours = _run(spec, [(f"p{i}", nn.Parameter(t.clone())) for i, t in enumerate(init)], grads,
-                weight_decay=1e-2)
-    ref = _torch_adamw(init, grads, lr=spec.test_kwargs["lr"])
+    ours = _run(spec, [(f"p{i}", nn.Parameter(t.clone())) for i, t in enumerate(init)], grads, **_TORCH_KW)
+    ref = _torch_adamw(init, grads)
     for o, r, t in zip(ours, ref, init):
         assert (o - t).abs().max() > 1e-3  # a visible step
         torch.testing.assert_close(o, r, rtol=1e-12, atol=1e-12)
@@ -154,7 +157,7 @@ def _complex_adamw_worker(rank: int, world_size: int, grad_reduction: str) -> li
         # each rank sees half of the gradient; the optimizer averages them (x2 makes the mean the full one)
         grads = [[g * 2 * (rank + 1) / 3 for g in gs] for gs in grads]
     params = [(f"p{i}", nn.Parameter(t.clone())) for i, t in enumerate(init)]
-    opt = spec.load()(params, **spec.test_kwargs, weight_decay=1e-2, grad_reduction=grad_reduction)
+    opt = spec.load()(params, **_TORCH_KW, grad_reduction=grad_reduction)
     assert opt.comm.world_size == 2 and len(opt.block_table.blocks) == 2
     return _run_opt(opt, params, grads)
 
@@ -172,7 +175,7 @@ def test_adamw_complex_sharded_over_two_ranks_equals_torch_adamw(grad_reduction:
     """Sharded: each rank owns one of the two complex parameters and all-gathers the other (complex
     buffers through gloo); with grad_reduction="mean" the complex gradients are reduce-scattered."""
     init, grads = _complex_problem()
-    ref = _torch_adamw(init, grads, lr=registry.get("AdamW").test_kwargs["lr"])
+    ref = _torch_adamw(init, grads)
     for ranks_params in run_distributed(_complex_adamw_worker, 2, tmp_path, grad_reduction):
         for o, r in zip(ranks_params, ref):
             torch.testing.assert_close(o, r, rtol=1e-12, atol=1e-12)
