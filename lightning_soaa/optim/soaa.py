@@ -54,6 +54,7 @@ from lightning_soaa.functional.soaa import (
     use_foreach,
 )
 from lightning_soaa.optim.base import BlockView, ShardedOptimizer, StepRecord, summed
+from lightning_soaa.optim.closure_source import accumulation_steps
 
 __all__ = ["SOAA"]
 
@@ -87,6 +88,13 @@ class _SOAADecision:
 
 #: hyperparameters of the global trust region: one value for the whole model, never per group.
 _GLOBAL_KEYS = ("gamma", "total_steps", "acceptance", "eta1", "eta2", "shrink", "expand", "d_min", "compile")
+
+ACCUMULATION_MESSAGE = (
+    "SOAA under Lightning with accumulate_grad_batches={k}: the closure returns only the last micro-batch's "
+    "loss divided by {k}, not the loss of the optimizer step, and the trust region would run on it. Add "
+    "lightning_soaa.lightning.LossToOptimizer() to the Trainer's callbacks (it hands over the mean over the "
+    "{k} micro-batches; the lightning-soaa CLI adds it), or call opt.step(loss=...) in manual optimization."
+)
 
 MISSING_LOSS_MESSAGE = (
     "SOAA needs the mini-batch loss of every step (its trust region compares actual and predicted "
@@ -315,7 +323,13 @@ class SOAA(ShardedOptimizer):
         elif closure is not None and ret is not None and self._set_loss_calls == calls_before:
             # A loss handed over *during* the closure (Lightning's LossToOptimizer fires inside it) wins
             # over the closure's return value: under gradient accumulation Lightning's closure returns
-            # the last micro-batch's loss divided by k, the callback the mean over the whole step.
+            # the last micro-batch's loss divided by k, the callback the mean over the whole step. Without
+            # the callback that value is wrong: refuse (every rank has the same k, so all raise together,
+            # before any collective) rather than run the trust region on it.
+            k = accumulation_steps(closure)
+            if k > 1:
+                self._pending_loss = None
+                raise ValueError(ACCUMULATION_MESSAGE.format(k=k))
             self.set_loss(ret)
         try:
             ran = self._sharded_step()

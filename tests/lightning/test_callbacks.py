@@ -66,6 +66,23 @@ def test_loss_to_optimizer_hands_the_step_loss(accumulate: int, tmp_path: Path) 
         assert handed == pytest.approx(expected, rel=1e-12), (k, handed, expected)
 
 
+def test_soaa_refuses_accumulation_without_the_loss_callback(tmp_path: Path) -> None:
+    """accumulate_grad_batches=k without LossToOptimizer: the closure's value is loss_k / k, not the step's
+    loss. SOAA refuses before its first step instead of running the trust region on it (before this,
+    it trained on with 0.52 where the step's loss was 0.93)."""
+    model = TinyRegressor(OptimizerFactory("SOAA", {"lr": 0.01}), batch_size=4)
+    trainer = make_trainer(tmp_path, max_steps=2, accumulate_grad_batches=2)
+    with pytest.raises(ValueError, match=r"accumulate_grad_batches=2.*LossToOptimizer"):
+        trainer.fit(model)
+    opt = trainer.optimizers[0]
+    assert opt.num_steps == 0 and opt.skipped_steps == 0
+    # ... and with the callback the same fit runs
+    model = TinyRegressor(OptimizerFactory("SOAA", {"lr": 0.01}), batch_size=4)
+    trainer = make_trainer(tmp_path, max_steps=2, accumulate_grad_batches=2, callbacks=[LossToOptimizer()])
+    trainer.fit(model)
+    assert trainer.optimizers[0].num_steps == 2
+
+
 def _manual_module(opt_kind: str) -> PlainRegressor:
     class Manual(PlainRegressor):
         def __init__(self) -> None:
