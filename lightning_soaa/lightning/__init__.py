@@ -9,16 +9,23 @@ Typical use in a LightningModule::
         return SOAA(self.parameters(), lr=1e-3)
 
     trainer = Trainer(callbacks=[LossToOptimizer(), OptimizerDiagnostics()], strategy="ddp", devices=2)
+
+Importing this package guards Lightning's MPI detection (:mod:`lightning_soaa.lightning.mpi_guard`): an
+installed mpi4py that cannot load an MPI library must not break a Trainer that does not use MPI.
 """
 
-from lightning_soaa.lightning.callbacks import (
+from lightning_soaa.lightning.mpi_guard import guard_mpi_detection
+
+guard_mpi_detection()
+
+from lightning_soaa.lightning.callbacks import (  # noqa: E402
     BatchToOptimizer,
     LossToOptimizer,
     OptimizerDiagnostics,
     default_split_batch,
 )
-from lightning_soaa.lightning.egn import EGN
-from lightning_soaa.lightning.factory import (
+from lightning_soaa.lightning.egn import EGN  # noqa: E402
+from lightning_soaa.lightning.factory import (  # noqa: E402
     KNOWN_OPTIMIZERS,
     OptimizerFactory,
     attach_optimizer,
@@ -35,6 +42,7 @@ __all__ = [
     "OptimizerFactory",
     "attach_optimizer",
     "default_split_batch",
+    "guard_mpi_detection",
     "resolve_optimizer_class",
     "unwrap_optimizer",
 ]

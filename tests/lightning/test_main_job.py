@@ -1,19 +1,24 @@
 """The main job's quick mode, end to end: 2 CPU processes with Lightning DDP, run as a subprocess
-(``strategy="ddp"`` re-launches the command line, which must not be pytest's)."""
+(``strategy="ddp"`` re-launches the command line, which must not be pytest's).
+
+It runs where no MPI library can be loaded (``MPI4PY_LIBMPI`` points nowhere), as on a fresh machine
+with the ``[mpi]`` extra's mpi4py but no MPI: the first thing a new user runs must not need MPI."""
 
 from __future__ import annotations
 
 import csv
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.lightning.test_mpi_guard import broken_mpi_env
+
 pytestmark = [pytest.mark.lightning, pytest.mark.timeout(420)]
 
+MAIN_JOB = Path(__file__).resolve().parents[2] / "examples" / "main_job.py"
 REQUIRED = ("lightning_soaa.optim.soaa", "lightning_soaa.optim.egn", "lightning_soaa.optim.asgo", "sklearn",
             "matplotlib")
 
@@ -21,11 +26,12 @@ REQUIRED = ("lightning_soaa.optim.soaa", "lightning_soaa.optim.egn", "lightning_
 def test_main_job_quick(tmp_path: Path) -> None:
     for mod in REQUIRED:
         pytest.importorskip(mod)
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK")}
+    env = broken_mpi_env()
+    for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK"):
+        env.pop(k, None)
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "lightning_soaa.lightning.main_job", "--quick", "--out", str(out)],
+        [sys.executable, str(MAIN_JOB), "--quick", "--out", str(out)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

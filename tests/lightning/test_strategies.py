@@ -69,6 +69,7 @@ def test_fit_tiny_model(name: str, devices: int, tmp_path: Path) -> None:
     rows = _read_csv(tmp_path / "logs" / "version_0" / "metrics.csv")
     keys = rows[0].keys()
     assert f"{name}/steps" in keys and f"{name}/lr" in keys
+    assert [float(x[f"{name}/world_size"]) for x in rows if x.get(f"{name}/world_size")] == [devices]
     if devices == 2:
         comm = [float(x[f"{name}/comm_bytes"]) for x in rows if x.get(f"{name}/comm_bytes")]
         assert comm and all(c > 0 for c in comm), "communication bytes per step must be logged under DDP"

@@ -2,8 +2,8 @@
 
 Run::
 
-    python -m lightning_soaa.lightning.main_job            # the comparison (a few minutes on 2 cores)
-    python -m lightning_soaa.lightning.main_job --quick    # CI smoke run (well under 2 minutes)
+    bash dev.sh main                         # the comparison (a few minutes on 2 cores)
+    python examples/main_job.py --quick      # CI smoke run (well under 2 minutes)
 
 Two tasks, each trained by every optimizer with the same seed, model initialisation, data order and
 number of optimizer steps:
