@@ -24,7 +24,6 @@ from lightning_soaa.lightning.callbacks import (  # noqa: E402
     OptimizerDiagnostics,
     default_split_batch,
 )
-from lightning_soaa.lightning.egn import EGN  # noqa: E402
 from lightning_soaa.lightning.factory import (  # noqa: E402
     KNOWN_OPTIMIZERS,
     OptimizerFactory,
@@ -32,6 +31,19 @@ from lightning_soaa.lightning.factory import (  # noqa: E402
     resolve_optimizer_class,
     unwrap_optimizer,
 )
+
+from typing import Any  # noqa: E402
+
+
+def __getattr__(name: str) -> Any:
+    # EGN on first use: importing its optimizer module (~0.7 s of torch.func set-up under load) would be paid
+    # by every process of every Lightning run, ddp_spawn children included, that only wants the callbacks.
+    if name == "EGN":
+        from lightning_soaa.lightning.egn import EGN
+
+        return EGN
+    raise AttributeError(f"module 'lightning_soaa.lightning' has no attribute {name!r}")
+
 
 __all__ = [
     "BatchToOptimizer",
