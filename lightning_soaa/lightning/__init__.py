@@ -58,3 +58,7 @@ __all__ = [
     "resolve_optimizer_class",
     "unwrap_optimizer",
 ]
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
