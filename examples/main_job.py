@@ -34,8 +34,8 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import math
 import logging
+import math
 import sys
 import time
 import warnings

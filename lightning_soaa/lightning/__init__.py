@@ -14,25 +14,24 @@ Importing this package guards Lightning's MPI detection (:mod:`lightning_soaa.li
 installed mpi4py that cannot load an MPI library must not break a Trainer that does not use MPI.
 """
 
-from lightning_soaa.lightning.mpi_guard import guard_mpi_detection
+from typing import Any
 
-guard_mpi_detection()
-
-from lightning_soaa.lightning.callbacks import (  # noqa: E402
+from lightning_soaa.lightning.callbacks import (
     BatchToOptimizer,
     LossToOptimizer,
     OptimizerDiagnostics,
     default_split_batch,
 )
-from lightning_soaa.lightning.factory import (  # noqa: E402
+from lightning_soaa.lightning.factory import (
     KNOWN_OPTIMIZERS,
     OptimizerFactory,
     attach_optimizer,
     resolve_optimizer_class,
     unwrap_optimizer,
 )
+from lightning_soaa.lightning.mpi_guard import guard_mpi_detection
 
-from typing import Any  # noqa: E402
+guard_mpi_detection()
 
 
 def __getattr__(name: str) -> Any:
