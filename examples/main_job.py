@@ -265,9 +265,12 @@ def _plot(results: list[dict[str, Any]], path: Path) -> None:
             axes[i][1].plot(times, losses, **style)
         adamw = next((r for r in results if r["task"] == task and r["optimizer"] == "AdamW"), None)
         axes[i][0].set(title=f"{task}: validation loss vs step", xlabel="optimizer step", ylabel="val loss")
-        axes[i][1].set(title=f"{task}: validation loss vs training time",
-                       xlabel="training seconds on rank 0 (after warm-up; validation excluded)",
+        axes[i][1].set(title=f"{task}: validation loss vs training time (after warm-up)",
+                       xlabel="training seconds, rank 0 (symlog axis; validation excluded)",
                        ylabel="val loss")
+        # symlog time: linear near 0 (the step-0 point), logarithmic beyond, so a run 30x slower than the
+        # others (EGN) does not squash them into the first pixels
+        axes[i][1].set_xscale("symlog", linthresh=1.0)
         for ax in axes[i]:
             ax.set_yscale("log")
             if adamw is not None:
