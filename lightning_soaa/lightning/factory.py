@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import functools
 import importlib
+import logging
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -37,7 +39,10 @@ __all__ = [
     "resolve_optimizer_class",
     "unwrap_optimizer",
     "valid_optimizer_names",
+    "with_horizon",
 ]
+
+log = logging.getLogger(__name__)
 
 #: Our optimizers by short name (aliases included) -> public class path, read from the registry.
 KNOWN_OPTIMIZERS: dict[str, str] = {
@@ -98,7 +103,9 @@ class OptimizerFactory:
         lr_scheduler: optional ``{"class_path": ..., "init_args": {...}}`` for a scheduler built on the
             optimizer (LightningCLI's format).
 
-    Calling the factory with a module returns what ``configure_optimizers`` should return.
+    Calling the factory with a module returns what ``configure_optimizers`` should return. An optimizer
+    whose registry entry has a ``horizon_kwarg`` (SOAA's ``total_steps``) gets it from the trainer's
+    ``estimated_stepping_batches`` unless ``init_args`` sets it (:func:`with_horizon`).
     """
 
     def __init__(self, optimizer: str | type, init_args: dict[str, Any] | None = None,
@@ -114,7 +121,7 @@ class OptimizerFactory:
 
     def build(self, module: nn.Module) -> torch.optim.Optimizer:
         cls = self.optimizer_class
-        return cls(_first_argument(cls, module), **self.init_args)
+        return cls(_first_argument(cls, module), **with_horizon(cls, self.init_args, module))
 
     def __call__(self, module: nn.Module) -> Any:
         opt = self.build(module)
@@ -129,6 +136,25 @@ class OptimizerFactory:
 
     def __repr__(self) -> str:
         return f"OptimizerFactory({self.class_path}, {self.init_args})"
+
+
+def with_horizon(cls: type, init_args: dict[str, Any], module: nn.Module) -> dict[str, Any]:
+    """``init_args`` with the optimizer's ``horizon_kwarg`` (SOAA's ``total_steps``, see the registry)
+    set to the trainer's ``estimated_stepping_batches`` when the user left it out or None.
+
+    Without it SOAA's trust band would sit at its final width from step 1. A value the user gave is kept;
+    so is None when the trainer is unbounded (no ``max_steps``/``max_epochs``) or absent.
+    """
+    spec = optimizer_registry.spec_of(cls)
+    key = spec.horizon_kwarg if spec is not None else None
+    if key is None or init_args.get(key) is not None:
+        return dict(init_args)
+    trainer = getattr(module, "_trainer", None)  # LightningModule.trainer raises when not attached
+    steps = float(trainer.estimated_stepping_batches) if trainer is not None else math.inf
+    if not math.isfinite(steps) or steps < 1:
+        return dict(init_args)
+    log.info("%s: %s=%d from trainer.estimated_stepping_batches", spec.qualified_name, key, int(steps))
+    return {**init_args, key: int(steps)}
 
 
 def resolve_class_path(path: str) -> Any:

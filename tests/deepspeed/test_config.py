@@ -172,3 +172,30 @@ def test_client_collects_multi_call_steps_without_double_stepping():
     c.step()
     assert c.training_steps == 1
     assert torch.allclose(f1.detach(), torch.full((4,), -0.1)) and torch.allclose(f2.detach(), torch.full((3,), 0.5))
+
+
+@pytest.mark.parametrize(("value", "wanted"), [(None, False), ("1", False), ("true", False), ("0", True),
+                                               ("no", True)])
+def test_shm_op_is_skipped_unless_asked_for(value, wanted, monkeypatch):
+    """Skipping DeepSpeed's CPU shm op JIT is the default; DEEPSPEED_EXT_SKIP_SHM_OP=0 keeps the op."""
+    import importlib
+
+    from deepspeed_ext.compat import maybe_skip_shm_comm_op, shm_op_wanted
+
+    comm_torch = importlib.import_module("deepspeed.comm.torch")
+    original = comm_torch.build_shm_op
+    monkeypatch.setattr(comm_torch, "build_shm_op", original)  # restored after the test
+    if value is None:
+        monkeypatch.delenv("DEEPSPEED_EXT_SKIP_SHM_OP", raising=False)
+    else:
+        monkeypatch.setenv("DEEPSPEED_EXT_SKIP_SHM_OP", value)
+    assert shm_op_wanted() is wanted
+    assert maybe_skip_shm_comm_op() is (not wanted)
+    assert (comm_torch.build_shm_op is original) is wanted
+
+
+def test_shm_op_setting_rejects_other_values():
+    from deepspeed_ext.compat import shm_op_wanted
+
+    with pytest.raises(ValueError, match="DEEPSPEED_EXT_SKIP_SHM_OP='maybe'"):
+        shm_op_wanted({"DEEPSPEED_EXT_SKIP_SHM_OP": "maybe"})

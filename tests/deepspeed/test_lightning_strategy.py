@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import csv
+
 import pytest
 import torch
 
@@ -48,7 +50,9 @@ def test_soaa_named_in_the_deepspeed_json_under_lightning(tmp_path):
     import lightning.pytorch as pl
 
     from deepspeed_ext.strategy import DeepSpeedStrategy
-    from lightning_soaa.lightning.callbacks import LossToOptimizer
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_soaa.lightning.callbacks import LossToOptimizer, OptimizerDiagnostics
     from tests.deepspeed._lightning_module import DSModule
 
     config = {"zero_optimization": {"stage": 1}, "train_micro_batch_size_per_gpu": 8, "gradient_clipping": 0.0,
@@ -56,11 +60,18 @@ def test_soaa_named_in_the_deepspeed_json_under_lightning(tmp_path):
     strategy = DeepSpeedStrategy(config=config, start_method="spawn", process_group_backend="gloo")
     with pytest.raises(ValueError, match="Invalid optimizer.type='lightning_soaa.Nope'"):
         DeepSpeedStrategy(config={**config, "optimizer": {"type": "lightning_soaa.Nope"}})
+    logger = CSVLogger(str(tmp_path), name="logs", version=0)
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, precision="32-true", max_steps=STEPS,
-                         callbacks=[LossToOptimizer()], logger=False, enable_checkpointing=False,
+                         callbacks=[LossToOptimizer(), OptimizerDiagnostics()], logger=logger,
+                         log_every_n_steps=1, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(DSModule(str(tmp_path), PARAMS, STEPS, 1, "fp32", from_json=True))
     assert trainer.state.finished
+    # the diagnostics carry the optimizer's name, as under DDP (not the DeepSpeed client's class name)
+    with open(tmp_path / "logs" / "version_0" / "metrics.csv", newline="") as f:
+        columns = set(next(csv.reader(f)))
+    assert {"SOAA/d", "SOAA/steps", "SOAA/world_size"} <= columns, sorted(columns)
+    assert not any(c.startswith("DeepSpeed") for c in columns), sorted(columns)
     for r in range(2):
         rec = torch.load(tmp_path / f"rank{r}.pt", weights_only=False)
         assert rec["wrapper"] == "DeepSpeedZeroOptimizer"

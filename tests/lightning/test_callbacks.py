@@ -210,6 +210,24 @@ def test_diagnostics_in_csv_logger(tmp_path: Path) -> None:
         values = [r[key] for r in rows if r.get(key)]
         assert values, f"{key} missing from the CSV log (columns: {sorted(rows[0])})"
     assert [float(r["SOAA/steps"]) for r in rows if r.get("SOAA/steps")] == [1.0, 2.0, 3.0, 4.0, 5.0]
+    # the sharding layout is fixed for the fit: once, not in every row
+    for key in ("SOAA/world_size", "SOAA/owned_blocks", "SOAA/ownership_balance"):
+        assert [float(r[key]) for r in rows if r.get(key)] in ([1.0], [4.0]), key
+
+
+def test_optimizer_name_is_the_registry_name_behind_any_wrapper() -> None:
+    """One name per optimizer in the logs: AdamW (not ShardedAdamW), and the optimizer a DeepSpeed client
+    wraps (not DeepSpeedClientOptimizer)."""
+    from lightning_soaa.lightning.callbacks import optimizer_name
+
+    module = PlainRegressor()
+    assert optimizer_name(ShardedAdamW(module.parameters())) == "AdamW"
+    assert optimizer_name(torch.optim.SGD(module.parameters(), lr=0.1)) == "SGD"
+    ds_client = pytest.importorskip("deepspeed_ext.client")
+    soaa = pytest.importorskip("lightning_soaa.optim.soaa")
+    client = ds_client.DeepSpeedClientOptimizer(list(module.parameters()), soaa.SOAA, {"lr": 1e-3},
+                                                zero_stage=0)
+    assert optimizer_name(client) == "SOAA"
 
 
 def test_diagnostics_rejects_bad_interval() -> None:

@@ -74,6 +74,29 @@ def test_cli_unknown_optimizer_lists_valid_ones(tmp_path: Path, monkeypatch: pyt
     assert "NotAnOptimizer" in err and "Valid optimizers" in err and "lightning_soaa.SOAA" in err
 
 
+def test_cli_option_typo_names_the_option_not_the_optimizer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        SOAALightningCLI(args=[*BASE, "--optimizer", "lightning_soaa.SOAA", "--optimizer.gama", "0.1"])
+    assert exc.value.code != 0
+    err = capsys.readouterr().err
+    assert "'gama' is not accepted" in err and "--optimizer.gamma" in err, err
+    assert "Unknown optimizer" not in err and "Valid optimizers" not in err, err
+
+
+@pytest.mark.parametrize(("extra", "expected"), [([], 3), (["--optimizer.total_steps", "50"], 50)])
+def test_cli_fills_soaa_horizon_from_the_trainer(extra: list[str], expected: int, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """SOAA's total_steps (the registry's horizon_kwarg) = trainer.estimated_stepping_batches (max_steps 3)
+    unless given."""
+    pytest.importorskip("lightning_soaa.optim.soaa")
+    assert registry.get("SOAA").horizon_kwarg == "total_steps"
+    monkeypatch.chdir(tmp_path)
+    cli = SOAALightningCLI(args=[*BASE, "--optimizer", "lightning_soaa.SOAA", "--optimizer.lr", "0.01", *extra])
+    assert cli.trainer.optimizers[0].config.total_steps == expected
+
+
 def _console_script() -> list[str]:
     script = Path(sys.executable).with_name("lightning-soaa")
     return [str(script)] if script.exists() else [sys.executable, "-m", "lightning_soaa.lightning.cli"]
@@ -94,8 +117,8 @@ def test_console_script_fits_from_config_on_two_processes(tmp_path: Path) -> Non
     metrics = next((tmp_path / "logs" / "digits_soaa").glob("version_*/metrics.csv"))
     with open(metrics, newline="") as f:
         rows = list(csv.DictReader(f))
-    world = {float(r["SOAA/world_size"]) for r in rows if r.get("SOAA/world_size")}
-    assert world == {2.0}, "the optimizer must be sharded across the 2 DDP processes"
+    world = [float(r["SOAA/world_size"]) for r in rows if r.get("SOAA/world_size")]
+    assert world == [2.0], "the optimizer must be sharded across the 2 DDP processes (logged once)"
     assert all(float(r["SOAA/comm_bytes"]) > 0 for r in rows if r.get("SOAA/comm_bytes"))
     steps = [float(r["SOAA/steps"]) for r in rows if r.get("SOAA/steps")]
     assert steps and steps[-1] == 12.0
@@ -107,6 +130,7 @@ def test_shipped_configs_parse(config: Path, capsys: pytest.CaptureFixture[str])
     """Every configs/*.yaml names importable classes and valid arguments (parsed, not run)."""
     import yaml
 
+    assert config.read_text().splitlines()[0] == f"# lightning-soaa fit --config configs/{config.name}"
     class_path = yaml.safe_load(config.read_text())["optimizer"]["class_path"]
     assert registry.lookup(class_path) is not None, f"{config.name} names {class_path}, not in the registry"
     with pytest.raises(SystemExit) as exc:

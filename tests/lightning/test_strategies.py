@@ -1,4 +1,5 @@
-"""Every optimizer fits a tiny model with Lightning on 1 CPU process and on 2 (ddp_spawn, sharded)."""
+"""Every optimizer fits a tiny model with Lightning on 1 CPU process and on 2 (ddp_fork, sharded; SOAA also
+under ddp_spawn, whose ranks get the module, callbacks and optimizer factory by pickling)."""
 
 from __future__ import annotations
 
@@ -36,14 +37,17 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-@pytest.mark.parametrize("devices", [1, 2])
-@pytest.mark.parametrize("name", list(CASES))
-def test_fit_tiny_model(name: str, devices: int, tmp_path: Path) -> None:
+# every optimizer on 1 process and on 2 forked ones; one ddp_spawn fit (SOAA) covers the pickling path
+FITS = [(n, d, None) for n in CASES for d in (1, 2)] + [("SOAA", 2, "ddp_spawn")]
+
+
+@pytest.mark.parametrize(("name", "devices", "strategy"), FITS)
+def test_fit_tiny_model(name: str, devices: int, strategy: str | None, tmp_path: Path) -> None:
     class_path, init_args = _case(name)
     model = TinyRegressor(OptimizerFactory(class_path, init_args))
     logger = CSVLogger(str(tmp_path), name="logs", version=0)
     trainer = make_trainer(
-        tmp_path, devices=devices, max_steps=8, logger=logger, log_every_n_steps=1,
+        tmp_path, devices=devices, strategy=strategy, max_steps=8, logger=logger, log_every_n_steps=1,
         callbacks=[LossToOptimizer(), BatchToOptimizer(), OptimizerDiagnostics(), RankRecorder(tmp_path)],
     )
     trainer.fit(model)
@@ -69,6 +73,7 @@ def test_fit_tiny_model(name: str, devices: int, tmp_path: Path) -> None:
     rows = _read_csv(tmp_path / "logs" / "version_0" / "metrics.csv")
     keys = rows[0].keys()
     assert f"{name}/steps" in keys and f"{name}/lr" in keys
+    assert [float(x[f"{name}/world_size"]) for x in rows if x.get(f"{name}/world_size")] == [devices]
     if devices == 2:
         comm = [float(x[f"{name}/comm_bytes"]) for x in rows if x.get(f"{name}/comm_bytes")]
         assert comm and all(c > 0 for c in comm), "communication bytes per step must be logged under DDP"

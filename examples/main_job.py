@@ -2,8 +2,8 @@
 
 Run::
 
-    python -m lightning_soaa.lightning.main_job            # the comparison (a few minutes on 2 cores)
-    python -m lightning_soaa.lightning.main_job --quick    # CI smoke run (well under 2 minutes)
+    bash dev.sh main                         # the comparison (a few minutes on 2 cores)
+    python examples/main_job.py --quick      # CI smoke run (well under 2 minutes)
 
 Two tasks, each trained by every optimizer with the same seed, model initialisation, data order and
 number of optimizer steps:
@@ -14,14 +14,19 @@ number of optimizer steps:
   (EGN is not run here: b * context * vocab outputs make its Gram system far too large).
 
 Every run uses ``Trainer(accelerator="cpu", devices=2, strategy="ddp")``: Lightning re-launches this
-module for rank 1, both processes run the same sequence of fits, and the sharded optimizers split their
-state across the two ranks. Rank 0 prints a table (final train/val loss and accuracy, wall time, steps)
-and writes ``results.csv`` (one row per validation point), ``summary.csv`` and ``val_loss.png``
-(validation loss against step and against training time) to ``--out``.
+script for rank 1, both processes run the same sequence of fits, and the sharded optimizers split their
+state across the two ranks. Rank 0 prints a table (final train/val loss and accuracy, wall time, steps,
+the best validation loss and the time each optimizer took to reach AdamW's final validation loss) and
+writes ``results.csv`` (one row per validation point: step 0, then ten more), ``summary.csv`` and
+``val_loss.png`` (validation loss, log scale, against step and against training time; one colour per
+optimizer) to ``--out``.
 
-Times are measured on rank 0 from ``on_train_start`` to ``on_train_end`` (so process launch and setup,
-paid once by the first run, are excluded); "train s" and the time axis of the curves also exclude
-validation passes.
+Timing: every (task, optimizer) pair first runs a few untimed steps (:data:`WARMUP_STEPS`), so imports,
+lazy initialisation and compiled kernels are not charged to whichever run comes first. Times are then
+measured on rank 0 from ``on_train_start`` to ``on_train_end`` (process launch and setup excluded);
+"train s" and the time axis of the curves also exclude validation passes.
+
+This script is an example, not part of the installed package: ``bash dev.sh main`` runs it.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import argparse
 import csv
 import dataclasses
 import logging
+import math
 import sys
 import time
 import warnings
@@ -76,10 +82,18 @@ TASKS: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {
     },
 }
 
+# Ten validation points per run, plus step 0 (the untrained model, from Lightning's sanity check).
 BUDGETS = {
-    "full": {"digits": Budget(max_steps=300, val_every=30), "chars": Budget(max_steps=300, val_every=50)},
-    "quick": {"digits": Budget(max_steps=40, val_every=20), "chars": Budget(max_steps=30, val_every=15)},
+    "full": {"digits": Budget(max_steps=300, val_every=30), "chars": Budget(max_steps=300, val_every=30)},
+    "quick": {"digits": Budget(max_steps=40, val_every=4), "chars": Budget(max_steps=30, val_every=3)},
 }
+
+#: untimed steps per (task, optimizer) before the timed runs: imports, lazy initialisation, compiled
+#: kernels and allocator growth are paid here, so the time axis does not depend on run order
+WARMUP_STEPS = 5
+
+#: one colour per optimizer, the same in every panel
+COLORS = {"AdamW": "tab:blue", "SOAA": "tab:orange", "EGN": "tab:green", "ASGO": "tab:red"}
 
 
 # Warnings that say nothing about this job (environment hints, third-party deprecations, worker counts).
@@ -127,6 +141,11 @@ class CurveRecorder(pl.Callback):
         self._val_start = time.perf_counter()
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:  # the whole validation set before any step: the step-0 point
+            m = trainer.callback_metrics
+            self.rows.append({"step": 0.0, "train_time_s": 0.0, "val_loss": float(m["val_loss"]),
+                              "val_acc": float(m["val_acc"]), "train_loss": math.nan, "train_acc": math.nan})
+            return
         now = time.perf_counter()
         self._val_time += now - self._val_start
         sums = trainer.strategy.reduce(self._sums.clone(), reduce_op="sum")
@@ -143,38 +162,68 @@ class CurveRecorder(pl.Callback):
         })
 
 
-def _run_one(task: str, opt_name: str, quick: bool, out: Path, seed: int, devices: int, strategy: str,
-             progress: bool) -> dict[str, Any]:
-    class_path, init_args = TASKS[task][opt_name]
-    budget = BUDGETS["quick" if quick else "full"][task]
-    pl.seed_everything(seed, workers=True, verbose=False)
-    model, data = _build(task, quick)
-    attach_optimizer(model, OptimizerFactory(class_path, init_args))
-    recorder = CurveRecorder()
-    trainer = pl.Trainer(
+def _trainer(task: str, opt_name: str, steps: int, val_every: int, out: Path | None, devices: int,
+             strategy: str, progress: bool, callbacks: list[pl.Callback], timed: bool = True) -> pl.Trainer:
+    return pl.Trainer(
         accelerator="cpu",
         devices=devices,
         strategy=strategy,
-        max_steps=budget.max_steps,
-        val_check_interval=budget.val_every,
+        max_steps=steps,
+        val_check_interval=val_every,
         check_val_every_n_epoch=None,
-        num_sanity_val_steps=0,
-        logger=pl.loggers.CSVLogger(str(out / "logs"), name=f"{task}-{opt_name}"),
+        limit_val_batches=None if timed else 0,
+        num_sanity_val_steps=-1 if timed else 0,  # the whole validation set: the step-0 point
+        logger=pl.loggers.CSVLogger(str(out / "logs"), name=f"{task}-{opt_name}") if timed else False,
         log_every_n_steps=10,
         enable_checkpointing=False,
         enable_model_summary=False,
-        enable_progress_bar=progress,
-        callbacks=[LossToOptimizer(), BatchToOptimizer(), OptimizerDiagnostics(), recorder],
+        enable_progress_bar=progress and timed,
+        callbacks=[LossToOptimizer(), BatchToOptimizer(), OptimizerDiagnostics(), *callbacks],
     )
-    if trainer.is_global_zero:
-        report.info("\n=== %s / %s: %d steps on %d CPU processes (%s)", task, opt_name, budget.max_steps,
-                    devices, strategy)
+
+
+def _fit(task: str, opt_name: str, quick: bool, seed: int, trainer: pl.Trainer) -> None:
+    class_path, init_args = TASKS[task][opt_name]
+    pl.seed_everything(seed, workers=True, verbose=False)
+    model, data = _build(task, quick)
+    attach_optimizer(model, OptimizerFactory(class_path, init_args))
     trainer.fit(model, datamodule=data)
+
+
+def _warm_up(task: str, opt_name: str, quick: bool, seed: int, devices: int, strategy: str) -> None:
+    """A few untimed steps of the same run, so that the timed one starts warm."""
+    trainer = _trainer(task, opt_name, WARMUP_STEPS, WARMUP_STEPS, None, devices, strategy, False, [],
+                       timed=False)
+    _fit(task, opt_name, quick, seed, trainer)
+
+
+def _run_one(task: str, opt_name: str, quick: bool, out: Path, seed: int, devices: int, strategy: str,
+             progress: bool) -> dict[str, Any]:
+    budget = BUDGETS["quick" if quick else "full"][task]
+    recorder = CurveRecorder()
+    trainer = _trainer(task, opt_name, budget.max_steps, budget.val_every, out, devices, strategy, progress,
+                       [recorder])
+    if trainer.is_global_zero:
+        report.info("=== %s / %s: %d steps on %d CPU processes (%s)", task, opt_name, budget.max_steps,
+                    devices, strategy)
+    _fit(task, opt_name, quick, seed, trainer)
     last = recorder.rows[-1] if recorder.rows else {}
     return {"task": task, "optimizer": opt_name, "steps": trainer.global_step, "wall_s": recorder.fit_s,
             "train_s": recorder.train_s,
             "is_global_zero": trainer.is_global_zero, "curve": recorder.rows, **{k: last.get(k, float("nan"))
             for k in ("train_loss", "train_acc", "val_loss", "val_acc")}}
+
+
+def add_comparisons(results: list[dict[str, Any]]) -> None:
+    """Per run: ``best_val_loss`` (lowest point of its curve) and ``s_to_adamw_final``, the training time
+    (validation excluded) of its first validation point at or below AdamW's final validation loss on the
+    same task (NaN when it never got there, or when AdamW did not run)."""
+    target = {r["task"]: r["val_loss"] for r in results if r["optimizer"] == "AdamW"}
+    for r in results:
+        r["best_val_loss"] = min((row["val_loss"] for row in r["curve"]), default=math.nan)
+        goal = target.get(r["task"], math.nan)
+        hit = [row["train_time_s"] for row in r["curve"] if row["step"] > 0 and row["val_loss"] <= goal]
+        r["s_to_adamw_final"] = hit[0] if hit else math.nan
 
 
 def _write_outputs(results: list[dict[str, Any]], out: Path) -> None:
@@ -189,7 +238,7 @@ def _write_outputs(results: list[dict[str, Any]], out: Path) -> None:
                             f"{row['val_loss']:.6f}", f"{row['val_acc']:.6f}", f"{row['train_loss']:.6f}",
                             f"{row['train_acc']:.6f}"])
     cols = ["task", "optimizer", "steps", "wall_s", "train_s", "train_loss", "train_acc", "val_loss",
-            "val_acc"]
+            "val_acc", "best_val_loss", "s_to_adamw_final"]
     with open(out / "summary.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)
@@ -211,32 +260,51 @@ def _plot(results: list[dict[str, Any]], path: Path) -> None:
             steps = [row["step"] for row in r["curve"]]
             times = [row["train_time_s"] for row in r["curve"]]
             losses = [row["val_loss"] for row in r["curve"]]
-            axes[i][0].plot(steps, losses, marker="o", ms=3, label=r["optimizer"])
-            axes[i][1].plot(times, losses, marker="o", ms=3, label=r["optimizer"])
+            style = {"marker": "o", "ms": 3, "label": r["optimizer"], "color": COLORS.get(r["optimizer"])}
+            axes[i][0].plot(steps, losses, **style)
+            axes[i][1].plot(times, losses, **style)
+        adamw = next((r for r in results if r["task"] == task and r["optimizer"] == "AdamW"), None)
         axes[i][0].set(title=f"{task}: validation loss vs step", xlabel="optimizer step", ylabel="val loss")
-        axes[i][1].set(title=f"{task}: validation loss vs training time",
-                       xlabel="seconds (validation excluded)",
+        axes[i][1].set(title=f"{task}: validation loss vs training time (after warm-up)",
+                       xlabel="training seconds, rank 0 (symlog axis; validation excluded)",
                        ylabel="val loss")
+        # symlog time: linear near 0 (the step-0 point), logarithmic beyond, so a run 30x slower than the
+        # others (EGN) does not squash them into the first pixels
+        axes[i][1].set_xscale("symlog", linthresh=1.0)
         for ax in axes[i]:
-            ax.grid(alpha=0.3)
+            ax.set_yscale("log")
+            if adamw is not None:
+                ax.axhline(adamw["val_loss"], color=COLORS["AdamW"], lw=0.8, ls=":")
+            ax.grid(alpha=0.3, which="both")
             ax.legend()
-    fig.suptitle("lightning-soaa main job: 2 CPU processes, Lightning DDP, same seed and budget")
+    fig.suptitle("lightning-soaa main job: 2 CPU processes, Lightning DDP, same seed, data order and steps\n"
+                 "(dotted: AdamW's final validation loss)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def _fmt_s(x: float) -> str:
+    return "never" if math.isnan(x) else f"{x:.1f}"
+
+
 def format_table(results: list[dict[str, Any]]) -> str:
     head = f"{'task':<7} {'optimizer':<9} {'steps':>5} {'wall s':>7} {'train s':>7} {'train loss':>10} " \
-           f"{'train acc':>9} {'val loss':>9} {'val acc':>8}"
+           f"{'train acc':>9} {'val loss':>9} {'val acc':>8} {'best val':>9} {'s to AdamW':>10}"
     lines = [head, "-" * len(head)]
     for r in results:
         lines.append(f"{r['task']:<7} {r['optimizer']:<9} {r['steps']:>5d} {r['wall_s']:>7.1f} "
                      f"{r['train_s']:>7.1f} {r['train_loss']:>10.4f} {r['train_acc']:>9.3f} "
-                     f"{r['val_loss']:>9.4f} {r['val_acc']:>8.3f}")
-    lines.append("wall s: the training loop incl. validation (process launch and setup excluded); "
-                 "train s: without validation. Train loss/acc: mean over the last validation interval, "
-                 "all ranks' samples.")
+                     f"{r['val_loss']:>9.4f} {r['val_acc']:>8.3f} {r['best_val_loss']:>9.4f} "
+                     f"{_fmt_s(r['s_to_adamw_final']):>10}")
+    for task in dict.fromkeys(r["task"] for r in results):
+        runs = [r for r in results if r["task"] == task]
+        best = min(runs, key=lambda r: r["best_val_loss"])
+        lines.append(f"{task}: best validation loss {best['best_val_loss']:.4f} by {best['optimizer']}")
+    lines.append("wall s: the training loop incl. validation, after an untimed warm-up (process launch and "
+                 "setup excluded); train s: without validation. Train loss/acc: mean over the last validation "
+                 "interval, all ranks' samples. s to AdamW: training seconds until the validation loss first "
+                 "reached AdamW's final one on the task (at the validation points).")
     return "\n".join(lines)
 
 
@@ -275,14 +343,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     for pattern in _NOISE:
         warnings.filterwarnings("ignore", message=pattern)
-    results = []
-    for task in args.tasks.split(","):
-        for opt_name in args.optimizers.split(","):
-            if opt_name not in TASKS[task]:
-                continue
-            results.append(_run_one(task, opt_name, args.quick, args.out, args.seed, args.devices,
-                                    args.strategy,
-                                    progress=not args.no_progress_bar))
+    runs = [(task, o) for task in args.tasks.split(",") for o in args.optimizers.split(",") if o in TASKS[task]]
+    for task, opt_name in runs:
+        _warm_up(task, opt_name, args.quick, args.seed, args.devices, args.strategy)
+    results = [_run_one(task, opt_name, args.quick, args.out, args.seed, args.devices, args.strategy,
+                        progress=not args.no_progress_bar) for task, opt_name in runs]
+    add_comparisons(results)
     if results and results[0]["is_global_zero"]:
         _write_outputs(results, args.out)
         report.info("\n%s", format_table(results))

@@ -1,0 +1,37 @@
+"""One name per optimizer: the registry's ``lightning_soaa.<Name>`` is what Python exports, what the CLI and
+the DeepSpeed JSON configs take, and the prefix of the logged diagnostics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import lightning_soaa
+from lightning_soaa import registry
+from lightning_soaa.lightning.callbacks import optimizer_name
+from lightning_soaa.lightning.factory import resolve_optimizer_class
+
+pytestmark = pytest.mark.lightning
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("spec", registry.REGISTRY, ids=lambda s: s.name)
+def test_python_cli_and_diagnostics_agree(spec: registry.OptimizerSpec) -> None:
+    cls = spec.load()
+    assert getattr(lightning_soaa, spec.name) is cls
+    assert resolve_optimizer_class(spec.qualified_name) is cls
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    assert optimizer_name(spec.build(model, **spec.test_kwargs)) == spec.name
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "deepspeed").glob("*.json")), ids=lambda p: p.name)
+def test_deepspeed_configs_spell_the_registry_name(path: Path) -> None:
+    block = json.loads(path.read_text()).get("optimizer")
+    if block is None or not str(block.get("type", "")).startswith(registry.PREFIX):
+        pytest.skip(f"{path.name} names no lightning_soaa optimizer")
+    spec = registry.lookup(block["type"])
+    assert spec is not None and spec.qualified_name == block["type"], block["type"]
