@@ -35,6 +35,8 @@ __all__ = [
     "LocalComm",
     "TorchComm",
     "default_communicator",
+    "distributed_running",
+    "default_group_ready",
 ]
 
 
@@ -232,3 +234,14 @@ def default_communicator(process_group: dist.ProcessGroup | None = None) -> Loca
     elif process_group is not None:
         raise ValueError("process_group was given but torch.distributed is not initialized")
     return LocalComm()
+
+
+def distributed_running() -> bool:
+    """True when torch.distributed is available and a default process group exists."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def default_group_ready() -> bool:
+    """True when the default process group exists with more than one rank: an optimizer that was built
+    before it existed (and so runs on a :class:`LocalComm`) must join it before its next collective."""
+    return distributed_running() and dist.get_world_size() > 1

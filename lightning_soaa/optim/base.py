@@ -35,14 +35,21 @@ import torch
 from torch import Tensor
 
 from lightning_soaa.config import ShardingConfig
-from lightning_soaa.distributed.blocks import BlockInfo, BlockSpec, BlockTable, param_fingerprint
+from lightning_soaa.distributed.blocks import BlockInfo, BlockSpec, BlockTable
 from lightning_soaa.distributed.checkpoint import (
     FORMAT_KEY,
+    StateField,
     build_state_dict,
     select_owned_state,
     validate_state_dict,
 )
-from lightning_soaa.distributed.comm import Communicator, default_communicator
+from lightning_soaa.distributed import agreement
+from lightning_soaa.distributed.comm import (
+    Communicator,
+    default_communicator,
+    default_group_ready,
+    distributed_running,
+)
 
 __all__ = ["ShardedOptimizer", "BlockView"]
 
@@ -77,9 +84,14 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     #: number of fp64 partials ``_prepare`` returns; fixed per optimizer so all ranks agree on shapes.
     num_partials: int = 0
+    #: number of values ``_extra_partials`` returns; fixed per optimizer (a rank whose preparation raised
+    #: still sends this many zeros, so the step's all-reduce keeps its size on every rank).
+    num_extras: int = 0
     #: True when ``_prepare``'s partials are non-finite whenever an owned gradient is (e.g. SOAA's Σm̂²):
-    #: the base then skips its own scan of the gradients, which costs one extra read of every gradient.
-    #: (With ``grad_reduction="none"`` the owner of a block sees the same gradient as every rank.)
+    #: the base then skips its own scan of the owned gradients. Blocks a rank does not own are covered
+    #: separately: with ``grad_reduction="none"`` on W > 1 sharded ranks every local gradient is read
+    #: once per step anyway (:meth:`_grad_agreement`), which also flags a NaN this rank alone sees in a
+    #: block another rank owns; with ``"mean"`` the owner's averaged gradient carries any rank's NaN.
     partials_cover_grads: bool = False
 
     def __init__(
@@ -94,6 +106,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
     ) -> None:
         self.sharding = ShardingConfig(shard=shard, grad_reduction=grad_reduction)
         self.comm: Communicator = comm if comm is not None else default_communicator(process_group)
+        # Built before the default process group exists (stock LightningCLI --optimizer, user code that
+        # builds the optimizer first): join that group before the first collective (see _ensure_joined).
+        self._join_pending = comm is None and process_group is None and not distributed_running()
+        self._unjoined_steps = 0  # steps taken as a single process while a join was pending
         self._table: BlockTable | None = None
         self._consolidated: dict[str, Any] | None = None
         self._consolidated_at: int = -1
@@ -134,6 +150,15 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def _load_global_state(self, state: dict[str, Any]) -> None:
         pass
 
+    def _state_schema(self, block: BlockInfo, param: Tensor, group: dict[str, Any]) -> dict[str, StateField] | None:
+        """The tensors this optimizer keeps for ``block`` (key -> shape, dtype, sign), checked by
+        :meth:`load_state_dict` before anything changes. None: not declared (nothing is checked)."""
+        return None
+
+    def _validate_global_state(self, state: dict[str, Any]) -> None:
+        """Raise ``ValueError`` naming the field when the saved optimizer-wide state is invalid; runs
+        before anything changes. ``state`` is what :meth:`_global_state` saved (plus step counters)."""
+
     def _extra_statistics(self) -> dict[str, float]:
         return {}
 
@@ -166,7 +191,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         plist = self._all_params()
         params = [p for p, _, _ in plist]
         if self._sharded_multi_rank():
-            self._check_same_params_on_all_ranks(params)
+            self._check_same_params_on_all_ranks(params, [name for _, _, name in plist])
         specs = [self._block_specs(p, self.param_groups[gi], name) for p, gi, name in plist]
         self._table = BlockTable(
             params,
@@ -181,17 +206,48 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._owned = self._table.owned()
         self._flat_layouts = self._make_flat_layouts()
 
-    def _check_same_params_on_all_ranks(self, params: list[Tensor]) -> None:
-        """Fail fast (instead of hanging in a later collective) when ranks disagree on the parameters."""
-        mine = torch.tensor([param_fingerprint(params), len(params)], dtype=torch.int64)
-        everyone = self.comm.all_gather_flat(mine).view(-1, 2)
-        if not bool((everyone == mine).all()):
-            rows = ", ".join(f"rank {r}: {int(c)} params, hash {int(h)}" for r, (h, c) in enumerate(everyone))
-            raise RuntimeError(
-                f"{type(self).__name__}: ranks disagree on the parameter list ({rows}). Every rank must "
-                "construct the optimizer over the same parameters, with the same shapes and dtypes, "
-                "in the same order."
-            )
+    def _check_same_params_on_all_ranks(self, params: list[Tensor], names: list[str | None]) -> None:
+        """Fail fast, on every rank together, when ranks disagree on the optimizer class, the parameters
+        (names, shapes, dtypes, order), the hyperparameters or the sharding options. The collective is an
+        all-gather of a fixed-size vector, so it matches in size even between different classes."""
+        mine = agreement.construction_digests(self, params, names, self._unjoined_steps)
+        everyone = self.comm.all_gather_flat(mine).view(self.comm.world_size, -1)
+        agreement.check_construction(self, everyone)
+
+    def _ensure_joined(self) -> None:
+        """Join the default process group if it appeared after construction (collective then).
+
+        Called where every rank makes a collective anyway (the step, :meth:`consolidate_state_dict`).
+        The local (unsharded) state, e.g. loaded from a checkpoint before the first step, is kept for the
+        blocks this rank owns after sharding. Ranks that already stepped alone raise, on every rank.
+        """
+        if not self._join_pending or not default_group_ready():
+            return
+        full = self._gather_full_state()  # local: the LocalComm owns every block
+        local_comm = self.comm
+        self.comm = default_communicator(None)
+        self._join_pending = False
+        try:
+            self._build_table()
+        except Exception:
+            self.comm, self._join_pending = local_comm, True  # nothing changed: still the local table
+            raise
+        log.info("%s: joined the %d-rank default process group at its first collective (it was built "
+                 "before torch.distributed was initialized)", type(self).__name__, self.comm.world_size)
+        self._restore_owned_state(full)
+
+    def _join_before_step(self) -> None:
+        """At the start of every step (also in subclasses that drive their own step, e.g. EGN): join the
+        default group if it has appeared, or count a step taken as a single process."""
+        self._ensure_joined()
+        if self._join_pending:
+            self._unjoined_steps += 1
+
+    @property
+    def join_pending(self) -> bool:
+        """True while the optimizer waits to join a default process group that did not exist when it
+        was built; it joins at its next step once the group exists."""
+        return self._join_pending
 
     @property
     def block_table(self) -> BlockTable:
@@ -298,45 +354,129 @@ class ShardedOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Perform one optimizer step (collective when W > 1: every rank must call it)."""
-        loss = self._run_closure(closure)
-        self._sharded_step()
+        loss, error = None, None
+        try:
+            loss = self._run_closure(closure)
+        except Exception as e:  # noqa: BLE001 - raised on every rank after the step's all-reduce
+            error = e
+        self._sharded_step(local_error=error)
         return loss
 
-    def _local_nonfinite(self, views: list[BlockView], partials: Tensor | None, extra: list[float]) -> bool:
-        # With grad_reduction="none" a rank only reads the blocks it owns, so a NaN that appeared in
-        # another block on this rank would otherwise go unseen; check every local gradient then.
-        if self.sharding.grad_reduction == "none":
-            grads = [p.grad for p in self._params if p.grad is not None]
-        else:
-            grads = [v.grad for v in views if v.grad is not None]
+    def _local_nonfinite(self, views: list[BlockView], partials: Tensor | None, extra: list[float],
+                         grads_checked: bool = False) -> bool:
+        """True when this rank sees a non-finite gradient, partial, extra or optimizer-wide scalar.
+
+        ``grads_checked``: every local gradient was already read by the cross-rank gradient check (its
+        digest is non-finite iff a gradient is), so the owned ones need no second scan.
+        """
+        grads = [v.grad for v in views if v.grad is not None]
         bad = False
-        if grads and not (self.partials_cover_grads and partials is not None):
+        if grads and not grads_checked and not (self.partials_cover_grads and partials is not None):
             norms = torch._foreach_norm(grads)
             bad = not bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())
         if partials is not None and not bool(torch.isfinite(partials).all()):
             bad = True
         if any(not math.isfinite(x) for x in extra):
             bad = True
-        return bad
+        return bad or self._state_nonfinite()
 
-    def _sharded_step(self) -> bool:
-        """The template step. Returns False when the step was skipped on every rank."""
+    def _state_nonfinite(self) -> bool:
+        """True when an optimizer-wide scalar the next update reads is non-finite (e.g. SOAA's trust
+        multiplier); the step is then skipped on every rank instead of writing NaN to the parameters."""
+        return False
+
+    def _compares_grads(self) -> bool:
+        """Gradients must be equal on every rank when each block is updated with its owner's gradient
+        (``grad_reduction="none"``, sharded, W > 1): DDP (or the user) must have averaged them."""
+        return self.sharding.grad_reduction == "none" and self._sharded_multi_rank()
+
+    def _prepare_locally(self, local_error: BaseException | None
+                         ) -> tuple[list[BlockView], Tensor, list[float], BaseException | None]:
+        """The local half of a step (no communication). An exception is returned, not raised, so that
+        this rank still joins the step's all-reduce and every rank raises together."""
+        views = self._owned_views()
+        partials = torch.zeros(self.num_partials, dtype=torch.float64)
+        extra = [0.0] * self.num_extras
+        if local_error is not None:
+            return views, partials, extra, local_error
+        try:
+            prepared = self._prepare(views)
+            if prepared is not None:
+                partials = prepared.detach().to(device="cpu", dtype=torch.float64).reshape(-1)
+            if partials.numel() != self.num_partials:
+                raise RuntimeError(f"_prepare returned {partials.numel()} partials, expected {self.num_partials}")
+            extra = [float(x) for x in self._extra_partials()]
+            if len(extra) != self.num_extras:
+                raise RuntimeError(f"_extra_partials returned {len(extra)} values, expected {self.num_extras}")
+        except Exception as e:  # noqa: BLE001 - re-raised after the all-reduce, on every rank
+            return views, torch.zeros(self.num_partials, dtype=torch.float64), [0.0] * self.num_extras, e
+        return views, partials, extra, None
+
+    def _agreement_rows(self, error: BaseException | None) -> tuple[Tensor, bool]:
+        """This rank's row of the step's agreement block (W > 1) and whether its gradients are finite."""
+        if self.comm.world_size == 1:
+            return torch.zeros(0, dtype=torch.float64), True
+        grad_sq, finite, count = 0.0, True, 0
+        if self._compares_grads():
+            grads = [p.grad for p in self._params if p.grad is not None]
+            grad_sq, finite = agreement.grad_digest(grads)
+            count = len(grads)
+        rows = agreement.step_rows(self.comm.rank, self.comm.world_size, error=error is not None,
+                                   hyper=agreement.hyperparameter_digest(self.param_groups),
+                                   grad_sq=grad_sq, grad_count=count)
+        return rows, finite
+
+    def _raise_disagreement(self, verdict: agreement.StepVerdict, error: BaseException | None) -> None:
+        """Raise on every rank (the same decision everywhere: the verdict is bit-identical)."""
+        name = type(self).__name__
+        if verdict.error_ranks:
+            if error is not None:
+                raise error
+            raise RuntimeError(
+                f"{name}.step: rank(s) {verdict.error_ranks} raised an error before the step's all-reduce "
+                f"(see that rank's traceback); the step was abandoned on every rank and nothing changed."
+            )
+        if verdict.hyper_ranks:
+            raise RuntimeError(
+                f"{name}.step: the hyperparameters (param_groups, e.g. lr) on rank(s) {verdict.hyper_ranks} "
+                "differ from rank 0's; every rank must set the same values (same scheduler on every rank). "
+                "Nothing changed."
+            )
+        if verdict.grad_ranks:
+            raise RuntimeError(
+                f"{name}.step: the gradients on rank(s) {verdict.grad_ranks} differ from rank 0's, but with "
+                "grad_reduction='none' every block is updated with its owner's gradient, so the ranks would "
+                "train on different data without averaging it. Wrap the model in DistributedDataParallel "
+                "(Lightning strategy='ddp' does), or construct the optimizer with grad_reduction='mean' to "
+                "have it average the gradients itself. Nothing changed."
+            )
+
+    def _sharded_step(self, local_error: BaseException | None = None) -> bool:
+        """The template step. Returns False when the step was skipped on every rank.
+
+        ``local_error``: an exception this rank raised before the step (e.g. an invalid loss); it is
+        reported through the all-reduce and raised on every rank, so the ranks stay in step.
+        """
+        self._join_before_step()
         self.comm.begin_step()
         if self.sharding.grad_reduction == "mean" and self._sharded_multi_rank():
             self._reduce_scatter_grads()
-        views = self._owned_views()
-        partials = self._prepare(views)
-        if partials is None:
-            partials = torch.zeros(self.num_partials, dtype=torch.float64)
-        partials = partials.detach().to(device="cpu", dtype=torch.float64).reshape(-1)
-        if partials.numel() != self.num_partials:
-            raise RuntimeError(f"_prepare returned {partials.numel()} partials, expected {self.num_partials}")
-        extra = [float(x) for x in self._extra_partials()]
-        flag = 1.0 if self._local_nonfinite(views, partials, extra) else 0.0
-        vec = torch.cat([torch.tensor([flag], dtype=torch.float64), partials,
-                         torch.tensor(extra, dtype=torch.float64)])
+        views, partials, extra, error = self._prepare_locally(local_error)
+        rows, grads_finite = self._agreement_rows(error)
+        bad = error is None and (not grads_finite or self._local_nonfinite(
+            views, partials, extra, grads_checked=self._compares_grads()))
+        head = torch.tensor([1.0 if bad else 0.0], dtype=torch.float64)
         # Every rank joins this call, including ranks that own no block, so shapes always match.
-        reduced = self.comm.all_reduce_scalars(vec)
+        reduced = self.comm.all_reduce_scalars(torch.cat([head, partials,
+                                                          torch.tensor(extra, dtype=torch.float64), rows]))
+        if self.comm.world_size == 1:
+            if error is not None:
+                raise error
+        else:
+            ntail = rows.numel()
+            verdict = agreement.read_step_rows(reduced[reduced.numel() - ntail:], self.comm.world_size,
+                                               compare_grads=self._compares_grads() and reduced[0].item() == 0)
+            self._raise_disagreement(verdict, error)
         if reduced[0].item() > 0:
             self.skipped_steps += 1
             log.warning(
@@ -345,7 +485,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             )
             self._on_skip()
             return False
-        scalars = self._decide(reduced[1:])
+        scalars = self._decide(reduced[1:1 + self.num_partials + self.num_extras])
         self._apply(views, scalars)
         if self._sharded_multi_rank():
             self._gather_params()
@@ -401,6 +541,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         Every rank must call it (Lightning does before saving). ``to`` keeps the result on that rank only;
         ``None`` keeps it on every rank (needed when each rank later calls ``state_dict()``).
         """
+        self._ensure_joined()
         full = self._gather_full_state()
         if to is None or to == self.comm.rank:
             self._consolidated = full

@@ -13,6 +13,8 @@ from torch import Tensor, nn
 from lightning_soaa.config import EGNConfig, check_range
 from lightning_soaa.functional import egn as F
 from lightning_soaa.functional.gram import jacobian_gram, linear_gram
+from lightning_soaa.distributed.blocks import BlockInfo
+from lightning_soaa.distributed.checkpoint import StateField, check_finite_number
 from lightning_soaa.optim.base import ShardedOptimizer
 from lightning_soaa.optim.egn_capture import (
     LinearCapture,
@@ -181,7 +183,7 @@ class EGN(ShardedOptimizer):
 
     # ------------------------------------------------------------------ groups and checkpoints
     def _validate_group(self, group: dict[str, Any]) -> None:
-        check_range("lr", group["lr"], 0.0, lo_inclusive=False)
+        check_range("lr", group["lr"], 0.0)
         check_range("momentum", group["momentum"], 0.0, 1.0, hi_inclusive=False)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -193,6 +195,19 @@ class EGN(ShardedOptimizer):
     def _global_state(self) -> dict[str, Any]:
         return {"damping": self.damping, "alpha": self.alpha, "momentum_steps": self.momentum_steps,
                 "solve_fallbacks": self.solve_fallbacks, "momentum_rejections": self.momentum_rejections}
+
+    def _state_schema(self, block: BlockInfo, param: Tensor, group: dict[str, Any]) -> dict[str, StateField]:
+        # the momentum EMA of directions exists only with momentum > 0
+        return {"momentum_buffer": StateField(tuple(block.shape), param.dtype, required=False)}
+
+    def _validate_global_state(self, state: dict[str, Any]) -> None:
+        where = "EGN.load_state_dict: lightning_soaa.global"
+        for key in ("damping", "alpha"):
+            if key in state:
+                check_finite_number(f"{where}.{key}", state[key], positive=True)
+        for key in ("momentum_steps", "solve_fallbacks", "momentum_rejections"):
+            if key in state:
+                check_finite_number(f"{where}.{key}", state[key], integer=True, nonnegative=True)
 
     def _load_global_state(self, state: dict[str, Any]) -> None:
         self.damping = float(state.get("damping", self.cfg.damping))
@@ -221,25 +236,33 @@ class EGN(ShardedOptimizer):
         the step (a 0-d tensor).
         """
         pending, self._pending_batch = self._pending_batch, None  # a batch belongs to one step
+        self._join_before_step()  # built before the process group existed: join it now (collective)
         closure_value = None
-        if closure is not None:
-            with torch.enable_grad():
-                closure_value = closure()
-        if inputs is None and targets is None:
-            if pending is not None:  # set_batch() wins; a closure then only supplies the returned loss
-                inputs, targets = pending
-            elif isinstance(closure_value, (tuple, list)) and len(closure_value) == 2:
-                inputs, targets = closure_value
-                closure_value = None
-        if inputs is None or targets is None:
-            raise ValueError(MISSING_BATCH_MESSAGE)
-        xs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-        if not xs or not all(isinstance(x, Tensor) for x in xs) or not isinstance(targets, Tensor):
-            raise ValueError("EGN.step: inputs must be a tensor or a tuple of tensors, targets a tensor.")
+        xs: tuple[Tensor, ...] = ()
+        error: Exception | None = None
+        try:  # an error on one rank is reported through the first all-reduce and raised on every rank
+            if closure is not None:
+                with torch.enable_grad():
+                    closure_value = closure()
+            if inputs is None and targets is None:
+                if pending is not None:  # set_batch() wins; a closure then only supplies the returned loss
+                    inputs, targets = pending
+                elif isinstance(closure_value, (tuple, list)) and len(closure_value) == 2:
+                    inputs, targets = closure_value
+                    closure_value = None
+            if inputs is None or targets is None:
+                raise ValueError(MISSING_BATCH_MESSAGE)
+            xs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+            if not xs or not all(isinstance(x, Tensor) for x in xs) or not isinstance(targets, Tensor):
+                raise ValueError("EGN.step: inputs must be a tensor or a tuple of tensors, targets a tensor.")
+        except Exception as e:  # noqa: BLE001
+            if self.comm.world_size == 1:
+                raise
+            error = e
         modes = [(m, m.training) for m in self.model.modules()]
         self.model.eval()
         try:
-            f0 = self._egn_step(xs, targets)
+            f0 = self._egn_step(xs, targets, error)  # type: ignore[arg-type]
         finally:
             for m, mode in modes:
                 m.training = mode
@@ -274,7 +297,7 @@ class EGN(ShardedOptimizer):
     def _solve_dtype(self) -> torch.dtype:
         return torch.float64 if self.cfg.solve_dtype == "float64" else self._params[0].dtype
 
-    def _egn_step(self, xs: tuple[Tensor, ...], targets: Tensor) -> float:
+    def _egn_step(self, xs: tuple[Tensor, ...], targets: Tensor, error: Exception | None = None) -> float:
         cfg = self.cfg
         comm = self.comm
         comm.begin_step()
@@ -282,8 +305,11 @@ class EGN(ShardedOptimizer):
         nsites = len(self._sites)
 
         # -- 1. local forward + validation; every rank reports into one scalar all-reduce ---------
-        z, cap, err = self._forward_capture(xs, targets)
-        b_r = int(xs[0].shape[0]) if xs[0].dim() else 0
+        if error is not None:  # raised before the step on this rank: report it, raise on every rank
+            z, cap, err, b_r = None, None, f"{type(error).__name__}: {error}", 0
+        else:
+            z, cap, err = self._forward_capture(xs, targets)
+            b_r = int(xs[0].shape[0]) if xs[0].dim() else 0
         per_rank = torch.zeros(world, 3 + nsites, dtype=torch.float64)
         head = torch.zeros(2, dtype=torch.float64)
         if err is None:
@@ -305,6 +331,8 @@ class EGN(ShardedOptimizer):
         info = red[2:].view(world, 3 + nsites)
         bad = [r for r in range(world) if info[r, 0] > 0]
         if bad:
+            if error is not None:
+                raise error
             raise ValueError(err if err is not None
                              else f"EGN: invalid batch on rank(s) {bad} (see that rank's error).")
         sizes = [int(info[r, 1]) for r in range(world)]

@@ -135,12 +135,12 @@ def test_state_dict_from_a_different_model_is_rejected_and_nothing_changes():
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        ({"lr": -1.0}, "Invalid lr=-1.0. Must be in [0.0, inf]."),
+        ({"lr": -1.0}, "Invalid lr=-1.0. Must be in [0.0, inf)."),
         ({"betas": (0.9, 1.0)}, "Invalid betas[1]=1.0. Must be in [0.0, 1.0)."),
         ({"betas": (1.5, 0.9)}, "Invalid betas[0]=1.5. Must be in [0.0, 1.0)."),
         ({"betas": 0.9}, "Invalid betas=0.9. Must be a pair (beta1, beta2)."),
-        ({"eps": float("nan")}, "Invalid eps=nan. Must be in [0.0, inf]."),
-        ({"weight_decay": -0.1}, "Invalid weight_decay=-0.1. Must be in [0.0, inf]."),
+        ({"eps": float("nan")}, "Invalid eps=nan. Must be in [0.0, inf)."),
+        ({"weight_decay": -0.1}, "Invalid weight_decay=-0.1. Must be in [0.0, inf)."),
     ],
 )
 def test_invalid_hyperparameters(kwargs, message):
@@ -150,7 +150,7 @@ def test_invalid_hyperparameters(kwargs, message):
 
 def test_invalid_per_group_override():
     m = tiny_mlp()
-    with pytest.raises(ValueError, match=re.escape("Invalid lr=-0.5. Must be in [0.0, inf].")):
+    with pytest.raises(ValueError, match=re.escape("Invalid lr=-0.5. Must be in [0.0, inf).")):
         ShardedAdamW([{"params": list(m.parameters()), "lr": -0.5}])
 
 

@@ -260,17 +260,17 @@ def test_param_groups_and_foreach_flag() -> None:
 PINNED = [
     (dict(gamma=1.0), "Invalid gamma=1.0. Must be in [0.0, 1.0)."),
     (dict(gamma=-0.1), "Invalid gamma=-0.1. Must be in [0.0, 1.0)."),
-    (dict(lr=-1e-3), "Invalid lr=-0.001. Must be in [0.0, inf]."),
-    (dict(eps=float("nan")), "Invalid eps=nan. Must be in [0.0, inf]."),
-    (dict(weight_decay=-1), "Invalid weight_decay=-1. Must be in [0.0, inf]."),
+    (dict(lr=-1e-3), "Invalid lr=-0.001. Must be in [0.0, inf)."),
+    (dict(eps=float("nan")), "Invalid eps=nan. Must be in [0.0, inf)."),
+    (dict(weight_decay=-1), "Invalid weight_decay=-1. Must be in [0.0, inf)."),
     (dict(betas=(0.9, 1.0)), "Invalid betas[1]=1.0. Must be in [0.0, 1.0)."),
     (dict(betas=(0.9,)), "Invalid betas=(0.9,). Must be a pair (beta1, beta2)."),
     (dict(total_steps=0), "Invalid total_steps=0. Must be an integer >= 1 or None."),
     (dict(total_steps=10.0), "Invalid total_steps=10.0. Must be an integer >= 1 or None."),
     (dict(acceptance="greedy"), "Invalid acceptance='greedy'. Must be one of 'lagged', 'same_batch'."),
-    (dict(eta1=0.5, eta2=0.25), "Invalid eta2=0.25. Must be in [0.5, inf]."),
+    (dict(eta1=0.5, eta2=0.25), "Invalid eta2=0.25. Must be in [0.5, inf)."),
     (dict(shrink=1.0), "Invalid shrink=1.0. Must be in (0.0, 1.0)."),
-    (dict(expand=0.5), "Invalid expand=0.5. Must be in [1.0, inf]."),
+    (dict(expand=0.5), "Invalid expand=0.5. Must be in [1.0, inf)."),
     (dict(d_min=0.0), "Invalid d_min=0.0. Must be in (0.0, 1.0]."),
     (dict(foreach="yes"), "Invalid foreach='yes'. Must be True, False or None."),
 ]
@@ -284,7 +284,7 @@ def test_bad_hyperparameters_raise_pinned_messages(kwargs, message) -> None:
 
 def test_bad_group_values_and_weights() -> None:
     p, q = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(3))
-    with pytest.raises(ValueError, match=re.escape("Invalid lr=-1.0. Must be in [0.0, inf].")):
+    with pytest.raises(ValueError, match=re.escape("Invalid lr=-1.0. Must be in [0.0, inf).")):
         SOAA([{"params": [p]}, {"params": [q], "lr": -1.0}])
     msg = "Invalid gamma=0.5 in a param group. SOAA's trust region is global"
     with pytest.raises(ValueError, match=re.escape(msg)):
