@@ -10,7 +10,7 @@ Layout of one optimizer step with W = 3 ranks and five blocks (owners chosen by
     owner        r0       r1       r2       r2       r1
 
     reduce_scatter (optional)     grads  [r0: b0 | r1: b1 b4 | r2: b2 b3]   -> each rank its owned grads
-    all_reduce_scalars            [nonfinite flag, partials...]  fp64, W-identical result
+    all_reduce_scalars            [nonfinite flag, partials..., agreement rows]  fp64, W-identical
     (owners update their blocks)
     all_gather_flat               [r0: b0 pad | r1: b1 b4 pad | r2: b2 b3 pad] -> every rank all params
 

@@ -8,9 +8,9 @@ from typing import Any
 import torch
 
 from lightning_soaa.config import AdamWConfig, config_from_group
-from lightning_soaa.functional.adamw import adamw_update_
 from lightning_soaa.distributed.blocks import BlockInfo
 from lightning_soaa.distributed.checkpoint import StateField
+from lightning_soaa.functional.adamw import adamw_update_
 from lightning_soaa.optim.base import BlockView, ShardedOptimizer
 
 __all__ = ["ShardedAdamW", "adam_state_schema"]

@@ -10,12 +10,19 @@ A subclass supplies the math in three hooks; the base owns blocks, collectives a
 
 One step (see :mod:`lightning_soaa.distributed.comm` for the picture)::
 
+    [join the default group if it appeared after construction]   # once; see _ensure_joined
     [grad_reduction="mean": reduce_scatter grads to owners]
-    partials = _prepare(owned views)                      # local, no communication
-    reduced  = all_reduce_scalars([nonfinite, partials, extra])   # ONE fp64 call, every rank
+    partials = _prepare(owned views)                      # local, no communication; errors are held
+    reduced  = all_reduce_scalars([nonfinite, partials, extra, agreement rows])  # ONE fp64 call
+    any rank's held error, other hyperparameters -> raise on every rank; nothing changed
     if reduced[0] > 0: skip on every rank; nothing advances
+    gradients that differ across ranks (grad_reduction="none") -> raise on every rank
     _apply(owned views, _decide(reduced))
     all_gather_flat(owned parameters)                      # one call per dtype
+
+The agreement rows (W > 1; :mod:`lightning_soaa.distributed.agreement`) are 4 values per rank, each rank
+filling only its own row, so the sum hands every rank every rank's values exactly. At construction the
+ranks all-gather a fixed-size digest of the class, parameters, names and hyperparameters.
 
 State for a whole-parameter block lives in ``self.state[p]`` as in torch (``state[p]["exp_avg"]``);
 a parameter split into several blocks keeps ``self.state[p][sub_index] = {...}`` for the blocks this
@@ -35,6 +42,7 @@ import torch
 from torch import Tensor
 
 from lightning_soaa.config import ShardingConfig
+from lightning_soaa.distributed import agreement
 from lightning_soaa.distributed.blocks import BlockInfo, BlockSpec, BlockTable
 from lightning_soaa.distributed.checkpoint import (
     FORMAT_KEY,
@@ -43,7 +51,6 @@ from lightning_soaa.distributed.checkpoint import (
     select_owned_state,
     validate_state_dict,
 )
-from lightning_soaa.distributed import agreement
 from lightning_soaa.distributed.comm import (
     Communicator,
     default_communicator,
@@ -90,7 +97,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
     #: True when ``_prepare``'s partials are non-finite whenever an owned gradient is (e.g. SOAA's Σm̂²):
     #: the base then skips its own scan of the owned gradients. Blocks a rank does not own are covered
     #: separately: with ``grad_reduction="none"`` on W > 1 sharded ranks every local gradient is read
-    #: once per step anyway (:meth:`_grad_agreement`), which also flags a NaN this rank alone sees in a
+    #: once per step anyway (:meth:`_agreement_rows`), which also flags a NaN this rank alone sees in a
     #: block another rank owns; with ``"mean"`` the owner's averaged gradient carries any rank's NaN.
     partials_cover_grads: bool = False
 
@@ -357,7 +364,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         loss, error = None, None
         try:
             loss = self._run_closure(closure)
-        except Exception as e:  # noqa: BLE001 - raised on every rank after the step's all-reduce
+        except Exception as e:
             error = e
         self._sharded_step(local_error=error)
         return loss
@@ -408,7 +415,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             extra = [float(x) for x in self._extra_partials()]
             if len(extra) != self.num_extras:
                 raise RuntimeError(f"_extra_partials returned {len(extra)} values, expected {self.num_extras}")
-        except Exception as e:  # noqa: BLE001 - re-raised after the all-reduce, on every rank
+        except Exception as e:
             return views, torch.zeros(self.num_partials, dtype=torch.float64), [0.0] * self.num_extras, e
         return views, partials, extra, None
 

@@ -11,10 +11,10 @@ import torch
 from torch import Tensor, nn
 
 from lightning_soaa.config import EGNConfig, check_range
-from lightning_soaa.functional import egn as F
-from lightning_soaa.functional.gram import jacobian_gram, linear_gram
 from lightning_soaa.distributed.blocks import BlockInfo
 from lightning_soaa.distributed.checkpoint import StateField, check_finite_number
+from lightning_soaa.functional import egn as F
+from lightning_soaa.functional.gram import jacobian_gram, linear_gram
 from lightning_soaa.optim.base import ShardedOptimizer
 from lightning_soaa.optim.egn_capture import (
     LinearCapture,
@@ -255,7 +255,7 @@ class EGN(ShardedOptimizer):
             xs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
             if not xs or not all(isinstance(x, Tensor) for x in xs) or not isinstance(targets, Tensor):
                 raise ValueError("EGN.step: inputs must be a tensor or a tuple of tensors, targets a tensor.")
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - raised on every rank after the first all-reduce
             if self.comm.world_size == 1:
                 raise
             error = e

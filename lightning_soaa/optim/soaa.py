@@ -41,6 +41,8 @@ import torch
 from torch import Tensor
 
 from lightning_soaa.config import SOAAConfig, config_from_group
+from lightning_soaa.distributed.blocks import BlockInfo
+from lightning_soaa.distributed.checkpoint import StateField, check_finite_number
 from lightning_soaa.functional.soaa import (
     band,
     predicted_reduction,
@@ -49,8 +51,6 @@ from lightning_soaa.functional.soaa import (
     trust_region_scalars,
     use_foreach,
 )
-from lightning_soaa.distributed.blocks import BlockInfo
-from lightning_soaa.distributed.checkpoint import StateField, check_finite_number
 from lightning_soaa.optim.adamw import adam_state_schema
 from lightning_soaa.optim.base import BlockView, ShardedOptimizer
 
@@ -273,7 +273,7 @@ class SOAA(ShardedOptimizer):
                 # wins over the closure's return value: under gradient accumulation Lightning's closure
                 # returns the last micro-batch's loss divided by k, the callback the mean over the step.
                 self.set_loss(ret)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             error = e
         try:
             ran = self._sharded_step(local_error=error)

@@ -55,8 +55,8 @@ def _snapshot(opt: Any) -> dict[str, Any]:
 
 
 def _first_block(sd: dict[str, Any]) -> tuple[int, int, dict[str, Any]]:
-    pi = sorted(sd["state"])[0]
-    si = sorted(sd["state"][pi])[0]
+    pi = min(sd["state"])
+    si = min(sd["state"][pi])
     return pi, si, sd["state"][pi][si]
 
 
