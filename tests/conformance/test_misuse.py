@@ -120,6 +120,50 @@ def test_stepped_alone_before_the_group_refuses_to_join(tmp_path: Path, name: st
         assert "RuntimeError" in msg and "cannot join" in msg, msg
 
 
+def _single_process_state(name: str) -> dict[str, Any]:
+    model = tiny_mlp(sizes=SIZES)
+    opt = _build(name, model)
+    for t in range(2):
+        _step(name, opt, model, t, 0)
+    return copy.deepcopy(opt.state_dict())
+
+
+def _w_loaded_before_joining(rank: int, world: int, store2: str) -> dict[str, Any]:
+    """Every optimizer: built and loaded (e.g. a resumed checkpoint) before the group exists, then
+    trained; equal to one built and loaded after the group exists. One spawn for the whole registry."""
+    dist.destroy_process_group()
+    early: dict[str, tuple[Any, nn.Module]] = {}
+    saved = {spec.name: _single_process_state(spec.name) for spec in REGISTRY}  # a one-process run
+    for spec in REGISTRY:
+        model = tiny_mlp(sizes=SIZES)
+        opt = _build(spec.name, model)
+        opt.load_state_dict(copy.deepcopy(saved[spec.name]))
+        early[spec.name] = (opt, model)
+    dist.init_process_group("gloo", store=dist.FileStore(store2, world), rank=rank, world_size=world)
+    out: dict[str, Any] = {}
+    for spec in REGISTRY:
+        opt, model = early[spec.name]
+        ref_model = tiny_mlp(sizes=SIZES)
+        ref = _build(spec.name, ref_model)
+        ref.load_state_dict(copy.deepcopy(saved[spec.name]))
+        for t in (2, 3):
+            _step(spec.name, opt, model, t, rank)
+            _step(spec.name, ref, ref_model, t, rank)
+        out[spec.name] = {"world": opt.comm.world_size, "early": _params(model), "ref": _params(ref_model),
+                          "steps": (opt.num_steps, ref.num_steps)}
+    return out
+
+
+def test_state_loaded_before_joining_is_kept(tmp_path: Path) -> None:
+    for r, res in enumerate(run_distributed(_w_loaded_before_joining, 2, tmp_path, str(tmp_path / "store2"),
+                                            timeout=300)):
+        for name, out in res.items():
+            assert out["world"] == 2, f"rank {r}, {name}: not sharded"
+            assert out["steps"][0] == out["steps"][1], f"rank {r}, {name}: {out['steps']}"
+            for a, b in zip(out["early"], out["ref"]):
+                torch.testing.assert_close(a, b, atol=0, rtol=0, msg=f"rank {r}, {name}")
+
+
 # ---------------------------------------------------------------------- 2. gradients differ across ranks
 def _w_unaveraged(rank: int, world: int, name: str) -> dict[str, Any]:
     model = tiny_mlp(sizes=SIZES)
