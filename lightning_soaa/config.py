@@ -34,16 +34,20 @@ def check_range(
     lo_inclusive: bool = True,
     hi_inclusive: bool = True,
 ) -> None:
-    """Raise ``ValueError`` unless ``value`` is a real number in the given interval."""
-    lb = "[" if lo_inclusive else "("
-    rb = "]" if hi_inclusive else ")"
+    """Raise ``ValueError`` unless ``value`` is a finite real number in the given interval.
+
+    Infinity is never a valid hyperparameter (``lr=inf`` would write inf into the parameters), so an
+    open end of the interval is written ``inf)``.
+    """
+    lb = "[" if lo_inclusive and lo is not None else "("
+    rb = "]" if hi_inclusive and hi is not None else ")"
     lo_s = "-inf" if lo is None else repr(float(lo))
     hi_s = "inf" if hi is None else repr(float(hi))
     allowed = f"Must be in {lb}{lo_s}, {hi_s}{rb}."
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"Invalid {name}={value!r}. {allowed}")
     v = float(value)
-    if math.isnan(v):
+    if not math.isfinite(v):
         raise ValueError(f"Invalid {name}={value!r}. {allowed}")
     if lo is not None and (v < lo or (v == lo and not lo_inclusive)):
         raise ValueError(f"Invalid {name}={value!r}. {allowed}")

@@ -11,10 +11,19 @@ Layout (torch-like, with block keys inside each parameter entry)::
 
 Only the owner column of the block table depends on the world size, so a state saved on W ranks is
 loaded on W' ranks by letting each rank pick the blocks it now owns.
+
+Loading validates **everything** before anything changes (:func:`validate_state_dict`): the format, the
+model (shapes, layout), every saved block state against the optimizer's declared schema (each optimizer
+says, per block, which keys it keeps, with which shape and dtype, and which must be non-negative: see
+``ShardedOptimizer._state_schema``), and the optimizer-wide state (``_validate_global_state``). Every
+rank validates the whole state, not only its blocks, so every rank reaches the same verdict without a
+collective.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -22,11 +31,52 @@ import torch
 if TYPE_CHECKING:
     from lightning_soaa.optim.base import ShardedOptimizer
 
-__all__ = ["FORMAT_KEY", "FORMAT_VERSION", "build_state_dict", "validate_state_dict", "select_owned_state"]
+__all__ = [
+    "FORMAT_KEY",
+    "FORMAT_VERSION",
+    "StateField",
+    "build_state_dict",
+    "validate_state_dict",
+    "select_owned_state",
+    "check_finite_number",
+]
 
 FORMAT_KEY = "lightning_soaa"
 FORMAT_VERSION = 1
 _META_KEYS = ("version", "optimizer", "shapes", "layout", "global")
+
+
+@dataclasses.dataclass(frozen=True)
+class StateField:
+    """One tensor an optimizer keeps per block, as its checkpoint must hold it.
+
+    Attributes:
+        shape: the exact shape.
+        dtype: the exact dtype; None accepts any floating or integer dtype.
+        nonnegative: every element must be >= 0 (second moments, counters).
+        required: a block that has any state must have this key (False: kept only in some steps).
+    """
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype | None = None
+    nonnegative: bool = False
+    required: bool = True
+
+
+def check_finite_number(where: str, value: Any, *, positive: bool = False, integer: bool = False,
+                        nonnegative: bool = False) -> None:
+    """Raise ``ValueError`` naming ``where`` unless ``value`` is a finite real number as asked."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
+    if ok and integer:
+        ok = float(value) == int(value)
+    if ok and positive:
+        ok = float(value) > 0
+    if ok and nonnegative:
+        ok = float(value) >= 0
+    if not ok:
+        what = "an integer" if integer else "a finite number"
+        what += " > 0" if positive else (" >= 0" if nonnegative else "")
+        raise ValueError(f"{where}={value!r} is invalid. Must be {what}.")
 
 
 def _shapes(opt: ShardedOptimizer) -> list[list[int]]:
@@ -106,6 +156,69 @@ def validate_state_dict(optimizer: ShardedOptimizer, sd: Any) -> None:
             f"{name}.load_state_dict: the state was saved with a different block layout (for example a "
             "different max_block_size); construct the optimizer with the same blocking options."
         )
+    _validate_block_states(optimizer, sd["state"])
+    glob = meta.get("global")
+    if not isinstance(glob, dict):
+        raise ValueError(f"{name}.load_state_dict: '{FORMAT_KEY}.global' is missing or not a dict.")
+    for key in ("num_steps", "skipped_steps"):
+        if key in glob:
+            check_finite_number(f"{name}.load_state_dict: {FORMAT_KEY}.global.{key}", glob[key],
+                                integer=True, nonnegative=True)
+    optimizer._validate_global_state(glob)
+
+
+def _lookup(mapping: Any, key: int) -> Any:
+    return mapping.get(key, mapping.get(str(key))) if isinstance(mapping, dict) else None
+
+
+def _validate_block_states(optimizer: ShardedOptimizer, state: Any) -> None:
+    """Every saved block state against the optimizer's schema (all blocks: same verdict on every rank)."""
+    name = type(optimizer).__name__
+    if not isinstance(state, dict):
+        raise ValueError(f"{name}.load_state_dict: 'state' must be a dict, got {type(state).__name__}.")
+    n_params = len(optimizer._params)
+    for key in state:
+        if not (str(key).isdigit() and int(key) < n_params):
+            raise ValueError(f"{name}.load_state_dict: state[{key!r}] names no parameter (there are {n_params}).")
+    for b in optimizer.block_table.blocks:
+        blk = _lookup(_lookup(state, b.param_index) or {}, b.sub_index)
+        if not blk:
+            continue  # no state yet (the block never had a gradient): valid, starts from zero
+        param = optimizer._params[b.param_index]
+        schema = optimizer._state_schema(b, param, optimizer.param_groups[b.group_index])
+        if schema is None:
+            continue
+        label = optimizer._names[b.param_index] or f"#{b.param_index}"
+        where = f"{name}.load_state_dict: state[{b.param_index}][{b.sub_index}] (parameter {label})"
+        _validate_block(where, blk, schema)
+
+
+def _validate_block(where: str, blk: Any, schema: dict[str, StateField]) -> None:
+    if not isinstance(blk, dict):
+        raise ValueError(f"{where} must be a dict of tensors, got {type(blk).__name__}.")
+    unknown = sorted(str(k) for k in blk if k not in schema)
+    if unknown:
+        raise ValueError(f"{where} has unexpected key(s) {unknown}; this optimizer keeps {sorted(schema)}.")
+    for key, field in schema.items():
+        if key not in blk:
+            if field.required:
+                raise ValueError(f"{where} is missing {key!r} (a block with state keeps {sorted(schema)}).")
+            continue
+        v = blk[key]
+        if not isinstance(v, torch.Tensor):
+            raise ValueError(f"{where}[{key!r}] must be a tensor, got {type(v).__name__}.")
+        if tuple(v.shape) != tuple(field.shape):
+            raise ValueError(f"{where}[{key!r}] has shape {tuple(v.shape)}; it must be {tuple(field.shape)}.")
+        if field.dtype is not None and v.dtype != field.dtype:
+            raise ValueError(f"{where}[{key!r}] has dtype {v.dtype}; it must be {field.dtype}.")
+        complex_ok = field.dtype is not None and field.dtype.is_complex  # complex parameters' moments
+        if (v.is_complex() and not complex_ok) or v.dtype == torch.bool:
+            raise ValueError(f"{where}[{key!r}] has dtype {v.dtype}; it must be a real number type.")
+        if (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all()):
+            raise ValueError(f"{where}[{key!r}] holds non-finite values (NaN or inf).")
+        parts = torch.view_as_real(v) if v.is_complex() else v  # a complex second moment: both parts >= 0
+        if field.nonnegative and v.numel() and bool((parts < 0).any()):
+            raise ValueError(f"{where}[{key!r}] holds negative values (min {float(parts.min())}); it must be >= 0.")
 
 
 def select_owned_state(optimizer: ShardedOptimizer, sd: dict[str, Any]) -> dict[tuple[int, int], dict[str, Any]]:

@@ -12,7 +12,7 @@ Layout of one optimizer step with W = 3 ranks and five blocks (owners chosen by
     owner        r0       r1       r2       r2       r1
 
     reduce_scatter (optional)     grads  [r0: b0 | r1: b1 b4 | r2: b2 b3]   -> each rank its owned grads
-    all_reduce_scalars            [nonfinite flag, partials...]  fp64, W-identical result
+    all_reduce_scalars            [nonfinite flag, partials..., agreement rows]  fp64, W-identical
     (owners update their blocks)
     all_gather_flat               [r0: b0 pad | r1: b1 b4 pad | r2: b2 b3 pad] -> every rank all params
 
@@ -38,6 +38,8 @@ __all__ = [
     "LocalComm",
     "TorchComm",
     "default_communicator",
+    "distributed_running",
+    "default_group_ready",
 ]
 
 
@@ -322,3 +324,14 @@ def default_communicator(process_group: dist.ProcessGroup | None = None) -> Loca
     elif process_group is not None:
         raise ValueError("process_group was given but torch.distributed is not initialized")
     return LocalComm()
+
+
+def distributed_running() -> bool:
+    """True when torch.distributed is available and a default process group exists."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def default_group_ready() -> bool:
+    """True when the default process group exists with more than one rank: an optimizer that was built
+    before it existed (and so runs on a :class:`LocalComm`) must join it before its next collective."""
+    return distributed_running() and dist.get_world_size() > 1

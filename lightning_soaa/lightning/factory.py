@@ -228,20 +228,26 @@ def optimizer_needing(optimizer: Any, needs: StepNeeds) -> Any | None:
 
 
 def check_sharding_matches_world(optimizer: Any) -> None:
-    """Raise if a sharded optimizer was built before torch.distributed started (e.g. by stock
-    ``LightningCLI``): it would silently run as W independent unsharded copies."""
+    """Raise if an optimizer of ours runs as a single process while torch.distributed runs W > 1 ranks
+    (it would silently run as W independent unsharded copies).
+
+    An optimizer built before the process group existed (stock ``LightningCLI --optimizer``, user code
+    that builds it first) is fine: it joins the default group at its first step (``join_pending``). Only
+    one that was handed a single-process communicator explicitly (``comm=LocalComm()``) is refused.
+    """
     opt = unwrap_optimizer(optimizer, "comm")
     if opt is None or not torch.distributed.is_available() or not torch.distributed.is_initialized():
         return
     from lightning_soaa.distributed.comm import LocalComm
 
     world = torch.distributed.get_world_size()
+    if getattr(opt, "join_pending", False):
+        return  # joins the default group (shards, checks that ranks agree) at its first step
     # A TorchComm over a 1-rank group is a deliberate choice; a LocalComm under W > 1 is not.
     if world > 1 and isinstance(opt.comm, LocalComm):
         raise RuntimeError(
-            f"{type(opt).__name__} was constructed before torch.distributed was initialized, so it runs "
-            f"unsharded on each of the {world} ranks and its global decisions are not shared. Construct it "
-            "inside LightningModule.configure_optimizers (Lightning calls it after the process group "
-            "exists), or use the `lightning-soaa` CLI (lightning_soaa.lightning.cli.SOAALightningCLI), which "
-            "defers --optimizer to configure_optimizers."
+            f"{type(opt).__name__} runs on a single-process communicator (comm=LocalComm()) on each of the "
+            f"{world} ranks, so its state is not sharded and its global decisions are not shared. Build it "
+            "without comm= (it then uses, or joins at its first step, the default process group), or pass "
+            "the process group to use."
         )

@@ -8,10 +8,21 @@ from typing import Any
 import torch
 
 from lightning_soaa.config import AdamWConfig, config_from_group
+from lightning_soaa.distributed.blocks import BlockInfo
+from lightning_soaa.distributed.checkpoint import StateField
 from lightning_soaa.functional.adamw import adamw_update_
 from lightning_soaa.optim.base import BlockView, ShardedOptimizer
 
-__all__ = ["ShardedAdamW"]
+__all__ = ["ShardedAdamW", "adam_state_schema"]
+
+
+def adam_state_schema(block: BlockInfo, param: torch.Tensor) -> dict[str, StateField]:
+    """Adam's per-block state: the step counter and two moments shaped like the block (the second >= 0)."""
+    return {
+        "step": StateField((), torch.float32, nonnegative=True),
+        "exp_avg": StateField(tuple(block.shape), param.dtype),
+        "exp_avg_sq": StateField(tuple(block.shape), param.dtype, nonnegative=True),
+    }
 
 
 def _real(t: torch.Tensor) -> torch.Tensor:
@@ -64,6 +75,9 @@ class ShardedAdamW(ShardedOptimizer):
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         config_from_group(AdamWConfig, group)
+
+    def _state_schema(self, block: BlockInfo, param: torch.Tensor, group: dict[str, Any]) -> dict[str, StateField]:
+        return adam_state_schema(block, param)
 
     def _apply(self, views: list[BlockView], decision: Any) -> None:
         by_group: dict[int, list[BlockView]] = {}

@@ -36,11 +36,13 @@ import torch
 from torch import Tensor, nn
 
 from lightning_soaa.config import ASGOConfig, DASGOConfig
-from lightning_soaa.distributed.blocks import BlockSpec
+from lightning_soaa.distributed.blocks import BlockInfo, BlockSpec
+from lightning_soaa.distributed.checkpoint import StateField
 from lightning_soaa.distributed.dtensor import is_dtensor
 from lightning_soaa.functional import asgo as F
 from lightning_soaa.functional.adamw import adamw_update_
 from lightning_soaa.functional.linalg import DEFAULT_ROOT_ITERS, ROOT_METHODS, damp, inv_sqrt_eigh, inverse_sqrt
+from lightning_soaa.optim.adamw import adam_state_schema
 from lightning_soaa.optim.base import BlockView, ShardedOptimizer
 
 __all__ = ["ASGO", "DASGO", "asgo_param_groups", "asgo_block_specs", "asgo_block_cost"]
@@ -294,6 +296,21 @@ class _OneSided(ShardedOptimizer):
             else:
                 u = F.rms_normalize(u, rms)
             F.apply_update_(v.param, u, float(v.group["lr"]), float(v.group["weight_decay"]))
+
+    def _state_schema(self, block: BlockInfo, param: Tensor, group: dict[str, Any]) -> dict[str, StateField]:
+        if not self.is_matrix_param(param, group, self._names[block.param_index]):
+            return adam_state_schema(block, param)  # the AdamW fallback
+        sdt = self._state_dtype(param)
+        m, n = F.matrix_view(torch.empty(block.shape, device="meta")).shape
+        step = StateField((), torch.float32, nonnegative=True)
+        if self._method == "dasgo":
+            return {"step": step, EXP_AVG: StateField((m, n), sdt), COL_STAT: StateField((n,), sdt, nonnegative=True)}
+        name = self._names[block.param_index]
+        forced = self._fsdp_side(param, group, name) if self._dtensor is not None else None
+        k = m if (forced or F.preconditioned_side(m, n)) == F.LEFT else n
+        return {"step": step, EXP_AVG: StateField((m, n), sdt), GRAM: StateField((k, k), sdt),
+                INV_ROOT: StateField((k, k), sdt, required=False),
+                ROOT_FALLBACKS: StateField((), torch.int64, nonnegative=True)}
 
     @staticmethod
     def _state_dtype(param: Tensor) -> torch.dtype:

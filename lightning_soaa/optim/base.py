@@ -12,10 +12,13 @@ A subclass supplies the math in three hooks; the base owns blocks, collectives a
 
 One step (see :mod:`lightning_soaa.distributed.comm` for the picture)::
 
+    [join the default group if it appeared after construction]   # once; see _ensure_joined
     _exchange_in()        # default: [grad_reduction="mean": reduce_scatter grads to owners]
-    record  = _prepare(owned views)                       # local, no communication
-    reduced = all_reduce_scalars(record.vector())         # ONE fp64 call, every rank
+    record  = _prepare(owned views)                       # local, no communication; errors are held
+    reduced = all_reduce_scalars([record.vector(), agreement rows])   # ONE fp64 call, every rank
+    any rank's held error, other hyperparameters -> raise on every rank; nothing changed
     if reduced.nonfinite > 0: skip on every rank; nothing advances
+    gradients that differ across ranks (grad_reduction="none") -> raise on every rank
     _apply(owned views, _decide(reduced))
     _exchange_out(decision)  # default: all_gather_flat(owned parameters), one call per dtype
 
@@ -43,6 +46,10 @@ the process group (fresh counters); a pickle made at W > 1 re-attaches to the de
 its first collective and checks that the world size and rank are the ones it was built for (see
 :class:`~lightning_soaa.distributed.comm.DeferredComm`); at W = 1 it stays a ``LocalComm``.
 
+The agreement rows (W > 1; :mod:`lightning_soaa.distributed.agreement`) are 4 values per rank, each rank
+filling only its own row, so the sum hands every rank every rank's values exactly. At construction the
+ranks all-gather a fixed-size digest of the class, parameters, names and hyperparameters.
+
 State for a whole-parameter block lives in ``self.state[p]`` as in torch (``state[p]["exp_avg"]``);
 a parameter split into several blocks keeps ``self.state[p][sub_index] = {...}`` for the blocks this
 rank owns. Checkpoints are keyed by ``(param_index, sub_index)`` and are independent of world size.
@@ -60,14 +67,21 @@ import torch
 from torch import Tensor
 
 from lightning_soaa.config import ShardingConfig
-from lightning_soaa.distributed.blocks import BlockInfo, BlockSpec, BlockTable, param_fingerprint
+from lightning_soaa.distributed import agreement
+from lightning_soaa.distributed.blocks import BlockInfo, BlockSpec, BlockTable
 from lightning_soaa.distributed.checkpoint import (
     FORMAT_KEY,
+    StateField,
     build_state_dict,
     select_owned_state,
     validate_state_dict,
 )
-from lightning_soaa.distributed.comm import Communicator, default_communicator
+from lightning_soaa.distributed.comm import (
+    Communicator,
+    default_communicator,
+    default_group_ready,
+    distributed_running,
+)
 from lightning_soaa.distributed.dtensor import DTensorLayout, has_dtensor, local
 from lightning_soaa.distributed.exchange import OwnerExchange
 from lightning_soaa.optim.param_checks import check_param_group, check_step
@@ -151,9 +165,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
     #: so that all ranks agree on shapes.
     step_record: type[StepRecord] = StepRecord
     #: True when ``_prepare``'s partials are non-finite whenever an owned gradient is (e.g. SOAA's Σm̂²),
-    #: or when the optimizer reads no gradients (EGN): the base then skips its own scan of the gradients,
-    #: which costs one extra read of every gradient.
-    #: (With ``grad_reduction="none"`` the owner of a block sees the same gradient as every rank.)
+    #: or when the optimizer reads no gradients (EGN): the base then skips its own scan of the owned
+    #: gradients. Blocks a rank does not own are covered separately: with ``grad_reduction="none"`` on
+    #: W > 1 sharded ranks every local gradient is read once per step anyway (:meth:`_agreement_rows`),
+    #: which also flags a NaN this rank alone sees in a block another rank owns; with ``"mean"`` the
+    #: owner's averaged gradient carries any rank's NaN.
     partials_cover_grads: bool = False
 
     def __init__(
@@ -169,6 +185,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self.sharding = ShardingConfig(shard=shard, grad_reduction=grad_reduction)
         self.comm: Communicator = comm if comm is not None else default_communicator(process_group)
         self._dtensor: DTensorLayout | None = None
+        # Built before the default process group exists (stock LightningCLI --optimizer, user code that
+        # builds the optimizer first): join that group before the first collective (see _ensure_joined).
+        self._join_pending = comm is None and process_group is None and not distributed_running()
+        self._unjoined_steps = 0  # steps taken as a single process while a join was pending
         self._table: BlockTable | None = None
         self._consolidated: dict[str, Any] | None = None
         self._consolidated_at: int = -1
@@ -241,6 +261,15 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def _load_global_state(self, state: dict[str, Any]) -> None:
         pass
 
+    def _state_schema(self, block: BlockInfo, param: Tensor, group: dict[str, Any]) -> dict[str, StateField] | None:
+        """The tensors this optimizer keeps for ``block`` (key -> shape, dtype, sign), checked by
+        :meth:`load_state_dict` before anything changes. None: not declared (nothing is checked)."""
+        return None
+
+    def _validate_global_state(self, state: dict[str, Any]) -> None:
+        """Raise ``ValueError`` naming the field when the saved optimizer-wide state is invalid; runs
+        before anything changes. ``state`` is what :meth:`_global_state` saved (plus step counters)."""
+
     def _extra_statistics(self) -> dict[str, float]:
         return {}
 
@@ -307,7 +336,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         plist = self._all_params()
         params = [p for p, _, _ in plist]
         if self._consolidating():
-            self._check_same_params_on_all_ranks(params)
+            self._check_same_params_on_all_ranks(params, [name for _, _, name in plist])
         specs = [self._block_specs(p, self.param_groups[gi], name) for p, gi, name in plist]
         self._table = BlockTable(
             params,
@@ -322,17 +351,48 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._owned = self._table.owned()
         self.exchange = OwnerExchange(self._table, params, self.comm, sharded=self.sharding.shard)
 
-    def _check_same_params_on_all_ranks(self, params: list[Tensor]) -> None:
-        """Fail fast (instead of hanging in a later collective) when ranks disagree on the parameters."""
-        mine = torch.tensor([param_fingerprint(params), len(params)], dtype=torch.int64)
-        everyone = self.comm.all_gather_flat(mine).view(-1, 2)
-        if not bool((everyone == mine).all()):
-            rows = ", ".join(f"rank {r}: {int(c)} params, hash {int(h)}" for r, (h, c) in enumerate(everyone))
-            raise RuntimeError(
-                f"{type(self).__name__}: ranks disagree on the parameter list ({rows}). Every rank must "
-                "construct the optimizer over the same parameters, with the same shapes and dtypes, "
-                "in the same order."
-            )
+    def _check_same_params_on_all_ranks(self, params: list[Tensor], names: list[str | None]) -> None:
+        """Fail fast, on every rank together, when ranks disagree on the optimizer class, the parameters
+        (names, shapes, dtypes, order), the hyperparameters or the sharding options. The collective is an
+        all-gather of a fixed-size vector, so it matches in size even between different classes."""
+        mine = agreement.construction_digests(self, params, names, self._unjoined_steps)
+        everyone = self.comm.all_gather_flat(mine).view(self.comm.world_size, -1)
+        agreement.check_construction(self, everyone)
+
+    def _ensure_joined(self) -> None:
+        """Join the default process group if it appeared after construction (collective then).
+
+        Called where every rank makes a collective anyway (the step, :meth:`consolidate_state_dict`).
+        The local (unsharded) state, e.g. loaded from a checkpoint before the first step, is kept for the
+        blocks this rank owns after sharding. Ranks that already stepped alone raise, on every rank.
+        """
+        if not self._join_pending or not default_group_ready():
+            return
+        full = self._gather_full_state()  # local: the LocalComm owns every block
+        local_comm = self.comm
+        self.comm = default_communicator(None)
+        self._join_pending = False
+        try:
+            self._build_table()
+        except Exception:
+            self.comm, self._join_pending = local_comm, True  # nothing changed: still the local table
+            raise
+        log.info("%s: joined the %d-rank default process group at its first collective (it was built "
+                 "before torch.distributed was initialized)", type(self).__name__, self.comm.world_size)
+        self._restore_owned_state(full)
+
+    def _join_before_step(self) -> None:
+        """At the start of every step (also in subclasses that drive their own step, e.g. EGN): join the
+        default group if it has appeared, or count a step taken as a single process."""
+        self._ensure_joined()
+        if self._join_pending:
+            self._unjoined_steps += 1
+
+    @property
+    def join_pending(self) -> bool:
+        """True while the optimizer waits to join a default process group that did not exist when it
+        was built; it joins at its next step once the group exists."""
+        return self._join_pending
 
     @property
     def block_table(self) -> BlockTable:
@@ -373,45 +433,132 @@ class ShardedOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Perform one optimizer step (collective when W > 1: every rank must call it)."""
-        loss = self._run_closure(closure)
-        self._sharded_step()
+        loss, error = None, None
+        try:
+            loss = self._run_closure(closure)
+        except Exception as e:
+            error = e
+        self._sharded_step(local_error=error)
         return loss
 
-    def _local_nonfinite(self, views: list[BlockView], partials: Tensor) -> bool:
-        # With grad_reduction="none" a rank only reads the blocks it owns, so a NaN that appeared in
-        # another block on this rank would otherwise go unseen; check every local gradient then.
-        if self.sharding.grad_reduction == "none":
-            grads = [local(p.grad) for p in self._params if p.grad is not None]
-        else:
-            grads = [v.grad for v in views if v.grad is not None]
+    def _local_nonfinite(self, views: list[BlockView], partials: Tensor, grads_checked: bool = False) -> bool:
+        """True when this rank sees a non-finite gradient, summed value or optimizer-wide scalar.
+
+        ``grads_checked``: every local gradient was already read by the cross-rank gradient check (its
+        digest is non-finite iff a gradient is), so the owned ones need no second scan.
+        """
+        grads = [v.grad for v in views if v.grad is not None]
         bad = False
-        if grads and not self.partials_cover_grads:
+        if grads and not grads_checked and not self.partials_cover_grads:
             norms = torch._foreach_norm(grads)
             bad = not bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())
-        return bad or not bool(torch.isfinite(partials).all())
+        return bad or not bool(torch.isfinite(partials).all()) or self._state_nonfinite()
 
-    def _reduce_record(self, views: list[BlockView]) -> StepRecord:
-        """``_prepare``, this rank's non-finite flag, and the step's ONE fp64 all-reduce."""
-        record = self._prepare(views)
-        if record is None:
-            record = self.step_record()
-        if type(record) is not self.step_record:
-            raise RuntimeError(f"_prepare returned a {type(record).__name__}, expected {self.step_record.__name__}")
+    def _state_nonfinite(self) -> bool:
+        """True when an optimizer-wide scalar the next update reads is non-finite (e.g. SOAA's trust
+        multiplier); the step is then skipped on every rank instead of writing NaN to the parameters."""
+        return False
+
+    def _compares_grads(self) -> bool:
+        """Gradients must be equal on every rank when each block is updated with its owner's gradient
+        (``grad_reduction="none"``, sharded, W > 1): DDP (or the user) must have averaged them."""
+        return self.sharding.grad_reduction == "none" and self._sharded_multi_rank()
+
+    def _prepare_locally(self, views: list[BlockView], local_error: BaseException | None
+                         ) -> tuple[StepRecord, BaseException | None]:
+        """The local half of a step (no communication). An exception is returned, not raised, so that
+        this rank still joins the step's all-reduce (with a neutral record) and every rank raises
+        together."""
+        if local_error is not None:
+            return self.step_record(), local_error
+        try:
+            record = self._prepare(views)
+            if record is None:
+                record = self.step_record()
+            if type(record) is not self.step_record:
+                raise RuntimeError(
+                    f"_prepare returned a {type(record).__name__}, expected {self.step_record.__name__}")
+        except Exception as e:
+            return self.step_record(), e
+        return record, None
+
+    def _agreement_rows(self, error: BaseException | None) -> tuple[Tensor, bool]:
+        """This rank's row of the step's agreement block (W > 1) and whether its gradients are finite."""
+        if self.comm.world_size == 1:
+            return torch.zeros(0, dtype=torch.float64), True
+        grad_sq, finite, count = 0.0, True, 0
+        if self._compares_grads():
+            grads = [p.grad for p in self._params if p.grad is not None]
+            grad_sq, finite = agreement.grad_digest(grads)
+            count = len(grads)
+        rows = agreement.step_rows(self.comm.rank, self.comm.world_size, error=error is not None,
+                                   hyper=agreement.hyperparameter_digest(self.param_groups),
+                                   grad_sq=grad_sq, grad_count=count)
+        return rows, finite
+
+    def _raise_disagreement(self, verdict: agreement.StepVerdict, error: BaseException | None) -> None:
+        """Raise on every rank (the same decision everywhere: the verdict is bit-identical)."""
+        name = type(self).__name__
+        if verdict.error_ranks:
+            if error is not None:
+                raise error
+            raise RuntimeError(
+                f"{name}.step: rank(s) {verdict.error_ranks} raised an error before the step's all-reduce "
+                f"(see that rank's traceback); the step was abandoned on every rank and nothing changed."
+            )
+        if verdict.hyper_ranks:
+            raise RuntimeError(
+                f"{name}.step: the hyperparameters (param_groups, e.g. lr) on rank(s) {verdict.hyper_ranks} "
+                "differ from rank 0's; every rank must set the same values (same scheduler on every rank). "
+                "Nothing changed."
+            )
+        if verdict.grad_ranks:
+            raise RuntimeError(
+                f"{name}.step: the gradients on rank(s) {verdict.grad_ranks} differ from rank 0's, but with "
+                "grad_reduction='none' every block is updated with its owner's gradient, so the ranks would "
+                "train on different data without averaging it. Wrap the model in DistributedDataParallel "
+                "(Lightning strategy='ddp' does), or construct the optimizer with grad_reduction='mean' to "
+                "have it average the gradients itself. Nothing changed."
+            )
+
+    def _reduce_record(self, views: list[BlockView], local_error: BaseException | None) -> StepRecord:
+        """``_prepare``, this rank's non-finite flag and agreement row, and the step's ONE fp64 all-reduce;
+        raises on every rank together when any rank raised or the ranks disagree."""
+        record, error = self._prepare_locally(views, local_error)
+        rows, grads_finite = self._agreement_rows(error)
         vec = record.vector()
-        bad = float(record.nonfinite) > 0 or self._local_nonfinite(views, vec[1:])
+        bad = error is None and (float(record.nonfinite) > 0 or not grads_finite or self._local_nonfinite(
+            views, vec[1:], grads_checked=self._compares_grads()))
         vec[0] = 1.0 if bad else 0.0
         # Every rank joins this call, including ranks that own no block, so shapes always match.
-        return record.with_sums(self.comm.all_reduce_scalars(vec))
+        reduced = self.comm.all_reduce_scalars(torch.cat([vec, rows]))
+        n = vec.numel()
+        if self.comm.world_size == 1:
+            if error is not None:
+                raise error
+        else:
+            verdict = agreement.read_step_rows(reduced[n:], self.comm.world_size,
+                                               compare_grads=self._compares_grads() and reduced[0].item() == 0)
+            self._raise_disagreement(verdict, error)
+        return record.with_sums(reduced[:n])
 
-    def _sharded_step(self) -> bool:
-        """The template step. Returns False when the step was skipped on every rank."""
-        check_step(self, self._params, self._names)  # meta tensors, sparse gradients: before any collective
+    def _sharded_step(self, local_error: BaseException | None = None) -> bool:
+        """The template step. Returns False when the step was skipped on every rank.
+
+        ``local_error``: an exception this rank raised before the step (e.g. an invalid loss); it is
+        reported through the all-reduce and raised on every rank, so the ranks stay in step.
+        """
+        self._join_before_step()
+        try:  # meta tensors, sparse gradients: held like any other local error
+            check_step(self, self._params, self._names)
+        except ValueError as e:
+            local_error = local_error or e
         self.comm.begin_step()
         why = self._exchange_in()
         if why is not None:
             return self._skip_step(why)
         views = self._owned_views()
-        reduced = self._reduce_record(views)
+        reduced = self._reduce_record(views, local_error)
         if reduced.nonfinite > 0:
             return self._skip_step(f"non-finite gradient or statistic on {int(reduced.nonfinite)} rank(s)")
         decision = self._decide(reduced)
@@ -482,6 +629,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         Every rank must call it (Lightning does before saving). ``to`` keeps the result on that rank only;
         ``None`` keeps it on every rank (needed when each rank later calls ``state_dict()``).
         """
+        self._ensure_joined()
         full = self._gather_full_state()
         if to is None or to == self.comm.rank:
             self._consolidated = full

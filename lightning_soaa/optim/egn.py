@@ -12,6 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from lightning_soaa.config import EGNConfig, check_range
+from lightning_soaa.distributed.blocks import BlockInfo
+from lightning_soaa.distributed.checkpoint import StateField, check_finite_number
 from lightning_soaa.functional import egn as egn_math
 from lightning_soaa.functional.gram import (
     GramLayout,
@@ -142,6 +144,7 @@ class _Pass:
     at_owners: list[list[Tensor]] = dataclasses.field(default_factory=list)  # [d (, g)] owned blocks
     f0: float = float("nan")
     trial_rejected: bool = False  # the loss after the step was non-finite
+    error: Exception | None = None  # raised on this rank before the step; every rank raises with it
 
 
 class EGN(ShardedOptimizer):
@@ -327,6 +330,19 @@ class EGN(ShardedOptimizer):
                 "solve_fallbacks": self.solve_fallbacks, "momentum_rejections": self.momentum_rejections,
                 "nonfinite_trials": self.nonfinite_trials}
 
+    def _state_schema(self, block: BlockInfo, param: Tensor, group: dict[str, Any]) -> dict[str, StateField]:
+        # the momentum EMA of directions exists only with momentum > 0
+        return {"momentum_buffer": StateField(tuple(block.shape), param.dtype, required=False)}
+
+    def _validate_global_state(self, state: dict[str, Any]) -> None:
+        where = "EGN.load_state_dict: lightning_soaa.global"
+        for key in ("damping", "alpha"):
+            if key in state:
+                check_finite_number(f"{where}.{key}", state[key], positive=True)
+        for key in ("momentum_steps", "solve_fallbacks", "momentum_rejections"):
+            if key in state:
+                check_finite_number(f"{where}.{key}", state[key], integer=True, nonnegative=True)
+
     def _load_global_state(self, state: dict[str, Any]) -> None:
         self.damping = float(state.get("damping", self.cfg.damping))
         self.alpha = float(state.get("alpha", self.cfg.lr))
@@ -356,26 +372,35 @@ class EGN(ShardedOptimizer):
         the step (a 0-d tensor).
         """
         pending, self._pending_batch = self._pending_batch, None  # a batch belongs to one step
+        self._join_before_step()  # built before the process group existed: join it now (collective)
         check_step(self, self._params, self._names, gradients=False)  # meta parameters; .grad is unused
         closure_value = None
-        if closure is not None:
-            with torch.enable_grad():
-                closure_value = closure()
-        if inputs is None and targets is None:
-            if pending is not None:  # set_batch() wins; a closure then only supplies the returned loss
-                inputs, targets = pending
-            elif isinstance(closure_value, (tuple, list)) and len(closure_value) == 2:
-                inputs, targets = closure_value
-                closure_value = None
-        if inputs is None or targets is None:
-            raise ValueError(MISSING_BATCH_MESSAGE)
-        xs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-        if not xs or not all(isinstance(x, Tensor) for x in xs) or not isinstance(targets, Tensor):
-            raise ValueError("EGN.step: inputs must be a tensor or a tuple of tensors, targets a tensor.")
+        xs: tuple[Tensor, ...] = ()
+        error: Exception | None = None
+        try:  # an error on one rank is reported through the first all-reduce and raised on every rank
+            if closure is not None:
+                with torch.enable_grad():
+                    closure_value = closure()
+            if inputs is None and targets is None:
+                if pending is not None:  # set_batch() wins; a closure then only supplies the returned loss
+                    inputs, targets = pending
+                elif isinstance(closure_value, (tuple, list)) and len(closure_value) == 2:
+                    inputs, targets = closure_value
+                    closure_value = None
+            if inputs is None or targets is None:
+                raise ValueError(MISSING_BATCH_MESSAGE)
+            xs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+            if not xs or not all(isinstance(x, Tensor) for x in xs) or not isinstance(targets, Tensor):
+                raise ValueError("EGN.step: inputs must be a tensor or a tuple of tensors, targets a tensor.")
+        except Exception as e:  # noqa: BLE001 - raised on every rank after the first all-reduce
+            if self.comm.world_size == 1:
+                raise
+            error = e
         modes = [(m, m.training) for m in self.model.modules()]
         self.model.eval()
         self._pass = _Pass(xs, targets)
         try:
+            self._pass.error = error  # raised before the step on this rank: reported by _agree_on_batch
             self._sharded_step()  # the base's template, through the hooks below
             f0 = self._pass.f0
         finally:
@@ -527,7 +552,11 @@ class EGN(ShardedOptimizer):
         """Local forward; then ONE all-reduce of [non-finite, loss sum, per rank: error, b_r, c, T per
         Linear site], so that every rank raises together or goes on with the same global sizes."""
         world, rank, nsites = self.comm.world_size, self.comm.rank, len(self._sites)
-        z, cap, err = self._forward_capture(xs, targets)
+        if self._pass is not None and self._pass.error is not None:  # every rank raises together
+            error = self._pass.error
+            z, cap, err = None, None, f"{type(error).__name__}: {error}"
+        else:
+            z, cap, err = self._forward_capture(xs, targets)
         per_rank = torch.zeros(world, 3 + nsites, dtype=torch.float64)
         head = torch.zeros(2, dtype=torch.float64)
         per_rank[rank, 0] = 1.0 if err is not None else 0.0
@@ -555,6 +584,9 @@ class EGN(ShardedOptimizer):
         world = info.shape[0]
         bad = [r for r in range(world) if info[r, 0] > 0]
         if bad:
+            own = self._pass.error if self._pass is not None else None
+            if own is not None:  # this rank's own exception, with its traceback
+                raise own
             raise ValueError(err if err is not None
                              else f"EGN: invalid batch on rank(s) {bad} (see that rank's error).")
         sizes = [int(info[r, 1]) for r in range(world)]

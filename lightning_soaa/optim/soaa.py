@@ -44,6 +44,8 @@ import torch
 from torch import Tensor
 
 from lightning_soaa.config import SOAAConfig, config_from_group
+from lightning_soaa.distributed.blocks import BlockInfo
+from lightning_soaa.distributed.checkpoint import StateField, check_finite_number
 from lightning_soaa.functional.soaa import (
     SOAAKernels,
     band,
@@ -53,6 +55,7 @@ from lightning_soaa.functional.soaa import (
     trust_region_scalars,
     use_foreach,
 )
+from lightning_soaa.optim.adamw import adam_state_schema
 from lightning_soaa.optim.base import BlockView, ShardedOptimizer, StepRecord, summed
 from lightning_soaa.optim.closure_source import accumulation_steps
 
@@ -317,22 +320,24 @@ class SOAA(ShardedOptimizer):
                 "step(closure); use acceptance='lagged' when no closure is available (DeepSpeed, AMP)."
             )
         calls_before = self._set_loss_calls
-        ret = self._run_closure(closure)
-        if loss is not None:
-            self.set_loss(loss)
-        elif closure is not None and ret is not None and self._set_loss_calls == calls_before:
-            # A loss handed over *during* the closure (Lightning's LossToOptimizer fires inside it) wins
-            # over the closure's return value: under gradient accumulation Lightning's closure returns
-            # the last micro-batch's loss divided by k, the callback the mean over the whole step. Without
-            # the callback that value is wrong: refuse (every rank has the same k, so all raise together,
-            # before any collective) rather than run the trust region on it.
-            k = accumulation_steps(closure)
-            if k > 1:
-                self._pending_loss = None
-                raise ValueError(ACCUMULATION_MESSAGE.format(k=k))
-            self.set_loss(ret)
+        ret, error = None, None
+        try:  # an error here (a bad loss on one rank) is raised on every rank after the all-reduce
+            ret = self._run_closure(closure)
+            if loss is not None:
+                self.set_loss(loss)
+            elif closure is not None and ret is not None and self._set_loss_calls == calls_before:
+                # A loss handed over *during* the closure (Lightning's LossToOptimizer fires inside it)
+                # wins over the closure's return value: under gradient accumulation Lightning's closure
+                # returns the last micro-batch's loss divided by k, the callback the mean over the step.
+                # Without the callback that value is wrong: refuse rather than run the trust region on it.
+                k = accumulation_steps(closure)
+                if k > 1:
+                    raise ValueError(ACCUMULATION_MESSAGE.format(k=k))
+                self.set_loss(ret)
+        except Exception as e:
+            error = e
         try:
-            ran = self._sharded_step()
+            ran = self._sharded_step(local_error=error)
         finally:
             self._pending_loss = None  # a loss belongs to one step, whatever happened
         if ran and self.config.acceptance == "same_batch":
@@ -465,6 +470,12 @@ class SOAA(ShardedOptimizer):
     def _on_skip(self) -> None:
         self._snapshot = []
 
+    def _state_nonfinite(self) -> bool:
+        # The update reads d, the loss EMA and the lagged sums: a NaN there (a corrupted checkpoint, a
+        # hand-edited state) must skip the step rather than reach the parameters.
+        scalars = (self._d, self._loss_ema, self._pred)
+        return not (all(math.isfinite(x) for x in scalars) and bool(torch.isfinite(self._lag).all()))
+
     # ------------------------------------------------------------------ same_batch acceptance
     def _same_batch_check(self, closure: Callable[[], Any]) -> None:
         cfg = self.config
@@ -520,11 +531,42 @@ class SOAA(ShardedOptimizer):
             st["lag_scope"] = "global" if self.comm.world_size == 1 else "rank"
         return {"soaa": st}
 
+    def _state_schema(self, block: BlockInfo, param: Tensor, group: dict[str, Any]) -> dict[str, StateField]:
+        return adam_state_schema(block, param)  # Adam's moments and per-tensor step counter
+
+    def _validate_global_state(self, state: dict[str, Any]) -> None:
+        where = "SOAA.load_state_dict: lightning_soaa.global.soaa"
+        st = state.get("soaa")
+        if not isinstance(st, dict):
+            raise ValueError(f"{where} (the trust-region state: t, d, loss_ema, pred, lag, ...) is missing; "
+                             "loading without it would silently restart the trust region.")
+        for key in ("t", "accepted", "rejected"):
+            if key not in st:
+                raise ValueError(f"{where}.{key} is missing.")
+            check_finite_number(f"{where}.{key}", st[key], integer=True, nonnegative=True)
+        for key in ("d", "c", "hi"):
+            if key not in st:
+                raise ValueError(f"{where}.{key} is missing.")
+            check_finite_number(f"{where}.{key}", st[key], positive=True)
+        for key in ("loss_ema", "pred", "loss", "lo"):
+            if key not in st:
+                raise ValueError(f"{where}.{key} is missing.")
+            check_finite_number(f"{where}.{key}", st[key])
+        for key in ("rho", "actual"):  # diagnostics: -inf after a rejected same_batch trial is valid
+            if key not in st or isinstance(st[key], bool) or not isinstance(st[key], (int, float)) \
+                    or math.isnan(st[key]):
+                raise ValueError(f"{where}.{key}={st.get(key)!r} is missing or not a number.")
+        lag = st.get("lag")
+        if not isinstance(lag, (list, tuple)) or len(lag) != 2:
+            raise ValueError(f"{where}.lag={lag!r} is invalid. Must be a list of 2 finite numbers.")
+        for i, x in enumerate(lag):
+            check_finite_number(f"{where}.lag[{i}]", x)
+        if st.get("lag_scope", "global") not in ("global", "rank"):
+            raise ValueError(f"{where}.lag_scope={st.get('lag_scope')!r} is invalid. Must be 'global' or 'rank'.")
+
     def _load_global_state(self, state: dict[str, Any]) -> None:
         self._reset_trust_state()
-        st = state.get("soaa")
-        if st is None:
-            return
+        st = state["soaa"]  # presence checked by _validate_global_state before anything changed
         self._t = int(st["t"])
         self._d = float(st["d"])
         self._loss_ema = float(st["loss_ema"])

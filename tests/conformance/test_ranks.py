@@ -295,10 +295,7 @@ def test_resume_at_another_world_size_equals_uninterrupted(launches: _Launches, 
 
 
 #: (optimizer, W) -> why it fails today; strict, so the fix turns the XPASS into a failure to remove it
-KNOWN_NONFINITE_FAILURES = {
-    ("SOAA", 2): "issue 11 §5: with grad_reduction='none' SOAA relies on its partials to see non-finite "
-                 "gradients (partials_cover_grads), so a NaN in a block another rank owns goes unseen",
-}
+KNOWN_NONFINITE_FAILURES: dict[tuple[str, int], str] = {}
 
 
 def _nonfinite_cases() -> list[Any]:

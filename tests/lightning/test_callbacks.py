@@ -263,14 +263,20 @@ def test_factory_names_and_first_argument() -> None:
 
 
 def test_check_sharding_detects_optimizer_built_too_early(monkeypatch: pytest.MonkeyPatch) -> None:
-    opt = ShardedAdamW(PlainRegressor().parameters())  # LocalComm: no process group yet
-    check_sharding_matches_world(opt)  # fine while torch.distributed is not running
+    from lightning_soaa.distributed.comm import LocalComm
+
+    early = ShardedAdamW(PlainRegressor().parameters())  # no process group yet: joins at its first step
+    forced = ShardedAdamW(PlainRegressor().parameters(), comm=LocalComm())  # explicitly single-process
+    assert early.join_pending and not forced.join_pending
+    check_sharding_matches_world(early)  # fine while torch.distributed is not running
+    check_sharding_matches_world(forced)
     # undone inside the test: the autouse teardown asks torch.distributed whether a group is left over
     with monkeypatch.context() as m:
         m.setattr(torch.distributed, "is_initialized", lambda: True)
         m.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
-        with pytest.raises(RuntimeError, match="configure_optimizers"):
-            check_sharding_matches_world(opt)
+        check_sharding_matches_world(early)  # will join (real two-rank test: tests/conformance/test_misuse.py)
+        with pytest.raises(RuntimeError, match="comm=LocalComm"):
+            check_sharding_matches_world(forced)
 
 
 def test_soaa_sees_the_mean_loss_under_gradient_accumulation(tmp_path: Path) -> None:

@@ -198,13 +198,13 @@ def test_ownership_balance_gpt_like(n_layer, d, max_block_size, world_size):
 
 
 BAD = [
-    (dict(lr=-1.0), "Invalid lr=-1.0. Must be in [0.0, inf]."),
+    (dict(lr=-1.0), "Invalid lr=-1.0. Must be in [0.0, inf)."),
     (dict(betas=(0.9, 1.0)), "Invalid betas[1]=1.0. Must be in [0.0, 1.0)."),
     (dict(betas=(0.9,)), "Invalid betas=(0.9,). Must be a pair (beta1, beta2)."),
-    (dict(weight_decay=-0.1), "Invalid weight_decay=-0.1. Must be in [0.0, inf]."),
-    (dict(rms_scale=0.0), "Invalid rms_scale=0.0. Must be in (0.0, inf]."),
-    (dict(eps=-1e-3), "Invalid eps=-0.001. Must be in [0.0, inf]."),
-    (dict(damping=float("nan")), "Invalid damping=nan. Must be in [0.0, inf]."),
+    (dict(weight_decay=-0.1), "Invalid weight_decay=-0.1. Must be in [0.0, inf)."),
+    (dict(rms_scale=0.0), "Invalid rms_scale=0.0. Must be in (0.0, inf)."),
+    (dict(eps=-1e-3), "Invalid eps=-0.001. Must be in [0.0, inf)."),
+    (dict(damping=float("nan")), "Invalid damping=nan. Must be in [0.0, inf)."),
     (dict(inverse_root="svd"),
      "Invalid inverse_root='svd'. Must be one of 'polar_express', 'newton_schulz', 'eigh'."),
     (dict(root_iters=0), "Invalid root_iters=0. Must be an integer >= 1 or None."),
@@ -212,8 +212,8 @@ BAD = [
     (dict(root_every=2.0), "Invalid root_every=2.0. Must be an integer >= 1."),
     (dict(max_block_size=0), "Invalid max_block_size=0. Must be an integer >= 1."),
     (dict(adam_betas=(1.0, 0.9)), "Invalid adam_betas[0]=1.0. Must be in [0.0, 1.0)."),
-    (dict(adam_eps=-1.0), "Invalid adam_eps=-1.0. Must be in [0.0, inf]."),
-    (dict(adam_weight_decay=-1.0), "Invalid adam_weight_decay=-1.0. Must be in [0.0, inf]."),
+    (dict(adam_eps=-1.0), "Invalid adam_eps=-1.0. Must be in [0.0, inf)."),
+    (dict(adam_weight_decay=-1.0), "Invalid adam_weight_decay=-1.0. Must be in [0.0, inf)."),
 ]
 
 

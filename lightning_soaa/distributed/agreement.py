@@ -1,0 +1,186 @@
+"""What every rank must agree on, and how the ranks find out together that they do not.
+
+Two checks, both designed so that a disagreement ends in the **same** error on every rank (never a hang,
+never a crash of one rank inside the collective library, never silent divergence):
+
+* **At construction** (and when an optimizer joins a process group late): one all-gather of a
+  fixed-size int64 vector of digests, one per field (optimizer class, parameter shapes/dtypes/order,
+  parameter names, every group's hyperparameters and the optimizer's config, sharding options). The
+  vector has the same length whatever the optimizer, so even ranks that built different optimizer
+  classes meet in a collective of matching size; every rank then sees every rank's digests and raises
+  the same error naming the fields that differ.
+* **At every step**: a few values per rank ride in the step's single fp64 all-reduce, each rank writing
+  only its own row of a ``[world, STEP_ROW]`` block and zeros elsewhere. A sum with zeros is exact, so
+  after the reduction every rank holds every rank's row bit for bit: an error flag (an exception this
+  rank raised before the collective), a digest of the hyperparameters, and, when gradients must be the
+  same on every rank (``grad_reduction="none"``), a digest of the local gradients.
+
+Nothing here keeps global state; the functions read an optimizer and return values or raise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "CONSTRUCTION_FIELDS",
+    "STEP_ROW",
+    "GRAD_RTOL",
+    "canonical",
+    "construction_digests",
+    "check_construction",
+    "hyperparameter_digest",
+    "grad_digest",
+    "step_rows",
+    "StepVerdict",
+    "read_step_rows",
+]
+
+#: the fields of the construction digest, in vector order (the vector also carries two counts)
+CONSTRUCTION_FIELDS = (
+    "optimizer class",
+    "parameter shapes and dtypes (in order)",
+    "parameter names (in order)",
+    "hyperparameters (every param group and the optimizer's config)",
+    "sharding options",
+)
+
+#: values per rank in the step's all-reduce: error flag, hyperparameter digest, Σ‖g‖², #gradients
+STEP_ROW = 4
+
+#: relative tolerance on Σ‖g‖² across ranks. Gradients averaged by DDP are bitwise equal on every rank
+#: (the collective hands every rank the same bits), so an honest run differs by 0; the tolerance only
+#: keeps a run on heterogeneous devices (different reduction kernels, last-bit differences) from a false
+#: alarm. Different data on different ranks changes Σ‖g‖² at order 1.
+GRAD_RTOL = 1e-6
+
+_MASK48 = (1 << 48) - 1  # 48-bit digests are exact in float64 (53-bit mantissa)
+
+
+def canonical(value: Any) -> str:
+    """A deterministic, address-free text for hyperparameter values (same value -> same text on every
+    rank and every run): floats by their exact hex, tensors by their values, objects by their type."""
+    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+        return repr(value)
+    if isinstance(value, float):
+        return value.hex()
+    if isinstance(value, Tensor):
+        return f"tensor({canonical(value.detach().cpu().tolist())})"
+    if isinstance(value, (list, tuple)):
+        inner = ",".join(canonical(v) for v in value)
+        return f"[{inner}]" if isinstance(value, list) else f"({inner})"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{canonical(k)}:{canonical(value[k])}" for k in sorted(value, key=repr)) + "}"
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return type(value).__name__ + canonical({f.name: getattr(value, f.name) for f in dataclasses.fields(value)})
+    if isinstance(value, (torch.dtype, torch.device)):
+        return str(value)
+    return type(value).__qualname__  # e.g. a callable: its identity cannot be compared across processes
+
+
+def _digest(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & _MASK48
+
+
+def hyperparameter_digest(param_groups: Sequence[dict[str, Any]]) -> int:
+    """A 48-bit digest of every group's hyperparameters (not the parameters themselves)."""
+    return _digest(canonical([{k: v for k, v in g.items() if k not in ("params", "param_names")}
+                              for g in param_groups]))
+
+
+def construction_digests(optimizer: Any, params: Sequence[Tensor], names: Sequence[str | None],
+                         steps_before_join: int) -> Tensor:
+    """This rank's construction vector: one digest per :data:`CONSTRUCTION_FIELDS`, then the number of
+    parameters and the number of steps taken before joining the process group (int64, fixed size)."""
+    cls = type(optimizer)
+    config = getattr(optimizer, "config", None) or getattr(optimizer, "cfg", None)
+    fields = [
+        f"{cls.__module__}.{cls.__qualname__}",
+        canonical([(tuple(p.shape), str(p.dtype)) for p in params]),
+        canonical(list(names)),
+        canonical([hyperparameter_digest(optimizer.param_groups), config]),
+        canonical(optimizer.sharding),
+    ]
+    return torch.tensor([_digest(f) for f in fields] + [len(params), int(steps_before_join)], dtype=torch.int64)
+
+
+def check_construction(optimizer: Any, everyone: Tensor) -> None:
+    """Raise the same ``RuntimeError`` on every rank when the gathered construction vectors differ.
+
+    ``everyone`` is the ``[world, len(CONSTRUCTION_FIELDS) + 2]`` all-gather of
+    :func:`construction_digests`; every rank holds the same matrix, so every rank decides alike.
+    """
+    name = type(optimizer).__name__
+    nf = len(CONSTRUCTION_FIELDS)
+    ref = everyone[0]
+    bad_fields = [CONSTRUCTION_FIELDS[i] for i in range(nf) if not bool((everyone[:, i] == ref[i]).all())]
+    counts = everyone[:, nf]
+    if not bool((counts == ref[nf]).all()):
+        bad_fields.insert(1, "number of parameters")
+    if bad_fields:
+        odd = [r for r in range(everyone.shape[0]) if not bool((everyone[r, :nf + 1] == ref[:nf + 1]).all())]
+        rows = ", ".join(f"rank {r}: {int(counts[r])} params" for r in range(everyone.shape[0]))
+        raise RuntimeError(
+            f"{name}: ranks disagree on the parameter list or the optimizer ({rows}); rank(s) {odd} differ "
+            f"from rank 0 in: {'; '.join(bad_fields)}. Every rank must construct the same optimizer class "
+            "over the same parameters (same names, shapes, dtypes and order) with the same hyperparameters."
+        )
+    stepped = everyone[:, nf + 1]
+    if bool((stepped > 0).any()):
+        ranks = [r for r in range(everyone.shape[0]) if int(stepped[r]) > 0]
+        raise RuntimeError(
+            f"{name}: built before torch.distributed was initialized and already stepped "
+            f"{int(stepped.max())} time(s) on rank(s) {ranks} as a single process; it cannot join the "
+            f"{everyone.shape[0]}-rank group now (each rank's state may differ). Construct the optimizer "
+            "after init_process_group (e.g. in LightningModule.configure_optimizers), or take no step "
+            "before the process group exists."
+        )
+
+
+def grad_digest(grads: Sequence[Tensor]) -> tuple[float, bool]:
+    """``(Σ‖g‖², all finite)`` over ``grads``: one read of every gradient (``_foreach_norm``)."""
+    if not grads:
+        return 0.0, True
+    norms = torch.stack([n.to(torch.float64) for n in torch._foreach_norm(list(grads))])
+    sq = float(norms.square().sum().cpu())
+    return sq, math.isfinite(sq)
+
+
+def step_rows(rank: int, world: int, *, error: bool, hyper: int, grad_sq: float, grad_count: int) -> Tensor:
+    """The ``[world * STEP_ROW]`` fp64 block of the step's all-reduce: this rank's row, zeros elsewhere."""
+    out = torch.zeros(world, STEP_ROW, dtype=torch.float64)
+    # A non-finite Σ‖g‖² is reported through the non-finite flag; zero keeps the row comparable.
+    out[rank] = torch.tensor([1.0 if error else 0.0, float(hyper),
+                              grad_sq if math.isfinite(grad_sq) else 0.0, float(grad_count)], dtype=torch.float64)
+    return out.reshape(-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepVerdict:
+    """What the gathered rows say (identical on every rank)."""
+
+    error_ranks: list[int]
+    hyper_ranks: list[int]  # ranks whose hyperparameters differ from rank 0's
+    grad_ranks: list[int]  # ranks whose gradients differ from rank 0's (only when compared)
+
+
+def read_step_rows(rows: Tensor, world: int, compare_grads: bool) -> StepVerdict:
+    """Decode the reduced ``[world * STEP_ROW]`` block (bit-identical on every rank)."""
+    m = rows.reshape(world, STEP_ROW)
+    errors = [r for r in range(world) if m[r, 0] > 0]
+    hyper = [r for r in range(world) if m[r, 1] != m[0, 1]]
+    grads: list[int] = []
+    if compare_grads:
+        ref_sq, ref_n = float(m[0, 2]), float(m[0, 3])
+        for r in range(1, world):
+            sq, n = float(m[r, 2]), float(m[r, 3])
+            if n != ref_n or abs(sq - ref_sq) > GRAD_RTOL * max(abs(sq), abs(ref_sq)):
+                grads.append(r)
+    return StepVerdict(errors, hyper, grads)

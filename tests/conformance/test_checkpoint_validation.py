@@ -1,0 +1,186 @@
+"""``load_state_dict`` validates everything before changing anything, for every optimizer.
+
+Parametrized over :data:`lightning_soaa.registry.REGISTRY`. Each optimizer declares the tensors it keeps
+per block (``_state_schema``); the checkpoint module checks a saved state against it. The corruptions
+below are generated from the schema (drop a key, wrong shape, wrong dtype, negative where it must be
+>= 0, NaN), plus the optimizer-wide state; each must raise ``ValueError`` naming the field and leave the
+optimizer exactly as it was (state, step counters, trust state, hyperparameters). Issue 11, item 7.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import pytest
+import torch
+
+from lightning_soaa.distributed.checkpoint import FORMAT_KEY
+from lightning_soaa.registry import REGISTRY, get
+from tests.harness.models import batch, tiny_mlp
+
+SPECS = [pytest.param(s.name, id=s.name) for s in REGISTRY]
+#: extra options so that every optimizer keeps per-block state (EGN keeps state only with momentum)
+STATEFUL: dict[str, dict[str, Any]] = {"EGN": {"momentum": 0.5}}
+
+
+def _trained(name: str, steps: int = 2, seed: int = 0) -> tuple[Any, torch.nn.Module]:
+    spec = get(name)
+    model = tiny_mlp(seed=seed)
+    opt = spec.build(model, **{**spec.test_kwargs, **STATEFUL.get(name, {})})
+    for t in range(steps):
+        spec.take_step(opt, model, *batch(t + seed, 0))
+    return opt, model
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Deep equality of state dicts (tensors bit for bit, including dtype and shape)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
+                and a.shape == b.shape and torch.equal(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return a == b
+
+
+def _snapshot(opt: Any) -> dict[str, Any]:
+    return copy.deepcopy({"sd": opt.state_dict(), "groups": [{k: v for k, v in g.items() if k != "params"}
+                                                          for g in opt.param_groups],
+                          "steps": (opt.num_steps, opt.skipped_steps), "stats": opt.statistics()})
+
+
+def _first_block(sd: dict[str, Any]) -> tuple[int, int, dict[str, Any]]:
+    pi = min(sd["state"])
+    si = min(sd["state"][pi])
+    return pi, si, sd["state"][pi][si]
+
+
+def _corruptions(opt: Any, sd: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(case id, text the error must contain, corrupted state dict), derived from the schema."""
+    pi, si, blk = _first_block(sd)
+    block = next(b for b in opt.block_table.blocks if b.key == (pi, si))
+    schema = opt._state_schema(block, opt._params[pi], opt.param_groups[block.group_index])
+    cases = []
+    for key, field in schema.items():
+        if key not in blk:
+            continue
+        t = blk[key]
+        if field.required:
+            bad = copy.deepcopy(sd)
+            del bad["state"][pi][si][key]
+            cases.append((f"missing {key}", f"missing {key!r}", bad))
+        bad = copy.deepcopy(sd)
+        bad["state"][pi][si][key] = torch.zeros(*t.shape, 2, dtype=t.dtype)
+        cases.append((f"shape {key}", f"[{key!r}] has shape", bad))
+        bad = copy.deepcopy(sd)
+        other = torch.float16 if t.dtype != torch.float16 else torch.float32
+        bad["state"][pi][si][key] = t.to(other)
+        cases.append((f"dtype {key}", f"[{key!r}] has dtype", bad))
+        if t.is_floating_point() and t.numel():
+            bad = copy.deepcopy(sd)
+            bad["state"][pi][si][key].view(-1)[0] = float("nan")
+            cases.append((f"nan {key}", f"[{key!r}] holds non-finite", bad))
+        if field.nonnegative and t.numel():
+            bad = copy.deepcopy(sd)
+            bad["state"][pi][si][key].view(-1)[0] = -1.0
+            cases.append((f"negative {key}", f"[{key!r}] holds negative", bad))
+    bad = copy.deepcopy(sd)
+    bad["state"][pi][si]["surprise"] = torch.zeros(1)
+    cases.append(("unexpected key", "unexpected key", bad))
+    bad = copy.deepcopy(sd)
+    bad[FORMAT_KEY]["global"]["num_steps"] = -1
+    cases.append(("negative num_steps", "num_steps", bad))
+    bad = copy.deepcopy(sd)
+    bad["param_groups"][0]["lr"] = float("inf")
+    cases.append(("lr=inf", "lr=inf", bad))
+    return cases
+
+
+# per-optimizer global state corruptions: (case id, text, path into lightning_soaa.global, value or DELETE)
+DELETE = object()
+GLOBAL_CASES: dict[str, list[tuple[str, str, tuple[str, ...], Any]]] = {
+    "SOAA": [
+        ("no soaa dict", "soaa (the trust-region state", ("soaa",), DELETE),
+        ("no trust scalar d", "soaa.d is missing", ("soaa", "d"), DELETE),
+        ("NaN trust scalar d", "soaa.d=nan", ("soaa", "d"), float("nan")),
+        ("NaN loss_ema", "soaa.loss_ema=nan", ("soaa", "loss_ema"), float("nan")),
+        ("short lag", "soaa.lag=", ("soaa", "lag"), [0.0]),
+    ],
+    "EGN": [
+        ("NaN damping", "global.damping=nan", ("damping",), float("nan")),
+        ("negative alpha", "global.alpha=-1.0", ("alpha",), -1.0),
+    ],
+}
+
+
+def _global_corruptions(name: str, sd: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    out = []
+    for case, text, path, value in GLOBAL_CASES.get(name, []):
+        bad = copy.deepcopy(sd)
+        node = bad[FORMAT_KEY]["global"]
+        for k in path[:-1]:
+            node = node[k]
+        if value is DELETE:
+            del node[path[-1]]
+        else:
+            node[path[-1]] = value
+        out.append((case, text, bad))
+    return out
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_every_optimizer_declares_the_state_it_keeps(name: str) -> None:
+    opt, _ = _trained(name)
+    seen = 0
+    for b in opt.block_table.blocks:
+        st = opt.block_state(b)
+        keys = {k for k in st if not isinstance(k, int)}
+        if not keys:
+            continue
+        schema = opt._state_schema(b, opt._params[b.param_index], opt.param_groups[b.group_index])
+        assert schema is not None, f"{name} declares no state schema"
+        assert keys <= set(schema), f"{name}: state keys {sorted(keys)} not declared in {sorted(schema)}"
+        assert {k for k, f in schema.items() if f.required} <= keys
+        seen += 1
+    assert seen, f"{name} kept no state after two steps; the corruption tests would test nothing"
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_a_valid_state_round_trips(name: str) -> None:
+    opt, _ = _trained(name)
+    sd = copy.deepcopy(opt.state_dict())
+    fresh, _ = _trained(name, steps=1, seed=1)
+    fresh.load_state_dict(sd)
+    assert _same(fresh.state_dict(), sd)
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_invalid_states_are_rejected_naming_the_field_and_change_nothing(name: str) -> None:
+    source, _ = _trained(name)
+    sd = copy.deepcopy(source.state_dict())
+    target, _ = _trained(name, steps=3, seed=1)  # a different state, so a partial load would show
+    before = _snapshot(target)
+    cases = _corruptions(target, sd) + _global_corruptions(name, sd)
+    assert len(cases) >= 8
+    for case, text, bad in cases:
+        with pytest.raises(ValueError, match=None) as info:
+            target.load_state_dict(bad)
+        assert text in str(info.value), f"{name}, {case}: {info.value}"
+        assert _same(_snapshot(target), before), f"{name}, {case}: the optimizer changed"
+
+
+def test_soaa_missing_trust_scalar_no_longer_half_loads() -> None:
+    """The issue's case: moments, num_steps and part of the trust state were replaced before the error."""
+    source, _ = _trained("SOAA", steps=4)
+    sd = copy.deepcopy(source.state_dict())
+    del sd[FORMAT_KEY]["global"]["soaa"]["accepted"]
+    target, _ = _trained("SOAA", steps=1, seed=1)
+    before = _snapshot(target)
+    with pytest.raises(ValueError, match="soaa.accepted is missing"):
+        target.load_state_dict(sd)
+    assert _same(_snapshot(target), before)

@@ -1,0 +1,355 @@
+"""Misuse that real users run into: every optimizer either trains correctly or raises on EVERY rank.
+
+Parametrized over :data:`lightning_soaa.registry.REGISTRY`, so a new optimizer is covered by adding its
+spec. Two-rank cases run as real gloo ranks (tests/harness). Each worker returns what it saw (errors
+as text, parameters) and the parent asserts; a rank that hangs or crashes fails the harness.
+
+Issue 11, items 1-5: an optimizer built before the process group exists joins it at its first step;
+gradients that differ across ranks without DDP raise with the fix; ranks that disagree on the class,
+the parameter names/order or the hyperparameters raise together at construction; an error one rank
+raises alone is raised on every rank and the ranks stay in step; non-finite values never reach the
+parameters (a NaN a rank sees in a block it does not own, a NaN trust scalar, ``lr=inf``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lightning_soaa.registry import REGISTRY, FirstArg, StepNeeds, get, half_mse
+from tests.harness.distributed import run_distributed
+from tests.harness.models import batch, tiny_mlp
+
+SPECS = [pytest.param(s.name, id=s.name) for s in REGISTRY]
+GRAD_SPECS = [pytest.param(s.name, id=s.name) for s in REGISTRY if s.needs is not StepNeeds.BATCH]
+SIZES = (4, 4, 4, 4)  # equal-shaped layers: reordering them keeps the shape list identical
+
+
+def _params(model: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _step(name: str, opt: Any, model: nn.Module, t: int, rank: int, *, average: bool = True,
+          mutate: Any = None) -> None:
+    """One step on this rank's batch; ``average`` does what DDP would (mean of the gradients)."""
+    spec = get(name)
+    x, y = batch(t, rank, n=4, d_in=SIZES[0], d_out=SIZES[-1])
+    if spec.needs is StepNeeds.BATCH:  # the optimizer differentiates the model on the global batch
+        spec.take_step(opt, model, x, y)
+        return
+    opt.zero_grad(set_to_none=True)
+    loss = half_mse(model(x), y)
+    loss.backward()
+    if average and dist.is_initialized():
+        world = dist.get_world_size()
+        for p in model.parameters():
+            dist.all_reduce(p.grad)
+            p.grad.div_(world)
+        loss = loss.detach().clone()
+        dist.all_reduce(loss)
+        loss /= world
+    if mutate is not None:
+        mutate(model)
+    if spec.needs is StepNeeds.LOSS:
+        opt.step(loss=loss.detach())
+    else:
+        opt.step()
+
+
+def _build(name: str, model: nn.Module, **kw: Any) -> Any:
+    spec = get(name)
+    return spec.build(model, **{**spec.test_kwargs, **kw})
+
+
+def _error(fn: Any) -> str:
+    try:
+        fn()
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    return "no error"
+
+
+# ---------------------------------------------------------------------- 1. built before the group
+def _w_built_early(rank: int, world: int, name: str, store2: str) -> dict[str, Any]:
+    dist.destroy_process_group()  # as under stock LightningCLI: the optimizer exists first
+    early_model = tiny_mlp(sizes=SIZES)
+    early = _build(name, early_model)
+    pending = bool(getattr(early, "join_pending", False))
+    dist.init_process_group("gloo", store=dist.FileStore(store2, world), rank=rank, world_size=world)
+    ref_model = tiny_mlp(sizes=SIZES)
+    ref = _build(name, ref_model)  # built the usual way, after the group exists
+    for t in range(3):
+        _step(name, early, early_model, t, rank)
+        _step(name, ref, ref_model, t, rank)
+    return {"pending_before": pending, "world": early.comm.world_size, "owned": len(early.block_table.owned()),
+            "blocks": len(early.block_table.blocks), "early": _params(early_model), "ref": _params(ref_model)}
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_built_before_process_group_joins_at_first_step(tmp_path: Path, name: str) -> None:
+    res = run_distributed(_w_built_early, 2, tmp_path, name, str(tmp_path / "store2"))
+    for r, out in enumerate(res):
+        assert out["pending_before"], f"rank {r}: no join was pending"
+        assert out["world"] == 2, f"rank {r}: still single-process after the first step"
+        for a, b in zip(out["early"], out["ref"]):  # exactly the run of an optimizer built after the group
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert sum(out["owned"] for out in res) == res[0]["blocks"]  # sharded: every block owned once
+    for a, b in zip(res[0]["early"], res[1]["early"]):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def _w_stepped_then_joined(rank: int, world: int, name: str, store2: str) -> str:
+    dist.destroy_process_group()
+    model = tiny_mlp(sizes=SIZES)
+    opt = _build(name, model)
+    _step(name, opt, model, 0, rank)  # a single-process step before the group exists
+    dist.init_process_group("gloo", store=dist.FileStore(store2, world), rank=rank, world_size=world)
+    return _error(lambda: _step(name, opt, model, 1, rank))
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_stepped_alone_before_the_group_refuses_to_join(tmp_path: Path, name: str) -> None:
+    for msg in run_distributed(_w_stepped_then_joined, 2, tmp_path, name, str(tmp_path / "store2")):
+        assert "RuntimeError" in msg and "cannot join" in msg, msg
+
+
+def _single_process_state(name: str) -> dict[str, Any]:
+    model = tiny_mlp(sizes=SIZES)
+    opt = _build(name, model)
+    for t in range(2):
+        _step(name, opt, model, t, 0)
+    return copy.deepcopy(opt.state_dict())
+
+
+def _w_loaded_before_joining(rank: int, world: int, store2: str) -> dict[str, Any]:
+    """Every optimizer: built and loaded (e.g. a resumed checkpoint) before the group exists, then
+    trained; equal to one built and loaded after the group exists. One spawn for the whole registry."""
+    dist.destroy_process_group()
+    early: dict[str, tuple[Any, nn.Module]] = {}
+    saved = {spec.name: _single_process_state(spec.name) for spec in REGISTRY}  # a one-process run
+    for spec in REGISTRY:
+        model = tiny_mlp(sizes=SIZES)
+        opt = _build(spec.name, model)
+        opt.load_state_dict(copy.deepcopy(saved[spec.name]))
+        early[spec.name] = (opt, model)
+    dist.init_process_group("gloo", store=dist.FileStore(store2, world), rank=rank, world_size=world)
+    out: dict[str, Any] = {}
+    for spec in REGISTRY:
+        opt, model = early[spec.name]
+        ref_model = tiny_mlp(sizes=SIZES)
+        ref = _build(spec.name, ref_model)
+        ref.load_state_dict(copy.deepcopy(saved[spec.name]))
+        for t in (2, 3):
+            _step(spec.name, opt, model, t, rank)
+            _step(spec.name, ref, ref_model, t, rank)
+        out[spec.name] = {"world": opt.comm.world_size, "early": _params(model), "ref": _params(ref_model),
+                          "steps": (opt.num_steps, ref.num_steps)}
+    return out
+
+
+def test_state_loaded_before_joining_is_kept(tmp_path: Path) -> None:
+    for r, res in enumerate(run_distributed(_w_loaded_before_joining, 2, tmp_path, str(tmp_path / "store2"),
+                                            timeout=300)):
+        for name, out in res.items():
+            assert out["world"] == 2, f"rank {r}, {name}: not sharded"
+            assert out["steps"][0] == out["steps"][1], f"rank {r}, {name}: {out['steps']}"
+            for a, b in zip(out["early"], out["ref"]):
+                torch.testing.assert_close(a, b, atol=0, rtol=0, msg=f"rank {r}, {name}")
+
+
+# ---------------------------------------------------------------------- 2. gradients differ across ranks
+def _w_unaveraged(rank: int, world: int, name: str) -> dict[str, Any]:
+    model = tiny_mlp(sizes=SIZES)
+    opt = _build(name, model)
+    _step(name, opt, model, 0, rank)  # averaged (as DDP would): fine
+    before = _params(model)
+    msg = _error(lambda: _step(name, opt, model, 1, rank, average=False))  # no DDP: local gradients
+    after = _params(model)
+    mean_model = tiny_mlp(sizes=SIZES)
+    fixed = _build(name, mean_model, grad_reduction="mean")  # the fix the message names
+    _step(name, fixed, mean_model, 0, rank, average=False)
+    return {"msg": msg, "unchanged": all(torch.equal(a, b) for a, b in zip(before, after)),
+            "steps": opt.num_steps, "mean_params": _params(mean_model)}
+
+
+@pytest.mark.parametrize("name", GRAD_SPECS)
+def test_gradients_that_differ_across_ranks_raise_on_every_rank(tmp_path: Path, name: str) -> None:
+    res = run_distributed(_w_unaveraged, 2, tmp_path, name)
+    for out in res:
+        assert "differ from rank 0's" in out["msg"], out["msg"]
+        assert "DistributedDataParallel" in out["msg"] and "grad_reduction='mean'" in out["msg"]
+        assert out["unchanged"] and out["steps"] == 1  # the second step changed nothing
+    for a, b in zip(res[0]["mean_params"], res[1]["mean_params"]):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------------- 3. ranks that disagree
+def _next_name(name: str) -> str:
+    names = [s.name for s in REGISTRY]
+    return names[(names.index(name) + 1) % len(names)]
+
+
+def _w_disagree(rank: int, world: int, name: str) -> dict[str, str]:
+    spec = get(name)
+    out: dict[str, str] = {}
+    model = tiny_mlp(sizes=SIZES)
+    # a different optimizer class on rank 1 (aborted inside gloo before): a matching-size collective
+    out["class"] = _error(lambda: _build(name if rank == 0 else _next_name(name), model))
+    # other parameter names (the model wrapped once more on rank 1)
+    out["names"] = _error(lambda: _build(name, model if rank == 0 else nn.Sequential(model)))
+    # another learning rate on rank 1
+    lr = spec.test_kwargs.get("lr", 1e-3)
+    out["lr"] = _error(lambda: _build(name, model, lr=lr if rank == 0 else lr * 2))
+    if spec.first_arg is FirstArg.NAMED_PARAMETERS:  # same shapes, another order: layers swapped
+        named = list(model.named_parameters())
+        if rank == 1:
+            named = named[2:4] + named[0:2] + named[4:]
+        out["order"] = _error(lambda: spec.load()(named, **spec.test_kwargs))
+    # the ranks are still in step: a correct optimizer trains after all that
+    ok = _build(name, model)
+    _step(name, ok, model, 0, rank)
+    out["after"] = _error(lambda: _step(name, ok, model, 1, rank))
+    return out
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_ranks_that_disagree_raise_together_at_construction(tmp_path: Path, name: str) -> None:
+    res = run_distributed(_w_disagree, 2, tmp_path, name)
+    field = {"class": "optimizer class", "names": "parameter names", "lr": "hyperparameters",
+             "order": "parameter names"}
+    for r, out in enumerate(res):
+        for case, text in field.items():
+            if case in out:
+                assert "RuntimeError" in out[case] and text in out[case], f"rank {r}, {case}: {out[case]}"
+        assert out["after"] == "no error", out["after"]
+
+
+def _w_lr_changed_on_one_rank(rank: int, world: int, name: str) -> dict[str, Any]:
+    model = tiny_mlp(sizes=SIZES)
+    opt = _build(name, model)
+    _step(name, opt, model, 0, rank)
+    if rank == 1:
+        for g in opt.param_groups:
+            g["lr"] = g["lr"] * 0.5  # e.g. a scheduler stepped on one rank only
+    before = _params(model)
+    msg = _error(lambda: _step(name, opt, model, 1, rank))
+    return {"msg": msg, "unchanged": all(torch.equal(a, b) for a, b in zip(before, _params(model)))}
+
+
+@pytest.mark.parametrize("name", GRAD_SPECS)  # EGN drives its own step (noted in the report)
+def test_hyperparameters_changed_on_one_rank_raise_at_the_step(tmp_path: Path, name: str) -> None:
+    for out in run_distributed(_w_lr_changed_on_one_rank, 2, tmp_path, name):
+        assert "hyperparameters" in out["msg"] and "rank(s) [1]" in out["msg"], out["msg"]
+        assert out["unchanged"]
+
+
+# ---------------------------------------------------------------------- 4. an error on one rank only
+def _w_one_rank_raises(rank: int, world: int, name: str) -> dict[str, Any]:
+    spec = get(name)
+    model = tiny_mlp(sizes=SIZES)
+    twin = copy.deepcopy(model)
+    opt, twin_opt = _build(name, model), _build(name, twin)
+    _step(name, opt, model, 0, rank)
+    _step(name, twin_opt, twin, 0, rank)
+    before = _params(model)
+
+    def boom() -> Any:  # a closure that fails on rank 1 only, and is correct on rank 0
+        if rank == 1:
+            raise ValueError("the closure failed on rank 1 only")
+        x, y = batch(1, rank, n=4, d_in=SIZES[0], d_out=SIZES[-1])
+        if spec.needs is StepNeeds.BATCH:
+            return x, y
+        with torch.enable_grad():
+            opt.zero_grad()
+            loss = half_mse(model(x), y)
+            loss.backward()
+        return loss.detach()
+
+    msgs = {"closure": _error(lambda: opt.step(boom))}
+    if spec.needs is StepNeeds.LOSS:  # an invalid loss (wrong shape) on one rank
+        def bad_loss() -> None:
+            x, y = batch(1, rank, n=4, d_in=SIZES[0], d_out=SIZES[-1])
+            opt.zero_grad()
+            half_mse(model(x), y).backward()
+            opt.step(loss=torch.ones(2) if rank == 1 else torch.tensor(1.0))
+        msgs["loss"] = _error(bad_loss)
+    unchanged = all(torch.equal(a, b) for a, b in zip(before, _params(model)))
+    for t in (1, 2):  # the ranks are still paired step for step: equal to a run without the errors
+        _step(name, opt, model, t, rank)
+        _step(name, twin_opt, twin, t, rank)
+    return {"msgs": msgs, "unchanged": unchanged, "params": _params(model), "twin": _params(twin)}
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_an_error_on_one_rank_is_raised_on_every_rank(tmp_path: Path, name: str) -> None:
+    res = run_distributed(_w_one_rank_raises, 2, tmp_path, name)
+    for r, out in enumerate(res):
+        for case, msg in out["msgs"].items():
+            assert msg != "no error", f"rank {r}, {case}: no error"
+            if r == 1:  # the rank that failed raises its own error
+                assert "ValueError" in msg, msg
+            else:
+                assert "rank(s) [1]" in msg, msg
+        assert out["unchanged"], f"rank {r}: parameters changed by a failed step"
+        for a, b in zip(out["params"], out["twin"]):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+    for a, b in zip(res[0]["params"], res[1]["params"]):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------------- 5. non-finite values
+def _w_nan_in_unowned_block(rank: int, world: int, name: str) -> dict[str, Any]:
+    model = tiny_mlp(sizes=SIZES)
+    opt = _build(name, model)
+    _step(name, opt, model, 0, rank)
+    params = list(model.parameters())
+    owners = {b.param_index: b.owner for b in opt.block_table.blocks}
+    victim = next(i for i in range(len(params)) if owners[i] != 0)  # a block rank 0 does not own
+
+    def poison(m: nn.Module) -> None:
+        if rank == 0:  # only rank 0 sees it (after averaging), and it does not own that block
+            list(m.parameters())[victim].grad.view(-1)[0] = float("nan")
+
+    before = _params(model)
+    _step(name, opt, model, 1, rank, mutate=poison)
+    after = _params(model)
+    return {"skipped": opt.skipped_steps, "unchanged": all(torch.equal(a, b) for a, b in zip(before, after)),
+            "finite": all(bool(torch.isfinite(p).all()) for p in after)}
+
+
+@pytest.mark.parametrize("name", GRAD_SPECS)
+def test_nan_in_a_block_this_rank_does_not_own_skips_on_every_rank(tmp_path: Path, name: str) -> None:
+    for r, out in enumerate(run_distributed(_w_nan_in_unowned_block, 2, tmp_path, name)):
+        assert out["skipped"] == 1 and out["unchanged"] and out["finite"], f"rank {r}: {out}"
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_infinite_lr_is_rejected_and_zero_lr_accepted(name: str) -> None:
+    with pytest.raises(ValueError, match=r"Invalid lr=inf\. Must be in \[0\.0, inf\)"):
+        _build(name, tiny_mlp(sizes=SIZES), lr=math.inf)
+    model = tiny_mlp(sizes=SIZES)
+    opt = _build(name, model, lr=0.0)  # torch accepts lr=0: a frozen run
+    before = _params(model)
+    for t in range(2):
+        _step(name, opt, model, t, 0)
+    for a, b in zip(before, _params(model)):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_soaa_nan_trust_scalar_at_step_time_skips() -> None:
+    model = tiny_mlp(sizes=SIZES)
+    opt = _build("SOAA", model)
+    _step("SOAA", opt, model, 0, 0)
+    opt._d = float("nan")  # e.g. a hand-edited state; loading one is rejected (test_checkpoint_validation)
+    before = _params(model)
+    _step("SOAA", opt, model, 1, 0)
+    assert opt.skipped_steps == 1
+    for a, b in zip(before, _params(model)):
+        assert torch.equal(a, b)
