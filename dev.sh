@@ -41,6 +41,13 @@ setup_python() {
   echo "$want" > "$stamp"
 }
 
+lint() {
+  # Fails the run on any finding. mypy keeps its cache in .mypy_cache, so a rerun takes about a second.
+  log "lint: ruff, mypy"
+  "$PY" -m ruff check lightning_soaa deepspeed_ext tests benchmarks multinode_examples
+  "$PY" -m mypy lightning_soaa
+}
+
 cmd="${1:-test}"
 shift || true
 case "$cmd" in
@@ -51,6 +58,7 @@ case "$cmd" in
     exec "$PY" -m lightning_soaa.lightning.main_job "$@" ;;
   test)
     setup_system; setup_python
+    lint
     export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
     exec "$PY" -m pytest -q -p no:cacheprovider "$@" ;;
   *)

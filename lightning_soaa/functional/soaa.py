@@ -86,7 +86,8 @@ def _sum64(x: Tensor) -> Tensor:
 
 def _sum_sq64(x: Tensor) -> Tensor:
     rows, tail = _rows(x)
-    return torch.linalg.vector_norm(rows, dim=1).double().square().sum() + tail.double().square().sum()
+    total: Tensor = torch.linalg.vector_norm(rows, dim=1).double().square().sum() + tail.double().square().sum()
+    return total
 
 
 def _dot64(a: Tensor, b: Tensor) -> Tensor:

@@ -147,7 +147,8 @@ def attach_optimizer(module: nn.Module, factory: OptimizerFactory) -> nn.Module:
     and Lightning's ``is_overridden`` still recognises the override.
     """
     bound = functools.partial(_configure_optimizers, module, factory)
-    module.configure_optimizers = bound  # type: ignore[method-assign]
+    # nn.Module.__setattr__'s stub admits only Tensor | Module values; any attribute is allowed.
+    module.configure_optimizers = bound  # type: ignore[assignment]
     return module
 
 

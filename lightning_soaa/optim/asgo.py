@@ -428,7 +428,7 @@ class ASGO(_OneSided):
         # equal-sized blocks are computed as one batch (few large kernels instead of many small ones).
         prepared = self._update_statistics(views)
         due: dict[tuple[Any, ...], list[BlockView]] = {}
-        for v, side in prepared:
+        for v, _side in prepared:
             group, st = v.group, v.state
             k = st[GRAM].shape[0]
             t = int(st[STEP].item())

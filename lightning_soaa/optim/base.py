@@ -341,10 +341,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     def block_state(self, block: BlockInfo) -> dict[str, Any]:
         """The state dict of one owned block (created empty on first use)."""
-        st = self.state[self._params[block.param_index]]
+        st: dict[Any, Any] = self.state[self._params[block.param_index]]
         if block.dim is None:
             return st
-        return st.setdefault(block.sub_index, {})
+        sub: dict[str, Any] = st.setdefault(block.sub_index, {})
+        return sub
 
     def _owned_views(self) -> list[BlockView]:
         views = []
@@ -371,7 +372,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             return closure()
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimizer step (collective when W > 1: every rank must call it)."""
         loss = self._run_closure(closure)
         self._sharded_step()
@@ -381,7 +382,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         # With grad_reduction="none" a rank only reads the blocks it owns, so a NaN that appeared in
         # another block on this rank would otherwise go unseen; check every local gradient then.
         if self.sharding.grad_reduction == "none":
-            grads = [local(p.grad) for p in self._params if p.grad is not None]
+            grads = [g for p in self._params if (g := local(p.grad)) is not None]
         else:
             grads = [v.grad for v in views if v.grad is not None]
         bad = False

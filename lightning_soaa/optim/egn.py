@@ -185,13 +185,15 @@ class EGN(ShardedOptimizer):
     (:meth:`_exchange_in` → :meth:`_prepare` → the template's one all-reduce → :meth:`_decide` →
     :meth:`_apply` → :meth:`_exchange_out`):
 
-    1. ``all_reduce_scalars`` (``_agree_on_batch``): validity flags, local batch sizes, layer layouts and the local loss sum.
+    1. ``all_reduce_scalars`` (``_agree_on_batch``): validity flags, local batch sizes, layer layouts and
+       the local loss sum.
     2. ``all_gather_flat`` (``_gather_factors``) of one padded float64 buffer per rank (the factor table
        of :mod:`lightning_soaa.functional.gram`): outputs z, targets, each factored
        Linear's inputs A and back-signals Δ, and the explicit Jacobian rows of the other parameters
        (≈ b·(2c + Σ_ℓ T_ℓ(d_in + c·d_out) + c·n_rest) numbers in total). Every rank builds the same
        global K, r, Q and solves the same bc×bc system (``_solve``).
-    3. ``reduce_scatter_flat`` (``exchange.sum_to_owners``): d = Jᵀv as the sum over ranks of each rank's VJP with its slice of v
+    3. ``reduce_scatter_flat`` (``exchange.sum_to_owners``): d = Jᵀv as the sum over ranks of each rank's
+       VJP with its slice of v
        (and g = −Jᵀr/b when momentum is on), delivered to the parameter owners.
     4. ``all_reduce_scalars`` (the template's): non-finite flag and the owners' partial gᵀd.
     5. ``all_gather_flat`` (``exchange.gather_from_owners``, in ``_decide``) of the owners' final
@@ -348,7 +350,7 @@ class EGN(ShardedOptimizer):
         (Lightning's automatic optimization via ``BatchToOptimizer``, the DeepSpeed engine)."""
         self._pending_batch = (inputs, targets)
 
-    def step(self, closure: Callable[[], Any] | None = None, *, inputs: Any = None,  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None, *, inputs: Any = None,
              targets: Tensor | None = None) -> Any:
         """One EGN step on the batch ``(inputs, targets)``; collective when W > 1.
 
@@ -500,7 +502,9 @@ class EGN(ShardedOptimizer):
         return self._pass
 
     # -- 1. the batch: local forward and validation, one all-reduce -------------------------
-    def _forward_capture(self, xs: tuple[Tensor, ...], targets: Tensor):  # noqa: ANN202
+    def _forward_capture(
+        self, xs: tuple[Tensor, ...], targets: Tensor
+    ) -> tuple[Tensor | None, LinearCapture | None, str | None]:
         """Local forward with Linear capture; returns (z, capture, message-or-None)."""
         b = xs[0].shape[0] if xs[0].dim() else -1
         if any(x.dim() == 0 or x.shape[0] != b for x in xs) or targets.dim() == 0 or targets.shape[0] != b:

@@ -38,7 +38,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -220,7 +220,9 @@ class SOAA(ShardedOptimizer):
         grad_reduction: str = "none",
     ) -> None:
         self.config = SOAAConfig(
-            lr=lr, betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas, eps=eps,
+            # SOAAConfig checks that it is a pair (a list from a YAML file becomes a tuple here).
+            lr=lr, betas=cast("tuple[float, float]", tuple(betas)) if isinstance(betas, (list, tuple)) else betas,
+            eps=eps,
             weight_decay=weight_decay, gamma=gamma, total_steps=total_steps, acceptance=acceptance,
             eta1=eta1, eta2=eta2, shrink=shrink, expand=expand, d_min=d_min,
             compile=compile,
@@ -294,7 +296,7 @@ class SOAA(ShardedOptimizer):
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
-    def step(  # type: ignore[override]
+    def step(
         self, closure: Callable[[], Any] | None = None, *, loss: Tensor | float | None = None
     ) -> Any:
         """One SOAA step (collective when W > 1: every rank must call it).

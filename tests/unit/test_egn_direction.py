@@ -12,7 +12,7 @@ from lightning_soaa.functional import egn as F
 from lightning_soaa.functional.gram import linear_gram, linear_jacobian_rows
 from lightning_soaa.optim.egn import EGN
 from tests.harness.models import tiny_mlp
-from tests.unit._egn_oracle import direct_direction, flat_params, full_jacobian, mean_loss
+from tests.unit._egn_oracle import direct_direction, flat_params, mean_loss
 
 DT = torch.float64
 
