@@ -11,30 +11,47 @@ Layout (torch-like, with block keys inside each parameter entry)::
 
 Only the owner column of the block table depends on the world size, so a state saved on W ranks is
 loaded on W' ranks by letting each rank pick the blocks it now owns.
+
+The functions take a :class:`CheckpointView` of the optimizer (built by
+``ShardedOptimizer._checkpoint_view``), not the optimizer itself, so ``distributed/`` never imports
+``optim/`` and never reads an optimizer's private attributes.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from lightning_soaa.optim.base import ShardedOptimizer
+from lightning_soaa.distributed.blocks import BlockTable
 
-__all__ = ["FORMAT_KEY", "FORMAT_VERSION", "build_state_dict", "validate_state_dict", "select_owned_state"]
+__all__ = ["FORMAT_KEY", "FORMAT_VERSION", "CheckpointView", "build_state_dict", "validate_state_dict",
+           "select_owned_state"]
 
 FORMAT_KEY = "lightning_soaa"
 FORMAT_VERSION = 1
 _META_KEYS = ("version", "optimizer", "shapes", "layout", "global")
 
 
-def _shapes(opt: ShardedOptimizer) -> list[list[int]]:
-    return [list(p.shape) for p in opt._params]
+@dataclasses.dataclass(frozen=True)
+class CheckpointView:
+    """What checkpointing reads from an optimizer: a snapshot built by the optimizer for one call."""
+
+    name: str  #: the optimizer's class name (saved, and checked on load)
+    param_groups: Sequence[dict[str, Any]]  #: the optimizer's groups (hyperparameters, parameter counts)
+    block_table: BlockTable  #: the blocking (saved and checked) and the blocks this rank owns
+    shapes: tuple[tuple[int, ...], ...]  #: per parameter, its (global) shape
+    devices: tuple[torch.device, ...]  #: per parameter, where its loaded state goes
+
+
+def _shapes(opt: CheckpointView) -> list[list[int]]:
+    return [list(s) for s in opt.shapes]
 
 
 def build_state_dict(
-    optimizer: ShardedOptimizer,
+    optimizer: CheckpointView,
     block_states: dict[tuple[int, int], dict[str, Any]],
     global_state: dict[str, Any],
 ) -> dict[str, Any]:
@@ -53,7 +70,7 @@ def build_state_dict(
         "param_groups": groups,
         FORMAT_KEY: {
             "version": FORMAT_VERSION,
-            "optimizer": type(optimizer).__name__,
+            "optimizer": optimizer.name,
             "shapes": _shapes(optimizer),
             "layout": [[list(x) for x in blist] for blist in optimizer.block_table.layout()],
             "global": global_state,
@@ -61,9 +78,9 @@ def build_state_dict(
     }
 
 
-def validate_state_dict(optimizer: ShardedOptimizer, sd: Any) -> None:
+def validate_state_dict(optimizer: CheckpointView, sd: Any) -> None:
     """Raise ``ValueError`` with a precise reason when ``sd`` does not fit ``optimizer``."""
-    name = type(optimizer).__name__
+    name = optimizer.name
     if not isinstance(sd, dict) or FORMAT_KEY not in sd or "state" not in sd or "param_groups" not in sd:
         raise ValueError(
             f"{name}.load_state_dict: not a lightning_soaa optimizer state (expected keys 'state', "
@@ -108,18 +125,18 @@ def validate_state_dict(optimizer: ShardedOptimizer, sd: Any) -> None:
         )
 
 
-def select_owned_state(optimizer: ShardedOptimizer, sd: dict[str, Any]) -> dict[tuple[int, int], dict[str, Any]]:
+def select_owned_state(optimizer: CheckpointView, sd: dict[str, Any]) -> dict[tuple[int, int], dict[str, Any]]:
     """The saved states of the blocks this rank owns, moved to their parameters' devices."""
     out: dict[tuple[int, int], dict[str, Any]] = {}
     state = sd["state"]
-    for b in optimizer._owned:
+    for b in optimizer.block_table.owned():
         per_param = state.get(b.param_index, state.get(str(b.param_index)))
         if not per_param:
             continue
         blk = per_param.get(b.sub_index, per_param.get(str(b.sub_index)))
         if blk is None:
             continue
-        device = optimizer._params[b.param_index].device
+        device = optimizer.devices[b.param_index]
         out[b.key] = {
             k: (v.detach().clone().to(device) if isinstance(v, torch.Tensor) else v) for k, v in blk.items()
         }

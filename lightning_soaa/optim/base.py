@@ -63,6 +63,7 @@ from lightning_soaa.config import ShardingConfig
 from lightning_soaa.distributed.blocks import BlockInfo, BlockSpec, BlockTable, param_fingerprint
 from lightning_soaa.distributed.checkpoint import (
     FORMAT_KEY,
+    CheckpointView,
     build_state_dict,
     select_owned_state,
     validate_state_dict,
@@ -451,6 +452,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
         return stats
 
     # ------------------------------------------------------------------ checkpoints
+    def _checkpoint_view(self) -> CheckpointView:
+        """What :mod:`lightning_soaa.distributed.checkpoint` needs from this optimizer."""
+        return CheckpointView(name=type(self).__name__, param_groups=self.param_groups, block_table=self.block_table,
+                              shapes=tuple(tuple(p.shape) for p in self._params),
+                              devices=tuple(p.device for p in self._params))
+
     def _local_block_states(self) -> dict[tuple[int, int], dict[str, Any]]:
         out: dict[tuple[int, int], dict[str, Any]] = {}
         for b in self._owned:
@@ -471,7 +478,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         for part in self.comm.all_gather_object(mine) if self._sharded_multi_rank() else [mine]:
             merged.update(part)
         return build_state_dict(
-            optimizer=self,
+            optimizer=self._checkpoint_view(),
             block_states=merged,
             global_state={**self._global_state(), "num_steps": self.num_steps,
                           "skipped_steps": self.skipped_steps},
@@ -512,7 +519,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         The input is validated completely before anything changes, so a bad state dict leaves the
         optimizer untouched.
         """
-        validate_state_dict(self, state_dict)
+        validate_state_dict(self._checkpoint_view(), state_dict)
         new_groups = []
         for group, saved in zip(self.param_groups, state_dict["param_groups"]):
             g = dict(group)
@@ -526,7 +533,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             group.update({k: v for k, v in g.items() if k not in ("params", "param_names")})
 
     def _restore_owned_state(self, state_dict: dict[str, Any]) -> None:
-        owned_states = select_owned_state(self, state_dict)
+        owned_states = select_owned_state(self._checkpoint_view(), state_dict)
         if self._dtensor is not None:  # full tensors -> this rank's shards
             by_key = {b.key: b for b in self._owned}
             owned_states = {key: self._dtensor.shard_state(by_key[key], st) for key, st in owned_states.items()}
