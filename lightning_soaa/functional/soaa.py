@@ -90,12 +90,6 @@ def _sum_sq64(x: Tensor) -> Tensor:
     return total
 
 
-def _dot64(a: Tensor, b: Tensor) -> Tensor:
-    ra, ta = _rows(a)
-    rb, tb = _rows(b)
-    return torch.bmm(ra.unsqueeze(1), rb.unsqueeze(2)).double().sum() + (ta.double() * tb.double()).sum()
-
-
 # Up to this many elements in all, the foreach path's global sums convert the concatenated values to
 # float64 (exact products, float64 accumulation, three ATen calls); beyond it they use the chunked sums.
 _CAT64 = 1 << 20

@@ -46,6 +46,15 @@ its first collective and checks that the world size and rank are the ones it was
 State for a whole-parameter block lives in ``self.state[p]`` as in torch (``state[p]["exp_avg"]``);
 a parameter split into several blocks keeps ``self.state[p][sub_index] = {...}`` for the blocks this
 rank owns. Checkpoints are keyed by ``(param_index, sub_index)`` and are independent of world size.
+
+**Configs** (one convention for every optimizer): ``self.config`` is the frozen config built from the
+constructor's arguments (``SOAAConfig``, ``EGNConfig``, ...). Optimizer-wide options, which no param
+group may override (SOAA's ``acceptance``, EGN's ``loss`` and line search), are read from it.
+Per-group hyperparameters (``lr``, ``betas``, ``eps``, ``weight_decay``, ``momentum``, ASGO's options)
+are always read from ``self.param_groups`` at step time, so that LR schedulers and ``load_state_dict``
+reach them; the one documented exception is a constructor value in an optimizer-wide role (SOAA's trust
+region uses the constructor's β1 and eps). ``_validate_group`` checks a group by building the config
+class from it (:func:`~lightning_soaa.config.config_from_group`).
 """
 
 from __future__ import annotations
