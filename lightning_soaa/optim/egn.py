@@ -193,8 +193,7 @@ class EGN(ShardedOptimizer):
        (≈ b·(2c + Σ_ℓ T_ℓ(d_in + c·d_out) + c·n_rest) numbers in total). Every rank builds the same
        global K, r, Q and solves the same bc×bc system (``_solve``).
     3. ``reduce_scatter_flat`` (``exchange.sum_to_owners``): d = Jᵀv as the sum over ranks of each rank's
-       VJP with its slice of v
-       (and g = −Jᵀr/b when momentum is on), delivered to the parameter owners.
+       VJP with its slice of v (and g = −Jᵀr/b when momentum is on), delivered to the parameter owners.
     4. ``all_reduce_scalars`` (the template's): non-finite flag and the owners' partial gᵀd.
     5. ``all_gather_flat`` (``exchange.gather_from_owners``, in ``_decide``) of the owners' final
        direction. Every rank then applies w ← w + αd to all
