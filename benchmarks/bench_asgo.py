@@ -29,8 +29,9 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -233,7 +234,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax1.set_title(f"TinyGPT d={cfg['d_model']} L={cfg['layers']} on {report['device']} "
                   f"({report['threads']} threads)")
     ax1.legend()
-    for i, n in enumerate(names):
+    for i in range(len(names)):
         ax1.text(i, fb[i] + step[i], f"{step[i]:.1f}", ha="center", va="bottom", fontsize=8)
     for n in names:
         ax2.plot(res[n]["step_times_ms"], label=n)

@@ -91,9 +91,6 @@ class VirtualParams:
     sources: list[tuple[Tensor, int, int, tuple[int, ...]] | None]
     pieces: list[Piece | None] = dataclasses.field(default_factory=list)
 
-    def tensors_of_group(self, gi: int) -> list[Tensor]:
-        return [t for t, g in zip(self.tensors, self.groups) if g == gi]
-
     def split_group(self, gi: int, *, forced_matrix: bool) -> list[tuple[list[Tensor], list[str] | None,
                                                                           dict[str, Any]]]:
         """The inner param groups for canonical group ``gi``: ``(tensors, names, hyperparameter

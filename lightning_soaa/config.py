@@ -299,9 +299,8 @@ class DASGOConfig:
 
 
 def config_from_group(cls: type, group: dict[str, Any]) -> Any:
-    """Build (and so validate) ``cls`` from the matching keys of a param group."""
+    """Build (and so validate) ``cls`` from the matching keys of a param group. Lists become tuples
+    (a YAML or JSON file gives ``betas`` as a list); anything else is left for ``cls`` to reject."""
     names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {k: group[k] for k in names if k in group}
-    if "betas" in kwargs:
-        kwargs["betas"] = tuple(kwargs["betas"])
+    kwargs = {k: tuple(group[k]) if isinstance(group[k], list) else group[k] for k in names if k in group}
     return cls(**kwargs)

@@ -143,7 +143,7 @@ class OptimizerSpec:
         """Construct the optimizer for ``model`` with the right first argument (the module, or its
         trainable ``named_parameters()``). The tests pass ``**spec.test_kwargs``; an optimizer that takes
         the module is given ``loss="mse"`` unless told otherwise, matching :meth:`take_step`'s loss."""
-        cls = self.load()
+        cls: Callable[..., torch.optim.Optimizer] = self.load()  # the first argument varies by FirstArg
         if self.first_arg is FirstArg.MODULE:
             kwargs.setdefault("loss", "mse")
             return cls(model, **kwargs)

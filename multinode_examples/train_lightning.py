@@ -26,10 +26,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
-
-import lightning.pytorch as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the example's own train.py, also when copied
 from train import (  # noqa: E402

@@ -18,27 +18,32 @@ says, per block, which keys it keeps, with which shape and dtype, and which must
 ``ShardedOptimizer._state_schema``), and the optimizer-wide state (``_validate_global_state``). Every
 rank validates the whole state, not only its blocks, so every rank reaches the same verdict without a
 collective.
+
+The functions take a :class:`CheckpointView` of the optimizer (built by
+``ShardedOptimizer._checkpoint_view``), not the optimizer itself, so ``distributed/`` never imports
+``optim/`` and never reads an optimizer's private attributes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from lightning_soaa.optim.base import ShardedOptimizer
+from lightning_soaa.distributed.blocks import BlockInfo, BlockTable
 
 __all__ = [
     "FORMAT_KEY",
     "FORMAT_VERSION",
+    "CheckpointView",
     "StateField",
     "build_state_dict",
-    "validate_state_dict",
-    "select_owned_state",
     "check_finite_number",
+    "select_owned_state",
+    "validate_state_dict",
 ]
 
 FORMAT_KEY = "lightning_soaa"
@@ -79,12 +84,28 @@ def check_finite_number(where: str, value: Any, *, positive: bool = False, integ
         raise ValueError(f"{where}={value!r} is invalid. Must be {what}.")
 
 
-def _shapes(opt: ShardedOptimizer) -> list[list[int]]:
-    return [list(p.shape) for p in opt._params]
+@dataclasses.dataclass(frozen=True)
+class CheckpointView:
+    """What checkpointing reads from an optimizer: a snapshot built by the optimizer for one call."""
+
+    name: str  #: the optimizer's class name (saved, and checked on load)
+    param_groups: Sequence[dict[str, Any]]  #: the optimizer's groups (hyperparameters, parameter counts)
+    block_table: BlockTable  #: the blocking (saved and checked) and the blocks this rank owns
+    shapes: tuple[tuple[int, ...], ...]  #: per parameter, its (global) shape
+    devices: tuple[torch.device, ...]  #: per parameter, where its loaded state goes
+    names: tuple[str | None, ...] = ()  #: per parameter, its name (error messages)
+    #: per block, the state the optimizer keeps for it (None: not declared, nothing checked)
+    block_schema: Callable[[BlockInfo], dict[str, StateField] | None] = lambda b: None
+    #: raises ``ValueError`` naming the field when the saved optimizer-wide state is invalid
+    validate_global: Callable[[dict[str, Any]], None] = lambda state: None
+
+
+def _shapes(opt: CheckpointView) -> list[list[int]]:
+    return [list(s) for s in opt.shapes]
 
 
 def build_state_dict(
-    optimizer: ShardedOptimizer,
+    optimizer: CheckpointView,
     block_states: dict[tuple[int, int], dict[str, Any]],
     global_state: dict[str, Any],
 ) -> dict[str, Any]:
@@ -103,7 +124,7 @@ def build_state_dict(
         "param_groups": groups,
         FORMAT_KEY: {
             "version": FORMAT_VERSION,
-            "optimizer": type(optimizer).__name__,
+            "optimizer": optimizer.name,
             "shapes": _shapes(optimizer),
             "layout": [[list(x) for x in blist] for blist in optimizer.block_table.layout()],
             "global": global_state,
@@ -111,9 +132,9 @@ def build_state_dict(
     }
 
 
-def validate_state_dict(optimizer: ShardedOptimizer, sd: Any) -> None:
+def validate_state_dict(optimizer: CheckpointView, sd: Any) -> None:
     """Raise ``ValueError`` with a precise reason when ``sd`` does not fit ``optimizer``."""
-    name = type(optimizer).__name__
+    name = optimizer.name
     if not isinstance(sd, dict) or FORMAT_KEY not in sd or "state" not in sd or "param_groups" not in sd:
         raise ValueError(
             f"{name}.load_state_dict: not a lightning_soaa optimizer state (expected keys 'state', "
@@ -164,19 +185,19 @@ def validate_state_dict(optimizer: ShardedOptimizer, sd: Any) -> None:
         if key in glob:
             check_finite_number(f"{name}.load_state_dict: {FORMAT_KEY}.global.{key}", glob[key],
                                 integer=True, nonnegative=True)
-    optimizer._validate_global_state(glob)
+    optimizer.validate_global(glob)
 
 
 def _lookup(mapping: Any, key: int) -> Any:
     return mapping.get(key, mapping.get(str(key))) if isinstance(mapping, dict) else None
 
 
-def _validate_block_states(optimizer: ShardedOptimizer, state: Any) -> None:
+def _validate_block_states(optimizer: CheckpointView, state: Any) -> None:
     """Every saved block state against the optimizer's schema (all blocks: same verdict on every rank)."""
-    name = type(optimizer).__name__
+    name = optimizer.name
     if not isinstance(state, dict):
         raise ValueError(f"{name}.load_state_dict: 'state' must be a dict, got {type(state).__name__}.")
-    n_params = len(optimizer._params)
+    n_params = len(optimizer.shapes)
     for key in state:
         if not (str(key).isdigit() and int(key) < n_params):
             raise ValueError(f"{name}.load_state_dict: state[{key!r}] names no parameter (there are {n_params}).")
@@ -184,11 +205,11 @@ def _validate_block_states(optimizer: ShardedOptimizer, state: Any) -> None:
         blk = _lookup(_lookup(state, b.param_index) or {}, b.sub_index)
         if not blk:
             continue  # no state yet (the block never had a gradient): valid, starts from zero
-        param = optimizer._params[b.param_index]
-        schema = optimizer._state_schema(b, param, optimizer.param_groups[b.group_index])
+        schema = optimizer.block_schema(b)
         if schema is None:
             continue
-        label = optimizer._names[b.param_index] or f"#{b.param_index}"
+        names = optimizer.names
+        label = (names[b.param_index] if b.param_index < len(names) else None) or f"#{b.param_index}"
         where = f"{name}.load_state_dict: state[{b.param_index}][{b.sub_index}] (parameter {label})"
         _validate_block(where, blk, schema)
 
@@ -221,18 +242,18 @@ def _validate_block(where: str, blk: Any, schema: dict[str, StateField]) -> None
             raise ValueError(f"{where}[{key!r}] holds negative values (min {float(parts.min())}); it must be >= 0.")
 
 
-def select_owned_state(optimizer: ShardedOptimizer, sd: dict[str, Any]) -> dict[tuple[int, int], dict[str, Any]]:
+def select_owned_state(optimizer: CheckpointView, sd: dict[str, Any]) -> dict[tuple[int, int], dict[str, Any]]:
     """The saved states of the blocks this rank owns, moved to their parameters' devices."""
     out: dict[tuple[int, int], dict[str, Any]] = {}
     state = sd["state"]
-    for b in optimizer._owned:
+    for b in optimizer.block_table.owned():
         per_param = state.get(b.param_index, state.get(str(b.param_index)))
         if not per_param:
             continue
         blk = per_param.get(b.sub_index, per_param.get(str(b.sub_index)))
         if blk is None:
             continue
-        device = optimizer._params[b.param_index].device
+        device = optimizer.devices[b.param_index]
         out[b.key] = {
             k: (v.detach().clone().to(device) if isinstance(v, torch.Tensor) else v) for k, v in blk.items()
         }

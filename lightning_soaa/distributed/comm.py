@@ -235,9 +235,10 @@ class DeferredComm:
     At its first collective it attaches to the **default** process group, which by then must be
     initialized with the same world size and this process at the same rank (the optimizer's block table,
     i.e. which blocks this rank owns, was built for them); the ranks agree on that in one all-reduce, so
-    when any rank moved every rank raises ``RuntimeError`` on that first use, naming the fix: to continue at another world size, save ``state_dict()`` and load it into
-    a new optimizer; for a non-default group, assign ``opt.comm = TorchComm(group)`` after unpickling.
-    Counters read before the first collective are empty.
+    when any rank moved every rank raises ``RuntimeError`` on that first use, naming the fix: to continue
+    at another world size, save ``state_dict()`` and load it into a new optimizer; for a non-default
+    group, assign ``opt.comm = TorchComm(group)`` after unpickling. Counters read before the first
+    collective are empty.
     """
 
     def __init__(self, rank: int, world_size: int, default_group: bool = True) -> None:

@@ -64,7 +64,8 @@ def local(t: Tensor | None) -> Tensor | None:
     """The local piece of a DTensor (shares storage, so in-place updates reach the parameter)."""
     if t is None or not is_dtensor(t):
         return t
-    return t.to_local()  # type: ignore[attr-defined]
+    loc: Tensor = t.to_local()  # type: ignore[attr-defined]  # a DTensor (checked above)
+    return loc
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +110,7 @@ def _mesh_communicator(mesh: Any, comm: Communicator | None, process_group: Any,
     """A communicator over exactly the ranks of ``mesh`` (checked when one is given)."""
     ranks = sorted(_mesh_ranks(mesh))
     if comm is not None:
-        given = getattr(comm, "group", "unknown")
+        given: Any = getattr(comm, "group", "unknown")
         ok = comm.world_size == len(ranks)
         if ok and given != "unknown" and dist.is_initialized():
             ok = sorted(dist.get_process_group_ranks(given) if given is not None
@@ -217,7 +218,7 @@ class DTensorLayout:
             if t.numel() != math.prod(loc_shape):
                 raise ValueError(f"state {key!r} of block {block.key} has shape {tuple(t.shape)}; "
                                  f"expected {loc_shape} (the block's local shard)")
-            full = DTensor.from_local(t.reshape(loc_shape), mesh, placements, shape=glob_shape,
+            full = DTensor.from_local(t.reshape(loc_shape), mesh, placements, shape=torch.Size(glob_shape),
                                       stride=_contiguous_stride(glob_shape)).full_tensor()
             out[key] = full if tuple(t.shape) == loc_shape else full.reshape(glob_shape[0], -1)
         return out

@@ -75,7 +75,8 @@ def rms_normalize(u: Tensor, rms_scale: float) -> Tensor:
     """
     norm = torch.linalg.vector_norm(u)
     factor = (rms_scale * math.sqrt(u.numel())) / norm.clamp_min(torch.finfo(norm.dtype).tiny)
-    return u * factor
+    out: Tensor = u * factor
+    return out
 
 
 def scale_to_rms(u: Tensor, rms_scale: float, sq_norm: Tensor, numel: int) -> Tensor:

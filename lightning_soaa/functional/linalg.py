@@ -150,7 +150,8 @@ def inv_sqrt_eigh(v: Tensor, rcond: float = 1e-12) -> Tensor:
     keep = evals > rcond * top
     inv_root = torch.where(keep, evals.clamp_min(torch.finfo(torch.float64).tiny).rsqrt(),
                            torch.zeros_like(evals))
-    return ((evecs * inv_root.unsqueeze(-2)) @ evecs.transpose(-1, -2)).to(out_dt)
+    root: Tensor = (evecs * inv_root.unsqueeze(-2)) @ evecs.transpose(-1, -2)
+    return root.to(out_dt)
 
 
 def inverse_sqrt(

@@ -86,13 +86,8 @@ def _sum64(x: Tensor) -> Tensor:
 
 def _sum_sq64(x: Tensor) -> Tensor:
     rows, tail = _rows(x)
-    return torch.linalg.vector_norm(rows, dim=1).double().square().sum() + tail.double().square().sum()
-
-
-def _dot64(a: Tensor, b: Tensor) -> Tensor:
-    ra, ta = _rows(a)
-    rb, tb = _rows(b)
-    return torch.bmm(ra.unsqueeze(1), rb.unsqueeze(2)).double().sum() + (ta.double() * tb.double()).sum()
+    total: Tensor = torch.linalg.vector_norm(rows, dim=1).double().square().sum() + tail.double().square().sum()
+    return total
 
 
 # Up to this many elements in all, the foreach path's global sums convert the concatenated values to

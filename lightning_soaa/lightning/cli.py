@@ -69,7 +69,8 @@ class SOAALightningCLI(LightningCLI):
         parser_kwargs.setdefault("exit_on_error", False)
         for sub in self.subcommands():
             parser_kwargs.setdefault(sub, {}).setdefault("exit_on_error", False)
-        super().__init__(*args, parser_kwargs=parser_kwargs, **kwargs)
+        kwargs["parser_kwargs"] = parser_kwargs
+        super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # As LightningCLI's automatic optimizer group, but EGN's first argument ("model") is skipped too.
@@ -97,17 +98,18 @@ class SOAALightningCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
-        present = {type(c) for c in trainer.callbacks}
+        # Trainer.callbacks is set by Lightning's callback connector and not declared on the class.
+        callbacks: list[Any] = trainer.callbacks  # type: ignore[attr-defined]
+        present = {type(c) for c in callbacks}
         missing = [cls() for cls in _AUTO_CALLBACKS if cls not in present]
         # Keep checkpoint callbacks last, as Lightning orders them.
-        callbacks = trainer.callbacks
         at = next((i for i, c in enumerate(callbacks) if isinstance(c, Checkpoint)), len(callbacks))
-        trainer.callbacks[at:at] = missing
+        callbacks[at:at] = missing
         return trainer
 
 
-_CLASS_PATH_PROBLEM = re.compile(r"Problem with given class_path '([^']+)':\n(.*?)(?:\n\s*- Expected a <class 'NoneType'>|\Z)",
-                                 re.S)
+_CLASS_PATH_PROBLEM = re.compile(
+    r"Problem with given class_path '([^']+)':\n(.*?)(?:\n\s*- Expected a <class 'NoneType'>|\Z)", re.S)
 
 
 def explain_optimizer_error(msg: str) -> str:

@@ -147,7 +147,7 @@ def with_horizon(cls: type, init_args: dict[str, Any], module: nn.Module) -> dic
     """
     spec = optimizer_registry.spec_of(cls)
     key = spec.horizon_kwarg if spec is not None else None
-    if key is None or init_args.get(key) is not None:
+    if spec is None or key is None or init_args.get(key) is not None:
         return dict(init_args)
     trainer = getattr(module, "_trainer", None)  # LightningModule.trainer raises when not attached
     steps = float(trainer.estimated_stepping_batches) if trainer is not None else math.inf
@@ -173,7 +173,8 @@ def attach_optimizer(module: nn.Module, factory: OptimizerFactory) -> nn.Module:
     and Lightning's ``is_overridden`` still recognises the override.
     """
     bound = functools.partial(_configure_optimizers, module, factory)
-    module.configure_optimizers = bound  # type: ignore[method-assign]
+    # nn.Module.__setattr__'s stub admits only Tensor | Module values; any attribute is allowed.
+    module.configure_optimizers = bound  # type: ignore[assignment]
     return module
 
 

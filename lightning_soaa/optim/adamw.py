@@ -68,7 +68,7 @@ class ShardedAdamW(ShardedOptimizer):
         shard: bool = True,
         grad_reduction: str = "none",
     ) -> None:
-        cfg = AdamWConfig(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        self.config = cfg = AdamWConfig(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         defaults = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
         super().__init__(params, defaults, process_group=process_group, comm=comm, shard=shard,
                          grad_reduction=grad_reduction)

@@ -26,7 +26,6 @@ one-flag all-reduce plus the parameter all-gather.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from collections.abc import Iterable
@@ -35,11 +34,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_soaa.config import ASGOConfig, DASGOConfig
+from lightning_soaa.config import ASGOConfig, DASGOConfig, config_from_group
 from lightning_soaa.distributed.blocks import BlockInfo, BlockSpec
 from lightning_soaa.distributed.checkpoint import StateField
 from lightning_soaa.distributed.dtensor import is_dtensor
-from lightning_soaa.functional import asgo as F
+from lightning_soaa.functional import asgo as asgo_math
 from lightning_soaa.functional.adamw import adamw_update_
 from lightning_soaa.functional.linalg import DEFAULT_ROOT_ITERS, ROOT_METHODS, damp, inv_sqrt_eigh, inverse_sqrt
 from lightning_soaa.optim.adamw import adam_state_schema
@@ -100,11 +99,11 @@ def asgo_block_specs(
     channel alone does. A matrix that fits is one whole-parameter block.
     """
     m, n = _matrix_shape(shape)
-    side = F.preconditioned_side(m, n) if side is None else side
-    k, other = (m, n) if side == F.LEFT else (n, m)
+    side = asgo_math.preconditioned_side(m, n) if side is None else side
+    k, other = (m, n) if side == asgo_math.LEFT else (n, m)
     if k <= max_block_size:
         return [BlockSpec(None, 0, 0, asgo_block_cost(k, other, root_iters, root_every))]
-    if side == F.LEFT:
+    if side == asgo_math.LEFT:
         return [BlockSpec(0, a, b, asgo_block_cost(b - a, other, root_iters, root_every))
                 for a, b in _even_chunks(m, max_block_size)]
     inner = int(math.prod(shape[2:]))
@@ -143,16 +142,8 @@ class _OneSided(ShardedOptimizer):
     _config_cls: type = ASGOConfig
     _method: str = "asgo"
 
-    def _config(self, group: dict[str, Any]) -> Any:
-        names = {f.name for f in dataclasses.fields(self._config_cls)}
-        kwargs = {k: group[k] for k in names if k in group}
-        for key in ("betas", "adam_betas"):
-            if key in kwargs and isinstance(kwargs[key], list):
-                kwargs[key] = tuple(kwargs[key])
-        return self._config_cls(**kwargs)
-
     def _validate_group(self, group: dict[str, Any]) -> None:
-        self._config(group)
+        config_from_group(self._config_cls, group)
         use = group.get("use_asgo")
         if use is not None and not isinstance(use, bool):
             raise ValueError(f"Invalid use_asgo={use!r}. Must be True, False or None.")
@@ -234,22 +225,22 @@ class _OneSided(ShardedOptimizer):
             return None
         from torch.distributed.tensor import Shard
 
-        dims = {pl.dim % param.dim() for pl in param.placements if isinstance(pl, Shard)}  # type: ignore
+        dims = {pl.dim % param.dim() for pl in param.placements if isinstance(pl, Shard)}  # type: ignore[attr-defined]  # a DTensor (checked above)
         if not dims:
             return None
         if dims != {0}:
             raise ValueError(
                 f"{type(self).__name__}: matrix parameter {name or '(unnamed)'} of shape {tuple(param.shape)} "
-                f"is sharded along dims {sorted(dims)} ({tuple(param.placements)}); only row sharding "  # type: ignore
+                f"is sharded along dims {sorted(dims)} ({tuple(param.placements)}); only row sharding "  # type: ignore[attr-defined]
                 "(Shard(0), fully_shard's default) is supported. Use fully_shard without "
                 "shard_placement_fn, or route it to AdamW with use_asgo=False."
             )
-        return F.RIGHT
+        return asgo_math.RIGHT
 
     def _side_of(self, v: BlockView, m: int, n: int) -> str:
         p = self._params[v.block.param_index]
         forced = self._fsdp_side(p, v.group, v.name) if self._dtensor is not None else None
-        return forced or F.preconditioned_side(m, n)
+        return forced or asgo_math.preconditioned_side(m, n)
 
     def _row_sharded(self, v: BlockView) -> bool:
         """Whether this block's statistics and norm are sums over ranks (an FSDP2 shard, W > 1)."""
@@ -292,22 +283,22 @@ class _OneSided(ShardedOptimizer):
             rms = float(v.group["rms_scale"])
             if id(v) in norms:
                 rows = self._dtensor.placements[v.block.param_index].global_shape[0]  # type: ignore[union-attr]
-                u = F.scale_to_rms(u, rms, norms[id(v)][0], rows * u.shape[1])
+                u = asgo_math.scale_to_rms(u, rms, norms[id(v)][0], rows * u.shape[1])
             else:
-                u = F.rms_normalize(u, rms)
-            F.apply_update_(v.param, u, float(v.group["lr"]), float(v.group["weight_decay"]))
+                u = asgo_math.rms_normalize(u, rms)
+            asgo_math.apply_update_(v.param, u, float(v.group["lr"]), float(v.group["weight_decay"]))
 
     def _state_schema(self, block: BlockInfo, param: Tensor, group: dict[str, Any]) -> dict[str, StateField]:
         if not self.is_matrix_param(param, group, self._names[block.param_index]):
             return adam_state_schema(block, param)  # the AdamW fallback
         sdt = self._state_dtype(param)
-        m, n = F.matrix_view(torch.empty(block.shape, device="meta")).shape
+        m, n = asgo_math.matrix_view(torch.empty(block.shape, device="meta")).shape
         step = StateField((), torch.float32, nonnegative=True)
         if self._method == "dasgo":
             return {"step": step, EXP_AVG: StateField((m, n), sdt), COL_STAT: StateField((n,), sdt, nonnegative=True)}
         name = self._names[block.param_index]
         forced = self._fsdp_side(param, group, name) if self._dtensor is not None else None
-        k = m if (forced or F.preconditioned_side(m, n)) == F.LEFT else n
+        k = m if (forced or asgo_math.preconditioned_side(m, n)) == asgo_math.LEFT else n
         return {"step": step, EXP_AVG: StateField((m, n), sdt), GRAM: StateField((k, k), sdt),
                 INV_ROOT: StateField((k, k), sdt, required=False),
                 ROOT_FALLBACKS: StateField((), torch.int64, nonnegative=True)}
@@ -415,7 +406,7 @@ class ASGO(_OneSided):
         shard: bool = True,
         grad_reduction: str = "none",
     ) -> None:
-        cfg = ASGOConfig(
+        self.config = cfg = ASGOConfig(
             lr=lr, betas=_pair(betas), weight_decay=weight_decay, rms_scale=rms_scale, eps=eps,
             damping=damping, inverse_root=inverse_root, root_iters=root_iters, root_every=root_every,
             max_block_size=max_block_size, adam_betas=_pair(adam_betas), adam_eps=adam_eps,
@@ -445,7 +436,7 @@ class ASGO(_OneSided):
         # equal-sized blocks are computed as one batch (few large kernels instead of many small ones).
         prepared = self._update_statistics(views)
         due: dict[tuple[Any, ...], list[BlockView]] = {}
-        for v, side in prepared:
+        for v, _side in prepared:
             group, st = v.group, v.state
             k = st[GRAM].shape[0]
             t = int(st[STEP].item())
@@ -459,7 +450,7 @@ class ASGO(_OneSided):
                                  damping=damping)
             need_root.extend(zip(vs, roots.unbind(0)))
         self._accept_roots(need_root)
-        self._apply_directions([(v, F.precondition(v.state[INV_ROOT], v.state[EXP_AVG], side))
+        self._apply_directions([(v, asgo_math.precondition(v.state[INV_ROOT], v.state[EXP_AVG], side))
                                 for v, side in prepared])
 
     def _update_statistics(self, views: list[BlockView]) -> list[tuple[BlockView, str]]:
@@ -470,10 +461,10 @@ class ASGO(_OneSided):
         for v in views:
             beta1, beta2 = v.group["betas"]
             sdt = self._state_dtype(v.param)
-            g = F.matrix_view(v.grad).to(sdt)  # type: ignore[arg-type]
+            g = asgo_math.matrix_view(v.grad).to(sdt)  # type: ignore[arg-type]
             m, n = g.shape
             side = self._side_of(v, m, n)
-            k = m if side == F.LEFT else n
+            k = m if side == asgo_math.LEFT else n
             st = v.state
             if STEP not in st:
                 st[STEP] = torch.zeros((), dtype=torch.float32)
@@ -481,11 +472,11 @@ class ASGO(_OneSided):
                 st[GRAM] = torch.zeros((k, k), dtype=sdt, device=g.device)
                 st[ROOT_FALLBACKS] = torch.zeros((), dtype=torch.int64)
             st[STEP] += 1
-            F.update_momentum_(st[EXP_AVG], g, float(beta1))
+            asgo_math.update_momentum_(st[EXP_AVG], g, float(beta1))
             if self._row_sharded(v):
                 sharded.append((v, st[GRAM], g.transpose(0, 1) @ g, float(beta2)))
             else:
-                F.update_gram_(st[GRAM], g, float(beta2), side)
+                asgo_math.update_gram_(st[GRAM], g, float(beta2), side)
             prepared.append((v, side))
         self._sharded_stats_(sharded)
         return prepared
@@ -629,9 +620,9 @@ class DASGO(_OneSided):
         shard: bool = True,
         grad_reduction: str = "none",
     ) -> None:
-        cfg = DASGOConfig(lr=lr, betas=_pair(betas), weight_decay=weight_decay, rms_scale=rms_scale,
-                          eps=eps, adam_betas=_pair(adam_betas), adam_eps=adam_eps,
-                          adam_weight_decay=adam_weight_decay)
+        self.config = cfg = DASGOConfig(lr=lr, betas=_pair(betas), weight_decay=weight_decay,
+                                        rms_scale=rms_scale, eps=eps, adam_betas=_pair(adam_betas),
+                                        adam_eps=adam_eps, adam_weight_decay=adam_weight_decay)
         defaults = dict(vars(cfg))
         defaults["use_asgo"] = None
         super().__init__(params, defaults, process_group=process_group, comm=comm, shard=shard,
@@ -647,18 +638,18 @@ class DASGO(_OneSided):
         for v in views:
             beta1, beta2 = v.group["betas"]
             sdt = self._state_dtype(v.param)
-            g = F.matrix_view(v.grad).to(sdt)  # type: ignore[arg-type]
+            g = asgo_math.matrix_view(v.grad).to(sdt)  # type: ignore[arg-type]
             st = v.state
             if STEP not in st:
                 st[STEP] = torch.zeros((), dtype=torch.float32)
                 st[EXP_AVG] = torch.zeros(g.shape, dtype=sdt, device=g.device)
                 st[COL_STAT] = torch.zeros(g.shape[1], dtype=sdt, device=g.device)
             st[STEP] += 1
-            F.update_momentum_(st[EXP_AVG], g, float(beta1))
+            asgo_math.update_momentum_(st[EXP_AVG], g, float(beta1))
             if self._row_sharded(v):  # column sums of a row-sharded matrix: a sum over the shards
                 sharded.append((v, st[COL_STAT], g.square().sum(dim=0), float(beta2)))
             else:
-                F.update_column_stat_(st[COL_STAT], g, float(beta2))
+                asgo_math.update_column_stat_(st[COL_STAT], g, float(beta2))
         self._sharded_stats_(sharded)
         # rms_normalize(M (v + eps)^{-1/2}) is dasgo_direction, with the norm split over the shards
         self._apply_directions([(v, v.state[EXP_AVG] * (v.state[COL_STAT] + float(v.group["eps"])).rsqrt()

@@ -53,6 +53,15 @@ ranks all-gather a fixed-size digest of the class, parameters, names and hyperpa
 State for a whole-parameter block lives in ``self.state[p]`` as in torch (``state[p]["exp_avg"]``);
 a parameter split into several blocks keeps ``self.state[p][sub_index] = {...}`` for the blocks this
 rank owns. Checkpoints are keyed by ``(param_index, sub_index)`` and are independent of world size.
+
+**Configs** (one convention for every optimizer): ``self.config`` is the frozen config built from the
+constructor's arguments (``SOAAConfig``, ``EGNConfig``, ...). Optimizer-wide options, which no param
+group may override (SOAA's ``acceptance``, EGN's ``loss`` and line search), are read from it.
+Per-group hyperparameters (``lr``, ``betas``, ``eps``, ``weight_decay``, ``momentum``, ASGO's options)
+are always read from ``self.param_groups`` at step time, so that LR schedulers and ``load_state_dict``
+reach them; the one documented exception is a constructor value in an optimizer-wide role (SOAA's trust
+region uses the constructor's β1 and eps). ``_validate_group`` checks a group by building the config
+class from it (:func:`~lightning_soaa.config.config_from_group`).
 """
 
 from __future__ import annotations
@@ -71,6 +80,7 @@ from lightning_soaa.distributed import agreement
 from lightning_soaa.distributed.blocks import BlockInfo, BlockSpec, BlockTable
 from lightning_soaa.distributed.checkpoint import (
     FORMAT_KEY,
+    CheckpointView,
     StateField,
     build_state_dict,
     select_owned_state,
@@ -401,10 +411,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     def block_state(self, block: BlockInfo) -> dict[str, Any]:
         """The state dict of one owned block (created empty on first use)."""
-        st = self.state[self._params[block.param_index]]
+        st: dict[Any, Any] = self.state[self._params[block.param_index]]
         if block.dim is None:
             return st
-        return st.setdefault(block.sub_index, {})
+        sub: dict[str, Any] = st.setdefault(block.sub_index, {})
+        return sub
 
     def _owned_views(self) -> list[BlockView]:
         views = []
@@ -431,7 +442,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             return closure()
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimizer step (collective when W > 1: every rank must call it)."""
         loss, error = None, None
         try:
@@ -597,6 +608,16 @@ class ShardedOptimizer(torch.optim.Optimizer):
         return stats
 
     # ------------------------------------------------------------------ checkpoints
+    def _checkpoint_view(self) -> CheckpointView:
+        """What :mod:`lightning_soaa.distributed.checkpoint` needs from this optimizer."""
+        return CheckpointView(name=type(self).__name__, param_groups=self.param_groups, block_table=self.block_table,
+                              shapes=tuple(tuple(p.shape) for p in self._params),
+                              devices=tuple(p.device for p in self._params), names=tuple(self._names),
+                              block_schema=self._block_schema, validate_global=self._validate_global_state)
+
+    def _block_schema(self, block: BlockInfo) -> dict[str, StateField] | None:
+        return self._state_schema(block, self._params[block.param_index], self.param_groups[block.group_index])
+
     def _local_block_states(self) -> dict[tuple[int, int], dict[str, Any]]:
         out: dict[tuple[int, int], dict[str, Any]] = {}
         for b in self._owned:
@@ -617,7 +638,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         for part in self.comm.all_gather_object(mine) if self._sharded_multi_rank() else [mine]:
             merged.update(part)
         return build_state_dict(
-            optimizer=self,
+            optimizer=self._checkpoint_view(),
             block_states=merged,
             global_state={**self._global_state(), "num_steps": self.num_steps,
                           "skipped_steps": self.skipped_steps},
@@ -659,7 +680,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         The input is validated completely before anything changes, so a bad state dict leaves the
         optimizer untouched.
         """
-        validate_state_dict(self, state_dict)
+        validate_state_dict(self._checkpoint_view(), state_dict)
         new_groups = []
         for group, saved in zip(self.param_groups, state_dict["param_groups"]):
             g = dict(group)
@@ -673,7 +694,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             group.update({k: v for k, v in g.items() if k not in ("params", "param_names")})
 
     def _restore_owned_state(self, state_dict: dict[str, Any]) -> None:
-        owned_states = select_owned_state(self, state_dict)
+        owned_states = select_owned_state(self._checkpoint_view(), state_dict)
         if self._dtensor is not None:  # full tensors -> this rank's shards
             by_key = {b.key: b for b in self._owned}
             owned_states = {key: self._dtensor.shard_state(by_key[key], st) for key, st in owned_states.items()}

@@ -188,14 +188,15 @@ class EGN(ShardedOptimizer):
     (:meth:`_exchange_in` → :meth:`_prepare` → the template's one all-reduce → :meth:`_decide` →
     :meth:`_apply` → :meth:`_exchange_out`):
 
-    1. ``all_reduce_scalars`` (``_agree_on_batch``): validity flags, local batch sizes, layer layouts and the local loss sum.
+    1. ``all_reduce_scalars`` (``_agree_on_batch``): validity flags, local batch sizes, layer layouts and
+       the local loss sum.
     2. ``all_gather_flat`` (``_gather_factors``) of one padded float64 buffer per rank (the factor table
        of :mod:`lightning_soaa.functional.gram`): outputs z, targets, each factored
        Linear's inputs A and back-signals Δ, and the explicit Jacobian rows of the other parameters
        (≈ b·(2c + Σ_ℓ T_ℓ(d_in + c·d_out) + c·n_rest) numbers in total). Every rank builds the same
        global K, r, Q and solves the same bc×bc system (``_solve``).
-    3. ``reduce_scatter_flat`` (``exchange.sum_to_owners``): d = Jᵀv as the sum over ranks of each rank's VJP with its slice of v
-       (and g = −Jᵀr/b when momentum is on), delivered to the parameter owners.
+    3. ``reduce_scatter_flat`` (``exchange.sum_to_owners``): d = Jᵀv as the sum over ranks of each rank's
+       VJP with its slice of v (and g = −Jᵀr/b when momentum is on), delivered to the parameter owners.
     4. ``all_reduce_scalars`` (the template's): non-finite flag and the owners' partial gᵀd.
     5. ``all_gather_flat`` (``exchange.gather_from_owners``, in ``_decide``) of the owners' final
        direction. Every rank then applies w ← w + αd to all
@@ -237,8 +238,6 @@ class EGN(ShardedOptimizer):
         Adaptive damping follows the paper-era rule (commented out in the authors' code) [C].
     """
 
-    #: the constructor takes the module itself, not its parameters (read by the Lightning factory)
-    takes_module = True
     step_record = _EGNRecord
     #: EGN never reads ``p.grad`` (Lightning may leave stale or non-finite ones): the base must not scan
     #: them; ``_prepare`` flags a non-finite direction itself.
@@ -298,7 +297,7 @@ class EGN(ShardedOptimizer):
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("EGN: the model has no trainable parameters (none with requires_grad=True).")
-        self.cfg = cfg
+        self.config = cfg
         self.model = model
         super().__init__(named, dict(lr=cfg.lr, momentum=cfg.momentum), process_group=process_group,
                          comm=comm, shard=shard, grad_reduction="none")
@@ -344,8 +343,8 @@ class EGN(ShardedOptimizer):
                 check_finite_number(f"{where}.{key}", state[key], integer=True, nonnegative=True)
 
     def _load_global_state(self, state: dict[str, Any]) -> None:
-        self.damping = float(state.get("damping", self.cfg.damping))
-        self.alpha = float(state.get("alpha", self.cfg.lr))
+        self.damping = float(state.get("damping", self.config.damping))
+        self.alpha = float(state.get("alpha", self.config.lr))
         self.momentum_steps = int(state.get("momentum_steps", 0))
         self.solve_fallbacks = int(state.get("solve_fallbacks", 0))
         self.momentum_rejections = int(state.get("momentum_rejections", 0))
@@ -364,7 +363,7 @@ class EGN(ShardedOptimizer):
         (Lightning's automatic optimization via ``BatchToOptimizer``, the DeepSpeed engine)."""
         self._pending_batch = (inputs, targets)
 
-    def step(self, closure: Callable[[], Any] | None = None, *, inputs: Any = None,  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None, *, inputs: Any = None,
              targets: Tensor | None = None) -> Any:
         """One EGN step on the batch ``(inputs, targets)``; collective when W > 1.
 
@@ -398,7 +397,7 @@ class EGN(ShardedOptimizer):
             error = e
         modes = [(m, m.training) for m in self.model.modules()]
         self.model.eval()
-        self._pass = _Pass(xs, targets)
+        self._pass = _Pass(xs, targets)  # type: ignore[arg-type]  # targets is None only with an error
         try:
             self._pass.error = error  # raised before the step on this rank: reported by _agree_on_batch
             self._sharded_step()  # the base's template, through the hooks below
@@ -455,7 +454,7 @@ class EGN(ShardedOptimizer):
         dec.full = self.exchange.gather_from_owners(dec.direction)  # collective: all_gather_flat
         dec.w0 = [p.detach().clone() for p in self._params]
         dec.jd_qq = curv.jd_qq
-        if dec.use_momentum and self.cfg.adaptive_damping:
+        if dec.use_momentum and self.config.adaptive_damping:
             dec.jd_qq = self._jd_q_norm(batch, curv, dec.full)  # collective: all_reduce_scalars
         dec.alpha, dec.f_new, dec.tries = self._step_size(batch, dec.w0, dec.full, dec.gtd)  # all_reduce/trial
         if not math.isfinite(dec.f_new):
@@ -516,7 +515,7 @@ class EGN(ShardedOptimizer):
         if self._pass is not None and self._pass.trial_rejected:
             # INFERRED: ×10 as for a failed solve (spec §2.7): a non-finite trial means the model's
             # quadratic model was far off; 1.01 would take hundreds of skipped steps to matter.
-            self.damping = min(self.damping * 10.0, self.cfg.damping_max)
+            self.damping = min(self.damping * 10.0, self.config.damping_max)
             self.nonfinite_trials += 1
 
     def _current(self) -> _Pass:
@@ -525,7 +524,9 @@ class EGN(ShardedOptimizer):
         return self._pass
 
     # -- 1. the batch: local forward and validation, one all-reduce -------------------------
-    def _forward_capture(self, xs: tuple[Tensor, ...], targets: Tensor):  # noqa: ANN202
+    def _forward_capture(
+        self, xs: tuple[Tensor, ...], targets: Tensor
+    ) -> tuple[Tensor | None, LinearCapture | None, str | None]:
         """Local forward with Linear capture; returns (z, capture, message-or-None)."""
         b = xs[0].shape[0] if xs[0].dim() else -1
         if any(x.dim() == 0 or x.shape[0] != b for x in xs) or targets.dim() == 0 or targets.shape[0] != b:
@@ -543,7 +544,7 @@ class EGN(ShardedOptimizer):
         if not isinstance(z, Tensor):
             return None, None, f"EGN: the model must return a tensor; got {type(z).__name__}."
         try:
-            egn_math.check_outputs_targets(self.cfg.loss, z, targets.to(z.device))
+            egn_math.check_outputs_targets(self.config.loss, z, targets.to(z.device))
         except ValueError as exc:
             return None, None, str(exc)
         return z, cap, None
@@ -552,6 +553,7 @@ class EGN(ShardedOptimizer):
         """Local forward; then ONE all-reduce of [non-finite, loss sum, per rank: error, b_r, c, T per
         Linear site], so that every rank raises together or goes on with the same global sizes."""
         world, rank, nsites = self.comm.world_size, self.comm.rank, len(self._sites)
+        err: str | None
         if self._pass is not None and self._pass.error is not None:  # every rank raises together
             error = self._pass.error
             z, cap, err = None, None, f"{type(error).__name__}: {error}"
@@ -563,7 +565,7 @@ class EGN(ShardedOptimizer):
         if err is None:
             assert z is not None and cap is not None
             with torch.no_grad():
-                local_loss = float(egn_math.loss_sum(self.cfg.loss, z.detach(), targets.to(z.device)))
+                local_loss = float(egn_math.loss_sum(self.config.loss, z.detach(), targets.to(z.device)))
             per_rank[rank, 1:3] = torch.tensor([float(xs[0].shape[0]), float(z.shape[1])])
             for i in range(nsites):
                 per_rank[rank, 3 + i] = sum(a.shape[1] for a in cap.inputs[i])
@@ -599,10 +601,10 @@ class EGN(ShardedOptimizer):
         c, b = cs.pop(), sum(sizes)
         if b <= 0:
             raise ValueError("EGN: the global batch is empty.")
-        if b * c > self.cfg.max_gram_size:
+        if b * c > self.config.max_gram_size:
             raise ValueError(
                 f"EGN: the Gram matrix would be {b * c}x{b * c} (global batch b={b} times c={c} outputs), "
-                f"above max_gram_size={self.cfg.max_gram_size}. Use a smaller batch or raise max_gram_size."
+                f"above max_gram_size={self.config.max_gram_size}. Use a smaller batch or raise max_gram_size."
             )
         return sizes, c
 
@@ -616,7 +618,7 @@ class EGN(ShardedOptimizer):
         if self._explicit:
             rows = explicit_jacobian_rows(self.model, {n: self._trainable[n] for n in self._explicit}, batch.xs)
         layout = GramLayout(
-            num_outputs=c, class_targets=self.cfg.loss == "cross_entropy",
+            num_outputs=c, class_targets=self.config.loss == "cross_entropy",
             sites=tuple(LinearFactorShape(t, s.module.in_features, s.module.out_features, s.weight, s.bias)
                         for s, t in zip(self._sites, batch.positions)),
             rest=sum(self._trainable[n].numel() for n in self._explicit),
@@ -631,14 +633,14 @@ class EGN(ShardedOptimizer):
 
     # -- 3. identical on every rank: K, r, Q and the bc×bc solve (no communication) ---------
     def _solve_dtype(self) -> torch.dtype:
-        return torch.float64 if self.cfg.solve_dtype == "float64" else self._params[0].dtype
+        return torch.float64 if self.config.solve_dtype == "float64" else self._params[0].dtype
 
     def _solve(self, batch: _Batch, layout: GramLayout, table: Tensor) -> _Curvature:
         pieces = split_factor_table(layout, table)
         k = assemble_gram(layout, pieces)
-        r2, s = egn_math.residual_and_factor(self.cfg.loss, pieces.outputs, pieces.targets)
+        r2, s = egn_math.residual_and_factor(self.config.loss, pieces.outputs, pieces.targets)
         r = r2.reshape(-1)
-        sol = egn_math.solve_coefficients(k, r, s, batch.b, self.damping, max_retries=self.cfg.max_solve_retries)
+        sol = egn_math.solve_coefficients(k, r, s, batch.b, self.damping, max_retries=self.config.max_solve_retries)
         if not sol.ok:
             return _Curvature(r=r, s=s, sol=sol, gtd=float("nan"), jd_qq=float("nan"))
         kv = k @ sol.v
@@ -674,7 +676,7 @@ class EGN(ShardedOptimizer):
                    gtd: float) -> tuple[float, float, int]:
         """(α, L_b(w0 + αd), trials): Armijo backtracking from the previous α, or α = lr with one trial
         (for ρ, and so that a step to a non-finite loss is never taken). Leaves w0 + αd in place."""
-        cfg = self.cfg
+        cfg = self.config
         lr = float(self.param_groups[0]["lr"])
         if not cfg.line_search:
             return lr, self._trial_loss(batch, w0, d, lr), 0
@@ -697,12 +699,12 @@ class EGN(ShardedOptimizer):
         with torch.no_grad():
             for p, w, dd in zip(self._params, w0, d):
                 p.copy_(w + alpha * dd)
-            local = float(egn_math.loss_sum(self.cfg.loss, self.model(*batch.xs), batch.y))
+            local = float(egn_math.loss_sum(self.config.loss, self.model(*batch.xs), batch.y))
         return float(self.comm.all_reduce_scalars(torch.tensor([local], dtype=torch.float64))[0]) / batch.b
 
     def _adapt_damping(self, batch: _Batch, gtd: float, jd_qq: float, alpha: float, f_new: float) -> float:
         """ρ from the actual and predicted change; λ follows it (adaptive damping only)."""
-        cfg = self.cfg
+        cfg = self.config
         if not cfg.adaptive_damping:
             return float("nan")
         rho = egn_math.gain_ratio(f_new - batch.f0, egn_math.model_change(gtd, jd_qq, alpha, batch.b))

@@ -13,7 +13,7 @@ Jacobians (torch.func) for every other trainable parameter. No communication her
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -88,7 +88,7 @@ class LinearCapture:
             h.remove()
         self._handles.clear()
 
-    def _hook(self, i: int):  # noqa: ANN202 - a torch hook
+    def _hook(self, i: int) -> Callable[[nn.Module, tuple[Tensor, ...], Tensor], Tensor | None]:
         def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor | None:
             a = args[0]
             if a.dim() < 2 or a.shape[0] != self.batch_size:
@@ -114,16 +114,16 @@ class LinearCapture:
         for i, site in enumerate(self.sites):
             m = site.module
             if not self.inputs[i]:
-                like = dict(dtype=m.weight.dtype, device=m.weight.device)
-                out.append((torch.zeros(b, 0, m.in_features, **like),
-                            torch.zeros(b, c, 0, m.out_features, **like)))
+                dt, dev = m.weight.dtype, m.weight.device
+                out.append((torch.zeros(b, 0, m.in_features, dtype=dt, device=dev),
+                            torch.zeros(b, c, 0, m.out_features, dtype=dt, device=dev)))
                 continue
             a = torch.cat(self.inputs[i], dim=1)
             ds = []
             for call, y in enumerate(self.outputs[i]):
                 per_k = [deltas[k][self._flat_index(i, call)] for k in range(c)]
-                per_k = [torch.zeros_like(y) if g is None else g for g in per_k]
-                ds.append(torch.stack([g.reshape(b, -1, m.out_features) for g in per_k], dim=1))
+                filled = [torch.zeros_like(y) if g is None else g for g in per_k]
+                ds.append(torch.stack([g.reshape(b, -1, m.out_features) for g in filled], dim=1))
             out.append((a, torch.cat(ds, dim=2)))
         return out
 
@@ -142,7 +142,7 @@ def back_signals(z: Tensor, outs: list[Tensor], num_outputs: int) -> list[list[T
     """
     if not outs:
         return [[] for _ in range(num_outputs)]
-    res = []
+    res: list[list[Tensor | None]] = []
     for k in range(num_outputs):
         e = torch.zeros_like(z)
         e[:, k] = 1.0
@@ -151,7 +151,7 @@ def back_signals(z: Tensor, outs: list[Tensor], num_outputs: int) -> list[list[T
 
 
 def _single(model: nn.Module, pdict: dict[str, Tensor], xs: tuple[Tensor, ...]) -> Tensor:
-    out = functional_call(model, pdict, tuple(x.unsqueeze(0) for x in xs))
+    out: Tensor = functional_call(model, pdict, tuple(x.unsqueeze(0) for x in xs))
     return out.squeeze(0)
 
 
@@ -171,7 +171,9 @@ def jvp_outputs(model: nn.Module, params: dict[str, Tensor], tangents: dict[str,
     pdict = {n: p.detach() for n, p in params.items()}
 
     def f(p: dict[str, Tensor]) -> Tensor:
-        return functional_call(model, p, xs)
+        y: Tensor = functional_call(model, p, xs)
+        return y
 
-    _, out = jvp(f, (pdict,), ({n: tangents[n] for n in pdict},))
+    # jvp returns (outputs, tangent outputs); its stub also admits the has_aux triple.
+    out: Tensor = jvp(f, (pdict,), ({n: tangents[n] for n in pdict},))[1]
     return out

@@ -14,16 +14,9 @@ those sums are rank-local (``_lag``); checkpoints store their global value (see 
 
 For the DeepSpeed adapter: ``shard=False`` makes every local tensor (e.g. a ZeRO flat fp32 partition)
 an owned block; the partials and the loss are still all-reduced over the communicator's group, so the
-trust region stays global. ``step()`` assumes ONE call per training step, which holds for ZeRO-1/2.
-ZeRO-3 calls ``step()`` once per sub-group; there a plain ``SOAA.step()`` per call would advance
-``t, d, L`` several times per training step and consume the loss at the first call (the next one would
-raise the missing-loss error). An adapter for ZeRO-3 should drive the kernels itself: per sub-group
-:func:`~lightning_soaa.functional.soaa.soaa_moments`, then one reduction of the summed partials and the
-loss, :func:`~lightning_soaa.functional.soaa.trust_region_scalars` once, then
-:func:`~lightning_soaa.functional.soaa.soaa_update_` per sub-group. What this class keeps for it: the
-per-tensor counter ``state[p]["step"]`` (Adam's key; it drives the bias correction), the moments
-``exp_avg`` / ``exp_avg_sq``, and the optimizer-wide scalars in :meth:`SOAA.trust_state` (``t, d,
-loss_ema, pred, lag``), which only move in a step that ran.
+trust region stays global. ``step()`` is ONE call per training step: DeepSpeed's several calls per
+training step (one per param group at ZeRO-1/2, one per sub-group at ZeRO-3) are collected by
+:class:`deepspeed_ext.client.DeepSpeedClientOptimizer`, which steps this optimizer once over all of them.
 
 Memory on the loop and the compiled paths: m, v and two spare buffers that receive the next moments
 (so that a step skipped for a non-finite value leaves the state untouched without copying it): 4x the
@@ -38,7 +31,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -231,7 +224,9 @@ class SOAA(ShardedOptimizer):
         grad_reduction: str = "none",
     ) -> None:
         self.config = SOAAConfig(
-            lr=lr, betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas, eps=eps,
+            # SOAAConfig checks that it is a pair (a list from a YAML file becomes a tuple here).
+            lr=lr, betas=cast("tuple[float, float]", tuple(betas)) if isinstance(betas, (list, tuple)) else betas,
+            eps=eps,
             weight_decay=weight_decay, gamma=gamma, total_steps=total_steps, acceptance=acceptance,
             eta1=eta1, eta2=eta2, shrink=shrink, expand=expand, d_min=d_min,
             compile=compile,
@@ -305,7 +300,7 @@ class SOAA(ShardedOptimizer):
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
-    def step(  # type: ignore[override]
+    def step(
         self, closure: Callable[[], Any] | None = None, *, loss: Tensor | float | None = None
     ) -> Any:
         """One SOAA step (collective when W > 1: every rank must call it).

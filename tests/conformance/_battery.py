@@ -127,7 +127,8 @@ def assert_identical(a: Any, b: Any, path: str = "state") -> None:
     def leaf(x: Any, y: Any, p: str) -> None:
         if isinstance(x, Tensor):
             assert isinstance(y, Tensor), f"{p}: tensor vs {type(y).__name__}"
-            assert x.dtype == y.dtype and x.shape == y.shape, f"{p}: {x.dtype}{tuple(x.shape)} vs {y.dtype}{tuple(y.shape)}"
+            assert x.dtype == y.dtype and x.shape == y.shape, (
+                f"{p}: {x.dtype}{tuple(x.shape)} vs {y.dtype}{tuple(y.shape)}")
             assert torch.equal(x, y) or bool(((x == y) | (x.isnan() & y.isnan())).all()), f"{p}: {x} vs {y}"
         elif isinstance(x, float) and isinstance(y, float) and math.isnan(x):
             assert math.isnan(y), f"{p}: nan vs {y}"

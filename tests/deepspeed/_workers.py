@@ -253,7 +253,9 @@ def w_checkpoint(rank: int, world: int, ckpt_root: str, stages: list[int], opt_t
     return out
 
 
-def w_resume_other_world(rank: int, world: int, ckpt_root: str, opt_type: str, opt_params: dict[str, Any]) -> dict[str, Any]:
+def w_resume_other_world(
+    rank: int, world: int, ckpt_root: str, opt_type: str, opt_params: dict[str, Any]
+) -> dict[str, Any]:
     """Load checkpoints written on 2 ranks: stage 0 (our sharding: world-size independent) must resume;
     stage 2 must fail with an error naming the supported path."""
     ds_env(rank, world)

@@ -48,10 +48,9 @@ def test_soaa_named_in_the_deepspeed_json_under_lightning(tmp_path):
     """The optimizer block of the DeepSpeed config (``"type": "lightning_soaa.SOAA"``) instead of
     configure_optimizers: ZeRO-1, fp32, one param group."""
     import lightning.pytorch as pl
-
-    from deepspeed_ext.strategy import DeepSpeedStrategy
     from lightning.pytorch.loggers import CSVLogger
 
+    from deepspeed_ext.strategy import DeepSpeedStrategy
     from lightning_soaa.lightning.callbacks import LossToOptimizer, OptimizerDiagnostics
     from tests.deepspeed._lightning_module import DSModule
 

@@ -70,7 +70,8 @@ class Module(L.LightningModule):
 def fit(name: str) -> tuple[list[torch.Tensor], int, int]:
     trainer = L.Trainer(accelerator="cpu", devices=2, max_steps=STEPS, logger=False,
                         strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
-                        enable_checkpointing=False, use_distributed_sampler=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, use_distributed_sampler=False, enable_progress_bar=False,
+                        enable_model_summary=False,
                         callbacks=[LossToOptimizer()])
     module = Module(name)
     trainer.fit(module)

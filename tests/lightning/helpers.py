@@ -131,7 +131,8 @@ def load_records(out: Path, tag: str, world_size: int) -> list[dict[str, Any]]:
 #: CI box for a 2k-parameter fit, Trainer built -> fit returned: ddp_spawn 63.6 s at load ~17 (7.1 s at
 #: load ~4), ddp_fork 1.9 s (0.5 s). A spawned rank re-imports torch and Lightning (13 + 34 s; 1.2 + 3 s)
 #: and finalises its interpreter at exit (13 s; 2 s); a forked rank inherits the imports and leaves
-#: through os._exit. Our own share (importing lightning_soaa.lightning, building the optimizer) is < 0.1 s. Lightning runs the same
+#: through os._exit. Our own share (importing lightning_soaa.lightning, building the optimizer) is < 0.1 s.
+#: Lightning runs the same
 #: launcher for both (results come back the same way); test_strategies keeps one ddp_spawn fit, the
 #: pickling path.
 MULTI_PROCESS_STRATEGY = "ddp_fork"

@@ -41,10 +41,11 @@ def run(cmd: list[str], *, env: dict[str, str], timeout: float, cwd: Path | None
                             start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired as err:
         os.killpg(proc.pid, 9)
         out, _ = proc.communicate(timeout=10)
-        raise AssertionError(f"timed out after {timeout}s: {' '.join(cmd)}\n{out.decode(errors='replace')[-4000:]}")
+        tail = out.decode(errors="replace")[-4000:]
+        raise AssertionError(f"timed out after {timeout}s: {' '.join(cmd)}\n{tail}") from err
     text = out.decode(errors="replace")
     if proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}: {' '.join(cmd)}\n{text[-4000:]}")

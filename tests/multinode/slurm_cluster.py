@@ -239,7 +239,8 @@ class SlurmCluster:
 
     def diagnostics(self) -> str:
         out = []
-        for f in sorted(self.root.glob("*.log")) + sorted(self.root.glob("*.out")) + [self.root / "munge" / "munged.log"]:
+        logs = sorted(self.root.glob("*.log")) + sorted(self.root.glob("*.out"))
+        for f in logs + [self.root / "munge" / "munged.log"]:
             try:
                 out.append(f"--- {f.name}\n" + "\n".join(f.read_text(errors="replace").splitlines()[-15:]))
             except OSError:

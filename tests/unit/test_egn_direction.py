@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_soaa.functional import egn as F
+from lightning_soaa.functional import egn as egn_math
 from lightning_soaa.functional.gram import linear_gram, linear_jacobian_rows
 from lightning_soaa.optim.egn import EGN
 from tests.harness.models import tiny_mlp
-from tests.unit._egn_oracle import direct_direction, flat_params, full_jacobian, mean_loss
+from tests.unit._egn_oracle import direct_direction, flat_params, mean_loss
 
 DT = torch.float64
 
@@ -112,11 +112,11 @@ def test_spd_form_equals_duncan_guttman_lu_form(loss: str) -> None:
         y = torch.randint(0, c, (b,), generator=g)
     else:
         y = torch.rand(b, c, generator=g, dtype=DT)
-    r2, s = F.residual_and_factor(loss, z, y)
+    r2, s = egn_math.residual_and_factor(loss, z, y)
     r = r2.reshape(-1)
     q = torch.block_diag(*[si @ si.T for si in s])
     v_lu = torch.linalg.solve(q @ k + b * lam * torch.eye(b * c, dtype=DT), r)
-    sol = F.solve_coefficients(k, r, s, b, lam)
+    sol = egn_math.solve_coefficients(k, r, s, b, lam)
     assert sol.ok and sol.fallbacks == 0
     torch.testing.assert_close(sol.v, v_lu, rtol=1e-10, atol=1e-12)
     # Q's factor: S Sᵀ equals the true Hessian of the per-sample loss
@@ -131,12 +131,12 @@ def test_identities_and_gradient_consistency() -> None:
     ref = direct_direction(model, x, y, "cross_entropy", damping=0.5)
     jm, r, b = ref["J"], ref["r"], x.shape[0]
     k = jm @ jm.T
-    _, s = F.residual_and_factor("cross_entropy", ref["z"], y)
-    v = F.solve_coefficients(k, r, s, b, 0.5).v
+    _, s = egn_math.residual_and_factor("cross_entropy", ref["z"], y)
+    v = egn_math.solve_coefficients(k, r, s, b, 0.5).v
     d = jm.T @ v
     g = ref["g"]
     torch.testing.assert_close(d, ref["d"], rtol=1e-10, atol=1e-12)
-    assert abs(F.directional_derivative(r, k @ v, b) - float(g @ d)) < 1e-12
+    assert abs(egn_math.directional_derivative(r, k @ v, b) - float(g @ d)) < 1e-12
     assert float(g @ d) < 0
     torch.testing.assert_close(jm @ d, k @ v)
     # −Jᵀr/b equals autograd's gradient of L_b
@@ -198,10 +198,10 @@ def test_large_damping_is_gradient_descent(loss: str) -> None:
 def test_solve_falls_back_with_ten_times_damping() -> None:
     k = -torch.eye(4, dtype=DT)  # indefinite: K + bλI fails Cholesky until bλ > 1
     r = torch.arange(1.0, 5.0, dtype=DT)
-    sol = F.solve_coefficients(k, r, None, 1, 0.3)
+    sol = egn_math.solve_coefficients(k, r, None, 1, 0.3)
     assert sol.ok and sol.fallbacks == 1 and sol.damping == pytest.approx(3.0)
     torch.testing.assert_close(sol.v, r / 2.0)
-    bad = F.solve_coefficients(k, r, None, 1, 1e-9, max_retries=2)
+    bad = egn_math.solve_coefficients(k, r, None, 1, 1e-9, max_retries=2)
     assert not bad.ok and bad.fallbacks == 2
 
 
@@ -210,5 +210,5 @@ def test_loss_values_match_oracle() -> None:
     for loss in ("mse", "cross_entropy", "bce"):
         x, y = _data(loss)
         with torch.no_grad():
-            got = float(F.loss_sum(loss, model(x), y)) / x.shape[0]
+            got = float(egn_math.loss_sum(loss, model(x), y)) / x.shape[0]
         assert got == pytest.approx(mean_loss(model, x, y, loss), rel=1e-12)

@@ -170,7 +170,9 @@ def test_compiled_kernels_match_the_spec_transcription(dtype: torch.dtype) -> No
     shapes = [(70, 50), (5,), (3001,), (40, 30)]
     grads, ms, vs, ps = _state(21, shapes, [3.0, 1e-3, 0.3, 1.0])
     t, lr, eps, wd, d = 3, 0.1, 1e-8, 0.01, 1.3
-    cast = lambda xs: [x.to(dtype) for x in xs]
+    def cast(xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [x.to(dtype) for x in xs]
+
     grads_c, ms_c, vs_c, ps_c = cast(grads), cast(ms), cast(vs), cast(ps)
     # the transcription of the rounded inputs: what is left is the kernels' own arithmetic
     ref = _reference(*[[x.double() for x in xs] for xs in (grads_c, ms_c, vs_c, ps_c)], t, lr=lr, eps=eps,
@@ -220,7 +222,9 @@ def test_compiled_kernels_bf16_match_the_reference() -> None:
     kernels = SOAAKernels(min_numel=1000)
     grads, ms, vs, ps = _state(23, [(3000,)], [1.0])
     t, kw = 4, dict(lr=0.05, eps=1e-8, weight_decay=0.01, d=1.1)
-    bf = lambda xs: [x.bfloat16() for x in xs]
+    def bf(xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [x.bfloat16() for x in xs]
+
     grads_b, ms_b, vs_b, ps_b = bf(grads), bf(ms), bf(vs), bf(ps)
     m, v, a, b, c = _run_both_passes(grads_b, ms_b, vs_b, ps_b, [t], kernels=kernels, **kw)
     _kernels_or_skip(kernels)
@@ -263,7 +267,9 @@ def test_compiled_kernels_on_cuda_match_the_reference() -> None:
     grads, ms, vs, ps = _state(25, shapes, [1.0, 0.1])
     t, lr, eps, wd, d = 5, 0.05, 1e-8, 0.01, 1.2
     ref = _reference(grads, ms, vs, ps, t, lr=lr, eps=eps, wd=wd, d=d)
-    cu = lambda xs: [x.float().cuda() for x in xs]
+    def cu(xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [x.float().cuda() for x in xs]
+
     grads_c, ms_c, vs_c, ps_c = cu(grads), cu(ms), cu(vs), cu(ps)
     m, v, a, b, c = _run_both_passes(grads_c, ms_c, vs_c, ps_c, [t, t], kernels=kernels, lr=lr, eps=eps,
                                      weight_decay=wd, d=d)

@@ -129,7 +129,7 @@ def test_missing_loss_raises_and_changes_nothing() -> None:
         opt.step()
     after = opt.state_dict()
     assert after["lightning_soaa"]["global"] == before["lightning_soaa"]["global"]
-    for (k, a), b in zip(after["state"].items(), before["state"].values()):
+    for (_k, a), b in zip(after["state"].items(), before["state"].values()):
         for kk in a[0]:
             assert torch.equal(a[0][kk], b[0][kk])
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
