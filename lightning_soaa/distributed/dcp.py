@@ -98,7 +98,7 @@ def hold_state_entries(opt: ShardedOptimizer) -> None:
     torch's ``_init_optim_state`` then sees an initialised optimizer and does not step it."""
     for group in opt.param_groups:
         for p in group["params"]:
-            opt.state[p]  # noqa: B018 - defaultdict access creates the entry
+            opt.state[p]  # defaultdict access creates the entry
 
 
 def _real_state(opt: ShardedOptimizer, block: BlockInfo) -> dict[str, Any]:
@@ -178,8 +178,11 @@ def dcp_state_dict(opt: ShardedOptimizer) -> dict[str, Any]:
 
 
 def is_dcp_state_dict(sd: Any) -> bool:
+    """Whether ``sd`` is :func:`dcp_state_dict`'s shape (our JSON metadata in the first param group)."""
     groups = sd.get("param_groups") if isinstance(sd, dict) else None
-    return bool(groups) and isinstance(groups[0], dict) and isinstance(groups[0].get(FORMAT_KEY), str)
+    if not groups or not isinstance(groups, list) or not isinstance(groups[0], dict):
+        return False
+    return isinstance(groups[0].get(FORMAT_KEY), str)
 
 
 def _keys_to_index(opt: ShardedOptimizer, groups: list[dict[str, Any]]) -> dict[Any, int]:
@@ -190,22 +193,23 @@ def _keys_to_index(opt: ShardedOptimizer, groups: list[dict[str, Any]]) -> dict[
 
 
 def _local_value(opt: ShardedOptimizer, block: BlockInfo, key: str, v: Any, sharded: bool) -> Tensor:
-    """This rank's piece of a loaded value: a DTensor's local tensor, or a full plain tensor cut."""
-    from torch.distributed.tensor import distribute_tensor
-
-    p = opt._params[block.param_index]
+    """This rank's piece of a loaded value: a DTensor's local tensor, or a plain (replicated) tensor."""
+    p: Any = opt._params[block.param_index]  # a DTensor where it matters (typed as Tensor)
     if is_dtensor(v):
         if not sharded or not is_dtensor(p) or tuple(v.placements) != tuple(p.placements) \
-                or v.device_mesh != p.device_mesh:  # type: ignore[attr-defined]
+                or v.device_mesh != p.device_mesh:
             raise ValueError(f"{_name(opt)}.load_state_dict: state {key!r} of block {block.key} is a DTensor "
                              f"with placements {tuple(v.placements)}; expected those of its parameter.")
         return v.to_local()
     if not isinstance(v, Tensor):
-        raise ValueError(f"{_name(opt)}.load_state_dict: state {key!r} of block {block.key} is a "
-                         f"{type(v).__name__}, expected a tensor.")
-    if sharded and is_dtensor(p):  # a full tensor (e.g. a full_state_dict on one rank): cut our piece
-        return distribute_tensor(v.to(local(p).device), p.device_mesh, p.placements,  # type: ignore[union-attr]
-                                 src_data_rank=None).to_local()
+        raise TypeError(f"{_name(opt)}.load_state_dict: state {key!r} of block {block.key} is a "
+                        f"{type(v).__name__}, expected a tensor.")
+    if sharded and is_dtensor(p):
+        raise ValueError(f"{_name(opt)}.load_state_dict: state {key!r} of block {block.key} is a plain tensor "
+                         f"of shape {tuple(v.shape)}; under DTensor parameters it must be a DTensor sharded "
+                         "like its parameter. Load a full (gathered) optimizer state with torch's "
+                         "set_optimizer_state_dict(..., options=StateDictOptions(full_state_dict=True, "
+                         "broadcast_from_rank0=True)), which shards it.")
     return v
 
 

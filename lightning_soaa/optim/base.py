@@ -60,6 +60,7 @@ import torch
 from torch import Tensor
 
 from lightning_soaa.config import ShardingConfig
+from lightning_soaa.distributed import dcp
 from lightning_soaa.distributed.blocks import BlockInfo, BlockSpec, BlockTable, param_fingerprint
 from lightning_soaa.distributed.checkpoint import (
     FORMAT_KEY,
@@ -68,7 +69,6 @@ from lightning_soaa.distributed.checkpoint import (
     validate_state_dict,
 )
 from lightning_soaa.distributed.comm import Communicator, default_communicator
-from lightning_soaa.distributed.dcp import dcp_state_dict, hold_state_entries, is_dcp_state_dict, load_dcp_state_dict
 from lightning_soaa.distributed.dtensor import DTensorLayout, has_dtensor, local
 from lightning_soaa.distributed.exchange import OwnerExchange
 from lightning_soaa.optim.param_checks import check_param_group, check_step
@@ -261,7 +261,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                                       process_group=process_group, optimizer=type(self).__name__)
         self.comm = self._dtensor.comm
         self.sharding = ShardingConfig(shard=False, grad_reduction=self.sharding.grad_reduction)
-        hold_state_entries(self)  # torch.distributed.checkpoint: see lightning_soaa.distributed.dcp
+        dcp.hold_state_entries(self)  # torch.distributed.checkpoint: see lightning_soaa.distributed.dcp
         plain = [lab for lab, pl in zip(labels, self._dtensor.placements) if not pl.is_dtensor]
         if plain and self.sharding.grad_reduction == "none" and self.comm.world_size > 1:
             log.warning("%s: parameters %s are not DTensors, so FSDP2 does not average their gradients; "
@@ -501,7 +501,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         """
         if self._dtensor is not None and (
                 self._consolidated is None or self._consolidated_at != self.num_steps + self.skipped_steps):
-            return dcp_state_dict(self)
+            return dcp.dcp_state_dict(self)
         if not self._consolidating():
             return self._gather_full_state()
         if self._consolidated is None or self._consolidated_at != self.num_steps + self.skipped_steps:
@@ -518,8 +518,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         The input is validated completely before anything changes, so a bad state dict leaves the
         optimizer untouched.
         """
-        if self._dtensor is not None and is_dcp_state_dict(state_dict):
-            return load_dcp_state_dict(self, state_dict)
+        if self._dtensor is not None and dcp.is_dcp_state_dict(state_dict):
+            return dcp.load_dcp_state_dict(self, state_dict)
         validate_state_dict(self, state_dict)
         new_groups = []
         for group, saved in zip(self.param_groups, state_dict["param_groups"]):
@@ -558,4 +558,4 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._load_global_state(glob)
         self._consolidated = None
         if self._dtensor is not None:
-            hold_state_entries(self)
+            dcp.hold_state_entries(self)

@@ -260,36 +260,40 @@ def _describe(v: Any) -> Any:
     return ("Tensor", tuple(v.shape)) if isinstance(v, torch.Tensor) else type(v).__name__
 
 
-def save_dcp(rank: int, world_size: int, root: str) -> dict[str, Any]:
+def save_dcp(rank: int, world_size: int, root: str, hsdp: bool = False, plain_last: bool = False) -> dict[str, Any]:
     """After CKPT_AT steps: torch's recipe, unchanged (get_state_dict, dcp.save), one folder per case.
     Returns how each optimizer state dict looked and what loading one into another optimizer raised."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    mesh = make_mesh(world_size, False)
+    mesh = make_mesh(world_size, hsdp)
     out: dict[str, Any] = {}
     for name, *_ in CASES:
-        model, opt = run_case(name, rank, world_size, mesh, steps=range(CKPT_AT))
+        model, opt = run_case(name, rank, world_size, mesh, plain_last=plain_last, steps=range(CKPT_AT))
         model_sd, optim_sd = get_state_dict(model, opt)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=f"{root}/{name}")
         out[name] = {"state": _describe(optim_sd["state"]), "groups": len(optim_sd["param_groups"])}
         if name == "soaa":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
             other = ShardedAdamW(model.named_parameters(), lr=1e-2)
             out["wrong_optimizer"] = expect_error(lambda: other.load_state_dict(optim_sd))
+            full = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))
+            out["full_tensors"] = expect_error(lambda: opt.load_state_dict(full))
     return out
 
 
-def resume_dcp(rank: int, world_size: int, root: str) -> dict[str, Any]:
-    """A fresh model and optimizer at this W: dcp.load into get_state_dict's tensors, set_state_dict,
-    then the remaining steps. Also what a fresh optimizer's state dict looked like (placeholders)."""
+def resume_dcp(rank: int, world_size: int, root: str, plain_last: bool = False) -> dict[str, Any]:
+    """A fresh model and optimizer at this W (1-D mesh): dcp.load into get_state_dict's tensors,
+    set_state_dict, then the remaining steps. Also whether get_state_dict stepped the fresh optimizer."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     mesh = make_mesh(world_size, False)
     out: dict[str, Any] = {}
     for name, cls, kw, sizes in CASES:
-        model = sharded_model(sizes, mesh)
-        opt = cls(model.named_parameters(), **kw)
+        model = sharded_model(sizes, mesh, plain_last=plain_last)
+        opt = cls(model.named_parameters(), **kw, grad_reduction="mean" if plain_last else "none")
         model_sd, optim_sd = get_state_dict(model, opt)  # must not step the fresh optimizer
         fresh = {"num_steps": opt.num_steps, "state": sum(len(v) for v in opt.state.values())}
         dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=f"{root}/{name}")

@@ -71,8 +71,11 @@ def _w2(rank: int, world_size: int, ckpt: str) -> dict[str, Any]:
 
 
 def _w1_or_4(rank: int, world_size: int, ckpt: str, hsdp: bool) -> dict[str, Any]:
-    if hsdp:
-        return W.equivalence(rank, world_size, hsdp=True, plain_last=True)
+    if hsdp:  # and a DCP checkpoint of the HSDP (replicate x shard) run, resumed on a 1-D mesh of 4
+        out = W.equivalence(rank, world_size, hsdp=True, plain_last=True)
+        W.save_dcp(rank, world_size, ckpt, hsdp=True, plain_last=True)
+        out["dcp_resumed"] = W.resume_dcp(rank, world_size, ckpt, plain_last=True)
+        return out
     out = W.equivalence(rank, world_size)
     out["resumed"] = W.resume(rank, world_size, ckpt)
     out["dcp_resumed"] = W.resume_dcp(rank, world_size, ckpt + ".dcp")
@@ -148,9 +151,11 @@ def test_equal_and_resume_w2_checkpoint(tmp_path: Path, world_size: int, w2_run,
 
 
 def test_hsdp_with_plain_parameters(tmp_path: Path, references):
-    results = run_distributed(_w1_or_4, 4, tmp_path, "", True, timeout=300)
+    results = run_distributed(_w1_or_4, 4, tmp_path, str(tmp_path / "dcp_hsdp"), True, timeout=300)
     _assert_equal(results, references, wide="asgo_wide_mixed")
     _assert_collectives(results, plain_last=True)
+    _assert_equal([res["dcp_resumed"] for res in results], references, "HSDP DCP resumed on FSDP",
+                  wide="asgo_wide_mixed")
 
 
 def test_nonfinite_in_an_uncounted_piece_skips_on_every_rank(w2_run):
@@ -185,3 +190,4 @@ def test_dcp_state_dict_is_torch_shaped_and_validated(w2_run):
         assert sorted(split) == ["block0", "block1"], split
         assert split["block1"]["exp_avg"][:3] == ("DTensor", "(Shard(dim=0),)", (9, 3))
         assert "saved by 'SOAA', not 'ShardedAdamW'" in saved["wrong_optimizer"], saved["wrong_optimizer"]
+        assert "must be a DTensor sharded like its parameter" in saved["full_tensors"], saved["full_tensors"]
