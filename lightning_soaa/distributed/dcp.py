@@ -67,6 +67,7 @@ def _name(opt: ShardedOptimizer) -> str:
 
 def block_schema(opt: ShardedOptimizer, block: BlockInfo) -> Schema:
     """The state keys of ``block`` after its first step, with this rank's shapes and dtypes."""
+    from lightning_soaa.functional.asgo import LEFT
     from lightning_soaa.optim.adamw import ShardedAdamW
     from lightning_soaa.optim.asgo import DASGO, _OneSided
     from lightning_soaa.optim.base import BlockView
@@ -83,7 +84,7 @@ def block_schema(opt: ShardedOptimizer, block: BlockInfo) -> Schema:
         if isinstance(opt, DASGO):
             return {"step": step, "exp_avg": (True, (m, n), sdt), "col_stat": (False, (n,), sdt)}
         bv = BlockView(block=block, param=view, grad=None, state={}, group=group, name=name)
-        k = m if opt._side_of(bv, m, n) == "left" else n
+        k = m if opt._side_of(bv, m, n) == LEFT else n  # the side ASGO's own step picks
         return {"step": step, "exp_avg": (True, (m, n), sdt), "gram": (False, (k, k), sdt),
                 "inv_root": (False, (k, k), sdt), "root_fallbacks": (False, (), torch.int64)}
     if isinstance(opt, (SOAA, ShardedAdamW, _OneSided)):  # Adam's moments (ASGO/DASGO: the fallback)
