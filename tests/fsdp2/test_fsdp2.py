@@ -64,6 +64,7 @@ def _w2(rank: int, world_size: int, ckpt: str) -> dict[str, Any]:
     out = W.equivalence(rank, world_size)
     W.save_checkpoints(rank, world_size, ckpt)
     out["dcp_saved"] = W.save_dcp(rank, world_size, ckpt + ".dcp")
+    out["dcp_two_groups"] = W.two_groups_roundtrip(rank, world_size, ckpt + ".dcp")
     out["errors"] = W.bad_combinations(rank, world_size)
     out["nonfinite"] = W.nonfinite_skip(rank, world_size)
     out["same_batch"] = W.same_batch(rank, world_size)
@@ -191,3 +192,5 @@ def test_dcp_state_dict_is_torch_shaped_and_validated(w2_run):
         assert split["block1"]["exp_avg"][:3] == ("DTensor", "(Shard(dim=0),)", (9, 3))
         assert "saved by 'SOAA', not 'ShardedAdamW'" in saved["wrong_optimizer"], saved["wrong_optimizer"]
         assert "must be a DTensor sharded like its parameter" in saved["full_tensors"], saved["full_tensors"]
+        two = res["dcp_two_groups"]  # SOAA with two param groups, the fresh one built with bias lr 5e-2
+        assert two == {"lrs": [3e-2, 1e-2], "same_state": True, "trust": True, "steps": W.CKPT_AT}, (r, two)
