@@ -13,7 +13,9 @@ has a ``counted`` flag: a DTensor's local piece counts on the ranks whose coordi
 Optimizers add only counted pieces to their global sums; the non-finite flag is an OR (any count > 0)
 and needs no mask.
 
-Checkpoints stay world-size independent: :meth:`DTensorLayout.gather_state` turns a rank's local
+Checkpoints stay world-size independent in two forms. ``state_dict()`` gives torch's shape for
+``torch.distributed.checkpoint`` (state as DTensors, no gathering; :mod:`lightning_soaa.optim.dcp_state`).
+Our consolidated form (``consolidate_state_dict``): :meth:`DTensorLayout.gather_state` turns a rank's local
 parameter-shaped state (``exp_avg``-like keys) into the full tensor (an all-gather through DTensor, a
 collective: called in parameter order on every rank), :meth:`DTensorLayout.shard_state` cuts a full
 tensor back to this rank's piece without communication. Those DTensor all-gathers and the gradient

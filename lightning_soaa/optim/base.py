@@ -94,6 +94,7 @@ from lightning_soaa.distributed.comm import (
 )
 from lightning_soaa.distributed.dtensor import DTensorLayout, has_dtensor, local
 from lightning_soaa.distributed.exchange import OwnerExchange
+from lightning_soaa.optim import dcp_state as dcp
 from lightning_soaa.optim.param_checks import check_param_group, check_step
 
 __all__ = ["ShardedOptimizer", "BlockView", "SkipStep", "StepRecord", "summed"]
@@ -299,6 +300,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                                       process_group=process_group, optimizer=type(self).__name__)
         self.comm = self._dtensor.comm
         self.sharding = ShardingConfig(shard=False, grad_reduction=self.sharding.grad_reduction)
+        dcp.hold_state_entries(self)  # torch.distributed.checkpoint: see lightning_soaa.optim.dcp_state
         plain = [lab for lab, pl in zip(labels, self._dtensor.placements) if not pl.is_dtensor]
         if plain and self.sharding.grad_reduction == "none" and self.comm.world_size > 1:
             log.warning("%s: parameters %s are not DTensors, so FSDP2 does not average their gradients; "
@@ -662,8 +664,13 @@ class ShardedOptimizer(torch.optim.Optimizer):
         """The full, world-size independent state.
 
         Without sharding (or with one rank) this is local. With W > 1 sharded ranks call
-        :meth:`consolidate_state_dict` on every rank first.
+        :meth:`consolidate_state_dict` on every rank first. With DTensor (FSDP2) parameters it is torch's
+        shape for ``torch.distributed.checkpoint`` (:mod:`lightning_soaa.optim.dcp_state`; call it on every
+        rank), unless :meth:`consolidate_state_dict` ran since the last step (then the consolidated state).
         """
+        if self._dtensor is not None and (
+                self._consolidated is None or self._consolidated_at != self.num_steps + self.skipped_steps):
+            return dcp.dcp_state_dict(self)
         if not self._consolidating():
             return self._gather_full_state()
         if self._consolidated is None or self._consolidated_at != self.num_steps + self.skipped_steps:
@@ -680,6 +687,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         The input is validated completely before anything changes, so a bad state dict leaves the
         optimizer untouched.
         """
+        if self._dtensor is not None and dcp.is_dcp_state_dict(state_dict):
+            return dcp.load_dcp_state_dict(self, state_dict)
         validate_state_dict(self._checkpoint_view(), state_dict)
         new_groups = []
         for group, saved in zip(self.param_groups, state_dict["param_groups"]):
@@ -717,3 +726,5 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self.skipped_steps = int(glob.pop("skipped_steps", 0))
         self._load_global_state(glob)
         self._consolidated = None
+        if self._dtensor is not None:
+            dcp.hold_state_entries(self)

@@ -1,17 +1,31 @@
-"""Run as a script: Lightning's ModelParallelStrategy (FSDP2) on 2 CPU processes with one of our
-optimizers. Lightning launches the ranks by re-running this file, so it cannot run inside pytest.
+"""Run as a script: Lightning's ModelParallelStrategy (FSDP2) on CPU processes with our optimizers,
+fitting, checkpointing and resuming. Lightning launches the ranks by re-running this file, so it cannot
+run inside pytest.
 
-Usage: ``python _lightning_model_parallel.py OUT_FILE``. Rank 0 writes the final parameters of every
-optimizer's fit (full tensors) to OUT_FILE. Data: 64 rows, 8 per rank per step (rank r: rows r, r + 2, ...), so step i
-of the 2-rank run sees rows 16i..16i+15: the batch of a single process with batch size 16.
+Usage: ``python _lightning_model_parallel.py OUT_FILE DEVICES CKPT_ROOT``. Rank 0 writes the final
+parameters (full tensors) of every fit to OUT_FILE.
+
+* ``DEVICES=2``: per optimizer, a fit of STEPS steps that checkpoints at the end of every epoch, once in
+  Lightning's distributed format (``save_distributed_checkpoint=True``, a DCP folder: each rank writes
+  its shards) and once in its full format (one file assembled on rank 0); then, from the checkpoint of
+  step 2 of each, a fresh Trainer and module resume (``fit(ckpt_path=...)``) to step STEPS.
+* ``DEVICES=1``: the same two checkpoints, written by 2 ranks, resumed on 1.
+
+Data: 16 rows, one batch per epoch, so every step of every run sees the same global batch whatever
+Lightning's loop does on resume (it restarts a plain DataLoader: a resume from an end-of-epoch
+checkpoint of a 2-batch epoch replays batch 0 as the epoch's third batch). Rank r of W takes rows r,
+r + W, ... in one batch of 16 / W: with equal per-rank batches the mean of the ranks' mean losses is the
+single-process mean over the 16 rows.
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.fsdp import fully_shard
@@ -20,8 +34,10 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 from lightning_soaa import ASGO, SOAA
 from lightning_soaa.lightning import LossToOptimizer
 
-STEPS = 3
-KWARGS = {"SOAA": dict(lr=3e-2, gamma=0.3), "ASGO": dict(lr=2e-2, damping=1e-6)}
+STEPS = 4
+ROWS = 16
+KWARGS = {"SOAA": dict(lr=3e-2, gamma=0.3), "ASGO": dict(lr=2e-2, damping=1e-6, root_every=3)}
+FORMATS = {"dist": True, "full": False}  # save_distributed_checkpoint
 
 
 def make_net() -> nn.Module:
@@ -35,7 +51,7 @@ def make_net() -> nn.Module:
 
 def data() -> TensorDataset:
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(64, 4, generator=g, dtype=torch.float64)
+    x = torch.randn(ROWS, 4, generator=g, dtype=torch.float64)
     return TensorDataset(x, torch.tanh(x[:, :2] - x[:, 2:]))
 
 
@@ -63,30 +79,41 @@ class Module(L.LightningModule):
         return optimizer(self.name, self.net.named_parameters())
 
     def train_dataloader(self) -> DataLoader:
-        # Our own split (Lightning's sampler shuffles): rank r takes rows r, r + 2, ...
-        return DataLoader(Subset(data(), range(self.global_rank, 64, 2)), batch_size=8)
+        # Our own split (Lightning's sampler shuffles): rank r takes rows r, r + W, ...
+        w = self.trainer.world_size
+        return DataLoader(Subset(data(), range(self.global_rank, ROWS, w)), batch_size=ROWS // w)
 
 
-def fit(name: str) -> tuple[list[torch.Tensor], int, int]:
-    trainer = L.Trainer(accelerator="cpu", devices=2, max_steps=STEPS, logger=False,
-                        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
-                        enable_checkpointing=False, use_distributed_sampler=False, enable_progress_bar=False,
-                        enable_model_summary=False,
-                        callbacks=[LossToOptimizer()])
+def fit(name: str, devices: int, distributed: bool, *, save_to: Path | None = None,
+        resume: Path | None = None) -> dict:
+    callbacks: list = [LossToOptimizer()]
+    if save_to is not None:  # end of every second epoch (of one step): step=2.ckpt, step=4.ckpt
+        callbacks.append(ModelCheckpoint(dirpath=save_to, filename="{step}", every_n_epochs=2, save_top_k=-1,
+                                         save_on_train_epoch_end=True))
+    trainer = L.Trainer(accelerator="cpu", devices=devices, max_steps=STEPS, logger=False,
+                        strategy=ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1,
+                                                       save_distributed_checkpoint=distributed),
+                        enable_checkpointing=save_to is not None, use_distributed_sampler=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
     module = Module(name)
-    trainer.fit(module)
+    trainer.fit(module, ckpt_path=resume)
+    opt = trainer.optimizers[0]
     params = [p.full_tensor().detach().clone() for p in module.net.parameters()]  # collective
-    return params, trainer.global_step, trainer.global_rank
+    return {"params": params, "steps": trainer.global_step, "opt_steps": opt.num_steps, "rank": trainer.global_rank}
 
 
-def main(out: str) -> None:
+def main(out: str, devices: int, root: Path) -> None:
     results, rank = {}, 0
-    for name in KWARGS:  # one launch for every optimizer: each launch costs seconds
-        params, steps, rank = fit(name)
-        results[name] = {"params": params, "steps": steps}
+    for name in KWARGS:  # one launch for every optimizer and format: each launch costs seconds
+        for fmt, distributed in FORMATS.items():
+            where = root / name / fmt
+            if devices == 2:
+                results[(name, fmt, "straight")] = fit(name, devices, distributed, save_to=where)
+            results[(name, fmt, "resumed")] = fit(name, devices, distributed, resume=where / "step=2.ckpt")
+            rank = results[(name, fmt, "resumed")]["rank"]
     if rank == 0:
         torch.save(results, out)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], int(sys.argv[2]), Path(sys.argv[3]))

@@ -63,6 +63,8 @@ def w2_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, Any
 def _w2(rank: int, world_size: int, ckpt: str) -> dict[str, Any]:
     out = W.equivalence(rank, world_size)
     W.save_checkpoints(rank, world_size, ckpt)
+    out["dcp_saved"] = W.save_dcp(rank, world_size, ckpt + ".dcp")
+    out["dcp_two_groups"] = W.two_groups_roundtrip(rank, world_size, ckpt + ".dcp")
     out["errors"] = W.bad_combinations(rank, world_size)
     out["nonfinite"] = W.nonfinite_skip(rank, world_size)
     out["same_batch"] = W.same_batch(rank, world_size)
@@ -70,10 +72,14 @@ def _w2(rank: int, world_size: int, ckpt: str) -> dict[str, Any]:
 
 
 def _w1_or_4(rank: int, world_size: int, ckpt: str, hsdp: bool) -> dict[str, Any]:
-    if hsdp:
-        return W.equivalence(rank, world_size, hsdp=True, plain_last=True)
+    if hsdp:  # and a DCP checkpoint of the HSDP (replicate x shard) run, resumed on a 1-D mesh of 4
+        out = W.equivalence(rank, world_size, hsdp=True, plain_last=True)
+        W.save_dcp(rank, world_size, ckpt, hsdp=True, plain_last=True)
+        out["dcp_resumed"] = W.resume_dcp(rank, world_size, ckpt, plain_last=True)
+        return out
     out = W.equivalence(rank, world_size)
     out["resumed"] = W.resume(rank, world_size, ckpt)
+    out["dcp_resumed"] = W.resume_dcp(rank, world_size, ckpt + ".dcp")
     return out
 
 
@@ -135,14 +141,22 @@ def test_equal_and_resume_w2_checkpoint(tmp_path: Path, world_size: int, w2_run,
     results = run_distributed(_w1_or_4, world_size, tmp_path, ckpt, False, timeout=300)
     _assert_equal(results, references)
     _assert_equal([res["resumed"] for res in results], references, "resumed")
+    dcp = [res["dcp_resumed"] for res in results]
+    _assert_equal(dcp, references, "resumed from DCP")
+    for r, res in enumerate(dcp):
+        for name, *_ in W.CASES:  # torch's _init_optim_state did not step the fresh optimizer
+            assert res[name]["fresh"] == {"num_steps": 0, "state": 0}, (name, r, res[name]["fresh"])
+            assert res[name]["resumed_at"] == W.CKPT_AT, (name, r)
     if world_size > 1:
         _assert_collectives(results)
 
 
 def test_hsdp_with_plain_parameters(tmp_path: Path, references):
-    results = run_distributed(_w1_or_4, 4, tmp_path, "", True, timeout=300)
+    results = run_distributed(_w1_or_4, 4, tmp_path, str(tmp_path / "dcp_hsdp"), True, timeout=300)
     _assert_equal(results, references, wide="asgo_wide_mixed")
     _assert_collectives(results, plain_last=True)
+    _assert_equal([res["dcp_resumed"] for res in results], references, "HSDP DCP resumed on FSDP",
+                  wide="asgo_wide_mixed")
 
 
 def test_nonfinite_in_an_uncounted_piece_skips_on_every_rank(w2_run):
@@ -160,3 +174,23 @@ def test_soaa_same_batch_equals_single_process(w2_run):
             torch.testing.assert_close(a, b, atol=ATOL, rtol=0, msg=lambda m: f"rank {r} param {i}: {m}")
         torch.testing.assert_close(torch.tensor(res["same_batch"]["stats"]), torch.tensor(ref["stats"]),
                                    atol=ATOL, rtol=ATOL)
+
+
+def test_dcp_state_dict_is_torch_shaped_and_validated(w2_run):
+    """get_optimizer_state_dict's output: FQN keys, parameter-like state as DTensors sharded like the
+    parameter (5 rows over 2 ranks: 3 + 2), counters and ASGO's Gram plain; a wrong optimizer raises."""
+    results, _ = w2_run
+    for r, res in enumerate(results):
+        saved = res["dcp_saved"]
+        soaa = saved["soaa"]["state"]
+        assert soaa["0.weight"]["exp_avg"] == ("DTensor", "(Shard(dim=0),)", (5, 3), ((3, 3), (2, 3))[r])
+        assert soaa["0.weight"]["step"] == ("Tensor", ())
+        asgo = saved["asgo_tall"]["state"]["0.weight"]  # 5x3, right side: k = 3 <= max_block_size
+        assert asgo["gram"] == ("Tensor", (3, 3)) and asgo["exp_avg"][0] == "DTensor"
+        split = saved["asgo_tall"]["state"]["4.weight"]  # 9x7: 7 columns cut into blocks of <= 4
+        assert sorted(split) == ["block0", "block1"], split
+        assert split["block1"]["exp_avg"][:3] == ("DTensor", "(Shard(dim=0),)", (9, 3))
+        assert "saved by 'SOAA', not 'ShardedAdamW'" in saved["wrong_optimizer"], saved["wrong_optimizer"]
+        assert "must be a DTensor sharded like its parameter" in saved["full_tensors"], saved["full_tensors"]
+        two = res["dcp_two_groups"]  # SOAA with two param groups, the fresh one built with bias lr 5e-2
+        assert two == {"lrs": [3e-2, 1e-2], "same_state": True, "trust": True, "steps": W.CKPT_AT}, (r, two)

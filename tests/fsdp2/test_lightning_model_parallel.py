@@ -1,5 +1,11 @@
 """Lightning 2.6's ModelParallelStrategy (FSDP2) runs on CPU: our optimizers under it equal the plain
-single-process run. (FSDPStrategy, FSDP1, refuses CPU: "requires a GPU accelerator".)"""
+single-process run, and its checkpoints (``ModelCheckpoint``/``trainer.save_checkpoint``: the
+distributed DCP folder and the full single file) resume to the same parameters, at 2 ranks and at 1.
+(FSDPStrategy, FSDP1, refuses CPU: "requires a GPU accelerator".)
+
+Two launches: the script at 2 devices (fit with checkpoints, then resumes) and at 1 device (resumes of
+the 2-rank checkpoints). ASGO uses root_every=3, so the resumed step 3 reuses the stored root.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -23,9 +30,8 @@ pytestmark = [pytest.mark.lightning]
 def _reference(name: str) -> list[torch.Tensor]:
     net = script.make_net()
     opt = script.optimizer(name, net.named_parameters())
-    ds = script.data()
-    for i in range(script.STEPS):
-        x, y = ds.tensors[0][16 * i:16 * (i + 1)], ds.tensors[1][16 * i:16 * (i + 1)]
+    x, y = script.data().tensors  # one batch per epoch: every step sees all rows
+    for _ in range(script.STEPS):
         opt.zero_grad()
         loss = 0.5 * (net(x) - y).pow(2).sum(dim=1).mean()
         loss.backward()
@@ -35,21 +41,35 @@ def _reference(name: str) -> list[torch.Tensor]:
     return [p.detach().clone() for p in net.parameters()]
 
 
-def test_model_parallel_strategy_equals_single_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    out = tmp_path / "params.pt"
+def _launch(out: Path, devices: int, root: Path, cwd: Path) -> dict[Any, Any]:
     repo = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "OMP_NUM_THREADS": "1"}
     for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(k, None)
-    proc = subprocess.run([sys.executable, script.__file__, str(out)], check=False, cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=240)
+    proc = subprocess.run([sys.executable, script.__file__, str(out), str(devices), str(root)], check=False,
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    saved = torch.load(out)
+    return torch.load(out)
+
+
+def _check(saved: dict[Any, Any], expected_keys: set[Any], what: str) -> None:
+    assert set(saved) == expected_keys
+    for (name, fmt, run), res in saved.items():
+        assert res["steps"] == script.STEPS and res["opt_steps"] == script.STEPS, (what, name, fmt, run, res)
+        for i, (a, b) in enumerate(zip(res["params"], _reference(name), strict=True)):
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=0,
+                                       msg=lambda m: f"{what} {name} {fmt} {run} param {i}: {m}")
+
+
+def test_model_parallel_strategy_fit_checkpoint_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "ckpt"
+    two = _launch(tmp_path / "w2.pt", 2, root, tmp_path)
+    assert (root / "SOAA" / "dist" / "step=2.ckpt").is_dir()  # DCP folder: each rank wrote its shards
+    assert (root / "SOAA" / "full" / "step=2.ckpt").is_file()  # assembled on rank 0
+    one = _launch(tmp_path / "w1.pt", 1, root, tmp_path)
     # FSDP2 preconditions every row-sharded matrix on the right; the 2x6 head is wide (plain ASGO: left)
     monkeypatch.setattr(asgo_functional, "preconditioned_side", lambda m, n: asgo_functional.RIGHT)
-    assert sorted(saved) == sorted(script.KWARGS)
-    for name, res in saved.items():
-        assert res["steps"] == script.STEPS
-        for i, (a, b) in enumerate(zip(res["params"], _reference(name), strict=True)):
-            torch.testing.assert_close(a, b, atol=1e-10, rtol=0, msg=lambda m: f"{name} param {i}: {m}")
+    runs = {(n, f, r) for n in script.KWARGS for f in script.FORMATS for r in ("straight", "resumed")}
+    _check(two, runs, "2 ranks")
+    _check(one, {k for k in runs if k[2] == "resumed"}, "resumed on 1 rank")

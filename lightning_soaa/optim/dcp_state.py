@@ -1,0 +1,284 @@
+"""``torch.distributed.checkpoint`` (DCP) state dicts for optimizers over DTensor (FSDP2) parameters.
+
+torch's recipe, unchanged (also what Lightning's ``ModelParallelStrategy`` runs)::
+
+    osd = get_optimizer_state_dict(model, opt)            # every rank: opt.state_dict()
+    dcp.save({"optim": osd}, checkpoint_id=path)          # each rank writes its shards
+    ...                                                   # any number of ranks, fresh optimizer
+    osd = get_optimizer_state_dict(model, opt)            # destination tensors, sharded for this W
+    dcp.load({"optim": osd}, checkpoint_id=path)          # filled in place, resharded by DCP
+    set_optimizer_state_dict(model, opt, osd)             # every rank: opt.load_state_dict(osd)
+
+Under DTensor parameters :meth:`ShardedOptimizer.state_dict` therefore returns torch's shape:
+
+* ``state[param_index]``: the state of a whole-parameter block as a flat dict (``step``,
+  ``exp_avg``, ...); a parameter cut into several blocks (ASGO's ``max_block_size``) holds one dict
+  per block under ``"block<sub_index>"`` (string keys: DCP turns every key into a string). A state
+  tensor shaped like its parameter's local piece (``exp_avg`` and, for AdamW-like blocks,
+  ``exp_avg_sq``; ASGO/DASGO keep momentum in ``rows x rest`` form) is a DTensor with the parameter's
+  mesh and placements; everything else (``step``, ASGO's ``gram``/``inv_root``, DASGO's ``col_stat``,
+  the state of plain parameters) is identical on every rank (the sums behind it are all-reduced) and
+  stays a plain tensor, which DCP treats as replicated.
+* ``param_groups``: torch's (hyperparameters, ``params`` as indices, which DCP turns into FQNs); the
+  first group also carries ``"lightning_soaa"``: a JSON string with what our own format keeps beside
+  the state (optimizer name, shapes and block layout for validation, the optimizer-wide scalars such
+  as SOAA's trust region, ``num_steps``). ``get_optimizer_state_dict`` keeps only ``state`` and
+  ``param_groups``, so those scalars ride in a group; a string is one DCP entry whatever its keys.
+
+DCP loads into the tensors of the *destination* state dict, so a fresh optimizer must already show
+every key with its shape. torch gets that by a zero-gradient ``step()`` (``_init_optim_state``), which
+our optimizers cannot take (SOAA needs a loss; any step would move the trust region and counters).
+Instead, a block without state appears with zeros of its full schema (:func:`block_schema`, ``step``
+0), and the optimizer keeps an (empty) entry per parameter so that torch's ``if optim.state`` sees an
+initialised optimizer and skips its step. On load, a block whose ``step`` is 0 gets no state: zero
+state is exactly "no state" for every optimizer here (ASGO recomputes its root at the first step).
+
+:func:`block_schema` knows each optimizer's state keys; :func:`dcp_state_dict` checks every real
+block against it, so a new state key fails loudly here instead of being silently dropped by DCP.
+Without DTensor parameters the optimizers keep their own world-size independent format
+(:mod:`lightning_soaa.distributed.checkpoint`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from lightning_soaa.distributed.blocks import BlockInfo
+from lightning_soaa.distributed.checkpoint import FORMAT_KEY, build_state_dict, validate_state_dict
+from lightning_soaa.distributed.dtensor import _contiguous_stride, is_dtensor, local
+
+if TYPE_CHECKING:
+    from lightning_soaa.optim.base import ShardedOptimizer
+
+__all__ = ["block_schema", "dcp_state_dict", "hold_state_entries", "is_dcp_state_dict", "load_dcp_state_dict"]
+
+#: key -> (sharded like the parameter, local shape, dtype)
+Schema = dict[str, tuple[bool, tuple[int, ...], torch.dtype]]
+
+
+def _name(opt: ShardedOptimizer) -> str:
+    return type(opt).__name__
+
+
+def block_schema(opt: ShardedOptimizer, block: BlockInfo) -> Schema:
+    """The state keys of ``block`` after its first step, with this rank's shapes and dtypes."""
+    from lightning_soaa.functional.asgo import LEFT
+    from lightning_soaa.optim.adamw import ShardedAdamW
+    from lightning_soaa.optim.asgo import DASGO, _OneSided
+    from lightning_soaa.optim.base import BlockView
+    from lightning_soaa.optim.soaa import SOAA
+
+    p = opt._params[block.param_index]
+    view = block.view(local(p))  # type: ignore[arg-type]
+    group = opt.param_groups[block.group_index]
+    name = opt._names[block.param_index]
+    step = (False, (), torch.float32)
+    if isinstance(opt, _OneSided) and opt.is_matrix_param(p, group, name):
+        m, n = int(view.shape[0]), int(math.prod(view.shape[1:]))
+        sdt = opt._state_dtype(view)
+        if isinstance(opt, DASGO):
+            return {"step": step, "exp_avg": (True, (m, n), sdt), "col_stat": (False, (n,), sdt)}
+        bv = BlockView(block=block, param=view, grad=None, state={}, group=group, name=name)
+        k = m if opt._side_of(bv, m, n) == LEFT else n  # the side ASGO's own step picks
+        return {"step": step, "exp_avg": (True, (m, n), sdt), "gram": (False, (k, k), sdt),
+                "inv_root": (False, (k, k), sdt), "root_fallbacks": (False, (), torch.int64)}
+    if isinstance(opt, (SOAA, ShardedAdamW, _OneSided)):  # Adam's moments (ASGO/DASGO: the fallback)
+        shape = tuple(int(s) for s in view.shape)
+        return {"step": step, "exp_avg": (True, shape, view.dtype), "exp_avg_sq": (True, shape, view.dtype)}
+    raise ValueError(f"{_name(opt)}: no DCP state schema for this optimizer (DTensor checkpoints support "
+                     "SOAA, ShardedAdamW, ASGO and DASGO).")
+
+
+def hold_state_entries(opt: ShardedOptimizer) -> None:
+    """An (empty) state entry per parameter, the same as the first access of ``opt.state[p]`` creates:
+    torch's ``_init_optim_state`` then sees an initialised optimizer and does not step it."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            opt.state[p]  # defaultdict access creates the entry
+
+
+def _real_state(opt: ShardedOptimizer, block: BlockInfo) -> dict[str, Any]:
+    st = opt.state.get(opt._params[block.param_index], {})
+    if block.dim is not None:
+        return dict(st.get(block.sub_index, {}))
+    return {k: v for k, v in st.items() if not isinstance(k, int)}
+
+
+def _global_shape(opt: ShardedOptimizer, block: BlockInfo, key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The full shape of a parameter-like state tensor whose local piece has ``shape``."""
+    layout = opt._dtensor
+    assert layout is not None
+    loc, glob = layout._block_shapes(block)
+    if shape == loc:
+        return glob
+    if set(layout.placements[block.param_index].sharded_dims) <= {0} and shape[:1] == loc[:1]:
+        return (glob[0],) + shape[1:]  # rows x rest form of a row-sharded block
+    raise ValueError(f"{_name(opt)}: state {key!r} of block {block.key} has local shape {shape}, which is "
+                     f"neither the block's local shape {loc} nor a row-sharded matrix form of it.")
+
+
+def _wrap(opt: ShardedOptimizer, block: BlockInfo, key: str, t: Tensor) -> Any:
+    from torch.distributed.tensor import DTensor
+
+    p = opt._params[block.param_index]
+    if not is_dtensor(p):
+        return t
+    glob = _global_shape(opt, block, key, tuple(int(s) for s in t.shape))
+    return DTensor.from_local(t.contiguous(), p.device_mesh, p.placements, run_check=False,  # type: ignore[attr-defined]
+                              shape=torch.Size(glob), stride=_contiguous_stride(glob))
+
+
+def _device(shape: tuple[int, ...], param_device: torch.device) -> torch.device:
+    """Where the optimizers keep a state tensor: counters (0-d) on the CPU, the rest with the parameter."""
+    return torch.device("cpu") if shape == () else param_device
+
+
+def _block_entry(opt: ShardedOptimizer, block: BlockInfo) -> dict[str, Any]:
+    schema = block_schema(opt, block)
+    real = _real_state(opt, block)
+    dev = local(opt._params[block.param_index]).device  # type: ignore[union-attr]
+    if not real:  # no state yet: zeros of the full schema (step 0 == no state on load)
+        real = {k: torch.zeros(shape, dtype=dt, device=_device(shape, dev)) for k, (_, shape, dt) in schema.items()}
+    if set(real) != set(schema):
+        raise RuntimeError(f"{_name(opt)}: block {block.key} holds state keys {sorted(real)}, the DCP schema "
+                           f"expects {sorted(schema)}; update lightning_soaa.optim.dcp_state.block_schema.")
+    out = {}
+    for k, (sharded, shape, dt) in schema.items():
+        t = real[k]
+        if not isinstance(t, Tensor) or tuple(t.shape) != shape or t.dtype != dt:
+            got = (tuple(t.shape), t.dtype) if isinstance(t, Tensor) else type(t)
+            raise RuntimeError(f"{_name(opt)}: state {k!r} of block {block.key} is {got}, the DCP schema "
+                               f"expects {(shape, dt)}; update lightning_soaa.optim.dcp_state.block_schema.")
+        out[k] = _wrap(opt, block, k, t) if sharded else t
+    return out
+
+
+def dcp_state_dict(opt: ShardedOptimizer) -> dict[str, Any]:
+    """torch's optimizer state dict shape, with DTensor state (see the module docstring). A collective
+    where the optimizer-wide state needs one (SOAA's pending sums): call it on every rank."""
+    state: dict[int, dict[str, Any]] = {}
+    for b in opt._owned:  # under DTensor parameters every rank owns (its piece of) every block
+        entry = _block_entry(opt, b)
+        if b.dim is None:
+            state[b.param_index] = entry
+        else:
+            state.setdefault(b.param_index, {})[f"block{b.sub_index}"] = entry
+    glob = {**opt._global_state(), "num_steps": opt.num_steps, "skipped_steps": opt.skipped_steps}
+    sd = build_state_dict(opt._checkpoint_view(), {}, glob)
+    meta = sd.pop(FORMAT_KEY)
+    meta["form"] = "dcp"
+    if sd["param_groups"]:
+        sd["param_groups"][0][FORMAT_KEY] = json.dumps(meta)
+    sd["state"] = state
+    return sd
+
+
+def is_dcp_state_dict(sd: Any) -> bool:
+    """Whether ``sd`` is :func:`dcp_state_dict`'s shape (our JSON metadata in the first param group)."""
+    groups = sd.get("param_groups") if isinstance(sd, dict) else None
+    if not groups or not isinstance(groups, list) or not isinstance(groups[0], dict):
+        return False
+    return isinstance(groups[0].get(FORMAT_KEY), str)
+
+
+def _keys_to_index(opt: ShardedOptimizer, groups: list[dict[str, Any]]) -> dict[Any, int]:
+    """Saved ``params`` entries (indices, or FQNs after ``set_optimizer_state_dict``) -> our parameter
+    index, by position (torch's rule: the groups list the parameters in the optimizer's order)."""
+    keys = [k for g in groups for k in g["params"]]
+    return {k: i for i, k in enumerate(keys)}
+
+
+def _local_value(opt: ShardedOptimizer, block: BlockInfo, key: str, v: Any, sharded: bool) -> Tensor:
+    """This rank's piece of a loaded value: a DTensor's local tensor, or a plain (replicated) tensor."""
+    p: Any = opt._params[block.param_index]  # a DTensor where it matters (typed as Tensor)
+    if is_dtensor(v):
+        if not sharded or not is_dtensor(p) or tuple(v.placements) != tuple(p.placements) \
+                or v.device_mesh != p.device_mesh:
+            raise ValueError(f"{_name(opt)}.load_state_dict: state {key!r} of block {block.key} is a DTensor "
+                             f"with placements {tuple(v.placements)}; expected those of its parameter.")
+        local_piece: Tensor = v.to_local()
+        return local_piece
+    if not isinstance(v, Tensor):
+        raise TypeError(f"{_name(opt)}.load_state_dict: state {key!r} of block {block.key} is a "
+                        f"{type(v).__name__}, expected a tensor.")
+    if sharded and is_dtensor(p):
+        raise ValueError(f"{_name(opt)}.load_state_dict: state {key!r} of block {block.key} is a plain tensor "
+                         f"of shape {tuple(v.shape)}; under DTensor parameters it must be a DTensor sharded "
+                         "like its parameter. Load a full (gathered) optimizer state with torch's "
+                         "set_optimizer_state_dict(..., options=StateDictOptions(full_state_dict=True, "
+                         "broadcast_from_rank0=True)), which shards it.")
+    return v
+
+
+def _loaded_blocks(opt: ShardedOptimizer, sd: dict[str, Any]) -> dict[tuple[int, int], dict[str, Tensor]]:
+    """Validated local state per block (placeholders, step 0, left out). Changes nothing."""
+    index = _keys_to_index(opt, sd["param_groups"])
+    by_index = {index[k]: v for k, v in sd["state"].items() if k in index}
+    unknown = [k for k in sd["state"] if k not in index]
+    if unknown:
+        raise ValueError(f"{_name(opt)}.load_state_dict: state for {unknown[:3]} is not listed in any "
+                         "param group's 'params'.")
+    out: dict[tuple[int, int], dict[str, Tensor]] = {}
+    for b in opt._owned:
+        entry = by_index.get(b.param_index, {})
+        blk = entry if b.dim is None else entry.get(f"block{b.sub_index}", {})
+        blk = {k: v for k, v in blk.items() if not isinstance(v, dict)}
+        if not blk:
+            continue
+        schema = block_schema(opt, b)
+        if set(blk) != set(schema):
+            raise ValueError(f"{_name(opt)}.load_state_dict: block {b.key} has state keys {sorted(blk)}; "
+                             f"expected {sorted(schema)}.")
+        dev = local(opt._params[b.param_index]).device  # type: ignore[union-attr]
+        vals: dict[str, Tensor] = {}
+        for k, (sharded, shape, dt) in schema.items():
+            t = _local_value(opt, b, k, blk[k], sharded)
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{_name(opt)}.load_state_dict: state {k!r} of block {b.key} has local shape "
+                                 f"{tuple(t.shape)} on rank {opt.comm.rank}; expected {shape}.")
+            vals[k] = t.detach().to(device=_device(shape, dev), dtype=dt, copy=True)
+        if float(vals["step"]) != 0.0:
+            out[b.key] = vals
+    return out
+
+
+def load_dcp_state_dict(opt: ShardedOptimizer, sd: dict[str, Any]) -> None:
+    """Load :func:`dcp_state_dict`'s shape (after ``dcp.load``/``set_optimizer_state_dict``, at any world
+    size). Everything is validated before the optimizer changes."""
+    groups = [{k: v for k, v in g.items() if k != FORMAT_KEY} for g in sd["param_groups"]]
+    try:
+        meta = json.loads(sd["param_groups"][0][FORMAT_KEY])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{_name(opt)}.load_state_dict: param_groups[0][{FORMAT_KEY!r}] is not our JSON "
+                         f"metadata ({e}).") from e
+    validate_state_dict(opt._checkpoint_view(), {"state": {}, "param_groups": groups, FORMAT_KEY: meta})
+    blocks = _loaded_blocks(opt, sd)
+    new_groups = []
+    for group, saved in zip(opt.param_groups, groups):
+        g = dict(group)
+        g.update({k: (tuple(v) if k == "betas" else v) for k, v in saved.items() if k not in ("params", "param_names")})
+        opt._validate_group(g)
+        new_groups.append(g)
+    opt.state.clear()
+    for b in opt._owned:
+        vals = blocks.get(b.key)
+        if vals is None:
+            continue
+        st = opt.state[opt._params[b.param_index]]
+        if b.dim is None:
+            st.update(vals)
+        else:
+            st[b.sub_index] = vals
+    hold_state_entries(opt)
+    for group, g in zip(opt.param_groups, new_groups):
+        group.update({k: v for k, v in g.items() if k not in ("params", "param_names")})
+    glob = dict(meta["global"])
+    opt.num_steps = int(glob.pop("num_steps", 0))
+    opt.skipped_steps = int(glob.pop("skipped_steps", 0))
+    opt._load_global_state(glob)
+    opt._consolidated = None
