@@ -78,6 +78,7 @@ def _error(fn: Any) -> str:
 
 # ---------------------------------------------------------------------- 1. built before the group
 def _w_built_early(rank: int, world: int, name: str, store2: str) -> dict[str, Any]:
+    dist.barrier()  # no rank tears the harness's group down while a peer is still connecting to it
     dist.destroy_process_group()  # as under stock LightningCLI: the optimizer exists first
     early_model = tiny_mlp(sizes=SIZES)
     early = _build(name, early_model)
@@ -106,6 +107,7 @@ def test_built_before_process_group_joins_at_first_step(tmp_path: Path, name: st
 
 
 def _w_stepped_then_joined(rank: int, world: int, name: str, store2: str) -> str:
+    dist.barrier()  # see _w_built_early
     dist.destroy_process_group()
     model = tiny_mlp(sizes=SIZES)
     opt = _build(name, model)
@@ -131,6 +133,7 @@ def _single_process_state(name: str) -> dict[str, Any]:
 def _w_loaded_before_joining(rank: int, world: int, store2: str) -> dict[str, Any]:
     """Every optimizer: built and loaded (e.g. a resumed checkpoint) before the group exists, then
     trained; equal to one built and loaded after the group exists. One spawn for the whole registry."""
+    dist.barrier()  # see _w_built_early
     dist.destroy_process_group()
     early: dict[str, tuple[Any, nn.Module]] = {}
     saved = {spec.name: _single_process_state(spec.name) for spec in REGISTRY}  # a one-process run
