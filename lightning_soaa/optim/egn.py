@@ -17,8 +17,11 @@ from lightning_soaa.functional.gram import (
     GramLayout,
     LinearFactorShape,
     assemble_gram,
+    factors_to,
+    gram_matvec,
     pack_factor_table,
     split_factor_table,
+    transform_factors,
 )
 from lightning_soaa.optim.base import BlockView, ShardedOptimizer, SkipStep, StepRecord, summed
 from lightning_soaa.optim.egn_capture import (
@@ -33,6 +36,10 @@ from lightning_soaa.optim.param_checks import check_step
 __all__ = ["EGN", "MISSING_BATCH_MESSAGE"]
 
 log = logging.getLogger(__name__)
+
+#: from this bc on, a float64 system is assembled and Cholesky-factored in float32 and refined to
+#: float64 accuracy: below it the float64 factorization costs less than the refinement sweeps.
+MIXED_MIN_SIZE = 512
 
 MISSING_BATCH_MESSAGE = (
     "EGN.step() got no mini-batch: EGN forms Jacobians from the inputs and targets, not from a loss. "
@@ -480,7 +487,8 @@ class EGN(ShardedOptimizer):
         b, c = batch.b, batch.c
         self._last = {"loss": ps.f0, "loss_after": decision.f_new, "gtd": decision.gtd,
                       "ls_tries": float(decision.tries), "rho": rho, "step_fallbacks": float(curv.sol.fallbacks),
-                      "solve_damping": curv.sol.damping, "momentum_used": float(decision.use_momentum),
+                      "solve_damping": curv.sol.damping,
+                      "solve_refinements": float(curv.sol.refinements), "momentum_used": float(decision.use_momentum),
                       "gram_size": float(b * c), "batch_size": float(b)}
 
     def _exchange_out(self, decision: _EGNDecision) -> None:
@@ -602,14 +610,31 @@ class EGN(ShardedOptimizer):
         return torch.float64 if self.cfg.solve_dtype == "float64" else self._params[0].dtype
 
     def _solve(self, batch: _Batch, layout: GramLayout, table: Tensor) -> _Curvature:
+        """v, gᵀd and (Jd)ᵀQ(Jd) from the factor table. SᵀKS is assembled from the factors of SᵀJ
+        (Δ̃ = SᵀΔ, no bc×bc×c products); K itself is never formed: K·r and K·v are factor
+        mat-vecs. Large float64 systems are assembled and factored in float32 and refined to float64
+        accuracy with the exact float64 mat-vec (:data:`MIXED_MIN_SIZE`); if that refinement cannot
+        reach it, the system is re-solved in float64."""
         pieces = split_factor_table(layout, table)
-        k = assemble_gram(layout, pieces)
         r2, s = egn_math.residual_and_factor(self.cfg.loss, pieces.outputs, pieces.targets)
         r = r2.reshape(-1)
-        sol = egn_math.solve_coefficients(k, r, s, batch.b, self.damping, max_retries=self.cfg.max_solve_retries)
+        st_kr = egn_math.apply_st(s, gram_matvec(layout, pieces, r))
+        sp = pieces if s is None else transform_factors(layout, pieces, s)
+        args = (r, st_kr, s, batch.b, self.damping)
+        retries = self.cfg.max_solve_retries
+        sol = None
+        if table.dtype == torch.float64 and r.numel() >= MIXED_MIN_SIZE:
+            sol = egn_math.solve_damped(assemble_gram(layout, factors_to(sp, torch.float32)), *args,
+                                        max_retries=retries, apply_base=lambda x: gram_matvec(layout, sp, x))
+            if sol.refine_failed:
+                log.info("EGN: float32 factorization + refinement did not reach float64 accuracy "
+                         "(bc=%d, λ=%.3g); solving in float64", r.numel(), self.damping)
+                sol = None
+        if sol is None:
+            sol = egn_math.solve_damped(assemble_gram(layout, sp), *args, max_retries=retries)
         if not sol.ok:
             return _Curvature(r=r, s=s, sol=sol, gtd=float("nan"), jd_qq=float("nan"))
-        kv = k @ sol.v
+        kv = gram_matvec(layout, pieces, sol.v)
         return _Curvature(r=r, s=s, sol=sol, gtd=egn_math.directional_derivative(r, kv, batch.b),
                           jd_qq=float(egn_math.q_norm_sq(s, kv)))
 
