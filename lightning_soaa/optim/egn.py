@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from lightning_soaa.config import EGNConfig, check_range
 from lightning_soaa.functional import egn as egn_math
 from lightning_soaa.functional.gram import (
+    GramFactors,
     GramLayout,
     LinearFactorShape,
     assemble_gram,
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 
 #: from this bc on, a float64 system is assembled and Cholesky-factored in float32 and refined to
 #: float64 accuracy: below it the float64 factorization costs less than the refinement sweeps.
-MIXED_MIN_SIZE = 512
+MIXED_MIN_SIZE = 256
 
 MISSING_BATCH_MESSAGE = (
     "EGN.step() got no mini-batch: EGN forms Jacobians from the inputs and targets, not from a loss. "
@@ -402,8 +403,8 @@ class EGN(ShardedOptimizer):
         if batch.nonfinite:
             return "non-finite model outputs or loss"
         ps.f0 = batch.f0
-        layout, table = self._gather_factors(batch)  # collective: all_gather_flat
-        curv = ps.curvature = self._solve(batch, layout, table)
+        layout, pieces = self._gather_factors(batch)  # collective: all_gather_flat (W > 1)
+        curv = ps.curvature = self._solve(batch, layout, pieces)
         if not curv.sol.ok:
             return f"the bc system could not be solved after {curv.sol.fallbacks} damping retries"
         ps.at_owners = self.exchange.sum_to_owners(self._vjps(batch, curv))  # collective: reduce_scatter
@@ -583,9 +584,10 @@ class EGN(ShardedOptimizer):
         return sizes, c
 
     # -- 2. the Gram factors of the global batch on every rank: one all-gather --------------
-    def _gather_factors(self, batch: _Batch) -> tuple[GramLayout, Tensor]:
+    def _gather_factors(self, batch: _Batch) -> tuple[GramLayout, GramFactors]:
         """Pack this rank's factor table (one row per sample), all-gather the padded tables, and stack
-        the rows of every rank: the global batch's table, in the solve dtype."""
+        the rows of every rank: the global batch's factors, in the solve dtype. A single process has
+        nobody to exchange with: its factors are used as they are (packing would only copy them)."""
         c = batch.c
         factors = batch.cap.factors(back_signals(batch.z, batch.cap.flat_outputs(), c), c)
         rows = None
@@ -597,25 +599,29 @@ class EGN(ShardedOptimizer):
                         for s, t in zip(self._sites, batch.positions)),
             rest=sum(self._trainable[n].numel() for n in self._explicit),
         )
+        dt = self._solve_dtype()
+        if self.comm.world_size == 1:
+            y = batch.y if layout.class_targets else batch.y.to(dt)
+            return layout, GramFactors(batch.z.detach().to(dt), y, [(a.to(dt), d.to(dt)) for a, d in factors],
+                                       None if rows is None else rows.reshape(batch.b * c, -1).to(dt))
         local = pack_factor_table(layout, batch.z, batch.y, factors, rows)
         bmax = max(batch.sizes)
         buf = torch.zeros(bmax, layout.width, dtype=torch.float64, device=local.device)
         buf[:batch.b_r] = local
         gathered = self.comm.all_gather_flat(buf.reshape(-1)).view(len(batch.sizes), bmax, layout.width)
         table = torch.cat([gathered[r, :n] for r, n in enumerate(batch.sizes)], dim=0)
-        return layout, table.to(self._solve_dtype())
+        return layout, split_factor_table(layout, table.to(dt))
 
     # -- 3. identical on every rank: K, r, Q and the bc×bc solve (no communication) ---------
     def _solve_dtype(self) -> torch.dtype:
         return torch.float64 if self.cfg.solve_dtype == "float64" else self._params[0].dtype
 
-    def _solve(self, batch: _Batch, layout: GramLayout, table: Tensor) -> _Curvature:
+    def _solve(self, batch: _Batch, layout: GramLayout, pieces: GramFactors) -> _Curvature:
         """v, gᵀd and (Jd)ᵀQ(Jd) from the factor table. SᵀKS is assembled from the factors of SᵀJ
         (Δ̃ = SᵀΔ, no bc×bc×c products); K itself is never formed: K·r and K·v are factor
         mat-vecs. Large float64 systems are assembled and factored in float32 and refined to float64
         accuracy with the exact float64 mat-vec (:data:`MIXED_MIN_SIZE`); if that refinement cannot
         reach it, the system is re-solved in float64."""
-        pieces = split_factor_table(layout, table)
         r2, s = egn_math.residual_and_factor(self.cfg.loss, pieces.outputs, pieces.targets)
         r = r2.reshape(-1)
         st_kr = egn_math.apply_st(s, gram_matvec(layout, pieces, r))
@@ -623,7 +629,7 @@ class EGN(ShardedOptimizer):
         args = (r, st_kr, s, batch.b, self.damping)
         retries = self.cfg.max_solve_retries
         sol = None
-        if table.dtype == torch.float64 and r.numel() >= MIXED_MIN_SIZE:
+        if r.dtype == torch.float64 and r.numel() >= MIXED_MIN_SIZE:
             sol = egn_math.solve_damped(assemble_gram(layout, factors_to(sp, torch.float32)), *args,
                                         max_retries=retries, apply_base=lambda x: gram_matvec(layout, sp, x))
             if sol.refine_failed:

@@ -52,7 +52,7 @@ def test_gram_matvec_and_transformed_factors_match_dense_products() -> None:
 
 @pytest.mark.parametrize("loss", ["mse", "cross_entropy", "bce"])
 def test_float32_factorization_with_refinement_meets_float64(loss: str) -> None:
-    b, c = 130, 4  # bc = 520: the size where EGN switches to the mixed solve
+    b, c = 130, 4  # bc = 520: EGN solves such systems in float32 + refinement
     layout, fac = _factors(b, c, seed=2)
     g = torch.Generator().manual_seed(3)
     y = fac.targets if loss == "cross_entropy" else torch.rand(b, c, generator=g, dtype=DT)
