@@ -198,7 +198,8 @@ class EGN(ShardedOptimizer):
        of :mod:`lightning_soaa.functional.gram`): outputs z, targets, each factored
        Linear's inputs A and back-signals Δ, and the explicit Jacobian rows of the other parameters
        (≈ b·(2c + Σ_ℓ T_ℓ(d_in + c·d_out) + c·n_rest) numbers in total). Every rank builds the same
-       global K, r, Q and solves the same bc×bc system (``_solve``).
+       global r, Q and SᵀKS and solves the same bc×bc system (``_solve``). A single process skips
+       this gather (there is nothing to exchange) and uses its factors directly.
     3. ``reduce_scatter_flat`` (``exchange.sum_to_owners``): d = Jᵀv as the sum over ranks of each rank's VJP with its slice of v
        (and g = −Jᵀr/b when momentum is on), delivered to the parameter owners.
     4. ``all_reduce_scalars`` (the template's): non-finite flag and the owners' partial gᵀd.
@@ -227,7 +228,9 @@ class EGN(ShardedOptimizer):
         armijo_c, ls_decrease, ls_increase, max_ls, ls_reset: line search (0.1, 0.8, 1.5, 15, "increase").
         rho_low, rho_high, damping_increase, damping_decrease, damping_min, damping_max: λ rule
             (0.25, 0.75, 1.01, 0.99, 1e-12, 1e6).
-        solve_dtype: ``"float64"`` (default) or ``"model"``.
+        solve_dtype: ``"float64"`` (default) or ``"model"``. With float64, systems with bc ≥
+            ``MIXED_MIN_SIZE`` (256) are assembled and Cholesky-factored in float32 and refined with exact
+            float64 mat-vecs to float64 accuracy (re-solved in float64 when the refinement cannot get there).
         max_solve_retries: Cholesky retries with 10·λ (default 6).
         max_gram_size: largest bc allowed (default 4096); larger batches raise ``ValueError``.
         jacobian: ``"auto"`` (Linear factors + explicit rest) or ``"explicit"`` (default ``"auto"``).
