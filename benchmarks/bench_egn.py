@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 SIZES = (32, 64, 64, 10)  # MLP widths: d_in, hidden, hidden, classes
 
@@ -106,7 +107,7 @@ def ttt_worker(name: str, seeds: int) -> dict:
     return compare(name, seeds)
 
 
-def _plot_ttt(ax, ttt: list[dict]) -> None:  # noqa: ANN001 - a matplotlib Axes
+def _plot_ttt(ax: Any, ttt: list[dict]) -> None:  # ax: a matplotlib Axes
     """CPU seconds to the validation target per dataset: median bar, min-max whiskers over seeds."""
     for j, t in enumerate(ttt):
         best = [r for r in t["runs_adamw"] if r["lr"] == t["adamw_best_lr"]]

@@ -24,11 +24,11 @@ from torch import nn
 # floor of this MLP (some seeds of both optimizers never reach it), so its target is 0.15.
 TARGETS = {"digits": (0.15, 1500, 500), "synthetic2": (0.25, 1000, 300)}
 ADAMW_LRS = (1e-3, 3e-3, 1e-2)
-EGN_KW = dict(lr=0.5, damping=1.0, line_search=True)
+EGN_KW = {"lr": 0.5, "damping": 1.0, "line_search": True}
 
 
 def load(name: str) -> tuple[torch.Tensor, ...]:
-    from sklearn.datasets import load_digits, make_classification
+    from sklearn.datasets import load_digits, make_classification  # type: ignore[import-untyped]
 
     if name == "digits":
         x, y = load_digits(return_X_y=True)

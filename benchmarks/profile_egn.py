@@ -12,14 +12,14 @@ import argparse
 import cProfile
 import json
 import pstats
-import time
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_egn import SIZES, _mlp  # noqa: E402
+from bench_egn import SIZES, _mlp
 
 # (label, file suffix, function name[, only the time under this caller]); none of these calls another
 # in the list (gram_matvec also runs inside solve_damped's refinement: that part counts as the solve)

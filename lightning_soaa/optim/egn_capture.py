@@ -120,10 +120,10 @@ class LinearCapture:
         flat = iter(deltas)
         for i, site in enumerate(self.sites):
             m = site.module
-            like = dict(dtype=m.weight.dtype, device=m.weight.device)
+            dt, dev = m.weight.dtype, m.weight.device
             if not self.inputs[i]:
-                out.append((torch.zeros(b, 0, m.in_features, **like),
-                            torch.zeros(b, c, 0, m.out_features, **like)))
+                out.append((torch.zeros(b, 0, m.in_features, dtype=dt, device=dev),
+                            torch.zeros(b, c, 0, m.out_features, dtype=dt, device=dev)))
                 continue
             a = torch.cat(self.inputs[i], dim=1)
             ds = []
