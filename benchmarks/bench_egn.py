@@ -3,8 +3,12 @@
 Every (optimizer, batch size, Jacobian path) runs in a fresh subprocess so that its peak resident set
 size is its own: memory is the growth of ``ru_maxrss`` (resource.getrusage, KiB on Linux) from just
 before the first step to the end of the run — a high-water-mark delta of the whole process, which
-includes the allocator's slack. Times are the median wall time of ``--steps`` steps after one warm-up
-step (``time.perf_counter``), single thread. The bytes of the per-step EGN exchange buffer (what
+includes the allocator's slack. Times are the median CPU time (``time.process_time``; the machine is
+shared, so wall time is reported too) of ``--steps`` steps after one warm-up step, single thread, with
+the min-max spread; the load average is recorded before and after.
+
+The same run measures time to a validation-loss target on small tabular MLPs (batch 32), EGN vs torch
+AdamW over ``--seeds`` seeds (``benchmarks/egn_time_to_target.py``). The bytes of the per-step EGN exchange buffer (what
 ``all_gather_flat`` would move across ranks) are computed exactly from the shapes as well.
 
     python benchmarks/bench_egn.py            # writes benchmarks/results/bench_egn.{json,png}
@@ -22,6 +26,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 SIZES = (32, 64, 64, 10)  # MLP widths: d_in, hidden, hidden, classes
 
@@ -80,14 +85,43 @@ def worker(kind: str, b: int, steps: int) -> dict:
 
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     losses = [one()]  # warm-up
-    times = []
+    times, cpu = [], []
     for _ in range(steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         losses.append(one())
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"kind": kind, "b": b, "step_s_median": statistics.median(times), "step_s_all": times,
+    return {"kind": kind, "b": b, "step_s_median": statistics.median(cpu), "step_s_range": [min(cpu), max(cpu)],
+            "step_cpu_s_all": cpu, "step_wall_s_median": statistics.median(times), "step_wall_s_all": times,
             "peak_rss_delta_mib": (rss1 - rss0) / 1024.0, "loss_first": losses[0], "loss_last": losses[-1]}
+
+
+def ttt_worker(name: str, seeds: int) -> dict:
+    import torch
+
+    torch.set_num_threads(1)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from egn_time_to_target import compare
+
+    return compare(name, seeds)
+
+
+def _plot_ttt(ax: Any, ttt: list[dict]) -> None:  # ax: a matplotlib Axes
+    """CPU seconds to the validation target per dataset: median bar, min-max whiskers over seeds."""
+    for j, t in enumerate(ttt):
+        best = [r for r in t["runs_adamw"] if r["lr"] == t["adamw_best_lr"]]
+        for off, runs, label, color in ((-0.2, best, "AdamW (best lr)", "C0"), (0.2, t["runs_egn"], "EGN", "C1")):
+            vals = [r["cpu_s"] for r in runs if r["reached"]]
+            if not vals:
+                continue
+            med = statistics.median(vals)
+            ax.bar(j + off, med, width=0.4, color=color, label=label if j == 0 else None,
+                   yerr=[[med - min(vals)], [max(vals) - med]], capsize=4)
+    ax.set_xticks(range(len(ttt)), [f"{t['dataset']}\n(val {t['target_val_loss']})" for t in ttt])
+    ax.set_title("CPU s to validation target (b=32)")
+    if ttt:
+        ax.legend()
 
 
 def main() -> None:
@@ -95,11 +129,16 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[16, 64, 256])
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    ap.add_argument("--seeds", type=int, default=3, help="time-to-target seeds (0: skip)")
     ap.add_argument("--worker", nargs=2, metavar=("KIND", "B"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker[0], int(args.worker[1]), args.steps)))
+        if args.worker[0] == "ttt":
+            print(json.dumps(ttt_worker(args.worker[1], args.seeds)))
+        else:
+            print(json.dumps(worker(args.worker[0], int(args.worker[1]), args.steps)))
         return
+    load_before = os.getloadavg()
     rows = []
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for b in args.batches:
@@ -110,7 +149,8 @@ def main() -> None:
             if kind != "adamw":
                 row["exchange_bytes"] = _exchange_bytes(b, "auto" if kind == "egn_gram" else "explicit")
             rows.append(row)
-            print(f"b={b:4d} {kind:13s} step {row['step_s_median'] * 1e3:9.2f} ms  "
+            print(f"b={b:4d} {kind:13s} step {row['step_s_median'] * 1e3:9.2f} ms CPU "
+                  f"({row['step_s_range'][0] * 1e3:.2f}-{row['step_s_range'][1] * 1e3:.2f})  "
                   f"peak RSS +{row['peak_rss_delta_mib']:8.1f} MiB  loss {row['loss_first']:.3f} -> "
                   f"{row['loss_last']:.3f}", flush=True)
     by = {(r["kind"], r["b"]): r for r in rows}
@@ -124,9 +164,22 @@ def main() -> None:
                        "egn_explicit_over_gram_rss": ratio(m, "egn_explicit", "egn_gram", b),
                        "explicit_over_gram_exchange_bytes": ratio("exchange_bytes", "egn_explicit", "egn_gram", b)}
               for b in args.batches}
+    ttt = []
+    for name in (("digits", "synthetic2") if args.seeds > 0 else ()):
+        cmd = [sys.executable, __file__, "--worker", "ttt", name, "--seeds", str(args.seeds)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+        ttt.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        t = ttt[-1]
+        print(f"time to val loss {t['target_val_loss']} on {name}: EGN {t['egn_steps_median']} steps, "
+              f"{t['egn_cpu_s_median']:.2f} s CPU; AdamW (lr {t['adamw_best_lr']}) {t['adamw_steps_median']} steps, "
+              f"{t['adamw_cpu_s_median']:.2f} s CPU; EGN/AdamW CPU time "
+              f"{t.get('egn_over_adamw_cpu_median', float('nan')):.2f}x", flush=True)
     import torch
 
-    result = {"benchmark": "bench_egn", "mlp_sizes": SIZES, "loss": "cross_entropy", "dtype": "float32",
+    result = {"benchmark": "bench_egn", "load_average_before": load_before, "load_average_after": os.getloadavg(),
+              "time_to_target": ttt,
+              "step_time_metric": "CPU time per step (process_time), median of --steps",
+              "mlp_sizes": SIZES, "loss": "cross_entropy", "dtype": "float32",
               "threads": 1, "steps_timed": args.steps, "memory_metric": "ru_maxrss growth over the run (MiB)",
               "torch": torch.__version__, "machine": platform.platform(), "processor": platform.processor(),
               "rows": rows, "ratios": ratios}
@@ -137,7 +190,7 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
     labels = (("adamw", "AdamW", "C0"), ("egn_gram", "EGN (Gram factors)", "C1"),
               ("egn_explicit", "EGN (explicit J)", "C2"))
     bs = list(args.batches)
@@ -147,8 +200,9 @@ def main() -> None:
         axes[1].plot(bs, [max(by[(kind, b)]["peak_rss_delta_mib"], 1e-2) for b in bs], **style)
         if kind != "adamw":
             axes[2].plot(bs, [by[(kind, b)]["exchange_bytes"] / 2**20 for b in bs], **style)
-    titles = ("median step time (ms)", "peak RSS growth (MiB)", "EGN exchange buffer (MiB)")
-    for ax, title in zip(axes, titles):
+    titles = ("median CPU time per step (ms)", "peak RSS growth (MiB)", "EGN exchange buffer (MiB)")
+    _plot_ttt(axes[3], ttt)
+    for ax, title in zip(axes[:3], titles):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("batch size b")

@@ -27,11 +27,14 @@ __all__ = [
     "GramLayout",
     "LinearFactorShape",
     "assemble_gram",
+    "factors_to",
+    "gram_matvec",
     "jacobian_gram",
     "linear_gram",
     "linear_jacobian_rows",
     "pack_factor_table",
     "split_factor_table",
+    "transform_factors",
 ]
 
 
@@ -184,8 +187,73 @@ def assemble_gram(layout: GramLayout, factors: GramFactors) -> Tensor:
     n = factors.outputs.shape[0] * layout.num_outputs
     k = torch.zeros(n, n, dtype=factors.outputs.dtype, device=factors.outputs.device)
     for s, (a, delta) in zip(layout.sites, factors.linear):
-        if s.positions:
+        if not s.positions or not (s.weight or s.bias):
+            continue
+        if s.positions == 1:
+            _add_linear_gram_t1(k, a[:, 0], delta[:, :, 0], weight=s.weight, bias=s.bias)
+        else:
             k += linear_gram(a, delta, weight=s.weight, bias=s.bias)
     if factors.rows is not None:
-        k += jacobian_gram(factors.rows)
+        k.addmm_(factors.rows, factors.rows.T)
     return k
+
+
+def _add_linear_gram_t1(k: Tensor, a: Tensor, delta: Tensor, *, weight: bool, bias: bool) -> None:
+    """k += (AAᵀ + 1) ⊙ (ΔΔᵀ) for one position per sample (a [b, d_in], delta [b, c, d_out]), in place:
+    one GEMM over d_out and one broadcast multiply, so no n×n temporary besides ΔΔᵀ."""
+    b, c, d_out = delta.shape
+    dd = delta.reshape(b * c, d_out)
+    g = dd @ dd.T
+    if weight:
+        ga = a @ a.T
+        if bias:
+            ga += 1.0
+        g.view(b, c, b, c).mul_(ga[:, None, :, None])
+    k += g
+
+
+def factors_to(factors: GramFactors, dtype: torch.dtype) -> GramFactors:
+    """The same factors in another dtype (e.g. float32 for a Gram matrix that is refined in float64)."""
+    return GramFactors(factors.outputs.to(dtype), factors.targets,
+                       [(a.to(dtype), d.to(dtype)) for a, d in factors.linear],
+                       None if factors.rows is None else factors.rows.to(dtype))
+
+
+def transform_factors(layout: GramLayout, factors: GramFactors, s: Tensor) -> GramFactors:
+    """The factors of SᵀJ for a block-diagonal S = blockdiag_i(S_i) ([b, c, c]).
+
+    Row (i, k) of SᵀJ is Σ_a S_i[a, k] J_(i,a); every Linear row is δ_ia ⊗ [a_i; 1], so SᵀJ has the
+    same inputs A and back-signals Δ̃_i = S_iᵀ Δ_i, and :func:`assemble_gram` of the result is SᵀKS
+    at the cost of K (no bc×bc×c products).
+    """
+    b, c = factors.outputs.shape[0], layout.num_outputs
+    st = s.transpose(1, 2)
+    linear = [(a, torch.bmm(st, d.reshape(b, c, -1)).reshape(d.shape)) for a, d in factors.linear]
+    rows = None
+    if factors.rows is not None:
+        rows = torch.bmm(st, factors.rows.reshape(b, c, -1)).reshape(b * c, -1)
+    return GramFactors(factors.outputs, factors.targets, linear, rows)
+
+
+def gram_matvec(layout: GramLayout, factors: GramFactors, u: Tensor) -> Tensor:
+    """K u = J (Jᵀ u) for a bc-vector u without forming K: per Linear, Jᵀu is the layer-shaped
+    Σ_ik u_ik δ_ik ⊗ [a_i; 1], and J of it is read back through the same factors. Costs
+    O(b·T·d_out·(c + d_in)) per Linear instead of the (bc)² of a dense product."""
+    b, c = factors.outputs.shape[0], layout.num_outputs
+    uu = u.reshape(b, c)
+    out = torch.zeros_like(uu)
+    for s, (a, delta) in zip(layout.sites, factors.linear):
+        if not s.positions or not (s.weight or s.bias):
+            continue
+        # per sample: m_t = Σ_k u_k δ_kt (Δᵀu, [b, T·d_out]) as one batched GEMM; bmm keeps the
+        # per-call overhead low, which is what a small model's step pays for
+        d3 = delta.reshape(b, c, s.positions * s.d_out)
+        m = torch.bmm(uu.unsqueeze(1), d3).reshape(b * s.positions, s.d_out)
+        a2 = a.reshape(b * s.positions, s.d_in)
+        h = a2 @ (m.T @ a2).T if s.weight else torch.zeros_like(m)  # J(Jᵀu) through the weight
+        if s.bias:
+            h = h + m.sum(dim=0)
+        out += torch.bmm(d3, h.reshape(b, s.positions * s.d_out, 1)).reshape(b, c)
+    if factors.rows is not None:
+        out += (factors.rows @ (factors.rows.T @ u)).reshape(b, c)
+    return out.reshape(-1)

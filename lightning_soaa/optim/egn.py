@@ -16,11 +16,15 @@ from lightning_soaa.distributed.blocks import BlockInfo
 from lightning_soaa.distributed.checkpoint import StateField, check_finite_number
 from lightning_soaa.functional import egn as egn_math
 from lightning_soaa.functional.gram import (
+    GramFactors,
     GramLayout,
     LinearFactorShape,
     assemble_gram,
+    factors_to,
+    gram_matvec,
     pack_factor_table,
     split_factor_table,
+    transform_factors,
 )
 from lightning_soaa.optim.base import BlockView, ShardedOptimizer, SkipStep, StepRecord, summed
 from lightning_soaa.optim.egn_capture import (
@@ -35,6 +39,10 @@ from lightning_soaa.optim.param_checks import check_step
 __all__ = ["EGN", "MISSING_BATCH_MESSAGE"]
 
 log = logging.getLogger(__name__)
+
+#: from this bc on, a float64 system is assembled and Cholesky-factored in float32 and refined to
+#: float64 accuracy: below it the float64 factorization costs less than the refinement sweeps.
+MIXED_MIN_SIZE = 256
 
 MISSING_BATCH_MESSAGE = (
     "EGN.step() got no mini-batch: EGN forms Jacobians from the inputs and targets, not from a loss. "
@@ -194,7 +202,8 @@ class EGN(ShardedOptimizer):
        of :mod:`lightning_soaa.functional.gram`): outputs z, targets, each factored
        Linear's inputs A and back-signals Δ, and the explicit Jacobian rows of the other parameters
        (≈ b·(2c + Σ_ℓ T_ℓ(d_in + c·d_out) + c·n_rest) numbers in total). Every rank builds the same
-       global K, r, Q and solves the same bc×bc system (``_solve``).
+       global r, Q and SᵀKS and solves the same bc×bc system (``_solve``). A single process skips
+       this gather (there is nothing to exchange) and uses its factors directly.
     3. ``reduce_scatter_flat`` (``exchange.sum_to_owners``): d = Jᵀv as the sum over ranks of each rank's
        VJP with its slice of v (and g = −Jᵀr/b when momentum is on), delivered to the parameter owners.
     4. ``all_reduce_scalars`` (the template's): non-finite flag and the owners' partial gᵀd.
@@ -223,7 +232,9 @@ class EGN(ShardedOptimizer):
         armijo_c, ls_decrease, ls_increase, max_ls, ls_reset: line search (0.1, 0.8, 1.5, 15, "increase").
         rho_low, rho_high, damping_increase, damping_decrease, damping_min, damping_max: λ rule
             (0.25, 0.75, 1.01, 0.99, 1e-12, 1e6).
-        solve_dtype: ``"float64"`` (default) or ``"model"``.
+        solve_dtype: ``"float64"`` (default) or ``"model"``. With float64, systems with bc ≥
+            ``MIXED_MIN_SIZE`` (256) are assembled and Cholesky-factored in float32 and refined with exact
+            float64 mat-vecs to float64 accuracy (re-solved in float64 when the refinement cannot get there).
         max_solve_retries: Cholesky retries with 10·λ (default 6).
         max_gram_size: largest bc allowed (default 4096); larger batches raise ``ValueError``.
         jacobian: ``"auto"`` (Linear factors + explicit rest) or ``"explicit"`` (default ``"auto"``).
@@ -419,8 +430,8 @@ class EGN(ShardedOptimizer):
         if batch.nonfinite:
             return "non-finite model outputs or loss"
         ps.f0 = batch.f0
-        layout, table = self._gather_factors(batch)  # collective: all_gather_flat
-        curv = ps.curvature = self._solve(batch, layout, table)
+        layout, pieces = self._gather_factors(batch)  # collective: all_gather_flat (W > 1)
+        curv = ps.curvature = self._solve(batch, layout, pieces)
         if not curv.sol.ok:
             return f"the bc system could not be solved after {curv.sol.fallbacks} damping retries"
         ps.at_owners = self.exchange.sum_to_owners(self._vjps(batch, curv))  # collective: reduce_scatter
@@ -504,7 +515,8 @@ class EGN(ShardedOptimizer):
         b, c = batch.b, batch.c
         self._last = {"loss": ps.f0, "loss_after": decision.f_new, "gtd": decision.gtd,
                       "ls_tries": float(decision.tries), "rho": rho, "step_fallbacks": float(curv.sol.fallbacks),
-                      "solve_damping": curv.sol.damping, "momentum_used": float(decision.use_momentum),
+                      "solve_damping": curv.sol.damping,
+                      "solve_refinements": float(curv.sol.refinements), "momentum_used": float(decision.use_momentum),
                       "gram_size": float(b * c), "batch_size": float(b)}
 
     def _exchange_out(self, decision: _EGNDecision) -> None:
@@ -609,9 +621,10 @@ class EGN(ShardedOptimizer):
         return sizes, c
 
     # -- 2. the Gram factors of the global batch on every rank: one all-gather --------------
-    def _gather_factors(self, batch: _Batch) -> tuple[GramLayout, Tensor]:
+    def _gather_factors(self, batch: _Batch) -> tuple[GramLayout, GramFactors]:
         """Pack this rank's factor table (one row per sample), all-gather the padded tables, and stack
-        the rows of every rank: the global batch's table, in the solve dtype."""
+        the rows of every rank: the global batch's factors, in the solve dtype. A single process has
+        nobody to exchange with: its factors are used as they are (packing would only copy them)."""
         c = batch.c
         factors = batch.cap.factors(back_signals(batch.z, batch.cap.flat_outputs(), c), c)
         rows = None
@@ -623,27 +636,48 @@ class EGN(ShardedOptimizer):
                         for s, t in zip(self._sites, batch.positions)),
             rest=sum(self._trainable[n].numel() for n in self._explicit),
         )
+        dt = self._solve_dtype()
+        if self.comm.world_size == 1:
+            y = batch.y if layout.class_targets else batch.y.to(dt)
+            return layout, GramFactors(batch.z.detach().to(dt), y, [(a.to(dt), d.to(dt)) for a, d in factors],
+                                       None if rows is None else rows.reshape(batch.b * c, -1).to(dt))
         local = pack_factor_table(layout, batch.z, batch.y, factors, rows)
         bmax = max(batch.sizes)
         buf = torch.zeros(bmax, layout.width, dtype=torch.float64, device=local.device)
         buf[:batch.b_r] = local
         gathered = self.comm.all_gather_flat(buf.reshape(-1)).view(len(batch.sizes), bmax, layout.width)
         table = torch.cat([gathered[r, :n] for r, n in enumerate(batch.sizes)], dim=0)
-        return layout, table.to(self._solve_dtype())
+        return layout, split_factor_table(layout, table.to(dt))
 
     # -- 3. identical on every rank: K, r, Q and the bc×bc solve (no communication) ---------
     def _solve_dtype(self) -> torch.dtype:
         return torch.float64 if self.config.solve_dtype == "float64" else self._params[0].dtype
 
-    def _solve(self, batch: _Batch, layout: GramLayout, table: Tensor) -> _Curvature:
-        pieces = split_factor_table(layout, table)
-        k = assemble_gram(layout, pieces)
+    def _solve(self, batch: _Batch, layout: GramLayout, pieces: GramFactors) -> _Curvature:
+        """v, gᵀd and (Jd)ᵀQ(Jd) from the factor table. SᵀKS is assembled from the factors of SᵀJ
+        (Δ̃ = SᵀΔ, no bc×bc×c products); K itself is never formed: K·r and K·v are factor
+        mat-vecs. Large float64 systems are assembled and factored in float32 and refined to float64
+        accuracy with the exact float64 mat-vec (:data:`MIXED_MIN_SIZE`); if that refinement cannot
+        reach it, the system is re-solved in float64."""
         r2, s = egn_math.residual_and_factor(self.config.loss, pieces.outputs, pieces.targets)
         r = r2.reshape(-1)
-        sol = egn_math.solve_coefficients(k, r, s, batch.b, self.damping, max_retries=self.config.max_solve_retries)
+        st_kr = egn_math.apply_st(s, gram_matvec(layout, pieces, r))
+        sp = pieces if s is None else transform_factors(layout, pieces, s)
+        args = (r, st_kr, s, batch.b, self.damping)
+        retries = self.config.max_solve_retries
+        sol = None
+        if r.dtype == torch.float64 and r.numel() >= MIXED_MIN_SIZE:
+            sol = egn_math.solve_damped(assemble_gram(layout, factors_to(sp, torch.float32)), *args,
+                                        max_retries=retries, apply_base=lambda x: gram_matvec(layout, sp, x))
+            if sol.refine_failed:
+                log.info("EGN: float32 factorization + refinement did not reach float64 accuracy "
+                         "(bc=%d, λ=%.3g); solving in float64", r.numel(), self.damping)
+                sol = None
+        if sol is None:
+            sol = egn_math.solve_damped(assemble_gram(layout, sp), *args, max_retries=retries)
         if not sol.ok:
             return _Curvature(r=r, s=s, sol=sol, gtd=float("nan"), jd_qq=float("nan"))
-        kv = k @ sol.v
+        kv = gram_matvec(layout, pieces, sol.v)
         return _Curvature(r=r, s=s, sol=sol, gtd=egn_math.directional_derivative(r, kv, batch.b),
                           jd_qq=float(egn_math.q_norm_sq(s, kv)))
 

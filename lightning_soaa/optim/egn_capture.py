@@ -13,11 +13,14 @@ Jacobians (torch.func) for every other trainable parameter. No communication her
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, jvp, vmap
+
+log = logging.getLogger(__name__)
 
 __all__ = ["LinearSite", "plan_curvature", "LinearCapture", "back_signals", "explicit_jacobian_rows",
            "jvp_outputs"]
@@ -107,47 +110,57 @@ class LinearCapture:
 
         return hook
 
-    def factors(self, deltas: list[list[Tensor | None]], num_outputs: int) -> list[tuple[Tensor, Tensor]]:
-        """Per site: A [b, T, d_in] and Δ [b, c, T, d_out], calls concatenated along T."""
+    def factors(self, deltas: list[Tensor | None], num_outputs: int) -> list[tuple[Tensor, Tensor]]:
+        """Per site: A [b, T, d_in] and Δ [b, c, T, d_out], calls concatenated along T.
+
+        ``deltas``: per recorded output (in :meth:`flat_outputs` order) its back-signals for all c
+        output columns at once, [c, *output.shape] (None: the output does not reach z)."""
         out = []
         b, c = self.batch_size, num_outputs
+        flat = iter(deltas)
         for i, site in enumerate(self.sites):
             m = site.module
+            dt, dev = m.weight.dtype, m.weight.device
             if not self.inputs[i]:
-                dt, dev = m.weight.dtype, m.weight.device
                 out.append((torch.zeros(b, 0, m.in_features, dtype=dt, device=dev),
                             torch.zeros(b, c, 0, m.out_features, dtype=dt, device=dev)))
                 continue
             a = torch.cat(self.inputs[i], dim=1)
             ds = []
-            for call, y in enumerate(self.outputs[i]):
-                per_k = [deltas[k][self._flat_index(i, call)] for k in range(c)]
-                filled = [torch.zeros_like(y) if g is None else g for g in per_k]
-                ds.append(torch.stack([g.reshape(b, -1, m.out_features) for g in filled], dim=1))
+            for y in self.outputs[i]:
+                g = next(flat)
+                g = torch.zeros(c, *y.shape, dtype=y.dtype, device=y.device) if g is None else g
+                ds.append(g.reshape(c, b, -1, m.out_features).transpose(0, 1))
             out.append((a, torch.cat(ds, dim=2)))
         return out
 
     def flat_outputs(self) -> list[Tensor]:
         return [y for ys in self.outputs for y in ys]
 
-    def _flat_index(self, site: int, call: int) -> int:
-        return sum(len(ys) for ys in self.outputs[:site]) + call
 
+def back_signals(z: Tensor, outs: list[Tensor], num_outputs: int) -> list[Tensor | None]:
+    """δ for every output column k at once: per recorded layer output y, [c, *y.shape] with slice k
+    the gradient of Σ_i z_ik with respect to y.
 
-def back_signals(z: Tensor, outs: list[Tensor], num_outputs: int) -> list[list[Tensor | None]]:
-    """δ for every output column k: grads of Σ_i z_ik with respect to each recorded layer output.
-
-    Samples are independent (eval mode), so ∂(Σ_i z_ik)/∂y_j = ∂z_jk/∂y_j: c backward passes give
-    every sample's back-signals.
+    Samples are independent (eval mode), so ∂(Σ_i z_ik)/∂y_j = ∂z_jk/∂y_j. The c one-hot cotangents
+    go through ONE batched backward (``is_grads_batched``, vmap over the backward graph) instead of c
+    backward passes; models whose backward ops have no batching rule fall back to the loop.
     """
     if not outs:
-        return [[] for _ in range(num_outputs)]
-    res: list[list[Tensor | None]] = []
-    for k in range(num_outputs):
-        e = torch.zeros_like(z)
-        e[:, k] = 1.0
-        res.append(list(torch.autograd.grad(z, outs, grad_outputs=e, retain_graph=True, allow_unused=True)))
-    return res
+        return []
+    c = num_outputs
+    eye = torch.eye(c, dtype=z.dtype, device=z.device)
+    cot = eye[:, None, :].expand(c, *z.shape)  # cot[k] = e_k for every sample
+    try:
+        grads = torch.autograd.grad(z, outs, grad_outputs=cot, retain_graph=True, allow_unused=True,
+                                    is_grads_batched=True)
+        return list(grads)
+    except RuntimeError as exc:  # an op without a vmap rule for its backward
+        log.debug("EGN: batched back-signals unavailable (%s); one backward per output column", exc)
+    per_k = [torch.autograd.grad(z, outs, grad_outputs=cot[k], retain_graph=True, allow_unused=True)
+             for k in range(c)]
+    return [None if per_k[0][j] is None else torch.stack([g[j] for g in per_k])
+            for j in range(len(outs))]
 
 
 def _single(model: nn.Module, pdict: dict[str, Tensor], xs: tuple[Tensor, ...]) -> Tensor:

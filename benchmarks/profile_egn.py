@@ -1,0 +1,93 @@
+"""Where an EGN step's time goes: cProfile of W=1 steps on the bench_egn MLP, per phase.
+
+Each phase is the cumulative CPU time (cProfile with process_time) of the function that implements it
+(functions are nested,
+so ``other`` is the step's total minus the named phases, which do not overlap). Single thread.
+
+    python benchmarks/profile_egn.py [--batches 16 64 256] [--steps 5] [--solve-dtype float64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import pstats
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_egn import SIZES, _mlp
+
+# (label, file suffix, function name[, only the time under this caller]); none of these calls another
+# in the list (gram_matvec also runs inside solve_damped's refinement: that part counts as the solve)
+PHASES: tuple[tuple[str, ...], ...] = (
+    ("capture forward + loss", "optim/egn.py", "_forward_capture"),
+    ("back signals", "optim/egn_capture.py", "back_signals"),
+    ("factor packing", "optim/egn_capture.py", "factors"),
+    ("factor packing", "functional/gram.py", "pack_factor_table"),
+    ("Gram assembly", "functional/gram.py", "assemble_gram"),
+    ("residual, Q factors", "functional/egn.py", "residual_and_factor"),
+    ("solve", "functional/egn.py", "solve_coefficients"),
+    ("solve", "functional/egn.py", "solve_damped"),
+    ("K mat-vecs, S^T J factors", "functional/gram.py", "gram_matvec", "_solve"),
+    ("K mat-vecs, S^T J factors", "functional/gram.py", "transform_factors"),
+    ("VJPs d = J^T v", "optim/egn.py", "_vjps"),
+    ("trial losses (line search)", "optim/egn.py", "_trial_loss"),
+)
+
+
+def profile(b: int, steps: int, solve_dtype: str, line_search: bool) -> dict[str, float]:
+    from lightning_soaa import EGN
+
+    torch.set_num_threads(1)
+    model = _mlp()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(b, SIZES[0], generator=g)
+    y = torch.randint(0, SIZES[-1], (b,), generator=g)
+    opt = EGN(model, loss="cross_entropy", lr=0.5, damping=1.0, max_gram_size=1 << 14,
+              solve_dtype=solve_dtype, line_search=line_search)
+    opt.step(inputs=x, targets=y)  # warm-up
+    prof = cProfile.Profile(time.process_time)  # CPU time: the machine is shared
+    prof.enable()
+    for _ in range(steps):
+        opt.step(inputs=x, targets=y)
+    prof.disable()
+    stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
+    out: dict[str, float] = {}
+    total = 0.0
+    for (file, _line, func), (_cc, _nc, _tt, ct, callers) in stats.items():
+        if func == "step" and file.endswith("optim/egn.py"):
+            total += ct
+        for label, suffix, name, *caller in PHASES:
+            if func == name and file.endswith(suffix):
+                if caller:  # only the calls made directly by that caller
+                    ct = sum(v[3] for k, v in callers.items() if k[2] == caller[0])
+                out[label] = out.get(label, 0.0) + ct
+    per = {k: 1e3 * v / steps for k, v in out.items()}
+    per["other (template, exchanges, checks)"] = 1e3 * total / steps - sum(per.values())
+    per["step total"] = 1e3 * total / steps
+    return per
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", type=int, nargs="+", default=[16, 64, 256])
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--solve-dtype", default="float64")
+    ap.add_argument("--line-search", action="store_true")
+    args = ap.parse_args()
+    table = {b: profile(b, args.steps, args.solve_dtype, args.line_search) for b in args.batches}
+    labels = list(dict.fromkeys(k for per in table.values() for k in per))
+    print("| phase (ms/step, cProfile) | " + " | ".join(f"b={b}" for b in args.batches) + " |")
+    print("|---|" + "---|" * len(args.batches))
+    for k in labels:
+        print(f"| {k} | " + " | ".join(f"{table[b].get(k, 0.0):.2f}" for b in args.batches) + " |")
+    print(json.dumps({str(b): v for b, v in table.items()}))
+
+
+if __name__ == "__main__":
+    main()

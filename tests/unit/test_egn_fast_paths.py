@@ -1,0 +1,112 @@
+"""EGN's fast paths against float64 references: factor mat-vecs K·u, the SᵀJ factors (SᵀKS without
+bc×bc×c products), the float32-factorization + float64-refinement solve, batched back-signals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_soaa.functional import egn as F
+from lightning_soaa.functional.gram import (
+    GramFactors,
+    GramLayout,
+    LinearFactorShape,
+    assemble_gram,
+    factors_to,
+    gram_matvec,
+    transform_factors,
+)
+from lightning_soaa.optim.egn import EGN, MIXED_MIN_SIZE
+from lightning_soaa.optim.egn_capture import LinearCapture, back_signals, plan_curvature
+from tests.harness.models import tiny_mlp
+from tests.unit._egn_oracle import direct_direction, flat_params
+
+DT = torch.float64
+
+
+def _factors(b: int, c: int, seed: int = 0, scale: float = 1.0) -> tuple[GramLayout, GramFactors]:
+    """Two Linear sites (T=1 with weight+bias, T=3 weight only), a bias-only site, explicit rows."""
+    g = torch.Generator().manual_seed(seed)
+    sites = (LinearFactorShape(1, 5, 4), LinearFactorShape(3, 3, 2, bias=False),
+             LinearFactorShape(1, 2, 3, weight=False), LinearFactorShape(0, 2, 2))
+    linear = [(scale * torch.randn(b, s.positions, s.d_in, generator=g, dtype=DT),
+               torch.randn(b, c, s.positions, s.d_out, generator=g, dtype=DT)) for s in sites]
+    layout = GramLayout(num_outputs=c, class_targets=True, sites=sites, rest=4)
+    z = torch.randn(b, c, generator=g, dtype=DT)
+    y = torch.randint(0, c, (b,), generator=g)
+    return layout, GramFactors(z, y, linear, torch.randn(b * c, 4, generator=g, dtype=DT))
+
+
+def test_gram_matvec_and_transformed_factors_match_dense_products() -> None:
+    layout, fac = _factors(b=6, c=3)
+    k = assemble_gram(layout, fac)
+    u = torch.randn(18, generator=torch.Generator().manual_seed(1), dtype=DT)
+    torch.testing.assert_close(gram_matvec(layout, fac, u), k @ u, rtol=1e-12, atol=1e-12)
+    _, s = F.residual_and_factor("cross_entropy", fac.outputs, fac.targets)
+    stks = torch.einsum("iak,iajb,jbl->ikjl", s, k.view(6, 3, 6, 3), s).reshape(18, 18)
+    sp = transform_factors(layout, fac, s)
+    torch.testing.assert_close(assemble_gram(layout, sp), stks, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gram_matvec(layout, sp, u), stks @ u, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy", "bce"])
+def test_float32_factorization_with_refinement_meets_float64(loss: str) -> None:
+    b, c = 130, 4  # bc = 520: EGN solves such systems in float32 + refinement
+    layout, fac = _factors(b, c, seed=2)
+    g = torch.Generator().manual_seed(3)
+    y = fac.targets if loss == "cross_entropy" else torch.rand(b, c, generator=g, dtype=DT)
+    r2, s = F.residual_and_factor(loss, fac.outputs, y)
+    r = r2.reshape(-1)
+    k = assemble_gram(layout, fac)
+    ref = F.solve_coefficients(k, r, s, b, 0.05)
+    sp = fac if s is None else transform_factors(layout, fac, s)
+    base32 = assemble_gram(layout, factors_to(sp, torch.float32))
+    assert base32.dtype == torch.float32
+    st_kr = F.apply_st(s, gram_matvec(layout, fac, r))
+    sol = F.solve_damped(base32, r, st_kr, s, b, 0.05, apply_base=lambda x: gram_matvec(layout, sp, x))
+    assert sol.ok and not sol.refine_failed and sol.refinements >= 1 and sol.v.dtype == DT
+    torch.testing.assert_close(sol.v, ref.v, rtol=1e-12, atol=1e-12)
+
+
+def test_refinement_that_cannot_reach_float64_says_so() -> None:
+    # K of rank 4·… ≪ bc with λ = 1e-13: float32's Cholesky of K + bλI fails, the caller must re-solve
+    layout, fac = _factors(130, 4, seed=4, scale=30.0)
+    r = torch.randn(520, generator=torch.Generator().manual_seed(5), dtype=DT)
+    base32 = assemble_gram(layout, factors_to(fac, torch.float32))
+    sol = F.solve_damped(base32, r, r, None, 130, 1e-13, apply_base=lambda x: gram_matvec(layout, fac, x))
+    assert sol.refine_failed and not sol.ok and sol.fallbacks == 0
+
+
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+def test_egn_step_on_a_large_system_matches_the_parameter_space_oracle(loss: str) -> None:
+    b, c = 112, 5  # bc = 560 >= MIXED_MIN_SIZE: float32 Gram + Cholesky, float64 refinement
+    assert b * c >= MIXED_MIN_SIZE
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(b, 6, generator=g, dtype=DT)
+    y = torch.randint(0, c, (b,), generator=g) if loss == "cross_entropy" else torch.randn(b, c, generator=g,
+                                                                                         dtype=DT)
+    model = tiny_mlp(2, DT, sizes=(6, 8, 5))
+    ref = direct_direction(tiny_mlp(2, DT, sizes=(6, 8, 5)), x, y, loss, damping=0.02)
+    opt = EGN(model, loss=loss, lr=1.0, damping=0.02)
+    w0 = flat_params(model)
+    opt.step(inputs=x, targets=y)
+    assert opt.statistics()["solve_refinements"] >= 1
+    torch.testing.assert_close(flat_params(model) - w0, ref["d"], rtol=1e-10, atol=1e-12)
+
+
+def test_batched_back_signals_equal_one_backward_per_output() -> None:
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3)).double()
+    trainable = dict(model.named_parameters())
+    sites, _ = plan_curvature(model, trainable, "auto")
+    x = torch.randn(5, 4, dtype=DT, generator=torch.Generator().manual_seed(0))
+    cap = LinearCapture(sites, 5)
+    with torch.enable_grad(), cap:
+        z = model(x)
+    got = back_signals(z, cap.flat_outputs(), 3)
+    for j, y in enumerate(cap.flat_outputs()):
+        for k in range(3):
+            e = torch.zeros_like(z)
+            e[:, k] = 1.0
+            (ref,) = torch.autograd.grad(z, y, grad_outputs=e, retain_graph=True)
+            torch.testing.assert_close(got[j][k], ref, rtol=0, atol=0)
