@@ -9,6 +9,7 @@ import torch
 
 from lightning_soaa.config import AdamWConfig, config_from_group
 from lightning_soaa.functional.adamw import adamw_update_
+from lightning_soaa.distributed.blocks import row_block_specs
 from lightning_soaa.optim.base import BlockView, ShardedOptimizer
 
 __all__ = ["ShardedAdamW"]
@@ -38,6 +39,9 @@ class ShardedAdamW(ShardedOptimizer):
         betas: :math:`(\beta_1, \beta_2)` (default (0.9, 0.999)).
         eps: :math:`\epsilon` added outside the square root (default 1e-8).
         weight_decay: decoupled weight decay :math:`\lambda`, scaled by lr (default 1e-2).
+        max_block_numel: parameters with more elements are cut into row ranges of at most this many
+            elements, so that each rank keeps about 1/W of the state (default ``2**18``; a param-group
+            option too). The result does not depend on it; checkpoints need the same value.
         process_group, comm, shard, grad_reduction: see :class:`ShardedOptimizer`.
 
     References:
@@ -52,18 +56,23 @@ class ShardedAdamW(ShardedOptimizer):
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
         *,
+        max_block_numel: int = ShardedOptimizer.default_max_block_numel,
         process_group: Any = None,
         comm: Any = None,
         shard: bool = True,
         grad_reduction: str = "none",
     ) -> None:
         cfg = AdamWConfig(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-        defaults = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+        defaults = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
+                        max_block_numel=max_block_numel)
         super().__init__(params, defaults, process_group=process_group, comm=comm, shard=shard,
                          grad_reduction=grad_reduction)
 
+    elementwise = True  # row blocks of at most max_block_numel elements (see ShardedOptimizer)
+
     def _validate_group(self, group: dict[str, Any]) -> None:
         config_from_group(AdamWConfig, group)
+        row_block_specs((1,), group.get("max_block_numel", self.default_max_block_numel))  # validates it
 
     def _apply(self, views: list[BlockView], decision: Any) -> None:
         by_group: dict[int, list[BlockView]] = {}
