@@ -54,6 +54,8 @@ EXP_AVG_SQ = "exp_avg_sq"  # Adam second moment
 GRAM = "gram"  # ASGO statistic V (k x k)
 INV_ROOT = "inv_root"  # ASGO preconditioner P ~ (V + damping)^{-1/2} (k x k), reused for root_every steps
 ROOT_FALLBACKS = "root_fallbacks"  # how often this block's root was non-finite
+GRAM_AT_ROOT = "gram_at_root"  # root_every="auto": the V the current P was computed from (k x k)
+ROOT_STEP = "root_step"  # root_every="auto": the step of that root
 COL_STAT = "col_stat"  # DASGO column statistic (n)
 
 
@@ -355,7 +357,15 @@ class ASGO(_OneSided):
         damping: explicit relative damping :math:`\delta` (default 0.0, as the official code).
         inverse_root: ``"polar_express"`` (default), ``"newton_schulz"`` or ``"eigh"`` (float64).
         root_iters: iterations of the iterative roots (default None: 10 Polar Express, 18 Newton-Schulz).
-        root_every: recompute :math:`P` every :math:`\tau` steps, reusing the stored one between (default 1).
+        root_every: recompute :math:`P` every :math:`\tau` steps, reusing the stored one between (default 1),
+            or ``"auto"``: recompute a block's :math:`P` when its statistic has moved,
+            :math:`\lVert V_t - V_{\mathrm{root}}\rVert_F > \text{root\_tol}\,\lVert V_{\mathrm{root}}\rVert_F`,
+            or when ``root_max_every`` steps have passed since its last root (:math:`V_{\mathrm{root}}`
+            is the statistic its current :math:`P` was computed from, kept as one more ``k x k`` state
+            tensor). The owner of a block decides from that block's own state, which is the same at
+            every world size, so every W takes the same decisions and no collective is needed.
+        root_tol: relative change of :math:`V` that triggers a root with ``root_every="auto"`` (default 0.05).
+        root_max_every: longest interval between roots with ``root_every="auto"`` (default 10).
         max_block_size: largest preconditioned side of a block; larger matrices are cut into blocks
             along that side, each with its own :math:`V` (default 1024).
         adam_betas, adam_eps, adam_weight_decay: the AdamW fallback (defaults (0.9, 0.95), 1e-8, 0.0).
@@ -370,7 +380,8 @@ class ASGO(_OneSided):
         stored root (the paper mentions τ [S], the code uses τ = 1); keeping the previous root on a
         non-finite result instead of the identity; reshaping N-D kernels to ``out x rest``; cutting
         large matrices into blocks along the preconditioned side with per-block RMS normalisation;
-        the cost model used to assign blocks to ranks.
+        the cost model used to assign blocks to ranks; ``root_every="auto"`` (recompute on a relative
+        change of V, counted in ``statistics()["asgo_roots_computed"]``).
     """
 
     _config_cls = ASGOConfig
@@ -387,12 +398,14 @@ class ASGO(_OneSided):
         damping: float = 0.0,
         inverse_root: str = "polar_express",
         root_iters: int | None = None,
-        root_every: int = 1,
+        root_every: int | str = 1,
         max_block_size: int = 1024,
         adam_betas: tuple[float, float] = (0.9, 0.95),
         adam_eps: float = 1e-8,
         adam_weight_decay: float = 0.0,
         *,
+        root_tol: float = 0.05,
+        root_max_every: int = 10,
         process_group: Any = None,
         comm: Any = None,
         shard: bool = True,
@@ -402,8 +415,9 @@ class ASGO(_OneSided):
             lr=lr, betas=_pair(betas), weight_decay=weight_decay, rms_scale=rms_scale, eps=eps,
             damping=damping, inverse_root=inverse_root, root_iters=root_iters, root_every=root_every,
             max_block_size=max_block_size, adam_betas=_pair(adam_betas), adam_eps=adam_eps,
-            adam_weight_decay=adam_weight_decay,
+            adam_weight_decay=adam_weight_decay, root_tol=root_tol, root_max_every=root_max_every,
         )
+        self._roots_computed = 0  # roots this rank computed since construction (statistics)
         defaults = dict(vars(cfg))
         defaults["use_asgo"] = None
         super().__init__(params, defaults, process_group=process_group, comm=comm, shard=shard,
@@ -420,7 +434,8 @@ class ASGO(_OneSided):
             return [BlockSpec(None, 0, 0, float(max(param.numel(), 1)))]
         # eigh costs about as much as ~10 matmul iterations; count it like that for balancing.
         iters = max(self._root_iters(group), 10)
-        return asgo_block_specs(param.shape, int(group["max_block_size"]), iters, int(group["root_every"]),
+        every = 1 if group["root_every"] == "auto" else int(group["root_every"])  # "auto": the worst case
+        return asgo_block_specs(param.shape, int(group["max_block_size"]), iters, every,
                                 side=self._fsdp_side(param, group, name))
 
     def _matrix_step(self, views: list[BlockView]) -> None:
@@ -428,15 +443,13 @@ class ASGO(_OneSided):
         # equal-sized blocks are computed as one batch (few large kernels instead of many small ones).
         prepared = self._update_statistics(views)
         due: dict[tuple[Any, ...], list[BlockView]] = {}
-        for v, side in prepared:
+        for v in self._roots_due([v for v, _ in prepared]):
             group, st = v.group, v.state
-            k = st[GRAM].shape[0]
-            t = int(st[STEP].item())
-            if INV_ROOT not in st or (t - 1) % int(group["root_every"]) == 0:
-                key = (k, st[GRAM].dtype, st[GRAM].device, group["inverse_root"], group["root_iters"],
-                       float(group["eps"]), float(group["damping"]))
-                due.setdefault(key, []).append(v)
+            key = (st[GRAM].shape[0], st[GRAM].dtype, st[GRAM].device, group["inverse_root"],
+                   group["root_iters"], float(group["eps"]), float(group["damping"]))
+            due.setdefault(key, []).append(v)
         need_root: list[tuple[BlockView, Tensor]] = []
+        self._roots_computed += sum(len(vs) for vs in due.values())
         for (_k, _dt, _dev, method, iters, eps, damping), vs in due.items():
             roots = inverse_sqrt(torch.stack([v.state[GRAM] for v in vs]), method, num_iters=iters, eps=eps,
                                  damping=damping)
@@ -444,6 +457,34 @@ class ASGO(_OneSided):
         self._accept_roots(need_root)
         self._apply_directions([(v, F.precondition(v.state[INV_ROOT], v.state[EXP_AVG], side))
                                 for v, side in prepared])
+
+    def _roots_due(self, views: list[BlockView]) -> list[BlockView]:
+        """The blocks whose root is recomputed this step (in ``views`` order): no root yet, the fixed
+        schedule ``(t - 1) % root_every == 0``, or for ``root_every="auto"`` a relative change of ``V``
+        above ``root_tol`` since the last root, or ``root_max_every`` steps since it. Decided from each
+        block's own state (one host sync for all "auto" blocks), hence the same at every world size."""
+        due = [False] * len(views)
+        auto: list[int] = []
+        for i, v in enumerate(views):
+            st, every = v.state, v.group["root_every"]
+            if INV_ROOT not in st or (every == "auto" and GRAM_AT_ROOT not in st):
+                due[i] = True
+            elif every == "auto":
+                auto.append(i)
+            else:
+                due[i] = (int(st[STEP].item()) - 1) % int(every) == 0
+        if auto:
+            rows = []
+            for i in auto:
+                st = views[i].state
+                last = st[GRAM_AT_ROOT]
+                change = torch.linalg.matrix_norm(st[GRAM] - last).to(torch.float64)
+                ref = torch.linalg.matrix_norm(last).to(torch.float64)
+                rows.append(torch.stack([change, ref, (st[STEP] - st[ROOT_STEP]).to(torch.float64)]))
+            for i, (change, ref, age) in zip(auto, torch.stack(rows).tolist()):
+                group = views[i].group
+                due[i] = change > float(group["root_tol"]) * ref or age >= int(group["root_max_every"])
+        return [v for v, d in zip(views, due) if d]
 
     def _update_statistics(self, views: list[BlockView]) -> list[tuple[BlockView, str]]:
         """Momentum and Gram of every block; the Gram of a row-sharded FSDP2 block is the sum over the
@@ -483,6 +524,7 @@ class ASGO(_OneSided):
             st = v.state
             if ok:
                 st[INV_ROOT] = p_new
+                self._mark_root(v)
                 continue
             st[ROOT_FALLBACKS] += 1
             label = v.name if v.name is not None else f"#{v.block.param_index}"
@@ -496,11 +538,20 @@ class ASGO(_OneSided):
                 log.warning("ASGO: non-finite %s root for block %s of parameter %s on its first root; "
                             "using the float64 eigh root", v.group["inverse_root"], v.block.sub_index, label)
                 st[INV_ROOT] = p_ref
+                self._mark_root(v)
             else:
                 log.error("ASGO: no finite root for block %s of parameter %s (eigh failed too); using the "
                           "identity (normalised momentum) until its next root", v.block.sub_index, label)
                 k = st[GRAM].shape[0]
                 st[INV_ROOT] = torch.eye(k, dtype=p_new.dtype, device=p_new.device)
+
+    @staticmethod
+    def _mark_root(v: BlockView) -> None:
+        """``root_every="auto"``: remember the statistic and the step of the root just stored (a kept
+        previous root after a failure is not marked, so the next step tries again)."""
+        if v.group["root_every"] == "auto":
+            v.state[GRAM_AT_ROOT] = v.state[GRAM].clone()
+            v.state[ROOT_STEP] = v.state[STEP].clone()
 
     @staticmethod
     def _eigh_fallback(gram: Tensor, damping: float, dtype: torch.dtype) -> Tensor | None:
@@ -529,6 +580,7 @@ class ASGO(_OneSided):
                 cond_t.append(_cond_estimate(gram, st[INV_ROOT]))
         conds, traces = _to_floats(cond_t), _to_floats(trace_t)
         stats["asgo_root_fallbacks"] = float(fallbacks)
+        stats["asgo_roots_computed"] = float(self._roots_computed)
         stats["asgo_cond_max"] = max(conds) if conds else 0.0
         stats["asgo_cond_median"] = float(torch.tensor(conds).median()) if conds else 0.0
         stats["asgo_mean_eig_max"] = max(traces) if traces else 0.0
