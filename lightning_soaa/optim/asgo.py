@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_soaa.config import ASGOConfig, DASGOConfig
-from lightning_soaa.distributed.blocks import BlockSpec
+from lightning_soaa.distributed.blocks import BlockSpec, row_block_specs
 from lightning_soaa.distributed.dtensor import is_dtensor
 from lightning_soaa.functional import asgo as F
 from lightning_soaa.functional.adamw import adamw_update_
@@ -114,6 +114,19 @@ def asgo_block_specs(
             for a, b in _even_chunks(channels, per_block)]
 
 
+def dasgo_block_specs(shape: tuple[int, ...] | torch.Size, max_block_numel: int) -> list[BlockSpec]:
+    """DASGO blocks of a matrix parameter: whole when it has at most ``max_block_numel`` elements, else
+    ranges of whole input channels (dim 1; columns of the ``out x rest`` matrix) of at most that many
+    elements (one channel may exceed it). Column blocks keep DASGO exact: its statistic is per column,
+    and the update's norm is summed over the blocks (:meth:`_OneSided._split_norms`). Cost = numel."""
+    numel = int(math.prod(shape))
+    per_channel = numel // max(int(shape[1]), 1)
+    if numel <= max_block_numel or int(shape[1]) <= 1:
+        return [BlockSpec(None, 0, 0, float(max(numel, 1)))]
+    per_block = max(1, max_block_numel // max(per_channel, 1))
+    return [BlockSpec(1, a, b, float((b - a) * per_channel)) for a, b in _even_chunks(int(shape[1]), per_block)]
+
+
 def asgo_param_groups(module: nn.Module, **group_options: Any) -> list[dict[str, Any]]:
     """Named param groups for ASGO/DASGO from a module, with every :class:`nn.Embedding` weight
     (including an output head tied to it) in a ``use_asgo=False`` group.
@@ -142,6 +155,9 @@ class _OneSided(ShardedOptimizer):
 
     _config_cls: type = ASGOConfig
     _method: str = "asgo"
+    #: whether blocks of a parameter cut into several are normalised with the whole parameter's norm
+    #: (DASGO: exact; ASGO's blocks are separate problems, each with its own V, normalised per block)
+    _normalise_whole: bool = False
 
     def _config(self, group: dict[str, Any]) -> Any:
         names = {f.name for f in dataclasses.fields(self._config_cls)}
@@ -201,8 +217,8 @@ class _OneSided(ShardedOptimizer):
             else:
                 adam.setdefault(v.block.group_index, []).append(v)
         self._adam_step(adam)
-        if matrix:
-            self._matrix_step(matrix)
+        # also with no matrix block here: DASGO's norms of column-split matrices are a collective
+        self._matrix_step(matrix)
 
     def _adam_step(self, by_group: dict[int, list[BlockView]]) -> None:
         for gi, vs in by_group.items():
@@ -282,15 +298,43 @@ class _OneSided(ShardedOptimizer):
         for (_, stat, _, beta2), total in zip(items, sums):
             stat.mul_(beta2).add_(total, alpha=1.0 - beta2)
 
+    def _split_norms(self, items: list[tuple[BlockView, Tensor]]) -> dict[int, tuple[Tensor, int]]:
+        """``id(view) -> (squared norm of the whole parameter's update, its numel)`` for matrix blocks of
+        parameters cut into several blocks (DASGO's column blocks), whose norm spans blocks on several
+        ranks. One all-reduce of one value per such block, made by every rank whenever the table has
+        such a parameter (so the same on every rank); each entry has one non-zero contribution, and the
+        per-parameter sums run in block order, so the result is bitwise the same at every W."""
+        split = [b for b in self.block_table.blocks if len(self.block_table.by_param[b.param_index]) > 1
+                 and self.is_matrix_param(self._params[b.param_index], self.param_groups[b.group_index],
+                                          self._names[b.param_index])]
+        if not split:
+            return {}
+        pos = {b.block_id: i for i, b in enumerate(split)}
+        vec = torch.zeros(len(split), dtype=torch.float64, device=self._params[split[0].param_index].device)
+        for v, u in items:
+            if v.block.block_id in pos:
+                vec[pos[v.block.block_id]] = u.square().sum().to(torch.float64)
+        if self._sharded_multi_rank():
+            self.comm.all_reduce_(vec)
+        totals: dict[int, Tensor] = {}
+        for b, i in zip(split, range(len(split))):
+            totals[b.param_index] = vec[i] if b.param_index not in totals else totals[b.param_index] + vec[i]
+        return {id(v): (totals[v.block.param_index], self._params[v.block.param_index].numel())
+                for v, _ in items if v.block.block_id in pos}
+
     def _apply_directions(self, items: list[tuple[BlockView, Tensor]]) -> None:
         """RMS-normalise each raw update and apply it; a row-sharded block's norm is summed over the mesh
-        (one all-reduce for all of them) and its size counts the global rows."""
+        (one all-reduce for all of them) and its size counts the global rows; a block of a parameter cut
+        into several blocks is normalised with the whole parameter's norm (:meth:`_split_norms`)."""
         sharded = [(v, u) for v, u in items if self._row_sharded(v)]
         sq = self._mesh_sum([u.square().sum().reshape(1) for _, u in sharded], [v.counted for v, _ in sharded])
         norms = {id(v): s for (v, _), s in zip(sharded, sq)}
+        whole = self._split_norms(items) if self._normalise_whole else {}
         for v, u in items:
             rms = float(v.group["rms_scale"])
-            if id(v) in norms:
+            if id(v) in whole:
+                u = F.scale_to_rms(u, rms, whole[id(v)][0], whole[id(v)][1])
+            elif id(v) in norms:
                 rows = self._dtensor.placements[v.block.param_index].global_shape[0]  # type: ignore[union-attr]
                 u = F.scale_to_rms(u, rms, norms[id(v)][0], rows * u.shape[1])
             else:
@@ -628,8 +672,11 @@ class DASGO(_OneSided):
         &W_t = W_{t-1}(1-\eta\lambda) - \eta\, U_t
         \end{aligned}
 
-    Routing of non-matrix parameters to AdamW is the same as :class:`ASGO`. Each matrix is one block
-    (cost ``numel``).
+    Routing of non-matrix parameters to AdamW is the same as :class:`ASGO`. A matrix with at most
+    ``max_block_numel`` elements is one block (cost ``numel``); a larger one is cut into column blocks
+    (whole input channels) and the AdamW parameters into row blocks, so each rank keeps about 1/W of
+    the state. The cut does not change the result: the statistic is per column and the norm of the
+    update is summed over the blocks of a parameter (one all-reduce of one value per block when W > 1).
 
     Args:
         params: as :class:`ASGO`.
@@ -637,6 +684,8 @@ class DASGO(_OneSided):
         weight_decay: decoupled weight decay (default 0.1). rms_scale: update RMS (default 0.2).
         eps: added to :math:`v` (default 1e-8).
         adam_betas, adam_eps, adam_weight_decay: the AdamW fallback (defaults (0.9, 0.95), 1e-8, 0.0).
+        max_block_numel: largest block, in elements (default ``2**18``; a param-group option too).
+            Checkpoints need the same value (the layout is checked on load).
         process_group, comm, shard, grad_reduction: see :class:`~lightning_soaa.optim.base.ShardedOptimizer`.
 
     References:
@@ -646,6 +695,8 @@ class DASGO(_OneSided):
 
     _config_cls = DASGOConfig
     _method = "dasgo"
+    elementwise = True  # the AdamW fallback's row blocks; matrices are cut by columns (_block_specs)
+    _normalise_whole = True
 
     def __init__(
         self,
@@ -659,6 +710,7 @@ class DASGO(_OneSided):
         adam_eps: float = 1e-8,
         adam_weight_decay: float = 0.0,
         *,
+        max_block_numel: int = ShardedOptimizer.default_max_block_numel,
         process_group: Any = None,
         comm: Any = None,
         shard: bool = True,
@@ -668,14 +720,21 @@ class DASGO(_OneSided):
                           eps=eps, adam_betas=_pair(adam_betas), adam_eps=adam_eps,
                           adam_weight_decay=adam_weight_decay)
         defaults = dict(vars(cfg))
+        defaults["max_block_numel"] = max_block_numel
         defaults["use_asgo"] = None
         super().__init__(params, defaults, process_group=process_group, comm=comm, shard=shard,
                          grad_reduction=grad_reduction)
         self._warn_if_no_matrices()
 
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        super()._validate_group(group)
+        row_block_specs((1,), group.get("max_block_numel", self.default_max_block_numel))  # validates it
+
     def _block_specs(self, param: Tensor, group: dict[str, Any], name: str | None) -> list[BlockSpec]:
         self._fsdp_side(param, group, name)  # raises for a DTensor split other than by rows
-        return super()._block_specs(param, group, name)
+        if not self.is_matrix_param(param, group, name) or is_dtensor(param):
+            return super()._block_specs(param, group, name)  # AdamW: row blocks; an FSDP2 shard: whole
+        return dasgo_block_specs(param.shape, group.get("max_block_numel", self.default_max_block_numel))
 
     def _matrix_step(self, views: list[BlockView]) -> None:
         sharded: list[tuple[BlockView, Tensor, Tensor, float]] = []

@@ -1,4 +1,5 @@
-"""Finer sharding of elementwise optimizers: parameters cut into row blocks of <= max_block_numel.
+"""Finer sharding of elementwise optimizers: parameters cut into row blocks of <= max_block_numel
+(DASGO: its matrices into column blocks, its AdamW parameters into row blocks).
 
 The cut must not change the result (SOAA and AdamW are elementwise; SOAA's global sums only change
 their summation order), must not depend on W, and must spread the state so each rank holds ~1/W.
@@ -77,7 +78,7 @@ def _state_numel(opt: Any) -> int:
     return total
 
 
-@pytest.mark.parametrize("name", ["SOAA", "AdamW"])
+@pytest.mark.parametrize("name", ["SOAA", "AdamW", "DASGO"])
 def test_split_equals_whole_one_process(name: str) -> None:
     opt_split, split = _train(name, SPLIT)
     opt_whole, whole = _train(name, 10**6)
@@ -94,11 +95,13 @@ def _ranks(rank: int, world: int, name: str) -> dict[str, Any]:
     for t in range(4):
         x, y = batch(t, 0, n=8, d_in=D, d_out=D)  # the same batch on every rank (gradients already averaged)
         registry.get(name).take_step(opt, model, x, y)
-    return {"params": [p.detach().clone() for p in model.parameters()], "state": _state_numel(opt),
-            "balance": opt.block_table.balance()}
+    state = _state_numel(opt)
+    opt.consolidate_state_dict(to=None)  # the W-independent checkpoint a run at another W resumes from
+    return {"params": [p.detach().clone() for p in model.parameters()], "state": state,
+            "sd": opt.state_dict()["state"]}
 
 
-@pytest.mark.parametrize("name", ["SOAA", "AdamW"])
+@pytest.mark.parametrize("name", ["SOAA", "AdamW", "DASGO"])
 @pytest.mark.parametrize("world", [2, 4])
 def test_split_w_ranks_equal_one_process_and_state_is_1_over_w(name: str, world: int, tmp_path: Any) -> None:
     opt_ref, ref = _train(name, SPLIT)
@@ -110,3 +113,4 @@ def test_split_w_ranks_equal_one_process_and_state_is_1_over_w(name: str, world:
         # 40 equal-ish blocks over W ranks: at most ceil(40/W) blocks of <= 30 of the 100 elements
         assert res["state"] <= full / world * 1.05, (r, res["state"], full)
     assert sum(res["state"] for res in results) == full
+    torch.testing.assert_close(results[0]["sd"], opt_ref.state_dict()["state"], rtol=1e-12, atol=1e-14)
