@@ -75,6 +75,13 @@ def asgo_block_cost(k: int, other: int, root_iters: int, root_every: int) -> flo
     return 4.0 * root_iters * k**3 / root_every + 4.0 * k * k * other
 
 
+#: Cost of one AdamW-fallback element in the units of :func:`asgo_block_cost`. Measured (CPU, one thread,
+#: CPU time): the Polar Express root costs 23-29 ps per unit of ``4 * 10 * k^3`` for k = 128..512, the
+#: Gram + apply 13 ps per unit of ``4 * k^2 * other``, and an AdamW element 2200-2600 ps (memory-bound,
+#: 2^18..2^22 elements): about 100 units. Counting it as 1 made an embedding look free to the balancer.
+ADAM_COST_PER_ELEMENT = 100.0
+
+
 def _even_chunks(total: int, max_size: int) -> list[tuple[int, int]]:
     """``[start, stop)`` ranges cutting ``total`` into the fewest nearly equal chunks <= ``max_size``."""
     n = max(1, -(-total // max_size))
@@ -475,7 +482,7 @@ class ASGO(_OneSided):
 
     def _block_specs(self, param: Tensor, group: dict[str, Any], name: str | None) -> list[BlockSpec]:
         if not self.is_matrix_param(param, group, name):
-            return [BlockSpec(None, 0, 0, float(max(param.numel(), 1)))]
+            return [BlockSpec(None, 0, 0, ADAM_COST_PER_ELEMENT * max(param.numel(), 1))]
         # eigh costs about as much as ~10 matmul iterations; count it like that for balancing.
         iters = max(self._root_iters(group), 10)
         every = 1 if group["root_every"] == "auto" else int(group["root_every"])  # "auto": the worst case
