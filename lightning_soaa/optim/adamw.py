@@ -8,8 +8,8 @@ from typing import Any
 import torch
 
 from lightning_soaa.config import AdamWConfig, config_from_group
-from lightning_soaa.functional.adamw import adamw_update_
 from lightning_soaa.distributed.blocks import row_block_specs
+from lightning_soaa.functional.adamw import adamw_update_
 from lightning_soaa.optim.base import BlockView, ShardedOptimizer
 
 __all__ = ["ShardedAdamW"]
