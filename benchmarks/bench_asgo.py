@@ -3,13 +3,17 @@
 What is measured (all optimizers on identical copies of one model, same data, interleaved step by step
 so that machine noise hits every optimizer alike):
 
-* ``step_ms``: wall time of ``optimizer.step()`` alone (median over the timed steps);
+* ``step_ms``: wall time of ``optimizer.step()`` alone (median over the timed steps), and
+  ``step_cpu_ms``: the process CPU time of the same calls (less sensitive to other jobs on a shared
+  machine than wall time; with one torch thread it is the work done). The load average is recorded;
 * ``fwd_bwd_ms``: forward + backward of the same step (the denominator for the overhead ratio);
 * the ASGO root cost, by comparing ``root_every`` = 1 and 10 (and the float64 ``eigh`` root);
 * the loss after the timed steps (a sanity check that every optimizer trains, not a quality claim).
 
 Optimizers: AdamW (torch), Muon (torch.optim.Muon on hidden matrices + AdamW on the rest, Muon's RMS
-matched to AdamW as in the ASGO paper's baseline), ASGO (``root_every`` 1 and 10, ``eigh``), DASGO.
+matched to AdamW as in the ASGO paper's baseline; torch runs its Newton-Schulz in bf16, which a CPU
+emulates slowly, so ``muon_fp32`` is the same update with the 5 quintic iterations in fp32, written
+here), ASGO (``root_every`` 1, 10 and ``"auto"``, ``eigh``), DASGO.
 
 Usage::
 
@@ -85,6 +89,39 @@ class TinyGPT(nn.Module):
         return self.head(self.ln_f(x))
 
 
+def _newton_schulz5(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Muon's orthogonalisation: 5 quintic Newton-Schulz steps (torch's coefficients), in fp32."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g / (g.norm() + 1e-7)
+    tall = x.shape[0] > x.shape[1]
+    if tall:
+        x = x.T
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tall else x
+
+
+class MuonFP32(torch.optim.Optimizer):
+    """torch.optim.Muon's update (momentum, no Nesterov, RMS matched to AdamW, decoupled weight decay)
+    with the Newton-Schulz iterations in fp32: the CPU reference the issue's ratio is taken against."""
+
+    def __init__(self, params: Any, lr: float, momentum: float = 0.9, weight_decay: float = 0.1) -> None:
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                buf.mul_(group["momentum"]).add_(p.grad)
+                u = _newton_schulz5(buf)
+                scale = 0.2 * max(p.shape) ** 0.5  # torch's adjust_lr_fn="match_rms_adamw"
+                p.mul_(1 - group["lr"] * group["weight_decay"]).add_(u, alpha=-group["lr"] * scale)
+
+
 class _Combo:
     """Muon on hidden matrices plus AdamW on the rest, stepped together."""
 
@@ -114,11 +151,19 @@ def make_optimizers(lr: float) -> dict[str, Callable[[nn.Module], Any]]:
             torch.optim.AdamW(rest, lr=lr, betas=(0.9, 0.95), weight_decay=0.0),
         ])
 
+    def muon_fp32(m: nn.Module) -> Any:
+        groups = asgo_param_groups(m)
+        mats = [p for _, p in groups[0]["params"] if p.dim() == 2]
+        rest = [p for g in groups for _, p in g["params"] if not (g is groups[0] and p.dim() == 2)]
+        return _Combo([MuonFP32(mats, lr=lr), torch.optim.AdamW(rest, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)])
+
     return {
         "adamw": adamw,
         "muon": muon,
+        "muon_fp32": muon_fp32,
         "asgo_root_every_1": lambda m: ASGO(asgo_param_groups(m), lr=lr, root_every=1),
         "asgo_root_every_10": lambda m: ASGO(asgo_param_groups(m), lr=lr, root_every=10),
+        "asgo_auto": lambda m: ASGO(asgo_param_groups(m), lr=lr, root_every="auto"),
         "asgo_eigh": lambda m: ASGO(asgo_param_groups(m), lr=lr, inverse_root="eigh"),
         "dasgo": lambda m: DASGO(asgo_param_groups(m), lr=lr),
     }
@@ -138,7 +183,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     runs = {}
     for n in names:
         model = copy.deepcopy(base)
-        runs[n] = {"model": model, "opt": factories[n](model), "step": [], "fb": [], "loss": []}
+        runs[n] = {"model": model, "opt": factories[n](model), "step": [], "cpu": [], "fb": [], "loss": []}
+    load_before = os.getloadavg()
     gen = torch.Generator().manual_seed(1)
     total = args.warmup + args.steps
     for t in range(total):
@@ -157,13 +203,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             loss = F.cross_entropy(logits.reshape(-1, args.vocab), idx[:, 1:].reshape(-1))
             loss.backward()
             _sync(device)
-            t1 = time.perf_counter()
+            t1, c1 = time.perf_counter(), time.process_time()
             r["opt"].step()
             _sync(device)
-            t2 = time.perf_counter()
+            t2, c2 = time.perf_counter(), time.process_time()
             if t >= args.warmup:
                 r["fb"].append(t1 - t0)
                 r["step"].append(t2 - t1)
+                r["cpu"].append(c2 - c1)
             r["loss"].append(float(loss.detach()))
         if t % 10 == 0:
             log.info("step %d/%d: %s", t, total, {n: round(runs[n]["loss"][-1], 3) for n in names})
@@ -176,6 +223,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "step_ms_median": step_ms,
             "step_ms_mean": 1e3 * statistics.fmean(r["step"]),
             "step_ms_p90": 1e3 * sorted(r["step"])[int(0.9 * (len(r["step"]) - 1))],
+            "step_cpu_ms_median": 1e3 * statistics.median(r["cpu"]),
+            "step_cpu_ms_p10_p90": [1e3 * sorted(r["cpu"])[int(q * (len(r["cpu"]) - 1))] for q in (0.1, 0.9)],
             "fwd_bwd_ms_median": fb_ms,
             "step_over_fwd_bwd": step_ms / fb_ms,
             "loss_first": r["loss"][0],
@@ -192,6 +241,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ratios[f"{n}_over_adamw"] = results[n]["step_ms_median"] / results["adamw"]["step_ms_median"]
         if "muon" in results:
             ratios[f"{n}_over_muon"] = results[n]["step_ms_median"] / results["muon"]["step_ms_median"]
+        if "muon_fp32" in results:
+            ratios[f"{n}_over_muon_fp32_cpu"] = (results[n]["step_cpu_ms_median"]
+                                                 / results["muon_fp32"]["step_cpu_ms_median"])
     if "asgo_root_every_1" in results and "asgo_root_every_10" in results:
         s1 = results["asgo_root_every_1"]["step_ms_median"]
         s10 = results["asgo_root_every_10"]["step_ms_median"]
@@ -209,6 +261,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
+        "load_average_before_after": [list(load_before), list(os.getloadavg())],
         "results": results,
         "ratios": ratios,
     }
@@ -266,7 +319,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: leave torch's default)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--optimizers", nargs="+",
-                   default=["adamw", "muon", "asgo_root_every_1", "asgo_root_every_10", "asgo_eigh", "dasgo"])
+                   default=["adamw", "muon", "muon_fp32", "asgo_root_every_1", "asgo_root_every_10", "asgo_auto",
+                            "asgo_eigh", "dasgo"])
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -277,8 +331,8 @@ def main() -> None:
     (args.out / "bench_asgo.json").write_text(json.dumps(report, indent=2, default=str))
     plot(report, args.out / "bench_asgo.png")
     for n, r in report["results"].items():
-        log.info("%-20s step %8.2f ms (fwd+bwd %7.2f ms, ratio %.2f), loss %.3f -> %.3f", n,
-                 r["step_ms_median"],
+        log.info("%-20s step %8.2f ms (cpu %8.2f ms; fwd+bwd %7.2f ms, ratio %.2f), loss %.3f -> %.3f", n,
+                 r["step_ms_median"], r["step_cpu_ms_median"],
                  r["fwd_bwd_ms_median"], r["step_over_fwd_bwd"], r["loss_first"], r["loss_last"])
     log.info("ratios: %s", json.dumps({k: round(v, 3) for k, v in report["ratios"].items()}))
     log.info("wrote %s", args.out / "bench_asgo.json")

@@ -252,7 +252,9 @@ class ASGOConfig:
     damping: float = 0.0
     inverse_root: str = "polar_express"
     root_iters: int | None = None
-    root_every: int = 1
+    root_every: int | str = 1
+    root_tol: float = 0.05
+    root_max_every: int = 10
     max_block_size: int = 1024
     adam_betas: tuple[float, float] = (0.9, 0.95)
     adam_eps: float = 1e-8
@@ -267,7 +269,14 @@ class ASGOConfig:
         check_range("damping", self.damping, 0.0)
         check_choice("inverse_root", self.inverse_root, ("polar_express", "newton_schulz", "eigh"))
         check_int("root_iters", self.root_iters, 1, allow_none=True)
-        check_int("root_every", self.root_every, 1)
+        if self.root_every != "auto":
+            try:
+                check_int("root_every", self.root_every, 1)
+            except ValueError:
+                raise ValueError(f"Invalid root_every={self.root_every!r}. Must be an integer >= 1 or "
+                                 "'auto'.") from None
+        check_range("root_tol", self.root_tol, 0.0)
+        check_int("root_max_every", self.root_max_every, 1)
         check_int("max_block_size", self.max_block_size, 1)
         check_betas("adam_betas", self.adam_betas)
         check_range("adam_eps", self.adam_eps, 0.0)

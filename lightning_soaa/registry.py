@@ -232,7 +232,8 @@ REGISTRY: tuple[OptimizerSpec, ...] = (
         name="AdamW", class_path="lightning_soaa.optim.adamw:ShardedAdamW",
         config_path="lightning_soaa.config:AdamWConfig", aliases=("ShardedAdamW",),
         needs=StepNeeds.NOTHING, ds_layout=DeepSpeedLayout.ELEMENTWISE, ds_stages=(0, 1, 2, 3),
-        test_kwargs={"lr": 2e-2, "betas": (0.9, 0.99), "weight_decay": 0.05}, supports_complex=True,
+        test_kwargs={"lr": 2e-2, "betas": (0.9, 0.99), "weight_decay": 0.05, "max_block_numel": 24},
+        supports_complex=True,
     ),
 )
 

@@ -16,7 +16,7 @@ import torch
 
 from lightning_soaa.distributed.assignment import assign_owners
 
-__all__ = ["BlockSpec", "BlockInfo", "BlockTable", "param_fingerprint"]
+__all__ = ["BlockSpec", "BlockInfo", "BlockTable", "param_fingerprint", "row_block_specs"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +27,32 @@ class BlockSpec:
     start: int
     stop: int
     cost: float
+
+
+def row_block_specs(shape: tuple[int, ...], max_block_numel: int) -> list[BlockSpec]:
+    """Blocks of an elementwise optimizer: the whole parameter when it has at most ``max_block_numel``
+    elements, else the fewest nearly equal ranges of dim 0 (whole rows) of at most that many elements
+    (a single row may exceed it: rows are not cut). Cost = numel, the bytes an elementwise step moves.
+
+    Depends only on the shape and the option, never on the world size (checkpoints stay portable).
+    """
+    if isinstance(max_block_numel, bool) or not isinstance(max_block_numel, int) or max_block_numel < 1:
+        raise ValueError(f"Invalid max_block_numel={max_block_numel!r}. Must be an integer >= 1.")
+    numel = 1
+    for s in shape:
+        numel *= s
+    if numel <= max_block_numel or len(shape) == 0 or shape[0] <= 1:
+        return [BlockSpec(None, 0, 0, float(max(numel, 1)))]
+    row = numel // shape[0]
+    rows_per_block = max(1, max_block_numel // max(row, 1))
+    n = -(-shape[0] // rows_per_block)
+    base, extra = divmod(shape[0], n)
+    out, start = [], 0
+    for i in range(n):
+        stop = start + base + (1 if i < extra else 0)
+        out.append(BlockSpec(0, start, stop, float((stop - start) * row)))
+        start = stop
+    return out
 
 
 @dataclasses.dataclass(frozen=True)

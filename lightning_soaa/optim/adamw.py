@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from lightning_soaa.config import AdamWConfig, config_from_group
-from lightning_soaa.distributed.blocks import BlockInfo
+from lightning_soaa.distributed.blocks import BlockInfo, row_block_specs
 from lightning_soaa.distributed.checkpoint import StateField
 from lightning_soaa.functional.adamw import adamw_update_
 from lightning_soaa.optim.base import BlockView, ShardedOptimizer
@@ -49,6 +49,9 @@ class ShardedAdamW(ShardedOptimizer):
         betas: :math:`(\beta_1, \beta_2)` (default (0.9, 0.999)).
         eps: :math:`\epsilon` added outside the square root (default 1e-8).
         weight_decay: decoupled weight decay :math:`\lambda`, scaled by lr (default 1e-2).
+        max_block_numel: parameters with more elements are cut into row ranges of at most this many
+            elements, so that each rank keeps about 1/W of the state (default ``2**18``; a param-group
+            option too). The result does not depend on it; checkpoints need the same value.
         process_group, comm, shard, grad_reduction: see :class:`ShardedOptimizer`.
 
     References:
@@ -63,18 +66,23 @@ class ShardedAdamW(ShardedOptimizer):
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
         *,
+        max_block_numel: int = ShardedOptimizer.default_max_block_numel,
         process_group: Any = None,
         comm: Any = None,
         shard: bool = True,
         grad_reduction: str = "none",
     ) -> None:
         self.config = cfg = AdamWConfig(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-        defaults = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+        defaults = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
+                        max_block_numel=max_block_numel)
         super().__init__(params, defaults, process_group=process_group, comm=comm, shard=shard,
                          grad_reduction=grad_reduction)
 
+    elementwise = True  # row blocks of at most max_block_numel elements (see ShardedOptimizer)
+
     def _validate_group(self, group: dict[str, Any]) -> None:
         config_from_group(AdamWConfig, group)
+        row_block_specs((1,), group.get("max_block_numel", self.default_max_block_numel))  # validates it
 
     def _state_schema(self, block: BlockInfo, param: torch.Tensor, group: dict[str, Any]) -> dict[str, StateField]:
         return adam_state_schema(block, param)

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_soaa.config import ASGOConfig, DASGOConfig, config_from_group
-from lightning_soaa.distributed.blocks import BlockInfo, BlockSpec
+from lightning_soaa.distributed.blocks import BlockInfo, BlockSpec, row_block_specs
 from lightning_soaa.distributed.checkpoint import StateField
 from lightning_soaa.distributed.dtensor import is_dtensor
 from lightning_soaa.functional import asgo as asgo_math
@@ -55,6 +55,8 @@ EXP_AVG_SQ = "exp_avg_sq"  # Adam second moment
 GRAM = "gram"  # ASGO statistic V (k x k)
 INV_ROOT = "inv_root"  # ASGO preconditioner P ~ (V + damping)^{-1/2} (k x k), reused for root_every steps
 ROOT_FALLBACKS = "root_fallbacks"  # how often this block's root was non-finite
+GRAM_AT_ROOT = "gram_at_root"  # root_every="auto": the V the current P was computed from (k x k)
+ROOT_STEP = "root_step"  # root_every="auto": the step of that root
 COL_STAT = "col_stat"  # DASGO column statistic (n)
 
 
@@ -72,6 +74,13 @@ def asgo_block_cost(k: int, other: int, root_iters: int, root_every: int) -> flo
     """FLOPs of one ASGO step on a block with preconditioned side ``k``: the root (4 k x k matmuls per
     iteration, every ``root_every`` steps) plus building V and applying P (about 4 k^2 * other)."""
     return 4.0 * root_iters * k**3 / root_every + 4.0 * k * k * other
+
+
+#: Cost of one AdamW-fallback element in the units of :func:`asgo_block_cost`. Measured (CPU, one thread,
+#: CPU time): the Polar Express root costs 23-29 ps per unit of ``4 * 10 * k^3`` for k = 128..512, the
+#: Gram + apply 13 ps per unit of ``4 * k^2 * other``, and an AdamW element 2200-2600 ps (memory-bound,
+#: 2^18..2^22 elements): about 100 units. Counting it as 1 made an embedding look free to the balancer.
+ADAM_COST_PER_ELEMENT = 100.0
 
 
 def _even_chunks(total: int, max_size: int) -> list[tuple[int, int]]:
@@ -113,6 +122,19 @@ def asgo_block_specs(
             for a, b in _even_chunks(channels, per_block)]
 
 
+def dasgo_block_specs(shape: tuple[int, ...] | torch.Size, max_block_numel: int) -> list[BlockSpec]:
+    """DASGO blocks of a matrix parameter: whole when it has at most ``max_block_numel`` elements, else
+    ranges of whole input channels (dim 1; columns of the ``out x rest`` matrix) of at most that many
+    elements (one channel may exceed it). Column blocks keep DASGO exact: its statistic is per column,
+    and the update's norm is summed over the blocks (:meth:`_OneSided._split_norms`). Cost = numel."""
+    numel = int(math.prod(shape))
+    per_channel = numel // max(int(shape[1]), 1)
+    if numel <= max_block_numel or int(shape[1]) <= 1:
+        return [BlockSpec(None, 0, 0, float(max(numel, 1)))]
+    per_block = max(1, max_block_numel // max(per_channel, 1))
+    return [BlockSpec(1, a, b, float((b - a) * per_channel)) for a, b in _even_chunks(int(shape[1]), per_block)]
+
+
 def asgo_param_groups(module: nn.Module, **group_options: Any) -> list[dict[str, Any]]:
     """Named param groups for ASGO/DASGO from a module, with every :class:`nn.Embedding` weight
     (including an output head tied to it) in a ``use_asgo=False`` group.
@@ -141,6 +163,9 @@ class _OneSided(ShardedOptimizer):
 
     _config_cls: type = ASGOConfig
     _method: str = "asgo"
+    #: whether blocks of a parameter cut into several are normalised with the whole parameter's norm
+    #: (DASGO: exact; ASGO's blocks are separate problems, each with its own V, normalised per block)
+    _normalise_whole: bool = False
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         config_from_group(self._config_cls, group)
@@ -192,8 +217,8 @@ class _OneSided(ShardedOptimizer):
             else:
                 adam.setdefault(v.block.group_index, []).append(v)
         self._adam_step(adam)
-        if matrix:
-            self._matrix_step(matrix)
+        # also with no matrix block here: DASGO's norms of column-split matrices are a collective
+        self._matrix_step(matrix)
 
     def _adam_step(self, by_group: dict[int, list[BlockView]]) -> None:
         for gi, vs in by_group.items():
@@ -273,15 +298,43 @@ class _OneSided(ShardedOptimizer):
         for (_, stat, _, beta2), total in zip(items, sums):
             stat.mul_(beta2).add_(total, alpha=1.0 - beta2)
 
+    def _split_norms(self, items: list[tuple[BlockView, Tensor]]) -> dict[int, tuple[Tensor, int]]:
+        """``id(view) -> (squared norm of the whole parameter's update, its numel)`` for matrix blocks of
+        parameters cut into several blocks (DASGO's column blocks), whose norm spans blocks on several
+        ranks. One all-reduce of one value per such block, made by every rank whenever the table has
+        such a parameter (so the same on every rank); each entry has one non-zero contribution, and the
+        per-parameter sums run in block order, so the result is bitwise the same at every W."""
+        split = [b for b in self.block_table.blocks if len(self.block_table.by_param[b.param_index]) > 1
+                 and self.is_matrix_param(self._params[b.param_index], self.param_groups[b.group_index],
+                                          self._names[b.param_index])]
+        if not split:
+            return {}
+        pos = {b.block_id: i for i, b in enumerate(split)}
+        vec = torch.zeros(len(split), dtype=torch.float64, device=self._params[split[0].param_index].device)
+        for v, u in items:
+            if v.block.block_id in pos:
+                vec[pos[v.block.block_id]] = u.square().sum().to(torch.float64)
+        if self._sharded_multi_rank():
+            self.comm.all_reduce_(vec)
+        totals: dict[int, Tensor] = {}
+        for b, i in zip(split, range(len(split))):
+            totals[b.param_index] = vec[i] if b.param_index not in totals else totals[b.param_index] + vec[i]
+        return {id(v): (totals[v.block.param_index], self._params[v.block.param_index].numel())
+                for v, _ in items if v.block.block_id in pos}
+
     def _apply_directions(self, items: list[tuple[BlockView, Tensor]]) -> None:
         """RMS-normalise each raw update and apply it; a row-sharded block's norm is summed over the mesh
-        (one all-reduce for all of them) and its size counts the global rows."""
+        (one all-reduce for all of them) and its size counts the global rows; a block of a parameter cut
+        into several blocks is normalised with the whole parameter's norm (:meth:`_split_norms`)."""
         sharded = [(v, u) for v, u in items if self._row_sharded(v)]
         sq = self._mesh_sum([u.square().sum().reshape(1) for _, u in sharded], [v.counted for v, _ in sharded])
         norms = {id(v): s for (v, _), s in zip(sharded, sq)}
+        whole = self._split_norms(items) if self._normalise_whole else {}
         for v, u in items:
             rms = float(v.group["rms_scale"])
-            if id(v) in norms:
+            if id(v) in whole:
+                u = asgo_math.scale_to_rms(u, rms, whole[id(v)][0], whole[id(v)][1])
+            elif id(v) in norms:
                 rows = self._dtensor.placements[v.block.param_index].global_shape[0]  # type: ignore[union-attr]
                 u = asgo_math.scale_to_rms(u, rms, norms[id(v)][0], rows * u.shape[1])
             else:
@@ -301,7 +354,10 @@ class _OneSided(ShardedOptimizer):
         k = m if (forced or asgo_math.preconditioned_side(m, n)) == asgo_math.LEFT else n
         return {"step": step, EXP_AVG: StateField((m, n), sdt), GRAM: StateField((k, k), sdt),
                 INV_ROOT: StateField((k, k), sdt, required=False),
-                ROOT_FALLBACKS: StateField((), torch.int64, nonnegative=True)}
+                ROOT_FALLBACKS: StateField((), torch.int64, nonnegative=True),
+                # root_every="auto" only: the statistic and step of the current root
+                GRAM_AT_ROOT: StateField((k, k), sdt, required=False),
+                ROOT_STEP: StateField((), torch.float32, nonnegative=True, required=False)}
 
     @staticmethod
     def _state_dtype(param: Tensor) -> torch.dtype:
@@ -363,7 +419,15 @@ class ASGO(_OneSided):
         damping: explicit relative damping :math:`\delta` (default 0.0, as the official code).
         inverse_root: ``"polar_express"`` (default), ``"newton_schulz"`` or ``"eigh"`` (float64).
         root_iters: iterations of the iterative roots (default None: 10 Polar Express, 18 Newton-Schulz).
-        root_every: recompute :math:`P` every :math:`\tau` steps, reusing the stored one between (default 1).
+        root_every: recompute :math:`P` every :math:`\tau` steps, reusing the stored one between (default 1),
+            or ``"auto"``: recompute a block's :math:`P` when its statistic has moved,
+            :math:`\lVert V_t - V_{\mathrm{root}}\rVert_F > \text{root\_tol}\,\lVert V_{\mathrm{root}}\rVert_F`,
+            or when ``root_max_every`` steps have passed since its last root (:math:`V_{\mathrm{root}}`
+            is the statistic its current :math:`P` was computed from, kept as one more ``k x k`` state
+            tensor). The owner of a block decides from that block's own state, which is the same at
+            every world size, so every W takes the same decisions and no collective is needed.
+        root_tol: relative change of :math:`V` that triggers a root with ``root_every="auto"`` (default 0.05).
+        root_max_every: longest interval between roots with ``root_every="auto"`` (default 10).
         max_block_size: largest preconditioned side of a block; larger matrices are cut into blocks
             along that side, each with its own :math:`V` (default 1024).
         adam_betas, adam_eps, adam_weight_decay: the AdamW fallback (defaults (0.9, 0.95), 1e-8, 0.0).
@@ -378,7 +442,8 @@ class ASGO(_OneSided):
         stored root (the paper mentions τ [S], the code uses τ = 1); keeping the previous root on a
         non-finite result instead of the identity; reshaping N-D kernels to ``out x rest``; cutting
         large matrices into blocks along the preconditioned side with per-block RMS normalisation;
-        the cost model used to assign blocks to ranks.
+        the cost model used to assign blocks to ranks; ``root_every="auto"`` (recompute on a relative
+        change of V, counted in ``statistics()["asgo_roots_computed"]``).
     """
 
     _config_cls = ASGOConfig
@@ -395,12 +460,14 @@ class ASGO(_OneSided):
         damping: float = 0.0,
         inverse_root: str = "polar_express",
         root_iters: int | None = None,
-        root_every: int = 1,
+        root_every: int | str = 1,
         max_block_size: int = 1024,
         adam_betas: tuple[float, float] = (0.9, 0.95),
         adam_eps: float = 1e-8,
         adam_weight_decay: float = 0.0,
         *,
+        root_tol: float = 0.05,
+        root_max_every: int = 10,
         process_group: Any = None,
         comm: Any = None,
         shard: bool = True,
@@ -410,8 +477,9 @@ class ASGO(_OneSided):
             lr=lr, betas=_pair(betas), weight_decay=weight_decay, rms_scale=rms_scale, eps=eps,
             damping=damping, inverse_root=inverse_root, root_iters=root_iters, root_every=root_every,
             max_block_size=max_block_size, adam_betas=_pair(adam_betas), adam_eps=adam_eps,
-            adam_weight_decay=adam_weight_decay,
+            adam_weight_decay=adam_weight_decay, root_tol=root_tol, root_max_every=root_max_every,
         )
+        self._roots_computed = 0  # roots this rank computed since construction (statistics)
         defaults = dict(vars(cfg))
         defaults["use_asgo"] = None
         super().__init__(params, defaults, process_group=process_group, comm=comm, shard=shard,
@@ -425,10 +493,11 @@ class ASGO(_OneSided):
 
     def _block_specs(self, param: Tensor, group: dict[str, Any], name: str | None) -> list[BlockSpec]:
         if not self.is_matrix_param(param, group, name):
-            return [BlockSpec(None, 0, 0, float(max(param.numel(), 1)))]
+            return [BlockSpec(None, 0, 0, ADAM_COST_PER_ELEMENT * max(param.numel(), 1))]
         # eigh costs about as much as ~10 matmul iterations; count it like that for balancing.
         iters = max(self._root_iters(group), 10)
-        return asgo_block_specs(param.shape, int(group["max_block_size"]), iters, int(group["root_every"]),
+        every = 1 if group["root_every"] == "auto" else int(group["root_every"])  # "auto": the worst case
+        return asgo_block_specs(param.shape, int(group["max_block_size"]), iters, every,
                                 side=self._fsdp_side(param, group, name))
 
     def _matrix_step(self, views: list[BlockView]) -> None:
@@ -436,15 +505,13 @@ class ASGO(_OneSided):
         # equal-sized blocks are computed as one batch (few large kernels instead of many small ones).
         prepared = self._update_statistics(views)
         due: dict[tuple[Any, ...], list[BlockView]] = {}
-        for v, _side in prepared:
+        for v in self._roots_due([v for v, _ in prepared]):
             group, st = v.group, v.state
-            k = st[GRAM].shape[0]
-            t = int(st[STEP].item())
-            if INV_ROOT not in st or (t - 1) % int(group["root_every"]) == 0:
-                key = (k, st[GRAM].dtype, st[GRAM].device, group["inverse_root"], group["root_iters"],
-                       float(group["eps"]), float(group["damping"]))
-                due.setdefault(key, []).append(v)
+            key = (st[GRAM].shape[0], st[GRAM].dtype, st[GRAM].device, group["inverse_root"],
+                   group["root_iters"], float(group["eps"]), float(group["damping"]))
+            due.setdefault(key, []).append(v)
         need_root: list[tuple[BlockView, Tensor]] = []
+        self._roots_computed += sum(len(vs) for vs in due.values())
         for (_k, _dt, _dev, method, iters, eps, damping), vs in due.items():
             roots = inverse_sqrt(torch.stack([v.state[GRAM] for v in vs]), method, num_iters=iters, eps=eps,
                                  damping=damping)
@@ -452,6 +519,34 @@ class ASGO(_OneSided):
         self._accept_roots(need_root)
         self._apply_directions([(v, asgo_math.precondition(v.state[INV_ROOT], v.state[EXP_AVG], side))
                                 for v, side in prepared])
+
+    def _roots_due(self, views: list[BlockView]) -> list[BlockView]:
+        """The blocks whose root is recomputed this step (in ``views`` order): no root yet, the fixed
+        schedule ``(t - 1) % root_every == 0``, or for ``root_every="auto"`` a relative change of ``V``
+        above ``root_tol`` since the last root, or ``root_max_every`` steps since it. Decided from each
+        block's own state (one host sync for all "auto" blocks), hence the same at every world size."""
+        due = [False] * len(views)
+        auto: list[int] = []
+        for i, v in enumerate(views):
+            st, every = v.state, v.group["root_every"]
+            if INV_ROOT not in st or (every == "auto" and GRAM_AT_ROOT not in st):
+                due[i] = True
+            elif every == "auto":
+                auto.append(i)
+            else:
+                due[i] = (int(st[STEP].item()) - 1) % int(every) == 0
+        if auto:
+            rows = []
+            for i in auto:
+                st = views[i].state
+                last = st[GRAM_AT_ROOT]
+                change = torch.linalg.matrix_norm(st[GRAM] - last).to(torch.float64)
+                ref = torch.linalg.matrix_norm(last).to(torch.float64)
+                rows.append(torch.stack([change, ref, (st[STEP] - st[ROOT_STEP]).to(torch.float64)]))
+            for i, (change, ref, age) in zip(auto, torch.stack(rows).tolist()):
+                group = views[i].group
+                due[i] = change > float(group["root_tol"]) * ref or age >= int(group["root_max_every"])
+        return [v for v, d in zip(views, due) if d]
 
     def _update_statistics(self, views: list[BlockView]) -> list[tuple[BlockView, str]]:
         """Momentum and Gram of every block; the Gram of a row-sharded FSDP2 block is the sum over the
@@ -491,6 +586,7 @@ class ASGO(_OneSided):
             st = v.state
             if ok:
                 st[INV_ROOT] = p_new
+                self._mark_root(v)
                 continue
             st[ROOT_FALLBACKS] += 1
             label = v.name if v.name is not None else f"#{v.block.param_index}"
@@ -504,11 +600,20 @@ class ASGO(_OneSided):
                 log.warning("ASGO: non-finite %s root for block %s of parameter %s on its first root; "
                             "using the float64 eigh root", v.group["inverse_root"], v.block.sub_index, label)
                 st[INV_ROOT] = p_ref
+                self._mark_root(v)
             else:
                 log.error("ASGO: no finite root for block %s of parameter %s (eigh failed too); using the "
                           "identity (normalised momentum) until its next root", v.block.sub_index, label)
                 k = st[GRAM].shape[0]
                 st[INV_ROOT] = torch.eye(k, dtype=p_new.dtype, device=p_new.device)
+
+    @staticmethod
+    def _mark_root(v: BlockView) -> None:
+        """``root_every="auto"``: remember the statistic and the step of the root just stored (a kept
+        previous root after a failure is not marked, so the next step tries again)."""
+        if v.group["root_every"] == "auto":
+            v.state[GRAM_AT_ROOT] = v.state[GRAM].clone()
+            v.state[ROOT_STEP] = v.state[STEP].clone()
 
     @staticmethod
     def _eigh_fallback(gram: Tensor, damping: float, dtype: torch.dtype) -> Tensor | None:
@@ -537,6 +642,7 @@ class ASGO(_OneSided):
                 cond_t.append(_cond_estimate(gram, st[INV_ROOT]))
         conds, traces = _to_floats(cond_t), _to_floats(trace_t)
         stats["asgo_root_fallbacks"] = float(fallbacks)
+        stats["asgo_roots_computed"] = float(self._roots_computed)
         stats["asgo_cond_max"] = max(conds) if conds else 0.0
         stats["asgo_cond_median"] = float(torch.tensor(conds).median()) if conds else 0.0
         stats["asgo_mean_eig_max"] = max(traces) if traces else 0.0
@@ -584,8 +690,11 @@ class DASGO(_OneSided):
         &W_t = W_{t-1}(1-\eta\lambda) - \eta\, U_t
         \end{aligned}
 
-    Routing of non-matrix parameters to AdamW is the same as :class:`ASGO`. Each matrix is one block
-    (cost ``numel``).
+    Routing of non-matrix parameters to AdamW is the same as :class:`ASGO`. A matrix with at most
+    ``max_block_numel`` elements is one block (cost ``numel``); a larger one is cut into column blocks
+    (whole input channels) and the AdamW parameters into row blocks, so each rank keeps about 1/W of
+    the state. The cut does not change the result: the statistic is per column and the norm of the
+    update is summed over the blocks of a parameter (one all-reduce of one value per block when W > 1).
 
     Args:
         params: as :class:`ASGO`.
@@ -593,6 +702,8 @@ class DASGO(_OneSided):
         weight_decay: decoupled weight decay (default 0.1). rms_scale: update RMS (default 0.2).
         eps: added to :math:`v` (default 1e-8).
         adam_betas, adam_eps, adam_weight_decay: the AdamW fallback (defaults (0.9, 0.95), 1e-8, 0.0).
+        max_block_numel: largest block, in elements (default ``2**18``; a param-group option too).
+            Checkpoints need the same value (the layout is checked on load).
         process_group, comm, shard, grad_reduction: see :class:`~lightning_soaa.optim.base.ShardedOptimizer`.
 
     References:
@@ -602,6 +713,8 @@ class DASGO(_OneSided):
 
     _config_cls = DASGOConfig
     _method = "dasgo"
+    elementwise = True  # the AdamW fallback's row blocks; matrices are cut by columns (_block_specs)
+    _normalise_whole = True
 
     def __init__(
         self,
@@ -615,6 +728,7 @@ class DASGO(_OneSided):
         adam_eps: float = 1e-8,
         adam_weight_decay: float = 0.0,
         *,
+        max_block_numel: int = ShardedOptimizer.default_max_block_numel,
         process_group: Any = None,
         comm: Any = None,
         shard: bool = True,
@@ -624,14 +738,21 @@ class DASGO(_OneSided):
                                         rms_scale=rms_scale, eps=eps, adam_betas=_pair(adam_betas),
                                         adam_eps=adam_eps, adam_weight_decay=adam_weight_decay)
         defaults = dict(vars(cfg))
+        defaults["max_block_numel"] = max_block_numel
         defaults["use_asgo"] = None
         super().__init__(params, defaults, process_group=process_group, comm=comm, shard=shard,
                          grad_reduction=grad_reduction)
         self._warn_if_no_matrices()
 
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        super()._validate_group(group)
+        row_block_specs((1,), group.get("max_block_numel", self.default_max_block_numel))  # validates it
+
     def _block_specs(self, param: Tensor, group: dict[str, Any], name: str | None) -> list[BlockSpec]:
         self._fsdp_side(param, group, name)  # raises for a DTensor split other than by rows
-        return super()._block_specs(param, group, name)
+        if not self.is_matrix_param(param, group, name) or is_dtensor(param):
+            return super()._block_specs(param, group, name)  # AdamW: row blocks; an FSDP2 shard: whole
+        return dasgo_block_specs(param.shape, group.get("max_block_numel", self.default_max_block_numel))
 
     def _matrix_step(self, views: list[BlockView]) -> None:
         sharded: list[tuple[BlockView, Tensor, Tensor, float]] = []

@@ -77,7 +77,7 @@ from torch import Tensor
 
 from lightning_soaa.config import ShardingConfig
 from lightning_soaa.distributed import agreement
-from lightning_soaa.distributed.blocks import BlockInfo, BlockSpec, BlockTable
+from lightning_soaa.distributed.blocks import BlockInfo, BlockSpec, BlockTable, row_block_specs
 from lightning_soaa.distributed.checkpoint import (
     FORMAT_KEY,
     CheckpointView,
@@ -230,9 +230,21 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def _validate_group(self, group: dict[str, Any]) -> None:
         """Raise ``ValueError`` for invalid hyperparameters in ``group`` (defaults already filled in)."""
 
+    #: True when the optimizer's state and update are elementwise (a block's math never looks outside the
+    #: block), so a parameter may be cut into row ranges without changing the result: the default
+    #: :meth:`_block_specs` then cuts parameters larger than ``max_block_numel`` (a param-group option,
+    #: default :attr:`default_max_block_numel`) and each rank keeps about 1/W of the state.
+    elementwise: bool = False
+    #: elements per block for elementwise optimizers (2^18 = 1 MiB of fp32 per state tensor)
+    default_max_block_numel: int = 1 << 18
+
     def _block_specs(self, param: Tensor, group: dict[str, Any], name: str | None) -> list[BlockSpec]:
-        """How to cut ``param`` into blocks; default: the whole parameter, cost = numel."""
-        return [BlockSpec(None, 0, 0, float(max(param.numel(), 1)))]
+        """How to cut ``param`` into blocks; default: the whole parameter (cost = numel), or for an
+        :attr:`elementwise` optimizer row ranges of at most ``max_block_numel`` elements (see
+        :func:`~lightning_soaa.distributed.blocks.row_block_specs`)."""
+        if not self.elementwise or has_dtensor([param]):  # an FSDP2 shard is already this rank's piece
+            return [BlockSpec(None, 0, 0, float(max(param.numel(), 1)))]
+        return row_block_specs(tuple(param.shape), group.get("max_block_numel", self.default_max_block_numel))
 
     def _exchange_in(self) -> str | None:
         """Collectives before ``_prepare`` (default: average the gradients into their owners when

@@ -199,6 +199,7 @@ class SOAA(ShardedOptimizer):
 
     step_record = _SOAAStep
     partials_cover_grads = True  # a non-finite gradient makes Σm̂² non-finite
+    elementwise = True  # large parameters are cut into row blocks (ShardedOptimizer._block_specs)
 
     def __init__(
         self,

@@ -182,6 +182,8 @@ def bad_values(spec: OptimizerSpec) -> Iterator[tuple[str, Any]]:
             yield from ((f.name, v) for v in (-1, 2.5))
         elif kind is str:
             yield f.name, "no-such-choice"
+        elif kind == (int | str):  # a count or a named mode (ASGO's root_every="auto")
+            yield from ((f.name, v) for v in (-1, 2.5, "no-such-choice"))
         elif typing.get_origin(kind) is tuple:
             yield from ((f.name, v) for v in ((0.5,), (0.5, 1.5), 0.9))
         else:  # a new field type: teach the battery about it

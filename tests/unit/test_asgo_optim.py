@@ -208,8 +208,8 @@ BAD = [
     (dict(inverse_root="svd"),
      "Invalid inverse_root='svd'. Must be one of 'polar_express', 'newton_schulz', 'eigh'."),
     (dict(root_iters=0), "Invalid root_iters=0. Must be an integer >= 1 or None."),
-    (dict(root_every=0), "Invalid root_every=0. Must be an integer >= 1."),
-    (dict(root_every=2.0), "Invalid root_every=2.0. Must be an integer >= 1."),
+    (dict(root_every=0), "Invalid root_every=0. Must be an integer >= 1 or 'auto'."),
+    (dict(root_every=2.0), "Invalid root_every=2.0. Must be an integer >= 1 or 'auto'."),
     (dict(max_block_size=0), "Invalid max_block_size=0. Must be an integer >= 1."),
     (dict(adam_betas=(1.0, 0.9)), "Invalid adam_betas[0]=1.0. Must be in [0.0, 1.0)."),
     (dict(adam_eps=-1.0), "Invalid adam_eps=-1.0. Must be in [0.0, inf)."),
@@ -234,7 +234,7 @@ def test_bad_hyperparameters_dasgo(kwargs, msg):
 
 def test_bad_group_override_is_rejected():
     w, b = nn.Parameter(torch.randn(3, 4)), nn.Parameter(torch.randn(3))
-    with pytest.raises(ValueError, match=re.escape("Invalid root_every=-2. Must be an integer >= 1.")):
+    with pytest.raises(ValueError, match=re.escape("Invalid root_every=-2. Must be an integer >= 1 or 'auto'.")):
         ASGO([{"params": [w]}, {"params": [b], "root_every": -2}])
 
 

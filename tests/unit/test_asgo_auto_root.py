@@ -1,0 +1,169 @@
+"""ASGO ``root_every="auto"``: a block's root is recomputed when its statistic moved by more than
+``root_tol`` (relative Frobenius change since the last root) or ``root_max_every`` steps passed.
+
+The decision is the owner's, from the block's own state: the same at every world size (checked against
+one process on real gloo ranks) and across a checkpoint taken at one W and resumed at another.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+
+from lightning_soaa import ASGO
+from lightning_soaa.optim import asgo as asgo_mod
+from tests.harness.distributed import run_distributed
+from tests.harness.models import batch, loss_fn, tiny_mlp
+
+KW: dict[str, Any] = dict(lr=2e-2, max_block_size=4, damping=1e-6)  # split blocks, several batches
+
+
+def _run(model: Any, opt: ASGO, start: int, steps: int) -> None:
+    for t in range(start, start + steps):
+        x, y = batch(t, 0)
+        opt.zero_grad()
+        loss_fn(model, x, y).backward()
+        opt.step()
+
+
+def _trained(steps: int = 8, **kw: Any) -> tuple[Any, ASGO]:
+    model = tiny_mlp()
+    opt = ASGO(model.named_parameters(), **{**KW, **kw})
+    _run(model, opt, 0, steps)
+    return model, opt
+
+
+@pytest.mark.parametrize("kwargs,msg", [
+    (dict(root_every="sometimes"), "root_every='sometimes'"),
+    (dict(root_every=0), "root_every=0"),
+    (dict(root_every="auto", root_tol=-0.1), "root_tol"),
+    (dict(root_every="auto", root_max_every=0), "root_max_every=0"),
+])
+def test_bad_options(kwargs: dict[str, Any], msg: str) -> None:
+    with pytest.raises(ValueError, match=msg):
+        ASGO(tiny_mlp().named_parameters(), **kwargs)
+
+
+@pytest.mark.parametrize("auto,fixed", [
+    (dict(root_tol=0.0), dict(root_every=1)),  # any change triggers a root: every step
+    (dict(root_tol=1e30, root_max_every=3), dict(root_every=3)),  # never by change: every 3rd step
+])
+def test_auto_limits_equal_fixed_schedules(auto: dict[str, Any], fixed: dict[str, Any]) -> None:
+    m_auto, o_auto = _trained(root_every="auto", **auto)
+    m_fix, o_fix = _trained(**fixed)
+    for a, b in zip(m_auto.parameters(), m_fix.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert o_auto.statistics()["asgo_roots_computed"] == o_fix.statistics()["asgo_roots_computed"]
+
+
+def test_auto_skips_roots_when_the_statistic_is_steady(monkeypatch: Any) -> None:
+    """Each recomputation happens exactly when the rule says, judged from the stored V_root."""
+    model = tiny_mlp()
+    opt = ASGO(model.named_parameters(), **KW, root_every="auto", root_tol=0.3, root_max_every=4)
+    decisions: list[list[bool]] = []
+    real = ASGO._roots_due
+
+    def spy(self: ASGO, views: list[Any]) -> list[Any]:
+        expected = []
+        for v in views:
+            st = v.state
+            if asgo_mod.INV_ROOT not in st:
+                expected.append(True)
+                continue
+            change = torch.linalg.matrix_norm(st["gram"] - st["gram_at_root"])
+            ref = torch.linalg.matrix_norm(st["gram_at_root"])
+            expected.append(bool(change > 0.3 * ref) or int(st["step"] - st["root_step"]) >= 4)
+        due = real(self, views)
+        got = [any(v is d for d in due) for v in views]
+        assert got == expected
+        decisions.append(got)
+        return due
+
+    monkeypatch.setattr(ASGO, "_roots_due", spy)
+    _run(model, opt, 0, 12)
+    flat = [d for step in decisions[1:] for d in step]
+    assert any(flat) and not all(flat)  # some roots skipped, some taken after step 1
+    n_blocks = len(decisions[0])
+    assert n_blocks < opt.statistics()["asgo_roots_computed"] < 12 * n_blocks
+
+
+def test_auto_resume_equals_uninterrupted() -> None:
+    m_ref, _ = _trained(steps=9, root_every="auto", root_tol=0.2)
+    m1, o1 = _trained(steps=4, root_every="auto", root_tol=0.2)
+    sd, model_sd = copy.deepcopy(o1.state_dict()), copy.deepcopy(m1.state_dict())
+    m2 = tiny_mlp(seed=5)
+    m2.load_state_dict(model_sd)
+    o2 = ASGO(m2.named_parameters(), **KW, root_every="auto", root_tol=0.2)
+    o2.load_state_dict(sd)
+    _run(m2, o2, 4, 5)
+    for a, b in zip(m_ref.parameters(), m2.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _ranks(rank: int, world: int, sd: Any, model_sd: Any, start: int, steps: int) -> dict[str, Any]:
+    model = tiny_mlp()
+    if model_sd is not None:
+        model.load_state_dict(model_sd)
+    opt = ASGO(model.named_parameters(), **KW, root_every="auto", root_tol=0.2)
+    if sd is not None:
+        opt.load_state_dict(sd)
+    _run(model, opt, start, steps)  # the same batch on every rank: gradients as DDP would leave them
+    opt.consolidate_state_dict(to=None)
+    return {"params": [p.detach().clone() for p in model.parameters()], "sd": opt.state_dict(),
+            "model_sd": copy.deepcopy(model.state_dict()), "owned": len(opt.block_table.owned())}
+
+
+def test_auto_w2_equals_one_process_and_resumes_at_w1(tmp_path: Any) -> None:
+    m_ref, _ = _trained(steps=9, root_every="auto", root_tol=0.2)
+    m4, _ = _trained(steps=4, root_every="auto", root_tol=0.2)
+    results = run_distributed(_ranks, 2, tmp_path, None, None, 0, 4)
+    assert all(r["owned"] > 0 for r in results)
+    for res in results:
+        for a, b in zip(res["params"], m4.parameters()):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # a W=2 checkpoint resumed by one process continues exactly as the uninterrupted run
+    final = _ranks(0, 1, results[0]["sd"], results[0]["model_sd"], 4, 5)
+    for a, b in zip(final["params"], m_ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_batched_roots_fall_back_per_block(monkeypatch: Any) -> None:
+    """Two equal-shaped blocks share one batched root; a non-finite result in one of them keeps that
+    block's previous P (counted) and leaves the other block's new root in place."""
+    def make() -> tuple[list[torch.nn.Parameter], ASGO]:
+        g = torch.Generator().manual_seed(0)
+        ws = [torch.nn.Parameter(torch.randn(3, 6, dtype=torch.float64, generator=g)) for _ in range(2)]
+        return ws, ASGO(ws, lr=1e-2)
+
+    def step(ws: list[torch.nn.Parameter], opt: ASGO, t: int) -> None:
+        g = torch.Generator().manual_seed(100 + t)
+        for w in ws:
+            w.grad = torch.randn(3, 6, dtype=torch.float64, generator=g)
+        opt.step()
+
+    ws_ref, ref = make()
+    ws, opt = make()
+    real = asgo_mod.inverse_sqrt
+    calls: list[int] = []
+
+    def poison_second_block_once(v: torch.Tensor, *a: Any, **k: Any) -> torch.Tensor:
+        calls.append(v.shape[0])
+        out = real(v, *a, **k)
+        if len(calls) == 2:
+            out = out.clone()
+            out[1] = float("nan")
+        return out
+
+    step(ws_ref, ref, 0)
+    step(ws_ref, ref, 1)
+    monkeypatch.setattr(asgo_mod, "inverse_sqrt", poison_second_block_once)
+    step(ws, opt, 0)
+    p_before = opt.state[ws[1]]["inv_root"].clone()
+    step(ws, opt, 1)
+    assert calls == [2, 2]  # one batch of both blocks per step
+    torch.testing.assert_close(opt.state[ws[0]]["inv_root"], ref.state[ws_ref[0]]["inv_root"], rtol=0, atol=0)
+    torch.testing.assert_close(opt.state[ws[1]]["inv_root"], p_before, rtol=0, atol=0)
+    assert int(opt.state[ws[1]]["root_fallbacks"]) == 1 and int(opt.state[ws[0]]["root_fallbacks"]) == 0
