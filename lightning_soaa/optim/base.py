@@ -53,6 +53,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -115,8 +116,19 @@ class StepRecord:
         return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("summed"))
 
     def vector(self) -> Tensor:
-        """The summed fields as one fp64 CPU vector (the order of :meth:`summed_fields`)."""
-        return torch.tensor([float(getattr(self, n)) for n in self.summed_fields()], dtype=torch.float64)
+        """The summed fields as one fp64 CPU vector (the order of :meth:`summed_fields`). Tensor fields
+        (0-d, on any device) are stacked and copied to the host at once: one synchronisation per step,
+        not one per value."""
+        vals = [getattr(self, n) for n in self.summed_fields()]
+        out = torch.tensor([0.0 if isinstance(x, Tensor) else float(x) for x in vals], dtype=torch.float64)
+        pos = [i for i, x in enumerate(vals) if isinstance(x, Tensor)]
+        if pos:
+            dev = vals[pos[0]].device
+            ts = [vals[i] for i in pos]
+            ts = [x if x.dtype == torch.float64 and x.device == dev and x.dim() == 0
+                  else x.to(dev, torch.float64).reshape(()) for x in ts]  # a no-op costs an ATen call
+            out[pos] = torch.stack(ts).cpu()
+        return out
 
     def with_sums(self, vector: Tensor) -> StepRecord:
         """A copy whose summed fields are ``vector`` (the all-reduced values); other fields are kept."""
@@ -348,13 +360,14 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     def _owned_views(self) -> list[BlockView]:
         views = []
+        loc = local if self._dtensor is not None else (lambda t: t)  # no DTensor check per step without FSDP2
         for b in self._owned:
             p = self._params[b.param_index]
             views.append(
                 BlockView(
                     block=b,
-                    param=b.view(local(p)),  # type: ignore[arg-type]
-                    grad=None if p.grad is None else b.view(local(p.grad)),  # type: ignore[arg-type]
+                    param=b.view(loc(p)),  # type: ignore[arg-type]
+                    grad=None if p.grad is None else b.view(loc(p.grad)),  # type: ignore[arg-type]
                     state=self.block_state(b),
                     group=self.param_groups[b.group_index],
                     name=self._names[b.param_index],
@@ -380,15 +393,17 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def _local_nonfinite(self, views: list[BlockView], partials: Tensor) -> bool:
         # With grad_reduction="none" a rank only reads the blocks it owns, so a NaN that appeared in
         # another block on this rank would otherwise go unseen; check every local gradient then.
+        bad = not all(math.isfinite(x) for x in partials.tolist())  # a CPU vector: one ATen call
+        if bad or self.partials_cover_grads:
+            return bad
         if self.sharding.grad_reduction == "none":
             grads = [local(p.grad) for p in self._params if p.grad is not None]
         else:
             grads = [v.grad for v in views if v.grad is not None]
-        bad = False
-        if grads and not self.partials_cover_grads:
+        if grads:
             norms = torch._foreach_norm(grads)
             bad = not bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())
-        return bad or not bool(torch.isfinite(partials).all())
+        return bad
 
     def _reduce_record(self, views: list[BlockView]) -> StepRecord:
         """``_prepare``, this rank's non-finite flag, and the step's ONE fp64 all-reduce."""
