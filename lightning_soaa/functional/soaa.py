@@ -556,13 +556,16 @@ def soaa_moments(
     parts: list[Tensor] = []
     if fast:
         assert kernels is not None
-        part = _compiled_soaa_sums(kernels, *_sub(lists, fast), _pick(ts, fast), **kw)
+        g_, m_, v_ = _sub(lists, fast)
+        part = _compiled_soaa_sums(kernels, g_, m_, v_, _pick(ts, fast), **kw)
         if part is None:  # compiler failure: these blocks take the eager path too
             rest = sorted(rest + fast)
         else:
             parts.append(part)
     multi, single = _eager_split(grads, rest, foreach)
-    for kernel, blocks in ((_multi_tensor_soaa_sums, multi), (_single_tensor_soaa_sums, single)):
+    eager: tuple[tuple[Callable[..., Tensor], list[int]], ...] = (
+        (_multi_tensor_soaa_sums, multi), (_single_tensor_soaa_sums, single))
+    for kernel, blocks in eager:
         if blocks:
             parts.append(kernel(*_sub(lists, blocks), _pick(ts, blocks), **kw))
     return _add(parts)
@@ -613,7 +616,8 @@ def soaa_step_(
     parts: list[Tensor] = []
     if fast:
         assert kernels is not None
-        done, n_done = _compiled_soaa_step_(kernels, *_sub(lists, fast), _pick(ts, fast), **kw)
+        p_, g_, m_, v_ = _sub(lists, fast)
+        done, n_done = _compiled_soaa_step_(kernels, p_, g_, m_, v_, _pick(ts, fast), **kw)
         parts.append(done)
         rest = sorted(rest + fast[n_done:])
     multi, single = _eager_split(params, rest, foreach)
