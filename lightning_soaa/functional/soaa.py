@@ -7,16 +7,20 @@ float64 partial sums which the caller adds across blocks and ranks. Nothing here
 
 One step, with the optimizer's single all-reduce between the two tensor kernels::
 
-    m_t, v_t, [Σm̂², Σ(v̂+ε)]   = soaa_moments(g, m, v, t, out=)    # into other buffers: m, v untouched
+    [Σm̂², Σ(v̂+ε)]   = soaa_moments(g, m, v, t)     # reads only: the would-be m_t, v_t are not stored
     (all-reduce the partials, the loss and the lagged partials of the previous update)
     c_t, ρ_t, d_t, L_t, ...      = trust_region_scalars(...)          # pure Python float64
-    [Σm̂·u, Σv̂·u²]              = soaa_update_(θ, m_t, v_t, t, d_{t-1}, c_t)   # θ in place
+    [Σm̂·u, Σv̂·u²]   = soaa_step_(θ, g, m, v, t, d_{t-1}, c_t)   # m, v, θ in place, one sweep
+
+Nothing is written before the all-reduce, so a step every rank skips (a non-finite value anywhere)
+leaves moments and parameters bit-identical without a copy; the moments are computed twice (cheap
+arithmetic) instead of stored twice (memory traffic and 2x the moments' memory).
 
 ``t`` is the per-tensor step count *of this update* (1 on the first step): the caller keeps one counter
 per tensor (torch's convention, and what DeepSpeed ZeRO-3 needs, since it calls ``step()`` once per
 sub-group), so tensors that joined later are bias-corrected like Adam does.
 
-Kernels, torch-style, behind the two dispatchers :func:`soaa_moments` and :func:`soaa_update_` (same
+Kernels, torch-style, behind the two dispatchers :func:`soaa_moments` and :func:`soaa_step_` (same
 arithmetic, per block):
 
 * compiled (``_compiled_*``): each pass is one ``torch.compile``'d sweep over a whole tensor (C++/OpenMP
@@ -26,10 +30,11 @@ arithmetic, per block):
 * multi-tensor (``_multi_tensor_*``): torch ``_foreach_*`` ops, a fixed number of calls for any number of
   tensors; default on CUDA, and on CPU for tensors under 2**16 elements, where an op's dispatch costs
   more than its arithmetic;
-* single-tensor (``_single_tensor_*``): on CPU, the whole chain of ops tile by tile into caller-owned
-  buffers, because there the foreach ops are a per-tensor loop anyway and their out-of-place forms
+* single-tensor (``_single_tensor_*``): on CPU, the whole chain of ops tile by tile (a tile stays
+  in cache), because there the foreach ops are a per-tensor loop anyway and their out-of-place forms
   allocate a parameter-sized tensor per op. Global sums are accumulated per row of 4096 elements in the
-  tensor's dtype and added in float64.
+  tensor's dtype and added in float64; the sums pass writes the would-be moments of a tile into two
+  tile-sized scratch buffers, the step pass updates the tile's moments in place and then its θ.
 
 ``foreach=True/False`` forces one eager kernel for every block that does not take the compiled one.
 """
@@ -53,7 +58,7 @@ __all__ = [
     "band",
     "predicted_reduction",
     "soaa_moments",
-    "soaa_update_",
+    "soaa_step_",
     "trust_region_scalars",
     "use_foreach",
 ]
@@ -90,33 +95,16 @@ def _sum_sq64(x: Tensor) -> Tensor:
     return total
 
 
-# Up to this many elements in all, the foreach path's global sums convert the concatenated values to
-# float64 (exact products, float64 accumulation, three ATen calls); beyond it they use the chunked sums.
-_CAT64 = 1 << 20
-
-
-def _cat64(xs: list[Tensor]) -> Tensor | None:
-    """All elements of ``xs`` as one float64 vector, or None when too many to copy cheaply."""
-    if sum(x.numel() for x in xs) > _CAT64:
-        return None
-    return torch.cat([x.reshape(-1) for x in xs]).double() if len(xs) > 1 else xs[0].reshape(-1).double()
-
-
 def _total64(xs: list[Tensor]) -> Tensor:
-    """Σ over all elements of many tensors, float64: one concatenation on CPU (a norm per tensor costs
-    more than the arithmetic of small tensors), a multi-tensor norm on accelerators (x >= 0 only)."""
-    if xs[0].device.type != "cpu":
-        return torch.stack(torch._foreach_norm(xs, 1)).double().sum()
-    flat = _cat64(xs)
-    return flat.sum() if flat is not None else _sum64(torch.cat([x.reshape(-1) for x in xs]))
+    """Σ over all elements of many tensors (x >= 0 only), float64: one multi-tensor L1 norm (a fixed
+    number of ATen calls for any number of tensors; this path takes small tensors, where a call costs
+    more than the arithmetic). Each tensor's sum is accumulated in its dtype (fp32: ~1e-7 relative)."""
+    return torch.stack(torch._foreach_norm(xs, 1)).double().sum()
 
 
 def _total_sq64(xs: list[Tensor]) -> Tensor:
     """Σ x² over all elements of many tensors, float64 (see :func:`_total64`)."""
-    if xs[0].device.type != "cpu":
-        return torch.stack(torch._foreach_norm(xs)).double().square().sum()
-    flat = _cat64(xs)
-    return torch.dot(flat, flat) if flat is not None else _sum_sq64(torch.cat([x.reshape(-1) for x in xs]))
+    return torch.stack(torch._foreach_norm(xs)).double().square().sum()
 
 
 # The loop path runs the whole chain of elementwise ops on one tile before moving to the next, so the
@@ -171,61 +159,78 @@ class _Acc:
 # Eager, each pass is a chain of ~6-10 elementwise ops, i.e. as many trips through memory (or, tiled,
 # through the cache) plus a dispatch per op. torch.compile (inductor: C++/OpenMP on CPU, Triton on
 # CUDA) turns each pass into ONE loop over the whole tensor that loads every operand once, stores the
-# outputs and accumulates the global sums on the way: 20 B/param for the moments, 16 B/param for the
-# update (fp32), against fused AdamW's 28 B/param for its whole step.
+# outputs and accumulates the global sums on the way.
+#
+# Traffic (fp32, bytes per parameter): the sums pass only READS g, m, v (12 B) and stores nothing; the
+# step kernel reads θ, g, m, v and writes θ, m, v in place (28 B, one loop; every store goes to a line
+# the loop has just read, so no read-for-ownership of a cold buffer); the update sums read the new m, v
+# (8 B): 48 B against fused AdamW's 28 B for its whole step, a bound of 1.71x. (The earlier layout
+# stored the new moments into spare buffers: 20 B + 8 B of write-allocate, then 16 B for the update,
+# 44 B, and 2x the moments' memory. Folding the update sums into the step kernel makes inductor store
+# m_t, v_t into temporaries and copy them in two more loops: measured 38.8 ms against 25.0 ms for
+# 10 x 1e6 fp32, 1 thread.) What remains: the update sums are lagged (needed at the next step), so the
+# next sums pass, which reads m, v anyway, could compute them: 40 B, 1.43x.
 #
 # Compiled with dynamic shapes, so one compilation serves every tensor length (per dtype and device);
 # the scalars travel as one small tensor, so new step counts or learning rates never recompile. The
 # compiled callables live in a SOAAKernels object owned by the caller (the optimizer): this module keeps
 # no state of its own. Sums are accumulated in float64 inside the loop (no chunking needed).
-# Measured (1 thread, 10 x 1e6 fp32, CPU time): moments 10.8 ms, update 11.6 ms, fused AdamW's whole step
-# 7.5 ms. The moments pass writes into buffers that are not in cache (the optimizer's spares, so that a
-# skipped step leaves the state untouched), which costs a read-for-ownership per store: ~28 B/param of
-# traffic, as much as fused AdamW's in-place step. Recomputing the moments in place in the update pass
-# (pass 1 only reads and sums) would cut that and the spare buffers; inductor then needs the same care
-# as above to keep one loop.
 
 
-def _moments_kernel(g: Tensor, m: Tensor, v: Tensor, m_out: Tensor, v_out: Tensor, scal: Tensor) -> Tensor:
-    """m_out = lerp(m, g, 1-β1), v_out = β2 v + (1-β2) g²; returns float64 [Σ m_out², Σ v_out].
-
-    ``scal = [1-β1, β2, 1-β2, 1]``. The products with ``scal[3] == 1`` are exact and only there for
-    inductor: a reused value that reads more than four buffers is computed once and shared by the
-    stores and the sums (one loop); with fewer reads it is recomputed in a second loop over memory.
-    """
-    one = scal[3]
-    m_t = (m + (g - m) * scal[0]) * one * one
-    v_t = (v * scal[1] + g * g * scal[2]) * one
-    m_out.copy_(m_t)
-    v_out.copy_(v_t)
+def _sums_kernel(g: Tensor, m: Tensor, v: Tensor, scal: Tensor) -> Tensor:
+    """float64 [Σ m_t², Σ v_t] of the would-be moments m_t = lerp(m, g, 1-β1), v_t = β2 v + (1-β2) g²;
+    reads only. ``scal = [1-β1, β2, 1-β2]``."""
+    m_t = m + (g - m) * scal[0]
+    v_t = v * scal[1] + g * g * scal[2]
     return torch.stack([torch.sum(m_t * m_t, dtype=torch.float64), torch.sum(v_t, dtype=torch.float64)])
 
 
-def _update_kernel(p: Tensor, m: Tensor, v: Tensor, scal: Tensor) -> Tensor:
-    """θ ← θ·decay + alr·q with q = m / (k1 s max(s, knee) + ε), s = √v; returns float64
-    [Σ m q, Σ (s q)²]. ``scal = [decay, alr, k1, knee, ε]``."""
+def _step_kernel(p: Tensor, g: Tensor, m: Tensor, v: Tensor, scal: Tensor) -> None:
+    """Moments in place, then θ ← θ·decay + alr·q with q = m_t / (k1 s max(s, knee) + ε), s = √v_t.
+    ``scal = [1-β1, β2, 1-β2, decay, alr, k1, knee, ε]``. No reductions here: with one, inductor stores
+    m_t, v_t into temporaries and copies them into m, v in two more loops (60 B/param instead of 28)."""
+    m_t = m + (g - m) * scal[0]
+    v_t = v * scal[1] + g * g * scal[2]
+    s = torch.sqrt(v_t)
+    q = m_t / (scal[7] + scal[5] * torch.clamp_min(s, scal[6]) * s)
+    m.copy_(m_t)
+    v.copy_(v_t)
+    p.copy_(p * scal[3] + scal[4] * q)
+
+
+def _update_sums_kernel(m: Tensor, v: Tensor, scal: Tensor) -> Tensor:
+    """float64 [Σ m q, Σ (s q)²] of the new moments (reads only; ``scal`` as in :func:`_step_kernel`)."""
     s = torch.sqrt(v)
-    q = m / (scal[4] + scal[2] * torch.clamp_min(s, scal[3]) * s)
-    p.copy_(p * scal[0] + scal[1] * q)
+    q = m / (scal[7] + scal[5] * torch.clamp_min(s, scal[6]) * s)
     sq = s * q
     return torch.stack([torch.sum(m * q, dtype=torch.float64), torch.sum(sq * sq, dtype=torch.float64)])
 
 
-def _update_count_kernel(p: Tensor, m: Tensor, v: Tensor, scal: Tensor) -> Tensor:
-    """:func:`_update_kernel` plus #(s < knee) (the coordinates on the d-branch), for ``same_batch``."""
+def _update_count_kernel(m: Tensor, v: Tensor, scal: Tensor) -> Tensor:
+    """:func:`_update_sums_kernel` plus #(s < knee) (the coordinates on the d-branch), for ``same_batch``."""
     s = torch.sqrt(v)
-    q = m / (scal[4] + scal[2] * torch.clamp_min(s, scal[3]) * s)
-    p.copy_(p * scal[0] + scal[1] * q)
+    q = m / (scal[7] + scal[5] * torch.clamp_min(s, scal[6]) * s)
     sq = s * q
     return torch.stack([torch.sum(m * q, dtype=torch.float64), torch.sum(sq * sq, dtype=torch.float64),
-                        torch.sum(s < scal[3], dtype=torch.float64)])
+                        torch.sum(s < scal[6], dtype=torch.float64)])
+
+
+def _eager_update_sums(m: Tensor, v: Tensor, scal: Tensor, count: bool) -> Tensor:
+    """:func:`_update_sums_kernel` / :func:`_update_count_kernel` eagerly (after a compiler failure
+    between the two kernels of one tensor, whose θ and moments are already updated)."""
+    m64, s = m.double(), v.double().sqrt()
+    k1, knee, eps = scal[5].double(), scal[6].double(), scal[7].double()
+    q = m64 / (eps + k1 * torch.clamp_min(s, knee) * s)
+    out = [(m64 * q).sum(), (s * q).square().sum()]
+    return torch.stack(out + [(s < knee).sum().double()] if count else out)
 
 
 _COMPILABLE = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 class SOAAKernels:
-    """The two ``torch.compile``'d passes, for one owner (e.g. an optimizer instance) to keep and pass in.
+    """The ``torch.compile``'d passes (sums; moments and θ in place), for one owner (e.g. an optimizer
+    instance) to keep and pass in.
 
     ``min_numel``: smaller tensors take the eager path (a compiled call costs tens of microseconds of
     guards and launch; below this size the eager ops are as fast). After a compiler failure the object
@@ -236,8 +241,10 @@ class SOAAKernels:
     def __init__(self, min_numel: int = 1 << 16) -> None:
         self.min_numel = int(min_numel)
         self.failure: str | None = None
-        self.moments: Callable[..., Tensor] = torch.compile(_moments_kernel, dynamic=True, fullgraph=True)
-        self.update: Callable[..., Tensor] = torch.compile(_update_kernel, dynamic=True, fullgraph=True)
+        self.sums: Callable[..., Tensor] = torch.compile(_sums_kernel, dynamic=True, fullgraph=True)
+        self.step: Callable[..., None] = torch.compile(_step_kernel, dynamic=True, fullgraph=True)
+        self.update_sums: Callable[..., Tensor] = torch.compile(_update_sums_kernel, dynamic=True,
+                                                                fullgraph=True)
         self.update_count: Callable[..., Tensor] = torch.compile(_update_count_kernel, dynamic=True,
                                                                  fullgraph=True)
 
@@ -265,18 +272,18 @@ def _flat(x: Tensor) -> Tensor:
     return x.detach().view(-1)
 
 
-def _compiled_soaa_moments(
+def _compiled_soaa_sums(
     kernels: SOAAKernels, grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-    m_out: list[Tensor], v_out: list[Tensor], ts: list[int], *, beta1: float, beta2: float, eps: float,
+    ts: list[int], *, beta1: float, beta2: float, eps: float,
 ) -> Tensor | None:
-    """The moments of every tensor through the compiled kernel; ``None`` when it cannot run (nothing
-    the caller owns was modified: only ``m_out``/``v_out`` were written)."""
-    scal = kernels.scalars([1.0 - beta1, beta2, 1.0 - beta2, 1.0], grads[0])
+    """The partials of every tensor through the compiled kernel (reads only); ``None`` when it cannot
+    run."""
+    scal = kernels.scalars([1.0 - beta1, beta2, 1.0 - beta2], grads[0])
     sums = []
     with torch.no_grad():
         try:
-            for g, m, v, mo, vo in zip(grads, exp_avgs, exp_avg_sqs, m_out, v_out):
-                sums.append(kernels.moments(_flat(g), _flat(m), _flat(v), _flat(mo), _flat(vo), scal))
+            for g, m, v in zip(grads, exp_avgs, exp_avg_sqs):
+                sums.append(kernels.sums(_flat(g), _flat(m), _flat(v), scal))
         except Exception as e:  # noqa: BLE001 - any compiler problem means: run eager
             kernels.fail(e)
             return None
@@ -287,26 +294,33 @@ def _compiled_soaa_moments(
                                 device=total.device)
 
 
-def _compiled_soaa_update_(
-    kernels: SOAAKernels, params: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-    ts: list[int], *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, d: float,
-    c: float, count_limited: bool,
+def _compiled_soaa_step_(
+    kernels: SOAAKernels, params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor], ts: list[int], *, lr: float, beta1: float, beta2: float, eps: float,
+    weight_decay: float, d: float, c: float, count_limited: bool,
 ) -> tuple[Tensor, int]:
-    """θ of the tensors through the compiled kernel, in order. Returns float64 ``[Σ m̂·u, Σ v̂·u²]``
-    (plus ``n_limited`` with ``count_limited``) and how many tensors were done (fewer than all after a
-    compiler failure; the rest are untouched)."""
+    """Moments and θ of the tensors through the compiled kernel, in order. Returns float64
+    ``[Σ m̂·u, Σ v̂·u²]`` (plus ``n_limited`` with ``count_limited``) and how many tensors were done
+    (fewer than all after a compiler failure; the rest are untouched)."""
     rows, weights = [], []
-    kernel = kernels.update_count if count_limited else kernels.update
+    sums = kernels.update_count if count_limited else kernels.update_sums
     with torch.no_grad():
-        for p, m, v, t in zip(params, exp_avgs, exp_avg_sqs, ts):
+        for p, g, m, v, t in zip(params, grads, exp_avgs, exp_avg_sqs, ts):
             k1, knee, step, bc1, bc2 = _cap_scalars(t, beta1, beta2, d, c)
-            scal = kernels.scalars([1.0 - lr * weight_decay, -lr * step, k1, knee, eps], p)
+            scal = kernels.scalars([1.0 - beta1, beta2, 1.0 - beta2, 1.0 - lr * weight_decay, -lr * step,
+                                    k1, knee, eps], p)
             try:
-                rows.append(kernel(_flat(p), _flat(m), _flat(v), scal))
-            except Exception as e:  # noqa: BLE001 - fails before writing θ of this tensor
+                kernels.step(_flat(p), _flat(g), _flat(m), _flat(v), scal)
+            except Exception as e:  # noqa: BLE001 - fails before writing any tensor of this block
                 kernels.fail(e)
                 break
             weights.append([step / bc1, step * step / bc2, 1.0][:3 if count_limited else 2])
+            try:  # a second read of the new m, v (8 B/param fp32): see _step_kernel
+                rows.append(sums(_flat(m), _flat(v), scal))
+            except Exception as e:  # noqa: BLE001 - this tensor is updated: its sums eagerly, then stop
+                kernels.fail(e)
+                rows.append(_eager_update_sums(m, v, scal, count_limited))
+                break
     if not rows:
         return torch.zeros(3 if count_limited else 2, dtype=torch.float64), 0
     w = torch.tensor(weights, dtype=torch.float64).to(rows[0].device)
@@ -340,13 +354,13 @@ def _cap_scalars(t: int, beta1: float, beta2: float, d: float, c: float
     return k1, knee, d / bc1, bc1, bc2
 
 
-def _multi_tensor_soaa_moments(
+def _multi_tensor_soaa_sums(
     grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], ts: list[int],
     *, beta1: float, beta2: float, eps: float,
-) -> tuple[list[Tensor], list[Tensor], Tensor]:
-    """torch ``_foreach_*`` ops, a fixed number of calls whatever the number of tensors, into new
-    tensors (for small tensors an allocation is cheaper than a copy into ``out``). The global sums per
-    step group, scaled by its bias correction, in float64."""
+) -> Tensor:
+    """torch ``_foreach_*`` ops, a fixed number of calls whatever the number of tensors: the would-be
+    moments into temporaries (small tensors: an allocation is cheaper than a copy), their global sums
+    per step group, scaled by its bias correction, in float64."""
     m_new = list(torch._foreach_lerp(exp_avgs, grads, 1.0 - beta1))
     v_new = list(torch._foreach_mul(exp_avg_sqs, beta2))
     torch._foreach_addcmul_(v_new, grads, grads, value=1.0 - beta2)
@@ -356,40 +370,62 @@ def _multi_tensor_soaa_moments(
         s_m2.append(_total_sq64(_pick(m_new, idx)) / (1.0 - beta1**t) ** 2)
         s_v.append(_total64(_pick(v_new, idx)) / (1.0 - beta2**t))
     n_eps = eps * sum(g.numel() for g in grads)
-    return m_new, v_new, torch.stack([sum(s_m2[1:], s_m2[0]), sum(s_v[1:], s_v[0]) + n_eps])
+    return torch.stack([sum(s_m2[1:], s_m2[0]), sum(s_v[1:], s_v[0]) + n_eps])
 
 
-def _single_tensor_soaa_moments(
+def _scratch(pieces: list[tuple[Tensor, ...]], k: int) -> Callable[[Tensor], tuple[Tensor, ...]]:
+    """``k`` tile-sized scratch buffers for the loop path; ``get(like)`` returns views shaped like
+    ``like`` (or fresh tensors for a non-contiguous piece longer than a tile)."""
+    like0 = pieces[0][0]
+    n_buf = min(_TILE, max(tile[0].numel() for tile in pieces))
+    bufs = [torch.empty(n_buf, dtype=like0.dtype, device=like0.device) for _ in range(k)]
+
+    def get(like: Tensor) -> tuple[Tensor, ...]:
+        n = like.numel()
+        if n <= n_buf:
+            return tuple(b[:n].view(like.shape) for b in bufs)
+        return tuple(torch.empty_like(like) for _ in bufs)
+    return get
+
+
+def _single_tensor_soaa_sums(
     grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], ts: list[int],
-    m_new: list[Tensor], v_new: list[Tensor], *, beta1: float, beta2: float, eps: float,
+    *, beta1: float, beta2: float, eps: float,
 ) -> Tensor:
-    """Tile by tile into ``m_new``/``v_new``; returns the partials."""
+    """Tile by tile: the would-be moments of a tile into two tile-sized scratch buffers, then summed."""
     dev = grads[0].device
     s_m2 = torch.zeros((), dtype=torch.float64, device=dev)
     s_v = torch.zeros((), dtype=torch.float64, device=dev)
     n_eps = 0.0
     for t, idx in _by_step(ts).items():
         acc_m, acc_v = _Acc(square=True), _Acc()
-        for i in idx:
-            for g, m, v, mo, vo in _tiles(grads[i], exp_avgs[i], exp_avg_sqs[i], m_new[i], v_new[i]):
-                torch.lerp(m, g, 1.0 - beta1, out=mo)
-                torch.mul(v, beta2, out=vo)
-                vo.addcmul_(g, g, value=1.0 - beta2)
-                acc_m.sum_sq(mo)
-                acc_v.sum(vo)
-            n_eps += grads[i].numel() * eps
+        pieces = [tile for i in idx for tile in _tiles(exp_avgs[i], grads[i], exp_avg_sqs[i])]
+        scratch = _scratch(pieces, 2)
+        for m, g, v in pieces:
+            mo, vo = scratch(m)
+            torch.lerp(m, g, 1.0 - beta1, out=mo)
+            torch.mul(v, beta2, out=vo)
+            vo.addcmul_(g, g, value=1.0 - beta2)
+            acc_m.sum_sq(mo)
+            acc_v.sum(vo)
+        n_eps += sum(grads[i].numel() for i in idx) * eps
         s_m2 = s_m2 + acc_m.total(dev) / (1.0 - beta1**t) ** 2
         s_v = s_v + acc_v.total(dev) / (1.0 - beta2**t)
     return torch.stack([s_m2, s_v + n_eps])
 
 
-def _multi_tensor_soaa_update_(
-    params: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], t: int, *, lr: float,
-    beta1: float, beta2: float, eps: float, weight_decay: float, d: float, c: float, count_limited: bool,
+def _multi_tensor_soaa_step_(
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], t: int,
+    *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, d: float, c: float,
+    count_limited: bool,
 ) -> Tensor:
-    """Tensors of one step count ``t`` through ``_foreach_*`` ops (a fixed number of calls);
-    float64 ``[Σm̂u, Σv̂u², n_limited]``."""
+    """Tensors of one step count ``t`` through ``_foreach_*`` ops (a fixed number of calls): the moments
+    in place (the same ops as :func:`_multi_tensor_soaa_sums`, so the same values), then θ; float64
+    ``[Σm̂u, Σv̂u², n_limited]``."""
     k1, knee, step, bc1, bc2 = _cap_scalars(t, beta1, beta2, d, c)
+    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
     if weight_decay != 0.0:
         torch._foreach_mul_(params, 1.0 - lr * weight_decay)
     s = list(torch._foreach_sqrt(exp_avg_sqs))
@@ -408,24 +444,24 @@ def _multi_tensor_soaa_update_(
     return torch.stack([_total64(q) * (step / bc1), _total_sq64(s) * (step * step / bc2)] + sums)
 
 
-def _single_tensor_soaa_update_(
-    params: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], t: int, *, lr: float,
-    beta1: float, beta2: float, eps: float, weight_decay: float, d: float, c: float, count_limited: bool,
+def _single_tensor_soaa_step_(
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], t: int,
+    *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, d: float, c: float,
+    count_limited: bool,
 ) -> Tensor:
-    """Tensors of one step count ``t``, tile by tile through two tile-sized scratch buffers."""
+    """Tensors of one step count ``t``, tile by tile: the tile's moments in place, then its θ, through
+    two tile-sized scratch buffers."""
     k1, knee, step, bc1, bc2 = _cap_scalars(t, beta1, beta2, d, c)
     dev = params[0].device
     limited = torch.zeros((), dtype=torch.float64, device=dev)
     eps_t = torch.full((), eps, dtype=exp_avg_sqs[0].dtype, device=dev)
     acc_mu, acc_vu = _Acc(), _Acc(square=True)
-    pieces = [tile for p, m, v in zip(params, exp_avgs, exp_avg_sqs) for tile in _tiles(p, m, v)]
-    n_buf = min(_TILE, max(tile[2].numel() for tile in pieces))
-    buf_s = torch.empty(n_buf, dtype=exp_avg_sqs[0].dtype, device=dev)
-    buf_q = torch.empty_like(buf_s)
-    for pt, mt, vt in pieces:
-        n = vt.numel()
-        si = buf_s[:n].view(vt.shape) if n <= n_buf else torch.empty_like(vt)
-        qi = buf_q[:n].view(vt.shape) if n <= n_buf else torch.empty_like(vt)
+    pieces = [tile for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs) for tile in _tiles(v, m, g, p)]
+    scratch = _scratch(pieces, 2)
+    for vt, mt, gt, pt in pieces:
+        mt.lerp_(gt, 1.0 - beta1)
+        vt.mul_(beta2).addcmul_(gt, gt, value=1.0 - beta2)
+        si, qi = scratch(vt)
         torch.sqrt(vt, out=si)
         if count_limited:
             limited = limited + (si < knee).sum()
@@ -475,9 +511,8 @@ def _pick(xs: list[Any], idx: list[int]) -> list[Any]:
     return [xs[i] for i in idx]
 
 
-def _sub(lists: tuple[list[Tensor], list[Tensor], list[Tensor]], idx: list[int]
-         ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-    return _pick(lists[0], idx), _pick(lists[1], idx), _pick(lists[2], idx)
+def _sub(lists: tuple[list[Tensor], ...], idx: list[int]) -> tuple[list[Tensor], ...]:
+    return tuple(_pick(x, idx) for x in lists)
 
 
 def soaa_moments(
@@ -489,64 +524,52 @@ def soaa_moments(
     beta1: float,
     beta2: float,
     eps: float,
-    out: tuple[list[Tensor], list[Tensor]] | None = None,
     foreach: bool | None = None,
     kernels: SOAAKernels | None = None,
-) -> tuple[list[Tensor], list[Tensor], Tensor]:
-    r"""New moments :math:`m_t, v_t` and the partials; the inputs are not modified.
+) -> Tensor:
+    r"""The partials of the would-be moments :math:`m_t, v_t`; **reads only** (nothing is modified and
+    the moments are not stored: :func:`soaa_step_` recomputes them in place once the step is known to
+    run).
 
     Args:
         grads, exp_avgs, exp_avg_sqs: equal-shape tensors per block (any shape, any floating dtype).
         ts: the step count of this update per tensor (``t >= 1``), used for the bias correction.
         beta1, beta2, eps: as in :class:`~lightning_soaa.optim.soaa.SOAA`.
-        out: buffers (shaped like the moments, not aliasing them) that receive :math:`m_t, v_t` on
-            the compiled and the loop path; ``None`` allocates. The foreach path always allocates (its
-            tensors are small on CPU), so use the returned lists, not ``out``.
         foreach: ``None`` picks foreach on CUDA and the loop on CPU (same arithmetic, bit-identical).
         kernels: compiled kernels (:class:`SOAAKernels`) for the blocks they accept; the other blocks,
             and all blocks when ``None``, take the eager path chosen by ``foreach``.
 
     Returns:
-        ``(m_t, v_t, partials)`` with ``partials = [Σ m̂², Σ (v̂ + ε)]`` (float64, shape ``[2]``). A
+        ``partials = [Σ m̂², Σ (v̂ + ε)]`` (float64, shape ``[2]``, on the tensors' device). A
         non-finite gradient makes ``Σ m̂²`` non-finite, so the caller can use the partials as its
         overflow check.
     """
     if not grads:
-        return [], [], torch.zeros(2, dtype=torch.float64)
+        return torch.zeros(2, dtype=torch.float64)
     lists = (grads, exp_avgs, exp_avg_sqs)
-    fast, rest = _split(kernels, *lists, *(out if out is not None else ()))
-    multi, single = _eager_split(grads, rest, foreach)
-    m_new: list[Tensor] = list(out[0]) if out is not None else list(exp_avgs)  # placeholders until written
-    v_new: list[Tensor] = list(out[1]) if out is not None else list(exp_avg_sqs)
-    if out is None:  # the foreach kernels allocate their own
-        for i in fast + single:
-            m_new[i], v_new[i] = torch.empty_like(exp_avgs[i]), torch.empty_like(exp_avg_sqs[i])
+    kw: dict[str, Any] = {"beta1": beta1, "beta2": beta2, "eps": eps}
+    fast, rest = _split(kernels, *lists)
     parts: list[Tensor] = []
     if fast:
         assert kernels is not None
         g_, m_, v_ = _sub(lists, fast)
-        part = _compiled_soaa_moments(kernels, g_, m_, v_, _pick(m_new, fast), _pick(v_new, fast),
-                                      _pick(ts, fast), beta1=beta1, beta2=beta2, eps=eps)
+        part = _compiled_soaa_sums(kernels, g_, m_, v_, _pick(ts, fast), **kw)
         if part is None:  # compiler failure: these blocks take the eager path too
-            multi, single = _eager_split(grads, sorted(rest + fast), foreach)
+            rest = sorted(rest + fast)
         else:
             parts.append(part)
-    if multi:
-        g_, m_, v_ = _sub(lists, multi)
-        ms, vs, part = _multi_tensor_soaa_moments(g_, m_, v_, _pick(ts, multi), beta1=beta1, beta2=beta2,
-                                                  eps=eps)
-        for i, m, v in zip(multi, ms, vs):
-            m_new[i], v_new[i] = m, v
-        parts.append(part)
-    if single:
-        g_, m_, v_ = _sub(lists, single)
-        parts.append(_single_tensor_soaa_moments(g_, m_, v_, _pick(ts, single), _pick(m_new, single),
-                                                 _pick(v_new, single), beta1=beta1, beta2=beta2, eps=eps))
-    return m_new, v_new, _add(parts)
+    multi, single = _eager_split(grads, rest, foreach)
+    eager: tuple[tuple[Callable[..., Tensor], list[int]], ...] = (
+        (_multi_tensor_soaa_sums, multi), (_single_tensor_soaa_sums, single))
+    for kernel, blocks in eager:
+        if blocks:
+            parts.append(kernel(*_sub(lists, blocks), _pick(ts, blocks), **kw))
+    return _add(parts)
 
 
-def soaa_update_(
+def soaa_step_(
     params: list[Tensor],
+    grads: list[Tensor],
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
     ts: list[int],
@@ -562,11 +585,13 @@ def soaa_update_(
     foreach: bool | None = None,
     kernels: SOAAKernels | None = None,
 ) -> Tensor:
-    r"""Apply :math:`\theta \leftarrow \theta(1-\eta\lambda) - \eta u` in place and return the partials.
+    r"""Update the moments and :math:`	heta \leftarrow 	heta(1-\eta\lambda) - \eta u` in place, in one
+    sweep per tensor, and return the partials.
 
-    :math:`u = d\,\hat m / (\max(d\,c\,\hat v, \sqrt{\hat v}) + \epsilon)`, with ``exp_avgs`` and
-    ``exp_avg_sqs`` the moments *of this step* (from :func:`soaa_moments`), ``d`` the multiplier set at
-    the end of the previous step and ``c`` the global Fisher scale :math:`c_t`.
+    The moments become :math:`m_t, v_t` (the values :func:`soaa_moments` summed, by the same arithmetic
+    on the same path); :math:`u = d\,\hat m_t / (\max(d\,c\,\hat v_t, \sqrt{\hat v_t}) + \epsilon)`
+    with ``d`` the multiplier set at the end of the previous step and ``c`` the global Fisher scale
+    :math:`c_t`.
 
     Args:
         foreach, kernels: as in :func:`soaa_moments`. The loop path needs only two tile-sized scratch
@@ -580,24 +605,23 @@ def soaa_update_(
     n_out = 3 if count_limited else 2
     if not params:
         return torch.zeros(n_out, dtype=torch.float64)
-    lists = (params, exp_avgs, exp_avg_sqs)
+    lists = (params, grads, exp_avgs, exp_avg_sqs)
     kw: dict[str, Any] = {"lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps, "weight_decay": weight_decay,
                           "d": d, "c": c, "count_limited": count_limited}
     fast, rest = _split(kernels, *lists)
     parts: list[Tensor] = []
     if fast:
         assert kernels is not None
-        p_, m_, v_ = _sub(lists, fast)
-        done, n_done = _compiled_soaa_update_(kernels, p_, m_, v_, _pick(ts, fast), **kw)
+        p_, g_, m_, v_ = _sub(lists, fast)
+        done, n_done = _compiled_soaa_step_(kernels, p_, g_, m_, v_, _pick(ts, fast), **kw)
         parts.append(done)
         rest = sorted(rest + fast[n_done:])
     multi, single = _eager_split(params, rest, foreach)
     eager: tuple[tuple[Callable[..., Tensor], list[int]], ...] = (
-        (_multi_tensor_soaa_update_, multi), (_single_tensor_soaa_update_, single))
+        (_multi_tensor_soaa_step_, multi), (_single_tensor_soaa_step_, single))
     for kernel, blocks in eager:
         for t, idx in _by_step(_pick(ts, blocks)).items():
-            p_, m_, v_ = _sub(lists, [blocks[i] for i in idx])
-            parts.append(kernel(p_, m_, v_, t, **kw))
+            parts.append(kernel(*_sub(lists, [blocks[i] for i in idx]), t, **kw))
     return _add(parts)
 
 

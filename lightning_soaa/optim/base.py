@@ -69,6 +69,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -140,8 +141,19 @@ class StepRecord:
         return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("summed"))
 
     def vector(self) -> Tensor:
-        """The summed fields as one fp64 CPU vector (the order of :meth:`summed_fields`)."""
-        return torch.tensor([float(getattr(self, n)) for n in self.summed_fields()], dtype=torch.float64)
+        """The summed fields as one fp64 CPU vector (the order of :meth:`summed_fields`). Tensor fields
+        (0-d, on any device) are stacked and copied to the host at once: one synchronisation per step,
+        not one per value."""
+        vals = [getattr(self, n) for n in self.summed_fields()]
+        out = torch.tensor([0.0 if isinstance(x, Tensor) else float(x) for x in vals], dtype=torch.float64)
+        pos = [i for i, x in enumerate(vals) if isinstance(x, Tensor)]
+        if pos:
+            dev = vals[pos[0]].device
+            ts = [vals[i] for i in pos]
+            ts = [x if x.dtype == torch.float64 and x.device == dev and x.dim() == 0
+                  else x.to(dev, torch.float64).reshape(()) for x in ts]  # a no-op costs an ATen call
+            out[pos] = torch.stack(ts).cpu()
+        return out
 
     def with_sums(self, vector: Tensor) -> StepRecord:
         """A copy whose summed fields are ``vector`` (the all-reduced values); other fields are kept."""
@@ -433,13 +445,14 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     def _owned_views(self) -> list[BlockView]:
         views = []
+        loc = local if self._dtensor is not None else (lambda t: t)  # no DTensor check per step without FSDP2
         for b in self._owned:
             p = self._params[b.param_index]
             views.append(
                 BlockView(
                     block=b,
-                    param=b.view(local(p)),  # type: ignore[arg-type]
-                    grad=None if p.grad is None else b.view(local(p.grad)),  # type: ignore[arg-type]
+                    param=b.view(loc(p)),  # type: ignore[arg-type]
+                    grad=None if p.grad is None else b.view(loc(p.grad)),  # type: ignore[arg-type]
                     state=self.block_state(b),
                     group=self.param_groups[b.group_index],
                     name=self._names[b.param_index],
@@ -472,12 +485,15 @@ class ShardedOptimizer(torch.optim.Optimizer):
         ``grads_checked``: every local gradient was already read by the cross-rank gradient check (its
         digest is non-finite iff a gradient is), so the owned ones need no second scan.
         """
+        if not all(math.isfinite(x) for x in partials.tolist()) or self._state_nonfinite():  # a CPU vector
+            return True
+        if grads_checked or self.partials_cover_grads:
+            return False
         grads = [v.grad for v in views if v.grad is not None]
-        bad = False
-        if grads and not grads_checked and not self.partials_cover_grads:
-            norms = torch._foreach_norm(grads)
-            bad = not bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())
-        return bad or not bool(torch.isfinite(partials).all()) or self._state_nonfinite()
+        if not grads:
+            return False
+        norms = torch._foreach_norm(grads)
+        return not bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())
 
     def _state_nonfinite(self) -> bool:
         """True when an optimizer-wide scalar the next update reads is non-finite (e.g. SOAA's trust

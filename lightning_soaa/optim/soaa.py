@@ -18,10 +18,11 @@ trust region stays global. ``step()`` is ONE call per training step: DeepSpeed's
 training step (one per param group at ZeRO-1/2, one per sub-group at ZeRO-3) are collected by
 :class:`deepspeed_ext.client.DeepSpeedClientOptimizer`, which steps this optimizer once over all of them.
 
-Memory on the loop and the compiled paths: m, v and two spare buffers that receive the next moments
-(so that a step skipped for a non-finite value leaves the state untouched without copying it): 4x the
-owned parameters. The eager foreach path (CUDA, ``compile=False``) allocates the new moments per step
-instead (caching allocator).
+Memory: m and v (2x the owned parameters, as Adam). ``_prepare`` only reads (it sums the would-be
+moments), ``_apply`` writes the moments and θ in place, so a step skipped for a non-finite value leaves
+everything bit-identical without a copy. ``acceptance="same_batch"`` adds a copy of the owned
+parameters per step (to restore θ after a rejection). Host synchronisation: one per step (the packed
+vector of the all-reduce; the loss rides in it as a tensor), plus the closure's loss under ``same_batch``.
 """
 
 from __future__ import annotations
@@ -44,9 +45,8 @@ from lightning_soaa.functional.soaa import (
     band,
     predicted_reduction,
     soaa_moments,
-    soaa_update_,
+    soaa_step_,
     trust_region_scalars,
-    use_foreach,
 )
 from lightning_soaa.optim.adamw import adam_state_schema
 from lightning_soaa.optim.base import BlockView, ShardedOptimizer, StepRecord, summed
@@ -58,17 +58,20 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class _SOAAStep(StepRecord):
-    """The step's all-reduced vector (after the base's flag, in this order) and the new moments."""
+    """The step's all-reduced vector (after the base's flag, in this order) and the step counts.
 
-    sum_mhat_sq: float = summed()  # Σm̂²
-    sum_vhat_eps: float = summed()  # Σ(v̂+ε)
-    lag_mu: float = summed()  # lagged η·Σm̂u (the previous update's, rank-local until reduced here)
-    lag_vu2: float = summed()  # lagged η·Σv̂u²
-    loss_sum: float = summed()  # loss·w
+    The sums and the loss stay 0-d tensors on their device until the base packs the vector: one
+    device-to-host copy per step (no ``.item()`` per value)."""
+
+    sum_mhat_sq: Any = summed()  # Σm̂²
+    sum_vhat_eps: Any = summed()  # Σ(v̂+ε)
+    lag_mu: Any = summed()  # lagged η·Σm̂u (the previous update's, rank-local until reduced here)
+    lag_vu2: Any = summed()  # lagged η·Σv̂u²
+    loss_sum: Any = summed()  # loss·w
     loss_weight: float = summed()  # w
     missing_loss: float = summed()  # ranks without a loss
-    #: per block key: (m, v, t) for _apply to install
-    moments: dict[tuple[int, int], tuple[Tensor, Tensor, int]] = dataclasses.field(default_factory=dict)
+    #: per (param group, counted): the step count of this update of each view, in _groups_of's order
+    ts: dict[tuple[int, bool], list[int]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -79,7 +82,7 @@ class _SOAADecision:
     scalars: Any  # trust_region_scalars(...)
     pred_prev: float
     loss: float
-    moments: dict[tuple[int, int], tuple[Tensor, Tensor, int]]
+    ts: dict[tuple[int, bool], list[int]]
 
 
 #: hyperparameters of the global trust region: one value for the whole model, never per group.
@@ -174,10 +177,11 @@ class SOAA(ShardedOptimizer):
             or ``"same_batch"`` (needs ``step(closure)``).
         eta1, eta2, shrink, expand, d_min: the same_batch rule (defaults 0.25, 0.75, 0.5, 2.0, 1e-3).
         foreach: the eager path: ``None`` (default) uses torch's ``_foreach`` ops on CUDA and a
-            per-tensor loop writing into preallocated buffers on CPU (bit-identical results);
-            ``True``/``False`` force one.
-        compile: ``True`` runs each of the step's two elementwise passes over a tensor of at least
-            2**16 elements as one ``torch.compile``'d kernel (C++/OpenMP on CPU, Triton on CUDA;
+            per-tensor loop, tile by tile through two tile-sized scratch buffers, on CPU (bit-identical
+            results); ``True``/``False`` force one.
+        compile: ``True`` runs the step's elementwise work on a tensor of at least 2**16 elements as
+            ``torch.compile``'d kernels (the read-only sums before the all-reduce; the in-place update of
+            m, v, θ and a read of the new moments after it; C++/OpenMP on CPU, Triton on CUDA;
             compiled once per process and dtype, a few seconds at the first step); smaller tensors take
             the eager path. ``None`` (default): ``True`` unless the environment variable
             ``LIGHTNING_SOAA_COMPILE=0``. A compiler failure falls back to eager with one warning.
@@ -245,10 +249,6 @@ class SOAA(ShardedOptimizer):
         self.foreach = foreach
         self._soaa_kernels: SOAAKernels | None
         self._kernels()  # resolves compile=None from the environment now
-        # Loop path only: two buffers per owned block that receive the next moments (after the swap in
-        # _apply they hold the stale ones), so _prepare never modifies the state and never allocates.
-        # Memory: 4x the owned parameters (Adam: 2x plus a transient copy per step).
-        self._spare: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
         super().__init__(params, defaults, process_group=process_group, comm=comm, shard=shard,
                          grad_reduction=grad_reduction)
 
@@ -350,8 +350,9 @@ class SOAA(ShardedOptimizer):
         return by_group
 
     def _prepare(self, views: list[BlockView]) -> _SOAAStep:
-        total = torch.zeros(2, dtype=torch.float64)
-        moments: dict[tuple[int, int], tuple[Tensor, Tensor, int]] = {}
+        """Reads only: the partials of the would-be moments (written by ``_apply`` once the step runs)."""
+        total: Tensor | None = None
+        steps: dict[tuple[int, bool], list[int]] = {}
         for (gi, counted), vs in self._groups_of(views).items():
             group = self.param_groups[gi]
             for v in vs:
@@ -360,46 +361,30 @@ class SOAA(ShardedOptimizer):
                     v.state["exp_avg"] = torch.zeros_like(v.param, memory_format=torch.preserve_format)
                     v.state["exp_avg_sq"] = torch.zeros_like(v.param, memory_format=torch.preserve_format)
             ts = [int(s) + 1 for s in torch.stack([v.state["step"] for v in vs]).tolist()]
+            steps[(gi, counted)] = ts
             beta1, beta2 = group["betas"]
-            ms = [v.state["exp_avg"] for v in vs]
-            fe = use_foreach(ms, self.foreach)
-            out = None if fe and self._kernels() is None else self._spares(vs)
-            m_new, v_new, part = soaa_moments(
+            part = soaa_moments(
                 [v.grad for v in vs],  # type: ignore[misc]
-                ms, [v.state["exp_avg_sq"] for v in vs],
-                ts, beta1=beta1, beta2=beta2, eps=group["eps"], out=out, foreach=self.foreach,
-                kernels=self._kernels(),
+                [v.state["exp_avg"] for v in vs], [v.state["exp_avg_sq"] for v in vs],
+                ts, beta1=beta1, beta2=beta2, eps=group["eps"], foreach=self.foreach, kernels=self._kernels(),
             )
-            for v, m, s, t in zip(vs, m_new, v_new, ts):
-                moments[v.block.key] = (m, s, t)
             # An uncounted piece adds 0, or NaN when it is non-finite: the step is then skipped everywhere.
-            total += part.to("cpu") if counted else part.to("cpu") * 0.0
+            part = part if counted else part * 0.0
+            total = part if total is None else total + part.to(total.device)
+        if total is None:
+            total = torch.zeros(2, dtype=torch.float64)
         lag = self._lag if self.config.acceptance == "lagged" else torch.zeros(2, dtype=torch.float64)
         loss_sum, weight, missing = self._loss_partials()
-        (s_m2, s_veps), (lag_mu, lag_vu2) = total.tolist(), lag.tolist()
-        return _SOAAStep(sum_mhat_sq=s_m2, sum_vhat_eps=s_veps, lag_mu=lag_mu, lag_vu2=lag_vu2,
-                         loss_sum=loss_sum, loss_weight=weight, missing_loss=missing, moments=moments)
+        return _SOAAStep(sum_mhat_sq=total[0], sum_vhat_eps=total[1], lag_mu=lag[0], lag_vu2=lag[1],
+                         loss_sum=loss_sum, loss_weight=weight, missing_loss=missing, ts=steps)
 
-    def _spares(self, vs: list[BlockView]) -> tuple[list[Tensor], list[Tensor]]:
-        outs: tuple[list[Tensor], list[Tensor]] = ([], [])
-        for v in vs:
-            sp = self._spare.get(v.block.key)
-            m = v.state["exp_avg"]
-            if sp is None or sp[0].shape != m.shape or sp[0].dtype != m.dtype or sp[0].device != m.device:
-                sp = (torch.empty_like(m), torch.empty_like(m))
-                self._spare[v.block.key] = sp
-            outs[0].append(sp[0])
-            outs[1].append(sp[1])
-        return outs
-
-    def _loss_partials(self) -> tuple[float, float, float]:
-        """(loss·w, w, missing) of this rank."""
+    def _loss_partials(self) -> tuple[Tensor | float, float, float]:
+        """(loss·w, w, missing) of this rank; a tensor loss stays on its device (no sync here)."""
         if self._pending_loss is None:
             return 0.0, 0.0, 1.0
         raw, w = self._pending_loss
-        loss = float(raw.item()) if isinstance(raw, Tensor) else float(raw)  # the one sync, at step time
         self._loss_weight = w  # same_batch weighs the re-evaluated loss like the step's loss
-        return loss * w, w, 0.0
+        return (raw.double() * w if isinstance(raw, Tensor) else float(raw) * w), w, 0.0
 
     def _decide(self, reduced: StepRecord) -> _SOAADecision:
         assert isinstance(reduced, _SOAAStep)
@@ -417,39 +402,33 @@ class SOAA(ShardedOptimizer):
             pred_prev=pred_prev, d_prev=self._d, t=t, beta1=cfg.betas[0], eps=cfg.eps,
             gamma=cfg.gamma, total_steps=cfg.total_steps,
         )
-        return _SOAADecision(t=t, scalars=scal, pred_prev=pred_prev, loss=lw / w, moments=reduced.moments)
+        return _SOAADecision(t=t, scalars=scal, pred_prev=pred_prev, loss=lw / w, ts=reduced.ts)
 
     def _apply(self, views: list[BlockView], decision: _SOAADecision) -> None:
         scal = decision.scalars
         d_prev = self._d  # the update of step t uses d_{t-1}
         same_batch = self.config.acceptance == "same_batch"
-        lag = torch.zeros(3 if same_batch else 2, dtype=torch.float64)
-        if same_batch:
+        if same_batch:  # the only copy SOAA keeps: θ, to restore it when the trial step is rejected
             self._snapshot = [(v.param, v.param.detach().clone()) for v in views if v.grad is not None]
+        lag: Tensor | None = None
         for (gi, counted), vs in self._groups_of(views).items():
             group = self.param_groups[gi]
-            old_m = [v.state["exp_avg"] for v in vs]
-            old_v = [v.state["exp_avg_sq"] for v in vs]
-            for v in vs:
-                v.state["exp_avg"], v.state["exp_avg_sq"], _ = decision.moments[v.block.key]
-            fe = use_foreach(old_m, self.foreach)
-            if not fe or self._kernels() is not None:  # the stale moments receive the next step's moments
-                for v, m, sq in zip(vs, old_m, old_v):
-                    self._spare[v.block.key] = (m, sq)
             torch._foreach_add_([v.state["step"] for v in vs], 1.0)
             beta1, beta2 = group["betas"]
             lr = float(group["lr"])
-            part = soaa_update_(
-                [v.param for v in vs], [v.state["exp_avg"] for v in vs], [v.state["exp_avg_sq"] for v in vs],
-                [decision.moments[v.block.key][2] for v in vs], lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
+            part = soaa_step_(
+                [v.param for v in vs], [v.grad for v in vs],  # type: ignore[misc]
+                [v.state["exp_avg"] for v in vs], [v.state["exp_avg_sq"] for v in vs],
+                decision.ts[(gi, counted)], lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
                 weight_decay=group["weight_decay"], d=d_prev, c=scal.c, count_limited=same_batch,
                 foreach=self.foreach, kernels=self._kernels(),
-            ).to("cpu")
+            )
             if not counted:
                 continue
-            lag[:2] += lr * part[:2]
-            if same_batch:
-                lag[2] += part[2]
+            part = torch.cat([part[:2] * lr, part[2:]]) if same_batch else part * lr
+            lag = part if lag is None else lag + part.to(lag.device)
+        if lag is None:
+            lag = torch.zeros(3 if same_batch else 2, dtype=torch.float64)
         self._t = decision.t
         self._loss_ema = scal.loss_ema
         self._loss = decision.loss
@@ -478,7 +457,7 @@ class SOAA(ShardedOptimizer):
         new_loss = self._run_closure(closure)
         val = _loss_value(new_loss) if new_loss is not None else float("nan")
         ok = math.isfinite(val)
-        trial = self._trial if self._trial is not None else torch.zeros(3, dtype=torch.float64)
+        trial = self._trial.tolist() if self._trial is not None else [0.0, 0.0, 0.0]
         w = self._loss_weight
         vec = torch.tensor([trial[0], trial[1], val * w if ok else 0.0, w, 0.0 if ok else 1.0, trial[2]],
                            dtype=torch.float64)
@@ -520,7 +499,7 @@ class SOAA(ShardedOptimizer):
         if self._consolidating():
             # Collective (we are inside consolidate_state_dict on every rank): the pending lagged sums
             # become their global value, so the checkpoint does not depend on the world size.
-            st["lag"] = self.comm.all_reduce_scalars(self._lag.clone()).tolist()
+            st["lag"] = self.comm.all_reduce_scalars(self._lag.detach().to("cpu", copy=True)).tolist()
             st["lag_scope"] = "global"
         else:
             # W = 1 is global; shard=False with W > 1 (DeepSpeed) saves one state per rank.

@@ -59,3 +59,34 @@ def test_compile_flag_default_and_validation(monkeypatch: pytest.MonkeyPatch) ->
         SOAA(p, compile="yes")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="Invalid compile=True in a param group"):
         SOAA([{"params": p, "compile": True}])
+
+
+@pytest.mark.parametrize("compile_", [True, False])
+def test_skipped_step_leaves_state_and_params_bit_identical_and_state_is_two_moments(compile_: bool) -> None:
+    """A non-finite gradient in the small tensor skips the step after the sums pass ran over the large
+    one (compiled or tiled): nothing changed. The state is m and v only (no spare buffers)."""
+    ps = _model(2)
+    opt = SOAA(ps, lr=0.01, weight_decay=0.01, compile=compile_)
+    g = torch.Generator().manual_seed(3)
+    for k in range(2):
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step(loss=1.0 / (1 + k))
+    kernels = opt._kernels()
+    if kernels is not None and kernels.failure is not None:
+        pytest.skip(f"torch.compile does not work here ({kernels.failure})")
+    before = ([p.detach().clone() for p in ps],
+              [{k: v.clone() for k, v in opt.state[p].items()} for p in ps], opt.trust_state())
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=g)
+    ps[2].grad[1, 1] = float("nan")
+    opt.step(loss=0.3)
+    assert opt.skipped_steps == 1 and opt.num_steps == 2
+    for p, saved in zip(ps, before[0]):
+        assert torch.equal(p, saved)
+    for p, saved in zip(ps, before[1]):
+        assert set(opt.state[p]) == {"step", "exp_avg", "exp_avg_sq"}
+        for k, v in saved.items():
+            assert torch.equal(opt.state[p][k], v), k
+    assert opt.trust_state() == before[2]
+    assert not hasattr(opt, "_spare")

@@ -15,7 +15,7 @@ from lightning_soaa.functional.soaa import (
     band,
     predicted_reduction,
     soaa_moments,
-    soaa_update_,
+    soaa_step_,
     trust_region_scalars,
 )
 
@@ -61,17 +61,19 @@ def test_kernels_match_the_spec_transcription(foreach: bool) -> None:
     t, lr, eps, wd, d = 3, 0.1, 1e-8, 0.01, 1.3
     ref = _reference(grads, ms, vs, ps, t, lr=lr, eps=eps, wd=wd, d=d)
     ms0, vs0 = [x.clone() for x in ms], [x.clone() for x in vs]
-    m_new, v_new, part = soaa_moments(grads, ms, vs, [t] * 3, beta1=B1, beta2=B2, eps=eps, foreach=foreach)
-    assert all(torch.equal(a, b) for a, b in zip(ms, ms0)) and all(torch.equal(a, b) for a, b in zip(vs, vs0))
-    torch.testing.assert_close(_flat(m_new), ref["m"], rtol=1e-14, atol=0)
-    torch.testing.assert_close(_flat(v_new), ref["v"], rtol=1e-14, atol=0)
+    ps0, grads0 = [x.clone() for x in ps], [x.clone() for x in grads]
+    part = soaa_moments(grads, ms, vs, [t] * 3, beta1=B1, beta2=B2, eps=eps, foreach=foreach)
+    for a, b in zip(ms + vs + ps + grads, ms0 + vs0 + ps0 + grads0):  # the sums pass only reads
+        assert torch.equal(a, b)
     assert part.dtype == torch.float64
     assert part[0].item() == pytest.approx(ref["s_m2"], rel=1e-13)
     assert part[1].item() == pytest.approx(ref["s_veps"], rel=1e-13)
     c = 1 + part[0].item() / part[1].item()
     assert c == pytest.approx(ref["c"], rel=1e-13)
-    parts2 = soaa_update_(ps, m_new, v_new, [t] * 3, lr=lr, beta1=B1, beta2=B2, eps=eps, weight_decay=wd,
-                          d=d, c=c, foreach=foreach)
+    parts2 = soaa_step_(ps, grads, ms, vs, [t] * 3, lr=lr, beta1=B1, beta2=B2, eps=eps, weight_decay=wd,
+                        d=d, c=c, foreach=foreach)
+    torch.testing.assert_close(_flat(ms), ref["m"], rtol=1e-14, atol=0)  # the moments, in place
+    torch.testing.assert_close(_flat(vs), ref["v"], rtol=1e-14, atol=0)
     torch.testing.assert_close(_flat(ps), ref["p"], rtol=1e-13, atol=1e-15)
     assert parts2[0].item() == pytest.approx(ref["s_mu"], rel=1e-12)
     assert parts2[1].item() == pytest.approx(ref["s_vu"], rel=1e-12)
@@ -82,10 +84,11 @@ def test_per_coordinate_identity_eps0() -> None:
     shapes = [(40,), (6, 7)]
     grads, ms, vs, ps = _state(1, shapes, [5.0, 1e-2])
     t, lr, d = 4, 1.0, 0.8
-    m_new, v_new, part = soaa_moments(grads, ms, vs, [t, t], beta1=B1, beta2=B2, eps=0.0)
+    part = soaa_moments(grads, ms, vs, [t, t], beta1=B1, beta2=B2, eps=0.0)
     c = 1 + part[0].item() / part[1].item()
     ps = [torch.zeros_like(p) for p in ps]  # θ = 0, so θ_new = −lr·u has no cancellation
-    soaa_update_(ps, m_new, v_new, [t, t], lr=lr, beta1=B1, beta2=B2, eps=0.0, weight_decay=0.0, d=d, c=c)
+    soaa_step_(ps, grads, ms, vs, [t, t], lr=lr, beta1=B1, beta2=B2, eps=0.0, weight_decay=0.0, d=d, c=c)
+    m_new, v_new = ms, vs
     u = -_flat(ps) / lr
     mh, vh = _flat(m_new) / (1 - B1**t), _flat(v_new) / (1 - B2**t)
     F = c * vh
@@ -97,11 +100,11 @@ def test_per_coordinate_identity_eps0() -> None:
 
 def test_count_limited_counts_the_d_branch() -> None:
     grads, ms, vs, ps = _state(2, [(50,)], [1.0])
-    m_new, v_new, part = soaa_moments(grads, ms, vs, [2], beta1=B1, beta2=B2, eps=1e-8)
+    part = soaa_moments(grads, ms, vs, [2], beta1=B1, beta2=B2, eps=1e-8)
     c, d = 1 + part[0].item() / part[1].item(), 1.0
-    out = soaa_update_(ps, m_new, v_new, [2], lr=0.1, beta1=B1, beta2=B2, eps=1e-8, weight_decay=0.0,
-                       d=d, c=c, count_limited=True)
-    vh = v_new[0] / (1 - B2**2)
+    out = soaa_step_(ps, grads, ms, vs, [2], lr=0.1, beta1=B1, beta2=B2, eps=1e-8, weight_decay=0.0,
+                     d=d, c=c, count_limited=True)
+    vh = vs[0] / (1 - B2**2)
     assert out.shape == (3,)
     assert out[2].item() == float((d * c * vh < vh.sqrt()).sum())
 
@@ -112,16 +115,17 @@ def test_flat_slices_give_the_same_update_and_sums() -> None:
     grads, ms, vs, ps = _state(3, shapes, [1.0, 0.1, 2.0])
     t, kw = 5, dict(lr=0.05, beta1=B1, beta2=B2, eps=1e-8, weight_decay=0.1, d=1.1)
     flat = [_flat(x).clone() for x in (grads, ms, vs, ps)]
-    m1, v1, a1 = soaa_moments(grads, ms, vs, [t] * 3, beta1=B1, beta2=B2, eps=1e-8)
+    a1 = soaa_moments(grads, ms, vs, [t] * 3, beta1=B1, beta2=B2, eps=1e-8)
     c = 1 + a1[0].item() / a1[1].item()
-    b1 = soaa_update_(ps, m1, v1, [t] * 3, c=c, **kw)
+    b1 = soaa_step_(ps, grads, ms, vs, [t] * 3, c=c, **kw)
     cuts = [0, 13, 14, 60, flat[0].numel()]  # uneven cuts across tensor boundaries, one of length 1
     sl = [[x[cuts[i]:cuts[i + 1]] for i in range(len(cuts) - 1)] for x in flat]
-    m2, v2, a2 = soaa_moments(sl[0], sl[1], sl[2], [t] * 4, beta1=B1, beta2=B2, eps=1e-8)
+    a2 = soaa_moments(sl[0], sl[1], sl[2], [t] * 4, beta1=B1, beta2=B2, eps=1e-8)
     torch.testing.assert_close(a2, a1, rtol=1e-13, atol=0)
-    b2 = soaa_update_(sl[3], m2, v2, [t] * 4, c=c, **kw)
+    b2 = soaa_step_(sl[3], sl[0], sl[1], sl[2], [t] * 4, c=c, **kw)
     torch.testing.assert_close(b2, b1, rtol=1e-13, atol=0)
-    torch.testing.assert_close(flat[3], _flat(ps), rtol=0, atol=0)
+    for i, xs in ((1, ms), (2, vs), (3, ps)):
+        torch.testing.assert_close(flat[i], _flat(xs), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("tile", [1 << 18, 5000])
@@ -134,9 +138,10 @@ def test_loop_and_foreach_paths_agree_in_fp32(monkeypatch: pytest.MonkeyPatch, t
     ps2 = [p.clone() for p in ps]
     res = []
     for fe, pp in ((False, ps), (True, ps2)):
-        m, v, a = soaa_moments(grads, ms, vs, [7, 7, 7], beta1=B1, beta2=B2, eps=1e-8, foreach=fe)
-        b = soaa_update_(pp, m, v, [7, 7, 7], lr=0.1, beta1=B1, beta2=B2, eps=1e-8, weight_decay=0.01, d=1.2,
-                         c=1 + a[0].item() / a[1].item(), foreach=fe)
+        m, v = [x.clone() for x in ms], [x.clone() for x in vs]
+        a = soaa_moments(grads, m, v, [7, 7, 7], beta1=B1, beta2=B2, eps=1e-8, foreach=fe)
+        b = soaa_step_(pp, grads, m, v, [7, 7, 7], lr=0.1, beta1=B1, beta2=B2, eps=1e-8, weight_decay=0.01,
+                       d=1.2, c=1 + a[0].item() / a[1].item(), foreach=fe)
         res.append((m, v, a, b))
     # the moments are bit-identical; the update differs at most by the rounding of a fused addcmul
     for x, y in zip(res[0][0] + res[0][1], res[1][0] + res[1][1]):
@@ -153,13 +158,15 @@ def _kernels_or_skip(kernels: SOAAKernels) -> None:
 
 
 def _run_both_passes(grads, ms, vs, ps, ts, *, kernels, foreach=None, count_limited=False, **kw):
-    out = ([torch.empty_like(x) for x in ms], [torch.empty_like(x) for x in vs])
-    m, v, a = soaa_moments(grads, ms, vs, ts, beta1=B1, beta2=B2, eps=kw["eps"], foreach=foreach,
-                           kernels=kernels, out=out)
+    """The sums pass (checked to leave everything as it was), then the step pass; returns the moments
+    (updated in place), the partials of both passes and c."""
+    before = [x.clone() for x in grads + ms + vs + ps]
+    a = soaa_moments(grads, ms, vs, ts, beta1=B1, beta2=B2, eps=kw["eps"], foreach=foreach, kernels=kernels)
+    assert all(torch.equal(x, y) for x, y in zip(grads + ms + vs + ps, before))
     c = 1 + a[0].item() / a[1].item()
-    b = soaa_update_(ps, m, v, ts, beta1=B1, beta2=B2, c=c, count_limited=count_limited, foreach=foreach,
-                     kernels=kernels, **kw)
-    return m, v, a, b, c
+    b = soaa_step_(ps, grads, ms, vs, ts, beta1=B1, beta2=B2, c=c, count_limited=count_limited, foreach=foreach,
+                   kernels=kernels, **kw)
+    return ms, vs, a, b, c
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -226,11 +233,11 @@ def test_compiled_kernels_bf16_match_the_reference() -> None:
         return [x.bfloat16() for x in xs]
 
     grads_b, ms_b, vs_b, ps_b = bf(grads), bf(ms), bf(vs), bf(ps)
+    inputs64 = [[x.double() for x in xs] for xs in (grads_b, ms_b, vs_b, ps_b)]  # before the in-place step
     m, v, a, b, c = _run_both_passes(grads_b, ms_b, vs_b, ps_b, [t], kernels=kernels, **kw)
     _kernels_or_skip(kernels)
     # the reference from the same (bf16-rounded) inputs, and the c the kernels found
-    ref = _reference(*[[x.double() for x in xs] for xs in (grads_b, ms_b, vs_b, bf(ps))], t, lr=0.05,
-                     eps=1e-8, wd=0.01, d=1.1, c=c)
+    ref = _reference(*inputs64, t, lr=0.05, eps=1e-8, wd=0.01, d=1.1, c=c)
     assert c == pytest.approx(ref["c"], rel=1e-2)
     torch.testing.assert_close(_flat(m).double(), ref["m"], rtol=8e-3, atol=1e-6)
     torch.testing.assert_close(_flat(ps_b).double(), ref["p"], rtol=8e-3, atol=1e-3)
@@ -245,8 +252,8 @@ def test_compiler_failure_falls_back_to_eager_with_one_warning(caplog: pytest.Lo
         raise RuntimeError("no C++ compiler")
 
     kernels = SOAAKernels(min_numel=10)
-    kernels.moments = broken
-    kernels.update = kernels.update_count = broken
+    kernels.sums = broken
+    kernels.step = kernels.update_sums = kernels.update_count = broken
     data = _state(24, [(300,), (50,)], [1.0, 0.1])
     grads, ms, vs, ps = ([x.clone() for x in xs] for xs in data)
     m1, v1, a1, b1, _ = _run_both_passes(grads, ms, vs, ps, [3, 3], kernels=kernels, lr=0.1, eps=1e-8,
@@ -258,6 +265,32 @@ def test_compiler_failure_falls_back_to_eager_with_one_warning(caplog: pytest.Lo
                                          weight_decay=0.0, d=1.0)
     assert torch.equal(a1, a2) and torch.equal(b1, b2)
     assert all(torch.equal(x, y) for x, y in zip(ps + m1 + v1, ps2 + m2 + v2))
+
+
+@pytest.mark.parametrize("count_limited", [False, True])
+def test_compiler_failure_after_the_step_kernel_updates_each_tensor_once(count_limited: bool) -> None:
+    """The update-sums kernel fails after the (here: eager) step kernel has updated the first tensor: that
+    tensor's sums come from the eager fallback, the others take the eager path; θ, m, v and the sums equal
+    the eager run's."""
+    def broken(*args):
+        raise RuntimeError("no C++ compiler")
+
+    kernels = SOAAKernels(min_numel=10)
+    kernels.sums = soaa_mod._sums_kernel
+    kernels.step = soaa_mod._step_kernel
+    kernels.update_sums = kernels.update_count = broken
+    data = _state(26, [(300,), (200,)], [1.0, 0.1])
+    runs = []
+    for k in (kernels, None):
+        grads, ms, vs, ps = ([x.clone() for x in xs] for xs in data)
+        runs.append(_run_both_passes(grads, ms, vs, ps, [3, 3], kernels=k, foreach=False,
+                                     count_limited=count_limited, lr=0.1, eps=1e-8, weight_decay=0.01,
+                                     d=1.1) + (ps,))
+    assert kernels.failure is not None
+    (m1, v1, _, b1, _, p1), (m2, v2, _, b2, _, p2) = runs
+    for x, y in zip(m1 + v1 + p1, m2 + v2 + p2):  # float64: equal up to rounding, and updated once
+        torch.testing.assert_close(x, y, rtol=1e-14, atol=1e-16)
+    torch.testing.assert_close(b1, b2, rtol=1e-12, atol=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the Triton kernels)")
@@ -284,10 +317,10 @@ def test_compiled_kernels_on_cuda_match_the_reference() -> None:
 def test_nonfinite_gradient_makes_the_partials_nonfinite() -> None:
     grads, ms, vs, _ = _state(5, [(4,)], [1.0])
     grads[0][2] = float("inf")
-    _, _, part = soaa_moments(grads, ms, vs, [1], beta1=B1, beta2=B2, eps=1e-8)
+    part = soaa_moments(grads, ms, vs, [1], beta1=B1, beta2=B2, eps=1e-8)
     assert not bool(torch.isfinite(part).all())
     grads[0][2] = float("nan")
-    _, _, part = soaa_moments(grads, ms, vs, [1], beta1=B1, beta2=B2, eps=1e-8)
+    part = soaa_moments(grads, ms, vs, [1], beta1=B1, beta2=B2, eps=1e-8)
     assert not bool(torch.isfinite(part).all())
 
 
