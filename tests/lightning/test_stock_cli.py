@@ -40,7 +40,9 @@ ARGS = ["fit", "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trai
         "--trainer.max_steps", "4", "--trainer.precision", "64-true", "--trainer.logger", "false",
         "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false", "--optimizer", "lightning_soaa.SOAA",
-        "--optimizer.lr", "0.02"]
+        "--optimizer.lr", "0.02",
+        # set explicitly: SOAALightningCLI fills total_steps from the trainer, the stock CLI cannot
+        "--optimizer.total_steps", "4"]
 
 
 def _run(kind: str, tmp_path: Path) -> list[dict]:
