@@ -29,7 +29,7 @@ def test_soaa_under_lightning_deepspeed_equals_sharded_run(tmp_path):
 
     config = {"zero_optimization": {"stage": stage}, "train_micro_batch_size_per_gpu": 8,
               "gradient_clipping": 0.0}
-    strategy = DeepSpeedStrategy(config=config, start_method="spawn", process_group_backend="gloo")
+    strategy = DeepSpeedStrategy(config=config, start_method="fork", process_group_backend="gloo")
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, precision="bf16-mixed", max_steps=STEPS,
                          callbacks=[LossToOptimizer()], logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
@@ -56,7 +56,7 @@ def test_soaa_named_in_the_deepspeed_json_under_lightning(tmp_path):
 
     config = {"zero_optimization": {"stage": 1}, "train_micro_batch_size_per_gpu": 8, "gradient_clipping": 0.0,
               "optimizer": {"type": "lightning_soaa.SOAA", "params": PARAMS}}
-    strategy = DeepSpeedStrategy(config=config, start_method="spawn", process_group_backend="gloo")
+    strategy = DeepSpeedStrategy(config=config, start_method="fork", process_group_backend="gloo")
     with pytest.raises(ValueError, match="Invalid optimizer.type='lightning_soaa.Nope'"):
         DeepSpeedStrategy(config={**config, "optimizer": {"type": "lightning_soaa.Nope"}})
     logger = CSVLogger(str(tmp_path), name="logs", version=0)
