@@ -541,6 +541,8 @@ class SOAA(ShardedOptimizer):
 
     def _load_global_state(self, state: dict[str, Any]) -> None:
         self._reset_trust_state()
+        if (kernels := self._kernels()) is not None:
+            kernels.forget()  # the C kernels' remembered Σm², Σv describe the moments before the load
         st = state["soaa"]  # presence checked by _validate_global_state before anything changed
         self._t = int(st["t"])
         self._d = float(st["d"])
