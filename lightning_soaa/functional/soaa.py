@@ -23,10 +23,14 @@ sub-group), so tensors that joined later are bias-corrected like Adam does.
 Kernels, torch-style, behind the two dispatchers :func:`soaa_moments` and :func:`soaa_step_` (same
 arithmetic, per block):
 
-* compiled (``_compiled_*``): each pass is one ``torch.compile``'d sweep over a whole tensor (C++/OpenMP
-  on CPU, Triton on CUDA) that also accumulates the sums, for blocks of at least
-  ``SOAAKernels.min_numel`` elements, when the caller passes a :class:`SOAAKernels` (the optimizer owns
-  it: ``SOAA(compile=...)``; nothing is cached in this module);
+* C (``_native_*``, CPU): each pass is one hand-written C loop (``soaa_cpu.c``, built at first use by
+  :mod:`~lightning_soaa.functional.soaa_native`) over all blocks of a dtype in one call, when the caller
+  passes a :class:`SOAAKernels` (the optimizer owns it: ``SOAA(compile=...)``; nothing is cached in this
+  module). The step returns the new moments' Σm², Σv too, which the kernels object remembers, so the
+  next sums pass reads only g and m (8 B/param instead of 12) for moments nobody touched since;
+* compiled (``_compiled_*``): each pass is one ``torch.compile``'d sweep over a whole tensor (Triton on
+  CUDA; C++/OpenMP on CPU where no C compiler is found) that also accumulates the sums, for blocks of at
+  least ``SOAAKernels.min_numel`` elements;
 * multi-tensor (``_multi_tensor_*``): torch ``_foreach_*`` ops, a fixed number of calls for any number of
   tensors; default on CUDA, and on CPU for tensors under 2**16 elements, where an op's dispatch costs
   more than its arithmetic;

@@ -20,8 +20,14 @@
  * among the threads; each chunk's sums are accumulated in INNER-long runs in the compute type (which
  * the compiler vectorises) and added in double, and one thread adds the chunks of a block in order:
  * the results do not depend on the number of threads.
+ *
+ * Threads are plain pthreads started and joined inside each call, never a pool: an OpenMP runtime's
+ * pool does not survive fork() (a forked child that starts a parallel region hangs, and Lightning's
+ * ddp_fork, DataLoader workers and test harnesses fork), and a call costs a few tens of microseconds
+ * per extra thread, which only calls with at least MIN_PER_THREAD elements per thread take.
  */
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -49,6 +55,62 @@ static inline uint16_t bf16_store(float f) {
 }
 
 #define ID(x) (x)
+#define MAX_THREADS 256
+#define MIN_PER_THREAD (1 << 18)
+
+typedef void (*chunk_fn)(const void *job, int64_t c);
+
+typedef struct {
+    chunk_fn fn;
+    const void *job;
+    int64_t c0, c1;
+} span;
+
+static void *run_span(void *arg) {
+    const span *s = (const span *)arg;
+    for (int64_t c = s->c0; c < s->c1; c++) s->fn(s->job, c);
+    return NULL;
+}
+
+/* chunks [0, total) of job on up to `threads` threads (fewer for little work); a thread that cannot be
+ * started runs its span on the calling thread */
+static void run_chunks(chunk_fn fn, const void *job, int64_t total, int64_t elements, int threads) {
+    int64_t cap = elements / MIN_PER_THREAD;
+    int nt = threads < 1 ? 1 : threads;
+    if (nt > MAX_THREADS) nt = MAX_THREADS;
+    if (nt > cap) nt = cap < 1 ? 1 : (int)cap;
+    if (nt > total) nt = total < 1 ? 1 : (int)total;
+    span spans[MAX_THREADS];
+    pthread_t tid[MAX_THREADS];
+    int started[MAX_THREADS];
+    for (int t = 0; t < nt; t++) {
+        spans[t].fn = fn;
+        spans[t].job = job;
+        spans[t].c0 = total * t / nt;
+        spans[t].c1 = total * (t + 1) / nt;
+    }
+    for (int t = 1; t < nt; t++) started[t] = pthread_create(&tid[t], NULL, run_span, &spans[t]) == 0;
+    run_span(&spans[0]);
+    for (int t = 1; t < nt; t++) {
+        if (started[t]) pthread_join(tid[t], NULL);
+        else run_span(&spans[t]);
+    }
+}
+
+typedef struct {
+    int nb;
+    const void *const *p, *const *g, *const *m, *const *v;
+    const int64_t *n, *first;
+    const int *mode;
+    const double *sc;
+    double *part;
+} job_t;
+
+static int64_t total_elements(int nb, const int64_t *n) {
+    int64_t e = 0;
+    for (int b = 0; b < nb; b++) e += n[b];
+    return e;
+}
 
 /* The chunk table of nb blocks: first[b] is block b's first chunk, first[nb] the total. */
 static int64_t *chunk_table(int nb, const int64_t *n) {
@@ -109,18 +171,21 @@ static void add_chunks(int nb, const int64_t *first, const double *part, int k, 
         res[1] = s1;                                                                                       \
     }                                                                                                      \
                                                                                                            \
+    static void sums_job_##NAME(const void *job, int64_t c) {                                              \
+        const job_t *j = (const job_t *)job;                                                               \
+        const int b = block_of(j->first, j->nb, c);                                                        \
+        const int64_t lo = (c - j->first[b]) * CHUNK, hi = lo + CHUNK < j->n[b] ? lo + CHUNK : j->n[b];    \
+        sums_chunk_##NAME((const S *)j->g[b], (const S *)j->m[b], (const S *)j->v[b], lo, hi, j->mode[b],  \
+                          j->sc, j->part + SUMS_OUT * c);                                                  \
+    }                                                                                                      \
+                                                                                                           \
     int soaa_sums_##NAME(int nb, const void *const *g, const void *const *m, const void *const *v,         \
                          const int64_t *n, const int *mode, const double *sc, double *out, int threads) {  \
         int64_t *first = chunk_table(nb, n);                                                               \
         double *part = first ? (double *)malloc(sizeof(double) * SUMS_OUT * (size_t)(first[nb] + 1)) : 0;  \
         if (!part) { free(first); return 1; }                                                              \
-        _Pragma("omp parallel for schedule(static) num_threads(threads)")                                  \
-        for (int64_t c = 0; c < first[nb]; c++) {                                                         \
-            const int b = block_of(first, nb, c);                                                          \
-            const int64_t lo = (c - first[b]) * CHUNK, hi = lo + CHUNK < n[b] ? lo + CHUNK : n[b];         \
-            sums_chunk_##NAME((const S *)g[b], (const S *)m[b], (const S *)v[b], lo, hi, mode[b], sc,      \
-                              part + SUMS_OUT * c);                                                        \
-        }                                                                                                  \
+        job_t job = {nb, 0, g, m, v, n, first, mode, sc, part};                                            \
+        run_chunks(sums_job_##NAME, &job, first[nb], total_elements(nb, n), threads);                      \
         add_chunks(nb, first, part, SUMS_OUT, out);                                                        \
         free(part);                                                                                        \
         free(first);                                                                                       \
@@ -158,18 +223,22 @@ static void add_chunks(int nb, const int64_t *first, const double *part, int k, 
         for (int k = 0; k < STEP_OUT; k++) res[k] = s[k];                                                  \
     }                                                                                                      \
                                                                                                            \
+    static void step_job_##NAME(const void *job, int64_t c) {                                              \
+        const job_t *j = (const job_t *)job;                                                               \
+        const int b = block_of(j->first, j->nb, c);                                                        \
+        const int64_t lo = (c - j->first[b]) * CHUNK, hi = lo + CHUNK < j->n[b] ? lo + CHUNK : j->n[b];    \
+        step_chunk_##NAME((S *)j->p[b], (const S *)j->g[b], (S *)j->m[b], (S *)j->v[b], lo, hi,             \
+                          j->sc + STEP_IN * b, j->part + STEP_OUT * c);                                    \
+    }                                                                                                      \
+                                                                                                           \
     int soaa_step_##NAME(int nb, void *const *p, const void *const *g, void *const *m, void *const *v,     \
                          const int64_t *n, const double *sc, double *out, int threads) {                   \
         int64_t *first = chunk_table(nb, n);                                                               \
         double *part = first ? (double *)malloc(sizeof(double) * STEP_OUT * (size_t)(first[nb] + 1)) : 0;  \
         if (!part) { free(first); return 1; }                                                              \
-        _Pragma("omp parallel for schedule(static) num_threads(threads)")                                  \
-        for (int64_t c = 0; c < first[nb]; c++) {                                                         \
-            const int b = block_of(first, nb, c);                                                          \
-            const int64_t lo = (c - first[b]) * CHUNK, hi = lo + CHUNK < n[b] ? lo + CHUNK : n[b];         \
-            step_chunk_##NAME((S *)p[b], (const S *)g[b], (S *)m[b], (S *)v[b], lo, hi, sc + STEP_IN * b,  \
-                              part + STEP_OUT * c);                                                        \
-        }                                                                                                  \
+        job_t job = {nb, (const void *const *)p, g, (const void *const *)m, (const void *const *)v, n,     \
+                     first, 0, sc, part};                                                                  \
+        run_chunks(step_job_##NAME, &job, first[nb], total_elements(nb, n), threads);                      \
         add_chunks(nb, first, part, STEP_OUT, out);                                                        \
         free(part);                                                                                        \
         free(first);                                                                                       \
@@ -184,4 +253,4 @@ SOAA_STEP(f64, double, double, ID, ID, sqrt)
 SOAA_STEP(bf16, uint16_t, float, bf16_load, bf16_store, sqrtf)
 
 /* the ABI version the loader checks, so a stale cached build is never used */
-int soaa_cpu_abi(void) { return 2; }
+int soaa_cpu_abi(void) { return 3; }

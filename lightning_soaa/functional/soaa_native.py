@@ -6,14 +6,15 @@ second read of m and v (48 B/param in fp32 against fused AdamW's 28 B). The C st
 place and accumulates the update sums in the same loop: 12 B (sums, reads only) + 28 B (step) = 40 B.
 
 The library is compiled at first use with the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``;
-``-O3 -march=native -fopenmp``, retried without OpenMP) into a cache directory
+``-O3 -march=native -fopenmp-simd -pthread``) into a cache directory
 (``$LIGHTNING_SOAA_CACHE``, else ``~/.cache/lightning_soaa``), keyed by the source, the flags, the
 compiler and the CPU, so a shared home directory on a cluster of different CPUs never loads a build for
 another CPU. Compiling takes well under a second; a second process finds the build. Without a compiler,
 :meth:`NativeSOAA.load` raises :class:`NativeUnavailable` and the caller uses its other kernels.
 
-Threads: each call uses ``torch.get_num_threads()``. Sums are deterministic for any thread count (fixed
-chunks added in order by one thread; see the C source).
+Threads: each call uses up to ``torch.get_num_threads()`` pthreads, started and joined inside the call
+(no pool, so a forked process is as safe as its parent; one thread per 2**18 elements at most). Sums
+are deterministic for any thread count (fixed chunks added in order by one thread; see the C source).
 
 Nothing here is global: :meth:`NativeSOAA.load` returns an object the caller keeps (the optimizer's
 :class:`~lightning_soaa.functional.soaa.SOAAKernels`).
@@ -40,9 +41,11 @@ log = logging.getLogger(__name__)
 __all__ = ["NativeSOAA", "NativeUnavailable"]
 
 _SOURCE = Path(__file__).with_name("soaa_cpu.c")
-_ABI = 2
-_BASE_FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-std=gnu11", "-shared", "-fPIC")
-_TRIES = (("-fopenmp",), ())  # without OpenMP (e.g. Apple clang) the loops run on one thread
+_ABI = 3
+_BASE_FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-std=gnu11", "-shared", "-fPIC", "-pthread")
+# -fopenmp-simd: the `omp simd` reductions vectorise, with no OpenMP runtime (threads are pthreads
+# started per call: a runtime's pool would hang a forked child). A compiler without it builds plain loops.
+_TRIES = (("-fopenmp-simd",), ())
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16"}
 _P = ctypes.c_void_p
 _D = ctypes.POINTER(ctypes.c_double)

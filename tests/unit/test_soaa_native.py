@@ -5,6 +5,9 @@ the float64 transcription is in ``test_soaa_functional.py`` (the ``c`` backend c
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -180,3 +183,29 @@ def test_the_step_bumps_autograd_version_counters() -> None:
         a > b for a, b in zip((p._version, m._version, v._version), versions))
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+_FORK_SCRIPT = """
+import os, torch
+from lightning_soaa.functional.soaa_native import NativeSOAA
+torch.set_num_threads(2)
+nat = NativeSOAA.load()
+x = [torch.rand(1 << 20) for _ in range(3)]
+want = nat.sums(x[:1], x[1:2], x[2:3], [0], (0.1, 0.9, 0.1))  # the parent ran two threads
+pid = os.fork()
+if pid == 0:
+    torch.set_num_threads(2)
+    ok = nat.sums(x[:1], x[1:2], x[2:3], [0], (0.1, 0.9, 0.1)) == want
+    os._exit(0 if ok else 3)
+_, status = os.waitpid(pid, 0)
+raise SystemExit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_a_forked_child_runs_the_kernels_on_several_threads() -> None:
+    """An OpenMP pool would hang here (a child's first parallel region after the parent used the
+    pool); the kernels start their threads per call."""
+    _native_or_skip()
+    proc = subprocess.run([sys.executable, "-c", _FORK_SCRIPT], timeout=120, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
