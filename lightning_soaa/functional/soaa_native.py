@@ -47,8 +47,6 @@ _BASE_FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-std=gnu11", "-shared
 # started per call: a runtime's pool would hang a forked child). A compiler without it builds plain loops.
 _TRIES = (("-fopenmp-simd",), ())
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16"}
-_P = ctypes.c_void_p
-_D = ctypes.POINTER(ctypes.c_double)
 
 
 class NativeUnavailable(RuntimeError):
@@ -112,24 +110,26 @@ def _build() -> Path:
 
 
 def _bind(lib: ctypes.CDLL) -> None:
+    """Check the library. Arguments are passed without ctypes ``argtypes`` (each conversion check costs
+    more than a small model's whole kernel): every call site below builds exactly the C types of
+    ``soaa_cpu.c`` (int; arrays of void*, int64, int, double)."""
     if lib.soaa_cpu_abi() != _ABI:
         raise NativeUnavailable(f"stale SOAA kernel library (ABI {lib.soaa_cpu_abi()}, expected {_ABI})")
-    ptrs = ctypes.POINTER(ctypes.c_void_p)
-    i64 = ctypes.POINTER(ctypes.c_int64)
     for suffix in _SUFFIX.values():
-        sums = getattr(lib, f"soaa_sums_{suffix}")
-        sums.argtypes = [ctypes.c_int, ptrs, ptrs, ptrs, i64, ctypes.POINTER(ctypes.c_int), _D, _D, ctypes.c_int]
-        step = getattr(lib, f"soaa_step_{suffix}")
-        step.argtypes = [ctypes.c_int, ptrs, ptrs, ptrs, ptrs, i64, _D, _D, ctypes.c_int]
-        sums.restype = step.restype = ctypes.c_int
+        for name in ("sums", "step"):
+            getattr(lib, f"soaa_{name}_{suffix}").restype = ctypes.c_int
 
 
 def _pointers(ts: list[Tensor]) -> ctypes.Array[ctypes.c_void_p]:
-    return (ctypes.c_void_p * len(ts))(*(t.data_ptr() for t in ts))
+    return (ctypes.c_void_p * len(ts))(*[t.data_ptr() for t in ts])
+
+
+def _sizes(ts: list[Tensor]) -> ctypes.Array[ctypes.c_int64]:
+    return (ctypes.c_int64 * len(ts))(*[t.numel() for t in ts])
 
 
 def _rows(flat: ctypes.Array[ctypes.c_double], k: int) -> list[list[float]]:
-    values = list(flat)
+    values = flat[:]  # one C-level copy into a list (iterating a ctypes array is ~20x slower)
     return [values[i:i + k] for i in range(0, len(values), k)]
 
 
@@ -155,9 +155,13 @@ class NativeSOAA:
 
     @staticmethod
     def accepts(*ts: Tensor) -> bool:
-        t0 = ts[0]
-        return (t0.device.type == "cpu" and t0.dtype in _SUFFIX
-                and all(t.dtype == t0.dtype and t.device == t0.device and t.is_contiguous() for t in ts))
+        dtype = ts[0].dtype
+        if dtype not in _SUFFIX:
+            return False
+        for t in ts:  # a plain loop: this runs per block and pass, on small models a visible cost
+            if not (t.is_cpu and t.dtype == dtype and t.is_contiguous()):
+                return False
+        return True
 
     def sums(self, g: list[Tensor], m: list[Tensor], v: list[Tensor], modes: list[int],
              scal: tuple[float, float, float]) -> list[list[float]]:
@@ -166,8 +170,8 @@ class NativeSOAA:
         nb = len(g)
         out = (ctypes.c_double * (2 * nb))()
         fn = getattr(self._lib, f"soaa_sums_{_SUFFIX[g[0].dtype]}")
-        if fn(nb, _pointers(g), _pointers(m), _pointers(v), (ctypes.c_int64 * nb)(*(t.numel() for t in g)),
-              (ctypes.c_int * nb)(*modes), (ctypes.c_double * 3)(*scal), out, torch.get_num_threads()):
+        if fn(nb, _pointers(g), _pointers(m), _pointers(v), _sizes(g), (ctypes.c_int * nb)(*modes),
+              (ctypes.c_double * 3)(*scal), out, torch.get_num_threads()):
             raise MemoryError("SOAA CPU kernel: out of memory for its per-chunk sums")
         return _rows(out, 2)
 
@@ -177,9 +181,9 @@ class NativeSOAA:
         moments, from the same sweep. ``scal[b] = (1-β1, β2, 1-β2, decay, alr, k1, knee, ε)``."""
         nb = len(p)
         out = (ctypes.c_double * (5 * nb))()
-        sc = (ctypes.c_double * (8 * nb))(*(x for row in scal for x in row))
+        sc = (ctypes.c_double * (8 * nb))(*[x for row in scal for x in row])
         fn = getattr(self._lib, f"soaa_step_{_SUFFIX[p[0].dtype]}")
-        if fn(nb, _pointers(p), _pointers(g), _pointers(m), _pointers(v),
-              (ctypes.c_int64 * nb)(*(t.numel() for t in p)), sc, out, torch.get_num_threads()):
+        if fn(nb, _pointers(p), _pointers(g), _pointers(m), _pointers(v), _sizes(p), sc, out,
+              torch.get_num_threads()):
             raise MemoryError("SOAA CPU kernel: out of memory for its per-chunk sums")
         return _rows(out, 5)
