@@ -208,15 +208,16 @@ static void add_chunks(int nb, const int64_t *first, const double *part, int k, 
                 const C vt = LOAD(v[i]) * b2 + gi * gi * b2c;                                              \
                 const C r = SQRT(vt);                                                                      \
                 const C q = mt / (eps + k1 * (r > knee ? r : knee) * r);                                   \
-                m[i] = STORE(mt);                                                                          \
-                v[i] = STORE(vt);                                                                          \
+                const S ms = STORE(mt), vs = STORE(vt); /* the stored (rounded) moments are summed */  \
+                m[i] = ms;                                                                                 \
+                v[i] = vs;                                                                                 \
                 p[i] = STORE(LOAD(p[i]) * decay + alr * q);                                                \
-                const C rq = r * q;                                                                        \
+                const C rq = r * q, mr = LOAD(ms);                                                         \
                 f0 += mt * q;                                                                              \
                 f1 += rq * rq;                                                                             \
                 f2 += r < knee ? (C)1 : (C)0;                                                              \
-                f3 += LOAD(m[i]) * LOAD(m[i]);                                                             \
-                f4 += LOAD(v[i]);                                                                          \
+                f3 += mr * mr;                                                                             \
+                f4 += LOAD(vs);                                                                            \
             }                                                                                              \
             s[0] += f0; s[1] += f1; s[2] += f2; s[3] += f3; s[4] += f4;                                    \
         }                                                                                                  \
