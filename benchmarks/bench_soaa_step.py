@@ -9,15 +9,17 @@ optimizer and its ratio to fused AdamW are taken, and the report gives the media
 min-max spread of the round medians (on a shared machine single rounds can be far off).
 
 Optimizers: ``adamw_fused`` (baseline: one ATen kernel, at the memory-bandwidth bound), ``adamw_foreach``,
-``soaa`` (default: ``compile=True``, the two passes as compiled kernels), ``soaa_eager``
-(``compile=False``: the tiled loop on CPU, foreach on CUDA) and ``sharded_adamw`` (the package's AdamW).
-SOAA gets a loss every step through ``step(loss=...)``; its trust-region statistics, one scalar
-all-reduce (a no-op here, W = 1) and the lagged predicted-reduction sums are all part of the timed step.
+``soaa`` (default: ``compile=True``; on CPU the two passes as C loops), ``soaa_inductor`` (CPU only: the
+same with the C loops off, i.e. the ``torch.compile``'d kernels), ``soaa_eager`` (``compile=False``: the
+tiled loop on CPU, foreach on CUDA) and ``sharded_adamw`` (the package's AdamW). SOAA gets a loss every
+step through ``step(loss=...)``; its trust-region statistics, one scalar all-reduce (a no-op here, W = 1)
+and the lagged predicted-reduction sums are all part of the timed step.
 
-Memory traffic per parameter (fp32): fused AdamW reads θ, g, m, v and writes θ, m, v: 28 B. SOAA's
-sums pass only reads g, m, v (12 B); after the all-reduce its step kernel reads θ, g, m, v and writes
-θ, m, v in place (28 B), and the update sums read the new m, v (8 B): 48 B, a bound of 48/28 = 1.71x
-(see ``lightning_soaa/functional/soaa.py`` for why the update sums are a separate read).
+Memory traffic per parameter (fp32): fused AdamW reads θ, g, m, v and writes θ, m, v: 28 B (16 B read).
+SOAA's C path: the sums pass reads g and m (8 B; Σ v_t and Σ m_t² follow from the Σ v, Σ m² the previous
+step's sweep returned), the step reads θ, g, m, v and writes θ, m, v in place, returning its update sums
+from the same sweep (28 B): 36 B, 24 B of it read, a bound of 1.29x (1.5x where reads are the limit, as
+on one core here). The inductor path: 12 + 28 + 8 = 48 B (1.71x; see ``lightning_soaa/functional/soaa.py``).
 
 Usage::
 
@@ -65,6 +67,12 @@ def _optimizers(args: argparse.Namespace, make: Callable[[], list[torch.nn.Param
         "soaa": SOAA(make(), total_steps=1000, compile=True, **kw),
         "soaa_eager": SOAA(make(), total_steps=1000, compile=False, **kw),
     }
+    if args.device == "cpu":  # the torch.compile kernels, which the C loops replace on CPU
+        os.environ["LIGHTNING_SOAA_NATIVE"] = "0"
+        try:
+            opts["soaa_inductor"] = SOAA(make(), total_steps=1000, compile=True, **kw)
+        finally:
+            del os.environ["LIGHTNING_SOAA_NATIVE"]
     if args.with_sharded_adamw:
         opts["sharded_adamw"] = ShardedAdamW(make(), **kw)
     return opts

@@ -23,10 +23,14 @@ sub-group), so tensors that joined later are bias-corrected like Adam does.
 Kernels, torch-style, behind the two dispatchers :func:`soaa_moments` and :func:`soaa_step_` (same
 arithmetic, per block):
 
-* compiled (``_compiled_*``): each pass is one ``torch.compile``'d sweep over a whole tensor (C++/OpenMP
-  on CPU, Triton on CUDA) that also accumulates the sums, for blocks of at least
-  ``SOAAKernels.min_numel`` elements, when the caller passes a :class:`SOAAKernels` (the optimizer owns
-  it: ``SOAA(compile=...)``; nothing is cached in this module);
+* C (``_native_*``, CPU): each pass is one hand-written C loop (``soaa_cpu.c``, built at first use by
+  :mod:`~lightning_soaa.functional.soaa_native`) over all blocks of a dtype in one call, when the caller
+  passes a :class:`SOAAKernels` (the optimizer owns it: ``SOAA(compile=...)``; nothing is cached in this
+  module). The step returns the new moments' Σm², Σv too, which the kernels object remembers, so the
+  next sums pass reads only g and m (8 B/param instead of 12) for moments nobody touched since;
+* compiled (``_compiled_*``): each pass is one ``torch.compile``'d sweep over a whole tensor (Triton on
+  CUDA; C++/OpenMP on CPU where no C compiler is found) that also accumulates the sums, for blocks of at
+  least ``SOAAKernels.min_numel`` elements;
 * multi-tensor (``_multi_tensor_*``): torch ``_foreach_*`` ops, a fixed number of calls for any number of
   tensors; default on CUDA, and on CPU for tensors under 2**16 elements, where an op's dispatch costs
   more than its arithmetic;
@@ -44,11 +48,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import increment_version
+
+from lightning_soaa.functional.soaa_native import NativeSOAA, NativeUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -225,22 +234,44 @@ def _eager_update_sums(m: Tensor, v: Tensor, scal: Tensor, count: bool) -> Tenso
     return torch.stack(out + [(s < knee).sum().double()] if count else out)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Stored:
+    """What the C step knows about the moments it wrote: enough to recognise them unchanged."""
+
+    m: weakref.ref[Tensor]
+    v: weakref.ref[Tensor]
+    m_version: int
+    v_version: int
+    m_ptr: int
+    v_ptr: int
+    sum_m2: float
+    sum_v: float
+
+
 _COMPILABLE = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 class SOAAKernels:
-    """The ``torch.compile``'d passes (sums; moments and θ in place), for one owner (e.g. an optimizer
-    instance) to keep and pass in.
+    """The one-sweep passes (sums; moments and θ in place), for one owner (e.g. an optimizer instance)
+    to keep and pass in: on CPU the C loops of :mod:`~lightning_soaa.functional.soaa_native` (built at
+    first use), elsewhere, or where no C compiler is found, the ``torch.compile``'d kernels.
 
     ``min_numel``: smaller tensors take the eager path (a compiled call costs tens of microseconds of
-    guards and launch; below this size the eager ops are as fast). After a compiler failure the object
-    turns itself off (``failure`` says why) and every later call runs eager; the failing call itself
-    never leaves a tensor half-updated (compile errors surface before the first kernel runs).
+    guards and launch; below this size the eager ops are as fast). ``native``: ``False`` never uses the
+    C kernels; ``None`` (default) uses them unless ``LIGHTNING_SOAA_NATIVE=0``. After a compiler
+    failure the object turns that backend off (``failure`` / ``native_failure`` say why) and every
+    later call takes the next one; the failing call itself never leaves a tensor half-updated (errors
+    surface before the first kernel writes).
     """
 
-    def __init__(self, min_numel: int = 1 << 16) -> None:
+    def __init__(self, min_numel: int = 1 << 16, native: bool | None = None) -> None:
         self.min_numel = int(min_numel)
         self.failure: str | None = None
+        want = native if native is not None else os.environ.get("LIGHTNING_SOAA_NATIVE", "1") != "0"
+        self.native_failure: str | None = None if want else "off (native=False or LIGHTNING_SOAA_NATIVE=0)"
+        self._native: NativeSOAA | None = None
+        self._stored: dict[int, _Stored] = {}
+        self._prune_at = 64
         self.sums: Callable[..., Tensor] = torch.compile(_sums_kernel, dynamic=True, fullgraph=True)
         self.step: Callable[..., None] = torch.compile(_step_kernel, dynamic=True, fullgraph=True)
         self.update_sums: Callable[..., Tensor] = torch.compile(_update_sums_kernel, dynamic=True,
@@ -248,15 +279,55 @@ class SOAAKernels:
         self.update_count: Callable[..., Tensor] = torch.compile(_update_count_kernel, dynamic=True,
                                                                  fullgraph=True)
 
+    def _big(self, ts: tuple[Tensor, ...]) -> bool:
+        return ts[0].numel() >= self.min_numel and not torch.compiler.is_compiling()
+
+    def native_for(self, *ts: Tensor) -> NativeSOAA | None:
+        """The C kernels if they take this block (loaded at the first CPU block that could use them).
+        They take blocks of any size: one call runs all blocks of a dtype, so a small block costs no
+        dispatch of its own."""
+        if (self.native_failure is not None or torch.compiler.is_compiling()
+                or not NativeSOAA.accepts(*ts)):
+            return None
+        if self._native is None:
+            try:
+                self._native = NativeSOAA.load()
+            except NativeUnavailable as e:
+                self.native_failure = str(e)
+                log.warning("SOAA: no C kernels here (%s); using torch.compile or eager", e)
+                return None
+        return self._native
+
+    def remember(self, m: Tensor, v: Tensor, sum_m2: float, sum_v: float) -> None:
+        """Σ m², Σ v of moments the C step just wrote (after their version counters were bumped)."""
+        self._stored[id(m)] = _Stored(weakref.ref(m), weakref.ref(v), m._version, v._version,
+                                      m.data_ptr(), v.data_ptr(), sum_m2, sum_v)
+        if len(self._stored) > self._prune_at:  # moments that no longer exist (a new model, a reload)
+            self._stored = {k: e for k, e in self._stored.items() if e.m() is not None}
+            self._prune_at = 2 * len(self._stored) + 64
+
+    def stored_sums(self, m: Tensor, v: Tensor) -> tuple[float, float] | None:
+        """``(Σ m², Σ v)`` if m and v are exactly as the last C step left them: the same tensors and
+        storage, not modified since (every in-place torch op bumps a tensor's version; loading a
+        state dict replaces or copies into the moments, and :meth:`forget` drops everything)."""
+        e = self._stored.get(id(m))
+        if (e is None or e.m() is not m or e.v() is not v or m._version != e.m_version
+                or v._version != e.v_version or m.data_ptr() != e.m_ptr or v.data_ptr() != e.v_ptr):
+            return None
+        return e.sum_m2, e.sum_v
+
+    def forget(self) -> None:
+        """Drop the remembered sums (the owner calls this when it replaces or reloads its state)."""
+        self._stored.clear()
+
     def accepts(self, *ts: Tensor) -> bool:
         """Whether these equal-shape tensors (one block) can go through the compiled kernels."""
         t0 = ts[0]
         return (
             self.failure is None
-            and t0.numel() >= self.min_numel
+            and self._big(ts)
             and t0.dtype in _COMPILABLE
             and all(t.dtype == t0.dtype and t.device == t0.device and t.is_contiguous() for t in ts)
-            and not torch.compiler.is_compiling()  # already inside a compiled step: stay traceable
         )
 
     def fail(self, e: Exception) -> None:
@@ -326,6 +397,63 @@ def _compiled_soaa_step_(
     w = torch.tensor(weights, dtype=torch.float64).to(rows[0].device)
     total = (torch.stack(rows) * w).sum(0)
     return total, len(rows)
+
+
+# ---------------------------------------------------------------- C kernels (CPU; soaa_native.py)
+def _by_dtype(xs: list[Tensor]) -> dict[torch.dtype, list[int]]:
+    out: dict[torch.dtype, list[int]] = {}
+    for i, x in enumerate(xs):
+        out.setdefault(x.dtype, []).append(i)
+    return out
+
+
+def _native_soaa_sums(
+    kernels: SOAAKernels, native: NativeSOAA, grads: list[Tensor], exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor], ts: list[int], *, beta1: float, beta2: float, eps: float,
+) -> Tensor:
+    """The partials of every block through the C sums loop (reads only; one call per dtype). A block
+    whose stored moments are as the last C step left them (see :meth:`SOAAKernels.stored_sums`) reads
+    only g and m: Σ m_t² and Σ v_t follow from the step's Σ m², Σ v and this pass's Σ m g, Σ g²."""
+    a = 1.0 - beta1
+    s_m2 = s_v = 0.0
+    for idx in _by_dtype(grads).values():
+        stored = [kernels.stored_sums(exp_avgs[i], exp_avg_sqs[i]) for i in idx]
+        modes = [NativeSOAA.SUMS_FULL if st is None else NativeSOAA.SUMS_GM for st in stored]
+        rows = native.sums(_pick(grads, idx), _pick(exp_avgs, idx), _pick(exp_avg_sqs, idx), modes,
+                           (a, beta2, 1.0 - beta2))
+        for i, st, (x, y) in zip(idx, stored, rows):
+            if st is not None:  # x = Σ m g, y = Σ g²; a rounding below 0 only where m_t ≈ 0
+                x, y = (max(beta1 * beta1 * st[0] + 2.0 * beta1 * a * x + a * a * y, 0.0),
+                        beta2 * st[1] + (1.0 - beta2) * y)
+            s_m2 += x / (1.0 - beta1 ** ts[i]) ** 2
+            s_v += y / (1.0 - beta2 ** ts[i])
+    return torch.tensor([s_m2, s_v + eps * sum(g.numel() for g in grads)], dtype=torch.float64)
+
+
+def _native_soaa_step_(
+    kernels: SOAAKernels, native: NativeSOAA, params: list[Tensor], grads: list[Tensor],
+    exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], ts: list[int], *, lr: float, beta1: float,
+    beta2: float, eps: float, weight_decay: float, d: float, c: float, count_limited: bool,
+) -> Tensor:
+    """Moments and θ of every block through the C step loop (one call per dtype), which also returns
+    the update sums and the new moments' Σ m², Σ v (remembered for the next sums pass)."""
+    out = [0.0, 0.0, 0.0]
+    caps = {t: _cap_scalars(t, beta1, beta2, d, c) for t in set(ts)}
+    for idx in _by_dtype(params).values():
+        scal = [(1.0 - beta1, beta2, 1.0 - beta2, 1.0 - lr * weight_decay, -lr * caps[ts[i]][2],
+                 *caps[ts[i]][:2], eps) for i in idx]
+        ps, ms, vs = [params[i].detach() for i in idx], _pick(exp_avgs, idx), _pick(exp_avg_sqs, idx)
+        rows = native.step(ps, _pick(grads, idx), ms, vs, scal)
+        # the C loop writes through raw pointers: tell autograd these tensors changed, as an in-place
+        # torch op would (a graph that saved θ then refuses to backward instead of using the new θ)
+        increment_version([params[i] for i in idx] + ms + vs)
+        for i, m, v, r in zip(idx, ms, vs, rows):
+            _, _, step, bc1, bc2 = caps[ts[i]]
+            out[0] += r[0] * (step / bc1)
+            out[1] += r[1] * (step * step / bc2)
+            out[2] += r[2]
+            kernels.remember(m, v, r[3], r[4])
+    return torch.tensor(out if count_limited else out[:2], dtype=torch.float64)
 
 
 # ---------------------------------------------------------------- eager kernels
@@ -480,13 +608,24 @@ def _single_tensor_soaa_step_(
 
 
 # ---------------------------------------------------------------- dispatchers
-def _split(kernels: SOAAKernels | None, *lists: list[Tensor]) -> tuple[list[int], list[int]]:
-    """Indices of the blocks for the compiled kernels and of the rest."""
+def _split(kernels: SOAAKernels | None, *lists: list[Tensor]
+           ) -> tuple[NativeSOAA | None, list[int], list[int], list[int]]:
+    """The C kernels (if any block takes them) and the indices of the blocks for them, for the
+    compiled kernels and for the eager ones."""
+    n = len(lists[0])
     if kernels is None:
-        return [], list(range(len(lists[0])))
-    fast = [i for i in range(len(lists[0])) if kernels.accepts(*(x[i] for x in lists))]
-    fast_set = set(fast)
-    return fast, [i for i in range(len(lists[0])) if i not in fast_set]
+        return None, [], [], list(range(n))
+    native, c_idx, fast, rest = None, [], [], []
+    for i in range(n):
+        block = tuple(x[i] for x in lists)
+        if (nat := kernels.native_for(*block)) is not None:
+            native = nat
+            c_idx.append(i)
+        elif kernels.accepts(*block):
+            fast.append(i)
+        else:
+            rest.append(i)
+    return native, c_idx, fast, rest
 
 
 # Below this many elements a tensor's eager ops cost their dispatch, not their arithmetic: such tensors
@@ -548,8 +687,12 @@ def soaa_moments(
         return torch.zeros(2, dtype=torch.float64)
     lists = (grads, exp_avgs, exp_avg_sqs)
     kw: dict[str, Any] = {"beta1": beta1, "beta2": beta2, "eps": eps}
-    fast, rest = _split(kernels, *lists)
+    native, c_idx, fast, rest = _split(kernels, *lists)
     parts: list[Tensor] = []
+    if native is not None:
+        assert kernels is not None
+        cg, cm, cv = _sub(lists, c_idx)
+        parts.append(_native_soaa_sums(kernels, native, cg, cm, cv, _pick(ts, c_idx), **kw))
     if fast:
         assert kernels is not None
         g_, m_, v_ = _sub(lists, fast)
@@ -608,8 +751,12 @@ def soaa_step_(
     lists = (params, grads, exp_avgs, exp_avg_sqs)
     kw: dict[str, Any] = {"lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps, "weight_decay": weight_decay,
                           "d": d, "c": c, "count_limited": count_limited}
-    fast, rest = _split(kernels, *lists)
+    native, c_idx, fast, rest = _split(kernels, *lists)
     parts: list[Tensor] = []
+    if native is not None:
+        assert kernels is not None
+        cp, cg, cm, cv = _sub(lists, c_idx)
+        parts.append(_native_soaa_step_(kernels, native, cp, cg, cm, cv, _pick(ts, c_idx), **kw))
     if fast:
         assert kernels is not None
         p_, g_, m_, v_ = _sub(lists, fast)

@@ -179,12 +179,14 @@ class SOAA(ShardedOptimizer):
         foreach: the eager path: ``None`` (default) uses torch's ``_foreach`` ops on CUDA and a
             per-tensor loop, tile by tile through two tile-sized scratch buffers, on CPU (bit-identical
             results); ``True``/``False`` force one.
-        compile: ``True`` runs the step's elementwise work on a tensor of at least 2**16 elements as
-            ``torch.compile``'d kernels (the read-only sums before the all-reduce; the in-place update of
-            m, v, θ and a read of the new moments after it; C++/OpenMP on CPU, Triton on CUDA;
-            compiled once per process and dtype, a few seconds at the first step); smaller tensors take
-            the eager path. ``None`` (default): ``True`` unless the environment variable
-            ``LIGHTNING_SOAA_COMPILE=0``. A compiler failure falls back to eager with one warning.
+        compile: ``True`` runs each of the step's two elementwise passes (the read-only sums before the
+            all-reduce; the in-place update of m, v, θ with its sums after it) as one sweep: on CPU
+            through C loops built at the first step with the system C compiler (well under a second,
+            cached in ``~/.cache/lightning_soaa``; one call per pass for all blocks;
+            ``LIGHTNING_SOAA_NATIVE=0`` turns them off), elsewhere, or without a C compiler, through
+            ``torch.compile``'d kernels for tensors of at least 2**16 elements (Triton on CUDA; a few
+            seconds at the first step). ``None`` (default): ``True`` unless the environment variable
+            ``LIGHTNING_SOAA_COMPILE=0``. A compiler failure falls back to the next path with one warning.
         process_group, comm, shard, grad_reduction: see :class:`ShardedOptimizer`.
 
     The loss: ``step(closure)`` (evaluated under ``enable_grad``), ``step(loss=...)`` (tensor or
@@ -541,6 +543,8 @@ class SOAA(ShardedOptimizer):
 
     def _load_global_state(self, state: dict[str, Any]) -> None:
         self._reset_trust_state()
+        if (kernels := self._kernels()) is not None:
+            kernels.forget()  # the C kernels' remembered Σm², Σv describe the moments before the load
         st = state["soaa"]  # presence checked by _validate_global_state before anything changed
         self._t = int(st["t"])
         self._d = float(st["d"])

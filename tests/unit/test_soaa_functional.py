@@ -152,9 +152,18 @@ def test_loop_and_foreach_paths_agree_in_fp32(monkeypatch: pytest.MonkeyPatch, t
     torch.testing.assert_close(res[0][3], res[1][3], rtol=1e-5, atol=0)
 
 
-def _kernels_or_skip(kernels: SOAAKernels) -> None:
-    if kernels.failure is not None:
+def _kernels_or_skip(kernels: SOAAKernels, native: bool = False) -> None:
+    """Skip where the backend under test cannot run here; otherwise check it is the one that ran."""
+    if native:
+        if kernels.native_failure is not None:
+            pytest.skip(f"no C kernels here ({kernels.native_failure}); the other paths are tested")
+        assert kernels._native is not None  # the C loops took the big blocks
+    elif kernels.failure is not None:
         pytest.skip(f"torch.compile does not work here ({kernels.failure}); the eager paths are tested above")
+
+
+# Both one-sweep backends: the C loops (CPU default) and torch.compile's kernels (CUDA, or no compiler).
+BACKENDS = pytest.mark.parametrize("native", [True, False], ids=["c", "inductor"])
 
 
 def _run_both_passes(grads, ms, vs, ps, ts, *, kernels, foreach=None, count_limited=False, **kw):
@@ -169,11 +178,12 @@ def _run_both_passes(grads, ms, vs, ps, ts, *, kernels, foreach=None, count_limi
     return ms, vs, a, b, c
 
 
+@BACKENDS
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_compiled_kernels_match_the_spec_transcription(dtype: torch.dtype) -> None:
+def test_compiled_kernels_match_the_spec_transcription(dtype: torch.dtype, native: bool) -> None:
     """Both compiled passes (the big tensors) mixed with the eager path (the small ones) against the
     float64 transcription; in float64 the compiled arithmetic must agree to rounding."""
-    kernels = SOAAKernels(min_numel=1000)
+    kernels = SOAAKernels(min_numel=1000, native=native)
     shapes = [(70, 50), (5,), (3001,), (40, 30)]
     grads, ms, vs, ps = _state(21, shapes, [3.0, 1e-3, 0.3, 1.0])
     t, lr, eps, wd, d = 3, 0.1, 1e-8, 0.01, 1.3
@@ -186,7 +196,7 @@ def test_compiled_kernels_match_the_spec_transcription(dtype: torch.dtype) -> No
                      wd=wd, d=d)
     m, v, a, b, c = _run_both_passes(grads_c, ms_c, vs_c, ps_c, [t] * 4, kernels=kernels, lr=lr, eps=eps,
                                      weight_decay=wd, d=d)
-    _kernels_or_skip(kernels)
+    _kernels_or_skip(kernels, native)
     tight = dtype == torch.float64
     rtol = 1e-13 if tight else 2e-6
     # m = m + (g - m)(1 - β1) cancels where g ≈ m: an absolute bound at the scale of the inputs (~3)
@@ -200,19 +210,20 @@ def test_compiled_kernels_match_the_spec_transcription(dtype: torch.dtype) -> No
     assert b[1].item() == pytest.approx(ref["s_vu"], rel=1e-11 if tight else 1e-5)
 
 
-def test_compiled_kernels_agree_with_the_loop_path_per_tensor_steps_and_count() -> None:
+@BACKENDS
+def test_compiled_kernels_agree_with_the_loop_path_per_tensor_steps_and_count(native: bool) -> None:
     """Tensors with different step counts (bias corrections), count_limited, float32: compiled and loop
     paths give the same moments, θ and sums (up to a contracted multiply-add)."""
     shapes = [(4000,), (2000, 3), (17,)]
     data = [list(map(lambda x: x.float(), xs)) for xs in _state(22, shapes, [1.0, 0.01, 3.0])]
     ts = [2, 9, 9]
     runs = []
-    for kernels in (SOAAKernels(min_numel=1000), None):
+    for kernels in (SOAAKernels(min_numel=1000, native=native), None):
         grads, ms, vs, ps = ([x.clone() for x in xs] for xs in data)
         m, v, a, b, c = _run_both_passes(grads, ms, vs, ps, ts, kernels=kernels, foreach=False,
                                          count_limited=True, lr=0.1, eps=1e-8, weight_decay=0.01, d=1.2)
         if kernels is not None:
-            _kernels_or_skip(kernels)
+            _kernels_or_skip(kernels, native)
         runs.append((m, v, a, b, ps))
     (mc, vc, ac, bc, pc), (me, ve, ae, be, pe) = runs
     for x, y in zip(mc + vc, me + ve):  # a contracted multiply-add apart, near cancellations too
@@ -224,9 +235,10 @@ def test_compiled_kernels_agree_with_the_loop_path_per_tensor_steps_and_count() 
     assert bc[2].item() == be[2].item() > 0  # the same coordinates on the d-branch, and some exist
 
 
-def test_compiled_kernels_bf16_match_the_reference() -> None:
+@BACKENDS
+def test_compiled_kernels_bf16_match_the_reference(native: bool) -> None:
     """bfloat16 state and parameters: the compiled passes compute in float32 and round once per store."""
-    kernels = SOAAKernels(min_numel=1000)
+    kernels = SOAAKernels(min_numel=1000, native=native)
     grads, ms, vs, ps = _state(23, [(3000,)], [1.0])
     t, kw = 4, dict(lr=0.05, eps=1e-8, weight_decay=0.01, d=1.1)
     def bf(xs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -235,7 +247,7 @@ def test_compiled_kernels_bf16_match_the_reference() -> None:
     grads_b, ms_b, vs_b, ps_b = bf(grads), bf(ms), bf(vs), bf(ps)
     inputs64 = [[x.double() for x in xs] for xs in (grads_b, ms_b, vs_b, ps_b)]  # before the in-place step
     m, v, a, b, c = _run_both_passes(grads_b, ms_b, vs_b, ps_b, [t], kernels=kernels, **kw)
-    _kernels_or_skip(kernels)
+    _kernels_or_skip(kernels, native)
     # the reference from the same (bf16-rounded) inputs, and the c the kernels found
     ref = _reference(*inputs64, t, lr=0.05, eps=1e-8, wd=0.01, d=1.1, c=c)
     assert c == pytest.approx(ref["c"], rel=1e-2)
@@ -251,7 +263,7 @@ def test_compiler_failure_falls_back_to_eager_with_one_warning(caplog: pytest.Lo
     def broken(*args):
         raise RuntimeError("no C++ compiler")
 
-    kernels = SOAAKernels(min_numel=10)
+    kernels = SOAAKernels(min_numel=10, native=False)  # the torch.compile backend
     kernels.sums = broken
     kernels.step = kernels.update_sums = kernels.update_count = broken
     data = _state(24, [(300,), (50,)], [1.0, 0.1])
@@ -275,7 +287,7 @@ def test_compiler_failure_after_the_step_kernel_updates_each_tensor_once(count_l
     def broken(*args):
         raise RuntimeError("no C++ compiler")
 
-    kernels = SOAAKernels(min_numel=10)
+    kernels = SOAAKernels(min_numel=10, native=False)  # the torch.compile backend
     kernels.sums = soaa_mod._sums_kernel
     kernels.step = soaa_mod._step_kernel
     kernels.update_sums = kernels.update_count = broken

@@ -1,0 +1,257 @@
+/* SOAA's two elementwise passes on CPU, one sweep each, over many blocks per call
+ * (see lightning_soaa/functional/soaa_native.py, which builds this file at run time and calls it
+ * through ctypes on raw pointers of contiguous tensors). Nothing here keeps state.
+ *
+ * sums (reads only; a skipped step must leave m and v untouched), per block, by its mode:
+ *   mode 0: [sum m_t^2, sum v_t] of the would-be moments m_t = m + (g - m)(1 - b1),
+ *           v_t = b2 v + (1 - b2) g^2: reads g, m, v (12 B/param in fp32);
+ *   mode 1: [sum m g, sum g^2]: reads g, m (8 B). With sum m^2 and sum v of the stored moments (which
+ *           the step below returns), the caller has sum m_t^2 = b1^2 sum m^2 + 2 b1 (1-b1) sum m g
+ *           + (1-b1)^2 sum g^2 and sum v_t = b2 sum v + (1 - b2) sum g^2 without reading v.
+ * step: reads p, g, m, v and writes p, m, v in place (28 B/param in fp32); from the same sweep, per
+ *   block, [sum m q, sum (s q)^2, #(s < knee), sum m_t^2, sum v_t] with s = sqrt(v_t),
+ *   q = m_t / (eps + k1 s max(s, knee)) and p <- p decay + alr q.
+ *
+ * Why hand-written: torch.compile's CPU code for the step, once the kernel also reduces, stores m_t and
+ * v_t into temporaries and copies them back in two more loops, so its update sums cost another read.
+ * Here a whole step is 8 + 28 = 36 B/param against fused AdamW's 28 B, in two calls for all blocks.
+ *
+ * Work is cut into CHUNKs (a block smaller than a chunk is one chunk); chunks of all blocks are shared
+ * among the threads; each chunk's sums are accumulated in INNER-long runs in the compute type (which
+ * the compiler vectorises) and added in double, and one thread adds the chunks of a block in order:
+ * the results do not depend on the number of threads.
+ *
+ * Threads are plain pthreads started and joined inside each call, never a pool: an OpenMP runtime's
+ * pool does not survive fork() (a forked child that starts a parallel region hangs, and Lightning's
+ * ddp_fork, DataLoader workers and test harnesses fork), and a call costs a few tens of microseconds
+ * per extra thread, which only calls with at least MIN_PER_THREAD elements per thread take.
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define CHUNK 16384
+#define INNER 128
+#define SUMS_OUT 2
+#define STEP_IN 8
+#define STEP_OUT 5
+
+static inline float bf16_load(uint16_t x) {
+    uint32_t u = (uint32_t)x << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* round to nearest even, as torch does; a NaN stays a (quiet) NaN */
+static inline uint16_t bf16_store(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    uint32_t nan = (u & 0x7fffffffu) > 0x7f800000u;
+    uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    return (uint16_t)(nan ? ((u >> 16) | 0x40u) : rounded);
+}
+
+#define ID(x) (x)
+#define MAX_THREADS 256
+#define MIN_PER_THREAD (1 << 18)
+
+typedef void (*chunk_fn)(const void *job, int64_t c);
+
+typedef struct {
+    chunk_fn fn;
+    const void *job;
+    int64_t c0, c1;
+} span;
+
+static void *run_span(void *arg) {
+    const span *s = (const span *)arg;
+    for (int64_t c = s->c0; c < s->c1; c++) s->fn(s->job, c);
+    return NULL;
+}
+
+/* chunks [0, total) of job on up to `threads` threads (fewer for little work); a thread that cannot be
+ * started runs its span on the calling thread */
+static void run_chunks(chunk_fn fn, const void *job, int64_t total, int64_t elements, int threads) {
+    int64_t cap = elements / MIN_PER_THREAD;
+    int nt = threads < 1 ? 1 : threads;
+    if (nt > MAX_THREADS) nt = MAX_THREADS;
+    if (nt > cap) nt = cap < 1 ? 1 : (int)cap;
+    if (nt > total) nt = total < 1 ? 1 : (int)total;
+    span spans[MAX_THREADS];
+    pthread_t tid[MAX_THREADS];
+    int started[MAX_THREADS];
+    for (int t = 0; t < nt; t++) {
+        spans[t].fn = fn;
+        spans[t].job = job;
+        spans[t].c0 = total * t / nt;
+        spans[t].c1 = total * (t + 1) / nt;
+    }
+    for (int t = 1; t < nt; t++) started[t] = pthread_create(&tid[t], NULL, run_span, &spans[t]) == 0;
+    run_span(&spans[0]);
+    for (int t = 1; t < nt; t++) {
+        if (started[t]) pthread_join(tid[t], NULL);
+        else run_span(&spans[t]);
+    }
+}
+
+typedef struct {
+    int nb;
+    const void *const *p, *const *g, *const *m, *const *v;
+    const int64_t *n, *first;
+    const int *mode;
+    const double *sc;
+    double *part;
+} job_t;
+
+static int64_t total_elements(int nb, const int64_t *n) {
+    int64_t e = 0;
+    for (int b = 0; b < nb; b++) e += n[b];
+    return e;
+}
+
+/* The chunk table of nb blocks: first[b] is block b's first chunk, first[nb] the total. */
+static int64_t *chunk_table(int nb, const int64_t *n) {
+    int64_t *first = (int64_t *)malloc(sizeof(int64_t) * (size_t)(nb + 1));
+    if (!first) return NULL;
+    first[0] = 0;
+    for (int b = 0; b < nb; b++) first[b + 1] = first[b] + (n[b] + CHUNK - 1) / CHUNK + (n[b] == 0);
+    return first;
+}
+
+/* block of chunk c (first is sorted): binary search */
+static int block_of(const int64_t *first, int nb, int64_t c) {
+    int lo = 0, hi = nb - 1;
+    while (lo < hi) {
+        int mid = (lo + hi + 1) / 2;
+        if (first[mid] <= c) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+
+/* chunk results of every block, added in order into out[b * k + j] */
+static void add_chunks(int nb, const int64_t *first, const double *part, int k, double *out) {
+    for (int b = 0; b < nb; b++) {
+        for (int j = 0; j < k; j++) out[b * k + j] = 0.0;
+        for (int64_t c = first[b]; c < first[b + 1]; c++)
+            for (int j = 0; j < k; j++) out[b * k + j] += part[c * k + j];
+    }
+}
+
+#define SOAA_SUMS(NAME, S, C, LOAD)                                                                        \
+    static void sums_chunk_##NAME(const S *restrict g, const S *restrict m, const S *restrict v,            \
+                                  int64_t lo, int64_t hi, int mode, const double *sc, double *res) {        \
+        const C a = (C)sc[0], b2 = (C)sc[1], b2c = (C)sc[2];                                              \
+        double s0 = 0, s1 = 0;                                                                             \
+        for (int64_t j = lo; j < hi; j += INNER) {                                                         \
+            const int64_t e = j + INNER < hi ? j + INNER : hi;                                             \
+            C f0 = 0, f1 = 0;                                                                              \
+            if (mode == 0) {                                                                               \
+                _Pragma("omp simd reduction(+ : f0, f1)")                                                 \
+                for (int64_t i = j; i < e; i++) {                                                          \
+                    const C gi = LOAD(g[i]), mi = LOAD(m[i]);                                              \
+                    const C mt = mi + (gi - mi) * a;                                                       \
+                    f0 += mt * mt;                                                                         \
+                    f1 += LOAD(v[i]) * b2 + gi * gi * b2c;                                                 \
+                }                                                                                          \
+            } else {                                                                                       \
+                _Pragma("omp simd reduction(+ : f0, f1)")                                                 \
+                for (int64_t i = j; i < e; i++) {                                                          \
+                    const C gi = LOAD(g[i]);                                                               \
+                    f0 += LOAD(m[i]) * gi;                                                                 \
+                    f1 += gi * gi;                                                                         \
+                }                                                                                          \
+            }                                                                                              \
+            s0 += f0;                                                                                      \
+            s1 += f1;                                                                                      \
+        }                                                                                                  \
+        res[0] = s0;                                                                                       \
+        res[1] = s1;                                                                                       \
+    }                                                                                                      \
+                                                                                                           \
+    static void sums_job_##NAME(const void *job, int64_t c) {                                              \
+        const job_t *j = (const job_t *)job;                                                               \
+        const int b = block_of(j->first, j->nb, c);                                                        \
+        const int64_t lo = (c - j->first[b]) * CHUNK, hi = lo + CHUNK < j->n[b] ? lo + CHUNK : j->n[b];    \
+        sums_chunk_##NAME((const S *)j->g[b], (const S *)j->m[b], (const S *)j->v[b], lo, hi, j->mode[b],  \
+                          j->sc, j->part + SUMS_OUT * c);                                                  \
+    }                                                                                                      \
+                                                                                                           \
+    int soaa_sums_##NAME(int nb, const void *const *g, const void *const *m, const void *const *v,         \
+                         const int64_t *n, const int *mode, const double *sc, double *out, int threads) {  \
+        int64_t *first = chunk_table(nb, n);                                                               \
+        double *part = first ? (double *)malloc(sizeof(double) * SUMS_OUT * (size_t)(first[nb] + 1)) : 0;  \
+        if (!part) { free(first); return 1; }                                                              \
+        job_t job = {nb, 0, g, m, v, n, first, mode, sc, part};                                            \
+        run_chunks(sums_job_##NAME, &job, first[nb], total_elements(nb, n), threads);                      \
+        add_chunks(nb, first, part, SUMS_OUT, out);                                                        \
+        free(part);                                                                                        \
+        free(first);                                                                                       \
+        return 0;                                                                                          \
+    }
+
+#define SOAA_STEP(NAME, S, C, LOAD, STORE, SQRT)                                                           \
+    static void step_chunk_##NAME(S *restrict p, const S *restrict g, S *restrict m, S *restrict v,          \
+                                  int64_t lo, int64_t hi, const double *sc, double *res) {                  \
+        const C a = (C)sc[0], b2 = (C)sc[1], b2c = (C)sc[2], decay = (C)sc[3], alr = (C)sc[4];             \
+        const C k1 = (C)sc[5], knee = (C)sc[6], eps = (C)sc[7];                                            \
+        double s[STEP_OUT] = {0, 0, 0, 0, 0};                                                              \
+        for (int64_t j = lo; j < hi; j += INNER) {                                                         \
+            const int64_t e = j + INNER < hi ? j + INNER : hi;                                             \
+            C f0 = 0, f1 = 0, f2 = 0, f3 = 0, f4 = 0;                                                      \
+            _Pragma("omp simd reduction(+ : f0, f1, f2, f3, f4)")                                         \
+            for (int64_t i = j; i < e; i++) {                                                              \
+                const C gi = LOAD(g[i]), mi = LOAD(m[i]);                                                  \
+                const C mt = mi + (gi - mi) * a;                                                           \
+                const C vt = LOAD(v[i]) * b2 + gi * gi * b2c;                                              \
+                const C r = SQRT(vt);                                                                      \
+                const C q = mt / (eps + k1 * (r > knee ? r : knee) * r);                                   \
+                const S ms = STORE(mt), vs = STORE(vt); /* the stored (rounded) moments are summed */  \
+                m[i] = ms;                                                                                 \
+                v[i] = vs;                                                                                 \
+                p[i] = STORE(LOAD(p[i]) * decay + alr * q);                                                \
+                const C rq = r * q, mr = LOAD(ms);                                                         \
+                f0 += mt * q;                                                                              \
+                f1 += rq * rq;                                                                             \
+                f2 += r < knee ? (C)1 : (C)0;                                                              \
+                f3 += mr * mr;                                                                             \
+                f4 += LOAD(vs);                                                                            \
+            }                                                                                              \
+            s[0] += f0; s[1] += f1; s[2] += f2; s[3] += f3; s[4] += f4;                                    \
+        }                                                                                                  \
+        for (int k = 0; k < STEP_OUT; k++) res[k] = s[k];                                                  \
+    }                                                                                                      \
+                                                                                                           \
+    static void step_job_##NAME(const void *job, int64_t c) {                                              \
+        const job_t *j = (const job_t *)job;                                                               \
+        const int b = block_of(j->first, j->nb, c);                                                        \
+        const int64_t lo = (c - j->first[b]) * CHUNK, hi = lo + CHUNK < j->n[b] ? lo + CHUNK : j->n[b];    \
+        step_chunk_##NAME((S *)j->p[b], (const S *)j->g[b], (S *)j->m[b], (S *)j->v[b], lo, hi,             \
+                          j->sc + STEP_IN * b, j->part + STEP_OUT * c);                                    \
+    }                                                                                                      \
+                                                                                                           \
+    int soaa_step_##NAME(int nb, void *const *p, const void *const *g, void *const *m, void *const *v,     \
+                         const int64_t *n, const double *sc, double *out, int threads) {                   \
+        int64_t *first = chunk_table(nb, n);                                                               \
+        double *part = first ? (double *)malloc(sizeof(double) * STEP_OUT * (size_t)(first[nb] + 1)) : 0;  \
+        if (!part) { free(first); return 1; }                                                              \
+        job_t job = {nb, (const void *const *)p, g, (const void *const *)m, (const void *const *)v, n,     \
+                     first, 0, sc, part};                                                                  \
+        run_chunks(step_job_##NAME, &job, first[nb], total_elements(nb, n), threads);                      \
+        add_chunks(nb, first, part, STEP_OUT, out);                                                        \
+        free(part);                                                                                        \
+        free(first);                                                                                       \
+        return 0;                                                                                          \
+    }
+
+SOAA_SUMS(f32, float, float, ID)
+SOAA_SUMS(f64, double, double, ID)
+SOAA_SUMS(bf16, uint16_t, float, bf16_load)
+SOAA_STEP(f32, float, float, ID, ID, sqrtf)
+SOAA_STEP(f64, double, double, ID, ID, sqrt)
+SOAA_STEP(bf16, uint16_t, float, bf16_load, bf16_store, sqrtf)
+
+/* the ABI version the loader checks, so a stale cached build is never used */
+int soaa_cpu_abi(void) { return 3; }

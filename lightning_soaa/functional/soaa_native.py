@@ -1,0 +1,189 @@
+"""SOAA's two elementwise passes on CPU as hand-written C loops (``soaa_cpu.c``), one sweep each.
+
+Why not only ``torch.compile``: inductor's CPU code for the step, once the kernel also reduces, stores
+the new moments into temporaries and copies them back in two more loops, so the update sums cost a
+second read of m and v (48 B/param in fp32 against fused AdamW's 28 B). The C step updates θ, m, v in
+place and accumulates the update sums in the same loop: 12 B (sums, reads only) + 28 B (step) = 40 B.
+
+The library is compiled at first use with the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``;
+``-O3 -march=native -fopenmp-simd -pthread``) into a cache directory
+(``$LIGHTNING_SOAA_CACHE``, else ``~/.cache/lightning_soaa``), keyed by the source, the flags, the
+compiler and the CPU, so a shared home directory on a cluster of different CPUs never loads a build for
+another CPU. Compiling takes well under a second; a second process finds the build. Without a compiler,
+:meth:`NativeSOAA.load` raises :class:`NativeUnavailable` and the caller uses its other kernels.
+
+Threads: each call uses up to ``torch.get_num_threads()`` pthreads, started and joined inside the call
+(no pool, so a forked process is as safe as its parent; one thread per 2**18 elements at most). Sums
+are deterministic for any thread count (fixed chunks added in order by one thread; see the C source).
+
+Nothing here is global: :meth:`NativeSOAA.load` returns an object the caller keeps (the optimizer's
+:class:`~lightning_soaa.functional.soaa.SOAAKernels`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+__all__ = ["NativeSOAA", "NativeUnavailable"]
+
+_SOURCE = Path(__file__).with_name("soaa_cpu.c")
+_ABI = 3
+_BASE_FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-std=gnu11", "-shared", "-fPIC", "-pthread")
+# -fopenmp-simd: the `omp simd` reductions vectorise, with no OpenMP runtime (threads are pthreads
+# started per call: a runtime's pool would hang a forked child). A compiler without it builds plain loops.
+_TRIES = (("-fopenmp-simd",), ())
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16"}
+
+
+class NativeUnavailable(RuntimeError):
+    """The C kernels cannot be built or loaded here (the message says why)."""
+
+
+def _compiler() -> str:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and (path := shutil.which(name)):
+            return path
+    raise NativeUnavailable("no C compiler found (set CC, or install cc/gcc/clang)")
+
+
+def _cpu_id() -> str:
+    """What ``-march=native`` depends on: the CPU's model and feature flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return "\n".join(sorted({ln for ln in lines if ln.startswith(("flags", "model name", "Features"))}))
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("LIGHTNING_SOAA_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "lightning_soaa")
+    return Path(root)
+
+
+def _compile(cc: str, source: bytes, out: Path) -> None:
+    """Build into ``out`` atomically (a concurrent process sees either no file or a whole one)."""
+    errors = []
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for extra in _TRIES:
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        os.close(fd)
+        cmd = [cc, *_BASE_FLAGS, *extra, "-x", "c", "-", "-o", tmp, "-lm"]
+        proc = subprocess.run(cmd, input=source, capture_output=True, timeout=120, check=False)
+        if proc.returncode == 0:
+            os.replace(tmp, out)
+            return
+        os.unlink(tmp)
+        errors.append(proc.stderr.decode(errors="replace").strip()[-400:])
+    raise NativeUnavailable(f"{cc} could not build the SOAA CPU kernels: {errors[-1]}")
+
+
+def _build() -> Path:
+    cc = _compiler()
+    source = _SOURCE.read_bytes()
+    version = subprocess.run([cc, "--version"], capture_output=True, timeout=30, check=False).stdout
+    key = hashlib.sha256(b"\0".join([source, " ".join(_BASE_FLAGS).encode(), cc.encode(), version,
+                                     _cpu_id().encode()])).hexdigest()[:20]
+    lib = _cache_dir() / f"soaa_cpu-{key}.so"
+    if not lib.exists():
+        try:
+            _compile(cc, source, lib)
+        except OSError as e:  # read-only or missing home: build for this process only
+            lib = Path(tempfile.mkdtemp(prefix="lightning_soaa-")) / lib.name
+            log.info("SOAA: cache directory not writable (%s); building in %s", e, lib.parent)
+            _compile(cc, source, lib)
+    return lib
+
+
+def _bind(lib: ctypes.CDLL) -> None:
+    """Check the library. Arguments are passed without ctypes ``argtypes`` (each conversion check costs
+    more than a small model's whole kernel): every call site below builds exactly the C types of
+    ``soaa_cpu.c`` (int; arrays of void*, int64, int, double)."""
+    if lib.soaa_cpu_abi() != _ABI:
+        raise NativeUnavailable(f"stale SOAA kernel library (ABI {lib.soaa_cpu_abi()}, expected {_ABI})")
+    for suffix in _SUFFIX.values():
+        for name in ("sums", "step"):
+            getattr(lib, f"soaa_{name}_{suffix}").restype = ctypes.c_int
+
+
+def _pointers(ts: list[Tensor]) -> ctypes.Array[ctypes.c_void_p]:
+    return (ctypes.c_void_p * len(ts))(*[t.data_ptr() for t in ts])
+
+
+def _sizes(ts: list[Tensor]) -> ctypes.Array[ctypes.c_int64]:
+    return (ctypes.c_int64 * len(ts))(*[t.numel() for t in ts])
+
+
+def _rows(flat: ctypes.Array[ctypes.c_double], k: int) -> list[list[float]]:
+    values = flat[:]  # one C-level copy into a list (iterating a ctypes array is ~20x slower)
+    return [values[i:i + k] for i in range(0, len(values), k)]
+
+
+class NativeSOAA:
+    """The loaded C kernels. :meth:`accepts` says which blocks they take (CPU, contiguous, one of
+    float32/float64/bfloat16, same dtype); each pass is one call for a list of blocks of one dtype and
+    returns plain Python floats per block."""
+
+    SUMS_FULL, SUMS_GM = 0, 1  # the sums modes (see soaa_cpu.c)
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        _bind(lib)
+        self._lib = lib
+
+    @classmethod
+    def load(cls) -> NativeSOAA:
+        """Build (or find the cached build of) the kernels and load them; :class:`NativeUnavailable`
+        when this machine cannot."""
+        try:
+            return cls(ctypes.CDLL(str(_build())))
+        except (OSError, subprocess.SubprocessError, AttributeError) as e:
+            raise NativeUnavailable(f"{type(e).__name__}: {e}") from e
+
+    @staticmethod
+    def accepts(*ts: Tensor) -> bool:
+        dtype = ts[0].dtype
+        if dtype not in _SUFFIX:
+            return False
+        for t in ts:  # a plain loop: this runs per block and pass, on small models a visible cost
+            if not (t.is_cpu and t.dtype == dtype and t.is_contiguous()):
+                return False
+        return True
+
+    def sums(self, g: list[Tensor], m: list[Tensor], v: list[Tensor], modes: list[int],
+             scal: tuple[float, float, float]) -> list[list[float]]:
+        """Per block (reads only): mode ``SUMS_FULL`` ``[Σ m_t², Σ v_t]`` of the would-be moments,
+        mode ``SUMS_GM`` ``[Σ m g, Σ g²]``; ``scal = (1-β1, β2, 1-β2)``. One dtype for all blocks."""
+        nb = len(g)
+        out = (ctypes.c_double * (2 * nb))()
+        fn = getattr(self._lib, f"soaa_sums_{_SUFFIX[g[0].dtype]}")
+        if fn(nb, _pointers(g), _pointers(m), _pointers(v), _sizes(g), (ctypes.c_int * nb)(*modes),
+              (ctypes.c_double * 3)(*scal), out, torch.get_num_threads()):
+            raise MemoryError("SOAA CPU kernel: out of memory for its per-chunk sums")
+        return _rows(out, 2)
+
+    def step(self, p: list[Tensor], g: list[Tensor], m: list[Tensor], v: list[Tensor],
+             scal: Sequence[Sequence[float]]) -> list[list[float]]:
+        """m, v, θ in place; per block ``[Σ m q, Σ (s q)², #(s < knee), Σ m², Σ v]`` of the new
+        moments, from the same sweep. ``scal[b] = (1-β1, β2, 1-β2, decay, alr, k1, knee, ε)``."""
+        nb = len(p)
+        out = (ctypes.c_double * (5 * nb))()
+        sc = (ctypes.c_double * (8 * nb))(*[x for row in scal for x in row])
+        fn = getattr(self._lib, f"soaa_step_{_SUFFIX[p[0].dtype]}")
+        if fn(nb, _pointers(p), _pointers(g), _pointers(m), _pointers(v), _sizes(p), sc, out,
+              torch.get_num_threads()):
+            raise MemoryError("SOAA CPU kernel: out of memory for its per-chunk sums")
+        return _rows(out, 5)

@@ -1,0 +1,211 @@
+"""The C kernels of SOAA's CPU passes (``functional/soaa_native.py``): building, caching, fallback,
+thread-count determinism, non-finite values, autograd's version counters. Their arithmetic against
+the float64 transcription is in ``test_soaa_functional.py`` (the ``c`` backend cases)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lightning_soaa.functional.soaa import SOAAKernels, soaa_moments, soaa_step_
+from lightning_soaa.functional.soaa_native import NativeSOAA, NativeUnavailable
+
+B1, B2 = 0.9, 0.999
+
+
+def _native_or_skip() -> NativeSOAA:
+    try:
+        return NativeSOAA.load()
+    except NativeUnavailable as e:
+        pytest.skip(f"no C compiler here: {e}")
+
+
+def _block(n: int, seed: int, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    g_, m, p = (torch.randn(n, generator=g).to(dtype) for _ in range(3))
+    return [g_, m, torch.rand(n, generator=g).to(dtype), p]  # g, m, v >= 0, θ
+
+
+def test_build_is_cached_and_reused(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LIGHTNING_SOAA_CACHE", str(tmp_path))
+    _native_or_skip()
+    built = list(tmp_path.glob("soaa_cpu-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    NativeSOAA.load()
+    assert [p.stat().st_mtime_ns for p in tmp_path.glob("soaa_cpu-*.so")] == [stamp]  # found, not rebuilt
+    assert not list(tmp_path.glob("*.so.tmp*")) and len(list(tmp_path.iterdir())) == 1  # no leftovers
+
+
+def test_without_a_compiler_the_kernels_fall_back_with_one_warning(
+        tmp_path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("LIGHTNING_SOAA_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "no-such-compiler")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no cc, gcc or clang either
+    with pytest.raises(NativeUnavailable, match="no C compiler found"):
+        NativeSOAA.load()
+    kernels = SOAAKernels(min_numel=10)
+    g, m, v, p = _block(100, 0)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):
+            soaa_moments([g], [m], [v], [1], beta1=B1, beta2=B2, eps=1e-8, kernels=kernels)
+    assert kernels._native is None and "no C compiler found" in (kernels.native_failure or "")
+    assert sum("no C kernels here" in r.message for r in caplog.records) == 1
+
+
+def test_env_switch_turns_the_c_kernels_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LIGHTNING_SOAA_NATIVE", "0")
+    assert SOAAKernels().native_for(*_block(1 << 17, 0)) is None
+    monkeypatch.delenv("LIGHTNING_SOAA_NATIVE")
+    _native_or_skip()
+    kernels = SOAAKernels()
+    assert kernels.native_for(*_block(1 << 17, 0)) is not None
+    assert kernels.native_for(*_block(100, 0)) is not None  # any size: one call takes all blocks
+    g, m, v, p = _block(1 << 17, 0)
+    assert kernels.native_for(g, m, torch.randn(2 << 17)[::2], p) is None  # not contiguous
+    assert kernels.native_for(*_block(1 << 17, 0, torch.float16)) is None  # fp16: torch.compile's
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_sums_and_step_do_not_depend_on_the_thread_count(dtype: torch.dtype) -> None:
+    native = _native_or_skip()
+    threads = torch.get_num_threads()
+    out = []
+    try:
+        for k in (1, 2, 3):
+            torch.set_num_threads(k)
+            blocks = [_block(n, 1 + n, dtype) for n in (100_003, 0, 7, 40_000)]
+            g, m, v, p = ([b[j] for b in blocks] for j in range(4))
+            a = native.sums(g, m, v, [0, 1, 0, 1], (1 - B1, B2, 1 - B2))
+            b = native.step(p, g, m, v, [(1 - B1, B2, 1 - B2, 0.999, -0.01, 2.0, 0.3, 1e-8)] * 4)
+            out.append((a, b, p + m + v))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b, ts in out[1:]:
+        assert a == out[0][0] and b == out[0][1]  # bit-identical sums, whatever the threads
+        assert all(torch.equal(x, y) for x, y in zip(ts, out[0][2]))
+    assert out[0][0][1] == [0.0, 0.0] and out[0][1][1] == [0.0] * 5  # the empty block
+
+
+def test_step_sums_and_both_sums_modes_against_float64() -> None:
+    """Per block: mode 0 ``[Σ m_t², Σ v_t]``, mode 1 ``[Σ m g, Σ g²]``; the step's five sums."""
+    native = _native_or_skip()
+    blocks = [_block(n, 10 + n, torch.float64) for n in (50_001, 3)]
+    g, m, v, p = ([b[j] for b in blocks] for j in range(4))
+    a = 1 - B1
+    mt = [x + (y - x) * a for x, y in zip(m, g)]
+    vt = [B2 * x + (1 - B2) * y * y for x, y in zip(v, g)]
+    full = native.sums(g, m, v, [0, 0], (a, B2, 1 - B2))
+    gm = native.sums(g, m, v, [1, 1], (a, B2, 1 - B2))
+    for k in range(2):
+        assert full[k] == pytest.approx([float((mt[k] ** 2).sum()), float(vt[k].sum())], rel=1e-13)
+        assert gm[k] == pytest.approx([float((m[k] * g[k]).sum()), float((g[k] ** 2).sum())], rel=1e-12)
+    k1, knee, eps = 3.0, 0.4, 1e-8
+    p0 = [x.clone() for x in p]
+    rows = native.step(p, g, m, v, [(a, B2, 1 - B2, 0.99, -0.1, k1, knee, eps)] * 2)
+    for k in range(2):
+        s = vt[k].sqrt()
+        q = mt[k] / (eps + k1 * s.clamp_min(knee) * s)
+        torch.testing.assert_close(p[k], p0[k] * 0.99 - 0.1 * q, rtol=1e-14, atol=1e-15)
+        want = [(mt[k] * q).sum(), ((s * q) ** 2).sum(), (s < knee).sum(), (mt[k] ** 2).sum(), vt[k].sum()]
+        assert rows[k] == pytest.approx([float(w) for w in want], rel=1e-12)
+
+
+def test_lagged_sums_are_used_only_for_moments_the_step_left_unchanged() -> None:
+    """Σ m_t², Σ v_t from the remembered Σ m², Σ v (reading g and m only) equal the full pass; any
+    change to the moments (an in-place op, a new tensor, forget()) makes the next pass read v again."""
+    _native_or_skip()
+    kernels = SOAAKernels()
+    g, m, v, p = _block(30_000, 4, torch.float64)
+    kw = dict(beta1=B1, beta2=B2, eps=1e-8)
+    step_kw = dict(lr=0.01, weight_decay=0.0, d=1.0, c=1.5, kernels=kernels, **kw)
+    assert kernels.stored_sums(m, v) is None
+    soaa_step_([p], [g], [m], [v], [1], **step_kw)
+    assert kernels.stored_sums(m, v) is not None
+    g2 = torch.randn(30_000, dtype=torch.float64)
+    lagged = soaa_moments([g2], [m], [v], [2], kernels=kernels, **kw)
+    full = soaa_moments([g2], [m], [v], [2], kernels=SOAAKernels(), **kw)
+    torch.testing.assert_close(lagged, full, rtol=1e-12, atol=0)
+    m.mul_(2.0)  # the user (or a loader) changed the moments: the memory no longer applies
+    assert kernels.stored_sums(m, v) is None
+    soaa_step_([p], [g], [m], [v], [2], **step_kw)
+    assert kernels.stored_sums(m, v) is not None
+    m2 = m.clone()
+    assert kernels.stored_sums(m2, v) is None  # another tensor with the same values
+    kernels.forget()
+    assert kernels.stored_sums(m, v) is None
+
+
+def test_nonfinite_gradient_makes_the_partials_nonfinite_and_nothing_is_written() -> None:
+    _native_or_skip()
+    kernels = SOAAKernels(min_numel=10)
+    for bad in (float("nan"), float("inf")):
+        g, m, v, _ = _block(5000, 2)
+        g[4321] = bad
+        before = (m.clone(), v.clone())
+        part = soaa_moments([g], [m], [v], [3], beta1=B1, beta2=B2, eps=1e-8, kernels=kernels)
+        assert kernels._native is not None and not bool(torch.isfinite(part).all())
+        assert torch.equal(m, before[0]) and torch.equal(v, before[1])
+
+
+def test_bf16_store_rounds_to_nearest_even_and_keeps_nan() -> None:
+    """With g = m = v = 0 the step is θ ← θ·decay: for every bf16 value (inf and NaN included) the C
+    loop's float32 product, rounded to bf16, equals torch's (round to nearest even)."""
+    native = _native_or_skip()
+    bits = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16)
+    for decay in (1.0, 1.0 + 2.0**-9, 0.7):
+        p = bits.view(torch.bfloat16).clone()
+        zeros = [torch.zeros_like(p) for _ in range(3)]
+        native.step([p], *([z] for z in zeros), [(1 - B1, B2, 1 - B2, decay, 0.0, 1.0, 1.0, 1e-8)])
+        want = (bits.view(torch.bfloat16).float() * decay + 0.0).bfloat16()
+        nan = torch.isnan(want)
+        assert torch.equal(torch.isnan(p), nan)
+        assert torch.equal(p.view(torch.int16)[~nan], want.view(torch.int16)[~nan]), decay
+
+
+def test_the_step_bumps_autograd_version_counters() -> None:
+    """The C loop writes through raw pointers; a graph that saved θ must still refuse to backward."""
+    _native_or_skip()
+    kernels = SOAAKernels(min_numel=10)
+    p = torch.nn.Parameter(torch.randn(5000))
+    loss = (p * p).sum()  # saves p for backward
+    g, m, v, _ = _block(5000, 3)
+    versions = (p._version, m._version, v._version)
+    soaa_step_([p], [g], [m], [v], [1], lr=0.1, beta1=B1, beta2=B2, eps=1e-8, weight_decay=0.0, d=1.0,
+               c=1.0, kernels=kernels)
+    assert kernels._native is not None
+    assert (p._version, m._version, v._version) > versions and all(
+        a > b for a, b in zip((p._version, m._version, v._version), versions))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+_FORK_SCRIPT = """
+import os, torch
+from lightning_soaa.functional.soaa_native import NativeSOAA
+torch.set_num_threads(2)
+nat = NativeSOAA.load()
+x = [torch.rand(1 << 20) for _ in range(3)]
+want = nat.sums(x[:1], x[1:2], x[2:3], [0], (0.1, 0.9, 0.1))  # the parent ran two threads
+pid = os.fork()
+if pid == 0:
+    torch.set_num_threads(2)
+    ok = nat.sums(x[:1], x[1:2], x[2:3], [0], (0.1, 0.9, 0.1)) == want
+    os._exit(0 if ok else 3)
+_, status = os.waitpid(pid, 0)
+raise SystemExit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_a_forked_child_runs_the_kernels_on_several_threads() -> None:
+    """An OpenMP pool would hang here (a child's first parallel region after the parent used the
+    pool); the kernels start their threads per call."""
+    _native_or_skip()
+    proc = subprocess.run([sys.executable, "-c", _FORK_SCRIPT], timeout=120, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
