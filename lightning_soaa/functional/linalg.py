@@ -26,6 +26,8 @@ from torch import Tensor
 
 __all__ = [
     "ROOT_METHODS",
+    "ROOT_CHOICES",
+    "resolve_root_method",
     "DEFAULT_ROOT_ITERS",
     "POLAR_EXPRESS_COEFFS",
     "NEWTON_SCHULZ_COEFFS",
@@ -63,7 +65,23 @@ NEWTON_SCHULZ_COEFFS: tuple[float, float, float] = (2.0, -1.5, 0.5)
 #: Iterations used when the caller passes ``num_iters=None``. A scalar check of the recursion: after
 #: the Frobenius scaling, eigenvalues >= 1e-7 of the scaled matrix converge to machine precision with
 #: these counts (Polar Express 10, Newton-Schulz 18).
-DEFAULT_ROOT_ITERS: dict[str, int] = {"polar_express": 10, "newton_schulz": 18, "eigh": 0}
+DEFAULT_ROOT_ITERS: dict[str, int] = {"polar_express": 10, "newton_schulz": 18, "eigh": 0, "auto": 10}
+
+#: What ``inverse_root`` accepts: a method, or ``"auto"`` (see :func:`resolve_root_method`).
+ROOT_CHOICES: tuple[str, ...] = (*ROOT_METHODS, "auto")
+
+
+def resolve_root_method(method: str, device: torch.device) -> str:
+    """``"auto"``: ``"eigh"`` on CPU, ``"polar_express"`` elsewhere; any other method as given.
+
+    Why: on a CPU, LAPACK's float64 eigendecomposition of a k x k Gram costs about as much as 10 of
+    its matmuls, while Polar Express needs ~37 (measured at k = 256, 1 thread: 100 ms against 198 ms
+    for 12 Grams; benchmarks/bench_asgo.py), and eigh is exact. On accelerators eigendecompositions
+    are slow and synchronising, and the matmul iteration is the fast one.
+    """
+    if method != "auto":
+        return method
+    return "eigh" if device.type == "cpu" else "polar_express"
 
 
 def root_compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -158,17 +176,18 @@ def inverse_sqrt(
     v: Tensor, method: str = "polar_express", *, num_iters: int | None = None, eps: float = 1e-10,
     damping: float = 0.0,
 ) -> Tensor:
-    """(V + damping * tr(V)/k * I)^{-1/2} by ``method`` (one of :data:`ROOT_METHODS`).
+    """(V + damping * tr(V)/k * I)^{-1/2} by ``method`` (one of :data:`ROOT_CHOICES`).
 
     ``num_iters=None`` uses :data:`DEFAULT_ROOT_ITERS`; ``eps`` is the scaling-norm epsilon of the
     iterations (ignored by ``"eigh"``). The result has :func:`root_compute_dtype` of ``v`` and may be
     non-finite if ``v`` is; callers check.
     """
     vd = damp(v.to(root_compute_dtype(v.dtype)), damping)
+    method = resolve_root_method(method, v.device)
     if method == "polar_express":
         return inv_sqrt_polar_express(vd, num_iters, eps)
     if method == "newton_schulz":
         return inv_sqrt_newton_schulz(vd, num_iters, eps)
     if method == "eigh":
         return inv_sqrt_eigh(vd)
-    raise ValueError(f"Invalid inverse_root={method!r}. Must be one of {', '.join(map(repr, ROOT_METHODS))}.")
+    raise ValueError(f"Invalid inverse_root={method!r}. Must be one of {', '.join(map(repr, ROOT_CHOICES))}.")

@@ -40,7 +40,14 @@ from lightning_soaa.distributed.checkpoint import StateField
 from lightning_soaa.distributed.dtensor import is_dtensor
 from lightning_soaa.functional import asgo as asgo_math
 from lightning_soaa.functional.adamw import adamw_update_
-from lightning_soaa.functional.linalg import DEFAULT_ROOT_ITERS, ROOT_METHODS, damp, inv_sqrt_eigh, inverse_sqrt
+from lightning_soaa.functional.linalg import (
+    DEFAULT_ROOT_ITERS,
+    ROOT_METHODS,
+    damp,
+    inv_sqrt_eigh,
+    inverse_sqrt,
+    resolve_root_method,
+)
 from lightning_soaa.optim.adamw import adam_state_schema
 from lightning_soaa.optim.base import BlockView, ShardedOptimizer
 
@@ -417,7 +424,9 @@ class ASGO(_OneSided):
         eps: epsilon in the scaling norm of the iterative roots only (default 1e-10; nearly a no-op, the
             finite iteration count itself damps by about ``2e-9 * ||V||_F``).
         damping: explicit relative damping :math:`\delta` (default 0.0, as the official code).
-        inverse_root: ``"polar_express"`` (default), ``"newton_schulz"`` or ``"eigh"`` (float64).
+        inverse_root: ``"auto"`` (default: ``"eigh"`` for blocks on the CPU, ``"polar_express"``
+            elsewhere; see :func:`~lightning_soaa.functional.linalg.resolve_root_method`),
+            ``"polar_express"``, ``"newton_schulz"`` or ``"eigh"`` (float64).
         root_iters: iterations of the iterative roots (default None: 10 Polar Express, 18 Newton-Schulz).
         root_every: recompute :math:`P` every :math:`\tau` steps, reusing the stored one between (default 1),
             or ``"auto"``: recompute a block's :math:`P` when its statistic has moved,
@@ -458,7 +467,7 @@ class ASGO(_OneSided):
         rms_scale: float = 0.2,
         eps: float = 1e-10,
         damping: float = 0.0,
-        inverse_root: str = "polar_express",
+        inverse_root: str = "auto",
         root_iters: int | None = None,
         root_every: int | str = 1,
         max_block_size: int = 1024,
@@ -625,7 +634,8 @@ class ASGO(_OneSided):
 
     def _extra_statistics(self) -> dict[str, float]:
         stats = super()._extra_statistics()
-        used = {g["inverse_root"] for g in self.param_groups}
+        used = {resolve_root_method(g["inverse_root"], g["params"][0].device)
+                for g in self.param_groups if g["params"]}
         for m in ROOT_METHODS:
             stats[f"asgo_root_method_{m}"] = 1.0 if m in used else 0.0
         fallbacks = 0

@@ -13,6 +13,7 @@ from lightning_soaa.functional.linalg import (
     damp,
     inv_sqrt_eigh,
     inverse_sqrt,
+    resolve_root_method,
     root_compute_dtype,
 )
 
@@ -117,8 +118,18 @@ def test_non_finite_input_gives_non_finite_output_not_identity():
 
 def test_unknown_method_message():
     with pytest.raises(ValueError, match=re.escape(
-            "Invalid inverse_root='cholesky'. Must be one of 'polar_express', 'newton_schulz', 'eigh'.")):
+            "Invalid inverse_root='cholesky'. Must be one of 'polar_express', 'newton_schulz', 'eigh', 'auto'.")):
         inverse_sqrt(torch.eye(2), "cholesky")
+
+
+def test_auto_root_is_eigh_on_cpu_and_polar_express_elsewhere():
+    assert resolve_root_method("auto", torch.device("cpu")) == "eigh"
+    assert resolve_root_method("auto", torch.device("cuda", 0)) == "polar_express"
+    assert resolve_root_method("newton_schulz", torch.device("cpu")) == "newton_schulz"
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(6, 9, generator=g, dtype=torch.float64)
+    v = a @ a.T
+    assert torch.equal(inverse_sqrt(v, "auto"), inverse_sqrt(v, "eigh"))  # CPU tensors: the exact root
 
 
 @pytest.mark.parametrize("method", ROOT_METHODS)
