@@ -40,8 +40,9 @@ __all__ = ["EGN", "MISSING_BATCH_MESSAGE"]
 
 log = logging.getLogger(__name__)
 
-#: from this bc on, a float64 system is assembled and Cholesky-factored in float32 and refined to
-#: float64 accuracy: below it the float64 factorization costs less than the refinement sweeps.
+#: from this system size (bc, or b(c−1) for cross-entropy) on, a float64 system is assembled and
+#: Cholesky-factored in float32 and refined to float64 accuracy: below it the float64 factorization costs
+#: less than the refinement sweeps.
 MIXED_MIN_SIZE = 256
 
 MISSING_BATCH_MESSAGE = (
@@ -655,7 +656,8 @@ class EGN(ShardedOptimizer):
 
     def _solve(self, batch: _Batch, layout: GramLayout, pieces: GramFactors) -> _Curvature:
         """v, gᵀd and (Jd)ᵀQ(Jd) from the factor table. SᵀKS is assembled from the factors of SᵀJ
-        (Δ̃ = SᵀΔ, no bc×bc×c products); K itself is never formed: K·r and K·v are factor
+        (Δ̃ = SᵀΔ, no bc×bc×c products; b(c−1) rows for cross-entropy), only its lower triangle (what the
+        Cholesky factorization reads); K itself is never formed: K·r and K·v are factor
         mat-vecs. Large float64 systems are assembled and factored in float32 and refined to float64
         accuracy with the exact float64 mat-vec (:data:`MIXED_MIN_SIZE`); if that refinement cannot
         reach it, the system is re-solved in float64."""
@@ -666,15 +668,16 @@ class EGN(ShardedOptimizer):
         args = (r, st_kr, s, batch.b, self.damping)
         retries = self.config.max_solve_retries
         sol = None
-        if r.dtype == torch.float64 and r.numel() >= MIXED_MIN_SIZE:
-            sol = egn_math.solve_damped(assemble_gram(layout, factors_to(sp, torch.float32)), *args,
+        if r.dtype == torch.float64 and st_kr.numel() >= MIXED_MIN_SIZE:  # the system's size, bc'
+            base32 = assemble_gram(layout, factors_to(sp, torch.float32), lower_only=True)
+            sol = egn_math.solve_damped(base32, *args,
                                         max_retries=retries, apply_base=lambda x: gram_matvec(layout, sp, x))
             if sol.refine_failed:
                 log.info("EGN: float32 factorization + refinement did not reach float64 accuracy "
                          "(bc=%d, λ=%.3g); solving in float64", r.numel(), self.damping)
                 sol = None
         if sol is None:
-            sol = egn_math.solve_damped(assemble_gram(layout, sp), *args, max_retries=retries)
+            sol = egn_math.solve_damped(assemble_gram(layout, sp, lower_only=True), *args, max_retries=retries)
         if not sol.ok:
             return _Curvature(r=r, s=s, sol=sol, gtd=float("nan"), jd_qq=float("nan"))
         kv = gram_matvec(layout, pieces, sol.v)
