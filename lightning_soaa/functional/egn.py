@@ -277,7 +277,8 @@ def _cholesky_refined(chol: Tensor, rhs: Tensor, lam_b: float, apply_base: Calla
 
 
 def directional_derivative(r: Tensor, kv: Tensor, batch_size: int) -> float:
-    """gᵀd = −rᵀKv / b for d = Jᵀv (exact when no momentum changed d)."""
+    """gᵀd = −rᵀKv / b for d = Jᵀv (exact when no momentum changed d). K is symmetric, so the arguments
+    may also be (v, Kr)."""
     return float(-(r.dot(kv)) / batch_size)
 
 

@@ -42,8 +42,9 @@ log = logging.getLogger(__name__)
 
 #: from this system size (bc, or b(c−1) for cross-entropy) on, a float64 system is assembled and
 #: Cholesky-factored in float32 and refined to float64 accuracy: below it the float64 factorization costs
-#: less than the refinement sweeps.
-MIXED_MIN_SIZE = 256
+#: less than the refinement sweeps (measured, 1 thread, MLP factors: float64 / mixed 1.4 / 2.2 ms at 288,
+#: 4.2 / 3.4 ms at 432, 16 / 11 ms at 864; the refinement takes 3 sweeps of a float64 factor mat-vec).
+MIXED_MIN_SIZE = 384
 
 MISSING_BATCH_MESSAGE = (
     "EGN.step() got no mini-batch: EGN forms Jacobians from the inputs and targets, not from a loss. "
@@ -115,7 +116,7 @@ class _Curvature:
     s: Tensor | None  # Q's per-sample factors
     sol: egn_math.SolveResult
     gtd: float  # gᵀd of the plain direction d = Jᵀv
-    jd_qq: float  # (Jd)ᵀQ(Jd) of the plain direction
+    jd_qq: float  # (Jd)ᵀQ(Jd) of the plain direction (NaN without adaptive damping: unused)
 
 
 @dataclasses.dataclass
@@ -233,9 +234,10 @@ class EGN(ShardedOptimizer):
         armijo_c, ls_decrease, ls_increase, max_ls, ls_reset: line search (0.1, 0.8, 1.5, 15, "increase").
         rho_low, rho_high, damping_increase, damping_decrease, damping_min, damping_max: λ rule
             (0.25, 0.75, 1.01, 0.99, 1e-12, 1e6).
-        solve_dtype: ``"float64"`` (default) or ``"model"``. With float64, systems with bc ≥
-            ``MIXED_MIN_SIZE`` (256) are assembled and Cholesky-factored in float32 and refined with exact
-            float64 mat-vecs to float64 accuracy (re-solved in float64 when the refinement cannot get there).
+        solve_dtype: ``"float64"`` (default) or ``"model"``. With float64, systems of size (bc, b(c−1) for
+            cross-entropy) ≥ ``MIXED_MIN_SIZE`` (384) are assembled and Cholesky-factored in float32 and
+            refined with exact float64 mat-vecs to float64 accuracy (re-solved in float64 when the refinement
+            cannot get there).
         max_solve_retries: Cholesky retries with 10·λ (default 6).
         max_gram_size: largest bc allowed (default 4096); larger batches raise ``ValueError``.
         jacobian: ``"auto"`` (Linear factors + explicit rest) or ``"explicit"`` (default ``"auto"``).
@@ -663,7 +665,8 @@ class EGN(ShardedOptimizer):
         reach it, the system is re-solved in float64."""
         r2, s = egn_math.residual_and_factor(self.config.loss, pieces.outputs, pieces.targets)
         r = r2.reshape(-1)
-        st_kr = egn_math.apply_st(s, gram_matvec(layout, pieces, r))
+        kr = gram_matvec(layout, pieces, r)
+        st_kr = egn_math.apply_st(s, kr)
         sp = pieces if s is None else transform_factors(layout, pieces, s)
         args = (r, st_kr, s, batch.b, self.damping)
         retries = self.config.max_solve_retries
@@ -680,9 +683,13 @@ class EGN(ShardedOptimizer):
             sol = egn_math.solve_damped(assemble_gram(layout, sp, lower_only=True), *args, max_retries=retries)
         if not sol.ok:
             return _Curvature(r=r, s=s, sol=sol, gtd=float("nan"), jd_qq=float("nan"))
-        kv = gram_matvec(layout, pieces, sol.v)
-        return _Curvature(r=r, s=s, sol=sol, gtd=egn_math.directional_derivative(r, kv, batch.b),
-                          jd_qq=float(egn_math.q_norm_sq(s, kv)))
+        # K is symmetric: rᵀKv = (Kr)ᵀv from the K·r already formed. Jd = Kv (one more factor mat-vec)
+        # feeds only ρ, so it is formed only with adaptive damping.
+        gtd = egn_math.directional_derivative(sol.v, kr, batch.b)
+        jd_qq = float("nan")
+        if self.config.adaptive_damping:
+            jd_qq = float(egn_math.q_norm_sq(s, gram_matvec(layout, pieces, sol.v)))
+        return _Curvature(r=r, s=s, sol=sol, gtd=gtd, jd_qq=jd_qq)
 
     # -- 4. d = Jᵀv (and g = −Jᵀr/b with momentum): this rank's samples' VJPs ---------------
     def _vjps(self, batch: _Batch, curv: _Curvature) -> list[list[Tensor | None]]:

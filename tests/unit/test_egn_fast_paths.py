@@ -82,8 +82,8 @@ def test_refinement_that_cannot_reach_float64_says_so() -> None:
 
 @pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
 def test_egn_step_on_a_large_system_matches_the_parameter_space_oracle(loss: str) -> None:
-    b, c = 112, 5  # bc = 560 >= MIXED_MIN_SIZE: float32 Gram + Cholesky, float64 refinement
-    assert b * c >= MIXED_MIN_SIZE
+    b, c = 112, 5  # b(c−1) = 448 >= MIXED_MIN_SIZE: float32 Gram + Cholesky, float64 refinement
+    assert b * (c - 1) >= MIXED_MIN_SIZE
     g = torch.Generator().manual_seed(7)
     x = torch.randn(b, 6, generator=g, dtype=DT)
     y = torch.randint(0, c, (b,), generator=g) if loss == "cross_entropy" else torch.randn(b, c, generator=g,
