@@ -93,6 +93,10 @@ class _Batch:
     positions: list[int]  # T per factored Linear
     nonfinite: bool  # some rank saw non-finite outputs or loss
     f0: float  # L_b(w), the global mean loss
+    # this rank's Gram factors in the model's dtype (set by _gather_factors): per Linear site (A, Δ), and
+    # the explicit Jacobian rows [b_r, c, rest] or None; d = Jᵀv is read back from them
+    local_factors: list[tuple[Tensor, Tensor]] = dataclasses.field(default_factory=list)
+    local_rows: Tensor | None = None
 
     @property
     def b(self) -> int:
@@ -633,6 +637,7 @@ class EGN(ShardedOptimizer):
         rows = None
         if self._explicit:
             rows = explicit_jacobian_rows(self.model, {n: self._trainable[n] for n in self._explicit}, batch.xs)
+        batch.local_factors, batch.local_rows = factors, rows
         layout = GramLayout(
             num_outputs=c, class_targets=self.config.loss == "cross_entropy",
             sites=tuple(LinearFactorShape(t, s.module.in_features, s.module.out_features, s.weight, s.bias)
@@ -695,17 +700,37 @@ class EGN(ShardedOptimizer):
     def _vjps(self, batch: _Batch, curv: _Curvature) -> list[list[Tensor | None]]:
         lo, hi = batch.start * batch.c, (batch.start + batch.b_r) * batch.c
         v_local = curv.sol.v[lo:hi].view(batch.b_r, batch.c).to(batch.z.dtype)
-        momentum = float(self.param_groups[0]["momentum"]) > 0
-        channels: list[list[Tensor | None]] = [self._vjp(batch.z, v_local, self._params, retain=momentum)]
-        if momentum:
-            r_local = curv.r[lo:hi].view(batch.b_r, batch.c).to(batch.z.dtype)
-            channels.append(self._vjp(batch.z, -r_local / batch.b, self._params, retain=False))
+        with torch.no_grad():
+            channels: list[list[Tensor | None]] = [self._vjp(batch, v_local)]
+            if float(self.param_groups[0]["momentum"]) > 0:
+                r_local = curv.r[lo:hi].view(batch.b_r, batch.c).to(batch.z.dtype)
+                channels.append(self._vjp(batch, -r_local / batch.b))
         return channels
 
-    @staticmethod
-    def _vjp(z: Tensor, cot: Tensor, params: list[Tensor], retain: bool) -> list[Tensor | None]:
-        grads = torch.autograd.grad(z, params, grad_outputs=cot, retain_graph=retain, allow_unused=True)
-        return [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)]
+    def _vjp(self, batch: _Batch, cot: Tensor) -> list[Tensor | None]:
+        """Jᵀu for this rank's samples (u = ``cot`` [b_r, c]) from the captured factors, without a backward
+        pass: per Linear, Σ_{i,t} m_it ⊗ [a_it; 1] with m_it = Σ_k u_ik δ_ikt (one batched GEMM over the
+        samples, then one GEMM over b·T), and J_restᵀu from the explicit rows for the other parameters."""
+        b, c = cot.shape
+        grads: dict[int, Tensor] = {}
+        for site, (a, delta) in zip(self._sites, batch.local_factors):
+            t = a.shape[1]
+            m = torch.bmm(cot.unsqueeze(1), delta.reshape(b, c, -1)).reshape(b * t, -1)  # [b·T, d_out]
+            if site.weight:
+                grads[id(site.module.weight)] = (m.T @ a.reshape(b * t, -1)).to(site.module.weight.dtype)
+            if site.bias:
+                bias = site.module.bias
+                assert bias is not None
+                grads[id(bias)] = m.sum(dim=0).to(bias.dtype)
+        if batch.local_rows is not None:
+            flat = cot.reshape(1, b * c) @ batch.local_rows.reshape(b * c, -1)
+            off = 0
+            for name in self._explicit:
+                p = self._trainable[name]
+                # a copy, not a view of ``flat``: the exchange writes into the blocks it is handed
+                grads[id(p)] = flat[0, off:off + p.numel()].reshape(p.shape).to(p.dtype, copy=True)
+                off += p.numel()
+        return [grads[id(p)] for p in self._params]
 
     # -- 6. step size and damping: identical on every rank ----------------------------------
     def _jd_q_norm(self, batch: _Batch, curv: _Curvature, d_full: list[Tensor]) -> float:
