@@ -208,10 +208,11 @@ class EGN(ShardedOptimizer):
        of :mod:`lightning_soaa.functional.gram`): outputs z, targets, each factored
        Linear's inputs A and back-signals Δ, and the explicit Jacobian rows of the other parameters
        (≈ b·(2c + Σ_ℓ T_ℓ(d_in + c·d_out) + c·n_rest) numbers in total). Every rank builds the same
-       global r, Q and SᵀKS and solves the same bc×bc system (``_solve``). A single process skips
-       this gather (there is nothing to exchange) and uses its factors directly.
+       global r, Q and SᵀKS and solves the same bc×bc system (b(c−1) for cross-entropy; ``_solve``). A
+       single process skips this gather (there is nothing to exchange) and uses its factors directly.
     3. ``reduce_scatter_flat`` (``exchange.sum_to_owners``): d = Jᵀv as the sum over ranks of each rank's
-       VJP with its slice of v (and g = −Jᵀr/b when momentum is on), delivered to the parameter owners.
+       J_rᵀv_r, read from its own captured factors with its slice of v (no backward pass; and g = −Jᵀr/b
+       when momentum is on), delivered to the parameter owners.
     4. ``all_reduce_scalars`` (the template's): non-finite flag and the owners' partial gᵀd.
     5. ``all_gather_flat`` (``exchange.gather_from_owners``, in ``_decide``) of the owners' final
        direction. Every rank then applies w ← w + αd to all
@@ -431,7 +432,7 @@ class EGN(ShardedOptimizer):
     # -- template hooks ---------------------------------------------------------------------
     def _exchange_in(self) -> str | None:
         """Before the template's all-reduce: agree on the batch, gather the Gram factors, solve the
-        bc×bc system (identically on every rank), and sum each rank's VJP into the owners."""
+        bc×bc system (identically on every rank), and sum each rank's Jᵀv into the owners."""
         ps = self._current()
         batch = ps.batch = self._agree_on_batch(ps.xs, ps.targets)  # collective: all_reduce_scalars
         if batch.nonfinite:
@@ -696,7 +697,7 @@ class EGN(ShardedOptimizer):
             jd_qq = float(egn_math.q_norm_sq(s, gram_matvec(layout, pieces, sol.v)))
         return _Curvature(r=r, s=s, sol=sol, gtd=gtd, jd_qq=jd_qq)
 
-    # -- 4. d = Jᵀv (and g = −Jᵀr/b with momentum): this rank's samples' VJPs ---------------
+    # -- 4. d = Jᵀv (and g = −Jᵀr/b with momentum): this rank's samples, from its factors ------
     def _vjps(self, batch: _Batch, curv: _Curvature) -> list[list[Tensor | None]]:
         lo, hi = batch.start * batch.c, (batch.start + batch.b_r) * batch.c
         v_local = curv.sol.v[lo:hi].view(batch.b_r, batch.c).to(batch.z.dtype)
