@@ -637,7 +637,10 @@ class EGN(ShardedOptimizer):
         factors = batch.cap.factors(back_signals(batch.z, batch.cap.flat_outputs(), c), c)
         rows = None
         if self._explicit:
-            rows = explicit_jacobian_rows(self.model, {n: self._trainable[n] for n in self._explicit}, batch.xs)
+            # detached: the rows are built from the live (trainable) factored parameters, so autograd would
+            # otherwise record every product of the solve and of Jᵀv made from them
+            rows = explicit_jacobian_rows(self.model, {n: self._trainable[n] for n in self._explicit},
+                                          batch.xs).detach()
         batch.local_factors, batch.local_rows = factors, rows
         layout = GramLayout(
             num_outputs=c, class_targets=self.config.loss == "cross_entropy",
@@ -715,16 +718,16 @@ class EGN(ShardedOptimizer):
         b, c = cot.shape
         grads: dict[int, Tensor] = {}
         for site, (a, delta) in zip(self._sites, batch.local_factors):
-            t = a.shape[1]
-            m = torch.bmm(cot.unsqueeze(1), delta.reshape(b, c, -1)).reshape(b * t, -1)  # [b·T, d_out]
+            t, d_in, d_out = a.shape[1], a.shape[2], delta.shape[3]
+            m = torch.bmm(cot.unsqueeze(1), delta.reshape(b, c, t * d_out)).reshape(b * t, d_out)
             if site.weight:
-                grads[id(site.module.weight)] = (m.T @ a.reshape(b * t, -1)).to(site.module.weight.dtype)
+                grads[id(site.module.weight)] = (m.T @ a.reshape(b * t, d_in)).to(site.module.weight.dtype)
             if site.bias:
                 bias = site.module.bias
                 assert bias is not None
                 grads[id(bias)] = m.sum(dim=0).to(bias.dtype)
         if batch.local_rows is not None:
-            flat = cot.reshape(1, b * c) @ batch.local_rows.reshape(b * c, -1)
+            flat = cot.reshape(1, b * c) @ batch.local_rows.reshape(b * c, batch.local_rows.shape[-1])
             off = 0
             for name in self._explicit:
                 p = self._trainable[name]
