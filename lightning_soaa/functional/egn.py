@@ -110,19 +110,16 @@ def ce_factor(p: Tensor) -> Tensor:
     """L [b, c, c−1] with L_i L_iᵀ = diag(p_i) − p_i p_iᵀ (the softmax cross-entropy Hessian, rank c − 1).
 
     With s = √p (‖s‖ = 1), diag(p) − ppᵀ = diag(s)(I − ssᵀ)diag(s), and I − ssᵀ = U Uᵀ for any orthonormal
-    basis U of s^⊥. U is the Householder reflection H = I − wwᵀ/(1 + s_m), w = s + e_m (H s = −e_m), without
-    its column m: m = argmax s keeps 1 + s_m ≥ 1 + 1/√c, so nothing cancels. L_i = diag(s_i) U_i.
+    basis U of s^⊥. U is the Householder reflection H = I − wwᵀ/(1 + s_c), w = s + e_c (H s = −e_c), without
+    its last column; the denominator wᵀw/2 = 1 + s_c lies in [1, 2] whatever p is (the sign of e_c is the one
+    that never cancels), so no pivot class is needed. L_i = diag(s_i) U_i.
     """
-    b, c = p.shape
+    c = p.shape[1]
     s = p.sqrt()
-    m = s.argmax(dim=1)
-    w = s.clone()
-    w[torch.arange(b, device=p.device), m] += 1.0
-    scale = w / (1.0 + s.gather(1, m[:, None]))
-    h = torch.eye(c, dtype=p.dtype, device=p.device) - w.unsqueeze(2) * scale.unsqueeze(1)
-    cols = torch.arange(c - 1, device=p.device).expand(b, c - 1)
-    cols = cols + (cols >= m[:, None]).to(cols.dtype)  # every column but m
-    return s.unsqueeze(2) * h.gather(2, cols.unsqueeze(1).expand(b, c, c - 1))
+    w = torch.cat([s[:, :-1], s[:, -1:] + 1.0], dim=1)
+    u = torch.eye(c, c - 1, dtype=p.dtype, device=p.device) - w.unsqueeze(2) * (
+        s[:, :-1] / w[:, -1:]).unsqueeze(1)
+    return s.unsqueeze(2) * u
 
 
 def _apply_s(s: Tensor, u: Tensor) -> Tensor:
