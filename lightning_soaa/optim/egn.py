@@ -504,8 +504,9 @@ class EGN(ShardedOptimizer):
         return dec
 
     def _apply(self, views: list[BlockView], decision: _EGNDecision) -> None:
-        """Commit the owned state (momentum buffers), the counters, λ from ρ, and w ← w + αd on every
-        rank for every parameter (each rank holds the full direction)."""
+        """Commit the owned state (momentum buffers), the counters and λ from ρ. w ← w + αd is already in
+        place on every rank for every parameter (each rank holds the full direction): :meth:`_step_size`'s
+        last trial is the α taken."""
         ps = self._current()
         curv, batch = ps.curvature, ps.batch
         assert curv is not None and batch is not None
@@ -516,9 +517,7 @@ class EGN(ShardedOptimizer):
             self.momentum_rejections += int(decision.momentum_rejected)
         self.solve_fallbacks += curv.sol.fallbacks
         rho = self._adapt_damping(batch, decision.gtd, decision.jd_qq, decision.alpha, decision.f_new)
-        with torch.no_grad():
-            for p, w, d in zip(self._params, decision.w0, decision.full):
-                p.copy_(w + decision.alpha * d)
+        # the parameters already hold w0 + αd: _step_size's last trial is the α taken
         self.alpha = decision.alpha
         b, c = batch.b, batch.c
         self._last = {"loss": ps.f0, "loss_after": decision.f_new, "gtd": decision.gtd,
@@ -770,8 +769,7 @@ class EGN(ShardedOptimizer):
     def _trial_loss(self, batch: _Batch, w0: list[Tensor], d: list[Tensor], alpha: float) -> float:
         """L_b(w0 + αd): a local forward and one scalar all-reduce (every rank, same order)."""
         with torch.no_grad():
-            for p, w, dd in zip(self._params, w0, d):
-                p.copy_(w + alpha * dd)
+            torch._foreach_copy_(self._params, torch._foreach_add(w0, d, alpha=alpha))
             local = float(egn_math.loss_sum(self.config.loss, self.model(*batch.xs), batch.y))
         return float(self.comm.all_reduce_scalars(torch.tensor([local], dtype=torch.float64))[0]) / batch.b
 
