@@ -40,9 +40,11 @@ __all__ = ["EGN", "MISSING_BATCH_MESSAGE"]
 
 log = logging.getLogger(__name__)
 
-#: from this bc on, a float64 system is assembled and Cholesky-factored in float32 and refined to
-#: float64 accuracy: below it the float64 factorization costs less than the refinement sweeps.
-MIXED_MIN_SIZE = 256
+#: from this system size (bc, or b(c−1) for cross-entropy) on, a float64 system is assembled and
+#: Cholesky-factored in float32 and refined to float64 accuracy: below it the float64 factorization costs
+#: less than the refinement sweeps (measured, 1 thread, MLP factors: float64 / mixed 1.4 / 2.2 ms at 288,
+#: 4.2 / 3.4 ms at 432, 16 / 11 ms at 864; the refinement takes 3 sweeps of a float64 factor mat-vec).
+MIXED_MIN_SIZE = 384
 
 MISSING_BATCH_MESSAGE = (
     "EGN.step() got no mini-batch: EGN forms Jacobians from the inputs and targets, not from a loss. "
@@ -91,6 +93,10 @@ class _Batch:
     positions: list[int]  # T per factored Linear
     nonfinite: bool  # some rank saw non-finite outputs or loss
     f0: float  # L_b(w), the global mean loss
+    # this rank's Gram factors in the model's dtype (set by _gather_factors): per Linear site (A, Δ), and
+    # the explicit Jacobian rows [b_r, c, rest] or None; d = Jᵀv is read back from them
+    local_factors: list[tuple[Tensor, Tensor]] = dataclasses.field(default_factory=list)
+    local_rows: Tensor | None = None
 
     @property
     def b(self) -> int:
@@ -114,7 +120,7 @@ class _Curvature:
     s: Tensor | None  # Q's per-sample factors
     sol: egn_math.SolveResult
     gtd: float  # gᵀd of the plain direction d = Jᵀv
-    jd_qq: float  # (Jd)ᵀQ(Jd) of the plain direction
+    jd_qq: float  # (Jd)ᵀQ(Jd) of the plain direction (NaN without adaptive damping: unused)
 
 
 @dataclasses.dataclass
@@ -202,10 +208,11 @@ class EGN(ShardedOptimizer):
        of :mod:`lightning_soaa.functional.gram`): outputs z, targets, each factored
        Linear's inputs A and back-signals Δ, and the explicit Jacobian rows of the other parameters
        (≈ b·(2c + Σ_ℓ T_ℓ(d_in + c·d_out) + c·n_rest) numbers in total). Every rank builds the same
-       global r, Q and SᵀKS and solves the same bc×bc system (``_solve``). A single process skips
-       this gather (there is nothing to exchange) and uses its factors directly.
+       global r, Q and SᵀKS and solves the same bc×bc system (b(c−1) for cross-entropy; ``_solve``). A
+       single process skips this gather (there is nothing to exchange) and uses its factors directly.
     3. ``reduce_scatter_flat`` (``exchange.sum_to_owners``): d = Jᵀv as the sum over ranks of each rank's
-       VJP with its slice of v (and g = −Jᵀr/b when momentum is on), delivered to the parameter owners.
+       J_rᵀv_r, read from its own captured factors with its slice of v (no backward pass; and g = −Jᵀr/b
+       when momentum is on), delivered to the parameter owners.
     4. ``all_reduce_scalars`` (the template's): non-finite flag and the owners' partial gᵀd.
     5. ``all_gather_flat`` (``exchange.gather_from_owners``, in ``_decide``) of the owners' final
        direction. Every rank then applies w ← w + αd to all
@@ -232,9 +239,10 @@ class EGN(ShardedOptimizer):
         armijo_c, ls_decrease, ls_increase, max_ls, ls_reset: line search (0.1, 0.8, 1.5, 15, "increase").
         rho_low, rho_high, damping_increase, damping_decrease, damping_min, damping_max: λ rule
             (0.25, 0.75, 1.01, 0.99, 1e-12, 1e6).
-        solve_dtype: ``"float64"`` (default) or ``"model"``. With float64, systems with bc ≥
-            ``MIXED_MIN_SIZE`` (256) are assembled and Cholesky-factored in float32 and refined with exact
-            float64 mat-vecs to float64 accuracy (re-solved in float64 when the refinement cannot get there).
+        solve_dtype: ``"float64"`` (default) or ``"model"``. With float64, systems of size (bc, b(c−1) for
+            cross-entropy) ≥ ``MIXED_MIN_SIZE`` (384) are assembled and Cholesky-factored in float32 and
+            refined with exact float64 mat-vecs to float64 accuracy (re-solved in float64 when the refinement
+            cannot get there).
         max_solve_retries: Cholesky retries with 10·λ (default 6).
         max_gram_size: largest bc allowed (default 4096); larger batches raise ``ValueError``.
         jacobian: ``"auto"`` (Linear factors + explicit rest) or ``"explicit"`` (default ``"auto"``).
@@ -424,7 +432,7 @@ class EGN(ShardedOptimizer):
     # -- template hooks ---------------------------------------------------------------------
     def _exchange_in(self) -> str | None:
         """Before the template's all-reduce: agree on the batch, gather the Gram factors, solve the
-        bc×bc system (identically on every rank), and sum each rank's VJP into the owners."""
+        bc×bc system (identically on every rank), and sum each rank's Jᵀv into the owners."""
         ps = self._current()
         batch = ps.batch = self._agree_on_batch(ps.xs, ps.targets)  # collective: all_reduce_scalars
         if batch.nonfinite:
@@ -496,8 +504,9 @@ class EGN(ShardedOptimizer):
         return dec
 
     def _apply(self, views: list[BlockView], decision: _EGNDecision) -> None:
-        """Commit the owned state (momentum buffers), the counters, λ from ρ, and w ← w + αd on every
-        rank for every parameter (each rank holds the full direction)."""
+        """Commit the owned state (momentum buffers), the counters and λ from ρ. w ← w + αd is already in
+        place on every rank for every parameter (each rank holds the full direction): :meth:`_step_size`'s
+        last trial is the α taken."""
         ps = self._current()
         curv, batch = ps.curvature, ps.batch
         assert curv is not None and batch is not None
@@ -508,9 +517,7 @@ class EGN(ShardedOptimizer):
             self.momentum_rejections += int(decision.momentum_rejected)
         self.solve_fallbacks += curv.sol.fallbacks
         rho = self._adapt_damping(batch, decision.gtd, decision.jd_qq, decision.alpha, decision.f_new)
-        with torch.no_grad():
-            for p, w, d in zip(self._params, decision.w0, decision.full):
-                p.copy_(w + decision.alpha * d)
+        # the parameters already hold w0 + αd: _step_size's last trial is the α taken
         self.alpha = decision.alpha
         b, c = batch.b, batch.c
         self._last = {"loss": ps.f0, "loss_after": decision.f_new, "gtd": decision.gtd,
@@ -629,7 +636,11 @@ class EGN(ShardedOptimizer):
         factors = batch.cap.factors(back_signals(batch.z, batch.cap.flat_outputs(), c), c)
         rows = None
         if self._explicit:
-            rows = explicit_jacobian_rows(self.model, {n: self._trainable[n] for n in self._explicit}, batch.xs)
+            # detached: the rows are built from the live (trainable) factored parameters, so autograd would
+            # otherwise record every product of the solve and of Jᵀv made from them
+            rows = explicit_jacobian_rows(self.model, {n: self._trainable[n] for n in self._explicit},
+                                          batch.xs).detach()
+        batch.local_factors, batch.local_rows = factors, rows
         layout = GramLayout(
             num_outputs=c, class_targets=self.config.loss == "cross_entropy",
             sites=tuple(LinearFactorShape(t, s.module.in_features, s.module.out_features, s.weight, s.bias)
@@ -655,47 +666,74 @@ class EGN(ShardedOptimizer):
 
     def _solve(self, batch: _Batch, layout: GramLayout, pieces: GramFactors) -> _Curvature:
         """v, gᵀd and (Jd)ᵀQ(Jd) from the factor table. SᵀKS is assembled from the factors of SᵀJ
-        (Δ̃ = SᵀΔ, no bc×bc×c products); K itself is never formed: K·r and K·v are factor
+        (Δ̃ = SᵀΔ, no bc×bc×c products; b(c−1) rows for cross-entropy), only its lower triangle (what the
+        Cholesky factorization reads); K itself is never formed: K·r and K·v are factor
         mat-vecs. Large float64 systems are assembled and factored in float32 and refined to float64
         accuracy with the exact float64 mat-vec (:data:`MIXED_MIN_SIZE`); if that refinement cannot
         reach it, the system is re-solved in float64."""
         r2, s = egn_math.residual_and_factor(self.config.loss, pieces.outputs, pieces.targets)
         r = r2.reshape(-1)
-        st_kr = egn_math.apply_st(s, gram_matvec(layout, pieces, r))
+        kr = gram_matvec(layout, pieces, r)
+        st_kr = egn_math.apply_st(s, kr)
         sp = pieces if s is None else transform_factors(layout, pieces, s)
         args = (r, st_kr, s, batch.b, self.damping)
         retries = self.config.max_solve_retries
         sol = None
-        if r.dtype == torch.float64 and r.numel() >= MIXED_MIN_SIZE:
-            sol = egn_math.solve_damped(assemble_gram(layout, factors_to(sp, torch.float32)), *args,
+        if r.dtype == torch.float64 and st_kr.numel() >= MIXED_MIN_SIZE:  # the system's size, bc'
+            base32 = assemble_gram(layout, factors_to(sp, torch.float32), lower_only=True)
+            sol = egn_math.solve_damped(base32, *args,
                                         max_retries=retries, apply_base=lambda x: gram_matvec(layout, sp, x))
             if sol.refine_failed:
                 log.info("EGN: float32 factorization + refinement did not reach float64 accuracy "
                          "(bc=%d, λ=%.3g); solving in float64", r.numel(), self.damping)
                 sol = None
         if sol is None:
-            sol = egn_math.solve_damped(assemble_gram(layout, sp), *args, max_retries=retries)
+            sol = egn_math.solve_damped(assemble_gram(layout, sp, lower_only=True), *args, max_retries=retries)
         if not sol.ok:
             return _Curvature(r=r, s=s, sol=sol, gtd=float("nan"), jd_qq=float("nan"))
-        kv = gram_matvec(layout, pieces, sol.v)
-        return _Curvature(r=r, s=s, sol=sol, gtd=egn_math.directional_derivative(r, kv, batch.b),
-                          jd_qq=float(egn_math.q_norm_sq(s, kv)))
+        # K is symmetric: rᵀKv = (Kr)ᵀv from the K·r already formed. Jd = Kv (one more factor mat-vec)
+        # feeds only ρ, so it is formed only with adaptive damping.
+        gtd = egn_math.directional_derivative(sol.v, kr, batch.b)
+        jd_qq = float("nan")
+        if self.config.adaptive_damping:
+            jd_qq = float(egn_math.q_norm_sq(s, gram_matvec(layout, pieces, sol.v)))
+        return _Curvature(r=r, s=s, sol=sol, gtd=gtd, jd_qq=jd_qq)
 
-    # -- 4. d = Jᵀv (and g = −Jᵀr/b with momentum): this rank's samples' VJPs ---------------
+    # -- 4. d = Jᵀv (and g = −Jᵀr/b with momentum): this rank's samples, from its factors ------
     def _vjps(self, batch: _Batch, curv: _Curvature) -> list[list[Tensor | None]]:
         lo, hi = batch.start * batch.c, (batch.start + batch.b_r) * batch.c
         v_local = curv.sol.v[lo:hi].view(batch.b_r, batch.c).to(batch.z.dtype)
-        momentum = float(self.param_groups[0]["momentum"]) > 0
-        channels: list[list[Tensor | None]] = [self._vjp(batch.z, v_local, self._params, retain=momentum)]
-        if momentum:
-            r_local = curv.r[lo:hi].view(batch.b_r, batch.c).to(batch.z.dtype)
-            channels.append(self._vjp(batch.z, -r_local / batch.b, self._params, retain=False))
+        with torch.no_grad():
+            channels: list[list[Tensor | None]] = [self._vjp(batch, v_local)]
+            if float(self.param_groups[0]["momentum"]) > 0:
+                r_local = curv.r[lo:hi].view(batch.b_r, batch.c).to(batch.z.dtype)
+                channels.append(self._vjp(batch, -r_local / batch.b))
         return channels
 
-    @staticmethod
-    def _vjp(z: Tensor, cot: Tensor, params: list[Tensor], retain: bool) -> list[Tensor | None]:
-        grads = torch.autograd.grad(z, params, grad_outputs=cot, retain_graph=retain, allow_unused=True)
-        return [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)]
+    def _vjp(self, batch: _Batch, cot: Tensor) -> list[Tensor | None]:
+        """Jᵀu for this rank's samples (u = ``cot`` [b_r, c]) from the captured factors, without a backward
+        pass: per Linear, Σ_{i,t} m_it ⊗ [a_it; 1] with m_it = Σ_k u_ik δ_ikt (one batched GEMM over the
+        samples, then one GEMM over b·T), and J_restᵀu from the explicit rows for the other parameters."""
+        b, c = cot.shape
+        grads: dict[int, Tensor] = {}
+        for site, (a, delta) in zip(self._sites, batch.local_factors):
+            t, d_in, d_out = a.shape[1], a.shape[2], delta.shape[3]
+            m = torch.bmm(cot.unsqueeze(1), delta.reshape(b, c, t * d_out)).reshape(b * t, d_out)
+            if site.weight:
+                grads[id(site.module.weight)] = (m.T @ a.reshape(b * t, d_in)).to(site.module.weight.dtype)
+            if site.bias:
+                bias = site.module.bias
+                assert bias is not None
+                grads[id(bias)] = m.sum(dim=0).to(bias.dtype)
+        if batch.local_rows is not None:
+            flat = cot.reshape(1, b * c) @ batch.local_rows.reshape(b * c, batch.local_rows.shape[-1])
+            off = 0
+            for name in self._explicit:
+                p = self._trainable[name]
+                # a copy, not a view of ``flat``: the exchange writes into the blocks it is handed
+                grads[id(p)] = flat[0, off:off + p.numel()].reshape(p.shape).to(p.dtype, copy=True)
+                off += p.numel()
+        return [grads[id(p)] for p in self._params]
 
     # -- 6. step size and damping: identical on every rank ----------------------------------
     def _jd_q_norm(self, batch: _Batch, curv: _Curvature, d_full: list[Tensor]) -> float:
@@ -731,8 +769,7 @@ class EGN(ShardedOptimizer):
     def _trial_loss(self, batch: _Batch, w0: list[Tensor], d: list[Tensor], alpha: float) -> float:
         """L_b(w0 + αd): a local forward and one scalar all-reduce (every rank, same order)."""
         with torch.no_grad():
-            for p, w, dd in zip(self._params, w0, d):
-                p.copy_(w + alpha * dd)
+            torch._foreach_copy_(self._params, torch._foreach_add(w0, d, alpha=alpha))
             local = float(egn_math.loss_sum(self.config.loss, self.model(*batch.xs), batch.y))
         return float(self.comm.all_reduce_scalars(torch.tensor([local], dtype=torch.float64))[0]) / batch.b
 

@@ -44,10 +44,12 @@ def test_gram_matvec_and_transformed_factors_match_dense_products() -> None:
     u = torch.randn(18, generator=torch.Generator().manual_seed(1), dtype=DT)
     torch.testing.assert_close(gram_matvec(layout, fac, u), k @ u, rtol=1e-12, atol=1e-12)
     _, s = F.residual_and_factor("cross_entropy", fac.outputs, fac.targets)
-    stks = torch.einsum("iak,iajb,jbl->ikjl", s, k.view(6, 3, 6, 3), s).reshape(18, 18)
+    assert s.shape == (6, 3, 2)  # cross-entropy's Q_i has rank c − 1: SᵀJ has c − 1 rows per sample
+    stks = torch.einsum("iak,iajb,jbl->ikjl", s, k.view(6, 3, 6, 3), s).reshape(12, 12)
     sp = transform_factors(layout, fac, s)
     torch.testing.assert_close(assemble_gram(layout, sp), stks, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(gram_matvec(layout, sp, u), stks @ u, rtol=1e-12, atol=1e-12)
+    u2 = u[:12]
+    torch.testing.assert_close(gram_matvec(layout, sp, u2), stks @ u2, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("loss", ["mse", "cross_entropy", "bce"])
@@ -80,8 +82,8 @@ def test_refinement_that_cannot_reach_float64_says_so() -> None:
 
 @pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
 def test_egn_step_on_a_large_system_matches_the_parameter_space_oracle(loss: str) -> None:
-    b, c = 112, 5  # bc = 560 >= MIXED_MIN_SIZE: float32 Gram + Cholesky, float64 refinement
-    assert b * c >= MIXED_MIN_SIZE
+    b, c = 112, 5  # b(c−1) = 448 >= MIXED_MIN_SIZE: float32 Gram + Cholesky, float64 refinement
+    assert b * (c - 1) >= MIXED_MIN_SIZE
     g = torch.Generator().manual_seed(7)
     x = torch.randn(b, 6, generator=g, dtype=DT)
     y = torch.randint(0, c, (b,), generator=g) if loss == "cross_entropy" else torch.randn(b, c, generator=g,
@@ -110,3 +112,46 @@ def test_batched_back_signals_equal_one_backward_per_output() -> None:
             e[:, k] = 1.0
             (ref,) = torch.autograd.grad(z, y, grad_outputs=e, retain_graph=True)
             torch.testing.assert_close(got[j][k], ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("c", [2, 3, 10])
+def test_cross_entropy_factor_has_c_minus_1_columns_and_reproduces_the_hessian(c: int) -> None:
+    g = torch.Generator().manual_seed(c)
+    z = torch.randn(40, c, generator=g, dtype=DT) * 3
+    z[0] = torch.tensor([800.0] + [0.0] * (c - 1), dtype=DT)  # one-hot p: exact zeros and a 1
+    z[1] = 0.0  # uniform p: every class the largest (argmax ties)
+    z[2, -1] = 60.0  # the largest class last
+    p = torch.softmax(z, -1)
+    s = F.ce_factor(p)
+    assert s.shape == (40, c, c - 1)
+    hess = torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)
+    torch.testing.assert_close(s @ s.transpose(1, 2), hess, rtol=0, atol=1e-15)
+    # the same Hessian as autograd's second derivative of the per-sample loss
+    y = torch.randint(0, c, (1,), generator=g)
+    h_auto = torch.autograd.functional.hessian(
+        lambda zz: torch.nn.functional.cross_entropy(zz.unsqueeze(0), y, reduction="sum"), z[3])
+    torch.testing.assert_close(s[3] @ s[3].T, h_auto, rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("transformed", [False, True])
+def test_lower_triangle_assembly_equals_the_full_gram(transformed: bool) -> None:
+    b, c = 150, 4  # bc = 600: two or more row blocks of the staircase
+    layout, fac = _factors(b, c, seed=11)
+    full = assemble_gram(layout, fac)
+    if transformed:
+        _, s = F.residual_and_factor("cross_entropy", fac.outputs, fac.targets)
+        fac = transform_factors(layout, fac, s)
+        full = torch.einsum("iak,iajb,jbl->ikjl", s, full.view(b, c, b, c), s).reshape(b * 3, b * 3)
+    lower = assemble_gram(layout, fac, lower_only=True)
+    assert lower.shape == full.shape
+    torch.testing.assert_close(lower.tril(), full.tril(), rtol=1e-12, atol=1e-12)
+    # the Cholesky factors agree: the strict upper triangle is never read
+    eye = 10.0 * torch.eye(full.shape[0], dtype=DT)
+    torch.testing.assert_close(torch.linalg.cholesky(lower + eye), torch.linalg.cholesky(full + eye),
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_transform_factors_refuses_a_factor_of_the_wrong_shape() -> None:
+    layout, fac = _factors(6, 3)
+    with pytest.raises(ValueError, match=r"\[6, 3, c' <= 3\]"):
+        transform_factors(layout, fac, torch.zeros(6, 3, 4, dtype=DT))
