@@ -71,11 +71,13 @@ def _optimizers() -> dict[str, tuple[torch.optim.Optimizer, list[torch.nn.Parame
 
 def _stepper(opt: torch.optim.Optimizer) -> Callable[[], Any]:
     if isinstance(opt, SOAA):
-        loss = [1.0]
+        # A tensor loss, as in training, made before the clock starts (a training step has it already).
+        losses = [torch.tensor(0.999**i) for i in range(20_000)]
+        pos = [0]
 
         def step() -> Any:
-            loss[0] *= 0.999
-            return opt.step(loss=torch.tensor(loss[0]))  # a tensor loss, as in training
+            pos[0] = (pos[0] + 1) % len(losses)
+            return opt.step(loss=losses[pos[0]])
         return step
     return opt.step
 

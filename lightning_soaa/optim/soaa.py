@@ -107,7 +107,8 @@ def _check_loss(loss: Any) -> Tensor | float:
     if isinstance(loss, Tensor):
         if loss.numel() != 1:
             raise ValueError(f"SOAA: the loss must be a scalar, got a tensor of shape {tuple(loss.shape)}.")
-        return loss.detach().reshape(())
+        out: Tensor = loss.detach()
+        return out if out.dim() == 0 else out.reshape(())
     if isinstance(loss, (int, float)) and not isinstance(loss, bool):
         return float(loss)
     raise ValueError(f"SOAA: the loss must be a scalar tensor or a float, got {type(loss).__name__}.")
@@ -373,9 +374,10 @@ class SOAA(ShardedOptimizer):
             total = part if total is None else total + part.to(total.device)
         if total is None:
             total = torch.zeros(2, dtype=torch.float64)
-        lag = self._lag if self.config.acceptance == "lagged" else torch.zeros(2, dtype=torch.float64)
+        s_m2, s_veps = total.unbind(0)  # one call for both 0-d views (indexing costs one per value)
+        lag_mu, lag_vu2 = self._lag.unbind(0) if self.config.acceptance == "lagged" else (0.0, 0.0)
         loss_sum, weight, missing = self._loss_partials()
-        return _SOAAStep(sum_mhat_sq=total[0], sum_vhat_eps=total[1], lag_mu=lag[0], lag_vu2=lag[1],
+        return _SOAAStep(sum_mhat_sq=s_m2, sum_vhat_eps=s_veps, lag_mu=lag_mu, lag_vu2=lag_vu2,
                          loss_sum=loss_sum, loss_weight=weight, missing_loss=missing, ts=steps)
 
     def _loss_partials(self) -> tuple[Tensor | float, float, float]:
@@ -384,7 +386,9 @@ class SOAA(ShardedOptimizer):
             return 0.0, 0.0, 1.0
         raw, w = self._pending_loss
         self._loss_weight = w  # same_batch weighs the re-evaluated loss like the step's loss
-        return (raw.double() * w if isinstance(raw, Tensor) else float(raw) * w), w, 0.0
+        if isinstance(raw, Tensor):  # x * 1.0 == x: the common unweighted loss skips one kernel call
+            return (raw.double() if w == 1.0 else raw.double() * w), w, 0.0
+        return float(raw) * w, w, 0.0
 
     def _decide(self, reduced: StepRecord) -> _SOAADecision:
         assert isinstance(reduced, _SOAAStep)
@@ -447,9 +451,11 @@ class SOAA(ShardedOptimizer):
 
     def _state_nonfinite(self) -> bool:
         # The update reads d, the loss EMA and the lagged sums: a NaN there (a corrupted checkpoint, a
-        # hand-edited state) must skip the step rather than reach the parameters.
+        # hand-edited state) must skip the step rather than reach the parameters. The lagged sums ride
+        # in the record's summed fields (lag_mu, lag_vu2), which the base checks with the partials; with
+        # same_batch they are not read. So no tensor (and no host sync) is read here.
         scalars = (self._d, self._loss_ema, self._pred)
-        return not (all(math.isfinite(x) for x in scalars) and bool(torch.isfinite(self._lag).all()))
+        return not all(math.isfinite(x) for x in scalars)
 
     # ------------------------------------------------------------------ same_batch acceptance
     def _same_batch_check(self, closure: Callable[[], Any]) -> None:
