@@ -175,12 +175,18 @@ def host_floats(values: Sequence[Any]) -> list[float]:
             out.append(0.0)
         else:
             out.append(float(x))
-    if ts:
-        dev = ts[0].device
-        ts = [x if x.dtype == torch.float64 and x.device == dev and x.dim() == 0
-              else x.to(dev, torch.float64).reshape(()) for x in ts]  # a no-op costs an ATen call
-        for i, v in zip(pos, torch.stack(ts).tolist()):
-            out[i] = v
+    if not ts:
+        return out
+    dev = ts[0].device
+    if dev.type == "cpu" and all(x.device.type == "cpu" for x in ts):
+        # No device to synchronise with: .item() each is cheaper than a stack (the same floats).
+        for i, x in zip(pos, ts):
+            out[i] = float(x.item())
+        return out
+    ts = [x if x.dtype == torch.float64 and x.device == dev and x.dim() == 0
+          else x.to(dev, torch.float64).reshape(()) for x in ts]  # a no-op costs an ATen call
+    for i, v in zip(pos, torch.stack(ts).tolist()):
+        out[i] = v
     return out
 
 
@@ -519,21 +525,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._sharded_step(local_error=error)
         return loss
 
-    def _local_nonfinite(self, views: list[BlockView], partials: Sequence[float], grads_checked: bool = False) -> bool:
-        """True when this rank sees a non-finite gradient, summed value or optimizer-wide scalar.
-
-        ``grads_checked``: every local gradient was already read by the cross-rank gradient check (its
-        digest is non-finite iff a gradient is), so the owned ones need no second scan.
-        """
-        if not all(math.isfinite(x) for x in partials) or self._state_nonfinite():
-            return True
-        if grads_checked or self.partials_cover_grads:
-            return False
-        grads = [v.grad for v in views if v.grad is not None]
-        if not grads:
-            return False
-        norms = torch._foreach_norm(grads)
-        return not bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())
+    def _local_nonfinite(self, partials: Sequence[float]) -> bool:
+        """True when a summed value this rank computed or an optimizer-wide scalar is non-finite (its
+        gradients are checked by :meth:`_grad_scan`)."""
+        return not all(math.isfinite(x) for x in partials) or self._state_nonfinite()
 
     def _state_nonfinite(self) -> bool:
         """True when an optimizer-wide scalar the next update reads is non-finite (e.g. SOAA's trust
@@ -565,7 +560,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     def _agreement_rows(self, error: BaseException | None, grad_sq: float = 0.0) -> list[float]:
         """This rank's row of the step's agreement block (W > 1; empty at W = 1). ``grad_sq``: this
-        rank's Σ‖g‖² when the gradients are compared (:meth:`_grad_sq`, copied to the host with the
+        rank's Σ‖g‖² when the gradients are compared (:meth:`_grad_scan`, copied to the host with the
         record's values)."""
         if self.comm.world_size == 1:
             return []
@@ -573,12 +568,17 @@ class ShardedOptimizer(torch.optim.Optimizer):
         return agreement.step_row_values(self.comm.rank, self.comm.world_size, error=error is not None,
                                          hyper=self._hyper_digest(), grad_sq=grad_sq, grad_count=count)
 
-    def _grad_sq(self) -> Tensor | float:
-        """This rank's Σ‖g‖² over its local gradients when they are compared across ranks (a 0-d tensor:
-        no host sync here), else 0."""
-        if not self._compares_grads():
+    def _grad_scan(self, views: list[BlockView]) -> Tensor | float:
+        """Σ‖g‖² (a 0-d float64 tensor: no host sync here) over the gradients this step must read, finite
+        iff they all are: every local gradient when they are compared across ranks (then it is also this
+        rank's digest for the agreement row; it covers the owned ones too), else the owned gradients
+        unless the record's partials already cover them (:attr:`partials_cover_grads`)."""
+        if self._compares_grads():
+            grads = [p.grad for p in self._params if p.grad is not None]
+        elif self.partials_cover_grads:
             return 0.0
-        grads = [p.grad for p in self._params if p.grad is not None]
+        else:
+            grads = [v.grad for v in views if v.grad is not None]
         return agreement.grad_sq_tensor(grads) if grads else 0.0
 
     def _hyper_digest(self) -> int:
@@ -621,24 +621,22 @@ class ShardedOptimizer(torch.optim.Optimizer):
         """``_prepare``, this rank's non-finite flag and agreement row, and the step's ONE fp64 all-reduce;
         raises on every rank together when any rank raised or the ranks disagree.
 
-        One host copy for the record's tensor values and the gradient digest together; a single
-        process (``LocalComm``: the all-reduce is the identity) reads the reduced values from it
-        directly, without building the vector."""
+        One host copy for the record's tensor values and the gradient scan together; a single process
+        (``LocalComm``: the all-reduce is the identity) reads the reduced values from it directly."""
         record, error = self._prepare_locally(views, local_error)
-        names = record.summed_fields()
-        vals = host_floats([getattr(record, n) for n in names] + [self._grad_sq()])
+        # After an error nothing is applied (every rank raises), and a gradient may be unreadable (meta).
+        scan = self._grad_scan(views) if error is None else 0.0
+        vals = host_floats([getattr(record, n) for n in record.summed_fields()] + [scan])
         grad_sq = vals.pop()
-        grads_finite = math.isfinite(grad_sq)
-        compare = self._compares_grads()
-        bad = error is None and (vals[0] > 0 or not grads_finite or self._local_nonfinite(
-            views, vals[1:], grads_checked=compare))
+        bad = error is None and (vals[0] > 0 or not math.isfinite(grad_sq) or self._local_nonfinite(vals[1:]))
         vals[0] = 1.0 if bad else 0.0
         if isinstance(self.comm, LocalComm):  # one process: nothing to agree on, nothing to reduce
             if error is not None:
                 raise error
             return record.with_sums(vals)
         n = len(vals)
-        rows = self._agreement_rows(error, grad_sq)
+        compare = self._compares_grads()
+        rows = self._agreement_rows(error, grad_sq if compare else 0.0)
         # Every rank joins this call, including ranks that own no block, so shapes always match.
         reduced = self.comm.all_reduce_scalars(torch.tensor(vals + rows, dtype=torch.float64)).tolist()
         if self.comm.world_size == 1:

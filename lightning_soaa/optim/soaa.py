@@ -40,6 +40,7 @@ from torch import Tensor
 from lightning_soaa.config import SOAAConfig, config_from_group
 from lightning_soaa.distributed.blocks import BlockInfo
 from lightning_soaa.distributed.checkpoint import StateField, check_finite_number
+from lightning_soaa.functional.adamw import increment_counts_
 from lightning_soaa.functional.soaa import (
     SOAAKernels,
     band,
@@ -361,7 +362,11 @@ class SOAA(ShardedOptimizer):
                     v.state["step"] = torch.zeros((), dtype=torch.float32)
                     v.state["exp_avg"] = torch.zeros_like(v.param, memory_format=torch.preserve_format)
                     v.state["exp_avg_sq"] = torch.zeros_like(v.param, memory_format=torch.preserve_format)
-            ts = [int(s) + 1 for s in torch.stack([v.state["step"] for v in vs]).tolist()]
+            counters = [v.state["step"] for v in vs]
+            if all(c.device.type == "cpu" for c in counters):  # as created: no device sync, .item() is cheapest
+                ts = [int(c.item()) + 1 for c in counters]
+            else:
+                ts = [int(s) + 1 for s in torch.stack(counters).tolist()]
             steps[(gi, counted)] = ts
             beta1, beta2 = group["betas"]
             part = soaa_moments(
@@ -417,7 +422,7 @@ class SOAA(ShardedOptimizer):
         lag: Tensor | None = None
         for (gi, counted), vs in self._groups_of(views).items():
             group = self.param_groups[gi]
-            torch._foreach_add_([v.state["step"] for v in vs], 1.0)
+            increment_counts_([v.state["step"] for v in vs])
             beta1, beta2 = group["betas"]
             lr = float(group["lr"])
             part = soaa_step_(

@@ -18,6 +18,7 @@ import torch
 
 from lightning_soaa import SOAA, ShardedAdamW
 from lightning_soaa.distributed import agreement
+from lightning_soaa.functional.adamw import increment_counts_
 from lightning_soaa.optim.base import StepRecord, host_floats, summed
 
 
@@ -102,3 +103,15 @@ def test_single_process_step_makes_no_collective_and_keeps_guarantees(monkeypatc
     opt.step(loss=1.0)  # a non-finite gradient still skips, changing nothing
     assert opt.skipped_steps == 1
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_increment_counts_writes_what_add_writes(dtype: torch.dtype) -> None:
+    values = [0.0, 1.0, 2.5, 1e-30, 2.0**24 - 1, 2.0**24, 2.0**24 + 2, 3.0e38 if dtype == torch.float32 else 1e300,
+              2.0**53 if dtype == torch.float64 else 7.0]
+    mine = [torch.tensor(v, dtype=dtype) for v in values]
+    ref = [torch.tensor(v, dtype=dtype) for v in values]
+    for _ in range(3):
+        counts = increment_counts_(mine)
+        torch._foreach_add_(ref, 1.0)
+        assert [t.item() for t in mine] == [t.item() for t in ref] == counts
