@@ -9,8 +9,8 @@ below the compiled kernels' size threshold, so it runs the eager foreach kernels
 ``asgo`` (this package, single process), ``asgo_root_every_10`` (ASGO reusing its inverse roots for 10
 steps: the median step has no root, so it shows ASGO's machinery without the root's arithmetic) and
 ``soaa_kernels_only`` (a reference, not an optimizer: SOAA's two functional kernels, ``soaa_moments`` and
-``soaa_step_``, called directly on the same tensors: the floor under SOAA's step that the optimizer's
-machinery cannot go below). Steps are interleaved with a rotating order; per round the median CPU time
+``soaa_step_``, called directly on the same tensors, on the eager path that every tensor here takes:
+the floor under SOAA's step that the optimizer's machinery cannot go below). Steps are interleaved with a rotating order; per round the median CPU time
 of the process (``time.process_time``: far less sensitive than wall time to the other jobs on a shared
 machine) and the ratio to ``adamw_foreach``; the report gives the median over rounds and the min-max of
 the round medians. The number of ATen operator calls of one step is counted with a ``TorchDispatchMode``
@@ -108,6 +108,8 @@ def _soaa_kernels(opt: SOAA, params: list[torch.nn.Parameter]) -> Callable[[], A
     st = [opt.state[p] for p in params]
     lists = ([p.grad for p in params], [s["exp_avg"] for s in st], [s["exp_avg_sq"] for s in st])
     kernels = opt._kernels()
+    if kernels is not None and all(p.numel() < kernels.min_numel for p in params):
+        kernels = None  # all of them take the eager path: what the optimizer's step calls (see SOAA)
 
     @torch.no_grad()
     def step() -> Any:

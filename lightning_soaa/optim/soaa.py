@@ -264,6 +264,16 @@ class SOAA(ShardedOptimizer):
             self._soaa_kernels = SOAAKernels() if use else None
         return self._soaa_kernels
 
+    def _kernels_for(self, views: list[BlockView]) -> SOAAKernels | None:
+        """The compiled kernels for these blocks, or None when none of them is large enough for them
+        (``SOAAKernels.min_numel``): such blocks always take the eager path, and without kernels the
+        functional layer does not ask ``accepts`` per tensor at every step (a small model's whole step
+        is below the threshold; the results are the same)."""
+        kernels = self._kernels()
+        if kernels is None or all(v.param.numel() < kernels.min_numel for v in views):
+            return None
+        return kernels
+
     def _reset_trust_state(self) -> None:
         self._t = 0  # optimizer-wide step number (steps that ran, accepted or rejected)
         self._d = 1.0
@@ -372,7 +382,7 @@ class SOAA(ShardedOptimizer):
             part = soaa_moments(
                 [v.grad for v in vs],  # type: ignore[misc]
                 [v.state["exp_avg"] for v in vs], [v.state["exp_avg_sq"] for v in vs],
-                ts, beta1=beta1, beta2=beta2, eps=group["eps"], foreach=self.foreach, kernels=self._kernels(),
+                ts, beta1=beta1, beta2=beta2, eps=group["eps"], foreach=self.foreach, kernels=self._kernels_for(vs),
             )
             # An uncounted piece adds 0, or NaN when it is non-finite: the step is then skipped everywhere.
             part = part if counted else part * 0.0
@@ -430,7 +440,7 @@ class SOAA(ShardedOptimizer):
                 [v.state["exp_avg"] for v in vs], [v.state["exp_avg_sq"] for v in vs],
                 decision.ts[(gi, counted)], lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
                 weight_decay=group["weight_decay"], d=d_prev, c=scal.c, count_limited=same_batch,
-                foreach=self.foreach, kernels=self._kernels(),
+                foreach=self.foreach, kernels=self._kernels_for(vs),
             )
             if not counted:
                 continue
