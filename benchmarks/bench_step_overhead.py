@@ -10,11 +10,12 @@ below the compiled kernels' size threshold, so it runs the eager foreach kernels
 steps: the median step has no root, so it shows ASGO's machinery without the root's arithmetic) and
 ``soaa_kernels_only`` (a reference, not an optimizer: SOAA's two functional kernels, ``soaa_moments`` and
 ``soaa_step_``, called directly on the same tensors, on the eager path that every tensor here takes:
-the floor under SOAA's step that the optimizer's machinery cannot go below). Steps are interleaved with a rotating order; per round the median CPU time
-of the process (``time.process_time``: far less sensitive than wall time to the other jobs on a shared
-machine) and the ratio to ``adamw_foreach``; the report gives the median over rounds and the min-max of
-the round medians. The number of ATen operator calls of one step is counted with a ``TorchDispatchMode``
-(deterministic, load-independent).
+the floor under SOAA's step that the optimizer's machinery cannot go below). Steps are interleaved with
+a rotating order; per round the median CPU time of the process (``time.process_time``: far less
+sensitive than wall time to the other jobs on a shared machine) and the ratio to ``adamw_foreach``; the
+report gives the median over rounds and the min-max of the round medians. The number of ATen operator
+calls of a step (the median of 10 steps) is counted with a ``TorchDispatchMode`` (deterministic,
+load-independent; ``.item()`` of a CPU scalar counts as one).
 
 ``--world 2`` also runs the ranks' side of a W = 2 step: two gloo CPU processes, each timing the same
 interleaved steps (every collective matches across ranks), with ``torch.distributed.optim.
