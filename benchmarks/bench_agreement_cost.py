@@ -5,8 +5,8 @@ What runs: 2 gloo ranks on the CPU, each with the ``bench_soaa_step`` model (wid
 ``grad_reduction="none"``. Per step, interleaved:
 
 * ``step``: the wall time of ``opt.step(loss=...)`` (checks included);
-* ``checks``: the wall time of the local work the checks add: ``_agreement_rows`` (one
-  ``_foreach_norm`` over every local gradient, the hyperparameter digest, the row vector);
+* ``checks``: the wall time of the local work the checks add: ``_grad_scan`` (one ``_foreach_norm``
+  over every local gradient) and ``_agreement_rows`` (the hyperparameter digest, the row);
 * ``allreduce_small`` / ``allreduce_big``: one fp64 all-reduce of the step's size without (9 values)
   and with the agreement rows (9 + 4 W values), to show what riding in the existing call costs.
 
@@ -34,6 +34,7 @@ import torch.multiprocessing as mp
 
 from benchmarks.bench_soaa_step import build_model
 from lightning_soaa import SOAA
+from lightning_soaa.optim.base import host_floats
 
 log = logging.getLogger("bench_agreement_cost")
 
@@ -59,7 +60,7 @@ def _worker(rank: int, world: int, store: str, args: argparse.Namespace, out: st
     for i in range(args.warmup + args.steps):
         vals = {
             "step": _timed(lambda: opt.step(loss=1.0)),
-            "checks": _timed(lambda: opt._agreement_rows(None)),
+            "checks": _timed(lambda: opt._agreement_rows(None, host_floats([opt._grad_scan([])])[0])),
             "allreduce_small": _timed(lambda: dist.all_reduce(small)),
             "allreduce_big": _timed(lambda: dist.all_reduce(big)),
         }

@@ -37,8 +37,11 @@ __all__ = [
     "construction_digests",
     "check_construction",
     "hyperparameter_digest",
+    "hyperparameter_key",
     "grad_digest",
+    "grad_sq_tensor",
     "step_rows",
+    "step_row_values",
     "StepVerdict",
     "read_step_rows",
 ]
@@ -95,6 +98,38 @@ def hyperparameter_digest(param_groups: Sequence[dict[str, Any]]) -> int:
                               for g in param_groups]))
 
 
+def _scalar_key(v: Any) -> Any:
+    t = type(v)
+    if t is float:
+        return v.hex()  # exact, as canonical() writes it (-0.0 and 0.0 differ; NaN equals NaN)
+    if t is bool or t is int or t is str or v is None:
+        return (t, v)
+    raise TypeError
+
+
+def hyperparameter_key(param_groups: Sequence[dict[str, Any]]) -> tuple[Any, ...] | None:
+    """A cheap, exact key of every group's hyperparameters: equal keys mean equal
+    :func:`hyperparameter_digest`, so a rank may reuse the digest of its last step while the key is
+    unchanged (an LR scheduler changes ``lr`` at every step: the key changes with it, and the digest
+    is computed again). ``None`` when a value is not a plain ``float``/``int``/``bool``/``str``/``None`` or
+    a flat list/tuple of those (a tensor lr, a dict, a NumPy scalar): then nothing may be reused."""
+    out: list[Any] = []
+    try:
+        for g in param_groups:
+            for k, v in g.items():
+                if k == "params" or k == "param_names":
+                    continue
+                t = type(v)
+                if t is tuple or t is list:
+                    out.append((k, t, tuple(_scalar_key(x) for x in v)))
+                else:
+                    out.append((k, _scalar_key(v)))
+            out.append(None)  # group boundary
+    except TypeError:
+        return None
+    return tuple(out)
+
+
 def construction_digests(optimizer: Any, params: Sequence[Tensor], names: Sequence[str | None],
                          steps_before_join: int) -> Tensor:
     """This rank's construction vector: one digest per :data:`CONSTRUCTION_FIELDS`, then the number of
@@ -148,18 +183,35 @@ def grad_digest(grads: Sequence[Tensor]) -> tuple[float, bool]:
     """``(Σ‖g‖², all finite)`` over ``grads``: one read of every gradient (``_foreach_norm``)."""
     if not grads:
         return 0.0, True
-    norms = torch.stack([n.to(torch.float64) for n in torch._foreach_norm(list(grads))])
-    sq = float(norms.square().sum().cpu())
+    sq = float(grad_sq_tensor(grads).cpu())
     return sq, math.isfinite(sq)
+
+
+def grad_sq_tensor(grads: Sequence[Tensor]) -> Tensor:
+    """``Σ‖g‖²`` over ``grads`` (at least one) as a 0-d float64 tensor on their device, without a host
+    sync: the caller copies it to the host together with its other values."""
+    norms = torch._foreach_norm(list(grads))
+    if all(n.dtype == norms[0].dtype for n in norms):
+        stacked = torch.stack(norms).to(torch.float64)  # the same values as converting each norm first
+    else:
+        stacked = torch.stack([n.to(torch.float64) for n in norms])
+    return stacked.square().sum()
+
+
+def step_row_values(rank: int, world: int, *, error: bool, hyper: int, grad_sq: float, grad_count: int
+                    ) -> list[float]:
+    """:func:`step_rows` as a list of floats (what the step packs into its vector)."""
+    out = [0.0] * (world * STEP_ROW)
+    # A non-finite Σ‖g‖² is reported through the non-finite flag; zero keeps the row comparable.
+    out[rank * STEP_ROW:(rank + 1) * STEP_ROW] = [1.0 if error else 0.0, float(hyper),
+                                                  grad_sq if math.isfinite(grad_sq) else 0.0, float(grad_count)]
+    return out
 
 
 def step_rows(rank: int, world: int, *, error: bool, hyper: int, grad_sq: float, grad_count: int) -> Tensor:
     """The ``[world * STEP_ROW]`` fp64 block of the step's all-reduce: this rank's row, zeros elsewhere."""
-    out = torch.zeros(world, STEP_ROW, dtype=torch.float64)
-    # A non-finite Σ‖g‖² is reported through the non-finite flag; zero keeps the row comparable.
-    out[rank] = torch.tensor([1.0 if error else 0.0, float(hyper),
-                              grad_sq if math.isfinite(grad_sq) else 0.0, float(grad_count)], dtype=torch.float64)
-    return out.reshape(-1)
+    return torch.tensor(step_row_values(rank, world, error=error, hyper=hyper, grad_sq=grad_sq,
+                                        grad_count=grad_count), dtype=torch.float64)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,16 +223,17 @@ class StepVerdict:
     grad_ranks: list[int]  # ranks whose gradients differ from rank 0's (only when compared)
 
 
-def read_step_rows(rows: Tensor, world: int, compare_grads: bool) -> StepVerdict:
+def read_step_rows(rows: Tensor | Sequence[float], world: int, compare_grads: bool) -> StepVerdict:
     """Decode the reduced ``[world * STEP_ROW]`` block (bit-identical on every rank)."""
-    m = rows.reshape(world, STEP_ROW)
-    errors = [r for r in range(world) if m[r, 0] > 0]
-    hyper = [r for r in range(world) if m[r, 1] != m[0, 1]]
+    flat = rows.tolist() if isinstance(rows, Tensor) else list(rows)
+    m = [flat[r * STEP_ROW:(r + 1) * STEP_ROW] for r in range(world)]
+    errors = [r for r in range(world) if m[r][0] > 0]
+    hyper = [r for r in range(world) if m[r][1] != m[0][1]]
     grads: list[int] = []
     if compare_grads:
-        ref_sq, ref_n = float(m[0, 2]), float(m[0, 3])
+        ref_sq, ref_n = m[0][2], m[0][3]
         for r in range(1, world):
-            sq, n = float(m[r, 2]), float(m[r, 3])
+            sq, n = m[r][2], m[r][3]
             if n != ref_n or abs(sq - ref_sq) > GRAD_RTOL * max(abs(sq), abs(ref_sq)):
                 grads.append(r)
     return StepVerdict(errors, hyper, grads)

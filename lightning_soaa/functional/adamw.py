@@ -8,7 +8,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["adamw_update_"]
+__all__ = ["adamw_update_", "increment_counts_"]
 
 
 def adamw_update_(
@@ -31,7 +31,7 @@ def adamw_update_(
     """
     if not params:
         return
-    torch._foreach_add_(steps, 1.0)
+    counts = increment_counts_(steps)
     if weight_decay != 0.0:
         torch._foreach_mul_(params, 1.0 - lr * weight_decay)
     torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
@@ -39,8 +39,8 @@ def adamw_update_(
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
     # Tensors of one call usually share a step count; group them so the scalars stay Python floats.
     by_step: dict[float, list[int]] = {}
-    for i, s in enumerate(steps):
-        by_step.setdefault(float(s.item()), []).append(i)
+    for i, t in enumerate(counts):
+        by_step.setdefault(t, []).append(i)
     for t, idx in by_step.items():
         bc1 = 1.0 - beta1**t
         bc2_sqrt = math.sqrt(1.0 - beta2**t)
@@ -48,3 +48,24 @@ def adamw_update_(
         torch._foreach_div_(denom, bc2_sqrt)
         torch._foreach_add_(denom, eps)
         torch._foreach_addcdiv_([params[i] for i in idx], [exp_avgs[i] for i in idx], denom, value=-lr / bc1)
+
+
+def increment_counts_(steps: list[Tensor]) -> list[float]:
+    """Add 1 to every per-tensor step counter in place; return the new counts as floats.
+
+    Counters on the CPU (where the optimizers create them) are read and refilled one by one: for 0-d CPU
+    tensors ``_foreach_add_`` runs one full kernel per tensor and costs several times more. The value
+    is the one ``add_(1.0)`` writes: ``count + 1`` of a float32 count is exact in float64, so rounding
+    it once to float32 is the float32 addition (a float64 count: the float64 one). Counters elsewhere:
+    one ``_foreach_add_``.
+    """
+    if all(s.device.type == "cpu" for s in steps):
+        out = []
+        for s in steps:
+            s.fill_(s.item() + 1.0)
+            out.append(float(s.item()))
+        return out
+    torch._foreach_add_(steps, 1.0)
+    if all(s.device == steps[0].device for s in steps):
+        return [float(x) for x in torch.stack(steps).tolist()]  # one copy to the host, not one each
+    return [float(s.item()) for s in steps]

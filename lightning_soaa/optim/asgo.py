@@ -39,7 +39,7 @@ from lightning_soaa.distributed.blocks import BlockInfo, BlockSpec, row_block_sp
 from lightning_soaa.distributed.checkpoint import StateField
 from lightning_soaa.distributed.dtensor import is_dtensor
 from lightning_soaa.functional import asgo as asgo_math
-from lightning_soaa.functional.adamw import adamw_update_
+from lightning_soaa.functional.adamw import adamw_update_, increment_counts_
 from lightning_soaa.functional.linalg import (
     DEFAULT_ROOT_ITERS,
     ROOT_METHODS,
@@ -575,13 +575,13 @@ class ASGO(_OneSided):
                 st[EXP_AVG] = torch.zeros((m, n), dtype=sdt, device=g.device)
                 st[GRAM] = torch.zeros((k, k), dtype=sdt, device=g.device)
                 st[ROOT_FALLBACKS] = torch.zeros((), dtype=torch.int64)
-            st[STEP] += 1
             asgo_math.update_momentum_(st[EXP_AVG], g, float(beta1))
             if self._row_sharded(v):
                 sharded.append((v, st[GRAM], g.transpose(0, 1) @ g, float(beta2)))
             else:
                 asgo_math.update_gram_(st[GRAM], g, float(beta2), side)
             prepared.append((v, side))
+        increment_counts_([v.state[STEP] for v, _ in prepared])  # one call for all counters (see there)
         self._sharded_stats_(sharded)
         return prepared
 
@@ -775,12 +775,12 @@ class DASGO(_OneSided):
                 st[STEP] = torch.zeros((), dtype=torch.float32)
                 st[EXP_AVG] = torch.zeros(g.shape, dtype=sdt, device=g.device)
                 st[COL_STAT] = torch.zeros(g.shape[1], dtype=sdt, device=g.device)
-            st[STEP] += 1
             asgo_math.update_momentum_(st[EXP_AVG], g, float(beta1))
             if self._row_sharded(v):  # column sums of a row-sharded matrix: a sum over the shards
                 sharded.append((v, st[COL_STAT], g.square().sum(dim=0), float(beta2)))
             else:
                 asgo_math.update_column_stat_(st[COL_STAT], g, float(beta2))
+        increment_counts_([v.state[STEP] for v in views])  # one call for all counters (see there)
         self._sharded_stats_(sharded)
         # rms_normalize(M (v + eps)^{-1/2}) is dasgo_direction, with the norm split over the shards
         self._apply_directions([(v, v.state[EXP_AVG] * (v.state[COL_STAT] + float(v.group["eps"])).rsqrt()

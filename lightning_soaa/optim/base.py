@@ -70,7 +70,7 @@ import copy
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -89,6 +89,7 @@ from lightning_soaa.distributed.checkpoint import (
 )
 from lightning_soaa.distributed.comm import (
     Communicator,
+    LocalComm,
     default_communicator,
     default_group_ready,
     distributed_running,
@@ -98,12 +99,12 @@ from lightning_soaa.distributed.exchange import OwnerExchange
 from lightning_soaa.optim import dcp_state as dcp
 from lightning_soaa.optim.param_checks import check_param_group, check_step
 
-__all__ = ["ShardedOptimizer", "BlockView", "SkipStep", "StepRecord", "summed"]
+__all__ = ["ShardedOptimizer", "BlockView", "SkipStep", "StepRecord", "host_floats", "summed"]
 
 log = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)  # built for every owned block at every step: slots make that cheaper
 class BlockView:
     """An owned block as the math sees it: views into the parameter and gradient, and its state."""
 
@@ -138,26 +139,55 @@ class StepRecord:
 
     @classmethod
     def summed_fields(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("summed"))
+        # Read at every step: computed once per class (a subclass gets its own entry, not its base's).
+        names: tuple[str, ...] | None = cls.__dict__.get("_summed_names")
+        if names is None:
+            names = tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("summed"))
+            cls._summed_names = names  # type: ignore[attr-defined]
+        return names
+
+    def values(self) -> list[float]:
+        """The summed fields as Python floats (the order of :meth:`summed_fields`). Tensor fields (0-d,
+        on any device) are stacked and copied to the host at once: one synchronisation per step, not one
+        per value."""
+        return host_floats([getattr(self, n) for n in self.summed_fields()])
 
     def vector(self) -> Tensor:
-        """The summed fields as one fp64 CPU vector (the order of :meth:`summed_fields`). Tensor fields
-        (0-d, on any device) are stacked and copied to the host at once: one synchronisation per step,
-        not one per value."""
-        vals = [getattr(self, n) for n in self.summed_fields()]
-        out = torch.tensor([0.0 if isinstance(x, Tensor) else float(x) for x in vals], dtype=torch.float64)
-        pos = [i for i, x in enumerate(vals) if isinstance(x, Tensor)]
-        if pos:
-            dev = vals[pos[0]].device
-            ts = [vals[i] for i in pos]
-            ts = [x if x.dtype == torch.float64 and x.device == dev and x.dim() == 0
-                  else x.to(dev, torch.float64).reshape(()) for x in ts]  # a no-op costs an ATen call
-            out[pos] = torch.stack(ts).cpu()
-        return out
+        """:meth:`values` as one fp64 CPU vector."""
+        return torch.tensor(self.values(), dtype=torch.float64)
 
-    def with_sums(self, vector: Tensor) -> StepRecord:
-        """A copy whose summed fields are ``vector`` (the all-reduced values); other fields are kept."""
-        return dataclasses.replace(self, **dict(zip(self.summed_fields(), vector.tolist())))
+    def with_sums(self, values: Sequence[float] | Tensor) -> StepRecord:
+        """A copy whose summed fields are ``values`` (the all-reduced values); other fields are kept."""
+        vals = values.tolist() if isinstance(values, Tensor) else values
+        return dataclasses.replace(self, **dict(zip(self.summed_fields(), vals)))
+
+
+def host_floats(values: Sequence[Any]) -> list[float]:
+    """``values`` (floats, ints, 0-d tensors on any device) as Python floats, the tensors converted to
+    float64 and copied to the host together (one stack and one copy for all of them)."""
+    out: list[float] = []
+    pos: list[int] = []
+    ts: list[Tensor] = []
+    for i, x in enumerate(values):
+        if isinstance(x, Tensor):
+            pos.append(i)
+            ts.append(x)
+            out.append(0.0)
+        else:
+            out.append(float(x))
+    if not ts:
+        return out
+    dev = ts[0].device
+    if dev.type == "cpu" and all(x.device.type == "cpu" for x in ts):
+        # No device to synchronise with: .item() each is cheaper than a stack (the same floats).
+        for i, x in zip(pos, ts):
+            out[i] = float(x.item())
+        return out
+    ts = [x if x.dtype == torch.float64 and x.device == dev and x.dim() == 0
+          else x.to(dev, torch.float64).reshape(()) for x in ts]  # a no-op costs an ATen call
+    for i, v in zip(pos, torch.stack(ts).tolist()):
+        out[i] = v
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -444,19 +474,35 @@ class ShardedOptimizer(torch.optim.Optimizer):
         return sub
 
     def _owned_views(self) -> list[BlockView]:
+        if self._dtensor is not None:
+            return self._owned_dtensor_views()
+        # Runs every step: the loop reads only what may change between steps (p.grad, the state dict).
+        params, groups, names, state = self._params, self.param_groups, self._names, self.state
         views = []
-        loc = local if self._dtensor is not None else (lambda t: t)  # no DTensor check per step without FSDP2
+        for b in self._owned:
+            p = params[b.param_index]
+            g = p.grad
+            if b.dim is None:
+                views.append(BlockView(b, p, g, state[p], groups[b.group_index], names[b.param_index]))
+            else:
+                views.append(BlockView(b, b.view(p), None if g is None else b.view(g), self.block_state(b),
+                                       groups[b.group_index], names[b.param_index]))
+        return views
+
+    def _owned_dtensor_views(self) -> list[BlockView]:
+        assert self._dtensor is not None
+        views = []
         for b in self._owned:
             p = self._params[b.param_index]
             views.append(
                 BlockView(
                     block=b,
-                    param=b.view(loc(p)),  # type: ignore[arg-type]
-                    grad=None if p.grad is None else b.view(loc(p.grad)),  # type: ignore[arg-type]
+                    param=b.view(local(p)),  # type: ignore[arg-type]
+                    grad=None if p.grad is None else b.view(local(p.grad)),  # type: ignore[arg-type]
                     state=self.block_state(b),
                     group=self.param_groups[b.group_index],
                     name=self._names[b.param_index],
-                    counted=True if self._dtensor is None else self._dtensor.counted(b.param_index),
+                    counted=self._dtensor.counted(b.param_index),
                 )
             )
         return views
@@ -479,21 +525,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._sharded_step(local_error=error)
         return loss
 
-    def _local_nonfinite(self, views: list[BlockView], partials: Tensor, grads_checked: bool = False) -> bool:
-        """True when this rank sees a non-finite gradient, summed value or optimizer-wide scalar.
-
-        ``grads_checked``: every local gradient was already read by the cross-rank gradient check (its
-        digest is non-finite iff a gradient is), so the owned ones need no second scan.
-        """
-        if not all(math.isfinite(x) for x in partials.tolist()) or self._state_nonfinite():  # a CPU vector
-            return True
-        if grads_checked or self.partials_cover_grads:
-            return False
-        grads = [v.grad for v in views if v.grad is not None]
-        if not grads:
-            return False
-        norms = torch._foreach_norm(grads)
-        return not bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())
+    def _local_nonfinite(self, partials: Sequence[float]) -> bool:
+        """True when a summed value this rank computed or an optimizer-wide scalar is non-finite (its
+        gradients are checked by :meth:`_grad_scan`)."""
+        return not all(math.isfinite(x) for x in partials) or self._state_nonfinite()
 
     def _state_nonfinite(self) -> bool:
         """True when an optimizer-wide scalar the next update reads is non-finite (e.g. SOAA's trust
@@ -523,19 +558,39 @@ class ShardedOptimizer(torch.optim.Optimizer):
             return self.step_record(), e
         return record, None
 
-    def _agreement_rows(self, error: BaseException | None) -> tuple[Tensor, bool]:
-        """This rank's row of the step's agreement block (W > 1) and whether its gradients are finite."""
+    def _agreement_rows(self, error: BaseException | None, grad_sq: float = 0.0) -> list[float]:
+        """This rank's row of the step's agreement block (W > 1; empty at W = 1). ``grad_sq``: this
+        rank's Σ‖g‖² when the gradients are compared (:meth:`_grad_scan`, copied to the host with the
+        record's values)."""
         if self.comm.world_size == 1:
-            return torch.zeros(0, dtype=torch.float64), True
-        grad_sq, finite, count = 0.0, True, 0
+            return []
+        count = sum(1 for p in self._params if p.grad is not None) if self._compares_grads() else 0
+        return agreement.step_row_values(self.comm.rank, self.comm.world_size, error=error is not None,
+                                         hyper=self._hyper_digest(), grad_sq=grad_sq, grad_count=count)
+
+    def _grad_scan(self, views: list[BlockView]) -> Tensor | float:
+        """Σ‖g‖² (a 0-d float64 tensor: no host sync here) over the gradients this step must read, finite
+        iff they all are: every local gradient when they are compared across ranks (then it is also this
+        rank's digest for the agreement row; it covers the owned ones too), else the owned gradients
+        unless the record's partials already cover them (:attr:`partials_cover_grads`)."""
         if self._compares_grads():
             grads = [p.grad for p in self._params if p.grad is not None]
-            grad_sq, finite = agreement.grad_digest(grads)
-            count = len(grads)
-        rows = agreement.step_rows(self.comm.rank, self.comm.world_size, error=error is not None,
-                                   hyper=agreement.hyperparameter_digest(self.param_groups),
-                                   grad_sq=grad_sq, grad_count=count)
-        return rows, finite
+        elif self.partials_cover_grads:
+            return 0.0
+        else:
+            grads = [v.grad for v in views if v.grad is not None]
+        return agreement.grad_sq_tensor(grads) if grads else 0.0
+
+    def _hyper_digest(self) -> int:
+        """The hyperparameter digest of this step, reused while the groups' values are unchanged (an LR
+        scheduler changes ``lr`` every step: it is then recomputed; see agreement.hyperparameter_key)."""
+        key = agreement.hyperparameter_key(self.param_groups)
+        cached = self.__dict__.get("_hyper_cache")
+        if key is not None and cached is not None and cached[0] == key:
+            return int(cached[1])
+        digest = agreement.hyperparameter_digest(self.param_groups)
+        self._hyper_cache = (key, digest) if key is not None else None
+        return digest
 
     def _raise_disagreement(self, verdict: agreement.StepVerdict, error: BaseException | None) -> None:
         """Raise on every rank (the same decision everywhere: the verdict is bit-identical)."""
@@ -564,22 +619,32 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     def _reduce_record(self, views: list[BlockView], local_error: BaseException | None) -> StepRecord:
         """``_prepare``, this rank's non-finite flag and agreement row, and the step's ONE fp64 all-reduce;
-        raises on every rank together when any rank raised or the ranks disagree."""
+        raises on every rank together when any rank raised or the ranks disagree.
+
+        One host copy for the record's tensor values and the gradient scan together; a single process
+        (``LocalComm``: the all-reduce is the identity) reads the reduced values from it directly."""
         record, error = self._prepare_locally(views, local_error)
-        rows, grads_finite = self._agreement_rows(error)
-        vec = record.vector()
-        bad = error is None and (float(record.nonfinite) > 0 or not grads_finite or self._local_nonfinite(
-            views, vec[1:], grads_checked=self._compares_grads()))
-        vec[0] = 1.0 if bad else 0.0
+        # After an error nothing is applied (every rank raises), and a gradient may be unreadable (meta).
+        scan = self._grad_scan(views) if error is None else 0.0
+        vals = host_floats([getattr(record, n) for n in record.summed_fields()] + [scan])
+        grad_sq = vals.pop()
+        bad = error is None and (vals[0] > 0 or not math.isfinite(grad_sq) or self._local_nonfinite(vals[1:]))
+        vals[0] = 1.0 if bad else 0.0
+        if isinstance(self.comm, LocalComm):  # one process: nothing to agree on, nothing to reduce
+            if error is not None:
+                raise error
+            return record.with_sums(vals)
+        n = len(vals)
+        compare = self._compares_grads()
+        rows = self._agreement_rows(error, grad_sq if compare else 0.0)
         # Every rank joins this call, including ranks that own no block, so shapes always match.
-        reduced = self.comm.all_reduce_scalars(torch.cat([vec, rows]))
-        n = vec.numel()
+        reduced = self.comm.all_reduce_scalars(torch.tensor(vals + rows, dtype=torch.float64)).tolist()
         if self.comm.world_size == 1:
             if error is not None:
                 raise error
         else:
             verdict = agreement.read_step_rows(reduced[n:], self.comm.world_size,
-                                               compare_grads=self._compares_grads() and reduced[0].item() == 0)
+                                               compare_grads=compare and reduced[0] == 0)
             self._raise_disagreement(verdict, error)
         return record.with_sums(reduced[:n])
 

@@ -40,6 +40,7 @@ from torch import Tensor
 from lightning_soaa.config import SOAAConfig, config_from_group
 from lightning_soaa.distributed.blocks import BlockInfo
 from lightning_soaa.distributed.checkpoint import StateField, check_finite_number
+from lightning_soaa.functional.adamw import increment_counts_
 from lightning_soaa.functional.soaa import (
     SOAAKernels,
     band,
@@ -107,7 +108,8 @@ def _check_loss(loss: Any) -> Tensor | float:
     if isinstance(loss, Tensor):
         if loss.numel() != 1:
             raise ValueError(f"SOAA: the loss must be a scalar, got a tensor of shape {tuple(loss.shape)}.")
-        return loss.detach().reshape(())
+        out: Tensor = loss.detach()
+        return out if out.dim() == 0 else out.reshape(())
     if isinstance(loss, (int, float)) and not isinstance(loss, bool):
         return float(loss)
     raise ValueError(f"SOAA: the loss must be a scalar tensor or a float, got {type(loss).__name__}.")
@@ -264,6 +266,18 @@ class SOAA(ShardedOptimizer):
             self._soaa_kernels = SOAAKernels() if use else None
         return self._soaa_kernels
 
+    def _kernels_for(self, views: list[BlockView]) -> SOAAKernels | None:
+        """The kernels for these blocks. On CPU the C loops take blocks of any size (one call for all);
+        otherwise None when no block is large enough for the compiled kernels
+        (``SOAAKernels.min_numel``): such blocks always take the eager path, and without kernels the
+        functional layer does not ask ``accepts`` per tensor at every step (same results)."""
+        kernels = self._kernels()
+        if kernels is None or (kernels.native_failure is None and views and views[0].param.is_cpu):
+            return kernels
+        if all(v.param.numel() < kernels.min_numel for v in views):
+            return None
+        return kernels
+
     def _reset_trust_state(self) -> None:
         self._t = 0  # optimizer-wide step number (steps that ran, accepted or rejected)
         self._d = 1.0
@@ -362,22 +376,27 @@ class SOAA(ShardedOptimizer):
                     v.state["step"] = torch.zeros((), dtype=torch.float32)
                     v.state["exp_avg"] = torch.zeros_like(v.param, memory_format=torch.preserve_format)
                     v.state["exp_avg_sq"] = torch.zeros_like(v.param, memory_format=torch.preserve_format)
-            ts = [int(s) + 1 for s in torch.stack([v.state["step"] for v in vs]).tolist()]
+            counters = [v.state["step"] for v in vs]
+            if all(c.device.type == "cpu" for c in counters):  # as created: no device sync, .item() is cheapest
+                ts = [int(c.item()) + 1 for c in counters]
+            else:
+                ts = [int(s) + 1 for s in torch.stack(counters).tolist()]
             steps[(gi, counted)] = ts
             beta1, beta2 = group["betas"]
             part = soaa_moments(
                 [v.grad for v in vs],  # type: ignore[misc]
                 [v.state["exp_avg"] for v in vs], [v.state["exp_avg_sq"] for v in vs],
-                ts, beta1=beta1, beta2=beta2, eps=group["eps"], foreach=self.foreach, kernels=self._kernels(),
+                ts, beta1=beta1, beta2=beta2, eps=group["eps"], foreach=self.foreach, kernels=self._kernels_for(vs),
             )
             # An uncounted piece adds 0, or NaN when it is non-finite: the step is then skipped everywhere.
             part = part if counted else part * 0.0
             total = part if total is None else total + part.to(total.device)
         if total is None:
             total = torch.zeros(2, dtype=torch.float64)
-        lag = self._lag if self.config.acceptance == "lagged" else torch.zeros(2, dtype=torch.float64)
+        s_m2, s_veps = total.unbind(0)  # one call for both 0-d views (indexing costs one per value)
+        lag_mu, lag_vu2 = self._lag.unbind(0) if self.config.acceptance == "lagged" else (0.0, 0.0)
         loss_sum, weight, missing = self._loss_partials()
-        return _SOAAStep(sum_mhat_sq=total[0], sum_vhat_eps=total[1], lag_mu=lag[0], lag_vu2=lag[1],
+        return _SOAAStep(sum_mhat_sq=s_m2, sum_vhat_eps=s_veps, lag_mu=lag_mu, lag_vu2=lag_vu2,
                          loss_sum=loss_sum, loss_weight=weight, missing_loss=missing, ts=steps)
 
     def _loss_partials(self) -> tuple[Tensor | float, float, float]:
@@ -386,7 +405,9 @@ class SOAA(ShardedOptimizer):
             return 0.0, 0.0, 1.0
         raw, w = self._pending_loss
         self._loss_weight = w  # same_batch weighs the re-evaluated loss like the step's loss
-        return (raw.double() * w if isinstance(raw, Tensor) else float(raw) * w), w, 0.0
+        if isinstance(raw, Tensor):  # x * 1.0 == x: the common unweighted loss skips one kernel call
+            return (raw.double() if w == 1.0 else raw.double() * w), w, 0.0
+        return float(raw) * w, w, 0.0
 
     def _decide(self, reduced: StepRecord) -> _SOAADecision:
         assert isinstance(reduced, _SOAAStep)
@@ -415,7 +436,7 @@ class SOAA(ShardedOptimizer):
         lag: Tensor | None = None
         for (gi, counted), vs in self._groups_of(views).items():
             group = self.param_groups[gi]
-            torch._foreach_add_([v.state["step"] for v in vs], 1.0)
+            increment_counts_([v.state["step"] for v in vs])
             beta1, beta2 = group["betas"]
             lr = float(group["lr"])
             part = soaa_step_(
@@ -423,7 +444,7 @@ class SOAA(ShardedOptimizer):
                 [v.state["exp_avg"] for v in vs], [v.state["exp_avg_sq"] for v in vs],
                 decision.ts[(gi, counted)], lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
                 weight_decay=group["weight_decay"], d=d_prev, c=scal.c, count_limited=same_batch,
-                foreach=self.foreach, kernels=self._kernels(),
+                foreach=self.foreach, kernels=self._kernels_for(vs),
             )
             if not counted:
                 continue
@@ -449,9 +470,11 @@ class SOAA(ShardedOptimizer):
 
     def _state_nonfinite(self) -> bool:
         # The update reads d, the loss EMA and the lagged sums: a NaN there (a corrupted checkpoint, a
-        # hand-edited state) must skip the step rather than reach the parameters.
+        # hand-edited state) must skip the step rather than reach the parameters. The lagged sums ride
+        # in the record's summed fields (lag_mu, lag_vu2), which the base checks with the partials; with
+        # same_batch they are not read. So no tensor (and no host sync) is read here.
         scalars = (self._d, self._loss_ema, self._pred)
-        return not (all(math.isfinite(x) for x in scalars) and bool(torch.isfinite(self._lag).all()))
+        return not all(math.isfinite(x) for x in scalars)
 
     # ------------------------------------------------------------------ same_batch acceptance
     def _same_batch_check(self, closure: Callable[[], Any]) -> None:
