@@ -32,6 +32,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,27 +54,50 @@ README_BEGIN, README_END = "<!-- report:begin -->", "<!-- report:end -->"
 
 
 # -------------------------------------------------------------------------------------------- tuning
-def _run_all(tasks: list[tuple[str, str, float, int]], quick: bool, jobs: int) -> list[dict[str, Any]]:
-    """Runs every (workload, optimizer, lr, seed); ``jobs`` single-thread processes in parallel."""
+def _key(task: tuple[str, str, float, int], quick: bool) -> str:
+    return json.dumps([*task, quick])
+
+
+def _pool_map(tasks: list[tuple[str, str, float, int]], quick: bool, jobs: int) -> Iterator[dict[str, Any]]:
+    """Yields the runs as they finish; ``jobs`` single-thread processes in parallel."""
     if jobs <= 1:
-        return [R.run_one(*t, quick) for t in tasks]
-    order = sorted(range(len(tasks)), key=lambda i: tasks[i][0] != "chars")  # the long runs first
-    ctx = multiprocessing.get_context("spawn")
-    out: list[dict[str, Any]] = [{} for _ in tasks]
-    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-        futures = {pool.submit(R.run_one, *tasks[i], quick): i for i in order}
-        for n, fut in enumerate(cf.as_completed(futures), 1):
-            out[futures[fut]] = r = fut.result()
-            log.info("[%d/%d] %s %s lr=%g seed=%d: final val %.4f%s", n, len(tasks), r["workload"],
-                     r["optimizer"], r["lr"], r["seed"], r["final"], f" ERROR {r['error']}" if "error" in r else "")
-    return out
+        yield from (R.run_one(*t, quick) for t in tasks)
+        return
+    order = sorted(tasks, key=lambda t: t[0] != "chars")  # the long runs first
+    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield from (f.result() for f in cf.as_completed([pool.submit(R.run_one, *t, quick) for t in order]))
+
+
+def _run_all(tasks: list[tuple[str, str, float, int]], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every (workload, optimizer, lr, seed), each appended to ``report_runs.jsonl`` as it finishes; with
+    ``--resume`` the runs already in that file are not run again."""
+    cache_file = args.out / "report_runs.jsonl"
+    done: dict[str, dict[str, Any]] = {}
+    if args.resume and cache_file.exists():
+        for line in cache_file.read_text().splitlines():
+            r = json.loads(line)
+            done[_key((r["workload"], r["optimizer"], r["lr"], r["seed"]), r["quick"])] = r
+    todo = [t for t in tasks if _key(t, args.quick) not in done]
+    with cache_file.open("a") as f:
+        for n, r in enumerate(_pool_map(todo, args.quick, args.jobs), 1):
+            r["quick"] = args.quick
+            done[_key((r["workload"], r["optimizer"], r["lr"], r["seed"]), args.quick)] = r
+            f.write(json.dumps(r) + "\n")
+            f.flush()
+            log.info("[%d/%d] %s %s lr=%g seed=%d: final val %.4f%s", n, len(todo), r["workload"], r["optimizer"],
+                     r["lr"], r["seed"], r["final"], f" ERROR {r['error']}" if "error" in r else "")
+    return [done[_key(t, args.quick)] for t in tasks]
+
+
+def _grid(opt: str, quick: bool) -> tuple[float, ...]:
+    return R.LR_GRID[opt][1:3] if quick else R.LR_GRID[opt]
 
 
 def tune(workloads: list[str], optimizers: list[str], args: argparse.Namespace) -> list[dict[str, Any]]:
     """Seed 0 over each lr grid, then seeds 1..S-1 at each optimizer's best lr; returns every run."""
-    grids = {o: (R.LR_GRID[o][1:] if args.quick else R.LR_GRID[o]) for o in optimizers}
+    grids = {o: _grid(o, args.quick) for o in optimizers}
     first = [(w, o, lr, 0) for w in workloads for o in optimizers if R.applies(o, w) for lr in grids[o]]
-    runs = _run_all(first, args.quick, args.jobs)
+    runs = _run_all(first, args)
     more = []
     for w in workloads:
         for o in optimizers:
@@ -81,7 +105,7 @@ def tune(workloads: list[str], optimizers: list[str], args: argparse.Namespace) 
             if mine:
                 best = min(mine, key=lambda r: r["final"])["lr"]
                 more += [(w, o, best, s) for s in range(1, args.seeds)]
-    return runs + _run_all(more, args.quick, args.jobs)
+    return runs + _run_all(more, args)
 
 
 # ------------------------------------------------------------------------------------------ analysis
@@ -114,7 +138,9 @@ def summarise(runs: list[dict[str, Any]], w: str, optimizers: list[str]) -> dict
         best = min(seed0, key=lambda r: r["final"])["lr"]
         at_best = [r for r in mine if r["lr"] == best]
         finals = [r["final"] for r in at_best]
-        rows[o] = {"best_lr": best, "grid": {r["lr"]: r["final"] for r in seed0}, "seeds": len(at_best),
+        lrs = sorted(r["lr"] for r in seed0)
+        rows[o] = {"best_lr": best, "lr_at_edge": len(lrs) > 2 and best in (lrs[0], lrs[-1]),
+                   "grid": {r["lr"]: r["final"] for r in seed0}, "seeds": len(at_best),
                    "final_mean": statistics.fmean(finals),
                    "final_sd": statistics.stdev(finals) if len(finals) > 1 and math.isfinite(sum(finals)) else 0.0,
                    "ms_per_step": statistics.fmean(r.get("ms_per_step", math.nan) for r in at_best),
@@ -135,17 +161,22 @@ def summarise(runs: list[dict[str, Any]], w: str, optimizers: list[str]) -> dict
 
 
 # ------------------------------------------------------------------------------- step cost, state
-def copy_bandwidth(numel: int = 16 * 2**20, reps: int = 10) -> float:
-    """GB/s of ``Tensor.copy_`` between two fp32 buffers (64 MiB each by default), 1 thread, median:
-    every byte is read once and written once."""
-    src, dst = torch.randn(numel), torch.empty(numel)
-    dst.copy_(src)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        times.append(time.perf_counter() - t0)
-    return 2 * 4 * numel / statistics.median(times) / 1e9
+def stream_bandwidth(numel: int = 16 * 2**20, reps: int = 10) -> dict[str, float]:
+    """GB/s of two streaming kernels over fp32 buffers of ``numel`` elements (64 MiB by default), 1
+    thread, median CPU time (as the step times): ``dst.copy_(src)`` counted as 8 B/element (its
+    destination is also read for write-allocate, so this under-reports), and the in-place ``a.add_(b)``,
+    12 B/element, the access pattern of an optimizer step (every line written was read first): the bound."""
+    a, b = torch.randn(numel), torch.randn(numel)
+    out = {"buffer_mib": 4 * numel / 2**20}
+    for name, fn, nbytes in (("copy_gb_s", lambda: a.copy_(b), 8), ("inplace_add_gb_s", lambda: a.add_(b), 12)):
+        fn()
+        times = []
+        for _ in range(reps):
+            t0 = time.process_time()
+            fn()
+            times.append(time.process_time() - t0)
+        out[name] = nbytes * numel / statistics.median(times) / 1e9
+    return out
 
 
 def step_cost(quick: bool) -> dict[str, Any]:
@@ -162,16 +193,16 @@ def step_cost(quick: bool) -> dict[str, Any]:
     opts = {k: opts[k] for k in BYTES_PER_PARAM}
     _, cpu = B._timed_rounds(opts, args, lambda: None)
     summary = B._summary(cpu)
-    bw = copy_bandwidth(2**20 if quick else 16 * 2**20)
+    bw = stream_bandwidth(2**20 if quick else 16 * 2**20)
     params = count * shape[0] * shape[1]
     rows = {}
     for k, s in summary.items():
-        bound_ms = 1e3 * params * BYTES_PER_PARAM[k] / (bw * 1e9)
+        bound_ms = 1e3 * params * BYTES_PER_PARAM[k] / (bw["inplace_add_gb_s"] * 1e9)
         rows[k] = {"median_ms": s["median_ms"], "ratio_to_adamw_fused": s["ratio_to_adamw_fused"],
                    "round_ratio_range": [s["ratio_round_min"], s["ratio_round_max"]],
                    "bytes_per_param": BYTES_PER_PARAM[k], "bound_ms": bound_ms,
                    "over_bound": s["median_ms"] / bound_ms}
-    return {"params": params, "shape": list(shape), "count": count, "copy_gb_s": bw, "rounds": args.rounds,
+    return {"params": params, "shape": list(shape), "count": count, **bw, "rounds": args.rounds,
             "steps_per_round": args.steps, "rows": rows}
 
 
@@ -257,10 +288,11 @@ def headline_table(summaries: dict[str, Any]) -> list[str]:
             t = row["to_target"]
             steps = f"{t['steps']}{_ratio(row['ratio_steps'])}" if t else "not reached"
             cpu = f"{t['cpu_s']:.3g}{_ratio(row['ratio_cpu'])}" if t else "not reached"
-            out.append(f"| {w} | {o} | {row['best_lr']:g} | {_f(row['final_mean'], '.4f')} ± "
+            edge = " †" if row["lr_at_edge"] else ""
+            out.append(f"| {w} | {o} | {row['best_lr']:g}{edge} | {_f(row['final_mean'], '.4f')} ± "
                        f"{_f(row['final_sd'], '.4f')} | {row['seeds_reaching']}/{row['seeds']} | {steps} | {cpu} "
                        f"| {_f(row['ms_per_step'], '.2f')} |")
-    return out
+    return out + ["", "† the best lr is at an end of the optimizer's lr grid: it may do better outside it."]
 
 
 def _grid_table(s: dict[str, Any]) -> list[str]:
@@ -274,16 +306,23 @@ def _grid_table(s: dict[str, Any]) -> list[str]:
 def _step_cost_md(sc: dict[str, Any]) -> list[str]:
     out = [f"{sc['count']} x {sc['shape'][0]}x{sc['shape'][1]} fp32 parameters with fixed gradients "
            f"({sc['params'] / 1e6:.1f}M), `step()` alone, CPU time, {sc['rounds']} interleaved rounds x "
-           f"{sc['steps_per_round']} steps, medians (`bench_soaa_step.py`'s functions). Copy bandwidth "
-           f"(`Tensor.copy_`, fp32, 1 thread): **{sc['copy_gb_s']:.1f} GB/s**; the bound is params x bytes/param "
-           "/ that bandwidth.", "",
+           f"{sc['steps_per_round']} steps, medians (`bench_soaa_step.py`'s functions). Bandwidth of this "
+           f"machine, fp32, 1 thread, {sc['buffer_mib']:.0f} MiB buffers: in-place `a.add_(b)` "
+           f"**{sc['inplace_add_gb_s']:.1f} GB/s** "
+           f"(12 B/element: the in-place pattern of an optimizer step), `dst.copy_(src)` "
+           f"{sc['copy_gb_s']:.1f} GB/s (8 B/element counted; write-allocate makes it slower). The bound is "
+           "params x bytes/param / the in-place bandwidth.", "",
            "| step | median ms | x fused AdamW (round range) | bytes / param | bound ms | x bound |",
            "|---|---|---|---|---|---|"]
     for k, r in sc["rows"].items():
         lo, hi = r["round_ratio_range"]
         out.append(f"| {k} | {r['median_ms']:.2f} | {r['ratio_to_adamw_fused']:.2f} ({lo:.2f}-{hi:.2f}) | "
                    f"{r['bytes_per_param']} | {r['bound_ms']:.2f} | {r['over_bound']:.2f} |")
-    return out
+    traffic = BYTES_PER_PARAM["soaa"] / BYTES_PER_PARAM["adamw_fused"]
+    return out + ["", "A step below 1.00x the bound streams faster than the in-place `add_` (more streams in flight "
+                  "per thread): one thread's streaming bandwidth is a reference here, not a hard limit. The "
+                  f"traffic-bound ratio of SOAA to fused AdamW is {BYTES_PER_PARAM['soaa']}/"
+                  f"{BYTES_PER_PARAM['adamw_fused']} B = {traffic:.2f}x."]
 
 
 def _state_md(st: dict[str, Any]) -> list[str]:
@@ -314,7 +353,7 @@ def _more_seeds(seeds: int) -> str:
 
 
 def _method(args: argparse.Namespace, optimizers: list[str]) -> list[str]:
-    grids = "; ".join(f"{o} {', '.join(f'{lr:g}' for lr in (R.LR_GRID[o][1:] if args.quick else R.LR_GRID[o]))}"
+    grids = "; ".join(f"{o} {', '.join(f'{lr:g}' for lr in _grid(o, args.quick))}"
                       for o in optimizers)
     ws = [R.quick(R.WORKLOADS[w]) if args.quick else R.WORKLOADS[w] for w in args.workloads]
     return [
@@ -344,6 +383,9 @@ def write_markdown(rep: dict[str, Any], args: argparse.Namespace, out: Path) -> 
     md = ["# Optimizer report" + (" (--quick: a smoke run, not a measurement)" if args.quick else ""), "",
           _provenance(meta), "", f"Command: `{meta['command']}` ({meta['wall_s'] / 60:.1f} min wall).", "",
           "## Method", "", *_method(args, rep["optimizers"]), ""]
+    if meta["resumed"]:
+        md[6:6] = ["The training runs were read back from an earlier invocation's `report_runs.jsonl` "
+                   "(`--resume`); the wall time above is this invocation's.", ""]
     if meta["heavyball_missing"]:
         md += [f"**HeavyBall is not installed** ({meta['heavyball_missing']}): the SOAP and PSGD rows are "
                "skipped. `pip install --no-deps heavyball opt-einsum` adds them.", ""]
@@ -380,7 +422,8 @@ def _meta(args: argparse.Namespace, t0: float, load0: tuple[float, ...]) -> dict
             "cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
             "heavyball": hb, "heavyball_missing": missing, "jobs": args.jobs, "seeds": args.seeds,
             "quick": args.quick, "load_start": list(load0), "load_end": list(os.getloadavg()),
-            "wall_s": time.perf_counter() - t0, "command": "python benchmarks/report.py " + " ".join(sys.argv[1:])}
+            "wall_s": time.perf_counter() - t0, "resumed": args.resume,
+            "command": "python benchmarks/report.py " + " ".join(sys.argv[1:])}
 
 
 def _version(pkg: str) -> str:
@@ -402,6 +445,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--optimizers", nargs="+", default=None, choices=list(R.OPTIMIZERS))
     p.add_argument("--skip-step-cost", action="store_true")
     p.add_argument("--skip-state", action="store_true")
+    p.add_argument("--resume", action="store_true", help="reuse the runs in --out's report_runs.jsonl")
     p.add_argument("--readme", type=Path, default=None, help="rewrite this README's report section")
     args = p.parse_args(argv)
     args.seeds = args.seeds or (1 if args.quick else 3)
@@ -417,6 +461,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     t0, load0 = time.perf_counter(), os.getloadavg()
     optimizers = [o for o in args.optimizers if o not in R.HEAVYBALL or not R.heavyball_status()]
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not args.resume:
+        (args.out / "report_runs.jsonl").write_text("")
     runs = tune(args.workloads, optimizers, args)
     rep: dict[str, Any] = {"optimizers": optimizers,
                            "summaries": {w: summarise(runs, w, optimizers) for w in args.workloads}}
@@ -427,7 +474,6 @@ def main(argv: list[str] | None = None) -> None:
         log.info("state per rank")
         rep["state_per_rank"] = state_per_rank(args.quick)
     rep["meta"] = _meta(args, t0, load0)
-    args.out.mkdir(parents=True, exist_ok=True)
     for w, s in rep["summaries"].items():
         plot_workload(s, w, args.out / f"report_{w}.png")
     plot_headline(rep["summaries"], args.out / "report_headline.png")

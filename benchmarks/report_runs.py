@@ -55,15 +55,16 @@ WORKLOADS = {
     "chars": Workload("chars", steps=500, eval_every=25, batch=32, warmup_cosine=True),
 }
 
-#: optimizer -> its lr grid (a log grid, x3 apart, around its usual lr on models of this size)
+#: optimizer -> its lr grid: 4 values x3 apart around its usual lr on models of this size, the known-good
+#: value second (a best lr at either end of the grid is flagged in the report)
 LR_GRID: dict[str, tuple[float, ...]] = {
-    "AdamW": (1e-3, 3e-3, 1e-2),
-    "SOAA": (1e-3, 3e-3, 1e-2),
-    "ASGO": (3e-3, 1e-2, 3e-2),
-    "EGN": (0.25, 0.5, 1.0),
-    "Muon": (3e-3, 1e-2, 3e-2),
-    "SOAP": (1e-3, 3e-3, 1e-2),
-    "PSGD": (3e-4, 1e-3, 3e-3),
+    "AdamW": (1e-3, 3e-3, 1e-2, 3e-2),
+    "SOAA": (1e-3, 3e-3, 1e-2, 3e-2),
+    "ASGO": (3e-3, 1e-2, 3e-2, 1e-1),
+    "EGN": (0.25, 0.5, 1.0, 2.0),
+    "Muon": (3e-3, 1e-2, 3e-2, 1e-1),
+    "SOAP": (1e-3, 3e-3, 1e-2, 3e-2),
+    "PSGD": (3e-4, 1e-3, 3e-3, 1e-2),
 }
 OPTIMIZERS = tuple(LR_GRID)
 #: EGN needs the module and the batch (per-sample Jacobians): only the small tabular problems
