@@ -1,6 +1,6 @@
 """``benchmarks/report.py``: the ``--quick`` run writes the markdown, the JSON and the PNGs with the rows it
-should; HeavyBall's rows are skipped (and the report says so) when ``heavyball`` does not import; the
-time-to-target arithmetic on hand-made curves. Numbers are not judged here: a quick run measures nothing."""
+should; HeavyBall's rows are skipped (and the report says so) when ``heavyball`` does not import;
+``--resume`` reuses the finished runs; the time-to-target arithmetic on hand-made curves. Numbers are not judged here: a quick run measures nothing."""
 
 from __future__ import annotations
 
@@ -73,6 +73,15 @@ def test_report_without_heavyball_says_so_and_skips_its_rows(tmp_path: Path) -> 
     assert "HeavyBall is not installed" in md and "hidden by the test" in md
     assert [(r[0], r[1]) for r in _table_rows(md)] == [("lstsq", "AdamW")]
     assert "## Step cost" not in md and "## Optimizer state" not in md
+    # --resume reads the finished runs back instead of training again, and says so
+    runs_file = out / "report_runs.jsonl"
+    before = runs_file.read_text()
+    assert len(before.splitlines()) == 2  # AdamW's two quick lrs, seed 0
+    proc = _run(out, "--workloads", "lstsq", "--optimizers", "AdamW", "--skip-step-cost", "--skip-state",
+                "--resume")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert runs_file.read_text() == before
+    assert "read back from an earlier invocation" in (out / "report.md").read_text()
 
 
 def _fake_run(opt: str, seed: int, lr: float, vals: list[float], ms: float = 1.0) -> dict[str, Any]:
