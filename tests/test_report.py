@@ -1,6 +1,7 @@
 """``benchmarks/report.py``: the ``--quick`` run writes the markdown, the JSON and the PNGs with the rows it
 should; HeavyBall's rows are skipped (and the report says so) when ``heavyball`` does not import;
-``--resume`` reuses the finished runs; the time-to-target arithmetic on hand-made curves. Numbers are not judged here: a quick run measures nothing."""
+``--resume`` reuses the finished runs; the time-to-target arithmetic on hand-made curves. Numbers are
+not judged here: a quick run measures nothing."""
 
 from __future__ import annotations
 
