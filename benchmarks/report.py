@@ -342,8 +342,9 @@ def _provenance(meta: dict[str, Any]) -> str:
     return (f"Measured {meta['date']} on a {meta['cpu_count']}-core CPU shared with other jobs "
             f"(load average {meta['load_start'][0]:.1f} at the start, {meta['load_end'][0]:.1f} at the end): "
             f"**CPU time of the process (`time.process_time`), 1 torch thread per run**, {meta['jobs']} run(s) "
-            f"in parallel; torch {meta['torch']}, {meta['heavyball']}. Absolute times on other machines will "
-            "differ; the ratios are taken within this one run.")
+            f"in parallel ({meta['training_runs']} training runs, {meta['training_cpu_s'] / 60:.1f} CPU minutes of "
+            f"training steps in all); torch {meta['torch']}, {meta['heavyball']}. Absolute times on other machines "
+            "will differ; the ratios are taken within this one run.")
 
 
 def _more_seeds(seeds: int) -> str:
@@ -415,14 +416,16 @@ def update_readme(readme: Path, rep: dict[str, Any], out: Path) -> None:
     readme.write_text(head + "\n".join(block) + rest.partition(README_END)[2])
 
 
-def _meta(args: argparse.Namespace, t0: float, load0: tuple[float, ...]) -> dict[str, Any]:
+def _meta(args: argparse.Namespace, t0: float, load0: tuple[float, ...], runs: list[dict[str, Any]]
+          ) -> dict[str, Any]:
     missing = R.heavyball_status()
     hb = "HeavyBall not installed" if missing else "HeavyBall " + _version("heavyball")
     return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
             "heavyball": hb, "heavyball_missing": missing, "jobs": args.jobs, "seeds": args.seeds,
             "quick": args.quick, "load_start": list(load0), "load_end": list(os.getloadavg()),
-            "wall_s": time.perf_counter() - t0, "resumed": args.resume,
+            "wall_s": time.perf_counter() - t0, "resumed": args.resume, "training_runs": len(runs),
+            "training_cpu_s": sum(r["cpu_s"][-1] for r in runs),
             "command": "python benchmarks/report.py " + " ".join(sys.argv[1:])}
 
 
@@ -473,7 +476,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.skip_state:
         log.info("state per rank")
         rep["state_per_rank"] = state_per_rank(args.quick)
-    rep["meta"] = _meta(args, t0, load0)
+    rep["meta"] = _meta(args, t0, load0, runs)
     for w, s in rep["summaries"].items():
         plot_workload(s, w, args.out / f"report_{w}.png")
     plot_headline(rep["summaries"], args.out / "report_headline.png")
