@@ -1,0 +1,291 @@
+"""Workloads, optimizers and one timed training run for ``benchmarks/report.py``.
+
+Three small workloads that ship offline (the demo models of :mod:`lightning_soaa.lightning.demo`):
+
+* ``digits``: the demo's tanh MLP 64-128-128-10 on scikit-learn's digits, cross-entropy, batch 32;
+* ``lstsq``: linear least squares (``nn.Linear(32, 4)``, loss ½‖Wx + b − y‖²), inputs with a
+  condition number of 100 and a little label noise, batch 64;
+* ``chars``: the demo's character transformer (d_model 64, 2 layers, context 64) on
+  ``pydoc_data.topics``, batch 32, linear warm-up then cosine decay to 10% of the peak lr.
+
+Every run is a plain torch loop (no Lightning), one torch thread, timed in CPU time of the process
+(``time.process_time``) over the training steps only: data slicing, forward, backward and ``step()``;
+the validation passes are not timed. The seed sets the model initialisation and the batch order.
+
+Optimizers: ours through :mod:`lightning_soaa.registry` (``build``/``take_step`` know how each one is
+stepped; SOAA gets ``total_steps`` = the run's length), torch ``AdamW(fused=True)``, torch ``Muon`` on the
+matrices with AdamW for the rest (``bench_asgo.make_optimizers``' setup), HeavyBall's ``SOAP`` and
+``PSGDKron`` when the ``heavyball`` package imports. Weight decay is 0 for every optimizer (short runs,
+validation loss is the objective); everything else is each optimizer's default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from lightning_soaa import registry
+
+__all__ = ["Workload", "WORKLOADS", "OPTIMIZERS", "LR_GRID", "heavyball_status", "run_one", "applies"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """A training problem: its length, batch, validation cadence and lr schedule."""
+
+    name: str
+    steps: int
+    eval_every: int
+    batch: int
+    warmup_cosine: bool = False
+
+
+#: full-size workloads; ``--quick`` shrinks them with :func:`quick`
+WORKLOADS = {
+    "digits": Workload("digits", steps=300, eval_every=15, batch=32),
+    "lstsq": Workload("lstsq", steps=300, eval_every=15, batch=64),
+    "chars": Workload("chars", steps=500, eval_every=25, batch=32, warmup_cosine=True),
+}
+
+#: optimizer -> its lr grid: 4 values x3 apart around its usual lr on models of this size, the known-good
+#: value second (a best lr at either end of the grid is flagged in the report)
+LR_GRID: dict[str, tuple[float, ...]] = {
+    "AdamW": (1e-3, 3e-3, 1e-2, 3e-2),
+    "SOAA": (1e-3, 3e-3, 1e-2, 3e-2),
+    "ASGO": (3e-3, 1e-2, 3e-2, 1e-1),
+    "EGN": (0.25, 0.5, 1.0, 2.0),
+    "Muon": (3e-3, 1e-2, 3e-2, 1e-1),
+    "SOAP": (1e-3, 3e-3, 1e-2, 3e-2),
+    "PSGD": (3e-4, 1e-3, 3e-3, 1e-2),
+}
+OPTIMIZERS = tuple(LR_GRID)
+#: EGN needs the module and the batch (per-sample Jacobians): only the small tabular problems
+EGN_WORKLOADS = ("digits", "lstsq")
+HEAVYBALL = ("SOAP", "PSGD")
+
+
+def quick(w: Workload) -> Workload:
+    """The ``--quick`` version of a workload: a few dozen steps."""
+    return dataclasses.replace(w, steps=20 if w.name == "chars" else 30, eval_every=5)
+
+
+def applies(opt: str, workload: str) -> bool:
+    return opt != "EGN" or workload in EGN_WORKLOADS
+
+
+@functools.lru_cache(maxsize=1)
+def heavyball_status() -> str:
+    """``""`` when HeavyBall imports, else why not (the report says so and skips its rows)."""
+    try:
+        import heavyball  # noqa: F401
+    except Exception as e:  # any import failure means: no HeavyBall rows
+        return f"{type(e).__name__}: {e}"
+    return ""
+
+
+# ---------------------------------------------------------------------------------------------- data
+@functools.lru_cache(maxsize=4)
+def data(name: str, quick_mode: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(x_train, y_train, x_val, y_val); for ``chars`` the train ids, None, and the val windows."""
+    if name == "digits":
+        from lightning_soaa.lightning.demo import DigitsDataModule
+
+        dm = DigitsDataModule(val_fraction=0.2, seed=0)
+        dm.setup()
+        tr, va = dm.train_set.tensors, dm.val_set.tensors  # type: ignore[union-attr]
+        return tr[0], tr[1], va[0], va[1]
+    if name == "lstsq":
+        return _lstsq_data()
+    from lightning_soaa.lightning.demo import topics_text, topics_vocab
+
+    table = {c: i for i, c in enumerate(topics_vocab())}
+    ids = torch.tensor([table[c] for c in topics_text()], dtype=torch.long)
+    split = int(0.9 * len(ids))
+    ctx, n_val = 64, 32 if quick_mode else 128
+    val = ids[split:split + n_val * ctx + 1]
+    xv = torch.stack([val[i * ctx:(i + 1) * ctx] for i in range(n_val)])
+    yv = torch.stack([val[i * ctx + 1:(i + 1) * ctx + 1] for i in range(n_val)])
+    return ids[:split], torch.empty(0), xv, yv
+
+
+def _lstsq_data() -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    g = torch.Generator().manual_seed(0)
+    d, k, n = 32, 4, 2560
+    scales = torch.logspace(0, -2, d)  # condition number 100 of the input covariance (square root)
+    basis, _ = torch.linalg.qr(torch.randn(d, d, generator=g))
+    x = (torch.randn(n, d, generator=g) * scales) @ basis.T
+    w = torch.randn(d, k, generator=g) / math.sqrt(d)
+    y = x @ w + 0.01 * torch.randn(n, k, generator=g)
+    return x[:2048], y[:2048], x[2048:], y[2048:]
+
+
+def model_for(name: str, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    if name == "digits":
+        from lightning_soaa.lightning.demo import DigitsMLP
+
+        return DigitsMLP(hidden=(128, 128))
+    if name == "lstsq":
+        return nn.Linear(32, 4)
+    from lightning_soaa.lightning.demo import CharTransformer
+
+    return CharTransformer(context=64, d_model=64, n_heads=4, n_layers=2)
+
+
+def loss_fn(name: str) -> Callable[[Tensor, Tensor], Tensor]:
+    if name == "lstsq":
+        return registry.half_mse  # EGN's "mse"
+    return lambda out, y: F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+
+def batches(w: Workload, xtr: Tensor, ytr: Tensor, seed: int) -> Callable[[], tuple[Tensor, Tensor]]:
+    """Draws the next training batch (reshuffled epochs; random windows of the text for ``chars``)."""
+    g = torch.Generator().manual_seed(1000 + seed)
+    if w.name == "chars":
+        ctx = 64
+
+        def window() -> tuple[Tensor, Tensor]:
+            starts = torch.randint(0, len(xtr) - ctx - 1, (w.batch,), generator=g)
+            rows = torch.stack([xtr[s:s + ctx + 1] for s in starts.tolist()])
+            return rows[:, :-1], rows[:, 1:]
+
+        return window
+    order: list[Tensor] = []
+
+    def shuffled() -> tuple[Tensor, Tensor]:
+        if not order:
+            perm = torch.randperm(len(xtr), generator=g)
+            order.extend(perm[i:i + w.batch] for i in range(0, len(perm) - w.batch + 1, w.batch))
+        idx = order.pop(0)
+        return xtr[idx], ytr[idx]
+
+    return shuffled
+
+
+# ---------------------------------------------------------------------------------------- optimizers
+def _torch_step(opt: Any, model: nn.Module, fn: Callable[[Tensor, Tensor], Tensor]) -> Callable[..., None]:
+    def step(x: Tensor, y: Tensor) -> None:
+        opt.zero_grad(set_to_none=True)
+        fn(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def _ours(opt: str, model: nn.Module, lr: float, w: Workload) -> tuple[Any, Callable[..., None]]:
+    spec = registry.get(opt)
+    fn = loss_fn(w.name)
+    if spec.first_arg is registry.FirstArg.MODULE:  # EGN: a damped Gauss-Newton step with line search
+        kw: dict[str, Any] = {"loss": "mse" if w.name == "lstsq" else "cross_entropy", "damping": 1.0,
+                              "line_search": True}
+    else:
+        kw = {"weight_decay": 0.0}
+    if spec.horizon_kwarg:
+        kw[spec.horizon_kwarg] = w.steps
+    o = spec.build(model, lr=lr, **kw)
+    return o, lambda x, y: spec.take_step(o, model, x, y, fn)
+
+
+def _muon(model: nn.Module, lr: float) -> Any:
+    from bench_asgo import make_optimizers  # the project's Muon baseline: Muon on matrices, AdamW on the rest
+
+    combo = make_optimizers(lr)["muon"](model)
+    for o in combo.opts:
+        for g in o.param_groups:
+            g["weight_decay"] = 0.0
+    return combo
+
+
+def build(opt: str, model: nn.Module, lr: float, w: Workload) -> tuple[list[Any], Callable[..., None]]:
+    """(the torch optimizers whose param groups carry the lr, the training step ``step(x, y)``)."""
+    if opt in registry.names():
+        o, step = _ours(opt, model, lr, w)
+        return [o], step
+    if opt == "AdamW":
+        o = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=True)
+    elif opt == "Muon":
+        o = _muon(model, lr)
+    elif opt in HEAVYBALL:
+        import heavyball
+
+        heavyball.utils.compile_mode = None  # eager: max-autotune compiles for minutes on this CPU
+        cls = heavyball.SOAP if opt == "SOAP" else heavyball.PSGDKron
+        o = cls(model.parameters(), lr=lr, weight_decay=0.0)
+    else:
+        raise ValueError(f"Invalid optimizer={opt!r}. Must be one of {', '.join(OPTIMIZERS)}.")
+    return list(getattr(o, "opts", [o])), _torch_step(o, model, loss_fn(w.name))
+
+
+def lr_factor(w: Workload, t: int) -> float:
+    """The schedule's multiplier of the peak lr at step t: 1, or 10% linear warm-up then cosine to 0.1."""
+    if not w.warmup_cosine:
+        return 1.0
+    warm = max(1, w.steps // 10)
+    if t < warm:
+        return (t + 1) / warm
+    return 0.1 + 0.45 * (1.0 + math.cos(math.pi * (t - warm) / max(1, w.steps - warm)))
+
+
+# ---------------------------------------------------------------------------------------------- runs
+@torch.no_grad()
+def _val_loss(model: nn.Module, name: str, xv: Tensor, yv: Tensor) -> float:
+    v = float(loss_fn(name)(model(xv), yv))
+    return v if math.isfinite(v) else math.inf
+
+
+_WARMED: set[tuple[str, str]] = set()
+
+
+def _train(w: Workload, opt: str, lr: float, seed: int, quick_mode: bool, steps: int) -> dict[str, Any]:
+    xtr, ytr, xv, yv = data(w.name, quick_mode)
+    model = model_for(w.name, seed)
+    opts, step = build(opt, model, lr, w)
+    bases = [[g["lr"] for g in o.param_groups] for o in opts]
+    next_batch = batches(w, xtr, ytr, seed)
+    curve = {"step": [0], "cpu_s": [0.0], "val": [_val_loss(model, w.name, xv, yv)]}
+    cpu = 0.0
+    for t in range(steps):
+        c0 = time.process_time()
+        x, y = next_batch()
+        f = lr_factor(w, t)
+        for o, base in zip(opts, bases):
+            for g, b in zip(o.param_groups, base):
+                g["lr"] = b * f
+        step(x, y)
+        cpu += time.process_time() - c0
+        if (t + 1) % w.eval_every == 0 or t + 1 == steps:
+            curve["step"].append(t + 1)
+            curve["cpu_s"].append(cpu)
+            curve["val"].append(_val_loss(model, w.name, xv, yv))
+            if curve["val"][-1] == math.inf:  # diverged: the curve stops here
+                break
+    return curve
+
+
+def run_one(workload: str, opt: str, lr: float, seed: int, quick_mode: bool) -> dict[str, Any]:
+    """One timed run (after an untimed warm-up of the same workload and optimizer in this process, so
+    imports, lazy initialisation and compiled kernels are not charged to it). Errors are returned, not
+    raised: the report lists them."""
+    torch.set_num_threads(1)
+    w = quick(WORKLOADS[workload]) if quick_mode else WORKLOADS[workload]
+    out: dict[str, Any] = {"workload": workload, "optimizer": opt, "lr": lr, "seed": seed}
+    try:
+        if (workload, opt) not in _WARMED:
+            _train(w, opt, lr, seed + 7919, quick_mode, steps=3)
+            _WARMED.add((workload, opt))
+        curve = _train(w, opt, lr, seed, quick_mode, steps=w.steps)
+    except Exception as e:  # an optimizer that fails on a workload is a row of the report, not a crash
+        out.update(error=f"{type(e).__name__}: {e}", step=[0], cpu_s=[0.0], val=[math.inf], final=math.inf)
+        return out
+    out.update(curve)
+    out["final"] = curve["val"][-1] if curve["step"][-1] == w.steps else math.inf
+    out["ms_per_step"] = 1e3 * curve["cpu_s"][-1] / max(1, curve["step"][-1])
+    return out

@@ -1,0 +1,112 @@
+"""``benchmarks/report.py``: the ``--quick`` run writes the markdown, the JSON and the PNGs with the rows it
+should; HeavyBall's rows are skipped (and the report says so) when ``heavyball`` does not import;
+``--resume`` reuses the finished runs; the time-to-target arithmetic on hand-made curves. Numbers are
+not judged here: a quick run measures nothing."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "report.py"
+
+pytest.importorskip("matplotlib")
+pytest.importorskip("sklearn")
+
+
+def _run(out: Path, *extra: str, hide_heavyball: Path | None = None) -> subprocess.CompletedProcess[str]:
+    path = [str(ROOT)] + ([str(hide_heavyball)] if hide_heavyball else [])
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(path[::-1] + [os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(out), *extra], env=env,
+                          capture_output=True, text=True, timeout=280)
+
+
+def _table_rows(md: str) -> list[list[str]]:
+    """The headline table's data rows, as cells."""
+    section = md.split("## Time to AdamW's validation loss", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| workload")]
+    return [[c.strip() for c in r.strip("|").split("|")] for r in rows]
+
+
+def _is_png(path: Path) -> bool:
+    return path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quick_report_writes_markdown_json_and_plots(tmp_path: Path) -> None:
+    proc = _run(tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    md = (tmp_path / "report.md").read_text()
+    rows = _table_rows(md)
+    got = {(r[0], r[1]) for r in rows}
+    want = {(w, o) for w in ("digits", "lstsq", "chars") for o in ("AdamW", "SOAA", "EGN")
+            if not (o == "EGN" and w == "chars")}
+    assert got == want and len(rows) == len(want)
+    assert all(r[5] != "not reached" for r in rows if r[1] == "AdamW"), "AdamW reaches its own final loss"
+    for name in ("headline", "digits", "lstsq", "chars"):
+        assert _is_png(tmp_path / f"report_{name}.png"), name
+        assert f"report_{name}.png" in md
+    assert "CPU time of the process" in md and "1 torch thread per run" in md
+    assert "## Step cost against the bandwidth bound" in md and "| soaa |" in md and "GB/s" in md
+    assert "## Optimizer state per rank vs W" in md and "| SOAA |" in md
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert {r["optimizer"] for r in rep["runs"]} == {"AdamW", "SOAA", "EGN"}
+    assert all("error" not in r for r in rep["runs"]), [r["error"] for r in rep["runs"] if "error" in r]
+
+
+def test_report_without_heavyball_says_so_and_skips_its_rows(tmp_path: Path) -> None:
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "heavyball.py").write_text("raise ImportError('hidden by the test')\n")
+    out = tmp_path / "out"
+    proc = _run(out, "--workloads", "lstsq", "--optimizers", "AdamW", "SOAP", "PSGD", "--skip-step-cost",
+                "--skip-state", hide_heavyball=hide)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    md = (out / "report.md").read_text()
+    assert "HeavyBall is not installed" in md and "hidden by the test" in md
+    assert [(r[0], r[1]) for r in _table_rows(md)] == [("lstsq", "AdamW")]
+    assert "## Step cost" not in md and "## Optimizer state" not in md
+    # --resume reads the finished runs back instead of training again, and says so
+    runs_file = out / "report_runs.jsonl"
+    before = runs_file.read_text()
+    assert len(before.splitlines()) == 2  # AdamW's two quick lrs, seed 0
+    proc = _run(out, "--workloads", "lstsq", "--optimizers", "AdamW", "--skip-step-cost", "--skip-state",
+                "--resume")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert runs_file.read_text() == before
+    assert "read back from an earlier invocation" in (out / "report.md").read_text()
+
+
+def _fake_run(opt: str, seed: int, lr: float, vals: list[float], ms: float = 1.0) -> dict[str, Any]:
+    steps = [10 * i for i in range(len(vals))]
+    return {"workload": "w", "optimizer": opt, "seed": seed, "lr": lr, "step": steps,
+            "cpu_s": [s * ms / 1e3 for s in steps], "val": vals, "final": vals[-1], "ms_per_step": ms}
+
+
+def test_time_to_target_is_read_off_the_seed_mean_curve() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import report
+
+    runs = [
+        _fake_run("AdamW", 0, 1e-3, [4.0, 3.0, 2.5, 2.2]), _fake_run("AdamW", 0, 3e-3, [4.0, 2.0, 1.5, 1.0]),
+        _fake_run("AdamW", 1, 3e-3, [4.0, 2.4, 1.7, 1.4]),  # target: mean(1.0, 1.4) = 1.2, reached at step 30
+        _fake_run("SOAA", 0, 1e-3, [4.0, 1.5, 1.0, 0.9], ms=3.0),  # mean (1.5+1.1)/2 = 1.3 at 10, 1.05 at 20
+        _fake_run("SOAA", 1, 1e-3, [4.0, 1.1, 1.1, 1.0], ms=3.0),
+        _fake_run("EGN", 0, 0.5, [4.0, math.inf]),  # diverged: never reaches
+    ]
+    s = report.summarise(runs, "w", ["AdamW", "SOAA", "EGN"])
+    assert s["target"] == pytest.approx(1.2)
+    a, o, e = s["rows"]["AdamW"], s["rows"]["SOAA"], s["rows"]["EGN"]
+    assert a["best_lr"] == 3e-3 and a["seeds"] == 2 and a["to_target"]["steps"] == 30
+    assert o["to_target"]["steps"] == 20 and o["ratio_steps"] == pytest.approx(20 / 30)
+    assert o["ratio_cpu"] == pytest.approx((20 * 3.0) / (30 * 1.0))
+    assert o["seeds_reaching"] == 2 and a["seeds_reaching"] == 1
+    assert e["to_target"] is None and e["ratio_cpu"] is None and e["final_mean"] == math.inf
