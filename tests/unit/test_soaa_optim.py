@@ -306,4 +306,4 @@ def test_config_defaults_match_the_constructor() -> None:
     opt = SOAA([torch.nn.Parameter(torch.ones(2))])
     assert opt.config == cfg
     assert (cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay, cfg.gamma, cfg.band_schedule, cfg.total_steps,
-            cfg.acceptance) == (1e-3, (0.9, 0.999), 1e-8, 0.0, 0.1, "final", None, "lagged")
+            cfg.acceptance) == (1e-3, (0.9, 0.999), 1e-8, 0.0, 0.05, "final", None, "lagged")
