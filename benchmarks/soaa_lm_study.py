@@ -11,7 +11,8 @@ machine is shared); validation (every ``--eval-every`` steps) is not timed.
 
 Optimizers (same lr grid for all): ``adamw`` = ``torch.optim.AdamW(fused=True)``; ``soaa_paper`` =
 SOAA with the old defaults (the spec's band, ``band_schedule="paper"``, γ = 0.1); ``soaa`` = SOAA with
-this package's defaults (``band_schedule="final"``, γ = 0.05); more variants in ``VARIANTS`` (``--opts``). SOAA always gets ``total_steps``.
+this package's defaults (``band_schedule="final"``, γ = 0.05); more variants in ``VARIANTS``
+(``--opts``). SOAA always gets ``total_steps``.
 
 Target: the mean over seeds of AdamW's final validation loss at its best lr (best = lowest mean final
 loss). For each optimizer at its own best lr: per seed, the first evaluated step whose validation loss
@@ -253,7 +254,8 @@ def plot(runs: list[dict[str, Any]], summary: dict[str, Any], path: str) -> None
         lo = summary.get("target", 2.0)
         ax.set_ylim(lo - 0.3, lo + 1.0)
     for ax in axes:
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
