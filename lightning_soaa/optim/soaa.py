@@ -177,11 +177,11 @@ class SOAA(ShardedOptimizer):
             EMA's lag (≈ β1/(1-β1) steps of decrease) plus mini-batch noise (sd ≈ 0.07) with a one-step
             prediction (p ≈ 0.002-0.02), so ρ's sign is nearly a coin flip and d sits at a band edge on
             ~95% of the steps: the band acts as a random lr multiplier. "paper" makes d >= 1 for most of
-            the run and d = hi ≈ 1.9 through a warm-up (the loss falls steadily, ρ ≈ 3.5): final
+            the run and d = hi ≈ 1.9 through a warm-up (the loss falls steadily, ρ ≈ 3.5-5): final
             validation loss 1.75 at its best lr vs AdamW's 1.57. "final" keeps E[d] ≈ 1: with γ = 0.1
             1.66 (one of three seeds diverged at AdamW's best lr), with γ = 0.05 1.564 ± 0.012, equal to
             AdamW (1.567 ± 0.013). The Fisher cap bound no coordinate there (the knee 1/(d c) is far
-            above √v̂ of a network's gradients). "final" is also what ``total_steps=None`` always gave.
+            above √v̂ of this network's gradients). "final" is also what ``total_steps=None`` always gave.
         total_steps: :math:`T` (default None), used by ``band_schedule="paper"`` only. ``t > T`` uses the
             band at ``T``. ``None`` (INFERRED):
             the final band :math:`[1-\gamma, 1+\gamma]` at every step. Of the two readings of "unknown
