@@ -64,6 +64,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "SOAAKernels",
     "SOAAScalars",
+    "BAND_SCHEDULES",
     "band",
     "predicted_reduction",
     "soaa_moments",
@@ -777,13 +778,20 @@ def predicted_reduction(lr_m_u: float, lr_v_u2: float) -> float:
     return lr_m_u - 0.5 * lr_v_u2
 
 
-def band(t: int, gamma: float, total_steps: int | None) -> tuple[float, float]:
-    r"""The band :math:`[lo_t, hi_t] = [(1-\gamma)^{(t-1)/T},\ 1 + \gamma^{(t-1)/T}]`.
+BAND_SCHEDULES = ("final", "paper")
 
-    ``t`` is clamped to ``T``. ``total_steps=None`` means the final band :math:`[1-\gamma, 1+\gamma]` at
-    every step (INFERRED; see :class:`~lightning_soaa.optim.soaa.SOAA`).
+
+def band(t: int, gamma: float, total_steps: int | None, schedule: str = "paper") -> tuple[float, float]:
+    r"""The band :math:`[lo_t, hi_t]` that clips the trust multiplier :math:`d_t`.
+
+    ``schedule="paper"`` (spec §1.3 step 10): :math:`[(1-\gamma)^{(t-1)/T},\ 1 + \gamma^{(t-1)/T}]`,
+    from [1, 2] at t = 1 to [1-γ, 1+γ] at t = T; ``t`` is clamped to ``T``, and ``total_steps=None``
+    means the final band at every step (INFERRED; see :class:`~lightning_soaa.optim.soaa.SOAA`).
+    ``schedule="final"``: :math:`[1-\gamma, 1+\gamma]` at every step (``total_steps`` is not used).
     """
-    if total_steps is None:
+    if schedule not in BAND_SCHEDULES:
+        raise ValueError(f"Invalid band_schedule={schedule!r}. Must be one of 'final', 'paper'.")
+    if total_steps is None or schedule == "final":
         return 1.0 - gamma, 1.0 + gamma
     frac = (min(t, total_steps) - 1) / total_steps
     # 0.0 ** 0.0 == 1.0 in Python, which gives hi_1 = 2 for gamma = 0, as the formula says.
@@ -817,6 +825,7 @@ def trust_region_scalars(
     eps: float,
     gamma: float,
     total_steps: int | None,
+    band_schedule: str = "paper",
 ) -> SOAAScalars:
     r"""Steps 3 and 8-10 of §1.3 (the lagged rule), in Python float64.
 
@@ -825,12 +834,13 @@ def trust_region_scalars(
         loss: the mini-batch loss :math:`\ell_t` (averaged over ranks).
         loss_ema: :math:`L_{t-1}`; pred_prev: :math:`p_{t-1}`; d_prev: :math:`d_{t-1}`.
         t: the optimizer-wide step number (1 on the first step).
+        gamma, total_steps, band_schedule: the band, see :func:`band`.
     """
     c = 1.0 + sum_mhat_sq / sum_vhat_eps if sum_vhat_eps > 0.0 else 1.0
     loss_ema = beta1 * loss_ema + (1.0 - beta1) * loss
     loss_hat = loss_ema / (1.0 - beta1**t)
     actual = loss_hat - loss
     rho = actual / max(pred_prev, eps)
-    lo, hi = band(t, gamma, total_steps)
+    lo, hi = band(t, gamma, total_steps, band_schedule)
     d = min(max(rho * d_prev, lo), hi)
     return SOAAScalars(c=c, loss_ema=loss_ema, loss_hat=loss_hat, actual=actual, rho=rho, lo=lo, hi=hi, d=d)

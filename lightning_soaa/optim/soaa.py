@@ -87,7 +87,8 @@ class _SOAADecision:
 
 
 #: hyperparameters of the global trust region: one value for the whole model, never per group.
-_GLOBAL_KEYS = ("gamma", "total_steps", "acceptance", "eta1", "eta2", "shrink", "expand", "d_min", "compile")
+_GLOBAL_KEYS = ("gamma", "band_schedule", "total_steps", "acceptance", "eta1", "eta2", "shrink", "expand", "d_min",
+                "compile")
 
 ACCUMULATION_MESSAGE = (
     "SOAA under Lightning with accumulate_grad_batches={k}: the closure returns only the last micro-batch's "
@@ -143,8 +144,9 @@ class SOAA(ShardedOptimizer):
           \theta_t = \theta_{t-1} - \eta\lambda\theta_{t-1} - \eta u_t \\
         &\quad L_t = \beta_1 L_{t-1} + (1-\beta_1)\ell_t,\quad \hat\ell_t = \tfrac{L_t}{1-\beta_1^t},\quad
           \rho_t = \frac{\hat\ell_t - \ell_t}{\max(p_{t-1}, \epsilon)} \\
-        &\quad lo_t = (1-\gamma)^{(\min(t,T)-1)/T},\ hi_t = 1 + \gamma^{(\min(t,T)-1)/T},\quad
-          d_t = \operatorname{clip}(\rho_t d_{t-1}, lo_t, hi_t) \\
+        &\quad [lo_t, hi_t] = \begin{cases} [1-\gamma,\ 1+\gamma] & \text{band\_schedule = "final" (default)} \\
+          [(1-\gamma)^{(\min(t,T)-1)/T},\ 1 + \gamma^{(\min(t,T)-1)/T}] & \text{band\_schedule = "paper"}
+          \end{cases},\quad d_t = \operatorname{clip}(\rho_t d_{t-1}, lo_t, hi_t) \\
         &\quad p_t = \eta\Big(\sum_i \hat m_{t,i} u_{t,i} - \tfrac12 \sum_i \hat v_{t,i} u_{t,i}^2\Big)
         \end{aligned}
 
@@ -169,8 +171,21 @@ class SOAA(ShardedOptimizer):
         betas: :math:`(\beta_1, \beta_2)` (default (0.9, 0.999)); the loss EMA uses the default β1.
         eps: :math:`\epsilon` (default 1e-8).
         weight_decay: decoupled :math:`\lambda`, scaled by lr (default 0).
-        gamma: band factor :math:`\gamma \in [0, 1)` (default 0.1).
-        total_steps: :math:`T` (default None). ``t > T`` uses the band at ``T``. ``None`` (INFERRED):
+        gamma: band factor :math:`\gamma \in [0, 1)` (default 0.05; nadir's SOAA uses 0.1, Tadam 0.25).
+        band_schedule: ``"final"`` (default) or ``"paper"`` (spec §1.3 step 10: the band narrows from
+            [1, 2] at t = 1 to [1-γ, 1+γ] at t = T).
+            Why these defaults (``benchmarks/soaa_lm_study.py``: a character transformer, warm-up +
+            cosine, betas (0.9, 0.95), lr grid 2e-3..1.6e-2, 3 seeds): the lagged ρ compares the loss
+            EMA's lag (≈ β1/(1-β1) steps of decrease) plus mini-batch noise (sd ≈ 0.07) with a one-step
+            prediction (p ≈ 0.002-0.02), so ρ's sign is nearly a coin flip and d sits at a band edge on
+            ~95% of the steps: the band acts as a random lr multiplier. "paper" makes d >= 1 for most of
+            the run and d = hi ≈ 1.9 through a warm-up (the loss falls steadily, ρ ≈ 3.5-5): final
+            validation loss 1.75 at its best lr vs AdamW's 1.57. "final" keeps E[d] ≈ 1: with γ = 0.1
+            1.66 (one of three seeds diverged at AdamW's best lr), with γ = 0.05 1.564 ± 0.012, equal to
+            AdamW (1.567 ± 0.013). The Fisher cap bound no coordinate there (the knee 1/(d c) is far
+            above √v̂ of this network's gradients). "final" is also what ``total_steps=None`` always gave.
+        total_steps: :math:`T` (default None), used by ``band_schedule="paper"`` only. ``t > T`` uses the
+            band at ``T``. ``None`` (INFERRED):
             the final band :math:`[1-\gamma, 1+\gamma]` at every step. Of the two readings of "unknown
             T" this one keeps the trust region able to shrink (a band [1, 2] forever would only allow
             d >= 1, i.e. never take a step smaller than Adam's, and up to 2x larger ones with no end);
@@ -200,8 +215,9 @@ class SOAA(ShardedOptimizer):
         Vo & Vo, *SecondOrderAdaptiveAdam (SOAA)*, arXiv:2410.02293, 2024 [P: abstract only].
         Update rule, bias correction, c_t over all parameters, lr-scaled decoupled weight decay,
         p = η(Σm̂u − ½Σv̂u²): slrodini/nadir@4cbb441 src/soaa.cc [C] and the summary [S]. Predecessor
-        Tadam (Yang, Cho, Lee, Neural Networks 2023) [C dddong2/Tadam@74eb9b2]. Defaults γ = 0.1 [C nadir];
+        Tadam (Yang, Cho, Lee, Neural Networks 2023) [C dddong2/Tadam@74eb9b2]. γ = 0.1 in [C nadir];
         the paper's default is unknown. INFERRED: the one-reduction lagged layout, ``total_steps=None``,
+        ``band_schedule="final"`` and γ = 0.05 (our defaults, chosen by measurement),
         the whole ``same_batch`` mode, per-tensor step counters for the bias correction.
     """
 
@@ -216,7 +232,8 @@ class SOAA(ShardedOptimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
-        gamma: float = 0.1,
+        gamma: float = 0.05,
+        band_schedule: str = "final",
         total_steps: int | None = None,
         acceptance: str = "lagged",
         *,
@@ -236,7 +253,8 @@ class SOAA(ShardedOptimizer):
             # SOAAConfig checks that it is a pair (a list from a YAML file becomes a tuple here).
             lr=lr, betas=cast("tuple[float, float]", tuple(betas)) if isinstance(betas, (list, tuple)) else betas,
             eps=eps,
-            weight_decay=weight_decay, gamma=gamma, total_steps=total_steps, acceptance=acceptance,
+            weight_decay=weight_decay, gamma=gamma, band_schedule=band_schedule, total_steps=total_steps,
+            acceptance=acceptance,
             eta1=eta1, eta2=eta2, shrink=shrink, expand=expand, d_min=d_min,
             compile=compile,
         )
@@ -288,7 +306,7 @@ class SOAA(ShardedOptimizer):
         self._rho = 0.0
         self._actual = 0.0
         self._loss = 0.0
-        self._lo, self._hi = band(1, self.config.gamma, self.config.total_steps)
+        self._lo, self._hi = band(1, self.config.gamma, self.config.total_steps, self.config.band_schedule)
         self._accepted = 0
         self._rejected = 0
 
@@ -423,7 +441,7 @@ class SOAA(ShardedOptimizer):
         scal = trust_region_scalars(
             sum_mhat_sq=s_m2, sum_vhat_eps=s_veps, loss=lw / w, loss_ema=self._loss_ema,
             pred_prev=pred_prev, d_prev=self._d, t=t, beta1=cfg.betas[0], eps=cfg.eps,
-            gamma=cfg.gamma, total_steps=cfg.total_steps,
+            gamma=cfg.gamma, total_steps=cfg.total_steps, band_schedule=cfg.band_schedule,
         )
         return _SOAADecision(t=t, scalars=scal, pred_prev=pred_prev, loss=lw / w, ts=reduced.ts)
 

@@ -350,6 +350,11 @@ def test_band_schedule() -> None:
     assert band(500, 0.1, 100) == band(100, 0.1, 100)  # t > T clamps
     assert band(1, 0.25, None) == band(77, 0.25, None) == (0.75, 1.25)
     assert band(1, 0.0, 10) == (1.0, 2.0) and band(2, 0.0, 10) == (1.0, 1.0)
+    # "final" is the final band at every step, whatever T; "paper" is the default of the function
+    assert band(1, 0.1, 100, "final") == band(500, 0.1, 100, "final") == (0.9, 1.1)
+    assert band(7, 0.1, 100, "paper") == band(7, 0.1, 100)
+    with pytest.raises(ValueError, match=r"Invalid band_schedule='warm'\. Must be one of 'final', 'paper'\."):
+        band(1, 0.1, 100, "warm")
     for t in range(1, 60):  # the band narrows monotonically and always contains 1
         lo, hi = band(t, 0.2, 50)
         lo2, hi2 = band(t + 1, 0.2, 50)
@@ -376,6 +381,8 @@ def test_trust_region_scalars() -> None:
     s = _scalars(loss=5.0, loss_ema=1.0, t=4, pred_prev=-1.0, d_prev=1.5)
     assert s.rho < 0 and s.d == s.lo
     assert predicted_reduction(3.0, 2.0) == 2.0
+    s = _scalars(band_schedule="final", loss=5.0, loss_ema=1.0, t=40, pred_prev=0.1)  # ρ < 0 gives lo
+    assert (s.lo, s.hi) == (0.9, 1.1) and s.d == 0.9
 
 
 def test_constant_loss_drives_d_to_lo() -> None:

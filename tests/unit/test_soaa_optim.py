@@ -64,34 +64,38 @@ def test_large_gradients_do_not_equal_adamw() -> None:
     assert diff > 1e-3
 
 
-def test_band_invariant_and_statistics() -> None:
+@pytest.mark.parametrize("schedule", ["final", "paper"])
+def test_band_invariant_and_statistics(schedule: str) -> None:
     model = tiny_mlp(1)
-    opt = SOAA(model.parameters(), lr=0.05, gamma=0.25, total_steps=15)
-    ds = []
+    opt = SOAA(model.parameters(), lr=0.05, gamma=0.25, total_steps=15, band_schedule=schedule)
+    ds, inside = [], 0
     for s in range(25):
         opt.step(_closure(opt, model, s))
         st = opt.statistics()
-        lo, hi = band(s + 1, 0.25, 15)
+        lo, hi = band(s + 1, 0.25, 15, schedule)
         assert (st["band_lo"], st["band_hi"]) == (lo, hi)
         assert lo <= st["d"] <= hi
+        inside += lo < st["d"] < hi
         ds.append(st["d"])
-        if s == 0:
-            assert st["d"] == 1.0
-    assert len(set(ds)) > 5  # d really moves (a constant d would pass the band check trivially)
+        if s == 0:  # ρ_1 = 0 (no prediction yet): d_1 = lo_1, 1 for "paper", 1 - γ for "final"
+            assert st["d"] == (1.0 if schedule == "paper" else 0.75)
+    # d really moves (a constant d would pass the band check trivially), also inside the band
+    assert len(set(ds)) > 3 and inside > 0
     for k in ("d", "rho", "predicted_reduction", "actual_reduction", "fisher_scale", "accepted", "rejected"):
         assert k in st
     assert st["accepted"] == 25 and st["rejected"] == 0 and st["fisher_scale"] >= 1.0
-    assert st["t"] == 25 and (st["band_lo"], st["band_hi"]) == band(15, 0.25, 15)  # t > T clamps
+    assert st["t"] == 25 and (st["band_lo"], st["band_hi"]) == band(15, 0.25, 15, schedule)  # t > T clamps
 
 
-def test_constant_loss_drives_d_to_lo() -> None:
+@pytest.mark.parametrize("schedule", ["final", "paper"])
+def test_constant_loss_drives_d_to_lo(schedule: str) -> None:
     model = tiny_mlp(2)
-    opt = SOAA(model.parameters(), lr=0.01, gamma=0.2, total_steps=10)
+    opt = SOAA(model.parameters(), lr=0.01, gamma=0.2, total_steps=10, band_schedule=schedule)
     for s in range(14):
         _closure(opt, model, s)()  # real gradients, but the reported loss is constant
         opt.step(loss=3.0)
         st = opt.statistics()
-        assert st["d"] == st["band_lo"] == band(s + 1, 0.2, 10)[0]
+        assert st["d"] == st["band_lo"] == band(s + 1, 0.2, 10, schedule)[0]
         assert abs(st["rho"]) < 1e-6
 
 
@@ -267,6 +271,7 @@ PINNED = [
     (dict(weight_decay=-1), "Invalid weight_decay=-1. Must be in [0.0, inf)."),
     (dict(betas=(0.9, 1.0)), "Invalid betas[1]=1.0. Must be in [0.0, 1.0)."),
     (dict(betas=(0.9,)), "Invalid betas=(0.9,). Must be a pair (beta1, beta2)."),
+    (dict(band_schedule="cosine"), "Invalid band_schedule='cosine'. Must be one of 'final', 'paper'."),
     (dict(total_steps=0), "Invalid total_steps=0. Must be an integer >= 1 or None."),
     (dict(total_steps=10.0), "Invalid total_steps=10.0. Must be an integer >= 1 or None."),
     (dict(acceptance="greedy"), "Invalid acceptance='greedy'. Must be one of 'lagged', 'same_batch'."),
@@ -300,5 +305,5 @@ def test_config_defaults_match_the_constructor() -> None:
     cfg = SOAAConfig()
     opt = SOAA([torch.nn.Parameter(torch.ones(2))])
     assert opt.config == cfg
-    assert (cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay, cfg.gamma, cfg.total_steps, cfg.acceptance) == (
-        1e-3, (0.9, 0.999), 1e-8, 0.0, 0.1, None, "lagged")
+    assert (cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay, cfg.gamma, cfg.band_schedule, cfg.total_steps,
+            cfg.acceptance) == (1e-3, (0.9, 0.999), 1e-8, 0.0, 0.05, "final", None, "lagged")
