@@ -67,7 +67,7 @@ def _optimizers(args: argparse.Namespace, make: Callable[[], list[torch.nn.Param
         "soaa": SOAA(make(), total_steps=1000, compile=True, **kw),
         "soaa_eager": SOAA(make(), total_steps=1000, compile=False, **kw),
     }
-    if args.device == "cpu":  # the torch.compile kernels, which the C loops replace on CPU
+    if getattr(args, "device", "cpu") == "cpu":  # the torch.compile kernels, which the C loops replace on CPU
         os.environ["LIGHTNING_SOAA_NATIVE"] = "0"
         try:
             opts["soaa_inductor"] = SOAA(make(), total_steps=1000, compile=True, **kw)

@@ -259,7 +259,7 @@ class ASGOConfig:
     rms_scale: float = 0.2
     eps: float = 1e-10
     damping: float = 0.0
-    inverse_root: str = "auto"
+    inverse_root: str = "polar_express"
     root_iters: int | None = None
     root_every: int | str = 1
     root_tol: float = 0.05

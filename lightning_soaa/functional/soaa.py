@@ -412,20 +412,30 @@ def _native_soaa_sums(
     kernels: SOAAKernels, native: NativeSOAA, grads: list[Tensor], exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor], ts: list[int], *, beta1: float, beta2: float, eps: float,
 ) -> Tensor:
-    """The partials of every block through the C sums loop (reads only; one call per dtype). A block
-    whose stored moments are as the last C step left them (see :meth:`SOAAKernels.stored_sums`) reads
-    only g and m: Σ m_t² and Σ v_t follow from the step's Σ m², Σ v and this pass's Σ m g, Σ g²."""
+    """The partials of every block through the C sums loop (reads only; one call per dtype): Σ m_t²
+    and Σ v_t follow from Σ m², Σ v of the stored moments (remembered from the last C step, see
+    :meth:`SOAAKernels.stored_sums`, else read once from m and v) and this pass's Σ m g, Σ g², which
+    reads only g and m. Always by this formula, so a resumed run takes the same bits as an
+    uninterrupted one (the once-read sums equal the step's)."""
     a = 1.0 - beta1
+    scal = (a, beta2, 1.0 - beta2)
     s_m2 = s_v = 0.0
     for idx in _by_dtype(grads).values():
-        stored = [kernels.stored_sums(exp_avgs[i], exp_avg_sqs[i]) for i in idx]
-        modes = [NativeSOAA.SUMS_FULL if st is None else NativeSOAA.SUMS_GM for st in stored]
-        rows = native.sums(_pick(grads, idx), _pick(exp_avgs, idx), _pick(exp_avg_sqs, idx), modes,
-                           (a, beta2, 1.0 - beta2))
-        for i, st, (x, y) in zip(idx, stored, rows):
-            if st is not None:  # x = Σ m g, y = Σ g²; a rounding below 0 only where m_t ≈ 0
-                x, y = (max(beta1 * beta1 * st[0] + 2.0 * beta1 * a * x + a * a * y, 0.0),
-                        beta2 * st[1] + (1.0 - beta2) * y)
+        ms, vs = _pick(exp_avgs, idx), _pick(exp_avg_sqs, idx)
+        stored = [kernels.stored_sums(m, v) for m, v in zip(ms, vs)]
+        unknown = [j for j, st in enumerate(stored) if st is None]
+        if unknown:  # after a load, at the first step, or after the moments were changed from outside
+            rows = native.sums(_pick(ms, unknown), _pick(ms, unknown), _pick(vs, unknown),
+                               [NativeSOAA.SUMS_MOMENTS] * len(unknown), scal)
+            for j, (sm2, sv) in zip(unknown, rows):
+                kernels.remember(ms[j], vs[j], sm2, sv)
+                stored[j] = (sm2, sv)
+        rows = native.sums(_pick(grads, idx), ms, vs, [NativeSOAA.SUMS_GM] * len(idx), scal)
+        for i, st, (mg, g2) in zip(idx, stored, rows):
+            assert st is not None
+            # a rounding below 0 only where m_t ≈ 0 everywhere
+            x = max(beta1 * beta1 * st[0] + 2.0 * beta1 * a * mg + a * a * g2, 0.0)
+            y = beta2 * st[1] + (1.0 - beta2) * g2
             s_m2 += x / (1.0 - beta1 ** ts[i]) ** 2
             s_v += y / (1.0 - beta2 ** ts[i])
     return torch.tensor([s_m2, s_v + eps * sum(g.numel() for g in grads)], dtype=torch.float64)

@@ -3,11 +3,13 @@
  * through ctypes on raw pointers of contiguous tensors). Nothing here keeps state.
  *
  * sums (reads only; a skipped step must leave m and v untouched), per block, by its mode:
- *   mode 0: [sum m_t^2, sum v_t] of the would-be moments m_t = m + (g - m)(1 - b1),
- *           v_t = b2 v + (1 - b2) g^2: reads g, m, v (12 B/param in fp32);
- *   mode 1: [sum m g, sum g^2]: reads g, m (8 B). With sum m^2 and sum v of the stored moments (which
- *           the step below returns), the caller has sum m_t^2 = b1^2 sum m^2 + 2 b1 (1-b1) sum m g
- *           + (1-b1)^2 sum g^2 and sum v_t = b2 sum v + (1 - b2) sum g^2 without reading v.
+ *   mode 0: [sum m^2, sum v] of the stored moments: reads m, v (only where the caller does not know them
+ *           from the previous step; the same accumulation as the step's, so the same bits);
+ *   mode 1: [sum m g, sum g^2]: reads g, m (8 B/param in fp32). With sum m^2 and sum v of the stored
+ *           moments, the caller has sum m_t^2 = b1^2 sum m^2 + 2 b1 (1-b1) sum m g + (1-b1)^2 sum g^2
+ *           and sum v_t = b2 sum v + (1 - b2) sum g^2 of the would-be moments m_t = m + (g - m)(1 - b1),
+ *           v_t = b2 v + (1 - b2) g^2 without reading v. Always this formula (never a direct sum of
+ *           m_t^2), so a run resumed from a checkpoint takes the same bits as the uninterrupted one.
  * step: reads p, g, m, v and writes p, m, v in place (28 B/param in fp32); from the same sweep, per
  *   block, [sum m q, sum (s q)^2, #(s < knee), sum m_t^2, sum v_t] with s = sqrt(v_t),
  *   q = m_t / (eps + k1 s max(s, knee)) and p <- p decay + alr q.
@@ -148,13 +150,12 @@ static void add_chunks(int nb, const int64_t *first, const double *part, int k, 
         for (int64_t j = lo; j < hi; j += INNER) {                                                         \
             const int64_t e = j + INNER < hi ? j + INNER : hi;                                             \
             C f0 = 0, f1 = 0;                                                                              \
-            if (mode == 0) {                                                                               \
+            if (mode == 0) { /* the same accumulation as the step's sum m^2, sum v: bit-identical */     \
                 _Pragma("omp simd reduction(+ : f0, f1)")                                                 \
                 for (int64_t i = j; i < e; i++) {                                                          \
-                    const C gi = LOAD(g[i]), mi = LOAD(m[i]);                                              \
-                    const C mt = mi + (gi - mi) * a;                                                       \
-                    f0 += mt * mt;                                                                         \
-                    f1 += LOAD(v[i]) * b2 + gi * gi * b2c;                                                 \
+                    const C mi = LOAD(m[i]);                                                               \
+                    f0 += mi * mi;                                                                         \
+                    f1 += LOAD(v[i]);                                                                      \
                 }                                                                                          \
             } else {                                                                                       \
                 _Pragma("omp simd reduction(+ : f0, f1)")                                                 \
@@ -254,4 +255,4 @@ SOAA_STEP(f64, double, double, ID, ID, sqrt)
 SOAA_STEP(bf16, uint16_t, float, bf16_load, bf16_store, sqrtf)
 
 /* the ABI version the loader checks, so a stale cached build is never used */
-int soaa_cpu_abi(void) { return 3; }
+int soaa_cpu_abi(void) { return 4; }

@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 __all__ = ["NativeSOAA", "NativeUnavailable"]
 
 _SOURCE = Path(__file__).with_name("soaa_cpu.c")
-_ABI = 3
+_ABI = 4
 _BASE_FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-std=gnu11", "-shared", "-fPIC", "-pthread")
 # -fopenmp-simd: the `omp simd` reductions vectorise, with no OpenMP runtime (threads are pthreads
 # started per call: a runtime's pool would hang a forked child). A compiler without it builds plain loops.
@@ -138,7 +138,7 @@ class NativeSOAA:
     float32/float64/bfloat16, same dtype); each pass is one call for a list of blocks of one dtype and
     returns plain Python floats per block."""
 
-    SUMS_FULL, SUMS_GM = 0, 1  # the sums modes (see soaa_cpu.c)
+    SUMS_MOMENTS, SUMS_GM = 0, 1  # the sums modes (see soaa_cpu.c)
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         _bind(lib)
@@ -165,8 +165,9 @@ class NativeSOAA:
 
     def sums(self, g: list[Tensor], m: list[Tensor], v: list[Tensor], modes: list[int],
              scal: tuple[float, float, float]) -> list[list[float]]:
-        """Per block (reads only): mode ``SUMS_FULL`` ``[Σ m_t², Σ v_t]`` of the would-be moments,
-        mode ``SUMS_GM`` ``[Σ m g, Σ g²]``; ``scal = (1-β1, β2, 1-β2)``. One dtype for all blocks."""
+        """Per block (reads only): mode ``SUMS_MOMENTS`` ``[Σ m², Σ v]`` of the stored moments (the same
+        bits as :meth:`step` returns for them), mode ``SUMS_GM`` ``[Σ m g, Σ g²]``;
+        ``scal = (1-β1, β2, 1-β2)``. One dtype for all blocks."""
         nb = len(g)
         out = (ctypes.c_double * (2 * nb))()
         fn = getattr(self._lib, f"soaa_sums_{_SUFFIX[g[0].dtype]}")

@@ -93,7 +93,8 @@ def test_sums_and_step_do_not_depend_on_the_thread_count(dtype: torch.dtype) -> 
 
 
 def test_step_sums_and_both_sums_modes_against_float64() -> None:
-    """Per block: mode 0 ``[Σ m_t², Σ v_t]``, mode 1 ``[Σ m g, Σ g²]``; the step's five sums."""
+    """Per block: mode 0 ``[Σ m², Σ v]``, mode 1 ``[Σ m g, Σ g²]``; the step's five sums, whose last two
+    are bit-identical to mode 0 on the new moments (a resumed run takes the same bits)."""
     native = _native_or_skip()
     blocks = [_block(n, 10 + n, torch.float64) for n in (50_001, 3)]
     g, m, v, p = ([b[j] for b in blocks] for j in range(4))
@@ -103,7 +104,7 @@ def test_step_sums_and_both_sums_modes_against_float64() -> None:
     full = native.sums(g, m, v, [0, 0], (a, B2, 1 - B2))
     gm = native.sums(g, m, v, [1, 1], (a, B2, 1 - B2))
     for k in range(2):
-        assert full[k] == pytest.approx([float((mt[k] ** 2).sum()), float(vt[k].sum())], rel=1e-13)
+        assert full[k] == pytest.approx([float((m[k] ** 2).sum()), float(v[k].sum())], rel=1e-13)
         assert gm[k] == pytest.approx([float((m[k] * g[k]).sum()), float((g[k] ** 2).sum())], rel=1e-12)
     k1, knee, eps = 3.0, 0.4, 1e-8
     p0 = [x.clone() for x in p]
@@ -114,6 +115,7 @@ def test_step_sums_and_both_sums_modes_against_float64() -> None:
         torch.testing.assert_close(p[k], p0[k] * 0.99 - 0.1 * q, rtol=1e-14, atol=1e-15)
         want = [(mt[k] * q).sum(), ((s * q) ** 2).sum(), (s < knee).sum(), (mt[k] ** 2).sum(), vt[k].sum()]
         assert rows[k] == pytest.approx([float(w) for w in want], rel=1e-12)
+    assert [r[3:] for r in rows] == native.sums(g, m, v, [0, 0], (a, B2, 1 - B2))  # the same bits
 
 
 def test_lagged_sums_are_used_only_for_moments_the_step_left_unchanged() -> None:
@@ -129,8 +131,11 @@ def test_lagged_sums_are_used_only_for_moments_the_step_left_unchanged() -> None
     assert kernels.stored_sums(m, v) is not None
     g2 = torch.randn(30_000, dtype=torch.float64)
     lagged = soaa_moments([g2], [m], [v], [2], kernels=kernels, **kw)
-    full = soaa_moments([g2], [m], [v], [2], kernels=SOAAKernels(), **kw)
-    torch.testing.assert_close(lagged, full, rtol=1e-12, atol=0)
+    fresh = soaa_moments([g2], [m], [v], [2], kernels=SOAAKernels(), **kw)  # reads Σm², Σv once
+    assert torch.equal(lagged, fresh)  # the same bits: what a resumed run relies on
+    mt, vt = m + (g2 - m) * (1 - B1), B2 * v + (1 - B2) * g2 * g2
+    want = [float((mt**2).sum()) / (1 - B1**2) ** 2, float(vt.sum()) / (1 - B2**2) + 1e-8 * 30_000]
+    assert lagged.tolist() == pytest.approx(want, rel=1e-12)
     m.mul_(2.0)  # the user (or a loader) changed the moments: the memory no longer applies
     assert kernels.stored_sums(m, v) is None
     soaa_step_([p], [g], [m], [v], [2], **step_kw)
@@ -209,3 +214,37 @@ def test_a_forked_child_runs_the_kernels_on_several_threads() -> None:
     proc = subprocess.run([sys.executable, "-c", _FORK_SCRIPT], timeout=120, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_resumed_optimizer_takes_the_same_bits_as_the_uninterrupted_one(dtype: torch.dtype) -> None:
+    """The kernels remember Σm², Σv between steps; a fresh optimizer loading a checkpoint reads them
+    once from the moments, by the same accumulation: parameters and trust scalars bit-identical."""
+    from lightning_soaa import SOAA
+
+    _native_or_skip()
+    gen = torch.Generator().manual_seed(11)
+    grads = [[torch.randn(s, generator=gen, dtype=dtype) for s in ((300, 40), (40,))] for _ in range(6)]
+
+    def run(opt: SOAA, params: list[torch.nn.Parameter], steps: range) -> None:
+        for k in steps:
+            for p, g in zip(params, grads[k]):
+                p.grad = g.clone()
+            opt.step(loss=1.0 / (1 + k))
+
+    def fresh() -> tuple[SOAA, list[torch.nn.Parameter]]:
+        ps = [torch.nn.Parameter(torch.ones(s, dtype=dtype)) for s in ((300, 40), (40,))]
+        return SOAA(ps, lr=0.01, total_steps=6), ps
+
+    a, pa = fresh()
+    run(a, pa, range(6))
+    b, pb = fresh()
+    run(b, pb, range(3))
+    c, pc = fresh()
+    with torch.no_grad():
+        for x, y in zip(pc, pb):
+            x.copy_(y)
+    c.load_state_dict(b.state_dict())
+    run(c, pc, range(3, 6))
+    assert all(torch.equal(x, y) for x, y in zip(pa, pc))
+    assert a.trust_state() == c.trust_state()
