@@ -427,9 +427,9 @@ class ASGO(_OneSided):
         inverse_root: ``"polar_express"`` (default), ``"newton_schulz"``, ``"eigh"`` (float64) or
             ``"auto"`` (``"eigh"`` for blocks on the CPU, ``"polar_express"`` elsewhere; see
             :func:`~lightning_soaa.functional.linalg.resolve_root_method`). eigh is exact, and on a CPU
-            about half the cost of Polar Express, but it inverts every eigenvalue above 1e-12 of the
-            largest, so on a rank-deficient float32 statistic it amplifies rounding noise in the
-            near-null directions (Polar Express damps them): not the default.
+            about half the cost of Polar Express, but on an ill-conditioned Gram it passes on
+            rounding-level differences in V (e.g. summation order across world sizes) far more than the
+            Polar Express polynomial: W = 2 and one process differ by ~1e-8 relative, so not the default.
         root_iters: iterations of the iterative roots (default None: 10 Polar Express, 18 Newton-Schulz).
         root_every: recompute :math:`P` every :math:`\tau` steps, reusing the stored one between (default 1),
             or ``"auto"``: recompute a block's :math:`P` when its statistic has moved,
