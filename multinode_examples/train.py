@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_soaa import registry
-from lightning_soaa.distributed.launch import LaunchInfo, init_from_env
+from lightning_soaa.distributed.launch import LaunchInfo, exit_without_teardown, init_from_env
 from lightning_soaa.registry import OptimizerSpec, StepNeeds
 
 log = logging.getLogger("train")
@@ -319,4 +319,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_without_teardown(main())  # a gloo rank can abort in interpreter teardown after a finished run

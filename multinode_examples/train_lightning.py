@@ -42,6 +42,7 @@ from train import (  # noqa: E402
 )
 
 from lightning_soaa import registry  # noqa: E402
+from lightning_soaa.distributed.launch import exit_without_teardown  # noqa: E402
 from lightning_soaa.registry import StepNeeds  # noqa: E402
 
 
@@ -141,4 +142,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_without_teardown(main())  # a gloo rank can abort in interpreter teardown after a finished run
