@@ -34,6 +34,14 @@ rank = cli.trainer.global_rank
 torch.save({"params": [p.detach().clone() for p in cli.model.parameters()],
             "world": opt.comm.world_size, "steps": opt.num_steps, "pending": opt.join_pending},
            os.path.join(os.environ["STOCK_CLI_OUT"], f"{kind}_rank{rank}.pt"))
+# Lightning leaves the gloo group alive; a rank can then abort in interpreter teardown after the fit
+# ("terminate called without an active exception"): every rank saves, meets, and leaves without it.
+import torch.distributed as dist
+from lightning_soaa.distributed.launch import exit_without_teardown
+if dist.is_initialized():
+    dist.barrier()
+    dist.destroy_process_group()
+exit_without_teardown(0)
 '''
 
 ARGS = ["fit", "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
