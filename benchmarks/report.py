@@ -49,7 +49,7 @@ COLORS = {"AdamW": "tab:blue", "SOAA": "tab:orange", "ASGO": "tab:red", "EGN": "
           "SOAP": "tab:brown", "PSGD": "tab:gray"}
 #: bytes read and written per parameter by one fp32 step at best (see bench_soaa_step's docstring:
 #: fused AdamW reads θ, g, m, v and writes θ, m, v; SOAA's C loops on CPU: the sums pass reads g, m
-#: (8 B), the step reads θ, g, m, v and writes θ, m, v (28 B); see lightning_soaa/functional/soaa_cpu.c)
+#: (8 B), the step reads θ, g, m, v and writes θ, m, v (28 B); see lightning_soaa/kernels/soaa_cpu.c)
 BYTES_PER_PARAM = {"adamw_fused": 28, "soaa": 36}
 README_BEGIN, README_END = "<!-- report:begin -->", "<!-- report:end -->"
 

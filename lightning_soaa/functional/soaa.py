@@ -23,8 +23,9 @@ sub-group), so tensors that joined later are bias-corrected like Adam does.
 Kernels, torch-style, behind the two dispatchers :func:`soaa_moments` and :func:`soaa_step_` (same
 arithmetic, per block):
 
-* C (``_native_*``, CPU): each pass is one hand-written C loop (``soaa_cpu.c``, built at first use by
-  :mod:`~lightning_soaa.functional.soaa_native`) over all blocks of a dtype in one call, when the caller
+* C (``_native_*``, CPU): each pass is one hand-written C loop (built at first use by
+  :mod:`~lightning_soaa.kernels.soaa_native`, handed in by the optimizer as a :class:`CpuPasses`)
+  over all blocks of a dtype in one call, when the caller
   passes a :class:`SOAAKernels` (the optimizer owns it: ``SOAA(compile=...)``; nothing is cached in this
   module). The step returns the new moments' Σm², Σv too, which the kernels object remembers, so the
   next sums pass reads only g and m (8 B/param instead of 12) for moments nobody touched since;
@@ -48,16 +49,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import weakref
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
-from torch.autograd.graph import increment_version
-
-from lightning_soaa.functional.soaa_native import NativeSOAA, NativeUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -252,25 +249,43 @@ class _Stored:
 _COMPILABLE = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
+class CpuPasses(Protocol):
+    """The one-call-per-pass CPU kernels (implemented by :class:`lightning_soaa.kernels.soaa_native.
+    NativeSOAA`; this module only calls them). ``sums`` modes: ``SUMS_MOMENTS`` -> ``[Σ m², Σ v]``,
+    ``SUMS_GM`` -> ``[Σ m g, Σ g²]``; ``step`` updates θ, m, v in place (and marks them modified for
+    autograd) and returns ``[Σ m q, Σ (s q)², #(s < knee), Σ m², Σ v]`` per block."""
+
+    SUMS_MOMENTS: int
+    SUMS_GM: int
+
+    def accepts(self, *ts: Tensor) -> bool: ...
+
+    def sums(self, g: list[Tensor], m: list[Tensor], v: list[Tensor], modes: list[int],
+             scal: tuple[float, float, float]) -> list[list[float]]: ...
+
+    def step(self, p: list[Tensor], g: list[Tensor], m: list[Tensor], v: list[Tensor],
+             scal: Sequence[Sequence[float]]) -> list[list[float]]: ...
+
+
 class SOAAKernels:
     """The one-sweep passes (sums; moments and θ in place), for one owner (e.g. an optimizer instance)
-    to keep and pass in: on CPU the C loops of :mod:`~lightning_soaa.functional.soaa_native` (built at
-    first use), elsewhere, or where no C compiler is found, the ``torch.compile``'d kernels.
+    to keep and pass in: on CPU the C loops that ``cpu_loader`` returns (the optimizer passes
+    :meth:`lightning_soaa.kernels.soaa_native.NativeSOAA.load`; called at the first CPU block),
+    elsewhere, or where the loader raises (no C compiler), the ``torch.compile``'d kernels.
 
     ``min_numel``: smaller tensors take the eager path (a compiled call costs tens of microseconds of
-    guards and launch; below this size the eager ops are as fast). ``native``: ``False`` never uses the
-    C kernels; ``None`` (default) uses them unless ``LIGHTNING_SOAA_NATIVE=0``. After a compiler
-    failure the object turns that backend off (``failure`` / ``native_failure`` say why) and every
-    later call takes the next one; the failing call itself never leaves a tensor half-updated (errors
-    surface before the first kernel writes).
+    guards and launch; below this size the eager ops are as fast). ``cpu_loader=None``: no C kernels.
+    After a failure the object turns that backend off (``failure`` / ``native_failure`` say why) and
+    every later call takes the next one; the failing call itself never leaves a tensor half-updated
+    (errors surface before the first kernel writes).
     """
 
-    def __init__(self, min_numel: int = 1 << 16, native: bool | None = None) -> None:
+    def __init__(self, min_numel: int = 1 << 16, cpu_loader: Callable[[], CpuPasses] | None = None) -> None:
         self.min_numel = int(min_numel)
         self.failure: str | None = None
-        want = native if native is not None else os.environ.get("LIGHTNING_SOAA_NATIVE", "1") != "0"
-        self.native_failure: str | None = None if want else "off (native=False or LIGHTNING_SOAA_NATIVE=0)"
-        self._native: NativeSOAA | None = None
+        self.native_failure: str | None = None if cpu_loader is not None else "off (no CPU kernel loader)"
+        self._loader = cpu_loader
+        self._native: CpuPasses | None = None
         self._stored: dict[int, _Stored] = {}
         self._prune_at = 64
         self.sums: Callable[..., Tensor] = torch.compile(_sums_kernel, dynamic=True, fullgraph=True)
@@ -283,21 +298,21 @@ class SOAAKernels:
     def _big(self, ts: tuple[Tensor, ...]) -> bool:
         return ts[0].numel() >= self.min_numel and not torch.compiler.is_compiling()
 
-    def native_for(self, *ts: Tensor) -> NativeSOAA | None:
+    def native_for(self, *ts: Tensor) -> CpuPasses | None:
         """The C kernels if they take this block (loaded at the first CPU block that could use them).
         They take blocks of any size: one call runs all blocks of a dtype, so a small block costs no
         dispatch of its own."""
-        if (self.native_failure is not None or torch.compiler.is_compiling()
-                or not NativeSOAA.accepts(*ts)):
+        if self.native_failure is not None or torch.compiler.is_compiling() or not ts[0].is_cpu:
             return None
         if self._native is None:
+            assert self._loader is not None
             try:
-                self._native = NativeSOAA.load()
-            except NativeUnavailable as e:
+                self._native = self._loader()
+            except RuntimeError as e:  # the loader's "cannot build or load here"
                 self.native_failure = str(e)
                 log.warning("SOAA: no C kernels here (%s); using torch.compile or eager", e)
                 return None
-        return self._native
+        return self._native if self._native.accepts(*ts) else None
 
     def remember(self, m: Tensor, v: Tensor, sum_m2: float, sum_v: float) -> None:
         """Σ m², Σ v of moments the C step just wrote (after their version counters were bumped)."""
@@ -409,7 +424,7 @@ def _by_dtype(xs: list[Tensor]) -> dict[torch.dtype, list[int]]:
 
 
 def _native_soaa_sums(
-    kernels: SOAAKernels, native: NativeSOAA, grads: list[Tensor], exp_avgs: list[Tensor],
+    kernels: SOAAKernels, native: CpuPasses, grads: list[Tensor], exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor], ts: list[int], *, beta1: float, beta2: float, eps: float,
 ) -> Tensor:
     """The partials of every block through the C sums loop (reads only; one call per dtype): Σ m_t²
@@ -426,11 +441,11 @@ def _native_soaa_sums(
         unknown = [j for j, st in enumerate(stored) if st is None]
         if unknown:  # after a load, at the first step, or after the moments were changed from outside
             rows = native.sums(_pick(ms, unknown), _pick(ms, unknown), _pick(vs, unknown),
-                               [NativeSOAA.SUMS_MOMENTS] * len(unknown), scal)
+                               [native.SUMS_MOMENTS] * len(unknown), scal)
             for j, (sm2, sv) in zip(unknown, rows):
                 kernels.remember(ms[j], vs[j], sm2, sv)
                 stored[j] = (sm2, sv)
-        rows = native.sums(_pick(grads, idx), ms, vs, [NativeSOAA.SUMS_GM] * len(idx), scal)
+        rows = native.sums(_pick(grads, idx), ms, vs, [native.SUMS_GM] * len(idx), scal)
         for i, st, (mg, g2) in zip(idx, stored, rows):
             assert st is not None
             # a rounding below 0 only where m_t ≈ 0 everywhere
@@ -442,7 +457,7 @@ def _native_soaa_sums(
 
 
 def _native_soaa_step_(
-    kernels: SOAAKernels, native: NativeSOAA, params: list[Tensor], grads: list[Tensor],
+    kernels: SOAAKernels, native: CpuPasses, params: list[Tensor], grads: list[Tensor],
     exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], ts: list[int], *, lr: float, beta1: float,
     beta2: float, eps: float, weight_decay: float, d: float, c: float, count_limited: bool,
 ) -> Tensor:
@@ -454,10 +469,7 @@ def _native_soaa_step_(
         scal = [(1.0 - beta1, beta2, 1.0 - beta2, 1.0 - lr * weight_decay, -lr * caps[ts[i]][2],
                  *caps[ts[i]][:2], eps) for i in idx]
         ps, ms, vs = [params[i].detach() for i in idx], _pick(exp_avgs, idx), _pick(exp_avg_sqs, idx)
-        rows = native.step(ps, _pick(grads, idx), ms, vs, scal)
-        # the C loop writes through raw pointers: tell autograd these tensors changed, as an in-place
-        # torch op would (a graph that saved θ then refuses to backward instead of using the new θ)
-        increment_version([params[i] for i in idx] + ms + vs)
+        rows = native.step(ps, _pick(grads, idx), ms, vs, scal)  # also bumps their autograd versions
         for i, m, v, r in zip(idx, ms, vs, rows):
             _, _, step, bc1, bc2 = caps[ts[i]]
             out[0] += r[0] * (step / bc1)
@@ -620,7 +632,7 @@ def _single_tensor_soaa_step_(
 
 # ---------------------------------------------------------------- dispatchers
 def _split(kernels: SOAAKernels | None, *lists: list[Tensor]
-           ) -> tuple[NativeSOAA | None, list[int], list[int], list[int]]:
+           ) -> tuple[CpuPasses | None, list[int], list[int], list[int]]:
     """The C kernels (if any block takes them) and the indices of the blocks for them, for the
     compiled kernels and for the eager ones."""
     n = len(lists[0])

@@ -49,6 +49,7 @@ from lightning_soaa.functional.soaa import (
     soaa_step_,
     trust_region_scalars,
 )
+from lightning_soaa.kernels.soaa_native import NativeSOAA
 from lightning_soaa.optim.adamw import adam_state_schema
 from lightning_soaa.optim.base import BlockView, ShardedOptimizer, StepRecord, summed
 from lightning_soaa.optim.closure_source import accumulation_steps
@@ -281,7 +282,8 @@ class SOAA(ShardedOptimizer):
         (compiled callables do not pickle); compiling itself waits for the first call."""
         if "_soaa_kernels" not in self.__dict__:
             use = self.config.compile if self.config.compile is not None else _compile_default()
-            self._soaa_kernels = SOAAKernels() if use else None
+            native = os.environ.get("LIGHTNING_SOAA_NATIVE", "1") != "0"  # "0": torch.compile on CPU too
+            self._soaa_kernels = SOAAKernels(cpu_loader=NativeSOAA.load if native else None) if use else None
         return self._soaa_kernels
 
     def _kernels_for(self, views: list[BlockView]) -> SOAAKernels | None:

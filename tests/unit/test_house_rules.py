@@ -31,7 +31,9 @@ ALLOWED_LONG: dict[str, int] = {}
 FORBIDDEN = {
     "lightning_soaa/distributed": ("lightning_soaa.optim", "lightning_soaa.lightning", "deepspeed_ext"),
     "lightning_soaa/functional": ("lightning_soaa.optim", "lightning_soaa.lightning", "deepspeed_ext",
-                                  "lightning_soaa.distributed", "torch.distributed"),
+                                  "lightning_soaa.distributed", "torch.distributed",
+                                  # pure math: no compilers, shared libraries, processes or environment
+                                  "lightning_soaa.kernels", "ctypes", "subprocess", "os"),
 }
 
 

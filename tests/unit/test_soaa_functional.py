@@ -18,6 +18,7 @@ from lightning_soaa.functional.soaa import (
     soaa_step_,
     trust_region_scalars,
 )
+from lightning_soaa.kernels.soaa_native import NativeSOAA
 
 B1, B2 = 0.9, 0.999
 
@@ -183,7 +184,7 @@ def _run_both_passes(grads, ms, vs, ps, ts, *, kernels, foreach=None, count_limi
 def test_compiled_kernels_match_the_spec_transcription(dtype: torch.dtype, native: bool) -> None:
     """Both compiled passes (the big tensors) mixed with the eager path (the small ones) against the
     float64 transcription; in float64 the compiled arithmetic must agree to rounding."""
-    kernels = SOAAKernels(min_numel=1000, native=native)
+    kernels = SOAAKernels(min_numel=1000, cpu_loader=NativeSOAA.load if native else None)
     shapes = [(70, 50), (5,), (3001,), (40, 30)]
     grads, ms, vs, ps = _state(21, shapes, [3.0, 1e-3, 0.3, 1.0])
     t, lr, eps, wd, d = 3, 0.1, 1e-8, 0.01, 1.3
@@ -218,7 +219,7 @@ def test_compiled_kernels_agree_with_the_loop_path_per_tensor_steps_and_count(na
     data = [list(map(lambda x: x.float(), xs)) for xs in _state(22, shapes, [1.0, 0.01, 3.0])]
     ts = [2, 9, 9]
     runs = []
-    for kernels in (SOAAKernels(min_numel=1000, native=native), None):
+    for kernels in (SOAAKernels(min_numel=1000, cpu_loader=NativeSOAA.load if native else None), None):
         grads, ms, vs, ps = ([x.clone() for x in xs] for xs in data)
         m, v, a, b, c = _run_both_passes(grads, ms, vs, ps, ts, kernels=kernels, foreach=False,
                                          count_limited=True, lr=0.1, eps=1e-8, weight_decay=0.01, d=1.2)
@@ -238,7 +239,7 @@ def test_compiled_kernels_agree_with_the_loop_path_per_tensor_steps_and_count(na
 @BACKENDS
 def test_compiled_kernels_bf16_match_the_reference(native: bool) -> None:
     """bfloat16 state and parameters: the compiled passes compute in float32 and round once per store."""
-    kernels = SOAAKernels(min_numel=1000, native=native)
+    kernels = SOAAKernels(min_numel=1000, cpu_loader=NativeSOAA.load if native else None)
     grads, ms, vs, ps = _state(23, [(3000,)], [1.0])
     t, kw = 4, dict(lr=0.05, eps=1e-8, weight_decay=0.01, d=1.1)
     def bf(xs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -263,7 +264,7 @@ def test_compiler_failure_falls_back_to_eager_with_one_warning(caplog: pytest.Lo
     def broken(*args):
         raise RuntimeError("no C++ compiler")
 
-    kernels = SOAAKernels(min_numel=10, native=False)  # the torch.compile backend
+    kernels = SOAAKernels(min_numel=10)  # the torch.compile backend
     kernels.sums = broken
     kernels.step = kernels.update_sums = kernels.update_count = broken
     data = _state(24, [(300,), (50,)], [1.0, 0.1])
@@ -287,7 +288,7 @@ def test_compiler_failure_after_the_step_kernel_updates_each_tensor_once(count_l
     def broken(*args):
         raise RuntimeError("no C++ compiler")
 
-    kernels = SOAAKernels(min_numel=10, native=False)  # the torch.compile backend
+    kernels = SOAAKernels(min_numel=10)  # the torch.compile backend
     kernels.sums = soaa_mod._sums_kernel
     kernels.step = soaa_mod._step_kernel
     kernels.update_sums = kernels.update_count = broken

@@ -1,4 +1,4 @@
-"""The C kernels of SOAA's CPU passes (``functional/soaa_native.py``): building, caching, fallback,
+"""The C kernels of SOAA's CPU passes (``kernels/soaa_native.py``): building, caching, fallback,
 thread-count determinism, non-finite values, autograd's version counters. Their arithmetic against
 the float64 transcription is in ``test_soaa_functional.py`` (the ``c`` backend cases)."""
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lightning_soaa.functional.soaa import SOAAKernels, soaa_moments, soaa_step_
-from lightning_soaa.functional.soaa_native import NativeSOAA, NativeUnavailable
+from lightning_soaa.kernels.soaa_native import NativeSOAA, NativeUnavailable
 
 B1, B2 = 0.9, 0.999
 
@@ -49,7 +49,7 @@ def test_without_a_compiler_the_kernels_fall_back_with_one_warning(
     monkeypatch.setenv("PATH", str(tmp_path))  # no cc, gcc or clang either
     with pytest.raises(NativeUnavailable, match="no C compiler found"):
         NativeSOAA.load()
-    kernels = SOAAKernels(min_numel=10)
+    kernels = SOAAKernels(min_numel=10, cpu_loader=NativeSOAA.load)
     g, m, v, p = _block(100, 0)
     with caplog.at_level(logging.WARNING):
         for _ in range(2):
@@ -59,11 +59,19 @@ def test_without_a_compiler_the_kernels_fall_back_with_one_warning(
 
 
 def test_env_switch_turns_the_c_kernels_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The optimizer reads LIGHTNING_SOAA_NATIVE (functional/ never reads the environment)."""
+    from lightning_soaa import SOAA
+
+    block = _block(1 << 17, 0)
     monkeypatch.setenv("LIGHTNING_SOAA_NATIVE", "0")
-    assert SOAAKernels().native_for(*_block(1 << 17, 0)) is None
+    off = SOAA([torch.nn.Parameter(torch.ones(3))], compile=True)._kernels()
+    assert off is not None and off.native_for(*block) is None
+    assert SOAAKernels().native_for(*block) is None  # no loader, no C kernels
     monkeypatch.delenv("LIGHTNING_SOAA_NATIVE")
     _native_or_skip()
-    kernels = SOAAKernels()
+    on = SOAA([torch.nn.Parameter(torch.ones(3))], compile=True)._kernels()
+    assert on is not None and on.native_for(*block) is not None
+    kernels = SOAAKernels(cpu_loader=NativeSOAA.load)
     assert kernels.native_for(*_block(1 << 17, 0)) is not None
     assert kernels.native_for(*_block(100, 0)) is not None  # any size: one call takes all blocks
     g, m, v, p = _block(1 << 17, 0)
@@ -122,7 +130,7 @@ def test_lagged_sums_are_used_only_for_moments_the_step_left_unchanged() -> None
     """Σ m_t², Σ v_t from the remembered Σ m², Σ v (reading g and m only) equal the full pass; any
     change to the moments (an in-place op, a new tensor, forget()) makes the next pass read v again."""
     _native_or_skip()
-    kernels = SOAAKernels()
+    kernels = SOAAKernels(cpu_loader=NativeSOAA.load)
     g, m, v, p = _block(30_000, 4, torch.float64)
     kw = dict(beta1=B1, beta2=B2, eps=1e-8)
     step_kw = dict(lr=0.01, weight_decay=0.0, d=1.0, c=1.5, kernels=kernels, **kw)
@@ -131,7 +139,8 @@ def test_lagged_sums_are_used_only_for_moments_the_step_left_unchanged() -> None
     assert kernels.stored_sums(m, v) is not None
     g2 = torch.randn(30_000, dtype=torch.float64)
     lagged = soaa_moments([g2], [m], [v], [2], kernels=kernels, **kw)
-    fresh = soaa_moments([g2], [m], [v], [2], kernels=SOAAKernels(), **kw)  # reads Σm², Σv once
+    fresh_kernels = SOAAKernels(cpu_loader=NativeSOAA.load)  # reads Σm², Σv once
+    fresh = soaa_moments([g2], [m], [v], [2], kernels=fresh_kernels, **kw)
     assert torch.equal(lagged, fresh)  # the same bits: what a resumed run relies on
     mt, vt = m + (g2 - m) * (1 - B1), B2 * v + (1 - B2) * g2 * g2
     want = [float((mt**2).sum()) / (1 - B1**2) ** 2, float(vt.sum()) / (1 - B2**2) + 1e-8 * 30_000]
@@ -148,7 +157,7 @@ def test_lagged_sums_are_used_only_for_moments_the_step_left_unchanged() -> None
 
 def test_nonfinite_gradient_makes_the_partials_nonfinite_and_nothing_is_written() -> None:
     _native_or_skip()
-    kernels = SOAAKernels(min_numel=10)
+    kernels = SOAAKernels(min_numel=10, cpu_loader=NativeSOAA.load)
     for bad in (float("nan"), float("inf")):
         g, m, v, _ = _block(5000, 2)
         g[4321] = bad
@@ -176,7 +185,7 @@ def test_bf16_store_rounds_to_nearest_even_and_keeps_nan() -> None:
 def test_the_step_bumps_autograd_version_counters() -> None:
     """The C loop writes through raw pointers; a graph that saved θ must still refuse to backward."""
     _native_or_skip()
-    kernels = SOAAKernels(min_numel=10)
+    kernels = SOAAKernels(min_numel=10, cpu_loader=NativeSOAA.load)
     p = torch.nn.Parameter(torch.randn(5000))
     loss = (p * p).sum()  # saves p for backward
     g, m, v, _ = _block(5000, 3)
@@ -192,7 +201,7 @@ def test_the_step_bumps_autograd_version_counters() -> None:
 
 _FORK_SCRIPT = """
 import os, torch
-from lightning_soaa.functional.soaa_native import NativeSOAA
+from lightning_soaa.kernels.soaa_native import NativeSOAA
 torch.set_num_threads(2)
 nat = NativeSOAA.load()
 x = [torch.rand(1 << 20) for _ in range(3)]

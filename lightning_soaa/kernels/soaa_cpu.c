@@ -1,5 +1,5 @@
 /* SOAA's two elementwise passes on CPU, one sweep each, over many blocks per call
- * (see lightning_soaa/functional/soaa_native.py, which builds this file at run time and calls it
+ * (see lightning_soaa/kernels/soaa_native.py, which builds this file at run time and calls it
  * through ctypes on raw pointers of contiguous tensors). Nothing here keeps state.
  *
  * sums (reads only; a skipped step must leave m and v untouched), per block, by its mode:

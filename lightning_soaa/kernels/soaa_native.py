@@ -17,7 +17,8 @@ Threads: each call uses up to ``torch.get_num_threads()`` pthreads, started and 
 are deterministic for any thread count (fixed chunks added in order by one thread; see the C source).
 
 Nothing here is global: :meth:`NativeSOAA.load` returns an object the caller keeps (the optimizer's
-:class:`~lightning_soaa.functional.soaa.SOAAKernels`).
+:class:`~lightning_soaa.functional.soaa.SOAAKernels`, which only sees its ``CpuPasses`` protocol:
+compilers, caches and ctypes stay out of ``functional/``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import increment_version
 
 log = logging.getLogger(__name__)
 
@@ -178,8 +180,9 @@ class NativeSOAA:
 
     def step(self, p: list[Tensor], g: list[Tensor], m: list[Tensor], v: list[Tensor],
              scal: Sequence[Sequence[float]]) -> list[list[float]]:
-        """m, v, θ in place; per block ``[Σ m q, Σ (s q)², #(s < knee), Σ m², Σ v]`` of the new
-        moments, from the same sweep. ``scal[b] = (1-β1, β2, 1-β2, decay, alr, k1, knee, ε)``."""
+        """m, v, θ in place (their autograd versions bumped); per block
+        ``[Σ m q, Σ (s q)², #(s < knee), Σ m², Σ v]`` of the new moments, from the same sweep.
+        ``scal[b] = (1-β1, β2, 1-β2, decay, alr, k1, knee, ε)``."""
         nb = len(p)
         out = (ctypes.c_double * (5 * nb))()
         sc = (ctypes.c_double * (8 * nb))(*[x for row in scal for x in row])
@@ -187,4 +190,7 @@ class NativeSOAA:
         if fn(nb, _pointers(p), _pointers(g), _pointers(m), _pointers(v), _sizes(p), sc, out,
               torch.get_num_threads()):
             raise MemoryError("SOAA CPU kernel: out of memory for its per-chunk sums")
+        # the loop wrote through raw pointers: tell autograd these tensors changed, as an in-place torch
+        # op would (a graph that saved θ then refuses to backward instead of using the new θ)
+        increment_version([*p, *m, *v])
         return _rows(out, 5)
