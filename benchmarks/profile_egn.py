@@ -33,6 +33,8 @@ PHASES: tuple[tuple[str, ...], ...] = (
     ("residual, Q factors", "functional/egn.py", "residual_and_factor"),
     ("solve", "functional/egn.py", "solve_coefficients"),
     ("solve", "functional/egn.py", "solve_damped"),
+    ("solve", "functional/egn.py", "solve_damped_cg"),
+    ("solve", "functional/gram.py", "__init__", "_solve_system"),  # GramOperator set-up
     ("K mat-vecs, S^T J factors", "functional/gram.py", "gram_matvec", "_solve"),
     ("K mat-vecs, S^T J factors", "functional/gram.py", "transform_factors"),
     ("VJPs d = J^T v", "optim/egn.py", "_vjps"),
@@ -70,6 +72,9 @@ def profile(b: int, steps: int, solve_dtype: str, line_search: bool) -> dict[str
     per = {k: 1e3 * v / steps for k, v in out.items()}
     per["other (template, exchanges, checks)"] = 1e3 * total / steps - sum(per.values())
     per["step total"] = 1e3 * total / steps
+    st = opt.statistics()
+    per["CG mat-vecs (last step)"] = float(st.get("solve_cg_iterations", 0.0))
+    per["refinement sweeps (last step)"] = float(st.get("solve_refinements", 0.0))
     return per
 
 

@@ -37,6 +37,9 @@ __all__ = [
     "SolveResult",
     "solve_coefficients",
     "solve_damped",
+    "CG_TOL",
+    "conjugate_gradient",
+    "solve_damped_cg",
     "directional_derivative",
     "model_change",
     "gain_ratio",
@@ -169,6 +172,7 @@ class SolveResult:
     ok: bool
     refine_failed: bool = False
     refinements: int = 0
+    cg_iterations: int = 0  # operator applications of a conjugate-gradient solve (0: a direct solve)
 
 
 #: iterative refinement stops when the correction is below this fraction of the solution
@@ -271,6 +275,77 @@ def _cholesky_refined(chol: Tensor, rhs: Tensor, lam_b: float, apply_base: Calla
             return (x if nd <= REFINE_STAGNATION_OK * nx else None), sweep
         prev = nd
     return None, max_refine
+
+
+#: conjugate gradients stop once ‖rhs − (A + σI)x‖ ≤ CG_TOL·σ·‖x‖. A + σI ⪰ σI (A is PSD), so the error
+#: then obeys ‖x − x*‖ ≤ ‖residual‖/σ ≤ CG_TOL·‖x‖: a guaranteed forward error, whatever the conditioning,
+#: at the level the mixed-precision refinement accepts (REFINE_TOL..REFINE_STAGNATION_OK).
+CG_TOL = 1e-13
+
+
+def conjugate_gradient(apply_a: Callable[[Tensor], Tensor], rhs: Tensor, shift: float, *, max_iter: int,
+                       tol: float = CG_TOL) -> tuple[Tensor | None, int]:
+    """x = (A + σI)⁻¹ rhs for a symmetric PSD A given as x ↦ A x, by conjugate gradients (σ = ``shift`` > 0).
+
+    Converged when the residual, recomputed from ``apply_a`` (not the recurrence, which can drift below
+    the true residual), meets ‖rhs − (A + σI)x‖ ≤ ``tol``·σ·‖x‖, so ‖x − x*‖ ≤ ``tol``·‖x‖. A recurrence
+    that claims convergence the true residual does not confirm restarts from the true residual. Returns
+    (x, operator applications), or (None, applications) when ``max_iter`` applications were not enough
+    or a value became non-finite: the caller solves another way. No preconditioner: block-Jacobi and
+    diagonal ones were measured to need as many or more iterations on EGN's Gram systems, whose hard
+    part is a spread of large eigenvalues across samples, not a badly scaled diagonal.
+    """
+    if not shift > 0.0:
+        raise ValueError(f"conjugate_gradient needs shift > 0; got {shift}")
+    x = torch.zeros_like(rhs)
+    res = rhs.clone()
+    used = 0
+    while used < max_iter:
+        p = res.clone()
+        rr = float(res.dot(res))
+        if rr == 0.0:
+            return x, used
+        while used < max_iter:
+            ap = apply_a(p).add_(p, alpha=shift)
+            used += 1
+            pap = float(p.dot(ap))
+            if not (math.isfinite(pap) and pap > 0.0):
+                return None, used
+            step = rr / pap
+            x.add_(p, alpha=step)
+            res.add_(ap, alpha=-step)
+            rr_new = float(res.dot(res))
+            if not math.isfinite(rr_new):
+                return None, used
+            if math.sqrt(rr_new) <= tol * shift * float(x.norm()):
+                break
+            p.mul_(rr_new / rr).add_(res)
+            rr = rr_new
+        else:
+            return None, used
+        res = rhs - apply_a(x) - shift * x  # the true residual
+        used += 1
+        if float(res.norm()) <= tol * shift * float(x.norm()):
+            return x, used
+    return None, used
+
+
+def solve_damped_cg(
+    apply_base: Callable[[Tensor], Tensor], r: Tensor, st_kr: Tensor, s: Tensor | None, batch_size: int,
+    damping: float, *, max_iter: int, tol: float = CG_TOL,
+) -> SolveResult:
+    """:func:`solve_damped`'s v from ``apply_base`` (x ↦ SᵀKS x, K x when ``s`` is None) by
+    :func:`conjugate_gradient` on A = SᵀKS + bλI, without forming the matrix. ``ok=False`` (and
+    ``refine_failed``) when it did not converge within ``max_iter`` operator applications: the caller
+    then solves directly (which also owns the λ×10 retries)."""
+    lam_b = batch_size * float(damping)
+    w, used = conjugate_gradient(apply_base, r if s is None else st_kr, lam_b, max_iter=max_iter, tol=tol)
+    if w is not None:
+        v = w if s is None else (r - _apply_s(s, w)) / lam_b
+        if bool(torch.isfinite(v).all()):
+            return SolveResult(v, float(damping), 0, True, cg_iterations=used)
+    return SolveResult(torch.full_like(r, float("nan")), float(damping), 0, False, refine_failed=True,
+                       cg_iterations=used)
 
 
 def directional_derivative(r: Tensor, kv: Tensor, batch_size: int) -> float:

@@ -18,6 +18,7 @@ from lightning_soaa.functional import egn as egn_math
 from lightning_soaa.functional.gram import (
     GramFactors,
     GramLayout,
+    GramOperator,
     LinearFactorShape,
     assemble_gram,
     factors_to,
@@ -45,6 +46,26 @@ log = logging.getLogger(__name__)
 #: less than the refinement sweeps (measured, 1 thread, MLP factors: float64 / mixed 1.4 / 2.2 ms at 288,
 #: 4.2 / 3.4 ms at 432, 16 / 11 ms at 864; the refinement takes 3 sweeps of a float64 factor mat-vec).
 MIXED_MIN_SIZE = 384
+
+#: from this system size on, a float64 system is first solved by matrix-free conjugate gradients (measured,
+#: 1 thread, bench MLP 32-64-64-10, λ=1: CG 3.3 ms vs 8.4 ms direct at 576, 10 vs 130 ms at 2304)
+CG_MIN_SIZE = 512
+#: CG is not tried when fewer mat-vecs than this fit the budget (:func:`_cg_budget`)
+CG_MIN_BUDGET = 16
+#: after CG failed to converge, the next this many solves go straight to the direct solve (λ changes
+#: slowly, so the next systems would most likely fail too)
+CG_PAUSE_STEPS = 16
+
+
+def _cg_budget(layout: GramLayout, n: int, op: GramOperator) -> int:
+    """Mat-vecs CG may spend before EGN falls back to the direct solve: about the break-even with that
+    solve, from a flop count, and at most n/16 (the break-even measured on the bench MLP at n = 576 and
+    2304 was 34 and ~170 mat-vecs). The direct solve's flops: Cholesky n³/3 plus the lower-triangle
+    assembly, ~n² per Gram column of every factor; a mat-vec is counted at twice its flops (its small
+    products run at about half the rate of the dense factorization)."""
+    cols = sum(s.positions * s.d_out for s in layout.sites if s.weight or s.bias) + layout.rest
+    direct = n ** 3 / 3 + n * n * cols
+    return int(min(n // 16, direct / (2 * max(op.flops(), 1))))
 
 MISSING_BATCH_MESSAGE = (
     "EGN.step() got no mini-batch: EGN forms Jacobians from the inputs and targets, not from a loss. "
@@ -240,9 +261,11 @@ class EGN(ShardedOptimizer):
         rho_low, rho_high, damping_increase, damping_decrease, damping_min, damping_max: λ rule
             (0.25, 0.75, 1.01, 0.99, 1e-12, 1e6).
         solve_dtype: ``"float64"`` (default) or ``"model"``. With float64, systems of size (bc, b(c−1) for
-            cross-entropy) ≥ ``MIXED_MIN_SIZE`` (384) are assembled and Cholesky-factored in float32 and
-            refined with exact float64 mat-vecs to float64 accuracy (re-solved in float64 when the refinement
-            cannot get there).
+            cross-entropy) ≥ ``CG_MIN_SIZE`` (512) are first solved by matrix-free conjugate gradients on the
+            Gram factors, to a guaranteed relative error ≤ 1e-13 (statistic ``solve_cg_iterations``); where
+            that does not converge within a budget (small λ), and for sizes ≥ ``MIXED_MIN_SIZE`` (384), the
+            system is assembled and Cholesky-factored in float32 and refined with exact float64 mat-vecs to
+            float64 accuracy (re-solved in float64 when the refinement cannot get there).
         max_solve_retries: Cholesky retries with 10·λ (default 6).
         max_gram_size: largest bc allowed (default 4096); larger batches raise ``ValueError``.
         jacobian: ``"auto"`` (Linear factors + explicit rest) or ``"explicit"`` (default ``"auto"``).
@@ -330,6 +353,7 @@ class EGN(ShardedOptimizer):
         self.solve_fallbacks = 0
         self.momentum_rejections = 0
         self.nonfinite_trials = 0  # steps skipped because the loss after them was non-finite
+        self._cg_pause = 0  # solves left before conjugate gradients are tried again (after a failure)
         self._last: dict[str, float] = {}
 
     # ------------------------------------------------------------------ groups and checkpoints
@@ -523,7 +547,9 @@ class EGN(ShardedOptimizer):
         self._last = {"loss": ps.f0, "loss_after": decision.f_new, "gtd": decision.gtd,
                       "ls_tries": float(decision.tries), "rho": rho, "step_fallbacks": float(curv.sol.fallbacks),
                       "solve_damping": curv.sol.damping,
-                      "solve_refinements": float(curv.sol.refinements), "momentum_used": float(decision.use_momentum),
+                      "solve_refinements": float(curv.sol.refinements),
+                      "solve_cg_iterations": float(curv.sol.cg_iterations),
+                      "momentum_used": float(decision.use_momentum),
                       "gram_size": float(b * c), "batch_size": float(b)}
 
     def _exchange_out(self, decision: _EGNDecision) -> None:
@@ -665,30 +691,16 @@ class EGN(ShardedOptimizer):
         return torch.float64 if self.config.solve_dtype == "float64" else self._params[0].dtype
 
     def _solve(self, batch: _Batch, layout: GramLayout, pieces: GramFactors) -> _Curvature:
-        """v, gᵀd and (Jd)ᵀQ(Jd) from the factor table. SᵀKS is assembled from the factors of SᵀJ
-        (Δ̃ = SᵀΔ, no bc×bc×c products; b(c−1) rows for cross-entropy), only its lower triangle (what the
-        Cholesky factorization reads); K itself is never formed: K·r and K·v are factor
-        mat-vecs. Large float64 systems are assembled and factored in float32 and refined to float64
-        accuracy with the exact float64 mat-vec (:data:`MIXED_MIN_SIZE`); if that refinement cannot
-        reach it, the system is re-solved in float64."""
+        """v, gᵀd and (Jd)ᵀQ(Jd) from the factor table, on the factors of SᵀJ (Δ̃ = SᵀΔ; b(c−1) rows for
+        cross-entropy). K itself is never formed: K·r and K·v are factor mat-vecs. The system SᵀKS + bλI is
+        solved (:meth:`_solve_system`) by matrix-free conjugate gradients when it is large and that is
+        expected to be cheaper, else directly (Cholesky of the assembled lower triangle)."""
         r2, s = egn_math.residual_and_factor(self.config.loss, pieces.outputs, pieces.targets)
         r = r2.reshape(-1)
         kr = gram_matvec(layout, pieces, r)
         st_kr = egn_math.apply_st(s, kr)
         sp = pieces if s is None else transform_factors(layout, pieces, s)
-        args = (r, st_kr, s, batch.b, self.damping)
-        retries = self.config.max_solve_retries
-        sol = None
-        if r.dtype == torch.float64 and st_kr.numel() >= MIXED_MIN_SIZE:  # the system's size, bc'
-            base32 = assemble_gram(layout, factors_to(sp, torch.float32), lower_only=True)
-            sol = egn_math.solve_damped(base32, *args,
-                                        max_retries=retries, apply_base=lambda x: gram_matvec(layout, sp, x))
-            if sol.refine_failed:
-                log.info("EGN: float32 factorization + refinement did not reach float64 accuracy "
-                         "(bc=%d, λ=%.3g); solving in float64", r.numel(), self.damping)
-                sol = None
-        if sol is None:
-            sol = egn_math.solve_damped(assemble_gram(layout, sp, lower_only=True), *args, max_retries=retries)
+        sol = self._solve_system(batch, layout, sp, r, st_kr, s)
         if not sol.ok:
             return _Curvature(r=r, s=s, sol=sol, gtd=float("nan"), jd_qq=float("nan"))
         # K is symmetric: rᵀKv = (Kr)ᵀv from the K·r already formed. Jd = Kv (one more factor mat-vec)
@@ -698,6 +710,44 @@ class EGN(ShardedOptimizer):
         if self.config.adaptive_damping:
             jd_qq = float(egn_math.q_norm_sq(s, gram_matvec(layout, pieces, sol.v)))
         return _Curvature(r=r, s=s, sol=sol, gtd=gtd, jd_qq=jd_qq)
+
+    def _solve_system(self, batch: _Batch, layout: GramLayout, sp: GramFactors, r: Tensor, st_kr: Tensor,
+                      s: Tensor | None) -> egn_math.SolveResult:
+        """The damped system, in the cheapest way expected to reach float64 accuracy (the same choice on
+        every rank: it depends only on the gathered factors and on state every rank shares).
+
+        1. Float64 systems of size ≥ :data:`CG_MIN_SIZE`: conjugate gradients with the factor mat-vec
+           (:func:`egn_math.solve_damped_cg`, forward error ≤ CG_TOL·‖x‖ guaranteed), within
+           :func:`_cg_budget` mat-vecs. If it does not converge (a small λ), the direct solve below is
+           used and CG is not tried again for :data:`CG_PAUSE_STEPS` solves.
+        2. Float64 systems of size ≥ :data:`MIXED_MIN_SIZE`: float32 assembly and Cholesky, refined with
+           the exact float64 mat-vec; if that cannot reach float64 accuracy, 3.
+        3. Assembly and Cholesky in the solve dtype (with the λ×10 retries).
+        """
+        args = (r, st_kr, s, batch.b, self.damping)
+        retries = self.config.max_solve_retries
+        n = st_kr.numel()  # the system's size, bc'
+        op = GramOperator(layout, sp)
+        if r.dtype == torch.float64 and n >= CG_MIN_SIZE:
+            budget = _cg_budget(layout, n, op)
+            if self._cg_pause > 0:
+                self._cg_pause -= 1
+            elif budget >= CG_MIN_BUDGET:
+                sol = egn_math.solve_damped_cg(op, *args, max_iter=budget)
+                if sol.ok:
+                    return sol
+                self._cg_pause = CG_PAUSE_STEPS
+                log.info("EGN: conjugate gradients did not converge in %d mat-vecs (system %d, λ=%.3g); "
+                         "solving directly for the next %d steps", sol.cg_iterations, n, self.damping,
+                         CG_PAUSE_STEPS)
+        if r.dtype == torch.float64 and n >= MIXED_MIN_SIZE:
+            base32 = assemble_gram(layout, factors_to(sp, torch.float32), lower_only=True)
+            sol = egn_math.solve_damped(base32, *args, max_retries=retries, apply_base=op)
+            if not sol.refine_failed:
+                return sol
+            log.info("EGN: float32 factorization + refinement did not reach float64 accuracy "
+                     "(bc=%d, λ=%.3g); solving in float64", r.numel(), self.damping)
+        return egn_math.solve_damped(assemble_gram(layout, sp, lower_only=True), *args, max_retries=retries)
 
     # -- 4. d = Jᵀv (and g = −Jᵀr/b with momentum): this rank's samples, from its factors ------
     def _vjps(self, batch: _Batch, curv: _Curvature) -> list[list[Tensor | None]]:
