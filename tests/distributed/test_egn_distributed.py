@@ -47,6 +47,10 @@ CONFIGS = {
                           uneven=True),
     "linear_idle": dict(model="linear", kw=dict(loss="mse", lr=3.0, damping=0.05, line_search=True),
                         uneven=True),
+    # bc >= CG_MIN_SIZE: the system is solved by conjugate gradients on the gathered factors, identically
+    # on every rank (same iterations, same decision to fall back)
+    "mse_cg": dict(model="mlp", kw=dict(loss="mse", lr=1.0, damping=0.5, line_search=True), uneven=True,
+                   big=True),
 }
 
 
@@ -59,8 +63,10 @@ def _model(kind: str) -> nn.Module:
     return nn.Linear(6, 3).double()
 
 
-def _global_batch(step: int, loss: str, world: int, uneven: bool):
+def _global_batch(step: int, loss: str, world: int, uneven: bool, big: bool = False):
     sizes = [2 + r for r in range(world)] if uneven else [4] * world
+    if big:  # at least 180 samples (bc >= 540) in all, unevenly split
+        sizes = [-(-180 // world) + r for r in range(world)]
     g = torch.Generator().manual_seed(1000 + step)
     b = sum(sizes)
     x = torch.randn(b, 6, generator=g, dtype=DT)
@@ -84,7 +90,7 @@ def _worker(rank: int, world: int) -> dict:
         opt = EGN(model, **cfg["kw"])
         ckpt = None
         for t in range(STEPS):
-            x, y, sizes = _global_batch(t, cfg["kw"]["loss"], world, cfg["uneven"])
+            x, y, sizes = _global_batch(t, cfg["kw"]["loss"], world, cfg["uneven"], cfg.get("big", False))
             lo = sum(sizes[:rank])
             opt.step(inputs=x[lo:lo + sizes[rank]], targets=y[lo:lo + sizes[rank]])
             if t == STEPS - 2:
@@ -95,6 +101,7 @@ def _worker(rank: int, world: int) -> dict:
         st = opt.statistics()
         out[name] = {"params": _flat(model), "damping": opt.damping, "alpha": opt.alpha,
                      "owned": st["owned_blocks"], "calls": st.get("comm_calls", 0.0), "ckpt": ckpt,
+                     "cg": st["solve_cg_iterations"],
                      "last_calls": dict(opt.comm.step_stats.calls)}
     return out
 
@@ -107,7 +114,7 @@ def _single(name: str, world: int, start: int = 0, ckpt: dict | None = None) -> 
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["opt"])
     for t in range(start, STEPS):
-        x, y, _ = _global_batch(t, cfg["kw"]["loss"], world, cfg["uneven"])
+        x, y, _ = _global_batch(t, cfg["kw"]["loss"], world, cfg["uneven"], cfg.get("big", False))
         opt.step(inputs=x, targets=y)
     return _flat(model), opt
 
@@ -124,6 +131,9 @@ def test_w_ranks_equal_one_process(world: int, tmp_path) -> None:
             torch.testing.assert_close(got["params"], ref, rtol=1e-10, atol=1e-12, msg=f"{name} rank {r}")
             assert got["damping"] == pytest.approx(ref_opt.damping, rel=1e-12)
             assert got["alpha"] == pytest.approx(ref_opt.alpha, rel=1e-12)
+            assert got["cg"] == results[0][name]["cg"]  # the same solve path and iterations on every rank
+        if name == "mse_cg":
+            assert results[0][name]["cg"] >= 2 and ref_opt.statistics()["solve_cg_iterations"] >= 2
         if world > 1 and CONFIGS[name]["kw"].get("shard", True):
             n_params = len(list(_model(CONFIGS[name]["model"]).parameters()))
             assert sum(res[name]["owned"] for res in results) == n_params
