@@ -117,11 +117,10 @@ def ce_factor(p: Tensor) -> Tensor:
     its last column; the denominator wᵀw/2 = 1 + s_c lies in [1, 2] whatever p is (the sign of e_c is the one
     that never cancels), so no pivot class is needed. L_i = diag(s_i) U_i.
     """
-    c = p.shape[1]
     s = p.sqrt()
     w = torch.cat([s[:, :-1], s[:, -1:] + 1.0], dim=1)
-    u = torch.eye(c, c - 1, dtype=p.dtype, device=p.device) - w.unsqueeze(2) * (
-        s[:, :-1] / w[:, -1:]).unsqueeze(1)
+    u = w.unsqueeze(2) * (s[:, :-1] / w[:, -1:]).unsqueeze(1)
+    u.neg_().diagonal(dim1=1, dim2=2).add_(1.0)  # I − wwᵀ/(1 + s_c), first c − 1 columns, no eye built
     return s.unsqueeze(2) * u
 
 

@@ -27,7 +27,7 @@ from lightning_soaa.functional.gram import (
     split_factor_table,
     transform_factors,
 )
-from lightning_soaa.optim.base import BlockView, ShardedOptimizer, SkipStep, StepRecord, summed
+from lightning_soaa.optim.base import BlockView, ShardedOptimizer, SkipStep, StepRecord, host_floats, summed
 from lightning_soaa.optim.egn_capture import (
     LinearCapture,
     back_signals,
@@ -475,15 +475,21 @@ class EGN(ShardedOptimizer):
         beta = float(self.param_groups[0]["momentum"])
         t_next = self.momentum_steps + 1
         rec = _EGNRecord(direction=at_owners[0])
-        for j, (v, d) in enumerate(zip(views, at_owners[0])):
-            if not bool(torch.isfinite(d).all()):
-                rec.nonfinite = 1.0
-            if beta > 0:
+        if at_owners[0]:
+            # one finiteness check over every owned block, read by the template's single host copy (a
+            # 0-d tensor, no sync here): a small model's step pays per op, not per element
+            flat = torch.cat([d.reshape(-1) for d in at_owners[0]])
+            rec.nonfinite = torch.isfinite(flat).logical_not().any()  # type: ignore[assignment]
+        if beta > 0:
+            parts = []
+            for j, (v, d) in enumerate(zip(views, at_owners[0])):
                 m_old = v.state.get("momentum_buffer")
                 m_new = (1 - beta) * d if m_old is None else beta * m_old + (1 - beta) * d
                 rec.buffers.append(m_new)
                 g = at_owners[1][j].to(torch.float64)
-                rec.gtd_momentum += float((g * (m_new / (1 - beta ** t_next)).to(torch.float64)).sum())
+                parts.append((g * (m_new / (1 - beta ** t_next)).to(torch.float64)).sum())
+            if parts:
+                rec.gtd_momentum = torch.stack(parts).sum()  # type: ignore[assignment]
         return rec
 
     def _decide(self, reduced: StepRecord) -> _EGNDecision | SkipStep:
@@ -596,7 +602,9 @@ class EGN(ShardedOptimizer):
 
     def _agree_on_batch(self, xs: tuple[Tensor, ...], targets: Tensor) -> _Batch:
         """Local forward; then ONE all-reduce of [non-finite, loss sum, per rank: error, b_r, c, T per
-        Linear site], so that every rank raises together or goes on with the same global sizes."""
+        Linear site], so that every rank raises together or goes on with the same global sizes. The table
+        is built and read as host lists (one tensor, one host copy): a small model's step is dominated by
+        per-op overhead, and element-wise tensor writes and reads cost one op each."""
         world, rank, nsites = self.comm.world_size, self.comm.rank, len(self._sites)
         err: str | None
         if self._pass is not None and self._pass.error is not None:  # every rank raises together
@@ -604,43 +612,48 @@ class EGN(ShardedOptimizer):
             z, cap, err = None, None, f"{type(error).__name__}: {error}"
         else:
             z, cap, err = self._forward_capture(xs, targets)
-        per_rank = torch.zeros(world, 3 + nsites, dtype=torch.float64)
-        head = torch.zeros(2, dtype=torch.float64)
-        per_rank[rank, 0] = 1.0 if err is not None else 0.0
+        width = 3 + nsites
+        table = [0.0] * (2 + world * width)  # head [non-finite, loss sum], then one row per rank
+        row = 2 + rank * width
+        table[row] = 1.0 if err is not None else 0.0
         if err is None:
             assert z is not None and cap is not None
             with torch.no_grad():
-                local_loss = float(egn_math.loss_sum(self.config.loss, z.detach(), targets.to(z.device)))
-            per_rank[rank, 1:3] = torch.tensor([float(xs[0].shape[0]), float(z.shape[1])])
+                zd = z.detach()
+                # the loss sum and the finiteness of z in one host copy
+                local_loss, z_finite = host_floats([egn_math.loss_sum(self.config.loss, zd, targets.to(z.device)),
+                                                    torch.isfinite(zd).all()])
+            table[row + 1:row + 3] = [float(xs[0].shape[0]), float(z.shape[1])]
             for i in range(nsites):
-                per_rank[rank, 3 + i] = sum(a.shape[1] for a in cap.inputs[i])
-            nonfinite = not (math.isfinite(local_loss) and bool(torch.isfinite(z.detach()).all()))
-            head[:] = torch.tensor([1.0 if nonfinite else 0.0, local_loss])
-        red = self.comm.all_reduce_scalars(torch.cat([head, per_rank.reshape(-1)]))  # collective
-        info = red[2:].view(world, 3 + nsites)
+                table[row + 3 + i] = float(sum(a.shape[1] for a in cap.inputs[i]))
+            nonfinite = not (math.isfinite(local_loss) and z_finite > 0)
+            table[0:2] = [1.0 if nonfinite else 0.0, local_loss]
+        red = self.comm.all_reduce_scalars(torch.tensor(table, dtype=torch.float64)).tolist()  # collective
+        info = [red[2 + r * width:2 + (r + 1) * width] for r in range(world)]
         sizes, c = self._check_agreement(info, err)
         assert z is not None and cap is not None
         y = targets.to(device=z.device, dtype=z.dtype if targets.is_floating_point() else targets.dtype)
         b = sum(sizes)
         return _Batch(xs=xs, y=y, z=z, cap=cap, sizes=sizes, c=c, rank=rank,
-                      positions=[int(info[0, 3 + i]) for i in range(nsites)], nonfinite=bool(red[0] > 0),
-                      f0=float("nan") if red[0] > 0 else float(red[1]) / b)
+                      positions=[int(info[0][3 + i]) for i in range(nsites)], nonfinite=red[0] > 0,
+                      f0=float("nan") if red[0] > 0 else red[1] / b)
 
-    def _check_agreement(self, info: Tensor, err: str | None) -> tuple[list[int], int]:
-        """Raise (on every rank: ``info`` is the reduced table) unless the ranks' batches fit together."""
-        world = info.shape[0]
-        bad = [r for r in range(world) if info[r, 0] > 0]
+    def _check_agreement(self, info: list[list[float]], err: str | None) -> tuple[list[int], int]:
+        """Raise (on every rank: ``info`` is the reduced table, a row per rank) unless the ranks' batches
+        fit together."""
+        world = len(info)
+        bad = [r for r in range(world) if info[r][0] > 0]
         if bad:
             own = self._pass.error if self._pass is not None else None
             if own is not None:  # this rank's own exception, with its traceback
                 raise own
             raise ValueError(err if err is not None
                              else f"EGN: invalid batch on rank(s) {bad} (see that rank's error).")
-        sizes = [int(info[r, 1]) for r in range(world)]
-        cs = {int(info[r, 2]) for r in range(world)}
+        sizes = [int(info[r][1]) for r in range(world)]
+        cs = {int(info[r][2]) for r in range(world)}
         if len(cs) != 1:
             raise ValueError(f"EGN: ranks disagree on the number of outputs c: {sorted(cs)}.")
-        if self._sites and not bool((info[:, 3:] == info[0:1, 3:]).all()):
+        if self._sites and any(info[r][3:] != info[0][3:] for r in range(world)):
             raise ValueError("EGN: ranks disagree on the number of positions per sample seen by the Linear "
                              "layers (e.g. sequence lengths); pad the batches to equal lengths.")
         c, b = cs.pop(), sum(sizes)
@@ -727,8 +740,9 @@ class EGN(ShardedOptimizer):
         args = (r, st_kr, s, batch.b, self.damping)
         retries = self.config.max_solve_retries
         n = st_kr.numel()  # the system's size, bc'
-        op = GramOperator(layout, sp)
-        if r.dtype == torch.float64 and n >= CG_MIN_SIZE:
+        mixed = r.dtype == torch.float64 and n >= MIXED_MIN_SIZE
+        op = GramOperator(layout, sp) if mixed else None  # only the iterative solves apply it
+        if op is not None and n >= CG_MIN_SIZE:
             budget = _cg_budget(layout, n, op)
             if self._cg_pause > 0:
                 self._cg_pause -= 1
@@ -740,7 +754,7 @@ class EGN(ShardedOptimizer):
                 log.info("EGN: conjugate gradients did not converge in %d mat-vecs (system %d, λ=%.3g); "
                          "solving directly for the next %d steps", sol.cg_iterations, n, self.damping,
                          CG_PAUSE_STEPS)
-        if r.dtype == torch.float64 and n >= MIXED_MIN_SIZE:
+        if op is not None:
             base32 = assemble_gram(layout, factors_to(sp, torch.float32), lower_only=True)
             sol = egn_math.solve_damped(base32, *args, max_retries=retries, apply_base=op)
             if not sol.refine_failed:
