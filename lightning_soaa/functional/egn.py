@@ -182,7 +182,8 @@ REFINE_STAGNATION_OK = 1e-10
 
 
 def solve_coefficients(
-    k: Tensor, r: Tensor, s: Tensor | None, batch_size: int, damping: float, *, max_retries: int = 6
+    k: Tensor, r: Tensor, s: Tensor | None, batch_size: int, damping: float, *, max_retries: int = 6,
+    kr: Tensor | None = None,
 ) -> SolveResult:
     """Solve (QK + bλI) v = r through its SPD form with Cholesky, from a dense K.
 
@@ -196,9 +197,10 @@ def solve_coefficients(
         s: per-sample factors of Q, [b, c, c'], or ``None`` for Q = I (the system is then bc'×bc').
         batch_size: the global b (the system is damped with bλ).
         damping: λ > 0.
+        kr: K·r when the caller has it already.
     """
     # Cholesky reads one triangle only, so K's round-off asymmetry needs no symmetrising pass.
-    st_kr = apply_st(s, k @ r)
+    st_kr = apply_st(s, k @ r if kr is None else kr)
     if s is not None:
         b, c, cp = s.shape
         # SᵀKS[(i,k),(j,l)] = Σ_{a,e} S_i[a,k] K[(i,a),(j,e)] S_j[e,l]

@@ -47,8 +47,14 @@ log = logging.getLogger(__name__)
 #: 4.2 / 3.4 ms at 432, 16 / 11 ms at 864; the refinement takes 3 sweeps of a float64 factor mat-vec).
 MIXED_MIN_SIZE = 384
 
+#: systems with bc up to this size are solved from the whole K (K·r a dense mat-vec, SᵀKS one contraction):
+#: cheaper per step for small models, where the op count matters more than the flops (measured, 1 thread,
+#: MLP 64-32-32-c at b=32: the solve phase 0.88 -> 0.73 ms at bc=64; at bc=320 it was slower, 2.3 -> 2.9)
+SMALL_DENSE_MAX = 128
+
 #: from this system size on, a float64 system is first solved by matrix-free conjugate gradients (measured,
-#: 1 thread, bench MLP 32-64-64-10, λ=1: CG 3.3 ms vs 8.4 ms direct at 576, 10 vs 130 ms at 2304)
+#: the solve alone, 1 thread, bench MLP 32-64-64-10, λ=1: CG 5.4 vs 4.5 ms direct at 432, 4.8 vs 7.7 at 576,
+#: 9.0 vs 32 at 1152, 13 vs 139 ms at 2304; 12-14 mat-vecs)
 CG_MIN_SIZE = 512
 #: CG is not tried when fewer mat-vecs than this fit the budget (:func:`_cg_budget`)
 CG_MIN_BUDGET = 16
@@ -710,10 +716,18 @@ class EGN(ShardedOptimizer):
         expected to be cheaper, else directly (Cholesky of the assembled lower triangle)."""
         r2, s = egn_math.residual_and_factor(self.config.loss, pieces.outputs, pieces.targets)
         r = r2.reshape(-1)
-        kr = gram_matvec(layout, pieces, r)
-        st_kr = egn_math.apply_st(s, kr)
-        sp = pieces if s is None else transform_factors(layout, pieces, s)
-        sol = self._solve_system(batch, layout, sp, r, st_kr, s)
+        if r.numel() <= SMALL_DENSE_MAX:
+            # a small system: K itself, assembled whole, gives K·r as one mat-vec and SᵀKS as one
+            # contraction, instead of a factor transform and a factor mat-vec (per-op overhead dominates)
+            k = assemble_gram(layout, pieces)
+            kr = k @ r
+            sol = egn_math.solve_coefficients(k, r, s, batch.b, self.damping,
+                                              max_retries=self.config.max_solve_retries, kr=kr)
+        else:
+            kr = gram_matvec(layout, pieces, r)
+            st_kr = egn_math.apply_st(s, kr)
+            sp = pieces if s is None else transform_factors(layout, pieces, s)
+            sol = self._solve_system(batch, layout, sp, r, st_kr, s)
         if not sol.ok:
             return _Curvature(r=r, s=s, sol=sol, gtd=float("nan"), jd_qq=float("nan"))
         # K is symmetric: rᵀKv = (Kr)ᵀv from the K·r already formed. Jd = Kv (one more factor mat-vec)

@@ -152,3 +152,28 @@ def test_egn_falls_back_from_conjugate_gradients_at_low_damping_and_pauses_them(
         assert len(calls) == 2 and opt.statistics()["solve_cg_iterations"] >= 2
     finally:
         F.solve_damped_cg = orig
+
+
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy", "bce"])
+@pytest.mark.parametrize("small_max", [0, 128])  # 0: the factor-transform direct path for every size
+def test_small_dense_and_factored_direct_paths_match_the_oracle(loss: str, small_max: int, monkeypatch) -> None:
+    import lightning_soaa.optim.egn as egn_module
+
+    monkeypatch.setattr(egn_module, "SMALL_DENSE_MAX", small_max)
+    b, c = 20, 3  # bc = 60: the whole-K path when small_max = 128
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(b, 6, generator=g, dtype=DT)
+    if loss == "cross_entropy":
+        y = torch.randint(0, c, (b,), generator=g)
+    elif loss == "bce":
+        y = torch.rand(b, c, generator=g, dtype=DT)
+    else:
+        y = torch.randn(b, c, generator=g, dtype=DT)
+    ref = direct_direction(tiny_mlp(3, DT), x, y, loss, damping=0.05)
+    model = tiny_mlp(3, DT)
+    opt = EGN(model, loss=loss, lr=1.0, damping=0.05)
+    w0 = flat_params(model)
+    opt.step(inputs=x, targets=y)
+    torch.testing.assert_close(flat_params(model) - w0, ref["d"], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(torch.tensor(opt.statistics()["gtd"], dtype=DT), ref["g"].dot(ref["d"]),
+                               rtol=1e-10, atol=1e-14)
