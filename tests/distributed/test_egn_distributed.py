@@ -49,8 +49,8 @@ CONFIGS = {
                         uneven=True),
     # bc >= CG_MIN_SIZE: the system is solved by conjugate gradients on the gathered factors, identically
     # on every rank (same iterations, same decision to fall back)
-    "mse_cg": dict(model="mlp", kw=dict(loss="mse", lr=1.0, damping=0.5, line_search=True), uneven=True,
-                   big=True),
+    "mse_cg": dict(model="mlp", kw=dict(loss="mse", lr=1.0, damping=0.5, momentum=0.5, line_search=True,
+                                        adaptive_damping=True), uneven=True, big=True),
 }
 
 
