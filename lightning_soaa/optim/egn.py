@@ -376,7 +376,9 @@ class EGN(ShardedOptimizer):
     def _global_state(self) -> dict[str, Any]:
         return {"damping": self.damping, "alpha": self.alpha, "momentum_steps": self.momentum_steps,
                 "solve_fallbacks": self.solve_fallbacks, "momentum_rejections": self.momentum_rejections,
-                "nonfinite_trials": self.nonfinite_trials}
+                "nonfinite_trials": self.nonfinite_trials,
+                # saved so a resumed run takes the same solve path (CG or direct) as an uninterrupted one
+                "cg_pause": self._cg_pause}
 
     def _state_schema(self, block: BlockInfo, param: Tensor, group: dict[str, Any]) -> dict[str, StateField]:
         # the momentum EMA of directions exists only with momentum > 0
@@ -387,7 +389,7 @@ class EGN(ShardedOptimizer):
         for key in ("damping", "alpha"):
             if key in state:
                 check_finite_number(f"{where}.{key}", state[key], positive=True)
-        for key in ("momentum_steps", "solve_fallbacks", "momentum_rejections"):
+        for key in ("momentum_steps", "solve_fallbacks", "momentum_rejections", "nonfinite_trials", "cg_pause"):
             if key in state:
                 check_finite_number(f"{where}.{key}", state[key], integer=True, nonnegative=True)
 
@@ -398,6 +400,7 @@ class EGN(ShardedOptimizer):
         self.solve_fallbacks = int(state.get("solve_fallbacks", 0))
         self.momentum_rejections = int(state.get("momentum_rejections", 0))
         self.nonfinite_trials = int(state.get("nonfinite_trials", 0))
+        self._cg_pause = int(state.get("cg_pause", 0))
 
     def _extra_statistics(self) -> dict[str, float]:
         out = {"damping": self.damping, "alpha": self.alpha, "solve_fallbacks": float(self.solve_fallbacks),

@@ -140,6 +140,9 @@ def test_egn_falls_back_from_conjugate_gradients_at_low_damping_and_pauses_them(
     try:
         opt.step(inputs=x, targets=y)
         assert len(calls) == 1 and opt._cg_pause == CG_PAUSE_STEPS  # tried, failed: paused
+        resumed = EGN(tiny_mlp(2, DT, sizes=(6, 8, 5)), loss="cross_entropy", lr=1.0, damping=damping)
+        resumed.load_state_dict(opt.state_dict())  # a resumed run takes the same solve path
+        assert resumed._cg_pause == CG_PAUSE_STEPS
         st = opt.statistics()
         assert st["solve_cg_iterations"] == 0  # the direction came from the direct solve
         torch.testing.assert_close(flat_params(model) - w0, ref["d"], rtol=1e-9, atol=1e-11)
