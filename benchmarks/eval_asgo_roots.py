@@ -3,18 +3,20 @@
 Candidates, all for the same matrix function (the default 10-iteration Polar Express map, see
 ``lightning_soaa.functional.linalg``) unless marked:
 
-* ``polar_express``: the coupled matmul iteration in float32 (37 k x k matmuls per block);
-* ``polar_express_eigh``: one float32 eigendecomposition, the scalar map applied to the eigenvalues;
+* ``polar_express``: the coupled matmul iteration, in float32 on a float32 Gram (37 k x k matmuls);
+* ``polar_express_eigh``: one float64 eigendecomposition, the scalar map applied to the eigenvalues
+  (what ``inverse_root="auto"``, the default, runs for float32 Grams on a CPU);
+* ``polar_express_eigh_fp32``: the same with a float32 eigendecomposition (not offered: inaccurate);
 * ``eigh`` (a different function: the float64 pseudo-inverse root, no implicit damping).
 
 On the Grams and momenta of a real ASGO run (the ``bench_asgo.py`` transformer, d=256, 2 layers, 12
 blocks of k=256, trained on the pydoc topic texts, as ``eval_asgo_warm_start.py``) it reports:
 
 * accuracy: the error of the update direction ``P M / ||P M||`` against the float64 reference of the
-  same function (float64 eigh + the map), per block;
+  same function (float64 eigh + the map), per block, each method on the float32 Gram;
 * sensitivity (what decides whether W ranks reproduce one process): the change of that direction when
   ``V`` is perturbed at rounding level (``V + E``, ``E`` symmetric with ``||E||_F = 1e-16 ||V||_F``), each
-  method in float64, as the equivalence tests run;
+  method on the float64 Gram;
 * CPU time (1 thread) of the batched roots of one step, and the spectrum (condition numbers);
 * training quality: the same model trained with each root for ``--train-steps`` steps on 90% of the
   text (same seeds, same batches), mean training loss of the last 20 steps and the loss on the held-out
@@ -42,18 +44,32 @@ from eval_asgo_warm_start import _cond, collect, cpu_ms, direction_error, summar
 from torch.nn import functional as F
 
 from lightning_soaa import ASGO
-from lightning_soaa.functional.linalg import inverse_sqrt
+from lightning_soaa.functional.linalg import POLAR_EXPRESS_COEFFS, coupled_scalar_map, inverse_sqrt
 from lightning_soaa.lightning.demo.data import topics_text, topics_vocab
 from lightning_soaa.optim.asgo import asgo_param_groups
 
 log = logging.getLogger("eval_asgo_roots")
 
-METHODS = ("polar_express", "polar_express_eigh", "eigh")
+METHODS = ("polar_express", "polar_express_eigh", "polar_express_eigh_fp32", "eigh")
+
+
+def root(v: torch.Tensor, method: str) -> torch.Tensor:
+    if method == "polar_express_eigh_fp32":
+        return inv_sqrt_spectral_fp32(v)
+    return inverse_sqrt(v, method)
+
+
+def inv_sqrt_spectral_fp32(v: torch.Tensor) -> torch.Tensor:
+    """The default map on the eigenvalues of a float32 eigendecomposition (evaluated, not offered)."""
+    s = 1.01 * torch.linalg.matrix_norm(v.double() + 1e-10 * torch.eye(v.shape[-1], dtype=torch.float64))
+    evals, evecs = torch.linalg.eigh(v.float())
+    z = coupled_scalar_map(evals.double() / s.unsqueeze(-1), POLAR_EXPRESS_COEFFS, 10) / s.sqrt().unsqueeze(-1)
+    return (evecs.double() * z.unsqueeze(-2)) @ evecs.double().mT
 
 
 def reference(v: torch.Tensor) -> torch.Tensor:
     """The default map evaluated in float64 (float64 eigh: accurate to ~1e-16 ||V||)."""
-    return inverse_sqrt(v.double(), "polar_express_eigh")
+    return inverse_sqrt(v.double(), "polar_express_eigh").double()
 
 
 def sensitivity(v: torch.Tensor, moms: list[torch.Tensor], method: str, rel: float, seed: int) -> list[float]:
@@ -63,7 +79,7 @@ def sensitivity(v: torch.Tensor, moms: list[torch.Tensor], method: str, rel: flo
     e = torch.randn(v.shape, generator=gen, dtype=torch.float64)
     e = 0.5 * (e + e.mT)
     e = e * (rel * torch.linalg.matrix_norm(v) / torch.linalg.matrix_norm(e)).reshape(-1, 1, 1)
-    return direction_error(inverse_sqrt(v + e, method), inverse_sqrt(v, method), moms)
+    return direction_error(root(v + e, method), root(v, method), moms)
 
 
 def train_quality(args: argparse.Namespace, method: str, seed: int) -> dict[str, float]:
@@ -106,15 +122,16 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         p_ref = reference(grams)
         row: dict[str, Any] = {"cond_capped_1e16": summary(_cond(grams.double()))}
         for m in METHODS:
-            row[f"{m}_fp32_direction_error"] = summary(direction_error(inverse_sqrt(grams, m), p_ref, moms))
-            row[f"{m}_fp64_sensitivity_1e-16"] = summary(sensitivity(grams, moms, m, 1e-16, t))
+            row[f"{m}_direction_error"] = summary(direction_error(root(grams, m), p_ref, moms))
+            if m != "polar_express_eigh_fp32":
+                row[f"{m}_fp64_sensitivity_1e-16"] = summary(sensitivity(grams, moms, m, 1e-16, t))
         steps[str(t)] = row
         log.info("step %d: %s", t, json.dumps(row))
     grams = data[max(args.eval_steps)][0]
     timing = {"blocks": grams.shape[0], "k": grams.shape[-1],
               "one_batched_matmul_fp32_ms": cpu_ms(lambda: torch.bmm(grams, grams), args.reps)}
     for m in METHODS:
-        timing[f"{m}_ms"] = cpu_ms(lambda m=m: inverse_sqrt(grams, m), args.reps)
+        timing[f"{m}_ms"] = cpu_ms(lambda m=m: root(grams, m), args.reps)
     log.info("root CPU time: %s", timing)
     quality = {m: [train_quality(args, m, seed) for seed in args.train_seeds] for m in args.train_methods}
     log.info("training quality: %s", json.dumps(quality))
@@ -138,7 +155,8 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--train-steps", type=int, default=150)
     p.add_argument("--train-seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--train-methods", nargs="+", default=["polar_express", "polar_express_eigh"])
+    p.add_argument("--train-methods", nargs="+", default=["polar_express", "polar_express_eigh"],
+                   help="inverse_root values of the training comparison")
     p.add_argument("--val-batches", type=int, default=20)
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: leave torch's default)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
