@@ -25,6 +25,7 @@ caller decides what to do with it (ASGO keeps its previous preconditioner and co
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -199,8 +200,8 @@ def inv_sqrt_spectral(
     """
     out_dt = root_compute_dtype(v.dtype)
     squeeze = v.dim() == 2
-    v3 = v.to(torch.float64).reshape(-1, v.shape[-2], v.shape[-1])
-    k = v3.shape[-1]
+    k = v.shape[-1]
+    v3 = v.to(torch.float64).reshape(math.prod(v.shape[:-2]), k, k)  # explicit sizes: k = 0 is allowed
     # ||V + eps I||_F^2 = ||V||_F^2 + 2 eps tr(V) + k eps^2, without forming V + eps I
     trace = torch.diagonal(v3, dim1=-2, dim2=-1).sum(-1)
     s = 1.01 * (torch.linalg.matrix_norm(v3).square() + 2.0 * eps * trace + k * eps * eps).sqrt()

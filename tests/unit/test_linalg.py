@@ -180,3 +180,11 @@ def test_batched_roots_equal_one_at_a_time(method):
     for i in range(3):
         single = inverse_sqrt(vs[i], method, damping=1e-3)
         torch.testing.assert_close(batched[i], single, rtol=1e-12, atol=1e-12)
+
+
+def test_eigh_evaluation_of_zero_and_empty_statistics():
+    # V = 0 (a block with zero gradients so far): both evaluations give z(0)/sqrt(s) I; k = 0 stays empty
+    zero = torch.zeros(2, 3, 3)
+    torch.testing.assert_close(inverse_sqrt(zero, "polar_express_eigh"), inverse_sqrt(zero, "polar_express"),
+                               rtol=1e-6, atol=0.0)
+    assert inverse_sqrt(torch.zeros(3, 0, 0), "polar_express_eigh").shape == (3, 0, 0)
