@@ -194,9 +194,10 @@ def inv_sqrt_spectral(
     (backward error ~k * 6e-8 ``||V||``) does not: at k = 48 and condition 1e6 it is 5e-2 off where the
     float32 iteration is 1e-3 off. Why an eigendecomposition at all: on a CPU the float64 one costs about
     as much as 18 float32 k x k matmuls, the iteration 37 (k = 256, one thread). The map is smooth and
-    bounded (``z(0) / sqrt(s)`` at most), so rounding-level changes of ``V`` (another summation order
-    across world sizes) move the result about as little as they move the iteration's, unlike a
-    pseudo-inverse, whose cut-off jumps (benchmarks/eval_asgo_roots.py).
+    bounded (``z(0) / sqrt(s)`` at most), so a perturbation of ``V`` moves the result about as little as
+    it moves the iteration's, unlike a pseudo-inverse, whose cut-off jumps (benchmarks/eval_asgo_roots.py);
+    but LAPACK's own rounding is not a smooth function of ``V``, which matters for float64 statistics
+    (see :func:`resolve_root_method`).
     """
     out_dt = root_compute_dtype(v.dtype)
     squeeze = v.dim() == 2
@@ -216,7 +217,7 @@ def inv_sqrt_spectral(
         return torch.full(v.shape, float("nan"), dtype=out_dt, device=v.device)
     z = coupled_scalar_map(evals / s.unsqueeze(-1), coeffs, num_iters) / s.sqrt().unsqueeze(-1)
     z = torch.where(finite.unsqueeze(-1), z, torch.full_like(z, float("nan")))  # NaN rows give NaN blocks
-    out = ((evecs * z.unsqueeze(-2)) @ evecs.transpose(-1, -2)).to(out_dt)
+    out: Tensor = ((evecs * z.unsqueeze(-2)) @ evecs.transpose(-1, -2)).to(out_dt)
     return out[0] if squeeze else out.reshape(v.shape)
 
 
