@@ -192,8 +192,9 @@ def inv_sqrt_spectral(
 
     Why float64: the map resolves eigenvalues down to ~2e-9 ``s``, and a float32 eigendecomposition
     (backward error ~k * 6e-8 ``||V||``) does not: at k = 48 and condition 1e6 it is 5e-2 off where the
-    float32 iteration is 1e-3 off. Why an eigendecomposition at all: on a CPU the float64 one costs about
-    as much as 18 float32 k x k matmuls, the iteration 37 (k = 256, one thread). The map is smooth and
+    float32 iteration is 1.9e-3 and this evaluation 8.6e-4 off (the rounding of V itself). Why an
+    eigendecomposition at all: on a CPU the float64 one costs about as much as 18 float32 k x k matmuls,
+    the iteration 37 (k = 256, one thread). The map is smooth and
     bounded (``z(0) / sqrt(s)`` at most), so a perturbation of ``V`` moves the result about as little as
     it moves the iteration's, unlike a pseudo-inverse, whose cut-off jumps (benchmarks/eval_asgo_roots.py);
     but LAPACK's own rounding is not a smooth function of ``V``, which matters for float64 statistics
