@@ -13,7 +13,9 @@ so that machine noise hits every optimizer alike):
 Optimizers: AdamW (torch), Muon (torch.optim.Muon on hidden matrices + AdamW on the rest, Muon's RMS
 matched to AdamW as in the ASGO paper's baseline; torch runs its Newton-Schulz in bf16, which a CPU
 emulates slowly, so ``muon_fp32`` is the same update with the 5 quintic iterations in fp32, written
-here), ASGO (``root_every`` 1, 10 and ``"auto"``, ``eigh``), DASGO.
+here), ASGO (default root, i.e. ``inverse_root="auto"``, with ``root_every`` 1, 10 and ``"auto"``; the
+matmul iteration ``"polar_express"`` that was the default before; the float64 pseudo-inverse ``"eigh"``),
+DASGO.
 
 Usage::
 
@@ -165,6 +167,7 @@ def make_optimizers(lr: float) -> dict[str, Callable[[nn.Module], Any]]:
         "asgo_root_every_10": lambda m: ASGO(asgo_param_groups(m), lr=lr, root_every=10),
         "asgo_auto": lambda m: ASGO(asgo_param_groups(m), lr=lr, root_every="auto"),
         "asgo_eigh": lambda m: ASGO(asgo_param_groups(m), lr=lr, inverse_root="eigh"),
+        "asgo_polar_express": lambda m: ASGO(asgo_param_groups(m), lr=lr, inverse_root="polar_express"),
         "dasgo": lambda m: DASGO(asgo_param_groups(m), lr=lr),
     }
 
@@ -319,8 +322,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: leave torch's default)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--optimizers", nargs="+",
-                   default=["adamw", "muon", "muon_fp32", "asgo_root_every_1", "asgo_root_every_10", "asgo_auto",
-                            "asgo_eigh", "dasgo"])
+                   default=["adamw", "muon", "muon_fp32", "asgo_root_every_1", "asgo_polar_express",
+                            "asgo_root_every_10", "asgo_auto", "asgo_eigh", "dasgo"])
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

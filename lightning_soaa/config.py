@@ -259,7 +259,7 @@ class ASGOConfig:
     rms_scale: float = 0.2
     eps: float = 1e-10
     damping: float = 0.0
-    inverse_root: str = "polar_express"
+    inverse_root: str = "auto"
     root_iters: int | None = None
     root_every: int | str = 1
     root_tol: float = 0.05
@@ -276,7 +276,8 @@ class ASGOConfig:
         check_range("rms_scale", self.rms_scale, 0.0, lo_inclusive=False)
         check_range("eps", self.eps, 0.0)
         check_range("damping", self.damping, 0.0)
-        check_choice("inverse_root", self.inverse_root, ("polar_express", "newton_schulz", "eigh", "auto"))
+        check_choice("inverse_root", self.inverse_root,
+                     ("polar_express", "newton_schulz", "eigh", "polar_express_eigh", "auto"))
         check_int("root_iters", self.root_iters, 1, allow_none=True)
         if self.root_every != "auto":
             try:

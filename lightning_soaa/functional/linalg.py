@@ -5,8 +5,14 @@ matrix and returns a new tensor; nothing is modified in place.
 
 Inverse square roots (used by :class:`lightning_soaa.optim.asgo.ASGO`):
 
-* ``"polar_express"`` (default): coupled polynomial iteration with the Polar Express coefficients
+* ``"polar_express"``: coupled polynomial iteration with the Polar Express coefficients
   (Amsel et al., 2025), 10 iterations. Matmuls only, so it runs well on accelerators.
+* ``"polar_express_eigh"``: the same matrix function (the iteration's eigenvalue map applied to the
+  eigenvalues of one float64 eigendecomposition): equal in exact arithmetic, more accurate, and about
+  2x cheaper on a CPU.
+* ``"auto"`` (ASGO's default): ``"polar_express_eigh"`` for float32 (or narrower) statistics on a CPU,
+  ``"polar_express"`` otherwise, so every device and dtype computes the same function (see
+  :func:`resolve_root_method`).
 * ``"newton_schulz"``: the same coupled iteration with the constant Newton-Schulz polynomial
   ``(a, b, c) = (2, -1.5, 0.5)``; converges more slowly from small eigenvalues (18 iterations default).
 * ``"eigh"``: ``float64`` eigendecomposition, the reference. Eigenvalues below ``rcond * max`` are
@@ -19,6 +25,7 @@ caller decides what to do with it (ASGO keeps its previous preconditioner and co
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -37,10 +44,12 @@ __all__ = [
     "inv_sqrt_polar_express",
     "inv_sqrt_newton_schulz",
     "inv_sqrt_eigh",
+    "coupled_scalar_map",
+    "inv_sqrt_spectral",
     "inverse_sqrt",
 ]
 
-ROOT_METHODS: tuple[str, ...] = ("polar_express", "newton_schulz", "eigh")
+ROOT_METHODS: tuple[str, ...] = ("polar_express", "newton_schulz", "eigh", "polar_express_eigh")
 
 # Degree-5 Polar Express polynomials p(x) = a x + b x^3 + c x^5 (Amsel, Persson, Musco, Gower 2025,
 # arXiv 2505.16932, designed for singular values in [1e-3, 1]). All but the last are divided by the
@@ -65,23 +74,31 @@ NEWTON_SCHULZ_COEFFS: tuple[float, float, float] = (2.0, -1.5, 0.5)
 #: Iterations used when the caller passes ``num_iters=None``. A scalar check of the recursion: after
 #: the Frobenius scaling, eigenvalues >= 1e-7 of the scaled matrix converge to machine precision with
 #: these counts (Polar Express 10, Newton-Schulz 18).
-DEFAULT_ROOT_ITERS: dict[str, int] = {"polar_express": 10, "newton_schulz": 18, "eigh": 0, "auto": 10}
+DEFAULT_ROOT_ITERS: dict[str, int] = {"polar_express": 10, "newton_schulz": 18, "eigh": 0, "polar_express_eigh": 10,
+                                      "auto": 10}
 
 #: What ``inverse_root`` accepts: a method, or ``"auto"`` (see :func:`resolve_root_method`).
 ROOT_CHOICES: tuple[str, ...] = (*ROOT_METHODS, "auto")
 
 
-def resolve_root_method(method: str, device: torch.device) -> str:
-    """``"auto"``: ``"eigh"`` on CPU, ``"polar_express"`` elsewhere; any other method as given.
+def resolve_root_method(method: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """``"auto"``: ``"polar_express_eigh"`` for a float32 (or narrower) statistic on the CPU, else
+    ``"polar_express"``; any other method as given.
 
-    Why: on a CPU, LAPACK's float64 eigendecomposition of a k x k Gram costs about as much as 10 of
-    its matmuls, while Polar Express needs ~37 (measured at k = 256, 1 thread: 100 ms against 198 ms
-    for 12 Grams; benchmarks/bench_asgo.py), and eigh is exact. On accelerators eigendecompositions
-    are slow and synchronising, and the matmul iteration is the fast one.
+    Both compute the same matrix function (the 10-iteration Polar Express map), so the choice changes
+    rounding only. Why the eigendecomposition on a CPU: one float64 eigendecomposition of a k x k Gram
+    costs about 18 float32 matmuls of its size, the iteration 37 (k = 256, one thread;
+    benchmarks/eval_asgo_roots.py). Why only below float64: LAPACK's eigendecomposition has a backward
+    error of ~k * 1e-16 ``||V||`` that is not a smooth function of ``V`` (its pivoting/deflation decisions
+    can flip), far below a float32 statistic's own rounding (6e-8) but 100x above a float64 one's; the
+    map's slope at small eigenvalues then turns it into a 6e-8 relative difference between 2 ranks and
+    one process (measured, tests/multinode), where the iteration's straight-line matmuls stay within
+    1e-9. On accelerators eigendecompositions are slow and synchronising, and the iteration is fast.
     """
     if method != "auto":
         return method
-    return "eigh" if device.type == "cpu" else "polar_express"
+    cpu_narrow = device.type == "cpu" and root_compute_dtype(dtype) == torch.float32
+    return "polar_express_eigh" if cpu_narrow else "polar_express"
 
 
 def root_compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -141,6 +158,70 @@ def inv_sqrt_coupled(
     return out[0] if squeeze else out.reshape(v.shape)
 
 
+def coupled_scalar_map(
+    x: Tensor, coeffs: Sequence[tuple[float, float, float]], num_iters: int
+) -> Tensor:
+    """The eigenvalue map of :func:`inv_sqrt_coupled`: ``z`` with ``Z = z(Y)`` for a scaled eigenvalue ``x``.
+
+    Runs the coupled recursion on scalars (``y <- y q``, ``z <- z q`` with ``q = a + b t + c t^2``,
+    ``t = z y``), elementwise, in float64. Negative ``x`` (rounding noise of a PSD matrix) count as 0,
+    so every eigenvalue gets the bounded value ``z(0)`` at most: the implicit damping of the iteration.
+    """
+    y = x.to(torch.float64).clamp_min(0.0)
+    z = torch.ones_like(y)
+    for i in range(num_iters):
+        a, b, c = coeffs[min(i, len(coeffs) - 1)]
+        t = z * y
+        q = a + t * (b + c * t)
+        y = y * q
+        z = z * q
+    return z
+
+
+def inv_sqrt_spectral(
+    v: Tensor, coeffs: Sequence[tuple[float, float, float]], num_iters: int, eps: float = 1e-10
+) -> Tensor:
+    """The matrix function of :func:`inv_sqrt_coupled`, evaluated by one float64 eigendecomposition.
+
+    ``V = Q diag(lam) Q^T`` (``torch.linalg.eigh`` in float64), then ``Q diag(z(lam / s) / sqrt(s)) Q^T``
+    with the same scale ``s = 1.01 ||V + eps I||_F`` and the scalar map ``z`` of
+    :func:`coupled_scalar_map`. In exact arithmetic this is exactly what the coupled iteration returns
+    (its iterates are polynomials in ``V``), so the algorithm, including its implicit damping of small
+    eigenvalues, is unchanged; only the rounding differs, and it is smaller. The result has
+    :func:`root_compute_dtype` of ``v``.
+
+    Why float64: the map resolves eigenvalues down to ~2e-9 ``s``, and a float32 eigendecomposition
+    (backward error ~k * 6e-8 ``||V||``) does not: at k = 48 and condition 1e6 it is 5e-2 off where the
+    float32 iteration is 1.9e-3 and this evaluation 8.6e-4 off (the rounding of V itself). Why an
+    eigendecomposition at all: on a CPU the float64 one costs about as much as 18 float32 k x k matmuls,
+    the iteration 37 (k = 256, one thread). The map is smooth and
+    bounded (``z(0) / sqrt(s)`` at most), so a perturbation of ``V`` moves the result about as little as
+    it moves the iteration's, unlike a pseudo-inverse, whose cut-off jumps (benchmarks/eval_asgo_roots.py);
+    but LAPACK's own rounding is not a smooth function of ``V``, which matters for float64 statistics
+    (see :func:`resolve_root_method`).
+    """
+    out_dt = root_compute_dtype(v.dtype)
+    squeeze = v.dim() == 2
+    k = v.shape[-1]
+    v3 = v.to(torch.float64).reshape(math.prod(v.shape[:-2]), k, k)  # explicit sizes: k = 0 is allowed
+    # ||V + eps I||_F^2 = ||V||_F^2 + 2 eps tr(V) + k eps^2, without forming V + eps I
+    trace = torch.diagonal(v3, dim1=-2, dim2=-1).sum(-1)
+    s = 1.01 * (torch.linalg.matrix_norm(v3).square() + 2.0 * eps * trace + k * eps * eps).sqrt()
+    # A non-finite block (its norm is non-finite) must come back non-finite, the caller's contract,
+    # not raise inside LAPACK or poison its batch: eigh sees the identity there, the result is NaN.
+    finite = torch.isfinite(s)
+    if not bool(finite.all()):  # one host check; this method is for CPU tensors
+        v3 = torch.where(finite.reshape(-1, 1, 1), v3, torch.eye(k, dtype=v3.dtype, device=v3.device))
+    try:
+        evals, evecs = torch.linalg.eigh(v3)  # reads the lower triangle (V is symmetric up to rounding)
+    except RuntimeError:  # torch.linalg.LinAlgError (no convergence): report it as non-finite, like NaN
+        return torch.full(v.shape, float("nan"), dtype=out_dt, device=v.device)
+    z = coupled_scalar_map(evals / s.unsqueeze(-1), coeffs, num_iters) / s.sqrt().unsqueeze(-1)
+    z = torch.where(finite.unsqueeze(-1), z, torch.full_like(z, float("nan")))  # NaN rows give NaN blocks
+    out: Tensor = ((evecs * z.unsqueeze(-2)) @ evecs.transpose(-1, -2)).to(out_dt)
+    return out[0] if squeeze else out.reshape(v.shape)
+
+
 def inv_sqrt_polar_express(v: Tensor, num_iters: int | None = None, eps: float = 1e-10) -> Tensor:
     """V^{-1/2} by coupled Polar Express iterations (default 10); see :func:`inv_sqrt_coupled`."""
     n = DEFAULT_ROOT_ITERS["polar_express"] if num_iters is None else num_iters
@@ -183,11 +264,14 @@ def inverse_sqrt(
     non-finite if ``v`` is; callers check.
     """
     vd = damp(v.to(root_compute_dtype(v.dtype)), damping)
-    method = resolve_root_method(method, v.device)
+    method = resolve_root_method(method, v.device, v.dtype)
     if method == "polar_express":
         return inv_sqrt_polar_express(vd, num_iters, eps)
     if method == "newton_schulz":
         return inv_sqrt_newton_schulz(vd, num_iters, eps)
     if method == "eigh":
         return inv_sqrt_eigh(vd)
+    if method == "polar_express_eigh":
+        n = DEFAULT_ROOT_ITERS["polar_express"] if num_iters is None else num_iters
+        return inv_sqrt_spectral(vd, POLAR_EXPRESS_COEFFS, n, eps)
     raise ValueError(f"Invalid inverse_root={method!r}. Must be one of {', '.join(map(repr, ROOT_CHOICES))}.")

@@ -424,12 +424,16 @@ class ASGO(_OneSided):
         eps: epsilon in the scaling norm of the iterative roots only (default 1e-10; nearly a no-op, the
             finite iteration count itself damps by about ``2e-9 * ||V||_F``).
         damping: explicit relative damping :math:`\delta` (default 0.0, as the official code).
-        inverse_root: ``"polar_express"`` (default), ``"newton_schulz"``, ``"eigh"`` (float64) or
-            ``"auto"`` (``"eigh"`` for blocks on the CPU, ``"polar_express"`` elsewhere; see
-            :func:`~lightning_soaa.functional.linalg.resolve_root_method`). eigh is exact, and on a CPU
-            about half the cost of Polar Express, but on an ill-conditioned Gram it passes on
-            rounding-level differences in V (e.g. summation order across world sizes) far more than the
-            Polar Express polynomial: W = 2 and one process differ by ~1e-8 relative, so not the default.
+        inverse_root: ``"auto"`` (default): the 10-iteration Polar Express matrix function, computed by
+            one float64 eigendecomposition (``"polar_express_eigh"``) for float32/bf16 blocks on the CPU
+            (about half the cost there, and more accurate) and by the matmul iteration
+            (``"polar_express"``) for float64 blocks and on accelerators; equal in exact arithmetic. Or a
+            method by name: ``"polar_express"``, ``"polar_express_eigh"``, ``"newton_schulz"``, ``"eigh"``
+            (float64 pseudo-inverse root, no implicit damping). On an ill-conditioned float64 Gram an
+            eigendecomposition passes on rounding-level differences in V (e.g. the summation order across
+            world sizes) far more than the iteration: 6e-8 (``"polar_express_eigh"``) and 6.5e-9
+            (``"eigh"``) relative between W = 2 and one process, hence the iteration for float64. See
+            :mod:`lightning_soaa.functional.linalg`.
         root_iters: iterations of the iterative roots (default None: 10 Polar Express, 18 Newton-Schulz).
         root_every: recompute :math:`P` every :math:`\tau` steps, reusing the stored one between (default 1),
             or ``"auto"``: recompute a block's :math:`P` when its statistic has moved,
@@ -470,7 +474,7 @@ class ASGO(_OneSided):
         rms_scale: float = 0.2,
         eps: float = 1e-10,
         damping: float = 0.0,
-        inverse_root: str = "polar_express",
+        inverse_root: str = "auto",
         root_iters: int | None = None,
         root_every: int | str = 1,
         max_block_size: int = 1024,
@@ -637,8 +641,8 @@ class ASGO(_OneSided):
 
     def _extra_statistics(self) -> dict[str, float]:
         stats = super()._extra_statistics()
-        used = {resolve_root_method(g["inverse_root"], g["params"][0].device)
-                for g in self.param_groups if g["params"]}
+        used = {resolve_root_method(g["inverse_root"], p.device, self._state_dtype(p))
+                for g in self.param_groups for p in g["params"][:1]}
         for m in ROOT_METHODS:
             stats[f"asgo_root_method_{m}"] = 1.0 if m in used else 0.0
         fallbacks = 0

@@ -206,7 +206,8 @@ BAD = [
     (dict(eps=-1e-3), "Invalid eps=-0.001. Must be in [0.0, inf)."),
     (dict(damping=float("nan")), "Invalid damping=nan. Must be in [0.0, inf)."),
     (dict(inverse_root="svd"),
-     "Invalid inverse_root='svd'. Must be one of 'polar_express', 'newton_schulz', 'eigh', 'auto'."),
+     "Invalid inverse_root='svd'. Must be one of 'polar_express', 'newton_schulz', 'eigh', 'polar_express_eigh', "
+     "'auto'."),
     (dict(root_iters=0), "Invalid root_iters=0. Must be an integer >= 1 or None."),
     (dict(root_every=0), "Invalid root_every=0. Must be an integer >= 1 or 'auto'."),
     (dict(root_every=2.0), "Invalid root_every=2.0. Must be an integer >= 1 or 'auto'."),

@@ -33,7 +33,8 @@ def _polar(g: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("shape", [(5, 9), (9, 5), (6, 6), (1, 7), (7, 1)])
-@pytest.mark.parametrize("method,tol", [("eigh", 1e-11), ("polar_express", 1e-8), ("newton_schulz", 1e-8)])
+@pytest.mark.parametrize("method,tol", [("eigh", 1e-11), ("polar_express", 1e-8), ("newton_schulz", 1e-8),
+                                        ("polar_express_eigh", 1e-8)])
 def test_polar_factor_oracle(shape, method, tol):
     # beta1 = beta2 = 0 and an exact root: U = 0.2 sqrt(mn) polar(G)/||polar(G)||_F (Muon without momentum)
     m, n = shape
@@ -62,7 +63,7 @@ def test_polar_factor_oracle_rank_deficient_gradient_with_eigh():
     torch.testing.assert_close(u, expected, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("method", ["polar_express", "eigh"])
+@pytest.mark.parametrize("method", ["polar_express", "eigh", "polar_express_eigh"])
 def test_row_vector_is_normalised_momentum(method):
     # m = 1: V is a scalar, U = 0.2 sqrt(n) M/||M||_F exactly; ||U||_F = 0.2 sqrt(mn)
     n = 11
@@ -78,7 +79,7 @@ def test_row_vector_is_normalised_momentum(method):
 
 
 @pytest.mark.parametrize("dtype,tol", [(f64, 1e-12), (torch.float32, 2e-6)])
-@pytest.mark.parametrize("method", ["polar_express", "newton_schulz", "eigh"])
+@pytest.mark.parametrize("method", ["polar_express", "newton_schulz", "eigh", "polar_express_eigh"])
 def test_norm_invariant(dtype, tol, method):
     shapes = [(3, 8), (8, 3), (6, 6), (2, 3, 2, 2)]
     ws = [nn.Parameter(torch.randn(s, dtype=dtype, generator=_gen(i))) for i, s in enumerate(shapes)]
@@ -93,7 +94,7 @@ def test_norm_invariant(dtype, tol, method):
             assert abs((b - w.detach()).double().norm().item() / target - 1) < tol
 
 
-@pytest.mark.parametrize("method", ["polar_express", "eigh"])
+@pytest.mark.parametrize("method", ["polar_express", "eigh", "polar_express_eigh"])
 def test_transpose_equivariance(method):
     m, n = 4, 9
     w1 = nn.Parameter(torch.randn(m, n, dtype=f64, generator=_gen(5)))

@@ -10,6 +10,7 @@ import torch
 from lightning_soaa.functional.linalg import (
     POLAR_EXPRESS_COEFFS,
     ROOT_METHODS,
+    coupled_scalar_map,
     damp,
     inv_sqrt_eigh,
     inverse_sqrt,
@@ -112,24 +113,63 @@ def test_eigh_is_a_pseudo_inverse_root_on_rank_deficient_input():
 def test_non_finite_input_gives_non_finite_output_not_identity():
     v, _, _ = _spd(5, 0.1, 1.0)
     v[0, 1] = float("nan")
-    for method in ("polar_express", "newton_schulz"):
+    for method in ("polar_express", "newton_schulz", "polar_express_eigh"):
         assert not torch.isfinite(inverse_sqrt(v, method)).all()
+    # in a batch only the non-finite block is non-finite (eigh must neither raise nor poison the batch)
+    both = inverse_sqrt(torch.stack([v, _spd(5, 0.1, 1.0)[0]]), "polar_express_eigh")
+    assert not torch.isfinite(both[0]).any() and torch.isfinite(both[1]).all()
 
 
 def test_unknown_method_message():
     with pytest.raises(ValueError, match=re.escape(
-            "Invalid inverse_root='cholesky'. Must be one of 'polar_express', 'newton_schulz', 'eigh', 'auto'.")):
+            "Invalid inverse_root='cholesky'. Must be one of 'polar_express', 'newton_schulz', 'eigh', "
+            "'polar_express_eigh', "
+            "'auto'.")):
         inverse_sqrt(torch.eye(2), "cholesky")
 
 
-def test_auto_root_is_eigh_on_cpu_and_polar_express_elsewhere():
-    assert resolve_root_method("auto", torch.device("cpu")) == "eigh"
-    assert resolve_root_method("auto", torch.device("cuda", 0)) == "polar_express"
-    assert resolve_root_method("newton_schulz", torch.device("cpu")) == "newton_schulz"
+def test_auto_root_is_the_polar_express_function_evaluated_per_device_and_dtype():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert resolve_root_method("auto", cpu) == "polar_express_eigh"  # float32 statistics by default
+    assert resolve_root_method("auto", cpu, torch.bfloat16) == "polar_express_eigh"
+    assert resolve_root_method("auto", cpu, torch.float64) == "polar_express"  # see its docstring
+    assert resolve_root_method("auto", cuda, torch.float32) == "polar_express"
+    assert resolve_root_method("newton_schulz", cpu) == "newton_schulz"
     g = torch.Generator().manual_seed(5)
     a = torch.randn(6, 9, generator=g, dtype=torch.float64)
     v = a @ a.T
-    assert torch.equal(inverse_sqrt(v, "auto"), inverse_sqrt(v, "eigh"))  # CPU tensors: the exact root
+    assert torch.equal(inverse_sqrt(v, "auto"), inverse_sqrt(v, "polar_express"))
+    assert torch.equal(inverse_sqrt(v.float(), "auto"), inverse_sqrt(v.float(), "polar_express_eigh"))
+
+
+def test_scalar_map_is_the_iteration_on_diagonal_matrices():
+    # a diagonal V runs the coupled iteration eigenvalue by eigenvalue: the map is that recursion
+    x = torch.tensor([1.0, 0.3, 1e-2, 1e-4, 1e-6, 1e-8, 1e-11, 0.0], dtype=torch.float64)
+    s = 1.01 * torch.linalg.matrix_norm(torch.diag(x)).item()
+    z_iter = torch.diagonal(inverse_sqrt(torch.diag(x), "polar_express", eps=0.0)) * s**0.5
+    z_map = coupled_scalar_map(x / s, POLAR_EXPRESS_COEFFS, 10)
+    torch.testing.assert_close(z_map, z_iter, rtol=1e-12, atol=0.0)
+    assert 2.0e4 < z_map[-1].item() < 2.5e4  # z(0): the bounded implicit damping of algorithms.md §3.3
+    # a negative (rounding-noise) eigenvalue counts as zero instead of running the polynomial off [0, 1]
+    assert coupled_scalar_map(torch.tensor([-1e-6], dtype=torch.float64), POLAR_EXPRESS_COEFFS, 10).item() \
+        == z_map[-1].item()
+
+
+@pytest.mark.parametrize("lo,tol", [(1e-6, 1e-9), (1e-10, 1e-7), (0.0, 1e-7)])
+def test_eigh_evaluation_equals_the_polar_express_iteration_float64(lo, tol):
+    # The same matrix function: float64 results agree to rounding, also on (nearly) singular spectra.
+    # Near zero the map z(x) ~ (x + 2e-9)^{-1/2} turns an eigenvalue error of ~k * 1e-16 into a relative
+    # change of z of up to ~0.5 * 2.4e-15 / 2e-9 ~ 6e-7 in those directions (either evaluation rounds
+    # there); measured 2.7e-9 (1e-10) and 5.3e-9 (singular), so 1e-7 still catches a wrong map or scale.
+    k = 24
+    v, q, ev = _spd(k, max(lo, 1e-16), 1.0, seed=11)
+    if lo == 0.0:  # rank 12: half the spectrum exactly zero
+        ev = torch.cat([torch.zeros(12, dtype=torch.float64), ev[12:]])
+        v = (q * ev) @ q.T
+    a = inverse_sqrt(v, "polar_express_eigh")
+    b = inverse_sqrt(v, "polar_express")
+    rel = torch.linalg.matrix_norm(a - b) / torch.linalg.matrix_norm(b)
+    assert rel <= tol, f"lo={lo}: relative difference {rel:.2e}"
 
 
 @pytest.mark.parametrize("method", ROOT_METHODS)
@@ -140,3 +180,11 @@ def test_batched_roots_equal_one_at_a_time(method):
     for i in range(3):
         single = inverse_sqrt(vs[i], method, damping=1e-3)
         torch.testing.assert_close(batched[i], single, rtol=1e-12, atol=1e-12)
+
+
+def test_eigh_evaluation_of_zero_and_empty_statistics():
+    # V = 0 (a block with zero gradients so far): both evaluations give z(0)/sqrt(s) I; k = 0 stays empty
+    zero = torch.zeros(2, 3, 3)
+    torch.testing.assert_close(inverse_sqrt(zero, "polar_express_eigh"), inverse_sqrt(zero, "polar_express"),
+                               rtol=1e-6, atol=0.0)
+    assert inverse_sqrt(torch.zeros(3, 0, 0), "polar_express_eigh").shape == (3, 0, 0)
