@@ -59,6 +59,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "soaa_paper": {"gamma": 0.1, "band_schedule": "paper"},  # the defaults before: the spec's band
     "soaa_final_g01": {"gamma": 0.1, "band_schedule": "final"},
     "soaa_final_g025": {"gamma": 0.25, "band_schedule": "final"},
+    # issue 14: a denoised ρ (ratio of discounted sums over ~50 steps) and a trust-region warm-up
+    "soaa_rs98": {"rho_smoothing": 0.98},
+    "soaa_rs98_g025": {"rho_smoothing": 0.98, "gamma": 0.25},
+    "soaa_rs98_g025_w60": {"rho_smoothing": 0.98, "gamma": 0.25, "trust_warmup": 60},
+    "soaa_w60": {"trust_warmup": 60},
 }
 
 def data() -> tuple[torch.Tensor, torch.Tensor]:
