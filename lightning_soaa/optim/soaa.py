@@ -88,8 +88,8 @@ class _SOAADecision:
 
 
 #: hyperparameters of the global trust region: one value for the whole model, never per group.
-_GLOBAL_KEYS = ("gamma", "band_schedule", "total_steps", "acceptance", "rho_smoothing", "trust_warmup", "eta1", "eta2", "shrink", "expand", "d_min",
-                "compile")
+_GLOBAL_KEYS = ("gamma", "band_schedule", "total_steps", "acceptance", "rho_smoothing", "trust_warmup",
+                "eta1", "eta2", "shrink", "expand", "d_min", "compile")
 
 ACCUMULATION_MESSAGE = (
     "SOAA under Lightning with accumulate_grad_batches={k}: the closure returns only the last micro-batch's "
