@@ -12,7 +12,10 @@ machine is shared); validation (every ``--eval-every`` steps) is not timed.
 Optimizers (same lr grid for all): ``adamw`` = ``torch.optim.AdamW(fused=True)``; ``soaa_paper`` =
 SOAA with the old defaults (the spec's band, ``band_schedule="paper"``, γ = 0.1); ``soaa`` = SOAA with
 this package's defaults (``band_schedule="final"``, γ = 0.05); more variants in ``VARIANTS``
-(``--opts``). SOAA always gets ``total_steps``.
+(``--opts``), among them issue 14's attempts to make the trust region informative: ``rho_smoothing``
+(ρ as a ratio of discounted sums of actual and predicted reductions over ~50 steps) with a wider band
+(γ = 0.25) and/or ``trust_warmup`` (d = 1 through the lr warm-up). SOAA always gets ``total_steps``.
+Results: ``benchmarks/results/soaa_lm_issue14_*`` and the README's SOAA paragraph.
 
 Target: the mean over seeds of AdamW's final validation loss at its best lr (best = lowest mean final
 loss). For each optimizer at its own best lr: per seed, the first evaluated step whose validation loss
