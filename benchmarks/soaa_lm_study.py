@@ -12,7 +12,10 @@ machine is shared); validation (every ``--eval-every`` steps) is not timed.
 Optimizers (same lr grid for all): ``adamw`` = ``torch.optim.AdamW(fused=True)``; ``soaa_paper`` =
 SOAA with the old defaults (the spec's band, ``band_schedule="paper"``, γ = 0.1); ``soaa`` = SOAA with
 this package's defaults (``band_schedule="final"``, γ = 0.05); more variants in ``VARIANTS``
-(``--opts``). SOAA always gets ``total_steps``.
+(``--opts``), among them issue 14's attempts to make the trust region informative: ``rho_smoothing``
+(ρ as a ratio of discounted sums of actual and predicted reductions over ~50 steps) with a wider band
+(γ = 0.25) and/or ``trust_warmup`` (d = 1 through the lr warm-up). SOAA always gets ``total_steps``.
+Results: ``benchmarks/results/soaa_lm_issue14_*`` and the README's SOAA paragraph.
 
 Target: the mean over seeds of AdamW's final validation loss at its best lr (best = lowest mean final
 loss). For each optimizer at its own best lr: per seed, the first evaluated step whose validation loss
@@ -59,6 +62,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "soaa_paper": {"gamma": 0.1, "band_schedule": "paper"},  # the defaults before: the spec's band
     "soaa_final_g01": {"gamma": 0.1, "band_schedule": "final"},
     "soaa_final_g025": {"gamma": 0.25, "band_schedule": "final"},
+    # issue 14: a denoised ρ (ratio of discounted sums over ~50 steps) and a trust-region warm-up
+    "soaa_rs98": {"rho_smoothing": 0.98},
+    "soaa_rs98_g025": {"rho_smoothing": 0.98, "gamma": 0.25},
+    "soaa_rs98_g025_w60": {"rho_smoothing": 0.98, "gamma": 0.25, "trust_warmup": 60},
+    "soaa_w60": {"trust_warmup": 60},
 }
 
 def data() -> tuple[torch.Tensor, torch.Tensor]:

@@ -204,6 +204,11 @@ class SOAAConfig:
             ``None`` uses the final band [1-γ, 1+γ] from the first step. Unused by ``"final"``.
         acceptance: ``"lagged"`` (the paper's rule, no extra forward) or ``"same_batch"`` (trial step,
             re-evaluated on the same batch through the closure; may reject).
+        rho_smoothing: β_ρ in [0, 1) (default 0: the spec's per-step ρ). > 0: the lagged rule's ρ is a
+            ratio of discounted sums of actual and predicted reductions over ~1/(1-β_ρ) steps
+            (:func:`lightning_soaa.functional.soaa.smoothed_ratio`). Lagged acceptance only.
+        trust_warmup: K >= 0 (default 0): d = 1 for the first K steps (the sums still accumulate).
+            Lagged acceptance only.
         eta1, eta2: same_batch thresholds: reject when ρ < eta1, expand when ρ > eta2 (0 <= eta1 <= eta2).
         shrink, expand: same_batch factors on d after a rejection (in (0, 1)) and an expansion (>= 1).
         d_min: same_batch floor for d (> 0); the ceiling is the band's hi_t.
@@ -220,6 +225,8 @@ class SOAAConfig:
     band_schedule: str = "final"
     total_steps: int | None = None
     acceptance: str = "lagged"
+    rho_smoothing: float = 0.0
+    trust_warmup: int = 0
     eta1: float = 0.25
     eta2: float = 0.75
     shrink: float = 0.5
@@ -238,6 +245,13 @@ class SOAAConfig:
         check_choice("band_schedule", self.band_schedule, ("final", "paper"))
         check_int("total_steps", self.total_steps, 1, allow_none=True)
         check_choice("acceptance", self.acceptance, ("lagged", "same_batch"))
+        check_range("rho_smoothing", self.rho_smoothing, 0.0, 1.0, hi_inclusive=False)
+        check_int("trust_warmup", self.trust_warmup, 0)
+        if self.acceptance == "same_batch":  # same_batch has its own rule for d; these would be ignored
+            for name, off in (("rho_smoothing", 0.0), ("trust_warmup", 0)):
+                if getattr(self, name) != off:
+                    raise ValueError(f"Invalid {name}={getattr(self, name)!r} with acceptance='same_batch'. "
+                                     f"Must be {off!r}: it applies to acceptance='lagged' only.")
         check_range("eta1", self.eta1, 0.0)
         check_range("eta2", self.eta2, self.eta1)
         check_range("shrink", self.shrink, 0.0, 1.0, lo_inclusive=False, hi_inclusive=False)

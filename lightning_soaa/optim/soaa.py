@@ -88,8 +88,8 @@ class _SOAADecision:
 
 
 #: hyperparameters of the global trust region: one value for the whole model, never per group.
-_GLOBAL_KEYS = ("gamma", "band_schedule", "total_steps", "acceptance", "eta1", "eta2", "shrink", "expand", "d_min",
-                "compile")
+_GLOBAL_KEYS = ("gamma", "band_schedule", "total_steps", "acceptance", "rho_smoothing", "trust_warmup",
+                "eta1", "eta2", "shrink", "expand", "d_min", "compile")
 
 ACCUMULATION_MESSAGE = (
     "SOAA under Lightning with accumulate_grad_batches={k}: the closure returns only the last micro-batch's "
@@ -193,6 +193,15 @@ class SOAA(ShardedOptimizer):
             it also keeps :math:`\gamma = 0` exactly AdamW. Note d after step 1 is then 1-γ, not 1.
         acceptance: ``"lagged"`` (default; the paper's rule, no extra forward, works without a closure)
             or ``"same_batch"`` (needs ``step(closure)``).
+        rho_smoothing: :math:`\beta_\rho \in [0, 1)` (default 0: the spec's per-step ρ above). > 0
+            (INFERRED extension, lagged only): :math:`\rho_t = A_t / \max(P_t, \epsilon)` with discounted
+            sums :math:`A_t = \beta_\rho A_{t-1} + (\hat\ell_t - \ell_t)`,
+            :math:`P_t = \beta_\rho P_{t-1} + p_{t-1}` (:func:`~lightning_soaa.functional.soaa.smoothed_ratio`):
+            a ratio of sums over ~:math:`1/(1-\beta_\rho)` steps, so mini-batch noise averages out
+            before the ratio is taken. :math:`A, P` are built from the all-reduced loss and sums (the same
+            on every rank, no extra collective) and are checkpointed.
+        trust_warmup: :math:`K \ge 0` (default 0; lagged only): :math:`d_t = 1` for :math:`t \le K` (the
+            loss EMA and the sums still run), the rule above from :math:`t = K + 1`.
         eta1, eta2, shrink, expand, d_min: the same_batch rule (defaults 0.25, 0.75, 0.5, 2.0, 1e-3).
         foreach: the eager path: ``None`` (default) uses torch's ``_foreach`` ops on CUDA and a
             per-tensor loop, tile by tile through two tile-sized scratch buffers, on CPU (bit-identical
@@ -238,6 +247,8 @@ class SOAA(ShardedOptimizer):
         total_steps: int | None = None,
         acceptance: str = "lagged",
         *,
+        rho_smoothing: float = 0.0,
+        trust_warmup: int = 0,
         eta1: float = 0.25,
         eta2: float = 0.75,
         shrink: float = 0.5,
@@ -255,7 +266,7 @@ class SOAA(ShardedOptimizer):
             lr=lr, betas=cast("tuple[float, float]", tuple(betas)) if isinstance(betas, (list, tuple)) else betas,
             eps=eps,
             weight_decay=weight_decay, gamma=gamma, band_schedule=band_schedule, total_steps=total_steps,
-            acceptance=acceptance,
+            acceptance=acceptance, rho_smoothing=rho_smoothing, trust_warmup=trust_warmup,
             eta1=eta1, eta2=eta2, shrink=shrink, expand=expand, d_min=d_min,
             compile=compile,
         )
@@ -307,6 +318,8 @@ class SOAA(ShardedOptimizer):
         self._c = 1.0
         self._rho = 0.0
         self._actual = 0.0
+        self._actual_sum = 0.0  # A_t, P_t of rho_smoothing (0 when it is off)
+        self._pred_sum = 0.0
         self._loss = 0.0
         self._lo, self._hi = band(1, self.config.gamma, self.config.total_steps, self.config.band_schedule)
         self._accepted = 0
@@ -444,6 +457,8 @@ class SOAA(ShardedOptimizer):
             sum_mhat_sq=s_m2, sum_vhat_eps=s_veps, loss=lw / w, loss_ema=self._loss_ema,
             pred_prev=pred_prev, d_prev=self._d, t=t, beta1=cfg.betas[0], eps=cfg.eps,
             gamma=cfg.gamma, total_steps=cfg.total_steps, band_schedule=cfg.band_schedule,
+            rho_smoothing=cfg.rho_smoothing, actual_sum=self._actual_sum, pred_sum=self._pred_sum,
+            trust_warmup=cfg.trust_warmup,
         )
         return _SOAADecision(t=t, scalars=scal, pred_prev=pred_prev, loss=lw / w, ts=reduced.ts)
 
@@ -483,6 +498,7 @@ class SOAA(ShardedOptimizer):
             self._lag = lag
             self._pred = decision.pred_prev
             self._rho, self._actual, self._d = scal.rho, scal.actual, scal.d
+            self._actual_sum, self._pred_sum = scal.actual_sum, scal.pred_sum
             self._accepted += 1
 
     def _on_skip(self) -> None:
@@ -493,7 +509,7 @@ class SOAA(ShardedOptimizer):
         # hand-edited state) must skip the step rather than reach the parameters. The lagged sums ride
         # in the record's summed fields (lag_mu, lag_vu2), which the base checks with the partials; with
         # same_batch they are not read. So no tensor (and no host sync) is read here.
-        scalars = (self._d, self._loss_ema, self._pred)
+        scalars = (self._d, self._loss_ema, self._pred, self._actual_sum, self._pred_sum)
         return not all(math.isfinite(x) for x in scalars)
 
     # ------------------------------------------------------------------ same_batch acceptance
@@ -535,6 +551,7 @@ class SOAA(ShardedOptimizer):
         return {
             "t": self._t, "d": self._d, "loss_ema": self._loss_ema, "pred": self._pred,
             "lag": self._lag.tolist(), "c": self._c, "rho": self._rho, "actual": self._actual,
+            "actual_sum": self._actual_sum, "pred_sum": self._pred_sum,
             "loss": self._loss, "lo": self._lo, "hi": self._hi, "accepted": self._accepted,
             "rejected": self._rejected,
         }
@@ -568,6 +585,12 @@ class SOAA(ShardedOptimizer):
             if key not in st:
                 raise ValueError(f"{where}.{key} is missing.")
             check_finite_number(f"{where}.{key}", st[key], positive=True)
+        for key in ("actual_sum", "pred_sum"):  # rho_smoothing's sums; absent in checkpoints from before it
+            if key in st:
+                check_finite_number(f"{where}.{key}", st[key])
+            elif self.config.rho_smoothing > 0.0:
+                raise ValueError(f"{where}.{key} is missing: this checkpoint was saved without rho_smoothing, "
+                                 f"and SOAA(rho_smoothing={self.config.rho_smoothing!r}) needs its sums.")
         for key in ("loss_ema", "pred", "loss", "lo"):
             if key not in st:
                 raise ValueError(f"{where}.{key} is missing.")
@@ -594,6 +617,7 @@ class SOAA(ShardedOptimizer):
         self._loss_ema = float(st["loss_ema"])
         self._pred = float(st["pred"])
         self._c, self._rho, self._actual = float(st["c"]), float(st["rho"]), float(st["actual"])
+        self._actual_sum, self._pred_sum = float(st.get("actual_sum", 0.0)), float(st.get("pred_sum", 0.0))
         self._loss, self._lo, self._hi = float(st["loss"]), float(st["lo"]), float(st["hi"])
         self._accepted, self._rejected = int(st["accepted"]), int(st["rejected"])
         lag = torch.tensor(st["lag"], dtype=torch.float64)
@@ -607,6 +631,8 @@ class SOAA(ShardedOptimizer):
             "rho": self._rho,
             "predicted_reduction": self._pred,
             "actual_reduction": self._actual,
+            "actual_reduction_sum": self._actual_sum,
+            "predicted_reduction_sum": self._pred_sum,
             "fisher_scale": self._c,
             "accepted": float(self._accepted),
             "rejected": float(self._rejected),

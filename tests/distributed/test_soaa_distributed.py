@@ -3,7 +3,9 @@
 W ∈ {1, 2, 3, 4}, both gradient paths, checkpoints across world sizes (1 → 2, 2 → 3, 3 → 1, 2 → 4) and
 non-finite gradients are checked for every optimizer in tests/conformance/test_ranks.py. Here, at W = 2:
 the per-step trust-region trajectory (d, ρ, predicted reduction, loss EMA, Fisher scale), exactly one
-scalar all-reduce per lagged step, DeepSpeed-like flat slices (``shard=False``) and ``same_batch``.
+scalar all-reduce per lagged step, DeepSpeed-like flat slices (``shard=False``), ``same_batch``, and the
+denoised ρ with a trust warm-up (``rho_smoothing``, ``trust_warmup``: their sums are built from the
+all-reduced scalars only, so every rank keeps the same ones).
 """
 
 from __future__ import annotations
@@ -19,19 +21,21 @@ from tests.harness.distributed import run_distributed
 from tests.harness.models import batch, global_batch, loss_fn, tiny_mlp
 
 KW = dict(lr=0.05, gamma=0.3, total_steps=10, weight_decay=0.01)
+SMOOTH_KW = dict(KW, rho_smoothing=0.8, trust_warmup=2)
 STEPS = 12
 TOL = dict(rtol=1e-10, atol=1e-12)
 
 
 def _stats(opt: SOAA) -> dict[str, float]:
     st = opt.statistics()
-    return {k: st[k] for k in ("d", "rho", "predicted_reduction", "loss_ema", "fisher_scale")}
+    return {k: st[k] for k in ("d", "rho", "predicted_reduction", "loss_ema", "fisher_scale",
+                               "actual_reduction_sum", "predicted_reduction_sum")}
 
 
-def _reference(world_size: int) -> dict[str, Any]:
+def _reference(world_size: int, kw: dict[str, Any] = KW) -> dict[str, Any]:
     """One process on the concatenated batch of all ranks."""
     model = tiny_mlp(0)
-    opt = SOAA(model.named_parameters(), **KW)
+    opt = SOAA(model.named_parameters(), **kw)
     out: dict[str, Any] = {"stats": []}
     for s in range(STEPS):
         x, y = global_batch(s, world_size)
@@ -114,10 +118,9 @@ def _flat_slices_run(rank: int, world_size: int) -> dict[str, Any]:
     return {"stats": stats, "params": [p.detach().clone() for p in params]}
 
 
-def _worker(rank: int, world_size: int) -> dict[str, Any]:
-    torch.manual_seed(rank)  # nothing may depend on it
+def _lagged_run(rank: int, world_size: int, kw: dict[str, Any]) -> dict[str, Any]:
     model = tiny_mlp(0)
-    opt = SOAA(model.named_parameters(), **KW)
+    opt = SOAA(model.named_parameters(), **kw)
     out: dict[str, Any] = {"stats": []}
     for s in range(STEPS):
         _local_step(model, opt, s, rank, world_size, average=True)
@@ -125,6 +128,13 @@ def _worker(rank: int, world_size: int) -> dict[str, Any]:
         if s == 1:
             out["calls"] = dict(opt.comm.step_stats.calls)
     out["params"] = [p.detach().clone() for p in model.parameters()]
+    return out
+
+
+def _worker(rank: int, world_size: int) -> dict[str, Any]:
+    torch.manual_seed(rank)  # nothing may depend on it
+    out = _lagged_run(rank, world_size, KW)
+    out["smoothed"] = _lagged_run(rank, world_size, SMOOTH_KW)
     out["flat"] = _flat_slices_run(rank, world_size)
     out["same_batch"] = _same_batch_run(world_size, rank)
     return out
@@ -149,6 +159,9 @@ def test_soaa_ranks_equal_single_process(tmp_path) -> None:
     # the trajectory of d is not trivial (both band edges and a value inside), so comparing it means something
     assert len(set(ds)) >= 3 and any(1 - KW["gamma"] < d < 1 + KW["gamma"] for d in ds)
     results = run_distributed(_worker, world_size, tmp_path, timeout=240)
+    smooth = _reference(world_size, SMOOTH_KW)
+    sd = [st["d"] for st in smooth["stats"]]
+    assert sd[:2] == [1.0, 1.0] and len(set(sd[2:])) >= 2 and sd != ds  # the options change the trajectory
     sb = _same_batch_run(world_size, None)
     assert 0 < sb["stats"][-1]["rejected"] < 8  # both outcomes happen, so both paths are compared
     for res in results:
@@ -156,6 +169,9 @@ def test_soaa_ranks_equal_single_process(tmp_path) -> None:
         _assert_params(res["params"], ref["params"])
         assert res["calls"]["all_reduce"] == 1, res["calls"]  # lagged: exactly one scalar all-reduce
         assert res["calls"]["all_gather"] == 1
+        _assert_stats(res["smoothed"]["stats"], smooth["stats"])
+        _assert_params(res["smoothed"]["params"], smooth["params"])
+        assert res["smoothed"]["calls"]["all_reduce"] == 1, res["smoothed"]["calls"]  # no extra collective
         _assert_stats(res["flat"]["stats"], ref["stats"])
         _assert_params(res["flat"]["params"], ref["params"])
         _assert_stats(res["same_batch"]["stats"], sb["stats"])

@@ -394,3 +394,34 @@ def test_constant_loss_drives_d_to_lo() -> None:
         assert abs(s.rho) < 1e-6  # ℓ̂ equals the constant loss up to rounding
         assert d == s.lo and s.lo <= d <= s.hi
     assert math.isclose(d, band(30, 0.1, 30)[0])
+
+
+def test_smoothed_ratio_is_a_ratio_of_discounted_sums() -> None:
+    """rho_smoothing = β: ρ_t = Σ β^(t-k) a_k / Σ β^(t-k) p_{k-1}; β = 0 is the spec's per-step ratio."""
+    beta, loss_ema, a_sum, p_sum, d = 0.7, 0.0, 0.0, 0.0, 1.0
+    losses, preds = [3.0, 2.0, 2.5, 1.0, 1.8, 1.2], [0.0, 0.4, 1e-12, 0.3, -0.2, 0.5]
+    actuals = []
+    for t, (ell, p) in enumerate(zip(losses, preds), start=1):
+        s = _scalars(loss=ell, loss_ema=loss_ema, t=t, pred_prev=p, d_prev=d, band_schedule="final",
+                     gamma=0.3, rho_smoothing=beta, actual_sum=a_sum, pred_sum=p_sum)
+        spec = _scalars(loss=ell, loss_ema=loss_ema, t=t, pred_prev=p, d_prev=d, band_schedule="final", gamma=0.3)
+        assert spec.actual_sum == spec.pred_sum == 0.0 and spec.actual == s.actual
+        actuals.append(s.actual)
+        w = [beta ** (t - k) for k in range(1, t + 1)]
+        num, den = sum(x * y for x, y in zip(w, actuals)), sum(x * y for x, y in zip(w, preds[:t]))
+        assert s.rho == pytest.approx(num / max(den, 1e-8), rel=1e-12) and abs(s.rho) < 100.0
+        assert s.d == pytest.approx(min(max(s.rho * d, 0.7), 1.3), rel=1e-12)
+        loss_ema, a_sum, p_sum, d = s.loss_ema, s.actual_sum, s.pred_sum, s.d
+    # step 3's p = 1e-12 makes the spec's ρ explode (the sums' ratio above stayed < 100)
+    assert abs(_scalars(loss=2.5, loss_ema=0.5, t=3, pred_prev=1e-12).rho) > 1e6
+    # β = 0 reproduces the spec's ρ and d exactly
+    a = _scalars(loss=1.0, loss_ema=0.5, t=3, pred_prev=0.01, rho_smoothing=0.0, actual_sum=7.0, pred_sum=9.0)
+    b = _scalars(loss=1.0, loss_ema=0.5, t=3, pred_prev=0.01)
+    assert (a.rho, a.d) == (b.rho, b.d)
+
+
+def test_trust_warmup_holds_d_at_one() -> None:
+    for t, want_one in ((1, True), (5, True), (6, False)):
+        s = _scalars(loss=5.0, loss_ema=1.0, t=t, pred_prev=0.1, d_prev=1.0, band_schedule="final",
+                     trust_warmup=5)
+        assert (s.d == 1.0) == want_one and (want_one or s.d == s.lo)

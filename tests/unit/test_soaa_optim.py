@@ -218,8 +218,38 @@ def _run(model, opt, steps):
         opt.step(_closure(opt, model, s))
         st = opt.statistics()
         ds.append(st["d"])
-        stats.append((st["loss_ema"], st["predicted_reduction"], st["rho"]))
+        stats.append((st["loss_ema"], st["predicted_reduction"], st["rho"], st["actual_reduction_sum"],
+                      st["predicted_reduction_sum"]))
     return ds, stats
+
+
+def test_rho_smoothing_resume_equals_uninterrupted() -> None:
+    """The denoised ρ's sums A_t, P_t are checkpoint state: a resumed run continues bit-identically."""
+    kw = dict(lr=0.05, gamma=0.3, weight_decay=0.01, rho_smoothing=0.8, trust_warmup=2)
+    full = tiny_mlp(7)
+    d_full, s_full = _run(full, SOAA(full.named_parameters(), **kw), range(12))
+    first = tiny_mlp(7)
+    o1 = SOAA(first.named_parameters(), **kw)
+    d1, s1 = _run(first, o1, range(5))
+    sd = copy.deepcopy(o1.state_dict())
+    assert sd["lightning_soaa"]["global"]["soaa"]["actual_sum"] == s1[-1][3] != 0.0
+    resumed = tiny_mlp(99)
+    resumed.load_state_dict(first.state_dict())
+    o2 = SOAA(resumed.named_parameters(), **kw)
+    o2.load_state_dict(sd)
+    d2, s2 = _run(resumed, o2, range(5, 12))
+    assert d1 + d2 == d_full and s1 + s2 == s_full
+    assert d_full[:2] == [1.0, 1.0] and len(set(d_full)) >= 3
+    for a, b in zip(full.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    # a checkpoint without the sums (saved before the option existed) would silently restart them
+    del sd["lightning_soaa"]["global"]["soaa"]["pred_sum"]
+    with pytest.raises(ValueError, match=re.escape("soaa.pred_sum is missing")):
+        SOAA(tiny_mlp(7).named_parameters(), **kw).load_state_dict(copy.deepcopy(sd))
+    SOAA(tiny_mlp(7).named_parameters(), lr=0.05).load_state_dict(sd)  # the spec's ρ does not read them
+    sd["lightning_soaa"]["global"]["soaa"]["actual_sum"] = float("nan")
+    with pytest.raises(ValueError, match=re.escape("soaa.actual_sum=nan")):
+        SOAA(tiny_mlp(7).named_parameters(), lr=0.05).load_state_dict(sd)
 
 
 def test_same_batch_resume_equals_uninterrupted() -> None:
@@ -275,6 +305,14 @@ PINNED = [
     (dict(total_steps=0), "Invalid total_steps=0. Must be an integer >= 1 or None."),
     (dict(total_steps=10.0), "Invalid total_steps=10.0. Must be an integer >= 1 or None."),
     (dict(acceptance="greedy"), "Invalid acceptance='greedy'. Must be one of 'lagged', 'same_batch'."),
+    (dict(rho_smoothing=1.0), "Invalid rho_smoothing=1.0. Must be in [0.0, 1.0)."),
+    (dict(rho_smoothing=-0.5), "Invalid rho_smoothing=-0.5. Must be in [0.0, 1.0)."),
+    (dict(trust_warmup=-1), "Invalid trust_warmup=-1. Must be an integer >= 0."),
+    (dict(trust_warmup=2.5), "Invalid trust_warmup=2.5. Must be an integer >= 0."),
+    (dict(acceptance="same_batch", rho_smoothing=0.9),
+     "Invalid rho_smoothing=0.9 with acceptance='same_batch'. Must be 0.0: it applies to acceptance='lagged' only."),
+    (dict(acceptance="same_batch", trust_warmup=3),
+     "Invalid trust_warmup=3 with acceptance='same_batch'. Must be 0: it applies to acceptance='lagged' only."),
     (dict(eta1=0.5, eta2=0.25), "Invalid eta2=0.25. Must be in [0.5, inf)."),
     (dict(shrink=1.0), "Invalid shrink=1.0. Must be in (0.0, 1.0)."),
     (dict(expand=0.5), "Invalid expand=0.5. Must be in [1.0, inf)."),
@@ -294,6 +332,8 @@ def test_global_keys_in_groups_and_bad_weights() -> None:
     msg = "Invalid gamma=0.5 in a param group. SOAA's trust region is global"
     with pytest.raises(ValueError, match=re.escape(msg)):
         SOAA([{"params": [p]}, {"params": [q], "gamma": 0.5}])
+    with pytest.raises(ValueError, match=re.escape("Invalid rho_smoothing=0.9 in a param group.")):
+        SOAA([{"params": [p]}, {"params": [q], "rho_smoothing": 0.9}])
     opt = SOAA([p])
     with pytest.raises(ValueError, match=re.escape("Invalid weight=0. Must be a finite number > 0.")):
         opt.set_loss(1.0, weight=0)

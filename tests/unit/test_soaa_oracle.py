@@ -1,5 +1,6 @@
 """SOAA the optimizer against an independent float64 transcription of spec/algorithms.md §1.3, over many
-steps: moments, the Fisher cap, the lagged ρ, the band (both ``band_schedule`` values) and d.
+steps: moments, the Fisher cap, the lagged ρ, the band (both ``band_schedule`` values) and d; also the
+denoised ρ (``rho_smoothing``: a ratio of discounted sums) and the trust-region warm-up (``trust_warmup``).
 
 The oracle below shares no code with the package: it keeps one flat float64 vector per quantity, writes
 the band of each schedule out from its definition, and trains its own copy of the model. The optimizer
@@ -33,8 +34,10 @@ def _oracle_band(t: int, gamma: float, total: int, schedule: str) -> tuple[float
 class _Oracle:
     """§1.3 steps 1-11 on the concatenation of all parameters, float64."""
 
-    def __init__(self, model: torch.nn.Module, schedule: str) -> None:
-        self.model, self.schedule = model, schedule
+    def __init__(self, model: torch.nn.Module, schedule: str, smoothing: float = 0.0, warmup: int = 0) -> None:
+        self.model, self.schedule, self.smoothing, self.warmup = model, schedule, smoothing, warmup
+        self.actuals: list[float] = []  # every step's ℓ̂_t - ℓ_t and p_{t-1}, for the smoothed ratio
+        self.preds: list[float] = []
         n = sum(p.numel() for p in model.parameters())
         self.m = torch.zeros(n, dtype=torch.float64)
         self.v = torch.zeros(n, dtype=torch.float64)
@@ -63,8 +66,15 @@ class _Oracle:
         self.loss_ema = B1 * self.loss_ema + (1 - B1) * ell
         ell_hat = self.loss_ema / (1 - B1**t)
         rho = (ell_hat - ell) / max(self.p, EPS)
+        if self.smoothing > 0.0:  # written out as explicit weighted sums, not as the package's recursion
+            self.actuals.append(ell_hat - ell)
+            self.preds.append(self.p)
+            w = [self.smoothing ** (t - k) for k in range(1, t + 1)]
+            num = sum(wk * a for wk, a in zip(w, self.actuals))
+            den = sum(wk * q for wk, q in zip(w, self.preds))
+            rho = num / max(den, EPS)
         lo, hi = _oracle_band(t, gamma, KW["total_steps"], self.schedule)
-        self.d = min(max(rho * self.d, lo), hi)
+        self.d = 1.0 if t <= self.warmup else min(max(rho * self.d, lo), hi)
         self.p = lr * (float((mh * u).sum()) - 0.5 * float((vh * u * u).sum()))
         with torch.no_grad():
             offset = 0
@@ -74,9 +84,9 @@ class _Oracle:
         return {"d": self.d, "rho": rho, "fisher_scale": c, "band_lo": lo, "band_hi": hi}
 
 
-def _run_soaa(model: torch.nn.Module, schedule: str, foreach: bool) -> list[dict[str, float]]:
+def _run_soaa(model: torch.nn.Module, schedule: str, foreach: bool, **extra: float) -> list[dict[str, float]]:
     opt = SOAA(model.parameters(), betas=(B1, B2), eps=EPS, band_schedule=schedule, foreach=foreach,
-               compile=False, **KW)
+               compile=False, **KW, **extra)
     out = []
     for s in range(STEPS):
         x, y = batch(s, 0)
@@ -91,11 +101,12 @@ def _run_soaa(model: torch.nn.Module, schedule: str, foreach: bool) -> list[dict
 
 
 @pytest.mark.parametrize("foreach", [False, True])
-@pytest.mark.parametrize("schedule", ["final", "paper"])
-def test_soaa_follows_the_float64_oracle(schedule: str, foreach: bool) -> None:
+@pytest.mark.parametrize("schedule,smoothing,warmup", [("final", 0.0, 0), ("paper", 0.0, 0), ("final", 0.8, 0),
+                                                       ("final", 0.8, 4), ("paper", 0.5, 3)])
+def test_soaa_follows_the_float64_oracle(schedule: str, smoothing: float, warmup: int, foreach: bool) -> None:
     model = tiny_mlp(5)
-    oracle = _Oracle(copy.deepcopy(model), schedule)
-    got = _run_soaa(model, schedule, foreach)
+    oracle = _Oracle(copy.deepcopy(model), schedule, smoothing, warmup)
+    got = _run_soaa(model, schedule, foreach, rho_smoothing=smoothing, trust_warmup=warmup)
     ds = []
     for s, row in enumerate(got):
         x, y = batch(s, 0)
@@ -109,6 +120,17 @@ def test_soaa_follows_the_float64_oracle(schedule: str, foreach: bool) -> None:
     # the check is not vacuous: both branches of the cap ran, and d moved (it visits both band edges)
     assert 0 < oracle.capped < STEPS * sum(p.numel() for p in model.parameters())
     assert len({round(d, 12) for d in ds}) >= 2
+    if warmup:  # d = 1 exactly through the warm-up, and the rule takes over right after it
+        assert all(d == 1.0 for d in ds[:warmup]) and ds[warmup] != 1.0
+
+
+def test_smoothing_and_warmup_change_the_trajectory() -> None:
+    """The new options are not no-ops on the oracle's problem: each moves d and the parameters."""
+    base = _run_soaa(tiny_mlp(5), "final", False)
+    for extra in (dict(rho_smoothing=0.8), dict(trust_warmup=4)):
+        other = _run_soaa(tiny_mlp(5), "final", False, **extra)
+        assert [r["d"] for r in other] != [r["d"] for r in base], extra
+        assert max((p - q).abs().max().item() for p, q in zip(base[-1]["params"], other[-1]["params"])) > 1e-6
 
 
 def test_the_band_schedules_differ_where_the_spec_says() -> None:
