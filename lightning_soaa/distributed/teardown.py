@@ -29,6 +29,13 @@ registers it to run at exit, once per process; :func:`~lightning_soaa.distribute
 It changes nothing else: no collective (a rank leaving on an error must not wait for its peers), no
 group destroyed, the exit status and any traceback stay the interpreter's own.
 
+Measured on the shared 2-core dev machine (load 7 to 12): two ranks that make three ``all_reduce`` on a
+Python tensor and exit (default switch interval) aborted in 17 of 80 runs without the drain, 0 of 80
+with it; with the race made deterministic (``tests/distributed/test_teardown.py``) 22 of 22 against 0
+of 10. Limits: a collective still running when the drain returns (an async op never waited for, or a
+peer that failed) can still finish during finalisation; and a process that never calls one of the
+installers above is not covered (``install_exit_drain()`` is public for such scripts).
+
 Thread states come from ``/proc/self/task`` (Linux); elsewhere the drain sleeps once for
 :data:`FALLBACK_SLEEP_S`.
 """

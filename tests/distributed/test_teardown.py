@@ -4,8 +4,8 @@ teardown, and a process still ends the way it would have (exit status, traceback
 The reproduction makes the real race deterministic instead of waiting for CI load to hit it: a long
 switch interval (the main thread keeps the GIL 0.5 s after a thread asks for it) and a gloo worker that
 holds the last reference to a finished collective on a Python tensor while the main thread, spinning in
-bytecode, walks into interpreter finalisation. Without the drain every one of 28 such two-rank runs
-aborted here ("terminate called without an active exception", SIGABRT); with it none of 10 did.
+bytecode, walks into interpreter finalisation. Without the drain all 22 such two-rank runs aborted
+here ("terminate called without an active exception", SIGABRT); with it none of 10 did.
 """
 
 from __future__ import annotations
