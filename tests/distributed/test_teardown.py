@@ -98,11 +98,15 @@ def test_without_the_drain_a_gloo_rank_aborts_at_exit_and_with_it_none_does(tmp_
     script = tmp_path / "race.py"
     script.write_text(RACE)
     # the control: proves that this script reproduces the abort (if a torch or Python upgrade fixes the
-    # race, this is the line that says so, and the drain may be reconsidered)
-    bare = _run_pair(tmp_path, script, "bare")
-    assert all(f"rank {r} done" in p.stdout for r, p in enumerate(bare)), [p.stdout + p.stderr for p in bare]
-    aborted = [p for p in bare if p.returncode == -signal.SIGABRT and ABORT in p.stderr]
-    assert aborted, f"no rank aborted without the drain: {[(p.returncode, p.stderr[-500:]) for p in bare]}"
+    # race, this is the line that says so, and the drain may be reconsidered); a second pair only if a
+    # scheduling delay made the first miss (none of 22 did)
+    for _ in range(2):
+        bare = _run_pair(tmp_path, script, "bare")
+        assert all(f"rank {r} done" in p.stdout for r, p in enumerate(bare)), [p.stdout + p.stderr for p in bare]
+        if any(p.returncode == -signal.SIGABRT and ABORT in p.stderr for p in bare):
+            break
+    else:
+        pytest.fail(f"no rank aborted without the drain: {[(p.returncode, p.stderr[-500:]) for p in bare]}")
     for r, p in enumerate(_run_pair(tmp_path, script, "drain")):
         assert p.returncode == 0 and ABORT not in p.stderr, (r, p.returncode, p.stderr[-2000:])
         assert f"rank {r} done" in p.stdout
