@@ -30,6 +30,7 @@ from typing_extensions import override
 from deepspeed_ext.client import DeepSpeedClientOptimizer
 from deepspeed_ext.ds_config import ParsedConfig, parse_config, zero_stage_of
 from deepspeed_ext.registry import lookup
+from lightning_soaa.distributed.teardown import install_exit_drain
 from lightning_soaa.lightning.mpi_guard import guard_mpi_detection
 from lightning_soaa.registry import qualified_names, spec_of
 
@@ -39,6 +40,8 @@ log = logging.getLogger(__name__)
 
 # a Trainer with this strategy must not die on an installed mpi4py that cannot load libmpi
 guard_mpi_detection()
+# nor a gloo rank abort in interpreter teardown after the fit (lightning_soaa.distributed.teardown)
+install_exit_drain()
 
 
 def _is_ours(optimizer: Any) -> bool:

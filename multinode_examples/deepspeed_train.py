@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_soaa.distributed.teardown import install_exit_drain
 from lightning_soaa.registry import StepNeeds, spec_of
 
 log = logging.getLogger("deepspeed_train")
@@ -112,6 +113,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    # DeepSpeed makes the process group: let gloo's workers finish with Python before the interpreter
+    # exits, or a rank can abort after a finished run (lightning_soaa.distributed.teardown)
+    install_exit_drain()
     main()
     # A clean shutdown: every rank arrives, then the process group is torn down before exit.
     if torch.distributed.is_initialized():

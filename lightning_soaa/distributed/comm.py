@@ -31,6 +31,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 import torch.distributed as dist
 
+from lightning_soaa.distributed.teardown import install_exit_drain
+
 __all__ = [
     "CommStats",
     "Communicator",
@@ -163,6 +165,8 @@ class TorchComm(_StatsMixin):
             torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
         )
         self._init_stats()
+        # our collectives run on Python tensors: let gloo's workers drop them before interpreter exit
+        install_exit_drain()
 
     def _to_comm_device(self, t: torch.Tensor) -> torch.Tensor:
         return t if t.device == self.device else t.to(self.device)

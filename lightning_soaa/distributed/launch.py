@@ -40,6 +40,8 @@ from collections.abc import Mapping
 import torch
 import torch.distributed as dist
 
+from lightning_soaa.distributed.teardown import install_exit_drain
+
 __all__ = ["LaunchInfo", "attempt_store", "detect_launch", "exit_without_teardown", "first_slurm_host",
            "init_from_env", "slurm_port"]
 
@@ -315,18 +317,21 @@ def init_from_env(
         url = f"tcp://{info.master_addr}:{info.master_port}"
         dist.init_process_group(backend, init_method=url, rank=info.rank, world_size=info.world_size,
                                 timeout=timeout)
+    install_exit_drain()  # a gloo rank must not abort in interpreter teardown (see teardown.py)
     return info
 
 
 def exit_without_teardown(code: int) -> None:
     """End a training script's process with ``code`` now, skipping the interpreter's teardown.
 
-    Why: after a run that finished, destroyed its process group and wrote its results, a gloo rank can
-    still abort while the interpreter tears down ("terminate called without an active exception",
-    SIGABRT: a C++ thread object destroyed while joinable), which a launcher reports as a failed job.
-    Seen about once in 40 two-rank runs here (torch 2.13, CPU, torchrun and spawn alike). Streams and
-    logging are flushed first, and MPI is finalised when mpi4py initialised it (mpirun reports a rank
-    that exits without MPI_Finalize as failed); call it last, with nothing left to write.
+    Why: a gloo rank can abort while the interpreter tears down after a finished run ("terminate called
+    without an active exception", SIGABRT), which a launcher reports as a failed job: a gloo worker that
+    still has to drop the last collective's Python tensor waits for the GIL and is ended by the
+    finalising interpreter (cause and evidence: :mod:`lightning_soaa.distributed.teardown`, whose exit
+    drain, registered by :func:`init_from_env`, closes the window on a normal exit too). Leaving through
+    ``os._exit`` has no teardown at all. Streams and logging are flushed first, and MPI is finalised when
+    mpi4py initialised it (mpirun reports a rank that exits without MPI_Finalize as failed); call it
+    last, with nothing left to write. ``atexit`` handlers do not run.
     """
     sys.stdout.flush()
     sys.stderr.flush()

@@ -11,11 +11,14 @@ Typical use in a LightningModule::
     trainer = Trainer(callbacks=[LossToOptimizer(), OptimizerDiagnostics()], strategy="ddp", devices=2)
 
 Importing this package guards Lightning's MPI detection (:mod:`lightning_soaa.lightning.mpi_guard`): an
-installed mpi4py that cannot load an MPI library must not break a Trainer that does not use MPI.
+installed mpi4py that cannot load an MPI library must not break a Trainer that does not use MPI. It also
+registers the exit drain of :mod:`lightning_soaa.distributed.teardown`: Lightning creates the process group
+itself, and a gloo rank must not abort in interpreter teardown after a finished fit.
 """
 
 from typing import Any
 
+from lightning_soaa.distributed.teardown import install_exit_drain
 from lightning_soaa.lightning.callbacks import (
     BatchToOptimizer,
     LossToOptimizer,
@@ -32,6 +35,7 @@ from lightning_soaa.lightning.factory import (
 from lightning_soaa.lightning.mpi_guard import guard_mpi_detection
 
 guard_mpi_detection()
+install_exit_drain()
 
 
 def __getattr__(name: str) -> Any:
