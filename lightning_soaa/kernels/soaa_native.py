@@ -3,10 +3,11 @@
 Why not only ``torch.compile``: inductor's CPU code for the step, once the kernel also reduces, stores
 the new moments into temporaries and copies them back in two more loops, so the update sums cost a
 second read of m and v (48 B/param in fp32 against fused AdamW's 28 B). The C step updates θ, m, v in
-place and accumulates the update sums in the same loop: 12 B (sums, reads only) + 28 B (step) = 40 B.
+place and accumulates the update sums in the same loop: 8 B (sums, reads only) + 28 B (step) = 36 B.
 
 The library is compiled at first use with the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``;
-``-O3 -march=native -fopenmp-simd -pthread``) into a cache directory
+``-O3 -march=native -ffp-contract=off -fopenmp-simd -pthread``; no fused multiply-adds, so that the
+two loops that sum the stored moments take the same bits) into a cache directory
 (``$LIGHTNING_SOAA_CACHE``, else ``~/.cache/lightning_soaa``), keyed by the source, the flags, the
 compiler and the CPU, so a shared home directory on a cluster of different CPUs never loads a build for
 another CPU. Compiling takes well under a second; a second process finds the build. Without a compiler,
@@ -46,9 +47,10 @@ log = logging.getLogger(__name__)
 __all__ = ["NativeSOAA", "NativeUnavailable"]
 
 _SOURCE = Path(__file__).with_name("soaa_cpu.c")
-_ABI = 4
-_BASE_FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-std=gnu11", "-shared", "-fPIC", "-pthread")
-# -fopenmp-simd: the `omp simd` reductions vectorise, with no OpenMP runtime (threads are pthreads
+_ABI = 5
+_BASE_FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-std=gnu11", "-shared", "-fPIC",
+               "-pthread")
+# -fopenmp-simd: the `omp simd` lane loops vectorise, with no OpenMP runtime (threads are pthreads
 # started per call: a runtime's pool would hang a forked child). A compiler without it builds plain loops.
 _TRIES = (("-fopenmp-simd",), ())
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16"}
