@@ -93,6 +93,7 @@ class _Group:
 
 _version_of = operator.attrgetter("_version")
 _dtype_of = operator.attrgetter("dtype")
+_is_cpu = operator.attrgetter("is_cpu")
 # Counts below this are exact in float32 and float64, so count + 1 written with fill_ is what add_(1) writes.
 _EXACT_COUNT = float(1 << 24)
 
@@ -127,16 +128,16 @@ class _StepCounts:
         """Add 1 to every counter in place (the bits ``add_(1.0)`` writes), after :meth:`read` of the
         same counters in this step."""
         r = self._read.pop(key, None)
-        if (r is not None and len(r[0]) == len(counters) and all(map(operator.is_, r[0], counters))
-                and all(x.is_integer() and 0.0 <= x < _EXACT_COUNT for x in r[1])
-                and set(map(_dtype_of, counters)) <= {torch.float32, torch.float64}
-                and all(c.device.type == "cpu" for c in counters)):
-            new = [x + 1.0 for x in r[1]]  # exact, so writing it is what add_ writes
-            by_value: dict[tuple[torch.dtype, float], list[Tensor]] = {}
-            for c, x in zip(counters, new):
-                by_value.setdefault((c.dtype, x), []).append(c)
-            for (dtype, x), cs in by_value.items():  # usually one: every block at the same count
-                torch._foreach_copy_(cs, [torch.tensor(x, dtype=dtype)] * len(cs))  # one call, not one each
+        same = r is not None and len(r[0]) == len(counters) and all(map(operator.is_, r[0], counters))
+        values = set(r[1]) if r is not None and same else set()
+        dtypes = set(map(_dtype_of, counters))
+        if (len(values) == 1 and (x := values.pop()).is_integer() and 0.0 <= x < _EXACT_COUNT
+                and len(dtypes) == 1 and (dtype := dtypes.pop()) in (torch.float32, torch.float64)
+                and all(map(_is_cpu, counters))):
+            # every block at the same count (the usual case), exact in the counters' dtype: writing
+            # count + 1 is what add_ writes, in one call for all counters instead of one per counter
+            torch._foreach_copy_(counters, [torch.tensor(x + 1.0, dtype=dtype)] * len(counters))
+            new = [x + 1.0] * len(counters)
         else:
             new = increment_counts_(counters)
         self._known[key] = (list(counters), tuple(map(_version_of, counters)), new)
