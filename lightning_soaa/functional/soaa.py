@@ -351,11 +351,25 @@ class SOAAKernels:
     def remember_all(self, ms: list[Tensor], vs: list[Tensor], sums: list[tuple[float, float]]) -> None:
         """:meth:`remember` for the blocks of one call: one record, kept with weak references (it never
         keeps a moment alive) and checked against the tensors, their versions and addresses on use."""
+        self.keep(self.snapshot(ms, vs), sums)
+
+    @staticmethod
+    def snapshot(ms: list[Tensor], vs: list[Tensor], versions_ahead: int = 0) -> _Stored:
+        """The record of these moments as they are now, their versions taken ``versions_ahead`` higher
+        (the C step takes the record before its loop, while the tensors are in cache, with the one bump
+        it makes: a version that ends up anything else, e.g. moments sharing a version counter, only
+        fails the check later). Its sums come with :meth:`keep`."""
         both = [*ms, *vs]
-        ids = tuple(map(id, both))
-        self._stored.pop(ids, None)  # re-inserted as the newest
-        self._stored[ids] = _Stored(ids, tuple(map(weakref.ref, both)), tuple(map(_version_of, both)),
-                                    tuple(map(_data_ptr, both)), sums)
+        versions = tuple(map(_version_of, both))
+        if versions_ahead:
+            versions = tuple(x + versions_ahead for x in versions)
+        return _Stored(tuple(map(id, both)), tuple(map(weakref.ref, both)), versions,
+                       tuple(map(_data_ptr, both)), [])
+
+    def keep(self, record: _Stored, sums: list[tuple[float, float]]) -> None:
+        """Remember ``record`` (from :meth:`snapshot`) with the blocks' (Σ m², Σ v)."""
+        self._stored.pop(record.ids, None)  # re-inserted as the newest
+        self._stored[record.ids] = dataclasses.replace(record, sums=sums)
         if len(self._stored) > _MAX_STORED:
             del self._stored[next(iter(self._stored))]
         self._index = None
@@ -532,13 +546,16 @@ def _native_soaa_step_(
     for idx in _by_dtype(params).values():
         sub = (params, grads, exp_avgs, exp_avg_sqs)
         ps, gs, ms, vs = sub if len(idx) == len(params) else _sub(sub, idx)
+        # the record of the moments as the step leaves them (its one version bump included), taken while
+        # they are in cache: after the loop's sweep every tensor touched costs a trip to memory
+        record = kernels.snapshot(ms, vs, versions_ahead=1)
         rows = native.step(ps, gs, ms, vs, [rows_of[ts[i]] for i in idx])  # also bumps autograd versions
         for i, r in zip(idx, rows):
             w = weights[ts[i]]
             out[0] += r[0] * w[0]
             out[1] += r[1] * w[1]
             out[2] += r[2]
-        kernels.remember_all(ms, vs, [(r[3], r[4]) for r in rows])
+        kernels.keep(record, [(r[3], r[4]) for r in rows])
     return torch.tensor(out if count_limited else out[:2], dtype=torch.float64)
 
 

@@ -213,18 +213,21 @@ class NativeSOAA:
 
     def step(self, p: list[Tensor], g: list[Tensor], m: list[Tensor], v: list[Tensor],
              scal: Sequence[Sequence[float]]) -> list[list[float]]:
-        """m, v, θ in place (their autograd versions bumped); per block
+        """m, v, θ in place (their autograd versions bumped once, before the loop runs); per block
         ``[Σ m q, Σ (s q)², #(s < knee), Σ m², Σ v]`` of the new moments, from the same sweep.
         ``scal[b] = (1-β1, β2, 1-β2, decay, alr, k1, knee, ε)``."""
         nb = len(p)
         out = (ctypes.c_double * (5 * nb))()
         sc = (ctypes.c_double * (8 * nb))(*itertools.chain.from_iterable(scal))
         fn = self._fns[("step", p[0].dtype)]
-        if fn(nb, self._pointers(("step", "p"), p), self._pointers(("step", "g"), g),
-              self._pointers(("step", "m"), m), self._pointers(("step", "v"), v),
-              self._array(("step", "n"), ctypes.c_int64, tuple(map(_numel, p))), sc, out, torch.get_num_threads()):
-            raise MemoryError("SOAA CPU kernel: out of memory for its per-chunk sums")
-        # the loop wrote through raw pointers: tell autograd these tensors changed, as an in-place torch
-        # op would (a graph that saved θ then refuses to backward instead of using the new θ)
+        args = (self._pointers(("step", "p"), p), self._pointers(("step", "g"), g),
+                self._pointers(("step", "m"), m), self._pointers(("step", "v"), v),
+                self._array(("step", "n"), ctypes.c_int64, tuple(map(_numel, p))))
+        # The loop writes through raw pointers: tell autograd these tensors change, as an in-place torch
+        # op would (a graph that saved θ then refuses to backward instead of using the new θ). Done
+        # before the loop, while the tensors are in cache (the loop's sweep evicts them); a call that
+        # fails (before any write) leaves them bumped, which only makes autograd stricter.
         increment_version([*p, *m, *v])
+        if fn(nb, *args, sc, out, torch.get_num_threads()):
+            raise MemoryError("SOAA CPU kernel: out of memory for its per-chunk sums")
         return _rows(out, 5)

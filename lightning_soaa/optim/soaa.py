@@ -107,7 +107,9 @@ class _StepCounts:
 
     def __init__(self) -> None:
         self._known: dict[Any, tuple[list[Tensor], tuple[int, ...], list[float]]] = {}
-        self._read: dict[Any, tuple[list[Tensor], list[float]]] = {}
+        # per key, from read(): the counters, their values and, when one _foreach_copy_ can advance
+        # them all, the dtype to write in (checked here: read() runs while the counters are in cache)
+        self._read: dict[Any, tuple[list[Tensor], list[float], torch.dtype | None]] = {}
 
     def _values(self, key: Any, counters: list[Tensor]) -> list[float]:
         k = self._known.get(key)
@@ -121,23 +123,24 @@ class _StepCounts:
     def read(self, key: Any, counters: list[Tensor]) -> list[int]:
         """The step count of this update of each counter's block (its value + 1, as an int)."""
         values = self._values(key, counters)
-        self._read[key] = (counters, values)
+        first = values[0] if values else -1.0
+        dtypes = set(map(_dtype_of, counters))
+        # every block at one count (the usual case), exact in the counters' one dtype: writing count + 1
+        # is what add_ writes
+        fast = (first.is_integer() and 0.0 <= first < _EXACT_COUNT and values.count(first) == len(values)
+                and len(dtypes) == 1 and dtypes <= {torch.float32, torch.float64} and all(map(_is_cpu, counters)))
+        self._read[key] = (counters, values, dtypes.pop() if fast else None)
         return [int(x) + 1 for x in values]
 
     def increment(self, key: Any, counters: list[Tensor]) -> None:
         """Add 1 to every counter in place (the bits ``add_(1.0)`` writes), after :meth:`read` of the
         same counters in this step."""
         r = self._read.pop(key, None)
-        same = r is not None and len(r[0]) == len(counters) and all(map(operator.is_, r[0], counters))
-        values = set(r[1]) if r is not None and same else set()
-        dtypes = set(map(_dtype_of, counters))
-        if (len(values) == 1 and (x := values.pop()).is_integer() and 0.0 <= x < _EXACT_COUNT
-                and len(dtypes) == 1 and (dtype := dtypes.pop()) in (torch.float32, torch.float64)
-                and all(map(_is_cpu, counters))):
-            # every block at the same count (the usual case), exact in the counters' dtype: writing
-            # count + 1 is what add_ writes, in one call for all counters instead of one per counter
-            torch._foreach_copy_(counters, [torch.tensor(x + 1.0, dtype=dtype)] * len(counters))
-            new = [x + 1.0] * len(counters)
+        if r is not None and r[2] is not None and len(r[0]) == len(counters) and all(
+                map(operator.is_, r[0], counters)):
+            x = r[1][0] + 1.0
+            torch._foreach_copy_(counters, [torch.tensor(x, dtype=r[2])] * len(counters))  # one call for all
+            new = [x] * len(counters)
         else:
             new = increment_counts_(counters)
         self._known[key] = (list(counters), tuple(map(_version_of, counters)), new)
