@@ -506,6 +506,7 @@ def _native_soaa_sums(
     s_m2 = s_v = 0.0
     c1, c2, c3, b2c = beta1 * beta1, 2.0 * beta1 * a, a * a, 1.0 - beta2
     bias = {t: ((1.0 - beta1**t) ** 2, 1.0 - beta2**t) for t in set(ts)}
+    n_eps = eps * sum(map(_numel, grads))  # read before the loops' sweep evicts the tensors from cache
     for idx in _by_dtype(grads).values():
         whole = len(idx) == len(grads)
         gs, ms, vs = (grads, exp_avgs, exp_avg_sqs) if whole else (
@@ -527,7 +528,7 @@ def _native_soaa_sums(
             bc = bias[ts[i]]
             s_m2 += x / bc[0]
             s_v += y / bc[1]
-    return torch.tensor([s_m2, s_v + eps * sum(map(_numel, grads))], dtype=torch.float64)
+    return torch.tensor([s_m2, s_v + n_eps], dtype=torch.float64)
 
 
 def _native_soaa_step_(
