@@ -20,7 +20,7 @@
  *
  * Work is cut into CHUNKs (a block smaller than a chunk is one chunk); chunks of all blocks are shared
  * among the threads; each chunk's sums are accumulated in fixed lanes over INNER-long runs in the
- * compute type (which the compiler vectorises; see LANES) and added in double, and one thread adds the
+ * compute type (which the compiler vectorises; see LANE_RUN) and added in double, and one thread adds the
  * chunks of a block in order: the results do not depend on the number of threads.
  *
  * Threads are plain pthreads started and joined inside each call, never a pool: an OpenMP runtime's
@@ -142,13 +142,12 @@ static void add_chunks(int nb, const int64_t *first, const double *part, int k, 
     }
 }
 
-/* Lanes: every sum is kept in LANES (or SUMS_GM_LANES) independent partial sums, element i of a run
- * going to lane (i - run start) % LANES, the last partial group of a run to lanes 0, 1, ...; each run
+/* Lanes: every sum is kept in LN (per type, below; SUMS_GM_LANES for mode 1) independent partial sums,
+ * element i of a run going to lane (i - run start) % LN, the last partial group of a run to lanes 0, 1, ...; each run
  * (INNER elements) adds its lanes into double lanes, and the chunk's result is the double lanes added in
  * lane order. The order of every addition is thus written here, not chosen by the vectoriser (with
  * -ffp-contract=off, no multiply-add is fused in one loop and not in another): the step's sum m^2,
  * sum v and the sums pass's mode 0 are the same arithmetic on the same values, so the same bits. */
-#define LANES 8
 #define SUMS_GM_LANES 16
 
 /* BODY for elements [j, e) with `i` the element and `l` its lane (a statement list, may use commas) */
@@ -185,18 +184,18 @@ static void add_chunks(int nb, const int64_t *first, const double *part, int k, 
         res[k] = t;                                                                                        \
     }
 
-#define SOAA_SUMS(NAME, S, C, LOAD)                                                                        \
+#define SOAA_SUMS(NAME, S, C, LOAD, LN)                                                                    \
     static void sums_chunk_##NAME(const S *restrict g, const S *restrict m, const S *restrict v,            \
                                   int64_t lo, int64_t hi, int mode, double *res) {                          \
         if (mode == 0) { /* the same lanes and order as the step's sum m^2, sum v: bit-identical */      \
-            C f[2][LANES] = {{0}};                                                                         \
-            double d[2][LANES] = {{0}};                                                                    \
+            C f[2][LN] = {{0}};                                                                         \
+            double d[2][LN] = {{0}};                                                                    \
             for (int64_t j = lo; j < hi; j += INNER) {                                                     \
                 const int64_t e = j + INNER < hi ? j + INNER : hi;                                         \
-                LANE_RUN(LANES, j, e, const C mi = LOAD(m[i]); f[0][l] += mi * mi; f[1][l] += LOAD(v[i]);) \
-                LANES_TO_DOUBLE(2, LANES, f, d)                                                            \
+                LANE_RUN(LN, j, e, const C mi = LOAD(m[i]); f[0][l] += mi * mi; f[1][l] += LOAD(v[i]);) \
+                LANES_TO_DOUBLE(2, LN, f, d)                                                            \
             }                                                                                              \
-            LANES_OUT(2, LANES, d, res)                                                                    \
+            LANES_OUT(2, LN, d, res)                                                                    \
         } else {                                                                                           \
             C f[2][SUMS_GM_LANES] = {{0}};                                                                 \
             double d[2][SUMS_GM_LANES] = {{0}};                                                            \
@@ -231,16 +230,16 @@ static void add_chunks(int nb, const int64_t *first, const double *part, int k, 
         return 0;                                                                                          \
     }
 
-#define SOAA_STEP(NAME, S, C, LOAD, STORE, SQRT)                                                           \
+#define SOAA_STEP(NAME, S, C, LOAD, STORE, SQRT, LN)                                                       \
     static void step_chunk_##NAME(S *restrict p, const S *restrict g, S *restrict m, S *restrict v,          \
                                   int64_t lo, int64_t hi, const double *sc, double *res) {                  \
         const C a = (C)sc[0], b2 = (C)sc[1], b2c = (C)sc[2], decay = (C)sc[3], alr = (C)sc[4];             \
         const C k1 = (C)sc[5], knee = (C)sc[6], eps = (C)sc[7];                                            \
-        C f[STEP_OUT][LANES] = {{0}};                                                                      \
-        double d[STEP_OUT][LANES] = {{0}};                                                                 \
+        C f[STEP_OUT][LN] = {{0}};                                                                      \
+        double d[STEP_OUT][LN] = {{0}};                                                                 \
         for (int64_t j = lo; j < hi; j += INNER) {                                                         \
             const int64_t e = j + INNER < hi ? j + INNER : hi;                                             \
-            LANE_RUN(LANES, j, e,                                                                          \
+            LANE_RUN(LN, j, e,                                                                          \
                 const C gi = LOAD(g[i]), mi = LOAD(m[i]);                                                  \
                 const C mt = mi + (gi - mi) * a;                                                           \
                 const C vt = LOAD(v[i]) * b2 + gi * gi * b2c;                                              \
@@ -256,9 +255,9 @@ static void add_chunks(int nb, const int64_t *first, const double *part, int k, 
                 f[2][l] += r < knee ? (C)1 : (C)0;                                                         \
                 f[3][l] += mr * mr;                                                                        \
                 f[4][l] += LOAD(vs);)                                                                      \
-            LANES_TO_DOUBLE(STEP_OUT, LANES, f, d)                                                         \
+            LANES_TO_DOUBLE(STEP_OUT, LN, f, d)                                                         \
         }                                                                                                  \
-        LANES_OUT(STEP_OUT, LANES, d, res)                                                                 \
+        LANES_OUT(STEP_OUT, LN, d, res)                                                                 \
     }                                                                                                      \
                                                                                                            \
     static void step_job_##NAME(const void *job, int64_t c) {                                              \
@@ -283,12 +282,14 @@ static void add_chunks(int nb, const int64_t *first, const double *part, int k, 
         return 0;                                                                                          \
     }
 
-SOAA_SUMS(f32, float, float, ID)
-SOAA_SUMS(f64, double, double, ID)
-SOAA_SUMS(bf16, uint16_t, float, bf16_load)
-SOAA_STEP(f32, float, float, ID, ID, sqrtf)
-SOAA_STEP(f64, double, double, ID, ID, sqrt)
-SOAA_STEP(bf16, uint16_t, float, bf16_load, bf16_store, sqrtf)
+/* lanes: one 256-bit register of the compute type for f32/f64; bf16 takes 16 (its 16-bit loads and
+ * stores vectorise at full width only then; 8 halved the speed of its compute-bound step) */
+SOAA_SUMS(f32, float, float, ID, 8)
+SOAA_SUMS(f64, double, double, ID, 8)
+SOAA_SUMS(bf16, uint16_t, float, bf16_load, 16)
+SOAA_STEP(f32, float, float, ID, ID, sqrtf, 8)
+SOAA_STEP(f64, double, double, ID, ID, sqrt, 8)
+SOAA_STEP(bf16, uint16_t, float, bf16_load, bf16_store, sqrtf, 16)
 
 /* the ABI version the loader checks, so a stale cached build is never used */
 int soaa_cpu_abi(void) { return 5; }
