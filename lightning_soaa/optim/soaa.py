@@ -489,8 +489,12 @@ class SOAA(ShardedOptimizer):
             total = part if total is None else total + part.to(total.device)
         if total is None:
             total = torch.zeros(2, dtype=torch.float64)
-        s_m2, s_veps = total.unbind(0)  # one call for both 0-d views (indexing costs one per value)
-        lag_mu, lag_vu2 = self._lag.unbind(0) if self.config.acceptance == "lagged" else (0.0, 0.0)
+        # one call for both values; on the CPU (nothing to wait for) as floats, elsewhere as 0-d views that
+        # the base copies to the host with the other values (indexing costs one call per value)
+        s_m2, s_veps = total.tolist() if total.device.type == "cpu" else total.unbind(0)
+        lag = self._lag
+        lag_mu, lag_vu2 = ((lag.tolist() if lag.device.type == "cpu" else lag.unbind(0))
+                           if self.config.acceptance == "lagged" else (0.0, 0.0))
         loss_sum, weight, missing = self._loss_partials()
         return _SOAAStep(sum_mhat_sq=s_m2, sum_vhat_eps=s_veps, lag_mu=lag_mu, lag_vu2=lag_vu2,
                          loss_sum=loss_sum, loss_weight=weight, missing_loss=missing, groups=groups)
