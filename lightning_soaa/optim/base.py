@@ -203,8 +203,8 @@ class _ViewCache:
     def __init__(self, table: BlockTable, owned: Sequence[BlockInfo]) -> None:
         self.owned = list(owned)
         self._by_param = table.by_param
-        # per parameter with owned blocks: (dim, sizes of all its blocks) when they tile it along dim in
-        # order, else None (one narrow per block); and which of its blocks this rank owns
+        # per parameter with owned row/column blocks: (dim, sizes of all its blocks) when they tile it
+        # along dim in order, else None (one narrow per block)
         self.splits: dict[int, tuple[int, list[int]] | None] = {}
         for b in self.owned:
             if b.dim is None or b.param_index in self.splits:
@@ -236,7 +236,7 @@ class _ViewCache:
                 gviews.append(p.grad)
                 continue
             if pi not in grads:
-                key = (p.data_ptr(), p.dtype, p.shape, p.stride())
+                key = (p.data_ptr(), p.device, p.dtype, p.shape, p.stride())
                 if self.keys.get(pi) != key:
                     cut = self._cut(pi, p, self._all_blocks(pi))
                     for j, x in enumerate(self.owned):

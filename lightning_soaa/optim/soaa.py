@@ -94,7 +94,7 @@ class _Group:
 _version_of = operator.attrgetter("_version")
 _dtype_of = operator.attrgetter("dtype")
 _is_cpu = operator.attrgetter("is_cpu")
-# Counts below this are exact in float32 and float64, so count + 1 written with fill_ is what add_(1) writes.
+# Counts below this are exact in float32 and float64, so writing count + 1 is what add_(1) writes.
 _EXACT_COUNT = float(1 << 24)
 
 
