@@ -49,6 +49,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import operator
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
@@ -233,18 +234,33 @@ def _eager_update_sums(m: Tensor, v: Tensor, scal: Tensor, count: bool) -> Tenso
     return torch.stack(out + [(s < knee).sum().double()] if count else out)
 
 
+_version_of = operator.attrgetter("_version")
+_data_ptr = Tensor.data_ptr
+_numel = Tensor.numel
+_dtype_of = operator.attrgetter("dtype")
+
+
 @dataclasses.dataclass(frozen=True)
 class _Stored:
-    """What the C step knows about the moments it wrote: enough to recognise them unchanged."""
+    """What one C step call knows about the moments it wrote (nb blocks: m of every block, then v of
+    every block): enough to recognise them unchanged, all at once or block by block."""
 
-    m: weakref.ref[Tensor]
-    v: weakref.ref[Tensor]
-    m_version: int
-    v_version: int
-    m_ptr: int
-    v_ptr: int
-    sum_m2: float
-    sum_v: float
+    ids: tuple[int, ...]
+    refs: tuple[weakref.ref[Tensor], ...]
+    versions: tuple[int, ...]
+    ptrs: tuple[int, ...]
+    sums: list[tuple[float, float]]  # per block (Σ m², Σ v)
+
+    def block(self, j: int, m: Tensor, v: Tensor) -> tuple[float, float] | None:
+        k = j + len(self.sums)
+        if (self.refs[j]() is not m or self.refs[k]() is not v or m._version != self.versions[j]
+                or v._version != self.versions[k] or m.data_ptr() != self.ptrs[j] or v.data_ptr() != self.ptrs[k]):
+            return None
+        return self.sums[j]
+
+
+# Calls remembered at once (one per param group and dtype and step is typical); older ones are dropped.
+_MAX_STORED = 64
 
 
 _COMPILABLE = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -260,6 +276,8 @@ class CpuPasses(Protocol):
     SUMS_GM: int
 
     def accepts(self, *ts: Tensor) -> bool: ...
+
+    def accepts_all(self, *lists: list[Tensor]) -> bool: ...
 
     def sums(self, g: list[Tensor], m: list[Tensor], v: list[Tensor], modes: list[int],
              scal: tuple[float, float, float]) -> list[list[float]]: ...
@@ -287,8 +305,8 @@ class SOAAKernels:
         self.native_failure: str | None = None if cpu_loader is not None else "off (no CPU kernel loader)"
         self._loader = cpu_loader
         self._native: CpuPasses | None = None
-        self._stored: dict[int, _Stored] = {}
-        self._prune_at = 64
+        self._stored: dict[tuple[int, ...], _Stored] = {}  # by the ids of (m..., v...), oldest first
+        self._index: dict[int, tuple[_Stored, int]] | None = None  # id(m) -> (call, block), built on use
         self.sums: Callable[..., Tensor] = torch.compile(_sums_kernel, dynamic=True, fullgraph=True)
         self.step: Callable[..., None] = torch.compile(_step_kernel, dynamic=True, fullgraph=True)
         self.update_sums: Callable[..., Tensor] = torch.compile(_update_sums_kernel, dynamic=True,
@@ -299,11 +317,8 @@ class SOAAKernels:
     def _big(self, ts: tuple[Tensor, ...]) -> bool:
         return ts[0].numel() >= self.min_numel and not torch.compiler.is_compiling()
 
-    def native_for(self, *ts: Tensor) -> CpuPasses | None:
-        """The C kernels if they take this block (loaded at the first CPU block that could use them).
-        They take blocks of any size: one call runs all blocks of a dtype, so a small block costs no
-        dispatch of its own."""
-        if self.native_failure is not None or torch.compiler.is_compiling() or not ts[0].is_cpu:
+    def _load_native(self) -> CpuPasses | None:
+        if self.native_failure is not None or torch.compiler.is_compiling():
             return None
         if self._native is None:
             assert self._loader is not None
@@ -313,29 +328,80 @@ class SOAAKernels:
                 self.native_failure = str(e)
                 log.warning("SOAA: no C kernels here (%s); using torch.compile or eager", e)
                 return None
-        return self._native if self._native.accepts(*ts) else None
+        return self._native
+
+    def native_for(self, *ts: Tensor) -> CpuPasses | None:
+        """The C kernels if they take this block (loaded at the first CPU block that could use them).
+        They take blocks of any size: one call runs all blocks of a dtype, so a small block costs no
+        dispatch of its own."""
+        if not ts[0].is_cpu or (native := self._load_native()) is None:
+            return None
+        return native if native.accepts(*ts) else None
+
+    def native_for_all(self, *lists: list[Tensor]) -> CpuPasses | None:
+        """The C kernels if they take every block (``lists[k][i]``: block i's k-th tensor), checked for
+        all blocks at once; None sends the caller to :meth:`native_for` block by block."""
+        if not lists[0] or not lists[0][0].is_cpu or (native := self._load_native()) is None:
+            return None
+        return native if native.accepts_all(*lists) else None
 
     def remember(self, m: Tensor, v: Tensor, sum_m2: float, sum_v: float) -> None:
         """Σ m², Σ v of moments the C step just wrote (after their version counters were bumped)."""
-        self._stored[id(m)] = _Stored(weakref.ref(m), weakref.ref(v), m._version, v._version,
-                                      m.data_ptr(), v.data_ptr(), sum_m2, sum_v)
-        if len(self._stored) > self._prune_at:  # moments that no longer exist (a new model, a reload)
-            self._stored = {k: e for k, e in self._stored.items() if e.m() is not None}
-            self._prune_at = 2 * len(self._stored) + 64
+        self.remember_all([m], [v], [(sum_m2, sum_v)])
+
+    def remember_all(self, ms: list[Tensor], vs: list[Tensor], sums: list[tuple[float, float]]) -> None:
+        """:meth:`remember` for the blocks of one call: one record, kept with weak references (it never
+        keeps a moment alive) and checked against the tensors, their versions and addresses on use."""
+        self.keep(self.snapshot(ms, vs), sums)
+
+    @staticmethod
+    def snapshot(ms: list[Tensor], vs: list[Tensor], versions_ahead: int = 0) -> _Stored:
+        """The record of these moments as they are now, their versions taken ``versions_ahead`` higher
+        (the C step takes the record before its loop, while the tensors are in cache, with the one bump
+        it makes: a version that ends up anything else, e.g. moments sharing a version counter, only
+        fails the check later). Its sums come with :meth:`keep`."""
+        both = [*ms, *vs]
+        versions = tuple(map(_version_of, both))
+        if versions_ahead:
+            versions = tuple(x + versions_ahead for x in versions)
+        return _Stored(tuple(map(id, both)), tuple(map(weakref.ref, both)), versions,
+                       tuple(map(_data_ptr, both)), [])
+
+    def keep(self, record: _Stored, sums: list[tuple[float, float]]) -> None:
+        """Remember ``record`` (from :meth:`snapshot`) with the blocks' (Σ m², Σ v)."""
+        self._stored.pop(record.ids, None)  # re-inserted as the newest
+        self._stored[record.ids] = dataclasses.replace(record, sums=sums)
+        if len(self._stored) > _MAX_STORED:
+            del self._stored[next(iter(self._stored))]
+        self._index = None
 
     def stored_sums(self, m: Tensor, v: Tensor) -> tuple[float, float] | None:
         """``(Σ m², Σ v)`` if m and v are exactly as the last C step left them: the same tensors and
         storage, not modified since (every in-place torch op bumps a tensor's version; loading a
         state dict replaces or copies into the moments, and :meth:`forget` drops everything)."""
-        e = self._stored.get(id(m))
-        if (e is None or e.m() is not m or e.v() is not v or m._version != e.m_version
-                or v._version != e.v_version or m.data_ptr() != e.m_ptr or v.data_ptr() != e.v_ptr):
-            return None
-        return e.sum_m2, e.sum_v
+        if self._index is None:  # newest call wins for a block that several calls wrote
+            self._index = {}
+            for e in self._stored.values():
+                for j in range(len(e.sums)):
+                    self._index[e.ids[j]] = (e, j)
+        hit = self._index.get(id(m))
+        return None if hit is None else hit[0].block(hit[1], m, v)
+
+    def stored_sums_all(self, ms: list[Tensor], vs: list[Tensor]) -> list[tuple[float, float] | None]:
+        """:meth:`stored_sums` of every block; when they are exactly the blocks of one remembered call,
+        unchanged, the check runs as a few C-level maps instead of one Python call per block."""
+        both = [*ms, *vs]
+        e = self._stored.get(tuple(map(id, both)))
+        # equal ids of live referents: the same objects (two live objects never share an id)
+        if (e is not None and all(r() is not None for r in e.refs) and e.versions == tuple(map(_version_of, both))
+                and e.ptrs == tuple(map(_data_ptr, both))):
+            return list(e.sums)
+        return [self.stored_sums(m, v) for m, v in zip(ms, vs)]
 
     def forget(self) -> None:
         """Drop the remembered sums (the owner calls this when it replaces or reloads its state)."""
         self._stored.clear()
+        self._index = None
 
     def accepts(self, *ts: Tensor) -> bool:
         """Whether these equal-shape tensors (one block) can go through the compiled kernels."""
@@ -418,6 +484,9 @@ def _compiled_soaa_step_(
 
 # ---------------------------------------------------------------- C kernels (CPU; soaa_native.py)
 def _by_dtype(xs: list[Tensor]) -> dict[torch.dtype, list[int]]:
+    dtypes = set(map(_dtype_of, xs))
+    if len(dtypes) == 1:  # the usual case, without a Python loop over the blocks
+        return {dtypes.pop(): list(range(len(xs)))}
     out: dict[torch.dtype, list[int]] = {}
     for i, x in enumerate(xs):
         out.setdefault(x.dtype, []).append(i)
@@ -436,25 +505,31 @@ def _native_soaa_sums(
     a = 1.0 - beta1
     scal = (a, beta2, 1.0 - beta2)
     s_m2 = s_v = 0.0
+    c1, c2, c3, b2c = beta1 * beta1, 2.0 * beta1 * a, a * a, 1.0 - beta2
+    bias = {t: ((1.0 - beta1**t) ** 2, 1.0 - beta2**t) for t in set(ts)}
+    n_eps = eps * sum(map(_numel, grads))  # read before the loops' sweep evicts the tensors from cache
     for idx in _by_dtype(grads).values():
-        ms, vs = _pick(exp_avgs, idx), _pick(exp_avg_sqs, idx)
-        stored = [kernels.stored_sums(m, v) for m, v in zip(ms, vs)]
+        whole = len(idx) == len(grads)
+        gs, ms, vs = (grads, exp_avgs, exp_avg_sqs) if whole else (
+            _pick(grads, idx), _pick(exp_avgs, idx), _pick(exp_avg_sqs, idx))
+        stored = kernels.stored_sums_all(ms, vs)
         unknown = [j for j, st in enumerate(stored) if st is None]
         if unknown:  # after a load, at the first step, or after the moments were changed from outside
-            rows = native.sums(_pick(ms, unknown), _pick(ms, unknown), _pick(vs, unknown),
-                               [native.SUMS_MOMENTS] * len(unknown), scal)
+            um, uv = _pick(ms, unknown), _pick(vs, unknown)
+            rows = native.sums(um, um, uv, [native.SUMS_MOMENTS] * len(unknown), scal)
+            kernels.remember_all(um, uv, [(sm2, sv) for sm2, sv in rows])
             for j, (sm2, sv) in zip(unknown, rows):
-                kernels.remember(ms[j], vs[j], sm2, sv)
                 stored[j] = (sm2, sv)
-        rows = native.sums(_pick(grads, idx), ms, vs, [native.SUMS_GM] * len(idx), scal)
+        rows = native.sums(gs, ms, vs, [native.SUMS_GM] * len(idx), scal)
         for i, st, (mg, g2) in zip(idx, stored, rows):
             assert st is not None
             # a rounding below 0 only where m_t ≈ 0 everywhere
-            x = max(beta1 * beta1 * st[0] + 2.0 * beta1 * a * mg + a * a * g2, 0.0)
-            y = beta2 * st[1] + (1.0 - beta2) * g2
-            s_m2 += x / (1.0 - beta1 ** ts[i]) ** 2
-            s_v += y / (1.0 - beta2 ** ts[i])
-    return torch.tensor([s_m2, s_v + eps * sum(g.numel() for g in grads)], dtype=torch.float64)
+            x = max(c1 * st[0] + c2 * mg + c3 * g2, 0.0)
+            y = beta2 * st[1] + b2c * g2
+            bc = bias[ts[i]]
+            s_m2 += x / bc[0]
+            s_v += y / bc[1]
+    return torch.tensor([s_m2, s_v + n_eps], dtype=torch.float64)
 
 
 def _native_soaa_step_(
@@ -466,17 +541,23 @@ def _native_soaa_step_(
     the update sums and the new moments' Σ m², Σ v (remembered for the next sums pass)."""
     out = [0.0, 0.0, 0.0]
     caps = {t: _cap_scalars(t, beta1, beta2, d, c) for t in set(ts)}
+    # per step count: the kernel's scalars and the weights of its update sums
+    rows_of = {t: (1.0 - beta1, beta2, 1.0 - beta2, 1.0 - lr * weight_decay, -lr * k[2], k[0], k[1], eps)
+               for t, k in caps.items()}
+    weights = {t: (k[2] / k[3], k[2] * k[2] / k[4]) for t, k in caps.items()}
     for idx in _by_dtype(params).values():
-        scal = [(1.0 - beta1, beta2, 1.0 - beta2, 1.0 - lr * weight_decay, -lr * caps[ts[i]][2],
-                 *caps[ts[i]][:2], eps) for i in idx]
-        ps, ms, vs = [params[i].detach() for i in idx], _pick(exp_avgs, idx), _pick(exp_avg_sqs, idx)
-        rows = native.step(ps, _pick(grads, idx), ms, vs, scal)  # also bumps their autograd versions
-        for i, m, v, r in zip(idx, ms, vs, rows):
-            _, _, step, bc1, bc2 = caps[ts[i]]
-            out[0] += r[0] * (step / bc1)
-            out[1] += r[1] * (step * step / bc2)
+        sub = (params, grads, exp_avgs, exp_avg_sqs)
+        ps, gs, ms, vs = sub if len(idx) == len(params) else _sub(sub, idx)
+        # the record of the moments as the step leaves them (its one version bump included), taken while
+        # they are in cache: after the loop's sweep every tensor touched costs a trip to memory
+        record = kernels.snapshot(ms, vs, versions_ahead=1)
+        rows = native.step(ps, gs, ms, vs, [rows_of[ts[i]] for i in idx])  # also bumps autograd versions
+        for i, r in zip(idx, rows):
+            w = weights[ts[i]]
+            out[0] += r[0] * w[0]
+            out[1] += r[1] * w[1]
             out[2] += r[2]
-            kernels.remember(m, v, r[3], r[4])
+        kernels.keep(record, [(r[3], r[4]) for r in rows])
     return torch.tensor(out if count_limited else out[:2], dtype=torch.float64)
 
 
@@ -639,6 +720,8 @@ def _split(kernels: SOAAKernels | None, *lists: list[Tensor]
     n = len(lists[0])
     if kernels is None:
         return None, [], [], list(range(n))
+    if (native := kernels.native_for_all(*lists)) is not None:  # the usual CPU case: one check for all
+        return native, list(range(n)), [], []
     native, c_idx, fast, rest = None, [], [], []
     for i in range(n):
         block = tuple(x[i] for x in lists)
@@ -715,7 +798,7 @@ def soaa_moments(
     parts: list[Tensor] = []
     if native is not None:
         assert kernels is not None
-        cg, cm, cv = _sub(lists, c_idx)
+        cg, cm, cv = lists if len(c_idx) == len(grads) else _sub(lists, c_idx)
         parts.append(_native_soaa_sums(kernels, native, cg, cm, cv, _pick(ts, c_idx), **kw))
     if fast:
         assert kernels is not None
@@ -779,7 +862,7 @@ def soaa_step_(
     parts: list[Tensor] = []
     if native is not None:
         assert kernels is not None
-        cp, cg, cm, cv = _sub(lists, c_idx)
+        cp, cg, cm, cv = lists if len(c_idx) == len(params) else _sub(lists, c_idx)
         parts.append(_native_soaa_step_(kernels, native, cp, cg, cm, cv, _pick(ts, c_idx), **kw))
     if fast:
         assert kernels is not None

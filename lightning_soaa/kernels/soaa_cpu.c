@@ -19,9 +19,9 @@
  * Here a whole step is 8 + 28 = 36 B/param against fused AdamW's 28 B, in two calls for all blocks.
  *
  * Work is cut into CHUNKs (a block smaller than a chunk is one chunk); chunks of all blocks are shared
- * among the threads; each chunk's sums are accumulated in INNER-long runs in the compute type (which
- * the compiler vectorises) and added in double, and one thread adds the chunks of a block in order:
- * the results do not depend on the number of threads.
+ * among the threads; each chunk's sums are accumulated in fixed lanes over INNER-long runs in the
+ * compute type (which the compiler vectorises; see LANE_RUN) and added in double, and one thread adds the
+ * chunks of a block in order: the results do not depend on the number of threads.
  *
  * Threads are plain pthreads started and joined inside each call, never a pool: an OpenMP runtime's
  * pool does not survive fork() (a forked child that starts a parallel region hangs, and Lightning's
@@ -35,7 +35,7 @@
 #include <string.h>
 
 #define CHUNK 16384
-#define INNER 128
+#define INNER 512
 #define SUMS_OUT 2
 #define STEP_IN 8
 #define STEP_OUT 5
@@ -142,34 +142,71 @@ static void add_chunks(int nb, const int64_t *first, const double *part, int k, 
     }
 }
 
-#define SOAA_SUMS(NAME, S, C, LOAD)                                                                        \
-    static void sums_chunk_##NAME(const S *restrict g, const S *restrict m, const S *restrict v,            \
-                                  int64_t lo, int64_t hi, int mode, const double *sc, double *res) {        \
-        const C a = (C)sc[0], b2 = (C)sc[1], b2c = (C)sc[2];                                              \
-        double s0 = 0, s1 = 0;                                                                             \
-        for (int64_t j = lo; j < hi; j += INNER) {                                                         \
-            const int64_t e = j + INNER < hi ? j + INNER : hi;                                             \
-            C f0 = 0, f1 = 0;                                                                              \
-            if (mode == 0) { /* the same accumulation as the step's sum m^2, sum v: bit-identical */     \
-                _Pragma("omp simd reduction(+ : f0, f1)")                                                 \
-                for (int64_t i = j; i < e; i++) {                                                          \
-                    const C mi = LOAD(m[i]);                                                               \
-                    f0 += mi * mi;                                                                         \
-                    f1 += LOAD(v[i]);                                                                      \
-                }                                                                                          \
-            } else {                                                                                       \
-                _Pragma("omp simd reduction(+ : f0, f1)")                                                 \
-                for (int64_t i = j; i < e; i++) {                                                          \
-                    const C gi = LOAD(g[i]);                                                               \
-                    f0 += LOAD(m[i]) * gi;                                                                 \
-                    f1 += gi * gi;                                                                         \
-                }                                                                                          \
+/* Lanes: every sum is kept in LN (per type, below; SUMS_GM_LANES for mode 1) independent partial sums,
+ * element i of a run going to lane (i - run start) % LN, the last partial group of a run to lanes 0, 1, ...; each run
+ * (INNER elements) adds its lanes into double lanes, and the chunk's result is the double lanes added in
+ * lane order. The order of every addition is thus written here, not chosen by the vectoriser (with
+ * -ffp-contract=off, no multiply-add is fused in one loop and not in another): the step's sum m^2,
+ * sum v and the sums pass's mode 0 are the same arithmetic on the same values, so the same bits. */
+#define SUMS_GM_LANES 16
+
+/* BODY for elements [j, e) with `i` the element and `l` its lane (a statement list, may use commas) */
+#define LANE_RUN(NL, j, e, ...)                                                                            \
+    {                                                                                                      \
+        int64_t i0 = (j);                                                                                  \
+        for (; i0 + (NL) <= (e); i0 += (NL)) {                                                             \
+            _Pragma("omp simd")                                                                           \
+            for (int l = 0; l < (NL); l++) {                                                               \
+                const int64_t i = i0 + l;                                                                  \
+                __VA_ARGS__                                                                                \
             }                                                                                              \
-            s0 += f0;                                                                                      \
-            s1 += f1;                                                                                      \
         }                                                                                                  \
-        res[0] = s0;                                                                                       \
-        res[1] = s1;                                                                                       \
+        for (int l = 0; i0 + l < (e); l++) {                                                               \
+            const int64_t i = i0 + l;                                                                      \
+            __VA_ARGS__                                                                                    \
+        }                                                                                                  \
+    }
+
+/* run lanes f[K][NL] (compute type) into double lanes d[K][NL], then zero them */
+#define LANES_TO_DOUBLE(K, NL, f, d)                                                                       \
+    for (int k = 0; k < (K); k++) {                                                                        \
+        _Pragma("omp simd")                                                                               \
+        for (int l = 0; l < (NL); l++) {                                                                   \
+            d[k][l] += (double)f[k][l];                                                                    \
+            f[k][l] = 0;                                                                                   \
+        }                                                                                                  \
+    }
+
+#define LANES_OUT(K, NL, d, res)                                                                           \
+    for (int k = 0; k < (K); k++) {                                                                        \
+        double t = 0;                                                                                      \
+        for (int l = 0; l < (NL); l++) t += d[k][l];                                                       \
+        res[k] = t;                                                                                        \
+    }
+
+#define SOAA_SUMS(NAME, S, C, LOAD, LN)                                                                    \
+    static void sums_chunk_##NAME(const S *restrict g, const S *restrict m, const S *restrict v,            \
+                                  int64_t lo, int64_t hi, int mode, double *res) {                          \
+        if (mode == 0) { /* the same lanes and order as the step's sum m^2, sum v: bit-identical */      \
+            C f[2][LN] = {{0}};                                                                         \
+            double d[2][LN] = {{0}};                                                                    \
+            for (int64_t j = lo; j < hi; j += INNER) {                                                     \
+                const int64_t e = j + INNER < hi ? j + INNER : hi;                                         \
+                LANE_RUN(LN, j, e, const C mi = LOAD(m[i]); f[0][l] += mi * mi; f[1][l] += LOAD(v[i]);) \
+                LANES_TO_DOUBLE(2, LN, f, d)                                                            \
+            }                                                                                              \
+            LANES_OUT(2, LN, d, res)                                                                    \
+        } else {                                                                                           \
+            C f[2][SUMS_GM_LANES] = {{0}};                                                                 \
+            double d[2][SUMS_GM_LANES] = {{0}};                                                            \
+            for (int64_t j = lo; j < hi; j += INNER) {                                                     \
+                const int64_t e = j + INNER < hi ? j + INNER : hi;                                         \
+                LANE_RUN(SUMS_GM_LANES, j, e, const C gi = LOAD(g[i]); f[0][l] += LOAD(m[i]) * gi;         \
+                         f[1][l] += gi * gi;)                                                              \
+                LANES_TO_DOUBLE(2, SUMS_GM_LANES, f, d)                                                    \
+            }                                                                                              \
+            LANES_OUT(2, SUMS_GM_LANES, d, res)                                                            \
+        }                                                                                                  \
     }                                                                                                      \
                                                                                                            \
     static void sums_job_##NAME(const void *job, int64_t c) {                                              \
@@ -177,7 +214,7 @@ static void add_chunks(int nb, const int64_t *first, const double *part, int k, 
         const int b = block_of(j->first, j->nb, c);                                                        \
         const int64_t lo = (c - j->first[b]) * CHUNK, hi = lo + CHUNK < j->n[b] ? lo + CHUNK : j->n[b];    \
         sums_chunk_##NAME((const S *)j->g[b], (const S *)j->m[b], (const S *)j->v[b], lo, hi, j->mode[b],  \
-                          j->sc, j->part + SUMS_OUT * c);                                                  \
+                          j->part + SUMS_OUT * c);                                                         \
     }                                                                                                      \
                                                                                                            \
     int soaa_sums_##NAME(int nb, const void *const *g, const void *const *m, const void *const *v,         \
@@ -193,17 +230,16 @@ static void add_chunks(int nb, const int64_t *first, const double *part, int k, 
         return 0;                                                                                          \
     }
 
-#define SOAA_STEP(NAME, S, C, LOAD, STORE, SQRT)                                                           \
+#define SOAA_STEP(NAME, S, C, LOAD, STORE, SQRT, LN)                                                       \
     static void step_chunk_##NAME(S *restrict p, const S *restrict g, S *restrict m, S *restrict v,          \
                                   int64_t lo, int64_t hi, const double *sc, double *res) {                  \
         const C a = (C)sc[0], b2 = (C)sc[1], b2c = (C)sc[2], decay = (C)sc[3], alr = (C)sc[4];             \
         const C k1 = (C)sc[5], knee = (C)sc[6], eps = (C)sc[7];                                            \
-        double s[STEP_OUT] = {0, 0, 0, 0, 0};                                                              \
+        C f[STEP_OUT][LN] = {{0}};                                                                      \
+        double d[STEP_OUT][LN] = {{0}};                                                                 \
         for (int64_t j = lo; j < hi; j += INNER) {                                                         \
             const int64_t e = j + INNER < hi ? j + INNER : hi;                                             \
-            C f0 = 0, f1 = 0, f2 = 0, f3 = 0, f4 = 0;                                                      \
-            _Pragma("omp simd reduction(+ : f0, f1, f2, f3, f4)")                                         \
-            for (int64_t i = j; i < e; i++) {                                                              \
+            LANE_RUN(LN, j, e,                                                                          \
                 const C gi = LOAD(g[i]), mi = LOAD(m[i]);                                                  \
                 const C mt = mi + (gi - mi) * a;                                                           \
                 const C vt = LOAD(v[i]) * b2 + gi * gi * b2c;                                              \
@@ -214,15 +250,14 @@ static void add_chunks(int nb, const int64_t *first, const double *part, int k, 
                 v[i] = vs;                                                                                 \
                 p[i] = STORE(LOAD(p[i]) * decay + alr * q);                                                \
                 const C rq = r * q, mr = LOAD(ms);                                                         \
-                f0 += mt * q;                                                                              \
-                f1 += rq * rq;                                                                             \
-                f2 += r < knee ? (C)1 : (C)0;                                                              \
-                f3 += mr * mr;                                                                             \
-                f4 += LOAD(vs);                                                                            \
-            }                                                                                              \
-            s[0] += f0; s[1] += f1; s[2] += f2; s[3] += f3; s[4] += f4;                                    \
+                f[0][l] += mt * q;                                                                         \
+                f[1][l] += rq * rq;                                                                        \
+                f[2][l] += r < knee ? (C)1 : (C)0;                                                         \
+                f[3][l] += mr * mr;                                                                        \
+                f[4][l] += LOAD(vs);)                                                                      \
+            LANES_TO_DOUBLE(STEP_OUT, LN, f, d)                                                         \
         }                                                                                                  \
-        for (int k = 0; k < STEP_OUT; k++) res[k] = s[k];                                                  \
+        LANES_OUT(STEP_OUT, LN, d, res)                                                                 \
     }                                                                                                      \
                                                                                                            \
     static void step_job_##NAME(const void *job, int64_t c) {                                              \
@@ -247,12 +282,14 @@ static void add_chunks(int nb, const int64_t *first, const double *part, int k, 
         return 0;                                                                                          \
     }
 
-SOAA_SUMS(f32, float, float, ID)
-SOAA_SUMS(f64, double, double, ID)
-SOAA_SUMS(bf16, uint16_t, float, bf16_load)
-SOAA_STEP(f32, float, float, ID, ID, sqrtf)
-SOAA_STEP(f64, double, double, ID, ID, sqrt)
-SOAA_STEP(bf16, uint16_t, float, bf16_load, bf16_store, sqrtf)
+/* lanes: one 256-bit register of the compute type for f32/f64; bf16 takes 16 (its 16-bit loads and
+ * stores vectorise at full width only then; 8 halved the speed of its compute-bound step) */
+SOAA_SUMS(f32, float, float, ID, 8)
+SOAA_SUMS(f64, double, double, ID, 8)
+SOAA_SUMS(bf16, uint16_t, float, bf16_load, 16)
+SOAA_STEP(f32, float, float, ID, ID, sqrtf, 8)
+SOAA_STEP(f64, double, double, ID, ID, sqrt, 8)
+SOAA_STEP(bf16, uint16_t, float, bf16_load, bf16_store, sqrtf, 16)
 
 /* the ABI version the loader checks, so a stale cached build is never used */
-int soaa_cpu_abi(void) { return 4; }
+int soaa_cpu_abi(void) { return 5; }

@@ -3,10 +3,11 @@
 Why not only ``torch.compile``: inductor's CPU code for the step, once the kernel also reduces, stores
 the new moments into temporaries and copies them back in two more loops, so the update sums cost a
 second read of m and v (48 B/param in fp32 against fused AdamW's 28 B). The C step updates θ, m, v in
-place and accumulates the update sums in the same loop: 12 B (sums, reads only) + 28 B (step) = 40 B.
+place and accumulates the update sums in the same loop: 8 B (sums, reads only) + 28 B (step) = 36 B.
 
 The library is compiled at first use with the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``;
-``-O3 -march=native -fopenmp-simd -pthread``) into a cache directory
+``-O3 -march=native -ffp-contract=off -fopenmp-simd -pthread``; no fused multiply-adds, so that the
+two loops that sum the stored moments take the same bits) into a cache directory
 (``$LIGHTNING_SOAA_CACHE``, else ``~/.cache/lightning_soaa``), keyed by the source, the flags, the
 compiler and the CPU, so a shared home directory on a cluster of different CPUs never loads a build for
 another CPU. Compiling takes well under a second; a second process finds the build. Without a compiler,
@@ -25,7 +26,9 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import itertools
 import logging
+import operator
 import os
 import platform
 import shutil
@@ -33,6 +36,7 @@ import subprocess
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -43,9 +47,10 @@ log = logging.getLogger(__name__)
 __all__ = ["NativeSOAA", "NativeUnavailable"]
 
 _SOURCE = Path(__file__).with_name("soaa_cpu.c")
-_ABI = 4
-_BASE_FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-std=gnu11", "-shared", "-fPIC", "-pthread")
-# -fopenmp-simd: the `omp simd` reductions vectorise, with no OpenMP runtime (threads are pthreads
+_ABI = 5
+_BASE_FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-std=gnu11", "-shared", "-fPIC",
+               "-pthread")
+# -fopenmp-simd: the `omp simd` lane loops vectorise, with no OpenMP runtime (threads are pthreads
 # started per call: a runtime's pool would hang a forked child). A compiler without it builds plain loops.
 _TRIES = (("-fopenmp-simd",), ())
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16"}
@@ -122,12 +127,11 @@ def _bind(lib: ctypes.CDLL) -> None:
             getattr(lib, f"soaa_{name}_{suffix}").restype = ctypes.c_int
 
 
-def _pointers(ts: list[Tensor]) -> ctypes.Array[ctypes.c_void_p]:
-    return (ctypes.c_void_p * len(ts))(*[t.data_ptr() for t in ts])
-
-
-def _sizes(ts: list[Tensor]) -> ctypes.Array[ctypes.c_int64]:
-    return (ctypes.c_int64 * len(ts))(*[t.numel() for t in ts])
+_data_ptr = Tensor.data_ptr
+_numel = Tensor.numel
+_is_contiguous = Tensor.is_contiguous
+_dtype_of = operator.attrgetter("dtype")
+_is_cpu = operator.attrgetter("is_cpu")
 
 
 def _rows(flat: ctypes.Array[ctypes.c_double], k: int) -> list[list[float]]:
@@ -145,6 +149,23 @@ class NativeSOAA:
     def __init__(self, lib: ctypes.CDLL) -> None:
         _bind(lib)
         self._lib = lib
+        self._fns = {(name, dt): getattr(lib, f"soaa_{name}_{sfx}") for dt, sfx in _SUFFIX.items()
+                     for name in ("sums", "step")}
+        # The argument arrays of the last call per (pass, role), reused while their values are equal: a
+        # training loop calls with the same blocks at every step. Keyed by the values themselves (the
+        # addresses and sizes read at this call), so a tensor that moved or changed size gets a new array.
+        self._arrays: dict[tuple[str, str], tuple[tuple[Any, ...], ctypes.Array[Any]]] = {}
+
+    def _array(self, slot: tuple[str, str], ctype: Any, values: tuple[Any, ...]) -> ctypes.Array[Any]:
+        hit = self._arrays.get(slot)
+        if hit is not None and hit[0] == values:
+            return hit[1]
+        arr = (ctype * len(values))(*values)
+        self._arrays[slot] = (values, arr)
+        return arr
+
+    def _pointers(self, slot: tuple[str, str], ts: list[Tensor]) -> ctypes.Array[ctypes.c_void_p]:
+        return self._array(slot, ctypes.c_void_p, tuple(map(_data_ptr, ts)))
 
     @classmethod
     def load(cls) -> NativeSOAA:
@@ -165,6 +186,16 @@ class NativeSOAA:
                 return False
         return True
 
+    @staticmethod
+    def accepts_all(*lists: list[Tensor]) -> bool:
+        """:meth:`accepts` for every block at once (``lists[k][i]`` is block i's k-th tensor): the checks
+        run as C-level maps over each list, a few microseconds for a hundred blocks."""
+        if not lists[0] or lists[0][0].dtype not in _SUFFIX:
+            return False
+        every = list(itertools.chain.from_iterable(lists))
+        return (set(map(_dtype_of, every)) == {lists[0][0].dtype} and all(map(_is_cpu, every))
+                and all(map(_is_contiguous, every)))
+
     def sums(self, g: list[Tensor], m: list[Tensor], v: list[Tensor], modes: list[int],
              scal: tuple[float, float, float]) -> list[list[float]]:
         """Per block (reads only): mode ``SUMS_MOMENTS`` ``[Σ m², Σ v]`` of the stored moments (the same
@@ -172,25 +203,31 @@ class NativeSOAA:
         ``scal = (1-β1, β2, 1-β2)``. One dtype for all blocks."""
         nb = len(g)
         out = (ctypes.c_double * (2 * nb))()
-        fn = getattr(self._lib, f"soaa_sums_{_SUFFIX[g[0].dtype]}")
-        if fn(nb, _pointers(g), _pointers(m), _pointers(v), _sizes(g), (ctypes.c_int * nb)(*modes),
-              (ctypes.c_double * 3)(*scal), out, torch.get_num_threads()):
+        fn = self._fns[("sums", g[0].dtype)]
+        if fn(nb, self._pointers(("sums", "g"), g), self._pointers(("sums", "m"), m),
+              self._pointers(("sums", "v"), v), self._array(("sums", "n"), ctypes.c_int64, tuple(map(_numel, g))),
+              self._array(("sums", "mode"), ctypes.c_int, tuple(modes)), (ctypes.c_double * 3)(*scal), out,
+              torch.get_num_threads()):
             raise MemoryError("SOAA CPU kernel: out of memory for its per-chunk sums")
         return _rows(out, 2)
 
     def step(self, p: list[Tensor], g: list[Tensor], m: list[Tensor], v: list[Tensor],
              scal: Sequence[Sequence[float]]) -> list[list[float]]:
-        """m, v, θ in place (their autograd versions bumped); per block
+        """m, v, θ in place (their autograd versions bumped once, before the loop runs); per block
         ``[Σ m q, Σ (s q)², #(s < knee), Σ m², Σ v]`` of the new moments, from the same sweep.
         ``scal[b] = (1-β1, β2, 1-β2, decay, alr, k1, knee, ε)``."""
         nb = len(p)
         out = (ctypes.c_double * (5 * nb))()
-        sc = (ctypes.c_double * (8 * nb))(*[x for row in scal for x in row])
-        fn = getattr(self._lib, f"soaa_step_{_SUFFIX[p[0].dtype]}")
-        if fn(nb, _pointers(p), _pointers(g), _pointers(m), _pointers(v), _sizes(p), sc, out,
-              torch.get_num_threads()):
-            raise MemoryError("SOAA CPU kernel: out of memory for its per-chunk sums")
-        # the loop wrote through raw pointers: tell autograd these tensors changed, as an in-place torch
-        # op would (a graph that saved θ then refuses to backward instead of using the new θ)
+        sc = (ctypes.c_double * (8 * nb))(*itertools.chain.from_iterable(scal))
+        fn = self._fns[("step", p[0].dtype)]
+        args = (self._pointers(("step", "p"), p), self._pointers(("step", "g"), g),
+                self._pointers(("step", "m"), m), self._pointers(("step", "v"), v),
+                self._array(("step", "n"), ctypes.c_int64, tuple(map(_numel, p))))
+        # The loop writes through raw pointers: tell autograd these tensors change, as an in-place torch
+        # op would (a graph that saved θ then refuses to backward instead of using the new θ). Done
+        # before the loop, while the tensors are in cache (the loop's sweep evicts them); a call that
+        # fails (before any write) leaves them bumped, which only makes autograd stricter.
         increment_version([*p, *m, *v])
+        if fn(nb, *args, sc, out, torch.get_num_threads()):
+            raise MemoryError("SOAA CPU kernel: out of memory for its per-chunk sums")
         return _rows(out, 5)

@@ -190,6 +190,69 @@ def host_floats(values: Sequence[Any]) -> list[float]:
     return out
 
 
+class _ViewCache:
+    """The owned blocks' views into the parameters, kept between steps, and their gradients' views.
+
+    A parameter's views are rebuilt when its storage, dtype, shape or strides change (``p.data = ...``;
+    the cached views keep the old storage alive, so an equal address means the same memory); they are
+    never kept across a copy or pickle of the optimizer. Gradient views are made at every step: keeping
+    them would keep a gradient the user dropped (``zero_grad(set_to_none=True)``) alive through the next
+    backward. A parameter whose blocks tile it along one dim gets them from one ``split_with_sizes``
+    call (a view each, as ``narrow`` makes, at a fraction of the cost of one call per block)."""
+
+    def __init__(self, table: BlockTable, owned: Sequence[BlockInfo]) -> None:
+        self.owned = list(owned)
+        self._by_param = table.by_param
+        # per parameter with owned row/column blocks: (dim, sizes of all its blocks) when they tile it
+        # along dim in order, else None (one narrow per block)
+        self.splits: dict[int, tuple[int, list[int]] | None] = {}
+        for b in self.owned:
+            if b.dim is None or b.param_index in self.splits:
+                continue
+            blocks = table.by_param[b.param_index]
+            dims = {x.dim for x in blocks}
+            tiles = all(x.start == y.stop for y, x in zip(blocks, blocks[1:])) and blocks[0].start == 0
+            self.splits[b.param_index] = (b.dim, [x.stop - x.start for x in blocks]) if (
+                len(dims) == 1 and tiles) else None
+        self.keys: dict[int, tuple[Any, ...]] = {}
+        self.pviews: list[Tensor | None] = [None] * len(self.owned)
+
+    def _cut(self, pi: int, t: Tensor, blocks: Sequence[BlockInfo]) -> list[Tensor]:
+        """The views of ``blocks`` (all of parameter ``pi``, owned or not, in order) into ``t``."""
+        split = self.splits.get(pi)
+        if split is not None and t.dim() > split[0] and t.shape[split[0]] == sum(split[1]):
+            return list(t.split_with_sizes(split[1], split[0]))
+        return [b.view(t) for b in blocks]
+
+    def views(self, params: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor | None]]:
+        """(parameter view, gradient view or None) of every owned block, in ``owned`` order."""
+        grads: dict[int, list[Tensor] | None] = {}
+        pviews, gviews = self.pviews, []
+        for i, b in enumerate(self.owned):
+            pi = b.param_index
+            p = params[pi]
+            if b.dim is None:
+                pviews[i] = p
+                gviews.append(p.grad)
+                continue
+            if pi not in grads:
+                key = (p.data_ptr(), p.device, p.dtype, p.shape, p.stride())
+                if self.keys.get(pi) != key:
+                    cut = self._cut(pi, p, self._all_blocks(pi))
+                    for j, x in enumerate(self.owned):
+                        if x.param_index == pi:
+                            pviews[j] = cut[x.sub_index]
+                    self.keys[pi] = key
+                g = p.grad
+                grads[pi] = None if g is None else self._cut(pi, g, self._all_blocks(pi))
+            gs = grads[pi]
+            gviews.append(None if gs is None else gs[b.sub_index])
+        return pviews, gviews  # type: ignore[return-value]
+
+    def _all_blocks(self, pi: int) -> list[BlockInfo]:
+        return self._by_param[pi]
+
+
 @dataclasses.dataclass(frozen=True)
 class SkipStep:
     """``_decide``'s answer when every rank decided, from the same reduced values, to skip this step
@@ -260,7 +323,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         """Everything but the hooks (torch's rule). Subclass attributes, the block table and the configs
         are kept; the communicator pickles itself (see the module docstring)."""
         return {k: v for k, v in self.__dict__.items()
-                if not (k.startswith("_optimizer_") and k.endswith("_hooks")) and k not in self._transient}
+                if not (k.startswith("_optimizer_") and k.endswith("_hooks")) and k not in self._transient
+                and k != "_view_cache"}  # views into this process's parameters: rebuilt on first use
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         had_differentiable = "differentiable" in state["defaults"]
@@ -415,6 +479,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._params = params
         self._names = [name for _, _, name in plist]
         self._owned = self._table.owned()
+        self._view_cache = _ViewCache(self._table, self._owned)
         self.exchange = OwnerExchange(self._table, params, self.comm, sharded=self.sharding.shard)
 
     def _check_same_params_on_all_ranks(self, params: list[Tensor], names: list[str | None]) -> None:
@@ -476,17 +541,24 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def _owned_views(self) -> list[BlockView]:
         if self._dtensor is not None:
             return self._owned_dtensor_views()
-        # Runs every step: the loop reads only what may change between steps (p.grad, the state dict).
+        # Runs every step: the parameters' block views are reused while the parameters keep their storage
+        # (_ViewCache); gradient views are cut afresh (one split per parameter) and the state dicts read
+        # afresh, since both may be replaced between steps.
+        cache = self.__dict__.get("_view_cache")
+        if cache is None:  # after a copy or unpickling
+            cache = self._view_cache = _ViewCache(self.block_table, self._owned)
         params, groups, names, state = self._params, self.param_groups, self._names, self.state
+        pviews, gviews = cache.views(params)
         views = []
-        for b in self._owned:
-            p = params[b.param_index]
-            g = p.grad
-            if b.dim is None:
-                views.append(BlockView(b, p, g, state[p], groups[b.group_index], names[b.param_index]))
-            else:
-                views.append(BlockView(b, b.view(p), None if g is None else b.view(g), self.block_state(b),
-                                       groups[b.group_index], names[b.param_index]))
+        pstate: dict[int, dict[Any, Any]] = {}  # one state lookup per parameter (hashing a tensor costs)
+        for b, pv, gv in zip(self._owned, pviews, gviews):
+            pi = b.param_index
+            st = pstate.get(pi)
+            if st is None:
+                st = pstate[pi] = state[params[pi]]
+            if b.dim is not None:  # as block_state(b)
+                st = st.setdefault(b.sub_index, {})
+            views.append(BlockView(b, pv, gv, st, groups[b.group_index], names[pi]))
         return views
 
     def _owned_dtensor_views(self) -> list[BlockView]:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import operator
 import os
 from collections.abc import Callable, Iterable
 from typing import Any, cast
@@ -72,8 +73,77 @@ class _SOAAStep(StepRecord):
     loss_sum: Any = summed()  # loss·w
     loss_weight: float = summed()  # w
     missing_loss: float = summed()  # ranks without a loss
-    #: per (param group, counted): the step count of this update of each view, in _groups_of's order
-    ts: dict[tuple[int, bool], list[int]] = dataclasses.field(default_factory=dict)
+    #: per (param group, counted): the views with a gradient and their tensors, for _apply
+    groups: dict[tuple[int, bool], _Group] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Group:
+    """The blocks of one (param group, counted) pair with a gradient this step, as the kernels take them
+    (built once in ``_prepare``, after the lazy state init, and handed to ``_apply``)."""
+
+    views: list[BlockView]
+    params: list[Tensor]
+    grads: list[Tensor]
+    exp_avgs: list[Tensor]
+    exp_avg_sqs: list[Tensor]
+    counters: list[Tensor]
+    ts: list[int]  # the step count of this update of each block
+
+
+_version_of = operator.attrgetter("_version")
+_dtype_of = operator.attrgetter("dtype")
+_is_cpu = operator.attrgetter("is_cpu")
+# Counts below this are exact in float32 and float64, so writing count + 1 is what add_(1) writes.
+_EXACT_COUNT = float(1 << 24)
+
+
+class _StepCounts:
+    """The per-block step counters (0-d CPU float32 tensors, torch's convention; one per block, 40 for
+    10M parameters) read and advanced without one ``.item()`` per counter and step: the values written
+    at the last increment are remembered with the counters' autograd versions (every write to a counter,
+    ``fill_``, ``add_``, ``copy_`` by a state-dict load, bumps its version; a loaded state brings new
+    tensors) and used while the counters are the same tensors at the same versions."""
+
+    def __init__(self) -> None:
+        self._known: dict[Any, tuple[list[Tensor], tuple[int, ...], list[float]]] = {}
+        # per key, from read(): the counters, their values and, when one _foreach_copy_ can advance
+        # them all, the dtype to write in (checked here: read() runs while the counters are in cache)
+        self._read: dict[Any, tuple[list[Tensor], list[float], torch.dtype | None]] = {}
+
+    def _values(self, key: Any, counters: list[Tensor]) -> list[float]:
+        k = self._known.get(key)
+        if (k is not None and len(k[0]) == len(counters) and all(map(operator.is_, k[0], counters))
+                and k[1] == tuple(map(_version_of, counters))):
+            return k[2]
+        if all(c.device.type == "cpu" for c in counters):  # as created: no device sync, .item() is cheapest
+            return [float(c.item()) for c in counters]
+        return [float(x) for x in torch.stack(counters).tolist()]
+
+    def read(self, key: Any, counters: list[Tensor]) -> list[int]:
+        """The step count of this update of each counter's block (its value + 1, as an int)."""
+        values = self._values(key, counters)
+        first = values[0] if values else -1.0
+        dtypes = set(map(_dtype_of, counters))
+        # every block at one count (the usual case), exact in the counters' one dtype: writing count + 1
+        # is what add_ writes
+        fast = (first.is_integer() and 0.0 <= first < _EXACT_COUNT and values.count(first) == len(values)
+                and len(dtypes) == 1 and dtypes <= {torch.float32, torch.float64} and all(map(_is_cpu, counters)))
+        self._read[key] = (counters, values, dtypes.pop() if fast else None)
+        return [int(x) + 1 for x in values]
+
+    def increment(self, key: Any, counters: list[Tensor]) -> None:
+        """Add 1 to every counter in place (the bits ``add_(1.0)`` writes), after :meth:`read` of the
+        same counters in this step."""
+        r = self._read.pop(key, None)
+        if r is not None and r[2] is not None and len(r[0]) == len(counters) and all(
+                map(operator.is_, r[0], counters)):
+            x = r[1][0] + 1.0
+            torch._foreach_copy_(counters, [torch.tensor(x, dtype=r[2])] * len(counters))  # one call for all
+            new = [x] * len(counters)
+        else:
+            new = increment_counts_(counters)
+        self._known[key] = (list(counters), tuple(map(_version_of, counters)), new)
 
 
 @dataclasses.dataclass
@@ -84,7 +154,7 @@ class _SOAADecision:
     scalars: Any  # trust_region_scalars(...)
     pred_prev: float
     loss: float
-    ts: dict[tuple[int, bool], list[int]]
+    groups: dict[tuple[int, bool], _Group]
 
 
 #: hyperparameters of the global trust region: one value for the whole model, never per group.
@@ -286,7 +356,14 @@ class SOAA(ShardedOptimizer):
         super().__init__(params, defaults, process_group=process_group, comm=comm, shard=shard,
                          grad_reduction=grad_reduction)
 
-    _transient = ("_soaa_kernels",)  # compiled per process; rebuilt by _kernels() after a copy or pickle
+    # compiled per process, rebuilt by _kernels() after a copy or pickle; the counters' cache by _counts()
+    _transient = ("_soaa_kernels", "_step_counts")
+
+    def _counts(self) -> _StepCounts:
+        counts = self.__dict__.get("_step_counts")
+        if counts is None:
+            counts = self._step_counts = _StepCounts()
+        return counts
 
     def _kernels(self) -> SOAAKernels | None:
         """This optimizer's compiled kernels, or None (eager). Rebuilt from the config after unpickling
@@ -401,24 +478,23 @@ class SOAA(ShardedOptimizer):
     def _prepare(self, views: list[BlockView]) -> _SOAAStep:
         """Reads only: the partials of the would-be moments (written by ``_apply`` once the step runs)."""
         total: Tensor | None = None
-        steps: dict[tuple[int, bool], list[int]] = {}
+        groups: dict[tuple[int, bool], _Group] = {}
         for (gi, counted), vs in self._groups_of(views).items():
             group = self.param_groups[gi]
-            for v in vs:
-                if "step" not in v.state:  # zero state == no state, so lazy init is not a mutation
-                    v.state["step"] = torch.zeros((), dtype=torch.float32)
-                    v.state["exp_avg"] = torch.zeros_like(v.param, memory_format=torch.preserve_format)
-                    v.state["exp_avg_sq"] = torch.zeros_like(v.param, memory_format=torch.preserve_format)
-            counters = [v.state["step"] for v in vs]
-            if all(c.device.type == "cpu" for c in counters):  # as created: no device sync, .item() is cheapest
-                ts = [int(c.item()) + 1 for c in counters]
-            else:
-                ts = [int(s) + 1 for s in torch.stack(counters).tolist()]
-            steps[(gi, counted)] = ts
+            states = [v.state for v in vs]
+            for v, st in zip(vs, states):
+                if "step" not in st:  # zero state == no state, so lazy init is not a mutation
+                    st["step"] = torch.zeros((), dtype=torch.float32)
+                    st["exp_avg"] = torch.zeros_like(v.param, memory_format=torch.preserve_format)
+                    st["exp_avg_sq"] = torch.zeros_like(v.param, memory_format=torch.preserve_format)
+            counters = [st["step"] for st in states]
+            ts = self._counts().read((gi, counted), counters)
+            grp = groups[(gi, counted)] = _Group(
+                vs, [v.param for v in vs], [v.grad for v in vs],  # type: ignore[misc]
+                [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states], counters, ts)
             beta1, beta2 = group["betas"]
             part = soaa_moments(
-                [v.grad for v in vs],  # type: ignore[misc]
-                [v.state["exp_avg"] for v in vs], [v.state["exp_avg_sq"] for v in vs],
+                grp.grads, grp.exp_avgs, grp.exp_avg_sqs,
                 ts, beta1=beta1, beta2=beta2, eps=group["eps"], foreach=self.foreach, kernels=self._kernels_for(vs),
             )
             # An uncounted piece adds 0, or NaN when it is non-finite: the step is then skipped everywhere.
@@ -426,11 +502,15 @@ class SOAA(ShardedOptimizer):
             total = part if total is None else total + part.to(total.device)
         if total is None:
             total = torch.zeros(2, dtype=torch.float64)
-        s_m2, s_veps = total.unbind(0)  # one call for both 0-d views (indexing costs one per value)
-        lag_mu, lag_vu2 = self._lag.unbind(0) if self.config.acceptance == "lagged" else (0.0, 0.0)
+        # one call for both values; on the CPU (nothing to wait for) as floats, elsewhere as 0-d views that
+        # the base copies to the host with the other values (indexing costs one call per value)
+        s_m2, s_veps = total.tolist() if total.device.type == "cpu" else total.unbind(0)
+        lag = self._lag
+        lag_mu, lag_vu2 = ((lag.tolist() if lag.device.type == "cpu" else lag.unbind(0))
+                           if self.config.acceptance == "lagged" else (0.0, 0.0))
         loss_sum, weight, missing = self._loss_partials()
         return _SOAAStep(sum_mhat_sq=s_m2, sum_vhat_eps=s_veps, lag_mu=lag_mu, lag_vu2=lag_vu2,
-                         loss_sum=loss_sum, loss_weight=weight, missing_loss=missing, ts=steps)
+                         loss_sum=loss_sum, loss_weight=weight, missing_loss=missing, groups=groups)
 
     def _loss_partials(self) -> tuple[Tensor | float, float, float]:
         """(loss·w, w, missing) of this rank; a tensor loss stays on its device (no sync here)."""
@@ -460,7 +540,7 @@ class SOAA(ShardedOptimizer):
             rho_smoothing=cfg.rho_smoothing, actual_sum=self._actual_sum, pred_sum=self._pred_sum,
             trust_warmup=cfg.trust_warmup,
         )
-        return _SOAADecision(t=t, scalars=scal, pred_prev=pred_prev, loss=lw / w, ts=reduced.ts)
+        return _SOAADecision(t=t, scalars=scal, pred_prev=pred_prev, loss=lw / w, groups=reduced.groups)
 
     def _apply(self, views: list[BlockView], decision: _SOAADecision) -> None:
         scal = decision.scalars
@@ -469,17 +549,16 @@ class SOAA(ShardedOptimizer):
         if same_batch:  # the only copy SOAA keeps: θ, to restore it when the trial step is rejected
             self._snapshot = [(v.param, v.param.detach().clone()) for v in views if v.grad is not None]
         lag: Tensor | None = None
-        for (gi, counted), vs in self._groups_of(views).items():
+        for (gi, counted), grp in decision.groups.items():  # _prepare's groups (the same views)
             group = self.param_groups[gi]
-            increment_counts_([v.state["step"] for v in vs])
+            self._counts().increment((gi, counted), grp.counters)
             beta1, beta2 = group["betas"]
             lr = float(group["lr"])
             part = soaa_step_(
-                [v.param for v in vs], [v.grad for v in vs],  # type: ignore[misc]
-                [v.state["exp_avg"] for v in vs], [v.state["exp_avg_sq"] for v in vs],
-                decision.ts[(gi, counted)], lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
+                grp.params, grp.grads, grp.exp_avgs, grp.exp_avg_sqs,
+                grp.ts, lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
                 weight_decay=group["weight_decay"], d=d_prev, c=scal.c, count_limited=same_batch,
-                foreach=self.foreach, kernels=self._kernels_for(vs),
+                foreach=self.foreach, kernels=self._kernels_for(grp.views),
             )
             if not counted:
                 continue

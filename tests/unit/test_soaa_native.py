@@ -257,3 +257,92 @@ def test_a_resumed_optimizer_takes_the_same_bits_as_the_uninterrupted_one(dtype:
     run(c, pc, range(3, 6))
     assert all(torch.equal(x, y) for x, y in zip(pa, pc))
     assert a.trust_state() == c.trust_state()
+
+
+def _fresh_step(opt_state: dict, values: list[torch.Tensor], grads: list[torch.Tensor], loss: float
+                ) -> tuple[list[torch.Tensor], dict]:
+    """One step by an optimizer built for it (nothing cached: every view, pointer, counter and
+    remembered sum is made from the state dict): the uncached reference."""
+    from lightning_soaa import SOAA
+
+    ps = [torch.nn.Parameter(v.clone()) for v in values]
+    opt = SOAA([{"params": ps, "max_block_numel": 700}], lr=0.01, weight_decay=0.1, total_steps=20)
+    opt.load_state_dict(opt_state)
+    for p, g in zip(ps, grads):
+        p.grad = g.clone()
+    opt.step(loss=loss)
+    return [p.detach().clone() for p in ps], opt.trust_state()
+
+
+def test_cached_step_takes_the_bits_of_an_uncached_one_after_every_kind_of_change() -> None:
+    """The optimizer reuses block views, argument arrays, step counts and the moments' Σm², Σv between
+    steps. After each change from outside (new gradient tensors, an in-place gradient edit, ``p.data``
+    replaced, moments and counters edited in place or replaced, ``load_state_dict``) its step must take
+    the same bits as a fresh optimizer loading the same state; and unchanged blocks must really come
+    from the cache (no re-read of their moments)."""
+    from lightning_soaa import SOAA
+
+    _native_or_skip()
+    gen = torch.Generator().manual_seed(5)
+    shapes = ((60, 50), (30, 20), (7,))  # 3000 / 600 / 7 elements: 5 + 1 + 1 blocks of <= 700
+    ps = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    opt = SOAA([{"params": ps, "max_block_numel": 700}], lr=0.01, weight_decay=0.1, total_steps=20)
+    assert len(opt._owned) == 7
+    mode0_blocks: list[int] = []
+
+    def spy_on_native() -> None:
+        native = opt._kernels()._native
+        assert native is not None
+        if getattr(native, "_spied", False):
+            return
+        inner = native.sums
+
+        def sums(g, m, v, modes, scal):  # type: ignore[no-untyped-def]
+            mode0_blocks.append(sum(1 for x in modes if x == native.SUMS_MOMENTS))
+            return inner(g, m, v, modes, scal)
+        native.sums = sums  # type: ignore[method-assign]
+        native._spied = True
+
+    def step(k: int, grads: list[torch.Tensor] | None = None, new_grads: bool = True) -> None:
+        if grads is None:
+            grads = [torch.randn(p.shape, generator=gen) for p in ps]
+        if new_grads:
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+        grads = [p.grad.clone() for p in ps]  # what the step sees
+        want, want_trust = _fresh_step(opt.state_dict(), [p.detach() for p in ps], grads, 1.0 / (1 + k))
+        mode0_blocks.clear()
+        opt.step(loss=1.0 / (1 + k))
+        spy_on_native()
+        assert all(torch.equal(p, w) for p, w in zip(ps, want)), f"step {k}: parameters differ"
+        assert opt.trust_state() == want_trust, f"step {k}: trust state differs"
+
+    step(0)
+    step(1)
+    step(2)
+    assert mode0_blocks == [0]  # steady state: every block's Σm², Σv came from the last step
+    with torch.no_grad():
+        ps[1].grad.mul_(2.0)  # the same gradient tensor, edited in place
+    step(3, new_grads=False)
+    ps[0].data = ps[0].data.clone()  # new storage, same values: views must follow it
+    step(4)
+    ps[0].data = ps[0].data * 0.5
+    step(5)
+    blocks = [opt.block_state(b) for b in opt._owned]
+    blocks[1]["exp_avg"].mul_(0.5)  # moments edited in place
+    blocks[6]["exp_avg_sq"].add_(1e-3)
+    step(6)
+    assert mode0_blocks == [2, 0] or mode0_blocks == [2]  # only the two edited blocks were read again
+    blocks[2]["step"].add_(3.0)  # a counter edited in place
+    blocks[3]["exp_avg"] = blocks[3]["exp_avg"].clone() * 1.5  # a moment replaced
+    step(7)
+    saved, values = opt.state_dict(), [p.detach().clone() for p in ps]
+    step(8)
+    step(9)
+    opt.load_state_dict(saved)  # back to step 8's state: counters, moments and sums all change
+    with torch.no_grad():
+        for p, v in zip(ps, values):
+            p.copy_(v)
+    step(10)
+    step(11)
+    assert mode0_blocks == [0]
