@@ -82,6 +82,7 @@ def _run_all(tasks: list[tuple[str, str, float, int]], args: argparse.Namespace)
     with cache_file.open("a") as f:
         for n, r in enumerate(_pool_map(todo, args.quick, args.jobs), 1):
             r["quick"] = args.quick
+            r["measured"] = _now()
             done[_key((r["workload"], r["optimizer"], r["lr"], r["seed"]), args.quick)] = r
             f.write(json.dumps(r) + "\n")
             f.flush()
@@ -345,7 +346,16 @@ def _provenance(meta: dict[str, Any]) -> str:
             f"**CPU time of the process (`time.process_time`), 1 torch thread per run**, {meta['jobs']} run(s) "
             f"in parallel ({meta['training_runs']} training runs, {meta['training_cpu_s'] / 60:.1f} CPU minutes of "
             f"training steps in all); torch {meta['torch']}, {meta['heavyball']}. Absolute times on other machines "
-            "will differ; the ratios are taken within this one run.")
+            "will differ; " + _same_run(meta))
+
+
+def _same_run(meta: dict[str, Any]) -> str:
+    times = set(meta.get("measured", {}).values())
+    if not meta["resumed"] or len(times) <= 1:
+        return "the ratios are taken within this one run."
+    when = "; ".join(f"{o}: {t}" for o, t in meta["measured"].items())
+    return (f"the runs were trained in different invocations (`--resume`: {when}), so ratios between "
+            "optimizers of different invocations also carry the change in the machine's load.")
 
 
 def _more_seeds(seeds: int) -> str:
@@ -417,11 +427,23 @@ def update_readme(readme: Path, rep: dict[str, Any], out: Path) -> None:
     readme.write_text(head + "\n".join(block) + rest.partition(README_END)[2])
 
 
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _measured(runs: list[dict[str, Any]]) -> dict[str, str]:
+    """When each optimizer's runs were trained (``--resume`` mixes invocations): first-last time."""
+    by_opt: dict[str, list[str]] = {}
+    for r in runs:
+        by_opt.setdefault(r["optimizer"], []).append(r.get("measured", "an earlier invocation (time not recorded)"))
+    return {o: (min(ts) if min(ts) == max(ts) else f"{min(ts)} to {max(ts)}") for o, ts in by_opt.items()}
+
+
 def _meta(args: argparse.Namespace, t0: float, load0: tuple[float, ...], runs: list[dict[str, Any]]
           ) -> dict[str, Any]:
     missing = R.heavyball_status()
     hb = "HeavyBall not installed" if missing else "HeavyBall " + _version("heavyball")
-    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    return {"date": _now(), "measured": _measured(runs),
             "cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
             "heavyball": hb, "heavyball_missing": missing, "jobs": args.jobs, "seeds": args.seeds,
             "quick": args.quick, "load_start": list(load0), "load_end": list(os.getloadavg()),
