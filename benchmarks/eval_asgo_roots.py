@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 from bench_asgo import TinyGPT  # sibling scripts: run this file as benchmarks/eval_asgo_roots.py
-from eval_asgo_warm_start import _cond, collect, cpu_ms, direction_error, summary
+from eval_asgo_warm_start import _cond, add_run_args, collect, cpu_ms, direction_error, summary
 from torch.nn import functional as F
 
 from lightning_soaa import ASGO
@@ -144,14 +144,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--seq", type=int, default=64)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-steps", type=int, nargs="+", default=[2, 10, 30, 60])
+    add_run_args(p)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--train-steps", type=int, default=150)
     p.add_argument("--train-seeds", type=int, nargs="+", default=[0, 1])

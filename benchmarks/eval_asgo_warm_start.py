@@ -181,8 +181,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """The ASGO run whose Grams are evaluated (shared with ``eval_asgo_roots.py``)."""
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
@@ -191,6 +191,11 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-steps", type=int, nargs="+", default=[2, 10, 30, 60])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_run_args(p)
     p.add_argument("--dampings", type=float, nargs="+", default=[0.0, 1e-3, 1e-1])
     p.add_argument("--newton-iters", type=int, default=4)
     p.add_argument("--pe-iters", type=int, nargs="+", default=[6, 8, 10, 12],

@@ -14,6 +14,7 @@ from lightning_soaa.functional.gram import GramOperator, assemble_gram, transfor
 from lightning_soaa.optim.egn import CG_MIN_SIZE, CG_PAUSE_STEPS, EGN
 from tests.harness.models import tiny_mlp
 from tests.unit._egn_oracle import direct_direction, flat_params
+from tests.unit.test_egn_direction import _data
 from tests.unit.test_egn_fast_paths import _factors
 
 DT = torch.float64
@@ -97,13 +98,7 @@ def test_gram_operator_counts_flops_and_matches_dense_products() -> None:
 
 
 def _problem(loss: str, b: int, c: int):
-    g = torch.Generator().manual_seed(10)
-    x = torch.randn(b, 6, generator=g, dtype=DT)
-    if loss == "cross_entropy":
-        y = torch.randint(0, c, (b,), generator=g)
-    else:
-        y = torch.randn(b, c, generator=g, dtype=DT)
-    return x, y
+    return _data(loss, b=b, c=c, seed=10)
 
 
 @pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
@@ -164,14 +159,7 @@ def test_small_dense_and_factored_direct_paths_match_the_oracle(loss: str, small
 
     monkeypatch.setattr(egn_module, "SMALL_DENSE_MAX", small_max)
     b, c = 20, 3  # bc = 60: the whole-K path when small_max = 128
-    g = torch.Generator().manual_seed(12)
-    x = torch.randn(b, 6, generator=g, dtype=DT)
-    if loss == "cross_entropy":
-        y = torch.randint(0, c, (b,), generator=g)
-    elif loss == "bce":
-        y = torch.rand(b, c, generator=g, dtype=DT)
-    else:
-        y = torch.randn(b, c, generator=g, dtype=DT)
+    x, y = _data(loss, b=b, c=c, seed=12)
     ref = direct_direction(tiny_mlp(3, DT), x, y, loss, damping=0.05)
     model = tiny_mlp(3, DT)
     opt = EGN(model, loss=loss, lr=1.0, damping=0.05)
