@@ -44,6 +44,11 @@ __all__ = [
     "default_group_ready",
 ]
 
+# torch 2.13 renamed the flat collectives (the old names now warn on every call, on every rank); older
+# torch has only the old names, which take the same arguments.
+_ALL_GATHER_FLAT = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_REDUCE_SCATTER_FLAT = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 @dataclasses.dataclass
 class CommStats:
@@ -192,7 +197,7 @@ class TorchComm(_StatsMixin):
         buf = self._to_comm_device(buffer.reshape(-1))
         out = torch.empty(buf.numel() * self.world_size, dtype=buf.dtype, device=buf.device)
         self._count("all_gather", _nbytes(buf))
-        dist.all_gather_into_tensor(out, buf, group=self.group)
+        _ALL_GATHER_FLAT(out, buf, group=self.group)
         return out.to(buffer.device)
 
     def reduce_scatter_flat(self, buffer: torch.Tensor) -> torch.Tensor:
@@ -205,7 +210,7 @@ class TorchComm(_StatsMixin):
             )
         out = torch.empty(buf.numel() // self.world_size, dtype=buf.dtype, device=buf.device)
         self._count("reduce_scatter", _nbytes(buf))
-        dist.reduce_scatter_tensor(out, buf, op=dist.ReduceOp.SUM, group=self.group)
+        _REDUCE_SCATTER_FLAT(out, buf, op=dist.ReduceOp.SUM, group=self.group)
         return out.to(buffer.device)
 
     def all_gather_object(self, obj: Any) -> list[Any]:
