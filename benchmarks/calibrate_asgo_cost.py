@@ -10,14 +10,18 @@ few repetitions), what each part of one step really costs:
   reported in picoseconds per ``k^3`` (per iteration and ``k^3`` for the iterative methods);
 * the rest of an ASGO step on one ``k x other`` block (momentum, Gram update, ``P M``, normalisation,
   weight decay; the real optimizer, root reused with ``root_every`` large), in ps per ``k^2 * other``;
-* an AdamW-fallback element (the real optimizer on a 1-D parameter), in ps per element.
+* an AdamW-fallback element (the real optimizer on a 1-D parameter), in ps per element;
+* a check: a mixed float32 model (matrices of k = 128/256, a large embedding, vectors; the one of
+  tests/unit/test_asgo_optim.py), each parameter's real step timed alone (root every step), and the
+  heaviest rank's measured load / mean when owners come from the new model vs the previous one
+  (``4 * 10 * k^3 + 4 * k^2 * other`` per matrix whatever the root, 100 per AdamW element).
 
 Usage::
 
-    OMP_NUM_THREADS=1 python benchmarks/calibrate_asgo_cost.py          # ~2-4 minutes, 1 thread
+    OMP_NUM_THREADS=1 python benchmarks/calibrate_asgo_cost.py   # ~1-3 minutes; --balance-only: the check again
 
 Writes ``benchmarks/results/calibrate_asgo_cost.json``. The constants in ``lightning_soaa/optim/asgo.py``
-(``ROOT_COST_PER_K3``, ``GRAM_APPLY_COST``, ``ADAM_COST_PER_ELEMENT``) come from its ``summary``.
+(``ROOT_COST``, ``GRAM_APPLY_COST``, ``ADAM_COST_PER_ELEMENT``) come from its ``summary``.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import statistics
 import time
@@ -34,6 +39,7 @@ from typing import Any
 import torch
 
 from lightning_soaa import ASGO
+from lightning_soaa.distributed.assignment import assign_owners, rank_loads
 from lightning_soaa.functional.linalg import inverse_sqrt
 
 log = logging.getLogger("calibrate_asgo_cost")
@@ -68,7 +74,8 @@ def measure_roots(ks: list[int], reps: int, gen: torch.Generator) -> list[dict[s
     for k in ks:
         for label, method, dtype, iters in ROOTS:
             v = gram(k, dtype, gen)
-            sec = cpu_seconds(lambda: inverse_sqrt(v, method), reps if k <= 512 else max(1, reps // 2))
+            sec = cpu_seconds(lambda v=v, method=method: inverse_sqrt(v, method),
+                              reps if k <= 512 else max(1, reps // 2))
             per = sec * 1e12 / (k**3 * (iters or 1))
             rows.append({"label": label, "method": method, "dtype": str(dtype), "k": k, "iters": iters,
                          "ms": sec * 1e3, "ps_per_k3_iter" if iters else "ps_per_k3": per})
@@ -110,6 +117,44 @@ def measure_adam(sizes: list[int], reps: int) -> list[dict[str, Any]]:
     return rows
 
 
+def mixed_model() -> list[tuple[str, tuple[int, ...]]]:
+    shapes: list[tuple[str, tuple[int, ...]]] = [("tok_emb.weight", (16384, 256)), ("pos_emb.weight", (1024, 256))]
+    for i in range(6):
+        shapes += [(f"h{i}.attn.weight", (256, 256)), (f"h{i}.fc.weight", (1024, 256)),
+                   (f"h{i}.proj.weight", (256, 1024)), (f"h{i}.gate.weight", (128, 512)),
+                   (f"h{i}.ln.weight", (256,)), (f"h{i}.fc.bias", (1024,))]
+    return shapes
+
+
+def previous_cost(shape: tuple[int, ...], matrix: bool) -> float:
+    if not matrix:
+        return 100.0 * math.prod(shape)
+    k, other = min(shape[0], math.prod(shape[1:])), max(shape[0], math.prod(shape[1:]))
+    return 4.0 * 10 * k**3 + 4.0 * k * k * other
+
+
+def check_balance(reps: int, worlds: list[int]) -> dict[str, Any]:
+    """Each parameter's measured step (its own optimizer: one block) and the balance of both models."""
+    shapes = mixed_model()
+    named = [(n, torch.nn.Parameter(torch.randn(s))) for n, s in shapes]
+    opt = ASGO(named)  # the model's costs, as the optimizer computes them
+    new = [b.cost for b in opt.block_table.blocks]
+    old = [previous_cost(s, len(s) >= 2 and "emb" not in n) for n, s in shapes]
+    measured = []
+    for n, p in named:
+        measured.append(_time_steps(ASGO([(n, p)]), [p], reps) * 1e12)
+    out: dict[str, Any] = {"measured_ps": measured, "new_model": new, "old_model": old}
+    for w in worlds:
+        ratio = {}
+        for label, costs in (("new", new), ("old", old)):
+            loads = rank_loads(measured, assign_owners(costs, w), w)
+            ratio[label] = max(loads) / (sum(loads) / w)
+        out[f"max_over_mean_W{w}"] = ratio
+        log.info("mixed model W=%d: measured max/mean load %.3f (new owners) vs %.3f (old owners)",
+                 w, ratio["new"], ratio["old"])
+    return out
+
+
 def fit(rows: list[dict[str, Any]], big: Any, small: Any) -> tuple[float, float]:
     """Least-squares ``(a, b)`` with ``ms ~ a * big(row) + b * small(row)``, in relative error (every size
     counts alike), rates in ps; a negative rate is set to 0 and the other refitted alone."""
@@ -146,11 +191,20 @@ def main() -> None:
     ap.add_argument("--adam-sizes", type=int, nargs="+", default=[2**18, 2**20, 2**22])
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--summary-min-k", type=int, default=128)
+    ap.add_argument("--balance-only", action="store_true",
+                    help="only the mixed-model balance check, appended to mixed_model_balance_reruns "
+                         "of the measurements in --out (timings on a loaded machine vary run to run)")
     ap.add_argument("--resummarize", action="store_true",
                     help="refit the summary of the measurements already in --out (no timing)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "calibrate_asgo_cost.json"))
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.balance_only:
+        torch.set_num_threads(1)
+        result = json.loads(Path(args.out).read_text())
+        result.setdefault("mixed_model_balance_reruns", []).append(check_balance(args.reps, [2, 3, 4, 6]))
+        Path(args.out).write_text(json.dumps(result, indent=1))
+        return
     if args.resummarize:
         result = json.loads(Path(args.out).read_text())
         result["summary"] = summarize(result["roots"], result["gram_apply"], result["adamw"],
@@ -164,11 +218,12 @@ def main() -> None:
     roots = measure_roots(args.ks, args.reps, gen)
     gram_rows = measure_gram_apply(args.ks, args.others, args.reps)
     adam = measure_adam(args.adam_sizes, args.reps)
+    balance = check_balance(args.reps, [2, 3, 4, 6])
     result = {
         "config": vars(args), "torch": torch.__version__, "threads": torch.get_num_threads(),
         "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
         "summary": summarize(roots, gram_rows, adam, args.summary_min_k),
-        "roots": roots, "gram_apply": gram_rows, "adamw": adam,
+        "roots": roots, "gram_apply": gram_rows, "adamw": adam, "mixed_model_balance": balance,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
