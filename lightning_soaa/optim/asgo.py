@@ -80,10 +80,10 @@ def _matrix_shape(shape: tuple[int, ...] | torch.Size) -> tuple[int, int]:
 #: Root cost per method, in estimated picoseconds of CPU time (one thread): ``(a, b)`` with
 #: ``cost = a * iters * k^3 + b * k^2`` for the iterative methods and ``a * k^3 + b * k^2`` for the
 #: eigendecompositions (``polar_express_eigh``'s scalar map is O(k * iters), negligible). Fitted to
-#: benchmarks/calibrate_asgo_cost.py (float32 Grams, k = 128..1024, within ~5%): the eigendecomposition
-#: costs 0.33 of the matmul iteration at k = 1024, 0.5 at 256, 0.9 at 128, which the old rule
-#: ("count eigh as 10 iterations") did not see. A float64 iteration costs about 2.2x a float32 one, as
-#: do a float64 block's other matmuls, so one table serves every dtype (the balance is relative).
+#: benchmarks/calibrate_asgo_cost.py (float32 Grams, k = 128..1024, within ~6%): the eigendecomposition
+#: costs 0.4 of the matmul iteration at k = 1024, 0.6 at 256, 0.9 at 128, which the old rule ("count
+#: eigh as 10 iterations") did not see. A float64 iteration costs 2.2x a float32 one; the rest of a
+#: float64 step was not measured (its matmuls presumably scale alike), so one table serves every dtype.
 ROOT_COST: dict[str, tuple[float, float]] = {
     "polar_express": (80.0, 2.9e4),
     "newton_schulz": (80.0, 4.9e4),
