@@ -51,7 +51,7 @@ from lightning_soaa.functional.linalg import (
 from lightning_soaa.optim.adamw import adam_state_schema
 from lightning_soaa.optim.base import BlockView, ShardedOptimizer
 
-__all__ = ["ASGO", "DASGO", "asgo_param_groups", "asgo_block_specs", "asgo_block_cost"]
+__all__ = ["ASGO", "DASGO", "asgo_param_groups", "asgo_block_specs", "asgo_block_cost", "asgo_root_cost"]
 
 log = logging.getLogger(__name__)
 
@@ -77,17 +77,47 @@ def _matrix_shape(shape: tuple[int, ...] | torch.Size) -> tuple[int, int]:
     return m, int(math.prod(shape[1:]))
 
 
-def asgo_block_cost(k: int, other: int, root_iters: int, root_every: int) -> float:
-    """FLOPs of one ASGO step on a block with preconditioned side ``k``: the root (4 k x k matmuls per
-    iteration, every ``root_every`` steps) plus building V and applying P (about 4 k^2 * other)."""
-    return 4.0 * root_iters * k**3 / root_every + 4.0 * k * k * other
+#: Root cost per method, in estimated picoseconds of CPU time (one thread): ``(a, b)`` with
+#: ``cost = a * iters * k^3 + b * k^2`` for the iterative methods and ``a * k^3 + b * k^2`` for the
+#: eigendecompositions (``polar_express_eigh``'s scalar map is O(k * iters), negligible). Fitted to
+#: benchmarks/calibrate_asgo_cost.py (float32 Grams, k = 128..1024, within ~6%): the eigendecomposition
+#: costs 0.4 of the matmul iteration at k = 1024, 0.6 at 256, 0.9 at 128, which the old rule ("count
+#: eigh as 10 iterations") did not see. A float64 iteration costs 2.2x a float32 one; the rest of a
+#: float64 step was not measured (its matmuls presumably scale alike), so one table serves every dtype.
+ROOT_COST: dict[str, tuple[float, float]] = {
+    "polar_express": (80.0, 2.9e4),
+    "newton_schulz": (80.0, 4.9e4),
+    "polar_express_eigh": (240.0, 8.5e4),
+    "eigh": (280.0, 6.6e4),
+}
+
+#: The rest of an ASGO step on a ``k x other`` block (Gram update, ``P M``, momentum, normalisation,
+#: weight decay): ``a * k^2 * other + b * k * other`` ps (same benchmark, k = 64..1024, other <= 4096).
+GRAM_APPLY_COST: tuple[float, float] = (34.0, 8.6e3)
+
+#: Cost of one AdamW-fallback element in the units of :func:`asgo_block_cost` (ps, same benchmark:
+#: 2500-4300 ps for 2^18..2^22 elements, memory-bound). Counting it as 1 made an embedding look free.
+ADAM_COST_PER_ELEMENT = 2800.0
 
 
-#: Cost of one AdamW-fallback element in the units of :func:`asgo_block_cost`. Measured (CPU, one thread,
-#: CPU time): the Polar Express root costs 23-29 ps per unit of ``4 * 10 * k^3`` for k = 128..512, the
-#: Gram + apply 13 ps per unit of ``4 * k^2 * other``, and an AdamW element 2200-2600 ps (memory-bound,
-#: 2^18..2^22 elements): about 100 units. Counting it as 1 made an embedding look free to the balancer.
-ADAM_COST_PER_ELEMENT = 100.0
+def asgo_root_cost(k: int, root_method: str, root_iters: int) -> float:
+    """Estimated ps of one inverse root of a ``k x k`` Gram by a resolved method (not ``"auto"``)."""
+    if root_method not in ROOT_COST:
+        raise ValueError(f"Invalid root_method={root_method!r}. Must be one of "
+                         f"{', '.join(repr(m) for m in ROOT_COST)} (resolve 'auto' first).")
+    a, b = ROOT_COST[root_method]
+    per_k3 = a * root_iters if root_method in ("polar_express", "newton_schulz") else a
+    return per_k3 * k**3 + b * k * k
+
+
+def asgo_block_cost(k: int, other: int, root_iters: int, root_every: int,
+                    root_method: str = "polar_express") -> float:
+    """Estimated CPU time (ps, one thread) of one ASGO step on a block with preconditioned side ``k``:
+    the root by ``root_method`` every ``root_every`` steps, plus the Gram update and applying P to the
+    ``k x other`` momentum (:data:`ROOT_COST`, :data:`GRAM_APPLY_COST`). Only shapes and options enter,
+    never a timing, so every rank computes the same costs and the same owners."""
+    a, b = GRAM_APPLY_COST
+    return asgo_root_cost(k, root_method, root_iters) / root_every + (a * k + b) * k * other
 
 
 def _even_chunks(total: int, max_size: int) -> list[tuple[int, int]]:
@@ -104,7 +134,7 @@ def _even_chunks(total: int, max_size: int) -> list[tuple[int, int]]:
 
 def asgo_block_specs(
     shape: tuple[int, ...] | torch.Size, max_block_size: int, root_iters: int = 10, root_every: int = 1,
-    side: str | None = None,
+    side: str | None = None, root_method: str = "polar_express",
 ) -> list[BlockSpec]:
     """Blocks of a matrix parameter of ``shape`` (>= 2-D): cut along the preconditioned side (``side``,
     default :func:`~lightning_soaa.functional.asgo.preconditioned_side`).
@@ -112,20 +142,24 @@ def asgo_block_specs(
     With ``(m, n) = (shape[0], prod(shape[1:]))``: ``m < n`` cuts rows (dim 0) into pieces of at most
     ``max_block_size``; otherwise columns. For an N-D kernel the column cut runs along dim 1 in whole
     input channels (``prod(shape[2:])`` columns each), so a block may exceed ``max_block_size`` when one
-    channel alone does. A matrix that fits is one whole-parameter block.
+    channel alone does. A matrix that fits is one whole-parameter block. Costs: :func:`asgo_block_cost`.
     """
     m, n = _matrix_shape(shape)
+
+    def cost(k: int, other: int) -> float:
+        return asgo_block_cost(k, other, root_iters, root_every, root_method)
+
     side = asgo_math.preconditioned_side(m, n) if side is None else side
     k, other = (m, n) if side == asgo_math.LEFT else (n, m)
     if k <= max_block_size:
-        return [BlockSpec(None, 0, 0, asgo_block_cost(k, other, root_iters, root_every))]
+        return [BlockSpec(None, 0, 0, cost(k, other))]
     if side == asgo_math.LEFT:
-        return [BlockSpec(0, a, b, asgo_block_cost(b - a, other, root_iters, root_every))
+        return [BlockSpec(0, a, b, cost(b - a, other))
                 for a, b in _even_chunks(m, max_block_size)]
     inner = int(math.prod(shape[2:]))
     channels = int(shape[1])
     per_block = max(1, max_block_size // inner)
-    return [BlockSpec(1, a, b, asgo_block_cost((b - a) * inner, other, root_iters, root_every))
+    return [BlockSpec(1, a, b, cost((b - a) * inner, other))
             for a, b in _even_chunks(channels, per_block)]
 
 
@@ -510,11 +544,13 @@ class ASGO(_OneSided):
     def _block_specs(self, param: Tensor, group: dict[str, Any], name: str | None) -> list[BlockSpec]:
         if not self.is_matrix_param(param, group, name):
             return [BlockSpec(None, 0, 0, ADAM_COST_PER_ELEMENT * max(param.numel(), 1))]
-        # eigh costs about as much as ~10 matmul iterations; count it like that for balancing.
-        iters = max(self._root_iters(group), 10)
+        # Cost by the method the step will run. It depends on the dtype (checked equal across ranks at
+        # construction) and the device type (never the index, so cuda:0 and cuda:1 agree), so every
+        # rank computes the same costs and owners; a world mixing CPU and accelerator ranks would not.
+        method = resolve_root_method(group["inverse_root"], param.device, self._state_dtype(param))
         every = 1 if group["root_every"] == "auto" else int(group["root_every"])  # "auto": the worst case
-        return asgo_block_specs(param.shape, int(group["max_block_size"]), iters, every,
-                                side=self._fsdp_side(param, group, name))
+        return asgo_block_specs(param.shape, int(group["max_block_size"]), self._root_iters(group), every,
+                                side=self._fsdp_side(param, group, name), root_method=method)
 
     def _matrix_step(self, views: list[BlockView]) -> None:
         # Blocks whose root is due this step, grouped by everything the root depends on, so that

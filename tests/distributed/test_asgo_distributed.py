@@ -16,6 +16,8 @@ from typing import Any
 import torch
 
 from lightning_soaa import ASGO, DASGO
+from lightning_soaa.distributed.assignment import assign_owners
+from lightning_soaa.optim.asgo import asgo_block_cost
 from tests.harness.distributed import run_distributed
 from tests.harness.models import batch, global_batch, loss_fn, tiny_mlp
 
@@ -32,8 +34,20 @@ def _make(kind: str, **extra: Any):
     return model, cls(model.named_parameters(), **kw, **extra)
 
 
+def _mixed_f32() -> list[tuple[str, torch.Tensor]]:
+    """float32 on the CPU: "auto" costs its roots as eigendecompositions; a large AdamW embedding."""
+    shapes = [("emb.weight", (2048, 64)), ("a.weight", (64, 64)), ("b.weight", (256, 64)), ("c.weight", (64, 256)),
+              ("d.weight", (32, 128)), ("e.weight", (96, 96)), ("ln.weight", (64,)), ("b.bias", (256,))]
+    g = torch.Generator().manual_seed(0)
+    return [(n, torch.nn.Parameter(torch.randn(s, generator=g))) for n, s in shapes]
+
+
+def _owners(opt: Any) -> list[tuple[int, float]]:
+    return [(b.owner, b.cost) for b in opt.block_table.blocks]
+
+
 def _worker(rank: int, world_size: int) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"mixed_owners": _owners(ASGO(_mixed_f32()))}
     for kind in ("asgo", "dasgo"):
         model, opt = _make(kind, grad_reduction="mean")
         for t in range(STEPS):
@@ -65,6 +79,14 @@ def test_collectives_blocks_and_roots_at_three_ranks(tmp_path: Path) -> None:
             assert res[kind]["calls"] == {"reduce_scatter": 1, "all_reduce": 1, "all_gather": 1}
     assert sum(res["asgo"]["owned"] for res in results) == 8  # split blocks: 2 + 1 + 2 + 1 + 1 + 1
     assert sum(res["asgo"]["stats"]["asgo_root_fallbacks"] for res in results) == 0.0
+    # The cost model (by the resolved root method) gives every rank the same owners and costs, the ones
+    # one process computes for W = 3 from the same shapes; every rank owns some of the 8 blocks.
+    single = ASGO(_mixed_f32())
+    expected = list(zip(assign_owners([b.cost for b in single.block_table.blocks], WORLD),
+                        [b.cost for b in single.block_table.blocks]))
+    assert all(res["mixed_owners"] == expected for res in results), [res["mixed_owners"] for res in results]
+    assert sorted({o for o, _ in expected}) == [0, 1, 2]
+    assert expected[1][1] == asgo_block_cost(64, 64, 10, 1, "polar_express_eigh")  # float32 on a CPU
 
 
 F32_SIZES = (24, 32, 20, 3)  # wide enough for ill-conditioned, rank-deficient Grams (k up to 32)
