@@ -49,7 +49,7 @@ __all__ = [
 #: the fields of the construction digest, in vector order (the vector also carries two counts)
 CONSTRUCTION_FIELDS = (
     "optimizer class",
-    "parameter shapes and dtypes (in order)",
+    "parameter shapes, dtypes and device types (in order)",
     "parameter names (in order)",
     "hyperparameters (every param group and the optimizer's config)",
     "sharding options",
@@ -138,7 +138,8 @@ def construction_digests(optimizer: Any, params: Sequence[Tensor], names: Sequen
     config = getattr(optimizer, "config", None) or getattr(optimizer, "cfg", None)
     fields = [
         f"{cls.__module__}.{cls.__qualname__}",
-        canonical([(tuple(p.shape), str(p.dtype)) for p in params]),
+        # the device type too: ASGO costs (and so owns) a block by the root its device and dtype resolve to
+        canonical([(tuple(p.shape), str(p.dtype), p.device.type) for p in params]),
         canonical(list(names)),
         canonical([hyperparameter_digest(optimizer.param_groups), config]),
         canonical(optimizer.sharding),
@@ -165,7 +166,8 @@ def check_construction(optimizer: Any, everyone: Tensor) -> None:
         raise RuntimeError(
             f"{name}: ranks disagree on the parameter list or the optimizer ({rows}); rank(s) {odd} differ "
             f"from rank 0 in: {'; '.join(bad_fields)}. Every rank must construct the same optimizer class "
-            "over the same parameters (same names, shapes, dtypes and order) with the same hyperparameters."
+            "over the same parameters (same names, shapes, dtypes, device types and order) with the same "
+            "hyperparameters."
         )
     stepped = everyone[:, nf + 1]
     if bool((stepped > 0).any()):

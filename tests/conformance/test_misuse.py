@@ -207,6 +207,9 @@ def _w_disagree(rank: int, world: int, name: str) -> dict[str, str]:
     out["class"] = _error(lambda: _build(name if rank == 0 else _next_name(name), model))
     # other parameter names (the model wrapped once more on rank 1)
     out["names"] = _error(lambda: _build(name, model if rank == 0 else nn.Sequential(model)))
+    # another parameter dtype on rank 1 (same names and shapes)
+    other = torch.float32 if next(model.parameters()).dtype == torch.float64 else torch.float64
+    out["dtypes"] = _error(lambda: _build(name, model if rank == 0 else copy.deepcopy(model).to(other)))
     # another learning rate on rank 1
     lr = spec.test_kwargs.get("lr", 1e-3)
     out["lr"] = _error(lambda: _build(name, model, lr=lr if rank == 0 else lr * 2))
@@ -226,6 +229,7 @@ def _w_disagree(rank: int, world: int, name: str) -> dict[str, str]:
 def test_ranks_that_disagree_raise_together_at_construction(tmp_path: Path, name: str) -> None:
     res = run_distributed(_w_disagree, 2, tmp_path, name)
     field = {"class": "optimizer class", "names": "parameter names", "lr": "hyperparameters",
+             "dtypes": "parameter shapes, dtypes and device types",
              "order": "parameter names"}
     for r, out in enumerate(res):
         for case, text in field.items():

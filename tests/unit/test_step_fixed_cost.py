@@ -115,3 +115,17 @@ def test_increment_counts_writes_what_add_writes(dtype: torch.dtype) -> None:
         counts = increment_counts_(mine)
         torch._foreach_add_(ref, 1.0)
         assert [t.item() for t in mine] == [t.item() for t in ref] == counts
+
+
+def test_construction_digest_tells_device_types_apart() -> None:
+    # ASGO costs, and so assigns, a block by the root its device and dtype resolve to: ranks whose
+    # parameters live on different device types must fail the construction check, not own different blocks
+    opt = torch.optim.SGD([torch.zeros(3)], lr=0.1)
+    opt.sharding = None  # type: ignore[attr-defined]
+    field = agreement.CONSTRUCTION_FIELDS.index("parameter shapes, dtypes and device types (in order)")
+    cpu = agreement.construction_digests(opt, [torch.zeros(4, 2)], ["w"], 0)
+    meta = agreement.construction_digests(opt, [torch.zeros(4, 2, device="meta")], ["w"], 0)
+    double = agreement.construction_digests(opt, [torch.zeros(4, 2, dtype=torch.float64)], ["w"], 0)
+    assert cpu[field] != meta[field] and cpu[field] != double[field]
+    others = [i for i in range(len(cpu)) if i != field]
+    assert torch.equal(cpu[others], meta[others])
