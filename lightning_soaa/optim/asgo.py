@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -134,7 +134,7 @@ def _even_chunks(total: int, max_size: int) -> list[tuple[int, int]]:
 
 def asgo_block_specs(
     shape: tuple[int, ...] | torch.Size, max_block_size: int, root_iters: int = 10, root_every: int = 1,
-    side: str | None = None, root_method: str = "polar_express",
+    side: str | None = None, root_method: str | Callable[[int], str] = "polar_express",
 ) -> list[BlockSpec]:
     """Blocks of a matrix parameter of ``shape`` (>= 2-D): cut along the preconditioned side (``side``,
     default :func:`~lightning_soaa.functional.asgo.preconditioned_side`).
@@ -147,7 +147,9 @@ def asgo_block_specs(
     m, n = _matrix_shape(shape)
 
     def cost(k: int, other: int) -> float:
-        return asgo_block_cost(k, other, root_iters, root_every, root_method)
+        # a callable resolves the method per block size ("auto" depends on k: EIGH_MIN_K)
+        method = root_method(k) if callable(root_method) else root_method
+        return asgo_block_cost(k, other, root_iters, root_every, method)
 
     side = asgo_math.preconditioned_side(m, n) if side is None else side
     k, other = (m, n) if side == asgo_math.LEFT else (n, m)
@@ -459,9 +461,10 @@ class ASGO(_OneSided):
             finite iteration count itself damps by about ``2e-9 * ||V||_F``).
         damping: explicit relative damping :math:`\delta` (default 0.0, as the official code).
         inverse_root: ``"auto"`` (default): the 10-iteration Polar Express matrix function, computed by
-            one float64 eigendecomposition (``"polar_express_eigh"``) for float32/bf16 blocks on the CPU
-            (about half the cost there, and more accurate) and by the matmul iteration
-            (``"polar_express"``) for float64 blocks and on accelerators; equal in exact arithmetic. Or a
+            one float64 eigendecomposition (``"polar_express_eigh"``) for float32/bf16 blocks of side
+            k >= 96 on the CPU (about half the cost there at k = 256, and more accurate) and by the matmul
+            iteration (``"polar_express"``) for smaller blocks (where the LAPACK call's fixed cost is
+            more), float64 blocks and on accelerators; equal in exact arithmetic. Or a
             method by name: ``"polar_express"``, ``"polar_express_eigh"``, ``"newton_schulz"``, ``"eigh"``
             (float64 pseudo-inverse root, no implicit damping). On an ill-conditioned float64 Gram an
             eigendecomposition passes on rounding-level differences in V (e.g. the summation order across
@@ -547,7 +550,11 @@ class ASGO(_OneSided):
         # Cost by the method the step will run. It depends on the dtype (checked equal across ranks at
         # construction) and the device type (never the index, so cuda:0 and cuda:1 agree), so every
         # rank computes the same costs and owners; a world mixing CPU and accelerator ranks would not.
-        method = resolve_root_method(group["inverse_root"], param.device, self._state_dtype(param))
+        device, dtype, choice = param.device, self._state_dtype(param), group["inverse_root"]
+
+        def method(k: int) -> str:
+            return resolve_root_method(choice, device, dtype, k)
+
         every = 1 if group["root_every"] == "auto" else int(group["root_every"])  # "auto": the worst case
         return asgo_block_specs(param.shape, int(group["max_block_size"]), self._root_iters(group), every,
                                 side=self._fsdp_side(param, group, name), root_method=method)
@@ -677,7 +684,8 @@ class ASGO(_OneSided):
 
     def _extra_statistics(self) -> dict[str, float]:
         stats = super()._extra_statistics()
-        used = {resolve_root_method(g["inverse_root"], p.device, self._state_dtype(p))
+        used = {resolve_root_method(g["inverse_root"], p.device, self._state_dtype(p),
+                                    min(*_matrix_shape(p.shape), int(g["max_block_size"])) if p.dim() >= 2 else None)
                 for g in self.param_groups for p in g["params"][:1]}
         for m in ROOT_METHODS:
             stats[f"asgo_root_method_{m}"] = 1.0 if m in used else 0.0

@@ -197,12 +197,15 @@ def test_block_cost_model():
     (torch.float64, "cpu", "newton_schulz", "newton_schulz"),
 ])
 def test_block_cost_uses_the_resolved_root_method(dtype, device, inverse_root, method):
-    w = nn.Parameter(torch.empty(48, 200, dtype=dtype, device=device))
+    w = nn.Parameter(torch.empty(128, 200, dtype=dtype, device=device))
+    small = nn.Parameter(torch.empty(48, 200, dtype=dtype, device=device))  # k < EIGH_MIN_K
     b = nn.Parameter(torch.empty(300, dtype=dtype, device=device))
-    opt = ASGO([w, b], inverse_root=inverse_root, root_every=3)
+    opt = ASGO([w, small, b], inverse_root=inverse_root, root_every=3)
     iters = 18 if method == "newton_schulz" else 10
+    small_method = "polar_express" if method == "polar_express_eigh" else method  # "auto" by size
     assert [blk.cost for blk in opt.block_table.blocks] == [
-        asgo_block_cost(48, 200, iters, 3, method), ADAM_COST_PER_ELEMENT * 300]
+        asgo_block_cost(128, 200, iters, 3, method), asgo_block_cost(48, 200, iters, 3, small_method),
+        ADAM_COST_PER_ELEMENT * 300]
 
 
 def _previous_cost_model(opt: ASGO) -> list[float]:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lightning_soaa.functional.linalg import (
+    EIGH_MIN_K,
     POLAR_EXPRESS_COEFFS,
     ROOT_METHODS,
     coupled_scalar_map,
@@ -135,11 +136,17 @@ def test_auto_root_is_the_polar_express_function_evaluated_per_device_and_dtype(
     assert resolve_root_method("auto", cpu, torch.float64) == "polar_express"  # see its docstring
     assert resolve_root_method("auto", cuda, torch.float32) == "polar_express"
     assert resolve_root_method("newton_schulz", cpu) == "newton_schulz"
+    # below EIGH_MIN_K the LAPACK call's fixed cost is more than the small iteration: the iteration
+    assert resolve_root_method("auto", cpu, torch.float32, EIGH_MIN_K - 1) == "polar_express"
+    assert resolve_root_method("auto", cpu, torch.float32, EIGH_MIN_K) == "polar_express_eigh"
+    assert resolve_root_method("eigh", cpu, torch.float32, 2) == "eigh"  # an explicit choice stays
     g = torch.Generator().manual_seed(5)
-    a = torch.randn(6, 9, generator=g, dtype=torch.float64)
-    v = a @ a.T
-    assert torch.equal(inverse_sqrt(v, "auto"), inverse_sqrt(v, "polar_express"))
-    assert torch.equal(inverse_sqrt(v.float(), "auto"), inverse_sqrt(v.float(), "polar_express_eigh"))
+    for k in (6, EIGH_MIN_K):
+        a = torch.randn(k, k + 3, generator=g, dtype=torch.float64)
+        v = a @ a.T
+        assert torch.equal(inverse_sqrt(v, "auto"), inverse_sqrt(v, "polar_express"))
+        small_or_eigh = "polar_express" if k < EIGH_MIN_K else "polar_express_eigh"
+        assert torch.equal(inverse_sqrt(v.float(), "auto"), inverse_sqrt(v.float(), small_or_eigh))
 
 
 def test_scalar_map_is_the_iteration_on_diagonal_matrices():
