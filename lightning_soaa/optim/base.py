@@ -238,19 +238,16 @@ class _ViewCache:
             if pi not in grads:
                 key = (p.data_ptr(), p.device, p.dtype, p.shape, p.stride())
                 if self.keys.get(pi) != key:
-                    cut = self._cut(pi, p, self._all_blocks(pi))
+                    cut = self._cut(pi, p, self._by_param[pi])
                     for j, x in enumerate(self.owned):
                         if x.param_index == pi:
                             pviews[j] = cut[x.sub_index]
                     self.keys[pi] = key
                 g = p.grad
-                grads[pi] = None if g is None else self._cut(pi, g, self._all_blocks(pi))
+                grads[pi] = None if g is None else self._cut(pi, g, self._by_param[pi])
             gs = grads[pi]
             gviews.append(None if gs is None else gs[b.sub_index])
         return pviews, gviews  # type: ignore[return-value]
-
-    def _all_blocks(self, pi: int) -> list[BlockInfo]:
-        return self._by_param[pi]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -181,6 +181,25 @@ def test_copies_continue_identically(spec: OptimizerSpec, how: str) -> None:
     _continue_both(spec, (model, opt), twin, range(2, 5))
 
 
+@each_optimizer
+def test_parameters_replaced_through_data_are_the_ones_updated(spec: OptimizerSpec) -> None:
+    # Optimizers keep views into the parameters between steps; `p.data = ...` (new storage, as a
+    # checkpoint loader or a dtype round trip does) must be followed, bit for bit as an in-place change.
+    model, opt = make(spec)
+    for t in range(2):
+        step(spec, model, opt, t)
+    twin = copy.deepcopy((model, opt))
+    with torch.no_grad():
+        for p, q in zip(model.parameters(), twin[0].parameters()):
+            p.data = p.data * 0.5  # new storage on one side
+            q.mul_(0.5)  # the same values in place on the other
+    _continue_both(spec, (model, opt), twin, range(2, 5))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = p.data.clone()  # new storage, same values
+    _continue_both(spec, (model, opt), twin, range(5, 7))
+
+
 def _bad_checkpoints(spec: OptimizerSpec, good: dict[str, Any]) -> list[tuple[str, Any, str]]:
     """(what, state dict, expected message) for checkpoints that must be rejected."""
     other = next(s for s in SPECS if s.name != spec.name and s.load() is not spec.load())
