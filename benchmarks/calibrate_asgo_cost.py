@@ -32,11 +32,11 @@ import logging
 import math
 import os
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from _timing import median_cpu_s  # a sibling module: run this file as benchmarks/calibrate_asgo_cost.py
 
 from lightning_soaa import ASGO
 from lightning_soaa.distributed.assignment import assign_owners, rank_loads
@@ -53,15 +53,7 @@ ROOTS = (  # (label, method, Gram dtype, iterations or None for a non-iterative 
 )
 
 
-def cpu_seconds(fn: Any, reps: int) -> float:
-    """Median CPU time of ``fn()`` over ``reps`` calls (one warm-up call first)."""
-    fn()
-    ts = []
-    for _ in range(reps):
-        c = time.process_time()
-        fn()
-        ts.append(time.process_time() - c)
-    return statistics.median(ts)
+cpu_seconds = median_cpu_s  # one warm-up call, then the median of reps
 
 
 def gram(k: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:

@@ -29,11 +29,11 @@ import json
 import logging
 import os
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from _timing import median_cpu_s
 from bench_asgo import TinyGPT  # a sibling script: run this file as benchmarks/eval_asgo_warm_start.py
 from torch.nn import functional as F
 
@@ -105,12 +105,7 @@ def direction_error(p: torch.Tensor, p_ref: torch.Tensor, moms: list[torch.Tenso
 
 
 def cpu_ms(fn: Any, reps: int) -> float:
-    ts = []
-    for _ in range(reps):
-        c = time.process_time()
-        fn()
-        ts.append(time.process_time() - c)
-    return 1e3 * statistics.median(ts)
+    return 1e3 * median_cpu_s(fn, reps, warmup=False)
 
 
 def summary(xs: list[float]) -> dict[str, float]:

@@ -41,6 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmarks, imported as modules
 
 import report_runs as R  # noqa: E402
+from _timing import median_cpu_s  # noqa: E402
 
 log = logging.getLogger("report")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -171,13 +172,7 @@ def stream_bandwidth(numel: int = 16 * 2**20, reps: int = 10) -> dict[str, float
     a, b = torch.randn(numel), torch.randn(numel)
     out = {"buffer_mib": 4 * numel / 2**20}
     for name, fn, nbytes in (("copy_gb_s", lambda: a.copy_(b), 8), ("inplace_add_gb_s", lambda: a.add_(b), 12)):
-        fn()
-        times = []
-        for _ in range(reps):
-            t0 = time.process_time()
-            fn()
-            times.append(time.process_time() - t0)
-        out[name] = nbytes * numel / statistics.median(times) / 1e9
+        out[name] = nbytes * numel / median_cpu_s(fn, reps) / 1e9
     return out
 
 
