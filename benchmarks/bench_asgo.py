@@ -22,7 +22,7 @@ Usage::
     python benchmarks/bench_asgo.py                 # ~1-3 minutes on a 2-core CPU (1 thread)
     python benchmarks/bench_asgo.py --d-model 768 --layers 12 --threads 0 --device cuda
 
-Writes ``benchmarks/results/bench_asgo.json`` and ``bench_asgo.png``.
+Writes ``benchmarks/results/bench_asgo.json`` and ``bench_asgo.png`` (``bench_asgo_cuda.*`` on a GPU).
 """
 
 from __future__ import annotations
@@ -331,14 +331,15 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     report = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_asgo.json").write_text(json.dumps(report, indent=2, default=str))
-    plot(report, args.out / "bench_asgo.png")
+    stem = "bench_asgo" if torch.device(args.device).type == "cpu" else f"bench_asgo_{torch.device(args.device).type}"
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2, default=str))
+    plot(report, args.out / f"{stem}.png")
     for n, r in report["results"].items():
         log.info("%-20s step %8.2f ms (cpu %8.2f ms; fwd+bwd %7.2f ms, ratio %.2f), loss %.3f -> %.3f", n,
                  r["step_ms_median"], r["step_cpu_ms_median"],
                  r["fwd_bwd_ms_median"], r["step_over_fwd_bwd"], r["loss_first"], r["loss_last"])
     log.info("ratios: %s", json.dumps({k: round(v, 3) for k, v in report["ratios"].items()}))
-    log.info("wrote %s", args.out / "bench_asgo.json")
+    log.info("wrote %s", args.out / f"{stem}.json")
 
 
 if __name__ == "__main__":

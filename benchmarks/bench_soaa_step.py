@@ -9,9 +9,10 @@ optimizer and its ratio to fused AdamW are taken, and the report gives the media
 min-max spread of the round medians (on a shared machine single rounds can be far off).
 
 Optimizers: ``adamw_fused`` (baseline: one ATen kernel, at the memory-bandwidth bound), ``adamw_foreach``,
-``soaa`` (default: ``compile=True``; on CPU the two passes as C loops), ``soaa_inductor`` (CPU only: the
-same with the C loops off, i.e. the ``torch.compile``'d kernels), ``soaa_eager`` (``compile=False``: the
-tiled loop on CPU, foreach on CUDA) and ``sharded_adamw`` (the package's AdamW). SOAA gets a loss every
+``soaa`` (the defaults: on CPU the two passes as C loops, on CUDA the foreach path), ``soaa_inductor``
+(CPU only: ``compile=True`` with the C loops off, i.e. the ``torch.compile``'d kernels), ``soaa_triton``
+(CUDA only: ``compile=True``, the Triton kernels), ``soaa_eager`` (``compile=False``: the tiled loop on
+CPU, foreach on CUDA) and ``sharded_adamw`` (the package's AdamW). SOAA gets a loss every
 step through ``step(loss=...)``; its trust-region statistics, one scalar all-reduce (a no-op here, W = 1)
 and the lagged predicted-reduction sums are all part of the timed step.
 
@@ -64,10 +65,12 @@ def _optimizers(args: argparse.Namespace, make: Callable[[], list[torch.nn.Param
     opts: dict[str, Any] = {
         "adamw_fused": torch.optim.AdamW(make(), fused=True, **kw),
         "adamw_foreach": torch.optim.AdamW(make(), foreach=True, **kw),
-        "soaa": SOAA(make(), total_steps=1000, compile=True, **kw),
+        "soaa": SOAA(make(), total_steps=1000, **kw),  # the default: C loops on CPU, foreach on CUDA
         "soaa_eager": SOAA(make(), total_steps=1000, compile=False, **kw),
     }
-    if getattr(args, "device", "cpu") == "cpu":  # the torch.compile kernels, which the C loops replace on CPU
+    if getattr(args, "device", "cpu") != "cpu":  # the Triton kernels, which the default does not take
+        opts["soaa_triton"] = SOAA(make(), total_steps=1000, compile=True, **kw)
+    else:  # the torch.compile kernels, which the C loops replace on CPU
         os.environ["LIGHTNING_SOAA_NATIVE"] = "0"
         try:
             opts["soaa_inductor"] = SOAA(make(), total_steps=1000, compile=True, **kw)
@@ -211,6 +214,8 @@ def main() -> None:
     out_dir = Path(args.results)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"bench_soaa_step_{device.type}_{args.dtype}_t{torch.get_num_threads()}"
+    if (args.shape, args.count) != ("1000x1000", 10):  # another size: its own file
+        stem += f"_{args.count}x{args.shape}"
     (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2))
     for label, summ in (("wall", summary), ("cpu", summary_cpu)):
         for k, s in summ.items():

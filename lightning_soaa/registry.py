@@ -220,7 +220,11 @@ REGISTRY: tuple[OptimizerSpec, ...] = (
     OptimizerSpec(
         name="ASGO", class_path="lightning_soaa.optim.asgo:ASGO", config_path="lightning_soaa.config:ASGOConfig",
         needs=StepNeeds.NOTHING, ds_layout=DeepSpeedLayout.STRUCTURED, ds_stages=(0, 1, 2, 3),
-        test_kwargs={"lr": 2e-2, "max_block_size": 4, "root_every": 2, "damping": 1e-6},
+        # the adaptive schedule, tuned so that on the battery's model some blocks take a new root (by the
+        # Gram's change or by age) and others reuse the stored one at most steps: its state (the Gram at
+        # the last root, that step) and the stored roots are both exercised
+        test_kwargs={"lr": 2e-2, "max_block_size": 4, "root_every": "auto", "root_tol": 1.0, "root_max_every": 2,
+                     "damping": 1e-6},
     ),
     OptimizerSpec(
         name="DASGO", class_path="lightning_soaa.optim.asgo:DASGO",

@@ -601,7 +601,9 @@ class ASGO(_OneSided):
                 last = st[GRAM_AT_ROOT]
                 change = torch.linalg.matrix_norm(st[GRAM] - last).to(torch.float64)
                 ref = torch.linalg.matrix_norm(last).to(torch.float64)
-                rows.append(torch.stack([change, ref, (st[STEP] - st[ROOT_STEP]).to(torch.float64)]))
+                # the step counters live on the host (as torch's optimizers keep them), the Grams on theirs
+                age = (st[STEP] - st[ROOT_STEP]).to(device=change.device, dtype=torch.float64)
+                rows.append(torch.stack([change, ref, age]))
             for i, (change, ref, age) in zip(auto, torch.stack(rows).tolist()):
                 group = views[i].group
                 due[i] = change > float(group["root_tol"]) * ref or age >= int(group["root_max_every"])

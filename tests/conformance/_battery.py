@@ -43,10 +43,10 @@ def takes_kwarg(spec: OptimizerSpec, name: str) -> bool:
     return name in inspect.signature(spec.load()).parameters
 
 
-def make(spec: OptimizerSpec, sizes: tuple[int, ...] = SIZES, seed: int = 0,
+def make(spec: OptimizerSpec, sizes: tuple[int, ...] = SIZES, seed: int = 0, device: str | torch.device = "cpu",
          **overrides: Any) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """A fresh float64 model and the optimizer over it, with the spec's test hyperparameters."""
-    model = tiny_mlp(seed, torch.float64, sizes=sizes)
+    """A fresh float64 model on ``device`` and the optimizer over it, with the spec's test hyperparameters."""
+    model = tiny_mlp(seed, torch.float64, sizes=sizes).to(device)
     return model, spec.build(model, **{**spec.test_kwargs, **overrides})
 
 
@@ -76,7 +76,8 @@ def step(spec: OptimizerSpec, model: nn.Module, opt: Any, t: int, *, sizes: tupl
     """Step ``t`` through the registry's driver. ``average``: all-reduce the gradients first (what DDP does
     before ``step()``). ``poison``: a non-finite value on this rank (a NaN gradient, or for optimizers
     that take the batch a NaN target)."""
-    x, y = data(t, sizes, rank, world)
+    device = next(model.parameters()).device  # the accelerator tests run the same steps on a GPU
+    x, y = (u.to(device) for u in data(t, sizes, rank, world))
     hooks: list[Callable[[], None]] = []
     if average:
         import torch.distributed as dist

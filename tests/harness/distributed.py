@@ -28,14 +28,16 @@ _ENV_KEYS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "
 
 
 def _worker(rank: int, world_size: int, store_path: str, out_dir: str, fn: Callable[..., Any],
-            args: tuple[Any, ...]) -> None:
+            args: tuple[Any, ...], backend: str = "gloo") -> None:
     for k in _ENV_KEYS:
         os.environ.pop(k, None)
     torch.set_num_threads(1)  # W ranks share 2 cores; oversubscription makes gloo tests crawl
     out = Path(out_dir) / f"rank{rank}.pt"
     try:
         store = dist.FileStore(store_path, world_size)
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
+        if backend == "nccl":  # one GPU per rank, as every NCCL launcher arranges
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
         torch.manual_seed(1234)
         result = fn(rank, world_size, *args)
         torch.save({"ok": True, "result": result}, out)
@@ -56,14 +58,16 @@ def _context():
 
 
 def run_distributed(fn: Callable[..., Any], world_size: int, tmp_path: Path, *args: Any,
-                    timeout: float = 120.0) -> list[Any]:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return the per-rank results."""
+                    timeout: float = 120.0, backend: str = "gloo") -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` ranks of ``backend`` (gloo on the CPU, or
+    NCCL with rank r on GPU r); return the per-rank results."""
     pickle.dumps(fn)  # fail fast (in the parent) when fn is not a module-level function
     run_dir = Path(tmp_path) / f"dist_{fn.__name__}_{world_size}_{time.monotonic_ns()}"
     run_dir.mkdir(parents=True)
     store_path = str(run_dir / "store")
     ctx = _context()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, store_path, str(run_dir), fn, args), daemon=True)
+    procs = [ctx.Process(target=_worker, args=(r, world_size, store_path, str(run_dir), fn, args, backend),
+                         daemon=True)
              for r in range(world_size)]
     for p in procs:
         p.start()

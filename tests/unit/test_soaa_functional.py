@@ -320,7 +320,9 @@ def test_compiled_kernels_on_cuda_match_the_reference() -> None:
     m, v, a, b, c = _run_both_passes(grads_c, ms_c, vs_c, ps_c, [t, t], kernels=kernels, lr=lr, eps=eps,
                                      weight_decay=wd, d=d)
     assert kernels.failure is None, kernels.failure
-    torch.testing.assert_close(_flat(m).double().cpu(), ref["m"], rtol=2e-6, atol=1e-9)
+    # m = β₁m + (1-β₁)g of unit-scale float32 terms: Triton contracts it into an FMA, so where the terms
+    # nearly cancel the result is off by up to a float32 ulp of the terms (~6e-8; seen 2.4e-8 on an H200)
+    torch.testing.assert_close(_flat(m).double().cpu(), ref["m"], rtol=2e-6, atol=1e-7)
     torch.testing.assert_close(_flat(ps_c).double().cpu(), ref["p"], rtol=1e-5, atol=1e-6)
     assert a[0].item() == pytest.approx(ref["s_m2"], rel=1e-6)
     assert b[0].item() == pytest.approx(ref["s_mu"], rel=1e-5)

@@ -1,0 +1,92 @@
+"""SOAA's compiled (Triton) passes inside the optimizer on a CUDA device, against the float64 CPU run.
+
+Skipped without CUDA (CI has none). The kernel-level check is in ``test_soaa_functional.py``; here the
+whole optimizer takes its large tensors through the compiled passes (counted, so the test fails if they
+silently fall back to eager) and must follow the float64 CPU optimizer fed the same gradients and losses.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from lightning_soaa import SOAA
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the Triton kernels)")
+
+SHAPES = [(512, 256), (256,), (300, 300)]  # two above the compiled kernels' 2**16-element floor, one below
+STEPS = 6
+KW: dict[str, Any] = dict(lr=1e-2, gamma=0.3, weight_decay=0.01, total_steps=20)
+
+
+def _params(device: str, dtype: torch.dtype) -> list[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.nn.Parameter(torch.randn(s, generator=g, dtype=torch.float64).to(device, dtype)) for s in SHAPES]
+
+
+def _feed(t: int) -> tuple[list[torch.Tensor], float]:
+    """Step ``t``'s gradients (float64, CPU) and a loss that falls, then rises once (a rejected step)."""
+    g = torch.Generator().manual_seed(100 + t)
+    grads = [torch.randn(s, generator=g, dtype=torch.float64) * (0.5 + 0.1 * t) for s in SHAPES]
+    return grads, 10.0 - t + (3.0 if t == 4 else 0.0)
+
+
+def _counted(kernels: Any, name: str, calls: dict[str, int]) -> None:
+    inner = getattr(kernels, name)
+
+    def wrapper(*a: Any, **k: Any) -> Any:
+        calls[name] = calls.get(name, 0) + 1
+        return inner(*a, **k)
+
+    setattr(kernels, name, wrapper)
+
+
+def _run(device: str, dtype: torch.dtype, calls: dict[str, int] | None = None, compile: bool | None = None):
+    ps = _params(device, dtype)
+    opt = SOAA(ps, compile=compile, **KW)
+    if calls is not None:
+        kernels = opt._kernels()
+        assert kernels is not None
+        for name in ("sums", "step", "update_sums", "update_count"):
+            _counted(kernels, name, calls)
+    for t in range(STEPS):
+        grads, loss = _feed(t)
+        for p, g in zip(ps, grads):
+            p.grad = g.to(device, dtype)
+        opt.step(loss=torch.tensor(loss, device=device))
+    return ps, opt
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 2e-4), (torch.bfloat16, 3e-2)])
+def test_optimizer_on_cuda_takes_the_compiled_passes_and_follows_the_float64_cpu_run(
+        dtype: torch.dtype, rtol: float) -> None:
+    calls: dict[str, int] = {}
+    gpu, gpu_opt = _run("cuda", dtype, calls, compile=True)
+    cpu, cpu_opt = _run("cpu", torch.float64, compile=False)
+    kernels = gpu_opt._kernels()
+    assert kernels is not None and kernels.failure is None, kernels and kernels.failure
+    assert calls.get("step", 0) >= STEPS and calls.get("sums", 0) + calls.get("update_sums", 0) > 0, calls
+    _assert_follows(cpu, cpu_opt, gpu, gpu_opt, dtype, rtol)
+
+
+def test_default_on_cuda_is_the_foreach_path_and_follows_the_float64_cpu_run() -> None:
+    """``compile=None`` takes no compiled pass on an accelerator (they measured slower than foreach)."""
+    calls: dict[str, int] = {}
+    gpu, gpu_opt = _run("cuda", torch.float32, calls)
+    cpu, cpu_opt = _run("cpu", torch.float64, compile=False)
+    assert not calls, calls
+    _assert_follows(cpu, cpu_opt, gpu, gpu_opt, torch.float32, 2e-4)
+
+
+def _assert_follows(cpu: list[torch.Tensor], cpu_opt: SOAA, gpu: list[torch.Tensor], gpu_opt: SOAA,
+                    dtype: torch.dtype, rtol: float) -> None:
+    for a, b in zip(cpu, gpu):
+        assert b.dtype == dtype and b.device.type == "cuda"
+        scale = a.detach().abs().max().item()
+        torch.testing.assert_close(b.detach().double().cpu(), a.detach(), rtol=rtol, atol=rtol * scale)
+    s_gpu, s_cpu = gpu_opt.statistics(), cpu_opt.statistics()
+    assert s_gpu["skipped_steps"] == s_cpu["skipped_steps"]
+    for k in ("d", "rho", "fisher_scale"):
+        assert s_gpu[k] == pytest.approx(s_cpu[k], rel=10 * rtol, abs=1e-6), k
