@@ -201,6 +201,14 @@ def asgo_param_groups(module: nn.Module, **group_options: Any) -> list[dict[str,
     return groups
 
 
+def _by_key(indices: Iterable[int], key: Callable[[int], Any]) -> dict[Any, list[int]]:
+    """Indices grouped by ``key(i)``, groups in first-seen order, indices in order."""
+    out: dict[Any, list[int]] = {}
+    for i in indices:
+        out.setdefault(key(i), []).append(i)
+    return out
+
+
 class _OneSided(ShardedOptimizer):
     """Shared plumbing of ASGO and DASGO: routing, the AdamW fallback, statistics."""
 
@@ -209,6 +217,8 @@ class _OneSided(ShardedOptimizer):
     #: whether blocks of a parameter cut into several are normalised with the whole parameter's norm
     #: (DASGO: exact; ASGO's blocks are separate problems, each with its own V, normalised per block)
     _normalise_whole: bool = False
+    #: rebuilt on first use (see _split_layout)
+    _transient = ("_split_layout_cache",)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         config_from_group(self._config_cls, group)
@@ -346,43 +356,96 @@ class _OneSided(ShardedOptimizer):
         parameters cut into several blocks (DASGO's column blocks), whose norm spans blocks on several
         ranks. One all-reduce of one value per such block, made by every rank whenever the table has
         such a parameter (so the same on every rank); each entry has one non-zero contribution, and the
-        per-parameter sums run in block order, so the result is bitwise the same at every W."""
+        per-parameter sums are taken over a fixed [parameter, block] layout, so the result is bitwise the
+        same at every W. A fixed number of kernels for any number of blocks (a GPU step of a large model
+        has hundreds of them)."""
+        layout = self._split_layout()
+        if layout is None:
+            return {}
+        split, pos, gather = layout
+        dev = self._params[split[0].param_index].device
+        vec = torch.zeros(len(split) + 1, dtype=torch.float64, device=dev)  # the last entry stays 0: padding
+        mine = [(pos[v.block.block_id], u) for v, u in items if v.block.block_id in pos]
+        if mine:
+            norms = torch._foreach_norm([u for _, u in mine])
+            sq = torch.stack([n.to(torch.float64) for n in norms]).square()
+            vec.index_copy_(0, torch.tensor([i for i, _ in mine], device=dev), sq)
+        if self._sharded_multi_rank():
+            self.comm.all_reduce_(vec)
+        totals = vec[gather.to(dev)].sum(1)  # per parameter: its blocks and zero padding, in block order
+        row = {pi: r for r, pi in enumerate(dict.fromkeys(b.param_index for b in split))}
+        return {id(v): (totals[row[v.block.param_index]], self._params[v.block.param_index].numel())
+                for v, _ in items if v.block.block_id in pos}
+
+    def _split_layout(self) -> tuple[list[BlockInfo], dict[int, int], Tensor] | None:
+        """The blocks of split matrix parameters (table order), each one's position, and a
+        ``[parameters, max blocks]`` index of positions padded with ``len(split)`` (a zero entry).
+        Fixed by the block table, so computed once."""
+        cached = self.__dict__.get("_split_layout_cache")
+        if cached is not None and cached[0] is self.block_table:
+            found: tuple[list[BlockInfo], dict[int, int], Tensor] | None = cached[1]
+            return found
         split = [b for b in self.block_table.blocks if len(self.block_table.by_param[b.param_index]) > 1
                  and self.is_matrix_param(self._params[b.param_index], self.param_groups[b.group_index],
                                           self._names[b.param_index])]
-        if not split:
-            return {}
-        pos = {b.block_id: i for i, b in enumerate(split)}
-        vec = torch.zeros(len(split), dtype=torch.float64, device=self._params[split[0].param_index].device)
-        for v, u in items:
-            if v.block.block_id in pos:
-                vec[pos[v.block.block_id]] = u.square().sum().to(torch.float64)
-        if self._sharded_multi_rank():
-            self.comm.all_reduce_(vec)
-        totals: dict[int, Tensor] = {}
-        for b, i in zip(split, range(len(split))):
-            totals[b.param_index] = vec[i] if b.param_index not in totals else totals[b.param_index] + vec[i]
-        return {id(v): (totals[v.block.param_index], self._params[v.block.param_index].numel())
-                for v, _ in items if v.block.block_id in pos}
+        layout = None
+        if split:
+            pos = {b.block_id: i for i, b in enumerate(split)}
+            per_param: dict[int, list[int]] = {}
+            for i, b in enumerate(split):
+                per_param.setdefault(b.param_index, []).append(i)
+            width = max(len(v) for v in per_param.values())
+            gather = torch.tensor([v + [len(split)] * (width - len(v)) for v in per_param.values()])
+            layout = (split, pos, gather)
+        self._split_layout_cache = (self.block_table, layout)
+        return layout
 
     def _apply_directions(self, items: list[tuple[BlockView, Tensor]]) -> None:
         """RMS-normalise each raw update and apply it; a row-sharded block's norm is summed over the mesh
         (one all-reduce for all of them) and its size counts the global rows; a block of a parameter cut
-        into several blocks is normalised with the whole parameter's norm (:meth:`_split_norms`)."""
+        into several blocks is normalised with the whole parameter's norm (:meth:`_split_norms`).
+        Batched over the blocks (norms, scale factors and the update as multi-tensor ops): the same
+        arithmetic as :func:`asgo_math.rms_normalize` / :func:`asgo_math.apply_update_` per block."""
         sharded = [(v, u) for v, u in items if self._row_sharded(v)]
         sq = self._mesh_sum([u.square().sum().reshape(1) for _, u in sharded], [v.counted for v, _ in sharded])
         norms = {id(v): s for (v, _), s in zip(sharded, sq)}
         whole = self._split_norms(items) if self._normalise_whole else {}
-        for v, u in items:
-            rms = float(v.group["rms_scale"])
+        factors: list[Tensor | None] = [None] * len(items)
+        plain = [i for i, (v, _) in enumerate(items) if id(v) not in whole and id(v) not in norms]
+        for idx in _by_key(plain, lambda i: (items[i][1].dtype, items[i][1].device)).values():
+            us = [items[i][1] for i in idx]
+            nrm = torch.stack(torch._foreach_norm(us))
+            numer = torch.tensor([float(items[i][0].group["rms_scale"]) * math.sqrt(u.numel())
+                                  for i, u in zip(idx, us)], dtype=nrm.dtype).to(nrm.device)
+            for i, f in zip(idx, (nrm.clamp_min(torch.finfo(nrm.dtype).tiny).reciprocal() * numer).unbind(0)):
+                factors[i] = f
+        for i, (v, u) in enumerate(items):
             if id(v) in whole:
-                u = asgo_math.scale_to_rms(u, rms, whole[id(v)][0], whole[id(v)][1])
+                total, numel = whole[id(v)]
             elif id(v) in norms:
-                rows = self._dtensor.placements[v.block.param_index].global_shape[0]  # type: ignore[union-attr]
-                u = asgo_math.scale_to_rms(u, rms, norms[id(v)][0], rows * u.shape[1])
+                total = norms[id(v)][0]
+                numel = self._dtensor.placements[v.block.param_index].global_shape[0] * u.shape[1]  # type: ignore[union-attr]
             else:
-                u = asgo_math.rms_normalize(u, rms)
-            asgo_math.apply_update_(v.param, u, float(v.group["lr"]), float(v.group["weight_decay"]))
+                continue
+            norm = total.sqrt()
+            factors[i] = (float(v.group["rms_scale"]) * math.sqrt(numel)) / norm.clamp_min(torch.finfo(norm.dtype).tiny)
+        self._apply_scaled_(items, factors)
+
+    @staticmethod
+    def _apply_scaled_(items: list[tuple[BlockView, Tensor]], factors: list[Tensor | None]) -> None:
+        """``W <- W (1 - lr wd) - lr (factor U)`` for every block, as a few multi-tensor ops per group of
+        blocks sharing ``lr``, ``weight_decay`` and dtype. The updates ``U`` (fresh tensors of the
+        step) are scaled in place: no second copy of every update at once."""
+        by = _by_key(range(len(items)), lambda i: (float(items[i][0].group["lr"]),
+                                                   float(items[i][0].group["weight_decay"]),
+                                                   items[i][0].param.dtype, items[i][0].param.device))
+        for (lr, wd, dtype, _), idx in by.items():
+            params = [items[i][0].param for i in idx]
+            us = [items[i][1] for i in idx]
+            torch._foreach_mul_(us, [factors[i] for i in idx])  # type: ignore[misc]  # the updates are ours
+            if wd != 0.0:
+                torch._foreach_mul_(params, 1.0 - lr * wd)
+            torch._foreach_add_(params, [u.reshape(p.shape).to(dtype) for u, p in zip(us, params)], alpha=-lr)
 
     def _state_schema(self, block: BlockInfo, param: Tensor, group: dict[str, Any]) -> dict[str, StateField]:
         if not self.is_matrix_param(param, group, self._names[block.param_index]):
@@ -818,23 +881,44 @@ class DASGO(_OneSided):
         return dasgo_block_specs(param.shape, group.get("max_block_numel", self.default_max_block_numel))
 
     def _matrix_step(self, views: list[BlockView]) -> None:
+        """Momentum, column statistics and directions of all blocks as multi-tensor ops per group of
+        blocks sharing hyperparameters and dtype (per block: one column sum; the rest is batched), the
+        same arithmetic as :func:`asgo_math.update_momentum_`, :func:`asgo_math.update_column_stat_`
+        and :func:`asgo_math.dasgo_direction`."""
         sharded: list[tuple[BlockView, Tensor, Tensor, float]] = []
+        grads: list[Tensor] = []
         for v in views:
-            beta1, beta2 = v.group["betas"]
-            sdt = self._state_dtype(v.param)
-            g = asgo_math.matrix_view(v.grad).to(sdt)  # type: ignore[arg-type]
+            g = asgo_math.matrix_view(v.grad).to(self._state_dtype(v.param))  # type: ignore[arg-type]
             st = v.state
             if STEP not in st:
                 st[STEP] = torch.zeros((), dtype=torch.float32)
-                st[EXP_AVG] = torch.zeros(g.shape, dtype=sdt, device=g.device)
-                st[COL_STAT] = torch.zeros(g.shape[1], dtype=sdt, device=g.device)
-            asgo_math.update_momentum_(st[EXP_AVG], g, float(beta1))
-            if self._row_sharded(v):  # column sums of a row-sharded matrix: a sum over the shards
-                sharded.append((v, st[COL_STAT], g.square().sum(dim=0), float(beta2)))
-            else:
-                asgo_math.update_column_stat_(st[COL_STAT], g, float(beta2))
+                st[EXP_AVG] = torch.zeros(g.shape, dtype=g.dtype, device=g.device)
+                st[COL_STAT] = torch.zeros(g.shape[1], dtype=g.dtype, device=g.device)
+            grads.append(g)
+        by = _by_key(range(len(views)), lambda i: (tuple(map(float, views[i].group["betas"])),
+                                                   float(views[i].group["eps"]), grads[i].dtype, grads[i].device))
+        directions: list[Tensor | None] = [None] * len(views)
+        for (betas, _eps, _, _), idx in by.items():
+            beta1, beta2 = betas
+            gs = [grads[i] for i in idx]
+            torch._foreach_lerp_([views[i].state[EXP_AVG] for i in idx], gs, 1.0 - beta1)
+            col = [g.square().sum(dim=0) for g in gs]  # one g² alive at a time (fresh pages cost on a CPU)
+            is_local = [not self._row_sharded(views[i]) for i in idx]
+            local = [j for j, ok in enumerate(is_local) if ok]
+            if local:
+                stats = [views[idx[j]].state[COL_STAT] for j in local]
+                torch._foreach_mul_(stats, beta2)
+                torch._foreach_add_(stats, [col[j] for j in local], alpha=1.0 - beta2)
+            # column sums of a row-sharded matrix: a sum over the shards (one all-reduce, below)
+            sharded += [(views[idx[j]], views[idx[j]].state[COL_STAT], col[j], beta2)
+                        for j in range(len(idx)) if not is_local[j]]
         increment_counts_([v.state[STEP] for v in views])  # one call for all counters (see there)
         self._sharded_stats_(sharded)
         # rms_normalize(M (v + eps)^{-1/2}) is dasgo_direction, with the norm split over the shards
-        self._apply_directions([(v, v.state[EXP_AVG] * (v.state[COL_STAT] + float(v.group["eps"])).rsqrt()
-                                 .unsqueeze(0)) for v in views])
+        for (_, eps, _, _), idx in by.items():
+            scale = torch._foreach_add([views[i].state[COL_STAT] for i in idx], eps)
+            torch._foreach_rsqrt_(scale)
+            for i, u in zip(idx, torch._foreach_mul([views[i].state[EXP_AVG] for i in idx],
+                                                    [r.unsqueeze(0) for r in scale])):
+                directions[i] = u
+        self._apply_directions([(v, u) for v, u in zip(views, directions)])  # type: ignore[misc]
