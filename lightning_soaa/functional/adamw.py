@@ -32,9 +32,9 @@ def adamw_update_(
     if not params:
         return
     counts = increment_counts_(steps)
-    if _fused_applies(params, grads, exp_avgs, exp_avg_sqs):
-        _fused_adamw_cpu_(params, grads, exp_avgs, exp_avg_sqs, counts, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                          weight_decay=weight_decay)
+    if _fused_applies(params, grads, exp_avgs, exp_avg_sqs) and _fused_adamw_cpu_(
+            params, grads, exp_avgs, exp_avg_sqs, counts, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+            weight_decay=weight_decay):
         return
     if weight_decay != 0.0:
         torch._foreach_mul_(params, 1.0 - lr * weight_decay)
@@ -92,15 +92,29 @@ _FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 def _fused_adamw_cpu_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
                       counts: list[float], *, lr: float, beta1: float, beta2: float, eps: float,
-                      weight_decay: float) -> None:
+                      weight_decay: float) -> bool:
     """The same update through ``torch._fused_adamw_`` (one sweep per tensor, as ``AdamW(fused=True)``;
-    6.5x the foreach ops' speed on 1e7 fp32 parameters here). It reads the step count from a tensor and
-    does not increment it: one float32 scalar per distinct count, already incremented."""
+    4.7x the foreach ops' speed on 1e7 fp32 parameters here). It reads the step count from a tensor and
+    does not increment it: one float32 scalar per distinct count, already incremented. False (nothing
+    changed) where this torch has no CPU kernel: the dispatcher refuses before any tensor is touched."""
     by_step: dict[float, list[int]] = {}
     for i, t in enumerate(counts):
         by_step.setdefault(t, []).append(i)
-    for t, idx in by_step.items():
+    for n, (t, idx) in enumerate(by_step.items()):
         count = torch.full((), t, dtype=torch.float32)
-        torch._fused_adamw_([params[i] for i in idx], [grads[i] for i in idx], [exp_avgs[i] for i in idx],
-                            [exp_avg_sqs[i] for i in idx], [], [count] * len(idx), amsgrad=False, lr=lr,
-                            beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, maximize=False)
+        try:
+            _fused_call(params, grads, exp_avgs, exp_avg_sqs, idx, count, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                        weight_decay=weight_decay)
+        except NotImplementedError:
+            if n:  # cannot happen (the same kernel ran for the first group); never leave a half step
+                raise
+            return False
+    return True
+
+
+def _fused_call(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                idx: list[int], count: Tensor, *, lr: float, beta1: float, beta2: float, eps: float,
+                weight_decay: float) -> None:
+    torch._fused_adamw_([params[i] for i in idx], [grads[i] for i in idx], [exp_avgs[i] for i in idx],
+                        [exp_avg_sqs[i] for i in idx], [], [count] * len(idx), amsgrad=False, lr=lr,
+                        beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, maximize=False)

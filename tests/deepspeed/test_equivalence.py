@@ -85,15 +85,22 @@ def results(tmp_path_factory):
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_adamw_all_stages_bit_identical(results, dtype):
-    """ShardedAdamW as a client optimizer: bit-identical to our sharded run at every stage (elementwise
-    math on identical fp32 gradients); bf16 ignores DeepSpeed's init-time zero-gradient step."""
+def test_adamw_all_stages_equal_to_the_last_bit(results, dtype):
+    """ShardedAdamW as a client optimizer: equal to our sharded run at every stage (elementwise math on
+    identical fp32 gradients) up to one float32 rounding: the update runs through torch's fused CPU
+    AdamW kernel, whose vectorised body and scalar tail round a few elements differently (measured: one
+    element of a parameter, 1 ulp, after 5 steps), so the result depends on where DeepSpeed's partition
+    boundaries fall (ZeRO 1-3) against our blocks (stage 0: the same blocks, bit-identical). bf16 ignores
+    DeepSpeed's init-time zero-gradient step."""
     for rank_res in results:
         job = rank_res[f"adamw-{dtype}"]
         ref = job["ref"][0]["params"]
         for stage, ds in zip(STAGES, job["ds"]):
             _check_calls(ds, stage)
-            assert _max_abs(ds["params"], ref) == 0.0, (dtype, stage)
+            # in float32 ulps of each tensor's largest entry (a rounding of an intermediate of that size)
+            ulps = max(float((a - b).abs().max() / (torch.finfo(torch.float32).eps * b.abs().max()))
+                       for a, b in zip(ds["params"], ref))
+            assert ulps <= (0.0 if stage == 0 else 1.0), (dtype, stage, ulps)
         assert _max_abs(ref, _initial_params(dtype)) > 1e-3  # the parameters moved: not vacuous
     if dtype == "bf16":
         assert results[0]["adamw-bf16"]["ds"][0]["wrapper"] == "FP16_UnfusedOptimizer"

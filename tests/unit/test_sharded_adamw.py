@@ -158,3 +158,28 @@ def test_update_of_contiguous_and_strided_slices_matches_the_reference(view, dty
     untouched = torch.ones(12, 10, dtype=torch.bool)
     untouched[index] = False
     assert torch.equal(full[untouched], orig[untouched])  # nothing outside the slice was written
+
+
+def test_a_torch_without_the_fused_cpu_kernel_takes_the_foreach_ops(monkeypatch):
+    """Where the dispatcher refuses the fused kernel on CPU (an older torch), the foreach ops do the
+    step: the same update, nothing applied twice."""
+    from lightning_soaa.functional import adamw as F
+
+    def refuse(*a, **k):
+        raise NotImplementedError("Could not run 'aten::_fused_adamw_' with arguments from the 'CPU' backend")
+
+    g0 = torch.Generator().manual_seed(5)
+    orig, grad = torch.randn(6, 4, generator=g0, dtype=torch.float64), torch.randn(6, 4, generator=g0,
+                                                                                     dtype=torch.float64)
+    out = []
+    for patch in (False, True):
+        if patch:
+            monkeypatch.setattr(torch, "_fused_adamw_", refuse)
+        p, m, v, step = orig.clone(), torch.zeros(6, 4, dtype=torch.float64), torch.zeros(6, 4, dtype=torch.float64), \
+            torch.zeros(())
+        for _ in range(2):
+            F.adamw_update_([p, p[:0]], [grad, grad[:0]], [m, m[:0]], [v, v[:0]], [step, step.clone()], lr=1e-2,
+                            beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1)
+        out.append(p)
+    torch.testing.assert_close(out[1], _adamw_reference(orig, grad, 2), rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(out[0], out[1], rtol=1e-14, atol=1e-14)
