@@ -61,9 +61,11 @@ def _run(device: str, dtype: torch.dtype, calls: dict[str, int] | None = None, c
 
 @pytest.mark.parametrize("dtype,rtol", [(torch.float32, 2e-4), (torch.bfloat16, 3e-2)])
 def test_optimizer_on_cuda_takes_the_compiled_passes_and_follows_the_float64_cpu_run(
-        dtype: torch.dtype, rtol: float) -> None:
+        dtype: torch.dtype, rtol: float, caplog: pytest.LogCaptureFixture) -> None:
     calls: dict[str, int] = {}
-    gpu, gpu_opt = _run("cuda", dtype, calls, compile=True)
+    with caplog.at_level("WARNING", logger="lightning_soaa.optim.soaa"):
+        gpu, gpu_opt = _run("cuda", dtype, calls, compile=True)
+    assert sum("leave compile unset" in r.message for r in caplog.records) == 1  # once, not every step
     cpu, cpu_opt = _run("cpu", torch.float64, compile=False)
     kernels = gpu_opt._kernels()
     assert kernels is not None and kernels.failure is None, kernels and kernels.failure
