@@ -368,7 +368,9 @@ class _OneSided(ShardedOptimizer):
         mine = [(pos[v.block.block_id], u) for v, u in items if v.block.block_id in pos]
         if mine:
             norms = torch._foreach_norm([u for _, u in mine])
-            sq = torch.stack([n.to(torch.float64) for n in norms]).square()
+            one_dtype = len({n.dtype for n in norms}) == 1  # then one cast for all, not one kernel each
+            sq = (torch.stack(norms).to(torch.float64) if one_dtype
+                  else torch.stack([n.to(torch.float64) for n in norms])).square()
             vec.index_copy_(0, torch.tensor([i for i, _ in mine], device=dev), sq)
         if self._sharded_multi_rank():
             self.comm.all_reduce_(vec)
