@@ -308,38 +308,62 @@ def plot(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+# ---------------------------------------------------------------- command line (shared by the ASGO scripts)
+def add_model_args(p: argparse.ArgumentParser, *, d_model: int = 128, layers: int = 4, heads: int = 4,
+                   vocab: int | None = 64, seq: int = 64, batch: int = 8) -> None:
+    """:class:`TinyGPT`'s shape and the batch (``vocab=None``: the script takes it from its text)."""
+    p.add_argument("--d-model", type=int, default=d_model)
+    p.add_argument("--layers", type=int, default=layers)
+    p.add_argument("--heads", type=int, default=heads)
+    if vocab is not None:
+        p.add_argument("--vocab", type=int, default=vocab)
+    p.add_argument("--seq", type=int, default=seq)
+    p.add_argument("--batch", type=int, default=batch)
+
+
+def add_output_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=1, help="torch threads (0: leave torch's default)")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+
+
+def start(args: argparse.Namespace) -> None:
+    """Logging with timestamps and ``--threads``."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
+def write_json(args: argparse.Namespace, stem: str, report: dict[str, Any]) -> Path:
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{stem}.json"
+    path.write_text(json.dumps(report, indent=2, default=str))
+    return path
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--d-model", type=int, default=128)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=64)
-    p.add_argument("--seq", type=int, default=64)
-    p.add_argument("--batch", type=int, default=8)
+    add_model_args(p)
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (0: leave torch's default)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--optimizers", nargs="+",
                    default=["adamw", "muon", "muon_fp32", "asgo_root_every_1", "asgo_polar_express",
                             "asgo_root_every_10", "asgo_auto", "asgo_eigh", "dasgo"])
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    add_output_args(p)
     args = p.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    start(args)
     report = run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = "bench_asgo" if torch.device(args.device).type == "cpu" else f"bench_asgo_{torch.device(args.device).type}"
-    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2, default=str))
-    plot(report, args.out / f"{stem}.png")
+    kind = torch.device(args.device).type
+    stem = "bench_asgo" if kind == "cpu" else f"bench_asgo_{kind}"
+    path = write_json(args, stem, report)
+    plot(report, path.with_suffix(".png"))
     for n, r in report["results"].items():
         log.info("%-20s step %8.2f ms (cpu %8.2f ms; fwd+bwd %7.2f ms, ratio %.2f), loss %.3f -> %.3f", n,
                  r["step_ms_median"], r["step_cpu_ms_median"],
                  r["fwd_bwd_ms_median"], r["step_over_fwd_bwd"], r["loss_first"], r["loss_last"])
     log.info("ratios: %s", json.dumps({k: round(v, 3) for k, v in report["ratios"].items()}))
-    log.info("wrote %s", args.out / f"{stem}.json")
+    log.info("wrote %s", path)
 
 
 if __name__ == "__main__":

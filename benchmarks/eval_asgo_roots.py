@@ -35,11 +35,15 @@ import argparse
 import json
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
-from bench_asgo import TinyGPT  # sibling scripts: run this file as benchmarks/eval_asgo_roots.py
+from bench_asgo import (  # sibling scripts: run this file as benchmarks/eval_asgo_roots.py
+    TinyGPT,
+    add_output_args,
+    start,
+    write_json,
+)
 from eval_asgo_warm_start import _cond, add_run_args, collect, cpu_ms, direction_error, summary
 from torch.nn import functional as F
 
@@ -151,16 +155,10 @@ def main() -> None:
     p.add_argument("--train-methods", nargs="+", default=["polar_express", "polar_express_eigh"],
                    help="inverse_root values of the training comparison")
     p.add_argument("--val-batches", type=int, default=20)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (0: leave torch's default)")
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    add_output_args(p)
     args = p.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    report = evaluate(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "eval_asgo_roots.json").write_text(json.dumps(report, indent=2))
-    log.info("wrote %s", args.out / "eval_asgo_roots.json")
+    start(args)
+    log.info("wrote %s", write_json(args, "eval_asgo_roots", evaluate(args)))
 
 
 if __name__ == "__main__":

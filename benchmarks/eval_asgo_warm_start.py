@@ -25,7 +25,6 @@ Writes ``benchmarks/results/eval_asgo_warm_start.json`` and ``eval_asgo_warm_sta
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import statistics
@@ -34,7 +33,9 @@ from typing import Any
 
 import torch
 from _timing import median_cpu_s
-from bench_asgo import TinyGPT  # a sibling script: run this file as benchmarks/eval_asgo_warm_start.py
+
+# a sibling script: run this file as benchmarks/eval_asgo_warm_start.py
+from bench_asgo import TinyGPT, add_model_args, add_output_args, start, write_json
 from torch.nn import functional as F
 
 from lightning_soaa import ASGO
@@ -178,11 +179,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
     """The ASGO run whose Grams are evaluated (shared with ``eval_asgo_roots.py``)."""
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--seq", type=int, default=64)
-    p.add_argument("--batch", type=int, default=8)
+    add_model_args(p, d_model=256, layers=2, vocab=None)
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-steps", type=int, nargs="+", default=[2, 10, 30, 60])
@@ -196,20 +193,16 @@ def main() -> None:
     p.add_argument("--pe-iters", type=int, nargs="+", default=[6, 8, 10, 12],
                    help="Polar Express iteration counts whose direction error is reported")
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (0: leave torch's default)")
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    add_output_args(p)
     args = p.parse_args()
     if min(args.eval_steps) < 2:
         p.error(f"Invalid --eval-steps={args.eval_steps}. Every step must be >= 2 (the warm start is step t - 1).")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    start(args)
     report = evaluate(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "eval_asgo_warm_start.json").write_text(json.dumps(report, indent=2))
-    plot(report, args.out / "eval_asgo_warm_start.png")
+    path = write_json(args, "eval_asgo_warm_start", report)
+    plot(report, path.with_suffix(".png"))
     log.info("root CPU time: %s", report["root_cpu_time"])
-    log.info("wrote %s", args.out / "eval_asgo_warm_start.json")
+    log.info("wrote %s", path)
 
 
 if __name__ == "__main__":

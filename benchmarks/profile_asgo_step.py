@@ -18,7 +18,7 @@ import logging
 import time
 
 import torch
-from bench_asgo import TinyGPT  # a sibling script: run this file as benchmarks/profile_asgo_step.py
+from bench_asgo import TinyGPT, add_model_args  # a sibling script: run this file as benchmarks/profile_asgo_step.py
 from torch.nn import functional as F
 
 from lightning_soaa import ASGO
@@ -30,18 +30,14 @@ log = logging.getLogger("profile_asgo_step")
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--inverse-root", default="auto")
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--vocab", type=int, default=64)
-    p.add_argument("--seq", type=int, default=64)
-    p.add_argument("--batch", type=int, default=8)
+    add_model_args(p, d_model=256, layers=2)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--top", type=int, default=12)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = TinyGPT(args.vocab, args.d_model, args.layers, 4, args.seq)
+    model = TinyGPT(args.vocab, args.d_model, args.layers, args.heads, args.seq)
     opt = ASGO(asgo_param_groups(model), lr=1e-2, inverse_root=args.inverse_root)
     gen = torch.Generator().manual_seed(1)
 

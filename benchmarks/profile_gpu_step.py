@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_asgo import TinyGPT, make_optimizers  # noqa: E402
+from bench_asgo import TinyGPT, add_model_args, make_optimizers  # noqa: E402
 
 from lightning_soaa import SOAA, ShardedAdamW  # noqa: E402
 
@@ -105,12 +105,7 @@ def profile(name: str, make: Any, base: torch.nn.Module, idx: torch.Tensor, args
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--d-model", type=int, default=768)
-    ap.add_argument("--layers", type=int, default=12)
-    ap.add_argument("--heads", type=int, default=12)
-    ap.add_argument("--vocab", type=int, default=256)
-    ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--batch", type=int, default=16)
+    add_model_args(ap, d_model=768, layers=12, heads=12, vocab=256, seq=256, batch=16)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--only", nargs="*", help="profile only these optimizers")
