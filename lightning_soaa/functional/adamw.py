@@ -41,17 +41,22 @@ def adamw_update_(
     torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
-    # Tensors of one call usually share a step count; group them so the scalars stay Python floats.
-    by_step: dict[float, list[int]] = {}
-    for i, t in enumerate(counts):
-        by_step.setdefault(t, []).append(i)
-    for t, idx in by_step.items():
+    for t, idx in _by_count(counts).items():
         bc1 = 1.0 - beta1**t
         bc2_sqrt = math.sqrt(1.0 - beta2**t)
         denom = torch._foreach_sqrt([exp_avg_sqs[i] for i in idx])
         torch._foreach_div_(denom, bc2_sqrt)
         torch._foreach_add_(denom, eps)
         torch._foreach_addcdiv_([params[i] for i in idx], [exp_avgs[i] for i in idx], denom, value=-lr / bc1)
+
+
+def _by_count(counts: list[float]) -> dict[float, list[int]]:
+    """Tensor indices by step count: tensors of one call usually share one, so the bias-correction
+    scalars stay Python floats, computed once per group."""
+    out: dict[float, list[int]] = {}
+    for i, t in enumerate(counts):
+        out.setdefault(t, []).append(i)
+    return out
 
 
 def increment_counts_(steps: list[Tensor]) -> list[float]:
@@ -97,10 +102,7 @@ def _fused_adamw_cpu_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[
     4.7x the foreach ops' speed on 1e7 fp32 parameters here). It reads the step count from a tensor and
     does not increment it: one float32 scalar per distinct count, already incremented. False (nothing
     changed) where this torch has no CPU kernel: the dispatcher refuses before any tensor is touched."""
-    by_step: dict[float, list[int]] = {}
-    for i, t in enumerate(counts):
-        by_step.setdefault(t, []).append(i)
-    for n, (t, idx) in enumerate(by_step.items()):
+    for n, (t, idx) in enumerate(_by_count(counts).items()):
         count = torch.full((), t, dtype=torch.float32)
         try:
             _fused_call(params, grads, exp_avgs, exp_avg_sqs, idx, count, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
