@@ -259,10 +259,6 @@ class _Stored:
         return self.sums[j]
 
 
-# Calls remembered at once (one per param group and dtype and step is typical); older ones are dropped.
-_MAX_STORED = 64
-
-
 _COMPILABLE = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -306,6 +302,7 @@ class SOAAKernels:
         self._loader = cpu_loader
         self._native: CpuPasses | None = None
         self._stored: dict[tuple[int, ...], _Stored] = {}  # by the ids of (m..., v...), oldest first
+        self._prune_at = 64  # records kept before dead ones are dropped (see keep)
         self._index: dict[int, tuple[_Stored, int]] | None = None  # id(m) -> (call, block), built on use
         self.sums: Callable[..., Tensor] = torch.compile(_sums_kernel, dynamic=True, fullgraph=True)
         self.step: Callable[..., None] = torch.compile(_step_kernel, dynamic=True, fullgraph=True)
@@ -371,8 +368,12 @@ class SOAAKernels:
         """Remember ``record`` (from :meth:`snapshot`) with the blocks' (Σ m², Σ v)."""
         self._stored.pop(record.ids, None)  # re-inserted as the newest
         self._stored[record.ids] = dataclasses.replace(record, sums=sums)
-        if len(self._stored) > _MAX_STORED:
-            del self._stored[next(iter(self._stored))]
+        # A step makes the same calls every time (one per param group, counted flag and dtype), so the
+        # records only grow when moments go away (a new model, a reload): drop those, never a live one
+        # (a fixed cap would evict, with more calls than the cap, every record before its next use).
+        if len(self._stored) > self._prune_at:
+            self._stored = {k: e for k, e in self._stored.items() if all(r() is not None for r in e.refs)}
+            self._prune_at = 2 * len(self._stored) + 64
         self._index = None
 
     def stored_sums(self, m: Tensor, v: Tensor) -> tuple[float, float] | None:

@@ -392,7 +392,7 @@ class SOAA(ShardedOptimizer):
             return None
         if all(v.param.numel() < kernels.min_numel for v in views):
             return None
-        if not self.__dict__.get("_warned_compiled_accelerator"):
+        if not views[0].param.is_cpu and not self.__dict__.get("_warned_compiled_accelerator"):
             self._warned_compiled_accelerator = True
             log.warning("SOAA(compile=True) on %s: the torch.compile'd passes measured 5-10x slower than the "
                         "default foreach path on an H200 (torch 2.11); leave compile unset there.",

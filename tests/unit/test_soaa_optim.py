@@ -347,3 +347,27 @@ def test_config_defaults_match_the_constructor() -> None:
     assert opt.config == cfg
     assert (cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay, cfg.gamma, cfg.band_schedule, cfg.total_steps,
             cfg.acceptance) == (1e-3, (0.9, 0.999), 1e-8, 0.0, 0.05, "final", None, "lagged")
+
+
+def test_stored_moment_sums_survive_many_param_groups(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With more C calls a step than any fixed cache size (one per param group here), the step still
+    reuses the (Σ m², Σ v) its previous step stored: only the first step re-reads the moments."""
+    from lightning_soaa.kernels.soaa_native import NativeSOAA
+
+    reread = []
+    orig = NativeSOAA.sums
+
+    def counting(self, g, m, v, modes, scal):
+        reread.append(sum(x == self.SUMS_MOMENTS for x in modes))
+        return orig(self, g, m, v, modes, scal)
+
+    monkeypatch.setattr(NativeSOAA, "sums", counting)
+    ps = [torch.nn.Parameter(torch.randn(8, 8)) for _ in range(100)]
+    opt = SOAA([{"params": [p]} for p in ps], lr=1e-3, total_steps=100)
+    if opt._kernels() is None or opt._kernels()._load_native() is None:
+        pytest.skip("no C compiler: the C kernels are not built")
+    for _ in range(4):
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt.step(loss=torch.tensor(1.0))
+    assert sum(reread) == len(ps), reread  # the first step only
