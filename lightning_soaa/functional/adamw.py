@@ -32,10 +32,15 @@ def adamw_update_(
     if not params:
         return
     counts = increment_counts_(steps)
-    if _fused_applies(params, grads, exp_avgs, exp_avg_sqs) and _fused_adamw_cpu_(
-            params, grads, exp_avgs, exp_avg_sqs, counts, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-            weight_decay=weight_decay):
+    # Per tensor, not per call: which path a block takes (and so its rounding) must not depend on the
+    # other blocks it shares a call with (they differ between world sizes and shardings).
+    rest = _fused_cpu_(params, grads, exp_avgs, exp_avg_sqs, steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                       weight_decay=weight_decay)
+    if not rest:
         return
+    if len(rest) < len(params):
+        params, grads, exp_avgs, exp_avg_sqs = ([x[i] for i in rest] for x in (params, grads, exp_avgs, exp_avg_sqs))
+        counts = [counts[i] for i in rest]
     if weight_decay != 0.0:
         torch._foreach_mul_(params, 1.0 - lr * weight_decay)
     torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
@@ -80,43 +85,40 @@ def increment_counts_(steps: list[Tensor]) -> list[float]:
     return [float(s.item()) for s in steps]
 
 
-def _fused_applies(*lists: list[Tensor]) -> bool:
-    """Whether torch's fused CPU AdamW kernel can take these tensors: all on the CPU, one floating
-    dtype, every tensor contiguous. The contiguity check is not optional: the kernel walks each tensor's
-    storage as if it were contiguous (measured, torch 2.13: a column slice ``W[:, :5]`` is updated
-    wrongly, off by 4e-2 after three steps, without an error)."""
-    if getattr(torch, "_fused_adamw_", None) is None:
-        return False
-    dtype = lists[0][0].dtype
-    return dtype in _FUSED_DTYPES and all(
-        t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous() for ts in lists for t in ts)
+def _fused_cpu_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                steps: list[Tensor], *, lr: float, beta1: float, beta2: float, eps: float,
+                weight_decay: float) -> list[int]:
+    """The update of every tensor that torch's fused CPU AdamW kernel can take (one sweep each, as
+    ``AdamW(fused=True)``; 4.7x the foreach ops' speed on 1e7 fp32 parameters here), one kernel call per
+    dtype; returns the indices of the others. The kernel reads the (already incremented) step counters
+    and does not change them. Where this torch has no CPU kernel the dispatcher refuses before any tensor
+    is touched, and every index is returned."""
+    fused = getattr(torch, "_fused_adamw_", None)
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    rest: list[int] = []
+    for i, ts in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
+        (by_dtype.setdefault(ts[0].dtype, []) if fused is not None and _fused_takes(ts) else rest).append(i)
+    for n, (_, idx) in enumerate(by_dtype.items()):
+        assert fused is not None  # by_dtype is empty otherwise
+        try:
+            fused([params[i] for i in idx], [grads[i] for i in idx], [exp_avgs[i] for i in idx],
+                  [exp_avg_sqs[i] for i in idx], [], [steps[i] for i in idx], amsgrad=False, lr=lr,
+                  beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, maximize=False)
+        except NotImplementedError:
+            if n:  # cannot happen (the same kernel ran for the first dtype); never leave a half step
+                raise
+            return list(range(len(params)))
+    return rest
+
+
+def _fused_takes(ts: tuple[Tensor, ...]) -> bool:
+    """Whether the fused CPU kernel can take one tensor's (θ, g, m, v): on the CPU, one floating dtype,
+    each contiguous. The contiguity check is not optional: the kernel walks each tensor's storage as if
+    it were contiguous (measured, torch 2.13: a column slice ``W[:, :5]`` is updated wrongly, off by 4e-2
+    after three steps, without an error)."""
+    dtype = ts[0].dtype
+    return dtype in _FUSED_DTYPES and all(t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous()
+                                          for t in ts)
 
 
 _FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-
-
-def _fused_adamw_cpu_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-                      counts: list[float], *, lr: float, beta1: float, beta2: float, eps: float,
-                      weight_decay: float) -> bool:
-    """The same update through ``torch._fused_adamw_`` (one sweep per tensor, as ``AdamW(fused=True)``;
-    4.7x the foreach ops' speed on 1e7 fp32 parameters here). It reads the step count from a tensor and
-    does not increment it: one float32 scalar per distinct count, already incremented. False (nothing
-    changed) where this torch has no CPU kernel: the dispatcher refuses before any tensor is touched."""
-    for n, (t, idx) in enumerate(_by_count(counts).items()):
-        count = torch.full((), t, dtype=torch.float32)
-        try:
-            _fused_call(params, grads, exp_avgs, exp_avg_sqs, idx, count, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                        weight_decay=weight_decay)
-        except NotImplementedError:
-            if n:  # cannot happen (the same kernel ran for the first group); never leave a half step
-                raise
-            return False
-    return True
-
-
-def _fused_call(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-                idx: list[int], count: Tensor, *, lr: float, beta1: float, beta2: float, eps: float,
-                weight_decay: float) -> None:
-    torch._fused_adamw_([params[i] for i in idx], [grads[i] for i in idx], [exp_avgs[i] for i in idx],
-                        [exp_avg_sqs[i] for i in idx], [], [count] * len(idx), amsgrad=False, lr=lr,
-                        beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, maximize=False)

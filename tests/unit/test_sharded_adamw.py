@@ -183,3 +183,32 @@ def test_a_torch_without_the_fused_cpu_kernel_takes_the_foreach_ops(monkeypatch)
         out.append(p)
     torch.testing.assert_close(out[1], _adamw_reference(orig, grad, 2), rtol=1e-14, atol=1e-14)
     torch.testing.assert_close(out[0], out[1], rtol=1e-14, atol=1e-14)
+
+
+def test_the_fused_kernel_is_chosen_per_tensor(monkeypatch):
+    """A call mixing a contiguous tensor and a column slice: the contiguous one takes the fused kernel
+    exactly as it would alone (the same bits), the slice the foreach ops; both follow the reference."""
+    from lightning_soaa.functional import adamw as F
+
+    seen = []
+    fused = torch._fused_adamw_
+    monkeypatch.setattr(torch, "_fused_adamw_", lambda p, *a, **k: (seen.append(len(p)), fused(p, *a, **k))[1])
+    g0 = torch.Generator().manual_seed(7)
+    w, gw = torch.randn(5, 4, generator=g0), torch.randn(5, 4, generator=g0)
+    big, gbig = torch.randn(6, 6, generator=g0), torch.randn(6, 6, generator=g0)
+
+    def run(tensors):
+        ps = [t.clone() for t, _ in tensors]
+        views = [p if i == 0 else p[:, 1:4] for i, p in enumerate(ps)]
+        grads = [g if i == 0 else g[:, 1:4] for i, (_, g) in enumerate(tensors)]
+        ms, vs = [torch.zeros_like(x) for x in views], [torch.zeros_like(x) for x in views]
+        steps = [torch.zeros(()) for _ in views]
+        for _ in range(3):
+            F.adamw_update_(views, grads, ms, vs, steps, lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1)
+        return views
+
+    mixed = run([(w, gw), (big, gbig)])
+    assert seen == [1, 1, 1]  # the contiguous tensor only, each step
+    alone = run([(w, gw)])
+    assert torch.equal(mixed[0], alone[0])
+    torch.testing.assert_close(mixed[1].double(), _adamw_reference(big[:, 1:4], gbig[:, 1:4], 3), rtol=1e-6, atol=1e-6)
