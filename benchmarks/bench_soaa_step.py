@@ -11,8 +11,9 @@ min-max spread of the round medians (on a shared machine single rounds can be fa
 Optimizers: ``adamw_fused`` (baseline: one ATen kernel, at the memory-bandwidth bound), ``adamw_foreach``,
 ``soaa`` (the defaults: on CPU the two passes as C loops, on CUDA the foreach path), ``soaa_inductor``
 (CPU only: ``compile=True`` with the C loops off, i.e. the ``torch.compile``'d kernels), ``soaa_triton``
-(CUDA only: ``compile=True``, the Triton kernels), ``soaa_eager`` (``compile=False``: the tiled loop on
-CPU, foreach on CUDA) and ``sharded_adamw`` (the package's AdamW). SOAA gets a loss every
+(CUDA only: ``compile=True``, the Triton kernels), ``soaa_eager`` (CPU only, ``compile=False``: the
+tiled loop; on CUDA the default ``soaa`` is the eager foreach path) and ``sharded_adamw`` (the package's
+AdamW). SOAA gets a loss every
 step through ``step(loss=...)``; its trust-region statistics, one scalar all-reduce (a no-op here, W = 1)
 and the lagged predicted-reduction sums are all part of the timed step.
 
@@ -66,12 +67,12 @@ def _optimizers(args: argparse.Namespace, make: Callable[[], list[torch.nn.Param
         "adamw_fused": torch.optim.AdamW(make(), fused=True, **kw),
         "adamw_foreach": torch.optim.AdamW(make(), foreach=True, **kw),
         "soaa": SOAA(make(), total_steps=1000, **kw),  # the default: C loops on CPU, foreach on CUDA
-        "soaa_eager": SOAA(make(), total_steps=1000, compile=False, **kw),
     }
-    if getattr(args, "device", "cpu") != "cpu":  # the Triton kernels, which the default does not take
+    if getattr(args, "device", "cpu") != "cpu":  # the Triton kernels; eager is the default there
         opts["soaa_triton"] = SOAA(make(), total_steps=1000, compile=True, **kw)
-    else:  # the torch.compile kernels, which the C loops replace on CPU
-        os.environ["LIGHTNING_SOAA_NATIVE"] = "0"
+    else:
+        opts["soaa_eager"] = SOAA(make(), total_steps=1000, compile=False, **kw)
+        os.environ["LIGHTNING_SOAA_NATIVE"] = "0"  # the torch.compile kernels, which the C loops replace on CPU
         try:
             opts["soaa_inductor"] = SOAA(make(), total_steps=1000, compile=True, **kw)
         finally:
