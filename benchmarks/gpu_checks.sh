@@ -6,7 +6,8 @@
 #   3. ASGO against Muon and AdamW on a d=768, 12-layer transformer.
 # Uses the machine's own python3 and its CUDA torch (no venv: a GPU machine brings its build); the
 # results (test log, JSON, PNG) go to $1, default benchmarks/results; $2 picks "tests", "bench" or "all"
-# (default). About 5 minutes on one H200; extra arguments go to pytest (e.g. -k, --lf).
+# (default). About 3-4 minutes on one H200 (the timeouts add up to 560 s, under a 600 s command limit);
+# extra arguments go to pytest (e.g. -k, --lf).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-benchmarks/results}"
@@ -20,16 +21,16 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader ||
 "$PY" -c "import sys, torch; print(sys.version.split()[0], torch.__version__, torch.version.cuda, \
 torch.cuda.get_device_name())" || status=1
 if [ "$what" != bench ]; then
-  timeout 330 "$PY" -m pytest -q -p no:cacheprovider -rs --durations=8 \
+  timeout 300 "$PY" -m pytest -q -p no:cacheprovider -rs --durations=8 \
   tests/conformance/test_accelerator.py tests/unit/test_soaa_cuda.py \
   "tests/unit/test_soaa_functional.py::test_compiled_kernels_on_cuda_match_the_reference" \
   "$@" 2>&1 | tee "$out/gpu_tests.log" || status=1
 fi
 [ "$what" = tests ] && exit $status
-timeout 100 "$PY" benchmarks/bench_soaa_step.py --device cuda --threads 0 --steps 50 --rounds 5 \
+timeout 80 "$PY" benchmarks/bench_soaa_step.py --device cuda --threads 0 --steps 50 --rounds 5 \
   --with-sharded-adamw --results "$out" || status=1
-timeout 100 "$PY" benchmarks/bench_soaa_step.py --device cuda --threads 0 --shape 4096x4096 --steps 20 \
+timeout 80 "$PY" benchmarks/bench_soaa_step.py --device cuda --threads 0 --shape 4096x4096 --steps 20 \
   --rounds 3 --results "$out" || status=1
-timeout 120 "$PY" benchmarks/bench_asgo.py --device cuda --threads 0 --d-model 768 --layers 12 --seq 256 \
+timeout 100 "$PY" benchmarks/bench_asgo.py --device cuda --threads 0 --d-model 768 --layers 12 --seq 256 \
   --batch 16 --vocab 256 --steps 20 --out "$out" || status=1
 exit $status
