@@ -362,30 +362,30 @@ class _OneSided(ShardedOptimizer):
         layout = self._split_layout()
         if layout is None:
             return {}
-        split, pos, gather = layout
+        split, pos, gather, row = layout
         dev = self._params[split[0].param_index].device
+        gather = gather if gather.device == dev else gather.to(dev)  # parameters moved since: rare
         vec = torch.zeros(len(split) + 1, dtype=torch.float64, device=dev)  # the last entry stays 0: padding
         mine = [(pos[v.block.block_id], u) for v, u in items if v.block.block_id in pos]
         if mine:
-            norms = torch._foreach_norm([u for _, u in mine])
-            one_dtype = len({n.dtype for n in norms}) == 1  # then one cast for all, not one kernel each
-            sq = (torch.stack(norms).to(torch.float64) if one_dtype
-                  else torch.stack([n.to(torch.float64) for n in norms])).square()
-            vec.index_copy_(0, torch.tensor([i for i, _ in mine], device=dev), sq)
+            sq = torch.stack(torch._foreach_norm([u for _, u in mine])).to(torch.float64).square()
+            # non_blocking: a plain host-to-GPU copy would wait for every queued kernel
+            index = torch.tensor([i for i, _ in mine]).to(dev, non_blocking=True)
+            vec.index_copy_(0, index, sq)
         if self._sharded_multi_rank():
             self.comm.all_reduce_(vec)
-        totals = vec[gather.to(dev)].sum(1)  # per parameter: its blocks and zero padding, in block order
-        row = {pi: r for r, pi in enumerate(dict.fromkeys(b.param_index for b in split))}
+        totals = vec[gather].sum(1)  # per parameter: its blocks and zero padding, in block order
         return {id(v): (totals[row[v.block.param_index]], self._params[v.block.param_index].numel())
                 for v, _ in items if v.block.block_id in pos}
 
-    def _split_layout(self) -> tuple[list[BlockInfo], dict[int, int], Tensor] | None:
-        """The blocks of split matrix parameters (table order), each one's position, and a
-        ``[parameters, max blocks]`` index of positions padded with ``len(split)`` (a zero entry).
-        Fixed by the block table, so computed once."""
+    def _split_layout(self) -> tuple[list[BlockInfo], dict[int, int], Tensor, dict[int, int]] | None:
+        """The blocks of split matrix parameters (table order), each one's position, a
+        ``[parameters, max blocks]`` index (on the parameters' device) of positions padded with
+        ``len(split)`` (a zero entry), and each parameter's row in it. Fixed by the block table, so
+        computed once."""
         cached = self.__dict__.get("_split_layout_cache")
         if cached is not None and cached[0] is self.block_table:
-            found: tuple[list[BlockInfo], dict[int, int], Tensor] | None = cached[1]
+            found: tuple[list[BlockInfo], dict[int, int], Tensor, dict[int, int]] | None = cached[1]
             return found
         split = [b for b in self.block_table.blocks if len(self.block_table.by_param[b.param_index]) > 1
                  and self.is_matrix_param(self._params[b.param_index], self.param_groups[b.group_index],
@@ -393,12 +393,11 @@ class _OneSided(ShardedOptimizer):
         layout = None
         if split:
             pos = {b.block_id: i for i, b in enumerate(split)}
-            per_param: dict[int, list[int]] = {}
-            for i, b in enumerate(split):
-                per_param.setdefault(b.param_index, []).append(i)
+            per_param = _by_key(range(len(split)), lambda i: split[i].param_index)
             width = max(len(v) for v in per_param.values())
             gather = torch.tensor([v + [len(split)] * (width - len(v)) for v in per_param.values()])
-            layout = (split, pos, gather)
+            gather = gather.to(self._params[split[0].param_index].device)
+            layout = (split, pos, gather, {pi: r for r, pi in enumerate(per_param)})
         self._split_layout_cache = (self.block_table, layout)
         return layout
 
@@ -418,7 +417,7 @@ class _OneSided(ShardedOptimizer):
             us = [items[i][1] for i in idx]
             nrm = torch.stack(torch._foreach_norm(us))
             numer = torch.tensor([float(items[i][0].group["rms_scale"]) * math.sqrt(u.numel())
-                                  for i, u in zip(idx, us)], dtype=nrm.dtype).to(nrm.device)
+                                  for i, u in zip(idx, us)], dtype=nrm.dtype).to(nrm.device, non_blocking=True)
             for i, f in zip(idx, (nrm.clamp_min(torch.finfo(nrm.dtype).tiny).reciprocal() * numer).unbind(0)):
                 factors[i] = f
         for i, (v, u) in enumerate(items):
@@ -665,12 +664,11 @@ class ASGO(_OneSided):
                 st = views[i].state
                 last = st[GRAM_AT_ROOT]
                 change = torch.linalg.matrix_norm(st[GRAM] - last).to(torch.float64)
-                ref = torch.linalg.matrix_norm(last).to(torch.float64)
-                # the step counters live on the host (as torch's optimizers keep them), the Grams on theirs
-                age = (st[STEP] - st[ROOT_STEP]).to(device=change.device, dtype=torch.float64)
-                rows.append(torch.stack([change, ref, age]))
-            for i, (change, ref, age) in zip(auto, torch.stack(rows).tolist()):
-                group = views[i].group
+                rows.append(torch.stack([change, torch.linalg.matrix_norm(last).to(torch.float64)]))
+            for i, (change, ref) in zip(auto, torch.stack(rows).tolist()):
+                st, group = views[i].state, views[i].group
+                # the step counters live on the host (as torch's optimizers keep them): no device copy
+                age = float(st[STEP]) - float(st[ROOT_STEP])
                 due[i] = change > float(group["root_tol"]) * ref or age >= int(group["root_max_every"])
         return [v for v, d in zip(views, due) if d]
 
