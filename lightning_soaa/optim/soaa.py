@@ -89,6 +89,7 @@ class _Group:
     exp_avg_sqs: list[Tensor]
     counters: list[Tensor]
     ts: list[int]  # the step count of this update of each block
+    kernels: SOAAKernels | None  # _kernels_for(views), chosen once per step for both passes
 
 
 _version_of = operator.attrgetter("_version")
@@ -504,11 +505,12 @@ class SOAA(ShardedOptimizer):
             ts = self._counts().read((gi, counted), counters)
             grp = groups[(gi, counted)] = _Group(
                 vs, [v.param for v in vs], [v.grad for v in vs],  # type: ignore[misc]
-                [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states], counters, ts)
+                [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states], counters, ts,
+                self._kernels_for(vs))
             beta1, beta2 = group["betas"]
             part = soaa_moments(
                 grp.grads, grp.exp_avgs, grp.exp_avg_sqs,
-                ts, beta1=beta1, beta2=beta2, eps=group["eps"], foreach=self.foreach, kernels=self._kernels_for(vs),
+                ts, beta1=beta1, beta2=beta2, eps=group["eps"], foreach=self.foreach, kernels=grp.kernels,
             )
             # An uncounted piece adds 0, or NaN when it is non-finite: the step is then skipped everywhere.
             part = part if counted else part * 0.0
@@ -571,7 +573,7 @@ class SOAA(ShardedOptimizer):
                 grp.params, grp.grads, grp.exp_avgs, grp.exp_avg_sqs,
                 grp.ts, lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
                 weight_decay=group["weight_decay"], d=d_prev, c=scal.c, count_limited=same_batch,
-                foreach=self.foreach, kernels=self._kernels_for(grp.views),
+                foreach=self.foreach, kernels=grp.kernels,
             )
             if not counted:
                 continue
