@@ -275,8 +275,7 @@ class CpuPasses(Protocol):
 
     def accepts_all(self, *lists: list[Tensor]) -> bool: ...
 
-    def sums(self, g: list[Tensor], m: list[Tensor], v: list[Tensor], modes: list[int],
-             scal: tuple[float, float, float]) -> list[list[float]]: ...
+    def sums(self, g: list[Tensor], m: list[Tensor], v: list[Tensor], modes: list[int]) -> list[list[float]]: ...
 
     def step(self, p: list[Tensor], g: list[Tensor], m: list[Tensor], v: list[Tensor],
              scal: Sequence[Sequence[float]]) -> list[list[float]]: ...
@@ -504,7 +503,6 @@ def _native_soaa_sums(
     reads only g and m. Always by this formula, so a resumed run takes the same bits as an
     uninterrupted one (the once-read sums equal the step's)."""
     a = 1.0 - beta1
-    scal = (a, beta2, 1.0 - beta2)
     s_m2 = s_v = 0.0
     c1, c2, c3, b2c = beta1 * beta1, 2.0 * beta1 * a, a * a, 1.0 - beta2
     bias = {t: ((1.0 - beta1**t) ** 2, 1.0 - beta2**t) for t in set(ts)}
@@ -517,11 +515,11 @@ def _native_soaa_sums(
         unknown = [j for j, st in enumerate(stored) if st is None]
         if unknown:  # after a load, at the first step, or after the moments were changed from outside
             um, uv = _pick(ms, unknown), _pick(vs, unknown)
-            rows = native.sums(um, um, uv, [native.SUMS_MOMENTS] * len(unknown), scal)
+            rows = native.sums(um, um, uv, [native.SUMS_MOMENTS] * len(unknown))
             kernels.remember_all(um, uv, [(sm2, sv) for sm2, sv in rows])
             for j, (sm2, sv) in zip(unknown, rows):
                 stored[j] = (sm2, sv)
-        rows = native.sums(gs, ms, vs, [native.SUMS_GM] * len(idx), scal)
+        rows = native.sums(gs, ms, vs, [native.SUMS_GM] * len(idx))
         for i, st, (mg, g2) in zip(idx, stored, rows):
             assert st is not None
             # a rounding below 0 only where m_t ≈ 0 everywhere

@@ -218,11 +218,11 @@ static void add_chunks(int nb, const int64_t *first, const double *part, int k, 
     }                                                                                                      \
                                                                                                            \
     int soaa_sums_##NAME(int nb, const void *const *g, const void *const *m, const void *const *v,         \
-                         const int64_t *n, const int *mode, const double *sc, double *out, int threads) {  \
+                         const int64_t *n, const int *mode, double *out, int threads) {                    \
         int64_t *first = chunk_table(nb, n);                                                               \
         double *part = first ? (double *)malloc(sizeof(double) * SUMS_OUT * (size_t)(first[nb] + 1)) : 0;  \
         if (!part) { free(first); return 1; }                                                              \
-        job_t job = {nb, 0, g, m, v, n, first, mode, sc, part};                                            \
+        job_t job = {nb, 0, g, m, v, n, first, mode, 0, part}; /* no scalars: the sums only add */         \
         run_chunks(sums_job_##NAME, &job, first[nb], total_elements(nb, n), threads);                      \
         add_chunks(nb, first, part, SUMS_OUT, out);                                                        \
         free(part);                                                                                        \
@@ -292,4 +292,4 @@ SOAA_STEP(f64, double, double, ID, ID, sqrt, 8)
 SOAA_STEP(bf16, uint16_t, float, bf16_load, bf16_store, sqrtf, 16)
 
 /* the ABI version the loader checks, so a stale cached build is never used */
-int soaa_cpu_abi(void) { return 5; }
+int soaa_cpu_abi(void) { return 6; }

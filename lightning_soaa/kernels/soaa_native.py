@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 __all__ = ["NativeSOAA", "NativeUnavailable"]
 
 _SOURCE = Path(__file__).with_name("soaa_cpu.c")
-_ABI = 5
+_ABI = 6
 _BASE_FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-std=gnu11", "-shared", "-fPIC",
                "-pthread")
 # -fopenmp-simd: the `omp simd` lane loops vectorise, with no OpenMP runtime (threads are pthreads
@@ -196,18 +196,16 @@ class NativeSOAA:
         return (set(map(_dtype_of, every)) == {lists[0][0].dtype} and all(map(_is_cpu, every))
                 and all(map(_is_contiguous, every)))
 
-    def sums(self, g: list[Tensor], m: list[Tensor], v: list[Tensor], modes: list[int],
-             scal: tuple[float, float, float]) -> list[list[float]]:
+    def sums(self, g: list[Tensor], m: list[Tensor], v: list[Tensor], modes: list[int]) -> list[list[float]]:
         """Per block (reads only): mode ``SUMS_MOMENTS`` ``[Σ m², Σ v]`` of the stored moments (the same
-        bits as :meth:`step` returns for them), mode ``SUMS_GM`` ``[Σ m g, Σ g²]``;
-        ``scal = (1-β1, β2, 1-β2)``. One dtype for all blocks."""
+        bits as :meth:`step` returns for them), mode ``SUMS_GM`` ``[Σ m g, Σ g²]``. One dtype for all
+        blocks. No β: the caller weighs the raw sums itself."""
         nb = len(g)
         out = (ctypes.c_double * (2 * nb))()
         fn = self._fns[("sums", g[0].dtype)]
         if fn(nb, self._pointers(("sums", "g"), g), self._pointers(("sums", "m"), m),
               self._pointers(("sums", "v"), v), self._array(("sums", "n"), ctypes.c_int64, tuple(map(_numel, g))),
-              self._array(("sums", "mode"), ctypes.c_int, tuple(modes)), (ctypes.c_double * 3)(*scal), out,
-              torch.get_num_threads()):
+              self._array(("sums", "mode"), ctypes.c_int, tuple(modes)), out, torch.get_num_threads()):
             raise MemoryError("SOAA CPU kernel: out of memory for its per-chunk sums")
         return _rows(out, 2)
 

@@ -89,7 +89,7 @@ def test_sums_and_step_do_not_depend_on_the_thread_count(dtype: torch.dtype) -> 
             torch.set_num_threads(k)
             blocks = [_block(n, 1 + n, dtype) for n in (100_003, 0, 7, 40_000)]
             g, m, v, p = ([b[j] for b in blocks] for j in range(4))
-            a = native.sums(g, m, v, [0, 1, 0, 1], (1 - B1, B2, 1 - B2))
+            a = native.sums(g, m, v, [0, 1, 0, 1])
             b = native.step(p, g, m, v, [(1 - B1, B2, 1 - B2, 0.999, -0.01, 2.0, 0.3, 1e-8)] * 4)
             out.append((a, b, p + m + v))
     finally:
@@ -109,8 +109,8 @@ def test_step_sums_and_both_sums_modes_against_float64() -> None:
     a = 1 - B1
     mt = [x + (y - x) * a for x, y in zip(m, g)]
     vt = [B2 * x + (1 - B2) * y * y for x, y in zip(v, g)]
-    full = native.sums(g, m, v, [0, 0], (a, B2, 1 - B2))
-    gm = native.sums(g, m, v, [1, 1], (a, B2, 1 - B2))
+    full = native.sums(g, m, v, [0, 0])
+    gm = native.sums(g, m, v, [1, 1])
     for k in range(2):
         assert full[k] == pytest.approx([float((m[k] ** 2).sum()), float(v[k].sum())], rel=1e-13)
         assert gm[k] == pytest.approx([float((m[k] * g[k]).sum()), float((g[k] ** 2).sum())], rel=1e-12)
@@ -123,7 +123,7 @@ def test_step_sums_and_both_sums_modes_against_float64() -> None:
         torch.testing.assert_close(p[k], p0[k] * 0.99 - 0.1 * q, rtol=1e-14, atol=1e-15)
         want = [(mt[k] * q).sum(), ((s * q) ** 2).sum(), (s < knee).sum(), (mt[k] ** 2).sum(), vt[k].sum()]
         assert rows[k] == pytest.approx([float(w) for w in want], rel=1e-12)
-    assert [r[3:] for r in rows] == native.sums(g, m, v, [0, 0], (a, B2, 1 - B2))  # the same bits
+    assert [r[3:] for r in rows] == native.sums(g, m, v, [0, 0])  # the same bits
 
 
 def test_lagged_sums_are_used_only_for_moments_the_step_left_unchanged() -> None:
@@ -205,11 +205,11 @@ from lightning_soaa.kernels.soaa_native import NativeSOAA
 torch.set_num_threads(2)
 nat = NativeSOAA.load()
 x = [torch.rand(1 << 20) for _ in range(3)]
-want = nat.sums(x[:1], x[1:2], x[2:3], [0], (0.1, 0.9, 0.1))  # the parent ran two threads
+want = nat.sums(x[:1], x[1:2], x[2:3], [0])  # the parent ran two threads
 pid = os.fork()
 if pid == 0:
     torch.set_num_threads(2)
-    ok = nat.sums(x[:1], x[1:2], x[2:3], [0], (0.1, 0.9, 0.1)) == want
+    ok = nat.sums(x[:1], x[1:2], x[2:3], [0]) == want
     os._exit(0 if ok else 3)
 _, status = os.waitpid(pid, 0)
 raise SystemExit(os.waitstatus_to_exitcode(status))
@@ -297,9 +297,9 @@ def test_cached_step_takes_the_bits_of_an_uncached_one_after_every_kind_of_chang
             return
         inner = native.sums
 
-        def sums(g, m, v, modes, scal):  # type: ignore[no-untyped-def]
+        def sums(g, m, v, modes):  # type: ignore[no-untyped-def]
             mode0_blocks.append(sum(1 for x in modes if x == native.SUMS_MOMENTS))
-            return inner(g, m, v, modes, scal)
+            return inner(g, m, v, modes)
         native.sums = sums  # type: ignore[method-assign]
         native._spied = True
 

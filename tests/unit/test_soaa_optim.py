@@ -357,9 +357,9 @@ def test_stored_moment_sums_survive_many_param_groups(monkeypatch: pytest.Monkey
     reread = []
     orig = NativeSOAA.sums
 
-    def counting(self, g, m, v, modes, scal):
+    def counting(self, g, m, v, modes):
         reread.append(sum(x == self.SUMS_MOMENTS for x in modes))
-        return orig(self, g, m, v, modes, scal)
+        return orig(self, g, m, v, modes)
 
     monkeypatch.setattr(NativeSOAA, "sums", counting)
     ps = [torch.nn.Parameter(torch.randn(8, 8)) for _ in range(100)]
