@@ -64,6 +64,29 @@ def test_conjugate_gradient_gives_up_within_its_budget_and_on_nan() -> None:
         F.conjugate_gradient(lambda u: a @ u, rhs, 0.0, max_iter=5)
 
 
+@pytest.mark.parametrize("shift", [10.0, 1.0, 1e-4])
+def test_conjugate_gradient_lookahead_takes_the_same_bits(shift: float) -> None:
+    """The look-ahead (the default off the CPU: one host read per iteration) forms β on the device and
+    reads the next pᵀAp with the stopping test: the same x, bit for bit, for one more operator
+    application per recurrence cycle; it gives up where the plain loop does (budget, NaN)."""
+    a = _spd_psd(300, 120, 100.0, seed=11)
+    rhs = torch.randn(300, generator=torch.Generator().manual_seed(12), dtype=DT)
+    for max_iter in (3000, 10):
+        plain, used = F.conjugate_gradient(lambda u: a @ u, rhs, shift, max_iter=max_iter, lookahead=False)
+        ahead, used_ahead = F.conjugate_gradient(lambda u: a @ u, rhs, shift, max_iter=max_iter, lookahead=True)
+        assert (plain is None) == (ahead is None)
+        if plain is not None and ahead is not None:
+            assert torch.equal(plain, ahead) and used < used_ahead <= used + 4
+    calls = []
+
+    def poisoned(u: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return a @ u if len(calls) < 3 else torch.full_like(u, math.nan)
+
+    x, used = F.conjugate_gradient(poisoned, rhs, 1.0, max_iter=100, lookahead=True)
+    assert x is None and used == 3
+
+
 @pytest.mark.parametrize("loss", ["mse", "cross_entropy", "bce"])
 @pytest.mark.parametrize("damping", [0.5, 0.02, 1e-6])
 def test_solve_damped_cg_equals_the_dense_float64_solve(loss: str, damping: float) -> None:
