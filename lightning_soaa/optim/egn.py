@@ -714,11 +714,13 @@ class EGN(ShardedOptimizer):
 
     def _solve(self, batch: _Batch, layout: GramLayout, pieces: GramFactors) -> _Curvature:
         """v, gᵀd and (Jd)ᵀQ(Jd) from the factor table, on the factors of SᵀJ (Δ̃ = SᵀΔ; b(c−1) rows for
-        cross-entropy). K itself is never formed: K·r and K·v are factor mat-vecs. The system SᵀKS + bλI is
-        solved (:meth:`_solve_system`) by matrix-free conjugate gradients when it is large and that is
-        expected to be cheaper, else directly (Cholesky of the assembled lower triangle)."""
+        cross-entropy). Small systems (bc ≤ :data:`SMALL_DENSE_MAX`) form K whole and take K·r and K·v
+        as dense mat-vecs; larger ones never form K: K·r and K·v are factor mat-vecs, and the system
+        SᵀKS + bλI is solved (:meth:`_solve_system`) by matrix-free conjugate gradients when it is large
+        and that is expected to be cheaper, else directly (Cholesky of the assembled lower triangle)."""
         r2, s = egn_math.residual_and_factor(self.config.loss, pieces.outputs, pieces.targets)
         r = r2.reshape(-1)
+        k: Tensor | None = None
         if r.numel() <= SMALL_DENSE_MAX:
             # a small system: K itself, assembled whole, gives K·r as one mat-vec and SᵀKS as one
             # contraction, instead of a factor transform and a factor mat-vec (per-op overhead dominates)
@@ -733,12 +735,13 @@ class EGN(ShardedOptimizer):
             sol = self._solve_system(batch, layout, sp, r, st_kr, s)
         if not sol.ok:
             return _Curvature(r=r, s=s, sol=sol, gtd=float("nan"), jd_qq=float("nan"))
-        # K is symmetric: rᵀKv = (Kr)ᵀv from the K·r already formed. Jd = Kv (one more factor mat-vec)
-        # feeds only ρ, so it is formed only with adaptive damping.
+        # K is symmetric: rᵀKv = (Kr)ᵀv from the K·r already formed. Jd = Kv (one more mat-vec: dense
+        # when K is in hand, else by the factors) feeds only ρ, so it is formed only with adaptive damping.
         gtd = egn_math.directional_derivative(sol.v, kr, batch.b)
         jd_qq = float("nan")
         if self.config.adaptive_damping:
-            jd_qq = float(egn_math.q_norm_sq(s, gram_matvec(layout, pieces, sol.v)))
+            kv = k @ sol.v if k is not None else gram_matvec(layout, pieces, sol.v)
+            jd_qq = float(egn_math.q_norm_sq(s, kv))
         return _Curvature(r=r, s=s, sol=sol, gtd=gtd, jd_qq=jd_qq)
 
     def _solve_system(self, batch: _Batch, layout: GramLayout, sp: GramFactors, r: Tensor, st_kr: Tensor,
