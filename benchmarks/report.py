@@ -32,6 +32,7 @@ import platform
 import statistics
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,8 @@ COLORS = {"AdamW": "tab:blue", "SOAA": "tab:orange", "ASGO": "tab:red", "EGN": "
 #: (8 B), the step reads θ, g, m, v and writes θ, m, v (28 B); see lightning_soaa/kernels/soaa_cpu.c)
 BYTES_PER_PARAM = {"adamw_fused": 28, "soaa": 36}
 README_BEGIN, README_END = "<!-- report:begin -->", "<!-- report:end -->"
+#: the invocation of a run record written before records named theirs
+UNRECORDED = "unrecorded"
 
 
 # -------------------------------------------------------------------------------------------- tuning
@@ -84,6 +87,7 @@ def _run_all(tasks: list[tuple[str, str, float, int]], args: argparse.Namespace)
         for n, r in enumerate(_pool_map(todo, args.quick, args.jobs), 1):
             r["quick"] = args.quick
             r["measured"] = _now()
+            r["invocation"] = args.invocation
             done[_key((r["workload"], r["optimizer"], r["lr"], r["seed"]), args.quick)] = r
             f.write(json.dumps(r) + "\n")
             f.flush()
@@ -345,11 +349,16 @@ def _provenance(meta: dict[str, Any]) -> str:
 
 
 def _same_run(meta: dict[str, Any]) -> str:
-    times = set(meta.get("measured", {}).values())
-    if not meta["resumed"] or len(times) <= 1:
+    """Whether the ratios compare runs of one invocation (one machine load). Decided by the invocation
+    ids the runs record, not by their finish times: those have minute resolution, so two invocations can
+    share a span, and one invocation's optimizers finish at different minutes. A run without an id
+    (written before ids were recorded) cannot be shown to belong to this invocation."""
+    ids = meta.get("invocations", [UNRECORDED])
+    if not meta["resumed"] or (len(ids) == 1 and ids[0] != UNRECORDED):
         return "the ratios are taken within this one run."
     when = "; ".join(f"{o}: {t}" for o, t in meta["measured"].items())
-    return (f"the runs were trained in different invocations (`--resume`: {when}), so ratios between "
+    which = "different" if UNRECORDED not in ids else "different or unrecorded"
+    return (f"the runs were trained in {which} invocations (`--resume`: {when}), so ratios between "
             "optimizers of different invocations also carry the change in the machine's load.")
 
 
@@ -422,6 +431,13 @@ def update_readme(readme: Path, rep: dict[str, Any], out: Path) -> None:
     readme.write_text(head + "\n".join(block) + rest.partition(README_END)[2])
 
 
+def _invocation_id() -> str:
+    """Names this invocation in every run it trains (start time to the second and a random suffix, so
+    two invocations started in the same second still differ)."""
+    start = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return f"{start}-{uuid.uuid4().hex[:8]}"
+
+
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
@@ -439,6 +455,7 @@ def _meta(args: argparse.Namespace, t0: float, load0: tuple[float, ...], runs: l
     missing = R.heavyball_status()
     hb = "HeavyBall not installed" if missing else "HeavyBall " + _version("heavyball")
     return {"date": _now(), "measured": _measured(runs),
+            "invocations": sorted({r.get("invocation", UNRECORDED) for r in runs}),
             "cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
             "heavyball": hb, "heavyball_missing": missing, "jobs": args.jobs, "seeds": args.seeds,
             "quick": args.quick, "load_start": list(load0), "load_end": list(os.getloadavg()),
@@ -471,6 +488,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.seeds = args.seeds or (1 if args.quick else 3)
     args.jobs = args.jobs or (1 if args.quick else 2)
+    args.invocation = _invocation_id()
     if args.optimizers is None:
         args.optimizers = list(QUICK_OPTIMIZERS if args.quick else R.OPTIMIZERS)
     return args

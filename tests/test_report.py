@@ -82,7 +82,10 @@ def test_report_without_heavyball_says_so_and_skips_its_rows(tmp_path: Path) -> 
                 "--resume")
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert runs_file.read_text() == before
-    assert "read back from an earlier invocation" in (out / "report.md").read_text()
+    resumed_md = (out / "report.md").read_text()
+    assert "read back from an earlier invocation" in resumed_md
+    ids = {json.loads(line)["invocation"] for line in before.splitlines()}
+    assert len(ids) == 1 and "within this one run" in resumed_md  # every run from that one invocation
 
 
 def _fake_run(opt: str, seed: int, lr: float, vals: list[float], ms: float = 1.0) -> dict[str, Any]:
@@ -110,3 +113,24 @@ def test_time_to_target_is_read_off_the_seed_mean_curve() -> None:
     assert o["ratio_cpu"] == pytest.approx((20 * 3.0) / (30 * 1.0))
     assert o["seeds_reaching"] == 2 and a["seeds_reaching"] == 1
     assert e["to_target"] is None and e["ratio_cpu"] is None and e["final_mean"] == math.inf
+
+
+def test_same_run_is_decided_by_invocation_ids_not_by_finish_times() -> None:
+    """Two invocations within the same minutes are two runs; one invocation whose optimizers finished at
+    different minutes is one; runs that recorded no invocation are never claimed to be one run."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import report
+
+    span = "2026-11-30 14:45 UTC to 2026-11-30 14:48 UTC"
+    two = {"resumed": True, "measured": {"AdamW": span, "SOAA": span},
+           "invocations": ["2026-11-30T14:45:01Z-aaaa0000", "2026-11-30T14:45:02Z-bbbb1111"]}
+    assert "different invocations" in report._same_run(two)
+    one = {"resumed": True, "measured": {"AdamW": "2026-11-30 14:45 UTC", "SOAA": span},
+           "invocations": ["2026-11-30T14:45:01Z-aaaa0000"]}
+    assert report._same_run(one) == "the ratios are taken within this one run."
+    old = {"resumed": True, "measured": {"AdamW": "an earlier invocation (time not recorded)"},
+           "invocations": [report.UNRECORDED]}
+    assert "different or unrecorded invocations" in report._same_run(old)
+    assert "different or unrecorded" in report._same_run({k: v for k, v in old.items() if k != "invocations"})
+    fresh = {**two, "resumed": False}  # without --resume every run is this invocation's
+    assert report._same_run(fresh) == "the ratios are taken within this one run."
