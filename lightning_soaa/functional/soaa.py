@@ -23,9 +23,10 @@ sub-group), so tensors that joined later are bias-corrected like Adam does.
 Kernels, torch-style, behind the two dispatchers :func:`soaa_moments` and :func:`soaa_step_` (same
 arithmetic, per block):
 
-* C (``_native_*``, CPU): each pass is one hand-written C loop (built at first use by
-  :mod:`~lightning_soaa.kernels.soaa_native`, handed in by the optimizer as a :class:`CpuPasses`)
-  over all blocks of a dtype in one call, when the caller
+* fused (``_native_*``): each pass is one hand-written kernel over all blocks of a dtype in one call: a C
+  loop on CPU (built at first use by :mod:`~lightning_soaa.kernels.soaa_native`), Triton on CUDA
+  (:mod:`~lightning_soaa.kernels.soaa_triton`), handed in by the optimizer as a :class:`FusedPasses`, when
+  the caller
   passes a :class:`SOAAKernels` (the optimizer owns it: ``SOAA(compile=...)``; nothing is cached in this
   module). The step returns the new moments' Σm², Σv too, which the kernels object remembers, so the
   next sums pass reads only g and m (8 B/param instead of 12) for moments nobody touched since;
@@ -262,9 +263,10 @@ class _Stored:
 _COMPILABLE = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-class CpuPasses(Protocol):
-    """The one-call-per-pass CPU kernels (implemented by :class:`lightning_soaa.kernels.soaa_native.
-    NativeSOAA`; this module only calls them). ``sums`` modes: ``SUMS_MOMENTS`` -> ``[Σ m², Σ v]``,
+class FusedPasses(Protocol):
+    """The one-call-per-pass kernels (implemented by :class:`lightning_soaa.kernels.soaa_native.NativeSOAA`
+    for CPU and :class:`lightning_soaa.kernels.soaa_triton.TritonSOAA` for CUDA; this module only calls
+    them). ``sums`` modes: ``SUMS_MOMENTS`` -> ``[Σ m², Σ v]``,
     ``SUMS_GM`` -> ``[Σ m g, Σ g²]``; ``step`` updates θ, m, v in place (and marks them modified for
     autograd) and returns ``[Σ m q, Σ (s q)², #(s < knee), Σ m², Σ v]`` per block."""
 
@@ -284,22 +286,28 @@ class CpuPasses(Protocol):
 class SOAAKernels:
     """The one-sweep passes (sums; moments and θ in place), for one owner (e.g. an optimizer instance)
     to keep and pass in: on CPU the C loops that ``cpu_loader`` returns (the optimizer passes
-    :meth:`lightning_soaa.kernels.soaa_native.NativeSOAA.load`; called at the first CPU block),
-    elsewhere, or where the loader raises (no C compiler), the ``torch.compile``'d kernels.
+    :meth:`lightning_soaa.kernels.soaa_native.NativeSOAA.load`; called at the first CPU block), on an
+    accelerator the passes ``accel_loader`` returns (the optimizer passes the Triton kernels of
+    :mod:`lightning_soaa.kernels.soaa_triton` for CUDA), elsewhere, or where a loader raises (no C compiler,
+    no Triton), the ``torch.compile``'d kernels.
 
     ``min_numel``: smaller tensors take the eager path (a compiled call costs tens of microseconds of
-    guards and launch; below this size the eager ops are as fast). ``cpu_loader=None``: no C kernels.
-    After a failure the object turns that backend off (``failure`` / ``native_failure`` say why) and
-    every later call takes the next one; the failing call itself never leaves a tensor half-updated
-    (errors surface before the first kernel writes).
+    guards and launch; below this size the eager ops are as fast). ``cpu_loader=None`` / ``accel_loader=None``:
+    no such kernels. After a failure the object turns that backend off (``failure`` / ``native_failure`` /
+    ``accel_failure`` say why) and every later call takes the next one; the failing call itself never
+    leaves a tensor half-updated (errors surface before the first kernel writes).
     """
 
-    def __init__(self, min_numel: int = 1 << 16, cpu_loader: Callable[[], CpuPasses] | None = None) -> None:
+    def __init__(self, min_numel: int = 1 << 16, cpu_loader: Callable[[], FusedPasses] | None = None,
+                 accel_loader: Callable[[], FusedPasses] | None = None) -> None:
         self.min_numel = int(min_numel)
         self.failure: str | None = None
         self.native_failure: str | None = None if cpu_loader is not None else "off (no CPU kernel loader)"
+        self.accel_failure: str | None = None if accel_loader is not None else "off (no accelerator kernel loader)"
         self._loader = cpu_loader
-        self._native: CpuPasses | None = None
+        self._accel_loader = accel_loader
+        self._native: FusedPasses | None = None
+        self._accel: FusedPasses | None = None
         self._stored: dict[tuple[int, ...], _Stored] = {}  # by the ids of (m..., v...), oldest first
         self._prune_at = 64  # records kept before dead ones are dropped (see keep)
         self._index: dict[int, tuple[_Stored, int]] | None = None  # id(m) -> (call, block), built on use
@@ -313,7 +321,7 @@ class SOAAKernels:
     def _big(self, ts: tuple[Tensor, ...]) -> bool:
         return ts[0].numel() >= self.min_numel and not torch.compiler.is_compiling()
 
-    def _load_native(self) -> CpuPasses | None:
+    def _load_native(self) -> FusedPasses | None:
         if self.native_failure is not None or torch.compiler.is_compiling():
             return None
         if self._native is None:
@@ -326,20 +334,38 @@ class SOAAKernels:
                 return None
         return self._native
 
-    def native_for(self, *ts: Tensor) -> CpuPasses | None:
-        """The C kernels if they take this block (loaded at the first CPU block that could use them).
-        They take blocks of any size: one call runs all blocks of a dtype, so a small block costs no
-        dispatch of its own."""
-        if not ts[0].is_cpu or (native := self._load_native()) is None:
+    def _load_accel(self) -> FusedPasses | None:
+        if self.accel_failure is not None or torch.compiler.is_compiling():
             return None
-        return native if native.accepts(*ts) else None
+        if self._accel is None:
+            assert self._accel_loader is not None
+            try:
+                self._accel = self._accel_loader()
+            except RuntimeError as e:  # the loader's "cannot run here" (no Triton, no CUDA)
+                self.accel_failure = str(e)
+                log.warning("SOAA: no fused accelerator kernels here (%s); using torch.compile or eager", e)
+                return None
+        return self._accel
 
-    def native_for_all(self, *lists: list[Tensor]) -> CpuPasses | None:
-        """The C kernels if they take every block (``lists[k][i]``: block i's k-th tensor), checked for
-        all blocks at once; None sends the caller to :meth:`native_for` block by block."""
-        if not lists[0] or not lists[0][0].is_cpu or (native := self._load_native()) is None:
+    def fused_loaded(self, cpu: bool) -> FusedPasses | None:
+        """The one-call-per-pass kernels for CPU (``cpu``) or accelerator tensors, loaded on first use;
+        None where there are none."""
+        return self._load_native() if cpu else self._load_accel()
+
+    def native_for(self, *ts: Tensor) -> FusedPasses | None:
+        """The one-call-per-pass kernels of the block's device (C on CPU, Triton on CUDA) if they take this
+        block (loaded at the first block that could use them). They take blocks of any size: one call
+        runs all blocks of a dtype, so a small block costs no dispatch of its own."""
+        if (fused := self.fused_loaded(ts[0].is_cpu)) is None:
             return None
-        return native if native.accepts_all(*lists) else None
+        return fused if fused.accepts(*ts) else None
+
+    def native_for_all(self, *lists: list[Tensor]) -> FusedPasses | None:
+        """:meth:`native_for` if the kernels take every block (``lists[k][i]``: block i's k-th tensor),
+        checked for all blocks at once; None sends the caller to :meth:`native_for` block by block."""
+        if not lists[0] or (fused := self.fused_loaded(lists[0][0].is_cpu)) is None:
+            return None
+        return fused if fused.accepts_all(*lists) else None
 
     def remember(self, m: Tensor, v: Tensor, sum_m2: float, sum_v: float) -> None:
         """Σ m², Σ v of moments the C step just wrote (after their version counters were bumped)."""
@@ -494,7 +520,7 @@ def _by_dtype(xs: list[Tensor]) -> dict[torch.dtype, list[int]]:
 
 
 def _native_soaa_sums(
-    kernels: SOAAKernels, native: CpuPasses, grads: list[Tensor], exp_avgs: list[Tensor],
+    kernels: SOAAKernels, native: FusedPasses, grads: list[Tensor], exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor], ts: list[int], *, beta1: float, beta2: float, eps: float,
 ) -> Tensor:
     """The partials of every block through the C sums loop (reads only; one call per dtype): Σ m_t²
@@ -532,7 +558,7 @@ def _native_soaa_sums(
 
 
 def _native_soaa_step_(
-    kernels: SOAAKernels, native: CpuPasses, params: list[Tensor], grads: list[Tensor],
+    kernels: SOAAKernels, native: FusedPasses, params: list[Tensor], grads: list[Tensor],
     exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], ts: list[int], *, lr: float, beta1: float,
     beta2: float, eps: float, weight_decay: float, d: float, c: float, count_limited: bool,
 ) -> Tensor:
@@ -713,7 +739,7 @@ def _single_tensor_soaa_step_(
 
 # ---------------------------------------------------------------- dispatchers
 def _split(kernels: SOAAKernels | None, *lists: list[Tensor]
-           ) -> tuple[CpuPasses | None, list[int], list[int], list[int]]:
+           ) -> tuple[FusedPasses | None, list[int], list[int], list[int]]:
     """The C kernels (if any block takes them) and the indices of the blocks for them, for the
     compiled kernels and for the eager ones."""
     n = len(lists[0])

@@ -43,6 +43,7 @@ from lightning_soaa.distributed.blocks import BlockInfo
 from lightning_soaa.distributed.checkpoint import StateField, check_finite_number
 from lightning_soaa.functional.adamw import increment_counts_
 from lightning_soaa.functional.soaa import (
+    FusedPasses,
     SOAAKernels,
     band,
     predicted_reduction,
@@ -198,6 +199,14 @@ def _loss_value(loss: Any) -> float:
     return float(value.item()) if isinstance(value, Tensor) else value
 
 
+def _triton_passes() -> FusedPasses:
+    """The hand-written Triton passes for CUDA tensors (imported on first use: Triton is optional);
+    ``RuntimeError`` (:class:`~lightning_soaa.kernels.soaa_triton.TritonUnavailable`) where they cannot run."""
+    from lightning_soaa.kernels.soaa_triton import TritonSOAA
+
+    return TritonSOAA.load()
+
+
 class SOAA(ShardedOptimizer):
     r"""SecondOrderAdaptiveAdam (variant A, global form): Adam whose step is capped per coordinate by a
     diagonal-Fisher Newton step and scaled by a trust multiplier :math:`d` driven by the ratio of actual
@@ -282,11 +291,14 @@ class SOAA(ShardedOptimizer):
             through C loops built at the first step with the system C compiler (well under a second,
             cached in ``~/.cache/lightning_soaa``; one call per pass for all blocks;
             ``LIGHTNING_SOAA_NATIVE=0`` turns them off), elsewhere, or without a C compiler, through
-            ``torch.compile``'d kernels for tensors of at least 2**16 elements (Triton on CUDA; a few
-            seconds at the first step). ``None`` (default): on CPU ``True`` unless the environment
-            variable ``LIGHTNING_SOAA_COMPILE=0``; on accelerators the eager foreach path (on an H200 the
-            compiled passes measured 5-10x slower than foreach; ``True`` still takes them). A compiler
-            failure falls back to the next path with one warning.
+            ``torch.compile``'d kernels for tensors of at least 2**16 elements (a few seconds at the first
+            step). On CUDA, with Triton installed, through hand-written Triton kernels
+            (:mod:`lightning_soaa.kernels.soaa_triton`: four launches a step for all blocks, each dtype
+            checked once against eager arithmetic on the device before use). ``None`` (default): on CPU
+            ``True`` unless the environment variable ``LIGHTNING_SOAA_COMPILE=0``; on accelerators the
+            eager foreach path (the Triton kernels are not yet measured on a GPU; the ``torch.compile``'d
+            passes measured 5-10x slower than foreach on an H200). A compiler failure falls back to the
+            next path with one warning.
         process_group, comm, shard, grad_reduction: see :class:`ShardedOptimizer`.
 
     The loss: ``step(closure)`` (evaluated under ``enable_grad``), ``step(loss=...)`` (tensor or
@@ -374,30 +386,37 @@ class SOAA(ShardedOptimizer):
         if "_soaa_kernels" not in self.__dict__:
             use = self.config.compile if self.config.compile is not None else _compile_default()
             native = os.environ.get("LIGHTNING_SOAA_NATIVE", "1") != "0"  # "0": torch.compile on CPU too
-            self._soaa_kernels = SOAAKernels(cpu_loader=NativeSOAA.load if native else None) if use else None
+            self._soaa_kernels = SOAAKernels(cpu_loader=NativeSOAA.load if native else None,
+                                             accel_loader=_triton_passes) if use else None
         return self._soaa_kernels
 
     def _kernels_for(self, views: list[BlockView]) -> SOAAKernels | None:
-        """The kernels for these blocks. On CPU the C loops take blocks of any size (one call for all);
-        otherwise None when no block is large enough for the compiled kernels
-        (``SOAAKernels.min_numel``): such blocks always take the eager path, and without kernels the
-        functional layer does not ask ``accepts`` per tensor at every step (same results)."""
+        """The kernels for these blocks. The one-call-per-pass kernels (C on CPU; Triton on CUDA with
+        ``compile=True``) take blocks of any size; otherwise None when no block is large enough for the
+        ``torch.compile``'d kernels (``SOAAKernels.min_numel``): such blocks always take the eager path,
+        and without kernels the functional layer does not ask ``accepts`` per tensor at every step (same
+        results)."""
         kernels = self._kernels()
-        if kernels is None or (kernels.native_failure is None and views and views[0].param.is_cpu):
+        if kernels is None or not views:
             return kernels
-        if self.config.compile is None and views and not views[0].param.is_cpu:
-            # by default accelerators take the foreach path: measured on an H200 (torch 2.11, Triton
-            # 3.6), the torch.compile'd passes took 13-25 ms a step for 10 x 1e6 fp32 against 2.2-2.6 ms
-            # eager (each compiled call costs ~0.1 ms of guards and a reduction of unknown length runs
-            # as one program); compile=True still asks for them
-            return None
+        cpu = views[0].param.is_cpu
+        if cpu and kernels.native_failure is None:
+            return kernels
+        if not cpu:
+            if self.config.compile is None:
+                # by default accelerators take the foreach path: measured on an H200 (torch 2.11, Triton
+                # 3.6), the torch.compile'd passes took 13-25 ms a step for 10 x 1e6 fp32 against 2.2-2.6 ms
+                # eager; the hand-written Triton passes are not yet measured there (compile=True takes them)
+                return None
+            if kernels.fused_loaded(cpu=False) is not None:
+                return kernels
         if all(v.param.numel() < kernels.min_numel for v in views):
             return None
-        if not views[0].param.is_cpu and not self.__dict__.get("_warned_compiled_accelerator"):
+        if not cpu and not self.__dict__.get("_warned_compiled_accelerator"):
             self._warned_compiled_accelerator = True
-            log.warning("SOAA(compile=True) on %s: the torch.compile'd passes measured 5-10x slower than the "
-                        "default foreach path on an H200 (torch 2.11); leave compile unset there.",
-                        views[0].param.device.type)
+            log.warning("SOAA(compile=True) on %s without the Triton kernels (%s): the torch.compile'd passes "
+                        "measured 5-10x slower than the default foreach path on an H200 (torch 2.11); leave "
+                        "compile unset there.", views[0].param.device.type, kernels.accel_failure)
         return kernels
 
     def _reset_trust_state(self) -> None:

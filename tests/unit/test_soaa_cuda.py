@@ -1,12 +1,15 @@
-"""SOAA's compiled (Triton) passes inside the optimizer on a CUDA device, against the float64 CPU run.
+"""SOAA's compiled passes inside the optimizer on a CUDA device, against the float64 CPU run, and the
+hand-written Triton kernels (``kernels/soaa_triton.py``) compiled for the GPU.
 
-Skipped without CUDA (CI has none). The kernel-level check is in ``test_soaa_functional.py``; here the
-whole optimizer takes its large tensors through the compiled passes (counted, so the test fails if they
-silently fall back to eager) and must follow the float64 CPU optimizer fed the same gradients and losses.
+Skipped without CUDA (CI has none). With ``compile=True`` the whole optimizer takes its blocks through
+the Triton kernels (their calls counted, so the test fails if they silently fall back to eager) and must
+follow the float64 CPU optimizer fed the same gradients and losses. The kernel-level checks are the ones
+``test_soaa_triton.py`` runs on the CPU through Triton's interpreter, here on the GPU.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 import pytest
@@ -33,14 +36,27 @@ def _feed(t: int) -> tuple[list[torch.Tensor], float]:
     return grads, 10.0 - t + (3.0 if t == 4 else 0.0)
 
 
-def _counted(kernels: Any, name: str, calls: dict[str, int]) -> None:
+def _counted(kernels: Any, name: str, calls: dict[str, int], key: str | None = None) -> None:
     inner = getattr(kernels, name)
 
     def wrapper(*a: Any, **k: Any) -> Any:
-        calls[name] = calls.get(name, 0) + 1
+        calls[key or name] = calls.get(key or name, 0) + 1
         return inner(*a, **k)
 
     setattr(kernels, name, wrapper)
+
+
+def _count_triton(kernels: Any, calls: dict[str, int]) -> None:
+    """Count the calls of the Triton passes the kernels object loads (``triton_sums``, ``triton_step``)."""
+    load = kernels._accel_loader
+
+    def counted_load() -> Any:
+        fused = load()
+        for name in ("sums", "step"):
+            _counted(fused, name, calls, f"triton_{name}")
+        return fused
+
+    kernels._accel_loader = counted_load
 
 
 def _run(device: str, dtype: torch.dtype, calls: dict[str, int] | None = None, compile: bool | None = None):
@@ -51,6 +67,7 @@ def _run(device: str, dtype: torch.dtype, calls: dict[str, int] | None = None, c
         assert kernels is not None
         for name in ("sums", "step", "update_sums", "update_count"):
             _counted(kernels, name, calls)
+        _count_triton(kernels, calls)
     for t in range(STEPS):
         grads, loss = _feed(t)
         for p, g in zip(ps, grads):
@@ -59,18 +76,35 @@ def _run(device: str, dtype: torch.dtype, calls: dict[str, int] | None = None, c
     return ps, opt
 
 
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+
+
+@needs_triton
 @pytest.mark.parametrize("dtype,rtol", [(torch.float32, 2e-4), (torch.bfloat16, 3e-2)])
-def test_optimizer_on_cuda_takes_the_compiled_passes_and_follows_the_float64_cpu_run(
+def test_optimizer_on_cuda_takes_the_triton_passes_and_follows_the_float64_cpu_run(
         dtype: torch.dtype, rtol: float, caplog: pytest.LogCaptureFixture) -> None:
     calls: dict[str, int] = {}
-    with caplog.at_level("WARNING", logger="lightning_soaa.optim.soaa"):
+    with caplog.at_level("WARNING"):
         gpu, gpu_opt = _run("cuda", dtype, calls, compile=True)
-    assert sum("leave compile unset" in r.message for r in caplog.records) == 1  # once, not every step
+    assert not [r.message for r in caplog.records if "SOAA" in r.message]  # no fallback, no slow-path warning
     cpu, cpu_opt = _run("cpu", torch.float64, compile=False)
     kernels = gpu_opt._kernels()
-    assert kernels is not None and kernels.failure is None, kernels and kernels.failure
-    assert calls.get("step", 0) >= STEPS and calls.get("sums", 0) + calls.get("update_sums", 0) > 0, calls
+    assert kernels is not None and kernels.accel_failure is None, kernels and kernels.accel_failure
+    # every block (both above and below the torch.compile floor) in one call per pass; nothing compiled
+    assert calls.get("triton_step", 0) >= STEPS and calls.get("triton_sums", 0) >= STEPS, calls
+    assert not {"sums", "step", "update_sums", "update_count"} & set(calls), calls
     _assert_follows(cpu, cpu_opt, gpu, gpu_opt, dtype, rtol)
+
+
+@needs_triton
+@pytest.mark.parametrize("check", ["step_matches_float64_and_eager", "step_equals_the_c_kernels",
+                                   "nonfinite_gradient_makes_the_sums_nonfinite_and_bf16_keeps_nan",
+                                   "step_bumps_autograd_versions", "self_check_refuses_kernels_that_disagree",
+                                   "optimizer_follows_the_c_kernels_and_resumes_to_the_bit"])
+def test_triton_kernels_compiled_for_the_gpu(check: str) -> None:
+    from tests.unit import _soaa_triton_checks
+
+    getattr(_soaa_triton_checks, check)("cuda")
 
 
 def test_default_on_cuda_is_the_foreach_path_and_follows_the_float64_cpu_run() -> None:

@@ -79,6 +79,41 @@ def test_env_switch_turns_the_c_kernels_off(monkeypatch: pytest.MonkeyPatch) -> 
     assert kernels.native_for(*_block(1 << 17, 0, torch.float16)) is None  # fp16: torch.compile's
 
 
+class _FakeFused:
+    """Stands in for the Triton passes in a test of the routing only (which kernels object a block of a
+    device goes to); the kernels themselves are tested in test_soaa_triton.py / test_soaa_cuda.py."""
+
+    SUMS_MOMENTS, SUMS_GM = 0, 1
+
+    def accepts(self, *ts: torch.Tensor) -> bool:
+        return all(t.device.type == "meta" for t in ts)
+
+    def accepts_all(self, *lists: list[torch.Tensor]) -> bool:
+        return all(self.accepts(*xs) for xs in lists)
+
+
+def test_accelerator_blocks_go_to_the_accelerator_kernels_and_cpu_blocks_to_the_c_ones(
+        caplog: pytest.LogCaptureFixture) -> None:
+    fake = _FakeFused()
+    kernels = SOAAKernels(accel_loader=lambda: fake)
+    on_device = [torch.empty(5, device="meta") for _ in range(4)]
+    assert kernels.native_for(*on_device) is fake
+    assert kernels.native_for_all(*[[t] for t in on_device]) is fake
+    assert kernels.native_for(*_block(100, 0)) is None  # CPU blocks: the C loader, none here
+    assert kernels.native_failure is not None and kernels.accel_failure is None
+
+    def unavailable() -> _FakeFused:
+        raise RuntimeError("Triton is not installed")
+
+    refused = SOAAKernels(accel_loader=unavailable)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):
+            assert refused.native_for(*on_device) is None and refused.native_for_all(*[[t] for t in on_device]) is None
+    assert refused.accel_failure == "Triton is not installed"
+    assert sum("no fused accelerator kernels" in r.message for r in caplog.records) == 1
+    assert SOAAKernels().native_for(*on_device) is None  # no loader: no accelerator kernels
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_sums_and_step_do_not_depend_on_the_thread_count(dtype: torch.dtype) -> None:
     native = _native_or_skip()

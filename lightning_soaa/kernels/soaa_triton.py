@@ -1,0 +1,363 @@
+"""SOAA's two elementwise passes as hand-written Triton kernels: one launch per pass for every block of
+a dtype, whatever the number of blocks (the GPU counterpart of :mod:`lightning_soaa.kernels.soaa_native`,
+with the same interface, :class:`lightning_soaa.functional.soaa.FusedPasses`).
+
+Why hand-written: the ``torch.compile``'d passes took one compiled call per tensor and pass (~0.1 ms of
+dynamo guards each) and reduced each tensor as one program; the foreach path makes ~15 passes over
+memory and 5 temporaries a step. Here a step is two sweeps (8 + 28 B/param in fp32, as on CPU) and four
+launches (two passes, each followed by its per-block reduction), for all blocks at once.
+
+How one launch covers many blocks: a table of the blocks' data pointers (int64, rebuilt per call since
+``zero_grad(set_to_none=True)`` reallocates gradients) and, cached per list of block sizes, the block
+and first element of every program (``BLOCK`` elements each). Every program writes its float64 partial
+sums into its own slot; a second kernel adds the slots of each block in a fixed order, so the results
+do not depend on scheduling (no atomics), and a resumed run takes the same bits as an uninterrupted one.
+
+Arithmetic per element, as the C kernels: compute in float32 (float64 for float64 tensors), moments
+``m_t = m + (g - m)(1-β1)``, ``v_t = β2 v + (1-β2) g²``, ``s = sqrt(v_t)`` (IEEE-rounded),
+``q = m_t / (ε + k1 s max(s, knee))`` (IEEE division), ``θ ← θ·decay + alr·q``; each element's summands are
+formed in the compute type and accumulated in float64. The stored (rounded) moments are what is summed
+for ``Σ m², Σ v``, by one shared function in both passes.
+
+``TRITON_INTERPRET=1`` runs these kernels on CPU tensors (numpy), which is how they are tested on machines
+without a GPU (:class:`TritonSOAA` with ``device_type="cpu"``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import operator
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.autograd.graph import increment_version
+
+__all__ = ["TritonSOAA", "TritonUnavailable", "self_check"]
+
+log = logging.getLogger(__name__)
+
+#: elements per program: 16 per thread at 8 warps (enough bytes in flight per thread to stream at the
+#: memory bound, few enough registers for the step's ~10 live values)
+BLOCK = 4096
+NUM_WARPS = 8
+#: program slots a reduction program adds per iteration
+REDUCE_BLOCK = 1024
+
+SUMS_OUT = 2
+STEP_OUT = 5
+STEP_IN = 8
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+_dtype_of = operator.attrgetter("dtype")
+_is_contiguous = operator.methodcaller("is_contiguous")
+_data_ptr = operator.methodcaller("data_ptr")
+_numel = operator.methodcaller("numel")
+
+
+class TritonUnavailable(RuntimeError):
+    """Triton cannot run here (not installed, or no device it supports)."""
+
+
+try:  # optional: only GPU users need it, and it is heavy to import
+    import triton  # type: ignore[import-not-found, unused-ignore]
+    import triton.language as tl  # type: ignore[import-not-found, unused-ignore]
+except ImportError:  # pragma: no cover - depends on the machine
+    triton = tl = None
+
+if triton is not None:
+    # Triton resolves the names a kernel calls among its module's globals: the kernels live at module level
+    @triton.jit
+    def moment_sums(m: Any, v: Any) -> Any:
+        # Σ m², Σ v of the stored moments, shared by both passes: the same bits for the same moments
+        return tl.sum((m * m).to(tl.float64), axis=0), tl.sum(v.to(tl.float64), axis=0)
+
+    @triton.jit
+    def sqrt_div(vt: Any, mt: Any, eps: Any, k1: Any, knee: Any, COMPUTE: tl.constexpr) -> Any:
+        # s = sqrt(v_t), q = m_t / (ε + k1 s max(s, knee)), both IEEE-rounded (as torch's CUDA ops): the
+        # *_rn forms for float32; float64's sqrt and division are IEEE-rounded already
+        if COMPUTE == tl.float64:
+            s = tl.sqrt(vt)
+            q = mt / (eps + k1 * tl.maximum(s, knee) * s)
+        else:
+            s = tl.sqrt_rn(vt)
+            q = tl.div_rn(mt, eps + k1 * tl.maximum(s, knee) * s)
+        return s, q
+
+    @triton.jit
+    def to_storage(x: Any, like: Any) -> Any:
+        # float32 -> bfloat16 rounded to nearest even in integer arithmetic (a NaN stays a quiet NaN), the
+        # same bits as torch and the C kernels on every backend (Triton's interpreter truncates)
+        if like.dtype.element_ty == tl.bfloat16:
+            u = x.to(tl.uint32, bitcast=True)
+            rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+            nan = (u & 0x7FFFFFFF) > 0x7F800000
+            bits = tl.where(nan, (u >> 16) | 0x40, rounded)
+            return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            return x.to(like.dtype.element_ty)
+
+    @triton.jit
+    def block_ptr(tab: Any, blk: Any, col: tl.constexpr, cols: tl.constexpr, like: Any) -> Any:
+        return tl.load(tab + blk * cols + col).to(like.dtype)
+
+    @triton.jit
+    def sums_kernel(tab, modes, prog_blk, prog_lo, part, nprog, like,
+                    COMPUTE: tl.constexpr, BLOCK: tl.constexpr) -> None:
+        pid = tl.program_id(0)
+        blk = tl.load(prog_blk + pid)
+        n = tl.load(tab + blk * 4 + 3)
+        offs = tl.load(prog_lo + pid) + tl.arange(0, BLOCK)
+        mask = offs < n
+        m = tl.load(block_ptr(tab, blk, 1, 4, like) + offs, mask=mask, other=0.0).to(COMPUTE)
+        if tl.load(modes + blk) == 0:
+            v = tl.load(block_ptr(tab, blk, 2, 4, like) + offs, mask=mask, other=0.0).to(COMPUTE)
+            s0, s1 = moment_sums(m, v)
+        else:
+            g = tl.load(block_ptr(tab, blk, 0, 4, like) + offs, mask=mask, other=0.0).to(COMPUTE)
+            s0 = tl.sum((m * g).to(tl.float64), axis=0)
+            s1 = tl.sum((g * g).to(tl.float64), axis=0)
+        tl.store(part + pid, s0)
+        tl.store(part + nprog + pid, s1)
+
+    @triton.jit
+    def step_kernel(tab, scal, prog_blk, prog_lo, part, nprog, like,
+                    COMPUTE: tl.constexpr, BLOCK: tl.constexpr) -> None:
+        pid = tl.program_id(0)
+        blk = tl.load(prog_blk + pid)
+        n = tl.load(tab + blk * 5 + 4)
+        offs = tl.load(prog_lo + pid) + tl.arange(0, BLOCK)
+        mask = offs < n
+        sc = scal + blk * 8
+        a, b2, b2c = tl.load(sc).to(COMPUTE), tl.load(sc + 1).to(COMPUTE), tl.load(sc + 2).to(COMPUTE)
+        decay, alr = tl.load(sc + 3).to(COMPUTE), tl.load(sc + 4).to(COMPUTE)
+        k1, knee, eps = tl.load(sc + 5).to(COMPUTE), tl.load(sc + 6).to(COMPUTE), tl.load(sc + 7).to(COMPUTE)
+        p_ptr, g_ptr = block_ptr(tab, blk, 0, 5, like), block_ptr(tab, blk, 1, 5, like)
+        m_ptr, v_ptr = block_ptr(tab, blk, 2, 5, like), block_ptr(tab, blk, 3, 5, like)
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+        m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+        mt = m + (g - m) * a
+        vt = v * b2 + g * g * b2c
+        s, q = sqrt_div(vt, mt, eps, k1, knee, COMPUTE)
+        q = tl.where(mask, q, 0.0)  # padding lanes: 0/ε, or 0/0 with ε = 0
+        ms, vs = to_storage(mt, like), to_storage(vt, like)
+        tl.store(m_ptr + offs, ms, mask=mask)
+        tl.store(v_ptr + offs, vs, mask=mask)
+        tl.store(p_ptr + offs, to_storage(p * decay + alr * q, like), mask=mask)
+        sq = s * q
+        s3, s4 = moment_sums(ms.to(COMPUTE), vs.to(COMPUTE))
+        tl.store(part + pid, tl.sum((mt * q).to(tl.float64), axis=0))
+        tl.store(part + nprog + pid, tl.sum((sq * sq).to(tl.float64), axis=0))
+        tl.store(part + 2 * nprog + pid, tl.sum(tl.where(mask & (s < knee), 1.0, 0.0).to(tl.float64), axis=0))
+        tl.store(part + 3 * nprog + pid, s3)
+        tl.store(part + 4 * nprog + pid, s4)
+
+    @triton.jit
+    def reduce_kernel(part, first, out, nprog, K: tl.constexpr,
+                      BLOCK: tl.constexpr) -> None:
+        # the slots of block b, output k, added in one fixed order (no atomics): deterministic
+        b = tl.program_id(0)
+        k = tl.program_id(1)
+        lo = tl.load(first + b)
+        hi = tl.load(first + b + 1)
+        acc = tl.zeros([BLOCK], dtype=tl.float64)
+        for start in range(lo, hi, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            acc += tl.load(part + k * nprog + offs, mask=offs < hi, other=0.0)
+        tl.store(out + b * K + k, tl.sum(acc, axis=0))
+
+
+class _Layout:
+    """Per list of block sizes, on one device: every program's block and first element, and each
+    block's first program (``first[b]..first[b+1]``)."""
+
+    def __init__(self, sizes: tuple[int, ...], device: torch.device) -> None:
+        counts = [max(1, -(-n // BLOCK)) for n in sizes]  # an empty block still gets one (masked) program
+        self.nprog = sum(counts)
+        blk = list(itertools.chain.from_iterable(itertools.repeat(b, c) for b, c in enumerate(counts)))
+        lo = list(itertools.chain.from_iterable(range(0, c * BLOCK, BLOCK) for c in counts))
+        first = [0, *itertools.accumulate(counts)]
+        self.prog_blk = torch.tensor(blk, dtype=torch.int32).to(device)
+        self.prog_lo = torch.tensor(lo, dtype=torch.int64).to(device)
+        self.first = torch.tensor(first, dtype=torch.int64).to(device)
+
+
+class TritonSOAA:
+    """The two passes on one kind of device (``"cuda"``; ``"cpu"`` only under ``TRITON_INTERPRET=1``,
+    for tests). Same interface as :class:`lightning_soaa.kernels.soaa_native.NativeSOAA`."""
+
+    SUMS_MOMENTS = 0
+    SUMS_GM = 1
+
+    def __init__(self, device_type: str = "cuda") -> None:
+        self.device_type = device_type
+        if triton is None:
+            raise ImportError("No module named 'triton'")
+        self._kernels = {"sums": sums_kernel, "step": step_kernel}
+        self._layouts: dict[tuple[torch.device, tuple[int, ...]], _Layout] = {}
+        self._checked: dict[tuple[torch.device, torch.dtype], bool] = {}
+
+    @classmethod
+    def load(cls) -> TritonSOAA:
+        """The kernels for CUDA tensors; :class:`TritonUnavailable` when Triton or CUDA is missing."""
+        if not torch.cuda.is_available():
+            raise TritonUnavailable("no CUDA device")
+        try:
+            return cls("cuda")
+        except ImportError as e:
+            raise TritonUnavailable(f"Triton is not installed ({e})") from e
+
+    def accepts(self, *ts: Tensor) -> bool:
+        dtype = ts[0].dtype
+        if dtype not in _DTYPES:
+            return False
+        dev = ts[0].device
+        for t in ts:
+            if not (t.device == dev and t.device.type == self.device_type and t.dtype == dtype
+                    and t.is_contiguous()):
+                return False
+        return self._verified(dev, dtype)
+
+    def accepts_all(self, *lists: list[Tensor]) -> bool:
+        """:meth:`accepts` for every block at once (one dtype and one device for all)."""
+        if not lists[0] or lists[0][0].dtype not in _DTYPES:
+            return False
+        every = list(itertools.chain.from_iterable(lists))
+        dev = lists[0][0].device
+        return (dev.type == self.device_type and {t.device for t in every} == {dev}
+                and set(map(_dtype_of, every)) == {lists[0][0].dtype} and all(map(_is_contiguous, every))
+                and self._verified(dev, lists[0][0].dtype))
+
+    def _verified(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether the kernels, compiled for this device and dtype, agree with eager torch arithmetic
+        (checked once each, before any training tensor goes through them: a compiler or driver that
+        builds them wrongly, or not at all, sends SOAA to the eager path instead of training on wrong
+        values)."""
+        key = (device, dtype)
+        if key not in self._checked:
+            why = self_check(self, device, dtype)
+            if why is not None:
+                log.warning("SOAA: the Triton kernels failed their check on %s %s (%s); using the eager path",
+                            device, dtype, why)
+            self._checked[key] = why is None
+        return self._checked[key]
+
+    def _layout(self, sizes: tuple[int, ...], device: torch.device) -> _Layout:
+        key = (device, sizes)
+        hit = self._layouts.get(key)
+        if hit is None:
+            hit = self._layouts[key] = _Layout(sizes, device)
+        return hit
+
+    def _table(self, cols: list[list[Tensor]], sizes: tuple[int, ...], device: torch.device) -> Tensor:
+        rows = [list(map(_data_ptr, c)) for c in cols]
+        flat = list(itertools.chain.from_iterable(zip(*rows, sizes)))
+        return torch.tensor(flat, dtype=torch.int64).to(device, non_blocking=True)
+
+    def _run(self, kernel: str, k: int, args: tuple[Any, ...], like: Tensor, lay: _Layout) -> list[list[float]]:
+        """One pass (``args`` before the partials) and its per-block reduction; ``k`` outputs per block."""
+        part = torch.empty(k * lay.nprog, dtype=torch.float64, device=like.device)
+        compute = tl.float64 if like.dtype == torch.float64 else tl.float32
+        self._kernels[kernel][(lay.nprog,)](*args, lay.prog_blk, lay.prog_lo, part, lay.nprog, like,
+                                        COMPUTE=compute, BLOCK=BLOCK, num_warps=NUM_WARPS)
+        nb = lay.first.numel() - 1
+        out = torch.empty(nb * k, dtype=torch.float64, device=like.device)
+        reduce_kernel[(nb, k)](part, lay.first, out, lay.nprog, K=k, BLOCK=REDUCE_BLOCK)
+        values = out.tolist()  # the pass's one wait for the device
+        return [values[i:i + k] for i in range(0, len(values), k)]
+
+    def sums(self, g: list[Tensor], m: list[Tensor], v: list[Tensor], modes: list[int],
+             scal: Sequence[float] | None = None) -> list[list[float]]:
+        """Per block (reads only): mode ``SUMS_MOMENTS`` ``[Σ m², Σ v]`` of the stored moments (the same
+        arithmetic as :meth:`step` returns for them), mode ``SUMS_GM`` ``[Σ m g, Σ g²]``. ``scal`` is
+        not needed (the interface's). The caller has checked the blocks with :meth:`accepts`."""
+        del scal
+        return self.run_sums(g, m, v, modes)
+
+    def step(self, p: list[Tensor], g: list[Tensor], m: list[Tensor], v: list[Tensor],
+             scal: Sequence[Sequence[float]]) -> list[list[float]]:
+        """m, v, θ in place (their autograd versions bumped once); per block ``[Σ m q, Σ (s q)²,
+        #(s < knee), Σ m², Σ v]`` of the new moments. ``scal[b] = (1-β1, β2, 1-β2, decay, alr, k1, knee,
+        ε)``. The caller has checked the blocks with :meth:`accepts`."""
+        # the kernel writes through raw pointers: tell autograd, as an in-place op would
+        increment_version([*p, *m, *v])
+        return self.run_step(p, g, m, v, scal)
+
+    def run_sums(self, g: list[Tensor], m: list[Tensor], v: list[Tensor], modes: list[int]) -> list[list[float]]:
+        """The sums pass without the checks of :meth:`accepts`."""
+        sizes = tuple(map(_numel, g))
+        dev = g[0].device
+        lay = self._layout(sizes, dev)
+        tab = self._table([g, m, v], sizes, dev)
+        modes_t = torch.tensor(modes, dtype=torch.int32).to(dev, non_blocking=True)
+        return self._run("sums", SUMS_OUT, (tab, modes_t), g[0], lay)
+
+    def run_step(self, p: list[Tensor], g: list[Tensor], m: list[Tensor], v: list[Tensor],
+                 scal: Sequence[Sequence[float]]) -> list[list[float]]:
+        """The step pass without the checks of :meth:`accepts` and without the version bump."""
+        sizes = tuple(map(_numel, p))
+        dev = p[0].device
+        lay = self._layout(sizes, dev)
+        tab = self._table([p, g, m, v], sizes, dev)
+        sc = torch.tensor(list(itertools.chain.from_iterable(scal)), dtype=torch.float64).to(dev, non_blocking=True)
+        return self._run("step", STEP_OUT, (tab, sc), p[0], lay)
+
+
+# ---------------------------------------------------------------- the check before first use
+_CHECK_SCAL = (0.1, 0.95, 0.05, 0.999, -1e-2, 2.0, 0.3, 1e-8)  # (1-β1, β2, 1-β2, decay, alr, k1, knee, ε)
+#: relative tolerance of the check by dtype: a few units in the last place of the stored moments and θ
+#: (the device may fuse a multiply and an add where torch does not)
+_CHECK_RTOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+def _reference_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, scal: Sequence[float] = _CHECK_SCAL
+                    ) -> tuple[list[Tensor], list[float]]:
+    """The step's arithmetic in eager torch (compute dtype as the kernel's): new θ, m, v and the five sums."""
+    a, b2, b2c, decay, alr, k1, knee, eps = scal
+    ct = torch.float64 if p.dtype == torch.float64 else torch.float32
+    g_, m_, v_, p_ = (x.to(ct) for x in (g, m, v, p))
+    mt = m_ + (g_ - m_) * a
+    vt = v_ * b2 + g_ * g_ * b2c
+    s = vt.sqrt()
+    q = mt / (eps + k1 * s.clamp_min(knee) * s)
+    ms, vs = mt.to(p.dtype), vt.to(p.dtype)
+    sums = [(mt * q).double().sum(), ((s * q) ** 2).double().sum(), (s < knee).double().sum(),
+            (ms.to(ct) ** 2).double().sum(), vs.double().sum()]
+    return [(p_ * decay + alr * q).to(p.dtype), ms, vs], [float(x) for x in sums]
+
+
+def self_check(kernels: TritonSOAA, device: torch.device, dtype: torch.dtype) -> str | None:
+    """None when both passes agree with :func:`_reference_step` on this device and dtype (two blocks,
+    one over several programs, one smaller than a program), else what went wrong."""
+    gen = torch.Generator().manual_seed(0)
+    sizes = (2 * BLOCK + 3, 5)
+
+    def draw() -> list[Tensor]:
+        return [torch.randn(n, generator=gen, dtype=torch.float64).to(device, dtype) for n in sizes]
+
+    p, g, m = draw(), draw(), draw()
+    v = [x.abs() for x in draw()]
+    rtol = _CHECK_RTOL[dtype]
+    try:
+        gm = kernels.run_sums(g, m, v, [TritonSOAA.SUMS_GM] * len(sizes))
+        new = [[x.clone() for x in xs] for xs in (p, g, m, v)]
+        rows = kernels.run_step(new[0], new[1], new[2], new[3], [_CHECK_SCAL] * len(sizes))
+        moments = kernels.run_sums(new[1], new[2], new[3], [TritonSOAA.SUMS_MOMENTS] * len(sizes))
+    except Exception as e:  # noqa: BLE001 - any build or launch failure means: do not use them
+        return f"{type(e).__name__}: {e}"
+    for i in range(len(sizes)):
+        want, sums = _reference_step(p[i], g[i], m[i], v[i])
+        for name, got, ref in zip(("theta", "m", "v"), (new[0][i], new[2][i], new[3][i]), want):
+            if not torch.allclose(got.double(), ref.double(), rtol=rtol, atol=rtol * ref.abs().max().item()):
+                return f"{name} of block {i} differs from eager torch"
+        mg = float((m[i].double() * g[i].double()).sum())
+        checks = [*zip(rows[i], sums), (gm[i][0], mg), (moments[i][0], rows[i][3]), (moments[i][1], rows[i][4])]
+        for got_s, ref_s in checks:
+            if not math.isclose(got_s, ref_s, rel_tol=max(rtol, 1e-5) * 10, abs_tol=1e-6):
+                return f"the sums of block {i} differ from eager torch ({got_s} vs {ref_s})"
+    return None
