@@ -42,6 +42,8 @@ def _optimizers(lr: float) -> dict[str, Any]:
            if k in made}
     out["sharded_adamw"] = lambda m: ShardedAdamW(m.named_parameters(), lr=1e-3)
     out["soaa"] = lambda m: SOAA(m.named_parameters(), lr=1e-3, total_steps=1000)
+    # the hand-written Triton passes (kernels/soaa_triton.py), not yet the default on accelerators
+    out["soaa_triton"] = lambda m: SOAA(m.named_parameters(), lr=1e-3, total_steps=1000, compile=True)
     return out
 
 

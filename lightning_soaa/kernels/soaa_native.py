@@ -18,7 +18,7 @@ Threads: each call uses up to ``torch.get_num_threads()`` pthreads, started and 
 are deterministic for any thread count (fixed chunks added in order by one thread; see the C source).
 
 Nothing here is global: :meth:`NativeSOAA.load` returns an object the caller keeps (the optimizer's
-:class:`~lightning_soaa.functional.soaa.SOAAKernels`, which only sees its ``CpuPasses`` protocol:
+:class:`~lightning_soaa.functional.soaa.SOAAKernels`, which only sees its ``FusedPasses`` protocol:
 compilers, caches and ctypes stay out of ``functional/``).
 """
 
