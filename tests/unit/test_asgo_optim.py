@@ -7,8 +7,12 @@ naming the field, rejected checkpoints and param groups) are in tests/conformanc
 from __future__ import annotations
 
 import copy
+import importlib
 import math
 import re
+import sys
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -208,47 +212,35 @@ def test_block_cost_uses_the_resolved_root_method(dtype, device, inverse_root, m
         ADAM_COST_PER_ELEMENT * 300]
 
 
-def _previous_cost_model(opt: ASGO) -> list[float]:
-    """The model before the measured constants: 4 * max(iters, 10) * k^3 + 4 * k^2 * other FLOPs per
-    block, whatever the root method, and 100 per AdamW element."""
-    out = []
-    for blk in opt.block_table.blocks:
-        if len(blk.shape) < 2:
-            out.append(100.0 * math.prod(blk.shape))
-            continue
-        m, n = blk.shape[0], math.prod(blk.shape[1:])
-        k, other = min(m, n), max(m, n)
-        out.append(4.0 * 10 * k**3 + 4.0 * k * k * other)
-    return out
-
-
-def _mixed_model() -> list[tuple[str, torch.Tensor]]:
-    """float32 on the CPU (so "auto" roots are eigendecompositions): matrices of k = 128 and 256 and a
-    large embedding and norm vectors for the AdamW fallback (23 + 15 blocks)."""
-    shapes = [("tok_emb.weight", (16384, 256)), ("pos_emb.weight", (1024, 256))]
-    for i in range(6):
-        shapes += [(f"h{i}.attn.weight", (256, 256)), (f"h{i}.fc.weight", (1024, 256)),
-                   (f"h{i}.proj.weight", (256, 1024)), (f"h{i}.gate.weight", (128, 512)),
-                   (f"h{i}.ln.weight", (256,)), (f"h{i}.fc.bias", (1024,))]
-    return [(name, torch.empty(shape)) for name, shape in shapes]
+def _calibration() -> ModuleType:
+    """benchmarks/calibrate_asgo_cost.py, which defines the mixed model and the previous cost model once for
+    this test and its timed check (a hand copy here had drifted: it priced the embeddings as matrices)."""
+    bench = str(Path(__file__).resolve().parents[2] / "benchmarks")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)  # it imports its sibling _timing
+    return importlib.import_module("calibrate_asgo_cost")
 
 
 @pytest.mark.parametrize("world_size", [2, 3, 4, 6])
 def test_measured_cost_model_balances_a_mixed_model_better(world_size):
     # Loads in the new model's units (its constants are the measurement; the previous model saw neither
     # the eigendecomposition's lower cost nor the elementwise part of a step), owners from each model.
+    # The mixed model: float32 on the CPU (so "auto" roots are eigendecompositions), matrices of k = 128
+    # and 256, a large embedding and norm vectors for the AdamW fallback (23 + 15 blocks).
     # benchmarks/calibrate_asgo_cost.py checks the same against each parameter's timed step, where the
     # gain is smaller (W = 4: 1.01-1.02 vs 1.06-1.08, W = 6: 1.10-1.12 vs 1.14-1.15, W = 2, 3: equal
     # within 1-2%): each step's fixed overhead, which this model leaves out, evens the loads out.
-    opt = ASGO(_mixed_model())
+    calibration = _calibration()
+    opt = ASGO([(name, torch.empty(shape)) for name, shape in calibration.mixed_model()])
     measured = [blk.cost for blk in opt.block_table.blocks]
     ratios = {}
-    for label, model_costs in (("new", measured), ("old", _previous_cost_model(opt))):
+    for label, model_costs in (("new", measured), ("old", calibration.previous_costs(opt))):
         loads = rank_loads(measured, assign_owners(model_costs, world_size), world_size)
         ratios[label] = max(loads) / (sum(loads) / world_size)
-    # measured at the time of writing: new 1.00-1.14, old 1.19-1.31 for W = 2..6
+    # measured: new 1.002, 1.012, 1.013, 1.135 and old 1.006, 1.024, 1.040, 1.158 for W = 2, 3, 4, 6. The
+    # previous model already left the embedding to AdamW at 100 units per element, so the gain is small.
     assert ratios["new"] <= 1.15, ratios
-    assert ratios["new"] < ratios["old"] - 0.1, ratios
+    assert ratios["new"] < ratios["old"], ratios
 def _gpt_like(n_layer: int, d: int, vocab: int = 50304, block: int = 256) -> list[tuple[str, torch.Tensor]]:
     def t(*s: int) -> torch.Tensor:
         return torch.empty(s, device="meta")
