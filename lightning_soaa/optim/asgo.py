@@ -316,9 +316,19 @@ class _OneSided(ShardedOptimizer):
         return asgo_math.RIGHT
 
     def _side_of(self, v: BlockView, m: int, n: int) -> str:
-        p = self._params[v.block.param_index]
-        forced = self._fsdp_side(p, v.group, v.name) if self._dtensor is not None else None
+        return self._block_side(v.block, m, n)
+
+    def _block_side(self, block: BlockInfo, m: int, n: int) -> str:
+        """The side the step preconditions for a matrix block of ``m x n``: an FSDP2 row shard's forced
+        side, else the smaller one."""
+        p, group = self._params[block.param_index], self.param_groups[block.group_index]
+        forced = self._fsdp_side(p, group, self._names[block.param_index]) if self._dtensor is not None else None
         return forced or asgo_math.preconditioned_side(m, n)
+
+    def _gram_size(self, block: BlockInfo) -> int:
+        """``k`` of a matrix block's ``k x k`` statistic, from its global shape (the step's Gram)."""
+        m, n = _matrix_shape(block.shape)
+        return m if self._block_side(block, m, n) == asgo_math.LEFT else n
 
     def _row_sharded(self, v: BlockView) -> bool:
         """Whether this block's statistics and norm are sums over ranks (an FSDP2 shard, W > 1)."""
@@ -456,9 +466,7 @@ class _OneSided(ShardedOptimizer):
         step = StateField((), torch.float32, nonnegative=True)
         if self._method == "dasgo":
             return {"step": step, EXP_AVG: StateField((m, n), sdt), COL_STAT: StateField((n,), sdt, nonnegative=True)}
-        name = self._names[block.param_index]
-        forced = self._fsdp_side(param, group, name) if self._dtensor is not None else None
-        k = m if (forced or asgo_math.preconditioned_side(m, n)) == asgo_math.LEFT else n
+        k = self._gram_size(block)
         return {"step": step, EXP_AVG: StateField((m, n), sdt), GRAM: StateField((k, k), sdt),
                 INV_ROOT: StateField((k, k), sdt, required=False),
                 ROOT_FALLBACKS: StateField((), torch.int64, nonnegative=True),
@@ -747,11 +755,22 @@ class ASGO(_OneSided):
             return None
         return p if bool(torch.isfinite(p).all()) else None
 
+    def _root_methods(self) -> set[str]:
+        """The methods the roots of all matrix blocks (every rank's, so the same set on each) resolve to.
+        ``"auto"`` depends on each Gram's size ``k`` (:func:`resolve_root_method`), so one group can run
+        two methods; resolved per block as :func:`inverse_sqrt` does in the step (the Gram's dtype,
+        device and ``k``)."""
+        used: set[str] = set()
+        for b in self.block_table.blocks:
+            p, group = self._params[b.param_index], self.param_groups[b.group_index]
+            if self.is_matrix_param(p, group, self._names[b.param_index]):
+                used.add(resolve_root_method(group["inverse_root"], p.device, self._state_dtype(p),
+                                             self._gram_size(b)))
+        return used
+
     def _extra_statistics(self) -> dict[str, float]:
         stats = super()._extra_statistics()
-        used = {resolve_root_method(g["inverse_root"], p.device, self._state_dtype(p),
-                                    min(*_matrix_shape(p.shape), int(g["max_block_size"])) if p.dim() >= 2 else None)
-                for g in self.param_groups for p in g["params"][:1]}
+        used = self._root_methods()
         for m in ROOT_METHODS:
             stats[f"asgo_root_method_{m}"] = 1.0 if m in used else 0.0
         fallbacks = 0

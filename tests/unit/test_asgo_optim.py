@@ -20,6 +20,7 @@ from torch import nn
 
 from lightning_soaa import ASGO, DASGO
 from lightning_soaa.distributed.assignment import assign_owners, rank_loads
+from lightning_soaa.functional.linalg import EIGH_MIN_K, ROOT_METHODS, resolve_root_method
 from lightning_soaa.optim.asgo import (
     ADAM_COST_PER_ELEMENT,
     GRAM_APPLY_COST,
@@ -366,6 +367,25 @@ def test_statistics_report_root_method_fallbacks_condition_and_balance():
             conds.append((ev[-1] / ev[0]).item())
     assert math.isclose(s["asgo_cond_max"], max(conds), rel_tol=1e-2)
     assert s["asgo_mean_eig_max"] >= s["asgo_mean_eig_min"] > 0
+
+
+def test_statistics_resolve_the_auto_root_method_per_block():
+    # One float32 CPU group with Grams on both sides of EIGH_MIN_K: "auto" runs the iteration on the
+    # small one and the eigendecomposition on the large one. Resolving from the group's first parameter
+    # (here a bias, which has no root at all) reported one method only.
+    b = nn.Parameter(torch.zeros(200))
+    small = nn.Parameter(torch.randn(EIGH_MIN_K // 2, 200))  # k = 48
+    large = nn.Parameter(torch.randn(200, EIGH_MIN_K + 32))  # k = 128 (the right side)
+    opt = ASGO([("b", b), ("small", small), ("large", large)], inverse_root="auto")
+    for p in (b, small, large):
+        p.grad = torch.randn_like(p)
+    opt.step()
+    # the methods the step's own Grams resolve to
+    ran = {resolve_root_method("auto", p.device, opt.state[p]["gram"].dtype, opt.state[p]["gram"].shape[0])
+           for p in (small, large)}
+    assert ran == {"polar_express", "polar_express_eigh"}
+    s = opt.statistics()
+    assert {m for m in ROOT_METHODS if s[f"asgo_root_method_{m}"] == 1.0} == ran, s
 
 
 def test_bf16_parameters_keep_fp32_state_and_train():
