@@ -210,6 +210,9 @@ def inv_sqrt_spectral(
     it moves the iteration's, unlike a pseudo-inverse, whose cut-off jumps (benchmarks/eval_asgo_roots.py);
     but LAPACK's own rounding is not a smooth function of ``V``, which matters for float64 statistics
     (see :func:`resolve_root_method`).
+
+    A matrix that is non-finite, or whose eigendecomposition fails, comes back NaN (callers check);
+    its batch-mates get the results they get alone.
     """
     out_dt = root_compute_dtype(v.dtype)
     squeeze = v.dim() == 2
@@ -221,12 +224,19 @@ def inv_sqrt_spectral(
     # A non-finite block (its norm is non-finite) must come back non-finite, the caller's contract,
     # not raise inside LAPACK or poison its batch: eigh sees the identity there, the result is NaN.
     finite = torch.isfinite(s)
+    safe = v3
     if not bool(finite.all()):  # one host check; this method is for CPU tensors
-        v3 = torch.where(finite.reshape(-1, 1, 1), v3, torch.eye(k, dtype=v3.dtype, device=v3.device))
+        safe = torch.where(finite.reshape(-1, 1, 1), v3, torch.eye(k, dtype=v3.dtype, device=v3.device))
     try:
-        evals, evecs = torch.linalg.eigh(v3)  # reads the lower triangle (V is symmetric up to rounding)
+        evals, evecs = torch.linalg.eigh(safe)  # reads the lower triangle (V is symmetric up to rounding)
     except RuntimeError:  # torch.linalg.LinAlgError (no convergence): report it as non-finite, like NaN
-        return torch.full(v.shape, float("nan"), dtype=out_dt, device=v.device)
+        if v3.shape[0] == 1:
+            return torch.full(v.shape, float("nan"), dtype=out_dt, device=v.device)
+        # eigh raises for the whole batch when one matrix fails. Which matrices share a batch depends on
+        # rank ownership, so retry one at a time: each result then depends on its own matrix only (the
+        # failing one is NaN, as alone), at every world size.
+        each = [inv_sqrt_spectral(v3[i : i + 1], coeffs, num_iters, eps) for i in range(v3.shape[0])]
+        return torch.cat(each).to(out_dt).reshape(v.shape)
     z = coupled_scalar_map(evals / s.unsqueeze(-1), coeffs, num_iters) / s.sqrt().unsqueeze(-1)
     z = torch.where(finite.unsqueeze(-1), z, torch.full_like(z, float("nan")))  # NaN rows give NaN blocks
     out: Tensor = ((evecs * z.unsqueeze(-2)) @ evecs.transpose(-1, -2)).to(out_dt)

@@ -121,6 +121,36 @@ def test_non_finite_input_gives_non_finite_output_not_identity():
     assert not torch.isfinite(both[0]).any() and torch.isfinite(both[1]).all()
 
 
+def test_spectral_root_failure_stays_in_its_matrix(monkeypatch):
+    # LAPACK raises for a whole batch when one matrix does not converge. Emulate that deterministically:
+    # eigh fails on any batch holding `bad` (a healthy matrix, as such a failure would look). Healthy
+    # batch-mates must equal their one-at-a-time roots bit for bit (batches follow rank ownership), and
+    # `bad` and a NaN matrix must come back as they do alone.
+    real_eigh = torch.linalg.eigh
+    bad = _spd(6, 1e-3, 1.0, seed=7)[0].float()
+
+    def eigh(a, *args, **kwargs):
+        if any(torch.equal(m, bad.double()) for m in a.reshape(-1, *a.shape[-2:])):
+            raise torch.linalg.LinAlgError("emulated: the algorithm failed to converge")
+        return real_eigh(a, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "eigh", eigh)
+    nan = _spd(6, 1e-3, 1.0, seed=8)[0].float()
+    nan[2, 3] = float("nan")
+    healthy = [_spd(6, 1e-4, 1.0, seed=s)[0].float() for s in range(3)]
+    batch = torch.stack([healthy[0], bad, healthy[1], nan, healthy[2]])
+
+    def root(v):
+        return inverse_sqrt(v, "polar_express_eigh")  # undamped: eigh sees `bad` itself
+
+    out = root(batch)
+    assert out.dtype == torch.float32
+    for i, h in zip((0, 2, 4), healthy):
+        assert torch.isfinite(out[i]).all() and torch.equal(out[i], root(h))
+    assert torch.isnan(out[1]).all() and torch.isnan(root(bad)).all()
+    assert torch.isnan(out[3]).all() and torch.isnan(root(nan)).all()
+
+
 def test_unknown_method_message():
     with pytest.raises(ValueError, match=re.escape(
             "Invalid inverse_root='cholesky'. Must be one of 'polar_express', 'newton_schulz', 'eigh', "
