@@ -25,12 +25,10 @@ __all__ = [
     "update_momentum_",
     "update_gram_",
     "precondition",
-    "rms_normalize",
-    "scale_to_rms",
-    "apply_update_",
-    "asgo_direction",
+    "rms_numerator",
+    "rms_factor",
+    "apply_scaled_updates_",
     "update_column_stat_",
-    "dasgo_direction",
 ]
 
 LEFT = "left"
@@ -67,43 +65,35 @@ def precondition(p: Tensor, mom: Tensor, side: str) -> Tensor:
     return p @ mom if side == LEFT else mom @ p
 
 
-def rms_normalize(u: Tensor, rms_scale: float) -> Tensor:
-    """``U * rms_scale * sqrt(mn) / ||U||_F``: every update has entry-RMS ``rms_scale``.
+def rms_numerator(rms_scale: float, numel: int) -> float:
+    """``rms_scale * sqrt(numel)``: the Frobenius norm of an update of ``numel`` entries with entry-RMS
+    ``rms_scale`` (``numel`` of the whole update when a block is one piece of it)."""
+    return rms_scale * math.sqrt(numel)
 
-    A zero ``U`` stays zero (no division by zero, no host sync): a norm of zero means every entry is
-    zero, so any finite factor gives the same result.
+
+def rms_factor(norm: Tensor, numerator: Tensor | float) -> Tensor:
+    """``numerator / ||U||_F``: ``U * rms_factor(||U||_F, rms_numerator(rms_scale, U.numel()))`` has
+    entry-RMS ``rms_scale``. ``norm`` may hold one norm per block (then ``numerator`` a like tensor or one
+    float), so the step computes every block's factor at once.
+
+    Computed as ``reciprocal(norm) * numerator``, which is how torch divides a float by a tensor, so a
+    float and a tensor numerator round alike. A zero norm is clamped to the smallest normal number (no
+    division by zero, no host sync to check).
     """
-    norm = torch.linalg.vector_norm(u)
-    factor = (rms_scale * math.sqrt(u.numel())) / norm.clamp_min(torch.finfo(norm.dtype).tiny)
-    out: Tensor = u * factor
-    return out
+    return norm.clamp_min(torch.finfo(norm.dtype).tiny).reciprocal() * numerator
 
 
-def scale_to_rms(u: Tensor, rms_scale: float, sq_norm: Tensor, numel: int) -> Tensor:
-    """``u * rms_scale * sqrt(numel) / sqrt(sq_norm)``: :func:`rms_normalize` for a piece ``u`` of a
-    larger update whose squared Frobenius norm ``sq_norm`` and size ``numel`` were summed elsewhere (e.g.
-    over the row shards of an FSDP2 parameter). A zero norm leaves the (then zero) update zero."""
-    norm = sq_norm.sqrt()
-    return u * ((rms_scale * math.sqrt(numel)) / norm.clamp_min(torch.finfo(norm.dtype).tiny))
-
-
-def apply_update_(param: Tensor, u: Tensor, lr: float, weight_decay: float) -> None:
-    """``W <- W (1 - lr wd) - lr U`` in place; ``u`` may be the matrix form of ``param``'s shape."""
+def apply_scaled_updates_(params: list[Tensor], updates: list[Tensor], factors: list[Tensor], lr: float,
+                          weight_decay: float) -> None:
+    """``W <- W (1 - lr wd) - lr (f U)`` for each block, as multi-tensor ops. ``updates`` (each the matrix
+    form of its parameter's shape, or that shape) are scaled in place: they are the step's own fresh
+    tensors, so no second copy of every update is made."""
+    torch._foreach_mul_(updates, factors)
     if weight_decay != 0.0:
-        param.mul_(1.0 - lr * weight_decay)
-    param.add_(u.reshape(param.shape).to(param.dtype), alpha=-lr)
-
-
-def asgo_direction(p: Tensor, mom: Tensor, side: str, rms_scale: float) -> Tensor:
-    """The normalised ASGO update ``rms_normalize(P M or M P)``."""
-    return rms_normalize(precondition(p, mom, side), rms_scale)
+        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+    torch._foreach_add_(params, [u.reshape(p.shape).to(p.dtype) for u, p in zip(updates, params)], alpha=-lr)
 
 
 def update_column_stat_(v: Tensor, g: Tensor, beta2: float) -> None:
     """DASGO: ``v <- beta2 v + (1 - beta2) sum_rows G^2`` in place (``v`` has ``n`` entries)."""
     v.mul_(beta2).add_(g.square().sum(dim=0), alpha=1.0 - beta2)
-
-
-def dasgo_direction(mom: Tensor, v: Tensor, eps: float, rms_scale: float) -> Tensor:
-    """DASGO: ``rms_normalize(M * (v + eps)^{-1/2})`` with ``v`` broadcast over the rows."""
-    return rms_normalize(mom * (v + eps).rsqrt().unsqueeze(0), rms_scale)

@@ -415,8 +415,8 @@ class _OneSided(ShardedOptimizer):
         """RMS-normalise each raw update and apply it; a row-sharded block's norm is summed over the mesh
         (one all-reduce for all of them) and its size counts the global rows; a block of a parameter cut
         into several blocks is normalised with the whole parameter's norm (:meth:`_split_norms`).
-        Batched over the blocks (norms, scale factors and the update as multi-tensor ops): the same
-        arithmetic as :func:`asgo_math.rms_normalize` / :func:`asgo_math.apply_update_` per block."""
+        Batched over the blocks (norms, scale factors and the update as multi-tensor ops) with
+        :func:`asgo_math.rms_factor`, which also gives the factor of one block."""
         sharded = [(v, u) for v, u in items if self._row_sharded(v)]
         sq = self._mesh_sum([u.square().sum().reshape(1) for _, u in sharded], [v.counted for v, _ in sharded])
         norms = {id(v): s for (v, _), s in zip(sharded, sq)}
@@ -426,9 +426,9 @@ class _OneSided(ShardedOptimizer):
         for idx in _by_key(plain, lambda i: (items[i][1].dtype, items[i][1].device)).values():
             us = [items[i][1] for i in idx]
             nrm = torch.stack(torch._foreach_norm(us))
-            numer = torch.tensor([float(items[i][0].group["rms_scale"]) * math.sqrt(u.numel())
+            numer = torch.tensor([asgo_math.rms_numerator(float(items[i][0].group["rms_scale"]), u.numel())
                                   for i, u in zip(idx, us)], dtype=nrm.dtype).to(nrm.device, non_blocking=True)
-            for i, f in zip(idx, (nrm.clamp_min(torch.finfo(nrm.dtype).tiny).reciprocal() * numer).unbind(0)):
+            for i, f in zip(idx, asgo_math.rms_factor(nrm, numer).unbind(0)):
                 factors[i] = f
         for i, (v, u) in enumerate(items):
             if id(v) in whole:
@@ -438,25 +438,19 @@ class _OneSided(ShardedOptimizer):
                 numel = self._dtensor.placements[v.block.param_index].global_shape[0] * u.shape[1]  # type: ignore[union-attr]
             else:
                 continue
-            norm = total.sqrt()
-            factors[i] = (float(v.group["rms_scale"]) * math.sqrt(numel)) / norm.clamp_min(torch.finfo(norm.dtype).tiny)
+            factors[i] = asgo_math.rms_factor(total.sqrt(), asgo_math.rms_numerator(float(v.group["rms_scale"]), numel))
         self._apply_scaled_(items, factors)
 
     @staticmethod
     def _apply_scaled_(items: list[tuple[BlockView, Tensor]], factors: list[Tensor | None]) -> None:
-        """``W <- W (1 - lr wd) - lr (factor U)`` for every block, as a few multi-tensor ops per group of
-        blocks sharing ``lr``, ``weight_decay`` and dtype. The updates ``U`` (fresh tensors of the
-        step) are scaled in place: no second copy of every update at once."""
+        """:func:`asgo_math.apply_scaled_updates_` per group of blocks sharing ``lr``, ``weight_decay``,
+        dtype and device."""
         by = _by_key(range(len(items)), lambda i: (float(items[i][0].group["lr"]),
                                                    float(items[i][0].group["weight_decay"]),
                                                    items[i][0].param.dtype, items[i][0].param.device))
-        for (lr, wd, dtype, _), idx in by.items():
-            params = [items[i][0].param for i in idx]
-            us = [items[i][1] for i in idx]
-            torch._foreach_mul_(us, [factors[i] for i in idx])  # type: ignore[misc]  # the updates are ours
-            if wd != 0.0:
-                torch._foreach_mul_(params, 1.0 - lr * wd)
-            torch._foreach_add_(params, [u.reshape(p.shape).to(dtype) for u, p in zip(us, params)], alpha=-lr)
+        for (lr, wd, _, _), idx in by.items():
+            asgo_math.apply_scaled_updates_([items[i][0].param for i in idx], [items[i][1] for i in idx],
+                                            [factors[i] for i in idx], lr, wd)  # type: ignore[misc]
 
     def _state_schema(self, block: BlockInfo, param: Tensor, group: dict[str, Any]) -> dict[str, StateField]:
         if not self.is_matrix_param(param, group, self._names[block.param_index]):
@@ -902,8 +896,8 @@ class DASGO(_OneSided):
     def _matrix_step(self, views: list[BlockView]) -> None:
         """Momentum, column statistics and directions of all blocks as multi-tensor ops per group of
         blocks sharing hyperparameters and dtype (per block: one column sum; the rest is batched), the
-        same arithmetic as :func:`asgo_math.update_momentum_`, :func:`asgo_math.update_column_stat_`
-        and :func:`asgo_math.dasgo_direction`."""
+        same arithmetic as :func:`asgo_math.update_momentum_` and :func:`asgo_math.update_column_stat_`;
+        the direction ``M (v + eps)^{-1/2}`` is RMS-normalised by :meth:`_apply_directions`."""
         sharded: list[tuple[BlockView, Tensor, Tensor, float]] = []
         grads: list[Tensor] = []
         for v in views:
@@ -933,7 +927,7 @@ class DASGO(_OneSided):
                         for j in range(len(idx)) if not is_local[j]]
         increment_counts_([v.state[STEP] for v in views])  # one call for all counters (see there)
         self._sharded_stats_(sharded)
-        # rms_normalize(M (v + eps)^{-1/2}) is dasgo_direction, with the norm split over the shards
+        # M (v + eps)^{-1/2}; _apply_directions normalises it with the norm of the whole parameter
         for (_, eps, _, _), idx in by.items():
             scale = torch._foreach_add([views[i].state[COL_STAT] for i in idx], eps)
             torch._foreach_rsqrt_(scale)

@@ -10,6 +10,7 @@ from torch import nn
 
 import lightning_soaa.optim.asgo as asgo_mod
 from lightning_soaa import ASGO, DASGO
+from lightning_soaa.functional.asgo import rms_factor, rms_numerator
 from lightning_soaa.functional.linalg import inv_sqrt_eigh
 
 f64 = torch.float64
@@ -258,3 +259,59 @@ def test_dasgo_reference():
         opt.step()
         torch.testing.assert_close(w.detach(), ref, rtol=1e-12, atol=1e-13)
     assert "col_stat" in opt.state[w] and "exp_avg_sq" in opt.state[b]  # b went to AdamW
+
+
+def _tail_reference(opt: ASGO | DASGO, pi: int, w0: torch.Tensor, lr: float, wd: float) -> torch.Tensor:
+    """Parameter ``pi`` after one step by the simple formula, blocks one at a time, from the step's own
+    stored state: U (ASGO: P M or M P of each block, normalised per block; DASGO: M (v + eps)^{-1/2},
+    normalised over the whole parameter), U * rms_scale * sqrt(numel) / ||U||_F, W (1 - lr wd) - lr U."""
+    group = opt.param_groups[opt.block_table.by_param[pi][0].group_index]
+    pieces = []
+    for b in opt.block_table.by_param[pi]:
+        st = opt.block_state(b)
+        if isinstance(opt, DASGO):
+            pieces.append((b, st["exp_avg"] * (st["col_stat"] + group["eps"]).rsqrt()))
+        else:
+            m, n = st["exp_avg"].shape
+            left = m < n
+            pieces.append((b, st["inv_root"] @ st["exp_avg"] if left else st["exp_avg"] @ st["inv_root"]))
+    whole = math.sqrt(sum(float(u.norm()) ** 2 for _, u in pieces))
+    ref = w0.clone()
+    for b, u in pieces:
+        norm, numel = (whole, w0.numel()) if isinstance(opt, DASGO) else (float(u.norm()), u.numel())
+        u = u * group["rms_scale"] * math.sqrt(numel) / norm
+        b.view(ref).copy_(b.view(w0) * (1 - lr * wd) - lr * u.reshape(b.shape))
+    return ref
+
+
+@pytest.mark.parametrize("cls,kw", [(ASGO, dict(max_block_size=48)), (DASGO, dict(max_block_numel=2000))])
+def test_batched_tail_equals_the_per_block_formula(cls, kw):
+    # The step normalises and applies all blocks at once (functional rms_factor over a vector of norms,
+    # multi-tensor ops grouped by lr and weight decay); per parameter it must be the simple formula.
+    # Both sides of the preconditioner, a row vector, split parameters (ASGO: 3 row blocks, each
+    # normalised alone; DASGO: column blocks normalised together) and two groups with different lr, wd.
+    g = _gen(31)
+    shapes = [(30, 100), (100, 30), (20, 20), (1, 50), (120, 200)]
+    ws = [nn.Parameter(torch.randn(s, generator=g, dtype=f64)) for s in shapes]
+    before = [w.detach().clone() for w in ws]
+    hyper = [(0.05, 0.1), (0.02, 0.0)]
+    opt = cls([{"params": ws[:3], "lr": hyper[0][0], "weight_decay": hyper[0][1]},
+               {"params": ws[3:], "lr": hyper[1][0], "weight_decay": hyper[1][1]}], rms_scale=0.3, **kw)
+    assert len(opt.block_table.by_param[4]) > 1  # a split parameter
+    for w in ws:
+        w.grad = torch.randn(w.shape, generator=g, dtype=f64)
+    opt.step()
+    for pi, (w, w0) in enumerate(zip(ws, before)):
+        lr, wd = hyper[0] if pi < 3 else hyper[1]
+        torch.testing.assert_close(w.detach(), _tail_reference(opt, pi, w0, lr, wd), rtol=1e-13, atol=1e-15)
+
+
+def test_rms_factor_rounds_alike_batched_and_alone():
+    # The step computes most blocks' factors as one vector (tensor numerators) and a split or sharded
+    # block's alone (a float numerator): both must round alike, in float32 too.
+    norms = torch.rand(500, generator=_gen(5)) * 100
+    numels = [int(n) for n in torch.randint(1, 10**6, (500,), generator=_gen(6))]
+    numer = [rms_numerator(0.2, n) for n in numels]
+    batched = rms_factor(norms, torch.tensor(numer, dtype=norms.dtype))
+    alone = torch.stack([rms_factor(norms[i], numer[i]) for i in range(len(numer))])
+    assert torch.equal(batched, alone)
