@@ -77,10 +77,13 @@ def rms_factor(norm: Tensor, numerator: Tensor | float) -> Tensor:
     float), so the step computes every block's factor at once.
 
     Computed as ``reciprocal(norm) * numerator``, which is how torch divides a float by a tensor, so a
-    float and a tensor numerator round alike. A zero norm is clamped to the smallest normal number (no
-    division by zero, no host sync to check).
+    float and a tensor numerator round alike. A zero norm (a zero update, e.g. zero gradients so far) is
+    clamped to the smallest normal number, and the factor to the largest finite one: ``1 / tiny`` times a
+    numerator above ~4 overflows to inf, and ``0 * inf`` would make the zero update NaN. With no host
+    sync; a finite factor is unchanged, a NaN norm stays NaN.
     """
-    return norm.clamp_min(torch.finfo(norm.dtype).tiny).reciprocal() * numerator
+    finfo = torch.finfo(norm.dtype)
+    return (norm.clamp_min(finfo.tiny).reciprocal() * numerator).clamp_max(finfo.max)
 
 
 def apply_scaled_updates_(params: list[Tensor], updates: list[Tensor], factors: list[Tensor], lr: float,

@@ -176,6 +176,17 @@ def test_zero_update_is_guarded():
     torch.testing.assert_close(w.detach(), torch.full((3, 5), 1 - 0.1 * 0.1, dtype=f64))
 
 
+@pytest.mark.parametrize("cls", [ASGO, DASGO])
+@pytest.mark.parametrize("dtype", [torch.float32, f64])
+def test_zero_update_of_a_large_block_stays_zero(cls, dtype):
+    # rms_scale * sqrt(mn) = 6.9 > 4: 1 / tiny times it overflowed, and 0 * inf made every entry NaN
+    w = nn.Parameter(torch.ones(30, 40, dtype=dtype))
+    opt = cls([w], lr=0.1, weight_decay=0.1)
+    w.grad = torch.zeros(30, 40, dtype=dtype)
+    opt.step()
+    assert torch.equal(w.detach(), torch.full((30, 40), 1 - 0.1 * 0.1, dtype=dtype))
+
+
 def test_root_every_reuses_the_stored_preconditioner():
     m, n = 4, 7
     w = nn.Parameter(torch.zeros(m, n, dtype=f64))
@@ -308,10 +319,11 @@ def test_batched_tail_equals_the_per_block_formula(cls, kw):
 
 def test_rms_factor_rounds_alike_batched_and_alone():
     # The step computes most blocks' factors as one vector (tensor numerators) and a split or sharded
-    # block's alone (a float numerator): both must round alike, in float32 too.
+    # block's alone (a float numerator): both must round alike, in float32 too; a zero norm is finite.
     norms = torch.rand(500, generator=_gen(5)) * 100
+    norms[7] = 0.0
     numels = [int(n) for n in torch.randint(1, 10**6, (500,), generator=_gen(6))]
     numer = [rms_numerator(0.2, n) for n in numels]
     batched = rms_factor(norms, torch.tensor(numer, dtype=norms.dtype))
     alone = torch.stack([rms_factor(norms[i], numer[i]) for i in range(len(numer))])
-    assert torch.equal(batched, alone)
+    assert torch.equal(batched, alone) and torch.isfinite(batched).all()
