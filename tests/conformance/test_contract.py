@@ -24,6 +24,7 @@ from tests.conformance._battery import (
     SPECS,
     assert_identical,
     bad_values,
+    data,
     each_optimizer,
     make,
     params,
@@ -92,6 +93,34 @@ def test_lr_zero_is_accepted_and_leaves_the_parameters_unchanged(spec: Optimizer
         group["lr"] = spec.test_kwargs["lr"]
     step(spec, model, opt, 2)
     assert not all(torch.equal(a, b) for a, b in zip(params(model), w0))
+
+
+# ---------------------------------------------------------------------------------------- zero gradients
+@each_optimizer
+def test_zero_gradients_move_the_parameters_by_weight_decay_at_most_and_write_no_nan(spec: OptimizerSpec) -> None:
+    """A step with all gradients zero (a batch the model already fits, a frozen branch): updates that
+    normalise by the update's size must not divide zero by zero (ASGO's RMS factor over a 32x24 matrix
+    once turned such a step into NaN parameters). Each parameter may only be scaled (weight decay)."""
+    sizes = (6, 32, 24, 3)
+    model, opt = make(spec, sizes=sizes)
+    w0 = params(model)
+
+    def zero() -> None:
+        for p in model.parameters():
+            assert p.grad is not None
+            p.grad.zero_()
+
+    for t in range(3):
+        x, y = data(t, sizes)
+        if spec.needs is StepNeeds.BATCH:  # the optimizer differentiates itself: a zero residual
+            with torch.no_grad():
+                y = model(x)
+        spec.take_step(opt, model, x, y, on_gradients=zero)
+    for i, (a, b) in enumerate(zip(params(model), w0)):
+        assert torch.isfinite(a).all(), (spec.name, i)
+        scale = float((a * b).sum() / (b * b).sum())
+        assert 0.0 < scale <= 1.0, (spec.name, i, scale)
+        torch.testing.assert_close(a, b * scale, rtol=1e-12, atol=1e-14)
 
 
 # ---------------------------------------------------------------------------------------- hooks
