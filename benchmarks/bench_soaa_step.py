@@ -11,9 +11,9 @@ min-max spread of the round medians (on a shared machine single rounds can be fa
 Optimizers: ``adamw_fused`` (baseline: one ATen kernel, at the memory-bandwidth bound), ``adamw_foreach``,
 ``soaa`` (the defaults: on CPU the two passes as C loops, on CUDA the foreach path), ``soaa_inductor``
 (CPU only: ``compile=True`` with the C loops off, i.e. the ``torch.compile``'d kernels), ``soaa_triton``
-(CUDA only: ``compile=True``, the hand-written Triton kernels of ``kernels/soaa_triton.py``), ``soaa_eager`` (CPU only, ``compile=False``: the
-tiled loop; on CUDA the default ``soaa`` is the eager foreach path) and ``sharded_adamw`` (the package's
-AdamW). SOAA gets a loss every
+(CUDA only: ``compile=True``, the hand-written Triton kernels of ``kernels/soaa_triton.py``),
+``soaa_eager`` (CPU only, ``compile=False``: the tiled loop; on CUDA the default ``soaa`` is the eager
+foreach path) and ``sharded_adamw`` (the package's AdamW). SOAA gets a loss every
 step through ``step(loss=...)``; its trust-region statistics, one scalar all-reduce (a no-op here, W = 1)
 and the lagged predicted-reduction sums are all part of the timed step.
 
