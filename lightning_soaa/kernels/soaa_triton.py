@@ -63,8 +63,8 @@ class TritonUnavailable(RuntimeError):
 
 
 try:  # optional: only GPU users need it, and it is heavy to import
-    import triton  # type: ignore[import-not-found, unused-ignore]
-    import triton.language as tl  # type: ignore[import-not-found, unused-ignore]
+    import triton  # type: ignore[import-not-found, import-untyped, unused-ignore]
+    import triton.language as tl  # type: ignore[import-not-found, import-untyped, unused-ignore]
 except ImportError:  # pragma: no cover - depends on the machine
     triton = tl = None
 
