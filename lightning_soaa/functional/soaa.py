@@ -239,6 +239,7 @@ _version_of = operator.attrgetter("_version")
 _data_ptr = Tensor.data_ptr
 _numel = Tensor.numel
 _dtype_of = operator.attrgetter("dtype")
+_device_of = operator.attrgetter("device")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -509,13 +510,15 @@ def _compiled_soaa_step_(
 
 
 # ---------------------------------------------------------------- C kernels (CPU; soaa_native.py)
-def _by_dtype(xs: list[Tensor]) -> dict[torch.dtype, list[int]]:
-    dtypes = set(map(_dtype_of, xs))
-    if len(dtypes) == 1:  # the usual case, without a Python loop over the blocks
-        return {dtypes.pop(): list(range(len(xs)))}
-    out: dict[torch.dtype, list[int]] = {}
+def _by_kind(xs: list[Tensor]) -> dict[tuple[torch.dtype, torch.device], list[int]]:
+    """Indices by (dtype, device): one fused call takes blocks of one dtype on one device (a CUDA kernel
+    reads its pointer table on one GPU; a model split over GPUs has blocks on several)."""
+    kinds = set(zip(map(_dtype_of, xs), map(_device_of, xs)))
+    if len(kinds) == 1:  # the usual case, without a Python loop over the blocks
+        return {kinds.pop(): list(range(len(xs)))}
+    out: dict[tuple[torch.dtype, torch.device], list[int]] = {}
     for i, x in enumerate(xs):
-        out.setdefault(x.dtype, []).append(i)
+        out.setdefault((x.dtype, x.device), []).append(i)
     return out
 
 
@@ -533,7 +536,7 @@ def _native_soaa_sums(
     c1, c2, c3, b2c = beta1 * beta1, 2.0 * beta1 * a, a * a, 1.0 - beta2
     bias = {t: ((1.0 - beta1**t) ** 2, 1.0 - beta2**t) for t in set(ts)}
     n_eps = eps * sum(map(_numel, grads))  # read before the loops' sweep evicts the tensors from cache
-    for idx in _by_dtype(grads).values():
+    for idx in _by_kind(grads).values():
         whole = len(idx) == len(grads)
         gs, ms, vs = (grads, exp_avgs, exp_avg_sqs) if whole else (
             _pick(grads, idx), _pick(exp_avgs, idx), _pick(exp_avg_sqs, idx))
@@ -570,7 +573,7 @@ def _native_soaa_step_(
     rows_of = {t: (1.0 - beta1, beta2, 1.0 - beta2, 1.0 - lr * weight_decay, -lr * k[2], k[0], k[1], eps)
                for t, k in caps.items()}
     weights = {t: (k[2] / k[3], k[2] * k[2] / k[4]) for t, k in caps.items()}
-    for idx in _by_dtype(params).values():
+    for idx in _by_kind(params).values():
         sub = (params, grads, exp_avgs, exp_avg_sqs)
         ps, gs, ms, vs = sub if len(idx) == len(params) else _sub(sub, idx)
         # the record of the moments as the step leaves them (its one version bump included), taken while

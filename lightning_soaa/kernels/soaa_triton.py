@@ -25,6 +25,7 @@ without a GPU (:class:`TritonSOAA` with ``device_type="cpu"``).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -262,12 +263,14 @@ class TritonSOAA:
     def _run(self, kernel: str, k: int, args: tuple[Any, ...], like: Tensor, lay: _Layout) -> list[list[float]]:
         """One pass (``args`` before the partials) and its per-block reduction; ``k`` outputs per block."""
         part = torch.empty(k * lay.nprog, dtype=torch.float64, device=like.device)
-        compute = tl.float64 if like.dtype == torch.float64 else tl.float32
-        self._kernels[kernel][(lay.nprog,)](*args, lay.prog_blk, lay.prog_lo, part, lay.nprog, like,
-                                        COMPUTE=compute, BLOCK=BLOCK, num_warps=NUM_WARPS)
         nb = lay.first.numel() - 1
         out = torch.empty(nb * k, dtype=torch.float64, device=like.device)
-        reduce_kernel[(nb, k)](part, lay.first, out, lay.nprog, K=k, BLOCK=REDUCE_BLOCK)
+        compute = tl.float64 if like.dtype == torch.float64 else tl.float32
+        # Triton launches on the current device: make it the tensors' (a model split over GPUs)
+        with torch.cuda.device(like.device) if like.is_cuda else contextlib.nullcontext():
+            self._kernels[kernel][(lay.nprog,)](*args, lay.prog_blk, lay.prog_lo, part, lay.nprog, like,
+                                                COMPUTE=compute, BLOCK=BLOCK, num_warps=NUM_WARPS)
+            reduce_kernel[(nb, k)](part, lay.first, out, lay.nprog, K=k, BLOCK=REDUCE_BLOCK)
         values = out.tolist()  # the pass's one wait for the device
         return [values[i:i + k] for i in range(0, len(values), k)]
 

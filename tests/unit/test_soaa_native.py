@@ -114,6 +114,40 @@ def test_accelerator_blocks_go_to_the_accelerator_kernels_and_cpu_blocks_to_the_
     assert SOAAKernels().native_for(*on_device) is None  # no loader: no accelerator kernels
 
 
+class _Recorder(_FakeFused):
+    """Takes blocks of any device and records the devices of each call (zero sums)."""
+
+    def __init__(self) -> None:
+        self.calls: list[set[torch.device]] = []
+
+    def accepts(self, *ts: torch.Tensor) -> bool:
+        return True
+
+    def accepts_all(self, *lists: list[torch.Tensor]) -> bool:
+        return len({t.device for xs in lists for t in xs}) == 1
+
+    def sums(self, g: list[torch.Tensor], m: list[torch.Tensor], v: list[torch.Tensor], modes: list[int]
+             ) -> list[list[float]]:
+        self.calls.append({t.device for t in (*g, *m, *v)})
+        return [[0.0, 0.0] for _ in g]
+
+
+def test_one_fused_call_never_mixes_devices() -> None:
+    """A model split over devices: each fused call gets the blocks of one device (a CUDA kernel reads its
+    pointer table on one GPU), however the blocks are ordered."""
+    rec = _Recorder()
+    kernels = SOAAKernels(cpu_loader=lambda: rec, accel_loader=lambda: rec)
+
+    def block(dev: str) -> list[torch.Tensor]:
+        return [torch.zeros(4, device=dev) for _ in range(3)]
+
+    blocks = [block("cpu"), block("meta"), block("cpu"), block("meta")]
+    g, m, v = ([b[i] for b in blocks] for i in range(3))
+    soaa_moments(g, m, v, [1] * 4, beta1=B1, beta2=B2, eps=1e-8, kernels=kernels)
+    assert rec.calls and all(len(devs) == 1 for devs in rec.calls), rec.calls
+    assert {d.type for devs in rec.calls for d in devs} == {"cpu", "meta"}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_sums_and_step_do_not_depend_on_the_thread_count(dtype: torch.dtype) -> None:
     native = _native_or_skip()
