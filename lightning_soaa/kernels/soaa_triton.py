@@ -359,8 +359,12 @@ def self_check(kernels: TritonSOAA, device: torch.device, dtype: torch.dtype) ->
             if not torch.allclose(got.double(), ref.double(), rtol=rtol, atol=rtol * ref.abs().max().item()):
                 return f"{name} of block {i} differs from eager torch"
         mg = float((m[i].double() * g[i].double()).sum())
-        checks = [*zip(rows[i], sums), (gm[i][0], mg), (moments[i][0], rows[i][3]), (moments[i][1], rows[i][4])]
-        for got_s, ref_s in checks:
-            if not math.isclose(got_s, ref_s, rel_tol=max(rtol, 1e-5) * 10, abs_tol=1e-6):
+        # the count #(s < knee) may differ by an element whose s lies within an ulp of the knee (the
+        # device may fuse v β2 + g² (1-β2) into one multiply-add, eager torch does not)
+        checks = [(rows[i][0], sums[0], 1e-6), (rows[i][1], sums[1], 1e-6), (rows[i][2], sums[2], 2.0),
+                  (rows[i][3], sums[3], 1e-6), (rows[i][4], sums[4], 1e-6), (gm[i][0], mg, 1e-6),
+                  (moments[i][0], rows[i][3], 0.0), (moments[i][1], rows[i][4], 0.0)]
+        for got_s, ref_s, abs_tol in checks:
+            if not math.isclose(got_s, ref_s, rel_tol=max(rtol, 1e-5) * 10, abs_tol=abs_tol):
                 return f"the sums of block {i} differ from eager torch ({got_s} vs {ref_s})"
     return None

@@ -57,8 +57,10 @@ def step_matches_float64_and_eager(device: str) -> None:
             for got, ref in zip((new[0][i], new[2][i], new[3][i]), want):
                 torch.testing.assert_close(got, ref, rtol=rtol, atol=rtol * (ref.abs().max().item() if n else 0))
             ref64 = _float64_step(p[i], g[i], m[i], v[i])
-            for got_s, ref_s in zip(rows[i], ref64):
-                assert math.isclose(got_s, ref_s, rel_tol=20 * rtol, abs_tol=1e-9), (dtype, i, rows[i], ref64)
+            for j, (got_s, ref_s) in enumerate(zip(rows[i], ref64)):
+                # #(s < knee): an element within an ulp of the knee may land on either side (fused multiply-adds)
+                tol = 1.0 if j == 2 and dtype != torch.float64 else 1e-9
+                assert math.isclose(got_s, ref_s, rel_tol=20 * rtol, abs_tol=tol), (dtype, i, rows[i], ref64)
             mg = float((m[i].double() * g[i].double()).sum())
             g2 = float((g[i].double() ** 2).sum())
             assert math.isclose(gm[i][0], mg, rel_tol=1e-5, abs_tol=1e-9), (dtype, i)
