@@ -70,14 +70,16 @@ except ImportError:  # pragma: no cover - depends on the machine
     triton = tl = None
 
 if triton is not None:
-    # Triton resolves the names a kernel calls among its module's globals: the kernels live at module level
+    # Triton resolves the names a kernel calls among its module's globals: the kernels live at module level.
+    # No type annotations other than tl.constexpr: compiled (not interpreted) kernels may not read globals
+    # such as typing.Any.
     @triton.jit
-    def moment_sums(m: Any, v: Any) -> Any:
+    def moment_sums(m, v):
         # Σ m², Σ v of the stored moments, shared by both passes: the same bits for the same moments
         return tl.sum((m * m).to(tl.float64), axis=0), tl.sum(v.to(tl.float64), axis=0)
 
     @triton.jit
-    def sqrt_div(vt: Any, mt: Any, eps: Any, k1: Any, knee: Any, COMPUTE: tl.constexpr) -> Any:
+    def sqrt_div(vt, mt, eps, k1, knee, COMPUTE: tl.constexpr):
         # s = sqrt(v_t), q = m_t / (ε + k1 s max(s, knee)), both IEEE-rounded (as torch's CUDA ops): the
         # *_rn forms for float32; float64's sqrt and division are IEEE-rounded already
         if COMPUTE == tl.float64:
@@ -89,7 +91,7 @@ if triton is not None:
         return s, q
 
     @triton.jit
-    def to_storage(x: Any, like: Any) -> Any:
+    def to_storage(x, like):
         # float32 -> bfloat16 rounded to nearest even in integer arithmetic (a NaN stays a quiet NaN), the
         # same bits as torch and the C kernels on every backend (Triton's interpreter truncates)
         if like.dtype.element_ty == tl.bfloat16:
@@ -102,7 +104,7 @@ if triton is not None:
             return x.to(like.dtype.element_ty)
 
     @triton.jit
-    def block_ptr(tab: Any, blk: Any, col: tl.constexpr, cols: tl.constexpr, like: Any) -> Any:
+    def block_ptr(tab, blk, col: tl.constexpr, cols: tl.constexpr, like):
         return tl.load(tab + blk * cols + col).to(like.dtype)
 
     @triton.jit
