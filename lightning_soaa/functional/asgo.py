@@ -28,7 +28,7 @@ __all__ = [
     "rms_numerator",
     "rms_factor",
     "apply_scaled_updates_",
-    "update_column_stat_",
+    "ema_",
 ]
 
 LEFT = "left"
@@ -97,6 +97,9 @@ def apply_scaled_updates_(params: list[Tensor], updates: list[Tensor], factors: 
     torch._foreach_add_(params, [u.reshape(p.shape).to(p.dtype) for u, p in zip(updates, params)], alpha=-lr)
 
 
-def update_column_stat_(v: Tensor, g: Tensor, beta2: float) -> None:
-    """DASGO: ``v <- beta2 v + (1 - beta2) sum_rows G^2`` in place (``v`` has ``n`` entries)."""
-    v.mul_(beta2).add_(g.square().sum(dim=0), alpha=1.0 - beta2)
+def ema_(stats: list[Tensor], values: list[Tensor], beta: float) -> None:
+    """``S <- beta S + (1 - beta) X`` in place for every pair: DASGO's column statistic (``X`` = the column
+    sums of ``G^2``, local or summed over a mesh) and a row-sharded block's Gram (``X`` = the mesh sum of
+    ``G_r^T G_r``). Multi-tensor ops: a fixed number of kernels for any number of blocks."""
+    torch._foreach_mul_(stats, beta)
+    torch._foreach_add_(stats, values, alpha=1.0 - beta)

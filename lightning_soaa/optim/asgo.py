@@ -359,7 +359,7 @@ class _OneSided(ShardedOptimizer):
             return
         sums = self._mesh_sum([c for _, _, c, _ in items], [v.counted for v, _, _, _ in items])
         for (_, stat, _, beta2), total in zip(items, sums):
-            stat.mul_(beta2).add_(total, alpha=1.0 - beta2)
+            asgo_math.ema_([stat], [total], beta2)
 
     def _split_norms(self, items: list[tuple[BlockView, Tensor]]) -> dict[int, tuple[Tensor, int]]:
         """``id(view) -> (squared norm of the whole parameter's update, its numel)`` for matrix blocks of
@@ -896,7 +896,7 @@ class DASGO(_OneSided):
     def _matrix_step(self, views: list[BlockView]) -> None:
         """Momentum, column statistics and directions of all blocks as multi-tensor ops per group of
         blocks sharing hyperparameters and dtype (per block: one column sum; the rest is batched), the
-        same arithmetic as :func:`asgo_math.update_momentum_` and :func:`asgo_math.update_column_stat_`;
+        same arithmetic as :func:`asgo_math.update_momentum_`, the column statistic by :func:`asgo_math.ema_`;
         the direction ``M (v + eps)^{-1/2}`` is RMS-normalised by :meth:`_apply_directions`."""
         sharded: list[tuple[BlockView, Tensor, Tensor, float]] = []
         grads: list[Tensor] = []
@@ -919,9 +919,7 @@ class DASGO(_OneSided):
             is_local = [not self._row_sharded(views[i]) for i in idx]
             local = [j for j, ok in enumerate(is_local) if ok]
             if local:
-                stats = [views[idx[j]].state[COL_STAT] for j in local]
-                torch._foreach_mul_(stats, beta2)
-                torch._foreach_add_(stats, [col[j] for j in local], alpha=1.0 - beta2)
+                asgo_math.ema_([views[idx[j]].state[COL_STAT] for j in local], [col[j] for j in local], beta2)
             # column sums of a row-sharded matrix: a sum over the shards (one all-reduce, below)
             sharded += [(views[idx[j]], views[idx[j]].state[COL_STAT], col[j], beta2)
                         for j in range(len(idx)) if not is_local[j]]
