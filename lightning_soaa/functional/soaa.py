@@ -522,11 +522,20 @@ def _by_kind(xs: list[Tensor]) -> dict[tuple[torch.dtype, torch.device], list[in
     return out
 
 
+def _fused_for(kernels: SOAAKernels, device: torch.device) -> FusedPasses:
+    """The fused passes of this device's kind (C on CPU, Triton on CUDA): a group may hold blocks of both,
+    and each kind's kernels take only their own tensors."""
+    native = kernels.fused_loaded(device.type == "cpu")
+    assert native is not None, "a block went to fused kernels that are not loaded"
+    return native
+
+
 def _native_soaa_sums(
-    kernels: SOAAKernels, native: FusedPasses, grads: list[Tensor], exp_avgs: list[Tensor],
+    kernels: SOAAKernels, grads: list[Tensor], exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor], ts: list[int], *, beta1: float, beta2: float, eps: float,
 ) -> Tensor:
-    """The partials of every block through the C sums loop (reads only; one call per dtype): Σ m_t²
+    """The partials of every block through the fused sums pass (reads only; one call per dtype and
+    device): Σ m_t²
     and Σ v_t follow from Σ m², Σ v of the stored moments (remembered from the last C step, see
     :meth:`SOAAKernels.stored_sums`, else read once from m and v) and this pass's Σ m g, Σ g², which
     reads only g and m. Always by this formula, so a resumed run takes the same bits as an
@@ -536,7 +545,8 @@ def _native_soaa_sums(
     c1, c2, c3, b2c = beta1 * beta1, 2.0 * beta1 * a, a * a, 1.0 - beta2
     bias = {t: ((1.0 - beta1**t) ** 2, 1.0 - beta2**t) for t in set(ts)}
     n_eps = eps * sum(map(_numel, grads))  # read before the loops' sweep evicts the tensors from cache
-    for idx in _by_kind(grads).values():
+    for (_, device), idx in _by_kind(grads).items():
+        native = _fused_for(kernels, device)
         whole = len(idx) == len(grads)
         gs, ms, vs = (grads, exp_avgs, exp_avg_sqs) if whole else (
             _pick(grads, idx), _pick(exp_avgs, idx), _pick(exp_avg_sqs, idx))
@@ -561,19 +571,20 @@ def _native_soaa_sums(
 
 
 def _native_soaa_step_(
-    kernels: SOAAKernels, native: FusedPasses, params: list[Tensor], grads: list[Tensor],
+    kernels: SOAAKernels, params: list[Tensor], grads: list[Tensor],
     exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], ts: list[int], *, lr: float, beta1: float,
     beta2: float, eps: float, weight_decay: float, d: float, c: float, count_limited: bool,
 ) -> Tensor:
-    """Moments and θ of every block through the C step loop (one call per dtype), which also returns
-    the update sums and the new moments' Σ m², Σ v (remembered for the next sums pass)."""
+    """Moments and θ of every block through the fused step pass (one call per dtype and device), which
+    also returns the update sums and the new moments' Σ m², Σ v (remembered for the next sums pass)."""
     out = [0.0, 0.0, 0.0]
     caps = {t: _cap_scalars(t, beta1, beta2, d, c) for t in set(ts)}
     # per step count: the kernel's scalars and the weights of its update sums
     rows_of = {t: (1.0 - beta1, beta2, 1.0 - beta2, 1.0 - lr * weight_decay, -lr * k[2], k[0], k[1], eps)
                for t, k in caps.items()}
     weights = {t: (k[2] / k[3], k[2] * k[2] / k[4]) for t, k in caps.items()}
-    for idx in _by_kind(params).values():
+    for (_, device), idx in _by_kind(params).items():
+        native = _fused_for(kernels, device)
         sub = (params, grads, exp_avgs, exp_avg_sqs)
         ps, gs, ms, vs = sub if len(idx) == len(params) else _sub(sub, idx)
         # the record of the moments as the step leaves them (its one version bump included), taken while
@@ -741,26 +752,24 @@ def _single_tensor_soaa_step_(
 
 
 # ---------------------------------------------------------------- dispatchers
-def _split(kernels: SOAAKernels | None, *lists: list[Tensor]
-           ) -> tuple[FusedPasses | None, list[int], list[int], list[int]]:
-    """The C kernels (if any block takes them) and the indices of the blocks for them, for the
-    compiled kernels and for the eager ones."""
+def _split(kernels: SOAAKernels | None, *lists: list[Tensor]) -> tuple[list[int], list[int], list[int]]:
+    """The indices of the blocks for the fused kernels (C on CPU, Triton on CUDA; :meth:`SOAAKernels.
+    native_for`), for the ``torch.compile``'d kernels and for the eager ones."""
     n = len(lists[0])
     if kernels is None:
-        return None, [], [], list(range(n))
-    if (native := kernels.native_for_all(*lists)) is not None:  # the usual CPU case: one check for all
-        return native, list(range(n)), [], []
-    native, c_idx, fast, rest = None, [], [], []
+        return [], [], list(range(n))
+    if kernels.native_for_all(*lists) is not None:  # the usual case: one check for all
+        return list(range(n)), [], []
+    c_idx, fast, rest = [], [], []
     for i in range(n):
         block = tuple(x[i] for x in lists)
-        if (nat := kernels.native_for(*block)) is not None:
-            native = nat
+        if kernels.native_for(*block) is not None:
             c_idx.append(i)
         elif kernels.accepts(*block):
             fast.append(i)
         else:
             rest.append(i)
-    return native, c_idx, fast, rest
+    return c_idx, fast, rest
 
 
 # Below this many elements a tensor's eager ops cost their dispatch, not their arithmetic: such tensors
@@ -822,12 +831,12 @@ def soaa_moments(
         return torch.zeros(2, dtype=torch.float64)
     lists = (grads, exp_avgs, exp_avg_sqs)
     kw: dict[str, Any] = {"beta1": beta1, "beta2": beta2, "eps": eps}
-    native, c_idx, fast, rest = _split(kernels, *lists)
+    c_idx, fast, rest = _split(kernels, *lists)
     parts: list[Tensor] = []
-    if native is not None:
+    if c_idx:
         assert kernels is not None
         cg, cm, cv = lists if len(c_idx) == len(grads) else _sub(lists, c_idx)
-        parts.append(_native_soaa_sums(kernels, native, cg, cm, cv, _pick(ts, c_idx), **kw))
+        parts.append(_native_soaa_sums(kernels, cg, cm, cv, _pick(ts, c_idx), **kw))
     if fast:
         assert kernels is not None
         g_, m_, v_ = _sub(lists, fast)
@@ -886,12 +895,12 @@ def soaa_step_(
     lists = (params, grads, exp_avgs, exp_avg_sqs)
     kw: dict[str, Any] = {"lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps, "weight_decay": weight_decay,
                           "d": d, "c": c, "count_limited": count_limited}
-    native, c_idx, fast, rest = _split(kernels, *lists)
+    c_idx, fast, rest = _split(kernels, *lists)
     parts: list[Tensor] = []
-    if native is not None:
+    if c_idx:
         assert kernels is not None
         cp, cg, cm, cv = lists if len(c_idx) == len(params) else _sub(lists, c_idx)
-        parts.append(_native_soaa_step_(kernels, native, cp, cg, cm, cv, _pick(ts, c_idx), **kw))
+        parts.append(_native_soaa_step_(kernels, cp, cg, cm, cv, _pick(ts, c_idx), **kw))
     if fast:
         assert kernels is not None
         p_, g_, m_, v_ = _sub(lists, fast)

@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 #: Not yet timed on a GPU.
 BLOCK = 1024
 NUM_WARPS = 8
+#: block-size lists whose program tables are kept (a step makes one call per pass, dtype and device)
+_MAX_LAYOUTS = 64
 #: program slots a reduction program adds per iteration
 REDUCE_BLOCK = 1024
 
@@ -93,44 +95,48 @@ if triton is not None:
         return s, q
 
     @triton.jit
-    def to_storage(x, like):
+    def to_storage(x, DTYPE: tl.constexpr):
         # float32 -> bfloat16 rounded to nearest even in integer arithmetic (a NaN stays a quiet NaN), the
         # same bits as torch and the C kernels on every backend (Triton's interpreter truncates)
-        if like.dtype.element_ty == tl.bfloat16:
+        if DTYPE == tl.bfloat16:
             u = x.to(tl.uint32, bitcast=True)
             rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
             nan = (u & 0x7FFFFFFF) > 0x7F800000
             bits = tl.where(nan, (u >> 16) | 0x40, rounded)
             return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
         else:
-            return x.to(like.dtype.element_ty)
+            return x.to(DTYPE)
 
     @triton.jit
-    def block_ptr(tab, blk, col: tl.constexpr, cols: tl.constexpr, like):
-        return tl.load(tab + blk * cols + col).to(like.dtype)
+    def block_ptr(tab, blk, col: tl.constexpr, cols: tl.constexpr, DTYPE: tl.constexpr):
+        return tl.load(tab + blk * cols + col).to(tl.pointer_type(DTYPE))
 
-    @triton.jit
-    def sums_kernel(tab, modes, prog_blk, prog_lo, part, nprog, like,
-                    COMPUTE: tl.constexpr, BLOCK: tl.constexpr) -> None:
+    # nprog is never specialised (Triton compiles a variant for a value of 1 and for multiples of 16):
+    # one binary per dtype, which the check before first use compiles, so no compiler runs mid-step; the
+    # storage dtype is a constexpr rather than a typed pointer argument for the same reason (alignment)
+
+    @triton.jit(do_not_specialize=["nprog"])
+    def sums_kernel(tab, modes, prog_blk, prog_lo, part, nprog,
+                    DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr) -> None:
         pid = tl.program_id(0)
         blk = tl.load(prog_blk + pid)
         n = tl.load(tab + blk * 4 + 3)
         offs = tl.load(prog_lo + pid) + tl.arange(0, BLOCK)
         mask = offs < n
-        m = tl.load(block_ptr(tab, blk, 1, 4, like) + offs, mask=mask, other=0.0).to(COMPUTE)
+        m = tl.load(block_ptr(tab, blk, 1, 4, DTYPE) + offs, mask=mask, other=0.0).to(COMPUTE)
         if tl.load(modes + blk) == 0:
-            v = tl.load(block_ptr(tab, blk, 2, 4, like) + offs, mask=mask, other=0.0).to(COMPUTE)
+            v = tl.load(block_ptr(tab, blk, 2, 4, DTYPE) + offs, mask=mask, other=0.0).to(COMPUTE)
             s0, s1 = moment_sums(m, v)
         else:
-            g = tl.load(block_ptr(tab, blk, 0, 4, like) + offs, mask=mask, other=0.0).to(COMPUTE)
+            g = tl.load(block_ptr(tab, blk, 0, 4, DTYPE) + offs, mask=mask, other=0.0).to(COMPUTE)
             s0 = tl.sum((m * g).to(tl.float64), axis=0)
             s1 = tl.sum((g * g).to(tl.float64), axis=0)
         tl.store(part + pid, s0)
         tl.store(part + nprog + pid, s1)
 
-    @triton.jit
-    def step_kernel(tab, scal, prog_blk, prog_lo, part, nprog, like,
-                    COMPUTE: tl.constexpr, BLOCK: tl.constexpr) -> None:
+    @triton.jit(do_not_specialize=["nprog"])
+    def step_kernel(tab, scal, prog_blk, prog_lo, part, nprog,
+                    DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr) -> None:
         pid = tl.program_id(0)
         blk = tl.load(prog_blk + pid)
         n = tl.load(tab + blk * 5 + 4)
@@ -140,8 +146,8 @@ if triton is not None:
         a, b2, b2c = tl.load(sc).to(COMPUTE), tl.load(sc + 1).to(COMPUTE), tl.load(sc + 2).to(COMPUTE)
         decay, alr = tl.load(sc + 3).to(COMPUTE), tl.load(sc + 4).to(COMPUTE)
         k1, knee, eps = tl.load(sc + 5).to(COMPUTE), tl.load(sc + 6).to(COMPUTE), tl.load(sc + 7).to(COMPUTE)
-        p_ptr, g_ptr = block_ptr(tab, blk, 0, 5, like), block_ptr(tab, blk, 1, 5, like)
-        m_ptr, v_ptr = block_ptr(tab, blk, 2, 5, like), block_ptr(tab, blk, 3, 5, like)
+        p_ptr, g_ptr = block_ptr(tab, blk, 0, 5, DTYPE), block_ptr(tab, blk, 1, 5, DTYPE)
+        m_ptr, v_ptr = block_ptr(tab, blk, 2, 5, DTYPE), block_ptr(tab, blk, 3, 5, DTYPE)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
         m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
         v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
@@ -150,10 +156,10 @@ if triton is not None:
         vt = v * b2 + g * g * b2c
         s, q = sqrt_div(vt, mt, eps, k1, knee, COMPUTE)
         q = tl.where(mask, q, 0.0)  # padding lanes: 0/ε, or 0/0 with ε = 0
-        ms, vs = to_storage(mt, like), to_storage(vt, like)
+        ms, vs = to_storage(mt, DTYPE), to_storage(vt, DTYPE)
         tl.store(m_ptr + offs, ms, mask=mask)
         tl.store(v_ptr + offs, vs, mask=mask)
-        tl.store(p_ptr + offs, to_storage(p * decay + alr * q, like), mask=mask)
+        tl.store(p_ptr + offs, to_storage(p * decay + alr * q, DTYPE), mask=mask)
         sq = s * q
         s3, s4 = moment_sums(ms.to(COMPUTE), vs.to(COMPUTE))
         tl.store(part + pid, tl.sum((mt * q).to(tl.float64), axis=0))
@@ -162,7 +168,7 @@ if triton is not None:
         tl.store(part + 3 * nprog + pid, s3)
         tl.store(part + 4 * nprog + pid, s4)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["nprog"])
     def reduce_kernel(part, first, out, nprog, K: tl.constexpr,
                       BLOCK: tl.constexpr) -> None:
         # the slots of block b, output k, added in one fixed order (no atomics): deterministic
@@ -175,6 +181,12 @@ if triton is not None:
             offs = start + tl.arange(0, BLOCK)
             acc += tl.load(part + k * nprog + offs, mask=offs < hi, other=0.0)
         tl.store(out + b * K + k, tl.sum(acc, axis=0))
+
+
+#: torch dtype -> the Triton element type the kernels load and store
+_TL_DTYPES: dict[torch.dtype, Any] = (
+    {} if tl is None else
+    {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float64: tl.float64})
 
 
 class _Layout:
@@ -247,8 +259,8 @@ class TritonSOAA:
         if key not in self._checked:
             why = self_check(self, device, dtype)
             if why is not None:
-                log.warning("SOAA: the Triton kernels failed their check on %s %s (%s); using the eager path",
-                            device, dtype, why)
+                log.warning("SOAA: the Triton kernels failed their check on %s %s (%s); those blocks take the "
+                            "torch.compile'd or the eager path", device, dtype, why)
             self._checked[key] = why is None
         return self._checked[key]
 
@@ -256,6 +268,8 @@ class TritonSOAA:
         key = (device, sizes)
         hit = self._layouts.get(key)
         if hit is None:
+            if len(self._layouts) >= _MAX_LAYOUTS:  # a step makes the same few calls: only a new model gets here
+                self._layouts.clear()
             hit = self._layouts[key] = _Layout(sizes, device)
         return hit
 
@@ -270,11 +284,14 @@ class TritonSOAA:
         nb = lay.first.numel() - 1
         out = torch.empty(nb * k, dtype=torch.float64, device=like.device)
         compute = tl.float64 if like.dtype == torch.float64 else tl.float32
+        # no fused multiply-adds: the same bits as eager torch and the C kernels (Triton fuses by default)
+        fusion = {"enable_fp_fusion": False}
         # Triton launches on the current device: make it the tensors' (a model split over GPUs)
         with torch.cuda.device(like.device) if like.is_cuda else contextlib.nullcontext():
-            self._kernels[kernel][(lay.nprog,)](*args, lay.prog_blk, lay.prog_lo, part, lay.nprog, like,
-                                                COMPUTE=compute, BLOCK=BLOCK, num_warps=NUM_WARPS)
-            reduce_kernel[(nb, k)](part, lay.first, out, lay.nprog, K=k, BLOCK=REDUCE_BLOCK)
+            self._kernels[kernel][(lay.nprog,)](*args, lay.prog_blk, lay.prog_lo, part, lay.nprog,
+                                                DTYPE=_TL_DTYPES[like.dtype], COMPUTE=compute, BLOCK=BLOCK,
+                                                num_warps=NUM_WARPS, **fusion)
+            reduce_kernel[(nb, k)](part, lay.first, out, lay.nprog, K=k, BLOCK=REDUCE_BLOCK, **fusion)
         values = out.tolist()  # the pass's one wait for the device
         return [values[i:i + k] for i in range(0, len(values), k)]
 
@@ -317,30 +334,42 @@ class TritonSOAA:
 
 # ---------------------------------------------------------------- the check before first use
 _CHECK_SCAL = (0.1, 0.95, 0.05, 0.999, -1e-2, 2.0, 0.3, 1e-8)  # (1-β1, β2, 1-β2, decay, alr, k1, knee, ε)
-#: relative tolerance of the check by dtype: a few units in the last place of the stored moments and θ
-#: (the device may fuse a multiply and an add where torch does not)
-_CHECK_RTOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+#: relative tolerance of the check's sums: the summands are the same numbers (no fused multiply-add, IEEE
+#: sqrt and division), only their float64 addition order differs
+_CHECK_SUMS_RTOL = 1e-9
 
 
 def _reference_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, scal: Sequence[float] = _CHECK_SCAL
                     ) -> tuple[list[Tensor], list[float]]:
-    """The step's arithmetic in eager torch (compute dtype as the kernel's): new θ, m, v and the five sums."""
-    a, b2, b2c, decay, alr, k1, knee, eps = scal
+    """The step's arithmetic as the kernels define it, in eager torch: every operation rounded to the compute
+    type (float32, or float64 for float64 tensors), with nothing fused; new θ, m, v and the five sums.
+
+    Evaluated in float64 and rounded after each operation: for float32 operands that is exactly the IEEE
+    float32 result (double rounding is innocuous for +, -, *, / and sqrt at these precisions), which torch's
+    own float32 CPU ``sqrt`` is not (it differs in the last place for ~1 in 5 values)."""
     ct = torch.float64 if p.dtype == torch.float64 else torch.float32
-    g_, m_, v_, p_ = (x.to(ct) for x in (g, m, v, p))
-    mt = m_ + (g_ - m_) * a
-    vt = v_ * b2 + g_ * g_ * b2c
-    s = vt.sqrt()
-    q = mt / (eps + k1 * s.clamp_min(knee) * s)
-    ms, vs = mt.to(p.dtype), vt.to(p.dtype)
-    sums = [(mt * q).double().sum(), ((s * q) ** 2).double().sum(), (s < knee).double().sum(),
-            (ms.to(ct) ** 2).double().sum(), vs.double().sum()]
-    return [(p_ * decay + alr * q).to(p.dtype), ms, vs], [float(x) for x in sums]
+
+    def r(x: Tensor) -> Tensor:
+        return x.to(ct).to(torch.float64)
+
+    a, b2, b2c, decay, alr, k1, knee, eps = (r(torch.tensor(x, dtype=torch.float64, device=p.device)) for x in scal)
+    g_, m_, v_, p_ = (r(x) for x in (g, m, v, p))
+    mt = r(m_ + r(r(g_ - m_) * a))
+    vt = r(r(v_ * b2) + r(r(g_ * g_) * b2c))
+    s = r(vt.sqrt())
+    q = r(mt / r(eps + r(r(k1 * torch.maximum(s, knee)) * s)))
+    ms, vs = mt.to(p.dtype), vt.to(p.dtype)  # mt, vt hold compute-type values: one rounding, as the kernels'
+    sq = r(s * q)
+    msc = r(ms)
+    sums = [r(mt * q).sum(), r(sq * sq).sum(), (s < knee).double().sum(), r(msc * msc).sum(), r(vs).sum()]
+    return [r(r(p_ * decay) + r(alr * q)).to(p.dtype), ms, vs], [float(x) for x in sums]
 
 
 def self_check(kernels: TritonSOAA, device: torch.device, dtype: torch.dtype) -> str | None:
     """None when both passes agree with :func:`_reference_step` on this device and dtype (two blocks,
-    one over several programs, one smaller than a program), else what went wrong."""
+    one over several programs, one smaller than a program): θ, m, v to the bit, the sums to rounding of
+    their addition, the sums pass's Σ m², Σ v of the moments the step stored equal to the step's; else
+    what went wrong. Compiles the kernels this device and dtype will run (no other variant exists)."""
     gen = torch.Generator().manual_seed(0)
     sizes = (2 * BLOCK + 3, 5)
 
@@ -349,7 +378,6 @@ def self_check(kernels: TritonSOAA, device: torch.device, dtype: torch.dtype) ->
 
     p, g, m = draw(), draw(), draw()
     v = [x.abs() for x in draw()]
-    rtol = _CHECK_RTOL[dtype]
     try:
         gm = kernels.run_sums(g, m, v, [TritonSOAA.SUMS_GM] * len(sizes))
         new = [[x.clone() for x in xs] for xs in (p, g, m, v)]
@@ -357,18 +385,15 @@ def self_check(kernels: TritonSOAA, device: torch.device, dtype: torch.dtype) ->
         moments = kernels.run_sums(new[1], new[2], new[3], [TritonSOAA.SUMS_MOMENTS] * len(sizes))
     except Exception as e:  # noqa: BLE001 - any build or launch failure means: do not use them
         return f"{type(e).__name__}: {e}"
+    ct = torch.float64 if dtype == torch.float64 else torch.float32
     for i in range(len(sizes)):
         want, sums = _reference_step(p[i], g[i], m[i], v[i])
         for name, got, ref in zip(("theta", "m", "v"), (new[0][i], new[2][i], new[3][i]), want):
-            if not torch.allclose(got.double(), ref.double(), rtol=rtol, atol=rtol * ref.abs().max().item()):
+            if not torch.equal(got, ref):
                 return f"{name} of block {i} differs from eager torch"
-        mg = float((m[i].double() * g[i].double()).sum())
-        # the count #(s < knee) may differ by an element whose s lies within an ulp of the knee (the
-        # device may fuse v β2 + g² (1-β2) into one multiply-add, eager torch does not)
-        checks = [(rows[i][0], sums[0], 1e-6), (rows[i][1], sums[1], 1e-6), (rows[i][2], sums[2], 2.0),
-                  (rows[i][3], sums[3], 1e-6), (rows[i][4], sums[4], 1e-6), (gm[i][0], mg, 1e-6),
-                  (moments[i][0], rows[i][3], 0.0), (moments[i][1], rows[i][4], 0.0)]
-        for got_s, ref_s, abs_tol in checks:
-            if not math.isclose(got_s, ref_s, rel_tol=max(rtol, 1e-5) * 10, abs_tol=abs_tol):
+        mg = float((m[i].to(ct) * g[i].to(ct)).double().sum())  # an exact product per element, then summed
+        checks = [*zip(rows[i], sums), (gm[i][0], mg), (moments[i][0], rows[i][3]), (moments[i][1], rows[i][4])]
+        for got_s, ref_s in checks:
+            if not math.isclose(got_s, ref_s, rel_tol=_CHECK_SUMS_RTOL, abs_tol=1e-12):
                 return f"the sums of block {i} differ from eager torch ({got_s} vs {ref_s})"
     return None

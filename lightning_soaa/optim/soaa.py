@@ -202,9 +202,14 @@ def _loss_value(loss: Any) -> float:
 def _triton_passes() -> FusedPasses:
     """The hand-written Triton passes for CUDA tensors (imported on first use: Triton is optional);
     ``RuntimeError`` (:class:`~lightning_soaa.kernels.soaa_triton.TritonUnavailable`) where they cannot run."""
-    from lightning_soaa.kernels.soaa_triton import TritonSOAA
+    try:
+        from lightning_soaa.kernels.soaa_triton import TritonSOAA
 
-    return TritonSOAA.load()
+        return TritonSOAA.load()
+    except RuntimeError:  # TritonUnavailable: no Triton, no CUDA
+        raise
+    except Exception as e:  # noqa: BLE001 - a broken Triton install: the next path, not a failed step
+        raise RuntimeError(f"Triton failed to load: {type(e).__name__}: {e}") from e
 
 
 class SOAA(ShardedOptimizer):
@@ -386,8 +391,10 @@ class SOAA(ShardedOptimizer):
         if "_soaa_kernels" not in self.__dict__:
             use = self.config.compile if self.config.compile is not None else _compile_default()
             native = os.environ.get("LIGHTNING_SOAA_NATIVE", "1") != "0"  # "0": torch.compile on CPU too
+            # the Triton passes only when asked for (compile=True): not yet the default on accelerators
+            triton = _triton_passes if self.config.compile is True else None
             self._soaa_kernels = SOAAKernels(cpu_loader=NativeSOAA.load if native else None,
-                                             accel_loader=_triton_passes) if use else None
+                                             accel_loader=triton) if use else None
         return self._soaa_kernels
 
     def _kernels_for(self, views: list[BlockView]) -> SOAAKernels | None:
@@ -395,14 +402,14 @@ class SOAA(ShardedOptimizer):
         ``compile=True``) take blocks of any size; otherwise None when no block is large enough for the
         ``torch.compile``'d kernels (``SOAAKernels.min_numel``): such blocks always take the eager path,
         and without kernels the functional layer does not ask ``accepts`` per tensor at every step (same
-        results)."""
+        results). Decided from every block's device: a group may hold CPU and accelerator blocks."""
         kernels = self._kernels()
         if kernels is None or not views:
             return kernels
-        cpu = views[0].param.is_cpu
-        if cpu and kernels.native_failure is None:
+        on_cpu = [v.param.is_cpu for v in views]
+        if all(on_cpu) and kernels.native_failure is None:
             return kernels
-        if not cpu:
+        if not all(on_cpu):
             if self.config.compile is None:
                 # by default accelerators take the foreach path: measured on an H200 (torch 2.11, Triton
                 # 3.6), the torch.compile'd passes took 13-25 ms a step for 10 x 1e6 fp32 against 2.2-2.6 ms
@@ -412,11 +419,12 @@ class SOAA(ShardedOptimizer):
                 return kernels
         if all(v.param.numel() < kernels.min_numel for v in views):
             return None
-        if not cpu and not self.__dict__.get("_warned_compiled_accelerator"):
+        if not all(on_cpu) and not self.__dict__.get("_warned_compiled_accelerator"):
             self._warned_compiled_accelerator = True
+            device = next(v.param.device.type for v in views if not v.param.is_cpu)
             log.warning("SOAA(compile=True) on %s without the Triton kernels (%s): the torch.compile'd passes "
                         "measured 5-10x slower than the default foreach path on an H200 (torch 2.11); leave "
-                        "compile unset there.", views[0].param.device.type, kernels.accel_failure)
+                        "compile unset there.", device, kernels.accel_failure)
         return kernels
 
     def _reset_trust_state(self) -> None:

@@ -114,6 +114,16 @@ def test_accelerator_blocks_go_to_the_accelerator_kernels_and_cpu_blocks_to_the_
     assert SOAAKernels().native_for(*on_device) is None  # no loader: no accelerator kernels
 
 
+def test_only_compile_true_lets_the_optimizer_load_the_triton_kernels() -> None:
+    """The Triton passes are not yet the default on accelerators: ``compile=None`` never imports them."""
+    from lightning_soaa import SOAA
+
+    default = SOAA([torch.nn.Parameter(torch.ones(3))])._kernels()
+    assert default is not None and default._accel_loader is None and default.accel_failure is not None
+    asked = SOAA([torch.nn.Parameter(torch.ones(3))], compile=True)._kernels()
+    assert asked is not None and asked._accel_loader is not None
+
+
 class _Recorder(_FakeFused):
     """Takes blocks of any device and records the devices of each call (zero sums)."""
 
@@ -132,20 +142,18 @@ class _Recorder(_FakeFused):
         return [[0.0, 0.0] for _ in g]
 
 
-def test_one_fused_call_never_mixes_devices() -> None:
-    """A model split over devices: each fused call gets the blocks of one device (a CUDA kernel reads its
-    pointer table on one GPU), however the blocks are ordered."""
-    rec = _Recorder()
-    kernels = SOAAKernels(cpu_loader=lambda: rec, accel_loader=lambda: rec)
-
-    def block(dev: str) -> list[torch.Tensor]:
-        return [torch.zeros(4, device=dev) for _ in range(3)]
-
-    blocks = [block("cpu"), block("meta"), block("cpu"), block("meta")]
-    g, m, v = ([b[i] for b in blocks] for i in range(3))
-    soaa_moments(g, m, v, [1] * 4, beta1=B1, beta2=B2, eps=1e-8, kernels=kernels)
-    assert rec.calls and all(len(devs) == 1 for devs in rec.calls), rec.calls
-    assert {d.type for devs in rec.calls for d in devs} == {"cpu", "meta"}
+def test_one_fused_call_never_mixes_devices_and_each_kind_gets_its_own_kernels() -> None:
+    """A group with blocks on several devices (a model split over GPUs, or CPU and GPU): each fused call
+    gets the blocks of one device, through the kernels of that device's kind (the C loops would read a
+    CUDA pointer as host memory), whatever the order of the blocks."""
+    for order in (("cpu", "meta", "cpu", "meta"), ("meta", "cpu", "meta", "cpu")):
+        on_cpu, on_device = _Recorder(), _Recorder()
+        kernels = SOAAKernels(cpu_loader=lambda: on_cpu, accel_loader=lambda: on_device)
+        blocks = [[torch.zeros(4, device=dev) for _ in range(3)] for dev in order]
+        g, m, v = ([b[i] for b in blocks] for i in range(3))
+        soaa_moments(g, m, v, [1] * 4, beta1=B1, beta2=B2, eps=1e-8, kernels=kernels)
+        assert on_cpu.calls and all(devs == {torch.device("cpu")} for devs in on_cpu.calls), on_cpu.calls
+        assert on_device.calls and all(devs == {torch.device("meta")} for devs in on_device.calls), on_device.calls
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])

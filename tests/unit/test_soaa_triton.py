@@ -35,9 +35,11 @@ CHECKS = (
 
 
 @pytest.mark.parametrize("arch", [80, 90])
-@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16", "fp64"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "float64"])
 def test_kernels_compile_for_nvidia_gpus(arch: int, dtype: str) -> None:
-    """Both passes and the reduction compile to PTX and through ptxas for A100 (sm_80) and H100 (sm_90)."""
+    """Both passes and the reduction compile to PTX and through ptxas for A100 (sm_80) and H100 (sm_90),
+    with the options the launches use, and the PTX has no fused multiply-add (the kernels' results are
+    defined as unfused IEEE arithmetic)."""
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
@@ -46,18 +48,20 @@ def test_kernels_compile_for_nvidia_gpus(arch: int, dtype: str) -> None:
     from lightning_soaa.kernels import soaa_triton as k
 
     target = GPUTarget("cuda", arch, 32)
-    head = {"prog_blk": "*i32", "prog_lo": "*i64", "part": "*fp64", "nprog": "i32", "like": f"*{dtype}",
+    options = {"num_warps": k.NUM_WARPS, "enable_fp_fusion": False}
+    head = {"prog_blk": "*i32", "prog_lo": "*i64", "part": "*fp64", "nprog": "i32", "DTYPE": "constexpr",
             "COMPUTE": "constexpr", "BLOCK": "constexpr"}
-    consts = {"COMPUTE": tl.float64 if dtype == "fp64" else tl.float32, "BLOCK": k.BLOCK}
+    consts = {"DTYPE": getattr(tl, dtype), "COMPUTE": tl.float64 if dtype == "float64" else tl.float32,
+              "BLOCK": k.BLOCK}
     passes = ((k.sums_kernel, {"tab": "*i64", "modes": "*i32"}), (k.step_kernel, {"tab": "*i64", "scal": "*fp64"}))
     for fn, first in passes:
-        compiled = triton.compile(ASTSource(fn=fn, signature={**first, **head}, constexprs=consts), target=target,
-                                  options={"num_warps": k.NUM_WARPS})
-        assert "ld.global" in compiled.asm["ptx"]
+        src = ASTSource(fn=fn, signature={**first, **head}, constexprs=consts)
+        ptx = triton.compile(src, target=target, options=options).asm["ptx"]
+        assert "ld.global" in ptx and "fma." not in ptx
     reduce_sig = {"part": "*fp64", "first": "*i64", "out": "*fp64", "nprog": "i32", "K": "constexpr",
                   "BLOCK": "constexpr"}
-    triton.compile(ASTSource(fn=k.reduce_kernel, signature=reduce_sig, constexprs={"K": 5, "BLOCK": k.REDUCE_BLOCK}),
-                   target=target)
+    src = ASTSource(fn=k.reduce_kernel, signature=reduce_sig, constexprs={"K": 5, "BLOCK": k.REDUCE_BLOCK})
+    triton.compile(src, target=target, options={"enable_fp_fusion": False})
 
 
 @pytest.mark.parametrize("check", CHECKS)
