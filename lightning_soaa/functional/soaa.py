@@ -300,8 +300,9 @@ class SOAAKernels:
     """
 
     def __init__(self, min_numel: int = 1 << 16, cpu_loader: Callable[[], FusedPasses] | None = None,
-                 accel_loader: Callable[[], FusedPasses] | None = None) -> None:
+                 accel_loader: Callable[[], FusedPasses] | None = None, compile_accelerators: bool = True) -> None:
         self.min_numel = int(min_numel)
+        self.compile_accelerators = compile_accelerators
         self.failure: str | None = None
         self.native_failure: str | None = None if cpu_loader is not None else "off (no CPU kernel loader)"
         self.accel_failure: str | None = None if accel_loader is not None else "off (no accelerator kernel loader)"
@@ -435,6 +436,7 @@ class SOAAKernels:
         t0 = ts[0]
         return (
             self.failure is None
+            and (t0.is_cpu or self.compile_accelerators)
             and self._big(ts)
             and t0.dtype in _COMPILABLE
             and all(t.dtype == t0.dtype and t.device == t0.device and t.is_contiguous() for t in ts)
@@ -530,6 +532,24 @@ def _fused_for(kernels: SOAAKernels, device: torch.device) -> FusedPasses:
     return native
 
 
+def _fused_step(kernels: SOAAKernels, native: FusedPasses, device: torch.device,
+                blocks: tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]],
+                scal: list[tuple[float, ...]]) -> list[list[float]]:
+    """``native.step`` (which also bumps the autograd versions). The C loops fail only before writing
+    (their one allocation); an accelerator's step can fail after its kernel ran (a device fault, a launch
+    of the reduction): that is raised as such, and the accelerator kernels are not used again."""
+    try:
+        p, g, m, v = blocks
+        return native.step(p, g, m, v, scal)
+    except Exception as e:
+        if device.type == "cpu":
+            raise
+        kernels.accel_failure = f"{type(e).__name__}: {e}"
+        raise RuntimeError(f"SOAA: the fused step on {device} failed ({kernels.accel_failure}) after it may have "
+                           "written θ, m and v: this optimizer's state is no longer consistent; resume from a "
+                           "checkpoint (the fused accelerator kernels are now off)") from e
+
+
 def _native_soaa_sums(
     kernels: SOAAKernels, grads: list[Tensor], exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor], ts: list[int], *, beta1: float, beta2: float, eps: float,
@@ -590,7 +610,7 @@ def _native_soaa_step_(
         # the record of the moments as the step leaves them (its one version bump included), taken while
         # they are in cache: after the loop's sweep every tensor touched costs a trip to memory
         record = kernels.snapshot(ms, vs, versions_ahead=1)
-        rows = native.step(ps, gs, ms, vs, [rows_of[ts[i]] for i in idx])  # also bumps autograd versions
+        rows = _fused_step(kernels, native, device, (ps, gs, ms, vs), [rows_of[ts[i]] for i in idx])
         for i, r in zip(idx, rows):
             w = weights[ts[i]]
             out[0] += r[0] * w[0]

@@ -42,6 +42,8 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import increment_version
 
+from lightning_soaa.kernels.raw import own_storage
+
 log = logging.getLogger(__name__)
 
 __all__ = ["NativeSOAA", "NativeUnavailable"]
@@ -184,7 +186,7 @@ class NativeSOAA:
         for t in ts:  # a plain loop: this runs per block and pass, on small models a visible cost
             if not (t.is_cpu and t.dtype == dtype and t.is_contiguous()):
                 return False
-        return True
+        return own_storage(ts)
 
     @staticmethod
     def accepts_all(*lists: list[Tensor]) -> bool:
@@ -194,7 +196,7 @@ class NativeSOAA:
             return False
         every = list(itertools.chain.from_iterable(lists))
         return (set(map(_dtype_of, every)) == {lists[0][0].dtype} and all(map(_is_cpu, every))
-                and all(map(_is_contiguous, every)))
+                and all(map(_is_contiguous, every)) and own_storage(every))
 
     def sums(self, g: list[Tensor], m: list[Tensor], v: list[Tensor], modes: list[int]) -> list[list[float]]:
         """Per block (reads only): mode ``SUMS_MOMENTS`` ``[Σ m², Σ v]`` of the stored moments (the same

@@ -37,6 +37,8 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import increment_version
 
+from lightning_soaa.kernels.raw import own_storage
+
 __all__ = ["TritonSOAA", "TritonUnavailable", "self_check"]
 
 log = logging.getLogger(__name__)
@@ -238,7 +240,7 @@ class TritonSOAA:
             if not (t.device == dev and t.device.type == self.device_type and t.dtype == dtype
                     and t.is_contiguous()):
                 return False
-        return self._verified(dev, dtype)
+        return own_storage(ts) and self._verified(dev, dtype)
 
     def accepts_all(self, *lists: list[Tensor]) -> bool:
         """:meth:`accepts` for every block at once (one dtype and one device for all)."""
@@ -248,7 +250,7 @@ class TritonSOAA:
         dev = lists[0][0].device
         return (dev.type == self.device_type and {t.device for t in every} == {dev}
                 and set(map(_dtype_of, every)) == {lists[0][0].dtype} and all(map(_is_contiguous, every))
-                and self._verified(dev, lists[0][0].dtype))
+                and own_storage(every) and self._verified(dev, lists[0][0].dtype))
 
     def _verified(self, device: torch.device, dtype: torch.dtype) -> bool:
         """Whether the kernels, compiled for this device and dtype, agree with eager torch arithmetic
@@ -391,9 +393,13 @@ def self_check(kernels: TritonSOAA, device: torch.device, dtype: torch.dtype) ->
         for name, got, ref in zip(("theta", "m", "v"), (new[0][i], new[2][i], new[3][i]), want):
             if not torch.equal(got, ref):
                 return f"{name} of block {i} differs from eager torch"
-        mg = float((m[i].to(ct) * g[i].to(ct)).double().sum())  # an exact product per element, then summed
-        checks = [*zip(rows[i], sums), (gm[i][0], mg), (moments[i][0], rows[i][3]), (moments[i][1], rows[i][4])]
-        for got_s, ref_s in checks:
+        # the products rounded to the compute type, as the kernel forms them, then summed in float64
+        mg = float((m[i].to(ct) * g[i].to(ct)).double().sum())
+        g2 = float((g[i].to(ct) * g[i].to(ct)).double().sum())
+        for got_s, ref_s in [*zip(rows[i], sums), (gm[i][0], mg), (gm[i][1], g2)]:
             if not math.isclose(got_s, ref_s, rel_tol=_CHECK_SUMS_RTOL, abs_tol=1e-12):
                 return f"the sums of block {i} differ from eager torch ({got_s} vs {ref_s})"
+        # a resumed run reads Σ m², Σ v by the sums pass: the step's own values to the bit, or it diverges
+        if moments[i] != rows[i][3:]:
+            return f"the sums pass's Σ m², Σ v of block {i} differ from the step's ({moments[i]} vs {rows[i][3:]})"
     return None

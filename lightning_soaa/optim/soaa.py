@@ -394,7 +394,8 @@ class SOAA(ShardedOptimizer):
             # the Triton passes only when asked for (compile=True): not yet the default on accelerators
             triton = _triton_passes if self.config.compile is True else None
             self._soaa_kernels = SOAAKernels(cpu_loader=NativeSOAA.load if native else None,
-                                             accel_loader=triton) if use else None
+                                             accel_loader=triton,
+                                             compile_accelerators=self.config.compile is True) if use else None
         return self._soaa_kernels
 
     def _kernels_for(self, views: list[BlockView]) -> SOAAKernels | None:
@@ -407,7 +408,9 @@ class SOAA(ShardedOptimizer):
         if kernels is None or not views:
             return kernels
         on_cpu = [v.param.is_cpu for v in views]
-        if all(on_cpu) and kernels.native_failure is None:
+        if any(on_cpu) and kernels.native_failure is None:
+            # the C loops for the CPU blocks; accelerator blocks of the group take Triton with compile=True,
+            # else the eager path (SOAAKernels(compile_accelerators=False) never compiles for them)
             return kernels
         if not all(on_cpu):
             if self.config.compile is None:

@@ -59,7 +59,7 @@ def step_matches_float64_and_eager(device: str) -> None:
                 assert torch.equal(got, ref), (dtype, i)
             ref64 = _float64_step(p[i], g[i], m[i], v[i])
             for j, (got_s, ref_s) in enumerate(zip(rows[i], ref64)):
-                # #(s < knee): an element within an ulp of the knee may land on either side (fused multiply-adds)
+                # #(s < knee) against float64: an element whose float32 s and float64 s straddle the knee
                 tol = 1.0 if j == 2 and dtype != torch.float64 else 1e-9
                 assert math.isclose(got_s, ref_s, rel_tol=20 * rtol, abs_tol=tol), (dtype, i, rows[i], ref64)
             mg = float((m[i].double() * g[i].double()).sum())

@@ -114,6 +114,47 @@ def test_accelerator_blocks_go_to_the_accelerator_kernels_and_cpu_blocks_to_the_
     assert SOAAKernels().native_for(*on_device) is None  # no loader: no accelerator kernels
 
 
+def test_kernels_refuse_tensors_without_their_own_storage() -> None:
+    """A wrapper subclass (DTensor and the like) reports data_ptr() == 0: a kernel writing through it would
+    fault. Only the public functional API could hand one over (the optimizer passes local shards)."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    from lightning_soaa.kernels.raw import own_storage
+
+    native = _native_or_skip()
+    g, m, v, p = _block(100, 0)
+    wrapped = TwoTensor(m.clone(), m.clone())
+    assert wrapped.data_ptr() == 0 and own_storage([g, m]) and not own_storage([g, wrapped])
+    assert native.accepts(g, m, v, p) and not native.accepts(g, wrapped, v, p)
+    assert not native.accepts_all([g], [wrapped], [v], [p])
+
+
+def test_an_accelerator_step_that_fails_says_the_state_is_inconsistent() -> None:
+    """The fused accelerator step can fail after its kernel wrote (a device fault): it raises saying so,
+    and the accelerator kernels are not used again."""
+
+    class Faulting(_FakeFused):
+        def step(self, *a: object) -> list[list[float]]:
+            raise RuntimeError("an illegal memory access was encountered")
+
+    kernels = SOAAKernels(accel_loader=Faulting)
+    p, g, m, v = ([torch.zeros(4, device="meta")] for _ in range(4))
+    with pytest.raises(RuntimeError, match="no longer consistent"):
+        soaa_step_(p, g, m, v, [1], lr=0.1, beta1=B1, beta2=B2, eps=1e-8, weight_decay=0.0, d=1.0, c=1.0,
+                   kernels=kernels)
+    assert kernels.accel_failure is not None and "illegal memory access" in kernels.accel_failure
+    assert kernels.native_for(p[0], g[0], m[0], v[0]) is None
+
+
+def test_compile_none_never_compiles_for_accelerator_blocks() -> None:
+    """SOAA's default on accelerators is foreach: a group that also holds CPU blocks keeps the C loops for
+    those, and its accelerator blocks do not take the torch.compile'd kernels."""
+    big = [torch.empty(1 << 17, device="meta") for _ in range(4)]
+    assert SOAAKernels(compile_accelerators=True).accepts(*big)
+    assert not SOAAKernels(compile_accelerators=False).accepts(*big)
+    assert SOAAKernels(compile_accelerators=False).accepts(*_block(1 << 17, 0))  # CPU: torch.compile's still
+
+
 def test_only_compile_true_lets_the_optimizer_load_the_triton_kernels() -> None:
     """The Triton passes are not yet the default on accelerators: ``compile=None`` never imports them."""
     from lightning_soaa import SOAA

@@ -60,8 +60,9 @@ def test_kernels_compile_for_nvidia_gpus(arch: int, dtype: str) -> None:
         assert "ld.global" in ptx and "fma." not in ptx
     reduce_sig = {"part": "*fp64", "first": "*i64", "out": "*fp64", "nprog": "i32", "K": "constexpr",
                   "BLOCK": "constexpr"}
-    src = ASTSource(fn=k.reduce_kernel, signature=reduce_sig, constexprs={"K": 5, "BLOCK": k.REDUCE_BLOCK})
-    triton.compile(src, target=target, options={"enable_fp_fusion": False})
+    for outputs in (k.SUMS_OUT, k.STEP_OUT):
+        src = ASTSource(fn=k.reduce_kernel, signature=reduce_sig, constexprs={"K": outputs, "BLOCK": k.REDUCE_BLOCK})
+        triton.compile(src, target=target, options={"enable_fp_fusion": False})
 
 
 @pytest.mark.parametrize("check", CHECKS)
