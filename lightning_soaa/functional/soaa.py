@@ -239,7 +239,6 @@ _version_of = operator.attrgetter("_version")
 _data_ptr = Tensor.data_ptr
 _numel = Tensor.numel
 _dtype_of = operator.attrgetter("dtype")
-_device_of = operator.attrgetter("device")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -512,12 +511,12 @@ def _compiled_soaa_step_(
 
 
 # ---------------------------------------------------------------- C kernels (CPU; soaa_native.py)
-def _by_kind(xs: list[Tensor]) -> dict[tuple[torch.dtype, torch.device], list[int]]:
+def _kinds(xs: list[Tensor], uniform: bool) -> dict[tuple[torch.dtype, torch.device], list[int]]:
     """Indices by (dtype, device): one fused call takes blocks of one dtype on one device (a CUDA kernel
-    reads its pointer table on one GPU; a model split over GPUs has blocks on several)."""
-    kinds = set(zip(map(_dtype_of, xs), map(_device_of, xs)))
-    if len(kinds) == 1:  # the usual case, without a Python loop over the blocks
-        return {kinds.pop(): list(range(len(xs)))}
+    reads its pointer table on one GPU; a model split over GPUs has blocks on several). ``uniform``: the
+    caller knows they are all of one kind (the usual case, without a look at every block)."""
+    if uniform:
+        return {(xs[0].dtype, xs[0].device): list(range(len(xs)))}
     out: dict[tuple[torch.dtype, torch.device], list[int]] = {}
     for i, x in enumerate(xs):
         out.setdefault((x.dtype, x.device), []).append(i)
@@ -552,7 +551,7 @@ def _fused_step(kernels: SOAAKernels, native: FusedPasses, device: torch.device,
 
 def _native_soaa_sums(
     kernels: SOAAKernels, grads: list[Tensor], exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor], ts: list[int], *, beta1: float, beta2: float, eps: float,
+    exp_avg_sqs: list[Tensor], ts: list[int], *, beta1: float, beta2: float, eps: float, uniform: bool = False,
 ) -> Tensor:
     """The partials of every block through the fused sums pass (reads only; one call per dtype and
     device): Σ m_t²
@@ -565,7 +564,7 @@ def _native_soaa_sums(
     c1, c2, c3, b2c = beta1 * beta1, 2.0 * beta1 * a, a * a, 1.0 - beta2
     bias = {t: ((1.0 - beta1**t) ** 2, 1.0 - beta2**t) for t in set(ts)}
     n_eps = eps * sum(map(_numel, grads))  # read before the loops' sweep evicts the tensors from cache
-    for (_, device), idx in _by_kind(grads).items():
+    for (_, device), idx in _kinds(grads, uniform).items():
         native = _fused_for(kernels, device)
         whole = len(idx) == len(grads)
         gs, ms, vs = (grads, exp_avgs, exp_avg_sqs) if whole else (
@@ -593,7 +592,7 @@ def _native_soaa_sums(
 def _native_soaa_step_(
     kernels: SOAAKernels, params: list[Tensor], grads: list[Tensor],
     exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], ts: list[int], *, lr: float, beta1: float,
-    beta2: float, eps: float, weight_decay: float, d: float, c: float, count_limited: bool,
+    beta2: float, eps: float, weight_decay: float, d: float, c: float, count_limited: bool, uniform: bool = False,
 ) -> Tensor:
     """Moments and θ of every block through the fused step pass (one call per dtype and device), which
     also returns the update sums and the new moments' Σ m², Σ v (remembered for the next sums pass)."""
@@ -603,7 +602,7 @@ def _native_soaa_step_(
     rows_of = {t: (1.0 - beta1, beta2, 1.0 - beta2, 1.0 - lr * weight_decay, -lr * k[2], k[0], k[1], eps)
                for t, k in caps.items()}
     weights = {t: (k[2] / k[3], k[2] * k[2] / k[4]) for t, k in caps.items()}
-    for (_, device), idx in _by_kind(params).items():
+    for (_, device), idx in _kinds(params, uniform).items():
         native = _fused_for(kernels, device)
         sub = (params, grads, exp_avgs, exp_avg_sqs)
         ps, gs, ms, vs = sub if len(idx) == len(params) else _sub(sub, idx)
@@ -772,14 +771,15 @@ def _single_tensor_soaa_step_(
 
 
 # ---------------------------------------------------------------- dispatchers
-def _split(kernels: SOAAKernels | None, *lists: list[Tensor]) -> tuple[list[int], list[int], list[int]]:
+def _split(kernels: SOAAKernels | None, *lists: list[Tensor]) -> tuple[list[int], list[int], list[int], bool]:
     """The indices of the blocks for the fused kernels (C on CPU, Triton on CUDA; :meth:`SOAAKernels.
-    native_for`), for the ``torch.compile``'d kernels and for the eager ones."""
+    native_for`), for the ``torch.compile``'d kernels and for the eager ones; and whether the fused ones
+    are all of one dtype and device (checked at once by ``native_for_all``)."""
     n = len(lists[0])
     if kernels is None:
-        return [], [], list(range(n))
+        return [], [], list(range(n)), False
     if kernels.native_for_all(*lists) is not None:  # the usual case: one check for all
-        return list(range(n)), [], []
+        return list(range(n)), [], [], True
     c_idx, fast, rest = [], [], []
     for i in range(n):
         block = tuple(x[i] for x in lists)
@@ -789,7 +789,7 @@ def _split(kernels: SOAAKernels | None, *lists: list[Tensor]) -> tuple[list[int]
             fast.append(i)
         else:
             rest.append(i)
-    return c_idx, fast, rest
+    return c_idx, fast, rest, False
 
 
 # Below this many elements a tensor's eager ops cost their dispatch, not their arithmetic: such tensors
@@ -851,12 +851,12 @@ def soaa_moments(
         return torch.zeros(2, dtype=torch.float64)
     lists = (grads, exp_avgs, exp_avg_sqs)
     kw: dict[str, Any] = {"beta1": beta1, "beta2": beta2, "eps": eps}
-    c_idx, fast, rest = _split(kernels, *lists)
+    c_idx, fast, rest, uniform = _split(kernels, *lists)
     parts: list[Tensor] = []
     if c_idx:
         assert kernels is not None
         cg, cm, cv = lists if len(c_idx) == len(grads) else _sub(lists, c_idx)
-        parts.append(_native_soaa_sums(kernels, cg, cm, cv, _pick(ts, c_idx), **kw))
+        parts.append(_native_soaa_sums(kernels, cg, cm, cv, _pick(ts, c_idx), uniform=uniform, **kw))
     if fast:
         assert kernels is not None
         g_, m_, v_ = _sub(lists, fast)
@@ -915,12 +915,12 @@ def soaa_step_(
     lists = (params, grads, exp_avgs, exp_avg_sqs)
     kw: dict[str, Any] = {"lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps, "weight_decay": weight_decay,
                           "d": d, "c": c, "count_limited": count_limited}
-    c_idx, fast, rest = _split(kernels, *lists)
+    c_idx, fast, rest, uniform = _split(kernels, *lists)
     parts: list[Tensor] = []
     if c_idx:
         assert kernels is not None
         cp, cg, cm, cv = lists if len(c_idx) == len(params) else _sub(lists, c_idx)
-        parts.append(_native_soaa_step_(kernels, cp, cg, cm, cv, _pick(ts, c_idx), **kw))
+        parts.append(_native_soaa_step_(kernels, cp, cg, cm, cv, _pick(ts, c_idx), uniform=uniform, **kw))
     if fast:
         assert kernels is not None
         p_, g_, m_, v_ = _sub(lists, fast)
