@@ -3,10 +3,13 @@
 #   1. the accelerator battery (every registered optimizer on CUDA vs the CPU run, skips, checkpoints
 #      across devices, a one-rank NCCL group, FSDP2 on a CUDA mesh) and SOAA's Triton passes;
 #   2. SOAA's step against torch's fused AdamW on the GPU (10 x 1000x1000 and 10 x 4096x4096, fp32);
-#   3. ASGO against Muon and AdamW on a d=768, 12-layer transformer.
+#   3. ASGO against Muon and AdamW on a d=768, 12-layer transformer;
+#   4. the whole training step of that transformer with SOAA's default (foreach) and its Triton kernels
+#      (compile=True) against AdamW, profiled (profile_gpu_step.py).
 # Uses the machine's own python3 and its CUDA torch (no venv: a GPU machine brings its build); the
 # results (test log, JSON, PNG) go to $1, default benchmarks/results; $2 picks "tests", "bench" or "all"
-# (default). About 3-4 minutes on one H200 (the timeouts add up to 560 s, under a 600 s command limit);
+# (default). About 3-4 minutes on one H200 (the timeouts add up to 560 s, under a 600 s command limit;
+# "tests" and "bench" as two commands leave each more room);
 # extra arguments go to pytest (e.g. -k, --lf).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +24,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader ||
 "$PY" -c "import sys, torch; print(sys.version.split()[0], torch.__version__, torch.version.cuda, \
 torch.cuda.get_device_name())" || status=1
 if [ "$what" != bench ]; then
-  timeout 300 "$PY" -m pytest -q -p no:cacheprovider -rs --durations=8 \
+  timeout 240 "$PY" -m pytest -q -p no:cacheprovider -rs --durations=8 \
   tests/conformance/test_accelerator.py tests/unit/test_soaa_cuda.py \
   "tests/unit/test_soaa_functional.py::test_compiled_kernels_on_cuda_match_the_reference" \
   "$@" 2>&1 | tee "$out/gpu_tests.log" || status=1
@@ -33,4 +36,5 @@ timeout 80 "$PY" benchmarks/bench_soaa_step.py --device cuda --threads 0 --shape
   --rounds 3 --results "$out" || status=1
 timeout 100 "$PY" benchmarks/bench_asgo.py --device cuda --threads 0 --d-model 768 --layers 12 --seq 256 \
   --batch 16 --vocab 256 --steps 20 --out "$out" || status=1
+timeout 60 "$PY" benchmarks/profile_gpu_step.py --only adamw soaa soaa_triton --results "$out" || status=1
 exit $status
