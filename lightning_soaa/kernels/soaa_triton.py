@@ -113,6 +113,19 @@ if triton is not None:
     def block_ptr(tab, blk, col: tl.constexpr, cols: tl.constexpr, DTYPE: tl.constexpr):
         return tl.load(tab + blk * cols + col).to(tl.pointer_type(DTYPE))
 
+    @triton.jit
+    def program_span(tab, prog_blk, prog_lo, cols: tl.constexpr, BLOCK: tl.constexpr):
+        # this program's block, its elements and their mask (the block's length is the table's last column)
+        pid = tl.program_id(0)
+        blk = tl.load(prog_blk + pid)
+        offs = tl.load(prog_lo + pid) + tl.arange(0, BLOCK)
+        return pid, blk, offs, offs < tl.load(tab + blk * cols + cols - 1)
+
+    @triton.jit
+    def load_col(tab, blk, col: tl.constexpr, cols: tl.constexpr, offs, mask, DTYPE: tl.constexpr,
+                 COMPUTE: tl.constexpr):
+        return tl.load(block_ptr(tab, blk, col, cols, DTYPE) + offs, mask=mask, other=0.0).to(COMPUTE)
+
     # nprog is never specialised (Triton compiles a variant for a value of 1 and for multiples of 16):
     # one binary per dtype, which the check before first use compiles, so no compiler runs mid-step; the
     # storage dtype is a constexpr rather than a typed pointer argument for the same reason (alignment)
@@ -120,17 +133,13 @@ if triton is not None:
     @triton.jit(do_not_specialize=["nprog"])
     def sums_kernel(tab, modes, prog_blk, prog_lo, part, nprog,
                     DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr) -> None:
-        pid = tl.program_id(0)
-        blk = tl.load(prog_blk + pid)
-        n = tl.load(tab + blk * 4 + 3)
-        offs = tl.load(prog_lo + pid) + tl.arange(0, BLOCK)
-        mask = offs < n
-        m = tl.load(block_ptr(tab, blk, 1, 4, DTYPE) + offs, mask=mask, other=0.0).to(COMPUTE)
+        pid, blk, offs, mask = program_span(tab, prog_blk, prog_lo, 4, BLOCK)
+        m = load_col(tab, blk, 1, 4, offs, mask, DTYPE, COMPUTE)
         if tl.load(modes + blk) == 0:
-            v = tl.load(block_ptr(tab, blk, 2, 4, DTYPE) + offs, mask=mask, other=0.0).to(COMPUTE)
+            v = load_col(tab, blk, 2, 4, offs, mask, DTYPE, COMPUTE)
             s0, s1 = moment_sums(m, v)
         else:
-            g = tl.load(block_ptr(tab, blk, 0, 4, DTYPE) + offs, mask=mask, other=0.0).to(COMPUTE)
+            g = load_col(tab, blk, 0, 4, offs, mask, DTYPE, COMPUTE)
             s0 = tl.sum((m * g).to(tl.float64), axis=0)
             s1 = tl.sum((g * g).to(tl.float64), axis=0)
         tl.store(part + pid, s0)
@@ -139,18 +148,16 @@ if triton is not None:
     @triton.jit(do_not_specialize=["nprog"])
     def step_kernel(tab, scal, prog_blk, prog_lo, part, nprog,
                     DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr) -> None:
-        pid = tl.program_id(0)
-        blk = tl.load(prog_blk + pid)
-        n = tl.load(tab + blk * 5 + 4)
-        offs = tl.load(prog_lo + pid) + tl.arange(0, BLOCK)
-        mask = offs < n
+        pid, blk, offs, mask = program_span(tab, prog_blk, prog_lo, 5, BLOCK)
         sc = scal + blk * 8
         a, b2, b2c = tl.load(sc).to(COMPUTE), tl.load(sc + 1).to(COMPUTE), tl.load(sc + 2).to(COMPUTE)
         decay, alr = tl.load(sc + 3).to(COMPUTE), tl.load(sc + 4).to(COMPUTE)
         k1, knee, eps = tl.load(sc + 5).to(COMPUTE), tl.load(sc + 6).to(COMPUTE), tl.load(sc + 7).to(COMPUTE)
-        p_ptr, g_ptr = block_ptr(tab, blk, 0, 5, DTYPE), block_ptr(tab, blk, 1, 5, DTYPE)
-        m_ptr, v_ptr = block_ptr(tab, blk, 2, 5, DTYPE), block_ptr(tab, blk, 3, 5, DTYPE)
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+        # θ, m, v are written back: their pointers are kept; g is only read
+        p_ptr = block_ptr(tab, blk, 0, 5, DTYPE)
+        m_ptr = block_ptr(tab, blk, 2, 5, DTYPE)
+        v_ptr = block_ptr(tab, blk, 3, 5, DTYPE)
+        g = load_col(tab, blk, 1, 5, offs, mask, DTYPE, COMPUTE)
         m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
         v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
         p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
