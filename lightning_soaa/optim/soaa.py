@@ -299,11 +299,11 @@ class SOAA(ShardedOptimizer):
             ``torch.compile``'d kernels for tensors of at least 2**16 elements (a few seconds at the first
             step). On CUDA, with Triton installed, through hand-written Triton kernels
             (:mod:`lightning_soaa.kernels.soaa_triton`: four launches a step for all blocks, each dtype
-            checked once against eager arithmetic on the device before use). ``None`` (default): on CPU
-            ``True`` unless the environment variable ``LIGHTNING_SOAA_COMPILE=0``; on accelerators the
-            eager foreach path (the Triton kernels are not yet measured on a GPU; the ``torch.compile``'d
-            passes measured 5-10x slower than foreach on an H200). A compiler failure falls back to the
-            next path with one warning.
+            checked once on the device against an IEEE reference before use; opt-in until timed on a
+            GPU). ``None`` (default): on CPU ``True`` unless the environment variable
+            ``LIGHTNING_SOAA_COMPILE=0``; on accelerators the eager foreach path (the Triton kernels are
+            not yet measured on a GPU; the ``torch.compile``'d passes measured 5-10x slower than foreach
+            on an H200). A compiler failure falls back to the next path with one warning.
         process_group, comm, shard, grad_reduction: see :class:`ShardedOptimizer`.
 
     The loss: ``step(closure)`` (evaluated under ``enable_grad``), ``step(loss=...)`` (tensor or
