@@ -23,12 +23,21 @@
  * compute type (which the compiler vectorises; see LANE_RUN) and added in double, and one thread adds the
  * chunks of a block in order: the results do not depend on the number of threads.
  *
- * Threads are plain pthreads started and joined inside each call, never a pool: an OpenMP runtime's
- * pool does not survive fork() (a forked child that starts a parallel region hangs, and Lightning's
- * ddp_fork, DataLoader workers and test harnesses fork), and a call costs a few tens of microseconds
- * per extra thread, which only calls with at least MIN_PER_THREAD elements per thread take.
+ * Threads. Built with -fopenmp (soaa_native.py does so only when it can link the OpenMP runtime torch
+ * itself runs on, already loaded in the process), a call runs on torch's own pool: after torch's ops
+ * that pool's workers spin-wait on the other cores for a while (GNU libgomp's default), and threads of
+ * our own would share those cores with them (measured: SOAA's step 2.2-2.7x fused AdamW's when the two
+ * alternate, 1.5x on the pool). Without OpenMP, or in a forked child, they are plain pthreads started
+ * and joined inside the call: a child cannot use the parent's pool (its workers are not in the child,
+ * and a parallel region waits for them forever; torch's own parallel ops hang there too), and a call
+ * costs a few tens of microseconds per extra thread. Either way only calls with at least
+ * MIN_PER_THREAD elements per thread take a second thread (torch parallelises from 32768 elements, so
+ * in a child where its pool hangs, torch's own ops on such tensors hang first).
  */
 #include <math.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -60,6 +69,21 @@ static inline uint16_t bf16_store(float f) {
 #define MAX_THREADS 256
 #define MIN_PER_THREAD (1 << 18)
 
+/* set in a forked child (here for forks after this library was loaded; the loader also calls
+ * soaa_cpu_forked() when it loads the library into a child of a process that imported it) */
+static volatile int forked;
+void soaa_cpu_forked(void) { forked = 1; }
+__attribute__((constructor)) static void watch_fork(void) { pthread_atfork(NULL, NULL, soaa_cpu_forked); }
+
+/* 1 when calls run on the process's OpenMP pool (until a fork), 0 on threads of their own */
+int soaa_cpu_pool(void) {
+#ifdef _OPENMP
+    return !forked;
+#else
+    return 0;
+#endif
+}
+
 typedef void (*chunk_fn)(const void *job, int64_t c);
 
 typedef struct {
@@ -82,6 +106,17 @@ static void run_chunks(chunk_fn fn, const void *job, int64_t total, int64_t elem
     if (nt > MAX_THREADS) nt = MAX_THREADS;
     if (nt > cap) nt = cap < 1 ? 1 : (int)cap;
     if (nt > total) nt = total < 1 ? 1 : (int)total;
+#ifdef _OPENMP
+    if (nt > 1 && !forked) {
+#pragma omp parallel num_threads(nt)
+        { /* the team may be smaller than asked for: spans follow its real size */
+            const int t = omp_get_thread_num(), n = omp_get_num_threads();
+            const span s = {fn, job, total * t / n, total * (t + 1) / n};
+            run_span((void *)&s);
+        }
+        return;
+    }
+#endif
     span spans[MAX_THREADS];
     pthread_t tid[MAX_THREADS];
     int started[MAX_THREADS];
@@ -292,4 +327,4 @@ SOAA_STEP(f64, double, double, ID, ID, sqrt, 8)
 SOAA_STEP(bf16, uint16_t, float, bf16_load, bf16_store, sqrtf, 16)
 
 /* the ABI version the loader checks, so a stale cached build is never used */
-int soaa_cpu_abi(void) { return 6; }
+int soaa_cpu_abi(void) { return 7; }

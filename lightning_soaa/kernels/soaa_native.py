@@ -6,16 +6,21 @@ second read of m and v (48 B/param in fp32 against fused AdamW's 28 B). The C st
 place and accumulates the update sums in the same loop: 8 B (sums, reads only) + 28 B (step) = 36 B.
 
 The library is compiled at first use with the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``;
-``-O3 -march=native -ffp-contract=off -fopenmp-simd -pthread``; no fused multiply-adds, so that the
-two loops that sum the stored moments take the same bits) into a cache directory
-(``$LIGHTNING_SOAA_CACHE``, else ``~/.cache/lightning_soaa``), keyed by the source, the flags, the
-compiler and the CPU, so a shared home directory on a cluster of different CPUs never loads a build for
-another CPU. Compiling takes well under a second; a second process finds the build. Without a compiler,
+``-O3 -march=native -ffp-contract=off -pthread``, and ``-fopenmp`` or ``-fopenmp-simd``, below; no fused
+multiply-adds, so that the two loops that sum the stored moments take the same bits) into a cache
+directory (``$LIGHTNING_SOAA_CACHE``, else ``~/.cache/lightning_soaa``), keyed by the source, the flags,
+the compiler, the CPU and the OpenMP runtime linked, so a shared home directory on a cluster of
+different CPUs never loads a build for another CPU. Compiling takes well under a second; a second process finds the build. Without a compiler,
 :meth:`NativeSOAA.load` raises :class:`NativeUnavailable` and the caller uses its other kernels.
 
-Threads: each call uses up to ``torch.get_num_threads()`` pthreads, started and joined inside the call
-(no pool, so a forked process is as safe as its parent; one thread per 2**18 elements at most). Sums
-are deterministic for any thread count (fixed chunks added in order by one thread; see the C source).
+Threads: each call uses up to ``torch.get_num_threads()`` threads (one per 2**18 elements at most).
+Where torch runs on GNU OpenMP (its Linux builds), the library is compiled with ``-fopenmp`` and linked
+against the very ``libgomp`` file torch loaded, so calls run on torch's own pool: that pool's workers
+spin-wait after torch's ops on the cores threads of our own would need (measured on 2 cores, 10 x 1M
+fp32, steps alternating with fused AdamW's: SOAA's step 2.2-2.7x fused AdamW's on its own pthreads,
+1.5x on the pool). If that build fails or cannot load, and in a forked child (where the parent's pool
+would hang), calls start and join pthreads of their own. Sums are deterministic for any thread count
+(fixed chunks added in order by one thread; see the C source).
 
 Nothing here is global: :meth:`NativeSOAA.load` returns an object the caller keeps (the optimizer's
 :class:`~lightning_soaa.functional.soaa.SOAAKernels`, which only sees its ``FusedPasses`` protocol:
@@ -49,11 +54,11 @@ log = logging.getLogger(__name__)
 __all__ = ["NativeSOAA", "NativeUnavailable"]
 
 _SOURCE = Path(__file__).with_name("soaa_cpu.c")
-_ABI = 6
+_ABI = 7
 _BASE_FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-std=gnu11", "-shared", "-fPIC",
                "-pthread")
-# -fopenmp-simd: the `omp simd` lane loops vectorise, with no OpenMP runtime (threads are pthreads
-# started per call: a runtime's pool would hang a forked child). A compiler without it builds plain loops.
+# Without torch's OpenMP runtime to link (see _compile): -fopenmp-simd, the `omp simd` lane loops
+# vectorise with no runtime (threads are pthreads started per call); a compiler without it builds plain loops.
 _TRIES = (("-fopenmp-simd",), ())
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16"}
 
@@ -84,37 +89,93 @@ def _cache_dir() -> Path:
     return Path(root)
 
 
-def _compile(cc: str, source: bytes, out: Path) -> None:
-    """Build into ``out`` atomically (a concurrent process sees either no file or a whole one)."""
+def _openmp_runtime() -> Path | None:
+    """The GNU OpenMP runtime torch runs its parallel ops on in this process (read from
+    ``/proc/self/maps``), when there is exactly one; else None (another runtime, none, not Linux)."""
+    try:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return None
+    found = {ln.split(maxsplit=5)[5] for ln in maps if ln.count(" ") >= 5 and "/libgomp" in ln}
+    return Path(found.pop()) if len(found) == 1 else None
+
+
+def _run(cmd: list[str], source: bytes | None = None) -> str | None:
+    """None when the command succeeded, else the tail of its error output."""
+    proc = subprocess.run(cmd, input=source, capture_output=True, timeout=120, check=False)
+    return None if proc.returncode == 0 else proc.stderr.decode(errors="replace").strip()[-400:]
+
+
+def _compile(cc: str, source: bytes, out: Path, runtime: Path | None) -> None:
+    """Build into ``out`` atomically (a concurrent process sees either no file or a whole one).
+
+    With ``runtime``: compiled with ``-fopenmp`` and linked against that file only (not the compiler's
+    own ``-lgomp``), so the loader binds it to the runtime already in the process, torch's pool."""
     errors = []
     out.parent.mkdir(parents=True, exist_ok=True)
-    for extra in _TRIES:
+    for extra in (("-fopenmp",),) if runtime is not None else _TRIES:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
         os.close(fd)
-        cmd = [cc, *_BASE_FLAGS, *extra, "-x", "c", "-", "-o", tmp, "-lm"]
-        proc = subprocess.run(cmd, input=source, capture_output=True, timeout=120, check=False)
-        if proc.returncode == 0:
+        if runtime is None:
+            error = _run([cc, *_BASE_FLAGS, *extra, "-x", "c", "-", "-o", tmp, "-lm"], source)
+        else:
+            obj = tmp + ".o"
+            error = (_run([cc, *_BASE_FLAGS, *extra, "-c", "-x", "c", "-", "-o", obj], source)
+                     or _run([cc, "-shared", "-fPIC", "-pthread", "-Wl,-z,defs", obj, str(runtime), "-o", tmp,
+                              "-lm"]))
+            if os.path.exists(obj):
+                os.unlink(obj)
+        if error is None:
             os.replace(tmp, out)
             return
         os.unlink(tmp)
-        errors.append(proc.stderr.decode(errors="replace").strip()[-400:])
+        errors.append(error)
     raise NativeUnavailable(f"{cc} could not build the SOAA CPU kernels: {errors[-1]}")
 
 
-def _build() -> Path:
+def _build(runtime: Path | None) -> Path:
     cc = _compiler()
     source = _SOURCE.read_bytes()
     version = subprocess.run([cc, "--version"], capture_output=True, timeout=30, check=False).stdout
     key = hashlib.sha256(b"\0".join([source, " ".join(_BASE_FLAGS).encode(), cc.encode(), version,
-                                     _cpu_id().encode()])).hexdigest()[:20]
+                                     _cpu_id().encode(), str(runtime or "").encode()])).hexdigest()[:20]
     lib = _cache_dir() / f"soaa_cpu-{key}.so"
     if not lib.exists():
         try:
-            _compile(cc, source, lib)
+            _compile(cc, source, lib, runtime)
         except OSError as e:  # read-only or missing home: build for this process only
             lib = Path(tempfile.mkdtemp(prefix="lightning_soaa-")) / lib.name
             log.info("SOAA: cache directory not writable (%s); building in %s", e, lib.parent)
-            _compile(cc, source, lib)
+            _compile(cc, source, lib, runtime)
+    return lib
+
+
+# A process forked from one that imported this module: a library loaded here must not use the parent's
+# OpenMP pool (a library loaded before the fork learns it from its own pthread_atfork handler).
+_forked_child = False
+
+
+def _after_fork_in_child() -> None:
+    global _forked_child
+    _forked_child = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _load_pool_build() -> ctypes.CDLL | None:
+    """The build on torch's OpenMP pool, or None (no such runtime here, or it does not build or load)."""
+    runtime = _openmp_runtime()
+    if runtime is None:
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(runtime)))
+    except (OSError, NativeUnavailable, subprocess.SubprocessError) as e:
+        log.info("SOAA: C kernels on torch's OpenMP pool unavailable (%s); using threads of their own", e)
+        return None
+    if _openmp_runtime() != runtime:  # a second runtime came in with it: keep away from both pools
+        lib.soaa_cpu_forked()
     return lib
 
 
@@ -169,12 +230,20 @@ class NativeSOAA:
     def _pointers(self, slot: tuple[str, str], ts: list[Tensor]) -> ctypes.Array[ctypes.c_void_p]:
         return self._array(slot, ctypes.c_void_p, tuple(map(_data_ptr, ts)))
 
+    @property
+    def on_pool(self) -> bool:
+        """Whether calls run on torch's OpenMP pool (else on threads of their own; always after a fork)."""
+        return bool(self._lib.soaa_cpu_pool())
+
     @classmethod
     def load(cls) -> NativeSOAA:
         """Build (or find the cached build of) the kernels and load them; :class:`NativeUnavailable`
         when this machine cannot."""
         try:
-            return cls(ctypes.CDLL(str(_build())))
+            lib = _load_pool_build() or ctypes.CDLL(str(_build(None)))
+            if _forked_child:
+                lib.soaa_cpu_forked()
+            return cls(lib)
         except (OSError, subprocess.SubprocessError, AttributeError) as e:
             raise NativeUnavailable(f"{type(e).__name__}: {e}") from e
 

@@ -205,7 +205,8 @@ def test_sums_and_step_do_not_depend_on_the_thread_count(dtype: torch.dtype) -> 
     try:
         for k in (1, 2, 3):
             torch.set_num_threads(k)
-            blocks = [_block(n, 1 + n, dtype) for n in (100_003, 0, 7, 40_000)]
+            # 940k elements: 1, 2 and 3 threads really run (one per 2**18 elements at most)
+            blocks = [_block(n, 1 + n, dtype) for n in (900_003, 0, 7, 40_000)]
             g, m, v, p = ([b[j] for b in blocks] for j in range(4))
             a = native.sums(g, m, v, [0, 1, 0, 1])
             b = native.step(p, g, m, v, [(1 - B1, B2, 1 - B2, 0.999, -0.01, 2.0, 0.3, 1e-8)] * 4)
@@ -318,29 +319,62 @@ def test_the_step_bumps_autograd_version_counters() -> None:
 
 
 _FORK_SCRIPT = """
-import os, torch
-from lightning_soaa.kernels.soaa_native import NativeSOAA
+import os, sys, torch
+from lightning_soaa.kernels.soaa_native import NativeSOAA, _openmp_runtime
 torch.set_num_threads(2)
-nat = NativeSOAA.load()
-x = [torch.rand(1 << 20) for _ in range(3)]
-want = nat.sums(x[:1], x[1:2], x[2:3], [0])  # the parent ran two threads
+load_in_child = sys.argv[1] == "load-in-child"
+x = [torch.rand(1 << 20) for _ in range(4)]
+torch.add(x[0], x[1])  # torch's own pool has run: its workers are not in a child
+sc = [(0.1, 0.999, 0.001, 0.99, -0.01, 2.0, 0.3, 1e-8)]
+
+copies = [[t.clone() for t in x] for _ in range(2)]  # made here: torch's own parallel ops hang in the child
+
+def run(nat, k):
+    p, g, m, v = copies[k]
+    return nat.sums([g], [m], [v], [1]), nat.step([p], [g], [m], [v], sc), p, m, v
+
+nat = None if load_in_child else NativeSOAA.load()
+if nat is not None and nat.on_pool != (_openmp_runtime() is not None):
+    raise SystemExit(4)  # torch's GNU OpenMP pool is there and the kernels do not run on it
 pid = os.fork()
 if pid == 0:
     torch.set_num_threads(2)
-    ok = nat.sums(x[:1], x[1:2], x[2:3], [0]) == want
-    os._exit(0 if ok else 3)
+    child = nat or NativeSOAA.load()
+    if child.on_pool:
+        os._exit(5)  # the parent's pool would hang here
+    got = run(child, 0)
+    torch.save(got, sys.argv[2])
+    os._exit(0)
 _, status = os.waitpid(pid, 0)
-raise SystemExit(os.waitstatus_to_exitcode(status))
+code = os.waitstatus_to_exitcode(status)
+if code == 0:
+    want, got = run(nat or NativeSOAA.load(), 1), torch.load(sys.argv[2])
+    same = want[:2] == got[:2] and all(torch.equal(a, b) for a, b in zip(want[2:], got[2:]))
+    code = 0 if same else 3  # two threads of its own in the child, the pool here: the same bits
+raise SystemExit(code)
 """
 
 
-def test_a_forked_child_runs_the_kernels_on_several_threads() -> None:
-    """An OpenMP pool would hang here (a child's first parallel region after the parent used the
-    pool); the kernels start their threads per call."""
+@pytest.mark.parametrize("when", ["loaded-before-fork", "load-in-child"])
+def test_a_forked_child_runs_the_kernels_on_threads_of_their_own(when: str, tmp_path) -> None:
+    """In the parent the kernels run on torch's OpenMP pool (where torch uses GNU OpenMP); a forked
+    child cannot use that pool (a parallel region there waits forever for the parent's workers), whether
+    the library was loaded before the fork or first in the child: it starts threads of its own and
+    takes the same bits."""
     _native_or_skip()
-    proc = subprocess.run([sys.executable, "-c", _FORK_SCRIPT], timeout=120, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = subprocess.run([sys.executable, "-c", _FORK_SCRIPT, when, str(tmp_path / "child.pt")], timeout=120,
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+
+
+def test_on_linux_torch_the_kernels_link_the_openmp_runtime_torch_loaded_and_no_other() -> None:
+    from lightning_soaa.kernels.soaa_native import _openmp_runtime
+
+    before = _openmp_runtime()
+    native = _native_or_skip()
+    if before is None:
+        pytest.skip("torch does not run on GNU OpenMP here")
+    assert native.on_pool and _openmp_runtime() == before  # one runtime in the process, torch's
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
