@@ -4,13 +4,14 @@ What is measured: ``optimizer.step()`` alone on a ~5k-parameter MLP (20-64-48-10
 parameters), fixed gradients (no forward/backward), so the step's arithmetic is negligible and what is
 timed is the machinery around it (block views, the scalar record, dispatch, host syncs). Optimizers:
 ``adamw_foreach`` (the baseline of the ratios), ``adamw_default`` (``torch.optim.AdamW()``: the per-tensor
-loop on CPU) and ``adamw_fused`` (torch), ``soaa`` (default ``compile`` setting; every tensor here is
-below the compiled kernels' size threshold, so it runs the eager foreach kernels), ``sharded_adamw`` and
+loop on CPU) and ``adamw_fused`` (torch), ``soaa`` (default ``compile`` setting: on CPU its two C
+loops, one call per pass for all tensors whatever their size), ``sharded_adamw`` and
 ``asgo`` (this package, single process), ``asgo_root_every_10`` (ASGO reusing its inverse roots for 10
 steps: the median step has no root, so it shows ASGO's machinery without the root's arithmetic) and
 ``soaa_kernels_only`` (a reference, not an optimizer: SOAA's two functional kernels, ``soaa_moments`` and
-``soaa_step_``, called directly on the same tensors, on the eager path that every tensor here takes:
-the floor under SOAA's step that the optimizer's machinery cannot go below). Steps are interleaved with
+``soaa_step_``, called directly on the same tensors with the optimizer's kernels (on CPU the C loops,
+which take tensors of any size), the public functional API: the floor under SOAA's step that the
+optimizer's machinery cannot go below, save the tensors the public functions return). Steps are interleaved with
 a rotating order; per round the median CPU time of the process (``time.process_time``: far less
 sensitive than wall time to the other jobs on a shared machine) and the ratio to ``adamw_foreach``; the
 report gives the median over rounds and the min-max of the round medians. The number of ATen operator
@@ -108,9 +109,7 @@ def _soaa_kernels(opt: SOAA, params: list[torch.nn.Parameter]) -> Callable[[], A
     """SOAA's two functional kernels alone on ``opt``'s tensors (after its first step made the state)."""
     st = [opt.state[p] for p in params]
     lists = ([p.grad for p in params], [s["exp_avg"] for s in st], [s["exp_avg_sq"] for s in st])
-    kernels = opt._kernels()
-    if kernels is not None and all(p.numel() < kernels.min_numel for p in params):
-        kernels = None  # all of them take the eager path: what the optimizer's step calls (see SOAA)
+    kernels = opt._kernels()  # on CPU the C loops, which take blocks of any size: the optimizer's path
 
     @torch.no_grad()
     def step() -> Any:

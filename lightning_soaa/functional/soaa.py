@@ -553,7 +553,7 @@ def _fused_step(kernels: SOAAKernels, native: FusedPasses, device: torch.device,
 def _native_soaa_sums(
     kernels: SOAAKernels, grads: list[Tensor], exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor], ts: list[int], *, beta1: float, beta2: float, eps: float, uniform: bool = False,
-) -> Tensor:
+) -> list[float]:
     """The partials of every block through the fused sums pass (reads only; one call per dtype and
     device): Σ m_t²
     and Σ v_t follow from Σ m², Σ v of the stored moments (remembered from the last C step, see
@@ -587,14 +587,14 @@ def _native_soaa_sums(
             bc = bias[ts[i]]
             s_m2 += x / bc[0]
             s_v += y / bc[1]
-    return torch.tensor([s_m2, s_v + n_eps], dtype=torch.float64)
+    return [s_m2, s_v + n_eps]
 
 
 def _native_soaa_step_(
     kernels: SOAAKernels, params: list[Tensor], grads: list[Tensor],
     exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], ts: list[int], *, lr: float, beta1: float,
     beta2: float, eps: float, weight_decay: float, d: float, c: float, count_limited: bool, uniform: bool = False,
-) -> Tensor:
+) -> list[float]:
     """Moments and θ of every block through the fused step pass (one call per dtype and device), which
     also returns the update sums and the new moments' Σ m², Σ v (remembered for the next sums pass)."""
     out = [0.0, 0.0, 0.0]
@@ -617,7 +617,7 @@ def _native_soaa_step_(
             out[1] += r[1] * w[1]
             out[2] += r[2]
         kernels.keep(record, [(r[3], r[4]) for r in rows])
-    return torch.tensor(out if count_limited else out[:2], dtype=torch.float64)
+    return out if count_limited else out[:2]
 
 
 # ---------------------------------------------------------------- eager kernels
@@ -806,9 +806,24 @@ def _eager_split(tensors: list[Tensor], idx: list[int], foreach: bool | None) ->
     return [i for i in idx if tensors[i].numel() < _SMALL], [i for i in idx if tensors[i].numel() >= _SMALL]
 
 
-def _add(parts: list[Tensor]) -> Tensor:
-    """The sum of the kernels' partial-sum vectors (usually there is one)."""
-    return parts[0] if len(parts) == 1 else torch.stack([p.to(parts[0].device) for p in parts]).sum(0)
+Partials = Tensor | list[float]  # a kernel's partial sums: the fused passes give host floats, the others tensors
+
+
+def add_partials(parts: list[Partials]) -> Partials:
+    """The sum of partial-sum vectors (usually there is one): host floats while every part is one (no
+    tensor is made, a visible cost of a small model's step), else a float64 tensor."""
+    if len(parts) == 1:
+        return parts[0]
+    if all(isinstance(p, list) for p in parts):
+        return [sum(col) for col in zip(*parts)]
+    tensors = [p for p in parts if isinstance(p, Tensor)]
+    device = tensors[0].device
+    return torch.stack([p.to(device) if isinstance(p, Tensor) else torch.tensor(p, dtype=torch.float64, device=device)
+                        for p in parts]).sum(0)
+
+
+def as_tensor(part: Partials) -> Tensor:
+    return part if isinstance(part, Tensor) else torch.tensor(part, dtype=torch.float64)
 
 
 def _pick(xs: list[Any], idx: list[int]) -> list[Any]:
@@ -848,12 +863,22 @@ def soaa_moments(
         non-finite gradient makes ``Σ m̂²`` non-finite, so the caller can use the partials as its
         overflow check.
     """
+    return as_tensor(moments_partials(grads, exp_avgs, exp_avg_sqs, ts, beta1=beta1, beta2=beta2, eps=eps,
+                                      foreach=foreach, kernels=kernels))
+
+
+def moments_partials(
+    grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], ts: list[int],
+    *, foreach: bool | None = None, kernels: SOAAKernels | None = None, **kw: Any,
+) -> Partials:
+    """:func:`soaa_moments` (``kw``: its ``beta1``, ``beta2``, ``eps``) with the fused kernels' partials
+    as host floats (a list; no tensor is made, a visible cost of a small model's step): what the
+    optimizer calls."""
     if not grads:
         return torch.zeros(2, dtype=torch.float64)
     lists = (grads, exp_avgs, exp_avg_sqs)
-    kw: dict[str, Any] = {"beta1": beta1, "beta2": beta2, "eps": eps}
     c_idx, fast, rest, uniform = _split(kernels, *lists)
-    parts: list[Tensor] = []
+    parts: list[Partials] = []
     if c_idx:
         assert kernels is not None
         cg, cm, cv = lists if len(c_idx) == len(grads) else _sub(lists, c_idx)
@@ -872,7 +897,7 @@ def soaa_moments(
     for kernel, blocks in eager:
         if blocks:
             parts.append(kernel(*_sub(lists, blocks), _pick(ts, blocks), **kw))
-    return _add(parts)
+    return add_partials(parts)
 
 
 def soaa_step_(
@@ -910,14 +935,23 @@ def soaa_step_(
         ``d``-branch of the cap, i.e. where a larger ``d`` gives a larger step). The predicted reduction
         is :math:`\eta(\Sigma\hat m u - \tfrac12 \Sigma \hat v u^2)`; see :func:`predicted_reduction`.
     """
-    n_out = 3 if count_limited else 2
+    return as_tensor(step_partials_(
+        params, grads, exp_avgs, exp_avg_sqs, ts, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+        weight_decay=weight_decay, d=d, c=c, count_limited=count_limited, foreach=foreach, kernels=kernels))
+
+
+def step_partials_(
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], ts: list[int],
+    *, foreach: bool | None = None, kernels: SOAAKernels | None = None, **kw: Any,
+) -> Partials:
+    """:func:`soaa_step_` (``kw``: its scalars, ``lr`` to ``count_limited``) with the fused kernels'
+    partials as host floats (a list; no tensor is made, a visible cost of a small model's step): what
+    the optimizer calls."""
     if not params:
-        return torch.zeros(n_out, dtype=torch.float64)
+        return torch.zeros(3 if kw.get("count_limited") else 2, dtype=torch.float64)
     lists = (params, grads, exp_avgs, exp_avg_sqs)
-    kw: dict[str, Any] = {"lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps, "weight_decay": weight_decay,
-                          "d": d, "c": c, "count_limited": count_limited}
     c_idx, fast, rest, uniform = _split(kernels, *lists)
-    parts: list[Tensor] = []
+    parts: list[Partials] = []
     if c_idx:
         assert kernels is not None
         cp, cg, cm, cv = lists if len(c_idx) == len(params) else _sub(lists, c_idx)
@@ -934,7 +968,7 @@ def soaa_step_(
     for kernel, blocks in eager:
         for t, idx in _by_step(_pick(ts, blocks)).items():
             parts.append(kernel(*_sub(lists, [blocks[i] for i in idx]), t, **kw))
-    return _add(parts)
+    return add_partials(parts)
 
 
 def predicted_reduction(lr_m_u: float, lr_v_u2: float) -> float:

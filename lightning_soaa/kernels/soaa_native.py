@@ -10,8 +10,9 @@ The library is compiled at first use with the system C compiler (``$CC``, else `
 multiply-adds, so that the two loops that sum the stored moments take the same bits) into a cache
 directory (``$LIGHTNING_SOAA_CACHE``, else ``~/.cache/lightning_soaa``), keyed by the source, the flags,
 the compiler, the CPU and the OpenMP runtime linked, so a shared home directory on a cluster of
-different CPUs never loads a build for another CPU. Compiling takes well under a second; a second process finds the build. Without a compiler,
-:meth:`NativeSOAA.load` raises :class:`NativeUnavailable` and the caller uses its other kernels.
+different CPUs never loads a build for another CPU. Compiling takes well under a second; a second
+process finds the build. Without a compiler, :meth:`NativeSOAA.load` raises :class:`NativeUnavailable`
+and the caller uses its other kernels.
 
 Threads: each call uses up to ``torch.get_num_threads()`` threads (one per 2**18 elements at most).
 Where torch runs on GNU OpenMP (its Linux builds), the library is compiled with ``-fopenmp`` and linked

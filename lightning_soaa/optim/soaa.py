@@ -44,11 +44,14 @@ from lightning_soaa.distributed.checkpoint import StateField, check_finite_numbe
 from lightning_soaa.functional.adamw import increment_counts_
 from lightning_soaa.functional.soaa import (
     FusedPasses,
+    Partials,
     SOAAKernels,
+    add_partials,
+    as_tensor,
     band,
+    moments_partials,
     predicted_reduction,
-    soaa_moments,
-    soaa_step_,
+    step_partials_,
     trust_region_scalars,
 )
 from lightning_soaa.kernels.soaa_native import NativeSOAA
@@ -112,6 +115,7 @@ class _StepCounts:
         # per key, from read(): the counters, their values and, when one _foreach_copy_ can advance
         # them all, the dtype to write in (checked here: read() runs while the counters are in cache)
         self._read: dict[Any, tuple[list[Tensor], list[float], torch.dtype | None]] = {}
+        self._sources: dict[torch.dtype, Tensor] = {}  # the 0-d value increment() copies, per dtype
 
     def _values(self, key: Any, counters: list[Tensor]) -> list[float]:
         k = self._known.get(key)
@@ -141,7 +145,11 @@ class _StepCounts:
         if r is not None and r[2] is not None and len(r[0]) == len(counters) and all(
                 map(operator.is_, r[0], counters)):
             x = r[1][0] + 1.0
-            torch._foreach_copy_(counters, [torch.tensor(x, dtype=r[2])] * len(counters))  # one call for all
+            src = self._sources.get(r[2])
+            if src is None:
+                src = self._sources[r[2]] = torch.zeros((), dtype=r[2])
+            # one call for all; fill_ of a kept 0-d tensor costs a third of making one
+            torch._foreach_copy_(counters, [src.fill_(x)] * len(counters))
             new = [x] * len(counters)
         else:
             new = increment_counts_(counters)
@@ -521,7 +529,7 @@ class SOAA(ShardedOptimizer):
 
     def _prepare(self, views: list[BlockView]) -> _SOAAStep:
         """Reads only: the partials of the would-be moments (written by ``_apply`` once the step runs)."""
-        total: Tensor | None = None
+        parts: list[Partials] = []
         groups: dict[tuple[int, bool], _Group] = {}
         for (gi, counted), vs in self._groups_of(views).items():
             group = self.param_groups[gi]
@@ -538,18 +546,19 @@ class SOAA(ShardedOptimizer):
                 [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states], counters, ts,
                 self._kernels_for(vs))
             beta1, beta2 = group["betas"]
-            part = soaa_moments(
+            part = moments_partials(
                 grp.grads, grp.exp_avgs, grp.exp_avg_sqs,
                 ts, beta1=beta1, beta2=beta2, eps=group["eps"], foreach=self.foreach, kernels=grp.kernels,
             )
             # An uncounted piece adds 0, or NaN when it is non-finite: the step is then skipped everywhere.
-            part = part if counted else part * 0.0
-            total = part if total is None else total + part.to(total.device)
-        if total is None:
-            total = torch.zeros(2, dtype=torch.float64)
+            if not counted:
+                part = [x * 0.0 for x in part] if isinstance(part, list) else part * 0.0
+            parts.append(part)
+        total = add_partials(parts) if parts else [0.0, 0.0]
         # one call for both values; on the CPU (nothing to wait for) as floats, elsewhere as 0-d views that
         # the base copies to the host with the other values (indexing costs one call per value)
-        s_m2, s_veps = total.tolist() if total.device.type == "cpu" else total.unbind(0)
+        s_m2, s_veps = (total if isinstance(total, list) else total.tolist() if total.device.type == "cpu"
+                        else total.unbind(0))
         lag = self._lag
         lag_mu, lag_vu2 = ((lag.tolist() if lag.device.type == "cpu" else lag.unbind(0))
                            if self.config.acceptance == "lagged" else (0.0, 0.0))
@@ -593,13 +602,13 @@ class SOAA(ShardedOptimizer):
         same_batch = self.config.acceptance == "same_batch"
         if same_batch:  # the only copy SOAA keeps: θ, to restore it when the trial step is rejected
             self._snapshot = [(v.param, v.param.detach().clone()) for v in views if v.grad is not None]
-        lag: Tensor | None = None
+        parts: list[Partials] = []
         for (gi, counted), grp in decision.groups.items():  # _prepare's groups (the same views)
             group = self.param_groups[gi]
             self._counts().increment((gi, counted), grp.counters)
             beta1, beta2 = group["betas"]
             lr = float(group["lr"])
-            part = soaa_step_(
+            part = step_partials_(
                 grp.params, grp.grads, grp.exp_avgs, grp.exp_avg_sqs,
                 grp.ts, lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
                 weight_decay=group["weight_decay"], d=d_prev, c=scal.c, count_limited=same_batch,
@@ -607,10 +616,11 @@ class SOAA(ShardedOptimizer):
             )
             if not counted:
                 continue
-            part = torch.cat([part[:2] * lr, part[2:]]) if same_batch else part * lr
-            lag = part if lag is None else lag + part.to(lag.device)
-        if lag is None:
-            lag = torch.zeros(3 if same_batch else 2, dtype=torch.float64)
+            if isinstance(part, list):  # η·Σm̂u, η·Σv̂u² (and the count, not scaled)
+                parts.append([part[0] * lr, part[1] * lr, *part[2:]])
+            else:
+                parts.append(torch.cat([part[:2] * lr, part[2:]]) if same_batch else part * lr)
+        lag = as_tensor(add_partials(parts)) if parts else torch.zeros(3 if same_batch else 2, dtype=torch.float64)
         self._t = decision.t
         self._loss_ema = scal.loss_ema
         self._loss = decision.loss
