@@ -10,6 +10,7 @@ import importlib
 from typing import Any
 
 from lightning_soaa import registry as _registry
+from lightning_soaa.kernels import forks as _forks  # noqa: F401  (its fork hook, before any fork)
 
 __version__ = "0.1.0"
 

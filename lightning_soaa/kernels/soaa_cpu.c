@@ -31,8 +31,8 @@
  * and joined inside the call: a child cannot use the parent's pool (its workers are not in the child,
  * and a parallel region waits for them forever; torch's own parallel ops hang there too), and a call
  * costs a few tens of microseconds per extra thread. Either way only calls with at least
- * MIN_PER_THREAD elements per thread take a second thread (torch parallelises from 32768 elements, so
- * in a child where its pool hangs, torch's own ops on such tensors hang first).
+ * MIN_PER_THREAD elements per thread take a second thread. Which process is a fork is decided in
+ * lightning_soaa/kernels/forks.py (the loader calls soaa_cpu_forked() there).
  */
 #include <math.h>
 #ifdef _OPENMP
@@ -69,8 +69,8 @@ static inline uint16_t bf16_store(float f) {
 #define MAX_THREADS 256
 #define MIN_PER_THREAD (1 << 18)
 
-/* set in a forked child (here for forks after this library was loaded; the loader also calls
- * soaa_cpu_forked() when it loads the library into a child of a process that imported it) */
+/* set in a forked child: here for forks after this library was loaded; the loader calls
+ * soaa_cpu_forked() when it loads the library into a fork (see kernels/forks.py) */
 static volatile int forked;
 void soaa_cpu_forked(void) { forked = 1; }
 __attribute__((constructor)) static void watch_fork(void) { pthread_atfork(NULL, NULL, soaa_cpu_forked); }
@@ -108,11 +108,17 @@ static void run_chunks(chunk_fn fn, const void *job, int64_t total, int64_t elem
     if (nt > total) nt = total < 1 ? 1 : (int)total;
 #ifdef _OPENMP
     if (nt > 1 && !forked) {
-#pragma omp parallel num_threads(nt)
-        { /* the team may be smaller than asked for: spans follow its real size */
-            const int t = omp_get_thread_num(), n = omp_get_num_threads();
-            const span s = {fn, job, total * t / n, total * (t + 1) / n};
-            run_span((void *)&s);
+        /* The team torch's own regions use: a smaller one would make libgomp let workers go, and torch's
+         * next region start them again. Its first nt members (fewer if the team is smaller than asked
+         * for) take the spans; the others only meet the closing barrier. */
+        const int team = threads > nt ? threads : nt;
+#pragma omp parallel num_threads(team)
+        {
+            const int t = omp_get_thread_num(), got = omp_get_num_threads(), n = got < nt ? got : nt;
+            if (t < n) {
+                const span s = {fn, job, total * t / n, total * (t + 1) / n};
+                run_span((void *)&s);
+            }
         }
         return;
     }

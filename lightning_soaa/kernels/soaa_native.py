@@ -30,6 +30,7 @@ compilers, caches and ctypes stay out of ``functional/``).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import itertools
@@ -48,6 +49,7 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import increment_version
 
+from lightning_soaa.kernels import forks
 from lightning_soaa.kernels.raw import own_storage
 
 log = logging.getLogger(__name__)
@@ -90,15 +92,45 @@ def _cache_dir() -> Path:
     return Path(root)
 
 
-def _openmp_runtime() -> Path | None:
-    """The GNU OpenMP runtime torch runs its parallel ops on in this process (read from
-    ``/proc/self/maps``), when there is exactly one; else None (another runtime, none, not Linux)."""
+def _mapped_file(address: int | None) -> Path | None:
+    """The file mapped at ``address`` in this process (``/proc/self/maps``), or None."""
+    if not address:
+        return None
     try:
-        maps = Path("/proc/self/maps").read_text().splitlines()
+        lines = Path("/proc/self/maps").read_text().splitlines()
     except OSError:
         return None
-    found = {ln.split(maxsplit=5)[5] for ln in maps if ln.count(" ") >= 5 and "/libgomp" in ln}
-    return Path(found.pop()) if len(found) == 1 else None
+    for ln in lines:
+        fields = ln.split(maxsplit=5)
+        lo, _, hi = fields[0].partition("-")
+        if len(fields) == 6 and int(lo, 16) <= address < int(hi, 16):
+            return Path(fields[5])
+    return None
+
+
+def _runtime_of(lib: ctypes.CDLL) -> Path | None:
+    """The file that provides ``omp_get_thread_num`` to ``lib`` (dlsym on a library handle searches
+    the library, then what it was linked against, as its own calls are bound)."""
+    try:
+        return _mapped_file(ctypes.cast(lib.omp_get_thread_num, ctypes.c_void_p).value)
+    except AttributeError:
+        return None
+
+
+def _openmp_runtime() -> Path | None:
+    """The GNU OpenMP runtime (``libgomp``) that torch's own parallel ops run on in this process, or None
+    (torch built with another runtime or none, not Linux)."""
+    torch_cpu = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
+    try:
+        lib = ctypes.CDLL(str(torch_cpu), mode=getattr(os, "RTLD_NOLOAD", 0) | ctypes.RTLD_LOCAL)
+    except OSError:
+        return None
+    runtime = _runtime_of(lib)
+    return runtime if runtime is not None and runtime.name.startswith("libgomp") else None
+
+
+class _NotWritable(OSError):
+    """The cache directory cannot take a build."""
 
 
 def _run(cmd: list[str], source: bytes | None = None) -> str | None:
@@ -113,24 +145,29 @@ def _compile(cc: str, source: bytes, out: Path, runtime: Path | None) -> None:
     With ``runtime``: compiled with ``-fopenmp`` and linked against that file only (not the compiler's
     own ``-lgomp``), so the loader binds it to the runtime already in the process, torch's pool."""
     errors = []
-    out.parent.mkdir(parents=True, exist_ok=True)
     for extra in (("-fopenmp",),) if runtime is not None else _TRIES:
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-        os.close(fd)
-        if runtime is None:
-            error = _run([cc, *_BASE_FLAGS, *extra, "-x", "c", "-", "-o", tmp, "-lm"], source)
-        else:
-            obj = tmp + ".o"
-            error = (_run([cc, *_BASE_FLAGS, *extra, "-c", "-x", "c", "-", "-o", obj], source)
-                     or _run([cc, "-shared", "-fPIC", "-pthread", "-Wl,-z,defs", obj, str(runtime), "-o", tmp,
-                              "-lm"]))
-            if os.path.exists(obj):
-                os.unlink(obj)
-        if error is None:
-            os.replace(tmp, out)
-            return
-        os.unlink(tmp)
-        errors.append(error)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+            os.close(fd)
+        except OSError as e:
+            raise _NotWritable(str(e)) from e
+        obj = tmp + ".o"
+        try:
+            if runtime is None:
+                error = _run([cc, *_BASE_FLAGS, *extra, "-x", "c", "-", "-o", tmp, "-lm"], source)
+            else:
+                error = (_run([cc, *_BASE_FLAGS, *extra, "-c", "-x", "c", "-", "-o", obj], source)
+                         or _run([cc, "-shared", "-fPIC", "-pthread", "-Wl,-z,defs", obj, str(runtime), "-o", tmp,
+                                  "-lm"]))
+            if error is None:
+                os.replace(tmp, out)
+                return
+            errors.append(error)
+        finally:  # a failed link may already have removed tmp; an interrupted build leaves nothing
+            for leftover in (tmp, obj):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(leftover)
     raise NativeUnavailable(f"{cc} could not build the SOAA CPU kernels: {errors[-1]}")
 
 
@@ -141,28 +178,23 @@ def _build(runtime: Path | None) -> Path:
     key = hashlib.sha256(b"\0".join([source, " ".join(_BASE_FLAGS).encode(), cc.encode(), version,
                                      _cpu_id().encode(), str(runtime or "").encode()])).hexdigest()[:20]
     lib = _cache_dir() / f"soaa_cpu-{key}.so"
+    failed = lib.with_suffix(".failed")  # a build that cannot succeed here, not tried again
+    if failed.exists():
+        raise NativeUnavailable(f"an earlier build failed here ({failed})")
     if not lib.exists():
         try:
-            _compile(cc, source, lib, runtime)
-        except OSError as e:  # read-only or missing home: build for this process only
-            lib = Path(tempfile.mkdtemp(prefix="lightning_soaa-")) / lib.name
-            log.info("SOAA: cache directory not writable (%s); building in %s", e, lib.parent)
-            _compile(cc, source, lib, runtime)
+            try:
+                _compile(cc, source, lib, runtime)
+            except _NotWritable as e:  # read-only or missing home: build for this process only
+                lib = Path(tempfile.mkdtemp(prefix="lightning_soaa-")) / lib.name
+                log.info("SOAA: cache directory not writable (%s); building in %s", e, lib.parent)
+                _compile(cc, source, lib, runtime)
+        except NativeUnavailable:
+            if runtime is not None:  # the pool build is an extra: remember it fails (the plain one is not)
+                with contextlib.suppress(OSError):
+                    failed.touch()
+            raise
     return lib
-
-
-# A process forked from one that imported this module: a library loaded here must not use the parent's
-# OpenMP pool (a library loaded before the fork learns it from its own pthread_atfork handler).
-_forked_child = False
-
-
-def _after_fork_in_child() -> None:
-    global _forked_child
-    _forked_child = True
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _load_pool_build() -> ctypes.CDLL | None:
@@ -175,7 +207,7 @@ def _load_pool_build() -> ctypes.CDLL | None:
     except (OSError, NativeUnavailable, subprocess.SubprocessError) as e:
         log.info("SOAA: C kernels on torch's OpenMP pool unavailable (%s); using threads of their own", e)
         return None
-    if _openmp_runtime() != runtime:  # a second runtime came in with it: keep away from both pools
+    if _runtime_of(lib) != runtime:  # bound to another runtime than torch's: keep off its pool
         lib.soaa_cpu_forked()
     return lib
 
@@ -242,7 +274,9 @@ class NativeSOAA:
         when this machine cannot."""
         try:
             lib = _load_pool_build() or ctypes.CDLL(str(_build(None)))
-            if _forked_child:
+            # a library loaded before a fork learns of it from its own pthread_atfork handler; one loaded
+            # in a fork now (see lightning_soaa.kernels.forks)
+            if forks.forked():
                 lib.soaa_cpu_forked()
             return cls(lib)
         except (OSError, subprocess.SubprocessError, AttributeError) as e:

@@ -319,35 +319,39 @@ def test_the_step_bumps_autograd_version_counters() -> None:
 
 
 _FORK_SCRIPT = """
-import os, sys, torch
-from lightning_soaa.kernels.soaa_native import NativeSOAA, _openmp_runtime
+import os, signal, sys, torch
 torch.set_num_threads(2)
-load_in_child = sys.argv[1] == "load-in-child"
+mode = sys.argv[1]
 x = [torch.rand(1 << 20) for _ in range(4)]
 torch.add(x[0], x[1])  # torch's own pool has run: its workers are not in a child
-sc = [(0.1, 0.999, 0.001, 0.99, -0.01, 2.0, 0.3, 1e-8)]
-
 copies = [[t.clone() for t in x] for _ in range(2)]  # made here: torch's own parallel ops hang in the child
+sc = [(0.1, 0.999, 0.001, 0.99, -0.01, 2.0, 0.3, 1e-8)]
 
 def run(nat, k):
     p, g, m, v = copies[k]
     return nat.sums([g], [m], [v], [1]), nat.step([p], [g], [m], [v], sc), p, m, v
 
-nat = None if load_in_child else NativeSOAA.load()
-if nat is not None and nat.on_pool != (_openmp_runtime() is not None):
-    raise SystemExit(4)  # torch's GNU OpenMP pool is there and the kernels do not run on it
+nat = None
+if mode != "import-in-child":  # else the parent never imports the package: no fork hook registered
+    from lightning_soaa.kernels.soaa_native import NativeSOAA, _openmp_runtime
+    if mode == "loaded-before-fork":
+        nat = NativeSOAA.load()
+        if nat.on_pool != (_openmp_runtime() is not None):
+            raise SystemExit(4)  # torch's GNU OpenMP pool is there and the kernels do not run on it
 pid = os.fork()
 if pid == 0:
+    signal.alarm(60)  # a hang ends the child itself, not only the parent's wait
     torch.set_num_threads(2)
+    from lightning_soaa.kernels.soaa_native import NativeSOAA
     child = nat or NativeSOAA.load()
     if child.on_pool:
         os._exit(5)  # the parent's pool would hang here
-    got = run(child, 0)
-    torch.save(got, sys.argv[2])
+    torch.save(run(child, 0), sys.argv[2])
     os._exit(0)
 _, status = os.waitpid(pid, 0)
 code = os.waitstatus_to_exitcode(status)
 if code == 0:
+    from lightning_soaa.kernels.soaa_native import NativeSOAA
     want, got = run(nat or NativeSOAA.load(), 1), torch.load(sys.argv[2])
     same = want[:2] == got[:2] and all(torch.equal(a, b) for a, b in zip(want[2:], got[2:]))
     code = 0 if same else 3  # two threads of its own in the child, the pool here: the same bits
@@ -355,16 +359,45 @@ raise SystemExit(code)
 """
 
 
-@pytest.mark.parametrize("when", ["loaded-before-fork", "load-in-child"])
+@pytest.mark.parametrize("when", ["loaded-before-fork", "load-in-child", "import-in-child"])
 def test_a_forked_child_runs_the_kernels_on_threads_of_their_own(when: str, tmp_path) -> None:
     """In the parent the kernels run on torch's OpenMP pool (where torch uses GNU OpenMP); a forked
     child cannot use that pool (a parallel region there waits forever for the parent's workers), whether
-    the library was loaded before the fork or first in the child: it starts threads of its own and
-    takes the same bits."""
+    the library was loaded before the fork, first in the child, or the package first imported there: it
+    starts threads of its own and takes the same bits."""
     _native_or_skip()
     proc = subprocess.run([sys.executable, "-c", _FORK_SCRIPT, when, str(tmp_path / "child.pt")], timeout=120,
                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+
+
+_FORKS_SCRIPT = """
+import os, subprocess, sys
+from lightning_soaa.kernels import forks
+seen = [forks.forked()]
+pid = os.fork()
+if pid == 0:
+    inner = os.fork()
+    if inner == 0:
+        os._exit(0 if forks.forked() else 1)  # a fork of a fork
+    _, st = os.waitpid(inner, 0)
+    os._exit(0 if forks.forked() and os.waitstatus_to_exitcode(st) == 0 else 1)
+_, st = os.waitpid(pid, 0)
+seen.append(os.waitstatus_to_exitcode(st) == 0)
+exec_child = subprocess.run([sys.executable, "-c", "from lightning_soaa.kernels import forks; print(forks.forked())"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+print(seen, exec_child)
+"""
+
+
+def test_a_fork_is_told_from_an_exec() -> None:
+    """The process, its forks (and theirs), and a process it starts by exec (torchrun, spawn): only the
+    forks are forks."""
+    if not os.path.exists("/proc/self/auxv"):
+        pytest.skip("no /proc here")
+    out = subprocess.run([sys.executable, "-c", _FORKS_SCRIPT], timeout=120, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, check=True).stdout
+    assert out.split() == ["[False,", "True]", "False"], out
 
 
 def test_on_linux_torch_the_kernels_link_the_openmp_runtime_torch_loaded_and_no_other() -> None:
