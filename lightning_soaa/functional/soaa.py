@@ -810,16 +810,20 @@ Partials = Tensor | list[float]  # a kernel's partial sums: the fused passes giv
 
 
 def add_partials(parts: list[Partials]) -> Partials:
-    """The sum of partial-sum vectors (usually there is one): host floats while every part is one (no
-    tensor is made, a visible cost of a small model's step), else a float64 tensor."""
-    if len(parts) == 1:
-        return parts[0]
-    if all(isinstance(p, list) for p in parts):
-        return [sum(col) for col in zip(*parts)]
-    tensors = [p for p in parts if isinstance(p, Tensor)]
-    device = tensors[0].device
-    return torch.stack([p.to(device) if isinstance(p, Tensor) else torch.tensor(p, dtype=torch.float64, device=device)
-                        for p in parts]).sum(0)
+    """The sum of partial-sum vectors (usually there is one), added left to right: host floats while
+    every part is one (no tensor is made, a visible cost of a small model's step), else a float64
+    tensor on the first tensor part's device."""
+    total = parts[0]
+    for part in parts[1:]:
+        if isinstance(total, list) and isinstance(part, list):
+            total = [a + b for a, b in zip(total, part)]
+        elif isinstance(total, list):
+            assert isinstance(part, Tensor)
+            total = torch.tensor(total, dtype=torch.float64, device=part.device) + part
+        else:
+            total = total + (part.to(total.device) if isinstance(part, Tensor) else
+                             torch.tensor(part, dtype=torch.float64, device=total.device))
+    return total
 
 
 def as_tensor(part: Partials) -> Tensor:

@@ -14,7 +14,13 @@ Two signals, either one enough:
   this one was forked from (a fork keeps the parent's user).
 
 A wrong "forked" only costs speed (threads of our own, as before the pool); a wrong "not forked" would
-hang, so an unreadable own vector counts as forked.
+hang, so an unreadable own vector counts as forked, and so does a process whose parent is process 1: a
+fork whose parent exited is reparented there and its vector can no longer be compared. What this misses:
+a fork reparented to a subreaper other than process 1 after its parent exited, in a process tree that
+never imported the package before forking (torch's own parallel ops hang in such a child too);
+``LIGHTNING_SOAA_OPENMP_POOL=0`` is the switch for it. Also judged forked, at a cost in speed only: the
+children of a ``forkserver`` (whose server seldom ran the pool) and, with address-space randomisation off,
+a process exec'd by a parent of the same program and environment size.
 """
 
 from __future__ import annotations
@@ -46,10 +52,20 @@ def _auxv(pid: int | str) -> bytes | None:
 
 
 def forked() -> bool:
-    """True when this process may be a fork, without exec, of a process whose OpenMP pool ran."""
+    """True when this process may be a fork, without exec, of a process whose OpenMP pool ran.
+
+    ``LIGHTNING_SOAA_OPENMP_POOL=0`` says "forked" always (never use the pool), ``=1`` never (the caller
+    vouches that no ancestor's pool is in this process: e.g. a service started by systemd, whose
+    parent is process 1)."""
+    override = os.environ.get("LIGHTNING_SOAA_OPENMP_POOL")
+    if override in ("0", "1"):
+        return override == "0"
     if _forked_here:
+        return True
+    ppid = os.getppid()
+    if ppid == 1:  # an orphan (its parent exited: a double-fork daemon) cannot be told from a child of init
         return True
     own = _auxv("self")
     if not own:  # cannot tell: the safe answer
         return True
-    return own == _auxv(os.getppid())
+    return own == _auxv(ppid)

@@ -134,9 +134,16 @@ class _NotWritable(OSError):
 
 
 def _run(cmd: list[str], source: bytes | None = None) -> str | None:
-    """None when the command succeeded, else the tail of its error output."""
+    """None when the command succeeded, else the tail of its error output (never empty)."""
     proc = subprocess.run(cmd, input=source, capture_output=True, timeout=120, check=False)
-    return None if proc.returncode == 0 else proc.stderr.decode(errors="replace").strip()[-400:]
+    if proc.returncode == 0:
+        return None
+    return proc.stderr.decode(errors="replace").strip()[-400:] or f"exit status {proc.returncode}"
+
+
+class _LinkRefused(NativeUnavailable):
+    """The pool build compiled but cannot link against the runtime (a property of this compiler and
+    runtime, not of the moment: remembered, unlike a killed compiler or a full disk)."""
 
 
 def _compile(cc: str, source: bytes, out: Path, runtime: Path | None) -> None:
@@ -157,9 +164,12 @@ def _compile(cc: str, source: bytes, out: Path, runtime: Path | None) -> None:
             if runtime is None:
                 error = _run([cc, *_BASE_FLAGS, *extra, "-x", "c", "-", "-o", tmp, "-lm"], source)
             else:
-                error = (_run([cc, *_BASE_FLAGS, *extra, "-c", "-x", "c", "-", "-o", obj], source)
-                         or _run([cc, "-shared", "-fPIC", "-pthread", "-Wl,-z,defs", obj, str(runtime), "-o", tmp,
-                                  "-lm"]))
+                error = _run([cc, *_BASE_FLAGS, *extra, "-c", "-x", "c", "-", "-o", obj], source)
+                if error is None:
+                    error = _run([cc, "-shared", "-fPIC", "-pthread", "-Wl,-z,defs", obj, str(runtime), "-o", tmp,
+                                  "-lm"])
+                    if error is not None and "undefined reference" in error:
+                        raise _LinkRefused(f"{cc} cannot link the SOAA CPU kernels against {runtime}: {error}")
             if error is None:
                 os.replace(tmp, out)
                 return
@@ -178,22 +188,26 @@ def _build(runtime: Path | None) -> Path:
     key = hashlib.sha256(b"\0".join([source, " ".join(_BASE_FLAGS).encode(), cc.encode(), version,
                                      _cpu_id().encode(), str(runtime or "").encode()])).hexdigest()[:20]
     lib = _cache_dir() / f"soaa_cpu-{key}.so"
-    failed = lib.with_suffix(".failed")  # a build that cannot succeed here, not tried again
-    if failed.exists():
-        raise NativeUnavailable(f"an earlier build failed here ({failed})")
-    if not lib.exists():
+    if lib.exists():
+        return lib
+    refused = lib.with_suffix(".failed")  # the linker's refusal, not tried again (see _LinkRefused)
+    try:
+        why = refused.read_text()
+    except (OSError, UnicodeDecodeError):  # none (the usual case) or unreadable: try to build
+        why = None
+    if why is not None:
+        raise NativeUnavailable(f"an earlier build was refused ({refused}): {why}")
+    try:
         try:
-            try:
-                _compile(cc, source, lib, runtime)
-            except _NotWritable as e:  # read-only or missing home: build for this process only
-                lib = Path(tempfile.mkdtemp(prefix="lightning_soaa-")) / lib.name
-                log.info("SOAA: cache directory not writable (%s); building in %s", e, lib.parent)
-                _compile(cc, source, lib, runtime)
-        except NativeUnavailable:
-            if runtime is not None:  # the pool build is an extra: remember it fails (the plain one is not)
-                with contextlib.suppress(OSError):
-                    failed.touch()
-            raise
+            _compile(cc, source, lib, runtime)
+        except _NotWritable as e:  # read-only or missing home: build for this process only
+            lib = Path(tempfile.mkdtemp(prefix="lightning_soaa-")) / lib.name
+            log.info("SOAA: cache directory not writable (%s); building in %s", e, lib.parent)
+            _compile(cc, source, lib, runtime)
+    except _LinkRefused as e:
+        with contextlib.suppress(OSError):
+            refused.write_text(str(e))
+        raise
     return lib
 
 
@@ -205,7 +219,7 @@ def _load_pool_build() -> ctypes.CDLL | None:
     try:
         lib = ctypes.CDLL(str(_build(runtime)))
     except (OSError, NativeUnavailable, subprocess.SubprocessError) as e:
-        log.info("SOAA: C kernels on torch's OpenMP pool unavailable (%s); using threads of their own", e)
+        log.warning("SOAA: C kernels on torch's OpenMP pool unavailable (%s); using threads of their own", e)
         return None
     if _runtime_of(lib) != runtime:  # bound to another runtime than torch's: keep off its pool
         lib.soaa_cpu_forked()

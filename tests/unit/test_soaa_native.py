@@ -373,31 +373,78 @@ def test_a_forked_child_runs_the_kernels_on_threads_of_their_own(when: str, tmp_
 
 _FORKS_SCRIPT = """
 import os, subprocess, sys
-from lightning_soaa.kernels import forks
-seen = [forks.forked()]
+late = sys.argv[1] == "import-after-fork"  # then only the auxiliary vectors can tell
+
+def judge():
+    from lightning_soaa.kernels import forks
+    return forks.forked()
+
+seen = [] if late else [judge()]
 pid = os.fork()
 if pid == 0:
     inner = os.fork()
     if inner == 0:
-        os._exit(0 if forks.forked() else 1)  # a fork of a fork
+        os._exit(0 if judge() else 1)  # a fork of a fork
     _, st = os.waitpid(inner, 0)
-    os._exit(0 if forks.forked() and os.waitstatus_to_exitcode(st) == 0 else 1)
+    os._exit(0 if judge() and os.waitstatus_to_exitcode(st) == 0 else 1)
 _, st = os.waitpid(pid, 0)
 seen.append(os.waitstatus_to_exitcode(st) == 0)
 exec_child = subprocess.run([sys.executable, "-c", "from lightning_soaa.kernels import forks; print(forks.forked())"],
                             capture_output=True, text=True, check=True).stdout.strip()
-print(seen, exec_child)
+print(seen, exec_child, judge())
 """
 
 
-def test_a_fork_is_told_from_an_exec() -> None:
+@pytest.mark.parametrize("when", ["import-before-fork", "import-after-fork"])
+def test_a_fork_is_told_from_an_exec(when: str) -> None:
     """The process, its forks (and theirs), and a process it starts by exec (torchrun, spawn): only the
-    forks are forks."""
+    forks are forks, also when the package is first imported after the fork (no fork hook then)."""
     if not os.path.exists("/proc/self/auxv"):
         pytest.skip("no /proc here")
-    out = subprocess.run([sys.executable, "-c", _FORKS_SCRIPT], timeout=120, capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, check=True).stdout
-    assert out.split() == ["[False,", "True]", "False"], out
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env.pop("LIGHTNING_SOAA_OPENMP_POOL", None)
+    if os.getppid() == 1:
+        pytest.skip("this process's parent is process 1: its children are judged forked")
+    out = subprocess.run([sys.executable, "-c", _FORKS_SCRIPT, when], timeout=120, capture_output=True, text=True,
+                         env=env, check=True).stdout
+    want = "[True] False False" if when == "import-after-fork" else "[False, True] False False"
+    assert out.split() == want.split(), out
+
+
+def test_the_pool_switch_overrides_the_judgement(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_soaa.kernels import forks
+
+    monkeypatch.setenv("LIGHTNING_SOAA_OPENMP_POOL", "0")
+    assert forks.forked()
+    monkeypatch.setenv("LIGHTNING_SOAA_OPENMP_POOL", "1")
+    assert not forks.forked()
+
+
+def test_a_pool_build_the_linker_refuses_is_remembered_with_its_reason(tmp_path, monkeypatch) -> None:
+    """A runtime without OpenMP's symbols: the link is refused, the reason kept, no retry; a compiler
+    that fails for another reason (killed, disk full) leaves nothing behind and is tried again."""
+    from lightning_soaa.kernels import soaa_native
+
+    _native_or_skip()
+    monkeypatch.setenv("LIGHTNING_SOAA_CACHE", str(tmp_path / "cache"))
+    fake = tmp_path / "libgomp_fake.so"
+    subprocess.run([soaa_native._compiler(), "-shared", "-fPIC", "-x", "c", "-", "-o", str(fake)],
+                   input=b"int not_openmp(void) { return 0; }", check=True, timeout=120)
+    for _ in range(2):
+        with pytest.raises(NativeUnavailable, match="undefined reference"):
+            soaa_native._build(fake)
+    (marker,) = (tmp_path / "cache").glob("*.failed")
+    assert "undefined reference" in marker.read_text()
+    assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [".failed"]  # no temp files
+
+    full = tmp_path / "cc-full"
+    full.write_text("#!/bin/sh\necho 'No space left on device' >&2\nexit 1\n")
+    full.chmod(0o755)
+    monkeypatch.setenv("CC", str(full))
+    monkeypatch.setenv("LIGHTNING_SOAA_CACHE", str(tmp_path / "cache2"))
+    with pytest.raises(NativeUnavailable, match="No space left"):
+        soaa_native._build(fake)
+    assert not list((tmp_path / "cache2").iterdir())  # nothing remembered: the next process tries again
 
 
 def test_on_linux_torch_the_kernels_link_the_openmp_runtime_torch_loaded_and_no_other() -> None:
