@@ -30,11 +30,11 @@ from lightning_soaa.functional.gram import (
 from lightning_soaa.optim.base import BlockView, ShardedOptimizer, SkipStep, StepRecord, host_floats, summed
 from lightning_soaa.optim.egn_capture import (
     LinearCapture,
-    back_signals,
     explicit_jacobian_rows,
     jvp_outputs,
     plan_curvature,
 )
+from lightning_soaa.optim.egn_chain import ChainCapture, plan_chain
 from lightning_soaa.optim.param_checks import check_step
 
 __all__ = ["EGN", "MISSING_BATCH_MESSAGE"]
@@ -113,7 +113,7 @@ class _Batch:
     xs: tuple[Tensor, ...]
     y: Tensor  # targets on the outputs' device (float targets in the outputs' dtype)
     z: Tensor  # outputs [b_r, c], still attached to the capture's graph
-    cap: LinearCapture
+    cap: LinearCapture | ChainCapture
     sizes: list[int]  # local batch size of every rank
     c: int
     rank: int
@@ -353,6 +353,8 @@ class EGN(ShardedOptimizer):
         self._pending_batch: tuple[Any, Tensor] | None = None  # from set_batch(), used by the next step
         self._pass: _Pass | None = None  # the step in progress
         self._sites, self._explicit = plan_curvature(model, self._trainable, cfg.jacobian)
+        # a plain MLP (Sequential of Linear and activations): its capture needs no autograd (egn_chain)
+        self._chain = plan_chain(model, self._sites, self._explicit)
         self.damping = float(cfg.damping)
         self.alpha = float(cfg.lr)  # α of the previous step (the line search resets from it)
         self.momentum_steps = 0
@@ -586,17 +588,22 @@ class EGN(ShardedOptimizer):
     # -- 1. the batch: local forward and validation, one all-reduce -------------------------
     def _forward_capture(
         self, xs: tuple[Tensor, ...], targets: Tensor
-    ) -> tuple[Tensor | None, LinearCapture | None, str | None]:
+    ) -> tuple[Tensor | None, LinearCapture | ChainCapture | None, str | None]:
         """Local forward with Linear capture; returns (z, capture, message-or-None)."""
         b = xs[0].shape[0] if xs[0].dim() else -1
         if any(x.dim() == 0 or x.shape[0] != b for x in xs) or targets.dim() == 0 or targets.shape[0] != b:
             shapes = [tuple(x.shape) for x in xs]
             return None, None, (f"EGN: inputs {shapes} and targets {tuple(targets.shape)} must share the "
                                 "batch dimension (dim 0).")
-        cap = LinearCapture(self._sites, b)
+        cap: LinearCapture | ChainCapture
         try:
-            with torch.enable_grad(), cap:
-                z = self.model(*xs)
+            if self._chain is not None and self._chain.usable(xs):
+                cap = ChainCapture(self._chain, xs[0])
+                z = cap.z
+            else:
+                cap = LinearCapture(self._sites, b)
+                with torch.enable_grad(), cap:
+                    z = self.model(*xs)
         except Exception as exc:  # noqa: BLE001 - reported on every rank, never a hang
             return None, None, f"EGN: the model's forward failed: {type(exc).__name__}: {exc}"
         if cap.error is not None:
@@ -681,7 +688,7 @@ class EGN(ShardedOptimizer):
         the rows of every rank: the global batch's factors, in the solve dtype. A single process has
         nobody to exchange with: its factors are used as they are (packing would only copy them)."""
         c = batch.c
-        factors = batch.cap.factors(back_signals(batch.z, batch.cap.flat_outputs(), c), c)
+        factors = batch.cap.local_factors(batch.z, c)
         rows = None
         if self._explicit:
             # detached: the rows are built from the live (trainable) factored parameters, so autograd would
