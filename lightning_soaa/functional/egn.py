@@ -105,7 +105,9 @@ def residual_and_factor(loss: str, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor
         return y - z, None
     if loss == "cross_entropy":
         p = torch.softmax(z, dim=-1)
-        r = torch.nn.functional.one_hot(y.long(), z.shape[-1]).to(z.dtype) - p
+        # the one-hot targets written directly in z's dtype: one_hot would check the labels' range again
+        # (two host reads; check_outputs_targets did) and build an int64 matrix first
+        r = torch.zeros_like(z).scatter_(1, y.long().unsqueeze(1), 1.0) - p
         return r, ce_factor(p)
     if loss == "bce":
         sig = torch.sigmoid(z)

@@ -512,7 +512,8 @@ class EGN(ShardedOptimizer):
         curv, batch = ps.curvature, ps.batch
         assert curv is not None and batch is not None
         dec.full = self.exchange.gather_from_owners(dec.direction)  # collective: all_gather_flat
-        dec.w0 = [p.detach().clone() for p in self._params]
+        with torch.no_grad():  # w0: a copy of the parameters in one op (×1 is exact, -0 and inf included)
+            dec.w0 = list(torch._foreach_mul(self._params, 1.0))
         dec.jd_qq = curv.jd_qq
         if dec.use_momentum and self.config.adaptive_damping:
             dec.jd_qq = self._jd_q_norm(batch, curv, dec.full)  # collective: all_reduce_scalars
