@@ -247,6 +247,13 @@ def _add_linear_gram_t1(k: Tensor, a: Tensor, delta: Tensor, blocks: list[tuple[
         ga = a @ a.T
         if bias:
             ga += 1.0
+    if len(blocks) == 1:  # the whole product: no slicing (a small system pays per op, views included)
+        g = dd @ dd.T
+        if ga is None:
+            k += g
+        else:
+            k.view(b, c, b, c).addcmul_(g.view(b, c, b, c), ga.view(b, 1, b, 1))
+        return
     for i0, i1 in blocks:
         rows, cols = slice(i0 * c, i1 * c), slice(0, i1 * c)
         g = dd[rows] @ dd[cols].T
