@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from lightning_soaa.config import EGNConfig, check_range
 from lightning_soaa.distributed.blocks import BlockInfo
 from lightning_soaa.distributed.checkpoint import StateField, check_finite_number
+from lightning_soaa.distributed.comm import LocalComm
 from lightning_soaa.functional import egn as egn_math
 from lightning_soaa.functional.gram import (
     GramFactors,
@@ -449,8 +450,7 @@ class EGN(ShardedOptimizer):
             if self.comm.world_size == 1:
                 raise
             error = e
-        modes = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()
+        modes = self._eval_mode()
         self._pass = _Pass(xs, targets)  # type: ignore[arg-type]  # targets is None only with an error
         try:
             self._pass.error = error  # raised before the step on this rank: reported by _agree_on_batch
@@ -459,10 +459,32 @@ class EGN(ShardedOptimizer):
         finally:
             self._pass = None
             for m, mode in modes:
-                m.training = mode
+                # the attribute itself (what Module.__setattr__ ends in for it), without that method's
+                # parameter/buffer/module look-ups: this runs for every module at every step
+                object.__setattr__(m, "training", mode)
         if closure_value is not None:
             return closure_value
         return torch.tensor(f0, dtype=torch.float64)
+
+    def _eval_mode(self) -> list[tuple[nn.Module, bool]]:
+        """Put every submodule in eval mode; returns their modes to restore. A planned chain's modules
+        (exact torch types, none overriding ``train``) only have the flag set; any other model is put in
+        eval mode by its own ``eval()``, which a submodule may extend."""
+        modes = [(m, m.training) for m in self.model.modules()]
+        if self._chain is None:
+            self.model.eval()
+        else:
+            for m, _ in modes:
+                object.__setattr__(m, "training", False)
+        return modes
+
+    def _sum_scalars(self, values: list[float]) -> list[float]:
+        """``comm.all_reduce_scalars`` of host floats, read back as host floats; a single process
+        (``LocalComm``) has nothing to reduce and no tensor is made (the values are the same floats)."""
+        if isinstance(self.comm, LocalComm):
+            return [float(v) for v in values]
+        out: list[float] = self.comm.all_reduce_scalars(torch.tensor(values, dtype=torch.float64)).tolist()
+        return out
 
     # -- template hooks ---------------------------------------------------------------------
     def _exchange_in(self) -> str | None:
@@ -645,7 +667,7 @@ class EGN(ShardedOptimizer):
                 table[row + 3 + i] = float(sum(a.shape[1] for a in cap.inputs[i]))
             nonfinite = not (math.isfinite(local_loss) and z_finite > 0)
             table[0:2] = [1.0 if nonfinite else 0.0, local_loss]
-        red = self.comm.all_reduce_scalars(torch.tensor(table, dtype=torch.float64)).tolist()  # collective
+        red = self._sum_scalars(table)  # collective
         info = [red[2 + r * width:2 + (r + 1) * width] for r in range(world)]
         sizes, c = self._check_agreement(info, err)
         assert z is not None and cap is not None
@@ -834,7 +856,7 @@ class EGN(ShardedOptimizer):
                          batch.xs)
         s_local = None if curv.s is None else curv.s[batch.start:batch.start + batch.b_r]
         part = egn_math.q_norm_sq(s_local, jd.detach().reshape(-1).to(self._solve_dtype()))
-        return float(self.comm.all_reduce_scalars(torch.tensor([float(part)], dtype=torch.float64))[0])
+        return self._sum_scalars([float(part)])[0]  # collective
 
     def _step_size(self, batch: _Batch, w0: list[Tensor], d: list[Tensor],
                    gtd: float) -> tuple[float, float, int]:
@@ -862,8 +884,16 @@ class EGN(ShardedOptimizer):
         """L_b(w0 + αd): a local forward and one scalar all-reduce (every rank, same order)."""
         with torch.no_grad():
             torch._foreach_copy_(self._params, torch._foreach_add(w0, d, alpha=alpha))
-            local = float(egn_math.loss_sum(self.config.loss, self.model(*batch.xs), batch.y))
-        return float(self.comm.all_reduce_scalars(torch.tensor([local], dtype=torch.float64))[0]) / batch.b
+            local = float(egn_math.loss_sum(self.config.loss, self._outputs(batch.xs), batch.y))
+        return self._sum_scalars([local])[0] / batch.b  # collective
+
+    def _outputs(self, xs: tuple[Tensor, ...]) -> Tensor:
+        """The model's outputs, nothing captured: through the planned chain's modules where it applies
+        (the same forwards without the module-call machinery)."""
+        if self._chain is not None and self._chain.usable(xs):
+            return self._chain.run(xs[0])
+        z: Tensor = self.model(*xs)
+        return z
 
     def _adapt_damping(self, batch: _Batch, gtd: float, jd_qq: float, alpha: float, f_new: float) -> float:
         """ρ from the actual and predicted change; λ follows it (adaptive damping only)."""

@@ -63,6 +63,14 @@ class Chain:
             return False
         return not any(m._forward_hooks or m._forward_pre_hooks for m in self.modules)
 
+    def run(self, x: Tensor) -> Tensor:
+        """The model's outputs for ``x`` (as :meth:`forward`, nothing kept; a line-search trial)."""
+        h = x
+        with torch.no_grad():
+            for m in self.modules:
+                h = m.forward(h)
+        return h
+
     def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         """(z, saved): the model's forward, each module's own ``forward`` (what ``model(x)`` runs when no
         hooks are installed), without autograd; ``saved[j]`` is the input of module j."""
@@ -117,13 +125,13 @@ class ChainCapture:
         mods, site_of, saved = self.chain.modules, self.chain.site_of, self.saved
         first = min(j for j, i in enumerate(site_of) if i >= 0) if self.chain.num_sites else len(mods)
         deltas: list[Tensor | None] = [None] * self.chain.num_sites
+        eye = torch.eye(c, dtype=z.dtype, device=z.device).expand(b, c, c)  # δ of z itself
         g: Tensor | None = None  # δ at the current module's output, [b, c, d]; None: the identity (z itself)
         with torch.no_grad():
             for j in range(len(mods) - 1, first - 1, -1):
                 m = mods[j]
                 if isinstance(m, nn.Linear):
                     if site_of[j] >= 0:
-                        eye = torch.eye(c, dtype=z.dtype, device=z.device).expand(b, c, c)
                         deltas[site_of[j]] = eye if g is None else g
                     if j == first:
                         break
@@ -132,8 +140,7 @@ class ChainCapture:
                     g = w.expand(b, c, w.shape[1]) if g is None else (g.reshape(b * c, -1) @ w).view(b, c, -1)
                 elif type(m) in _ACTIVATIONS:
                     out = saved[j + 1] if j + 1 < len(mods) else z
-                    grad = torch.eye(c, dtype=z.dtype, device=z.device).expand(b, c, c) if g is None else g
-                    g = _ACTIVATIONS[type(m)](grad, out.unsqueeze(1))
+                    g = _ACTIVATIONS[type(m)](eye if g is None else g, out.unsqueeze(1))
         factors: list[tuple[Tensor, Tensor]] = []
         for a, d in zip(self.inputs, deltas):
             assert d is not None  # every site lies at or after ``first``

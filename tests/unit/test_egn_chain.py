@@ -108,3 +108,23 @@ def test_a_hook_or_a_3d_input_takes_the_general_path_with_the_same_step() -> Non
     assert chain is not None
     assert not chain.usable((torch.randn(2, 4, 5),))
     assert not chain.usable((torch.randn(2, 5), torch.randn(2, 5)))
+
+
+def test_a_chain_in_train_mode_steps_in_eval_mode_and_gets_its_modes_back() -> None:
+    def run(train: bool) -> tuple[torch.Tensor, list[bool]]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Dropout(0.5), nn.Linear(6, 3)).double()
+        model.train(train)
+        model[1].training = False  # a mixed state must come back as it was
+        opt = EGN(model, loss="cross_entropy", lr=0.5, line_search=True)
+        assert opt._chain is not None
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            opt.step(inputs=torch.randn(8, 5, generator=g, dtype=torch.float64),
+                     targets=torch.randint(0, 3, (8,), generator=g))
+        return torch.cat([p.detach().reshape(-1) for p in model.parameters()]), [m.training for m in model.modules()]
+
+    w_train, modes_train = run(True)
+    w_eval, modes_eval = run(False)
+    assert torch.equal(w_train, w_eval)  # dropout is off inside the step
+    assert modes_train == [True, True, False, True, True] and not any(modes_eval)
