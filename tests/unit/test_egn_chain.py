@@ -128,3 +128,27 @@ def test_a_chain_in_train_mode_steps_in_eval_mode_and_gets_its_modes_back() -> N
     w_eval, modes_eval = run(False)
     assert torch.equal(w_train, w_eval)  # dropout is off inside the step
     assert modes_train == [True, True, False, True, True] and not any(modes_eval)
+
+
+def test_what_outlives_a_chain_step_is_not_an_inference_tensor() -> None:
+    """The chain's passes run under inference_mode: the momentum buffers, the parameters and the returned
+    loss must stay normal tensors (usable by autograd, updatable in place, loadable from a checkpoint)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    opt = EGN(model, loss="cross_entropy", lr=0.5, momentum=0.5, line_search=True, adaptive_damping=True)
+    assert opt._chain is not None
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g)
+    for _ in range(3):
+        loss = opt.step(inputs=x, targets=y)
+    assert not loss.is_inference()
+    buffers = [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    assert buffers and not any(t.is_inference() for t in buffers)
+    assert not any(p.is_inference() for p in model.parameters())
+    nn.functional.cross_entropy(model(x), y).backward()  # autograd through the stepped parameters
+    with torch.no_grad():
+        for t in buffers:
+            t.mul_(1.0)  # in place outside inference mode
+    opt.load_state_dict(opt.state_dict())
+    opt.step(inputs=x, targets=y)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
