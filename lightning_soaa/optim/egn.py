@@ -512,10 +512,12 @@ class EGN(ShardedOptimizer):
             return "non-finite model outputs or loss"
         ps.f0 = batch.f0
         layout, pieces = self._gather_factors(batch)  # collective: all_gather_flat (W > 1)
-        curv = ps.curvature = self._solve(batch, layout, pieces)
-        if not curv.sol.ok:
-            return f"the bc system could not be solved after {curv.sol.fallbacks} damping retries"
-        ps.at_owners = self.exchange.sum_to_owners(self._vjps(batch, curv))  # collective: reduce_scatter
+        # the solve and Jᵀv differentiate nothing, whatever the model: no autograd bookkeeping per op
+        with torch.inference_mode():
+            curv = ps.curvature = self._solve(batch, layout, pieces)
+            if not curv.sol.ok:
+                return f"the bc system could not be solved after {curv.sol.fallbacks} damping retries"
+            ps.at_owners = self.exchange.sum_to_owners(self._vjps(batch, curv))  # collective: reduce_scatter
         return None
 
     def _prepare(self, views: list[BlockView]) -> _EGNRecord:

@@ -130,13 +130,16 @@ def test_a_chain_in_train_mode_steps_in_eval_mode_and_gets_its_modes_back() -> N
     assert modes_train == [True, True, False, True, True] and not any(modes_eval)
 
 
-def test_what_outlives_a_chain_step_is_not_an_inference_tensor() -> None:
-    """The chain's passes run under inference_mode: the momentum buffers, the parameters and the returned
-    loss must stay normal tensors (usable by autograd, updatable in place, loadable from a checkpoint)."""
+@pytest.mark.parametrize("chain", [True, False])
+def test_what_outlives_a_step_is_not_an_inference_tensor(chain: bool) -> None:
+    """The solve and Jᵀv (and a chain's whole curvature pass) run under inference_mode: the momentum
+    buffers, the parameters and the returned loss must stay normal tensors (usable by autograd, updatable
+    in place, loadable from a checkpoint)."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    norm = [] if chain else [nn.LayerNorm(6)]  # a LayerNorm: the general capture (autograd)
+    model = nn.Sequential(nn.Linear(5, 6), *norm, nn.Tanh(), nn.Linear(6, 3)).double()
     opt = EGN(model, loss="cross_entropy", lr=0.5, momentum=0.5, line_search=True, adaptive_damping=True)
-    assert opt._chain is not None
+    assert (opt._chain is not None) == chain
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(8, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g)
     for _ in range(3):
