@@ -114,7 +114,7 @@ class _Batch:
 
     xs: tuple[Tensor, ...]
     y: Tensor  # targets on the outputs' device (float targets in the outputs' dtype)
-    z: Tensor  # outputs [b_r, c], still attached to the capture's graph
+    z: Tensor  # outputs [b_r, c]: attached to the general capture's graph (a chain capture has none)
     cap: LinearCapture | ChainCapture
     sizes: list[int]  # local batch size of every rank
     c: int
