@@ -145,7 +145,15 @@ class OwnerExchange:
 
     def gather_from_owners(self, owned: list[Tensor]) -> list[Tensor]:
         """Every rank gets a full-size tensor per parameter, each block from its owner; ``owned`` holds
-        this rank's blocks in ``table.owned()`` order (one ``all_gather_flat`` per dtype when sharded)."""
+        this rank's blocks in ``table.owned()`` order (one ``all_gather_flat`` per dtype when sharded).
+        Read-only: unsharded, a block that is a whole parameter is handed back itself (not a copy; a small
+        model's step pays per op)."""
+        if not self.sharded and all(b.dim is None for b in self.owned) and len(self.owned) == len(self.params):
+            whole: list[Tensor | None] = [None] * len(self.params)
+            for b, t in zip(self.owned, owned):
+                whole[b.param_index] = t
+            if all(t is not None for t in whole):
+                return [t for t in whole if t is not None]
         full = [torch.zeros_like(p) for p in self.params]
         if not self.sharded:
             for b, t in zip(self.owned, owned):

@@ -105,7 +105,9 @@ def residual_and_factor(loss: str, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor
         return y - z, None
     if loss == "cross_entropy":
         p = torch.softmax(z, dim=-1)
-        r = torch.nn.functional.one_hot(y.long(), z.shape[-1]).to(z.dtype) - p
+        # the one-hot targets written directly in z's dtype: one_hot would check the labels' range again
+        # (two host reads; check_outputs_targets did) and build an int64 matrix first
+        r = torch.zeros_like(z).scatter_(1, y.long().unsqueeze(1), 1.0) - p
         return r, ce_factor(p)
     if loss == "bce":
         sig = torch.sigmoid(z)
@@ -206,12 +208,20 @@ def solve_coefficients(
     # Cholesky reads one triangle only, so K's round-off asymmetry needs no symmetrising pass.
     st_kr = apply_st(s, k @ r if kr is None else kr)
     if s is not None:
-        b, c, cp = s.shape
-        # SᵀKS[(i,k),(j,l)] = Σ_{a,e} S_i[a,k] K[(i,a),(j,e)] S_j[e,l]
-        base = torch.einsum("iak,iajb,jbl->ikjl", s, k.view(b, c, b, c), s).reshape(b * cp, b * cp)
+        base = _st_k_s(s, k)
     else:
         base = k.clone()  # solve_damped writes the damping into base's diagonal
     return solve_damped(base, r, st_kr, s, batch_size, damping, max_retries=max_retries)
+
+
+def _st_k_s(s: Tensor, k: Tensor) -> Tensor:
+    """SᵀKS[(i,k),(j,l)] = Σ_{a,e} S_i[a,k] K[(i,a),(j,e)] S_j[e,l] as two batched products, in the order
+    einsum("iak,iajb,jbl->ikjl") contracts (the same bits; einsum's own permutes and reshapes cost 3x the
+    ops on a small system)."""
+    b, c, cp = s.shape
+    y = torch.bmm(s.transpose(1, 2), k.view(b, c, b * c))  # [i, k, (j,e)]: Σ_a S_i[a,k] K[(i,a),(j,e)]
+    z = torch.bmm(y.view(b * cp, b, c).transpose(0, 1), s)  # [j, (i,k), l]: Σ_e (...)[(i,k),(j,e)] S_j[e,l]
+    return z.permute(1, 0, 2).reshape(b * cp, b * cp)
 
 
 def solve_damped(

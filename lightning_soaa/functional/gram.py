@@ -247,6 +247,13 @@ def _add_linear_gram_t1(k: Tensor, a: Tensor, delta: Tensor, blocks: list[tuple[
         ga = a @ a.T
         if bias:
             ga += 1.0
+    if len(blocks) == 1:  # the whole product: no slicing (a small system pays per op, views included)
+        g = dd @ dd.T
+        if ga is None:
+            k += g
+        else:
+            k.view(b, c, b, c).addcmul_(g.view(b, c, b, c), ga.view(b, 1, b, 1))
+        return
     for i0, i1 in blocks:
         rows, cols = slice(i0 * c, i1 * c), slice(0, i1 * c)
         g = dd[rows] @ dd[cols].T
@@ -318,7 +325,9 @@ class GramOperator:
         """K u as a new tensor (a bc-vector, bc' for the factors of SᵀJ)."""
         b, c = self.b, self.c
         uu = u.reshape(b, c)
-        out = torch.zeros_like(uu)
+        # the first product is the sum so far (a new tensor, so the others add into it in place): no zero
+        # tensor to add it to (this runs once per CG iteration; the values are the same, 0 + x = x)
+        parts: list[Tensor] = []
         if self.t1_delta is not None:
             # m_i = Δ_iᵀ u_i for every T = 1 site at once ([b, Σ d_out]), one batched GEMM
             m_all = torch.bmm(uu.unsqueeze(1), self.t1_delta).squeeze(1)
@@ -327,14 +336,19 @@ class GramOperator:
             h = hs[0] if len(hs) == 1 else torch.cat(hs, dim=1)
             # Δ_i h_i per sample as a bmm: a broadcast multiply-and-sum was as fast inside the solve but
             # allocates a [b, c, Σ d_out] temporary per application
-            out += torch.bmm(self.t1_delta, h.unsqueeze(2)).squeeze(2)
+            parts.append(torch.bmm(self.t1_delta, h.unsqueeze(2)).squeeze(2))
         for s, a, d3 in self.multi:
             m = torch.bmm(uu.unsqueeze(1), d3).reshape(b * s.positions, s.d_out)
             a2 = a.reshape(b * s.positions, s.d_in)
             h = self._through_weight(s, a2, m)
-            out += torch.bmm(d3, h.reshape(b, s.positions * s.d_out, 1)).reshape(b, c)
+            parts.append(torch.bmm(d3, h.reshape(b, s.positions * s.d_out, 1)).reshape(b, c))
         if self.rows is not None:
-            out += (self.rows @ (self.rows.T @ u)).reshape(b, c)
+            parts.append((self.rows @ (self.rows.T @ u)).reshape(b, c))
+        if not parts:
+            return torch.zeros_like(u)
+        out = parts[0]
+        for part in parts[1:]:
+            out += part
         return out.reshape(-1)
 
     @staticmethod

@@ -137,6 +137,10 @@ class LinearCapture:
     def flat_outputs(self) -> list[Tensor]:
         return [y for ys in self.outputs for y in ys]
 
+    def local_factors(self, z: Tensor, num_outputs: int) -> list[tuple[Tensor, Tensor]]:
+        """:meth:`factors` with the back-signals of ``z`` (the outputs of this capture's forward)."""
+        return self.factors(back_signals(z, self.flat_outputs(), num_outputs), num_outputs)
+
 
 def back_signals(z: Tensor, outs: list[Tensor], num_outputs: int) -> list[Tensor | None]:
     """δ for every output column k at once: per recorded layer output y, [c, *y.shape] with slice k
