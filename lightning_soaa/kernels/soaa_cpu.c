@@ -66,6 +66,24 @@ static inline uint16_t bf16_store(float f) {
 }
 
 #define ID(x) (x)
+
+/* the value bf16_store(f) stores, as a float: bf16_load(bf16_store(f)) without the narrowing to 16 bits
+ * and back (the step sums the stored moments; computed in 32-bit lanes, they are packed only once) */
+static inline float bf16_round(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    uint32_t nan = (u & 0x7fffffffu) > 0x7f800000u;
+    uint32_t bits = nan ? (u | 0x400000u) & 0xffff0000u : (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* the upper half of an already rounded float: its bf16 bits */
+static inline uint16_t bf16_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return (uint16_t)(u >> 16);
+}
 #define MAX_THREADS 256
 #define MIN_PER_THREAD (1 << 18)
 
@@ -271,7 +289,7 @@ static void add_chunks(int nb, const int64_t *first, const double *part, int k, 
         return 0;                                                                                          \
     }
 
-#define SOAA_STEP(NAME, S, C, LOAD, STORE, SQRT, LN)                                                       \
+#define SOAA_STEP(NAME, S, C, LOAD, STORE, ROUND, BITS, SQRT, LN)                                   \
     static void step_chunk_##NAME(S *restrict p, const S *restrict g, S *restrict m, S *restrict v,          \
                                   int64_t lo, int64_t hi, const double *sc, double *res) {                  \
         const C a = (C)sc[0], b2 = (C)sc[1], b2c = (C)sc[2], decay = (C)sc[3], alr = (C)sc[4];             \
@@ -286,16 +304,16 @@ static void add_chunks(int nb, const int64_t *first, const double *part, int k, 
                 const C vt = LOAD(v[i]) * b2 + gi * gi * b2c;                                              \
                 const C r = SQRT(vt);                                                                      \
                 const C q = mt / (eps + k1 * (r > knee ? r : knee) * r);                                   \
-                const S ms = STORE(mt), vs = STORE(vt); /* the stored (rounded) moments are summed */  \
-                m[i] = ms;                                                                                 \
-                v[i] = vs;                                                                                 \
+                const C mr = ROUND(mt), vr = ROUND(vt); /* the stored (rounded) moments are summed */   \
+                m[i] = BITS(mr);                                                                           \
+                v[i] = BITS(vr);                                                                           \
                 p[i] = STORE(LOAD(p[i]) * decay + alr * q);                                                \
-                const C rq = r * q, mr = LOAD(ms);                                                         \
+                const C rq = r * q;                                                                        \
                 f[0][l] += mt * q;                                                                         \
                 f[1][l] += rq * rq;                                                                        \
                 f[2][l] += r < knee ? (C)1 : (C)0;                                                         \
                 f[3][l] += mr * mr;                                                                        \
-                f[4][l] += LOAD(vs);)                                                                      \
+                f[4][l] += vr;)                                                                      \
             LANES_TO_DOUBLE(STEP_OUT, LN, f, d)                                                         \
         }                                                                                                  \
         LANES_OUT(STEP_OUT, LN, d, res)                                                                 \
@@ -328,9 +346,9 @@ static void add_chunks(int nb, const int64_t *first, const double *part, int k, 
 SOAA_SUMS(f32, float, float, ID, 8)
 SOAA_SUMS(f64, double, double, ID, 8)
 SOAA_SUMS(bf16, uint16_t, float, bf16_load, 16)
-SOAA_STEP(f32, float, float, ID, ID, sqrtf, 8)
-SOAA_STEP(f64, double, double, ID, ID, sqrt, 8)
-SOAA_STEP(bf16, uint16_t, float, bf16_load, bf16_store, sqrtf, 16)
+SOAA_STEP(f32, float, float, ID, ID, ID, ID, sqrtf, 8)
+SOAA_STEP(f64, double, double, ID, ID, ID, ID, sqrt, 8)
+SOAA_STEP(bf16, uint16_t, float, bf16_load, bf16_store, bf16_round, bf16_bits, sqrtf, 16)
 
 /* the ABI version the loader checks, so a stale cached build is never used */
 int soaa_cpu_abi(void) { return 7; }
