@@ -56,19 +56,8 @@ static inline float bf16_load(uint16_t x) {
     return f;
 }
 
-/* round to nearest even, as torch does; a NaN stays a (quiet) NaN */
-static inline uint16_t bf16_store(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    uint32_t nan = (u & 0x7fffffffu) > 0x7f800000u;
-    uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    return (uint16_t)(nan ? ((u >> 16) | 0x40u) : rounded);
-}
-
-#define ID(x) (x)
-
-/* the value bf16_store(f) stores, as a float: bf16_load(bf16_store(f)) without the narrowing to 16 bits
- * and back (the step sums the stored moments; computed in 32-bit lanes, they are packed only once) */
+/* f rounded to bf16, as a float (the low 16 bits zero): to nearest even, as torch does; a NaN stays a
+ * (quiet) NaN. The step sums the stored moments in this form, so they are narrowed only once, to store. */
 static inline float bf16_round(float f) {
     uint32_t u;
     memcpy(&u, &f, sizeof u);
@@ -84,6 +73,10 @@ static inline uint16_t bf16_bits(float f) {
     memcpy(&u, &f, sizeof u);
     return (uint16_t)(u >> 16);
 }
+
+static inline uint16_t bf16_store(float f) { return bf16_bits(bf16_round(f)); }
+
+#define ID(x) (x)
 #define MAX_THREADS 256
 #define MIN_PER_THREAD (1 << 18)
 
@@ -289,7 +282,7 @@ static void add_chunks(int nb, const int64_t *first, const double *part, int k, 
         return 0;                                                                                          \
     }
 
-#define SOAA_STEP(NAME, S, C, LOAD, STORE, ROUND, BITS, SQRT, LN)                                   \
+#define SOAA_STEP(NAME, S, C, LOAD, STORE, ROUND, BITS, SQRT, LN)                                     \
     static void step_chunk_##NAME(S *restrict p, const S *restrict g, S *restrict m, S *restrict v,          \
                                   int64_t lo, int64_t hi, const double *sc, double *res) {                  \
         const C a = (C)sc[0], b2 = (C)sc[1], b2c = (C)sc[2], decay = (C)sc[3], alr = (C)sc[4];             \
@@ -313,7 +306,7 @@ static void add_chunks(int nb, const int64_t *first, const double *part, int k, 
                 f[1][l] += rq * rq;                                                                        \
                 f[2][l] += r < knee ? (C)1 : (C)0;                                                         \
                 f[3][l] += mr * mr;                                                                        \
-                f[4][l] += vr;)                                                                      \
+                f[4][l] += vr;)                                                                            \
             LANES_TO_DOUBLE(STEP_OUT, LN, f, d)                                                         \
         }                                                                                                  \
         LANES_OUT(STEP_OUT, LN, d, res)                                                                 \

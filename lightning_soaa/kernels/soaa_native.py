@@ -142,8 +142,9 @@ def _run(cmd: list[str], source: bytes | None = None) -> str | None:
 
 
 class _LinkRefused(NativeUnavailable):
-    """The pool build compiled but cannot link against the runtime (a property of this compiler and
-    runtime, not of the moment: remembered, unlike a killed compiler or a full disk)."""
+    """The pool build compiled but cannot link against the runtime: undefined OpenMP symbols (GNU ld's
+    "undefined reference", lld's "undefined symbol"; e.g. clang's -fopenmp calls __kmpc_*). A property of
+    this compiler and runtime, not of the moment: remembered, unlike a killed compiler or a full disk."""
 
 
 def _compile(cc: str, source: bytes, out: Path, runtime: Path | None) -> None:
@@ -168,7 +169,7 @@ def _compile(cc: str, source: bytes, out: Path, runtime: Path | None) -> None:
                 if error is None:
                     error = _run([cc, "-shared", "-fPIC", "-pthread", "-Wl,-z,defs", obj, str(runtime), "-o", tmp,
                                   "-lm"])
-                    if error is not None and "undefined reference" in error:
+                    if error is not None and ("undefined reference" in error or "undefined symbol" in error):
                         raise _LinkRefused(f"{cc} cannot link the SOAA CPU kernels against {runtime}: {error}")
             if error is None:
                 os.replace(tmp, out)

@@ -909,7 +909,7 @@ class EGN(ShardedOptimizer):
         """The model's outputs, nothing captured: through the planned chain's modules where it applies
         (the same forwards without the module-call machinery)."""
         if self._chain is not None and self._chain.usable(xs):
-            return self._chain.run(xs[0])
+            return self._chain.forward(xs[0])[0]  # a line-search trial: the outputs only
         z: Tensor = self.model(*xs)
         return z
 

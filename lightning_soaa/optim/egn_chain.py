@@ -63,14 +63,6 @@ class Chain:
             return False
         return not any(m._forward_hooks or m._forward_pre_hooks for m in self.modules)
 
-    def run(self, x: Tensor) -> Tensor:
-        """The model's outputs for ``x`` (as :meth:`forward`, nothing kept; a line-search trial)."""
-        h = x
-        with torch.no_grad():
-            for m in self.modules:
-                h = m.forward(h)
-        return h
-
     def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         """(z, saved): the model's forward, each module's own ``forward`` (what ``model(x)`` runs when no
         hooks are installed), without autograd; ``saved[j]`` is the input of module j."""
