@@ -23,15 +23,18 @@ def adamw_update_(
     beta2: float,
     eps: float,
     weight_decay: float,
+    counts: list[float] | None = None,
 ) -> None:
     """One AdamW step in place on every tensor of the lists (any shapes, including 1-D slices).
 
     ``steps`` are per-tensor float32 scalars incremented here (torch's convention, so that DeepSpeed
-    ZeRO-3, which calls ``step()`` once per sub-group, keeps one counter per tensor).
+    ZeRO-3, which calls ``step()`` once per sub-group, keeps one counter per tensor), unless the caller
+    advanced them already and passes their new values as ``counts`` (ASGO advances the counters of all
+    its blocks, AdamW's and its own, in one call).
     """
     if not params:
         return
-    counts = increment_counts_(steps)
+    counts = increment_counts_(steps) if counts is None else counts
     # Per tensor, not per call: which path a block takes (and so its rounding) must not depend on the
     # other blocks it shares a call with (they differ between world sizes and shardings).
     rest = _fused_cpu_(params, grads, exp_avgs, exp_avg_sqs, steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
@@ -100,10 +103,13 @@ def _fused_cpu_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
         (by_dtype.setdefault(ts[0].dtype, []) if fused is not None and _fused_takes(ts) else rest).append(i)
     for n, (_, idx) in enumerate(by_dtype.items()):
         assert fused is not None  # by_dtype is empty otherwise
+        # all tensors in one call (the usual case): the lists as given, not rebuilt
+        lists = (params, grads, exp_avgs, exp_avg_sqs, steps) if len(idx) == len(params) else (
+            [x[i] for i in idx] for x in (params, grads, exp_avgs, exp_avg_sqs, steps))
+        p, g, m, v, s = lists
         try:
-            fused([params[i] for i in idx], [grads[i] for i in idx], [exp_avgs[i] for i in idx],
-                  [exp_avg_sqs[i] for i in idx], [], [steps[i] for i in idx], amsgrad=False, lr=lr,
-                  beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, maximize=False)
+            fused(p, g, m, v, [], s, amsgrad=False, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
+                  eps=eps, maximize=False)
         except NotImplementedError:
             if n:  # cannot happen (the same kernel ran for the first dtype); never leave a half step
                 raise
@@ -117,8 +123,12 @@ def _fused_takes(ts: tuple[Tensor, ...]) -> bool:
     it were contiguous (measured, torch 2.13: a column slice ``W[:, :5]`` is updated wrongly, off by 4e-2
     after three steps, without an error)."""
     dtype = ts[0].dtype
-    return dtype in _FUSED_DTYPES and all(t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous()
-                                          for t in ts)
+    if dtype not in _FUSED_DTYPES:
+        return False
+    for t in ts:  # a loop of attribute reads (no generator): it runs for every tensor at every step
+        if not (t.is_cpu and t.dtype == dtype and t.is_contiguous()):
+            return False
+    return True
 
 
 _FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)

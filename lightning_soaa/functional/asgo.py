@@ -61,7 +61,8 @@ def update_gram_(v: Tensor, g: Tensor, beta2: float, side: str) -> None:
 
 def precondition(p: Tensor, mom: Tensor, side: str) -> Tensor:
     """``U = P M`` (left) or ``U = M P`` (right), in the dtype of ``mom``."""
-    p = p.to(mom.dtype)
+    if p.dtype != mom.dtype:  # a no-op ``to`` still costs its argument parsing, at every step and block
+        p = p.to(mom.dtype)
     return p @ mom if side == LEFT else mom @ p
 
 
@@ -94,7 +95,15 @@ def apply_scaled_updates_(params: list[Tensor], updates: list[Tensor], factors: 
     torch._foreach_mul_(updates, factors)
     if weight_decay != 0.0:
         torch._foreach_mul_(params, 1.0 - lr * weight_decay)
-    torch._foreach_add_(params, [u.reshape(p.shape).to(p.dtype) for u, p in zip(updates, params)], alpha=-lr)
+    torch._foreach_add_(params, [_like(u, p) for u, p in zip(updates, params)], alpha=-lr)
+
+
+def _like(u: Tensor, p: Tensor) -> Tensor:
+    """``u`` in ``p``'s shape and dtype; ``u`` itself when it has them (a reshape to the same shape still
+    costs an ATen call)."""
+    if u.shape != p.shape:
+        u = u.reshape(p.shape)
+    return u if u.dtype == p.dtype else u.to(p.dtype)
 
 
 def ema_(stats: list[Tensor], values: list[Tensor], beta: float) -> None:

@@ -39,7 +39,7 @@ from lightning_soaa.distributed.blocks import BlockInfo, BlockSpec, row_block_sp
 from lightning_soaa.distributed.checkpoint import StateField
 from lightning_soaa.distributed.dtensor import is_dtensor
 from lightning_soaa.functional import asgo as asgo_math
-from lightning_soaa.functional.adamw import adamw_update_, increment_counts_
+from lightning_soaa.functional.adamw import adamw_update_
 from lightning_soaa.functional.linalg import (
     DEFAULT_ROOT_ITERS,
     ROOT_METHODS,
@@ -49,7 +49,7 @@ from lightning_soaa.functional.linalg import (
     resolve_root_method,
 )
 from lightning_soaa.optim.adamw import adam_state_schema
-from lightning_soaa.optim.base import BlockView, ShardedOptimizer
+from lightning_soaa.optim.base import BlockView, ShardedOptimizer, StepCounts
 
 __all__ = ["ASGO", "DASGO", "asgo_param_groups", "asgo_block_specs", "asgo_block_cost", "asgo_root_cost"]
 
@@ -209,6 +209,33 @@ def _by_key(indices: Iterable[int], key: Callable[[int], Any]) -> dict[Any, list
     return out
 
 
+def _init_adam_state(v: BlockView) -> None:
+    """The AdamW fallback's state of a block at its first step: torch's float32 counter, zero moments."""
+    v.state[STEP] = torch.zeros((), dtype=torch.float32)
+    v.state[EXP_AVG] = torch.zeros_like(v.param, memory_format=torch.preserve_format)
+    v.state[EXP_AVG_SQ] = torch.zeros_like(v.param, memory_format=torch.preserve_format)
+
+
+#: parameter dtype -> statistics dtype (:meth:`_OneSided._state_dtype`): torch.promote_types is an ATen
+#: call, which the step would otherwise make for every block
+_STATE_DTYPES: dict[torch.dtype, torch.dtype] = {}
+
+
+def _state_dtype_of(dtype: torch.dtype) -> torch.dtype:
+    sdt = _STATE_DTYPES.get(dtype)
+    if sdt is None:
+        # Half-precision parameters keep fp32 statistics; fp32/fp64 keep their own precision.
+        sdt = _STATE_DTYPES[dtype] = torch.promote_types(dtype, torch.float32)
+    return sdt
+
+
+def _matrix_grad(grad: Tensor, dtype: torch.dtype) -> Tensor:
+    """A block's gradient as the ``m x n`` matrix in the statistics' dtype; itself when it is one already
+    (reshape and ``to`` would each cost an ATen call even then)."""
+    g = grad if grad.dim() == 2 else asgo_math.matrix_view(grad)
+    return g if g.dtype == dtype else g.to(dtype)
+
+
 class _OneSided(ShardedOptimizer):
     """Shared plumbing of ASGO and DASGO: routing, the AdamW fallback, statistics."""
 
@@ -255,42 +282,71 @@ class _OneSided(ShardedOptimizer):
             log.warning("%s: none of the %d parameters has >= 2 dimensions (or all are routed to the "
                         "fallback); every parameter uses AdamW.", type(self).__name__, len(plist))
 
-    def _is_matrix_view(self, v: BlockView) -> bool:
-        return self.is_matrix_param(self._params[v.block.param_index], v.group, v.name)
+    def _routes(self) -> dict[int, str | None]:
+        """``block_id ->`` the side a matrix block is preconditioned on (:meth:`_block_side`, the side the
+        step of a ``k x other`` block would pick from its gradient's shape), or None for an AdamW block.
+        Fixed by the block table (routing and shapes made it), so computed once, not per block and step."""
+        cached = self.__dict__.get("_routes_cache")
+        if cached is not None and cached[0] is self.block_table:
+            routes: dict[int, str | None] = cached[1]
+            return routes
+        routes = {}
+        for b in self.block_table.blocks:
+            p, group = self._params[b.param_index], self.param_groups[b.group_index]
+            matrix = self.is_matrix_param(p, group, self._names[b.param_index])
+            routes[b.block_id] = self._block_side(b, *_matrix_shape(b.shape)) if matrix else None
+        self._routes_cache = (self.block_table, routes)
+        return routes
+
+    def _counts(self) -> StepCounts:
+        counts = self.__dict__.get("_step_counts")
+        if counts is None:
+            counts = self._step_counts = StepCounts()
+        return counts
 
     # ------------------------------------------------------------------ the step
     def _apply(self, views: list[BlockView], decision: Any) -> None:
-        adam: dict[int, list[BlockView]] = {}
+        routes = self._routes()
+        adam: list[BlockView] = []
         matrix: list[BlockView] = []
         for v in views:
             if v.grad is None:
                 continue
-            if self._is_matrix_view(v):
-                matrix.append(v)
-            else:
-                adam.setdefault(v.block.group_index, []).append(v)
-        self._adam_step(adam)
-        # also with no matrix block here: DASGO's norms of column-split matrices are a collective
-        self._matrix_step(matrix)
-
-    def _adam_step(self, by_group: dict[int, list[BlockView]]) -> None:
-        for gi, vs in by_group.items():
-            group = self.param_groups[gi]
-            for v in vs:
+            side = routes[v.block.block_id]
+            if side is None:
                 if STEP not in v.state:
-                    v.state[STEP] = torch.zeros((), dtype=torch.float32)
-                    v.state[EXP_AVG] = torch.zeros_like(v.param, memory_format=torch.preserve_format)
-                    v.state[EXP_AVG_SQ] = torch.zeros_like(v.param, memory_format=torch.preserve_format)
+                    _init_adam_state(v)
+                adam.append(v)
+            else:
+                if STEP not in v.state:
+                    self._init_matrix_state(v, side)
+                matrix.append(v)
+        # Every counter advanced by one call (one kernel for all, their values known on the host: no
+        # .item() per block), then handed to the updates that read them.
+        counts = self._counts().advance(STEP, [v.state[STEP] for v in adam] + [v.state[STEP] for v in matrix])
+        self._adam_step(adam, counts[:len(adam)])
+        # also with no matrix block here: DASGO's norms of column-split matrices are a collective
+        self._matrix_step(matrix, counts[len(adam):])
+
+    def _adam_step(self, views: list[BlockView], counts: list[float]) -> None:
+        """The AdamW fallback, one update per param group; ``counts``: the blocks' advanced step counters."""
+        by_group = _by_key(range(len(views)), lambda i: views[i].block.group_index)
+        for gi, idx in by_group.items():
+            group = self.param_groups[gi]
+            vs = [views[i] for i in idx]
             beta1, beta2 = group["adam_betas"]
             adamw_update_(
                 [v.param for v in vs], [v.grad for v in vs],  # type: ignore[misc]
                 [v.state[EXP_AVG] for v in vs], [v.state[EXP_AVG_SQ] for v in vs],
                 [v.state[STEP] for v in vs],
                 lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=float(group["adam_eps"]),
-                weight_decay=float(group["adam_weight_decay"]),
+                weight_decay=float(group["adam_weight_decay"]), counts=[counts[i] for i in idx],
             )
 
-    def _matrix_step(self, views: list[BlockView]) -> None:
+    def _init_matrix_state(self, v: BlockView, side: str) -> None:
+        raise NotImplementedError
+
+    def _matrix_step(self, views: list[BlockView], counts: list[float]) -> None:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ FSDP2 (DTensor) parameters
@@ -417,19 +473,18 @@ class _OneSided(ShardedOptimizer):
         into several blocks is normalised with the whole parameter's norm (:meth:`_split_norms`).
         Batched over the blocks (norms, scale factors and the update as multi-tensor ops) with
         :func:`asgo_math.rms_factor`, which also gives the factor of one block."""
-        sharded = [(v, u) for v, u in items if self._row_sharded(v)]
+        factors: list[Tensor | None] = [None] * len(items)
+        if self._dtensor is None and not self._normalise_whole:  # ASGO without FSDP2: each its own norm
+            self._own_factors(items, range(len(items)), factors)
+            self._apply_scaled_(items, factors)
+            return
+        multi_rank = self.comm.world_size > 1  # else no block is row-sharded
+        sharded = [(v, u) for v, u in items if self._row_sharded(v)] if multi_rank else []
         sq = self._mesh_sum([u.square().sum().reshape(1) for _, u in sharded], [v.counted for v, _ in sharded])
         norms = {id(v): s for (v, _), s in zip(sharded, sq)}
         whole = self._split_norms(items) if self._normalise_whole else {}
-        factors: list[Tensor | None] = [None] * len(items)
-        plain = [i for i, (v, _) in enumerate(items) if id(v) not in whole and id(v) not in norms]
-        for idx in _by_key(plain, lambda i: (items[i][1].dtype, items[i][1].device)).values():
-            us = [items[i][1] for i in idx]
-            nrm = torch.stack(torch._foreach_norm(us))
-            numer = torch.tensor([asgo_math.rms_numerator(float(items[i][0].group["rms_scale"]), u.numel())
-                                  for i, u in zip(idx, us)], dtype=nrm.dtype).to(nrm.device, non_blocking=True)
-            for i, f in zip(idx, asgo_math.rms_factor(nrm, numer).unbind(0)):
-                factors[i] = f
+        self._own_factors(items, [i for i, (v, _) in enumerate(items) if id(v) not in whole and id(v) not in norms],
+                          factors)
         for i, (v, u) in enumerate(items):
             if id(v) in whole:
                 total, numel = whole[id(v)]
@@ -440,6 +495,31 @@ class _OneSided(ShardedOptimizer):
                 continue
             factors[i] = asgo_math.rms_factor(total.sqrt(), asgo_math.rms_numerator(float(v.group["rms_scale"]), numel))
         self._apply_scaled_(items, factors)
+
+    def _own_factors(self, items: list[tuple[BlockView, Tensor]], plain: Iterable[int],
+                     factors: list[Tensor | None]) -> None:
+        """``factors[i]`` of the blocks ``plain`` normalised with their own norm: the norms, factors and
+        numerators of blocks sharing dtype and device as one tensor each."""
+        for idx in _by_key(plain, lambda i: (items[i][1].dtype, items[i][1].device)).values():
+            us = [items[i][1] for i in idx]
+            nrm = torch.stack(torch._foreach_norm(us))
+            numer = self._numerators([asgo_math.rms_numerator(float(items[i][0].group["rms_scale"]), u.numel())
+                                      for i, u in zip(idx, us)], nrm.dtype, nrm.device)
+            for i, f in zip(idx, asgo_math.rms_factor(nrm, numer).unbind(0)):
+                factors[i] = f
+
+    def _numerators(self, values: list[float], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """``values`` as a tensor of ``dtype`` on ``device``, kept while they stay the same (they change
+        only with the blocks that have gradients or with ``rms_scale``): making it is an ATen call and,
+        on an accelerator, a host-to-device copy at every step."""
+        cache: dict[tuple[torch.dtype, torch.device], tuple[list[float], Tensor]] = self.__dict__.setdefault(
+            "_numerators_cache", {})
+        hit = cache.get((dtype, device))
+        if hit is not None and hit[0] == values:
+            return hit[1]
+        t = torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+        cache[(dtype, device)] = (values, t)
+        return t
 
     @staticmethod
     def _apply_scaled_(items: list[tuple[BlockView, Tensor]], factors: list[Tensor | None]) -> None:
@@ -470,8 +550,7 @@ class _OneSided(ShardedOptimizer):
 
     @staticmethod
     def _state_dtype(param: Tensor) -> torch.dtype:
-        # Half-precision parameters keep fp32 statistics; fp32/fp64 keep their own precision.
-        return torch.promote_types(param.dtype, torch.float32)
+        return _state_dtype_of(param.dtype)
 
     # ------------------------------------------------------------------ statistics
     def _owned_counts(self) -> tuple[int, int]:
@@ -625,12 +704,22 @@ class ASGO(_OneSided):
         return asgo_block_specs(param.shape, int(group["max_block_size"]), self._root_iters(group), every,
                                 side=self._fsdp_side(param, group, name), root_method=method)
 
-    def _matrix_step(self, views: list[BlockView]) -> None:
+    def _init_matrix_state(self, v: BlockView, side: str) -> None:
+        sdt = self._state_dtype(v.param)
+        m, n = _matrix_shape(v.param.shape)
+        k = m if side == asgo_math.LEFT else n
+        dev = v.param.device
+        v.state[STEP] = torch.zeros((), dtype=torch.float32)
+        v.state[EXP_AVG] = torch.zeros((m, n), dtype=sdt, device=dev)
+        v.state[GRAM] = torch.zeros((k, k), dtype=sdt, device=dev)
+        v.state[ROOT_FALLBACKS] = torch.zeros((), dtype=torch.int64)
+
+    def _matrix_step(self, views: list[BlockView], counts: list[float]) -> None:
         # Blocks whose root is due this step, grouped by everything the root depends on, so that
         # equal-sized blocks are computed as one batch (few large kernels instead of many small ones).
         prepared = self._update_statistics(views)
         due: dict[tuple[Any, ...], list[BlockView]] = {}
-        for v in self._roots_due([v for v, _ in prepared]):
+        for v in self._roots_due([v for v, _ in prepared], counts):
             group, st = v.group, v.state
             key = (st[GRAM].shape[0], st[GRAM].dtype, st[GRAM].device, group["inverse_root"],
                    group["root_iters"], float(group["eps"]), float(group["damping"]))
@@ -645,11 +734,12 @@ class ASGO(_OneSided):
         self._apply_directions([(v, asgo_math.precondition(v.state[INV_ROOT], v.state[EXP_AVG], side))
                                 for v, side in prepared])
 
-    def _roots_due(self, views: list[BlockView]) -> list[BlockView]:
+    def _roots_due(self, views: list[BlockView], counts: list[float]) -> list[BlockView]:
         """The blocks whose root is recomputed this step (in ``views`` order): no root yet, the fixed
         schedule ``(t - 1) % root_every == 0``, or for ``root_every="auto"`` a relative change of ``V``
         above ``root_tol`` since the last root, or ``root_max_every`` steps since it. Decided from each
-        block's own state (one host sync for all "auto" blocks), hence the same at every world size."""
+        block's own state (one host sync for all "auto" blocks), hence the same at every world size.
+        ``counts``: the blocks' step counters, already advanced (``t``), as the host knows them."""
         due = [False] * len(views)
         auto: list[int] = []
         for i, v in enumerate(views):
@@ -659,7 +749,7 @@ class ASGO(_OneSided):
             elif every == "auto":
                 auto.append(i)
             else:
-                due[i] = (int(st[STEP].item()) - 1) % int(every) == 0
+                due[i] = (int(counts[i]) - 1) % int(every) == 0
         if auto:
             rows = []
             for i in auto:
@@ -670,35 +760,32 @@ class ASGO(_OneSided):
             for i, (change, ref) in zip(auto, torch.stack(rows).tolist()):
                 st, group = views[i].state, views[i].group
                 # the step counters live on the host (as torch's optimizers keep them): no device copy
-                age = float(st[STEP]) - float(st[ROOT_STEP])
+                age = counts[i] - float(st[ROOT_STEP])
                 due[i] = change > float(group["root_tol"]) * ref or age >= int(group["root_max_every"])
         return [v for v, d in zip(views, due) if d]
 
     def _update_statistics(self, views: list[BlockView]) -> list[tuple[BlockView, str]]:
         """Momentum and Gram of every block; the Gram of a row-sharded FSDP2 block is the sum over the
-        mesh of its shards' ``G_r^T G_r`` (one all-reduce for all such blocks)."""
+        mesh of its shards' ``G_r^T G_r`` (one all-reduce for all such blocks). The momenta of blocks
+        sharing ``beta1``, dtype and device in one multi-tensor lerp (the arithmetic of
+        :func:`asgo_math.update_momentum_`), the Grams one ``addmm_`` each."""
+        routes = self._routes()
         prepared: list[tuple[BlockView, str]] = []
         sharded: list[tuple[BlockView, Tensor, Tensor, float]] = []
-        for v in views:
-            beta1, beta2 = v.group["betas"]
-            sdt = self._state_dtype(v.param)
-            g = asgo_math.matrix_view(v.grad).to(sdt)  # type: ignore[arg-type]
-            m, n = g.shape
-            side = self._side_of(v, m, n)
-            k = m if side == asgo_math.LEFT else n
-            st = v.state
-            if STEP not in st:
-                st[STEP] = torch.zeros((), dtype=torch.float32)
-                st[EXP_AVG] = torch.zeros((m, n), dtype=sdt, device=g.device)
-                st[GRAM] = torch.zeros((k, k), dtype=sdt, device=g.device)
-                st[ROOT_FALLBACKS] = torch.zeros((), dtype=torch.int64)
-            asgo_math.update_momentum_(st[EXP_AVG], g, float(beta1))
-            if self._row_sharded(v):
-                sharded.append((v, st[GRAM], g.transpose(0, 1) @ g, float(beta2)))
+        grads = [_matrix_grad(v.grad, self._state_dtype(v.param)) for v in views]  # type: ignore[arg-type]
+        by = _by_key(range(len(views)), lambda i: (float(views[i].group["betas"][0]), grads[i].dtype,
+                                                   grads[i].device))
+        for (beta1, _, _), idx in by.items():
+            torch._foreach_lerp_([views[i].state[EXP_AVG] for i in idx], [grads[i] for i in idx], 1.0 - beta1)
+        multi_rank = self._dtensor is not None and self.comm.world_size > 1  # else no block is row-sharded
+        for v, g in zip(views, grads):
+            side: str = routes[v.block.block_id]  # type: ignore[assignment]  # a matrix block's
+            beta2 = float(v.group["betas"][1])
+            if multi_rank and self._row_sharded(v):
+                sharded.append((v, v.state[GRAM], g.transpose(0, 1) @ g, beta2))
             else:
-                asgo_math.update_gram_(st[GRAM], g, float(beta2), side)
+                asgo_math.update_gram_(v.state[GRAM], g, beta2, side)
             prepared.append((v, side))
-        increment_counts_([v.state[STEP] for v, _ in prepared])  # one call for all counters (see there)
         self._sharded_stats_(sharded)
         return prepared
 
@@ -893,21 +980,20 @@ class DASGO(_OneSided):
             return super()._block_specs(param, group, name)  # AdamW: row blocks; an FSDP2 shard: whole
         return dasgo_block_specs(param.shape, group.get("max_block_numel", self.default_max_block_numel))
 
-    def _matrix_step(self, views: list[BlockView]) -> None:
+    def _init_matrix_state(self, v: BlockView, side: str) -> None:
+        sdt = self._state_dtype(v.param)
+        shape = _matrix_shape(v.param.shape)
+        v.state[STEP] = torch.zeros((), dtype=torch.float32)
+        v.state[EXP_AVG] = torch.zeros(shape, dtype=sdt, device=v.param.device)
+        v.state[COL_STAT] = torch.zeros(shape[1], dtype=sdt, device=v.param.device)
+
+    def _matrix_step(self, views: list[BlockView], counts: list[float]) -> None:
         """Momentum, column statistics and directions of all blocks as multi-tensor ops per group of
         blocks sharing hyperparameters and dtype (per block: one column sum; the rest is batched), the
         same arithmetic as :func:`asgo_math.update_momentum_`, the column statistic by :func:`asgo_math.ema_`;
         the direction ``M (v + eps)^{-1/2}`` is RMS-normalised by :meth:`_apply_directions`."""
         sharded: list[tuple[BlockView, Tensor, Tensor, float]] = []
-        grads: list[Tensor] = []
-        for v in views:
-            g = asgo_math.matrix_view(v.grad).to(self._state_dtype(v.param))  # type: ignore[arg-type]
-            st = v.state
-            if STEP not in st:
-                st[STEP] = torch.zeros((), dtype=torch.float32)
-                st[EXP_AVG] = torch.zeros(g.shape, dtype=g.dtype, device=g.device)
-                st[COL_STAT] = torch.zeros(g.shape[1], dtype=g.dtype, device=g.device)
-            grads.append(g)
+        grads = [_matrix_grad(v.grad, self._state_dtype(v.param)) for v in views]  # type: ignore[arg-type]
         by = _by_key(range(len(views)), lambda i: (tuple(map(float, views[i].group["betas"])),
                                                    float(views[i].group["eps"]), grads[i].dtype, grads[i].device))
         directions: list[Tensor | None] = [None] * len(views)
@@ -923,7 +1009,6 @@ class DASGO(_OneSided):
             # column sums of a row-sharded matrix: a sum over the shards (one all-reduce, below)
             sharded += [(views[idx[j]], views[idx[j]].state[COL_STAT], col[j], beta2)
                         for j in range(len(idx)) if not is_local[j]]
-        increment_counts_([v.state[STEP] for v in views])  # one call for all counters (see there)
         self._sharded_stats_(sharded)
         # M (v + eps)^{-1/2}; _apply_directions normalises it with the norm of the whole parameter
         for (_, eps, _, _), idx in by.items():

@@ -70,6 +70,7 @@ import copy
 import dataclasses
 import logging
 import math
+import operator
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -96,10 +97,11 @@ from lightning_soaa.distributed.comm import (
 )
 from lightning_soaa.distributed.dtensor import DTensorLayout, has_dtensor, local
 from lightning_soaa.distributed.exchange import OwnerExchange
+from lightning_soaa.functional.adamw import increment_counts_
 from lightning_soaa.optim import dcp_state as dcp
 from lightning_soaa.optim.param_checks import check_param_group, check_step
 
-__all__ = ["ShardedOptimizer", "BlockView", "SkipStep", "StepRecord", "host_floats", "summed"]
+__all__ = ["ShardedOptimizer", "BlockView", "SkipStep", "StepCounts", "StepRecord", "host_floats", "summed"]
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +190,82 @@ def host_floats(values: Sequence[Any]) -> list[float]:
     for i, v in zip(pos, torch.stack(ts).tolist()):
         out[i] = v
     return out
+
+
+_version_of = operator.attrgetter("_version")
+_dtype_of = operator.attrgetter("dtype")
+_is_cpu = operator.attrgetter("is_cpu")
+# Counts below this are exact in float32 and float64, so writing count + 1 is what add_(1) writes.
+_EXACT_COUNT = float(1 << 24)
+
+
+class StepCounts:
+    """The per-block step counters (0-d CPU float32 tensors, torch's convention; one per block, 40 for
+    10M parameters) read and advanced without one ``.item()`` per counter and step: the values written
+    at the last increment are remembered with the counters' autograd versions (every write to a counter,
+    ``fill_``, ``add_``, ``copy_`` by a state-dict load, bumps its version; a loaded state brings new
+    tensors) and used while the counters are the same tensors at the same versions."""
+
+    def __init__(self) -> None:
+        self._known: dict[Any, tuple[list[Tensor], tuple[int, ...], list[float]]] = {}
+        # per key, from read(): the counters, their values and, when one _foreach_copy_ can advance
+        # them all, the dtype to write in (checked here: read() runs while the counters are in cache)
+        self._read: dict[Any, tuple[list[Tensor], list[float], torch.dtype | None]] = {}
+        self._sources: dict[torch.dtype, Tensor] = {}  # the 0-d value increment() copies, per dtype
+
+    def _values(self, key: Any, counters: list[Tensor]) -> list[float]:
+        k = self._known.get(key)
+        if (k is not None and len(k[0]) == len(counters) and all(map(operator.is_, k[0], counters))
+                and k[1] == tuple(map(_version_of, counters))):
+            return k[2]
+        if all(c.device.type == "cpu" for c in counters):  # as created: no device sync, .item() is cheapest
+            return [float(c.item()) for c in counters]
+        return [float(x) for x in torch.stack(counters).tolist()]
+
+    def read(self, key: Any, counters: list[Tensor]) -> list[int]:
+        """The step count of this update of each counter's block (its value + 1, as an int)."""
+        values = self._values(key, counters)
+        self._read[key] = (counters, values, self._one_dtype(values, counters))
+        return [int(x) + 1 for x in values]
+
+    @staticmethod
+    def _one_dtype(values: list[float], counters: list[Tensor]) -> torch.dtype | None:
+        """The counters' dtype when one ``_foreach_copy_`` can advance them all, else None: every block
+        at one count (the usual case), exact in the counters' one dtype (writing count + 1 is then what
+        ``add_`` writes), on the CPU."""
+        first = values[0] if values else -1.0
+        dtypes = set(map(_dtype_of, counters))
+        fast = (first.is_integer() and 0.0 <= first < _EXACT_COUNT and values.count(first) == len(values)
+                and len(dtypes) == 1 and dtypes <= {torch.float32, torch.float64} and all(map(_is_cpu, counters)))
+        return dtypes.pop() if fast else None
+
+    def increment(self, key: Any, counters: list[Tensor]) -> list[float]:
+        """Add 1 to every counter in place (the bits ``add_(1.0)`` writes), after :meth:`read` of the
+        same counters in this step; returns the new values (not to be modified: they are remembered)."""
+        r = self._read.pop(key, None)
+        same = r is not None and len(r[0]) == len(counters) and all(map(operator.is_, r[0], counters))
+        return self._write(key, counters, r[1] if same else [], r[2] if same else None)  # type: ignore[index]
+
+    def advance(self, key: Any, counters: list[Tensor]) -> list[float]:
+        """:meth:`read` and :meth:`increment` together, for a step that advances its counters before it
+        reads them: the new values, those of :func:`increment_counts_`."""
+        values = self._values(key, counters)
+        return self._write(key, counters, values, self._one_dtype(values, counters))
+
+    def _write(self, key: Any, counters: list[Tensor], values: list[float], dtype: torch.dtype | None) -> list[float]:
+        """Advance ``counters`` (at ``values``; all at one count in ``dtype`` unless that is None)."""
+        if dtype is not None:
+            x = values[0] + 1.0
+            src = self._sources.get(dtype)
+            if src is None:
+                src = self._sources[dtype] = torch.zeros((), dtype=dtype)
+            # one call for all; fill_ of a kept 0-d tensor costs a third of making one
+            torch._foreach_copy_(counters, [src.fill_(x)] * len(counters))
+            new = [x] * len(counters)
+        else:
+            new = increment_counts_(counters)
+        self._known[key] = (list(counters), tuple(map(_version_of, counters)), new)
+        return new
 
 
 class _ViewCache:

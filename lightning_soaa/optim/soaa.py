@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import operator
 import os
 from collections.abc import Callable, Iterable
 from typing import Any, cast
@@ -41,7 +40,6 @@ from torch import Tensor
 from lightning_soaa.config import SOAAConfig, config_from_group
 from lightning_soaa.distributed.blocks import BlockInfo
 from lightning_soaa.distributed.checkpoint import StateField, check_finite_number
-from lightning_soaa.functional.adamw import increment_counts_
 from lightning_soaa.functional.soaa import (
     FusedPasses,
     Partials,
@@ -56,7 +54,7 @@ from lightning_soaa.functional.soaa import (
 )
 from lightning_soaa.kernels.soaa_native import NativeSOAA
 from lightning_soaa.optim.adamw import adam_state_schema
-from lightning_soaa.optim.base import BlockView, ShardedOptimizer, StepRecord, summed
+from lightning_soaa.optim.base import BlockView, ShardedOptimizer, StepCounts, StepRecord, summed
 from lightning_soaa.optim.closure_source import accumulation_steps
 
 __all__ = ["SOAA"]
@@ -94,66 +92,6 @@ class _Group:
     counters: list[Tensor]
     ts: list[int]  # the step count of this update of each block
     kernels: SOAAKernels | None  # _kernels_for(views), chosen once per step for both passes
-
-
-_version_of = operator.attrgetter("_version")
-_dtype_of = operator.attrgetter("dtype")
-_is_cpu = operator.attrgetter("is_cpu")
-# Counts below this are exact in float32 and float64, so writing count + 1 is what add_(1) writes.
-_EXACT_COUNT = float(1 << 24)
-
-
-class _StepCounts:
-    """The per-block step counters (0-d CPU float32 tensors, torch's convention; one per block, 40 for
-    10M parameters) read and advanced without one ``.item()`` per counter and step: the values written
-    at the last increment are remembered with the counters' autograd versions (every write to a counter,
-    ``fill_``, ``add_``, ``copy_`` by a state-dict load, bumps its version; a loaded state brings new
-    tensors) and used while the counters are the same tensors at the same versions."""
-
-    def __init__(self) -> None:
-        self._known: dict[Any, tuple[list[Tensor], tuple[int, ...], list[float]]] = {}
-        # per key, from read(): the counters, their values and, when one _foreach_copy_ can advance
-        # them all, the dtype to write in (checked here: read() runs while the counters are in cache)
-        self._read: dict[Any, tuple[list[Tensor], list[float], torch.dtype | None]] = {}
-        self._sources: dict[torch.dtype, Tensor] = {}  # the 0-d value increment() copies, per dtype
-
-    def _values(self, key: Any, counters: list[Tensor]) -> list[float]:
-        k = self._known.get(key)
-        if (k is not None and len(k[0]) == len(counters) and all(map(operator.is_, k[0], counters))
-                and k[1] == tuple(map(_version_of, counters))):
-            return k[2]
-        if all(c.device.type == "cpu" for c in counters):  # as created: no device sync, .item() is cheapest
-            return [float(c.item()) for c in counters]
-        return [float(x) for x in torch.stack(counters).tolist()]
-
-    def read(self, key: Any, counters: list[Tensor]) -> list[int]:
-        """The step count of this update of each counter's block (its value + 1, as an int)."""
-        values = self._values(key, counters)
-        first = values[0] if values else -1.0
-        dtypes = set(map(_dtype_of, counters))
-        # every block at one count (the usual case), exact in the counters' one dtype: writing count + 1
-        # is what add_ writes
-        fast = (first.is_integer() and 0.0 <= first < _EXACT_COUNT and values.count(first) == len(values)
-                and len(dtypes) == 1 and dtypes <= {torch.float32, torch.float64} and all(map(_is_cpu, counters)))
-        self._read[key] = (counters, values, dtypes.pop() if fast else None)
-        return [int(x) + 1 for x in values]
-
-    def increment(self, key: Any, counters: list[Tensor]) -> None:
-        """Add 1 to every counter in place (the bits ``add_(1.0)`` writes), after :meth:`read` of the
-        same counters in this step."""
-        r = self._read.pop(key, None)
-        if r is not None and r[2] is not None and len(r[0]) == len(counters) and all(
-                map(operator.is_, r[0], counters)):
-            x = r[1][0] + 1.0
-            src = self._sources.get(r[2])
-            if src is None:
-                src = self._sources[r[2]] = torch.zeros((), dtype=r[2])
-            # one call for all; fill_ of a kept 0-d tensor costs a third of making one
-            torch._foreach_copy_(counters, [src.fill_(x)] * len(counters))
-            new = [x] * len(counters)
-        else:
-            new = increment_counts_(counters)
-        self._known[key] = (list(counters), tuple(map(_version_of, counters)), new)
 
 
 @dataclasses.dataclass
@@ -387,10 +325,10 @@ class SOAA(ShardedOptimizer):
     # compiled per process, rebuilt by _kernels() after a copy or pickle; the counters' cache by _counts()
     _transient = ("_soaa_kernels", "_step_counts", "_warned_compiled_accelerator")
 
-    def _counts(self) -> _StepCounts:
+    def _counts(self) -> StepCounts:
         counts = self.__dict__.get("_step_counts")
         if counts is None:
-            counts = self._step_counts = _StepCounts()
+            counts = self._step_counts = StepCounts()
         return counts
 
     def _kernels(self) -> SOAAKernels | None:

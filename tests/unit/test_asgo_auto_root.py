@@ -66,7 +66,7 @@ def test_auto_skips_roots_when_the_statistic_is_steady(monkeypatch: Any) -> None
     decisions: list[list[bool]] = []
     real = ASGO._roots_due
 
-    def spy(self: ASGO, views: list[Any]) -> list[Any]:
+    def spy(self: ASGO, views: list[Any], counts: list[float]) -> list[Any]:
         expected = []
         for v in views:
             st = v.state
@@ -76,7 +76,8 @@ def test_auto_skips_roots_when_the_statistic_is_steady(monkeypatch: Any) -> None
             change = torch.linalg.matrix_norm(st["gram"] - st["gram_at_root"])
             ref = torch.linalg.matrix_norm(st["gram_at_root"])
             expected.append(bool(change > 0.3 * ref) or int(st["step"] - st["root_step"]) >= 4)
-        due = real(self, views)
+        assert counts == [float(v.state["step"]) for v in views]  # the advanced counters, known on the host
+        due = real(self, views, counts)
         got = [any(v is d for d in due) for v in views]
         assert got == expected
         decisions.append(got)
