@@ -49,7 +49,7 @@ from lightning_soaa.functional.linalg import (
     resolve_root_method,
 )
 from lightning_soaa.optim.adamw import adam_state_schema
-from lightning_soaa.optim.base import BlockView, ShardedOptimizer, StepCounts
+from lightning_soaa.optim.base import BlockView, ShardedOptimizer
 
 __all__ = ["ASGO", "DASGO", "asgo_param_groups", "asgo_block_specs", "asgo_block_cost", "asgo_root_cost"]
 
@@ -244,8 +244,8 @@ class _OneSided(ShardedOptimizer):
     #: whether blocks of a parameter cut into several are normalised with the whole parameter's norm
     #: (DASGO: exact; ASGO's blocks are separate problems, each with its own V, normalised per block)
     _normalise_whole: bool = False
-    #: rebuilt on first use (see _split_layout)
-    _transient = ("_split_layout_cache",)
+    #: rebuilt on first use (see _split_layout, _routes, _numerators)
+    _transient = ("_split_layout_cache", "_routes_cache", "_numerators_cache")
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         config_from_group(self._config_cls, group)
@@ -297,12 +297,6 @@ class _OneSided(ShardedOptimizer):
             routes[b.block_id] = self._block_side(b, *_matrix_shape(b.shape)) if matrix else None
         self._routes_cache = (self.block_table, routes)
         return routes
-
-    def _counts(self) -> StepCounts:
-        counts = self.__dict__.get("_step_counts")
-        if counts is None:
-            counts = self._step_counts = StepCounts()
-        return counts
 
     # ------------------------------------------------------------------ the step
     def _apply(self, views: list[BlockView], decision: Any) -> None:

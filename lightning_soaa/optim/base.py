@@ -399,13 +399,21 @@ class ShardedOptimizer(torch.optim.Optimizer):
         are kept; the communicator pickles itself (see the module docstring)."""
         return {k: v for k, v in self.__dict__.items()
                 if not (k.startswith("_optimizer_") and k.endswith("_hooks")) and k not in self._transient
-                and k != "_view_cache"}  # views into this process's parameters: rebuilt on first use
+                and k not in ("_view_cache", "_step_counts")}  # views into this process's parameters,
+        # the counters' cache: rebuilt on first use
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         had_differentiable = "differentiable" in state["defaults"]
         super().__setstate__(state)  # empty hook dicts, step wrapped for hooks
         if not had_differentiable:  # torch adds it; a copy must not differ from its original
             self.defaults.pop("differentiable", None)
+
+    def _counts(self) -> StepCounts:
+        """The step counters' cache of this process (:class:`StepCounts`), made on first use."""
+        counts = self.__dict__.get("_step_counts")
+        if counts is None:
+            counts = self._step_counts = StepCounts()
+        return counts
 
     # ------------------------------------------------------------------ hooks for subclasses
     def _validate_group(self, group: dict[str, Any]) -> None:

@@ -54,7 +54,7 @@ from lightning_soaa.functional.soaa import (
 )
 from lightning_soaa.kernels.soaa_native import NativeSOAA
 from lightning_soaa.optim.adamw import adam_state_schema
-from lightning_soaa.optim.base import BlockView, ShardedOptimizer, StepCounts, StepRecord, summed
+from lightning_soaa.optim.base import BlockView, ShardedOptimizer, StepRecord, summed
 from lightning_soaa.optim.closure_source import accumulation_steps
 
 __all__ = ["SOAA"]
@@ -322,14 +322,8 @@ class SOAA(ShardedOptimizer):
         super().__init__(params, defaults, process_group=process_group, comm=comm, shard=shard,
                          grad_reduction=grad_reduction)
 
-    # compiled per process, rebuilt by _kernels() after a copy or pickle; the counters' cache by _counts()
-    _transient = ("_soaa_kernels", "_step_counts", "_warned_compiled_accelerator")
-
-    def _counts(self) -> StepCounts:
-        counts = self.__dict__.get("_step_counts")
-        if counts is None:
-            counts = self._step_counts = StepCounts()
-        return counts
+    # compiled per process, rebuilt by _kernels() after a copy or pickle
+    _transient = ("_soaa_kernels", "_warned_compiled_accelerator")
 
     def _kernels(self) -> SOAAKernels | None:
         """This optimizer's compiled kernels, or None (eager). Rebuilt from the config after unpickling
