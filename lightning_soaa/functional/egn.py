@@ -70,11 +70,11 @@ def check_outputs_targets(loss: str, outputs: Tensor, targets: Tensor) -> None:
                 f"loss='cross_entropy' needs integer class targets of shape [{b}]; got "
                 f"{tuple(targets.shape)} of dtype {targets.dtype}."
             )
-        if b and (int(targets.min()) < 0 or int(targets.max()) >= c):
-            raise ValueError(
-                f"loss='cross_entropy' needs targets in [0, {c}); got values in "
-                f"[{int(targets.min())}, {int(targets.max())}]."
-            )
+        if b:
+            lo_t, hi_t = torch.aminmax(targets)  # one reduction for both ends (a step pays per op)
+            lo, hi = int(lo_t), int(hi_t)
+            if lo < 0 or hi >= c:
+                raise ValueError(f"loss='cross_entropy' needs targets in [0, {c}); got values in [{lo}, {hi}].")
         if c < 2:
             raise ValueError(f"loss='cross_entropy' needs at least 2 output classes; got c={c}.")
     else:
@@ -86,12 +86,17 @@ def check_outputs_targets(loss: str, outputs: Tensor, targets: Tensor) -> None:
             raise ValueError(f"loss={loss!r} needs floating-point targets; got dtype {targets.dtype}.")
 
 
+def _labels(y: Tensor) -> Tensor:
+    """Class targets as int64; ``y`` itself when it already is (``.long()`` is an ATen call even then)."""
+    return y if y.dtype == torch.int64 else y.long()
+
+
 def loss_sum(loss: str, z: Tensor, y: Tensor) -> Tensor:
     """Σ_i ℓ(y_i, z_i) (a sum over samples: the caller divides by the global batch size)."""
     if loss == "mse":
         return 0.5 * (y - z).pow(2).sum()
     if loss == "cross_entropy":
-        return torch.nn.functional.cross_entropy(z, y.long(), reduction="sum")
+        return torch.nn.functional.cross_entropy(z, _labels(y), reduction="sum")
     if loss == "bce":
         return torch.nn.functional.binary_cross_entropy_with_logits(z, y, reduction="sum")
     raise ValueError(f"Invalid loss={loss!r}. Must be one of {', '.join(repr(x) for x in LOSSES)}.")
@@ -107,7 +112,7 @@ def residual_and_factor(loss: str, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor
         p = torch.softmax(z, dim=-1)
         # the one-hot targets written directly in z's dtype: one_hot would check the labels' range again
         # (two host reads; check_outputs_targets did) and build an int64 matrix first
-        r = torch.zeros_like(z).scatter_(1, y.long().unsqueeze(1), 1.0) - p
+        r = torch.zeros_like(z).scatter_(1, _labels(y).unsqueeze(1), 1.0) - p
         return r, ce_factor(p)
     if loss == "bce":
         sig = torch.sigmoid(z)
@@ -248,9 +253,10 @@ def solve_damped(
         base.diagonal().add_(lam_b - added)
         added = lam_b
         chol, info = torch.linalg.cholesky_ex(base)
-        if int(info) != 0 and apply_base is not None:
+        factored = int(info) == 0  # one host read of the status
+        if not factored and apply_base is not None:
             return SolveResult(torch.full_like(r, float("nan")), lam, fallbacks, False, refine_failed=True)
-        if int(info) == 0:
+        if factored:
             w, sweeps = _cholesky_refined(chol, rhs, lam_b, apply_base, max_refine)
             if w is None:
                 return SolveResult(torch.full_like(r, float("nan")), lam, fallbacks, False,
@@ -270,9 +276,11 @@ def _cholesky_refined(chol: Tensor, rhs: Tensor, lam_b: float, apply_base: Calla
     is given (classic mixed-precision iterative refinement). None: the refinement did not converge."""
     def lowp_solve(u: Tensor) -> Tensor:
         # two triangular solves: ~4x faster than cholesky_solve for one right-hand side on CPU
-        y = torch.linalg.solve_triangular(chol, u.to(chol.dtype).unsqueeze(1), upper=False)
-        x: Tensor = torch.linalg.solve_triangular(chol.mH, y, upper=True).squeeze(1).to(rhs.dtype)
-        return x
+        # the casts only where the dtypes differ (the mixed-precision solve): a no-op cast is an ATen call
+        uc = u if u.dtype == chol.dtype else u.to(chol.dtype)
+        y = torch.linalg.solve_triangular(chol, uc.unsqueeze(1), upper=False)
+        x: Tensor = torch.linalg.solve_triangular(chol.mH, y, upper=True).squeeze(1)
+        return x if x.dtype == rhs.dtype else x.to(rhs.dtype)
 
     x = lowp_solve(rhs)
     if apply_base is None:
@@ -403,7 +411,10 @@ def solve_damped_cg(
 def directional_derivative(r: Tensor, kv: Tensor, batch_size: int) -> float:
     """gᵀd = −rᵀKv / b for d = Jᵀv (exact when no momentum changed d). K is symmetric, so the arguments
     may also be (v, Kr)."""
-    return float(-(r.dot(kv)) / batch_size)
+    dot = r.dot(kv)
+    if dot.dtype == torch.float64:  # the same IEEE double negation and division on the host: 2 ATen calls fewer
+        return -float(dot) / batch_size
+    return float(-dot / batch_size)  # rounded in the vectors' dtype, as the solve_dtype="model" path always was
 
 
 def model_change(gtd: float, jd_q_norm_sq: float, alpha: float, batch_size: int) -> float:

@@ -144,6 +144,10 @@ class GramFactors:
     targets: Tensor
     linear: list[tuple[Tensor, Tensor]]
     rows: Tensor | None
+    #: the site whose Δ is the identity (a network's last Linear: its output is z, Δ_i = I [c, 1, c]), or
+    #: -1. Its Δ still holds that identity; products with it are exact copies (x·1 plus exact zeros), so
+    #: :func:`transform_factors`, :func:`gram_matvec` and EGN's Jᵀv skip them (the same values, fewer ops)
+    identity: int = -1
 
 
 def pack_factor_table(layout: GramLayout, outputs: Tensor, targets: Tensor,
@@ -284,7 +288,9 @@ def transform_factors(layout: GramLayout, factors: GramFactors, s: Tensor) -> Gr
         raise ValueError(f"transform_factors needs S of shape [{b}, {c}, c' <= {c}]; got {tuple(s.shape)}")
     st = s.transpose(1, 2)
     cp = st.shape[1]
-    linear = [(a, torch.bmm(st, d.reshape(b, c, -1)).reshape(b, cp, *d.shape[2:])) for a, d in factors.linear]
+    # SᵀI = Sᵀ: for the identity site a copy in bmm's output layout (bmm would multiply by 1 and add zeros)
+    linear = [(a, (st.contiguous() if i == factors.identity else torch.bmm(st, d.reshape(b, c, -1)))
+               .reshape(b, cp, *d.shape[2:])) for i, (a, d) in enumerate(factors.linear)]
     rows = None
     if factors.rows is not None:
         rows = torch.bmm(st, factors.rows.reshape(b, c, -1)).reshape(b * cp, -1)
@@ -308,12 +314,15 @@ class GramOperator:
         self.c = rows_per_sample(layout, factors)
         b, c = self.b, self.c
         t1: list[tuple[LinearFactorShape, Tensor, Tensor]] = []  # (site, A [b, d_in], Δ [b, c, d_out])
-        self.multi: list[tuple[LinearFactorShape, Tensor, Tensor]] = []  # (site, A, Δ [b, c, T·d_out])
-        for s, (a, delta) in zip(layout.sites, factors.linear):
+        # (site, A, Δ [b, c, T·d_out] or None: the identity site, whose products with Δ are copies)
+        self.multi: list[tuple[LinearFactorShape, Tensor, Tensor | None]] = []
+        for i, (s, (a, delta)) in enumerate(zip(layout.sites, factors.linear)):
             if not s.positions or not (s.weight or s.bias):
                 continue
             if s.positions == 1 and concat:
                 t1.append((s, a.reshape(b, s.d_in), delta.reshape(b, c, s.d_out)))
+            elif i == factors.identity and s.weight:  # with a weight, h below is a new tensor (summed into)
+                self.multi.append((s, a, None))
             else:
                 self.multi.append((s, a, delta.reshape(b, c, s.positions * s.d_out)))
         self.t1_sites = [(s, a) for s, a, _ in t1]
@@ -338,8 +347,11 @@ class GramOperator:
             # allocates a [b, c, Σ d_out] temporary per application
             parts.append(torch.bmm(self.t1_delta, h.unsqueeze(2)).squeeze(2))
         for s, a, d3 in self.multi:
-            m = torch.bmm(uu.unsqueeze(1), d3).reshape(b * s.positions, s.d_out)
             a2 = a.reshape(b * s.positions, s.d_in)
+            if d3 is None:  # the identity site (T = 1, d_out = c): Δᵀu = u and Δh = h
+                parts.append(self._through_weight(s, a2, uu))
+                continue
+            m = torch.bmm(uu.unsqueeze(1), d3).reshape(b * s.positions, s.d_out)
             h = self._through_weight(s, a2, m)
             parts.append(torch.bmm(d3, h.reshape(b, s.positions * s.d_out, 1)).reshape(b, c))
         if self.rows is not None:

@@ -36,7 +36,7 @@ from lightning_soaa.optim.egn_capture import (
     jvp_outputs,
     plan_curvature,
 )
-from lightning_soaa.optim.egn_chain import ChainCapture, plan_chain
+from lightning_soaa.optim.egn_chain import ChainCapture, grad_off, plan_chain
 from lightning_soaa.optim.param_checks import check_step
 
 __all__ = ["EGN", "MISSING_BATCH_MESSAGE"]
@@ -74,6 +74,15 @@ def _cg_budget(layout: GramLayout, n: int, op: GramOperator) -> int:
     cols = sum(s.positions * s.d_out for s in layout.sites if s.weight or s.bias) + layout.rest
     direct = n ** 3 / 3 + n * n * cols
     return int(min(n // 16, direct / (2 * max(op.flops(), 1))))
+
+
+def _as(t: Tensor, dtype: torch.dtype | None = None, device: torch.device | None = None) -> Tensor:
+    """``t.to(device, dtype)`` where that changes something, else ``t`` itself (what ``to`` returns then,
+    after an ATen call that a small model's step pays for)."""
+    if (dtype is None or t.dtype == dtype) and (device is None or t.device == device):
+        return t
+    return t.to(device=device, dtype=dtype)
+
 
 MISSING_BATCH_MESSAGE = (
     "EGN.step() got no mini-batch: EGN forms Jacobians from the inputs and targets, not from a loss. "
@@ -188,6 +197,7 @@ class _Pass:
     f0: float = float("nan")
     trial_rejected: bool = False  # the loss after the step was non-finite
     error: Exception | None = None  # raised on this rank before the step; every rank raises with it
+    use_chain: bool | None = None  # whether the step's forwards go through the planned chain (once known)
 
 
 class EGN(ShardedOptimizer):
@@ -355,6 +365,9 @@ class EGN(ShardedOptimizer):
         self._pending_batch: tuple[Any, Tensor] | None = None  # from set_batch(), used by the next step
         self._pass: _Pass | None = None  # the step in progress
         self._sites, self._explicit = plan_curvature(model, self._trainable, cfg.jacobian)
+        # per site its trained (weight, bias) tensors, read once: Module.__getattr__ costs per lookup
+        self._site_params = [(s.module.weight if s.weight else None, s.module.bias if s.bias else None)
+                             for s in self._sites]
         # a plain MLP (Sequential of Linear and activations): its capture needs no autograd (egn_chain)
         self._chain = plan_chain(model, self._sites, self._explicit)
         self.damping = float(cfg.damping)
@@ -501,9 +514,20 @@ class EGN(ShardedOptimizer):
         of 1.5 ms a step). Only temporaries of the step are made there; what outlives the step (momentum
         buffers, the parameters' values) is computed outside it or written into normal tensors. Other
         models keep autograd (their capture differentiates)."""
-        if self._chain is not None and self._chain.usable(xs):
+        if self._use_chain(xs):
             return torch.inference_mode()
         return contextlib.nullcontext()
+
+    def _use_chain(self, xs: tuple[Tensor, ...]) -> bool:
+        """Whether the forwards of ``xs`` go through the planned chain (:meth:`Chain.usable`), decided once
+        per step for the step's own inputs (a step asks 4 times; nothing it checks changes within a step)."""
+        ps = self._pass
+        if ps is not None and xs is ps.xs and ps.use_chain is not None:
+            return ps.use_chain
+        ok = self._chain is not None and self._chain.usable(xs)
+        if ps is not None and xs is ps.xs:
+            ps.use_chain = ok
+        return ok
 
     def _curvature_pass(self, ps: _Pass) -> str | None:
         """:meth:`_exchange_in`'s work: the batch, its Gram factors, the solve and Jᵀv at the owners."""
@@ -530,7 +554,9 @@ class EGN(ShardedOptimizer):
             # one finiteness check over every owned block, read by the template's single host copy (a
             # 0-d tensor, no sync here): a small model's step pays per op, not per element
             flat = torch.cat([d.reshape(-1) for d in at_owners[0]])
-            rec.nonfinite = torch.isfinite(flat).logical_not().any()  # type: ignore[assignment]
+            # Σ 0·d is ±0 when every entry is finite and NaN otherwise (0·inf = NaN): 3 ATen calls where
+            # isfinite(...).logical_not().any() makes 6 (isfinite itself is abs, ne, eq, mul)
+            rec.nonfinite = flat.mul(0.0).sum().ne(0.0)  # type: ignore[assignment]
         if beta > 0:
             parts = []
             for j, (v, d) in enumerate(zip(views, at_owners[0])):
@@ -638,7 +664,7 @@ class EGN(ShardedOptimizer):
                                 "batch dimension (dim 0).")
         cap: LinearCapture | ChainCapture
         try:
-            if self._chain is not None and self._chain.usable(xs):
+            if self._chain is not None and self._use_chain(xs):
                 cap = ChainCapture(self._chain, xs[0])
                 z = cap.z
             else:
@@ -652,7 +678,7 @@ class EGN(ShardedOptimizer):
         if not isinstance(z, Tensor):
             return None, None, f"EGN: the model must return a tensor; got {type(z).__name__}."
         try:
-            egn_math.check_outputs_targets(self.config.loss, z, targets.to(z.device))
+            egn_math.check_outputs_targets(self.config.loss, z, _as(targets, device=z.device))
         except ValueError as exc:
             return None, None, str(exc)
         return z, cap, None
@@ -675,10 +701,11 @@ class EGN(ShardedOptimizer):
         table[row] = 1.0 if err is not None else 0.0
         if err is None:
             assert z is not None and cap is not None
-            with torch.no_grad():
+            with grad_off():
                 zd = z.detach()
                 # the loss sum and the finiteness of z in one host copy
-                local_loss, z_finite = host_floats([egn_math.loss_sum(self.config.loss, zd, targets.to(z.device)),
+                y = _as(targets, device=z.device)
+                local_loss, z_finite = host_floats([egn_math.loss_sum(self.config.loss, zd, y),
                                                     torch.isfinite(zd).all()])
             table[row + 1:row + 3] = [float(xs[0].shape[0]), float(z.shape[1])]
             for i in range(nsites):
@@ -689,7 +716,7 @@ class EGN(ShardedOptimizer):
         info = [red[2 + r * width:2 + (r + 1) * width] for r in range(world)]
         sizes, c = self._check_agreement(info, err)
         assert z is not None and cap is not None
-        y = targets.to(device=z.device, dtype=z.dtype if targets.is_floating_point() else targets.dtype)
+        y = _as(targets, z.dtype if targets.is_floating_point() else targets.dtype, z.device)
         b = sum(sizes)
         return _Batch(xs=xs, y=y, z=z, cap=cap, sizes=sizes, c=c, rank=rank,
                       positions=[int(info[0][3 + i]) for i in range(nsites)], nonfinite=red[0] > 0,
@@ -747,7 +774,8 @@ class EGN(ShardedOptimizer):
         if self.comm.world_size == 1:
             y = batch.y if layout.class_targets else batch.y.to(dt)
             return layout, GramFactors(batch.z.detach().to(dt), y, [(a.to(dt), d.to(dt)) for a, d in factors],
-                                       None if rows is None else rows.reshape(batch.b * c, -1).to(dt))
+                                       None if rows is None else rows.reshape(batch.b * c, -1).to(dt),
+                                       identity=batch.cap.identity_site)
         local = pack_factor_table(layout, batch.z, batch.y, factors, rows)
         bmax = max(batch.sizes)
         buf = torch.zeros(bmax, layout.width, dtype=torch.float64, device=local.device)
@@ -835,7 +863,7 @@ class EGN(ShardedOptimizer):
     def _vjps(self, batch: _Batch, curv: _Curvature) -> list[list[Tensor | None]]:
         lo, hi = batch.start * batch.c, (batch.start + batch.b_r) * batch.c
         v_local = curv.sol.v[lo:hi].view(batch.b_r, batch.c).to(batch.z.dtype)
-        with torch.no_grad():
+        with grad_off():
             channels: list[list[Tensor | None]] = [self._vjp(batch, v_local)]
             if float(self.param_groups[0]["momentum"]) > 0:
                 r_local = curv.r[lo:hi].view(batch.b_r, batch.c).to(batch.z.dtype)
@@ -848,15 +876,16 @@ class EGN(ShardedOptimizer):
         samples, then one GEMM over b·T), and J_restᵀu from the explicit rows for the other parameters."""
         b, c = cot.shape
         grads: dict[int, Tensor] = {}
-        for site, (a, delta) in zip(self._sites, batch.local_factors):
+        for i, ((weight, bias), (a, delta)) in enumerate(zip(self._site_params, batch.local_factors)):
             t, d_in, d_out = a.shape[1], a.shape[2], delta.shape[3]
-            m = torch.bmm(cot.unsqueeze(1), delta.reshape(b, c, t * d_out)).reshape(b * t, d_out)
-            if site.weight:
-                grads[id(site.module.weight)] = (m.T @ a.reshape(b * t, d_in)).to(site.module.weight.dtype)
-            if site.bias:
-                bias = site.module.bias
-                assert bias is not None
-                grads[id(bias)] = m.sum(dim=0).to(bias.dtype)
+            if i == batch.cap.identity_site:  # Δ_i = I (T = 1, d_out = c): m = u, the bmm would copy it
+                m = cot
+            else:
+                m = torch.bmm(cot.unsqueeze(1), delta.reshape(b, c, t * d_out)).reshape(b * t, d_out)
+            if weight is not None:
+                grads[id(weight)] = _as(m.T @ a.reshape(b * t, d_in), weight.dtype)
+            if bias is not None:
+                grads[id(bias)] = _as(m.sum(dim=0), bias.dtype)
         if batch.local_rows is not None:
             flat = cot.reshape(1, b * c) @ batch.local_rows.reshape(b * c, batch.local_rows.shape[-1])
             off = 0
@@ -900,7 +929,7 @@ class EGN(ShardedOptimizer):
 
     def _trial_loss(self, batch: _Batch, w0: list[Tensor], d: list[Tensor], alpha: float) -> float:
         """L_b(w0 + αd): a local forward and one scalar all-reduce (every rank, same order)."""
-        with torch.no_grad(), self._autograd_free(batch.xs):
+        with self._autograd_free(batch.xs), grad_off():  # inference mode (a chain) or no_grad
             torch._foreach_copy_(self._params, torch._foreach_add(w0, d, alpha=alpha))
             local = float(egn_math.loss_sum(self.config.loss, self._outputs(batch.xs), batch.y))
         return self._sum_scalars([local])[0] / batch.b  # collective
@@ -908,7 +937,7 @@ class EGN(ShardedOptimizer):
     def _outputs(self, xs: tuple[Tensor, ...]) -> Tensor:
         """The model's outputs, nothing captured: through the planned chain's modules where it applies
         (the same forwards without the module-call machinery)."""
-        if self._chain is not None and self._chain.usable(xs):
+        if self._chain is not None and self._use_chain(xs):
             return self._chain.forward(xs[0])[0]  # a line-search trial: the outputs only
         z: Tensor = self.model(*xs)
         return z

@@ -73,6 +73,9 @@ def plan_curvature(model: nn.Module, trainable: dict[str, Tensor],
 class LinearCapture:
     """Forward hooks that record (input, output) of each factored Linear for one forward pass."""
 
+    #: no site's back-signal is known to be the identity here (a chain capture knows its last Linear's)
+    identity_site = -1
+
     def __init__(self, sites: Sequence[LinearSite], batch_size: int) -> None:
         self.sites = list(sites)
         self.batch_size = batch_size

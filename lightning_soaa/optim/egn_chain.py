@@ -17,8 +17,11 @@ construction; a step uses it only while nothing could make the forward differ fr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -45,6 +48,12 @@ _ACTIVATIONS: dict[type[nn.Module], Callable[[Tensor, Tensor], Tensor]] = {
 _PASS_THROUGH: tuple[type[nn.Module], ...] = (nn.Identity, nn.Dropout)
 
 
+def grad_off() -> contextlib.AbstractContextManager[Any]:
+    """``torch.no_grad()``, or nothing where grad mode is off already (EGN runs a chain's passes under
+    ``torch.inference_mode``): entering and leaving the grad mode costs a few µs, as much as a small op."""
+    return torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext()
+
+
 @dataclasses.dataclass(frozen=True)
 class Chain:
     """The planned chain: its modules in order, and per module the index of its factored site (Linear
@@ -68,11 +77,16 @@ class Chain:
         hooks are installed), without autograd; ``saved[j]`` is the input of module j."""
         saved = []
         h = x
-        with torch.no_grad():
+        with grad_off():
             for m in self.modules:
                 saved.append(h)
                 h = m.forward(h)
         return h, saved
+
+    @functools.cached_property
+    def first_site(self) -> int:
+        """Index of the first module that is a factored Linear (the back-signals stop there)."""
+        return min((j for j, i in enumerate(self.site_of) if i >= 0), default=len(self.modules))
 
 
 def plan_chain(model: nn.Module, sites: list[LinearSite], explicit: list[str]) -> Chain | None:
@@ -104,6 +118,8 @@ class ChainCapture:
     def __init__(self, chain: Chain, x: Tensor) -> None:
         self.chain = chain
         self.error: str | None = None
+        #: the site whose back-signal is the identity (the last module, a Linear, outputs z), or -1
+        self.identity_site = chain.site_of[-1]
         self.z, self.saved = chain.forward(x)
         self.inputs: list[list[Tensor]] = [[] for _ in range(chain.num_sites)]
         for j, i in enumerate(chain.site_of):
@@ -115,11 +131,11 @@ class ChainCapture:
         last module back to the first factored Linear."""
         b, c = z.shape
         mods, site_of, saved = self.chain.modules, self.chain.site_of, self.saved
-        first = min(j for j, i in enumerate(site_of) if i >= 0) if self.chain.num_sites else len(mods)
+        first = self.chain.first_site
         deltas: list[Tensor | None] = [None] * self.chain.num_sites
         eye = torch.eye(c, dtype=z.dtype, device=z.device).expand(b, c, c)  # δ of z itself
         g: Tensor | None = None  # δ at the current module's output, [b, c, d]; None: the identity (z itself)
-        with torch.no_grad():
+        with grad_off():
             for j in range(len(mods) - 1, first - 1, -1):
                 m = mods[j]
                 if isinstance(m, nn.Linear):

@@ -52,6 +52,26 @@ def test_gram_matvec_and_transformed_factors_match_dense_products() -> None:
     torch.testing.assert_close(gram_matvec(layout, sp, u2), stks @ u2, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_identity_site_shortcuts_equal_the_products_bitwise(dtype: torch.dtype) -> None:
+    # a network's last Linear has Δ_i = I: K·u and SᵀΔ skip the products with it, with the same bits
+    b, c = 7, 4
+    g = torch.Generator().manual_seed(6)
+    sites = (LinearFactorShape(1, 5, 6), LinearFactorShape(1, 6, c))
+    eye = torch.eye(c, dtype=dtype).expand(b, c, c).unsqueeze(2)
+    linear = [(torch.randn(b, 1, 5, generator=g, dtype=dtype), torch.randn(b, c, 1, 6, generator=g, dtype=dtype)),
+              (torch.randn(b, 1, 6, generator=g, dtype=dtype), eye)]
+    layout = GramLayout(num_outputs=c, class_targets=True, sites=sites, rest=0)
+    z = torch.randn(b, c, generator=g, dtype=dtype)
+    plain = GramFactors(z, torch.randint(0, c, (b,), generator=g), linear, None)
+    marked = GramFactors(plain.outputs, plain.targets, linear, None, identity=1)
+    r, s = F.residual_and_factor("cross_entropy", z, plain.targets)
+    assert torch.equal(gram_matvec(layout, marked, r.reshape(-1)), gram_matvec(layout, plain, r.reshape(-1)))
+    for (a, d), (a_ref, d_ref) in zip(transform_factors(layout, marked, s).linear,
+                                      transform_factors(layout, plain, s).linear):
+        assert a is a_ref and d.shape == d_ref.shape and d.is_contiguous() and torch.equal(d, d_ref)
+
+
 @pytest.mark.parametrize("loss", ["mse", "cross_entropy", "bce"])
 def test_float32_factorization_with_refinement_meets_float64(loss: str) -> None:
     b, c = 130, 4  # bc = 520: EGN solves such systems in float32 + refinement
