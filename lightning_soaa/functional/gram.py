@@ -297,6 +297,18 @@ def transform_factors(layout: GramLayout, factors: GramFactors, s: Tensor) -> Gr
     return GramFactors(factors.outputs, factors.targets, linear, rows)
 
 
+def _per_sample_apply(delta: Tensor, h: Tensor) -> Tensor:
+    """``Δ_i h_i`` for every sample i (``delta`` [b, c, D], ``h`` [b, D]) as a [b, c] tensor.
+
+    Written as the row vectors ``h_iᵀ Δ_iᵀ``: a batch of 1 x D by D x c products, which the CPU BLAS runs
+    ~5x faster than the same numbers as a batch of c x D matrix-vector products (b = 256, c = 9, D = 138:
+    79 vs 411 µs; this runs once per conjugate-gradient iteration). The sums are grouped differently, so
+    the bits differ from the matrix-vector form by ~1e-16 relative; every rank runs this same product on
+    the same all-gathered factors, so every world size still gets the same bits. A broadcast
+    multiply-and-sum (138 µs) would also allocate a [b, c, D] temporary per application."""
+    return torch.bmm(h.unsqueeze(1), delta.transpose(1, 2)).squeeze(1)
+
+
 class GramOperator:
     """x ↦ K x = J (Jᵀ x) from the factors without forming K, set up once per system and then applied
     many times (the conjugate-gradient solve applies it once per iteration).
@@ -343,9 +355,7 @@ class GramOperator:
             hs = [self._through_weight(s, a, m)
                   for (s, a), m in zip(self.t1_sites, torch.split(m_all, self.t1_widths, dim=1))]
             h = hs[0] if len(hs) == 1 else torch.cat(hs, dim=1)
-            # Δ_i h_i per sample as a bmm: a broadcast multiply-and-sum was as fast inside the solve but
-            # allocates a [b, c, Σ d_out] temporary per application
-            parts.append(torch.bmm(self.t1_delta, h.unsqueeze(2)).squeeze(2))
+            parts.append(_per_sample_apply(self.t1_delta, h))
         for s, a, d3 in self.multi:
             a2 = a.reshape(b * s.positions, s.d_in)
             if d3 is None:  # the identity site (T = 1, d_out = c): Δᵀu = u and Δh = h
@@ -353,7 +363,7 @@ class GramOperator:
                 continue
             m = torch.bmm(uu.unsqueeze(1), d3).reshape(b * s.positions, s.d_out)
             h = self._through_weight(s, a2, m)
-            parts.append(torch.bmm(d3, h.reshape(b, s.positions * s.d_out, 1)).reshape(b, c))
+            parts.append(_per_sample_apply(d3, h.reshape(b, s.positions * s.d_out)))
         if self.rows is not None:
             parts.append((self.rows @ (self.rows.T @ u)).reshape(b, c))
         if not parts:
