@@ -1,8 +1,8 @@
 """Per-step cost of the cross-rank agreement checks on the 10M-parameter SOAA benchmark model.
 
-What runs: 2 gloo ranks on the CPU, each with the ``bench_soaa_step`` model (width 1024, 9 layers,
-~10.5M float32 parameters) and the same fixed gradients (as DDP would leave them), SOAA with the default
-``grad_reduction="none"``. Per step, interleaved:
+What runs: 2 gloo ranks on the CPU, each with an MLP of 9 hidden layers of width 1024 and 1000 outputs
+(~10.5M float32 parameters, the SOAA step benchmark's size) and the same fixed gradients (as DDP would
+leave them), SOAA with the default ``grad_reduction="none"``. Per step, interleaved:
 
 * ``step``: the wall time of ``opt.step(loss=...)`` (checks included);
 * ``checks``: the wall time of the local work the checks add: ``_grad_scan`` (one ``_foreach_norm``
@@ -12,7 +12,7 @@ What runs: 2 gloo ranks on the CPU, each with the ``bench_soaa_step`` model (wid
 
 Usage::
 
-    PYTHONPATH=. python benchmarks/bench_agreement_cost.py [--steps 30] [--threads 1]
+    python benchmarks/bench_agreement_cost.py [--steps 30] [--threads 1]
 
 Prints one JSON line with the medians (ms) and the checks' share of a step.
 """
@@ -31,12 +31,20 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
 
-from benchmarks.bench_soaa_step import build_model
 from lightning_soaa import SOAA
 from lightning_soaa.optim.base import host_floats
 
 log = logging.getLogger("bench_agreement_cost")
+
+
+def build_model(width: int, layers: int, out: int) -> nn.Module:
+    mods: list[nn.Module] = []
+    for _ in range(layers):
+        mods += [nn.Linear(width, width), nn.GELU()]
+    mods.append(nn.Linear(width, out))
+    return nn.Sequential(*mods)
 
 
 def _timed(fn: Any) -> float:

@@ -223,7 +223,8 @@ def main() -> None:
     adam = measure_adam(args.adam_sizes, args.reps)
     balance = check_balance(args.reps, [2, 3, 4, 6])
     result = {
-        "config": vars(args), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "config": {k: v for k, v in vars(args).items() if k != "out"},  # no path of this machine
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
         "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
         "summary": summarize(roots, gram_rows, adam, args.summary_min_k),
         "roots": roots, "gram_apply": gram_rows, "adamw": adam, "mixed_model_balance": balance,
