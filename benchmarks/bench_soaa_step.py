@@ -13,7 +13,9 @@ Optimizers: ``adamw_fused`` (baseline: one ATen kernel, at the memory-bandwidth 
 (CPU only: ``compile=True`` with the C loops off, i.e. the ``torch.compile``'d kernels), ``soaa_triton``
 (CUDA only: ``compile=True``, the hand-written Triton kernels of ``kernels/soaa_triton.py``),
 ``soaa_eager`` (CPU only, ``compile=False``: the tiled loop; on CUDA the default ``soaa`` is the eager
-foreach path) and ``sharded_adamw`` (the package's AdamW). SOAA gets a loss every
+foreach path), ``sharded_adamw`` (the package's AdamW) and, with ``--block-numel N``,
+``soaa_blocks_N`` (SOAA with ``max_block_numel=N``: the default 2**18 cuts each 1000x1000 matrix into 4 row
+blocks, 40 in all, and every block costs some Python per step besides its arithmetic). SOAA gets a loss every
 step through ``step(loss=...)``; its trust-region statistics, one scalar all-reduce (a no-op here, W = 1)
 and the lagged predicted-reduction sums are all part of the timed step.
 
@@ -27,6 +29,7 @@ Usage::
 
     python benchmarks/bench_soaa_step.py --threads 2            # ~1-2 minutes on a 2-core CPU
     python benchmarks/bench_soaa_step.py --threads 1 --dtype bfloat16
+    python benchmarks/bench_soaa_step.py --threads 2 --block-numel 1048576   # + SOAA with 10 whole blocks
     python benchmarks/bench_soaa_step.py --device cuda --steps 200
 
 Writes ``benchmarks/results/bench_soaa_step_<device>_<dtype>_t<threads>.json`` and ``.png``.
@@ -77,8 +80,13 @@ def _optimizers(args: argparse.Namespace, make: Callable[[], list[torch.nn.Param
             opts["soaa_inductor"] = SOAA(make(), total_steps=1000, compile=True, **kw)
         finally:
             del os.environ["LIGHTNING_SOAA_NATIVE"]
-    if args.with_sharded_adamw:
+    if getattr(args, "with_sharded_adamw", False):
         opts["sharded_adamw"] = ShardedAdamW(make(), **kw)
+    if getattr(args, "block_numel", 0):  # the same SOAA with another block size: what a block's machinery costs
+        opts[f"soaa_blocks_{args.block_numel}"] = SOAA(
+            [{"params": make(), "max_block_numel": args.block_numel}], total_steps=1000, **kw)
+    if getattr(args, "only", None):  # the baseline and the default SOAA always run (ratios, plot title)
+        opts = {k: o for k, o in opts.items() if k in {"adamw_fused", "soaa", *args.only}}
     return opts
 
 
@@ -174,6 +182,11 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (0: torch's default)")
     ap.add_argument("--with-sharded-adamw", action="store_true", help="also time the package's ShardedAdamW")
+    ap.add_argument("--block-numel", type=int, default=0,
+                    help="also time SOAA with this max_block_numel (default 2**18 cuts a 1000x1000 matrix in 4)")
+    ap.add_argument("--only", nargs="+", default=None,
+                    help="time only these besides adamw_fused and soaa (e.g. soaa_blocks_1048576): the slow "
+                         "eager variants between the steps change what the fast ones measure")
     ap.add_argument("--results", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -204,6 +217,7 @@ def main() -> None:
         "steps_per_round": args.steps, "rounds": args.rounds, "warmup": args.warmup,
         "wall_s": time.perf_counter() - t0,
         "soaa_compiled_kernels": kernels is not None and kernels.failure is None,
+        "soaa_blocks": {k: len(o._owned) for k, o in opts.items() if isinstance(o, SOAA)},
         "summary": summary,
         # CPU time of the process per step (all threads): what the step costs in work, much less
         # sensitive than wall time to other processes taking the cores (it still pays for their
@@ -217,6 +231,8 @@ def main() -> None:
     stem = f"bench_soaa_step_{device.type}_{args.dtype}_t{torch.get_num_threads()}"
     if (args.shape, args.count) != ("1000x1000", 10):  # another size: its own file
         stem += f"_{args.count}x{args.shape}"
+    if args.block_numel or args.only:  # another selection: its own file too
+        stem += f"_blocks{args.block_numel}" if args.block_numel else "_only"
     (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2))
     for label, summ in (("wall", summary), ("cpu", summary_cpu)):
         for k, s in summ.items():

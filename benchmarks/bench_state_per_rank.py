@@ -3,7 +3,8 @@
 Each rank builds the optimizer over the same parameters, takes one step with the same gradients, and
 reports the bytes of the tensors in its ``optimizer.state`` (owned blocks only). The figure is the
 largest rank's bytes at W divided by the bytes at W = 1 (ideal: 1/W). Elementwise optimizers (SOAA,
-ShardedAdamW) cut parameters larger than ``max_block_numel`` into row blocks; ASGO/DASGO own whole
+ShardedAdamW) cut parameters larger than ``max_block_numel`` into row blocks (by default about 8 blocks
+per rank over the model, at least 2**18 elements each, so it depends on W); ASGO/DASGO own whole
 matrices (or ASGO's ``max_block_size`` blocks), so 10 matrices over 4 ranks give 3/10 at best.
 
 Usage::
@@ -34,7 +35,7 @@ log = logging.getLogger("bench_state_per_rank")
 OPTIMIZERS = ("AdamW", "SOAA", "DASGO", "ASGO")
 
 
-def _build(name: str, params: list[torch.Tensor], max_block_numel: int) -> Any:
+def _build(name: str, params: list[torch.Tensor], max_block_numel: int | None) -> Any:
     if name == "AdamW":
         return ShardedAdamW(params, lr=1e-3, max_block_numel=max_block_numel)
     if name == "SOAA":  # the block size is a param-group option for every elementwise optimizer
@@ -101,7 +102,8 @@ def main() -> None:
     p.add_argument("--n", type=int, default=10)
     p.add_argument("--rows", type=int, default=1000)
     p.add_argument("--cols", type=int, default=1000)
-    p.add_argument("--max-block-numel", type=int, default=ShardedAdamW.default_max_block_numel)
+    p.add_argument("--max-block-numel", type=int, default=None,
+                   help="SOAA's and ShardedAdamW's block size (default: theirs, about 8 blocks per rank)")
     p.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS))
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
@@ -109,7 +111,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(1)
     per_world = {w: run_world(w, args) for w in args.worlds}
-    report: dict[str, Any] = {"benchmark": "state_per_rank", "config": {k: str(v) for k, v in vars(args).items()},
+    config = {k: str(v) for k, v in vars(args).items() if k != "out"}  # no path of this machine
+    report: dict[str, Any] = {"benchmark": "state_per_rank", "config": config,
                               "bytes_per_rank": {}, "max_rank_over_w1": {}}
     for name in args.optimizers:
         base = per_world[1][0][name] if 1 in per_world else None

@@ -1,9 +1,12 @@
 """The block table: which parameter (or slice of one) each block is, what it costs, who owns it.
 
 A block is a contiguous range ``[start, stop)`` of one parameter along one dimension (``dim``), or the
-whole parameter (``dim is None``). The table depends only on the parameters and on the optimizer's
-blocking rule, never on the world size, which is what makes checkpoints world-size independent: state
-is keyed by ``(param_index, block_index_within_param)`` and only the owner column changes with W.
+whole parameter (``dim is None``). The table depends on the parameters and on the optimizer's blocking
+rule; state is keyed by ``(param_index, block_index_within_param)`` and saved with the layout, so a
+checkpoint loads at any world size: each rank picks the blocks it owns, and an elementwise optimizer's
+state saved with other row blocks (another ``max_block_numel``, or another W when the block size is
+automatic, see ``ShardedOptimizer._auto_block_numel``) is re-cut first
+(:mod:`lightning_soaa.distributed.reblock`).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ def row_block_specs(shape: tuple[int, ...], max_block_numel: int) -> list[BlockS
     elements, else the fewest nearly equal ranges of dim 0 (whole rows) of at most that many elements
     (a single row may exceed it: rows are not cut). Cost = numel, the bytes an elementwise step moves.
 
-    Depends only on the shape and the option, never on the world size (checkpoints stay portable).
+    Depends only on the shape and the option (whose automatic value depends on the model and W).
     """
     if isinstance(max_block_numel, bool) or not isinstance(max_block_numel, int) or max_block_numel < 1:
         raise ValueError(f"Invalid max_block_numel={max_block_numel!r}. Must be an integer >= 1.")

@@ -94,6 +94,8 @@ class CheckpointView:
     shapes: tuple[tuple[int, ...], ...]  #: per parameter, its (global) shape
     devices: tuple[torch.device, ...]  #: per parameter, where its loaded state goes
     names: tuple[str | None, ...] = ()  #: per parameter, its name (error messages)
+    #: the optimizer's block state is elementwise (a saved state may then be re-cut to other row blocks)
+    elementwise: bool = False
     #: per block, the state the optimizer keeps for it (None: not declared, nothing checked)
     block_schema: Callable[[BlockInfo], dict[str, StateField] | None] = lambda b: None
     #: raises ``ValueError`` naming the field when the saved optimizer-wide state is invalid
@@ -175,7 +177,8 @@ def validate_state_dict(optimizer: CheckpointView, sd: Any) -> None:
     if [[list(x) for x in blist] for blist in meta["layout"]] != layout:
         raise ValueError(
             f"{name}.load_state_dict: the state was saved with a different block layout (for example a "
-            "different max_block_size); construct the optimizer with the same blocking options."
+            "different max_block_size) that cannot be re-cut to this one (only whole-row blocks of an "
+            "elementwise optimizer's state can); construct the optimizer with the same blocking options."
         )
     _validate_block_states(optimizer, sd["state"])
     glob = meta.get("global")

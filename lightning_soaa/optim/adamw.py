@@ -50,8 +50,10 @@ class ShardedAdamW(ShardedOptimizer):
         eps: :math:`\epsilon` added outside the square root (default 1e-8).
         weight_decay: decoupled weight decay :math:`\lambda`, scaled by lr (default 1e-2).
         max_block_numel: parameters with more elements are cut into row ranges of at most this many
-            elements, so that each rank keeps about 1/W of the state (default ``2**18``; a param-group
-            option too). The result does not depend on it; checkpoints need the same value.
+            elements, so that each rank keeps about 1/W of the state (a param-group option too; default
+            None: about 8 blocks per rank, at least ``2**18`` elements each, see
+            :meth:`ShardedOptimizer._auto_block_numel`). The result does not depend on it beyond
+            rounding; a checkpoint loads with any value (its state is re-cut).
         process_group, comm, shard, grad_reduction: see :class:`ShardedOptimizer`.
 
     References:
@@ -66,7 +68,7 @@ class ShardedAdamW(ShardedOptimizer):
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
         *,
-        max_block_numel: int = ShardedOptimizer.default_max_block_numel,
+        max_block_numel: int | None = None,
         process_group: Any = None,
         comm: Any = None,
         shard: bool = True,
@@ -82,7 +84,8 @@ class ShardedAdamW(ShardedOptimizer):
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         config_from_group(AdamWConfig, group)
-        row_block_specs((1,), group.get("max_block_numel", self.default_max_block_numel))  # validates it
+        if group.get("max_block_numel") is not None:
+            row_block_specs((1,), group["max_block_numel"])  # validates it
 
     def _state_schema(self, block: BlockInfo, param: torch.Tensor, group: dict[str, Any]) -> dict[str, StateField]:
         return adam_state_schema(block, param)

@@ -97,6 +97,7 @@ from lightning_soaa.distributed.comm import (
 )
 from lightning_soaa.distributed.dtensor import DTensorLayout, has_dtensor, local
 from lightning_soaa.distributed.exchange import OwnerExchange
+from lightning_soaa.distributed.reblock import fit_layout
 from lightning_soaa.functional.adamw import increment_counts_
 from lightning_soaa.optim import dcp_state as dcp
 from lightning_soaa.optim.param_checks import check_param_group, check_step
@@ -421,11 +422,27 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     #: True when the optimizer's state and update are elementwise (a block's math never looks outside the
     #: block), so a parameter may be cut into row ranges without changing the result: the default
-    #: :meth:`_block_specs` then cuts parameters larger than ``max_block_numel`` (a param-group option,
-    #: default :attr:`default_max_block_numel`) and each rank keeps about 1/W of the state.
+    #: :meth:`_block_specs` then cuts parameters larger than ``max_block_numel`` (a param-group option;
+    #: unset or None: :meth:`_auto_block_numel`) and each rank keeps about 1/W of the state.
     elementwise: bool = False
-    #: elements per block for elementwise optimizers (2^18 = 1 MiB of fp32 per state tensor)
+    #: the smallest automatic block, in elements (2^18 = 1 MiB of fp32 per state tensor)
     default_max_block_numel: int = 1 << 18
+    #: blocks per rank the automatic block size aims at: a state balanced within about 1/8 of a rank's
+    #: share, while each block's fixed cost per step (host work, ~15-30 us on a CPU, the same for a block
+    #: of any size) stays a small part of the step
+    auto_blocks_per_rank: int = 8
+
+    def _auto_block_numel(self, params: Sequence[Tensor], world_size: int) -> int:
+        """``max_block_numel`` when a group leaves it unset: about :attr:`auto_blocks_per_rank` blocks per
+        rank over all parameters, and never below :attr:`default_max_block_numel`. At W = 1 that cuts
+        only parameters larger than 1/8 of the model, whose cost it barely changes; at W = 4 ten equal
+        matrices become 40 blocks, 10 per rank. Checkpoints load across block sizes (re-cut on load)."""
+        total = sum(p.numel() for p in params)
+        return max(self.default_max_block_numel, -(-total // (self.auto_blocks_per_rank * max(world_size, 1))))
+
+    def _block_numel(self, group: dict[str, Any]) -> int:
+        limit = group.get("max_block_numel")
+        return self._auto_limit if limit is None else limit
 
     def _block_specs(self, param: Tensor, group: dict[str, Any], name: str | None) -> list[BlockSpec]:
         """How to cut ``param`` into blocks; default: the whole parameter (cost = numel), or for an
@@ -433,7 +450,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         :func:`~lightning_soaa.distributed.blocks.row_block_specs`)."""
         if not self.elementwise or has_dtensor([param]):  # an FSDP2 shard is already this rank's piece
             return [BlockSpec(None, 0, 0, float(max(param.numel(), 1)))]
-        return row_block_specs(tuple(param.shape), group.get("max_block_numel", self.default_max_block_numel))
+        return row_block_specs(tuple(param.shape), self._block_numel(group))
 
     def _exchange_in(self) -> str | None:
         """Collectives before ``_prepare`` (default: average the gradients into their owners when
@@ -550,12 +567,14 @@ class ShardedOptimizer(torch.optim.Optimizer):
         params = [p for p, _, _ in plist]
         if self._consolidating():
             self._check_same_params_on_all_ranks(params, [name for _, _, name in plist])
+        world = self.comm.world_size if self.sharding.shard else 1
+        self._auto_limit = self._auto_block_numel(params, world)  # the same on every rank of this W
         specs = [self._block_specs(p, self.param_groups[gi], name) for p, gi, name in plist]
         self._table = BlockTable(
             params,
             [gi for _, gi, _ in plist],
             specs,
-            world_size=self.comm.world_size if self.sharding.shard else 1,
+            world_size=world,
             rank=self.comm.rank if self.sharding.shard else 0,
             shard=self.sharding.shard,
         )
@@ -593,7 +612,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             raise
         log.info("%s: joined the %d-rank default process group at its first collective (it was built "
                  "before torch.distributed was initialized)", type(self).__name__, self.comm.world_size)
-        self._restore_owned_state(full)
+        self._restore_owned_state(fit_layout(self._checkpoint_view(), full))  # the blocks may depend on W
 
     def _join_before_step(self) -> None:
         """At the start of every step (also in subclasses that drive their own step, e.g. EGN): join the
@@ -863,7 +882,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         return CheckpointView(name=type(self).__name__, param_groups=self.param_groups, block_table=self.block_table,
                               shapes=tuple(tuple(p.shape) for p in self._params),
                               devices=tuple(p.device for p in self._params), names=tuple(self._names),
-                              block_schema=self._block_schema, validate_global=self._validate_global_state)
+                              elementwise=self.elementwise, block_schema=self._block_schema,
+                              validate_global=self._validate_global_state)
 
     def _block_schema(self, block: BlockInfo) -> dict[str, StateField] | None:
         return self._state_schema(block, self._params[block.param_index], self.param_groups[block.group_index])
@@ -937,12 +957,16 @@ class ShardedOptimizer(torch.optim.Optimizer):
         """
         if self._dtensor is not None and dcp.is_dcp_state_dict(state_dict):
             return dcp.load_dcp_state_dict(self, state_dict)
-        validate_state_dict(self._checkpoint_view(), state_dict)
+        view = self._checkpoint_view()
+        state_dict = fit_layout(view, state_dict)  # saved with other row blocks: re-cut (a new dict)
+        validate_state_dict(view, state_dict)
         new_groups = []
         for group, saved in zip(self.param_groups, state_dict["param_groups"]):
             g = dict(group)
             for k, v in saved.items():
-                if k not in ("params", "param_names"):
+                # the blocking is this optimizer's own (its table is built): a state saved with other
+                # blocks was re-cut to it above, and keeps this optimizer's option
+                if k not in ("params", "param_names", "max_block_numel"):
                     g[k] = tuple(v) if k == "betas" else v
             self._validate_group(g)
             new_groups.append(g)

@@ -19,9 +19,12 @@ from typing import Any
 import pytest
 import torch
 
+from lightning_soaa.optim.base import ShardedOptimizer
 from lightning_soaa.registry import FirstArg, OptimizerSpec, StepNeeds
 from tests.conformance._battery import (
+    SIZES,
     SPECS,
+    assert_close,
     assert_identical,
     bad_values,
     data,
@@ -187,6 +190,48 @@ def test_state_dict_round_trip_continues_identically(spec: OptimizerSpec) -> Non
     _continue_both(spec, (model, opt), (model2, opt2), range(3, 6))
 
 
+def _row_blocked(spec: OptimizerSpec) -> bool:
+    """Optimizers whose blocks are the base's row ranges of ``max_block_numel`` elements (a param-group
+    option): their elementwise state loads into any other row blocking."""
+    cls = spec.load()
+    return (issubclass(cls, ShardedOptimizer) and cls.elementwise
+            and cls._block_specs is ShardedOptimizer._block_specs)
+
+
+def _make_blocked(spec: OptimizerSpec, max_block_numel: int) -> tuple[Any, Any]:
+    model, _ = make(spec)
+    kwargs = {k: v for k, v in spec.test_kwargs.items() if k != "max_block_numel"}
+    return model, spec.load()([{"params": list(model.parameters()), "max_block_numel": max_block_numel}], **kwargs)
+
+
+@pytest.mark.parametrize("numels", [(7, 10**9), (10**9, 7), (7, 13)],
+                         ids=["cut-to-whole", "whole-to-cut", "cut-to-cut"])
+@each_optimizer
+def test_a_checkpoint_loads_into_another_row_blocking(spec: OptimizerSpec, numels: tuple[int, int]) -> None:
+    """Saved with one ``max_block_numel`` (or world size: the automatic block size depends on it),
+    resumed with another: the state is re-cut and the run continues as if it had used the new blocks
+    from the start (to rounding: global sums are added in another order)."""
+    if not _row_blocked(spec):
+        pytest.skip(f"{spec.name} does not cut parameters into row blocks")
+    saved_numel, new_numel = numels
+    model_ref, opt_ref = _make_blocked(spec, new_numel)
+    model, opt = _make_blocked(spec, saved_numel)
+    for t in range(3):
+        step(spec, model_ref, opt_ref, t)
+        step(spec, model, opt, t)
+    saved = _round_trip_bytes({"model": model.state_dict(), "opt": opt.state_dict()})
+    model2, opt2 = _make_blocked(spec, new_numel)
+    model2.load_state_dict(saved["model"])
+    opt2.load_state_dict(saved["opt"])
+    assert len(opt2.block_table.blocks) == len(opt_ref.block_table.blocks) != len(opt.block_table.blocks)
+    assert opt2.param_groups[0]["max_block_numel"] == new_numel
+    for t in range(3, 6):
+        step(spec, model_ref, opt_ref, t)
+        step(spec, model2, opt2, t)
+    assert_close(params(model2), params(model_ref), "params")
+    assert_close(opt2.state_dict(), opt_ref.state_dict())
+
+
 @pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
 @each_optimizer
 def test_copies_continue_identically(spec: OptimizerSpec, how: str) -> None:
@@ -254,6 +299,9 @@ def _bad_checkpoints(spec: OptimizerSpec, good: dict[str, Any]) -> list[tuple[st
         sd = copy.deepcopy(good)
         del sd["lightning_soaa"][key]
         cases.append((f"no lightning_soaa.{key!r}", sd, re.escape(f"'{key}'")))
+    sd = copy.deepcopy(good)  # column blocks: no optimizer's state can be re-cut from them
+    sd["lightning_soaa"]["layout"][0] = [[1, 0, 1], [1, 1, SIZES[0]]]
+    cases.append(("a block layout that cannot be re-cut", sd, "different block layout"))
     sd = copy.deepcopy(good)
     sd["param_groups"][0]["lr"] = -1.0
     cases.append(("a bad hyperparameter", sd, re.escape("Invalid lr=-1.0")))

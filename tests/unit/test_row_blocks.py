@@ -114,3 +114,44 @@ def test_split_w_ranks_equal_one_process_and_state_is_1_over_w(name: str, world:
         assert res["state"] <= full / world * 1.05, (r, res["state"], full)
     assert sum(res["state"] for res in results) == full
     torch.testing.assert_close(results[0]["sd"], opt_ref.state_dict()["state"], rtol=1e-12, atol=1e-14)
+
+
+# ---------------------------------------------------------------- the automatic block size
+AUTO_FLOOR = 8  # the automatic size's floor for these tests (2**18 by default: no 10 x 10 matrix is cut)
+
+
+def _auto_ranks(rank: int, world: int, name: str) -> dict[str, Any]:
+    registry.get(name).load().default_max_block_numel = AUTO_FLOOR  # this worker process only
+    model = _model()
+    opt = _build(name, model, None)  # max_block_numel unset: automatic
+    for t in range(4):
+        x, y = batch(t, 0, n=8, d_in=D, d_out=D)
+        registry.get(name).take_step(opt, model, x, y)
+    state = _state_numel(opt)
+    opt.consolidate_state_dict(to=None)
+    return {"params": [p.detach().clone() for p in model.parameters()], "state": state,
+            "blocks": len(opt.block_table.blocks), "sd": opt.state_dict()}
+
+
+@pytest.mark.parametrize("name", ["SOAA", "AdamW"])
+def test_automatic_block_size_follows_the_world_size_and_checkpoints_move_between_them(
+        name: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unset ``max_block_numel``: ~8 blocks per rank (here 1000 elements, floor 8: W = 1 keeps the 10
+    matrices whole, W = 2 cuts each in 2, W = 4 in 4), each rank keeps ~1/W of the state, the ranks equal
+    one process, and the checkpoint of any W loads into any other (its state re-cut)."""
+    monkeypatch.setattr(registry.get(name).load(), "default_max_block_numel", AUTO_FLOOR)
+    opt_ref, ref = _train(name, None)
+    assert len(opt_ref.block_table.blocks) == N_MATRICES
+    full = _state_numel(opt_ref)
+    for world, blocks in ((2, 2 * N_MATRICES), (4, 4 * N_MATRICES)):
+        results = run_distributed(_auto_ranks, world, tmp_path, name)
+        for r, res in enumerate(results):
+            assert res["blocks"] == blocks
+            for a, b in zip(res["params"], ref.parameters()):
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, msg=f"W={world} rank {r}")
+            assert res["state"] <= full / world * 1.05, (world, r, res["state"], full)
+        model = _model()
+        resumed = _build(name, model, None)  # one process: whole matrices
+        resumed.load_state_dict(results[0]["sd"])
+        torch.testing.assert_close(resumed.state_dict()["state"], opt_ref.state_dict()["state"],
+                                   rtol=1e-12, atol=1e-14)
