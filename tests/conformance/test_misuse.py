@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lightning_soaa.optim.base import ShardedOptimizer
 from lightning_soaa.registry import REGISTRY, FirstArg, StepNeeds, get, half_mse
 from tests.harness.distributed import run_distributed
 from tests.harness.models import batch, tiny_mlp
@@ -130,11 +131,18 @@ def _single_process_state(name: str) -> dict[str, Any]:
     return copy.deepcopy(opt.state_dict())
 
 
-def _w_loaded_before_joining(rank: int, world: int, store2: str) -> dict[str, Any]:
+def _w_loaded_before_joining(rank: int, world: int, store2: str, floor: int | None) -> dict[str, Any]:
     """Every optimizer: built and loaded (e.g. a resumed checkpoint) before the group exists, then
-    trained; equal to one built and loaded after the group exists. One spawn for the whole registry."""
+    trained; equal to one built and loaded after the group exists. One spawn for the whole registry.
+    ``floor``: the automatic block size's floor of this process (1: the row-blocked optimizers' blocks
+    of this model change when they join, and the loaded state is re-cut)."""
     dist.barrier()  # see _w_built_early
     dist.destroy_process_group()
+    if floor is not None:
+        for spec in REGISTRY:
+            cls = spec.load()
+            if issubclass(cls, ShardedOptimizer) and cls._block_specs is ShardedOptimizer._block_specs:
+                cls.default_max_block_numel = floor
     early: dict[str, tuple[Any, nn.Module]] = {}
     saved = {spec.name: _single_process_state(spec.name) for spec in REGISTRY}  # a one-process run
     for spec in REGISTRY:
@@ -153,13 +161,17 @@ def _w_loaded_before_joining(rank: int, world: int, store2: str) -> dict[str, An
             _step(spec.name, opt, model, t, rank)
             _step(spec.name, ref, ref_model, t, rank)
         out[spec.name] = {"world": opt.comm.world_size, "early": _params(model), "ref": _params(ref_model),
-                          "steps": (opt.num_steps, ref.num_steps)}
+                          "steps": (opt.num_steps, ref.num_steps), "blocks": len(opt.block_table.blocks),
+                          "saved_blocks": sum(map(len, saved[spec.name]["lightning_soaa"]["layout"]))}
     return out
 
 
-def test_state_loaded_before_joining_is_kept(tmp_path: Path) -> None:
+@pytest.mark.parametrize("floor", [None, 1], ids=["same-blocks", "blocks-change-at-join"])
+def test_state_loaded_before_joining_is_kept(tmp_path: Path, floor: int | None) -> None:
     for r, res in enumerate(run_distributed(_w_loaded_before_joining, 2, tmp_path, str(tmp_path / "store2"),
-                                            timeout=300)):
+                                            floor, timeout=300)):
+        if floor is not None:  # the case is exercised: SOAA's blocks at W = 2 are not those saved at W = 1
+            assert res["SOAA"]["blocks"] > res["SOAA"]["saved_blocks"], res["SOAA"]
         for name, out in res.items():
             assert out["world"] == 2, f"rank {r}, {name}: not sharded"
             assert out["steps"][0] == out["steps"][1], f"rank {r}, {name}: {out['steps']}"
