@@ -155,3 +155,16 @@ def test_automatic_block_size_follows_the_world_size_and_checkpoints_move_betwee
         resumed.load_state_dict(results[0]["sd"])
         torch.testing.assert_close(resumed.state_dict()["state"], opt_ref.state_dict()["state"],
                                    rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["SOAA", "AdamW"])
+def test_automatic_block_size_at_the_real_floor(name: str) -> None:
+    """The README's example with the default floor (2**18): ten 1000 x 1000 matrices stay whole in one
+    process (10 blocks) and are cut into 4 each for W = 4 (312,500 elements: 10 blocks per rank)."""
+    params = [nn.Parameter(torch.zeros(1000, 1000)) for _ in range(10)]
+    opt = registry.get(name).load()(params)
+    assert len(opt.block_table.blocks) == 10
+    limit = opt._auto_block_numel(params, 4)
+    assert limit == 312_500
+    assert sum(len(row_block_specs((1000, 1000), limit)) for _ in params) == 40
+    assert opt._auto_block_numel(params[:1], 4) == opt.default_max_block_numel == 2**18  # the floor
