@@ -461,7 +461,17 @@ def _meta(args: argparse.Namespace, t0: float, load0: tuple[float, ...], runs: l
             "quick": args.quick, "load_start": list(load0), "load_end": list(os.getloadavg()),
             "wall_s": time.perf_counter() - t0, "resumed": args.resume, "training_runs": len(runs),
             "training_cpu_s": sum(r["cpu_s"][-1] for r in runs),
-            "command": "python benchmarks/report.py " + " ".join(sys.argv[1:])}
+            "command": "python benchmarks/report.py " + " ".join(map(_portable, sys.argv[1:]))}
+
+
+def _portable(arg: str) -> str:
+    """A command-line argument as the report may print it: an absolute path (a path of this machine)
+    relative to the repository when it is inside it, else only its last component."""
+    if not os.path.isabs(arg):
+        return arg
+    root = Path(__file__).resolve().parent.parent
+    path = Path(arg).resolve()
+    return str(path.relative_to(root)) if path.is_relative_to(root) else f"<...>/{path.name}"
 
 
 def _version(pkg: str) -> str:
