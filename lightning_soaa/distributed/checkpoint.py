@@ -191,7 +191,8 @@ def validate_state_dict(optimizer: CheckpointView, sd: Any) -> None:
     optimizer.validate_global(glob)
 
 
-def _lookup(mapping: Any, key: int) -> Any:
+def lookup(mapping: Any, key: int) -> Any:
+    """``mapping[key]`` where saved keys may be ints or their strings (a state that went through JSON)."""
     return mapping.get(key, mapping.get(str(key))) if isinstance(mapping, dict) else None
 
 
@@ -205,7 +206,7 @@ def _validate_block_states(optimizer: CheckpointView, state: Any) -> None:
         if not (str(key).isdigit() and int(key) < n_params):
             raise ValueError(f"{name}.load_state_dict: state[{key!r}] names no parameter (there are {n_params}).")
     for b in optimizer.block_table.blocks:
-        blk = _lookup(_lookup(state, b.param_index) or {}, b.sub_index)
+        blk = lookup(lookup(state, b.param_index) or {}, b.sub_index)
         if not blk:
             continue  # no state yet (the block never had a gradient): valid, starts from zero
         schema = optimizer.block_schema(b)

@@ -9,10 +9,10 @@ ranges. So a checkpoint loads whatever ``max_block_numel`` (or world size, see
 :func:`fit_layout` returns the state dict in this optimizer's layout, or the input unchanged when the
 layouts already agree or when it cannot re-cut it (the caller's validation then names the mismatch); it
 never modifies its input. Only for optimizers that declare their state elementwise
-(``CheckpointView.elementwise``: a square block's k x k statistic has the block's shape too). What cannot be
-re-cut: a blocking that is not whole rows of dim 0 (ASGO's and
-DASGO's blocks), a field that is neither of the block's shape nor a scalar (a k x k statistic), scalars
-that differ between the blocks of one parameter, or a parameter whose blocks have state only in part.
+(``CheckpointView.elementwise``: a square block's k x k statistic has the block's shape too). What cannot
+be re-cut: a blocking that is not whole rows of dim 0 (ASGO's and DASGO's blocks), a field that is
+neither of the block's shape nor a scalar (a k x k statistic), scalars that differ between the blocks of
+one parameter, or a parameter whose blocks have state only in part.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from lightning_soaa.distributed.checkpoint import FORMAT_KEY, CheckpointView
+from lightning_soaa.distributed.checkpoint import FORMAT_KEY, CheckpointView, lookup
 
 __all__ = ["fit_layout"]
 
@@ -49,22 +49,18 @@ def _rows(layout: Any, shape: tuple[int, ...]) -> Ranges | None:
     return out if tiles else None
 
 
-def _lookup(mapping: Any, key: int) -> Any:
-    return mapping.get(key, mapping.get(str(key))) if isinstance(mapping, dict) else None
-
-
 def _joined(saved: list[dict[str, Any]], ranges: Ranges, shape: tuple[int, ...]) -> dict[str, Any] | None:
     """One parameter's saved block states joined into whole-parameter fields (tensor of the parameter's
     shape, or one scalar shared by every block), or None when they cannot be."""
     keys = set(saved[0])
     if any(set(blk) != keys for blk in saved):
         return None
+    rows_of = [(stop - start, *shape[1:]) if shape else () for start, stop in ranges]
     out: dict[str, Any] = {}
     for key in keys:
         values = [blk[key] for blk in saved]
         if not all(isinstance(v, torch.Tensor) for v in values):
             return None
-        rows_of = [(stop - start, *shape[1:]) if shape else () for start, stop in ranges]
         if all(tuple(v.shape) == want for v, want in zip(values, rows_of)):
             out[key] = torch.cat(values, 0) if len(values) > 1 else values[0]
         elif all(v.dim() == 0 for v in values) and all(torch.equal(v, values[0]) for v in values[1:]):
@@ -87,7 +83,7 @@ def _cut(joined: dict[str, Any], ranges: Ranges, shape: tuple[int, ...]) -> dict
 
 def _refit_param(per_param: Any, old: Ranges, new: Ranges, shape: tuple[int, ...]) -> dict[int, Any] | None:
     """A parameter's saved block states (``{sub_index: state}``) in the new row ranges, or None."""
-    saved = [_lookup(per_param, si) for si in range(len(old))]
+    saved = [lookup(per_param, si) for si in range(len(old))]
     if not any(saved):
         return {}
     if not all(isinstance(blk, dict) and blk for blk in saved):
@@ -110,16 +106,14 @@ def fit_layout(optimizer: CheckpointView, sd: Any) -> Any:
         return sd
     shapes = [tuple(s) for s in optimizer.shapes]
     saved, mine = _normal(meta.get("layout")), _normal(optimizer.block_table.layout())
-    saved_shapes = meta.get("shapes")
-    if saved is None or mine is None or saved == mine or len(saved) != len(shapes) or not isinstance(
-            saved_shapes, list) or [list(s) for s in saved_shapes if isinstance(s, list)] != [list(s) for s in shapes]:
-        return sd  # the same layout, or a mismatch validate_state_dict reports
+    if saved is None or mine is None or saved == mine or _normal([meta.get("shapes")]) != [shapes]:
+        return sd  # the same layout, or a mismatch (another model, a damaged entry) validate_state_dict reports
     state = dict(sd["state"])
     for pi, (saved_blocks, my_blocks, shape) in enumerate(zip(saved, mine, shapes)):
         if saved_blocks == my_blocks:
             continue
         old, new = _rows(saved_blocks, shape), _rows(my_blocks, shape)
-        refit = None if old is None or new is None else _refit_param(_lookup(state, pi) or {}, old, new, shape)
+        refit = None if old is None or new is None else _refit_param(lookup(state, pi) or {}, old, new, shape)
         if refit is None:
             return sd
         state.pop(str(pi), None)
