@@ -53,7 +53,7 @@ import math
 import operator
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -61,6 +61,7 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "BlockSplit",
     "SOAAKernels",
     "SOAAScalars",
     "BAND_SCHEDULES",
@@ -69,6 +70,7 @@ __all__ = [
     "smoothed_ratio",
     "soaa_moments",
     "soaa_step_",
+    "split_blocks",
     "trust_region_scalars",
     "use_foreach",
 ]
@@ -772,6 +774,24 @@ def _single_tensor_soaa_step_(
 
 
 # ---------------------------------------------------------------- dispatchers
+class BlockSplit(NamedTuple):
+    """Which kernels take which blocks (indices into the block lists): ``fused`` (C on CPU, Triton on CUDA),
+    ``compiled`` (``torch.compile``), ``eager``; ``uniform``: the fused ones are all of one dtype and device."""
+
+    fused: list[int]
+    compiled: list[int]
+    eager: list[int]
+    uniform: bool
+
+
+def split_blocks(kernels: SOAAKernels | None, *lists: list[Tensor]) -> BlockSplit:
+    """The kernels of each block of a step, decided once for both passes: an optimizer passes the split of
+    ``(params, grads, exp_avgs, exp_avg_sqs)`` to :func:`moments_partials` and :func:`step_partials_` (the
+    tensors do not change between the passes; checking them twice is a visible cost of a small model's
+    step). The split depends on the tensors' dtype, device, layout and size only."""
+    return BlockSplit(*_split(kernels, *lists))
+
+
 def _split(kernels: SOAAKernels | None, *lists: list[Tensor]) -> tuple[list[int], list[int], list[int], bool]:
     """The indices of the blocks for the fused kernels (C on CPU, Triton on CUDA; :meth:`SOAAKernels.
     native_for`), for the ``torch.compile``'d kernels and for the eager ones; and whether the fused ones
@@ -873,15 +893,15 @@ def soaa_moments(
 
 def moments_partials(
     grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], ts: list[int],
-    *, foreach: bool | None = None, kernels: SOAAKernels | None = None, **kw: Any,
+    *, foreach: bool | None = None, kernels: SOAAKernels | None = None, split: BlockSplit | None = None, **kw: Any,
 ) -> Partials:
     """:func:`soaa_moments` (``kw``: its ``beta1``, ``beta2``, ``eps``) with the fused kernels' partials
     as host floats (a list; no tensor is made, a visible cost of a small model's step): what the
-    optimizer calls."""
+    optimizer calls. ``split``: the step's :func:`split_blocks` (else decided here from these tensors)."""
     if not grads:
         return torch.zeros(2, dtype=torch.float64)
     lists = (grads, exp_avgs, exp_avg_sqs)
-    c_idx, fast, rest, uniform = _split(kernels, *lists)
+    c_idx, fast, rest, uniform = split if split is not None else _split(kernels, *lists)
     parts: list[Partials] = []
     if c_idx:
         assert kernels is not None
@@ -895,6 +915,8 @@ def moments_partials(
             rest = sorted(rest + fast)
         else:
             parts.append(part)
+    if not rest:  # the usual case on CPU: the C loops took every block
+        return add_partials(parts)
     multi, single = _eager_split(grads, rest, foreach)
     eager: tuple[tuple[Callable[..., Tensor], list[int]], ...] = (
         (_multi_tensor_soaa_sums, multi), (_single_tensor_soaa_sums, single))
@@ -946,15 +968,17 @@ def soaa_step_(
 
 def step_partials_(
     params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], ts: list[int],
-    *, foreach: bool | None = None, kernels: SOAAKernels | None = None, **kw: Any,
+    *, foreach: bool | None = None, kernels: SOAAKernels | None = None, split: BlockSplit | None = None, **kw: Any,
 ) -> Partials:
     """:func:`soaa_step_` (``kw``: its scalars, ``lr`` to ``count_limited``) with the fused kernels'
     partials as host floats (a list; no tensor is made, a visible cost of a small model's step): what
-    the optimizer calls."""
+    the optimizer calls. ``split``: as in :func:`moments_partials`."""
     if not params:
         return torch.zeros(3 if kw.get("count_limited") else 2, dtype=torch.float64)
     lists = (params, grads, exp_avgs, exp_avg_sqs)
-    c_idx, fast, rest, uniform = _split(kernels, *lists)
+    c_idx, fast, rest, uniform = split if split is not None else _split(kernels, *lists)
+    if fast and kernels is not None and kernels.failure is not None:  # the sums pass's compiler failed
+        fast, rest = [], sorted(rest + fast)
     parts: list[Partials] = []
     if c_idx:
         assert kernels is not None
@@ -966,6 +990,8 @@ def step_partials_(
         done, n_done = _compiled_soaa_step_(kernels, p_, g_, m_, v_, _pick(ts, fast), **kw)
         parts.append(done)
         rest = sorted(rest + fast[n_done:])
+    if not rest:
+        return add_partials(parts)
     multi, single = _eager_split(params, rest, foreach)
     eager: tuple[tuple[Callable[..., Tensor], list[int]], ...] = (
         (_multi_tensor_soaa_step_, multi), (_single_tensor_soaa_step_, single))

@@ -30,6 +30,7 @@ compilers, caches and ctypes stay out of ``functional/``).
 
 from __future__ import annotations
 
+import array
 import contextlib
 import ctypes
 import hashlib
@@ -337,7 +338,8 @@ class NativeSOAA:
         ``scal[b] = (1-β1, β2, 1-β2, decay, alr, k1, knee, ε)``."""
         nb = len(p)
         out = (ctypes.c_double * (5 * nb))()
-        sc = (ctypes.c_double * (8 * nb))(*itertools.chain.from_iterable(scal))
+        # through array.array: a ctypes array built from 8 * nb arguments costs ~10 us for 6 blocks, this ~1
+        sc = (ctypes.c_double * (8 * nb)).from_buffer_copy(array.array("d", itertools.chain.from_iterable(scal)))
         fn = self._fns[("step", p[0].dtype)]
         args = (self._pointers(("step", "p"), p), self._pointers(("step", "g"), g),
                 self._pointers(("step", "m"), m), self._pointers(("step", "v"), v),

@@ -41,14 +41,15 @@ from lightning_soaa.config import SOAAConfig, config_from_group
 from lightning_soaa.distributed.blocks import BlockInfo
 from lightning_soaa.distributed.checkpoint import StateField, check_finite_number
 from lightning_soaa.functional.soaa import (
+    BlockSplit,
     FusedPasses,
     Partials,
     SOAAKernels,
     add_partials,
-    as_tensor,
     band,
     moments_partials,
     predicted_reduction,
+    split_blocks,
     step_partials_,
     trust_region_scalars,
 )
@@ -79,7 +80,7 @@ class _SOAAStep(StepRecord):
     groups: dict[tuple[int, bool], _Group] = dataclasses.field(default_factory=dict)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True)  # not frozen: made at every step, and a frozen init costs a setattr per field
 class _Group:
     """The blocks of one (param group, counted) pair with a gradient this step, as the kernels take them
     (built once in ``_prepare``, after the lazy state init, and handed to ``_apply``)."""
@@ -92,6 +93,7 @@ class _Group:
     counters: list[Tensor]
     ts: list[int]  # the step count of this update of each block
     kernels: SOAAKernels | None  # _kernels_for(views), chosen once per step for both passes
+    split: BlockSplit  # which of them takes each block, decided once per step for both passes
 
 
 @dataclasses.dataclass
@@ -121,6 +123,11 @@ MISSING_LOSS_MESSAGE = (
     "loss reduction). Give it one of: opt.step(closure), opt.step(loss=loss), or opt.set_loss(loss) "
     "before step(); under Lightning add the lightning_soaa.lightning LossToOptimizer callback."
 )
+
+
+def _floats(part: Partials) -> list[float]:
+    """A partials vector (host floats, or a float64 tensor on any device) as Python floats."""
+    return list(part) if isinstance(part, list) else part.tolist()
 
 
 def _check_loss(loss: Any) -> Tensor | float:
@@ -312,7 +319,7 @@ class SOAA(ShardedOptimizer):
         self._pending_loss: tuple[Tensor | float, float] | None = None
         self._set_loss_calls = 0  # lets step(closure) see whether the closure handed a loss over itself
         self._loss_weight = 1.0
-        self._trial: Tensor | None = None
+        self._trial: Partials | None = None
         self._snapshot: list[tuple[Tensor, Tensor]] = []
         if foreach is not None and not isinstance(foreach, bool):
             raise ValueError(f"Invalid foreach={foreach!r}. Must be True, False or None.")
@@ -375,7 +382,7 @@ class SOAA(ShardedOptimizer):
         self._d = 1.0
         self._loss_ema = 0.0
         self._pred = 0.0  # the predicted reduction used by the last ρ (lagged) or of the last trial
-        self._lag = torch.zeros(2, dtype=torch.float64)  # rank-local η·Σm̂u, η·Σv̂u² not yet reduced
+        self._lag: Partials = [0.0, 0.0]  # rank-local η·Σm̂u, η·Σv̂u² not yet reduced (floats or a tensor)
         self._c = 1.0
         self._rho = 0.0
         self._actual = 0.0
@@ -473,14 +480,17 @@ class SOAA(ShardedOptimizer):
                     st["exp_avg_sq"] = torch.zeros_like(v.param, memory_format=torch.preserve_format)
             counters = [st["step"] for st in states]
             ts = self._counts().read((gi, counted), counters)
-            grp = groups[(gi, counted)] = _Group(
-                vs, [v.param for v in vs], [v.grad for v in vs],  # type: ignore[misc]
-                [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states], counters, ts,
-                self._kernels_for(vs))
+            grads: list[Tensor] = [v.grad for v in vs]  # type: ignore[misc]  # (views with a gradient)
+            lists = ([v.param for v in vs], grads, [st["exp_avg"] for st in states],
+                     [st["exp_avg_sq"] for st in states])
+            kernels = self._kernels_for(vs)
+            grp = groups[(gi, counted)] = _Group(vs, *lists, counters, ts, kernels,
+                                                 split_blocks(kernels, *lists))
             beta1, beta2 = group["betas"]
             part = moments_partials(
                 grp.grads, grp.exp_avgs, grp.exp_avg_sqs,
                 ts, beta1=beta1, beta2=beta2, eps=group["eps"], foreach=self.foreach, kernels=grp.kernels,
+                split=grp.split,
             )
             # An uncounted piece adds 0, or NaN when it is non-finite: the step is then skipped everywhere.
             if not counted:
@@ -492,8 +502,8 @@ class SOAA(ShardedOptimizer):
         s_m2, s_veps = (total if isinstance(total, list) else total.tolist() if total.device.type == "cpu"
                         else total.unbind(0))
         lag = self._lag
-        lag_mu, lag_vu2 = ((lag.tolist() if lag.device.type == "cpu" else lag.unbind(0))
-                           if self.config.acceptance == "lagged" else (0.0, 0.0))
+        lag_mu, lag_vu2 = ((lag if isinstance(lag, list) else lag.tolist() if lag.device.type == "cpu"
+                            else lag.unbind(0)) if self.config.acceptance == "lagged" else (0.0, 0.0))
         loss_sum, weight, missing = self._loss_partials()
         return _SOAAStep(sum_mhat_sq=s_m2, sum_vhat_eps=s_veps, lag_mu=lag_mu, lag_vu2=lag_vu2,
                          loss_sum=loss_sum, loss_weight=weight, missing_loss=missing, groups=groups)
@@ -504,8 +514,10 @@ class SOAA(ShardedOptimizer):
             return 0.0, 0.0, 1.0
         raw, w = self._pending_loss
         self._loss_weight = w  # same_batch weighs the re-evaluated loss like the step's loss
-        if isinstance(raw, Tensor):  # x * 1.0 == x: the common unweighted loss skips one kernel call
+        if isinstance(raw, Tensor) and raw.device.type != "cpu":  # x * 1.0 == x: one kernel call less
             return (raw.double() if w == 1.0 else raw.double() * w), w, 0.0
+        if isinstance(raw, Tensor):  # nothing to wait for: the float now (the same bits as raw.double() * w)
+            return float(raw.item()) * w, w, 0.0
         return float(raw) * w, w, 0.0
 
     def _decide(self, reduced: StepRecord) -> _SOAADecision:
@@ -544,7 +556,7 @@ class SOAA(ShardedOptimizer):
                 grp.params, grp.grads, grp.exp_avgs, grp.exp_avg_sqs,
                 grp.ts, lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
                 weight_decay=group["weight_decay"], d=d_prev, c=scal.c, count_limited=same_batch,
-                foreach=self.foreach, kernels=grp.kernels,
+                foreach=self.foreach, kernels=grp.kernels, split=grp.split,
             )
             if not counted:
                 continue
@@ -552,7 +564,9 @@ class SOAA(ShardedOptimizer):
                 parts.append([part[0] * lr, part[1] * lr, *part[2:]])
             else:
                 parts.append(torch.cat([part[:2] * lr, part[2:]]) if same_batch else part * lr)
-        lag = as_tensor(add_partials(parts)) if parts else torch.zeros(3 if same_batch else 2, dtype=torch.float64)
+        # host floats when the kernels gave floats (the C loops): no tensor is made (a visible cost of a small
+        # model's step); a tensor (on the blocks' device, not read here) from the other paths
+        lag = add_partials(parts) if parts else [0.0] * (3 if same_batch else 2)
         self._t = decision.t
         self._loss_ema = scal.loss_ema
         self._loss = decision.loss
@@ -584,7 +598,7 @@ class SOAA(ShardedOptimizer):
         new_loss = self._run_closure(closure)
         val = _loss_value(new_loss) if new_loss is not None else float("nan")
         ok = math.isfinite(val)
-        trial = self._trial.tolist() if self._trial is not None else [0.0, 0.0, 0.0]
+        trial = _floats(self._trial) if self._trial is not None else [0.0, 0.0, 0.0]
         w = self._loss_weight
         vec = torch.tensor([trial[0], trial[1], val * w if ok else 0.0, w, 0.0 if ok else 1.0, trial[2]],
                            dtype=torch.float64)
@@ -616,7 +630,7 @@ class SOAA(ShardedOptimizer):
         """The optimizer-wide scalars (identical on every rank, except the rank-local ``lag``)."""
         return {
             "t": self._t, "d": self._d, "loss_ema": self._loss_ema, "pred": self._pred,
-            "lag": self._lag.tolist(), "c": self._c, "rho": self._rho, "actual": self._actual,
+            "lag": _floats(self._lag), "c": self._c, "rho": self._rho, "actual": self._actual,
             "actual_sum": self._actual_sum, "pred_sum": self._pred_sum,
             "loss": self._loss, "lo": self._lo, "hi": self._hi, "accepted": self._accepted,
             "rejected": self._rejected,
@@ -627,7 +641,7 @@ class SOAA(ShardedOptimizer):
         if self._consolidating():
             # Collective (we are inside consolidate_state_dict on every rank): the pending lagged sums
             # become their global value, so the checkpoint does not depend on the world size.
-            st["lag"] = self.comm.all_reduce_scalars(self._lag.detach().to("cpu", copy=True)).tolist()
+            st["lag"] = self.comm.all_reduce_scalars(torch.tensor(_floats(self._lag), dtype=torch.float64)).tolist()
             st["lag_scope"] = "global"
         else:
             # W = 1 is global; shard=False with W > 1 (DeepSpeed) saves one state per rank.
@@ -686,10 +700,9 @@ class SOAA(ShardedOptimizer):
         self._actual_sum, self._pred_sum = float(st.get("actual_sum", 0.0)), float(st.get("pred_sum", 0.0))
         self._loss, self._lo, self._hi = float(st["loss"]), float(st["lo"]), float(st["hi"])
         self._accepted, self._rejected = int(st["accepted"]), int(st["rejected"])
-        lag = torch.tensor(st["lag"], dtype=torch.float64)
-        if st.get("lag_scope") == "global" and self.comm.rank != 0:
-            lag.zero_()  # the global sum lives on rank 0 only; the next all-reduce restores it exactly
-        self._lag = lag
+        # the global sum lives on rank 0 only; the next all-reduce restores it exactly
+        zero = st.get("lag_scope") == "global" and self.comm.rank != 0
+        self._lag = [0.0, 0.0] if zero else [float(x) for x in st["lag"]]
 
     def _extra_statistics(self) -> dict[str, float]:
         return {
