@@ -562,10 +562,7 @@ def _native_soaa_sums(
     :meth:`SOAAKernels.stored_sums`, else read once from m and v) and this pass's Σ m g, Σ g², which
     reads only g and m. Always by this formula, so a resumed run takes the same bits as an
     uninterrupted one (the once-read sums equal the step's)."""
-    a = 1.0 - beta1
     s_m2 = s_v = 0.0
-    c1, c2, c3, b2c = beta1 * beta1, 2.0 * beta1 * a, a * a, 1.0 - beta2
-    bias = {t: ((1.0 - beta1**t) ** 2, 1.0 - beta2**t) for t in set(ts)}
     n_eps = eps * sum(map(_numel, grads))  # read before the loops' sweep evicts the tensors from cache
     for (_, device), idx in _kinds(grads, uniform).items():
         native = _fused_for(kernels, device)
@@ -581,15 +578,27 @@ def _native_soaa_sums(
             for j, (sm2, sv) in zip(unknown, rows):
                 stored[j] = (sm2, sv)
         rows = native.sums(gs, ms, vs, [native.SUMS_GM] * len(idx))
-        for i, st, (mg, g2) in zip(idx, stored, rows):
-            assert st is not None
-            # a rounding below 0 only where m_t ≈ 0 everywhere
-            x = max(c1 * st[0] + c2 * mg + c3 * g2, 0.0)
-            y = beta2 * st[1] + b2c * g2
-            bc = bias[ts[i]]
-            s_m2 += x / bc[0]
-            s_v += y / bc[1]
+        known: list[tuple[float, float]] = stored  # type: ignore[assignment]  # (every None filled above)
+        s_m2, s_v = add_moment_sums(s_m2, s_v, known, rows, ts if whole else _pick(ts, idx), beta1=beta1, beta2=beta2)
     return [s_m2, s_v + n_eps]
+
+
+def add_moment_sums(s_m2: float, s_v: float, stored: Sequence[tuple[float, float]], rows: Sequence[Sequence[float]],
+                    ts: Sequence[int], *, beta1: float, beta2: float) -> tuple[float, float]:
+    """``s_m2 + Σ m̂_t²`` and ``s_v + Σ v̂_t`` (no ε) of the would-be moments of blocks whose stored moments
+    have ``stored[i] = (Σ m², Σ v)`` and whose sums pass gave ``rows[i] = (Σ m g, Σ g²)``: the arithmetic
+    of the fused sums pass, added block by block in order (every caller, so the same bits)."""
+    a = 1.0 - beta1
+    c1, c2, c3, b2c = beta1 * beta1, 2.0 * beta1 * a, a * a, 1.0 - beta2
+    bias = {t: ((1.0 - beta1**t) ** 2, 1.0 - beta2**t) for t in set(ts)}
+    for t, st, (mg, g2) in zip(ts, stored, rows):
+        # a rounding below 0 only where m_t ≈ 0 everywhere
+        x = max(c1 * st[0] + c2 * mg + c3 * g2, 0.0)
+        y = beta2 * st[1] + b2c * g2
+        bc = bias[t]
+        s_m2 += x / bc[0]
+        s_v += y / bc[1]
+    return s_m2, s_v
 
 
 def _native_soaa_step_(
@@ -600,11 +609,8 @@ def _native_soaa_step_(
     """Moments and θ of every block through the fused step pass (one call per dtype and device), which
     also returns the update sums and the new moments' Σ m², Σ v (remembered for the next sums pass)."""
     out = [0.0, 0.0, 0.0]
-    caps = {t: _cap_scalars(t, beta1, beta2, d, c) for t in set(ts)}
-    # per step count: the kernel's scalars and the weights of its update sums
-    rows_of = {t: (1.0 - beta1, beta2, 1.0 - beta2, 1.0 - lr * weight_decay, -lr * k[2], k[0], k[1], eps)
-               for t, k in caps.items()}
-    weights = {t: (k[2] / k[3], k[2] * k[2] / k[4]) for t, k in caps.items()}
+    rows_of, weights = native_step_scalars(ts, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                                           d=d, c=c)
     for (_, device), idx in _kinds(params, uniform).items():
         native = _fused_for(kernels, device)
         sub = (params, grads, exp_avgs, exp_avg_sqs)
@@ -613,13 +619,32 @@ def _native_soaa_step_(
         # they are in cache: after the loop's sweep every tensor touched costs a trip to memory
         record = kernels.snapshot(ms, vs, versions_ahead=1)
         rows = _fused_step(kernels, native, device, (ps, gs, ms, vs), [rows_of[ts[i]] for i in idx])
-        for i, r in zip(idx, rows):
-            w = weights[ts[i]]
-            out[0] += r[0] * w[0]
-            out[1] += r[1] * w[1]
-            out[2] += r[2]
+        add_step_sums(out, rows, [ts[i] for i in idx], weights)
         kernels.keep(record, [(r[3], r[4]) for r in rows])
     return out if count_limited else out[:2]
+
+
+def native_step_scalars(ts: Sequence[int], *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+                        d: float, c: float) -> tuple[dict[int, tuple[float, ...]], dict[int, tuple[float, float]]]:
+    """Per step count of ``ts``: the fused step's scalar row ``(1-β1, β2, 1-β2, decay, alr, k1, knee, ε)``
+    and the weights of its update sums (:func:`add_step_sums`)."""
+    caps = {t: _cap_scalars(t, beta1, beta2, d, c) for t in set(ts)}
+    rows_of: dict[int, tuple[float, ...]] = {
+        t: (1.0 - beta1, beta2, 1.0 - beta2, 1.0 - lr * weight_decay, -lr * k[2], k[0], k[1], eps)
+        for t, k in caps.items()}
+    weights = {t: (k[2] / k[3], k[2] * k[2] / k[4]) for t, k in caps.items()}
+    return rows_of, weights
+
+
+def add_step_sums(out: list[float], rows: Sequence[Sequence[float]], ts: Sequence[int],
+                  weights: dict[int, tuple[float, float]]) -> None:
+    """Add the fused step's per-block ``[Σ m q, Σ (s q)², #limited, ...]`` into ``out = [Σ m̂·u, Σ v̂·u²,
+    n_limited]``, weighted per step count, block by block in order (every caller, so the same bits)."""
+    for t, r in zip(ts, rows):
+        w = weights[t]
+        out[0] += r[0] * w[0]
+        out[1] += r[1] * w[1]
+        out[2] += r[2]
 
 
 # ---------------------------------------------------------------- eager kernels

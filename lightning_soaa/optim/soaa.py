@@ -23,6 +23,10 @@ moments), ``_apply`` writes the moments and θ in place, so a step skipped for a
 everything bit-identical without a copy. ``acceptance="same_batch"`` adds a copy of the owned
 parameters per step (to restore θ after a rejection). Host synchronisation: one per step (the packed
 vector of the all-reduce; the loss rides in it as a tensor), plus the closure's loss under ``same_batch``.
+
+Host work: on the CPU the blocks of a param group that all went through the C loops are kept with what
+the step left behind (:mod:`lightning_soaa.optim.soaa_plan`) and, at the next step, checked instead of
+rebuilt; anything that changed sends that step through the general path, with the same bits.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ from lightning_soaa.kernels.soaa_native import NativeSOAA
 from lightning_soaa.optim.adamw import adam_state_schema
 from lightning_soaa.optim.base import BlockView, ShardedOptimizer, StepRecord, summed
 from lightning_soaa.optim.closure_source import accumulation_steps
+from lightning_soaa.optim.soaa_plan import NativePlan
 
 __all__ = ["SOAA"]
 
@@ -93,7 +98,8 @@ class _Group:
     counters: list[Tensor]
     ts: list[int]  # the step count of this update of each block
     kernels: SOAAKernels | None  # _kernels_for(views), chosen once per step for both passes
-    split: BlockSplit  # which of them takes each block, decided once per step for both passes
+    split: BlockSplit | None  # which of them takes each block, decided once per step for both passes
+    plan: NativePlan | None = None  # the group's step plan when it still holds (then no kernels, no split)
 
 
 @dataclasses.dataclass
@@ -330,7 +336,7 @@ class SOAA(ShardedOptimizer):
                          grad_reduction=grad_reduction)
 
     # compiled per process, rebuilt by _kernels() after a copy or pickle
-    _transient = ("_soaa_kernels", "_warned_compiled_accelerator")
+    _transient = ("_soaa_kernels", "_warned_compiled_accelerator", "_step_plans")
 
     def _kernels(self) -> SOAAKernels | None:
         """This optimizer's compiled kernels, or None (eager). Rebuilt from the config after unpickling
@@ -466,32 +472,68 @@ class SOAA(ShardedOptimizer):
                 by_group.setdefault((v.block.group_index, v.counted), []).append(v)
         return by_group
 
+    def _plans(self) -> dict[tuple[int, bool], NativePlan]:
+        """The step plans by (param group, counted) (:mod:`lightning_soaa.optim.soaa_plan`; per process)."""
+        plans: dict[tuple[int, bool], NativePlan] | None = self.__dict__.get("_step_plans")
+        if plans is None:
+            plans = {}
+            self._step_plans = plans
+        return plans
+
+    def _group_of(self, key: tuple[int, bool], vs: list[BlockView]) -> _Group:
+        """The blocks of one (param group, counted) pair with a gradient, as the kernels take them: from the
+        group's step plan when it still holds, else built (the state made on first use)."""
+        params, states = [v.param for v in vs], [v.state for v in vs]
+        grads: list[Tensor] = [v.grad for v in vs]  # type: ignore[misc]  # (views with a gradient)
+        plan = self._plans().pop(key, None)  # put back by _apply once the step ran
+        if plan is not None and plan.matches(params, states, grads):
+            ts = self._counts().read(key, plan.counters)
+            return _Group(vs, params, grads, plan.exp_avgs, plan.exp_avg_sqs, plan.counters, ts, None, None, plan)
+        for v, st in zip(vs, states):
+            if "step" not in st:  # zero state == no state, so lazy init is not a mutation
+                st["step"] = torch.zeros((), dtype=torch.float32)
+                st["exp_avg"] = torch.zeros_like(v.param, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(v.param, memory_format=torch.preserve_format)
+        counters = [st["step"] for st in states]
+        ts = self._counts().read(key, counters)
+        lists = (params, grads, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states])
+        kernels = self._kernels_for(vs)
+        return _Group(vs, *lists, counters, ts, kernels, split_blocks(kernels, *lists))
+
+    def _plan_after(self, key: tuple[int, bool], grp: _Group) -> None:
+        """Keep (or make) the group's step plan after its step: only for blocks that all went through the
+        C loops on the CPU, in one dtype, without DTensors."""
+        if grp.plan is not None:
+            self._plans()[key] = grp.plan
+            return
+        split, kernels = grp.split, grp.kernels
+        if (kernels is None or split is None or self._dtensor is not None or not split.uniform
+                or len(split.fused) != len(grp.params) or not grp.params[0].is_cpu):
+            return
+        native = kernels.fused_loaded(cpu=True)
+        sums = kernels.stored_sums_all(grp.exp_avgs, grp.exp_avg_sqs)  # what the step just wrote
+        if native is None or any(x is None for x in sums):
+            return
+        self._plans()[key] = NativePlan.build(native, grp.params, [v.state for v in grp.views], grp.exp_avgs,
+                                              grp.exp_avg_sqs, grp.counters, sums)  # type: ignore[arg-type]
+
     def _prepare(self, views: list[BlockView]) -> _SOAAStep:
         """Reads only: the partials of the would-be moments (written by ``_apply`` once the step runs)."""
         parts: list[Partials] = []
         groups: dict[tuple[int, bool], _Group] = {}
         for (gi, counted), vs in self._groups_of(views).items():
             group = self.param_groups[gi]
-            states = [v.state for v in vs]
-            for v, st in zip(vs, states):
-                if "step" not in st:  # zero state == no state, so lazy init is not a mutation
-                    st["step"] = torch.zeros((), dtype=torch.float32)
-                    st["exp_avg"] = torch.zeros_like(v.param, memory_format=torch.preserve_format)
-                    st["exp_avg_sq"] = torch.zeros_like(v.param, memory_format=torch.preserve_format)
-            counters = [st["step"] for st in states]
-            ts = self._counts().read((gi, counted), counters)
-            grads: list[Tensor] = [v.grad for v in vs]  # type: ignore[misc]  # (views with a gradient)
-            lists = ([v.param for v in vs], grads, [st["exp_avg"] for st in states],
-                     [st["exp_avg_sq"] for st in states])
-            kernels = self._kernels_for(vs)
-            grp = groups[(gi, counted)] = _Group(vs, *lists, counters, ts, kernels,
-                                                 split_blocks(kernels, *lists))
+            grp = groups[(gi, counted)] = self._group_of((gi, counted), vs)
             beta1, beta2 = group["betas"]
-            part = moments_partials(
-                grp.grads, grp.exp_avgs, grp.exp_avg_sqs,
-                ts, beta1=beta1, beta2=beta2, eps=group["eps"], foreach=self.foreach, kernels=grp.kernels,
-                split=grp.split,
-            )
+            if grp.plan is not None:
+                part: Partials = grp.plan.moments_partials(grp.grads, grp.ts, beta1=beta1, beta2=beta2,
+                                                           eps=group["eps"])
+            else:
+                part = moments_partials(
+                    grp.grads, grp.exp_avgs, grp.exp_avg_sqs,
+                    grp.ts, beta1=beta1, beta2=beta2, eps=group["eps"], foreach=self.foreach, kernels=grp.kernels,
+                    split=grp.split,
+                )
             # An uncounted piece adds 0, or NaN when it is non-finite: the step is then skipped everywhere.
             if not counted:
                 part = [x * 0.0 for x in part] if isinstance(part, list) else part * 0.0
@@ -552,12 +594,14 @@ class SOAA(ShardedOptimizer):
             self._counts().increment((gi, counted), grp.counters)
             beta1, beta2 = group["betas"]
             lr = float(group["lr"])
-            part = step_partials_(
-                grp.params, grp.grads, grp.exp_avgs, grp.exp_avg_sqs,
-                grp.ts, lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
-                weight_decay=group["weight_decay"], d=d_prev, c=scal.c, count_limited=same_batch,
-                foreach=self.foreach, kernels=grp.kernels, split=grp.split,
-            )
+            kw = dict(lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                      d=d_prev, c=scal.c, count_limited=same_batch)
+            if grp.plan is not None:
+                part: Partials = grp.plan.step_partials_(grp.grads, grp.ts, **kw)
+            else:
+                part = step_partials_(grp.params, grp.grads, grp.exp_avgs, grp.exp_avg_sqs, grp.ts,
+                                      foreach=self.foreach, kernels=grp.kernels, split=grp.split, **kw)
+            self._plan_after((gi, counted), grp)
             if not counted:
                 continue
             if isinstance(part, list):  # η·Σm̂u, η·Σv̂u² (and the count, not scaled)
@@ -691,6 +735,7 @@ class SOAA(ShardedOptimizer):
         self._reset_trust_state()
         if (kernels := self._kernels()) is not None:
             kernels.forget()  # the C kernels' remembered Σm², Σv describe the moments before the load
+        self._plans().clear()  # so do the step plans'
         st = state["soaa"]  # presence checked by _validate_global_state before anything changed
         self._t = int(st["t"])
         self._d = float(st["d"])

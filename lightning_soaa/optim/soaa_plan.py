@@ -1,0 +1,120 @@
+"""SOAA's step plan: the blocks of one param group that all went through the C loops at the last step,
+kept with what that step left behind, so the next step checks them instead of rebuilding them.
+
+Why: on a small model the step's host work, not its arithmetic, is the cost (a 26k-parameter MLP: ~30 us
+in the C loops of a ~220 us step). Most of that work rebuilds the same things at every step: the block
+lists, which kernels take which block (a dtype, device, layout and ownership check of every tensor), the
+record of the moments' sums that lets the sums pass read only g and m. A plan keeps them and, at the
+next step, checks in a few C-level maps that nothing they depend on changed:
+
+* the same blocks (the same parameter views, in order), each with a gradient;
+* the same state: the same state dicts holding the same moment and counter tensors;
+* the moments exactly as the last step left them: the same autograd versions (every in-place torch op,
+  ``copy_`` of a state-dict load included, bumps a tensor's version) and the same addresses and sizes
+  of the parameters and moments (``p.data = ...`` changes the address without a version bump);
+* gradients the C loops take: the plan's dtype, on the CPU, contiguous, with storage of their own.
+
+Anything else (a first step, a missing gradient, a load, a moment changed from outside, a second dtype)
+takes the general path, which builds a new plan at its end. The arithmetic is the general path's
+(:func:`~lightning_soaa.functional.soaa.add_moment_sums`, :func:`~lightning_soaa.functional.soaa.
+native_step_scalars`, :func:`~lightning_soaa.functional.soaa.add_step_sums` and the same C calls), so a
+step takes the same bits on either path. The plan's sums are its own: after a planned step the general
+path finds the kernels' remembered record out of date and reads the sums once from the moments (mode 0
+of the sums pass: the same bits as the step returned).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import operator
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_soaa.functional.soaa import FusedPasses, add_moment_sums, add_step_sums, native_step_scalars
+from lightning_soaa.kernels.raw import own_storage
+
+__all__ = ["NativePlan"]
+
+_version_of = operator.attrgetter("_version")
+_dtype_of = operator.attrgetter("dtype")
+_is_cpu = operator.attrgetter("is_cpu")
+_data_ptr = Tensor.data_ptr
+_numel = Tensor.numel
+_is_contiguous = Tensor.is_contiguous
+
+
+def _same(xs: Sequence[Any], ys: Sequence[Any]) -> bool:
+    return len(xs) == len(ys) and all(map(operator.is_, xs, ys))
+
+
+@dataclasses.dataclass(slots=True)
+class NativePlan:
+    """One group's blocks for the C loops (see the module docstring)."""
+
+    native: FusedPasses
+    dtype: torch.dtype
+    params: list[Tensor]  # the blocks' parameter views, in order
+    states: list[dict[str, Any]]  # their state dicts
+    exp_avgs: list[Tensor]
+    exp_avg_sqs: list[Tensor]
+    counters: list[Tensor]
+    numel: int  # elements of all blocks
+    layout: tuple[int, ...]  # addresses, then sizes, of the parameters and the moments
+    versions: tuple[int, ...]  # versions of the moments (m..., v...) as the last step left them
+    sums: list[tuple[float, float]]  # (Σ m², Σ v) of each block's moments as the last step left them
+    modes: list[int]  # the sums pass's mode per block (Σ m g, Σ g²)
+
+    @classmethod
+    def build(cls, native: FusedPasses, params: list[Tensor], states: list[dict[str, Any]],
+              exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], counters: list[Tensor],
+              sums: list[tuple[float, float]]) -> NativePlan:
+        """The plan of blocks a C step has just updated (``sums``: what it returned for their moments)."""
+        return cls(native, params[0].dtype, list(params), list(states), list(exp_avgs), list(exp_avg_sqs),
+                   list(counters), sum(map(_numel, params)), cls._layout(params, exp_avgs, exp_avg_sqs),
+                   tuple(map(_version_of, itertools.chain(exp_avgs, exp_avg_sqs))), list(sums),
+                   [native.SUMS_GM] * len(params))
+
+    @staticmethod
+    def _layout(*lists: list[Tensor]) -> tuple[int, ...]:
+        every = list(itertools.chain.from_iterable(lists))
+        return (*map(_data_ptr, every), *map(_numel, every))
+
+    def matches(self, params: list[Tensor], states: list[dict[str, Any]], grads: list[Tensor]) -> bool:
+        """Whether these blocks, states and gradients are the plan's, unchanged (see the module docstring)."""
+        if not (_same(params, self.params) and _same(states, self.states)):
+            return False
+        m = [st.get("exp_avg") for st in states]
+        v = [st.get("exp_avg_sq") for st in states]
+        if not (_same(m, self.exp_avgs) and _same(v, self.exp_avg_sqs)
+                and _same([st.get("step") for st in states], self.counters)):
+            return False
+        if tuple(map(_version_of, itertools.chain(m, v))) != self.versions:
+            return False
+        if self._layout(params, m, v) != self.layout:  # type: ignore[arg-type]  # (identical to the plan's)
+            return False
+        return (set(map(_dtype_of, grads)) == {self.dtype} and all(map(_is_cpu, grads))
+                and all(map(_is_contiguous, grads)) and own_storage(grads))
+
+    def moments_partials(self, grads: list[Tensor], ts: list[int], *, beta1: float, beta2: float,
+                         eps: float) -> list[float]:
+        """``[Σ m̂², Σ (v̂ + ε)]`` of the would-be moments: the general path's fused sums pass."""
+        rows = self.native.sums(grads, self.exp_avgs, self.exp_avg_sqs, self.modes)
+        s_m2, s_v = add_moment_sums(0.0, 0.0, self.sums, rows, ts, beta1=beta1, beta2=beta2)
+        return [s_m2, s_v + eps * self.numel]
+
+    def step_partials_(self, grads: list[Tensor], ts: list[int], *, lr: float, beta1: float, beta2: float,
+                       eps: float, weight_decay: float, d: float, c: float, count_limited: bool) -> list[float]:
+        """Moments and θ in place, ``[Σ m̂·u, Σ v̂·u²]`` (and the count with ``count_limited``): the general
+        path's fused step; the plan then holds what it left behind."""
+        rows_of, weights = native_step_scalars(ts, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                                               weight_decay=weight_decay, d=d, c=c)
+        rows = self.native.step(self.params, grads, self.exp_avgs, self.exp_avg_sqs, [rows_of[t] for t in ts])
+        out = [0.0, 0.0, 0.0]
+        add_step_sums(out, rows, ts, weights)
+        self.sums = [(r[3], r[4]) for r in rows]
+        self.versions = tuple(map(_version_of, itertools.chain(self.exp_avgs, self.exp_avg_sqs)))
+        return out if count_limited else out[:2]

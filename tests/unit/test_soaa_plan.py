@@ -1,0 +1,204 @@
+"""SOAA's step plan (``optim/soaa_plan.py``): a step through a kept plan takes exactly the bits of the
+general path, and every change the plan depends on sends the step back to the general path.
+
+Each case trains two optimizers on the same model copies and gradients, one as shipped and one whose
+plans are never kept (``_plan_after`` a no-op: every step takes the general path), applies the same
+interference to both between steps, and compares parameters, state and trust-region scalars bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+from lightning_soaa import SOAA
+from lightning_soaa.kernels.soaa_native import NativeSOAA, NativeUnavailable
+from lightning_soaa.optim.soaa_plan import NativePlan
+
+
+@pytest.fixture(autouse=True)
+def _needs_native() -> None:
+    try:
+        NativeSOAA.load()
+    except NativeUnavailable as e:
+        pytest.skip(f"no C compiler here: {e}")
+
+
+def _model(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).to(dtype)
+
+
+def _unplanned(opt: SOAA) -> SOAA:
+    opt._plan_after = lambda key, grp: None  # type: ignore[method-assign]
+    return opt
+
+
+def _flat(state: dict[Any, Any]) -> list[Any]:
+    """A parameter's state (row blocks: sub-dicts under int keys) as a list, in a fixed order."""
+    out: list[Any] = []
+    for _, v in sorted(state.items(), key=lambda kv: str(kv[0])):
+        out += _flat(v) if isinstance(v, dict) else [v.clone() if isinstance(v, torch.Tensor) else v]
+    return out
+
+
+def _state_of(opt: SOAA, model: torch.nn.Module) -> list[Any]:
+    out: list[Any] = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        out += _flat(opt.state[p])
+    st = opt.trust_state()
+    return out + [st[k] for k in sorted(st)]
+
+
+def _same_bits(a: list[Any], b: list[Any]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        if isinstance(x, torch.Tensor):
+            assert x.dtype == y.dtype and torch.equal(x.view(-1).view(torch.uint8) if x.dtype != torch.bool else x,
+                                                       y.view(-1).view(torch.uint8) if y.dtype != torch.bool else y)
+        else:
+            assert x == y or (x != x and y != y)
+
+
+def _run(make: Callable[[torch.nn.Module], SOAA], between: Callable[[int, SOAA, torch.nn.Module], None],
+         steps: int = 12, dtype: torch.dtype = torch.float32) -> tuple[SOAA, SOAA]:
+    models = [_model(dtype), _model(dtype)]
+    opts = [make(models[0]), _unplanned(make(models[1]))]
+    g = torch.Generator().manual_seed(1)
+    for t in range(steps):
+        grads = [torch.randn(p.shape, generator=g, dtype=dtype) * 0.1 for p in models[0].parameters()]
+        loss = 1.0 / (t + 1) + 0.01 * float(torch.randn((), generator=g))
+        for model, opt in zip(models, opts):
+            for p, gr in zip(model.parameters(), grads):
+                p.grad = gr.clone()
+            between(t, opt, model)
+            opt.step(loss=torch.tensor(loss, dtype=dtype))
+        _same_bits(_state_of(opts[0], models[0]), _state_of(opts[1], models[1]))
+    return opts[0], opts[1]
+
+
+def _nothing(t: int, opt: SOAA, model: torch.nn.Module) -> None:
+    pass
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_planned_steps_take_the_general_paths_bits(dtype: torch.dtype) -> None:
+    planned, _ = _run(lambda m: SOAA(m.parameters(), lr=3e-2, weight_decay=0.01), _nothing, dtype=dtype)
+    assert planned._plans(), "the plan was never kept"
+
+
+def test_the_plan_is_what_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    original = NativePlan.moments_partials
+
+    def counted(self: NativePlan, *a: Any, **k: Any) -> list[float]:
+        calls.append(1)
+        return original(self, *a, **k)
+    monkeypatch.setattr(NativePlan, "moments_partials", counted)
+    _run(lambda m: SOAA(m.parameters(), lr=1e-2), _nothing, steps=5)
+    assert len(calls) == 4  # every step after the first (one param group, one optimizer planned)
+
+
+def _lr_schedule(t: int, opt: SOAA, model: torch.nn.Module) -> None:
+    for g in opt.param_groups:
+        g["lr"] = 1e-2 * (0.9**t)
+
+
+def _drop_a_gradient(t: int, opt: SOAA, model: torch.nn.Module) -> None:
+    if t in (3, 4, 8):
+        next(iter(model.parameters())).grad = None
+
+
+def _touch_a_moment(t: int, opt: SOAA, model: torch.nn.Module) -> None:
+    if t in (4, 7):
+        opt.state[next(iter(model.parameters()))]["exp_avg"].mul_(0.5)
+
+
+def _replace_a_moment(t: int, opt: SOAA, model: torch.nn.Module) -> None:
+    if t == 5:
+        st = opt.state[next(iter(model.parameters()))]
+        st["exp_avg_sq"] = st["exp_avg_sq"].clone() * 2.0
+
+
+def _move_a_parameter(t: int, opt: SOAA, model: torch.nn.Module) -> None:
+    if t == 5:  # the same Parameter object, new storage (no version bump)
+        p = next(iter(model.parameters()))
+        p.data = p.data.clone()
+
+
+def _swap_a_moments_storage(t: int, opt: SOAA, model: torch.nn.Module) -> None:
+    if t == 5:  # the same tensor object, new values, no version bump: only its address tells
+        m = opt.state[next(iter(model.parameters()))]["exp_avg"]
+        m.data = m.data * 0.5
+
+
+def _reset_a_counter(t: int, opt: SOAA, model: torch.nn.Module) -> None:
+    if t == 6:
+        opt.state[next(iter(model.parameters()))]["step"].fill_(2.0)
+
+
+def _replace_a_counter(t: int, opt: SOAA, model: torch.nn.Module) -> None:
+    if t == 6:  # a new counter tensor at another count (a plan that kept the old one would read 7, not 3)
+        opt.state[next(iter(model.parameters()))]["step"] = torch.tensor(2.0)
+
+
+def _non_contiguous_gradient(t: int, opt: SOAA, model: torch.nn.Module) -> None:
+    if t in (5, 6):
+        p = next(iter(model.parameters()))
+        p.grad = p.grad.t().contiguous().t()  # same values, transposed strides: the eager path
+
+
+def _nonfinite_gradient(t: int, opt: SOAA, model: torch.nn.Module) -> None:
+    if t == 5:
+        next(iter(model.parameters())).grad[0, 0] = float("nan")
+
+
+def _reload(t: int, opt: SOAA, model: torch.nn.Module) -> None:
+    if t == 6:
+        opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+
+
+@pytest.mark.parametrize("between", [_lr_schedule, _drop_a_gradient, _touch_a_moment, _replace_a_moment,
+                                     _move_a_parameter, _swap_a_moments_storage, _reset_a_counter,
+                                     _replace_a_counter, _non_contiguous_gradient,
+                                     _nonfinite_gradient, _reload], ids=lambda f: f.__name__.strip("_"))
+def test_every_change_takes_the_general_paths_bits(between: Callable[[int, SOAA, torch.nn.Module], None]) -> None:
+    _run(lambda m: SOAA(m.parameters(), lr=1e-2), between)
+
+
+def test_same_batch_acceptance() -> None:
+    models = [_model(), _model()]
+    opts = [SOAA(models[0].parameters(), lr=0.3, acceptance="same_batch"),
+            _unplanned(SOAA(models[1].parameters(), lr=0.3, acceptance="same_batch"))]
+    g = torch.Generator().manual_seed(2)
+    for _ in range(12):
+        x, y = torch.randn(16, 6, generator=g), torch.randn(16, 3, generator=g)
+        for model, opt in zip(models, opts):
+            def closure(model: torch.nn.Module = model, opt: SOAA = opt) -> torch.Tensor:
+                opt.zero_grad()
+                loss = (model(x) - y).pow(2).mean()
+                loss.backward()
+                return loss
+            opt.step(closure)
+        _same_bits(_state_of(opts[0], models[0]), _state_of(opts[1], models[1]))
+    assert opts[0].trust_state()["rejected"] > 0, "no rejected trial step: the case does not test a restore"
+
+
+def test_param_groups() -> None:
+    def make(m: torch.nn.Module) -> SOAA:
+        ps = list(m.parameters())
+        return SOAA([{"params": ps[:2], "lr": 2e-2}, {"params": ps[2:], "weight_decay": 0.1}], lr=1e-2)
+    planned, _ = _run(make, _nothing)
+    assert len(planned._plans()) == 2
+
+
+def test_row_blocks_are_planned_too() -> None:
+    # a block size of 16 elements cuts the 8 x 6 and 3 x 8 weights into row blocks (views)
+    def make(m: torch.nn.Module) -> SOAA:
+        return SOAA([{"params": list(m.parameters()), "max_block_numel": 16}], lr=1e-2)
+    planned, _ = _run(make, _drop_a_gradient)
+    assert len(planned.block_table.blocks) > 4 and planned._plans()
