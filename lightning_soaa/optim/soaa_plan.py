@@ -12,7 +12,8 @@ next step, checks in a few C-level maps that nothing they depend on changed:
 * the moments exactly as the last step left them: the same autograd versions (every in-place torch op,
   ``copy_`` of a state-dict load included, bumps a tensor's version) and the same addresses and sizes
   of the parameters and moments (``p.data = ...`` changes the address without a version bump);
-* gradients the C loops take: the plan's dtype, on the CPU, contiguous, with storage of their own.
+* gradients the C loops take: the plan's dtype, on the CPU, contiguous, with storage of their own;
+* no graph being traced by dynamo (the general path then takes no C loops either).
 
 Anything else (a first step, a missing gradient, a load, a moment changed from outside, a second dtype)
 takes the general path, which builds a new plan at its end. The arithmetic is the general path's
@@ -85,6 +86,8 @@ class NativePlan:
 
     def matches(self, params: list[Tensor], states: list[dict[str, Any]], grads: list[Tensor]) -> bool:
         """Whether these blocks, states and gradients are the plan's, unchanged (see the module docstring)."""
+        if torch.compiler.is_compiling():  # as SOAAKernels: no C loops inside a graph dynamo traces
+            return False
         if not (_same(params, self.params) and _same(states, self.states)):
             return False
         m = [st.get("exp_avg") for st in states]

@@ -202,3 +202,17 @@ def test_row_blocks_are_planned_too() -> None:
         return SOAA([{"params": list(m.parameters()), "max_block_numel": 16}], lr=1e-2)
     planned, _ = _run(make, _drop_a_gradient)
     assert len(planned.block_table.blocks) > 4 and planned._plans()
+
+
+def test_no_plan_while_dynamo_traces(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As the kernels object, the plan takes no C loops while a graph is traced (checked by faking it)."""
+    model = _model()
+    opt = SOAA(model.parameters(), lr=1e-2)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step(loss=1.0)
+    assert opt._plans()
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    monkeypatch.setattr(NativePlan, "moments_partials", lambda *a, **k: pytest.fail("the plan ran"))
+    opt.step(loss=1.0)
+    assert opt.num_steps == 2
