@@ -208,12 +208,18 @@ _is_cpu = operator.attrgetter("is_cpu")
 _EXACT_COUNT = float(1 << 24)
 
 
+def _stamp(ts: list[Tensor]) -> tuple[int, ...]:
+    """The autograd versions and the addresses of ``ts``: equal while nothing wrote to them."""
+    return (*map(_version_of, ts), *map(Tensor.data_ptr, ts))
+
+
 class StepCounts:
     """The per-block step counters (0-d CPU float32 tensors, torch's convention; one per block, 40 for
     10M parameters) read and advanced without one ``.item()`` per counter and step: the values written
     at the last increment are remembered with the counters' autograd versions (every write to a counter,
     ``fill_``, ``add_``, ``copy_`` by a state-dict load, bumps its version; a loaded state brings new
-    tensors) and used while the counters are the same tensors at the same versions."""
+    tensors) and addresses (``counter.data = ...`` gives new storage without a version bump), and used
+    while the counters are the same tensors at the same versions and addresses."""
 
     def __init__(self) -> None:
         self._known: dict[Any, tuple[list[Tensor], tuple[int, ...], list[float]]] = {}
@@ -225,7 +231,7 @@ class StepCounts:
     def _values(self, key: Any, counters: list[Tensor]) -> list[float]:
         k = self._known.get(key)
         if (k is not None and len(k[0]) == len(counters) and all(map(operator.is_, k[0], counters))
-                and k[1] == tuple(map(_version_of, counters))):
+                and k[1] == _stamp(counters)):
             return k[2]
         if all(c.device.type == "cpu" for c in counters):  # as created: no device sync, .item() is cheapest
             return [float(c.item()) for c in counters]
@@ -273,7 +279,7 @@ class StepCounts:
             new = [x] * len(counters)
         else:
             new = increment_counts_(counters)
-        self._known[key] = (list(counters), tuple(map(_version_of, counters)), new)
+        self._known[key] = (list(counters), _stamp(counters), new)
         return new
 
 

@@ -14,10 +14,12 @@ import inspect
 import io
 import pickle
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
+from torch import Tensor
 
 from lightning_soaa.optim.base import ShardedOptimizer
 from lightning_soaa.registry import FirstArg, OptimizerSpec, StepNeeds
@@ -272,6 +274,56 @@ def test_parameters_replaced_through_data_are_the_ones_updated(spec: OptimizerSp
         for p in model.parameters():
             p.data = p.data.clone()  # new storage, same values
     _continue_both(spec, (model, opt), twin, range(5, 7))
+
+
+def _state_tensors(state: Any) -> Iterator[tuple[dict[Any, Any], Any, Tensor]]:
+    """(dict, key, tensor) of every floating-point tensor in an optimizer's state (row blocks: sub-dicts)."""
+    for st in list(state.values()):
+        yield from _in_dict(st)
+
+
+def _in_dict(st: Any) -> Iterator[tuple[dict[Any, Any], Any, Tensor]]:
+    if not isinstance(st, dict):
+        return
+    for k, v in list(st.items()):
+        if isinstance(v, dict):
+            yield from _in_dict(v)
+        elif isinstance(v, Tensor) and v.is_floating_point():
+            yield st, k, v
+
+
+@pytest.mark.parametrize("how", ["in-place", "replaced", "new-storage"])
+@pytest.mark.parametrize("which", ["counters", "arrays"])
+@each_optimizer
+def test_state_changed_between_steps_is_what_the_next_step_reads(spec: OptimizerSpec, which: str, how: str) -> None:
+    """Optimizers keep what they derive from their state between steps (step counts, the moments' sums,
+    SOAA's step plan): a state tensor changed from outside, in place, replaced by another tensor or given
+    new storage through ``.data`` (no version bump), must be read as it is now, bit for bit as a copy of
+    the optimizer (which carries none of those caches) reads the same values. ``counters``: the 0-d
+    tensors (step counts) go back by one; ``arrays``: the others are halved."""
+    model, opt = make(spec)
+    for t in range(3):
+        step(spec, model, opt, t)
+    twin = copy.deepcopy((model, opt))
+    pairs = [(a, b) for a, b in zip(_state_tensors(opt.state), _state_tensors(twin[1].state))
+             if (a[2].dim() == 0) == (which == "counters")]
+    if not pairs:
+        pytest.skip(f"{spec.name} keeps no {which} in its state")
+
+    def change(x: Tensor) -> Tensor:
+        return x - 1.0 if which == "counters" else x * 0.5
+
+    with torch.no_grad():
+        for (st, k, x), (_, _, y) in pairs:
+            if how == "in-place":
+                x.copy_(change(x))
+            elif how == "replaced":
+                st[k] = change(x)
+            else:
+                x.data = change(x.data)
+            y.copy_(change(y))
+    for t in range(3, 6):  # compared after every step: a stale statistic may be overwritten by the next one
+        _continue_both(spec, (model, opt), twin, range(t, t + 1))
 
 
 def _bad_checkpoints(spec: OptimizerSpec, good: dict[str, Any]) -> list[tuple[str, Any, str]]:
