@@ -619,7 +619,7 @@ def _native_soaa_step_(
         # they are in cache: after the loop's sweep every tensor touched costs a trip to memory
         record = kernels.snapshot(ms, vs, versions_ahead=1)
         rows = _fused_step(kernels, native, device, (ps, gs, ms, vs), [rows_of[ts[i]] for i in idx])
-        add_step_sums(out, rows, [ts[i] for i in idx], weights)
+        add_step_sums(out, rows, _pick(ts, idx), weights)
         kernels.keep(record, [(r[3], r[4]) for r in rows])
     return out if count_limited else out[:2]
 
@@ -810,22 +810,18 @@ class BlockSplit(NamedTuple):
 
 
 def split_blocks(kernels: SOAAKernels | None, *lists: list[Tensor]) -> BlockSplit:
-    """The kernels of each block of a step, decided once for both passes: an optimizer passes the split of
-    ``(params, grads, exp_avgs, exp_avg_sqs)`` to :func:`moments_partials` and :func:`step_partials_` (the
-    tensors do not change between the passes; checking them twice is a visible cost of a small model's
-    step). The split depends on the tensors' dtype, device, layout and size only."""
-    return BlockSplit(*_split(kernels, *lists))
-
-
-def _split(kernels: SOAAKernels | None, *lists: list[Tensor]) -> tuple[list[int], list[int], list[int], bool]:
-    """The indices of the blocks for the fused kernels (C on CPU, Triton on CUDA; :meth:`SOAAKernels.
-    native_for`), for the ``torch.compile``'d kernels and for the eager ones; and whether the fused ones
-    are all of one dtype and device (checked at once by ``native_for_all``)."""
+    """The indices of the blocks (``lists[k][i]``: block i's k-th tensor) for the fused kernels (C on CPU,
+    Triton on CUDA; :meth:`SOAAKernels.native_for`), for the ``torch.compile``'d kernels and for the eager
+    ones; and whether the fused ones are all of one dtype and device (checked at once by
+    ``native_for_all``). Depends on the tensors' dtype, device, layout and size only: an optimizer decides
+    it once per step from ``(params, grads, exp_avgs, exp_avg_sqs)`` and passes it to both
+    :func:`moments_partials` and :func:`step_partials_` (checking twice is a visible cost of a small
+    model's step)."""
     n = len(lists[0])
     if kernels is None:
-        return [], [], list(range(n)), False
+        return BlockSplit([], [], list(range(n)), False)
     if kernels.native_for_all(*lists) is not None:  # the usual case: one check for all
-        return list(range(n)), [], [], True
+        return BlockSplit(list(range(n)), [], [], True)
     c_idx, fast, rest = [], [], []
     for i in range(n):
         block = tuple(x[i] for x in lists)
@@ -835,7 +831,7 @@ def _split(kernels: SOAAKernels | None, *lists: list[Tensor]) -> tuple[list[int]
             fast.append(i)
         else:
             rest.append(i)
-    return c_idx, fast, rest, False
+    return BlockSplit(c_idx, fast, rest, False)
 
 
 # Below this many elements a tensor's eager ops cost their dispatch, not their arithmetic: such tensors
@@ -926,7 +922,7 @@ def moments_partials(
     if not grads:
         return torch.zeros(2, dtype=torch.float64)
     lists = (grads, exp_avgs, exp_avg_sqs)
-    c_idx, fast, rest, uniform = split if split is not None else _split(kernels, *lists)
+    c_idx, fast, rest, uniform = split if split is not None else split_blocks(kernels, *lists)
     parts: list[Partials] = []
     if c_idx:
         assert kernels is not None
@@ -1001,7 +997,7 @@ def step_partials_(
     if not params:
         return torch.zeros(3 if kw.get("count_limited") else 2, dtype=torch.float64)
     lists = (params, grads, exp_avgs, exp_avg_sqs)
-    c_idx, fast, rest, uniform = split if split is not None else _split(kernels, *lists)
+    c_idx, fast, rest, uniform = split if split is not None else split_blocks(kernels, *lists)
     if fast and kernels is not None and kernels.failure is not None:  # the sums pass's compiler failed
         fast, rest = [], sorted(rest + fast)
     parts: list[Partials] = []

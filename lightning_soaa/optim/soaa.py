@@ -514,8 +514,8 @@ class SOAA(ShardedOptimizer):
         sums = kernels.stored_sums_all(grp.exp_avgs, grp.exp_avg_sqs)  # what the step just wrote
         if native is None or any(x is None for x in sums):
             return
-        self._plans()[key] = NativePlan.build(native, grp.params, [v.state for v in grp.views], grp.exp_avgs,
-                                              grp.exp_avg_sqs, grp.counters, sums)  # type: ignore[arg-type]
+        self._plans()[key] = NativePlan.build(native, grp.params, grp.exp_avgs, grp.exp_avg_sqs, grp.counters,
+                                              sums)  # type: ignore[arg-type]
 
     def _prepare(self, views: list[BlockView]) -> _SOAAStep:
         """Reads only: the partials of the would-be moments (written by ``_apply`` once the step runs)."""

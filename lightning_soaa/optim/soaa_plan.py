@@ -8,7 +8,7 @@ record of the moments' sums that lets the sums pass read only g and m. A plan ke
 next step, checks in a few C-level maps that nothing they depend on changed:
 
 * the same blocks (the same parameter views, in order), each with a gradient;
-* the same state: the same state dicts holding the same moment and counter tensors;
+* the same state: the same moment and counter tensors in the blocks' state dicts;
 * the moments exactly as the last step left them: the same autograd versions (every in-place torch op,
   ``copy_`` of a state-dict load included, bumps a tensor's version) and the same addresses and sizes
   of the parameters and moments (``p.data = ...`` changes the address without a version bump);
@@ -59,7 +59,6 @@ class NativePlan:
     native: FusedPasses
     dtype: torch.dtype
     params: list[Tensor]  # the blocks' parameter views, in order
-    states: list[dict[str, Any]]  # their state dicts
     exp_avgs: list[Tensor]
     exp_avg_sqs: list[Tensor]
     counters: list[Tensor]
@@ -70,11 +69,10 @@ class NativePlan:
     modes: list[int]  # the sums pass's mode per block (Σ m g, Σ g²)
 
     @classmethod
-    def build(cls, native: FusedPasses, params: list[Tensor], states: list[dict[str, Any]],
-              exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], counters: list[Tensor],
-              sums: list[tuple[float, float]]) -> NativePlan:
+    def build(cls, native: FusedPasses, params: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+              counters: list[Tensor], sums: list[tuple[float, float]]) -> NativePlan:
         """The plan of blocks a C step has just updated (``sums``: what it returned for their moments)."""
-        return cls(native, params[0].dtype, list(params), list(states), list(exp_avgs), list(exp_avg_sqs),
+        return cls(native, params[0].dtype, list(params), list(exp_avgs), list(exp_avg_sqs),
                    list(counters), sum(map(_numel, params)), cls._layout(params, exp_avgs, exp_avg_sqs),
                    tuple(map(_version_of, itertools.chain(exp_avgs, exp_avg_sqs))), list(sums),
                    [native.SUMS_GM] * len(params))
@@ -88,16 +86,16 @@ class NativePlan:
         """Whether these blocks, states and gradients are the plan's, unchanged (see the module docstring)."""
         if torch.compiler.is_compiling():  # as SOAAKernels: no C loops inside a graph dynamo traces
             return False
-        if not (_same(params, self.params) and _same(states, self.states)):
+        if not _same(params, self.params):
             return False
         m = [st.get("exp_avg") for st in states]
         v = [st.get("exp_avg_sq") for st in states]
         if not (_same(m, self.exp_avgs) and _same(v, self.exp_avg_sqs)
                 and _same([st.get("step") for st in states], self.counters)):
             return False
-        if tuple(map(_version_of, itertools.chain(m, v))) != self.versions:
-            return False
-        if self._layout(params, m, v) != self.layout:  # type: ignore[arg-type]  # (identical to the plan's)
+        moments = (self.exp_avgs, self.exp_avg_sqs)  # (the same tensors as the state's)
+        if (tuple(map(_version_of, itertools.chain(*moments))) != self.versions
+                or self._layout(params, *moments) != self.layout):
             return False
         return (set(map(_dtype_of, grads)) == {self.dtype} and all(map(_is_cpu, grads))
                 and all(map(_is_contiguous, grads)) and own_storage(grads))
