@@ -1047,9 +1047,9 @@ def band(t: int, gamma: float, total_steps: int | None, schedule: str = "paper")
     return (1.0 - gamma) ** frac, 1.0 + gamma**frac
 
 
-@dataclasses.dataclass(frozen=True)
-class SOAAScalars:
-    """The optimizer-wide scalars of one step, identical on every rank."""
+class SOAAScalars(NamedTuple):
+    """The optimizer-wide scalars of one step, identical on every rank (a tuple: made at every step, and a
+    frozen dataclass's init costs a setattr per field)."""
 
     c: float  # Fisher scale c_t = 1 + Σm̂² / Σ(v̂+ε)
     loss_ema: float  # L_t (not bias-corrected)

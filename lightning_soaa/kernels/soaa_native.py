@@ -55,7 +55,7 @@ from lightning_soaa.kernels.raw import own_storage
 
 log = logging.getLogger(__name__)
 
-__all__ = ["NativeSOAA", "NativeUnavailable"]
+__all__ = ["NativeSOAA", "NativeUnavailable", "int_array", "pointers"]
 
 _SOURCE = Path(__file__).with_name("soaa_cpu.c")
 _ABI = 7
@@ -322,12 +322,18 @@ class NativeSOAA:
         """Per block (reads only): mode ``SUMS_MOMENTS`` ``[Σ m², Σ v]`` of the stored moments (the same
         bits as :meth:`step` returns for them), mode ``SUMS_GM`` ``[Σ m g, Σ g²]``. One dtype for all
         blocks. No β: the caller weighs the raw sums itself."""
-        nb = len(g)
+        return self.sums_at(g[0].dtype, self._pointers(("sums", "g"), g), self._pointers(("sums", "m"), m),
+                            self._pointers(("sums", "v"), v),
+                            self._array(("sums", "n"), ctypes.c_int64, tuple(map(_numel, g))),
+                            self._array(("sums", "mode"), ctypes.c_int, tuple(modes)))
+
+    def sums_at(self, dtype: torch.dtype, g: PointerArray, m: PointerArray, v: PointerArray, n: Any,
+                modes: Any) -> list[list[float]]:
+        """:meth:`sums` with the blocks given as C arrays (:func:`pointers`; ``n`` int64 sizes, ``modes``
+        ints): for a caller that keeps them between steps (SOAA's step plan)."""
+        nb = len(n)
         out = (ctypes.c_double * (2 * nb))()
-        fn = self._fns[("sums", g[0].dtype)]
-        if fn(nb, self._pointers(("sums", "g"), g), self._pointers(("sums", "m"), m),
-              self._pointers(("sums", "v"), v), self._array(("sums", "n"), ctypes.c_int64, tuple(map(_numel, g))),
-              self._array(("sums", "mode"), ctypes.c_int, tuple(modes)), out, torch.get_num_threads()):
+        if self._fns[("sums", dtype)](nb, g, m, v, n, modes, out, torch.get_num_threads()):
             raise MemoryError("SOAA CPU kernel: out of memory for its per-chunk sums")
         return _rows(out, 2)
 
@@ -336,19 +342,38 @@ class NativeSOAA:
         """m, v, θ in place (their autograd versions bumped once, before the loop runs); per block
         ``[Σ m q, Σ (s q)², #(s < knee), Σ m², Σ v]`` of the new moments, from the same sweep.
         ``scal[b] = (1-β1, β2, 1-β2, decay, alr, k1, knee, ε)``."""
-        nb = len(p)
+        return self.step_at(p[0].dtype, [*p, *m, *v], self._pointers(("step", "p"), p),
+                            self._pointers(("step", "g"), g), self._pointers(("step", "m"), m),
+                            self._pointers(("step", "v"), v),
+                            self._array(("step", "n"), ctypes.c_int64, tuple(map(_numel, p))), scal)
+
+    def step_at(self, dtype: torch.dtype, written: list[Tensor], p: PointerArray, g: PointerArray,
+                m: PointerArray, v: PointerArray, n: Any, scal: Sequence[Sequence[float]]) -> list[list[float]]:
+        """:meth:`step` with the blocks given as C arrays (``written``: the tensors behind ``p``, ``m`` and
+        ``v``, whose versions the call bumps)."""
+        nb = len(n)
         out = (ctypes.c_double * (5 * nb))()
         # through array.array: a ctypes array built from 8 * nb arguments costs ~10 us for 6 blocks, this ~1
         sc = (ctypes.c_double * (8 * nb)).from_buffer_copy(array.array("d", itertools.chain.from_iterable(scal)))
-        fn = self._fns[("step", p[0].dtype)]
-        args = (self._pointers(("step", "p"), p), self._pointers(("step", "g"), g),
-                self._pointers(("step", "m"), m), self._pointers(("step", "v"), v),
-                self._array(("step", "n"), ctypes.c_int64, tuple(map(_numel, p))))
         # The loop writes through raw pointers: tell autograd these tensors change, as an in-place torch
         # op would (a graph that saved θ then refuses to backward instead of using the new θ). Done
         # before the loop, while the tensors are in cache (the loop's sweep evicts them); a call that
         # fails (before any write) leaves them bumped, which only makes autograd stricter.
-        increment_version([*p, *m, *v])
-        if fn(nb, *args, sc, out, torch.get_num_threads()):
+        increment_version(written)
+        if self._fns[("step", dtype)](nb, p, g, m, v, n, sc, out, torch.get_num_threads()):
             raise MemoryError("SOAA CPU kernel: out of memory for its per-chunk sums")
         return _rows(out, 5)
+
+
+PointerArray = Any  # a ctypes array of void* (from pointers())
+
+
+def pointers(ts: Sequence[Tensor]) -> PointerArray:
+    """The tensors' data addresses as a C array of ``void*`` (for :meth:`NativeSOAA.sums_at` and
+    :meth:`NativeSOAA.step_at`; the caller keeps the tensors alive and checked)."""
+    return (ctypes.c_void_p * len(ts))(*map(_data_ptr, ts))
+
+
+def int_array(values: Sequence[int], ctype: Any = ctypes.c_int64) -> Any:
+    """``values`` as a C array of ``ctype`` (the sizes, int64, or the sums modes, ``ctypes.c_int``)."""
+    return (ctype * len(values))(*values)

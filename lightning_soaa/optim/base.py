@@ -222,26 +222,32 @@ class StepCounts:
     while the counters are the same tensors at the same versions and addresses."""
 
     def __init__(self) -> None:
-        self._known: dict[Any, tuple[list[Tensor], tuple[int, ...], list[float]]] = {}
-        # per key, from read(): the counters, their values and, when one _foreach_copy_ can advance
-        # them all, the dtype to write in (checked here: read() runs while the counters are in cache)
+        # per key, from the last write: the counters, their stamp, their values, the dtype one
+        # _foreach_copy_ can advance them all in (or None; see _one_dtype) and the step counts read() returns
+        self._known: dict[Any, tuple[list[Tensor], tuple[int, ...], list[float], torch.dtype | None, list[int]]] = {}
+        # per key, from read(): the counters, their values and that dtype
         self._read: dict[Any, tuple[list[Tensor], list[float], torch.dtype | None]] = {}
         self._sources: dict[torch.dtype, Tensor] = {}  # the 0-d value increment() copies, per dtype
 
-    def _values(self, key: Any, counters: list[Tensor]) -> list[float]:
+    def _lookup(self, key: Any, counters: list[Tensor]) -> tuple[list[float], torch.dtype | None, list[int]]:
+        """(values, the one dtype or None, step counts) of ``counters``: remembered while they are the
+        counters written last under ``key`` at the same versions and addresses, else read."""
         k = self._known.get(key)
         if (k is not None and len(k[0]) == len(counters) and all(map(operator.is_, k[0], counters))
                 and k[1] == _stamp(counters)):
-            return k[2]
+            return k[2], k[3], k[4]
         if all(c.device.type == "cpu" for c in counters):  # as created: no device sync, .item() is cheapest
-            return [float(c.item()) for c in counters]
-        return [float(x) for x in torch.stack(counters).tolist()]
+            values = [float(c.item()) for c in counters]
+        else:
+            values = [float(x) for x in torch.stack(counters).tolist()]
+        return values, self._one_dtype(values, counters), [int(x) + 1 for x in values]
 
     def read(self, key: Any, counters: list[Tensor]) -> list[int]:
-        """The step count of this update of each counter's block (its value + 1, as an int)."""
-        values = self._values(key, counters)
-        self._read[key] = (counters, values, self._one_dtype(values, counters))
-        return [int(x) + 1 for x in values]
+        """The step count of this update of each counter's block (its value + 1, as an int; the list is
+        shared with later calls: not to be modified)."""
+        values, dtype, counts = self._lookup(key, counters)
+        self._read[key] = (counters, values, dtype)
+        return counts
 
     @staticmethod
     def _one_dtype(values: list[float], counters: list[Tensor]) -> torch.dtype | None:
@@ -264,8 +270,8 @@ class StepCounts:
     def advance(self, key: Any, counters: list[Tensor]) -> list[float]:
         """:meth:`read` and :meth:`increment` together, for a step that advances its counters before it
         reads them: the new values, those of :func:`increment_counts_`."""
-        values = self._values(key, counters)
-        return self._write(key, counters, values, self._one_dtype(values, counters))
+        values, dtype, _ = self._lookup(key, counters)
+        return self._write(key, counters, values, dtype)
 
     def _write(self, key: Any, counters: list[Tensor], values: list[float], dtype: torch.dtype | None) -> list[float]:
         """Advance ``counters`` (at ``values``; all at one count in ``dtype`` unless that is None)."""
@@ -277,9 +283,12 @@ class StepCounts:
             # one call for all; fill_ of a kept 0-d tensor costs a third of making one
             torch._foreach_copy_(counters, [src.fill_(x)] * len(counters))
             new = [x] * len(counters)
+            # all at one integer count x in one dtype on the CPU: _one_dtype(new, counters) in one comparison
+            after = dtype if x < _EXACT_COUNT else None
         else:
             new = increment_counts_(counters)
-        self._known[key] = (list(counters), _stamp(counters), new)
+            after = self._one_dtype(new, counters)
+        self._known[key] = (list(counters), _stamp(counters), new, after, [int(x) + 1 for x in new])
         return new
 
 
@@ -843,6 +852,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         reported through the all-reduce and raised on every rank, so the ranks stay in step.
         """
         self._join_before_step()
+        if local_error is None and self._planned_step():
+            return True
         try:  # meta tensors, sparse gradients: held like any other local error
             check_step(self, self._params, self._names)
         except ValueError as e:
@@ -862,6 +873,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._exchange_out(decision)
         self.num_steps += 1
         return True
+
+    def _planned_step(self) -> bool:
+        """A subclass's shortcut for a step whose inputs are all as its last step left them (SOAA's step
+        plan at W = 1): it either runs the whole step, with the bits and the effects the template gives,
+        or changes nothing and returns False (then the template runs). Default: never."""
+        return False
 
     def _skip_step(self, why: str) -> bool:
         """The one skip path (every rank calls it for the same step): count, log, ``_on_skip``."""

@@ -44,6 +44,7 @@ from torch import Tensor
 from lightning_soaa.config import SOAAConfig, config_from_group
 from lightning_soaa.distributed.blocks import BlockInfo
 from lightning_soaa.distributed.checkpoint import StateField, check_finite_number
+from lightning_soaa.distributed.comm import LocalComm
 from lightning_soaa.functional.soaa import (
     BlockSplit,
     FusedPasses,
@@ -336,7 +337,7 @@ class SOAA(ShardedOptimizer):
                          grad_reduction=grad_reduction)
 
     # compiled per process, rebuilt by _kernels() after a copy or pickle
-    _transient = ("_soaa_kernels", "_warned_compiled_accelerator", "_step_plans")
+    _transient = ("_soaa_kernels", "_warned_compiled_accelerator", "_step_plans", "_planned")
 
     def _kernels(self) -> SOAAKernels | None:
         """This optimizer's compiled kernels, or None (eager). Rebuilt from the config after unpickling
@@ -512,18 +513,33 @@ class SOAA(ShardedOptimizer):
             return
         native = kernels.fused_loaded(cpu=True)
         sums = kernels.stored_sums_all(grp.exp_avgs, grp.exp_avg_sqs)  # what the step just wrote
-        if native is None or any(x is None for x in sums):
+        # the plan keeps the C loops' argument arrays: only for them (not for other CPU passes, e.g. the
+        # Triton kernels' interpreter in tests)
+        if not isinstance(native, NativeSOAA) or any(x is None for x in sums):
             return
         self._plans()[key] = NativePlan.build(native, grp.params, grp.exp_avgs, grp.exp_avg_sqs, grp.counters,
                                               sums)  # type: ignore[arg-type]
 
     def _prepare(self, views: list[BlockView]) -> _SOAAStep:
         """Reads only: the partials of the would-be moments (written by ``_apply`` once the step runs)."""
+        groups = {key: self._group_of(key, vs) for key, vs in self._groups_of(views).items()}
+        total = self._moment_sums(groups)
+        # one call for both values; on the CPU (nothing to wait for) as floats, elsewhere as 0-d views that
+        # the base copies to the host with the other values (indexing costs one call per value)
+        s_m2, s_veps = (total if isinstance(total, list) else total.tolist() if total.device.type == "cpu"
+                        else total.unbind(0))
+        lag = self._lag
+        lag_mu, lag_vu2 = ((lag if isinstance(lag, list) else lag.tolist() if lag.device.type == "cpu"
+                            else lag.unbind(0)) if self.config.acceptance == "lagged" else (0.0, 0.0))
+        loss_sum, weight, missing = self._loss_partials()
+        return _SOAAStep(sum_mhat_sq=s_m2, sum_vhat_eps=s_veps, lag_mu=lag_mu, lag_vu2=lag_vu2,
+                         loss_sum=loss_sum, loss_weight=weight, missing_loss=missing, groups=groups)
+
+    def _moment_sums(self, groups: dict[tuple[int, bool], _Group]) -> Partials:
+        """``[Σ m̂², Σ (v̂ + ε)]`` of the would-be moments of every group's blocks (reads only)."""
         parts: list[Partials] = []
-        groups: dict[tuple[int, bool], _Group] = {}
-        for (gi, counted), vs in self._groups_of(views).items():
+        for (gi, counted), grp in groups.items():
             group = self.param_groups[gi]
-            grp = groups[(gi, counted)] = self._group_of((gi, counted), vs)
             beta1, beta2 = group["betas"]
             if grp.plan is not None:
                 part: Partials = grp.plan.moments_partials(grp.grads, grp.ts, beta1=beta1, beta2=beta2,
@@ -538,17 +554,7 @@ class SOAA(ShardedOptimizer):
             if not counted:
                 part = [x * 0.0 for x in part] if isinstance(part, list) else part * 0.0
             parts.append(part)
-        total = add_partials(parts) if parts else [0.0, 0.0]
-        # one call for both values; on the CPU (nothing to wait for) as floats, elsewhere as 0-d views that
-        # the base copies to the host with the other values (indexing costs one call per value)
-        s_m2, s_veps = (total if isinstance(total, list) else total.tolist() if total.device.type == "cpu"
-                        else total.unbind(0))
-        lag = self._lag
-        lag_mu, lag_vu2 = ((lag if isinstance(lag, list) else lag.tolist() if lag.device.type == "cpu"
-                            else lag.unbind(0)) if self.config.acceptance == "lagged" else (0.0, 0.0))
-        loss_sum, weight, missing = self._loss_partials()
-        return _SOAAStep(sum_mhat_sq=s_m2, sum_vhat_eps=s_veps, lag_mu=lag_mu, lag_vu2=lag_vu2,
-                         loss_sum=loss_sum, loss_weight=weight, missing_loss=missing, groups=groups)
+        return add_partials(parts) if parts else [0.0, 0.0]
 
     def _loss_partials(self) -> tuple[Tensor | float, float, float]:
         """(loss·w, w, missing) of this rank; a tensor loss stays on its device (no sync here)."""
@@ -564,12 +570,16 @@ class SOAA(ShardedOptimizer):
 
     def _decide(self, reduced: StepRecord) -> _SOAADecision:
         assert isinstance(reduced, _SOAAStep)
-        s_m2, s_veps, lag_mu, lag_vu2 = reduced.sum_mhat_sq, reduced.sum_vhat_eps, reduced.lag_mu, reduced.lag_vu2
-        lw, w, missing = reduced.loss_sum, reduced.loss_weight, reduced.missing_loss
-        if missing > 0:
+        if reduced.missing_loss > 0:
             raise ValueError(
-                f"{MISSING_LOSS_MESSAGE} (missing on {int(missing)} of {self.comm.world_size} rank(s))"
+                f"{MISSING_LOSS_MESSAGE} (missing on {int(reduced.missing_loss)} of {self.comm.world_size} rank(s))"
             )
+        return self._decision(reduced.sum_mhat_sq, reduced.sum_vhat_eps, reduced.lag_mu, reduced.lag_vu2,
+                              reduced.loss_sum, reduced.loss_weight, reduced.groups)
+
+    def _decision(self, s_m2: float, s_veps: float, lag_mu: float, lag_vu2: float, lw: float, w: float,
+                  groups: dict[tuple[int, bool], _Group]) -> _SOAADecision:
+        """The trust region's scalars of step t from the reduced sums and loss (every rank the same)."""
         cfg = self.config
         t = self._t + 1
         pred_prev = predicted_reduction(lag_mu, lag_vu2)
@@ -580,9 +590,14 @@ class SOAA(ShardedOptimizer):
             rho_smoothing=cfg.rho_smoothing, actual_sum=self._actual_sum, pred_sum=self._pred_sum,
             trust_warmup=cfg.trust_warmup,
         )
-        return _SOAADecision(t=t, scalars=scal, pred_prev=pred_prev, loss=lw / w, groups=reduced.groups)
+        return _SOAADecision(t=t, scalars=scal, pred_prev=pred_prev, loss=lw / w, groups=groups)
 
     def _apply(self, views: list[BlockView], decision: _SOAADecision) -> None:
+        self._update(views, decision)
+        self._arm_planned(decision.groups)
+
+    def _update(self, views: list[BlockView], decision: _SOAADecision) -> None:
+        """Moments, θ and the step counters of every group, then the trust region's state."""
         scal = decision.scalars
         d_prev = self._d  # the update of step t uses d_{t-1}
         same_batch = self.config.acceptance == "same_batch"
@@ -624,6 +639,59 @@ class SOAA(ShardedOptimizer):
             self._rho, self._actual, self._d = scal.rho, scal.actual, scal.d
             self._actual_sum, self._pred_sum = scal.actual_sum, scal.pred_sum
             self._accepted += 1
+
+    # ------------------------------------------------------------------ the planned step (W = 1)
+    def _arm_planned(self, groups: dict[tuple[int, bool], _Group]) -> None:
+        """After a step: whether the next may take :meth:`_planned_step`. Only a single process (no
+        collective to make, nothing to agree on) whose every block is a whole parameter with a gradient
+        in a group with a step plan, lagged acceptance, no DTensors, no gradient averaging."""
+        plans = self._plans()
+        keys = tuple(groups)
+        ok = (isinstance(self.comm, LocalComm) and self._dtensor is None and self.config.acceptance == "lagged"
+              and self.sharding.grad_reduction == "none" and all(k in plans for k in keys)
+              and sum(len(plans[k].params) for k in keys) == len(self._owned)
+              and all(b.dim is None for b in self._owned))
+        self._planned = (self._owned, keys) if ok else None
+
+    def _planned_groups(self) -> dict[tuple[int, bool], _Group] | None:
+        """Every group from its step plan, read from the parameters directly (no block views), or None
+        where anything differs from what the last step left (a plan's own checks, a missing gradient, a
+        rebuilt block table, a communicator that joined a process group)."""
+        armed = self.__dict__.get("_planned")
+        if armed is None or armed[0] is not self._owned or not isinstance(self.comm, LocalComm):
+            return None
+        plans, state, counts = self._plans(), self.state, self._counts()
+        groups: dict[tuple[int, bool], _Group] = {}
+        for key in armed[1]:
+            plan = plans.get(key)
+            if plan is None:
+                return None
+            params = plan.params  # whole parameters (armed only so): the block views are the parameters
+            grads = [g for p in params if (g := p.grad) is not None]
+            if len(grads) != len(params) or not plan.matches(params, [state[p] for p in params], grads):
+                return None
+            groups[key] = _Group([], params, grads, plan.exp_avgs, plan.exp_avg_sqs, plan.counters,
+                                 counts.read(key, plan.counters), None, None, plan)
+        return groups
+
+    def _planned_step(self) -> bool:
+        """The template's step without its block views and record, for a single process whose groups all
+        hold their step plans: the same sums, decision and update (the same functions, so the same bits).
+        Anything out of the ordinary (no loss, a non-finite value, a plan that no longer holds) returns
+        False before anything changed, and the template runs the step (and raises or skips it)."""
+        groups = self._planned_groups()
+        if groups is None or not isinstance(self._lag, list):
+            return False
+        s_m2, s_veps = self._moment_sums(groups)  # (floats: the plans' C loops)
+        loss_sum, w, missing = self._loss_partials()
+        lag_mu, lag_vu2 = self._lag
+        if missing > 0 or not isinstance(loss_sum, float) or self._local_nonfinite(
+                [s_m2, s_veps, lag_mu, lag_vu2, loss_sum, w, missing]):
+            return False
+        self.comm.begin_step()
+        self._update([], self._decision(s_m2, s_veps, lag_mu, lag_vu2, loss_sum, w, groups))
+        self.num_steps += 1
+        return True
 
     def _on_skip(self) -> None:
         self._snapshot = []

@@ -26,8 +26,8 @@ of the sums pass: the same bits as the step returned).
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
-import itertools
 import operator
 from collections.abc import Sequence
 from typing import Any
@@ -35,8 +35,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_soaa.functional.soaa import FusedPasses, add_moment_sums, add_step_sums, native_step_scalars
+from lightning_soaa.functional.soaa import add_moment_sums, add_step_sums, native_step_scalars
 from lightning_soaa.kernels.raw import own_storage
+from lightning_soaa.kernels.soaa_native import NativeSOAA, int_array, pointers
 
 __all__ = ["NativePlan"]
 
@@ -54,9 +55,10 @@ def _same(xs: Sequence[Any], ys: Sequence[Any]) -> bool:
 
 @dataclasses.dataclass(slots=True)
 class NativePlan:
-    """One group's blocks for the C loops (see the module docstring)."""
+    """One group's blocks for the C loops (see the module docstring). The C arrays of the blocks'
+    addresses and sizes are built once: ``matches`` checks, at every step, that they still hold."""
 
-    native: FusedPasses
+    native: NativeSOAA
     dtype: torch.dtype
     params: list[Tensor]  # the blocks' parameter views, in order
     exp_avgs: list[Tensor]
@@ -66,21 +68,26 @@ class NativePlan:
     layout: tuple[int, ...]  # addresses, then sizes, of the parameters and the moments
     versions: tuple[int, ...]  # versions of the moments (m..., v...) as the last step left them
     sums: list[tuple[float, float]]  # (Σ m², Σ v) of each block's moments as the last step left them
-    modes: list[int]  # the sums pass's mode per block (Σ m g, Σ g²)
+    watched: list[Tensor]  # the parameters and the moments (layout's order)
+    moments: list[Tensor]  # the moments (versions' order)
+    arrays: tuple[Any, ...]  # C arrays: addresses of θ, m, v; sizes; the sums pass's modes (Σ m g, Σ g²)
+    grad_array: tuple[list[Tensor], Any] | None = None  # this step's gradients and their C array
 
     @classmethod
-    def build(cls, native: FusedPasses, params: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+    def build(cls, native: NativeSOAA, params: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
               counters: list[Tensor], sums: list[tuple[float, float]]) -> NativePlan:
         """The plan of blocks a C step has just updated (``sums``: what it returned for their moments)."""
-        return cls(native, params[0].dtype, list(params), list(exp_avgs), list(exp_avg_sqs),
-                   list(counters), sum(map(_numel, params)), cls._layout(params, exp_avgs, exp_avg_sqs),
-                   tuple(map(_version_of, itertools.chain(exp_avgs, exp_avg_sqs))), list(sums),
-                   [native.SUMS_GM] * len(params))
+        watched = [*params, *exp_avgs, *exp_avg_sqs]
+        moments = [*exp_avgs, *exp_avg_sqs]
+        arrays = (pointers(params), pointers(exp_avgs), pointers(exp_avg_sqs), int_array(list(map(_numel, params))),
+                  int_array([native.SUMS_GM] * len(params), ctypes.c_int))
+        return cls(native, params[0].dtype, list(params), list(exp_avgs), list(exp_avg_sqs), list(counters),
+                   sum(map(_numel, params)), cls._layout(watched), tuple(map(_version_of, moments)), list(sums),
+                   watched, moments, arrays)
 
     @staticmethod
-    def _layout(*lists: list[Tensor]) -> tuple[int, ...]:
-        every = list(itertools.chain.from_iterable(lists))
-        return (*map(_data_ptr, every), *map(_numel, every))
+    def _layout(watched: list[Tensor]) -> tuple[int, ...]:
+        return (*map(_data_ptr, watched), *map(_numel, watched))
 
     def matches(self, params: list[Tensor], states: list[dict[str, Any]], grads: list[Tensor]) -> bool:
         """Whether these blocks, states and gradients are the plan's, unchanged (see the module docstring)."""
@@ -93,17 +100,26 @@ class NativePlan:
         if not (_same(m, self.exp_avgs) and _same(v, self.exp_avg_sqs)
                 and _same([st.get("step") for st in states], self.counters)):
             return False
-        moments = (self.exp_avgs, self.exp_avg_sqs)  # (the same tensors as the state's)
-        if (tuple(map(_version_of, itertools.chain(*moments))) != self.versions
-                or self._layout(params, *moments) != self.layout):
+        # (params, m and v are the plan's own tensors: checked above)
+        if tuple(map(_version_of, self.moments)) != self.versions or self._layout(self.watched) != self.layout:
             return False
         return (set(map(_dtype_of, grads)) == {self.dtype} and all(map(_is_cpu, grads))
                 and all(map(_is_contiguous, grads)) and own_storage(grads))
 
+    def _grads(self, grads: list[Tensor]) -> Any:
+        """The C array of the gradients' addresses, made once for both passes of a step."""
+        kept = self.grad_array
+        if kept is not None and kept[0] is grads:
+            return kept[1]
+        arr = pointers(grads)
+        self.grad_array = (grads, arr)
+        return arr
+
     def moments_partials(self, grads: list[Tensor], ts: list[int], *, beta1: float, beta2: float,
                          eps: float) -> list[float]:
         """``[Σ m̂², Σ (v̂ + ε)]`` of the would-be moments: the general path's fused sums pass."""
-        rows = self.native.sums(grads, self.exp_avgs, self.exp_avg_sqs, self.modes)
+        _, m, v, n, modes = self.arrays
+        rows = self.native.sums_at(self.dtype, self._grads(grads), m, v, n, modes)
         s_m2, s_v = add_moment_sums(0.0, 0.0, self.sums, rows, ts, beta1=beta1, beta2=beta2)
         return [s_m2, s_v + eps * self.numel]
 
@@ -113,9 +129,11 @@ class NativePlan:
         path's fused step; the plan then holds what it left behind."""
         rows_of, weights = native_step_scalars(ts, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                                                weight_decay=weight_decay, d=d, c=c)
-        rows = self.native.step(self.params, grads, self.exp_avgs, self.exp_avg_sqs, [rows_of[t] for t in ts])
+        p, m, v, n, _ = self.arrays
+        rows = self.native.step_at(self.dtype, self.watched, p, self._grads(grads), m, v, n, [rows_of[t] for t in ts])
+        self.grad_array = None  # the gradients are the caller's: not kept past the step
         out = [0.0, 0.0, 0.0]
         add_step_sums(out, rows, ts, weights)
         self.sums = [(r[3], r[4]) for r in rows]
-        self.versions = tuple(map(_version_of, itertools.chain(self.exp_avgs, self.exp_avg_sqs)))
+        self.versions = tuple(map(_version_of, self.moments))
         return out if count_limited else out[:2]

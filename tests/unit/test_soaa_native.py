@@ -527,12 +527,12 @@ def test_cached_step_takes_the_bits_of_an_uncached_one_after_every_kind_of_chang
         assert native is not None
         if getattr(native, "_spied", False):
             return
-        inner = native.sums
+        inner = native.sums_at  # what every sums pass calls (NativeSOAA.sums and the step plan)
 
-        def sums(g, m, v, modes):  # type: ignore[no-untyped-def]
+        def sums_at(dtype, g, m, v, n, modes):  # type: ignore[no-untyped-def]
             mode0_blocks.append(sum(1 for x in modes if x == native.SUMS_MOMENTS))
-            return inner(g, m, v, modes)
-        native.sums = sums  # type: ignore[method-assign]
+            return inner(dtype, g, m, v, n, modes)
+        native.sums_at = sums_at  # type: ignore[method-assign]
         native._spied = True
 
     def step(k: int, grads: list[torch.Tensor] | None = None, new_grads: bool = True) -> None:

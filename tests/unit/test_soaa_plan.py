@@ -1,5 +1,7 @@
 """SOAA's step plan (``optim/soaa_plan.py``): a step through a kept plan takes exactly the bits of the
-general path, and every change the plan depends on sends the step back to the general path.
+general path, and every change the plan depends on sends the step back to the general path. At W = 1 the
+plans also carry the whole step past the template's block views and record (``SOAA._planned_step``): the
+same comparisons cover it, and it is checked to be what runs.
 
 Each case trains two optimizers on the same model copies and gradients, one as shipped and one whose
 plans are never kept (``_plan_after`` a no-op: every step takes the general path), applies the same
@@ -51,7 +53,9 @@ def _state_of(opt: SOAA, model: torch.nn.Module) -> list[Any]:
     for p in model.parameters():
         out += _flat(opt.state[p])
     st = opt.trust_state()
-    return out + [st[k] for k in sorted(st)]
+    stats = opt.statistics()  # steps, skipped steps, communication counts of the last step, trust scalars
+    return (out + [st[k] for k in sorted(st)] + [stats[k] for k in sorted(stats)]
+            + [opt.num_steps, opt.skipped_steps, opt._unjoined_steps])
 
 
 def _same_bits(a: list[Any], b: list[Any]) -> None:
@@ -216,3 +220,73 @@ def test_no_plan_while_dynamo_traces(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(NativePlan, "moments_partials", lambda *a, **k: pytest.fail("the plan ran"))
     opt.step(loss=1.0)
     assert opt.num_steps == 2
+
+
+def _count_views(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Calls of the template's block views (the planned step builds none)."""
+    calls: list[int] = []
+    original = SOAA._owned_views
+
+    def counted(self: SOAA) -> Any:
+        calls.append(1)
+        return original(self)
+    monkeypatch.setattr(SOAA, "_owned_views", counted)
+    return calls
+
+
+def _grads(model: torch.nn.Module, t: int) -> None:
+    g = torch.Generator().manual_seed(100 + t)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=g) * 0.1
+
+
+def test_a_single_process_takes_the_planned_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After the first step (which builds the plans) a W = 1 optimizer over whole parameters steps without
+    the template's block views; a dropped gradient sends one step back through the template."""
+    views = _count_views(monkeypatch)
+    model = _model()
+    opt = SOAA(model.parameters(), lr=1e-2)
+    for t in range(6):
+        _grads(model, t)
+        if t == 3:
+            next(iter(model.parameters())).grad = None
+        opt.step(loss=1.0 / (t + 1))
+    # step 0 builds the plan; step 3 (a missing gradient) and step 4 (its plan was rebuilt for 3 of 4
+    # tensors; every block back at step 4 rebuilds it) go through the template; 1, 2 and 5 do not
+    assert len(views) == 3, views
+    assert opt.num_steps == 6
+
+
+def test_a_param_group_added_between_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """add_param_group rebuilds the block table: the planned step must not run on the old one."""
+    def make(m: torch.nn.Module) -> SOAA:
+        return SOAA(list(m.parameters())[:-1], lr=1e-2)
+
+    def add_last(t: int, opt: SOAA, model: torch.nn.Module) -> None:
+        if t == 5:
+            opt.add_param_group({"params": [list(model.parameters())[-1]], "lr": 3e-2})
+    planned, _ = _run(make, add_last)
+    assert len(planned.param_groups) == 2 and len(planned._plans()) == 2
+
+
+def test_no_loss_or_a_nonfinite_loss_goes_through_the_template() -> None:
+    """Without a loss the step raises (the template's message) and changes nothing; a NaN loss skips the
+    step on the template's skip path; the planned step resumes after both."""
+    model = _model()
+    opt = SOAA(model.parameters(), lr=1e-2)
+    for t in range(3):
+        _grads(model, t)
+        opt.step(loss=1.0)
+    assert opt.__dict__.get("_planned") is not None, "the planned step is not armed"
+    before = _state_of(opt, model)
+    with pytest.raises(ValueError, match="needs the mini-batch loss"):
+        opt.step()
+    # θ, state, trust region, step counts (not the count of steps taken before joining a process group:
+    # the template counts attempts)
+    _same_bits(_state_of(opt, model)[:-1], before[:-1])
+    opt.step(loss=float("nan"))
+    assert opt.skipped_steps == 1 and opt.num_steps == 3
+    n = len(list(model.parameters()))
+    _same_bits(_state_of(opt, model)[:n], before[:n])  # θ unchanged
+    opt.step(loss=1.0)
+    assert opt.num_steps == 4
