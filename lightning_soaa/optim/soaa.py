@@ -103,7 +103,7 @@ class _Group:
     plan: NativePlan | None = None  # the group's step plan when it still holds (then no kernels, no split)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)  # made at every step
 class _SOAADecision:
     """What every rank decided from the reduced vector."""
 
@@ -138,10 +138,13 @@ def _floats(part: Partials) -> list[float]:
 
 
 def _check_loss(loss: Any) -> Tensor | float:
-    """A scalar tensor (kept detached, so handing it over does not sync a GPU) or a float."""
+    """A scalar tensor (kept detached, so handing it over does not sync a GPU) or a float (also for a CPU
+    tensor: nothing to wait for, and the float64 of its value is what the step reads)."""
     if isinstance(loss, Tensor):
         if loss.numel() != 1:
             raise ValueError(f"SOAA: the loss must be a scalar, got a tensor of shape {tuple(loss.shape)}.")
+        if loss.is_cpu and not loss.is_complex():
+            return float(loss.item())
         out: Tensor = loss.detach()
         return out if out.dim() == 0 else out.reshape(())
     if isinstance(loss, (int, float)) and not isinstance(loss, bool):
@@ -488,8 +491,8 @@ class SOAA(ShardedOptimizer):
         grads: list[Tensor] = [v.grad for v in vs]  # type: ignore[misc]  # (views with a gradient)
         plan = self._plans().pop(key, None)  # put back by _apply once the step ran
         if plan is not None and plan.matches(params, states, grads):
-            ts = self._counts().read(key, plan.counters)
-            return _Group(vs, params, grads, plan.exp_avgs, plan.exp_avg_sqs, plan.counters, ts, None, None, plan)
+            return _Group(vs, params, grads, plan.exp_avgs, plan.exp_avg_sqs, plan.counters, plan.ts, None, None,
+                          plan)
         for v, st in zip(vs, states):
             if "step" not in st:  # zero state == no state, so lazy init is not a mutation
                 st["step"] = torch.zeros((), dtype=torch.float32)
@@ -517,8 +520,10 @@ class SOAA(ShardedOptimizer):
         # Triton kernels' interpreter in tests)
         if not isinstance(native, NativeSOAA) or any(x is None for x in sums):
             return
-        self._plans()[key] = NativePlan.build(native, grp.params, grp.exp_avgs, grp.exp_avg_sqs, grp.counters,
-                                              sums)  # type: ignore[arg-type]
+        plan = NativePlan.build(native, grp.params, grp.exp_avgs, grp.exp_avg_sqs, grp.counters,
+                                sums)  # type: ignore[arg-type]
+        if plan is not None:
+            self._plans()[key] = plan
 
     def _prepare(self, views: list[BlockView]) -> _SOAAStep:
         """Reads only: the partials of the would-be moments (written by ``_apply`` once the step runs)."""
@@ -606,7 +611,8 @@ class SOAA(ShardedOptimizer):
         parts: list[Partials] = []
         for (gi, counted), grp in decision.groups.items():  # _prepare's groups (the same views)
             group = self.param_groups[gi]
-            self._counts().increment((gi, counted), grp.counters)
+            if grp.plan is None:  # (a plan advances its counters itself)
+                self._counts().increment((gi, counted), grp.counters)
             beta1, beta2 = group["betas"]
             lr = float(group["lr"])
             kw = dict(lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
@@ -660,7 +666,7 @@ class SOAA(ShardedOptimizer):
         armed = self.__dict__.get("_planned")
         if armed is None or armed[0] is not self._owned or not isinstance(self.comm, LocalComm):
             return None
-        plans, state, counts = self._plans(), self.state, self._counts()
+        plans, state = self._plans(), self.state
         groups: dict[tuple[int, bool], _Group] = {}
         for key in armed[1]:
             plan = plans.get(key)
@@ -670,8 +676,8 @@ class SOAA(ShardedOptimizer):
             grads = [g for p in params if (g := p.grad) is not None]
             if len(grads) != len(params) or not plan.matches(params, [state[p] for p in params], grads):
                 return None
-            groups[key] = _Group([], params, grads, plan.exp_avgs, plan.exp_avg_sqs, plan.counters,
-                                 counts.read(key, plan.counters), None, None, plan)
+            groups[key] = _Group([], params, grads, plan.exp_avgs, plan.exp_avg_sqs, plan.counters, plan.ts,
+                                 None, None, plan)
         return groups
 
     def _planned_step(self) -> bool:

@@ -53,10 +53,17 @@ def _same(xs: Sequence[Any], ys: Sequence[Any]) -> bool:
     return len(xs) == len(ys) and all(map(operator.is_, xs, ys))
 
 
+#: counts below this are exact in float32 and float64: writing count + 1 is what add_(1.0) writes
+_EXACT_COUNT = float(1 << 24)
+_CELLS = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double}
+
+
 @dataclasses.dataclass(slots=True)
 class NativePlan:
     """One group's blocks for the C loops (see the module docstring). The C arrays of the blocks'
-    addresses and sizes are built once: ``matches`` checks, at every step, that they still hold."""
+    addresses and sizes are built once: ``matches`` checks, at every step, that they still hold. The
+    step counters are the plan's too: their values are kept (``counts``) and advanced by a write of
+    count + 1 into each (the bits ``add_(1.0)`` writes), so a step reads no counter."""
 
     native: NativeSOAA
     dtype: torch.dtype
@@ -65,25 +72,37 @@ class NativePlan:
     exp_avg_sqs: list[Tensor]
     counters: list[Tensor]
     numel: int  # elements of all blocks
-    layout: tuple[int, ...]  # addresses, then sizes, of the parameters and the moments
-    versions: tuple[int, ...]  # versions of the moments (m..., v...) as the last step left them
+    layout: tuple[int, ...]  # addresses, then sizes, of the watched tensors
+    versions: tuple[int, ...]  # versions of the moments and counters as the last step left them
     sums: list[tuple[float, float]]  # (Σ m², Σ v) of each block's moments as the last step left them
-    watched: list[Tensor]  # the parameters and the moments (layout's order)
-    moments: list[Tensor]  # the moments (versions' order)
+    watched: list[Tensor]  # the parameters, the moments and the counters (layout's order)
+    versioned: list[Tensor]  # the moments and the counters (versions' order)
     arrays: tuple[Any, ...]  # C arrays: addresses of θ, m, v; sizes; the sums pass's modes (Σ m g, Σ g²)
+    counts: list[float]  # the counters' values
+    ts: list[int]  # the step count of the next update of each block (counts + 1)
+    cells: list[Any]  # each counter's value as a ctypes number at its address
     grad_array: tuple[list[Tensor], Any] | None = None  # this step's gradients and their C array
 
     @classmethod
     def build(cls, native: NativeSOAA, params: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-              counters: list[Tensor], sums: list[tuple[float, float]]) -> NativePlan:
-        """The plan of blocks a C step has just updated (``sums``: what it returned for their moments)."""
-        watched = [*params, *exp_avgs, *exp_avg_sqs]
-        moments = [*exp_avgs, *exp_avg_sqs]
+              counters: list[Tensor], sums: list[tuple[float, float]]) -> NativePlan | None:
+        """The plan of blocks a C step has just updated (``sums``: what it returned for their moments), or
+        None when the counters are not all 0-d CPU float32/float64 tensors of their own at exact counts."""
+        cell = _CELLS.get(counters[0].dtype)
+        if (cell is None or not all(c.dtype == counters[0].dtype and c.is_cpu and c.dim() == 0 for c in counters)
+                or not own_storage(counters)):
+            return None
+        counts = [float(c.item()) for c in counters]
+        if not all(x.is_integer() and 0.0 <= x < _EXACT_COUNT - 1.0 for x in counts):
+            return None
+        watched = [*params, *exp_avgs, *exp_avg_sqs, *counters]
+        versioned = [*exp_avgs, *exp_avg_sqs, *counters]
         arrays = (pointers(params), pointers(exp_avgs), pointers(exp_avg_sqs), int_array(list(map(_numel, params))),
                   int_array([native.SUMS_GM] * len(params), ctypes.c_int))
         return cls(native, params[0].dtype, list(params), list(exp_avgs), list(exp_avg_sqs), list(counters),
-                   sum(map(_numel, params)), cls._layout(watched), tuple(map(_version_of, moments)), list(sums),
-                   watched, moments, arrays)
+                   sum(map(_numel, params)), cls._layout(watched), tuple(map(_version_of, versioned)), list(sums),
+                   watched, versioned, arrays, counts, [int(x) + 1 for x in counts],
+                   [cell.from_address(c.data_ptr()) for c in counters])
 
     @staticmethod
     def _layout(watched: list[Tensor]) -> tuple[int, ...]:
@@ -100,8 +119,9 @@ class NativePlan:
         if not (_same(m, self.exp_avgs) and _same(v, self.exp_avg_sqs)
                 and _same([st.get("step") for st in states], self.counters)):
             return False
-        # (params, m and v are the plan's own tensors: checked above)
-        if tuple(map(_version_of, self.moments)) != self.versions or self._layout(self.watched) != self.layout:
+        # (params, m, v and the counters are the plan's own tensors: checked above)
+        if (tuple(map(_version_of, self.versioned)) != self.versions or self._layout(self.watched) != self.layout
+                or max(self.ts) >= _EXACT_COUNT):
             return False
         return (set(map(_dtype_of, grads)) == {self.dtype} and all(map(_is_cpu, grads))
                 and all(map(_is_contiguous, grads)) and own_storage(grads))
@@ -125,15 +145,20 @@ class NativePlan:
 
     def step_partials_(self, grads: list[Tensor], ts: list[int], *, lr: float, beta1: float, beta2: float,
                        eps: float, weight_decay: float, d: float, c: float, count_limited: bool) -> list[float]:
-        """Moments and θ in place, ``[Σ m̂·u, Σ v̂·u²]`` (and the count with ``count_limited``): the general
-        path's fused step; the plan then holds what it left behind."""
+        """Moments, θ and the step counters in place, ``[Σ m̂·u, Σ v̂·u²]`` (and the count with
+        ``count_limited``): the general path's fused step; the plan then holds what it left behind."""
         rows_of, weights = native_step_scalars(ts, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                                                weight_decay=weight_decay, d=d, c=c)
         p, m, v, n, _ = self.arrays
+        # (the versions of θ, m, v and the counters bumped once, as the counters' own write would)
         rows = self.native.step_at(self.dtype, self.watched, p, self._grads(grads), m, v, n, [rows_of[t] for t in ts])
         self.grad_array = None  # the gradients are the caller's: not kept past the step
+        self.counts = [x + 1.0 for x in self.counts]
+        for cell, x in zip(self.cells, self.counts):
+            cell.value = x
+        self.ts = [t + 1 for t in ts]
         out = [0.0, 0.0, 0.0]
         add_step_sums(out, rows, ts, weights)
         self.sums = [(r[3], r[4]) for r in rows]
-        self.versions = tuple(map(_version_of, self.moments))
+        self.versions = tuple(map(_version_of, self.versioned))
         return out if count_limited else out[:2]
