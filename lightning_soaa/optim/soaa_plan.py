@@ -114,11 +114,11 @@ class NativePlan:
             return False
         if not _same(params, self.params):
             return False
-        m = [st.get("exp_avg") for st in states]
-        v = [st.get("exp_avg_sq") for st in states]
-        if not (_same(m, self.exp_avgs) and _same(v, self.exp_avg_sqs)
-                and _same([st.get("step") for st in states], self.counters)):
+        if len(states) != len(self.params):
             return False
+        for st, m, v, c in zip(states, self.exp_avgs, self.exp_avg_sqs, self.counters):
+            if st.get("exp_avg") is not m or st.get("exp_avg_sq") is not v or st.get("step") is not c:
+                return False
         # (params, m, v and the counters are the plan's own tensors: checked above)
         if (tuple(map(_version_of, self.versioned)) != self.versions or self._layout(self.watched) != self.layout
                 or max(self.ts) >= _EXACT_COUNT):
