@@ -34,7 +34,8 @@ from torch.nn import functional as F
 
 from lightning_soaa import registry
 
-__all__ = ["Workload", "WORKLOADS", "OPTIMIZERS", "LR_GRID", "heavyball_status", "run_one", "applies"]
+__all__ = ["Workload", "WORKLOADS", "OPTIMIZERS", "LR_GRID", "heavyball_status", "run_one", "applies",
+           "interleaved_step_ms"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,4 +292,32 @@ def run_one(workload: str, opt: str, lr: float, seed: int, quick_mode: bool) -> 
     out.update(curve)
     out["final"] = curve["val"][-1] if curve["step"][-1] == w.steps else math.inf
     out["ms_per_step"] = 1e3 * curve["cpu_s"][-1] / max(1, curve["step"][-1])
+    return out
+
+
+def interleaved_step_ms(workload: str, best_lr: dict[str, float], quick_mode: bool, rounds: int,
+                        steps: int) -> dict[str, list[float]]:
+    """CPU ms per training step (batch, forward, backward, ``step()``) of each optimizer at its lr, taken
+    in one process in interleaved rounds: every round times ``steps`` steps of each optimizer in turn, so
+    a slower or busier stretch of the machine falls on all of them alike (the tuning runs are timed one
+    run at a time, two in parallel, and on the small workloads their ms per step moved by up to 1.6x
+    between runs of the same optimizer). Each optimizer trains its own seed-0 model on its own batches at
+    the peak lr, after 3 untimed steps. Returns the per-round ms per step."""
+    torch.set_num_threads(1)
+    w = quick(WORKLOADS[workload]) if quick_mode else WORKLOADS[workload]
+    xtr, ytr, _, _ = data(w.name, quick_mode)
+    runs = {}
+    for o, lr in best_lr.items():
+        model = model_for(w.name, 0)
+        _, step = build(o, model, lr, w)
+        runs[o] = (step, batches(w, xtr, ytr, 0))
+        for _ in range(3):
+            step(*runs[o][1]())
+    out: dict[str, list[float]] = {o: [] for o in runs}
+    for _ in range(rounds):
+        for o, (step, next_batch) in runs.items():
+            c0 = time.process_time()
+            for _ in range(steps):
+                step(*next_batch())
+            out[o].append(1e3 * (time.process_time() - c0) / steps)
     return out

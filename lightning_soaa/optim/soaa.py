@@ -26,7 +26,9 @@ vector of the all-reduce; the loss rides in it as a tensor), plus the closure's 
 
 Host work: on the CPU the blocks of a param group that all went through the C loops are kept with what
 the step left behind (:mod:`lightning_soaa.optim.soaa_plan`) and, at the next step, checked instead of
-rebuilt; anything that changed sends that step through the general path, with the same bits.
+rebuilt; anything that changed sends that step through the general path, with the same bits. A single
+process whose groups all hold their plans (whole parameters, lagged acceptance) steps from the plans
+alone (:meth:`SOAA._planned_step`: no block views, no step record), again with the same bits.
 """
 
 from __future__ import annotations

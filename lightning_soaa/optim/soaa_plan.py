@@ -9,14 +9,18 @@ next step, checks in a few C-level maps that nothing they depend on changed:
 
 * the same blocks (the same parameter views, in order), each with a gradient;
 * the same state: the same moment and counter tensors in the blocks' state dicts;
-* the moments exactly as the last step left them: the same autograd versions (every in-place torch op,
-  ``copy_`` of a state-dict load included, bumps a tensor's version) and the same addresses and sizes
-  of the parameters and moments (``p.data = ...`` changes the address without a version bump);
+* the moments and step counters exactly as the last step left them: the same autograd versions (every
+  in-place torch op, ``copy_`` of a state-dict load included, bumps a tensor's version) and the same
+  addresses and sizes of the parameters, moments and counters (``p.data = ...`` changes the address
+  without a version bump);
 * gradients the C loops take: the plan's dtype, on the CPU, contiguous, with storage of their own;
 * no graph being traced by dynamo (the general path then takes no C loops either).
 
 Anything else (a first step, a missing gradient, a load, a moment changed from outside, a second dtype)
-takes the general path, which builds a new plan at its end. The arithmetic is the general path's
+takes the general path, which builds a new plan at its end. The plan keeps the C calls' argument arrays
+(the blocks' addresses and sizes) and the step counters' values: it writes count + 1 into each counter
+itself (0-d float32/float64 CPU tensors at counts exact in their dtype; otherwise no plan is made).
+The arithmetic is the general path's
 (:func:`~lightning_soaa.functional.soaa.add_moment_sums`, :func:`~lightning_soaa.functional.soaa.
 native_step_scalars`, :func:`~lightning_soaa.functional.soaa.add_step_sums` and the same C calls), so a
 step takes the same bits on either path. The plan's sums are its own: after a planned step the general
