@@ -651,15 +651,21 @@ class SOAA(ShardedOptimizer):
     # ------------------------------------------------------------------ the planned step (W = 1)
     def _arm_planned(self, groups: dict[tuple[int, bool], _Group]) -> None:
         """After a step: whether the next may take :meth:`_planned_step`. Only a single process (no
-        collective to make, nothing to agree on) whose every block is a whole parameter with a gradient
-        in a group with a step plan, lagged acceptance, no DTensors, no gradient averaging."""
+        collective to make, nothing to agree on) whose blocks are whole parameters, each with a gradient in
+        a group with a step plan or without one (frozen or unused: the planned step checks that they still
+        have none), lagged acceptance, no DTensors, no gradient averaging."""
         plans = self._plans()
         keys = tuple(groups)
-        ok = (isinstance(self.comm, LocalComm) and self._dtensor is None and self.config.acceptance == "lagged"
-              and self.sharding.grad_reduction == "none" and all(k in plans for k in keys)
-              and sum(len(plans[k].params) for k in keys) == len(self._owned)
-              and all(b.dim is None for b in self._owned))
-        self._planned = (self._owned, keys) if ok else None
+        ok = (bool(keys) and isinstance(self.comm, LocalComm) and self._dtensor is None
+              and self.config.acceptance == "lagged" and self.sharding.grad_reduction == "none"
+              and all(k in plans for k in keys) and all(b.dim is None for b in self._owned))
+        if not ok:
+            self._planned = None
+            return
+        covered = {id(p) for k in keys for p in plans[k].params}
+        # the blocks without a gradient this step: the groups hold every block that had one
+        idle = [p for p in (self._params[b.param_index] for b in self._owned) if id(p) not in covered]
+        self._planned = (self._owned, keys, idle)
 
     def _planned_groups(self) -> dict[tuple[int, bool], _Group] | None:
         """Every group from its step plan, read from the parameters directly (no block views), or None
@@ -667,6 +673,10 @@ class SOAA(ShardedOptimizer):
         rebuilt block table, a communicator that joined a process group)."""
         armed = self.__dict__.get("_planned")
         if armed is None or armed[0] is not self._owned or not isinstance(self.comm, LocalComm):
+            return None
+        # the parameters without a gradient at the last step still have none (and, as check_step asks of
+        # every parameter, data: not meta)
+        if not all(p.grad is None and not p.is_meta for p in armed[2]):
             return None
         plans, state = self._plans(), self.state
         groups: dict[tuple[int, bool], _Group] = {}

@@ -290,3 +290,18 @@ def test_no_loss_or_a_nonfinite_loss_goes_through_the_template() -> None:
     _same_bits(_state_of(opt, model)[:n], before[:n])  # θ unchanged
     opt.step(loss=1.0)
     assert opt.num_steps == 4
+
+
+def test_frozen_and_unused_parameters(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parameters without a gradient at every step (frozen, or unused by the loss) keep the planned step;
+    one that gets a gradient again, and one whose gradient goes away, send a step through the template."""
+    views = _count_views(monkeypatch)
+
+    def idle_first(t: int, opt: SOAA, model: torch.nn.Module) -> None:
+        first = next(iter(model.parameters()))
+        if t < 6 or t >= 9:  # no gradient for the first weight, except at steps 6-8
+            first.grad = None
+    _run(lambda m: SOAA(m.parameters(), lr=1e-2), idle_first, steps=12)
+    # the planned optimizer takes the template at step 0 (no plan yet), 6 (a gradient came back) and 9 (it
+    # went away); each of those builds the plan the next step takes. The other (never planned): every step
+    assert len(views) == 3 + 12, len(views)
