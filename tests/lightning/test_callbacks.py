@@ -198,14 +198,19 @@ def test_egn_under_gradient_accumulation_uses_every_micro_batch(tmp_path: Path) 
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-def test_diagnostics_in_csv_logger(tmp_path: Path) -> None:
+def _fit_with_diagnostics(tmp_path: Path, max_steps: int, log_every_n_steps: int) -> list[dict[str, str]]:
+    """SOAA on the tiny regressor with the diagnostics callback; the CSV logger's rows."""
     model = TinyRegressor(OptimizerFactory("SOAA", {"lr": 0.01}))
     logger = CSVLogger(str(tmp_path), name="diag", version=0)
-    trainer = make_trainer(tmp_path, max_steps=5, logger=logger, log_every_n_steps=1,
+    trainer = make_trainer(tmp_path, max_steps=max_steps, logger=logger, log_every_n_steps=log_every_n_steps,
                            callbacks=[LossToOptimizer(), OptimizerDiagnostics()])
     trainer.fit(model)
     with open(tmp_path / "diag" / "version_0" / "metrics.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
+        return list(csv.DictReader(f))
+
+
+def test_diagnostics_in_csv_logger(tmp_path: Path) -> None:
+    rows = _fit_with_diagnostics(tmp_path, 5, 1)
     for key in ("SOAA/d", "SOAA/rho", "SOAA/accepted", "SOAA/steps", "SOAA/lr", "SOAA/ownership_balance"):
         values = [r[key] for r in rows if r.get(key)]
         assert values, f"{key} missing from the CSV log (columns: {sorted(rows[0])})"
@@ -213,6 +218,20 @@ def test_diagnostics_in_csv_logger(tmp_path: Path) -> None:
     # the sharding layout is fixed for the fit: once, not in every row
     for key in ("SOAA/world_size", "SOAA/owned_blocks", "SOAA/ownership_balance"):
         assert [float(r[key]) for r in rows if r.get(key)] in ([1.0], [4.0]), key
+
+
+def test_diagnostics_only_at_the_logging_steps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With log_every_n_steps=3 the statistics are collected at the steps whose values reach the logger
+    (Lightning drops the others), and every one of those reaches it."""
+    calls: list[int] = []
+    collect = OptimizerDiagnostics.collect
+
+    def counted(self: OptimizerDiagnostics, trainer: Any) -> dict[str, float]:
+        calls.append(trainer.global_step)
+        return collect(self, trainer)
+    monkeypatch.setattr(OptimizerDiagnostics, "collect", counted)
+    logged = [float(r["SOAA/steps"]) for r in _fit_with_diagnostics(tmp_path, 9, 3) if r.get("SOAA/steps")]
+    assert logged == [3.0, 6.0, 9.0] and calls == [3, 6, 9], (logged, calls)
 
 
 def test_optimizer_name_is_the_registry_name_behind_any_wrapper() -> None:
