@@ -569,11 +569,9 @@ class SOAA(ShardedOptimizer):
             return 0.0, 0.0, 1.0
         raw, w = self._pending_loss
         self._loss_weight = w  # same_batch weighs the re-evaluated loss like the step's loss
-        if isinstance(raw, Tensor) and raw.device.type != "cpu":  # x * 1.0 == x: one kernel call less
+        if isinstance(raw, Tensor):  # (an accelerator's: set_loss made a CPU loss a float) x * 1.0 == x
             return (raw.double() if w == 1.0 else raw.double() * w), w, 0.0
-        if isinstance(raw, Tensor):  # nothing to wait for: the float now (the same bits as raw.double() * w)
-            return float(raw.item()) * w, w, 0.0
-        return float(raw) * w, w, 0.0
+        return raw * w, w, 0.0
 
     def _decide(self, reduced: StepRecord) -> _SOAADecision:
         assert isinstance(reduced, _SOAAStep)

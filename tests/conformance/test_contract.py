@@ -161,6 +161,40 @@ def test_nonfinite_step_is_skipped_and_changes_nothing(spec: OptimizerSpec) -> N
     assert_identical(without_skips(opt.state_dict()), without_skips(sd))
 
 
+# ---------------------------------------------------------------------------------------- shortcuts
+@each_optimizer
+def test_a_shortcut_step_takes_the_templates_bits_and_effects(spec: OptimizerSpec) -> None:
+    """``ShardedOptimizer._planned_step`` (a shortcut past the step template, SOAA's planned step at W = 1)
+    either runs the whole step with the template's bits and effects or changes nothing: training with it
+    and with it turned off gives the same parameters, state, statistics and step counts after every step,
+    through a skipped (non-finite) step and a missing gradient. An optimizer that has a shortcut must take
+    it here (else the comparison would test nothing)."""
+    runs = [make(spec), make(spec)]
+    runs[1][1]._planned_step = lambda: False  # type: ignore[method-assign]  # always the template
+    taken: list[bool] = []
+    shortcut = runs[0][1]._planned_step
+
+    def counted() -> bool:
+        taken.append(shortcut())
+        return taken[-1]
+    runs[0][1]._planned_step = counted  # type: ignore[method-assign]
+    for t in range(8):
+        for model, opt in runs:
+            if t == 5 and spec.needs is not StepNeeds.BATCH:  # the first parameter without a gradient
+                first = next(iter(model.parameters()))
+                spec.take_step(opt, model, *data(t), on_gradients=lambda p=first: setattr(p, "grad", None))
+            else:
+                step(spec, model, opt, t, poison=t == 3)
+        (ma, oa), (mb, ob) = runs
+        assert_identical(params(ma), params(mb), "params")
+        assert_identical(oa.state_dict(), ob.state_dict())
+        assert oa.statistics() == ob.statistics()
+        assert (oa.num_steps, oa.skipped_steps) == (ob.num_steps, ob.skipped_steps)
+    assert runs[1][1].skipped_steps == 1
+    if type(runs[0][1])._planned_step is not ShardedOptimizer._planned_step:
+        assert any(taken), f"{spec.name} has a shortcut step but never took it"
+
+
 # ---------------------------------------------------------------------------------------- checkpoints
 def _round_trip_bytes(obj: Any) -> Any:
     buf = io.BytesIO()
