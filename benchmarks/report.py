@@ -455,7 +455,8 @@ def _method(args: argparse.Namespace, optimizers: list[str]) -> list[str]:
         f"0**; {_more_seeds(args.seeds)}. Weight decay 0 for every optimizer, other hyperparameters at "
         "each optimizer's defaults "
         "(SOAA gets `total_steps` = the run's length). Muon: `torch.optim.Muon` on the matrices (its "
-        "Newton-Schulz in bf16, which this CPU emulates: that dominates its step time here) with AdamW for "
+        "Newton-Schulz in bf16: fast on a CPU with bf16 matrix units such as Intel AMX, emulated and slow "
+        "without them) with AdamW for "
         "embeddings, norms and biases, as in `bench_asgo.py`. HeavyBall runs eager (`compile_mode=None`).",
         "",
         "Target: fused AdamW's mean final validation loss at its best lr. Steps and CPU time to the target "
