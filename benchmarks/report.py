@@ -47,8 +47,8 @@ from _timing import median_cpu_s  # noqa: E402
 log = logging.getLogger("report")
 RESULTS = Path(__file__).resolve().parent / "results"
 QUICK_OPTIMIZERS = ("AdamW", "SOAA", "EGN")
-COLORS = {"AdamW": "tab:blue", "SOAA": "tab:orange", "ASGO": "tab:red", "EGN": "tab:green", "Muon": "tab:purple",
-          "SOAP": "tab:brown", "PSGD": "tab:gray"}
+COLORS = {"AdamW": "tab:blue", "SOAA": "tab:orange", "ASGO": "tab:red", "EGN": "tab:green", "EGN-m": "tab:olive",
+          "Muon": "tab:purple", "SOAP": "tab:brown", "PSGD": "tab:gray"}
 #: bytes read and written per parameter by one fp32 step at best (see bench_soaa_step's docstring:
 #: fused AdamW reads θ, g, m, v and writes θ, m, v; SOAA's C loops on CPU: the sums pass reads g, m
 #: (8 B), the step reads θ, g, m, v and writes θ, m, v (28 B); see lightning_soaa/kernels/soaa_cpu.c)
@@ -449,7 +449,10 @@ def _method(args: argparse.Namespace, optimizers: list[str]) -> list[str]:
             + (", 10% warm-up + cosine to 0.1x" if w.warmup_cosine else ", constant lr") for w in ws)
         + ". `digits`: the demo tanh MLP 64-128-128-10 (cross-entropy); `lstsq`: linear least squares, "
         "32 -> 4, input condition number 100; `chars`: the demo character transformer (d_model 64, 2 layers, "
-        "context 64) on `pydoc_data.topics`. EGN runs on `digits` and `lstsq` only (per-sample Jacobians).",
+        "context 64) on `pydoc_data.topics`. EGN runs on `digits` and `lstsq` only (per-sample Jacobians): as "
+        "`EGN` with the README's settings (initial damping λ₀ = 1, line search) and as `EGN-m` with λ₀ = 0.3 "
+        "and momentum 0.8 (line search), picked from a 12-point grid of (lr, λ₀, momentum) on these two "
+        "workloads, 3 seeds (`report_runs.EGN_SETTINGS`): tuned on what it is scored on, as every lr grid is.",
         "",
         f"Tuning: lr grids — {grids}. The best lr is the one with the lowest final validation loss **of seed "
         f"0**; {_more_seeds(args.seeds)}. Weight decay 0 for every optimizer, other hyperparameters at "

@@ -1,4 +1,5 @@
-"""EGN's capture for plain MLPs: an ``nn.Sequential`` of ``nn.Linear`` layers and element-wise activations.
+"""EGN's capture for plain MLPs: an ``nn.Sequential`` of ``nn.Linear`` layers and element-wise activations
+(or a bare ``nn.Linear``: linear and logistic regression, the chain of one layer).
 
 The general capture (:class:`lightning_soaa.optim.egn_capture.LinearCapture`) records the forward with hooks
 and autograd and reads the back-signals δ = ∂z/∂y of every Linear output with one batched backward (a
@@ -12,7 +13,9 @@ with the very ATen kernels autograd's backward calls (``tanh_backward``, ``sigmo
 for all c columns at once, [b, c, d]. The forward runs without autograd (nothing is differentiated) and
 without hooks or copies (no module of the chain works in place). The chain is planned once, at
 construction; a step uses it only while nothing could make the forward differ from the plan (a single
-2-D input, no hooks on the chain's modules or global ones); otherwise the general capture runs.
+2-D input, no hooks on the chain's modules or global ones); otherwise the general capture runs. For a
+bare Linear the general capture's batched backward only recovers the identity: the benchmark report's
+least-squares model (32 -> 4, b = 64) steps in 1.65 instead of 2.05 ms through the chain, same bits.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import contextlib
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -92,10 +95,12 @@ class Chain:
 def plan_chain(model: nn.Module, sites: list[LinearSite], explicit: list[str]) -> Chain | None:
     """The chain of ``model`` when it is exactly an ``nn.Sequential`` (no subclass, no instance
     ``forward``) of ``nn.Linear`` layers and known, non-in-place activations, that ends in a Linear
-    and whose trainable parameters are all factored; else None (the general capture is used)."""
-    if type(model) is not nn.Sequential or "forward" in model.__dict__ or explicit:
+    and whose trainable parameters are all factored, or exactly an ``nn.Linear`` (linear or logistic
+    regression: the chain of one layer); else None (the general capture is used)."""
+    if type(model) not in (nn.Sequential, nn.Linear) or "forward" in model.__dict__ or explicit:
         return None
-    mods = tuple(model)
+    # (iterating the Sequential, not children(): a module listed twice must stay twice, and be refused)
+    mods: tuple[nn.Module, ...] = (model,) if isinstance(model, nn.Linear) else tuple(cast(nn.Sequential, model))
     if not mods or type(mods[-1]) is not nn.Linear or len({id(m) for m in mods}) != len(mods):
         return None
     index = {id(s.module): i for i, s in enumerate(sites)}

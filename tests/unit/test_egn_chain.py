@@ -35,6 +35,7 @@ MODELS = {
                                                nn.Sigmoid(), nn.Identity(), nn.Linear(6, 4)),
     "stacked_activations": lambda: nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Sigmoid(), nn.Linear(7, 4)),
     "one_layer": lambda: nn.Sequential(nn.Linear(5, 4)),
+    "bare_linear": lambda: nn.Linear(5, 4),  # linear or logistic regression: the chain of one layer
 }
 
 
@@ -44,7 +45,7 @@ MODELS = {
 def test_chain_factors_equal_the_general_capture_bitwise(name: str, dtype: torch.dtype, frozen: str) -> None:
     torch.manual_seed(0)
     model = MODELS[name]().to(dtype).eval()
-    linears = [m for m in model if isinstance(m, nn.Linear)]
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if frozen == "first_weight":
         linears[0].weight.requires_grad_(False)
     elif frozen == "middle" and len(linears) > 2:
@@ -73,9 +74,9 @@ def test_plan_chain_refuses_what_it_does_not_know(model: nn.Module) -> None:
 
 def test_shared_linear_and_subclass_are_refused() -> None:
     lin = nn.Linear(4, 4)
-    shared = nn.Sequential(lin, nn.Tanh(), lin)
-    sites, explicit = plan_curvature(shared, dict(shared.named_parameters()), "auto")
-    assert plan_chain(shared, sites, explicit) is None
+    for shared in (nn.Sequential(lin, nn.Tanh(), lin), nn.Sequential(lin, lin)):
+        sites, explicit = plan_curvature(shared, dict(shared.named_parameters()), "auto")
+        assert plan_chain(shared, sites, explicit) is None
 
     class Seq(nn.Sequential):
         pass
@@ -155,3 +156,25 @@ def test_what_outlives_a_step_is_not_an_inference_tensor(chain: bool) -> None:
     opt.load_state_dict(opt.state_dict())
     opt.step(inputs=x, targets=y)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+def test_a_bare_linear_steps_through_the_chain_with_the_general_paths_bits(loss: str) -> None:
+    """A model that is one ``nn.Linear`` (linear or logistic regression) takes the chain: the same
+    parameters, bit for bit, as the general capture over steps with momentum and line search."""
+    def run(chain: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = nn.Linear(6, 3)
+        opt = EGN(model, loss=loss, lr=1.0, damping=0.3, momentum=0.8, line_search=True)
+        assert opt._chain is not None
+        if not chain:
+            opt._chain = None
+        g = torch.Generator().manual_seed(1)
+        for _ in range(6):
+            x = torch.randn(16, 6, generator=g)
+            y = torch.randn(16, 3, generator=g) if loss == "mse" else torch.randint(0, 3, (16,), generator=g)
+            opt.step(inputs=x, targets=y)
+        return [p.detach().clone() for p in model.parameters()]
+
+    for a, b in zip(run(True), run(False)):
+        assert torch.equal(a, b)
