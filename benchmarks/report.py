@@ -335,11 +335,11 @@ def headline_table(summaries: dict[str, Any], train_step: dict[str, Any] | None 
 def _train_step_md(ts: dict[str, Any]) -> list[str]:
     out = ["Every optimizer's training step (batch, forward, backward, `step()`) at its best lr, timed in "
            "one process in interleaved rounds (each round times every optimizer's steps in turn), CPU time, "
-           "1 thread; ratios to AdamW's step in the same round (median and range over the rounds). Caveat, "
-           "measured with standalone loops on `lstsq`: building AdamW's model and optimizer before or after "
-           "SOAA's moved SOAA's training step from 0.94-1.02x to 1.18-1.31x AdamW's (the `step()` calls alone "
-           "did not move with the order in a microbenchmark: SOAA's is ~1.6x fused AdamW's there, ~50 us more), "
-           "so the rest of the training step moved; on the small workloads read ratios within 0.8-1.2 as ties.",
+           "1 thread; ratios to AdamW's step in the same round (median and range over the rounds). On the "
+           "small workloads read ratios within 0.8-1.2 as ties: one run on `lstsq` (turn 13) measured SOAA's "
+           "training step at 0.94-1.02x or 1.18-1.31x AdamW's depending on which model and optimizer were "
+           "built first; the same comparison later (turn 14, 4 runs per order, gc on or frozen) gave 0.98-1.00x "
+           "in both orders, and two full reports of the same code put SOAA's digits ratio at 0.92x and 1.06x.",
            "",
            "| workload | optimizer | rounds x steps | ms / step (median) | x AdamW (round range) | "
            "time to target at this cost (x AdamW) |", "|---|---|---|---|---|---|"]
