@@ -13,6 +13,7 @@ import dataclasses
 import inspect
 import io
 import pickle
+import random
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -162,13 +163,9 @@ def test_nonfinite_step_is_skipped_and_changes_nothing(spec: OptimizerSpec) -> N
 
 
 # ---------------------------------------------------------------------------------------- shortcuts
-@each_optimizer
-def test_a_shortcut_step_takes_the_templates_bits_and_effects(spec: OptimizerSpec) -> None:
-    """``ShardedOptimizer._planned_step`` (a shortcut past the step template, SOAA's planned step at W = 1)
-    either runs the whole step with the template's bits and effects or changes nothing: training with it
-    and with it turned off gives the same parameters, state, statistics and step counts after every step,
-    through a skipped (non-finite) step and a missing gradient. An optimizer that has a shortcut must take
-    it here (else the comparison would test nothing)."""
+def _shortcut_pair(spec: OptimizerSpec) -> tuple[list[tuple[Any, Any]], list[bool]]:
+    """Two equal runs, the first with its shortcut (counted in the returned list), the second always on
+    the template."""
     runs = [make(spec), make(spec)]
     runs[1][1]._planned_step = lambda: False  # type: ignore[method-assign]  # always the template
     taken: list[bool] = []
@@ -178,6 +175,30 @@ def test_a_shortcut_step_takes_the_templates_bits_and_effects(spec: OptimizerSpe
         taken.append(shortcut())
         return taken[-1]
     runs[0][1]._planned_step = counted  # type: ignore[method-assign]
+    return runs, taken
+
+
+def _assert_same_runs(runs: list[tuple[Any, Any]]) -> None:
+    (ma, oa), (mb, ob) = runs
+    assert_identical(params(ma), params(mb), "params")
+    assert_identical(oa.state_dict(), ob.state_dict())
+    assert oa.statistics() == ob.statistics()
+    assert (oa.num_steps, oa.skipped_steps) == (ob.num_steps, ob.skipped_steps)
+
+
+def _assert_taken_if_any(spec: OptimizerSpec, runs: list[tuple[Any, Any]], taken: list[bool]) -> None:
+    if type(runs[0][1])._planned_step is not ShardedOptimizer._planned_step:
+        assert any(taken), f"{spec.name} has a shortcut step but never took it"
+
+
+@each_optimizer
+def test_a_shortcut_step_takes_the_templates_bits_and_effects(spec: OptimizerSpec) -> None:
+    """``ShardedOptimizer._planned_step`` (a shortcut past the step template, SOAA's planned step at W = 1)
+    either runs the whole step with the template's bits and effects or changes nothing: training with it
+    and with it turned off gives the same parameters, state, statistics and step counts after every step,
+    through a skipped (non-finite) step and a missing gradient. An optimizer that has a shortcut must take
+    it here (else the comparison would test nothing)."""
+    runs, taken = _shortcut_pair(spec)
     for t in range(8):
         for model, opt in runs:
             if t == 5 and spec.needs is not StepNeeds.BATCH:  # the first parameter without a gradient
@@ -185,14 +206,42 @@ def test_a_shortcut_step_takes_the_templates_bits_and_effects(spec: OptimizerSpe
                 spec.take_step(opt, model, *data(t), on_gradients=lambda p=first: setattr(p, "grad", None))
             else:
                 step(spec, model, opt, t, poison=t == 3)
-        (ma, oa), (mb, ob) = runs
-        assert_identical(params(ma), params(mb), "params")
-        assert_identical(oa.state_dict(), ob.state_dict())
-        assert oa.statistics() == ob.statistics()
-        assert (oa.num_steps, oa.skipped_steps) == (ob.num_steps, ob.skipped_steps)
+        _assert_same_runs(runs)
     assert runs[1][1].skipped_steps == 1
-    if type(runs[0][1])._planned_step is not ShardedOptimizer._planned_step:
-        assert any(taken), f"{spec.name} has a shortcut step but never took it"
+    _assert_taken_if_any(spec, runs, taken)
+
+
+#: what a training loop may do between steps, for any optimizer (a shortcut must notice each, or be immune)
+_BETWEEN_STEPS: dict[str, Any] = {
+    "lr": lambda model, opt: [g.__setitem__("lr", g["lr"] * 0.7) for g in opt.param_groups],
+    "reload": lambda model, opt: opt.load_state_dict(copy.deepcopy(opt.state_dict())),
+    "move_parameter": lambda model, opt: setattr(next(iter(model.parameters())), "data",
+                                                 next(iter(model.parameters())).data.clone()),
+    "scale_parameter": lambda model, opt: next(iter(model.parameters())).data.mul_(0.9),
+}
+
+
+@pytest.mark.parametrize("seed", range(2))
+@each_optimizer
+def test_a_shortcut_step_holds_through_random_interference(spec: OptimizerSpec, seed: int) -> None:
+    """The same comparison through random sequences of what a loop does between steps (an lr schedule,
+    a state_dict reload, a parameter moved to new storage or scaled in place) and of non-finite or
+    missing gradients, several per run and on consecutive steps (fixed seeds)."""
+    rng = random.Random(seed)
+    events = [*sorted(_BETWEEN_STEPS), "poison"] + (["drop_gradient"] if spec.needs is not StepNeeds.BATCH else [])
+    plan = [rng.choice(events) if t > 0 and rng.random() < 0.5 else None for t in range(16)]
+    runs, taken = _shortcut_pair(spec)
+    for t, event in enumerate(plan):
+        for model, opt in runs:
+            if event in _BETWEEN_STEPS:
+                _BETWEEN_STEPS[event](model, opt)
+            if event == "drop_gradient":
+                first = next(iter(model.parameters()))
+                spec.take_step(opt, model, *data(t), on_gradients=lambda p=first: setattr(p, "grad", None))
+            else:
+                step(spec, model, opt, t, poison=event == "poison")
+        _assert_same_runs(runs)
+    _assert_taken_if_any(spec, runs, taken)
 
 
 # ---------------------------------------------------------------------------------------- checkpoints

@@ -11,6 +11,7 @@ interference to both between steps, and compares parameters, state and trust-reg
 from __future__ import annotations
 
 import copy
+import random
 from collections.abc import Callable
 from typing import Any
 
@@ -331,8 +332,6 @@ def test_interferences_in_random_sequences(seed: int) -> None:
     rebuilt between them), fixed seeds: after every step the planned optimizer has the bits of the one that
     never plans. (A wider search of this kind, 250 sequences of 25 steps with these and more events, found no
     difference.)"""
-    import random
-
     rng = random.Random(seed)
     names = sorted(_ACTIONS)
     plan = [rng.choice(names) if rng.random() < 0.4 else None for _ in range(24)]  # None: a normal step
