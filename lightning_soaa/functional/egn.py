@@ -242,6 +242,9 @@ def solve_damped(
     below :data:`REFINE_TOL`. Where that cannot reach ``r``'s accuracy, ``refine_failed`` is set and
     nothing else is decided (no λ retry: the caller re-solves in full precision).
 
+    With ``s`` None, ``r`` may also be an [n, m] block of right-hand sides sharing ``base`` (the m = c
+    systems of a Kronecker K = G ⊗ I_c, n = b); ``v`` then has that shape.
+
     ``base`` is overwritten (its diagonal holds the damping on return).
     """
     rhs = r if s is None else st_kr
@@ -278,8 +281,10 @@ def _cholesky_refined(chol: Tensor, rhs: Tensor, lam_b: float, apply_base: Calla
         # two triangular solves: ~4x faster than cholesky_solve for one right-hand side on CPU
         # the casts only where the dtypes differ (the mixed-precision solve): a no-op cast is an ATen call
         uc = u if u.dtype == chol.dtype else u.to(chol.dtype)
-        y = torch.linalg.solve_triangular(chol, uc.unsqueeze(1), upper=False)
-        x: Tensor = torch.linalg.solve_triangular(chol.mH, y, upper=True).squeeze(1)
+        column = uc.dim() == 1  # one right-hand side, else a [n, m] block of them (a Kronecker system)
+        y = torch.linalg.solve_triangular(chol, uc.unsqueeze(1) if column else uc, upper=False)
+        x: Tensor = torch.linalg.solve_triangular(chol.mH, y, upper=True)
+        x = x.squeeze(1) if column else x
         return x if x.dtype == rhs.dtype else x.to(rhs.dtype)
 
     x = lowp_solve(rhs)

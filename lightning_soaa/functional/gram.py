@@ -7,7 +7,9 @@ is the back-signal. Hence (spec §2.4, INFERRED "Gram trick")
     K_ℓ[(i,k),(j,l)] = Σ_{t,s} (a_it·a_js + 1) (δ_ikt·δ_jls)
 
 and K = Σ_ℓ K_ℓ + J_rest J_restᵀ. With one position per sample (T = 1) this is (AAᵀ + 1) ⊙ (ΔΔᵀ)
-and costs b·c·(d_in + d_out) memory per layer instead of b·c·d_in·d_out for the rows.
+and costs b·c·(d_in + d_out) memory per layer instead of b·c·d_in·d_out for the rows. When the only
+trained layer is one whose output is the model's (Δ_i = I: linear regression, a linear probe on a frozen
+network) K is the Kronecker product (AAᵀ + 1) ⊗ I_c (:func:`kronecker_sample_gram`).
 
 Across ranks the factors travel as one table with a row per sample (:class:`GramLayout`,
 :func:`pack_factor_table`); the rows of all ranks stacked are the global batch's table, from which
@@ -31,6 +33,7 @@ __all__ = [
     "factors_to",
     "gram_matvec",
     "jacobian_gram",
+    "kronecker_sample_gram",
     "linear_gram",
     "linear_jacobian_rows",
     "pack_factor_table",
@@ -237,6 +240,34 @@ def assemble_gram(layout: GramLayout, factors: GramFactors, *, lower_only: bool 
         for i0, i1 in blocks:
             k[i0 * c:i1 * c, :i1 * c].addmm_(factors.rows[i0 * c:i1 * c], factors.rows[:i1 * c].T)
     return k
+
+
+def kronecker_sample_gram(layout: GramLayout, factors: GramFactors) -> Tensor | None:
+    """The b×b sample Gram G with K = G ⊗ I_c, when K has that form, else None.
+
+    That is the case when the only Jacobian is one Linear's at one position whose output is the model's
+    (its back-signal Δ_i is I_c: a linear model, or a linear probe on a frozen network): K[(i,k),(j,l)] =
+    (a_i·a_j + 1) δ_kl. The check reads the factors themselves (the identity flag of a chain capture, else
+    Δ compared with I_c), so every rank, holding the same global factors, decides the same. G is built by
+    the same products as :func:`assemble_gram`'s, so G ⊗ I_c equals its K bit for bit.
+    """
+    if len(layout.sites) != 1 or layout.rest or factors.rows is not None or not factors.linear:
+        return None
+    site, (a, delta) = layout.sites[0], factors.linear[0]
+    b, c = int(factors.outputs.shape[0]), layout.num_outputs
+    if site.positions != 1 or site.d_out != c or not (site.weight or site.bias) or delta.shape[1] != c:
+        return None
+    if factors.identity != 0:
+        eye = torch.eye(c, dtype=delta.dtype, device=delta.device)
+        if not torch.equal(delta.reshape(b, c, c), eye.expand(b, c, c)):
+            return None
+    if not site.weight:
+        return torch.ones(b, b, dtype=a.dtype, device=a.device)
+    a2 = a[:, 0]
+    g = a2 @ a2.T
+    if site.bias:
+        g += 1.0
+    return g
 
 
 def _add_linear_gram_t1(k: Tensor, a: Tensor, delta: Tensor, blocks: list[tuple[int, int]], *, weight: bool,

@@ -25,6 +25,7 @@ from lightning_soaa.functional.gram import (
     assemble_gram,
     factors_to,
     gram_matvec,
+    kronecker_sample_gram,
     pack_factor_table,
     split_factor_table,
     transform_factors,
@@ -283,7 +284,9 @@ class EGN(ShardedOptimizer):
             Gram factors, to a guaranteed relative error ≤ 1e-13 (statistic ``solve_cg_iterations``); where
             that does not converge within a budget (small λ), and for sizes ≥ ``MIXED_MIN_SIZE`` (384), the
             system is assembled and Cholesky-factored in float32 and refined with exact float64 mat-vecs to
-            float64 accuracy (re-solved in float64 when the refinement cannot get there).
+            float64 accuracy (re-solved in float64 when the refinement cannot get there). With MSE and one
+            trained Linear whose output is the model's (linear regression, a linear probe on a frozen
+            network), K = G ⊗ I_c and the system is c right-hand sides of one b×b Cholesky factor instead.
         max_solve_retries: Cholesky retries with 10·λ (default 6).
         max_gram_size: largest bc allowed (default 4096); larger batches raise ``ValueError``.
         jacobian: ``"auto"`` (Linear factors + explicit rest) or ``"explicit"`` (default ``"auto"``).
@@ -796,6 +799,9 @@ class EGN(ShardedOptimizer):
         and that is expected to be cheaper, else directly (Cholesky of the assembled lower triangle)."""
         r2, s = egn_math.residual_and_factor(self.config.loss, pieces.outputs, pieces.targets)
         r = r2.reshape(-1)
+        g = kronecker_sample_gram(layout, pieces) if s is None else None
+        if g is not None:
+            return self._solve_kronecker(g, r2)
         k: Tensor | None = None
         if r.numel() <= SMALL_DENSE_MAX:
             # a small system: K itself, assembled whole, gives K·r as one mat-vec and SᵀKS as one
@@ -819,6 +825,25 @@ class EGN(ShardedOptimizer):
             kv = k @ sol.v if k is not None else gram_matvec(layout, pieces, sol.v)
             jd_qq = float(egn_math.q_norm_sq(s, kv))
         return _Curvature(r=r, s=s, sol=sol, gtd=gtd, jd_qq=jd_qq)
+
+    def _solve_kronecker(self, g: Tensor, r2: Tensor) -> _Curvature:
+        """:meth:`_solve` when K = G ⊗ I_c (:func:`kronecker_sample_gram`; Q = I): K + bλI = (G + bλI) ⊗ I_c,
+        so the system is c right-hand sides (R = r as [b, c]) of one b×b Cholesky factor, and K·X = G X.
+        Linear regression at b = 64, c = 4: a 64×64 factorization instead of 256×256 (~30 vs ~600 us)."""
+        b = r2.shape[0]
+        r = r2.reshape(-1)
+        kr = g @ r2
+        # the solve writes bλ into its matrix's diagonal: a copy where G itself is needed again
+        base = g.clone() if self.config.adaptive_damping else g
+        sol = egn_math.solve_damped(base, r2, kr, None, b, self.damping, max_retries=self.config.max_solve_retries)
+        sol.v = sol.v.reshape(-1)
+        if not sol.ok:
+            return _Curvature(r=r, s=None, sol=sol, gtd=float("nan"), jd_qq=float("nan"))
+        gtd = egn_math.directional_derivative(sol.v, kr.reshape(-1), b)
+        jd_qq = float("nan")
+        if self.config.adaptive_damping:
+            jd_qq = float(egn_math.q_norm_sq(None, (g @ sol.v.view(b, -1)).reshape(-1)))
+        return _Curvature(r=r, s=None, sol=sol, gtd=gtd, jd_qq=jd_qq)
 
     def _solve_system(self, batch: _Batch, layout: GramLayout, sp: GramFactors, r: Tensor, st_kr: Tensor,
                       s: Tensor | None) -> egn_math.SolveResult:
