@@ -45,8 +45,9 @@ CONFIGS = {
     # replicated state (shard=False): d is all-reduced instead of reduce-scattered to owners
     "mse_unsharded": dict(model="mlp", kw=dict(loss="mse", lr=1.0, damping=0.3, momentum=0.5, shard=False),
                           uneven=True),
-    "linear_idle": dict(model="linear", kw=dict(loss="mse", lr=3.0, damping=0.05, line_search=True),
-                        uneven=True),
+    # a linear model under MSE: K = G ⊗ I_c, the Kronecker solve (with every statistic it feeds)
+    "linear_idle": dict(model="linear", kw=dict(loss="mse", lr=3.0, damping=0.05, line_search=True, momentum=0.5,
+                                                adaptive_damping=True), uneven=True),
     # bc >= CG_MIN_SIZE: the system is solved by conjugate gradients on the gathered factors, identically
     # on every rank (same iterations, same decision to fall back)
     "mse_cg": dict(model="mlp", kw=dict(loss="mse", lr=1.0, damping=0.5, momentum=0.5, line_search=True,
