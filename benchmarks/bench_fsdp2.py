@@ -196,9 +196,9 @@ def main() -> None:
     if args.eager:
         os.environ["LIGHTNING_SOAA_COMPILE"] = "0"  # inherited by the spawned ranks
     args.out.mkdir(parents=True, exist_ok=True)
+    settings = {k: str(v) for k, v in vars(args).items() if k != "out"}  # no local paths in the JSON
     report: dict[str, Any] = {"machine": platform.platform(), "torch": torch.__version__,
-                              "cpus": os.cpu_count(), "args": {k: str(v) for k, v in vars(args).items()},
-                              "worlds": {}}
+                              "cpus": os.cpu_count(), "args": settings, "worlds": {}}
     for w in args.worlds:
         report["worlds"][str(w)] = run_world(w, args)
         report["params"] = report["worlds"][str(w)]["params"]
