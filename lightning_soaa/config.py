@@ -134,7 +134,8 @@ class EGNConfig:
             (ρ < 0.25 → λ·1.01; ρ > 0.75 → λ·0.99; λ clipped to [1e-12, 1e6]).
         solve_dtype: ``"float64"`` (default) or ``"model"``: the dtype of K and the bc×bc solve.
         max_solve_retries: Cholesky failures retried with 10·λ this many times (each one counted).
-        max_gram_size: memory guard: the largest allowed bc (K is bc×bc).
+        max_gram_size: memory guard: the largest allowed bc (K is bc×bc); b for a linear model under MSE
+            (K = G ⊗ I_c, a b×b solve).
         jacobian: ``"auto"`` (Gram factors for ``nn.Linear``, explicit per-sample Jacobians for the
             rest) or ``"explicit"`` (explicit Jacobians everywhere).
     """

@@ -288,7 +288,8 @@ class EGN(ShardedOptimizer):
             trained Linear whose output is the model's (linear regression, a linear probe on a frozen
             network), K = G ⊗ I_c and the system is c right-hand sides of one b×b Cholesky factor instead.
         max_solve_retries: Cholesky retries with 10·λ (default 6).
-        max_gram_size: largest bc allowed (default 4096); larger batches raise ``ValueError``.
+        max_gram_size: largest bc allowed (default 4096); larger batches raise ``ValueError``. For a
+            linear model under MSE (the Kronecker solve below) the largest b.
         jacobian: ``"auto"`` (Linear factors + explicit rest) or ``"explicit"`` (default ``"auto"``).
         process_group, comm, shard: see :class:`ShardedOptimizer`.
 
@@ -373,6 +374,10 @@ class EGN(ShardedOptimizer):
                              for s in self._sites]
         # a plain MLP (Sequential of Linear and activations): its capture needs no autograd (egn_chain)
         self._chain = plan_chain(model, self._sites, self._explicit)
+        # one trained Linear that outputs z, under MSE: K = G ⊗ I_c whenever T = 1 (either capture), so the
+        # solve is b×b (kronecker_sample_gram) and max_gram_size bounds b rather than bc
+        self._kronecker = (cfg.loss == "mse" and self._chain is not None and self._chain.num_sites == 1
+                           and self._chain.site_of[-1] == 0)
         self.damping = float(cfg.damping)
         self.alpha = float(cfg.lr)  # α of the previous step (the line search resets from it)
         self.momentum_steps = 0
@@ -746,7 +751,13 @@ class EGN(ShardedOptimizer):
         c, b = cs.pop(), sum(sizes)
         if b <= 0:
             raise ValueError("EGN: the global batch is empty.")
-        if b * c > self.config.max_gram_size:
+        if self._kronecker and info[0][3] == 1:  # K = G ⊗ I_c: the solve is b×b (_solve_kronecker)
+            if b > self.config.max_gram_size:
+                raise ValueError(
+                    f"EGN: the sample Gram matrix would be {b}x{b} (global batch b={b}; K = G ⊗ I_c for this "
+                    f"linear model under MSE), above max_gram_size={self.config.max_gram_size}. Use a smaller "
+                    "batch or raise max_gram_size.")
+        elif b * c > self.config.max_gram_size:
             raise ValueError(
                 f"EGN: the Gram matrix would be {b * c}x{b * c} (global batch b={b} times c={c} outputs), "
                 f"above max_gram_size={self.config.max_gram_size}. Use a smaller batch or raise max_gram_size."
@@ -802,6 +813,9 @@ class EGN(ShardedOptimizer):
         g = kronecker_sample_gram(layout, pieces) if s is None else None
         if g is not None:
             return self._solve_kronecker(g, r2)
+        if r.numel() > self.config.max_gram_size:  # admitted as b×b by _check_agreement: cannot happen
+            raise RuntimeError(f"EGN: a {r.numel()}x{r.numel()} system above max_gram_size was expected to be "
+                               "a Kronecker product and is not; please report this.")
         k: Tensor | None = None
         if r.numel() <= SMALL_DENSE_MAX:
             # a small system: K itself, assembled whole, gives K·r as one mat-vec and SᵀKS as one

@@ -147,3 +147,26 @@ def test_kronecker_and_general_solves_train_alike(name: str, monkeypatch: pytest
             if key != "w":
                 assert got[key] == pytest.approx(want[key], rel=1e-8, abs=1e-12), key
     assert runs[0][-1]["damping"] != 0.5  # adaptive damping moved λ: its ρ was exercised
+
+
+def test_max_gram_size_bounds_b_for_the_kronecker_solve(monkeypatch: pytest.MonkeyPatch) -> None:
+    """max_gram_size guards memory: for a linear model under MSE the system is b×b, so b is what it bounds
+    (b·c = 160 > 50 is solved); above it the error names the b×b matrix. Any other model keeps the bc bound."""
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(40, 6, generator=g, dtype=DT), torch.randn(40, 4, generator=g, dtype=DT)
+    torch.manual_seed(0)
+    model = nn.Linear(6, 4).double()
+    torch.manual_seed(0)
+    ref = direct_direction(nn.Linear(6, 4).double(), x, y, "mse", damping=0.03)
+    taken = _spy(monkeypatch)
+    opt = EGN(model, loss="mse", lr=1.0, damping=0.03, max_gram_size=50)
+    w0 = flat_params(model)
+    opt.step(inputs=x, targets=y)
+    assert taken == [True]
+    torch.testing.assert_close(flat_params(model) - w0, ref["d"], rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match=r"sample Gram matrix would be 60x60 .*b=60.*max_gram_size=50"):
+        opt.step(inputs=torch.randn(60, 6, dtype=DT), targets=torch.randn(60, 4, dtype=DT))
+    for other, loss, tgt in ((_probe(), "cross_entropy", torch.randint(0, 4, (20,))),
+                             (_frozen_head(), "mse", torch.randn(20, 4, dtype=DT))):
+        with pytest.raises(ValueError, match=r"Gram matrix would be 80x80 .*max_gram_size=50"):
+            EGN(other, loss=loss, max_gram_size=50).step(inputs=torch.randn(20, 6, dtype=DT), targets=tgt)
