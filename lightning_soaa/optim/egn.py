@@ -38,6 +38,7 @@ from lightning_soaa.optim.egn_capture import (
     plan_curvature,
 )
 from lightning_soaa.optim.egn_chain import ChainCapture, grad_off, plan_chain
+from lightning_soaa.optim.egn_trace import plan_trace
 from lightning_soaa.optim.param_checks import check_step
 
 __all__ = ["EGN", "MISSING_BATCH_MESSAGE"]
@@ -237,6 +238,13 @@ class EGN(ShardedOptimizer):
     function whose Gauss-Newton model is built is deterministic and per-sample; each submodule's own
     mode is restored afterwards and BatchNorm running statistics are not updated by ``step``.
 
+    **Capture.** The back-signals of the Linear layers come from one batched backward pass in general; a
+    model that is a chain of Linear layers and element-wise activations takes them by the chain rule
+    without autograd: an ``nn.Sequential`` (or one ``nn.Linear``) planned once
+    (:mod:`~lightning_soaa.optim.egn_chain`), any other model whose forward is verified to be such a chain
+    at every step, e.g. ``head(body(x))`` in a ``LightningModule`` (:mod:`~lightning_soaa.optim.egn_trace`).
+    Both give the general capture's factors bit for bit.
+
     **Across ranks (exact).** Every rank holds its own samples (local batch sizes may differ; b is the
     global sum). Per step, on every rank and in this order, through the base class's step template
     (:meth:`_exchange_in` → :meth:`_prepare` → the template's one all-reduce → :meth:`_decide` →
@@ -374,6 +382,8 @@ class EGN(ShardedOptimizer):
                              for s in self._sites]
         # a plain MLP (Sequential of Linear and activations): its capture needs no autograd (egn_chain)
         self._chain = plan_chain(model, self._sites, self._explicit)
+        # any other model whose forward may be such a chain: checked at every step (egn_trace)
+        self._trace = plan_trace(model, self._sites, self._explicit) if self._chain is None else None
         # one trained Linear that outputs z, under MSE: K = G ⊗ I_c whenever T = 1 (either capture), so the
         # solve is b×b (kronecker_sample_gram) and max_gram_size bounds b rather than bc
         self._kronecker = (cfg.loss == "mse" and self._chain is not None and self._chain.num_sites == 1
@@ -670,12 +680,18 @@ class EGN(ShardedOptimizer):
             shapes = [tuple(x.shape) for x in xs]
             return None, None, (f"EGN: inputs {shapes} and targets {tuple(targets.shape)} must share the "
                                 "batch dimension (dim 0).")
-        cap: LinearCapture | ChainCapture
+        cap: LinearCapture | ChainCapture | None = None
         try:
             if self._chain is not None and self._use_chain(xs):
                 cap = ChainCapture(self._chain, xs[0])
                 z = cap.z
-            else:
+            elif self._trace is not None:
+                cap, z, why = self._trace.capture(xs)
+                if cap is None:  # the forward is not a chain: the general capture, now and from now on
+                    log.info("EGN: the model's forward is not a chain of its Linear layers and activations "
+                             "(%s); the general capture is used from now on.", why)
+                    self._trace = None
+            if cap is None:
                 cap = LinearCapture(self._sites, b)
                 with torch.enable_grad(), cap:
                     z = self.model(*xs)

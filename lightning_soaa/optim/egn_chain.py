@@ -13,7 +13,8 @@ with the very ATen kernels autograd's backward calls (``tanh_backward``, ``sigmo
 for all c columns at once, [b, c, d]. The forward runs without autograd (nothing is differentiated) and
 without hooks or copies (no module of the chain works in place). The chain is planned once, at
 construction; a step uses it only while nothing could make the forward differ from the plan (a single
-2-D input, no hooks on the chain's modules or global ones); otherwise the general capture runs. For a
+2-D input, no hooks on the chain's modules or global ones); otherwise the general capture runs (other
+models whose forward is such a chain are checked at each step: :mod:`lightning_soaa.optim.egn_trace`). For a
 bare Linear the general capture's batched backward only recovers the identity: the benchmark report's
 least-squares model (32 -> 4, b = 64) steps in 1.65 instead of 2.05 ms through the chain, same bits.
 """
@@ -120,12 +121,18 @@ class ChainCapture:
     the same interface as :class:`LinearCapture` where EGN reads it (``inputs``, ``error``,
     :meth:`local_factors`)."""
 
-    def __init__(self, chain: Chain, x: Tensor) -> None:
+    def __init__(self, chain: Chain, x: Tensor | None, traced: tuple[Tensor, list[Tensor]] | None = None) -> None:
+        """Runs the chain's forward on ``x``, or takes ``traced`` = (z, each module's input) from a
+        forward already run and verified to be this chain (:mod:`lightning_soaa.optim.egn_trace`)."""
         self.chain = chain
         self.error: str | None = None
         #: the site whose back-signal is the identity (the last module, a Linear, outputs z), or -1
         self.identity_site = chain.site_of[-1]
-        self.z, self.saved = chain.forward(x)
+        if traced is not None:
+            self.z, self.saved = traced
+        else:
+            assert x is not None
+            self.z, self.saved = chain.forward(x)
         self.inputs: list[list[Tensor]] = [[] for _ in range(chain.num_sites)]
         for j, i in enumerate(chain.site_of):
             if i >= 0:

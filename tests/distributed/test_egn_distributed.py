@@ -37,11 +37,25 @@ class _Mixed(nn.Module):
         return self.l2(torch.tanh(self.ln(self.l1(x))))
 
 
+class _Wrapped(nn.Module):
+    """A plain MLP behind a custom forward: traced as a chain at every step (egn_trace)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = tiny_mlp(0, DT)
+
+    def forward(self, x):
+        return self.body(x)
+
+
 CONFIGS = {
     "ce_all": dict(model="mlp", kw=dict(loss="cross_entropy", lr=2.0, damping=0.5, momentum=0.7,
                                         line_search=True, adaptive_damping=True), uneven=True),
     "bce_mixed": dict(model="mixed", kw=dict(loss="bce", lr=1.0, damping=0.2, momentum=0.5,
                                              adaptive_damping=True), uneven=False),
+    # the chain traced behind a custom forward: each rank verifies its own forward
+    "ce_traced": dict(model="wrapped", kw=dict(loss="cross_entropy", lr=1.0, damping=0.5, momentum=0.5,
+                                               line_search=True), uneven=True),
     # replicated state (shard=False): d is all-reduced instead of reduce-scattered to owners
     "mse_unsharded": dict(model="mlp", kw=dict(loss="mse", lr=1.0, damping=0.3, momentum=0.5, shard=False),
                           uneven=True),
@@ -60,6 +74,8 @@ def _model(kind: str) -> nn.Module:
         return tiny_mlp(0, DT)
     if kind == "mixed":
         return _Mixed()
+    if kind == "wrapped":
+        return _Wrapped()
     torch.manual_seed(4)
     return nn.Linear(6, 3).double()
 
@@ -103,7 +119,7 @@ def _worker(rank: int, world: int) -> dict:
         out[name] = {"params": _flat(model), "damping": opt.damping, "alpha": opt.alpha,
                      "owned": st["owned_blocks"], "calls": st.get("comm_calls", 0.0), "ckpt": ckpt,
                      "cg": st["solve_cg_iterations"],
-                     "last_calls": dict(opt.comm.step_stats.calls)}
+                     "last_calls": dict(opt.comm.step_stats.calls), "traced": opt._trace is not None}
     return out
 
 
@@ -143,6 +159,8 @@ def test_w_ranks_equal_one_process(world: int, tmp_path) -> None:
                 # all-reduce, d from owners, one trial loss (never accept a non-finite loss)
                 for res in results:
                     assert res[name]["last_calls"] == {"all_reduce": 3, "all_gather": 2, "reduce_scatter": 1}
+        if name == "ce_traced":  # every rank stepped through the traced chain, none fell back
+            assert all(res[name]["traced"] for res in results)
         if name == "linear_idle" and world >= 3:
             assert min(res[name]["owned"] for res in results) == 0  # an idle rank took part
         # a state saved on W ranks resumes in one process and continues the same trajectory

@@ -1,0 +1,115 @@
+"""EGN's chain capture for models that are not an ``nn.Sequential`` but whose forward is one: a module
+(a ``LightningModule``, say) whose ``forward`` runs its Linear layers and element-wise activations one
+after the other, e.g. ``self.head(self.body(x))``.
+
+Such a model's forward cannot be read from its structure (``forward`` is arbitrary Python), so it is
+checked at every step instead: the model's own forward runs, without autograd, under one global forward
+hook that records the calls of the known modules (``nn.Linear``, the activations and pass-through modules
+of :mod:`lightning_soaa.optim.egn_chain`). The step takes the chain rule's back-signals
+(:class:`~lightning_soaa.optim.egn_chain.ChainCapture`) only if the recorded calls are a chain:
+
+* each known module ran at most once (a Linear called twice would be two positions of one site);
+* each recorded module's input is the very tensor the previous one returned (so nothing was computed
+  between them: a residual, a scaling or a reshape makes a new tensor), and the model returned the last
+  one's output (a Linear's, or an activation's after it: the chain rule starts there either way);
+* no recorded tensor changed in place after it was recorded (its version counter: an in-place activation,
+  an in-place op between modules or a hook that edits an output);
+* every trained Linear (each factored site) is in the chain.
+
+What runs before the first recorded module does not matter: no trained parameter is there (every trained
+parameter is a site's, and every site is in the chain). Where the check fails, the step re-runs the
+forward under the general capture (hooks and autograd) and the model is never traced again: a forward
+that is not a chain once is taken not to be one. Both captures give the same factors bit for bit, so
+ranks that decide differently still agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.module import register_module_forward_hook
+
+from lightning_soaa.optim.egn_capture import LinearSite
+from lightning_soaa.optim.egn_chain import _ACTIVATIONS, _PASS_THROUGH, Chain, ChainCapture
+
+__all__ = ["TracePlan", "plan_trace"]
+
+
+def _known(m: nn.Module) -> bool:
+    """A module the chain rule knows (its exact type, its class's ``forward``)."""
+    if "forward" in m.__dict__:
+        return False
+    return type(m) is nn.Linear or type(m) in _ACTIVATIONS or type(m) in _PASS_THROUGH
+
+
+@dataclasses.dataclass
+class _Call:
+    module: nn.Module
+    arg: Tensor
+    out: Tensor
+    arg_version: int
+    out_version: int
+
+
+class TracePlan:
+    """The known modules of a model to watch, and its factored sites; :meth:`capture` runs one step's
+    forward and returns a :class:`ChainCapture` or why the forward was not a chain."""
+
+    def __init__(self, model: nn.Module, sites: list[LinearSite]) -> None:
+        self.model = model
+        self.watched = {id(m) for m in model.modules() if m is not model and _known(m)}
+        self.site_index = {id(s.module): i for i, s in enumerate(sites)}
+
+    def capture(self, xs: tuple[Tensor, ...]) -> tuple[ChainCapture | None, Any, str | None]:
+        """(the capture or None, the model's output, the reason it is not a chain or None)."""
+        calls: list[_Call] = []
+
+        def record(m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+            # (the watched modules' forward takes one tensor and returns one)
+            if id(m) in self.watched:
+                calls.append(_Call(m, args[0], out, args[0]._version, out._version))
+
+        handle = register_module_forward_hook(record)
+        try:
+            with torch.no_grad():  # not inference mode: its tensors have no version counters
+                z = self.model(*xs)
+        finally:
+            handle.remove()
+        why = self._why_not(calls, z)
+        if why is not None:
+            return None, z, why
+        site_of = tuple(self.site_index.get(id(c.module), -1) for c in calls)
+        chain = Chain(tuple(c.module for c in calls), site_of, len(self.site_index))
+        return ChainCapture(chain, None, traced=(z, [c.arg for c in calls])), z, None
+
+    def _why_not(self, calls: list[_Call], z: Any) -> str | None:
+        """None when ``calls`` are a chain that ends in ``z`` (see the module docstring), else why not."""
+        if not calls or not isinstance(z, Tensor) or calls[-1].out is not z:
+            return "the model's output is not the output of a module of the chain"
+        ids = {id(c.module) for c in calls}
+        if len(ids) != len(calls):
+            return "a module ran twice"
+        for prev, c in zip(calls, calls[1:]):
+            if c.arg is not prev.out:
+                return (f"the input of a {type(c.module).__name__} is not the output of the "
+                        f"{type(prev.module).__name__} before it")
+        for c in calls:  # (an in-place activation changes the previous module's recorded output)
+            if c.arg._version != c.arg_version or c.out._version != c.out_version:
+                return "a tensor of the forward changed in place after a module returned it"
+        if not set(self.site_index) <= ids:
+            return "a trained Linear is not in the chain"
+        return None
+
+
+def plan_trace(model: nn.Module, sites: list[LinearSite], explicit: list[str]) -> TracePlan | None:
+    """A :class:`TracePlan` for a model whose trained parameters are all factored Linear layers of the
+    exact type, with at least one such layer, that is not itself an ``nn.Sequential`` or ``nn.Linear``
+    (those are planned once, :func:`~lightning_soaa.optim.egn_chain.plan_chain`); else None."""
+    if explicit or not sites or type(model) in (nn.Sequential, nn.Linear):
+        return None
+    if any(type(s.module) is not nn.Linear or "forward" in s.module.__dict__ for s in sites):
+        return None
+    return TracePlan(model, sites)
