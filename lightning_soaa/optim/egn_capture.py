@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -86,7 +87,7 @@ class LinearCapture:
 
     def __enter__(self) -> LinearCapture:
         for i, site in enumerate(self.sites):
-            self._handles.append(site.module.register_forward_hook(self._hook(i)))
+            self._handles.append(site.module.register_forward_hook(self._hook(i), with_kwargs=True))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -94,9 +95,12 @@ class LinearCapture:
             h.remove()
         self._handles.clear()
 
-    def _hook(self, i: int) -> Callable[[nn.Module, tuple[Tensor, ...], Tensor], Tensor | None]:
-        def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor | None:
-            a = args[0]
+    def _hook(self, i: int) -> Callable[..., Tensor | None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Tensor) -> Tensor | None:
+            a = args[0] if args else kwargs.get("input")  # Linear.forward(input): positional or by keyword
+            if not isinstance(a, Tensor):
+                self.error = f"EGN: the Linear layer {self.sites[i].path!r} was called without an input tensor."
+                return None
             if a.dim() < 2 or a.shape[0] != self.batch_size:
                 self.error = (
                     f"EGN: the Linear layer {self.sites[i].path!r} received an input of shape "

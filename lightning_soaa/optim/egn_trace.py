@@ -8,7 +8,8 @@ hook that records the calls of the known modules (``nn.Linear``, the activations
 of :mod:`lightning_soaa.optim.egn_chain`). The step takes the chain rule's back-signals
 (:class:`~lightning_soaa.optim.egn_chain.ChainCapture`) only if the recorded calls are a chain:
 
-* each known module ran at most once (a Linear called twice would be two positions of one site);
+* each known module ran at most once (a Linear called twice would be two positions of one site), on one
+  positional tensor;
 * each recorded module's input is the very tensor the previous one returned (so nothing was computed
   between them: a residual, a scaling or a reshape makes a new tensor), and the model returned the last
   one's output (a Linear's, or an activation's after it: the chain rule starts there either way);
@@ -45,6 +46,12 @@ def _known(m: nn.Module) -> bool:
     return type(m) is nn.Linear or type(m) in _ACTIVATIONS or type(m) in _PASS_THROUGH
 
 
+def _version(t: Tensor) -> int:
+    """The tensor's version counter; -1 for an inference tensor (it has none, and cannot be changed in
+    place outside inference mode, where this forward runs)."""
+    return -1 if t.is_inference() else t._version
+
+
 @dataclasses.dataclass
 class _Call:
     module: nn.Module
@@ -66,19 +73,23 @@ class TracePlan:
     def capture(self, xs: tuple[Tensor, ...]) -> tuple[ChainCapture | None, Any, str | None]:
         """(the capture or None, the model's output, the reason it is not a chain or None)."""
         calls: list[_Call] = []
+        odd: list[str] = []
 
-        def record(m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
-            # (the watched modules' forward takes one tensor and returns one)
-            if id(m) in self.watched:
-                calls.append(_Call(m, args[0], out, args[0]._version, out._version))
+        def record(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+            if id(m) not in self.watched:
+                return
+            if len(args) != 1 or kwargs or not isinstance(args[0], Tensor) or not isinstance(out, Tensor):
+                odd.append(f"a {type(m).__name__} was called other than on one positional tensor")
+                return
+            calls.append(_Call(m, args[0], out, _version(args[0]), _version(out)))
 
-        handle = register_module_forward_hook(record)
+        handle = register_module_forward_hook(record, with_kwargs=True)
         try:
             with torch.no_grad():  # not inference mode: its tensors have no version counters
                 z = self.model(*xs)
         finally:
             handle.remove()
-        why = self._why_not(calls, z)
+        why = odd[0] if odd else self._why_not(calls, z)
         if why is not None:
             return None, z, why
         site_of = tuple(self.site_index.get(id(c.module), -1) for c in calls)
@@ -97,7 +108,7 @@ class TracePlan:
                 return (f"the input of a {type(c.module).__name__} is not the output of the "
                         f"{type(prev.module).__name__} before it")
         for c in calls:  # (an in-place activation changes the previous module's recorded output)
-            if c.arg._version != c.arg_version or c.out._version != c.out_version:
+            if _version(c.arg) != c.arg_version or _version(c.out) != c.out_version:
                 return "a tensor of the forward changed in place after a module returned it"
         if not set(self.site_index) <= ids:
             return "a trained Linear is not in the chain"

@@ -47,7 +47,7 @@ class Wrapped(nn.Module):
             h = h * 1.0
         elif k == "shared":  # one Linear at two places of the chain (two positions of one site)
             h = self.spare(self.body[1](self.spare(h)))
-        out: Tensor = self.head(h)
+        out: Tensor = self.head(input=h) if k == "keyword" else self.head(h)
         if k == "inplace_op":  # z changed after the head returned it (autograd does not mind: same J)
             out.add_(0.1)
         if k == "act_last":
@@ -95,7 +95,7 @@ def test_a_chain_behind_a_custom_forward_is_traced_with_the_general_paths_bits(
 
 
 @pytest.mark.parametrize("kind", ["scaled", "residual", "inplace_op", "norm", "post", "inplace_relu", "branch",
-                                  "unused", "shared"])
+                                  "unused", "shared", "keyword"])
 def test_a_forward_that_is_not_a_chain_falls_back_for_good(kind: str, monkeypatch: pytest.MonkeyPatch,
                                                            caplog: pytest.LogCaptureFixture) -> None:
     sizes = (8, 8, 7, 8, 8) if kind == "branch" else (8,) * 5  # "branch": a chain until the odd batch
@@ -138,3 +138,14 @@ def test_a_frozen_layer_and_a_failing_forward() -> None:
     assert opt._trace is not None
     with pytest.raises(ValueError, match="the model's forward failed: RuntimeError"):
         opt.step(inputs=torch.randn(8, 5, dtype=DT), targets=torch.randint(0, 3, (8,)))
+
+
+def test_an_inference_tensor_input_is_traced() -> None:
+    """Data made under inference mode (no version counter) does not break the trace or the forward."""
+    torch.manual_seed(0)
+    model = Wrapped().double()
+    opt = EGN(model, loss="cross_entropy", lr=0.5)
+    with torch.inference_mode():
+        x, y = torch.randn(8, 6, dtype=DT), torch.randint(0, 3, (8,))
+    opt.step(inputs=x, targets=y)
+    assert opt._trace is not None
