@@ -5,7 +5,8 @@ Jacobians (torch.func) for every other trainable parameter. No communication her
   explicit Jacobians.
 * :class:`LinearCapture` records each factored Linear's input ``a`` (forward hook) and hands back a copy
   of its output so the back-signals δ = ∂z/∂y can be read with ``torch.autograd.grad`` even when a later
-  layer works in place.
+  layer works in place; its forward runs under :class:`~lightning_soaa.optim.egn_guard.OwnUseGuard`, which
+  reports a factored parameter used outside its layer's call (its Jacobian would be incomplete).
 * :func:`explicit_jacobian_rows` is ``vmap(jacrev(functional_call))`` over the samples, restricted to the
   parameters that are not factored.
 """
@@ -20,6 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, jvp, vmap
+
+from lightning_soaa.optim.egn_guard import OwnUseGuard
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +74,12 @@ def plan_curvature(model: nn.Module, trainable: dict[str, Tensor],
     return sites, explicit
 
 
+def site_params(site: LinearSite) -> tuple[Tensor | None, Tensor | None]:
+    """(weight, bias) of a factored Linear, None where that one is not trained."""
+    m = site.module
+    return (m.weight if site.weight else None, m.bias if site.bias else None)
+
+
 class LinearCapture:
     """Forward hooks that record (input, output) of each factored Linear for one forward pass."""
 
@@ -86,17 +95,30 @@ class LinearCapture:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def __enter__(self) -> LinearCapture:
+        self.guard = OwnUseGuard([(s.path, s.module, site_params(s)) for s in self.sites])
         for i, site in enumerate(self.sites):
+            self._handles.append(site.module.register_forward_pre_hook(self._enter_hook(i)))
             self._handles.append(site.module.register_forward_hook(self._hook(i), with_kwargs=True))
+        self.guard.__enter__()  # type: ignore[no-untyped-call]  # (torch's TorchFunctionMode is untyped)
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.guard.__exit__(*exc)  # type: ignore[no-untyped-call]
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if self.error is None:
+            self.error = self.guard.misuse
+
+    def _enter_hook(self, i: int) -> Callable[..., None]:
+        def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            self.guard.enter(i)
+
+        return pre_hook
 
     def _hook(self, i: int) -> Callable[..., Tensor | None]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Tensor) -> Tensor | None:
+            self.guard.leave(i)
             a = args[0] if args else kwargs.get("input")  # Linear.forward(input): positional or by keyword
             if not isinstance(a, Tensor):
                 self.error = f"EGN: the Linear layer {self.sites[i].path!r} was called without an input tensor."

@@ -15,7 +15,8 @@ of :mod:`lightning_soaa.optim.egn_chain`). The step takes the chain rule's back-
   one's output (a Linear's, or an activation's after it: the chain rule starts there either way);
 * no recorded tensor changed in place after it was recorded (its version counter: an in-place activation,
   an in-place op between modules or a hook that edits an output);
-* every trained Linear (each factored site) is in the chain.
+* every trained Linear (each factored site) is in the chain, and its parameters are used by nothing but
+  its own call (:class:`~lightning_soaa.optim.egn_guard.OwnUseGuard`; the general capture then reports it).
 
 What runs before the first recorded module does not matter: no trained parameter is there (every trained
 parameter is a site's, and every site is in the chain). Where the check fails, the step re-runs the
@@ -31,10 +32,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.module import register_module_forward_hook
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
-from lightning_soaa.optim.egn_capture import LinearSite
+from lightning_soaa.optim.egn_capture import LinearSite, site_params
 from lightning_soaa.optim.egn_chain import _ACTIVATIONS, _PASS_THROUGH, Chain, ChainCapture
+from lightning_soaa.optim.egn_guard import OwnUseGuard
 
 __all__ = ["TracePlan", "plan_trace"]
 
@@ -69,27 +71,39 @@ class TracePlan:
         self.model = model
         self.watched = {id(m) for m in model.modules() if m is not model and _known(m)}
         self.site_index = {id(s.module): i for i, s in enumerate(sites)}
+        self.layers = [(s.path, s.module, site_params(s)) for s in sites]
 
     def capture(self, xs: tuple[Tensor, ...]) -> tuple[ChainCapture | None, Any, str | None]:
         """(the capture or None, the model's output, the reason it is not a chain or None)."""
         calls: list[_Call] = []
         odd: list[str] = []
+        guard = OwnUseGuard(self.layers)
+
+        def enter(m: nn.Module, args: tuple[Any, ...]) -> None:
+            i = self.site_index.get(id(m))
+            if i is not None:
+                guard.enter(i)
 
         def record(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
             if id(m) not in self.watched:
                 return
+            i = self.site_index.get(id(m))
+            if i is not None:
+                guard.leave(i)
             if len(args) != 1 or kwargs or not isinstance(args[0], Tensor) or not isinstance(out, Tensor):
                 odd.append(f"a {type(m).__name__} was called other than on one positional tensor")
                 return
             calls.append(_Call(m, args[0], out, _version(args[0]), _version(out)))
 
-        handle = register_module_forward_hook(record, with_kwargs=True)
+        handles = [register_module_forward_pre_hook(enter), register_module_forward_hook(record, with_kwargs=True)]
         try:
-            with torch.no_grad():  # not inference mode: its tensors have no version counters
+            # not inference mode: its tensors have no version counters
+            with torch.no_grad(), guard:
                 z = self.model(*xs)
         finally:
-            handle.remove()
-        why = odd[0] if odd else self._why_not(calls, z)
+            for h in handles:
+                h.remove()
+        why = guard.misuse or (odd[0] if odd else self._why_not(calls, z))
         if why is not None:
             return None, z, why
         site_of = tuple(self.site_index.get(id(c.module), -1) for c in calls)

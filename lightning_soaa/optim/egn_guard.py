@@ -1,0 +1,68 @@
+"""A factored Linear's parameters may reach the outputs only through that Linear's own call.
+
+EGN builds each factored ``nn.Linear``'s part of the Jacobian from what the layer's call saw: its input A
+and the back-signal of its output. A forward that also uses the layer's weight or bias another way, e.g.
+``F.linear(x, self.fc.weight)``, ``h @ self.fc.weight.T``, or a penalty on the weight added to the
+outputs, contributes Jacobian terms no hook sees: the Gauss-Newton step would be silently wrong. This
+mode watches the capture's forward and records the first torch function that takes such a parameter
+outside its layer's call and returns a tensor (reading metadata such as ``weight.shape`` is fine). The
+capture then reports an error, on every rank together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["OwnUseGuard"]
+
+
+def _tensors(args: Sequence[Any], kwargs: dict[str, Any]) -> Iterator[Any]:
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, (list, tuple)):
+            yield from a
+        else:
+            yield a
+
+
+class OwnUseGuard(TorchFunctionMode):
+    """Active around a forward; :meth:`enter` / :meth:`leave` bracket each factored Linear's own call
+    (its hooks), and ``misuse`` names the first parameter used outside it (None: none was)."""
+
+    def __init__(self, layers: Sequence[tuple[str, nn.Linear, tuple[Tensor | None, ...]]]) -> None:
+        """``layers``: per factored Linear its path, module and trained parameters (None where frozen)."""
+        super().__init__()
+        self._owner: dict[int, tuple[int, str]] = {}
+        for i, (path, _, params) in enumerate(layers):
+            for name, p in zip(("weight", "bias"), params):
+                if p is not None:
+                    self._owner[id(p)] = (i, f"{path}.{name}" if path else name)
+        self._inside: list[int] = []
+        self.misuse: str | None = None
+
+    def enter(self, i: int) -> None:
+        self._inside.append(i)
+
+    def leave(self, i: int) -> None:
+        if self._inside and self._inside[-1] == i:
+            self._inside.pop()
+
+    def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.misuse is None and (isinstance(out, Tensor) or
+                                    (isinstance(out, (tuple, list)) and any(isinstance(o, Tensor) for o in out))):
+            here = self._inside[-1] if self._inside else -1
+            for a in _tensors(args, kwargs):
+                owner = self._owner.get(id(a))
+                if owner is not None and owner[0] != here:
+                    name = getattr(func, "__name__", str(func))
+                    self.misuse = (f"EGN: the parameter {owner[1]!r} is used outside its nn.Linear's own call "
+                                   f"(by {name}), so its Gram factors would miss part of the Jacobian. Call the "
+                                   "layer as a module, or build EGN with jacobian='explicit'.")
+                    break
+        return out
