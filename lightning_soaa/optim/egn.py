@@ -236,7 +236,10 @@ class EGN(ShardedOptimizer):
     **Mode.** The whole step (Jacobians, Gram factors, line-search and ρ forwards) runs with every
     submodule in eval mode — BatchNorm uses its running statistics and dropout is off — so the
     function whose Gauss-Newton model is built is deterministic and per-sample; each submodule's own
-    mode is restored afterwards and BatchNorm running statistics are not updated by ``step``.
+    mode is restored afterwards and BatchNorm running statistics are not updated by ``step``. The model
+    must be per-sample in eval mode (sample i's outputs depend on sample i alone: no statistics of the
+    batch, no attention across it): the Gram factors and back-signals are per sample, and a forward that
+    mixes samples is not detected.
 
     **Capture.** The back-signals of the Linear layers come from one batched backward pass in general; a
     model that is a chain of Linear layers and element-wise activations takes them by the chain rule
