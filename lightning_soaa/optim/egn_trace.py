@@ -121,6 +121,11 @@ class TracePlan:
             if c.arg is not prev.out:
                 return (f"the input of a {type(c.module).__name__} is not the output of the "
                         f"{type(prev.module).__name__} before it")
+        for c in calls:
+            # in eval mode a Dropout (like an Identity) returns its input tensor itself; a new one means a
+            # Dropout left in training mode (a model whose train() does not reach it): not the identity
+            if type(c.module) in _PASS_THROUGH and c.out is not c.arg:
+                return f"a {type(c.module).__name__} did not return its input (in training mode?)"
         for c in calls:  # (an in-place activation changes the previous module's recorded output)
             if _version(c.arg) != c.arg_version or _version(c.out) != c.out_version:
                 return "a tensor of the forward changed in place after a module returned it"

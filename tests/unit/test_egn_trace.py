@@ -149,3 +149,15 @@ def test_an_inference_tensor_input_is_traced() -> None:
         x, y = torch.randn(8, 6, dtype=DT), torch.randint(0, 3, (8,))
     opt.step(inputs=x, targets=y)
     assert opt._trace is not None
+
+
+def test_a_dropout_left_in_training_mode_is_not_traced_as_the_identity() -> None:
+    """A model whose train() does not reach its Dropout keeps it active inside the step: the trace must
+    not take it for the identity."""
+    torch.manual_seed(0)
+    model = Wrapped().double()
+    opt = EGN(model, loss="cross_entropy", lr=0.5)
+    object.__setattr__(model, "train", lambda mode=True: model)  # eval() no longer reaches the Dropout
+    model.body[2].training = True
+    opt.step(inputs=torch.randn(8, 6, dtype=DT), targets=torch.randint(0, 3, (8,)))
+    assert opt._trace is None
