@@ -33,7 +33,7 @@ from bench_egn import SIZES, _mlp
 # in the list (gram_matvec also runs inside solve_damped's refinement: that part counts as the solve)
 PHASES: tuple[tuple[str, ...], ...] = (
     ("capture forward + loss", "optim/egn.py", "_forward_capture"),
-    ("back signals", "optim/egn_capture.py", "back_signals"),
+    ("back signals", "optim/egn_capture.py", "checked_back_signals"),
     ("back signals", "optim/egn_chain.py", "local_factors"),  # a plain MLP's chain rule (egn_chain)
     ("factor packing", "optim/egn_capture.py", "factors"),
     ("factor packing", "functional/gram.py", "pack_factor_table"),

@@ -238,8 +238,11 @@ class EGN(ShardedOptimizer):
     function whose Gauss-Newton model is built is deterministic and per-sample; each submodule's own
     mode is restored afterwards and BatchNorm running statistics are not updated by ``step``. The model
     must be per-sample in eval mode (sample i's outputs depend on sample i alone: no statistics of the
-    batch, no attention across it): the Gram factors and back-signals are per sample, and a forward that
-    mixes samples is not detected.
+    batch, no attention across it): the Gram factors and back-signals are per sample. The general capture
+    checks it (one more cotangent in its batched backward,
+    :func:`~lightning_soaa.optim.egn_capture.checked_back_signals`) and refuses a model that mixes samples
+    on every rank; chains are per sample by construction. Mixing that only the explicit Jacobians of
+    non-Linear parameters see (between such a module and the next factored Linear) is not checked.
 
     **Capture.** The back-signals of the Linear layers come from one batched backward pass in general; a
     model that is a chain of Linear layers and element-wise activations takes them by the chain rule
@@ -708,6 +711,10 @@ class EGN(ShardedOptimizer):
             egn_math.check_outputs_targets(self.config.loss, z, _as(targets, device=z.device))
         except ValueError as exc:
             return None, None, str(exc)
+        if isinstance(cap, LinearCapture):  # its back-signals now: a model that mixes samples is refused
+            cap.prepare(z, z.shape[1])      # before the ranks exchange anything
+            if cap.error is not None:
+                return None, None, cap.error
         return z, cap, None
 
     def _agree_on_batch(self, xs: tuple[Tensor, ...], targets: Tensor) -> _Batch:

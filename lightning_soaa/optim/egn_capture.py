@@ -26,7 +26,8 @@ from lightning_soaa.optim.egn_guard import OwnUseGuard
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LinearSite", "plan_curvature", "LinearCapture", "back_signals", "explicit_jacobian_rows",
+__all__ = ["LinearSite", "plan_curvature", "LinearCapture", "back_signals", "checked_back_signals",
+           "explicit_jacobian_rows",
            "jvp_outputs"]
 
 
@@ -166,9 +167,18 @@ class LinearCapture:
     def flat_outputs(self) -> list[Tensor]:
         return [y for ys in self.outputs for y in ys]
 
+    def prepare(self, z: Tensor, num_outputs: int) -> None:
+        """Reads this forward's back-signals now, checking that the samples are independent
+        (:func:`checked_back_signals`; ``error`` says so if not), so that a rank that finds a coupled
+        model reports it before the ranks exchange anything."""
+        deltas, self.error = checked_back_signals(z, self.flat_outputs(), num_outputs)
+        self._factors = self.factors(deltas, num_outputs)
+
     def local_factors(self, z: Tensor, num_outputs: int) -> list[tuple[Tensor, Tensor]]:
         """:meth:`factors` with the back-signals of ``z`` (the outputs of this capture's forward)."""
-        return self.factors(back_signals(z, self.flat_outputs(), num_outputs), num_outputs)
+        if getattr(self, "_factors", None) is None:
+            self.prepare(z, num_outputs)
+        return self._factors
 
 
 def back_signals(z: Tensor, outs: list[Tensor], num_outputs: int) -> list[Tensor | None]:
@@ -183,17 +193,61 @@ def back_signals(z: Tensor, outs: list[Tensor], num_outputs: int) -> list[Tensor
         return []
     c = num_outputs
     eye = torch.eye(c, dtype=z.dtype, device=z.device)
-    cot = eye[:, None, :].expand(c, *z.shape)  # cot[k] = e_k for every sample
+    return _batched_grads(z, outs, eye[:, None, :].expand(c, *z.shape))  # cotangent k: e_k for every sample
+
+
+def _batched_grads(z: Tensor, outs: list[Tensor], cot: Tensor) -> list[Tensor | None]:
+    """Per output y, [m, *y.shape]: the gradients for the m cotangents ``cot`` [m, *z.shape]."""
     try:
         grads = torch.autograd.grad(z, outs, grad_outputs=cot, retain_graph=True, allow_unused=True,
                                     is_grads_batched=True)
         return list(grads)
     except RuntimeError as exc:  # an op without a vmap rule for its backward
-        log.debug("EGN: batched back-signals unavailable (%s); one backward per output column", exc)
+        log.debug("EGN: batched back-signals unavailable (%s); one backward per cotangent", exc)
     per_k = [torch.autograd.grad(z, outs, grad_outputs=cot[k], retain_graph=True, allow_unused=True)
-             for k in range(c)]
+             for k in range(cot.shape[0])]
     return [None if per_k[0][j] is None else torch.stack([g[j] for g in per_k])
             for j in range(len(outs))]
+
+
+#: relative difference, per dtype, between the probe's gradient and the same combination of the c
+#: back-signals above which a model is taken to mix samples (per-sample models differ by rounding only)
+COUPLING_TOL = {torch.float64: 1e-8, torch.float32: 1e-3}
+COUPLING_MESSAGE = ("EGN: the model's outputs for one sample depend on other samples of the batch (in eval mode: "
+                    "statistics of the batch, attention across it, a layer applied along the batch dimension). "
+                    "EGN's Gram factors and back-signals are per sample; it needs a per-sample model.")
+
+
+def checked_back_signals(z: Tensor, outs: list[Tensor], num_outputs: int) -> tuple[list[Tensor | None], str | None]:
+    """:func:`back_signals` and whether the samples are independent, from one more cotangent in the same
+    batched backward: P_ik = w_i ρ_k (fixed, distinct weights). For a per-sample model its gradient at
+    sample j is w_j Σ_k ρ_k δ_jk, the same combination of the back-signals; where z_i depends on y_j for
+    i ≠ j, the c one-hot cotangents sum those terms into δ_j (wrong factors) and the probe differs.
+    Returns (back-signals, None) or (back-signals, the message)."""
+    if not outs:
+        return [], None
+    b, c = z.shape[0], num_outputs
+    eye = torch.eye(c, dtype=z.dtype, device=z.device)
+    w = _weights(b, z)
+    rho = _weights(c, z)
+    cot = torch.cat([eye[:, None, :].expand(c, b, c), (w[:, None] * rho[None, :]).unsqueeze(0)])
+    grads = _batched_grads(z, outs, cot)
+    tol = COUPLING_TOL.get(z.dtype, 3e-2)
+    pairs = []
+    for g in grads:
+        if g is not None:
+            want = torch.tensordot(rho, g[:c], dims=1) * w.view(b, *([1] * (g.dim() - 2)))
+            pairs.append((float((g[c] - want).norm()), float(g[c].norm() + want.norm())))
+    # a layer whose signals are rounding noise next to the others' (both sides ~0) is no evidence
+    floor = 1e-6 * max((scale for _, scale in pairs), default=0.0)
+    coupled = any(diff > tol * max(scale, floor) for diff, scale in pairs)
+    return [None if t is None else t[:c] for t in grads], COUPLING_MESSAGE if coupled else None
+
+
+def _weights(n: int, like: Tensor) -> Tensor:
+    """n fixed, distinct weights in [1, 2) (fractional parts of multiples of the golden ratio)."""
+    i = torch.arange(1, n + 1, dtype=torch.float64)
+    return (1.0 + torch.frac(i * 0.6180339887498949)).to(dtype=like.dtype, device=like.device)
 
 
 def _single(model: nn.Module, pdict: dict[str, Tensor], xs: tuple[Tensor, ...]) -> Tensor:
