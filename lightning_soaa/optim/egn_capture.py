@@ -233,11 +233,13 @@ def checked_back_signals(z: Tensor, outs: list[Tensor], num_outputs: int) -> tup
     cot = torch.cat([eye[:, None, :].expand(c, b, c), (w[:, None] * rho[None, :]).unsqueeze(0)])
     grads = _batched_grads(z, outs, cot)
     tol = COUPLING_TOL.get(z.dtype, 3e-2)
-    pairs = []
+    norms = []
     for g in grads:
         if g is not None:
             want = torch.tensordot(rho, g[:c], dims=1) * w.view(b, *([1] * (g.dim() - 2)))
-            pairs.append((float((g[c] - want).norm()), float(g[c].norm() + want.norm())))
+            norms += [(g[c] - want).norm(), g[c].norm() + want.norm()]
+    values = torch.stack(norms).tolist() if norms else []  # one host read
+    pairs = list(zip(values[0::2], values[1::2]))
     # a layer whose signals are rounding noise next to the others' (both sides ~0) is no evidence
     floor = 1e-6 * max((scale for _, scale in pairs), default=0.0)
     coupled = any(diff > tol * max(scale, floor) for diff, scale in pairs)
