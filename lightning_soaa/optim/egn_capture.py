@@ -26,8 +26,7 @@ from lightning_soaa.optim.egn_guard import OwnUseGuard
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LinearSite", "plan_curvature", "LinearCapture", "back_signals", "checked_back_signals",
-           "explicit_jacobian_rows",
+__all__ = ["LinearSite", "plan_curvature", "LinearCapture", "checked_back_signals", "explicit_jacobian_rows",
            "jvp_outputs"]
 
 
@@ -94,9 +93,10 @@ class LinearCapture:
         self.outputs: list[list[Tensor]] = [[] for _ in self.sites]
         self.error: str | None = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._factors: list[tuple[Tensor, Tensor]] | None = None  # set by prepare()
 
     def __enter__(self) -> LinearCapture:
-        self.guard = OwnUseGuard([(s.path, s.module, site_params(s)) for s in self.sites])
+        self.guard = OwnUseGuard([(s.path, site_params(s)) for s in self.sites])
         for i, site in enumerate(self.sites):
             self._handles.append(site.module.register_forward_pre_hook(self._enter_hook(i)))
             self._handles.append(site.module.register_forward_hook(self._hook(i), with_kwargs=True))
@@ -171,29 +171,16 @@ class LinearCapture:
         """Reads this forward's back-signals now, checking that the samples are independent
         (:func:`checked_back_signals`; ``error`` says so if not), so that a rank that finds a coupled
         model reports it before the ranks exchange anything."""
-        deltas, self.error = checked_back_signals(z, self.flat_outputs(), num_outputs)
+        deltas, coupled = checked_back_signals(z, self.flat_outputs(), num_outputs)
+        self.error = self.error or coupled
         self._factors = self.factors(deltas, num_outputs)
 
     def local_factors(self, z: Tensor, num_outputs: int) -> list[tuple[Tensor, Tensor]]:
         """:meth:`factors` with the back-signals of ``z`` (the outputs of this capture's forward)."""
-        if getattr(self, "_factors", None) is None:
+        if self._factors is None:
             self.prepare(z, num_outputs)
+        assert self._factors is not None
         return self._factors
-
-
-def back_signals(z: Tensor, outs: list[Tensor], num_outputs: int) -> list[Tensor | None]:
-    """δ for every output column k at once: per recorded layer output y, [c, *y.shape] with slice k
-    the gradient of Σ_i z_ik with respect to y.
-
-    Samples are independent (eval mode), so ∂(Σ_i z_ik)/∂y_j = ∂z_jk/∂y_j. The c one-hot cotangents
-    go through ONE batched backward (``is_grads_batched``, vmap over the backward graph) instead of c
-    backward passes; models whose backward ops have no batching rule fall back to the loop.
-    """
-    if not outs:
-        return []
-    c = num_outputs
-    eye = torch.eye(c, dtype=z.dtype, device=z.device)
-    return _batched_grads(z, outs, eye[:, None, :].expand(c, *z.shape))  # cotangent k: e_k for every sample
 
 
 def _batched_grads(z: Tensor, outs: list[Tensor], cot: Tensor) -> list[Tensor | None]:
@@ -219,10 +206,15 @@ COUPLING_MESSAGE = ("EGN: the model's outputs for one sample depend on other sam
 
 
 def checked_back_signals(z: Tensor, outs: list[Tensor], num_outputs: int) -> tuple[list[Tensor | None], str | None]:
-    """:func:`back_signals` and whether the samples are independent, from one more cotangent in the same
-    batched backward: P_ik = w_i ρ_k (fixed, distinct weights). For a per-sample model its gradient at
-    sample j is w_j Σ_k ρ_k δ_jk, the same combination of the back-signals; where z_i depends on y_j for
-    i ≠ j, the c one-hot cotangents sum those terms into δ_j (wrong factors) and the probe differs.
+    """δ for every output column k at once, and whether the samples are independent.
+
+    Per recorded layer output y, [c, *y.shape] with slice k the gradient of Σ_i z_ik with respect to y;
+    for a per-sample model ∂(Σ_i z_ik)/∂y_j = ∂z_jk/∂y_j. The c one-hot cotangents go through ONE batched
+    backward (``is_grads_batched``, vmap over the backward graph) instead of c backward passes; models
+    whose backward ops have no batching rule fall back to the loop. The same backward takes one more
+    cotangent, P_ik = w_i ρ_k (fixed, distinct weights): for a per-sample model its gradient at sample j is
+    w_j Σ_k ρ_k δ_jk, the same combination of the back-signals; where z_i depends on y_j for i ≠ j, the
+    one-hot cotangents sum those terms into δ_j (wrong factors) and the probe differs.
     Returns (back-signals, None) or (back-signals, the message)."""
     if not outs:
         return [], None

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from torch import Tensor, nn
+from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 __all__ = ["OwnUseGuard"]
@@ -32,11 +32,11 @@ class OwnUseGuard(TorchFunctionMode):
     """Active around a forward; :meth:`enter` / :meth:`leave` bracket each factored Linear's own call
     (its hooks), and ``misuse`` names the first parameter used outside it (None: none was)."""
 
-    def __init__(self, layers: Sequence[tuple[str, nn.Linear, tuple[Tensor | None, ...]]]) -> None:
-        """``layers``: per factored Linear its path, module and trained parameters (None where frozen)."""
+    def __init__(self, layers: Sequence[tuple[str, tuple[Tensor | None, ...]]]) -> None:
+        """``layers``: per factored Linear its path and its (weight, bias), None where not trained."""
         super().__init__()
         self._owner: dict[int, tuple[int, str]] = {}
-        for i, (path, _, params) in enumerate(layers):
+        for i, (path, params) in enumerate(layers):
             for name, p in zip(("weight", "bias"), params):
                 if p is not None:
                     self._owner[id(p)] = (i, f"{path}.{name}" if path else name)

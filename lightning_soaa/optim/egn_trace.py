@@ -71,7 +71,7 @@ class TracePlan:
         self.model = model
         self.watched = {id(m) for m in model.modules() if m is not model and _known(m)}
         self.site_index = {id(s.module): i for i, s in enumerate(sites)}
-        self.layers = [(s.path, s.module, site_params(s)) for s in sites]
+        self.layers = [(s.path, site_params(s)) for s in sites]
 
     def capture(self, xs: tuple[Tensor, ...]) -> tuple[ChainCapture | None, Any, str | None]:
         """(the capture or None, the model's output, the reason it is not a chain or None)."""

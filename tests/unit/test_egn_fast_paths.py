@@ -18,7 +18,7 @@ from lightning_soaa.functional.gram import (
     transform_factors,
 )
 from lightning_soaa.optim.egn import EGN, MIXED_MIN_SIZE
-from lightning_soaa.optim.egn_capture import LinearCapture, back_signals, plan_curvature
+from lightning_soaa.optim.egn_capture import LinearCapture, checked_back_signals, plan_curvature
 from tests.harness.models import tiny_mlp
 from tests.unit._egn_oracle import direct_direction, flat_params
 
@@ -125,7 +125,8 @@ def test_batched_back_signals_equal_one_backward_per_output() -> None:
     cap = LinearCapture(sites, 5)
     with torch.enable_grad(), cap:
         z = model(x)
-    got = back_signals(z, cap.flat_outputs(), 3)
+    got, coupled = checked_back_signals(z, cap.flat_outputs(), 3)
+    assert coupled is None  # an MLP is per sample
     for j, y in enumerate(cap.flat_outputs()):
         for k in range(3):
             e = torch.zeros_like(z)
