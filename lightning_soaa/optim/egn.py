@@ -33,7 +33,7 @@ from lightning_soaa.functional.gram import (
 from lightning_soaa.optim.base import BlockView, ShardedOptimizer, SkipStep, StepRecord, host_floats, summed
 from lightning_soaa.optim.egn_capture import (
     LinearCapture,
-    explicit_jacobian_rows,
+    checked_explicit_rows,
     jvp_outputs,
     plan_curvature,
 )
@@ -241,8 +241,9 @@ class EGN(ShardedOptimizer):
     batch, no attention across it): the Gram factors and back-signals are per sample. The general capture
     checks it (one more cotangent in its batched backward,
     :func:`~lightning_soaa.optim.egn_capture.checked_back_signals`) and refuses a model that mixes samples
-    on every rank; chains are per sample by construction. Mixing that only the explicit Jacobians of
-    non-Linear parameters see (between such a module and the next factored Linear) is not checked.
+    on every rank; chains are per sample by construction. The explicit Jacobians of the other parameters
+    are those of the model run on one sample; they are checked against the batch's forward (its outputs,
+    and the same probe through its graph, :func:`~lightning_soaa.optim.egn_capture.checked_explicit_rows`).
 
     **Capture.** The back-signals of the Linear layers come from one batched backward pass in general; a
     model that is a chain of Linear layers and element-wise activations takes them by the chain rule
@@ -713,9 +714,23 @@ class EGN(ShardedOptimizer):
             return None, None, str(exc)
         if isinstance(cap, LinearCapture):  # its back-signals now: a model that mixes samples is refused
             cap.prepare(z, z.shape[1])      # before the ranks exchange anything
+            if cap.error is None and self._explicit:
+                cap.error = self._explicit_rows(cap, xs, z)
             if cap.error is not None:
                 return None, None, cap.error
         return z, cap, None
+
+    def _explicit_rows(self, cap: LinearCapture, xs: tuple[Tensor, ...], z: Tensor) -> str | None:
+        """The explicit Jacobian rows onto ``cap``, checked against the batch's forward; the error, if any."""
+        try:
+            rows, coupled = checked_explicit_rows(
+                self.model, {n: self._trainable[n] for n in self._explicit}, xs, z)
+        except Exception as exc:  # noqa: BLE001 - reported on every rank, never a hang
+            return f"EGN: the explicit per-sample Jacobians failed: {type(exc).__name__}: {exc}"
+        # detached: the rows are built from the live (trainable) factored parameters, so autograd would
+        # otherwise record every product of the solve and of Jᵀv made from them
+        cap.rows = rows.detach()
+        return coupled
 
     def _agree_on_batch(self, xs: tuple[Tensor, ...], targets: Tensor) -> _Batch:
         """Local forward; then ONE all-reduce of [non-finite, loss sum, per rank: error, b_r, c, T per
@@ -797,12 +812,7 @@ class EGN(ShardedOptimizer):
         nobody to exchange with: its factors are used as they are (packing would only copy them)."""
         c = batch.c
         factors = batch.cap.local_factors(batch.z, c)
-        rows = None
-        if self._explicit:
-            # detached: the rows are built from the live (trainable) factored parameters, so autograd would
-            # otherwise record every product of the solve and of Jᵀv made from them
-            rows = explicit_jacobian_rows(self.model, {n: self._trainable[n] for n in self._explicit},
-                                          batch.xs).detach()
+        rows = batch.cap.rows if isinstance(batch.cap, LinearCapture) else None  # set by the capture
         batch.local_factors, batch.local_rows = factors, rows
         layout = GramLayout(
             num_outputs=c, class_targets=self.config.loss == "cross_entropy",

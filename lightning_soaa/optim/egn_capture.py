@@ -8,7 +8,8 @@ Jacobians (torch.func) for every other trainable parameter. No communication her
   layer works in place; its forward runs under :class:`~lightning_soaa.optim.egn_guard.OwnUseGuard`, which
   reports a factored parameter used outside its layer's call (its Jacobian would be incomplete).
 * :func:`explicit_jacobian_rows` is ``vmap(jacrev(functional_call))`` over the samples, restricted to the
-  parameters that are not factored.
+  parameters that are not factored; :func:`checked_explicit_rows` also checks that they are the rows of
+  the batch's own Jacobian (a per-sample model).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from lightning_soaa.optim.egn_guard import OwnUseGuard
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LinearSite", "plan_curvature", "LinearCapture", "checked_back_signals", "explicit_jacobian_rows",
+__all__ = ["LinearSite", "plan_curvature", "LinearCapture", "checked_back_signals", "checked_explicit_rows",
+           "explicit_jacobian_rows",
            "jvp_outputs"]
 
 
@@ -94,6 +96,9 @@ class LinearCapture:
         self.error: str | None = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._factors: list[tuple[Tensor, Tensor]] | None = None  # set by prepare()
+        #: the explicit Jacobian rows of the parameters that are not factored, [b, c, rest] (set with
+        #: :func:`checked_explicit_rows` by EGN's capture, which knows those parameters), else None
+        self.rows: Tensor | None = None
 
     def __enter__(self) -> LinearCapture:
         self.guard = OwnUseGuard([(s.path, site_params(s)) for s in self.sites])
@@ -257,6 +262,31 @@ def explicit_jacobian_rows(model: nn.Module, params: dict[str, Tensor], xs: tupl
     first = jac[next(iter(pdict))]
     c = first.shape[1]
     return torch.cat([jac[n].reshape(b, c, -1) for n in pdict], dim=2)
+
+
+def checked_explicit_rows(model: nn.Module, params: dict[str, Tensor], xs: tuple[Tensor, ...],
+                          z: Tensor) -> tuple[Tensor, str | None]:
+    """:func:`explicit_jacobian_rows`, and whether they are the rows of the batch's own Jacobian.
+
+    The rows are the Jacobians of the model run on ONE sample; they are sample i's rows of the batch's
+    Jacobian only if no sample's outputs depend on ``params`` through another sample. The check is the
+    probe of :func:`checked_back_signals`: the gradient of Σ_ik P_ik z_ik (P_ik = w_i ρ_k) through the
+    batch's own graph must equal the same combination of the rows. It sees mixing that changes the
+    derivatives but not the values (a trained coefficient at 0 times a batch statistic); mixing that
+    moves no derivative (a constant batch statistic added to the outputs) leaves the rows right and
+    passes. Returns (rows [b, c, rest], None) or (rows, the message)."""
+    rows = explicit_jacobian_rows(model, params, xs)
+    b, c = z.shape
+    w, rho = _weights(b, z), _weights(c, z)
+    plist = list(params.values())
+    grads: Sequence[Tensor | None] = [None] * len(plist)
+    if z.requires_grad:  # else no trained parameter reaches z: the batch's gradient is zero
+        grads = torch.autograd.grad(z, plist, grad_outputs=w[:, None] * rho[None, :], retain_graph=True,
+                                    allow_unused=True)
+    got = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(plist, grads)])
+    want = torch.einsum("i,k,ikp->p", w, rho, rows)
+    diff, scale = torch.stack([(got - want).norm(), got.norm() + want.norm()]).tolist()  # one host read
+    return rows, COUPLING_MESSAGE if diff > COUPLING_TOL.get(z.dtype, 3e-2) * scale else None
 
 
 def jvp_outputs(model: nn.Module, params: dict[str, Tensor], tangents: dict[str, Tensor],

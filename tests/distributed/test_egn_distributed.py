@@ -166,3 +166,41 @@ def test_w_ranks_equal_one_process(world: int, tmp_path) -> None:
         # a state saved on W ranks resumes in one process and continues the same trajectory
         resumed, _ = _single(name, world, start=STEPS - 1, ckpt=results[0][name]["ckpt"])
         torch.testing.assert_close(resumed, ref, rtol=1e-10, atol=1e-12, msg=f"{name} resume from W={world}")
+
+
+class _GainMix(nn.Module):
+    """A Linear plus a trained scalar: per sample on rank 0, times the batch mean on the last rank (a
+    mixing only the explicit Jacobian check of that rank sees)."""
+
+    def __init__(self, mixes: bool) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.lin = nn.Linear(6, 3).double()
+        self.gain = nn.Parameter(torch.zeros((), dtype=DT))
+        self.mixes = mixes
+
+    def forward(self, x):
+        return self.lin(x) + self.gain * (x.mean(0) if self.mixes else x)[..., :3]
+
+
+def _mixing_worker(rank: int, world: int) -> dict:
+    model = _GainMix(mixes=rank == world - 1)
+    opt = EGN(model, loss="mse", lr=1.0, damping=0.1)
+    before = _flat(model)
+    x, y, sizes = _global_batch(0, "mse", world, uneven=True)
+    lo = sum(sizes[:rank])
+    try:
+        opt.step(inputs=x[lo:lo + sizes[rank]], targets=y[lo:lo + sizes[rank]])
+        message = None
+    except ValueError as exc:
+        message = str(exc)
+    return {"message": message, "unchanged": torch.equal(_flat(model), before)}
+
+
+def test_one_rank_mixing_samples_is_refused_on_every_rank(tmp_path) -> None:
+    """The explicit rows are checked on each rank before the ranks exchange anything: the one rank
+    whose model mixes samples makes every rank raise in the same step, with no parameter changed."""
+    results = run_distributed(_mixing_worker, 2, tmp_path, timeout=120)
+    assert "depend on other samples of the batch" in results[1]["message"]
+    assert results[0]["message"] is not None  # rank 0's own model is per sample; it raises too
+    assert all(res["unchanged"] for res in results)

@@ -23,9 +23,14 @@ class Net(nn.Module):
         self.a, self.b, self.c = nn.Linear(6, 16), nn.Linear(16, 16), nn.Linear(16, 3)
         self.norm = nn.LayerNorm(16)
         self.bn = nn.BatchNorm1d(16)
+        self.norm_in = nn.LayerNorm(6)
+        self.gain = nn.Parameter(torch.zeros(()))  # trained, not a Linear: an explicit-Jacobian parameter
 
     def forward(self, x: Tensor) -> Tensor:
         k = self.kind
+        if k == "norm_centred":  # mixing between an explicit-Jacobian module and the first factored Linear
+            x = self.norm_in(x)
+            x = x - x.mean(0, keepdim=True)
         h = torch.tanh(self.a(x))
         if k == "centred":  # batch statistics between two layers
             h = h - h.mean(0, keepdim=True)
@@ -42,6 +47,12 @@ class Net(nn.Module):
         z: Tensor = self.c(h)
         if k == "centred_out":  # batch statistics after the last layer
             z = z - z.mean(0, keepdim=True)
+        elif k == "gain_mean":  # a trained coefficient at 0 times a batch statistic: same values, other derivatives
+            z = z + self.gain * x.mean(0)[:3]
+        elif k == "gain":  # per sample: the same coefficient on the sample's own inputs
+            z = z + self.gain * x[:, :3]
+        elif k == "offset":  # a batch statistic that moves no derivative: the per-sample rows are still right
+            z = z + x.mean(0)[:3] + self.gain * x[:, :3]
         return z
 
 
@@ -64,19 +75,37 @@ def test_a_model_that_mixes_samples_is_refused_and_nothing_changes(kind: str, dt
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("kind", ["plain", "residual", "layernorm", "batchnorm", "positions"])
+@pytest.mark.parametrize("kind", ["norm_centred", "gain_mean", "centred"])
+def test_mixing_that_only_explicit_jacobians_see_is_refused(kind: str, dtype: torch.dtype) -> None:
+    """The explicit rows are the Jacobians of the model on one sample: a model that mixes samples before
+    its first factored Linear (or only through a non-Linear parameter, or under jacobian='explicit', where
+    nothing is factored) must be refused too, not stepped with the wrong rows."""
+    torch.manual_seed(0)
+    model = Net(kind).to(dtype)
+    jacobian = "explicit" if kind == "centred" else "auto"
+    opt = EGN(model, loss="mse", lr=1.0, damping=0.1, jacobian=jacobian)
+    w0 = flat_params(model)
+    with pytest.raises(ValueError, match="depend on other samples of the batch"):
+        opt.step(inputs=_batch(32, dtype)[0], targets=_batch(32, dtype)[1])
+    assert torch.equal(flat_params(model), w0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("kind", ["plain", "residual", "layernorm", "batchnorm", "positions", "gain",
+                                  "offset", "explicit"])
 def test_per_sample_models_pass_the_check(kind: str, dtype: torch.dtype) -> None:
     """No false alarm over several steps at b = 128 (float32 rounding included); float64 steps match the
     parameter-space oracle, so what passed was computed right."""
     torch.manual_seed(0)
-    model = Net(kind).to(dtype)
-    opt = EGN(model, loss="mse", lr=0.5, damping=0.3, line_search=True)
+    jacobian = "explicit" if kind == "explicit" else "auto"
+    model = Net("layernorm" if kind == "explicit" else kind).to(dtype)
+    opt = EGN(model, loss="mse", lr=0.5, damping=0.3, line_search=True, jacobian=jacobian)
     for _ in range(4):
         opt.step(inputs=_batch(128, dtype)[0], targets=_batch(128, dtype)[1])
     if dtype == torch.float64:
         x, y = _batch(16, dtype)
         ref = direct_direction(copy.deepcopy(model).eval(), x, y, "mse", damping=0.3)
-        opt = EGN(model, loss="mse", lr=1.0, damping=0.3)
+        opt = EGN(model, loss="mse", lr=1.0, damping=0.3, jacobian=jacobian)
         w0 = flat_params(model)
         opt.step(inputs=x, targets=y)
         torch.testing.assert_close(flat_params(model) - w0, ref["d"], rtol=1e-9, atol=1e-11)
