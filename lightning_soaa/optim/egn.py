@@ -726,7 +726,9 @@ class EGN(ShardedOptimizer):
             rows, coupled = checked_explicit_rows(
                 self.model, {n: self._trainable[n] for n in self._explicit}, xs, z)
         except Exception as exc:  # noqa: BLE001 - reported on every rank, never a hang
-            return f"EGN: the explicit per-sample Jacobians failed: {type(exc).__name__}: {exc}"
+            return (f"EGN: the explicit per-sample Jacobians failed: {type(exc).__name__}: {exc}. EGN takes them "
+                    "with torch.func (vmap of jacrev over one-sample batches); modules that do not support it "
+                    "(e.g. nn.GRU, nn.LSTM) cannot be trained by EGN.")
         # detached: the rows are built from the live (trainable) factored parameters, so autograd would
         # otherwise record every product of the solve and of Jᵀv made from them
         cap.rows = rows.detach()

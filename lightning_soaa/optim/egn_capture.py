@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, jvp, vmap
+from torch.nn.modules import module as _module
+from torch.nn.utils import parametrize
 
 from lightning_soaa.optim.egn_guard import OwnUseGuard
 
@@ -43,11 +45,20 @@ class LinearSite:
     param_names: tuple[str, ...]
 
 
+def _own_linear_forward(m: nn.Linear) -> bool:
+    """Whether calling ``m`` computes ``x Wᵀ + b`` from its own parameters: ``nn.Linear.forward``, not
+    overridden by a subclass or on the instance, and no parametrization (its ``weight`` is computed from
+    other tensors; reading it would also run the parametrization, e.g. spectral norm's power iteration
+    in training mode, changing the model)."""
+    return (type(m).forward is nn.Linear.forward and "forward" not in m.__dict__
+            and not parametrize.is_parametrized(m))
+
+
 def plan_curvature(model: nn.Module, trainable: dict[str, Tensor],
                    mode: str) -> tuple[list[LinearSite], list[str]]:
     """Split the trainable parameters into factored Linear sites and explicit-Jacobian names.
 
-    A Linear is factored only when it is a plain ``nn.Linear`` (its ``forward`` not overridden) and its
+    A Linear is factored only when it is a plain ``nn.Linear`` (:func:`_own_linear_forward`) and its
     parameters belong to no other module (tied weights would miss the other module's contribution).
     """
     owners: dict[int, int] = {}
@@ -60,7 +71,7 @@ def plan_curvature(model: nn.Module, trainable: dict[str, Tensor],
     factored: set[str] = set()
     if mode == "auto":
         for path, m in model.named_modules(remove_duplicate=True):
-            if not isinstance(m, nn.Linear) or type(m).forward is not nn.Linear.forward:
+            if not isinstance(m, nn.Linear) or not _own_linear_forward(m):
                 continue
             ps = [p for p in (m.weight, m.bias) if p is not None]
             if any(owners.get(id(p), 0) > 1 for p in ps):
@@ -104,7 +115,12 @@ class LinearCapture:
         self.guard = OwnUseGuard([(s.path, site_params(s)) for s in self.sites])
         for i, site in enumerate(self.sites):
             self._handles.append(site.module.register_forward_pre_hook(self._enter_hook(i)))
-            self._handles.append(site.module.register_forward_hook(self._hook(i), with_kwargs=True))
+            # first among the layer's forward hooks: ours sees the layer's own output x Wᵀ + b and hands
+            # a copy to the user's hooks, whose changes (and their derivatives) then lie downstream of it
+            self._handles.append(site.module.register_forward_hook(self._hook(i), with_kwargs=True, prepend=True))
+        # global forward hooks run before any module's own: with some installed, the output a hook of ours
+        # sees may already be changed, so each one is checked against the layer's function (_hook)
+        self._global_hooks = bool(_module._global_forward_hooks)
         self.guard.__enter__()  # type: ignore[no-untyped-call]  # (torch's TorchFunctionMode is untyped)
         return self
 
@@ -124,17 +140,33 @@ class LinearCapture:
 
     def _hook(self, i: int) -> Callable[..., Tensor | None]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Tensor) -> Tensor | None:
-            self.guard.leave(i)
             a = args[0] if args else kwargs.get("input")  # Linear.forward(input): positional or by keyword
+            # (inside the layer's own bracket: the check below reads its parameters)
+            changed = (self._global_hooks and isinstance(a, Tensor)
+                       and not _is_layer_output(self.sites[i].module, a, output))
+            self.guard.leave(i)
             if not isinstance(a, Tensor):
-                self.error = f"EGN: the Linear layer {self.sites[i].path!r} was called without an input tensor."
+                self.error = self.error or (
+                    f"EGN: the Linear layer {self.sites[i].path!r} was called without an input tensor.")
                 return None
             if a.dim() < 2 or a.shape[0] != self.batch_size:
-                self.error = (
+                self.error = self.error or (
                     f"EGN: the Linear layer {self.sites[i].path!r} received an input of shape "
                     f"{tuple(a.shape)} whose first dimension is not the batch size {self.batch_size}; "
                     "per-layer Gram factors need per-sample inputs. Use jacobian='explicit'."
                 )
+                return None
+            if not output.requires_grad:  # no graph to read its back-signals from
+                self.error = self.error or (
+                    f"EGN: the Linear layer {self.sites[i].path!r} was called with gradients disabled inside "
+                    "the model's forward (torch.no_grad, or a reentrant torch.utils.checkpoint); its Gram "
+                    "factors need the call's graph. Use jacobian='explicit' (or use_reentrant=False).")
+                return None
+            if changed:
+                self.error = self.error or (
+                    f"EGN: a global forward hook (torch.nn.modules.module.register_module_forward_hook) changed "
+                    f"the output of the Linear layer {self.sites[i].path!r}; its Gram factors need the layer's "
+                    "own output. Remove the hook or use jacobian='explicit'.")
                 return None
             # Cloned: a later in-place op on the input must not change the recorded factor.
             self.inputs[i].append(a.detach().reshape(self.batch_size, -1, a.shape[-1]).clone())
@@ -188,6 +220,17 @@ class LinearCapture:
         return self._factors
 
 
+def _is_layer_output(m: nn.Linear, a: Tensor, out: Tensor) -> bool:
+    """Whether ``out`` is the Linear ``m``'s own output for input ``a`` (the same kernel again: equal up to
+    a few ulps where a backend's GEMM is not bit-reproducible)."""
+    with torch.no_grad():
+        ref = torch.nn.functional.linear(a, m.weight, m.bias)
+    if ref.shape != out.shape:
+        return False
+    tol = 8 * torch.finfo(out.dtype).eps if out.is_floating_point() else 0.0
+    return bool(((ref - out.detach()).abs().max() <= tol * ref.abs().max()).item()) if ref.numel() else True
+
+
 def _batched_grads(z: Tensor, outs: list[Tensor], cot: Tensor) -> list[Tensor | None]:
     """Per output y, [m, *y.shape]: the gradients for the m cotangents ``cot`` [m, *z.shape]."""
     try:
@@ -207,7 +250,9 @@ def _batched_grads(z: Tensor, outs: list[Tensor], cot: Tensor) -> list[Tensor | 
 COUPLING_TOL = {torch.float64: 1e-8, torch.float32: 1e-3}
 COUPLING_MESSAGE = ("EGN: the model's outputs for one sample depend on other samples of the batch (in eval mode: "
                     "statistics of the batch, attention across it, a layer applied along the batch dimension). "
-                    "EGN's Gram factors and back-signals are per sample; it needs a per-sample model.")
+                    "EGN's Gram factors and back-signals are per sample; it needs a per-sample model. (A "
+                    "per-sample model whose Linear layers see inputs whose first dimension is not the batch, "
+                    "e.g. sequence-first [T, b, d], trips this check when T equals b: use jacobian='explicit'.)")
 
 
 def checked_back_signals(z: Tensor, outs: list[Tensor], num_outputs: int) -> tuple[list[Tensor | None], str | None]:

@@ -66,15 +66,26 @@ class Chain:
     modules: tuple[nn.Module, ...]
     site_of: tuple[int, ...]
     num_sites: int
+    #: the planned ``nn.Sequential`` (None for a traced chain, verified at every step instead)
+    root: nn.Module | None = None
 
     def usable(self, xs: tuple[Tensor, ...]) -> bool:
-        """Whether this step's forward is the planned one: one 2-D input, and no hooks that could
-        change a module's input or output (ours are not installed on this path)."""
+        """Whether this step's forward is the planned one: one 2-D input, the Sequential still holds the
+        planned modules (``model[1] = ...`` after EGN was built changes the function), and no hooks that
+        could change an input or output, the Sequential's own included (ours are not installed on this
+        path)."""
         if len(xs) != 1 or xs[0].dim() != 2:
             return False
         if _module._global_forward_hooks or _module._global_forward_pre_hooks:
             return False
-        return not any(m._forward_hooks or m._forward_pre_hooks for m in self.modules)
+        root = self.root
+        if root is not None and root is not self.modules[0]:  # (an nn.Linear is its own one-module chain)
+            if root._forward_hooks or root._forward_pre_hooks or "forward" in root.__dict__:
+                return False
+            held = tuple(cast(nn.Sequential, root))
+            if len(held) != len(self.modules) or any(a is not b for a, b in zip(held, self.modules)):
+                return False
+        return not any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in self.modules)
 
     def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         """(z, saved): the model's forward, each module's own ``forward`` (what ``model(x)`` runs when no
@@ -113,7 +124,7 @@ def plan_chain(model: nn.Module, sites: list[LinearSite], explicit: list[str]) -
     site_of = tuple(index.get(id(m), -1) for m in mods)
     if sorted(i for i in site_of if i >= 0) != list(range(len(sites))):
         return None
-    return Chain(mods, site_of, len(sites))
+    return Chain(mods, site_of, len(sites), root=model)
 
 
 class ChainCapture:

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as _module
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
 from lightning_soaa.optim.egn_capture import LinearSite, site_params
@@ -74,7 +75,11 @@ class TracePlan:
         self.layers = [(s.path, site_params(s)) for s in sites]
 
     def capture(self, xs: tuple[Tensor, ...]) -> tuple[ChainCapture | None, Any, str | None]:
-        """(the capture or None, the model's output, the reason it is not a chain or None)."""
+        """(the capture or None, the model's output (None if the forward did not run), the reason it is
+        not a chain or None)."""
+        if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+            # the user's run before ours and may change what ours record (an output a Linear never made)
+            return None, None, "global forward hooks are installed"
         calls: list[_Call] = []
         odd: list[str] = []
         guard = OwnUseGuard(self.layers)

@@ -1,0 +1,205 @@
+"""EGN steps the function ``model(x)`` computes, whatever a user did to the modules: hooks on the model,
+on its layers or global ones, a forward patched on an instance, a Sequential edited after EGN was built,
+a parametrization, a layer called with gradients off. Each setup either matches the float64 oracle of
+that function, or is refused with a message that names the cause and changes nothing."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.module import register_module_forward_hook
+
+from lightning_soaa.optim.egn import EGN
+from lightning_soaa.optim.egn_capture import COUPLING_MESSAGE
+from tests.unit._egn_oracle import direct_direction, flat_params
+
+DT = torch.float64
+
+
+class Net(nn.Module):
+    """Not a Sequential: traced as a chain when nothing interferes, else the general capture."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.act, self.b = nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.b(self.act(self.a(x)))
+
+
+def _seq() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+
+
+def _data() -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(8, 5, generator=g, dtype=DT), torch.randn(8, 3, generator=g, dtype=DT)
+
+
+def _step_matches_oracle(model: nn.Module, copy_for_oracle: bool = True, **kw: object) -> EGN:
+    """One EGN step (lr 1, no line search) equals the oracle's direction of the model as it stands."""
+    x, y = _data()
+    ref_model = copy.deepcopy(model) if copy_for_oracle else model
+    ref = direct_direction(ref_model.eval(), x, y, "mse", damping=0.3)["d"]
+    model.train()
+    opt = EGN(model, loss="mse", lr=1.0, damping=0.3, **kw)  # type: ignore[arg-type]
+    w0 = flat_params(model)
+    opt.step(inputs=x, targets=y)
+    torch.testing.assert_close(flat_params(model) - w0, ref, rtol=1e-9, atol=1e-12)
+    return opt
+
+
+def test_the_plain_net_is_traced() -> None:
+    """(so the hook tests below run the traced chain's checks where they apply)"""
+    assert _step_matches_oracle(Net().to(DT))._trace is not None
+
+
+def _refused(model: nn.Module, match: str, **kw: object) -> None:
+    x, y = _data()
+    opt = EGN(model, loss="mse", lr=1.0, damping=0.3, **kw)  # type: ignore[arg-type]
+    w0 = flat_params(model)
+    with pytest.raises(ValueError, match=match):
+        opt.step(inputs=x, targets=y)
+    assert torch.equal(flat_params(model), w0)
+
+
+@pytest.fixture(autouse=True)
+def _float64() -> None:
+    torch.manual_seed(1)
+
+
+HOOKS: dict[str, Callable[..., object]] = {
+    "scale": lambda mod, args, out: out * 2.0,
+    "tanh": lambda mod, args, out: torch.tanh(out),
+    "observe": lambda mod, args, out: None,
+}
+
+
+@pytest.mark.parametrize("hook", sorted(HOOKS))
+@pytest.mark.parametrize("where", ["sequential_root", "sequential_layer", "net_layer"])
+def test_forward_hooks_that_change_outputs_are_stepped_through(where: str, hook: str) -> None:
+    """A hook on the Sequential itself (the planned chain ran its children directly and ignored it), or on
+    a factored Linear (ours ran after it and took its output for the layer's own)."""
+    model: nn.Module = (_seq() if where.startswith("sequential") else Net()).to(DT)
+    target = {"sequential_root": model, "sequential_layer": model[0] if where == "sequential_layer" else None,
+              "net_layer": getattr(model, "a", None)}[where]
+    assert target is not None
+    target.register_forward_hook(HOOKS[hook])
+    _step_matches_oracle(model)
+
+
+def test_a_pre_hook_on_the_sequential_is_stepped_through() -> None:
+    model = _seq().to(DT)
+    model.register_forward_pre_hook(lambda mod, args: (args[0] * 2.0,))
+    _step_matches_oracle(model)
+
+
+def test_a_hook_that_uses_the_layer_weight_is_refused() -> None:
+    model = Net().to(DT)
+    model.a.register_forward_hook(lambda mod, args, out: out + 0.5 * mod.weight.sum(1))
+    _refused(model, "'a.weight' is used outside its nn.Linear's own call")
+
+
+def _scale_linear(mod: nn.Module, args: object, out: Tensor) -> Tensor | None:
+    return out * 2.0 if isinstance(mod, nn.Linear) else None
+
+
+def _scale_linear_in_place(mod: nn.Module, args: object, out: Tensor) -> None:
+    if isinstance(mod, nn.Linear):
+        out.mul_(2.0)  # returns None: the traced chain's own checks (identity, versions) see nothing
+
+
+@pytest.mark.parametrize("changer", [_scale_linear, _scale_linear_in_place])
+@pytest.mark.parametrize("make", [Net, _seq])
+def test_global_forward_hooks(make: Callable[[], nn.Module], changer: Callable[..., object]) -> None:
+    """Global hooks run before any module's own: one that changes a Linear's output is refused (the
+    layer's own output is no longer seen); one that only observes changes nothing."""
+    handle = register_module_forward_hook(changer)
+    try:
+        _refused(make().to(DT), "global forward hook .* changed the output of the Linear layer '(a|0)'")
+    finally:
+        handle.remove()
+    seen: list[str] = []
+    handle = register_module_forward_hook(lambda mod, args, out: seen.append(type(mod).__name__))
+    try:
+        _step_matches_oracle(make().to(DT))
+    finally:
+        handle.remove()
+    assert "Linear" in seen
+
+
+def test_a_forward_patched_on_a_linear_instance_is_not_factored() -> None:
+    """``layer.forward = ...`` (as wrapper libraries do): the layer no longer computes x Wᵀ + b."""
+    model = Net().to(DT)
+    lin = model.a
+    lin.forward = lambda inp: 0.5 * F.linear(inp, lin.weight, lin.bias)  # type: ignore[method-assign]
+    # the lambda reads the original module's parameters: the oracle runs on the model itself
+    _step_matches_oracle(model, copy_for_oracle=False)
+
+
+def test_a_sequential_edited_after_egn_was_built() -> None:
+    model = _seq().to(DT)
+    x, y = _data()
+    opt = EGN(model, loss="mse", lr=1.0, damping=0.3)
+    opt.step(inputs=x, targets=y)
+    model[1] = nn.ReLU()
+    ref = direct_direction(copy.deepcopy(model).eval(), x, y, "mse", damping=0.3)["d"]
+    w0 = flat_params(model)
+    opt.step(inputs=x, targets=y)
+    torch.testing.assert_close(flat_params(model) - w0, ref, rtol=1e-9, atol=1e-12)
+
+
+def test_building_egn_leaves_a_spectral_norm_model_unchanged() -> None:
+    """Reading a parametrized Linear's ``weight`` runs the parametrization (spectral norm's power
+    iteration in training mode): building EGN must not, and the layer is not factored."""
+    model = Net().to(DT)
+    torch.nn.utils.parametrizations.spectral_norm(model.a)
+    model.train()
+    u = model.a.parametrizations.weight[0]._u.clone()
+    x, y = _data()
+    ref = direct_direction(copy.deepcopy(model).eval(), x, y, "mse", damping=0.3)["d"]
+    opt = EGN(model, loss="mse", lr=1.0, damping=0.3)
+    assert torch.equal(model.a.parametrizations.weight[0]._u, u)
+    assert [s.path for s in opt._sites] == ["b"]
+    w0 = flat_params(model)
+    opt.step(inputs=x, targets=y)
+    torch.testing.assert_close(flat_params(model) - w0, ref, rtol=1e-9, atol=1e-12)
+
+
+class _StopGrad(nn.Module):
+    """A trained Linear also called with gradients off (a stop-gradient branch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc, self.head = nn.Linear(5, 4), nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            frozen = self.enc(x)
+        return self.head(torch.cat([torch.tanh(self.enc(x)), frozen], dim=1))
+
+
+def test_a_layer_called_with_gradients_off() -> None:
+    _refused(_StopGrad().to(DT), "'enc' was called with gradients disabled .* jacobian='explicit'")
+    _step_matches_oracle(_StopGrad().to(DT), jacobian="explicit")
+
+
+def test_modules_without_torch_func_support_are_named() -> None:
+    class Rnn(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn, self.out = nn.GRU(5, 4, batch_first=True), nn.Linear(4, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.out(self.rnn(x.unsqueeze(1))[0][:, -1])
+
+    _refused(Rnn().to(DT), "nn.GRU")
+
+
+def test_the_coupling_message_points_sequence_first_models_to_explicit() -> None:
+    assert "sequence-first" in COUPLING_MESSAGE and "jacobian='explicit'" in COUPLING_MESSAGE
