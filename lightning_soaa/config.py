@@ -45,7 +45,7 @@ def check_range(
     hi_s = "inf" if hi is None else repr(float(hi))
     allowed = f"Must be in {lb}{lo_s}, {hi_s}{rb}."
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"Invalid {name}={value!r}. {allowed}")
+        raise ValueError(f"Invalid {name}={value!r}. {allowed}{_tensor_hint(value)}")
     v = float(value)
     if not math.isfinite(v):
         raise ValueError(f"Invalid {name}={value!r}. {allowed}")
@@ -53,6 +53,14 @@ def check_range(
         raise ValueError(f"Invalid {name}={value!r}. {allowed}")
     if hi is not None and (v > hi or (v == hi and not hi_inclusive)):
         raise ValueError(f"Invalid {name}={value!r}. {allowed}")
+
+
+def _tensor_hint(value: Any) -> str:
+    """Why a tensor is refused where a number is expected (without importing torch here)."""
+    if type(value).__module__.startswith("torch") and hasattr(value, "item"):
+        return (" Tensor hyperparameters are not supported (the step reads them as Python numbers); pass "
+                "a Python float, e.g. float(t).")
+    return ""
 
 
 def check_int(name: str, value: Any, lo: int | None = None, *, allow_none: bool = False) -> None:
@@ -240,7 +248,8 @@ class SOAAConfig:
         check_betas("betas", self.betas)
         if self.compile is not None and not isinstance(self.compile, bool):
             raise ValueError(f"Invalid compile={self.compile!r}. Must be True, False or None.")
-        check_range("eps", self.eps, 0.0)
+        # > 0: eps is also the floor of the predicted reduction the trust ratio divides by (p_0 = 0)
+        check_range("eps", self.eps, 0.0, lo_inclusive=False)
         check_range("weight_decay", self.weight_decay, 0.0)
         check_range("gamma", self.gamma, 0.0, 1.0, hi_inclusive=False)
         check_choice("band_schedule", self.band_schedule, ("final", "paper"))

@@ -40,6 +40,7 @@ __all__ = [
     "hyperparameter_key",
     "grad_digest",
     "grad_sq_tensor",
+    "grad_sq_exact",
     "step_rows",
     "step_row_values",
     "StepVerdict",
@@ -198,6 +199,16 @@ def grad_sq_tensor(grads: Sequence[Tensor]) -> Tensor:
     else:
         stacked = torch.stack([n.to(torch.float64) for n in norms])
     return stacked.square().sum()
+
+
+def grad_sq_exact(grads: Sequence[Tensor]) -> float:
+    """``Σ‖g‖²`` with every norm accumulated in float64 (complex gradients as their real views): finite
+    iff every entry is, also where :func:`grad_sq_tensor`'s norms in the gradients' own dtype overflow.
+    Several times slower on large tensors, so only for a sum that came out non-finite."""
+    if not grads:
+        return 0.0
+    real = [torch.view_as_real(g) if g.is_complex() else g for g in grads]
+    return float(torch.stack(torch._foreach_norm(real, dtype=torch.float64)).square().sum().cpu())
 
 
 def step_row_values(rank: int, world: int, *, error: bool, hyper: int, grad_sq: float, grad_count: int

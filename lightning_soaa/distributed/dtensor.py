@@ -173,22 +173,32 @@ class DTensorLayout:
     # ------------------------------------------------------------------ gradients of plain tensors
     def mean_plain_grads(self) -> None:
         """Average the gradients of the non-DTensor parameters over the mesh (``grad_reduction="mean"``):
-        FSDP2 reduces only its own parameters. One all-reduce per dtype, every rank, parameter order."""
+        FSDP2 reduces only its own parameters. One all-reduce per dtype, every rank, parameter order.
+
+        A parameter has a gradient iff some rank has one (a rank whose batch did not reach it adds
+        zeros); one that no rank has a gradient for keeps ``p.grad = None`` and is not stepped, as in one
+        process. The same all-reduce carries one presence flag per parameter after the gradients; they
+        are read (a host copy) only on a rank without a local gradient."""
         if self.comm.world_size == 1:
             return
         by_dtype: dict[torch.dtype, list[Tensor]] = {}
         for p, pl in zip(self._params, self.placements):
             if not pl.is_dtensor:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
                 by_dtype.setdefault(p.dtype, []).append(p)
         for dt in sorted(by_dtype, key=str):
             ps = by_dtype[dt]
-            flat = torch.cat([p.grad.reshape(-1) for p in ps])  # type: ignore[union-attr]
+            missing = [p.grad is None for p in ps]
+            flags = (torch.tensor([0.0 if m else 1.0 for m in missing], dtype=dt).to(ps[0].device)
+                     if any(missing) else torch.ones(len(ps), dtype=dt, device=ps[0].device))
+            flat = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in ps] + [flags])
             self.comm.all_reduce_(flat).div_(self.comm.world_size)
+            present = flat[len(flat) - len(ps):].tolist() if any(missing) else []
             off = 0
-            for p in ps:
-                p.grad.copy_(flat[off:off + p.numel()].view_as(p))  # type: ignore[union-attr]
+            for j, p in enumerate(ps):
+                if not missing[j] or present[j] != 0.0:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    p.grad.copy_(flat[off:off + p.numel()].view_as(p))
                 off += p.numel()
 
     # ------------------------------------------------------------------ checkpoints

@@ -53,6 +53,7 @@ class OwnerExchange:
         self.comm = comm
         self.sharded = sharded and comm.world_size > 1
         self.owned = table.owned()
+        self._all_flags: dict[torch.dtype, Tensor] = {}  # per dtype: see _flag_index
         self.layouts: Layouts = {}
         if self.sharded:
             for b in table.blocks:
@@ -126,16 +127,55 @@ class OwnerExchange:
 
     def reduce_scatter_grads(self) -> None:
         """Average gradients over ranks into each owner's ``p.grad`` blocks (one collective per dtype).
-        Blocks this rank does not own keep their local gradient; they are never read."""
+        Blocks this rank does not own keep their local gradient; they are never read.
+
+        A parameter has a gradient iff some rank has one, as one process running the global batch would
+        see it: a rank whose batch did not reach a layer adds zeros, and a parameter no rank has a
+        gradient for keeps ``p.grad = None`` on its owner, so it is not stepped (torch's rule: no weight
+        decay, no moment decay, no counter advance). The owner learns that from the same collective:
+        after its blocks, each rank's part of the buffer holds one presence flag per block (1 where the
+        sending rank has a gradient), summed like the gradients. The flags are read (a host copy) only
+        by an owner without a local gradient."""
         if not self.sharded:
             return
-        world = self.comm.world_size
-        (sums,) = self.sum_to_owners([[p.grad for p in self.params]])
-        for b, s in zip(self.owned, sums):
-            p = self.params[b.param_index]
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            b.view(p.grad).copy_(s.div_(world))
+        world, rank = self.comm.world_size, self.comm.rank
+        grads = [p.grad for p in self.params]
+        for dt, per_rank, n in self._nonempty():
+            width = n + max(len(blocks) for blocks in per_rank)  # each rank's part: blocks, then flags
+            buf = torch.zeros(world * width, dtype=dt, device=self._device(per_rank))
+            for r in range(world):
+                self._pack(buf[r * width:r * width + n], per_rank[r],
+                           [_block_of(b, grads[b.param_index]) for b in per_rank[r]])
+            buf.index_fill_(0, self._flag_index(dt, per_rank, n, width, grads), 1)
+            got = self.comm.reduce_scatter_flat(buf)
+            mine = per_rank[rank]
+            flags: list[float] | None = None
+            for j, (b, s) in enumerate(zip(mine, self._unpack(got, mine))):
+                p = self.params[b.param_index]
+                if grads[b.param_index] is None:
+                    flags = got[n:n + len(mine)].tolist() if flags is None else flags
+                    if flags[j] == 0.0:  # no rank has a gradient for it
+                        continue
+                    if p.grad is None:  # another block of p may have made it already
+                        p.grad = torch.zeros_like(p)
+                b.view(p.grad).copy_(s.div_(world))  # type: ignore[arg-type]
+
+    def _flag_index(self, dt: torch.dtype, per_rank: list[list[BlockInfo]], n: int, width: int,
+                    grads: list[Tensor | None]) -> Tensor:
+        """The buffer positions of the presence flags of this rank's gradients (on the buffer's device);
+        the index for "every parameter has one" (the usual step) is made once."""
+        present = [g is not None for g in grads]
+        device = self._device(per_rank)
+        cache: dict[torch.dtype, Tensor] = self.__dict__.setdefault("_all_flags", {})  # a pickle may predate it
+        cached = cache.get(dt)
+        if all(present) and cached is not None and cached.device == device:
+            return cached
+        index = torch.tensor([r * width + n + j for r, blocks in enumerate(per_rank)
+                              for j, b in enumerate(blocks) if present[b.param_index]], dtype=torch.long)
+        index = index.to(device, non_blocking=True)  # non_blocking: a plain copy would wait for the queue
+        if all(present):
+            cache[dt] = index
+        return index
 
     # ------------------------------------------------------------------ from the owners
     def gather_params(self) -> None:

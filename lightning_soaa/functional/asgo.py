@@ -72,7 +72,7 @@ def rms_numerator(rms_scale: float, numel: int) -> float:
     return rms_scale * math.sqrt(numel)
 
 
-def rms_factor(norm: Tensor, numerator: Tensor | float) -> Tensor:
+def rms_factor(norm: Tensor, numerator: Tensor | float, out_dtype: torch.dtype | None = None) -> Tensor:
     """``numerator / ||U||_F``: ``U * rms_factor(||U||_F, rms_numerator(rms_scale, U.numel()))`` has
     entry-RMS ``rms_scale``. ``norm`` may hold one norm per block (then ``numerator`` a like tensor or one
     float), so the step computes every block's factor at once.
@@ -82,9 +82,15 @@ def rms_factor(norm: Tensor, numerator: Tensor | float) -> Tensor:
     clamped to the smallest normal number, and the factor to the largest finite one: ``1 / tiny`` times a
     numerator above ~4 overflows to inf, and ``0 * inf`` would make the zero update NaN. With no host
     sync; a finite factor is unchanged, a NaN norm stays NaN.
+
+    ``out_dtype``: the dtype of the update the factor multiplies, when narrower than ``norm``'s (DASGO's
+    float64 norm of a parameter cut into blocks, scaling a float32 or bf16 block): the clamp is then that
+    dtype's largest finite number, since the multiplication rounds the factor to it and float64's
+    largest would round to inf (and ``0 * inf`` is NaN).
     """
     finfo = torch.finfo(norm.dtype)
-    return (norm.clamp_min(finfo.tiny).reciprocal() * numerator).clamp_max(finfo.max)
+    cap = finfo.max if out_dtype is None else min(finfo.max, torch.finfo(out_dtype).max)
+    return (norm.clamp_min(finfo.tiny).reciprocal() * numerator).clamp_max(cap)
 
 
 def apply_scaled_updates_(params: list[Tensor], updates: list[Tensor], factors: list[Tensor], lr: float,

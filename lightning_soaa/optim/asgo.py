@@ -487,7 +487,8 @@ class _OneSided(ShardedOptimizer):
                 numel = self._dtensor.placements[v.block.param_index].global_shape[0] * u.shape[1]  # type: ignore[union-attr]
             else:
                 continue
-            factors[i] = asgo_math.rms_factor(total.sqrt(), asgo_math.rms_numerator(float(v.group["rms_scale"]), numel))
+            factors[i] = asgo_math.rms_factor(total.sqrt(), asgo_math.rms_numerator(float(v.group["rms_scale"]), numel),
+                                              u.dtype)
         self._apply_scaled_(items, factors)
 
     def _own_factors(self, items: list[tuple[BlockView, Tensor]], plain: Iterable[int],

@@ -423,8 +423,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         are kept; the communicator pickles itself (see the module docstring)."""
         return {k: v for k, v in self.__dict__.items()
                 if not (k.startswith("_optimizer_") and k.endswith("_hooks")) and k not in self._transient
-                and k not in ("_view_cache", "_step_counts")}  # views into this process's parameters,
-        # the counters' cache: rebuilt on first use
+                and k not in ("_view_cache", "_step_counts", "_valid_groups")}  # views into this
+        # process's parameters, the counters' cache, the groups validated last: rebuilt on first use
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         had_differentiable = "differentiable" in state["defaults"]
@@ -765,17 +765,21 @@ class ShardedOptimizer(torch.optim.Optimizer):
         return agreement.step_row_values(self.comm.rank, self.comm.world_size, error=error is not None,
                                          hyper=self._hyper_digest(), grad_sq=grad_sq, grad_count=count)
 
-    def _grad_scan(self, views: list[BlockView]) -> Tensor | float:
-        """Σ‖g‖² (a 0-d float64 tensor: no host sync here) over the gradients this step must read, finite
-        iff they all are: every local gradient when they are compared across ranks (then it is also this
-        rank's digest for the agreement row; it covers the owned ones too), else the owned gradients
-        unless the record's partials already cover them (:attr:`partials_cover_grads`)."""
+    def _scanned_grads(self, views: list[BlockView]) -> list[Tensor]:
+        """The gradients this step must read: every local gradient when they are compared across ranks
+        (it covers the owned ones too), else the owned gradients unless the record's partials already
+        cover them (:attr:`partials_cover_grads`)."""
         if self._compares_grads():
-            grads = [p.grad for p in self._params if p.grad is not None]
-        elif self.partials_cover_grads:
-            return 0.0
-        else:
-            grads = [v.grad for v in views if v.grad is not None]
+            return [p.grad for p in self._params if p.grad is not None]
+        if self.partials_cover_grads:
+            return []
+        return [v.grad for v in views if v.grad is not None]
+
+    def _grad_scan(self, views: list[BlockView]) -> Tensor | float:
+        """Σ‖g‖² (a 0-d float64 tensor: no host sync here) over :meth:`_scanned_grads`, finite iff they
+        all are, unless a norm overflowed its dtype (see :meth:`_reduce_record`); when compared across
+        ranks it is also this rank's digest for the agreement row."""
+        grads = self._scanned_grads(views)
         return agreement.grad_sq_tensor(grads) if grads else 0.0
 
     def _hyper_digest(self) -> int:
@@ -825,6 +829,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
         scan = self._grad_scan(views) if error is None else 0.0
         vals = host_floats([getattr(record, n) for n in record.summed_fields()] + [scan])
         grad_sq = vals.pop()
+        if error is None and not math.isfinite(grad_sq):
+            # finite gradients whose float32 norm overflows (|g| > 3.4e38, e.g. ten entries of 1e19) are
+            # not skipped: only then are the norms taken again, accumulated in float64 (10x slower)
+            grad_sq = agreement.grad_sq_exact(self._scanned_grads(views))
         bad = error is None and (vals[0] > 0 or not math.isfinite(grad_sq) or self._local_nonfinite(vals[1:]))
         vals[0] = 1.0 if bad else 0.0
         if isinstance(self.comm, LocalComm):  # one process: nothing to agree on, nothing to reduce
@@ -852,6 +860,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         reported through the all-reduce and raised on every rank, so the ranks stay in step.
         """
         self._join_before_step()
+        local_error = local_error or self._hyperparameter_error()
         if local_error is None and self._planned_step():
             return True
         try:  # meta tensors, sparse gradients: held like any other local error
@@ -873,6 +882,40 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._exchange_out(decision)
         self.num_steps += 1
         return True
+
+    def _hyperparameter_error(self) -> ValueError | None:
+        """The error for the first param group holding a value the constructor refuses, or None.
+
+        Why at every step: a value written into ``param_groups`` after construction (by hand, by a
+        scheduler, ``lr=nan`` or ``betas=(1.0, ...)``) would otherwise write NaN into every parameter.
+        Returned, not raised: the step holds it like any local error, so every rank raises together and
+        nothing changes. Cheap when nothing changed: a group is validated again (its config rebuilt,
+        6-24 us) only when one of its values is no longer the object validated last, except a new
+        ``lr`` alone (a scheduler's every step), checked here by the rule every optimizer's config gives
+        it (a finite ``float`` >= 0)."""
+        groups = self.param_groups
+        seen: list[Any] = self.__dict__.setdefault("_valid_groups", [])
+        if len(seen) != len(groups):
+            seen[:] = [None] * len(groups)
+        for i, group in enumerate(groups):
+            keys, vals = tuple(group), tuple(group.values())
+            last = seen[i]
+            if last is not None and last[0] is group and last[1] == keys:
+                if all(map(operator.is_, vals, last[2])):
+                    continue
+                changed = [k for k, a, b in zip(keys, vals, last[2]) if a is not b]
+                lr = group.get("lr")
+                if changed == ["lr"] and type(lr) is float and 0.0 <= lr < math.inf:
+                    seen[i] = (group, keys, vals)
+                    continue
+            try:
+                self._validate_group(group)
+            except ValueError as e:
+                return ValueError(
+                    f"{type(self).__name__}.step: param_groups[{i}]: {e} Hyperparameters set after "
+                    "construction (by hand or by a scheduler) are checked at every step; nothing changed.")
+            seen[i] = (group, keys, vals)
+        return None
 
     def _planned_step(self) -> bool:
         """A subclass's shortcut for a step whose inputs are all as its last step left them (SOAA's step

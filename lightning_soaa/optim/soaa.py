@@ -220,7 +220,7 @@ class SOAA(ShardedOptimizer):
             weight_decay; the trust-region hyperparameters are global).
         lr: :math:`\eta` (default 1e-3).
         betas: :math:`(\beta_1, \beta_2)` (default (0.9, 0.999)); the loss EMA uses the default β1.
-        eps: :math:`\epsilon` (default 1e-8).
+        eps: :math:`\epsilon` (default 1e-8; > 0: it is also the floor of the trust ratio's denominator).
         weight_decay: decoupled :math:`\lambda`, scaled by lr (default 0).
         gamma: band factor :math:`\gamma \in [0, 1)` (default 0.05; nadir's SOAA uses 0.1, Tadam 0.25).
         band_schedule: ``"final"`` (default) or ``"paper"`` (spec §1.3 step 10: the band narrows from

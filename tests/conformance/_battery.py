@@ -189,3 +189,16 @@ def bad_values(spec: OptimizerSpec) -> Iterator[tuple[str, Any]]:
             yield from ((f.name, v) for v in ((0.5,), (0.5, 1.5), 0.9))
         else:  # a new field type: teach the battery about it
             raise AssertionError(f"{spec.name}: {f.name}: no bad values known for type {kind}")
+
+
+def edge_values(spec: OptimizerSpec) -> Iterator[tuple[str, Any]]:
+    """The lower edge of every float field of the spec's config (0.0; a pair: (0.0, 0.0)): each is either
+    refused by the constructor or must give steps that run (an edge the constructor accepts once
+    crashed the first step: SOAA's eps = 0 in the trust ratio's floor)."""
+    config = spec.load_config()
+    for f in dataclasses.fields(config):
+        kind = typing.get_type_hints(config)[f.name]
+        if kind is float:
+            yield f.name, 0.0
+        elif typing.get_origin(kind) is tuple:
+            yield f.name, (0.0, 0.0)

@@ -259,14 +259,28 @@ def _w_lr_changed_on_one_rank(rank: int, world: int, name: str) -> dict[str, Any
             g["lr"] = g["lr"] * 0.5  # e.g. a scheduler stepped on one rank only
     before = _params(model)
     msg = _error(lambda: _step(name, opt, model, 1, rank))
-    return {"msg": msg, "unchanged": all(torch.equal(a, b) for a, b in zip(before, _params(model)))}
+    lr = get(name).test_kwargs["lr"]  # the value rank 0 still has
+    invalid = {}  # a value the constructor refuses, on rank 1 alone, then on both ranks
+    for who in ("rank 1", "both"):
+        for g in opt.param_groups:
+            g["lr"] = math.nan if who == "both" or rank == 1 else lr
+        invalid[who] = _error(lambda: _step(name, opt, model, 1, rank))
+    for g in opt.param_groups:
+        g["lr"] = lr
+    unchanged = all(torch.equal(a, b) for a, b in zip(before, _params(model)))
+    return {"msg": msg, "invalid": invalid, "unchanged": unchanged,
+            "after": _error(lambda: _step(name, opt, model, 1, rank))}
 
 
 @pytest.mark.parametrize("name", GRAD_SPECS)  # EGN drives its own step (noted in the report)
 def test_hyperparameters_changed_on_one_rank_raise_at_the_step(tmp_path: Path, name: str) -> None:
-    for out in run_distributed(_w_lr_changed_on_one_rank, 2, tmp_path, name):
+    """Values that differ across ranks, and values the constructor refuses (on one rank or on all),
+    raise on every rank together with nothing changed; the ranks then step on in step."""
+    for r, out in enumerate(run_distributed(_w_lr_changed_on_one_rank, 2, tmp_path, name)):
         assert "hyperparameters" in out["msg"] and "rank(s) [1]" in out["msg"], out["msg"]
-        assert out["unchanged"]
+        assert "Invalid lr=nan" in out["invalid"]["both"], out["invalid"]
+        assert ("Invalid lr=nan" if r == 1 else "rank(s) [1]") in out["invalid"]["rank 1"], out["invalid"]
+        assert out["unchanged"] and out["after"] == "no error", out
 
 
 # ---------------------------------------------------------------------- 4. an error on one rank only

@@ -44,6 +44,7 @@ from tests.conformance._battery import (
     TINY,
     assert_close,
     assert_identical,
+    data,
     each_optimizer,
     make,
     params,
@@ -55,6 +56,7 @@ from tests.harness.distributed import run_distributed
 
 STEPS, SAVE_AT, NAN_AT, TINY_STEPS = 6, 3, 2, 3
 NAN_WORLDS = (2, 3)  # grad_reduction "none" (gradients averaged first) and "mean"
+UNUSED_WORLD, UNUSED_AT = 3, 2  # parameters without a gradient: grad_reduction="mean", from step 2 on
 #: world size -> the world size whose checkpoint it resumes (0: the single-process reference run)
 LAUNCHES: dict[int, int] = {2: 0, 3: 2, 1: 3, 4: 2}
 PICKLED = "AdamW"  # whose W = 2 pickle the re-attachment checks use (the mechanism is in the base class)
@@ -125,6 +127,33 @@ def _nan_run(spec: OptimizerSpec, rank: int, world: int) -> dict[str, Any]:
             "w_after": params(model), "skipped": opt.skipped_steps}
 
 
+def _unused_target(opt: Any) -> int:
+    """The parameter the unused-parameter runs drop: the first one rank 0 owns a block of."""
+    return min(b.param_index for b in opt.block_table.blocks if b.owner == 0)
+
+
+def _unused_run(spec: OptimizerSpec, rank: int, world: int, how: str) -> dict[str, Any]:
+    """From step ``UNUSED_AT`` on, one parameter has no gradient on every rank (``how="all"``: a layer
+    unused this step, a frozen branch), or on rank 0 alone, its owner (``"rank0"``: its batch did not
+    reach the layer), or rank 0 holds zeros instead (``"rank0_zeros"``, what ``"rank0"`` must equal)."""
+    model, opt, average = _build(spec, world)
+    target = _unused_target(opt)
+    plist = list(model.parameters())
+
+    def drop() -> None:
+        if how == "all" or rank == 0:
+            plist[target].grad = torch.zeros_like(plist[target]) if how == "rank0_zeros" else None
+
+    for t in range(STEPS):
+        if t < UNUSED_AT:
+            step(spec, model, opt, t, rank=rank, world=world, average=average)
+        else:
+            x, y = data(t, SIZES, rank, world)
+            spec.take_step(opt, model, x, y, on_gradients=drop)
+    return {"params": params(model), "final": _consolidated(opt, rank), "target": target,
+            "grad_none": plist[target].grad is None}
+
+
 def _resumed_run(spec: OptimizerSpec, rank: int, world: int, ckpt: tuple[Any, Any]) -> dict[str, Any]:
     model, opt, average = _build(spec, world, seed=5)  # another init: everything comes from the checkpoint
     model.load_state_dict(ckpt[0])
@@ -179,6 +208,8 @@ def _worker(rank: int, world: int, resume: dict[str, Any], blob: bytes | None) -
         res["resumed"] = _resumed_run(spec, rank, world, resume[spec.name])
         if world >= 3:
             res["tiny"] = _tiny_run(spec, rank, world)
+        if world == UNUSED_WORLD and spec.needs is not StepNeeds.BATCH:
+            res["unused"] = {how: _unused_run(spec, rank, world, how) for how in ("all", "rank0", "rank0_zeros")}
         if world == 2:
             res["copies"] = _copies_run(spec, rank, world, model, opt)
         out[spec.name] = res
@@ -218,14 +249,20 @@ def launches(tmp_path_factory: pytest.TempPathFactory) -> _Launches:
 
 
 @functools.cache
-def _reference(name: str, sizes: tuple[int, ...] = SIZES, steps: int = STEPS) -> dict[str, Any]:
-    """One process on the global batch (no process group)."""
+def _reference(name: str, sizes: tuple[int, ...] = SIZES, steps: int = STEPS, unused: int | None = None
+               ) -> dict[str, Any]:
+    """One process on the global batch (no process group); ``unused``: the index of a parameter without
+    a gradient from step ``UNUSED_AT`` on."""
     spec = next(s for s in SPECS if s.name == name)
     model, opt = make(spec, sizes)
+    plist = list(model.parameters())
     out: dict[str, Any] = {}
     for t in range(steps):
         if t == SAVE_AT:
             out["ckpt"] = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()))
+        if unused is not None and t >= UNUSED_AT:
+            spec.take_step(opt, model, *data(t, sizes), on_gradients=lambda: setattr(plist[unused], "grad", None))
+            continue
         step(spec, model, opt, t, sizes=sizes)
     out["params"] = params(model)
     out["final"] = copy.deepcopy(opt.state_dict())
@@ -317,6 +354,23 @@ def test_nonfinite_on_one_rank_is_skipped_on_every_rank(launches: _Launches, spe
         assert nan["after"]["lightning_soaa"]["global"]["skipped_steps"] == 1
         assert_identical(nan["w_after"], nan["w_before"], f"rank {r} params")
         assert_identical(without_skips(nan["after"]), without_skips(nan["before"]), f"rank {r} state")
+
+
+@pytest.mark.parametrize("spec", [s for s in SPECS if s.needs is not StepNeeds.BATCH], ids=lambda s: s.name)
+def test_a_parameter_without_a_gradient_is_stepped_as_in_one_process(launches: _Launches,
+                                                                      spec: OptimizerSpec) -> None:
+    """grad_reduction="mean": a parameter with no gradient on any rank is not stepped (one process and
+    torch leave it alone: no weight decay, moments, counter); once stepped by its owner with a zero
+    gradient it drifted 8e-2 from one process. One without a gradient on some ranks has one: theirs
+    count as zeros. The owner's ``p.grad`` stays None like every other rank's."""
+    results = [res[spec.name]["unused"] for res in launches.get(UNUSED_WORLD)]
+    ref = _reference(spec.name, unused=results[0]["all"]["target"])
+    _assert_equal_to_reference([r["all"]["params"] for r in results], results[0]["all"]["final"], ref,
+                               skipped=0, what="no gradient on any rank")
+    assert all(r["all"]["grad_none"] for r in results)
+    for r, res in enumerate(results):
+        assert_identical(res["rank0"]["params"], res["rank0_zeros"]["params"], f"rank {r}: None vs zeros")
+    assert_identical(results[0]["rank0"]["final"], results[0]["rank0_zeros"]["final"], "None vs zeros")
 
 
 @each_optimizer

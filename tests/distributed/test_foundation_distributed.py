@@ -36,6 +36,8 @@ def _w_train(rank, world_size, steps, sizes, grad_reduction):
         "stats": opt.statistics(),
         "last": opt.comm.step_stats.copy(),
         "padded": {str(dt): opt.exchange.padded_len(dt) for dt in opt.exchange.layouts},
+        # the gradients' presence flags after each rank's blocks (one per block of the busiest rank)
+        "flags": {str(dt): max(map(len, per_rank)) for dt, per_rank in opt.exchange.layouts.items()},
     }
 
 
@@ -44,9 +46,9 @@ def test_communication_per_step_matches_design(tmp_path: Path):
     results = run_distributed(_w_train, 2, tmp_path, 3, SIZES, "mean")
     for res in results:
         last = res["last"]
-        (padded,) = res["padded"].values()
+        (padded,), (flags,) = res["padded"].values(), res["flags"].values()
         assert last.calls == {"reduce_scatter": 1, "all_reduce": 1, "all_gather": 1}
-        assert last.bytes["reduce_scatter"] == 2 * padded * 8  # W * padded fp64 elements sent
+        assert last.bytes["reduce_scatter"] == 2 * (padded + flags) * 8  # W * (padded + flags) fp64 sent
         assert last.bytes["all_gather"] == padded * 8
         # the non-finite flag (AdamW has no partials) and each rank's agreement row
         assert last.bytes["all_reduce"] == 8 * (1 + STEP_ROW * 2)

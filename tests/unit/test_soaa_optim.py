@@ -297,7 +297,7 @@ PINNED = [
     (dict(gamma=1.0), "Invalid gamma=1.0. Must be in [0.0, 1.0)."),
     (dict(gamma=-0.1), "Invalid gamma=-0.1. Must be in [0.0, 1.0)."),
     (dict(lr=-1e-3), "Invalid lr=-0.001. Must be in [0.0, inf)."),
-    (dict(eps=float("nan")), "Invalid eps=nan. Must be in [0.0, inf)."),
+    (dict(eps=float("nan")), "Invalid eps=nan. Must be in (0.0, inf)."),
     (dict(weight_decay=-1), "Invalid weight_decay=-1. Must be in [0.0, inf)."),
     (dict(betas=(0.9, 1.0)), "Invalid betas[1]=1.0. Must be in [0.0, 1.0)."),
     (dict(betas=(0.9,)), "Invalid betas=(0.9,). Must be a pair (beta1, beta2)."),
