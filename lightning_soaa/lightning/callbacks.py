@@ -42,20 +42,88 @@ def _all_optimizers(trainer: pl.Trainer) -> list[Any]:
     return list(trainer.optimizers)
 
 
+SAME_BATCH_ACCUMULATION_MESSAGE = (
+    "SOAA(acceptance='same_batch') with accumulate_grad_batches={k}: the trust region judges each trial step "
+    "by re-running Lightning's closure, which re-evaluates only the step's last micro-batch (its loss divided "
+    "by {k}), not the mean loss over the {k} micro-batches the step was built from, so steps would be accepted "
+    "or rejected on the wrong number. Use SOAA's default acceptance='lagged' (it needs no re-evaluation), or "
+    "accumulate_grad_batches=1 with a larger batch."
+)
+
+SKIPPED_BATCH_MESSAGE = (
+    "training_step returned None (Lightning's way to skip a batch) at epoch {epoch}, batch_idx {batch_idx}, "
+    "but {optimizer} cannot skip it: {why} A plain loop would not step on that batch. Leave such batches "
+    "out of the data (a sampler or collate_fn), or return a loss."
+)
+
+
+def _strategy_accumulates(trainer: pl.Trainer) -> bool:
+    """True when the strategy accumulates gradients itself (DeepSpeed): Lightning then calls the optimizer
+    step hooks after every micro-batch and the engine decides which of them really step."""
+    return bool(getattr(trainer.strategy, "handles_gradient_accumulation", False))
+
+
+def _engine_boundary(trainer: pl.Trainer) -> Callable[[], bool] | None:
+    boundary = getattr(trainer.model, "is_gradient_accumulation_boundary", None)
+    return boundary if callable(boundary) else None
+
+
+def _optimizer_steps_now(trainer: pl.Trainer) -> bool:
+    """Whether the optimizer step Lightning is making (``on_before_optimizer_step``) really steps.
+
+    Under DeepSpeed Lightning calls ``engine.step()`` after every micro-batch; only the one at the engine's
+    gradient-accumulation boundary steps the optimizer (asked before ``engine.step`` counts the micro-step).
+    """
+    if not _strategy_accumulates(trainer):
+        return True
+    boundary = _engine_boundary(trainer)
+    return True if boundary is None else bool(boundary())
+
+
+def _lightning_steps_skipped_batches(trainer: pl.Trainer) -> bool:
+    """Whether Lightning still calls ``optimizer.step`` when ``training_step`` returned None.
+
+    It does under every precision plugin except 16-bit AMP with a GradScaler, which skips the step itself
+    (``MixedPrecision.optimizer_step``); a torch optimizer then finds no gradients and does nothing, an
+    optimizer that steps from the loss or the batch would not."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    plugin = trainer.precision_plugin
+    return not (isinstance(plugin, MixedPrecision) and plugin.scaler is not None)
+
+
+def _acceptance(target: Any) -> Any:
+    """SOAA's acceptance rule, on SOAA itself or on a DeepSpeed client that will build it."""
+    acceptance = getattr(getattr(target, "config", None), "acceptance", None)
+    if acceptance is None:
+        acceptance = (getattr(target, "hyperparams", None) or {}).get("acceptance")
+    return acceptance
+
+
 class LossToOptimizer(Callback):
     """Hand the training loss to every optimizer whose step needs it (``StepNeeds.LOSS`` in the registry: SOAA).
 
-    The loss handed over is the loss of the whole optimizer step: with ``accumulate_grad_batches=k``
-    Lightning backpropagates ``loss_i / k`` for each micro-batch, and this callback sums those, so the
-    optimizer sees the mean over the k micro-batches. Under 16-bit AMP the hook receives the scaled loss;
-    it is unscaled here. The value is handed over after every backward (so it is in place however the
-    optimizer is stepped) and the running sum restarts once the optimizer step begins.
+    The loss handed over is the loss of the whole optimizer step: the mean of the losses of the
+    micro-batches that went into it. Under automatic optimization Lightning backpropagates ``loss_i / k``
+    for each micro-batch (``k = accumulate_grad_batches``, also on an epoch's last, shorter window); this
+    callback sums those and multiplies by ``k / n`` for the ``n`` micro-batches actually in the window.
+    Under DeepSpeed, which accumulates itself, the window is the engine's (it restarts where the engine
+    steps the optimizer). Under manual optimization the sum of the step's ``manual_backward`` losses is
+    handed over (the user scales those). Under 16-bit AMP the hook receives the scaled loss; it is
+    unscaled here. The value is handed over after every backward (so it is in place however the optimizer
+    is stepped) and the running sum restarts once the optimizer step begins.
 
     Under default precision Lightning's closure also reaches ``optimizer.step(closure)``; without gradient
     accumulation the closure's loss and the handed-over loss are the same number, so nothing is counted
     twice (SOAA keeps one value per step). With ``accumulate_grad_batches=k > 1`` Lightning's closure
     returns ``loss_k / k``; ``SOAA.step(closure)`` then keeps the mean handed over during the closure
     call, which takes precedence over the closure's return value.
+
+    Refused with a ``ValueError``: ``SOAA(acceptance="same_batch")`` under gradient accumulation (its
+    re-evaluation through Lightning's closure sees only the last micro-batch; at the start of fit, on every
+    rank: the settings are the same everywhere), and an optimizer step none of whose micro-batches had a
+    loss (``training_step`` returned None, which Lightning allows only in a single process) where Lightning
+    would still step the optimizer.
 
     Args:
         check_sharding: raise if a sharded optimizer was built before ``torch.distributed`` started
@@ -65,16 +133,45 @@ class LossToOptimizer(Callback):
     def __init__(self, check_sharding: bool = True) -> None:
         self.check_sharding = check_sharding
         self._sum: torch.Tensor | None = None
+        self._count = 0  # backward calls summed into _sum (micro-batches, under automatic optimization)
         self._restart = True
+        self._checked_k: int | None = None  # accumulate_grad_batches the same_batch check last saw
+
+    def _loss_targets(self, trainer: pl.Trainer) -> list[Any]:
+        found = (optimizer_needing(o, StepNeeds.LOSS) for o in _all_optimizers(trainer))
+        return [t for t in found if t is not None]
+
+    def _check_accumulation(self, trainer: pl.Trainer) -> None:
+        """Refuse what the step loss cannot be right for under ``accumulate_grad_batches=k`` (k may change
+        per epoch through ``GradientAccumulationScheduler``, so this runs again when it does)."""
+        k = int(trainer.accumulate_grad_batches)
+        if k == self._checked_k:
+            return
+        targets = self._loss_targets(trainer)
+        if k > 1 and any(_acceptance(t) == "same_batch" for t in targets):
+            raise ValueError(SAME_BATCH_ACCUMULATION_MESSAGE.format(k=k))
+        if k > 1 and targets and _strategy_accumulates(trainer) and _engine_boundary(trainer) is None:
+            raise ValueError(
+                f"LossToOptimizer: {type(trainer.strategy).__name__} accumulates gradients itself but its model "
+                "has no is_gradient_accumulation_boundary(), so the callback cannot tell which micro-batches "
+                f"make one optimizer step; use accumulate_grad_batches=1 (it is {k})."
+            )
+        self._checked_k = k
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._sum, self._restart = None, True
+        self._sum, self._count, self._restart, self._checked_k = None, 0, True, None
         if self.check_sharding:
             for opt in _all_optimizers(trainer):
                 check_sharding_matches_world(opt)
-        if not any(optimizer_needing(o, StepNeeds.LOSS) for o in _all_optimizers(trainer)):
+        if not self._loss_targets(trainer):
             log.info("LossToOptimizer: no optimizer with set_loss(); the callback does nothing.")
+        self._check_accumulation(trainer)
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._check_accumulation(trainer)
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -86,20 +183,39 @@ class LossToOptimizer(Callback):
         if scaler is not None and hasattr(scaler, "get_scale"):
             value = value / scaler.get_scale()
         if self._restart or self._sum is None:
-            self._sum, self._restart = value, False
+            self._sum, self._count, self._restart = value, 1, False
         else:
-            self._sum = self._sum + value
-        for opt in _all_optimizers(trainer):
-            target = optimizer_needing(opt, StepNeeds.LOSS)
-            if target is not None:
-                target.set_loss(self._sum)
+            self._sum, self._count = self._sum + value, self._count + 1
+        step_loss = self._sum
+        if pl_module.automatic_optimization:
+            # Lightning divided each micro-batch's loss by k, also in a window of n < k micro-batches (an
+            # epoch's last): the mean over the window is the sum times k / n.
+            k = int(trainer.accumulate_grad_batches)
+            if k != self._count:
+                step_loss = self._sum * (k / self._count)
+        for target in self._loss_targets(trainer):
+            target.set_loss(step_loss)
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: Any) -> None:
+        if not _optimizer_steps_now(trainer):
+            return  # DeepSpeed: this micro-batch only accumulates; the window goes on
+        if (self._restart and pl_module.automatic_optimization and _lightning_steps_skipped_batches(trainer)
+                and optimizer_needing(optimizer, StepNeeds.LOSS) is not None):
+            # Raised inside optimizer.step's closure: SOAA raises it before changing anything. (Lightning
+            # itself refuses a None from training_step when W > 1, so this is a single process.)
+            raise ValueError(SKIPPED_BATCH_MESSAGE.format(
+                epoch=trainer.current_epoch, batch_idx=_batch_idx(trainer), optimizer=optimizer_name(optimizer),
+                why="its step needs the step's loss (the trust region), no micro-batch of this step handed "
+                    "one over, and Lightning still calls optimizer.step(closure) under this precision."))
         # The next backward belongs to the next optimizer step (or to a re-evaluation of this batch,
         # whose loss then replaces, not adds to, the one handed over).
         self._restart = True
+
+
+def _batch_idx(trainer: pl.Trainer) -> int:
+    return int(trainer.fit_loop.epoch_loop.batch_idx)
 
 
 def default_split_batch(batch: Any) -> tuple[Any, Any]:
@@ -155,7 +271,9 @@ class BatchToOptimizer(Callback):
     Under ``accumulate_grad_batches=k`` the batch handed over is the concatenation of the step's
     micro-batches so far, so the step sees all k of them: the exact Gauss-Newton step of the
     accumulated batch (its Gram matrix is k² times larger). Gradient clipping and mixed precision,
-    which EGN would ignore, are refused (:func:`check_trainer_supports_batch_optimizer`).
+    which EGN would ignore, are refused (:func:`check_trainer_supports_batch_optimizer`). So is a batch
+    whose ``training_step`` returned None (Lightning's "skip this batch"): EGN already holds it and would
+    step on it (a ``ValueError`` before that step, or before a later step the micro-batch would go into).
 
     Args:
         split_batch: ``batch -> (inputs, targets)``; must be picklable (a module-level function) for
@@ -165,6 +283,7 @@ class BatchToOptimizer(Callback):
     def __init__(self, split_batch: Callable[[Any], tuple[Any, Any]] | None = None) -> None:
         self.split_batch = split_batch or default_split_batch
         self._window: list[tuple[Any, Any]] = []  # the micro-batches of the current accumulation window
+        self._backward_seen = False  # the current micro-batch's training_step returned a loss
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -176,8 +295,8 @@ class BatchToOptimizer(Callback):
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        found = (optimizer_needing(o, StepNeeds.BATCH) for o in _all_optimizers(trainer))
-        targets_opts = [t for t in found if t is not None]
+        self._backward_seen = False
+        targets_opts = _batch_targets(trainer)
         if not targets_opts:
             return
         inputs, targets = self.split_batch(batch)
@@ -191,6 +310,42 @@ class BatchToOptimizer(Callback):
             inputs, targets = _concat_batches(self._window)
         for opt in targets_opts:
             opt.set_batch(inputs, targets)
+
+    @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           loss: torch.Tensor) -> None:
+        self._backward_seen = True
+
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: Any) -> None:
+        # Inside optimizer.step's closure, after training_step: EGN already holds this batch and would step
+        # on it. Raised here (a single process: Lightning refuses None when W > 1), EGN raises it before
+        # changing anything.
+        self._refuse_skipped_batch(trainer, pl_module)
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        # A skipped micro-batch inside an accumulation window (no step yet) would go into the next step's
+        # concatenated batch.
+        self._refuse_skipped_batch(trainer, pl_module)
+
+    def _refuse_skipped_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._backward_seen or not pl_module.automatic_optimization:
+            return  # manual optimization hands EGN its batch in training_step, with no backward at all
+        targets_opts = _batch_targets(trainer)
+        if targets_opts and _lightning_steps_skipped_batches(trainer):
+            raise ValueError(SKIPPED_BATCH_MESSAGE.format(
+                epoch=trainer.current_epoch, batch_idx=_batch_idx(trainer),
+                optimizer=optimizer_name(targets_opts[0]),
+                why="it steps on the batch BatchToOptimizer handed it before training_step ran (with the "
+                    "other micro-batches of the step under gradient accumulation), not on the gradients."))
+
+
+def _batch_targets(trainer: pl.Trainer) -> list[Any]:
+    found = (optimizer_needing(o, StepNeeds.BATCH) for o in _all_optimizers(trainer))
+    return [t for t in found if t is not None]
 
 
 #: statistics that are fixed for a fit (the sharding layout): logged once per fit, not in every row

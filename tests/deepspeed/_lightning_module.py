@@ -64,3 +64,39 @@ class DSModule(pl.LightningModule):
                     "ref_stats": ref["stats"], "wrapper": type(self.trainer.optimizers[0]).__name__,
                     "step_calls": client.step_calls},
                    Path(self.out_dir) / f"rank{self.global_rank}.pt")
+
+
+class AccumModule(pl.LightningModule):
+    """SOAA under DeepSpeed's own gradient accumulation: records every micro-batch's loss and, after each
+    micro-batch, the loss SOAA's last step ran on; rank 0 writes both to ``<out>/accum.pt``."""
+
+    def __init__(self, out_dir: str, batches_per_epoch: int) -> None:
+        super().__init__()
+        self.net = tiny_mlp(0, torch.float32, SIZES)
+        self.out_dir, self.batches_per_epoch = out_dir, batches_per_epoch
+        self.losses: list[float] = []
+        self.step_losses: list[tuple[float, float]] = []  # (SOAA's step count, its step's loss)
+
+    def train_dataloader(self) -> DataLoader:
+        xs, ys = zip(*(batch(i, 0, dtype=torch.float32) for i in range(self.batches_per_epoch)))
+        return DataLoader(TensorDataset(torch.cat(xs), torch.cat(ys)), batch_size=8)
+
+    def training_step(self, data: Any, _idx: int) -> torch.Tensor:
+        loss = loss_fn(self.net, *data)
+        self.losses.append(float(loss.detach()))
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        from lightning_soaa.optim.soaa import SOAA
+
+        return SOAA(self.net.parameters(), lr=1e-2)
+
+    def on_train_batch_end(self, *_: Any) -> None:
+        import deepspeed_ext
+
+        stats = deepspeed_ext.find_client_optimizer(self.trainer.optimizers[0]).statistics()
+        self.step_losses.append((stats.get("t", 0.0), stats.get("loss", float("nan"))))
+
+    def on_fit_end(self) -> None:
+        if self.global_rank == 0:
+            torch.save({"losses": self.losses, "step_losses": self.step_losses}, Path(self.out_dir) / "accum.pt")

@@ -77,3 +77,28 @@ def test_soaa_named_in_the_deepspeed_json_under_lightning(tmp_path):
         assert rec["stats"]["t"] == STEPS and rec["step_calls"] == STEPS
         diff = max(float((a - b).abs().max()) for a, b in zip(rec["params"], rec["ref"]))
         assert diff <= 1e-6
+
+
+def test_soaa_step_loss_under_deepspeed_gradient_accumulation(tmp_path):
+    """accumulate_grad_batches=2: DeepSpeed accumulates itself, so Lightning runs the optimizer-step hooks
+    after every micro-batch and only the engine's boundary steps. SOAA's step must run on the mean loss of
+    the engine's two micro-batches (its window runs on across the epoch's end: 5 batches an epoch).
+    Before, the callback restarted every micro-batch and SOAA saw the last micro-batch's loss / 2."""
+    import lightning.pytorch as pl
+
+    from deepspeed_ext.strategy import DeepSpeedStrategy
+    from lightning_soaa.lightning.callbacks import LossToOptimizer
+    from tests.deepspeed._lightning_module import AccumModule
+
+    config = {"zero_optimization": {"stage": 1}, "train_micro_batch_size_per_gpu": 8, "gradient_clipping": 0.0}
+    strategy = DeepSpeedStrategy(config=config, start_method="fork", process_group_backend="gloo")
+    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=strategy, precision="32-true", max_steps=3,
+                         accumulate_grad_batches=2, callbacks=[LossToOptimizer()], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(AccumModule(str(tmp_path), batches_per_epoch=5))
+    rec = torch.load(tmp_path / "accum.pt", weights_only=False)
+    losses, step_losses = rec["losses"], rec["step_losses"]
+    # SOAA's step count after each micro-batch: it steps after every second one
+    assert [t for t, _ in step_losses][:6] == [0, 1, 1, 2, 2, 3], step_losses
+    for i in (1, 3, 5):
+        assert step_losses[i][1] == pytest.approx((losses[i - 1] + losses[i]) / 2, rel=1e-6), (i, rec)

@@ -7,6 +7,7 @@ import pickle
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
@@ -304,3 +305,135 @@ def test_soaa_sees_the_mean_loss_under_gradient_accumulation(tmp_path: Path) -> 
     trainer.fit(model)
     expected = sum(model.losses[2:4]) / 2
     assert trainer.optimizers[0].statistics()["loss"] == pytest.approx(expected, rel=1e-9)
+
+
+class SkippingRegressor(TinyRegressor):
+    """:class:`TinyRegressor` whose ``training_step`` returns None (Lightning's "skip this batch") on the
+    given batch indices, every epoch."""
+
+    def __init__(self, factory: OptimizerFactory, skip: tuple[int, ...] = (), batch_size: int = 8) -> None:
+        super().__init__(factory, batch_size=batch_size)
+        self.skip = set(skip)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:  # type: ignore[override]
+        loss = super().training_step(batch, batch_idx)
+        return None if batch_idx in self.skip else loss
+
+
+def _plain_accumulation_loop(init_args: dict[str, Any], k: int, epochs: int, skip: set[int]) -> list[torch.Tensor]:
+    """SOAA in a plain loop with Lightning's accumulation: each micro-batch backpropagates loss_i / k, a
+    step follows every k-th micro-batch and an epoch's last one, and its loss is the mean over the
+    micro-batches that went into it; a skipped micro-batch contributes nothing."""
+    model = PlainRegressor(batch_size=8)
+    opt = OptimizerFactory("SOAA", init_args).build(model)
+    batches = list(torch.utils.data.DataLoader(model.train_dataloader().dataset, batch_size=8))
+    for _ in range(epochs):
+        window: list[float] = []
+        for i, (x, y) in enumerate(batches):
+            if i not in skip:
+                loss = F.mse_loss(model(x), y)
+                (loss / k).backward()
+                window.append(float(loss.detach()))
+            if ((i + 1) % k == 0 or i + 1 == len(batches)) and window:
+                opt.step(loss=sum(window) / len(window))
+                opt.zero_grad()
+                window = []
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_soaa_step_loss_is_the_mean_over_the_micro_batches_in_the_window(tmp_path: Path) -> None:
+    """k=3 over 8 batches an epoch: windows of 3, 3 and 2 micro-batches, and one micro-batch skipped.
+    SOAA must see the mean over the micro-batches actually in the window. Before, a short window's loss
+    was its sum / k (0.72 for a 1.44 batch in the report: the trust region read a drop, rho 1.77), and the
+    run differed from this plain loop by 4e-2."""
+    # gamma=0.9 widens the trust band so that rho moves d (in the default band d sits at an edge
+    # either way, and the loss could not change the parameters)
+    init_args = {"lr": 0.05, "gamma": 0.9, "total_steps": 6}
+    model = SkippingRegressor(OptimizerFactory("SOAA", init_args), skip=(4,))
+    trainer = make_trainer(tmp_path, max_steps=-1, max_epochs=2, accumulate_grad_batches=3,
+                           callbacks=[LossToOptimizer()])
+    trainer.fit(model)
+    assert trainer.optimizers[0].num_steps == 6
+    ref = _plain_accumulation_loop(init_args, 3, 2, {4})
+    for got, want in zip(model.parameters(), ref):
+        torch.testing.assert_close(got.detach(), want, rtol=1e-10, atol=1e-12)
+
+
+class ParamsAtBatchEnd(pl.Callback):
+    """The parameters after the last batch that finished (a failed step must leave them as they were)."""
+
+    def __init__(self) -> None:
+        self.params: list[torch.Tensor] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self.params = [p.detach().clone() for p in pl_module.parameters()]
+
+
+@pytest.mark.parametrize("name,k,skip,steps_before", [
+    ("SOAA", 1, 1, 1),  # no micro-batch of the step had a loss: SOAA cannot take a step without one
+    ("EGN", 1, 1, 1),  # EGN steps on the batch it was handed, not on gradients
+    ("EGN", 2, 2, 1),  # ... also when the skipped micro-batch would go into a later step's batch
+])
+def test_a_skipped_batch_is_refused_where_the_optimizer_would_step_on_it(
+        name: str, k: int, skip: int, steps_before: int, tmp_path: Path) -> None:
+    """training_step returning None used to step EGN on that batch anyway (10 steps for 8 batches) and
+    to fail SOAA with 'add the LossToOptimizer callback' though it was there."""
+    init_args = {"lr": 0.05} if name == "SOAA" else {"loss": "mse", "lr": 0.5}
+    model = SkippingRegressor(OptimizerFactory(name, init_args), skip=(skip,))
+    seen = ParamsAtBatchEnd()
+    trainer = make_trainer(tmp_path, max_steps=4, accumulate_grad_batches=k,
+                           callbacks=[LossToOptimizer(), BatchToOptimizer(), seen])
+    with pytest.raises(ValueError, match=rf"training_step returned None .* batch_idx {skip}, but {name} cannot"):
+        trainer.fit(model)
+    assert trainer.optimizers[0].statistics()["steps"] == steps_before
+    for got, before in zip(model.parameters(), seen.params):
+        assert torch.equal(got.detach(), before)
+
+
+def test_soaa_skipped_batch_under_a_grad_scaler_is_not_stepped(tmp_path: Path) -> None:
+    """16-bit AMP with a GradScaler: Lightning itself does not call optimizer.step after training_step
+    returned None, so SOAA with LossToOptimizer simply takes one step fewer (nothing to refuse)."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    model = SkippingRegressor(OptimizerFactory("SOAA", {"lr": 0.05}), skip=(1,))
+    amp = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    trainer = make_trainer(tmp_path, max_steps=3, precision=None, plugins=[amp], callbacks=[LossToOptimizer()])
+    trainer.fit(model)
+    assert trainer.optimizers[0].num_steps == 2
+
+
+def _same_batch_plain_loop(init_args: dict[str, Any], steps: int) -> list[torch.Tensor]:
+    model = PlainRegressor(batch_size=8)
+    opt = OptimizerFactory("SOAA", init_args).build(model)
+    batches = list(torch.utils.data.DataLoader(model.train_dataloader().dataset, batch_size=8))
+    for x, y in batches[:steps]:
+        def closure(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
+            opt.zero_grad()
+            loss = F.mse_loss(model(x), y)
+            loss.backward()
+            return loss
+        opt.step(closure)
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_soaa_same_batch_under_lightning(tmp_path: Path) -> None:
+    """acceptance='same_batch' re-runs Lightning's closure to judge the trial step. Without accumulation
+    that is the step's batch: equal to the plain loop. With accumulate_grad_batches=2 it would be only the
+    last micro-batch (its loss / 2; before, rho 0.528 where the plain loop has 0.446, and the parameters
+    differed by 0.3): refused before the first step."""
+    init_args = {"lr": 0.3, "acceptance": "same_batch", "total_steps": 5}
+    model = TinyRegressor(OptimizerFactory("SOAA", init_args))
+    trainer = make_trainer(tmp_path, max_steps=5, callbacks=[LossToOptimizer()])
+    trainer.fit(model)
+    assert trainer.optimizers[0].statistics()["rejected"] > 0  # the re-evaluation decided something
+    for got, want in zip(model.parameters(), _same_batch_plain_loop(init_args, 5)):
+        torch.testing.assert_close(got.detach(), want, rtol=1e-10, atol=1e-12)
+
+    model = TinyRegressor(OptimizerFactory("SOAA", init_args))
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = make_trainer(tmp_path, max_steps=2, accumulate_grad_batches=2, callbacks=[LossToOptimizer()])
+    with pytest.raises(ValueError, match=r"acceptance='same_batch'\) with accumulate_grad_batches=2.*'lagged'"):
+        trainer.fit(model)
+    assert trainer.optimizers[0].num_steps == 0
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
