@@ -411,6 +411,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self.skipped_steps = 0
         super().__init__(params, defaults)
         self._setup_dtensor(comm, process_group)
+        self._check_unsharded_mean()
         self._build_table()
 
     # ------------------------------------------------------------------ copy and pickle
@@ -483,8 +484,27 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if self.sharding.grad_reduction == "mean" and self._dtensor is not None:
             self._dtensor.mean_plain_grads()  # FSDP2 averages the DTensor gradients; plain ones: here
         elif self.sharding.grad_reduction == "mean":
+            self._check_unsharded_mean()  # (again: the world size may have been unknown at construction)
             self.exchange.reduce_scatter_grads()
         return None
+
+    def _check_unsharded_mean(self) -> None:
+        """Refuse ``shard=False`` with ``grad_reduction="mean"`` on W > 1 ranks (outside FSDP2), on every
+        rank (the same arguments everywhere) before any collective of the step.
+
+        ``shard=False`` declares that the caller partitioned the parameters (DeepSpeed ZeRO): each rank's
+        tensors are its own, with no counterpart on another rank to average with, and the partials are
+        summed over ranks as parts of one model. A replicated model passed this way stepped each replica
+        on its own local gradient with "mean" (the replicas drifted apart by ~lr a step) and counted the
+        trust region's sums W times."""
+        if (self.sharding.grad_reduction == "mean" and not self.sharding.shard and self._dtensor is None
+                and self.comm.world_size > 1):
+            raise ValueError(
+                f"{type(self).__name__}: shard=False with grad_reduction='mean' is not supported on "
+                f"{self.comm.world_size} ranks: shard=False means every rank's parameters are its own "
+                "partition of the model (DeepSpeed ZeRO), with nothing on other ranks to average with. For a "
+                "model replicated on every rank use shard=True (the default) with grad_reduction='mean', or "
+                "average the gradients before step() (DDP) with grad_reduction='none'.")
 
     def _prepare(self, views: list[BlockView]) -> StepRecord | None:
         return None

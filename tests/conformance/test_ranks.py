@@ -154,6 +154,15 @@ def _unused_run(spec: OptimizerSpec, rank: int, world: int, how: str) -> dict[st
             "grad_none": plist[target].grad is None}
 
 
+def _unsharded_mean_refusal(spec: OptimizerSpec) -> str | None:
+    """The error of ``shard=False, grad_reduction="mean"`` at W > 1 (None if it was accepted)."""
+    try:
+        make(spec, SIZES, 0, shard=False, grad_reduction="mean")
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def _resumed_run(spec: OptimizerSpec, rank: int, world: int, ckpt: tuple[Any, Any]) -> dict[str, Any]:
     model, opt, average = _build(spec, world, seed=5)  # another init: everything comes from the checkpoint
     model.load_state_dict(ckpt[0])
@@ -210,6 +219,8 @@ def _worker(rank: int, world: int, resume: dict[str, Any], blob: bytes | None) -
             res["tiny"] = _tiny_run(spec, rank, world)
         if world == UNUSED_WORLD and spec.needs is not StepNeeds.BATCH:
             res["unused"] = {how: _unused_run(spec, rank, world, how) for how in ("all", "rank0", "rank0_zeros")}
+            if takes_kwarg(spec, "shard") and takes_kwarg(spec, "grad_reduction"):
+                res["unsharded"] = _unsharded_mean_refusal(spec)
         if world == 2:
             res["copies"] = _copies_run(spec, rank, world, model, opt)
         out[spec.name] = res
@@ -371,6 +382,17 @@ def test_a_parameter_without_a_gradient_is_stepped_as_in_one_process(launches: _
     for r, res in enumerate(results):
         assert_identical(res["rank0"]["params"], res["rank0_zeros"]["params"], f"rank {r}: None vs zeros")
     assert_identical(results[0]["rank0"]["final"], results[0]["rank0_zeros"]["final"], "None vs zeros")
+
+
+@pytest.mark.parametrize("spec", [s for s in SPECS if s.needs is not StepNeeds.BATCH and takes_kwarg(s, "shard")
+                                  and takes_kwarg(s, "grad_reduction")], ids=lambda s: s.name)
+def test_unsharded_mean_is_refused_on_every_rank(launches: _Launches, spec: OptimizerSpec) -> None:
+    """shard=False (the caller's own partition on each rank) has nothing to average: with
+    grad_reduction="mean" a replicated model once stepped each replica on its local gradient (0.2 apart
+    after one step at lr 0.1) and counted SOAA's trust-region sums W times."""
+    results = [res[spec.name]["unsharded"] for res in launches.get(UNUSED_WORLD)]
+    assert all(msg is not None and "shard=False with grad_reduction='mean' is not supported" in msg
+               for msg in results), results
 
 
 @each_optimizer
