@@ -826,7 +826,7 @@ class EGN(ShardedOptimizer):
         if self.comm.world_size == 1:
             y = batch.y if layout.class_targets else batch.y.to(dt)
             return layout, GramFactors(batch.z.detach().to(dt), y, [(a.to(dt), d.to(dt)) for a, d in factors],
-                                       None if rows is None else rows.reshape(batch.b * c, -1).to(dt),
+                                       None if rows is None else rows.reshape(batch.b * c, rows.shape[-1]).to(dt),
                                        identity=batch.cap.identity_site)
         local = pack_factor_table(layout, batch.z, batch.y, factors, rows)
         bmax = max(batch.sizes)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -169,7 +170,8 @@ class LinearCapture:
                     "own output. Remove the hook or use jacobian='explicit'.")
                 return None
             # Cloned: a later in-place op on the input must not change the recorded factor.
-            self.inputs[i].append(a.detach().reshape(self.batch_size, -1, a.shape[-1]).clone())
+            # (positions T from the shape, not -1: a rank's batch may be empty)
+            self.inputs[i].append(a.detach().reshape(self.batch_size, _positions(a), a.shape[-1]).clone())
             self.outputs[i].append(output)
             # Downstream layers see a copy, so in-place ops after this layer cannot rewrite the tensor
             # that the back-signals are read from.
@@ -197,7 +199,7 @@ class LinearCapture:
             for y in self.outputs[i]:
                 g = next(flat)
                 g = torch.zeros(c, *y.shape, dtype=y.dtype, device=y.device) if g is None else g
-                ds.append(g.reshape(c, b, -1, m.out_features).transpose(0, 1))
+                ds.append(g.reshape(c, b, _positions(y), m.out_features).transpose(0, 1))
             out.append((a, torch.cat(ds, dim=2)))
         return out
 
@@ -229,6 +231,11 @@ def _is_layer_output(m: nn.Linear, a: Tensor, out: Tensor) -> bool:
         return False
     tol = 8 * torch.finfo(out.dtype).eps if out.is_floating_point() else 0.0
     return bool(((ref - out.detach()).abs().max() <= tol * ref.abs().max()).item()) if ref.numel() else True
+
+
+def _positions(t: Tensor) -> int:
+    """Positions per sample of a layer's input or output [b, ..., d] (1 for [b, d])."""
+    return math.prod(t.shape[1:-1])
 
 
 def _batched_grads(z: Tensor, outs: list[Tensor], cot: Tensor) -> list[Tensor | None]:
@@ -306,7 +313,7 @@ def explicit_jacobian_rows(model: nn.Module, params: dict[str, Tensor], xs: tupl
     b = xs[0].shape[0]
     first = jac[next(iter(pdict))]
     c = first.shape[1]
-    return torch.cat([jac[n].reshape(b, c, -1) for n in pdict], dim=2)
+    return torch.cat([jac[n].reshape(b, c, pdict[n].numel()) for n in pdict], dim=2)
 
 
 def checked_explicit_rows(model: nn.Module, params: dict[str, Tensor], xs: tuple[Tensor, ...],

@@ -168,7 +168,10 @@ class ChainCapture:
                         break
                     # δ·W (the input gradient autograd forms); for the identity it is W's rows themselves
                     w = m.weight
-                    g = w.expand(b, c, w.shape[1]) if g is None else (g.reshape(b * c, -1) @ w).view(b, c, -1)
+                    if g is None:
+                        g = w.expand(b, c, w.shape[1])
+                    else:  # (explicit widths: b may be 0 on a rank with an empty batch)
+                        g = (g.reshape(b * c, w.shape[0]) @ w).view(b, c, w.shape[1])
                 elif type(m) in _ACTIVATIONS:
                     out = saved[j + 1] if j + 1 < len(mods) else z
                     g = _ACTIVATIONS[type(m)](eye if g is None else g, out.unsqueeze(1))

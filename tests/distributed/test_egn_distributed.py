@@ -62,6 +62,14 @@ CONFIGS = {
     # a linear model under MSE: K = G ⊗ I_c, the Kronecker solve (with every statistic it feeds)
     "linear_idle": dict(model="linear", kw=dict(loss="mse", lr=3.0, damping=0.05, line_search=True, momentum=0.5,
                                                 adaptive_damping=True), uneven=True),
+    # a rank with an empty batch takes part in every collective with no rows of its own: the chain (mlp),
+    # the general capture with explicit rows (mixed) and the traced chain (wrapped)
+    "mse_empty": dict(model="mlp", kw=dict(loss="mse", lr=1.0, damping=0.3, momentum=0.5, line_search=True),
+                      uneven=False, empty=True),
+    "ce_empty_mixed": dict(model="mixed", kw=dict(loss="cross_entropy", lr=1.0, damping=0.5, line_search=True),
+                           uneven=False, empty=True),
+    "bce_empty_traced": dict(model="wrapped", kw=dict(loss="bce", lr=1.0, damping=0.5, adaptive_damping=True),
+                             uneven=False, empty=True),
     # bc >= CG_MIN_SIZE: the system is solved by conjugate gradients on the gathered factors, identically
     # on every rank (same iterations, same decision to fall back)
     "mse_cg": dict(model="mlp", kw=dict(loss="mse", lr=1.0, damping=0.5, momentum=0.5, line_search=True,
@@ -80,8 +88,10 @@ def _model(kind: str) -> nn.Module:
     return nn.Linear(6, 3).double()
 
 
-def _global_batch(step: int, loss: str, world: int, uneven: bool, big: bool = False):
+def _global_batch(step: int, loss: str, world: int, uneven: bool, big: bool = False, empty: bool = False):
     sizes = [2 + r for r in range(world)] if uneven else [4] * world
+    if empty:  # rank 0's batch is empty (its data ran out first): the others hold the global batch
+        sizes = [0] + [6] * (world - 1)
     if big:  # at least 180 samples (bc >= 540) in all, unevenly split
         sizes = [-(-180 // world) + r for r in range(world)]
     g = torch.Generator().manual_seed(1000 + step)
@@ -107,7 +117,8 @@ def _worker(rank: int, world: int) -> dict:
         opt = EGN(model, **cfg["kw"])
         ckpt = None
         for t in range(STEPS):
-            x, y, sizes = _global_batch(t, cfg["kw"]["loss"], world, cfg["uneven"], cfg.get("big", False))
+            x, y, sizes = _global_batch(t, cfg["kw"]["loss"], world, cfg["uneven"], cfg.get("big", False),
+                                        cfg.get("empty", False))
             lo = sum(sizes[:rank])
             opt.step(inputs=x[lo:lo + sizes[rank]], targets=y[lo:lo + sizes[rank]])
             if t == STEPS - 2:
@@ -131,7 +142,8 @@ def _single(name: str, world: int, start: int = 0, ckpt: dict | None = None) -> 
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["opt"])
     for t in range(start, STEPS):
-        x, y, _ = _global_batch(t, cfg["kw"]["loss"], world, cfg["uneven"], cfg.get("big", False))
+        x, y, _ = _global_batch(t, cfg["kw"]["loss"], world, cfg["uneven"], cfg.get("big", False),
+                                cfg.get("empty", False))
         opt.step(inputs=x, targets=y)
     return _flat(model), opt
 
