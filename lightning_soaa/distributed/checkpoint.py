@@ -138,9 +138,17 @@ def validate_state_dict(optimizer: CheckpointView, sd: Any) -> None:
     """Raise ``ValueError`` with a precise reason when ``sd`` does not fit ``optimizer``."""
     name = optimizer.name
     if not isinstance(sd, dict) or FORMAT_KEY not in sd or "state" not in sd or "param_groups" not in sd:
+        hint = ""
+        if isinstance(sd, dict) and "state" in sd and "param_groups" in sd:
+            # what torch.distributed.checkpoint.state_dict hands back when it rebuilt the state itself
+            hint = (" If it came from torch.distributed.checkpoint.state_dict: with StateDictOptions("
+                    "flatten_optimizer_state_dict=True) or full_state_dict=True (FSDP2) torch rebuilds the state "
+                    "from its own keys, dropping this optimizer's metadata and global state. Save and load with the "
+                    "default StateDictOptions (DCP: any world size, also fully_shard on one rank), or without "
+                    "FSDP2 with consolidate_state_dict() and state_dict().")
         raise ValueError(
             f"{name}.load_state_dict: not a lightning_soaa optimizer state (expected keys 'state', "
-            f"'param_groups' and '{FORMAT_KEY}'; got {sorted(sd) if isinstance(sd, dict) else type(sd)})."
+            f"'param_groups' and '{FORMAT_KEY}'; got {sorted(sd) if isinstance(sd, dict) else type(sd)})." + hint
         )
     meta = sd[FORMAT_KEY]
     missing = [k for k in _META_KEYS if k not in meta] if isinstance(meta, dict) else list(_META_KEYS)

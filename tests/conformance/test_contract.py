@@ -520,7 +520,10 @@ def _bad_checkpoints(spec: OptimizerSpec, good: dict[str, Any]) -> list[tuple[st
     for key in ("state", "param_groups", "lightning_soaa"):
         sd = copy.deepcopy(good)
         del sd[key]
-        cases.append((f"no {key!r}", sd, "not a lightning_soaa optimizer state"))
+        # a state with torch's keys only (what DCP's flatten_optimizer_state_dict / full_state_dict rebuild)
+        # names those options as the likely cause and the way that keeps the metadata
+        why = "flatten_optimizer_state_dict=True" if key == "lightning_soaa" else "not a lightning_soaa optimizer state"
+        cases.append((f"no {key!r}", sd, why))
     for key in ("version", "optimizer", "shapes", "layout", "global"):
         sd = copy.deepcopy(good)
         del sd["lightning_soaa"][key]
