@@ -95,7 +95,16 @@ class ShardingConfig:
             owned, nothing is gathered, and only the global scalars are all-reduced.
         grad_reduction: ``"none"`` when gradients arrive already averaged (DDP, Lightning, DeepSpeed);
             ``"mean"`` to have the optimizer reduce-scatter and average them itself (plain torchrun
-            without DDP), so each rank only receives the gradients of the blocks it owns.
+            without DDP), so each rank only receives the gradients of the blocks it owns. As DDP does, it
+            averages the ranks' gradients with equal weights: with per-rank batches of different sizes and
+            a mean loss per rank, that is not the gradient of the mean over the global batch (a rank's
+            sample counts more on a smaller batch). Use equal per-rank batches, or weight each rank's loss
+            by its share of the global batch (``loss * world * n_rank / n_global``) before ``backward()``.
+            A rank with an empty batch has a NaN mean loss: its non-finite values make every rank skip
+            the step (with a warning, as for any non-finite value), so give every rank a sample. With
+            ``"mean"`` the ranks must start from the same weights (the optimizer does not broadcast them,
+            as DDP does at wrap): replicas that differ raise on every rank at the first step after
+            construction or ``load_state_dict``.
     """
 
     shard: bool = True

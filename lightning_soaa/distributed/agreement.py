@@ -9,11 +9,19 @@ never a crash of one rank inside the collective library, never silent divergence
   vector has the same length whatever the optimizer, so even ranks that built different optimizer
   classes meet in a collective of matching size; every rank then sees every rank's digests and raises
   the same error naming the fields that differ.
+  Every rank of a W > 1 group takes part, whatever its ``shard`` value: the sharding options are
+  compared first, on every rank; the other fields only where the parameters are one replicated model
+  (sharded, or DTensor shards). ``shard=False`` without DTensors (DeepSpeed ZeRO's per-rank partitions)
+  may hold different shapes on every rank, so only its sharding options are compared.
 * **At every step**: a few values per rank ride in the step's single fp64 all-reduce, each rank writing
   only its own row of a ``[world, STEP_ROW]`` block and zeros elsewhere. A sum with zeros is exact, so
   after the reduction every rank holds every rank's row bit for bit: an error flag (an exception this
   rank raised before the collective), a digest of the hyperparameters, and, when gradients must be the
-  same on every rank (``grad_reduction="none"``), a digest of the local gradients.
+  same on every rank (``grad_reduction="none"``), a digest of the local gradients; the optimizer's step
+  counter (``num_steps + skipped_steps``: a rank that loaded a checkpoint alone or missed a ``step()``
+  is at another step); and, at the first step after construction or ``load_state_dict`` with
+  ``grad_reduction="mean"`` on sharded ranks, a flag and a digest of the parameters (replicas that
+  were never made equal, e.g. initialised with another seed on every rank and no broadcast).
 
 Nothing here keeps global state; the functions read an optimizer and return values or raise.
 """
@@ -41,6 +49,7 @@ __all__ = [
     "grad_digest",
     "grad_sq_tensor",
     "grad_sq_exact",
+    "param_digest",
     "step_rows",
     "step_row_values",
     "StepVerdict",
@@ -56,8 +65,10 @@ CONSTRUCTION_FIELDS = (
     "sharding options",
 )
 
-#: values per rank in the step's all-reduce: error flag, hyperparameter digest, Σ‖g‖², #gradients
-STEP_ROW = 4
+#: values per rank in the step's all-reduce: error flag, hyperparameter digest, Σ‖g‖², #gradients, the
+#: step counter, the replica check's flag (1: this rank compares its parameters at this step) and the
+#: parameter digest. The same layout on every rank and at every step, whether or not a value is used.
+STEP_ROW = 7
 
 #: relative tolerance on Σ‖g‖² across ranks. Gradients averaged by DDP are bitwise equal on every rank
 #: (the collective hands every rank the same bits), so an honest run differs by 0; the tolerance only
@@ -132,9 +143,13 @@ def hyperparameter_key(param_groups: Sequence[dict[str, Any]]) -> tuple[Any, ...
 
 
 def construction_digests(optimizer: Any, params: Sequence[Tensor], names: Sequence[str | None],
-                         steps_before_join: int) -> Tensor:
+                         steps_before_join: int, full: bool = True) -> Tensor:
     """This rank's construction vector: one digest per :data:`CONSTRUCTION_FIELDS`, then the number of
-    parameters and the number of steps taken before joining the process group (int64, fixed size)."""
+    parameters and the number of steps taken before joining the process group (int64, fixed size).
+
+    ``full``: whether the ranks compare every field (one replicated model) or only the sharding options
+    (per-rank partitions); it is part of the sharding options' digest, so ranks that compare it equal
+    also agree on whether to compare the rest."""
     cls = type(optimizer)
     config = getattr(optimizer, "config", None) or getattr(optimizer, "cfg", None)
     fields = [
@@ -143,20 +158,31 @@ def construction_digests(optimizer: Any, params: Sequence[Tensor], names: Sequen
         canonical([(tuple(p.shape), str(p.dtype), p.device.type) for p in params]),
         canonical(list(names)),
         canonical([hyperparameter_digest(optimizer.param_groups), config]),
-        canonical(optimizer.sharding),
+        canonical([optimizer.sharding, bool(full)]),
     ]
     return torch.tensor([_digest(f) for f in fields] + [len(params), int(steps_before_join)], dtype=torch.int64)
 
 
-def check_construction(optimizer: Any, everyone: Tensor) -> None:
+def check_construction(optimizer: Any, everyone: Tensor, full: bool = True) -> None:
     """Raise the same ``RuntimeError`` on every rank when the gathered construction vectors differ.
 
     ``everyone`` is the ``[world, len(CONSTRUCTION_FIELDS) + 2]`` all-gather of
     :func:`construction_digests`; every rank holds the same matrix, so every rank decides alike.
+    The sharding options are compared first and on every rank; the other fields only when ``full``
+    (equal on every rank once the sharding options are: it is part of their digest).
     """
     name = type(optimizer).__name__
     nf = len(CONSTRUCTION_FIELDS)
     ref = everyone[0]
+    si = CONSTRUCTION_FIELDS.index("sharding options")
+    odd_sharding = [r for r in range(everyone.shape[0]) if int(everyone[r, si]) != int(ref[si])]
+    if odd_sharding:
+        raise RuntimeError(
+            f"{name}: ranks disagree on the sharding options: rank(s) {odd_sharding} differ from rank 0 in "
+            "shard, grad_reduction or whether the parameters are FSDP2 DTensors. Every rank must pass the "
+            "same shard= and grad_reduction= (and the same kind of parameters).")
+    if not full:
+        return
     bad_fields = [CONSTRUCTION_FIELDS[i] for i in range(nf) if not bool((everyone[:, i] == ref[i]).all())]
     counts = everyone[:, nf]
     if not bool((counts == ref[nf]).all()):
@@ -211,20 +237,43 @@ def grad_sq_exact(grads: Sequence[Tensor]) -> float:
     return float(torch.stack(torch._foreach_norm(real, dtype=torch.float64)).square().sum().cpu())
 
 
-def step_row_values(rank: int, world: int, *, error: bool, hyper: int, grad_sq: float, grad_count: int
-                    ) -> list[float]:
+def param_digest(params: Sequence[Tensor]) -> int:
+    """A 48-bit digest of the parameters' bits, the same on every rank that holds the same values.
+
+    Each parameter's bits are read as integers and summed modulo 2^64: integer addition is exact and
+    associative, so the sum does not depend on the reduction order (thread count, device kernels), as a
+    float sum would. One read of every parameter: made only at the steps that check the replicas."""
+    sums = []
+    for p in params:
+        x = p.detach().reshape(-1)
+        if x.is_floating_point() and x.dtype != torch.float64:
+            ints = {2: torch.int16, 4: torch.int32}.get(x.element_size())
+            x = x.view(ints).to(torch.int64) if ints is not None else x.to(torch.float64).view(torch.int64)
+        elif x.dtype == torch.float64:
+            x = x.view(torch.int64)
+        sums.append(x.sum(dtype=torch.int64) if x.numel() else torch.zeros((), dtype=torch.int64, device=x.device))
+    values = torch.stack([s.to(sums[0].device) for s in sums]).tolist() if sums else []  # one host copy
+    return _digest(canonical(values))
+
+
+def step_row_values(rank: int, world: int, *, error: bool, hyper: int, grad_sq: float, grad_count: int,
+                    steps: int = 0, replica_check: bool = False, params_digest: int = 0) -> list[float]:
     """:func:`step_rows` as a list of floats (what the step packs into its vector)."""
     out = [0.0] * (world * STEP_ROW)
     # A non-finite Σ‖g‖² is reported through the non-finite flag; zero keeps the row comparable.
     out[rank * STEP_ROW:(rank + 1) * STEP_ROW] = [1.0 if error else 0.0, float(hyper),
-                                                  grad_sq if math.isfinite(grad_sq) else 0.0, float(grad_count)]
+                                                  grad_sq if math.isfinite(grad_sq) else 0.0, float(grad_count),
+                                                  float(steps), 1.0 if replica_check else 0.0,
+                                                  float(params_digest)]
     return out
 
 
-def step_rows(rank: int, world: int, *, error: bool, hyper: int, grad_sq: float, grad_count: int) -> Tensor:
+def step_rows(rank: int, world: int, *, error: bool, hyper: int, grad_sq: float, grad_count: int,
+              steps: int = 0, replica_check: bool = False, params_digest: int = 0) -> Tensor:
     """The ``[world * STEP_ROW]`` fp64 block of the step's all-reduce: this rank's row, zeros elsewhere."""
     return torch.tensor(step_row_values(rank, world, error=error, hyper=hyper, grad_sq=grad_sq,
-                                        grad_count=grad_count), dtype=torch.float64)
+                                        grad_count=grad_count, steps=steps, replica_check=replica_check,
+                                        params_digest=params_digest), dtype=torch.float64)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,6 +283,12 @@ class StepVerdict:
     error_ranks: list[int]
     hyper_ranks: list[int]  # ranks whose hyperparameters differ from rank 0's
     grad_ranks: list[int]  # ranks whose gradients differ from rank 0's (only when compared)
+    #: every rank's step counter when they are not all equal (else empty)
+    step_counts: list[int] = dataclasses.field(default_factory=list)
+    #: ranks whose replica-check flag differs from rank 0's: the check is due on some ranks only (an
+    #: optimizer loaded on some ranks only)
+    check_ranks: list[int] = dataclasses.field(default_factory=list)
+    param_ranks: list[int] = dataclasses.field(default_factory=list)  # parameters differ from rank 0's
 
 
 def read_step_rows(rows: Tensor | Sequence[float], world: int, compare_grads: bool) -> StepVerdict:
@@ -249,4 +304,8 @@ def read_step_rows(rows: Tensor | Sequence[float], world: int, compare_grads: bo
             sq, n = m[r][2], m[r][3]
             if n != ref_n or abs(sq - ref_sq) > GRAD_RTOL * max(abs(sq), abs(ref_sq)):
                 grads.append(r)
-    return StepVerdict(errors, hyper, grads)
+    steps = [int(m[r][4]) for r in range(world)]
+    checks = [r for r in range(world) if m[r][5] != m[0][5]]
+    # digests are compared only when every rank made one (a rank whose check is not due wrote 0)
+    params = [r for r in range(world) if m[r][6] != m[0][6]] if not checks and m[0][5] > 0 else []
+    return StepVerdict(errors, hyper, grads, steps if len(set(steps)) > 1 else [], checks, params)

@@ -46,9 +46,10 @@ the process group (fresh counters); a pickle made at W > 1 re-attaches to the de
 its first collective and checks that the world size and rank are the ones it was built for (see
 :class:`~lightning_soaa.distributed.comm.DeferredComm`); at W = 1 it stays a ``LocalComm``.
 
-The agreement rows (W > 1; :mod:`lightning_soaa.distributed.agreement`) are 4 values per rank, each rank
-filling only its own row, so the sum hands every rank every rank's values exactly. At construction the
-ranks all-gather a fixed-size digest of the class, parameters, names and hyperparameters.
+The agreement rows (W > 1; :mod:`lightning_soaa.distributed.agreement`) are ``STEP_ROW`` values per rank
+(error flag, hyperparameters, gradients, step counter, replica check), each rank filling only its own
+row, so the sum hands every rank every rank's values exactly. At construction every rank of a W > 1 group
+all-gathers a fixed-size digest of the class, parameters, names, hyperparameters and sharding options.
 
 State for a whole-parameter block lives in ``self.state[p]`` as in torch (``state[p]["exp_avg"]``);
 a parameter split into several blocks keeps ``self.state[p][sub_index] = {...}`` for the blocks this
@@ -409,10 +410,15 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._consolidated_at: int = -1
         self.num_steps = 0  # optimizer steps taken (not counting skipped ones)
         self.skipped_steps = 0
+        # the parameters are compared across ranks at the next W > 1 step (see _checks_replicas): the
+        # weights are often initialised or loaded after the optimizer is built, so not here
+        self._replicas_unchecked = True
         super().__init__(params, defaults)
         self._setup_dtensor(comm, process_group)
-        self._check_unsharded_mean()
+        # after the construction check (a collective of every rank): a rank whose sharding options
+        # differ must not raise alone before it (the other ranks would wait in it)
         self._build_table()
+        self._check_unsharded_mean()
 
     # ------------------------------------------------------------------ copy and pickle
     #: attributes a copy or pickle leaves out because the subclass rebuilds them on first use (e.g.
@@ -608,7 +614,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def _build_table(self) -> None:
         plist = self._all_params()
         params = [p for p, _, _ in plist]
-        if self._consolidating():
+        if self.comm.world_size > 1:  # every rank, whatever its shard value: see the method
             self._check_same_params_on_all_ranks(params, [name for _, _, name in plist])
         world = self.comm.world_size if self.sharding.shard else 1
         self._auto_limit = self._auto_block_numel(params, world)  # the same on every rank of this W
@@ -630,10 +636,16 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def _check_same_params_on_all_ranks(self, params: list[Tensor], names: list[str | None]) -> None:
         """Fail fast, on every rank together, when ranks disagree on the optimizer class, the parameters
         (names, shapes, dtypes, order), the hyperparameters or the sharding options. The collective is an
-        all-gather of a fixed-size vector, so it matches in size even between different classes."""
-        mine = agreement.construction_digests(self, params, names, self._unjoined_steps)
+        all-gather of a fixed-size vector, so it matches in size even between different classes.
+
+        Every rank of a W > 1 group joins it, whatever its ``shard`` value: a rank that skipped it because
+        of its own options would leave the others waiting. Without consolidation (``shard=False``, no
+        DTensors: DeepSpeed's per-rank partitions, whose shapes differ by rank) only the sharding options
+        are compared."""
+        full = self._consolidating()
+        mine = agreement.construction_digests(self, params, names, self._unjoined_steps, full=full)
         everyone = self.comm.all_gather_flat(mine).view(self.comm.world_size, -1)
-        agreement.check_construction(self, everyone)
+        agreement.check_construction(self, everyone, full=full)
 
     def _ensure_joined(self) -> None:
         """Join the default process group if it appeared after construction (collective then).
@@ -782,8 +794,24 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if self.comm.world_size == 1:
             return []
         count = sum(1 for p in self._params if p.grad is not None) if self._compares_grads() else 0
+        # the replica check: due once after construction or load_state_dict (one read of the parameters);
+        # after an error the parameters may be unreadable (meta), and every rank raises anyway
+        check = self.__dict__.get("_replicas_unchecked", False) and self._checks_replicas()
+        digest = agreement.param_digest(self._params) if check and error is None else 0
         return agreement.step_row_values(self.comm.rank, self.comm.world_size, error=error is not None,
-                                         hyper=self._hyper_digest(), grad_sq=grad_sq, grad_count=count)
+                                         hyper=self._hyper_digest(), grad_sq=grad_sq, grad_count=count,
+                                         steps=self.num_steps + self.skipped_steps, replica_check=check,
+                                         params_digest=digest)
+
+    def _checks_replicas(self) -> bool:
+        """Whether the parameters must be compared across ranks at the first step after construction or
+        ``load_state_dict``: sharded W > 1 ranks with ``grad_reduction="mean"`` update each block from its
+        owner's copy and hand it to every rank, so replicas that started different (another seed per
+        rank and no broadcast, which DDP would have made at wrap) end equal but as a mix of each owner's
+        blocks, silently. With ``"none"`` the gradient comparison catches it; FSDP2 shards and
+        ``shard=False`` partitions are not replicas."""
+        return (self.sharding.grad_reduction == "mean" and self._sharded_multi_rank()
+                and self._dtensor is None)
 
     def _scanned_grads(self, views: list[BlockView]) -> list[Tensor]:
         """The gradients this step must read: every local gradient when they are compared across ranks
@@ -823,11 +851,29 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 f"{name}.step: rank(s) {verdict.error_ranks} raised an error before the step's all-reduce "
                 f"(see that rank's traceback); the step was abandoned on every rank and nothing changed."
             )
+        if verdict.step_counts or verdict.check_ranks:
+            what = (f"are at different steps (steps taken, by rank: {verdict.step_counts})" if verdict.step_counts
+                    else f"are at different steps: rank(s) {verdict.check_ranks} differ from rank 0 in whether "
+                    "the optimizer was constructed or loaded since the last step")
+            raise RuntimeError(
+                f"{name}.step: the ranks' optimizers {what}. Typical causes: load_state_dict on some ranks "
+                "only (every rank must load the checkpoint), or a rank that skipped step(). Nothing changed."
+            )
         if verdict.hyper_ranks:
             raise RuntimeError(
                 f"{name}.step: the hyperparameters (param_groups, e.g. lr) on rank(s) {verdict.hyper_ranks} "
                 "differ from rank 0's; every rank must set the same values (same scheduler on every rank). "
                 "Nothing changed."
+            )
+        if verdict.param_ranks:
+            raise RuntimeError(
+                f"{name}.step: the parameters on rank(s) {verdict.param_ranks} differ from rank 0's at the "
+                "first step after construction or load_state_dict. With grad_reduction='mean' every rank "
+                "must start from the same weights (each block is updated from its owner's copy and sent to "
+                "every rank, so different replicas would silently become a mix of each owner's blocks). "
+                "Broadcast the initial weights (seed identically on every rank before building the model, "
+                "or torch.distributed.broadcast(p.data, src=0) for every parameter) or wrap the model in "
+                "DistributedDataParallel (it broadcasts at wrap) with grad_reduction='none'. Nothing changed."
             )
         if verdict.grad_ranks:
             raise RuntimeError(
@@ -871,6 +917,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             verdict = agreement.read_step_rows(reduced[n:], self.comm.world_size,
                                                compare_grads=compare and reduced[0] == 0)
             self._raise_disagreement(verdict, error)
+            self._replicas_unchecked = False  # compared (or not due): every rank alike
         return record.with_sums(reduced[:n])
 
     def _sharded_step(self, local_error: BaseException | None = None) -> bool:
@@ -1067,6 +1114,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._restore_owned_state(state_dict)
         for group, g in zip(self.param_groups, new_groups):
             group.update({k: v for k, v in g.items() if k not in ("params", "param_names")})
+        self._replicas_unchecked = True  # the model is often loaded with it: compare at the next step
 
     def _restore_owned_state(self, state_dict: dict[str, Any]) -> None:
         owned_states = select_owned_state(self._checkpoint_view(), state_dict)

@@ -9,7 +9,7 @@ The two "lagged" sums belong to the *previous* update: its predicted reduction p
 at step t (spec §1.6), so it rides in this step's reduction instead of costing a second one. Until then
 those sums are rank-local (``_lag``); checkpoints store their global value (see ``_global_state``).
 
-``acceptance="same_batch"`` adds one closure evaluation and one more 6-value ``all_reduce_scalars``
+``acceptance="same_batch"`` adds one closure evaluation and one more 7-value ``all_reduce_scalars``
 (and, after a rejection, one parameter all-gather to restore θ).
 
 For the DeepSpeed adapter: ``shard=False`` makes every local tensor (e.g. a ZeRO flat fp32 partition)
@@ -722,15 +722,25 @@ class SOAA(ShardedOptimizer):
 
     # ------------------------------------------------------------------ same_batch acceptance
     def _same_batch_check(self, closure: Callable[[], Any]) -> None:
+        """Re-evaluate the loss at the trial θ and accept or reject the step (every rank alike).
+
+        A closure that raises on any rank is held, counted in the same all-reduce, and the step is then
+        rejected as for a non-finite loss (θ restored on every rank, d shrunk; the moments and step
+        counters keep their advance, as after any rejection) before every rank raises: the ranks stay in
+        step and no rank is left waiting in the all-reduce."""
         cfg = self.config
-        new_loss = self._run_closure(closure)
-        val = _loss_value(new_loss) if new_loss is not None else float("nan")
+        error: Exception | None = None
+        try:
+            new_loss = self._run_closure(closure)
+            val = _loss_value(new_loss) if new_loss is not None else float("nan")
+        except Exception as e:
+            error, val = e, float("nan")
         ok = math.isfinite(val)
         trial = _floats(self._trial) if self._trial is not None else [0.0, 0.0, 0.0]
         w = self._loss_weight
-        vec = torch.tensor([trial[0], trial[1], val * w if ok else 0.0, w, 0.0 if ok else 1.0, trial[2]],
-                           dtype=torch.float64)
-        mu, vu2, loss_sum, count, bad, limited = self.comm.all_reduce_scalars(vec).tolist()
+        vec = torch.tensor([trial[0], trial[1], val * w if ok else 0.0, w, 0.0 if ok else 1.0, trial[2],
+                            0.0 if error is None else 1.0], dtype=torch.float64)
+        mu, vu2, loss_sum, count, bad, limited, failed = self.comm.all_reduce_scalars(vec).tolist()
         pred = predicted_reduction(mu, vu2)
         actual = self._loss - loss_sum / count if bad == 0 else -math.inf
         rho = actual / max(pred, cfg.eps) if bad == 0 else -math.inf
@@ -752,6 +762,13 @@ class SOAA(ShardedOptimizer):
         self._d = max(min(d, self._hi), cfg.d_min)
         self._snapshot = []
         self._trial = None
+        if failed > 0:  # after the rejection above (bad > 0 too): raised on every rank, θ restored
+            if error is not None:
+                raise error
+            raise RuntimeError(
+                f"SOAA.step: the closure raised on {int(failed)} other rank(s) when re-evaluating the loss "
+                "after the trial step (acceptance='same_batch'; see that rank's traceback). The step was "
+                "rejected on every rank: the parameters are back to their values before the step.")
 
     # ------------------------------------------------------------------ checkpoints and statistics
     def trust_state(self) -> dict[str, Any]:

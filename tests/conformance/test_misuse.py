@@ -8,7 +8,10 @@ Issue 11, items 1-5: an optimizer built before the process group exists joins it
 gradients that differ across ranks without DDP raise with the fix; ranks that disagree on the class,
 the parameter names/order or the hyperparameters raise together at construction; an error one rank
 raises alone is raised on every rank and the ranks stay in step; non-finite values never reach the
-parameters (a NaN a rank sees in a block it does not own, a NaN trust scalar, ``lr=inf``).
+parameters (a NaN a rank sees in a block it does not own, a NaN trust scalar, ``lr=inf``). Ranks
+built with different ``shard=``/``grad_reduction=`` raise together at construction (they hung); ranks
+out of step (``load_state_dict`` on one rank) and, under ``grad_reduction="mean"``, replicas with
+different weights raise together at the step (they trained on silently).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from torch import nn
 
 from lightning_soaa.optim.base import ShardedOptimizer
 from lightning_soaa.registry import REGISTRY, FirstArg, StepNeeds, get, half_mse
+from tests.conformance._battery import takes_kwarg
 from tests.harness.distributed import run_distributed
 from tests.harness.models import batch, tiny_mlp
 
@@ -230,6 +234,12 @@ def _w_disagree(rank: int, world: int, name: str) -> dict[str, str]:
         if rank == 1:
             named = named[2:4] + named[0:2] + named[4:]
         out["order"] = _error(lambda: spec.load()(named, **spec.test_kwargs))
+    # another shard= on rank 1 (rank 1 skipped the construction check and rank 0 waited in it); with
+    # grad_reduction="mean" a shard=False rank raised its own refusal alone before the check
+    if takes_kwarg(spec, "shard"):
+        out["shard"] = _error(lambda: _build(name, model, shard=rank == 0))
+        if takes_kwarg(spec, "grad_reduction"):
+            out["shard_mean"] = _error(lambda: _build(name, model, shard=rank == 0, grad_reduction="mean"))
     # the ranks are still in step: a correct optimizer trains after all that
     ok = _build(name, model)
     _step(name, ok, model, 0, rank)
@@ -239,10 +249,10 @@ def _w_disagree(rank: int, world: int, name: str) -> dict[str, str]:
 
 @pytest.mark.parametrize("name", SPECS)
 def test_ranks_that_disagree_raise_together_at_construction(tmp_path: Path, name: str) -> None:
-    res = run_distributed(_w_disagree, 2, tmp_path, name)
+    res = run_distributed(_w_disagree, 2, tmp_path, name, timeout=60)
     field = {"class": "optimizer class", "names": "parameter names", "lr": "hyperparameters",
              "dtypes": "parameter shapes, dtypes and device types",
-             "order": "parameter names"}
+             "order": "parameter names", "shard": "sharding options", "shard_mean": "sharding options"}
     for r, out in enumerate(res):
         for case, text in field.items():
             if case in out:
@@ -386,3 +396,81 @@ def test_soaa_nan_trust_scalar_at_step_time_skips() -> None:
     assert opt.skipped_steps == 1
     for a, b in zip(before, _params(model)):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------- 6. ranks out of step
+def _unchanged(before: list[torch.Tensor], model: nn.Module) -> bool:
+    return all(torch.equal(a, b) for a, b in zip(before, _params(model)))
+
+
+def _w_loaded_on_one_rank(rank: int, world: int, name: str) -> dict[str, Any]:
+    model = tiny_mlp(sizes=SIZES)
+    opt = _build(name, model)
+    for t in range(2):
+        _step(name, opt, model, t, rank)
+    opt.consolidate_state_dict(to=None)
+    saved = copy.deepcopy(opt.state_dict())
+    _step(name, opt, model, 2, rank)
+    if rank == 0:  # e.g. a resume coded under `if rank == 0:`: rank 0 goes back one step, rank 1 does not
+        opt.load_state_dict(saved)
+    before = _params(model)
+    msg = _error(lambda: _step(name, opt, model, 3, rank))
+    unchanged = _unchanged(before, model)
+    opt.load_state_dict(saved)  # loaded on every rank: in step again
+    return {"msg": msg, "unchanged": unchanged, "after": _error(lambda: _step(name, opt, model, 3, rank))}
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_a_checkpoint_loaded_on_one_rank_raises_on_every_rank(tmp_path: Path, name: str) -> None:
+    """The ranks' step counters ride in the step's agreement rows: optimizers at different steps (a
+    load_state_dict on some ranks only) raise on every rank with nothing changed, instead of training
+    on with different moments and bias corrections."""
+    for r, out in enumerate(run_distributed(_w_loaded_on_one_rank, 2, tmp_path, name, timeout=60)):
+        assert "different steps" in out["msg"] and "[2, 3]" in out["msg"], f"rank {r}: {out['msg']}"
+        assert out["unchanged"] and out["after"] == "no error", f"rank {r}: {out}"
+
+
+MEAN_SPECS = [pytest.param(s.name, id=s.name) for s in REGISTRY if takes_kwarg(s, "grad_reduction")]
+
+
+def _broadcast(model: nn.Module) -> None:
+    for p in model.parameters():
+        dist.broadcast(p.data, src=0)
+
+
+def _w_replicas_differ(rank: int, world: int, name: str) -> dict[str, Any]:
+    model = tiny_mlp(sizes=SIZES, seed=rank)  # another seed per rank and no broadcast (no DDP)
+    opt = _build(name, model, grad_reduction="mean")
+    before = _params(model)
+    out: dict[str, Any] = {"init": _error(lambda: _step(name, opt, model, 0, rank, average=False))}
+    out["unchanged"] = _unchanged(before, model)
+    _broadcast(model)  # what the message asks for
+    out["broadcast"] = _error(lambda: _step(name, opt, model, 0, rank, average=False))
+    opt.consolidate_state_dict(to=None)
+    saved = copy.deepcopy(opt.state_dict())
+    if rank == 1:  # the weights loaded with the optimizer differ on one rank
+        with torch.no_grad():
+            next(model.parameters()).add_(1e-3)
+    opt.load_state_dict(saved)
+    out["loaded"] = _error(lambda: _step(name, opt, model, 1, rank, average=False))
+    _broadcast(model)
+    out["after"] = _error(lambda: _step(name, opt, model, 1, rank, average=False))
+    opt.consolidate_state_dict(to=None)
+    saved = copy.deepcopy(opt.state_dict())
+    if rank == 0:  # at the same step count: only the check that is due on rank 0 alone tells
+        opt.load_state_dict(saved)
+    out["same_step"] = _error(lambda: _step(name, opt, model, 2, rank, average=False))
+    return out
+
+
+@pytest.mark.parametrize("name", MEAN_SPECS)
+def test_replicas_that_differ_under_mean_raise_on_every_rank(tmp_path: Path, name: str) -> None:
+    """grad_reduction="mean" without DDP: nothing broadcasts the initial weights, and replicas that
+    differ would end bit-equal as a mix of each owner's blocks. The parameters are compared at the first
+    step after construction and after load_state_dict; a difference raises on every rank, unchanged."""
+    for r, out in enumerate(run_distributed(_w_replicas_differ, 2, tmp_path, name, timeout=60)):
+        for case in ("init", "loaded"):
+            assert "parameters on rank(s) [1] differ" in out[case] and "broadcast" in out[case], (r, out)
+        assert out["unchanged"], f"rank {r}: parameters changed by a refused step"
+        assert out["broadcast"] == "no error" and out["after"] == "no error", (r, out)
+        assert "different steps" in out["same_step"] and "rank(s) [1]" in out["same_step"], (r, out)

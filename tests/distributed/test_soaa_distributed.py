@@ -176,3 +176,45 @@ def test_soaa_ranks_equal_single_process(tmp_path) -> None:
         _assert_params(res["flat"]["params"], ref["params"])
         _assert_stats(res["same_batch"]["stats"], sb["stats"])
         _assert_params(res["same_batch"]["params"], sb["params"])
+
+
+def _same_batch_closure_fails_run(rank: int, world_size: int) -> dict[str, Any]:
+    model = tiny_mlp(1)
+    opt = SOAA(model.parameters(), **SB_KW, grad_reduction="mean")
+    calls = [0]
+
+    def closure(s: int, fail: bool = False):
+        calls[0] += 1
+        if fail and rank == 1 and calls[0] % 2 == 0:  # the re-evaluation after the trial step, rank 1 only
+            raise ValueError("rank 1's closure failed on the re-evaluation")
+        x, y = batch(s, rank)
+        opt.zero_grad()
+        loss = loss_fn(model, x, y)
+        loss.backward()
+        return loss
+
+    opt.step(lambda: closure(0))
+    before = [p.detach().clone() for p in model.parameters()]
+    rejected = opt.statistics()["rejected"]
+    try:
+        opt.step(lambda: closure(1, fail=True))
+        msg = "no error"
+    except Exception as e:
+        msg = f"{type(e).__name__}: {e}"
+    restored = all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    out = {"msg": msg, "restored": restored, "rejected": opt.statistics()["rejected"] - rejected}
+    opt.step(lambda: closure(2))  # still in step: the next collective pairs up
+    out["params"] = [p.detach().clone() for p in model.parameters()]
+    return out
+
+
+def test_same_batch_closure_failing_on_one_rank_raises_on_every_rank(tmp_path) -> None:
+    """acceptance="same_batch": a closure that raises on one rank at the re-evaluation (after the trial
+    step) left the other rank waiting in the acceptance all-reduce. The error is held and counted in that
+    all-reduce; every rank rejects the step (θ restored, as for a non-finite loss) and raises."""
+    res = run_distributed(_same_batch_closure_fails_run, 2, tmp_path, timeout=60)
+    assert res[1]["msg"].startswith("ValueError: rank 1's closure failed"), res[1]["msg"]
+    assert "closure raised on 1 other rank(s)" in res[0]["msg"], res[0]["msg"]
+    for out in res:
+        assert out["restored"] and out["rejected"] == 1, out
+    _assert_params(res[0]["params"], res[1]["params"])
