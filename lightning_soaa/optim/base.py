@@ -571,8 +571,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         plain = [lab for lab, pl in zip(labels, self._dtensor.placements) if not pl.is_dtensor]
         if plain and self.sharding.grad_reduction == "none" and self.comm.world_size > 1:
             log.warning("%s: parameters %s are not DTensors, so FSDP2 does not average their gradients; "
-                        "with grad_reduction='none' they must already be identical on every rank (else the "
-                        "replicas diverge). Pass grad_reduction='mean' to average them.",
+                        "with grad_reduction='none' they must already be identical on every rank (the step "
+                        "compares them and raises if not). Pass grad_reduction='mean' to average them.",
                         type(self).__name__, ", ".join(plain[:5]) + (" ..." if len(plain) > 5 else ""))
 
     def _dtensor_refusal(self) -> Exception:
@@ -766,8 +766,22 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     def _compares_grads(self) -> bool:
         """Gradients must be equal on every rank when each block is updated with its owner's gradient
-        (``grad_reduction="none"``, sharded, W > 1): DDP (or the user) must have averaged them."""
-        return self.sharding.grad_reduction == "none" and self._sharded_multi_rank()
+        (``grad_reduction="none"``, sharded, W > 1): DDP (or the user) must have averaged them. Under
+        FSDP2 the same holds for the plain (non-DTensor) parameters, which every rank updates as a
+        replica from its own gradient: FSDP2 does not average those."""
+        if self.sharding.grad_reduction != "none" or self.comm.world_size == 1:
+            return False
+        if self._dtensor is not None:
+            return any(not pl.is_dtensor for pl in self._dtensor.placements)
+        return self.sharding.shard
+
+    def _compared_grads(self) -> list[Tensor]:
+        """The local gradients compared across ranks (:meth:`_compares_grads`): every one, or under FSDP2
+        the plain parameters' (a DTensor's local shard differs from rank to rank by design)."""
+        if self._dtensor is None:
+            return [p.grad for p in self._params if p.grad is not None]
+        return [p.grad for p, pl in zip(self._params, self._dtensor.placements)
+                if not pl.is_dtensor and p.grad is not None]
 
     def _prepare_locally(self, views: list[BlockView], local_error: BaseException | None
                          ) -> tuple[StepRecord, BaseException | None]:
@@ -793,7 +807,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         record's values)."""
         if self.comm.world_size == 1:
             return []
-        count = sum(1 for p in self._params if p.grad is not None) if self._compares_grads() else 0
+        count = len(self._compared_grads()) if self._compares_grads() else 0
         # the replica check: due once after construction or load_state_dict (one read of the parameters);
         # after an error the parameters may be unreadable (meta), and every rank raises anyway
         check = self.__dict__.get("_replicas_unchecked", False) and self._checks_replicas()
@@ -817,8 +831,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         """The gradients this step must read: every local gradient when they are compared across ranks
         (it covers the owned ones too), else the owned gradients unless the record's partials already
         cover them (:attr:`partials_cover_grads`)."""
-        if self._compares_grads():
-            return [p.grad for p in self._params if p.grad is not None]
+        if self._compares_grads() and self._dtensor is None:
+            return self._compared_grads()
         if self.partials_cover_grads:
             return []
         return [v.grad for v in views if v.grad is not None]
@@ -893,7 +907,14 @@ class ShardedOptimizer(torch.optim.Optimizer):
         record, error = self._prepare_locally(views, local_error)
         # After an error nothing is applied (every rank raises), and a gradient may be unreadable (meta).
         scan = self._grad_scan(views) if error is None else 0.0
-        vals = host_floats([getattr(record, n) for n in record.summed_fields()] + [scan])
+        compare = self._compares_grads()
+        # FSDP2: the plain parameters' gradients are compared apart from the scan of the owned shards
+        plain: Tensor | float = 0.0
+        if compare and self._dtensor is not None and error is None:
+            grads = self._compared_grads()
+            plain = agreement.grad_sq_tensor(grads) if grads else 0.0
+        vals = host_floats([getattr(record, n) for n in record.summed_fields()] + [scan, plain])
+        plain_sq = vals.pop()
         grad_sq = vals.pop()
         if error is None and not math.isfinite(grad_sq):
             # finite gradients whose float32 norm overflows (|g| > 3.4e38, e.g. ten entries of 1e19) are
@@ -906,8 +927,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 raise error
             return record.with_sums(vals)
         n = len(vals)
-        compare = self._compares_grads()
-        rows = self._agreement_rows(error, grad_sq if compare else 0.0)
+        compared_sq = grad_sq if self._dtensor is None else plain_sq
+        rows = self._agreement_rows(error, compared_sq if compare else 0.0)
         # Every rank joins this call, including ranks that own no block, so shapes always match.
         reduced = self.comm.all_reduce_scalars(torch.tensor(vals + rows, dtype=torch.float64)).tolist()
         if self.comm.world_size == 1:

@@ -2,6 +2,9 @@
 gradient on every rank is not stepped, as in one process; one without a gradient on some ranks counts
 their share as zeros (:meth:`~lightning_soaa.distributed.dtensor.DTensorLayout.mean_plain_grads`, the
 FSDP2 twin of the owners' reduce-scatter whose guarantee is in tests/conformance/test_ranks.py).
+With the default ``"none"`` FSDP2 leaves the plain parameters' gradients as each rank computed them:
+gradients that differ raise on every rank (the replicas once drifted apart silently), and gradients the
+user averaged train as one process.
 """
 
 from __future__ import annotations
@@ -40,10 +43,42 @@ def _run(name: str, rank: int, world: int, mesh: Any, how: str) -> list[torch.Te
     return W.full_params(model) + [torch.tensor(float(last.weight.grad is None))]
 
 
+def _none_run(name: str, rank: int, world: int, mesh: Any, average: bool) -> dict[str, Any]:
+    """grad_reduction="none"; ``average``: the user all-reduces the plain gradients (as replicate() or a
+    hand-written hook would), else they stay as each rank's batch made them."""
+    import torch.distributed as dist
+
+    _, cls, kw, sizes = W.CASE[name]
+    model = W.sharded_model(sizes, mesh, plain_last=True)
+    opt = cls(model.named_parameters(), **kw)
+    last = [m for m in model if isinstance(m, nn.Linear)][-1]
+    before = W.full_params(model)
+    try:
+        for t in range(W.STEPS):
+            x, y = W.local_batch(t, sizes, rank, world)
+            opt.zero_grad()
+            loss = W.loss_fn(model, x, y)
+            loss.backward()
+            if average:
+                for p in last.parameters():
+                    dist.all_reduce(p.grad)
+                    p.grad.div_(world)
+            if isinstance(opt, W.SOAA):
+                opt.set_loss(loss)
+            opt.step()
+    except Exception as e:  # noqa: BLE001 - compared below
+        after = W.full_params(model)
+        return {"error": str(e), "unchanged": all(torch.equal(a, b) for a, b in zip(before, after))}
+    return {"error": None, "params": W.full_params(model)}
+
+
 def _worker(rank: int, world: int) -> dict[str, Any]:
     mesh = W.make_mesh(world, hsdp=False)
-    return {name: {how: _run(name, rank, world, mesh, how) for how in ("all", "rank0", "rank0_zeros")}
-            for name in NAMES}
+    out: dict[str, Any] = {name: {how: _run(name, rank, world, mesh, how) for how in ("all", "rank0", "rank0_zeros")}
+                           for name in NAMES}
+    for name in NAMES:
+        out[name]["none"] = {avg: _none_run(name, rank, world, mesh, avg) for avg in (False, True)}
+    return out
 
 
 def _reference(name: str) -> list[torch.Tensor]:
@@ -81,3 +116,31 @@ def test_plain_parameter_without_gradient_on_every_rank_is_not_stepped(results: 
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m: f"rank {r} param {i}: {m}")
         for a, b in zip(res[name]["rank0"][:-1], res[name]["rank0_zeros"][:-1]):  # None counts as zeros
             assert torch.equal(a, b), f"rank {r}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_plain_gradients_that_differ_under_none_raise_on_every_rank(results: list[dict[str, Any]],
+                                                                    name: str) -> None:
+    ref = _full_reference(name)
+    for r, res in enumerate(results):
+        differ, averaged = res[name]["none"][False], res[name]["none"][True]
+        assert differ["error"] is not None and "differ from rank 0's" in differ["error"], (r, differ["error"])
+        assert differ["unchanged"], f"rank {r}: a refused step changed the parameters"
+        assert averaged["error"] is None, (r, averaged["error"])
+        for i, (a, b) in enumerate(zip(averaged["params"], ref)):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m: f"rank {r} param {i}: {m}")
+
+
+def _full_reference(name: str) -> list[torch.Tensor]:
+    """One process on the global batch, every step with every gradient."""
+    _, cls, kw, sizes = W.CASE[name]
+    model = W.tiny_mlp(sizes=sizes)
+    opt = cls(model.named_parameters(), **kw)
+    for t in range(W.STEPS):
+        opt.zero_grad()
+        loss = W.loss_fn(model, *W.global_batch(t, sizes))
+        loss.backward()
+        if isinstance(opt, W.SOAA):
+            opt.set_loss(loss)
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()]
