@@ -128,7 +128,8 @@ class AdamWConfig:
     def __post_init__(self) -> None:
         check_range("lr", self.lr, 0.0)
         check_betas("betas", self.betas)
-        check_range("eps", self.eps, 0.0)
+        # > 0: a coordinate whose gradient has been 0 so far is 0 / (0 + eps), NaN at eps = 0
+        check_range("eps", self.eps, 0.0, lo_inclusive=False)
         check_range("weight_decay", self.weight_decay, 0.0)
 
 
@@ -322,7 +323,7 @@ class ASGOConfig:
         check_int("root_max_every", self.root_max_every, 1)
         check_int("max_block_size", self.max_block_size, 1)
         check_betas("adam_betas", self.adam_betas)
-        check_range("adam_eps", self.adam_eps, 0.0)
+        check_range("adam_eps", self.adam_eps, 0.0, lo_inclusive=False)
         check_range("adam_weight_decay", self.adam_weight_decay, 0.0)
 
 
@@ -344,9 +345,10 @@ class DASGOConfig:
         check_betas("betas", self.betas)
         check_range("weight_decay", self.weight_decay, 0.0)
         check_range("rms_scale", self.rms_scale, 0.0, lo_inclusive=False)
-        check_range("eps", self.eps, 0.0)
+        # > 0: a coordinate whose gradient has been 0 so far is 0 / (0 + eps), NaN at eps = 0
+        check_range("eps", self.eps, 0.0, lo_inclusive=False)
         check_betas("adam_betas", self.adam_betas)
-        check_range("adam_eps", self.adam_eps, 0.0)
+        check_range("adam_eps", self.adam_eps, 0.0, lo_inclusive=False)
         check_range("adam_weight_decay", self.adam_weight_decay, 0.0)
 
 

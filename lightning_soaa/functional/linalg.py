@@ -155,7 +155,10 @@ def inv_sqrt_coupled(
     v3 = v.to(dt).reshape(-1, v.shape[-2], v.shape[-1])
     k = v3.shape[-1]
     eye = torch.eye(k, dtype=dt, device=v.device)
-    s = 1.01 * torch.linalg.matrix_norm(v3 + eps * eye).reshape(-1, 1, 1)
+    # the norm accumulated in float64: a float32 Gram with entries ~1e20 (gradients ~1e10) is finite but
+    # its float32 norm is not, and Y = V / inf = 0 made the root exactly 0, a finite "success"
+    s64 = 1.01 * torch.linalg.matrix_norm(v3 + eps * eye, dtype=torch.float64).reshape(-1, 1, 1)
+    s = s64.to(dt)  # inf where the scale itself is beyond the dtype: the result is then NaN (below)
     y = v3 / s
     z = eye.expand_as(y)
     for i in range(num_iters):
@@ -166,6 +169,7 @@ def inv_sqrt_coupled(
             y = torch.baddbmm(y, y, bmat, beta=a)  # a Y + Y B
         z = bmat + a * eye if i == 0 else torch.baddbmm(z, bmat, z, beta=a)  # a Z + B Z
     out = z / torch.sqrt(s)
+    out = torch.where(torch.isfinite(s), out, torch.full_like(out, float("nan")))  # non-finite: callers check
     return out[0] if squeeze else out.reshape(v.shape)
 
 
@@ -265,7 +269,10 @@ def inv_sqrt_eigh(v: Tensor, rcond: float = 1e-12) -> Tensor:
     out_dt = root_compute_dtype(v.dtype)
     v64 = v.to(torch.float64)
     v64 = 0.5 * (v64 + v64.transpose(-1, -2))  # exact symmetry for eigh
-    evals, evecs = torch.linalg.eigh(v64)
+    try:
+        evals, evecs = torch.linalg.eigh(v64)
+    except RuntimeError:  # LinAlgError (an overflowed or NaN Gram): non-finite, as the module promises
+        return torch.full(v.shape, float("nan"), dtype=out_dt, device=v.device)
     top = evals.amax(dim=-1, keepdim=True).clamp_min(0.0)
     keep = evals > rcond * top
     inv_root = torch.where(keep, evals.clamp_min(torch.finfo(torch.float64).tiny).rsqrt(),

@@ -428,7 +428,8 @@ class _OneSided(ShardedOptimizer):
         vec = torch.zeros(len(split) + 1, dtype=torch.float64, device=dev)  # the last entry stays 0: padding
         mine = [(pos[v.block.block_id], u) for v, u in items if v.block.block_id in pos]
         if mine:
-            sq = torch.stack(torch._foreach_norm([u for _, u in mine])).to(torch.float64).square()
+            # accumulated in float64: a tiny float32 update's squared norm underflows to 0 (see _own_factors)
+            sq = torch.stack(torch._foreach_norm([u for _, u in mine], dtype=torch.float64)).square()
             # non_blocking: a plain host-to-GPU copy would wait for every queued kernel
             index = torch.tensor([i for i, _ in mine]).to(dev, non_blocking=True)
             vec.index_copy_(0, index, sq)
@@ -474,7 +475,8 @@ class _OneSided(ShardedOptimizer):
             return
         multi_rank = self.comm.world_size > 1  # else no block is row-sharded
         sharded = [(v, u) for v, u in items if self._row_sharded(v)] if multi_rank else []
-        sq = self._mesh_sum([u.square().sum().reshape(1) for _, u in sharded], [v.counted for v, _ in sharded])
+        sq = self._mesh_sum([torch.linalg.vector_norm(u, dtype=torch.float64).square().reshape(1) for _, u in sharded],
+                            [v.counted for v, _ in sharded])
         norms = {id(v): s for (v, _), s in zip(sharded, sq)}
         whole = self._split_norms(items) if self._normalise_whole else {}
         self._own_factors(items, [i for i, (v, _) in enumerate(items) if id(v) not in whole and id(v) not in norms],
@@ -497,10 +499,12 @@ class _OneSided(ShardedOptimizer):
         numerators of blocks sharing dtype and device as one tensor each."""
         for idx in _by_key(plain, lambda i: (items[i][1].dtype, items[i][1].device)).values():
             us = [items[i][1] for i in idx]
-            nrm = torch.stack(torch._foreach_norm(us))
+            # accumulated in float64: the squares of a float32 update of entries ~1e-28 underflow, and the
+            # factor of a non-zero update with a zero norm was float32's largest number (updates of 1e13)
+            nrm = torch.stack(torch._foreach_norm(us, dtype=torch.float64))
             numer = self._numerators([asgo_math.rms_numerator(float(items[i][0].group["rms_scale"]), u.numel())
                                       for i, u in zip(idx, us)], nrm.dtype, nrm.device)
-            for i, f in zip(idx, asgo_math.rms_factor(nrm, numer).unbind(0)):
+            for i, f in zip(idx, asgo_math.rms_factor(nrm, numer, us[0].dtype).unbind(0)):
                 factors[i] = f
 
     def _numerators(self, values: list[float], dtype: torch.dtype, device: torch.device) -> Tensor:

@@ -288,7 +288,7 @@ BAD = [
     (dict(root_every=2.0), "Invalid root_every=2.0. Must be an integer >= 1 or 'auto'."),
     (dict(max_block_size=0), "Invalid max_block_size=0. Must be an integer >= 1."),
     (dict(adam_betas=(1.0, 0.9)), "Invalid adam_betas[0]=1.0. Must be in [0.0, 1.0)."),
-    (dict(adam_eps=-1.0), "Invalid adam_eps=-1.0. Must be in [0.0, inf)."),
+    (dict(adam_eps=-1.0), "Invalid adam_eps=-1.0. Must be in (0.0, inf)."),
     (dict(adam_weight_decay=-1.0), "Invalid adam_weight_decay=-1.0. Must be in [0.0, inf)."),
 ]
 
@@ -304,6 +304,8 @@ def test_bad_hyperparameters(kwargs, msg):
                                         "rms_scale", "eps", "adam_betas", "adam_eps", "adam_weight_decay"}])
 def test_bad_hyperparameters_dasgo(kwargs, msg):
     w = nn.Parameter(torch.randn(3, 4))
+    if "eps" in kwargs:  # DASGO's eps is Adam's denominator floor (> 0), ASGO's the roots' scaling (>= 0)
+        msg = msg.replace("[0.0, inf)", "(0.0, inf)")
     with pytest.raises(ValueError, match=re.escape(msg)):
         DASGO([w], **kwargs)
 
@@ -411,3 +413,28 @@ def test_dasgo_routes_like_asgo():
     assert opt.state[net.conv.weight]["col_stat"].shape == (18,)
     assert "exp_avg_sq" in opt.state[net.tok_emb.weight]
     assert opt.statistics()["dasgo_blocks_owned"] == 4.0
+
+
+_SCALE_CASES = {"dasgo": lambda ps: DASGO(ps, lr=0.1, weight_decay=0.0),
+                "asgo_iteration": lambda ps: ASGO(ps, lr=0.1, weight_decay=0.0, inverse_root="polar_express"),
+                "asgo_eigh": lambda ps: ASGO(ps, lr=0.1, weight_decay=0.0, inverse_root="eigh")}
+
+
+@pytest.mark.parametrize("case", sorted(_SCALE_CASES))
+@pytest.mark.parametrize("scale", [1e-33, 1e-28, 1e10, 1e15])
+def test_float32_update_has_its_rms_at_any_gradient_scale(case, scale):
+    """The update is RMS-normalised to rms_scale (0.2) whatever the gradient's scale. In float32 a tiny
+    update's squared norm underflowed (its factor became float32's largest number: updates of 1e13), and
+    a large Gram's norm overflowed (the iteration's root became 0: no update); both norms are now taken
+    in float64. Only a Gram that itself underflows to 0 gives eigh's pseudo-inverse root 0: no update."""
+    g = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    p = nn.Parameter(torch.ones(6, 4))
+    opt = _SCALE_CASES[case]([p])
+    p.grad = g * scale
+    opt.step()
+    rms = float((p.detach() - 1.0).square().mean().sqrt()) / 0.1
+    assert torch.isfinite(p).all()
+    if case == "asgo_eigh" and scale < 1e-20:
+        assert rms in (0.0, pytest.approx(0.2, rel=1e-3))
+    else:
+        assert rms == pytest.approx(0.2, rel=1e-3), rms

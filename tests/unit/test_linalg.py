@@ -225,3 +225,20 @@ def test_eigh_evaluation_of_zero_and_empty_statistics():
     torch.testing.assert_close(inverse_sqrt(zero, "polar_express_eigh"), inverse_sqrt(zero, "polar_express"),
                                rtol=1e-6, atol=0.0)
     assert inverse_sqrt(torch.zeros(3, 0, 0), "polar_express_eigh").shape == (3, 0, 0)
+
+
+@pytest.mark.parametrize("method", ["polar_express", "newton_schulz"])
+def test_iteration_scale_is_taken_in_float64(method):
+    """A float32 Gram with entries ~1e20 (gradients ~1e10) is finite but its float32 Frobenius norm is
+    not: Y = V / inf = 0 once made the root exactly 0, a finite result the optimizer took for a root."""
+    v = 1e20 * torch.eye(3)
+    root = inverse_sqrt(v, method)
+    torch.testing.assert_close(root, 1e-10 * torch.eye(3), rtol=1e-4, atol=0.0)
+    # a scale beyond float32 itself gives a non-finite root (the caller falls back), never 0
+    assert not torch.isfinite(inverse_sqrt(3e38 * torch.eye(3), method)).all()
+
+
+def test_eigh_of_an_overflowed_gram_is_non_finite_not_an_exception():
+    """linalg.eigh raises on an inf matrix; the module's contract is a non-finite result the caller checks."""
+    v = torch.full((4, 4), float("inf"))
+    assert not torch.isfinite(inverse_sqrt(v, "eigh")).any()
