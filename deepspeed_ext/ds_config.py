@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from deepspeed_ext.registry import PREFIX, RESERVED_PARAMS, OptimizerEntry, constructor_params, lookup
+from lightning_soaa.registry import StepNeeds
 
 __all__ = ["ParsedConfig", "load_config", "parse_config", "zero_stage_of"]
 
@@ -104,6 +105,25 @@ def check_params(entry: OptimizerEntry, params: Any) -> dict[str, Any]:
     return out
 
 
+def _check_precision_and_accumulation(ds: dict[str, Any], entry: OptimizerEntry, stage: int) -> None:
+    """Refuse the DeepSpeed settings under which our optimizer would step on the wrong numbers."""
+    fp16 = ds.get("fp16")
+    if stage == 0 and isinstance(fp16, dict) and fp16.get("enabled", False):
+        # measured with DeepSpeed 0.19: engine.backward scales the loss only for ZeRO optimizers, yet
+        # FP16_UnfusedOptimizer (stage 0) divides the gradients by the loss scale: 2^-16 too small
+        raise ValueError(
+            f"Invalid combination optimizer.type={entry.name!r} with fp16.enabled=true at "
+            "zero_optimization.stage=0: DeepSpeed's stage-0 fp16 wrapper divides the gradients by a loss "
+            "scale the engine never applied, so the optimizer would see them 65536x too small and never "
+            "detect an overflow. Use bf16, fp16 with zero_optimization.stage >= 1, or fp32.")
+    if entry.spec.needs is StepNeeds.LOSS and ds.get("managed_gradient_accumulation", True) is False:
+        raise ValueError(
+            f"Invalid combination optimizer.type={entry.name!r} with managed_gradient_accumulation=false: "
+            f"{entry.spec.name} takes the step's loss from engine.backward at the gradient-accumulation "
+            "boundary, which DeepSpeed then reports only inside engine.step(), so no loss would arrive. "
+            "Leave managed_gradient_accumulation at its default (true).")
+
+
 def parse_config(config: Any) -> ParsedConfig:
     """Split and validate; raises ``ValueError`` before any process group or engine exists."""
     ds = load_config(config)
@@ -128,6 +148,7 @@ def parse_config(config: Any) -> ParsedConfig:
                     "copies its fp32 master "
                     "weights over them after every step. Must run in fp32 (leave bf16/fp16 disabled)."
                 )
+    _check_precision_and_accumulation(ds, entry, stage)
     offload = _offload_device(ds)
     if offload == "nvme":
         raise ValueError(

@@ -167,6 +167,7 @@ def initialize(
                          "args.deepspeed_config.")
     parsed = parse_config(config)  # validate the JSON first: nothing has started yet
     if parsed.entry is None:
+        _refuse_raw_optimizer(kwargs.get("optimizer"))
         return deepspeed.initialize(model=model, config=parsed.ds_config, model_parameters=model_parameters,
                                     args=args, **kwargs)
     if kwargs.get("optimizer") is not None:
@@ -194,6 +195,22 @@ def initialize(
     log.info("deepspeed_ext: %s under %s (ZeRO-%d)", client.optimizer_cls.__name__,
              type(engine.optimizer).__name__, parsed.zero_stage)
     return engine, optimizer, loader, sched
+
+
+def _refuse_raw_optimizer(optimizer: Any) -> None:
+    """A lightning_soaa optimizer object handed to DeepSpeed as it is would be stepped over ZeRO's flat
+    partitions as if they were its parameters (ASGO's matrices, SOAA's loss and every sharded state lost;
+    measured 3e-2 off one process at ZeRO-2), so it must go through the config or the client wrapper."""
+    from lightning_soaa.optim.base import ShardedOptimizer
+
+    if isinstance(optimizer, ShardedOptimizer):
+        name = type(optimizer).__name__
+        raise ValueError(
+            f"deepspeed_ext.initialize: optimizer= is a lightning_soaa {name}, which DeepSpeed would step over "
+            f"its own flat partitions without the adapter. Name it in the config instead: \"optimizer\": "
+            f"{{\"type\": \"lightning_soaa.{name}\", \"params\": {{...}}}} (or pass "
+            "deepspeed_ext.client.DeepSpeedClientOptimizer.from_optimizer(opt, zero_stage=..., layout=...); "
+            "Lightning's DeepSpeed strategy of this package wraps it for you).")
 
 
 class _LossFeed:

@@ -76,6 +76,39 @@ def test_soaa_same_batch_needs_a_closure_deepspeed_never_passes():
         parse_config(_cfg("lightning_soaa.SOAA", acceptance="same_batch"))
 
 
+@pytest.mark.parametrize("name", ["lightning_soaa.AdamW", "lightning_soaa.SOAA", "lightning_soaa.DASGO"])
+def test_fp16_at_stage_0_is_refused(name):
+    """DeepSpeed 0.19's stage-0 fp16 wrapper divides the gradients by a loss scale engine.backward never
+    applied: the optimizer saw them 65536x too small (SOAA 2.4e-3 off an fp32 run in 5 steps, where ZeRO-2
+    fp16 is 2.1e-4), with no overflow ever detected. fp16 at stage >= 1 and bf16 at stage 0 still parse."""
+    cfg = _cfg(name, stage=0)
+    cfg["fp16"] = {"enabled": True}
+    with pytest.raises(ValueError, match=r"fp16.enabled=true at zero_optimization.stage=0.*65536x too small"):
+        parse_config(cfg)
+    parse_config({**_cfg(name, stage=1), "fp16": {"enabled": True}})
+    parse_config({**_cfg(name, stage=0), "bf16": {"enabled": True}})
+
+
+def test_soaa_without_managed_gradient_accumulation_is_refused():
+    """With managed_gradient_accumulation=false DeepSpeed reports the accumulation boundary only inside
+    engine.step(), so engine.backward never handed SOAA its loss (every step failed with 'needs the loss')."""
+    cfg = {**_cfg("lightning_soaa.SOAA", stage=0), "managed_gradient_accumulation": False}
+    with pytest.raises(ValueError, match="managed_gradient_accumulation=false"):
+        parse_config(cfg)
+    parse_config({**_cfg("lightning_soaa.AdamW", stage=0), "managed_gradient_accumulation": False})
+
+
+def test_a_lightning_soaa_optimizer_object_is_not_handed_to_deepspeed_raw():
+    """Handed to deepspeed.initialize as it is, DeepSpeed stepped it over ZeRO's flat partitions (3e-2 off
+    one process at ZeRO-2 for ShardedAdamW and ASGO); refused before DeepSpeed starts, pointing to the
+    config's optimizer section."""
+    model = torch.nn.Linear(4, 2)
+    cfg = {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2},
+           "zero_allow_untested_optimizer": True}
+    with pytest.raises(ValueError, match=r'optimizer= is a lightning_soaa ShardedAdamW.*"lightning_soaa.ShardedAdamW"'):
+        deepspeed_ext.initialize(model=model, config=cfg, optimizer=ShardedAdamW(model.parameters(), lr=0.1))
+
+
 def test_nvme_offload_is_refused():
     cfg = _cfg()
     cfg["zero_optimization"]["offload_optimizer"] = {"device": "nvme", "nvme_path": "/tmp"}
