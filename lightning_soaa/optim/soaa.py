@@ -746,7 +746,11 @@ class SOAA(ShardedOptimizer):
         rho = actual / max(pred, cfg.eps) if bad == 0 else -math.inf
         self._pred, self._actual, self._rho = pred, actual, rho
         d = self._d
-        if rho < cfg.eta1:
+        if bad == 0 and pred == 0.0:
+            # a null trial (lr = 0 in a warm-up, or no update at all) predicts nothing to judge: it stands
+            # and d is left alone (rho = 0 / eps once rejected it and halved d at every warm-up step)
+            self._accepted += 1
+        elif rho < cfg.eta1:
             log.debug("SOAA same_batch: step %d rejected (rho=%.3g, predicted=%.3g, actual=%.3g)",
                       self._t, rho, pred, actual)
             for p, saved in self._snapshot:  # reject: θ back to θ_{t-1} on every rank

@@ -11,6 +11,7 @@ import re
 
 import pytest
 import torch
+from torch import nn
 
 from lightning_soaa import SOAA, SOAAConfig
 from lightning_soaa.functional.soaa import band
@@ -371,3 +372,28 @@ def test_stored_moment_sums_survive_many_param_groups(monkeypatch: pytest.Monkey
             p.grad = torch.randn_like(p)
         opt.step(loss=torch.tensor(1.0))
     assert sum(reread) == len(ps), reread  # the first step only
+
+
+def test_same_batch_null_trials_leave_the_trust_region_alone():
+    """lr = 0 (a warm-up that starts there) makes a trial that moves nothing: predicted = actual = 0. It
+    once counted as a rejection (rho = 0 / eps) and halved d at every such step; it now stands, d unchanged."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
+    x, y = torch.randn(16, 4), torch.randn(16, 2)
+    opt = SOAA(net.parameters(), lr=0.01, acceptance="same_batch")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.0 if s < 3 else 1.0)
+
+    def closure():
+        opt.zero_grad()
+        loss = ((net(x) - y) ** 2).mean()
+        loss.backward()
+        return loss
+
+    d0 = opt.statistics()["d"]
+    for _ in range(3):
+        opt.step(closure)
+        sched.step()
+    stats = opt.statistics()
+    assert stats["rejected"] == 0 and stats["d"] == d0
+    opt.step(closure)  # the first real step is judged as usual
+    assert opt.statistics()["predicted_reduction"] > 0
