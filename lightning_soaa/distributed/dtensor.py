@@ -163,6 +163,8 @@ class DTensorLayout:
         self.comm = _mesh_communicator(mesh, comm, process_group, optimizer)
         self.placements = [_placement_of(p, self.comm.rank, lab, optimizer) for p, lab in zip(params, labels)]
         self._params = list(params)
+        #: indices of the plain (non-DTensor) parameters: replicas every rank updates from its own gradient
+        self.plain = [i for i, pl in enumerate(self.placements) if not pl.is_dtensor]
 
     def counted(self, param_index: int) -> bool:
         return self.placements[param_index].counted

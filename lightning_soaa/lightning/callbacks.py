@@ -42,6 +42,12 @@ def _all_optimizers(trainer: pl.Trainer) -> list[Any]:
     return list(trainer.optimizers)
 
 
+def _targets(trainer: pl.Trainer, needs: StepNeeds) -> list[Any]:
+    """The trainer's optimizers (or the ones they wrap) whose step needs ``needs`` (the loss, the batch)."""
+    found = (optimizer_needing(o, needs) for o in _all_optimizers(trainer))
+    return [t for t in found if t is not None]
+
+
 SAME_BATCH_ACCUMULATION_MESSAGE = (
     "SOAA(acceptance='same_batch') with accumulate_grad_batches={k}: the trust region judges each trial step "
     "by re-running Lightning's closure, which re-evaluates only the step's last micro-batch (its loss divided "
@@ -137,17 +143,13 @@ class LossToOptimizer(Callback):
         self._restart = True
         self._checked_k: int | None = None  # accumulate_grad_batches the same_batch check last saw
 
-    def _loss_targets(self, trainer: pl.Trainer) -> list[Any]:
-        found = (optimizer_needing(o, StepNeeds.LOSS) for o in _all_optimizers(trainer))
-        return [t for t in found if t is not None]
-
     def _check_accumulation(self, trainer: pl.Trainer) -> None:
         """Refuse what the step loss cannot be right for under ``accumulate_grad_batches=k`` (k may change
         per epoch through ``GradientAccumulationScheduler``, so this runs again when it does)."""
         k = int(trainer.accumulate_grad_batches)
         if k == self._checked_k:
             return
-        targets = self._loss_targets(trainer)
+        targets = _targets(trainer, StepNeeds.LOSS)
         if k > 1 and any(_acceptance(t) == "same_batch" for t in targets):
             raise ValueError(SAME_BATCH_ACCUMULATION_MESSAGE.format(k=k))
         if k > 1 and targets and _strategy_accumulates(trainer) and _engine_boundary(trainer) is None:
@@ -164,7 +166,7 @@ class LossToOptimizer(Callback):
         if self.check_sharding:
             for opt in _all_optimizers(trainer):
                 check_sharding_matches_world(opt)
-        if not self._loss_targets(trainer):
+        if not _targets(trainer, StepNeeds.LOSS):
             log.info("LossToOptimizer: no optimizer with set_loss(); the callback does nothing.")
         self._check_accumulation(trainer)
 
@@ -193,7 +195,7 @@ class LossToOptimizer(Callback):
             k = int(trainer.accumulate_grad_batches)
             if k != self._count:
                 step_loss = self._sum * (k / self._count)
-        for target in self._loss_targets(trainer):
+        for target in _targets(trainer, StepNeeds.LOSS):
             target.set_loss(step_loss)
 
     @override
@@ -296,7 +298,7 @@ class BatchToOptimizer(Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         self._backward_seen = False
-        targets_opts = _batch_targets(trainer)
+        targets_opts = _targets(trainer, StepNeeds.BATCH)
         if not targets_opts:
             return
         inputs, targets = self.split_batch(batch)
@@ -334,18 +336,13 @@ class BatchToOptimizer(Callback):
     def _refuse_skipped_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._backward_seen or not pl_module.automatic_optimization:
             return  # manual optimization hands EGN its batch in training_step, with no backward at all
-        targets_opts = _batch_targets(trainer)
+        targets_opts = _targets(trainer, StepNeeds.BATCH)
         if targets_opts and _lightning_steps_skipped_batches(trainer):
             raise ValueError(SKIPPED_BATCH_MESSAGE.format(
                 epoch=trainer.current_epoch, batch_idx=_batch_idx(trainer),
                 optimizer=optimizer_name(targets_opts[0]),
                 why="it steps on the batch BatchToOptimizer handed it before training_step ran (with the "
                     "other micro-batches of the step under gradient accumulation), not on the gradients."))
-
-
-def _batch_targets(trainer: pl.Trainer) -> list[Any]:
-    found = (optimizer_needing(o, StepNeeds.BATCH) for o in _all_optimizers(trainer))
-    return [t for t in found if t is not None]
 
 
 #: statistics that are fixed for a fit (the sharding layout): logged once per fit, not in every row

@@ -772,7 +772,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if self.sharding.grad_reduction != "none" or self.comm.world_size == 1:
             return False
         if self._dtensor is not None:
-            return any(not pl.is_dtensor for pl in self._dtensor.placements)
+            return bool(self._dtensor.plain)
         return self.sharding.shard
 
     def _compared_grads(self) -> list[Tensor]:
@@ -780,8 +780,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         the plain parameters' (a DTensor's local shard differs from rank to rank by design)."""
         if self._dtensor is None:
             return [p.grad for p in self._params if p.grad is not None]
-        return [p.grad for p, pl in zip(self._params, self._dtensor.placements)
-                if not pl.is_dtensor and p.grad is not None]
+        return [g for g in (self._params[i].grad for i in self._dtensor.plain) if g is not None]
 
     def _prepare_locally(self, views: list[BlockView], local_error: BaseException | None
                          ) -> tuple[StepRecord, BaseException | None]:
