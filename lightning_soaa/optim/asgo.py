@@ -729,9 +729,14 @@ class ASGO(_OneSided):
             roots = inverse_sqrt(torch.stack([v.state[GRAM] for v in vs]), method, num_iters=iters, eps=eps,
                                  damping=damping)
             need_root.extend(zip(vs, roots.unbind(0)))
-        self._accept_roots(need_root)
+        uninformed = self._accept_roots(need_root)
         self._apply_directions([(v, asgo_math.precondition(v.state[INV_ROOT], v.state[EXP_AVG], side))
                                 for v, side in prepared])
+        for v in uninformed:
+            # A root of an all-zero V (no gradient yet: a layer behind a zero-initialised one) carries no
+            # direction: the eigh root is 0 there and would freeze the block for root_every steps. It
+            # served this step (whose update is 0 anyway); the next step computes a new one.
+            del v.state[INV_ROOT]
 
     def _roots_due(self, views: list[BlockView], counts: list[float]) -> list[BlockView]:
         """The blocks whose root is recomputed this step (in ``views`` order): no root yet, the fixed
@@ -788,12 +793,16 @@ class ASGO(_OneSided):
         self._sharded_stats_(sharded)
         return prepared
 
-    def _accept_roots(self, candidates: list[tuple[BlockView, Tensor]]) -> None:
-        """Store finite roots; keep the previous root (or fall back, counted) for non-finite ones."""
+    def _accept_roots(self, candidates: list[tuple[BlockView, Tensor]]) -> list[BlockView]:
+        """Store finite roots; keep the previous root (or fall back, counted) for non-finite ones.
+        Returns the blocks whose new root was computed from an all-zero statistic."""
         if not candidates:
-            return
-        # One host sync for all blocks instead of one per block.
-        finite = torch.stack([torch.isfinite(p).all() for _, p in candidates]).tolist()
+            return []
+        # One host sync for all blocks instead of one per block: is each root finite, is each V nonzero
+        flags = torch.stack([torch.stack([torch.isfinite(p).all(), v.state[GRAM].any()])
+                             for v, p in candidates]).tolist()
+        finite = [f for f, _ in flags]
+        uninformed = [v for (v, _), (f, nonzero) in zip(candidates, flags) if f and not nonzero]
         for (v, p_new), ok in zip(candidates, finite):
             st = v.state
             if ok:
@@ -818,6 +827,7 @@ class ASGO(_OneSided):
                           "identity (normalised momentum) until its next root", v.block.sub_index, label)
                 k = st[GRAM].shape[0]
                 st[INV_ROOT] = torch.eye(k, dtype=p_new.dtype, device=p_new.device)
+        return uninformed
 
     @staticmethod
     def _mark_root(v: BlockView) -> None:

@@ -349,6 +349,31 @@ def test_resume_equals_uninterrupted(cls, kw):
     assert o2.num_steps == 7
 
 
+@pytest.mark.parametrize("inverse_root", ["polar_express", "polar_express_eigh", "eigh"])
+@pytest.mark.parametrize("root_every", [4, "auto"])
+def test_a_root_of_a_zero_statistic_is_not_reused(inverse_root, root_every):
+    """Behind a zero-initialised layer the first Gram is 0: its root carries no direction (eigh's is 0,
+    the iteration's a multiple of I) and must not be kept for ``root_every`` steps. The second step's
+    root is then the same as with a root every step."""
+    def trained(**kw):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+        nn.init.zeros_(model[2].weight)
+        opt = ASGO(model.named_parameters(), lr=1e-2, inverse_root=inverse_root, **kw)
+        x, y = torch.randn(16, 5), torch.randn(16, 3)
+        for _ in range(2):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+        return model, opt
+
+    m_ref, _ = trained(root_every=1)
+    model, opt = trained(root_every=root_every, root_tol=1e30, root_max_every=100) \
+        if root_every == "auto" else trained(root_every=root_every)
+    torch.testing.assert_close(model[0].weight, m_ref[0].weight, rtol=0, atol=0)
+    assert opt.statistics()["asgo_roots_computed"] == 3  # both at step 1, the zero one's again at step 2
+
+
 def test_statistics_report_root_method_fallbacks_condition_and_balance():
     m = tiny_mlp()
     opt = ASGO(m.named_parameters(), inverse_root="newton_schulz", damping=1e-3)
