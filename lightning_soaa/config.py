@@ -219,7 +219,7 @@ class SOAAConfig:
             up to ~1.9 early (d = hi through a warm-up, where the loss falls steadily), which cost 0.18
             validation loss against AdamW on a character LM (benchmarks/soaa_lm_study.py); "final" with
             the default γ = 0.05 matched AdamW there. See :class:`~lightning_soaa.optim.soaa.SOAA`.
-        total_steps: T, the number of optimizer steps the "paper" band narrows over (t > T clamps);
+        total_steps: T, the number of optimizer steps the "paper" band narrows over (the final band from t = T + 1);
             ``None`` uses the final band [1-γ, 1+γ] from the first step. Unused by ``"final"``.
         acceptance: ``"lagged"`` (the paper's rule, no extra forward) or ``"same_batch"`` (trial step,
             re-evaluated on the same batch through the closure; may reject).

@@ -1034,7 +1034,9 @@ def band(t: int, gamma: float, total_steps: int | None, schedule: str = "paper")
     r"""The band :math:`[lo_t, hi_t]` that clips the trust multiplier :math:`d_t`.
 
     ``schedule="paper"`` (spec §1.3 step 10): :math:`[(1-\gamma)^{(t-1)/T},\ 1 + \gamma^{(t-1)/T}]`,
-    from [1, 2] at t = 1 to [1-γ, 1+γ] at t = T; ``t`` is clamped to ``T``, and ``total_steps=None``
+    from [1, 2] at t = 1 to the final band [1-γ, 1+γ], which the formula reaches at t = T + 1 and which
+    is kept after (the exponent is clamped to 1; the spec's "ends at [1-γ, 1+γ] at t = T" is the formula's
+    limit for large T, and a clamp at t = T would leave T = 1 at [1, 2] forever), and ``total_steps=None``
     means the final band at every step (INFERRED; see :class:`~lightning_soaa.optim.soaa.SOAA`).
     ``schedule="final"``: :math:`[1-\gamma, 1+\gamma]` at every step (``total_steps`` is not used).
     """
@@ -1042,7 +1044,7 @@ def band(t: int, gamma: float, total_steps: int | None, schedule: str = "paper")
         raise ValueError(f"Invalid band_schedule={schedule!r}. Must be one of 'final', 'paper'.")
     if total_steps is None or schedule == "final":
         return 1.0 - gamma, 1.0 + gamma
-    frac = (min(t, total_steps) - 1) / total_steps
+    frac = min(t - 1, total_steps) / total_steps
     # 0.0 ** 0.0 == 1.0 in Python, which gives hi_1 = 2 for gamma = 0, as the formula says.
     return (1.0 - gamma) ** frac, 1.0 + gamma**frac
 

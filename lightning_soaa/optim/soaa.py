@@ -196,7 +196,7 @@ class SOAA(ShardedOptimizer):
         &\quad L_t = \beta_1 L_{t-1} + (1-\beta_1)\ell_t,\quad \hat\ell_t = \tfrac{L_t}{1-\beta_1^t},\quad
           \rho_t = \frac{\hat\ell_t - \ell_t}{\max(p_{t-1}, \epsilon)} \\
         &\quad [lo_t, hi_t] = \begin{cases} [1-\gamma,\ 1+\gamma] & \text{band\_schedule = "final" (default)} \\
-          [(1-\gamma)^{(\min(t,T)-1)/T},\ 1 + \gamma^{(\min(t,T)-1)/T}] & \text{band\_schedule = "paper"}
+          [(1-\gamma)^{\min(t-1,T)/T},\ 1 + \gamma^{\min(t-1,T)/T}] & \text{band\_schedule = "paper"}
           \end{cases},\quad d_t = \operatorname{clip}(\rho_t d_{t-1}, lo_t, hi_t) \\
         &\quad p_t = \eta\Big(\sum_i \hat m_{t,i} u_{t,i} - \tfrac12 \sum_i \hat v_{t,i} u_{t,i}^2\Big)
         \end{aligned}
@@ -235,8 +235,8 @@ class SOAA(ShardedOptimizer):
             1.66 (one of three seeds diverged at AdamW's best lr), with γ = 0.05 1.564 ± 0.012, equal to
             AdamW (1.567 ± 0.013). The Fisher cap bound no coordinate there (the knee 1/(d c) is far
             above √v̂ of this network's gradients). "final" is also what ``total_steps=None`` always gave.
-        total_steps: :math:`T` (default None), used by ``band_schedule="paper"`` only. ``t > T`` uses the
-            band at ``T``. ``None`` (INFERRED):
+        total_steps: :math:`T` (default None), used by ``band_schedule="paper"`` only. The band reaches
+            :math:`[1-\gamma, 1+\gamma]` at ``t = T + 1`` and keeps it. ``None`` (INFERRED):
             the final band :math:`[1-\gamma, 1+\gamma]` at every step. Of the two readings of "unknown
             T" this one keeps the trust region able to shrink (a band [1, 2] forever would only allow
             d >= 1, i.e. never take a step smaller than Adam's, and up to 2x larger ones with no end);

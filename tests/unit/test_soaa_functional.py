@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -350,7 +348,10 @@ def test_band_schedule() -> None:
     assert band(1, 0.1, 100) == (1.0, 2.0)
     lo, hi = band(100, 0.1, 100)
     assert lo == pytest.approx(0.9 ** 0.99) and hi == pytest.approx(1 + 0.1 ** 0.99)
-    assert band(500, 0.1, 100) == band(100, 0.1, 100)  # t > T clamps
+    # the formula reaches the final band at t = T + 1 and keeps it (for T = 1 too: not [1, 2] forever)
+    assert band(101, 0.1, 100) == band(500, 0.1, 100) == (0.9, 1.1)
+    assert band(1, 0.1, 1) == (1.0, 2.0) and band(2, 0.1, 1) == band(9, 0.1, 1) == (0.9, 1.1)
+    assert band(2, 0.05, 2) == pytest.approx((0.95 ** 0.5, 1 + 0.05 ** 0.5)) and band(3, 0.05, 2) == (0.95, 1.05)
     assert band(1, 0.25, None) == band(77, 0.25, None) == (0.75, 1.25)
     assert band(1, 0.0, 10) == (1.0, 2.0) and band(2, 0.0, 10) == (1.0, 1.0)
     # "final" is the final band at every step, whatever T; "paper" is the default of the function
@@ -395,7 +396,7 @@ def test_constant_loss_drives_d_to_lo() -> None:
         loss_ema, d = s.loss_ema, s.d
         assert abs(s.rho) < 1e-6  # ℓ̂ equals the constant loss up to rounding
         assert d == s.lo and s.lo <= d <= s.hi
-    assert math.isclose(d, band(30, 0.1, 30)[0])
+    assert d == band(31, 0.1, 30)[0] == 0.9  # the final band's lo after T
 
 
 def test_smoothed_ratio_is_a_ratio_of_discounted_sums() -> None:

@@ -85,7 +85,7 @@ def test_band_invariant_and_statistics(schedule: str) -> None:
     for k in ("d", "rho", "predicted_reduction", "actual_reduction", "fisher_scale", "accepted", "rejected"):
         assert k in st
     assert st["accepted"] == 25 and st["rejected"] == 0 and st["fisher_scale"] >= 1.0
-    assert st["t"] == 25 and (st["band_lo"], st["band_hi"]) == band(15, 0.25, 15, schedule)  # t > T clamps
+    assert st["t"] == 25 and (st["band_lo"], st["band_hi"]) == (0.75, 1.25)  # the final band after T
 
 
 @pytest.mark.parametrize("schedule", ["final", "paper"])
