@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import numbers
 import os
 from collections.abc import Callable, Iterable
 from typing import Any, cast
@@ -145,13 +146,15 @@ def _check_loss(loss: Any) -> Tensor | float:
     if isinstance(loss, Tensor):
         if loss.numel() != 1:
             raise ValueError(f"SOAA: the loss must be a scalar, got a tensor of shape {tuple(loss.shape)}.")
-        if loss.is_cpu and not loss.is_complex():
+        if loss.is_complex():
+            raise ValueError(f"SOAA: the loss must be real, got a tensor of dtype {loss.dtype}.")
+        if loss.is_cpu:
             return float(loss.item())
         out: Tensor = loss.detach()
         return out if out.dim() == 0 else out.reshape(())
-    if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+    if isinstance(loss, numbers.Real) and not isinstance(loss, bool):  # numbers.Real: numpy's floats too
         return float(loss)
-    raise ValueError(f"SOAA: the loss must be a scalar tensor or a float, got {type(loss).__name__}.")
+    raise ValueError(f"SOAA: the loss must be a real scalar tensor or number, got {type(loss).__name__}.")
 
 
 def _compile_default() -> bool:

@@ -123,6 +123,25 @@ def test_set_loss_and_loss_kwarg_and_closure_agree() -> None:
         assert torch.equal(ps[0], ps[1]) and torch.equal(ps[0], ps[2])
 
 
+def test_numpy_losses_are_numbers_and_complex_or_bool_ones_are_refused() -> None:
+    """A loss from numpy (np.float32, as a metric library hands it) is a number like a float; a complex
+    tensor or a bool is refused with what is allowed."""
+    import numpy as np
+
+    models = [tiny_mlp(4) for _ in range(2)]
+    opts = [SOAA(m.parameters(), lr=0.05, gamma=0.3) for m in models]
+    for s in range(3):
+        loss = _closure(opts[0], models[0], s)().item()
+        opts[0].step(loss=np.float32(loss))
+        _closure(opts[1], models[1], s)()
+        opts[1].step(loss=float(np.float32(loss)))
+    assert all(torch.equal(a, b) for a, b in zip(*(m.parameters() for m in models)))
+    for bad, msg in [(torch.tensor(1 + 2j), "must be real, got a tensor of dtype torch.complex64"),
+                     (np.bool_(True), "must be a real scalar tensor or number, got bool")]:
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            opts[0].step(loss=bad)
+
+
 def test_missing_loss_raises_and_changes_nothing() -> None:
     model = tiny_mlp(5)
     opt = SOAA(model.parameters())
