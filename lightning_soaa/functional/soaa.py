@@ -943,7 +943,7 @@ def moments_partials(
         (_multi_tensor_soaa_sums, multi), (_single_tensor_soaa_sums, single))
     for kernel, blocks in eager:
         if blocks:
-            parts.append(kernel(*_sub(lists, blocks), _pick(ts, blocks), **kw))
+            parts.extend(_eager_call(kernel, lists, blocks, False, _pick(ts, blocks), **kw))
     return add_partials(parts)
 
 
@@ -1018,8 +1018,32 @@ def step_partials_(
         (_multi_tensor_soaa_step_, multi), (_single_tensor_soaa_step_, single))
     for kernel, blocks in eager:
         for t, idx in _by_step(_pick(ts, blocks)).items():
-            parts.append(kernel(*_sub(lists, [blocks[i] for i in idx]), t, **kw))
+            parts.extend(_eager_call(kernel, lists, [blocks[i] for i in idx], True, t, **kw))
     return add_partials(parts)
+
+
+# float16 blocks are computed in float32 and stored back, as torch's fused AdamW does: in float16 the
+# default eps (1e-8) rounds to 0, and so does v = (1 - β2) g² for |g| below ~8e-3, so m / (√v + eps)
+# was m / 0 = inf, written into the parameters. bfloat16 has float32's exponent range; it stays as it is.
+_UPCAST = (torch.float16,)
+
+
+def _eager_call(kernel: Callable[..., Tensor], lists: tuple[list[Tensor], ...], blocks: list[int], step: bool,
+                *args: Any, **kw: Any) -> list[Tensor]:
+    """``kernel`` over ``blocks`` of ``lists``, the float16 blocks on float32 copies; for the ``step``
+    (lists θ, g, m, v) θ and the moments are copied back, the sums pass (g, m, v) only reads."""
+    low = [i for i in blocks if lists[0][i].dtype in _UPCAST]
+    if not low:
+        return [kernel(*_sub(lists, blocks), *args, **kw)]
+    rest = [i for i in blocks if lists[0][i].dtype not in _UPCAST]
+    out = [kernel(*_sub(lists, rest), *args, **kw)] if rest else []
+    orig = _sub(lists, low)
+    wide = tuple([x.float() for x in xs] for xs in orig)
+    out.append(kernel(*wide, *args, **kw))
+    written = (0, 2, 3) if step else ()
+    for k in written:
+        torch._foreach_copy_(orig[k], wide[k])
+    return out
 
 
 def predicted_reduction(lr_m_u: float, lr_v_u2: float) -> float:

@@ -213,6 +213,40 @@ def test_zero_gradients_move_the_parameters_by_weight_decay_at_most_and_write_no
         torch.testing.assert_close(a64, b64 * scale, rtol=rtol, atol=atol)
 
 
+# ---------------------------------------------------------------------------------------- float16
+@each_optimizer
+def test_float16_parameters_with_small_gradients_step_like_float32(spec: OptimizerSpec) -> None:
+    """Pure float16 training (``model.half()``, Lightning's ``precision="16-true"``) with small gradients:
+    in float16 eps = 1e-8 and v = (1 - β2) g² round to 0, so an update computed in float16 divides by
+    zero (SOAA wrote inf into a fifth of the parameters at its first step). The first step from a zero
+    state must match the same step in float32 to float16's rounding, and no step may write a non-finite
+    value."""
+    sizes = (6, 32, 24, 3)
+    model16 = tiny_mlp(0, torch.float16, sizes=sizes)
+    model32 = copy.deepcopy(model16).float()
+    opts = [spec.build(m, **spec.test_kwargs) for m in (model16, model32)]
+
+    def small() -> None:
+        for p in model16.parameters():
+            if p.grad is not None:
+                p.grad.mul_(1e-3)
+
+    def same_as_float16() -> None:  # the optimizers' arithmetic is compared, not the two backward passes
+        for p, q in zip(model32.parameters(), model16.parameters()):
+            p.grad = None if q.grad is None else q.grad.float()
+
+    for t in range(3):
+        for model, opt, hook in ((model16, opts[0], small), (model32, opts[1], same_as_float16)):
+            dtype = next(model.parameters()).dtype
+            x, y = (u.to(dtype) for u in data(t, sizes))
+            spec.take_step(opt, model, x, y, on_gradients=hook)
+        for i, p in enumerate(model16.parameters()):
+            assert torch.isfinite(p).all(), (spec.name, t, i)
+        if t == 0:
+            for a, b in zip(model16.parameters(), model32.parameters()):
+                torch.testing.assert_close(a.float(), b, rtol=2e-3, atol=2e-3)
+
+
 # ---------------------------------------------------------------------------------------- hooks
 @each_optimizer
 def test_step_hooks_fire_once_per_step_including_skipped_steps(spec: OptimizerSpec) -> None:
