@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Any
 
 __all__ = [
@@ -44,7 +45,8 @@ def check_range(
     lo_s = "-inf" if lo is None else repr(float(lo))
     hi_s = "inf" if hi is None else repr(float(hi))
     allowed = f"Must be in {lb}{lo_s}, {hi_s}{rb}."
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    # numbers.Real: numpy's scalars too (a LambdaLR whose factor is an np.float32 makes the lr one)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"Invalid {name}={value!r}. {allowed}{_tensor_hint(value)}")
     v = float(value)
     if not math.isfinite(v):

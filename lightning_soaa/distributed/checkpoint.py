@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -71,7 +72,7 @@ class StateField:
 def check_finite_number(where: str, value: Any, *, positive: bool = False, integer: bool = False,
                         nonnegative: bool = False) -> None:
     """Raise ``ValueError`` naming ``where`` unless ``value`` is a finite real number as asked."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
     if ok and integer:
         ok = float(value) == int(value)
     if ok and positive:

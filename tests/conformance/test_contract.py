@@ -170,6 +170,28 @@ def test_lr_zero_is_accepted_and_leaves_the_parameters_unchanged(spec: Optimizer
     assert not all(torch.equal(a, b) for a, b in zip(params(model), w0))
 
 
+# ---------------------------------------------------------------------------------------- numpy lr
+@each_optimizer
+def test_a_numpy_lr_from_a_scheduler_is_a_number(spec: OptimizerSpec) -> None:
+    """A LambdaLR whose factor is a numpy float32 writes an np.float32 lr into the groups (torch accepts
+    it); it steps like the same Python float, and its checkpoint loads."""
+    import numpy as np
+
+    runs = []
+    for factor in (np.float32(0.5), 0.5):
+        model, opt = make(spec, lr=2.0 ** -6)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _s, f=factor: f)
+        for t in range(3):
+            step(spec, model, opt, t)
+            sched.step()
+        runs.append((model, opt))
+    assert isinstance(runs[0][1].param_groups[0]["lr"], np.floating)
+    assert_identical(params(runs[0][0]), params(runs[1][0]), "params")
+    model, opt = make(spec, lr=2.0 ** -6)
+    opt.load_state_dict(copy.deepcopy(runs[0][1].state_dict()))
+    assert float(opt.param_groups[0]["lr"]) == 2.0 ** -7
+
+
 # ---------------------------------------------------------------------------------------- zero gradients
 #: the zero-gradient step's dtypes, with the tolerance of "scaled by one factor" in each
 _ZERO_GRAD_DTYPES = {torch.float64: (1e-12, 1e-14), torch.float32: (1e-6, 1e-7), torch.bfloat16: (1e-2, 1e-2)}
