@@ -119,6 +119,12 @@ def _eager_module(model: nn.Module) -> nn.Module:
     return model
 
 
+def _fingerprint(active: tuple[bool, ...]) -> float:
+    """Which of EGN's parameters are trainable, as one float for the agreement all-reduce: the tuple's
+    hash (not salted across processes for bools), cut to the 52 bits a float64 holds exactly."""
+    return float(hash(active) & ((1 << 52) - 1))
+
+
 @dataclasses.dataclass
 class _Batch:
     """This rank's batch after the validation all-reduce: every rank agrees on sizes and shapes."""
@@ -169,14 +175,16 @@ class _EGNRecord(StepRecord):
 
     gtd_momentum: float = summed()
     direction: list[Tensor] = dataclasses.field(default_factory=list)  # owned blocks of d = Jᵀv
-    buffers: list[Tensor] = dataclasses.field(default_factory=list)  # new momentum buffers (owned)
+    # new momentum buffers (owned; None: a frozen parameter's, kept as it is)
+    buffers: list[Tensor | None] = dataclasses.field(default_factory=list)
+    momentum_dirs: list[Tensor] = dataclasses.field(default_factory=list)  # m/(1 − β^t) (owned; 0 if frozen)
 
 
 @dataclasses.dataclass
 class _EGNDecision:
     direction: list[Tensor]  # owned blocks of the direction taken
     gtd: float
-    buffers: list[Tensor]
+    buffers: list[Tensor | None]
     use_momentum: bool = False
     momentum_rejected: bool = False
     full: list[Tensor] = dataclasses.field(default_factory=list)  # the direction, every parameter
@@ -283,7 +291,10 @@ class EGN(ShardedOptimizer):
     ``nonfinite_trials``), so a too-long step cannot leave the model with non-finite outputs.
 
     Args:
-        model: the ``nn.Module``; its trainable parameters are optimized (one param group).
+        model: the ``nn.Module``; its trainable parameters are optimized (one param group). Freezing
+            follows ``requires_grad`` at every step: a parameter frozen later is not updated and the
+            system is that of the still trainable ones; unfreezing one that was frozen when EGN was
+            built is refused (build a new EGN).
         loss: ``"mse"`` (ℓ = ½‖y − z‖²), ``"cross_entropy"`` (softmax, integer targets), ``"bce"``
             (sigmoid logits) (default ``"mse"``).
         lr: step size α₀, the maximum α with line search (default 0.1).
@@ -380,9 +391,32 @@ class EGN(ShardedOptimizer):
         self.model = model
         super().__init__(named, dict(lr=cfg.lr, momentum=cfg.momentum), process_group=process_group,
                          comm=comm, shard=shard, grad_reduction="none")
+        self._named = named  # EGN's parameters (the base's, in its order); fixed at construction
+        self._index = {n: i for i, (n, _) in enumerate(named)}
+        # the parameters frozen when EGN was built: EGN has no shard or state for them (_follow_freezing)
+        self._frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
+        #: requires_grad of each of EGN's parameters as last planned: the trained ones are those still
+        #: trainable (_follow_freezing); ``_trainable`` and the plan below are made from them
+        self._active = (True,) * len(named)
         self._trainable: dict[str, Tensor] = dict(named)
         self._pending_batch: tuple[Any, Tensor] | None = None  # from set_batch(), used by the next step
         self._pass: _Pass | None = None  # the step in progress
+        self._plan()
+        # the agreement table's room for T per site: a later plan (fewer trained parameters) has no more
+        self._max_sites = len(self._sites)
+        self.damping = float(cfg.damping)
+        self.alpha = float(cfg.lr)  # α of the previous step (the line search resets from it)
+        self.momentum_steps = 0
+        self.solve_fallbacks = 0
+        self.momentum_rejections = 0
+        self.nonfinite_trials = 0  # steps skipped because the loss after them was non-finite
+        self._cg_pause = 0  # solves left before conjugate gradients are tried again (after a failure)
+        self._last: dict[str, float] = {}
+
+    def _plan(self) -> None:
+        """How the curvature of the parameters in ``_trainable`` is captured (as an EGN built on the model
+        with exactly those trainable would plan it)."""
+        model, cfg = self.model, self.config
         self._sites, self._explicit = plan_curvature(model, self._trainable, cfg.jacobian)
         # per site its trained (weight, bias) tensors, read once: Module.__getattr__ costs per lookup
         self._site_params = [(s.module.weight if s.weight else None, s.module.bias if s.bias else None)
@@ -395,14 +429,28 @@ class EGN(ShardedOptimizer):
         # solve is b×b (kronecker_sample_gram) and max_gram_size bounds b rather than bc
         self._kronecker = (cfg.loss == "mse" and self._chain is not None and self._chain.num_sites == 1
                            and self._chain.site_of[-1] == 0)
-        self.damping = float(cfg.damping)
-        self.alpha = float(cfg.lr)  # α of the previous step (the line search resets from it)
-        self.momentum_steps = 0
-        self.solve_fallbacks = 0
-        self.momentum_rejections = 0
-        self.nonfinite_trials = 0  # steps skipped because the loss after them was non-finite
-        self._cg_pause = 0  # solves left before conjugate gradients are tried again (after a failure)
-        self._last: dict[str, float] = {}
+
+    def _follow_freezing(self) -> None:
+        """Follow ``requires_grad`` as torch's optimizers do (a parameter without a gradient is not
+        stepped): a parameter frozen since the last step gets no update, and the Gauss-Newton system is
+        that of the still trainable ones (re-planned, as an EGN built on the model as it stands would be);
+        one unfrozen again is trained again. A parameter frozen when EGN was built has no shard, owner or
+        state here: unfreezing it is refused before anything changes (on every rank, by the caller)."""
+        for name, p in self._frozen:
+            if p.requires_grad:
+                raise ValueError(
+                    f"EGN: the parameter {name!r} was frozen (requires_grad=False) when this EGN was built and "
+                    "has been unfrozen since; EGN's parameters are fixed at construction and it cannot start "
+                    "training another one. Build a new EGN for the model after unfreezing it (or keep it frozen).")
+        active = tuple(p.requires_grad for _, p in self._named)
+        if active == self._active:
+            return
+        if not any(active):
+            raise ValueError("EGN: every parameter has been frozen (requires_grad=False); there is nothing to "
+                             "train. Unfreeze some of them before calling step().")
+        self._active = active
+        self._trainable = {n: p for (n, p), on in zip(self._named, active) if on}
+        self._plan()
 
     # ------------------------------------------------------------------ groups and checkpoints
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -485,6 +533,7 @@ class EGN(ShardedOptimizer):
             xs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
             if not xs or not all(isinstance(x, Tensor) for x in xs) or not isinstance(targets, Tensor):
                 raise ValueError("EGN.step: inputs must be a tensor or a tuple of tensors, targets a tensor.")
+            self._follow_freezing()  # after the closure: it may freeze or unfreeze layers itself
         except Exception as e:  # noqa: BLE001 - raised on every rank after the first all-reduce
             if self.comm.world_size == 1:
                 raise
@@ -585,11 +634,18 @@ class EGN(ShardedOptimizer):
         if beta > 0:
             parts = []
             for j, (v, d) in enumerate(zip(views, at_owners[0])):
+                if not self._active[v.block.param_index]:
+                    # frozen: no step (d is its zero block) and its buffer is kept, as torch's momentum
+                    # optimizers skip a parameter without a gradient
+                    rec.buffers.append(None)
+                    rec.momentum_dirs.append(d)
+                    continue
                 m_old = v.state.get("momentum_buffer")
                 m_new = (1 - beta) * d if m_old is None else beta * m_old + (1 - beta) * d
                 rec.buffers.append(m_new)
+                rec.momentum_dirs.append(m_new / (1 - beta ** t_next))
                 g = at_owners[1][j].to(torch.float64)
-                parts.append((g * (m_new / (1 - beta ** t_next)).to(torch.float64)).sum())
+                parts.append((g * rec.momentum_dirs[-1].to(torch.float64)).sum())
             if parts:
                 rec.gtd_momentum = torch.stack(parts).sum()  # type: ignore[assignment]
         return rec
@@ -627,9 +683,8 @@ class EGN(ShardedOptimizer):
         if beta <= 0:
             return dec
         if reduced.gtd_momentum < 0:
-            t_next = self.momentum_steps + 1
             dec.use_momentum, dec.gtd = True, reduced.gtd_momentum
-            dec.direction = [m / (1 - beta ** t_next) for m in reduced.buffers]
+            dec.direction = reduced.momentum_dirs
         else:
             dec.momentum_rejected = True
             log.info("EGN: momentum direction is not a descent direction (gᵀd=%.3e); plain step used",
@@ -645,7 +700,8 @@ class EGN(ShardedOptimizer):
         assert curv is not None and batch is not None
         if float(self.param_groups[0]["momentum"]) > 0:
             for v, m_new in zip(views, decision.buffers):
-                v.state["momentum_buffer"] = m_new
+                if m_new is not None:
+                    v.state["momentum_buffer"] = m_new
             self.momentum_steps += 1
             self.momentum_rejections += int(decision.momentum_rejected)
         self.solve_fallbacks += curv.sol.fallbacks
@@ -735,8 +791,9 @@ class EGN(ShardedOptimizer):
         return coupled
 
     def _agree_on_batch(self, xs: tuple[Tensor, ...], targets: Tensor) -> _Batch:
-        """Local forward; then ONE all-reduce of [non-finite, loss sum, per rank: error, b_r, c, T per
-        Linear site], so that every rank raises together or goes on with the same global sizes. The table
+        """Local forward; then ONE all-reduce of [non-finite, loss sum, per rank: error, b_r, c, trainable
+        set, T per Linear site], so that every rank raises together or goes on with the same global sizes
+        and the same trained parameters (each rank follows its own ``requires_grad``). The table
         is built and read as host lists (one tensor, one host copy): a small model's step is dominated by
         per-op overhead, and element-wise tensor writes and reads cost one op each."""
         world, rank, nsites = self.comm.world_size, self.comm.rank, len(self._sites)
@@ -746,10 +803,13 @@ class EGN(ShardedOptimizer):
             z, cap, err = None, None, f"{type(error).__name__}: {error}"
         else:
             z, cap, err = self._forward_capture(xs, targets)
-        width = 3 + nsites
+        # the same width on every rank whatever its trainable set (a rank that froze a layer plans fewer
+        # sites), so that ranks that disagree meet in this all-reduce and raise together
+        width = 4 + self._max_sites
         table = [0.0] * (2 + world * width)  # head [non-finite, loss sum], then one row per rank
         row = 2 + rank * width
         table[row] = 1.0 if err is not None else 0.0
+        table[row + 3] = _fingerprint(self._active)
         if err is None:
             assert z is not None and cap is not None
             with grad_off():
@@ -760,7 +820,7 @@ class EGN(ShardedOptimizer):
                                                     torch.isfinite(zd).all()])
             table[row + 1:row + 3] = [float(xs[0].shape[0]), float(z.shape[1])]
             for i in range(nsites):
-                table[row + 3 + i] = float(sum(a.shape[1] for a in cap.inputs[i]))
+                table[row + 4 + i] = float(sum(a.shape[1] for a in cap.inputs[i]))
             nonfinite = not (math.isfinite(local_loss) and z_finite > 0)
             table[0:2] = [1.0 if nonfinite else 0.0, local_loss]
         red = self._sum_scalars(table)  # collective
@@ -770,7 +830,7 @@ class EGN(ShardedOptimizer):
         y = _as(targets, z.dtype if targets.is_floating_point() else targets.dtype, z.device)
         b = sum(sizes)
         return _Batch(xs=xs, y=y, z=z, cap=cap, sizes=sizes, c=c, rank=rank,
-                      positions=[int(info[0][3 + i]) for i in range(nsites)], nonfinite=red[0] > 0,
+                      positions=[int(info[0][4 + i]) for i in range(nsites)], nonfinite=red[0] > 0,
                       f0=float("nan") if red[0] > 0 else red[1] / b)
 
     def _check_agreement(self, info: list[list[float]], err: str | None) -> tuple[list[int], int]:
@@ -784,17 +844,20 @@ class EGN(ShardedOptimizer):
                 raise own
             raise ValueError(err if err is not None
                              else f"EGN: invalid batch on rank(s) {bad} (see that rank's error).")
+        if any(info[r][3] != info[0][3] for r in range(world)):
+            raise ValueError("EGN: the ranks disagree on which of the model's parameters are trainable "
+                             "(requires_grad); freeze and unfreeze the same parameters on every rank.")
         sizes = [int(info[r][1]) for r in range(world)]
         cs = {int(info[r][2]) for r in range(world)}
         if len(cs) != 1:
             raise ValueError(f"EGN: ranks disagree on the number of outputs c: {sorted(cs)}.")
-        if self._sites and any(info[r][3:] != info[0][3:] for r in range(world)):
+        if self._sites and any(info[r][4:] != info[0][4:] for r in range(world)):
             raise ValueError("EGN: ranks disagree on the number of positions per sample seen by the Linear "
                              "layers (e.g. sequence lengths); pad the batches to equal lengths.")
         c, b = cs.pop(), sum(sizes)
         if b <= 0:
             raise ValueError("EGN: the global batch is empty.")
-        if self._kronecker and info[0][3] == 1:  # K = G ⊗ I_c: the solve is b×b (_solve_kronecker)
+        if self._kronecker and info[0][4] == 1:  # K = G ⊗ I_c: the solve is b×b (_solve_kronecker)
             if b > self.config.max_gram_size:
                 raise ValueError(
                     f"EGN: the sample Gram matrix would be {b}x{b} (global batch b={b}; K = G ⊗ I_c for this "
@@ -971,12 +1034,13 @@ class EGN(ShardedOptimizer):
                 # a copy, not a view of ``flat``: the exchange writes into the blocks it is handed
                 grads[id(p)] = flat[0, off:off + p.numel()].reshape(p.shape).to(p.dtype, copy=True)
                 off += p.numel()
-        return [grads[id(p)] for p in self._params]
+        # a frozen parameter has no column in J: None, a zero block at its owner (it does not move)
+        return [grads.get(id(p)) for p in self._params]
 
     # -- 6. step size and damping: identical on every rank ----------------------------------
     def _jd_q_norm(self, batch: _Batch, curv: _Curvature, d_full: list[Tensor]) -> float:
         """(Jd)ᵀQ(Jd) for the momentum direction: a local JVP and one all-reduce."""
-        jd = jvp_outputs(self.model, self._trainable, {n: d_full[i] for i, n in enumerate(self._trainable)},
+        jd = jvp_outputs(self.model, self._trainable, {n: d_full[self._index[n]] for n in self._trainable},
                          batch.xs)
         s_local = None if curv.s is None else curv.s[batch.start:batch.start + batch.b_r]
         part = egn_math.q_norm_sq(s_local, jd.detach().reshape(-1).to(self._solve_dtype()))

@@ -301,15 +301,42 @@ def _weights(n: int, like: Tensor) -> Tensor:
     return (1.0 + torch.frac(i * 0.6180339887498949)).to(dtype=like.dtype, device=like.device)
 
 
-def _single(model: nn.Module, pdict: dict[str, Tensor], xs: tuple[Tensor, ...]) -> Tensor:
-    out: Tensor = functional_call(model, pdict, tuple(x.unsqueeze(0) for x in xs))
-    return out.squeeze(0)
+def _call_slots(model: nn.Module, params: dict[str, Tensor]) -> dict[str, str]:
+    """Every place in ``model`` that holds one of ``params``, once each: {that place's name: the name in
+    ``params``}, for ``functional_call(..., tie_weights=False)``.
+
+    torch's own tying (``tie_weights=True``) goes by name: a submodule registered under two names (one
+    layer applied twice) is one place reached by two names, and torch swaps it twice and restores it in
+    the same order, leaving the detached stand-in in the module instead of its Parameter (the model then
+    no longer trains that layer). Here the places are told apart by (module, attribute): a reused module
+    counts once, a Parameter shared by two modules (tied embeddings) is replaced in both."""
+    want = {id(p): n for n, p in params.items()}
+    slots: dict[str, str] = {}
+    seen: set[tuple[int, str]] = set()
+    for path, m in model.named_modules(remove_duplicate=False):
+        for attr, p in m._parameters.items():
+            if p is None or id(p) not in want or (id(m), attr) in seen:
+                continue
+            seen.add((id(m), attr))
+            slots[f"{path}.{attr}" if path else attr] = want[id(p)]
+    return slots
+
+
+def _call(model: nn.Module, slots: dict[str, str], pdict: dict[str, Tensor], xs: tuple[Tensor, ...]) -> Tensor:
+    """``model(*xs)`` with the parameters ``pdict`` in every place :func:`_call_slots` found."""
+    out: Tensor = functional_call(model, {place: pdict[n] for place, n in slots.items()}, xs, tie_weights=False)
+    return out
+
+
+def _single(model: nn.Module, slots: dict[str, str], pdict: dict[str, Tensor], xs: tuple[Tensor, ...]) -> Tensor:
+    return _call(model, slots, pdict, tuple(x.unsqueeze(0) for x in xs)).squeeze(0)
 
 
 def explicit_jacobian_rows(model: nn.Module, params: dict[str, Tensor], xs: tuple[Tensor, ...]) -> Tensor:
     """Per-sample Jacobians of the outputs w.r.t. ``params``, flattened: [b, c, Σ numel]."""
     pdict = {n: p.detach() for n, p in params.items()}
-    jac = vmap(jacrev(_single, argnums=1), in_dims=(None, None, 0))(model, pdict, xs)
+    slots = _call_slots(model, params)
+    jac = vmap(jacrev(_single, argnums=2), in_dims=(None, None, None, 0))(model, slots, pdict, xs)
     b = xs[0].shape[0]
     first = jac[next(iter(pdict))]
     c = first.shape[1]
@@ -345,10 +372,10 @@ def jvp_outputs(model: nn.Module, params: dict[str, Tensor], tangents: dict[str,
                 xs: tuple[Tensor, ...]) -> Tensor:
     """J·t for the batch: forward-mode derivative of the outputs along ``tangents``, [b, c]."""
     pdict = {n: p.detach() for n, p in params.items()}
+    slots = _call_slots(model, params)
 
     def f(p: dict[str, Tensor]) -> Tensor:
-        y: Tensor = functional_call(model, p, xs)
-        return y
+        return _call(model, slots, p, xs)
 
     # jvp returns (outputs, tangent outputs); its stub also admits the has_aux triple.
     out: Tensor = jvp(f, (pdict,), ({n: tangents[n] for n in pdict},))[1]

@@ -216,3 +216,72 @@ def test_one_rank_mixing_samples_is_refused_on_every_rank(tmp_path) -> None:
     assert "depend on other samples of the batch" in results[1]["message"]
     assert results[0]["message"] is not None  # rank 0's own model is per sample; it raises too
     assert all(res["unchanged"] for res in results)
+
+
+def _freezing_worker(rank: int, world: int) -> dict:
+    """Ranks that freeze the same parameters after construction; then only one rank freezes, then a rank
+    unfreezes a parameter frozen at construction."""
+    out: dict = {}
+    for kind, frozen in (("mlp", "0."), ("mixed", "ln.")):
+        model = _model(kind)
+        opt = EGN(model, loss="mse", lr=1.0, damping=0.3, momentum=0.5, line_search=True)
+        for n, p in model.named_parameters():
+            p.requires_grad_(not n.startswith(frozen))
+        for t in range(STEPS):
+            x, y, sizes = _global_batch(t, "mse", world, uneven=True)
+            lo = sum(sizes[:rank])
+            opt.step(inputs=x[lo:lo + sizes[rank]], targets=y[lo:lo + sizes[rank]])
+        out[kind] = _flat(model)
+
+    def attempt(opt: EGN, model: nn.Module, step: int) -> tuple[str | None, bool]:
+        before = _flat(model)
+        x, y, sizes = _global_batch(step, "mse", world, uneven=True)
+        lo = sum(sizes[:rank])
+        try:
+            opt.step(inputs=x[lo:lo + sizes[rank]], targets=y[lo:lo + sizes[rank]])
+            return None, torch.equal(_flat(model), before)
+        except ValueError as exc:
+            return str(exc), torch.equal(_flat(model), before)
+
+    model = tiny_mlp(0, DT)
+    opt = EGN(model, loss="mse", lr=1.0, damping=0.3)
+    model[0].requires_grad_(rank != world - 1)  # only the last rank freezes the first layer
+    out["one_froze"] = attempt(opt, model, 0)
+    model[0].requires_grad_(False)  # now every rank has: they step together again
+    out["then_all"] = attempt(opt, model, 1)
+    model = tiny_mlp(0, DT)
+    model[0].requires_grad_(False)
+    opt = EGN(model, loss="mse", lr=1.0, damping=0.3)
+    model[0].requires_grad_(rank == 0)  # rank 0 unfreezes a layer EGN never trained
+    out["unfroze"] = attempt(opt, model, 0)
+    return out
+
+
+def _frozen_single(kind: str, frozen: str, world: int) -> torch.Tensor:
+    model = _model(kind)
+    for n, p in model.named_parameters():
+        p.requires_grad_(not n.startswith(frozen))
+    opt = EGN(model, loss="mse", lr=1.0, damping=0.3, momentum=0.5, line_search=True)
+    for t in range(STEPS):
+        x, y, _ = _global_batch(t, "mse", world, uneven=True)
+        opt.step(inputs=x, targets=y)
+    return _flat(model)
+
+
+def test_freezing_is_followed_together_or_refused_on_every_rank(tmp_path) -> None:
+    """Every rank follows the same freezing (the steps of one process's EGN built on the frozen model);
+    ranks whose trainable parameters differ, or a rank that unfreezes a parameter EGN never trained,
+    make every rank raise in the same step (through the batch agreement), nothing changed."""
+    results = run_distributed(_freezing_worker, 2, tmp_path, timeout=180)
+    for kind, frozen in (("mlp", "0."), ("mixed", "ln.")):
+        ref = _frozen_single(kind, frozen, 2)
+        for res in results:
+            torch.testing.assert_close(res[kind], ref, rtol=1e-10, atol=1e-12, msg=kind)
+    for res in results:
+        message, unchanged = res["one_froze"]
+        assert message is not None and "disagree on which of the model's parameters are trainable" in message
+        assert unchanged
+        assert res["then_all"] == (None, False)  # a step taken by both ranks
+        message, unchanged = res["unfroze"]
+        assert message is not None and unchanged
+    assert "'0.weight' was frozen" in results[0]["unfroze"][0]
