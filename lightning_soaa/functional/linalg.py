@@ -281,6 +281,37 @@ def inv_sqrt_eigh(v: Tensor, rcond: float = 1e-12) -> Tensor:
     return root.to(out_dt)
 
 
+def checked_coupled(
+    v: Tensor, coeffs: Sequence[tuple[float, float, float]], num_iters: int, eps: float = 1e-10
+) -> Tensor:
+    """:func:`inv_sqrt_coupled`, with every matrix whose result left the map's bound recomputed by
+    :func:`inv_sqrt_spectral` (the same function, by an eigendecomposition).
+
+    The map is largest at 0: no eigenvalue of the exact result exceeds ``z(0) / sqrt(s)``, so
+    ``||Z||_F^2 <= k z(0)^2 / s``. A Gram with a null space (a softmax head's: its gradient's columns
+    sum to 0; any Gram of rank below k, e.g. in the first steps) has eigenvalues at the rounding level,
+    some negative, and for x < 0 the iteration's ``x p(x)^2`` grows without bound instead of settling
+    at ``z(0)``: in float32 such a root came out 1e1-1e5 times the exact one (the update then pointed
+    along the null space, 40-140% off on 3 of 8 draws of a 4-class head), and it cannot be seen from
+    the finite values alone. One host read per call; the recomputation only for the matrices that
+    failed (5% margin for the iteration's own rounding).
+    """
+    z = inv_sqrt_coupled(v, coeffs, num_iters, eps)
+    k = v.shape[-1]
+    v3, z3 = v.reshape(-1, k, k), z.reshape(-1, k, k)
+    eye = torch.eye(k, dtype=v3.dtype, device=v3.device)
+    s = 1.01 * torch.linalg.matrix_norm(v3 + eps * eye, dtype=torch.float64)  # the iteration's scale
+    z0 = float(coupled_scalar_map(torch.zeros(1), coeffs, num_iters))
+    sq = torch.linalg.matrix_norm(z3, dtype=torch.float64).square()
+    bad = ~(sq <= 1.05 * k * z0 * z0 / s) & torch.isfinite(s)  # NaN compares False: checked too
+    if not bool(bad.any()):
+        return z
+    idx = bad.nonzero().flatten()
+    out = z3.clone()
+    out[idx] = inv_sqrt_spectral(v3[idx], coeffs, num_iters, eps).to(out.dtype)
+    return out.reshape(z.shape)
+
+
 def inverse_sqrt(
     v: Tensor, method: str = "polar_express", *, num_iters: int | None = None, eps: float = 1e-10,
     damping: float = 0.0,
@@ -293,10 +324,10 @@ def inverse_sqrt(
     """
     vd = damp(v.to(root_compute_dtype(v.dtype)), damping)
     method = resolve_root_method(method, v.device, v.dtype, v.shape[-1])
-    if method == "polar_express":
-        return inv_sqrt_polar_express(vd, num_iters, eps)
-    if method == "newton_schulz":
-        return inv_sqrt_newton_schulz(vd, num_iters, eps)
+    if method in ("polar_express", "newton_schulz"):
+        coeffs = POLAR_EXPRESS_COEFFS if method == "polar_express" else (NEWTON_SCHULZ_COEFFS,)
+        n = DEFAULT_ROOT_ITERS[method] if num_iters is None else num_iters
+        return checked_coupled(vd, coeffs, n, eps)
     if method == "eigh":
         return inv_sqrt_eigh(vd)
     if method == "polar_express_eigh":

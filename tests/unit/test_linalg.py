@@ -9,11 +9,14 @@ import torch
 
 from lightning_soaa.functional.linalg import (
     EIGH_MIN_K,
+    NEWTON_SCHULZ_COEFFS,
     POLAR_EXPRESS_COEFFS,
     ROOT_METHODS,
     coupled_scalar_map,
     damp,
+    inv_sqrt_coupled,
     inv_sqrt_eigh,
+    inv_sqrt_spectral,
     inverse_sqrt,
     resolve_root_method,
     root_compute_dtype,
@@ -234,11 +237,35 @@ def test_iteration_scale_is_taken_in_float64(method):
     v = 1e20 * torch.eye(3)
     root = inverse_sqrt(v, method)
     torch.testing.assert_close(root, 1e-10 * torch.eye(3), rtol=1e-4, atol=0.0)
-    # a scale beyond float32 itself gives a non-finite root (the caller falls back), never 0
-    assert not torch.isfinite(inverse_sqrt(3e38 * torch.eye(3), method)).all()
+    # a scale beyond float32 itself: the float32 iteration gives a non-finite root, never 0, and the
+    # check of the result (checked_coupled) recomputes it by the float64 eigendecomposition
+    assert not torch.isfinite(inv_sqrt_coupled(3e38 * torch.eye(3), POLAR_EXPRESS_COEFFS, 10)).all()
+    torch.testing.assert_close(inverse_sqrt(3e38 * torch.eye(3), method), 3e38 ** -0.5 * torch.eye(3),
+                               rtol=1e-4, atol=0.0)
 
 
 def test_eigh_of_an_overflowed_gram_is_non_finite_not_an_exception():
     """linalg.eigh raises on an inf matrix; the module's contract is a non-finite result the caller checks."""
     v = torch.full((4, 4), float("inf"))
     assert not torch.isfinite(inverse_sqrt(v, "eigh")).any()
+
+
+@pytest.mark.parametrize("k,rank", [(4, 3), (10, 9), (64, 8), (90, 20)])
+@pytest.mark.parametrize("method", ["polar_express", "newton_schulz"])
+def test_a_float32_gram_with_a_null_space_gets_the_maps_root(method, k, rank):
+    """A Gram of rank below k (a softmax head's, whose gradient's columns sum to 0; any Gram in the first
+    steps) rounded to float32 has eigenvalues at the rounding level, some negative, where the coupled
+    iteration grows without bound instead of settling at z(0): its P·G came out up to 1e5 times the
+    exact one. P·G must match the same map evaluated in float64 on the same float32 matrix."""
+    g = torch.Generator().manual_seed(k + rank)
+    grad = (torch.randn(k, rank, generator=g, dtype=torch.float64)
+            @ torch.randn(rank, 2 * k, generator=g, dtype=torch.float64))
+    if rank == k - 1:  # the softmax head: every column sums to 0 over the classes
+        grad = torch.randn(k, 2 * k, generator=g, dtype=torch.float64)
+        grad -= grad.mean(0)
+    grad = grad.float()
+    v = grad @ grad.T
+    coeffs, n = (POLAR_EXPRESS_COEFFS, 10) if method == "polar_express" else ((NEWTON_SCHULZ_COEFFS,), 18)
+    exact = inv_sqrt_spectral(v.double(), coeffs, n) @ grad.double()
+    got = inverse_sqrt(v, method).double() @ grad.double()
+    assert float((got - exact).norm() / exact.norm()) < 2e-2
