@@ -743,6 +743,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
         with torch.enable_grad():
             return closure()
 
+    # torch.compile of a step or of a training function that calls it: the step runs eagerly (a graph
+    # break), as torch's own optimizers do outside their compiled paths. Traced, its host reads and
+    # in-place kernels on the state broke inductor (an internal assert), after the counters had moved,
+    # and SOAA's Python-float scalars were baked into graphs recompiled at every step.
+    @torch._disable_dynamo
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimizer step (collective when W > 1: every rank must call it)."""

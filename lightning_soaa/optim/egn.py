@@ -119,6 +119,21 @@ def _eager_module(model: nn.Module) -> nn.Module:
     return model
 
 
+def _bypass_compiled(model: nn.Module) -> list[tuple[nn.Module, Any]]:
+    """Modules compiled in place (``module.compile()``: no wrapper to unwrap, their ``__call__`` runs
+    the compiled graph) run their eager forward during EGN's step: the capture's hooks and ``torch.func``
+    need the eager calls (the compiled graph's fused ``addmm`` was refused as a use of a Linear's
+    parameters outside its call). Returns what to put back after the step; the user's own calls stay
+    compiled."""
+    out = []
+    for m in model.modules():
+        impl = m.__dict__.get("_compiled_call_impl")
+        if impl is not None:
+            out.append((m, impl))
+            object.__setattr__(m, "_compiled_call_impl", None)
+    return out
+
+
 def _fingerprint(active: tuple[bool, ...]) -> float:
     """Which of EGN's parameters are trainable, as one float for the agreement all-reduce: the tuple's
     hash (not salted across processes for bools), cut to the 52 bits a float64 holds exactly."""
@@ -505,6 +520,7 @@ class EGN(ShardedOptimizer):
         (Lightning's automatic optimization via ``BatchToOptimizer``, the DeepSpeed engine)."""
         self._pending_batch = (inputs, targets)
 
+    @torch._disable_dynamo  # eager under torch.compile (see ShardedOptimizer.step)
     def step(self, closure: Callable[[], Any] | None = None, *, inputs: Any = None,
              targets: Tensor | None = None) -> Any:
         """One EGN step on the batch ``(inputs, targets)``; collective when W > 1.
@@ -539,6 +555,7 @@ class EGN(ShardedOptimizer):
                 raise
             error = e
         modes = self._eval_mode()
+        compiled = _bypass_compiled(self.model)
         self._pass = _Pass(xs, targets)  # type: ignore[arg-type]  # targets is None only with an error
         try:
             self._pass.error = error  # raised before the step on this rank: reported by _agree_on_batch
@@ -550,6 +567,8 @@ class EGN(ShardedOptimizer):
                 # the attribute itself (what Module.__setattr__ ends in for it), without that method's
                 # parameter/buffer/module look-ups: this runs for every module at every step
                 object.__setattr__(m, "training", mode)
+            for m, impl in compiled:
+                object.__setattr__(m, "_compiled_call_impl", impl)
         if closure_value is not None:
             return closure_value
         return torch.tensor(f0, dtype=torch.float64)

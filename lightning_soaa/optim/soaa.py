@@ -432,6 +432,7 @@ class SOAA(ShardedOptimizer):
         self._set_loss_calls += 1
 
     # ------------------------------------------------------------------ the step
+    @torch._disable_dynamo  # eager under torch.compile (see ShardedOptimizer.step)
     @torch.no_grad()
     def step(
         self, closure: Callable[[], Any] | None = None, *, loss: Tensor | float | None = None

@@ -269,6 +269,37 @@ def test_float16_parameters_with_small_gradients_step_like_float32(spec: Optimiz
                 torch.testing.assert_close(a.float(), b, rtol=2e-3, atol=2e-3)
 
 
+# ---------------------------------------------------------------------------------------- torch.compile
+@each_optimizer
+def test_a_compiled_training_step_equals_the_eager_one(spec: OptimizerSpec) -> None:
+    """``torch.compile`` of a function that runs forward, backward and ``opt.step()`` (torch's recipe for
+    its own optimizers): the step runs eagerly inside it. Traced, ShardedAdamW/ASGO/DASGO failed in
+    AOT functionalization (an internal assert, after their step counters had moved), EGN with an
+    AttributeError, and SOAA recompiled at every step (its scalars were baked into the graphs).
+    ``aot_eager``: the same tracing and functionalization as inductor, without its C++ build."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    runs = []
+    for compiled in (False, True):
+        model, opt = make(spec)
+
+        def train(t: int, model: torch.nn.Module = model, opt: Any = opt) -> None:
+            x, y = data(t)
+            spec.take_step(opt, model, x, y)
+
+        fn = torch.compile(train, backend="aot_eager") if compiled else train
+        for t in range(3):
+            fn(t)
+        runs.append((model, opt))
+    (m_eager, o_eager), (m_comp, o_comp) = runs
+    assert o_comp.num_steps == o_eager.num_steps == 3
+    assert_close(params(m_comp), params(m_eager), rtol=1e-12, atol=1e-14)
+    # graphs of the forward and backward only, made once: nothing of the step's is traced or recompiled
+    assert counters["stats"]["unique_graphs"] <= 4, dict(counters["stats"])
+
+
 # ---------------------------------------------------------------------------------------- hooks
 @each_optimizer
 def test_step_hooks_fire_once_per_step_including_skipped_steps(spec: OptimizerSpec) -> None:

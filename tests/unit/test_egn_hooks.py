@@ -203,3 +203,29 @@ def test_modules_without_torch_func_support_are_named() -> None:
 
 def test_the_coupling_message_points_sequence_first_models_to_explicit() -> None:
     assert "sequence-first" in COUPLING_MESSAGE and "jacobian='explicit'" in COUPLING_MESSAGE
+
+
+class _Residual(nn.Module):
+    """Not a chain: the general capture, whose guard refuses a Linear's parameters used outside its call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.ln, self.b = nn.Linear(5, 7), nn.LayerNorm(7), nn.Linear(7, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.a(x)
+        return self.b(h + torch.tanh(self.ln(h)))
+
+
+@pytest.mark.parametrize("where", ["root", "submodule"])
+def test_a_model_compiled_in_place_is_stepped_eagerly(where: str) -> None:
+    """``model.compile()`` leaves no wrapper to unwrap: the module's own calls run the compiled graph,
+    whose fused addmm EGN's capture refused as a use of ``a.bias`` outside its layer. EGN's step runs
+    the eager forwards; the user's calls stay compiled after it."""
+    torch._dynamo.reset()
+    model = _Residual().to(DT)
+    target = model if where == "root" else model.a
+    target.compile(backend="eager")
+    compiled = target.__dict__["_compiled_call_impl"]
+    _step_matches_oracle(model)
+    assert target.__dict__["_compiled_call_impl"] is compiled
