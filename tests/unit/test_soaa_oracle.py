@@ -27,7 +27,7 @@ SCALE = 8.0  # loss scale: large enough that the Fisher branch of the cap binds 
 def _oracle_band(t: int, gamma: float, total: int, schedule: str) -> tuple[float, float]:
     if schedule == "final":
         return 1.0 - gamma, 1.0 + gamma
-    f = (min(t, total) - 1) / total  # spec §1.3 step 10, t clamped to T (§1.8)
+    f = min(t - 1, total) / total  # spec §1.3 step 10; the final band [1-γ, 1+γ] from t = T + 1 on
     return (1.0 - gamma) ** f, 1.0 + gamma**f
 
 
@@ -139,5 +139,7 @@ def test_the_band_schedules_differ_where_the_spec_says() -> None:
     g = KW["gamma"]
     assert all((r["band_lo"], r["band_hi"]) == (1 - g, 1 + g) for r in a)
     assert (b[0]["band_lo"], b[0]["band_hi"]) == (1.0, 2.0)
-    assert b[-1]["band_lo"] == pytest.approx((1 - g) ** 0.9) and b[-1]["band_hi"] == pytest.approx(1 + g**0.9)
+    T = KW["total_steps"]
+    assert b[T - 1]["band_lo"] == pytest.approx((1 - g) ** 0.9) and b[T - 1]["band_hi"] == pytest.approx(1 + g**0.9)
+    assert all((r["band_lo"], r["band_hi"]) == (1 - g, 1 + g) for r in b[T:])  # the final band from t = T + 1
     assert max((p - q).abs().max().item() for p, q in zip(a[-1]["params"], b[-1]["params"])) > 1e-4
