@@ -241,6 +241,8 @@ class DeepSpeedClientOptimizer(torch.optim.Optimizer):
                 self._inner_src.append(gi)
         comm = default_communicator(self.process_group)
         self._inner = self.optimizer_cls(groups, comm=comm, shard=self.zero_stage == 0, **self.hyperparams)
+        if self.zero_stage > 0:  # DeepSpeed's partitions: not replicas, whatever their values
+            self._inner.partitioned_by_caller = True
         if self.layout == "elementwise" or self.zero_stage == 0:
             # Share the state dict so that DeepSpeed's fragment links (safe_get_*_optimizer_state) see it.
             self.state = self._inner.state

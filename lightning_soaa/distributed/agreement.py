@@ -289,6 +289,7 @@ class StepVerdict:
     #: optimizer loaded on some ranks only)
     check_ranks: list[int] = dataclasses.field(default_factory=list)
     param_ranks: list[int] = dataclasses.field(default_factory=list)  # parameters differ from rank 0's
+    replicated: bool = False  # every rank made a digest and all are equal
 
 
 def read_step_rows(rows: Tensor | Sequence[float], world: int, compare_grads: bool) -> StepVerdict:
@@ -307,5 +308,7 @@ def read_step_rows(rows: Tensor | Sequence[float], world: int, compare_grads: bo
     steps = [int(m[r][4]) for r in range(world)]
     checks = [r for r in range(world) if m[r][5] != m[0][5]]
     # digests are compared only when every rank made one (a rank whose check is not due wrote 0)
-    params = [r for r in range(world) if m[r][6] != m[0][6]] if not checks and m[0][5] > 0 else []
-    return StepVerdict(errors, hyper, grads, steps if len(set(steps)) > 1 else [], checks, params)
+    digests = not checks and m[0][5] > 0
+    params = [r for r in range(world) if m[r][6] != m[0][6]] if digests else []
+    return StepVerdict(errors, hyper, grads, steps if len(set(steps)) > 1 else [], checks, params,
+                       replicated=digests and world > 1 and not params)

@@ -244,6 +244,8 @@ class _OneSided(ShardedOptimizer):
     #: whether blocks of a parameter cut into several are normalised with the whole parameter's norm
     #: (DASGO: exact; ASGO's blocks are separate problems, each with its own V, normalised per block)
     _normalise_whole: bool = False
+    # the routing (use_asgo) and the matrices' blocks are fixed when the table is built
+    layout_keys = ("max_block_size", "use_asgo")
     #: rebuilt on first use (see _split_layout, _routes, _numerators)
     _transient = ("_split_layout_cache", "_routes_cache", "_numerators_cache")
 

@@ -455,6 +455,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
     #: :meth:`_block_specs` then cuts parameters larger than ``max_block_numel`` (a param-group option;
     #: unset or None: :meth:`_auto_block_numel`) and each rank keeps about 1/W of the state.
     elementwise: bool = False
+    #: param-group options the block table is built from (at construction and ``add_param_group``), besides
+    #: an elementwise optimizer's ``max_block_numel``: a value written into a group afterwards would be
+    #: accepted and silently not used, so it is refused (:meth:`_check_layout`)
+    layout_keys: tuple[str, ...] = ()
     #: the smallest automatic block, in elements (2^18 = 1 MiB of fp32 per state tensor)
     default_max_block_numel: int = 1 << 18
     #: blocks per rank the automatic block size aims at: a state balanced within about 1/8 of a rank's
@@ -629,6 +633,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         )
         self._params = params
         self._names = [name for _, _, name in plist]
+        keys = self.layout_keys + (("max_block_numel",) if self.elementwise else ())
+        self._layout = [{k: g.get(k) for k in keys} for g in self.param_groups]
         self._owned = self._table.owned()
         self._view_cache = _ViewCache(self._table, self._owned)
         self.exchange = OwnerExchange(self._table, params, self.comm, sharded=self.sharding.shard)
@@ -829,7 +835,20 @@ class ShardedOptimizer(torch.optim.Optimizer):
         blocks, silently. With ``"none"`` the gradient comparison catches it; FSDP2 shards and
         ``shard=False`` partitions are not replicas."""
         return (self.sharding.grad_reduction == "mean" and self._sharded_multi_rank()
-                and self._dtensor is None)
+                and self._dtensor is None) or self._checks_partitions()
+
+    #: True where the step's global sums add up parts of one model (SOAA's trust region): with
+    #: ``shard=False`` each rank's parameters must be its own partition, and a model replicated on every
+    #: rank (DDP) would be counted W times, silently (SOAA's ρ off by W: 5e-3 after 8 steps at W = 2)
+    sums_parts_over_ranks: bool = False
+
+    def _checks_partitions(self) -> bool:
+        """Whether the first step after construction or ``load_state_dict`` refuses ``shard=False`` ranks
+        whose parameters are all equal (replicas, not partitions; the same digest as
+        :meth:`_checks_replicas`). ``partitioned_by_caller``: set by a caller that partitioned the
+        parameters itself (deepspeed_ext, ZeRO 1-3), where equal partitions would be a coincidence."""
+        return (self.sums_parts_over_ranks and not self.sharding.shard and self.comm.world_size > 1
+                and self._dtensor is None and not self.__dict__.get("partitioned_by_caller", False))
 
     def _scanned_grads(self, views: list[BlockView]) -> list[Tensor]:
         """The gradients this step must read: every local gradient when they are compared across ranks
@@ -883,7 +902,15 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 "differ from rank 0's; every rank must set the same values (same scheduler on every rank). "
                 "Nothing changed."
             )
-        if verdict.param_ranks:
+        if verdict.replicated and self._checks_partitions():
+            raise RuntimeError(
+                f"{name}.step: shard=False on {self.comm.world_size} ranks whose parameters are all equal (a "
+                "model replicated on every rank, e.g. under DDP): shard=False declares that every rank's "
+                "parameters are its own partition (DeepSpeed ZeRO), and the optimizer's global sums would "
+                f"count the replicated model {self.comm.world_size} times. Use shard=True (the default). "
+                "Nothing changed."
+            )
+        if verdict.param_ranks and not self._checks_partitions():
             raise RuntimeError(
                 f"{name}.step: the parameters on rank(s) {verdict.param_ranks} differ from rank 0's at the "
                 "first step after construction or load_state_dict. With grad_reduction='mean' every rank "
@@ -1002,12 +1029,26 @@ class ShardedOptimizer(torch.optim.Optimizer):
                     continue
             try:
                 self._validate_group(group)
+                self._check_layout(i, group)
             except ValueError as e:
                 return ValueError(
                     f"{type(self).__name__}.step: param_groups[{i}]: {e} Hyperparameters set after "
                     "construction (by hand or by a scheduler) are checked at every step; nothing changed.")
             seen[i] = (group, keys, vals)
         return None
+
+    def _check_layout(self, i: int, group: dict[str, Any]) -> None:
+        """Raise when a :attr:`layout_keys` option of group ``i`` differs from the one its blocks were
+        built with."""
+        built = self.__dict__.get("_layout")
+        if built is None or i >= len(built):
+            return
+        for k, was in built[i].items():
+            if group.get(k) != was:
+                raise ValueError(
+                    f"{k}={group.get(k)!r} was written into the group after construction (it was {was!r}); "
+                    "the blocks are cut when the optimizer is built, so it would not be used. Pass it to the "
+                    "constructor (or to add_param_group) instead.")
 
     def _planned_step(self) -> bool:
         """A subclass's shortcut for a step whose inputs are all as its last step left them (SOAA's step

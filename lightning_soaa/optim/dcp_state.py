@@ -264,7 +264,9 @@ def load_dcp_state_dict(opt: ShardedOptimizer, sd: dict[str, Any]) -> None:
     new_groups = []
     for group, saved in zip(opt.param_groups, groups):
         g = dict(group)
-        g.update({k: (tuple(v) if k == "betas" else v) for k, v in saved.items() if k not in ("params", "param_names")})
+        # the blocking is this optimizer's own, as in ShardedOptimizer.load_state_dict
+        g.update({k: (tuple(v) if k == "betas" else v) for k, v in saved.items()
+                  if k not in ("params", "param_names", "max_block_numel")})
         opt._validate_group(g)
         new_groups.append(g)
     opt.state.clear()

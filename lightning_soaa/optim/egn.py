@@ -113,8 +113,9 @@ def _eager_module(model: nn.Module) -> nn.Module:
         if _compiled_inner(m) is not None:
             raise ValueError(
                 f"EGN: the submodule {name!r} is torch.compile'd; EGN's per-layer capture needs the eager "
-                "modules. Pass EGN the model without compiling its submodules (compiling the whole model is "
-                "fine: EGN then uses model._orig_mod)."
+                f"modules. Pass EGN the compiled module itself (e.g. EGN(self.{name}, ...) in a LightningModule: "
+                "EGN then runs its eager _orig_mod), compile in place with module.compile() instead of "
+                "replacing it by torch.compile(module), or do not compile it."
             )
     return model
 
@@ -344,6 +345,9 @@ class EGN(ShardedOptimizer):
     """
 
     step_record = _EGNRecord
+    # the batch's Jᵀv and Gram terms are summed over ranks into the owners: a replicated model passed
+    # with shard=False would step each rank on its own batch (ShardedOptimizer._checks_partitions)
+    sums_parts_over_ranks = True
     #: EGN never reads ``p.grad`` (Lightning may leave stale or non-finite ones): the base must not scan
     #: them; ``_prepare`` flags a non-finite direction itself.
     partials_cover_grads = True

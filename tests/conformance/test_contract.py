@@ -192,6 +192,35 @@ def test_a_numpy_lr_from_a_scheduler_is_a_number(spec: OptimizerSpec) -> None:
     assert float(opt.param_groups[0]["lr"]) == 2.0 ** -7
 
 
+# ---------------------------------------------------------------------------------------- layout options
+@each_optimizer
+def test_a_block_layout_option_written_after_construction_is_refused(spec: OptimizerSpec) -> None:
+    """``max_block_numel`` / ``max_block_size`` / ``use_asgo`` decide the block table when the optimizer is
+    built; written into a group later, they were accepted and silently not used (ASGO: 7 blocks instead
+    of 4, 3.6e-2 off an optimizer built with the value)."""
+    model, opt = make(spec)
+    step(spec, model, opt, 0)
+    keys = list(opt._layout[0])
+    if spec.name == "EGN":
+        assert not keys  # whole parameters are its blocks: no such option
+        return
+    assert keys, spec.name
+    for k in keys:
+        old = opt.param_groups[0].get(k)
+        opt.param_groups[0][k] = (old is False) if k == "use_asgo" else (3 if old != 3 else 5)
+        sd, w = copy.deepcopy(opt.state_dict()), params(model)
+        with pytest.raises(ValueError, match=re.escape(f"{k}=") + ".*written into the group after construction"):
+            step(spec, model, opt, 1)
+        assert_identical(params(model), w, "params")
+        assert_identical(opt.state_dict()["state"], sd["state"])
+        if old is None:  # unset (or None) either way: the option as built
+            opt.param_groups[0].pop(k, None)
+        else:
+            opt.param_groups[0][k] = old
+    step(spec, model, opt, 1)  # put back: steps again
+    assert opt.num_steps == 2
+
+
 # ---------------------------------------------------------------------------------------- zero gradients
 #: the zero-gradient step's dtypes, with the tolerance of "scaled by one factor" in each
 _ZERO_GRAD_DTYPES = {torch.float64: (1e-12, 1e-14), torch.float32: (1e-6, 1e-7), torch.bfloat16: (1e-2, 1e-2)}

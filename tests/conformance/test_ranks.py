@@ -163,6 +163,19 @@ def _unsharded_mean_refusal(spec: OptimizerSpec) -> str | None:
     return None
 
 
+def _unsharded_replicas_run(spec: OptimizerSpec, rank: int, world: int) -> dict[str, Any]:
+    """``shard=False`` (declared: each rank's parameters are its own partition) on a model replicated on
+    every rank, gradients averaged as DDP does: the run of ``_main_run`` (``shard=True``), or refused."""
+    model, opt = make(spec, SIZES, 0, shard=False)
+    w0 = params(model)
+    try:
+        for t in range(STEPS):
+            step(spec, model, opt, t, rank=rank, world=world, average=spec.needs is not StepNeeds.BATCH)
+    except RuntimeError as e:
+        return {"error": str(e), "unchanged": all(torch.equal(a, b) for a, b in zip(params(model), w0))}
+    return {"error": None, "params": params(model)}
+
+
 def _resumed_run(spec: OptimizerSpec, rank: int, world: int, ckpt: tuple[Any, Any]) -> dict[str, Any]:
     model, opt, average = _build(spec, world, seed=5)  # another init: everything comes from the checkpoint
     model.load_state_dict(ckpt[0])
@@ -223,6 +236,8 @@ def _worker(rank: int, world: int, resume: dict[str, Any], blob: bytes | None) -
                 res["unsharded"] = _unsharded_mean_refusal(spec)
         if world == 2:
             res["copies"] = _copies_run(spec, rank, world, model, opt)
+            if takes_kwarg(spec, "shard"):
+                res["unsharded_replicas"] = _unsharded_replicas_run(spec, rank, world)
         out[spec.name] = res
     if blob is not None:
         out["reattach"] = _reattach_elsewhere(blob, rank, world)
@@ -393,6 +408,25 @@ def test_unsharded_mean_is_refused_on_every_rank(launches: _Launches, spec: Opti
     results = [res[spec.name]["unsharded"] for res in launches.get(UNUSED_WORLD)]
     assert all(msg is not None and "shard=False with grad_reduction='mean' is not supported" in msg
                for msg in results), results
+
+
+@pytest.mark.parametrize("spec", [s for s in SPECS if takes_kwarg(s, "shard")], ids=lambda s: s.name)
+def test_a_replicated_model_under_shard_false_steps_as_sharded_or_is_refused(launches: _Launches,
+                                                                              spec: OptimizerSpec) -> None:
+    """shard=False on a replicated model (DDP; the CLI offers --optimizer.shard): an optimizer whose
+    global sums add up parts of one model (SOAA's trust region) counted it W times (5e-3 off after 8
+    steps at W = 2, silently); it is refused at the first step, every rank, nothing changed. The others
+    step exactly as with shard=True."""
+    results = launches.get(2)
+    runs = [res[spec.name]["unsharded_replicas"] for res in results]
+    opt = make(spec)[1]
+    if opt.sums_parts_over_ranks:
+        assert all(r["error"] is not None and "whose parameters are all equal" in r["error"] and r["unchanged"]
+                   for r in runs), runs
+        return
+    for r, (run, res) in enumerate(zip(runs, results)):
+        assert run["error"] is None, (r, run["error"])
+        assert_close(run["params"], res[spec.name]["params"], f"rank {r}", rtol=1e-12, atol=1e-14)
 
 
 @each_optimizer
