@@ -75,7 +75,7 @@ class SOAALightningCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # As LightningCLI's automatic optimizer group, but EGN's first argument ("model") is skipped too.
         parser.add_subclass_arguments((Optimizer,), "optimizer", instantiate=False, fail_untyped=False,
-                                      skip={"params", "model"}, required=False)
+                                      skip=set(_NOT_OPTIONS), required=False)
         parser._optimizers["optimizer"] = ((Optimizer,), "AUTOMATIC")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
@@ -100,8 +100,9 @@ class SOAALightningCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         # Trainer.callbacks is set by Lightning's callback connector and not declared on the class.
         callbacks: list[Any] = trainer.callbacks  # type: ignore[attr-defined]
-        present = {type(c) for c in callbacks}
-        missing = [cls() for cls in _AUTO_CALLBACKS if cls not in present]
+        # a subclass counts (a user's BatchToOptimizer that hands over a transformed batch): a default one
+        # added after it would overwrite what it set
+        missing = [cls() for cls in _AUTO_CALLBACKS if not any(isinstance(c, cls) for c in callbacks)]
         # Keep checkpoint callbacks last, as Lightning orders them.
         at = next((i for i, c in enumerate(callbacks) if isinstance(c, Checkpoint)), len(callbacks))
         callbacks[at:at] = missing
@@ -138,8 +139,9 @@ def explain_optimizer_error(msg: str) -> str:
             f"{class_path} accepts: {', '.join('--optimizer.' + n for n in accepted)}.")
 
 
-# constructor arguments that are not CLI options (the factory passes them)
-_NOT_OPTIONS = ("self", "params", "model")
+# constructor arguments that are not CLI options (the factory passes the first; a process group or a
+# communicator is an object no command line can give)
+_NOT_OPTIONS = ("self", "params", "model", "comm", "process_group")
 
 
 def main(args: ArgsType = None) -> None:

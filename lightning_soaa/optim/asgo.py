@@ -283,6 +283,15 @@ class _OneSided(ShardedOptimizer):
             # e.g. DeepSpeed ZeRO's flat 1-D partitions: the optimizer would silently be plain AdamW
             log.warning("%s: none of the %d parameters has >= 2 dimensions (or all are routed to the "
                         "fallback); every parameter uses AdamW.", type(self).__name__, len(plist))
+        unnamed = sum(1 for p, gi, n in plist if n is None and p.dim() >= 2
+                      and self.param_groups[gi].get("use_asgo") is None)
+        if unnamed:
+            # model.parameters() (torch's habit, the stock LightningCLI's): nothing tells an embedding
+            # table from a weight matrix, so it gets the matrix method the routing rule keeps it from
+            log.warning("%s: %d parameter(s) with >= 2 dimensions came without names and are routed by "
+                        "shape alone (an embedding table gets the matrix method). Pass "
+                        "model.named_parameters() or lightning_soaa.optim.asgo.asgo_param_groups(model) to "
+                        "send embeddings to AdamW.", type(self).__name__, unnamed)
 
     def _routes(self) -> dict[int, str | None]:
         """``block_id ->`` the side a matrix block is preconditioned on (:meth:`_block_side`, the side the

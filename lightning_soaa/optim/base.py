@@ -399,6 +399,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         grad_reduction: str = "none",
     ) -> None:
         self.sharding = ShardingConfig(shard=shard, grad_reduction=grad_reduction)
+        if comm is not None and not isinstance(comm, Communicator):
+            raise ValueError(f"Invalid comm={comm!r}. Must be a lightning_soaa.distributed.comm.Communicator "
+                             "(or None: the default process group, or process_group=).")
         self.comm: Communicator = comm if comm is not None else default_communicator(process_group)
         self._dtensor: DTensorLayout | None = None
         # Built before the default process group exists (stock LightningCLI --optimizer, user code that

@@ -386,6 +386,14 @@ def test_infinite_lr_is_rejected_and_zero_lr_accepted(name: str) -> None:
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("name", SPECS)
+def test_a_comm_that_is_not_a_communicator_is_refused(name: str) -> None:
+    """``comm="abc"`` (a CLI once offered the option) failed at the first use of it with "'str' object has
+    no attribute 'world_size'"."""
+    with pytest.raises(ValueError, match=r"Invalid comm='abc'\. Must be a lightning_soaa\.distributed\.comm\.Comm"):
+        _build(name, tiny_mlp(sizes=SIZES), comm="abc")
+
+
 def test_soaa_nan_trust_scalar_at_step_time_skips() -> None:
     model = tiny_mlp(sizes=SIZES)
     opt = _build("SOAA", model)

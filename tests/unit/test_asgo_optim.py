@@ -120,6 +120,12 @@ def test_warns_when_nothing_is_a_matrix(caplog):
     with caplog.at_level("WARNING"):
         ASGO([nn.Parameter(torch.randn(3, 4))])
     assert "every parameter uses AdamW" not in caplog.text
+    # unnamed matrices (model.parameters(), the stock LightningCLI): routed by shape, and said so
+    assert "1 parameter(s) with >= 2 dimensions came without names" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        ASGO(_Net().named_parameters())
+    assert "came without names" not in caplog.text
 
 
 def test_adam_fallback_matches_torch_adamw_over_many_steps():
