@@ -25,6 +25,7 @@ caller decides what to do with it (ASGO keeps its previous preconditioner and co
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -135,6 +136,14 @@ def damp(v: Tensor, damping: float) -> Tensor:
 def inv_sqrt_coupled(
     v: Tensor, coeffs: Sequence[tuple[float, float, float]], num_iters: int, eps: float = 1e-10
 ) -> Tensor:
+    """V^{-1/2} of a symmetric PSD ``k x k`` matrix (or a ``b x k x k`` batch) by a coupled iteration;
+    see :func:`_coupled`."""
+    return _coupled(v, coeffs, num_iters, eps)[0]
+
+
+def _coupled(
+    v: Tensor, coeffs: Sequence[tuple[float, float, float]], num_iters: int, eps: float = 1e-10
+) -> tuple[Tensor, Tensor]:
     """V^{-1/2} of a symmetric PSD ``k x k`` matrix (or a ``b x k x k`` batch) by a coupled iteration.
 
     Scale ``s = 1.01 * ||V + eps I||_F`` so that the spectrum of ``Y = V/s`` lies in [0, 1); start from
@@ -148,7 +157,8 @@ def inv_sqrt_coupled(
     ``2.2e4/sqrt(s)`` for 10 Polar Express iterations), i.e. an implicit damping, never infinity.
 
     Cost: ``4 * num_iters - 3`` matmuls (the first iteration has ``Z = I``, the last needs no ``Y``).
-    Runs in :func:`root_compute_dtype` of ``v``; the result has that dtype and ``v``'s shape.
+    Runs in :func:`root_compute_dtype` of ``v``; the result has that dtype and ``v``'s shape. Also returns
+    the float64 scales ``s`` (one per matrix), for :func:`checked_coupled`.
     """
     dt = root_compute_dtype(v.dtype)
     squeeze = v.dim() == 2
@@ -170,7 +180,7 @@ def inv_sqrt_coupled(
         z = bmat + a * eye if i == 0 else torch.baddbmm(z, bmat, z, beta=a)  # a Z + B Z
     out = z / torch.sqrt(s)
     out = torch.where(torch.isfinite(s), out, torch.full_like(out, float("nan")))  # non-finite: callers check
-    return out[0] if squeeze else out.reshape(v.shape)
+    return out[0] if squeeze else out.reshape(v.shape), s64.reshape(-1)
 
 
 def coupled_scalar_map(
@@ -281,6 +291,12 @@ def inv_sqrt_eigh(v: Tensor, rcond: float = 1e-12) -> Tensor:
     return root.to(out_dt)
 
 
+@functools.cache
+def _map_at_zero(coeffs: tuple[tuple[float, float, float], ...], num_iters: int) -> float:
+    """``z(0)`` of :func:`coupled_scalar_map`, the map's largest value (cached: a few dozen scalar ops)."""
+    return float(coupled_scalar_map(torch.zeros(1), coeffs, num_iters))
+
+
 def checked_coupled(
     v: Tensor, coeffs: Sequence[tuple[float, float, float]], num_iters: int, eps: float = 1e-10
 ) -> Tensor:
@@ -296,17 +312,15 @@ def checked_coupled(
     the finite values alone. One host read per call; the recomputation only for the matrices that
     failed (5% margin for the iteration's own rounding).
     """
-    z = inv_sqrt_coupled(v, coeffs, num_iters, eps)
+    z, s = _coupled(v, coeffs, num_iters, eps)
     k = v.shape[-1]
     v3, z3 = v.reshape(-1, k, k), z.reshape(-1, k, k)
-    eye = torch.eye(k, dtype=v3.dtype, device=v3.device)
-    s = 1.01 * torch.linalg.matrix_norm(v3 + eps * eye, dtype=torch.float64)  # the iteration's scale
-    z0 = float(coupled_scalar_map(torch.zeros(1), coeffs, num_iters))
-    sq = torch.linalg.matrix_norm(z3, dtype=torch.float64).square()
-    bad = ~(sq <= 1.05 * k * z0 * z0 / s) & torch.isfinite(s)  # NaN compares False: checked too
-    if not bool(bad.any()):
+    z0 = _map_at_zero(tuple(coeffs), num_iters)
+    # ||Z||_F^2 s <= k z(0)^2 (5% margin), false for NaN too; a non-finite scale is recomputed as NaN
+    ok = torch.linalg.vector_norm(z3, dim=(1, 2), dtype=torch.float64).square_().mul_(s) <= 1.05 * k * z0 * z0
+    if bool(ok.all()):
         return z
-    idx = bad.nonzero().flatten()
+    idx = (~ok).nonzero().flatten()
     out = z3.clone()
     out[idx] = inv_sqrt_spectral(v3[idx], coeffs, num_iters, eps).to(out.dtype)
     return out.reshape(z.shape)
