@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from deepspeed_ext.ds_config import ELASTIC_MESSAGE
 from deepspeed_ext.structure import VirtualParams, build_virtual_params
 
 __all__ = ["DeepSpeedClientOptimizer", "StateLayoutError"]
@@ -163,6 +164,8 @@ class DeepSpeedClientOptimizer(torch.optim.Optimizer):
         if zo is self:
             zo = None  # stage 0, fp32: DeepSpeed steps us directly
         self._zero_opt = zo
+        if zo is not None and getattr(zo, "elastic_checkpoint", False):  # a config parse_config did not see
+            raise ValueError(ELASTIC_MESSAGE.format(name=self.optimizer_cls.__name__))
         if zo is not None and getattr(zo, "swap_optimizer", False):
             raise ValueError(
                 "zero_optimization.offload_optimizer.device='nvme' swaps optimizer state out between "

@@ -42,6 +42,16 @@ class ParsedConfig:
     zero_stage: int
 
 
+# DeepSpeed's elastic checkpoints (ZeRO 1-2) are built from optimizer.state[flat] alone, never through the
+# optimizer's state_dict(): SOAA's trust region and step counts, and all of ASGO's state, were missing from
+# them, and their load ended in a bare AssertionError (found by a helper)
+ELASTIC_MESSAGE = (
+    "Invalid zero_optimization.elastic_checkpoint=true with optimizer.type={name!r}: DeepSpeed's elastic "
+    "checkpoints keep only its per-partition tensors, not the lightning_soaa optimizer's state (its "
+    "trust-region scalars, step counts, block layout), so they could not be resumed. Leave it false "
+    "(the default); the rigid checkpoints resume at any world size through lightning_soaa's own format."
+)
+
 def load_config(config: Any) -> dict[str, Any]:
     """A config given as a dict, a path to a JSON file, or a JSON string; returns a deep copy."""
     if isinstance(config, dict):
@@ -156,6 +166,9 @@ def parse_config(config: Any) -> ParsedConfig:
             f"optimizer.type={entry.name!r}: NVMe swaps optimizer state between sub-group steps, which "
             "lightning_soaa optimizers do not support. Must be 'cpu' or 'none'."
         )
+    zero = ds.get("zero_optimization")
+    if stage >= 1 and isinstance(zero, dict) and zero.get("elastic_checkpoint", False):
+        raise ValueError(ELASTIC_MESSAGE.format(name=entry.name))
     params = check_params(entry, opt.get("params"))
     ds.pop("optimizer")
     if stage >= 1:

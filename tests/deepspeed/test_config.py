@@ -116,6 +116,20 @@ def test_nvme_offload_is_refused():
         parse_config(cfg)
 
 
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_elastic_checkpoints_are_refused(stage):
+    """DeepSpeed's elastic checkpoints (ZeRO 1-2) hold only its per-partition tensors: SOAA's trust region
+    and all of ASGO's state were missing, and their load ended in a bare AssertionError (ZeRO-3 refuses
+    them itself, at save). Refused when the config is read."""
+    cfg = _cfg("lightning_soaa.SOAA", stage=stage)
+    cfg["zero_optimization"]["elastic_checkpoint"] = True
+    with pytest.raises(ValueError, match=r"Invalid zero_optimization.elastic_checkpoint=true with "
+                                         r"optimizer.type='lightning_soaa.SOAA'"):
+        parse_config(cfg)
+    cfg["zero_optimization"]["elastic_checkpoint"] = False
+    parse_config(cfg)
+
+
 def test_bad_stage_is_refused():
     with pytest.raises(ValueError, match=r"Invalid zero_optimization.stage=4"):
         parse_config(_cfg(stage=4))
