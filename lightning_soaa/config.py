@@ -94,9 +94,11 @@ class ShardingConfig:
     Attributes:
         shard: keep state only for owned blocks and all-gather parameters after the update. ``False``
             means the caller already partitioned the parameters (DeepSpeed ZeRO): every local block is
-            owned, nothing is gathered, and only the global scalars are all-reduced. SOAA and EGN sum
-            those scalars over ranks as parts of one model: on W > 1 ranks whose parameters are all
-            equal (a replicated model, e.g. DDP) they refuse ``shard=False`` at the first step.
+            owned, nothing is gathered, and only the global scalars are all-reduced. SOAA sums its
+            trust-region scalars over ranks as parts of one model: on W > 1 ranks whose parameters are
+            all equal (a replicated model, e.g. DDP) it refuses ``shard=False`` at the first step. (EGN,
+            whose ZeRO stage is 0 only, reads ``shard=False`` as replicated state: every rank steps every
+            block.)
         grad_reduction: ``"none"`` when gradients arrive already averaged (DDP, Lightning, DeepSpeed);
             ``"mean"`` to have the optimizer reduce-scatter and average them itself (plain torchrun
             without DDP), so each rank only receives the gradients of the blocks it owns. As DDP does, it

@@ -345,9 +345,6 @@ class EGN(ShardedOptimizer):
     """
 
     step_record = _EGNRecord
-    # the batch's Jᵀv and Gram terms are summed over ranks into the owners: a replicated model passed
-    # with shard=False would step each rank on its own batch (ShardedOptimizer._checks_partitions)
-    sums_parts_over_ranks = True
     #: EGN never reads ``p.grad`` (Lightning may leave stale or non-finite ones): the base must not scan
     #: them; ``_prepare`` flags a non-finite direction itself.
     partials_cover_grads = True
@@ -669,7 +666,10 @@ class EGN(ShardedOptimizer):
                 rec.momentum_dirs.append(m_new / (1 - beta ** t_next))
                 g = at_owners[1][j].to(torch.float64)
                 parts.append((g * rec.momentum_dirs[-1].to(torch.float64)).sum())
-            if parts:
+            # shard=False: every rank holds every block, with the same d and g (all-reduced), so one rank
+            # counts them; summed over W ranks, gᵀm was W times too large (the line search's and adaptive
+            # damping's gᵀd: 1.7e-3 off shard=True at W = 2 in 4 steps)
+            if parts and (self.sharding.shard or self.comm.rank == 0):
                 rec.gtd_momentum = torch.stack(parts).sum()  # type: ignore[assignment]
         return rec
 
