@@ -361,6 +361,19 @@ class SkipStep:
     reason: str
 
 
+# A wrapper that swaps the groups' tensors for its own (DeepSpeed's ZeRO optimizer does, given the
+# optimizer object: Lightning's own DeepSpeedStrategy, deepspeed.initialize(optimizer=...)) leaves this
+# optimizer stepping tensors no one reads, and the model never changed, silently (0.29 off in 6 steps).
+REPLACED_PARAMS_MESSAGE = (
+    "{name}.step: param_groups[{i}]['params'] is no longer the list of tensors the optimizer was built "
+    "over: something replaced the groups' tensors (DeepSpeed's ZeRO optimizer does when it is handed the "
+    "optimizer object, e.g. Lightning's own DeepSpeedStrategy or deepspeed.initialize(optimizer=...)), and "
+    "the step would update tensors nothing reads. Use deepspeed_ext.DeepSpeedStrategy or "
+    "deepspeed_ext.initialize with the optimizer in the config's \"optimizer\" section; add parameters with "
+    "add_param_group. Nothing changed."
+)
+
+
 class ShardedOptimizer(torch.optim.Optimizer):
     """Base class: owned blocks, an injected :class:`Communicator`, world-size independent checkpoints.
 
@@ -638,6 +651,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._names = [name for _, _, name in plist]
         keys = self.layout_keys + (("max_block_numel",) if self.elementwise else ())
         self._layout = [{k: g.get(k) for k in keys} for g in self.param_groups]
+        self._group_lists = [g["params"] for g in self.param_groups]  # see _hyperparameter_error
         self._owned = self._table.owned()
         self._view_cache = _ViewCache(self._table, self._owned)
         self.exchange = OwnerExchange(self._table, params, self.comm, sharded=self.sharding.shard)
@@ -1019,7 +1033,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
         seen: list[Any] = self.__dict__.setdefault("_valid_groups", [])
         if len(seen) != len(groups):
             seen[:] = [None] * len(groups)
+        lists = self.__dict__.get("_group_lists")
         for i, group in enumerate(groups):
+            if lists is not None and (len(lists) != len(groups) or group.get("params") is not lists[i]):
+                return ValueError(REPLACED_PARAMS_MESSAGE.format(name=type(self).__name__, i=i))
             keys, vals = tuple(group), tuple(group.values())
             last = seen[i]
             if last is not None and last[0] is group and last[1] == keys:

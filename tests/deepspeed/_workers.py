@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from lightning_soaa.registry import StepNeeds
 from tests.harness.models import batch, loss_fn, tiny_mlp
 
 SIZES = (6, 8, 5, 3)
@@ -303,3 +304,31 @@ def w_egn(rank: int, world: int, opt_params: dict[str, Any], steps: int) -> dict
     return {"params": ds_params, "ref": [p.detach().clone() for p in ref_model.parameters()], "stats": stats,
             "ref_stats": ref.statistics(), "training_steps": client.training_steps,
             "wrapper": type(engine.optimizer).__name__}
+
+
+def w_raw_deepspeed(rank: int, world: int, name: str) -> str:
+    """DeepSpeed's own initialize handed a lightning_soaa optimizer object (what Lightning's stock
+    DeepSpeedStrategy does): ZeRO-2 swaps the groups' tensors for its flat partitions. The error of the
+    first step, on every rank (or "no error")."""
+    import deepspeed
+
+    from lightning_soaa.registry import get
+
+    ds_env(rank, world)
+    torch.manual_seed(0)
+    model = tiny_mlp(0, torch.float32, sizes=SIZES)
+    spec = get(name)
+    opt = spec.build(model, **spec.test_kwargs)
+    cfg = {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2},
+           "zero_allow_untested_optimizer": True}
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+    x, y = batch(0, rank, n=4, d_in=SIZES[0], d_out=SIZES[-1], dtype=torch.float32)
+    loss = loss_fn(engine, x, y)
+    engine.backward(loss)
+    if spec.needs is StepNeeds.LOSS:
+        opt.set_loss(loss.detach())
+    try:
+        engine.step()
+    except ValueError as e:
+        return str(e)
+    return "no error"
