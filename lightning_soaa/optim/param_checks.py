@@ -55,6 +55,13 @@ def check_param_group(optimizer: Any, group: dict[str, Any]) -> None:
     for j, p in enumerate(group["params"]):
         if not isinstance(p, Tensor):
             continue  # torch's own add_param_group has already rejected non-tensors
+        if getattr(p, "_fsdp_flattened", False):  # the marker FSDP1 puts on its flat and original params
+            raise ValueError(
+                f"{what}: parameter {_label(names, j)} belongs to an FSDP1 module (FullyShardedDataParallel, "
+                "Lightning's FSDPStrategy), which is not supported: each rank holds flat 1-D shards of "
+                "the parameters, not the matrices this optimizer steps. Use FSDP2 (torch's fully_shard, "
+                "Lightning's ModelParallelStrategy), DDP, or deepspeed_ext's DeepSpeed ZeRO."
+            )
         first = seen.setdefault(id(p), j)
         if first != j:
             raise ValueError(

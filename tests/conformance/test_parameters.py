@@ -181,6 +181,22 @@ def test_adamw_complex_sharded_over_two_ranks_equals_torch_adamw(grad_reduction:
             torch.testing.assert_close(o, r, rtol=1e-12, atol=1e-12)
 
 
+# ---------------------------------------------------------------------------------------- FSDP1
+@pytest.mark.parametrize("spec", SPECS)
+def test_fsdp1_parameters_are_refused_naming_fsdp1(spec: OptimizerSpec) -> None:
+    """FSDP1 (Lightning's FSDPStrategy) hands each rank flat 1-D shards: the construction check refused
+    them as "ranks disagree on parameter shapes", then as "gradients differ ... use DDP or 'mean'", whose
+    advice led to a third wrong message. Its parameters carry torch's FSDP1 marker; the refusal names it.
+    (Checked with real FSDP1 ranks on CPU by the hunt; torch 2.13's FSDP1 needs an accelerator, so here
+    the marker is set by torch's own function.)"""
+    from torch.distributed.fsdp._common_utils import _set_fsdp_flattened
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    _set_fsdp_flattened(model[0].weight)
+    with pytest.raises(ValueError, match=r"parameter '0.weight' belongs to an FSDP1 module"):
+        spec.build(model, **spec.test_kwargs)
+
+
 # ---------------------------------------------------------------------------------------- sparse, meta
 @pytest.mark.parametrize("spec", SPECS)
 def test_sparse_gradient_is_refused_before_anything_changes(spec: OptimizerSpec) -> None:
