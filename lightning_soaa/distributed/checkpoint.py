@@ -103,6 +103,30 @@ class CheckpointView:
     validate_global: Callable[[dict[str, Any]], None] = lambda state: None
 
 
+#: what a load keeps of the current groups: their tensors, and the block size the table was built with (a
+#: state saved with other blocks is re-cut to it)
+_KEPT_ON_LOAD = ("params", "param_names", "max_block_numel")
+
+
+def loaded_groups(current: list[dict[str, Any]], saved: list[dict[str, Any]],
+                  validate: Callable[[dict[str, Any]], None]) -> list[dict[str, Any]]:
+    """The groups a load gives: each current group with the saved hyperparameters (``betas`` as a tuple),
+    each checked by ``validate`` before anything changes. Apply them with :func:`commit_groups`."""
+    out = []
+    for group, old in zip(current, saved):
+        g = dict(group)
+        g.update({k: (tuple(v) if k == "betas" else v) for k, v in old.items() if k not in _KEPT_ON_LOAD})
+        validate(g)
+        out.append(g)
+    return out
+
+
+def commit_groups(current: list[dict[str, Any]], new: list[dict[str, Any]]) -> None:
+    """Write :func:`loaded_groups`' values into the optimizer's own group dicts (their tensor lists stay)."""
+    for group, g in zip(current, new):
+        group.update({k: v for k, v in g.items() if k not in ("params", "param_names")})
+
+
 def _shapes(opt: CheckpointView) -> list[list[int]]:
     return [list(s) for s in opt.shapes]
 

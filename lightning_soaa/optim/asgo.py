@@ -818,10 +818,9 @@ class ASGO(_OneSided):
         if not candidates:
             return []
         # One host sync for all blocks instead of one per block: is each root finite, is each V nonzero
-        flags = torch.stack([torch.stack([torch.isfinite(p).all(), v.state[GRAM].any()])
-                             for v, p in candidates]).tolist()
-        finite = [f for f, _ in flags]
-        uninformed = [v for (v, _), (f, nonzero) in zip(candidates, flags) if f and not nonzero]
+        finite, nonzero = torch.stack([torch.stack([torch.isfinite(p).all() for _, p in candidates]),
+                                       torch.stack([v.state[GRAM].any() for v, _ in candidates])]).tolist()
+        uninformed = [v for (v, _), f, nz in zip(candidates, finite, nonzero) if f and not nz]
         for (v, p_new), ok in zip(candidates, finite):
             st = v.state
             if ok:

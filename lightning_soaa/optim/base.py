@@ -86,6 +86,8 @@ from lightning_soaa.distributed.checkpoint import (
     CheckpointView,
     StateField,
     build_state_dict,
+    commit_groups,
+    loaded_groups,
     select_owned_state,
     validate_state_dict,
 )
@@ -1187,19 +1189,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         view = self._checkpoint_view()
         state_dict = fit_layout(view, state_dict)  # saved with other row blocks: re-cut (a new dict)
         validate_state_dict(view, state_dict)
-        new_groups = []
-        for group, saved in zip(self.param_groups, state_dict["param_groups"]):
-            g = dict(group)
-            for k, v in saved.items():
-                # the blocking is this optimizer's own (its table is built): a state saved with other
-                # blocks was re-cut to it above, and keeps this optimizer's option
-                if k not in ("params", "param_names", "max_block_numel"):
-                    g[k] = tuple(v) if k == "betas" else v
-            self._validate_group(g)
-            new_groups.append(g)
+        new_groups = loaded_groups(self.param_groups, state_dict["param_groups"], self._validate_group)
         self._restore_owned_state(state_dict)
-        for group, g in zip(self.param_groups, new_groups):
-            group.update({k: v for k, v in g.items() if k not in ("params", "param_names")})
+        commit_groups(self.param_groups, new_groups)
         self._replicas_unchecked = True  # the model is often loaded with it: compare at the next step
 
     def _restore_owned_state(self, state_dict: dict[str, Any]) -> None:

@@ -49,7 +49,13 @@ import torch
 from torch import Tensor
 
 from lightning_soaa.distributed.blocks import BlockInfo
-from lightning_soaa.distributed.checkpoint import FORMAT_KEY, build_state_dict, validate_state_dict
+from lightning_soaa.distributed.checkpoint import (
+    FORMAT_KEY,
+    build_state_dict,
+    commit_groups,
+    loaded_groups,
+    validate_state_dict,
+)
 from lightning_soaa.distributed.dtensor import _contiguous_stride, is_dtensor, local
 
 if TYPE_CHECKING:
@@ -261,14 +267,7 @@ def load_dcp_state_dict(opt: ShardedOptimizer, sd: dict[str, Any]) -> None:
                          f"metadata ({e}).") from e
     validate_state_dict(opt._checkpoint_view(), {"state": {}, "param_groups": groups, FORMAT_KEY: meta})
     blocks = _loaded_blocks(opt, sd)
-    new_groups = []
-    for group, saved in zip(opt.param_groups, groups):
-        g = dict(group)
-        # the blocking is this optimizer's own, as in ShardedOptimizer.load_state_dict
-        g.update({k: (tuple(v) if k == "betas" else v) for k, v in saved.items()
-                  if k not in ("params", "param_names", "max_block_numel")})
-        opt._validate_group(g)
-        new_groups.append(g)
+    new_groups = loaded_groups(opt.param_groups, groups, opt._validate_group)
     opt.state.clear()
     for b in opt._owned:
         vals = blocks.get(b.key)
@@ -280,8 +279,7 @@ def load_dcp_state_dict(opt: ShardedOptimizer, sd: dict[str, Any]) -> None:
         else:
             st[b.sub_index] = vals
     hold_state_entries(opt)
-    for group, g in zip(opt.param_groups, new_groups):
-        group.update({k: v for k, v in g.items() if k not in ("params", "param_names")})
+    commit_groups(opt.param_groups, new_groups)
     glob = dict(meta["global"])
     opt.num_steps = int(glob.pop("num_steps", 0))
     opt.skipped_steps = int(glob.pop("skipped_steps", 0))

@@ -221,6 +221,27 @@ def test_a_block_layout_option_written_after_construction_is_refused(spec: Optim
     assert opt.num_steps == 2
 
 
+# ---------------------------------------------------------------------------------------- replaced groups
+@each_optimizer
+def test_groups_whose_tensors_a_wrapper_replaced_are_refused(spec: OptimizerSpec) -> None:
+    """A wrapper that puts its own tensors into the groups (DeepSpeed's ZeRO optimizer, handed the
+    optimizer object; tested with the real DeepSpeed in tests/deepspeed/test_config.py) left the optimizer
+    stepping tensors nothing reads: the model never changed, silently. Refused, nothing changed."""
+    model, opt = make(spec)
+    step(spec, model, opt, 0)
+    original = opt.param_groups[0]["params"]
+    opt.param_groups[0]["params"] = [p.detach().clone().requires_grad_() for p in original]
+    sd, w = copy.deepcopy(opt.state_dict()), params(model)
+    with pytest.raises(ValueError, match=re.escape("param_groups[0]['params'] is no longer the list of tensors")):
+        step(spec, model, opt, 1)
+    assert_identical(params(model), w, "params")
+    assert_identical(opt.state_dict()["state"], sd["state"])
+    assert opt.num_steps == 1
+    opt.param_groups[0]["params"] = original  # put back: steps again
+    step(spec, model, opt, 1)
+    assert opt.num_steps == 2
+
+
 # ---------------------------------------------------------------------------------------- zero gradients
 #: the zero-gradient step's dtypes, with the tolerance of "scaled by one factor" in each
 _ZERO_GRAD_DTYPES = {torch.float64: (1e-12, 1e-14), torch.float32: (1e-6, 1e-7), torch.bfloat16: (1e-2, 1e-2)}
