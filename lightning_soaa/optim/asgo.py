@@ -50,6 +50,7 @@ from lightning_soaa.functional.linalg import (
 )
 from lightning_soaa.optim.adamw import adam_state_schema
 from lightning_soaa.optim.base import BlockView, ShardedOptimizer
+from lightning_soaa.optim.stat_guard import GuardedBlock, StatisticGuard
 
 __all__ = ["ASGO", "DASGO", "asgo_param_groups", "asgo_block_specs", "asgo_block_cost", "asgo_root_cost"]
 
@@ -247,7 +248,7 @@ class _OneSided(ShardedOptimizer):
     # the routing (use_asgo) and the matrices' blocks are fixed when the table is built
     layout_keys = ("max_block_size", "use_asgo")
     #: rebuilt on first use (see _split_layout, _routes, _numerators)
-    _transient = ("_split_layout_cache", "_routes_cache", "_numerators_cache")
+    _transient = ("_split_layout_cache", "_routes_cache", "_numerators_cache", "_guard", "_guard_limit")
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         config_from_group(self._config_cls, group)
@@ -310,7 +311,53 @@ class _OneSided(ShardedOptimizer):
         return routes
 
     # ------------------------------------------------------------------ the step
+    def _statistic_guard(self) -> StatisticGuard:
+        guard = self.__dict__.get("_guard")
+        if guard is None:  # built, copied or unpickled: the bound is unknown until the next exact check
+            guard = self._guard = StatisticGuard()
+        return guard
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._statistic_guard().reset()
+
+    def _statistic_overflows(self, views: list[BlockView], grad_sq: float) -> bool:
+        """See :mod:`lightning_soaa.optim.stat_guard`: a step whose finite gradients would take a Gram
+        (or DASGO's column statistic) past its dtype's range is skipped on every rank."""
+        routes = self._routes()
+        mat = [v for v in views if routes[v.block.block_id] is not None]
+        betas2 = [float(g["betas"][1]) for g in self.param_groups] if mat else []
+        mesh = self.comm.world_size if self._dtensor is not None else 1
+        return self._statistic_guard().overflows(
+            grad_sq, betas2, mesh, self._statistic_limit(), all(v.grad is not None for v in mat),
+            lambda: [self._guarded_block(v, routes[v.block.block_id]) for v in mat])  # type: ignore[arg-type]
+
+    def _statistic_limit(self) -> float:
+        """The largest finite number of the narrowest statistic dtype of the matrix blocks (per table)."""
+        cached = self.__dict__.get("_guard_limit")
+        if cached is not None and cached[0] is self.block_table:
+            return float(cached[1])
+        routes = self._routes()
+        limits = [torch.finfo(self._state_dtype(self._params[b.param_index])).max
+                  for b in self.block_table.blocks if routes[b.block_id] is not None]
+        limit = min(limits, default=torch.finfo(torch.float64).max)
+        self._guard_limit = (self.block_table, limit)
+        return limit
+
+    def _guarded_block(self, v: BlockView, side: str) -> GuardedBlock:
+        grad = None if v.grad is None else _matrix_grad(v.grad, self._state_dtype(v.param))
+        dim, diagonal = self._statistic_diagonal(v, side)
+        label = f"block {v.block.sub_index} of parameter {v.name if v.name is not None else v.block.param_index}"
+        return GuardedBlock(grad, dim, diagonal, float(v.group["betas"][1]),
+                            self.comm.world_size if self._row_sharded(v) else 1, label)
+
+    def _statistic_diagonal(self, v: BlockView, side: str) -> tuple[int, Tensor | None]:
+        """The gradient dimension whose squared sums feed the statistic's diagonal, and that diagonal
+        (None before the block's first step)."""
+        raise NotImplementedError
+
     def _apply(self, views: list[BlockView], decision: Any) -> None:
+        self._statistic_guard().commit()
         routes = self._routes()
         adam: list[BlockView] = []
         matrix: list[BlockView] = []
@@ -659,7 +706,9 @@ class ASGO(_OneSided):
         non-finite result instead of the identity; reshaping N-D kernels to ``out x rest``; cutting
         large matrices into blocks along the preconditioned side with per-block RMS normalisation;
         the cost model used to assign blocks to ranks; ``root_every="auto"`` (recompute on a relative
-        change of V, counted in ``statistics()["asgo_roots_computed"]``).
+        change of V, counted in ``statistics()["asgo_roots_computed"]``); skipping, on every rank, a
+        step whose finite gradients would take :math:`V` past its dtype's range (float32 rows of
+        ~1e19; :mod:`lightning_soaa.optim.stat_guard`), as a non-finite gradient is skipped.
     """
 
     _config_cls = ASGOConfig
@@ -721,6 +770,11 @@ class ASGO(_OneSided):
         every = 1 if group["root_every"] == "auto" else int(group["root_every"])  # "auto": the worst case
         return asgo_block_specs(param.shape, int(group["max_block_size"]), self._root_iters(group), every,
                                 side=self._fsdp_side(param, group, name), root_method=method)
+
+    def _statistic_diagonal(self, v: BlockView, side: str) -> tuple[int, Tensor | None]:
+        gram = v.state.get(GRAM)
+        # left: V = G G^T, its diagonal the squared row norms; right: G^T G, the column norms
+        return (1 if side == asgo_math.LEFT else 0), (None if gram is None else torch.diagonal(gram))
 
     def _init_matrix_state(self, v: BlockView, side: str) -> None:
         sdt = self._state_dtype(v.param)
@@ -1006,6 +1060,9 @@ class DASGO(_OneSided):
         if not self.is_matrix_param(param, group, name) or is_dtensor(param):
             return super()._block_specs(param, group, name)  # AdamW: row blocks; an FSDP2 shard: whole
         return dasgo_block_specs(param.shape, group.get("max_block_numel", self.default_max_block_numel))
+
+    def _statistic_diagonal(self, v: BlockView, side: str) -> tuple[int, Tensor | None]:
+        return 0, v.state.get(COL_STAT)  # the column sums of G^2 (a vector of diagonal entries)
 
     def _init_matrix_state(self, v: BlockView, side: str) -> None:
         sdt = self._state_dtype(v.param)

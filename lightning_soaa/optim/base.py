@@ -794,6 +794,13 @@ class ShardedOptimizer(torch.optim.Optimizer):
         multiplier); the step is then skipped on every rank instead of writing NaN to the parameters."""
         return False
 
+    def _statistic_overflows(self, views: list[BlockView], grad_sq: float) -> bool:
+        """True when finite gradients would drive a statistic this rank's update keeps past its dtype's
+        range (ASGO's Gram); the step is then skipped on every rank like a non-finite one. ``grad_sq``:
+        Σ‖g‖² of :meth:`_scanned_grads` (at least the owned gradients unless the partials cover them),
+        finite, on the host."""
+        return False
+
     def _compares_grads(self) -> bool:
         """Gradients must be equal on every rank when each block is updated with its owner's gradient
         (``grad_reduction="none"``, sharded, W > 1): DDP (or the user) must have averaged them. Under
@@ -970,7 +977,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
             # finite gradients whose float32 norm overflows (|g| > 3.4e38, e.g. ten entries of 1e19) are
             # not skipped: only then are the norms taken again, accumulated in float64 (10x slower)
             grad_sq = agreement.grad_sq_exact(self._scanned_grads(views))
-        bad = error is None and (vals[0] > 0 or not math.isfinite(grad_sq) or self._local_nonfinite(vals[1:]))
+        bad = error is None and (vals[0] > 0 or not math.isfinite(grad_sq) or self._local_nonfinite(vals[1:])
+                                 or self._statistic_overflows(views, grad_sq))
         vals[0] = 1.0 if bad else 0.0
         if isinstance(self.comm, LocalComm):  # one process: nothing to agree on, nothing to reduce
             if error is not None:

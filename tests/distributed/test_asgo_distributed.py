@@ -5,7 +5,8 @@ gradients and checkpoints across world sizes are checked for every optimizer in
 tests/conformance/test_ranks.py (ASGO's registry test_kwargs cut the tiny MLP into 8 blocks). Here: one
 W = 3 launch checks the collectives of a step (the base's flag all-reduce, the parameter all-gather, and
 with grad_reduction="mean" one reduce-scatter: no extra communication for the matrix methods), the block
-split across ranks, and that no root fell back.
+split across ranks, that no root fell back, and that a step whose gradients would overflow a statistic on
+its owner is skipped on every rank.
 """
 
 from __future__ import annotations
@@ -57,7 +58,25 @@ def _worker(rank: int, world_size: int) -> dict[str, Any]:
         out[kind] = {"params": [p.detach().clone() for p in model.parameters()],
                      "owned": len(opt.block_table.owned()), "calls": dict(opt.comm.step_stats.calls),
                      "stats": opt.statistics()}
+        out[f"{kind}_spike"] = _spiked_run(kind, rank)
     return out
+
+
+def _spiked_run(kind: str, rank: int | None) -> dict[str, Any]:
+    """float32, 3 steps; at the second, the last rank's gradient of the first weight has a row of 1e20
+    (finite; its squares are not): the Gram / column statistic would overflow, so every rank skips that
+    step, also the ranks that do not own the block. ``rank=None``: one process without the spike."""
+    model = tiny_mlp(sizes=SIZES, dtype=torch.float32)
+    extra: dict[str, Any] = {} if rank is None else {"grad_reduction": "mean"}
+    opt = (ASGO if kind == "asgo" else DASGO)(model.named_parameters(), lr=2e-2, **extra)
+    shape = dict(dtype=torch.float32)
+    for t in ((0, 2) if rank is None else (0, 1, 2)):
+        opt.zero_grad()
+        loss_fn(model, *(global_batch(t, WORLD, **shape) if rank is None else batch(t, rank, **shape))).backward()
+        if t == 1 and rank == WORLD - 1:
+            model[0].weight.grad[2].fill_(1e20)
+        opt.step()
+    return {"params": [p.detach().clone() for p in model.parameters()], "skipped": opt.skipped_steps}
 
 
 def _single(kind: str) -> list[torch.Tensor]:
@@ -77,6 +96,12 @@ def test_collectives_blocks_and_roots_at_three_ranks(tmp_path: Path) -> None:
             for a, b in zip(res[kind]["params"], expected):  # float64: only the gradient sums' order differs
                 torch.testing.assert_close(a, b, atol=1e-13, rtol=0, msg=lambda m, k=kind, r=r: f"{k} rank {r}: {m}")
             assert res[kind]["calls"] == {"reduce_scatter": 1, "all_reduce": 1, "all_gather": 1}
+        spiked = _spiked_run(kind, None)["params"]
+        for r, res in enumerate(results):
+            assert res[f"{kind}_spike"]["skipped"] == 1, (kind, r)
+            for a, b in zip(res[f"{kind}_spike"]["params"], spiked):
+                torch.testing.assert_close(a, b, atol=2e-5, rtol=0,  # float32 sums in another order
+                                           msg=lambda m, k=kind, r=r: f"{k} spike, rank {r}: {m}")
     assert sum(res["asgo"]["owned"] for res in results) == 8  # split blocks: 2 + 1 + 2 + 1 + 1 + 1
     assert sum(res["asgo"]["stats"]["asgo_root_fallbacks"] for res in results) == 0.0
     # The cost model (by the resolved root method) gives every rank the same owners and costs, the ones

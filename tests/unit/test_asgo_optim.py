@@ -495,3 +495,46 @@ def test_float32_update_has_its_rms_at_any_gradient_scale(case, scale):
         assert rms in (0.0, pytest.approx(0.2, rel=1e-3))
     else:
         assert rms == pytest.approx(0.2, rel=1e-3), rms
+
+
+_OVERFLOW_CASES = {"asgo": lambda ps: ASGO(ps, lr=0.05), "asgo_eigh": lambda ps: ASGO(ps, lr=0.05, inverse_root="eigh"),
+                   "dasgo": lambda ps: DASGO(ps, lr=0.05)}
+
+
+@pytest.mark.parametrize("case", sorted(_OVERFLOW_CASES))
+@pytest.mark.parametrize("spread", ["row", "entry"])
+def test_finite_gradients_that_would_overflow_a_statistic_are_skipped(case, spread, caplog):
+    """One step of finite float32 gradients whose squared row norms exceed float32 (a row of 1e20) made
+    ASGO's Gram inf for good: its roots were non-finite at every later step (the pre-spike root was kept,
+    with a warning each step) and DASGO's columns got zero updates, silently. Such a step is skipped on
+    every rank like a non-finite one: nothing changes, and the run goes on as if it had not happened."""
+    def run(spike: bool) -> tuple[nn.Module, object]:
+        model = tiny_mlp(0, torch.float32)
+        opt = _OVERFLOW_CASES[case](model.named_parameters())
+        for t in range(4):
+            if spike and t == 2:
+                model.zero_grad()
+                loss_fn(model, *batch(t, 0, dtype=torch.float32)).backward()
+                grad = model[0].weight.grad  # 8 x 6: right side, its Gram's diagonal holds column norms
+                if spread == "row":
+                    grad[3].fill_(1e20)  # finite; each square (1e40) is not
+                else:
+                    grad[5, 2] = 1e20
+                before = [p.detach().clone() for p in model.parameters()]
+                opt.step()
+                assert opt.skipped_steps == 1
+                assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+            model.zero_grad()
+            loss_fn(model, *batch(t, 0, dtype=torch.float32)).backward()
+            opt.step()
+        return model, opt
+
+    with caplog.at_level("WARNING"):
+        spiked, opt = run(True)
+    plain, ref = run(False)
+    # 4 steps taken by each; the spike changed nothing
+    assert opt.num_steps == 4 and ref.num_steps == 4
+    for a, b in zip(spiked.parameters(), plain.parameters()):
+        assert torch.equal(a, b)
+    assert "exceed the statistic's range" in caplog.text and "non-finite" not in caplog.text.replace(
+        "non-finite gradient or statistic", "")

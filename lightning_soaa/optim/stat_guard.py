@@ -1,0 +1,115 @@
+"""Guard of ASGO's and DASGO's running statistics against overflow from finite gradients.
+
+ASGO's Gram ``V <- beta2 V + (1 - beta2) G G^T`` and DASGO's column statistic grow with the squared row
+(or column) norms of the gradient. Finite float32 gradients above ~1e19 take them past the dtype's range:
+an inf Gram has a non-finite root at every later step (ASGO kept its pre-spike root for good and warned at
+every step), and DASGO's columns with an inf statistic got zero updates, silently. A step whose update
+would overflow a statistic is therefore skipped on every rank, like a non-finite gradient (the caller feeds
+:meth:`StatisticGuard.overflows` into the step's non-finite flag), and nothing changes.
+
+Cheap on the common path: every entry of a statistic is at most its largest diagonal entry (``V`` is
+positive semi-definite; DASGO's is a vector of diagonal entries), and a diagonal entry after the update
+is a convex combination of its old value and the squared norm of one gradient row, at most
+``W * sum ||g||^2`` (``W``: the mesh size when a block's statistic is a sum over FSDP2 row shards, else 1).
+A host-side bound ``B`` of the largest diagonal entry, carried from step to step, decides most steps with
+one multiply-add; only a bound within a factor 2 of the dtype's largest number costs the exact check (per
+block, in float64, one host read), which also resets ``B`` to the exact value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["GuardedBlock", "StatisticGuard"]
+
+log = logging.getLogger(__name__)
+
+#: the fast check passes while the bound stays below this fraction of the dtype's largest number: room
+#: for the float32 rounding of the sums the bound is compared with (relative ~1e-4 at most)
+FAST_MARGIN = 0.5
+#: the exact check's margin: its float64 values are exact, the update's float32 sums round
+EXACT_MARGIN = 0.99
+
+
+@dataclasses.dataclass(frozen=True)
+class GuardedBlock:
+    """One owned block's part of the exact check: its gradient in matrix form (the statistic's dtype; None
+    when it has none this step: its statistic stays), the dimension summed to form its squared norms, the
+    current diagonal of its statistic (None before its first step), ``beta2``, the mesh factor, and a
+    label for the log."""
+
+    grad: Tensor | None
+    dim: int
+    diagonal: Tensor | None
+    beta2: float
+    mesh: int
+    label: str
+
+
+class StatisticGuard:
+    """The host bound ``B`` and the exact check. ``B is None`` means unknown (construction, a loaded or
+    copied state): the next step runs the exact check."""
+
+    def __init__(self) -> None:
+        self.bound: float | None = None
+        self._pending: float | None = None
+
+    def reset(self) -> None:
+        """The statistics were replaced (``load_state_dict``): the bound is unknown."""
+        self.bound = self._pending = None
+
+    def commit(self) -> None:
+        """The step was applied: the bound computed for it holds now (a skipped step changes nothing)."""
+        self.bound, self._pending = self._pending, None
+
+    def overflows(self, grad_sq: float, betas2: Sequence[float], mesh: int, limit: float, all_stepped: bool,
+                  blocks: Callable[[], list[GuardedBlock]]) -> bool:
+        """Whether this step's update would take a statistic past ``limit`` (the smallest largest-finite
+        number of the statistics' dtypes). ``grad_sq``: ``sum ||g||^2`` over (at least) the owned
+        gradients; ``betas2``: every group's ``beta2``; ``all_stepped``: every owned matrix block has a
+        gradient this step (else the blocks without one keep their entries, and the bound cannot decay);
+        ``blocks``: built only for the exact check."""
+        if not betas2:
+            self._pending = self.bound
+            return False
+        rise = (1.0 - min(betas2)) * mesh * grad_sq
+        if self.bound is not None:
+            kept = max(betas2) * self.bound if all_stepped else self.bound
+            new = kept + rise
+            if new <= FAST_MARGIN * limit:
+                self._pending = new
+                return False
+        return self._exact(blocks(), limit)
+
+    def _exact(self, blocks: list[GuardedBlock], limit: float) -> bool:
+        if not blocks:
+            self._pending = self.bound
+            return False
+        rows: list[Tensor] = []
+        for b in blocks:
+            old = None if b.diagonal is None else b.diagonal.to(torch.float64)
+            if b.grad is None:  # no update: the statistic stays as it is
+                rows.append(torch.zeros(2, dtype=torch.float64) if old is None or not old.numel()
+                            else torch.stack([old.new_zeros(()), old.max()]))
+                continue
+            # the update's own float32 sums are unscaled (GEMM accumulates G G^T, then multiplies by
+            # 1 - beta2), so the squared norms themselves must fit as well as the new diagonal
+            sq = b.grad.to(torch.float64).square().sum(b.dim) * b.mesh
+            new = sq * (1.0 - b.beta2) if old is None else sq * (1.0 - b.beta2) + b.beta2 * old
+            rows.append(torch.stack([sq.max(), new.max()]) if sq.numel() else torch.zeros(2, dtype=torch.float64))
+        values = torch.stack([r.cpu() for r in rows]).tolist()  # the rare path: a read per device is fine
+        over = [b.label for b, (sq_max, new_max) in zip(blocks, values)
+                if not sq_max <= EXACT_MARGIN * limit or not new_max <= EXACT_MARGIN * limit]
+        if over:
+            log.warning("the squared gradient norms of %s exceed the statistic's range (%.3g): finite "
+                        "gradients too large for it (clip them, or keep the state in float64)",
+                        ", ".join(over), limit)
+            return True
+        top = max(new_max for _, new_max in values)
+        self._pending = max(top, 0.0)
+        return False
