@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -34,12 +35,13 @@ from lightning_soaa.optim.base import BlockView, ShardedOptimizer, SkipStep, Ste
 from lightning_soaa.optim.egn_capture import (
     LinearCapture,
     checked_explicit_rows,
-    jvp_outputs,
     plan_curvature,
 )
 from lightning_soaa.optim.egn_chain import ChainCapture, grad_off, plan_chain
+from lightning_soaa.optim.egn_rng import StepRng
 from lightning_soaa.optim.egn_trace import plan_trace
 from lightning_soaa.optim.param_checks import check_step
+from lightning_soaa.optim.step_context import caller_autocast, full_precision
 
 __all__ = ["EGN", "MISSING_BATCH_MESSAGE"]
 
@@ -141,6 +143,24 @@ def _fingerprint(active: tuple[bool, ...]) -> float:
     return float(hash(active) & ((1 << 52) - 1))
 
 
+def _buffer_layout(buffers: list[tuple[str, Tensor]]) -> list[float]:
+    """[count, numel, crc32 of the names, shapes and dtypes] of floating-point buffers: equal on ranks that
+    hold the same model (crc32, not ``hash``: Python salts string hashes per process)."""
+    key = ";".join(f"{n}:{tuple(b.shape)}:{b.dtype}" for n, b in buffers)
+    return [float(len(buffers)), float(sum(t.numel() for _, t in buffers)), float(zlib.crc32(key.encode()))]
+
+
+#: the agreement table (:meth:`EGN._agreement_table`): per rank [error, b_r, c, trainable fingerprint, kind,
+#: buffer count, buffer numel, buffer layout crc], then T per Linear site from this offset on
+_ROW_HEAD = 8
+#: the kind of agreement a rank's row belongs to: the buffer agreement before the capture forward (W > 1,
+#: floating buffers only) or the batch agreement after it. Both tables have the same size, so a rank that
+#: makes one while another makes the other meets it in the same all-reduce, and both raise.
+_BATCH_KIND, _BUFFER_KIND = 0.0, 1.0
+_KIND_MESSAGE = ("EGN: the ranks disagree on whether the model has floating-point buffers (e.g. BatchNorm "
+                 "running statistics); every rank must hold the same model.")
+
+
 @dataclasses.dataclass
 class _Batch:
     """This rank's batch after the validation all-reduce: every rank agrees on sizes and shapes."""
@@ -224,6 +244,7 @@ class _Pass:
     trial_rejected: bool = False  # the loss after the step was non-finite
     error: Exception | None = None  # raised on this rank before the step; every rank raises with it
     use_chain: bool | None = None  # whether the step's forwards go through the planned chain (once known)
+    rng: StepRng | None = None  # the random draw every forward of the step repeats (not for a planned chain)
 
 
 class EGN(ShardedOptimizer):
@@ -249,7 +270,8 @@ class EGN(ShardedOptimizer):
         \end{aligned}
 
     Without momentum g^\top d = -r^\top K v / b and Jd = Kv, so the line search and ρ need no extra
-    parameter-space pass; with momentum g^\top d is an explicit dot product and Jd a forward-mode JVP.
+    parameter-space pass; with momentum g^\top d is an explicit dot product and Jd is read from the
+    captured Gram factors and explicit rows (the adjoint of d = J^\top v; no forward-mode pass).
 
     **Calling it.** ``opt.step(inputs=x, targets=y)``: EGN runs the model itself. ``step(closure)``
     works when the closure returns ``(inputs, targets)``; a closure together with ``inputs=``/``targets=``
@@ -259,7 +281,9 @@ class EGN(ShardedOptimizer):
 
     **Mode.** The whole step (Jacobians, Gram factors, line-search and ρ forwards) runs with every
     submodule in eval mode — BatchNorm uses its running statistics and dropout is off — so the
-    function whose Gauss-Newton model is built is deterministic and per-sample; each submodule's own
+    function whose Gauss-Newton model is built is deterministic and per-sample (random numbers the forward
+    draws itself, e.g. ``F.dropout(h, p)`` or noise injection, are drawn once per step: every later forward
+    of the step repeats the capture forward's draw, :mod:`~lightning_soaa.optim.egn_rng`); each submodule's own
     mode is restored afterwards and BatchNorm running statistics are not updated by ``step``. The model
     must be per-sample in eval mode (sample i's outputs depend on sample i alone: no statistics of the
     batch, no attention across it): the Gram factors and back-signals are per sample. The general capture
@@ -281,6 +305,9 @@ class EGN(ShardedOptimizer):
     (:meth:`_exchange_in` → :meth:`_prepare` → the template's one all-reduce → :meth:`_decide` →
     :meth:`_apply` → :meth:`_exchange_out`):
 
+    0. Only for a model with floating-point buffers (BatchNorm running statistics, which each DDP rank
+       updates from its own samples): ``all_reduce_scalars`` of the buffer layouts, then ``all_reduce_`` of
+       rank 0's buffer values (``_take_rank0_buffers``): every rank's eval-mode pass runs on rank 0's buffers.
     1. ``all_reduce_scalars`` (``_agree_on_batch``): validity flags, local batch sizes, layer layouts and
        the local loss sum.
     2. ``all_gather_flat`` (``_gather_factors``) of one padded float64 buffer per rank (the factor table
@@ -409,6 +436,7 @@ class EGN(ShardedOptimizer):
                          comm=comm, shard=shard, grad_reduction="none")
         self._named = named  # EGN's parameters (the base's, in its order); fixed at construction
         self._index = {n: i for i, (n, _) in enumerate(named)}
+        self._param_devices: set[torch.device] | None = None  # see _devices
         # the parameters frozen when EGN was built: EGN has no shard or state for them (_follow_freezing)
         self._frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
         #: requires_grad of each of EGN's parameters as last planned: the trained ones are those still
@@ -437,6 +465,10 @@ class EGN(ShardedOptimizer):
         # per site its trained (weight, bias) tensors, read once: Module.__getattr__ costs per lookup
         self._site_params = [(s.module.weight if s.weight else None, s.module.bias if s.bias else None)
                              for s in self._sites]
+        # and their positions among EGN's parameters (positions, not ids: they survive copies and pickles)
+        index_of = {id(p): i for i, (_, p) in enumerate(self._named)}
+        self._site_index = [(None if w is None else index_of[id(w)], None if b is None else index_of[id(b)])
+                            for w, b in self._site_params]
         # a plain MLP (Sequential of Linear and activations): its capture needs no autograd (egn_chain)
         self._chain = plan_chain(model, self._sites, self._explicit)
         # any other model whose forward may be such a chain: checked at every step (egn_trace)
@@ -522,22 +554,28 @@ class EGN(ShardedOptimizer):
         self._pending_batch = (inputs, targets)
 
     @torch._disable_dynamo  # eager under torch.compile (see ShardedOptimizer.step)
+    @full_precision  # inside an autocast region too (optim/step_context.py)
     def step(self, closure: Callable[[], Any] | None = None, *, inputs: Any = None,
              targets: Tensor | None = None) -> Any:
         """One EGN step on the batch ``(inputs, targets)``; collective when W > 1.
 
         Returns the closure's value when a closure was given, else the global mean loss L_b(w) before
-        the step (a 0-d tensor).
+        the step (a 0-d tensor). Under ``torch.inference_mode()`` the step runs with it disabled: the
+        capture differentiates the model.
         """
+        if torch.is_inference_mode_enabled():
+            with torch.inference_mode(False):
+                return self.step(closure, inputs=inputs, targets=targets)
         pending, self._pending_batch = self._pending_batch, None  # a batch belongs to one step
         self._join_before_step()  # built before the process group existed: join it now (collective)
-        check_step(self, self._params, self._names, gradients=False)  # meta parameters; .grad is unused
         closure_value = None
         xs: tuple[Tensor, ...] = ()
         error: Exception | None = None
         try:  # an error on one rank is reported through the first all-reduce and raised on every rank
+            # meta or changed parameters (.grad is unused), before the closure runs the model on them
+            check_step(self, self._params, self._names, gradients=False, built=self.__dict__.get("_built"))
             if closure is not None:
-                with torch.enable_grad():
+                with torch.enable_grad(), caller_autocast(self):
                     closure_value = closure()
             if inputs is None and targets is None:
                 if pending is not None:  # set_batch() wins; a closure then only supplies the returned loss
@@ -563,6 +601,8 @@ class EGN(ShardedOptimizer):
             self._sharded_step()  # the base's template, through the hooks below
             f0 = self._pass.f0
         finally:
+            if self._pass.rng is not None:  # the generators as if the model had been run once
+                self._pass.rng.finish()
             self._pass = None
             for m, mode in modes:
                 # the attribute itself (what Module.__setattr__ ends in for it), without that method's
@@ -625,6 +665,8 @@ class EGN(ShardedOptimizer):
 
     def _curvature_pass(self, ps: _Pass) -> str | None:
         """:meth:`_exchange_in`'s work: the batch, its Gram factors, the solve and Jᵀv at the owners."""
+        if self.comm.world_size > 1:
+            self._take_rank0_buffers()  # collectives (floating buffers only): all_reduce_scalars, all_reduce
         batch = ps.batch = self._agree_on_batch(ps.xs, ps.targets)  # collective: all_reduce_scalars
         if batch.nonfinite:
             return "non-finite model outputs or loss"
@@ -768,19 +810,27 @@ class EGN(ShardedOptimizer):
                                 "batch dimension (dim 0).")
         cap: LinearCapture | ChainCapture | None = None
         try:
-            if self._chain is not None and self._use_chain(xs):
+            if self._chain is not None and self._use_chain(xs):  # no random draws: modules known, eval mode
                 cap = ChainCapture(self._chain, xs[0])
                 z = cap.z
-            elif self._trace is not None:
-                cap, z, why = self._trace.capture(xs)
-                if cap is None:  # the forward is not a chain: the general capture, now and from now on
-                    log.info("EGN: the model's forward is not a chain of its Linear layers and activations "
-                             "(%s); the general capture is used from now on.", why)
-                    self._trace = None
-            if cap is None:
-                cap = LinearCapture(self._sites, b)
-                with torch.enable_grad(), cap:
-                    z = self.model(*xs)
+            else:
+                # the user's forward may draw random numbers (F.dropout, noise): each later forward of
+                # this step repeats this one's draw (egn_rng)
+                rng = self._current().rng = StepRng(self._devices() | {x.device for x in xs})
+                # data made under inference mode cannot be saved for the capture's backward: a normal copy
+                xs = tuple(x.clone() if x.is_inference() else x for x in xs)
+                if self._trace is not None:
+                    cap, z, why = self._trace.capture(xs)
+                    if cap is None:  # the forward is not a chain: the general capture, now and from now on
+                        log.info("EGN: the model's forward is not a chain of its Linear layers and activations "
+                                 "(%s); the general capture is used from now on.", why)
+                        self._trace = None
+                        rng.rewind()
+                if cap is None:
+                    cap = LinearCapture(self._sites, b)
+                    with torch.enable_grad(), cap:
+                        z = self.model(*xs)
+                rng.mark()
         except Exception as exc:  # noqa: BLE001 - reported on every rank, never a hang
             return None, None, f"EGN: the model's forward failed: {type(exc).__name__}: {exc}"
         if cap.error is not None:
@@ -798,6 +848,14 @@ class EGN(ShardedOptimizer):
             if cap.error is not None:
                 return None, None, cap.error
         return z, cap, None
+
+    def _devices(self) -> set[torch.device]:
+        """The devices of EGN's parameters (their generators are rewound, :class:`StepRng`): kept from the
+        last look, looked at again when the first parameter is no longer on one of them (a moved model);
+        reading ``.device`` of every parameter at every step costs ~1 µs each."""
+        if self._param_devices is None or self._params[0].device not in self._param_devices:
+            self._param_devices = {p.device for p in self._params}
+        return self._param_devices
 
     def _explicit_rows(self, cap: LinearCapture, xs: tuple[Tensor, ...], z: Tensor) -> str | None:
         """The explicit Jacobian rows onto ``cap``, checked against the batch's forward; the error, if any."""
@@ -826,11 +884,7 @@ class EGN(ShardedOptimizer):
             z, cap, err = None, None, f"{type(error).__name__}: {error}"
         else:
             z, cap, err = self._forward_capture(xs, targets)
-        # the same width on every rank whatever its trainable set (a rank that froze a layer plans fewer
-        # sites), so that ranks that disagree meet in this all-reduce and raise together
-        width = 4 + self._max_sites
-        table = [0.0] * (2 + world * width)  # head [non-finite, loss sum], then one row per rank
-        row = 2 + rank * width
+        table, row, width = self._agreement_table(_BATCH_KIND)
         table[row] = 1.0 if err is not None else 0.0
         table[row + 3] = _fingerprint(self._active)
         if err is None:
@@ -843,7 +897,7 @@ class EGN(ShardedOptimizer):
                                                     torch.isfinite(zd).all()])
             table[row + 1:row + 3] = [float(xs[0].shape[0]), float(z.shape[1])]
             for i in range(nsites):
-                table[row + 4 + i] = float(sum(a.shape[1] for a in cap.inputs[i]))
+                table[row + _ROW_HEAD + i] = float(sum(a.shape[1] for a in cap.inputs[i]))
             nonfinite = not (math.isfinite(local_loss) and z_finite > 0)
             table[0:2] = [1.0 if nonfinite else 0.0, local_loss]
         red = self._sum_scalars(table)  # collective
@@ -853,13 +907,25 @@ class EGN(ShardedOptimizer):
         y = _as(targets, z.dtype if targets.is_floating_point() else targets.dtype, z.device)
         b = sum(sizes)
         return _Batch(xs=xs, y=y, z=z, cap=cap, sizes=sizes, c=c, rank=rank,
-                      positions=[int(info[0][4 + i]) for i in range(nsites)], nonfinite=red[0] > 0,
+                      positions=[int(info[0][_ROW_HEAD + i]) for i in range(nsites)], nonfinite=red[0] > 0,
                       f0=float("nan") if red[0] > 0 else red[1] / b)
 
-    def _check_agreement(self, info: list[list[float]], err: str | None) -> tuple[list[int], int]:
-        """Raise (on every rank: ``info`` is the reduced table, a row per rank) unless the ranks' batches
-        fit together."""
+    def _agreement_table(self, kind: float) -> tuple[list[float], int, int]:
+        """(table, this rank's row offset, row width) of an agreement all-reduce: a head [non-finite, loss
+        sum], then one row per rank. The same width on every rank whatever its trainable set (a rank that
+        froze a layer plans fewer sites), so that ranks that disagree meet in one all-reduce and raise
+        together."""
+        width = _ROW_HEAD + self._max_sites
+        table = [0.0] * (2 + self.comm.world_size * width)
+        row = 2 + self.comm.rank * width
+        table[row + 4] = kind
+        return table, row, width
+
+    def _raise_rank_errors(self, info: list[list[float]], kind: float, err: str | None) -> None:
+        """Raise on every rank if the ranks made different agreements, or if one of them had an error."""
         world = len(info)
+        if any(info[r][4] != kind for r in range(world)):
+            raise ValueError(_KIND_MESSAGE)
         bad = [r for r in range(world) if info[r][0] > 0]
         if bad:
             own = self._pass.error if self._pass is not None else None
@@ -867,6 +933,50 @@ class EGN(ShardedOptimizer):
                 raise own
             raise ValueError(err if err is not None
                              else f"EGN: invalid batch on rank(s) {bad} (see that rank's error).")
+
+    def _take_rank0_buffers(self) -> None:
+        """At W > 1, before the capture forward: every rank takes rank 0's floating-point buffers, so that
+        every rank's samples are evaluated by the same function in eval mode (each DDP rank's training
+        forward updates its BatchNorm running statistics from its own samples; DDP itself broadcasts the
+        buffers at each forward with ``broadcast_buffers=True``). First one all-reduce of the buffer
+        layouts (the agreement table, of the batch agreement's size), so that ranks whose buffers differ
+        raise together before any transfer; then rank 0's values in one float64 all-reduce, to which the
+        other ranks add zeros (exact: x + 0 = x, and float64 holds every floating dtype's values). Without
+        floating buffers: nothing, no collective."""
+        buffers = [(n, b) for n, b in self.model.named_buffers() if b.is_floating_point()]
+        if not buffers:
+            return
+        world, rank = self.comm.world_size, self.comm.rank
+        error = self._pass.error if self._pass is not None else None
+        table, row, width = self._agreement_table(_BUFFER_KIND)
+        table[row] = 1.0 if error is not None else 0.0
+        layout = _buffer_layout(buffers)
+        table[row + 5:row + 8] = layout
+        red = self._sum_scalars(table)  # collective: all_reduce_scalars
+        info = [red[2 + r * width:2 + (r + 1) * width] for r in range(world)]
+        self._raise_rank_errors(info, _BUFFER_KIND, None if error is None else f"{type(error).__name__}: {error}")
+        if any(info[r][5:8] != layout for r in range(world)):
+            raise ValueError(
+                "EGN: the ranks' models have different floating-point buffers (count, sizes, names or dtypes: "
+                f"{[[int(v) for v in info[r][5:7]] for r in range(world)]} as [count, numel] per rank); EGN "
+                "gives every rank rank 0's buffers before its eval-mode pass, which needs the same model on "
+                "every rank.")
+        tensors = [b for _, b in buffers]
+        if rank == 0:
+            flat = torch.cat([b.detach().reshape(-1).to(torch.float64) for b in tensors])
+        else:
+            flat = torch.zeros(int(layout[1]), dtype=torch.float64, device=tensors[0].device)
+        self.comm.all_reduce_(flat)  # collective: rank 0's values, the others' zeros
+        if rank != 0:
+            with torch.no_grad():
+                for b, v in zip(tensors, torch.split(flat, [b.numel() for b in tensors])):
+                    b.copy_(v.view(b.shape))
+
+    def _check_agreement(self, info: list[list[float]], err: str | None) -> tuple[list[int], int]:
+        """Raise (on every rank: ``info`` is the reduced table, a row per rank) unless the ranks' batches
+        fit together."""
+        world = len(info)
+        self._raise_rank_errors(info, _BATCH_KIND, err)
         if any(info[r][3] != info[0][3] for r in range(world)):
             raise ValueError("EGN: the ranks disagree on which of the model's parameters are trainable "
                              "(requires_grad); freeze and unfreeze the same parameters on every rank.")
@@ -874,13 +984,13 @@ class EGN(ShardedOptimizer):
         cs = {int(info[r][2]) for r in range(world)}
         if len(cs) != 1:
             raise ValueError(f"EGN: ranks disagree on the number of outputs c: {sorted(cs)}.")
-        if self._sites and any(info[r][4:] != info[0][4:] for r in range(world)):
+        if self._sites and any(info[r][_ROW_HEAD:] != info[0][_ROW_HEAD:] for r in range(world)):
             raise ValueError("EGN: ranks disagree on the number of positions per sample seen by the Linear "
                              "layers (e.g. sequence lengths); pad the batches to equal lengths.")
         c, b = cs.pop(), sum(sizes)
         if b <= 0:
             raise ValueError("EGN: the global batch is empty.")
-        if self._kronecker and info[0][4] == 1:  # K = G ⊗ I_c: the solve is b×b (_solve_kronecker)
+        if self._kronecker and info[0][_ROW_HEAD] == 1:  # K = G ⊗ I_c: the solve is b×b (_solve_kronecker)
             if b > self.config.max_gram_size:
                 raise ValueError(
                     f"EGN: the sample Gram matrix would be {b}x{b} (global batch b={b}; K = G ⊗ I_c for this "
@@ -1062,12 +1172,32 @@ class EGN(ShardedOptimizer):
 
     # -- 6. step size and damping: identical on every rank ----------------------------------
     def _jd_q_norm(self, batch: _Batch, curv: _Curvature, d_full: list[Tensor]) -> float:
-        """(Jd)ᵀQ(Jd) for the momentum direction: a local JVP and one all-reduce."""
-        jd = jvp_outputs(self.model, self._trainable, {n: d_full[self._index[n]] for n in self._trainable},
-                         batch.xs)
+        """(Jd)ᵀQ(Jd) for the momentum direction: Jd of this rank's samples from its factors, one all-reduce."""
+        with grad_off():
+            jd = self._jvp(batch, d_full)
         s_local = None if curv.s is None else curv.s[batch.start:batch.start + batch.b_r]
-        part = egn_math.q_norm_sq(s_local, jd.detach().reshape(-1).to(self._solve_dtype()))
+        part = egn_math.q_norm_sq(s_local, jd.reshape(-1).to(self._solve_dtype()))
         return self._sum_scalars([float(part)])[0]  # collective
+
+    def _jvp(self, batch: _Batch, d_full: list[Tensor]) -> Tensor:
+        """J·d for this rank's samples [b_r, c] from the captured factors: the adjoint of :meth:`_vjp`. Per
+        Linear, Σ_t δ_it·(dW a_it + db); for the other parameters, the explicit rows times d. The factors
+        are the J the system was built from, so no forward-mode pass is needed (torch's forward-mode AD
+        lacks ops that the capture handles, e.g. nn.EmbeddingBag, torch.cdist)."""
+        b, c = batch.b_r, batch.c
+        jd = torch.zeros(b, c, dtype=batch.z.dtype, device=batch.z.device)
+        for (i_w, i_b), (a, delta) in zip(self._site_index, batch.local_factors):
+            t, d_out = a.shape[1], delta.shape[3]
+            u = torch.zeros(b, t, d_out, dtype=delta.dtype, device=delta.device)  # dW a_it + db
+            if i_w is not None:
+                u = u + a @ _as(d_full[i_w], a.dtype).T
+            if i_b is not None:
+                u = u + _as(d_full[i_b], a.dtype)
+            jd += torch.bmm(delta.reshape(b, c, t * d_out), u.reshape(b, t * d_out, 1)).view(b, c)
+        if batch.local_rows is not None:
+            d_rest = torch.cat([d_full[self._index[n]].reshape(-1) for n in self._explicit])
+            jd += (batch.local_rows.reshape(b * c, -1) @ _as(d_rest, batch.local_rows.dtype)).view(b, c)
+        return jd
 
     def _step_size(self, batch: _Batch, w0: list[Tensor], d: list[Tensor],
                    gtd: float) -> tuple[float, float, int]:
@@ -1103,6 +1233,9 @@ class EGN(ShardedOptimizer):
         (the same forwards without the module-call machinery)."""
         if self._chain is not None and self._use_chain(xs):
             return self._chain.forward(xs[0])[0]  # a line-search trial: the outputs only
+        rng = self._pass.rng if self._pass is not None else None
+        if rng is not None:  # the capture forward's random draw (egn_rng)
+            rng.rewind()
         z: Tensor = self.model(*xs)
         return z
 

@@ -259,7 +259,14 @@ COUPLING_MESSAGE = ("EGN: the model's outputs for one sample depend on other sam
                     "statistics of the batch, attention across it, a layer applied along the batch dimension). "
                     "EGN's Gram factors and back-signals are per sample; it needs a per-sample model. (A "
                     "per-sample model whose Linear layers see inputs whose first dimension is not the batch, "
-                    "e.g. sequence-first [T, b, d], trips this check when T equals b: use jacobian='explicit'.)")
+                    "e.g. sequence-first [T, b, d], trips this check when T equals b: use jacobian='explicit'.) "
+                    "If the model is per sample, the cause may instead be an op whose torch.func batching rule "
+                    "gives wrong per-sample results (e.g. torch.cdist): EGN takes the per-sample Jacobians of "
+                    "the parameters outside plain nn.Linear layers with vmap(jacrev) (of every parameter with "
+                    "jacobian='explicit'; the Linear layers' back-signals come from a batched backward with the "
+                    "default jacobian='auto'), and this check cannot tell the two causes apart. Then write that "
+                    "op out with elementary tensor ops (torch.cdist(a, b) as ((a[:, None] - b) ** 2).sum(-1)"
+                    ".sqrt()), or keep the parameters that feed it in nn.Linear layers with jacobian='auto'.")
 
 
 def checked_back_signals(z: Tensor, outs: list[Tensor], num_outputs: int) -> tuple[list[Tensor | None], str | None]:

@@ -195,14 +195,20 @@ class _GainMix(nn.Module):
         return self.lin(x) + self.gain * (x.mean(0) if self.mixes else x)[..., :3]
 
 
+def _uneven_share(t: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's part of step ``t``'s global mse batch, split unevenly."""
+    x, y, sizes = _global_batch(t, "mse", world, uneven=True)
+    lo = sum(sizes[:rank])
+    return x[lo:lo + sizes[rank]], y[lo:lo + sizes[rank]]
+
+
 def _mixing_worker(rank: int, world: int) -> dict:
     model = _GainMix(mixes=rank == world - 1)
     opt = EGN(model, loss="mse", lr=1.0, damping=0.1)
     before = _flat(model)
-    x, y, sizes = _global_batch(0, "mse", world, uneven=True)
-    lo = sum(sizes[:rank])
+    x, y = _uneven_share(0, rank, world)
     try:
-        opt.step(inputs=x[lo:lo + sizes[rank]], targets=y[lo:lo + sizes[rank]])
+        opt.step(inputs=x, targets=y)
         message = None
     except ValueError as exc:
         message = str(exc)
@@ -285,3 +291,66 @@ def test_freezing_is_followed_together_or_refused_on_every_rank(tmp_path) -> Non
         message, unchanged = res["unfroze"]
         assert message is not None and unchanged
     assert "'0.weight' was frozen" in results[0]["unfroze"][0]
+
+
+def _bn_model(extra: str = "") -> nn.Module:
+    """Linear, BatchNorm (explicit-Jacobian affine parameters, floating running statistics), Linear."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm1d(8, track_running_stats=extra != "untracked")
+    model = nn.Sequential(nn.Linear(6, 8), bn, nn.Tanh(), nn.Linear(8, 3)).double()
+    if extra == "buffer":  # one more floating buffer than the other ranks' model
+        model.register_buffer("scale", torch.ones(2, dtype=DT))
+    return model
+
+
+def _bn_local_stats(model: nn.Module, x: torch.Tensor) -> None:
+    """A DDP rank's training forward: its BatchNorm running statistics from its own samples."""
+    model.train()
+    with torch.no_grad():
+        model(x)
+
+
+def _bn_worker(rank: int, world: int) -> dict:
+    out: dict = {}
+    model = _bn_model()
+    opt = EGN(model, loss="mse", lr=1.0, damping=0.3, line_search=True)
+    for t in range(STEPS):
+        x, y, sizes = _global_batch(t, "mse", world, uneven=True)
+        lo = sum(sizes[:rank])
+        _bn_local_stats(model, x[lo:lo + sizes[rank]])
+        opt.step(inputs=x[lo:lo + sizes[rank]], targets=y[lo:lo + sizes[rank]])
+    out["params"], out["buffers"] = _flat(model), torch.cat([b.reshape(-1) for b in model.buffers()]).double()
+    for case in ("buffer", "untracked"):  # the last rank's model has other floating buffers
+        model = _bn_model(case if rank == world - 1 else "")
+        opt = EGN(model, loss="mse", lr=1.0, damping=0.3)
+        before = _flat(model)
+        x, y = _uneven_share(0, rank, world)
+        try:
+            opt.step(inputs=x, targets=y)
+            out[case] = (None, torch.equal(_flat(model), before))
+        except ValueError as exc:
+            out[case] = (str(exc), torch.equal(_flat(model), before))
+    return out
+
+
+def test_ranks_take_rank_0s_buffers_before_the_eval_mode_pass(tmp_path) -> None:
+    """Each rank's BatchNorm running statistics come from its own samples (DDP without SyncBatchNorm);
+    EGN's eval-mode pass runs on rank 0's on every rank: the step of one process on the global batch with
+    rank 0's buffers, at every step. Ranks whose floating buffers differ raise together, nothing changed."""
+    world = 2
+    results = run_distributed(_bn_worker, world, tmp_path, timeout=180)
+    model = _bn_model()
+    opt = EGN(model, loss="mse", lr=1.0, damping=0.3, line_search=True)
+    for t in range(STEPS):
+        x, y, sizes = _global_batch(t, "mse", world, uneven=True)
+        _bn_local_stats(model, x[:sizes[0]])  # rank 0's samples
+        opt.step(inputs=x, targets=y)
+    for res in results:
+        torch.testing.assert_close(res["params"], _flat(model), rtol=1e-10, atol=1e-12)
+        assert torch.equal(res["buffers"], results[0]["buffers"])  # every rank holds rank 0's buffers
+    for res in results:
+        message, unchanged = res["buffer"]
+        assert message is not None and "different floating-point buffers" in message and unchanged
+        message, unchanged = res["untracked"]
+        assert message is not None and "disagree on whether the model has floating-point buffers" in message
+        assert unchanged

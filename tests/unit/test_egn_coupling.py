@@ -109,3 +109,25 @@ def test_per_sample_models_pass_the_check(kind: str, dtype: torch.dtype) -> None
         w0 = flat_params(model)
         opt.step(inputs=x, targets=y)
         torch.testing.assert_close(flat_params(model) - w0, ref["d"], rtol=1e-9, atol=1e-11)
+
+
+def test_a_refusal_caused_by_a_torch_func_batching_rule_says_so() -> None:
+    """A per-sample RBF layer with torch.cdist: torch.func's vmap(jacrev) batches cdist wrongly, which the
+    check cannot tell from mixing samples; the message names that cause and the workarounds."""
+
+    class RBF(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.o = nn.Linear(4, 5).double(), nn.Linear(6, 3).double()
+            self.c = nn.Parameter(torch.randn(6, 5, dtype=torch.float64))
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.o(torch.exp(-torch.cdist(torch.tanh(self.a(x)), self.c) ** 2))
+
+    torch.manual_seed(1)
+    model = RBF()
+    with pytest.raises(ValueError, match="depend on other samples") as info:
+        EGN(model, loss="mse").step(inputs=torch.randn(6, 4, dtype=torch.float64),
+                                    targets=torch.randn(6, 3, dtype=torch.float64))
+    for words in ("batching rule", "torch.cdist", "jacobian='auto'", "jacobian='explicit'"):
+        assert words in str(info.value)

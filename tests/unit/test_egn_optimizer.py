@@ -164,7 +164,7 @@ def test_batchnorm_and_dropout_use_eval_mode_and_modes_are_restored() -> None:
 
 def _assert_untouched(model: nn.Module, w0: torch.Tensor, opt: EGN) -> None:
     assert torch.equal(flat_params(model), w0)
-    assert opt.num_steps == 0 and opt.skipped_steps == 0 and len(opt.state) == 0
+    assert opt.num_steps == 0 and opt.skipped_steps == 0 and not any(opt.state.values())
 
 
 def test_bad_input_raises_and_changes_nothing() -> None:
@@ -307,3 +307,98 @@ def test_compiled_submodule_is_refused() -> None:
     outer = nn.Sequential(torch.compile(nn.Linear(6, 3).double(), backend="aot_eager"))
     with pytest.raises(ValueError, match=r"submodule '0' is torch.compile'd"):
         EGN(outer)
+
+
+class _Noisy(nn.Module):
+    """Noise injection and ``F.dropout`` (``training`` defaults to True): random draws eval() does not
+    turn off. With ``fixed`` = (noise, mask) the same function without drawing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.a, self.o = nn.Linear(6, 16).double(), nn.Linear(16, 3).double()
+        self.fixed: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fixed is None:
+            return self.o(nn.functional.dropout(torch.tanh(self.a(x + 0.3 * torch.randn_like(x))), 0.5))
+        noise, mask = self.fixed
+        return self.o(torch.tanh(self.a(x + noise)) * mask)
+
+
+def test_a_forward_that_draws_random_numbers_sees_one_draw_per_step() -> None:
+    """Spec §2.7: J and the line-search and ρ forwards must use the same mask. Every forward of a step
+    repeats the capture forward's draw (the step of the model with that draw fixed), and the generator
+    is left where one forward leaves it."""
+    x, y = _data()
+    kw = dict(loss="mse", lr=1.0, damping=0.05, line_search=True, adaptive_damping=True)
+    noisy, fixed = _Noisy(), _Noisy()
+    opt, ref = EGN(noisy, **kw), EGN(fixed, **kw)
+    torch.manual_seed(7)
+    for _ in range(3):
+        state = torch.get_rng_state()
+        fixed.fixed = (0.3 * torch.randn_like(x), nn.functional.dropout(torch.ones(8, 16, dtype=DT), 0.5))
+        after_one_forward = torch.get_rng_state()
+        torch.set_rng_state(state)
+        opt.step(inputs=x, targets=y)
+        assert torch.equal(torch.get_rng_state(), after_one_forward)
+        ref.step(inputs=x, targets=y)
+        got, want = opt.statistics(), ref.statistics()
+        for key in ("loss", "loss_after", "alpha", "rho", "damping", "ls_tries"):
+            assert got[key] == pytest.approx(want[key], rel=1e-12, abs=1e-14), key
+        torch.testing.assert_close(flat_params(noisy), flat_params(fixed), rtol=1e-12, atol=1e-14)
+    assert want["ls_tries"] >= 1
+
+
+@pytest.mark.parametrize("jacobian", ["auto", "explicit"])
+def test_step_under_inference_mode_with_inference_tensors(jacobian: str) -> None:
+    """A step called under torch.inference_mode(), on a batch made there, is the step made outside it."""
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 3)).double()
+
+    x, y = _data()
+    a, b = make(), make()
+    kw = dict(loss="mse", lr=1.0, damping=0.3, momentum=0.5, line_search=True, jacobian=jacobian)
+    opt_a, opt_b = EGN(a, **kw), EGN(b, **kw)
+    for _ in range(2):
+        opt_a.step(inputs=x, targets=y)
+        with torch.inference_mode():
+            xi, yi = x.clone(), y.clone()
+            loss = opt_b.step(inputs=xi, targets=yi)
+        assert torch.equal(flat_params(a), flat_params(b))
+        assert not loss.is_inference()
+    assert not any(p.is_inference() for p in b.parameters())
+
+
+class _Bag(nn.Module):
+    """nn.EmbeddingBag has no forward-mode AD: Jd must come from the captured factors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.e, self.o = nn.EmbeddingBag(20, 4, mode="mean").double(), nn.Linear(4, 3).double()
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.o(torch.tanh(self.e(t)))
+
+
+def test_momentum_with_adaptive_damping_on_an_op_without_forward_mode_ad() -> None:
+    """ρ of a momentum step needs (Jd)ᵀQ(Jd) of the momentum direction: from the Gram factors and the
+    explicit rows, matching the float64 oracle on a model torch's forward-mode AD cannot run."""
+    model = _Bag()
+    g = torch.Generator().manual_seed(2)
+    x0, x = torch.randint(0, 20, (6, 5), generator=g), torch.randint(0, 20, (6, 5), generator=g)
+    y0, y = torch.randint(0, 3, (6,), generator=g), torch.randint(0, 3, (6,), generator=g)
+    opt = EGN(model, loss="cross_entropy", lr=0.5, damping=0.2, momentum=0.6, adaptive_damping=True)
+    opt.step(inputs=x0, targets=y0)  # fills the momentum buffer
+    lam, w0 = opt.damping, flat_params(model)
+    f0 = mean_loss(model, x, y, "cross_entropy")
+    ref = direct_direction(model, x, y, "cross_entropy", lam)
+    opt.step(inputs=x, targets=y)
+    st = opt.statistics()
+    assert st["momentum_used"] == 1.0
+    delta = flat_params(model) - w0
+    jd = ref["J"] @ delta
+    predicted = float(ref["g"] @ delta) + 0.5 * float(jd @ ref["Q"] @ jd) / x.shape[0]
+    assert st["rho"] == pytest.approx((mean_loss(model, x, y, "cross_entropy") - f0) / predicted, rel=1e-8)

@@ -1,0 +1,58 @@
+"""The numerical context of an optimizer step: full precision, whatever autocast region it is called in.
+
+A step called inside ``torch.autocast`` (Lightning's ``precision="bf16-mixed"`` runs ``training_step``, and so
+a manual-optimization ``opt.step()``, under it; plain loops often put the whole iteration there) ran ASGO's
+Grams, roots and preconditioning and EGN's Jacobians and solve in bf16/fp16: updates 1e-3 to 8e-2 off the
+same step outside, silently. The step's arithmetic is the optimizer's own business: it runs with autocast
+off, and a closure it calls runs under the caller's autocast again (its forward is the user's).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import torch
+
+__all__ = ["full_precision", "caller_autocast"]
+
+#: the device types whose autocast state a step reads (torch.is_autocast_enabled accepts each, present or not)
+AUTOCAST_DEVICES: tuple[str, ...] = ("cpu", "cuda", "xpu", "mps")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def full_precision(step: F) -> F:
+    """Decorate an optimizer's ``step``: run it with autocast disabled on every device type where it is
+    enabled, remembering the caller's regions for :func:`caller_autocast`. Two attribute reads per
+    device type when no region is active (the usual case)."""
+
+    @functools.wraps(step)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        active = [d for d in AUTOCAST_DEVICES if torch.is_autocast_enabled(d)]
+        if not active:
+            return step(self, *args, **kwargs)
+        regions = [(d, torch.get_autocast_dtype(d)) for d in active]
+        outer = self.__dict__.get("_caller_autocast")
+        self._caller_autocast = regions
+        try:
+            with contextlib.ExitStack() as stack:
+                for d in active:
+                    stack.enter_context(torch.autocast(d, enabled=False))
+                return step(self, *args, **kwargs)
+        finally:
+            self._caller_autocast = outer
+
+    return wrapper  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def caller_autocast(optimizer: Any) -> Iterator[None]:
+    """The autocast regions the step was called in, entered again (for the user's closure)."""
+    regions = optimizer.__dict__.get("_caller_autocast") or []
+    with contextlib.ExitStack() as stack:
+        for device, dtype in regions:
+            stack.enter_context(torch.autocast(device, dtype=dtype))
+        yield
