@@ -95,6 +95,13 @@ def _placement_of(p: Tensor, rank: int, label: str, optimizer: str) -> ParamPlac
             counted = counted and coord is not None and coord[mdim] == 0
         elif isinstance(pl, Shard):
             dims.append(pl.dim % max(p.dim(), 1))
+        elif "Strided" in type(pl).__name__:
+            # fully_shard over a tensor-parallel module (a 2-D dp x tp mesh): the shard of a shard
+            raise ValueError(
+                f"{optimizer}: parameter {label} has placements {tuple(p.placements)}: FSDP2 combined with "  # type: ignore[attr-defined]
+                "tensor parallelism (fully_shard over ColwiseParallel/RowwiseParallel layers) is not "
+                "supported. Use fully_shard alone (a 1-D or HSDP mesh) or tensor parallelism alone."
+            )
         else:
             raise ValueError(
                 f"{optimizer}: parameter {label} has placements {tuple(p.placements)}; only Shard and "  # type: ignore[attr-defined]

@@ -103,7 +103,13 @@ from lightning_soaa.distributed.exchange import OwnerExchange
 from lightning_soaa.distributed.reblock import fit_layout
 from lightning_soaa.functional.adamw import increment_counts_
 from lightning_soaa.optim import dcp_state as dcp
-from lightning_soaa.optim.param_checks import check_param_group, check_step
+from lightning_soaa.optim.param_checks import (
+    check_disjoint_storage,
+    check_param_group,
+    check_step,
+    param_signatures,
+)
+from lightning_soaa.optim.step_context import caller_autocast, full_precision
 
 __all__ = ["ShardedOptimizer", "BlockView", "SkipStep", "StepCounts", "StepRecord", "host_floats", "summed"]
 
@@ -437,6 +443,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
         # differ must not raise alone before it (the other ranks would wait in it)
         self._build_table()
         self._check_unsharded_mean()
+        # an (empty) entry per parameter: torch.distributed.checkpoint's get/set_optimizer_state_dict
+        # otherwise takes a zero-gradient lr=0 step() of a fresh optimizer (and of an idle rank's, whose
+        # state is empty: a collective the other ranks never join); see optim/dcp_state.py
+        dcp.hold_state_entries(self)
 
     # ------------------------------------------------------------------ copy and pickle
     #: attributes a copy or pickle leaves out because the subclass rebuilds them on first use (e.g.
@@ -589,7 +599,6 @@ class ShardedOptimizer(torch.optim.Optimizer):
                                       process_group=process_group, optimizer=type(self).__name__)
         self.comm = self._dtensor.comm
         self.sharding = ShardingConfig(shard=False, grad_reduction=self.sharding.grad_reduction)
-        dcp.hold_state_entries(self)  # torch.distributed.checkpoint: see lightning_soaa.optim.dcp_state
         plain = [lab for lab, pl in zip(labels, self._dtensor.placements) if not pl.is_dtensor]
         if plain and self.sharding.grad_reduction == "none" and self.comm.world_size > 1:
             log.warning("%s: parameters %s are not DTensors, so FSDP2 does not average their gradients; "
@@ -609,6 +618,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
         try:
             check_param_group(self, self.param_groups[-1])  # duplicates, complex, zero-size
+            self._check_storage()
             self._validate_group(self.param_groups[-1])
         except ValueError:
             self.param_groups.pop()  # a rejected group must leave the optimizer unchanged
@@ -618,9 +628,21 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"{type(self).__name__}: add_param_group is not supported with DTensor "
                                  "(FSDP2) parameters; pass every param group to the constructor.")
             full = self._gather_full_state() if self._sharded_multi_rank() else None
-            self._build_table()
+            before = self._table.layout()
+            # the automatic block size grows with the model: recomputing it re-cut existing parameters
+            # while their state kept the old blocks (the kernels then overran it: NaN, heap corruption)
+            self._build_table(keep_limit=True)
+            if self._table.layout()[:len(before)] != before:
+                raise RuntimeError(f"{type(self).__name__}.add_param_group re-cut existing blocks (internal)")
             if full is not None:
                 self._restore_owned_state(full)
+            dcp.hold_state_entries(self)
+
+    def _check_storage(self) -> None:
+        """No two parameters over the same memory (see :func:`check_disjoint_storage`)."""
+        plist = self._all_params()
+        check_disjoint_storage(self, [p for p, _, _ in plist],
+                               [repr(n) if n else f"#{i}" for i, (_, _, n) in enumerate(plist)])
 
     def _all_params(self) -> list[tuple[Tensor, int, str | None]]:
         out = []
@@ -633,13 +655,16 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def _sharded_multi_rank(self) -> bool:
         return self.sharding.shard and self.comm.world_size > 1
 
-    def _build_table(self) -> None:
+    def _build_table(self, keep_limit: bool = False) -> None:
+        """The block table over every param group; ``keep_limit``: keep the automatic block size (a group
+        added after construction must not re-cut the blocks whose state exists)."""
         plist = self._all_params()
         params = [p for p, _, _ in plist]
         if self.comm.world_size > 1:  # every rank, whatever its shard value: see the method
             self._check_same_params_on_all_ranks(params, [name for _, _, name in plist])
         world = self.comm.world_size if self.sharding.shard else 1
-        self._auto_limit = self._auto_block_numel(params, world)  # the same on every rank of this W
+        if not keep_limit or "_auto_limit" not in self.__dict__:
+            self._auto_limit = self._auto_block_numel(params, world)  # the same on every rank of this W
         specs = [self._block_specs(p, self.param_groups[gi], name) for p, gi, name in plist]
         self._table = BlockTable(
             params,
@@ -650,6 +675,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             shard=self.sharding.shard,
         )
         self._params = params
+        self._built = param_signatures(params)
         self._names = [name for _, _, name in plist]
         keys = self.layout_keys + (("max_block_numel",) if self.elementwise else ())
         self._layout = [{k: g.get(k) for k in keys} for g in self.param_groups]
@@ -765,7 +791,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def _run_closure(self, closure: Callable[[], Any] | None) -> Any:
         if closure is None:
             return None
-        with torch.enable_grad():
+        with torch.enable_grad(), caller_autocast(self):
             return closure()
 
     # torch.compile of a step or of a training function that calls it: the step runs eagerly (a graph
@@ -773,6 +799,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
     # in-place kernels on the state broke inductor (an internal assert), after the counters had moved,
     # and SOAA's Python-float scalars were baked into graphs recompiled at every step.
     @torch._disable_dynamo
+    @full_precision  # inside an autocast region too (optim/step_context.py)
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimizer step (collective when W > 1: every rank must call it)."""
@@ -1009,9 +1036,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         local_error = local_error or self._hyperparameter_error()
         if local_error is None and self._planned_step():
             return True
-        try:  # meta tensors, sparse gradients: held like any other local error
-            check_step(self, self._params, self._names)
-        except ValueError as e:
+        try:  # meta tensors, sparse gradients, changed parameters: held like any other local error
+            check_step(self, self._params, self._names, built=self.__dict__.get("_built"))
+        except (ValueError, RuntimeError) as e:
             local_error = local_error or e
         self.comm.begin_step()
         why = self._exchange_in()
@@ -1226,5 +1253,4 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self.skipped_steps = int(glob.pop("skipped_steps", 0))
         self._load_global_state(glob)
         self._consolidated = None
-        if self._dtensor is not None:
-            dcp.hold_state_entries(self)
+        dcp.hold_state_entries(self)

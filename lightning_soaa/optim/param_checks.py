@@ -17,9 +17,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 
-__all__ = ["capabilities", "check_param_group", "check_step"]
+from lightning_soaa.distributed.dtensor import is_dtensor
+
+__all__ = ["capabilities", "check_param_group", "check_disjoint_storage", "check_step", "param_signatures"]
 
 
 def capabilities(optimizer_cls: type) -> tuple[bool, bool]:
@@ -82,20 +85,80 @@ def check_param_group(optimizer: Any, group: dict[str, Any]) -> None:
             )
 
 
+def check_disjoint_storage(optimizer: Any, params: Sequence[Tensor], labels: Sequence[str]) -> None:
+    """Raise ``ValueError`` naming two parameters that are distinct tensors over the same memory
+    (``nn.Parameter(enc.weight.t())``: a transposed "tie"). Each is stepped with its own gradient and
+    state, and at W > 1 by its own owner, whose all-gather then overwrites the other's update (the ranks
+    drifted apart, 3e-2 to 9e-2 in 4 steps). Tie weights by sharing one Parameter object instead."""
+    spans: dict[tuple[str, int], list[tuple[int, int, int]]] = {}
+    for i, p in enumerate(params):
+        if p.is_meta or p.numel() == 0 or is_dtensor(p):
+            continue
+        size = p.element_size()
+        start = int(p.storage_offset()) * size
+        stop = start + (1 + sum((int(n) - 1) * st for n, st in zip(p.shape, p.stride()))) * size
+        spans.setdefault((str(p.device), p.untyped_storage().data_ptr()), []).append((start, stop, i))
+    for items in spans.values():
+        items.sort()
+        for k, (s1, _, j) in enumerate(items):
+            for _, e0, i in items[:k]:  # one storage rarely holds more than a few parameters
+                if s1 >= e0 or not _share_elements(params[i], params[j]):
+                    continue
+                raise ValueError(
+                    f"{type(optimizer).__name__}: parameters {labels[i]} and {labels[j]} share memory (one is a "
+                    "view of the other, e.g. nn.Parameter(other.weight.t())); each would be stepped with its "
+                    "own gradient and state, and at W > 1 one owner's update overwrites the other's. Tie "
+                    "weights by using one Parameter object in both places (then it is listed once)."
+                )
+
+
+def _share_elements(a: Tensor, b: Tensor) -> bool:
+    """Whether two views of one storage share an element, given that their spans overlap (exact for
+    strided views, e.g. two column slices of one matrix interleave without sharing)."""
+    if a.is_contiguous() and b.is_contiguous():
+        return True  # overlapping contiguous spans share elements
+    return not _element_starts(a).isdisjoint(_element_starts(b))
+
+
+def _element_starts(t: Tensor) -> set[int]:
+    extent = int(t.storage_offset()) + 1 + sum((int(n) - 1) * st for n, st in zip(t.shape, t.stride()))
+    pos = torch.as_strided(torch.arange(extent, dtype=torch.int64), t.shape, t.stride(), t.storage_offset())
+    return set((pos.reshape(-1) * t.element_size()).tolist())
+
+
+Signature = tuple[torch.Size, torch.dtype, torch.device]
+
+
+def param_signatures(params: Sequence[Tensor]) -> list[Signature]:
+    """What the block table and the state are made for: each parameter's shape, dtype and device."""
+    return [(p.shape, p.dtype, p.device) for p in params]
+
+
 def check_step(optimizer: Any, params: Sequence[Tensor], names: Sequence[str | None], *,
-               gradients: bool = True) -> None:
+               gradients: bool = True, built: Sequence[Signature] | None = None) -> None:
     """Raise ``RuntimeError`` naming the first parameter the step cannot update, before any state,
     parameter or collective: a ``meta`` parameter (no data; also what an optimizer built before
-    ``model.to_empty()`` still holds), or, with ``gradients``, a sparse (non-strided) gradient, which the
-    dense kernels would otherwise reject mid-step."""
+    ``model.to_empty()`` still holds), with ``gradients`` a sparse (non-strided) gradient, which the
+    dense kernels would otherwise reject mid-step, and with ``built`` (:func:`param_signatures` at
+    construction) a parameter whose shape, dtype or device changed since (``p.data = ...``,
+    ``model.to(torch.float64)``): the blocks, the state and the exchange buffers were made for the old one,
+    and the kernels read them by element count (a larger tensor overran them)."""
     for i, p in enumerate(params):  # runs every step: only attribute reads unless something is wrong
         g = p.grad if gradients else None
-        if p.is_meta or (g is not None and g.layout != p.layout):
-            _refuse_step(optimizer, p, repr(names[i]) if names[i] else f"#{i}")
+        if (p.is_meta or (g is not None and g.layout != p.layout)
+                or (built is not None and (p.shape, p.dtype, p.device) != built[i])):
+            _refuse_step(optimizer, p, repr(names[i]) if names[i] else f"#{i}", None if built is None else built[i])
 
 
-def _refuse_step(optimizer: Any, p: Tensor, label: str) -> None:
+def _refuse_step(optimizer: Any, p: Tensor, label: str, built: Signature | None) -> None:
     what = type(optimizer).__name__
+    if built is not None and not p.is_meta and (p.shape, p.dtype, p.device) != built:
+        raise RuntimeError(
+            f"{what}: parameter {label} is now {_describe((p.shape, p.dtype, p.device))}, but the optimizer "
+            f"was built for {_describe(built)}; its blocks and state are made for that. Change the "
+            "parameters (model.to(dtype or device), p.data = ...) before constructing the optimizer, as "
+            "torch's documentation asks, or build a new one. Nothing changed."
+        )
     if p.is_meta:
         raise RuntimeError(
             f"{what}: parameter {label} of shape {tuple(p.shape)} is on the meta device (no data) and "
@@ -108,3 +171,8 @@ def _refuse_step(optimizer: Any, p: Tensor, label: str) -> None:
         "supported. Use nn.Embedding(sparse=False) / nn.EmbeddingBag(sparse=False), or torch.optim.SparseAdam "
         "for those parameters."
     )
+
+
+def _describe(sig: Signature) -> str:
+    shape, dtype, device = sig
+    return f"shape {tuple(shape)}, {dtype} on {device}"

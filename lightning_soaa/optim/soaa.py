@@ -66,6 +66,7 @@ from lightning_soaa.optim.adamw import adam_state_schema
 from lightning_soaa.optim.base import BlockView, ShardedOptimizer, StepRecord, summed
 from lightning_soaa.optim.closure_source import accumulation_steps
 from lightning_soaa.optim.soaa_plan import NativePlan
+from lightning_soaa.optim.step_context import full_precision
 
 __all__ = ["SOAA"]
 
@@ -434,6 +435,7 @@ class SOAA(ShardedOptimizer):
 
     # ------------------------------------------------------------------ the step
     @torch._disable_dynamo  # eager under torch.compile (see ShardedOptimizer.step)
+    @full_precision  # inside an autocast region too (optim/step_context.py)
     @torch.no_grad()
     def step(
         self, closure: Callable[[], Any] | None = None, *, loss: Tensor | float | None = None

@@ -8,6 +8,7 @@ pickle, and rejected checkpoints that leave the optimizer unchanged. The multi-r
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -728,3 +729,80 @@ def test_the_battery_hyperparameters_move_the_model(spec: OptimizerSpec) -> None
     assert 1e-4 < moved < 10.0 and opt.num_steps == 3
     assert all(torch.isfinite(p).all() for p in params(model))
     assert opt.state_dict()["state"] or opt.state_dict()["lightning_soaa"]["global"]
+
+
+# ---------------------------------------------------------------------------------------- autocast
+def _step_under(spec: OptimizerSpec, model: torch.nn.Module, opt: Any, t: int, region: bool) -> None:
+    """Step ``t`` with the forward and backward outside any autocast region and ``step()`` inside a CPU
+    bf16 one (``region``) or not: what a manual-optimization ``training_step`` under Lightning's
+    ``precision="bf16-mixed"`` does."""
+    x, y = (u.float() for u in data(t))
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if region else contextlib.nullcontext()
+    if spec.needs is StepNeeds.BATCH:
+        with ctx:
+            opt.step(inputs=x, targets=y)
+        return
+    opt.zero_grad()
+    loss = torch.nn.functional.mse_loss(model(x), y)
+    loss.backward()
+    with ctx:
+        if spec.needs is StepNeeds.LOSS:
+            opt.step(loss=loss.detach())
+        else:
+            opt.step()
+
+
+@each_optimizer
+def test_a_step_inside_an_autocast_region_equals_the_step_outside(spec: OptimizerSpec) -> None:
+    """An optimizer step is the optimizer's arithmetic, not the model's: inside ``torch.autocast`` ASGO's
+    Grams and roots and EGN's Jacobians and solve ran in bf16 (1e-3 to 8e-2 off the same step outside,
+    silently). The step runs with autocast off; a closure it calls runs under the caller's region."""
+    runs = []
+    for region in (False, True):
+        model = tiny_mlp(0, torch.float32)
+        opt = spec.build(model, **spec.test_kwargs)
+        for t in range(3):
+            _step_under(spec, model, opt, t, region)
+        runs.append([p.detach().clone() for p in model.parameters()])
+        assert not torch.is_autocast_enabled("cpu")
+    assert_identical(runs[1], runs[0], "params")
+    if spec.needs is StepNeeds.BATCH:
+        return
+    model = tiny_mlp(0, torch.float32)
+    opt = spec.build(model, **spec.test_kwargs)
+    seen: list[bool] = []
+    x, y = (u.float() for u in data(0))
+
+    def closure() -> Tensor:
+        seen.append(torch.is_autocast_enabled("cpu"))
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x).float(), y)
+        loss.backward()
+        return loss
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        opt.step(closure)
+    assert seen and all(seen), seen  # the user's forward keeps the caller's autocast
+
+
+# ---------------------------------------------------------------------------------------- torch's DCP API
+@each_optimizer
+def test_torch_get_optimizer_state_dict_does_not_step_a_fresh_optimizer(spec: OptimizerSpec) -> None:
+    """torch.distributed.checkpoint.state_dict.get_optimizer_state_dict (the first call of torch's resume
+    recipe, a step-0 checkpoint) initialises an optimizer whose ``state`` is empty by a zero-gradient,
+    lr=0 ``step()``: ASGO/DASGO/AdamW took it (a step counted, moments formed; 1.2e-2 off after 5 steps),
+    SOAA and EGN raised 'needs the loss / the batch' and left lr=0 and zero gradients behind. Every
+    optimizer keeps an entry per parameter, so torch sees it initialised and leaves it alone."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    runs = []
+    for call in (False, True):
+        model, opt = make(spec)
+        if call:
+            get_optimizer_state_dict(model, opt)
+            assert opt.num_steps == 0 and all(g["lr"] == spec.test_kwargs["lr"] for g in opt.param_groups)
+            assert all(p.grad is None for p in model.parameters())
+        for t in range(3):
+            step(spec, model, opt, t)
+        runs.append(params(model))
+    assert_identical(runs[1], runs[0], "params")

@@ -10,6 +10,7 @@ For every optimizer in :data:`lightning_soaa.registry.REGISTRY`:
   elsewhere refused at construction;
 * a sparse gradient is refused at the step, before anything changes;
 * ``meta`` parameters: the optimizer may be built on them (sharding plans), a step is refused;
+* a parameter whose shape or dtype changed after construction is refused at the step, naming it;
 * zero-size parameters (shape ``(0, 5)``): where ``supports_zero_size``, they are left as they are and the
   other parameters follow exactly the run without them; elsewhere refused at construction.
 """
@@ -87,6 +88,39 @@ def test_add_param_group_with_a_repeated_parameter_leaves_the_optimizer_unchange
     before = w.detach().clone()
     _step(spec, opt, 0)  # still a working optimizer over w and b
     assert not torch.equal(w, before)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_add_param_group_keeps_the_blocks_of_existing_state(spec: OptimizerSpec) -> None:
+    """A group added after some steps (unfreezing a backbone) grew the model past the automatic block
+    size's threshold (2^21 elements): the table was rebuilt with larger blocks while the existing state
+    kept the old ones, and the kernels read (300, 1000) blocks from (200, 1000) buffers (NaN in the
+    parameters, glibc aborts). The existing blocks keep their cut; every block's state matches its
+    block, and AdamW still equals torch's."""
+    _takes_params(spec)
+    a, b = _param(600, 1000), _param(2500, 1000, seed=1)
+    kwargs = {k: v for k, v in spec.test_kwargs.items() if k != "max_block_numel"}  # the automatic size
+    opt = spec.load()([("a", a)], **kwargs)
+    ref = torch.optim.AdamW([a_ref := nn.Parameter(a.detach().clone())], **kwargs) if spec.name == "AdamW" else None
+    for i in range(3):
+        if i == 1:
+            opt.add_param_group({"params": [("b", b)]})
+            if ref is not None:
+                ref.add_param_group({"params": [b_ref := nn.Parameter(b.detach().clone())]})
+        _set_grads([a] if i < 1 else [a, b], i)
+        _step(spec, opt, i)
+        if ref is not None:
+            _set_grads([a_ref] if i < 1 else [a_ref, b_ref], i)
+            ref.step()
+    for blk in opt.block_table.owned():
+        shape = blk.shape
+        for key, value in opt.block_state(blk).items():
+            if isinstance(value, torch.Tensor) and value.dim() == 2 and spec.name in ("AdamW", "SOAA"):
+                assert tuple(value.shape) == tuple(shape), (blk, key, value.shape)
+    assert torch.isfinite(a).all() and torch.isfinite(b).all()
+    if ref is not None:
+        torch.testing.assert_close(a, a_ref, rtol=0, atol=1e-12)
+        torch.testing.assert_close(b, b_ref, rtol=0, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------- complex
@@ -211,7 +245,7 @@ def test_sparse_gradient_is_refused_before_anything_changes(spec: OptimizerSpec)
     with pytest.raises(RuntimeError, match=r"parameter 'emb.weight' has a torch.sparse_coo gradient"):
         _step(spec, opt, 0)
     assert torch.equal(emb.weight, before[0]) and torch.equal(w, before[1])
-    assert opt.num_steps == 0 and opt.skipped_steps == 0 and len(opt.state) == 0
+    assert opt.num_steps == 0 and opt.skipped_steps == 0 and not any(opt.state.values())
 
 
 @pytest.mark.parametrize("spec", SPECS)
@@ -230,11 +264,47 @@ def test_meta_parameters_plan_but_do_not_step(spec: OptimizerSpec) -> None:
             for p in model.parameters():
                 p.grad = torch.ones_like(p)
             _step(spec, opt, 0)
-    assert opt.num_steps == 0 and opt.skipped_steps == 0 and len(opt.state) == 0
+    assert opt.num_steps == 0 and opt.skipped_steps == 0 and not any(opt.state.values())
     # the usual mistake: the model is materialised, but the optimizer still holds the meta tensors
     model.to_empty(device="cpu")
     with pytest.raises(RuntimeError, match=msg):
         spec.take_step(opt, model, x, y)
+
+
+# ---------------------------------------------------------------------------------------- changed after construction
+def _resize_hidden(model: nn.Module, width: int) -> None:
+    """The hidden layer resized in place (``p.data = ...``), the model still consistent."""
+    g = torch.Generator().manual_seed(width)
+    for p, shape in ((model[0].weight, (width, 3)), (model[0].bias, (width,)), (model[2].weight, (2, width))):
+        p.data = torch.randn(shape, dtype=torch.float64, generator=g)
+
+
+_CHANGES = {"grown": lambda m: _resize_hidden(m, 9), "shrunk": lambda m: _resize_hidden(m, 3),
+            "dtype": lambda m: m.float()}
+
+
+@pytest.mark.parametrize("change", sorted(_CHANGES))
+@pytest.mark.parametrize("spec", SPECS)
+def test_parameters_changed_after_construction_are_refused(spec: OptimizerSpec, change: str) -> None:
+    """``p.data = `` a tensor of another shape, or ``model.to(dtype)`` after the optimizer was built: its
+    blocks, state and buffers were made for the old parameters, and the kernels read them by element
+    count: a grown weight overran them (NaN, a corrupted heap), a shrunk one stepped on mismatched
+    moments, a new dtype was gathered at W > 1 in the old one. torch's optimizers raise (shape) or step
+    the new tensors (dtype, where nothing is sharded); here every case is refused, naming the
+    parameter, before anything changes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    opt = spec.build(model, **spec.test_kwargs)
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    for _ in range(2):
+        spec.take_step(opt, model, x, y)
+    _CHANGES[change](model)
+    before = [p.detach().clone() for p in model.parameters()]
+    dt = next(model.parameters()).dtype
+    with pytest.raises(RuntimeError, match=r"parameter '\d.weight' is now shape .* but the optimizer was built for"):
+        spec.take_step(opt, model, x.to(dt), y.to(dt))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert opt.num_steps == 2 and opt.skipped_steps == 0
 
 
 # ---------------------------------------------------------------------------------------- zero-size
@@ -280,3 +350,23 @@ def test_adamw_complex_state_round_trips_through_a_checkpoint() -> None:
     for x, y in zip(out_a, out_b):
         assert torch.equal(x, y)
     assert opt_b.state[b[0][1]]["exp_avg"].dtype == torch.complex128
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_parameters_over_the_same_memory_are_refused(spec: OptimizerSpec) -> None:
+    """``nn.Parameter(enc.weight.t())``, a transposed "tie": two Parameters over one storage, each stepped
+    with its own gradient and state (at W = 2 the ranks drifted 3e-2 to 9e-2 apart in 4 steps, one
+    owner's gather overwriting the other's update). Refused at construction and by add_param_group;
+    disjoint views of one storage (two column slices) are accepted."""
+    _takes_params(spec)
+    enc = _param(4, 3)
+    dec = nn.Parameter(enc.detach().t())
+    with pytest.raises(ValueError, match=r"parameters 'enc' and 'dec' share memory"):
+        spec.load()([("enc", enc), ("dec", dec)], **spec.test_kwargs)
+    opt = spec.load()([("enc", enc)], **spec.test_kwargs)
+    with pytest.raises(ValueError, match=r"share memory"):
+        opt.add_param_group({"params": [("dec", dec)]})
+    assert len(opt.param_groups) == 1
+    base = torch.randn(4, 6, dtype=torch.float64)
+    left, right = nn.Parameter(base[:, ::2]), nn.Parameter(base[:, 1::2])  # interleaved, no shared element
+    spec.load()([("left", left), ("right", right)], **spec.test_kwargs)

@@ -19,6 +19,8 @@ the tests below are parametrized over the registry and read that launch's result
 * W = 2 and 3: a non-finite value on rank 1 only (a NaN gradient in a parameter rank 1 does not own,
   after the gradient averaging; a NaN target for optimizers that take the batch) is skipped on every
   rank with parameters and state unchanged and ``skipped_steps`` counted.
+* W = 2: a parameter converted to another dtype after construction is refused on every rank before
+  anything changes.
 * W = 2: ``deepcopy`` and pickle of (model, optimizer) continue identically (the pickle re-attaches to
   the default group at its first collective).
 * a pickle re-attaches only to the world size and rank it was made for; elsewhere every rank raises,
@@ -125,6 +127,25 @@ def _nan_run(spec: OptimizerSpec, rank: int, world: int) -> dict[str, Any]:
     step(spec, model, opt, NAN_AT, rank=rank, world=world, average=average, poison=rank == 1)
     return {"before": before, "after": _consolidated(opt, rank, to=None), "w_before": w,
             "w_after": params(model), "skipped": opt.skipped_steps}
+
+
+def _changed_dtype_run(spec: OptimizerSpec, rank: int, world: int) -> dict[str, Any]:
+    """Two steps, then the model converted to float32 on every rank: an owner used to raise alone inside
+    the update (after the step's all-reduce; the others waited in the parameter gather), after some
+    state had changed. Every rank must raise before anything changes."""
+    model, opt, average = _build(spec, world)
+    for t in range(2):
+        step(spec, model, opt, t, rank=rank, world=world, average=average)
+    model.float()
+    before = params(model)
+    x, y = (u.float() for u in data(2, rank=rank, world=world))
+    try:
+        spec.take_step(opt, model, x, y)
+        error = None
+    except RuntimeError as e:
+        error = str(e)
+    return {"error": error, "unchanged": all(torch.equal(a, b) for a, b in zip(before, params(model))),
+            "steps": opt.num_steps}
 
 
 def _unused_target(opt: Any) -> int:
@@ -235,6 +256,7 @@ def _worker(rank: int, world: int, resume: dict[str, Any], blob: bytes | None) -
             if takes_kwarg(spec, "shard") and takes_kwarg(spec, "grad_reduction"):
                 res["unsharded"] = _unsharded_mean_refusal(spec)
         if world == 2:
+            res["changed_dtype"] = _changed_dtype_run(spec, rank, world)
             res["copies"] = _copies_run(spec, rank, world, model, opt)
             if takes_kwarg(spec, "shard"):
                 res["unsharded_replicas"] = _unsharded_replicas_run(spec, rank, world)
@@ -380,6 +402,14 @@ def test_nonfinite_on_one_rank_is_skipped_on_every_rank(launches: _Launches, spe
         assert nan["after"]["lightning_soaa"]["global"]["skipped_steps"] == 1
         assert_identical(nan["w_after"], nan["w_before"], f"rank {r} params")
         assert_identical(without_skips(nan["after"]), without_skips(nan["before"]), f"rank {r} state")
+
+
+@each_optimizer
+def test_a_parameter_whose_dtype_changed_is_refused_on_every_rank(launches: _Launches, spec: OptimizerSpec) -> None:
+    for r, res in enumerate(launches.get(2)):
+        got = res[spec.name]["changed_dtype"]
+        assert got["error"] is not None and "but the optimizer was built for" in got["error"], (r, got["error"])
+        assert got["unchanged"] and got["steps"] == 2, r
 
 
 @pytest.mark.parametrize("spec", [s for s in SPECS if s.needs is not StepNeeds.BATCH], ids=lambda s: s.name)

@@ -189,7 +189,21 @@ def bad_combinations(rank: int, world_size: int) -> dict[str, str]:
     b = nn.Parameter(distribute_tensor(torch.zeros(4, 3, dtype=torch.float64), solo, [Shard(0)]))
     out["two_meshes"] = expect_error(lambda: SOAA([a, b]))
     out["add_group"] = expect_error(lambda: SOAA([a]).add_param_group({"params": [nn.Parameter(torch.zeros(2))]}))
+    out["fsdp_tp"] = expect_error(lambda: SOAA(_fsdp_over_tp(world_size).named_parameters()))
     return out
+
+
+def _fsdp_over_tp(world_size: int) -> nn.Module:
+    """fully_shard over tensor-parallel layers on a (dp=1, tp=W) mesh: _StridedShard placements."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    mesh = init_device_mesh("cpu", (1, world_size), mesh_dim_names=("dp", "tp"))
+    model = tiny_mlp(sizes=(6, 8, 4))
+    parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    fully_shard(model, mesh=mesh["dp"])
+    return model
 
 
 def nonfinite_skip(rank: int, world_size: int) -> dict[str, Any]:

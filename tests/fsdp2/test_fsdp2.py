@@ -129,6 +129,7 @@ def test_bad_combinations_raise_on_every_rank(w2_run):
         "dasgo_shard1": "only row sharding",
         "two_meshes": "must share one device mesh",
         "add_group": "add_param_group is not supported with DTensor",
+        "fsdp_tp": "FSDP2 combined with tensor parallelism",
     }
     for r, res in enumerate(results):
         for key, text in expected.items():
