@@ -317,8 +317,8 @@ class _OneSided(ShardedOptimizer):
             guard = self._guard = StatisticGuard()
         return guard
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
+    def _load_full_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super()._load_full_state_dict(state_dict)
         self._statistic_guard().reset()
 
     def _statistic_overflows(self, views: list[BlockView], grad_sq: float) -> bool:

@@ -109,7 +109,7 @@ from lightning_soaa.optim.param_checks import (
     check_step,
     param_signatures,
 )
-from lightning_soaa.optim.step_context import caller_autocast, full_precision
+from lightning_soaa.optim.step_context import amp_unscale_, caller_autocast, full_precision
 
 __all__ = ["ShardedOptimizer", "BlockView", "SkipStep", "StepCounts", "StepRecord", "host_floats", "summed"]
 
@@ -811,10 +811,21 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._sharded_step(local_error=error)
         return loss
 
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """torch.amp.GradScaler's flag: when True the scaler calls ``step()`` at every iteration and hands
+        over ``grad_scale``/``found_inf`` (:func:`~lightning_soaa.optim.step_context.amp_unscale_`). Only
+        where the ranks' gradients differ at the step (``grad_reduction="mean"``, W > 1): the scaler's
+        own skip, decided from one rank's gradients, would skip the step on that rank alone. Elsewhere
+        (DDP averaged the gradients, or one process) its usual flow is exact, and Lightning allows
+        gradient clipping under a GradScaler only for optimizers without the flag."""
+        return self.sharding.grad_reduction == "mean" and self.comm.world_size > 1
+
     def _local_nonfinite(self, partials: Sequence[float]) -> bool:
         """True when a summed value this rank computed or an optimizer-wide scalar is non-finite (its
         gradients are checked by :meth:`_grad_scan`)."""
-        return not all(math.isfinite(x) for x in partials) or self._state_nonfinite()
+        return (not all(math.isfinite(x) for x in partials) or self._state_nonfinite()
+                or self.__dict__.get("_amp_found_inf", False))
 
     def _state_nonfinite(self) -> bool:
         """True when an optimizer-wide scalar the next update reads is non-finite (e.g. SOAA's trust
@@ -1034,10 +1045,13 @@ class ShardedOptimizer(torch.optim.Optimizer):
         """
         self._join_before_step()
         local_error = local_error or self._hyperparameter_error()
+        if self._step_supports_amp_scaling:
+            self._amp_found_inf = amp_unscale_(self)  # under torch.amp.GradScaler (optim/step_context.py)
         if local_error is None and self._planned_step():
             return True
         try:  # meta tensors, sparse gradients, changed parameters: held like any other local error
-            check_step(self, self._params, self._names, built=self.__dict__.get("_built"))
+            if not check_step(self, self._params, self._names, built=self.__dict__.get("_built")):
+                self._warn_no_gradients()
         except (ValueError, RuntimeError) as e:
             local_error = local_error or e
         self.comm.begin_step()
@@ -1055,6 +1069,18 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._exchange_out(decision)
         self.num_steps += 1
         return True
+
+    def _warn_no_gradients(self) -> None:
+        """Once per optimizer: a step found no gradient on any of this rank's parameters, so it updates
+        nothing (as torch's optimizers do, silently): the model would never move while steps are counted."""
+        if self._params and not self.__dict__.get("_warned_no_gradients"):
+            self._warned_no_gradients = True
+            log.warning(
+                "%s.step: none of the %d parameters has a gradient (every .grad is None), so the step changes "
+                "nothing. Typical causes: the optimizer was built before a wrapper replaced the parameters "
+                "(build it after fully_shard / model.to_empty / load_state_dict(assign=True)), gradient "
+                "synchronisation left off (FSDP2 set_requires_gradient_sync(False)), backward() not called, "
+                "or every parameter frozen. Logged once.", type(self).__name__, len(self._params))
 
     def _hyperparameter_error(self) -> ValueError | None:
         """The error for the first param group holding a value the constructor refuses, or None.
@@ -1193,6 +1219,18 @@ class ShardedOptimizer(torch.optim.Optimizer):
             self._consolidated = None
 
     def state_dict(self) -> dict[str, Any]:
+        """:meth:`_full_state_dict` between torch's state-dict hooks, as ``torch.optim.Optimizer`` runs
+        them (``register_state_dict_pre_hook``/``post_hook``; a post hook may return a replacement)."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        sd = self._full_state_dict()
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            out = post_hook(self, sd)
+            if out is not None:
+                sd = out
+        return sd
+
+    def _full_state_dict(self) -> dict[str, Any]:
         """The full, world-size independent state.
 
         Without sharding (or with one rank) this is local. With W > 1 sharded ranks call
@@ -1214,6 +1252,18 @@ class ShardedOptimizer(torch.optim.Optimizer):
         return self._consolidated
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """:meth:`_load_full_state_dict` between torch's load hooks, as ``torch.optim.Optimizer`` runs them
+        (``register_load_state_dict_pre_hook``, which may return a replacement state, e.g. one remapped by
+        ``param_names``; ``register_load_state_dict_post_hook``)."""
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            out = pre_hook(self, state_dict)
+            if out is not None:
+                state_dict = out
+        self._load_full_state_dict(state_dict)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _load_full_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state saved at any world size; keep only the blocks this rank owns.
 
         The input is validated completely before anything changes, so a bad state dict leaves the

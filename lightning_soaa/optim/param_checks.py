@@ -135,19 +135,23 @@ def param_signatures(params: Sequence[Tensor]) -> list[Signature]:
 
 
 def check_step(optimizer: Any, params: Sequence[Tensor], names: Sequence[str | None], *,
-               gradients: bool = True, built: Sequence[Signature] | None = None) -> None:
+               gradients: bool = True, built: Sequence[Signature] | None = None) -> int:
     """Raise ``RuntimeError`` naming the first parameter the step cannot update, before any state,
     parameter or collective: a ``meta`` parameter (no data; also what an optimizer built before
     ``model.to_empty()`` still holds), with ``gradients`` a sparse (non-strided) gradient, which the
     dense kernels would otherwise reject mid-step, and with ``built`` (:func:`param_signatures` at
     construction) a parameter whose shape, dtype or device changed since (``p.data = ...``,
     ``model.to(torch.float64)``): the blocks, the state and the exchange buffers were made for the old one,
-    and the kernels read them by element count (a larger tensor overran them)."""
+    and the kernels read them by element count (a larger tensor overran them). Returns how many of the
+    parameters have a gradient (0 without ``gradients``)."""
+    seen = 0
     for i, p in enumerate(params):  # runs every step: only attribute reads unless something is wrong
         g = p.grad if gradients else None
         if (p.is_meta or (g is not None and g.layout != p.layout)
                 or (built is not None and (p.shape, p.dtype, p.device) != built[i])):
             _refuse_step(optimizer, p, repr(names[i]) if names[i] else f"#{i}", None if built is None else built[i])
+        seen += g is not None
+    return seen
 
 
 def _refuse_step(optimizer: Any, p: Tensor, label: str, built: Signature | None) -> None:

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["full_precision", "caller_autocast"]
+__all__ = ["amp_unscale_", "full_precision", "caller_autocast"]
 
 #: the device types whose autocast state a step reads (torch.is_autocast_enabled accepts each, present or not)
 AUTOCAST_DEVICES: tuple[str, ...] = ("cpu", "cuda", "xpu", "mps")
@@ -56,3 +56,25 @@ def caller_autocast(optimizer: Any) -> Iterator[None]:
         for device, dtype in regions:
             stack.enter_context(torch.autocast(device, dtype=dtype))
         yield
+
+
+def amp_unscale_(optimizer: Any) -> bool:
+    """torch.amp.GradScaler's contract with optimizers that set ``_step_supports_amp_scaling``: the scaler
+    calls ``step()`` at every iteration (on every rank: a skipped call under ``grad_reduction="mean"``
+    without DDP left one rank's collectives pairing with the next iteration's of another, then hung) and
+    hands over ``grad_scale`` (None when the user already called ``unscale_``) and ``found_inf``. The
+    gradients are unscaled here in place, as ``unscale_`` does; returns whether the scaler found an inf
+    or NaN on this rank, which the step counts as a non-finite value (skipped on every rank)."""
+    found, scale = optimizer.__dict__.get("found_inf"), optimizer.__dict__.get("grad_scale")
+    if scale is not None:
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    by_device.setdefault(p.grad.device, []).append(p.grad)
+        for device, grads in by_device.items():
+            inv = scale.double().reciprocal().float().reshape(1).to(device)
+            seen = torch.zeros(1, dtype=torch.float32, device=device)
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, seen, inv)
+    # found_inf is torch's sum over devices: the int 0 when no parameter had a gradient
+    return found is not None and float(found.item() if isinstance(found, torch.Tensor) else found) > 0

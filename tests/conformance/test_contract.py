@@ -806,3 +806,101 @@ def test_torch_get_optimizer_state_dict_does_not_step_a_fresh_optimizer(spec: Op
             step(spec, model, opt, t)
         runs.append(params(model))
     assert_identical(runs[1], runs[0], "params")
+
+
+@each_optimizer
+def test_state_dict_hooks_run_as_in_torch(spec: OptimizerSpec) -> None:
+    """torch.optim.Optimizer's four state-dict hooks (register_state_dict_pre/post_hook,
+    register_load_state_dict_pre/post_hook) were accepted and never called: a key a post hook added was
+    missing, a load pre hook could not remap a checkpoint (torch documents it for that), a load post
+    hook's change was lost. They run as torch runs them, a returned dict replacing the state."""
+    model, opt = make(spec)
+    step(spec, model, opt, 0)
+    calls: list[str] = []
+    opt.register_state_dict_pre_hook(lambda o: calls.append("pre"))
+
+    def add_key(o: Any, sd: dict[str, Any]) -> dict[str, Any]:
+        calls.append("post")
+        return {**sd, "note": "kept"}
+
+    opt.register_state_dict_post_hook(add_key)
+    sd = opt.state_dict()
+    assert calls == ["pre", "post"] and sd["note"] == "kept"
+    model2, fresh = make(spec)
+
+    def strip(o: Any, loaded: dict[str, Any]) -> dict[str, Any]:
+        calls.append("load_pre")
+        return {k: v for k, v in loaded.items() if k != "note"}  # the format has no "note"
+
+    def lower_lr(o: Any) -> None:
+        calls.append("load_post")
+        for g in o.param_groups:
+            g["lr"] = 1e-4
+
+    fresh.register_load_state_dict_pre_hook(strip)
+    fresh.register_load_state_dict_post_hook(lower_lr)
+    fresh.load_state_dict(sd)
+    assert calls[2:] == ["load_pre", "load_post"] and all(g["lr"] == 1e-4 for g in fresh.param_groups)
+    assert fresh.num_steps == opt.num_steps == 1
+
+
+@pytest.mark.parametrize("spec", [s for s in SPECS if s.needs is not StepNeeds.BATCH], ids=lambda s: s.name)
+def test_a_step_without_any_gradient_says_so_once(spec: OptimizerSpec, caplog: pytest.LogCaptureFixture) -> None:
+    """An optimizer built before fully_shard replaced the parameters, or FSDP2's gradient sync left off:
+    every .grad is None at every step, the model never moves and steps are counted, silently (torch's
+    optimizers too). The first such step logs why it changes nothing; later ones do not repeat it."""
+    model, opt = make(spec)
+    w = params(model)
+    with caplog.at_level("WARNING"):
+        for _ in range(3):
+            if spec.needs is StepNeeds.LOSS:
+                opt.step(loss=1.0)
+            else:
+                opt.step()
+    assert caplog.text.count("none of the") == 1 and "has a gradient" in caplog.text
+    assert_identical(params(model), w, "params")
+
+
+def _mse_step(spec: OptimizerSpec, model: torch.nn.Module, opt: Any, t: int,
+              scaler: torch.amp.GradScaler | None = None, overflow: bool = False, unscale: bool = False) -> None:
+    x, y = data(t)
+    opt.zero_grad()
+    loss = torch.nn.functional.mse_loss(model(x), y)
+    kwargs = {"loss": loss.detach()} if spec.needs is StepNeeds.LOSS else {}
+    if scaler is None:
+        loss.backward()
+        opt.step(**kwargs)
+        return
+    scaler.scale(loss).backward()
+    if overflow:
+        next(model.parameters()).grad.view(-1)[0] = float("inf")
+    if unscale:
+        scaler.unscale_(opt)
+    scaler.step(opt, **kwargs)
+    scaler.update()
+
+
+@pytest.mark.parametrize("unscale", [False, True], ids=["scaler_unscales", "user_unscales"])
+@pytest.mark.parametrize("spec", [s for s in SPECS if s.needs is not StepNeeds.BATCH], ids=lambda s: s.name)
+def test_grad_scaler_steps_equal_unscaled_steps_and_skip_overflows(spec: OptimizerSpec, unscale: bool) -> None:
+    """torch.amp.GradScaler on one process: with a power-of-two scale the run equals the unscaled one bit
+    for bit, whether the scaler or the user unscales; an overflow is not stepped and the scaler backs off.
+    With the scaler's contract forced on (``_step_supports_amp_scaling``, what grad_reduction="mean" at
+    W > 1 uses: tests/conformance/test_ranks.py) the step unscales the gradients itself and skips the
+    overflow (counted), with the same result."""
+    ref_model, ref = make(spec)
+    for t in (0, 2):  # the run without the overflowing iteration
+        _mse_step(spec, ref_model, ref, t)
+    for contract in (False, True):
+        model, opt = make(spec)
+        if contract:
+            type(opt)._step_supports_amp_scaling = property(lambda self: True)  # type: ignore[assignment]
+        try:
+            scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+            for t in range(3):
+                _mse_step(spec, model, opt, t, scaler, overflow=t == 1, unscale=unscale)
+        finally:
+            if contract:
+                del type(opt)._step_supports_amp_scaling
+        assert opt.num_steps == 2 and opt.skipped_steps == int(contract) and scaler.get_scale() == 2.0**9
+        assert_identical(params(model), params(ref_model), "params")

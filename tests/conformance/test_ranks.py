@@ -20,7 +20,8 @@ the tests below are parametrized over the registry and read that launch's result
   after the gradient averaging; a NaN target for optimizers that take the batch) is skipped on every
   rank with parameters and state unchanged and ``skipped_steps`` counted.
 * W = 2: a parameter converted to another dtype after construction is refused on every rank before
-  anything changes.
+  anything changes; under torch.amp.GradScaler with grad_reduction="mean", an overflow on one rank is
+  skipped on every rank.
 * W = 2: ``deepcopy`` and pickle of (model, optimizer) continue identically (the pickle re-attaches to
   the default group at its first collective).
 * a pickle re-attaches only to the world size and rank it was made for; elsewhere every rank raises,
@@ -148,6 +149,24 @@ def _changed_dtype_run(spec: OptimizerSpec, rank: int, world: int) -> dict[str, 
             "steps": opt.num_steps}
 
 
+def _scaler_run(spec: OptimizerSpec, rank: int, world: int) -> dict[str, Any]:
+    """torch.amp.GradScaler with grad_reduction="mean" (no DDP): an overflow on rank 1 alone. The scaler
+    used to skip step() on rank 1 only, whose next call then paired with rank 0's (gradients of two
+    iterations averaged), and the last one hung. Every rank must skip that step together."""
+    model, opt = make(spec, grad_reduction="mean")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    for t in range(3):
+        x, y = data(t, rank=rank, world=world)
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        scaler.scale(loss).backward()
+        if t == 1 and rank == 1:
+            next(model.parameters()).grad.view(-1)[0] = float("inf")
+        scaler.step(opt, **({"loss": loss.detach()} if spec.needs is StepNeeds.LOSS else {}))
+        scaler.update()
+    return {"skipped": opt.skipped_steps, "steps": opt.num_steps, "params": params(model)}
+
+
 def _unused_target(opt: Any) -> int:
     """The parameter the unused-parameter runs drop: the first one rank 0 owns a block of."""
     return min(b.param_index for b in opt.block_table.blocks if b.owner == 0)
@@ -257,6 +276,8 @@ def _worker(rank: int, world: int, resume: dict[str, Any], blob: bytes | None) -
                 res["unsharded"] = _unsharded_mean_refusal(spec)
         if world == 2:
             res["changed_dtype"] = _changed_dtype_run(spec, rank, world)
+            if takes_kwarg(spec, "grad_reduction") and spec.needs is not StepNeeds.BATCH:
+                res["scaler"] = _scaler_run(spec, rank, world)
             res["copies"] = _copies_run(spec, rank, world, model, opt)
             if takes_kwarg(spec, "shard"):
                 res["unsharded_replicas"] = _unsharded_replicas_run(spec, rank, world)
@@ -402,6 +423,14 @@ def test_nonfinite_on_one_rank_is_skipped_on_every_rank(launches: _Launches, spe
         assert nan["after"]["lightning_soaa"]["global"]["skipped_steps"] == 1
         assert_identical(nan["w_after"], nan["w_before"], f"rank {r} params")
         assert_identical(without_skips(nan["after"]), without_skips(nan["before"]), f"rank {r} state")
+
+
+@pytest.mark.parametrize("spec", [s for s in SPECS if s.needs is not StepNeeds.BATCH
+                                  and takes_kwarg(s, "grad_reduction")], ids=lambda s: s.name)
+def test_grad_scaler_overflow_on_one_rank_is_skipped_on_every_rank(launches: _Launches, spec: OptimizerSpec) -> None:
+    results = [res[spec.name]["scaler"] for res in launches.get(2)]
+    assert all(r["skipped"] == 1 and r["steps"] == 2 for r in results), results
+    assert_identical(results[1]["params"], results[0]["params"], "params across ranks")
 
 
 @each_optimizer
