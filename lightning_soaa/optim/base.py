@@ -401,6 +401,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
     #: the record ``_prepare`` returns (its summed fields are the all-reduced vector); fixed per optimizer
     #: so that all ranks agree on shapes.
     step_record: type[StepRecord] = StepRecord
+    #: False for an optimizer that never reads ``.grad`` (EGN differentiates the model itself): its step
+    #: neither checks nor misses gradients
+    reads_gradients: bool = True
     #: True when ``_prepare``'s partials are non-finite whenever an owned gradient is (e.g. SOAA's Σm̂²),
     #: or when the optimizer reads no gradients (EGN): the base then skips its own scan of the owned
     #: gradients. Blocks a rank does not own are covered separately: with ``grad_reduction="none"`` on
@@ -1050,7 +1053,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if local_error is None and self._planned_step():
             return True
         try:  # meta tensors, sparse gradients, changed parameters: held like any other local error
-            if not check_step(self, self._params, self._names, built=self.__dict__.get("_built")):
+            reads = self.reads_gradients
+            if not check_step(self, self._params, self._names, gradients=reads, built=self.__dict__.get("_built")) \
+                    and reads:
                 self._warn_no_gradients()
         except (ValueError, RuntimeError) as e:
             local_error = local_error or e

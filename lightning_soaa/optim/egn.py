@@ -17,6 +17,7 @@ from lightning_soaa.config import EGNConfig, check_range
 from lightning_soaa.distributed.blocks import BlockInfo
 from lightning_soaa.distributed.checkpoint import StateField, check_finite_number
 from lightning_soaa.distributed.comm import LocalComm
+from lightning_soaa.distributed.dtensor import has_dtensor
 from lightning_soaa.functional import egn as egn_math
 from lightning_soaa.functional.gram import (
     GramFactors,
@@ -38,6 +39,7 @@ from lightning_soaa.optim.egn_capture import (
     plan_curvature,
 )
 from lightning_soaa.optim.egn_chain import ChainCapture, grad_off, plan_chain
+from lightning_soaa.optim.egn_places import ParamPlaces, replaced_message
 from lightning_soaa.optim.egn_rng import StepRng
 from lightning_soaa.optim.egn_trace import plan_trace
 from lightning_soaa.optim.param_checks import check_step
@@ -141,6 +143,19 @@ def _fingerprint(active: tuple[bool, ...]) -> float:
     """Which of EGN's parameters are trainable, as one float for the agreement all-reduce: the tuple's
     hash (not salted across processes for bools), cut to the 52 bits a float64 holds exactly."""
     return float(hash(active) & ((1 << 52) - 1))
+
+
+def _refuse_sparse_embeddings(model: nn.Module) -> None:
+    """A trained ``nn.Embedding(sparse=True)`` / ``EmbeddingBag(sparse=True)``: its per-sample Jacobian rows
+    would come from sparse gradients, which torch.func cannot batch (the step failed with an internal
+    'aten::view ... SparseCPU' error)."""
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse and m.weight.requires_grad:
+            raise ValueError(
+                f"EGN: module {name!r} is {type(m).__name__}(sparse=True), whose sparse gradients EGN's "
+                "Jacobians cannot use. Build it with sparse=False (EGN forms its own dense Jacobian rows), "
+                "or freeze it (weight.requires_grad_(False))."
+            )
 
 
 def _buffer_layout(buffers: list[tuple[str, Tensor]]) -> list[float]:
@@ -337,7 +352,9 @@ class EGN(ShardedOptimizer):
         model: the ``nn.Module``; its trainable parameters are optimized (one param group). Freezing
             follows ``requires_grad`` at every step: a parameter frozen later is not updated and the
             system is that of the still trainable ones; unfreezing one that was frozen when EGN was
-            built is refused (build a new EGN).
+            built is refused (build a new EGN). The parameters, and the submodules that hold them, are those
+            of the model when EGN was built: replacing them later (``load_state_dict(sd, assign=True)``,
+            ``fully_shard``, ``model.layer = ...``) is refused at the next step, before anything changes.
         loss: ``"mse"`` (ℓ = ½‖y − z‖²), ``"cross_entropy"`` (softmax, integer targets), ``"bce"``
             (sigmoid logits) (default ``"mse"``).
         lr: step size α₀, the maximum α with line search (default 0.1).
@@ -378,6 +395,7 @@ class EGN(ShardedOptimizer):
     #: FSDP2 refused: EGN's forwards/JVPs run the module itself and its Gram factors are built from whole
     #: layer weights; over sharded parameters that needs FSDP's unshard hooks inside EGN's passes.
     supports_dtensor = False
+    reads_gradients = False  # the Jacobians come from the model and the batch
 
     def _dtensor_refusal(self) -> Exception:
         return ValueError(
@@ -430,6 +448,7 @@ class EGN(ShardedOptimizer):
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("EGN: the model has no trainable parameters (none with requires_grad=True).")
+        _refuse_sparse_embeddings(model)
         self.config = cfg
         self.model = model
         super().__init__(named, dict(lr=cfg.lr, momentum=cfg.momentum), process_group=process_group,
@@ -439,6 +458,10 @@ class EGN(ShardedOptimizer):
         self._param_devices: set[torch.device] | None = None  # see _devices
         # the parameters frozen when EGN was built: EGN has no shard or state for them (_follow_freezing)
         self._frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
+        if has_dtensor([p for _, p in self._frozen]):  # (the trained ones: refused by the base)
+            raise self._dtensor_refusal()
+        # where each of the module's parameters sits: checked at every step (_check_places)
+        self._places = ParamPlaces(model)
         #: requires_grad of each of EGN's parameters as last planned: the trained ones are those still
         #: trainable (_follow_freezing); ``_trainable`` and the plan below are made from them
         self._active = (True,) * len(named)
@@ -499,6 +522,16 @@ class EGN(ShardedOptimizer):
         self._active = active
         self._trainable = {n: p for (n, p), on in zip(self._named, active) if on}
         self._plan()
+
+    def _check_places(self) -> None:
+        """Raise ``RuntimeError`` naming the first of the module's parameters (trained or frozen) that is
+        no longer the tensor EGN was built with (:mod:`~lightning_soaa.optim.egn_places`): the forward would
+        use the new one while EGN stepped the old one, and the capture plan, the chain and the guard are
+        keyed to the old ones. Called inside :meth:`step`'s held-error block: every rank raises together,
+        before anything changes."""
+        bad = self._places.first_replaced()
+        if bad is not None:
+            raise RuntimeError(replaced_message(*bad, dtensor_refusal=str(self._dtensor_refusal())))
 
     # ------------------------------------------------------------------ groups and checkpoints
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -574,6 +607,7 @@ class EGN(ShardedOptimizer):
         try:  # an error on one rank is reported through the first all-reduce and raised on every rank
             # meta or changed parameters (.grad is unused), before the closure runs the model on them
             check_step(self, self._params, self._names, gradients=False, built=self.__dict__.get("_built"))
+            self._check_places()  # the module still holds EGN's parameters (not replaced since)
             if closure is not None:
                 with torch.enable_grad(), caller_autocast(self):
                     closure_value = closure()

@@ -354,3 +354,72 @@ def test_ranks_take_rank_0s_buffers_before_the_eval_mode_pass(tmp_path) -> None:
         message, unchanged = res["untracked"]
         assert message is not None and "disagree on whether the model has floating-point buffers" in message
         assert unchanged
+
+
+def _replaced_step(opt: EGN, model: nn.Module, rank: int, world: int) -> tuple[str | None, bool, int]:
+    """(the step's error or None, whether the model's local tensors and EGN's are unchanged, num_steps)."""
+    def local() -> list[torch.Tensor]:
+        ts = [*model.parameters(), *(p for g in opt.param_groups for p in g["params"])]
+        return [(t.to_local() if hasattr(t, "to_local") else t).detach().clone() for t in ts]
+    before = local()
+    x, y = _uneven_share(0, rank, world)
+    try:
+        opt.step(inputs=x, targets=y)
+        message = None
+    except (RuntimeError, ValueError) as exc:
+        message = f"{type(exc).__name__}: {exc}"
+    return message, all(torch.equal(a, b) for a, b in zip(before, local(), strict=True)), opt.num_steps
+
+
+def _replaced_worker(rank: int, world: int) -> dict:
+    """Parameters replaced after EGN was built: by load_state_dict(assign=True) on the last rank only,
+    then by fully_shard (FSDP2's DTensor Parameters) on every rank; last, EGN built on a model whose frozen
+    layer alone is fully_shard'ed."""
+    from torch.distributed.fsdp import fully_shard
+
+    out: dict = {}
+    model = tiny_mlp(0)
+    opt = EGN(model, loss="mse", lr=0.5)
+    if rank == world - 1:
+        model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    out["assign"] = _replaced_step(opt, model, rank, world)
+
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    model = tiny_mlp(0)
+    opt = EGN(model, loss="mse", lr=0.5)
+    for m in model:
+        if isinstance(m, nn.Linear):
+            fully_shard(m, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    out["fully_shard"] = _replaced_step(opt, model, rank, world)
+
+    model = tiny_mlp(0)  # only a frozen layer sharded: refused at construction (the trained ones by the base)
+    model[0].requires_grad_(False)
+    fully_shard(model[0], mesh=mesh)
+    try:
+        EGN(model, loss="mse")
+        out["frozen_dtensor"] = None
+    except ValueError as exc:
+        out["frozen_dtensor"] = str(exc)
+    return out
+
+
+def test_parameters_replaced_after_construction_are_refused_on_every_rank(tmp_path) -> None:
+    """EGN kept stepping its own Parameters while the model's forward used the replacements (the model
+    never moved; steps counted). Every rank raises in the same step, before anything changes: also the
+    ranks whose model is intact when one rank's parameters were replaced."""
+    if not hasattr(pytest.importorskip("torch.distributed.fsdp"), "fully_shard"):
+        pytest.skip("this torch has no FSDP2 fully_shard")
+    world = 2
+    results = run_distributed(_replaced_worker, world, tmp_path, timeout=120)
+    for rank, res in enumerate(results):
+        message, unchanged, steps = res["assign"]
+        assert message is not None and unchanged and steps == 0
+        if rank == world - 1:
+            assert "'0.weight' is no longer the tensor" in message and "assign=True" in message
+        message, unchanged, steps = res["fully_shard"]
+        assert message is not None and unchanged and steps == 0
+        assert "'0.weight' is now a DTensor" in message and "fully_shard (FSDP2) was applied after" in message
+        assert "EGN does not support DTensor" in (res["frozen_dtensor"] or "")

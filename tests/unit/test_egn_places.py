@@ -1,0 +1,135 @@
+"""EGN on a model whose parameters (or the submodules holding them) were replaced after EGN was built:
+``load_state_dict(sd, assign=True)``, a tie undone, a layer assigned anew, a frozen parameter swapped.
+EGN used to step its own stale Parameters while the model's forward used the new ones (the model never
+moved; steps counted, losses returned). Each is refused at the next step with a message naming the first
+replaced parameter, with nothing changed; an EGN built afterwards trains as the float64 oracle."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from lightning_soaa.optim.egn import EGN
+from tests.unit._egn_oracle import direct_direction, flat_params
+from tests.unit.test_egn_structure import _Net  # not a Sequential: traced as a chain at every step
+
+DT = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(5)
+
+
+def _batch(step: int, b: int = 8) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(300 + step)
+    return torch.randn(b, 4, generator=g, dtype=DT), torch.randn(b, 2, generator=g, dtype=DT)
+
+
+#: the three capture paths: a planned chain, a traced chain, the general capture with explicit rows
+MODELS: dict[str, Callable[[], nn.Module]] = {
+    "chain": lambda: nn.Sequential(nn.Linear(4, 7), nn.Tanh(), nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 2)).to(DT),
+    "traced": lambda: _Net().to(DT),
+    "general": lambda: nn.Sequential(nn.Linear(4, 7), nn.LayerNorm(7), nn.Tanh(), nn.Linear(7, 2)).to(DT),
+}
+FIRST = {"chain": "0.weight", "traced": "a.weight", "general": "0.weight"}
+
+
+def _snapshot(opt: EGN) -> tuple[Tensor, dict, tuple]:
+    sd = copy.deepcopy(opt.state_dict())
+    return flat_params(opt.model), sd, (opt.num_steps, opt.damping, opt.alpha, opt.momentum_steps)
+
+
+def _unchanged(opt: EGN, model: nn.Module, before: tuple[Tensor, dict, tuple]) -> None:
+    w, sd, counters = before
+    assert torch.equal(flat_params(model), w)
+    assert (opt.num_steps, opt.damping, opt.alpha, opt.momentum_steps) == counters
+    now = opt.state_dict()
+    assert now["state"].keys() == sd["state"].keys()
+    for i, blocks in sd["state"].items():
+        for j, fields in blocks.items():
+            for k, v in fields.items():
+                assert torch.equal(now["state"][i][j][k], v), (i, j, k)
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_load_state_dict_assign_is_refused_and_a_new_egn_trains_as_the_oracle(kind: str) -> None:
+    model = MODELS[kind]()
+    opt = EGN(model, loss="mse", lr=0.5, damping=0.3, momentum=0.5)
+    opt.step(inputs=_batch(0)[0], targets=_batch(0)[1])  # some state to keep
+    loaded = {k: v.detach().clone() + 0.01 for k, v in model.state_dict().items()}
+    model.load_state_dict(loaded, assign=True)
+    before = _snapshot(opt)
+    for _ in range(2):  # refused at every step, not only the first
+        with pytest.raises(RuntimeError, match=rf"'{FIRST[kind]}' is no longer the tensor .*"
+                                               r"load_state_dict\(\.\.\., assign=True\).*Build the EGN after"):
+            opt.step(inputs=_batch(1)[0], targets=_batch(1)[1])
+        _unchanged(opt, model, before)
+    # an EGN built on the model as it now stands trains it, each step the oracle's direction
+    fresh = EGN(model, loss="mse", lr=1.0, damping=0.3)
+    for t in range(1, 3):
+        x, y = _batch(t)
+        ref = direct_direction(copy.deepcopy(model).eval(), x, y, "mse", damping=0.3)["d"]
+        w0 = flat_params(model)
+        fresh.step(inputs=x, targets=y)
+        torch.testing.assert_close(flat_params(model) - w0, ref, rtol=1e-9, atol=1e-12)
+
+
+def _untie(model: nn.Module) -> str:
+    model[2].weight = nn.Parameter(model[2].weight.detach().clone())
+    return "2.weight"
+
+
+def _new_layer(model: nn.Module) -> str:
+    model[2] = nn.Linear(4, 4).to(DT)
+    return "2.weight"
+
+
+def _same_params_new_layer(model: nn.Module) -> str:
+    """A new Linear holding the same Parameters: EGN's plan still points at the old module."""
+    new = nn.Linear(4, 4).to(DT)
+    new.weight, new.bias = model[2].weight, model[2].bias
+    model[2] = new
+    return "2.weight"
+
+
+def _frozen_swapped(model: nn.Module) -> str:
+    model[0].bias = nn.Parameter(model[0].bias.detach().clone(), requires_grad=False)
+    return "0.bias"
+
+
+CHANGES = {"untie": _untie, "new_layer": _new_layer, "same_params_new_layer": _same_params_new_layer,
+           "frozen_swapped": _frozen_swapped}
+
+
+@pytest.mark.parametrize("change", sorted(CHANGES))
+def test_a_parameter_or_its_submodule_replaced_is_refused(change: str) -> None:
+    """Layers 0 and 2 share their weight (two places of one Parameter); layer 0's bias is frozen."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2)).to(DT)
+    model[2].weight = model[0].weight
+    model[0].bias.requires_grad_(False)
+    opt = EGN(model, loss="mse", lr=0.5, damping=0.3)
+    opt.step(inputs=_batch(0)[0], targets=_batch(0)[1])
+    name = CHANGES[change](model)
+    before = _snapshot(opt)
+    if "layer" in change:
+        match = rf"the submodule '2', which held the model's parameter '{name}', was replaced.*Nothing changed"
+    else:
+        match = rf"'{name}' is no longer the tensor .*holds another Parameter there.*Nothing changed"
+    with pytest.raises(RuntimeError, match=match):
+        opt.step(inputs=_batch(1)[0], targets=_batch(1)[1])
+    _unchanged(opt, model, before)
+
+
+def test_a_trained_sparse_embedding_is_refused_naming_it() -> None:
+    """nn.Embedding(sparse=True) failed at the first step with torch.func's internal 'aten::view ...
+    SparseCPU' error; it is refused at construction, naming the module (frozen, it is accepted)."""
+    model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Flatten(), nn.Linear(8, 2)).to(DT)
+    with pytest.raises(ValueError, match=r"module '0' is Embedding\(sparse=True\)"):
+        EGN(model, loss="mse")
+    model[0].weight.requires_grad_(False)
+    EGN(model, loss="mse")
