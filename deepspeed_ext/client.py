@@ -44,6 +44,7 @@ from torch import Tensor
 
 from deepspeed_ext.ds_config import ELASTIC_MESSAGE
 from deepspeed_ext.structure import VirtualParams, build_virtual_params
+from lightning_soaa.optim.sd_hooks import hooked_load, hooked_state_dict
 
 __all__ = ["DeepSpeedClientOptimizer", "StateLayoutError"]
 
@@ -346,6 +347,12 @@ class DeepSpeedClientOptimizer(torch.optim.Optimizer):
                 "world_size": self._inner.comm.world_size}
 
     def state_dict(self) -> dict[str, Any]:
+        return hooked_state_dict(self, self._own_state_dict)  # torch's state-dict hooks, as torch runs them
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        hooked_load(self, state_dict, self._load_own_state_dict)
+
+    def _own_state_dict(self) -> dict[str, Any]:
         """torch-shaped state: hyperparameters per group plus the inner optimizer's state.
 
         Stage 0 (our sharding): the inner state is consolidated (a collective; DeepSpeed calls this on
@@ -369,7 +376,7 @@ class DeepSpeedClientOptimizer(torch.optim.Optimizer):
                         "training_steps": self.training_steps},
         }
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def _load_own_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not isinstance(state_dict, dict) or STATE_KEY not in state_dict:
             raise ValueError(
                 f"{type(self).__name__}.load_state_dict: not a lightning_soaa DeepSpeed optimizer state "

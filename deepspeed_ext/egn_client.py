@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_soaa.optim.sd_hooks import hooked_load, hooked_state_dict
+
 __all__ = ["DeepSpeedEGNOptimizer"]
 
 log = logging.getLogger(__name__)
@@ -115,6 +117,12 @@ class DeepSpeedEGNOptimizer(torch.optim.Optimizer):
         return stats
 
     def state_dict(self) -> dict[str, Any]:
+        return hooked_state_dict(self, self._own_state_dict)  # torch's state-dict hooks, as torch runs them
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        hooked_load(self, state_dict, self._load_own_state_dict)
+
+    def _own_state_dict(self) -> dict[str, Any]:
         """EGN's world-size independent state (consolidated: DeepSpeed calls this on every rank)."""
         inner = self._ensure_inner()
         if inner.comm.world_size > 1:
@@ -124,7 +132,7 @@ class DeepSpeedEGNOptimizer(torch.optim.Optimizer):
         return {"state": {}, "param_groups": groups,
                 STATE_KEY: {"inner": inner.state_dict(), "training_steps": self.training_steps}}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def _load_own_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not isinstance(state_dict, dict) or STATE_KEY not in state_dict:
             raise ValueError(f"{type(self).__name__}.load_state_dict: not an EGN DeepSpeed state (missing "
                              f"'{STATE_KEY}').")

@@ -109,6 +109,7 @@ from lightning_soaa.optim.param_checks import (
     check_step,
     param_signatures,
 )
+from lightning_soaa.optim.sd_hooks import hooked_load, hooked_state_dict
 from lightning_soaa.optim.step_context import amp_unscale_, caller_autocast, full_precision
 
 __all__ = ["ShardedOptimizer", "BlockView", "SkipStep", "StepCounts", "StepRecord", "host_floats", "summed"]
@@ -1053,10 +1054,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if local_error is None and self._planned_step():
             return True
         try:  # meta tensors, sparse gradients, changed parameters: held like any other local error
-            reads = self.reads_gradients
-            if not check_step(self, self._params, self._names, gradients=reads, built=self.__dict__.get("_built")) \
-                    and reads:
-                self._warn_no_gradients()
+            self._check_step(warn=local_error is None)  # a step that already failed proves nothing
         except (ValueError, RuntimeError) as e:
             local_error = local_error or e
         self.comm.begin_step()
@@ -1073,6 +1071,33 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._apply(views, decision)
         self._exchange_out(decision)
         self.num_steps += 1
+        return True
+
+    def _check_step(self, warn: bool) -> None:
+        """:func:`check_step` with the signatures the table was built for; warns (once) when no parameter
+        has a gradient. One process that has not stepped yet takes parameters converted or moved since
+        construction (Lightning Fabric's ``setup(model, optimizer)`` converts the module after the
+        optimizer is built, as torch's optimizers allow): the table is rebuilt for them."""
+        reads, built = self.reads_gradients, self.__dict__.get("_built")
+        try:
+            seen = check_step(self, self._params, self._names, gradients=reads, built=built)
+        except RuntimeError:
+            if not self._rebuild_unstepped():
+                raise
+            seen = check_step(self, self._params, self._names, gradients=reads, built=self._built)
+        if not seen and reads and warn:
+            self._warn_no_gradients()
+
+    def _rebuild_unstepped(self) -> bool:
+        """Rebuild the table for the parameters as they are now, where nothing can be lost or disagree: a
+        single process, no step taken or loaded, no state. Returns whether it did."""
+        if (not isinstance(self.comm, LocalComm) or self.num_steps or self.skipped_steps or any(self.state.values())
+                or self._dtensor is not None or any(p.is_meta for p in self._params)
+                or param_signatures(self._params) == self.__dict__.get("_built")):
+            return False
+        log.info("%s: the parameters were converted or moved after construction (before any step); the "
+                 "block table is rebuilt for them", type(self).__name__)
+        self._build_table()
         return True
 
     def _warn_no_gradients(self) -> None:
@@ -1224,16 +1249,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
             self._consolidated = None
 
     def state_dict(self) -> dict[str, Any]:
-        """:meth:`_full_state_dict` between torch's state-dict hooks, as ``torch.optim.Optimizer`` runs
-        them (``register_state_dict_pre_hook``/``post_hook``; a post hook may return a replacement)."""
-        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
-            pre_hook(self)
-        sd = self._full_state_dict()
-        for post_hook in self._optimizer_state_dict_post_hooks.values():
-            out = post_hook(self, sd)
-            if out is not None:
-                sd = out
-        return sd
+        """:meth:`_full_state_dict` between torch's state-dict hooks (:mod:`~lightning_soaa.optim.sd_hooks`)."""
+        return hooked_state_dict(self, self._full_state_dict)
 
     def _full_state_dict(self) -> dict[str, Any]:
         """The full, world-size independent state.
@@ -1257,16 +1274,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         return self._consolidated
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """:meth:`_load_full_state_dict` between torch's load hooks, as ``torch.optim.Optimizer`` runs them
-        (``register_load_state_dict_pre_hook``, which may return a replacement state, e.g. one remapped by
-        ``param_names``; ``register_load_state_dict_post_hook``)."""
-        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
-            out = pre_hook(self, state_dict)
-            if out is not None:
-                state_dict = out
-        self._load_full_state_dict(state_dict)
-        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
-            post_hook(self)
+        """:meth:`_load_full_state_dict` between torch's load hooks (:mod:`~lightning_soaa.optim.sd_hooks`;
+        a pre hook may return a replacement, e.g. a state remapped by ``param_names``)."""
+        hooked_load(self, state_dict, self._load_full_state_dict)
 
     def _load_full_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state saved at any world size; keep only the blocks this rank owns.

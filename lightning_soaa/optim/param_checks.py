@@ -100,9 +100,11 @@ def check_disjoint_storage(optimizer: Any, params: Sequence[Tensor], labels: Seq
         spans.setdefault((str(p.device), p.untyped_storage().data_ptr()), []).append((start, stop, i))
     for items in spans.values():
         items.sort()
-        for k, (s1, _, j) in enumerate(items):
-            for _, e0, i in items[:k]:  # one storage rarely holds more than a few parameters
-                if s1 >= e0 or not _share_elements(params[i], params[j]):
+        active: list[tuple[int, int]] = []  # (end, index) of the earlier spans still open at this start
+        for s1, e1, j in items:
+            active = [(e0, i) for e0, i in active if e0 > s1]  # disjoint views (DeepSpeed's) keep it short
+            for _, i in active:
+                if not _share_elements(params[i], params[j]):
                     continue
                 raise ValueError(
                     f"{type(optimizer).__name__}: parameters {labels[i]} and {labels[j]} share memory (one is a "
@@ -110,6 +112,7 @@ def check_disjoint_storage(optimizer: Any, params: Sequence[Tensor], labels: Seq
                     "own gradient and state, and at W > 1 one owner's update overwrites the other's. Tie "
                     "weights by using one Parameter object in both places (then it is listed once)."
                 )
+            active.append((e1, j))
 
 
 def _share_elements(a: Tensor, b: Tensor) -> bool:

@@ -12,8 +12,9 @@ positive semi-definite; DASGO's is a vector of diagonal entries), and a diagonal
 is a convex combination of its old value and the squared norm of one gradient row, at most
 ``W * sum ||g||^2`` (``W``: the mesh size when a block's statistic is a sum over FSDP2 row shards, else 1).
 A host-side bound ``B`` of the largest diagonal entry, carried from step to step, decides most steps with
-one multiply-add; only a bound within a factor 2 of the dtype's largest number costs the exact check (per
-block, in float64, one host read), which also resets ``B`` to the exact value.
+one multiply-add; only a bound (or ``W * sum ||g||^2`` itself: the update sums the squares before scaling
+them by ``1 - beta2``) within a factor 2 of the dtype's largest number costs the exact check (per block,
+in float64, one host read), which also resets ``B`` to the exact value.
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ class StatisticGuard:
             self._pending = self.bound
             return False
         rise = (1.0 - min(betas2)) * mesh * grad_sq
-        if self.bound is not None:
+        # the update's float32 sums are unscaled (see _exact), so the squared norms must fit too
+        if self.bound is not None and mesh * grad_sq <= FAST_MARGIN * limit:
             kept = max(betas2) * self.bound if all_stepped else self.bound
             new = kept + rise
             if new <= FAST_MARGIN * limit:

@@ -837,11 +837,15 @@ def test_state_dict_hooks_run_as_in_torch(spec: OptimizerSpec) -> None:
         for g in o.param_groups:
             g["lr"] = 1e-4
 
+    def rewrite(o: Any, loaded: dict[str, Any]) -> None:
+        loaded["note"] = "rewritten"  # in place: torch hands hooks a copy, the caller's dict stays
+
+    fresh.register_load_state_dict_pre_hook(rewrite)
     fresh.register_load_state_dict_pre_hook(strip)
     fresh.register_load_state_dict_post_hook(lower_lr)
     fresh.load_state_dict(sd)
     assert calls[2:] == ["load_pre", "load_post"] and all(g["lr"] == 1e-4 for g in fresh.param_groups)
-    assert fresh.num_steps == opt.num_steps == 1
+    assert fresh.num_steps == opt.num_steps == 1 and sd["note"] == "kept"
 
 
 @pytest.mark.parametrize("spec", [s for s in SPECS if s.needs is not StepNeeds.BATCH], ids=lambda s: s.name)

@@ -370,3 +370,29 @@ def test_parameters_over_the_same_memory_are_refused(spec: OptimizerSpec) -> Non
     base = torch.randn(4, 6, dtype=torch.float64)
     left, right = nn.Parameter(base[:, ::2]), nn.Parameter(base[:, 1::2])  # interleaved, no shared element
     spec.load()([("left", left), ("right", right)], **spec.test_kwargs)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_parameters_converted_before_the_first_step_are_taken_on_one_process(spec: OptimizerSpec) -> None:
+    """Lightning Fabric's ``setup(model, optimizer)`` converts (and on a GPU moves) the module after the
+    optimizer was built, as torch's optimizers allow. On one process, before any step (no state to
+    lose), the table is rebuilt for the new parameters: the run equals one built after the conversion.
+    EGN, which plans its capture on the module, refuses (build it after setup)."""
+    runs = []
+    for convert_after in (True, False):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+        if not convert_after:
+            model.float()
+        opt = spec.build(model, **spec.test_kwargs)
+        if convert_after:
+            model.float()
+        x, y = torch.randn(5, 3), torch.randn(5, 2)
+        if convert_after and spec.first_arg is FirstArg.MODULE:
+            with pytest.raises(RuntimeError, match="but the optimizer was built for"):
+                spec.take_step(opt, model, x, y)
+            return
+        for _ in range(2):
+            spec.take_step(opt, model, x, y)
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))

@@ -502,7 +502,7 @@ _OVERFLOW_CASES = {"asgo": lambda ps: ASGO(ps, lr=0.05), "asgo_eigh": lambda ps:
 
 
 @pytest.mark.parametrize("case", sorted(_OVERFLOW_CASES))
-@pytest.mark.parametrize("spread", ["row", "entry"])
+@pytest.mark.parametrize("spread", ["row", "entry", "column_7e18"])
 def test_finite_gradients_that_would_overflow_a_statistic_are_skipped(case, spread, caplog):
     """One step of finite float32 gradients whose squared row norms exceed float32 (a row of 1e20) made
     ASGO's Gram inf for good: its roots were non-finite at every later step (the pre-spike root was kept,
@@ -518,8 +518,10 @@ def test_finite_gradients_that_would_overflow_a_statistic_are_skipped(case, spre
                 grad = model[0].weight.grad  # 8 x 6: right side, its Gram's diagonal holds column norms
                 if spread == "row":
                     grad[3].fill_(1e20)  # finite; each square (1e40) is not
-                else:
+                elif spread == "entry":
                     grad[5, 2] = 1e20
+                else:  # each square fits, their column sum (3.9e38) does not, (1 - beta2) times it does
+                    grad[:, 2] = 7e18
                 before = [p.detach().clone() for p in model.parameters()]
                 opt.step()
                 assert opt.skipped_steps == 1
