@@ -163,6 +163,14 @@ def _compile_default() -> bool:
     return os.environ.get("LIGHTNING_SOAA_COMPILE", "1") != "0" and hasattr(torch, "compile")
 
 
+def _resolution(loss: Any, reference: float, eps: float) -> float:
+    """The smallest loss change ``same_batch`` acceptance can judge: ``eps``, or four roundings of the loss
+    in its own dtype at its magnitude (a float32 loss of 1e4 rounds by ~1e-3). The same on every rank:
+    the dtype is the model's, the value the all-reduced mean loss."""
+    dtype = loss.dtype if isinstance(loss, Tensor) and loss.is_floating_point() else torch.float64
+    return max(eps, 4.0 * torch.finfo(dtype).eps * abs(reference))
+
+
 def _loss_value(loss: Any) -> float:
     value = _check_loss(loss)
     return float(value.item()) if isinstance(value, Tensor) else value
@@ -216,8 +224,11 @@ class SOAA(ShardedOptimizer):
     θ, so the state stays consistent) and sets :math:`d \leftarrow \max(\text{shrink}\cdot d, d_{min})`;
     :math:`\rho > \eta_2` with at least one coordinate on the :math:`d`-branch of the cap ("the step was
     limited by d") sets :math:`d \leftarrow \text{expand}\cdot d`; :math:`d` is kept
-    :math:`\le hi_t`. **Cost:** one extra closure evaluation per step (a forward, plus a backward if
-    the closure calls it), a copy of the owned parameters, and a second scalar all-reduce.
+    :math:`\le hi_t`. A trial whose predicted and observed reductions are both at most the loss's
+    resolution (:math:`\max(\epsilon, 4\,\epsilon_{dtype} |\ell_t|)`, or :math:`p_t = 0`) cannot be
+    judged: it stands and :math:`d` is left alone. **Cost:** one extra closure evaluation per step (a
+    forward, plus a backward if the closure calls it), a copy of the owned parameters, and a second
+    scalar all-reduce.
 
     Args:
         params: tensors, ``named_parameters()`` or param groups (groups may set lr, betas, eps,
@@ -753,9 +764,12 @@ class SOAA(ShardedOptimizer):
         rho = actual / max(pred, cfg.eps) if bad == 0 else -math.inf
         self._pred, self._actual, self._rho = pred, actual, rho
         d = self._d
-        if bad == 0 and pred == 0.0:
-            # a null trial (lr = 0 in a warm-up, or no update at all) predicts nothing to judge: it stands
-            # and d is left alone (rho = 0 / eps once rejected it and halved d at every warm-up step)
+        res = _resolution(new_loss if error is None else None, self._loss, cfg.eps) if bad == 0 else 0.0
+        if bad == 0 and (pred == 0.0 or (pred <= res and abs(actual) <= res)):
+            # a trial too small to judge (lr = 0 in a warm-up; a predicted and an observed change below
+            # eps or the loss's own rounding, e.g. a float32 loss of 1e4): it stands and d is left alone.
+            # Judged, rho = noise / eps rejected it, halved d, shrank the next trial: d sank to d_min
+            # for good (a loss scaled by 1e-9 never trained; one offset by 1e4 in float32 stalled)
             self._accepted += 1
         elif rho < cfg.eta1:
             log.debug("SOAA same_batch: step %d rejected (rho=%.3g, predicted=%.3g, actual=%.3g)",
