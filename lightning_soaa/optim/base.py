@@ -80,7 +80,7 @@ from torch import Tensor
 
 from lightning_soaa.config import ShardingConfig
 from lightning_soaa.distributed import agreement
-from lightning_soaa.distributed.blocks import BlockInfo, BlockSpec, BlockTable, row_block_specs
+from lightning_soaa.distributed.blocks import BlockInfo, BlockSpec, BlockTable, param_fingerprint, row_block_specs
 from lightning_soaa.distributed.checkpoint import (
     FORMAT_KEY,
     CheckpointView,
@@ -659,12 +659,13 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def _sharded_multi_rank(self) -> bool:
         return self.sharding.shard and self.comm.world_size > 1
 
-    def _build_table(self, keep_limit: bool = False) -> None:
+    def _build_table(self, keep_limit: bool = False, check_ranks: bool = True) -> None:
         """The block table over every param group; ``keep_limit``: keep the automatic block size (a group
-        added after construction must not re-cut the blocks whose state exists)."""
+        added after construction must not re-cut the blocks whose state exists); ``check_ranks=False``:
+        no cross-rank check (a collective), for a rebuild that not every rank may make (_rebuild_unstepped)."""
         plist = self._all_params()
         params = [p for p, _, _ in plist]
-        if self.comm.world_size > 1:  # every rank, whatever its shard value: see the method
+        if self.comm.world_size > 1 and check_ranks:  # every rank, whatever its shard value: see the method
             self._check_same_params_on_all_ranks(params, [name for _, _, name in plist])
         world = self.comm.world_size if self.sharding.shard else 1
         if not keep_limit or "_auto_limit" not in self.__dict__:
@@ -940,11 +941,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
         scheduler changes ``lr`` every step: it is then recomputed; see agreement.hyperparameter_key)."""
         key = agreement.hyperparameter_key(self.param_groups)
         cached = self.__dict__.get("_hyper_cache")
+        rebuilt = int(self.__dict__.get("_rebuilt_digest", 0))  # parameters converted before the first step
         if key is not None and cached is not None and cached[0] == key:
-            return int(cached[1])
+            return int(cached[1]) ^ rebuilt
         digest = agreement.hyperparameter_digest(self.param_groups)
         self._hyper_cache = (key, digest) if key is not None else None
-        return digest
+        return digest ^ rebuilt
 
     def _raise_disagreement(self, verdict: agreement.StepVerdict, error: BaseException | None) -> None:
         """Raise on every rank (the same decision everywhere: the verdict is bit-identical)."""
@@ -1089,15 +1091,18 @@ class ShardedOptimizer(torch.optim.Optimizer):
             self._warn_no_gradients()
 
     def _rebuild_unstepped(self) -> bool:
-        """Rebuild the table for the parameters as they are now, where nothing can be lost or disagree: a
-        single process, no step taken or loaded, no state. Returns whether it did."""
-        if (not isinstance(self.comm, LocalComm) or self.num_steps or self.skipped_steps or any(self.state.values())
-                or self._dtensor is not None or any(p.is_meta for p in self._params)
+        """Rebuild the table for the parameters as they are now, where no state can be lost: no step taken
+        or loaded, no state, no DTensor. Returns whether it did. Without a collective (a rank whose
+        parameters did not change makes none): the new parameters' fingerprint joins the hyperparameter
+        digest of the step's agreement row, so ranks that converted differently raise together there."""
+        if (self.num_steps or self.skipped_steps or any(self.state.values()) or self._dtensor is not None
+                or any(p.is_meta for p in self._params)
                 or param_signatures(self._params) == self.__dict__.get("_built")):
             return False
         log.info("%s: the parameters were converted or moved after construction (before any step); the "
                  "block table is rebuilt for them", type(self).__name__)
-        self._build_table()
+        self._build_table(check_ranks=False)
+        self._rebuilt_digest = param_fingerprint(self._params) & ((1 << 48) - 1)
         return True
 
     def _warn_no_gradients(self) -> None:

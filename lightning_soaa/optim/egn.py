@@ -871,6 +871,11 @@ class EGN(ShardedOptimizer):
             return None, None, cap.error
         if not isinstance(z, Tensor):
             return None, None, f"EGN: the model must return a tensor; got {type(z).__name__}."
+        if z.dtype not in self._param_dtypes():  # the Gram factors pair outputs with parameter-dtype signals
+            return None, None, (f"EGN: the model's outputs are {z.dtype}, its trained parameters "
+                                f"{sorted(map(str, self._param_dtypes()))}; EGN needs outputs in a parameter "
+                                "dtype. Remove the cast at the end of forward (e.g. logits.float()) or convert "
+                                "the model to the outputs' dtype.")
         try:
             egn_math.check_outputs_targets(self.config.loss, z, _as(targets, device=z.device))
         except ValueError as exc:
@@ -882,6 +887,9 @@ class EGN(ShardedOptimizer):
             if cap.error is not None:
                 return None, None, cap.error
         return z, cap, None
+
+    def _param_dtypes(self) -> set[torch.dtype]:
+        return {p.dtype for p in self._params}
 
     def _devices(self) -> set[torch.device]:
         """The devices of EGN's parameters (their generators are rewound, :class:`StepRng`): kept from the

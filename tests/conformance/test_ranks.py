@@ -40,7 +40,7 @@ from typing import Any
 import pytest
 import torch
 
-from lightning_soaa.registry import OptimizerSpec, StepNeeds
+from lightning_soaa.registry import FirstArg, OptimizerSpec, StepNeeds
 from tests.conformance._battery import (
     SIZES,
     SPECS,
@@ -147,6 +147,39 @@ def _changed_dtype_run(spec: OptimizerSpec, rank: int, world: int) -> dict[str, 
         error = str(e)
     return {"error": error, "unchanged": all(torch.equal(a, b) for a, b in zip(before, params(model))),
             "steps": opt.num_steps}
+
+
+def _converted_first_run(spec: OptimizerSpec, rank: int, world: int) -> dict[str, Any]:
+    """The model converted to float32 after the optimizer was built, before its first step (Lightning
+    Fabric's setup(model, optimizer) at W = 2): taken over on every rank, equal to building after the
+    conversion (the parameter check had refused it here; before this turn it trained correctly);
+    EGN, which plans its capture on the module, refuses on every rank."""
+    out: dict[str, Any] = {}
+    for late in (True, False):
+        model, opt, average = _build(spec, world)
+        if not late:
+            model.float()
+            opt = spec.build(model, **spec.test_kwargs)
+        else:
+            model.float()
+        try:
+            for t in range(2):
+                x, y = (u.float() for u in data(t, rank=rank, world=world))
+                spec.take_step(opt, model, x, y,
+                               on_gradients=functools.partial(_average_grads, model, world) if average else None)
+            out["late" if late else "early"] = params(model)
+        except RuntimeError as e:
+            out["late" if late else "early"] = str(e)
+    return out
+
+
+def _average_grads(model: Any, world: int) -> None:
+    import torch.distributed as dist
+
+    for p in model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(world)
 
 
 def _scaler_run(spec: OptimizerSpec, rank: int, world: int) -> dict[str, Any]:
@@ -276,6 +309,7 @@ def _worker(rank: int, world: int, resume: dict[str, Any], blob: bytes | None) -
                 res["unsharded"] = _unsharded_mean_refusal(spec)
         if world == 2:
             res["changed_dtype"] = _changed_dtype_run(spec, rank, world)
+            res["converted_first"] = _converted_first_run(spec, rank, world)
             if takes_kwarg(spec, "grad_reduction") and spec.needs is not StepNeeds.BATCH:
                 res["scaler"] = _scaler_run(spec, rank, world)
             res["copies"] = _copies_run(spec, rank, world, model, opt)
@@ -431,6 +465,19 @@ def test_grad_scaler_overflow_on_one_rank_is_skipped_on_every_rank(launches: _La
     results = [res[spec.name]["scaler"] for res in launches.get(2)]
     assert all(r["skipped"] == 1 and r["steps"] == 2 for r in results), results
     assert_identical(results[1]["params"], results[0]["params"], "params across ranks")
+
+
+@each_optimizer
+def test_parameters_converted_before_the_first_step_are_taken_on_every_rank(launches: _Launches,
+                                                                           spec: OptimizerSpec) -> None:
+    results = [res[spec.name]["converted_first"] for res in launches.get(2)]
+    if spec.first_arg is FirstArg.MODULE:
+        assert all("but the optimizer was built for" in r["late"] for r in results), results
+        return
+    for r, res in enumerate(results):
+        assert not isinstance(res["late"], str), (r, res["late"])
+        assert_identical(res["late"], res["early"], f"rank {r}: converted after vs before construction")
+    assert_identical(results[1]["late"], results[0]["late"], "params across ranks")
 
 
 @each_optimizer

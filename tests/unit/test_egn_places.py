@@ -133,3 +133,23 @@ def test_a_trained_sparse_embedding_is_refused_naming_it() -> None:
         EGN(model, loss="mse")
     model[0].weight.requires_grad_(False)
     EGN(model, loss="mse")
+
+
+class _CastOut(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lin(x).float()  # logits cast up, as under precision="bf16-true"
+
+
+def test_outputs_in_another_dtype_than_the_parameters_are_refused_clearly() -> None:
+    """A forward ending in .float() on a float64 (or bf16) model failed inside the capture with torch's bare
+    'both inputs should have same dtype'; refused naming both dtypes, nothing changed."""
+    model = _CastOut().to(DT)
+    opt = EGN(model, loss="mse")
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"outputs are torch.float32, its trained parameters \['torch.float64'\]"):
+        opt.step(inputs=torch.randn(8, 4, dtype=DT), targets=torch.randn(8, 2))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())) and opt.num_steps == 0
