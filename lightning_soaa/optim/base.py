@@ -1077,9 +1077,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     def _check_step(self, warn: bool) -> None:
         """:func:`check_step` with the signatures the table was built for; warns (once) when no parameter
-        has a gradient. One process that has not stepped yet takes parameters converted or moved since
+        has a gradient. An optimizer that has not stepped yet takes parameters converted or moved since
         construction (Lightning Fabric's ``setup(model, optimizer)`` converts the module after the
-        optimizer is built, as torch's optimizers allow): the table is rebuilt for them."""
+        optimizer is built, as torch's optimizers allow): the table is rebuilt for them
+        (:meth:`_rebuild_unstepped`)."""
         reads, built = self.reads_gradients, self.__dict__.get("_built")
         try:
             seen = check_step(self, self._params, self._names, gradients=reads, built=built)
