@@ -402,9 +402,6 @@ class ShardedOptimizer(torch.optim.Optimizer):
     #: the record ``_prepare`` returns (its summed fields are the all-reduced vector); fixed per optimizer
     #: so that all ranks agree on shapes.
     step_record: type[StepRecord] = StepRecord
-    #: False for an optimizer that never reads ``.grad`` (EGN differentiates the model itself): its step
-    #: neither checks nor misses gradients
-    reads_gradients: bool = True
     #: True when ``_prepare``'s partials are non-finite whenever an owned gradient is (e.g. SOAA's Σm̂²),
     #: or when the optimizer reads no gradients (EGN): the base then skips its own scan of the owned
     #: gradients. Blocks a rank does not own are covered separately: with ``grad_reduction="none"`` on
@@ -1081,14 +1078,13 @@ class ShardedOptimizer(torch.optim.Optimizer):
         construction (Lightning Fabric's ``setup(model, optimizer)`` converts the module after the
         optimizer is built, as torch's optimizers allow): the table is rebuilt for them
         (:meth:`_rebuild_unstepped`)."""
-        reads, built = self.reads_gradients, self.__dict__.get("_built")
         try:
-            seen = check_step(self, self._params, self._names, gradients=reads, built=built)
+            seen = check_step(self, self._params, self._names, built=self.__dict__.get("_built"))
         except RuntimeError:
             if not self._rebuild_unstepped():
                 raise
-            seen = check_step(self, self._params, self._names, gradients=reads, built=self._built)
-        if not seen and reads and warn:
+            seen = check_step(self, self._params, self._names, built=self._built)
+        if not seen and warn:
             self._warn_no_gradients()
 
     def _rebuild_unstepped(self) -> bool:

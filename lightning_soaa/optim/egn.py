@@ -395,7 +395,11 @@ class EGN(ShardedOptimizer):
     #: FSDP2 refused: EGN's forwards/JVPs run the module itself and its Gram factors are built from whole
     #: layer weights; over sharded parameters that needs FSDP's unshard hooks inside EGN's passes.
     supports_dtensor = False
-    reads_gradients = False  # the Jacobians come from the model and the batch
+    def _check_step(self, warn: bool) -> None:
+        """Nothing: :meth:`step` checked the parameters already, inside its held-error block (the base's
+        check again would cost a second pass over them, and its rebuild of a table for parameters
+        converted before the first step would make EGN take, at its next step, what it just refused).
+        EGN reads no ``.grad``, so there are no gradients to miss either."""
 
     def _dtensor_refusal(self) -> Exception:
         return ValueError(
