@@ -392,7 +392,7 @@ class EGN(ShardedOptimizer):
     #: EGN never reads ``p.grad`` (Lightning may leave stale or non-finite ones): the base must not scan
     #: them; ``_prepare`` flags a non-finite direction itself.
     partials_cover_grads = True
-    #: FSDP2 refused: EGN's forwards/JVPs run the module itself and its Gram factors are built from whole
+    #: FSDP2 refused: EGN's forwards run the module itself and its Gram factors are built from whole
     #: layer weights; over sharded parameters that needs FSDP's unshard hooks inside EGN's passes.
     supports_dtensor = False
     def _check_step(self, warn: bool) -> None:

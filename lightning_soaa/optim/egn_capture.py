@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jacrev, jvp, vmap
+from torch.func import functional_call, jacrev, vmap
 from torch.nn.modules import module as _module
 from torch.nn.utils import parametrize
 
@@ -31,8 +31,7 @@ from lightning_soaa.optim.egn_guard import OwnUseGuard
 log = logging.getLogger(__name__)
 
 __all__ = ["LinearSite", "plan_curvature", "LinearCapture", "checked_back_signals", "checked_explicit_rows",
-           "explicit_jacobian_rows",
-           "jvp_outputs"]
+           "explicit_jacobian_rows"]
 
 
 @dataclasses.dataclass
@@ -373,17 +372,3 @@ def checked_explicit_rows(model: nn.Module, params: dict[str, Tensor], xs: tuple
     want = torch.einsum("i,k,ikp->p", w, rho, rows)
     diff, scale = torch.stack([(got - want).norm(), got.norm() + want.norm()]).tolist()  # one host read
     return rows, COUPLING_MESSAGE if diff > COUPLING_TOL.get(z.dtype, 3e-2) * scale else None
-
-
-def jvp_outputs(model: nn.Module, params: dict[str, Tensor], tangents: dict[str, Tensor],
-                xs: tuple[Tensor, ...]) -> Tensor:
-    """J·t for the batch: forward-mode derivative of the outputs along ``tangents``, [b, c]."""
-    pdict = {n: p.detach() for n, p in params.items()}
-    slots = _call_slots(model, params)
-
-    def f(p: dict[str, Tensor]) -> Tensor:
-        return _call(model, slots, p, xs)
-
-    # jvp returns (outputs, tangent outputs); its stub also admits the has_aux triple.
-    out: Tensor = jvp(f, (pdict,), ({n: tangents[n] for n in pdict},))[1]
-    return out
