@@ -61,12 +61,15 @@ class StateField:
         dtype: the exact dtype; None accepts any floating or integer dtype.
         nonnegative: every element must be >= 0 (second moments, counters).
         required: a block that has any state must have this key (False: kept only in some steps).
+        legacy: other dtypes that checkpoints of earlier versions hold for this key; accepted, and
+            converted to ``dtype`` on load.
     """
 
     shape: tuple[int, ...]
     dtype: torch.dtype | None = None
     nonnegative: bool = False
     required: bool = True
+    legacy: tuple[torch.dtype, ...] = ()
 
 
 def check_finite_number(where: str, value: Any, *, positive: bool = False, integer: bool = False,
@@ -267,7 +270,7 @@ def _validate_block(where: str, blk: Any, schema: dict[str, StateField]) -> None
             raise ValueError(f"{where}[{key!r}] must be a tensor, got {type(v).__name__}.")
         if tuple(v.shape) != tuple(field.shape):
             raise ValueError(f"{where}[{key!r}] has shape {tuple(v.shape)}; it must be {tuple(field.shape)}.")
-        if field.dtype is not None and v.dtype != field.dtype:
+        if field.dtype is not None and v.dtype != field.dtype and v.dtype not in field.legacy:
             raise ValueError(f"{where}[{key!r}] has dtype {v.dtype}; it must be {field.dtype}.")
         complex_ok = field.dtype is not None and field.dtype.is_complex  # complex parameters' moments
         if (v.is_complex() and not complex_ok) or v.dtype == torch.bool:
@@ -291,7 +294,16 @@ def select_owned_state(optimizer: CheckpointView, sd: dict[str, Any]) -> dict[tu
         if blk is None:
             continue
         device = optimizer.devices[b.param_index]
-        out[b.key] = {
-            k: (v.detach().clone().to(device) if isinstance(v, torch.Tensor) else v) for k, v in blk.items()
-        }
+        schema = optimizer.block_schema(b) or {}
+        out[b.key] = {k: (_owned_value(v, device, schema.get(k)) if isinstance(v, torch.Tensor) else v)
+                      for k, v in blk.items()}
+    return out
+
+
+def _owned_value(v: torch.Tensor, device: torch.device, field: StateField | None) -> torch.Tensor:
+    """A copy of a saved tensor on ``device``; an earlier version's dtype (``field.legacy``) converted to
+    the current one."""
+    out = v.detach().clone().to(device)
+    if field is not None and field.dtype is not None and out.dtype in field.legacy:
+        out = out.to(field.dtype)
     return out

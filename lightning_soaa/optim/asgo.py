@@ -65,6 +65,12 @@ INV_ROOT = "inv_root"  # ASGO preconditioner P ~ (V + damping)^{-1/2} (k x k), r
 ROOT_FALLBACKS = "root_fallbacks"  # how often this block's root was non-finite
 GRAM_AT_ROOT = "gram_at_root"  # root_every="auto": the V the current P was computed from (k x k)
 ROOT_STEP = "root_step"  # root_every="auto": the step of that root
+#: ASGO's matrix blocks count their steps in float64: the root schedule reads the count, and a float32
+#: count stops at 2**24 (16.7M steps), after which ``root_every=k`` computed a root at every step or at none,
+#: and ``"auto"`` saw an age of 0 for good. float32 counts of earlier checkpoints load converted. The AdamW
+#: fallback (torch's fused kernel, whose bias correction does not mind) and DASGO (no schedule) keep
+#: torch's float32.
+MATRIX_STEP_DTYPE = torch.float64
 COL_STAT = "col_stat"  # DASGO column statistic (n)
 
 
@@ -375,10 +381,11 @@ class _OneSided(ShardedOptimizer):
                 matrix.append(v)
         # Every counter advanced by one call (one kernel for all, their values known on the host: no
         # .item() per block), then handed to the updates that read them.
-        counts = self._counts().advance(STEP, [v.state[STEP] for v in adam] + [v.state[STEP] for v in matrix])
-        self._adam_step(adam, counts[:len(adam)])
+        # Two calls: the fallback's and the matrices' counters may differ in dtype (MATRIX_STEP_DTYPE).
+        counts = self._counts()
+        self._adam_step(adam, counts.advance(STEP, [v.state[STEP] for v in adam]))
         # also with no matrix block here: DASGO's norms of column-split matrices are a collective
-        self._matrix_step(matrix, counts[len(adam):])
+        self._matrix_step(matrix, counts.advance((STEP, "matrix"), [v.state[STEP] for v in matrix]))
 
     def _adam_step(self, views: list[BlockView], counts: list[float]) -> None:
         """The AdamW fallback, one update per param group; ``counts``: the blocks' advanced step counters."""
@@ -594,16 +601,18 @@ class _OneSided(ShardedOptimizer):
             return adam_state_schema(block, param)  # the AdamW fallback
         sdt = self._state_dtype(param)
         m, n = asgo_math.matrix_view(torch.empty(block.shape, device="meta")).shape
-        step = StateField((), torch.float32, nonnegative=True)
         if self._method == "dasgo":
+            step = StateField((), torch.float32, nonnegative=True)
             return {"step": step, EXP_AVG: StateField((m, n), sdt), COL_STAT: StateField((n,), sdt, nonnegative=True)}
         k = self._gram_size(block)
+        step = StateField((), MATRIX_STEP_DTYPE, nonnegative=True, legacy=(torch.float32,))
         return {"step": step, EXP_AVG: StateField((m, n), sdt), GRAM: StateField((k, k), sdt),
                 INV_ROOT: StateField((k, k), sdt, required=False),
                 ROOT_FALLBACKS: StateField((), torch.int64, nonnegative=True),
                 # root_every="auto" only: the statistic and step of the current root
                 GRAM_AT_ROOT: StateField((k, k), sdt, required=False),
-                ROOT_STEP: StateField((), torch.float32, nonnegative=True, required=False)}
+                ROOT_STEP: StateField((), MATRIX_STEP_DTYPE, nonnegative=True, required=False,
+                                      legacy=(torch.float32,))}
 
     @staticmethod
     def _state_dtype(param: Tensor) -> torch.dtype:
@@ -781,7 +790,7 @@ class ASGO(_OneSided):
         m, n = _matrix_shape(v.param.shape)
         k = m if side == asgo_math.LEFT else n
         dev = v.param.device
-        v.state[STEP] = torch.zeros((), dtype=torch.float32)
+        v.state[STEP] = torch.zeros((), dtype=MATRIX_STEP_DTYPE)
         v.state[EXP_AVG] = torch.zeros((m, n), dtype=sdt, device=dev)
         v.state[GRAM] = torch.zeros((k, k), dtype=sdt, device=dev)
         v.state[ROOT_FALLBACKS] = torch.zeros((), dtype=torch.int64)

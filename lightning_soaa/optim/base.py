@@ -214,8 +214,8 @@ def host_floats(values: Sequence[Any]) -> list[float]:
 _version_of = operator.attrgetter("_version")
 _dtype_of = operator.attrgetter("dtype")
 _is_cpu = operator.attrgetter("is_cpu")
-# Counts below this are exact in float32 and float64, so writing count + 1 is what add_(1) writes.
-_EXACT_COUNT = float(1 << 24)
+# Counts below these are exact in their dtype, so writing count + 1 is what add_(1) writes.
+_EXACT_COUNT = {torch.float32: float(1 << 24), torch.float64: float(1 << 53)}
 
 
 def _stamp(ts: list[Tensor]) -> tuple[int, ...]:
@@ -266,9 +266,12 @@ class StepCounts:
         ``add_`` writes), on the CPU."""
         first = values[0] if values else -1.0
         dtypes = set(map(_dtype_of, counters))
-        fast = (first.is_integer() and 0.0 <= first < _EXACT_COUNT and values.count(first) == len(values)
-                and len(dtypes) == 1 and dtypes <= {torch.float32, torch.float64} and all(map(_is_cpu, counters)))
-        return dtypes.pop() if fast else None
+        if len(dtypes) != 1:
+            return None
+        dtype = dtypes.pop()
+        fast = (first.is_integer() and 0.0 <= first < _EXACT_COUNT.get(dtype, 0.0)
+                and values.count(first) == len(values) and all(map(_is_cpu, counters)))
+        return dtype if fast else None
 
     def increment(self, key: Any, counters: list[Tensor]) -> list[float]:
         """Add 1 to every counter in place (the bits ``add_(1.0)`` writes), after :meth:`read` of the
@@ -294,7 +297,7 @@ class StepCounts:
             torch._foreach_copy_(counters, [src.fill_(x)] * len(counters))
             new = [x] * len(counters)
             # all at one integer count x in one dtype on the CPU: _one_dtype(new, counters) in one comparison
-            after = dtype if x < _EXACT_COUNT else None
+            after = dtype if x < _EXACT_COUNT[dtype] else None
         else:
             new = increment_counts_(counters)
             after = self._one_dtype(new, counters)

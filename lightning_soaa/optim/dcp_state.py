@@ -75,7 +75,7 @@ def block_schema(opt: ShardedOptimizer, block: BlockInfo) -> Schema:
     """The state keys of ``block`` after its first step, with this rank's shapes and dtypes."""
     from lightning_soaa.functional.asgo import LEFT
     from lightning_soaa.optim.adamw import ShardedAdamW
-    from lightning_soaa.optim.asgo import DASGO, GRAM_AT_ROOT, ROOT_STEP, _OneSided
+    from lightning_soaa.optim.asgo import DASGO, GRAM_AT_ROOT, MATRIX_STEP_DTYPE, ROOT_STEP, _OneSided
     from lightning_soaa.optim.base import BlockView
     from lightning_soaa.optim.soaa import SOAA
 
@@ -91,10 +91,11 @@ def block_schema(opt: ShardedOptimizer, block: BlockInfo) -> Schema:
             return {"step": step, "exp_avg": (True, (m, n), sdt), "col_stat": (False, (n,), sdt)}
         bv = BlockView(block=block, param=view, grad=None, state={}, group=group, name=name)
         k = m if opt._side_of(bv, m, n) == LEFT else n  # the side ASGO's own step picks
+        step = (False, (), MATRIX_STEP_DTYPE)  # a float32 count saved before it was widened converts on load
         out: Schema = {"step": step, "exp_avg": (True, (m, n), sdt), "gram": (False, (k, k), sdt),
                        "inv_root": (False, (k, k), sdt), "root_fallbacks": (False, (), torch.int64)}
         if group["root_every"] == "auto":  # the statistic and step of the current root, kept for "auto"
-            out.update({GRAM_AT_ROOT: (False, (k, k), sdt), ROOT_STEP: (False, (), torch.float32)})
+            out.update({GRAM_AT_ROOT: (False, (k, k), sdt), ROOT_STEP: (False, (), MATRIX_STEP_DTYPE)})
         return out
     if isinstance(opt, (SOAA, ShardedAdamW, _OneSided)):  # Adam's moments (ASGO/DASGO: the fallback)
         shape = tuple(int(s) for s in view.shape)

@@ -355,6 +355,64 @@ def test_resume_equals_uninterrupted(cls, kw):
     assert o2.num_steps == 7
 
 
+def _set_matrix_counts(opt: ASGO, offset: int) -> None:
+    """Add ``offset`` to the step count (and "auto"'s root step) of every matrix block: ASGO has no bias
+    correction, so a matrix block's count enters only its root schedule, through ``t mod root_every``
+    or the age ``t - root_step``."""
+    for p, st in opt.state.items():
+        if p.dim() == 2:
+            for key in ("step", "root_step"):
+                if key in st:
+                    st[key].fill_(float(st[key]) + offset)
+
+
+@pytest.mark.parametrize("kw", [dict(root_every=3), dict(root_every="auto", root_tol=1e30, root_max_every=3)])
+def test_root_schedule_holds_past_float32_counts(kw):
+    """A float32 step count stops at 2**24 (16.7M steps): root_every=3 then computed a root at every step
+    or at none, and "auto" saw an age of 0 for good (its root_max_every never fired). The matrix blocks
+    count in float64: a run whose counts sit 3 * 2**23 above another's (same residue mod 3, same age)
+    takes the same steps, bit for bit, with the same number of roots."""
+    def run(offset: int) -> tuple[nn.Module, ASGO]:
+        model = tiny_mlp()
+        opt = ASGO(model.named_parameters(), lr=2e-2, **kw)
+        _run(model, opt, 0, 2)
+        _set_matrix_counts(opt, offset)
+        _run(model, opt, 2, 7)
+        return model, opt
+
+    m_ref, o_ref = run(0)
+    m_big, o_big = run(3 * 2**23)
+    for a, b in zip(m_ref.parameters(), m_big.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    roots = o_ref.statistics()["asgo_roots_computed"]
+    assert o_big.statistics()["asgo_roots_computed"] == roots == 3 * 3  # steps 1, 4, 7 of the 3 matrices
+    assert float(o_big.state[m_big[0].weight]["step"]) == 3 * 2**23 + 9
+
+
+def test_float32_step_counts_of_older_checkpoints_load():
+    """Checkpoints saved before the matrix blocks counted in float64 hold float32 counts: they load,
+    converted, and the run continues as the uninterrupted one."""
+    kw = dict(root_every="auto", root_tol=1e30, root_max_every=2)
+    m_ref = tiny_mlp()
+    o_ref = ASGO(m_ref.named_parameters(), lr=2e-2, **kw)
+    _run(m_ref, o_ref, 0, 6)
+    m1 = tiny_mlp()
+    o1 = ASGO(m1.named_parameters(), lr=2e-2, **kw)
+    _run(m1, o1, 0, 3)
+    sd = copy.deepcopy(o1.state_dict())
+    for st in sd["state"].values():
+        for blk in st.values():
+            for key in ("step", "root_step"):
+                if key in blk:
+                    blk[key] = blk[key].to(torch.float32)
+    o2 = ASGO(m1.named_parameters(), lr=2e-2, **kw)
+    o2.load_state_dict(sd)
+    assert o2.state[m1[0].weight]["step"].dtype == torch.float64
+    _run(m1, o2, 3, 3)
+    for a, b in zip(m_ref.parameters(), m1.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("inverse_root", ["polar_express", "polar_express_eigh", "eigh"])
 @pytest.mark.parametrize("root_every", [4, "auto"])
 def test_a_root_of_a_zero_statistic_is_not_reused(inverse_root, root_every):
