@@ -88,6 +88,7 @@ from lightning_soaa.distributed.checkpoint import (
     build_state_dict,
     commit_groups,
     loaded_groups,
+    saved_groups,
     select_owned_state,
     validate_state_dict,
 )
@@ -107,6 +108,7 @@ from lightning_soaa.optim.param_checks import (
     check_disjoint_storage,
     check_param_group,
     check_step,
+    check_torch_options,
     param_signatures,
 )
 from lightning_soaa.optim.sd_hooks import hooked_load, hooked_state_dict
@@ -386,6 +388,36 @@ REPLACED_PARAMS_MESSAGE = (
 )
 
 
+# consolidate_state_dict(to=r) under DTensor, then state_dict() on a rank other than r before the next step
+CONSOLIDATED_ELSEWHERE = (
+    "{name}.state_dict() on rank {rank}: consolidate_state_dict() ran since the last step and kept the full "
+    "state on another rank, where state_dict() now returns it; the sharded form torch.distributed.checkpoint "
+    "saves must come from every rank alike. Save with torch.distributed.checkpoint before "
+    "consolidate_state_dict() or after the next step."
+)
+
+# A list edited in place keeps its identity, so the check above cannot see it: an appended parameter was
+# never stepped, a removed one still was (2.6e-2 off torch's optimizer), silently.
+EDITED_PARAMS_MESSAGE = (
+    "{name}.step: param_groups[{i}]['params'] was edited in place (a parameter appended, removed or "
+    "replaced) after the optimizer was built over it; its blocks are cut at construction, so the change "
+    "would not be stepped as written. Add parameters with add_param_group (remove them by building a new "
+    "optimizer). Nothing changed."
+)
+
+
+def _same_members(params: list[Tensor], built: tuple[Tensor, ...]) -> bool:
+    """``params`` holds exactly the tensors ``built`` held, in order (identity, one pass)."""
+    return len(params) == len(built) and all(map(operator.is_, params, built))
+
+
+def _list_values(group: dict[str, Any]) -> tuple[Any, ...]:
+    """Copies of a group's list values other than ``params`` (``betas=[0.9, 0.95]`` from a YAML file): a
+    list edited in place (``group["betas"][1] = 1.5``) is the same object, so only its contents show the
+    change (an unchecked 1.5 wrote NaN into the parameters)."""
+    return tuple((k, tuple(v)) for k, v in group.items() if k != "params" and type(v) is list)
+
+
 class ShardedOptimizer(torch.optim.Optimizer):
     """Base class: owned blocks, an injected :class:`Communicator`, world-size independent checkpoints.
 
@@ -622,6 +654,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
         try:
             check_param_group(self, self.param_groups[-1])  # duplicates, complex, zero-size
+            check_torch_options(self, self.param_groups[-1])
             self._check_storage()
             self._validate_group(self.param_groups[-1])
         except ValueError:
@@ -684,7 +717,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._names = [name for _, _, name in plist]
         keys = self.layout_keys + (("max_block_numel",) if self.elementwise else ())
         self._layout = [{k: g.get(k) for k in keys} for g in self.param_groups]
-        self._group_lists = [g["params"] for g in self.param_groups]  # see _hyperparameter_error
+        # see _hyperparameter_error: each group's list and its members (a list edited in place keeps its id)
+        self._group_lists = [g["params"] for g in self.param_groups]
+        self._group_members = [tuple(g["params"]) for g in self.param_groups]
         self._owned = self._table.owned()
         self._view_cache = _ViewCache(self._table, self._owned)
         self.exchange = OwnerExchange(self._table, params, self.comm, sharded=self.sharding.shard)
@@ -1132,27 +1167,31 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if len(seen) != len(groups):
             seen[:] = [None] * len(groups)
         lists = self.__dict__.get("_group_lists")
+        members = self.__dict__.get("_group_members")
         for i, group in enumerate(groups):
             if lists is not None and (len(lists) != len(groups) or group.get("params") is not lists[i]):
                 return ValueError(REPLACED_PARAMS_MESSAGE.format(name=type(self).__name__, i=i))
+            if members is not None and not _same_members(group["params"], members[i]):
+                return ValueError(EDITED_PARAMS_MESSAGE.format(name=type(self).__name__, i=i))
             keys, vals = tuple(group), tuple(group.values())
             last = seen[i]
             if last is not None and last[0] is group and last[1] == keys:
-                if all(map(operator.is_, vals, last[2])):
+                if all(map(operator.is_, vals, last[2])) and _list_values(group) == last[3]:
                     continue
                 changed = [k for k, a, b in zip(keys, vals, last[2]) if a is not b]
                 lr = group.get("lr")
-                if changed == ["lr"] and type(lr) is float and 0.0 <= lr < math.inf:
-                    seen[i] = (group, keys, vals)
+                if changed == ["lr"] and type(lr) is float and 0.0 <= lr < math.inf and _list_values(group) == last[3]:
+                    seen[i] = (group, keys, vals, last[3])
                     continue
             try:
+                check_torch_options(self, group)
                 self._validate_group(group)
                 self._check_layout(i, group)
             except ValueError as e:
                 return ValueError(
                     f"{type(self).__name__}.step: param_groups[{i}]: {e} Hyperparameters set after "
                     "construction (by hand or by a scheduler) are checked at every step; nothing changed.")
-            seen[i] = (group, keys, vals)
+            seen[i] = (group, keys, vals, _list_values(group))
         return None
 
     def _check_layout(self, i: int, group: dict[str, Any]) -> None:
@@ -1247,11 +1286,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
         """
         self._ensure_joined()
         full = self._gather_full_state()
-        if to is None or to == self.comm.rank:
-            self._consolidated = full
-            self._consolidated_at = self.num_steps + self.skipped_steps
-        else:
-            self._consolidated = None
+        # every rank records the step, those without the result too: under DTensor state_dict() must then
+        # take the same branch on every rank (see _full_state_dict)
+        self._consolidated_at = self.num_steps + self.skipped_steps
+        self._consolidated = full if to is None or to == self.comm.rank else None
 
     def state_dict(self) -> dict[str, Any]:
         """:meth:`_full_state_dict` between torch's state-dict hooks (:mod:`~lightning_soaa.optim.sd_hooks`)."""
@@ -1265,18 +1303,22 @@ class ShardedOptimizer(torch.optim.Optimizer):
         shape for ``torch.distributed.checkpoint`` (:mod:`lightning_soaa.optim.dcp_state`; call it on every
         rank), unless :meth:`consolidate_state_dict` ran since the last step (then the consolidated state).
         """
-        if self._dtensor is not None and (
-                self._consolidated is None or self._consolidated_at != self.num_steps + self.skipped_steps):
+        fresh = self._consolidated_at == self.num_steps + self.skipped_steps
+        if self._dtensor is not None and not fresh:
             return dcp.dcp_state_dict(self)
-        if not self._consolidating():
+        if self._dtensor is None and not self._consolidating():
             return self._gather_full_state()
-        if self._consolidated is None or self._consolidated_at != self.num_steps + self.skipped_steps:
-            raise RuntimeError(
-                f"{type(self).__name__}.state_dict() on rank {self.comm.rank} of {self.comm.world_size}: the "
-                "state is sharded; call consolidate_state_dict() on every rank first (a collective), then "
-                "state_dict() on the rank that saves."
-            )
-        return self._consolidated
+        if self._consolidated is None or not fresh:
+            # Under DTensor a rank without the consolidated state must not build the sharded form either:
+            # for SOAA that is a collective the rank holding the full state would never join (a hang), and
+            # a checkpoint mixing both forms cannot be loaded
+            raise RuntimeError(CONSOLIDATED_ELSEWHERE.format(name=type(self).__name__, rank=self.comm.rank)
+                               if self._dtensor is not None else
+                               f"{type(self).__name__}.state_dict() on rank {self.comm.rank} of "
+                               f"{self.comm.world_size}: the state is sharded; call consolidate_state_dict() "
+                               "on every rank first (a collective), then state_dict() on the rank that saves.")
+        # the groups as they are now: an lr set after consolidate_state_dict() is the one to save
+        return {**self._consolidated, "param_groups": saved_groups(self.param_groups)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """:meth:`_load_full_state_dict` between torch's load hooks (:mod:`~lightning_soaa.optim.sd_hooks`;
@@ -1294,7 +1336,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         view = self._checkpoint_view()
         state_dict = fit_layout(view, state_dict)  # saved with other row blocks: re-cut (a new dict)
         validate_state_dict(view, state_dict)
-        new_groups = loaded_groups(self.param_groups, state_dict["param_groups"], self._validate_group)
+        new_groups = loaded_groups(self.param_groups, state_dict["param_groups"], self._validate_group,
+                                   keep=self.layout_keys)
         self._restore_owned_state(state_dict)
         commit_groups(self.param_groups, new_groups)
         self._replicas_unchecked = True  # the model is often loaded with it: compare at the next step

@@ -71,8 +71,9 @@ def _name(opt: ShardedOptimizer) -> str:
     return type(opt).__name__
 
 
-def block_schema(opt: ShardedOptimizer, block: BlockInfo) -> Schema:
-    """The state keys of ``block`` after its first step, with this rank's shapes and dtypes."""
+def block_schema(opt: ShardedOptimizer, block: BlockInfo, group: dict[str, Any] | None = None) -> Schema:
+    """The state keys of ``block`` after its first step, with this rank's shapes and dtypes (under
+    ``group``'s hyperparameters when given, else its own group's)."""
     from lightning_soaa.functional.asgo import LEFT
     from lightning_soaa.optim.adamw import ShardedAdamW
     from lightning_soaa.optim.asgo import DASGO, GRAM_AT_ROOT, MATRIX_STEP_DTYPE, ROOT_STEP, _OneSided
@@ -81,7 +82,7 @@ def block_schema(opt: ShardedOptimizer, block: BlockInfo) -> Schema:
 
     p = opt._params[block.param_index]
     view = block.view(local(p))  # type: ignore[arg-type]
-    group = opt.param_groups[block.group_index]
+    group = opt.param_groups[block.group_index] if group is None else group
     name = opt._names[block.param_index]
     step = (False, (), torch.float32)
     if isinstance(opt, _OneSided) and opt.is_matrix_param(p, group, name):
@@ -257,6 +258,24 @@ def _loaded_blocks(opt: ShardedOptimizer, sd: dict[str, Any]) -> dict[tuple[int,
     return out
 
 
+def _check_kept_keys(opt: ShardedOptimizer, new_groups: list[dict[str, Any]]) -> None:
+    """Raise when the checkpoint's hyperparameters keep other state keys than this optimizer's (ASGO's
+    ``root_every="auto"`` keeps ``gram_at_root``/``root_step``). DCP fills only the keys of this optimizer's
+    placeholders, so such a load took the checkpoint's groups without their state: ASGO saved with "auto"
+    and resumed with ``root_every=2`` recomputed its roots early, 2.4e-3 off the uninterrupted run."""
+    for b in opt._owned:
+        mine, theirs = block_schema(opt, b), block_schema(opt, b, new_groups[b.group_index])
+        if set(mine) != set(theirs):
+            cur = opt.param_groups[b.group_index]
+            diff = {k: (v, cur.get(k)) for k, v in new_groups[b.group_index].items()
+                    if k not in ("params", "param_names", "lr") and v != cur.get(k)}
+            raise ValueError(
+                f"{_name(opt)}.load_state_dict: the checkpoint's param_groups[{b.group_index}] keep state "
+                f"{sorted(theirs)}, this optimizer's {sorted(mine)}, and torch.distributed.checkpoint loads only "
+                f"the keys this optimizer holds. Build it with the checkpoint's hyperparameters (saved vs here: "
+                f"{', '.join(f'{k}={a!r} vs {c!r}' for k, (a, c) in diff.items())}), load, then change them.")
+
+
 def load_dcp_state_dict(opt: ShardedOptimizer, sd: dict[str, Any]) -> None:
     """Load :func:`dcp_state_dict`'s shape (after ``dcp.load``/``set_optimizer_state_dict``, at any world
     size). Everything is validated before the optimizer changes."""
@@ -266,9 +285,11 @@ def load_dcp_state_dict(opt: ShardedOptimizer, sd: dict[str, Any]) -> None:
     except (TypeError, ValueError) as e:
         raise ValueError(f"{_name(opt)}.load_state_dict: param_groups[0][{FORMAT_KEY!r}] is not our JSON "
                          f"metadata ({e}).") from e
-    validate_state_dict(opt._checkpoint_view(), {"state": {}, "param_groups": groups, FORMAT_KEY: meta})
+    validate_state_dict(opt._checkpoint_view(), {"state": {}, "param_groups": groups, FORMAT_KEY: meta},
+                        by_position=False)  # DCP's state is keyed by parameter name
+    new_groups = loaded_groups(opt.param_groups, groups, opt._validate_group, keep=opt.layout_keys)
+    _check_kept_keys(opt, new_groups)
     blocks = _loaded_blocks(opt, sd)
-    new_groups = loaded_groups(opt.param_groups, groups, opt._validate_group)
     opt.state.clear()
     for b in opt._owned:
         vals = blocks.get(b.key)

@@ -597,12 +597,9 @@ class EGN(ShardedOptimizer):
         """One EGN step on the batch ``(inputs, targets)``; collective when W > 1.
 
         Returns the closure's value when a closure was given, else the global mean loss L_b(w) before
-        the step (a 0-d tensor). Under ``torch.inference_mode()`` the step runs with it disabled: the
-        capture differentiates the model.
+        the step (a 0-d tensor). Under ``torch.inference_mode()`` the step runs with it disabled
+        (:func:`~lightning_soaa.optim.step_context.full_precision`): the capture differentiates the model.
         """
-        if torch.is_inference_mode_enabled():
-            with torch.inference_mode(False):
-                return self.step(closure, inputs=inputs, targets=targets)
         pending, self._pending_batch = self._pending_batch, None  # a batch belongs to one step
         self._join_before_step()  # built before the process group existed: join it now (collective)
         closure_value = None

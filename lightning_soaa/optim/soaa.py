@@ -141,6 +141,13 @@ def _floats(part: Partials) -> list[float]:
     return list(part) if isinstance(part, list) else part.tolist()
 
 
+def _group_scalars(group: dict[str, Any]) -> tuple[float, float, float, float]:
+    """``(beta1, beta2, eps, weight_decay)`` of a group as Python floats: a NumPy float32 written there
+    (accepted by the config, as by torch) made the step's scalar arithmetic float32 (6e-8 off in 6 steps)."""
+    beta1, beta2 = group["betas"]
+    return float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"])
+
+
 def _check_loss(loss: Any) -> Tensor | float:
     """A scalar tensor (kept detached, so handing it over does not sync a GPU) or a float (also for a CPU
     tensor: nothing to wait for, and the float64 of its value is what the step reads)."""
@@ -565,14 +572,13 @@ class SOAA(ShardedOptimizer):
         parts: list[Partials] = []
         for (gi, counted), grp in groups.items():
             group = self.param_groups[gi]
-            beta1, beta2 = group["betas"]
+            beta1, beta2, eps = _group_scalars(group)[:3]
             if grp.plan is not None:
-                part: Partials = grp.plan.moments_partials(grp.grads, grp.ts, beta1=beta1, beta2=beta2,
-                                                           eps=group["eps"])
+                part: Partials = grp.plan.moments_partials(grp.grads, grp.ts, beta1=beta1, beta2=beta2, eps=eps)
             else:
                 part = moments_partials(
                     grp.grads, grp.exp_avgs, grp.exp_avg_sqs,
-                    grp.ts, beta1=beta1, beta2=beta2, eps=group["eps"], foreach=self.foreach, kernels=grp.kernels,
+                    grp.ts, beta1=beta1, beta2=beta2, eps=eps, foreach=self.foreach, kernels=grp.kernels,
                     split=grp.split,
                 )
             # An uncounted piece adds 0, or NaN when it is non-finite: the step is then skipped everywhere.
@@ -631,9 +637,9 @@ class SOAA(ShardedOptimizer):
             group = self.param_groups[gi]
             if grp.plan is None:  # (a plan advances its counters itself)
                 self._counts().increment((gi, counted), grp.counters)
-            beta1, beta2 = group["betas"]
+            beta1, beta2, eps, weight_decay = _group_scalars(group)
             lr = float(group["lr"])
-            kw = dict(lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+            kw = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                       d=d_prev, c=scal.c, count_limited=same_batch)
             if grp.plan is not None:
                 part: Partials = grp.plan.step_partials_(grp.grads, grp.ts, **kw)

@@ -1,4 +1,5 @@
-"""The numerical context of an optimizer step: full precision, whatever autocast region it is called in.
+"""The numerical context of an optimizer step: full precision, whatever autocast region it is called in,
+and outside ``torch.inference_mode``.
 
 A step called inside ``torch.autocast`` (Lightning's ``precision="bf16-mixed"`` runs ``training_step``, and so
 a manual-optimization ``opt.step()``, under it; plain loops often put the whole iteration there) ran ASGO's
@@ -31,6 +32,12 @@ def full_precision(step: F) -> F:
 
     @functools.wraps(step)
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if torch.is_inference_mode_enabled():
+            # State made inside inference mode is made of inference tensors, which no later step outside it
+            # may update (and the step's version stamps cannot read them): torch's optimizers step there, so
+            # ours run with it off
+            with torch.inference_mode(False):
+                return wrapper(self, *args, **kwargs)
         active = [d for d in AUTOCAST_DEVICES if torch.is_autocast_enabled(d)]
         if not active:
             return step(self, *args, **kwargs)

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from lightning_soaa.optim.base import ShardedOptimizer
-from lightning_soaa.registry import FirstArg, OptimizerSpec, StepNeeds
+from lightning_soaa.registry import FirstArg, OptimizerSpec, StepNeeds, half_mse
 from tests.conformance._battery import (
     SIZES,
     SPECS,
@@ -191,6 +191,126 @@ def test_a_numpy_lr_from_a_scheduler_is_a_number(spec: OptimizerSpec) -> None:
     model, opt = make(spec, lr=2.0 ** -6)
     opt.load_state_dict(copy.deepcopy(runs[0][1].state_dict()))
     assert float(opt.param_groups[0]["lr"]) == 2.0 ** -7
+
+
+# ---------------------------------------------------------------------------------------- group edits
+@each_optimizer
+def test_torch_options_the_optimizer_lacks_are_refused(spec: OptimizerSpec) -> None:
+    """torch's own flags (``maximize``, ``amsgrad``, ...) in a param-group dict passed through torch's
+    add_param_group and were silently not used (``maximize=True`` went downhill): refused at construction
+    and, written into a group later, at the step with nothing changed. False (torch's default) passes."""
+    if spec.first_arg is FirstArg.NAMED_PARAMETERS:
+        named = list(tiny_mlp(0).named_parameters())
+        with pytest.raises(ValueError, match=r"maximize=True is a torch optimizer option that .* does not implement"):
+            spec.load()([{"params": named, "maximize": True}], **spec.test_kwargs)
+        spec.load()([{"params": named, "maximize": False, "amsgrad": False}], **spec.test_kwargs)
+    model, opt = make(spec)
+    step(spec, model, opt, 0)
+    before, w = copy.deepcopy(opt.state_dict()), params(model)
+    opt.param_groups[0]["amsgrad"] = True
+    with pytest.raises(ValueError, match=r"param_groups\[0\]: amsgrad=True is a torch optimizer option"):
+        step(spec, model, opt, 1)
+    assert_identical(params(model), w, "params")
+    del opt.param_groups[0]["amsgrad"]
+    assert_identical(opt.state_dict(), before)
+
+
+@each_optimizer
+def test_params_list_edited_in_place_is_refused(spec: OptimizerSpec) -> None:
+    """``param_groups[0]["params"].append(p)`` (or ``pop()``) keeps the list's identity: an appended
+    parameter was never stepped and a removed one still was, silently (2.6e-2 off torch). Refused at the
+    step, naming add_param_group, with nothing changed; the list put back, training goes on."""
+    model, opt = make(spec)
+    step(spec, model, opt, 0)
+    before, w = copy.deepcopy(opt.state_dict()), params(model)
+    plist = opt.param_groups[0]["params"]
+    for edit in ("append", "pop", "replace"):
+        saved = list(plist)
+        if edit == "append":
+            plist.append(torch.nn.Parameter(torch.zeros(3, dtype=torch.float64)))
+        elif edit == "pop":
+            plist.pop()
+        else:
+            plist[0] = torch.nn.Parameter(plist[0].detach().clone())
+        with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\] was edited in place.*add_param_group"):
+            step(spec, model, opt, 1)
+        plist[:] = saved
+        assert_identical(params(model), w, "params")
+        assert_identical(opt.state_dict(), before)
+    step(spec, model, opt, 1)
+    assert opt.num_steps == 2
+
+
+@each_optimizer
+def test_a_list_hyperparameter_edited_in_place_is_checked(spec: OptimizerSpec) -> None:
+    """``betas=[0.9, 0.95]`` (a YAML list) edited in place, ``group["betas"][1] = 1.5``, is the same
+    object, so the per-step check skipped it: NaN in the parameters (AdamW, DASGO), a bare math error
+    (SOAA). Refused like the same value assigned anew; a valid in-place edit is used."""
+    model, opt = make(spec)
+    group = opt.param_groups[0]
+    key = next((k for k, v in group.items() if k != "params" and isinstance(v, tuple) and len(v) == 2
+                and all(isinstance(x, float) for x in v)), None)
+    if key is None:
+        pytest.skip(f"{spec.name} has no pair of float hyperparameters")
+    group[key] = list(group[key])
+    step(spec, model, opt, 0)
+    w = params(model)
+    good = group[key][1]
+    group[key][1] = 1.5
+    with pytest.raises(ValueError, match=re.escape(f"Invalid {key}[1]=1.5")):
+        step(spec, model, opt, 1)
+    assert_identical(params(model), w, "params")
+    group[key][1] = good
+    step(spec, model, opt, 1)
+    assert opt.num_steps == 2
+
+
+@each_optimizer
+def test_numpy_float32_hyperparameters_step_as_python_floats(spec: OptimizerSpec) -> None:
+    """Float hyperparameters written as NumPy float32 (a config or sweep tool's values) step exactly as the
+    same values as Python floats (SOAA's scalar arithmetic became float32: 6e-8 off in 6 steps)."""
+    import numpy as np
+
+    runs = []
+    for as_numpy in (True, False):
+        model, opt = make(spec)
+        for g in opt.param_groups:
+            for k, v in list(g.items()):
+                pair = isinstance(v, tuple) and v and all(type(x) is float for x in v)
+                if k == "lr" or type(v) is not float and not pair:
+                    continue
+                conv = (lambda x: np.float32(x)) if as_numpy else (lambda x: float(np.float32(x)))
+                g[k] = tuple(conv(x) for x in v) if isinstance(v, tuple) else conv(v)
+        for t in range(4):
+            step(spec, model, opt, t)
+        runs.append(params(model))
+    assert_identical(runs[0], runs[1], "params")
+
+
+@each_optimizer
+def test_a_step_inside_inference_mode_equals_one_outside(spec: OptimizerSpec) -> None:
+    """torch's optimizers step inside ``torch.inference_mode()``; ours raised torch's bare "Inference tensors
+    do not track version counter", and a first step there left inference-tensor state no later step could
+    update. The step runs with inference mode off: equal, bit for bit, to the steps outside."""
+    runs = []
+    for inside in (True, False):
+        model, opt = make(spec)
+        for t in range(3):
+            if inside and t < 2:  # the first steps inside, the last outside (the state made inside)
+                x, y = data(t)
+                if spec.needs is StepNeeds.BATCH:
+                    with torch.inference_mode():
+                        opt.step(inputs=x, targets=y)
+                    continue
+                opt.zero_grad(set_to_none=True)
+                loss = half_mse(model(x), y)
+                loss.backward()
+                with torch.inference_mode():
+                    opt.step(loss=loss.detach()) if spec.needs is StepNeeds.LOSS else opt.step()
+            else:
+                step(spec, model, opt, t)
+        runs.append(params(model))
+    assert_identical(runs[0], runs[1], "params")
 
 
 # ---------------------------------------------------------------------------------------- layout options

@@ -320,6 +320,35 @@ def resume_dcp(rank: int, world_size: int, root: str, plain_last: bool = False) 
     return out
 
 
+def checkpoint_misuse(rank: int, world_size: int, root: str) -> dict[str, Any]:
+    """(1) ``consolidate_state_dict(to=0)``, the lr changed, then ``state_dict()`` on every rank (as a DCP save
+    would call it): rank 0 gets the full form with the new lr; the other ranks raise, without entering the
+    sharded form's collective (SOAA's: it hung). (2) :func:`save_dcp`'s ASGO saved with root_every="auto"
+    loaded into one built with root_every=2: refused (DCP dropped the "auto" state: 2.4e-3 off)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    mesh = make_mesh(world_size, False)
+    out: dict[str, Any] = {}
+    _, opt = run_case("soaa", rank, world_size, mesh, steps=range(1))
+    opt.consolidate_state_dict(to=0)
+    opt.param_groups[0]["lr"] = 1e-5
+    if rank == 0:
+        sd = opt.state_dict()
+        out["consolidated"] = {"full": "lightning_soaa" in sd, "lr": sd["param_groups"][0]["lr"]}
+    else:
+        out["consolidated"] = expect_error(opt.state_dict)
+    _, _, kw, sizes = CASE["asgo_wide"]
+    model = sharded_model(sizes, mesh)
+    asgo = ASGO(model.named_parameters(), **{**kw, "root_every": 2})
+    model_sd, optim_sd = get_state_dict(model, asgo)
+    dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=f"{root}/asgo_wide")
+    out["auto_into_fixed"] = expect_error(
+        lambda: set_state_dict(model, asgo, model_state_dict=model_sd, optim_state_dict=optim_sd))
+    out["auto_into_fixed_steps"] = asgo.num_steps
+    return out
+
+
 def two_groups_roundtrip(rank: int, world_size: int, root: str) -> dict[str, Any]:
     """SOAA with two param groups through DCP at the same W: the second group's hyperparameters come
     back from the checkpoint (the fresh optimizer was built with another lr), the state exactly."""

@@ -64,6 +64,7 @@ def _w2(rank: int, world_size: int, ckpt: str) -> dict[str, Any]:
     out = W.equivalence(rank, world_size)
     W.save_checkpoints(rank, world_size, ckpt)
     out["dcp_saved"] = W.save_dcp(rank, world_size, ckpt + ".dcp")
+    out["ckpt_misuse"] = W.checkpoint_misuse(rank, world_size, ckpt + ".dcp")
     out["dcp_two_groups"] = W.two_groups_roundtrip(rank, world_size, ckpt + ".dcp")
     out["errors"] = W.bad_combinations(rank, world_size)
     out["nonfinite"] = W.nonfinite_skip(rank, world_size)
@@ -119,6 +120,17 @@ def test_w2_equals_single_process(w2_run, references):
     results, _ = w2_run
     _assert_equal(results, references)
     _assert_collectives(results)
+
+
+def test_checkpoint_misuse_is_refused_on_every_rank(w2_run):
+    """See tests/fsdp2/_workers.py:checkpoint_misuse."""
+    results, _ = w2_run
+    assert results[0]["ckpt_misuse"]["consolidated"] == {"full": True, "lr": 1e-5}
+    assert "consolidate_state_dict() ran since the last step" in results[1]["ckpt_misuse"]["consolidated"]
+    for r, res in enumerate(results):
+        msg = res["ckpt_misuse"]["auto_into_fixed"]
+        assert "keep state" in msg and "root_every='auto' vs 2" in msg, f"rank {r}: {msg}"
+        assert res["ckpt_misuse"]["auto_into_fixed_steps"] == 0
 
 
 def test_bad_combinations_raise_on_every_rank(w2_run):

@@ -389,6 +389,32 @@ def test_root_schedule_holds_past_float32_counts(kw):
     assert float(o_big.state[m_big[0].weight]["step"]) == 3 * 2**23 + 9
 
 
+@pytest.mark.parametrize("saved,resumed", [(dict(max_block_size=1024), dict(max_block_size=2048)),
+                                          (dict(use_asgo=None), dict(use_asgo=True))])
+def test_block_options_that_cut_the_same_blocks_load_and_keep_the_optimizers_own(saved, resumed):
+    """A checkpoint saved with other block options that cut the same blocks loads (the layout is checked);
+    the load took the saved values into the groups, and every later step refused them as "written into the
+    group after construction". The optimizer keeps its own; the run continues as the uninterrupted one."""
+    def build(model: nn.Module, options: dict) -> ASGO:  # both are param-group options (weights: use_asgo)
+        named = list(model.named_parameters())
+        return ASGO([{"params": [(n, p) for n, p in named if p.dim() == 2], **options},
+                     {"params": [(n, p) for n, p in named if p.dim() < 2]}], lr=2e-2)
+
+    m_ref = tiny_mlp()
+    o_ref = build(m_ref, saved)
+    _run(m_ref, o_ref, 0, 5)
+    m1 = tiny_mlp()
+    o1 = build(m1, saved)
+    _run(m1, o1, 0, 3)
+    o2 = build(m1, resumed)
+    o2.load_state_dict(copy.deepcopy(o1.state_dict()))
+    key, value = next(iter(resumed.items()))
+    assert o2.param_groups[0][key] == value
+    _run(m1, o2, 3, 2)
+    for a, b in zip(m_ref.parameters(), m1.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_float32_step_counts_of_older_checkpoints_load():
     """Checkpoints saved before the matrix blocks counted in float64 hold float32 counts: they load,
     converted, and the run continues as the uninterrupted one."""
