@@ -51,6 +51,21 @@ __all__ = ["DeepSpeedClientOptimizer", "StateLayoutError"]
 log = logging.getLogger(__name__)
 
 STATE_KEY = "lightning_soaa_deepspeed"
+
+NOT_CONSOLIDATED = (
+    "{cls}.state_dict() at ZeRO stage 0 on several ranks: the optimizer state is sharded over the ranks "
+    "(lightning_soaa's own sharding). Save with engine.save_checkpoint(...) on every rank, or call "
+    "consolidate_state_dict() on every rank first (a collective; "
+    "deepspeed_ext.find_client_optimizer(engine).consolidate_state_dict()), then state_dict() on the rank "
+    "that saves.")
+
+
+def group_size(group: Any) -> int:
+    """Ranks in ``group`` (1 without a process group), read without building the inner optimizer (whose
+    construction is a collective)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
 _NON_HYPER = ("params", "param_names")
 
 
@@ -114,6 +129,7 @@ class DeepSpeedClientOptimizer(torch.optim.Optimizer):
         self._pending: dict[int, tuple[Tensor, Tensor | None]] = {}  # id(flat) -> (flat, grad)
         self._zero_opt: Any = None  # the DeepSpeed ZeRO wrapper, after bind()
         self.suspended = False  # True while deepspeed.initialize runs (ignores its init-time step)
+        self._consolidated_at: int | None = None  # training_steps when consolidate_state_dict kept a state here
         self.training_steps = 0  # inner steps taken (one per training step)
         self.ignored_steps = 0  # step() calls during deepspeed.initialize
         self.step_calls = 0  # step() calls DeepSpeed made (several per training step at ZeRO-1/2/3)
@@ -145,12 +161,13 @@ class DeepSpeedClientOptimizer(torch.optim.Optimizer):
             elif hasattr(optimizer, name):
                 kwargs[name] = getattr(optimizer, name)
         names = dict(param_names or {})
-        groups = []
         for g in optimizer.param_groups:
             for p, n in zip(g["params"], g.get("param_names", ())):
                 names.setdefault(id(p), n)
-            groups.append({k: v for k, v in g.items() if k != "param_names"})
-        return cls(groups, type(optimizer), kwargs, zero_stage=zero_stage, layout=layout,
+        # The very group dicts, not copies: an LR scheduler (or user code) bound to `optimizer` writes its
+        # lr into them, and the client reads its hyperparameters from them before every inner step. With
+        # copies a LambdaLR kept its first lr for good (2e-2 off torch's AdamW after 5 steps).
+        return cls(optimizer.param_groups, type(optimizer), kwargs, zero_stage=zero_stage, layout=layout,
                    process_group=process_group, param_names=names)
 
     # ------------------------------------------------------------------ binding to the engine
@@ -352,15 +369,29 @@ class DeepSpeedClientOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         hooked_load(self, state_dict, self._load_own_state_dict)
 
+    def consolidate_state_dict(self, to: int | None = 0) -> None:
+        """Collective at ZeRO stage 0 with several ranks (our sharding): gather the inner optimizer's state
+        so that :meth:`state_dict` returns it on rank ``to`` (``None``: on every rank). Every rank must
+        call it; ``engine.save_checkpoint`` does (see :func:`deepspeed_ext.engine.bind`). A no-op at
+        ZeRO-1/2/3, whose state is this rank's partition."""
+        if self.zero_stage != 0 or group_size(self.process_group) == 1:
+            return
+        inner = self._ensure_inner()
+        inner.consolidate_state_dict(to=to)
+        self._consolidated_at = self.training_steps if to is None or to == inner.comm.rank else None
+
     def _own_state_dict(self) -> dict[str, Any]:
         """torch-shaped state: hyperparameters per group plus the inner optimizer's state.
 
-        Stage 0 (our sharding): the inner state is consolidated (a collective; DeepSpeed calls this on
-        every rank) and world-size independent. Stages 1-3: the inner state is this rank's partition.
+        Stage 0 (our sharding): the inner state consolidated by :meth:`consolidate_state_dict` since the
+        last step, world-size independent (``engine.save_checkpoint`` consolidates on every rank first).
+        Without it this raises: consolidating here would be a collective that a rank-0-only call (``if rank
+        == 0: torch.save(opt.state_dict())``) enters alone and hangs in. Stages 1-3: this rank's partition.
         """
+        if self.zero_stage == 0 and group_size(self.process_group) > 1 and \
+                self._consolidated_at != self.training_steps:
+            raise RuntimeError(NOT_CONSOLIDATED.format(cls=type(self).__name__))
         inner = self._ensure_inner()
-        if self.zero_stage == 0 and inner.comm.world_size > 1:
-            inner.consolidate_state_dict(to=None)
         groups = []
         index = 0
         for cg in self._canonical_groups:
@@ -409,6 +440,7 @@ class DeepSpeedClientOptimizer(torch.optim.Optimizer):
                 if k not in _NON_HYPER:
                     cg[k] = tuple(v) if k == "betas" else v
         self._pending.clear()
+        self._consolidated_at = None  # the inner optimizer dropped its consolidated state
 
     def __repr__(self) -> str:
         return (f"DeepSpeedClientOptimizer({self.optimizer_cls.__name__}, zero_stage={self.zero_stage}, "

@@ -22,7 +22,7 @@ from typing import Any
 from deepspeed_ext.registry import PREFIX, RESERVED_PARAMS, OptimizerEntry, constructor_params, lookup
 from lightning_soaa.registry import StepNeeds
 
-__all__ = ["ParsedConfig", "load_config", "parse_config", "zero_stage_of"]
+__all__ = ["ParsedConfig", "check_entry", "load_config", "parse_config", "patch_for_client", "zero_stage_of"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -134,14 +134,11 @@ def _check_precision_and_accumulation(ds: dict[str, Any], entry: OptimizerEntry,
             "Leave managed_gradient_accumulation at its default (true).")
 
 
-def parse_config(config: Any) -> ParsedConfig:
-    """Split and validate; raises ``ValueError`` before any process group or engine exists."""
-    ds = load_config(config)
-    stage = zero_stage_of(ds)
-    opt = ds.get("optimizer")
-    if not isinstance(opt, dict) or not str(opt.get("type", "")).lower().startswith(PREFIX):
-        return ParsedConfig(ds_config=ds, entry=None, optimizer_params={}, zero_stage=stage)
-    entry = lookup(opt.get("type"))
+def check_entry(ds: dict[str, Any], entry: OptimizerEntry, stage: int) -> None:
+    """Refuse the DeepSpeed settings of ``ds`` under which ``entry``'s optimizer would not train as it does
+    without DeepSpeed. Every route runs this on the config DeepSpeed will get: the JSON's optimizer block
+    (:func:`parse_config`), a client optimizer passed in code (:func:`deepspeed_ext.initialize`) and
+    Lightning's strategy (on the config after Lightning added its precision and accumulation blocks)."""
     if stage not in entry.stages:
         supported = ", ".join(str(s) for s in entry.stages) or "none"
         raise ValueError(
@@ -159,8 +156,9 @@ def parse_config(config: Any) -> ParsedConfig:
                     "weights over them after every step. Must run in fp32 (leave bf16/fp16 disabled)."
                 )
     _check_precision_and_accumulation(ds, entry, stage)
-    offload = _offload_device(ds)
-    if offload == "nvme":
+    if entry.spec.needs is StepNeeds.BATCH:
+        _check_batch_optimizer(ds, entry)
+    if _offload_device(ds) == "nvme":
         raise ValueError(
             "Invalid zero_optimization.offload_optimizer.device='nvme' with "
             f"optimizer.type={entry.name!r}: NVMe swaps optimizer state between sub-group steps, which "
@@ -169,10 +167,40 @@ def parse_config(config: Any) -> ParsedConfig:
     zero = ds.get("zero_optimization")
     if stage >= 1 and isinstance(zero, dict) and zero.get("elastic_checkpoint", False):
         raise ValueError(ELASTIC_MESSAGE.format(name=entry.name))
+
+
+def _check_batch_optimizer(ds: dict[str, Any], entry: OptimizerEntry) -> None:
+    """EGN solves for its step from the module and the batch and never reads a gradient: DeepSpeed's
+    gradient clipping would be silently ignored (as Lightning's gradient_clip_val, which is refused too)."""
+    clip = ds.get("gradient_clipping")
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip != 0):
+        raise ValueError(
+            f"Invalid gradient_clipping={clip!r} with optimizer.type={entry.name!r}: {entry.spec.name} "
+            "computes its step from the module and the batch, not from the gradients, so DeepSpeed's "
+            "gradient clipping would be silently ignored. Must be 0.0 (or left out).")
+
+
+def patch_for_client(ds: dict[str, Any], entry: OptimizerEntry, stage: int) -> None:
+    """The flags DeepSpeed needs to run one of our optimizers as its client optimizer (in place)."""
+    if stage >= 1:
+        ds["zero_allow_untested_optimizer"] = True  # ZeRO >= 1 refuses client optimizers otherwise
+    if _offload_device(ds) == "cpu":
+        ds["zero_force_ds_cpu_optimizer"] = False
+    if entry.spec.needs is StepNeeds.BATCH:
+        # DeepSpeed's default is 1.0: it would clip gradients that EGN never reads (wasted work)
+        ds.setdefault("gradient_clipping", 0.0)
+
+
+def parse_config(config: Any) -> ParsedConfig:
+    """Split and validate; raises ``ValueError`` before any process group or engine exists."""
+    ds = load_config(config)
+    stage = zero_stage_of(ds)
+    opt = ds.get("optimizer")
+    if not isinstance(opt, dict) or not str(opt.get("type", "")).lower().startswith(PREFIX):
+        return ParsedConfig(ds_config=ds, entry=None, optimizer_params={}, zero_stage=stage)
+    entry = lookup(opt.get("type"))
+    check_entry(ds, entry, stage)
     params = check_params(entry, opt.get("params"))
     ds.pop("optimizer")
-    if stage >= 1:
-        ds["zero_allow_untested_optimizer"] = True
-    if offload == "cpu":
-        ds["zero_force_ds_cpu_optimizer"] = False
+    patch_for_client(ds, entry, stage)
     return ParsedConfig(ds_config=ds, entry=entry, optimizer_params=params, zero_stage=stage)

@@ -15,10 +15,15 @@ Usage (the engine still runs forward/backward; EGN ignores ``p.grad``)::
 
     engine, opt, _, _ = deepspeed_ext.initialize(model=model, config="configs/deepspeed/egn_zero0.json")
     for x, y in loader:
-        opt.set_batch(x, y)            # the batch EGN's step works on
+        opt.set_batch(x, y)            # the (micro-)batch EGN's step works on
         loss = loss_fn(engine(x), y)
         engine.backward(loss)
         engine.step()                  # -> EGN.step(inputs=x, targets=y)
+
+Under ``gradient_accumulation_steps = k`` call ``set_batch`` once per micro-batch: the batches collect until
+the engine steps at the accumulation boundary, and EGN steps once on their concatenation (the exact
+Gauss-Newton step of the accumulated batch, as ``BatchToOptimizer`` does under Lightning). Gradient clipping
+is refused (EGN reads no gradient; see :func:`deepspeed_ext.ds_config.check_entry`).
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from deepspeed_ext.client import NOT_CONSOLIDATED, group_size
+from lightning_soaa.optim.egn_batches import concat_batches
 from lightning_soaa.optim.sd_hooks import hooked_load, hooked_state_dict
 
 __all__ = ["DeepSpeedEGNOptimizer"]
@@ -61,7 +68,9 @@ class DeepSpeedEGNOptimizer(torch.optim.Optimizer):
         super().__init__(params, {k: v for k, v in probe.defaults.items()
                                   if k not in ("params", "param_names")})
         self._inner: Any = None
-        self._batch: tuple[Any, Tensor] | None = None
+        self._batches: list[tuple[Any, Tensor]] = []  # the micro-batches of the coming step
+        self.gradient_accumulation_steps = 1  # the engine's, read in bind()
+        self._consolidated_at: int | None = None  # training_steps when consolidate_state_dict kept a state
         self.zero_stage = 0
         self.layout = "model"
         self.suspended = False
@@ -74,7 +83,10 @@ class DeepSpeedEGNOptimizer(torch.optim.Optimizer):
         return self._inner
 
     def bind(self, engine_or_optimizer: Any) -> None:
-        """Nothing to bind at stage 0 (kept for the common client-optimizer interface)."""
+        """Read the engine's gradient accumulation (how many micro-batches one step concatenates)."""
+        gas = getattr(engine_or_optimizer, "gradient_accumulation_steps", None)
+        if callable(gas):
+            self.gradient_accumulation_steps = int(gas())
 
     def _ensure_inner(self) -> Any:
         if self._inner is None:
@@ -86,8 +98,26 @@ class DeepSpeedEGNOptimizer(torch.optim.Optimizer):
         return self._inner
 
     def set_batch(self, inputs: Any, targets: Tensor) -> None:
-        """The mini-batch of the next ``engine.step()`` (this rank's samples)."""
-        self._batch = (inputs, targets)
+        """This rank's samples of the next micro-batch; the step concatenates the micro-batches handed over
+        since the previous step (one per micro-batch under gradient accumulation)."""
+        self._batches.append((inputs, targets))
+
+    def _take_batch(self) -> tuple[Any, Tensor]:
+        """The concatenated batch of this step; refuses a count that differs from the engine's
+        accumulation (EGN would step on a batch other than the one the engine accumulated)."""
+        batches, self._batches = self._batches, []
+        if not batches:
+            raise ValueError(
+                "EGN under DeepSpeed needs the batch: call optimizer.set_batch(inputs, targets) before "
+                "engine.step() (deepspeed_ext.find_client_optimizer(engine) returns this optimizer)."
+            )
+        if len(batches) != self.gradient_accumulation_steps:
+            raise ValueError(
+                f"EGN under DeepSpeed got {len(batches)} set_batch() calls for a step with "
+                f"gradient_accumulation_steps={self.gradient_accumulation_steps}. Must be one per "
+                "micro-batch (call set_batch before every engine.step(); an engine built with plain "
+                "deepspeed.initialize needs deepspeed_ext.bind(engine)). Nothing was updated.")
+        return concat_batches(batches)
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
@@ -95,17 +125,11 @@ class DeepSpeedEGNOptimizer(torch.optim.Optimizer):
             self.ignored_steps += 1
             return None
         self.step_calls += 1
-        if self._batch is None:
-            raise ValueError(
-                "EGN under DeepSpeed needs the batch: call optimizer.set_batch(inputs, targets) before "
-                "engine.step() (deepspeed_ext.find_client_optimizer(engine) returns this optimizer)."
-            )
+        inputs, targets = self._take_batch()
         inner = self._ensure_inner()
         for k, v in self.param_groups[0].items():  # LR schedulers change the wrapper's group
             if k not in ("params", "param_names") and k in inner.param_groups[0]:
                 inner.param_groups[0][k] = v
-        inputs, targets = self._batch
-        self._batch = None
         with torch.enable_grad():
             loss = inner.step(closure, inputs=inputs, targets=targets)
         self.training_steps += 1
@@ -122,11 +146,21 @@ class DeepSpeedEGNOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         hooked_load(self, state_dict, self._load_own_state_dict)
 
-    def _own_state_dict(self) -> dict[str, Any]:
-        """EGN's world-size independent state (consolidated: DeepSpeed calls this on every rank)."""
+    def consolidate_state_dict(self, to: int | None = 0) -> None:
+        """Collective with several ranks: gather EGN's sharded state so that :meth:`state_dict` returns it
+        on rank ``to`` (``None``: every rank). ``engine.save_checkpoint`` calls it on every rank."""
+        if group_size(self.process_group) == 1:
+            return
         inner = self._ensure_inner()
-        if inner.comm.world_size > 1:
-            inner.consolidate_state_dict(to=None)
+        inner.consolidate_state_dict(to=to)
+        self._consolidated_at = self.training_steps if to is None or to == inner.comm.rank else None
+
+    def _own_state_dict(self) -> dict[str, Any]:
+        """EGN's world-size independent state, consolidated by :meth:`consolidate_state_dict` since the last
+        step (never here: a rank-0-only call would enter the collective alone and hang)."""
+        if group_size(self.process_group) > 1 and self._consolidated_at != self.training_steps:
+            raise RuntimeError(NOT_CONSOLIDATED.format(cls=type(self).__name__))
+        inner = self._ensure_inner()
         groups = [{k: v for k, v in g.items() if k not in ("params", "param_names")}
                   | {"params": list(range(len(g["params"])))} for g in self.param_groups]
         return {"state": {}, "param_groups": groups,
@@ -140,6 +174,7 @@ class DeepSpeedEGNOptimizer(torch.optim.Optimizer):
         self.training_steps = int(state_dict[STATE_KEY].get("training_steps", 0))
         for g, sg in zip(self.param_groups, state_dict["param_groups"]):
             g.update({k: v for k, v in sg.items() if k not in ("params", "param_names")})
+        self._consolidated_at = None  # the inner optimizer dropped its consolidated state
 
     def __repr__(self) -> str:
         return f"DeepSpeedEGNOptimizer({self.optimizer_cls.__name__}, zero_stage=0)"

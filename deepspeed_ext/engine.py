@@ -10,13 +10,14 @@ from typing import Any
 import torch
 
 from deepspeed_ext.client import DeepSpeedClientOptimizer
-from deepspeed_ext.ds_config import ParsedConfig, parse_config
+from deepspeed_ext.ds_config import ParsedConfig, check_entry, parse_config, patch_for_client, zero_stage_of
 from deepspeed_ext.egn_client import DeepSpeedEGNOptimizer
 
 #: the client optimizers deepspeed_ext builds
 CLIENT_TYPES = (DeepSpeedClientOptimizer, DeepSpeedEGNOptimizer)
 
-__all__ = ["initialize", "bind", "build_client_optimizer", "find_client_optimizer", "init_distributed"]
+__all__ = ["initialize", "bind", "build_client_optimizer", "check_client", "find_client_optimizer",
+           "init_distributed"]
 
 log = logging.getLogger(__name__)
 
@@ -100,12 +101,48 @@ def find_client_optimizer(obj: Any) -> Any:
 
 
 def bind(engine: Any) -> Any:
-    """Tell our client optimizer about the engine's ZeRO wrapper (needed for ZeRO-3 and multi-group
-    steps). Returns the client optimizer, or ``None`` when the engine does not run one of ours."""
+    """Tell our client optimizer about the engine (its ZeRO wrapper, needed for ZeRO-3 and multi-group
+    steps; its gradient accumulation, needed by EGN) and make ``engine.save_checkpoint`` consolidate a
+    stage-0 state first. Returns the client optimizer, or ``None`` when the engine does not run one of ours."""
     client = find_client_optimizer(getattr(engine, "optimizer", None))
     if client is not None:
-        client.bind(engine.optimizer)
+        client.bind(engine)
+        install_checkpoint_hooks(engine, client)
     return client
+
+
+def entry_of_client(client: Any) -> Any:
+    """The registry entry (:class:`~deepspeed_ext.registry.OptimizerEntry`) of a client optimizer's class."""
+    from deepspeed_ext.registry import lookup
+    from lightning_soaa.registry import qualified_names, spec_of
+
+    spec = spec_of(client.optimizer_cls)
+    if spec is None:
+        raise ValueError(f"{client.optimizer_cls.__name__} is not a lightning_soaa optimizer that DeepSpeed "
+                         f"supports; supported: {', '.join(qualified_names())}")
+    return lookup(spec.qualified_name)
+
+
+def check_client(client: Any, ds_config: dict[str, Any], model: torch.nn.Module | None = None) -> Any:
+    """Check a client optimizer against the config DeepSpeed will get, as the JSON route checks its
+    optimizer block (stage, precision, accumulation, offload), plus what only a built client can get wrong:
+    its ``zero_stage``, its layout, and (EGN) its module. Returns the registry entry."""
+    entry = entry_of_client(client)
+    stage = zero_stage_of(ds_config)
+    check_entry(ds_config, entry, stage)
+    if client.zero_stage != stage:
+        raise ValueError(
+            f"Invalid {type(client).__name__}(zero_stage={client.zero_stage}) with "
+            f"zero_optimization.stage={stage} in the DeepSpeed config: the client optimizer must be built for "
+            f"the stage the engine runs (zero_stage={stage}), since it reads ZeRO's partitions accordingly.")
+    if client.layout != entry.layout:
+        raise ValueError(
+            f"Invalid {type(client).__name__}(layout={client.layout!r}) for {entry.name}. Must be "
+            f"{entry.layout!r} (how {entry.spec.name} sees a ZeRO partition).")
+    if model is not None and getattr(client, "model", model) is not model:
+        raise ValueError(f"{type(client).__name__} was built over another module than the model passed to "
+                         "deepspeed_ext.initialize; build it over that model.")
+    return entry
 
 
 def _data_parallel_group(mpu: Any) -> Any:
@@ -150,13 +187,19 @@ def initialize(
         feed_loss: when the optimizer uses the loss (SOAA), every ``engine.backward(loss)`` also hands it
             ``loss`` (the mean over gradient-accumulation micro-steps of one training step).
         kwargs: anything else ``deepspeed.initialize`` accepts (``lr_scheduler``, ``mpu``, ...).
+            ``optimizer=`` may be one of our client optimizers built in code
+            (``DeepSpeedClientOptimizer.from_optimizer(...)``,
+            :class:`~deepspeed_ext.egn_client.DeepSpeedEGNOptimizer`) with a config without an optimizer
+            block: it is checked and run exactly as one named in the JSON (its ``zero_stage`` must be the
+            config's).
 
     Returns:
         ``(engine, optimizer, training_dataloader, lr_scheduler)`` as ``deepspeed.initialize``.
 
     Raises:
-        ValueError: unknown optimizer (the message lists the valid ones), invalid params, or a ZeRO stage
-            the optimizer does not support -- all before any engine is built.
+        ValueError: unknown optimizer (the message lists the valid ones), invalid params, a ZeRO stage or
+            precision the optimizer does not support, or a client optimizer built for another stage -- all
+            before any engine is built.
     """
     import deepspeed
 
@@ -166,17 +209,46 @@ def initialize(
                          "or as "
                          "args.deepspeed_config.")
     parsed = parse_config(config)  # validate the JSON first: nothing has started yet
-    if parsed.entry is None:
-        _refuse_raw_optimizer(kwargs.get("optimizer"))
+    optimizer = kwargs.pop("optimizer", None)
+    if parsed.entry is None and not isinstance(optimizer, CLIENT_TYPES):
+        _refuse_raw_optimizer(optimizer)
         return deepspeed.initialize(model=model, config=parsed.ds_config, model_parameters=model_parameters,
-                                    args=args, **kwargs)
-    if kwargs.get("optimizer") is not None:
-        raise ValueError("pass either optimizer= or a config naming a lightning_soaa optimizer, not both")
-    kwargs.pop("optimizer", None)
-    client = build_client_optimizer(model, parsed, model_parameters=model_parameters,
-                                    process_group=None)  # group resolved below, after init
+                                    args=args, optimizer=optimizer, **kwargs)
+    if parsed.entry is not None:
+        if optimizer is not None:
+            raise ValueError("pass either optimizer= or a config naming a lightning_soaa optimizer, not both")
+        client = build_client_optimizer(model, parsed, model_parameters=model_parameters,
+                                        process_group=None)  # group resolved below, after init
+        client.process_group = _data_parallel_group(kwargs.get("mpu"))
+    else:
+        client = optimizer
+        parsed = _adopt_client(client, parsed, model)
+        if client.process_group is None:
+            client.process_group = _data_parallel_group(kwargs.get("mpu"))
+    return _initialize_with_client(model, client, parsed, args, feed_loss, kwargs)
+
+
+def _adopt_client(client: Any, parsed: ParsedConfig, model: torch.nn.Module) -> ParsedConfig:
+    """A client optimizer passed in code (``optimizer=DeepSpeedClientOptimizer.from_optimizer(...)``) gets
+    what the JSON route gives its own: the same checks on the config, the same flags for DeepSpeed. Before,
+    it skipped them all (stage-0 bf16 took DeepSpeed's zero-gradient init step, 1.6e-2 off; stage-0 fp16
+    was accepted, 1.5e-2 off; EGN at ZeRO-2 counted steps while the model did not move)."""
+    if "optimizer" in parsed.ds_config:
+        raise ValueError("pass either optimizer= or a config with an optimizer block, not both")
+    ds = parsed.ds_config  # parse_config's own copy
+    entry = check_client(client, ds, model)
+    patch_for_client(ds, entry, parsed.zero_stage)
+    return ParsedConfig(ds_config=ds, entry=entry, optimizer_params=dict(client.hyperparams),
+                        zero_stage=parsed.zero_stage)
+
+
+def _initialize_with_client(model: torch.nn.Module, client: Any, parsed: ParsedConfig, args: Any,
+                            feed_loss: bool, kwargs: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
+    """``deepspeed.initialize`` with ``client`` as the client optimizer: its init-time step ignored, then
+    bound to the engine, with the loss feed when asked for."""
+    import deepspeed
+
     init_distributed()
-    client.process_group = _data_parallel_group(kwargs.get("mpu"))
     if args is None:
         # DeepSpeed reads device_rank / local_rank from args; on CPU the Lightning-style None index fails.
         import os
@@ -189,7 +261,7 @@ def initialize(
         )
     finally:
         client.suspended = False
-    client.bind(engine.optimizer)
+    bind(engine)
     if feed_loss:
         install_loss_feed(engine, client)
     log.info("deepspeed_ext: %s under %s (ZeRO-%d)", client.optimizer_cls.__name__,
@@ -243,3 +315,82 @@ def install_loss_feed(engine: Any, client: Any) -> None:
     feed = _LossFeed(engine, client)
     engine.backward = feed.backward  # instance attribute: only this engine is affected
     engine._lightning_soaa_loss_feed = feed
+
+
+def install_checkpoint_hooks(engine: Any, client: Any) -> None:
+    """Wrap ``engine.save_checkpoint`` / ``load_checkpoint`` (instance attributes: only this engine).
+
+    * save: consolidate the client's stage-0 state on every rank first. DeepSpeed requires
+      ``save_checkpoint`` on every rank, so the collective is safe there; the client's ``state_dict()``
+      itself no longer consolidates (a rank-0-only call entered the collective alone and hung) but raises
+      unless a consolidation ran since the last step.
+    * load: refuse optimizer state written under another ZeRO stage, naming both, before DeepSpeed reads
+      it (2 -> 0 said "not a lightning_soaa DeepSpeed optimizer state", 3 -> x a bare AssertionError,
+      0 -> 1/2 a FileNotFoundError).
+    """
+    if getattr(engine, "_lightning_soaa_checkpoint_hooks", False):
+        return
+    save, load = engine.save_checkpoint, engine.load_checkpoint
+
+    def save_checkpoint(*args: Any, **kwargs: Any) -> Any:
+        client.consolidate_state_dict(to=None)  # every rank: DeepSpeed reads the state on every rank
+        return save(*args, **kwargs)
+
+    def load_checkpoint(*args: Any, **kwargs: Any) -> Any:
+        import inspect
+
+        given = inspect.signature(load).bind(*args, **kwargs).arguments
+        if given.get("load_optimizer_states", True) and not given.get("load_module_only", False):
+            check_checkpoint_stage(given["load_dir"], given.get("tag"), engine.zero_optimization_stage())
+        return load(*args, **kwargs)
+
+    engine.save_checkpoint = save_checkpoint
+    engine.load_checkpoint = load_checkpoint
+    engine._lightning_soaa_checkpoint_hooks = True
+
+
+def saved_zero_stage(load_dir: str, tag: Any = None) -> int | None:
+    """The ZeRO stage a DeepSpeed checkpoint was written under (from the config DeepSpeed stores in its
+    model-states file); ``None`` when that cannot be told (then DeepSpeed's own checks apply)."""
+    import os
+
+    if tag is None:
+        latest = os.path.join(load_dir, "latest")
+        if not os.path.isfile(latest):
+            return None
+        with open(latest) as fh:
+            tag = fh.read().strip()
+    folder = os.path.join(load_dir, str(tag))
+    # stages 0-2 write mp_rank_00_model_states.pt; ZeRO-3 one zero_pp_rank_<r>_... file per rank
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        try:  # mmap: the module's tensors are not read
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+            return zero_stage_of(state["ds_config"])
+        except Exception:  # noqa: BLE001 - an unreadable or foreign file: leave it to DeepSpeed
+            log.debug("deepspeed_ext: could not read the ZeRO stage of %s", path, exc_info=True)
+            return None
+    return None
+
+
+def check_checkpoint_stage(load_dir: str, tag: Any, stage: int) -> None:
+    """Refuse optimizer state written under another ZeRO stage (ZeRO-1 and -2 share their partitioning;
+    there the client's own layout check speaks)."""
+    from deepspeed_ext.client import StateLayoutError
+
+    saved = saved_zero_stage(load_dir, tag)
+    if saved is None or saved == stage or {saved, stage} <= {1, 2}:
+        return
+    if 3 in (saved, stage):
+        module_only = ("or start from its weights only (a ZeRO-3 checkpoint's module is partitioned as well: "
+                       "DeepSpeed's zero_to_fp32.py turns it into plain weights)")
+    else:
+        module_only = ("or load the module only: engine.load_checkpoint(..., load_optimizer_states=False, "
+                       "load_lr_scheduler_states=False)")
+    raise StateLayoutError(
+        f"The checkpoint {load_dir!r} (tag {tag!r}) was written under ZeRO-{saved}; this engine runs ZeRO-{stage}. "
+        "Optimizer state cannot move between these stages (stage 0 keeps lightning_soaa's own, world-size "
+        "independent state; ZeRO-1/2/3 DeepSpeed's per-partition files). Resume with "
+        f"zero_optimization.stage={saved}, {module_only}.")

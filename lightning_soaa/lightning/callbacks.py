@@ -30,6 +30,7 @@ from lightning_soaa.lightning.factory import (
     optimizer_needing,
     unwrap_optimizer,
 )
+from lightning_soaa.optim.egn_batches import concat_batches
 from lightning_soaa.registry import StepNeeds, spec_of
 
 __all__ = ["LossToOptimizer", "BatchToOptimizer", "OptimizerDiagnostics", "STATIC_STATISTICS", "default_split_batch",
@@ -309,7 +310,7 @@ class BatchToOptimizer(Callback):
             if batch_idx % k == 0:
                 self._window = []
             self._window.append((inputs, targets))
-            inputs, targets = _concat_batches(self._window)
+            inputs, targets = concat_batches(self._window)
         for opt in targets_opts:
             opt.set_batch(inputs, targets)
 
@@ -360,15 +361,6 @@ def optimizer_name(optimizer: Any) -> str:
             return spec.name
     return type(unwrap_optimizer(optimizer, "statistics") or optimizer).__name__
 
-
-def _concat_batches(batches: list[tuple[Any, Any]]) -> tuple[Any, Any]:
-    """Concatenate (inputs, targets) pairs along the samples; inputs may be tuples of tensors."""
-    xs = [x for x, _ in batches]
-    if isinstance(xs[0], (tuple, list)):
-        inputs: Any = tuple(torch.cat(parts, dim=0) for parts in zip(*xs))
-    else:
-        inputs = torch.cat(xs, dim=0)
-    return inputs, torch.cat([y for _, y in batches], dim=0)
 
 
 def _prefixes(optimizers: list[Any]) -> list[str]:

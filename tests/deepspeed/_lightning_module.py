@@ -100,3 +100,48 @@ class AccumModule(pl.LightningModule):
     def on_fit_end(self) -> None:
         if self.global_rank == 0:
             torch.save({"losses": self.losses, "step_losses": self.step_losses}, Path(self.out_dir) / "accum.pt")
+
+
+def _ramp(step: int) -> float:
+    """The LR schedule of :class:`SchedModule`: 0.1, 0.2, ... times the base lr."""
+    return 0.1 * (step + 1)
+
+
+class SchedModule(pl.LightningModule):
+    """lightning_soaa's AdamW with a per-step ``LambdaLR`` from ``configure_optimizers``; ``on_fit_end``
+    (rank 0 of one) writes the trained parameters and the same run without DeepSpeed to ``<out>/sched.pt``."""
+
+    LR = 2e-2
+
+    def __init__(self, out_dir: str, steps: int) -> None:
+        super().__init__()
+        self.net = tiny_mlp(0, torch.float32, SIZES)
+        self.out_dir, self.steps = out_dir, steps
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(torch.zeros(64, 1)), batch_size=1)
+
+    def training_step(self, _batch: Any, _idx: int) -> torch.Tensor:
+        return loss_fn(self.net, *batch(self.global_step, 0, dtype=torch.float32))
+
+    @staticmethod
+    def _optimizer(params: Any) -> tuple[Any, Any]:
+        from lightning_soaa.optim.adamw import ShardedAdamW
+
+        opt = ShardedAdamW(params, lr=SchedModule.LR, weight_decay=0.1)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, _ramp)
+
+    def configure_optimizers(self) -> Any:
+        opt, sched = self._optimizer(self.net.parameters())
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_fit_end(self) -> None:
+        ref_net = tiny_mlp(0, torch.float32, SIZES)
+        opt, sched = self._optimizer(ref_net.parameters())
+        for s in range(self.steps):
+            opt.zero_grad()
+            loss_fn(ref_net, *batch(s, 0, dtype=torch.float32)).backward()
+            opt.step()
+            sched.step()
+        torch.save({"params": [p.detach().clone() for p in self.net.parameters()],
+                    "ref": [p.detach().clone() for p in ref_net.parameters()]}, Path(self.out_dir) / "sched.pt")

@@ -332,3 +332,161 @@ def w_raw_deepspeed(rank: int, world: int, name: str) -> str:
     except ValueError as e:
         return str(e)
     return "no error"
+
+
+def _client_engine(rank: int, route: str, stage: int, dtype: str, name: str, params: dict[str, Any],
+                   client_stage: int | None = None) -> tuple[Any, Any, torch.nn.Module]:
+    """An engine whose optimizer is named in the JSON (``route="json"``) or passed in code as
+    ``DeepSpeedClientOptimizer.from_optimizer(...)`` with a config without an optimizer block."""
+    import deepspeed_ext
+    from deepspeed_ext.client import DeepSpeedClientOptimizer
+    from lightning_soaa.registry import get
+
+    model = tiny_mlp(0, torch.float32, SIZES)
+    cfg = make_config(stage, dtype, f"lightning_soaa.{name}", params)
+    if dtype == "fp16":
+        cfg["fp16"] = {"enabled": True}
+    if route == "json":
+        engine, _, _, _ = deepspeed_ext.initialize(model=model, config=cfg)
+    else:
+        cfg.pop("optimizer")
+        spec = get(name)
+        opt = spec.load()(model.parameters(), **params)
+        client = DeepSpeedClientOptimizer.from_optimizer(
+            opt, zero_stage=stage if client_stage is None else client_stage, layout=spec.ds_layout.value)
+        engine, _, _, _ = deepspeed_ext.initialize(model=model, config=cfg, optimizer=client)
+    return engine, deepspeed_ext.find_client_optimizer(engine), model
+
+
+def w_client_route(rank: int, world: int, jobs: list[tuple[str, int, str, str, dict[str, Any]]],
+                   steps: int) -> dict[Any, Any]:
+    """Per job (route, stage, dtype, optimizer name, params): the fp32 parameters and counters after
+    ``steps`` steps, or the error's text."""
+    ds_env(rank, world)
+    out: dict[Any, Any] = {}
+    for job in jobs:
+        route, stage, dtype, name, params = job[:5]
+        client_stage = job[5] if len(job) > 5 else None
+        try:
+            engine, client, model = _client_engine(rank, route, stage, dtype, name, params, client_stage)
+            _train(engine, rank, range(steps), dtype)
+            out[job[:4]] = {"params": full_fp32_params(engine, stage, client, list(model.parameters()),
+                                                       list(model.parameters())),
+                            "training_steps": client.training_steps, "ignored": client.ignored_steps,
+                            "stats": client.statistics()}
+            del engine
+        except Exception as exc:  # noqa: BLE001 - the message is what the test checks
+            out[job[:4]] = {"error": f"{type(exc).__name__}: {exc}"}
+    return out
+
+
+def w_egn_accumulation(rank: int, world: int, opt_params: dict[str, Any], steps: int, gas: int) -> dict[str, Any]:
+    """EGN at ZeRO stage 0 with gradient_accumulation_steps=gas (set_batch on every micro-batch) vs our
+    own EGN stepping on the concatenation of each step's micro-batches; then one step that got a single
+    set_batch for its gas micro-batches (its error)."""
+    ds_env(rank, world)
+    import deepspeed_ext
+    from lightning_soaa.optim.egn import EGN
+
+    cfg = make_config(0, "fp32", "lightning_soaa.EGN", opt_params, grad_accum=gas)
+    model = tiny_mlp(0, torch.float32, SIZES)
+    engine, _, _, _ = deepspeed_ext.initialize(model=model, config=cfg)
+    client = deepspeed_ext.find_client_optimizer(engine)
+    for s in range(steps):
+        for m in range(gas):
+            x, y = batch(s * gas + m, rank, dtype=torch.float32)
+            client.set_batch(x, y)
+            engine.backward(loss_fn(engine, x, y))
+            engine.step()
+    out: dict[str, Any] = {"params": [p.detach().clone() for p in model.parameters()],
+                           "training_steps": client.training_steps}
+    before = [p.detach().clone() for p in model.parameters()]
+    try:
+        for m in range(gas):
+            x, y = batch(100 + m, rank, dtype=torch.float32)
+            if m == gas - 1:
+                client.set_batch(x, y)
+            engine.backward(loss_fn(engine, x, y))
+            engine.step()
+        out["error"] = "no error"
+    except ValueError as exc:
+        out["error"] = str(exc)
+    out["unchanged"] = all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    ref_model = tiny_mlp(0, torch.float32, SIZES)
+    ref = EGN(ref_model, **opt_params)
+    for s in range(steps):
+        xs, ys = zip(*(batch(s * gas + m, rank, dtype=torch.float32) for m in range(gas)))
+        ref.step(inputs=torch.cat(xs), targets=torch.cat(ys))
+    out["ref"] = [p.detach().clone() for p in ref_model.parameters()]
+    return out
+
+
+def w_state_dict_one_rank(rank: int, world: int, ckpt_root: str) -> dict[str, Any]:
+    """Stage 0 (our sharding) on W ranks: ``engine.optimizer.state_dict()`` on rank 0 alone (a common
+    ``if rank == 0: torch.save(...)`` pattern) for AdamW and EGN; then engine.save_checkpoint on every
+    rank, and consolidate_state_dict on every rank followed by state_dict on rank 0."""
+    ds_env(rank, world)
+    import deepspeed_ext
+
+    out: dict[str, Any] = {}
+    for name, params in (("AdamW", {"lr": 1e-2}), ("EGN", {"loss": "mse", "lr": 0.5})):
+        model = tiny_mlp(0, torch.float32, SIZES)
+        engine, _, _, _ = deepspeed_ext.initialize(model=model, config=make_config(0, "fp32",
+                                                                                   f"lightning_soaa.{name}", params))
+        client = deepspeed_ext.find_client_optimizer(engine)
+        for s in range(2):
+            x, y = batch(s, rank, dtype=torch.float32)
+            if name == "EGN":
+                client.set_batch(x, y)
+            engine.backward(loss_fn(engine, x, y))
+            engine.step()
+        res: dict[str, Any] = {}
+        if rank == 0:
+            try:
+                engine.optimizer.state_dict()
+                res["alone"] = "no error"
+            except RuntimeError as exc:
+                res["alone"] = str(exc)
+        dist.barrier()
+        engine.save_checkpoint(os.path.join(ckpt_root, name), tag="t2")
+        res["saved"] = True
+        client.consolidate_state_dict()  # to rank 0, as Lightning and torch's ZeRO do
+        if rank == 0:
+            res["after_consolidate_keys"] = sorted(engine.optimizer.state_dict())
+        out[name] = res
+        del engine
+    return out
+
+
+def w_cross_stage(rank: int, world: int, ckpt_root: str, pairs: list[tuple[int, int]]) -> dict[Any, str]:
+    """Per (saved stage, loading stage): the error of loading, with optimizer state, a checkpoint written
+    under the other stage (AdamW, fp32, one step), or "ok"; ("module", 0, 2): stage 0's module loaded by a
+    ZeRO-2 engine with load_optimizer_states=False."""
+    ds_env(rank, world)
+    import deepspeed_ext
+
+    params = {"lr": 1e-2}
+
+    def engine_at(stage: int) -> Any:
+        cfg = make_config(stage, "fp32", "lightning_soaa.AdamW", params)
+        engine, _, _, _ = deepspeed_ext.initialize(model=tiny_mlp(0, torch.float32, SIZES), config=cfg)
+        return engine
+
+    for stage in sorted({s for s, _ in pairs}):
+        engine = engine_at(stage)
+        _train(engine, rank, range(1))
+        engine.save_checkpoint(os.path.join(ckpt_root, f"s{stage}"), tag="t1")
+        del engine
+    out: dict[Any, str] = {}
+    for saved, stage in pairs:
+        engine = engine_at(stage)
+        try:
+            engine.load_checkpoint(os.path.join(ckpt_root, f"s{saved}"))  # tag from 'latest'
+            out[(saved, stage)] = "ok"
+        except Exception as exc:  # noqa: BLE001 - the message is what the test checks
+            out[(saved, stage)] = f"{type(exc).__name__}: {exc}"
+        del engine
+    engine = engine_at(2)
+    engine.load_checkpoint(os.path.join(ckpt_root, "s0"), load_optimizer_states=False, load_lr_scheduler_states=False)
+    out[("module", 0, 2)] = "ok"
+    return out

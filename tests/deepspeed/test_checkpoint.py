@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.deepspeed._workers import w_checkpoint, w_resume_other_world
+from tests.deepspeed._workers import w_checkpoint, w_cross_stage, w_resume_other_world, w_state_dict_one_rank
 from tests.harness.distributed import run_distributed
 
 pytestmark = [pytest.mark.deepspeed, pytest.mark.timeout(240)]
@@ -42,3 +42,31 @@ def test_round_trip_bit_identical_every_stage_then_other_world_size(tmp_path):
     assert not other[2]["ok"]
     msg = other[2]["error"]
     assert "world size" in msg.lower() or "ranks" in msg.lower(), msg
+
+
+def test_state_dict_on_one_rank_raises_instead_of_hanging(tmp_path):
+    """Stage 0 (our sharding), W=2: ``engine.optimizer.state_dict()`` on rank 0 alone hung (it consolidated,
+    a collective the other rank never entered). It now raises like the base optimizer, naming what works;
+    engine.save_checkpoint (every rank) and consolidate_state_dict() on every rank keep working."""
+    res = run_distributed(w_state_dict_one_rank, 2, tmp_path, str(tmp_path / "ckpt"), timeout=90)
+    for name in ("AdamW", "EGN"):
+        msg = res[0][name]["alone"]
+        assert "state_dict() at ZeRO stage 0 on several ranks" in msg, msg
+        assert "engine.save_checkpoint" in msg and "consolidate_state_dict() on every rank" in msg
+        assert all(r[name]["saved"] for r in res)
+        assert "lightning_soaa_deepspeed" in " ".join(res[0][name]["after_consolidate_keys"])
+
+
+def test_checkpoint_from_another_zero_stage_names_both_stages(tmp_path):
+    """Same W, another ZeRO stage: 2 -> 0 said "not a lightning_soaa DeepSpeed optimizer state", 3 -> 0 was a
+    bare AssertionError, 0 -> 2 a FileNotFoundError. Each now names both stages and what works."""
+    pairs = [(2, 0), (3, 0), (0, 2), (0, 3), (3, 2)]
+    res = run_distributed(w_cross_stage, 2, tmp_path, str(tmp_path / "ckpt"), pairs, timeout=200)
+    for r in res:
+        for saved, stage in pairs:
+            msg = r[(saved, stage)]
+            assert msg.startswith("StateLayoutError:"), (saved, stage, msg)
+            assert f"was written under ZeRO-{saved}; this engine runs ZeRO-{stage}" in msg, msg
+            assert f"Resume with zero_optimization.stage={saved}" in msg, msg
+        assert "load_optimizer_states=False" in r[(2, 0)] and "zero_to_fp32.py" in r[(3, 0)]
+        assert r[("module", 0, 2)] == "ok"

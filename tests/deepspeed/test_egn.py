@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.deepspeed._workers import w_egn
+from tests.deepspeed._workers import w_egn, w_egn_accumulation
 from tests.harness.distributed import run_distributed
 
 pytestmark = [pytest.mark.deepspeed, pytest.mark.timeout(200)]
@@ -29,3 +29,33 @@ def _init():
     from tests.harness.models import tiny_mlp
 
     return [p.detach() for p in tiny_mlp(0, torch.float32, SIZES).parameters()]
+
+
+def test_egn_gradient_accumulation_steps_on_the_whole_accumulated_batch(tmp_path):
+    """gradient_accumulation_steps=2 with set_batch on every micro-batch: EGN steps once per training step
+    on the concatenation of both micro-batches (as BatchToOptimizer under Lightning). Before, each set_batch
+    replaced the last and EGN stepped on the last micro-batch alone (1.15e-1 off). A step that got fewer
+    set_batch calls than micro-batches is refused, on every rank, before anything changes."""
+    params = {"loss": "mse", "lr": 0.5, "damping": 1.0}
+    res = run_distributed(w_egn_accumulation, 2, tmp_path, params, 3, 2, timeout=180)
+    for r in res:
+        assert r["training_steps"] == 3
+        diff = max(float((a - b).abs().max()) for a, b in zip(r["params"], r["ref"]))
+        assert diff <= 1e-6, diff
+        assert "got 1 set_batch() calls for a step with gradient_accumulation_steps=2" in r["error"], r["error"]
+        assert r["unchanged"]
+
+
+def test_egn_refuses_gradient_clipping():
+    """EGN never reads a gradient: DeepSpeed's gradient clipping would be silently ignored (Lightning's
+    gradient_clip_val is refused with EGN for the same reason). Left out, it is set to 0.0 (DeepSpeed's
+    default 1.0 would clip gradients nobody reads)."""
+    from deepspeed_ext.ds_config import parse_config
+
+    cfg = {"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 0},
+           "optimizer": {"type": "lightning_soaa.EGN", "params": {"loss": "mse"}}}
+    with pytest.raises(ValueError, match=r"Invalid gradient_clipping=1.0 with optimizer.type='lightning_soaa.EGN'.*"
+                                         r"Must be 0.0 \(or left out\)"):
+        parse_config({**cfg, "gradient_clipping": 1.0})
+    assert parse_config(cfg).ds_config["gradient_clipping"] == 0.0
+    assert parse_config({**cfg, "gradient_clipping": 0}).ds_config["gradient_clipping"] == 0

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+from typing import Any
 
 import pytest
 import torch
@@ -102,3 +103,45 @@ def test_soaa_step_loss_under_deepspeed_gradient_accumulation(tmp_path):
     assert [t for t, _ in step_losses][:6] == [0, 1, 1, 2, 2, 3], step_losses
     for i in (1, 3, 5):
         assert step_losses[i][1] == pytest.approx((losses[i - 1] + losses[i]) / 2, rel=1e-6), (i, rec)
+
+
+def _quiet_trainer(strategy: Any, **kwargs: Any) -> Any:
+    import lightning.pytorch as pl
+
+    return pl.Trainer(accelerator="cpu", devices=1, strategy=strategy, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, **kwargs)
+
+
+def test_lr_scheduler_from_configure_optimizers_reaches_the_client(tmp_path):
+    """A torch LR scheduler returned with our optimizer stays bound to that optimizer; the client DeepSpeed
+    steps shares its param-group dicts, so the schedule applies. Before, the client held copies: a LambdaLR
+    left the lr at its first value (2e-2 off torch's AdamW with the same schedule after 5 steps)."""
+    from deepspeed_ext.strategy import DeepSpeedStrategy
+    from tests.deepspeed._lightning_module import SchedModule
+
+    config = {"zero_optimization": {"stage": 0}, "train_micro_batch_size_per_gpu": 8, "gradient_clipping": 0.0}
+    strategy = DeepSpeedStrategy(config=config, start_method="fork", process_group_backend="gloo")
+    _quiet_trainer(strategy, precision="32-true", max_steps=STEPS).fit(SchedModule(str(tmp_path), STEPS))
+    rec = torch.load(tmp_path / "sched.pt", weights_only=False)
+    diff = max(float((a - b).abs().max()) for a, b in zip(rec["params"], rec["ref"]))
+    assert diff <= 1e-6, diff
+
+
+@pytest.mark.parametrize("from_json", [False, True], ids=["configure_optimizers", "json"])
+def test_fp16_at_stage_0_is_refused_under_lightning(tmp_path, from_json):
+    """precision='16-mixed' makes Lightning add the fp16 block after the strategy parsed its config: stage-0
+    fp16 (refused on the deepspeed_ext.initialize route: DeepSpeed's stage-0 fp16 wrapper unscales gradients
+    the engine never scaled) ran silently, 6.5e-3 off 32-true in 5 steps. The strategy now checks the config
+    as Lightning formatted it, for every client."""
+    from deepspeed_ext.strategy import DeepSpeedStrategy
+    from tests.deepspeed._lightning_module import DSModule
+
+    config: dict[str, Any] = {"zero_optimization": {"stage": 0}, "train_micro_batch_size_per_gpu": 8,
+                              "gradient_clipping": 0.0}
+    if from_json:
+        config["optimizer"] = {"type": "lightning_soaa.SOAA", "params": PARAMS}
+    strategy = DeepSpeedStrategy(config=config, start_method="fork", process_group_backend="gloo")
+    trainer = _quiet_trainer(strategy, precision="16-mixed", max_steps=STEPS)
+    with pytest.raises(Exception, match=r"Invalid combination optimizer.type='lightning_soaa.SOAA' with "
+                                        r"fp16.enabled=true at zero_optimization.stage=0"):
+        trainer.fit(DSModule(str(tmp_path), PARAMS, STEPS, 0, "fp32", from_json=from_json))

@@ -1,0 +1,76 @@
+"""A client optimizer passed in code, ``deepspeed_ext.initialize(model, config_without_optimizer_block,
+optimizer=DeepSpeedClientOptimizer.from_optimizer(opt, ...))`` (the route the refusal of a raw optimizer
+points to), is checked and run exactly as one named in the JSON.
+
+Before, that route skipped the JSON route's protections: stage-0 bf16 took DeepSpeed's zero-gradient step
+during initialize (1.55e-2 off), stage-0 fp16 was accepted (1.5e-2 off), ZeRO-3 failed telling the user to
+use deepspeed_ext.initialize (which they did), SOAA got no loss, EGN at ZeRO-2 counted steps while the
+model did not move, and a client built for another stage failed with misleading errors.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.deepspeed._workers import w_client_route
+from tests.harness.distributed import run_distributed
+
+pytestmark = [pytest.mark.deepspeed, pytest.mark.timeout(240)]
+
+STEPS = 3
+ADAMW = {"lr": 2e-2, "weight_decay": 0.1}
+SOAA = {"lr": 1e-2, "weight_decay": 0.1, "gamma": 0.1, "total_steps": 10}
+
+
+def _max_abs(a, b) -> float:
+    return max(float((x - y).abs().max()) for x, y in zip(a, b))
+
+
+def test_client_passed_in_code_runs_as_the_json_route(tmp_path):
+    same = [(0, "bf16", "AdamW", ADAMW), (3, "fp32", "AdamW", ADAMW), (0, "fp32", "SOAA", SOAA)]
+    jobs = [(route, *case) for case in same for route in ("json", "client")]
+    jobs += [("client", 0, "fp16", "AdamW", ADAMW), ("client", 2, "fp32", "AdamW", ADAMW, 1)]
+    res = run_distributed(w_client_route, 2, tmp_path, jobs, STEPS, timeout=220)
+    for r in res:
+        for stage, dtype, name, _ in same:
+            a, b = r[("json", stage, dtype, name)], r[("client", stage, dtype, name)]
+            assert "error" not in a and "error" not in b, (a.get("error"), b.get("error"))
+            assert b["training_steps"] == STEPS and b["ignored"] == a["ignored"], (stage, dtype, name, b)
+            assert _max_abs(a["params"], b["params"]) == 0.0, (stage, dtype, name)
+            if name == "SOAA":  # the loss reached SOAA's trust region
+                assert b["stats"]["loss"] == a["stats"]["loss"] and b["stats"]["t"] == STEPS
+        assert r[("client", 0, "fp16", "AdamW")]["error"].startswith(
+            "ValueError: Invalid combination optimizer.type='lightning_soaa.AdamW' with fp16.enabled=true at "
+            "zero_optimization.stage=0")
+        msg = r[("client", 2, "fp32", "AdamW")]["error"]
+        assert "DeepSpeedClientOptimizer(zero_stage=1) with zero_optimization.stage=2" in msg, msg
+
+
+def test_client_route_checks_layout_module_and_duplicate_optimizer():
+    """Refused before any process group or engine exists."""
+    import torch
+
+    import deepspeed_ext
+    from deepspeed_ext.client import DeepSpeedClientOptimizer
+    from deepspeed_ext.egn_client import DeepSpeedEGNOptimizer
+    from lightning_soaa.optim.asgo import ASGO
+    from lightning_soaa.optim.egn import EGN
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    cfg = {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 1}}
+    asgo = DeepSpeedClientOptimizer.from_optimizer(ASGO(model.named_parameters(), lr=1e-2), zero_stage=1,
+                                                   layout="elementwise")
+    with pytest.raises(ValueError, match=r"layout='elementwise'\) for lightning_soaa.ASGO. Must be 'structured'"):
+        deepspeed_ext.initialize(model=model, config=cfg, optimizer=asgo)
+    egn = DeepSpeedEGNOptimizer(torch.nn.Linear(4, 2), EGN, {"loss": "mse"})
+    with pytest.raises(ValueError, match="built over another module"):
+        deepspeed_ext.initialize(model=model, config={**cfg, "zero_optimization": {"stage": 0}}, optimizer=egn)
+    egn = DeepSpeedEGNOptimizer(model, EGN, {"loss": "mse"})
+    with pytest.raises(ValueError, match=r"'lightning_soaa.EGN' with zero_optimization.stage=2.*ZeRO stages: 0"):
+        deepspeed_ext.initialize(model=model, config={**cfg, "zero_optimization": {"stage": 2}}, optimizer=egn)
+    with pytest.raises(ValueError, match=r"Invalid gradient_clipping=1.0 with optimizer.type='lightning_soaa.EGN'"):
+        deepspeed_ext.initialize(model=model, config={**cfg, "zero_optimization": {"stage": 0},
+                                                      "gradient_clipping": 1.0}, optimizer=egn)
+    with pytest.raises(ValueError, match="not both"):
+        deepspeed_ext.initialize(model=model, config={**cfg, "optimizer": {"type": "Adam"}}, optimizer=asgo)
+    assert not torch.distributed.is_initialized()
