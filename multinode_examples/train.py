@@ -19,7 +19,8 @@ final model ``state_dict``) under ``--out-dir``; rank 0 also prints its JSON on 
 Fault tolerance (``torchrun --max-restarts=K``): with ``--checkpoint-dir`` rank 0 writes a checkpoint every
 ``--checkpoint-every`` steps (model, the consolidated optimizer state, the step counter, the losses so far,
 each rank's RNG state), atomically; a restarted run resumes from the latest one and ends bit-identical to
-an uninterrupted run. ``--fail-at-step N`` makes ``--fail-rank`` die hard after N steps on the first
+an uninterrupted run (with DDP at W >= 3: equal to rounding, since DDP's buckets change after a restart).
+``--fail-at-step N`` makes ``--fail-rank`` die hard after N steps on the first
 attempt only (``TORCHELASTIC_RESTART_COUNT`` unset or 0), to try it.
 """
 

@@ -18,8 +18,10 @@ never a crash of one rank inside the collective library, never silent divergence
   after the reduction every rank holds every rank's row bit for bit: an error flag (an exception this
   rank raised before the collective), a digest of the hyperparameters, and, when gradients must be the
   same on every rank (``grad_reduction="none"``), a digest of the local gradients; the optimizer's step
-  counter (``num_steps + skipped_steps``: a rank that loaded a checkpoint alone or missed a ``step()``
-  is at another step); and, at the first step after construction or ``load_state_dict`` with
+  counter (``num_steps + skipped_steps``: a rank that loaded a checkpoint alone is at another step; a
+  rank that skips one ``step()`` call or makes one twice is not seen here, since the steps pair up by
+  their order and both sides count alike: it shows, with torch's own error, at the last collective one
+  rank makes alone, as under DDP); and, at the first step after construction or ``load_state_dict`` with
   ``grad_reduction="mean"`` on sharded ranks, a flag and a digest of the parameters (replicas that
   were never made equal, e.g. initialised with another seed on every rank and no broadcast).
 

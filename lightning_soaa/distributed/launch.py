@@ -138,6 +138,23 @@ def _master(env: Mapping[str, str]) -> tuple[str | None, int | None]:
     return addr, port
 
 
+#: the (rank, world size) variables each launcher sets together
+_PAIRS: tuple[tuple[str, str, str], ...] = (("RANK", "WORLD_SIZE", "torchrun"),
+                                            ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "Open MPI's mpirun"),
+                                            ("PMI_RANK", "PMI_SIZE", "MPICH/Intel MPI"))
+
+
+def _refuse_half_pairs(env: Mapping[str, str]) -> None:
+    """Raise ``ValueError`` when one variable of a launcher's pair is set without the other. Such an
+    environment was read as no launcher at all: the process trained alone on the whole batch, exit 0,
+    while its peers waited for it until the rendezvous timed out (torch's ``env://`` refuses it too)."""
+    for rank, size, who in _PAIRS:
+        if (rank in env) != (size in env):
+            have, lack = (rank, size) if rank in env else (size, rank)
+            raise ValueError(f"{have}={env[have]!r} is set but {lack} is not: {who} sets both. Set both (a "
+                             "distributed launch) or neither (one process).")
+
+
 def detect_launch(env: Mapping[str, str] | None = None) -> LaunchInfo:
     """Read rank, world size, local rank and the rendezvous address from launcher variables.
 
@@ -148,6 +165,7 @@ def detect_launch(env: Mapping[str, str] | None = None) -> LaunchInfo:
         A :class:`LaunchInfo`; ``launcher="single"`` with world size 1 when no launcher is detected.
     """
     env = os.environ if env is None else env
+    _refuse_half_pairs(env)
     addr, port = _master(env)
     if "RANK" in env and "WORLD_SIZE" in env:
         world = _int(env, "WORLD_SIZE")

@@ -101,6 +101,11 @@ def test_slurm_tasks_per_node_formats() -> None:
     ({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2", "MASTER_PORT": "70000"}, "master_port=70000"),
     ({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2"}, "SLURM_STEP_NODELIST"),
     ({**SRUN, "SLURM_STEP_TASKS_PER_NODE": "2(y3)"}, "SLURM_STEP_TASKS_PER_NODE='2(y3)'"),
+    # one variable of a launcher's pair alone was read as one process: it trained alone, its peers timed out
+    ({"RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}, "RANK='1' is set but WORLD_SIZE is not"),
+    ({"WORLD_SIZE": "2"}, "WORLD_SIZE='2' is set but RANK is not"),
+    ({"OMPI_COMM_WORLD_RANK": "0"}, "OMPI_COMM_WORLD_RANK='0' is set but OMPI_COMM_WORLD_SIZE is not"),
+    ({"PMI_SIZE": "2"}, "PMI_SIZE='2' is set but PMI_RANK is not"),
 ])
 def test_bad_values_name_the_variable(env: dict[str, str], field: str) -> None:
     with pytest.raises(ValueError, match=re.escape(field)):
