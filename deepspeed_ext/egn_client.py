@@ -125,7 +125,21 @@ class DeepSpeedEGNOptimizer(torch.optim.Optimizer):
             self.ignored_steps += 1
             return None
         self.step_calls += 1
-        inputs, targets = self._take_batch()
+        inputs: Any
+        targets: Tensor | None
+        try:
+            inputs, targets = self._take_batch()
+        except ValueError as e:
+            if group_size(self.process_group) == 1:
+                raise
+            # Held, not raised here: EGN.step reports a closure's error through its first all-reduce and
+            # raises it on every rank (a rank raising alone left the others in that all-reduce)
+            error = e
+
+            def closure() -> Any:
+                raise error
+
+            inputs = targets = None
         inner = self._ensure_inner()
         for k, v in self.param_groups[0].items():  # LR schedulers change the wrapper's group
             if k not in ("params", "param_names") and k in inner.param_groups[0]:

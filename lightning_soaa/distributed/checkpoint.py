@@ -104,6 +104,8 @@ class CheckpointView:
     block_schema: Callable[[BlockInfo], dict[str, StateField] | None] = lambda b: None
     #: raises ``ValueError`` naming the field when the saved optimizer-wide state is invalid
     validate_global: Callable[[dict[str, Any]], None] = lambda state: None
+    #: appended to a refused layout or state shape: an optimizer-specific cause (ASGO's side under FSDP2)
+    layout_hint: str = ""
 
 
 #: what a load keeps of the current groups: their tensors, and the block size the table was built with (a
@@ -230,6 +232,7 @@ def validate_state_dict(optimizer: CheckpointView, sd: Any, by_position: bool = 
             f"{name}.load_state_dict: the state was saved with a different block layout (for example a "
             "different max_block_size) that cannot be re-cut to this one (only whole-row blocks of an "
             "elementwise optimizer's state can); construct the optimizer with the same blocking options."
+            + optimizer.layout_hint
         )
     _validate_block_states(optimizer, sd["state"])
     glob = meta.get("global")
@@ -283,10 +286,10 @@ def _validate_block_states(optimizer: CheckpointView, state: Any) -> None:
         names = optimizer.names
         label = (names[b.param_index] if b.param_index < len(names) else None) or f"#{b.param_index}"
         where = f"{name}.load_state_dict: state[{b.param_index}][{b.sub_index}] (parameter {label})"
-        _validate_block(where, blk, schema)
+        _validate_block(where, blk, schema, optimizer.layout_hint)
 
 
-def _validate_block(where: str, blk: Any, schema: dict[str, StateField]) -> None:
+def _validate_block(where: str, blk: Any, schema: dict[str, StateField], hint: str = "") -> None:
     if not isinstance(blk, dict):
         raise ValueError(f"{where} must be a dict of tensors, got {type(blk).__name__}.")
     unknown = sorted(str(k) for k in blk if k not in schema)
@@ -301,7 +304,8 @@ def _validate_block(where: str, blk: Any, schema: dict[str, StateField]) -> None
         if not isinstance(v, torch.Tensor):
             raise ValueError(f"{where}[{key!r}] must be a tensor, got {type(v).__name__}.")
         if tuple(v.shape) != tuple(field.shape):
-            raise ValueError(f"{where}[{key!r}] has shape {tuple(v.shape)}; it must be {tuple(field.shape)}.")
+            raise ValueError(f"{where}[{key!r}] has shape {tuple(v.shape)}; it must be {tuple(field.shape)}."
+                             + hint)
         if field.dtype is not None and v.dtype != field.dtype and v.dtype not in field.legacy:
             raise ValueError(f"{where}[{key!r}] has dtype {v.dtype}; it must be {field.dtype}.")
         complex_ok = field.dtype is not None and field.dtype.is_complex  # complex parameters' moments

@@ -147,9 +147,11 @@ _PAIRS: tuple[tuple[str, str, str], ...] = (("RANK", "WORLD_SIZE", "torchrun"),
 def _refuse_half_pairs(env: Mapping[str, str]) -> None:
     """Raise ``ValueError`` when one variable of a launcher's pair is set without the other. Such an
     environment was read as no launcher at all: the process trained alone on the whole batch, exit 0,
-    while its peers waited for it until the rendezvous timed out (torch's ``env://`` refuses it too)."""
+    while its peers waited for it until the rendezvous timed out (torch's ``env://`` refuses it too).
+    Except ``WORLD_SIZE`` without ``RANK``: Lightning's own launcher starts its processes so (with
+    ``LOCAL_RANK``; Lightning joins the group itself), and a script's ``init_from_env()`` must then leave it."""
     for rank, size, who in _PAIRS:
-        if (rank in env) != (size in env):
+        if (rank in env) != (size in env) and not (rank == "RANK" and size in env):
             have, lack = (rank, size) if rank in env else (size, rank)
             raise ValueError(f"{have}={env[have]!r} is set but {lack} is not: {who} sets both. Set both (a "
                              "distributed launch) or neither (one process).")

@@ -723,6 +723,11 @@ class ASGO(_OneSided):
     _config_cls = ASGOConfig
     _method = "asgo"
 
+    _layout_hint = (" If the state comes from a run with FSDP2 and this one is without (or the other way): "
+                    "under FSDP2 a matrix with fewer rows than columns is preconditioned on its right side "
+                    "(a columns x columns Gram, its blocks cut along columns), without FSDP2 on its left, so "
+                    "its state does not move between them.")
+
     def __init__(
         self,
         params: Iterable[Any],

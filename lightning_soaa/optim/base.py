@@ -112,7 +112,7 @@ from lightning_soaa.optim.param_checks import (
     param_signatures,
 )
 from lightning_soaa.optim.sd_hooks import hooked_load, hooked_state_dict
-from lightning_soaa.optim.step_context import amp_unscale_, caller_autocast, full_precision
+from lightning_soaa.optim.step_context import amp_unscale_, caller_autocast, full_precision, outside_inference_mode
 
 __all__ = ["ShardedOptimizer", "BlockView", "SkipStep", "StepCounts", "StepRecord", "host_floats", "summed"]
 
@@ -411,11 +411,18 @@ def _same_members(params: list[Tensor], built: tuple[Tensor, ...]) -> bool:
     return len(params) == len(built) and all(map(operator.is_, params, built))
 
 
-def _list_values(group: dict[str, Any]) -> tuple[Any, ...]:
+def _list_values(group: dict[str, Any]) -> tuple[tuple[Any, tuple[Any, ...]], ...]:
     """Copies of a group's list values other than ``params`` (``betas=[0.9, 0.95]`` from a YAML file): a
     list edited in place (``group["betas"][1] = 1.5``) is the same object, so only its contents show the
-    change (an unchecked 1.5 wrote NaN into the parameters)."""
+    change (an unchecked 1.5 wrote NaN into the parameters). Compared by :func:`_same_list_values`."""
     return tuple((k, tuple(v)) for k, v in group.items() if k != "params" and type(v) is list)
+
+
+def _same_list_values(a: tuple[tuple[Any, tuple[Any, ...]], ...], b: tuple[tuple[Any, tuple[Any, ...]], ...]) -> bool:
+    """The same keys holding the same element objects: identity, not ``==`` (a list of tensors has no
+    truth value; an element written anew, ``betas[1] = 1.5``, is a new object anyway)."""
+    return len(a) == len(b) and all(ka == kb and len(va) == len(vb) and all(map(operator.is_, va, vb))
+                                    for (ka, va), (kb, vb) in zip(a, b))
 
 
 class ShardedOptimizer(torch.optim.Optimizer):
@@ -831,6 +838,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def _run_closure(self, closure: Callable[[], Any] | None) -> Any:
         if closure is None:
             return None
+        if not callable(closure):  # opt.step(loss): torch's "'Tensor' object is not callable" said nothing
+            raise TypeError(f"{type(self).__name__}.step: its argument is a closure (a callable that returns the "
+                            f"loss), got {type(closure).__name__}. A loss is passed by keyword where the "
+                            "optimizer takes one: step(loss=loss).")
         with torch.enable_grad(), caller_autocast(self):
             return closure()
 
@@ -1031,7 +1042,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 "grad_reduction='none' every block is updated with its owner's gradient, so the ranks would "
                 "train on different data without averaging it. Wrap the model in DistributedDataParallel "
                 "(Lightning strategy='ddp' does), or construct the optimizer with grad_reduction='mean' to "
-                "have it average the gradients itself. Nothing changed."
+                "have it average the gradients itself. Already under DDP: a parameter the forward did not use "
+                "keeps DDP from reducing its bucket; pass find_unused_parameters=True (Lightning: "
+                "strategy='ddp_find_unused_parameters_true') or leave that parameter out. Nothing changed."
             )
 
     def _reduce_record(self, views: list[BlockView], local_error: BaseException | None) -> StepRecord:
@@ -1176,11 +1189,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
             keys, vals = tuple(group), tuple(group.values())
             last = seen[i]
             if last is not None and last[0] is group and last[1] == keys:
-                if all(map(operator.is_, vals, last[2])) and _list_values(group) == last[3]:
+                if all(map(operator.is_, vals, last[2])) and _same_list_values(_list_values(group), last[3]):
                     continue
                 changed = [k for k, a, b in zip(keys, vals, last[2]) if a is not b]
                 lr = group.get("lr")
-                if changed == ["lr"] and type(lr) is float and 0.0 <= lr < math.inf and _list_values(group) == last[3]:
+                if (changed == ["lr"] and type(lr) is float and 0.0 <= lr < math.inf
+                        and _same_list_values(_list_values(group), last[3])):
                     seen[i] = (group, keys, vals, last[3])
                     continue
             try:
@@ -1247,7 +1261,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
                               shapes=tuple(tuple(p.shape) for p in self._params),
                               devices=tuple(p.device for p in self._params), names=tuple(self._names),
                               elementwise=self.elementwise, block_schema=self._block_schema,
-                              validate_global=self._validate_global_state)
+                              validate_global=self._validate_global_state, layout_hint=self._layout_hint)
+
+    #: see :attr:`~lightning_soaa.distributed.checkpoint.CheckpointView.layout_hint`
+    _layout_hint: str = ""
 
     def _block_schema(self, block: BlockInfo) -> dict[str, StateField] | None:
         return self._state_schema(block, self._params[block.param_index], self.param_groups[block.group_index])
@@ -1320,6 +1337,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         # the groups as they are now: an lr set after consolidate_state_dict() is the one to save
         return {**self._consolidated, "param_groups": saved_groups(self.param_groups)}
 
+    @outside_inference_mode  # state loaded inside it could never be stepped (optim/step_context.py)
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """:meth:`_load_full_state_dict` between torch's load hooks (:mod:`~lightning_soaa.optim.sd_hooks`;
         a pre hook may return a replacement, e.g. a state remapped by ``param_names``)."""
@@ -1365,5 +1383,5 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self.num_steps = int(glob.pop("num_steps", 0))
         self.skipped_steps = int(glob.pop("skipped_steps", 0))
         self._load_global_state(glob)
-        self._consolidated = None
+        self._consolidated, self._consolidated_at = None, -1  # a consolidation before the load is void
         dcp.hold_state_entries(self)

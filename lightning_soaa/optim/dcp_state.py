@@ -306,4 +306,4 @@ def load_dcp_state_dict(opt: ShardedOptimizer, sd: dict[str, Any]) -> None:
     opt.num_steps = int(glob.pop("num_steps", 0))
     opt.skipped_steps = int(glob.pop("skipped_steps", 0))
     opt._load_global_state(glob)
-    opt._consolidated = None
+    opt._consolidated, opt._consolidated_at = None, -1  # a consolidation before the load is void

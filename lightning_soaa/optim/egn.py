@@ -609,6 +609,9 @@ class EGN(ShardedOptimizer):
             # meta or changed parameters (.grad is unused), before the closure runs the model on them
             check_step(self, self._params, self._names, gradients=False, built=self.__dict__.get("_built"))
             self._check_places()  # the module still holds EGN's parameters (not replaced since)
+            if closure is not None and not callable(closure):  # EGN.step((x, y)): say what it takes
+                raise TypeError(f"EGN.step: its argument is a closure (a callable), got {type(closure).__name__}; "
+                                "pass the batch by keyword: step(inputs=x, targets=y), or set_batch(x, y).")
             if closure is not None:
                 with torch.enable_grad(), caller_autocast(self):
                     closure_value = closure()

@@ -94,6 +94,12 @@ UNSUPPORTED_TORCH_OPTIONS: tuple[str, ...] = ("maximize", "amsgrad", "nesterov",
 def check_torch_options(optimizer: Any, group: dict[str, Any]) -> None:
     """Raise ``ValueError`` for a truthy :data:`UNSUPPORTED_TORCH_OPTIONS` entry of ``group`` (False and
     None, which torch's own defaults write, pass)."""
+    if group.get("decoupled_weight_decay") is False and group.get("weight_decay"):
+        # what torch.optim.Adam's groups carry: its weight_decay is an L2 term added to the gradient
+        raise ValueError(
+            f"decoupled_weight_decay=False with weight_decay={group['weight_decay']!r} asks for torch Adam's L2 "
+            f"penalty; {type(optimizer).__name__} decays the weights decoupled (AdamW's rule) and would silently "
+            "do that instead. Leave decoupled_weight_decay out (or True), or put the L2 term into the loss.")
     for key in UNSUPPORTED_TORCH_OPTIONS:
         if group.get(key):
             raise ValueError(
@@ -180,7 +186,8 @@ def _refuse_step(optimizer: Any, p: Tensor, label: str, built: Signature | None)
         raise RuntimeError(
             f"{what}: parameter {label} is now {_describe((p.shape, p.dtype, p.device))}, but the optimizer "
             f"was built for {_describe(built)}; its blocks and state are made for that (a change before "
-            "the first step is taken over; after a step or a loaded state it is not). Change the "
+            "the first step is taken over, except from the meta device and for FSDP2's DTensor parameters; "
+            "after a step or a loaded state it is not). Change the "
             "parameters (model.to(dtype or device), p.data = ...) before constructing the optimizer, as "
             "torch's documentation asks (Lightning Fabric: fabric.setup_module(model), then build the "
             "optimizer, then fabric.setup_optimizers(opt)), or build a new one. Nothing changed."

@@ -442,8 +442,16 @@ class SOAA(ShardedOptimizer):
     def set_loss(self, loss: Tensor | float, weight: float = 1.0) -> None:
         """Store the mini-batch loss for the next :meth:`step` (e.g. from ``on_before_backward``).
 
+        The last call before a step wins: under manual gradient accumulation hand over the step's mean
+        loss once (``set_loss(mean)`` or ``step(loss=mean)``), not each micro-batch's (the trust region then
+        judged the step by the last micro-batch alone: 0.13 off after 40 steps of 4 micro-batches).
         ``weight`` (e.g. the local batch size) weights this rank's loss in the cross-rank average; the
-        default 1 averages ranks equally (equal per-rank batches, spec §1.6).
+        default 1 averages ranks equally (equal per-rank batches, spec §1.6). The loss SOAA judges its
+        steps by is that average, so each rank's loss must be its share of the global objective *as a
+        mean*: where gradients are summed over ranks instead of averaged (FSDP2's
+        ``set_gradient_divide_factor(1.0)`` with each rank's loss divided by the global token count, as
+        torchtitan does), the objective is the sum of the ranks' losses; pass ``loss * world_size`` then
+        (else ρ is off by that factor: 5.2e-4 off the one-process run after 8 steps at W = 2).
         """
         w = float(weight)
         if not math.isfinite(w) or w <= 0.0:
@@ -751,7 +759,9 @@ class SOAA(ShardedOptimizer):
         A closure that raises on any rank is held, counted in the same all-reduce, and the step is then
         rejected as for a non-finite loss (θ restored on every rank, d shrunk; the moments and step
         counters keep their advance, as after any rejection) before every rank raises: the ranks stay in
-        step and no rank is left waiting in the all-reduce."""
+        step and no rank is left waiting in the all-reduce. That holds where the closure's forward makes
+        no collective of its own: under FSDP2 (whose forward all-gathers) a closure that raises on one rank
+        leaves the others in the forward's all-gather, as with torch's optimizers."""
         cfg = self.config
         error: Exception | None = None
         try:

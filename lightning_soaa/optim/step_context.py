@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["amp_unscale_", "full_precision", "caller_autocast"]
+__all__ = ["amp_unscale_", "full_precision", "caller_autocast", "outside_inference_mode"]
 
 #: the device types whose autocast state a step reads (torch.is_autocast_enabled accepts each, present or not)
 AUTOCAST_DEVICES: tuple[str, ...] = ("cpu", "cuda", "xpu", "mps")
@@ -25,19 +25,30 @@ AUTOCAST_DEVICES: tuple[str, ...] = ("cpu", "cuda", "xpu", "mps")
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def full_precision(step: F) -> F:
-    """Decorate an optimizer's ``step``: run it with autocast disabled on every device type where it is
-    enabled, remembering the caller's regions for :func:`caller_autocast`. Two attribute reads per
-    device type when no region is active (the usual case)."""
+def outside_inference_mode(fn: F) -> F:
+    """Decorate a method that makes or writes optimizer state (``step``, ``load_state_dict``): run it with
+    ``torch.inference_mode`` off. State made inside inference mode is made of inference tensors, which no
+    later step outside it may update (and the step's version stamps cannot read them): torch's optimizers
+    step and load there, and a load inside it left ours unable to step for good."""
 
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if torch.is_inference_mode_enabled():
+            with torch.inference_mode(False):
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def full_precision(step: F) -> F:
+    """Decorate an optimizer's ``step``: run it outside inference mode (:func:`outside_inference_mode`) and
+    with autocast disabled on every device type where it is enabled, remembering the caller's regions for
+    :func:`caller_autocast`. Two attribute reads per device type when no region is active (the usual case)."""
+
+    @outside_inference_mode
     @functools.wraps(step)
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if torch.is_inference_mode_enabled():
-            # State made inside inference mode is made of inference tensors, which no later step outside it
-            # may update (and the step's version stamps cannot read them): torch's optimizers step there, so
-            # ours run with it off
-            with torch.inference_mode(False):
-                return wrapper(self, *args, **kwargs)
         active = [d for d in AUTOCAST_DEVICES if torch.is_autocast_enabled(d)]
         if not active:
             return step(self, *args, **kwargs)

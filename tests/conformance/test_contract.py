@@ -213,6 +213,13 @@ def test_torch_options_the_optimizer_lacks_are_refused(spec: OptimizerSpec) -> N
     assert_identical(params(model), w, "params")
     del opt.param_groups[0]["amsgrad"]
     assert_identical(opt.state_dict(), before)
+    # a group copied from torch.optim.Adam: its weight_decay is an L2 term (decoupled_weight_decay=False)
+    opt.param_groups[0]["decoupled_weight_decay"] = False
+    if opt.param_groups[0].get("weight_decay"):
+        with pytest.raises(ValueError, match=r"decoupled_weight_decay=False with weight_decay=.*L2 penalty"):
+            step(spec, model, opt, 1)
+        assert_identical(params(model), w, "params")
+    del opt.param_groups[0]["decoupled_weight_decay"]
 
 
 @each_optimizer
@@ -263,6 +270,54 @@ def test_a_list_hyperparameter_edited_in_place_is_checked(spec: OptimizerSpec) -
     group[key][1] = good
     step(spec, model, opt, 1)
     assert opt.num_steps == 2
+
+
+@each_optimizer
+def test_a_loss_or_batch_passed_as_the_closure_is_refused_saying_how(spec: OptimizerSpec) -> None:
+    """``opt.step(loss)`` / ``EGN.step((x, y))``: the argument is the closure, and torch's "'Tensor' object is
+    not callable" said nothing of the keyword that takes it. Refused naming it, nothing changed."""
+    model, opt = make(spec)
+    x, y = data(0)
+    w = params(model)
+    arg: Any = (x, y) if spec.needs is StepNeeds.BATCH else half_mse(model(x), y).detach()
+    with pytest.raises(TypeError, match=r"step\((inputs=x, targets=y|loss=loss)\)"):
+        opt.step(arg)
+    assert_identical(params(model), w, "params")
+    assert opt.num_steps == 0
+
+
+@each_optimizer
+def test_a_group_value_holding_tensors_is_not_compared_by_value(spec: OptimizerSpec) -> None:
+    """A list of tensors kept in a group (user data next to the hyperparameters) is compared by identity:
+    ``==`` on its elements raised torch's "Boolean value of Tensor ... is ambiguous" outside the held
+    error path (at W = 2 the other rank was left waiting)."""
+    model, opt = make(spec)
+    opt.param_groups[0]["aux"] = [torch.zeros(3), torch.ones(3)]
+    step(spec, model, opt, 0)
+    opt.param_groups[0]["aux"][0] = torch.full((3,), 2.0)
+    step(spec, model, opt, 1)
+    assert opt.num_steps == 2
+
+
+@each_optimizer
+def test_load_state_dict_inside_inference_mode_then_steps(spec: OptimizerSpec) -> None:
+    """A state loaded inside ``torch.inference_mode()`` was made of inference tensors: every later step
+    raised torch's bare "Inplace update to inference tensor" (torch's AdamW steps on). The load runs with
+    inference mode off: the resumed run equals the one loaded outside it, bit for bit."""
+    model, opt = make(spec)
+    for t in range(2):
+        step(spec, model, opt, t)
+    sd, w = copy.deepcopy(opt.state_dict()), {k: v.clone() for k, v in model.state_dict().items()}
+    runs = []
+    for inside in (True, False):
+        m, o = make(spec)
+        m.load_state_dict(w)
+        with torch.inference_mode() if inside else contextlib.nullcontext():
+            o.load_state_dict(copy.deepcopy(sd))
+        for t in range(2, 4):
+            step(spec, m, o, t)
+        runs.append(params(m))
+    assert_identical(runs[0], runs[1], "params")
 
 
 @each_optimizer

@@ -382,8 +382,8 @@ def w_client_route(rank: int, world: int, jobs: list[tuple[str, int, str, str, d
 
 def w_egn_accumulation(rank: int, world: int, opt_params: dict[str, Any], steps: int, gas: int) -> dict[str, Any]:
     """EGN at ZeRO stage 0 with gradient_accumulation_steps=gas (set_batch on every micro-batch) vs our
-    own EGN stepping on the concatenation of each step's micro-batches; then one step that got a single
-    set_batch for its gas micro-batches (its error)."""
+    own EGN stepping on the concatenation of each step's micro-batches; then one step for which rank 0
+    alone got a single set_batch for its gas micro-batches (its error, raised on every rank)."""
     ds_env(rank, world)
     import deepspeed_ext
     from lightning_soaa.optim.egn import EGN
@@ -404,7 +404,7 @@ def w_egn_accumulation(rank: int, world: int, opt_params: dict[str, Any], steps:
     try:
         for m in range(gas):
             x, y = batch(100 + m, rank, dtype=torch.float32)
-            if m == gas - 1:
+            if m == gas - 1 or rank > 0:  # rank 0 alone misses set_batch calls: every rank must raise
                 client.set_batch(x, y)
             engine.backward(loss_fn(engine, x, y))
             engine.step()

@@ -338,6 +338,10 @@ def checkpoint_misuse(rank: int, world_size: int, root: str) -> dict[str, Any]:
         out["consolidated"] = {"full": "lightning_soaa" in sd, "lr": sd["param_groups"][0]["lr"]}
     else:
         out["consolidated"] = expect_error(opt.state_dict)
+    # a load voids an earlier consolidation (at the same step count it made state_dict() refuse everywhere)
+    opt.consolidate_state_dict(to=None)
+    opt.load_state_dict(opt.state_dict())
+    out["after_load_is_dcp"] = "lightning_soaa" in opt.state_dict()["param_groups"][0]
     _, _, kw, sizes = CASE["asgo_wide"]
     model = sharded_model(sizes, mesh)
     asgo = ASGO(model.named_parameters(), **{**kw, "root_every": 2})

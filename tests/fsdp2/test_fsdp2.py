@@ -128,6 +128,7 @@ def test_checkpoint_misuse_is_refused_on_every_rank(w2_run):
     assert results[0]["ckpt_misuse"]["consolidated"] == {"full": True, "lr": 1e-5}
     assert "consolidate_state_dict() ran since the last step" in results[1]["ckpt_misuse"]["consolidated"]
     for r, res in enumerate(results):
+        assert res["ckpt_misuse"]["after_load_is_dcp"], f"rank {r}"
         msg = res["ckpt_misuse"]["auto_into_fixed"]
         assert "keep state" in msg and "root_every='auto' vs 2" in msg, f"rank {r}: {msg}"
         assert res["ckpt_misuse"]["auto_into_fixed_steps"] == 0

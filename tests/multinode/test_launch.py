@@ -103,13 +103,18 @@ def test_slurm_tasks_per_node_formats() -> None:
     ({**SRUN, "SLURM_STEP_TASKS_PER_NODE": "2(y3)"}, "SLURM_STEP_TASKS_PER_NODE='2(y3)'"),
     # one variable of a launcher's pair alone was read as one process: it trained alone, its peers timed out
     ({"RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}, "RANK='1' is set but WORLD_SIZE is not"),
-    ({"WORLD_SIZE": "2"}, "WORLD_SIZE='2' is set but RANK is not"),
     ({"OMPI_COMM_WORLD_RANK": "0"}, "OMPI_COMM_WORLD_RANK='0' is set but OMPI_COMM_WORLD_SIZE is not"),
     ({"PMI_SIZE": "2"}, "PMI_SIZE='2' is set but PMI_RANK is not"),
 ])
 def test_bad_values_name_the_variable(env: dict[str, str], field: str) -> None:
     with pytest.raises(ValueError, match=re.escape(field)):
         detect_launch(env)
+
+
+def test_lightning_launcher_environment_is_left_to_lightning() -> None:
+    """Lightning's launcher starts rank 1 with WORLD_SIZE, LOCAL_RANK and NODE_RANK but no RANK (Lightning
+    joins the group itself): read as no launcher, so a script's init_from_env() leaves it alone."""
+    assert detect_launch({"WORLD_SIZE": "2", "LOCAL_RANK": "1", "NODE_RANK": "0"}).launcher == "single"
 
 
 def test_init_from_env_single_process_does_not_initialise() -> None:
