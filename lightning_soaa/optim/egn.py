@@ -408,6 +408,10 @@ class EGN(ShardedOptimizer):
             "torchrun, DDP, or Lightning's DDPStrategy); under FSDP2 use SOAA, ASGO, DASGO or ShardedAdamW."
         )
 
+    #: its parameter check refuses a conversion after construction even before the first step (its
+    #: captured places and chain plan are made for the parameters it was built over)
+    rebuilds_before_first_step = False
+
     def __init__(
         self,
         model: nn.Module,

@@ -185,9 +185,11 @@ def _refuse_step(optimizer: Any, p: Tensor, label: str, built: Signature | None)
     if built is not None and not p.is_meta and (p.shape, p.dtype, p.device) != built:
         raise RuntimeError(
             f"{what}: parameter {label} is now {_describe((p.shape, p.dtype, p.device))}, but the optimizer "
-            f"was built for {_describe(built)}; its blocks and state are made for that (a change before "
-            "the first step is taken over, except from the meta device and for FSDP2's DTensor parameters; "
-            "after a step or a loaded state it is not). Change the "
+            f"was built for {_describe(built)}; its blocks and state are made for that ("
+            + ("a change before the first step is taken over, except from the meta device and for FSDP2's "
+               "DTensor parameters; after a step or a loaded state it is not" if getattr(
+                   optimizer, "rebuilds_before_first_step", True) else f"{what} does not take such a change over")
+            + "). Change the "
             "parameters (model.to(dtype or device), p.data = ...) before constructing the optimizer, as "
             "torch's documentation asks (Lightning Fabric: fabric.setup_module(model), then build the "
             "optimizer, then fabric.setup_optimizers(opt)), or build a new one. Nothing changed."
