@@ -18,7 +18,18 @@ from tests.deepspeed._workers import SIZES, run_reference, split_groups
 from tests.harness.models import batch, loss_fn, tiny_mlp
 
 
-class DSModule(pl.LightningModule):
+class _ForkSafe(pl.LightningModule):
+    """One intra-op thread in the launched processes. The tests launch with start_method="fork" from the
+    pytest process; where that process already ran a multi-threaded OpenMP region (libgomp's thread pool),
+    a forked child's next parallel region waits at a barrier for pool threads it does not have (found
+    hanging in torch's own fused AdamW kernel after tests/fsdp2 ran in the same process). One thread
+    starts no team, so the child never waits for one."""
+
+    def setup(self, stage: str) -> None:
+        torch.set_num_threads(1)
+
+
+class DSModule(_ForkSafe):
     def __init__(self, out_dir: str, opt_params: dict[str, Any], steps: int, stage: int, dtype: str,
                  from_json: bool = False) -> None:
         super().__init__()
@@ -66,7 +77,7 @@ class DSModule(pl.LightningModule):
                    Path(self.out_dir) / f"rank{self.global_rank}.pt")
 
 
-class AccumModule(pl.LightningModule):
+class AccumModule(_ForkSafe):
     """SOAA under DeepSpeed's own gradient accumulation: records every micro-batch's loss and, after each
     micro-batch, the loss SOAA's last step ran on; rank 0 writes both to ``<out>/accum.pt``."""
 
@@ -107,7 +118,7 @@ def _ramp(step: int) -> float:
     return 0.1 * (step + 1)
 
 
-class SchedModule(pl.LightningModule):
+class SchedModule(_ForkSafe):
     """lightning_soaa's AdamW with a per-step ``LambdaLR`` from ``configure_optimizers``; ``on_fit_end``
     (rank 0 of one) writes the trained parameters and the same run without DeepSpeed to ``<out>/sched.pt``."""
 
