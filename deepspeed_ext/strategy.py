@@ -29,7 +29,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
 from deepspeed_ext.client import DeepSpeedClientOptimizer
-from deepspeed_ext.ds_config import ParsedConfig, check_entry, parse_config, zero_stage_of
+from deepspeed_ext.ds_config import ParsedConfig, parse_config, patch_for_client, zero_stage_of
 from deepspeed_ext.registry import lookup
 from lightning_soaa.distributed.teardown import install_exit_drain
 from lightning_soaa.lightning.mpi_guard import guard_mpi_detection
@@ -143,19 +143,20 @@ class DeepSpeedStrategy(_LightningDeepSpeedStrategy):
             )
         if isinstance(optimizer, DeepSpeedClientOptimizer):
             return optimizer
-        assert isinstance(self.config, dict)
-        check_entry(self.config, entry, stage)  # before from_optimizer builds anything
+        # checked with the config in _setup_model_and_optimizer (from_optimizer builds no inner optimizer)
         return DeepSpeedClientOptimizer.from_optimizer(optimizer, zero_stage=stage, layout=entry.layout,
                                                        param_names=names)
 
     def _check_client(self, client: Any) -> None:
         """Check every client against the config as Lightning formatted it (``setup`` added the precision
         block after ``__init__`` parsed the config): fp16 at stage 0 from ``precision="16-mixed"`` was run
-        silently (6.5e-3 off 32-true in 5 steps) while the JSON route refused it."""
+        silently (6.5e-3 off 32-true in 5 steps) while the JSON route refused it. Then the flags DeepSpeed
+        needs for a client optimizer, set in the one place the JSON route sets them."""
         from deepspeed_ext.engine import check_client
 
         assert isinstance(self.config, dict)
-        check_client(client, self.config)
+        entry = check_client(client, self.config)
+        patch_for_client(self.config, entry, self._zero_stage())
 
     @override
     def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
@@ -181,9 +182,6 @@ class DeepSpeedStrategy(_LightningDeepSpeedStrategy):
         else:
             self._check_client(client)
             client_opt = client
-            assert isinstance(self.config, dict)
-            if self._zero_stage() >= 1:
-                self.config["zero_allow_untested_optimizer"] = True
             rank_zero_info(f"lightning_soaa: {client.optimizer_cls.__name__} as DeepSpeed client optimizer "
                            f"(ZeRO-{client.zero_stage}, {client.layout})")
         device_rank = self.root_device.index if self.root_device.index is not None else self.local_rank

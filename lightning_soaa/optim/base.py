@@ -1186,16 +1186,15 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 return ValueError(REPLACED_PARAMS_MESSAGE.format(name=type(self).__name__, i=i))
             if members is not None and not _same_members(group["params"], members[i]):
                 return ValueError(EDITED_PARAMS_MESSAGE.format(name=type(self).__name__, i=i))
-            keys, vals = tuple(group), tuple(group.values())
+            keys, vals, lists_now = tuple(group), tuple(group.values()), _list_values(group)
             last = seen[i]
-            if last is not None and last[0] is group and last[1] == keys:
-                if all(map(operator.is_, vals, last[2])) and _same_list_values(_list_values(group), last[3]):
+            if last is not None and last[0] is group and last[1] == keys and _same_list_values(lists_now, last[3]):
+                if all(map(operator.is_, vals, last[2])):
                     continue
                 changed = [k for k, a, b in zip(keys, vals, last[2]) if a is not b]
                 lr = group.get("lr")
-                if (changed == ["lr"] and type(lr) is float and 0.0 <= lr < math.inf
-                        and _same_list_values(_list_values(group), last[3])):
-                    seen[i] = (group, keys, vals, last[3])
+                if changed == ["lr"] and type(lr) is float and 0.0 <= lr < math.inf:
+                    seen[i] = (group, keys, vals, lists_now)
                     continue
             try:
                 check_torch_options(self, group)
@@ -1205,7 +1204,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 return ValueError(
                     f"{type(self).__name__}.step: param_groups[{i}]: {e} Hyperparameters set after "
                     "construction (by hand or by a scheduler) are checked at every step; nothing changed.")
-            seen[i] = (group, keys, vals, _list_values(group))
+            seen[i] = (group, keys, vals, lists_now)
         return None
 
     def _check_layout(self, i: int, group: dict[str, Any]) -> None:

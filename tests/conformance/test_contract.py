@@ -193,6 +193,19 @@ def test_a_numpy_lr_from_a_scheduler_is_a_number(spec: OptimizerSpec) -> None:
     assert float(opt.param_groups[0]["lr"]) == 2.0 ** -7
 
 
+def _train_alike(spec: OptimizerSpec, prepare: Any, steps: int) -> None:
+    """Two fresh runs, each after ``prepare(model, opt, variant)`` with variant True, then False, must
+    train to the same parameters, bit for bit."""
+    runs = []
+    for variant in (True, False):
+        model, opt = make(spec)
+        prepare(model, opt, variant)
+        for t in range(steps):
+            step(spec, model, opt, t)
+        runs.append(params(model))
+    assert_identical(runs[0], runs[1], "params")
+
+
 # ---------------------------------------------------------------------------------------- group edits
 @each_optimizer
 def test_torch_options_the_optimizer_lacks_are_refused(spec: OptimizerSpec) -> None:
@@ -326,9 +339,7 @@ def test_numpy_float32_hyperparameters_step_as_python_floats(spec: OptimizerSpec
     same values as Python floats (SOAA's scalar arithmetic became float32: 6e-8 off in 6 steps)."""
     import numpy as np
 
-    runs = []
-    for as_numpy in (True, False):
-        model, opt = make(spec)
+    def prepare(_model: Any, opt: Any, as_numpy: bool) -> None:
         for g in opt.param_groups:
             for k, v in list(g.items()):
                 pair = isinstance(v, tuple) and v and all(type(x) is float for x in v)
@@ -336,10 +347,8 @@ def test_numpy_float32_hyperparameters_step_as_python_floats(spec: OptimizerSpec
                     continue
                 conv = (lambda x: np.float32(x)) if as_numpy else (lambda x: float(np.float32(x)))
                 g[k] = tuple(conv(x) for x in v) if isinstance(v, tuple) else conv(v)
-        for t in range(4):
-            step(spec, model, opt, t)
-        runs.append(params(model))
-    assert_identical(runs[0], runs[1], "params")
+
+    _train_alike(spec, prepare, steps=4)
 
 
 @each_optimizer
@@ -970,17 +979,13 @@ def test_torch_get_optimizer_state_dict_does_not_step_a_fresh_optimizer(spec: Op
     optimizer keeps an entry per parameter, so torch sees it initialised and leaves it alone."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    runs = []
-    for call in (False, True):
-        model, opt = make(spec)
+    def prepare(model: Any, opt: Any, call: bool) -> None:
         if call:
             get_optimizer_state_dict(model, opt)
             assert opt.num_steps == 0 and all(g["lr"] == spec.test_kwargs["lr"] for g in opt.param_groups)
             assert all(p.grad is None for p in model.parameters())
-        for t in range(3):
-            step(spec, model, opt, t)
-        runs.append(params(model))
-    assert_identical(runs[1], runs[0], "params")
+
+    _train_alike(spec, prepare, steps=3)
 
 
 @each_optimizer
