@@ -110,8 +110,9 @@ from lightning_soaa.optim.param_checks import (
     check_step,
     check_torch_options,
     param_signatures,
+    warn_misspelt_keys,
 )
-from lightning_soaa.optim.sd_hooks import hooked_load, hooked_state_dict
+from lightning_soaa.optim.sd_hooks import hooked_load, hooked_state_dict, keep_run_state
 from lightning_soaa.optim.step_context import amp_unscale_, caller_autocast, full_precision, outside_inference_mode
 
 __all__ = ["ShardedOptimizer", "BlockView", "SkipStep", "StepCounts", "StepRecord", "host_floats", "summed"]
@@ -667,6 +668,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         except ValueError:
             self.param_groups.pop()  # a rejected group must leave the optimizer unchanged
             raise
+        warn_misspelt_keys(self, self.param_groups[-1], len(self.param_groups) - 1)
         if self._table is not None:  # added after construction: re-shard, keeping existing state
             if self._dtensor is not None or has_dtensor(param_group["params"]):
                 raise ValueError(f"{type(self).__name__}: add_param_group is not supported with DTensor "
@@ -1340,7 +1342,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """:meth:`_load_full_state_dict` between torch's load hooks (:mod:`~lightning_soaa.optim.sd_hooks`;
         a pre hook may return a replacement, e.g. a state remapped by ``param_names``)."""
-        hooked_load(self, state_dict, self._load_full_state_dict)
+        # the optimizer-wide state stays the checkpoint's when a hook rebuilt the rest (keep_run_state)
+        hooked_load(self, state_dict, lambda final: self._load_full_state_dict(keep_run_state(state_dict, final)))
 
     def _load_full_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state saved at any world size; keep only the blocks this rank owns.

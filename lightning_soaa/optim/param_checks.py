@@ -14,6 +14,9 @@ defaults.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,7 +25,10 @@ from torch import Tensor
 
 from lightning_soaa.distributed.dtensor import is_dtensor
 
-__all__ = ["capabilities", "check_param_group", "check_disjoint_storage", "check_step", "param_signatures"]
+__all__ = ["capabilities", "check_param_group", "check_disjoint_storage", "check_step", "param_signatures",
+           "warn_misspelt_keys"]
+
+log = logging.getLogger(__name__)
 
 
 def capabilities(optimizer_cls: type) -> tuple[bool, bool]:
@@ -211,3 +217,29 @@ def _refuse_step(optimizer: Any, p: Tensor, label: str, built: Signature | None)
 def _describe(sig: Signature) -> str:
     shape, dtype, device = sig
     return f"shape {tuple(shape)}, {dtype} on {device}"
+
+
+#: keys torch, its schedulers and Lightning write into param groups: never a misspelt hyperparameter
+FOREIGN_GROUP_KEYS = frozenset({"params", "param_names", "initial_lr", "max_lr", "min_lr", "base_momentum",
+                                "max_momentum", "name", "foreach", "fused", "decoupled_weight_decay",
+                                *UNSUPPORTED_TORCH_OPTIONS})
+
+
+def warn_misspelt_keys(optimizer: Any, group: dict[str, Any], index: int) -> None:
+    """Log a warning for a key of param group ``index`` that the optimizer does not read but that is
+    one letter or so from one it does (``weight_decy``, ``Lr``): torch, and we, ignore unknown keys (a
+    group may carry the user's own tags), so the group would silently train with the default value."""
+    config = getattr(optimizer, "config", None)
+    fields = [f.name for f in dataclasses.fields(config)] if dataclasses.is_dataclass(config) else []
+    known = {*optimizer.defaults, *getattr(optimizer, "layout_keys", ()), "max_block_numel", *fields}
+    by_lower = {k.lower(): k for k in known}
+    for key in group:
+        if not isinstance(key, str) or key in known or key in FOREIGN_GROUP_KEYS:
+            continue
+        close = difflib.get_close_matches(key.lower(), list(by_lower), n=1, cutoff=0.8)
+        if close:
+            meant = by_lower[close[0]]
+            now = f"{meant}={group[meant]!r}" if meant in group else f"no {meant!r}"
+            log.warning("%s: param group %d has the key %r, which %s does not read: it is ignored and the group "
+                        "has %s. Did you mean %r?", type(optimizer).__name__, index, key,
+                        type(optimizer).__name__, now, meant)

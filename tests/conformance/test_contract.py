@@ -235,6 +235,22 @@ def test_torch_options_the_optimizer_lacks_are_refused(spec: OptimizerSpec) -> N
     del opt.param_groups[0]["decoupled_weight_decay"]
 
 
+@pytest.mark.parametrize("spec", [s for s in SPECS if s.first_arg is FirstArg.NAMED_PARAMETERS], ids=lambda s: s.name)
+def test_a_misspelt_group_key_is_named_with_the_key_it_resembles(spec: OptimizerSpec,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """A group's ``weight_decy`` (or ``Lr``) was ignored without a word, as torch ignores it: the group
+    trained on the default. A warning names the key and the hyperparameter it resembles; the user's own
+    tags and the keys torch's schedulers write stay quiet."""
+    named = list(tiny_mlp(0).named_parameters())
+    with caplog.at_level("WARNING", logger="lightning_soaa.optim.param_checks"):
+        spec.load()([{"params": named[:2], "weight_decy": 0.1, "tag": "decay", "initial_lr": 0.1},
+                     {"params": named[2:], "LR": 0.5, "name": "rest", "max_lr": 1.0}], **spec.test_kwargs)
+    said = [r.getMessage() for r in caplog.records if r.name == "lightning_soaa.optim.param_checks"]
+    assert len(said) == 2, said
+    assert "param group 0 has the key 'weight_decy'" in said[0] and "Did you mean 'weight_decay'?" in said[0]
+    assert "param group 1 has the key 'LR'" in said[1] and "Did you mean 'lr'?" in said[1]
+
+
 @each_optimizer
 def test_params_list_edited_in_place_is_refused(spec: OptimizerSpec) -> None:
     """``param_groups[0]["params"].append(p)`` (or ``pop()``) keeps the list's identity: an appended
@@ -1026,6 +1042,44 @@ def test_state_dict_hooks_run_as_in_torch(spec: OptimizerSpec) -> None:
     fresh.load_state_dict(sd)
     assert calls[2:] == ["load_pre", "load_post"] and all(g["lr"] == 1e-4 for g in fresh.param_groups)
     assert fresh.num_steps == opt.num_steps == 1 and sd["note"] == "kept"
+
+
+def _load_by_param_names(optimizer: Any, loaded: dict[str, Any]) -> dict[str, Any]:
+    """torch's documented load pre hook for loading by ``param_names`` (docs/source/optim.rst): start
+    from the optimizer's own state dict, take the checkpoint's group settings, copy each parameter's
+    state by name."""
+    adapted = copy.deepcopy(optimizer.state_dict())
+    for k, v in loaded["param_groups"][0].items():
+        if k not in ("params", "param_names"):
+            adapted["param_groups"][0][k] = v
+    lookup = dict(zip(loaded["param_groups"][0]["param_names"], loaded["param_groups"][0]["params"]))
+    for pid, name in zip(adapted["param_groups"][0]["params"], adapted["param_groups"][0]["param_names"]):
+        if name in lookup:
+            adapted["state"][pid] = copy.deepcopy(loaded["state"][lookup[name]])
+    return adapted
+
+
+@each_optimizer
+def test_torchs_load_by_param_names_recipe_continues_identically(spec: OptimizerSpec) -> None:
+    """torch's recipe rebuilds the state from the fresh optimizer's and copies the per-parameter entries:
+    the optimizer-wide state (step counts, SOAA's trust region, EGN's damping) was the fresh one's, and
+    SOAA/EGN continued 4e-2/7e-2 off the uninterrupted run. It is the checkpoint's; a hook returning the
+    fresh state unchanged (do not load) still loads nothing."""
+    model, opt = make(spec)
+    for t in range(3):
+        step(spec, model, opt, t)
+    saved = _round_trip_bytes({"model": model.state_dict(), "opt": opt.state_dict()})
+    model2, opt2 = make(spec, seed=7)
+    model2.load_state_dict(saved["model"])
+    opt2.register_load_state_dict_pre_hook(_load_by_param_names)
+    opt2.load_state_dict(saved["opt"])
+    assert opt2.num_steps == 3
+    _continue_both(spec, (model, opt), (model2, opt2), range(3, 6))
+    model3, opt3 = make(spec)
+    opt3.register_load_state_dict_pre_hook(lambda o, loaded: o.state_dict())
+    opt3.load_state_dict(saved["opt"])
+    assert opt3.num_steps == 0 and not any(opt3.state.values())
+    assert_identical(opt3.state_dict(), make(spec)[1].state_dict())
 
 
 @pytest.mark.parametrize("spec", [s for s in SPECS if s.needs is not StepNeeds.BATCH], ids=lambda s: s.name)
