@@ -499,9 +499,14 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         """Everything but the hooks (torch's rule). Subclass attributes, the block table and the configs
-        are kept; the communicator pickles itself (see the module docstring)."""
+        are kept; the communicator pickles itself (see the module docstring). Left out too: methods
+        patched onto this instance (an LR scheduler's wrapper of ``step``, which calls the *original*
+        optimizer's step: a copy would step the original) and the scheduler's ``_opt_called`` flag, which
+        torch's own ``__getstate__`` (defaults, state, param_groups) never copies either."""
+        cls = type(self)
         return {k: v for k, v in self.__dict__.items()
                 if not (k.startswith("_optimizer_") and k.endswith("_hooks")) and k not in self._transient
+                and not (callable(v) and callable(getattr(cls, k, None))) and k != "_opt_called"
                 and k not in ("_view_cache", "_step_counts", "_valid_groups")}  # views into this
         # process's parameters, the counters' cache, the groups validated last: rebuilt on first use
 

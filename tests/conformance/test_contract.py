@@ -757,10 +757,15 @@ def test_a_checkpoint_loads_into_another_row_blocking(spec: OptimizerSpec, numel
     assert_close(opt2.state_dict(), opt_ref.state_dict())
 
 
+@pytest.mark.parametrize("scheduled", [False, True], ids=["", "scheduled"])
 @pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
 @each_optimizer
-def test_copies_continue_identically(spec: OptimizerSpec, how: str) -> None:
+def test_copies_continue_identically(spec: OptimizerSpec, how: str, scheduled: bool) -> None:
+    """``scheduled``: an LR scheduler puts a wrapper of the original's step() into the optimizer's
+    ``__dict__``; copied along, the copy's step() stepped the original (pickle refused it)."""
     model, opt = make(spec)
+    if scheduled:
+        torch.optim.lr_scheduler.StepLR(opt, step_size=100)  # lr unchanged over the test
     for t in range(2):
         step(spec, model, opt, t)
     if how == "deepcopy":
