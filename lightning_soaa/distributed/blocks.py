@@ -16,10 +16,11 @@ import hashlib
 from collections.abc import Sequence
 
 import torch
+from torch import Tensor
 
 from lightning_soaa.distributed.assignment import assign_owners
 
-__all__ = ["BlockSpec", "BlockInfo", "BlockTable", "param_fingerprint", "row_block_specs"]
+__all__ = ["BlockSpec", "BlockInfo", "BlockTable", "param_fingerprint", "row_block_specs", "writable_grad"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,3 +156,15 @@ def param_fingerprint(params: Sequence[torch.Tensor]) -> int:
     for p in params:
         h.update(repr((tuple(p.shape), str(p.dtype))).encode())
     return int.from_bytes(h.digest()[:8], "little") & ((1 << 62) - 1)
+
+
+def writable_grad(p: Tensor) -> Tensor:
+    """``p.grad``, first replaced by a dense copy when its elements share memory (a gradient set by hand
+    as ``g.expand(...)``, which torch's optimizers accept): the average of the ranks' gradients written
+    into it raised torch's "more than one element of the written-to tensor refers to a single memory
+    location" on the rank that owns the block alone, while the others waited in the next collective."""
+    g = p.grad
+    assert g is not None
+    if torch._debug_has_internal_overlap(g) != 0:  # 1: overlaps, 2: too complex to tell (copy anyway)
+        p.grad = g = g.clone(memory_format=torch.contiguous_format)
+    return g

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_soaa.distributed.blocks import BlockInfo
+from lightning_soaa.distributed.blocks import BlockInfo, writable_grad
 from lightning_soaa.distributed.comm import Communicator, LocalComm, TorchComm
 
 __all__ = ["DTensorLayout", "ParamPlacement", "PARAM_LIKE_STATE_KEYS", "has_dtensor", "is_dtensor", "local"]
@@ -207,7 +207,7 @@ class DTensorLayout:
                 if not missing[j] or present[j] != 0.0:
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
-                    p.grad.copy_(flat[off:off + p.numel()].view_as(p))
+                    writable_grad(p).copy_(flat[off:off + p.numel()].view_as(p))
                 off += p.numel()
 
     # ------------------------------------------------------------------ checkpoints

@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from lightning_soaa.distributed.blocks import BlockInfo, BlockTable
+from lightning_soaa.distributed.blocks import BlockInfo, BlockTable, writable_grad
 from lightning_soaa.distributed.comm import Communicator
 
 __all__ = ["OwnerExchange"]
@@ -158,7 +158,7 @@ class OwnerExchange:
                         continue
                     if p.grad is None:  # another block of p may have made it already
                         p.grad = torch.zeros_like(p)
-                b.view(p.grad).copy_(s.div_(world))  # type: ignore[arg-type]
+                b.view(writable_grad(p)).copy_(s.div_(world))
 
     def _flag_index(self, dt: torch.dtype, per_rank: list[list[BlockInfo]], n: int, width: int,
                     grads: list[Tensor | None]) -> Tensor:

@@ -44,6 +44,28 @@ def adamw_update_(
     if len(rest) < len(params):
         params, grads, exp_avgs, exp_avg_sqs = ([x[i] for i in rest] for x in (params, grads, exp_avgs, exp_avg_sqs))
         counts = [counts[i] for i in rest]
+    hp = {"lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps, "weight_decay": weight_decay}
+    lists = (params, grads, exp_avgs, exp_avg_sqs)
+    low = [i for i, p in enumerate(params) if p.dtype == torch.float16]
+    if not low:
+        _foreach_update_(lists, counts, **hp)
+        return
+    # float16 in float32, as the fused kernel computes it: in float16 eps = 1e-8 is 0 and v underflows, so
+    # the update m / (sqrt(v) + eps) is inf or NaN (written into the parameters)
+    wide = tuple([x[i].float() for i in low] for x in lists)
+    _foreach_update_(wide, [counts[i] for i in low], **hp)
+    for k in (0, 2, 3):  # θ and the moments back; the gradient was only read
+        torch._foreach_copy_([lists[k][i] for i in low], wide[k])
+    others = [i for i in range(len(params)) if params[i].dtype != torch.float16]
+    if others:
+        _foreach_update_(tuple([x[i] for i in others] for x in lists), [counts[i] for i in others], **hp)
+
+
+def _foreach_update_(lists: tuple[list[Tensor], ...], counts: list[float], *, lr: float, beta1: float,
+                     beta2: float, eps: float, weight_decay: float) -> None:
+    """torch's foreach AdamW update of (θ, g, m, v) in place, the step counters already advanced to
+    ``counts``."""
+    params, grads, exp_avgs, exp_avg_sqs = lists
     if weight_decay != 0.0:
         torch._foreach_mul_(params, 1.0 - lr * weight_decay)
     torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
@@ -104,9 +126,14 @@ def _fused_cpu_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
     for n, (_, idx) in enumerate(by_dtype.items()):
         assert fused is not None  # by_dtype is empty otherwise
         # all tensors in one call (the usual case): the lists as given, not rebuilt
-        lists = (params, grads, exp_avgs, exp_avg_sqs, steps) if len(idx) == len(params) else (
+        lists = (params, grads, exp_avgs, exp_avg_sqs, steps) if len(idx) == len(params) else tuple(
             [x[i] for i in idx] for x in (params, grads, exp_avgs, exp_avg_sqs, steps))
-        p, g, m, v, s = lists
+        # The kernel walks each tensor's storage as if it were contiguous (a column slice W[:, :5] was
+        # updated wrongly, 4e-2 off after three steps, without an error): other layouts (channels_last, a
+        # transposed or sliced parameter, a gradient set by hand) run on contiguous copies, written back
+        # after, so a tensor's result does not depend on its layout
+        strided = [j for j, ts in enumerate(zip(*lists[:4])) if not all(t.is_contiguous() for t in ts)]
+        p, g, m, v, s = lists if not strided else _dense_copies(lists, strided)
         try:
             fused(p, g, m, v, [], s, amsgrad=False, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
                   eps=eps, maximize=False)
@@ -114,19 +141,29 @@ def _fused_cpu_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
             if n:  # cannot happen (the same kernel ran for the first dtype); never leave a half step
                 raise
             return list(range(len(params)))
+        for j in strided:
+            for orig, dense in ((lists[0], p), (lists[2], m), (lists[3], v)):
+                orig[j].copy_(dense[j])
     return rest
 
 
+def _dense_copies(lists: tuple[list[Tensor], ...], strided: list[int]) -> tuple[list[Tensor], ...]:
+    """The lists with the tensors of the ``strided`` entries replaced by contiguous copies."""
+    out = tuple(list(x) for x in lists)
+    for x in out[:4]:
+        for j in strided:
+            x[j] = x[j].contiguous()
+    return out
+
+
 def _fused_takes(ts: tuple[Tensor, ...]) -> bool:
-    """Whether the fused CPU kernel can take one tensor's (θ, g, m, v): on the CPU, one floating dtype,
-    each contiguous. The contiguity check is not optional: the kernel walks each tensor's storage as if
-    it were contiguous (measured, torch 2.13: a column slice ``W[:, :5]`` is updated wrongly, off by 4e-2
-    after three steps, without an error)."""
+    """Whether the fused CPU kernel can take one tensor's (θ, g, m, v): on the CPU, one floating dtype
+    (other layouts than contiguous go through contiguous copies, see :func:`_fused_cpu_`)."""
     dtype = ts[0].dtype
     if dtype not in _FUSED_DTYPES:
         return False
     for t in ts:  # a loop of attribute reads (no generator): it runs for every tensor at every step
-        if not (t.is_cpu and t.dtype == dtype and t.is_contiguous()):
+        if not (t.is_cpu and t.dtype == dtype):
             return False
     return True
 

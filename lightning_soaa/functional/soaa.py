@@ -943,7 +943,7 @@ def moments_partials(
         (_multi_tensor_soaa_sums, multi), (_single_tensor_soaa_sums, single))
     for kernel, blocks in eager:
         if blocks:
-            parts.extend(_eager_call(kernel, lists, blocks, False, _pick(ts, blocks), **kw))
+            parts.extend(_eager_call(kernel, lists, blocks, False, ts=ts, **kw))
     return add_partials(parts)
 
 
@@ -1029,17 +1029,22 @@ _UPCAST = (torch.float16,)
 
 
 def _eager_call(kernel: Callable[..., Tensor], lists: tuple[list[Tensor], ...], blocks: list[int], step: bool,
-                *args: Any, **kw: Any) -> list[Tensor]:
+                *args: Any, ts: list[Any] | None = None, **kw: Any) -> list[Tensor]:
     """``kernel`` over ``blocks`` of ``lists``, the float16 blocks on float32 copies; for the ``step``
-    (lists θ, g, m, v) θ and the moments are copied back, the sums pass (g, m, v) only reads."""
+    (lists θ, g, m, v) θ and the moments are copied back, the sums pass (g, m, v) only reads. ``ts``:
+    per-block step counts (indexed like ``lists``), passed first, picked for each of the two calls."""
+
+    def call(idx: list[int], xs: tuple[list[Tensor], ...]) -> Tensor:
+        return kernel(*xs, *(() if ts is None else (_pick(ts, idx),)), *args, **kw)
+
     low = [i for i in blocks if lists[0][i].dtype in _UPCAST]
     if not low:
-        return [kernel(*_sub(lists, blocks), *args, **kw)]
+        return [call(blocks, _sub(lists, blocks))]
     rest = [i for i in blocks if lists[0][i].dtype not in _UPCAST]
-    out = [kernel(*_sub(lists, rest), *args, **kw)] if rest else []
+    out = [call(rest, _sub(lists, rest))] if rest else []
     orig = _sub(lists, low)
     wide = tuple([x.float() for x in xs] for xs in orig)
-    out.append(kernel(*wide, *args, **kw))
+    out.append(call(low, wide))
     written = (0, 2, 3) if step else ()
     for k in written:
         torch._foreach_copy_(orig[k], wide[k])

@@ -487,16 +487,21 @@ def test_zero_gradients_move_the_parameters_by_weight_decay_at_most_and_write_no
 
 
 # ---------------------------------------------------------------------------------------- float16
+@pytest.mark.parametrize("strided", [False, True], ids=["", "strided"])
 @each_optimizer
-def test_float16_parameters_with_small_gradients_step_like_float32(spec: OptimizerSpec) -> None:
+def test_float16_parameters_with_small_gradients_step_like_float32(spec: OptimizerSpec, strided: bool) -> None:
     """Pure float16 training (``model.half()``, Lightning's ``precision="16-true"``) with small gradients:
     in float16 eps = 1e-8 and v = (1 - β2) g² round to 0, so an update computed in float16 divides by
     zero (SOAA wrote inf into a fifth of the parameters at its first step). The first step from a zero
     state must match the same step in float32 to float16's rounding, and no step may write a non-finite
-    value."""
+    value. ``strided``: the weights stored transposed (as channels_last stores a conv's): AdamW's blocks
+    of another layout than contiguous took the float16 foreach ops (NaN and inf in every weight)."""
     sizes = (6, 32, 24, 3)
     model16 = tiny_mlp(0, torch.float16, sizes=sizes)
     model32 = copy.deepcopy(model16).float()
+    for p in (*model16.parameters(), *model32.parameters()):
+        if strided and p.dim() == 2:
+            p.data = p.data.t().contiguous().t()
     opts = [spec.build(m, **spec.test_kwargs) for m in (model16, model32)]
 
     def small() -> None:

@@ -227,6 +227,26 @@ def _unused_run(spec: OptimizerSpec, rank: int, world: int, how: str) -> dict[st
             "grad_none": plist[target].grad is None}
 
 
+def _expanded_run(spec: OptimizerSpec, rank: int, world: int, dense: bool) -> dict[str, Any]:
+    """Every gradient replaced by its mean, set as ``g.mean().expand_as(g)`` (one memory location for all
+    elements, which torch's optimizers accept), or as a dense copy (``dense``, what it must equal)."""
+    model, opt, average = _build(spec, world)
+
+    def flatten() -> None:
+        for p in model.parameters():
+            if p.grad is not None:
+                g = p.grad.mean().expand_as(p.grad)
+                p.grad = g.contiguous() if dense else g
+
+    try:
+        for t in range(UNUSED_AT + 2):
+            x, y = data(t, SIZES, rank, world)
+            spec.take_step(opt, model, x, y, on_gradients=flatten)
+    except RuntimeError as e:
+        return {"error": str(e)}
+    return {"params": params(model), "final": _consolidated(opt, rank)}
+
+
 def _unsharded_mean_refusal(spec: OptimizerSpec) -> str | None:
     """The error of ``shard=False, grad_reduction="mean"`` at W > 1 (None if it was accepted)."""
     try:
@@ -305,6 +325,7 @@ def _worker(rank: int, world: int, resume: dict[str, Any], blob: bytes | None) -
             res["tiny"] = _tiny_run(spec, rank, world)
         if world == UNUSED_WORLD and spec.needs is not StepNeeds.BATCH:
             res["unused"] = {how: _unused_run(spec, rank, world, how) for how in ("all", "rank0", "rank0_zeros")}
+            res["expanded"] = {dense: _expanded_run(spec, rank, world, dense) for dense in (False, True)}
             if takes_kwarg(spec, "shard") and takes_kwarg(spec, "grad_reduction"):
                 res["unsharded"] = _unsharded_mean_refusal(spec)
         if world == 2:
@@ -503,6 +524,19 @@ def test_a_parameter_without_a_gradient_is_stepped_as_in_one_process(launches: _
     for r, res in enumerate(results):
         assert_identical(res["rank0"]["params"], res["rank0_zeros"]["params"], f"rank {r}: None vs zeros")
     assert_identical(results[0]["rank0"]["final"], results[0]["rank0_zeros"]["final"], "None vs zeros")
+
+
+@pytest.mark.parametrize("spec", [s for s in SPECS if s.needs is not StepNeeds.BATCH], ids=lambda s: s.name)
+def test_an_expanded_gradient_steps_as_its_dense_copy(launches: _Launches, spec: OptimizerSpec) -> None:
+    """grad_reduction="mean": a gradient set by hand as ``g.expand(...)`` (its elements share memory)
+    made the owner's write of the averaged gradient raise torch's error on that rank alone, while the
+    others waited in the next collective. It steps as its dense copy does, on every rank."""
+    results = [res[spec.name]["expanded"] for res in launches.get(UNUSED_WORLD)]
+    for r, res in enumerate(results):
+        assert "error" not in res[False], (r, res[False])
+        assert_identical(res[False]["params"], res[True]["params"], f"rank {r}: expanded vs dense")
+    assert_identical(results[0][False]["final"], results[0][True]["final"], "expanded vs dense state")
+    assert_identical(results[1][False]["params"], results[0][False]["params"], "params across ranks")
 
 
 @pytest.mark.parametrize("spec", [s for s in SPECS if s.needs is not StepNeeds.BATCH and takes_kwarg(s, "shard")

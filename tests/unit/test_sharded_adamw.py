@@ -137,8 +137,9 @@ def _adamw_reference(p, g, steps, lr=1e-2, b1=0.9, b2=0.99, eps=1e-8, wd=0.1):
 @pytest.mark.parametrize("view", ["whole", "rows", "columns"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-14), (torch.float32, 1e-6)])
 def test_update_of_contiguous_and_strided_slices_matches_the_reference(view, dtype, tol, monkeypatch):
-    """Contiguous tensors take torch's fused CPU kernel (counted), a strided slice the foreach ops (the
-    fused kernel would update it wrongly, silently); both follow the written-out float64 update."""
+    """Every layout takes torch's fused CPU kernel (counted), a strided slice on contiguous copies written
+    back (on the slice itself the kernel would update it wrongly, silently): each follows the written-out
+    float64 update, and nothing outside the slice is written."""
     from lightning_soaa.functional import adamw as F
 
     calls = []
@@ -154,7 +155,7 @@ def test_update_of_contiguous_and_strided_slices_matches_the_reference(view, dty
         F.adamw_update_([p], [g], [m], [v], [step], lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1)
     torch.testing.assert_close(p.double(), _adamw_reference(orig[index], g, 3), rtol=tol, atol=tol)
     assert step.item() == 3.0
-    assert len(calls) == (0 if view == "columns" else 3)
+    assert len(calls) == 3
     untouched = torch.ones(12, 10, dtype=torch.bool)
     untouched[index] = False
     assert torch.equal(full[untouched], orig[untouched])  # nothing outside the slice was written
@@ -185,9 +186,34 @@ def test_a_torch_without_the_fused_cpu_kernel_takes_the_foreach_ops(monkeypatch)
     torch.testing.assert_close(out[0], out[1], rtol=1e-14, atol=1e-14)
 
 
+def test_float16_on_the_foreach_ops_steps_in_float32(monkeypatch):
+    """The foreach ops (a GPU, or a torch without the fused CPU kernel) on float16 tensors with small
+    gradients: in float16 eps = 1e-8 is 0 and v underflows, so the update was inf/NaN. They step in
+    float32 and are stored back (as the fused kernel computes), next to a float32 tensor in one call."""
+    from lightning_soaa.functional import adamw as F
+
+    def refuse(*a, **k):
+        raise NotImplementedError("Could not run 'aten::_fused_adamw_' with arguments from the 'CPU' backend")
+
+    monkeypatch.setattr(torch, "_fused_adamw_", refuse)
+    g0 = torch.Generator().manual_seed(9)
+    orig, grad = torch.randn(8, 3, generator=g0), torch.randn(8, 3, generator=g0) * 1e-4
+    p16, p32 = orig.half(), orig.clone()
+    m16, v16, m32, v32 = (torch.zeros(8, 3, dtype=d) for d in (torch.float16,) * 2 + (torch.float32,) * 2)
+    steps = [torch.zeros(()), torch.zeros(())]
+    for _ in range(3):
+        F.adamw_update_([p16, p32], [grad.half(), grad], [m16, m32], [v16, v32], steps, lr=1e-3, beta1=0.9,
+                        beta2=0.999, eps=1e-8, weight_decay=0.0)
+    assert torch.isfinite(p16).all()
+    torch.testing.assert_close(p16.float(), p32, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(p32.double(), _adamw_reference(orig.double(), grad.double(), 3, wd=0.0, lr=1e-3,
+                                                              b2=0.999), rtol=1e-5, atol=1e-6)
+
+
 def test_the_fused_kernel_is_chosen_per_tensor(monkeypatch):
-    """A call mixing a contiguous tensor and a column slice: the contiguous one takes the fused kernel
-    exactly as it would alone (the same bits), the slice the foreach ops; both follow the reference."""
+    """A call mixing a contiguous tensor and a column slice: both take the fused kernel, each with the
+    bits it gets alone, the slice those of its contiguous copy (a tensor's result does not depend on
+    its layout or on the tensors it shares a call with); both follow the reference."""
     from lightning_soaa.functional import adamw as F
 
     seen = []
@@ -197,10 +223,10 @@ def test_the_fused_kernel_is_chosen_per_tensor(monkeypatch):
     w, gw = torch.randn(5, 4, generator=g0), torch.randn(5, 4, generator=g0)
     big, gbig = torch.randn(6, 6, generator=g0), torch.randn(6, 6, generator=g0)
 
-    def run(tensors):
+    def run(tensors, sliced=True):
         ps = [t.clone() for t, _ in tensors]
-        views = [p if i == 0 else p[:, 1:4] for i, p in enumerate(ps)]
-        grads = [g if i == 0 else g[:, 1:4] for i, (_, g) in enumerate(tensors)]
+        views = [p if i == 0 or not sliced else p[:, 1:4] for i, p in enumerate(ps)]
+        grads = [g if i == 0 or not sliced else g[:, 1:4] for i, (_, g) in enumerate(tensors)]
         ms, vs = [torch.zeros_like(x) for x in views], [torch.zeros_like(x) for x in views]
         steps = [torch.zeros(()) for _ in views]
         for _ in range(3):
@@ -208,7 +234,8 @@ def test_the_fused_kernel_is_chosen_per_tensor(monkeypatch):
         return views
 
     mixed = run([(w, gw), (big, gbig)])
-    assert seen == [1, 1, 1]  # the contiguous tensor only, each step
-    alone = run([(w, gw)])
-    assert torch.equal(mixed[0], alone[0])
+    assert seen == [2, 2, 2]  # one call a step, both tensors
+    assert torch.equal(mixed[0], run([(w, gw)])[0])
+    copy = run([(big[:, 1:4].contiguous(), gbig[:, 1:4].contiguous())], sliced=False)
+    assert torch.equal(mixed[1], copy[0])
     torch.testing.assert_close(mixed[1].double(), _adamw_reference(big[:, 1:4], gbig[:, 1:4], 3), rtol=1e-6, atol=1e-6)

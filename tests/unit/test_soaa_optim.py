@@ -443,3 +443,26 @@ def test_same_batch_null_trials_leave_the_trust_region_alone():
     assert stats["rejected"] == 0 and stats["d"] == d0
     opt.step(closure)  # the first real step is judged as usual
     assert opt.statistics()["predicted_reduction"] > 0
+
+
+@pytest.mark.parametrize("kw", [{"compile": False}, {"compile": False, "foreach": False}, {}],
+                         ids=["eager-foreach", "eager-single", "default"])
+def test_float16_next_to_float32_steps_like_float32(kw: dict) -> None:
+    """A float16 parameter in a group with float32 ones (``model.half()`` with the norms kept in float32)
+    on the eager path, the one CUDA takes: the sums pass handed every block's step count to both the
+    float16 call and the other one (IndexError at every step). Each steps as its float32 copy does."""
+    torch.manual_seed(0)
+    values = [torch.randn(4, 3), torch.randn(5), torch.randn(3, 5).t()]  # a transposed one: not the C loops
+    grads = [torch.randn_like(v) * 0.1 for v in values]
+    mixed = [nn.Parameter(values[0].half()), nn.Parameter(values[1].clone()), nn.Parameter(values[2].clone())]
+    wide = [nn.Parameter(p.detach().float().clone()) for p in mixed]
+    runs = [(mixed, SOAA(mixed, lr=1e-2, **kw)), (wide, SOAA(wide, lr=1e-2, compile=False))]
+    for t in range(3):
+        for ps, opt in runs:
+            for p, g in zip(ps, grads):
+                p.grad = (g * (t + 1)).to(p.dtype)
+            opt.step(loss=1.0 / (t + 1))
+    # the float16 one within a few of its units: its θ and moments are stored in float16 after each step
+    torch.testing.assert_close(mixed[0].detach().float(), wide[0].detach(), rtol=1e-2, atol=5e-3)
+    for p, q in zip(mixed[1:], wide[1:]):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
