@@ -170,6 +170,7 @@ class LossToOptimizer(Callback):
         if not _targets(trainer, StepNeeds.LOSS):
             log.info("LossToOptimizer: no optimizer with set_loss(); the callback does nothing.")
         self._check_accumulation(trainer)
+        refuse_swa_batch_norm_epoch(trainer, pl_module, StepNeeds.LOSS)
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
@@ -196,8 +197,10 @@ class LossToOptimizer(Callback):
             k = int(trainer.accumulate_grad_batches)
             if k != self._count:
                 step_loss = self._sum * (k / self._count)
-        for target in _targets(trainer, StepNeeds.LOSS):
-            target.set_loss(step_loss)
+        targets = _targets(trainer, StepNeeds.LOSS)
+        if _attributed(pl_module, targets):
+            for target in targets:
+                target.set_loss(step_loss)
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -212,9 +215,44 @@ class LossToOptimizer(Callback):
                 epoch=trainer.current_epoch, batch_idx=_batch_idx(trainer), optimizer=optimizer_name(optimizer),
                 why="its step needs the step's loss (the trust region), no micro-batch of this step handed "
                     "one over, and Lightning still calls optimizer.step(closure) under this precision."))
+        target = optimizer_needing(optimizer, StepNeeds.LOSS)
+        if target is not None and self._count == 1 and not self._restart \
+                and not _attributed(pl_module, _targets(trainer, StepNeeds.LOSS)):
+            target.set_loss(self._sum)  # one manual_backward since the last step: its loss is this step's
         # The next backward belongs to the next optimizer step (or to a re-evaluation of this batch,
         # whose loss then replaces, not adds to, the one handed over).
         self._restart = True
+
+
+def _attributed(pl_module: pl.LightningModule, targets: list[Any]) -> bool:
+    """Whether every loss handed over belongs to every optimizer that needs one: always under automatic
+    optimization (one optimizer), and under manual optimization with one such optimizer. With several
+    (a GAN's two SOAA), ``manual_backward(g_loss); manual_backward(d_loss); opt_g.step(); opt_d.step()``
+    handed both the sum (7e-2 off after 6 steps): the loss then goes only to the optimizer stepping next,
+    and only when exactly one backward ran since the previous optimizer step; otherwise that optimizer
+    needs ``step(loss=...)`` (it raises saying so)."""
+    return pl_module.automatic_optimization or len(targets) < 2
+
+
+def refuse_swa_batch_norm_epoch(trainer: pl.Trainer, pl_module: pl.LightningModule, needs: StepNeeds) -> None:
+    """Refuse Lightning's ``StochasticWeightAveraging`` on a model with BatchNorm for an optimizer that
+    steps from the loss or the batch. SWA then adds an epoch after the last that recomputes the BatchNorm
+    statistics with forwards only (``fit_loop._skip_backward``) and Lightning still calls
+    ``optimizer.step()`` in it: SOAA/EGN refused that step as a skipped batch, after the whole run, with
+    the BatchNorm layers left in SWA's reset state and the fit's result lost. Refused at the start of fit
+    instead (the same settings on every rank)."""
+    from lightning.pytorch.callbacks import StochasticWeightAveraging
+
+    swa = [c for c in trainer.callbacks if isinstance(c, StochasticWeightAveraging)]  # type: ignore[attr-defined]
+    targets = _targets(trainer, needs)
+    if swa and targets and StochasticWeightAveraging.pl_module_contains_batch_norm(pl_module):
+        raise ValueError(
+            f"StochasticWeightAveraging on a model with BatchNorm layers and {optimizer_name(targets[0])}: after "
+            "the last epoch Lightning runs one more epoch that recomputes the BatchNorm statistics with forward "
+            f"passes only and still calls optimizer.step() in it; {optimizer_name(targets[0])} steps from the "
+            f"step's {'loss' if needs is StepNeeds.LOSS else 'batch'}, not from gradients, and cannot take those "
+            "steps. Average the weights with Lightning's EMAWeightAveraging/WeightAveraging callback, or with "
+            "torch.optim.swa_utils (AveragedModel, then update_bn) after fit.")
 
 
 def _batch_idx(trainer: pl.Trainer) -> int:
@@ -294,6 +332,7 @@ class BatchToOptimizer(Callback):
             check_sharding_matches_world(opt)
             if unwrap_optimizer(opt, "set_batch") is not None:
                 check_trainer_supports_batch_optimizer(trainer)
+        refuse_swa_batch_norm_epoch(trainer, pl_module, StepNeeds.BATCH)
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,

@@ -93,7 +93,10 @@ def _as(t: Tensor, dtype: torch.dtype | None = None, device: torch.device | None
 MISSING_BATCH_MESSAGE = (
     "EGN.step() got no mini-batch: EGN forms Jacobians from the inputs and targets, not from a loss. "
     "Call opt.step(inputs=x, targets=y) or opt.set_batch(x, y) before step(); under Lightning add the "
-    "callback lightning_soaa.lightning.BatchToOptimizer() to the Trainer, or use manual optimization."
+    "callback lightning_soaa.lightning.BatchToOptimizer() to the Trainer, or use manual optimization. "
+    "(Lightning's learning-rate finder, Tuner.lr_find or the LearningRateFinder callback, runs its search "
+    "with the Trainer's callbacks replaced by its own, so no batch reaches EGN there: EGN's line search "
+    "picks the step size itself, with lr as its cap; do not run the finder on it.)"
 )
 
 

@@ -126,13 +126,18 @@ ACCUMULATION_MESSAGE = (
     "SOAA under Lightning with accumulate_grad_batches={k}: the closure returns only the last micro-batch's "
     "loss divided by {k}, not the loss of the optimizer step, and the trust region would run on it. Add "
     "lightning_soaa.lightning.LossToOptimizer() to the Trainer's callbacks (it hands over the mean over the "
-    "{k} micro-batches; the lightning-soaa CLI adds it), or call opt.step(loss=...) in manual optimization."
+    "{k} micro-batches; the lightning-soaa CLI adds it), or call opt.step(loss=...) in manual optimization. "
+    "(Lightning's learning-rate finder, Tuner.lr_find or the LearningRateFinder callback, runs its search "
+    "with the Trainer's callbacks replaced by its own: run it with accumulate_grad_batches=1.)"
 )
 
 MISSING_LOSS_MESSAGE = (
     "SOAA needs the mini-batch loss of every step (its trust region compares actual and predicted "
     "loss reduction). Give it one of: opt.step(closure), opt.step(loss=loss), or opt.set_loss(loss) "
-    "before step(); under Lightning add the lightning_soaa.lightning LossToOptimizer callback."
+    "before step(); under Lightning add the lightning_soaa.lightning LossToOptimizer callback. (Under "
+    "manual optimization with several optimizers that need the loss, LossToOptimizer hands it over only "
+    "where it can tell whose it is: exactly one manual_backward since the previous optimizer step; "
+    "otherwise pass it: opt.step(loss=...).)"
 )
 
 

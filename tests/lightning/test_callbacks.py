@@ -124,6 +124,59 @@ def test_soaa_without_loss_names_the_callback(tmp_path: Path) -> None:
     assert stats["steps"] == 4.0 and stats["loss"] == pytest.approx(model.losses[-1], rel=1e-6)
 
 
+class TwoSOAA(PlainRegressor):
+    """Manual optimization with two SOAA (a GAN's generator and discriminator), each with its own loss."""
+
+    def __init__(self, order: str) -> None:
+        super().__init__(batch_size=8)
+        self.automatic_optimization = False
+        self.order = order
+        self.judged: list[tuple[float, float, float, float]] = []  # own losses, then what each SOAA saw
+
+    def configure_optimizers(self) -> Any:
+        return [lightning_soaa.SOAA(self.net[0].parameters(), lr=0.01),
+                lightning_soaa.SOAA(self.net[2].parameters(), lr=0.02)]
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        opt_a, opt_b = self.optimizers()
+        x, y = batch
+        loss_a, loss_b = F.mse_loss(self(x), y), 3.0 * F.l1_loss(self(x), y)
+        explicit = self.order == "explicit"
+        if self.order == "sequential":
+            self.manual_backward(loss_a)
+            opt_a.step()
+            self.manual_backward(loss_b)
+            opt_b.step()
+        else:  # both backwards, then both steps
+            self.manual_backward(loss_a)
+            self.manual_backward(loss_b)
+            opt_a.step(**({"loss": loss_a.detach()} if explicit else {}))
+            opt_b.step(**({"loss": loss_b.detach()} if explicit else {}))
+        opt_a.zero_grad()
+        opt_b.zero_grad()
+        self.judged.append((float(loss_a.detach()), float(loss_b.detach()), opt_a.optimizer.statistics()["loss"],
+                            opt_b.optimizer.statistics()["loss"]))
+
+
+@pytest.mark.parametrize("order", ["sequential", "both_first", "explicit"])
+def test_two_soaa_under_manual_optimization_each_get_their_own_loss(order: str, tmp_path: Path) -> None:
+    """Two SOAA with LossToOptimizer: both were handed the sum of every loss backpropagated since the last
+    step, so ``manual_backward(a); manual_backward(b); opt_a.step(); opt_b.step()`` judged each on a + b
+    (7e-2 off after 6 steps). A loss goes only to the optimizer stepping after exactly one backward; the
+    other order needs ``step(loss=...)`` and says so."""
+    model = TwoSOAA(order)
+    trainer = make_trainer(tmp_path, max_steps=6, callbacks=[LossToOptimizer()])
+    if order == "both_first":
+        with pytest.raises(ValueError, match=r"exactly one manual_backward since the previous optimizer step"):
+            trainer.fit(model)
+        assert all(o.num_steps == 0 for o in trainer.optimizers)
+        return
+    trainer.fit(model)
+    assert len(model.judged) == 3  # max_steps counts both optimizers' steps
+    for own_a, own_b, seen_a, seen_b in model.judged:
+        assert (seen_a, seen_b) == (pytest.approx(own_a, rel=1e-12), pytest.approx(own_b, rel=1e-12))
+
+
 def test_egn_manual_optimization_recipe(tmp_path: Path) -> None:
     model = _manual_module("EGN")
     trainer = make_trainer(tmp_path, max_steps=6)
@@ -437,3 +490,28 @@ def test_soaa_same_batch_under_lightning(tmp_path: Path) -> None:
         trainer.fit(model)
     assert trainer.optimizers[0].num_steps == 0
     assert all(torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("name", ["SOAA", "EGN"])
+def test_swa_with_batch_norm_is_refused_at_the_start_of_fit(name: str, tmp_path: Path) -> None:
+    """StochasticWeightAveraging on a model with BatchNorm adds an epoch that recomputes the statistics
+    with forwards only while Lightning still calls optimizer.step(): SOAA/EGN refused it as a skipped
+    batch after the whole run (the fit's result lost, BatchNorm left in SWA's reset state). Refused before
+    the first step, naming SWA; without BatchNorm SWA trains."""
+    from lightning.pytorch.callbacks import StochasticWeightAveraging
+
+    kwargs = {"lr": 0.01} if name == "SOAA" else {"loss": "mse", "lr": 0.5}
+    for batch_norm in (True, False):
+        model = TinyRegressor(OptimizerFactory(name, kwargs))
+        if batch_norm:
+            model.net = torch.nn.Sequential(model.net[0], torch.nn.BatchNorm1d(8).double(), *model.net[1:])
+        trainer = make_trainer(tmp_path, max_steps=-1, max_epochs=3,
+                               callbacks=[LossToOptimizer(), BatchToOptimizer(),
+                                          StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=1)])
+        if batch_norm:
+            with pytest.raises(ValueError, match="StochasticWeightAveraging on a model with BatchNorm layers"):
+                trainer.fit(model)
+            assert trainer.global_step == 0
+        else:
+            trainer.fit(model)
+            assert trainer.optimizers[0].num_steps == trainer.global_step > 0
