@@ -468,6 +468,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"Invalid comm={comm!r}. Must be a lightning_soaa.distributed.comm.Communicator "
                              "(or None: the default process group, or process_group=).")
         self.comm: Communicator = comm if comm is not None else default_communicator(process_group)
+        if process_group is not None and comm is None:
+            self._warn_partial_group()
         self._dtensor: DTensorLayout | None = None
         # Built before the default process group exists (stock LightningCLI --optimizer, user code that
         # builds the optimizer first): join that group before the first collective (see _ensure_joined).
@@ -491,6 +493,26 @@ class ShardedOptimizer(torch.optim.Optimizer):
         # otherwise takes a zero-gradient lr=0 step() of a fresh optimizer (and of an idle rank's, whose
         # state is empty: a collective the other ranks never join); see optim/dcp_state.py
         dcp.hold_state_entries(self)
+
+    #: what the step averages over the process group besides gradients, i.e. what depends on each rank's
+    #: batch (SOAA: the trust region's loss); None when the step reads nothing but the gradients
+    batch_statistic: str | None = None
+
+    def _warn_partial_group(self) -> None:
+        """Warn when ``process_group`` spans fewer ranks than the world and the step averages a batch
+        statistic over it: with the model replicated across groups (DDP over every rank, the optimizer
+        sharded inside each group) each group's step saw its own ranks' batches alone and the replicas
+        drifted apart silently (SOAA 4e-2, EGN 0.4 between ranks after 6 steps). Not an error: ranks
+        outside the group may train other parameters (a pipeline stage)."""
+        world = torch.distributed.get_world_size() if distributed_running() else 1
+        if self.batch_statistic is not None and self.comm.world_size < world:
+            log.warning(
+                "%s: process_group spans %d of the %d ranks, and %s is averaged over these ranks only. The ranks "
+                "outside it must train other parameters (a pipeline stage), not replicas of this model: with the "
+                "model replicated across groups (DDP over every rank, HSDP-style), each group would step on its "
+                "own ranks' batches and the replicas would drift apart. For a replicated model leave "
+                "process_group=None: the state is then sharded over every rank.", type(self).__name__,
+                self.comm.world_size, world, self.batch_statistic)
 
     # ------------------------------------------------------------------ copy and pickle
     #: attributes a copy or pickle leaves out because the subclass rebuilds them on first use (e.g.
@@ -1144,6 +1166,28 @@ class ShardedOptimizer(torch.optim.Optimizer):
             seen = check_step(self, self._params, self._names, built=self._built)
         if not seen and warn:
             self._warn_no_gradients()
+        self._check_state_layout()
+
+    def _check_state_layout(self) -> None:
+        """Raise when a whole-parameter block's state holds the checkpoint's nesting (``{0: {...}}``): state
+        written into ``optimizer.state`` directly, not loaded through :meth:`load_state_dict`. torch's
+        ZeroRedundancyOptimizer does that on its load: the step started fresh moments next to the ignored
+        entry, and the optimizer-wide state (step counts, SOAA's trust region) was lost (6e-2 to 1.8e-1 off
+        the uninterrupted run after 3 steps)."""
+        state, params = self.state, self._params
+        for b in self._owned:
+            if b.dim is not None:
+                continue
+            st = state.get(params[b.param_index])
+            if st and any(type(k) is int for k in st):
+                label = self._names[b.param_index] or f"#{b.param_index}"
+                raise ValueError(
+                    f"{type(self).__name__}: the state of parameter {label!r} holds the checkpoint's per-block "
+                    f"entries (keys {sorted(map(str, st))}): it was written into optimizer.state directly, not "
+                    "loaded with load_state_dict(), and the optimizer-wide state (step counts, SOAA's trust "
+                    "region) is missing. torch's ZeroRedundancyOptimizer.load_state_dict does this: load the "
+                    "checkpoint with this optimizer's own load_state_dict() (it shards its state ZeRO-style "
+                    "itself, shard=True, and needs no ZeroRedundancyOptimizer).")
 
     def _rebuild_unstepped(self) -> bool:
         """Rebuild the table for the parameters as they are now, where no state can be lost: no step taken

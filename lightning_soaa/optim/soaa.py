@@ -316,6 +316,7 @@ class SOAA(ShardedOptimizer):
     step_record = _SOAAStep
     partials_cover_grads = True  # a non-finite gradient makes Σm̂² non-finite
     elementwise = True  # large parameters are cut into row blocks (ShardedOptimizer._block_specs)
+    batch_statistic = "the trust region's loss"
     sums_parts_over_ranks = True  # the trust region's sums (ShardedOptimizer._checks_partitions)
 
     def __init__(
