@@ -98,7 +98,9 @@ def loss_sum(loss: str, z: Tensor, y: Tensor) -> Tensor:
     if loss == "cross_entropy":
         return torch.nn.functional.cross_entropy(z, _labels(y), reduction="sum")
     if loss == "bce":
-        return torch.nn.functional.binary_cross_entropy_with_logits(z, y, reduction="sum")
+        # in z's dtype: torch returns this loss in the targets' dtype (bfloat16 targets made the line
+        # search's f0 a bfloat16 number, compared with float64 trial losses)
+        return torch.nn.functional.binary_cross_entropy_with_logits(z, y.to(z.dtype), reduction="sum")
     raise ValueError(f"Invalid loss={loss!r}. Must be one of {', '.join(repr(x) for x in LOSSES)}.")
 
 

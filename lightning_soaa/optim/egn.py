@@ -414,6 +414,7 @@ class EGN(ShardedOptimizer):
     #: its parameter check refuses a conversion after construction even before the first step (its
     #: captured places and chain plan are made for the parameters it was built over)
     rebuilds_before_first_step = False
+    batch_statistic = "the Gauss-Newton system (the Gram matrix of the batch, the line search's losses)"
 
     def __init__(
         self,
@@ -460,6 +461,12 @@ class EGN(ShardedOptimizer):
         if not named:
             raise ValueError("EGN: the model has no trainable parameters (none with requires_grad=True).")
         _refuse_sparse_embeddings(model)
+        half = sorted({str(p.dtype) for _, p in named if p.dtype in (torch.float16, torch.bfloat16)})
+        if cfg.solve_dtype == "model" and half:
+            # LAPACK has no half-precision Cholesky (torch's bare NotImplementedError), and class labels
+            # sent through a bfloat16 factor table round (299 -> 300: an index error at W > 1)
+            raise ValueError(f"Invalid solve_dtype='model' for a model with {', '.join(half)} parameters: the "
+                             "solve needs float32 or float64. Use solve_dtype='float64' (the default).")
         self.config = cfg
         self.model = model
         super().__init__(named, dict(lr=cfg.lr, momentum=cfg.momentum), process_group=process_group,
@@ -918,7 +925,9 @@ class EGN(ShardedOptimizer):
         except Exception as exc:  # noqa: BLE001 - reported on every rank, never a hang
             return (f"EGN: the explicit per-sample Jacobians failed: {type(exc).__name__}: {exc}. EGN takes them "
                     "with torch.func (vmap of jacrev over one-sample batches); modules that do not support it "
-                    "(e.g. nn.GRU, nn.LSTM) cannot be trained by EGN.")
+                    "(e.g. nn.GRU, nn.LSTM) cannot be trained by EGN, nor can a forward that draws random numbers "
+                    "itself (F.dropout) when some parameter needs these explicit Jacobians (one that is not a "
+                    "Linear's weight or bias: an embedding, a norm's scale, a raw nn.Parameter).")
         # detached: the rows are built from the live (trainable) factored parameters, so autograd would
         # otherwise record every product of the solve and of Jᵀv made from them
         cap.rows = rows.detach()

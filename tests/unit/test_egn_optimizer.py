@@ -402,3 +402,32 @@ def test_momentum_with_adaptive_damping_on_an_op_without_forward_mode_ad() -> No
     jd = ref["J"] @ delta
     predicted = float(ref["g"] @ delta) + 0.5 * float(jd @ ref["Q"] @ jd) / x.shape[0]
     assert st["rho"] == pytest.approx((mean_loss(model, x, y, "cross_entropy") - f0) / predicted, rel=1e-8)
+
+
+def test_bce_targets_in_a_lower_dtype_step_as_float64_ones() -> None:
+    """``loss="bce"`` with targets in bfloat16 (or float16, float32) and a float64 model: torch returns the
+    summed loss in the targets' dtype, so the line search's and ρ's starting loss was a bfloat16 number
+    against float64 trial losses (8.5e-2 off after 40 steps, the line search collapsed). The same values
+    in any floating dtype give the same run."""
+    torch.manual_seed(0)
+    x = torch.randn(32, 6, dtype=torch.float64)
+    y = (torch.randn(32, 3) > 0).to(torch.float64)  # 0 and 1: exact in every dtype
+    runs = []
+    for dtype in (torch.float64, torch.bfloat16, torch.float16, torch.float32):
+        model = tiny_mlp(0, torch.float64, sizes=(6, 8, 3))
+        opt = EGN(model, loss="bce", lr=1.0, line_search=True, adaptive_damping=True)
+        losses = [float(opt.step(inputs=x, targets=y.to(dtype))) for _ in range(6)]
+        runs.append((losses, flat_params(model), opt.damping, opt.alpha))
+    for other in runs[1:]:
+        assert other[0] == runs[0][0] and other[2:] == runs[0][2:]
+        assert torch.equal(other[1], runs[0][1])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_solve_dtype_model_is_refused_for_half_precision_models(dtype: torch.dtype) -> None:
+    """``solve_dtype="model"`` on a bfloat16/float16 model reached LAPACK's missing half-precision Cholesky
+    (torch's bare NotImplementedError), and at W > 1 rounded class labels through the factor table."""
+    model = tiny_mlp(0, dtype, sizes=(6, 8, 3))
+    with pytest.raises(ValueError, match=r"Invalid solve_dtype='model' for a model with torch\.(bfloat16|float16)"):
+        EGN(model, loss="cross_entropy", solve_dtype="model")
+    EGN(model, loss="cross_entropy")  # the default float64 solve
