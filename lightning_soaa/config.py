@@ -2,7 +2,7 @@
 
 Every optimizer builds its config from its keyword arguments (and again for each param group, so that
 per-group overrides are checked too). Error messages name the field, the value and what is allowed:
-``Invalid beta2=1.5. Must be in [0.0, 1.0).``
+``Invalid betas[1]=1.5. Must be in [0.0, 1.0).``
 """
 
 from __future__ import annotations

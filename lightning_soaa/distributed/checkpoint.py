@@ -230,8 +230,8 @@ def validate_state_dict(optimizer: CheckpointView, sd: Any, by_position: bool = 
     if [[list(x) for x in blist] for blist in meta["layout"]] != layout:
         raise ValueError(
             f"{name}.load_state_dict: the state was saved with a different block layout (for example a "
-            "different max_block_size) that cannot be re-cut to this one (only whole-row blocks of an "
-            "elementwise optimizer's state can); construct the optimizer with the same blocking options."
+            "different max_block_size or max_block_numel) that cannot be re-cut to this one (only whole-row "
+            "blocks of an elementwise optimizer's state can); construct the optimizer with the same blocking options."
             + optimizer.layout_hint
         )
     _validate_block_states(optimizer, sd["state"])

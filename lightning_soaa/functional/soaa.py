@@ -899,7 +899,7 @@ def soaa_moments(
         grads, exp_avgs, exp_avg_sqs: equal-shape tensors per block (any shape, any floating dtype).
         ts: the step count of this update per tensor (``t >= 1``), used for the bias correction.
         beta1, beta2, eps: as in :class:`~lightning_soaa.optim.soaa.SOAA`.
-        foreach: ``None`` picks foreach on CUDA and the loop on CPU (same arithmetic, bit-identical).
+        foreach: ``None`` picks foreach on CUDA and the loop on CPU (the same arithmetic up to rounding).
         kernels: compiled kernels (:class:`SOAAKernels`) for the blocks they accept; the other blocks,
             and all blocks when ``None``, take the eager path chosen by ``foreach``.
 

@@ -10,7 +10,7 @@ The library is compiled at first use with the system C compiler (``$CC``, else `
 multiply-adds, so that the two loops that sum the stored moments take the same bits) into a cache
 directory (``$LIGHTNING_SOAA_CACHE``, else ``~/.cache/lightning_soaa``), keyed by the source, the flags,
 the compiler, the CPU and the OpenMP runtime linked, so a shared home directory on a cluster of
-different CPUs never loads a build for another CPU. Compiling takes well under a second; a second
+different CPUs never loads a build for another CPU. Compiling takes about a second; a second
 process finds the build. Without a compiler, :meth:`NativeSOAA.load` raises :class:`NativeUnavailable`
 and the caller uses its other kernels.
 
@@ -71,11 +71,15 @@ class NativeUnavailable(RuntimeError):
     """The C kernels cannot be built or loaded here (the message says why)."""
 
 
+class _NoCompiler(NativeUnavailable):
+    """No C compiler: neither build can be made (said once, by the caller that falls back to eager)."""
+
+
 def _compiler() -> str:
     for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
         if name and (path := shutil.which(name)):
             return path
-    raise NativeUnavailable("no C compiler found (set CC, or install cc/gcc/clang)")
+    raise _NoCompiler("no C compiler found (set CC, or install cc/gcc/clang)")
 
 
 def _cpu_id() -> str:
@@ -221,7 +225,9 @@ def _load_pool_build() -> ctypes.CDLL | None:
     try:
         lib = ctypes.CDLL(str(_build(runtime)))
     except (OSError, NativeUnavailable, subprocess.SubprocessError) as e:
-        log.warning("SOAA: C kernels on torch's OpenMP pool unavailable (%s); using threads of their own", e)
+        # without a compiler the other build fails too, and the fallback to the eager path says so once
+        (log.debug if isinstance(e, _NoCompiler) else log.warning)(
+            "SOAA: C kernels on torch's OpenMP pool unavailable (%s); using threads of their own", e)
         return None
     if _runtime_of(lib) != runtime:  # bound to another runtime than torch's: keep off its pool
         lib.soaa_cpu_forked()

@@ -133,8 +133,10 @@ class LossToOptimizer(Callback):
     would still step the optimizer.
 
     Args:
-        check_sharding: raise if a sharded optimizer was built before ``torch.distributed`` started
-            (see :func:`~lightning_soaa.lightning.factory.check_sharding_matches_world`).
+        check_sharding: raise if one of our optimizers was handed a single-process communicator
+            (``comm=LocalComm()``) while ``torch.distributed`` runs W > 1 ranks (one built before the process
+            group existed joins it at its first step; see
+            :func:`~lightning_soaa.lightning.factory.check_sharding_matches_world`).
     """
 
     def __init__(self, check_sharding: bool = True) -> None:

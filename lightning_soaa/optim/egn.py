@@ -35,6 +35,7 @@ from lightning_soaa.functional.gram import (
 from lightning_soaa.optim.base import BlockView, ShardedOptimizer, SkipStep, StepRecord, host_floats, summed
 from lightning_soaa.optim.egn_capture import (
     LinearCapture,
+    changed_site,
     checked_explicit_rows,
     plan_curvature,
 )
@@ -550,6 +551,14 @@ class EGN(ShardedOptimizer):
         bad = self._places.first_replaced()
         if bad is not None:
             raise RuntimeError(replaced_message(*bad, dtensor_refusal=str(self._dtensor_refusal())))
+        path = changed_site(self._sites)
+        if path is not None:
+            raise RuntimeError(
+                f"EGN: the nn.Linear {path!r} no longer computes x Wᵀ + b with nn.Linear's own forward (its forward "
+                "was replaced on the instance, its class changed, or a parametrization was added) since EGN was "
+                "built, and EGN takes that layer's Jacobian from the plain formula: its step would be wrong. Build "
+                "EGN after changing the model (e.g. after accelerate's hooks or a wrapper), or pass "
+                "jacobian='explicit'.")
 
     # ------------------------------------------------------------------ groups and checkpoints
     def _validate_group(self, group: dict[str, Any]) -> None:

@@ -31,7 +31,7 @@ from lightning_soaa.optim.egn_guard import OwnUseGuard
 log = logging.getLogger(__name__)
 
 __all__ = ["LinearSite", "plan_curvature", "LinearCapture", "checked_back_signals", "checked_explicit_rows",
-           "explicit_jacobian_rows"]
+           "explicit_jacobian_rows", "changed_site"]
 
 
 @dataclasses.dataclass
@@ -52,6 +52,18 @@ def _own_linear_forward(m: nn.Linear) -> bool:
     in training mode, changing the model)."""
     return (type(m).forward is nn.Linear.forward and "forward" not in m.__dict__
             and not parametrize.is_parametrized(m))
+
+
+def changed_site(sites: list[LinearSite]) -> str | None:
+    """The path of the first factored Linear that no longer computes ``x Wᵀ + b`` itself, else None.
+
+    The plan is made once: a forward replaced on the instance after EGN was built (accelerate's
+    ``add_hook_to_module``/``cpu_offload``, a scaling or casting wrapper) or a class swapped to a subclass
+    left EGN stepping on the plain layer's Jacobian (0.19 off the true Gauss-Newton step)."""
+    for site in sites:
+        if not _own_linear_forward(site.module):
+            return site.path
+    return None
 
 
 def plan_curvature(model: nn.Module, trainable: dict[str, Tensor],
@@ -160,7 +172,9 @@ class LinearCapture:
                 self.error = self.error or (
                     f"EGN: the Linear layer {self.sites[i].path!r} was called with gradients disabled inside "
                     "the model's forward (torch.no_grad, or a reentrant torch.utils.checkpoint); its Gram "
-                    "factors need the call's graph. Use jacobian='explicit' (or use_reentrant=False).")
+                    "factors need the call's graph. Under torch.utils.checkpoint pass use_reentrant=False (EGN's "
+                    "default jacobian='auto' supports it; jacobian='explicit' supports no checkpoint regions); "
+                    "for a layer run under torch.no_grad, jacobian='explicit'.")
                 return None
             if changed:
                 self.error = self.error or (

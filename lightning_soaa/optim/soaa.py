@@ -267,7 +267,8 @@ class SOAA(ShardedOptimizer):
             the final band :math:`[1-\gamma, 1+\gamma]` at every step. Of the two readings of "unknown
             T" this one keeps the trust region able to shrink (a band [1, 2] forever would only allow
             d >= 1, i.e. never take a step smaller than Adam's, and up to 2x larger ones with no end);
-            it also keeps :math:`\gamma = 0` exactly AdamW. Note d after step 1 is then 1-γ, not 1.
+            it also keeps :math:`\gamma = 0` free of the trust multiplier (:math:`d \equiv 1`): AdamW wherever
+            the Fisher cap does not bind. Note d after step 1 is then 1-γ, not 1.
         acceptance: ``"lagged"`` (default; the paper's rule, no extra forward, works without a closure)
             or ``"same_batch"`` (needs ``step(closure)``).
         rho_smoothing: :math:`\beta_\rho \in [0, 1)` (default 0: the spec's per-step ρ above). > 0
@@ -281,11 +282,11 @@ class SOAA(ShardedOptimizer):
             loss EMA and the sums still run), the rule above from :math:`t = K + 1`.
         eta1, eta2, shrink, expand, d_min: the same_batch rule (defaults 0.25, 0.75, 0.5, 2.0, 1e-3).
         foreach: the eager path: ``None`` (default) uses torch's ``_foreach`` ops on CUDA and a
-            per-tensor loop, tile by tile through two tile-sized scratch buffers, on CPU (bit-identical
-            results); ``True``/``False`` force one.
+            per-tensor loop, tile by tile through two tile-sized scratch buffers, on CPU (the same
+            arithmetic up to rounding: a fused addcmul, the order of the sums); ``True``/``False`` force one.
         compile: ``True`` runs each of the step's two elementwise passes (the read-only sums before the
             all-reduce; the in-place update of m, v, θ with its sums after it) as one sweep: on CPU
-            through C loops built at the first step with the system C compiler (well under a second,
+            through C loops built at the first step with the system C compiler (about a second, once,
             cached in ``~/.cache/lightning_soaa``; one call per pass for all blocks;
             ``LIGHTNING_SOAA_NATIVE=0`` turns them off), elsewhere, or without a C compiler, through
             ``torch.compile``'d kernels for tensors of at least 2**16 elements (a few seconds at the first

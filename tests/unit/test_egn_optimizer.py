@@ -431,3 +431,36 @@ def test_solve_dtype_model_is_refused_for_half_precision_models(dtype: torch.dty
     with pytest.raises(ValueError, match=r"Invalid solve_dtype='model' for a model with torch\.(bfloat16|float16)"):
         EGN(model, loss="cross_entropy", solve_dtype="model")
     EGN(model, loss="cross_entropy")  # the default float64 solve
+
+
+@pytest.mark.parametrize("how", ["instance_forward", "class_swap"])
+def test_a_linear_whose_forward_changed_after_construction_is_refused(how: str) -> None:
+    """EGN plans which Linears it factors once; a forward replaced on the instance afterwards (accelerate's
+    hooks, a scaling wrapper) or a class swapped to a subclass left it stepping on the plain layer's
+    Jacobian (0.19 off the Gauss-Newton step). Refused at the step, nothing changed; the same change made
+    before construction is planned for."""
+
+    class Scaled(nn.Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2.0 * super().forward(x)
+
+    def change(layer: nn.Linear) -> None:
+        if how == "class_swap":
+            layer.__class__ = Scaled
+        else:
+            plain = layer.forward
+            layer.forward = lambda x: 2.0 * plain(x)
+
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 6, dtype=torch.float64), torch.randn(16, 3, dtype=torch.float64)
+    model = tiny_mlp(0, torch.float64, sizes=(6, 8, 3))
+    opt = EGN(model, loss="mse", lr=1.0)
+    opt.step(inputs=x, targets=y)
+    change(model[-1])
+    before = flat_params(model)
+    with pytest.raises(RuntimeError, match=r"no longer computes x Wᵀ \+ b with nn.Linear's own forward"):
+        opt.step(inputs=x, targets=y)
+    assert torch.equal(flat_params(model), before)
+    early = tiny_mlp(0, torch.float64, sizes=(6, 8, 3))
+    change(early[-1])
+    EGN(early, loss="mse", lr=1.0).step(inputs=x, targets=y)  # planned with the change: steps
