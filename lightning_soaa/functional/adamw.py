@@ -121,8 +121,12 @@ def _fused_cpu_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
     fused = getattr(torch, "_fused_adamw_", None)
     by_dtype: dict[torch.dtype, list[int]] = {}
     rest: list[int] = []
+    strided_all: set[int] = set()
     for i, ts in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
-        (by_dtype.setdefault(ts[0].dtype, []) if fused is not None and _fused_takes(ts) else rest).append(i)
+        takes = _fused_takes(ts) if fused is not None else 0
+        (by_dtype.setdefault(ts[0].dtype, []) if takes else rest).append(i)
+        if takes == 2:
+            strided_all.add(i)
     for n, (_, idx) in enumerate(by_dtype.items()):
         assert fused is not None  # by_dtype is empty otherwise
         # all tensors in one call (the usual case): the lists as given, not rebuilt
@@ -132,7 +136,7 @@ def _fused_cpu_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
         # updated wrongly, 4e-2 off after three steps, without an error): other layouts (channels_last, a
         # transposed or sliced parameter, a gradient set by hand) run on contiguous copies, written back
         # after, so a tensor's result does not depend on its layout
-        strided = [j for j, ts in enumerate(zip(*lists[:4])) if not all(t.is_contiguous() for t in ts)]
+        strided = [j for j, i in enumerate(idx) if i in strided_all] if strided_all else []
         p, g, m, v, s = lists if not strided else _dense_copies(lists, strided)
         try:
             fused(p, g, m, v, [], s, amsgrad=False, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
@@ -156,16 +160,19 @@ def _dense_copies(lists: tuple[list[Tensor], ...], strided: list[int]) -> tuple[
     return out
 
 
-def _fused_takes(ts: tuple[Tensor, ...]) -> bool:
-    """Whether the fused CPU kernel can take one tensor's (θ, g, m, v): on the CPU, one floating dtype
-    (other layouts than contiguous go through contiguous copies, see :func:`_fused_cpu_`)."""
+def _fused_takes(ts: tuple[Tensor, ...]) -> int:
+    """Whether the fused CPU kernel can take one tensor's (θ, g, m, v): 0 no; 1 yes (on the CPU, one
+    floating dtype, each contiguous); 2 yes, on contiguous copies (another layout, see :func:`_fused_cpu_`)."""
     dtype = ts[0].dtype
     if dtype not in _FUSED_DTYPES:
-        return False
+        return 0
+    takes = 1
     for t in ts:  # a loop of attribute reads (no generator): it runs for every tensor at every step
         if not (t.is_cpu and t.dtype == dtype):
-            return False
-    return True
+            return 0
+        if not t.is_contiguous():
+            takes = 2
+    return takes
 
 
 _FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)

@@ -25,9 +25,10 @@ caller decides what to do with it (ASGO keeps its previous preconditioner and co
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -49,6 +50,8 @@ __all__ = [
     "coupled_scalar_map",
     "inv_sqrt_spectral",
     "inverse_sqrt",
+    "PendingRoots",
+    "pending_inverse_sqrt",
 ]
 
 ROOT_METHODS: tuple[str, ...] = ("polar_express", "newton_schulz", "eigh", "polar_express_eigh")
@@ -297,6 +300,30 @@ def _map_at_zero(coeffs: tuple[tuple[float, float, float], ...], num_iters: int)
     return float(coupled_scalar_map(torch.zeros(1), coeffs, num_iters))
 
 
+def _bounded_coupled(v: Tensor, coeffs: Sequence[tuple[float, float, float]], num_iters: int,
+                     eps: float) -> tuple[Tensor, Tensor]:
+    """:func:`inv_sqrt_coupled` and, per matrix, whether its root kept within the map's bound (a bool
+    tensor; no host read). See :func:`checked_coupled`."""
+    z, s = _coupled(v, coeffs, num_iters, eps)
+    k = v.shape[-1]
+    z0 = _map_at_zero(tuple(coeffs), num_iters)
+    # ||Z||_F^2 s <= k z(0)^2 (5% margin), false for NaN too; a non-finite scale is recomputed as NaN
+    ok = torch.linalg.vector_norm(z.reshape(-1, k, k), dim=(1, 2), dtype=torch.float64).square_().mul_(s)
+    return z, ok <= 1.05 * k * z0 * z0
+
+
+def _recompute_unbounded(v: Tensor, z: Tensor, bounded: Sequence[bool], coeffs: Sequence[tuple[float, float, float]],
+                         num_iters: int, eps: float) -> Tensor:
+    """``z`` with the roots whose flag is False recomputed by :func:`inv_sqrt_spectral` (a new tensor)."""
+    if all(bounded):
+        return z
+    k = v.shape[-1]
+    idx = torch.tensor([i for i, ok in enumerate(bounded) if not ok], device=z.device)
+    out = z.reshape(-1, k, k).clone()
+    out[idx] = inv_sqrt_spectral(v.reshape(-1, k, k)[idx], coeffs, num_iters, eps).to(out.dtype)
+    return out.reshape(z.shape)
+
+
 def checked_coupled(
     v: Tensor, coeffs: Sequence[tuple[float, float, float]], num_iters: int, eps: float = 1e-10
 ) -> Tensor:
@@ -312,18 +339,43 @@ def checked_coupled(
     the finite values alone. One host read per call; the recomputation only for the matrices that
     failed (5% margin for the iteration's own rounding).
     """
-    z, s = _coupled(v, coeffs, num_iters, eps)
-    k = v.shape[-1]
-    v3, z3 = v.reshape(-1, k, k), z.reshape(-1, k, k)
-    z0 = _map_at_zero(tuple(coeffs), num_iters)
-    # ||Z||_F^2 s <= k z(0)^2 (5% margin), false for NaN too; a non-finite scale is recomputed as NaN
-    ok = torch.linalg.vector_norm(z3, dim=(1, 2), dtype=torch.float64).square_().mul_(s) <= 1.05 * k * z0 * z0
+    z, ok = _bounded_coupled(v, coeffs, num_iters, eps)
     if bool(ok.all()):
         return z
-    idx = (~ok).nonzero().flatten()
-    out = z3.clone()
-    out[idx] = inv_sqrt_spectral(v3[idx], coeffs, num_iters, eps).to(out.dtype)
-    return out.reshape(z.shape)
+    return _recompute_unbounded(v, z, ok.tolist(), coeffs, num_iters, eps)
+
+
+@dataclasses.dataclass(frozen=True)
+class PendingRoots:
+    """Inverse roots computed without a host read (:func:`pending_inverse_sqrt`), so that a caller with
+    several batches reads every batch's flags in one sync. ``bounded``: per matrix, whether an iterative
+    root kept within the map's bound (a bool tensor on the roots' device; None where nothing needs
+    checking: the eigendecompositions). :meth:`resolve` takes those flags as the host read them."""
+
+    roots: Tensor
+    bounded: Tensor | None
+    recompute: Callable[[Sequence[bool]], Tensor] | None = None
+
+    def resolve(self, bounded: Sequence[bool]) -> Tensor:
+        """The roots, those flagged False recomputed by the eigendecomposition of the same function."""
+        return self.roots if self.recompute is None or all(bounded) else self.recompute(bounded)
+
+
+def pending_inverse_sqrt(
+    v: Tensor, method: str = "polar_express", *, num_iters: int | None = None, eps: float = 1e-10,
+    damping: float = 0.0,
+) -> PendingRoots:
+    """:func:`inverse_sqrt` of a batch ``[n, k, k]`` without its host read: ``resolve(bounded.tolist())``
+    gives exactly :func:`inverse_sqrt`'s result."""
+    vd = damp(v.to(root_compute_dtype(v.dtype)), damping)
+    method = resolve_root_method(method, v.device, v.dtype, v.shape[-1])
+    if method in ("polar_express", "newton_schulz"):
+        coeffs = POLAR_EXPRESS_COEFFS if method == "polar_express" else (NEWTON_SCHULZ_COEFFS,)
+        n = DEFAULT_ROOT_ITERS[method] if num_iters is None else num_iters
+        z, ok = _bounded_coupled(vd, coeffs, n, eps)
+        return PendingRoots(z, ok, functools.partial(_recompute_unbounded, vd, z, coeffs=coeffs, num_iters=n,
+                                                     eps=eps))
+    return PendingRoots(inverse_sqrt(v, method, num_iters=num_iters, eps=eps, damping=damping), None)
 
 
 def inverse_sqrt(

@@ -43,9 +43,10 @@ from lightning_soaa.functional.adamw import adamw_update_
 from lightning_soaa.functional.linalg import (
     DEFAULT_ROOT_ITERS,
     ROOT_METHODS,
+    PendingRoots,
     damp,
     inv_sqrt_eigh,
-    inverse_sqrt,
+    pending_inverse_sqrt,
     resolve_root_method,
 )
 from lightning_soaa.optim.adamw import adam_state_schema
@@ -810,13 +811,12 @@ class ASGO(_OneSided):
             key = (st[GRAM].shape[0], st[GRAM].dtype, st[GRAM].device, group["inverse_root"],
                    group["root_iters"], float(group["eps"]), float(group["damping"]))
             due.setdefault(key, []).append(v)
-        need_root: list[tuple[BlockView, Tensor]] = []
+        batches: list[tuple[list[BlockView], Tensor, PendingRoots]] = []
         self._roots_computed += sum(len(vs) for vs in due.values())
         for (_k, _dt, _dev, method, iters, eps, damping), vs in due.items():
-            roots = inverse_sqrt(torch.stack([v.state[GRAM] for v in vs]), method, num_iters=iters, eps=eps,
-                                 damping=damping)
-            need_root.extend(zip(vs, roots.unbind(0)))
-        uninformed = self._accept_roots(need_root)
+            grams = torch.stack([v.state[GRAM] for v in vs])
+            batches.append((vs, grams, pending_inverse_sqrt(grams, method, num_iters=iters, eps=eps, damping=damping)))
+        uninformed = self._accept_roots(self._checked_roots(batches))
         self._apply_directions([(v, asgo_math.precondition(v.state[INV_ROOT], v.state[EXP_AVG], side))
                                 for v, side in prepared])
         for v in uninformed:
@@ -880,16 +880,38 @@ class ASGO(_OneSided):
         self._sharded_stats_(sharded)
         return prepared
 
-    def _accept_roots(self, candidates: list[tuple[BlockView, Tensor]]) -> list[BlockView]:
-        """Store finite roots; keep the previous root (or fall back, counted) for non-finite ones.
-        Returns the blocks whose new root was computed from an all-zero statistic."""
-        if not candidates:
+    @staticmethod
+    def _checked_roots(batches: list[tuple[list[BlockView], Tensor, PendingRoots]]
+                       ) -> list[tuple[BlockView, Tensor, bool, bool]]:
+        """Per block: its root, whether it is finite and whether its statistic is nonzero, read for every
+        batch in one host sync (an iterative root's bound check too: it was one sync per batch, three on
+        a 3-layer MLP). A root that left the bound is recomputed (rare) and its finiteness read again."""
+        if not batches:
             return []
-        # One host sync for all blocks instead of one per block: is each root finite, is each V nonzero
-        finite, nonzero = torch.stack([torch.stack([torch.isfinite(p).all() for _, p in candidates]),
-                                       torch.stack([v.state[GRAM].any() for v, _ in candidates])]).tolist()
-        uninformed = [v for (v, _), f, nz in zip(candidates, finite, nonzero) if f and not nz]
-        for (v, p_new), ok in zip(candidates, finite):
+        rows = []
+        for _, grams, pending in batches:
+            finite = torch.isfinite(pending.roots).flatten(1).all(1)
+            bounded = pending.bounded if pending.bounded is not None else torch.ones_like(finite)
+            rows.append(torch.stack([finite, grams.flatten(1).any(1), bounded.to(finite.device)]))
+        device = rows[0].device
+        flags = torch.cat([r.to(device) for r in rows], dim=1).tolist()
+        out: list[tuple[BlockView, Tensor, bool, bool]] = []
+        at = 0
+        for vs, _, pending in batches:
+            is_finite, nonzero, bounded = (f[at:at + len(vs)] for f in flags)
+            at += len(vs)
+            roots = pending.resolve(bounded)
+            if roots is not pending.roots:  # recomputed: read those again
+                is_finite = torch.isfinite(roots).flatten(1).all(1).tolist()
+            out.extend(zip(vs, roots.unbind(0), map(bool, is_finite), map(bool, nonzero)))
+        return out
+
+    def _accept_roots(self, candidates: list[tuple[BlockView, Tensor, bool, bool]]) -> list[BlockView]:
+        """Store finite roots; keep the previous root (or fall back, counted) for non-finite ones.
+        ``candidates``: (block, root, finite, statistic nonzero). Returns the blocks whose new root was
+        computed from an all-zero statistic."""
+        uninformed = [v for v, _, f, nz in candidates if f and not nz]
+        for v, p_new, ok, _ in candidates:
             st = v.state
             if ok:
                 st[INV_ROOT] = p_new

@@ -1176,10 +1176,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         the uninterrupted run after 3 steps)."""
         state, params = self.state, self._params
         for b in self._owned:
-            if b.dim is not None:
-                continue
-            st = state.get(params[b.param_index])
-            if st and any(type(k) is int for k in st):
+            st = state.get(params[b.param_index]) if b.dim is None else None
+            if st and 0 in st:  # a whole parameter is the checkpoint's block 0
                 label = self._names[b.param_index] or f"#{b.param_index}"
                 raise ValueError(
                     f"{type(self).__name__}: the state of parameter {label!r} holds the checkpoint's per-block "

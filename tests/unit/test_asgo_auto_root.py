@@ -8,6 +8,7 @@ one process on real gloo ranks) and across a checkpoint taken at one W and resum
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any
 
 import pytest
@@ -147,20 +148,21 @@ def test_batched_roots_fall_back_per_block(monkeypatch: Any) -> None:
 
     ws_ref, ref = make()
     ws, opt = make()
-    real = asgo_mod.inverse_sqrt
+    real = asgo_mod.pending_inverse_sqrt
     calls: list[int] = []
 
-    def poison_second_block_once(v: torch.Tensor, *a: Any, **k: Any) -> torch.Tensor:
+    def poison_second_block_once(v: torch.Tensor, *a: Any, **k: Any) -> Any:
         calls.append(v.shape[0])
-        out = real(v, *a, **k)
+        pending = real(v, *a, **k)
         if len(calls) == 2:
-            out = out.clone()
+            out = pending.roots.clone()
             out[1] = float("nan")
-        return out
+            pending = dataclasses.replace(pending, roots=out)
+        return pending
 
     step(ws_ref, ref, 0)
     step(ws_ref, ref, 1)
-    monkeypatch.setattr(asgo_mod, "inverse_sqrt", poison_second_block_once)
+    monkeypatch.setattr(asgo_mod, "pending_inverse_sqrt", poison_second_block_once)
     step(ws, opt, 0)
     p_before = opt.state[ws[1]]["inv_root"].clone()
     step(ws, opt, 1)

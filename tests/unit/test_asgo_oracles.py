@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -211,15 +212,15 @@ def test_non_finite_root_keeps_previous_preconditioner_and_is_counted(monkeypatc
     m, n = 3, 6
     w = nn.Parameter(torch.zeros(m, n, dtype=f64))
     opt = ASGO([w], lr=1.0, weight_decay=0.0)
-    real = asgo_mod.inverse_sqrt
+    real = asgo_mod.pending_inverse_sqrt
     calls = {"n": 0}
 
     def flaky(v, *a, **k):
         calls["n"] += 1
-        out = real(v, *a, **k)
-        return out * float("nan") if calls["n"] == 2 else out
+        pending = real(v, *a, **k)
+        return dataclasses.replace(pending, roots=pending.roots * float("nan")) if calls["n"] == 2 else pending
 
-    monkeypatch.setattr(asgo_mod, "inverse_sqrt", flaky)
+    monkeypatch.setattr(asgo_mod, "pending_inverse_sqrt", flaky)
     g1 = torch.randn(m, n, dtype=f64, generator=_gen(1))
     _one_step_update(opt, w, g1)
     p1 = opt.state[w]["inv_root"].clone()
@@ -240,7 +241,8 @@ def test_non_finite_first_root_uses_eigh_and_is_counted(monkeypatch):
     m, n = 3, 6
     w = nn.Parameter(torch.zeros(m, n, dtype=f64))
     opt = ASGO([w], lr=1.0, weight_decay=0.0, damping=1e-4)
-    monkeypatch.setattr(asgo_mod, "inverse_sqrt", lambda v, *a, **k: torch.full_like(v, float("nan")))
+    monkeypatch.setattr(asgo_mod, "pending_inverse_sqrt",
+                        lambda v, *a, **k: asgo_mod.PendingRoots(torch.full_like(v, float("nan")), None))
     g = torch.randn(m, n, dtype=f64, generator=_gen(4))
     u = _one_step_update(opt, w, g)
     v = 0.2 * g @ g.T
