@@ -142,13 +142,22 @@ def _shapes(opt: CheckpointView) -> list[list[int]]:
     return [list(s) for s in opt.shapes]
 
 
+def _plain(value: Any) -> Any:
+    """A NumPy scalar as the Python number it equals (also inside a tuple or list): a scheduler that
+    computes in NumPy writes np.float32 lrs into the groups, and a checkpoint holding one cannot be
+    read by ``torch.load(weights_only=True)``, torch's default (nor can torch's own optimizers')."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(_plain(v) for v in value)
+    return value.item() if type(value).__module__ == "numpy" and hasattr(value, "item") else value
+
+
 def saved_groups(param_groups: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The groups as a state dict holds them: the hyperparameters as they are now, ``params`` as the
-    running indices torch uses."""
+    """The groups as a state dict holds them: the hyperparameters as they are now (NumPy scalars as
+    Python numbers), ``params`` as the running indices torch uses."""
     groups = []
     index = 0
     for group in param_groups:
-        g = {k: v for k, v in group.items() if k != "params"}
+        g = {k: _plain(v) for k, v in group.items() if k != "params"}
         g["params"] = list(range(index, index + len(group["params"])))
         index += len(group["params"])
         groups.append(g)
