@@ -145,6 +145,7 @@ class LossToOptimizer(Callback):
         self._count = 0  # backward calls summed into _sum (micro-batches, under automatic optimization)
         self._restart = True
         self._checked_k: int | None = None  # accumulate_grad_batches the same_batch check last saw
+        self._handed: set[int] = set()  # optimizers handed this window's loss at their step (see _attributed)
 
     def _check_accumulation(self, trainer: pl.Trainer) -> None:
         """Refuse what the step loss cannot be right for under ``accumulate_grad_batches=k`` (k may change
@@ -190,6 +191,7 @@ class LossToOptimizer(Callback):
             value = value / scaler.get_scale()
         if self._restart or self._sum is None:
             self._sum, self._count, self._restart = value, 1, False
+            self._handed = set()
         else:
             self._sum, self._count = self._sum + value, self._count + 1
         step_loss = self._sum
@@ -218,9 +220,12 @@ class LossToOptimizer(Callback):
                 why="its step needs the step's loss (the trust region), no micro-batch of this step handed "
                     "one over, and Lightning still calls optimizer.step(closure) under this precision."))
         target = optimizer_needing(optimizer, StepNeeds.LOSS)
-        if target is not None and self._count == 1 and not self._restart \
+        if target is not None and self._count == 1 and id(target) not in self._handed \
                 and not _attributed(pl_module, _targets(trainer, StepNeeds.LOSS)):
-            target.set_loss(self._sum)  # one manual_backward since the last step: its loss is this step's
+            # one manual_backward since the window began: its loss is the step's, for every optimizer
+            # stepping on it (once each: a second step without a new backward has no loss of its own)
+            target.set_loss(self._sum)
+            self._handed.add(id(target))
         # The next backward belongs to the next optimizer step (or to a re-evaluation of this batch,
         # whose loss then replaces, not adds to, the one handed over).
         self._restart = True
@@ -230,9 +235,10 @@ def _attributed(pl_module: pl.LightningModule, targets: list[Any]) -> bool:
     """Whether every loss handed over belongs to every optimizer that needs one: always under automatic
     optimization (one optimizer), and under manual optimization with one such optimizer. With several
     (a GAN's two SOAA), ``manual_backward(g_loss); manual_backward(d_loss); opt_g.step(); opt_d.step()``
-    handed both the sum (7e-2 off after 6 steps): the loss then goes only to the optimizer stepping next,
-    and only when exactly one backward ran since the previous optimizer step; otherwise that optimizer
-    needs ``step(loss=...)`` (it raises saying so)."""
+    handed both the sum (7e-2 off after 6 steps): the loss then goes only to the optimizers that step
+    after exactly one backward (``backward(a); opt_a.step(); backward(b); opt_b.step()``, or one loss
+    for both: ``backward(loss); opt_a.step(); opt_b.step()``); otherwise the optimizer needs
+    ``step(loss=...)`` (it raises saying so)."""
     return pl_module.automatic_optimization or len(targets) < 2
 
 
@@ -242,12 +248,14 @@ def refuse_swa_batch_norm_epoch(trainer: pl.Trainer, pl_module: pl.LightningModu
     statistics with forwards only (``fit_loop._skip_backward``) and Lightning still calls
     ``optimizer.step()`` in it: SOAA/EGN refused that step as a skipped batch, after the whole run, with
     the BatchNorm layers left in SWA's reset state and the fit's result lost. Refused at the start of fit
-    instead (the same settings on every rank)."""
+    instead (the same settings on every rank), where the run reaches that epoch (SWA adds it only with
+    ``max_epochs`` set; ``max_steps`` may end the run first)."""
     from lightning.pytorch.callbacks import StochasticWeightAveraging
 
     swa = [c for c in trainer.callbacks if isinstance(c, StochasticWeightAveraging)]  # type: ignore[attr-defined]
     targets = _targets(trainer, needs)
-    if swa and targets and StochasticWeightAveraging.pl_module_contains_batch_norm(pl_module):
+    if swa and targets and StochasticWeightAveraging.pl_module_contains_batch_norm(pl_module) \
+            and _reaches_last_epoch(trainer):
         raise ValueError(
             f"StochasticWeightAveraging on a model with BatchNorm layers and {optimizer_name(targets[0])}: after "
             "the last epoch Lightning runs one more epoch that recomputes the BatchNorm statistics with forward "
@@ -255,6 +263,21 @@ def refuse_swa_batch_norm_epoch(trainer: pl.Trainer, pl_module: pl.LightningModu
             f"step's {'loss' if needs is StepNeeds.LOSS else 'batch'}, not from gradients, and cannot take those "
             "steps. Average the weights with Lightning's EMAWeightAveraging/WeightAveraging callback, or with "
             "torch.optim.swa_utils (AveragedModel, then update_bn) after fit.")
+
+
+def _reaches_last_epoch(trainer: pl.Trainer) -> bool:
+    """Whether the fit runs into its last epoch (the one SWA added for BatchNorm), judged from its limits:
+    ``max_epochs`` set, and ``max_steps`` unset or beyond the optimizer steps of the epochs before."""
+    max_epochs = trainer.max_epochs
+    if max_epochs is None or max_epochs == -1:
+        return False
+    if trainer.max_steps == -1:
+        return True
+    batches = trainer.num_training_batches
+    if not math.isfinite(batches):
+        return False  # an epoch without end: the last one is never reached
+    per_epoch = math.ceil(batches / max(1, int(trainer.accumulate_grad_batches)))
+    return trainer.max_steps > (max_epochs - 1) * per_epoch
 
 
 def _batch_idx(trainer: pl.Trainer) -> int:

@@ -253,7 +253,7 @@ class _OneSided(ShardedOptimizer):
     #: (DASGO: exact; ASGO's blocks are separate problems, each with its own V, normalised per block)
     _normalise_whole: bool = False
     # the routing (use_asgo) and the matrices' blocks are fixed when the table is built
-    layout_keys = ("max_block_size", "use_asgo")
+    layout_keys: tuple[str, ...] = ("max_block_size", "use_asgo")
     #: rebuilt on first use (see _split_layout, _routes, _numerators)
     _transient = ("_split_layout_cache", "_routes_cache", "_numerators_cache", "_guard", "_guard_limit")
 
@@ -1057,6 +1057,7 @@ class DASGO(_OneSided):
     _config_cls = DASGOConfig
     _method = "dasgo"
     elementwise = True  # the AdamW fallback's row blocks; matrices are cut by columns (_block_specs)
+    layout_keys = ("use_asgo",)  # and max_block_numel (elementwise); ASGO's max_block_size is not read
     _normalise_whole = True
 
     def __init__(

@@ -529,7 +529,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         return {k: v for k, v in self.__dict__.items()
                 if not (k.startswith("_optimizer_") and k.endswith("_hooks")) and k not in self._transient
                 and not (callable(v) and callable(getattr(cls, k, None))) and k != "_opt_called"
-                and k not in ("_view_cache", "_step_counts", "_valid_groups")}  # views into this
+                and k not in ("_view_cache", "_step_counts", "_valid_groups", "_state_ids")}  # views into this
         # process's parameters, the counters' cache, the groups validated last: rebuilt on first use
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -1169,23 +1169,40 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._check_state_layout()
 
     def _check_state_layout(self) -> None:
-        """Raise when a whole-parameter block's state holds the checkpoint's nesting (``{0: {...}}``): state
-        written into ``optimizer.state`` directly, not loaded through :meth:`load_state_dict`. torch's
-        ZeroRedundancyOptimizer does that on its load: the step started fresh moments next to the ignored
-        entry, and the optimizer-wide state (step counts, SOAA's trust region) was lost (6e-2 to 1.8e-1 off
-        the uninterrupted run after 3 steps)."""
+        """Raise for per-parameter state written into ``optimizer.state`` from outside, not loaded through
+        :meth:`load_state_dict`, that cannot be this optimizer's: a whole-parameter block holding the
+        checkpoint's nesting (``{0: {...}}``), or a state dict replaced since the last step whose step
+        count exceeds the optimizer's steps. torch's ZeroRedundancyOptimizer writes its checkpoint's
+        entries so on its load: the step started fresh moments next to the ignored entry, or (parameters
+        cut into row blocks, whose nesting is the checkpoint's) continued their moments with the step
+        counts and SOAA's trust region of a fresh optimizer (6e-2 to 1.8e-1, 4.8e-4 off the uninterrupted
+        run). Per step: one identity compare per parameter; the counts are read only for a replaced dict."""
         state, params = self.state, self._params
+        seen = self.__dict__.get("_state_ids") or {}
+        ids: dict[int, int] = {}
         for b in self._owned:
-            st = state.get(params[b.param_index]) if b.dim is None else None
-            if st and 0 in st:  # a whole parameter is the checkpoint's block 0
-                label = self._names[b.param_index] or f"#{b.param_index}"
-                raise ValueError(
-                    f"{type(self).__name__}: the state of parameter {label!r} holds the checkpoint's per-block "
-                    f"entries (keys {sorted(map(str, st))}): it was written into optimizer.state directly, not "
-                    "loaded with load_state_dict(), and the optimizer-wide state (step counts, SOAA's trust "
-                    "region) is missing. torch's ZeroRedundancyOptimizer.load_state_dict does this: load the "
-                    "checkpoint with this optimizer's own load_state_dict() (it shards its state ZeRO-style "
-                    "itself, shard=True, and needs no ZeroRedundancyOptimizer).")
+            st = state.get(params[b.param_index])
+            if not st:
+                continue
+            ids[b.param_index] = id(st)
+            if b.dim is None and 0 in st:  # a whole parameter is the checkpoint's block 0
+                self._refuse_foreign_state(b, f"holds the checkpoint's per-block entries (keys {sorted(map(str, st))})")
+            if seen.get(b.param_index) == id(st):
+                continue
+            blk = st if b.dim is None else st.get(b.sub_index)
+            step = blk.get("step") if isinstance(blk, dict) else None
+            if isinstance(step, Tensor) and step.numel() == 1 and float(step) > self.num_steps + self.skipped_steps:
+                self._refuse_foreign_state(b, f"has taken {float(step):g} steps, this optimizer {self.num_steps}")
+        self._state_ids = ids
+
+    def _refuse_foreign_state(self, b: BlockInfo, what: str) -> None:
+        label = self._names[b.param_index] or f"#{b.param_index}"
+        raise ValueError(
+            f"{type(self).__name__}: the state of parameter {label!r} {what}: it was written into optimizer.state "
+            "directly, not loaded with load_state_dict(), and the optimizer-wide state (step counts, SOAA's trust "
+            "region) is missing. torch's ZeroRedundancyOptimizer.load_state_dict does this: load the checkpoint "
+            "with this optimizer's own load_state_dict() (it shards its state ZeRO-style itself, shard=True, and "
+            "needs no ZeroRedundancyOptimizer).")
 
     def _rebuild_unstepped(self) -> bool:
         """Rebuild the table for the parameters as they are now, where no state can be lost: no step taken
@@ -1428,6 +1445,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self.state.clear()
         for p, st in new_state.items():
             self.state[p] = st
+        # the dicts this load wrote are the optimizer's own (_check_state_layout looks at others only)
+        self._state_ids = {pi: id(st) for pi, st in ((b.param_index, self.state.get(self._params[b.param_index]))
+                                                     for b in self._owned) if st}
         glob = dict(state_dict[FORMAT_KEY]["global"])
         self.num_steps = int(glob.pop("num_steps", 0))
         self.skipped_steps = int(glob.pop("skipped_steps", 0))

@@ -462,12 +462,13 @@ class EGN(ShardedOptimizer):
         if not named:
             raise ValueError("EGN: the model has no trainable parameters (none with requires_grad=True).")
         _refuse_sparse_embeddings(model)
-        half = sorted({str(p.dtype) for _, p in named if p.dtype in (torch.float16, torch.bfloat16)})
-        if cfg.solve_dtype == "model" and half:
+        solve = named[0][1].dtype  # "model": the first trained parameter's dtype (_solve_dtype)
+        if cfg.solve_dtype == "model" and solve in (torch.float16, torch.bfloat16):
             # LAPACK has no half-precision Cholesky (torch's bare NotImplementedError), and class labels
             # sent through a bfloat16 factor table round (299 -> 300: an index error at W > 1)
-            raise ValueError(f"Invalid solve_dtype='model' for a model with {', '.join(half)} parameters: the "
-                             "solve needs float32 or float64. Use solve_dtype='float64' (the default).")
+            raise ValueError(f"Invalid solve_dtype='model' for a model whose first trained parameter "
+                             f"({named[0][0]!r}) is {solve}: the solve, in that dtype, needs float32 or float64. "
+                             "Use solve_dtype='float64' (the default).")
         self.config = cfg
         self.model = model
         super().__init__(named, dict(lr=cfg.lr, momentum=cfg.momentum), process_group=process_group,

@@ -219,27 +219,56 @@ def _describe(sig: Signature) -> str:
     return f"shape {tuple(shape)}, {dtype} on {device}"
 
 
-#: keys torch, its schedulers and Lightning write into param groups: never a misspelt hyperparameter
+#: keys torch, its schedulers and Lightning write into param groups, and tags other libraries put there
+#: (timm's layer decay: lr_scale): never a misspelt hyperparameter
 FOREIGN_GROUP_KEYS = frozenset({"params", "param_names", "initial_lr", "max_lr", "min_lr", "base_momentum",
                                 "max_momentum", "name", "foreach", "fused", "decoupled_weight_decay",
+                                "lr_scale", "lr_mult", "weight_decay_mult", "decay_mult", "layer_id", "group_name",
                                 *UNSUPPORTED_TORCH_OPTIONS})
+
+#: other frameworks' names (Keras, Optax, Hugging Face) of the hyperparameters torch calls lr, betas, eps
+#: and weight_decay
+ALIASES = {"learning_rate": "lr", "beta1": "betas", "beta2": "betas", "beta_1": "betas", "beta_2": "betas",
+           "epsilon": "eps", "wd": "weight_decay"}
+
+
+def _group_keys(optimizer: Any) -> set[str]:
+    """The keys a param group of this optimizer is read for: its defaults and its block options."""
+    elementwise = ("max_block_numel",) if getattr(optimizer, "elementwise", False) else ()
+    return {*optimizer.defaults, *getattr(optimizer, "layout_keys", ()), *elementwise}
+
+
+def _owner_of(key: str, optimizer: Any) -> str | None:
+    """Another registered optimizer whose hyperparameter ``key`` is (ASGO's max_block_size in a DASGO
+    group), else None."""
+    from lightning_soaa import registry  # the registry imports nothing from here
+
+    for spec in registry.REGISTRY:
+        if not isinstance(optimizer, spec.load()) and key in {f.name for f in dataclasses.fields(spec.load_config())}:
+            return spec.name
+    return None
 
 
 def warn_misspelt_keys(optimizer: Any, group: dict[str, Any], index: int) -> None:
-    """Log a warning for a key of param group ``index`` that the optimizer does not read but that is
-    one letter or so from one it does (``weight_decy``, ``Lr``): torch, and we, ignore unknown keys (a
-    group may carry the user's own tags), so the group would silently train with the default value."""
-    config = getattr(optimizer, "config", None)
-    fields = [f.name for f in dataclasses.fields(config)] if dataclasses.is_dataclass(config) else []
-    known = {*optimizer.defaults, *getattr(optimizer, "layout_keys", ()), "max_block_numel", *fields}
+    """Log a warning for a key of param group ``index`` that the optimizer does not read but that looks
+    meant for it: one letter or so from a key it reads (``weight_decy``, ``LR``), another framework's name
+    for one (``learning_rate``, ``beta1``), or another optimizer's hyperparameter (ASGO's
+    ``max_block_size`` in a DASGO group). torch, and we, ignore unknown keys (a group may carry the user's
+    own tags), so the group would silently train with the default value."""
+    name = type(optimizer).__name__
+    known = _group_keys(optimizer)
     by_lower = {k.lower(): k for k in known}
     for key in group:
         if not isinstance(key, str) or key in known or key in FOREIGN_GROUP_KEYS:
             continue
-        close = difflib.get_close_matches(key.lower(), list(by_lower), n=1, cutoff=0.8)
-        if close:
-            meant = by_lower[close[0]]
+        meant = ALIASES.get(key.lower())
+        if meant not in known:
+            close = difflib.get_close_matches(key.lower(), list(by_lower), n=1, cutoff=0.85)
+            meant = by_lower[close[0]] if close else None
+        if meant is not None:
             now = f"{meant}={group[meant]!r}" if meant in group else f"no {meant!r}"
             log.warning("%s: param group %d has the key %r, which %s does not read: it is ignored and the group "
-                        "has %s. Did you mean %r?", type(optimizer).__name__, index, key,
-                        type(optimizer).__name__, now, meant)
+                        "has %s. Did you mean %r?", name, index, key, name, now, meant)
+        elif (owner := _owner_of(key, optimizer)) is not None:
+            log.warning("%s: param group %d has the key %r, an option of %s that %s does not have: it is ignored.",
+                        name, index, key, owner, name)

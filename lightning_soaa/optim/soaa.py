@@ -175,12 +175,18 @@ def _compile_default() -> bool:
     return os.environ.get("LIGHTNING_SOAA_COMPILE", "1") != "0" and hasattr(torch, "compile")
 
 
-def _resolution(loss: Any, reference: float, eps: float) -> float:
+def _loss_eps(loss: Any) -> float:
+    """The relative rounding of a loss handed back as a floating tensor (0 for a Python number)."""
+    return torch.finfo(loss.dtype).eps if isinstance(loss, Tensor) and loss.is_floating_point() else 0.0
+
+
+def _resolution(loss_eps: float, model_eps: float, reference: float, eps: float) -> float:
     """The smallest loss change ``same_batch`` acceptance can judge: ``eps``, or four roundings of the loss
-    in its own dtype at its magnitude (a float32 loss of 1e4 rounds by ~1e-3). The same on every rank:
-    the dtype is the model's, the value the all-reduced mean loss."""
-    dtype = loss.dtype if isinstance(loss, Tensor) and loss.is_floating_point() else torch.float64
-    return max(eps, 4.0 * torch.finfo(dtype).eps * abs(reference))
+    at its magnitude (a float32 loss of 1e4 rounds by ~1e-3) in the coarser of its dtype and the model's:
+    a loss handed back as a Python float (``loss.item()``) was computed in the model's dtype, and judged
+    at float64's rounding it stalled training (d fell to d_min). The same on every rank: ``loss_eps`` is
+    summed over the ranks, the value the all-reduced mean loss."""
+    return max(eps, 4.0 * max(loss_eps, model_eps) * abs(reference))
 
 
 def _loss_value(loss: Any) -> float:
@@ -760,6 +766,12 @@ class SOAA(ShardedOptimizer):
         return not all(math.isfinite(x) for x in scalars)
 
     # ------------------------------------------------------------------ same_batch acceptance
+    def _model_eps(self) -> float:
+        """The relative rounding of the coarsest floating dtype among the parameters (the same on every
+        rank: the ranks' parameters agree; fixed after construction)."""
+        eps = [torch.finfo(p.dtype).eps for p in self._params if p.is_floating_point()]
+        return max(eps, default=0.0)
+
     def _same_batch_check(self, closure: Callable[[], Any]) -> None:
         """Re-evaluate the loss at the trial θ and accept or reject the step (every rank alike).
 
@@ -780,14 +792,15 @@ class SOAA(ShardedOptimizer):
         trial = _floats(self._trial) if self._trial is not None else [0.0, 0.0, 0.0]
         w = self._loss_weight
         vec = torch.tensor([trial[0], trial[1], val * w if ok else 0.0, w, 0.0 if ok else 1.0, trial[2],
-                            0.0 if error is None else 1.0], dtype=torch.float64)
-        mu, vu2, loss_sum, count, bad, limited, failed = self.comm.all_reduce_scalars(vec).tolist()
+                            0.0 if error is None else 1.0, _loss_eps(new_loss) if error is None else 0.0],
+                           dtype=torch.float64)
+        mu, vu2, loss_sum, count, bad, limited, failed, loss_eps = self.comm.all_reduce_scalars(vec).tolist()
         pred = predicted_reduction(mu, vu2)
         actual = self._loss - loss_sum / count if bad == 0 else -math.inf
         rho = actual / max(pred, cfg.eps) if bad == 0 else -math.inf
         self._pred, self._actual, self._rho = pred, actual, rho
         d = self._d
-        res = _resolution(new_loss if error is None else None, self._loss, cfg.eps) if bad == 0 else 0.0
+        res = _resolution(loss_eps, self._model_eps(), self._loss, cfg.eps) if bad == 0 else 0.0
         if bad == 0 and (pred == 0.0 or (pred <= res and abs(actual) <= res)):
             # a trial too small to judge (lr = 0 in a warm-up; a predicted and an observed change below
             # eps or the loss's own rounding, e.g. a float32 loss of 1e4): it stands and d is left alone.

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from lightning_soaa.optim.base import ShardedOptimizer
-from lightning_soaa.registry import FirstArg, OptimizerSpec, StepNeeds, half_mse
+from lightning_soaa.registry import FirstArg, OptimizerSpec, StepNeeds, get, half_mse
 from tests.conformance._battery import (
     SIZES,
     SPECS,
@@ -244,12 +244,24 @@ def test_a_misspelt_group_key_is_named_with_the_key_it_resembles(spec: Optimizer
     tags and the keys torch's schedulers write stay quiet."""
     named = list(tiny_mlp(0).named_parameters())
     with caplog.at_level("WARNING", logger="lightning_soaa.optim.param_checks"):
-        spec.load()([{"params": named[:2], "weight_decy": 0.1, "tag": "decay", "initial_lr": 0.1},
-                     {"params": named[2:], "LR": 0.5, "name": "rest", "max_lr": 1.0}], **spec.test_kwargs)
+        spec.load()([{"params": named[:1], "weight_decy": 0.1, "tag": "decay", "initial_lr": 0.1, "lr_scale": 0.5},
+                     {"params": named[1:2], "LR": 0.5, "name": "rest", "max_lr": 1.0, "lrs": 2},
+                     {"params": named[2:], "learning_rate": 0.1}], **spec.test_kwargs)
     said = [r.getMessage() for r in caplog.records if r.name == "lightning_soaa.optim.param_checks"]
-    assert len(said) == 2, said
+    assert len(said) == 3, said
     assert "param group 0 has the key 'weight_decy'" in said[0] and "Did you mean 'weight_decay'?" in said[0]
     assert "param group 1 has the key 'LR'" in said[1] and "Did you mean 'lr'?" in said[1]
+    assert "param group 2 has the key 'learning_rate'" in said[2] and "Did you mean 'lr'?" in said[2]
+
+
+def test_another_optimizers_option_in_a_group_is_named(caplog: pytest.LogCaptureFixture) -> None:
+    """ASGO's ``max_block_size`` in a DASGO group was accepted and never read (DASGO cuts by
+    ``max_block_numel``): a warning names whose option it is."""
+    named = list(tiny_mlp(0).named_parameters())
+    with caplog.at_level("WARNING", logger="lightning_soaa.optim.param_checks"):
+        get("DASGO").load()([{"params": named, "max_block_size": 3}], lr=1e-2)
+    said = [r.getMessage() for r in caplog.records if r.name == "lightning_soaa.optim.param_checks"]
+    assert len(said) == 1 and "'max_block_size', an option of ASGO that DASGO does not have" in said[0], said
 
 
 @each_optimizer

@@ -147,6 +147,11 @@ class TwoSOAA(PlainRegressor):
             opt_a.step()
             self.manual_backward(loss_b)
             opt_b.step()
+        elif self.order == "shared":  # one loss for both: each is judged by it
+            loss_b = loss_a
+            self.manual_backward(loss_a)
+            opt_a.step()
+            opt_b.step()
         else:  # both backwards, then both steps
             self.manual_backward(loss_a)
             self.manual_backward(loss_b)
@@ -158,12 +163,12 @@ class TwoSOAA(PlainRegressor):
                             opt_b.optimizer.statistics()["loss"]))
 
 
-@pytest.mark.parametrize("order", ["sequential", "both_first", "explicit"])
+@pytest.mark.parametrize("order", ["sequential", "shared", "both_first", "explicit"])
 def test_two_soaa_under_manual_optimization_each_get_their_own_loss(order: str, tmp_path: Path) -> None:
     """Two SOAA with LossToOptimizer: both were handed the sum of every loss backpropagated since the last
     step, so ``manual_backward(a); manual_backward(b); opt_a.step(); opt_b.step()`` judged each on a + b
-    (7e-2 off after 6 steps). A loss goes only to the optimizer stepping after exactly one backward; the
-    other order needs ``step(loss=...)`` and says so."""
+    (7e-2 off after 6 steps). A loss goes only to the optimizers stepping after exactly one backward (also
+    one loss shared by both); the other order needs ``step(loss=...)`` and says so."""
     model = TwoSOAA(order)
     trainer = make_trainer(tmp_path, max_steps=6, callbacks=[LossToOptimizer()])
     if order == "both_first":
@@ -501,14 +506,18 @@ def test_swa_with_batch_norm_is_refused_at_the_start_of_fit(name: str, tmp_path:
     from lightning.pytorch.callbacks import StochasticWeightAveraging
 
     kwargs = {"lr": 0.01} if name == "SOAA" else {"loss": "mse", "lr": 0.5}
-    for batch_norm in (True, False):
+    # (BatchNorm, max_steps, max_epochs): SWA adds its forward-only epoch only with BatchNorm and max_epochs
+    # set, and max_steps may end the run before it (8 steps an epoch: the added 4th starts after 24)
+    for batch_norm, max_steps, max_epochs, refused in ((True, -1, 3, True), (True, 30, 3, True),
+                                                       (True, 12, 3, False), (True, 12, -1, False),
+                                                       (False, -1, 3, False)):
         model = TinyRegressor(OptimizerFactory(name, kwargs))
         if batch_norm:
             model.net = torch.nn.Sequential(model.net[0], torch.nn.BatchNorm1d(8).double(), *model.net[1:])
-        trainer = make_trainer(tmp_path, max_steps=-1, max_epochs=3,
+        trainer = make_trainer(tmp_path, max_steps=max_steps, max_epochs=max_epochs,
                                callbacks=[LossToOptimizer(), BatchToOptimizer(),
                                           StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=1)])
-        if batch_norm:
+        if refused:
             with pytest.raises(ValueError, match="StochasticWeightAveraging on a model with BatchNorm layers"):
                 trainer.fit(model)
             assert trainer.global_step == 0

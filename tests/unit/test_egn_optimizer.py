@@ -428,9 +428,12 @@ def test_solve_dtype_model_is_refused_for_half_precision_models(dtype: torch.dty
     """``solve_dtype="model"`` on a bfloat16/float16 model reached LAPACK's missing half-precision Cholesky
     (torch's bare NotImplementedError), and at W > 1 rounded class labels through the factor table."""
     model = tiny_mlp(0, dtype, sizes=(6, 8, 3))
-    with pytest.raises(ValueError, match=r"Invalid solve_dtype='model' for a model with torch\.(bfloat16|float16)"):
+    with pytest.raises(ValueError, match=r"Invalid solve_dtype='model' for a model whose first trained parameter "
+                                         r"\('0.weight'\) is torch\.(bfloat16|float16)"):
         EGN(model, loss="cross_entropy", solve_dtype="model")
     EGN(model, loss="cross_entropy")  # the default float64 solve
+    model[0].float()  # a float32 first layer: the solve runs in float32, as before
+    EGN(model, loss="cross_entropy", solve_dtype="model")
 
 
 @pytest.mark.parametrize("how", ["instance_forward", "class_swap"])

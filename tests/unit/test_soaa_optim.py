@@ -226,14 +226,17 @@ def test_same_batch_accepts_and_expands_a_good_step() -> None:
     assert 1.0 <= st["d"] <= st["band_hi"]
 
 
-@pytest.mark.parametrize("scale,offset,dtype", [(1e-9, 0.0, torch.float64), (1.0, 1e6, torch.float32)],
-                         ids=["tiny_loss", "float32_offset"])
-def test_same_batch_does_not_judge_changes_below_the_loss_resolution(scale, offset, dtype) -> None:
+@pytest.mark.parametrize("scale,offset,dtype,as_float", [(1e-9, 0.0, torch.float64, False),
+                                                          (1.0, 1e6, torch.float32, False),
+                                                          (1.0, 1e6, torch.float32, True)],
+                         ids=["tiny_loss", "float32_offset", "float32_offset_as_python_float"])
+def test_same_batch_does_not_judge_changes_below_the_loss_resolution(scale, offset, dtype, as_float) -> None:
     """Predicted and observed reductions below eps (a loss scaled by 1e-9) or below the loss's own rounding
     (a float32 loss of 1e6: ~0.06) cannot be judged: rho = noise / eps rejected the step, halved d and so
     the next prediction, and d sank to d_min for good (here 40 of 40 steps rejected with the tiny loss, 33
     with the offset; a helper's 1000-step runs stalled at 16x AdamW's loss). Such trials stand and leave d alone; a
-    resolvable rise is still rejected (test_same_batch_rejects_an_overshooting_step)."""
+    resolvable rise is still rejected (test_same_batch_rejects_an_overshooting_step). ``as_float``: the
+    closure returns ``loss.item()``, a float computed in float32, which was judged at float64's rounding."""
     torch.manual_seed(0)
     model = tiny_mlp(0, dtype)
     opt = SOAA(model.parameters(), lr=2e-2, acceptance="same_batch", gamma=0.1, total_steps=100)
@@ -243,7 +246,7 @@ def test_same_batch_does_not_judge_changes_below_the_loss_resolution(scale, offs
         opt.zero_grad()
         loss = scale * loss_fn(model, x, y) + offset
         loss.backward()
-        return loss
+        return loss.item() if as_float else loss
 
     first = loss_fn(model, x, y).item()
     for _ in range(40):
