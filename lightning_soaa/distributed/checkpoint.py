@@ -42,8 +42,10 @@ __all__ = [
     "CheckpointView",
     "StateField",
     "build_state_dict",
+    "check_block_steps",
     "check_finite_number",
     "select_owned_state",
+    "steps_limit",
     "validate_state_dict",
 ]
 
@@ -243,7 +245,6 @@ def validate_state_dict(optimizer: CheckpointView, sd: Any, by_position: bool = 
             "blocks of an elementwise optimizer's state can); construct the optimizer with the same blocking options."
             + optimizer.layout_hint
         )
-    _validate_block_states(optimizer, sd["state"])
     glob = meta.get("global")
     if not isinstance(glob, dict):
         raise ValueError(f"{name}.load_state_dict: '{FORMAT_KEY}.global' is missing or not a dict.")
@@ -251,7 +252,27 @@ def validate_state_dict(optimizer: CheckpointView, sd: Any, by_position: bool = 
         if key in glob:
             check_finite_number(f"{name}.load_state_dict: {FORMAT_KEY}.global.{key}", glob[key],
                                 integer=True, nonnegative=True)
+    _validate_block_states(optimizer, sd["state"], steps_limit(glob))
     optimizer.validate_global(glob)
+
+
+def steps_limit(glob: dict[str, Any]) -> float:
+    """The most steps a block of a state can have taken: its optimizer's steps (taken and skipped)."""
+    return float(glob.get("num_steps", 0)) + float(glob.get("skipped_steps", 0))
+
+
+def check_block_steps(where: str, blk: dict[str, Any], limit: float) -> None:
+    """Raise when a block's step count exceeds its optimizer's: the state's per-parameter entries and its
+    optimizer-wide state are not of one moment (tensors that kept changing after the state dict was
+    taken: on the CPU ``get_optimizer_state_dict`` hands out the optimizer's own step tensors; or entries
+    copied in from another checkpoint)."""
+    step = blk.get("step")
+    if isinstance(step, torch.Tensor) and step.numel() == 1 and float(step) > limit:
+        raise ValueError(
+            f"{where} has taken {float(step):g} steps, but the state's optimizer {limit:g}: its per-parameter "
+            "entries and its optimizer-wide state are not of one moment (a state dict whose tensors kept "
+            "changing after it was taken: copy it, e.g. torch.save it, before stepping again; or entries "
+            "copied in from another checkpoint).")
 
 
 def _check_name_order(name: str, gi: int, saved: Any, mine: Any) -> None:
@@ -276,8 +297,9 @@ def lookup(mapping: Any, key: int) -> Any:
     return mapping.get(key, mapping.get(str(key))) if isinstance(mapping, dict) else None
 
 
-def _validate_block_states(optimizer: CheckpointView, state: Any) -> None:
-    """Every saved block state against the optimizer's schema (all blocks: same verdict on every rank)."""
+def _validate_block_states(optimizer: CheckpointView, state: Any, limit: float) -> None:
+    """Every saved block state against the optimizer's schema and its step ``limit`` (all blocks: same
+    verdict on every rank)."""
     name = optimizer.name
     if not isinstance(state, dict):
         raise ValueError(f"{name}.load_state_dict: 'state' must be a dict, got {type(state).__name__}.")
@@ -296,6 +318,7 @@ def _validate_block_states(optimizer: CheckpointView, state: Any) -> None:
         label = (names[b.param_index] if b.param_index < len(names) else None) or f"#{b.param_index}"
         where = f"{name}.load_state_dict: state[{b.param_index}][{b.sub_index}] (parameter {label})"
         _validate_block(where, blk, schema, optimizer.layout_hint)
+        check_block_steps(where, blk, limit)
 
 
 def _validate_block(where: str, blk: Any, schema: dict[str, StateField], hint: str = "") -> None:

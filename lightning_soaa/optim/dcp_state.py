@@ -52,8 +52,10 @@ from lightning_soaa.distributed.blocks import BlockInfo
 from lightning_soaa.distributed.checkpoint import (
     FORMAT_KEY,
     build_state_dict,
+    check_block_steps,
     commit_groups,
     loaded_groups,
+    steps_limit,
     validate_state_dict,
 )
 from lightning_soaa.distributed.dtensor import _contiguous_stride, is_dtensor, local
@@ -226,14 +228,25 @@ def _local_value(opt: ShardedOptimizer, block: BlockInfo, key: str, v: Any, shar
     return v
 
 
-def _loaded_blocks(opt: ShardedOptimizer, sd: dict[str, Any]) -> dict[tuple[int, int], dict[str, Tensor]]:
-    """Validated local state per block (placeholders, step 0, left out). Changes nothing."""
+def _loaded_blocks(opt: ShardedOptimizer, sd: dict[str, Any],
+                   limit: float) -> dict[tuple[int, int], dict[str, Tensor]]:
+    """Validated local state per block (placeholders, step 0, left out); ``limit``: the most steps a
+    block can have taken (its optimizer's). Changes nothing."""
     index = _keys_to_index(opt, sd["param_groups"])
     by_index = {index[k]: v for k, v in sd["state"].items() if k in index}
     unknown = [k for k in sd["state"] if k not in index]
     if unknown:
         raise ValueError(f"{_name(opt)}.load_state_dict: state for {unknown[:3]} is not listed in any "
                          "param group's 'params'.")
+    nested = [k for k, v in sd["state"].items() if isinstance(v, dict) and any(type(x) is int for x in v)]
+    if nested:  # every rank sees the whole state: the same verdict everywhere
+        raise ValueError(
+            f"{_name(opt)}.load_state_dict: the state of {nested[0]!r} holds the consolidated format's per-block "
+            "entries (integer keys) inside torch.distributed.checkpoint's form: a load pre-hook (torch's recipe "
+            "for loading by param_names starts from optimizer.state_dict(), which is that form under FSDP2) "
+            "copied a consolidated checkpoint's entries into it, and they would not load (the optimizer would "
+            "start afresh). Load a consolidated checkpoint without such a hook (parameter names are checked), "
+            "or save and load in torch.distributed.checkpoint's form.")
     out: dict[tuple[int, int], dict[str, Tensor]] = {}
     for b in opt._owned:
         entry = by_index.get(b.param_index, {})
@@ -253,6 +266,7 @@ def _loaded_blocks(opt: ShardedOptimizer, sd: dict[str, Any]) -> dict[tuple[int,
                 raise ValueError(f"{_name(opt)}.load_state_dict: state {k!r} of block {b.key} has local shape "
                                  f"{tuple(t.shape)} on rank {opt.comm.rank}; expected {shape}.")
             vals[k] = t.detach().to(device=_device(shape, dev), dtype=dt, copy=True)
+        check_block_steps(f"{_name(opt)}.load_state_dict: block {b.key}", vals, limit)
         if float(vals["step"]) != 0.0:
             out[b.key] = vals
     return out
@@ -289,7 +303,7 @@ def load_dcp_state_dict(opt: ShardedOptimizer, sd: dict[str, Any]) -> None:
                         by_position=False)  # DCP's state is keyed by parameter name
     new_groups = loaded_groups(opt.param_groups, groups, opt._validate_group, keep=opt.layout_keys)
     _check_kept_keys(opt, new_groups)
-    blocks = _loaded_blocks(opt, sd)
+    blocks = _loaded_blocks(opt, sd, steps_limit(meta["global"]))
     opt.state.clear()
     for b in opt._owned:
         vals = blocks.get(b.key)
@@ -307,3 +321,5 @@ def load_dcp_state_dict(opt: ShardedOptimizer, sd: dict[str, Any]) -> None:
     opt.skipped_steps = int(glob.pop("skipped_steps", 0))
     opt._load_global_state(glob)
     opt._consolidated, opt._consolidated_at = None, -1  # a consolidation before the load is void
+    # the dicts this load wrote are the optimizer's own (ShardedOptimizer._check_state_layout)
+    opt._state_ids = {b.param_index: id(st) for b in opt._owned if (st := opt.state.get(opt._params[b.param_index]))}

@@ -132,6 +132,9 @@ def test_checkpoint_misuse_is_refused_on_every_rank(w2_run):
         msg = res["ckpt_misuse"]["auto_into_fixed"]
         assert "keep state" in msg and "root_every='auto' vs 2" in msg, f"rank {r}: {msg}"
         assert res["ckpt_misuse"]["auto_into_fixed_steps"] == 0
+        msg = res["ckpt_misuse"]["hooked_full_into_dcp"]
+        assert "holds the consolidated format's per-block entries" in msg, f"rank {r}: {msg}"
+        assert res["ckpt_misuse"]["hooked_full_into_dcp_steps"] == 0
 
 
 def test_bad_combinations_raise_on_every_rank(w2_run):
