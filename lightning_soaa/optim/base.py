@@ -526,11 +526,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
         optimizer's step: a copy would step the original) and the scheduler's ``_opt_called`` flag, which
         torch's own ``__getstate__`` (defaults, state, param_groups) never copies either."""
         cls = type(self)
+        # also left out, rebuilt on first use: views into this process's parameters, the counters' cache,
+        # the groups validated last, the identities of the state dicts (_check_state_layout)
         return {k: v for k, v in self.__dict__.items()
                 if not (k.startswith("_optimizer_") and k.endswith("_hooks")) and k not in self._transient
                 and not (callable(v) and callable(getattr(cls, k, None))) and k != "_opt_called"
-                and k not in ("_view_cache", "_step_counts", "_valid_groups", "_state_ids")}  # views into this
-        # process's parameters, the counters' cache, the groups validated last: rebuilt on first use
+                and k not in ("_view_cache", "_step_counts", "_valid_groups", "_state_ids", "_state_ids_now")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         had_differentiable = "differentiable" in state["defaults"]
@@ -1178,6 +1179,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         counts and SOAA's trust region of a fresh optimizer (6e-2 to 1.8e-1, 4.8e-4 off the uninterrupted
         run). Per step: one identity compare per parameter; the counts are read only for a replaced dict."""
         state, params = self.state, self._params
+        now = [id(state.get(params[b.param_index])) for b in self._owned]
+        if now == self.__dict__.get("_state_ids_now"):
+            return  # the same dicts as at the last check (the usual step)
         seen = self.__dict__.get("_state_ids") or {}
         ids: dict[int, int] = {}
         for b in self._owned:
@@ -1193,7 +1197,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             step = blk.get("step") if isinstance(blk, dict) else None
             if isinstance(step, Tensor) and step.numel() == 1 and float(step) > self.num_steps + self.skipped_steps:
                 self._refuse_foreign_state(b, f"has taken {float(step):g} steps, this optimizer {self.num_steps}")
-        self._state_ids = ids
+        self._state_ids, self._state_ids_now = ids, now
 
     def _refuse_foreign_state(self, b: BlockInfo, what: str) -> None:
         label = self._names[b.param_index] or f"#{b.param_index}"
