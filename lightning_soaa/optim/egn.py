@@ -7,7 +7,7 @@ import dataclasses
 import logging
 import math
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -99,6 +99,18 @@ MISSING_BATCH_MESSAGE = (
     "with the Trainer's callbacks replaced by its own, so no batch reaches EGN there: EGN's line search "
     "picks the step size itself, with lr as its cap; do not run the finder on it.)"
 )
+
+
+def _check_solve_dtype(solve_dtype: str, named: Sequence[tuple[str, Tensor]]) -> None:
+    """Refuse ``solve_dtype="model"`` where the model's dtype (the first trained parameter's, as
+    ``EGN._solve_dtype`` reads it) is half precision: LAPACK has no half-precision Cholesky (torch's bare
+    NotImplementedError), and class labels sent through a bfloat16 factor table round (299 -> 300: an
+    index error at W > 1)."""
+    solve = named[0][1].dtype
+    if solve_dtype == "model" and solve in (torch.float16, torch.bfloat16):
+        raise ValueError(f"Invalid solve_dtype='model' for a model whose first trained parameter "
+                         f"({named[0][0]!r}) is {solve}: the solve, in that dtype, needs float32 or float64. "
+                         "Use solve_dtype='float64' (the default).")
 
 
 def _compiled_inner(module: nn.Module) -> nn.Module | None:
@@ -462,13 +474,7 @@ class EGN(ShardedOptimizer):
         if not named:
             raise ValueError("EGN: the model has no trainable parameters (none with requires_grad=True).")
         _refuse_sparse_embeddings(model)
-        solve = named[0][1].dtype  # "model": the first trained parameter's dtype (_solve_dtype)
-        if cfg.solve_dtype == "model" and solve in (torch.float16, torch.bfloat16):
-            # LAPACK has no half-precision Cholesky (torch's bare NotImplementedError), and class labels
-            # sent through a bfloat16 factor table round (299 -> 300: an index error at W > 1)
-            raise ValueError(f"Invalid solve_dtype='model' for a model whose first trained parameter "
-                             f"({named[0][0]!r}) is {solve}: the solve, in that dtype, needs float32 or float64. "
-                             "Use solve_dtype='float64' (the default).")
+        _check_solve_dtype(cfg.solve_dtype, named)
         self.config = cfg
         self.model = model
         super().__init__(named, dict(lr=cfg.lr, momentum=cfg.momentum), process_group=process_group,
