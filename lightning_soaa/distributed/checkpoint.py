@@ -45,6 +45,7 @@ __all__ = [
     "check_block_steps",
     "check_finite_number",
     "select_owned_state",
+    "steps_ahead",
     "steps_limit",
     "validate_state_dict",
 ]
@@ -261,15 +262,23 @@ def steps_limit(glob: dict[str, Any]) -> float:
     return float(glob.get("num_steps", 0)) + float(glob.get("skipped_steps", 0))
 
 
+def steps_ahead(blk: Any, limit: float) -> float | None:
+    """A block state's step count where it exceeds ``limit`` (its optimizer's steps), else None."""
+    step = blk.get("step") if isinstance(blk, dict) else None
+    if isinstance(step, torch.Tensor) and step.numel() == 1 and float(step) > limit:
+        return float(step)
+    return None
+
+
 def check_block_steps(where: str, blk: dict[str, Any], limit: float) -> None:
     """Raise when a block's step count exceeds its optimizer's: the state's per-parameter entries and its
     optimizer-wide state are not of one moment (tensors that kept changing after the state dict was
     taken: on the CPU ``get_optimizer_state_dict`` hands out the optimizer's own step tensors; or entries
     copied in from another checkpoint)."""
-    step = blk.get("step")
-    if isinstance(step, torch.Tensor) and step.numel() == 1 and float(step) > limit:
+    step = steps_ahead(blk, limit)
+    if step is not None:
         raise ValueError(
-            f"{where} has taken {float(step):g} steps, but the state's optimizer {limit:g}: its per-parameter "
+            f"{where} has taken {step:g} steps, but the state's optimizer {limit:g}: its per-parameter "
             "entries and its optimizer-wide state are not of one moment (a state dict whose tensors kept "
             "changing after it was taken: copy it, e.g. torch.save it, before stepping again; or entries "
             "copied in from another checkpoint).")

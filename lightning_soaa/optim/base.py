@@ -90,6 +90,7 @@ from lightning_soaa.distributed.checkpoint import (
     loaded_groups,
     saved_groups,
     select_owned_state,
+    steps_ahead,
     validate_state_dict,
 )
 from lightning_soaa.distributed.comm import (
@@ -1193,11 +1194,16 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 self._refuse_foreign_state(b, f"holds the checkpoint's per-block entries (keys {sorted(map(str, st))})")
             if seen.get(b.param_index) == id(st):
                 continue
-            blk = st if b.dim is None else st.get(b.sub_index)
-            step = blk.get("step") if isinstance(blk, dict) else None
-            if isinstance(step, Tensor) and step.numel() == 1 and float(step) > self.num_steps + self.skipped_steps:
-                self._refuse_foreign_state(b, f"has taken {float(step):g} steps, this optimizer {self.num_steps}")
+            step = steps_ahead(st if b.dim is None else st.get(b.sub_index), self.num_steps + self.skipped_steps)
+            if step is not None:
+                self._refuse_foreign_state(b, f"has taken {step:g} steps, this optimizer {self.num_steps}")
         self._state_ids, self._state_ids_now = ids, now
+
+    def _own_state_dicts(self) -> None:
+        """Record the per-parameter state dicts as this optimizer's own (after a load wrote them), so that
+        :meth:`_check_state_layout` does not take them for dicts written from outside."""
+        self._state_ids = {b.param_index: id(st) for b in self._owned
+                           if (st := self.state.get(self._params[b.param_index]))}
 
     def _refuse_foreign_state(self, b: BlockInfo, what: str) -> None:
         label = self._names[b.param_index] or f"#{b.param_index}"
@@ -1449,9 +1455,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self.state.clear()
         for p, st in new_state.items():
             self.state[p] = st
-        # the dicts this load wrote are the optimizer's own (_check_state_layout looks at others only)
-        self._state_ids = {pi: id(st) for pi, st in ((b.param_index, self.state.get(self._params[b.param_index]))
-                                                     for b in self._owned) if st}
+        self._own_state_dicts()
         glob = dict(state_dict[FORMAT_KEY]["global"])
         self.num_steps = int(glob.pop("num_steps", 0))
         self.skipped_steps = int(glob.pop("skipped_steps", 0))

@@ -321,5 +321,4 @@ def load_dcp_state_dict(opt: ShardedOptimizer, sd: dict[str, Any]) -> None:
     opt.skipped_steps = int(glob.pop("skipped_steps", 0))
     opt._load_global_state(glob)
     opt._consolidated, opt._consolidated_at = None, -1  # a consolidation before the load is void
-    # the dicts this load wrote are the optimizer's own (ShardedOptimizer._check_state_layout)
-    opt._state_ids = {b.param_index: id(st) for b in opt._owned if (st := opt.state.get(opt._params[b.param_index]))}
+    opt._own_state_dicts()
