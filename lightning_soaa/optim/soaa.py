@@ -361,6 +361,13 @@ class SOAA(ShardedOptimizer):
             eta1=eta1, eta2=eta2, shrink=shrink, expand=expand, d_min=d_min,
             compile=compile,
         )
+        if self.config.band_schedule == "paper" and self.config.total_steps is None:
+            # the paper's band narrows over T steps; without T it is the final band from step 1, which
+            # is band_schedule="final": say so rather than run another schedule than the one asked for
+            log.warning("SOAA: band_schedule='paper' narrows the band over total_steps, which is None: the "
+                        "band is [1-gamma, 1+gamma] at every step, as band_schedule='final'. Pass "
+                        "total_steps (the number of optimizer steps; Lightning: "
+                        "trainer.estimated_stepping_batches) for the paper's schedule.")
         defaults = dict(lr=self.config.lr, betas=tuple(self.config.betas), eps=self.config.eps,
                         weight_decay=self.config.weight_decay)
         self._reset_trust_state()

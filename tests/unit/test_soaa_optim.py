@@ -7,6 +7,7 @@ naming the field, rejected checkpoints) are in tests/conformance.
 from __future__ import annotations
 
 import copy
+import logging
 import re
 
 import pytest
@@ -98,6 +99,19 @@ def test_constant_loss_drives_d_to_lo(schedule: str) -> None:
         st = opt.statistics()
         assert st["d"] == st["band_lo"] == band(s + 1, 0.2, 10, schedule)[0]
         assert abs(st["rho"]) < 1e-6
+
+
+def test_paper_band_without_total_steps_says_it_runs_the_final_band(caplog: pytest.LogCaptureFixture) -> None:
+    # "paper" narrows over total_steps; without it the band is the final one from step 1 (as "final"):
+    # the user asked for one schedule and would silently get the other
+    with caplog.at_level(logging.WARNING, logger="lightning_soaa.optim.soaa"):
+        SOAA(tiny_mlp(3).parameters(), band_schedule="paper")
+    assert "band_schedule='paper' narrows the band over total_steps, which is None" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lightning_soaa.optim.soaa"):
+        SOAA(tiny_mlp(3).parameters(), band_schedule="paper", total_steps=10)
+        SOAA(tiny_mlp(3).parameters())
+    assert "band_schedule" not in caplog.text
 
 
 def test_total_steps_none_uses_the_final_band() -> None:
