@@ -429,9 +429,16 @@ def model_change(gtd: float, jd_q_norm_sq: float, alpha: float, batch_size: int)
     return alpha * gtd + 0.5 * alpha * alpha * jd_q_norm_sq / batch_size
 
 
-def gain_ratio(actual: float, predicted: float) -> float:
-    """ρ = actual / predicted change. INFERRED: a non-negative prediction (no predicted decrease)
-    counts as ρ = 0 so that λ grows."""
+def gain_ratio(actual: float, predicted: float, resolution: float = 0.0) -> float:
+    """ρ = actual / predicted change. INFERRED: a positive prediction (the step predicted to raise the
+    loss) counts as ρ = 0 so that λ grows. NaN (nothing to judge: :func:`update_damping` keeps λ) where
+    the step did not move (a zero prediction: α = 0, as in an lr warm-up from 0, or a zero gradient) or
+    where both changes are within ``resolution``, the loss's rounding (a converged or exactly fitted
+    batch, whose actual change is rounding noise): read as failures, those grew λ ×1.01 per step to
+    ``damping_max``, and the run then needed ~1400 steps of ×0.99 to move again once the data changed.
+    """
+    if predicted == 0.0 or (abs(actual) <= resolution and abs(predicted) <= resolution):
+        return float("nan")
     if not (predicted < 0.0) or not math.isfinite(actual):
         return 0.0
     return actual / predicted
@@ -444,7 +451,8 @@ def armijo_ok(f_new: float, f0: float, alpha: float, gtd: float, c: float, slack
 
 def update_damping(damping: float, rho: float, *, rho_low: float, rho_high: float, increase: float,
                    decrease: float, lo: float, hi: float) -> float:
-    """ρ < rho_low: λ·increase; ρ > rho_high: λ·decrease; clipped to [lo, hi] (spec §2.3 step 7)."""
+    """ρ < rho_low: λ·increase; ρ > rho_high: λ·decrease; clipped to [lo, hi] (spec §2.3 step 7).
+    A NaN ρ (:func:`gain_ratio`: nothing to judge) keeps λ."""
     if rho < rho_low:
         damping *= increase
     elif rho > rho_high:

@@ -7,6 +7,7 @@ damping on, copies, hooks, non-finite batches, validation naming the field) are 
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -467,3 +468,44 @@ def test_a_linear_whose_forward_changed_after_construction_is_refused(how: str) 
     early = tiny_mlp(0, torch.float64, sizes=(6, 8, 3))
     change(early[-1])
     EGN(early, loss="mse", lr=1.0).step(inputs=x, targets=y)  # planned with the change: steps
+
+
+def test_adaptive_damping_keeps_lambda_where_there_is_nothing_to_judge() -> None:
+    # (1) lr = 0 (a warm-up from 0): no step, predicted change 0. Read as a failure it grew λ ×1.01 a
+    # step (1.0 -> 2.1e4 over 1000 steps) and the run barely moved once lr rose.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    x, w = torch.randn(64, 4, dtype=DT), torch.randn(4, 2, dtype=DT)
+    y = torch.tanh(x @ w)
+    opt = EGN(model, loss="mse", lr=0.0, damping=1.0, adaptive_damping=True)
+    for _ in range(30):
+        opt.step(inputs=x, targets=y)
+    assert opt.damping == 1.0 and math.isnan(opt.statistics()["rho"])
+    # (2) a converged full-batch least-squares fit: every further step changes the loss by rounding
+    # only; λ used to climb to damping_max (1e6) and ~1400 steps were needed to train again after the
+    # targets changed. It now stays where convergence left it and the new targets are fitted at once.
+    lin = nn.Linear(5, 1).double()
+    x, y = torch.randn(64, 5, dtype=DT), torch.randn(64, 1, dtype=DT)
+    opt = EGN(lin, loss="mse", lr=1.0, damping=1.0, adaptive_damping=True)
+    for _ in range(40):
+        opt.step(inputs=x, targets=y)
+    lam = opt.damping
+    for _ in range(400):
+        opt.step(inputs=x, targets=y)
+    assert opt.damping <= lam * 1.01
+    y2 = y + 5.0
+    for _ in range(10):
+        opt.step(inputs=x, targets=y2)
+    design = torch.cat([x, torch.ones(64, 1, dtype=DT)], 1)
+    best = 0.5 * float(((design @ torch.linalg.lstsq(design, y2).solution - y2) ** 2).mean())
+    with torch.no_grad():
+        fitted = 0.5 * float(((lin(x) - y2) ** 2).mean())
+    assert fitted < best * 1.01
+
+
+def test_gain_ratio_nothing_to_judge_is_nan() -> None:
+    from lightning_soaa.functional.egn import gain_ratio, update_damping
+    assert math.isnan(gain_ratio(0.0, 0.0)) and math.isnan(gain_ratio(1e-17, -1e-30, 1e-15))
+    assert gain_ratio(-1e-3, -2e-3, 1e-15) == 0.5 and gain_ratio(1.0, 2.0) == 0.0  # predicted rise: λ grows
+    kw = dict(rho_low=0.25, rho_high=0.75, increase=1.01, decrease=0.99, lo=1e-12, hi=1e6)
+    assert update_damping(2.0, float("nan"), **kw) == 2.0 and update_damping(2.0, 0.0, **kw) == 2.0 * 1.01
