@@ -19,7 +19,7 @@ from torch import nn
 
 from lightning_soaa import ASGO, DASGO
 from lightning_soaa.optim.asgo import asgo_block_cost, asgo_block_specs
-from tests.unit._experts_oracle import DENSE_SHAPES, E, EXPERT_SHAPES, KW, as_stacks, run, stacked_params
+from tests.unit._experts_oracle import DENSE_SHAPES, EXPERT_SHAPES, KW, E, as_stacks, run, stacked_params
 
 f64 = torch.float64
 
