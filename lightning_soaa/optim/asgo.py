@@ -20,7 +20,8 @@ heads included) and builds the groups for you.
 
 Sharding: each matrix is one block, or, when its preconditioned side ``k`` exceeds ``max_block_size``,
 several blocks cut along that side (each with its own ``V``: a block-diagonal preconditioner, which
-changes the algorithm slightly and does not depend on the world size). Blocks go to ranks by cost
+changes the algorithm slightly and does not depend on the world size); with ``batch_dims=1`` each
+expert of a stacked parameter is one block (never cut). Blocks go to ranks by cost
 (:func:`asgo_block_cost`); the owner keeps M, V and P, computes the update, and the base class
 all-gathers parameters. No global scalar is needed (the base ``StepRecord``): one step costs the base's
 one-flag all-reduce plus the parameter all-gather.
@@ -777,6 +778,7 @@ class ASGO(_OneSided):
         stored root (the paper mentions τ [S], the code uses τ = 1); keeping the previous root on a
         non-finite result instead of the identity; reshaping N-D kernels to ``out x rest``; cutting
         large matrices into blocks along the preconditioned side with per-block RMS normalisation;
+        ``batch_dims=1`` (stacked experts as separate matrices, one block each);
         the cost model used to assign blocks to ranks; ``root_every="auto"`` (recompute on a relative
         change of V, counted in ``statistics()["asgo_roots_computed"]``); skipping, on every rank, a
         step whose finite gradients would take :math:`V` past its dtype's range (float32 rows of

@@ -195,3 +195,17 @@ def test_a_stack_routed_to_adamw_ignores_batch_dims() -> None:
     assert all(len(b) == 1 for b in opt.block_table.by_param)
     p = nn.Parameter(torch.zeros(2, 3, 4, dtype=f64))
     ASGO([("tok_emb", p)], batch_dims=1)  # an "emb" name: AdamW, one block
+
+
+def test_a_step_that_would_overflow_one_experts_statistic_is_skipped() -> None:
+    """The statistic guard reads each expert's gradient as that expert's matrix: finite float32 gradients
+    of 1e20 in one row of one expert (whose Gram would overflow) skip the step, as for a 2-D parameter."""
+    named, opt = run(True, 1, torch.float32)
+    before = [p.detach().clone() for _, p in named]
+    for _, p in named:
+        p.grad = torch.ones_like(p)
+    dict(named)["experts1"].grad[2, 4].fill_(1e20)
+    opt.step()
+    assert opt.skipped_steps == 1
+    for (_, p), b in zip(named, before):
+        torch.testing.assert_close(p, b, rtol=0, atol=0)
