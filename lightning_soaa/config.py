@@ -75,6 +75,15 @@ def check_int(name: str, value: Any, lo: int | None = None, *, allow_none: bool 
         raise ValueError(f"Invalid {name}={value!r}. Must be an integer{bound}{extra}.")
 
 
+def check_batch_dims(value: Any) -> None:
+    """ASGO's ``batch_dims``: 0 or 1, as an int (``True`` is an int to Python, and ``1.0`` compares equal to 1,
+    but neither says which layout the user meant)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value not in (0, 1):
+        raise ValueError(f"Invalid batch_dims={value!r}. Must be 0 (a parameter with more than two dimensions "
+                         "is one matrix of shape[0] rows) or 1 (its dim 0 indexes independent matrices of "
+                         "shape[1] x prod(shape[2:]), e.g. stacked expert weights).")
+
+
 def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
     if value not in choices:
         raise ValueError(f"Invalid {name}={value!r}. Must be one of {', '.join(repr(c) for c in choices)}.")
@@ -305,6 +314,7 @@ class ASGOConfig:
     root_tol: float = 0.05
     root_max_every: int = 10
     max_block_size: int = 1024
+    batch_dims: int = 0
     adam_betas: tuple[float, float] = (0.9, 0.95)
     adam_eps: float = 1e-8
     adam_weight_decay: float = 0.0
@@ -316,6 +326,7 @@ class ASGOConfig:
         check_range("rms_scale", self.rms_scale, 0.0, lo_inclusive=False)
         check_range("eps", self.eps, 0.0)
         check_range("damping", self.damping, 0.0)
+        check_batch_dims(self.batch_dims)
         check_choice("inverse_root", self.inverse_root,
                      ("polar_express", "newton_schulz", "eigh", "polar_express_eigh", "auto"))
         check_int("root_iters", self.root_iters, 1, allow_none=True)

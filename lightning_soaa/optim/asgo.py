@@ -8,7 +8,9 @@ Routing of parameters (decided per parameter, identically on every rank):
 2. otherwise (``use_asgo=None``, the default) a parameter goes to the matrix method when it has at least
    two dimensions **and** its name (from ``named_parameters()``) does not contain ``"emb"``
    (case-insensitive), the rule of the official code. Unnamed parameters are routed by shape only.
-   Convolution kernels and other N-D weights are treated as ``shape[0] x prod(shape[1:])``.
+   Convolution kernels and other N-D weights are treated as ``shape[0] x prod(shape[1:])``, unless the
+   group has ``batch_dims=1`` (ASGO only): then dim 0 indexes separate matrices of ``shape[1] x
+   prod(shape[2:])`` (stacked experts), each its own block.
 3. everything else (biases, norms, embeddings) gets AdamW with ``adam_betas``, ``adam_eps``,
    ``adam_weight_decay`` and the group's ``lr``.
 
@@ -18,7 +20,8 @@ heads included) and builds the groups for you.
 
 Sharding: each matrix is one block, or, when its preconditioned side ``k`` exceeds ``max_block_size``,
 several blocks cut along that side (each with its own ``V``: a block-diagonal preconditioner, which
-changes the algorithm slightly and does not depend on the world size). Blocks go to ranks by cost
+changes the algorithm slightly and does not depend on the world size); with ``batch_dims=1`` each
+expert of a stacked parameter is one block (never cut). Blocks go to ranks by cost
 (:func:`asgo_block_cost`); the owner keeps M, V and P, computes the update, and the base class
 all-gathers parameters. No global scalar is needed (the base ``StepRecord``): one step costs the base's
 one-flag all-reduce plus the parameter all-gather.
@@ -80,9 +83,12 @@ def _pair(x: Any) -> Any:
     return tuple(x) if isinstance(x, (list, tuple)) else x
 
 
-def _matrix_shape(shape: tuple[int, ...] | torch.Size) -> tuple[int, int]:
-    m = int(shape[0])
-    return m, int(math.prod(shape[1:]))
+def _matrix_shape(shape: tuple[int, ...] | torch.Size, batched: bool = False) -> tuple[int, int]:
+    """``(rows, columns)`` of the matrix a parameter (or block) of ``shape`` is: ``shape[0] x
+    prod(shape[1:])``; ``batched`` (a block of one expert of a ``batch_dims=1`` parameter, shape
+    ``(1, rows, ...)``): ``shape[1] x prod(shape[2:])``."""
+    d = 1 if batched else 0
+    return int(shape[d]), int(math.prod(shape[d + 1:]))
 
 
 #: Root cost per method, in estimated picoseconds of CPU time (one thread): ``(a, b)`` with
@@ -142,7 +148,7 @@ def _even_chunks(total: int, max_size: int) -> list[tuple[int, int]]:
 
 def asgo_block_specs(
     shape: tuple[int, ...] | torch.Size, max_block_size: int, root_iters: int = 10, root_every: int = 1,
-    side: str | None = None, root_method: str | Callable[[int], str] = "polar_express",
+    side: str | None = None, root_method: str | Callable[[int], str] = "polar_express", batch_dims: int = 0,
 ) -> list[BlockSpec]:
     """Blocks of a matrix parameter of ``shape`` (>= 2-D): cut along the preconditioned side (``side``,
     default :func:`~lightning_soaa.functional.asgo.preconditioned_side`).
@@ -151,14 +157,21 @@ def asgo_block_specs(
     ``max_block_size``; otherwise columns. For an N-D kernel the column cut runs along dim 1 in whole
     input channels (``prod(shape[2:])`` columns each), so a block may exceed ``max_block_size`` when one
     channel alone does. A matrix that fits is one whole-parameter block. Costs: :func:`asgo_block_cost`.
-    """
-    m, n = _matrix_shape(shape)
 
+    ``batch_dims=1`` and >= 3 dimensions: one block per index of dim 0 (an expert), each the matrix
+    ``shape[1] x prod(shape[2:])``, never cut (a block is one range along one dimension, and a cut
+    through every expert at once would mix them): ``max_block_size`` does not apply to it.
+    """
     def cost(k: int, other: int) -> float:
         # a callable resolves the method per block size ("auto" depends on k: EIGH_MIN_K)
         method = root_method(k) if callable(root_method) else root_method
         return asgo_block_cost(k, other, root_iters, root_every, method)
 
+    if batch_dims == 1 and len(shape) >= 3:
+        m, n = _matrix_shape(shape, batched=True)
+        k, other = (m, n) if asgo_math.preconditioned_side(m, n) == asgo_math.LEFT else (n, m)
+        return [BlockSpec(0, e, e + 1, cost(k, other)) for e in range(int(shape[0]))]
+    m, n = _matrix_shape(shape)
     side = asgo_math.preconditioned_side(m, n) if side is None else side
     k, other = (m, n) if side == asgo_math.LEFT else (n, m)
     if k <= max_block_size:
@@ -237,10 +250,11 @@ def _state_dtype_of(dtype: torch.dtype) -> torch.dtype:
     return sdt
 
 
-def _matrix_grad(grad: Tensor, dtype: torch.dtype) -> Tensor:
-    """A block's gradient as the ``m x n`` matrix in the statistics' dtype; itself when it is one already
-    (reshape and ``to`` would each cost an ATen call even then)."""
-    g = grad if grad.dim() == 2 else asgo_math.matrix_view(grad)
+def _matrix_grad(grad: Tensor, dtype: torch.dtype, batched: bool) -> Tensor:
+    """A block's gradient as the ``m x n`` matrix in the statistics' dtype (``batched``: one expert's block,
+    see :func:`_matrix_shape`); itself when it is one already (reshape and ``to`` would each cost an ATen
+    call even then). From the gradient's own shape: an FSDP2 shard has fewer rows than the block."""
+    g = grad if grad.dim() == 2 else grad.reshape(_matrix_shape(grad.shape, batched))
     return g if g.dtype == dtype else g.to(dtype)
 
 
@@ -252,8 +266,9 @@ class _OneSided(ShardedOptimizer):
     #: whether blocks of a parameter cut into several are normalised with the whole parameter's norm
     #: (DASGO: exact; ASGO's blocks are separate problems, each with its own V, normalised per block)
     _normalise_whole: bool = False
-    # the routing (use_asgo) and the matrices' blocks are fixed when the table is built
-    layout_keys: tuple[str, ...] = ("max_block_size", "use_asgo")
+    # the routing (use_asgo) and the matrices' blocks (and, by batch_dims, what matrix a block is) are fixed
+    # when the table is built
+    layout_keys: tuple[str, ...] = ("max_block_size", "use_asgo", "batch_dims")
     #: rebuilt on first use (see _split_layout, _routes, _numerators)
     _transient = ("_split_layout_cache", "_routes_cache", "_numerators_cache", "_guard", "_guard_limit")
 
@@ -313,7 +328,7 @@ class _OneSided(ShardedOptimizer):
         for b in self.block_table.blocks:
             p, group = self._params[b.param_index], self.param_groups[b.group_index]
             matrix = self.is_matrix_param(p, group, self._names[b.param_index])
-            routes[b.block_id] = self._block_side(b, *_matrix_shape(b.shape)) if matrix else None
+            routes[b.block_id] = self._block_side(b, *self._block_matrix(b)) if matrix else None
         self._routes_cache = (self.block_table, routes)
         return routes
 
@@ -325,8 +340,43 @@ class _OneSided(ShardedOptimizer):
         return guard
 
     def _load_full_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._check_saved_batch_dims(state_dict)
         super()._load_full_state_dict(state_dict)
         self._statistic_guard().reset()
+
+    # ------------------------------------------------------------------ batch_dims (stacked experts)
+    def _batched(self, block: BlockInfo) -> bool:
+        """Whether a matrix block is one expert of a ``batch_dims=1`` parameter (its matrix is ``shape[1] x
+        prod(shape[2:])``). Every >= 3-D matrix parameter of such a group is cut into experts, so the
+        block's rank and its group's option say it."""
+        return len(block.shape) >= 3 and self.param_groups[block.group_index].get("batch_dims", 0) == 1
+
+    def _block_matrix(self, block: BlockInfo) -> tuple[int, int]:
+        """``(m, n)`` of a matrix block's global ``m x n`` matrix (its state's shapes, its Gram's side)."""
+        return _matrix_shape(block.shape, self._batched(block))
+
+    def _check_saved_batch_dims(self, state_dict: Any) -> None:
+        """Refuse, before anything changes, a state saved with another ``batch_dims`` for a group with a
+        >= 3-D matrix parameter: its state is one matrix's there and one per expert here (or the other way),
+        which the block layout alone does not always tell (``max_block_size=1`` cuts a wide parameter into
+        the same one-row blocks). A malformed state dict is left to the full validation."""
+        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        if not isinstance(groups, list) or len(groups) != len(self.param_groups):
+            return
+        routes = self._routes()
+        touched = sorted({b.group_index for b in self.block_table.blocks
+                          if len(b.shape) >= 3 and routes[b.block_id] is not None})
+        for gi in touched:
+            if not isinstance(groups[gi], dict):
+                return
+            saved, mine = groups[gi].get("batch_dims", 0), self.param_groups[gi].get("batch_dims", 0)
+            if saved != mine:
+                raise ValueError(
+                    f"{type(self).__name__}.load_state_dict: param_groups[{gi}] was saved with batch_dims={saved!r} "
+                    f"and this optimizer has batch_dims={mine!r}. The group has parameters with more than two "
+                    "dimensions, whose state is one matrix's with batch_dims=0 and one per index of dim 0 with "
+                    "batch_dims=1, so it does not carry over; build the optimizer with "
+                    f"batch_dims={saved!r} to load this checkpoint. Nothing was loaded.")
 
     def _statistic_overflows(self, views: list[BlockView], grad_sq: float) -> bool:
         """See :mod:`lightning_soaa.optim.stat_guard`: a step whose finite gradients would take a Gram
@@ -352,7 +402,7 @@ class _OneSided(ShardedOptimizer):
         return limit
 
     def _guarded_block(self, v: BlockView, side: str) -> GuardedBlock:
-        grad = None if v.grad is None else _matrix_grad(v.grad, self._state_dtype(v.param))
+        grad = None if v.grad is None else _matrix_grad(v.grad, self._state_dtype(v.param), self._batched(v.block))
         dim, diagonal = self._statistic_diagonal(v, side)
         label = f"block {v.block.sub_index} of parameter {v.name if v.name is not None else v.block.param_index}"
         return GuardedBlock(grad, dim, diagonal, float(v.group["betas"][1]),
@@ -443,7 +493,7 @@ class _OneSided(ShardedOptimizer):
 
     def _gram_size(self, block: BlockInfo) -> int:
         """``k`` of a matrix block's ``k x k`` statistic, from its global shape (the step's Gram)."""
-        m, n = _matrix_shape(block.shape)
+        m, n = self._block_matrix(block)
         return m if self._block_side(block, m, n) == asgo_math.LEFT else n
 
     def _row_sharded(self, v: BlockView) -> bool:
@@ -514,9 +564,10 @@ class _OneSided(ShardedOptimizer):
         if cached is not None and cached[0] is self.block_table:
             found: tuple[list[BlockInfo], dict[int, int], Tensor, dict[int, int]] | None = cached[1]
             return found
+        # the experts of a batch_dims=1 parameter are separate matrices, each normalised with its own norm
         split = [b for b in self.block_table.blocks if len(self.block_table.by_param[b.param_index]) > 1
                  and self.is_matrix_param(self._params[b.param_index], self.param_groups[b.group_index],
-                                          self._names[b.param_index])]
+                                          self._names[b.param_index]) and not self._batched(b)]
         layout = None
         if split:
             pos = {b.block_id: i for i, b in enumerate(split)}
@@ -601,7 +652,7 @@ class _OneSided(ShardedOptimizer):
         if not self.is_matrix_param(param, group, self._names[block.param_index]):
             return adam_state_schema(block, param)  # the AdamW fallback
         sdt = self._state_dtype(param)
-        m, n = asgo_math.matrix_view(torch.empty(block.shape, device="meta")).shape
+        m, n = self._block_matrix(block)
         if self._method == "dasgo":
             step = StateField((), torch.float32, nonnegative=True)
             return {"step": step, EXP_AVG: StateField((m, n), sdt), COL_STAT: StateField((n,), sdt, nonnegative=True)}
@@ -702,7 +753,19 @@ class ASGO(_OneSided):
         root_tol: relative change of :math:`V` that triggers a root with ``root_every="auto"`` (default 0.05).
         root_max_every: longest interval between roots with ``root_every="auto"`` (default 10).
         max_block_size: largest preconditioned side of a block; larger matrices are cut into blocks
-            along that side, each with its own :math:`V` (default 1024).
+            along that side, each with its own :math:`V` (default 1024). Not applied to the experts of a
+            ``batch_dims=1`` parameter (see there).
+        batch_dims: 0 (default) or 1; a param-group option too. 0: a parameter with more than two
+            dimensions is one matrix of ``shape[0]`` rows. 1: its dim 0 indexes independent matrices of
+            ``shape[1] x prod(shape[2:])`` (stacked Mixture-of-Experts weights, e.g. ``[E, dim, hidden]``),
+            each stepped exactly as if it were a separate 2-D parameter: its own block (owned by one rank,
+            equal-shaped experts' roots computed as one batch), momentum, :math:`V`, :math:`P` and RMS
+            normalisation. An expert is never cut: one whose preconditioned side exceeds
+            ``max_block_size`` keeps its whole ``k x k`` statistic (logged at construction). Ignored for
+            parameters with fewer than three dimensions and for those routed to AdamW. Refused for FSDP2
+            (DTensor) parameters. Fixed at construction, like ``max_block_size``; a checkpoint loads only
+            with the ``batch_dims`` it was saved with (for groups with >= 3-D matrices). DASGO has no such
+            option (it refuses ``batch_dims=1``).
         adam_betas, adam_eps, adam_weight_decay: the AdamW fallback (defaults (0.9, 0.95), 1e-8, 0.0).
         process_group, comm, shard, grad_reduction: see :class:`~lightning_soaa.optim.base.ShardedOptimizer`.
 
@@ -715,6 +778,7 @@ class ASGO(_OneSided):
         stored root (the paper mentions τ [S], the code uses τ = 1); keeping the previous root on a
         non-finite result instead of the identity; reshaping N-D kernels to ``out x rest``; cutting
         large matrices into blocks along the preconditioned side with per-block RMS normalisation;
+        ``batch_dims=1`` (stacked experts as separate matrices, one block each);
         the cost model used to assign blocks to ranks; ``root_every="auto"`` (recompute on a relative
         change of V, counted in ``statistics()["asgo_roots_computed"]``); skipping, on every rank, a
         step whose finite gradients would take :math:`V` past its dtype's range (float32 rows of
@@ -748,6 +812,7 @@ class ASGO(_OneSided):
         *,
         root_tol: float = 0.05,
         root_max_every: int = 10,
+        batch_dims: int = 0,
         process_group: Any = None,
         comm: Any = None,
         shard: bool = True,
@@ -758,6 +823,7 @@ class ASGO(_OneSided):
             damping=damping, inverse_root=inverse_root, root_iters=root_iters, root_every=root_every,
             max_block_size=max_block_size, adam_betas=_pair(adam_betas), adam_eps=adam_eps,
             adam_weight_decay=adam_weight_decay, root_tol=root_tol, root_max_every=root_max_every,
+            batch_dims=batch_dims,
         )
         self._roots_computed = 0  # roots this rank computed since construction (statistics)
         defaults = dict(vars(cfg))
@@ -783,8 +849,30 @@ class ASGO(_OneSided):
             return resolve_root_method(choice, device, dtype, k)
 
         every = 1 if group["root_every"] == "auto" else int(group["root_every"])  # "auto": the worst case
+        batch_dims = int(group.get("batch_dims", 0))
+        if batch_dims == 1 and param.dim() >= 3:
+            self._check_experts(param, group, name)
         return asgo_block_specs(param.shape, int(group["max_block_size"]), self._root_iters(group), every,
-                                side=self._fsdp_side(param, group, name), root_method=method)
+                                side=self._fsdp_side(param, group, name), root_method=method, batch_dims=batch_dims)
+
+    def _check_experts(self, param: Tensor, group: dict[str, Any], name: str | None) -> None:
+        """A ``batch_dims=1`` matrix parameter: refused as an FSDP2 DTensor, and logged when its experts are
+        larger than ``max_block_size`` (they are never cut: :func:`asgo_block_specs`)."""
+        label = name or "(unnamed)"
+        if is_dtensor(param):
+            # FSDP2's Shard(0) splits the experts over ranks, and the blocks are cut from each rank's
+            # local piece by global expert index: not supported rather than silently wrong
+            raise ValueError(
+                f"{type(self).__name__}: batch_dims=1 is not supported for FSDP2 (DTensor) parameters, and "
+                f"{label} of shape {tuple(param.shape)} is one. Use batch_dims=0 for its param group (the "
+                "experts then share one preconditioner), or route it to AdamW with use_asgo=False.")
+        m, n = _matrix_shape(param.shape, batched=True)
+        k = min(m, n)  # the preconditioned side (preconditioned_side: left when m < n, else right)
+        if k > int(group["max_block_size"]):
+            log.warning("%s: parameter %s of shape %s (batch_dims=1): each of its %d experts is a %dx%d matrix "
+                        "preconditioned on a side of %d > max_block_size=%d. Experts are never cut, so each "
+                        "keeps a %dx%d statistic.", type(self).__name__, label, tuple(param.shape),
+                        int(param.shape[0]), m, n, k, int(group["max_block_size"]), k, k)
 
     def _statistic_diagonal(self, v: BlockView, side: str) -> tuple[int, Tensor | None]:
         gram = v.state.get(GRAM)
@@ -793,7 +881,7 @@ class ASGO(_OneSided):
 
     def _init_matrix_state(self, v: BlockView, side: str) -> None:
         sdt = self._state_dtype(v.param)
-        m, n = _matrix_shape(v.param.shape)
+        m, n = _matrix_shape(v.param.shape, self._batched(v.block))  # the local shard's under FSDP2
         k = m if side == asgo_math.LEFT else n
         dev = v.param.device
         v.state[STEP] = torch.zeros((), dtype=MATRIX_STEP_DTYPE)
@@ -863,7 +951,8 @@ class ASGO(_OneSided):
         routes = self._routes()
         prepared: list[tuple[BlockView, str]] = []
         sharded: list[tuple[BlockView, Tensor, Tensor, float]] = []
-        grads = [_matrix_grad(v.grad, self._state_dtype(v.param)) for v in views]  # type: ignore[arg-type]
+        grads = [_matrix_grad(v.grad, self._state_dtype(v.param), self._batched(v.block))  # type: ignore[arg-type]
+                 for v in views]
         by = _by_key(range(len(views)), lambda i: (float(views[i].group["betas"][0]), grads[i].dtype,
                                                    grads[i].device))
         for (beta1, _, _), idx in by.items():
@@ -1091,6 +1180,12 @@ class DASGO(_OneSided):
     def _validate_group(self, group: dict[str, Any]) -> None:
         super()._validate_group(group)
         row_block_specs((1,), group.get("max_block_numel", self.default_max_block_numel))  # validates it
+        batch_dims = group.get("batch_dims", 0)
+        if isinstance(batch_dims, bool) or batch_dims != 0:
+            # its column blocks and whole-parameter norms would need per-expert versions; refused, not ignored
+            raise ValueError(f"Invalid batch_dims={batch_dims!r} for DASGO. Must be 0 (a parameter with more "
+                             "than two dimensions is one matrix of shape[0] rows); per-expert matrices "
+                             "(batch_dims=1) are an option of ASGO only.")
 
     def _block_specs(self, param: Tensor, group: dict[str, Any], name: str | None) -> list[BlockSpec]:
         self._fsdp_side(param, group, name)  # raises for a DTensor split other than by rows
@@ -1103,7 +1198,7 @@ class DASGO(_OneSided):
 
     def _init_matrix_state(self, v: BlockView, side: str) -> None:
         sdt = self._state_dtype(v.param)
-        shape = _matrix_shape(v.param.shape)
+        shape = _matrix_shape(v.param.shape, self._batched(v.block))  # the local shard's under FSDP2
         v.state[STEP] = torch.zeros((), dtype=torch.float32)
         v.state[EXP_AVG] = torch.zeros(shape, dtype=sdt, device=v.param.device)
         v.state[COL_STAT] = torch.zeros(shape[1], dtype=sdt, device=v.param.device)
@@ -1114,7 +1209,8 @@ class DASGO(_OneSided):
         same arithmetic as :func:`asgo_math.update_momentum_`, the column statistic by :func:`asgo_math.ema_`;
         the direction ``M (v + eps)^{-1/2}`` is RMS-normalised by :meth:`_apply_directions`."""
         sharded: list[tuple[BlockView, Tensor, Tensor, float]] = []
-        grads = [_matrix_grad(v.grad, self._state_dtype(v.param)) for v in views]  # type: ignore[arg-type]
+        grads = [_matrix_grad(v.grad, self._state_dtype(v.param), self._batched(v.block))  # type: ignore[arg-type]
+                 for v in views]
         by = _by_key(range(len(views)), lambda i: (tuple(map(float, views[i].group["betas"])),
                                                    float(views[i].group["eps"]), grads[i].dtype, grads[i].device))
         directions: list[Tensor | None] = [None] * len(views)

@@ -421,7 +421,8 @@ def test_a_block_layout_option_written_after_construction_is_refused(spec: Optim
     assert keys, spec.name
     for k in keys:
         old = opt.param_groups[0].get(k)
-        opt.param_groups[0][k] = (old is False) if k == "use_asgo" else (3 if old != 3 else 5)
+        opt.param_groups[0][k] = ((old is False) if k == "use_asgo" else 1 - old if k == "batch_dims"  # 0 or 1
+                                  else (3 if old != 3 else 5))
         sd, w = copy.deepcopy(opt.state_dict()), params(model)
         with pytest.raises(ValueError, match=re.escape(f"{k}=") + ".*written into the group after construction"):
             step(spec, model, opt, 1)
