@@ -433,6 +433,7 @@ class DeepSpeedClientOptimizer(torch.optim.Optimizer):
                 "it cannot "
                 "be loaded at ZeRO stage 0. Resume with the original ZeRO config and world size."
             )
+        self._check_saved_block_options(inner, state_dict["param_groups"])
         inner.load_state_dict(ours["inner"])
         self.training_steps = int(ours.get("training_steps", 0))
         for cg, sg in zip(self._canonical_groups, state_dict["param_groups"]):
@@ -441,6 +442,24 @@ class DeepSpeedClientOptimizer(torch.optim.Optimizer):
                     cg[k] = tuple(v) if k == "betas" else v
         self._pending.clear()
         self._consolidated_at = None  # the inner optimizer dropped its consolidated state
+
+    def _check_saved_block_options(self, inner: Any, saved_groups: Any) -> None:
+        """Refuse, on every rank, a checkpoint whose block options (the inner optimizer's ``layout_keys``:
+        ASGO's ``max_block_size``, ``use_asgo``, ``batch_dims``) differ from this run's. The inner load
+        refuses them too, but under ZeRO-1/2/3 only on the ranks whose partition holds a parameter the
+        option acts on (a whole expert of a ``batch_dims`` stack), while the others would load and go on
+        to the next collective. The canonical groups and the saved ones are the same on every rank."""
+        keys = getattr(inner, "layout_keys", ())
+        if not isinstance(saved_groups, list):
+            return
+        for gi, (cg, sg) in enumerate(zip(self._canonical_groups, saved_groups)):
+            for k in keys:
+                if isinstance(sg, dict) and k in sg and k in cg and sg[k] != cg[k]:
+                    raise StateLayoutError(
+                        f"{self.optimizer_cls.__name__}: param_groups[{gi}] of this checkpoint was saved with "
+                        f"{k}={sg[k]!r} and this run has {k}={cg[k]!r}; the blocks (and their state) depend on "
+                        f"it. Resume with {k}={sg[k]!r}, or load the module only (engine.load_checkpoint(..., "
+                        "load_optimizer_states=False)) to restart the optimizer. Nothing was loaded.")
 
     def __repr__(self) -> str:
         return (f"DeepSpeedClientOptimizer({self.optimizer_cls.__name__}, zero_stage={self.zero_stage}, "

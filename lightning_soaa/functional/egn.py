@@ -432,12 +432,14 @@ def model_change(gtd: float, jd_q_norm_sq: float, alpha: float, batch_size: int)
 def gain_ratio(actual: float, predicted: float, resolution: float = 0.0) -> float:
     """ρ = actual / predicted change. INFERRED: a positive prediction (the step predicted to raise the
     loss) counts as ρ = 0 so that λ grows. NaN (nothing to judge: :func:`update_damping` keeps λ) where
-    the step did not move (a zero prediction: α = 0, as in an lr warm-up from 0, or a zero gradient) or
-    where both changes are within ``resolution``, the loss's rounding (a converged or exactly fitted
-    batch, whose actual change is rounding noise): read as failures, those grew λ ×1.01 per step to
-    ``damping_max``, and the run then needed ~1400 steps of ×0.99 to move again once the data changed.
+    the step did not move (a zero prediction: α = 0, as in an lr warm-up from 0, or a zero gradient),
+    where the loss did not change at all (a converged batch, or one fitted to the rounding floor, where
+    even a predicted 100% decrease leaves the computed loss's bits as they were), or where both changes
+    are within ``resolution``, the rounding of the loss values (relative to them: a loss of 1e-6 is
+    judged as one of 1). Read as failures, those grew λ ×1.01 per step to ``damping_max``, and the run
+    then needed ~1400 steps of ×0.99 to move again once the data changed.
     """
-    if predicted == 0.0 or (abs(actual) <= resolution and abs(predicted) <= resolution):
+    if predicted == 0.0 or actual == 0.0 or (abs(actual) <= resolution and abs(predicted) <= resolution):
         return float("nan")
     if not (predicted < 0.0) or not math.isfinite(actual):
         return 0.0

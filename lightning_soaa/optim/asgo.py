@@ -761,11 +761,13 @@ class ASGO(_OneSided):
             each stepped exactly as if it were a separate 2-D parameter: its own block (owned by one rank,
             equal-shaped experts' roots computed as one batch), momentum, :math:`V`, :math:`P` and RMS
             normalisation. An expert is never cut: one whose preconditioned side exceeds
-            ``max_block_size`` keeps its whole ``k x k`` statistic (logged at construction). Ignored for
-            parameters with fewer than three dimensions and for those routed to AdamW. Refused for FSDP2
-            (DTensor) parameters. Fixed at construction, like ``max_block_size``; a checkpoint loads only
-            with the ``batch_dims`` it was saved with (for groups with >= 3-D matrices). DASGO has no such
-            option (it refuses ``batch_dims=1``).
+            ``max_block_size`` keeps its whole ``k x k`` statistic (logged at construction; a separate
+            parameter would be cut, so "exactly" holds up to ``max_block_size``). Every >= 3-D matrix of
+            the group is split, conv kernels too: give it to the experts' group only. Ignored for
+            parameters with fewer than three dimensions and for those routed to AdamW. Refused in an
+            optimizer with FSDP2 (DTensor) parameters. Fixed at construction, like ``max_block_size``;
+            a checkpoint loads only with the ``batch_dims`` it was saved with (for groups with >= 3-D
+            matrices). DASGO has no such option (it refuses ``batch_dims=1``).
         adam_betas, adam_eps, adam_weight_decay: the AdamW fallback (defaults (0.9, 0.95), 1e-8, 0.0).
         process_group, comm, shard, grad_reduction: see :class:`~lightning_soaa.optim.base.ShardedOptimizer`.
 
@@ -859,14 +861,20 @@ class ASGO(_OneSided):
         """A ``batch_dims=1`` matrix parameter: refused as an FSDP2 DTensor, and logged when its experts are
         larger than ``max_block_size`` (they are never cut: :func:`asgo_block_specs`)."""
         label = name or "(unnamed)"
-        if is_dtensor(param):
+        if is_dtensor(param) or self._dtensor is not None:
             # FSDP2's Shard(0) splits the experts over ranks, and the blocks are cut from each rank's
-            # local piece by global expert index: not supported rather than silently wrong
+            # local piece by global expert index; a plain stack next to DTensors would be saved in
+            # torch.distributed.checkpoint's form, whose per-block schema is one matrix per parameter:
+            # not supported rather than silently wrong or failing at the first checkpoint
+            what = "is one" if is_dtensor(param) else "is in an optimizer with DTensor parameters"
             raise ValueError(
-                f"{type(self).__name__}: batch_dims=1 is not supported for FSDP2 (DTensor) parameters, and "
-                f"{label} of shape {tuple(param.shape)} is one. Use batch_dims=0 for its param group (the "
+                f"{type(self).__name__}: batch_dims=1 is not supported with FSDP2 (DTensor) parameters, and "
+                f"{label} of shape {tuple(param.shape)} {what}. Use batch_dims=0 for its param group (the "
                 "experts then share one preconditioner), or route it to AdamW with use_asgo=False.")
         m, n = _matrix_shape(param.shape, batched=True)
+        # every >= 3-D matrix of the group is split, conv kernels too: say which, once, at construction
+        log.info("%s: batch_dims=1: parameter %s of shape %s is %d separate %dx%d matrices (one block each)",
+                 type(self).__name__, label, tuple(param.shape), int(param.shape[0]), m, n)
         k = min(m, n)  # the preconditioned side (preconditioned_side: left when m < n, else right)
         if k > int(group["max_block_size"]):
             log.warning("%s: parameter %s of shape %s (batch_dims=1): each of its %d experts is a %dx%d matrix "

@@ -800,8 +800,17 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     def _join_before_step(self) -> None:
         """At the start of every step (also in subclasses that drive their own step, e.g. EGN): join the
-        default group if it has appeared, or count a step taken as a single process."""
+        default group if it has appeared (idempotent: EGN's step and the template both call it)."""
         self._ensure_joined()
+
+    def _count_step(self, skipped: bool = False) -> None:
+        """Count a step taken (or skipped on every rank), and, while a join is pending, one taken as a
+        single process. Counted here, not on entry: a step refused before it changed anything (SOAA
+        without a loss, EGN without a batch) made a later join refuse "already stepped" falsely."""
+        if skipped:
+            self.skipped_steps += 1
+        else:
+            self.num_steps += 1
         if self._join_pending:
             self._unjoined_steps += 1
 
@@ -1068,6 +1077,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 "DistributedDataParallel (it broadcasts at wrap) with grad_reduction='none'. Nothing changed."
             )
         if verdict.grad_ranks:
+            # a step fused into the backward (a post-accumulate-grad hook) runs before DDP's all-reduce
+            fused = (" This step runs inside a backward pass (fused into it by a gradient hook): there it "
+                     "comes before DDP averages the gradients, so use grad_reduction='mean' without DDP."
+                     if torch._C._current_graph_task_id() != -1 else "")
             raise RuntimeError(
                 f"{name}.step: the gradients on rank(s) {verdict.grad_ranks} differ from rank 0's, but with "
                 "grad_reduction='none' every block is updated with its owner's gradient, so the ranks would "
@@ -1076,6 +1089,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 "have it average the gradients itself. Already under DDP: a parameter the forward did not use "
                 "keeps DDP from reducing its bucket; pass find_unused_parameters=True (Lightning: "
                 "strategy='ddp_find_unused_parameters_true') or leave that parameter out. Nothing changed."
+                + fused
             )
 
     def _reduce_record(self, views: list[BlockView], local_error: BaseException | None) -> StepRecord:
@@ -1151,7 +1165,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             return self._skip_step(decision.reason)
         self._apply(views, decision)
         self._exchange_out(decision)
-        self.num_steps += 1
+        self._count_step()
         return True
 
     def _check_step(self, warn: bool) -> None:
@@ -1304,7 +1318,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     def _skip_step(self, why: str) -> bool:
         """The one skip path (every rank calls it for the same step): count, log, ``_on_skip``."""
-        self.skipped_steps += 1
+        self._count_step(skipped=True)
         log.warning("%s: %s; step skipped on every rank (skipped so far: %d)",
                     type(self).__name__, why, self.skipped_steps)
         self._on_skip()
@@ -1332,11 +1346,21 @@ class ShardedOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint_view(self) -> CheckpointView:
         """What :mod:`lightning_soaa.distributed.checkpoint` needs from this optimizer."""
-        return CheckpointView(name=type(self).__name__, param_groups=self.param_groups, block_table=self.block_table,
+        return CheckpointView(name=type(self).__name__, param_groups=self._groups_as_built(),
+                              block_table=self.block_table,
                               shapes=tuple(tuple(p.shape) for p in self._params),
                               devices=tuple(p.device for p in self._params), names=tuple(self._names),
                               elementwise=self.elementwise, block_schema=self._block_schema,
                               validate_global=self._validate_global_state, layout_hint=self._layout_hint)
+
+    def _groups_as_built(self) -> list[dict[str, Any]]:
+        """The groups with their :attr:`layout_keys` options as the blocks were built (copies where they
+        differ): a value written into a group later is refused at the next step, and a state dict saved
+        in between used to carry it, which no optimizer could then load (the built one refused the value,
+        one built with it the layout)."""
+        built = self.__dict__.get("_layout") or []
+        return [g if i >= len(built) or all(g.get(k) == v for k, v in built[i].items()) else {**g, **built[i]}
+                for i, g in enumerate(self.param_groups)]
 
     #: see :attr:`~lightning_soaa.distributed.checkpoint.CheckpointView.layout_hint`
     _layout_hint: str = ""
@@ -1410,7 +1434,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                                f"{self.comm.world_size}: the state is sharded; call consolidate_state_dict() "
                                "on every rank first (a collective), then state_dict() on the rank that saves.")
         # the groups as they are now: an lr set after consolidate_state_dict() is the one to save
-        return {**self._consolidated, "param_groups": saved_groups(self.param_groups)}
+        return {**self._consolidated, "param_groups": saved_groups(self._groups_as_built())}
 
     @outside_inference_mode  # state loaded inside it could never be stepped (optim/step_context.py)
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -1322,8 +1322,9 @@ class EGN(ShardedOptimizer):
         cfg = self.config
         if not cfg.adaptive_damping:
             return float("nan")
-        # the loss's rounding, as the line search's slack: changes below it are noise, not a verdict
-        resolution = torch.finfo(batch.z.dtype).eps * max(1.0, abs(batch.f0)) * 4
+        # the rounding of the two loss values: changes below it are noise, not a verdict (relative, so
+        # that a small loss is judged as a large one would be)
+        resolution = torch.finfo(batch.z.dtype).eps * max(abs(batch.f0), abs(f_new)) * 4
         rho = egn_math.gain_ratio(f_new - batch.f0, egn_math.model_change(gtd, jd_qq, alpha, batch.b), resolution)
         self.damping = egn_math.update_damping(
             self.damping, rho, rho_low=cfg.rho_low, rho_high=cfg.rho_high, increase=cfg.damping_increase,

@@ -758,7 +758,7 @@ class SOAA(ShardedOptimizer):
             return False
         self.comm.begin_step()
         self._update([], self._decision(s_m2, s_veps, lag_mu, lag_vu2, loss_sum, w, groups))
-        self.num_steps += 1
+        self._count_step()
         return True
 
     def _on_skip(self) -> None:

@@ -424,6 +424,11 @@ def test_a_block_layout_option_written_after_construction_is_refused(spec: Optim
         opt.param_groups[0][k] = ((old is False) if k == "use_asgo" else 1 - old if k == "batch_dims"  # 0 or 1
                                   else (3 if old != 3 else 5))
         sd, w = copy.deepcopy(opt.state_dict()), params(model)
+        # a state dict saved in between holds the value the blocks were built with (it carried the written
+        # one, which no optimizer could load: the built one refused the value, one built with it the layout)
+        assert sd["param_groups"][0].get(k) == opt._layout[0][k], (k, sd["param_groups"][0].get(k))
+        fresh_model, fresh = make(spec)
+        fresh.load_state_dict(copy.deepcopy(sd))
         with pytest.raises(ValueError, match=re.escape(f"{k}=") + ".*written into the group after construction"):
             step(spec, model, opt, 1)
         assert_identical(params(model), w, "params")

@@ -124,7 +124,35 @@ def _w_stepped_then_joined(rank: int, world: int, name: str, store2: str) -> str
 @pytest.mark.parametrize("name", SPECS)
 def test_stepped_alone_before_the_group_refuses_to_join(tmp_path: Path, name: str) -> None:
     for msg in run_distributed(_w_stepped_then_joined, 2, tmp_path, name, str(tmp_path / "store2")):
-        assert "RuntimeError" in msg and "cannot join" in msg, msg
+        # one step, counted once (EGN's step and the template both pass the join point)
+        assert "RuntimeError" in msg and "cannot join" in msg and "stepped 1 time(s)" in msg, msg
+
+
+def _w_refused_then_joined(rank: int, world: int, name: str, store2: str) -> dict[str, Any]:
+    dist.barrier()  # see _w_built_early
+    dist.destroy_process_group()
+    early_model = tiny_mlp(sizes=SIZES)
+    early = _build(name, early_model)
+    early.param_groups[0]["lr"] = -1.0
+    refused = _error(lambda: _step(name, early, early_model, 0, rank))  # refused: nothing was stepped
+    early.param_groups[0]["lr"] = _build(name, tiny_mlp(sizes=SIZES)).param_groups[0]["lr"]
+    dist.init_process_group("gloo", store=dist.FileStore(store2, world), rank=rank, world_size=world)
+    ref_model = tiny_mlp(sizes=SIZES)
+    ref = _build(name, ref_model)
+    for t in range(2):
+        _step(name, early, early_model, t, rank)
+        _step(name, ref, ref_model, t, rank)
+    return {"refused": refused, "early": _params(early_model), "ref": _params(ref_model)}
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_a_refused_step_before_the_group_still_joins(tmp_path: Path, name: str) -> None:
+    # a step refused before it changed anything was counted as taken alone, and the join then refused
+    # ("already stepped 1 time(s)") a run that had never stepped
+    for out in run_distributed(_w_refused_then_joined, 2, tmp_path, name, str(tmp_path / "store2")):
+        assert "lr=-1.0" in out["refused"], out["refused"]
+        for a, b in zip(out["early"], out["ref"]):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
 def _single_process_state(name: str) -> dict[str, Any]:

@@ -211,6 +211,29 @@ def test_zero_partition_state_refuses_another_layout():
     assert int(next(iter(c.inner.state.values()))["step"]) == 1
 
 
+def test_client_refuses_a_checkpoint_saved_with_other_block_options():
+    """ASGO's block options (here batch_dims) decide its blocks: under ZeRO-1/2/3 the inner load refused
+    another value only on ranks holding a parameter it acts on, so the client refuses it first, on all."""
+    from lightning_soaa import ASGO
+
+    def make(batch_dims: int) -> tuple[DeepSpeedClientOptimizer, torch.nn.Parameter]:
+        experts = torch.nn.Parameter(torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(0)))
+        return DeepSpeedClientOptimizer([experts], ASGO, {"lr": 0.1, "batch_dims": batch_dims}, zero_stage=0,
+                                        layout="structured"), experts
+
+    a, pa = make(1)
+    pa.grad = torch.ones_like(pa)
+    a.step()
+    sd = a.state_dict()
+    b, pb = make(0)
+    before = pb.detach().clone()
+    with pytest.raises(StateLayoutError, match=r"saved with batch_dims=1 and this run has batch_dims=0"):
+        b.load_state_dict(sd)
+    assert torch.equal(pb.detach(), before) and not any(b._ensure_inner().state.values())
+    c, _ = make(1)
+    c.load_state_dict(sd)  # the same option: loads
+
+
 def test_client_collects_multi_call_steps_without_double_stepping():
     """ZeRO-1/2 call step() once per param group with param_groups narrowed to that group: the first call
     is only collected. Unbound to an engine, the completing call cannot write back the first group, so

@@ -507,5 +507,8 @@ def test_gain_ratio_nothing_to_judge_is_nan() -> None:
     from lightning_soaa.functional.egn import gain_ratio, update_damping
     assert math.isnan(gain_ratio(0.0, 0.0)) and math.isnan(gain_ratio(1e-17, -1e-30, 1e-15))
     assert gain_ratio(-1e-3, -2e-3, 1e-15) == 0.5 and gain_ratio(1.0, 2.0) == 0.0  # predicted rise: λ grows
+    assert math.isnan(gain_ratio(0.0, -0.3))  # the computed loss did not change at all: a rounding floor
+    # a small loss is judged as a large one: float32 rounding of a 6.6e-5 loss, changes of 5e-8
+    assert gain_ratio(-5e-8, -4e-8, 4 * 1.2e-7 * 6.6e-5) == pytest.approx(1.25)
     kw = dict(rho_low=0.25, rho_high=0.75, increase=1.01, decrease=0.99, lo=1e-12, hi=1e6)
     assert update_damping(2.0, float("nan"), **kw) == 2.0 and update_damping(2.0, 0.0, **kw) == 2.0 * 1.01
