@@ -110,10 +110,16 @@ class DeepSpeedClientOptimizer(torch.optim.Optimizer):
         self.process_group = process_group
         # Validate the hyperparameters now, before DeepSpeed or training starts: a probe instance on one
         # dummy parameter raises the optimizer's own ValueError (field, value, allowed range).
-        probe = optimizer_cls([torch.zeros(2, 2, requires_grad=True)], comm=LocalComm(), shard=False,
+        # named: ASGO warns about unnamed matrices, which this one is not the user's
+        probe = optimizer_cls([("probe", torch.zeros(2, 2, requires_grad=True))], comm=LocalComm(), shard=False,
                               **self.hyperparams)
         self._group_keys = tuple(k for k in probe.defaults if k not in _NON_HYPER)
         super().__init__(params, dict(probe.defaults))
+        for i, group in enumerate(self.param_groups):  # per-group options too, before an engine exists
+            try:
+                probe._validate_group(group)
+            except ValueError as e:
+                raise ValueError(f"{optimizer_cls.__name__}: param_groups[{i}]: {e}") from None
         names = dict(param_names or {})
         for group in self.param_groups:  # named_parameters() input: torch keeps the names per group
             for p, n in zip(group["params"], group.get("param_names", ())):

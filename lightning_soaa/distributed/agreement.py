@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -99,6 +100,10 @@ def canonical(value: Any) -> str:
         return type(value).__name__ + canonical({f.name: getattr(value, f.name) for f in dataclasses.fields(value)})
     if isinstance(value, (torch.dtype, torch.device)):
         return str(value)
+    if isinstance(value, numbers.Real):
+        # NumPy float32 scalars, Fractions, ...: by value (their type name alone made lr=np.float32(0.01)
+        # on one rank and np.float32(0.05) on another agree; the ranks then trained 0.1 off either run)
+        return f"{type(value).__name__}:{float(value).hex()}"
     return type(value).__qualname__  # e.g. a callable: its identity cannot be compared across processes
 
 

@@ -84,6 +84,12 @@ def check_outputs_targets(loss: str, outputs: Tensor, targets: Tensor) -> None:
             )
         if not targets.is_floating_point():
             raise ValueError(f"loss={loss!r} needs floating-point targets; got dtype {targets.dtype}.")
+        if loss == "bce" and targets.numel():
+            # outside [0, 1] the loss is unbounded below: EGN would train towards it, not refuse it
+            lo_p, hi_p = torch.aminmax(targets)
+            lo_f, hi_f = float(lo_p), float(hi_p)
+            if lo_f < 0.0 or hi_f > 1.0:  # NaN targets pass: a non-finite loss skips the step, as for mse
+                raise ValueError(f"loss='bce' needs targets in [0, 1] (probabilities); got values in [{lo_f}, {hi_f}].")
 
 
 def _labels(y: Tensor) -> Tensor:

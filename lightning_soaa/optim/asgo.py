@@ -418,8 +418,9 @@ class _OneSided(ShardedOptimizer):
         routes = self._routes()
         adam: list[BlockView] = []
         matrix: list[BlockView] = []
+        idle = self._idle_experts(views, routes)
         for v in views:
-            if v.grad is None:
+            if v.grad is None or v.block.block_id in idle:
                 continue
             side = routes[v.block.block_id]
             if side is None:
@@ -437,6 +438,18 @@ class _OneSided(ShardedOptimizer):
         self._adam_step(adam, counts.advance(STEP, [v.state[STEP] for v in adam]))
         # also with no matrix block here: DASGO's norms of column-split matrices are a collective
         self._matrix_step(matrix, counts.advance((STEP, "matrix"), [v.state[STEP] for v in matrix]))
+
+    def _idle_experts(self, views: list[BlockView], routes: dict[int, str | None]) -> set[int]:
+        """The block ids of ``batch_dims=1`` experts whose gradient is all zero this step (one host read
+        for all of them): an expert that got no tokens. They are not stepped, as a separate expert
+        parameter an MoE layer skips is not (its gradient is None): stepped, its stale momentum moved it
+        by lr * rms_scale per entry at every idle step (ASGO normalises every update to a fixed RMS)."""
+        experts = [v for v in views if v.grad is not None and routes[v.block.block_id] is not None
+                   and self._batched(v.block)]
+        if not experts:
+            return set()
+        busy = torch.stack([v.grad.reshape(-1).any() for v in experts]).tolist()  # type: ignore[union-attr]
+        return {v.block.block_id for v, b in zip(experts, busy) if not b}
 
     def _adam_step(self, views: list[BlockView], counts: list[float]) -> None:
         """The AdamW fallback, one update per param group; ``counts``: the blocks' advanced step counters."""
@@ -760,7 +773,8 @@ class ASGO(_OneSided):
             ``shape[1] x prod(shape[2:])`` (stacked Mixture-of-Experts weights, e.g. ``[E, dim, hidden]``),
             each stepped exactly as if it were a separate 2-D parameter: its own block (owned by one rank,
             equal-shaped experts' roots computed as one batch), momentum, :math:`V`, :math:`P` and RMS
-            normalisation. An expert is never cut: one whose preconditioned side exceeds
+            normalisation; an expert whose gradient is all zero (no tokens) is not stepped, as a skipped
+            separate expert (gradient None) is not. An expert is never cut: one whose preconditioned side exceeds
             ``max_block_size`` keeps its whole ``k x k`` statistic (logged at construction; a separate
             parameter would be cut, so "exactly" holds up to ``max_block_size``). Every >= 3-D matrix of
             the group is split, conv kernels too: give it to the experts' group only. Ignored for

@@ -724,7 +724,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             names = group.get("param_names")
             for j, p in enumerate(group["params"]):
-                out.append((p, gi, names[j] if names else None))
+                name = names[j] if names else None
+                if name is not None and not isinstance(name, str):  # routing reads names (ASGO's "emb")
+                    raise ValueError(f"{type(self).__name__}: param_groups[{gi}] names parameter {j} {name!r} "
+                                     f"({type(name).__name__}); names must be strings, as "
+                                     "model.named_parameters() gives them.")
+                out.append((p, gi, name))
         return out
 
     def _sharded_multi_rank(self) -> bool:
@@ -1286,11 +1291,19 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 if changed == ["lr"] and type(lr) is float and 0.0 <= lr < math.inf:
                     seen[i] = (group, keys, vals, lists_now)
                     continue
+            # read deep in the step: a KeyError on one rank, or after part of a step (an option whose
+            # default is None reads as None when absent)
+            required = [k for k, v in self.defaults.items() if v is not None]
+            missing = [k for k in required if k not in group]
+            if missing:
+                return ValueError(
+                    f"{type(self).__name__}.step: param_groups[{i}] has no {', '.join(map(repr, missing))} (removed "
+                    f"after construction); every group carries {sorted(required)}. Nothing changed.")
             try:
                 check_torch_options(self, group)
                 self._validate_group(group)
                 self._check_layout(i, group)
-            except ValueError as e:
+            except (ValueError, TypeError, KeyError) as e:
                 return ValueError(
                     f"{type(self).__name__}.step: param_groups[{i}]: {e} Hyperparameters set after "
                     "construction (by hand or by a scheduler) are checked at every step; nothing changed.")
@@ -1401,6 +1414,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
         ``None`` keeps it on every rank (needed when each rank later calls ``state_dict()``).
         """
         self._ensure_joined()
+        world = self.comm.world_size
+        if to is not None and (isinstance(to, bool) or not isinstance(to, int) or not 0 <= to < world):
+            # before the collective (every rank passes the same argument): a rank no process has kept
+            # nothing, and state_dict() then asked for the call just made
+            raise ValueError(f"{type(self).__name__}.consolidate_state_dict: invalid to={to!r}. Must be None "
+                             f"(every rank keeps the state) or an integer rank in [0, {world}).")
         full = self._gather_full_state()
         # every rank records the step, those without the result too: under DTensor state_dict() must then
         # take the same branch on every rank (see _full_state_dict)

@@ -638,6 +638,10 @@ class EGN(ShardedOptimizer):
         try:  # an error on one rank is reported through the first all-reduce and raised on every rank
             # meta or changed parameters (.grad is unused), before the closure runs the model on them
             check_step(self, self._params, self._names, gradients=False, built=self.__dict__.get("_built"))
+            # before the passes, which read the groups (a key removed from one was a KeyError on that rank)
+            hyper = self._hyperparameter_error()
+            if hyper is not None:
+                raise hyper
             self._check_places()  # the module still holds EGN's parameters (not replaced since)
             if closure is not None and not callable(closure):  # EGN.step((x, y)): say what it takes
                 raise TypeError(f"EGN.step: its argument is a closure (a callable), got {type(closure).__name__}; "

@@ -137,6 +137,43 @@ def test_bad_value_written_into_a_group_mid_training_raises_at_the_step(spec: Op
     assert opt.num_steps == 2 and opt.skipped_steps == 0
 
 
+@each_optimizer
+def test_a_key_removed_from_a_group_is_refused_at_the_step(spec: OptimizerSpec) -> None:
+    """Every default key, popped from a group after a step: refused naming it, nothing changed (a bare
+    KeyError before; ASGO/DASGO had stepped their AdamW part and counters first, EGN raised on one rank)."""
+    model, opt = make(spec)
+    step(spec, model, opt, 0)
+    for key in [k for k, v in opt.defaults.items() if v is not None]:  # absent reads as None
+        before, w = copy.deepcopy(opt.state_dict()), params(model)
+        good = opt.param_groups[0].pop(key)
+        with pytest.raises(ValueError, match=rf"param_groups\[0\] has no '{key}' \(removed after construction\)"):
+            step(spec, model, opt, 1)
+        assert_identical(params(model), w, f"params ({key})")
+        opt.param_groups[0][key] = good
+        assert_identical(opt.state_dict(), before)
+    step(spec, model, opt, 1)
+    assert opt.num_steps == 2
+
+
+@each_optimizer
+def test_input_errors_say_what_is_wrong(spec: OptimizerSpec) -> None:
+    """Three inputs whose errors misled: a number as a string ("Invalid lr='1e-3'. Must be in [0.0, inf)."
+    read as out of range; PyYAML reads 1e-3 as a string), a consolidation target that is no rank (no rank
+    kept the state, and state_dict() asked for the call just made), non-string parameter names (an
+    AttributeError deep in ASGO's routing)."""
+    model, opt = make(spec)
+    with pytest.raises(ValueError, match=r"Invalid lr='1e-3'\..*It is a string, not a number"):
+        make(spec, lr="1e-3")
+    for bad in ("0", -1, 1, True, 0.0):
+        with pytest.raises(ValueError, match=rf"consolidate_state_dict: invalid to={re.escape(repr(bad))}\. Must"):
+            opt.consolidate_state_dict(to=bad)
+    opt.consolidate_state_dict(to=0)
+    if spec.first_arg is FirstArg.NAMED_PARAMETERS:
+        params_ = [p for _, p in tiny_mlp(0).named_parameters()]
+        with pytest.raises(ValueError, match=r"names parameter 0 1 \(int\); names must be strings"):
+            spec.load()([(i + 1, p) for i, p in enumerate(params_)], **spec.test_kwargs)
+
+
 _GROUPED = [s for s in SPECS if s.first_arg is FirstArg.NAMED_PARAMETERS]
 
 

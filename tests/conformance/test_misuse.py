@@ -21,6 +21,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -257,6 +258,8 @@ def _w_disagree(rank: int, world: int, name: str) -> dict[str, str]:
     # another learning rate on rank 1
     lr = spec.test_kwargs.get("lr", 1e-3)
     out["lr"] = _error(lambda: _build(name, model, lr=lr if rank == 0 else lr * 2))
+    # ... as a NumPy float32 (not a float subclass: its type name alone was compared, 0.1 off either run)
+    out["lr_np"] = _error(lambda: _build(name, model, lr=np.float32(lr if rank == 0 else lr * 2)))
     if spec.first_arg is FirstArg.NAMED_PARAMETERS:  # same shapes, another order: layers swapped
         named = list(model.named_parameters())
         if rank == 1:
@@ -279,6 +282,7 @@ def _w_disagree(rank: int, world: int, name: str) -> dict[str, str]:
 def test_ranks_that_disagree_raise_together_at_construction(tmp_path: Path, name: str) -> None:
     res = run_distributed(_w_disagree, 2, tmp_path, name, timeout=60)
     field = {"class": "optimizer class", "names": "parameter names", "lr": "hyperparameters",
+             "lr_np": "hyperparameters",
              "dtypes": "parameter shapes, dtypes and device types",
              "order": "parameter names", "shard": "sharding options", "shard_mean": "sharding options"}
     for r, out in enumerate(res):

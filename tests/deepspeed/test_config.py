@@ -6,6 +6,7 @@ No process group here: these run in-process in milliseconds.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -232,6 +233,21 @@ def test_client_refuses_a_checkpoint_saved_with_other_block_options():
     assert torch.equal(pb.detach(), before) and not any(b._ensure_inner().state.values())
     c, _ = make(1)
     c.load_state_dict(sd)  # the same option: loads
+
+
+def test_client_refuses_bad_group_options_at_construction(caplog: pytest.LogCaptureFixture) -> None:
+    """A param group's own option (ASGO's batch_dims here) was checked only when the inner optimizer was
+    built, at the first engine step; and the check's probe parameter made ASGO warn about unnamed matrices."""
+    from lightning_soaa import ASGO
+
+    experts = torch.nn.Parameter(torch.randn(3, 4, 5))
+    with pytest.raises(ValueError, match=r"ASGO: param_groups\[0\]: Invalid batch_dims=2\. Must be 0"):
+        DeepSpeedClientOptimizer([{"params": [("experts", experts)], "batch_dims": 2}], ASGO, {"lr": 0.1},
+                                 zero_stage=2, layout="structured")
+    with caplog.at_level(logging.WARNING):
+        DeepSpeedClientOptimizer([{"params": [("experts", experts)], "batch_dims": 1}], ASGO, {"lr": 0.1},
+                                 zero_stage=2, layout="structured")
+    assert "without names" not in caplog.text
 
 
 def test_client_collects_multi_call_steps_without_double_stepping():

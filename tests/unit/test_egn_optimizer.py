@@ -512,3 +512,20 @@ def test_gain_ratio_nothing_to_judge_is_nan() -> None:
     assert gain_ratio(-5e-8, -4e-8, 4 * 1.2e-7 * 6.6e-5) == pytest.approx(1.25)
     kw = dict(rho_low=0.25, rho_high=0.75, increase=1.01, decrease=0.99, lo=1e-12, hi=1e6)
     assert update_damping(2.0, float("nan"), **kw) == 2.0 and update_damping(2.0, 0.0, **kw) == 2.0 * 1.01
+
+
+def test_bce_targets_outside_zero_one_are_refused() -> None:
+    # documented as probabilities; outside [0, 1] the loss is unbounded below and EGN trained towards it
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 2)).double()
+    opt = EGN(model, loss="bce", lr=0.5)
+    x = torch.randn(6, 4, dtype=DT)
+    w = [p.detach().clone() for p in model.parameters()]
+    for bad in (2.0, -0.5):
+        y = torch.full((6, 2), 0.5, dtype=DT)
+        y[3, 1] = bad
+        with pytest.raises(ValueError, match=r"loss='bce' needs targets in \[0, 1\] \(probabilities\); got values in"):
+            opt.step(inputs=x, targets=y)
+    assert all(torch.equal(a, b) for a, b in zip(w, model.parameters())) and opt.num_steps == 0
+    opt.step(inputs=x, targets=torch.rand(6, 2, dtype=DT))
+    assert opt.num_steps == 1
