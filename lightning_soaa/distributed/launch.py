@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging
+import math
 import os
 import re
 import socket
@@ -75,10 +76,20 @@ class LaunchInfo:
     def __post_init__(self) -> None:
         if self.launcher not in LAUNCHERS:
             raise ValueError(f"Invalid launcher={self.launcher!r}. Must be one of {LAUNCHERS}.")
+        src = f" (read from the {self.launcher} launcher's environment variables)"
         if self.world_size < 1:
-            raise ValueError(f"Invalid world_size={self.world_size}. Must be >= 1.")
+            raise ValueError(f"Invalid world_size={self.world_size}{src}. Must be >= 1.")
         if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"Invalid rank={self.rank}. Must be in [0, {self.world_size}).")
+            raise ValueError(f"Invalid rank={self.rank}{src}. Must be in [0, {self.world_size}).")
+        # a local rank selects this process's GPU (torch.cuda.set_device): -1 or one past the node's
+        # processes put ranks on a wrong or shared device
+        if self.local_world_size < 1:
+            raise ValueError(f"Invalid local_world_size={self.local_world_size}{src}. Must be >= 1.")
+        if not 0 <= self.local_rank < self.local_world_size:
+            raise ValueError(f"Invalid local_rank={self.local_rank}{src}. Must be in [0, {self.local_world_size}) "
+                             "(local_world_size: the processes on this node).")
+        if self.node_rank < 0:
+            raise ValueError(f"Invalid node_rank={self.node_rank}{src}. Must be >= 0.")
         if self.master_port is not None and not 0 < self.master_port < 65536:
             raise ValueError(f"Invalid master_port={self.master_port}. Must be in [1, 65535].")
 
@@ -316,6 +327,8 @@ def init_from_env(
     Returns:
         The :class:`LaunchInfo` used, with the rendezvous address filled in.
     """
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s < math.inf:
+        raise ValueError(f"Invalid timeout_s={timeout_s!r}. Must be a number of seconds > 0.")
     info = detect_launch(env)
     if not info.distributed:
         return info

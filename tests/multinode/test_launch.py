@@ -105,6 +105,10 @@ def test_slurm_tasks_per_node_formats() -> None:
     ({"RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}, "RANK='1' is set but WORLD_SIZE is not"),
     ({"OMPI_COMM_WORLD_RANK": "0"}, "OMPI_COMM_WORLD_RANK='0' is set but OMPI_COMM_WORLD_SIZE is not"),
     ({"PMI_SIZE": "2"}, "PMI_SIZE='2' is set but PMI_RANK is not"),
+    # a local rank picks the GPU: -1 or one past the node's processes was accepted
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "-1"}, "local_rank=-1 (read from the torchrun launcher's"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "2"}, "local_rank=2"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "0"}, "local_world_size=0"),
 ])
 def test_bad_values_name_the_variable(env: dict[str, str], field: str) -> None:
     with pytest.raises(ValueError, match=re.escape(field)):
@@ -127,3 +131,11 @@ def test_module_import_does_not_import_mpi4py() -> None:
             "assert 'mpi4py' not in sys.modules, 'mpi4py imported'; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_init_from_env_refuses_a_timeout_that_is_no_duration() -> None:
+    from lightning_soaa.distributed.launch import init_from_env
+
+    for bad in (0, -5.0, float("inf"), "300", True):
+        with pytest.raises(ValueError, match=re.escape(f"Invalid timeout_s={bad!r}. Must be a number of seconds > 0.")):
+            init_from_env(env={}, timeout_s=bad)  # type: ignore[arg-type]
