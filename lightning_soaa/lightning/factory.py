@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import logging
 import math
 from collections.abc import Iterator
@@ -94,6 +95,41 @@ def _first_argument(cls: type, module: nn.Module) -> Any:
     return [p for p in module.parameters() if p.requires_grad]
 
 
+def _check_init_args(cls: type, init_args: dict[str, Any]) -> None:
+    """Keyword names the optimizer does not take, refused when the factory is made (a typo such as
+    ``lrr`` surfaced as a TypeError inside ``fit``)."""
+    try:
+        sig = inspect.signature(cls)  # the constructor's, without self
+    except (TypeError, ValueError):  # a builtin without a signature: left to the call
+        return
+    params = list(sig.parameters.values())
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return
+    takes = {p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                   inspect.Parameter.KEYWORD_ONLY)}
+    first = params[0].name if params else None  # the parameters / module: the factory passes it
+    unknown = sorted(k for k in init_args if k not in takes or k == first)
+    if unknown:
+        allowed = ", ".join(sorted(takes - {first}))
+        raise ValueError(f"Invalid init_args for {cls.__name__}: {', '.join(map(repr, unknown))}. "
+                         f"Must be among: {allowed}.")
+
+
+def _check_scheduler_spec(spec: Any) -> None:
+    """LightningCLI's ``{"class_path": ..., "init_args": {...}}``, resolved now (a missing or misspelt class
+    surfaced as a KeyError or AttributeError when the optimizer was built)."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("class_path"), str):
+        raise ValueError(f"Invalid lr_scheduler={spec!r}. Must be a dict with a 'class_path' string (e.g. "
+                         "'torch.optim.lr_scheduler.CosineAnnealingLR') and optional 'init_args'.")
+    if not isinstance(spec.get("init_args") or {}, dict):
+        raise ValueError(f"Invalid lr_scheduler init_args={spec['init_args']!r}. Must be a dict.")
+    try:
+        resolve_class_path(spec["class_path"])
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ValueError(f"Invalid lr_scheduler class_path={spec['class_path']!r}: {e}. Must be an importable "
+                         "class path, e.g. 'torch.optim.lr_scheduler.CosineAnnealingLR'.") from None
+
+
 class OptimizerFactory:
     """A picklable recipe ``(class, init_args[, lr scheduler])`` turned into an optimizer on demand.
 
@@ -113,6 +149,9 @@ class OptimizerFactory:
         cls = resolve_optimizer_class(optimizer)  # fail at definition time, not inside fit()
         self.class_path = f"{cls.__module__}.{cls.__qualname__}"
         self.init_args = dict(init_args or {})
+        _check_init_args(cls, self.init_args)
+        if lr_scheduler is not None:
+            _check_scheduler_spec(lr_scheduler)
         self.lr_scheduler = lr_scheduler
 
     @property

@@ -35,3 +35,22 @@ def test_deepspeed_configs_spell_the_registry_name(path: Path) -> None:
         pytest.skip(f"{path.name} names no lightning_soaa optimizer")
     spec = registry.lookup(block["type"])
     assert spec is not None and spec.qualified_name == block["type"], block["type"]
+
+
+def test_the_factory_refuses_unknown_arguments_when_made() -> None:
+    """A misspelt init_args key or scheduler class surfaced inside fit() (TypeError, KeyError or
+    AttributeError); the factory is made before the trainer starts, so it says so there."""
+    from lightning_soaa.lightning.factory import OptimizerFactory
+
+    with pytest.raises(ValueError, match=r"Invalid init_args for SOAA: 'lrr'\. Must be among: .*\blr\b"):
+        OptimizerFactory("SOAA", {"lrr": 1e-3})
+    with pytest.raises(ValueError, match=r"Invalid init_args for EGN: 'model'"):  # the factory passes it
+        OptimizerFactory("EGN", {"model": None})
+    for bad, text in (({"init_args": {}}, "Must be a dict with a 'class_path'"),
+                      ({"class_path": "StepLR"}, "class_path='StepLR'"),
+                      ({"class_path": "torch.optim.lr_scheduler.StepLRR"}, "has no attribute 'StepLRR'")):
+        with pytest.raises(ValueError, match=text):
+            OptimizerFactory("SOAA", {"lr": 1e-3}, lr_scheduler=bad)
+    ok = OptimizerFactory("SOAA", {"lr": 1e-3, "total_steps": 5},
+                          lr_scheduler={"class_path": "torch.optim.lr_scheduler.StepLR", "init_args": {"step_size": 2}})
+    assert ok.init_args["total_steps"] == 5
