@@ -58,21 +58,31 @@ def load_config(config: Any) -> dict[str, Any]:
         return copy.deepcopy(config)
     if isinstance(config, (str, os.PathLike)):
         text = str(config)
-        if text.lstrip().startswith("{"):
-            return json.loads(text)
-        path = Path(text)
-        if not path.is_file():
+        path = None if text.lstrip().startswith("{") else Path(text)
+        if path is not None and not path.is_file():
             raise ValueError(
                 f"Invalid config={text!r}. Must be a dict, a JSON string or the path of a JSON file.")
-        with path.open() as fh:
-            return json.load(fh)
+        try:
+            if path is None:
+                loaded = json.loads(text)
+            else:
+                with path.open() as fh:
+                    loaded = json.load(fh)
+        except json.JSONDecodeError as e:  # say which input: the error alone names a line and column only
+            where = "the DeepSpeed config string" if path is None else f"the DeepSpeed config file {str(path)!r}"
+            raise ValueError(f"Invalid JSON in {where}: {e}.") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"Invalid DeepSpeed config: a JSON {type(loaded).__name__}. Must be a JSON object.")
+        return loaded
     raise ValueError(
         f"Invalid config of type {type(config).__name__}. Must be a dict, a JSON string or a path.")
 
 
 def zero_stage_of(ds_config: dict[str, Any]) -> int:
     zero = ds_config.get("zero_optimization") or {}
-    stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
+    if not isinstance(zero, dict):  # `true` or a list read as stage 0, then an AttributeError later
+        raise ValueError(f"Invalid zero_optimization={zero!r}. Must be a JSON object, e.g. {{\"stage\": 2}}.")
+    stage = zero.get("stage", 0)
     if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
         raise ValueError(f"Invalid zero_optimization.stage={stage!r}. Must be one of 0, 1, 2, 3.")
     return int(stage)

@@ -299,3 +299,18 @@ def test_shm_op_setting_rejects_other_values():
 
     with pytest.raises(ValueError, match="DEEPSPEED_EXT_SKIP_SHM_OP='maybe'"):
         shm_op_wanted({"DEEPSPEED_EXT_SKIP_SHM_OP": "maybe"})
+
+
+def test_malformed_configs_say_what_is_wrong(tmp_path: Path) -> None:
+    """A JSON syntax error came out as a bare JSONDecodeError (which input?), and a zero_optimization that is
+    not an object as stage 0 and then an AttributeError."""
+    with pytest.raises(ValueError, match=r"Invalid JSON in the DeepSpeed config string: Expecting property name"):
+        parse_config('{"train_batch_size": 8,}')
+    bad = tmp_path / "ds.json"
+    bad.write_text('{"train_batch_size": 8,}')
+    with pytest.raises(ValueError, match=re.escape(f"Invalid JSON in the DeepSpeed config file {str(bad)!r}")):
+        parse_config(str(bad))
+    for zero in (True, [1], "2"):
+        with pytest.raises(ValueError, match=re.escape(f"Invalid zero_optimization={zero!r}. Must be a JSON object")):
+            parse_config({"zero_optimization": zero})
+    assert parse_config({"zero_optimization": {"stage": 2}}).zero_stage == 2
