@@ -450,22 +450,25 @@ class DeepSpeedClientOptimizer(torch.optim.Optimizer):
         self._consolidated_at = None  # the inner optimizer dropped its consolidated state
 
     def _check_saved_block_options(self, inner: Any, saved_groups: Any) -> None:
-        """Refuse, on every rank, a checkpoint whose block options (the inner optimizer's ``layout_keys``:
-        ASGO's ``max_block_size``, ``use_asgo``, ``batch_dims``) differ from this run's. The inner load
-        refuses them too, but under ZeRO-1/2/3 only on the ranks whose partition holds a parameter the
-        option acts on (a whole expert of a ``batch_dims`` stack), while the others would load and go on
-        to the next collective. The canonical groups and the saved ones are the same on every rank."""
-        keys = getattr(inner, "layout_keys", ())
-        if not isinstance(saved_groups, list):
+        """Refuse, on every rank, a checkpoint saved with another ASGO ``batch_dims`` for a group holding a
+        parameter of three or more dimensions. The inner load refuses it too, but under ZeRO-1/2/3 only on
+        the ranks whose partition holds a whole expert of such a stack, while the others would load and
+        go on to the next collective. The canonical groups (the model's parameters, their real shapes) and
+        the saved ones are the same on every rank. Other block options are left to the inner load, which
+        re-cuts what it can (``max_block_size`` 1024 -> 2048 loads)."""
+        if "batch_dims" not in getattr(inner, "layout_keys", ()) or not isinstance(saved_groups, list):
             return
         for gi, (cg, sg) in enumerate(zip(self._canonical_groups, saved_groups)):
-            for k in keys:
-                if isinstance(sg, dict) and k in sg and k in cg and sg[k] != cg[k]:
-                    raise StateLayoutError(
-                        f"{self.optimizer_cls.__name__}: param_groups[{gi}] of this checkpoint was saved with "
-                        f"{k}={sg[k]!r} and this run has {k}={cg[k]!r}; the blocks (and their state) depend on "
-                        f"it. Resume with {k}={sg[k]!r}, or load the module only (engine.load_checkpoint(..., "
-                        "load_optimizer_states=False)) to restart the optimizer. Nothing was loaded.")
+            if not any(p.dim() >= 3 for p in cg["params"]):
+                continue
+            saved, mine = (sg.get("batch_dims", 0) if isinstance(sg, dict) else 0), cg.get("batch_dims", 0)
+            if saved != mine:
+                raise StateLayoutError(
+                    f"{self.optimizer_cls.__name__}: param_groups[{gi}] of this checkpoint was saved with "
+                    f"batch_dims={saved!r} and this run has batch_dims={mine!r}; the blocks (and their state) "
+                    f"depend on it. Resume with batch_dims={saved!r}, or load the module only "
+                    "(engine.load_checkpoint(..., load_optimizer_states=False)) to restart the optimizer. "
+                    "Nothing was loaded.")
 
     def __repr__(self) -> str:
         return (f"DeepSpeedClientOptimizer({self.optimizer_cls.__name__}, zero_stage={self.zero_stage}, "

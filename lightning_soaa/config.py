@@ -64,6 +64,10 @@ def _tensor_hint(value: Any) -> str:
                 "a Python float, e.g. float(t).")
     if isinstance(value, str):
         # "Invalid lr='1e-3'. Must be in [0.0, inf)." read as if 1e-3 were out of range
+        try:
+            float(value)
+        except ValueError:
+            return ""
         return (f" It is a string, not a number (YAML 1.1, PyYAML's, reads 1e-3 as a string: write 1.0e-3), "
                 f"e.g. float({value!r}).")
     return ""

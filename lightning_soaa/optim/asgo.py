@@ -386,7 +386,10 @@ class _OneSided(ShardedOptimizer):
         betas2 = [float(g["betas"][1]) for g in self.param_groups] if mat else []
         mesh = self.comm.world_size if self._dtensor is not None else 1
         return self._statistic_guard().overflows(
-            grad_sq, betas2, mesh, self._statistic_limit(), all(v.grad is not None for v in mat),
+            # a batch_dims=1 expert with an all-zero gradient is not stepped (_idle_experts): its statistic
+            # does not decay, so the bound may not either when such experts exist
+            grad_sq, betas2, mesh, self._statistic_limit(),
+            all(v.grad is not None and not self._batched(v.block) for v in mat),
             lambda: [self._guarded_block(v, routes[v.block.block_id]) for v in mat])  # type: ignore[arg-type]
 
     def _statistic_limit(self) -> float:

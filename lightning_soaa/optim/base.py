@@ -700,8 +700,16 @@ class ShardedOptimizer(torch.optim.Optimizer):
         warn_misspelt_keys(self, self.param_groups[-1], len(self.param_groups) - 1)
         if self._table is not None:  # added after construction: re-shard, keeping existing state
             if self._dtensor is not None or has_dtensor(param_group["params"]):
+                self.param_groups.pop()
                 raise ValueError(f"{type(self).__name__}: add_param_group is not supported with DTensor "
                                  "(FSDP2) parameters; pass every param group to the constructor.")
+            try:  # a block option written into an existing group would be taken as built by the rebuild
+                for i, g in enumerate(self.param_groups[:-1]):
+                    self._check_layout(i, g)
+            except ValueError as e:
+                self.param_groups.pop()
+                raise ValueError(f"{type(self).__name__}.add_param_group: param_groups[{i}]: {e} Nothing "
+                                 "changed.") from None
             full = self._gather_full_state() if self._sharded_multi_rank() else None
             before = self._table.layout()
             # the automatic block size grows with the model: recomputing it re-cut existing parameters
@@ -1379,7 +1387,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
     _layout_hint: str = ""
 
     def _block_schema(self, block: BlockInfo) -> dict[str, StateField] | None:
-        return self._state_schema(block, self._params[block.param_index], self.param_groups[block.group_index])
+        # the options the blocks were built with (one written into a group since is refused at the next step)
+        group = self.param_groups[block.group_index]
+        built = self.__dict__.get("_layout") or []
+        if block.group_index < len(built):
+            group = {**group, **built[block.group_index]}
+        return self._state_schema(block, self._params[block.param_index], group)
 
     def _local_block_states(self) -> dict[tuple[int, int], dict[str, Any]]:
         out: dict[tuple[int, int], dict[str, Any]] = {}

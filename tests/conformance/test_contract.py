@@ -469,6 +469,13 @@ def test_a_block_layout_option_written_after_construction_is_refused(spec: Optim
         with pytest.raises(ValueError, match=re.escape(f"{k}=") + ".*written into the group after construction"):
             step(spec, model, opt, 1)
         assert_identical(params(model), w, "params")
+        # add_param_group rebuilds the table: it took the written value as built (ASGO then stepped a block
+        # holding ASGO state as AdamW: KeyError; a re-cut left the new group and table half-installed)
+        groups = len(opt.param_groups)
+        extra = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+        with pytest.raises(ValueError, match=r"add_param_group: param_groups\[0\]: .*written into the group"):
+            opt.add_param_group({"params": [("extra", extra)] if "param_names" in opt.param_groups[0] else [extra]})
+        assert len(opt.param_groups) == groups
         assert_identical(opt.state_dict()["state"], sd["state"])
         if old is None:  # unset (or None) either way: the option as built
             opt.param_groups[0].pop(k, None)

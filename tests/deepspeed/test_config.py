@@ -233,6 +233,14 @@ def test_client_refuses_a_checkpoint_saved_with_other_block_options():
     assert torch.equal(pb.detach(), before) and not any(b._ensure_inner().state.values())
     c, _ = make(1)
     c.load_state_dict(sd)  # the same option: loads
+    # other block options are the inner load's to judge: a larger max_block_size re-cuts nothing and loads
+    w = torch.nn.Parameter(torch.randn(8, 6))
+    d = DeepSpeedClientOptimizer([("w", w)], ASGO, {"lr": 0.1, "max_block_size": 1024}, zero_stage=0,
+                                 layout="structured")
+    w.grad = torch.ones_like(w)
+    d.step()
+    DeepSpeedClientOptimizer([("w", torch.nn.Parameter(torch.randn(8, 6)))], ASGO, {"lr": 0.1, "max_block_size": 2048},
+                             zero_stage=0, layout="structured").load_state_dict(d.state_dict())
 
 
 def test_client_refuses_bad_group_options_at_construction(caplog: pytest.LogCaptureFixture) -> None:
