@@ -473,9 +473,13 @@ class SOAA(ShardedOptimizer):
         torchtitan does), the objective is the sum of the ranks' losses; pass ``loss * world_size`` then
         (else ρ is off by that factor: 5.2e-4 off the one-process run after 8 steps at W = 2).
         """
-        w = float(weight)
+        # a number or a 0-d tensor (a token count); "2" or True went through float() unnoticed
+        number = isinstance(weight, numbers.Real) and not isinstance(weight, bool)
+        tensor = isinstance(weight, Tensor) and weight.numel() == 1 and not weight.dtype.is_complex \
+            and weight.dtype != torch.bool
+        w = float(weight) if number or tensor else math.nan
         if not math.isfinite(w) or w <= 0.0:
-            raise ValueError(f"Invalid weight={weight!r}. Must be a finite number > 0.")
+            raise ValueError(f"Invalid weight={weight!r}. Must be a finite number > 0 (or a one-element tensor).")
         self._pending_loss = (_check_loss(loss), w)
         self._set_loss_calls += 1
 

@@ -399,8 +399,10 @@ def test_global_keys_in_groups_and_bad_weights() -> None:
     with pytest.raises(ValueError, match=re.escape("Invalid rho_smoothing=0.9 in a param group.")):
         SOAA([{"params": [p]}, {"params": [q], "rho_smoothing": 0.9}])
     opt = SOAA([p])
-    with pytest.raises(ValueError, match=re.escape("Invalid weight=0. Must be a finite number > 0.")):
-        opt.set_loss(1.0, weight=0)
+    for bad in (0, "2", True, float("nan")):  # "2" and True went through float() unnoticed
+        with pytest.raises(ValueError, match=re.escape(f"Invalid weight={bad!r}. Must be a finite number > 0")):
+            opt.set_loss(1.0, weight=bad)
+    opt.set_loss(1.0, weight=torch.tensor(3.0))  # a token count as a tensor
     with pytest.raises(ValueError, match="must be a scalar"):
         opt.set_loss(torch.ones(3))
 
