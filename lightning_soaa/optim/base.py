@@ -1379,20 +1379,22 @@ class ShardedOptimizer(torch.optim.Optimizer):
         differ): a value written into a group later is refused at the next step, and a state dict saved
         in between used to carry it, which no optimizer could then load (the built one refused the value,
         one built with it the layout)."""
+        return [self._group_as_built(i) for i in range(len(self.param_groups))]
+
+    def _group_as_built(self, i: int) -> dict[str, Any]:
+        """Group ``i`` with its :attr:`layout_keys` options as the blocks were built (itself when equal)."""
+        g = self.param_groups[i]
         built = self.__dict__.get("_layout") or []
-        return [g if i >= len(built) or all(g.get(k) == v for k, v in built[i].items()) else {**g, **built[i]}
-                for i, g in enumerate(self.param_groups)]
+        if i >= len(built) or all(g.get(k) == v for k, v in built[i].items()):
+            return g
+        return {**g, **built[i]}
 
     #: see :attr:`~lightning_soaa.distributed.checkpoint.CheckpointView.layout_hint`
     _layout_hint: str = ""
 
     def _block_schema(self, block: BlockInfo) -> dict[str, StateField] | None:
         # the options the blocks were built with (one written into a group since is refused at the next step)
-        group = self.param_groups[block.group_index]
-        built = self.__dict__.get("_layout") or []
-        if block.group_index < len(built):
-            group = {**group, **built[block.group_index]}
-        return self._state_schema(block, self._params[block.param_index], group)
+        return self._state_schema(block, self._params[block.param_index], self._group_as_built(block.group_index))
 
     def _local_block_states(self) -> dict[tuple[int, int], dict[str, Any]]:
         out: dict[tuple[int, int], dict[str, Any]] = {}

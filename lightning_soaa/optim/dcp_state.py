@@ -85,7 +85,7 @@ def block_schema(opt: ShardedOptimizer, block: BlockInfo, group: dict[str, Any] 
     p = opt._params[block.param_index]
     view = block.view(local(p))  # type: ignore[arg-type]
     # the options the blocks were built with (one written into a group since is refused at the next step)
-    group = opt._groups_as_built()[block.group_index] if group is None else group
+    group = opt._group_as_built(block.group_index) if group is None else group
     name = opt._names[block.param_index]
     step = (False, (), torch.float32)
     if isinstance(opt, _OneSided) and opt.is_matrix_param(p, group, name):
