@@ -125,10 +125,28 @@ def check_params(entry: OptimizerEntry, params: Any) -> dict[str, Any]:
     return out
 
 
+# the strings pydantic (DeepSpeed's config models) reads as booleans, case-insensitively
+_TRUE_STRINGS = frozenset({"1", "on", "t", "true", "y", "yes"})
+
+
+def _precision_enabled(ds: dict[str, Any], key: str) -> bool:
+    """Whether DeepSpeed will run ``key`` ("fp16" or "bf16") mixed precision, read as DeepSpeed reads it:
+    ``bf16`` falls back to its old name ``bfloat16``, and ``"enabled": "false"`` (a string) is False to
+    DeepSpeed's pydantic model, though a non-empty string to Python."""
+    block = ds.get(key)
+    if block is None and key == "bf16":
+        block = ds.get("bfloat16")
+    if not isinstance(block, dict):
+        return False
+    enabled = block.get("enabled", False)
+    if isinstance(enabled, str):
+        return enabled.strip().lower() in _TRUE_STRINGS
+    return bool(enabled)
+
+
 def _check_precision_and_accumulation(ds: dict[str, Any], entry: OptimizerEntry, stage: int) -> None:
     """Refuse the DeepSpeed settings under which our optimizer would step on the wrong numbers."""
-    fp16 = ds.get("fp16")
-    if stage == 0 and isinstance(fp16, dict) and fp16.get("enabled", False):
+    if stage == 0 and _precision_enabled(ds, "fp16"):
         # measured with DeepSpeed 0.19: engine.backward scales the loss only for ZeRO optimizers, yet
         # FP16_UnfusedOptimizer (stage 0) divides the gradients by the loss scale: 2^-16 too small
         raise ValueError(
@@ -157,8 +175,7 @@ def check_entry(ds: dict[str, Any], entry: OptimizerEntry, stage: int) -> None:
         )
     if entry.fp32_only:
         for key in ("bf16", "fp16"):
-            block = ds.get(key)
-            if isinstance(block, dict) and block.get("enabled", False):
+            if _precision_enabled(ds, key):
                 raise ValueError(
                     f"Invalid combination optimizer.type={entry.name!r} with {key}.enabled=true. "
                     f"{entry.name} updates the module's parameters itself, and DeepSpeed's {key} mode "

@@ -34,17 +34,20 @@ def check_range(
     *,
     lo_inclusive: bool = True,
     hi_inclusive: bool = True,
+    lo_from: str | None = None,
 ) -> None:
     """Raise ``ValueError`` unless ``value`` is a finite real number in the given interval.
 
     Infinity is never a valid hyperparameter (``lr=inf`` would write inf into the parameters), so an
-    open end of the interval is written ``inf)``.
+    open end of the interval is written ``inf)``. ``lo_from`` names the field the lower bound is
+    (``eta2 >= eta1``): "Must be in [0.8, inf)" alone reads as if 0.8 were a constant.
     """
     lb = "[" if lo_inclusive and lo is not None else "("
     rb = "]" if hi_inclusive and hi is not None else ")"
     lo_s = "-inf" if lo is None else repr(float(lo))
     hi_s = "inf" if hi is None else repr(float(hi))
-    allowed = f"Must be in {lb}{lo_s}, {hi_s}{rb}."
+    source = f" (the lower bound is {lo_from}={lo!r})" if lo_from is not None else ""
+    allowed = f"Must be in {lb}{lo_s}, {hi_s}{rb}{source}."
     # numbers.Real: numpy's scalars too (a LambdaLR whose factor is an np.float32 makes the lr one)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"Invalid {name}={value!r}. {allowed}{_tensor_hint(value)}")
@@ -217,11 +220,11 @@ class EGNConfig:
         check_int("max_ls", self.max_ls, 1)
         check_choice("ls_reset", self.ls_reset, ("increase", "conservative"))
         check_range("rho_low", self.rho_low, 0.0, 1.0)
-        check_range("rho_high", self.rho_high, self.rho_low, 1.0)
+        check_range("rho_high", self.rho_high, self.rho_low, 1.0, lo_from="rho_low")
         check_range("damping_increase", self.damping_increase, 1.0)
         check_range("damping_decrease", self.damping_decrease, 0.0, 1.0, lo_inclusive=False)
         check_range("damping_min", self.damping_min, 0.0, lo_inclusive=False)
-        check_range("damping_max", self.damping_max, self.damping_min)
+        check_range("damping_max", self.damping_max, self.damping_min, lo_from="damping_min")
         check_choice("solve_dtype", self.solve_dtype, ("float64", "model"))
         check_int("max_solve_retries", self.max_solve_retries, 0)
         check_int("max_gram_size", self.max_gram_size, 1)
@@ -296,7 +299,7 @@ class SOAAConfig:
                     raise ValueError(f"Invalid {name}={getattr(self, name)!r} with acceptance='same_batch'. "
                                      f"Must be {off!r}: it applies to acceptance='lagged' only.")
         check_range("eta1", self.eta1, 0.0)
-        check_range("eta2", self.eta2, self.eta1)
+        check_range("eta2", self.eta2, self.eta1, lo_from="eta1")
         check_range("shrink", self.shrink, 0.0, 1.0, lo_inclusive=False, hi_inclusive=False)
         check_range("expand", self.expand, 1.0)
         check_range("d_min", self.d_min, 0.0, 1.0, lo_inclusive=False)

@@ -127,10 +127,13 @@ def loaded_groups(current: list[dict[str, Any]], saved: list[dict[str, Any]],
     made every later step refuse them as "written into the group after construction"."""
     out = []
     kept = (*_KEPT_ON_LOAD, *keep)
-    for group, old in zip(current, saved):
+    for i, (group, old) in enumerate(zip(current, saved)):
         g = dict(group)
         g.update({k: (tuple(v) if k == "betas" else v) for k, v in old.items() if k not in kept})
-        validate(g)
+        try:
+            validate(g)
+        except ValueError as e:  # "Invalid lr=-1.0" alone does not say it came from the checkpoint
+            raise ValueError(f"load_state_dict: the state dict's param_groups[{i}]: {e} Nothing was loaded.") from e
         out.append(g)
     return out
 

@@ -107,6 +107,12 @@ def _acceptance(target: Any) -> Any:
     return acceptance
 
 
+def _check_flag(name: str, value: Any) -> None:
+    # a YAML/CLI "false" is a non-empty string, i.e. true: the opposite of what was asked
+    if not isinstance(value, bool):
+        raise ValueError(f"Invalid {name}={value!r}. Must be True or False.")
+
+
 class LossToOptimizer(Callback):
     """Hand the training loss to every optimizer whose step needs it (``StepNeeds.LOSS`` in the registry: SOAA).
 
@@ -140,6 +146,7 @@ class LossToOptimizer(Callback):
     """
 
     def __init__(self, check_sharding: bool = True) -> None:
+        _check_flag("check_sharding", check_sharding)
         self.check_sharding = check_sharding
         self._sum: torch.Tensor | None = None
         self._count = 0  # backward calls summed into _sum (micro-batches, under automatic optimization)
@@ -453,6 +460,7 @@ class OptimizerDiagnostics(Callback):
     def __init__(self, include_lr: bool = True, every_n_steps: int = 1) -> None:
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"Invalid every_n_steps={every_n_steps!r}. Must be an integer >= 1.")
+        _check_flag("include_lr", include_lr)
         self.include_lr = include_lr
         self.every_n_steps = every_n_steps
         self._static_logged = False

@@ -70,6 +70,9 @@ def resolve_optimizer_class(name: str | type) -> type[torch.optim.Optimizer]:
     """
     if isinstance(name, type):
         cls: Any = name
+    elif not isinstance(name, str):  # None, a number: the name lookup below would fail on .rpartition
+        raise ValueError(f"Invalid optimizer {name!r}: expected a name or an optimizer class. Valid optimizers: "
+                         f"{valid_optimizer_names()}.")
     else:
         spec = optimizer_registry.lookup(name)
         if spec is not None:

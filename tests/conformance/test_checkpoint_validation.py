@@ -97,7 +97,7 @@ def _corruptions(opt: Any, sd: dict[str, Any]) -> list[tuple[str, str, dict[str,
     cases.append(("negative num_steps", "num_steps", bad))
     bad = copy.deepcopy(sd)
     bad["param_groups"][0]["lr"] = float("inf")
-    cases.append(("lr=inf", "lr=inf", bad))
+    cases.append(("lr=inf", "load_state_dict: the state dict's param_groups[0]: Invalid lr=inf", bad))
     return cases
 
 

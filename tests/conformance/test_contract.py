@@ -955,7 +955,8 @@ def _bad_checkpoints(spec: OptimizerSpec, good: dict[str, Any]) -> list[tuple[st
     cases.append(("a block layout that cannot be re-cut", sd, "different block layout"))
     sd = copy.deepcopy(good)
     sd["param_groups"][0]["lr"] = -1.0
-    cases.append(("a bad hyperparameter", sd, re.escape("Invalid lr=-1.0")))
+    cases.append(("a bad hyperparameter", sd,
+                  re.escape("load_state_dict: the state dict's param_groups[0]: Invalid lr=-1.0")))
     return cases
 
 

@@ -322,3 +322,17 @@ def test_malformed_configs_say_what_is_wrong(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match=re.escape(f"Invalid zero_optimization={zero!r}. Must be a JSON object")):
             parse_config({"zero_optimization": zero})
     assert parse_config({"zero_optimization": {"stage": 2}}).zero_stage == 2
+
+
+def test_precision_flags_are_read_as_deepspeed_reads_them():
+    """DeepSpeed's pydantic config reads ``"enabled": "false"`` as False (Python's truth test said True:
+    a refusal that named ``fp16.enabled=true``), and takes bf16 from the old key ``bfloat16`` when ``bf16``
+    is absent (EGN under it was not refused, and DeepSpeed's fp32 master weights overwrote its steps)."""
+    for value in ("false", "False", "0", "off"):
+        parse_config({**_cfg("lightning_soaa.SOAA", stage=0), "fp16": {"enabled": value}})
+        parse_config({**_cfg("lightning_soaa.EGN", stage=0), "bf16": {"enabled": value}})
+    with pytest.raises(ValueError, match=r"fp16.enabled=true at zero_optimization.stage=0"):
+        parse_config({**_cfg("lightning_soaa.SOAA", stage=0), "fp16": {"enabled": "true"}})
+    with pytest.raises(ValueError, match=r"bf16.enabled=true.*Must run in fp32"):
+        parse_config({**_cfg("lightning_soaa.EGN", stage=0), "bfloat16": {"enabled": True}})
+    parse_config({**_cfg("lightning_soaa.EGN", stage=0), "bf16": {"enabled": False}, "bfloat16": {"enabled": True}})

@@ -524,3 +524,11 @@ def test_swa_with_batch_norm_is_refused_at_the_start_of_fit(name: str, tmp_path:
         else:
             trainer.fit(model)
             assert trainer.optimizers[0].num_steps == trainer.global_step > 0
+
+
+def test_callback_flags_refuse_strings_that_python_reads_as_true() -> None:
+    """``include_lr="false"`` (from a YAML or a shell) is a non-empty string: it switched the thing on."""
+    with pytest.raises(ValueError, match=r"Invalid include_lr='false'\. Must be True or False\."):
+        OptimizerDiagnostics(include_lr="false")  # type: ignore[arg-type]  # the point of the test
+    with pytest.raises(ValueError, match=r"Invalid check_sharding='no'\. Must be True or False\."):
+        LossToOptimizer(check_sharding="no")  # type: ignore[arg-type]  # the point of the test

@@ -54,3 +54,10 @@ def test_the_factory_refuses_unknown_arguments_when_made() -> None:
     ok = OptimizerFactory("SOAA", {"lr": 1e-3, "total_steps": 5},
                           lr_scheduler={"class_path": "torch.optim.lr_scheduler.StepLR", "init_args": {"step_size": 2}})
     assert ok.init_args["total_steps"] == 5
+
+
+@pytest.mark.parametrize("bad", [None, 3])
+def test_resolving_something_that_is_not_a_name_lists_the_valid_names(bad: object) -> None:
+    with pytest.raises(ValueError, match=rf"Invalid optimizer {bad!r}: expected a name or an optimizer class\. "
+                                         r"Valid optimizers: lightning_soaa\.SOAA"):
+        resolve_optimizer_class(bad)  # type: ignore[arg-type]  # the point of the test
