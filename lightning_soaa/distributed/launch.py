@@ -9,7 +9,8 @@ still sees ``SLURM_*``; ``mpirun`` inside an allocation still sees ``SLURM_PROCI
 1. ``torchrun`` / ``torch.distributed.run``: ``RANK`` and ``WORLD_SIZE`` (plus ``LOCAL_RANK``,
    ``MASTER_ADDR``, ``MASTER_PORT``); also any launcher that exports the torch ``env://`` variables.
 2. ``mpirun`` (Open MPI): ``OMPI_COMM_WORLD_RANK`` / ``_SIZE`` / ``_LOCAL_RANK`` / ``_NODE_RANK``;
-   MPICH / Intel MPI: ``PMI_RANK`` / ``PMI_SIZE`` / ``MPI_LOCALRANKID``.
+   MPICH / Intel MPI: ``PMI_RANK`` / ``PMI_SIZE`` / ``MPI_LOCALRANKID`` (``srun --mpi=pmi2`` sets the
+   PMI pair without the local rank: then ``SLURM_LOCALID``).
 3. ``srun``: ``SLURM_PROCID`` with ``SLURM_STEP_NUM_TASKS`` (set for a job *step*, i.e. by ``srun``).
    A plain batch script also sees ``SLURM_PROCID=0`` and ``SLURM_NTASKS`` but is a single process, so
    the step variable is what tells them apart.
@@ -168,6 +169,21 @@ def _refuse_half_pairs(env: Mapping[str, str]) -> None:
                              "distributed launch) or neither (one process).")
 
 
+def _pmi_local(env: Mapping[str, str], rank: int, world: int) -> tuple[int, int, int]:
+    """``(local_rank, local_world_size, node_rank)`` of a PMI launch. MPICH's and Intel MPI's ``mpiexec``
+    set ``MPI_LOCALRANKID``; ``srun --mpi=pmi2`` sets ``PMI_RANK`` without it but with SLURM's own
+    variables. Reading 0 there gave every process local rank 0 (every process on GPU 0)."""
+    if "MPI_LOCALRANKID" in env:
+        return _int(env, "MPI_LOCALRANKID"), _int(env, "MPI_LOCALNRANKS", world), 0
+    if "SLURM_LOCALID" in env:
+        return _int(env, "SLURM_LOCALID"), _slurm_tasks_per_node(env), _int(env, "SLURM_NODEID", 0)
+    if "MPI_LOCALNRANKS" in env and _int(env, "MPI_LOCALNRANKS") != world:
+        raise ValueError(f"PMI_RANK={rank} with MPI_LOCALNRANKS={env['MPI_LOCALNRANKS']!r} but without "
+                         "MPI_LOCALRANKID: this process's local rank is unknown. Set MPI_LOCALRANKID (or "
+                         "LOCAL_RANK with RANK and WORLD_SIZE).")
+    return rank, world, 0  # no node layout given: one node, as local_world_size = world says
+
+
 def detect_launch(env: Mapping[str, str] | None = None) -> LaunchInfo:
     """Read rank, world size, local rank and the rendezvous address from launcher variables.
 
@@ -205,17 +221,10 @@ def detect_launch(env: Mapping[str, str] | None = None) -> LaunchInfo:
             master_port=port,
         )
     if "PMI_RANK" in env and "PMI_SIZE" in env:
-        world = _int(env, "PMI_SIZE")
-        return LaunchInfo(
-            launcher="mpi",
-            rank=_int(env, "PMI_RANK"),
-            world_size=world,
-            local_rank=_int(env, "MPI_LOCALRANKID", 0),
-            local_world_size=_int(env, "MPI_LOCALNRANKS", world),
-            node_rank=0,
-            master_addr=addr,
-            master_port=port,
-        )
+        world, rank = _int(env, "PMI_SIZE"), _int(env, "PMI_RANK")
+        local_rank, local_world, node_rank = _pmi_local(env, rank, world)
+        return LaunchInfo(launcher="mpi", rank=rank, world_size=world, local_rank=local_rank,
+                          local_world_size=local_world, node_rank=node_rank, master_addr=addr, master_port=port)
     if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
         nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
         if addr is None:

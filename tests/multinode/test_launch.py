@@ -139,3 +139,17 @@ def test_init_from_env_refuses_a_timeout_that_is_no_duration() -> None:
     for bad in (0, -5.0, float("inf"), "300", True):
         with pytest.raises(ValueError, match=re.escape(f"Invalid timeout_s={bad!r}. Must be a number of seconds > 0.")):
             init_from_env(env={}, timeout_s=bad)  # type: ignore[arg-type]
+
+
+def test_pmi_without_mpich_local_rank_reads_slurm_or_assumes_one_node() -> None:
+    """``srun --mpi=pmi2`` sets PMI_RANK/PMI_SIZE and SLURM's variables, not MPI_LOCALRANKID: every process
+    read local rank 0 (all on GPU 0). Without any node layout the world is one node."""
+    srun_pmi = {"PMI_RANK": "3", "PMI_SIZE": "4", "SLURM_LOCALID": "1", "SLURM_NODEID": "1",
+                "SLURM_STEP_TASKS_PER_NODE": "2(x2)"}
+    info = detect_launch(srun_pmi)
+    assert (info.launcher, info.rank, info.world_size, info.local_rank, info.local_world_size, info.node_rank) == \
+        ("mpi", 3, 4, 1, 2, 1)
+    info = detect_launch({"PMI_RANK": "2", "PMI_SIZE": "3"})
+    assert (info.local_rank, info.local_world_size, info.node_rank) == (2, 3, 0)
+    with pytest.raises(ValueError, match="PMI_RANK=1 with MPI_LOCALNRANKS='2' but without MPI_LOCALRANKID"):
+        detect_launch({"PMI_RANK": "1", "PMI_SIZE": "4", "MPI_LOCALNRANKS": "2"})
