@@ -347,16 +347,17 @@ class DeepSpeedClientOptimizer(torch.optim.Optimizer):
         self.training_steps += 1
 
     # ------------------------------------------------------------------ the loss (SOAA)
-    def set_loss(self, loss: Any) -> None:
+    def set_loss(self, loss: Any, *, replace: bool = False) -> None:
         """Hand this training step's (rank-local, mean) loss to the inner optimizer, e.g. SOAA.
 
         The inner optimizer all-reduces it with its other global scalars, so every rank sees the
-        data-parallel mean. Builds the inner optimizer on first use.
+        data-parallel mean. Builds the inner optimizer on first use. ``replace``: as SOAA's (a value
+        that replaces an earlier one of the same step on purpose).
         """
         inner = self._inner if self._inner is not None else self._ensure_inner()
         if not hasattr(inner, "set_loss"):
             raise TypeError(f"{type(inner).__name__} does not use the loss (no set_loss method)")
-        inner.set_loss(loss)
+        inner.set_loss(loss, replace=replace)
 
     def statistics(self) -> dict[str, float]:
         stats = {} if self._inner is None else dict(self._inner.statistics())

@@ -14,6 +14,7 @@ All three are plain picklable objects (``ddp_spawn`` pickles callbacks to the wo
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from collections.abc import Callable
@@ -105,6 +106,20 @@ def _acceptance(target: Any) -> Any:
     if acceptance is None:
         acceptance = (getattr(target, "hyperparams", None) or {}).get("acceptance")
     return acceptance
+
+
+def _hand_over(method: Callable[..., None], *values: Any) -> None:
+    """Call ``set_loss``/``set_batch`` with ``replace=True`` where it takes it (ours; the DeepSpeed client):
+    the callbacks hand over a running value after every micro-batch, each replacing the last on purpose. A
+    foreign optimizer declaring ``step_needs`` may have a plain ``set_loss(loss)``."""
+    try:
+        takes = "replace" in inspect.signature(method).parameters
+    except (TypeError, ValueError):  # a builtin or a C method without a signature
+        takes = False
+    if takes:
+        method(*values, replace=True)
+    else:
+        method(*values)
 
 
 def _check_flag(name: str, value: Any) -> None:
@@ -211,7 +226,7 @@ class LossToOptimizer(Callback):
         targets = _targets(trainer, StepNeeds.LOSS)
         if _attributed(pl_module, targets):
             for target in targets:
-                target.set_loss(step_loss)
+                _hand_over(target.set_loss, step_loss)
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -231,7 +246,7 @@ class LossToOptimizer(Callback):
                 and not _attributed(pl_module, _targets(trainer, StepNeeds.LOSS)):
             # one manual_backward since the window began: its loss is the step's, for every optimizer
             # stepping on it (once each: a second step without a new backward has no loss of its own)
-            target.set_loss(self._sum)
+            _hand_over(target.set_loss, self._sum)
             self._handed.add(id(target))
         # The next backward belongs to the next optimizer step (or to a re-evaluation of this batch,
         # whose loss then replaces, not adds to, the one handed over).
@@ -383,7 +398,7 @@ class BatchToOptimizer(Callback):
             self._window.append((inputs, targets))
             inputs, targets = concat_batches(self._window)
         for opt in targets_opts:
-            opt.set_batch(inputs, targets)
+            _hand_over(opt.set_batch, inputs, targets)
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule,

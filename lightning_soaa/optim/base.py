@@ -1101,7 +1101,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 "(Lightning strategy='ddp' does), or construct the optimizer with grad_reduction='mean' to "
                 "have it average the gradients itself. Already under DDP: a parameter the forward did not use "
                 "keeps DDP from reducing its bucket; pass find_unused_parameters=True (Lightning: "
-                "strategy='ddp_find_unused_parameters_true') or leave that parameter out. Nothing changed."
+                "strategy='ddp_find_unused_parameters_true') or leave that parameter out; and the last "
+                "backward before step() must run outside ddp_model.no_sync() (under gradient accumulation only "
+                "the earlier micro-batches go inside it). Nothing changed."
                 + fused
             )
 
@@ -1440,6 +1442,31 @@ class ShardedOptimizer(torch.optim.Optimizer):
         # take the same branch on every rank (see _full_state_dict)
         self._consolidated_at = self.num_steps + self.skipped_steps
         self._consolidated = full if to is None or to == self.comm.rank else None
+
+    def _warn_repeated_handover(self, method: str, advice: str) -> None:
+        """Warn, once per optimizer, that ``method`` (``set_loss``/``set_batch``) was called again before a
+        step: the last value wins. Calling it once per micro-batch of a manual accumulation loop (as
+        DeepSpeed's client takes ``set_batch``) stepped silently on the last micro-batch alone."""
+        if self.__dict__.get("_warned_handover"):
+            return
+        self._warned_handover = True
+        log.warning("%s.%s was called again before step(): the step uses the last value only (it replaces "
+                    "the earlier one). Under gradient accumulation %s; pass replace=True where replacing is "
+                    "meant. (Logged once.)", type(self).__name__, method, advice)
+
+    def join_hook(self, **kwargs: Any) -> Any:
+        """Refuse torch's ``Join`` (uneven inputs), which calls this when it is constructed, on every rank,
+        before any collective. A rank that has run out of data would have to shadow every collective of
+        the step (the sharded update, the global statistics) with zeros, which a step judged by its loss or
+        batch cannot do; without this method ``Join([model, opt])`` raised a bare AttributeError."""
+        raise ValueError(
+            f"{type(self).__name__} does not support torch.distributed.algorithms.join.Join (uneven inputs "
+            "across ranks): a rank that ran out of data cannot take part in the optimizer's step. Give every "
+            "rank the same number of batches (DistributedSampler(..., drop_last=True), or cut every rank's "
+            "loader to the shortest), or wrap the model alone: Join([ddp_model], "
+            "throw_on_early_termination=True) stops every rank together when one runs out (without it, the "
+            "other ranks' step collectives meet the joined rank's DDP shadow all-reduces: a gloo abort or an "
+            "NCCL hang).")
 
     def state_dict(self) -> dict[str, Any]:
         """:meth:`_full_state_dict` between torch's state-dict hooks (:mod:`~lightning_soaa.optim.sd_hooks`)."""

@@ -615,9 +615,20 @@ class EGN(ShardedOptimizer):
         return out
 
     # ------------------------------------------------------------------ the step
-    def set_batch(self, inputs: Any, targets: Tensor) -> None:
+    def set_batch(self, inputs: Any, targets: Tensor, *, replace: bool = False) -> None:
         """Store the mini-batch for the next :meth:`step` when the caller cannot pass it there
-        (Lightning's automatic optimization via ``BatchToOptimizer``, the DeepSpeed engine)."""
+        (Lightning's automatic optimization via ``BatchToOptimizer``, the DeepSpeed engine).
+
+        The last call before a step wins: under manual gradient accumulation hand over the step's
+        micro-batches concatenated along the samples once (``lightning_soaa.optim.egn_batches.concat_batches``),
+        or pass them to ``step(inputs=..., targets=...)`` (DeepSpeed's client, by contrast, collects one
+        ``set_batch`` per micro-batch). A second call before a step logs that warning once per optimizer
+        (stepping on the last of 2 micro-batches was 0.26 off the step on both); ``replace=True`` says the
+        call replaces the earlier batch on purpose (``BatchToOptimizer`` hands over the growing concatenation
+        after every micro-batch)."""
+        if self._pending_batch is not None and not replace:
+            self._warn_repeated_handover("set_batch", "hand over the step's micro-batches concatenated once "
+                                         "(lightning_soaa.optim.egn_batches.concat_batches)")
         self._pending_batch = (inputs, targets)
 
     @torch._disable_dynamo  # eager under torch.compile (see ShardedOptimizer.step)

@@ -459,12 +459,15 @@ class SOAA(ShardedOptimizer):
         config_from_group(SOAAConfig, group)
 
     # ------------------------------------------------------------------ the loss
-    def set_loss(self, loss: Tensor | float, weight: float = 1.0) -> None:
+    def set_loss(self, loss: Tensor | float, weight: float = 1.0, *, replace: bool = False) -> None:
         """Store the mini-batch loss for the next :meth:`step` (e.g. from ``on_before_backward``).
 
         The last call before a step wins: under manual gradient accumulation hand over the step's mean
         loss once (``set_loss(mean)`` or ``step(loss=mean)``), not each micro-batch's (the trust region then
-        judged the step by the last micro-batch alone: 0.13 off after 40 steps of 4 micro-batches).
+        judged the step by the last micro-batch alone: 0.13 off after 40 steps of 4 micro-batches). A
+        second call before a step logs that warning once per optimizer; ``replace=True`` says the call
+        replaces the earlier value on purpose (a running mean: ``LossToOptimizer`` hands one over after
+        every micro-batch).
         ``weight`` (e.g. the local batch size) weights this rank's loss in the cross-rank average; the
         default 1 averages ranks equally (equal per-rank batches, spec §1.6). The loss SOAA judges its
         steps by is that average, so each rank's loss must be its share of the global objective *as a
@@ -480,7 +483,11 @@ class SOAA(ShardedOptimizer):
         w = float(weight) if number or tensor else math.nan
         if not math.isfinite(w) or w <= 0.0:
             raise ValueError(f"Invalid weight={weight!r}. Must be a finite number > 0 (or a one-element tensor).")
-        self._pending_loss = (_check_loss(loss), w)
+        checked = _check_loss(loss)
+        if self._pending_loss is not None and not replace:
+            self._warn_repeated_handover("set_loss", "hand over the step's mean loss once (set_loss(mean) or "
+                                         "step(loss=mean))")
+        self._pending_loss = (checked, w)
         self._set_loss_calls += 1
 
     # ------------------------------------------------------------------ the step
@@ -506,7 +513,7 @@ class SOAA(ShardedOptimizer):
         try:  # an error here (a bad loss on one rank) is raised on every rank after the all-reduce
             ret = self._run_closure(closure)
             if loss is not None:
-                self.set_loss(loss)
+                self.set_loss(loss, replace=True)  # step(loss=) overrides a set_loss value
             elif closure is not None and ret is not None and self._set_loss_calls == calls_before:
                 # A loss handed over *during* the closure (Lightning's LossToOptimizer fires inside it)
                 # wins over the closure's return value: under gradient accumulation Lightning's closure
@@ -515,7 +522,7 @@ class SOAA(ShardedOptimizer):
                 k = accumulation_steps(closure)
                 if k > 1:
                     raise ValueError(ACCUMULATION_MESSAGE.format(k=k))
-                self.set_loss(ret)
+                self.set_loss(ret, replace=True)
         except Exception as e:
             error = e
         try:

@@ -174,6 +174,48 @@ def test_input_errors_say_what_is_wrong(spec: OptimizerSpec) -> None:
             spec.load()([(i + 1, p) for i, p in enumerate(params_)], **spec.test_kwargs)
 
 
+@each_optimizer
+def test_torch_join_is_refused_clearly_when_it_is_built(spec: OptimizerSpec) -> None:
+    """torch's Join (uneven inputs) asks each joinable for its hook when it is constructed, on every rank
+    and before any collective: a clear refusal there (it was a bare AttributeError) ends every rank
+    together. A joined rank could not shadow the step's collectives."""
+    from torch.distributed.algorithms.join import Join
+
+    model, opt = make(spec)
+    with pytest.raises(ValueError, match=rf"{type(opt).__name__} does not support .*Join .*throw_on_early_termination"):
+        Join([opt])
+
+
+_HANDED = [s for s in SPECS if s.needs in (StepNeeds.LOSS, StepNeeds.BATCH)]
+
+
+@pytest.mark.parametrize("spec", _HANDED, ids=[s.name for s in _HANDED])
+def test_a_second_hand_over_before_a_step_warns_once(spec: OptimizerSpec,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """set_loss / set_batch once per micro-batch of a manual accumulation loop: the step used the last
+    value alone, silently (EGN 0.26 off the step on both micro-batches; DeepSpeed's client collects one
+    set_batch per micro-batch, so the pattern is natural). The last value still wins, with a warning, once;
+    replace=True (the Lightning callbacks' running values) does not warn."""
+    model, opt = make(spec)
+    x, y = data(0)
+
+    def hand(replace: bool = False) -> None:
+        if spec.needs is StepNeeds.BATCH:
+            opt.set_batch(x, y, replace=replace)
+        else:
+            opt.set_loss(half_mse(model(x), y).detach(), replace=replace)
+
+    hand()
+    hand(replace=True)
+    assert "called again before step()" not in caplog.text
+    hand()
+    hand()
+    assert caplog.text.count(f"{type(opt).__name__}.set_") == 1, caplog.text
+    assert "called again before step(): the step uses the last value only" in caplog.text
+    opt.step()  # the handed value is taken
+    assert opt.num_steps == 1
+
+
 _GROUPED = [s for s in SPECS if s.first_arg is FirstArg.NAMED_PARAMETERS]
 
 

@@ -82,6 +82,8 @@ def test_soaa_refuses_accumulation_without_the_loss_callback(tmp_path: Path) -> 
     trainer = make_trainer(tmp_path, max_steps=2, accumulate_grad_batches=2, callbacks=[LossToOptimizer()])
     trainer.fit(model)
     assert trainer.optimizers[0].num_steps == 2
+    # the callback's running value replaces the last one on purpose: no repeated-hand-over warning
+    assert not trainer.optimizers[0].__dict__.get("_warned_handover")
 
 
 def _manual_module(opt_kind: str) -> PlainRegressor:
@@ -244,6 +246,7 @@ def _egn_params_after(tmp_path: Path, batch_size: int, steps: int, **trainer_kw:
     trainer = make_trainer(tmp_path, max_steps=steps, callbacks=[BatchToOptimizer()], **trainer_kw)
     trainer.fit(model)
     assert trainer.optimizers[0].statistics()["batch_size"] == 8.0
+    assert not trainer.optimizers[0].__dict__.get("_warned_handover")  # the running batch replaces on purpose
     return [p.detach().clone() for p in model.parameters()]
 
 

@@ -377,7 +377,7 @@ PINNED = [
      "Invalid rho_smoothing=0.9 with acceptance='same_batch'. Must be 0.0: it applies to acceptance='lagged' only."),
     (dict(acceptance="same_batch", trust_warmup=3),
      "Invalid trust_warmup=3 with acceptance='same_batch'. Must be 0: it applies to acceptance='lagged' only."),
-    (dict(eta1=0.5, eta2=0.25), "Invalid eta2=0.25. Must be in [0.5, inf)."),
+    (dict(eta1=0.5, eta2=0.25), "Invalid eta2=0.25. Must be in [0.5, inf) (the lower bound is eta1=0.5)."),
     (dict(shrink=1.0), "Invalid shrink=1.0. Must be in (0.0, 1.0)."),
     (dict(expand=0.5), "Invalid expand=0.5. Must be in [1.0, inf)."),
     (dict(d_min=0.0), "Invalid d_min=0.0. Must be in (0.0, 1.0]."),
