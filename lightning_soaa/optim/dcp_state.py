@@ -311,8 +311,8 @@ def _loaded_blocks(opt: ShardedOptimizer, sd: dict[str, Any],
             "or save and load in torch.distributed.checkpoint's form.")
     out: dict[tuple[int, int], dict[str, Tensor]] = {}
     stacks = _stacks(opt)
-    for pi, blocks in stacks.items():
-        out.update(_loaded_stack(opt, pi, blocks, by_index.get(pi, {}), limit))
+    if stacks:
+        out.update(_loaded_stacks(opt, stacks, by_index, limit))
     for b in opt._owned:
         if b.param_index in stacks:
             continue
@@ -355,6 +355,29 @@ def _stack_rows(opt: ShardedOptimizer, pi: int, key: str, v: Any, shape: tuple[i
                          f"with the stack's placements {tuple(p.placements)} on its mesh.")
     rows: Tensor = v.to_local()
     return rows
+
+
+def _loaded_stacks(opt: ShardedOptimizer, stacks: dict[int, list[BlockInfo]], by_index: dict[int, Any],
+                   limit: float) -> dict[tuple[int, int], dict[str, Tensor]]:
+    """:func:`_loaded_stack` of every stack, with one verdict on every rank: a rank sees only its own
+    experts' values (a step count ahead of the optimizer's), and one raising alone would leave the others
+    waiting in their next step's collective. One all-reduce of an error flag (every rank loads)."""
+    out: dict[tuple[int, int], dict[str, Tensor]] = {}
+    error: ValueError | None = None
+    try:
+        for pi, blocks in stacks.items():
+            out.update(_loaded_stack(opt, pi, blocks, by_index.get(pi, {}), limit))
+    except ValueError as e:
+        error = e
+    if opt.comm.world_size > 1:
+        flag = torch.tensor([0.0 if error is None else 1.0], dtype=torch.float64)
+        dev = local(opt._params[next(iter(stacks))]).device  # type: ignore[union-attr]
+        if float(opt.comm.all_reduce_(flag.to(dev))[0]) > 0 and error is None:
+            error = ValueError(f"{_name(opt)}.load_state_dict: another rank found the state of the experts it "
+                               "holds invalid (its error names them). Nothing was loaded.")
+    if error is not None:
+        raise error
+    return out
 
 
 def _loaded_stack(opt: ShardedOptimizer, pi: int, blocks: list[BlockInfo], entry: dict[str, Any],

@@ -164,6 +164,25 @@ def resume_dcp(world_size: int, path: str) -> dict[str, Any]:
     return {"params": full_params(model), "resumed_at": at, "form": form}
 
 
+def corrupted_load(rank: int, world_size: int, path: str) -> dict[str, Any]:
+    """The DCP recipe with the last rank's experts' step counts of ``experts0`` set past the optimizer's
+    (a state whose tensors changed after it was taken): only that rank can see it, every rank must raise
+    (one raising alone left the others in their next step's collective) and load nothing."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model, opt = sharded(world_size)
+    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+    if rank == world_size - 1:
+        optim_sd["state"]["experts0"]["step"].to_local().fill_(99.0)
+    try:
+        set_state_dict(model, opt, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    except ValueError as e:
+        return {"error": str(e), "steps": opt.num_steps, "state": sum(len(v) for v in opt.state.values())}
+    return {"error": "loaded", "steps": opt.num_steps}
+
+
 def resume_consolidated(world_size: int, path: str) -> list[torch.Tensor]:
     model, opt = sharded(world_size, torch.load(path, weights_only=False))
     train(model, opt, range(CKPT_AT, STEPS))
@@ -195,6 +214,8 @@ def run_world(rank: int, world_size: int, root: str, loads: tuple[int, ...], con
         save_dcp(model, opt, f"{root}/dcp_w{world_size}")
         consolidated(model, opt, rank, f"{root}/cons_w{world_size}.pt")
     out["dcp"] = {w: resume_dcp(world_size, f"{root}/dcp_w{w}") for w in loads}
+    if not fresh:
+        out["corrupted"] = corrupted_load(rank, world_size, f"{root}/dcp_w{loads[0]}")
     out["consolidated"] = {name: resume_consolidated(world_size, f"{root}/{name}") for name in consolidated_from}
     return out
 

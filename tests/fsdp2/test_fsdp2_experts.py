@@ -8,7 +8,8 @@ earlier ones saved after CKPT_AT steps):
 * W = 2: the full run; resumes the one-process consolidated checkpoint; the refusals;
 * W = 1: the full run; resumes W = 2's DCP and consolidated checkpoints;
 * W = 3: the full run; resumes W = 2's and W = 1's DCP checkpoints and W = 2's consolidated one;
-* W = 2: resumes W = 1's and W = 3's DCP checkpoints.
+* W = 2: resumes W = 1's and W = 3's DCP checkpoints; one with a corrupt expert state is refused on
+  every rank.
 
 and the parent resumes W = 3's consolidated checkpoint in one process. Every continuation must end where
 the uninterrupted run does. Equality to 1e-12 in float64 (summation order only).
@@ -84,6 +85,11 @@ def test_dcp_checkpoint_resumes_at_other_world_sizes(runs, oracle) -> None:
                 assert got["form"]["step"] == ("DTensor", (3,), "(Shard(dim=0),)"), got["form"]
                 checked += 1
     assert checked == 1 + 2 * 3 + 2 * 2
+    # a step count only the last rank's experts show as ahead of the optimizer's: refused on every rank
+    last = results[-1]
+    assert "has taken 99 steps" in last[-1]["corrupted"]["error"], last[-1]["corrupted"]
+    assert "another rank found the state of the experts it holds invalid" in last[0]["corrupted"]["error"]
+    assert [rr["corrupted"]["steps"] for rr in last] == [0] * len(last)
 
 
 def test_consolidated_checkpoint_moves_between_fsdp2_and_one_process(runs, oracle) -> None:
