@@ -208,7 +208,7 @@ def run_world(rank: int, world_size: int, root: str, loads: tuple[int, ...], con
         model, opt = sharded(world_size)
         train(model, opt, range(STEPS))
         out.update(params=full_params(model), held=held_experts(opt), calls=dict(opt.comm.step_stats.calls),
-                   refusals=refused(world_size))
+                   refusals=refused(world_size), autograd=autograd_run(rank, world_size))
         model, opt = sharded(world_size)
         train(model, opt, range(CKPT_AT))
         save_dcp(model, opt, f"{root}/dcp_w{world_size}")
@@ -218,6 +218,47 @@ def run_world(rank: int, world_size: int, root: str, loads: tuple[int, ...], con
         out["corrupted"] = corrupted_load(rank, world_size, f"{root}/dcp_w{loads[0]}")
     out["consolidated"] = {name: resume_consolidated(world_size, f"{root}/{name}") for name in consolidated_from}
     return out
+
+
+class _Experts(nn.Module):
+    """A stack used in a forward pass: every token through every expert (no routing: the gradient is
+    FSDP2's own, reduce-scattered from a backward, rather than one set by hand)."""
+
+    def __init__(self, w: torch.Tensor) -> None:
+        super().__init__()
+        self.w = nn.Parameter(w.clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("ni,eio->neo", x, self.w)
+
+
+def _autograd_batches(rank: int, world_size: int) -> list[torch.Tensor]:
+    """Two steps' batches of 6 rows (divisible by W = 1, 2, 3): this rank's rows (``world_size=1``: all)."""
+    out = []
+    for t in range(2):
+        x = torch.randn(6, 4, generator=torch.Generator().manual_seed(700 + t), dtype=torch.float64)
+        n = 6 // world_size
+        out.append(x[rank * n:(rank + 1) * n])
+    return out
+
+
+def autograd_run(rank: int, world_size: int) -> list[torch.Tensor]:
+    """Two steps of a ``[3, 4, 5]`` stack trained through ``fully_shard``'s forward and backward (its
+    gradient a ``Shard(0)`` DTensor, uneven at W = 2); at ``world_size=0`` the one-process run."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    w = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    model = _Experts(w)
+    if world_size:
+        fully_shard(model, mesh=init_device_mesh("cpu", (world_size,)))
+    opt = ASGO(model.named_parameters(), batch_dims=1, **KW)
+    for x in _autograd_batches(rank, max(world_size, 1)):
+        opt.zero_grad()
+        model(x).square().mean().backward()  # FSDP2 averages over ranks: the global batch's mean loss
+        opt.step()
+    w_now = model.w
+    return [w_now.full_tensor().detach().clone() if world_size else w_now.detach().clone()]  # type: ignore[operator]
 
 
 def refused(world_size: int) -> dict[str, str]:

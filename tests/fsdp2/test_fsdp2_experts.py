@@ -70,6 +70,15 @@ def test_stacked_experts_under_fsdp2_equal_separate_experts(runs, oracle) -> Non
     assert held[2] == [[(p, 0) for p in (0, 1, 2, 4)], [(p, 1) for p in range(3)], [(p, 2) for p in range(3)]]
 
 
+def test_stack_trained_through_fully_shard_backward_equals_one_process(runs) -> None:
+    """The gradient FSDP2 itself reduce-scatters from a backward (not set by hand) steps the same."""
+    results, _ = runs
+    want = X.autograd_run(0, 0)
+    for (w, *_), res in zip(LAUNCHES[:3], results[:3]):
+        for r, rr in enumerate(res):
+            _assert_close(rr["autograd"], want, f"autograd W={w} rank {r}")
+
+
 def test_dcp_checkpoint_resumes_at_other_world_sizes(runs, oracle) -> None:
     """Saved at W = 2, resumed at W = 1 and 3, and saved at W = 1 and 3, resumed at W = 2; the experts'
     state is stacked: one DTensor [E, ...] per key, sharded like the stack."""
