@@ -29,6 +29,7 @@ GATE = (8, 3)  # rows >= columns: the right side, with FSDP2 or without
 STEPS = 5
 CKPT_AT = 3  # root_every=2: the resumed step 4 reuses the stored root, step 5 computes one
 N_DENSE = len(DENSE_SHAPES)
+AUTO: dict[str, Any] = {"root_every": "auto"}  # its gram_at_root and root_step are per-expert state too
 
 
 def _solo_init() -> torch.Tensor:
@@ -71,10 +72,11 @@ def as_list(named: list[tuple[str, nn.Parameter]], stacked: bool) -> list[torch.
     return as_stacks(named[:-2], stacked) + [named[-2][1].detach().clone(), solo if stacked else solo[None]]
 
 
-def one_process(stacked: bool, steps: range, start: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The plain one-process run (no process group); ``start``: a consolidated checkpoint to resume."""
+def one_process(stacked: bool, steps: range, start: dict[str, Any] | None = None, **kw: Any) -> dict[str, Any]:
+    """The plain one-process run (no process group); ``start``: a consolidated checkpoint to resume;
+    ``kw``: ASGO's options beyond the oracle's."""
     named = named_params(stacked)
-    opt = ASGO(param_groups(named, stacked), **KW)
+    opt = ASGO(param_groups(named, stacked), **{**KW, **kw})
     if start is not None:
         with torch.no_grad():
             for (_, p), v in zip(named, start["params"], strict=True):
@@ -97,7 +99,7 @@ class _Holder(nn.Module):
             self.register_parameter(name.replace(".", "_"), p)
 
 
-def sharded(world_size: int, start: dict[str, Any] | None = None) -> tuple[nn.Module, ASGO]:
+def sharded(world_size: int, start: dict[str, Any] | None = None, **kw: Any) -> tuple[nn.Module, ASGO]:
     """The model under fully_shard on a 1-D mesh of the whole world (every parameter Shard(0)) and its
     ASGO; ``start``: a consolidated checkpoint (full parameters and our consolidated optimizer state)."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -110,7 +112,7 @@ def sharded(world_size: int, start: dict[str, Any] | None = None) -> tuple[nn.Mo
                 p.copy_(v)
     model = _Holder(named)
     fully_shard(model, mesh=init_device_mesh("cpu", (world_size,)))
-    opt = ASGO(param_groups(list(model.named_parameters()), True), **KW)
+    opt = ASGO(param_groups(list(model.named_parameters()), True), **{**KW, **kw})
     if start is not None:
         opt.load_state_dict(start["opt"])
     return model, opt
@@ -147,13 +149,13 @@ def save_dcp(model: nn.Module, opt: ASGO, path: str) -> None:
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
 
 
-def resume_dcp(world_size: int, path: str) -> dict[str, Any]:
+def resume_dcp(world_size: int, path: str, **kw: Any) -> dict[str, Any]:
     """A fresh model and optimizer at this W, torch's recipe to load ``path`` (saved at any W), then the
     remaining steps. Also what the stacked state looked like, and the step count loaded."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    model, opt = sharded(world_size)
+    model, opt = sharded(world_size, **kw)
     model_sd, optim_sd = get_state_dict(model, opt)
     dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
     set_state_dict(model, opt, model_state_dict=model_sd, optim_state_dict=optim_sd)
@@ -213,7 +215,11 @@ def run_world(rank: int, world_size: int, root: str, loads: tuple[int, ...], con
         train(model, opt, range(CKPT_AT))
         save_dcp(model, opt, f"{root}/dcp_w{world_size}")
         consolidated(model, opt, rank, f"{root}/cons_w{world_size}.pt")
+        model, opt = sharded(world_size, **AUTO)  # root_every="auto": two more stacked keys
+        train(model, opt, range(CKPT_AT))
+        save_dcp(model, opt, f"{root}/dcp_auto_w{world_size}")
     out["dcp"] = {w: resume_dcp(world_size, f"{root}/dcp_w{w}") for w in loads}
+    out["dcp_auto"] = {w: resume_dcp(world_size, f"{root}/dcp_auto_w{w}", **AUTO) for w in loads}
     if not fresh:
         out["corrupted"] = corrupted_load(rank, world_size, f"{root}/dcp_w{loads[0]}")
     out["consolidated"] = {name: resume_consolidated(world_size, f"{root}/{name}") for name in consolidated_from}
@@ -229,7 +235,7 @@ class _Experts(nn.Module):
         self.w = nn.Parameter(w.clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("ni,eio->neo", x, self.w)
+        return torch.einsum("ni,eio->neo", x, self.w).clone()  # einsum's view: FSDP2 warns about views
 
 
 def _autograd_batches(rank: int, world_size: int) -> list[torch.Tensor]:

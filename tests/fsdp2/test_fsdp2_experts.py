@@ -42,6 +42,11 @@ def oracle() -> list[torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
+def oracle_auto() -> list[torch.Tensor]:
+    return X.one_process(False, range(X.STEPS), **X.AUTO)["params"]
+
+
+@pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[list[dict[str, Any]]], Path]:
     root = tmp_path_factory.mktemp("fsdp2_experts")
     plain = X.one_process(True, range(X.CKPT_AT))
@@ -79,21 +84,23 @@ def test_stack_trained_through_fully_shard_backward_equals_one_process(runs) -> 
             _assert_close(rr["autograd"], want, f"autograd W={w} rank {r}")
 
 
-def test_dcp_checkpoint_resumes_at_other_world_sizes(runs, oracle) -> None:
-    """Saved at W = 2, resumed at W = 1 and 3, and saved at W = 1 and 3, resumed at W = 2; the experts'
-    state is stacked: one DTensor [E, ...] per key, sharded like the stack."""
+def test_dcp_checkpoint_resumes_at_other_world_sizes(runs, oracle, oracle_auto) -> None:
+    """Saved at W = 2, resumed at W = 1 and 3, and saved at W = 1 and 3, resumed at W = 2 (also with
+    root_every="auto"); the experts' state is stacked: one DTensor [E, ...] per key, sharded like the stack."""
     results, _ = runs
     checked = 0
     for (w, loads, *_), res in zip(LAUNCHES, results):
         for src in loads:
             for r, rr in enumerate(res):
-                got = rr["dcp"][src]
-                assert got["resumed_at"] == X.CKPT_AT
-                _assert_close(got["params"], oracle, f"DCP saved at W={src}, resumed at W={w}, rank {r}")
-                assert got["form"]["gram"] == ("DTensor", (3, 3, 3), "(Shard(dim=0),)"), got["form"]
-                assert got["form"]["step"] == ("DTensor", (3,), "(Shard(dim=0),)"), got["form"]
-                checked += 1
-    assert checked == 1 + 2 * 3 + 2 * 2
+                for key, want in (("dcp", oracle), ("dcp_auto", oracle_auto)):
+                    got = rr[key][src]
+                    assert got["resumed_at"] == X.CKPT_AT
+                    _assert_close(got["params"], want, f"{key} saved at W={src}, resumed at W={w}, rank {r}")
+                    assert got["form"]["gram"] == ("DTensor", (3, 3, 3), "(Shard(dim=0),)"), got["form"]
+                    assert got["form"]["step"] == ("DTensor", (3,), "(Shard(dim=0),)"), got["form"]
+                    assert ("gram_at_root" in got["form"]) == (key == "dcp_auto"), got["form"]
+                    checked += 1
+    assert checked == 2 * (1 + 2 * 3 + 2 * 2)
     # a step count only the last rank's experts show as ahead of the optimizer's: refused on every rank
     last = results[-1]
     assert "has taken 99 steps" in last[-1]["corrupted"]["error"], last[-1]["corrupted"]
