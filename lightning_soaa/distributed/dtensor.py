@@ -20,6 +20,11 @@ parameter-shaped state (``exp_avg``-like keys) into the full tensor (an all-gath
 collective: called in parameter order on every rank), :meth:`DTensorLayout.shard_state` cuts a full
 tensor back to this rank's piece without communication. Those DTensor all-gathers and the gradient
 mean below are the only collectives made outside :mod:`lightning_soaa.distributed.comm`.
+
+A block cut along the sharded dim 0 (ASGO's experts of a ``batch_dims=1`` stack, one index of dim 0 each)
+lies whole on the rank whose rows contain it (torch's ``Shard(0)`` splits dim 0 like ``torch.chunk``),
+its holder: only that rank steps it and keeps its state (:meth:`DTensorLayout.holds`), which stays
+whole in both checkpoint forms (the optimizer gathers the holders' blocks for the consolidated form).
 """
 
 from __future__ import annotations
@@ -79,6 +84,8 @@ class ParamPlacement:
     row_sharded: bool  # dim 0 is split over ranks (only Shard(0) and Replicate placements)
     sharded_dims: tuple[int, ...]  # tensor dims split over mesh dims
     global_shape: tuple[int, ...]
+    #: the mesh dims that split dim 0 (see :meth:`DTensorLayout.rows`)
+    dim0_splits: tuple[int, ...] = ()
 
 
 def _placement_of(p: Tensor, rank: int, label: str, optimizer: str) -> ParamPlacement:
@@ -90,11 +97,14 @@ def _placement_of(p: Tensor, rank: int, label: str, optimizer: str) -> ParamPlac
     coord = mesh.get_coordinate()
     counted = True
     dims: list[int] = []
+    dim0_splits: list[int] = []  # the mesh dims that split dim 0
     for mdim, pl in enumerate(p.placements):  # type: ignore[attr-defined]
         if isinstance(pl, Replicate):
             counted = counted and coord is not None and coord[mdim] == 0
         elif isinstance(pl, Shard):
             dims.append(pl.dim % max(p.dim(), 1))
+            if dims[-1] == 0:
+                dim0_splits.append(mdim)
         elif "Strided" in type(pl).__name__:
             # fully_shard over a tensor-parallel module (a 2-D dp x tp mesh): the shard of a shard
             raise ValueError(
@@ -108,7 +118,33 @@ def _placement_of(p: Tensor, rank: int, label: str, optimizer: str) -> ParamPlac
                 "Replicate are supported (a Partial parameter has no well-defined local value). Use "
                 "torch.distributed.fsdp.fully_shard, whose parameters are Shard(0) or (Replicate, Shard(0))."
             )
-    return ParamPlacement(True, counted, bool(dims) and set(dims) == {0}, tuple(dims), tuple(p.shape))
+    return ParamPlacement(True, counted, bool(dims) and set(dims) == {0}, tuple(dims), tuple(p.shape),
+                          tuple(dim0_splits))
+
+
+def _dim0_range(p: Any, splits: tuple[int, ...], label: str) -> tuple[int, int]:
+    """The global rows ``[start, stop)`` of ``p``'s local piece: torch's ``Shard(0)`` cuts dim 0 like
+    ``torch.chunk`` (``ceil(rows / n)`` per rank, the trailing ranks fewer or none), FSDP2's ``fully_shard``
+    too. Checked against the local piece, so a layout torch ever cuts otherwise raises here instead of
+    addressing the wrong rows."""
+    rows = int(p.shape[0])
+    if not splits:
+        return (0, rows)
+    coord = p.device_mesh.get_coordinate()
+    if len(splits) > 1 or coord is None:
+        raise ValueError(f"parameter {label} of shape {tuple(p.shape)} has dim 0 split over mesh dims "
+                         f"{list(splits)} ({tuple(p.placements)}); a block cut along dim 0 needs it split over "
+                         "one mesh dim")
+    n, c = int(p.device_mesh.size(splits[0])), int(coord[splits[0]])
+    chunk = -(-rows // n)
+    start = min(c * chunk, rows)
+    stop = min(start + chunk, rows)
+    held = int(p.to_local().shape[0])
+    if held != stop - start:
+        raise ValueError(f"parameter {label} of shape {tuple(p.shape)} holds {held} rows of dim 0 on mesh "
+                         f"coordinate {c} of {n}; torch.chunk's split gives rows {start}:{stop}. Only torch's "
+                         "Shard(0) split as fully_shard makes it is supported.")
+    return (start, stop)
 
 
 def _mesh_ranks(mesh: Any) -> list[int]:
@@ -170,6 +206,7 @@ class DTensorLayout:
         self.comm = _mesh_communicator(mesh, comm, process_group, optimizer)
         self.placements = [_placement_of(p, self.comm.rank, lab, optimizer) for p, lab in zip(params, labels)]
         self._params = list(params)
+        self._labels = list(labels)
         #: indices of the plain (non-DTensor) parameters: replicas every rank updates from its own gradient
         self.plain = [i for i, pl in enumerate(self.placements) if not pl.is_dtensor]
 
@@ -210,13 +247,54 @@ class DTensorLayout:
                     writable_grad(p).copy_(flat[off:off + p.numel()].view_as(p))
                 off += p.numel()
 
+    # ------------------------------------------------------------------ blocks cut across the shards
+    # A block cut along an unsharded dim (ASGO's column blocks of a row-sharded matrix) has a piece on every
+    # rank. A block cut along the sharded dim 0 (ASGO's experts of a batch_dims=1 stack, one index each) lies
+    # whole on the rank whose rows contain it, its holder: only that rank steps it and keeps its state.
+    def cut_across(self, block: BlockInfo) -> bool:
+        """Whether ``block`` is cut along a dim split over ranks (it then lies whole on its holder)."""
+        return block.dim is not None and block.dim in self.placements[block.param_index].sharded_dims
+
+    def rows(self, param_index: int) -> tuple[int, int]:
+        """The global rows ``[start, stop)`` of dim 0 that this rank's piece of the parameter covers
+        (computed on first use: only parameters with blocks cut across the shards need it)."""
+        cache: dict[int, tuple[int, int]] = self.__dict__.setdefault("_rows", {})
+        if param_index not in cache:
+            cache[param_index] = _dim0_range(self._params[param_index], self.placements[param_index].dim0_splits,
+                                             self._labels[param_index])
+        return cache[param_index]
+
+    def holds(self, block: BlockInfo) -> bool:
+        """Whether this rank holds (its piece of) ``block``: always, unless the block is cut across the
+        shards and lies on another rank. A block straddling two ranks' rows raises (none is cut so)."""
+        if not self.cut_across(block):
+            return True
+        if block.dim != 0:
+            raise ValueError(f"block {block.key} is cut along dim {block.dim}, which is sharded over ranks; "
+                             "only dim 0 may be (its blocks then lie whole on one rank)")
+        start, stop = self.rows(block.param_index)
+        if start <= block.start and block.stop <= stop:
+            return True
+        if block.stop <= start or block.start >= stop:
+            return False
+        raise ValueError(f"block {block.key} (rows {block.start}:{block.stop}) straddles this rank's rows "
+                         f"{start}:{stop} of the sharded dim 0")
+
+    def local_block(self, block: BlockInfo, piece: Tensor) -> Tensor:
+        """``block``'s view into this rank's ``piece`` of the parameter (or of its gradient): a block cut
+        across the shards is addressed from this rank's first row (call only for a block it holds)."""
+        if not self.cut_across(block):
+            return block.view(piece)
+        start = self.rows(block.param_index)[0]
+        return piece.narrow(0, block.start - start, block.stop - block.start)
+
     # ------------------------------------------------------------------ checkpoints
     def _block_shapes(self, block: BlockInfo) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """(local, global) shape of a block. Blocks are cut along unsharded dims only (ASGO cuts the
-        columns of a row-sharded matrix), so the global block is the local one with full sharded dims."""
-        pl = self.placements[block.param_index]
-        if block.dim is not None and block.dim in pl.sharded_dims:
-            raise ValueError(f"block {block.key} is cut along dim {block.dim}, which is sharded over ranks")
+        """(local, global) shape of a block. A block cut along unsharded dims only (ASGO cuts the
+        columns of a row-sharded matrix) has the global shape of the local one with full sharded dims;
+        one cut across the shards is whole on its holder."""
+        if self.cut_across(block):
+            return tuple(block.shape), tuple(block.shape)
         loc = block.view(local(self._params[block.param_index]))  # type: ignore[arg-type]
         return tuple(loc.shape), tuple(block.shape)
 
@@ -229,8 +307,8 @@ class DTensorLayout:
         (its own ``rows x rest`` matrix form kept). Call in block order on every rank."""
         from torch.distributed.tensor import DTensor
 
-        if not self.placements[block.param_index].is_dtensor:
-            return state
+        if not self.placements[block.param_index].is_dtensor or self.cut_across(block):
+            return state  # a block cut across the shards: its holder keeps its whole state
         loc_shape, glob_shape = self._block_shapes(block)
         mesh, placements = self._as_dtensor_like(block)
         out = dict(state)
@@ -249,8 +327,8 @@ class DTensorLayout:
         state): this rank's piece of every parameter-like tensor."""
         from torch.distributed.tensor import distribute_tensor
 
-        if not self.placements[block.param_index].is_dtensor:
-            return state
+        if not self.placements[block.param_index].is_dtensor or self.cut_across(block):
+            return state  # a block cut across the shards: its whole state, for its holder
         _, glob_shape = self._block_shapes(block)
         mesh, placements = self._as_dtensor_like(block)
         out = dict(state)

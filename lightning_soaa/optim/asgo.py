@@ -250,6 +250,11 @@ def _state_dtype_of(dtype: torch.dtype) -> torch.dtype:
     return sdt
 
 
+def _stacked(param: Tensor, group: dict[str, Any]) -> bool:
+    """Whether ``param`` is a stack of experts (``batch_dims=1`` and >= 3 dimensions), if a matrix."""
+    return param.dim() >= 3 and group.get("batch_dims", 0) == 1
+
+
 def _matrix_grad(grad: Tensor, dtype: torch.dtype, batched: bool) -> Tensor:
     """A block's gradient as the ``m x n`` matrix in the statistics' dtype (``batched``: one expert's block,
     see :func:`_matrix_shape`); itself when it is one already (reshape and ``to`` would each cost an ATen
@@ -481,8 +486,8 @@ class _OneSided(ShardedOptimizer):
         G^T G = sum_r G_r^T G_r, column sums likewise), ``None`` when the usual rule applies. Other
         splits raise. Decided from the placements, not the world size, so the block layout (and with
         it the checkpoint) is the same at every W."""
-        if not (is_dtensor(param) and self.is_matrix_param(param, group, name)):
-            return None
+        if not (is_dtensor(param) and self.is_matrix_param(param, group, name)) or _stacked(param, group):
+            return None  # a stack's experts lie whole on their holders: each takes the usual side
         from torch.distributed.tensor import Shard
 
         dims = {pl.dim % param.dim() for pl in param.placements if isinstance(pl, Shard)}  # type: ignore[attr-defined]  # a DTensor (checked above)
@@ -514,8 +519,8 @@ class _OneSided(ShardedOptimizer):
 
     def _row_sharded(self, v: BlockView) -> bool:
         """Whether this block's statistics and norm are sums over ranks (an FSDP2 shard, W > 1)."""
-        if self._dtensor is None or self.comm.world_size == 1:
-            return False
+        if self._dtensor is None or self.comm.world_size == 1 or self._dtensor.cut_across(v.block):
+            return False  # (an expert of an FSDP2 stack lies whole on its holder)
         return bool(self._dtensor.placements[v.block.param_index].sharded_dims)
 
     def _mesh_sum(self, parts: list[Tensor], counted: list[bool]) -> list[Tensor]:
@@ -781,10 +786,16 @@ class ASGO(_OneSided):
             ``max_block_size`` keeps its whole ``k x k`` statistic (logged at construction; a separate
             parameter would be cut, so "exactly" holds up to ``max_block_size``). Every >= 3-D matrix of
             the group is split, conv kernels too: give it to the experts' group only. Ignored for
-            parameters with fewer than three dimensions and for those routed to AdamW. Refused in an
-            optimizer with FSDP2 (DTensor) parameters. Fixed at construction, like ``max_block_size``;
-            a checkpoint loads only with the ``batch_dims`` it was saved with (for groups with >= 3-D
-            matrices). DASGO has no such option (it refuses ``batch_dims=1``).
+            parameters with fewer than three dimensions and for those routed to AdamW. Under FSDP2 a
+            stack must be a DTensor with placements ``(Shard(0),)`` (``fully_shard``'s default on a 1-D
+            mesh): each expert then lies whole on one rank (``torch.chunk``'s split of dim 0; a rank may
+            hold none), which alone steps it and keeps its state, with no collective; its side is the usual
+            one (not the right side forced on row-sharded matrices), so its state is the same as without
+            FSDP2 and moves between the two in the consolidated form; DCP's form stacks it per key as a
+            ``[E, ...]`` DTensor (:mod:`lightning_soaa.optim.dcp_state`). Other placements (``Shard(1)``,
+            HSDP) and a plain stack next to DTensor parameters are refused. Fixed at construction, like
+            ``max_block_size``; a checkpoint loads only with the ``batch_dims`` it was saved with (for
+            groups with >= 3-D matrices). DASGO has no such option (it refuses ``batch_dims=1``).
         adam_betas, adam_eps, adam_weight_decay: the AdamW fallback (defaults (0.9, 0.95), 1e-8, 0.0).
         process_group, comm, shard, grad_reduction: see :class:`~lightning_soaa.optim.base.ShardedOptimizer`.
 
@@ -875,19 +886,12 @@ class ASGO(_OneSided):
                                 side=self._fsdp_side(param, group, name), root_method=method, batch_dims=batch_dims)
 
     def _check_experts(self, param: Tensor, group: dict[str, Any], name: str | None) -> None:
-        """A ``batch_dims=1`` matrix parameter: refused as an FSDP2 DTensor, and logged when its experts are
-        larger than ``max_block_size`` (they are never cut: :func:`asgo_block_specs`)."""
+        """A ``batch_dims=1`` matrix parameter: under FSDP2 only as a DTensor split along its experts, and
+        logged when its experts are larger than ``max_block_size`` (they are never cut:
+        :func:`asgo_block_specs`)."""
         label = name or "(unnamed)"
-        if is_dtensor(param) or self._dtensor is not None:
-            # FSDP2's Shard(0) splits the experts over ranks, and the blocks are cut from each rank's
-            # local piece by global expert index; a plain stack next to DTensors would be saved in
-            # torch.distributed.checkpoint's form, whose per-block schema is one matrix per parameter:
-            # not supported rather than silently wrong or failing at the first checkpoint
-            what = "is one" if is_dtensor(param) else "is in an optimizer with DTensor parameters"
-            raise ValueError(
-                f"{type(self).__name__}: batch_dims=1 is not supported with FSDP2 (DTensor) parameters, and "
-                f"{label} of shape {tuple(param.shape)} {what}. Use batch_dims=0 for its param group (the "
-                "experts then share one preconditioner), or route it to AdamW with use_asgo=False.")
+        if self._dtensor is not None:
+            self._check_fsdp_experts(param, label)
         m, n = _matrix_shape(param.shape, batched=True)
         # every >= 3-D matrix of the group is split, conv kernels too: say which, once, at construction
         log.info("%s: batch_dims=1: parameter %s of shape %s is %d separate %dx%d matrices (one block each)",
@@ -898,6 +902,28 @@ class ASGO(_OneSided):
                         "preconditioned on a side of %d > max_block_size=%d. Experts are never cut, so each "
                         "keeps a %dx%d statistic.", type(self).__name__, label, tuple(param.shape),
                         int(param.shape[0]), m, n, k, int(group["max_block_size"]), k, k)
+
+    def _check_fsdp_experts(self, param: Tensor, label: str) -> None:
+        """Under FSDP2 a stack must be a DTensor whose only placement is ``Shard(0)`` (``fully_shard``'s
+        default on a 1-D mesh): then each expert lies whole on one rank, its holder, which steps it and
+        keeps its state with no collective. Other splits cut through the experts (Shard(1), Shard(2):
+        each expert's Gram would be a sum over ranks, which the per-expert checkpoint does not shard);
+        HSDP's replicas and a plain stack next to DTensors (stepped by every rank as a replica) are not
+        implemented: refused rather than stepped or checkpointed wrongly."""
+        from torch.distributed.tensor import Shard
+
+        placements = tuple(param.placements) if is_dtensor(param) else None  # type: ignore[attr-defined]
+        if placements is not None and len(placements) == 1 and isinstance(placements[0], Shard) \
+                and placements[0].dim % param.dim() == 0:
+            return
+        what = (f"has placements {placements}" if placements is not None
+                else "is a plain tensor in an optimizer with DTensor parameters")
+        raise ValueError(
+            f"{type(self).__name__}: batch_dims=1 parameter {label} of shape {tuple(param.shape)} {what}. Under "
+            "FSDP2 a stack of experts must be a DTensor with placements (Shard(dim=0),): fully_shard's default "
+            "on a 1-D mesh, without shard_placement_fn (each expert then lies whole on one rank). Shard it so, "
+            "use batch_dims=0 for its param group (the experts then share one preconditioner), or route it to "
+            "AdamW with use_asgo=False.")
 
     def _statistic_diagonal(self, v: BlockView, side: str) -> tuple[int, Tensor | None]:
         gram = v.state.get(GRAM)

@@ -772,6 +772,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._group_lists = [g["params"] for g in self.param_groups]
         self._group_members = [tuple(g["params"]) for g in self.param_groups]
         self._owned = self._table.owned()
+        if self._dtensor is not None:  # a block cut across FSDP2's shards is its holder's alone
+            self._owned = [b for b in self._owned if self._dtensor.holds(b)]
         self._view_cache = _ViewCache(self._table, self._owned)
         self.exchange = OwnerExchange(self._table, params, self.comm, sharded=self.sharding.shard)
 
@@ -877,8 +879,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
             views.append(
                 BlockView(
                     block=b,
-                    param=b.view(local(p)),  # type: ignore[arg-type]
-                    grad=None if p.grad is None else b.view(local(p.grad)),  # type: ignore[arg-type]
+                    param=self._dtensor.local_block(b, local(p)),  # type: ignore[arg-type]
+                    grad=None if p.grad is None else self._dtensor.local_block(b, local(p.grad)),  # type: ignore[arg-type]
                     state=self.block_state(b),
                     group=self.param_groups[b.group_index],
                     name=self._names[b.param_index],
@@ -1411,10 +1413,15 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def _gather_full_state(self) -> dict[str, Any]:
         """Collective: every rank's owned block states, merged, plus the global state."""
         mine = self._local_block_states()
+        merged: dict[tuple[int, int], dict[str, Any]] = {}
         if self._dtensor is not None and self.comm.world_size > 1:  # local shards -> full tensors
             by_key = {b.key: b for b in self._owned}
             mine = {key: self._dtensor.gather_state(by_key[key], st) for key, st in mine.items()}
-        merged: dict[tuple[int, int], dict[str, Any]] = {}
+            if any(self._dtensor.cut_across(b) for b in self.block_table.blocks):  # the same on every rank
+                # blocks cut across the shards (ASGO's experts) are whole on their holders: from every rank
+                whole = {key: st for key, st in mine.items() if self._dtensor.cut_across(by_key[key])}
+                for part in self.comm.all_gather_object(whole):
+                    merged.update(part)
         for part in self.comm.all_gather_object(mine) if self._sharded_multi_rank() else [mine]:
             merged.update(part)
         return build_state_dict(
@@ -1523,9 +1530,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     def _restore_owned_state(self, state_dict: dict[str, Any]) -> None:
         owned_states = select_owned_state(self._checkpoint_view(), state_dict)
-        if self._dtensor is not None:  # full tensors -> this rank's shards
+        if self._dtensor is not None:  # full tensors -> this rank's shards (of the blocks it holds)
             by_key = {b.key: b for b in self._owned}
-            owned_states = {key: self._dtensor.shard_state(by_key[key], st) for key, st in owned_states.items()}
+            owned_states = {key: self._dtensor.shard_state(by_key[key], st) for key, st in owned_states.items()
+                            if key in by_key}
         new_state: dict[Tensor, dict[Any, Any]] = {}
         for b in self._owned:
             blk = owned_states.get(b.key)

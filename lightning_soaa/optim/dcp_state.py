@@ -19,6 +19,13 @@ Under DTensor parameters :meth:`ShardedOptimizer.state_dict` therefore returns t
   mesh and placements; everything else (``step``, ASGO's ``gram``/``inv_root``, DASGO's ``col_stat``,
   the state of plain parameters) is identical on every rank (the sums behind it are all-reduced) and
   stays a plain tensor, which DCP treats as replicated.
+* ASGO's ``batch_dims=1`` stacks (``Shard(0)``): each expert is a block whole on one rank, its holder,
+  and only the holder keeps its state, so a per-expert entry would exist on one rank only and its
+  owner would change with W. The stack's entry is instead flat, every key stacked over the experts: a
+  DTensor ``[E, ...]`` (``exp_avg`` ``[E, rows, rest]``, ``gram``/``inv_root`` ``[E, k, k]``, ``step`` and
+  ``root_fallbacks`` ``[E]``) with the stack's mesh and ``Shard(0)``, each rank holding its experts' rows,
+  which are the rows it holds of the stack at any W. DCP reshards it like the stack; an expert without
+  state is a zero row (``step`` 0).
 * ``param_groups``: torch's (hyperparameters, ``params`` as indices, which DCP turns into FQNs); the
   first group also carries ``"lightning_soaa"``: a JSON string with what our own format keeps beside
   the state (optimizer name, shapes and block layout for validation, the optimizer-wide scalars such
@@ -42,7 +49,6 @@ Without DTensor parameters the optimizers keep their own world-size independent 
 from __future__ import annotations
 
 import json
-import math
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -78,18 +84,18 @@ def block_schema(opt: ShardedOptimizer, block: BlockInfo, group: dict[str, Any] 
     ``group``'s hyperparameters when given, else its own group's)."""
     from lightning_soaa.functional.asgo import LEFT
     from lightning_soaa.optim.adamw import ShardedAdamW
-    from lightning_soaa.optim.asgo import DASGO, GRAM_AT_ROOT, MATRIX_STEP_DTYPE, ROOT_STEP, _OneSided
+    from lightning_soaa.optim.asgo import DASGO, GRAM_AT_ROOT, MATRIX_STEP_DTYPE, ROOT_STEP, _matrix_shape, _OneSided
     from lightning_soaa.optim.base import BlockView
     from lightning_soaa.optim.soaa import SOAA
 
     p = opt._params[block.param_index]
-    view = block.view(local(p))  # type: ignore[arg-type]
+    view = _piece(opt, block)
     # the options the blocks were built with (one written into a group since is refused at the next step)
     group = opt._group_as_built(block.group_index) if group is None else group
     name = opt._names[block.param_index]
     step = (False, (), torch.float32)
     if isinstance(opt, _OneSided) and opt.is_matrix_param(p, group, name):
-        m, n = int(view.shape[0]), int(math.prod(view.shape[1:]))
+        m, n = _matrix_shape(view.shape, opt._batched(block))  # this rank's rows; an expert: shape[1] x rest
         sdt = opt._state_dtype(view)
         if isinstance(opt, DASGO):
             return {"step": step, "exp_avg": (True, (m, n), sdt), "col_stat": (False, (n,), sdt)}
@@ -106,6 +112,34 @@ def block_schema(opt: ShardedOptimizer, block: BlockInfo, group: dict[str, Any] 
         return {"step": step, "exp_avg": (True, shape, view.dtype), "exp_avg_sq": (True, shape, view.dtype)}
     raise ValueError(f"{_name(opt)}: no DCP state schema for this optimizer (DTensor checkpoints support "
                      "SOAA, ShardedAdamW, ASGO and DASGO).")
+
+
+def _piece(opt: ShardedOptimizer, block: BlockInfo) -> Tensor:
+    """This rank's view of ``block`` in its parameter; for a block cut across the shards (an expert of an
+    FSDP2 stack, whole on its holder, maybe another rank) a meta tensor of its shape: the schema reads
+    shapes and dtypes only, and every rank must read the same."""
+    p = opt._params[block.param_index]
+    if opt._dtensor is not None and opt._dtensor.cut_across(block):
+        return torch.empty(block.shape, dtype=p.dtype, device="meta")
+    return block.view(local(p))  # type: ignore[arg-type]
+
+
+def _stacks(opt: ShardedOptimizer) -> dict[int, list[BlockInfo]]:
+    """``param_index -> its blocks`` for the parameters cut across the shards (ASGO's ``batch_dims=1``
+    stacks under FSDP2: one block per index of dim 0, in order), whose state is saved stacked."""
+    layout = opt._dtensor
+    if layout is None:
+        return {}
+    out: dict[int, list[BlockInfo]] = {}
+    for pi, blocks in enumerate(opt.block_table.by_param):
+        cut = [layout.cut_across(b) for b in blocks]
+        if not any(cut):
+            continue
+        if not all(cut) or [(b.start, b.stop) for b in blocks] != [(i, i + 1) for i in range(len(blocks))]:
+            raise RuntimeError(f"{_name(opt)}: parameter #{pi} is cut across its shards other than one block "
+                               "per index of dim 0; its DCP state has no stacked form (internal).")
+        out[pi] = blocks
+    return out
 
 
 def hold_state_entries(opt: ShardedOptimizer) -> None:
@@ -168,7 +202,29 @@ def _block_entry(opt: ShardedOptimizer, block: BlockInfo) -> dict[str, Any]:
             got = (tuple(t.shape), t.dtype) if isinstance(t, Tensor) else type(t)
             raise RuntimeError(f"{_name(opt)}: state {k!r} of block {block.key} is {got}, the DCP schema "
                                f"expects {(shape, dt)}; update lightning_soaa.optim.dcp_state.block_schema.")
-        out[k] = _wrap(opt, block, k, t) if sharded else t
+        # a block cut across the shards is whole here: stacked with its parameter's others (_stack_entry)
+        out[k] = _wrap(opt, block, k, t) if sharded and not opt._dtensor.cut_across(block) else t  # type: ignore[union-attr]
+    return out
+
+
+def _stack_entry(opt: ShardedOptimizer, pi: int, blocks: list[BlockInfo]) -> dict[str, Any]:
+    """The state of a stack's experts as one entry: every key a DTensor ``[E, ...]`` with the stack's
+    placements (``Shard(0)``), each rank holding its experts' rows (zeros of an expert without state:
+    ``step`` 0 loads as no state). DCP reshards it like the stack, so each rank of another world size
+    reads the rows of the experts it holds there."""
+    from torch.distributed.tensor import DTensor
+
+    p: Any = opt._params[pi]  # a DTensor (only DTensors are cut across shards)
+    schema = block_schema(opt, blocks[0])  # the same for every expert of the stack
+    held = [_block_entry(opt, b) for b in opt._owned if b.param_index == pi]
+    dev = local(p).device  # type: ignore[union-attr]
+    out: dict[str, Any] = {}
+    for k, (_, shape, dt) in schema.items():
+        rows = (torch.stack([e[k].to(dev) for e in held]) if held
+                else torch.zeros((0, *shape), dtype=dt, device=dev))
+        glob = (len(blocks), *shape)
+        out[k] = DTensor.from_local(rows.contiguous(), p.device_mesh, p.placements, run_check=False,
+                                    shape=torch.Size(glob), stride=_contiguous_stride(glob))
     return out
 
 
@@ -176,7 +232,12 @@ def dcp_state_dict(opt: ShardedOptimizer) -> dict[str, Any]:
     """torch's optimizer state dict shape, with DTensor state (see the module docstring). A collective
     where the optimizer-wide state needs one (SOAA's pending sums): call it on every rank."""
     state: dict[int, dict[str, Any]] = {}
-    for b in opt._owned:  # under DTensor parameters every rank owns (its piece of) every block
+    stacks = _stacks(opt)
+    for pi, blocks in stacks.items():
+        state[pi] = _stack_entry(opt, pi, blocks)
+    for b in opt._owned:  # every rank holds (its piece of) every block but the stacks' experts
+        if b.param_index in stacks:
+            continue
         entry = _block_entry(opt, b)
         if b.dim is None:
             state[b.param_index] = entry
@@ -249,7 +310,12 @@ def _loaded_blocks(opt: ShardedOptimizer, sd: dict[str, Any],
             "start afresh). Load a consolidated checkpoint without such a hook (parameter names are checked), "
             "or save and load in torch.distributed.checkpoint's form.")
     out: dict[tuple[int, int], dict[str, Tensor]] = {}
+    stacks = _stacks(opt)
+    if stacks:
+        out.update(_loaded_stacks(opt, stacks, by_index, limit))
     for b in opt._owned:
+        if b.param_index in stacks:
+            continue
         entry = by_index.get(b.param_index, {})
         blk = entry if b.dim is None else entry.get(f"block{b.sub_index}", {})
         blk = {k: v for k, v in blk.items() if not isinstance(v, dict)}
@@ -273,12 +339,80 @@ def _loaded_blocks(opt: ShardedOptimizer, sd: dict[str, Any],
     return out
 
 
+def _stack_rows(opt: ShardedOptimizer, pi: int, key: str, v: Any, shape: tuple[int, ...]) -> Tensor:
+    """This rank's rows of a loaded stacked value (:func:`_stack_entry`), checked to be a DTensor of the
+    stack's global ``shape`` sharded like the stack."""
+    p: Any = opt._params[pi]
+    label = opt._names[pi] or f"#{pi}"
+    if not is_dtensor(v):
+        raise ValueError(f"{_name(opt)}.load_state_dict: state {key!r} of the stacked experts {label} is a "
+                         f"{type(v).__name__}; under FSDP2 it must be a DTensor of shape {shape} sharded like the "
+                         "stack. Load a full (gathered) optimizer state with torch's set_optimizer_state_dict(..., "
+                         "options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)), which shards it.")
+    if tuple(v.shape) != shape or tuple(v.placements) != tuple(p.placements) or v.device_mesh != p.device_mesh:
+        raise ValueError(f"{_name(opt)}.load_state_dict: state {key!r} of the stacked experts {label} is a DTensor "
+                         f"of shape {tuple(v.shape)} with placements {tuple(v.placements)}; expected shape {shape} "
+                         f"with the stack's placements {tuple(p.placements)} on its mesh.")
+    rows: Tensor = v.to_local()
+    return rows
+
+
+def _loaded_stacks(opt: ShardedOptimizer, stacks: dict[int, list[BlockInfo]], by_index: dict[int, Any],
+                   limit: float) -> dict[tuple[int, int], dict[str, Tensor]]:
+    """:func:`_loaded_stack` of every stack, with one verdict on every rank: a rank sees only its own
+    experts' values (a step count ahead of the optimizer's), and one raising alone would leave the others
+    waiting in their next step's collective. One all-reduce of an error flag (every rank loads)."""
+    out: dict[tuple[int, int], dict[str, Tensor]] = {}
+    error: ValueError | None = None
+    try:
+        for pi, blocks in stacks.items():
+            out.update(_loaded_stack(opt, pi, blocks, by_index.get(pi, {}), limit))
+    except ValueError as e:
+        error = e
+    if opt.comm.world_size > 1:
+        flag = torch.tensor([0.0 if error is None else 1.0], dtype=torch.float64)
+        dev = local(opt._params[next(iter(stacks))]).device  # type: ignore[union-attr]
+        if float(opt.comm.all_reduce_(flag.to(dev))[0]) > 0 and error is None:
+            error = ValueError(f"{_name(opt)}.load_state_dict: another rank found the state of the experts it "
+                               "holds invalid (its error names them). Nothing was loaded.")
+    if error is not None:
+        raise error
+    return out
+
+
+def _loaded_stack(opt: ShardedOptimizer, pi: int, blocks: list[BlockInfo], entry: dict[str, Any],
+                  limit: float) -> dict[tuple[int, int], dict[str, Tensor]]:
+    """The validated state of the experts this rank holds of a stack saved by :func:`_stack_entry` (at
+    any world size: DCP read the rows of this rank's experts into the destination's DTensors)."""
+    entry = {k: v for k, v in entry.items() if not isinstance(v, dict)}
+    if not entry:
+        return {}
+    schema = block_schema(opt, blocks[0])
+    if set(entry) != set(schema):
+        raise ValueError(f"{_name(opt)}.load_state_dict: the stacked experts {opt._names[pi] or f'#{pi}'} have "
+                         f"state keys {sorted(entry)}; expected {sorted(schema)}.")
+    rows = {k: _stack_rows(opt, pi, k, entry[k], (len(blocks), *shape)) for k, (_, shape, _) in schema.items()}
+    start = opt._dtensor.rows(pi)[0]  # type: ignore[union-attr]
+    dev = local(opt._params[pi]).device  # type: ignore[union-attr]
+    out: dict[tuple[int, int], dict[str, Tensor]] = {}
+    for b in opt._owned:
+        if b.param_index != pi:
+            continue
+        vals = {k: rows[k][b.start - start].detach().to(device=_device(shape, dev), dtype=dt, copy=True)
+                for k, (_, shape, dt) in schema.items()}
+        check_block_steps(f"{_name(opt)}.load_state_dict: block {b.key}", vals, limit)
+        if float(vals["step"]) != 0.0:
+            out[b.key] = vals
+    return out
+
+
 def _check_kept_keys(opt: ShardedOptimizer, new_groups: list[dict[str, Any]]) -> None:
     """Raise when the checkpoint's hyperparameters keep other state keys than this optimizer's (ASGO's
     ``root_every="auto"`` keeps ``gram_at_root``/``root_step``). DCP fills only the keys of this optimizer's
     placeholders, so such a load took the checkpoint's groups without their state: ASGO saved with "auto"
-    and resumed with ``root_every=2`` recomputed its roots early, 2.4e-3 off the uninterrupted run."""
-    for b in opt._owned:
+    and resumed with ``root_every=2`` recomputed its roots early, 2.4e-3 off the uninterrupted run.
+    Every block of the table, held here or not: the same verdict on every rank."""
+    for b in opt.block_table.blocks:
         mine, theirs = block_schema(opt, b), block_schema(opt, b, new_groups[b.group_index])
         if set(mine) != set(theirs):
             cur = opt.param_groups[b.group_index]

@@ -4,7 +4,7 @@ The oracle of tests/unit/_experts_oracle.py at W = 1, 2, 3: each stack's experts
 owned by different ranks (W = 2: uneven; W = 3: every rank owns experts), and the stacked run equals
 the run of separate expert parameters on the same ranks and the one-process run. Every rank is given
 the same (already averaged) gradients. Also: a checkpoint consolidated at W loads in one process and
-continues as the uninterrupted run, and an FSDP2 (DTensor) stack is refused on every rank at construction.
+continues as the uninterrupted run. Stacks under FSDP2: tests/fsdp2/test_fsdp2_experts.py.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 import torch
-from torch import nn
 
 from lightning_soaa import ASGO
 from tests.harness.distributed import run_distributed
@@ -22,28 +21,6 @@ from tests.unit._experts_oracle import DENSE_SHAPES, KW, as_stacks, run
 
 STEPS = 4
 CASES: tuple[tuple[torch.dtype, Any], ...] = ((torch.float64, 2), (torch.float64, "auto"), (torch.float32, 2))
-
-
-def _dtensor_refusal(world_size: int) -> str:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
-
-    mesh = init_device_mesh("cpu", (world_size,))
-    stack = nn.Parameter(distribute_tensor(torch.randn(4, 3, 5, dtype=torch.float64), mesh, [Shard(0)]))
-    try:
-        ASGO([("experts", stack)], batch_dims=1)
-    except ValueError as e:
-        msg = str(e)
-    else:
-        return "accepted"
-    # a plain stack next to DTensors: it trained, then its first checkpoint failed (the DCP schema is one
-    # matrix per parameter)
-    plain = nn.Parameter(torch.randn(4, 3, 5, dtype=torch.float64))
-    try:
-        ASGO([{"params": [("router", stack)]}, {"params": [("experts", plain)], "batch_dims": 1}])
-    except ValueError as e:
-        return msg + " | " + str(e)
-    return msg + " | plain stack accepted"
 
 
 def _worker(rank: int, world_size: int) -> dict[str, Any]:
@@ -56,7 +33,6 @@ def _worker(rank: int, world_size: int) -> dict[str, Any]:
     named, opt = run(True, 3)
     opt.consolidate_state_dict(to=0)
     out["checkpoint"] = (opt.state_dict(), [p.detach().clone() for _, p in named]) if rank == 0 else None
-    out["dtensor"] = _dtensor_refusal(world_size)
     return out
 
 
@@ -91,7 +67,3 @@ def test_stacked_experts_equal_separate_ones_at_every_world_size(world: int, tmp
     run(True, 2, start=3, opt=resumed, named=named)
     for (_, a), (_, b) in zip(ref, named):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
-    for res in results:
-        first, second = res["dtensor"].split(" | ")
-        assert first.startswith("ASGO: batch_dims=1 is not supported with FSDP2 (DTensor) parameters"), first
-        assert "experts of shape (4, 3, 5) is in an optimizer with DTensor parameters" in second, second
