@@ -125,7 +125,7 @@ class OwnerExchange:
         parts = [x.view_as(t).to(t.dtype) for x, t in zip(torch.split(flat, [t.numel() for t in full]), full)]
         return [b.view(parts[b.param_index]) for b in self.owned]
 
-    def reduce_scatter_grads(self) -> None:
+    def reduce_scatter_grads(self, read: bool = True) -> None:
         """Average gradients over ranks into each owner's ``p.grad`` blocks (one collective per dtype).
         Blocks this rank does not own keep their local gradient; they are never read.
 
@@ -135,11 +135,14 @@ class OwnerExchange:
         decay, no moment decay, no counter advance). The owner learns that from the same collective:
         after its blocks, each rank's part of the buffer holds one presence flag per block (1 where the
         sending rank has a gradient), summed like the gradients. The flags are read (a host copy) only
-        by an owner without a local gradient."""
+        by an owner without a local gradient.
+
+        ``read=False``: the step already failed on this rank (it raises on every rank after the step's
+        all-reduce); join the collective with zeros and write nothing (a resized gradient would not fit)."""
         if not self.sharded:
             return
         world, rank = self.comm.world_size, self.comm.rank
-        grads = [p.grad for p in self.params]
+        grads = [p.grad if read else None for p in self.params]
         for dt, per_rank, n in self._nonempty():
             width = n + max(len(blocks) for blocks in per_rank)  # each rank's part: blocks, then flags
             buf = torch.zeros(world * width, dtype=dt, device=self._device(per_rank))
@@ -148,6 +151,8 @@ class OwnerExchange:
                            [_block_of(b, grads[b.param_index]) for b in per_rank[r]])
             buf.index_fill_(0, self._flag_index(dt, per_rank, n, width, grads), 1)
             got = self.comm.reduce_scatter_flat(buf)
+            if not read:
+                continue
             mine = per_rank[rank]
             flags: list[float] | None = None
             for j, (b, s) in enumerate(zip(mine, self._unpack(got, mine))):

@@ -175,7 +175,10 @@ def _pmi_local(env: Mapping[str, str], rank: int, world: int) -> tuple[int, int,
     variables. Reading 0 there gave every process local rank 0 (every process on GPU 0)."""
     if "MPI_LOCALRANKID" in env:
         return _int(env, "MPI_LOCALRANKID"), _int(env, "MPI_LOCALNRANKS", world), 0
-    if "SLURM_LOCALID" in env:
+    # srun started these processes only if its task ids are the PMI ranks (mpiexec inside an sbatch script
+    # inherits the batch step's SLURM_LOCALID=0 and one task per node)
+    if ("SLURM_LOCALID" in env and env.get("SLURM_PROCID") == env.get("PMI_RANK")
+            and env.get("SLURM_STEP_NUM_TASKS") == env.get("PMI_SIZE")):
         return _int(env, "SLURM_LOCALID"), _slurm_tasks_per_node(env), _int(env, "SLURM_NODEID", 0)
     if "MPI_LOCALNRANKS" in env and _int(env, "MPI_LOCALNRANKS") != world:
         raise ValueError(f"PMI_RANK={rank} with MPI_LOCALNRANKS={env['MPI_LOCALNRANKS']!r} but without "

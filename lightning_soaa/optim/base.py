@@ -587,17 +587,41 @@ class ShardedOptimizer(torch.optim.Optimizer):
             return [BlockSpec(None, 0, 0, float(max(param.numel(), 1)))]
         return row_block_specs(tuple(param.shape), self._block_numel(group))
 
-    def _exchange_in(self) -> str | None:
+    def _exchange_in(self, failed: bool = False) -> str | None:
         """Collectives before ``_prepare`` (default: average the gradients into their owners when
         ``grad_reduction="mean"``). An override may run more collectives (the same on every rank) and
         return a reason to skip the step; the skip itself makes no collective, so every rank must derive
-        that reason identically (e.g. from reduced values)."""
+        that reason identically (e.g. from reduced values). ``failed``: this rank already raised (held for
+        the step's all-reduce): its gradients may not fit the exchange (a parameter resized since), so it
+        joins the exchange with zeros, and the all-reduce after raises on every rank."""
         if self.sharding.grad_reduction == "mean" and self._dtensor is not None:
             self._dtensor.mean_plain_grads()  # FSDP2 averages the DTensor gradients; plain ones: here
         elif self.sharding.grad_reduction == "mean":
             self._check_unsharded_mean()  # (again: the world size may have been unknown at construction)
-            self.exchange.reduce_scatter_grads()
+            self._confirm_first_layout()
+            self.exchange.reduce_scatter_grads(read=not failed)
         return None
+
+    def _confirm_first_layout(self) -> None:
+        """Until the first step is counted: raise on every rank unless all ranks' parameters have the same
+        shapes and dtypes (one small all-reduce, made by every rank at the same calls: steps are counted
+        together, a load does not matter). A rank that converted or resized its model alone after
+        construction rebuilt its table before the first step (:meth:`_rebuild_unstepped`), so its exchange
+        buffers no longer matched the others': gloo aborted the process ("Received data size doesn't
+        match"), NCCL would read a wrong size."""
+        if self.__dict__.get("_layout_confirmed") or not self.exchange.sharded:
+            return
+        world, rank = self.comm.world_size, self.comm.rank
+        rows = torch.zeros(world, dtype=torch.float64)
+        rows[rank] = float(param_fingerprint(self._params) & ((1 << 48) - 1))  # exact in float64
+        got = self.comm.all_reduce_scalars(rows).tolist()
+        differ = [r for r in range(world) if got[r] != got[0]]
+        if differ:
+            raise RuntimeError(
+                f"{type(self).__name__}.step: the parameters of rank(s) {differ} differ from rank 0's in shape or "
+                "dtype at the first step: a model converted (model.float(), .to(dtype)) or resized on some ranks "
+                "only after the optimizer was built. Convert every rank's model the same way (or before "
+                "building the optimizer). Nothing changed.")
 
     def _check_unsharded_mean(self) -> None:
         """Refuse ``shard=False`` with ``grad_reduction="mean"`` on W > 1 ranks (outside FSDP2), on every
@@ -765,6 +789,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         )
         self._params = params
         self._built = param_signatures(params)
+        if check_ranks:  # what every rank built together (a rebuild back to it digests as no rebuild)
+            self._agreed_built = self._built
         self._names = [name for _, _, name in plist]
         keys = self.layout_keys + (("max_block_numel",) if self.elementwise else ())
         self._layout = [{k: g.get(k) for k in keys} for g in self.param_groups]
@@ -826,6 +852,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             self.skipped_steps += 1
         else:
             self.num_steps += 1
+        self._layout_confirmed = True  # every rank counts this step: _confirm_first_layout is done
         if self._join_pending:
             self._unjoined_steps += 1
 
@@ -1170,7 +1197,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         except (ValueError, RuntimeError) as e:
             local_error = local_error or e
         self.comm.begin_step()
-        why = self._exchange_in()
+        why = self._exchange_in(failed=local_error is not None)
         if why is not None:
             return self._skip_step(why)
         views = self._owned_views()
@@ -1257,7 +1284,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
         log.info("%s: the parameters were converted or moved after construction (before any step); the "
                  "block table is rebuilt for them", type(self).__name__)
         self._build_table(check_ranks=False)
-        self._rebuilt_digest = param_fingerprint(self._params) & ((1 << 48) - 1)
+        # converted back to what every rank built (a fix after a refused step): the same digest as a rank
+        # that never converted, which otherwise read as "hyperparameters differ"
+        back = self._built == self.__dict__.get("_agreed_built")
+        self._rebuilt_digest = 0 if back else param_fingerprint(self._params) & ((1 << 48) - 1)
         return True
 
     def _warn_no_gradients(self) -> None:
@@ -1410,8 +1440,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
                               for k, v in blk.items()}
         return out
 
-    def _gather_full_state(self) -> dict[str, Any]:
-        """Collective: every rank's owned block states, merged, plus the global state."""
+    def _gather_full_state(self, local: bool = False) -> dict[str, Any]:
+        """Collective: every rank's owned block states, merged, plus the global state. ``local``: this
+        rank's alone, without a collective (an optimizer that has no block state anywhere yet)."""
         mine = self._local_block_states()
         merged: dict[tuple[int, int], dict[str, Any]] = {}
         if self._dtensor is not None and self.comm.world_size > 1:  # local shards -> full tensors
@@ -1422,7 +1453,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 whole = {key: st for key, st in mine.items() if self._dtensor.cut_across(by_key[key])}
                 for part in self.comm.all_gather_object(whole):
                     merged.update(part)
-        for part in self.comm.all_gather_object(mine) if self._sharded_multi_rank() else [mine]:
+        for part in self.comm.all_gather_object(mine) if self._sharded_multi_rank() and not local else [mine]:
             merged.update(part)
         return build_state_dict(
             optimizer=self._checkpoint_view(),
@@ -1437,6 +1468,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         Every rank must call it (Lightning does before saving). ``to`` keeps the result on that rank only;
         ``None`` keeps it on every rank (needed when each rank later calls ``state_dict()``).
         """
+        if self._receiver() is not self:
+            return self._receiver().consolidate_state_dict(to)
         self._ensure_joined()
         world = self.comm.world_size
         if to is not None and (isinstance(to, bool) or not isinstance(to, int) or not 0 <= to < world):
@@ -1449,6 +1482,19 @@ class ShardedOptimizer(torch.optim.Optimizer):
         # take the same branch on every rank (see _full_state_dict)
         self._consolidated_at = self.num_steps + self.skipped_steps
         self._consolidated = full if to is None or to == self.comm.rank else None
+        self._consolidated_to = to
+
+    def _receiver(self) -> ShardedOptimizer:
+        """The optimizer a call reaches: ``self``, or the optimizer behind Lightning's ``LightningOptimizer``
+        (what ``self.optimizers()`` returns), which subclasses our class on the fly with its own ``__dict__``:
+        reads reach the optimizer, but what a method wrote stayed on the wrapper (``set_batch``/``set_loss``
+        there never reached the step: silently, where a callback had handed a value over too)."""
+        inner = self.__dict__.get("_optimizer")
+        return inner if isinstance(inner, ShardedOptimizer) else self
+
+    def _unstepped(self) -> bool:
+        """No step taken, skipped or loaded and no block state: nothing that only the owners hold."""
+        return self.num_steps == 0 and self.skipped_steps == 0 and not any(self.state.values())
 
     def _warn_repeated_handover(self, method: str, advice: str) -> None:
         """Warn, once per optimizer, that ``method`` (``set_loss``/``set_batch``) was called again before a
@@ -1492,6 +1538,16 @@ class ShardedOptimizer(torch.optim.Optimizer):
             return dcp.dcp_state_dict(self)
         if self._dtensor is None and not self._consolidating():
             return self._gather_full_state()
+        if self._dtensor is None and self._unstepped():
+            # no rank has block state yet (ranks step together): the full state is every rank's own, with
+            # no collective. accelerate's prepare() round-trips state_dict() on every rank before training
+            # (device placement); that raised "call consolidate_state_dict() first" inside prepare()
+            return self._gather_full_state(local=True)
+        if fresh and self._consolidated is None and self._dtensor is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.state_dict() on rank {self.comm.rank} of {self.comm.world_size}: the state "
+                f"was consolidated onto rank {self.__dict__.get('_consolidated_to')} only. Where every rank calls "
+                "state_dict() (e.g. accelerate's save_state), consolidate with consolidate_state_dict(to=None).")
         if self._consolidated is None or not fresh:
             # Under DTensor a rank without the consolidated state must not build the sharded form either:
             # for SOAA that is a collective the rank holding the full state would never join (a hang), and

@@ -186,12 +186,29 @@ def _device(shape: tuple[int, ...], param_device: torch.device) -> torch.device:
     return torch.device("cpu") if shape == () else param_device
 
 
+def _optional_keys(opt: ShardedOptimizer, block: BlockInfo) -> set[str]:
+    """The state keys a stepped block may lack (ASGO's ``inv_root`` after a step whose Gram was all zero,
+    which :func:`_block_entry` saves as zeros: DCP needs every key; none of them is all zero when held)."""
+    fields = opt._block_schema(block) or {}
+    return {k for k, f in fields.items() if not f.required}
+
+
+def _without_zero_optional(opt: ShardedOptimizer, block: BlockInfo, vals: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A loaded block's state with the optional keys that were saved as zeros (absent) left out again."""
+    optional = _optional_keys(opt, block)
+    return {k: v for k, v in vals.items() if k not in optional or bool(v.ne(0).any())}
+
+
 def _block_entry(opt: ShardedOptimizer, block: BlockInfo) -> dict[str, Any]:
     schema = block_schema(opt, block)
     real = _real_state(opt, block)
     dev = local(opt._params[block.param_index]).device  # type: ignore[union-attr]
-    if not real:  # no state yet: zeros of the full schema (step 0 == no state on load)
-        real = {k: torch.zeros(shape, dtype=dt, device=_device(shape, dev)) for k, (_, shape, dt) in schema.items()}
+    # no state yet: zeros of the full schema (step 0 == no state on load); an optional key the block does
+    # not hold now (inv_root after an all-zero Gram): zeros, left out again on load. It raised here, and for
+    # a stack's expert on its holder alone while the other ranks went on into the save
+    missing = set(schema) if not real else (set(schema) - set(real)) & _optional_keys(opt, block)
+    real = {**{k: torch.zeros(schema[k][1], dtype=schema[k][2], device=_device(schema[k][1], dev)) for k in missing},
+            **real}
     if set(real) != set(schema):
         raise RuntimeError(f"{_name(opt)}: block {block.key} holds state keys {sorted(real)}, the DCP schema "
                            f"expects {sorted(schema)}; update lightning_soaa.optim.dcp_state.block_schema.")
@@ -335,7 +352,7 @@ def _loaded_blocks(opt: ShardedOptimizer, sd: dict[str, Any],
             vals[k] = t.detach().to(device=_device(shape, dev), dtype=dt, copy=True)
         check_block_steps(f"{_name(opt)}.load_state_dict: block {b.key}", vals, limit)
         if float(vals["step"]) != 0.0:
-            out[b.key] = vals
+            out[b.key] = _without_zero_optional(opt, b, vals)
     return out
 
 
@@ -402,7 +419,7 @@ def _loaded_stack(opt: ShardedOptimizer, pi: int, blocks: list[BlockInfo], entry
                 for k, (_, shape, dt) in schema.items()}
         check_block_steps(f"{_name(opt)}.load_state_dict: block {b.key}", vals, limit)
         if float(vals["step"]) != 0.0:
-            out[b.key] = vals
+            out[b.key] = _without_zero_optional(opt, b, vals)
     return out
 
 

@@ -493,6 +493,7 @@ class EGN(ShardedOptimizer):
         self._active = (True,) * len(named)
         self._trainable: dict[str, Tensor] = dict(named)
         self._pending_batch: tuple[Any, Tensor] | None = None  # from set_batch(), used by the next step
+        self._pending_plain = False  # the pending batch came from a set_batch without replace=True
         self._pass: _Pass | None = None  # the step in progress
         self._plan()
         # the agreement table's room for T per site: a later plan (fewer trained parameters) has no more
@@ -626,10 +627,14 @@ class EGN(ShardedOptimizer):
         (stepping on the last of 2 micro-batches was 0.26 off the step on both); ``replace=True`` says the
         call replaces the earlier batch on purpose (``BatchToOptimizer`` hands over the growing concatenation
         after every micro-batch)."""
-        if self._pending_batch is not None and not replace:
+        receiver = self._receiver()
+        if receiver is not self and isinstance(receiver, EGN):  # called through Lightning's LightningOptimizer
+            receiver.set_batch(inputs, targets, replace=replace)
+            return
+        if self._pending_plain and not replace:  # two calls of the user's own (a callback's running value replaces)
             self._warn_repeated_handover("set_batch", "hand over the step's micro-batches concatenated once "
                                          "(lightning_soaa.optim.egn_batches.concat_batches)")
-        self._pending_batch = (inputs, targets)
+        self._pending_batch, self._pending_plain = (inputs, targets), not replace
 
     @torch._disable_dynamo  # eager under torch.compile (see ShardedOptimizer.step)
     @full_precision  # inside an autocast region too (optim/step_context.py)
@@ -641,7 +646,7 @@ class EGN(ShardedOptimizer):
         the step (a 0-d tensor). Under ``torch.inference_mode()`` the step runs with it disabled
         (:func:`~lightning_soaa.optim.step_context.full_precision`): the capture differentiates the model.
         """
-        pending, self._pending_batch = self._pending_batch, None  # a batch belongs to one step
+        pending, self._pending_batch, self._pending_plain = self._pending_batch, None, False  # one step's
         self._join_before_step()  # built before the process group existed: join it now (collective)
         closure_value = None
         xs: tuple[Tensor, ...] = ()
@@ -718,9 +723,10 @@ class EGN(ShardedOptimizer):
         return out
 
     # -- template hooks ---------------------------------------------------------------------
-    def _exchange_in(self) -> str | None:
+    def _exchange_in(self, failed: bool = False) -> str | None:
         """Before the template's all-reduce: agree on the batch, gather the Gram factors, solve the
-        bc×bc system (identically on every rank), and sum each rank's Jᵀv into the owners."""
+        bc×bc system (identically on every rank), and sum each rank's Jᵀv into the owners. (``failed``:
+        EGN's passes hold a rank's error themselves and raise it through their first all-reduce.)"""
         ps = self._current()
         with self._autograd_free(ps.xs):
             return self._curvature_pass(ps)
@@ -1025,7 +1031,8 @@ class EGN(ShardedOptimizer):
             if own is not None:  # this rank's own exception, with its traceback
                 raise own
             raise ValueError(err if err is not None
-                             else f"EGN: invalid batch on rank(s) {bad} (see that rank's error).")
+                             else f"EGN: rank(s) {bad} raised an error before the step's first all-reduce (see "
+                                  "that rank's error: an invalid batch, or parameters changed since construction).")
 
     def _take_rank0_buffers(self) -> None:
         """At W > 1, before the capture forward: every rank takes rank 0's floating-point buffers, so that

@@ -176,6 +176,17 @@ class LinearCapture:
                     "default jacobian='auto' supports it; jacobian='explicit' supports no checkpoint regions); "
                     "for a layer run under torch.no_grad, jacobian='explicit'.")
                 return None
+            weight = getattr(self.sites[i].module, "weight", None)
+            if isinstance(weight, Tensor) and output.dtype != weight.dtype:
+                # autocast inside the model's forward (accelerate's mixed_precision replaces model.forward
+                # with an autocast wrapper): the Gram factors would pair bf16 signals with fp32 ones
+                self.error = self.error or (
+                    f"EGN: the Linear layer {self.sites[i].path!r} computed in {output.dtype} while its weight "
+                    f"is {weight.dtype}: the model's forward runs under autocast (torch.autocast inside "
+                    "forward, or a wrapper that replaced model.forward, e.g. accelerate's mixed_precision). "
+                    "EGN's forwards need the parameters' dtype: run without mixed precision, or convert the "
+                    "model (e.g. model.to(torch.bfloat16)).")
+                return None
             if changed:
                 self.error = self.error or (
                     f"EGN: a global forward hook (torch.nn.modules.module.register_module_forward_hook) changed "
@@ -279,7 +290,9 @@ COUPLING_MESSAGE = ("EGN: the model's outputs for one sample depend on other sam
                     "jacobian='explicit'; the Linear layers' back-signals come from a batched backward with the "
                     "default jacobian='auto'), and this check cannot tell the two causes apart. Then write that "
                     "op out with elementary tensor ops (torch.cdist(a, b) as ((a[:, None] - b) ** 2).sum(-1)"
-                    ".sqrt()), or keep the parameters that feed it in nn.Linear layers with jacobian='auto'.")
+                    ".sqrt()), or keep the parameters that feed it in nn.Linear layers with jacobian='auto'. "
+                    "A forward run under autocast (torch.autocast inside forward, accelerate's mixed_precision) "
+                    "trips it too, by its rounding: run EGN without mixed precision.")
 
 
 def checked_back_signals(z: Tensor, outs: list[Tensor], num_outputs: int) -> tuple[list[Tensor | None], str | None]:

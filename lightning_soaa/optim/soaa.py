@@ -372,6 +372,7 @@ class SOAA(ShardedOptimizer):
                         weight_decay=self.config.weight_decay)
         self._reset_trust_state()
         self._pending_loss: tuple[Tensor | float, float] | None = None
+        self._pending_plain = False  # the pending loss came from a set_loss without replace=True
         self._set_loss_calls = 0  # lets step(closure) see whether the closure handed a loss over itself
         self._loss_weight = 1.0
         self._trial: Partials | None = None
@@ -476,6 +477,10 @@ class SOAA(ShardedOptimizer):
         torchtitan does), the objective is the sum of the ranks' losses; pass ``loss * world_size`` then
         (else ρ is off by that factor: 5.2e-4 off the one-process run after 8 steps at W = 2).
         """
+        receiver = self._receiver()
+        if receiver is not self and isinstance(receiver, SOAA):  # called through Lightning's LightningOptimizer
+            receiver.set_loss(loss, weight, replace=replace)
+            return
         # a number or a 0-d tensor (a token count); "2" or True went through float() unnoticed
         number = isinstance(weight, numbers.Real) and not isinstance(weight, bool)
         tensor = isinstance(weight, Tensor) and weight.numel() == 1 and not weight.dtype.is_complex \
@@ -484,10 +489,10 @@ class SOAA(ShardedOptimizer):
         if not math.isfinite(w) or w <= 0.0:
             raise ValueError(f"Invalid weight={weight!r}. Must be a finite number > 0 (or a one-element tensor).")
         checked = _check_loss(loss)
-        if self._pending_loss is not None and not replace:
+        if self._pending_plain and not replace:  # two calls of the user's own (a callback's running value replaces)
             self._warn_repeated_handover("set_loss", "hand over the step's mean loss once (set_loss(mean) or "
                                          "step(loss=mean))")
-        self._pending_loss = (checked, w)
+        self._pending_loss, self._pending_plain = (checked, w), not replace
         self._set_loss_calls += 1
 
     # ------------------------------------------------------------------ the step
@@ -528,9 +533,12 @@ class SOAA(ShardedOptimizer):
         try:
             ran = self._sharded_step(local_error=error)
         finally:
-            self._pending_loss = None  # a loss belongs to one step, whatever happened
+            self._pending_loss, self._pending_plain = None, False  # a loss belongs to one step, whatever happened
         if ran and self.config.acceptance == "same_batch":
-            self._same_batch_check(closure)  # type: ignore[arg-type]
+            try:
+                self._same_batch_check(closure)  # type: ignore[arg-type]
+            finally:  # its re-evaluation may hand a loss over too: it belongs to no later step
+                self._pending_loss, self._pending_plain = None, False
         return ret
 
     def _groups_of(self, views: list[BlockView]) -> dict[tuple[int, bool], list[BlockView]]:

@@ -516,6 +516,75 @@ def test_replicas_that_differ_under_mean_raise_on_every_rank(tmp_path: Path, nam
         assert "different steps" in out["same_step"] and "rank(s) [1]" in out["same_step"], (r, out)
 
 
+def _w_changed_on_one_rank(rank: int, world: int, name: str) -> dict[str, Any]:
+    model = tiny_mlp(sizes=SIZES)
+    opt = _build(name, model, grad_reduction="mean")
+    dtype = next(model.parameters()).dtype
+    if rank == 0:  # converted alone after construction, before the first step: its table was rebuilt
+        model.to(torch.float32 if dtype == torch.float64 else torch.float64)
+    now = next(model.parameters()).dtype
+    x, y = batch(0, rank, n=4, d_in=SIZES[0], d_out=SIZES[-1])
+    out: dict[str, Any] = {"converted": _error(lambda: get(name).take_step(opt, model, x.to(now), y.to(now)))}
+    model.to(dtype)  # what the message asks for: the same model everywhere
+    out["fixed"] = _error(lambda: _step(name, opt, model, 0, rank, average=False))
+    first = next(model.parameters())
+
+    def resize() -> None:  # alone after steps, between backward and step: its gradient no longer fits
+        if rank == 0:
+            first.data = torch.zeros(first.shape[0] + 1, *first.shape[1:], dtype=dtype)
+            first.grad = torch.ones_like(first.data)
+
+    x, y = batch(1, rank, n=4, d_in=SIZES[0], d_out=SIZES[-1])
+    out["resized"] = _error(lambda: get(name).take_step(opt, model, x, y, on_gradients=resize))
+    return out
+
+
+@pytest.mark.parametrize("name", MEAN_SPECS)
+def test_a_model_changed_on_one_rank_under_mean_raises_on_every_rank(tmp_path: Path, name: str) -> None:
+    """grad_reduction="mean" exchanges the gradients before the step's all-reduce: a rank that converted its
+    model alone before the first step (its table rebuilt) made exchange buffers of another size (gloo
+    aborted the process: "Received data size doesn't match"), and one that resized a parameter alone after
+    steps raised torch's size error alone, leaving the others in the exchange. Both raise on every rank."""
+    res = run_distributed(_w_changed_on_one_rank, 2, tmp_path, name, timeout=120)
+    for r, out in enumerate(res):
+        assert "parameters of rank(s) [1] differ from rank 0's in shape or dtype" in out["converted"], (r, out)
+        assert out["fixed"] == "no error", (r, out)
+    assert "is now" in res[0]["resized"] or "changed" in res[0]["resized"], res[0]
+    assert "rank(s) [0]" in res[1]["resized"] and "raised" in res[1]["resized"], res[1]
+
+
+def _w_round_trip_before_training(rank: int, world: int, name: str) -> dict[str, Any]:
+    model = tiny_mlp(sizes=SIZES)
+    opt = _build(name, model)
+    ref_model = tiny_mlp(sizes=SIZES)
+    ref = _build(name, ref_model)
+    if rank == 0:  # one rank alone: no collective may be needed (accelerate's prepare() does it on every rank)
+        opt.load_state_dict(opt.state_dict())
+    dist.barrier()
+    opt.load_state_dict(opt.state_dict())
+    for t in range(2):
+        _step(name, opt, model, t, rank)
+        _step(name, ref, ref_model, t, rank)
+    out: dict[str, Any] = {"equal": all(torch.equal(a, b) for a, b in zip(_params(model), _params(ref_model)))}
+    opt.consolidate_state_dict()  # to=0: rank 1 keeps nothing
+    out["elsewhere"] = _error(opt.state_dict)
+    return out
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_state_dict_before_training_needs_no_collective(tmp_path: Path, name: str) -> None:
+    """accelerate's prepare() round-trips state_dict() on every rank before training (device placement): a
+    sharded optimizer raised "call consolidate_state_dict() first" inside prepare(). With no state anywhere the
+    full state is every rank's own; training after the round trip is bit-equal. A state consolidated onto
+    another rank says so (the message told a user who had consolidated to do it again)."""
+    for r, out in enumerate(run_distributed(_w_round_trip_before_training, 2, tmp_path, name, timeout=120)):
+        assert out["equal"], (r, out)
+        if r == 1:
+            assert "consolidated onto rank 0 only" in out["elsewhere"] and "to=None" in out["elsewhere"], out
+        else:
+            assert out["elsewhere"] == "no error", out
+
+
 # ---------------------------------------------------------------------- torch's ZeroRedundancyOptimizer
 def _w_zero_resume(rank: int, world: int, name: str, blocked: bool) -> dict[str, Any]:
     """Ours inside torch's ZeroRedundancyOptimizer (shard=False: each rank's optimizer over ZeRO's

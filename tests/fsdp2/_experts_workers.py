@@ -292,3 +292,55 @@ def _error(fn: Any) -> str:
     except ValueError as e:
         return str(e)
     return "accepted"
+
+
+# ---------------------------------------------------------------------- a first step whose Grams are zero
+def _first_step_underflows(named: list[tuple[str, nn.Parameter]], t: int) -> None:
+    """The oracle's gradients, but at step 0 every stack's scaled by 1e-300 (their Grams underflow to
+    zero: an uninformed root, dropped after the step) and ``gate``'s zero: every ASGO block is left
+    without ``inv_root``, which torch.distributed.checkpoint must still save (it needs every key)."""
+    set_all_grads(named, t, True)
+    if t == 0:
+        for _, p in named[:-2] + named[-1:]:
+            if p.grad is not None and p.dim() == 3:
+                p.grad.mul_(1e-300)
+        named[-2][1].grad.zero_()  # type: ignore[union-attr]  # gate: set just above
+
+
+def zero_gram_reference(steps: int) -> list[torch.Tensor]:
+    """One process, uninterrupted, on :func:`_first_step_underflows`' gradients."""
+    named = named_params(True)
+    opt = ASGO(param_groups(named, True), **KW)
+    for t in range(steps):
+        opt.zero_grad()
+        _first_step_underflows(named, t)
+        opt.step()
+    return [p.detach().clone() for _, p in named]
+
+
+def zero_gram_resume(rank: int, world_size: int, path: str, steps: int) -> list[torch.Tensor]:
+    """Step 0 under FSDP2, a DCP checkpoint (every expert and ``gate`` without ``inv_root``), a fresh model
+    and optimizer loading it, then the remaining steps."""
+    from torch.distributed.tensor import distribute_tensor
+
+    def step(model: nn.Module, opt: ASGO, t: int) -> None:
+        mirror = named_params(True)
+        _first_step_underflows(mirror, t)
+        opt.zero_grad()
+        for p, (_, m) in zip(model.parameters(), mirror, strict=True):
+            p.grad = distribute_tensor(m.grad, p.device_mesh, p.placements, src_data_rank=None)  # type: ignore[attr-defined]
+        opt.step()
+
+    model, opt = sharded(world_size)
+    step(model, opt, 0)
+    save_dcp(model, opt, path)
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model, opt = sharded(world_size)
+    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+    set_state_dict(model, opt, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    for t in range(1, steps):
+        step(model, opt, t)
+    return full_params(model)

@@ -535,3 +535,29 @@ def test_callback_flags_refuse_strings_that_python_reads_as_true() -> None:
         OptimizerDiagnostics(include_lr="false")  # type: ignore[arg-type]  # the point of the test
     with pytest.raises(ValueError, match=r"Invalid check_sharding='no'\. Must be True or False\."):
         LossToOptimizer(check_sharding="no")  # type: ignore[arg-type]  # the point of the test
+
+
+def test_hand_overs_through_lightning_optimizer_reach_the_optimizer() -> None:
+    """``self.optimizers()`` under manual optimization is a LightningOptimizer: a class made on the fly from
+    ours with its own ``__dict__``, so what set_loss / set_batch wrote stayed on the wrapper. The step then
+    missed the loss, or (with BatchToOptimizer handing its own batch) stepped on another batch, silently."""
+    from lightning.pytorch.core.optimizer import LightningOptimizer
+
+    from lightning_soaa import EGN
+
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 3), torch.randn(8, 2)
+    model = torch.nn.Linear(3, 2)
+    soaa = lightning_soaa.SOAA(model.parameters(), lr=0.01)
+    F.mse_loss(model(x), y).backward()
+    LightningOptimizer(soaa).set_loss(F.mse_loss(model(x), y).detach())
+    soaa.step()  # raised that no loss was handed over
+    assert soaa.num_steps == 1
+    egn = EGN(torch.nn.Linear(3, 2), loss="mse")
+    wrapped = LightningOptimizer(egn)
+    wrapped.set_batch(x[:4], y[:4])
+    wrapped.set_batch(x, y, replace=True)
+    egn.step()
+    assert egn.num_steps == 1 and egn.statistics()["batch_size"] == 8.0
+    LightningOptimizer(soaa).consolidate_state_dict()
+    assert soaa.__dict__.get("_consolidated") is not None

@@ -145,11 +145,16 @@ def test_pmi_without_mpich_local_rank_reads_slurm_or_assumes_one_node() -> None:
     """``srun --mpi=pmi2`` sets PMI_RANK/PMI_SIZE and SLURM's variables, not MPI_LOCALRANKID: every process
     read local rank 0 (all on GPU 0). Without any node layout the world is one node."""
     srun_pmi = {"PMI_RANK": "3", "PMI_SIZE": "4", "SLURM_LOCALID": "1", "SLURM_NODEID": "1",
-                "SLURM_STEP_TASKS_PER_NODE": "2(x2)"}
+                "SLURM_STEP_TASKS_PER_NODE": "2(x2)", "SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "4"}
     info = detect_launch(srun_pmi)
     assert (info.launcher, info.rank, info.world_size, info.local_rank, info.local_world_size, info.node_rank) == \
         ("mpi", 3, 4, 1, 2, 1)
     info = detect_launch({"PMI_RANK": "2", "PMI_SIZE": "3"})
     assert (info.local_rank, info.local_world_size, info.node_rank) == (2, 3, 0)
+    # mpiexec inside an sbatch script: the batch step's SLURM variables are not this process's
+    batch_step = {"PMI_RANK": "3", "PMI_SIZE": "4", "SLURM_LOCALID": "0", "SLURM_PROCID": "0",
+                  "SLURM_TASKS_PER_NODE": "1"}
+    info = detect_launch(batch_step)
+    assert (info.local_rank, info.local_world_size) == (3, 4)
     with pytest.raises(ValueError, match="PMI_RANK=1 with MPI_LOCALNRANKS='2' but without MPI_LOCALRANKID"):
         detect_launch({"PMI_RANK": "1", "PMI_SIZE": "4", "MPI_LOCALNRANKS": "2"})

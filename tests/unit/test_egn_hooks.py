@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -229,3 +230,24 @@ def test_a_model_compiled_in_place_is_stepped_eagerly(where: str) -> None:
     compiled = target.__dict__["_compiled_call_impl"]
     _step_matches_oracle(model)
     assert target.__dict__["_compiled_call_impl"] is compiled
+
+
+def test_a_forward_under_autocast_is_refused_naming_it() -> None:
+    """accelerate's mixed_precision replaces model.forward with an autocast wrapper (outputs cast back to
+    float32): the Linear layers computed in bf16 and the capture's tensordot raised torch's "both inputs
+    should have same dtype". Refused naming the layer and autocast, parameters unchanged."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    plain_forward = model.forward
+
+    def autocast_forward(*args: Any) -> Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return plain_forward(*args).float()
+
+    model.forward = autocast_forward  # type: ignore[method-assign]  # what the wrapper does
+    opt = EGN(model, loss="mse")
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"'0' computed in torch.bfloat16 while its weight is torch.float32: "
+                                         r"the model's forward runs under autocast"):
+        opt.step(inputs=torch.randn(16, 4), targets=torch.randn(16, 2))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
