@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -152,9 +153,15 @@ class BlockTable:
 
 def param_fingerprint(params: Sequence[torch.Tensor]) -> int:
     """A cheap 63-bit hash of the parameter list's shapes and dtypes, compared across ranks."""
+    return signature_fingerprint([(p.shape, p.dtype) for p in params])
+
+
+def signature_fingerprint(signatures: Sequence[tuple[Any, ...]]) -> int:
+    """:func:`param_fingerprint` of ``(shape, dtype, ...)`` signatures (the device, if given, is left out:
+    it differs across ranks)."""
     h = hashlib.sha256()
-    for p in params:
-        h.update(repr((tuple(p.shape), str(p.dtype))).encode())
+    for sig in signatures:
+        h.update(repr((tuple(sig[0]), str(sig[1]))).encode())
     return int.from_bytes(h.digest()[:8], "little") & ((1 << 62) - 1)
 
 

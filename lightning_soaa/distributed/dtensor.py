@@ -217,14 +217,16 @@ class DTensorLayout:
         return self.placements[param_index].is_dtensor
 
     # ------------------------------------------------------------------ gradients of plain tensors
-    def mean_plain_grads(self) -> None:
+    def mean_plain_grads(self, read: bool = True) -> None:
         """Average the gradients of the non-DTensor parameters over the mesh (``grad_reduction="mean"``):
         FSDP2 reduces only its own parameters. One all-reduce per dtype, every rank, parameter order.
 
         A parameter has a gradient iff some rank has one (a rank whose batch did not reach it adds
         zeros); one that no rank has a gradient for keeps ``p.grad = None`` and is not stepped, as in one
         process. The same all-reduce carries one presence flag per parameter after the gradients; they
-        are read (a host copy) only on a rank without a local gradient."""
+        are read (a host copy) only on a rank without a local gradient. ``read=False``: the step already
+        failed on this rank (it raises on every rank after the step's all-reduce): zeros, nothing written
+        (a sparse gradient there raised torch's reshape error on this rank alone)."""
         if self.comm.world_size == 1:
             return
         by_dtype: dict[torch.dtype, list[Tensor]] = {}
@@ -233,11 +235,13 @@ class DTensorLayout:
                 by_dtype.setdefault(p.dtype, []).append(p)
         for dt in sorted(by_dtype, key=str):
             ps = by_dtype[dt]
-            missing = [p.grad is None for p in ps]
+            missing = [p.grad is None or not read for p in ps]
             flags = (torch.tensor([0.0 if m else 1.0 for m in missing], dtype=dt).to(ps[0].device)
                      if any(missing) else torch.ones(len(ps), dtype=dt, device=ps[0].device))
             flat = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in ps] + [flags])
             self.comm.all_reduce_(flat).div_(self.comm.world_size)
+            if not read:
+                continue
             present = flat[len(flat) - len(ps):].tolist() if any(missing) else []
             off = 0
             for j, p in enumerate(ps):

@@ -80,7 +80,14 @@ from torch import Tensor
 
 from lightning_soaa.config import ShardingConfig
 from lightning_soaa.distributed import agreement
-from lightning_soaa.distributed.blocks import BlockInfo, BlockSpec, BlockTable, param_fingerprint, row_block_specs
+from lightning_soaa.distributed.blocks import (
+    BlockInfo,
+    BlockSpec,
+    BlockTable,
+    param_fingerprint,
+    row_block_specs,
+    signature_fingerprint,
+)
 from lightning_soaa.distributed.checkpoint import (
     FORMAT_KEY,
     CheckpointView,
@@ -595,7 +602,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         the step's all-reduce): its gradients may not fit the exchange (a parameter resized since), so it
         joins the exchange with zeros, and the all-reduce after raises on every rank."""
         if self.sharding.grad_reduction == "mean" and self._dtensor is not None:
-            self._dtensor.mean_plain_grads()  # FSDP2 averages the DTensor gradients; plain ones: here
+            self._dtensor.mean_plain_grads(read=not failed)  # FSDP2 averages the DTensor gradients; plain: here
         elif self.sharding.grad_reduction == "mean":
             self._check_unsharded_mean()  # (again: the world size may have been unknown at construction)
             self._confirm_first_layout()
@@ -613,7 +620,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
             return
         world, rank = self.comm.world_size, self.comm.rank
         rows = torch.zeros(world, dtype=torch.float64)
-        rows[rank] = float(param_fingerprint(self._params) & ((1 << 48) - 1))  # exact in float64
+        # the signatures the table (and so the exchange buffers) was built for, not the parameters now: a
+        # rank that could not rebuild holds the old table for converted parameters
+        rows[rank] = float(signature_fingerprint(self._built) & ((1 << 48) - 1))  # exact in float64
         got = self.comm.all_reduce_scalars(rows).tolist()
         differ = [r for r in range(world) if got[r] != got[0]]
         if differ:
@@ -712,6 +721,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ parameter groups and blocks
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if self._receiver() is not self:  # through Lightning's LightningOptimizer: the table was the wrapper's
+            return self._receiver().add_param_group(param_group)
         super().add_param_group(param_group)
         try:
             check_param_group(self, self.param_groups[-1])  # duplicates, complex, zero-size
@@ -1201,7 +1212,14 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if why is not None:
             return self._skip_step(why)
         views = self._owned_views()
-        reduced = self._reduce_record(views, local_error)
+        try:
+            reduced = self._reduce_record(views, local_error)
+        except (ValueError, RuntimeError) as e:
+            add_note = getattr(e, "add_note", None)  # Python >= 3.11
+            if add_note is not None and self.sharding.grad_reduction == "mean" and self.comm.world_size > 1:
+                add_note(f"{type(self).__name__}: with grad_reduction='mean' this rank's p.grad of the blocks it "
+                           "owns already holds the ranks' average: run backward() again before another step().")
+            raise
         if reduced.nonfinite > 0:
             return self._skip_step(f"non-finite gradient or statistic on {int(reduced.nonfinite)} rank(s)")
         decision = self._decide(reduced)
@@ -1277,7 +1295,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         or loaded, no state, no DTensor. Returns whether it did. Without a collective (a rank whose
         parameters did not change makes none): the new parameters' fingerprint joins the hyperparameter
         digest of the step's agreement row, so ranks that converted differently raise together there."""
-        if (self.num_steps or self.skipped_steps or any(self.state.values()) or self._dtensor is not None
+        if (self.num_steps or self.skipped_steps or self._holds_block_state() or self._dtensor is not None
+                or self.__dict__.get("_layout_confirmed")  # a load back to step 0 after steps: not re-confirmed
                 or any(p.is_meta for p in self._params)
                 or param_signatures(self._params) == self.__dict__.get("_built")):
             return False
@@ -1289,6 +1308,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
         back = self._built == self.__dict__.get("_agreed_built")
         self._rebuilt_digest = 0 if back else param_fingerprint(self._params) & ((1 << 48) - 1)
         return True
+
+    def _holds_block_state(self) -> bool:
+        """Whether any block of this rank holds state: the empty per-block entries that reading a cut
+        parameter's state leaves (``{sub: {}}``, on its owners only) do not count."""
+        return any(any(v for k, v in st.items() if isinstance(k, int)) or any(not isinstance(k, int) for k in st)
+                   for st in self.state.values())
 
     def _warn_no_gradients(self) -> None:
         """Once per optimizer: a step found no gradient on any of this rank's parameters, so it updates
@@ -1440,9 +1465,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
                               for k, v in blk.items()}
         return out
 
-    def _gather_full_state(self, local: bool = False) -> dict[str, Any]:
-        """Collective: every rank's owned block states, merged, plus the global state. ``local``: this
-        rank's alone, without a collective (an optimizer that has no block state anywhere yet)."""
+    def _gather_full_state(self) -> dict[str, Any]:
+        """Collective: every rank's owned block states, merged, plus the global state."""
         mine = self._local_block_states()
         merged: dict[tuple[int, int], dict[str, Any]] = {}
         if self._dtensor is not None and self.comm.world_size > 1:  # local shards -> full tensors
@@ -1453,7 +1477,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 whole = {key: st for key, st in mine.items() if self._dtensor.cut_across(by_key[key])}
                 for part in self.comm.all_gather_object(whole):
                     merged.update(part)
-        for part in self.comm.all_gather_object(mine) if self._sharded_multi_rank() and not local else [mine]:
+        for part in self.comm.all_gather_object(mine) if self._sharded_multi_rank() else [mine]:
             merged.update(part)
         return build_state_dict(
             optimizer=self._checkpoint_view(),
@@ -1492,10 +1516,6 @@ class ShardedOptimizer(torch.optim.Optimizer):
         inner = self.__dict__.get("_optimizer")
         return inner if isinstance(inner, ShardedOptimizer) else self
 
-    def _unstepped(self) -> bool:
-        """No step taken, skipped or loaded and no block state: nothing that only the owners hold."""
-        return self.num_steps == 0 and self.skipped_steps == 0 and not any(self.state.values())
-
     def _warn_repeated_handover(self, method: str, advice: str) -> None:
         """Warn, once per optimizer, that ``method`` (``set_loss``/``set_batch``) was called again before a
         step: the last value wins. Calling it once per micro-batch of a manual accumulation loop (as
@@ -1523,6 +1543,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """:meth:`_full_state_dict` between torch's state-dict hooks (:mod:`~lightning_soaa.optim.sd_hooks`)."""
+        if self._receiver() is not self:  # through Lightning's LightningOptimizer: it saved its class name
+            return self._receiver().state_dict()
         return hooked_state_dict(self, self._full_state_dict)
 
     def _full_state_dict(self) -> dict[str, Any]:
@@ -1538,11 +1560,6 @@ class ShardedOptimizer(torch.optim.Optimizer):
             return dcp.dcp_state_dict(self)
         if self._dtensor is None and not self._consolidating():
             return self._gather_full_state()
-        if self._dtensor is None and self._unstepped():
-            # no rank has block state yet (ranks step together): the full state is every rank's own, with
-            # no collective. accelerate's prepare() round-trips state_dict() on every rank before training
-            # (device placement); that raised "call consolidate_state_dict() first" inside prepare()
-            return self._gather_full_state(local=True)
         if fresh and self._consolidated is None and self._dtensor is None:
             raise RuntimeError(
                 f"{type(self).__name__}.state_dict() on rank {self.comm.rank} of {self.comm.world_size}: the state "
@@ -1564,6 +1581,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """:meth:`_load_full_state_dict` between torch's load hooks (:mod:`~lightning_soaa.optim.sd_hooks`;
         a pre hook may return a replacement, e.g. a state remapped by ``param_names``)."""
+        if self._receiver() is not self:  # through Lightning's LightningOptimizer: loaded into the wrapper
+            return self._receiver().load_state_dict(state_dict)
         # the optimizer-wide state stays the checkpoint's when a hook rebuilt the rest (keep_run_state)
         hooked_load(self, state_dict, lambda final: self._load_full_state_dict(keep_run_state(state_dict, final)))
 

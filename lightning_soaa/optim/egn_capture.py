@@ -177,7 +177,7 @@ class LinearCapture:
                     "for a layer run under torch.no_grad, jacobian='explicit'.")
                 return None
             weight = getattr(self.sites[i].module, "weight", None)
-            if isinstance(weight, Tensor) and output.dtype != weight.dtype:
+            if not changed and isinstance(weight, Tensor) and output.dtype != weight.dtype:
                 # autocast inside the model's forward (accelerate's mixed_precision replaces model.forward
                 # with an autocast wrapper): the Gram factors would pair bf16 signals with fp32 ones
                 self.error = self.error or (

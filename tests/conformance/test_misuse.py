@@ -518,15 +518,24 @@ def test_replicas_that_differ_under_mean_raise_on_every_rank(tmp_path: Path, nam
 
 def _w_changed_on_one_rank(rank: int, world: int, name: str) -> dict[str, Any]:
     model = tiny_mlp(sizes=SIZES)
-    opt = _build(name, model, grad_reduction="mean")
+    spec = get(name)
+    # row blocks (elementwise optimizers): reading their state leaves empty entries on their owners only
+    rows = {"max_block_numel": 8} if takes_kwarg(spec, "max_block_numel") else {}
+    opt = _build(name, model, grad_reduction="mean", **rows)
+    lr = opt.param_groups[0]["lr"]
+    opt.param_groups[0]["lr"] = float("nan")  # a step refused on every rank: the first step is still to come
+    out: dict[str, Any] = {"refused": _error(lambda: _step(name, opt, model, 0, rank, average=False))}
+    opt.param_groups[0]["lr"] = lr
     dtype = next(model.parameters()).dtype
+    other = torch.float32 if dtype == torch.float64 else torch.float64
     if rank == 0:  # converted alone after construction, before the first step: its table was rebuilt
-        model.to(torch.float32 if dtype == torch.float64 else torch.float64)
-    now = next(model.parameters()).dtype
+        model.to(other)
     x, y = batch(0, rank, n=4, d_in=SIZES[0], d_out=SIZES[-1])
-    out: dict[str, Any] = {"converted": _error(lambda: get(name).take_step(opt, model, x.to(now), y.to(now)))}
-    model.to(dtype)  # what the message asks for: the same model everywhere
-    out["fixed"] = _error(lambda: _step(name, opt, model, 0, rank, average=False))
+    now = next(model.parameters()).dtype
+    out["converted"] = _error(lambda: spec.take_step(opt, model, x.to(now), y.to(now)))
+    model.to(other)  # every rank converted (as Fabric's setup does): every rank rebuilds, and trains
+    out["fixed"] = _error(lambda: spec.take_step(opt, model, x.to(other), y.to(other)))
+    dtype = other
     first = next(model.parameters())
 
     def resize() -> None:  # alone after steps, between backward and step: its gradient no longer fits
@@ -535,7 +544,7 @@ def _w_changed_on_one_rank(rank: int, world: int, name: str) -> dict[str, Any]:
             first.grad = torch.ones_like(first.data)
 
     x, y = batch(1, rank, n=4, d_in=SIZES[0], d_out=SIZES[-1])
-    out["resized"] = _error(lambda: get(name).take_step(opt, model, x, y, on_gradients=resize))
+    out["resized"] = _error(lambda: spec.take_step(opt, model, x.to(dtype), y.to(dtype), on_gradients=resize))
     return out
 
 
@@ -544,9 +553,12 @@ def test_a_model_changed_on_one_rank_under_mean_raises_on_every_rank(tmp_path: P
     """grad_reduction="mean" exchanges the gradients before the step's all-reduce: a rank that converted its
     model alone before the first step (its table rebuilt) made exchange buffers of another size (gloo
     aborted the process: "Received data size doesn't match"), and one that resized a parameter alone after
-    steps raised torch's size error alone, leaving the others in the exchange. Both raise on every rank."""
+    steps raised torch's size error alone, leaving the others in the exchange. Both raise on every rank.
+    After a step refused on every rank, a conversion on every rank rebuilds on every rank (the empty state
+    entries a refused step leaves on row blocks' owners kept them from rebuilding: a gloo abort)."""
     res = run_distributed(_w_changed_on_one_rank, 2, tmp_path, name, timeout=120)
     for r, out in enumerate(res):
+        assert "Invalid lr=nan" in out["refused"], (r, out)
         assert "parameters of rank(s) [1] differ from rank 0's in shape or dtype" in out["converted"], (r, out)
         assert out["fixed"] == "no error", (r, out)
     assert "is now" in res[0]["resized"] or "changed" in res[0]["resized"], res[0]
@@ -558,10 +570,8 @@ def _w_round_trip_before_training(rank: int, world: int, name: str) -> dict[str,
     opt = _build(name, model)
     ref_model = tiny_mlp(sizes=SIZES)
     ref = _build(name, ref_model)
-    if rank == 0:  # one rank alone: no collective may be needed (accelerate's prepare() does it on every rank)
-        opt.load_state_dict(opt.state_dict())
-    dist.barrier()
-    opt.load_state_dict(opt.state_dict())
+    opt.consolidate_state_dict(to=None)  # the README's recipe before accelerate's prepare(), which
+    opt.load_state_dict(opt.state_dict())  # round-trips state_dict() on every rank
     for t in range(2):
         _step(name, opt, model, t, rank)
         _step(name, ref, ref_model, t, rank)
@@ -572,11 +582,10 @@ def _w_round_trip_before_training(rank: int, world: int, name: str) -> dict[str,
 
 
 @pytest.mark.parametrize("name", SPECS)
-def test_state_dict_before_training_needs_no_collective(tmp_path: Path, name: str) -> None:
-    """accelerate's prepare() round-trips state_dict() on every rank before training (device placement): a
-    sharded optimizer raised "call consolidate_state_dict() first" inside prepare(). With no state anywhere the
-    full state is every rank's own; training after the round trip is bit-equal. A state consolidated onto
-    another rank says so (the message told a user who had consolidated to do it again)."""
+def test_a_state_round_trip_before_training_and_a_state_consolidated_elsewhere(tmp_path: Path, name: str) -> None:
+    """accelerate's prepare() round-trips state_dict() on every rank before training (device placement):
+    after consolidate_state_dict(to=None) on every rank, training is bit-equal to no round trip. A state
+    consolidated onto another rank says so (the message told a user who had consolidated to do it again)."""
     for r, out in enumerate(run_distributed(_w_round_trip_before_training, 2, tmp_path, name, timeout=120)):
         assert out["equal"], (r, out)
         if r == 1:

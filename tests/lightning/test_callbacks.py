@@ -561,3 +561,7 @@ def test_hand_overs_through_lightning_optimizer_reach_the_optimizer() -> None:
     assert egn.num_steps == 1 and egn.statistics()["batch_size"] == 8.0
     LightningOptimizer(soaa).consolidate_state_dict()
     assert soaa.__dict__.get("_consolidated") is not None
+    saved = LightningOptimizer(soaa).state_dict()  # was saved under the wrapper's class name
+    assert saved["lightning_soaa"]["optimizer"] == "SOAA", saved["lightning_soaa"]
+    LightningOptimizer(soaa).load_state_dict(saved)  # was refused: "saved by 'SOAA', not 'LightningSOAA'"
+    soaa.load_state_dict(saved)
