@@ -1573,7 +1573,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
                                if self._dtensor is not None else
                                f"{type(self).__name__}.state_dict() on rank {self.comm.rank} of "
                                f"{self.comm.world_size}: the state is sharded; call consolidate_state_dict() "
-                               "on every rank first (a collective), then state_dict() on the rank that saves.")
+                               "on every rank first (a collective), then state_dict() on the rank that saves "
+                               "(consolidate_state_dict(to=None) where every rank calls state_dict(), e.g. "
+                               "accelerate's prepare() and save_state()).")
         # the groups as they are now: an lr set after consolidate_state_dict() is the one to save
         return {**self._consolidated, "param_groups": saved_groups(self._groups_as_built())}
 
