@@ -84,7 +84,6 @@ from lightning_soaa.distributed.blocks import (
     BlockInfo,
     BlockSpec,
     BlockTable,
-    param_fingerprint,
     row_block_specs,
     signature_fingerprint,
 )
@@ -622,7 +621,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         rows = torch.zeros(world, dtype=torch.float64)
         # the signatures the table (and so the exchange buffers) was built for, not the parameters now: a
         # rank that could not rebuild holds the old table for converted parameters
-        rows[rank] = float(signature_fingerprint(self._built) & ((1 << 48) - 1))  # exact in float64
+        rows[rank] = float(self._table_digest())
         got = self.comm.all_reduce_scalars(rows).tolist()
         differ = [r for r in range(world) if got[r] != got[0]]
         if differ:
@@ -1306,14 +1305,21 @@ class ShardedOptimizer(torch.optim.Optimizer):
         # converted back to what every rank built (a fix after a refused step): the same digest as a rank
         # that never converted, which otherwise read as "hyperparameters differ"
         back = self._built == self.__dict__.get("_agreed_built")
-        self._rebuilt_digest = 0 if back else param_fingerprint(self._params) & ((1 << 48) - 1)
+        self._rebuilt_digest = 0 if back else self._table_digest()
         return True
+
+    def _table_digest(self) -> int:
+        """48 bits (exact in float64) of the shapes and dtypes the block table was built for."""
+        return signature_fingerprint(self._built) & ((1 << 48) - 1)
 
     def _holds_block_state(self) -> bool:
         """Whether any block of this rank holds state: the empty per-block entries that reading a cut
         parameter's state leaves (``{sub: {}}``, on its owners only) do not count."""
-        return any(any(v for k, v in st.items() if isinstance(k, int)) or any(not isinstance(k, int) for k in st)
-                   for st in self.state.values())
+        for st in self.state.values():
+            for key, value in st.items():
+                if not isinstance(key, int) or value:  # a whole parameter's key, or a per-block entry with state
+                    return True
+        return False
 
     def _warn_no_gradients(self) -> None:
         """Once per optimizer: a step found no gradient on any of this rank's parameters, so it updates

@@ -186,6 +186,25 @@ def test_torch_join_is_refused_clearly_when_it_is_built(spec: OptimizerSpec) -> 
         Join([opt])
 
 
+@each_optimizer
+def test_calls_through_lightnings_optimizer_wrapper_reach_the_optimizer(spec: OptimizerSpec) -> None:
+    """Under manual optimization ``self.optimizers()`` is Lightning's LightningOptimizer, made on the fly as a
+    subclass of ours with its own ``__dict__``: what our methods wrote through it stayed on the wrapper (a
+    state_dict saved as 'Lightning<name>', which no load accepted; a consolidation the optimizer never saw)."""
+    core = pytest.importorskip("lightning.pytorch.core.optimizer")
+    model, opt = make(spec)
+    step(spec, model, opt, 0)
+    wrapped = core.LightningOptimizer(opt)
+    wrapped.consolidate_state_dict()
+    assert opt.__dict__.get("_consolidated") is not None
+    saved = wrapped.state_dict()
+    assert saved["lightning_soaa"]["optimizer"] == type(opt).__name__, saved["lightning_soaa"]
+    wrapped.load_state_dict(saved)
+    opt.load_state_dict(saved)
+    step(spec, model, opt, 1)
+    assert opt.num_steps == 2
+
+
 _HANDED = [s for s in SPECS if s.needs in (StepNeeds.LOSS, StepNeeds.BATCH)]
 
 
