@@ -287,6 +287,24 @@ def refuse_swa_batch_norm_epoch(trainer: pl.Trainer, pl_module: pl.LightningModu
             "torch.optim.swa_utils (AveragedModel, then update_bn) after fit.")
 
 
+def refuse_pruning_during_fit(trainer: pl.Trainer) -> None:
+    """Refuse Lightning's ``ModelPruning`` with an optimizer that steps from the batch (EGN). Its pruning,
+    at an epoch's end, re-registers each pruned weight as ``weight_orig`` and computes ``weight`` from it;
+    EGN's capture plan is made for the Parameters it was built with and refused the first step after it
+    (after a whole epoch). Refused at the start of fit instead (the same callbacks on every rank)."""
+    from lightning.pytorch.callbacks import ModelPruning
+
+    targets = _targets(trainer, StepNeeds.BATCH)
+    if targets and any(isinstance(c, ModelPruning) for c in trainer.callbacks):  # type: ignore[attr-defined]
+        raise ValueError(
+            f"ModelPruning with {optimizer_name(targets[0])}: the callback prunes during fit (at an epoch's end), "
+            "re-registering each pruned weight as 'weight_orig' with a mask, and "
+            f"{optimizer_name(targets[0])} plans its Jacobians for the Parameters it was built with, so it "
+            "would refuse its first step after the pruning. Prune the model with torch.nn.utils.prune before "
+            "configure_optimizers builds the optimizer (the pruned layers' Jacobians are then taken "
+            "explicitly), or train with another optimizer.")
+
+
 def _reaches_last_epoch(trainer: pl.Trainer) -> bool:
     """Whether the fit runs into its last epoch (the one SWA added for BatchNorm), judged from its limits:
     ``max_epochs`` set, and ``max_steps`` unset or beyond the optimizer steps of the epochs before."""
@@ -380,6 +398,7 @@ class BatchToOptimizer(Callback):
             if unwrap_optimizer(opt, "set_batch") is not None:
                 check_trainer_supports_batch_optimizer(trainer)
         refuse_swa_batch_norm_epoch(trainer, pl_module, StepNeeds.BATCH)
+        refuse_pruning_during_fit(trainer)
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,

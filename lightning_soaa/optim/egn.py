@@ -95,9 +95,10 @@ MISSING_BATCH_MESSAGE = (
     "EGN.step() got no mini-batch: EGN forms Jacobians from the inputs and targets, not from a loss. "
     "Call opt.step(inputs=x, targets=y) or opt.set_batch(x, y) before step(); under Lightning add the "
     "callback lightning_soaa.lightning.BatchToOptimizer() to the Trainer, or use manual optimization. "
-    "(Lightning's learning-rate finder, Tuner.lr_find or the LearningRateFinder callback, runs its search "
-    "with the Trainer's callbacks replaced by its own, so no batch reaches EGN there: EGN's line search "
-    "picks the step size itself, with lr as its cap; do not run the finder on it.)"
+    "(Lightning's learning-rate and batch-size finders, Tuner.lr_find / Tuner.scale_batch_size or the "
+    "LearningRateFinder / BatchSizeFinder callbacks, run their search with the Trainer's callbacks replaced "
+    "by their own, so no batch reaches EGN there: EGN's line search picks the step size itself, with lr as "
+    "its cap; do not run either finder on it.)"
 )
 
 
@@ -960,6 +961,17 @@ class EGN(ShardedOptimizer):
             rows, coupled = checked_explicit_rows(
                 self.model, {n: self._trainable[n] for n in self._explicit}, xs, z)
         except Exception as exc:  # noqa: BLE001 - reported on every rank, never a hang
+            if "saved tensor hooks" in str(exc):  # torch.func cannot run a checkpoint region's recompute
+                return (f"EGN: the explicit per-sample Jacobians failed: {type(exc).__name__}: {exc}. The model's "
+                        "forward runs a torch.utils.checkpoint region (its saved-tensor hooks), which "
+                        "torch.func cannot differentiate. " + (
+                            "jacobian='explicit' takes every trained parameter's Jacobian that way: use "
+                            "jacobian='auto', or run the forward without checkpoint regions."
+                            if self.config.jacobian == "explicit" else
+                            "EGN needs explicit Jacobians for the trained parameters that are not an "
+                            f"nn.Linear's weight or bias ({self._explicit[0]!r}"
+                            f"{' and others' if len(self._explicit) > 1 else ''}): freeze those, or run the "
+                            "forward without checkpoint regions."))
             return (f"EGN: the explicit per-sample Jacobians failed: {type(exc).__name__}: {exc}. EGN takes them "
                     "with torch.func (vmap of jacrev over one-sample batches); modules that do not support it "
                     "(e.g. nn.GRU, nn.LSTM) cannot be trained by EGN, nor can a forward that draws random numbers "

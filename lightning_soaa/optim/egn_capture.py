@@ -146,7 +146,7 @@ class LinearCapture:
 
     def _enter_hook(self, i: int) -> Callable[..., None]:
         def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            self.guard.enter(i)
+            self.guard.enter(i, module)
 
         return pre_hook
 
@@ -173,7 +173,9 @@ class LinearCapture:
                     f"EGN: the Linear layer {self.sites[i].path!r} was called with gradients disabled inside "
                     "the model's forward (torch.no_grad, or a reentrant torch.utils.checkpoint); its Gram "
                     "factors need the call's graph. Under torch.utils.checkpoint pass use_reentrant=False (EGN's "
-                    "default jacobian='auto' supports it; jacobian='explicit' supports no checkpoint regions); "
+                    "default jacobian='auto' supports it where every trained parameter is an nn.Linear's weight "
+                    "or bias; explicit Jacobians (jacobian='explicit', or any other trained parameter) support "
+                    "no checkpoint regions); "
                     "for a layer run under torch.no_grad, jacobian='explicit'.")
                 return None
             weight = getattr(self.sites[i].module, "weight", None)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 import torch
@@ -33,7 +33,7 @@ from torch.nn.modules import module as _module
 
 from lightning_soaa.optim.egn_capture import LinearSite
 
-__all__ = ["Chain", "ChainCapture", "plan_chain"]
+__all__ = ["Chain", "ChainCapture", "backward_hooks_in", "plan_chain"]
 
 
 def _relu_backward(grad: Tensor, out: Tensor) -> Tensor:
@@ -58,6 +58,17 @@ def grad_off() -> contextlib.AbstractContextManager[Any]:
     return torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext()
 
 
+def backward_hooks_in(modules: Iterable[nn.Module]) -> bool:
+    """Whether a backward hook may change a back-signal: torch's global ones or a module's own (full or
+    pre). The chain rule of a chain capture runs without autograd, so no hook would run; the general capture
+    backpropagates through autograd, which runs them (a gradient-scaling or -reversing hook then changes the
+    Jacobian EGN sees, as it changes the gradient). Models with such hooks take the general capture so that
+    every path gives the same step."""
+    if _module._global_backward_hooks or _module._global_backward_pre_hooks:
+        return True
+    return any(m._backward_hooks or m._backward_pre_hooks for m in modules)
+
+
 @dataclasses.dataclass(frozen=True)
 class Chain:
     """The planned chain: its modules in order, and per module the index of its factored site (Linear
@@ -79,6 +90,8 @@ class Chain:
         if _module._global_forward_hooks or _module._global_forward_pre_hooks:
             return False
         root = self.root
+        if root is not None and backward_hooks_in((root, *self.modules)):
+            return False
         if root is not None and root is not self.modules[0]:  # (an nn.Linear is its own one-module chain)
             if root._forward_hooks or root._forward_pre_hooks or "forward" in root.__dict__:
                 return False

@@ -6,7 +6,10 @@ and the back-signal of its output. A forward that also uses the layer's weight o
 outputs, contributes Jacobian terms no hook sees: the Gauss-Newton step would be silently wrong. This
 mode watches the capture's forward and records the first torch function that takes such a parameter
 outside its layer's call and returns a tensor (reading metadata such as ``weight.shape`` is fine). The
-capture then reports an error, on every rank together.
+capture then reports an error, on every rank together. The other way round, a call of the layer with
+another tensor in place of its trained weight or bias (``torch.func.functional_call`` on the layer inside the
+forward, as hypernetworks do) makes an output that does not depend on the parameter at all: the Gram factors
+would give it Jacobian rows it does not have, so that call is reported too.
 """
 
 from __future__ import annotations
@@ -40,11 +43,26 @@ class OwnUseGuard(TorchFunctionMode):
             for name, p in zip(("weight", "bias"), params):
                 if p is not None:
                     self._owner[id(p)] = (i, f"{path}.{name}" if path else name)
+        self._layers = list(layers)
         self._inside: list[int] = []
         self.misuse: str | None = None
 
-    def enter(self, i: int) -> None:
+    def enter(self, i: int, module: Any) -> None:
+        """Layer ``i``'s call begins (its forward pre-hook, given the module): it must hold its trained
+        parameters themselves (two dict look-ups per call)."""
         self._inside.append(i)
+        if self.misuse is not None:
+            return
+        path, params = self._layers[i]
+        for name, p in zip(("weight", "bias"), params):
+            if p is not None and module._parameters.get(name) is not p:
+                where = f"{path}.{name}" if path else name
+                self.misuse = (f"EGN: the nn.Linear {path!r} was called with another tensor in place of its "
+                               f"trained parameter {where!r} (torch.func.functional_call or a swap of "
+                               "module._parameters inside the forward), so that parameter does not reach the "
+                               "outputs through this call and its Gram factors would be wrong. Build EGN with "
+                               "jacobian='explicit', or leave the parameter out of the optimizer.")
+                return
 
     def leave(self, i: int) -> None:
         if self._inside and self._inside[-1] == i:

@@ -19,6 +19,8 @@ that changed.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from torch import Tensor, nn
 
 from lightning_soaa.distributed.dtensor import is_dtensor
@@ -74,8 +76,15 @@ class ParamPlaces:
                 here = child
             held = here._parameters.get(name.rsplit(".", 1)[-1])
             if held is not p:
-                return name, held, None
+                moved = next((k for k, q in here._parameters.items() if q is p), None)
+                return name, (held if held is not None or moved is None else Renamed(moved)), None
         raise AssertionError("EGN: a parameter place changed but none was found; please report this.")
+
+
+class Renamed(NamedTuple):
+    """The parameter is still in its module, under another name (``weight_orig``: torch.nn.utils.prune)."""
+
+    attr: str
 
 
 def _get(m: nn.Module, path: list[str]) -> object:
@@ -98,6 +107,12 @@ def replaced_message(name: str, held: object, submodule: str | None, *, dtensor_
         what = (f"EGN: the submodule {submodule!r}, which held the model's parameter {name!r}, was replaced after "
                 "this EGN was built (e.g. model.layer = ...); EGN's capture plan is made for the modules and "
                 "Parameters it was built with.")
+    elif isinstance(held, Renamed):
+        what = (f"EGN: the model's parameter {name!r} is now registered as {held.attr!r} in its module: "
+                "torch.nn.utils.prune (or Lightning's ModelPruning callback) reparametrized the layer after this "
+                "EGN was built, and the layer now computes with a masked copy. Prune before building EGN (EGN "
+                "then takes the pruned layers' Jacobians explicitly); ModelPruning prunes during fit, after "
+                "configure_optimizers, so it cannot be used with EGN.")
     else:
         now = "nothing (the place is gone)" if held is None else f"another {type(held).__name__}"
         what = (f"EGN: the model's parameter {name!r} is no longer the tensor this EGN was built with (the model "

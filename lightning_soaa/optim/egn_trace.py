@@ -36,7 +36,7 @@ from torch.nn.modules import module as _module
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
 from lightning_soaa.optim.egn_capture import LinearSite, site_params
-from lightning_soaa.optim.egn_chain import _ACTIVATIONS, _PASS_THROUGH, Chain, ChainCapture
+from lightning_soaa.optim.egn_chain import _ACTIVATIONS, _PASS_THROUGH, Chain, ChainCapture, backward_hooks_in
 from lightning_soaa.optim.egn_guard import OwnUseGuard
 
 __all__ = ["TracePlan", "plan_trace"]
@@ -80,6 +80,8 @@ class TracePlan:
         if _module._global_forward_hooks or _module._global_forward_pre_hooks:
             # the user's run before ours and may change what ours record (an output a Linear never made)
             return None, None, "global forward hooks are installed"
+        if backward_hooks_in(self.model.modules()):
+            return None, None, "backward hooks are installed"
         calls: list[_Call] = []
         odd: list[str] = []
         guard = OwnUseGuard(self.layers)
@@ -87,7 +89,7 @@ class TracePlan:
         def enter(m: nn.Module, args: tuple[Any, ...]) -> None:
             i = self.site_index.get(id(m))
             if i is not None:
-                guard.enter(i)
+                guard.enter(i, m)
 
         def record(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
             if id(m) not in self.watched:

@@ -127,8 +127,9 @@ ACCUMULATION_MESSAGE = (
     "loss divided by {k}, not the loss of the optimizer step, and the trust region would run on it. Add "
     "lightning_soaa.lightning.LossToOptimizer() to the Trainer's callbacks (it hands over the mean over the "
     "{k} micro-batches; the lightning-soaa CLI adds it), or call opt.step(loss=...) in manual optimization. "
-    "(Lightning's learning-rate finder, Tuner.lr_find or the LearningRateFinder callback, runs its search "
-    "with the Trainer's callbacks replaced by its own: run it with accumulate_grad_batches=1.)"
+    "(Lightning's learning-rate and batch-size finders, Tuner.lr_find / Tuner.scale_batch_size or the "
+    "LearningRateFinder / BatchSizeFinder callbacks, run their search with the Trainer's callbacks replaced "
+    "by their own: run them with accumulate_grad_batches=1.)"
 )
 
 MISSING_LOSS_MESSAGE = (

@@ -529,6 +529,33 @@ def test_swa_with_batch_norm_is_refused_at_the_start_of_fit(name: str, tmp_path:
             assert trainer.optimizers[0].num_steps == trainer.global_step > 0
 
 
+def test_model_pruning_with_egn_is_refused_at_the_start_of_fit(tmp_path: Path) -> None:
+    """ModelPruning prunes at an epoch's end, renaming each pruned weight 'weight_orig': EGN refused its
+    first step after it, a whole epoch into the run, saying only that the parameter was gone. Refused before
+    the first step naming the callback; the step-time refusal (pruning by hand) names pruning; a model pruned
+    before EGN is built trains."""
+    from lightning.pytorch.callbacks import ModelPruning
+
+    model = TinyRegressor(OptimizerFactory("EGN", {"loss": "mse", "lr": 0.5}))
+    trainer = make_trainer(tmp_path, max_epochs=2, callbacks=[BatchToOptimizer(), ModelPruning("l1_unstructured",
+                                                                                               amount=0.5)])
+    with pytest.raises(ValueError, match="ModelPruning with EGN: the callback prunes during fit"):
+        trainer.fit(model)
+    assert trainer.global_step == 0
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).double()
+    opt = lightning_soaa.EGN(net, loss="mse", lr=0.5)
+    x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
+    opt.step(inputs=x, targets=y)
+    torch.nn.utils.prune.l1_unstructured(net[0], "weight", amount=0.5)
+    with pytest.raises(RuntimeError, match=r"'0.weight' is now registered as 'weight_orig' .*torch.nn.utils.prune"):
+        opt.step(inputs=x, targets=y)
+    opt = lightning_soaa.EGN(net, loss="mse", lr=0.5)  # pruned first, then built: trains
+    before = net[0].weight.detach().clone()
+    opt.step(inputs=x, targets=y)
+    assert not torch.equal(net[0].weight, before) and torch.all(net[0].weight[before == 0] == 0)
+
+
 def test_callback_flags_refuse_strings_that_python_reads_as_true() -> None:
     """``include_lr="false"`` (from a YAML or a shell) is a non-empty string: it switched the thing on."""
     with pytest.raises(ValueError, match=r"Invalid include_lr='false'\. Must be True or False\."):
