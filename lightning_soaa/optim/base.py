@@ -68,6 +68,7 @@ class from it (:func:`~lightning_soaa.config.config_from_group`).
 from __future__ import annotations
 
 import copy
+import ctypes
 import dataclasses
 import logging
 import math
@@ -233,18 +234,38 @@ def _stamp(ts: list[Tensor]) -> tuple[int, ...]:
     return (*map(_version_of, ts), *map(Tensor.data_ptr, ts))
 
 
+_CELL_TYPES = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double}
+_cell_value = operator.attrgetter("value")
+
+
+def _value_cells(counters: list[Tensor]) -> list[Any] | None:
+    """Each counter's value as a ctypes number at its address: a write through ``.data`` or a numpy view
+    bumps no autograd version, so a remembered value is checked against memory (read while the addresses
+    are the stamp's, i.e. the counters' own storage). None unless all are 0-d CPU float32/float64 tensors."""
+    cells = []
+    for c in counters:
+        cell = _CELL_TYPES.get(c.dtype)
+        if cell is None or not c.is_cpu or c.dim() != 0:
+            return None
+        cells.append(cell.from_address(c.data_ptr()))
+    return cells
+
+
 class StepCounts:
     """The per-block step counters (0-d CPU float32 tensors, torch's convention; one per block, 40 for
     10M parameters) read and advanced without one ``.item()`` per counter and step: the values written
     at the last increment are remembered with the counters' autograd versions (every write to a counter,
     ``fill_``, ``add_``, ``copy_`` by a state-dict load, bumps its version; a loaded state brings new
     tensors) and addresses (``counter.data = ...`` gives new storage without a version bump), and used
-    while the counters are the same tensors at the same versions and addresses."""
+    while the counters are the same tensors at the same versions and addresses, holding those values
+    (read at their addresses: a write through ``.data`` or a numpy view bumps no version)."""
 
     def __init__(self) -> None:
         # per key, from the last write: the counters, their stamp, their values, the dtype one
         # _foreach_copy_ can advance them all in (or None; see _one_dtype) and the step counts read() returns
-        self._known: dict[Any, tuple[list[Tensor], tuple[int, ...], list[float], torch.dtype | None, list[int]]] = {}
+        # and the counters' values as ctypes numbers at their addresses (or None; see _value_cells)
+        self._known: dict[Any, tuple[list[Tensor], tuple[int, ...], list[float], torch.dtype | None, list[int],
+                                     list[Any] | None]] = {}
         # per key, from read(): the counters, their values and that dtype
         self._read: dict[Any, tuple[list[Tensor], list[float], torch.dtype | None]] = {}
         self._sources: dict[torch.dtype, Tensor] = {}  # the 0-d value increment() copies, per dtype
@@ -254,7 +275,7 @@ class StepCounts:
         counters written last under ``key`` at the same versions and addresses, else read."""
         k = self._known.get(key)
         if (k is not None and len(k[0]) == len(counters) and all(map(operator.is_, k[0], counters))
-                and k[1] == _stamp(counters)):
+                and k[1] == _stamp(counters) and (k[5] is None or list(map(_cell_value, k[5])) == k[2])):
             return k[2], k[3], k[4]
         if all(c.device.type == "cpu" for c in counters):  # as created: no device sync, .item() is cheapest
             values = [float(c.item()) for c in counters]
@@ -311,7 +332,8 @@ class StepCounts:
         else:
             new = increment_counts_(counters)
             after = self._one_dtype(new, counters)
-        self._known[key] = (list(counters), _stamp(counters), new, after, [int(x) + 1 for x in new])
+        self._known[key] = (list(counters), _stamp(counters), new, after, [int(x) + 1 for x in new],
+                            _value_cells(counters))
         return new
 
 

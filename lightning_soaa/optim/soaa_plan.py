@@ -10,9 +10,11 @@ next step, checks in a few C-level maps that nothing they depend on changed:
 * the same blocks (the same parameter views, in order), each with a gradient;
 * the same state: the same moment and counter tensors in the blocks' state dicts;
 * the moments and step counters exactly as the last step left them: the same autograd versions (every
-  in-place torch op, ``copy_`` of a state-dict load included, bumps a tensor's version) and the same
+  in-place torch op, ``copy_`` of a state-dict load included, bumps a tensor's version), the same
   addresses and sizes of the parameters, moments and counters (``p.data = ...`` changes the address
-  without a version bump);
+  without a version bump), the parameters contiguous (``p.data = p.data.t()`` keeps address and size), the
+  counters' values (a write through ``.data`` or a numpy view bumps no version; the moments' are not
+  read, so an edit of the moments must be a torch op on the state tensors themselves);
 * gradients the C loops take: the plan's dtype, on the CPU, contiguous, with storage of their own;
 * no graph being traced by dynamo (the general path then takes no C loops either).
 
@@ -51,6 +53,7 @@ _is_cpu = operator.attrgetter("is_cpu")
 _data_ptr = Tensor.data_ptr
 _numel = Tensor.numel
 _is_contiguous = Tensor.is_contiguous
+_cell_value = operator.attrgetter("value")
 
 
 def _same(xs: Sequence[Any], ys: Sequence[Any]) -> bool:
@@ -126,6 +129,11 @@ class NativePlan:
         # (params, m, v and the counters are the plan's own tensors: checked above)
         if (tuple(map(_version_of, self.versioned)) != self.versions or self._layout(self.watched) != self.layout
                 or max(self.ts) >= _EXACT_COUNT):
+            return False
+        # a write through .data or a numpy view bumps no version: the counters' values are read at their
+        # addresses (same addresses: checked above); and the C loops index θ as contiguous, which
+        # ``p.data = p.data.t()`` (same address and size) is not (m and v are made contiguous by the step)
+        if list(map(_cell_value, self.cells)) != self.counts or not all(map(_is_contiguous, self.params)):
             return False
         return (set(map(_dtype_of, grads)) == {self.dtype} and all(map(_is_cpu, grads))
                 and all(map(_is_contiguous, grads)) and own_storage(grads))
