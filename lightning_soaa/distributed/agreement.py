@@ -297,10 +297,15 @@ class StepVerdict:
     check_ranks: list[int] = dataclasses.field(default_factory=list)
     param_ranks: list[int] = dataclasses.field(default_factory=list)  # parameters differ from rank 0's
     replicated: bool = False  # every rank made a digest and all are equal
+    #: with counted gradients (``grad_reduction="mean"``): the ranks without any gradient where some rank
+    #: has one, else empty
+    gradless_ranks: list[int] = dataclasses.field(default_factory=list)
 
 
-def read_step_rows(rows: Tensor | Sequence[float], world: int, compare_grads: bool) -> StepVerdict:
-    """Decode the reduced ``[world * STEP_ROW]`` block (bit-identical on every rank)."""
+def read_step_rows(rows: Tensor | Sequence[float], world: int, compare_grads: bool,
+                   count_grads: bool = False) -> StepVerdict:
+    """Decode the reduced ``[world * STEP_ROW]`` block (bit-identical on every rank). ``count_grads``: the
+    rows' gradient counts are each rank's number of parameters with a gradient (not compared gradients)."""
     flat = rows.tolist() if isinstance(rows, Tensor) else list(rows)
     m = [flat[r * STEP_ROW:(r + 1) * STEP_ROW] for r in range(world)]
     errors = [r for r in range(world) if m[r][0] > 0]
@@ -317,5 +322,7 @@ def read_step_rows(rows: Tensor | Sequence[float], world: int, compare_grads: bo
     # digests are compared only when every rank made one (a rank whose check is not due wrote 0)
     digests = not checks and m[0][5] > 0
     params = [r for r in range(world) if m[r][6] != m[0][6]] if digests else []
+    counts = [m[r][3] for r in range(world)]
+    gradless = [r for r in range(world) if counts[r] == 0] if count_grads and max(counts) > 0 else []
     return StepVerdict(errors, hyper, grads, steps if len(set(steps)) > 1 else [], checks, params,
-                       replicated=digests and world > 1 and not params)
+                       replicated=digests and world > 1 and not params, gradless_ranks=gradless)

@@ -627,8 +627,20 @@ class ShardedOptimizer(torch.optim.Optimizer):
         elif self.sharding.grad_reduction == "mean":
             self._check_unsharded_mean()  # (again: the world size may have been unknown at construction)
             self._confirm_first_layout()
+            # before the exchange writes averages: a rank with no gradient at all is told apart (the step's
+            # agreement rows carry the count; see _counts_grads)
+            self._grads_held = sum(p.grad is not None for p in self._params)
             self.exchange.reduce_scatter_grads(read=not failed)
         return None
+
+    def _counts_grads(self) -> bool:
+        """Whether the step's agreement rows carry each rank's number of parameters with a gradient
+        (``grad_reduction="mean"`` over the owner exchange, W > 1): a rank without any, where others have
+        some, would add zeros to every average. Its Parameters are usually no longer the model's (replaced
+        after construction: ``load_state_dict(assign=True)``, ``to_empty``), so that rank's model also stops
+        training: silent but for a once-only warning, before this check."""
+        return (self.sharding.grad_reduction == "mean" and self._dtensor is None and self.comm.world_size > 1
+                and self.exchange.sharded)
 
     def _confirm_first_layout(self) -> None:
         """Until the first step is counted: raise on every rank unless all ranks' parameters have the same
@@ -1046,7 +1058,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         record's values)."""
         if self.comm.world_size == 1:
             return []
-        count = len(self._compared_grads()) if self._compares_grads() else 0
+        count = (len(self._compared_grads()) if self._compares_grads()
+                 else self.__dict__.pop("_grads_held", 0) if self._counts_grads() else 0)
         # the replica check: due once after construction or load_state_dict (one read of the parameters);
         # after an error the parameters may be unreadable (meta), and every rank raises anyway
         check = self.__dict__.get("_replicas_unchecked", False) and self._checks_replicas()
@@ -1140,6 +1153,16 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 f"count the replicated model {self.comm.world_size} times. Use shard=True (the default). "
                 "Nothing changed."
             )
+        if verdict.gradless_ranks:
+            raise RuntimeError(
+                f"{name}.step: rank(s) {verdict.gradless_ranks} have no gradient for any of the optimizer's "
+                "parameters while other ranks have gradients: under grad_reduction='mean' their zeros would be "
+                "averaged into every block. Usual causes: that rank's model no longer holds the optimizer's "
+                "Parameters (replaced after the optimizer was built: load_state_dict(..., assign=True), "
+                "to_empty(), a wrapper that makes new Parameters; build the optimizer after, or load without "
+                "assign=True), or that rank called step() without a backward, or froze every parameter. "
+                "Nothing changed."
+            )
         if verdict.param_ranks and not self._checks_partitions():
             raise RuntimeError(
                 f"{name}.step: the parameters on rank(s) {verdict.param_ranks} differ from rank 0's at the "
@@ -1207,7 +1230,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 raise error
         else:
             verdict = agreement.read_step_rows(reduced[n:], self.comm.world_size,
-                                               compare_grads=compare and reduced[0] == 0)
+                                               compare_grads=compare and reduced[0] == 0,
+                                               count_grads=self._counts_grads())
             self._raise_disagreement(verdict, error)
             self._replicas_unchecked = False  # compared (or not due): every rank alike
         return record.with_sums(reduced[:n])
