@@ -93,8 +93,11 @@ def check_param_group(optimizer: Any, group: dict[str, Any]) -> None:
 
 #: options of torch's optimizers that change what a step computes, none of which these optimizers have:
 #: accepted in a param-group dict (torch passes unknown group keys through), they were silently not used
-#: (``maximize=True`` went downhill; 9e-2 off torch's AdamW after 5 steps)
-UNSUPPORTED_TORCH_OPTIONS: tuple[str, ...] = ("maximize", "amsgrad", "nesterov", "capturable", "differentiable")
+#: (``maximize=True`` went downhill; 9e-2 off torch's AdamW after 5 steps). Not ``capturable``: it changes
+#: no result (only whether a step may be captured in a CUDA graph, which these steps, synced with the host,
+#: never are), and dynamo writes ``capturable=True`` into the groups of every optimizer a compiled function
+#: touches (torch._dynamo's OptimizerVariable), so refusing it refused every compiled step that sets the lr
+UNSUPPORTED_TORCH_OPTIONS: tuple[str, ...] = ("maximize", "amsgrad", "nesterov", "differentiable")
 
 
 def check_torch_options(optimizer: Any, group: dict[str, Any]) -> None:

@@ -655,7 +655,9 @@ def test_a_compiled_training_step_equals_the_eager_one(spec: OptimizerSpec) -> N
     """``torch.compile`` of a function that runs forward, backward and ``opt.step()`` (torch's recipe for
     its own optimizers): the step runs eagerly inside it. Traced, ShardedAdamW/ASGO/DASGO failed in
     AOT functionalization (an internal assert, after their step counters had moved), EGN with an
-    AttributeError, and SOAA recompiled at every step (its scalars were baked into the graphs).
+    AttributeError, and SOAA recompiled at every step (its scalars were baked into the graphs). The
+    function also sets the lr (a hand-written schedule): dynamo writes the traced groups back with
+    ``capturable=True`` in them, which every optimizer refused as an option it lacks, at every step.
     ``aot_eager``: the same tracing and functionalization as inductor, without its C++ build."""
     from torch._dynamo.utils import counters
 
@@ -665,19 +667,26 @@ def test_a_compiled_training_step_equals_the_eager_one(spec: OptimizerSpec) -> N
     for compiled in (False, True):
         model, opt = make(spec)
 
-        def train(t: int, model: torch.nn.Module = model, opt: Any = opt) -> None:
+        lr0 = opt.param_groups[0]["lr"]
+
+        def train(t: int, model: torch.nn.Module = model, opt: Any = opt, lr0: float = lr0) -> None:
+            for g in opt.param_groups:
+                g["lr"] = lr0 / (1.0 + t)
             x, y = data(t)
             spec.take_step(opt, model, x, y)
 
         fn = torch.compile(train, backend="aot_eager") if compiled else train
-        for t in range(3):
+        for t in range(5):
             fn(t)
+            if t == 2:  # (t, a Python int, and the lr written from it become dynamic by their third values)
+                graphs = counters["stats"]["unique_graphs"]
         runs.append((model, opt))
     (m_eager, o_eager), (m_comp, o_comp) = runs
-    assert o_comp.num_steps == o_eager.num_steps == 3
+    assert o_comp.num_steps == o_eager.num_steps == 5
     assert_close(params(m_comp), params(m_eager), rtol=1e-12, atol=1e-14)
-    # graphs of the forward and backward only, made once: nothing of the step's is traced or recompiled
-    assert counters["stats"]["unique_graphs"] <= 4, dict(counters["stats"])
+    # graphs of the forward, backward and the lr writes only: nothing of the step's is traced, nothing is
+    # recompiled at later steps (SOAA's scalars baked into a graph recompiled it at every one)
+    assert counters["stats"]["unique_graphs"] == graphs <= 6, dict(counters["stats"])
 
 
 # ---------------------------------------------------------------------------------------- hooks
