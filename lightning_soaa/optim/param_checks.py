@@ -225,7 +225,7 @@ def _describe(sig: Signature) -> str:
 #: keys torch, its schedulers and Lightning write into param groups, and tags other libraries put there
 #: (timm's layer decay: lr_scale): never a misspelt hyperparameter
 FOREIGN_GROUP_KEYS = frozenset({"params", "param_names", "initial_lr", "max_lr", "min_lr", "base_momentum",
-                                "max_momentum", "name", "foreach", "fused", "decoupled_weight_decay",
+                                "max_momentum", "name", "foreach", "fused", "capturable", "decoupled_weight_decay",
                                 "lr_scale", "lr_mult", "weight_decay_mult", "decay_mult", "layer_id", "group_name",
                                 *UNSUPPORTED_TORCH_OPTIONS})
 
