@@ -332,8 +332,14 @@ class StepCounts:
         else:
             new = increment_counts_(counters)
             after = self._one_dtype(new, counters)
-        self._known[key] = (list(counters), _stamp(counters), new, after, [int(x) + 1 for x in new],
-                            _value_cells(counters))
+        prev = self._known.get(key)
+        stamp = _stamp(counters)
+        # the cells stay valid while the counters are the same tensors at the same addresses (the stamp's
+        # second half); made anew only then (~1 us per counter)
+        n = len(counters)
+        cells = (prev[5] if prev is not None and len(prev[0]) == n and all(map(operator.is_, prev[0], counters))
+                 and prev[1][n:] == stamp[n:] else _value_cells(counters))
+        self._known[key] = (list(counters), stamp, new, after, [int(x) + 1 for x in new], cells)
         return new
 
 
@@ -1153,16 +1159,6 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 f"count the replicated model {self.comm.world_size} times. Use shard=True (the default). "
                 "Nothing changed."
             )
-        if verdict.gradless_ranks:
-            raise RuntimeError(
-                f"{name}.step: rank(s) {verdict.gradless_ranks} have no gradient for any of the optimizer's "
-                "parameters while other ranks have gradients: under grad_reduction='mean' their zeros would be "
-                "averaged into every block. Usual causes: that rank's model no longer holds the optimizer's "
-                "Parameters (replaced after the optimizer was built: load_state_dict(..., assign=True), "
-                "to_empty(), a wrapper that makes new Parameters; build the optimizer after, or load without "
-                "assign=True), or that rank called step() without a backward, or froze every parameter. "
-                "Nothing changed."
-            )
         if verdict.param_ranks and not self._checks_partitions():
             raise RuntimeError(
                 f"{name}.step: the parameters on rank(s) {verdict.param_ranks} differ from rank 0's at the "
@@ -1234,6 +1230,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
                                                count_grads=self._counts_grads())
             self._raise_disagreement(verdict, error)
             self._replicas_unchecked = False  # compared (or not due): every rank alike
+            if verdict.gradless_ranks:
+                self._warn_gradless_ranks(verdict.gradless_ranks)
         return record.with_sums(reduced[:n])
 
     def _sharded_step(self, local_error: BaseException | None = None) -> bool:
@@ -1366,6 +1364,23 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 if not isinstance(key, int) or value:  # a whole parameter's key, or a per-block entry with state
                     return True
         return False
+
+    def _warn_gradless_ranks(self, ranks: list[int]) -> None:
+        """Once per optimizer, on every rank (the verdict is the same everywhere): under
+        ``grad_reduction="mean"`` some ranks had no gradient for any of this optimizer's parameters while
+        others had. Their zeros are averaged in, as DDP with ``find_unused_parameters=True`` does: right
+        for an optimizer of a part some ranks did not use this step (a task head, an expert without
+        tokens), wrong where a rank's model replaced the optimizer's Parameters (that rank stops training
+        and halves the others' gradients). Counts cannot tell the two apart, so this is said, not raised."""
+        if not self.__dict__.get("_warned_gradless"):
+            self._warned_gradless = True
+            log.warning(
+                "%s.step: rank(s) %s had no gradient for any of this optimizer's parameters while other ranks "
+                "had; under grad_reduction='mean' their zeros are averaged in (as DDP's find_unused_parameters "
+                "does). Right if those ranks did not use these parameters this step (a task head, an expert "
+                "without tokens); wrong if their model no longer holds the optimizer's Parameters (replaced "
+                "after it was built: load_state_dict(..., assign=True), to_empty(), a wrapper): that rank would "
+                "stop training. Logged once.", type(self).__name__, ranks)
 
     def _warn_no_gradients(self) -> None:
         """Once per optimizer: a step found no gradient on any of this rank's parameters, so it updates

@@ -961,17 +961,21 @@ class EGN(ShardedOptimizer):
             rows, coupled = checked_explicit_rows(
                 self.model, {n: self._trainable[n] for n in self._explicit}, xs, z)
         except Exception as exc:  # noqa: BLE001 - reported on every rank, never a hang
-            if "saved tensor hooks" in str(exc):  # torch.func cannot run a checkpoint region's recompute
+            text = str(exc)
+            hooks = ("a torch.utils.checkpoint region or another saved-tensor-hooks context (e.g. "
+                     "torch.autograd.graph.save_on_cpu)" if "saved tensor hooks" in text else
+                     "a module with a backward hook (register_full_backward_hook / _pre_hook, or a global one), "
+                     "which torch wraps in an autograd.Function" if "setup_context" in text else None)
+            if hooks is not None:
                 return (f"EGN: the explicit per-sample Jacobians failed: {type(exc).__name__}: {exc}. The model's "
-                        "forward runs a torch.utils.checkpoint region (its saved-tensor hooks), which "
-                        "torch.func cannot differentiate. " + (
+                        f"forward runs {hooks}, which torch.func cannot differentiate. " + (
                             "jacobian='explicit' takes every trained parameter's Jacobian that way: use "
-                            "jacobian='auto', or run the forward without checkpoint regions."
+                            "jacobian='auto', or run the forward without them."
                             if self.config.jacobian == "explicit" else
                             "EGN needs explicit Jacobians for the trained parameters that are not an "
                             f"nn.Linear's weight or bias ({self._explicit[0]!r}"
                             f"{' and others' if len(self._explicit) > 1 else ''}): freeze those, or run the "
-                            "forward without checkpoint regions."))
+                            "forward without them."))
             return (f"EGN: the explicit per-sample Jacobians failed: {type(exc).__name__}: {exc}. EGN takes them "
                     "with torch.func (vmap of jacrev over one-sample batches); modules that do not support it "
                     "(e.g. nn.GRU, nn.LSTM) cannot be trained by EGN, nor can a forward that draws random numbers "

@@ -355,3 +355,12 @@ def test_a_checkpoint_region_with_explicit_jacobians_is_named() -> None:
     w0 = flat_params(model)
     opt.step(inputs=x, targets=y)
     torch.testing.assert_close(flat_params(model) - w0, ref, rtol=1e-9, atol=1e-12)
+
+
+def test_a_backward_hook_where_explicit_jacobians_are_needed_is_named() -> None:
+    """torch wraps a module with a full backward hook in an autograd.Function, which torch.func (explicit
+    Jacobians) cannot run: the refusal named nn.GRU-like modules; it names the backward hook."""
+    model = _CheckpointedNorm().to(DT)
+    model.checkpointed = False
+    model.b.register_full_backward_hook(lambda m, gi, go: None)
+    _refused(model, r"runs a module with a backward hook .* \('ln.weight' and others\): freeze")
