@@ -1312,7 +1312,8 @@ class EGN(ShardedOptimizer):
             jd += torch.bmm(delta.reshape(b, c, t * d_out), u.reshape(b, t * d_out, 1)).view(b, c)
         if batch.local_rows is not None:
             d_rest = torch.cat([d_full[self._index[n]].reshape(-1) for n in self._explicit])
-            jd += (batch.local_rows.reshape(b * c, -1) @ _as(d_rest, batch.local_rows.dtype)).view(b, c)
+            rows = batch.local_rows.reshape(b * c, batch.local_rows.shape[-1])  # (not -1: b may be 0 here)
+            jd += (rows @ _as(d_rest, batch.local_rows.dtype)).view(b, c)
         return jd
 
     def _step_size(self, batch: _Batch, w0: list[Tensor], d: list[Tensor],

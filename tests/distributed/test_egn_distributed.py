@@ -66,8 +66,13 @@ CONFIGS = {
     # the general capture with explicit rows (mixed) and the traced chain (wrapped)
     "mse_empty": dict(model="mlp", kw=dict(loss="mse", lr=1.0, damping=0.3, momentum=0.5, line_search=True),
                       uneven=False, empty=True),
-    "ce_empty_mixed": dict(model="mixed", kw=dict(loss="cross_entropy", lr=1.0, damping=0.5, line_search=True),
-                           uneven=False, empty=True),
+    # (momentum and adaptive damping take J·d from the explicit rows too: a reshape of the empty rank's rows
+    # by -1 raised there alone, the other ranks waiting in the next all-reduce)
+    "ce_empty_mixed": dict(model="mixed", kw=dict(loss="cross_entropy", lr=1.0, damping=0.5, line_search=True,
+                                                  momentum=0.5, adaptive_damping=True), uneven=False, empty=True),
+    # a BatchNorm's affine parameters by explicit Jacobians: vmap over the empty rank's no samples failed
+    "mse_empty_batchnorm": dict(model="batchnorm", kw=dict(loss="mse", lr=1.0, damping=0.5, momentum=0.5),
+                                uneven=False, empty=True),
     "bce_empty_traced": dict(model="wrapped", kw=dict(loss="bce", lr=1.0, damping=0.5, adaptive_damping=True),
                              uneven=False, empty=True),
     # bc >= CG_MIN_SIZE: the system is solved by conjugate gradients on the gathered factors, identically
@@ -84,6 +89,9 @@ def _model(kind: str) -> nn.Module:
         return _Mixed()
     if kind == "wrapped":
         return _Wrapped()
+    if kind == "batchnorm":
+        torch.manual_seed(5)
+        return nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3)).double()
     torch.manual_seed(4)
     return nn.Linear(6, 3).double()
 
