@@ -68,7 +68,6 @@ class from it (:func:`~lightning_soaa.config.config_from_group`).
 from __future__ import annotations
 
 import copy
-import ctypes
 import dataclasses
 import logging
 import math
@@ -111,6 +110,7 @@ from lightning_soaa.distributed.dtensor import DTensorLayout, has_dtensor, local
 from lightning_soaa.distributed.exchange import OwnerExchange
 from lightning_soaa.distributed.reblock import fit_layout
 from lightning_soaa.functional.adamw import increment_counts_
+from lightning_soaa.kernels.raw import cell_values, value_cells
 from lightning_soaa.optim import dcp_state as dcp
 from lightning_soaa.optim.param_checks import (
     check_disjoint_storage,
@@ -234,23 +234,6 @@ def _stamp(ts: list[Tensor]) -> tuple[int, ...]:
     return (*map(_version_of, ts), *map(Tensor.data_ptr, ts))
 
 
-_CELL_TYPES = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double}
-_cell_value = operator.attrgetter("value")
-
-
-def _value_cells(counters: list[Tensor]) -> list[Any] | None:
-    """Each counter's value as a ctypes number at its address: a write through ``.data`` or a numpy view
-    bumps no autograd version, so a remembered value is checked against memory (read while the addresses
-    are the stamp's, i.e. the counters' own storage). None unless all are 0-d CPU float32/float64 tensors."""
-    cells = []
-    for c in counters:
-        cell = _CELL_TYPES.get(c.dtype)
-        if cell is None or not c.is_cpu or c.dim() != 0:
-            return None
-        cells.append(cell.from_address(c.data_ptr()))
-    return cells
-
-
 class StepCounts:
     """The per-block step counters (0-d CPU float32 tensors, torch's convention; one per block, 40 for
     10M parameters) read and advanced without one ``.item()`` per counter and step: the values written
@@ -263,7 +246,7 @@ class StepCounts:
     def __init__(self) -> None:
         # per key, from the last write: the counters, their stamp, their values, the dtype one
         # _foreach_copy_ can advance them all in (or None; see _one_dtype) and the step counts read() returns
-        # and the counters' values as ctypes numbers at their addresses (or None; see _value_cells)
+        # and the counters' values as ctypes numbers at their addresses (or None; see kernels.raw.value_cells)
         self._known: dict[Any, tuple[list[Tensor], tuple[int, ...], list[float], torch.dtype | None, list[int],
                                      list[Any] | None]] = {}
         # per key, from read(): the counters, their values and that dtype
@@ -275,7 +258,7 @@ class StepCounts:
         counters written last under ``key`` at the same versions and addresses, else read."""
         k = self._known.get(key)
         if (k is not None and len(k[0]) == len(counters) and all(map(operator.is_, k[0], counters))
-                and k[1] == _stamp(counters) and (k[5] is None or list(map(_cell_value, k[5])) == k[2])):
+                and k[1] == _stamp(counters) and (k[5] is None or cell_values(k[5]) == k[2])):
             return k[2], k[3], k[4]
         if all(c.device.type == "cpu" for c in counters):  # as created: no device sync, .item() is cheapest
             values = [float(c.item()) for c in counters]
@@ -338,7 +321,7 @@ class StepCounts:
         # second half); made anew only then (~1 us per counter)
         n = len(counters)
         cells = (prev[5] if prev is not None and len(prev[0]) == n and all(map(operator.is_, prev[0], counters))
-                 and prev[1][n:] == stamp[n:] else _value_cells(counters))
+                 and prev[1][n:] == stamp[n:] else value_cells(counters))
         self._known[key] = (list(counters), stamp, new, after, [int(x) + 1 for x in new], cells)
         return new
 
@@ -642,9 +625,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def _counts_grads(self) -> bool:
         """Whether the step's agreement rows carry each rank's number of parameters with a gradient
         (``grad_reduction="mean"`` over the owner exchange, W > 1): a rank without any, where others have
-        some, would add zeros to every average. Its Parameters are usually no longer the model's (replaced
-        after construction: ``load_state_dict(assign=True)``, ``to_empty``), so that rank's model also stops
-        training: silent but for a once-only warning, before this check."""
+        some, adds zeros to every average; every rank then says so once (:meth:`_warn_gradless_ranks`)."""
         return (self.sharding.grad_reduction == "mean" and self._dtensor is None and self.comm.world_size > 1
                 and self.exchange.sharded)
 

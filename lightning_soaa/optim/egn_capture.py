@@ -370,14 +370,9 @@ def _single(model: nn.Module, slots: dict[str, str], pdict: dict[str, Tensor], x
 def explicit_jacobian_rows(model: nn.Module, params: dict[str, Tensor], xs: tuple[Tensor, ...]) -> Tensor:
     """Per-sample Jacobians of the outputs w.r.t. ``params``, flattened: [b, c, Σ numel]."""
     pdict = {n: p.detach() for n, p in params.items()}
-    b = xs[0].shape[0]
-    if b == 0:  # a rank's empty share of the global batch: vmap over no sample runs the model on none
-        with torch.no_grad():
-            c = math.prod(model(*xs).shape[1:])
-        first_p = next(iter(pdict.values()))
-        return torch.zeros(0, c, sum(p.numel() for p in pdict.values()), dtype=first_p.dtype, device=first_p.device)
     slots = _call_slots(model, params)
     jac = vmap(jacrev(_single, argnums=2), in_dims=(None, None, None, 0))(model, slots, pdict, xs)
+    b = xs[0].shape[0]
     first = jac[next(iter(pdict))]
     c = first.shape[1]
     return torch.cat([jac[n].reshape(b, c, pdict[n].numel()) for n in pdict], dim=2)
@@ -394,8 +389,11 @@ def checked_explicit_rows(model: nn.Module, params: dict[str, Tensor], xs: tuple
     derivatives but not the values (a trained coefficient at 0 times a batch statistic); mixing that
     moves no derivative (a constant batch statistic added to the outputs) leaves the rows right and
     passes. Returns (rows [b, c, rest], None) or (rows, the message)."""
-    rows = explicit_jacobian_rows(model, params, xs)
     b, c = z.shape
+    if b == 0:  # a rank's empty share of the global batch: no rows, nothing to mix (vmap over no sample fails)
+        p0 = next(iter(params.values()))
+        return torch.zeros(0, c, sum(p.numel() for p in params.values()), dtype=p0.dtype, device=p0.device), None
+    rows = explicit_jacobian_rows(model, params, xs)
     w, rho = _weights(b, z), _weights(c, z)
     plist = list(params.values())
     grads: Sequence[Tensor | None] = [None] * len(plist)

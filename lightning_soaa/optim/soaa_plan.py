@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from lightning_soaa.functional.soaa import add_moment_sums, add_step_sums, native_step_scalars
-from lightning_soaa.kernels.raw import own_storage
+from lightning_soaa.kernels.raw import cell_values, own_storage, value_cells
 from lightning_soaa.kernels.soaa_native import NativeSOAA, int_array, pointers
 
 __all__ = ["NativePlan"]
@@ -53,7 +53,6 @@ _is_cpu = operator.attrgetter("is_cpu")
 _data_ptr = Tensor.data_ptr
 _numel = Tensor.numel
 _is_contiguous = Tensor.is_contiguous
-_cell_value = operator.attrgetter("value")
 
 
 def _same(xs: Sequence[Any], ys: Sequence[Any]) -> bool:
@@ -62,7 +61,6 @@ def _same(xs: Sequence[Any], ys: Sequence[Any]) -> bool:
 
 #: counts below this are exact in float32 and float64: writing count + 1 is what add_(1.0) writes
 _EXACT_COUNT = float(1 << 24)
-_CELLS = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double}
 
 
 @dataclasses.dataclass(slots=True)
@@ -95,9 +93,8 @@ class NativePlan:
               counters: list[Tensor], sums: list[tuple[float, float]]) -> NativePlan | None:
         """The plan of blocks a C step has just updated (``sums``: what it returned for their moments), or
         None when the counters are not all 0-d CPU float32/float64 tensors of their own at exact counts."""
-        cell = _CELLS.get(counters[0].dtype)
-        if (cell is None or not all(c.dtype == counters[0].dtype and c.is_cpu and c.dim() == 0 for c in counters)
-                or not own_storage(counters)):
+        cells = value_cells(counters)
+        if cells is None or any(c.dtype != counters[0].dtype for c in counters):
             return None
         counts = [float(c.item()) for c in counters]
         if not all(x.is_integer() and 0.0 <= x < _EXACT_COUNT - 1.0 for x in counts):
@@ -109,7 +106,7 @@ class NativePlan:
         return cls(native, params[0].dtype, list(params), list(exp_avgs), list(exp_avg_sqs), list(counters),
                    sum(map(_numel, params)), cls._layout(watched), tuple(map(_version_of, versioned)), list(sums),
                    watched, versioned, arrays, counts, [int(x) + 1 for x in counts],
-                   [cell.from_address(c.data_ptr()) for c in counters])
+                   cells)
 
     @staticmethod
     def _layout(watched: list[Tensor]) -> tuple[int, ...]:
@@ -133,7 +130,7 @@ class NativePlan:
         # a write through .data or a numpy view bumps no version: the counters' values are read at their
         # addresses (same addresses: checked above); and the C loops index θ as contiguous, which
         # ``p.data = p.data.t()`` (same address and size) is not (m and v are made contiguous by the step)
-        if list(map(_cell_value, self.cells)) != self.counts or not all(map(_is_contiguous, self.params)):
+        if cell_values(self.cells) != self.counts or not all(map(_is_contiguous, self.params)):
             return False
         return (set(map(_dtype_of, grads)) == {self.dtype} and all(map(_is_cpu, grads))
                 and all(map(_is_contiguous, grads)) and own_storage(grads))
