@@ -275,6 +275,7 @@ class _Pass:
     f0: float = float("nan")
     trial_rejected: bool = False  # the loss after the step was non-finite
     error: Exception | None = None  # raised on this rank before the step; every rank raises with it
+    late_error: Exception | None = None  # raised in Jᵀv after the exchanges began: raised by _prepare
     use_chain: bool | None = None  # whether the step's forwards go through the planned chain (once known)
     rng: StepRng | None = None  # the random draw every forward of the step repeats (not for a planned chain)
 
@@ -358,6 +359,10 @@ class EGN(ShardedOptimizer):
        line search needs the full d on every rank anyway.
     6. One ``all_reduce_scalars`` per line-search trial (``_trial_loss``; exactly one without line
        search) and one for (Jd)ᵀQ(Jd) with momentum and adaptive damping (``_jd_q_norm``).
+
+    A rank whose local work between these collectives raises (out of memory, a model raising on its own
+    samples) still joins the next one, with zeros and a failure flag (2, 3, 6) or its error in the
+    template's agreement rows (4): every rank raises together, with the parameters as before the step.
 
     A non-finite value anywhere (outputs, loss, direction) or an unsolvable system skips the step on
     every rank through the base's skip path, leaving all state unchanged. **A step whose loss
@@ -723,6 +728,34 @@ class EGN(ShardedOptimizer):
         out: list[float] = self.comm.all_reduce_scalars(torch.tensor(values, dtype=torch.float64)).tolist()
         return out
 
+    def _sum_together(self, local: Callable[[], list[float]], n: int, where: str) -> list[float]:
+        """:meth:`_sum_scalars` of ``local()``'s ``n`` floats, with one failure flag per rank in the same
+        all-reduce: a rank whose local work raises (a forward out of memory, a model raising on its own
+        samples) still joins, with zeros, and every rank raises together instead of the others waiting
+        in the step's next collective. A single process raises at once."""
+        if isinstance(self.comm, LocalComm):
+            return self._sum_scalars(local())
+        world, rank = self.comm.world_size, self.comm.rank
+        error: Exception | None = None
+        try:
+            values = local()
+        except Exception as e:
+            error, values = e, [0.0] * n
+        flags = [0.0] * world
+        flags[rank] = 0.0 if error is None else 1.0
+        red = self._sum_scalars([*values, *flags])
+        self._raise_failed([r for r in range(world) if red[n + r] > 0], error, where)
+        return red[:n]
+
+    def _raise_failed(self, failed: list[int], error: Exception | None, where: str) -> None:
+        """Raise on every rank when some rank failed: its own error there, a pointer to it elsewhere."""
+        if not failed:
+            return
+        if error is not None:
+            raise error
+        raise RuntimeError(f"EGN.step: rank(s) {failed} raised an error {where} (see that rank's traceback); the "
+                           "step was abandoned on every rank and nothing changed.")
+
     # -- template hooks ---------------------------------------------------------------------
     def _exchange_in(self, failed: bool = False) -> str | None:
         """Before the template's all-reduce: agree on the batch, gather the Gram factors, solve the
@@ -767,12 +800,28 @@ class EGN(ShardedOptimizer):
             curv = ps.curvature = self._solve(batch, layout, pieces)
             if not curv.sol.ok:
                 return f"the bc system could not be solved after {curv.sol.fallbacks} damping retries"
-            ps.at_owners = self.exchange.sum_to_owners(self._vjps(batch, curv))  # collective: reduce_scatter
+            ps.at_owners = self.exchange.sum_to_owners(self._vjps_or_none(ps, batch, curv))  # reduce_scatter
         return None
+
+    def _vjps_or_none(self, ps: _Pass, batch: _Batch, curv: _Curvature) -> list[list[Tensor | None]]:
+        """:meth:`_vjps`; at W > 1 a rank whose local work raises (out of memory) still joins the
+        reduce-scatter, with nothing (zeros), and raises its error from :meth:`_prepare`: the template's
+        all-reduce that follows makes every rank raise together, before anything changed."""
+        try:
+            return self._vjps(batch, curv)
+        except Exception as e:
+            if isinstance(self.comm, LocalComm):
+                raise
+            ps.late_error = e
+            channels = 2 if float(self.param_groups[0]["momentum"]) > 0 else 1
+            return [[None] * len(self._params) for _ in range(channels)]
 
     def _prepare(self, views: list[BlockView]) -> _EGNRecord:
         """The owners' direction blocks, new momentum buffers and their partial gᵀd (momentum only)."""
-        at_owners = self._current().at_owners
+        ps = self._current()
+        if ps.late_error is not None:  # reported through the template's all-reduce (_prepare_locally)
+            raise ps.late_error
+        at_owners = ps.at_owners
         beta = float(self.param_groups[0]["momentum"])
         t_next = self.momentum_steps + 1
         rec = _EGNRecord(direction=at_owners[0])
@@ -819,14 +868,21 @@ class EGN(ShardedOptimizer):
         dec.jd_qq = curv.jd_qq
         if dec.use_momentum and self.config.adaptive_damping:
             dec.jd_qq = self._jd_q_norm(batch, curv, dec.full)  # collective: all_reduce_scalars
-        dec.alpha, dec.f_new, dec.tries = self._step_size(batch, dec.w0, dec.full, dec.gtd)  # all_reduce/trial
+        try:
+            dec.alpha, dec.f_new, dec.tries = self._step_size(batch, dec.w0, dec.full, dec.gtd)  # all_reduce/trial
+        except BaseException:
+            self._restore(dec.w0)  # a trial that raised left w0 + αd in the parameters
+            raise
         if not math.isfinite(dec.f_new):
-            with torch.no_grad():
-                for p, w in zip(self._params, dec.w0):
-                    p.copy_(w)
+            self._restore(dec.w0)
             ps.trial_rejected = True
             return SkipStep(f"non-finite loss after the step (α={dec.alpha:.3g}); the damping grows")
         return dec
+
+    def _restore(self, w0: list[Tensor]) -> None:
+        with torch.no_grad():
+            for p, w in zip(self._params, w0):
+                p.copy_(w)
 
     def _choose_direction(self, reduced: StepRecord) -> _EGNDecision:
         """Keep the momentum direction only when it descends (gᵀd < 0)."""
@@ -1123,11 +1179,11 @@ class EGN(ShardedOptimizer):
     def _gather_factors(self, batch: _Batch) -> tuple[GramLayout, GramFactors]:
         """Pack this rank's factor table (one row per sample), all-gather the padded tables, and stack
         the rows of every rank: the global batch's factors, in the solve dtype. A single process has
-        nobody to exchange with: its factors are used as they are (packing would only copy them)."""
+        nobody to exchange with: its factors are used as they are (packing would only copy them).
+
+        Each rank's table ends with a failure flag: a rank whose packing raises (out of memory) still
+        joins the all-gather, and every rank raises together, before the solve."""
         c = batch.c
-        factors = batch.cap.local_factors(batch.z, c)
-        rows = batch.cap.rows if isinstance(batch.cap, LinearCapture) else None  # set by the capture
-        batch.local_factors, batch.local_rows = factors, rows
         layout = GramLayout(
             num_outputs=c, class_targets=self.config.loss == "cross_entropy",
             sites=tuple(LinearFactorShape(t, s.module.in_features, s.module.out_features, s.weight, s.bias)
@@ -1136,17 +1192,31 @@ class EGN(ShardedOptimizer):
         )
         dt = self._solve_dtype()
         if self.comm.world_size == 1:
+            factors, rows = self._local_factors(batch)
             y = batch.y if layout.class_targets else batch.y.to(dt)
             return layout, GramFactors(batch.z.detach().to(dt), y, [(a.to(dt), d.to(dt)) for a, d in factors],
                                        None if rows is None else rows.reshape(batch.b * c, rows.shape[-1]).to(dt),
                                        identity=batch.cap.identity_site)
-        local = pack_factor_table(layout, batch.z, batch.y, factors, rows)
-        bmax = max(batch.sizes)
-        buf = torch.zeros(bmax, layout.width, dtype=torch.float64, device=local.device)
-        buf[:batch.b_r] = local
-        gathered = self.comm.all_gather_flat(buf.reshape(-1)).view(len(batch.sizes), bmax, layout.width)
-        table = torch.cat([gathered[r, :n] for r, n in enumerate(batch.sizes)], dim=0)
+        n = max(batch.sizes) * layout.width
+        buf = torch.zeros(n + 1, dtype=torch.float64, device=batch.z.device)
+        error: Exception | None = None
+        try:
+            factors, rows = self._local_factors(batch)
+            buf[:batch.b_r * layout.width] = pack_factor_table(layout, batch.z, batch.y, factors, rows).reshape(-1)
+        except Exception as e:
+            error, buf[n] = e, 1.0
+        gathered = self.comm.all_gather_flat(buf).view(len(batch.sizes), n + 1)
+        flags = gathered[:, n].tolist()
+        self._raise_failed([r for r, f in enumerate(flags) if f > 0], error, "while packing its Gram factors")
+        table = torch.cat([gathered[r, :k * layout.width].view(k, layout.width) for r, k in enumerate(batch.sizes)])
         return layout, split_factor_table(layout, table.to(dt))
+
+    def _local_factors(self, batch: _Batch) -> tuple[list[tuple[Tensor, Tensor]], Tensor | None]:
+        """This rank's per-Linear factors (A, Δ) and explicit rows, kept on ``batch`` for Jᵀv and J·d."""
+        factors = batch.cap.local_factors(batch.z, batch.c)
+        rows = batch.cap.rows if isinstance(batch.cap, LinearCapture) else None  # set by the capture
+        batch.local_factors, batch.local_rows = factors, rows
+        return factors, rows
 
     # -- 3. identical on every rank: K, r, Q and the bc×bc solve (no communication) ---------
     def _solve_dtype(self) -> torch.dtype:
@@ -1289,11 +1359,12 @@ class EGN(ShardedOptimizer):
     # -- 6. step size and damping: identical on every rank ----------------------------------
     def _jd_q_norm(self, batch: _Batch, curv: _Curvature, d_full: list[Tensor]) -> float:
         """(Jd)ᵀQ(Jd) for the momentum direction: Jd of this rank's samples from its factors, one all-reduce."""
-        with grad_off():
-            jd = self._jvp(batch, d_full)
-        s_local = None if curv.s is None else curv.s[batch.start:batch.start + batch.b_r]
-        part = egn_math.q_norm_sq(s_local, jd.reshape(-1).to(self._solve_dtype()))
-        return self._sum_scalars([float(part)])[0]  # collective
+        def local() -> list[float]:
+            with grad_off():
+                jd = self._jvp(batch, d_full)
+            s_local = None if curv.s is None else curv.s[batch.start:batch.start + batch.b_r]
+            return [float(egn_math.q_norm_sq(s_local, jd.reshape(-1).to(self._solve_dtype())))]
+        return self._sum_together(local, 1, "computing (Jd)ᵀQ(Jd) for adaptive damping")[0]  # collective
 
     def _jvp(self, batch: _Batch, d_full: list[Tensor]) -> Tensor:
         """J·d for this rank's samples [b_r, c] from the captured factors: the adjoint of :meth:`_vjp`. Per
@@ -1340,10 +1411,11 @@ class EGN(ShardedOptimizer):
 
     def _trial_loss(self, batch: _Batch, w0: list[Tensor], d: list[Tensor], alpha: float) -> float:
         """L_b(w0 + αd): a local forward and one scalar all-reduce (every rank, same order)."""
-        with self._autograd_free(batch.xs), grad_off():  # inference mode (a chain) or no_grad
-            torch._foreach_copy_(self._params, torch._foreach_add(w0, d, alpha=alpha))
-            local = float(egn_math.loss_sum(self.config.loss, self._outputs(batch.xs), batch.y))
-        return self._sum_scalars([local])[0] / batch.b  # collective
+        def local() -> list[float]:
+            with self._autograd_free(batch.xs), grad_off():  # inference mode (a chain) or no_grad
+                torch._foreach_copy_(self._params, torch._foreach_add(w0, d, alpha=alpha))
+                return [float(egn_math.loss_sum(self.config.loss, self._outputs(batch.xs), batch.y))]
+        return self._sum_together(local, 1, "in a line-search trial's forward")[0] / batch.b  # collective
 
     def _outputs(self, xs: tuple[Tensor, ...]) -> Tensor:
         """The model's outputs, nothing captured: through the planned chain's modules where it applies

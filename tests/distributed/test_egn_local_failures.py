@@ -1,0 +1,136 @@
+"""EGN: a rank whose local work fails after the step's exchanges began makes every rank raise together.
+
+Between EGN's first all-reduce and the end of its step, each rank does local work between collectives:
+packing its Gram factors (before the all-gather), Jᵀv from them (before the reduce-scatter), J·d for
+adaptive damping and the line-search trial forwards (before their scalar all-reduces). A rank raising
+there alone (out of memory; a model raising on its own samples) used to leave the others waiting in the
+next collective. Each site is made to fail on the last rank only (the failure injected into that
+rank's optimizer, as an out-of-memory error would arise): every rank must raise in the same step, the
+parameters and the optimizer's state must be as before it, and the run must then go on equal to one
+process that never saw the failure.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+import lightning_soaa.optim.egn as egn_module
+from lightning_soaa.optim.egn import EGN
+from tests.harness.distributed import run_distributed
+from tests.harness.models import tiny_mlp
+
+DT = torch.float64
+KW: dict[str, Any] = {"loss": "mse", "lr": 0.8, "momentum": 0.5, "adaptive_damping": True, "line_search": True}
+SITES = ("pack", "vjp", "jvp", "trial")
+
+
+def _batch(step: int, world: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    sizes = [3 + r for r in range(world)]  # uneven: the packed tables are padded
+    g = torch.Generator().manual_seed(500 + step)
+    x = torch.randn(sum(sizes), 6, generator=g, dtype=DT)
+    return x, torch.randn(sum(sizes), 3, generator=g, dtype=DT), sizes
+
+
+def _snapshot(model: torch.nn.Module, opt: EGN) -> dict[str, Any]:
+    state = {k: v.clone() for p in model.parameters() for k, v in opt.state.get(p, {}).items()
+             if isinstance(v, torch.Tensor)}
+    return {"params": [p.detach().clone() for p in model.parameters()], "state": state,
+            "damping": opt.damping, "alpha": opt.alpha, "steps": (opt.num_steps, opt.skipped_steps)}
+
+
+def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return (all(torch.equal(x, y) for x, y in zip(a["params"], b["params"], strict=True))
+            and a["state"].keys() == b["state"].keys() and all(torch.equal(a["state"][k], b["state"][k])
+                                                               for k in a["state"])
+            and (a["damping"], a["alpha"], a["steps"]) == (b["damping"], b["alpha"], b["steps"]))
+
+
+class _Injected(RuntimeError):
+    pass
+
+
+def _inject(opt: EGN, site: str) -> Any:
+    """Make ``site`` raise on this rank; returns the undo."""
+    def boom(*args: Any, **kwargs: Any) -> Any:
+        raise _Injected(f"injected failure at {site}")
+
+    if site == "pack":
+        saved = egn_module.pack_factor_table
+        egn_module.pack_factor_table = boom  # type: ignore[assignment]
+        return lambda: setattr(egn_module, "pack_factor_table", saved)
+    name = {"vjp": "_vjp", "jvp": "_jvp", "trial": "_outputs"}[site]
+    setattr(opt, name, boom)
+    return lambda: delattr(opt, name)
+
+
+def _step(opt: EGN, t: int, rank: int, world: int) -> None:
+    x, y, sizes = _batch(t, world)
+    lo = sum(sizes[:rank])
+    opt.step(inputs=x[lo:lo + sizes[rank]], targets=y[lo:lo + sizes[rank]])
+
+
+def _worker(rank: int, world: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for site in SITES:
+        model = tiny_mlp(0, DT)
+        opt = EGN(model, **KW)
+        _step(opt, 0, rank, world)
+        before = _snapshot(model, opt)
+        undo = _inject(opt, site) if rank == world - 1 else (lambda: None)
+        try:
+            _step(opt, 1, rank, world)
+            message = None
+        except RuntimeError as exc:
+            message = f"{type(exc).__name__}: {exc}"
+        finally:
+            undo()
+        unchanged = _same(before, _snapshot(model, opt))
+        for t in (1, 2):
+            _step(opt, t, rank, world)
+        out[site] = {"message": message, "unchanged": unchanged,
+                     "params": torch.cat([p.detach().reshape(-1) for p in model.parameters()])}
+    return out
+
+
+def _reference(world: int) -> torch.Tensor:
+    model = tiny_mlp(0, DT)
+    opt = EGN(model, **KW)
+    for t in range(3):
+        x, y, _ = _batch(t, world)
+        opt.step(inputs=x, targets=y)
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_a_local_failure_between_collectives_raises_on_every_rank(world: int, tmp_path) -> None:
+    results = run_distributed(_worker, world, tmp_path, timeout=150)
+    ref = _reference(world)
+    for site in SITES:
+        for rank, res in enumerate(results):
+            got = res[site]
+            assert got["message"] is not None, (site, rank)
+            if rank == world - 1:
+                assert got["message"] == f"_Injected: injected failure at {site}", got["message"]
+            else:
+                assert f"rank(s) [{world - 1}] raised an error" in got["message"], (site, got["message"])
+                assert "nothing changed" in got["message"], got["message"]
+            assert got["unchanged"], (site, rank)
+            torch.testing.assert_close(got["params"], ref, rtol=1e-12, atol=1e-14,
+                                       msg=lambda m, s=site, r=rank: f"{s}, rank {r}: {m}")
+
+
+def test_a_failed_trial_restores_the_parameters_in_one_process() -> None:
+    """One process: a line-search trial that raises used to leave w + αd in the parameters."""
+    model = tiny_mlp(0, DT)
+    opt = EGN(model, **KW)
+    x, y, _ = _batch(0, 1)
+    opt.step(inputs=x, targets=y)
+    before = _snapshot(model, opt)
+    undo = _inject(opt, "trial")
+    with pytest.raises(_Injected):
+        opt.step(inputs=x, targets=y)
+    undo()
+    assert _same(before, _snapshot(model, opt))
