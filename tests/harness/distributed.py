@@ -49,11 +49,19 @@ def _worker(rank: int, world_size: int, store_path: str, out_dir: str, fn: Calla
             dist.destroy_process_group()
 
 
+#: Imported once by the forkserver, so that every rank starts with them: torch._dynamo is imported by the
+#: first optimizer a process builds (torch.optim's step wrappers; SOAA's torch.compile also loads the repro
+#: module), 2-3 s per rank otherwise, i.e. most of a multi-process test's time.
+_PRELOAD = ("torch", "torch.distributed", "torch._dynamo", "torch._dynamo.repro.after_dynamo", "lightning_soaa",
+            "lightning_soaa.optim.soaa", "lightning_soaa.optim.asgo", "lightning_soaa.optim.egn",
+            "lightning_soaa.optim.adamw", "tests.harness.distributed")
+
+
 def _context():
     """A forkserver that has imported torch once: children start in ~0.1 s instead of ~2 s for spawn,
     and fork from a clean server process (no OpenMP threads of the pytest process)."""
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "torch.distributed", "lightning_soaa", "tests.harness.distributed"])
+    ctx.set_forkserver_preload(list(_PRELOAD))
     return ctx
 
 
