@@ -70,7 +70,11 @@ def test_one_process_of_every_optimizer_equals_each_alone(optimizer: str, single
     ``--optimizer <name>`` alone (run here, in the test's process, to save an interpreter start):
     bit-identical parameters, losses and statistics."""
     runner.clear_launch_env(monkeypatch)
-    assert runner.train_module().main(runner.train_args(optimizer, tmp_path)[1:]) == 0
+    threads = torch.get_num_threads()  # main() sets the process's thread count: this one is pytest's
+    try:
+        assert runner.train_module().main(runner.train_args(optimizer, tmp_path)[1:]) == 0
+    finally:
+        torch.set_num_threads(threads)
     alone, shared = runner.load(tmp_path, 1)[0], single(optimizer)
     assert (alone["optimizer"], shared["optimizer"]) == (optimizer, optimizer)
     assert alone["params"].keys() == shared["params"].keys()
