@@ -16,6 +16,11 @@ batch (up to float rounding): the tests in ``tests/multinode`` check exactly tha
 Each rank writes ``result_rank{R}.json`` (losses, timings, launcher facts) and ``params_rank{R}.pt`` (the
 final model ``state_dict``) under ``--out-dir``; rank 0 also prints its JSON on one stdout line.
 
+``--optimizer soaa,egn`` (or ``all``: every optimizer of the registry) trains several optimizers one after
+the other in the same process group, each on a fresh model with the same seed and data: every result is
+bit-identical to a process that trains that optimizer alone, while the launch (interpreter, imports,
+rendezvous) is paid once. Each optimizer's files then go to ``--out-dir/<name>/``, one JSON line each.
+
 Fault tolerance (``torchrun --max-restarts=K``): with ``--checkpoint-dir`` rank 0 writes a checkpoint every
 ``--checkpoint-every`` steps (model, the consolidated optimizer state, the step counter, the losses so far,
 each rank's RNG state), atomically; a restarted run resumes from the latest one and ends bit-identical to
@@ -53,7 +58,10 @@ DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
+    p.add_argument("--optimizer", dest="optimizers", type=optimizer_names, default="adamw",
+                   metavar="NAME[,NAME...]|all",
+                   help=f"one of {', '.join(OPTIMIZERS)}; several comma-separated, or all, train one after "
+                        "the other in this process")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--global-batch", type=int, default=32, help="samples per step over all ranks")
     p.add_argument("--lr", type=float, default=None, help="default: the optimizer's own default (AdamW 1e-2)")
@@ -80,7 +88,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"Invalid --checkpoint-every={args.checkpoint_every}. Must be >= 0.")
     if args.checkpoint_every and args.checkpoint_dir is None:
         p.error("--checkpoint-every needs --checkpoint-dir")
+    if len(args.optimizers) > 1:
+        # a checkpoint, a simulated crash and the restart that resumes it belong to one training run
+        for flag, value in (("--checkpoint-dir", args.checkpoint_dir), ("--fail-at-step", args.fail_at_step)):
+            if value is not None:
+                p.error(f"Invalid {flag}={value} with --optimizer={','.join(args.optimizers)}: fault tolerance "
+                        f"is per run. Give {flag} with one optimizer only.")
     return args
+
+
+def optimizer_names(value: str) -> list[str]:
+    """``--optimizer``'s value: one name, several comma-separated, or ``all`` (the registry's order)."""
+    if value.strip().lower() == "all":
+        return list(OPTIMIZERS)
+    names = [n.strip().lower() for n in value.split(",")]
+    for n in names:
+        if n not in OPTIMIZERS:
+            raise argparse.ArgumentTypeError(f"invalid value {value!r}: {n!r} is not an optimizer. Must be one "
+                                             f"or more of {', '.join(OPTIMIZERS)} (comma-separated), or all.")
+    if len(set(names)) < len(names):  # the second run would overwrite the first one's files
+        raise argparse.ArgumentTypeError(f"invalid value {value!r}: a name is repeated. Must name each "
+                                         "optimizer at most once.")
+    return names
+
+
+def for_optimizer(args: argparse.Namespace, name: str) -> argparse.Namespace:
+    """The arguments of one optimizer's run (``args.optimizer``), as if it had been the only one named."""
+    return argparse.Namespace(**{**vars(args), "optimizer": name})
+
+
+def run_out_dir(args: argparse.Namespace, name: str) -> Path | None:
+    """Where ``name``'s files go: ``--out-dir`` itself for a single optimizer (the layout every recipe and
+    document expects), ``--out-dir/<name>`` when several share the process."""
+    if args.out_dir is None or len(args.optimizers) == 1:
+        return args.out_dir
+    return args.out_dir / name
 
 
 # ---------------------------------------------------------------------------------------- model and data
@@ -230,6 +272,7 @@ def maybe_crash(args: argparse.Namespace, step: int, rank: int, world: int) -> N
 # ---------------------------------------------------------------------------------------- training
 def train(args: argparse.Namespace, info: LaunchInfo) -> dict[str, Any]:
     rank, world = info.rank, info.world_size
+    t_run = time.perf_counter()
     if args.global_batch % world:
         raise ValueError(f"Invalid --global-batch={args.global_batch}. Must be divisible by the world size {world}.")
     dtype = DTYPES[args.dtype]
@@ -283,6 +326,7 @@ def train(args: argparse.Namespace, info: LaunchInfo) -> dict[str, Any]:
         "losses": losses,
         "final_loss": losses[-1] if losses else None,
         "mean_step_s": sum(step_times) / max(len(step_times), 1),
+        "train_s": time.perf_counter() - t_run,
         "statistics": {k: float(v) for k, v in stats.items() if isinstance(v, (int, float))},
         "params": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
@@ -296,7 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     info = init_from_env(args.backend)
     ok = False
     try:
-        result = train(args, info)
+        # One process group for every optimizer named: starting the processes and joining the group costs
+        # seconds, the runs milliseconds. Each run builds its own model, DDP wrapper and optimizer.
+        results = [train(for_optimizer(args, name), info) for name in args.optimizers]
         ok = True
     finally:
         # Without this, mpirun runs that succeeded can abort at exit (seen with Open MPI 4.1). The
@@ -307,16 +353,24 @@ def main(argv: list[str] | None = None) -> int:
             if ok:
                 dist.barrier()
             dist.destroy_process_group()
+    wall_s = time.perf_counter() - t0
+    for result in results:
+        write_result(result, run_out_dir(args, result["optimizer"]), info.rank, wall_s)
+    return 0
+
+
+def write_result(result: dict[str, Any], out_dir: Path | None, rank: int, wall_s: float) -> None:
+    """Save the final parameters and the JSON (``wall_s``: the whole process, shared by every optimizer
+    it trained; ``train_s``: this optimizer's run); rank 0 prints the JSON on one stdout line."""
     params = result.pop("params")
-    result["wall_s"] = time.perf_counter() - t0
-    if args.out_dir is not None:
-        args.out_dir.mkdir(parents=True, exist_ok=True)
-        torch.save(params, args.out_dir / f"params_rank{info.rank}.pt")
-        (args.out_dir / f"result_rank{info.rank}.json").write_text(json.dumps(result, indent=1))
-    if info.rank == 0:
+    result["wall_s"] = wall_s
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(params, out_dir / f"params_rank{rank}.pt")
+        (out_dir / f"result_rank{rank}.json").write_text(json.dumps(result, indent=1))
+    if rank == 0:
         sys.stdout.write(json.dumps(result) + "\n")
         sys.stdout.flush()
-    return 0
 
 
 if __name__ == "__main__":

@@ -14,6 +14,10 @@ slice of each step's batch (an explicit sampler built once the ranks are known, 
 ``DistributedSampler`` is switched off), exactly as ``train.py`` does: a W-rank run follows the
 single-process one. Each rank writes ``result_rank{R}.json`` and
 ``params_rank{R}.pt`` like ``train.py``.
+
+``--optimizer soaa,egn`` (or ``all``) fits one ``Trainer`` per optimizer in turn, in the same process:
+under DDP the later Trainers reuse the process group the first one joined (Lightning does not destroy it
+after ``fit``). Files then go to ``--out-dir/<name>/``, as with ``train.py``.
 """
 
 from __future__ import annotations
@@ -34,11 +38,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the example's own tr
 from train import (  # noqa: E402
     DTYPES,
     OPTIMIZERS,
+    for_optimizer,
     global_batch,
     local_slice,
     loss_of,
     make_model,
     make_optimizer,
+    optimizer_names,
+    run_out_dir,
 )
 
 from lightning_soaa import registry  # noqa: E402
@@ -48,7 +55,10 @@ from lightning_soaa.registry import StepNeeds  # noqa: E402
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
+    p.add_argument("--optimizer", dest="optimizers", type=optimizer_names, default="adamw",
+                   metavar="NAME[,NAME...]|all",
+                   help=f"one of {', '.join(OPTIMIZERS)}; several comma-separated, or all, fit one after the "
+                        "other in this process")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--global-batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=None)
@@ -99,13 +109,9 @@ class Regression(pl.LightningModule):
         return make_optimizer(registry.get(self.args.optimizer), self.net, self.args)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
+def fit(args: argparse.Namespace, world: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """One optimizer's run (``args.optimizer``): a fresh model and Trainer; its result and final params."""
     t0 = time.perf_counter()
-    world = args.num_nodes * args.devices
-    if args.global_batch % world:
-        raise ValueError(f"Invalid --global-batch={args.global_batch}. Must be divisible by {world} processes.")
     model = Regression(args)
     trainer = pl.Trainer(
         accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes,
@@ -114,11 +120,10 @@ def main(argv: list[str] | None = None) -> int:
         use_distributed_sampler=False,
     )
     trainer.fit(model)
-    rank = trainer.global_rank
     opt = trainer.optimizers[0]
     result = {
         "launcher": type(trainer.strategy.cluster_environment).__name__ if world > 1 else "single",
-        "rank": rank,
+        "rank": trainer.global_rank,
         "world_size": trainer.world_size,
         "node_rank": trainer.node_rank,
         "slurm_nodename": os.environ.get("SLURMD_NODENAME"),
@@ -129,15 +134,29 @@ def main(argv: list[str] | None = None) -> int:
         "losses": model.losses,
         "statistics": {k: float(v) for k, v in getattr(opt, "statistics", dict)().items()
                        if isinstance(v, (int, float))},
-        "wall_s": time.perf_counter() - t0,
+        "train_s": time.perf_counter() - t0,
     }
-    if args.out_dir is not None:
-        args.out_dir.mkdir(parents=True, exist_ok=True)
-        torch.save({k: v.detach().cpu() for k, v in model.net.state_dict().items()},
-                   args.out_dir / f"params_rank{rank}.pt")
-        (args.out_dir / f"result_rank{rank}.json").write_text(json.dumps(result, indent=1))
-    if rank == 0:
-        sys.stdout.write(json.dumps(result) + "\n")
+    return result, {k: v.detach().cpu() for k, v in model.net.state_dict().items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    world = args.num_nodes * args.devices
+    if args.global_batch % world:
+        raise ValueError(f"Invalid --global-batch={args.global_batch}. Must be divisible by {world} processes.")
+    runs = [fit(for_optimizer(args, name), world) for name in args.optimizers]
+    wall_s = time.perf_counter() - t0  # the whole process, shared by every optimizer it fitted
+    for result, params in runs:
+        result["wall_s"] = wall_s
+        rank, out_dir = result["rank"], run_out_dir(args, result["optimizer"])
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            torch.save(params, out_dir / f"params_rank{rank}.pt")
+            (out_dir / f"result_rank{rank}.json").write_text(json.dumps(result, indent=1))
+        if rank == 0:
+            sys.stdout.write(json.dumps(result) + "\n")
     return 0
 
 

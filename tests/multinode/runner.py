@@ -1,15 +1,28 @@
-"""Run ``multinode_examples/train.py`` under a launcher and compare ranks with a single-process run."""
+"""Run ``multinode_examples/train.py`` under a launcher and compare ranks with a single-process run.
+
+One launch can train several optimizers (``--optimizer a,b`` or ``all``, each under ``out_dir/<name>/``):
+process start-up and the rendezvous cost seconds, the runs milliseconds, so tests share a launch
+(:class:`Once`) and compare each optimizer's results separately.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
+
+T = TypeVar("T")
+
+#: extra seconds a launch may take per optimizer beyond its first: the training is milliseconds, but a
+#: loaded CI machine can stall any process for seconds
+PER_OPTIMIZER_S = 30.0
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "multinode_examples"
@@ -28,6 +41,22 @@ def clean_env(**extra: str) -> dict[str, str]:
     env["OMP_NUM_THREADS"] = "1"
     env.update(extra)
     return env
+
+
+def clear_launch_env(monkeypatch: Any) -> None:
+    """For train.py run inside the test process: no launcher variables, so it is one process."""
+    for k in list(os.environ):
+        if k in _LAUNCH_KEYS or k.startswith(_LAUNCH_PREFIXES):
+            monkeypatch.delenv(k)
+
+
+def train_module() -> Any:
+    """``multinode_examples/train.py`` imported as a module (it is not a package), to run in-process."""
+    spec = importlib.util.spec_from_file_location("lsoaa_example_train", TRAIN)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def train_args(optimizer: str, out_dir: Path, steps: int = 12, extra: tuple[str, ...] = ()) -> list[str]:
@@ -52,9 +81,50 @@ def run(cmd: list[str], *, env: dict[str, str], timeout: float, cwd: Path | None
     return text
 
 
-def single_process(optimizer: str, out_dir: Path, extra: tuple[str, ...] = ()) -> dict[str, Any]:
-    run([sys.executable, *train_args(optimizer, out_dir, extra=extra)], env=clean_env(), timeout=120)
-    return load(out_dir, 1)[0]
+def launch_timeout(base: float, optimizers: int) -> float:
+    """The timeout of a launch that trains ``optimizers`` optimizers, ``base`` being that of one."""
+    return base + PER_OPTIMIZER_S * (optimizers - 1)
+
+
+def single_process(optimizers: Sequence[str], out_dir: Path,
+                   extra: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
+    """The one-process reference of every optimizer named, from one process: name -> its result."""
+    run([sys.executable, *train_args(",".join(optimizers), out_dir, extra=extra)], env=clean_env(),
+        timeout=launch_timeout(120, len(optimizers)))
+    return {name: ranks[0] for name, ranks in load_each(out_dir, 1, optimizers).items()}
+
+
+def load_each(out_dir: Path, world_size: int, optimizers: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+    """Every rank's results of each optimizer of one launch: ``out_dir/<name>/`` when it trained several,
+    ``out_dir`` itself for one (train.py's layout)."""
+    if len(optimizers) == 1:
+        return {optimizers[0]: load(out_dir, world_size)}
+    results = {name: load(out_dir / name, world_size) for name in optimizers}
+    for name, ranks in results.items():
+        assert all(r["optimizer"] == name for r in ranks), (name, [r["optimizer"] for r in ranks])
+    return results
+
+
+class Once(Generic[T]):
+    """A launch several tests share: it runs on first use; every later caller gets the same value or, if
+    it failed, an AssertionError with the same message (the launcher's output), so each test of that
+    launcher fails rather than passing or skipping. ``pytest.skip`` (not an Exception) is not cached."""
+
+    def __init__(self, launch: Callable[[], T]) -> None:
+        self._launch = launch
+        self._result: tuple[T] | None = None
+        self._failure: str | None = None
+
+    def __call__(self) -> T:
+        if self._failure is not None:
+            raise AssertionError(f"the launch shared by this test failed (in an earlier test):\n{self._failure}")
+        if self._result is None:
+            try:
+                self._result = (self._launch(),)
+            except Exception as e:
+                self._failure = f"{type(e).__name__}: {e}"
+                raise
+        return self._result[0]
 
 
 def load(out_dir: Path, world_size: int) -> list[dict[str, Any]]:

@@ -11,7 +11,6 @@ the dead attempt's address, or a hang).
 from __future__ import annotations
 
 import datetime
-import importlib.util
 import sys
 from pathlib import Path
 from typing import Any
@@ -89,21 +88,13 @@ class _Crashed(Exception):
     pass
 
 
-def _load_train_module():
-    spec = importlib.util.spec_from_file_location("lsoaa_example_train", runner.TRAIN)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 def test_single_process_resume_every_optimizer(optimizer: str, tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """The checkpoint holds everything each optimizer needs: a one-process run that crashes after step 10,
     run again as the second attempt, ends bit-identical to the uninterrupted run. (In this process, to
     save three interpreter starts per optimizer: the hard exit raises instead.)"""
-    train = _load_train_module()
+    train = runner.train_module()
 
     def crash(code: int) -> None:
         raise _Crashed(code)

@@ -5,6 +5,11 @@ Each test runs ``multinode_examples/train.py`` as real processes: ``torchrun --n
 ``srun -N2`` / the two sbatch recipes on a two-node SLURM cluster that the test starts itself (munged,
 slurmctld, two slurmd on one host). Ranks write their final parameters; they must be identical on every
 rank and equal (float64, to rounding) to one process training on the whole batch.
+
+Each launcher is started once per module for every optimizer (``--optimizer all``: start-up costs
+seconds, 12 steps milliseconds; train.py's runs in one process are bit-identical to separate ones), and
+one test per (launcher, optimizer) checks that optimizer's results; the one-process reference is one
+process too. A failed launch fails every test that shares it, with the launcher's output.
 """
 
 from __future__ import annotations
@@ -15,10 +20,12 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from lightning_soaa import registry
 from lightning_soaa.registry import StepNeeds
@@ -26,24 +33,56 @@ from tests.multinode import runner
 from tests.multinode.netns import netns_unavailable, two_hosts
 from tests.multinode.slurm_cluster import SlurmCluster, missing_slurm_binaries
 
+# The first test of a launcher pays for its shared launch (and maybe the one-process reference before it):
+# above the sum of their own timeouts, so a hung launch fails with its output, not pytest-timeout's.
+pytestmark = pytest.mark.timeout(660)
+
 # Every optimizer in the registry, by the name train.py's --optimizer takes.
 OPTIMIZERS = [spec.name.lower() for spec in registry.REGISTRY]
 GRADIENT_OPTIMIZERS = [spec.name.lower() for spec in registry.REGISTRY if spec.needs is not StepNeeds.BATCH]
 
 
+Ranks = dict[str, list[dict[str, Any]]]  # optimizer -> every rank's results
+
+
 @pytest.fixture(scope="module")
-def single(tmp_path_factory: pytest.TempPathFactory):
-    """The single-process reference run, computed once per optimizer for the whole module."""
-    _single_cache: dict[tuple[str, tuple[str, ...]], dict[str, Any]] = {}
+def single(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], dict[str, Any]]:
+    """The single-process reference: one process trains every optimizer, once for the whole module."""
+    ref = runner.Once(lambda: runner.single_process(OPTIMIZERS, tmp_path_factory.mktemp("single")))
+    return lambda optimizer: ref()[optimizer]
 
-    def get(optimizer: str, extra: tuple[str, ...] = ()) -> dict[str, Any]:
-        key = (optimizer, extra)
-        if key not in _single_cache:
-            _single_cache[key] = runner.single_process(optimizer, tmp_path_factory.mktemp(f"single_{optimizer}"),
-                                                       extra)
-        return _single_cache[key]
 
-    return get
+def _shared(tmp_path_factory: pytest.TempPathFactory, label: str, names: Sequence[str],
+            start: Callable[[Path, float], None], base_timeout: float = 180) -> runner.Once[Ranks]:
+    """One launch of ``names`` (``start(out_dir, timeout)``), run when the first test asks for it."""
+    def launch() -> Ranks:
+        out = tmp_path_factory.mktemp(label)
+        start(out, runner.launch_timeout(base_timeout, len(names)))
+        return runner.load_each(out, 2, names)
+
+    return runner.Once(launch)
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_one_process_of_every_optimizer_equals_each_alone(optimizer: str, single, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The launches below and their reference train every optimizer in one process; this ties them to
+    ``--optimizer <name>`` alone (run here, in the test's process, to save an interpreter start):
+    bit-identical parameters, losses and statistics."""
+    runner.clear_launch_env(monkeypatch)
+    threads = torch.get_num_threads()  # main() sets the process's thread count: this one is pytest's
+    try:
+        assert runner.train_module().main(runner.train_args(optimizer, tmp_path)[1:]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    alone, shared = runner.load(tmp_path, 1)[0], single(optimizer)
+    assert (alone["optimizer"], shared["optimizer"]) == (optimizer, optimizer)
+    assert alone["params"].keys() == shared["params"].keys()
+    for k, v in alone["params"].items():
+        assert torch.equal(shared["params"][k], v), (
+            f"{optimizer} {k}: max diff {(shared['params'][k] - v).abs().max().item()} with every optimizer "
+            "in one process")
+    assert (shared["losses"], shared["statistics"]) == (alone["losses"], alone["statistics"]), optimizer
 
 
 def _free_port() -> int:
@@ -53,21 +92,35 @@ def _free_port() -> int:
 
 
 # ---------------------------------------------------------------------------------------- torchrun
+def _torchrun(names: Sequence[str], *extra: str) -> Callable[[Path, float], None]:
+    def start(out: Path, timeout: float) -> None:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               *runner.train_args(",".join(names), out, extra=extra)]
+        runner.run(cmd, env=runner.clean_env(), timeout=timeout)
+
+    return start
+
+
+@pytest.fixture(scope="module")
+def torchrun_ddp(tmp_path_factory: pytest.TempPathFactory) -> runner.Once[Ranks]:
+    return _shared(tmp_path_factory, "torchrun", OPTIMIZERS, _torchrun(["all"]))
+
+
+@pytest.fixture(scope="module")
+def torchrun_reduce_scatter(tmp_path_factory: pytest.TempPathFactory) -> runner.Once[Ranks]:
+    return _shared(tmp_path_factory, "torchrun_rs", GRADIENT_OPTIMIZERS,
+                   _torchrun(GRADIENT_OPTIMIZERS, "--grad-sync", "optimizer"))
+
+
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
-def test_torchrun_two_ranks_equal_single_process(optimizer: str, tmp_path: Path, single) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           *runner.train_args(optimizer, tmp_path)]
-    runner.run(cmd, env=runner.clean_env(), timeout=180)
-    runner.assert_matches_single(runner.load(tmp_path, 2), single(optimizer), launcher="torchrun")
+def test_torchrun_two_ranks_equal_single_process(optimizer: str, torchrun_ddp, single) -> None:
+    runner.assert_matches_single(torchrun_ddp()[optimizer], single(optimizer), launcher="torchrun")
 
 
 @pytest.mark.parametrize("optimizer", GRADIENT_OPTIMIZERS)  # EGN takes the batch, not gradients
-def test_torchrun_reduce_scatter_grad_sync(optimizer: str, tmp_path: Path, single) -> None:
+def test_torchrun_reduce_scatter_grad_sync(optimizer: str, torchrun_reduce_scatter, single) -> None:
     """No DDP: the optimizer itself reduce-scatters gradients to the owning ranks."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           *runner.train_args(optimizer, tmp_path, extra=("--grad-sync", "optimizer"))]
-    runner.run(cmd, env=runner.clean_env(), timeout=180)
-    ranks = runner.load(tmp_path, 2)
+    ranks = torchrun_reduce_scatter()[optimizer]
     assert {r["grad_sync"] for r in ranks} == {"optimizer"}
     assert all(r["statistics"].get("comm_bytes_reduce_scatter", 0) > 0 for r in ranks)
     runner.assert_matches_single(ranks, single(optimizer), launcher="torchrun")
@@ -109,17 +162,25 @@ def _mpirun() -> list[str]:
     return cmd
 
 
-@pytest.mark.mpi
-@pytest.mark.parametrize("optimizer", OPTIMIZERS)
-def test_mpirun_two_ranks_equal_single_process(optimizer: str, tmp_path: Path, single) -> None:
-    """The mpirun.sh recipe: ranks from OMPI_COMM_WORLD_*, rank 0 broadcasts a free port via mpi4py."""
+@pytest.fixture(scope="module")
+def mpirun_script(tmp_path_factory: pytest.TempPathFactory) -> runner.Once[Ranks]:
     mpirun = _mpirun()[0]
     if importlib.util.find_spec("mpi4py") is None:
         pytest.skip("mpi4py not installed (pip install 'lightning-soaa[mpi]')")
-    env = runner.clean_env(NP="2", OVERSUBSCRIBE="1", PYTHON=sys.executable, MPIRUN=mpirun)
-    runner.run(["bash", str(runner.EXAMPLES / "mpirun.sh"), *runner.train_args(optimizer, tmp_path)[1:]],
-               env=env, timeout=180)
-    runner.assert_matches_single(runner.load(tmp_path, 2), single(optimizer), launcher="mpi")
+
+    def start(out: Path, timeout: float) -> None:
+        env = runner.clean_env(NP="2", OVERSUBSCRIBE="1", PYTHON=sys.executable, MPIRUN=mpirun)
+        runner.run(["bash", str(runner.EXAMPLES / "mpirun.sh"), *runner.train_args("all", out)[1:]],
+                   env=env, timeout=timeout)
+
+    return _shared(tmp_path_factory, "mpirun", OPTIMIZERS, start)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_mpirun_two_ranks_equal_single_process(optimizer: str, mpirun_script, single) -> None:
+    """The mpirun.sh recipe: ranks from OMPI_COMM_WORLD_*, rank 0 broadcasts a free port via mpi4py."""
+    runner.assert_matches_single(mpirun_script()[optimizer], single(optimizer), launcher="mpi")
 
 
 @pytest.mark.mpi
@@ -153,24 +214,32 @@ def slurm_cluster():
         cluster.stop()
 
 
+@pytest.fixture(scope="module")
+def srun_launch(tmp_path_factory: pytest.TempPathFactory, slurm_cluster) -> runner.Once[Ranks]:
+    def start(out: Path, timeout: float) -> None:
+        env = slurm_cluster.env(runner.clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())))
+        cmd = ["srun", "-N2", "--ntasks-per-node=1", "--time=5", f"--chdir={runner.REPO}", sys.executable,
+               *runner.train_args("all", out)]
+        try:
+            runner.run(cmd, env=env, timeout=timeout)
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{slurm_cluster.diagnostics()}") from None
+
+    return _shared(tmp_path_factory, "srun", OPTIMIZERS, start)
+
+
 @pytest.mark.slurm
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
-def test_srun_two_nodes_equal_single_process(optimizer: str, tmp_path: Path, single, slurm_cluster) -> None:
+def test_srun_two_nodes_equal_single_process(optimizer: str, single, srun_launch) -> None:
     """srun -N2 --ntasks-per-node=1: one rank on each fake node, ranks from SLURM_PROCID et al."""
-    env = slurm_cluster.env(runner.clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())))
-    cmd = ["srun", "-N2", "--ntasks-per-node=1", "--time=5", f"--chdir={runner.REPO}", sys.executable,
-           *runner.train_args(optimizer, tmp_path)]
-    try:
-        runner.run(cmd, env=env, timeout=180)
-    except AssertionError as e:
-        raise AssertionError(f"{e}\n{slurm_cluster.diagnostics()}") from None
-    ranks = runner.load(tmp_path, 2)
+    ranks = srun_launch()[optimizer]
     assert sorted(r["slurm_nodename"] for r in ranks) == ["node1", "node2"]
     assert sorted(r["node_rank"] for r in ranks) == [0, 1]
     runner.assert_matches_single(ranks, single(optimizer), launcher="slurm")
 
 
-def _sbatch(cluster: SlurmCluster, script: str, args: list[str], tmp_path: Path, **env: str) -> str:
+def _sbatch(cluster: SlurmCluster, script: str, args: list[str], tmp_path: Path, timeout: float = 240,
+            **env: str) -> str:
     """Submit one of the example sbatch scripts, wait for it, return its output file's text."""
     out = tmp_path / "job.out"
     env = cluster.env(runner.clean_env(PYTHON=sys.executable, EXAMPLES_DIR=str(runner.EXAMPLES),
@@ -178,7 +247,7 @@ def _sbatch(cluster: SlurmCluster, script: str, args: list[str], tmp_path: Path,
     cmd = ["sbatch", "--wait", "--time=5", f"--chdir={tmp_path}", f"--output={out}",
            str(runner.EXAMPLES / script), *args]
     try:
-        runner.run(cmd, env=env, timeout=240)
+        runner.run(cmd, env=env, timeout=timeout)
     except AssertionError as e:
         text = out.read_text(errors="replace")[-4000:] if out.exists() else "(no job output)"
         raise AssertionError(f"{e}\njob output:\n{text}\n{cluster.diagnostics()}") from None
@@ -195,17 +264,27 @@ def test_sbatch_torchrun_recipe_two_nodes(tmp_path: Path, single, slurm_cluster)
     runner.assert_matches_single(ranks, single("adamw"), launcher="torchrun")
 
 
+@pytest.fixture(scope="module")
+def sbatch_lightning(tmp_path_factory: pytest.TempPathFactory, slurm_cluster) -> runner.Once[Ranks]:
+    """One job fits every optimizer: one Trainer after the other in the same ranks (the later Trainers
+    reuse the process group the first one joined)."""
+    if importlib.util.find_spec("lightning") is None:
+        pytest.skip("lightning not installed (pip install 'lightning-soaa[lightning]')")
+
+    def start(out: Path, timeout: float) -> None:
+        job_dir = tmp_path_factory.mktemp("sbatch_lightning_job")
+        _sbatch(slurm_cluster, "slurm_lightning.sbatch", runner.train_args("all", out)[1:], job_dir, timeout=timeout)
+
+    return _shared(tmp_path_factory, "sbatch_lightning", OPTIMIZERS, start, base_timeout=240)
+
+
 @pytest.mark.slurm
 @pytest.mark.lightning
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
-def test_sbatch_lightning_recipe_two_nodes(optimizer: str, tmp_path: Path, single, slurm_cluster) -> None:
+def test_sbatch_lightning_recipe_two_nodes(optimizer: str, single, sbatch_lightning) -> None:
     """slurm_lightning.sbatch: Lightning's SLURMEnvironment, DDP over the two fake nodes. The optimizer
     gets Lightning's closure (SOAA reads the loss from it) or, for EGN, runs in manual optimization;
     the result must equal train.py's single process, which passes the loss / the batch explicitly."""
-    if importlib.util.find_spec("lightning") is None:
-        pytest.skip("lightning not installed (pip install 'lightning-soaa[lightning]')")
-    args = runner.train_args(optimizer, tmp_path / "out")[1:]
-    _sbatch(slurm_cluster, "slurm_lightning.sbatch", args, tmp_path)
-    ranks = runner.load(tmp_path / "out", 2)
+    ranks = sbatch_lightning()[optimizer]
     assert sorted(r["slurm_nodename"] for r in ranks) == ["node1", "node2"]
     runner.assert_matches_single(ranks, single(optimizer), launcher="SLURMEnvironment")
