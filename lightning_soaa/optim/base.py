@@ -1222,7 +1222,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         reported through the all-reduce and raised on every rank, so the ranks stay in step.
         """
         self._join_before_step()
-        local_error = local_error or self._hyperparameter_error()
+        local_error = local_error or self._hyperparameter_error() or self._interrupted_update_error()
         if self._step_supports_amp_scaling:
             self._amp_found_inf = amp_unscale_(self)  # under torch.amp.GradScaler (optim/step_context.py)
         if local_error is None and self._planned_step():
@@ -1249,10 +1249,42 @@ class ShardedOptimizer(torch.optim.Optimizer):
         decision = self._decide(reduced)
         if isinstance(decision, SkipStep):
             return self._skip_step(decision.reason)
-        self._apply(views, decision)
+        try:
+            self._apply(views, decision)
+        except Exception as e:
+            self._update_interrupted(decision, e)
+            raise
         self._exchange_out(decision)
         self._count_step()
         return True
+
+    def _update_interrupted(self, decision: Any, error: Exception) -> None:
+        """``_apply`` raised (out of memory in an update kernel): some owned blocks may hold their new
+        values and state, others the old ones, and nothing can put them back without a copy of them all.
+        The other ranks are already in the parameter exchange: this rank joins it too (no rank waits),
+        raises, and refuses every later step until :meth:`load_state_dict` (its next step makes every
+        rank raise together, through the agreement rows)."""
+        self._interrupted = f"{type(error).__name__}: {error}"
+        add_note = getattr(error, "add_note", None)  # Python >= 3.11
+        if add_note is not None:
+            add_note(f"{type(self).__name__}.step: the update was interrupted on rank {self.comm.rank}: the "
+                     "parameters and the optimizer state it owns may be partly updated. Restore the model and "
+                     "the optimizer from a checkpoint; the next step() raises until load_state_dict.")
+        if self.comm.world_size > 1:
+            try:
+                self._exchange_out(decision)
+            except Exception:  # the original error is the one to see
+                log.exception("%s: the parameter exchange after an interrupted update failed too",
+                              type(self).__name__)
+
+    def _interrupted_update_error(self) -> RuntimeError | None:
+        why = self.__dict__.get("_interrupted")
+        if why is None:
+            return None
+        return RuntimeError(
+            f"{type(self).__name__}.step: an earlier step was interrupted inside its update ({why}) on this rank "
+            "and left the parameters and the optimizer state it owns partly updated; training on would build on "
+            "them. Restore the model and the optimizer from a checkpoint (load_state_dict clears this).")
 
     def _check_step(self, warn: bool) -> None:
         """:func:`check_step` with the signatures the table was built for; warns (once) when no parameter
@@ -1635,6 +1667,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             return self._receiver().load_state_dict(state_dict)
         # the optimizer-wide state stays the checkpoint's when a hook rebuilt the rest (keep_run_state)
         hooked_load(self, state_dict, lambda final: self._load_full_state_dict(keep_run_state(state_dict, final)))
+        self.__dict__.pop("_interrupted", None)  # a consistent state again (_update_interrupted)
 
     def _load_full_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state saved at any world size; keep only the blocks this rank owns.

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -378,6 +379,56 @@ def test_an_error_on_one_rank_is_raised_on_every_rank(tmp_path: Path, name: str)
             torch.testing.assert_close(a, b, atol=0, rtol=0)
     for a, b in zip(res[0]["params"], res[1]["params"]):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+class _Interrupted(RuntimeError):
+    pass
+
+
+def _w_update_interrupted(rank: int, world: int, name: str) -> dict[str, Any]:
+    model = tiny_mlp(sizes=SIZES)
+    twin = copy.deepcopy(model)
+    opt, twin_opt = _build(name, model), _build(name, twin)
+    _step(name, opt, model, 0, rank)
+    opt.consolidate_state_dict(to=None)
+    saved = copy.deepcopy(opt.state_dict()), copy.deepcopy(model.state_dict())
+    if rank == 1:  # the update itself fails on rank 1 (as an out-of-memory error in a kernel would)
+        def interrupted(*args: Any) -> None:
+            raise _Interrupted("injected: out of memory in the update")
+        opt._apply = interrupted
+    try:
+        _step(name, opt, model, 1, rank)
+        first = "no error"
+    except _Interrupted as e:
+        first = " ".join([str(e), *getattr(e, "__notes__", [])])
+    opt.__dict__.pop("_apply", None)
+    refused = _error(lambda: _step(name, opt, model, 2, rank))
+    opt.load_state_dict(saved[0])  # the way back: a checkpoint, on every rank
+    model.load_state_dict(saved[1])
+    for t in (0, 1, 2):
+        if t:
+            _step(name, opt, model, t, rank)
+        _step(name, twin_opt, twin, t, rank)
+    return {"first": first, "refused": refused, "params": _params(model), "twin": _params(twin)}
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_an_update_interrupted_on_one_rank_never_hangs_and_is_refused_until_a_load(tmp_path: Path,
+                                                                                    name: str) -> None:
+    """An exception inside the update on one rank (the others already in the parameter exchange) made
+    the others wait forever, and the interrupted rank could train on from partly updated blocks. It
+    joins the exchange and raises; its next step makes every rank raise; a checkpoint load on every
+    rank trains on exactly as a run without the failure."""
+    res = run_distributed(_w_update_interrupted, 2, tmp_path, name, timeout=90)
+    assert res[0]["first"] == "no error", res[0]["first"]  # rank 0's update was whole
+    assert "injected: out of memory" in res[1]["first"], res[1]["first"]
+    if sys.version_info >= (3, 11):  # the explanation rides as an exception note
+        assert "partly updated" in res[1]["first"], res[1]["first"]
+    assert "interrupted inside its update" in res[1]["refused"], res[1]["refused"]
+    assert "rank(s) [1]" in res[0]["refused"], res[0]["refused"]
+    for r, out in enumerate(res):
+        for a, b in zip(out["params"], out["twin"], strict=True):
+            torch.testing.assert_close(a, b, atol=0, rtol=0, msg=lambda m, r=r: f"rank {r}: {m}")
 
 
 # ---------------------------------------------------------------------- 5. non-finite values
