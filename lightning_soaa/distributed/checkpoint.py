@@ -319,6 +319,7 @@ def _validate_block_states(optimizer: CheckpointView, state: Any, limit: float) 
     for key in state:
         if not (str(key).isdigit() and int(key) < n_params):
             raise ValueError(f"{name}.load_state_dict: state[{key!r}] names no parameter (there are {n_params}).")
+    _check_block_keys(optimizer, state)
     for b in optimizer.block_table.blocks:
         blk = lookup(lookup(state, b.param_index) or {}, b.sub_index)
         if not blk:
@@ -331,6 +332,32 @@ def _validate_block_states(optimizer: CheckpointView, state: Any, limit: float) 
         where = f"{name}.load_state_dict: state[{b.param_index}][{b.sub_index}] (parameter {label})"
         _validate_block(where, blk, schema, optimizer.layout_hint)
         check_block_steps(where, blk, limit)
+
+
+def _check_block_keys(optimizer: CheckpointView, state: dict[Any, Any]) -> None:
+    """Raise unless every parameter's entry is keyed by the indices of that parameter's blocks. Anything
+    else would be skipped by the block look-ups, i.e. dropped while the rest of the checkpoint loads: a
+    torch.optim state's flat ``{step, exp_avg, exp_avg_sq}`` (torch's load-by-name recipe copies such
+    entries into our own state dict) restarted Adam from zero moments, 5.5e-2 off torch continuing."""
+    blocks: dict[int, list[int]] = {}
+    for b in optimizer.block_table.blocks:
+        blocks.setdefault(b.param_index, []).append(b.sub_index)
+    for key, per_param in state.items():
+        if per_param is None or (isinstance(per_param, dict) and not per_param):
+            continue  # no state yet
+        allowed = sorted(blocks.get(int(key), []))
+        where = f"{optimizer.name}.load_state_dict: state[{key!r}]"
+        if not isinstance(per_param, dict):
+            raise ValueError(f"{where} must be a dict keyed by block index {allowed}, got {type(per_param).__name__}.")
+        bad = sorted(str(k) for k in per_param if not (str(k).isdigit() and int(k) in allowed))
+        if not bad:
+            continue
+        flat = all(isinstance(v, (torch.Tensor, int, float)) for v in per_param.values())
+        raise ValueError(
+            f"{where} has key(s) {bad}; this optimizer keeps one entry per block of the parameter, keyed by block "
+            f"index {allowed}." + (" These look like a torch.optim per-parameter state: another optimizer's state "
+                                   "cannot be continued by this one; build it fresh (or drop 'state')."
+                                   if flat else ""))
 
 
 def _validate_block(where: str, blk: Any, schema: dict[str, StateField], hint: str = "") -> None:

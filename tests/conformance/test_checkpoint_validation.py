@@ -92,6 +92,13 @@ def _corruptions(opt: Any, sd: dict[str, Any]) -> list[tuple[str, str, dict[str,
     bad = copy.deepcopy(sd)
     bad["state"][pi][si]["surprise"] = torch.zeros(1)
     cases.append(("unexpected key", "unexpected key", bad))
+    bad = copy.deepcopy(sd)  # torch.optim's flat entry, as torch's load-by-name recipe copies it in
+    bad["state"][pi] = {"step": torch.tensor(2.0), "exp_avg": torch.zeros(opt._params[pi].shape),
+                        "exp_avg_sq": torch.zeros(opt._params[pi].shape)}
+    cases.append(("torch.optim entry", "look like a torch.optim per-parameter state", bad))
+    bad = copy.deepcopy(sd)
+    bad["state"][pi][99] = copy.deepcopy(blk)
+    cases.append(("no such block", "keyed by block index", bad))
     bad = copy.deepcopy(sd)
     bad[FORMAT_KEY]["global"]["num_steps"] = -1
     cases.append(("negative num_steps", "num_steps", bad))
