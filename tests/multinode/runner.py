@@ -43,13 +43,6 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def clear_launch_env(monkeypatch: Any) -> None:
-    """For train.py run inside the test process: no launcher variables, so it is one process."""
-    for k in list(os.environ):
-        if k in _LAUNCH_KEYS or k.startswith(_LAUNCH_PREFIXES):
-            monkeypatch.delenv(k)
-
-
 def train_module() -> Any:
     """``multinode_examples/train.py`` imported as a module (it is not a package), to run in-process."""
     spec = importlib.util.spec_from_file_location("lsoaa_example_train", TRAIN)

@@ -64,18 +64,12 @@ def _shared(tmp_path_factory: pytest.TempPathFactory, label: str, names: Sequenc
 
 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
-def test_one_process_of_every_optimizer_equals_each_alone(optimizer: str, single, tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """The launches below and their reference train every optimizer in one process; this ties them to
-    ``--optimizer <name>`` alone (run here, in the test's process, to save an interpreter start):
-    bit-identical parameters, losses and statistics."""
-    runner.clear_launch_env(monkeypatch)
-    threads = torch.get_num_threads()  # main() sets the process's thread count: this one is pytest's
-    try:
-        assert runner.train_module().main(runner.train_args(optimizer, tmp_path)[1:]) == 0
-    finally:
-        torch.set_num_threads(threads)
-    alone, shared = runner.load(tmp_path, 1)[0], single(optimizer)
+def test_one_process_of_every_optimizer_equals_each_alone(optimizer: str, single, tmp_path: Path) -> None:
+    """The launches below and their reference train every optimizer in one process, each after the ones
+    before it in the registry; a process of its own (a few seconds) ties each to a run that nothing came
+    before: bit-identical parameters, losses and statistics, so nothing one run leaves behind (a global,
+    a cache, the RNG) changes the next."""
+    alone, shared = runner.single_process([optimizer], tmp_path)[optimizer], single(optimizer)
     assert (alone["optimizer"], shared["optimizer"]) == (optimizer, optimizer)
     assert alone["params"].keys() == shared["params"].keys()
     for k, v in alone["params"].items():
