@@ -361,8 +361,11 @@ class EGN(ShardedOptimizer):
        search) and one for (Jd)ᵀQ(Jd) with momentum and adaptive damping (``_jd_q_norm``).
 
     A rank whose local work between these collectives raises (out of memory, a model raising on its own
-    samples) still joins the next one, with zeros and a failure flag (2, 3, 6) or its error in the
-    template's agreement rows (4): every rank raises together, with the parameters as before the step.
+    samples) still joins the next one, with zeros and a failure flag (packing its factors: 2; the solve
+    and Jᵀv: 3, its error then in the template's agreement rows, 4; the copy of the parameters, J·d and the
+    trial forwards: 6): every rank raises together, with the parameters as before the step. Not covered:
+    a failure inside an exchange's own buffers (3's packing, 5) and the one case where a rank's solve
+    raises while the others' solve declares the system unsolvable (they skip the step, it waits).
 
     A non-finite value anywhere (outputs, loss, direction) or an unsolvable system skips the step on
     every rank through the base's skip path, leaving all state unchanged. **A step whose loss
@@ -736,11 +739,13 @@ class EGN(ShardedOptimizer):
         if isinstance(self.comm, LocalComm):
             return self._sum_scalars(local())
         world, rank = self.comm.world_size, self.comm.rank
-        error: Exception | None = None
-        try:
-            values = local()
-        except Exception as e:
-            error, values = e, [0.0] * n
+        error = self._pass.late_error if self._pass is not None else None  # an earlier local failure
+        values = [0.0] * n
+        if error is None:
+            try:
+                values = local()
+            except Exception as e:
+                error = e
         flags = [0.0] * world
         flags[rank] = 0.0 if error is None else 1.0
         red = self._sum_scalars([*values, *flags])
@@ -797,17 +802,23 @@ class EGN(ShardedOptimizer):
         layout, pieces = self._gather_factors(batch)  # collective: all_gather_flat (W > 1)
         # the solve and Jᵀv differentiate nothing, whatever the model: no autograd bookkeeping per op
         with torch.inference_mode():
+            channels = self._solved_vjps(ps, batch, layout, pieces)
+            if isinstance(channels, str):
+                return channels
+            ps.at_owners = self.exchange.sum_to_owners(channels)  # collective: reduce_scatter
+        return None
+
+    def _solved_vjps(self, ps: _Pass, batch: _Batch, layout: GramLayout,
+                     pieces: GramFactors) -> list[list[Tensor | None]] | str:
+        """The solve and Jᵀv (or why the step is skipped: identical on every rank, from identical data).
+        At W > 1 a rank whose local work raises here (out of memory: the bc×bc system is EGN's largest
+        allocation) still joins the reduce-scatter, with nothing (zeros), and raises its error from
+        :meth:`_prepare`: the template's all-reduce that follows makes every rank raise together, before
+        anything changed."""
+        try:
             curv = ps.curvature = self._solve(batch, layout, pieces)
             if not curv.sol.ok:
                 return f"the bc system could not be solved after {curv.sol.fallbacks} damping retries"
-            ps.at_owners = self.exchange.sum_to_owners(self._vjps_or_none(ps, batch, curv))  # reduce_scatter
-        return None
-
-    def _vjps_or_none(self, ps: _Pass, batch: _Batch, curv: _Curvature) -> list[list[Tensor | None]]:
-        """:meth:`_vjps`; at W > 1 a rank whose local work raises (out of memory) still joins the
-        reduce-scatter, with nothing (zeros), and raises its error from :meth:`_prepare`: the template's
-        all-reduce that follows makes every rank raise together, before anything changed."""
-        try:
             return self._vjps(batch, curv)
         except Exception as e:
             if isinstance(self.comm, LocalComm):
@@ -863,15 +874,21 @@ class EGN(ShardedOptimizer):
         curv, batch = ps.curvature, ps.batch
         assert curv is not None and batch is not None
         dec.full = self.exchange.gather_from_owners(dec.direction)  # collective: all_gather_flat
-        with torch.no_grad():  # w0: a copy of the parameters in one op (×1 is exact, -0 and inf included)
-            dec.w0 = list(torch._foreach_mul(self._params, 1.0))
+        try:
+            with torch.no_grad():  # w0: a copy of the parameters in one op (×1 is exact, -0 and inf included)
+                dec.w0 = list(torch._foreach_mul(self._params, 1.0))
+        except Exception as e:  # raised together by the next all-reduce (_sum_together)
+            if isinstance(self.comm, LocalComm):
+                raise
+            ps.late_error = e
         dec.jd_qq = curv.jd_qq
         if dec.use_momentum and self.config.adaptive_damping:
             dec.jd_qq = self._jd_q_norm(batch, curv, dec.full)  # collective: all_reduce_scalars
         try:
             dec.alpha, dec.f_new, dec.tries = self._step_size(batch, dec.w0, dec.full, dec.gtd)  # all_reduce/trial
         except BaseException:
-            self._restore(dec.w0)  # a trial that raised left w0 + αd in the parameters
+            if dec.w0:
+                self._restore(dec.w0)  # a trial that raised left w0 + αd in the parameters
             raise
         if not math.isfinite(dec.f_new):
             self._restore(dec.w0)

@@ -1,8 +1,9 @@
 """EGN: a rank whose local work fails after the step's exchanges began makes every rank raise together.
 
 Between EGN's first all-reduce and the end of its step, each rank does local work between collectives:
-packing its Gram factors (before the all-gather), Jᵀv from them (before the reduce-scatter), J·d for
-adaptive damping and the line-search trial forwards (before their scalar all-reduces). A rank raising
+packing its Gram factors (before the all-gather), the bc×bc solve and Jᵀv (before the reduce-scatter), the
+copy of the parameters, J·d for adaptive damping and the line-search trial forwards (before their scalar
+all-reduces). A rank raising
 there alone (out of memory; a model raising on its own samples) used to leave the others waiting in the
 next collective. Each site is made to fail on the last rank only (the failure injected into that
 rank's optimizer, as an out-of-memory error would arise): every rank must raise in the same step, the
@@ -24,7 +25,7 @@ from tests.harness.models import tiny_mlp
 
 DT = torch.float64
 KW: dict[str, Any] = {"loss": "mse", "lr": 0.8, "momentum": 0.5, "adaptive_damping": True, "line_search": True}
-SITES = ("pack", "vjp", "jvp", "trial")
+SITES = ("pack", "solve", "vjp", "w0", "jvp", "trial")
 
 
 def _batch(step: int, world: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -61,7 +62,11 @@ def _inject(opt: EGN, site: str) -> Any:
         saved = egn_module.pack_factor_table
         egn_module.pack_factor_table = boom  # type: ignore[assignment]
         return lambda: setattr(egn_module, "pack_factor_table", saved)
-    name = {"vjp": "_vjp", "jvp": "_jvp", "trial": "_outputs"}[site]
+    if site == "w0":  # the copy of the parameters before the trials (EGN's only _foreach_mul)
+        saved_mul = torch._foreach_mul
+        torch._foreach_mul = boom  # type: ignore[assignment]
+        return lambda: setattr(torch, "_foreach_mul", saved_mul)
+    name = {"solve": "_solve", "vjp": "_vjp", "jvp": "_jvp", "trial": "_outputs"}[site]
     setattr(opt, name, boom)
     return lambda: delattr(opt, name)
 
