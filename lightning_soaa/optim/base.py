@@ -1252,30 +1252,24 @@ class ShardedOptimizer(torch.optim.Optimizer):
         try:
             self._apply(views, decision)
         except Exception as e:
-            self._update_interrupted(decision, e)
+            self._update_interrupted(e)
             raise
         self._exchange_out(decision)
         self._count_step()
         return True
 
-    def _update_interrupted(self, decision: Any, error: Exception) -> None:
+    def _update_interrupted(self, error: Exception) -> None:
         """``_apply`` raised (out of memory in an update kernel): some owned blocks may hold their new
         values and state, others the old ones, and nothing can put them back without a copy of them all.
-        The other ranks are already in the parameter exchange: this rank joins it too (no rank waits),
-        raises, and refuses every later step until :meth:`load_state_dict` (its next step makes every
-        rank raise together, through the agreement rows)."""
+        Every later step is refused until :meth:`load_state_dict`. At W > 1 the other ranks are left in
+        this step's collectives (the exchange, or one inside their ``_apply``: joining them from here would
+        pair with the wrong call), as after any rank's crash: the launcher ends the job."""
         self._interrupted = f"{type(error).__name__}: {error}"
         add_note = getattr(error, "add_note", None)  # Python >= 3.11
         if add_note is not None:
             add_note(f"{type(self).__name__}.step: the update was interrupted on rank {self.comm.rank}: the "
                      "parameters and the optimizer state it owns may be partly updated. Restore the model and "
                      "the optimizer from a checkpoint; the next step() raises until load_state_dict.")
-        if self.comm.world_size > 1:
-            try:
-                self._exchange_out(decision)
-            except Exception:  # the original error is the one to see
-                log.exception("%s: the parameter exchange after an interrupted update failed too",
-                              type(self).__name__)
 
     def _interrupted_update_error(self) -> RuntimeError | None:
         why = self.__dict__.get("_interrupted")

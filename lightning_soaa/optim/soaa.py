@@ -777,7 +777,12 @@ class SOAA(ShardedOptimizer):
                 [s_m2, s_veps, lag_mu, lag_vu2, loss_sum, w, missing]):
             return False
         self.comm.begin_step()
-        self._update([], self._decision(s_m2, s_veps, lag_mu, lag_vu2, loss_sum, w, groups))
+        decision = self._decision(s_m2, s_veps, lag_mu, lag_vu2, loss_sum, w, groups)
+        try:
+            self._update([], decision)
+        except Exception as e:  # as the template's _apply: refused until load_state_dict
+            self._update_interrupted(e)
+            raise
         self._count_step()
         return True
 

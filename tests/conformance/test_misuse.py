@@ -385,50 +385,37 @@ class _Interrupted(RuntimeError):
     pass
 
 
-def _w_update_interrupted(rank: int, world: int, name: str) -> dict[str, Any]:
+@pytest.mark.parametrize("name", SPECS)
+def test_an_interrupted_update_is_refused_until_a_checkpoint_is_loaded(name: str) -> None:
+    """An exception inside the update (out of memory in a kernel) can leave some blocks stepped and others
+    not: a caller that catches it and steps on trained from that state. The error says so, every later
+    step raises until load_state_dict, and a checkpoint load trains on exactly as a run without the
+    failure. (At W > 1 the other ranks stay in that step's collectives, as after a crash: not tested.)"""
     model = tiny_mlp(sizes=SIZES)
     twin = copy.deepcopy(model)
     opt, twin_opt = _build(name, model), _build(name, twin)
-    _step(name, opt, model, 0, rank)
-    opt.consolidate_state_dict(to=None)
+    _step(name, opt, model, 0, 0)
     saved = copy.deepcopy(opt.state_dict()), copy.deepcopy(model.state_dict())
-    if rank == 1:  # the update itself fails on rank 1 (as an out-of-memory error in a kernel would)
-        def interrupted(*args: Any) -> None:
-            raise _Interrupted("injected: out of memory in the update")
-        opt._apply = interrupted
-    try:
-        _step(name, opt, model, 1, rank)
-        first = "no error"
-    except _Interrupted as e:
-        first = " ".join([str(e), *getattr(e, "__notes__", [])])
-    opt.__dict__.pop("_apply", None)
-    refused = _error(lambda: _step(name, opt, model, 2, rank))
-    opt.load_state_dict(saved[0])  # the way back: a checkpoint, on every rank
+
+    def interrupted(*args: Any) -> None:
+        raise _Interrupted("injected: out of memory in the update")
+
+    opt._apply = interrupted
+    opt._planned_step = lambda: False  # the template's path (SOAA's step plan: tests/unit/test_soaa_plan.py)
+    with pytest.raises(_Interrupted) as info:
+        _step(name, opt, model, 1, 0)
+    del opt._apply, opt._planned_step
+    if sys.version_info >= (3, 11):  # the explanation rides as an exception note
+        assert "partly updated" in " ".join(getattr(info.value, "__notes__", [])), info.value
+    assert "interrupted inside its update" in _error(lambda: _step(name, opt, model, 1, 0))
+    opt.load_state_dict(saved[0])  # the way back: a checkpoint
     model.load_state_dict(saved[1])
     for t in (0, 1, 2):
         if t:
-            _step(name, opt, model, t, rank)
-        _step(name, twin_opt, twin, t, rank)
-    return {"first": first, "refused": refused, "params": _params(model), "twin": _params(twin)}
-
-
-@pytest.mark.parametrize("name", SPECS)
-def test_an_update_interrupted_on_one_rank_never_hangs_and_is_refused_until_a_load(tmp_path: Path,
-                                                                                    name: str) -> None:
-    """An exception inside the update on one rank (the others already in the parameter exchange) made
-    the others wait forever, and the interrupted rank could train on from partly updated blocks. It
-    joins the exchange and raises; its next step makes every rank raise; a checkpoint load on every
-    rank trains on exactly as a run without the failure."""
-    res = run_distributed(_w_update_interrupted, 2, tmp_path, name, timeout=90)
-    assert res[0]["first"] == "no error", res[0]["first"]  # rank 0's update was whole
-    assert "injected: out of memory" in res[1]["first"], res[1]["first"]
-    if sys.version_info >= (3, 11):  # the explanation rides as an exception note
-        assert "partly updated" in res[1]["first"], res[1]["first"]
-    assert "interrupted inside its update" in res[1]["refused"], res[1]["refused"]
-    assert "rank(s) [1]" in res[0]["refused"], res[0]["refused"]
-    for r, out in enumerate(res):
-        for a, b in zip(out["params"], out["twin"], strict=True):
-            torch.testing.assert_close(a, b, atol=0, rtol=0, msg=lambda m, r=r: f"rank {r}: {m}")
+            _step(name, opt, model, t, 0)
+        _step(name, twin_opt, twin, t, 0)
+    for a, b in zip(_params(model), _params(twin), strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
 # ---------------------------------------------------------------------- 5. non-finite values

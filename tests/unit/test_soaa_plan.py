@@ -341,3 +341,30 @@ def test_interferences_in_random_sequences(seed: int) -> None:
             _ACTIONS[plan[t]](opt, model)
     planned, _ = _run(lambda m: SOAA(m.parameters(), lr=1e-2), between, steps=len(plan))
     assert planned._plans(), "the plan was never kept"
+
+
+def test_an_interrupted_planned_update_is_refused_until_a_load() -> None:
+    """The planned step's update raising (out of memory) is the template's interrupted update: the next
+    step raises until load_state_dict, which trains on as before."""
+    model = _model()
+    opt = SOAA(model.parameters(), lr=1e-2)
+    for t in range(2):  # step 0 builds the plan; step 1 is planned
+        _grads(model, t)
+        opt.step(loss=1.0 / (t + 1))
+    saved = copy.deepcopy(opt.state_dict()), copy.deepcopy(model.state_dict())
+
+    def interrupted(*args: Any) -> None:
+        raise RuntimeError("injected: out of memory in the planned update")
+
+    opt._update = interrupted  # type: ignore[method-assign]
+    _grads(model, 2)
+    with pytest.raises(RuntimeError, match="injected"):
+        opt.step(loss=1.0 / 3)
+    del opt._update
+    with pytest.raises(RuntimeError, match="interrupted inside its update"):
+        opt.step(loss=1.0 / 3)
+    opt.load_state_dict(saved[0])
+    model.load_state_dict(saved[1])
+    _grads(model, 2)
+    opt.step(loss=1.0 / 3)
+    assert opt.num_steps == 3
