@@ -23,7 +23,6 @@ after ``fit``). Files then go to ``--out-dir/<name>/``, as with ``train.py``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -46,6 +45,7 @@ from train import (  # noqa: E402
     make_optimizer,
     optimizer_names,
     run_out_dir,
+    write_result,
 )
 
 from lightning_soaa import registry  # noqa: E402
@@ -149,14 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = [fit(for_optimizer(args, name), world) for name in args.optimizers]
     wall_s = time.perf_counter() - t0  # the whole process, shared by every optimizer it fitted
     for result, params in runs:
-        result["wall_s"] = wall_s
-        rank, out_dir = result["rank"], run_out_dir(args, result["optimizer"])
-        if out_dir is not None:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            torch.save(params, out_dir / f"params_rank{rank}.pt")
-            (out_dir / f"result_rank{rank}.json").write_text(json.dumps(result, indent=1))
-        if rank == 0:
-            sys.stdout.write(json.dumps(result) + "\n")
+        write_result({**result, "params": params}, run_out_dir(args, result["optimizer"]), result["rank"], wall_s)
     return 0
 
 

@@ -275,7 +275,7 @@ class _Pass:
     f0: float = float("nan")
     trial_rejected: bool = False  # the loss after the step was non-finite
     error: Exception | None = None  # raised on this rank before the step; every rank raises with it
-    late_error: Exception | None = None  # raised in Jᵀv after the exchanges began: raised by _prepare
+    late_error: Exception | None = None  # local work failed after the exchanges began (solve, Jᵀv, w0)
     use_chain: bool | None = None  # whether the step's forwards go through the planned chain (once known)
     rng: StepRng | None = None  # the random draw every forward of the step repeats (not for a planned chain)
 
@@ -1221,7 +1221,8 @@ class EGN(ShardedOptimizer):
             factors, rows = self._local_factors(batch)
             buf[:batch.b_r * layout.width] = pack_factor_table(layout, batch.z, batch.y, factors, rows).reshape(-1)
         except Exception as e:
-            error, buf[n] = e, 1.0
+            error = e
+            buf[n] = 1.0  # this rank's flag, after its (zero) rows
         gathered = self.comm.all_gather_flat(buf).view(len(batch.sizes), n + 1)
         flags = gathered[:, n].tolist()
         self._raise_failed([r for r, f in enumerate(flags) if f > 0], error, "while packing its Gram factors")
