@@ -18,6 +18,12 @@ single-process one. Each rank writes ``result_rank{R}.json`` and
 ``--optimizer soaa,egn`` (or ``all``) fits one ``Trainer`` per optimizer in turn, in the same process:
 under DDP the later Trainers reuse the process group the first one joined (Lightning does not destroy it
 after ``fit``). Files then go to ``--out-dir/<name>/``, as with ``train.py``.
+
+Preemption (``slurm_lightning.sbatch`` asks SLURM for ``SIGUSR1`` 90 s before the time limit and makes the
+job requeueable): :class:`~lightning_soaa.lightning.PreemptionCheckpoint` saves ``hpc_ckpt_N.ckpt`` in
+``--root-dir`` on every rank at the next step and requeues the job; the restarted job resumes from it
+(Lightning's SLURM restart) and, since each step's data is taken from the step's number, continues exactly
+as the uninterrupted run would have. A preempted process writes no results.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ from train import (  # noqa: E402
 
 from lightning_soaa import registry  # noqa: E402
 from lightning_soaa.distributed.launch import exit_without_teardown  # noqa: E402
+from lightning_soaa.lightning import PreemptionCheckpoint  # noqa: E402
 from lightning_soaa.registry import StepNeeds  # noqa: E402
 
 
@@ -70,6 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--accelerator", default="cpu")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out-dir", type=Path, default=None)
+    p.add_argument("--root-dir", type=Path, default=Path.cwd(),
+                   help="the Trainer's default_root_dir, where preemption checkpoints go and a SLURM restart finds "
+                        "them (<root-dir>/<name> when several optimizers share the process)")
     return p.parse_args(argv)
 
 
@@ -89,7 +99,12 @@ class Regression(pl.LightningModule):
         # [s*B + r*B/W, s*B + (r+1)*B/W), the same slice train.py takes.
         world, rank, b = self.trainer.world_size, self.trainer.global_rank, self.args.global_batch
         local = self.local_samples = local_slice(b, rank, world)
-        order = [s * b + i for s in range(self.args.steps) for i in range(*local)]
+        # Built after a resumed fit loaded its checkpoint: the data of step s is step s's, however many times
+        # the run was preempted. The loader keeps its length (Lightning ends the resumed epoch after its
+        # length minus the batches already done), so the steps before `start` go last, never reached.
+        start = self.start_step = self.trainer.global_step
+        steps = [*range(start, self.args.steps), *range(start)]
+        order = [s * b + i for s in steps for i in range(*local)]
         return DataLoader(self.data, batch_size=local[1] - local[0], sampler=order, shuffle=False)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
@@ -99,10 +114,15 @@ class Regression(pl.LightningModule):
         else:
             with torch.no_grad():
                 loss = loss_of(self.net(x), y)
-            self.optimizers().optimizer.step(inputs=x, targets=y)
+            self.optimizers().step(inputs=x, targets=y)  # through Lightning's wrapper: counted in global_step
         # the global mean loss, logged identically on every rank
         self.losses.append(float(self.all_gather(loss.detach()).mean()))
         return loss if self.automatic_optimization else None
+
+    def on_train_start(self) -> None:
+        sys.stderr.write(f"rank {self.trainer.global_rank}: fitting {self.args.optimizer} from step "
+                         f"{self.trainer.global_step} of {self.args.steps}\n")
+        sys.stderr.flush()
 
     def configure_optimizers(self) -> Any:
         # train.py's recipe (the registry's entry, with its horizon and lr); SOAA gets Lightning's closure.
@@ -113,13 +133,17 @@ def fit(args: argparse.Namespace, world: int) -> tuple[dict[str, Any], dict[str,
     """One optimizer's run (``args.optimizer``): a fresh model and Trainer; its result and final params."""
     t0 = time.perf_counter()
     model = Regression(args)
+    preemption = PreemptionCheckpoint()  # inactive outside SLURM auto-requeue
     trainer = pl.Trainer(
         accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes,
         strategy="ddp" if world > 1 else "auto", max_steps=args.steps, max_epochs=1, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        use_distributed_sampler=False,
+        use_distributed_sampler=False, callbacks=[preemption],
+        default_root_dir=args.root_dir if len(args.optimizers) == 1 else args.root_dir / args.optimizer,
     )
     trainer.fit(model)
+    if preemption.preempted:
+        return None
     opt = trainer.optimizers[0]
     result = {
         "launcher": type(trainer.strategy.cluster_environment).__name__ if world > 1 else "single",
@@ -127,8 +151,10 @@ def fit(args: argparse.Namespace, world: int) -> tuple[dict[str, Any], dict[str,
         "world_size": trainer.world_size,
         "node_rank": trainer.node_rank,
         "slurm_nodename": os.environ.get("SLURMD_NODENAME"),
+        "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0")),
+        "start_step": model.start_step,  # > 0: resumed from a preemption checkpoint
         "optimizer": args.optimizer,
-        "steps": trainer.global_step if model.automatic_optimization else len(model.losses),
+        "steps": trainer.global_step,
         "global_batch": args.global_batch,
         "local_samples": list(model.local_samples),
         "losses": model.losses,
@@ -146,7 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     world = args.num_nodes * args.devices
     if args.global_batch % world:
         raise ValueError(f"Invalid --global-batch={args.global_batch}. Must be divisible by {world} processes.")
-    runs = [fit(for_optimizer(args, name), world) for name in args.optimizers]
+    runs = []
+    for name in args.optimizers:
+        run = fit(for_optimizer(args, name), world)
+        if run is None:  # preempted: the checkpoint is written, the job requeued; the restart continues
+            return 0
+        runs.append(run)
     wall_s = time.perf_counter() - t0  # the whole process, shared by every optimizer it fitted
     for result, params in runs:
         write_result({**result, "params": params}, run_out_dir(args, result["optimizer"]), result["rank"], wall_s)

@@ -53,6 +53,8 @@ __all__ = [
     "grad_sq_tensor",
     "grad_sq_exact",
     "param_digest",
+    "instance_id",
+    "RECORD_SLOTS",
     "step_rows",
     "step_row_values",
     "StepVerdict",
@@ -69,9 +71,16 @@ CONSTRUCTION_FIELDS = (
 )
 
 #: values per rank in the step's all-reduce: error flag, hyperparameter digest, Σ‖g‖², #gradients, the
-#: step counter, the replica check's flag (1: this rank compares its parameters at this step) and the
-#: parameter digest. The same layout on every rank and at every step, whether or not a value is used.
-STEP_ROW = 7
+#: step counter, the replica check's flag (1: this rank compares its parameters at this step), the
+#: parameter digest and the optimizer instance's id (:func:`instance_id`). The same layout on every rank and
+#: at every step, whether or not a value is used.
+STEP_ROW = 8
+
+#: the step record's summed values (the non-finite flag first) are padded to this many, so that the step's
+#: all-reduce has the same size for every optimizer class: two optimizers stepped in different orders on
+#: two ranks then meet in a call of equal size, and the instance ids say so (instead of gloo's size-mismatch
+#: abort, or NCCL's hang)
+RECORD_SLOTS = 8
 
 #: relative tolerance on Σ‖g‖² across ranks. Gradients averaged by DDP are bitwise equal on every rank
 #: (the collective hands every rank the same bits), so an honest run differs by 0; the tolerance only
@@ -263,24 +272,33 @@ def param_digest(params: Sequence[Tensor]) -> int:
     return _digest(canonical(values))
 
 
+def instance_id(construction: Tensor, ordinal: int) -> int:
+    """A 48-bit id of one optimizer, equal on every rank: its construction vector (class, parameters,
+    names, hyperparameters, options; equal on every rank once checked) and its ordinal among the optimizers
+    built over the same process group (in the same order on every rank: each construction is a
+    collective). Two optimizers over parameters of equal shapes, without names, differ by the ordinal."""
+    return _digest(canonical([construction.tolist(), int(ordinal)])) & _MASK48
+
+
 def step_row_values(rank: int, world: int, *, error: bool, hyper: int, grad_sq: float, grad_count: int,
-                    steps: int = 0, replica_check: bool = False, params_digest: int = 0) -> list[float]:
+                    steps: int = 0, replica_check: bool = False, params_digest: int = 0,
+                    instance: int = 0) -> list[float]:
     """:func:`step_rows` as a list of floats (what the step packs into its vector)."""
     out = [0.0] * (world * STEP_ROW)
     # A non-finite Σ‖g‖² is reported through the non-finite flag; zero keeps the row comparable.
     out[rank * STEP_ROW:(rank + 1) * STEP_ROW] = [1.0 if error else 0.0, float(hyper),
                                                   grad_sq if math.isfinite(grad_sq) else 0.0, float(grad_count),
                                                   float(steps), 1.0 if replica_check else 0.0,
-                                                  float(params_digest)]
+                                                  float(params_digest), float(instance)]
     return out
 
 
 def step_rows(rank: int, world: int, *, error: bool, hyper: int, grad_sq: float, grad_count: int,
-              steps: int = 0, replica_check: bool = False, params_digest: int = 0) -> Tensor:
+              steps: int = 0, replica_check: bool = False, params_digest: int = 0, instance: int = 0) -> Tensor:
     """The ``[world * STEP_ROW]`` fp64 block of the step's all-reduce: this rank's row, zeros elsewhere."""
     return torch.tensor(step_row_values(rank, world, error=error, hyper=hyper, grad_sq=grad_sq,
                                         grad_count=grad_count, steps=steps, replica_check=replica_check,
-                                        params_digest=params_digest), dtype=torch.float64)
+                                        params_digest=params_digest, instance=instance), dtype=torch.float64)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -300,6 +318,8 @@ class StepVerdict:
     #: with counted gradients (``grad_reduction="mean"``): the ranks without any gradient where some rank
     #: has one, else empty
     gradless_ranks: list[int] = dataclasses.field(default_factory=list)
+    #: ranks in the step of another optimizer than rank 0 (optimizers stepped in different orders)
+    instance_ranks: list[int] = dataclasses.field(default_factory=list)
 
 
 def read_step_rows(rows: Tensor | Sequence[float], world: int, compare_grads: bool,
@@ -324,5 +344,7 @@ def read_step_rows(rows: Tensor | Sequence[float], world: int, compare_grads: bo
     params = [r for r in range(world) if m[r][6] != m[0][6]] if digests else []
     counts = [m[r][3] for r in range(world)]
     gradless = [r for r in range(world) if counts[r] == 0] if count_grads and max(counts) > 0 else []
+    instances = [r for r in range(world) if m[r][7] != m[0][7]]
     return StepVerdict(errors, hyper, grads, steps if len(set(steps)) > 1 else [], checks, params,
-                       replicated=digests and world > 1 and not params, gradless_ranks=gradless)
+                       replicated=digests and world > 1 and not params, gradless_ranks=gradless,
+                       instance_ranks=instances)

@@ -33,6 +33,7 @@ from lightning_soaa.lightning.factory import (
     unwrap_optimizer,
 )
 from lightning_soaa.lightning.mpi_guard import guard_mpi_detection
+from lightning_soaa.lightning.preemption import PreemptionCheckpoint
 
 guard_mpi_detection()
 install_exit_drain()
@@ -55,6 +56,7 @@ __all__ = [
     "LossToOptimizer",
     "OptimizerDiagnostics",
     "OptimizerFactory",
+    "PreemptionCheckpoint",
     "attach_optimizer",
     "default_split_batch",
     "guard_mpi_detection",

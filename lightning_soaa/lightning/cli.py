@@ -42,10 +42,11 @@ from lightning_soaa.lightning.factory import (
     resolve_optimizer_class,
     valid_optimizer_names,
 )
+from lightning_soaa.lightning.preemption import PreemptionCheckpoint
 
 __all__ = ["SOAALightningCLI", "explain_optimizer_error", "main"]
 
-_AUTO_CALLBACKS = (LossToOptimizer, BatchToOptimizer, OptimizerDiagnostics)
+_AUTO_CALLBACKS = (LossToOptimizer, BatchToOptimizer, OptimizerDiagnostics, PreemptionCheckpoint)
 
 
 def _to_dict(obj: Any) -> Any:

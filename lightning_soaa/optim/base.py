@@ -15,7 +15,7 @@ One step (see :mod:`lightning_soaa.distributed.comm` for the picture)::
     [join the default group if it appeared after construction]   # once; see _ensure_joined
     _exchange_in()        # default: [grad_reduction="mean": reduce_scatter grads to owners]
     record  = _prepare(owned views)                       # local, no communication; errors are held
-    reduced = all_reduce_scalars([record.vector(), agreement rows])   # ONE fp64 call, every rank
+    reduced = all_reduce_scalars([record.vector(), agreement rows, stop vote])   # ONE fp64 call, every rank
     any rank's held error, other hyperparameters -> raise on every rank; nothing changed
     if reduced.nonfinite > 0: skip on every rank; nothing advances
     gradients that differ across ranks (grad_reduction="none") -> raise on every rank
@@ -47,8 +47,11 @@ its first collective and checks that the world size and rank are the ones it was
 :class:`~lightning_soaa.distributed.comm.DeferredComm`); at W = 1 it stays a ``LocalComm``.
 
 The agreement rows (W > 1; :mod:`lightning_soaa.distributed.agreement`) are ``STEP_ROW`` values per rank
-(error flag, hyperparameters, gradients, step counter, replica check), each rank filling only its own
-row, so the sum hands every rank every rank's values exactly. At construction every rank of a W > 1 group
+(error flag, hyperparameters, gradients, step counter, replica check, the optimizer's instance id), each
+rank filling only its own row, so the sum hands every rank every rank's values exactly. The record's
+values are padded to ``RECORD_SLOTS``, so the call has one size for every optimizer class: two optimizers
+stepped in different orders on two ranks meet in it and raise (instance ids) instead of crossing their
+blocks silently. At construction every rank of a W > 1 group
 all-gathers a fixed-size digest of the class, parameters, names, hyperparameters and sharding options.
 
 State for a whole-parameter block lives in ``self.state[p]`` as in torch (``state[p]["exp_avg"]``);
@@ -109,6 +112,7 @@ from lightning_soaa.distributed.comm import (
 from lightning_soaa.distributed.dtensor import DTensorLayout, has_dtensor, local
 from lightning_soaa.distributed.exchange import OwnerExchange
 from lightning_soaa.distributed.reblock import fit_layout
+from lightning_soaa.distributed.stop_vote import StopVote, in_handler_checkpoint_signal
 from lightning_soaa.functional.adamw import increment_counts_
 from lightning_soaa.kernels.raw import cell_values, value_cells
 from lightning_soaa.optim import dcp_state as dcp
@@ -444,6 +448,19 @@ def _same_list_values(a: tuple[tuple[Any, tuple[Any, ...]], ...], b: tuple[tuple
                                     for (ka, va), (kb, vb) in zip(a, b))
 
 
+# How many optimizers each process group has seen built (keyed by the group object; None: the default
+# group). Every construction over a group is a collective of that group, so the count is the same on every
+# rank for the same optimizer: its ordinal, part of its instance id (agreement.instance_id).
+_BUILT_OVER: dict[int, int] = {}
+
+
+def _next_ordinal(comm: Communicator) -> int:
+    key = id(getattr(comm, "group", None))
+    n = _BUILT_OVER.get(key, 0)
+    _BUILT_OVER[key] = n + 1
+    return n
+
+
 class ShardedOptimizer(torch.optim.Optimizer):
     """Base class: owned blocks, an injected :class:`Communicator`, world-size independent checkpoints.
 
@@ -537,6 +554,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
     #: compiled kernels, which cannot be pickled and belong to one process)
     _transient: tuple[str, ...] = ()
 
+    #: a preemption vote every W > 1 step carries in its all-reduce (set by
+    #: :class:`lightning_soaa.lightning.PreemptionCheckpoint`; see :mod:`lightning_soaa.distributed.stop_vote`)
+    stop_vote: StopVote | None = None
+
     def __getstate__(self) -> dict[str, Any]:
         """Everything but the hooks (torch's rule). Subclass attributes, the block table and the configs
         are kept; the communicator pickles itself (see the module docstring). Left out too: methods
@@ -549,7 +570,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         return {k: v for k, v in self.__dict__.items()
                 if not (k.startswith("_optimizer_") and k.endswith("_hooks")) and k not in self._transient
                 and not (callable(v) and callable(getattr(cls, k, None))) and k != "_opt_called"
-                and k not in ("_view_cache", "_step_counts", "_valid_groups", "_state_ids", "_state_ids_now")}
+                and k not in ("_view_cache", "_step_counts", "_valid_groups", "_state_ids", "_state_ids_now",
+                              "stop_vote")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         had_differentiable = "differentiable" in state["defaults"]
@@ -847,6 +869,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
         mine = agreement.construction_digests(self, params, names, self._unjoined_steps, full=full)
         everyone = self.comm.all_gather_flat(mine).view(self.comm.world_size, -1)
         agreement.check_construction(self, everyone, full=full)
+        if "_instance_id" not in self.__dict__:  # once: a rebuild (add_param_group) is the same optimizer
+            # per-rank partitions (not full) compare the sharding options only: the id is built from those
+            basis = mine if full else mine[agreement.CONSTRUCTION_FIELDS.index("sharding options")]
+            self._instance_id = agreement.instance_id(basis, _next_ordinal(self.comm))
 
     def _ensure_joined(self) -> None:
         """Join the default process group if it appeared after construction (collective then).
@@ -1054,7 +1080,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         return agreement.step_row_values(self.comm.rank, self.comm.world_size, error=error is not None,
                                          hyper=self._hyper_digest(), grad_sq=grad_sq, grad_count=count,
                                          steps=self.num_steps + self.skipped_steps, replica_check=check,
-                                         params_digest=digest)
+                                         params_digest=digest, instance=self.__dict__.get("_instance_id", 0))
 
     def _checks_replicas(self) -> bool:
         """Whether the parameters must be compared across ranks at the first step after construction or
@@ -1117,6 +1143,15 @@ class ShardedOptimizer(torch.optim.Optimizer):
             raise RuntimeError(
                 f"{name}.step: rank(s) {verdict.error_ranks} raised an error before the step's all-reduce "
                 f"(see that rank's traceback); the step was abandoned on every rank and nothing changed."
+            )
+        if verdict.instance_ranks:
+            raise RuntimeError(
+                f"{name}.step: rank(s) {verdict.instance_ranks} are in the step of another optimizer than rank 0: "
+                "the optimizers were stepped in a different order on some ranks (e.g. iterating a set of "
+                "optimizers, whose order differs between processes). Every rank must call step() on its "
+                "optimizers in the same order. Nothing changed."
+                + (" With grad_reduction='mean' the gradients were already exchanged between the two "
+                   "optimizers: run backward() again." if self.sharding.grad_reduction == "mean" else "")
             )
         if verdict.step_counts or verdict.check_ranks:
             what = (f"are at different steps (steps taken, by rank: {verdict.step_counts})" if verdict.step_counts
@@ -1200,13 +1235,25 @@ class ShardedOptimizer(torch.optim.Optimizer):
         n = len(vals)
         compared_sq = grad_sq if self._dtensor is None else plain_sq
         rows = self._agreement_rows(error, compared_sq if compare else 0.0)
-        # Every rank joins this call, including ranks that own no block, so shapes always match.
-        reduced = self.comm.all_reduce_scalars(torch.tensor(vals + rows, dtype=torch.float64)).tolist()
+        # Every rank joins this call, including ranks that own no block, so shapes always match; the last
+        # value is the stop vote's (distributed/stop_vote.py), present whether or not a vote is attached
+        vote = self.stop_vote
+        if n > agreement.RECORD_SLOTS:
+            raise RuntimeError(f"{type(self).__name__}: {n} summed values, more than agreement.RECORD_SLOTS")
+        pad = [0.0] * (agreement.RECORD_SLOTS - n)  # the same size for every class (see RECORD_SLOTS)
+        reduced = self.comm.all_reduce_scalars(torch.tensor(
+            vals + pad + rows + [vote.value() if vote is not None else 0.0], dtype=torch.float64)).tolist()
+        stop_total = reduced.pop()
+        if vote is not None:
+            vote.record(stop_total)
         if self.comm.world_size == 1:
             if error is not None:
                 raise error
         else:
-            verdict = agreement.read_step_rows(reduced[n:], self.comm.world_size,
+            if not self.__dict__.get("_signals_checked", False):
+                self._signals_checked = True
+                self._warn_in_handler_checkpoint()
+            verdict = agreement.read_step_rows(reduced[agreement.RECORD_SLOTS:], self.comm.world_size,
                                                compare_grads=compare and reduced[0] == 0,
                                                count_grads=self._counts_grads())
             self._raise_disagreement(verdict, error)
@@ -1214,6 +1261,18 @@ class ShardedOptimizer(torch.optim.Optimizer):
             if verdict.gradless_ranks:
                 self._warn_gradless_ranks(verdict.gradless_ranks)
         return record.with_sums(reduced[:n])
+
+    def _warn_in_handler_checkpoint(self) -> None:
+        """Once, at the first W > 1 step: Lightning's SLURM auto-requeue checkpoints inside its signal
+        handler, where this optimizer's consolidation meets the other ranks' step collectives (measured: both
+        ranks aborted, no checkpoint; see :mod:`lightning_soaa.lightning.preemption`)."""
+        signum = in_handler_checkpoint_signal()
+        if signum is not None and self._sharded_multi_rank():
+            log.warning("%s: Lightning's SLURM auto-requeue is set to checkpoint inside its handler of signal %d, "
+                        "at whatever point each rank is; with this sharded optimizer the checkpoint's "
+                        "collectives meet the step's and the run ends without a checkpoint. Add "
+                        "lightning_soaa.lightning.PreemptionCheckpoint() to the Trainer's callbacks: every "
+                        "rank then saves together at the next step.", type(self).__name__, signum)
 
     def _sharded_step(self, local_error: BaseException | None = None) -> bool:
         """The template step. Returns False when the step was skipped on every rank.
@@ -1575,12 +1634,30 @@ class ShardedOptimizer(torch.optim.Optimizer):
             # nothing, and state_dict() then asked for the call just made
             raise ValueError(f"{type(self).__name__}.consolidate_state_dict: invalid to={to!r}. Must be None "
                              f"(every rank keeps the state) or an integer rank in [0, {world}).")
+        self._check_same_instance()
         full = self._gather_full_state()
         # every rank records the step, those without the result too: under DTensor state_dict() must then
         # take the same branch on every rank (see _full_state_dict)
         self._consolidated_at = self.num_steps + self.skipped_steps
         self._consolidated = full if to is None or to == self.comm.rank else None
         self._consolidated_to = to
+
+    def _check_same_instance(self) -> None:
+        """Collective (W > 1, where the consolidation gathers): every rank consolidates this optimizer.
+        Two optimizers consolidated in different orders on two ranks exchanged each other's blocks (a
+        checkpoint holding another optimizer's state, silently; equal shapes) or hung."""
+        world = self.comm.world_size
+        if world == 1 or not (self._sharded_multi_rank() or self._dtensor is not None):
+            return
+        row = [0.0] * world
+        row[self.comm.rank] = float(self.__dict__.get("_instance_id", 0))
+        ids = self.comm.all_reduce_scalars(torch.tensor(row, dtype=torch.float64)).tolist()
+        odd = [r for r in range(world) if ids[r] != ids[0]]
+        if odd:
+            raise RuntimeError(
+                f"{type(self).__name__}.consolidate_state_dict: rank(s) {odd} are consolidating another optimizer "
+                "than rank 0: every rank must call consolidate_state_dict() on its optimizers in the same "
+                "order. Nothing was gathered.")
 
     def _receiver(self) -> ShardedOptimizer:
         """The optimizer a call reaches: ``self``, or the optimizer behind Lightning's ``LightningOptimizer``

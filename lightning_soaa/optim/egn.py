@@ -280,6 +280,16 @@ class _Pass:
     rng: StepRng | None = None  # the random draw every forward of the step repeats (not for a planned chain)
 
 
+
+def _output_cast_advice(model: Any) -> str:
+    """Where an output cast comes from, and what to do about it."""
+    if type(model).__module__.startswith("lightning.fabric") and hasattr(model, "_forward_module"):  # _FabricModule
+        return ("The model is Lightning Fabric's wrapper (fabric.setup_module), whose forward casts the outputs "
+                "to float32 under its '-true' precisions: build EGN on the wrapped module, EGN(fabric_module."
+                "module, ...), and hand it inputs in the parameters' dtype.")
+    return "Remove the cast at the end of forward (e.g. logits.float()) or convert the model to the outputs' dtype."
+
+
 class EGN(ShardedOptimizer):
     r"""Exact Gauss-Newton (Levenberg-Marquardt in the bc×bc mini-batch space), sharded and exact
     across ranks.
@@ -1003,8 +1013,7 @@ class EGN(ShardedOptimizer):
         if z.dtype not in self._param_dtypes():  # the Gram factors pair outputs with parameter-dtype signals
             return None, None, (f"EGN: the model's outputs are {z.dtype}, its trained parameters "
                                 f"{sorted(map(str, self._param_dtypes()))}; EGN needs outputs in a parameter "
-                                "dtype. Remove the cast at the end of forward (e.g. logits.float()) or convert "
-                                "the model to the outputs' dtype.")
+                                "dtype. " + _output_cast_advice(self.model))
         try:
             egn_math.check_outputs_targets(self.config.loss, z, _as(targets, device=z.device))
         except ValueError as exc:

@@ -135,7 +135,9 @@ ACCUMULATION_MESSAGE = (
 MISSING_LOSS_MESSAGE = (
     "SOAA needs the mini-batch loss of every step (its trust region compares actual and predicted "
     "loss reduction). Give it one of: opt.step(closure), opt.step(loss=loss), or opt.set_loss(loss) "
-    "before step(); under Lightning add the lightning_soaa.lightning LossToOptimizer callback. (Under "
+    "before step() (through a wrapper whose step() takes no keywords, e.g. Lightning Fabric's or "
+    "accelerate's optimizer: set_loss); under Lightning add the lightning_soaa.lightning LossToOptimizer "
+    "callback. (Under "
     "manual optimization with several optimizers that need the loss, LossToOptimizer hands it over only "
     "where it can tell whose it is: exactly one manual_backward since the previous optimizer step; "
     "otherwise pass it: opt.step(loss=...).)"

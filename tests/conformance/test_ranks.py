@@ -19,6 +19,8 @@ the tests below are parametrized over the registry and read that launch's result
 * W = 2 and 3: a non-finite value on rank 1 only (a NaN gradient in a parameter rank 1 does not own,
   after the gradient averaging; a NaN target for optimizers that take the batch) is skipped on every
   rank with parameters and state unchanged and ``skipped_steps`` counted.
+* W = 2 and 3: a stop vote (a preemption signal) requested on the last rank only rides the step's
+  all-reduce: every rank agrees after the same step, with the same training as without it.
 * W = 2: a parameter converted to another dtype after construction is refused on every rank before
   anything changes; under torch.amp.GradScaler with grad_reduction="mean", an overflow on one rank is
   skipped on every rank.
@@ -57,7 +59,7 @@ from tests.conformance._battery import (
 )
 from tests.harness.distributed import run_distributed
 
-STEPS, SAVE_AT, NAN_AT, TINY_STEPS = 6, 3, 2, 3
+STEPS, SAVE_AT, NAN_AT, TINY_STEPS, VOTE_AT = 6, 3, 2, 3, 2
 NAN_WORLDS = (2, 3)  # grad_reduction "none" (gradients averaged first) and "mean"
 UNUSED_WORLD, UNUSED_AT = 3, 2  # parameters without a gradient: grad_reduction="mean", from step 2 on
 #: world size -> the world size whose checkpoint it resumes (0: the single-process reference run)
@@ -279,6 +281,21 @@ def _resumed_run(spec: OptimizerSpec, rank: int, world: int, ckpt: tuple[Any, An
     return {"params": params(model), "final": _consolidated(opt, rank), "blocks": loaded}
 
 
+def _vote_run(spec: OptimizerSpec, rank: int, world: int) -> dict[str, Any]:
+    """A stop vote (a preemption signal) that only the last rank requested, before step ``VOTE_AT``."""
+    from lightning_soaa.distributed.stop_vote import StopVote
+
+    model, opt, average = _build(spec, world)
+    vote = opt.stop_vote = StopVote(world)
+    seen = []
+    for t in range(STEPS):
+        if t == VOTE_AT and rank == world - 1:
+            vote.request()
+        step(spec, model, opt, t, rank=rank, world=world, average=average)
+        seen.append((vote.agreed, vote.rounds))
+    return {"seen": seen, "params": params(model)}
+
+
 def _tiny_run(spec: OptimizerSpec, rank: int, world: int) -> dict[str, Any]:
     model, opt, average = _build(spec, world, sizes=TINY)
     for t in range(TINY_STEPS):
@@ -320,6 +337,7 @@ def _worker(rank: int, world: int, resume: dict[str, Any], blob: bytes | None) -
         model, opt, res = _main_run(spec, rank, world)
         if world in NAN_WORLDS:
             res["nan"] = _nan_run(spec, rank, world)
+            res["vote"] = _vote_run(spec, rank, world)
         res["resumed"] = _resumed_run(spec, rank, world, resume[spec.name])
         if world >= 3:
             res["tiny"] = _tiny_run(spec, rank, world)
@@ -457,6 +475,19 @@ def test_resume_at_another_world_size_equals_uninterrupted(launches: _Launches, 
 
 #: (optimizer, W) -> why it fails today; strict, so the fix turns the XPASS into a failure to remove it
 KNOWN_NONFINITE_FAILURES: dict[tuple[str, int], str] = {}
+
+
+@pytest.mark.parametrize("world", NAN_WORLDS)
+@each_optimizer
+def test_stop_vote_reaches_every_rank_after_the_same_step(launches: _Launches, spec: OptimizerSpec,
+                                                           world: int) -> None:
+    """A stop request on one rank (lightning_soaa.lightning.PreemptionCheckpoint's signal) rides the step's
+    one all-reduce: every rank agrees after the same step, and the training is the same as without it."""
+    results = [res[spec.name] for res in launches.get(world)]
+    expected = [(t >= VOTE_AT, t + 1) for t in range(STEPS)]  # (agreed, all-reduces that carried it)
+    for r, res in enumerate(results):
+        assert res["vote"]["seen"] == expected, f"rank {r}"
+        assert_identical(res["vote"]["params"], res["params"], f"rank {r}: with the vote vs without")
 
 
 def _nonfinite_cases() -> list[Any]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from lightning_soaa.distributed.agreement import STEP_ROW
+from lightning_soaa.distributed.agreement import RECORD_SLOTS, STEP_ROW
 from lightning_soaa.optim.adamw import ShardedAdamW
 from tests.harness.distributed import run_distributed
 from tests.harness.models import batch, loss_fn, tiny_mlp
@@ -50,8 +50,9 @@ def test_communication_per_step_matches_design(tmp_path: Path):
         assert last.calls == {"reduce_scatter": 1, "all_reduce": 1, "all_gather": 1}
         assert last.bytes["reduce_scatter"] == 2 * (padded + flags) * 8  # W * (padded + flags) fp64 sent
         assert last.bytes["all_gather"] == padded * 8
-        # the non-finite flag (AdamW has no partials) and each rank's agreement row
-        assert last.bytes["all_reduce"] == 8 * (1 + STEP_ROW * 2)
+        # the non-finite flag (AdamW has no partials) padded to RECORD_SLOTS, each rank's agreement row and
+        # the stop vote
+        assert last.bytes["all_reduce"] == 8 * (RECORD_SLOTS + STEP_ROW * 2 + 1)
         n = sum(p.numel() for p in tiny_mlp(sizes=SIZES).parameters())
         assert n / 2 <= padded < n  # sharded: each rank sends about half the model
         assert res["stats"]["comm_calls"] == 3.0

@@ -1,0 +1,217 @@
+"""Preemption checkpoints at a step every rank agrees on: Lightning's SLURM auto-requeue, made safe.
+
+Lightning's SLURM auto-requeue (``SLURMEnvironment(auto_requeue=True)``, the default under SLURM, with
+``#SBATCH --signal=SIGUSR1@90``) saves its checkpoint *inside the signal handler*, at whatever point each
+rank was interrupted. The checkpoint's collectives (Lightning's barrier; a sharded optimizer's
+consolidation) then pair with whatever the other ranks are doing. Measured on the test SLURM cluster (two
+ranks, gloo, a signal sent by ``scancel --signal=USR1`` during training): with SOAA the consolidation met
+the step's all-reduce and both ranks aborted without a checkpoint; with torch's AdamW 2 of 3 runs hung
+until SLURM killed them, without a checkpoint. Either way the run is lost.
+
+:class:`PreemptionCheckpoint` takes the signal over before Lightning installs its handler (Lightning then
+installs none for it): the handler only records the request (:class:`~lightning_soaa.distributed.stop_vote.
+StopVote`), every rank learns it after the same optimizer step (carried by our optimizers' step all-reduce,
+or one small all-reduce per step where no optimizer of ours spans the world), and then every rank saves
+the checkpoint together, at a step boundary, where Lightning's own SLURM restart finds it
+(``hpc_ckpt_N.ckpt`` in ``default_root_dir``; ``fit(ckpt_path="hpc")`` elsewhere).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+from lightning_soaa.distributed.stop_vote import StopVote
+from lightning_soaa.lightning.factory import iter_wrapped
+from lightning_soaa.optim.base import ShardedOptimizer
+
+__all__ = ["PreemptionCheckpoint"]
+
+log = logging.getLogger(__name__)
+
+# not named hpc_ckpt_*: Lightning's resume takes the highest hpc_ckpt_N in the folder, whatever it holds
+_PARTIAL = ".lightning_soaa_preemption.partial"
+
+
+def _ours(trainer: pl.Trainer) -> list[ShardedOptimizer]:
+    """Our optimizers behind the trainer's (LightningOptimizer / DeepSpeed wrappers looked through)."""
+    found: list[ShardedOptimizer] = []
+    for opt in trainer.optimizers:
+        inner = next((o for o in iter_wrapped(opt) if isinstance(o, ShardedOptimizer)), None)
+        if inner is not None and all(inner is not f for f in found):
+            found.append(inner)
+    return found
+
+
+def _job_id() -> str | None:
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    if array is not None:
+        return f"{array}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+class PreemptionCheckpoint(Callback):
+    r"""On a preemption signal, every rank saves one checkpoint together at the next optimizer step, then
+    the fit stops (and, under SLURM auto-requeue, rank 0 requeues the job).
+
+    Args:
+        signum: the signal to watch when the run is not under Lightning's SLURM auto-requeue (e.g.
+            ``signal.SIGUSR1`` sent by a scheduler before it preempts); the checkpoint is then written and the
+            fit stops, without requeue; resume with ``trainer.fit(model, ckpt_path="hpc")``. Under SLURM
+            auto-requeue the environment's ``requeue_signal`` is watched and this argument is ignored.
+            None (default): inactive outside SLURM auto-requeue.
+
+    Under SLURM auto-requeue Lightning's restarted job resumes from the checkpoint by itself (``hpc_ckpt_N.
+    ckpt`` in ``default_root_dir``, Lightning's own naming). The checkpoint is written under another name
+    and renamed once complete, so a kill during the write leaves no truncated checkpoint for the restart to
+    load. ``preempted`` is True after a fit this callback stopped: work after ``fit`` (a test run, a final
+    export) should check it, since the job is about to be killed and requeued.
+
+    The signal is acted on after the next optimizer step (in ``on_train_batch_end``): choose the signal's
+    lead time (``--signal=SIGUSR1@90``) to cover a training step, any validation that may be running, and
+    the write. An exact resume from a checkpoint taken mid-epoch needs a resumable dataloader
+    (``state_dict``/``load_state_dict``, e.g. torchdata's ``StatefulDataLoader``); with a plain one Lightning
+    starts the epoch's data again (it warns so), as for any mid-epoch checkpoint.
+    """
+
+    def __init__(self, signum: int | None = None) -> None:
+        if signum is not None and (isinstance(signum, bool) or not isinstance(signum, int)
+                                   or signum not in signal.valid_signals()):
+            raise ValueError(f"PreemptionCheckpoint: signum={signum!r} is not a signal of this platform "
+                             "(pass e.g. signal.SIGUSR1, or None to act only under SLURM auto-requeue).")
+        self.signum = signum
+        self.preempted = False
+        self._watching: int | None = None
+        self._requeue = False
+        self._previous: Any = None
+        self._vote: StopVote | None = None
+        self._last_step = -1
+        self._rounds_seen = 0
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        # a signal handler runs between two bytecodes of whatever this rank was doing: record, nothing else
+        if self._vote is not None:
+            self._vote.request()
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # setup runs before Trainer._run registers Lightning's handlers; finding ours installed for the
+        # requeue signal, Lightning installs none for it (its _has_already_handler)
+        if stage != "fit":
+            return
+        # the environment Lightning's signal connector reads (a single-device strategy has none of its own)
+        env = getattr(trainer.strategy, "cluster_environment", None) \
+            or getattr(trainer._accelerator_connector, "cluster_environment", None)
+        slurm = isinstance(env, SLURMEnvironment) and env.auto_requeue
+        signum = env.requeue_signal if slurm else self.signum  # type: ignore[union-attr]
+        if signum is None:
+            return
+        previous = signal.getsignal(signum)
+        try:
+            signal.signal(signum, self._handler)
+        except ValueError:  # not the main thread: signals cannot be handled here
+            log.warning("PreemptionCheckpoint: the Trainer runs outside the main thread, where no signal "
+                        "handler can be installed; preemption checkpoints are off.")
+            return
+        if previous not in (None, signal.SIG_DFL, signal.SIG_IGN):
+            log.warning("PreemptionCheckpoint replaced the handler already installed for signal %d (%r) "
+                        "for this fit.", int(signum), previous)
+        self._watching, self._previous, self._requeue = int(signum), previous, slurm
+        self._vote = StopVote(trainer.world_size)
+        self.preempted = False
+        self._last_step, self._rounds_seen = -1, 0
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._vote is None:
+            return
+        self._last_step = trainer.global_step
+        for opt in _ours(trainer):  # their step all-reduce carries the vote: no collective of its own
+            if opt.comm.world_size == trainer.world_size:
+                opt.stop_vote = self._vote
+
+    def _agreed(self, trainer: pl.Trainer) -> bool:
+        """The same answer on every rank, at the same step."""
+        vote = self._vote
+        assert vote is not None
+        if trainer.world_size == 1:
+            return vote.requested
+        if vote.rounds != self._rounds_seen:  # an optimizer of ours stepped: its all-reduce carried the vote
+            self._rounds_seen = vote.rounds
+            return vote.agreed
+        # no optimizer of ours all-reduced this step (torch's optimizers only): one small all-reduce
+        return bool(trainer.strategy.reduce_boolean_decision(vote.requested, all=False))
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        # only after an optimizer step (not inside an accumulation window): Lightning counted one, or one of
+        # ours all-reduced (also when called past Lightning's wrapper); both are equal on every rank
+        vote = self._vote
+        if vote is None or self.preempted or (trainer.global_step == self._last_step
+                                              and vote.rounds == self._rounds_seen):
+            return
+        self._last_step = trainer.global_step
+        if self._agreed(trainer):
+            self._checkpoint_and_stop(trainer)
+
+    def _checkpoint_and_stop(self, trainer: pl.Trainer) -> None:
+        root = str(trainer.default_root_dir)
+        path = trainer._checkpoint_connector.hpc_save_path(root)
+        partial = os.path.join(root, _PARTIAL)
+        log.info("PreemptionCheckpoint: signal %s; saving %s at step %d on every rank",
+                 self._watching, path, trainer.global_step)
+        trainer.save_checkpoint(partial)  # every rank (a sharded optimizer consolidates); ends in a barrier
+        if trainer.is_global_zero:
+            get_filesystem(path).mv(partial, path)
+            if self._requeue:
+                self._requeue_job()
+        self.preempted = True
+        trainer.should_stop = True
+
+    @staticmethod
+    def _requeue_job() -> None:
+        job = _job_id()
+        if job is None:
+            log.warning("PreemptionCheckpoint: no SLURM_JOB_ID in the environment; the job was not requeued.")
+            return
+        try:
+            rc = subprocess.call(["scontrol", "requeue", job])
+        except FileNotFoundError:
+            log.warning("PreemptionCheckpoint: scontrol not found; job %s was not requeued.", job)
+            return
+        if rc == 0:
+            log.info("PreemptionCheckpoint: requeued SLURM job %s", job)
+        else:
+            log.warning("PreemptionCheckpoint: 'scontrol requeue %s' failed with exit code %d (a job started "
+                        "by srun alone, or without --requeue, cannot be requeued).", job, rc)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or self._watching is None:
+            return
+        for opt in _ours(trainer):
+            if opt.stop_vote is self._vote:
+                opt.stop_vote = None
+        if signal.getsignal(self._watching) == self._handler:
+            try:
+                signal.signal(self._watching, self._previous if self._previous is not None else signal.SIG_DFL)
+            except ValueError:
+                pass
+        self._watching = None
+        self._vote = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # ddp_spawn pickles callbacks to the workers: a handler or a vote of the parent means nothing there
+        state = self.__dict__.copy()
+        state.update(_watching=None, _previous=None, _vote=None)
+        return state

@@ -1,0 +1,172 @@
+"""PreemptionCheckpoint: a signal that reaches one rank stops every rank after the same optimizer step,
+with one complete checkpoint written together (never from inside the signal handler); and an optimizer of
+ours warns when Lightning's own SLURM handler, which checkpoints inside the handler, is installed.
+
+The signal is real (``os.kill`` of the rank's own process); SLURM's part (``scancel --signal``, the
+requeue and the restart that resumes exactly) runs on the test cluster in tests/multinode/test_launchers.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from lightning_soaa.lightning import LossToOptimizer, OptimizerFactory, PreemptionCheckpoint
+from tests.conformance._battery import assert_close
+from tests.harness.distributed import run_distributed
+from tests.lightning.helpers import RankRecorder, TinyRegressor, load_records, make_trainer
+
+pytestmark = [pytest.mark.lightning, pytest.mark.timeout(240)]
+
+SIGNAL_BEFORE_STEP = 3  # the signal arrives before this (1-based) step; every rank stops after it
+
+
+class SignalAt(pl.Callback):
+    """Sends the signal to this rank's own process before step ``SIGNAL_BEFORE_STEP``, on ``rank`` only."""
+
+    def __init__(self, rank: int | None) -> None:
+        self.rank = rank
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if trainer.global_step == SIGNAL_BEFORE_STEP - 1 and self.rank in (None, trainer.global_rank):
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+class CountingPreemption(PreemptionCheckpoint):
+    """Also writes, per rank, how the ranks agreed: the callback's own all-reduces (Lightning's
+    ``reduce_boolean_decision``) and the step all-reduces of ours that carried the vote."""
+
+    def __init__(self, out: Path) -> None:
+        super().__init__(signum=signal.SIGUSR1)
+        self.out = str(out)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self.own = 0
+        decide = trainer.strategy.reduce_boolean_decision
+
+        def counted(*args: Any, **kwargs: Any) -> bool:
+            self.own += 1
+            return decide(*args, **kwargs)
+
+        trainer.strategy.reduce_boolean_decision = counted  # type: ignore[method-assign]
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self._vote is not None
+        torch.save({"own": self.own, "rounds": self._vote.rounds},
+                   Path(self.out) / f"vote-rank{trainer.global_rank}.pt")
+
+
+def _factory(torch_adamw: bool) -> OptimizerFactory:
+    if torch_adamw:
+        return OptimizerFactory("torch.optim.AdamW", {"lr": 1e-2})
+    return OptimizerFactory("lightning_soaa.SOAA", {"lr": 1e-2})
+
+
+def _preempted_fit(tmp_path: Path, devices: int, torch_adamw: bool = False) -> pl.Trainer:
+    callbacks = [LossToOptimizer(), CountingPreemption(tmp_path),
+                 SignalAt(rank=1 if devices > 1 else None), RankRecorder(tmp_path, "pre-")]
+    trainer = make_trainer(tmp_path, devices=devices, max_steps=8, callbacks=callbacks)
+    trainer.fit(TinyRegressor(_factory(torch_adamw), batch_size=16 // devices))
+    return trainer
+
+
+def _reference(tmp_path: Path, steps: int) -> dict[str, Any]:
+    """One process on the global batch, stopped after ``steps`` and saved by Lightning outside any handler."""
+    trainer = make_trainer(tmp_path, max_steps=steps, callbacks=[LossToOptimizer()])
+    trainer.fit(TinyRegressor(_factory(False), batch_size=16))
+    trainer.save_checkpoint(tmp_path / "reference.ckpt")
+    return torch.load(tmp_path / "reference.ckpt", weights_only=False)
+
+
+@pytest.mark.parametrize("torch_adamw", [False, True], ids=["soaa", "torch-adamw"])
+def test_signal_on_one_rank_stops_every_rank_with_one_checkpoint(tmp_path: Path, torch_adamw: bool) -> None:
+    """W = 2 under DDP: the signal reaches rank 1 only. SOAA carries the vote in its step all-reduce;
+    torch's AdamW (nothing of ours steps) takes the callback's own all-reduce."""
+    _preempted_fit(tmp_path, devices=2, torch_adamw=torch_adamw)
+    records = load_records(tmp_path, "pre-", 2)
+    assert [r["global_step"] for r in records] == [SIGNAL_BEFORE_STEP] * 2
+    saved = sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".ckpt" or "partial" in p.name)
+    assert saved == ["hpc_ckpt_1.ckpt"], saved  # complete, renamed; nothing left half-written
+    ckpt = torch.load(tmp_path / "hpc_ckpt_1.ckpt", weights_only=False)
+    assert ckpt["global_step"] == SIGNAL_BEFORE_STEP
+    params = torch.cat([v.reshape(-1) for v in ckpt["state_dict"].values()])
+    torch.testing.assert_close(params, records[0]["params"], rtol=0, atol=0)
+    votes = [torch.load(tmp_path / f"vote-rank{r}.pt") for r in range(2)]
+    # SOAA: carried by each step's all-reduce, no collective of the callback's own; torch's AdamW: one each
+    expected = {"own": SIGNAL_BEFORE_STEP, "rounds": 0} if torch_adamw else {"own": 0, "rounds": SIGNAL_BEFORE_STEP}
+    assert votes == [expected, expected]
+    if not torch_adamw:  # the whole state at that step: as one process saves it after the same steps
+        ref = _reference(tmp_path / "ref", SIGNAL_BEFORE_STEP)
+        assert_close(ckpt["optimizer_states"][0], ref["optimizer_states"][0], "optimizer state")
+        assert_close(list(ckpt["state_dict"].values()), list(ref["state_dict"].values()), "parameters")
+
+
+def test_one_process_stops_after_the_step_and_restores_the_handler(tmp_path: Path) -> None:
+    before = signal.getsignal(signal.SIGUSR1)
+    trainer = _preempted_fit(tmp_path, devices=1)
+    assert trainer.global_step == SIGNAL_BEFORE_STEP
+    assert next(c for c in trainer.callbacks if isinstance(c, PreemptionCheckpoint)).preempted
+    assert signal.getsignal(signal.SIGUSR1) == before  # the fit's handler is gone with the fit
+    ckpt = torch.load(tmp_path / "hpc_ckpt_1.ckpt", weights_only=False)
+    assert ckpt["global_step"] == SIGNAL_BEFORE_STEP
+    # resumable by Lightning's own "hpc" path (where a SLURM restart looks by itself)
+    resumed = make_trainer(tmp_path, max_steps=SIGNAL_BEFORE_STEP + 2, callbacks=[LossToOptimizer()])
+    resumed.fit(TinyRegressor(_factory(False), batch_size=16), ckpt_path="hpc")
+    assert resumed.global_step == SIGNAL_BEFORE_STEP + 2
+
+
+def test_inactive_without_a_signal_to_watch(tmp_path: Path) -> None:
+    before = signal.getsignal(signal.SIGUSR1)
+    cb = PreemptionCheckpoint()  # outside SLURM auto-requeue and no signum: nothing installed
+    trainer = make_trainer(tmp_path, max_steps=2, callbacks=[LossToOptimizer(), cb])
+    trainer.fit(TinyRegressor(_factory(False), batch_size=16))
+    assert trainer.global_step == 2 and not cb.preempted
+    assert signal.getsignal(signal.SIGUSR1) == before
+    assert not list(tmp_path.glob("hpc_ckpt_*"))
+
+
+@pytest.mark.parametrize("signum", ["SIGUSR1", 0, -3, True, 1.5])
+def test_signum_refused(signum: Any) -> None:
+    value = getattr(signal, signum) if isinstance(signum, str) else signum
+    if isinstance(signum, str):
+        PreemptionCheckpoint(signum=value)
+        return
+    with pytest.raises(ValueError, match=r"signum=.*not a signal"):
+        PreemptionCheckpoint(signum=value)
+
+
+def _step_under_lightnings_handler(rank: int, world: int) -> list[str]:
+    from lightning.pytorch.trainer.connectors.signal_connector import _HandlersCompose, _SignalConnector
+
+    from lightning_soaa import ShardedAdamW
+
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    logging.getLogger("lightning_soaa").addHandler(Keep())
+    # what Lightning installs under SLURM auto-requeue (its handler is never called here)
+    signal.signal(signal.SIGUSR1, _HandlersCompose([_SignalConnector(None)._slurm_sigusr_handler_fn]))  # type: ignore[arg-type]
+    model = torch.nn.Linear(4, 3)
+    opt = ShardedAdamW(model.parameters(), lr=1e-2)
+    for _ in range(2):
+        model.weight.grad, model.bias.grad = torch.ones_like(model.weight), torch.ones_like(model.bias)
+        opt.step()
+    return [m for m in records if "PreemptionCheckpoint" in m]
+
+
+def test_optimizer_warns_under_lightnings_in_handler_checkpoint(tmp_path: Path) -> None:
+    for warned in run_distributed(_step_under_lightnings_handler, 2, tmp_path):
+        assert len(warned) == 1, warned  # once, at the first W > 1 step
+        assert "inside its handler of signal" in warned[0]
