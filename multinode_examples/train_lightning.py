@@ -21,9 +21,10 @@ after ``fit``). Files then go to ``--out-dir/<name>/``, as with ``train.py``.
 
 Preemption (``slurm_lightning.sbatch`` asks SLURM for ``SIGUSR1`` 90 s before the time limit and makes the
 job requeueable): :class:`~lightning_soaa.lightning.PreemptionCheckpoint` saves ``hpc_ckpt_N.ckpt`` in
-``--root-dir`` on every rank at the next step and requeues the job; the restarted job resumes from it
-(Lightning's SLURM restart) and, since each step's data is taken from the step's number, continues exactly
-as the uninterrupted run would have. A preempted process writes no results.
+``--root-dir`` (``./lightning-<SLURM_JOB_ID>``) on every rank at the next step and requeues the job; the
+restarted job resumes from it (Lightning's SLURM restart) and, since each step's data is taken from the
+step's number, continues exactly as the uninterrupted run would have. A preempted process writes no
+results.
 """
 
 from __future__ import annotations
@@ -77,9 +78,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--accelerator", default="cpu")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out-dir", type=Path, default=None)
-    p.add_argument("--root-dir", type=Path, default=Path.cwd(),
+    # per SLURM job (its id survives a requeue): a later job started from the same directory must not
+    # resume from this one's preemption checkpoint (Lightning resumes from any hpc_ckpt_N.ckpt it finds there)
+    job = os.environ.get("SLURM_JOB_ID")
+    p.add_argument("--root-dir", type=Path, default=Path.cwd() / f"lightning-{job}" if job else Path.cwd(),
                    help="the Trainer's default_root_dir, where preemption checkpoints go and a SLURM restart finds "
-                        "them (<root-dir>/<name> when several optimizers share the process)")
+                        "them (default: ./lightning-<SLURM_JOB_ID> under SLURM, else .; <root-dir>/<name> when "
+                        "several optimizers share the process)")
     return p.parse_args(argv)
 
 

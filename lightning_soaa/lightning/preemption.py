@@ -78,9 +78,15 @@ class PreemptionCheckpoint(Callback):
 
     The signal is acted on after the next optimizer step (in ``on_train_batch_end``): choose the signal's
     lead time (``--signal=SIGUSR1@90``) to cover a training step, any validation that may be running, and
-    the write. An exact resume from a checkpoint taken mid-epoch needs a resumable dataloader
-    (``state_dict``/``load_state_dict``, e.g. torchdata's ``StatefulDataLoader``); with a plain one Lightning
-    starts the epoch's data again (it warns so), as for any mid-epoch checkpoint.
+    the write. Lightning keeps training past ``should_stop`` while ``min_steps``/``min_epochs`` are not
+    reached (the requeue ends the job anyway). Under SLURM Lightning resumes from any ``hpc_ckpt_N.ckpt`` in
+    ``default_root_dir``, also in a later job: give each job its own (e.g. one named after
+    ``SLURM_JOB_ID``, which a requeue keeps). An exact resume from a checkpoint taken mid-epoch needs the data
+    position restored too (a resumable dataloader, or data taken from the step's number); with a plain one
+    Lightning starts the epoch's data again (it warns so), as for any mid-epoch checkpoint. ``preempted`` is
+    set in the processes that trained: under ``ddp_spawn``/``ddp_fork`` the launching process's copy stays
+    False (check for the checkpoint file there). A torch optimizer stepped past Lightning's wrapper in manual
+    optimization moves no step count, so nothing is decided there: step it through ``self.optimizers()``.
     """
 
     def __init__(self, signum: int | None = None) -> None:
@@ -101,6 +107,14 @@ class PreemptionCheckpoint(Callback):
         # a signal handler runs between two bytecodes of whatever this rank was doing: record, nothing else
         if self._vote is not None:
             self._vote.request()
+            return
+        # the fit is over but this handler is still installed (something restored it): act as the one it replaced
+        previous = self._previous if self._previous is not None else signal.SIG_DFL
+        signal.signal(signum, previous)
+        if callable(previous):
+            previous(signum, frame)
+        elif previous == signal.SIG_DFL:
+            os.kill(os.getpid(), signum)  # the default action, now that it is installed again
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -197,14 +211,30 @@ class PreemptionCheckpoint(Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit" or self._watching is None:
+        if stage == "fit":
+            self._release(trainer)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # a fit that raises calls no teardown hook: the handler must not outlive it (it would swallow the signal)
+        self._release(trainer)
+
+    def _release(self, trainer: pl.Trainer) -> None:
+        """Give the signal back to its previous handler and detach the vote (idempotent)."""
+        if self._watching is None:
             return
         for opt in _ours(trainer):
             if opt.stop_vote is self._vote:
                 opt.stop_vote = None
+        previous = self._previous if self._previous is not None else signal.SIG_DFL
+        # after an exception Lightning's teardown comes after this and restores the handlers it found at the
+        # start of the fit (this one): tell it the one to restore
+        originals = getattr(getattr(trainer, "_signal_connector", None), "_original_handlers", None)
+        if isinstance(originals, dict) and originals.get(self._watching) == self._handler:
+            originals[self._watching] = previous
         if signal.getsignal(self._watching) == self._handler:
             try:
-                signal.signal(self._watching, self._previous if self._previous is not None else signal.SIG_DFL)
+                signal.signal(self._watching, previous)
             except ValueError:
                 pass
         self._watching = None

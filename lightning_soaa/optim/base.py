@@ -448,17 +448,14 @@ def _same_list_values(a: tuple[tuple[Any, tuple[Any, ...]], ...], b: tuple[tuple
                                     for (ka, va), (kb, vb) in zip(a, b))
 
 
-# How many optimizers each process group has seen built (keyed by the group object; None: the default
-# group). Every construction over a group is a collective of that group, so the count is the same on every
-# rank for the same optimizer: its ordinal, part of its instance id (agreement.instance_id).
+# How many optimizers this process has seen built over each process group (keyed by the group object; None:
+# the default group). Every construction over a group is a collective of that group, where the ranks agree
+# on the largest count: the optimizer's ordinal, part of its instance id (agreement.instance_id).
 _BUILT_OVER: dict[int, int] = {}
 
 
-def _next_ordinal(comm: Communicator) -> int:
-    key = id(getattr(comm, "group", None))
-    n = _BUILT_OVER.get(key, 0)
-    _BUILT_OVER[key] = n + 1
-    return n
+def _built_over(comm: Communicator) -> int:
+    return _BUILT_OVER.get(id(getattr(comm, "group", None)), 0)
 
 
 class ShardedOptimizer(torch.optim.Optimizer):
@@ -867,12 +864,18 @@ class ShardedOptimizer(torch.optim.Optimizer):
         are compared."""
         full = self._consolidating()
         mine = agreement.construction_digests(self, params, names, self._unjoined_steps, full=full)
-        everyone = self.comm.all_gather_flat(mine).view(self.comm.world_size, -1)
-        agreement.check_construction(self, everyone, full=full)
+        # the last column: this rank's count of optimizers built over the group (not compared; see below)
+        counted = torch.cat([mine, torch.tensor([_built_over(self.comm)], dtype=mine.dtype)])
+        everyone = self.comm.all_gather_flat(counted).view(self.comm.world_size, -1)
+        agreement.check_construction(self, everyone[:, :-1], full=full)
         if "_instance_id" not in self.__dict__:  # once: a rebuild (add_param_group) is the same optimizer
+            # the ranks' counts differ where some processes saw earlier groups (a group destroyed and made
+            # again with a new process): the largest is every rank's ordinal
+            ordinal = int(everyone[:, -1].max())
+            _BUILT_OVER[id(getattr(self.comm, "group", None))] = ordinal + 1
             # per-rank partitions (not full) compare the sharding options only: the id is built from those
             basis = mine if full else mine[agreement.CONSTRUCTION_FIELDS.index("sharding options")]
-            self._instance_id = agreement.instance_id(basis, _next_ordinal(self.comm))
+            self._instance_id = agreement.instance_id(basis, ordinal)
 
     def _ensure_joined(self) -> None:
         """Join the default process group if it appeared after construction (collective then).

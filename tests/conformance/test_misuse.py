@@ -420,6 +420,29 @@ def test_optimizers_stepped_in_different_orders_raise_on_every_rank(tmp_path: Pa
                 torch.testing.assert_close(x, y, atol=0, rtol=0)
 
 
+def _w_counts_differ(rank: int, world: int, name: str) -> dict[str, Any]:
+    """Processes that saw different numbers of optimizers over the default group (a group destroyed and
+    made again with a new process: the survivors counted the old group's); then twins stepped swapped."""
+    from lightning_soaa.optim import base
+
+    base._BUILT_OVER[id(None)] = base._BUILT_OVER.get(id(None), 0) + (3 if rank == 0 else 0)
+    models = [tiny_mlp(sizes=SIZES), tiny_mlp(sizes=SIZES)]
+    opts = [_build(name, m) for m in models]
+    steps = [_error(lambda i=i: _step(name, opts[i], models[i], 0, rank)) for i in (0, 1)]
+    order = (1, 0) if rank == 1 else (0, 1)
+    swapped = [_error(lambda i=i: _step(name, opts[i], models[i], 1, rank)) for i in order]
+    return {"steps": steps, "swapped": swapped}
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_optimizer_counts_that_differ_across_processes_are_agreed(tmp_path: Path, name: str) -> None:
+    """The ordinal in an optimizer's id is agreed at construction (the ranks' largest count): a group made
+    again with a new process was refused at every step (found by a reviewer); the swap is still caught."""
+    for r, out in enumerate(run_distributed(_w_counts_differ, 2, tmp_path, name)):
+        assert out["steps"] == ["no error", "no error"], f"rank {r}: {out['steps']}"
+        assert all("another optimizer than rank 0" in m for m in out["swapped"]), f"rank {r}: {out['swapped']}"
+
+
 class _Interrupted(RuntimeError):
     pass
 

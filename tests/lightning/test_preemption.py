@@ -124,6 +124,29 @@ def test_one_process_stops_after_the_step_and_restores_the_handler(tmp_path: Pat
     assert resumed.global_step == SIGNAL_BEFORE_STEP + 2
 
 
+class _Fails(TinyRegressor):
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if batch_idx == 1:
+            raise RuntimeError("the user's step failed")
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_fit_that_raises_gives_the_signal_back(tmp_path: Path) -> None:
+    """Lightning calls no teardown hook after an exception and restores the handlers it found at the start
+    of the fit (the callback's): the one installed before the fit must be back, and receive the signal."""
+    got: list[int] = []
+    before = signal.signal(signal.SIGUSR1, lambda signum, frame: got.append(signum))
+    try:
+        trainer = make_trainer(tmp_path, max_steps=4, callbacks=[LossToOptimizer(),
+                                                                 PreemptionCheckpoint(signum=signal.SIGUSR1)])
+        with pytest.raises(RuntimeError, match="the user's step failed"):
+            trainer.fit(_Fails(_factory(False), batch_size=16))
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert got == [signal.SIGUSR1]
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+
+
 def test_inactive_without_a_signal_to_watch(tmp_path: Path) -> None:
     before = signal.getsignal(signal.SIGUSR1)
     cb = PreemptionCheckpoint()  # outside SLURM auto-requeue and no signum: nothing installed

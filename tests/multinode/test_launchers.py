@@ -331,12 +331,17 @@ def test_sbatch_lightning_preempted_requeues_and_resumes_exactly(tmp_path: Path,
         # a requeued batch job is held back (BeginTime, ~2 min here); the test lets it start at once
         _wait_for(lambda: _job_state(env, job) == "PD", "the job to be requeued", 120)
         subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True, timeout=30)
-        _wait_for(lambda: _job_state(env, job) == "", "the restarted job to finish", 240)
+        # the restarted job's results (squeue's answer alone is ambiguous: empty also when it fails)
+        _wait_for(lambda: all((out / f"result_rank{r}.json").exists() for r in (0, 1)),
+                  "the restarted job's results", 240)
+        _wait_for(lambda: _job_state(env, job) == "", "the restarted job to leave the queue", 60)
     except AssertionError as e:
+        show = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True, timeout=30)
         subprocess.run(["scancel", job], env=env, timeout=30)
-        raise AssertionError(f"{e}\njob output:\n{text()[-4000:]}\n{slurm_cluster.diagnostics()}") from None
-    assert (out / "result_rank1.json").exists(), text()[-4000:]
-    assert (tmp_path / "hpc_ckpt_1.ckpt").exists() and not list(tmp_path.glob("hpc_ckpt_2*"))
+        raise AssertionError(f"{e}\njob output:\n{text()[-4000:]}\n{show.stdout}{show.stderr}\n"
+                             f"{slurm_cluster.diagnostics()}") from None
+    root = tmp_path / f"lightning-{job}"  # the example's default root: one per SLURM job
+    assert (root / "hpc_ckpt_1.ckpt").exists() and not list(root.glob("hpc_ckpt_2*"))
     ranks = runner.load(out, 2)
     for r in ranks:  # the restarted job, resumed mid-run
         assert r["slurm_restart_count"] == 1 and 0 < r["start_step"] < PREEMPT_STEPS, r["start_step"]
