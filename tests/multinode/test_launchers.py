@@ -328,9 +328,12 @@ def test_sbatch_lightning_preempted_requeues_and_resumes_exactly(tmp_path: Path,
         _wait_for(lambda: text().count("fitting soaa from step 0 ") == 2, "both ranks to start training", 180)
         time.sleep(2.0)
         subprocess.run(["scancel", "--signal=USR1", job], env=env, check=True, timeout=30)
-        # a requeued batch job is held back (BeginTime, ~2 min here); the test lets it start at once
+        # a requeued batch job is held back (BeginTime, ~2 min here); the test lets it start sooner, but
+        # not within the second of the requeue: slurmd compares the new launch credential's creation time
+        # with the old one's revocation in whole seconds, and refused a launch made in the same second
+        # ("Job credential revoked": the job ended, never restarted; one CI run)
         _wait_for(lambda: _job_state(env, job) == "PD", "the job to be requeued", 120)
-        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True, timeout=30)
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now+5"], env=env, check=True, timeout=30)
         # the restarted job's results (squeue's answer alone is ambiguous: empty also when it fails)
         _wait_for(lambda: all((out / f"result_rank{r}.json").exists() for r in (0, 1)),
                   "the restarted job's results", 240)
