@@ -52,6 +52,7 @@ __all__ = [
     "inverse_sqrt",
     "PendingRoots",
     "pending_inverse_sqrt",
+    "pad_batch",
 ]
 
 ROOT_METHODS: tuple[str, ...] = ("polar_express", "newton_schulz", "eigh", "polar_express_eigh")
@@ -121,19 +122,48 @@ def root_compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def damp(v: Tensor, damping: float) -> Tensor:
+def damp(v: Tensor, damping: float, sizes: Sequence[int] | None = None) -> Tensor:
     """``V + damping * tr(V)/k * I``: a damping relative to the mean eigenvalue (a new tensor).
 
     Unlike the ``eps`` inside the scaling norm of the iterations, this really changes the matrix, so
-    eigenvalues of the result are at least ``damping * mean eigenvalue``.
+    eigenvalues of the result are at least ``damping * mean eigenvalue``. ``sizes``: a zero-padded batch
+    (:func:`pad_batch`): each matrix's own ``k``, and its padding stays zero.
     """
     if damping == 0.0:
         return v.clone()
+    out = v.clone()
+    if sizes is not None:
+        mask = _real_diagonal(sizes, v.shape[-1], v.dtype, v.device)
+        shift = damping * torch.diagonal(v, dim1=-2, dim2=-1).sum(-1) / mask.sum(-1)
+        torch.diagonal(out, dim1=-2, dim2=-1).add_(shift.unsqueeze(-1) * mask)
+        return out
     k = v.shape[-1]
     shift = damping * torch.diagonal(v, dim1=-2, dim2=-1).sum(-1) / k
-    out = v.clone()
     torch.diagonal(out, dim1=-2, dim2=-1).add_(shift.unsqueeze(-1) if out.dim() > 2 else shift)
     return out
+
+
+def pad_batch(mats: Sequence[Tensor], size: int) -> Tensor:
+    """``[n, size, size]``: each ``k x k`` matrix (``k <= size``) in the top-left corner of zeros.
+
+    Why: the roots of a small MLP's Grams (k = 10, 20, 48) cost ~80 small ops each, nearly all of it
+    per-op overhead; one batch padded to the largest costs the ops of one. Every function of this module
+    that takes ``sizes`` maps a block-diagonal ``diag(V, 0)`` to ``diag(f(V), f(0) I)``, and a matmul of
+    block-diagonal matrices keeps the zero blocks exactly zero, so the corner is ``V``'s own result (only
+    the rounding may differ from an unpadded call; callers pad to a size that does not depend on which
+    matrices share the batch, so it is the same at every world size).
+    """
+    ref = mats[0]
+    out = torch.zeros(len(mats), size, size, dtype=ref.dtype, device=ref.device)
+    for i, m in enumerate(mats):
+        out[i, : m.shape[-1], : m.shape[-1]] = m
+    return out
+
+
+def _real_diagonal(sizes: Sequence[int], size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``[n, size]``: 1 on the diagonal entries of each padded matrix's own ``k x k`` corner, else 0."""
+    ks = torch.tensor(list(sizes), device=device).unsqueeze(-1)
+    return (torch.arange(size, device=device) < ks).to(dtype)
 
 
 def inv_sqrt_coupled(
@@ -145,7 +175,8 @@ def inv_sqrt_coupled(
 
 
 def _coupled(
-    v: Tensor, coeffs: Sequence[tuple[float, float, float]], num_iters: int, eps: float = 1e-10
+    v: Tensor, coeffs: Sequence[tuple[float, float, float]], num_iters: int, eps: float = 1e-10,
+    sizes: Sequence[int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """V^{-1/2} of a symmetric PSD ``k x k`` matrix (or a ``b x k x k`` batch) by a coupled iteration.
 
@@ -161,16 +192,18 @@ def _coupled(
 
     Cost: ``4 * num_iters - 3`` matmuls (the first iteration has ``Z = I``, the last needs no ``Y``).
     Runs in :func:`root_compute_dtype` of ``v``; the result has that dtype and ``v``'s shape. Also returns
-    the float64 scales ``s`` (one per matrix), for :func:`checked_coupled`.
+    the float64 scales ``s`` (one per matrix), for :func:`checked_coupled`. ``sizes``: a zero-padded
+    batch (:func:`pad_batch`); ``eps`` then enters each matrix's own corner only, so ``s`` is its own.
     """
     dt = root_compute_dtype(v.dtype)
     squeeze = v.dim() == 2
     v3 = v.to(dt).reshape(-1, v.shape[-2], v.shape[-1])
     k = v3.shape[-1]
     eye = torch.eye(k, dtype=dt, device=v.device)
+    shift = eps * (eye if sizes is None else torch.diag_embed(_real_diagonal(sizes, k, dt, v.device)))
     # the norm accumulated in float64: a float32 Gram with entries ~1e20 (gradients ~1e10) is finite but
     # its float32 norm is not, and Y = V / inf = 0 made the root exactly 0, a finite "success"
-    s64 = 1.01 * torch.linalg.matrix_norm(v3 + eps * eye, dtype=torch.float64).reshape(-1, 1, 1)
+    s64 = 1.01 * torch.linalg.matrix_norm(v3 + shift, dtype=torch.float64).reshape(-1, 1, 1)
     s = s64.to(dt)  # inf where the scale itself is beyond the dtype: the result is then NaN (below)
     y = v3 / s
     z = eye.expand_as(y)
@@ -301,25 +334,36 @@ def _map_at_zero(coeffs: tuple[tuple[float, float, float], ...], num_iters: int)
 
 
 def _bounded_coupled(v: Tensor, coeffs: Sequence[tuple[float, float, float]], num_iters: int,
-                     eps: float) -> tuple[Tensor, Tensor]:
+                     eps: float, sizes: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
     """:func:`inv_sqrt_coupled` and, per matrix, whether its root kept within the map's bound (a bool
-    tensor; no host read). See :func:`checked_coupled`."""
-    z, s = _coupled(v, coeffs, num_iters, eps)
+    tensor; no host read). See :func:`checked_coupled`. ``sizes``: a zero-padded batch."""
+    z, s = _coupled(v, coeffs, num_iters, eps, sizes)
     k = v.shape[-1]
     z0 = _map_at_zero(tuple(coeffs), num_iters)
     # ||Z||_F^2 s <= k z(0)^2 (5% margin), false for NaN too; a non-finite scale is recomputed as NaN
     ok = torch.linalg.vector_norm(z.reshape(-1, k, k), dim=(1, 2), dtype=torch.float64).square_().mul_(s)
-    return z, ok <= 1.05 * k * z0 * z0
+    if sizes is None:
+        return z, ok <= 1.05 * k * z0 * z0
+    # a padded matrix's zero corner holds exactly the map's value at 0: (k_pad - k) z(0)^2 of the sum
+    limit = torch.tensor([(1.05 * n + (k - n)) * z0 * z0 for n in sizes], dtype=torch.float64, device=ok.device)
+    return z, ok <= limit
 
 
 def _recompute_unbounded(v: Tensor, z: Tensor, bounded: Sequence[bool], coeffs: Sequence[tuple[float, float, float]],
-                         num_iters: int, eps: float) -> Tensor:
-    """``z`` with the roots whose flag is False recomputed by :func:`inv_sqrt_spectral` (a new tensor)."""
+                         num_iters: int, eps: float, sizes: Sequence[int] | None = None) -> Tensor:
+    """``z`` with the roots whose flag is False recomputed by :func:`inv_sqrt_spectral` (a new tensor);
+    a padded matrix's (``sizes``) from its own corner, alone."""
     if all(bounded):
         return z
     k = v.shape[-1]
-    idx = torch.tensor([i for i, ok in enumerate(bounded) if not ok], device=z.device)
+    bad = [i for i, ok in enumerate(bounded) if not ok]
     out = z.reshape(-1, k, k).clone()
+    if sizes is not None:
+        for i in bad:
+            n = sizes[i]
+            out[i, :n, :n] = inv_sqrt_spectral(v.reshape(-1, k, k)[i, :n, :n], coeffs, num_iters, eps).to(out.dtype)
+        return out.reshape(z.shape)
+    idx = torch.tensor(bad, device=z.device)
     out[idx] = inv_sqrt_spectral(v.reshape(-1, k, k)[idx], coeffs, num_iters, eps).to(out.dtype)
     return out.reshape(z.shape)
 
@@ -363,18 +407,26 @@ class PendingRoots:
 
 def pending_inverse_sqrt(
     v: Tensor, method: str = "polar_express", *, num_iters: int | None = None, eps: float = 1e-10,
-    damping: float = 0.0,
+    damping: float = 0.0, sizes: Sequence[int] | None = None,
 ) -> PendingRoots:
     """:func:`inverse_sqrt` of a batch ``[n, k, k]`` without its host read: ``resolve(bounded.tolist())``
-    gives exactly :func:`inverse_sqrt`'s result."""
-    vd = damp(v.to(root_compute_dtype(v.dtype)), damping)
+    gives exactly :func:`inverse_sqrt`'s result.
+
+    ``sizes``: ``v`` is a zero-padded batch (:func:`pad_batch`) whose matrix ``i`` is its ``sizes[i] x
+    sizes[i]`` corner; the corner of each result is that matrix's root. Only for the iterations (an
+    eigendecomposition would mix the padding's zero eigenvalues with a rank-deficient matrix's).
+    """
+    vd = damp(v.to(root_compute_dtype(v.dtype)), damping, sizes)
     method = resolve_root_method(method, v.device, v.dtype, v.shape[-1])
     if method in ("polar_express", "newton_schulz"):
         coeffs = POLAR_EXPRESS_COEFFS if method == "polar_express" else (NEWTON_SCHULZ_COEFFS,)
         n = DEFAULT_ROOT_ITERS[method] if num_iters is None else num_iters
-        z, ok = _bounded_coupled(vd, coeffs, n, eps)
+        z, ok = _bounded_coupled(vd, coeffs, n, eps, sizes)
         return PendingRoots(z, ok, functools.partial(_recompute_unbounded, vd, z, coeffs=coeffs, num_iters=n,
-                                                     eps=eps))
+                                                     eps=eps, sizes=sizes))
+    if sizes is not None:
+        raise ValueError(f"Invalid sizes={tuple(sizes)!r} for method={method!r}: padded batches are for the "
+                         "iterations ('polar_express', 'newton_schulz') only; pass sizes=None.")
     return PendingRoots(inverse_sqrt(v, method, num_iters=num_iters, eps=eps, damping=damping), None)
 
 

@@ -49,6 +49,7 @@ from lightning_soaa.functional.linalg import (
     PendingRoots,
     damp,
     inv_sqrt_eigh,
+    pad_batch,
     pending_inverse_sqrt,
     resolve_root_method,
 )
@@ -132,6 +133,30 @@ def asgo_block_cost(k: int, other: int, root_iters: int, root_every: int,
     never a timing, so every rank computes the same costs and the same owners."""
     a, b = GRAM_APPLY_COST
     return asgo_root_cost(k, root_method, root_iters) / root_every + (a * k + b) * k * other
+
+
+#: Extra multiply-adds per matmul (one 48 x 48 product) that padding one size class of small Grams up to a
+#: larger one may cost (:func:`root_padding`). A root by the iteration is ~80 ops, each with a fixed cost of
+#: ~5-7 us on a CPU (one thread): the k = 10 / 20 / 48 Grams of a small MLP took 1.4-1.6 ms as three
+#: batches, 0.8-1.0 ms as one padded to 48. A 48 x 48 product adds about one op's fixed cost to a batch's
+#: matmul (3 x 48: 18.5 us, 1 x 48: 10.1 us), a 64 x 64 one about two (padding 10 into 64 gained nothing).
+ROOT_PAD_BUDGET = 48**3
+
+
+def root_padding(counts: dict[int, int]) -> dict[int, int]:
+    """``k ->`` the size its iterative roots are computed at, from ``counts`` (Gram size -> number of such
+    blocks in the whole block table, every rank's: so each block's size is the same at every world size,
+    and so is its rounding). Classes are taken from the largest: each pads to the smallest size already
+    chosen whose extra work, ``count * (K^3 - k^3)`` multiply-adds per matmul, is within
+    :data:`ROOT_PAD_BUDGET`, else stays at its own size."""
+    targets: list[int] = []
+    out: dict[int, int] = {}
+    for k in sorted(counts, reverse=True):
+        fits = [t for t in targets if counts[k] * (t**3 - k**3) <= ROOT_PAD_BUDGET]
+        out[k] = min(fits) if fits else k
+        if not fits:
+            targets.append(k)
+    return out
 
 
 def _even_chunks(total: int, max_size: int) -> list[tuple[int, int]]:
@@ -940,21 +965,53 @@ class ASGO(_OneSided):
         v.state[GRAM] = torch.zeros((k, k), dtype=sdt, device=dev)
         v.state[ROOT_FALLBACKS] = torch.zeros((), dtype=torch.int64)
 
+    def _root_sizes(self) -> dict[int, int]:
+        """``block_id ->`` the size its root is computed at (:func:`root_padding`) for the matrix blocks whose
+        root is an iteration; the others are absent. From the block table and the groups' methods alone."""
+        methods = tuple(g["inverse_root"] for g in self.param_groups)
+        cached = self.__dict__.get("_root_sizes_cache")
+        if cached is not None and cached[0] is self.block_table and cached[1] == methods:
+            sizes: dict[int, int] = cached[2]
+            return sizes
+        routes, ks = self._routes(), {}
+        for b in self.block_table.blocks:
+            if routes[b.block_id] is None:
+                continue
+            p, k = self._params[b.param_index], self._gram_size(b)
+            method = resolve_root_method(self.param_groups[b.group_index]["inverse_root"], p.device,
+                                         self._state_dtype(p), k)
+            if method in ("polar_express", "newton_schulz"):
+                ks[b.block_id] = k
+        classes: dict[int, int] = {}
+        for k in ks.values():
+            classes[k] = classes.get(k, 0) + 1
+        pad = root_padding(classes)
+        sizes = {i: pad[k] for i, k in ks.items()}
+        self._root_sizes_cache = (self.block_table, methods, sizes)
+        return sizes
+
     def _matrix_step(self, views: list[BlockView], counts: list[float]) -> None:
         # Blocks whose root is due this step, grouped by everything the root depends on, so that
-        # equal-sized blocks are computed as one batch (few large kernels instead of many small ones).
+        # equal-sized blocks are computed as one batch (few large kernels instead of many small ones);
+        # small ones padded to a common size (_root_sizes) share a batch too.
         prepared = self._update_statistics(views)
         due: dict[tuple[Any, ...], list[BlockView]] = {}
+        sizes = self._root_sizes()
         for v in self._roots_due([v for v, _ in prepared], counts):
             group, st = v.group, v.state
-            key = (st[GRAM].shape[0], st[GRAM].dtype, st[GRAM].device, group["inverse_root"],
+            size = max(st[GRAM].shape[0], sizes.get(v.block.block_id, 0))
+            key = (size, st[GRAM].dtype, st[GRAM].device, group["inverse_root"],
                    group["root_iters"], float(group["eps"]), float(group["damping"]))
             due.setdefault(key, []).append(v)
         batches: list[tuple[list[BlockView], Tensor, PendingRoots]] = []
         self._roots_computed += sum(len(vs) for vs in due.values())
-        for (_k, _dt, _dev, method, iters, eps, damping), vs in due.items():
-            grams = torch.stack([v.state[GRAM] for v in vs])
-            batches.append((vs, grams, pending_inverse_sqrt(grams, method, num_iters=iters, eps=eps, damping=damping)))
+        for (size, _dt, _dev, method, iters, eps, damping), vs in due.items():
+            ks = [v.state[GRAM].shape[0] for v in vs]
+            padded = any(k != size for k in ks)
+            grams = pad_batch([v.state[GRAM] for v in vs], size) if padded else torch.stack(
+                [v.state[GRAM] for v in vs])
+            batches.append((vs, grams, pending_inverse_sqrt(grams, method, num_iters=iters, eps=eps, damping=damping,
+                                                            sizes=ks if padded else None)))
         uninformed = self._accept_roots(self._checked_roots(batches))
         self._apply_directions([(v, asgo_math.precondition(v.state[INV_ROOT], v.state[EXP_AVG], side))
                                 for v, side in prepared])
@@ -1043,7 +1100,12 @@ class ASGO(_OneSided):
             roots = pending.resolve(bounded)
             if roots is not pending.roots:  # recomputed: read those again
                 is_finite = torch.isfinite(roots).flatten(1).all(1).tolist()
-            out.extend(zip(vs, roots.unbind(0), map(bool, is_finite), map(bool, nonzero)))
+            # a padded batch's roots are the corners (copied: the state keeps k x k tensors of its own)
+            mats = []
+            for v, r in zip(vs, roots.unbind(0)):
+                k = v.state[GRAM].shape[0]
+                mats.append(r if r.shape[-1] == k else r[:k, :k].clone())
+            out.extend(zip(vs, mats, map(bool, is_finite), map(bool, nonzero)))
         return out
 
     def _accept_roots(self, candidates: list[tuple[BlockView, Tensor, bool, bool]]) -> list[BlockView]:

@@ -21,6 +21,7 @@ from torch import nn
 from lightning_soaa import ASGO, DASGO
 from lightning_soaa.distributed.assignment import assign_owners, rank_loads
 from lightning_soaa.functional.linalg import EIGH_MIN_K, ROOT_METHODS, resolve_root_method
+from lightning_soaa.optim import asgo as asgo_mod
 from lightning_soaa.optim.asgo import (
     ADAM_COST_PER_ELEMENT,
     GRAM_APPLY_COST,
@@ -29,6 +30,7 @@ from lightning_soaa.optim.asgo import (
     asgo_block_specs,
     asgo_param_groups,
     asgo_root_cost,
+    root_padding,
 )
 from tests.harness.models import batch, loss_fn, tiny_mlp
 
@@ -624,3 +626,55 @@ def test_finite_gradients_that_would_overflow_a_statistic_are_skipped(case, spre
         assert torch.equal(a, b)
     assert "exceed the statistic's range" in caplog.text and "non-finite" not in caplog.text.replace(
         "non-finite gradient or statistic", "")
+
+
+def test_root_padding_plan():
+    """Small Gram sizes pad to a larger class only while the extra work stays within the budget (one
+    48 x 48 product per matmul): a small MLP's 10 / 20 / 48 share one batch, a hundred 8 x 8 Grams do not
+    pay 64^3 each, a class never pads down or past what is there."""
+    assert root_padding({10: 1, 20: 1, 48: 1}) == {10: 48, 20: 48, 48: 48}
+    assert root_padding({10: 1, 64: 1}) == {10: 10, 64: 64}  # 64^3: no faster (the digits MLP)
+    assert root_padding({8: 100, 64: 1}) == {8: 8, 64: 64}
+    assert root_padding({8: 50, 12: 3, 64: 1}) == {8: 12, 12: 12, 64: 64}
+    assert root_padding({256: 12, 10: 1}) == {256: 256, 10: 10}
+    assert root_padding({}) == {}
+
+
+def _three_size_mlp(dtype: torch.dtype) -> nn.Module:
+    torch.manual_seed(0)  # Grams of k = 10 (head), 20 (input side) and 48: one batch padded to 48
+    return nn.Sequential(nn.Linear(20, 64), nn.Tanh(), nn.Linear(64, 48), nn.Tanh(), nn.Linear(48, 10)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_small_roots_of_different_sizes_are_one_padded_batch(monkeypatch, dtype, tol):
+    """A small MLP's three roots are computed as one zero-padded batch (one call of ~80 ops instead of
+    three) and train as the roots computed one size at a time (ROOT_PAD_BUDGET = 0: no padding), up to
+    the rounding of another GEMM kernel."""
+    calls: list[tuple[int, ...]] = []
+    real = asgo_mod.pending_inverse_sqrt
+
+    def spy(v, *a, **kw):
+        calls.append(tuple(v.shape))
+        return real(v, *a, **kw)
+
+    monkeypatch.setattr(asgo_mod, "pending_inverse_sqrt", spy)
+
+    def trained() -> nn.Module:
+        model = _three_size_mlp(dtype)
+        opt = ASGO(model.named_parameters(), lr=1e-2)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            x, y = torch.randn(32, 20, generator=g, dtype=dtype), torch.randn(32, 10, generator=g, dtype=dtype)
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+        return model
+
+    padded = trained()
+    assert calls == [(3, 48, 48)] * 5, calls
+    calls.clear()
+    monkeypatch.setattr(asgo_mod, "ROOT_PAD_BUDGET", 0)
+    alone = trained()
+    assert sorted(calls[:3]) == [(1, 10, 10), (1, 20, 20), (1, 48, 48)], calls
+    for (name, a), b in zip(padded.named_parameters(), alone.parameters()):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=lambda m, name=name: f"{name}: {m}")

@@ -18,6 +18,8 @@ from lightning_soaa.functional.linalg import (
     inv_sqrt_eigh,
     inv_sqrt_spectral,
     inverse_sqrt,
+    pad_batch,
+    pending_inverse_sqrt,
     resolve_root_method,
     root_compute_dtype,
 )
@@ -269,3 +271,50 @@ def test_a_float32_gram_with_a_null_space_gets_the_maps_root(method, k, rank):
     exact = inv_sqrt_spectral(v.double(), coeffs, n) @ grad.double()
     got = inverse_sqrt(v, method).double() @ grad.double()
     assert float((got - exact).norm() / exact.norm()) < 2e-2
+
+
+def _head_gram(k: int) -> torch.Tensor:
+    """A float32 softmax-head Gram (every column of its gradient sums to 0: rank k - 1); for k = 4 and 12
+    the float32 Polar Express iteration leaves the map's bound on it (test above)."""
+    g = torch.Generator().manual_seed(2 * k - 1)  # the draw of the test above
+    torch.randn(k * (k - 1) + (k - 1) * 2 * k, generator=g, dtype=torch.float64)
+    grad = torch.randn(k, 2 * k, generator=g, dtype=torch.float64)
+    grad = (grad - grad.mean(0)).float()
+    return grad @ grad.T
+
+
+@pytest.mark.parametrize("damping", [0.0, 1e-3])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 2e-3)])
+@pytest.mark.parametrize("method", ["polar_express", "newton_schulz"])
+def test_padded_batch_gives_each_matrix_its_own_root(method, dtype, tol, damping):
+    """Grams of different sizes zero-padded into one batch (how ASGO batches small roots): each corner is
+    the root of its own matrix, with its own scale and relative damping (a damping over the padded size
+    is ~30% off on the small eigenvalues here), the padding never leaks into it, and the bound check
+    judges each matrix by its own size: the null-space Grams that leave it are recomputed from their
+    corners alone, their batch-mates kept."""
+    full = [_spd(3, 1e-3, 2.0, seed=1)[0].to(dtype), _spd(7, 1e-5, 1.0, seed=2)[0].to(dtype)]
+    heads = [_head_gram(4).to(dtype), _head_gram(12).to(dtype)]
+    ks = [m.shape[0] for m in full + heads]
+    pending = pending_inverse_sqrt(pad_batch(full + heads, 12), method, damping=damping, sizes=ks)
+    assert pending.bounded is not None
+    flags = pending.bounded.tolist()
+    roots = pending.resolve(flags)
+    coeffs, n = (POLAR_EXPRESS_COEFFS, 10) if method == "polar_express" else ((NEWTON_SCHULZ_COEFFS,), 18)
+    for i, (m, k) in enumerate(zip(full, ks)):  # the function itself, in float64 on the same matrix
+        exact = inv_sqrt_spectral(damp(m.double(), damping), coeffs, n)
+        err = float((roots[i, :k, :k].double() - exact).norm() / exact.norm())
+        assert err <= tol, (k, err)
+    if dtype == torch.float32 and damping == 0.0 and method == "polar_express":
+        assert flags == [True, True, False, False]
+    for i, m in enumerate(heads, start=len(full)):
+        k = ks[i]
+        if not flags[i]:  # recomputed: the eigendecomposition of its own corner
+            torch.testing.assert_close(roots[i, :k, :k], inv_sqrt_spectral(damp(m, damping), coeffs, n))
+    for i, k in enumerate(ks):
+        assert not roots[i, :k, k:].any() and not roots[i, k:, :k].any()
+
+
+def test_padded_batches_are_for_the_iterations_only():
+    v = pad_batch([torch.eye(2), torch.eye(3)], 3)
+    with pytest.raises(ValueError, match=r"sizes=\(2, 3\) for method='eigh'.*iterations"):
+        pending_inverse_sqrt(v, "eigh", sizes=[2, 3])
