@@ -967,27 +967,32 @@ class ASGO(_OneSided):
 
     def _root_sizes(self) -> dict[int, int]:
         """``block_id ->`` the size its root is computed at (:func:`root_padding`) for the matrix blocks whose
-        root is an iteration; the others are absent. From the block table and the groups' methods alone."""
-        methods = tuple(g["inverse_root"] for g in self.param_groups)
+        root is an iteration; the others are absent. Sizes pad only among blocks that share a batch key
+        apart from ``k`` (dtype, device, the groups' root options), so a padded batch never takes another
+        method (``"auto"`` resolves by size) or options. From the block table and the groups alone."""
+        options = tuple((g["inverse_root"], g["root_iters"], float(g["eps"]), float(g["damping"]))
+                        for g in self.param_groups)
         cached = self.__dict__.get("_root_sizes_cache")
-        if cached is not None and cached[0] is self.block_table and cached[1] == methods:
+        if cached is not None and cached[0] is self.block_table and cached[1] == options:
             sizes: dict[int, int] = cached[2]
             return sizes
-        routes, ks = self._routes(), {}
+        routes = self._routes()
+        by_key: dict[tuple[Any, ...], dict[int, int]] = {}  # batch key -> {block_id: k}
         for b in self.block_table.blocks:
             if routes[b.block_id] is None:
                 continue
             p, k = self._params[b.param_index], self._gram_size(b)
-            method = resolve_root_method(self.param_groups[b.group_index]["inverse_root"], p.device,
-                                         self._state_dtype(p), k)
-            if method in ("polar_express", "newton_schulz"):
-                ks[b.block_id] = k
-        classes: dict[int, int] = {}
-        for k in ks.values():
-            classes[k] = classes.get(k, 0) + 1
-        pad = root_padding(classes)
-        sizes = {i: pad[k] for i, k in ks.items()}
-        self._root_sizes_cache = (self.block_table, methods, sizes)
+            dtype, opts = self._state_dtype(p), options[b.group_index]
+            if resolve_root_method(opts[0], p.device, dtype, k) in ("polar_express", "newton_schulz"):
+                by_key.setdefault((dtype, p.device, *opts), {})[b.block_id] = k
+        sizes = {}
+        for ks in by_key.values():
+            classes: dict[int, int] = {}
+            for k in ks.values():
+                classes[k] = classes.get(k, 0) + 1
+            pad = root_padding(classes)
+            sizes.update({i: pad[k] for i, k in ks.items()})
+        self._root_sizes_cache = (self.block_table, options, sizes)
         return sizes
 
     def _matrix_step(self, views: list[BlockView], counts: list[float]) -> None:

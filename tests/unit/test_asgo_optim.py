@@ -678,3 +678,18 @@ def test_small_roots_of_different_sizes_are_one_padded_batch(monkeypatch, dtype,
     assert sorted(calls[:3]) == [(1, 10, 10), (1, 20, 20), (1, 48, 48)], calls
     for (name, a), b in zip(padded.named_parameters(), alone.parameters()):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_padding_stays_within_one_root_method_and_options():
+    """Sizes pad only among blocks that would share a batch anyway: a float32 Gram of k = 92 under "auto"
+    (the iteration below EIGH_MIN_K on a CPU) next to a k = 96 one whose group asks for the iteration by
+    name. Padded together, the batch of size 96 resolved "auto" to the eigendecomposition route, which
+    takes no padded batch (it raised at the first step)."""
+    torch.manual_seed(0)
+    a, b = nn.Linear(200, 92, bias=False), nn.Linear(200, 96, bias=False)
+    opt = ASGO([{"params": [a.weight]}, {"params": [b.weight], "inverse_root": "polar_express"}], lr=1e-2)
+    assert sorted(opt._root_sizes().values()) == [92, 96]
+    x = torch.randn(16, 200)
+    (a(x).square().mean() + b(x).square().mean()).backward()
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in (a.weight, b.weight))
