@@ -268,9 +268,7 @@ def inv_sqrt_spectral(
     squeeze = v.dim() == 2
     k = v.shape[-1]
     v3 = v.to(torch.float64).reshape(math.prod(v.shape[:-2]), k, k)  # explicit sizes: k = 0 is allowed
-    # ||V + eps I||_F^2 = ||V||_F^2 + 2 eps tr(V) + k eps^2, without forming V + eps I
-    trace = torch.diagonal(v3, dim1=-2, dim2=-1).sum(-1)
-    s = 1.01 * (torch.linalg.matrix_norm(v3).square() + 2.0 * eps * trace + k * eps * eps).sqrt()
+    s = _spectral_scale(v3, eps)
     # A non-finite block (its norm is non-finite) must come back non-finite, the caller's contract,
     # not raise inside LAPACK or poison its batch: eigh sees the identity there, the result is NaN.
     finite = torch.isfinite(s)
@@ -327,6 +325,28 @@ def inv_sqrt_eigh(v: Tensor, rcond: float = 1e-12) -> Tensor:
     return root.to(out_dt)
 
 
+def _spectral_scale(v3: Tensor, eps: float) -> Tensor:
+    """``1.01 ||V + eps I||_F`` of each float64 matrix of ``[n, k, k]``, from ``||V||_F^2 + 2 eps tr(V) + k
+    eps^2`` (without forming ``V + eps I``), computed on ``V / 2^e`` with ``2^e`` near its largest entry.
+
+    Why the power of two: the squares of a float64 Gram with entries above ~1e154 (gradients ~1e77) are
+    inf, and below ~1e-162 with ``eps = 0`` they are 0, where the norm itself is finite and nonzero; the
+    root then came out NaN and the block fell back to its previous preconditioner. Dividing by a power of
+    two is exact, so within range the result is the plain formula's, bit for bit. (The iteration keeps the
+    plain norm: a root that it makes non-finite fails its bound check and is recomputed here.)
+    """
+    k = v3.shape[-1]
+    if k == 0:  # no entry to scale by (and the norm of nothing is 0)
+        return torch.zeros(v3.shape[0], dtype=v3.dtype, device=v3.device)
+    _, exponent = torch.frexp(v3.abs().amax(dim=(-2, -1)))  # non-finite or 0: exponent 0, scale 1
+    scale = torch.ldexp(torch.ones_like(v3[:, 0, 0]), exponent)
+    u = v3 / scale.reshape(-1, 1, 1)
+    e = eps / scale
+    trace = torch.diagonal(u, dim1=-2, dim2=-1).sum(-1)
+    out: Tensor = 1.01 * (scale * (torch.linalg.matrix_norm(u).square() + 2.0 * e * trace + k * e * e).sqrt())
+    return out
+
+
 @functools.cache
 def _map_at_zero(coeffs: tuple[tuple[float, float, float], ...], num_iters: int) -> float:
     """``z(0)`` of :func:`coupled_scalar_map`, the map's largest value (cached: a few dozen scalar ops)."""
@@ -361,6 +381,7 @@ def _recompute_unbounded(v: Tensor, z: Tensor, bounded: Sequence[bool], coeffs: 
     if sizes is not None:
         for i in bad:
             n = sizes[i]
+            out[i] = 0.0  # outside the corner (unused) too: the iteration's may be NaN, and callers read it
             out[i, :n, :n] = inv_sqrt_spectral(v.reshape(-1, k, k)[i, :n, :n], coeffs, num_iters, eps).to(out.dtype)
         return out.reshape(z.shape)
     idx = torch.tensor(bad, device=z.device)
@@ -405,6 +426,14 @@ class PendingRoots:
         return self.roots if self.recompute is None or all(bounded) else self.recompute(bounded)
 
 
+def _check_sizes(sizes: Sequence[int], v: Tensor) -> None:
+    """``sizes`` of a padded batch ``v``: one per matrix, each from 1 to the padded size."""
+    n, size = (v.shape[0] if v.dim() == 3 else -1), v.shape[-1]
+    if v.dim() != 3 or len(sizes) != n or any(not 1 <= int(k) <= size for k in sizes):
+        raise ValueError(f"Invalid sizes={tuple(sizes)!r} for a padded batch of shape {tuple(v.shape)}: one size per "
+                         f"matrix of an [n, k, k] batch, each from 1 to k (here n = {n}, k = {size}).")
+
+
 def pending_inverse_sqrt(
     v: Tensor, method: str = "polar_express", *, num_iters: int | None = None, eps: float = 1e-10,
     damping: float = 0.0, sizes: Sequence[int] | None = None,
@@ -416,6 +445,8 @@ def pending_inverse_sqrt(
     sizes[i]`` corner; the corner of each result is that matrix's root. Only for the iterations (an
     eigendecomposition would mix the padding's zero eigenvalues with a rank-deficient matrix's).
     """
+    if sizes is not None:
+        _check_sizes(sizes, v)
     vd = damp(v.to(root_compute_dtype(v.dtype)), damping, sizes)
     method = resolve_root_method(method, v.device, v.dtype, v.shape[-1])
     if method in ("polar_express", "newton_schulz"):

@@ -693,3 +693,21 @@ def test_padding_stays_within_one_root_method_and_options():
     (a(x).square().mean() + b(x).square().mean()).backward()
     opt.step()
     assert all(torch.isfinite(p).all() for p in (a.weight, b.weight))
+
+
+@pytest.mark.parametrize("budget", [0, asgo_mod.ROOT_PAD_BUDGET])
+def test_a_huge_float64_gram_gets_its_root(monkeypatch, budget):
+    """A float64 head whose gradient is ~1e80 for one step (its Gram ~1e160: finite, so the statistic guard
+    lets it through): the root's scaling norm squared it to inf, the root came out NaN and the block fell
+    back to its previous preconditioner (k = 2 alone, and k = 1 once padded). Now its root is computed."""
+    monkeypatch.setattr(asgo_mod, "ROOT_PAD_BUDGET", budget)
+    model = tiny_mlp(sizes=(20, 64, 48, 2))
+    opt = ASGO(model.named_parameters(), lr=2e-2)
+    for t in range(5):
+        opt.zero_grad()
+        loss_fn(model, *batch(t, 0, d_in=20, d_out=2)).backward()
+        if t == 3:
+            model[-1].weight.grad.mul_(1e80)
+        opt.step()
+    assert opt.statistics()["asgo_root_fallbacks"] == 0.0
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -318,3 +318,32 @@ def test_padded_batches_are_for_the_iterations_only():
     v = pad_batch([torch.eye(2), torch.eye(3)], 3)
     with pytest.raises(ValueError, match=r"sizes=\(2, 3\) for method='eigh'.*iterations"):
         pending_inverse_sqrt(v, "eigh", sizes=[2, 3])
+
+
+@pytest.mark.parametrize("k", [1, 2, 7])
+@pytest.mark.parametrize("scale", [2.0**530, 1e160, 1e-170])
+def test_roots_of_huge_and_tiny_float64_grams_are_finite(k, scale):
+    """The map depends on V only through V / s, so root(c V) = root(V) / sqrt(c) (with eps = 0). A float64
+    Gram with entries ~1e160 (finite; the statistic guard takes it) squared to inf in the scaling norm,
+    ~1e-170 to 0, and the root came out NaN: the block fell back to its previous preconditioner. Padded
+    (how ASGO batches a 1 x 1 Gram with larger ones) the iteration's own norm overflows; its bound check
+    then recomputes the root by the eigendecomposition, whose scale is taken safely."""
+    v = _spd(k, 1e-3, 2.0, seed=k)[0]
+    ref = inv_sqrt_spectral(v, POLAR_EXPRESS_COEFFS, 10, eps=0.0)
+    got = inv_sqrt_spectral(v * scale, POLAR_EXPRESS_COEFFS, 10, eps=0.0) * scale**0.5
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12 * float(ref.abs().max()))
+    pending = pending_inverse_sqrt(pad_batch([v * scale, _spd(9, 1e-3, 2.0)[0]], 9), "polar_express", eps=0.0,
+                                   sizes=[k, 9])
+    assert pending.bounded is not None
+    roots = pending.resolve(pending.bounded.tolist())
+    assert torch.isfinite(roots).all()
+    torch.testing.assert_close(roots[0, :k, :k] * scale**0.5, inverse_sqrt(v, "polar_express", eps=0.0),
+                               rtol=1e-9, atol=1e-9 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("sizes", [[3], [7, 5], [0, 5], [3, 5, 4]])
+def test_padded_batch_sizes_are_checked(sizes):
+    v = pad_batch([torch.eye(3), torch.eye(5)], 6)
+    msg = r"Invalid sizes=.*one size per matrix.*each from 1 to k \(here n = 2, k = 6\)"
+    with pytest.raises(ValueError, match=msg):
+        pending_inverse_sqrt(v, "polar_express", sizes=sizes)
