@@ -1200,9 +1200,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 "(Lightning strategy='ddp' does), or construct the optimizer with grad_reduction='mean' to "
                 "have it average the gradients itself. Already under DDP: a parameter the forward did not use "
                 "keeps DDP from reducing its bucket; pass find_unused_parameters=True (Lightning: "
-                "strategy='ddp_find_unused_parameters_true') or leave that parameter out; and the last "
-                "backward before step() must run outside ddp_model.no_sync() (under gradient accumulation only "
-                "the earlier micro-batches go inside it). Nothing changed."
+                "strategy='ddp_find_unused_parameters_true') or leave that parameter out; a parameter that was "
+                "frozen (requires_grad=False) when DDP was built and unfrozen later is never reduced by it: "
+                "build the DDP wrapper again after unfreezing; and the last backward before step() must run "
+                "outside ddp_model.no_sync() (under gradient accumulation only the earlier micro-batches go "
+                "inside it). Nothing changed."
                 + fused
             )
 

@@ -240,6 +240,32 @@ def test_gradients_that_differ_across_ranks_raise_on_every_rank(tmp_path: Path, 
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
+def _w_unfrozen_after_ddp(rank: int, world: int, name: str) -> dict[str, Any]:
+    """Progressive unfreezing under DDP: the first layer is frozen when DDP is built (DDP leaves it out of
+    its buckets), then unfrozen; its gradients are never averaged. A hunt found the error's list of causes
+    silent on this one."""
+    model = tiny_mlp(sizes=SIZES)
+    opt = _build(name, model)  # over every parameter
+    model[0].requires_grad_(False)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    model[0].requires_grad_(True)
+    before = _params(model)
+    x, y = batch(0, rank, n=4, d_in=SIZES[0], d_out=SIZES[-1])
+    opt.zero_grad(set_to_none=True)
+    loss = half_mse(ddp(x), y)
+    loss.backward()
+    kw = {"loss": loss.detach()} if get(name).needs is StepNeeds.LOSS else {}
+    msg = _error(lambda: opt.step(**kw))
+    return {"msg": msg, "unchanged": all(torch.equal(a, b) for a, b in zip(before, _params(model)))}
+
+
+@pytest.mark.parametrize("name", ["SOAA", "AdamW"])
+def test_a_layer_unfrozen_after_ddp_was_built_is_named(tmp_path: Path, name: str) -> None:
+    for out in run_distributed(_w_unfrozen_after_ddp, 2, tmp_path, name):
+        assert "differ from rank 0's" in out["msg"] and "unfrozen later" in out["msg"], out["msg"]
+        assert out["unchanged"]
+
+
 # ---------------------------------------------------------------------- 3. ranks that disagree
 def _next_name(name: str) -> str:
     names = [s.name for s in REGISTRY]
