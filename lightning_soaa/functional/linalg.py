@@ -162,8 +162,15 @@ def pad_batch(mats: Sequence[Tensor], size: int) -> Tensor:
 
 def _real_diagonal(sizes: Sequence[int], size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """``[n, size]``: 1 on the diagonal entries of each padded matrix's own ``k x k`` corner, else 0."""
-    ks = torch.tensor(list(sizes), device=device).unsqueeze(-1)
+    ks = _host_values(sizes, torch.int64, device).unsqueeze(-1)
     return (torch.arange(size, device=device) < ks).to(dtype)
+
+
+def _host_values(values: Sequence[float], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Host numbers as a tensor on ``device``, copied without waiting: ``torch.tensor(..., device=cuda)``
+    copies from pageable memory synchronously, i.e. waits for the stream (a host sync per padded batch);
+    a non-blocking copy from pageable memory is staged at once and does not wait. On a CPU: no copy."""
+    return torch.tensor(list(values), dtype=dtype).to(device, non_blocking=True)
 
 
 def inv_sqrt_coupled(
@@ -365,7 +372,7 @@ def _bounded_coupled(v: Tensor, coeffs: Sequence[tuple[float, float, float]], nu
     if sizes is None:
         return z, ok <= 1.05 * k * z0 * z0
     # a padded matrix's zero corner holds exactly the map's value at 0: (k_pad - k) z(0)^2 of the sum
-    limit = torch.tensor([(1.05 * n + (k - n)) * z0 * z0 for n in sizes], dtype=torch.float64, device=ok.device)
+    limit = _host_values([(1.05 * n + (k - n)) * z0 * z0 for n in sizes], torch.float64, ok.device)
     return z, ok <= limit
 
 
