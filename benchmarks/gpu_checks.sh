@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA GPU, in one command (CI has no GPU, so these tests skip there):
 #   1. the accelerator battery (every registered optimizer on CUDA vs the CPU run, skips, checkpoints
-#      across devices, a one-rank NCCL group, FSDP2 on a CUDA mesh) and SOAA's Triton passes;
+#      across devices, a one-rank NCCL group, FSDP2 on a CUDA mesh), SOAA's Triton passes and the host
+#      syncs of ASGO's padded roots;
 #   2. SOAA's step against torch's fused AdamW on the GPU (10 x 1000x1000 and 10 x 4096x4096, fp32; the
 #      latter also with the 2**18-element blocks of before the automatic block size);
 #   3. ASGO against Muon and AdamW on a d=768, 12-layer transformer;
@@ -28,6 +29,7 @@ if [ "$what" != bench ]; then
   timeout 240 "$PY" -m pytest -q -p no:cacheprovider -rs --durations=8 \
   tests/conformance/test_accelerator.py tests/unit/test_soaa_cuda.py \
   "tests/unit/test_soaa_functional.py::test_compiled_kernels_on_cuda_match_the_reference" \
+  "tests/unit/test_asgo_optim.py::test_padded_roots_add_no_host_sync_on_cuda" \
   "$@" 2>&1 | tee "$out/gpu_tests.log" || status=1
 fi
 [ "$what" = tests ] && exit $status

@@ -11,6 +11,7 @@ import importlib
 import math
 import re
 import sys
+import warnings
 from pathlib import Path
 from types import ModuleType
 
@@ -711,3 +712,27 @@ def test_a_huge_float64_gram_gets_its_root(monkeypatch, budget):
         opt.step()
     assert opt.statistics()["asgo_root_fallbacks"] == 0.0
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (benchmarks/gpu_checks.sh runs it)")
+def test_padded_roots_add_no_host_sync_on_cuda(monkeypatch):
+    """A padded batch's sizes and bound limits reach the GPU by non-blocking copies: an ASGO step with its
+    three small roots in one padded batch makes no more host syncs than with one batch per size."""
+    def syncs(budget: int) -> int:
+        monkeypatch.setattr(asgo_mod, "ROOT_PAD_BUDGET", budget)
+        model = _three_size_mlp(torch.float32).cuda()
+        opt = ASGO(model.named_parameters(), lr=1e-2)
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()  # the first step builds state
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in seen)
+
+    assert syncs(asgo_mod.ROOT_PAD_BUDGET) <= syncs(0)
