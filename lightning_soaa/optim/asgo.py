@@ -29,6 +29,7 @@ one-flag all-reduce plus the parameter all-gather.
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 from collections.abc import Callable, Iterable
@@ -987,10 +988,7 @@ class ASGO(_OneSided):
                 by_key.setdefault((dtype, p.device, *opts), {})[b.block_id] = k
         sizes = {}
         for ks in by_key.values():
-            classes: dict[int, int] = {}
-            for k in ks.values():
-                classes[k] = classes.get(k, 0) + 1
-            pad = root_padding(classes)
+            pad = root_padding(collections.Counter(ks.values()))
             sizes.update({i: pad[k] for i, k in ks.items()})
         self._root_sizes_cache = (self.block_table, options, sizes)
         return sizes

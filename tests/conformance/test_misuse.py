@@ -259,7 +259,7 @@ def _w_unfrozen_after_ddp(rank: int, world: int, name: str) -> dict[str, Any]:
     return {"msg": msg, "unchanged": all(torch.equal(a, b) for a, b in zip(before, _params(model)))}
 
 
-@pytest.mark.parametrize("name", ["SOAA", "AdamW"])
+@pytest.mark.parametrize("name", GRAD_SPECS)
 def test_a_layer_unfrozen_after_ddp_was_built_is_named(tmp_path: Path, name: str) -> None:
     for out in run_distributed(_w_unfrozen_after_ddp, 2, tmp_path, name):
         assert "differ from rank 0's" in out["msg"] and "unfrozen later" in out["msg"], out["msg"]
