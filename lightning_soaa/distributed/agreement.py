@@ -55,6 +55,9 @@ __all__ = [
     "param_digest",
     "instance_id",
     "RECORD_SLOTS",
+    "ERROR_SLOT",
+    "INSTANCE_SLOT",
+    "record_size",
     "step_rows",
     "step_row_values",
     "StepVerdict",
@@ -81,6 +84,18 @@ STEP_ROW = 8
 #: two ranks then meet in a call of equal size, and the instance ids say so (instead of gloo's size-mismatch
 #: abort, or NCCL's hang)
 RECORD_SLOTS = 8
+
+#: where a rank's row holds the error flag and the optimizer instance's id. An optimizer whose step begins
+#: with a collective of its own (EGN's batch agreement) sizes it :func:`record_size` and keeps these two
+#: slots, so that it meets another optimizer's step record in a call of equal size and both read each
+#: other's ids
+ERROR_SLOT, INSTANCE_SLOT = 0, 7
+
+
+def record_size(world: int) -> int:
+    """Values in a step's first all-reduce at world size ``world``: the summed values, one row per rank and
+    the stop vote's slot."""
+    return RECORD_SLOTS + world * STEP_ROW + 1
 
 #: relative tolerance on Σ‖g‖² across ranks. Gradients averaged by DDP are bitwise equal on every rank
 #: (the collective hands every rank the same bits), so an honest run differs by 0; the tolerance only
@@ -328,7 +343,7 @@ def read_step_rows(rows: Tensor | Sequence[float], world: int, compare_grads: bo
     rows' gradient counts are each rank's number of parameters with a gradient (not compared gradients)."""
     flat = rows.tolist() if isinstance(rows, Tensor) else list(rows)
     m = [flat[r * STEP_ROW:(r + 1) * STEP_ROW] for r in range(world)]
-    errors = [r for r in range(world) if m[r][0] > 0]
+    errors = [r for r in range(world) if m[r][ERROR_SLOT] > 0]
     hyper = [r for r in range(world) if m[r][1] != m[0][1]]
     grads: list[int] = []
     if compare_grads:
@@ -344,7 +359,7 @@ def read_step_rows(rows: Tensor | Sequence[float], world: int, compare_grads: bo
     params = [r for r in range(world) if m[r][6] != m[0][6]] if digests else []
     counts = [m[r][3] for r in range(world)]
     gradless = [r for r in range(world) if counts[r] == 0] if count_grads and max(counts) > 0 else []
-    instances = [r for r in range(world) if m[r][7] != m[0][7]]
+    instances = [r for r in range(world) if m[r][INSTANCE_SLOT] != m[0][INSTANCE_SLOT]]
     return StepVerdict(errors, hyper, grads, steps if len(set(steps)) > 1 else [], checks, params,
                        replicated=digests and world > 1 and not params, gradless_ranks=gradless,
                        instance_ranks=instances)

@@ -29,7 +29,10 @@ live in :class:`~lightning_soaa.distributed.exchange.OwnerExchange` (``self.exch
 **Extension points** for optimizers whose step needs collectives the template does not have (EGN: a
 validation all-reduce, the Gram-factor all-gather, a reduce-scatter of its direction; after the
 decision, a gather of the direction and line-search all-reduces): override :meth:`_exchange_in`
-(before ``_prepare``; it may return a reason to skip, which every rank must derive identically),
+(before ``_prepare``; it may return a reason to skip, which every rank must derive identically; its
+first collective must have :func:`~lightning_soaa.distributed.agreement.record_size` values and the
+instance id at ``agreement.INSTANCE_SLOT`` of each rank's row, so that a rank in another optimizer's step
+meets it in a call of equal size and both raise :meth:`_out_of_order`),
 run them in ``_decide`` (which may return :class:`SkipStep`), and override :meth:`_exchange_out`
 (after ``_apply``, replacing the parameter gather). The skip path (counter, log, ``_on_skip``) and
 ``num_steps`` stay in the base.
@@ -1137,6 +1140,18 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._hyper_cache = (key, digest) if key is not None else None
         return digest ^ rebuilt
 
+    def _out_of_order(self, ranks: list[int]) -> RuntimeError:
+        """The error of ranks found in another optimizer's step than rank 0 (the instance ids of a step's
+        first all-reduce differ), the same text whichever optimizer's collective the ranks met in."""
+        return RuntimeError(
+            f"{type(self).__name__}.step: rank(s) {ranks} are in the step of another optimizer than rank 0: "
+            "the optimizers were stepped in a different order on some ranks (e.g. iterating a set of "
+            "optimizers, whose order differs between processes). Every rank must call step() on its "
+            "optimizers in the same order. Nothing changed."
+            + (" With grad_reduction='mean' the gradients were already exchanged between the two "
+               "optimizers: run backward() again." if self.sharding.grad_reduction == "mean" else "")
+        )
+
     def _raise_disagreement(self, verdict: agreement.StepVerdict, error: BaseException | None) -> None:
         """Raise on every rank (the same decision everywhere: the verdict is bit-identical)."""
         name = type(self).__name__
@@ -1148,14 +1163,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 f"(see that rank's traceback); the step was abandoned on every rank and nothing changed."
             )
         if verdict.instance_ranks:
-            raise RuntimeError(
-                f"{name}.step: rank(s) {verdict.instance_ranks} are in the step of another optimizer than rank 0: "
-                "the optimizers were stepped in a different order on some ranks (e.g. iterating a set of "
-                "optimizers, whose order differs between processes). Every rank must call step() on its "
-                "optimizers in the same order. Nothing changed."
-                + (" With grad_reduction='mean' the gradients were already exchanged between the two "
-                   "optimizers: run backward() again." if self.sharding.grad_reduction == "mean" else "")
-            )
+            raise self._out_of_order(verdict.instance_ranks)
         if verdict.step_counts or verdict.check_ranks:
             what = (f"are at different steps (steps taken, by rank: {verdict.step_counts})" if verdict.step_counts
                     else f"are at different steps: rank(s) {verdict.check_ranks} differ from rank 0 in whether "

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_soaa.config import EGNConfig, check_range
+from lightning_soaa.distributed import agreement
 from lightning_soaa.distributed.blocks import BlockInfo
 from lightning_soaa.distributed.checkpoint import StateField, check_finite_number
 from lightning_soaa.distributed.comm import LocalComm
@@ -162,6 +163,12 @@ def _fingerprint(active: tuple[bool, ...]) -> float:
     return float(hash(active) & ((1 << 52) - 1))
 
 
+def _rows(reduced: list[float], world: int) -> list[list[float]]:
+    """Every rank's row of a reduced agreement table (:meth:`EGN._agreement_table`)."""
+    head, width = agreement.RECORD_SLOTS, agreement.STEP_ROW
+    return [reduced[head + r * width:head + (r + 1) * width] for r in range(world)]
+
+
 def _refuse_sparse_embeddings(model: nn.Module) -> None:
     """A trained ``nn.Embedding(sparse=True)`` / ``EmbeddingBag(sparse=True)``: its per-sample Jacobian rows
     would come from sparse gradients, which torch.func cannot batch (the step failed with an internal
@@ -182,9 +189,15 @@ def _buffer_layout(buffers: list[tuple[str, Tensor]]) -> list[float]:
     return [float(len(buffers)), float(sum(t.numel() for _, t in buffers)), float(zlib.crc32(key.encode()))]
 
 
-#: the agreement table (:meth:`EGN._agreement_table`): per rank [error, b_r, c, trainable fingerprint, kind,
-#: buffer count, buffer numel, buffer layout crc], then T per Linear site from this offset on
-_ROW_HEAD = 8
+#: the agreement table (:meth:`EGN._agreement_table`) has the size and layout of the step record's all-reduce
+#: (:func:`agreement.record_size`): a head of ``RECORD_SLOTS`` summed values [non-finite, loss sum, 0...], one
+#: ``STEP_ROW`` row per rank, the stop vote's slot (0). A row: [error, b_r, c, trainable fingerprint, kind,
+#: crc of T per Linear site, 0, instance id] in the batch agreement; [error, buffer count, buffer numel,
+#: buffer layout crc, kind, 0, 0, instance id] in the buffer agreement. The error flag and the instance id
+#: sit where the step record's rows hold them, so a rank in EGN's first collective and a rank in another
+#: optimizer's step record (optimizers stepped in different orders) meet in one call of equal size and
+#: both raise the same error, instead of gloo's size-mismatch abort or NCCL's hang.
+_KIND_SLOT, _SITES_SLOT = 4, 5
 #: the kind of agreement a rank's row belongs to: the buffer agreement before the capture forward (W > 1,
 #: floating buffers only) or the batch agreement after it. Both tables have the same size, so a rank that
 #: makes one while another makes the other meets it in the same all-reduce, and both raise.
@@ -352,7 +365,8 @@ class EGN(ShardedOptimizer):
        updates from its own samples): ``all_reduce_scalars`` of the buffer layouts, then ``all_reduce_`` of
        rank 0's buffer values (``_take_rank0_buffers``): every rank's eval-mode pass runs on rank 0's buffers.
     1. ``all_reduce_scalars`` (``_agree_on_batch``): validity flags, local batch sizes, layer layouts and
-       the local loss sum.
+       the local loss sum, in a table of the step record's size with the optimizer's id where the record
+       holds it (so does 0's first): a rank that steps another optimizer first meets it and both raise.
     2. ``all_gather_flat`` (``_gather_factors``) of one padded float64 buffer per rank (the factor table
        of :mod:`lightning_soaa.functional.gram`): outputs z, targets, each factored
        Linear's inputs A and back-signals Δ, and the explicit Jacobian rows of the other parameters
@@ -515,8 +529,6 @@ class EGN(ShardedOptimizer):
         self._pending_plain = False  # the pending batch came from a set_batch without replace=True
         self._pass: _Pass | None = None  # the step in progress
         self._plan()
-        # the agreement table's room for T per site: a later plan (fewer trained parameters) has no more
-        self._max_sites = len(self._sites)
         self.damping = float(cfg.damping)
         self.alpha = float(cfg.lr)  # α of the previous step (the line search resets from it)
         self.momentum_steps = 0
@@ -1081,9 +1093,10 @@ class EGN(ShardedOptimizer):
             z, cap, err = None, None, f"{type(error).__name__}: {error}"
         else:
             z, cap, err = self._forward_capture(xs, targets)
-        table, row, width = self._agreement_table(_BATCH_KIND)
+        table, row = self._agreement_table(_BATCH_KIND)
         table[row] = 1.0 if err is not None else 0.0
         table[row + 3] = _fingerprint(self._active)
+        positions: list[int] = []
         if err is None:
             assert z is not None and cap is not None
             with grad_off():
@@ -1093,37 +1106,43 @@ class EGN(ShardedOptimizer):
                 local_loss, z_finite = host_floats([egn_math.loss_sum(self.config.loss, zd, y),
                                                     torch.isfinite(zd).all()])
             table[row + 1:row + 3] = [float(xs[0].shape[0]), float(z.shape[1])]
-            for i in range(nsites):
-                table[row + _ROW_HEAD + i] = float(sum(a.shape[1] for a in cap.inputs[i]))
+            positions = [sum(a.shape[1] for a in cap.inputs[i]) for i in range(nsites)]
+            table[row + _SITES_SLOT] = float(zlib.crc32(repr(positions).encode()))
             nonfinite = not (math.isfinite(local_loss) and z_finite > 0)
             table[0:2] = [1.0 if nonfinite else 0.0, local_loss]
         red = self._sum_scalars(table)  # collective
-        info = [red[2 + r * width:2 + (r + 1) * width] for r in range(world)]
-        sizes, c = self._check_agreement(info, err)
+        info = _rows(red, world)
+        sizes, c = self._check_agreement(info, err, positions)
         assert z is not None and cap is not None
         y = _as(targets, z.dtype if targets.is_floating_point() else targets.dtype, z.device)
         b = sum(sizes)
         return _Batch(xs=xs, y=y, z=z, cap=cap, sizes=sizes, c=c, rank=rank,
-                      positions=[int(info[0][_ROW_HEAD + i]) for i in range(nsites)], nonfinite=red[0] > 0,
+                      positions=positions, nonfinite=red[0] > 0,
                       f0=float("nan") if red[0] > 0 else red[1] / b)
 
-    def _agreement_table(self, kind: float) -> tuple[list[float], int, int]:
-        """(table, this rank's row offset, row width) of an agreement all-reduce: a head [non-finite, loss
-        sum], then one row per rank. The same width on every rank whatever its trainable set (a rank that
-        froze a layer plans fewer sites), so that ranks that disagree meet in one all-reduce and raise
-        together."""
-        width = _ROW_HEAD + self._max_sites
-        table = [0.0] * (2 + self.comm.world_size * width)
-        row = 2 + self.comm.rank * width
-        table[row + 4] = kind
-        return table, row, width
+    def _agreement_table(self, kind: float) -> tuple[list[float], int]:
+        """(table, this rank's row offset) of an agreement all-reduce (layout at ``_KIND_SLOT``): the size
+        of the step record's all-reduce on every rank, whatever its trainable set (a rank that froze a
+        layer plans fewer sites) or optimizer class, so that ranks that disagree meet in one all-reduce and
+        raise together."""
+        table = [0.0] * agreement.record_size(self.comm.world_size)
+        row = agreement.RECORD_SLOTS + self.comm.rank * agreement.STEP_ROW
+        table[row + _KIND_SLOT] = kind
+        table[row + agreement.INSTANCE_SLOT] = float(self.__dict__.get("_instance_id", 0))
+        return table, row
 
     def _raise_rank_errors(self, info: list[list[float]], kind: float, err: str | None) -> None:
-        """Raise on every rank if the ranks made different agreements, or if one of them had an error."""
+        """Raise on every rank if a rank is in another optimizer's step (the base's error: a rank in the
+        other optimizer's step record decides from the same ids), made the other agreement, or had an
+        error (in this order: a rank in the other agreement may fail where this one would not)."""
         world = len(info)
-        if any(info[r][4] != kind for r in range(world)):
+        slot = agreement.INSTANCE_SLOT
+        others = [r for r in range(world) if info[r][slot] != info[0][slot]]
+        if others:
+            raise self._out_of_order(others)
+        if any(info[r][_KIND_SLOT] != kind for r in range(world)):
             raise ValueError(_KIND_MESSAGE)
-        bad = [r for r in range(world) if info[r][0] > 0]
+        bad = [r for r in range(world) if info[r][agreement.ERROR_SLOT] > 0]
         if bad:
             own = self._pass.error if self._pass is not None else None
             if own is not None:  # this rank's own exception, with its traceback
@@ -1146,17 +1165,17 @@ class EGN(ShardedOptimizer):
             return
         world, rank = self.comm.world_size, self.comm.rank
         error = self._pass.error if self._pass is not None else None
-        table, row, width = self._agreement_table(_BUFFER_KIND)
+        table, row = self._agreement_table(_BUFFER_KIND)
         table[row] = 1.0 if error is not None else 0.0
         layout = _buffer_layout(buffers)
-        table[row + 5:row + 8] = layout
+        table[row + 1:row + 4] = layout
         red = self._sum_scalars(table)  # collective: all_reduce_scalars
-        info = [red[2 + r * width:2 + (r + 1) * width] for r in range(world)]
+        info = _rows(red, world)
         self._raise_rank_errors(info, _BUFFER_KIND, None if error is None else f"{type(error).__name__}: {error}")
-        if any(info[r][5:8] != layout for r in range(world)):
+        if any(info[r][1:4] != layout for r in range(world)):
             raise ValueError(
                 "EGN: the ranks' models have different floating-point buffers (count, sizes, names or dtypes: "
-                f"{[[int(v) for v in info[r][5:7]] for r in range(world)]} as [count, numel] per rank); EGN "
+                f"{[[int(v) for v in info[r][1:3]] for r in range(world)]} as [count, numel] per rank); EGN "
                 "gives every rank rank 0's buffers before its eval-mode pass, which needs the same model on "
                 "every rank.")
         tensors = [b for _, b in buffers]
@@ -1170,9 +1189,10 @@ class EGN(ShardedOptimizer):
                 for b, v in zip(tensors, torch.split(flat, [b.numel() for b in tensors])):
                     b.copy_(v.view(b.shape))
 
-    def _check_agreement(self, info: list[list[float]], err: str | None) -> tuple[list[int], int]:
+    def _check_agreement(self, info: list[list[float]], err: str | None,
+                         positions: list[int]) -> tuple[list[int], int]:
         """Raise (on every rank: ``info`` is the reduced table, a row per rank) unless the ranks' batches
-        fit together."""
+        fit together. ``positions``: this rank's T per Linear site (equal on every rank once checked)."""
         world = len(info)
         self._raise_rank_errors(info, _BATCH_KIND, err)
         if any(info[r][3] != info[0][3] for r in range(world)):
@@ -1182,13 +1202,13 @@ class EGN(ShardedOptimizer):
         cs = {int(info[r][2]) for r in range(world)}
         if len(cs) != 1:
             raise ValueError(f"EGN: ranks disagree on the number of outputs c: {sorted(cs)}.")
-        if self._sites and any(info[r][_ROW_HEAD:] != info[0][_ROW_HEAD:] for r in range(world)):
+        if self._sites and any(info[r][_SITES_SLOT] != info[0][_SITES_SLOT] for r in range(world)):
             raise ValueError("EGN: ranks disagree on the number of positions per sample seen by the Linear "
                              "layers (e.g. sequence lengths); pad the batches to equal lengths.")
         c, b = cs.pop(), sum(sizes)
         if b <= 0:
             raise ValueError("EGN: the global batch is empty.")
-        if self._kronecker and info[0][_ROW_HEAD] == 1:  # K = G ⊗ I_c: the solve is b×b (_solve_kronecker)
+        if self._kronecker and positions[:1] == [1]:  # K = G ⊗ I_c: the solve is b×b (_solve_kronecker)
             if b > self.config.max_gram_size:
                 raise ValueError(
                     f"EGN: the sample Gram matrix would be {b}x{b} (global batch b={b}; K = G ⊗ I_c for this "

@@ -364,6 +364,48 @@ def test_ranks_take_rank_0s_buffers_before_the_eval_mode_pass(tmp_path) -> None:
         assert unchanged
 
 
+def _swapped_worker(rank: int, world: int) -> dict:
+    """EGN over a BatchNorm model (its step begins with the buffer agreement) and our AdamW over another
+    model: one step in the same order on every rank, then the last rank steps them the other way round."""
+    from lightning_soaa import AdamW
+
+    model, other = _bn_model(), nn.Sequential(nn.Linear(6, 3)).double()
+    egn, adamw = EGN(model, loss="mse", lr=1.0, damping=0.3), AdamW(other.parameters(), lr=1e-2)
+    x, y = _uneven_share(0, rank, world)
+
+    def step_adamw() -> None:
+        adamw.step()
+
+    def step_egn() -> None:
+        egn.step(inputs=x, targets=y)
+
+    other.zero_grad()
+    ((other(x) - y) ** 2).mean().backward()  # the same gradient on every rank is not needed here
+    for p in other.parameters():
+        torch.distributed.all_reduce(p.grad)  # what DDP does in backward: every rank, same order
+    step_egn(), step_adamw()
+    before = [_flat(model), _flat(other)]
+    msgs = []
+    for f in ((step_adamw, step_egn) if rank == world - 1 else (step_egn, step_adamw)):
+        try:
+            f()
+            msgs.append("no error")
+        except RuntimeError as exc:
+            msgs.append(str(exc))
+    return {"msgs": msgs, "unchanged": torch.equal(before[0], _flat(model)) and torch.equal(before[1], _flat(other))}
+
+
+def test_egn_buffer_agreement_meets_another_optimizers_step_and_every_rank_raises(tmp_path) -> None:
+    """EGN's first collective (here the buffer agreement of a BatchNorm model, W = 3) has the size of the
+    step record's all-reduce and carries the optimizer's id where the record does: a rank that steps
+    another optimizer first meets it there, and every rank raises the same error (before: gloo's
+    size-mismatch abort of the process; on NCCL a hang). Nothing changed."""
+    world = 3
+    for rank, out in enumerate(run_distributed(_swapped_worker, world, tmp_path, timeout=180)):
+        assert all("another optimizer than rank 0" in m and f"[{world - 1}]" in m for m in out["msgs"]), (rank, out)
+        assert out["unchanged"], rank
+
+
 def _replaced_step(opt: EGN, model: nn.Module, rank: int, world: int) -> tuple[str | None, bool, int]:
     """(the step's error or None, whether the model's local tensors and EGN's are unchanged, num_steps)."""
     def local() -> list[torch.Tensor]:
