@@ -13,7 +13,8 @@ A subclass supplies the math in three hooks; the base owns blocks, collectives a
 One step (see :mod:`lightning_soaa.distributed.comm` for the picture)::
 
     [join the default group if it appeared after construction]   # once; see _ensure_joined
-    _exchange_in()        # default: [grad_reduction="mean": reduce_scatter grads to owners]
+    _exchange_in()        # default, grad_reduction="mean" at W > 1: an order check the record's size (see
+                          #   _meet_in_order), then reduce_scatter grads to owners
     record  = _prepare(owned views)                       # local, no communication; errors are held
     reduced = all_reduce_scalars([record.vector(), agreement rows, stop vote])   # ONE fp64 call, every rank
     any rank's held error, other hyperparameters -> raise on every rank; nothing changed
@@ -461,6 +462,17 @@ def _built_over(comm: Communicator) -> int:
     return _BUILT_OVER.get(id(getattr(comm, "group", None)), 0)
 
 
+# How many optimizers this process built before torch.distributed was initialized (each joins the default
+# group at its first step or consolidation). Their construction made no collective, so nothing agreed on an
+# order: the join compares each rank's count at construction (see _check_same_params_on_all_ranks).
+_BUILT_UNJOINED = [0]
+
+
+def _next_unjoined() -> int:
+    _BUILT_UNJOINED[0] += 1
+    return _BUILT_UNJOINED[0] - 1
+
+
 class ShardedOptimizer(torch.optim.Optimizer):
     """Base class: owned blocks, an injected :class:`Communicator`, world-size independent checkpoints.
 
@@ -510,6 +522,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         # builds the optimizer first): join that group before the first collective (see _ensure_joined).
         self._join_pending = comm is None and process_group is None and not distributed_running()
         self._unjoined_steps = 0  # steps taken as a single process while a join was pending
+        self._unjoined_ordinal = _next_unjoined() if self._join_pending else -1
         self._table: BlockTable | None = None
         self._consolidated: dict[str, Any] | None = None
         self._consolidated_at: int = -1
@@ -633,11 +646,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
         that reason identically (e.g. from reduced values). ``failed``: this rank already raised (held for
         the step's all-reduce): its gradients may not fit the exchange (a parameter resized since), so it
         joins the exchange with zeros, and the all-reduce after raises on every rank."""
+        if self.sharding.grad_reduction == "mean" and self.comm.world_size > 1:
+            self._check_unsharded_mean()  # (again: the world size may have been unknown at construction)
+            self._meet_in_order(failed)
         if self.sharding.grad_reduction == "mean" and self._dtensor is not None:
             self._dtensor.mean_plain_grads(read=not failed)  # FSDP2 averages the DTensor gradients; plain: here
         elif self.sharding.grad_reduction == "mean":
-            self._check_unsharded_mean()  # (again: the world size may have been unknown at construction)
-            self._confirm_first_layout()
             # before the exchange writes averages: a rank with no gradient at all is told apart (the step's
             # agreement rows carry the count; see _counts_grads)
             self._grads_held = sum(p.grad is not None for p in self._params)
@@ -651,22 +665,40 @@ class ShardedOptimizer(torch.optim.Optimizer):
         return (self.sharding.grad_reduction == "mean" and self._dtensor is None and self.comm.world_size > 1
                 and self.exchange.sharded)
 
-    def _confirm_first_layout(self) -> None:
-        """Until the first step is counted: raise on every rank unless all ranks' parameters have the same
-        shapes and dtypes (one small all-reduce, made by every rank at the same calls: steps are counted
-        together, a load does not matter). A rank that converted or resized its model alone after
-        construction rebuilt its table before the first step (:meth:`_rebuild_unstepped`), so its exchange
-        buffers no longer matched the others': gloo aborted the process ("Received data size doesn't
-        match"), NCCL would read a wrong size."""
-        if self.__dict__.get("_layout_confirmed") or not self.exchange.sharded:
-            return
+    def _meet_in_order(self, failed: bool) -> None:
+        """With ``grad_reduction="mean"`` (W > 1) and more than one optimizer built over the process
+        group, before the gradient exchange: one all-reduce of the step record's size
+        (:func:`~lightning_soaa.distributed.agreement.record_size`) carrying this rank's error flag and
+        instance id where the record's rows hold them, so that ranks that step two optimizers in different
+        orders meet here (or in the other optimizer's record or EGN's agreement, of the same size) and
+        every rank raises :meth:`_out_of_order`, before any gradient moved. The exchange's sizes depend on
+        the optimizer: a crossing there aborted gloo's process ("Received data size doesn't match"), and
+        NCCL would hang or mix the buffers.
+
+        Until the first step is counted it also compares the ranks' table digests (the same call, slot 1):
+        all ranks' parameters must have the same shapes and dtypes. A rank that converted or resized its
+        model alone after construction rebuilt its table before the first step
+        (:meth:`_rebuild_unstepped`), so its exchange buffers no longer matched the others'."""
         world, rank = self.comm.world_size, self.comm.rank
-        rows = torch.zeros(world, dtype=torch.float64)
+        confirm = not self.__dict__.get("_layout_confirmed") and self._dtensor is None and self.exchange.sharded
+        # One optimizer of ours over the group has nothing to cross (then only the first step pays for the
+        # layout check). The count is equal on every rank: each construction over the group is a
+        # collective where the ranks agree on it (see _BUILT_OVER), so every rank makes this call or none.
+        if not confirm and _built_over(self.comm) < 2:
+            return
+        row = agreement.RECORD_SLOTS + rank * agreement.STEP_ROW
+        table = [0.0] * agreement.record_size(world)
+        table[row + agreement.ERROR_SLOT] = 1.0 if failed else 0.0
         # the signatures the table (and so the exchange buffers) was built for, not the parameters now: a
         # rank that could not rebuild holds the old table for converted parameters
-        rows[rank] = float(self._table_digest())
-        got = self.comm.all_reduce_scalars(rows).tolist()
-        differ = [r for r in range(world) if got[r] != got[0]]
+        table[row + 1] = float(self._table_digest()) if confirm else 0.0
+        table[row + agreement.INSTANCE_SLOT] = float(self.__dict__.get("_instance_id", 0))
+        got = self.comm.all_reduce_scalars(torch.tensor(table, dtype=torch.float64)).tolist()
+        rows = [got[agreement.RECORD_SLOTS + r * agreement.STEP_ROW:][:agreement.STEP_ROW] for r in range(world)]
+        others = [r for r in range(world) if rows[r][agreement.INSTANCE_SLOT] != rows[0][agreement.INSTANCE_SLOT]]
+        if others:
+            raise self._out_of_order(others)
+        differ = [r for r in range(world) if rows[r][1] != rows[0][1]] if confirm else []
         if differ:
             raise RuntimeError(
                 f"{type(self).__name__}.step: the parameters of rank(s) {differ} differ from rank 0's in shape or "
@@ -867,18 +899,38 @@ class ShardedOptimizer(torch.optim.Optimizer):
         are compared."""
         full = self._consolidating()
         mine = agreement.construction_digests(self, params, names, self._unjoined_steps, full=full)
-        # the last column: this rank's count of optimizers built over the group (not compared; see below)
-        counted = torch.cat([mine, torch.tensor([_built_over(self.comm)], dtype=mine.dtype)])
+        # two more columns: this rank's count of optimizers built over the group (not compared; see below)
+        # and, for one built before the group existed, its place among those (compared)
+        extra = [_built_over(self.comm), self.__dict__.get("_unjoined_ordinal", -1)]
+        counted = torch.cat([mine, torch.tensor(extra, dtype=mine.dtype)])
         everyone = self.comm.all_gather_flat(counted).view(self.comm.world_size, -1)
-        agreement.check_construction(self, everyone[:, :-1], full=full)
+        self._check_join_order(everyone[:, -1].tolist())
+        agreement.check_construction(self, everyone[:, :-2], full=full)
         if "_instance_id" not in self.__dict__:  # once: a rebuild (add_param_group) is the same optimizer
             # the ranks' counts differ where some processes saw earlier groups (a group destroyed and made
             # again with a new process): the largest is every rank's ordinal
-            ordinal = int(everyone[:, -1].max())
+            ordinal = int(everyone[:, -2].max())
             _BUILT_OVER[id(getattr(self.comm, "group", None))] = ordinal + 1
             # per-rank partitions (not full) compare the sharding options only: the id is built from those
             basis = mine if full else mine[agreement.CONSTRUCTION_FIELDS.index("sharding options")]
             self._instance_id = agreement.instance_id(basis, ordinal)
+
+    def _check_join_order(self, ordinals: list[int]) -> None:
+        """Raise on every rank when the ranks join the group with optimizers built in different places before
+        torch.distributed was initialized (``ordinals``: each rank's, -1 for one built after). Those joins
+        come at the first step, so two optimizers stepped in different orders paired one rank's first with
+        another's second: with equal shapes (twins) the join passed and the ranks trained crossed replicas
+        silently, or the error named a class or parameter difference that was not there."""
+        odd = [r for r in range(len(ordinals)) if ordinals[r] != ordinals[0]]
+        if not odd:
+            return
+        raise RuntimeError(
+            f"{type(self).__name__}: rank(s) {odd} are joining the process group with another optimizer than "
+            f"rank 0 (the optimizers built before torch.distributed was initialized, numbered by each process in "
+            f"construction order: {ordinals} by rank; they join at their first step or consolidation). The "
+            "optimizers were stepped in a different order on some ranks, or the processes built different "
+            "optimizers before init_process_group. Step them in the same order on every rank (or build them "
+            "after init_process_group). Nothing changed.")
 
     def _ensure_joined(self) -> None:
         """Join the default process group if it appeared after construction (collective then).
@@ -915,7 +967,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             self.skipped_steps += 1
         else:
             self.num_steps += 1
-        self._layout_confirmed = True  # every rank counts this step: _confirm_first_layout is done
+        self._layout_confirmed = True  # every rank counts this step: _meet_in_order's layout check is done
         if self._join_pending:
             self._unjoined_steps += 1
 
@@ -1148,13 +1200,15 @@ class ShardedOptimizer(torch.optim.Optimizer):
             "the optimizers were stepped in a different order on some ranks (e.g. iterating a set of "
             "optimizers, whose order differs between processes). Every rank must call step() on its "
             "optimizers in the same order. Nothing changed."
-            + (" With grad_reduction='mean' the gradients were already exchanged between the two "
-               "optimizers: run backward() again." if self.sharding.grad_reduction == "mean" else "")
         )
 
     def _raise_disagreement(self, verdict: agreement.StepVerdict, error: BaseException | None) -> None:
         """Raise on every rank (the same decision everywhere: the verdict is bit-identical)."""
         name = type(self).__name__
+        # the crossing first, as EGN's agreement reads it: ranks in two optimizers' steps raise one error
+        # (this rank's own, if any, is its cause)
+        if verdict.instance_ranks:
+            raise self._out_of_order(verdict.instance_ranks) from error
         if verdict.error_ranks:
             if error is not None:
                 raise error
@@ -1162,8 +1216,6 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 f"{name}.step: rank(s) {verdict.error_ranks} raised an error before the step's all-reduce "
                 f"(see that rank's traceback); the step was abandoned on every rank and nothing changed."
             )
-        if verdict.instance_ranks:
-            raise self._out_of_order(verdict.instance_ranks)
         if verdict.step_counts or verdict.check_ranks:
             what = (f"are at different steps (steps taken, by rank: {verdict.step_counts})" if verdict.step_counts
                     else f"are at different steps: rank(s) {verdict.check_ranks} differ from rank 0 in whether "

@@ -169,6 +169,30 @@ def _rows(reduced: list[float], world: int) -> list[list[float]]:
     return [reduced[head + r * width:head + (r + 1) * width] for r in range(world)]
 
 
+def _refuse_parametrize_cache() -> None:
+    """A step inside ``torch.nn.utils.parametrize.cached()``: every forward of the step (the capture, the
+    explicit Jacobians' functional_call, the line search's trials) would read the weights the cache computed
+    before, not from the parameters being differentiated or moved (a step raised about batch dependence, or,
+    with the cache filled under no_grad, moved the other parameters by the wrong Jacobian, silently)."""
+    if getattr(torch.nn.utils.parametrize, "_cache_enabled", 0):
+        raise ValueError(
+            "EGN.step: called inside torch.nn.utils.parametrize.cached(); its cached parametrized weights would "
+            "stand in for the parameters EGN differentiates and moves. Call step() outside the cached() block.")
+
+
+def _refuse_scripted(model: nn.Module) -> None:
+    """A TorchScript module (``torch.jit.script``/``trace``, or one inside an eager model): EGN plans, hooks
+    and swaps eager modules' parameters, which a ScriptModule's compiled forward bypasses (its first step
+    failed with "'OrderedModuleDict' object has no attribute 'get'")."""
+    for name, m in model.named_modules():
+        if isinstance(m, torch.jit.ScriptModule):
+            where = "the model" if not name else f"module {name!r}"
+            raise ValueError(
+                f"EGN: {where} is a TorchScript module ({type(m).__name__}); EGN needs eager modules (it hooks "
+                "their calls and differentiates them with torch.func). Pass the module before torch.jit.script "
+                "or torch.jit.trace.")
+
+
 def _refuse_sparse_embeddings(model: nn.Module) -> None:
     """A trained ``nn.Embedding(sparse=True)`` / ``EmbeddingBag(sparse=True)``: its per-sample Jacobian rows
     would come from sparse gradients, which torch.func cannot batch (the step failed with an internal
@@ -506,6 +530,7 @@ class EGN(ShardedOptimizer):
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("EGN: the model has no trainable parameters (none with requires_grad=True).")
+        _refuse_scripted(model)
         _refuse_sparse_embeddings(model)
         _check_solve_dtype(cfg.solve_dtype, named)
         self.config = cfg
@@ -690,6 +715,7 @@ class EGN(ShardedOptimizer):
             if hyper is not None:
                 raise hyper
             self._check_places()  # the module still holds EGN's parameters (not replaced since)
+            _refuse_parametrize_cache()
             if closure is not None and not callable(closure):  # EGN.step((x, y)): say what it takes
                 raise TypeError(f"EGN.step: its argument is a closure (a callable), got {type(closure).__name__}; "
                                 "pass the batch by keyword: step(inputs=x, targets=y), or set_batch(x, y).")
@@ -1132,14 +1158,15 @@ class EGN(ShardedOptimizer):
         return table, row
 
     def _raise_rank_errors(self, info: list[list[float]], kind: float, err: str | None) -> None:
-        """Raise on every rank if a rank is in another optimizer's step (the base's error: a rank in the
-        other optimizer's step record decides from the same ids), made the other agreement, or had an
-        error (in this order: a rank in the other agreement may fail where this one would not)."""
+        """Raise on every rank if a rank is in another optimizer's step (the base's error, checked first
+        there too: a rank in the other optimizer's step record decides from the same ids), made the other
+        agreement, or had an error (in this order: a rank in the other agreement may fail where this one
+        would not)."""
         world = len(info)
         slot = agreement.INSTANCE_SLOT
         others = [r for r in range(world) if info[r][slot] != info[0][slot]]
-        if others:
-            raise self._out_of_order(others)
+        if others:  # this rank's own error, if any, is the cause (the base reads a crossing first too)
+            raise self._out_of_order(others) from (self._pass.error if self._pass is not None else None)
         if any(info[r][_KIND_SLOT] != kind for r in range(world)):
             raise ValueError(_KIND_MESSAGE)
         bad = [r for r in range(world) if info[r][agreement.ERROR_SLOT] > 0]

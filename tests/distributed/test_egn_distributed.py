@@ -364,9 +364,10 @@ def test_ranks_take_rank_0s_buffers_before_the_eval_mode_pass(tmp_path) -> None:
         assert unchanged
 
 
-def _swapped_worker(rank: int, world: int) -> dict:
+def _swapped_worker(rank: int, world: int, fail: bool = False) -> dict:
     """EGN over a BatchNorm model (its step begins with the buffer agreement) and our AdamW over another
-    model: one step in the same order on every rank, then the last rank steps them the other way round."""
+    model: one step in the same order on every rank, then the last rank steps them the other way round
+    (``fail``: its EGN step also raises, called without a batch)."""
     from lightning_soaa import AdamW
 
     model, other = _bn_model(), nn.Sequential(nn.Linear(6, 3)).double()
@@ -377,20 +378,23 @@ def _swapped_worker(rank: int, world: int) -> dict:
         adamw.step()
 
     def step_egn() -> None:
-        egn.step(inputs=x, targets=y)
+        if fail and rank == world - 1 and msgs:  # the crossed step, after the first try (the order check)
+            egn.step()
+        else:
+            egn.step(inputs=x, targets=y)
 
     other.zero_grad()
     ((other(x) - y) ** 2).mean().backward()  # the same gradient on every rank is not needed here
     for p in other.parameters():
         torch.distributed.all_reduce(p.grad)  # what DDP does in backward: every rank, same order
+    msgs: list[str] = []
     step_egn(), step_adamw()
     before = [_flat(model), _flat(other)]
-    msgs = []
     for f in ((step_adamw, step_egn) if rank == world - 1 else (step_egn, step_adamw)):
         try:
             f()
             msgs.append("no error")
-        except RuntimeError as exc:
+        except (RuntimeError, ValueError) as exc:
             msgs.append(str(exc))
     return {"msgs": msgs, "unchanged": torch.equal(before[0], _flat(model)) and torch.equal(before[1], _flat(other))}
 
@@ -402,6 +406,16 @@ def test_egn_buffer_agreement_meets_another_optimizers_step_and_every_rank_raise
     size-mismatch abort of the process; on NCCL a hang). Nothing changed."""
     world = 3
     for rank, out in enumerate(run_distributed(_swapped_worker, world, tmp_path, timeout=180)):
+        assert all("another optimizer than rank 0" in m and f"[{world - 1}]" in m for m in out["msgs"]), (rank, out)
+        assert out["unchanged"], rank
+
+
+def test_a_crossing_with_an_error_on_the_egn_rank_raises_the_same_error_everywhere(tmp_path) -> None:
+    """The crossed rank's EGN step also raises (no batch) while rank 0 is in AdamW's step: both sides read
+    the crossing first (the base's record and EGN's agreement alike), so every rank raises the same error
+    (before, AdamW's ranks said that rank 1 raised an error and the EGN rank that it was out of order)."""
+    world = 2
+    for rank, out in enumerate(run_distributed(_swapped_worker, world, tmp_path, True, timeout=180)):
         assert all("another optimizer than rank 0" in m and f"[{world - 1}]" in m for m in out["msgs"]), (rank, out)
         assert out["unchanged"], rank
 

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lightning_soaa import ASGO, DASGO, SOAA, ShardedAdamW
+from lightning_soaa.optim import base
 from tests.harness.models import loss_fn, tiny_mlp
 
 N = 8  # global rows per step (divisible by 1, 2 and 4)
@@ -130,7 +131,9 @@ def equivalence(rank: int, world_size: int, hsdp: bool = False, plain_last: bool
     for name, *_ in CASES:
         model, opt = run_case(name, rank, world_size, mesh, plain_last=plain_last)
         out[name] = {"params": full_params(model), "stats": soaa_stats(opt),
-                     "calls": dict(opt.comm.step_stats.calls)}
+                     "calls": dict(opt.comm.step_stats.calls),
+                     # grad_reduction="mean" with several optimizers over the group: an order check first
+                     "order_check": int(opt.sharding.grad_reduction == "mean" and base._built_over(opt.comm) > 1)}
     return out
 
 
