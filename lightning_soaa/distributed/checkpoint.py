@@ -233,6 +233,9 @@ def validate_state_dict(optimizer: CheckpointView, sd: Any, by_position: bool = 
             )
         if by_position:
             _check_name_order(name, gi, saved.get("param_names"), mine.get("param_names"))
+    if by_position:
+        _check_group_order(name, [g.get("param_names") for g in groups],
+                           [g.get("param_names") for g in optimizer.param_groups])
     shapes = _shapes(optimizer)
     saved_shapes = [list(s) for s in meta["shapes"]]
     if saved_shapes != shapes:
@@ -302,6 +305,26 @@ def _check_name_order(name: str, gi: int, saved: Any, mine: Any) -> None:
             f"{name}.load_state_dict: param group {gi} lists the same parameters in another order (position {j}: "
             f"{saved[j]!r} in the state, {mine[j]!r} here); the state maps by position, so it would load into the "
             "wrong tensors. Build the optimizer over the parameters in the order they were saved in.")
+
+
+def _check_group_order(name: str, saved: list[Any], mine: list[Any]) -> None:
+    """:func:`_check_name_order` across groups: the same names spread over the groups in another order
+    (param groups built in another order, e.g. two equal-shaped layers with different lrs) map state and
+    hyperparameters to the wrong parameters (0.03 off the uninterrupted run in 3 steps; torch's loader
+    does the same, silently)."""
+    if not all(isinstance(g, list) for g in (*saved, *mine)):
+        return
+    where = [(gi, j) for gi, g in enumerate(mine) for j in range(len(g))]
+    flat_saved, flat_mine = [n for g in saved for n in g], [n for g in mine for n in g]
+    if flat_saved == flat_mine or sorted(map(str, flat_saved)) != sorted(map(str, flat_mine)):
+        return
+    k = next(i for i, (a, b) in enumerate(zip(flat_saved, flat_mine)) if a != b)
+    gi, j = where[k]
+    raise ValueError(
+        f"{name}.load_state_dict: the param groups list the same parameters in another order (group {gi}, "
+        f"position {j}: {flat_saved[k]!r} in the state, {flat_mine[k]!r} here); the state and each group's "
+        "hyperparameters map by position, so they would load into the wrong tensors. Build the param groups "
+        "in the order they were saved in.")
 
 
 def lookup(mapping: Any, key: int) -> Any:

@@ -226,14 +226,15 @@ def dasgo_block_specs(shape: tuple[int, ...] | torch.Size, max_block_numel: int)
 
 
 def asgo_param_groups(module: nn.Module, **group_options: Any) -> list[dict[str, Any]]:
-    """Named param groups for ASGO/DASGO from a module, with every :class:`nn.Embedding` weight
-    (including an output head tied to it) in a ``use_asgo=False`` group.
+    """Named param groups for ASGO/DASGO from a module, with every :class:`nn.Embedding` and
+    :class:`nn.EmbeddingBag` table (including an output head tied to it; for a parametrized table, e.g.
+    ``weight_norm``, the parameters it is computed from) in a ``use_asgo=False`` group.
 
     ``group_options`` are added to both groups. Parameters without ``requires_grad`` are left out.
     Returns at most two groups: ``[{"params": [(name, p), ...], **opts}, {"params": [...],
     "use_asgo": False, **opts}]`` (empty groups are dropped).
     """
-    emb_ids = {id(m.weight) for m in module.modules() if isinstance(m, nn.Embedding)}
+    emb_ids = _embedding_table_ids(module)
     rest: list[tuple[str, Tensor]] = []
     emb: list[tuple[str, Tensor]] = []
     for name, p in module.named_parameters():
@@ -246,6 +247,23 @@ def asgo_param_groups(module: nn.Module, **group_options: Any) -> list[dict[str,
     if emb:
         groups.append({"params": emb, **group_options, "use_asgo": False})
     return groups
+
+
+def _embedding_table_ids(module: nn.Module) -> set[int]:
+    """``id`` of the parameters behind every embedding table of ``module``. A parametrized table's
+    ``weight`` is computed at each read (not a parameter, and reading it runs the parametrization, e.g. a
+    spectral_norm power iteration), so its originals are taken instead."""
+    ids: set[int] = set()
+    for m in module.modules():
+        if not isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
+            continue
+        if torch.nn.utils.parametrize.is_parametrized(m, "weight"):
+            lists = m.parametrizations  # a ModuleDict of ParametrizationLists, by tensor name
+            assert isinstance(lists, nn.ModuleDict)
+            ids.update(id(p) for p in lists["weight"].parameters())
+        elif m._parameters.get("weight") is not None:
+            ids.add(id(m._parameters["weight"]))
+    return ids
 
 
 def _by_key(indices: Iterable[int], key: Callable[[int], Any]) -> dict[Any, list[int]]:

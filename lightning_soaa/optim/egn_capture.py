@@ -157,6 +157,8 @@ class LinearCapture:
             changed = (self._global_hooks and isinstance(a, Tensor)
                        and not _is_layer_output(self.sites[i].module, a, output))
             self.guard.leave(i)
+            if self.guard.misuse is not None:  # the cause (e.g. a swapped parameter under torch.vmap, where the
+                return None  # output then needs no grad): the errors below would name a consequence
             if not isinstance(a, Tensor):
                 self.error = self.error or (
                     f"EGN: the Linear layer {self.sites[i].path!r} was called without an input tensor.")

@@ -77,6 +77,9 @@ class OwnUseGuard(TorchFunctionMode):
             here = self._inside[-1] if self._inside else -1
             for a in _tensors(args, kwargs):
                 owner = self._owner.get(id(a))
+                if owner is None and isinstance(a, Tensor) and a._base is not None:
+                    # a view made before the forward (weight.t() kept from __init__) reads the parameter
+                    owner = self._owner.get(id(a._base))
                 if owner is not None and owner[0] != here:
                     name = getattr(func, "__name__", str(func))
                     self.misuse = (f"EGN: the parameter {owner[1]!r} is used outside its nn.Linear's own call "

@@ -374,6 +374,10 @@ class SOAA(ShardedOptimizer):
         defaults = dict(lr=self.config.lr, betas=tuple(self.config.betas), eps=self.config.eps,
                         weight_decay=self.config.weight_decay)
         self._reset_trust_state()
+        # the trust region's β1 (its loss EMA) and ε: the constructor's, or on a resume the checkpoint's, as
+        # the per-group betas and eps are (a resume with other constructor betas stepped 3e-3 off the
+        # uninterrupted run: moments by the checkpoint's β, the trust region by the constructor's)
+        self._trust_beta1, self._trust_eps = float(self.config.betas[0]), float(self.config.eps)
         self._pending_loss: tuple[Tensor | float, float] | None = None
         self._pending_plain = False  # the pending loss came from a set_loss without replace=True
         self._set_loss_calls = 0  # lets step(closure) see whether the closure handed a loss over itself
@@ -664,7 +668,7 @@ class SOAA(ShardedOptimizer):
         pred_prev = predicted_reduction(lag_mu, lag_vu2)
         scal = trust_region_scalars(
             sum_mhat_sq=s_m2, sum_vhat_eps=s_veps, loss=lw / w, loss_ema=self._loss_ema,
-            pred_prev=pred_prev, d_prev=self._d, t=t, beta1=cfg.betas[0], eps=cfg.eps,
+            pred_prev=pred_prev, d_prev=self._d, t=t, beta1=self._trust_beta1, eps=self._trust_eps,
             gamma=cfg.gamma, total_steps=cfg.total_steps, band_schedule=cfg.band_schedule,
             rho_smoothing=cfg.rho_smoothing, actual_sum=self._actual_sum, pred_sum=self._pred_sum,
             trust_warmup=cfg.trust_warmup,
@@ -831,10 +835,10 @@ class SOAA(ShardedOptimizer):
         mu, vu2, loss_sum, count, bad, limited, failed, loss_eps = self.comm.all_reduce_scalars(vec).tolist()
         pred = predicted_reduction(mu, vu2)
         actual = self._loss - loss_sum / count if bad == 0 else -math.inf
-        rho = actual / max(pred, cfg.eps) if bad == 0 else -math.inf
+        rho = actual / max(pred, self._trust_eps) if bad == 0 else -math.inf
         self._pred, self._actual, self._rho = pred, actual, rho
         d = self._d
-        res = _resolution(loss_eps, self._model_eps(), self._loss, cfg.eps) if bad == 0 else 0.0
+        res = _resolution(loss_eps, self._model_eps(), self._loss, self._trust_eps) if bad == 0 else 0.0
         if bad == 0 and (pred == 0.0 or (pred <= res and abs(actual) <= res)):
             # a trial too small to judge (lr = 0 in a warm-up; a predicted and an observed change below
             # eps or the loss's own rounding, e.g. a float32 loss of 1e4): it stands and d is left alone.
@@ -878,6 +882,7 @@ class SOAA(ShardedOptimizer):
 
     def _global_state(self) -> dict[str, Any]:
         st = self.trust_state()
+        st["beta1"], st["eps"] = self._trust_beta1, self._trust_eps
         if self._consolidating():
             # Collective (we are inside consolidate_state_dict on every rank): the pending lagged sums
             # become their global value, so the checkpoint does not depend on the world size.
@@ -919,6 +924,12 @@ class SOAA(ShardedOptimizer):
             if key not in st or isinstance(st[key], bool) or not isinstance(st[key], (int, float)) \
                     or math.isnan(st[key]):
                 raise ValueError(f"{where}.{key}={st.get(key)!r} is missing or not a number.")
+        if "beta1" in st:  # absent in checkpoints from before it was saved: the constructor's then
+            check_finite_number(f"{where}.beta1", st["beta1"], nonnegative=True)
+            if not st["beta1"] < 1.0:
+                raise ValueError(f"{where}.beta1={st['beta1']!r} is invalid. Must be in [0, 1).")
+        if "eps" in st:
+            check_finite_number(f"{where}.eps", st["eps"], nonnegative=True)
         lag = st.get("lag")
         if not isinstance(lag, (list, tuple)) or len(lag) != 2:
             raise ValueError(f"{where}.lag={lag!r} is invalid. Must be a list of 2 finite numbers.")
@@ -941,6 +952,8 @@ class SOAA(ShardedOptimizer):
         self._actual_sum, self._pred_sum = float(st.get("actual_sum", 0.0)), float(st.get("pred_sum", 0.0))
         self._loss, self._lo, self._hi = float(st["loss"]), float(st["lo"]), float(st["hi"])
         self._accepted, self._rejected = int(st["accepted"]), int(st["rejected"])
+        self._trust_beta1 = float(st.get("beta1", self.config.betas[0]))
+        self._trust_eps = float(st.get("eps", self.config.eps))
         # the global sum lives on rank 0 only; the next all-reduce restores it exactly
         zero = st.get("lag_scope") == "global" and self.comm.rank != 0
         self._lag = [0.0, 0.0] if zero else [float(x) for x in st["lag"]]

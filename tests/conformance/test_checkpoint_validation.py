@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from lightning_soaa.distributed.checkpoint import FORMAT_KEY
-from lightning_soaa.registry import REGISTRY, get
+from lightning_soaa.registry import REGISTRY, FirstArg, get
 from tests.harness.models import batch, tiny_mlp
 
 SPECS = [pytest.param(s.name, id=s.name) for s in REGISTRY]
@@ -213,3 +213,34 @@ def test_parameters_saved_in_another_order_are_refused(name: str) -> None:
     renamed["param_groups"][0]["param_names"] = [f"old.{n}" for n in names]
     target.load_state_dict(renamed)
     assert _same(target.state_dict()["state"], sd["state"])
+
+
+GROUPED = [pytest.param(s.name, id=s.name) for s in REGISTRY if s.first_arg is not FirstArg.MODULE]
+
+
+def _grouped(name: str, order: tuple[int, int], steps: int) -> Any:
+    """The optimizer over two param groups of equal lengths (the first half at lr 1e-2, the rest at 1e-3),
+    listed in ``order``, after ``steps`` steps."""
+    spec = get(name)
+    model = tiny_mlp(seed=0)
+    named = list(model.named_parameters())
+    half = len(named) // 2
+    groups = [{"params": named[:half], "lr": 1e-2}, {"params": named[half:2 * half], "lr": 1e-3}]
+    opt = spec.load()([groups[i] for i in order], **{**spec.test_kwargs, **STATEFUL.get(name, {})})
+    for t in range(steps):
+        spec.take_step(opt, model, *batch(t, 0))
+    return opt
+
+
+@pytest.mark.parametrize("name", GROUPED)
+def test_param_groups_saved_in_another_order_are_refused(name: str) -> None:
+    """The same names spread over the groups in another order (groups built in another order): state and
+    each group's lr mapped to other parameters by position (0.03 off the uninterrupted run in 3 steps,
+    silently, as torch's loader does). Refused, naming the group and position; nothing changed."""
+    sd = copy.deepcopy(_grouped(name, (0, 1), steps=2).state_dict())
+    target = _grouped(name, (1, 0), steps=0)
+    before = _snapshot(target)
+    with pytest.raises(ValueError, match=r"the param groups list the same parameters in another order \(group 0, "
+                                         r"position 0"):
+        target.load_state_dict(sd)
+    assert _same(_snapshot(target), before)

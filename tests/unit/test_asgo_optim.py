@@ -100,6 +100,22 @@ def test_asgo_param_groups_finds_embeddings_and_tied_heads():
     assert opt.param_groups[1]["use_asgo"] is False and opt.param_groups[1]["lr"] == 3e-3
 
 
+def test_asgo_param_groups_finds_embedding_bags_and_parametrized_tables():
+    """An EmbeddingBag's table and a parametrized Embedding's originals went to the matrix method (only
+    nn.Embedding's plain weight was matched); a Linear under weight_norm stays a matrix."""
+    net = nn.Module()
+    net.bag = nn.EmbeddingBag(10, 6)
+    net.emb = torch.nn.utils.parametrizations.weight_norm(nn.Embedding(10, 6))
+    net.sn = torch.nn.utils.parametrizations.spectral_norm(nn.Embedding(10, 6))
+    net.fc = torch.nn.utils.parametrizations.weight_norm(nn.Linear(6, 6))
+    groups = asgo_param_groups(net)
+    adam = {name for name, _ in groups[1]["params"]}
+    assert adam == {"bag.weight", "emb.parametrizations.weight.original0", "emb.parametrizations.weight.original1",
+                    "sn.parametrizations.weight.original"}
+    assert {name for name, _ in groups[0]["params"]} == {"fc.bias", "fc.parametrizations.weight.original0",
+                                                        "fc.parametrizations.weight.original1"}
+
+
 def test_use_asgo_group_option():
     net = _Net()
     params = dict(net.named_parameters())

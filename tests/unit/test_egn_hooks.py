@@ -364,3 +364,88 @@ def test_a_backward_hook_where_explicit_jacobians_are_needed_is_named() -> None:
     model.checkpointed = False
     model.b.register_full_backward_hook(lambda m, gi, go: None)
     _refused(model, r"runs a module with a backward hook .* \('ln.weight' and others\): freeze")
+
+
+class _KeptView(nn.Module):
+    """A tied decoder whose transposed weight is a view kept from ``__init__`` (torch trains it like
+    ``self.a.weight.t()`` written in the forward: the view reads the parameter at every call)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.act, self.b = nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)
+        self.tied = self.a.weight.t()  # [5, 7]: a view of a.weight, not a parameter
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.act(self.a(x))
+        return self.b(h) + F.linear(h, self.tied)[:, :3]  # a decoder back to the input's 5, cut to 3
+
+
+def test_a_view_of_a_layer_weight_made_before_the_forward_is_refused() -> None:
+    """The guard matched parameters by identity, so the kept view passed unseen: the Gram factors missed
+    its part of the Jacobian and the step was 0.17 (relative) off the explicit Levenberg-Marquardt step,
+    silently. A view's base is now matched too: refused, naming the parameter, as for ``.t()`` in the
+    forward."""
+    model = _KeptView().to(DT)
+    model.tied = model.a.weight.t()  # again, after .to(DT) made a new parameter
+    _refused(model, "'a.weight' is used outside its nn.Linear's own call")
+
+
+class _VmappedEnsemble(nn.Module):
+    """An ensemble by torch.func.stack_module_state: each member's weights run through functional_call on
+    the registered base Linear, under torch.vmap; the base layer is also used as itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        members = [nn.Linear(5, 3) for _ in range(2)]
+        params, _ = torch.func.stack_module_state(members)  # type: ignore[arg-type]
+        self.w = nn.Parameter(params["weight"].detach().clone())
+        self.bias_ = nn.Parameter(params["bias"].detach().clone())
+        self.base = members[0]
+
+    def forward(self, x: Tensor) -> Tensor:
+        def member(w: Tensor, b: Tensor) -> Tensor:
+            return torch.func.functional_call(self.base, {"weight": w, "bias": b}, (x,))
+
+        return torch.vmap(member)(self.w, self.bias_).mean(0) + self.base(x)
+
+
+def test_a_linear_called_with_other_weights_under_vmap_names_the_swap() -> None:
+    """Under torch.vmap the swapped call's output needs no grad, and the hook's 'called with gradients
+    disabled' message (a consequence) won over the swap the guard had seen first (the cause)."""
+    _refused(_VmappedEnsemble().to(DT), r"nn.Linear 'base' was called with another tensor in place of its trained")
+
+
+def test_a_step_inside_parametrize_cached_is_refused() -> None:
+    """Every forward of the step read the weights the cache held (computed before): refused at the step,
+    naming the block, where it raised about batch dependence or, with the cache filled under no_grad,
+    stepped the other parameters by a wrong Jacobian (0.23 relative off), silently."""
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).to(DT)
+    torch.nn.utils.parametrizations.weight_norm(model[0])
+    opt = EGN(model, loss="mse", lr=1.0, damping=0.3)
+    x, y = _data()
+    w0 = flat_params(model)
+    with torch.nn.utils.parametrize.cached():
+        with torch.no_grad():
+            model(x)  # fills the cache
+        with pytest.raises(ValueError, match=r"inside torch.nn.utils.parametrize.cached\(\)"):
+            opt.step(inputs=x, targets=y)
+    assert torch.equal(flat_params(model), w0)
+    opt.step(inputs=x, targets=y)  # outside the block: steps
+    assert not torch.equal(flat_params(model), w0)
+
+
+@pytest.mark.parametrize("how", ["script", "trace", "submodule"])
+def test_a_torchscript_model_is_refused_at_construction(how: str) -> None:
+    """EGN hooks and swaps eager modules' parameters; a ScriptModule's first step failed with
+    "'OrderedModuleDict' object has no attribute 'get'". Refused when built, naming the module."""
+    x, _ = _data()
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).to(DT)
+    if how == "script":
+        model = torch.jit.script(model)
+    elif how == "trace":
+        model = torch.jit.trace(model, (x,))
+    else:
+        model[2] = torch.jit.script(model[2])
+    where = "module '2'" if how == "submodule" else "the model"
+    with pytest.raises(ValueError, match=rf"EGN: {where} is a TorchScript module"):
+        EGN(model, loss="mse")

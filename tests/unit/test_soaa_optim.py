@@ -316,6 +316,31 @@ def test_rho_smoothing_resume_equals_uninterrupted() -> None:
         SOAA(tiny_mlp(7).named_parameters(), lr=0.05).load_state_dict(sd)
 
 
+@pytest.mark.parametrize("acceptance", ["lagged", "same_batch"])
+def test_a_resume_with_other_constructor_betas_and_eps_equals_uninterrupted(acceptance: str) -> None:
+    """The checkpoint's betas and eps win over the constructor's (torch's rule for param_groups); the trust
+    region's β1 and ε did not follow them (read from the constructor): 3e-3 off the uninterrupted run.
+    They are checkpoint state now; a checkpoint without them keeps the constructor's."""
+    kw: dict[str, object] = dict(lr=0.05, gamma=0.3, acceptance=acceptance)
+    full = tiny_mlp(7)
+    _run(full, SOAA(full.named_parameters(), **kw), range(8))
+    first = tiny_mlp(7)
+    o1 = SOAA(first.named_parameters(), **kw)
+    _run(first, o1, range(4))
+    sd = copy.deepcopy(o1.state_dict())
+    resumed = tiny_mlp(99)
+    resumed.load_state_dict(first.state_dict())
+    o2 = SOAA(resumed.named_parameters(), **kw, betas=(0.5, 0.6), eps=1e-3)
+    o2.load_state_dict(sd)
+    assert o2.param_groups[0]["betas"] == (0.9, 0.999)
+    _run(resumed, o2, range(4, 8))
+    for a, b in zip(full.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    sd["lightning_soaa"]["global"]["soaa"]["beta1"] = 1.0
+    with pytest.raises(ValueError, match=re.escape("soaa.beta1=1.0 is invalid")):
+        SOAA(tiny_mlp(7).named_parameters(), **kw).load_state_dict(sd)
+
+
 def test_same_batch_resume_equals_uninterrupted() -> None:
     """same_batch's trust state survives a checkpoint (the lagged default is in tests/conformance)."""
     kw = dict(lr=0.05, gamma=0.3, total_steps=12, weight_decay=0.01, acceptance="same_batch")
