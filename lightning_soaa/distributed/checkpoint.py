@@ -27,6 +27,7 @@ The functions take a :class:`CheckpointView` of the optimizer (built by
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import numbers
 from collections.abc import Callable, Sequence
@@ -48,6 +49,7 @@ __all__ = [
     "steps_ahead",
     "steps_limit",
     "validate_state_dict",
+    "with_group_meta",
 ]
 
 FORMAT_KEY = "lightning_soaa"
@@ -112,8 +114,9 @@ class CheckpointView:
 
 
 #: what a load keeps of the current groups: their tensors, and the block size the table was built with (a
-#: state saved with other blocks is re-cut to it)
-_KEPT_ON_LOAD = ("params", "param_names", "max_block_numel")
+#: state saved with other blocks is re-cut to it); our metadata's copy (:func:`with_group_meta`) is no
+#: hyperparameter
+_KEPT_ON_LOAD = ("params", "param_names", "max_block_numel", FORMAT_KEY)
 
 
 def loaded_groups(current: list[dict[str, Any]], saved: list[dict[str, Any]],
@@ -170,6 +173,23 @@ def saved_groups(param_groups: Sequence[dict[str, Any]]) -> list[dict[str, Any]]
     return groups
 
 
+def with_group_meta(sd: dict[str, Any]) -> dict[str, Any]:
+    """``sd`` (our consolidated format) with a JSON copy of its metadata in ``param_groups[0]`` (a new
+    dict; the metadata marked ``"form": "consolidated"``). torch's own state-dict tools keep only ``state``
+    and ``param_groups`` (``FSDP.rekey_optim_state_dict``, ``set_optimizer_state_dict``: Lightning's
+    ModelParallelStrategy resuming a checkpoint saved without FSDP2), and without the optimizer-wide state
+    (step counts, SOAA's trust region) the per-block state cannot continue the run. On load the top-level
+    entry wins; the copy is read only where it is gone."""
+    groups = [dict(g) for g in sd["param_groups"]]
+    try:
+        copy = json.dumps({**sd[FORMAT_KEY], "form": "consolidated"})
+    except (TypeError, ValueError):  # an optimizer-wide value JSON cannot hold: no copy, such a load is refused
+        return {**sd, "param_groups": groups}
+    if groups:
+        groups[0][FORMAT_KEY] = copy
+    return {**sd, "param_groups": groups}
+
+
 def build_state_dict(
     optimizer: CheckpointView,
     block_states: dict[tuple[int, int], dict[str, Any]],
@@ -178,7 +198,7 @@ def build_state_dict(
     state: dict[int, dict[int, dict[str, Any]]] = {}
     for (pi, si), blk in sorted(block_states.items()):
         state.setdefault(pi, {})[si] = blk
-    return {
+    return with_group_meta({
         "state": state,
         "param_groups": saved_groups(optimizer.param_groups),
         FORMAT_KEY: {
@@ -188,7 +208,7 @@ def build_state_dict(
             "layout": [[list(x) for x in blist] for blist in optimizer.block_table.layout()],
             "global": global_state,
         },
-    }
+    })
 
 
 def validate_state_dict(optimizer: CheckpointView, sd: Any, by_position: bool = True) -> None:

@@ -105,6 +105,7 @@ from lightning_soaa.distributed.checkpoint import (
     select_owned_state,
     steps_ahead,
     validate_state_dict,
+    with_group_meta,
 )
 from lightning_soaa.distributed.comm import (
     Communicator,
@@ -1793,7 +1794,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                                "(consolidate_state_dict(to=None) where every rank calls state_dict(), e.g. "
                                "accelerate's prepare() and save_state()).")
         # the groups as they are now: an lr set after consolidate_state_dict() is the one to save
-        return {**self._consolidated, "param_groups": saved_groups(self._groups_as_built())}
+        return with_group_meta({**self._consolidated, "param_groups": saved_groups(self._groups_as_built())})
 
     @outside_inference_mode  # state loaded inside it could never be stepped (optim/step_context.py)
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -1811,16 +1812,26 @@ class ShardedOptimizer(torch.optim.Optimizer):
         The input is validated completely before anything changes, so a bad state dict leaves the
         optimizer untouched.
         """
-        if self._dtensor is not None and dcp.is_dcp_state_dict(state_dict):
-            return dcp.load_dcp_state_dict(self, state_dict)
+        if not (isinstance(state_dict, dict) and FORMAT_KEY in state_dict) and dcp.is_dcp_state_dict(state_dict):
+            # torch's shape (our metadata in param_groups[0]): saved under FSDP2, or any of our checkpoints
+            # after torch rebuilt it (FSDP.rekey_optim_state_dict, set_optimizer_state_dict(full_state_dict=True))
+            return dcp.load_torch_form(self, state_dict, self._prepare_consolidated_load)
+        self._prepare_consolidated_load(state_dict)()
+
+    def _prepare_consolidated_load(self, state_dict: dict[str, Any]) -> Callable[[], None]:
+        """Validate our consolidated format against this optimizer (raises, changing nothing); returns
+        the load itself."""
         view = self._checkpoint_view()
         state_dict = fit_layout(view, state_dict)  # saved with other row blocks: re-cut (a new dict)
         validate_state_dict(view, state_dict)
         new_groups = loaded_groups(self.param_groups, state_dict["param_groups"], self._validate_group,
                                    keep=self.layout_keys)
-        self._restore_owned_state(state_dict)
-        commit_groups(self.param_groups, new_groups)
-        self._replicas_unchecked = True  # the model is often loaded with it: compare at the next step
+
+        def load() -> None:
+            self._restore_owned_state(state_dict)
+            commit_groups(self.param_groups, new_groups)
+            self._replicas_unchecked = True  # the model is often loaded with it: compare at the next step
+        return load
 
     def _restore_owned_state(self, state_dict: dict[str, Any]) -> None:
         owned_states = select_owned_state(self._checkpoint_view(), state_dict)

@@ -49,6 +49,7 @@ Without DTensor parameters the optimizers keep their own world-size independent 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -69,7 +70,7 @@ from lightning_soaa.distributed.dtensor import _contiguous_stride, is_dtensor, l
 if TYPE_CHECKING:
     from lightning_soaa.optim.base import ShardedOptimizer
 
-__all__ = ["block_schema", "dcp_state_dict", "hold_state_entries", "is_dcp_state_dict", "load_dcp_state_dict"]
+__all__ = ["block_schema", "dcp_state_dict", "hold_state_entries", "is_dcp_state_dict", "load_torch_form"]
 
 #: key -> (sharded like the parameter, local shape, dtype)
 Schema = dict[str, tuple[bool, tuple[int, ...], torch.dtype]]
@@ -307,6 +308,32 @@ def _local_value(opt: ShardedOptimizer, block: BlockInfo, key: str, v: Any, shar
     return v
 
 
+def _entry_keys(opt: ShardedOptimizer, pi: int, stacks: dict[int, list[BlockInfo]]) -> set[str]:
+    """The keys :func:`dcp_state_dict` gives parameter ``pi``'s entry: its block's state keys (a whole
+    parameter, or a stack's stacked keys), else ``"block<sub_index>"`` per block."""
+    blocks = stacks.get(pi) or opt.block_table.by_param[pi]
+    if pi in stacks or (len(blocks) == 1 and blocks[0].dim is None):
+        return set(block_schema(opt, blocks[0]))
+    return {f"block{b.sub_index}" for b in blocks}
+
+
+def _check_entry_keys(opt: ShardedOptimizer, by_index: dict[int, Any], stacks: dict[int, list[BlockInfo]]) -> None:
+    """Raise where an entry holds keys the load would not read: they were dropped while the rest loaded
+    (a consolidated checkpoint's per-block entries restarted the optimizer from scratch, silently). Every
+    rank sees the whole state dict: the same verdict everywhere."""
+    for pi, entry in by_index.items():
+        label = opt._names[pi] or f"#{pi}"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{_name(opt)}.load_state_dict: the state of parameter {label} is a "
+                             f"{type(entry).__name__}; expected a dict.")
+        allowed = _entry_keys(opt, pi, stacks)
+        bad = sorted(str(k) for k in entry if k not in allowed)
+        if bad:
+            raise ValueError(f"{_name(opt)}.load_state_dict: the state of parameter {label} has key(s) {bad}, "
+                             f"which this optimizer's torch.distributed.checkpoint form does not hold (it holds "
+                             f"{sorted(allowed)}); they would be dropped. Nothing was loaded.")
+
+
 def _loaded_blocks(opt: ShardedOptimizer, sd: dict[str, Any],
                    limit: float) -> dict[tuple[int, int], dict[str, Tensor]]:
     """Validated local state per block (placeholders, step 0, left out); ``limit``: the most steps a
@@ -317,17 +344,9 @@ def _loaded_blocks(opt: ShardedOptimizer, sd: dict[str, Any],
     if unknown:
         raise ValueError(f"{_name(opt)}.load_state_dict: state for {unknown[:3]} is not listed in any "
                          "param group's 'params'.")
-    nested = [k for k, v in sd["state"].items() if isinstance(v, dict) and any(type(x) is int for x in v)]
-    if nested:  # every rank sees the whole state: the same verdict everywhere
-        raise ValueError(
-            f"{_name(opt)}.load_state_dict: the state of {nested[0]!r} holds the consolidated format's per-block "
-            "entries (integer keys) inside torch.distributed.checkpoint's form: a load pre-hook (torch's recipe "
-            "for loading by param_names starts from optimizer.state_dict(), which is that form under FSDP2) "
-            "copied a consolidated checkpoint's entries into it, and they would not load (the optimizer would "
-            "start afresh). Load a consolidated checkpoint without such a hook (parameter names are checked), "
-            "or save and load in torch.distributed.checkpoint's form.")
-    out: dict[tuple[int, int], dict[str, Tensor]] = {}
     stacks = _stacks(opt)
+    _check_entry_keys(opt, by_index, stacks)
+    out: dict[tuple[int, int], dict[str, Tensor]] = {}
     if stacks:
         out.update(_loaded_stacks(opt, stacks, by_index, limit))
     for b in opt._owned:
@@ -335,12 +354,12 @@ def _loaded_blocks(opt: ShardedOptimizer, sd: dict[str, Any],
             continue
         entry = by_index.get(b.param_index, {})
         blk = entry if b.dim is None else entry.get(f"block{b.sub_index}", {})
-        blk = {k: v for k, v in blk.items() if not isinstance(v, dict)}
         if not blk:
             continue
         schema = block_schema(opt, b)
-        if set(blk) != set(schema):
-            raise ValueError(f"{_name(opt)}.load_state_dict: block {b.key} has state keys {sorted(blk)}; "
+        if not isinstance(blk, dict) or set(blk) != set(schema):
+            got = sorted(map(str, blk)) if isinstance(blk, dict) else type(blk).__name__
+            raise ValueError(f"{_name(opt)}.load_state_dict: block {b.key} has state keys {got}; "
                              f"expected {sorted(schema)}.")
         dev = local(opt._params[b.param_index]).device  # type: ignore[union-attr]
         vals: dict[str, Tensor] = {}
@@ -376,24 +395,11 @@ def _stack_rows(opt: ShardedOptimizer, pi: int, key: str, v: Any, shape: tuple[i
 
 def _loaded_stacks(opt: ShardedOptimizer, stacks: dict[int, list[BlockInfo]], by_index: dict[int, Any],
                    limit: float) -> dict[tuple[int, int], dict[str, Tensor]]:
-    """:func:`_loaded_stack` of every stack, with one verdict on every rank: a rank sees only its own
-    experts' values (a step count ahead of the optimizer's), and one raising alone would leave the others
-    waiting in their next step's collective. One all-reduce of an error flag (every rank loads)."""
+    """:func:`_loaded_stack` of every stack. A rank sees only its own experts' values (a step count ahead
+    of the optimizer's): :func:`load_torch_form` gives every rank one verdict."""
     out: dict[tuple[int, int], dict[str, Tensor]] = {}
-    error: ValueError | None = None
-    try:
-        for pi, blocks in stacks.items():
-            out.update(_loaded_stack(opt, pi, blocks, by_index.get(pi, {}), limit))
-    except ValueError as e:
-        error = e
-    if opt.comm.world_size > 1:
-        flag = torch.tensor([0.0 if error is None else 1.0], dtype=torch.float64)
-        dev = local(opt._params[next(iter(stacks))]).device  # type: ignore[union-attr]
-        if float(opt.comm.all_reduce_(flag.to(dev))[0]) > 0 and error is None:
-            error = ValueError(f"{_name(opt)}.load_state_dict: another rank found the state of the experts it "
-                               "holds invalid (its error names them). Nothing was loaded.")
-    if error is not None:
-        raise error
+    for pi, blocks in stacks.items():
+        out.update(_loaded_stack(opt, pi, blocks, by_index.get(pi, {}), limit))
     return out
 
 
@@ -401,7 +407,6 @@ def _loaded_stack(opt: ShardedOptimizer, pi: int, blocks: list[BlockInfo], entry
                   limit: float) -> dict[tuple[int, int], dict[str, Tensor]]:
     """The validated state of the experts this rank holds of a stack saved by :func:`_stack_entry` (at
     any world size: DCP read the rows of this rank's experts into the destination's DTensors)."""
-    entry = {k: v for k, v in entry.items() if not isinstance(v, dict)}
     if not entry:
         return {}
     schema = block_schema(opt, blocks[0])
@@ -442,20 +447,207 @@ def _check_kept_keys(opt: ShardedOptimizer, new_groups: list[dict[str, Any]]) ->
                 f"{', '.join(f'{k}={a!r} vs {c!r}' for k, (a, c) in diff.items())}), load, then change them.")
 
 
-def load_dcp_state_dict(opt: ShardedOptimizer, sd: dict[str, Any]) -> None:
-    """Load :func:`dcp_state_dict`'s shape (after ``dcp.load``/``set_optimizer_state_dict``, at any world
-    size). Everything is validated before the optimizer changes."""
-    groups = [{k: v for k, v in g.items() if k != FORMAT_KEY} for g in sd["param_groups"]]
+def _group_meta(opt: ShardedOptimizer, sd: dict[str, Any]) -> dict[str, Any]:
+    """Our metadata from its JSON copy in ``param_groups[0]``."""
     try:
         meta = json.loads(sd["param_groups"][0][FORMAT_KEY])
     except (TypeError, ValueError) as e:
         raise ValueError(f"{_name(opt)}.load_state_dict: param_groups[0][{FORMAT_KEY!r}] is not our JSON "
                          f"metadata ({e}).") from e
+    if not isinstance(meta, dict):
+        raise ValueError(f"{_name(opt)}.load_state_dict: param_groups[0][{FORMAT_KEY!r}] is not our JSON "
+                         f"metadata (a JSON {type(meta).__name__}).")
+    return meta
+
+
+def _is_block_index(key: Any) -> bool:
+    return (isinstance(key, int) and not isinstance(key, bool)) or (isinstance(key, str) and key.isdigit())
+
+
+def _nested_entries(sd: dict[str, Any]) -> dict[Any, dict[int, Any]]:
+    """Our consolidated format's per-block entries inside torch's form: ``state[param][block index]``
+    (an int, or its string: torch's flatten/unflatten in set_optimizer_state_dict makes every key one)."""
+    out: dict[Any, dict[int, Any]] = {}
+    for key, entry in sd["state"].items():
+        if isinstance(entry, dict):
+            blocks = {int(k): v for k, v in entry.items() if _is_block_index(k) and isinstance(v, dict)}
+            if blocks:
+                out[key] = blocks
+    return out
+
+
+def _plain_groups(sd: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in g.items() if k != FORMAT_KEY} for g in sd["param_groups"]]
+
+
+def _param_index(opt: ShardedOptimizer, index: dict[Any, int], key: Any) -> int:
+    """Our parameter index of a state key (torch's rule: by position in the groups' ``params``; a key
+    flattened to its string matches too)."""
+    pi = index.get(key, index.get(str(key)))
+    if pi is None:
+        raise ValueError(f"{_name(opt)}.load_state_dict: state for {key!r} is not listed in any param group's "
+                         "'params'.")
+    return pi
+
+
+def _consolidated_from_nested(opt: ShardedOptimizer, sd: dict[str, Any], meta: dict[str, Any],
+                              nested: dict[Any, dict[int, Any]]) -> dict[str, Any]:
+    """Our consolidated format back from torch's rebuild of it (see :func:`load_torch_form`): its per-block
+    entries, keyed by parameter index. The other keys of an entry are the destination's own
+    (:func:`dcp_state_dict`'s placeholders, which set_optimizer_state_dict started from) and are replaced
+    by the checkpoint; any other key is refused (it would be dropped)."""
+    groups = _plain_groups(sd)
+    index = {k: i for i, k in enumerate(k for g in groups for k in g["params"])}
+    stacks = _stacks(opt)
+    state: dict[int, dict[int, Any]] = {}
+    for key, entry in sd["state"].items():
+        pi = _param_index(opt, index, key)
+        own = _entry_keys(opt, pi, stacks) if opt._dtensor is not None else set()
+        blocks = nested.get(key, {})
+        bad = sorted(str(k) for k in (entry if isinstance(entry, dict) else {"<not a dict>": 0})
+                     if k not in own and not (_is_block_index(k) and int(k) in blocks))
+        if bad:
+            raise ValueError(f"{_name(opt)}.load_state_dict: the state of {key!r} has key(s) {bad}, which are "
+                             "neither per-block entries of our consolidated format (block indices) nor this "
+                             f"optimizer's own {sorted(own)}; they would be dropped. Nothing was loaded.")
+        if blocks:
+            state[pi] = blocks
+    return {"state": state, "param_groups": groups, FORMAT_KEY: {k: v for k, v in meta.items() if k != "form"}}
+
+
+def _dcp_blocks(opt: ShardedOptimizer, key: Any, entry: Any) -> dict[int, dict[str, Any]]:
+    """The blocks of one entry of :func:`dcp_state_dict`'s form holding full (gathered) tensors: a whole
+    parameter's block (sub-index 0), ``"block<i>"`` entries, or a stack's rows (``step`` of shape [E])."""
+    where = f"{_name(opt)}.load_state_dict: the state of {key!r}"
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where} is a {type(entry).__name__}; expected a dict.")
+    values = [v for e in entry.values() for v in (e.values() if isinstance(e, dict) else [e])]
+    if any(is_dtensor(v) for v in values):
+        raise ValueError(f"{where} holds DTensors: a state of torch.distributed.checkpoint's sharded form, which "
+                         "only an optimizer over the same FSDP2 (DTensor) parameters loads. Without FSDP2 load a "
+                         "full one: get_optimizer_state_dict(..., options=StateDictOptions(full_state_dict=True)) "
+                         "under FSDP2 (Lightning ModelParallelStrategy(save_distributed_checkpoint=False)).")
+    split = {k: v for k, v in entry.items() if isinstance(k, str) and k.startswith("block") and k[5:].isdigit()}
+    if split:
+        if len(split) != len(entry) or not all(isinstance(v, dict) for v in split.values()):
+            raise ValueError(f"{where} mixes per-block entries with other keys: {sorted(map(str, entry))}.")
+        return {int(k[5:]): v for k, v in split.items()}
+    step = entry.get("step")
+    if isinstance(step, Tensor) and step.dim() == 1:  # a stack's experts, one row each (_stack_entry)
+        return {i: {k: v[i] for k, v in entry.items()} for i in range(step.shape[0])}
+    return {0: entry} if entry else {}
+
+
+def _consolidated_from_dcp(opt: ShardedOptimizer, sd: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+    """Our consolidated format from :func:`dcp_state_dict`'s form with full tensors (saved under FSDP2 with
+    ``full_state_dict=True``), for an optimizer without DTensor parameters. A block saved as zeros with
+    ``step`` 0 had no state; an optional key saved as zeros was absent (:func:`_block_entry`)."""
+    groups = _plain_groups(sd)
+    index = {k: i for i, k in enumerate(k for g in groups for k in g["params"])}
+    by_key = {b.key: b for b in opt.block_table.blocks}
+    state: dict[int, dict[int, Any]] = {}
+    for key, entry in sd["state"].items():
+        pi = _param_index(opt, index, key)
+        for si, blk in _dcp_blocks(opt, key, entry).items():
+            step = blk.get("step")
+            if isinstance(step, Tensor) and step.numel() == 1 and float(step) == 0.0:
+                if any(isinstance(v, Tensor) and bool(v.ne(0).any()) for v in blk.values()):
+                    raise ValueError(f"{_name(opt)}.load_state_dict: block {si} of {key!r} has step 0 but non-zero "
+                                     "state (a block without state is saved as zeros): a damaged checkpoint.")
+                continue
+            b = by_key.get((pi, si))
+            state.setdefault(pi, {})[si] = dict(blk) if b is None else _without_zero_optional(opt, b, blk)
+    return {"state": state, "param_groups": groups, FORMAT_KEY: {k: v for k, v in meta.items() if k != "form"}}
+
+
+NESTED_WITHOUT_META = (
+    "{name}.load_state_dict: the state of {key!r} holds the consolidated format's per-block entries inside "
+    "torch.distributed.checkpoint's form, without the checkpoint's own metadata (step counts, trust region): "
+    "torch rebuilt a consolidated checkpoint of an earlier lightning_soaa version (FSDP.rekey_optim_state_dict "
+    "and set_optimizer_state_dict(full_state_dict=True): Lightning's ModelParallelStrategy resuming a "
+    "checkpoint saved without FSDP2), or a load pre-hook (torch's recipe for loading by param_names starts from "
+    "optimizer.state_dict(), which is that form under FSDP2) copied its entries in; the optimizer would start "
+    "afresh. Load the consolidated checkpoint directly on every rank: optimizer.load_state_dict(checkpoint) "
+    "(it takes that form under FSDP2 too; parameter names are checked), or resave it with this version "
+    "without FSDP2 (its state_dict() then carries the metadata through torch's tools).")
+
+
+def load_torch_form(opt: ShardedOptimizer, sd: dict[str, Any],
+                    prepare_consolidated: Callable[[dict[str, Any]], Callable[[], None]]) -> None:
+    """Load a state dict in torch's shape: our metadata as JSON in ``param_groups[0]``, none beside.
+
+    * Saved under FSDP2 (:func:`dcp_state_dict`, metadata ``"form": "dcp"``): over DTensor parameters
+      loaded as such (:func:`_prepare_dcp_load`); without them (a full-file checkpoint of Lightning's
+      ModelParallelStrategy resumed under DDP or in one process) its full tensors in our consolidated
+      format (:func:`_consolidated_from_dcp`).
+    * Our consolidated format after torch rebuilt it (``"form": "consolidated"``, the copy of
+      :func:`~lightning_soaa.distributed.checkpoint.with_group_meta`): FSDP.rekey_optim_state_dict drops
+      the top-level metadata, and set_optimizer_state_dict(full_state_dict=True) merges the checkpoint's
+      per-block entries into the destination's own state dict; those entries are the checkpoint.
+
+    ``prepare_consolidated`` validates a state of our consolidated format and returns its load. Nothing
+    changes unless everything is valid. Over DTensor parameters with W > 1 every rank reaches one verdict
+    (one object all-gather; every rank loads): set_optimizer_state_dict(broadcast_from_rank0=True) gives a
+    checkpoint's own entries only to the ranks that passed it, and a rank raising alone left the others
+    waiting in their next step's collective."""
+    nested = _nested_entries(sd)
+
+    def prepare() -> Callable[[], None]:
+        meta = _group_meta(opt, sd)
+        if meta.get("form") == "dcp":
+            if nested:
+                raise ValueError(NESTED_WITHOUT_META.format(name=_name(opt), key=next(iter(nested))))
+            if opt._dtensor is not None:
+                return _prepare_dcp_load(opt, sd, meta)
+            return prepare_consolidated(_consolidated_from_dcp(opt, sd, meta))
+        return prepare_consolidated(_consolidated_from_nested(opt, sd, meta, nested))
+
+    if opt._dtensor is None or opt.comm.world_size == 1:
+        prepare()()
+        return
+    _agreed(opt, prepare, sum(len(b) for b in nested.values()))()
+
+
+def _agreed(opt: ShardedOptimizer, prepare: Callable[[], Callable[[], None]], entries: int) -> Callable[[], None]:
+    """``prepare()`` on every rank, then one verdict: a rank's error raised on every rank, and per-block
+    entries (``entries``: how many this rank was given) that reached some ranks only refused everywhere."""
+    load, error = None, None
+    try:
+        load = prepare()
+    except (ValueError, TypeError, RuntimeError) as e:
+        error = e
+    views = opt.comm.all_gather_object((None if error is None else f"{type(error).__name__}: {error}", entries))
+    counts = [int(c) for _, c in views]
+    if len(set(counts)) > 1:
+        raise ValueError(
+            f"{_name(opt)}.load_state_dict: the checkpoint's per-block entries reached the ranks unequally "
+            f"(per rank {counts}): set_optimizer_state_dict(..., broadcast_from_rank0=True) hands our consolidated "
+            "format's entries only to the ranks that passed the checkpoint. Pass the full checkpoint on every "
+            "rank (torch.load it on every rank, as Lightning does). Nothing was loaded.")
+    if error is not None:
+        raise error
+    other = next(((r, msg) for r, (msg, _) in enumerate(views) if msg is not None), None)
+    if other is not None:
+        raise ValueError(f"{_name(opt)}.load_state_dict: another rank (rank {other[0]}) found the state invalid: "
+                         f"{other[1]} Nothing was loaded.")
+    assert load is not None
+    return load
+
+
+def _prepare_dcp_load(opt: ShardedOptimizer, sd: dict[str, Any], meta: dict[str, Any]) -> Callable[[], None]:
+    """Validate :func:`dcp_state_dict`'s shape (after ``dcp.load``/``set_optimizer_state_dict``, at any world
+    size) against this optimizer over DTensor parameters; returns the load. Changes nothing."""
+    groups = _plain_groups(sd)
     validate_state_dict(opt._checkpoint_view(), {"state": {}, "param_groups": groups, FORMAT_KEY: meta},
                         by_position=False)  # DCP's state is keyed by parameter name
     new_groups = loaded_groups(opt.param_groups, groups, opt._validate_group, keep=opt.layout_keys)
     _check_kept_keys(opt, new_groups)
     blocks = _loaded_blocks(opt, sd, steps_limit(meta["global"]))
+    return lambda: _apply_dcp_load(opt, blocks, new_groups, meta)
+
+
+def _apply_dcp_load(opt: ShardedOptimizer, blocks: dict[tuple[int, int], dict[str, Tensor]],
+                    new_groups: list[dict[str, Any]], meta: dict[str, Any]) -> None:
     opt.state.clear()
     for b in opt._owned:
         vals = blocks.get(b.key)

@@ -1012,6 +1012,8 @@ def _bad_checkpoints(spec: OptimizerSpec, good: dict[str, Any]) -> list[tuple[st
     for key in ("state", "param_groups", "lightning_soaa"):
         sd = copy.deepcopy(good)
         del sd[key]
+        if key == "lightning_soaa":  # and its JSON copy in the first group (with it, the state loads)
+            del sd["param_groups"][0]["lightning_soaa"]
         # a state with torch's keys only (what DCP's flatten_optimizer_state_dict / full_state_dict rebuild)
         # names those options as the likely cause and the way that keeps the metadata
         why = "flatten_optimizer_state_dict=True" if key == "lightning_soaa" else "not a lightning_soaa optimizer state"

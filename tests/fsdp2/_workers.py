@@ -410,3 +410,83 @@ def two_groups_roundtrip(rank: int, world_size: int, root: str) -> dict[str, Any
     same_trust = all(trust[k] == trust2[k] for k in trust if k != "lag")
     return {"lrs": [g["lr"] for g in opt2.param_groups], "same_state": same_state,
             "trust": same_trust, "steps": opt2.num_steps}
+
+
+# ------------------------------------------------- full-file checkpoints between plain runs and FSDP2
+#: the cases whose FSDP2 run equals the plain one (asgo_tall: a parameter cut into two blocks)
+SWITCH_CASES = ("soaa", "adamw", "asgo_tall")
+
+
+def plain_checkpoint(name: str) -> dict[str, Any]:
+    """A plain single-process run's checkpoint after CKPT_AT steps (our consolidated format)."""
+    _, cls, kw, sizes = CASE[name]
+    model = tiny_mlp(sizes=sizes)
+    opt = cls(model.named_parameters(), **kw)
+    for t in range(CKPT_AT):
+        train_step(model, opt, *global_batch(t, sizes))
+    return {"model": copy.deepcopy(model.state_dict()), "opt": copy.deepcopy(opt.state_dict())}
+
+
+def _full_file_into_fsdp2(name: str, rank: int, world_size: int, start: dict[str, Any],
+                          osd: dict[str, Any]) -> dict[str, Any]:
+    """Lightning ModelParallelStrategy's resume of a full-file checkpoint: rekey to parameter names, then
+    set_optimizer_state_dict(full_state_dict=True, broadcast_from_rank0=True); then the remaining steps.
+    Returns the final parameters, or the error and the optimizer's step count after the refused load."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import OptimStateKeyType
+
+    _, cls, kw, sizes = CASE[name]
+    model = sharded_model(sizes, make_mesh(world_size, False), state=start["model"])
+    opt = cls(model.named_parameters(), **kw)
+    if osd:
+        osd = FSDP.rekey_optim_state_dict(osd, OptimStateKeyType.PARAM_NAME, model)
+    try:
+        set_optimizer_state_dict(model, opt, optim_state_dict=osd,
+                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    except ValueError as e:
+        return {"error": str(e), "num_steps": opt.num_steps}
+    resumed_at = opt.num_steps
+    for t in range(CKPT_AT, STEPS):
+        train_step(model, opt, *local_batch(t, sizes, rank, world_size))
+    return {"params": full_params(model), "resumed_at": resumed_at}
+
+
+def plain_into_fsdp2(rank: int, world_size: int, path: str) -> dict[str, Any]:
+    """A plain run's checkpoint resumed under FSDP2 (it restarted the optimizer from scratch, silently);
+    given on rank 0 only (refused on every rank: the other ranks would start afresh); and with its
+    metadata's copy in param_groups[0] removed, as an earlier version saved it (refused on every rank)."""
+    saved = torch.load(path, weights_only=False)
+    out: dict[str, Any] = {name: _full_file_into_fsdp2(name, rank, world_size, saved[name],
+                                                       copy.deepcopy(saved[name]["opt"]))
+                           for name in SWITCH_CASES}
+    start = saved["soaa"]
+    out["rank0_only"] = _full_file_into_fsdp2("soaa", rank, world_size, start,
+                                              copy.deepcopy(start["opt"]) if rank == 0 else {})
+    old = copy.deepcopy(start["opt"])
+    old["param_groups"][0].pop("lightning_soaa", None)
+    out["without_group_meta"] = _full_file_into_fsdp2("soaa", rank, world_size, start, old)
+    return out
+
+
+def save_full_file(rank: int, world_size: int, path: str) -> None:
+    """After CKPT_AT steps under FSDP2: Lightning ModelParallelStrategy's full-file optimizer state
+    (get_optimizer_state_dict(full_state_dict=True, cpu_offload=True), rekeyed to parameter ids on rank 0)
+    and the full model, written by rank 0."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import OptimStateKeyType
+
+    mesh = make_mesh(world_size, False)
+    saved: dict[str, Any] = {}
+    for name in SWITCH_CASES:
+        model, opt = run_case(name, rank, world_size, mesh, steps=range(CKPT_AT))
+        names = [n for n, _ in model.named_parameters()]
+        params = full_params(model)
+        osd = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rank == 0:
+            osd = FSDP.rekey_optim_state_dict(osd, OptimStateKeyType.PARAM_ID, model)
+            saved[name] = {"opt": osd, "model": dict(zip(names, params))}
+    if rank == 0:
+        torch.save(saved, path)
+    dist.barrier()

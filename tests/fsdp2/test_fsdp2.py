@@ -57,12 +57,15 @@ def references() -> dict[str, dict[str, Any]]:
 def w2_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, Any]], str]:
     tmp = tmp_path_factory.mktemp("fsdp2_w2")
     ckpt = str(tmp / "ckpt_w2.pt")
+    torch.save({name: W.plain_checkpoint(name) for name in W.SWITCH_CASES}, ckpt + ".plain")
     return run_distributed(_w2, 2, tmp, ckpt, timeout=300), ckpt
 
 
 def _w2(rank: int, world_size: int, ckpt: str) -> dict[str, Any]:
     out = W.equivalence(rank, world_size)
     W.save_checkpoints(rank, world_size, ckpt)
+    W.save_full_file(rank, world_size, ckpt + ".full")
+    out["plain_into_fsdp2"] = W.plain_into_fsdp2(rank, world_size, ckpt + ".plain")
     out["dcp_saved"] = W.save_dcp(rank, world_size, ckpt + ".dcp")
     out["ckpt_misuse"] = W.checkpoint_misuse(rank, world_size, ckpt + ".dcp")
     out["dcp_two_groups"] = W.two_groups_roundtrip(rank, world_size, ckpt + ".dcp")
@@ -213,3 +216,33 @@ def test_dcp_state_dict_is_torch_shaped_and_validated(w2_run):
         assert "must be a DTensor sharded like its parameter" in saved["full_tensors"], saved["full_tensors"]
         two = res["dcp_two_groups"]  # SOAA with two param groups, the fresh one built with bias lr 5e-2
         assert two == {"lrs": [3e-2, 1e-2], "same_state": True, "trust": True, "steps": W.CKPT_AT}, (r, two)
+
+
+def test_plain_checkpoint_resumes_under_fsdp2_full_file(w2_run, references):
+    """A plain run's checkpoint resumed the way Lightning's ModelParallelStrategy resumes a full file
+    (FSDP.rekey_optim_state_dict, set_optimizer_state_dict(full_state_dict=True, broadcast_from_rank0=True))
+    continues the run (it restarted the optimizer from scratch: num_steps 0, ~1e-3 off). Refused on every
+    rank, loading nothing: the checkpoint passed on rank 0 only, and one without the metadata's copy in
+    param_groups[0] (an earlier version's)."""
+    results, _ = w2_run
+    for r, res in enumerate(results):
+        got = res["plain_into_fsdp2"]
+        for name in W.SWITCH_CASES:
+            assert got[name].get("resumed_at") == W.CKPT_AT, (name, r, got[name].get("error"))
+            for i, (a, b) in enumerate(zip(got[name]["params"], references[name]["params"], strict=True)):
+                torch.testing.assert_close(a, b, atol=ATOL, rtol=0, msg=lambda m: f"{name} rank {r} param {i}: {m}")
+        assert "reached the ranks unequally (per rank [" in got["rank0_only"].get("error", ""), (r, got["rank0_only"])
+        assert "without the checkpoint's own metadata" in got["without_group_meta"].get("error", ""), r
+        assert got["rank0_only"]["num_steps"] == got["without_group_meta"]["num_steps"] == 0
+
+
+def test_fsdp2_full_file_checkpoint_resumes_without_fsdp2(w2_run, references):
+    """Lightning ModelParallelStrategy's full-file optimizer state (torch's form, our metadata in
+    param_groups[0], rekeyed to ids) resumed in one process continues the run (it was refused as "not a
+    lightning_soaa optimizer state")."""
+    _, ckpt = w2_run
+    saved = torch.load(ckpt + ".full", weights_only=False)
+    for name in W.SWITCH_CASES:
+        got = W.reference(name, range(W.CKPT_AT, W.STEPS), start=saved[name])
+        for i, (a, b) in enumerate(zip(got["params"], references[name]["params"], strict=True)):
+            torch.testing.assert_close(a, b, atol=ATOL, rtol=0, msg=lambda m: f"{name} param {i}: {m}")
