@@ -217,9 +217,13 @@ def validate_state_dict(optimizer: CheckpointView, sd: Any, by_position: bool = 
     name = optimizer.name
     if not isinstance(sd, dict) or FORMAT_KEY not in sd or "state" not in sd or "param_groups" not in sd:
         hint = ""
+        if _torch_optimizer_state(sd):  # a torch optimizer's own state dict (switching from torch.optim)
+            hint = (" It looks like a torch.optim optimizer's state (per-parameter entries of tensors, no "
+                    f"'{FORMAT_KEY}'): another optimizer's state cannot be continued by this one; build it "
+                    "fresh (the weights carry over).")
         if isinstance(sd, dict) and "state" in sd and "param_groups" in sd:
             # what torch.distributed.checkpoint.state_dict hands back when it rebuilt the state itself
-            hint = (" If it came from torch.distributed.checkpoint.state_dict: with StateDictOptions("
+            hint += (" If it came from torch.distributed.checkpoint.state_dict: with StateDictOptions("
                     "flatten_optimizer_state_dict=True) or full_state_dict=True (FSDP2) torch rebuilds the state "
                     "from its own keys, dropping this optimizer's metadata and global state. Save and load with the "
                     "default StateDictOptions (DCP: any world size, also fully_shard on one rank), or without "
@@ -325,6 +329,18 @@ def _check_name_order(name: str, gi: int, saved: Any, mine: Any) -> None:
             f"{name}.load_state_dict: param group {gi} lists the same parameters in another order (position {j}: "
             f"{saved[j]!r} in the state, {mine[j]!r} here); the state maps by position, so it would load into the "
             "wrong tensors. Build the optimizer over the parameters in the order they were saved in.")
+
+
+def _torch_optimizer_state(sd: Any) -> bool:
+    """Whether ``sd`` has the shape of a torch.optim optimizer's state dict: param groups without our
+    metadata's copy, and some per-parameter entry of plain values (``step``, ``exp_avg``, ...), not of
+    per-block entries as ours."""
+    if not (isinstance(sd, dict) and isinstance(sd.get("state"), dict) and isinstance(sd.get("param_groups"), list)):
+        return False
+    if any(isinstance(g, dict) and FORMAT_KEY in g for g in sd["param_groups"]):
+        return False
+    entries = [e for e in sd["state"].values() if isinstance(e, dict) and e]
+    return any(all(isinstance(v, (torch.Tensor, int, float)) for v in e.values()) for e in entries)
 
 
 def _check_group_order(name: str, saved: list[Any], mine: list[Any]) -> None:

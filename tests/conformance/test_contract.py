@@ -1001,12 +1001,16 @@ def _bad_checkpoints(spec: OptimizerSpec, good: dict[str, Any]) -> list[tuple[st
     step(spec, m_wide, o_wide, 0, sizes=(6, 9, 5, 3))
     m_short, o_short = make(spec, sizes=(6, 3))
     step(spec, m_short, o_short, 0, sizes=(6, 3))
-    torch_sd = torch.optim.AdamW(tiny_mlp(0).parameters()).state_dict()
+    torch_model = tiny_mlp(0)
+    torch_opt = torch.optim.AdamW(torch_model.parameters())
+    torch_model(torch.ones(2, SIZES[0], dtype=torch.float64)).sum().backward()
+    torch_opt.step()  # a user switching from torch's AdamW: its state, with entries
+    torch_sd = torch_opt.state_dict()
     cases = [
         ("another optimizer", o_other.state_dict(), f"saved by '{other.load().__name__}'"),
         ("wrong shapes", o_wide.state_dict(), r"different model: parameter 0 has shape \[9, 6\]"),
         ("fewer parameters", o_short.state_dict(), "parameters in the state"),
-        ("a torch optimizer's state", torch_sd, "not a lightning_soaa optimizer state"),
+        ("a torch optimizer's state", torch_sd, "not a lightning_soaa optimizer state.*looks like a torch.optim"),
         ("not a dict", [1, 2], "not a lightning_soaa optimizer state"),
     ]
     for key in ("state", "param_groups", "lightning_soaa"):
