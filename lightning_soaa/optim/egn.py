@@ -1100,7 +1100,9 @@ class EGN(ShardedOptimizer):
                     "with torch.func (vmap of jacrev over one-sample batches); modules that do not support it "
                     "(e.g. nn.GRU, nn.LSTM) cannot be trained by EGN, nor can a forward that draws random numbers "
                     "itself (F.dropout) when some parameter needs these explicit Jacobians (one that is not a "
-                    "Linear's weight or bias: an embedding, a norm's scale, a raw nn.Parameter).")
+                    "Linear's weight or bias: an embedding, a norm's scale, a raw nn.Parameter). Here: "
+                    f"{', '.join(repr(n) for n in self._explicit[:4])}"
+                    f"{' and others' if len(self._explicit) > 4 else ''} (freeze them to train the rest with EGN).")
         # detached: the rows are built from the live (trainable) factored parameters, so autograd would
         # otherwise record every product of the solve and of Jᵀv made from them
         cap.rows = rows.detach()
