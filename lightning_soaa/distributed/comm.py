@@ -42,6 +42,7 @@ __all__ = [
     "default_communicator",
     "distributed_running",
     "default_group_ready",
+    "group_key",
 ]
 
 # torch 2.13 renamed the flat collectives (the old names now warn on every call, on every rank); older
@@ -236,6 +237,13 @@ class TorchComm(_StatsMixin):
 
 def _is_default_group(group: dist.ProcessGroup | None) -> bool:
     return group is None or group == dist.group.WORLD
+
+
+def group_key(comm: Any) -> int:
+    """One key per process group a communicator runs its collectives on: the default group's whether it
+    was passed as None or as ``dist.group.WORLD`` (the same collectives), else the group object's id."""
+    group = getattr(comm, "group", None)
+    return id(None) if _is_default_group(group) else id(group)
 
 
 class DeferredComm:

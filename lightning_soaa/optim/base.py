@@ -113,6 +113,7 @@ from lightning_soaa.distributed.comm import (
     default_communicator,
     default_group_ready,
     distributed_running,
+    group_key,
 )
 from lightning_soaa.distributed.dtensor import DTensorLayout, has_dtensor, local
 from lightning_soaa.distributed.exchange import OwnerExchange
@@ -453,20 +454,26 @@ def _same_list_values(a: tuple[tuple[Any, tuple[Any, ...]], ...], b: tuple[tuple
                                     for (ka, va), (kb, vb) in zip(a, b))
 
 
-# How many optimizers this process has seen built over each process group (keyed by the group object; None:
-# the default group). Every construction over a group is a collective of that group, where the ranks agree
-# on the largest count: the optimizer's ordinal, part of its instance id (agreement.instance_id).
+# How many optimizers this process has seen built over each process group (keyed by comm.group_key: the
+# default group's key whether it was passed as None or as dist.group.WORLD, which run the same collectives:
+# two keys gave twins over it one ordinal, so equal ids). Every construction over a group is a collective of
+# that group, where the ranks agree on the largest count: the optimizer's ordinal, part of its instance id
+# (agreement.instance_id).
 _BUILT_OVER: dict[int, int] = {}
 
 
 def _built_over(comm: Communicator) -> int:
-    return _BUILT_OVER.get(id(getattr(comm, "group", None)), 0)
+    return _BUILT_OVER.get(group_key(comm), 0)
 
 
 # How many optimizers this process built before torch.distributed was initialized (each joins the default
 # group at its first step or consolidation). Their construction made no collective, so nothing agreed on an
-# order: the join compares each rank's count at construction (see _check_same_params_on_all_ranks).
+# order: the join compares each rank's count at construction (see _meet_before_join).
 _BUILT_UNJOINED = [0]
+
+#: the instance id a joining optimizer shows in its meeting before the join (:meth:`_meet_before_join`):
+#: outside the 48-bit ids, so a rank in another optimizer's step record sees another optimizer
+_JOINING_ID = float(1 << 48)
 
 
 def _next_unjoined() -> int:
@@ -900,38 +907,49 @@ class ShardedOptimizer(torch.optim.Optimizer):
         are compared."""
         full = self._consolidating()
         mine = agreement.construction_digests(self, params, names, self._unjoined_steps, full=full)
-        # two more columns: this rank's count of optimizers built over the group (not compared; see below)
-        # and, for one built before the group existed, its place among those (compared)
-        extra = [_built_over(self.comm), self.__dict__.get("_unjoined_ordinal", -1)]
-        counted = torch.cat([mine, torch.tensor(extra, dtype=mine.dtype)])
+        # the last column: this rank's count of optimizers built over the group (not compared; see below)
+        counted = torch.cat([mine, torch.tensor([_built_over(self.comm)], dtype=mine.dtype)])
         everyone = self.comm.all_gather_flat(counted).view(self.comm.world_size, -1)
-        self._check_join_order(everyone[:, -1].tolist())
-        agreement.check_construction(self, everyone[:, :-2], full=full)
+        agreement.check_construction(self, everyone[:, :-1], full=full)
         if "_instance_id" not in self.__dict__:  # once: a rebuild (add_param_group) is the same optimizer
             # the ranks' counts differ where some processes saw earlier groups (a group destroyed and made
             # again with a new process): the largest is every rank's ordinal
-            ordinal = int(everyone[:, -2].max())
-            _BUILT_OVER[id(getattr(self.comm, "group", None))] = ordinal + 1
+            ordinal = int(everyone[:, -1].max())
+            _BUILT_OVER[group_key(self.comm)] = ordinal + 1
             # per-rank partitions (not full) compare the sharding options only: the id is built from those
             basis = mine if full else mine[agreement.CONSTRUCTION_FIELDS.index("sharding options")]
             self._instance_id = agreement.instance_id(basis, ordinal)
 
-    def _check_join_order(self, ordinals: list[int]) -> None:
-        """Raise on every rank when the ranks join the group with optimizers built in different places before
-        torch.distributed was initialized (``ordinals``: each rank's, -1 for one built after). Those joins
-        come at the first step, so two optimizers stepped in different orders paired one rank's first with
-        another's second: with equal shapes (twins) the join passed and the ranks trained crossed replicas
-        silently, or the error named a class or parameter difference that was not there."""
-        odd = [r for r in range(len(ordinals)) if ordinals[r] != ordinals[0]]
-        if not odd:
-            return
-        raise RuntimeError(
-            f"{type(self).__name__}: rank(s) {odd} are joining the process group with another optimizer than "
-            f"rank 0 (the optimizers built before torch.distributed was initialized, numbered by each process in "
-            f"construction order: {ordinals} by rank; they join at their first step or consolidation). The "
-            "optimizers were stepped in a different order on some ranks, or the processes built different "
-            "optimizers before init_process_group. Step them in the same order on every rank (or build them "
-            "after init_process_group). Nothing changed.")
+    def _meet_before_join(self) -> None:
+        """Collective over the default group (``self.comm``), before the join's construction check: one
+        all-reduce of the step record's size, each rank's row holding :data:`_JOINING_ID` where the record
+        holds the instance id and, in slot 1, this optimizer's place among those this process built before
+        torch.distributed was initialized. Joins come at the first step (or consolidation), so optimizers
+        stepped in different orders met here: two joining ones in different places (twins passed the
+        construction check and trained crossed replicas silently), or one joining while another rank was
+        in a joined optimizer's step (a hang: the construction all-gather met a step's all-reduce). Every
+        rank raises; nothing changed."""
+        world, rank = self.comm.world_size, self.comm.rank
+        row = agreement.RECORD_SLOTS + rank * agreement.STEP_ROW
+        table = [0.0] * agreement.record_size(world)
+        table[row + 1] = float(self.__dict__.get("_unjoined_ordinal", -1))
+        table[row + agreement.INSTANCE_SLOT] = _JOINING_ID
+        got = self.comm.all_reduce_scalars(torch.tensor(table, dtype=torch.float64)).tolist()
+        rows = [got[agreement.RECORD_SLOTS + r * agreement.STEP_ROW:][:agreement.STEP_ROW] for r in range(world)]
+        # rank 0's row is the reference, as in the record's verdict (a rank in the record decides alike)
+        others = [r for r in range(world) if rows[r][agreement.INSTANCE_SLOT] != rows[0][agreement.INSTANCE_SLOT]]
+        if others:
+            raise self._out_of_order(others)
+        ordinals = [int(rows[r][1]) for r in range(world)]
+        odd = [r for r in range(world) if ordinals[r] != ordinals[0]]
+        if odd:
+            raise RuntimeError(
+                f"{type(self).__name__}: rank(s) {odd} are joining the process group with another optimizer than "
+                f"rank 0 (the optimizers built before torch.distributed was initialized, numbered by each process "
+                f"in construction order: {ordinals} by rank; they join at their first step or consolidation). "
+                "The optimizers were stepped in a different order on some ranks, or the processes built different "
+                "optimizers before init_process_group. Step them in the same order on every rank (or build them "
+                "after init_process_group). Nothing changed.")
 
     def _ensure_joined(self) -> None:
         """Join the default process group if it appeared after construction (collective then).
@@ -947,6 +965,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self.comm = default_communicator(None)
         self._join_pending = False
         try:
+            if self.comm.world_size > 1:
+                self._meet_before_join()
             self._build_table()
         except Exception:
             self.comm, self._join_pending = local_comm, True  # nothing changed: still the local table

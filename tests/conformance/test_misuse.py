@@ -36,6 +36,7 @@ from tests.harness.distributed import run_distributed
 from tests.harness.models import batch, tiny_mlp
 
 SPECS = [pytest.param(s.name, id=s.name) for s in REGISTRY]
+MEAN_SPECS = [pytest.param(s.name, id=s.name) for s in REGISTRY if takes_kwarg(s, "grad_reduction")]
 GRAD_SPECS = [pytest.param(s.name, id=s.name) for s in REGISTRY if s.needs is not StepNeeds.BATCH]
 SIZES = (4, 4, 4, 4)  # equal-shaped layers: reordering them keeps the shape list identical
 
@@ -156,6 +157,34 @@ def test_optimizers_built_before_the_group_and_stepped_swapped_raise_at_the_join
     for r, out in enumerate(run_distributed(_w_built_early_swapped, 2, tmp_path, name, str(tmp_path / "store2"))):
         assert all("joining the process group with another optimizer than rank 0" in m and "[1]" in m
                    for m in out["msgs"]), f"rank {r}: {out['msgs']}"
+        assert out["unchanged"], f"rank {r}: parameters changed"
+
+
+def _w_joining_meets_a_step(rank: int, world: int, name: str, store2: str) -> dict[str, Any]:
+    """One optimizer built before the group (it joins at its first step), one after; the last rank steps
+    the joined one first while rank 0 steps the joining one first."""
+    dist.barrier()  # see _w_built_early
+    dist.destroy_process_group()
+    models = [tiny_mlp(sizes=SIZES), tiny_mlp(sizes=(4, 7, 4))]
+    opts = [_build(name, models[0])]
+    dist.init_process_group("gloo", store=dist.FileStore(store2, world), rank=rank, world_size=world)
+    opts.append(_build(name, models[1]))
+    before = [_params(m) for m in models]
+    losses = [_backward(name, opts[i], models[i], 0, rank) for i in (0, 1)]  # DDP's averaging: same order
+    order = (1, 0) if rank == world - 1 else (0, 1)
+    msgs = [_error(lambda i=i: _step_only(name, opts[i], models[i], 0, rank, losses[i])) for i in order]
+    return {"msgs": msgs, "unchanged": all(torch.equal(a, b) for i in (0, 1)
+                                           for a, b in zip(before[i], _params(models[i])))}
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_a_joining_optimizer_crossed_with_a_joined_ones_step_raises(tmp_path: Path, name: str) -> None:
+    """The join's construction all-gather met the other optimizer's step all-reduce: both ranks waited
+    (a hang, before this turn too). The join now begins with a meeting of the step record's size, where
+    a joining optimizer shows no instance id of a built one: every rank raises, nothing changed."""
+    for r, out in enumerate(run_distributed(_w_joining_meets_a_step, 2, tmp_path, name, str(tmp_path / "store2"),
+                                            timeout=120)):
+        assert all("another optimizer than rank 0" in m for m in out["msgs"]), f"rank {r}: {out['msgs']}"
         assert out["unchanged"], f"rank {r}: parameters changed"
 
 
@@ -504,6 +533,33 @@ def test_optimizers_stepped_in_different_orders_raise_on_every_rank(tmp_path: Pa
                 torch.testing.assert_close(x, y, atol=0, rtol=0)
 
 
+def _w_world_and_default(rank: int, world: int, name: str) -> dict[str, Any]:
+    """Twins over equal-shaped models without names, grad_reduction="mean": one over the default group
+    (process_group=None), one over dist.group.WORLD (the same group); swapped on the last rank at step 1."""
+    models = [tiny_mlp(sizes=SIZES), tiny_mlp(sizes=SIZES)]
+    spec = get(name)
+    opts = [spec.load()(list(m.parameters()), **{**spec.test_kwargs, "grad_reduction": "mean", "process_group": g})
+            for m, g in zip(models, (None, dist.group.WORLD))]
+    for i in (0, 1):
+        _step(name, opts[i], models[i], 0, rank, average=False)
+    before = [_params(m) for m in models]
+    losses = [_backward(name, opts[i], models[i], 1, rank, average=False) for i in (0, 1)]
+    order = (1, 0) if rank == world - 1 else (0, 1)
+    msgs = [_error(lambda i=i: _step_only(name, opts[i], models[i], 1, rank, losses[i])) for i in order]
+    return {"msgs": msgs, "unchanged": all(torch.equal(a, b) for i in (0, 1)
+                                           for a, b in zip(before[i], _params(models[i])))}
+
+
+@pytest.mark.parametrize("name", MEAN_SPECS)
+def test_twins_over_the_default_group_and_group_world_are_told_apart(tmp_path: Path, name: str) -> None:
+    """process_group=None and dist.group.WORLD are one group, counted under two keys: twins got one ordinal,
+    so equal instance ids, and no order check before the exchange; swapped, they trained crossed replicas
+    silently (0.94 apart). One key now: every rank raises, nothing changed."""
+    for r, out in enumerate(run_distributed(_w_world_and_default, 2, tmp_path, name)):
+        assert all("another optimizer than rank 0" in m for m in out["msgs"]), f"rank {r}: {out['msgs']}"
+        assert out["unchanged"], f"rank {r}: parameters changed"
+
+
 def _w_counts_differ(rank: int, world: int, name: str) -> dict[str, Any]:
     """Processes that saw different numbers of optimizers over the default group (a group destroyed and
     made again with a new process: the survivors counted the old group's); then twins stepped swapped."""
@@ -655,7 +711,6 @@ def test_a_checkpoint_loaded_on_one_rank_raises_on_every_rank(tmp_path: Path, na
         assert out["unchanged"] and out["after"] == "no error", f"rank {r}: {out}"
 
 
-MEAN_SPECS = [pytest.param(s.name, id=s.name) for s in REGISTRY if takes_kwarg(s, "grad_reduction")]
 
 
 def _broadcast(model: nn.Module) -> None:
