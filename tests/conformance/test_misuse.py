@@ -160,6 +160,19 @@ def test_optimizers_built_before_the_group_and_stepped_swapped_raise_at_the_join
         assert out["unchanged"], f"rank {r}: parameters changed"
 
 
+def _swap_steps(names: list[str], opts: list[Any], models: list[nn.Module], t: int, rank: int, world: int,
+                average: tuple[bool, bool] = (True, True)) -> dict[str, Any]:
+    """Step ``t`` of two optimizers: both backward passes in the same order on every rank (DDP's averaging
+    where ``average``), then the steps, the last rank the other way round. The errors each step raised,
+    and whether every parameter is as before."""
+    before = [_params(m) for m in models]
+    losses = [_backward(names[i], opts[i], models[i], t, rank, average=average[i]) for i in (0, 1)]
+    order = (1, 0) if rank == world - 1 else (0, 1)
+    msgs = [_error(lambda i=i: _step_only(names[i], opts[i], models[i], t, rank, losses[i])) for i in order]
+    return {"msgs": msgs, "unchanged": all(torch.equal(a, b) for i in (0, 1)
+                                           for a, b in zip(before[i], _params(models[i])))}
+
+
 def _w_joining_meets_a_step(rank: int, world: int, name: str, store2: str) -> dict[str, Any]:
     """One optimizer built before the group (it joins at its first step), one after; the last rank steps
     the joined one first while rank 0 steps the joining one first."""
@@ -169,12 +182,7 @@ def _w_joining_meets_a_step(rank: int, world: int, name: str, store2: str) -> di
     opts = [_build(name, models[0])]
     dist.init_process_group("gloo", store=dist.FileStore(store2, world), rank=rank, world_size=world)
     opts.append(_build(name, models[1]))
-    before = [_params(m) for m in models]
-    losses = [_backward(name, opts[i], models[i], 0, rank) for i in (0, 1)]  # DDP's averaging: same order
-    order = (1, 0) if rank == world - 1 else (0, 1)
-    msgs = [_error(lambda i=i: _step_only(name, opts[i], models[i], 0, rank, losses[i])) for i in order]
-    return {"msgs": msgs, "unchanged": all(torch.equal(a, b) for i in (0, 1)
-                                           for a, b in zip(before[i], _params(models[i])))}
+    return _swap_steps([name, name], opts, models, 0, rank, world)
 
 
 @pytest.mark.parametrize("name", SPECS)
@@ -542,12 +550,7 @@ def _w_world_and_default(rank: int, world: int, name: str) -> dict[str, Any]:
             for m, g in zip(models, (None, dist.group.WORLD))]
     for i in (0, 1):
         _step(name, opts[i], models[i], 0, rank, average=False)
-    before = [_params(m) for m in models]
-    losses = [_backward(name, opts[i], models[i], 1, rank, average=False) for i in (0, 1)]
-    order = (1, 0) if rank == world - 1 else (0, 1)
-    msgs = [_error(lambda i=i: _step_only(name, opts[i], models[i], 1, rank, losses[i])) for i in order]
-    return {"msgs": msgs, "unchanged": all(torch.equal(a, b) for i in (0, 1)
-                                           for a, b in zip(before[i], _params(models[i])))}
+    return _swap_steps([name, name], opts, models, 1, rank, world, average=(False, False))
 
 
 @pytest.mark.parametrize("name", MEAN_SPECS)
