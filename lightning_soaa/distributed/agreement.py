@@ -58,6 +58,9 @@ __all__ = [
     "ERROR_SLOT",
     "INSTANCE_SLOT",
     "record_size",
+    "meeting_table",
+    "meeting_rows",
+    "other_instances",
     "step_rows",
     "step_row_values",
     "StepVerdict",
@@ -96,6 +99,27 @@ def record_size(world: int) -> int:
     """Values in a step's first all-reduce at world size ``world``: the summed values, one row per rank and
     the stop vote's slot."""
     return RECORD_SLOTS + world * STEP_ROW + 1
+
+
+def meeting_table(rank: int, world: int, instance: float, error: bool = False) -> tuple[list[float], int]:
+    """A step's first all-reduce where it is not the record (EGN's agreements, the order check before an
+    exchange, a join): :func:`record_size` zeros with this rank's error flag and ``instance`` in its row,
+    and the row's offset (the caller fills the row's other slots)."""
+    table = [0.0] * record_size(world)
+    row = RECORD_SLOTS + rank * STEP_ROW
+    table[row + ERROR_SLOT] = 1.0 if error else 0.0
+    table[row + INSTANCE_SLOT] = float(instance)
+    return table, row
+
+
+def meeting_rows(reduced: Sequence[float], world: int) -> list[list[float]]:
+    """Every rank's row of a reduced :func:`meeting_table`."""
+    return [list(reduced[RECORD_SLOTS + r * STEP_ROW:RECORD_SLOTS + (r + 1) * STEP_ROW]) for r in range(world)]
+
+
+def other_instances(rows: Sequence[Sequence[float]]) -> list[int]:
+    """Ranks whose row holds another instance id than rank 0's (the verdict the record's rows give too)."""
+    return [r for r in range(len(rows)) if rows[r][INSTANCE_SLOT] != rows[0][INSTANCE_SLOT]]
 
 #: relative tolerance on Σ‖g‖² across ranks. Gradients averaged by DDP are bitwise equal on every rank
 #: (the collective hands every rank the same bits), so an honest run differs by 0; the tolerance only
@@ -359,7 +383,7 @@ def read_step_rows(rows: Tensor | Sequence[float], world: int, compare_grads: bo
     params = [r for r in range(world) if m[r][6] != m[0][6]] if digests else []
     counts = [m[r][3] for r in range(world)]
     gradless = [r for r in range(world) if counts[r] == 0] if count_grads and max(counts) > 0 else []
-    instances = [r for r in range(world) if m[r][INSTANCE_SLOT] != m[0][INSTANCE_SLOT]]
+    instances = other_instances(m)
     return StepVerdict(errors, hyper, grads, steps if len(set(steps)) > 1 else [], checks, params,
                        replicated=digests and world > 1 and not params, gradless_ranks=gradless,
                        instance_ranks=instances)

@@ -687,25 +687,17 @@ class ShardedOptimizer(torch.optim.Optimizer):
         all ranks' parameters must have the same shapes and dtypes. A rank that converted or resized its
         model alone after construction rebuilt its table before the first step
         (:meth:`_rebuild_unstepped`), so its exchange buffers no longer matched the others'."""
-        world, rank = self.comm.world_size, self.comm.rank
+        world = self.comm.world_size
         confirm = not self.__dict__.get("_layout_confirmed") and self._dtensor is None and self.exchange.sharded
         # One optimizer of ours over the group has nothing to cross (then only the first step pays for the
         # layout check). The count is equal on every rank: each construction over the group is a
         # collective where the ranks agree on it (see _BUILT_OVER), so every rank makes this call or none.
         if not confirm and _built_over(self.comm) < 2:
             return
-        row = agreement.RECORD_SLOTS + rank * agreement.STEP_ROW
-        table = [0.0] * agreement.record_size(world)
-        table[row + agreement.ERROR_SLOT] = 1.0 if failed else 0.0
         # the signatures the table (and so the exchange buffers) was built for, not the parameters now: a
         # rank that could not rebuild holds the old table for converted parameters
-        table[row + 1] = float(self._table_digest()) if confirm else 0.0
-        table[row + agreement.INSTANCE_SLOT] = float(self.__dict__.get("_instance_id", 0))
-        got = self.comm.all_reduce_scalars(torch.tensor(table, dtype=torch.float64)).tolist()
-        rows = [got[agreement.RECORD_SLOTS + r * agreement.STEP_ROW:][:agreement.STEP_ROW] for r in range(world)]
-        others = [r for r in range(world) if rows[r][agreement.INSTANCE_SLOT] != rows[0][agreement.INSTANCE_SLOT]]
-        if others:
-            raise self._out_of_order(others)
+        rows = self._meet(float(self.__dict__.get("_instance_id", 0)), float(self._table_digest()) if confirm
+                          else 0.0, failed)
         differ = [r for r in range(world) if rows[r][1] != rows[0][1]] if confirm else []
         if differ:
             raise RuntimeError(
@@ -920,6 +912,20 @@ class ShardedOptimizer(torch.optim.Optimizer):
             basis = mine if full else mine[agreement.CONSTRUCTION_FIELDS.index("sharding options")]
             self._instance_id = agreement.instance_id(basis, ordinal)
 
+    def _meet(self, instance: float, value: float, failed: bool = False) -> list[list[float]]:
+        """Collective: a first all-reduce of the step record's size (:func:`agreement.meeting_table`; slot 1
+        of this rank's row holds ``value``); every rank's row. Raises :meth:`_out_of_order` on every rank
+        where the ranks are in different optimizers' steps (rank 0's row is the reference, as in the
+        record's verdict, so a rank in the record decides alike)."""
+        table, row = agreement.meeting_table(self.comm.rank, self.comm.world_size, instance, failed)
+        table[row + 1] = value
+        got = self.comm.all_reduce_scalars(torch.tensor(table, dtype=torch.float64)).tolist()
+        rows = agreement.meeting_rows(got, self.comm.world_size)
+        others = agreement.other_instances(rows)
+        if others:
+            raise self._out_of_order(others)
+        return rows
+
     def _meet_before_join(self) -> None:
         """Collective over the default group (``self.comm``), before the join's construction check: one
         all-reduce of the step record's size, each rank's row holding :data:`_JOINING_ID` where the record
@@ -929,17 +935,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         construction check and trained crossed replicas silently), or one joining while another rank was
         in a joined optimizer's step (a hang: the construction all-gather met a step's all-reduce). Every
         rank raises; nothing changed."""
-        world, rank = self.comm.world_size, self.comm.rank
-        row = agreement.RECORD_SLOTS + rank * agreement.STEP_ROW
-        table = [0.0] * agreement.record_size(world)
-        table[row + 1] = float(self.__dict__.get("_unjoined_ordinal", -1))
-        table[row + agreement.INSTANCE_SLOT] = _JOINING_ID
-        got = self.comm.all_reduce_scalars(torch.tensor(table, dtype=torch.float64)).tolist()
-        rows = [got[agreement.RECORD_SLOTS + r * agreement.STEP_ROW:][:agreement.STEP_ROW] for r in range(world)]
-        # rank 0's row is the reference, as in the record's verdict (a rank in the record decides alike)
-        others = [r for r in range(world) if rows[r][agreement.INSTANCE_SLOT] != rows[0][agreement.INSTANCE_SLOT]]
-        if others:
-            raise self._out_of_order(others)
+        world = self.comm.world_size
+        rows = self._meet(_JOINING_ID, float(self.__dict__.get("_unjoined_ordinal", -1)))
         ordinals = [int(rows[r][1]) for r in range(world)]
         odd = [r for r in range(world) if ordinals[r] != ordinals[0]]
         if odd:

@@ -163,12 +163,6 @@ def _fingerprint(active: tuple[bool, ...]) -> float:
     return float(hash(active) & ((1 << 52) - 1))
 
 
-def _rows(reduced: list[float], world: int) -> list[list[float]]:
-    """Every rank's row of a reduced agreement table (:meth:`EGN._agreement_table`)."""
-    head, width = agreement.RECORD_SLOTS, agreement.STEP_ROW
-    return [reduced[head + r * width:head + (r + 1) * width] for r in range(world)]
-
-
 def _refuse_parametrize_cache() -> None:
     """A step inside ``torch.nn.utils.parametrize.cached()``: every forward of the step (the capture, the
     explicit Jacobians' functional_call, the line search's trials) would read the weights the cache computed
@@ -1139,7 +1133,7 @@ class EGN(ShardedOptimizer):
             nonfinite = not (math.isfinite(local_loss) and z_finite > 0)
             table[0:2] = [1.0 if nonfinite else 0.0, local_loss]
         red = self._sum_scalars(table)  # collective
-        info = _rows(red, world)
+        info = agreement.meeting_rows(red, world)
         sizes, c = self._check_agreement(info, err, positions)
         assert z is not None and cap is not None
         y = _as(targets, z.dtype if targets.is_floating_point() else targets.dtype, z.device)
@@ -1153,10 +1147,9 @@ class EGN(ShardedOptimizer):
         of the step record's all-reduce on every rank, whatever its trainable set (a rank that froze a
         layer plans fewer sites) or optimizer class, so that ranks that disagree meet in one all-reduce and
         raise together."""
-        table = [0.0] * agreement.record_size(self.comm.world_size)
-        row = agreement.RECORD_SLOTS + self.comm.rank * agreement.STEP_ROW
+        table, row = agreement.meeting_table(self.comm.rank, self.comm.world_size,
+                                             float(self.__dict__.get("_instance_id", 0)))
         table[row + _KIND_SLOT] = kind
-        table[row + agreement.INSTANCE_SLOT] = float(self.__dict__.get("_instance_id", 0))
         return table, row
 
     def _raise_rank_errors(self, info: list[list[float]], kind: float, err: str | None) -> None:
@@ -1165,8 +1158,7 @@ class EGN(ShardedOptimizer):
         agreement, or had an error (in this order: a rank in the other agreement may fail where this one
         would not)."""
         world = len(info)
-        slot = agreement.INSTANCE_SLOT
-        others = [r for r in range(world) if info[r][slot] != info[0][slot]]
+        others = agreement.other_instances(info)
         if others:  # this rank's own error, if any, is the cause (the base reads a crossing first too)
             raise self._out_of_order(others) from (self._pass.error if self._pass is not None else None)
         if any(info[r][_KIND_SLOT] != kind for r in range(world)):
@@ -1199,7 +1191,7 @@ class EGN(ShardedOptimizer):
         layout = _buffer_layout(buffers)
         table[row + 1:row + 4] = layout
         red = self._sum_scalars(table)  # collective: all_reduce_scalars
-        info = _rows(red, world)
+        info = agreement.meeting_rows(red, world)
         self._raise_rank_errors(info, _BUFFER_KIND, None if error is None else f"{type(error).__name__}: {error}")
         if any(info[r][1:4] != layout for r in range(world)):
             raise ValueError(
