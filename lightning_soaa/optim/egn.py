@@ -187,17 +187,31 @@ def _refuse_scripted(model: nn.Module) -> None:
                 "or torch.jit.trace.")
 
 
-def _refuse_sparse_embeddings(model: nn.Module) -> None:
-    """A trained ``nn.Embedding(sparse=True)`` / ``EmbeddingBag(sparse=True)``: its per-sample Jacobian rows
-    would come from sparse gradients, which torch.func cannot batch (the step failed with an internal
-    'aten::view ... SparseCPU' error)."""
+def _refuse_embedding_options(model: nn.Module) -> None:
+    """A trained ``nn.Embedding`` / ``EmbeddingBag`` built with an option EGN's Jacobians cannot follow:
+    ``sparse=True`` (torch.func cannot batch sparse gradients: the step failed with an internal
+    'aten::view ... SparseCPU' error), ``scale_grad_by_freq=True`` (it changes only the gradient torch's
+    backward returns, by the batch's index counts, not the function: one sample's Jacobian then differs
+    from its share of the batch's, and the step failed with a misleading batch-dependence error), or
+    ``max_norm`` (the forward renormalises the looked-up rows of the table in place, which vmap refuses)."""
     for name, m in model.named_modules():
-        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse and m.weight.requires_grad:
-            raise ValueError(
-                f"EGN: module {name!r} is {type(m).__name__}(sparse=True), whose sparse gradients EGN's "
-                "Jacobians cannot use. Build it with sparse=False (EGN forms its own dense Jacobian rows), "
-                "or freeze it (weight.requires_grad_(False))."
-            )
+        if not isinstance(m, (nn.Embedding, nn.EmbeddingBag)) or not m.weight.requires_grad:
+            continue
+        kind = type(m).__name__
+        if m.sparse:
+            why = (f"{kind}(sparse=True), whose sparse gradients EGN's Jacobians cannot use. Build it with "
+                   "sparse=False (EGN forms its own dense Jacobian rows)")
+        elif m.scale_grad_by_freq:
+            why = (f"{kind}(scale_grad_by_freq=True), which rescales the gradient torch's backward returns by "
+                   "the batch's index counts; EGN differentiates the forward itself, per sample, and cannot "
+                   "follow that rescaling. Build it with scale_grad_by_freq=False")
+        elif m.max_norm is not None:
+            why = (f"{kind}(max_norm={m.max_norm}), whose forward renormalises the looked-up rows of its table "
+                   "in place, which EGN's per-sample Jacobians (torch.func.vmap) cannot run. Build it without "
+                   "max_norm (renormalise the rows yourself after each step if you need it)")
+        else:
+            continue
+        raise ValueError(f"EGN: module {name!r} is {why}, or freeze it (weight.requires_grad_(False)).")
 
 
 def _buffer_layout(buffers: list[tuple[str, Tensor]]) -> list[float]:
@@ -525,7 +539,7 @@ class EGN(ShardedOptimizer):
         if not named:
             raise ValueError("EGN: the model has no trainable parameters (none with requires_grad=True).")
         _refuse_scripted(model)
-        _refuse_sparse_embeddings(model)
+        _refuse_embedding_options(model)
         _check_solve_dtype(cfg.solve_dtype, named)
         self.config = cfg
         self.model = model

@@ -70,8 +70,11 @@ def plan_curvature(model: nn.Module, trainable: dict[str, Tensor],
                    mode: str) -> tuple[list[LinearSite], list[str]]:
     """Split the trainable parameters into factored Linear sites and explicit-Jacobian names.
 
-    A Linear is factored only when it is a plain ``nn.Linear`` (:func:`_own_linear_forward`) and its
-    parameters belong to no other module (tied weights would miss the other module's contribution).
+    A Linear is factored only when it is a plain ``nn.Linear`` (:func:`_own_linear_forward`), its
+    parameters belong to no other module (tied weights would miss the other module's contribution), and it
+    is not an ``nn.MultiheadAttention``'s ``out_proj``: that module passes ``out_proj.weight`` and ``.bias``
+    to ``F.multi_head_attention_forward`` and never calls the Linear, so no hook would see it (the guard
+    refused such a model under "auto"); its parameters get explicit Jacobians, as under "explicit".
     """
     owners: dict[int, int] = {}
     for _, m in model.named_modules(remove_duplicate=True):
@@ -82,8 +85,9 @@ def plan_curvature(model: nn.Module, trainable: dict[str, Tensor],
     sites: list[LinearSite] = []
     factored: set[str] = set()
     if mode == "auto":
+        never_called = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
         for path, m in model.named_modules(remove_duplicate=True):
-            if not isinstance(m, nn.Linear) or not _own_linear_forward(m):
+            if not isinstance(m, nn.Linear) or not _own_linear_forward(m) or id(m) in never_called:
                 continue
             ps = [p for p in (m.weight, m.bias) if p is not None]
             if any(owners.get(id(p), 0) > 1 for p in ps):

@@ -449,3 +449,30 @@ def test_a_torchscript_model_is_refused_at_construction(how: str) -> None:
     where = "module '2'" if how == "submodule" else "the model"
     with pytest.raises(ValueError, match=rf"EGN: {where} is a TorchScript module"):
         EGN(model, loss="mse")
+
+
+class _Attention(nn.Module):
+    """MHA reads out_proj.weight inside F.multi_head_attention_forward, never calling out_proj."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.mha, self.head = nn.Linear(5, 8), nn.MultiheadAttention(8, 2, batch_first=True), nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.inp(x)
+        return self.head(self.mha(h, h, h, need_weights=False)[0].mean(1))
+
+
+def test_multihead_attention_out_proj_gets_explicit_jacobians_under_auto() -> None:
+    """Under "auto" the out_proj was planned as a factored Linear; its hook never fired and the guard refused
+    the model ('used outside its nn.Linear's own call'), though "explicit" trained it. It is planned explicit
+    now; the Linears around it stay factored, and the step equals the float64 oracle."""
+    model = _Attention().to(DT)
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(6, 4, 5, generator=g, dtype=DT), torch.randn(6, 3, generator=g, dtype=DT)
+    ref = direct_direction(copy.deepcopy(model).eval(), x, y, "mse", damping=0.3)["d"]
+    opt = EGN(model, loss="mse", lr=1.0, damping=0.3)
+    assert [s.path for s in opt._sites] == ["inp", "head"]
+    w0 = flat_params(model)
+    opt.step(inputs=x, targets=y)
+    torch.testing.assert_close(flat_params(model) - w0, ref, rtol=1e-9, atol=1e-12)

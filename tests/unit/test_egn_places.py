@@ -7,7 +7,9 @@ replaced parameter, with nothing changed; an EGN built afterwards trains as the 
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -125,14 +127,26 @@ def test_a_parameter_or_its_submodule_replaced_is_refused(change: str) -> None:
     _unchanged(opt, model, before)
 
 
-def test_a_trained_sparse_embedding_is_refused_naming_it() -> None:
-    """nn.Embedding(sparse=True) failed at the first step with torch.func's internal 'aten::view ...
-    SparseCPU' error; it is refused at construction, naming the module (frozen, it is accepted)."""
-    model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Flatten(), nn.Linear(8, 2)).to(DT)
-    with pytest.raises(ValueError, match=r"module '0' is Embedding\(sparse=True\)"):
+@pytest.mark.parametrize("bag", [False, True], ids=["Embedding", "EmbeddingBag"])
+@pytest.mark.parametrize("option, shown", [({"sparse": True}, "sparse=True"),
+                                           ({"scale_grad_by_freq": True}, "scale_grad_by_freq=True"),
+                                           ({"max_norm": 1.0}, "max_norm=1.0")])
+def test_a_trained_embedding_with_an_option_egn_cannot_follow_is_refused_naming_it(
+        option: dict[str, Any], shown: str, bag: bool) -> None:
+    """sparse=True failed at the first step with torch.func's internal 'aten::view ... SparseCPU' error,
+    scale_grad_by_freq=True with a batch-dependence error that did not name it (it rescales only the
+    backward's gradient), max_norm with vmap's error about embedding_renorm_ (an in-place forward). Each is
+    refused at construction, naming the module and the option; frozen, the table is accepted and EGN steps."""
+    table = nn.EmbeddingBag(10, 4, mode="mean", **option) if bag else nn.Embedding(10, 4, **option)
+    model = nn.Sequential(table, nn.Identity() if bag else nn.Flatten(), nn.Linear(4 if bag else 8, 2)).to(DT)
+    kind = type(table).__name__
+    with pytest.raises(ValueError, match=rf"module '0' is {kind}\({re.escape(shown)}\).*or freeze it"):
         EGN(model, loss="mse")
     model[0].weight.requires_grad_(False)
-    EGN(model, loss="mse")
+    opt = EGN(model, loss="mse")
+    before = model[2].weight.detach().clone()
+    opt.step(inputs=torch.randint(0, 10, (6, 2)), targets=torch.randn(6, 2, dtype=DT))
+    assert not torch.equal(model[2].weight, before)
 
 
 class _CastOut(nn.Module):
