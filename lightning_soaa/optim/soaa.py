@@ -137,10 +137,9 @@ MISSING_LOSS_MESSAGE = (
     "loss reduction). Give it one of: opt.step(closure), opt.step(loss=loss), or opt.set_loss(loss) "
     "before step() (through a wrapper whose step() takes no keywords, e.g. Lightning Fabric's or "
     "accelerate's optimizer: set_loss); under Lightning add the lightning_soaa.lightning LossToOptimizer "
-    "callback. (Under "
-    "manual optimization with several optimizers that need the loss, LossToOptimizer hands it over only "
-    "where it can tell whose it is: exactly one manual_backward since the previous optimizer step; "
-    "otherwise pass it: opt.step(loss=...).)"
+    "callback. (Under manual optimization with several optimizers, LossToOptimizer hands it over only "
+    "where it can tell whose it is: a step through Lightning's wrapper (self.optimizers()) after exactly "
+    "one manual_backward since the previous optimizer step; otherwise pass it: opt.step(loss=...).)"
 )
 
 

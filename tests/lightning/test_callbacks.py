@@ -127,15 +127,20 @@ def test_soaa_without_loss_names_the_callback(tmp_path: Path) -> None:
 
 
 class TwoSOAA(PlainRegressor):
-    """Manual optimization with two SOAA (a GAN's generator and discriminator), each with its own loss."""
+    """Manual optimization with two optimizers (a GAN's generator and discriminator), each with its own
+    loss: two SOAA, or a SOAA and a gradient-only ASGO (``second``)."""
 
-    def __init__(self, order: str) -> None:
+    def __init__(self, order: str, second: str = "SOAA") -> None:
         super().__init__(batch_size=8)
         self.automatic_optimization = False
         self.order = order
+        self.second = second
         self.judged: list[tuple[float, float, float, float]] = []  # own losses, then what each SOAA saw
 
     def configure_optimizers(self) -> Any:
+        if self.second == "ASGO":
+            return [lightning_soaa.SOAA(self.net[0].parameters(), lr=0.01),
+                    lightning_soaa.ASGO(self.net[2].named_parameters(), lr=0.02)]
         return [lightning_soaa.SOAA(self.net[0].parameters(), lr=0.01),
                 lightning_soaa.SOAA(self.net[2].parameters(), lr=0.02)]
 
@@ -158,20 +163,24 @@ class TwoSOAA(PlainRegressor):
             self.manual_backward(loss_a)
             self.manual_backward(loss_b)
             opt_a.step(**({"loss": loss_a.detach()} if explicit else {}))
-            opt_b.step(**({"loss": loss_b.detach()} if explicit else {}))
+            opt_b.step(**({"loss": loss_b.detach()} if explicit and self.second == "SOAA" else {}))
         opt_a.zero_grad()
         opt_b.zero_grad()
+        seen_b = opt_b.optimizer.statistics()["loss"] if self.second == "SOAA" else float(loss_b.detach())
         self.judged.append((float(loss_a.detach()), float(loss_b.detach()), opt_a.optimizer.statistics()["loss"],
-                            opt_b.optimizer.statistics()["loss"]))
+                            seen_b))
 
 
+@pytest.mark.parametrize("second", ["SOAA", "ASGO"])
 @pytest.mark.parametrize("order", ["sequential", "shared", "both_first", "explicit"])
-def test_two_soaa_under_manual_optimization_each_get_their_own_loss(order: str, tmp_path: Path) -> None:
+def test_two_optimizers_under_manual_optimization_each_soaa_gets_its_own_loss(order: str, second: str,
+                                                                               tmp_path: Path) -> None:
     """Two SOAA with LossToOptimizer: both were handed the sum of every loss backpropagated since the last
     step, so ``manual_backward(a); manual_backward(b); opt_a.step(); opt_b.step()`` judged each on a + b
-    (7e-2 off after 6 steps). A loss goes only to the optimizers stepping after exactly one backward (also
-    one loss shared by both); the other order needs ``step(loss=...)`` and says so."""
-    model = TwoSOAA(order)
+    (7e-2 off after 6 steps); a SOAA beside a gradient-only optimizer (ASGO) was handed the sum too (1e-3
+    off in 12 steps). A loss goes only to the optimizers stepping after exactly one backward (also one loss
+    shared by both); the other order needs ``step(loss=...)`` and says so."""
+    model = TwoSOAA(order, second)
     trainer = make_trainer(tmp_path, max_steps=6, callbacks=[LossToOptimizer()])
     if order == "both_first":
         with pytest.raises(ValueError, match=r"exactly one manual_backward since the previous optimizer step"):
@@ -182,6 +191,46 @@ def test_two_soaa_under_manual_optimization_each_get_their_own_loss(order: str, 
     assert len(model.judged) == 3  # max_steps counts both optimizers' steps
     for own_a, own_b, seen_a, seen_b in model.judged:
         assert (seen_a, seen_b) == (pytest.approx(own_a, rel=1e-12), pytest.approx(own_b, rel=1e-12))
+
+
+class RawOptimizer(PlainRegressor):
+    """Manual optimization stepping the optimizer itself (``use_pl_optimizer=False``): Lightning's
+    ``on_before_optimizer_step`` never fires."""
+
+    def __init__(self) -> None:
+        super().__init__(batch_size=8)
+        self.automatic_optimization = False
+        self.kept: Any = None
+        self.judged: list[tuple[float, float]] = []
+
+    def configure_optimizers(self) -> Any:
+        if self.kept is None:  # one optimizer for both fits, as a module that caches it
+            self.kept = lightning_soaa.SOAA(self.parameters(), lr=0.01)
+        return self.kept
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        opt = self.optimizers(use_pl_optimizer=False)
+        x, y = batch
+        loss = F.mse_loss(self(x), y)
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+        self.judged.append((float(loss.detach()), opt.statistics()["loss"]))
+
+
+def test_a_raw_optimizer_under_manual_optimization_is_judged_by_its_own_step_loss(tmp_path: Path) -> None:
+    """``self.optimizers(use_pl_optimizer=False).step()`` never reaches on_before_optimizer_step, which
+    alone restarted the callback's running sum: step t was judged by the sum of the losses of steps
+    1..t (4.8e-3 off the plain loop after 12 steps). The sum restarts after every step of the optimizer
+    now (a step post-hook, removed when the fit ends)."""
+    model = RawOptimizer()
+    for batches in (4, 3):  # the same optimizer in a second fit (Lightning's step count does not see raw steps)
+        make_trainer(tmp_path, max_steps=-1, max_epochs=1, limit_train_batches=batches,
+                     callbacks=[LossToOptimizer()]).fit(model)
+    assert len(model.judged) == 7
+    for own, seen in model.judged:
+        assert seen == pytest.approx(own, rel=1e-12)
+    assert not model.kept._optimizer_step_post_hooks
 
 
 def test_egn_manual_optimization_recipe(tmp_path: Path) -> None:
