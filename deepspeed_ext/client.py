@@ -111,7 +111,9 @@ class DeepSpeedClientOptimizer(torch.optim.Optimizer):
         # Validate the hyperparameters now, before DeepSpeed or training starts: a probe instance on one
         # dummy parameter raises the optimizer's own ValueError (field, value, allowed range).
         # named: ASGO warns about unnamed matrices, which this one is not the user's
-        probe = optimizer_cls([("probe", torch.zeros(2, 2, requires_grad=True))], comm=LocalComm(), shard=False,
+        parts = self.hyperparams.get("row_parts", 1)  # ASGO cuts every matrix's rows into row_parts parts
+        rows = 2 * parts if isinstance(parts, int) and not isinstance(parts, bool) and parts >= 1 else 2
+        probe = optimizer_cls([("probe", torch.zeros(rows, 2, requires_grad=True))], comm=LocalComm(), shard=False,
                               **self.hyperparams)
         self._group_keys = tuple(k for k in probe.defaults if k not in _NON_HYPER)
         super().__init__(params, dict(probe.defaults))
@@ -120,6 +122,13 @@ class DeepSpeedClientOptimizer(torch.optim.Optimizer):
                 probe._validate_group(group)
             except ValueError as e:
                 raise ValueError(f"{optimizer_cls.__name__}: param_groups[{i}]: {e}") from None
+            if zero_stage > 0 and group.get("row_parts", 1) != 1:
+                # a partition's rows of a fused matrix are not whole parts: row_parts would cut them wrongly
+                raise ValueError(
+                    f"{optimizer_cls.__name__}: param_groups[{i}]: row_parts={group['row_parts']!r} (a fused "
+                    f"matrix stepped as its parts) is not supported at ZeRO stage {zero_stage}, whose flat "
+                    "partitions cut a parameter at any row; use ZeRO stage 0, or split the fused projection "
+                    "into separate Linear layers.")
         names = dict(param_names or {})
         for group in self.param_groups:  # named_parameters() input: torch keeps the names per group
             for p, n in zip(group["params"], group.get("param_names", ())):

@@ -326,6 +326,7 @@ class ASGOConfig:
     root_max_every: int = 10
     max_block_size: int = 1024
     batch_dims: int = 0
+    row_parts: int = 1
     adam_betas: tuple[float, float] = (0.9, 0.95)
     adam_eps: float = 1e-8
     adam_weight_decay: float = 0.0
@@ -338,6 +339,11 @@ class ASGOConfig:
         check_range("eps", self.eps, 0.0)
         check_range("damping", self.damping, 0.0)
         check_batch_dims(self.batch_dims)
+        check_int("row_parts", self.row_parts, 1)
+        if self.row_parts > 1 and self.batch_dims == 1:
+            raise ValueError(f"Invalid row_parts={self.row_parts!r} with batch_dims=1. Must be 1: a stack of "
+                             "experts is already separate matrices (batch_dims=1); row_parts splits a 2-D "
+                             "matrix (a fused projection) into its parts.")
         check_choice("inverse_root", self.inverse_root,
                      ("polar_express", "newton_schulz", "eigh", "polar_express_eigh", "auto"))
         check_int("root_iters", self.root_iters, 1, allow_none=True)

@@ -111,6 +111,8 @@ class CheckpointView:
     validate_global: Callable[[dict[str, Any]], None] = lambda state: None
     #: appended to a refused layout or state shape: an optimizer-specific cause (ASGO's side under FSDP2)
     layout_hint: str = ""
+    #: the group options that decide the blocks (a refused layout names the one that differs)
+    layout_keys: tuple[str, ...] = ()
 
 
 #: what a load keeps of the current groups: their tensors, and the block size the table was built with (a
@@ -271,8 +273,8 @@ def validate_state_dict(optimizer: CheckpointView, sd: Any, by_position: bool = 
     layout = [[list(x) for x in blist] for blist in optimizer.block_table.layout()]
     if [[list(x) for x in blist] for blist in meta["layout"]] != layout:
         raise ValueError(
-            f"{name}.load_state_dict: the state was saved with a different block layout (for example a "
-            "different max_block_size or max_block_numel) that cannot be re-cut to this one (only whole-row "
+            f"{name}.load_state_dict: the state was saved with a different block layout "
+            f"({_layout_option_change(optimizer, groups)}) that cannot be re-cut to this one (only whole-row "
             "blocks of an elementwise optimizer's state can); construct the optimizer with the same blocking options."
             + optimizer.layout_hint
         )
@@ -329,6 +331,17 @@ def _check_name_order(name: str, gi: int, saved: Any, mine: Any) -> None:
             f"{name}.load_state_dict: param group {gi} lists the same parameters in another order (position {j}: "
             f"{saved[j]!r} in the state, {mine[j]!r} here); the state maps by position, so it would load into the "
             "wrong tensors. Build the optimizer over the parameters in the order they were saved in.")
+
+
+def _layout_option_change(optimizer: CheckpointView, saved_groups: list[Any]) -> str:
+    """The first blocking option (``layout_keys``, ``max_block_numel``) whose value in the saved groups
+    differs from this optimizer's, said as such; else the options that could."""
+    keys = optimizer.layout_keys
+    for gi, (saved, mine) in enumerate(zip(saved_groups, optimizer.param_groups)):
+        for k in keys:
+            if isinstance(saved, dict) and k in saved and saved[k] != mine.get(k):
+                return f"param_groups[{gi}] was saved with {k}={saved[k]!r}, this optimizer has {k}={mine.get(k)!r}"
+    return "for example a different " + " or ".join(k for k in keys if k != "use_asgo")
 
 
 def _torch_optimizer_state(sd: Any) -> bool:

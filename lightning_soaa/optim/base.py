@@ -1647,7 +1647,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
                               shapes=tuple(tuple(p.shape) for p in self._params),
                               devices=tuple(p.device for p in self._params), names=tuple(self._names),
                               elementwise=self.elementwise, block_schema=self._block_schema,
-                              validate_global=self._validate_global_state, layout_hint=self._layout_hint)
+                              validate_global=self._validate_global_state, layout_hint=self._layout_hint,
+                              layout_keys=self.layout_keys + (("max_block_numel",) if self.elementwise else ()))
 
     def _groups_as_built(self) -> list[dict[str, Any]]:
         """The groups with their :attr:`layout_keys` options as the blocks were built (copies where they

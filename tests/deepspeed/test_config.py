@@ -9,6 +9,7 @@ import json
 import logging
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -256,6 +257,22 @@ def test_client_refuses_bad_group_options_at_construction(caplog: pytest.LogCapt
         DeepSpeedClientOptimizer([{"params": [("experts", experts)], "batch_dims": 1}], ASGO, {"lr": 0.1},
                                  zero_stage=2, layout="structured")
     assert "without names" not in caplog.text
+
+
+@pytest.mark.parametrize("where", ["group", "constructor"])
+def test_client_refuses_row_parts_where_partitions_cut_the_parts(where: str) -> None:
+    """ZeRO-1/2/3 hand ASGO a partition's rows of a fused matrix: row_parts would cut those rows into
+    wrong parts (or fail at the first step). Refused at construction; accepted at stage 0 (real shapes)."""
+    from lightning_soaa import ASGO
+
+    qkv = torch.nn.Parameter(torch.randn(18, 6))
+    group: dict[str, Any] = {"params": [("qkv.weight", qkv)], **({"row_parts": 3} if where == "group" else {})}
+    hyper = {"lr": 0.1, **({"row_parts": 3} if where == "constructor" else {})}
+    for stage in (1, 2, 3):
+        with pytest.raises(ValueError, match=re.escape(f"param_groups[0]: row_parts=3 (a fused matrix stepped as "
+                                                       f"its parts) is not supported at ZeRO stage {stage}")):
+            DeepSpeedClientOptimizer([dict(group)], ASGO, hyper, zero_stage=stage, layout="structured")
+    DeepSpeedClientOptimizer([dict(group)], ASGO, hyper, zero_stage=0, layout="structured")
 
 
 def test_client_collects_multi_call_steps_without_double_stepping():

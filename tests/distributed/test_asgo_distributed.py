@@ -5,8 +5,8 @@ gradients and checkpoints across world sizes are checked for every optimizer in
 tests/conformance/test_ranks.py (ASGO's registry test_kwargs cut the tiny MLP into 8 blocks). Here: one
 W = 3 launch checks the collectives of a step (the base's flag all-reduce, the parameter all-gather, and
 with grad_reduction="mean" one reduce-scatter: no extra communication for the matrix methods), the block
-split across ranks, that no root fell back, and that a step whose gradients would overflow a statistic on
-its owner is skipped on every rank.
+split across ranks, that no root fell back, that a step whose gradients would overflow a statistic on
+its owner is skipped on every rank, and a fused matrix stepped as its parts (``row_parts``).
 """
 
 from __future__ import annotations
@@ -61,7 +61,23 @@ def _worker(rank: int, world_size: int) -> dict[str, Any]:
                      "several": base._built_over(opt.comm) > 1,
                      "stats": opt.statistics()}
         out[f"{kind}_spike"] = _spiked_run(kind, rank)
+    out["asgo_row_parts"] = _row_parts_run(rank)
     return out
+
+
+def _row_parts_run(rank: int | None) -> list[torch.Tensor]:
+    """ASGO with the first weight (8 x 6) as two fused 4 x 6 matrices (``row_parts=2``: two row blocks,
+    each its own left-side problem); ``rank=None``: one process on the global batch."""
+    model = tiny_mlp(sizes=SIZES)
+    named = list(model.named_parameters())
+    extra: dict[str, Any] = {} if rank is None else {"grad_reduction": "mean"}
+    opt = ASGO([{"params": named[:1], "row_parts": 2}, {"params": named[1:]}], **ASGO_KW, **extra)
+    assert [b.shape for b in opt.block_table.by_param[0]] == [(4, 6), (4, 6)]
+    for t in range(STEPS):
+        opt.zero_grad()
+        loss_fn(model, *(global_batch(t, WORLD) if rank is None else batch(t, rank))).backward()
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()]
 
 
 def _spiked_run(kind: str, rank: int | None) -> dict[str, Any]:
@@ -107,6 +123,10 @@ def test_collectives_blocks_and_roots_at_three_ranks(tmp_path: Path) -> None:
             for a, b in zip(res[f"{kind}_spike"]["params"], spiked):
                 torch.testing.assert_close(a, b, atol=2e-5, rtol=0,  # float32 sums in another order
                                            msg=lambda m, k=kind, r=r: f"{k} spike, rank {r}: {m}")
+    parts = _row_parts_run(None)
+    for r, res in enumerate(results):
+        for a, b in zip(res["asgo_row_parts"], parts):
+            torch.testing.assert_close(a, b, atol=1e-13, rtol=0, msg=lambda m, r=r: f"row_parts, rank {r}: {m}")
     assert sum(res["asgo"]["owned"] for res in results) == 8  # split blocks: 2 + 1 + 2 + 1 + 1 + 1
     assert sum(res["asgo"]["stats"]["asgo_root_fallbacks"] for res in results) == 0.0
     # The cost model (by the resolved root method) gives every rank the same owners and costs, the ones

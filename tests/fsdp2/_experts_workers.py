@@ -283,6 +283,9 @@ def refused(world_size: int) -> dict[str, str]:
     plain = nn.Parameter(full.clone())
     out["plain"] = _error(lambda: ASGO([{"params": [("router", router)]},
                                         {"params": [("experts", plain)], "batch_dims": 1}]))
+    # a fused matrix stepped as its parts (row_parts): a row shard would cross the parts
+    qkv = nn.Parameter(distribute_tensor(torch.randn(6 * world_size, 2, dtype=torch.float64), mesh, [Shard(0)]))
+    out["row_parts"] = _error(lambda: ASGO([{"params": [("qkv.weight", qkv)], "row_parts": 3}]))
     return out
 
 

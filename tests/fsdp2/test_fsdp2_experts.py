@@ -128,6 +128,9 @@ def test_other_placements_of_a_stack_are_refused_on_every_rank(runs) -> None:
         assert "batch_dims=1 parameter experts of shape (4, 4, 5) has placements (Shard(dim=1),)" in errors["shard1"]
         assert "has placements (Replicate(), Shard(dim=0))" in errors["hsdp"], errors["hsdp"]
         assert "experts of shape (4, 4, 5) is a plain tensor in an optimizer with DTensor" in errors["plain"]
+        row_parts = errors.pop("row_parts")
+        assert "parameter qkv.weight of shape (12, 2) in a row_parts=3 group is an FSDP2 (DTensor) parameter; " \
+               "row_parts is not supported under FSDP2" in row_parts, (r, row_parts)
         for e in errors.values():
             assert "must be a DTensor with placements (Shard(dim=0),)" in e, (r, e)
 
