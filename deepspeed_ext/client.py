@@ -111,8 +111,10 @@ class DeepSpeedClientOptimizer(torch.optim.Optimizer):
         # Validate the hyperparameters now, before DeepSpeed or training starts: a probe instance on one
         # dummy parameter raises the optimizer's own ValueError (field, value, allowed range).
         # named: ASGO warns about unnamed matrices, which this one is not the user's
-        parts = self.hyperparams.get("row_parts", 1)  # ASGO cuts every matrix's rows into row_parts parts
-        rows = 2 * parts if isinstance(parts, int) and not isinstance(parts, bool) and parts >= 1 else 2
+        # ASGO cuts every matrix's rows into row_parts parts: parts of one row are left-side blocks of k = 1,
+        # which fit any max_block_size
+        parts = self.hyperparams.get("row_parts", 1)
+        rows = parts if isinstance(parts, int) and not isinstance(parts, bool) and parts >= 1 else 2
         probe = optimizer_cls([("probe", torch.zeros(rows, 2, requires_grad=True))], comm=LocalComm(), shard=False,
                               **self.hyperparams)
         self._group_keys = tuple(k for k in probe.defaults if k not in _NON_HYPER)

@@ -271,11 +271,13 @@ def validate_state_dict(optimizer: CheckpointView, sd: Any, by_position: bool = 
                   if bad is not None else f"{len(saved_shapes)} parameters in the state, {len(shapes)} here")
         raise ValueError(f"{name}.load_state_dict: the state belongs to a different model: {detail}.")
     layout = [[list(x) for x in blist] for blist in optimizer.block_table.layout()]
-    if [[list(x) for x in blist] for blist in meta["layout"]] != layout:
+    saved_layout = [[list(x) for x in blist] for blist in meta["layout"]]
+    if saved_layout != layout:
+        change = _layout_option_change(optimizer, groups, saved_layout, layout)
         raise ValueError(
-            f"{name}.load_state_dict: the state was saved with a different block layout "
-            f"({_layout_option_change(optimizer, groups)}) that cannot be re-cut to this one (only whole-row "
-            "blocks of an elementwise optimizer's state can); construct the optimizer with the same blocking options."
+            f"{name}.load_state_dict: the state was saved with a different block layout ({change}) that cannot "
+            "be re-cut to this one (only whole-row blocks of an elementwise optimizer's state can); construct the "
+            "optimizer with the same blocking options."
             + optimizer.layout_hint
         )
     glob = meta.get("global")
@@ -333,13 +335,18 @@ def _check_name_order(name: str, gi: int, saved: Any, mine: Any) -> None:
             "wrong tensors. Build the optimizer over the parameters in the order they were saved in.")
 
 
-def _layout_option_change(optimizer: CheckpointView, saved_groups: list[Any]) -> str:
-    """The first blocking option (``layout_keys``, ``max_block_numel``) whose value in the saved groups
-    differs from this optimizer's, said as such; else the options that could."""
-    keys = optimizer.layout_keys
+def _layout_option_change(optimizer: CheckpointView, saved_groups: list[Any], saved_layout: list[Any],
+                          layout: list[Any]) -> str:
+    """The first blocking option (``layout_keys``, ``max_block_numel``) whose value differs between the
+    saved groups and this optimizer's in a group whose parameters' blocks differ (another option may differ
+    harmlessly elsewhere), said as such; else the options that could."""
+    keys, start = optimizer.layout_keys, 0
     for gi, (saved, mine) in enumerate(zip(saved_groups, optimizer.param_groups)):
-        for k in keys:
-            if isinstance(saved, dict) and k in saved and saved[k] != mine.get(k):
+        n = len(mine["params"])
+        moved = saved_layout[start:start + n] != layout[start:start + n]
+        start += n
+        for k in keys if moved and isinstance(saved, dict) else ():
+            if k in saved and saved[k] != mine.get(k):
                 return f"param_groups[{gi}] was saved with {k}={saved[k]!r}, this optimizer has {k}={mine.get(k)!r}"
     return "for example a different " + " or ".join(k for k in keys if k != "use_asgo")
 

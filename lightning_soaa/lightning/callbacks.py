@@ -212,6 +212,10 @@ class LossToOptimizer(Callback):
         self._unwatch_steps()  # the optimizers may outlive the fit (one kept and returned again by the module)
 
     @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._unwatch_steps()  # Lightning skips teardown after an exception
+
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._sum, self._count, self._restart, self._checked_k = None, 0, True, None
         self._watch_steps(_targets(trainer, StepNeeds.LOSS))

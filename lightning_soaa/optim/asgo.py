@@ -245,7 +245,8 @@ def asgo_param_groups(module: nn.Module, *, fused: dict[str, int] | None = None,
 
     ``fused`` (ASGO): ``{name suffix: parts}``, e.g. ``{"qkv.weight": 3}``: the matrices whose names end
     with a suffix go to a group with ``row_parts=parts`` (each stepped as its parts: see ASGO's
-    ``row_parts``); a suffix that matches no trainable parameter raises. ``group_options`` are added to
+    ``row_parts``; the longest suffix a name ends with wins); a suffix that matches no trainable matrix
+    raises. ``group_options`` are added to
     every group. Parameters without ``requires_grad`` are left out. Returns at most ``2 + len(fused)``
     groups: ``[{"params": [(name, p), ...], **opts}, {"params": [...], "use_asgo": False, **opts}, {"params":
     [...], "row_parts": parts, **opts}, ...]`` (empty groups are dropped).
@@ -255,17 +256,19 @@ def asgo_param_groups(module: nn.Module, *, fused: dict[str, int] | None = None,
     rest: list[tuple[str, Tensor]] = []
     emb: list[tuple[str, Tensor]] = []
     parts: dict[str, list[tuple[str, Tensor]]] = {suffix: [] for suffix in fused}
+    matched: set[str] = set()
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
-        suffix = next((s for s in fused if name.endswith(s)), None)
+        ends = [s for s in fused if name.endswith(s)] if p.dim() >= 2 else []
+        matched.update(ends)
         if id(p) in emb_ids:
             emb.append((name, p))
-        elif suffix is not None and p.dim() >= 2:
-            parts[suffix].append((name, p))
+        elif ends:  # the most specific suffix ("attn.qkv.weight" before "qkv.weight")
+            parts[max(ends, key=len)].append((name, p))
         else:
             rest.append((name, p))
-    unmatched = [s for s, found in parts.items() if not found]
+    unmatched = [s for s in fused if s not in matched]
     if unmatched:
         raise ValueError(f"asgo_param_groups: fused={fused!r}: no trainable matrix parameter's name ends with "
                          f"{', '.join(repr(s) for s in unmatched)} (the suffix of a name in "
@@ -275,7 +278,7 @@ def asgo_param_groups(module: nn.Module, *, fused: dict[str, int] | None = None,
         groups.append({"params": rest, **group_options})
     if emb:
         groups.append({"params": emb, **group_options, "use_asgo": False})
-    groups += [{"params": found, **group_options, "row_parts": fused[s]} for s, found in parts.items()]
+    groups += [{"params": found, **group_options, "row_parts": fused[s]} for s, found in parts.items() if found]
     return groups
 
 

@@ -84,6 +84,26 @@ def test_checkpoint_round_trip_and_another_row_parts_refused() -> None:
     assert not any(other.state.values()) and other.num_steps == 0  # nothing changed
 
 
+def test_a_refused_layout_names_the_option_of_the_group_whose_blocks_differ() -> None:
+    """(review) Another max_block_size in group 0 changes nothing there (a 3 x 4 matrix fits either): the
+    message named it instead of group 1's row_parts, which moved the blocks."""
+    a = nn.Parameter(torch.randn(3, 4, dtype=f64))
+    fused, _ = _fused(3, 6, 6)
+
+    def build(max_block_size: int, parts: int) -> ASGO:
+        return ASGO([{"params": [("a.weight", a)], "max_block_size": max_block_size},
+                     {"params": [("qkv.weight", fused)], "row_parts": parts}], **KW)
+
+    opt = build(1024, 3)
+    a.grad, fused.grad = torch.ones_like(a), torch.ones_like(fused)
+    opt.step()
+    sd = opt.state_dict()
+    with pytest.raises(ValueError, match=re.escape("param_groups[1] was saved with row_parts=3, this optimizer has "
+                                                   "row_parts=1")):
+        build(512, 1).load_state_dict(copy.deepcopy(sd))
+    build(512, 3).load_state_dict(copy.deepcopy(sd))  # the same blocks: loads
+
+
 def test_row_parts_written_into_a_group_after_construction_is_refused() -> None:
     fused, _ = _fused(3, 6, 6)
     opt = ASGO([{"params": [("qkv.weight", fused)], "row_parts": 3}], **KW)
@@ -149,3 +169,8 @@ def test_asgo_param_groups_puts_the_fused_matrices_in_a_row_parts_group() -> Non
     assert [b.shape for b in opt.block_table.by_param[4]] == [(6, 6)] * 3
     with pytest.raises(ValueError, match=re.escape("no trainable matrix parameter's name ends with 'kv_proj.weight'")):
         asgo_param_groups(_Attention(), fused={"kv_proj.weight": 2})
+    # overlapping suffixes, in either order: the longest a name ends with wins, the other is not "unmatched"
+    for fused in ({"weight": 2, "qkv.weight": 3}, {"qkv.weight": 3, "weight": 2}):
+        groups = asgo_param_groups(_Attention(), fused=fused)
+        assert {g.get("row_parts"): [n for n, _ in g["params"]] for g in groups if "row_parts" in g} == {
+            3: ["qkv.weight"], 2: ["proj.weight"]}
