@@ -246,10 +246,10 @@ def asgo_param_groups(module: nn.Module, *, fused: dict[str, int] | None = None,
     ``fused`` (ASGO): ``{name suffix: parts}``, e.g. ``{"qkv.weight": 3}``: the matrices whose names end
     with a suffix go to a group with ``row_parts=parts`` (each stepped as its parts: see ASGO's
     ``row_parts``; the longest suffix a name ends with wins); a suffix that matches no trainable matrix
-    raises. ``group_options`` are added to
-    every group. Parameters without ``requires_grad`` are left out. Returns at most ``2 + len(fused)``
-    groups: ``[{"params": [(name, p), ...], **opts}, {"params": [...], "use_asgo": False, **opts}, {"params":
-    [...], "row_parts": parts, **opts}, ...]`` (empty groups are dropped).
+    raises. ``group_options`` are added to every group. Parameters without ``requires_grad`` are left out.
+    Returns at most ``2 + len(fused)`` groups: ``[{"params": [(name, p), ...], **opts}, {"params": [...],
+    "use_asgo": False, **opts}, {"params": [...], "row_parts": parts, **opts}, ...]`` (empty groups are
+    dropped).
     """
     emb_ids = _embedding_table_ids(module)
     fused = dict(fused or {})

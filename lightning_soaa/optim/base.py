@@ -877,8 +877,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if check_ranks:  # what every rank built together (a rebuild back to it digests as no rebuild)
             self._agreed_built = self._built
         self._names = [name for _, _, name in plist]
-        keys = self.layout_keys + (("max_block_numel",) if self.elementwise else ())
-        self._layout = [{k: g.get(k) for k in keys} for g in self.param_groups]
+        self._layout = [{k: g.get(k) for k in self._block_option_keys()} for g in self.param_groups]
         # see _hyperparameter_error: each group's list and its members (a list edited in place keeps its id)
         self._group_lists = [g["params"] for g in self.param_groups]
         self._group_members = [tuple(g["params"]) for g in self.param_groups]
@@ -1648,7 +1647,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
                               devices=tuple(p.device for p in self._params), names=tuple(self._names),
                               elementwise=self.elementwise, block_schema=self._block_schema,
                               validate_global=self._validate_global_state, layout_hint=self._layout_hint,
-                              layout_keys=self.layout_keys + (("max_block_numel",) if self.elementwise else ()))
+                              layout_keys=self._block_option_keys())
+
+    def _block_option_keys(self) -> tuple[str, ...]:
+        """The group options the blocks are built from: :attr:`layout_keys`, and an elementwise
+        optimizer's ``max_block_numel``."""
+        return self.layout_keys + (("max_block_numel",) if self.elementwise else ())
 
     def _groups_as_built(self) -> list[dict[str, Any]]:
         """The groups with their :attr:`layout_keys` options as the blocks were built (copies where they

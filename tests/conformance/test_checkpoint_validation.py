@@ -10,6 +10,7 @@ optimizer exactly as it was (state, step counters, trust state, hyperparameters)
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from typing import Any
 
@@ -244,3 +245,30 @@ def test_param_groups_saved_in_another_order_are_refused(name: str) -> None:
                                          r"position 0"):
         target.load_state_dict(sd)
     assert _same(_snapshot(target), before)
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_a_state_with_other_blocks_names_the_block_option_that_differs(name: str) -> None:
+    """A state whose blocks cannot be re-cut to this optimizer's (ASGO's and DASGO's; an elementwise
+    optimizer's row blocks re-cut) is refused naming the group option that made the blocks differ, with
+    its two values (the message used to guess "for example a different max_block_size or
+    max_block_numel"); nothing changes."""
+    opt, _ = _trained(name)
+    sd = opt.state_dict()
+    spec = get(name)
+    takes = inspect.signature(spec.load()).parameters  # (SOAA's max_block_numel is a group option only)
+    for key in opt._block_option_keys():
+        if key == "use_asgo" or key not in takes or opt.param_groups[0].get(key) == 1:
+            continue
+        other = spec.build(tiny_mlp(), **{**spec.test_kwargs, **STATEFUL.get(name, {}), key: 1})
+        if other.block_table.layout() == opt.block_table.layout():
+            continue
+        before = _snapshot(other)
+        try:
+            other.load_state_dict(copy.deepcopy(sd))
+        except ValueError as e:
+            assert f"param_groups[0] was saved with {key}={opt.param_groups[0][key]!r}, this optimizer has {key}=1" \
+                in str(e), str(e)
+            assert _same(_snapshot(other), before)
+        else:
+            assert opt.elementwise, f"{name}: a state with other {key} blocks loaded"
