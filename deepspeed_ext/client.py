@@ -35,6 +35,7 @@ it::
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -108,6 +109,7 @@ class DeepSpeedClientOptimizer(torch.optim.Optimizer):
         self.zero_stage = zero_stage
         self.layout = layout
         self.process_group = process_group
+        params = self._split_fused(params, zero_stage, param_names)
         # Validate the hyperparameters now, before DeepSpeed or training starts: a probe instance on one
         # dummy parameter raises the optimizer's own ValueError (field, value, allowed range).
         # named: ASGO warns about unnamed matrices, which this one is not the user's
@@ -151,14 +153,31 @@ class DeepSpeedClientOptimizer(torch.optim.Optimizer):
         self.ignored_steps = 0  # step() calls during deepspeed.initialize
         self.step_calls = 0  # step() calls DeepSpeed made (several per training step at ZeRO-1/2/3)
 
+    def _split_fused(self, params: Iterable[Any], zero_stage: int, param_names: dict[int, str] | None) -> Any:
+        """ASGO's ``fused`` (a DeepSpeed config's or the caller's) applied to the canonical groups here, not
+        by the inner optimizer: the inner groups are mapped to these by index (``_inner_src``), so they
+        must already be the regrouped ones; the probe and the inner optimizer never see the option."""
+        if "fused" not in self.hyperparams or "fused" not in inspect.signature(self.optimizer_cls).parameters:
+            return params  # an optimizer without the option: its probe names the unknown keyword
+        fused = self.hyperparams.pop("fused")
+        if fused is None:
+            return params
+        if zero_stage > 0:
+            # a partition's rows of a fused matrix are not whole parts (as row_parts below)
+            raise ValueError(
+                f"{self.optimizer_cls.__name__}: fused={fused!r} (fused matrices stepped as their parts) is not "
+                f"supported at ZeRO stage {zero_stage}, whose flat partitions cut a parameter at any row; use "
+                "ZeRO stage 0, or split the fused projections into separate Linear layers.")
+        from lightning_soaa.optim.asgo_groups import split_fused
+
+        return split_fused(params, fused, names=param_names)
+
     @classmethod
     def from_optimizer(cls, optimizer: Any, *, zero_stage: int, layout: str, process_group: Any = None,
                        param_names: dict[int, str] | None = None) -> DeepSpeedClientOptimizer:
         """A client optimizer equivalent to an already constructed (and not yet stepped) optimizer,
         e.g. the one ``LightningModule.configure_optimizers`` returned: same class, same param groups
         (with their per-group hyperparameters), same constructor arguments."""
-        import inspect
-
         from deepspeed_ext.registry import RESERVED_PARAMS
 
         if any(len(st) for st in optimizer.state.values()):

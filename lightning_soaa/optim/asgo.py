@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_soaa.config import ASGOConfig, DASGOConfig, config_from_group
 from lightning_soaa.distributed.blocks import BlockInfo, BlockSpec, row_block_specs
@@ -55,6 +55,7 @@ from lightning_soaa.functional.linalg import (
     resolve_root_method,
 )
 from lightning_soaa.optim.adamw import adam_state_schema
+from lightning_soaa.optim.asgo_groups import asgo_param_groups, split_fused
 from lightning_soaa.optim.base import BlockView, ShardedOptimizer
 from lightning_soaa.optim.stat_guard import GuardedBlock, StatisticGuard
 
@@ -235,68 +236,6 @@ def dasgo_block_specs(shape: tuple[int, ...] | torch.Size, max_block_numel: int)
         return [BlockSpec(None, 0, 0, float(max(numel, 1)))]
     per_block = max(1, max_block_numel // max(per_channel, 1))
     return [BlockSpec(1, a, b, float((b - a) * per_channel)) for a, b in _even_chunks(int(shape[1]), per_block)]
-
-
-def asgo_param_groups(module: nn.Module, *, fused: dict[str, int] | None = None,
-                      **group_options: Any) -> list[dict[str, Any]]:
-    """Named param groups for ASGO/DASGO from a module, with every :class:`nn.Embedding` and
-    :class:`nn.EmbeddingBag` table (including an output head tied to it; for a parametrized table, e.g.
-    ``weight_norm``, the parameters it is computed from) in a ``use_asgo=False`` group.
-
-    ``fused`` (ASGO): ``{name suffix: parts}``, e.g. ``{"qkv.weight": 3}``: the matrices whose names end
-    with a suffix go to a group with ``row_parts=parts`` (each stepped as its parts: see ASGO's
-    ``row_parts``; the longest suffix a name ends with wins); a suffix that matches no trainable matrix
-    raises. ``group_options`` are added to every group. Parameters without ``requires_grad`` are left out.
-    Returns at most ``2 + len(fused)`` groups: ``[{"params": [(name, p), ...], **opts}, {"params": [...],
-    "use_asgo": False, **opts}, {"params": [...], "row_parts": parts, **opts}, ...]`` (empty groups are
-    dropped).
-    """
-    emb_ids = _embedding_table_ids(module)
-    fused = dict(fused or {})
-    rest: list[tuple[str, Tensor]] = []
-    emb: list[tuple[str, Tensor]] = []
-    parts: dict[str, list[tuple[str, Tensor]]] = {suffix: [] for suffix in fused}
-    matched: set[str] = set()
-    for name, p in module.named_parameters():
-        if not p.requires_grad:
-            continue
-        ends = [s for s in fused if name.endswith(s)] if p.dim() >= 2 else []
-        matched.update(ends)
-        if id(p) in emb_ids:
-            emb.append((name, p))
-        elif ends:  # the most specific suffix ("attn.qkv.weight" before "qkv.weight")
-            parts[max(ends, key=len)].append((name, p))
-        else:
-            rest.append((name, p))
-    unmatched = [s for s in fused if s not in matched]
-    if unmatched:
-        raise ValueError(f"asgo_param_groups: fused={fused!r}: no trainable matrix parameter's name ends with "
-                         f"{', '.join(repr(s) for s in unmatched)} (the suffix of a name in "
-                         "module.named_parameters(), e.g. 'attn.qkv.weight' or 'qkv.weight').")
-    groups: list[dict[str, Any]] = []
-    if rest:
-        groups.append({"params": rest, **group_options})
-    if emb:
-        groups.append({"params": emb, **group_options, "use_asgo": False})
-    groups += [{"params": found, **group_options, "row_parts": fused[s]} for s, found in parts.items() if found]
-    return groups
-
-
-def _embedding_table_ids(module: nn.Module) -> set[int]:
-    """``id`` of the parameters behind every embedding table of ``module``. A parametrized table's
-    ``weight`` is computed at each read (not a parameter, and reading it runs the parametrization, e.g. a
-    spectral_norm power iteration), so its originals are taken instead."""
-    ids: set[int] = set()
-    for m in module.modules():
-        if not isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
-            continue
-        if torch.nn.utils.parametrize.is_parametrized(m, "weight"):
-            lists = m.parametrizations  # a ModuleDict of ParametrizationLists, by tensor name
-            assert isinstance(lists, nn.ModuleDict)
-            ids.update(id(p) for p in lists["weight"].parameters())
-        elif m._parameters.get("weight") is not None:
-            ids.add(id(m._parameters["weight"]))
-    return ids
 
 
 def _by_key(indices: Iterable[int], key: Callable[[int], Any]) -> dict[Any, list[int]]:
@@ -883,6 +822,14 @@ class ASGO(_OneSided):
             preconditioned on its right side must fit ``max_block_size``, and FSDP2 (DTensor) parameters
             are refused; fixed at construction (a checkpoint loads only with the ``row_parts`` it was saved
             with). Not with ``batch_dims=1``; DASGO refuses it.
+        fused: ``{name suffix: parts}`` (default None), e.g. ``{"qkv.weight": 3}``: the matrices among
+            ``params`` whose names end with a suffix move to groups of their own with ``row_parts=parts``
+            (the other options of their group kept; the longest matching suffix wins; see
+            :func:`~lightning_soaa.optim.asgo_groups.split_fused`), so the routes that build the optimizer
+            from options alone (``OptimizerFactory``, ``lightning-soaa fit --optimizer.fused``, a DeepSpeed
+            config) reach ``row_parts``. Needs named parameters; a suffix that matches no trainable matrix
+            raises. Applied at construction only (not to :meth:`add_param_group`); the regrouped groups
+            are what ``param_groups``, LR schedulers and checkpoints see.
         adam_betas, adam_eps, adam_weight_decay: the AdamW fallback (defaults (0.9, 0.95), 1e-8, 0.0).
         process_group, comm, shard, grad_reduction: see :class:`~lightning_soaa.optim.base.ShardedOptimizer`.
 
@@ -935,11 +882,14 @@ class ASGO(_OneSided):
         root_max_every: int = 10,
         batch_dims: int = 0,
         row_parts: int = 1,
+        fused: dict[str, int] | None = None,
         process_group: Any = None,
         comm: Any = None,
         shard: bool = True,
         grad_reduction: str = "none",
     ) -> None:
+        if fused is not None:  # regrouped before the base class cuts blocks: row_parts is a layout option
+            params = split_fused(params, fused)
         self.config = cfg = ASGOConfig(
             lr=lr, betas=_pair(betas), weight_decay=weight_decay, rms_scale=rms_scale, eps=eps,
             damping=damping, inverse_root=inverse_root, root_iters=root_iters, root_every=root_every,

@@ -89,7 +89,12 @@ def run_deepspeed(rank: int, world: int, stage: int, dtype: str, opt_type: str, 
     cfg = make_config(stage, dtype, opt_type, opt_params, sub_group_size=sub_group_size, grad_accum=grad_accum,
                       offload=offload)
     model_parameters = split_groups(model, named=True) if groups else None
-    group_order = [p for g in model_parameters for _, p in g["params"]] if groups else model_params
+    ordered = model_parameters
+    if groups and "fused" in opt_params:  # the client's canonical groups are regrouped (ASGO's fused)
+        from lightning_soaa.optim.asgo_groups import split_fused
+
+        ordered = split_fused(model_parameters, opt_params["fused"])
+    group_order = [p for g in ordered for _, p in g["params"]] if groups else model_params
     t0 = time.perf_counter()
     engine, _, _, _ = deepspeed_ext.initialize(model=model, config=cfg, model_parameters=model_parameters)
     t1 = time.perf_counter()
@@ -141,7 +146,7 @@ def _piece_params(master: torch.nn.Module, pieces: list[tuple[Any, ...]], groups
 
 
 def run_reference(rank: int, world: int, dtype: str, opt_cls: type, opt_params: dict[str, Any], steps: int,
-                  *, groups: bool = False, grad_accum: int = 1,
+                  *, groups: bool = False, grad_accum: int = 1, named: bool = False,
                   pieces: list[tuple[Any, ...]] | None = None) -> dict[str, Any]:
     """Our own sharded run (shard=True over the default group) with DeepSpeed's numerics: fp32 master
     weights; under bf16 the forward/backward run on a bf16 copy and bf16 gradients are averaged in bf16."""
@@ -151,7 +156,7 @@ def run_reference(rank: int, world: int, dtype: str, opt_cls: type, opt_params: 
     if pieces is not None:
         params, attach = _piece_params(master, pieces, groups)
     else:
-        params = split_groups(master) if groups else list(master.parameters())
+        params = split_groups(master, named=named) if groups else list(master.parameters())
     opt = opt_cls(params, **opt_params)
     mp, wp = list(master.parameters()), list(work.parameters())
     if dtype == "bf16":  # DeepSpeed makes its fp32 masters from the bf16 model: start from rounded values

@@ -277,6 +277,30 @@ def test_client_refuses_row_parts_where_partitions_cut_the_parts(where: str) -> 
     DeepSpeedClientOptimizer([dict(group)], ASGO, {**hyper, "max_block_size": 1}, zero_stage=0, layout="structured")
 
 
+def test_client_applies_fused_at_stage_0_and_refuses_it_where_partitions_cut_the_parts() -> None:
+    """``fused`` (a config's or a caller's): the client regroups its own canonical groups (the inner groups
+    are mapped to them by index), its probe never sees the option; ZeRO-1/2/3 refuse it naming it; an
+    optimizer without the option is refused naming it."""
+    from lightning_soaa import ASGO, SOAA
+
+    qkv, proj = torch.nn.Parameter(torch.randn(18, 6)), torch.nn.Parameter(torch.randn(6, 6))
+    names = {id(qkv): "blk.qkv.weight", id(proj): "blk.proj.weight"}
+    hyper = {"lr": 0.1, "fused": {"qkv.weight": 3}}
+    for stage in (1, 2, 3):
+        with pytest.raises(ValueError, match=re.escape("ASGO: fused={'qkv.weight': 3} (fused matrices stepped as "
+                                                       f"their parts) is not supported at ZeRO stage {stage}")):
+            DeepSpeedClientOptimizer([proj, qkv], ASGO, hyper, zero_stage=stage, layout="structured",
+                                     param_names=names)
+    c = DeepSpeedClientOptimizer([proj, qkv], ASGO, hyper, zero_stage=0, layout="structured", param_names=names)
+    assert [([id(p) for p in g["params"]], g["row_parts"]) for g in c.param_groups] == [([id(proj)], 1),
+                                                                                       ([id(qkv)], 3)]
+    assert "fused" not in c.hyperparams
+    with pytest.raises(ValueError, match="no trainable matrix parameter's name ends with 'qkv.weight'"):
+        DeepSpeedClientOptimizer([proj, qkv], ASGO, hyper, zero_stage=0, layout="structured")  # no names
+    with pytest.raises(TypeError, match="fused"):
+        DeepSpeedClientOptimizer([proj, qkv], SOAA, hyper, zero_stage=0)
+
+
 def test_client_collects_multi_call_steps_without_double_stepping():
     """ZeRO-1/2 call step() once per param group with param_groups narrowed to that group: the first call
     is only collected. Unbound to an engine, the completing call cannot write back the first group, so

@@ -71,6 +71,13 @@ def _jobs() -> dict[str, dict]:
                 opt_params=ASGO_PARAMS, steps=STEPS,
                 ref_variants=[dict(dtype="fp32", groups=True)]
                 + [dict(dtype="fp32", groups=True, pieces_from=i) for i in (1, 2, 3)])
+        if dtype == "fp32":
+            # ASGO's fused (a DeepSpeed config's {"0.weight": 2}: that 8 x 6 matrix stepped as two 4 x 6 parts),
+            # applied by the client to its canonical groups; ZeRO 1-3 refuse it (test_config.py)
+            jobs["asgo-fused"] = dict(
+                cases=[dict(stage=0, dtype="fp32", opt_type="lightning_soaa.ASGO", groups=True)],
+                opt_path=("lightning_soaa.optim.asgo", "ASGO"), opt_params={**ASGO_PARAMS, "fused": {"0.weight": 2}},
+                steps=STEPS, ref_variants=[dict(dtype="fp32", groups=True, named=True)])
         jobs[f"asgo-{dtype}"] = dict(
             cases=_cases("lightning_soaa.ASGO", dtype), opt_path=("lightning_soaa.optim.asgo", "ASGO"),
             opt_params=ASGO_PARAMS, steps=STEPS,
@@ -164,3 +171,14 @@ def test_asgo_stage0_equal_and_partitions_follow_documented_layout(results, dtyp
             assert _max_abs(ds["params"], stage0_ref) > 1e-4  # the documented difference is real
     # the 5x8 matrix straddles the ZeRO-1/2 partition edge: some rows are cut
     assert any(p[-1] == "cut" for r in results for p in r[key]["ds"][2]["pieces"])
+
+
+def test_asgo_fused_from_the_config_equals_asgo_built_with_fused(results):
+    """``"fused": {"0.weight": 2}`` in the config's optimizer params (stage 0): the client regroups its
+    canonical groups as ASGO's constructor does; equal to our sharded ASGO built with the same ``fused``,
+    and not to ASGO without it (the option reached the step)."""
+    for rank_res in results:
+        ds, ref = rank_res["asgo-fused"]["ds"][0], rank_res["asgo-fused"]["ref"][0]["params"]
+        _check_calls(ds, 0)
+        assert _max_abs(ds["params"], ref) <= 1e-6
+        assert _max_abs(ds["params"], rank_res["asgo-fp32"]["ds"][0]["params"]) > 1e-4

@@ -55,6 +55,32 @@ def test_cli_optimizer_class_path(class_path: str, extra: list[str], check: dict
     assert cli.trainer.state.finished
 
 
+def test_cli_asgo_fused_steps_the_named_matrix_as_its_parts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--optimizer.fused`` reaches ASGO's row_parts through the factory (the CLI builds the optimizer from
+    options alone); the same 3 steps as ASGO built with the groups by hand."""
+    from lightning_soaa import ASGO
+    from tests.lightning.helpers import PlainRegressor
+
+    monkeypatch.chdir(tmp_path)
+    cli = SOAALightningCLI(args=[*BASE, "--optimizer", "lightning_soaa.ASGO", "--optimizer.lr", "0.02",
+                                 "--optimizer.fused", '{"net.0.weight": 2}'])
+    opt = cli.trainer.optimizers[0]
+    assert [(g["param_names"], g["row_parts"]) for g in opt.param_groups] == [
+        (["net.0.bias", "net.2.weight", "net.2.bias"], 1), (["net.0.weight"], 2)]
+    model = PlainRegressor()
+    named = dict(model.named_parameters())
+    hand = ASGO([{"params": [(n, p) for n, p in named.items() if n != "net.0.weight"]},
+                 {"params": [("net.0.weight", named["net.0.weight"])], "row_parts": 2}], lr=0.02)
+    import lightning.pytorch as pl
+
+    model.configure_optimizers = lambda: hand  # type: ignore[method-assign]
+    pl.Trainer(accelerator="cpu", devices=1, max_steps=3, precision="64-true", logger=False,
+               enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False).fit(model)
+    assert hand.statistics()["steps"] == 3.0
+    for a, b in zip(cli.model.parameters(), model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_cli_unknown_optimizer_lists_valid_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.chdir(tmp_path)

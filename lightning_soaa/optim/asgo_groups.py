@@ -1,0 +1,157 @@
+"""ASGO's param groups: embeddings to the AdamW part, fused projections to ``row_parts`` groups.
+
+Two builders, one job: decide which group a parameter belongs to, before the optimizer cuts blocks.
+
+* :func:`asgo_param_groups` walks a module (it alone can see which parameters are embedding tables);
+* :func:`split_fused` regroups what any caller already has (tensors, ``named_parameters()`` pairs or param
+  groups, names optionally given apart as ``{id(param): name}``, as DeepSpeed's client has them). ASGO's
+  constructor option ``fused`` and the DeepSpeed client's JSON ``fused`` use it, so the routes that build
+  the optimizer for the user (OptimizerFactory, LightningCLI, a DeepSpeed config) reach ``row_parts`` too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["asgo_param_groups", "split_fused", "check_fused"]
+
+
+def check_fused(fused: Any) -> dict[str, int]:
+    """``fused`` as a plain dict, or a ValueError naming the field, the value and what is allowed."""
+    ok = isinstance(fused, Mapping) and all(
+        isinstance(k, str) and k and isinstance(v, int) and not isinstance(v, bool) and v >= 1
+        for k, v in fused.items())
+    if not ok:
+        raise ValueError(f"Invalid fused={fused!r}. Must be a dict of parameter-name suffix -> number of parts "
+                         "(an int >= 1), e.g. {'qkv.weight': 3} for fused query/key/value projections.")
+    return dict(fused)
+
+
+def _name_of(item: Any, i: int, group_names: list[str] | None, names: Mapping[int, str]) -> tuple[str | None, Any]:
+    """(name or None, tensor) of one entry of a group's ``params``."""
+    if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+        return item[0], item[1]
+    if group_names is not None and i < len(group_names):
+        return group_names[i], item
+    return names.get(id(item)), item
+
+
+def _suffix(name: str | None, tensor: Any, fused: Mapping[str, int]) -> str | None:
+    """The longest suffix of ``fused`` that the name of a matrix ends with ("attn.qkv.weight" before
+    "qkv.weight"), or None."""
+    if name is None or not isinstance(tensor, Tensor) or tensor.dim() < 2:
+        return None
+    ends = [s for s in fused if name.endswith(s)]
+    return max(ends, key=len) if ends else None
+
+
+def _subgroup(group: dict[str, Any], picked: list[int], items: list[Any], **extra: Any) -> dict[str, Any]:
+    out = {k: v for k, v in group.items() if k not in ("params", "param_names")}
+    out["params"] = [items[i] for i in picked]
+    if "param_names" in group:
+        out["param_names"] = [group["param_names"][i] for i in picked]
+    out.update(extra)
+    return out
+
+
+def split_fused(params: Iterable[Any], fused: Mapping[str, int],
+                names: Mapping[int, str] | None = None) -> list[Any]:
+    """``params`` as param groups in which every matrix whose name ends with a suffix of ``fused`` sits in
+    a group of its own with ``row_parts=fused[suffix]`` (each such group keeps the other options of the
+    group it came from). The groups without them come first, in their order, then the parts groups (in
+    the order of their source group and of ``fused``), so ``asgo_param_groups(m)`` followed by this gives
+    the groups ``asgo_param_groups(m, fused=...)`` always gave. Matrices of a ``use_asgo=False`` group
+    stay there (the AdamW part has no parts); their suffix counts as found.
+
+    Raises:
+        ValueError: ``fused`` is not ``{str: int >= 1}``; a suffix matches no trainable matrix (with the
+            hint to pass names when some matrices came without); a matched matrix sits in a group that
+            already sets another ``row_parts``.
+    """
+    fused = check_fused(fused)
+    items = list(params)
+    if not fused or not items:
+        return items
+    groups = items if isinstance(items[0], dict) else [{"params": items}]
+    names = names or {}
+    heads: list[dict[str, Any]] = []
+    tails: list[dict[str, Any]] = []
+    found: set[str] = set()
+    unnamed = 0
+    for g in groups:
+        plist = list(g["params"])
+        by: dict[str | None, list[int]] = {}
+        for i, item in enumerate(plist):
+            name, t = _name_of(item, i, g.get("param_names"), names)
+            unnamed += int(name is None and isinstance(t, Tensor) and t.dim() >= 2)
+            s = _suffix(name, t, fused)
+            found.update([s] if s else [])
+            by.setdefault(None if g.get("use_asgo") is False else s, []).append(i)
+        moved = [s for s in fused if s in by]
+        for s in moved:
+            if g.get("row_parts", 1) not in (1, fused[s]):
+                raise ValueError(f"Invalid fused={fused!r}: {s!r} matches parameters of a param group that sets "
+                                 f"row_parts={g['row_parts']!r}. Give those matrices one of the two.")
+            tails.append(_subgroup(g, by[s], plist, row_parts=fused[s]))
+        if by.get(None) or not moved:  # the group itself, unless every parameter left it
+            heads.append(_subgroup(g, by.get(None, []), plist))
+    missing = [s for s in fused if s not in found]
+    if missing:
+        hint = (f" {unnamed} matrix parameter(s) came without names: pass model.named_parameters() (the stock "
+                "LightningCLI passes model.parameters(); the lightning-soaa command, SOAALightningCLI, passes "
+                "names)." if unnamed else "")
+        raise ValueError(f"Invalid fused={fused!r}: no trainable matrix parameter's name ends with "
+                         f"{', '.join(repr(s) for s in missing)} (the suffix of a name in "
+                         f"module.named_parameters(), e.g. 'attn.qkv.weight' or 'qkv.weight').{hint}")
+    return heads + tails
+
+
+def asgo_param_groups(module: nn.Module, *, fused: dict[str, int] | None = None,
+                      **group_options: Any) -> list[dict[str, Any]]:
+    """Named param groups for ASGO/DASGO from a module, with every :class:`nn.Embedding` and
+    :class:`nn.EmbeddingBag` table (including an output head tied to it; for a parametrized table, e.g.
+    ``weight_norm``, the parameters it is computed from) in a ``use_asgo=False`` group.
+
+    ``fused`` (ASGO): ``{name suffix: parts}``, e.g. ``{"qkv.weight": 3}``: the matrices whose names end
+    with a suffix go to a group with ``row_parts=parts`` (each stepped as its parts: see ASGO's
+    ``row_parts``; the longest suffix a name ends with wins); a suffix that matches no trainable matrix
+    raises (:func:`split_fused`). ``group_options`` are added to every group. Parameters without
+    ``requires_grad`` are left out. Returns at most ``2 + len(fused)`` groups: ``[{"params": [(name, p),
+    ...], **opts}, {"params": [...], "use_asgo": False, **opts}, {"params": [...], "row_parts": parts,
+    **opts}, ...]`` (empty groups are dropped).
+    """
+    emb_ids = _embedding_table_ids(module)
+    rest: list[tuple[str, Tensor]] = []
+    emb: list[tuple[str, Tensor]] = []
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            (emb if id(p) in emb_ids else rest).append((name, p))
+    groups: list[dict[str, Any]] = []
+    if rest:
+        groups.append({"params": rest, **group_options})
+    if emb:
+        groups.append({"params": emb, **group_options, "use_asgo": False})
+    if fused is None:
+        return groups
+    return split_fused(groups, fused)
+
+
+def _embedding_table_ids(module: nn.Module) -> set[int]:
+    """``id`` of the parameters behind every embedding table of ``module``. A parametrized table's
+    ``weight`` is computed at each read (not a parameter, and reading it runs the parametrization, e.g. a
+    spectral_norm power iteration), so its originals are taken instead."""
+    ids: set[int] = set()
+    for m in module.modules():
+        if not isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
+            continue
+        if torch.nn.utils.parametrize.is_parametrized(m, "weight"):
+            lists = m.parametrizations  # a ModuleDict of ParametrizationLists, by tensor name
+            assert isinstance(lists, nn.ModuleDict)
+            ids.update(id(p) for p in lists["weight"].parameters())
+        elif m._parameters.get("weight") is not None:
+            ids.add(id(m._parameters["weight"]))
+    return ids
