@@ -73,6 +73,8 @@ def split_fused(params: Iterable[Any], fused: Mapping[str, int],
             already sets another ``row_parts``.
     """
     fused = check_fused(fused)
+    if isinstance(params, Tensor):  # torch refuses a bare tensor (not an iterable of them): left to it
+        return params  # type: ignore[return-value]
     items = list(params)
     if not fused or not items:
         return items
@@ -83,7 +85,7 @@ def split_fused(params: Iterable[Any], fused: Mapping[str, int],
     found: set[str] = set()
     unnamed = 0
     for g in groups:
-        plist = list(g["params"])
+        plist = [g["params"]] if isinstance(g["params"], Tensor) else list(g["params"])  # as torch reads it
         by: dict[str | None, list[int]] = {}
         for i, item in enumerate(plist):
             name, t = _name_of(item, i, g.get("param_names"), names)

@@ -147,3 +147,11 @@ def test_checkpoint_of_a_fused_run_resumes_exactly_and_loads_into_a_fused_optimi
 def test_the_factory_passes_fused_to_asgo() -> None:
     opt = OptimizerFactory("ASGO", {"lr": 0.02, "fused": {"qkv.weight": 3}}).build(_model())
     assert [(g["param_names"], g["row_parts"]) for g in opt.param_groups][-1] == (["qkv.weight", "attn.qkv.weight"], 3)
+
+
+def test_a_group_given_one_bare_tensor_is_read_as_torch_reads_it() -> None:
+    w = nn.Parameter(torch.randn(6, 4))
+    opt = ASGO([{"params": w, "param_names": ["qkv.weight"]}], fused={"qkv.weight": 3})
+    assert [(g["row_parts"], g["param_names"]) for g in opt.param_groups] == [(3, ["qkv.weight"])]
+    with pytest.raises(TypeError, match="should be an iterable of Tensors or dicts"):  # torch's own refusal
+        ASGO(w, fused={"qkv.weight": 3})
