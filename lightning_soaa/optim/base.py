@@ -1242,10 +1242,16 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 "only (every rank must load the checkpoint), or a rank that skipped step(). Nothing changed."
             )
         if verdict.hyper_ranks:
+            # before the first step a conversion rebuilt on some ranks only joins this digest (the step
+            # counts agree, so every rank adds the same hint)
+            converted = ("; or, before the first step, the parameters of those ranks were converted or moved "
+                         "(model.double(), .half(), .to(...)) after the optimizer was built, unlike rank 0's: "
+                         "convert every rank's model the same way" if not (self.num_steps or self.skipped_steps)
+                         else "")
             raise RuntimeError(
                 f"{name}.step: the hyperparameters (param_groups, e.g. lr) on rank(s) {verdict.hyper_ranks} "
-                "differ from rank 0's; every rank must set the same values (same scheduler on every rank). "
-                "Nothing changed."
+                "differ from rank 0's; every rank must set the same values (same scheduler on every rank)"
+                f"{converted}. Nothing changed."
             )
         if verdict.replicated and self._checks_partitions():
             raise RuntimeError(

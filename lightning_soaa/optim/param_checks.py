@@ -126,6 +126,14 @@ def check_disjoint_storage(optimizer: Any, params: Sequence[Tensor], labels: Seq
     for i, p in enumerate(params):
         if p.is_meta or p.numel() == 0 or is_dtensor(p):
             continue
+        if _overlaps_itself(p):
+            # an update written to one element lands on all of them, and torch's in-place ops refuse it
+            # in the middle of a step (after other parameters were updated; at W > 1 on the owner only)
+            raise ValueError(
+                f"{type(optimizer).__name__}: parameter {labels[i]} (shape {tuple(p.shape)}, stride "
+                f"{tuple(p.stride())}) has elements that share memory, e.g. nn.Parameter(t.expand(...)); no "
+                "optimizer can step its elements apart. Give it its own memory: nn.Parameter(t.expand(...)"
+                ".clone()).")
         size = p.element_size()
         start = int(p.storage_offset()) * size
         stop = start + (1 + sum((int(n) - 1) * st for n, st in zip(p.shape, p.stride()))) * size
@@ -145,6 +153,20 @@ def check_disjoint_storage(optimizer: Any, params: Sequence[Tensor], labels: Seq
                     "weights by using one Parameter object in both places (then it is listed once)."
                 )
             active.append((e1, j))
+
+
+def _overlaps_itself(t: Tensor) -> bool:
+    """Whether two elements of ``t`` are one memory location (a stride-0 dimension, or strides that make
+    rows interleave onto each other). Exact; the element walk runs only for a non-dense layout."""
+    dims = sorted((int(st), int(n)) for n, st in zip(t.shape, t.stride()) if n > 1)
+    if any(st == 0 for st, _ in dims):
+        return True
+    reach = 1  # each stride past the extent of the smaller ones: no two elements meet (any permutation)
+    for st, n in dims:
+        if st < reach:
+            return len(_element_starts(t)) < t.numel()
+        reach = st * n
+    return False
 
 
 def _share_elements(a: Tensor, b: Tensor) -> bool:

@@ -29,6 +29,7 @@ from torch import nn
 from lightning_soaa import registry
 from lightning_soaa.registry import FirstArg, OptimizerSpec, StepNeeds
 from tests.harness.distributed import run_distributed
+from tests.harness.models import tiny_mlp
 
 SPECS = [pytest.param(spec, id=spec.name) for spec in registry.REGISTRY]
 LOSSES = (1.0, 0.9, 0.85)  # the losses an optimizer that needs one is told, one per step
@@ -370,6 +371,28 @@ def test_parameters_over_the_same_memory_are_refused(spec: OptimizerSpec) -> Non
     base = torch.randn(4, 6, dtype=torch.float64)
     left, right = nn.Parameter(base[:, ::2]), nn.Parameter(base[:, 1::2])  # interleaved, no shared element
     spec.load()([("left", left), ("right", right)], **spec.test_kwargs)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_a_parameter_whose_elements_share_memory_is_refused_naming_it(spec: OptimizerSpec) -> None:
+    """``nn.Parameter(t.expand(4, 6))`` (stride 0): every element of a row is one memory location. It was
+    accepted, and the first step failed inside the update with torch's "more than one element of the
+    written-to tensor refers to a single memory location" (naming nothing, after other parameters were
+    updated; at W = 2 on the owner only, the other rank then lost its peer). Refused at construction and
+    by add_param_group; a strided view without shared elements (every other column) is accepted."""
+    model = tiny_mlp(0, torch.float64)
+    model[0].weight = nn.Parameter(torch.randn(8, 1, dtype=torch.float64).expand(8, 6))
+    with pytest.raises(ValueError, match=r"parameter '0.weight' \(shape \(8, 6\), stride \(1, 0\)\) has elements "
+                                         "that share memory"):
+        spec.build(model, **spec.test_kwargs)
+    model[0].weight = nn.Parameter(torch.randn(8, 12, dtype=torch.float64)[:, ::2])
+    spec.build(model, **spec.test_kwargs)
+    if spec.first_arg is not FirstArg.MODULE:
+        opt = spec.load()([("w", _param(4, 3))], **spec.test_kwargs)
+        with pytest.raises(ValueError, match="'rows' .*has elements that share memory"):
+            opt.add_param_group({"params": [("rows", nn.Parameter(torch.randn(1, 5, dtype=torch.float64)
+                                                                   .expand(3, 5)))]})
+        assert len(opt.param_groups) == 1
 
 
 @pytest.mark.parametrize("spec", SPECS)

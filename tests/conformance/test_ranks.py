@@ -177,6 +177,25 @@ def _converted_first_run(spec: OptimizerSpec, rank: int, world: int) -> dict[str
     return out
 
 
+def _converted_on_one_rank_run(spec: OptimizerSpec, rank: int, world: int) -> dict[str, str]:
+    """The model converted after construction on rank 1 only, before the first step: every rank must
+    raise, naming the conversion (under grad_reduction="none" the message blamed the hyperparameters: the
+    rebuilt table's fingerprint joins the hyperparameter digest). Each rank steps on its own gradients."""
+    reductions = ("none", "mean") if takes_kwarg(spec, "grad_reduction") else (None,)
+    out: dict[str, str] = {}
+    for red in reductions:
+        model, opt = make(spec, **({"grad_reduction": red} if red else {}))
+        if rank == 1:
+            model.float()
+        x, y = (u.to(next(model.parameters()).dtype) for u in data(0, rank=rank, world=world))
+        try:
+            spec.take_step(opt, model, x, y)
+            out[str(red)] = "no error"
+        except (RuntimeError, ValueError) as e:  # EGN reports an invalid batch or module as a ValueError
+            out[str(red)] = str(e)
+    return out
+
+
 def _average_grads(model: Any, world: int) -> None:
     import torch.distributed as dist
 
@@ -351,6 +370,7 @@ def _worker(rank: int, world: int, resume: dict[str, Any], blob: bytes | None) -
         if world == 2:
             res["changed_dtype"] = _changed_dtype_run(spec, rank, world)
             res["converted_first"] = _converted_first_run(spec, rank, world)
+            res["converted_one_rank"] = _converted_on_one_rank_run(spec, rank, world)
             if takes_kwarg(spec, "grad_reduction") and spec.needs is not StepNeeds.BATCH:
                 res["scaler"] = _scaler_run(spec, rank, world)
             res["copies"] = _copies_run(spec, rank, world, model, opt)
@@ -534,6 +554,17 @@ def test_parameters_converted_before_the_first_step_are_taken_on_every_rank(laun
         assert not isinstance(res["late"], str), (r, res["late"])
         assert_identical(res["late"], res["early"], f"rank {r}: converted after vs before construction")
     assert_identical(results[1]["late"], results[0]["late"], "params across ranks")
+
+
+@each_optimizer
+def test_parameters_converted_on_some_ranks_only_are_refused_on_every_rank_naming_it(launches: _Launches,
+                                                                                    spec: OptimizerSpec) -> None:
+    for r, res in enumerate(launches.get(2)):
+        for red, msg in res[spec.name]["converted_one_rank"].items():
+            if spec.first_arg is FirstArg.MODULE:  # EGN refuses any conversion; its peer learns it raised
+                assert "but the optimizer was built for" in msg or "raised an error before" in msg, (r, msg)
+            else:
+                assert "converted" in msg and "Nothing changed" in msg, (r, red, msg)
 
 
 @each_optimizer

@@ -225,6 +225,30 @@ def test_same_batch_rejects_an_overshooting_step() -> None:
     assert opt.state[theta]["step"].item() == 1.0  # the observed gradient is kept in the moments
 
 
+def test_same_batch_warns_once_when_the_closure_does_not_see_the_trial_parameters(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A closure that returns a loss computed before the step (or, under FSDP2 with
+    reshard_after_forward=False, a forward-only closure reading the previous forward's unsharded
+    parameters) makes every trial's loss equal the loss before it to the bit: each step is rejected. Not
+    silently: a warning names the causes, once."""
+    theta = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+    opt = SOAA([theta], lr=0.5, acceptance="same_batch", gamma=0.1, total_steps=10)
+    loss = _quadratic(theta)
+    loss.backward()
+    with caplog.at_level(logging.WARNING, logger="lightning_soaa.optim.soaa"):
+        for _ in range(3):
+            opt.step(lambda: loss.detach())
+    warned = [r for r in caplog.records if "equals the loss before it to the bit" in r.getMessage()]
+    assert len(warned) == 1 and "reshard_after_forward=False" in warned[0].getMessage()
+    assert opt.statistics()["rejected"] == 3
+    caplog.clear()
+    good = SOAA([torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))], lr=10.0,
+                acceptance="same_batch", gamma=0.1, total_steps=100)
+    with caplog.at_level(logging.WARNING, logger="lightning_soaa.optim.soaa"):
+        good.step(_quadratic_closure(good, good.param_groups[0]["params"][0]))  # rejected on its merits
+    assert good.statistics()["rejected"] == 1 and not caplog.records
+
+
 def test_same_batch_accepts_and_expands_a_good_step() -> None:
     theta = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
     opt = SOAA([theta], lr=0.5, acceptance="same_batch", gamma=0.1, total_steps=10, expand=1.5)
