@@ -47,8 +47,8 @@ from _timing import median_cpu_s  # noqa: E402
 log = logging.getLogger("report")
 RESULTS = Path(__file__).resolve().parent / "results"
 QUICK_OPTIMIZERS = ("AdamW", "SOAA", "EGN")
-COLORS = {"AdamW": "tab:blue", "SOAA": "tab:orange", "ASGO": "tab:red", "EGN": "tab:green", "EGN-m": "tab:olive",
-          "Muon": "tab:purple", "SOAP": "tab:brown", "PSGD": "tab:gray"}
+COLORS = {"AdamW": "tab:blue", "SOAA": "tab:orange", "ASGO": "tab:red", "ASGO-parts": "tab:pink", "EGN": "tab:green",
+          "EGN-m": "tab:olive", "Muon": "tab:purple", "Muon-split": "tab:cyan", "SOAP": "tab:brown", "PSGD": "tab:gray"}
 #: bytes read and written per parameter by one fp32 step at best (see bench_soaa_step's docstring:
 #: fused AdamW reads θ, g, m, v and writes θ, m, v; SOAA's C loops on CPU: the sums pass reads g, m
 #: (8 B), the step reads θ, g, m, v and writes θ, m, v (28 B); see lightning_soaa/kernels/soaa_cpu.c)
@@ -460,7 +460,13 @@ def _method(args: argparse.Namespace, optimizers: list[str]) -> list[str]:
         "(SOAA gets `total_steps` = the run's length). Muon: `torch.optim.Muon` on the matrices (its "
         "Newton-Schulz in bf16: fast on a CPU with bf16 matrix units such as Intel AMX, emulated and slow "
         "without them) with AdamW for "
-        "embeddings, norms and biases, as in `bench_asgo.py`. HeavyBall runs eager (`compile_mode=None`).",
+        "embeddings, norms and biases, as in `bench_asgo.py`. HeavyBall runs eager (`compile_mode=None`). "
+        "Two more rows on `chars` only: `ASGO-parts`, ASGO with each fused QKV projection stepped as its three "
+        "matrices (`asgo_param_groups(model, fused={\"qkv.weight\": 3})`, ASGO's `row_parts`: the official "
+        "ASGO model has separate Q, K and V projections), and `Muon-split`, the same Muon on the model with "
+        "each fused `qkv` Linear(d, 3d) split into three Linear(d, d) (`report_runs.SplitLinear`: the same "
+        "function at initialisation), so that Muon too orthogonalises Q, K and V apart and the comparison "
+        "with ASGO-parts is fair.",
         "",
         "Target: fused AdamW's mean final validation loss at its best lr. Steps and CPU time to the target "
         "are read off the seed-mean curve (to the resolution of the validation cadence); 'seeds reaching' "

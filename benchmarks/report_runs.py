@@ -17,6 +17,12 @@ stepped; SOAA gets ``total_steps`` = the run's length), torch ``AdamW(fused=True
 matrices with AdamW for the rest (``bench_asgo.make_optimizers``' setup), HeavyBall's ``SOAP`` and
 ``PSGDKron`` when the ``heavyball`` package imports. Weight decay is 0 for every optimizer (short runs,
 validation loss is the objective); everything else is each optimizer's default.
+
+Two more rows on ``chars`` only (:data:`CHARS_ONLY`): ``ASGO-parts``, ASGO with each fused QKV projection
+stepped as its three matrices (``asgo_param_groups(model, fused={"qkv.weight": 3})``: ASGO's ``row_parts``;
+the official ASGO model has separate Q, K, V projections), and ``Muon-split``, the same Muon baseline on the
+model with each fused ``qkv`` ``Linear(d, 3d)`` replaced by three ``Linear(d, d)`` (:class:`SplitLinear`,
+the same function at initialisation), so that Muon too orthogonalises Q, K and V separately.
 """
 
 from __future__ import annotations
@@ -34,8 +40,8 @@ from torch.nn import functional as F
 
 from lightning_soaa import registry
 
-__all__ = ["Workload", "WORKLOADS", "OPTIMIZERS", "LR_GRID", "EGN_SETTINGS", "heavyball_status", "run_one", "applies",
-           "interleaved_step_ms"]
+__all__ = ["Workload", "WORKLOADS", "OPTIMIZERS", "LR_GRID", "EGN_SETTINGS", "CHARS_ONLY", "SplitLinear",
+           "heavyball_status", "run_one", "applies", "interleaved_step_ms"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,9 +71,11 @@ LR_GRID: dict[str, tuple[float, ...]] = {
     "AdamW": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
     "SOAA": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
     "ASGO": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
+    "ASGO-parts": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
     "EGN": (0.25, 0.5, 1.0, 2.0, 4.0, 8.0),
     "EGN-m": (0.25, 0.5, 1.0, 2.0, 4.0, 8.0),
     "Muon": (3e-3, 1e-2, 3e-2, 1e-1),
+    "Muon-split": (3e-3, 1e-2, 3e-2, 1e-1),
     "SOAP": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
     "PSGD": (3e-4, 1e-3, 3e-3, 1e-2, 3e-2),
 }
@@ -83,6 +91,12 @@ EGN_SETTINGS: dict[str, dict[str, Any]] = {
 #: EGN needs the module and the batch (per-sample Jacobians): only the small tabular problems
 EGN_WORKLOADS = ("digits", "lstsq")
 HEAVYBALL = ("SOAP", "PSGD")
+#: the language model's fused QKV projections, stepped as three matrices (ASGO-parts) or split into three
+#: Linears (Muon-split, so that Muon, too, sees Q, K and V apart): rows of ``chars`` only
+FUSED_QKV = {"qkv.weight": 3}
+CHARS_ONLY = ("ASGO-parts", "Muon-split")
+#: the optimizers trained on the model with its QKV split (:func:`split_qkv`)
+SPLIT_MODEL = ("Muon-split",)
 
 
 def quick(w: Workload) -> Workload:
@@ -91,6 +105,8 @@ def quick(w: Workload) -> Workload:
 
 
 def applies(opt: str, workload: str) -> bool:
+    if opt in CHARS_ONLY:
+        return workload == "chars"
     return opt not in EGN_SETTINGS or workload in EGN_WORKLOADS
 
 
@@ -140,7 +156,46 @@ def _lstsq_data() -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return x[:2048], y[:2048], x[2048:], y[2048:]
 
 
-def model_for(name: str, seed: int) -> nn.Module:
+class SplitLinear(nn.Module):
+    """A fused ``nn.Linear(d, p * n)`` as ``p`` ``nn.Linear(d, n)`` whose weights and biases are copies of
+    its row blocks: the same function (the outputs concatenated on the last dimension), but ``p`` matrix
+    parameters, each orthogonalised on its own by Muon."""
+
+    def __init__(self, fused: nn.Linear, parts: int) -> None:
+        super().__init__()
+        if fused.out_features % parts:
+            raise ValueError(f"Invalid parts={parts!r}. Must divide out_features={fused.out_features}.")
+        n, bias = fused.out_features // parts, fused.bias is not None
+        kw = {"device": fused.weight.device, "dtype": fused.weight.dtype}
+        with torch.random.fork_rng(devices=[]):  # the parts' own init draws leave the seeded stream alone
+            self.parts = nn.ModuleList(nn.Linear(fused.in_features, n, bias=bias, **kw) for _ in range(parts))
+        with torch.no_grad():
+            for i, lin in enumerate(self.parts):
+                lin.weight.copy_(fused.weight[i * n:(i + 1) * n])
+                if bias:
+                    lin.bias.copy_(fused.bias[i * n:(i + 1) * n])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([lin(x) for lin in self.parts], dim=-1)
+
+
+def split_qkv(model: nn.Module) -> nn.Module:
+    """``model`` with every fused ``qkv`` Linear replaced by its :class:`SplitLinear` (in place)."""
+    parts = FUSED_QKV["qkv.weight"]
+    fused = [(m, c) for m in model.modules() for c_name, c in m.named_children()
+             if c_name == "qkv" and isinstance(c, nn.Linear)]
+    if not fused:
+        raise ValueError(f"split_qkv: {type(model).__name__} has no Linear named 'qkv'.")
+    for parent, lin in fused:
+        parent.qkv = SplitLinear(lin, parts)
+    return model
+
+
+def model_for(name: str, seed: int, split: bool = False) -> nn.Module:
+    """The workload's model, initialised from ``seed``; ``split``: its fused QKV Linears split
+    (:func:`split_qkv`, the same initial function)."""
+    if split:
+        return split_qkv(model_for(name, seed))
     torch.manual_seed(seed)
     if name == "digits":
         from lightning_soaa.lightning.demo import DigitsMLP
@@ -216,14 +271,29 @@ def _muon(model: nn.Module, lr: float) -> Any:
     return combo
 
 
+def _asgo_parts(model: nn.Module, lr: float, w: Workload) -> tuple[Any, Callable[..., None]]:
+    """ASGO with the fused QKV matrices in a ``row_parts`` group, stepped as ``_ours`` steps ASGO."""
+    from lightning_soaa.optim.asgo import ASGO, asgo_param_groups
+
+    o = ASGO(asgo_param_groups(model, fused=FUSED_QKV), lr=lr, weight_decay=0.0)
+    spec, fn = registry.get("ASGO"), loss_fn(w.name)
+    return o, lambda x, y: spec.take_step(o, model, x, y, fn)
+
+
 def build(opt: str, model: nn.Module, lr: float, w: Workload) -> tuple[list[Any], Callable[..., None]]:
-    """(the torch optimizers whose param groups carry the lr, the training step ``step(x, y)``)."""
+    """(the torch optimizers whose param groups carry the lr, the training step ``step(x, y)``). For
+    ``Muon-split`` ``model`` is the split one (:func:`model_for` with ``split=True``)."""
     if opt in registry.names() or opt in EGN_SETTINGS:
         o, step = _ours(opt, model, lr, w)
         return [o], step
+    if opt == "ASGO-parts":
+        o, step = _asgo_parts(model, lr, w)
+        return [o], step
+    if opt in SPLIT_MODEL and not any(isinstance(m, SplitLinear) for m in model.modules()):
+        raise ValueError(f"{opt} trains the split model: build it with model_for(..., split=True).")
     if opt == "AdamW":
         o = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=True)
-    elif opt == "Muon":
+    elif opt in ("Muon", "Muon-split"):
         o = _muon(model, lr)
     elif opt in HEAVYBALL:
         import heavyball
@@ -258,7 +328,7 @@ _WARMED: set[tuple[str, str]] = set()
 
 def _train(w: Workload, opt: str, lr: float, seed: int, quick_mode: bool, steps: int) -> dict[str, Any]:
     xtr, ytr, xv, yv = data(w.name, quick_mode)
-    model = model_for(w.name, seed)
+    model = model_for(w.name, seed, split=opt in SPLIT_MODEL)
     opts, step = build(opt, model, lr, w)
     bases = [[g["lr"] for g in o.param_groups] for o in opts]
     next_batch = batches(w, xtr, ytr, seed)
@@ -316,7 +386,7 @@ def interleaved_step_ms(workload: str, best_lr: dict[str, float], quick_mode: bo
     xtr, ytr, _, _ = data(w.name, quick_mode)
     runs = {}
     for o, lr in best_lr.items():
-        model = model_for(w.name, 0)
+        model = model_for(w.name, 0, split=o in SPLIT_MODEL)
         _, step = build(o, model, lr, w)
         runs[o] = (step, batches(w, xtr, ytr, 0))
         for _ in range(3):

@@ -134,3 +134,39 @@ def test_same_run_is_decided_by_invocation_ids_not_by_finish_times() -> None:
     assert "different or unrecorded" in report._same_run({k: v for k, v in old.items() if k != "invocations"})
     fresh = {**two, "resumed": False}  # without --resume every run is this invocation's
     assert report._same_run(fresh) == "the ratios are taken within this one run."
+
+
+def test_split_qkv_model_computes_the_fused_models_function() -> None:
+    """``Muon-split``'s model: each fused ``qkv`` Linear(d, 3d) as three Linear(d, d) copied from its row
+    blocks, the same function at initialisation, without drawing from the seeded random stream."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import report_runs as R
+    import torch
+
+    fused = R.model_for("chars", 0)
+    after_fused = torch.get_rng_state()
+    split = R.model_for("chars", 0, split=True)
+    assert torch.equal(torch.get_rng_state(), after_fused)
+    names = [n for n, _ in split.named_parameters()]
+    assert not any(n.endswith("qkv.weight") for n in names)
+    assert sum(n.endswith(".weight") and ".qkv.parts." in n for n in names) == 3 * len(fused.blocks)
+    assert sum(p.numel() for p in split.parameters()) == sum(p.numel() for p in fused.parameters())
+    x = torch.randint(0, 103, (4, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(split(x), fused(x), rtol=0, atol=1e-6)
+    assert R.applies("ASGO-parts", "chars") and R.applies("Muon-split", "chars")
+    assert not any(R.applies(o, w) for o in R.CHARS_ONLY for w in ("digits", "lstsq"))
+    with pytest.raises(ValueError, match="split model"):
+        R.build("Muon-split", fused, 1e-2, R.WORKLOADS["chars"])
+
+
+def test_quick_report_has_the_chars_only_rows_on_chars_only(tmp_path: Path) -> None:
+    proc = _run(tmp_path, "--workloads", "lstsq", "chars", "--optimizers", "AdamW", "ASGO-parts", "Muon-split",
+                "--skip-state")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    md = (tmp_path / "report.md").read_text()
+    want = [("lstsq", "AdamW"), ("chars", "AdamW"), ("chars", "ASGO-parts"), ("chars", "Muon-split")]
+    assert [(r[0], r[1]) for r in _table_rows(md)] == want
+    assert "| chars | Muon-split | 2 x 3 |" in md  # its split model timed in the interleaved rounds too
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert all("error" not in r for r in rep["runs"]), [r["error"] for r in rep["runs"] if "error" in r]

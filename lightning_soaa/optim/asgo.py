@@ -514,7 +514,8 @@ class _OneSided(ShardedOptimizer):
                 f"{type(self).__name__}: matrix parameter {name or '(unnamed)'} of shape {tuple(param.shape)} "
                 f"is sharded along dims {sorted(dims)} ({tuple(param.placements)}); only row sharding "  # type: ignore[attr-defined]
                 "(Shard(0), fully_shard's default) is supported. Use fully_shard without "
-                "shard_placement_fn, or route it to AdamW with use_asgo=False."
+                "shard_placement_fn (tensor parallelism: ColwiseParallel shards rows, RowwiseParallel columns), "
+                "or route it to AdamW with use_asgo=False."
             )
         return asgo_math.RIGHT
 
