@@ -41,11 +41,11 @@ def _name_of(item: Any, i: int, group_names: list[str] | None, names: Mapping[in
 
 
 def _suffix(name: str | None, tensor: Any, fused: Mapping[str, int]) -> str | None:
-    """The longest suffix of ``fused`` that the name of a matrix ends with ("attn.qkv.weight" before
-    "qkv.weight"), or None."""
-    if name is None or not isinstance(tensor, Tensor) or tensor.dim() < 2:
+    """The longest suffix of ``fused`` that the name of a trainable matrix ends with, whole dotted parts
+    ("attn.qkv.weight" before "qkv.weight"; "kv.weight" does not match "qkv.weight"), or None."""
+    if name is None or not isinstance(tensor, Tensor) or tensor.dim() < 2 or not tensor.requires_grad:
         return None
-    ends = [s for s in fused if name.endswith(s)]
+    ends = [s for s in fused if name == s or name.endswith("." + s)]
     return max(ends, key=len) if ends else None
 
 
@@ -60,12 +60,13 @@ def _subgroup(group: dict[str, Any], picked: list[int], items: list[Any], **extr
 
 def split_fused(params: Iterable[Any], fused: Mapping[str, int],
                 names: Mapping[int, str] | None = None) -> list[Any]:
-    """``params`` as param groups in which every matrix whose name ends with a suffix of ``fused`` sits in
-    a group of its own with ``row_parts=fused[suffix]`` (each such group keeps the other options of the
-    group it came from). The groups without them come first, in their order, then the parts groups (in
-    the order of their source group and of ``fused``), so ``asgo_param_groups(m)`` followed by this gives
-    the groups ``asgo_param_groups(m, fused=...)`` always gave. Matrices of a ``use_asgo=False`` group
-    stay there (the AdamW part has no parts); their suffix counts as found.
+    """``params`` as param groups in which every trainable matrix whose name ends with a suffix of
+    ``fused`` (whole dotted parts) sits in a group of its own with ``row_parts=fused[suffix]`` (each such
+    group keeps the other options of the group it came from). The given groups keep their indices: a
+    group every parameter of which moved is replaced by its parts group in place; the other parts groups
+    are appended (in the order of their source group and of ``fused``), so ``asgo_param_groups(m)``
+    followed by this gives the groups ``asgo_param_groups(m, fused=...)`` always gave. Matrices of a
+    ``use_asgo=False`` group stay there (the AdamW part has no parts); their suffix counts as found.
 
     Raises:
         ValueError: ``fused`` is not ``{str: int >= 1}``; a suffix matches no trainable matrix (with the
@@ -79,6 +80,8 @@ def split_fused(params: Iterable[Any], fused: Mapping[str, int],
     if not fused or not items:
         return items
     groups = items if isinstance(items[0], dict) else [{"params": items}]
+    if any(isinstance(g.get("params"), set) for g in groups if isinstance(g, dict)):
+        return items  # torch refuses a set (its order changes between runs): left to it
     names = names or {}
     heads: list[dict[str, Any]] = []
     tails: list[dict[str, Any]] = []
@@ -94,13 +97,17 @@ def split_fused(params: Iterable[Any], fused: Mapping[str, int],
             found.update([s] if s else [])
             by.setdefault(None if g.get("use_asgo") is False else s, []).append(i)
         moved = [s for s in fused if s in by]
+        parts = []
         for s in moved:
             if g.get("row_parts", 1) not in (1, fused[s]):
                 raise ValueError(f"Invalid fused={fused!r}: {s!r} matches parameters of a param group that sets "
                                  f"row_parts={g['row_parts']!r}. Give those matrices one of the two.")
-            tails.append(_subgroup(g, by[s], plist, row_parts=fused[s]))
-        if by.get(None) or not moved:  # the group itself, unless every parameter left it
+            parts.append(_subgroup(g, by[s], plist, row_parts=fused[s]))
+        if by.get(None) or not moved:
             heads.append(_subgroup(g, by.get(None, []), plist))
+        else:  # every parameter left the group: its (first) parts group takes its place, so the user's
+            heads.append(parts.pop(0))  # groups keep their indices (an LR schedule's per-group list)
+        tails += parts
     missing = [s for s in fused if s not in found]
     if missing:
         hint = (f" {unnamed} matrix parameter(s) came without names: pass model.named_parameters() (the stock "

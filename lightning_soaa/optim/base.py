@@ -1244,10 +1244,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if verdict.hyper_ranks:
             # before the first step a conversion rebuilt on some ranks only joins this digest (the step
             # counts agree, so every rank adds the same hint)
-            converted = ("; or, before the first step, the parameters of those ranks were converted or moved "
-                         "(model.double(), .half(), .to(...)) after the optimizer was built, unlike rank 0's: "
-                         "convert every rank's model the same way" if not (self.num_steps or self.skipped_steps)
-                         else "")
+            converted = ("; or, before the first step, the model was converted or moved (model.double(), "
+                         ".half(), .to(...)) after the optimizer was built on some ranks and not on others (on "
+                         "those ranks or on rank 0): convert every rank's model the same way"
+                         if not (self.num_steps or self.skipped_steps) else "")
             raise RuntimeError(
                 f"{name}.step: the hyperparameters (param_groups, e.g. lr) on rank(s) {verdict.hyper_ranks} "
                 "differ from rank 0's; every rank must set the same values (same scheduler on every rank)"

@@ -810,15 +810,17 @@ class SOAA(ShardedOptimizer):
         return max(eps, default=0.0)
 
     def _warn_stale_closure(self, pred: float) -> None:
-        """A judged trial whose loss equals the loss before it to the bit (the same reduced values on every
-        rank, so every rank warns): the closure did not evaluate the trial parameters. Logged once."""
+        """A judged trial whose loss equals the loss before it to the bit although it moved this rank's
+        parameters: most likely the closure did not evaluate them. Logged once (by each rank whose owned
+        parameters moved: at W > 1 a rank whose blocks a trial left unchanged stays silent)."""
         if self.__dict__.get("_stale_warned"):
             return
         self._stale_warned = True
         log.warning(
             "SOAA(acceptance='same_batch'): step %d: the closure's loss after the trial step equals the loss "
-            "before it to the bit (predicted reduction %.3g), so the step was rejected. The closure does not "
-            "see the trial parameters: it returns a loss computed before the step, or, under FSDP2 with "
+            "before it to the bit although the trial moved the parameters (predicted reduction %.3g), so the "
+            "step was rejected. Most likely the closure does not see the trial parameters: it returns a loss "
+            "computed before the step, or, under FSDP2 with "
             "reshard_after_forward=False, a closure without backward() reads the unsharded parameters its "
             "previous forward left (call backward() in the closure, as torch's closures do, or reshard() the "
             "fully_shard modules in it). Logged once.", self._t, pred)
@@ -861,8 +863,8 @@ class SOAA(ShardedOptimizer):
         elif rho < cfg.eta1:
             log.debug("SOAA same_batch: step %d rejected (rho=%.3g, predicted=%.3g, actual=%.3g)",
                       self._t, rho, pred, actual)
-            if actual == 0.0:
-                self._warn_stale_closure(pred)
+            if actual == 0.0 and any(not torch.equal(p, saved) for p, saved in self._snapshot):
+                self._warn_stale_closure(pred)  # the trial moved this rank's parameters, the loss did not
             for p, saved in self._snapshot:  # reject: θ back to θ_{t-1} on every rank
                 p.copy_(saved)
             if self._sharded_multi_rank():

@@ -83,11 +83,55 @@ def test_fused_keeps_each_groups_options_and_the_order_of_asgo_param_groups() ->
     two = [{"params": [("qkv.weight", named["qkv.weight"]), ("proj.weight", named["proj.weight"])], "lr": 0.3},
            {"params": [("attn.qkv.weight", named["attn.qkv.weight"])], "lr": 0.2, "betas": (0.9, 0.9)}]
     opt = ASGO(two, fused={"qkv.weight": 3})
+    # group 1, whose every matrix moved, keeps its index (a per-group LR schedule's list still fits it);
+    # the part of group 0 that moved is appended
     assert [(g["param_names"], g["lr"], g["row_parts"], g["betas"]) for g in opt.param_groups] == [
-        (["proj.weight"], 0.3, 1, (0.9, 0.8)), (["qkv.weight"], 0.3, 3, (0.9, 0.8)),
-        (["attn.qkv.weight"], 0.2, 3, (0.9, 0.9))]
+        (["proj.weight"], 0.3, 1, (0.9, 0.8)), (["attn.qkv.weight"], 0.2, 3, (0.9, 0.9)),
+        (["qkv.weight"], 0.3, 3, (0.9, 0.8))]
     # the embedding table stays in the AdamW part, its suffix counted as found
     assert split_fused(asgo_param_groups(m), {"tok_emb.weight": 2}) == asgo_param_groups(m)
+
+
+def test_a_group_all_of_whose_matrices_move_keeps_its_index_under_a_per_group_schedule() -> None:
+    """Found by review: the groups were reordered (the moved ones last), so LambdaLR's per-group list froze
+    the wrong group (0.094 off the same run with the row_parts group written by hand, 5 steps)."""
+    runs = []
+    for by_hand in (False, True):
+        m = _model()
+        named = dict(m.named_parameters())
+        fused = ("qkv.weight", "attn.qkv.weight")
+        qkv = {"params": [(n, named[n]) for n in fused], "lr": 0.05, **({"row_parts": 3} if by_hand else {})}
+        rest = {"params": [(n, p) for n, p in named.items() if n not in fused], "lr": 0.01}
+        opt = ASGO([qkv, rest], **({} if by_hand else {"fused": {"qkv.weight": 3}}))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, [lambda s: 1.0, lambda s: 0.0])  # freeze group 1
+        g = torch.Generator().manual_seed(3)
+        for _ in range(5):
+            opt.zero_grad()
+            m(torch.randint(0, 11, (5, 4), generator=g)).square().mean().backward()
+            opt.step()
+            sched.step()
+        runs.append([p.detach().clone() for p in m.parameters()])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_suffixes_match_whole_dotted_parts_and_trainable_matrices_only() -> None:
+    """Found by review: "kv.weight" (a cross-attention's fused k/v, 2 parts) also caught "self_attn.qkv.weight"
+    (3 parts), which was stepped as two parts of 1.5 heads each."""
+    m = _model()
+    named = [(n, p) for n, p in m.named_parameters() if n != "attn.qkv.weight"]
+    with pytest.raises(ValueError, match="no trainable matrix parameter's name ends with 'kv.weight'"):
+        split_fused(named, {"kv.weight": 2})
+    assert [g.get("row_parts") for g in split_fused(named, {"qkv.weight": 3})] == [None, 3]
+    m.proj.requires_grad_(False)  # a frozen matrix is not a match (as asgo_param_groups leaves it out)
+    with pytest.raises(ValueError, match="no trainable matrix parameter's name ends with 'proj.weight'"):
+        split_fused(m.named_parameters(), {"proj.weight": 2})
+
+
+def test_a_group_given_as_a_set_is_left_for_torch_to_refuse() -> None:
+    m = _model()
+    with pytest.raises(TypeError, match="ordered collections"):
+        ASGO([{"params": set(m.named_parameters())}], fused={"qkv.weight": 3})
 
 
 def test_names_given_apart_by_id_as_deepspeeds_client_has_them() -> None:

@@ -247,6 +247,19 @@ def test_same_batch_warns_once_when_the_closure_does_not_see_the_trial_parameter
     with caplog.at_level(logging.WARNING, logger="lightning_soaa.optim.soaa"):
         good.step(_quadratic_closure(good, good.param_groups[0]["params"][0]))  # rejected on its merits
     assert good.statistics()["rejected"] == 1 and not caplog.records
+    # (review) a trial too small to move bf16 weights leaves the loss unchanged with a correct closure: silent
+    w = torch.nn.Parameter(torch.full((4,), 100.0, dtype=torch.bfloat16))
+    small = SOAA([w], lr=0.1, acceptance="same_batch", gamma=0.1, total_steps=10)
+
+    def closure() -> torch.Tensor:
+        small.zero_grad()
+        loss = ((w.float() - 99.0) ** 2).sum()
+        loss.backward()
+        return loss
+
+    with caplog.at_level(logging.WARNING, logger="lightning_soaa.optim.soaa"):
+        small.step(closure)
+    assert small.statistics()["actual_reduction"] == 0.0 and not caplog.records
 
 
 def test_same_batch_accepts_and_expands_a_good_step() -> None:
