@@ -163,8 +163,10 @@ def _overlaps_itself(t: Tensor) -> bool:
         return True
     reach = 1  # each stride past the extent of the smaller ones: no two elements meet (any permutation)
     for st, n in dims:
-        if st < reach:
-            return len(_element_starts(t)) < t.numel()
+        if st < reach:  # interleaved strides: count the distinct elements (offsets from the first)
+            span = 1 + sum((int(n) - 1) * st for n, st in zip(t.shape, t.stride()))
+            pos = torch.as_strided(torch.arange(span, dtype=torch.int64), t.shape, t.stride(), 0)
+            return int(pos.unique().numel()) < t.numel()
         reach = st * n
     return False
 
