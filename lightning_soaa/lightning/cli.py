@@ -26,13 +26,17 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import logging
 import re
+import sys
 import textwrap
 from typing import Any
 
-from lightning.pytorch import Trainer
+import yaml  # type: ignore[import-untyped]  # Lightning's own dependency (PyYAML)
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.optim import Optimizer
 
 from lightning_soaa.lightning.callbacks import BatchToOptimizer, LossToOptimizer, OptimizerDiagnostics
@@ -45,6 +49,8 @@ from lightning_soaa.lightning.factory import (
 from lightning_soaa.lightning.preemption import PreemptionCheckpoint
 
 __all__ = ["SOAALightningCLI", "explain_optimizer_error", "main"]
+
+log = logging.getLogger(__name__)
 
 _AUTO_CALLBACKS = (LossToOptimizer, BatchToOptimizer, OptimizerDiagnostics, PreemptionCheckpoint)
 
@@ -85,13 +91,23 @@ class SOAALightningCLI(LightningCLI):
         except argparse.ArgumentError as err:
             parser.exit_on_error = True
             parser.error(explain_optimizer_error(str(err)))
+        tokens = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
+        sub = self.config.get("subcommand")  # self.subcommand is set after this method
+        node = self.config.get(sub, self.config) if sub else self.config
+        carried = _carried_defaults(tokens, _to_dict(node.get("optimizer")))
+        if carried:
+            parser.exit_on_error = True
+            parser.error(carried)
 
     def _add_configure_optimizers_method_to_model(self, subcommand: str | None) -> None:
         """Like LightningCLI's, but the optimizer is built lazily inside ``configure_optimizers``."""
-        init = self._get(self.config_init, "optimizer")
+        init = self._get(self.config_init, "optimizer") if self.auto_configure_optimizers else None
         if not init:
             return
         init = _to_dict(init)
+        if is_overridden("configure_optimizers", self.model, LightningModule):  # as the stock CLI says it
+            log.warning("`%s.configure_optimizers` will be overridden by the --optimizer of %s (%s).",
+                        type(self.model).__name__, type(self).__name__, init["class_path"])
         sched = self._get(self.config_init, "lr_scheduler")
         sched = _to_dict(sched) if sched else None
         factory = OptimizerFactory(init["class_path"], dict(init.get("init_args") or {}), lr_scheduler=sched)
@@ -131,6 +147,9 @@ def explain_optimizer_error(msg: str) -> str:
     class_path, detail = found.group(1), textwrap.dedent(found.group(2)).strip()
     try:
         cls = resolve_optimizer_class(class_path)
+        if "has no attribute" in detail or "No module named" in detail:
+            # the class path itself did not import (our registry's lookup ignores case, the import does not)
+            raise ValueError(class_path)
     except ValueError:
         return (f"Unknown optimizer {class_path!r} ({detail}). "
                 f"Valid optimizers: {valid_optimizer_names()}.")
@@ -138,6 +157,75 @@ def explain_optimizer_error(msg: str) -> str:
                 if n not in _NOT_OPTIONS and prm.kind not in (prm.VAR_POSITIONAL, prm.VAR_KEYWORD)]
     return (f"Invalid option for --optimizer {class_path}: {detail}\n"
             f"{class_path} accepts: {', '.join('--optimizer.' + n for n in accepted)}.")
+
+
+def _flag_values(tokens: list[str], flag: str) -> list[str]:
+    """The values of ``flag`` in a command line (``--flag v`` or ``--flag=v``), in order."""
+    out = []
+    for i, tok in enumerate(tokens):
+        if tok == flag and i + 1 < len(tokens):
+            out.append(tokens[i + 1])
+        elif tok.startswith(flag + "="):
+            out.append(tok[len(flag) + 1:])
+    return out
+
+
+def _plain(v: Any) -> Any:
+    """YAML's lists and the parser's tuples compare alike."""
+    return [_plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    return {n: prm.default for n, prm in inspect.signature(cls).parameters.items()
+            if prm.default is not inspect.Parameter.empty}
+
+
+def _config_optimizer(tokens: list[str]) -> Any:
+    """The ``optimizer`` entry of the last ``--config`` file that has one (None if none can be read)."""
+    found = None
+    for path in _flag_values(tokens, "--config"):
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f)
+        except (OSError, yaml.YAMLError):
+            return None
+        if isinstance(data, dict) and data.get("optimizer") is not None:
+            found = data["optimizer"]
+    return found
+
+
+def _carried_defaults(tokens: list[str], final: Any) -> str:
+    """The error for ``--optimizer B`` given over a config whose optimizer is another class A, when the
+    config spells out A's defaults (a ``--print_config`` output, Lightning's saved config.yaml): jsonargparse
+    keeps every option B also takes, so B silently trained with A's ``betas``/``eps``/``weight_decay``
+    (ASGO got SOAA's (0.9, 0.999), 1e-8 and 0.0). Options given on the command line, values A's defaults
+    do not explain (a chosen lr) and values equal to B's defaults pass. ``""`` when nothing is carried."""
+    chosen = [v for v in _flag_values(tokens, "--optimizer") if not v.lstrip().startswith(("{", "["))]
+    old = _config_optimizer(tokens)
+    if not chosen or not isinstance(final, dict) or not isinstance(old, dict):
+        return ""
+    try:
+        old_cls, new_cls = resolve_optimizer_class(old["class_path"]), resolve_optimizer_class(final["class_path"])
+    except (KeyError, ValueError):
+        return ""
+    if old_cls is new_cls:
+        return ""
+    explicit = {t.split("=")[0].removeprefix("--optimizer.").removeprefix("init_args.")
+                for t in tokens if t.startswith("--optimizer.")}
+    old_init, new_init = dict(old.get("init_args") or {}), dict(final.get("init_args") or {})
+    old_def, new_def = _defaults(old_cls), _defaults(new_cls)
+    carried = {k: v for k, v in new_init.items()
+               if k in old_init and k not in explicit and _plain(old_init[k]) == _plain(v)
+               and k in old_def and _plain(old_def[k]) == _plain(v) and _plain(new_def.get(k)) != _plain(v)}
+    if not carried:
+        return ""
+    given = ", ".join(f"{k}={v!r}" for k, v in carried.items())
+    theirs = ", ".join(f"{k}={new_def.get(k)!r}" for k in carried)
+    return (f"--optimizer {final['class_path']} over a config whose optimizer is {old['class_path']}: the config's "
+            f"{given} (the defaults of {old_cls.__name__}) would be carried over to {new_cls.__name__} "
+            f"(jsonargparse keeps the options the new class also takes), whose defaults are {theirs}. Remove them "
+            "from the config's optimizer init_args, or give them on the command line (--optimizer.NAME VALUE) "
+            "to keep them.")
 
 
 # constructor arguments that are not CLI options (the factory passes the first; a process group or a

@@ -166,7 +166,7 @@ def _overlaps_itself(t: Tensor) -> bool:
         if st < reach:  # interleaved strides: count the distinct elements (offsets from the first)
             span = 1 + sum((int(n) - 1) * st for n, st in zip(t.shape, t.stride()))
             pos = torch.as_strided(torch.arange(span, dtype=torch.int64), t.shape, t.stride(), 0)
-            return int(pos.unique().numel()) < t.numel()
+            return int(torch.unique(pos).numel()) < t.numel()
         reach = st * n
     return False
 

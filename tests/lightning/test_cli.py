@@ -81,6 +81,61 @@ def test_cli_asgo_fused_steps_the_named_matrix_as_its_parts(tmp_path: Path, monk
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+PRINTED_SOAA = """optimizer:
+  class_path: lightning_soaa.SOAA
+  init_args:
+    lr: 0.003
+    betas: [0.9, 0.999]
+    eps: 1.0e-08
+    weight_decay: 0.0
+"""
+
+
+def test_cli_switching_the_optimizer_over_a_printed_config_refuses_the_old_defaults(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Found by a hunter: ``--optimizer lightning_soaa.ASGO`` over a ``--print_config`` output of a SOAA config
+    (every default spelled out) trained ASGO with SOAA's betas, eps and weight_decay (jsonargparse keeps the
+    options the new class also takes). Refused naming them; given on the command line, or a config that sets
+    only the lr (the shipped ones), it runs, with the lr carried as chosen."""
+    monkeypatch.chdir(tmp_path)
+    cfg = tmp_path / "printed.yaml"
+    cfg.write_text(PRINTED_SOAA)
+    with pytest.raises(SystemExit):
+        SOAALightningCLI(args=[*BASE, "--config", str(cfg), "--optimizer", "lightning_soaa.ASGO"])
+    err = capsys.readouterr().err
+    assert "over a config whose optimizer is lightning_soaa.SOAA" in err and "would be carried over to ASGO" in err
+    assert all(f in err for f in ("betas=(0.9, 0.999)", "eps=1e-08", "weight_decay=0.0", "betas=(0.9, 0.8)")), err
+    cli = SOAALightningCLI(args=[*BASE, "--config", str(cfg), "--optimizer", "lightning_soaa.ASGO", "--optimizer.betas",
+                                 "[0.9, 0.999]", "--optimizer.eps", "1e-8", "--optimizer.weight_decay", "0.0"])
+    assert cli.trainer.optimizers[0].param_groups[0]["betas"] == (0.9, 0.999)
+    cfg.write_text("optimizer:\n  class_path: lightning_soaa.SOAA\n  init_args:\n    lr: 0.003\n")
+    cli = SOAALightningCLI(args=[*BASE, "--config", str(cfg), "--optimizer", "lightning_soaa.ASGO"])
+    group = cli.trainer.optimizers[0].param_groups[0]
+    assert (group["lr"], group["betas"], group["weight_decay"]) == (0.003, (0.9, 0.8), 0.1)
+
+
+def test_cli_says_when_it_replaces_the_models_own_configure_optimizers(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """As the stock LightningCLI does (found by a hunter: ours replaced it silently)."""
+    import logging
+
+    monkeypatch.chdir(tmp_path)
+    args = [a if a != "tests.lightning.helpers.PlainRegressor" else "tests.lightning.helpers.TinyRegressor"
+            for a in BASE]
+    with caplog.at_level(logging.WARNING, logger="lightning_soaa.lightning.cli"):
+        SOAALightningCLI(args=[*args, "--optimizer", "lightning_soaa.AdamW"])
+    assert any("TinyRegressor.configure_optimizers` will be overridden" in r.getMessage() for r in caplog.records)
+
+
+def test_cli_a_wrong_case_class_path_is_an_unknown_optimizer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        SOAALightningCLI(args=[*BASE, "--optimizer", "lightning_soaa.asgo"])
+    err = capsys.readouterr().err
+    assert "Unknown optimizer 'lightning_soaa.asgo'" in err and "Valid optimizers" in err, err
+
+
 def test_cli_unknown_optimizer_lists_valid_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.chdir(tmp_path)
