@@ -70,6 +70,12 @@ def group_size(group: Any) -> int:
 _NON_HYPER = ("params", "param_names")
 
 
+def _parts_refused(what: str, zero_stage: int) -> ValueError:
+    """The refusal of ASGO's row_parts / fused at a ZeRO stage whose partitions cut matrices at any row."""
+    return ValueError(f"{what} is not supported at ZeRO stage {zero_stage}, whose flat partitions cut a parameter "
+                      "at any row; use ZeRO stage 0, or split the fused projections into separate Linear layers.")
+
+
 class StateLayoutError(ValueError):
     """A checkpoint's optimizer state was written for another ZeRO partitioning (world size or stage)."""
 
@@ -128,11 +134,8 @@ class DeepSpeedClientOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"{optimizer_cls.__name__}: param_groups[{i}]: {e}") from None
             if zero_stage > 0 and group.get("row_parts", 1) != 1:
                 # a partition's rows of a fused matrix are not whole parts: row_parts would cut them wrongly
-                raise ValueError(
-                    f"{optimizer_cls.__name__}: param_groups[{i}]: row_parts={group['row_parts']!r} (a fused "
-                    f"matrix stepped as its parts) is not supported at ZeRO stage {zero_stage}, whose flat "
-                    "partitions cut a parameter at any row; use ZeRO stage 0, or split the fused projection "
-                    "into separate Linear layers.")
+                raise _parts_refused(f"{optimizer_cls.__name__}: param_groups[{i}]: row_parts={group['row_parts']!r} "
+                                     "(a fused matrix stepped as its parts)", zero_stage)
         names = dict(param_names or {})
         for group in self.param_groups:  # named_parameters() input: torch keeps the names per group
             for p, n in zip(group["params"], group.get("param_names", ())):
@@ -162,12 +165,9 @@ class DeepSpeedClientOptimizer(torch.optim.Optimizer):
         fused = self.hyperparams.pop("fused")
         if fused is None:
             return params
-        if zero_stage > 0:
-            # a partition's rows of a fused matrix are not whole parts (as row_parts below)
-            raise ValueError(
-                f"{self.optimizer_cls.__name__}: fused={fused!r} (fused matrices stepped as their parts) is not "
-                f"supported at ZeRO stage {zero_stage}, whose flat partitions cut a parameter at any row; use "
-                "ZeRO stage 0, or split the fused projections into separate Linear layers.")
+        if zero_stage > 0:  # a partition's rows of a fused matrix are not whole parts (as row_parts below)
+            raise _parts_refused(f"{self.optimizer_cls.__name__}: fused={fused!r} (fused matrices stepped as "
+                                 "their parts)", zero_stage)
         from lightning_soaa.optim.asgo_groups import split_fused
 
         return split_fused(params, fused, names=param_names)

@@ -163,10 +163,8 @@ def _overlaps_itself(t: Tensor) -> bool:
         return True
     reach = 1  # each stride past the extent of the smaller ones: no two elements meet (any permutation)
     for st, n in dims:
-        if st < reach:  # interleaved strides: count the distinct elements (offsets from the first)
-            span = 1 + sum((int(n) - 1) * st for n, st in zip(t.shape, t.stride()))
-            pos = torch.as_strided(torch.arange(span, dtype=torch.int64), t.shape, t.stride(), 0)
-            return int(torch.unique(pos).numel()) < t.numel()
+        if st < reach:  # interleaved strides: count the distinct elements
+            return len(_element_offsets(t)) < t.numel()
         reach = st * n
     return False
 
@@ -176,13 +174,15 @@ def _share_elements(a: Tensor, b: Tensor) -> bool:
     strided views, e.g. two column slices of one matrix interleave without sharing)."""
     if a.is_contiguous() and b.is_contiguous():
         return True  # overlapping contiguous spans share elements
-    return not _element_starts(a).isdisjoint(_element_starts(b))
+    starts = [{(int(t.storage_offset()) + i) * t.element_size() for i in _element_offsets(t)} for t in (a, b)]
+    return not starts[0].isdisjoint(starts[1])
 
 
-def _element_starts(t: Tensor) -> set[int]:
-    extent = int(t.storage_offset()) + 1 + sum((int(n) - 1) * st for n, st in zip(t.shape, t.stride()))
-    pos = torch.as_strided(torch.arange(extent, dtype=torch.int64), t.shape, t.stride(), t.storage_offset())
-    return set((pos.reshape(-1) * t.element_size()).tolist())
+def _element_offsets(t: Tensor) -> set[int]:
+    """The storage offsets of ``t``'s elements from its first one (the walk allocates the span only)."""
+    span = 1 + sum((int(n) - 1) * st for n, st in zip(t.shape, t.stride()))
+    pos = torch.as_strided(torch.arange(span, dtype=torch.int64), t.shape, t.stride(), 0)
+    return set(pos.reshape(-1).tolist())
 
 
 Signature = tuple[torch.Size, torch.dtype, torch.device]
