@@ -115,6 +115,32 @@ def test_time_to_target_is_read_off_the_seed_mean_curve() -> None:
     assert e["to_target"] is None and e["ratio_cpu"] is None and e["final_mean"] == math.inf
 
 
+def test_best_lr_is_the_fewest_steps_to_target_except_for_adamw() -> None:
+    """AdamW's lr by its final loss (its seeds set the target); another optimizer's by seed 0's steps to
+    that target, not by its final loss; ties and grids that never reach it by the final loss."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import report
+
+    runs = [
+        _fake_run("AdamW", 0, 1e-3, [4.0, 1.9, 1.2, 1.1]),  # reaches the target sooner but ends higher
+        _fake_run("AdamW", 0, 3e-3, [4.0, 2.0, 1.5, 1.0]),
+        _fake_run("AdamW", 1, 3e-3, [4.0, 2.4, 1.7, 1.4]),  # target 1.2
+        _fake_run("SOAA", 0, 1e-3, [4.0, 1.1, 1.0, 0.95]),  # reaches at 10, ends higher
+        _fake_run("SOAA", 0, 3e-3, [4.0, 2.0, 1.1, 0.5]),  # lowest final, reaches at 20
+        _fake_run("SOAA", 1, 1e-3, [4.0, 1.15, 1.0, 0.9]),
+        _fake_run("EGN", 0, 0.5, [4.0, 3.0, 1.3]), _fake_run("EGN", 0, 1.0, [4.0, 3.0, 1.25]),  # neither
+        _fake_run("ASGO", 0, 0.1, [4.0, 1.2, 1.0, 0.9]), _fake_run("ASGO", 0, 0.3, [4.0, 1.1, 1.0, 0.8]),  # tie
+    ]
+    s = report.summarise(runs, "w", ["AdamW", "SOAA", "EGN", "ASGO"])
+    assert s["target"] == pytest.approx(1.2)
+    rows = s["rows"]
+    assert rows["AdamW"]["best_lr"] == 3e-3 and rows["SOAA"]["best_lr"] == 1e-3
+    assert rows["SOAA"]["to_target"]["steps"] == 10 and rows["SOAA"]["seeds"] == 2
+    assert rows["EGN"]["best_lr"] == 1.0 and rows["ASGO"]["best_lr"] == 0.3
+    seed0 = [r for r in runs if r["optimizer"] == "SOAA" and r["seed"] == 0]
+    assert report.best_lr(seed0, None) == 3e-3  # the final-loss rule, which picked the slower lr
+
+
 def test_same_run_is_decided_by_invocation_ids_not_by_finish_times() -> None:
     """Two invocations within the same minutes are two runs; one invocation whose optimizers finished at
     different minutes is one; runs that recorded no invocation are never claimed to be one run."""
