@@ -34,6 +34,7 @@ from lightning_soaa.lightning.factory import (
 )
 from lightning_soaa.lightning.mpi_guard import guard_mpi_detection
 from lightning_soaa.lightning.preemption import PreemptionCheckpoint
+from lightning_soaa.lightning.resume_check import OptimizerStateCheck
 
 guard_mpi_detection()
 install_exit_drain()
@@ -56,6 +57,7 @@ __all__ = [
     "LossToOptimizer",
     "OptimizerDiagnostics",
     "OptimizerFactory",
+    "OptimizerStateCheck",
     "PreemptionCheckpoint",
     "attach_optimizer",
     "default_split_batch",

@@ -47,12 +47,14 @@ from lightning_soaa.lightning.factory import (
     valid_optimizer_names,
 )
 from lightning_soaa.lightning.preemption import PreemptionCheckpoint
+from lightning_soaa.lightning.resume_check import OptimizerStateCheck
 
 __all__ = ["SOAALightningCLI", "explain_optimizer_error", "main"]
 
 log = logging.getLogger(__name__)
 
-_AUTO_CALLBACKS = (LossToOptimizer, BatchToOptimizer, OptimizerDiagnostics, PreemptionCheckpoint)
+_AUTO_CALLBACKS = (LossToOptimizer, BatchToOptimizer, OptimizerDiagnostics, PreemptionCheckpoint,
+                   OptimizerStateCheck)
 
 
 def _to_dict(obj: Any) -> Any:

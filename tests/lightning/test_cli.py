@@ -114,6 +114,29 @@ def test_cli_switching_the_optimizer_over_a_printed_config_refuses_the_old_defau
     assert (group["lr"], group["betas"], group["weight_decay"]) == (0.003, (0.9, 0.8), 0.1)
 
 
+@pytest.mark.parametrize("spec", list(registry.REGISTRY), ids=lambda s: s.name)
+def test_cli_resuming_our_state_with_a_torch_optimizer_is_refused_naming_both(
+        spec: registry.OptimizerSpec, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--ckpt_path`` of a run of ours with ``--optimizer torch.optim.AdamW`` failed inside torch
+    (``KeyError: 'step'`` in ``Adam.__setstate__``, found by a hunter); now refused before the load,
+    with nothing stepped. Resuming with the same optimizer still continues."""
+    monkeypatch.chdir(tmp_path)
+    name, extra, _ = _cli_case(spec)
+    args = [a if a != "false" or BASE[i - 1] != "--trainer.enable_checkpointing" else "true"
+            for i, a in enumerate(BASE)] + ["--trainer.default_root_dir", str(tmp_path)]
+    SOAALightningCLI(args=[*args, "--optimizer", name, *extra])
+    ckpt = next(tmp_path.rglob("*.ckpt"))
+    saved = torch.load(ckpt, weights_only=False)["optimizer_states"][0]["lightning_soaa"]["optimizer"]
+    assert registry.lookup(f"lightning_soaa.{saved}") is spec  # the class path the message offers is valid
+    more = [a if a != "3" else "5" for a in args] + ["--ckpt_path", str(ckpt)]
+    with pytest.raises(ValueError, match=rf"optimizer_states\[0\] was written by lightning_soaa's {saved}, "
+                                         r"and the run's optimizer 0 is torch\.optim\.adamw\.AdamW") as err:
+        SOAALightningCLI(args=[*more, "--optimizer", "torch.optim.AdamW", "--optimizer.lr", "0.02"])
+    assert f"--optimizer lightning_soaa.{saved} " in str(err.value)
+    cli = SOAALightningCLI(args=[*more, "--optimizer", name, *extra])
+    assert cli.trainer.global_step == 5 and cli.trainer.optimizers[0].statistics()["steps"] == 5.0
+
+
 def test_cli_says_when_it_replaces_the_models_own_configure_optimizers(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """As the stock LightningCLI does (found by a hunter: ours replaced it silently)."""
