@@ -295,12 +295,15 @@ def grad_sq_exact(grads: Sequence[Tensor]) -> float:
 def param_digest(params: Sequence[Tensor]) -> int:
     """A 48-bit digest of the parameters' bits, the same on every rank that holds the same values.
 
-    Each parameter's bits are read as integers and summed modulo 2^64: integer addition is exact and
-    associative, so the sum does not depend on the reduction order (thread count, device kernels), as a
-    float sum would. One read of every parameter: made only at the steps that check the replicas."""
+    Each parameter's bits (a complex one's real and imaginary parts) are read as integers and summed modulo
+    2^64: integer addition is exact and associative, so the sum does not depend on the reduction order
+    (thread count, device kernels), as a float sum would. One read of every parameter: made only at the
+    steps that check the replicas."""
     sums = []
     for p in params:
         x = p.detach().reshape(-1)
+        if x.is_complex():  # its real and imaginary parts' bits (a cast to int64 drops the imaginary part)
+            x = torch.view_as_real(x).reshape(-1)
         if x.is_floating_point() and x.dtype != torch.float64:
             ints = {2: torch.int16, 4: torch.int32}.get(x.element_size())
             x = x.view(ints).to(torch.int64) if ints is not None else x.to(torch.float64).view(torch.int64)

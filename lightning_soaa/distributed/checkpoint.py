@@ -287,7 +287,7 @@ def validate_state_dict(optimizer: CheckpointView, sd: Any, by_position: bool = 
         if key in glob:
             check_finite_number(f"{name}.load_state_dict: {FORMAT_KEY}.global.{key}", glob[key],
                                 integer=True, nonnegative=True)
-    _validate_block_states(optimizer, sd["state"], steps_limit(glob))
+    _validate_block_states(optimizer, sd["state"], steps_limit(glob), groups)
     optimizer.validate_global(glob)
 
 
@@ -388,9 +388,11 @@ def lookup(mapping: Any, key: int) -> Any:
     return mapping.get(key, mapping.get(str(key))) if isinstance(mapping, dict) else None
 
 
-def _validate_block_states(optimizer: CheckpointView, state: Any, limit: float) -> None:
+def _validate_block_states(optimizer: CheckpointView, state: Any, limit: float, groups: list[Any]) -> None:
     """Every saved block state against the optimizer's schema and its step ``limit`` (all blocks: same
-    verdict on every rank)."""
+    verdict on every rank). ``groups``: the saved param groups, whose blocking options a refusal names
+    where they differ from the block's group's here (``use_asgo`` routes a matrix to other state, with
+    the same layout)."""
     name = optimizer.name
     if not isinstance(state, dict):
         raise ValueError(f"{name}.load_state_dict: 'state' must be a dict, got {type(state).__name__}.")
@@ -409,7 +411,7 @@ def _validate_block_states(optimizer: CheckpointView, state: Any, limit: float) 
         names = optimizer.names
         label = (names[b.param_index] if b.param_index < len(names) else None) or f"#{b.param_index}"
         where = f"{name}.load_state_dict: state[{b.param_index}][{b.sub_index}] (parameter {label})"
-        _validate_block(where, blk, schema, optimizer.layout_hint)
+        _validate_block(where, blk, schema, optimizer.layout_hint, _option_changes(optimizer, groups, b.group_index))
         check_block_steps(where, blk, limit)
 
 
@@ -439,16 +441,28 @@ def _check_block_keys(optimizer: CheckpointView, state: dict[Any, Any]) -> None:
                                    if flat else ""))
 
 
-def _validate_block(where: str, blk: Any, schema: dict[str, StateField], hint: str = "") -> None:
+def _option_changes(optimizer: CheckpointView, groups: list[Any], gi: int) -> str:
+    """`` (param_groups[gi] was saved with k=a, this optimizer has k=b)`` for the blocking options of group
+    ``gi`` that differ, else ''."""
+    saved, mine = (groups[gi] if gi < len(groups) else None), optimizer.param_groups[gi]
+    diff = [f"{k}={saved[k]!r}, this optimizer has {k}={mine.get(k)!r}" for k in optimizer.layout_keys
+            if isinstance(saved, dict) and k in saved and saved[k] != mine.get(k)]
+    return f" param_groups[{gi}] was saved with {'; and '.join(diff)}." if diff else ""
+
+
+def _validate_block(where: str, blk: Any, schema: dict[str, StateField], hint: str = "", options: str = "") -> None:
+    """``hint``: said with a wrong shape; ``options`` (the group's blocking options that differ from the
+    saved ones): with wrong keys and shapes."""
+    hint = options + hint
     if not isinstance(blk, dict):
         raise ValueError(f"{where} must be a dict of tensors, got {type(blk).__name__}.")
     unknown = sorted(str(k) for k in blk if k not in schema)
     if unknown:
-        raise ValueError(f"{where} has unexpected key(s) {unknown}; this optimizer keeps {sorted(schema)}.")
+        raise ValueError(f"{where} has unexpected key(s) {unknown}; this optimizer keeps {sorted(schema)}." + options)
     for key, field in schema.items():
         if key not in blk:
             if field.required:
-                raise ValueError(f"{where} is missing {key!r} (a block with state keeps {sorted(schema)}).")
+                raise ValueError(f"{where} is missing {key!r} (a block with state keeps {sorted(schema)})." + options)
             continue
         v = blk[key]
         if not isinstance(v, torch.Tensor):

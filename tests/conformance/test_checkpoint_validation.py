@@ -272,3 +272,33 @@ def test_a_state_with_other_blocks_names_the_block_option_that_differs(name: str
             assert _same(_snapshot(other), before)
         else:
             assert opt.elementwise, f"{name}: a state with other {key} blocks loaded"
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_a_state_saved_with_another_use_asgo_names_it(name: str) -> None:
+    """``use_asgo`` routes a matrix to the matrix method or to AdamW with the same block layout, so the
+    layout check passes and the block's state keys differ: the refusal names the option and its two
+    values (it spoke of unexpected state keys only, found by an options hunter); nothing changes."""
+    spec = get(name)
+    if "use_asgo" not in _trained(name, steps=0)[0]._block_option_keys():
+        pytest.skip(f"{name} has no use_asgo")
+
+    def build(flag: bool | None) -> tuple[Any, torch.nn.Module]:
+        model = tiny_mlp()  # the last weight in a group of its own (its layout is the same either way)
+        named = list(model.named_parameters())
+        last = [(n, p) for n, p in named if p.dim() == 2][-1:]
+        group: dict[str, Any] = {"params": last}
+        if flag is not None:
+            group["use_asgo"] = flag
+        return spec.load()([group, {"params": [np for np in named if np[0] != last[0][0]]}],
+                           **spec.test_kwargs), model
+
+    for saved_flag, loaded_flag in ((None, False), (False, None)):
+        saved, model = build(saved_flag)
+        spec.take_step(saved, model, *batch(0, 0))
+        target, _ = build(loaded_flag)
+        before = _snapshot(target)
+        with pytest.raises(ValueError, match=rf"param_groups\[0\] was saved with use_asgo={saved_flag!r}, this "
+                                             rf"optimizer has use_asgo={loaded_flag!r}"):
+            target.load_state_dict(copy.deepcopy(saved.state_dict()))
+        assert _same(_snapshot(target), before)
