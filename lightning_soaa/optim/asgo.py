@@ -54,6 +54,7 @@ from lightning_soaa.functional.linalg import (
     pending_inverse_sqrt,
     resolve_root_method,
 )
+from lightning_soaa.optim import dcp_state
 from lightning_soaa.optim.adamw import adam_state_schema
 from lightning_soaa.optim.asgo_groups import asgo_param_groups, split_fused
 from lightning_soaa.optim.base import BlockView, ShardedOptimizer
@@ -381,7 +382,7 @@ class _OneSided(ShardedOptimizer):
         >= 3-D matrix parameter: its state is one matrix's there and one per expert here (or the other way),
         which the block layout alone does not always tell (``max_block_size=1`` cuts a wide parameter into
         the same one-row blocks). A malformed state dict is left to the full validation."""
-        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        groups = dcp_state.saved_param_groups(self, state_dict)  # a DCP form's options are in its metadata
         if not isinstance(groups, list) or len(groups) != len(self.param_groups):
             return
         routes = self._routes()

@@ -70,7 +70,8 @@ from lightning_soaa.distributed.dtensor import _contiguous_stride, is_dtensor, l
 if TYPE_CHECKING:
     from lightning_soaa.optim.base import ShardedOptimizer
 
-__all__ = ["block_schema", "dcp_state_dict", "hold_state_entries", "is_dcp_state_dict", "load_torch_form"]
+__all__ = ["block_schema", "dcp_state_dict", "hold_state_entries", "is_dcp_state_dict", "load_torch_form",
+           "saved_param_groups"]
 
 #: key -> (sharded like the parameter, local shape, dtype)
 Schema = dict[str, tuple[bool, tuple[int, ...], torch.dtype]]
@@ -78,6 +79,34 @@ Schema = dict[str, tuple[bool, tuple[int, ...], torch.dtype]]
 
 def _name(opt: ShardedOptimizer) -> str:
     return type(opt).__name__
+
+
+#: Each optimizer's group options as DCP support first saved them (428b4d7), the only ones kept as keys of
+#: their own in the param groups. ``dcp.load`` fills the destination state dict key by key and refuses a
+#: checkpoint that lacks one of its keys, so an option added since (ASGO's ``batch_dims``, ``row_parts``,
+#: ``root_tol``, ``root_max_every``; the elementwise ``max_block_numel``) made every older checkpoint
+#: unloadable ("Missing key in checkpoint state_dict: optim.param_groups.0.row_parts", found by an upgrade
+#: hunt; torch's own AdamW hit the same, pytorch#146157). The others, and every option added from now on,
+#: ride in the JSON metadata (one key whatever it holds); an older checkpoint that lacks one keeps the
+#: optimizer's current value, and the block layout, saved beside, is checked as before. Never add to these.
+_DCP_FLAT_OPTIONS: dict[str, frozenset[str]] = {
+    "SOAA": frozenset({"lr", "betas", "eps", "weight_decay"}),
+    "ShardedAdamW": frozenset({"lr", "betas", "eps", "weight_decay"}),
+    "ASGO": frozenset({"lr", "betas", "eps", "weight_decay", "adam_betas", "adam_eps", "adam_weight_decay",
+                       "damping", "inverse_root", "max_block_size", "rms_scale", "root_every", "root_iters",
+                       "use_asgo"}),
+    "DASGO": frozenset({"lr", "betas", "eps", "weight_decay", "adam_betas", "adam_eps", "adam_weight_decay",
+                        "rms_scale", "use_asgo"}),
+}
+
+
+def _json_options(opt: ShardedOptimizer) -> set[str]:
+    """The group options of ``opt`` saved in the JSON metadata (see :data:`_DCP_FLAT_OPTIONS`; a subclass
+    has its base's flat ones, an optimizer without an entry none). Keys that are not its options (a
+    scheduler's ``initial_lr``, a user's own) stay flat, as torch keeps them."""
+    flat = next((_DCP_FLAT_OPTIONS[c.__name__] for c in type(opt).__mro__ if c.__name__ in _DCP_FLAT_OPTIONS),
+                frozenset())
+    return (set(opt.defaults) | set(opt._block_option_keys())) - flat
 
 
 def block_schema(opt: ShardedOptimizer, block: BlockInfo, group: dict[str, Any] | None = None) -> Schema:
@@ -265,6 +294,8 @@ def dcp_state_dict(opt: ShardedOptimizer) -> dict[str, Any]:
     sd = build_state_dict(opt._checkpoint_view(), {}, glob)
     meta = sd.pop(FORMAT_KEY)
     meta["form"] = "dcp"
+    moved = _json_options(opt)
+    meta["group_options"] = [{k: g.pop(k) for k in sorted(moved & set(g))} for g in sd["param_groups"]]
     if sd["param_groups"]:
         sd["param_groups"][0][FORMAT_KEY] = json.dumps(meta)
     sd["state"] = state
@@ -476,8 +507,26 @@ def _nested_entries(sd: dict[str, Any]) -> dict[Any, dict[int, Any]]:
     return out
 
 
-def _plain_groups(sd: dict[str, Any]) -> list[dict[str, Any]]:
-    return [{k: v for k, v in g.items() if k != FORMAT_KEY} for g in sd["param_groups"]]
+def saved_param_groups(opt: ShardedOptimizer, sd: dict[str, Any]) -> Any:
+    """A state dict's param groups as saved: :func:`dcp_state_dict`'s with the options it keeps in the
+    metadata put back; any other form's as they are (also a malformed one, left to the validation)."""
+    if is_dcp_state_dict(sd):
+        try:
+            return _plain_groups(opt, sd, _group_meta(opt, sd))
+        except ValueError:
+            pass  # malformed: the full validation says so
+    return sd.get("param_groups") if isinstance(sd, dict) else None
+
+
+def _plain_groups(opt: ShardedOptimizer, sd: dict[str, Any], meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """The saved param groups with the options :func:`dcp_state_dict` keeps in the metadata put back (a
+    checkpoint older than that has none there: its groups are as saved)."""
+    groups = [{k: v for k, v in g.items() if k != FORMAT_KEY} for g in sd["param_groups"]]
+    options = meta.get("group_options", [{} for _ in groups])
+    if not (isinstance(options, list) and len(options) == len(groups) and all(isinstance(o, dict) for o in options)):
+        raise ValueError(f"{_name(opt)}.load_state_dict: the metadata's 'group_options' must be one dict per param "
+                         f"group ({len(groups)}); got {options!r}.")
+    return [{**g, **o} for g, o in zip(groups, options)]
 
 
 def _param_index(opt: ShardedOptimizer, index: dict[Any, int], key: Any) -> int:
@@ -496,7 +545,7 @@ def _consolidated_from_nested(opt: ShardedOptimizer, sd: dict[str, Any], meta: d
     entries, keyed by parameter index. The other keys of an entry are the destination's own
     (:func:`dcp_state_dict`'s placeholders, which set_optimizer_state_dict started from) and are replaced
     by the checkpoint; any other key is refused (it would be dropped)."""
-    groups = _plain_groups(sd)
+    groups = _plain_groups(opt, sd, meta)
     index = {k: i for i, k in enumerate(k for g in groups for k in g["params"])}
     stacks = _stacks(opt)
     state: dict[int, dict[int, Any]] = {}
@@ -512,7 +561,8 @@ def _consolidated_from_nested(opt: ShardedOptimizer, sd: dict[str, Any], meta: d
                              f"optimizer's own {sorted(own)}; they would be dropped. Nothing was loaded.")
         if blocks:
             state[pi] = blocks
-    return {"state": state, "param_groups": groups, FORMAT_KEY: {k: v for k, v in meta.items() if k != "form"}}
+    return {"state": state, "param_groups": groups,
+            FORMAT_KEY: {k: v for k, v in meta.items() if k not in ("form", "group_options")}}
 
 
 def _dcp_blocks(opt: ShardedOptimizer, key: Any, entry: Any) -> dict[int, dict[str, Any]]:
@@ -542,7 +592,7 @@ def _consolidated_from_dcp(opt: ShardedOptimizer, sd: dict[str, Any], meta: dict
     """Our consolidated format from :func:`dcp_state_dict`'s form with full tensors (saved under FSDP2 with
     ``full_state_dict=True``), for an optimizer without DTensor parameters. A block saved as zeros with
     ``step`` 0 had no state; an optional key saved as zeros was absent (:func:`_block_entry`)."""
-    groups = _plain_groups(sd)
+    groups = _plain_groups(opt, sd, meta)
     index = {k: i for i, k in enumerate(k for g in groups for k in g["params"])}
     by_key = {b.key: b for b in opt.block_table.blocks}
     state: dict[int, dict[int, Any]] = {}
@@ -557,7 +607,8 @@ def _consolidated_from_dcp(opt: ShardedOptimizer, sd: dict[str, Any], meta: dict
                 continue
             b = by_key.get((pi, si))
             state.setdefault(pi, {})[si] = dict(blk) if b is None else _without_zero_optional(opt, b, blk)
-    return {"state": state, "param_groups": groups, FORMAT_KEY: {k: v for k, v in meta.items() if k != "form"}}
+    return {"state": state, "param_groups": groups,
+            FORMAT_KEY: {k: v for k, v in meta.items() if k not in ("form", "group_options")}}
 
 
 NESTED_WITHOUT_META = (
@@ -637,7 +688,7 @@ def _agreed(opt: ShardedOptimizer, prepare: Callable[[], Callable[[], None]], en
 def _prepare_dcp_load(opt: ShardedOptimizer, sd: dict[str, Any], meta: dict[str, Any]) -> Callable[[], None]:
     """Validate :func:`dcp_state_dict`'s shape (after ``dcp.load``/``set_optimizer_state_dict``, at any world
     size) against this optimizer over DTensor parameters; returns the load. Changes nothing."""
-    groups = _plain_groups(sd)
+    groups = _plain_groups(opt, sd, meta)
     validate_state_dict(opt._checkpoint_view(), {"state": {}, "param_groups": groups, FORMAT_KEY: meta},
                         by_position=False)  # DCP's state is keyed by parameter name
     new_groups = loaded_groups(opt.param_groups, groups, opt._validate_group, keep=opt.layout_keys)

@@ -490,3 +490,53 @@ def save_full_file(rank: int, world_size: int, path: str) -> None:
     if rank == 0:
         torch.save(saved, path)
     dist.barrier()
+
+
+#: group options added after DCP support first saved the param groups (a checkpoint of that time lacks them,
+#: one of 12-02/12-03 has them as keys of their own)
+LATER_OPTIONS = ("batch_dims", "row_parts", "root_tol", "root_max_every", "max_block_numel")
+
+
+def _as_older_version(optim_sd: dict[str, Any], form: str) -> dict[str, Any]:
+    """``optim_sd`` as an earlier lightning_soaa wrote it: ``"before"`` the later options existed (in no
+    key and not in the metadata), or with them ``"flat"`` (a key each, no copy in the metadata)."""
+    import json
+
+    from lightning_soaa.distributed.checkpoint import FORMAT_KEY
+
+    sd = copy.copy(optim_sd)
+    sd["param_groups"] = [dict(g) for g in optim_sd["param_groups"]]
+    meta = json.loads(sd["param_groups"][0][FORMAT_KEY])
+    options = meta.pop("group_options", [{} for _ in sd["param_groups"]])
+    for g, o in zip(sd["param_groups"], options):
+        both = {**{k: g.pop(k) for k in LATER_OPTIONS if k in g}, **o}
+        if form == "flat":
+            g.update(both)
+    sd["param_groups"][0][FORMAT_KEY] = json.dumps(meta)
+    return sd
+
+
+def older_dcp_forms(rank: int, world_size: int, root: str) -> dict[str, Any]:
+    """Each case checkpointed with torch's recipe in the forms of :func:`_as_older_version`, then resumed
+    with this version by the recipe (dcp.load into a fresh optimizer's get_state_dict: it failed on a key
+    the older checkpoint lacks, "Missing key in checkpoint state_dict: optim.param_groups.0.row_parts")."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    mesh = make_mesh(world_size, False)
+    out: dict[str, Any] = {}
+    for name, cls, kw, sizes in CASES:
+        model, opt = run_case(name, rank, world_size, mesh, steps=range(CKPT_AT))
+        model_sd, optim_sd = get_state_dict(model, opt)
+        for form in ("before", "flat"):
+            path = f"{root}/{name}_{form}"
+            dcp.save({"model": model_sd, "optim": _as_older_version(optim_sd, form)}, checkpoint_id=path)
+            fresh = sharded_model(sizes, mesh)
+            fresh_opt = cls(fresh.named_parameters(), **kw)
+            msd, osd = get_state_dict(fresh, fresh_opt)
+            dcp.load({"model": msd, "optim": osd}, checkpoint_id=path)
+            set_state_dict(fresh, fresh_opt, model_state_dict=msd, optim_state_dict=osd)
+            for t in range(CKPT_AT, STEPS):
+                train_step(fresh, fresh_opt, *local_batch(t, sizes, rank, world_size))
+            out[f"{name}_{form}"] = {"params": full_params(fresh), "stats": soaa_stats(fresh_opt)}
+    return out

@@ -246,3 +246,14 @@ def test_fsdp2_full_file_checkpoint_resumes_without_fsdp2(w2_run, references):
         got = W.reference(name, range(W.CKPT_AT, W.STEPS), start=saved[name])
         for i, (a, b) in enumerate(zip(got["params"], references[name]["params"], strict=True)):
             torch.testing.assert_close(a, b, atol=ATOL, rtol=0, msg=lambda m: f"{name} param {i}: {m}")
+
+
+def test_dcp_checkpoints_of_earlier_versions_resume(tmp_path: Path, references):
+    """A DCP checkpoint written before ASGO's batch_dims/row_parts/root_tol/root_max_every and the
+    elementwise max_block_numel existed, and one that has them as keys of their own (12-02/12-03),
+    resume with torch's recipe to the uninterrupted run (dcp.load refused the first: "Missing key in
+    checkpoint state_dict: optim.param_groups.0.row_parts", found by an upgrade hunt)."""
+    results = run_distributed(W.older_dcp_forms, 2, tmp_path, str(tmp_path / "older"), timeout=300)
+    for form in ("before", "flat"):
+        _assert_equal([{name: res[f"{name}_{form}"] for name, *_ in W.CASES} for res in results], references,
+                      f"resumed from a DCP checkpoint of an earlier version ({form})")
