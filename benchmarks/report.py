@@ -108,12 +108,10 @@ def tune(workloads: list[str], optimizers: list[str], args: argparse.Namespace) 
     grids = {o: _grid(o, args.quick) for o in optimizers}
     first = [(w, o, lr, 0) for w in workloads for o in optimizers if R.applies(o, w) for lr in grids[o]]
     runs = _run_all(first, args)
-    for w in workloads:
-        runs += _run_all(_more_seed_tasks(runs, w, ["AdamW"], None, args.seeds), args)
-        target = _target(runs, w)
-        runs += _run_all(_more_seed_tasks(runs, w, [o for o in optimizers if o != "AdamW"], target, args.seeds),
-                         args)
-    return runs
+    runs += _run_all([t for w in workloads for t in _more_seed_tasks(runs, w, ["AdamW"], None, args.seeds)], args)
+    others = [o for o in optimizers if o != "AdamW"]
+    return runs + _run_all([t for w in workloads
+                            for t in _more_seed_tasks(runs, w, others, _target(runs, w), args.seeds)], args)
 
 
 def _more_seed_tasks(runs: list[dict[str, Any]], w: str, optimizers: list[str], target: float | None,
@@ -145,9 +143,10 @@ def best_lr(seed0: list[dict[str, Any]], target: float | None) -> float:
     much later (turn 29: ASGO-parts at 0.01 ended 1.759 against 1.773 at 0.03, which got there in 225
     steps instead of ~250), and the table then scored the slower one. Steps, not CPU time: at one lr
     grid a step costs the same, and steps carry no timing noise."""
-    def key(r: dict[str, Any]) -> tuple[float, float]:
+    def key(r: dict[str, Any]) -> tuple[bool, float, float]:
         hit = _first_reach(r, target) if target is not None and math.isfinite(target) else None
-        return (hit[0] if hit else math.inf, r["final"])
+        # a run that got there and then diverged (final inf) is not a candidate ahead of one that finished
+        return (not math.isfinite(r["final"]), hit[0] if hit else math.inf, r["final"])
 
     return float(min(seed0, key=key)["lr"])
 

@@ -139,6 +139,9 @@ def test_best_lr_is_the_fewest_steps_to_target_except_for_adamw() -> None:
     assert rows["EGN"]["best_lr"] == 1.0 and rows["ASGO"]["best_lr"] == 0.3
     seed0 = [r for r in runs if r["optimizer"] == "SOAA" and r["seed"] == 0]
     assert report.best_lr(seed0, None) == 3e-3  # the final-loss rule, which picked the slower lr
+    # a run that reached the target first and then diverged is not picked over one that finished (reviewer)
+    diverged = [_fake_run("SOAA", 0, 1e-2, [4.0, 1.1, math.inf]), _fake_run("SOAA", 0, 3e-3, [4.0, 2.0, 1.1, 0.9])]
+    assert report.best_lr(diverged, 1.2) == 3e-3
 
 
 def test_same_run_is_decided_by_invocation_ids_not_by_finish_times() -> None:

@@ -295,23 +295,43 @@ def grad_sq_exact(grads: Sequence[Tensor]) -> float:
 def param_digest(params: Sequence[Tensor]) -> int:
     """A 48-bit digest of the parameters' bits, the same on every rank that holds the same values.
 
-    Each parameter's bits (a complex one's real and imaginary parts) are read as integers and summed modulo
-    2^64: integer addition is exact and associative, so the sum does not depend on the reduction order
-    (thread count, device kernels), as a float sum would. One read of every parameter: made only at the
-    steps that check the replicas."""
+    Each element's bits (a complex one's real and imaginary parts) are read as an integer, mixed with its
+    position (:func:`_mixed_sum`) and summed modulo 2^64: integer addition is exact and associative, so the
+    sum does not depend on the reduction order (thread count, device kernels), as a float sum would. One
+    read of every parameter: made only at the steps that check the replicas."""
     sums = []
     for p in params:
         x = p.detach().reshape(-1)
         if x.is_complex():  # its real and imaginary parts' bits (a cast to int64 drops the imaginary part)
-            x = torch.view_as_real(x).reshape(-1)
+            x = torch.view_as_real(x.resolve_conj()).reshape(-1)  # a conjugate view keeps its bit until resolved
         if x.is_floating_point() and x.dtype != torch.float64:
             ints = {2: torch.int16, 4: torch.int32}.get(x.element_size())
-            x = x.view(ints).to(torch.int64) if ints is not None else x.to(torch.float64).view(torch.int64)
+            x = x.view(ints) if ints is not None else x.to(torch.float64).view(torch.int64)
         elif x.dtype == torch.float64:
             x = x.view(torch.int64)
-        sums.append(x.sum(dtype=torch.int64) if x.numel() else torch.zeros((), dtype=torch.int64, device=x.device))
+        sums.append(_mixed_sum(x))
     values = torch.stack([s.to(sums[0].device) for s in sums]).tolist() if sums else []  # one host copy
     return _digest(canonical(values))
+
+
+#: splitmix64's constants as int64 (torch's int64 products wrap around, as the mix needs)
+_GOLDEN, _MIX1, _MIX2 = (c - (1 << 64) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+#: elements mixed at a time (bounds the int64 temporaries of a large parameter to a few times 128 MiB)
+_DIGEST_CHUNK = 1 << 24
+
+
+def _mixed_sum(bits: Tensor) -> Tensor:
+    """``Σ_i mix(bits_i, i)`` modulo 2^64 of a 1-D integer tensor. A plain sum of the bits missed changes
+    that cancel in it: sign flips of an even number of float64 elements (each adds 2^63), a conjugate's
+    imaginary parts, values swapped between positions (a square matrix against its transpose)."""
+    total = torch.zeros((), dtype=torch.int64, device=bits.device)
+    for start in range(0, bits.numel(), _DIGEST_CHUNK):
+        h = bits[start:start + _DIGEST_CHUNK].to(torch.int64)
+        idx = torch.arange(start, start + h.numel(), dtype=torch.int64, device=h.device)
+        h = (h ^ (idx * _GOLDEN)) * _MIX1
+        h = (h ^ (h >> 31)) * _MIX2
+        total += (h ^ (h >> 29)).sum(dtype=torch.int64)
+    return total
 
 
 def instance_id(construction: Tensor, ordinal: int) -> int:

@@ -27,6 +27,7 @@ The functions take a :class:`CheckpointView` of the optimizer (built by
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import numbers
@@ -134,7 +135,9 @@ def loaded_groups(current: list[dict[str, Any]], saved: list[dict[str, Any]],
     kept = (*_KEPT_ON_LOAD, *keep)
     for i, (group, old) in enumerate(zip(current, saved)):
         g = dict(group)
-        g.update({k: (tuple(v) if k == "betas" else v) for k, v in old.items() if k not in kept})
+        # a tuple comes back a list from JSON-like round trips (betas, adam_betas): as the group holds it
+        g.update({k: (tuple(v) if isinstance(v, list) and isinstance(group.get(k), tuple) else v)
+                  for k, v in old.items() if k not in kept})
         try:
             validate(g)
         except ValueError as e:  # "Invalid lr=-1.0" alone does not say it came from the checkpoint
@@ -411,7 +414,8 @@ def _validate_block_states(optimizer: CheckpointView, state: Any, limit: float, 
         names = optimizer.names
         label = (names[b.param_index] if b.param_index < len(names) else None) or f"#{b.param_index}"
         where = f"{name}.load_state_dict: state[{b.param_index}][{b.sub_index}] (parameter {label})"
-        _validate_block(where, blk, schema, optimizer.layout_hint, _option_changes(optimizer, groups, b.group_index))
+        _validate_block(where, blk, schema, optimizer.layout_hint,
+                        functools.partial(_option_changes, optimizer, groups, b.group_index))
         check_block_steps(where, blk, limit)
 
 
@@ -450,26 +454,26 @@ def _option_changes(optimizer: CheckpointView, groups: list[Any], gi: int) -> st
     return f" param_groups[{gi}] was saved with {'; and '.join(diff)}." if diff else ""
 
 
-def _validate_block(where: str, blk: Any, schema: dict[str, StateField], hint: str = "", options: str = "") -> None:
-    """``hint``: said with a wrong shape; ``options`` (the group's blocking options that differ from the
-    saved ones): with wrong keys and shapes."""
-    hint = options + hint
+def _validate_block(where: str, blk: Any, schema: dict[str, StateField], hint: str = "",
+                    options: Callable[[], str] = str) -> None:
+    """``hint``: said with a wrong shape; ``options()`` (the group's blocking options that differ from the
+    saved ones, made only for a refusal): with wrong keys and shapes."""
     if not isinstance(blk, dict):
         raise ValueError(f"{where} must be a dict of tensors, got {type(blk).__name__}.")
     unknown = sorted(str(k) for k in blk if k not in schema)
     if unknown:
-        raise ValueError(f"{where} has unexpected key(s) {unknown}; this optimizer keeps {sorted(schema)}." + options)
+        raise ValueError(f"{where} has unexpected key(s) {unknown}; this optimizer keeps {sorted(schema)}." + options())
     for key, field in schema.items():
         if key not in blk:
             if field.required:
-                raise ValueError(f"{where} is missing {key!r} (a block with state keeps {sorted(schema)})." + options)
+                raise ValueError(f"{where} is missing {key!r} (a block with state keeps {sorted(schema)})." + options())
             continue
         v = blk[key]
         if not isinstance(v, torch.Tensor):
             raise ValueError(f"{where}[{key!r}] must be a tensor, got {type(v).__name__}.")
         if tuple(v.shape) != tuple(field.shape):
             raise ValueError(f"{where}[{key!r}] has shape {tuple(v.shape)}; it must be {tuple(field.shape)}."
-                             + hint)
+                             + options() + hint)
         if field.dtype is not None and v.dtype != field.dtype and v.dtype not in field.legacy:
             raise ValueError(f"{where}[{key!r}] has dtype {v.dtype}; it must be {field.dtype}.")
         complex_ok = field.dtype is not None and field.dtype.is_complex  # complex parameters' moments

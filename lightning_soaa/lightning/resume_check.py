@@ -14,6 +14,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 
 from lightning_soaa.distributed.checkpoint import FORMAT_KEY
 from lightning_soaa.lightning.factory import iter_wrapped
@@ -56,9 +57,11 @@ class OptimizerStateCheck(Callback):
     written by a lightning_soaa optimizer to an optimizer that is not one (see the module docstring).
 
     Lightning calls ``on_load_checkpoint`` before building the optimizers for most strategies and after it
-    for the others (``restore_checkpoint_after_setup``: DeepSpeed, FSDP); either way the optimizer states
-    are loaded later, so the check runs in whichever of ``on_load_checkpoint`` / ``on_fit_start`` comes
-    second."""
+    for those with ``restore_checkpoint_after_setup``; either way the optimizer states are loaded later, so
+    the check runs in whichever of ``on_load_checkpoint`` / ``on_fit_start`` comes second (before setup,
+    ``trainer.optimizers`` may still be an earlier fit's). Only ``fit`` loads optimizer states; a
+    checkpoint without ``optimizer_states`` (DeepSpeed's, a sharded ModelParallelStrategy one) is not read
+    here."""
 
     def __init__(self) -> None:
         self._saved: list[str | None] | None = None
@@ -69,10 +72,11 @@ class OptimizerStateCheck(Callback):
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
         states = checkpoint.get("optimizer_states")
-        self._saved = _saved_by_us(states) if isinstance(states, list) else None
-        if trainer.optimizers and self._saved is not None:
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        self._saved = _saved_by_us(states) if fitting and isinstance(states, list) else None
+        if self._saved is not None and trainer.strategy.restore_checkpoint_after_setup:  # after on_fit_start
             check_optimizer_states(self._saved, trainer.optimizers)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._saved is not None:
+        if self._saved is not None:  # read before setup: this fit's optimizers exist now
             check_optimizer_states(self._saved, trainer.optimizers)

@@ -383,6 +383,8 @@ class _OneSided(ShardedOptimizer):
         which the block layout alone does not always tell (``max_block_size=1`` cuts a wide parameter into
         the same one-row blocks). A malformed state dict is left to the full validation."""
         groups = dcp_state.saved_param_groups(self, state_dict)  # a DCP form's options are in its metadata
+        if dcp_state.options_unread(self, state_dict):
+            return  # batch_dims unknown (see options_unread): DCP's shapes and the block layout still check it
         if not isinstance(groups, list) or len(groups) != len(self.param_groups):
             return
         routes = self._routes()

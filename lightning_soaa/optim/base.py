@@ -127,6 +127,7 @@ from lightning_soaa.optim.param_checks import (
     check_param_group,
     check_step,
     check_torch_options,
+    gradient_mismatch,
     param_signatures,
     warn_misspelt_keys,
 )
@@ -427,6 +428,12 @@ CONSOLIDATED_ELSEWHERE = (
 
 # A list edited in place keeps its identity, so the check above cannot see it: an appended parameter was
 # never stepped, a removed one still was (2.6e-2 off torch's optimizer), silently.
+GROUP_COUNT_MESSAGE = (
+    "{name}.step: param_groups holds {now} group(s) and the optimizer was built with {built}: a group was "
+    "deleted, merged or appended by hand, and the blocks are cut per group at construction. Add parameters "
+    "with add_param_group; to drop some, build a new optimizer. Nothing changed."
+)
+
 EDITED_PARAMS_MESSAGE = (
     "{name}.step: param_groups[{i}]['params'] was edited in place (a parameter appended, removed or "
     "replaced) after the optimizer was built over it; its blocks are cut at construction, so the change "
@@ -620,6 +627,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
     #: an elementwise optimizer's ``max_block_numel``: a value written into a group afterwards would be
     #: accepted and silently not used, so it is refused (:meth:`_check_layout`)
     layout_keys: tuple[str, ...] = ()
+    #: whether the step reads ``p.grad`` (EGN makes its own from the batch): each gradient is then checked
+    #: against its parameter at every step (:func:`param_checks.gradient_mismatch`)
+    _steps_gradients: bool = True
     #: the smallest automatic block, in elements (2^18 = 1 MiB of fp32 per state tensor)
     default_max_block_numel: int = 1 << 18
     #: blocks per rank the automatic block size aims at: a state balanced within about 1/8 of a rank's
@@ -1369,7 +1379,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         reported through the all-reduce and raised on every rank, so the ranks stay in step.
         """
         self._join_before_step()
-        local_error = local_error or self._hyperparameter_error() or self._interrupted_update_error()
+        local_error = (local_error or self._hyperparameter_error() or self._interrupted_update_error()
+                       or (gradient_mismatch(self, self._params, self._names) if self._steps_gradients else None))
         if self._step_supports_amp_scaling:
             self._amp_found_inf = amp_unscale_(self)  # under torch.amp.GradScaler (optim/step_context.py)
         if local_error is None and self._planned_step():
@@ -1382,7 +1393,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         why = self._exchange_in(failed=local_error is not None)
         if why is not None:
             return self._skip_step(why)
-        views = self._owned_views()
+        # after a local error nothing is stepped, and the blocks may no longer match the groups (one deleted)
+        views = self._owned_views() if local_error is None else []
         try:
             reduced = self._reduce_record(views, local_error)
         except (ValueError, RuntimeError) as e:
@@ -1564,8 +1576,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
             seen[:] = [None] * len(groups)
         lists = self.__dict__.get("_group_lists")
         members = self.__dict__.get("_group_members")
+        if lists is not None and len(lists) != len(groups):  # before the loop: also when no group is left
+            return ValueError(GROUP_COUNT_MESSAGE.format(name=type(self).__name__, now=len(groups), built=len(lists)))
         for i, group in enumerate(groups):
-            if lists is not None and (len(lists) != len(groups) or group.get("params") is not lists[i]):
+            if lists is not None and group.get("params") is not lists[i]:
                 return ValueError(REPLACED_PARAMS_MESSAGE.format(name=type(self).__name__, i=i))
             if members is not None and not _same_members(group["params"], members[i]):
                 return ValueError(EDITED_PARAMS_MESSAGE.format(name=type(self).__name__, i=i))

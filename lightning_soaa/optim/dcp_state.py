@@ -49,6 +49,7 @@ Without DTensor parameters the optimizers keep their own world-size independent 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -71,7 +72,9 @@ if TYPE_CHECKING:
     from lightning_soaa.optim.base import ShardedOptimizer
 
 __all__ = ["block_schema", "dcp_state_dict", "hold_state_entries", "is_dcp_state_dict", "load_torch_form",
-           "saved_param_groups"]
+           "options_unread", "saved_param_groups"]
+
+log = logging.getLogger(__name__)
 
 #: key -> (sharded like the parameter, local shape, dtype)
 Schema = dict[str, tuple[bool, tuple[int, ...], torch.dtype]]
@@ -98,6 +101,9 @@ _DCP_FLAT_OPTIONS: dict[str, frozenset[str]] = {
     "DASGO": frozenset({"lr", "betas", "eps", "weight_decay", "adam_betas", "adam_eps", "adam_weight_decay",
                         "rms_scale", "use_asgo"}),
 }
+
+
+_JSON_SCALARS = (int, float, str, bool, type(None))
 
 
 def _json_options(opt: ShardedOptimizer) -> set[str]:
@@ -295,7 +301,9 @@ def dcp_state_dict(opt: ShardedOptimizer) -> dict[str, Any]:
     meta = sd.pop(FORMAT_KEY)
     meta["form"] = "dcp"
     moved = _json_options(opt)
-    meta["group_options"] = [{k: g.pop(k) for k in sorted(moved & set(g))} for g in sd["param_groups"]]
+    # plain JSON scalars only (a subclass's tuple would come back a list, a dtype not at all: kept as keys)
+    meta["group_options"] = [{k: g.pop(k) for k in sorted(moved & set(g)) if type(g[k]) in _JSON_SCALARS}
+                             for g in sd["param_groups"]]
     if sd["param_groups"]:
         sd["param_groups"][0][FORMAT_KEY] = json.dumps(meta)
     sd["state"] = state
@@ -518,14 +526,46 @@ def saved_param_groups(opt: ShardedOptimizer, sd: dict[str, Any]) -> Any:
     return sd.get("param_groups") if isinstance(sd, dict) else None
 
 
+def options_unread(opt: ShardedOptimizer, sd: Any) -> bool:
+    """Whether ``sd`` is a DCP form written before its options rode in the metadata: ``dcp.load`` then
+    filled only this version's keys, so the options :func:`_json_options` moves were not read (the
+    checkpoint may hold them as keys of their own, or not at all)."""
+    if not is_dcp_state_dict(sd):
+        return False
+    try:
+        meta = _group_meta(opt, sd)
+    except ValueError:
+        return False  # malformed: the full validation says so
+    # (our consolidated form after torch rebuilt it carries the metadata there too: its groups are whole)
+    return meta.get("form") == "dcp" and "group_options" not in meta
+
+
+def _warn_options_unread(opt: ShardedOptimizer, groups: list[dict[str, Any]]) -> None:
+    """Say which options of this optimizer's groups a DCP checkpoint of an earlier version could not give
+    (:func:`options_unread`), and the values kept: the run continues with them, which a run that set other
+    values must know. The blocking options are left out: the block layout, saved beside, checks them."""
+    moved = _json_options(opt) - set(opt._block_option_keys())
+    kept = [f"param_groups[{i}]: " + ", ".join(f"{k}={g[k]!r}" for k in sorted(moved & set(g)))
+            for i, g in enumerate(groups) if moved & set(g)]
+    if kept:
+        log.warning("%s.load_state_dict: this torch.distributed.checkpoint was written by an earlier "
+                    "lightning_soaa, which saved these group options as keys of their own or not at all; dcp.load "
+                    "reads only the keys this version's state dict has, so they keep the values this optimizer was "
+                    "built with (%s). If the run used other values, build the optimizer with them before loading.",
+                    _name(opt), "; ".join(kept))
+
+
 def _plain_groups(opt: ShardedOptimizer, sd: dict[str, Any], meta: dict[str, Any]) -> list[dict[str, Any]]:
     """The saved param groups with the options :func:`dcp_state_dict` keeps in the metadata put back (a
     checkpoint older than that has none there: its groups are as saved)."""
     groups = [{k: v for k, v in g.items() if k != FORMAT_KEY} for g in sd["param_groups"]]
     options = meta.get("group_options", [{} for _ in groups])
-    if not (isinstance(options, list) and len(options) == len(groups) and all(isinstance(o, dict) for o in options)):
+    if isinstance(options, list) and len(options) != len(groups):
+        raise ValueError(f"{_name(opt)}.load_state_dict: the checkpoint has {len(options)} param groups and this "
+                         f"optimizer {len(groups)}: build it with the param groups it was saved with.")
+    if not (isinstance(options, list) and all(isinstance(o, dict) for o in options)):
         raise ValueError(f"{_name(opt)}.load_state_dict: the metadata's 'group_options' must be one dict per param "
-                         f"group ({len(groups)}); got {options!r}.")
+                         f"group; got {options!r}.")
     return [{**g, **o} for g, o in zip(groups, options)]
 
 
@@ -648,6 +688,8 @@ def load_torch_form(opt: ShardedOptimizer, sd: dict[str, Any],
         if meta.get("form") == "dcp":
             if nested:
                 raise ValueError(NESTED_WITHOUT_META.format(name=_name(opt), key=next(iter(nested))))
+            if options_unread(opt, sd):
+                _warn_options_unread(opt, opt.param_groups)
             if opt._dtensor is not None:
                 return _prepare_dcp_load(opt, sd, meta)
             return prepare_consolidated(_consolidated_from_dcp(opt, sd, meta))

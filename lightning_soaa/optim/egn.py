@@ -470,6 +470,7 @@ class EGN(ShardedOptimizer):
     """
 
     step_record = _EGNRecord
+    _steps_gradients = False  # its directions come from the batch, never from p.grad
     #: EGN never reads ``p.grad`` (Lightning may leave stale or non-finite ones): the base must not scan
     #: them; ``_prepare`` flags a non-finite direction itself.
     partials_cover_grads = True

@@ -241,6 +241,25 @@ def _refuse_step(optimizer: Any, p: Tensor, label: str, built: Signature | None)
     )
 
 
+def gradient_mismatch(optimizer: Any, params: Sequence[Tensor], names: Sequence[str | None]) -> ValueError | None:
+    """The error for the first parameter whose gradient has another shape, dtype or device than the
+    parameter, or None. Such a gradient is set by hand (``p.grad = g``, ``p.grad.data = g``; autograd
+    makes none): torch's optimizers raise on it, and ours stepped one of the same number of elements
+    (a transposed matrix's) silently, or failed inside the update after other blocks had moved. Returned,
+    not raised: the step holds it, so every rank raises together and nothing changes. Every step, before
+    any other work: attribute reads only."""
+    for i, p in enumerate(params):
+        g = p.grad
+        if g is not None and (g.shape != p.shape or g.dtype != p.dtype or g.device != p.device):
+            label = repr(names[i]) if names[i] else f"#{i}"
+            have, want = _describe((g.shape, g.dtype, g.device)), _describe((p.shape, p.dtype, p.device))
+            return ValueError(
+                f"{type(optimizer).__name__}.step: the gradient of parameter {label} has {have} and the parameter "
+                f"{want}; a gradient must match its parameter (as torch's optimizers require). Set p.grad to a "
+                "tensor of the parameter's shape, dtype and device. Nothing changed.")
+    return None
+
+
 def _describe(sig: Signature) -> str:
     shape, dtype, device = sig
     return f"shape {tuple(shape)}, {dtype} on {device}"

@@ -941,3 +941,61 @@ def test_a_process_group_of_some_ranks_warns_where_the_step_averages_the_batch(t
             assert said == [], (r, said)
         else:
             assert len(said) == 1 and "spans 1 of the 2 ranks" in said[0] and "drift apart" in said[0], (r, said)
+
+
+# ------------------------------------------------- gradients and groups edited by hand (state-edit hunter)
+def _mismatched_grad(model: nn.Module, how: str) -> None:
+    """The last square-free weight's gradient replaced by hand, as user code can (autograd makes none)."""
+    w = [p for p in model.parameters() if p.dim() == 2][-1]
+    g = w.grad
+    w.grad.data = g.t().contiguous() if how == "transposed" else g.float()  # same numel / another dtype
+
+
+def _w_mismatched_grad(rank: int, world: int, name: str, how: str) -> dict[str, Any]:
+    model = tiny_mlp(sizes=(4, 6, 4))  # a 4 x 6 weight: its transpose has the same number of elements
+    opt = _build(name, model)
+    _step(name, opt, model, 0, rank)
+    before = _params(model)
+    msg = _error(lambda: _step(name, opt, model, 1, rank, mutate=lambda m: _mismatched_grad(m, how)))
+    unchanged = all(torch.equal(a, b) for a, b in zip(before, _params(model)))
+    _step(name, opt, model, 2, rank)  # the optimizer goes on: nothing was half-changed
+    return {"msg": msg, "unchanged": unchanged, "steps": opt.num_steps}
+
+
+@pytest.mark.parametrize("how", ["transposed", "float32"])
+@pytest.mark.parametrize("name", GRAD_SPECS)
+def test_a_gradient_that_does_not_match_its_parameter_is_refused_on_every_rank(tmp_path: Path, name: str,
+                                                                                how: str) -> None:
+    """A transposed gradient (the same number of elements) was stepped silently by SOAA and AdamW; a
+    float32 one on a float64 parameter failed inside the update after other blocks had moved, on its owner
+    only (the peer then waited in the exchange). torch's optimizers raise on both."""
+    for out in run_distributed(_w_mismatched_grad, 2, tmp_path, name, how):
+        assert "the gradient of parameter '2.weight' has" in out["msg"] and "Nothing changed" in out["msg"], out
+        assert out["unchanged"] and out["steps"] == 2, out
+
+
+def _w_group_count(rank: int, world: int, name: str, edit: str) -> dict[str, Any]:
+    model = tiny_mlp(sizes=SIZES)
+    spec = get(name)
+    named = list(model.named_parameters())
+    groups = [{"params": named[:2]}, {"params": named[2:]}]
+    opt = spec.load()(groups, **spec.test_kwargs) if spec.first_arg is not FirstArg.MODULE else _build(name, model)
+    _step(name, opt, model, 0, rank)
+    extra = {"params": [nn.Parameter(torch.zeros(2, dtype=torch.float64))]}
+    (opt.param_groups.append(extra) if edit == "appended" or len(opt.param_groups) == 1
+     else opt.param_groups.pop())
+    before = _params(model)
+    msg = _error(lambda: _step(name, opt, model, 1, rank))
+    return {"msg": msg, "unchanged": all(torch.equal(a, b) for a, b in zip(before, _params(model)))}
+
+
+@pytest.mark.parametrize("edit", ["deleted", "appended"])
+@pytest.mark.parametrize("name", SPECS)
+def test_a_param_group_deleted_or_appended_by_hand_is_refused_on_every_rank(tmp_path: Path, name: str,
+                                                                              edit: str) -> None:
+    """``del opt.param_groups[1]`` ended in an IndexError on the ranks that own a block of it while the
+    others waited in the step's all-reduce (gloo's timeout; a hang under NCCL); an appended group dict
+    was refused as DeepSpeed's replacement of group 0's tensors."""
+    for out in run_distributed(_w_group_count, 2, tmp_path, name, edit):
+        assert "param_groups holds" in out["msg"] and "add_param_group" in out["msg"], out
+        assert out["unchanged"], out

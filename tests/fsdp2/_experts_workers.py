@@ -141,11 +141,17 @@ def held_experts(opt: ASGO) -> list[tuple[int, int]]:
     return sorted(b.key for b in opt._owned if opt._batched(b))
 
 
-def save_dcp(model: nn.Module, opt: ASGO, path: str) -> None:
+def save_dcp(model: nn.Module, opt: ASGO, path: str, older: str | None = None) -> None:
+    """torch's recipe; ``older``: the optimizer state in the form an earlier version wrote
+    (``tests.fsdp2._workers._as_older_version``: ``"flat"``, ``batch_dims`` a key of its own, 12-02/12-03)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
+    from tests.fsdp2._workers import _as_older_version
+
     model_sd, optim_sd = get_state_dict(model, opt)
+    if older is not None:
+        optim_sd = _as_older_version(optim_sd, older)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
 
 
@@ -214,11 +220,13 @@ def run_world(rank: int, world_size: int, root: str, loads: tuple[int, ...], con
         model, opt = sharded(world_size)
         train(model, opt, range(CKPT_AT))
         save_dcp(model, opt, f"{root}/dcp_w{world_size}")
+        save_dcp(model, opt, f"{root}/dcp_flat_w{world_size}", older="flat")
         consolidated(model, opt, rank, f"{root}/cons_w{world_size}.pt")
         model, opt = sharded(world_size, **AUTO)  # root_every="auto": two more stacked keys
         train(model, opt, range(CKPT_AT))
         save_dcp(model, opt, f"{root}/dcp_auto_w{world_size}")
     out["dcp"] = {w: resume_dcp(world_size, f"{root}/dcp_w{w}") for w in loads}
+    out["dcp_flat"] = {w: resume_dcp(world_size, f"{root}/dcp_flat_w{w}") for w in loads}
     out["dcp_auto"] = {w: resume_dcp(world_size, f"{root}/dcp_auto_w{w}", **AUTO) for w in loads}
     if not fresh:
         out["corrupted"] = corrupted_load(rank, world_size, f"{root}/dcp_w{loads[0]}")

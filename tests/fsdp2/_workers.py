@@ -7,6 +7,7 @@ and FSDP2's gradient mean equals the single-process gradient of the global mean 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from typing import Any
@@ -535,8 +536,23 @@ def older_dcp_forms(rank: int, world_size: int, root: str) -> dict[str, Any]:
             fresh_opt = cls(fresh.named_parameters(), **kw)
             msd, osd = get_state_dict(fresh, fresh_opt)
             dcp.load({"model": msd, "optim": osd}, checkpoint_id=path)
-            set_state_dict(fresh, fresh_opt, model_state_dict=msd, optim_state_dict=osd)
+            with _captured("lightning_soaa.optim.dcp_state") as said:
+                set_state_dict(fresh, fresh_opt, model_state_dict=msd, optim_state_dict=osd)
             for t in range(CKPT_AT, STEPS):
                 train_step(fresh, fresh_opt, *local_batch(t, sizes, rank, world_size))
-            out[f"{name}_{form}"] = {"params": full_params(fresh), "stats": soaa_stats(fresh_opt)}
+            out[f"{name}_{form}"] = {"params": full_params(fresh), "stats": soaa_stats(fresh_opt), "said": said}
     return out
+
+
+@contextlib.contextmanager
+def _captured(logger: str) -> Any:
+    """The messages ``logger`` logs inside the block (a list, filled as they come)."""
+    said: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
+    log = logging.getLogger(logger)
+    log.addHandler(handler)
+    try:
+        yield said
+    finally:
+        log.removeHandler(handler)

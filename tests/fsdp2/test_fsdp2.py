@@ -257,3 +257,8 @@ def test_dcp_checkpoints_of_earlier_versions_resume(tmp_path: Path, references):
     for form in ("before", "flat"):
         _assert_equal([{name: res[f"{name}_{form}"] for name, *_ in W.CASES} for res in results], references,
                       f"resumed from a DCP checkpoint of an earlier version ({form})")
+        for res in results:  # options such a checkpoint cannot give are said, with the values kept (reviewer)
+            said = " ".join(res[f"asgo_wide_{form}"]["said"])
+            assert "written by an earlier lightning_soaa" in said and "root_max_every=10, root_tol=0.05" in said, said
+            assert "max_block_size" not in said and "batch_dims" not in said, said  # checked by the layout
+            assert not res[f"soaa_{form}"]["said"], res[f"soaa_{form}"]["said"]  # nothing moved: nothing lost

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ import torch
 from lightning_soaa import registry
 from lightning_soaa.lightning import BatchToOptimizer, LossToOptimizer, OptimizerDiagnostics
 from lightning_soaa.lightning.cli import SOAALightningCLI
+from tests.lightning.helpers import TinyRegressor
 
 pytestmark = [pytest.mark.lightning, pytest.mark.timeout(240)]
 
@@ -263,3 +265,30 @@ def test_shipped_configs_parse(config: Path, capsys: pytest.CaptureFixture[str])
     assert exc.value.code in (0, None)
     printed = capsys.readouterr().out
     assert "optimizer:" in printed and "class_path: lightning_soaa." in printed
+
+
+class _Validated(TinyRegressor):
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return torch.nn.functional.mse_loss(self(batch[0]), batch[1])
+
+    def val_dataloader(self) -> Any:
+        return self.train_dataloader()
+
+
+def test_optimizer_state_check_reads_only_this_fits_checkpoint_and_optimizers(tmp_path: Path) -> None:
+    """On a Trainer whose earlier fit used a torch optimizer, a validate from our checkpoint (it loads no
+    optimizer state) and a fit resuming our checkpoint with ours are not refused (the check read the
+    earlier fit's optimizers before setup, found by the reviewer)."""
+    from lightning_soaa.lightning import OptimizerFactory, OptimizerStateCheck
+    from tests.lightning.helpers import make_trainer
+
+    ours = OptimizerFactory("lightning_soaa.AdamW", {"lr": 0.02})
+    first = make_trainer(tmp_path / "a", max_steps=3, enable_checkpointing=True)
+    first.fit(_Validated(ours))
+    ckpt = str(next((tmp_path / "a").rglob("*.ckpt")))
+    trainer = make_trainer(tmp_path / "b", max_steps=2, callbacks=[OptimizerStateCheck()])
+    trainer.fit(_Validated(OptimizerFactory("torch.optim.SGD", {"lr": 0.02})))
+    trainer.validate(_Validated(ours), ckpt_path=ckpt, verbose=False)
+    trainer.fit_loop.epoch_loop.max_steps = 5
+    trainer.fit(_Validated(ours), ckpt_path=ckpt)
+    assert trainer.global_step == 5 and trainer.optimizers[0].statistics()["steps"] == 5.0
