@@ -304,6 +304,7 @@ def param_digest(params: Sequence[Tensor]) -> int:
         x = p.detach().reshape(-1)
         if x.is_complex():  # its real and imaginary parts' bits (a cast to int64 drops the imaginary part)
             x = torch.view_as_real(x.resolve_conj()).reshape(-1)  # a conjugate view keeps its bit until resolved
+        x = x.resolve_neg()  # a negative-bit view (a conjugate's .imag) cannot be viewed as integers
         if x.is_floating_point() and x.dtype != torch.float64:
             ints = {2: torch.int16, 4: torch.int32}.get(x.element_size())
             x = x.view(ints) if ints is not None else x.to(torch.float64).view(torch.int64)
@@ -326,11 +327,11 @@ def _mixed_sum(bits: Tensor) -> Tensor:
     imaginary parts, values swapped between positions (a square matrix against its transpose)."""
     total = torch.zeros((), dtype=torch.int64, device=bits.device)
     for start in range(0, bits.numel(), _DIGEST_CHUNK):
-        h = bits[start:start + _DIGEST_CHUNK].to(torch.int64)
-        idx = torch.arange(start, start + h.numel(), dtype=torch.int64, device=h.device)
-        h = (h ^ (idx * _GOLDEN)) * _MIX1
-        h = (h ^ (h >> 31)) * _MIX2
-        total += (h ^ (h >> 29)).sum(dtype=torch.int64)
+        h = bits[start:start + _DIGEST_CHUNK].to(torch.int64, copy=True)  # mixed in place below
+        idx = torch.arange(start, start + h.numel(), dtype=torch.int64, device=h.device).mul_(_GOLDEN)
+        h.bitwise_xor_(idx).mul_(_MIX1)
+        h.bitwise_xor_(torch.bitwise_right_shift(h, 31, out=idx)).mul_(_MIX2)
+        total += h.bitwise_xor_(torch.bitwise_right_shift(h, 29, out=idx)).sum(dtype=torch.int64)
     return total
 
 

@@ -1577,6 +1577,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
         lists = self.__dict__.get("_group_lists")
         members = self.__dict__.get("_group_members")
         if lists is not None and len(lists) != len(groups):  # before the loop: also when no group is left
+            # DeepSpeed's ZeRO 1/2 steps each group alone, as a list of one group of its own tensors: its message
+            foreign = next((i for i, g in enumerate(groups) if not any(g.get("params") is x for x in lists)), None)
+            if foreign is not None and len(groups) < len(lists):
+                return ValueError(REPLACED_PARAMS_MESSAGE.format(name=type(self).__name__, i=foreign))
             return ValueError(GROUP_COUNT_MESSAGE.format(name=type(self).__name__, now=len(groups), built=len(lists)))
         for i, group in enumerate(groups):
             if lists is not None and group.get("params") is not lists[i]:
