@@ -343,15 +343,27 @@ def _layout_option_change(optimizer: CheckpointView, saved_groups: list[Any], sa
     """The first blocking option (``layout_keys``, ``max_block_numel``) whose value differs between the
     saved groups and this optimizer's in a group whose parameters' blocks differ (another option may differ
     harmlessly elsewhere), said as such; else the options that could."""
-    keys, start = optimizer.layout_keys, 0
-    for gi, (saved, mine) in enumerate(zip(saved_groups, optimizer.param_groups)):
+    start = 0
+    for gi, mine in enumerate(optimizer.param_groups[:len(saved_groups)]):
         n = len(mine["params"])
         moved = saved_layout[start:start + n] != layout[start:start + n]
         start += n
-        for k in keys if moved and isinstance(saved, dict) else ():
-            if k in saved and saved[k] != mine.get(k):
-                return f"param_groups[{gi}] was saved with {k}={saved[k]!r}, this optimizer has {k}={mine.get(k)!r}"
-    return "for example a different " + " or ".join(k for k in keys if k != "use_asgo")
+        said = _option_change(optimizer, saved_groups, gi) if moved else None
+        if said is not None:
+            return said
+    return "for example a different " + " or ".join(k for k in optimizer.layout_keys if k != "use_asgo")
+
+
+def _option_change(optimizer: CheckpointView, saved_groups: list[Any], gi: int) -> str | None:
+    """``param_groups[gi] was saved with k=a, this optimizer has k=b`` for the first blocking option
+    (``layout_keys``, ``max_block_numel``) of group ``gi`` whose saved value differs, else None."""
+    saved, mine = (saved_groups[gi] if gi < len(saved_groups) else None), optimizer.param_groups[gi]
+    if not isinstance(saved, dict):
+        return None
+    for k in optimizer.layout_keys:
+        if k in saved and saved[k] != mine.get(k):
+            return f"param_groups[{gi}] was saved with {k}={saved[k]!r}, this optimizer has {k}={mine.get(k)!r}"
+    return None
 
 
 def _torch_optimizer_state(sd: Any) -> bool:
@@ -415,7 +427,7 @@ def _validate_block_states(optimizer: CheckpointView, state: Any, limit: float, 
         label = (names[b.param_index] if b.param_index < len(names) else None) or f"#{b.param_index}"
         where = f"{name}.load_state_dict: state[{b.param_index}][{b.sub_index}] (parameter {label})"
         _validate_block(where, blk, schema, optimizer.layout_hint,
-                        functools.partial(_option_changes, optimizer, groups, b.group_index))
+                        functools.partial(_option_said, optimizer, groups, b.group_index))
         check_block_steps(where, blk, limit)
 
 
@@ -445,13 +457,10 @@ def _check_block_keys(optimizer: CheckpointView, state: dict[Any, Any]) -> None:
                                    if flat else ""))
 
 
-def _option_changes(optimizer: CheckpointView, groups: list[Any], gi: int) -> str:
-    """`` (param_groups[gi] was saved with k=a, this optimizer has k=b)`` for the blocking options of group
-    ``gi`` that differ, else ''."""
-    saved, mine = (groups[gi] if gi < len(groups) else None), optimizer.param_groups[gi]
-    diff = [f"{k}={saved[k]!r}, this optimizer has {k}={mine.get(k)!r}" for k in optimizer.layout_keys
-            if isinstance(saved, dict) and k in saved and saved[k] != mine.get(k)]
-    return f" param_groups[{gi}] was saved with {'; and '.join(diff)}." if diff else ""
+def _option_said(optimizer: CheckpointView, saved_groups: list[Any], gi: int) -> str:
+    """:func:`_option_change` as a sentence appended to a refusal ('' when no option differs)."""
+    said = _option_change(optimizer, saved_groups, gi)
+    return f" {said}." if said else ""
 
 
 def _validate_block(where: str, blk: Any, schema: dict[str, StateField], hint: str = "",

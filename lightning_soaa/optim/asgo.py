@@ -382,9 +382,9 @@ class _OneSided(ShardedOptimizer):
         >= 3-D matrix parameter: its state is one matrix's there and one per expert here (or the other way),
         which the block layout alone does not always tell (``max_block_size=1`` cuts a wide parameter into
         the same one-row blocks). A malformed state dict is left to the full validation."""
-        groups = dcp_state.saved_param_groups(self, state_dict)  # a DCP form's options are in its metadata
         if dcp_state.options_unread(self, state_dict):
             return  # batch_dims unknown (see options_unread): DCP's shapes and the block layout still check it
+        groups = dcp_state.saved_param_groups(self, state_dict)  # a DCP form's options are in its metadata
         if not isinstance(groups, list) or len(groups) != len(self.param_groups):
             return
         routes = self._routes()

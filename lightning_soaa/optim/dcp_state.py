@@ -533,9 +533,12 @@ def options_unread(opt: ShardedOptimizer, sd: Any) -> bool:
     if not is_dcp_state_dict(sd):
         return False
     try:
-        meta = _group_meta(opt, sd)
+        return _predates_group_options(_group_meta(opt, sd))
     except ValueError:
         return False  # malformed: the full validation says so
+
+
+def _predates_group_options(meta: dict[str, Any]) -> bool:
     # (our consolidated form after torch rebuilt it carries the metadata there too: its groups are whole)
     return meta.get("form") == "dcp" and "group_options" not in meta
 
@@ -688,7 +691,7 @@ def load_torch_form(opt: ShardedOptimizer, sd: dict[str, Any],
         if meta.get("form") == "dcp":
             if nested:
                 raise ValueError(NESTED_WITHOUT_META.format(name=_name(opt), key=next(iter(nested))))
-            if options_unread(opt, sd):
+            if _predates_group_options(meta):
                 _warn_options_unread(opt, opt.param_groups)
             if opt._dtensor is not None:
                 return _prepare_dcp_load(opt, sd, meta)
