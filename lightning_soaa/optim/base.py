@@ -630,6 +630,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
     #: whether the step reads ``p.grad`` (EGN makes its own from the batch): each gradient is then checked
     #: against its parameter at every step (:func:`param_checks.gradient_mismatch`)
     _steps_gradients: bool = True
+    #: what "the hyperparameters" compared across ranks at every step are (the refusal names them)
+    _hyper_what: str = "param_groups, e.g. lr"
     #: the smallest automatic block, in elements (2^18 = 1 MiB of fp32 per state tensor)
     default_max_block_numel: int = 1 << 18
     #: blocks per rank the automatic block size aims at: a state balanced within about 1/8 of a rank's
@@ -1259,7 +1261,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                          "those ranks or on rank 0): convert every rank's model the same way"
                          if not (self.num_steps or self.skipped_steps) else "")
             raise RuntimeError(
-                f"{name}.step: the hyperparameters (param_groups, e.g. lr) on rank(s) {verdict.hyper_ranks} "
+                f"{name}.step: the hyperparameters ({self._hyper_what}) on rank(s) {verdict.hyper_ranks} "
                 "differ from rank 0's; every rank must set the same values (same scheduler on every rank)"
                 f"{converted}. Nothing changed."
             )

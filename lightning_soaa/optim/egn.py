@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import numbers
 import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -234,6 +235,15 @@ _KIND_SLOT, _SITES_SLOT = 4, 5
 #: floating buffers only) or the batch agreement after it. Both tables have the same size, so a rank that
 #: makes one while another makes the other meets it in the same all-reduce, and both raise.
 _BATCH_KIND, _BUFFER_KIND = 0.0, 1.0
+#: EGN's constructor options that are not read from its param group (lr and momentum are)
+_CONSTRUCTOR_ONLY = frozenset(f.name for f in dataclasses.fields(EGNConfig)) - {"lr", "momentum"}
+
+
+def _is_number(value: Any) -> bool:
+    """A real number (NumPy scalars too: a config or sweep tool's values), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 _KIND_MESSAGE = ("EGN: the ranks disagree on whether the model has floating-point buffers (e.g. BatchNorm "
                  "running statistics); every rank must hold the same model.")
 
@@ -471,6 +481,7 @@ class EGN(ShardedOptimizer):
 
     step_record = _EGNRecord
     _steps_gradients = False  # its directions come from the batch, never from p.grad
+    _hyper_what = "param_groups, e.g. lr, or opt.damping"
     #: EGN never reads ``p.grad`` (Lightning may leave stale or non-finite ones): the base must not scan
     #: them; ``_prepare`` flags a non-finite direction itself.
     partials_cover_grads = True
@@ -544,8 +555,10 @@ class EGN(ShardedOptimizer):
         _check_solve_dtype(cfg.solve_dtype, named)
         self.config = cfg
         self.model = model
-        super().__init__(named, dict(lr=cfg.lr, momentum=cfg.momentum), process_group=process_group,
-                         comm=comm, shard=shard, grad_reduction="none")
+        # weight_decay: every torch optimizer's groups carry it, and tools read it (Lightning's
+        # LearningRateMonitor(log_weight_decay=True) raised KeyError); EGN has none: it must stay 0.0
+        super().__init__(named, dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=0.0),
+                         process_group=process_group, comm=comm, shard=shard, grad_reduction="none")
         self._named = named  # EGN's parameters (the base's, in its order); fixed at construction
         self._index = {n: i for i, (n, _) in enumerate(named)}
         self._param_devices: set[torch.device] | None = None  # see _devices
@@ -637,6 +650,41 @@ class EGN(ShardedOptimizer):
     def _validate_group(self, group: dict[str, Any]) -> None:
         check_range("lr", group["lr"], 0.0)
         check_range("momentum", group["momentum"], 0.0, 1.0, hi_inclusive=False)
+        wd = group.get("weight_decay", 0.0)
+        if not _is_number(wd) or wd != 0.0:
+            raise ValueError(f"Invalid weight_decay={wd!r} in EGN's param group. EGN has no weight decay: it "
+                             "must be 0.0 (add an L2 term to the loss to regularise).")
+        # EGN reads only lr and momentum from its group (a scheduler's keys); an option of its constructor
+        # written there was ignored without a word (a callback annealing damping that way did nothing)
+        ignored = sorted(k for k in group if k in _CONSTRUCTOR_ONLY)
+        if ignored:
+            raise ValueError(
+                f"Invalid {ignored[0]}={group[ignored[0]]!r} in EGN's param group: EGN reads only lr, momentum (and "
+                f"weight_decay=0.0) from it; {', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} fixed at "
+                "construction" + ("; the damping λ in use is the attribute opt.damping (set it there between steps)."
+                                  if "damping" in ignored else "."))
+
+    def _global_error(self) -> ValueError | None:
+        """The error for an optimizer-wide value set by hand to one the constructor refuses (``opt.damping``,
+        ``opt.alpha``), or None: held like any local error, so every rank raises and nothing changes."""
+        for key, value, positive in (("damping", self.damping, True), ("alpha", self.alpha, False)):
+            if not _is_number(value) or not math.isfinite(value) or value < 0 or (positive and value == 0):
+                need = "> 0" if positive else ">= 0"
+                return ValueError(f"EGN.step: Invalid opt.{key}={value!r}. It must be a finite number {need}. "
+                                  "Nothing changed.")
+        # as Python floats (a NumPy float32 λ made the solve's scalar arithmetic float32), the same on every rank
+        self.damping, self.alpha = float(self.damping), float(self.alpha)
+        return None
+
+    def _hyper_digest(self) -> int:
+        # λ and the line search's α are optimizer-wide and set by hand too (README: opt.damping from a
+        # callback): a value set on some ranks only must be refused like a param group's
+        own = (self.damping, self.alpha)
+        cached = self.__dict__.get("_global_digest")
+        if cached is None or cached[0] != own:
+            cached = (own, agreement.hyperparameter_digest([{"damping": own[0], "alpha": own[1]}]))
+            self._global_digest = cached
+        return super()._hyper_digest() ^ cached[1]
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if self.param_groups:
@@ -720,7 +768,7 @@ class EGN(ShardedOptimizer):
             # meta or changed parameters (.grad is unused), before the closure runs the model on them
             check_step(self, self._params, self._names, gradients=False, built=self.__dict__.get("_built"))
             # before the passes, which read the groups (a key removed from one was a KeyError on that rank)
-            hyper = self._hyperparameter_error()
+            hyper = self._hyperparameter_error() or self._global_error()
             if hyper is not None:
                 raise hyper
             self._check_places()  # the module still holds EGN's parameters (not replaced since)

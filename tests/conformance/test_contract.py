@@ -412,6 +412,42 @@ def test_a_list_hyperparameter_edited_in_place_is_checked(spec: OptimizerSpec) -
     assert opt.num_steps == 2
 
 
+def _another_value(value: Any) -> Any:
+    """A value unlike ``value`` of its kind (valid or not: either way the optimizer must not ignore it)."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return type(value)(value * 2 + 1)
+    if isinstance(value, tuple):
+        return tuple(_another_value(v) for v in value)
+    return 1 if value is None else f"{value}_changed"
+
+
+@each_optimizer
+def test_a_constructor_option_written_into_a_param_group_is_refused_not_ignored(spec: OptimizerSpec) -> None:
+    """Writing a hyperparameter into ``param_groups`` is how torch code anneals it (a scheduler, a callback).
+    An option of the constructor that the optimizer does not read from its groups (EGN's damping, line
+    search, ...; SOAA's trust region) was stepped as if unwritten: the run equalled the unedited one bit for
+    bit (EGN). Each is refused at the step, naming it, with nothing changed; the next step works."""
+    fields = [f.name for f in dataclasses.fields(spec.load_config())]
+    model, opt = make(spec)
+    step(spec, model, opt, 0)
+    group = opt.param_groups[0]
+    config = getattr(opt, "config", None)
+    outside = [k for k in fields if k not in group and hasattr(config, k)]
+    if not outside:
+        pytest.skip(f"every option of {spec.name} is a param-group option")
+    for k in outside:
+        w = params(model)
+        group[k] = _another_value(getattr(config, k))
+        with pytest.raises(ValueError, match=rf"Invalid {k}="):
+            step(spec, model, opt, 1)
+        assert_identical(params(model), w, "params")
+        del group[k]
+    step(spec, model, opt, 1)
+    assert opt.num_steps == 2
+
+
 @each_optimizer
 def test_a_loss_or_batch_passed_as_the_closure_is_refused_saying_how(spec: OptimizerSpec) -> None:
     """``opt.step(loss)`` / ``EGN.step((x, y))``: the argument is the closure, and torch's "'Tensor' object is

@@ -424,7 +424,7 @@ def _w_lr_changed_on_one_rank(rank: int, world: int, name: str) -> dict[str, Any
             "after": _error(lambda: _step(name, opt, model, 1, rank))}
 
 
-@pytest.mark.parametrize("name", GRAD_SPECS)  # EGN drives its own step (noted in the report)
+@pytest.mark.parametrize("name", SPECS)
 def test_hyperparameters_changed_on_one_rank_raise_at_the_step(tmp_path: Path, name: str) -> None:
     """Values that differ across ranks, and values the constructor refuses (on one rank or on all),
     raise on every rank together with nothing changed; the ranks then step on in step."""

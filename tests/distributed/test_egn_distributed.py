@@ -232,6 +232,18 @@ def test_one_rank_mixing_samples_is_refused_on_every_rank(tmp_path) -> None:
     assert all(res["unchanged"] for res in results)
 
 
+def _attempt(opt: EGN, model: nn.Module, step: int, rank: int, world: int) -> tuple[str | None, bool]:
+    """Step ``step`` on this rank's share of the uneven MSE batch: (the error or None, parameters unchanged)."""
+    before = _flat(model)
+    x, y, sizes = _global_batch(step, "mse", world, uneven=True)
+    lo = sum(sizes[:rank])
+    try:
+        opt.step(inputs=x[lo:lo + sizes[rank]], targets=y[lo:lo + sizes[rank]])
+        return None, torch.equal(_flat(model), before)
+    except (ValueError, RuntimeError) as exc:
+        return str(exc), torch.equal(_flat(model), before)
+
+
 def _freezing_worker(rank: int, world: int) -> dict:
     """Ranks that freeze the same parameters after construction; then only one rank freezes, then a rank
     unfreezes a parameter frozen at construction."""
@@ -248,14 +260,7 @@ def _freezing_worker(rank: int, world: int) -> dict:
         out[kind] = _flat(model)
 
     def attempt(opt: EGN, model: nn.Module, step: int) -> tuple[str | None, bool]:
-        before = _flat(model)
-        x, y, sizes = _global_batch(step, "mse", world, uneven=True)
-        lo = sum(sizes[:rank])
-        try:
-            opt.step(inputs=x[lo:lo + sizes[rank]], targets=y[lo:lo + sizes[rank]])
-            return None, torch.equal(_flat(model), before)
-        except ValueError as exc:
-            return str(exc), torch.equal(_flat(model), before)
+        return _attempt(opt, model, step, rank, world)
 
     model = tiny_mlp(0, DT)
     opt = EGN(model, loss="mse", lr=1.0, damping=0.3)
@@ -487,3 +492,47 @@ def test_parameters_replaced_after_construction_are_refused_on_every_rank(tmp_pa
         assert message is not None and unchanged and steps == 0
         assert "'0.weight' is now a DTensor" in message and "fully_shard (FSDP2) was applied after" in message
         assert "EGN does not support DTensor" in (res["frozen_dtensor"] or "")
+
+
+def _damping_worker(rank: int, world: int) -> dict:
+    """``opt.damping`` set by hand (README: from a callback) on one rank, then an invalid value on every
+    rank, then the same valid value on every rank, which is then stepped as a run built with it."""
+    model = tiny_mlp(0, DT)
+    opt = EGN(model, loss="mse", lr=1.0, damping=0.5)
+
+    def attempt(step: int) -> tuple[str | None, bool]:
+        return _attempt(opt, model, step, rank, world)
+
+    out = {"first": attempt(0)}
+    if rank == 1:
+        opt.damping = 100.0
+    out["one_rank"] = attempt(1)
+    opt.damping = float("nan")
+    out["nan"] = attempt(1)
+    opt.damping = 100.0
+    out["both"] = attempt(1)
+    out["params"] = _flat(model)
+    return out
+
+
+def test_damping_set_by_hand_is_compared_across_ranks_and_checked(tmp_path) -> None:
+    """λ set on one rank only was used as it was on each rank (no error; 0.26 off both one-process runs,
+    the ranks' λ stayed [0.5, 100]); NaN or a negative λ was taken and every later step skipped as
+    'could not be solved'. Both are refused on every rank with nothing changed; λ set on every rank is
+    used (equal to one process with λ = 100 from step 1)."""
+    results = run_distributed(_damping_worker, 2, tmp_path, timeout=120)
+    for r, res in enumerate(results):
+        assert res["first"] == (None, False)
+        msg, unchanged = res["one_rank"]
+        assert msg is not None and "opt.damping" in msg and "rank(s) [1]" in msg and unchanged, (r, msg)
+        msg, unchanged = res["nan"]
+        assert msg is not None and "Invalid opt.damping=nan" in msg and unchanged, (r, msg)
+        assert res["both"] == (None, False)
+    model = tiny_mlp(0, DT)
+    opt = EGN(model, loss="mse", lr=1.0, damping=0.5)
+    for t in (0, 1):
+        x, y, _ = _global_batch(t, "mse", 2, uneven=True)
+        opt.step(inputs=x, targets=y)
+        opt.damping = 100.0
+    torch.testing.assert_close(results[0]["params"], _flat(model), rtol=1e-12, atol=1e-14)
+    assert torch.equal(results[0]["params"], results[1]["params"])

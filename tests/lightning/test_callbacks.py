@@ -641,3 +641,47 @@ def test_hand_overs_through_lightning_optimizer_reach_the_optimizer() -> None:
     assert saved["lightning_soaa"]["optimizer"] == "SOAA", saved["lightning_soaa"]
     LightningOptimizer(soaa).load_state_dict(saved)  # was refused: "saved by 'SOAA', not 'LightningSOAA'"
     soaa.load_state_dict(saved)
+
+
+@pytest.mark.parametrize("name", [s.name for s in lightning_soaa.registry.REGISTRY])
+def test_learning_rate_monitor_logs_every_optimizers_groups(tmp_path: Path, name: str) -> None:
+    """Lightning's ``LearningRateMonitor(log_momentum=True, log_weight_decay=True)`` under a OneCycleLR stepped
+    every step (it cycles ``betas`` / ``momentum``) reads ``weight_decay`` from every group: EGN's groups had
+    none (``KeyError: 'weight_decay'`` inside Lightning at the first logged step). Every optimizer's logged
+    values are its groups' at that step."""
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    from lightning_soaa.lightning import BatchToOptimizer, LossToOptimizer
+
+    spec = lightning_soaa.registry.get(name)
+    kwargs = {k: v for k, v in spec.test_kwargs.items() if k != "total_steps"}
+    if spec.needs is StepNeeds.BATCH:
+        kwargs["loss"] = "mse"
+
+    class Scheduled(TinyRegressor):
+        def configure_optimizers(self) -> Any:
+            opt = OptimizerFactory(name, kwargs)(self)
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=float(kwargs["lr"]), total_steps=4)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    seen: list[dict[str, float]] = []
+
+    class Record(pl.Callback):
+        def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+            g = trainer.optimizers[0].param_groups[0]
+            beta = g["betas"][0] if "betas" in g else g["momentum"]
+            seen.append({"lr": g["lr"], "beta": beta, "wd": g["weight_decay"]})
+
+    callbacks = [Record(), LearningRateMonitor(log_momentum=True, log_weight_decay=True),
+                 BatchToOptimizer() if spec.needs is StepNeeds.BATCH else LossToOptimizer()]
+    trainer = make_trainer(tmp_path, max_steps=3, callbacks=callbacks, log_every_n_steps=1,
+                           logger=CSVLogger(tmp_path, name="lr"))
+    trainer.fit(Scheduled(batch_size=4))
+    with open(Path(trainer.logger.log_dir) / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if any(k.startswith("lr-") and r[k] for k in r)]
+    assert len(rows) == 3 == len(seen), rows
+    for row, want in zip(rows, seen):
+        got = {k.split("-")[-1]: float(v) for k, v in row.items() if k.startswith("lr-") and v}
+        lr_key = next(k for k in got if k not in ("momentum", "weight_decay"))
+        assert got[lr_key] == pytest.approx(want["lr"]) and got["momentum"] == pytest.approx(want["beta"])
+        assert got["weight_decay"] == pytest.approx(want["wd"])

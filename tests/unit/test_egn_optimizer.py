@@ -529,3 +529,25 @@ def test_bce_targets_outside_zero_one_are_refused() -> None:
     assert all(torch.equal(a, b) for a, b in zip(w, model.parameters())) and opt.num_steps == 0
     opt.step(inputs=x, targets=torch.rand(6, 2, dtype=DT))
     assert opt.num_steps == 1
+
+
+@pytest.mark.parametrize("attr,value", [("damping", math.nan), ("damping", -1.0), ("damping", 0.0),
+                                        ("damping", math.inf), ("damping", "1"), ("alpha", math.nan),
+                                        ("alpha", -0.5)])
+def test_optimizer_wide_values_set_by_hand_are_checked_at_the_step(attr: str, value: object) -> None:
+    """``opt.damping`` (documented as settable between steps) took NaN or a negative value and every later
+    step was skipped as 'could not be solved' (NaN for good); 0 and inf were stepped. Refused as the
+    constructor refuses them, nothing changed; a valid value (a NumPy float32 too) is then used as a float."""
+    np = pytest.importorskip("numpy")
+    model = tiny_mlp(0, DT)
+    opt = EGN(model, loss="mse", lr=1.0, damping=0.5)
+    x, y = _data()
+    opt.step(inputs=x, targets=y)
+    before = flat_params(model)
+    setattr(opt, attr, value)
+    with pytest.raises(ValueError, match=rf"Invalid opt\.{attr}="):
+        opt.step(inputs=x, targets=y)
+    assert torch.equal(flat_params(model), before)
+    setattr(opt, attr, np.float32(0.25))
+    opt.step(inputs=x, targets=y)
+    assert type(getattr(opt, attr)) is float and opt.statistics()["steps"] == 2.0
