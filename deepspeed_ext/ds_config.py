@@ -16,11 +16,15 @@ import copy
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
-from deepspeed_ext.registry import PREFIX, RESERVED_PARAMS, OptimizerEntry, constructor_params, lookup
-from lightning_soaa.registry import StepNeeds
+import torch
+
+from deepspeed_ext.registry import PREFIX, REGISTRY, RESERVED_PARAMS, OptimizerEntry, constructor_params, lookup
+from lightning_soaa import registry as optimizer_registry
+from lightning_soaa.registry import DeepSpeedLayout, StepNeeds
 
 __all__ = ["ParsedConfig", "check_entry", "load_config", "parse_config", "patch_for_client", "zero_stage_of"]
 
@@ -89,7 +93,17 @@ def zero_stage_of(ds_config: dict[str, Any]) -> int:
 
 
 def _offload_device(ds_config: dict[str, Any]) -> str:
-    off = (ds_config.get("zero_optimization") or {}).get("offload_optimizer") or {}
+    """Where DeepSpeed will keep the optimizer state: "none", "cpu" or "nvme"."""
+    zero = ds_config.get("zero_optimization") or {}
+    if not isinstance(zero, dict):
+        return "none"
+    off = zero.get("offload_optimizer")
+    if off is None and _read_bool(zero.get("cpu_offload", False)):
+        # DeepSpeed 0.19 still reads the deprecated `"cpu_offload": true` as offload_optimizer.device="cpu"
+        # (zero/config.py): missed here, zero_force_ds_cpu_optimizer stayed unset and DeepSpeed refused our
+        # client with a ZeRO-Offload message. (Both keys together: DeepSpeed refuses them itself, clearly.)
+        return "cpu"
+    off = off or {}
     return str(off.get("device", "none")).lower() if isinstance(off, dict) else "none"
 
 
@@ -129,6 +143,14 @@ def check_params(entry: OptimizerEntry, params: Any) -> dict[str, Any]:
 _TRUE_STRINGS = frozenset({"1", "on", "t", "true", "y", "yes"})
 
 
+def _read_bool(value: Any) -> bool:
+    """A flag that DeepSpeed's pydantic config models read: ``"false"`` / ``"off"`` (strings, any case) are
+    False there, though non-empty strings to Python."""
+    if isinstance(value, str):
+        return value.strip().lower() in _TRUE_STRINGS
+    return bool(value)
+
+
 def _precision_enabled(ds: dict[str, Any], key: str) -> bool:
     """Whether DeepSpeed will run ``key`` ("fp16" or "bf16") mixed precision, read as DeepSpeed reads it:
     ``bf16`` falls back to its old name ``bfloat16``, and ``"enabled": "false"`` (a string) is False to
@@ -138,10 +160,23 @@ def _precision_enabled(ds: dict[str, Any], key: str) -> bool:
         block = ds.get("bfloat16")
     if not isinstance(block, dict):
         return False
-    enabled = block.get("enabled", False)
-    if isinstance(enabled, str):
-        return enabled.strip().lower() in _TRUE_STRINGS
-    return bool(enabled)
+    return _read_bool(block.get("enabled", False))
+
+
+# DeepSpeed 0.19's spellings of float16 for torch_autocast.dtype (runtime/config.py DtypeEnum.fp16, matched
+# exactly: any other spelling DeepSpeed refuses itself)
+_AUTOCAST_FP16 = ("torch.float16", "fp16", "float16", "half")
+
+
+def _torch_autocast_fp16(ds: dict[str, Any]) -> bool:
+    """Whether DeepSpeed will run torch autocast in float16 (at ZeRO-0 it then steps the client optimizer
+    through torch's GradScaler). DeepSpeed reads this ``enabled`` raw, by Python's truth test (no pydantic
+    model here, unlike fp16/bf16), so the same test is used; a missing dtype builds no GradScaler."""
+    block = ds.get("torch_autocast")
+    if not isinstance(block, dict) or not block.get("enabled", False):
+        return False
+    dtype = block.get("dtype")
+    return dtype is torch.float16 or (isinstance(dtype, str) and dtype in _AUTOCAST_FP16)
 
 
 def _check_precision_and_accumulation(ds: dict[str, Any], entry: OptimizerEntry, stage: int) -> None:
@@ -180,9 +215,11 @@ def check_entry(ds: dict[str, Any], entry: OptimizerEntry, stage: int) -> None:
                     f"Invalid combination optimizer.type={entry.name!r} with {key}.enabled=true. "
                     f"{entry.name} updates the module's parameters itself, and DeepSpeed's {key} mode "
                     "copies its fp32 master "
-                    "weights over them after every step. Must run in fp32 (leave bf16/fp16 disabled)."
+                    "weights over them after every step. Must run in fp32 (leave bf16/fp16 disabled; "
+                    "torch_autocast with dtype \"bfloat16\" is allowed: it keeps no master weights)."
                 )
     _check_precision_and_accumulation(ds, entry, stage)
+    _check_partition_order(ds, entry, stage)
     if entry.spec.needs is StepNeeds.BATCH:
         _check_batch_optimizer(ds, entry)
     if _offload_device(ds) == "nvme":
@@ -196,6 +233,27 @@ def check_entry(ds: dict[str, Any], entry: OptimizerEntry, stage: int) -> None:
         raise ValueError(ELASTIC_MESSAGE.format(name=entry.name))
 
 
+def _check_partition_order(ds: dict[str, Any], entry: OptimizerEntry, stage: int) -> None:
+    """Refuse ZeRO-1/2's round-robin gradient order for the structured layout. DeepSpeed 0.19 lays the flat
+    partitions out in round-robin order (stage_1_and_2.py ~505) but links each parameter's fragment map
+    (lp._hp_mapping, which deepspeed_ext.structure reads to rebuild the matrices) in the original order
+    (~835-850): ASGO's blocks then mixed entries of other parameters, silently (found by a helper). An
+    elementwise optimizer never reads the maps, so it is unaffected; ZeRO-3 ignores the option."""
+    zero = ds.get("zero_optimization")
+    if entry.layout != "structured" or stage not in (1, 2) or not isinstance(zero, dict):
+        return
+    value = zero.get("round_robin_gradients", False)
+    if _read_bool(value):
+        fine = ", ".join(spec.qualified_name for spec in optimizer_registry.REGISTRY
+                         if spec.ds_layout is DeepSpeedLayout.ELEMENTWISE)
+        raise ValueError(
+            f"Invalid zero_optimization.round_robin_gradients={value!r} with optimizer.type={entry.name!r} at "
+            f"zero_optimization.stage={stage}: DeepSpeed's per-parameter fragment maps, from which "
+            f"{entry.spec.name}'s matrices are rebuilt, do not follow the round-robin order of the flat "
+            "partitions, so its blocks would mix entries of different parameters. Must be false (the default); "
+            f"round_robin_gradients stays allowed with {fine}.")
+
+
 def _check_batch_optimizer(ds: dict[str, Any], entry: OptimizerEntry) -> None:
     """EGN solves for its step from the module and the batch and never reads a gradient: DeepSpeed's
     gradient clipping would be silently ignored (as Lightning's gradient_clip_val, which is refused too)."""
@@ -205,6 +263,17 @@ def _check_batch_optimizer(ds: dict[str, Any], entry: OptimizerEntry) -> None:
             f"Invalid gradient_clipping={clip!r} with optimizer.type={entry.name!r}: {entry.spec.name} "
             "computes its step from the module and the batch, not from the gradients, so DeepSpeed's "
             "gradient clipping would be silently ignored. Must be 0.0 (or left out).")
+    if _torch_autocast_fp16(ds):
+        # at ZeRO-0 (EGN's only stage) DeepSpeed steps the client through torch's GradScaler, which skips
+        # step() whenever the gradients overflow: EGN reads none, yet its step was lost silently, and the
+        # next step failed with a misleading set_batch-count error (found by a helper)
+        block = ds["torch_autocast"]
+        raise ValueError(
+            f"Invalid torch_autocast.dtype={str(block.get('dtype'))!r} (with torch_autocast.enabled="
+            f"{block.get('enabled')!r}) and optimizer.type={entry.name!r}: DeepSpeed then steps "
+            f"{entry.spec.name} through torch's GradScaler, which skips a step whenever the (unused) gradients "
+            f"overflow in float16, losing {entry.spec.name}'s step. Must be a torch_autocast.dtype of "
+            "\"bfloat16\" (no GradScaler), or torch_autocast disabled (fp32).")
 
 
 def patch_for_client(ds: dict[str, Any], entry: OptimizerEntry, stage: int) -> None:
@@ -218,11 +287,50 @@ def patch_for_client(ds: dict[str, Any], entry: OptimizerEntry, stage: int) -> N
         ds.setdefault("gradient_clipping", 0.0)
 
 
+# DeepSpeed 0.19's built-in optimizer names (runtime/config.py DEEPSPEED_OPTIMIZERS, matched in lower case);
+# spelled here so that reading a config does not import deepspeed (tests check the list against it)
+DEEPSPEED_BUILTIN_OPTIMIZERS = frozenset(
+    {"adagrad", "adam", "adamw", "lamb", "muadam", "muadamw", "musgd", "lion", "muon"})
+
+# our package prefix as users misspell it: any case, "-", "_", a space or nothing between the words
+_LOOSE_PREFIX = re.compile(r"lightning[\s_-]*soaa\s*\.\s*", re.IGNORECASE)
+
+
+def _deepspeed_accepts(type_name: str) -> bool:
+    """Whether DeepSpeed builds ``type_name`` itself: one of its built-ins (any case) or a torch.optim class
+    (exact spelling), as DeepSpeed 0.19's engine tests it."""
+    return type_name.lower() in DEEPSPEED_BUILTIN_OPTIMIZERS or getattr(torch.optim, type_name, None) is not None
+
+
+def _check_misspelt_name(type_name: Any) -> None:
+    """Refuse an ``optimizer.type`` that means one of ours but is not spelled ``lightning_soaa.<Name>``:
+    without the prefix, with a misspelt one, or with spaces. DeepSpeed answered "SOAA is not a supported
+    DeepSpeed Optimizer", with no hint at the spelling. Names DeepSpeed builds itself (``AdamW``, ``Adam``,
+    ``SGD``...) are left to it: ``"AdamW"`` is DeepSpeed's AdamW, only ``"lightning_soaa.AdamW"`` is ours."""
+    if not isinstance(type_name, str) or type_name.lower() in REGISTRY:
+        return
+    text = type_name.strip()
+    prefix = _LOOSE_PREFIX.match(text)
+    if prefix is None and _deepspeed_accepts(text):
+        return
+    bare = text[prefix.end():] if prefix else text
+    spelled = {n.lower(): n for spec in optimizer_registry.REGISTRY for n in (spec.name, *spec.aliases)}
+    if bare.lower() in spelled:
+        raise ValueError(
+            f"Invalid optimizer.type={type_name!r}: not a DeepSpeed optimizer, and not a lightning_soaa one as "
+            f"spelled (those are named exactly \"{PREFIX}<Name>\"). Write \"type\": "
+            f"\"{PREFIX}{spelled[bare.lower()]}\".")
+    if prefix is not None:
+        lookup(type_name)  # meant as ours, but no such optimizer: the error lists the valid names
+
+
 def parse_config(config: Any) -> ParsedConfig:
     """Split and validate; raises ``ValueError`` before any process group or engine exists."""
     ds = load_config(config)
     stage = zero_stage_of(ds)
     opt = ds.get("optimizer")
+    if isinstance(opt, dict):
+        _check_misspelt_name(opt.get("type"))
     if not isinstance(opt, dict) or not str(opt.get("type", "")).lower().startswith(PREFIX):
         return ParsedConfig(ds_config=ds, entry=None, optimizer_params={}, zero_stage=stage)
     entry = lookup(opt.get("type"))

@@ -1262,7 +1262,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
                          if not (self.num_steps or self.skipped_steps) else "")
             raise RuntimeError(
                 f"{name}.step: the hyperparameters ({self._hyper_what}) on rank(s) {verdict.hyper_ranks} "
-                "differ from rank 0's; every rank must set the same values (same scheduler on every rank)"
+                "differ from rank 0's; every rank must set the same values (same scheduler on every rank; a "
+                "ReduceLROnPlateau must see the same metric on every rank: under Lightning log it with "
+                "sync_dist=True)"
                 f"{converted}. Nothing changed."
             )
         if verdict.replicated and self._checks_partitions():

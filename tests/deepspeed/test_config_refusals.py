@@ -1,0 +1,190 @@
+"""DeepSpeed settings that trained silently wrong or failed unclearly with our optimizers, now refused (or
+understood) when the config is read, on the JSON route and on a client passed in code alike; nothing here
+starts a process group, except the one W=1 run that checks the legacy ``cpu_offload`` flag end to end.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+import deepspeed_ext
+from deepspeed_ext.client import DeepSpeedClientOptimizer
+from deepspeed_ext.ds_config import parse_config
+from deepspeed_ext.egn_client import DeepSpeedEGNOptimizer
+from tests.harness.distributed import run_distributed
+
+pytestmark = pytest.mark.deepspeed
+
+
+def _cfg(opt_type: str | None = "lightning_soaa.AdamW", stage: int = 2, **zero: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": stage, **zero}}
+    if opt_type is not None:
+        cfg["optimizer"] = {"type": opt_type, "params": {}}
+    return cfg
+
+
+def _model() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+
+
+# ---------------------------------------------------------------------------------------- round robin
+@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("name", ["ASGO", "DASGO"])
+def test_round_robin_gradients_is_refused_for_the_structured_layout(name: str, stage: int) -> None:
+    """DeepSpeed 0.19 lays ZeRO-1/2's flat partitions out in round-robin order but links the fragment maps
+    that ASGO's matrices are rebuilt from in the original order: ASGO/DASGO preconditioned blocks of other
+    parameters' entries, silently (/tmp/hunt/ds/repro_round_robin_asgo.py). Refused on both routes; the
+    elementwise optimizers, ZeRO-0/3 and round_robin_gradients=false stay allowed."""
+    from lightning_soaa.optim import asgo
+
+    pattern = (rf"Invalid zero_optimization.round_robin_gradients=(True|'true') with "
+               rf"optimizer.type='lightning_soaa.{name}' at zero_optimization.stage={stage}.*Must be false.*"
+               r"allowed with lightning_soaa.SOAA, lightning_soaa.AdamW")
+    for value in (True, "true"):
+        with pytest.raises(ValueError, match=pattern):
+            parse_config(_cfg(f"lightning_soaa.{name}", stage, round_robin_gradients=value))
+    model = _model()
+    client = DeepSpeedClientOptimizer.from_optimizer(getattr(asgo, name)(model.named_parameters(), lr=1e-2),
+                                                     zero_stage=stage, layout="structured")
+    with pytest.raises(ValueError, match=pattern):
+        deepspeed_ext.initialize(model=model, config=_cfg(None, stage, round_robin_gradients=True), optimizer=client)
+    assert not torch.distributed.is_initialized()
+    parse_config(_cfg(f"lightning_soaa.{name}", stage, round_robin_gradients=False))
+    parse_config(_cfg(f"lightning_soaa.{name}", stage, round_robin_gradients="false"))
+    parse_config(_cfg(f"lightning_soaa.{name}", 3, round_robin_gradients=True))
+    for other in ("lightning_soaa.SOAA", "lightning_soaa.AdamW"):
+        parse_config(_cfg(other, stage, round_robin_gradients=True))
+
+
+def test_client_bind_refuses_round_robin_partitions_for_the_structured_layout() -> None:
+    """The backstop for a config the checks did not see: binding to a ZeRO wrapper that runs round robin."""
+    from types import SimpleNamespace
+
+    from lightning_soaa.optim.asgo import ASGO
+    from lightning_soaa.optim.soaa import SOAA
+
+    model = _model()
+    zo = SimpleNamespace(round_robin_gradients=True)
+    asgo = DeepSpeedClientOptimizer.from_optimizer(ASGO(model.named_parameters(), lr=1e-2), zero_stage=2,
+                                                   layout="structured")
+    with pytest.raises(ValueError, match=r"round_robin_gradients=true with ASGO.*Must be false"):
+        asgo.bind(zo)
+    soaa = DeepSpeedClientOptimizer.from_optimizer(SOAA(model.named_parameters(), lr=1e-2), zero_stage=2,
+                                                   layout="elementwise")
+    soaa.bind(zo)
+
+
+# ---------------------------------------------------------------------------------------- EGN, fp16 autocast
+@pytest.mark.parametrize("dtype", ["float16", "fp16", "torch.float16", "half", torch.float16],
+                         ids=["float16", "fp16", "torch.float16", "half", "dtype"])
+def test_egn_with_float16_torch_autocast_is_refused(dtype: Any) -> None:
+    """With float16 torch autocast DeepSpeed steps the ZeRO-0 client through torch's GradScaler, which skips
+    step() on an overflowing gradient: EGN reads none, yet lost that step silently, and the next failed with
+    a misleading set_batch error (/tmp/hunt/ds/repro_egn_autocast_fp16.py). Refused on both routes, for
+    every spelling DeepSpeed reads as float16; bfloat16 autocast (no GradScaler) stays allowed."""
+    from lightning_soaa.optim.egn import EGN
+
+    autocast = {"enabled": True, "dtype": dtype}
+    pattern = (rf"Invalid torch_autocast.dtype='{dtype}' \(with torch_autocast.enabled=True\) and "
+               r"optimizer.type='lightning_soaa.EGN'.*GradScaler.*Must be a torch_autocast.dtype of \"bfloat16\"")
+    with pytest.raises(ValueError, match=pattern):
+        parse_config({**_cfg("lightning_soaa.EGN", 0), "torch_autocast": autocast})
+    model = _model()
+    client = DeepSpeedEGNOptimizer(model, EGN, {"loss": "mse"})
+    with pytest.raises(ValueError, match=pattern):
+        deepspeed_ext.initialize(model=model, config={**_cfg(None, 0), "torch_autocast": autocast}, optimizer=client)
+    assert not torch.distributed.is_initialized()
+    for allowed in ({"enabled": True, "dtype": "bfloat16"}, {"enabled": True, "dtype": "bf16"},
+                    {"enabled": True}, {"enabled": False, "dtype": "float16"}):
+        parse_config({**_cfg("lightning_soaa.EGN", 0), "torch_autocast": allowed})
+    # the gradient-reading optimizers step correctly through the GradScaler: not refused
+    parse_config({**_cfg("lightning_soaa.AdamW", 0), "torch_autocast": autocast})
+
+
+# ---------------------------------------------------------------------------------------- legacy cpu_offload
+@pytest.mark.parametrize("value", [True, "true"])
+def test_legacy_cpu_offload_is_read_as_cpu_offload(value: Any) -> None:
+    """DeepSpeed 0.19 reads ``"cpu_offload": true`` as offload_optimizer.device='cpu'; deepspeed_ext read
+    only offload_optimizer, left zero_force_ds_cpu_optimizer unset, and DeepSpeed refused our client with an
+    unclear ZeRO-Offload message (/tmp/hunt/ds/repro_config_names.py). Both routes now set the flag."""
+    from deepspeed_ext.engine import _adopt_client
+    from lightning_soaa.optim.soaa import SOAA
+
+    assert parse_config(_cfg("lightning_soaa.SOAA", 2, cpu_offload=value)).ds_config[
+        "zero_force_ds_cpu_optimizer"] is False
+    model = _model()
+    client = DeepSpeedClientOptimizer.from_optimizer(SOAA(model.parameters(), lr=1e-2), zero_stage=2,
+                                                     layout="elementwise")
+    adopted = _adopt_client(client, parse_config(_cfg(None, 2, cpu_offload=value)), model)
+    assert adopted.ds_config["zero_force_ds_cpu_optimizer"] is False
+    for off in (False, "false", None):
+        assert "zero_force_ds_cpu_optimizer" not in parse_config(_cfg("lightning_soaa.SOAA", 2,
+                                                                      cpu_offload=off)).ds_config
+
+
+def w_offload_spellings(rank: int, world: int, steps: int) -> dict[str, Any]:
+    """ShardedAdamW at ZeRO-2 under each spelling of CPU offload: the parameters after ``steps`` steps."""
+    from tests.deepspeed._workers import SIZES, ds_env
+    from tests.harness.models import batch, loss_fn, tiny_mlp
+
+    ds_env(rank, world)
+    out: dict[str, Any] = {}
+    for label, zero in (("offload_optimizer", {"offload_optimizer": {"device": "cpu"}}), ("cpu_offload",
+                                                                                          {"cpu_offload": True})):
+        model = tiny_mlp(0, torch.float32, SIZES)
+        cfg = {"train_micro_batch_size_per_gpu": 8, "gradient_clipping": 0.0, "steps_per_print": 10**9,
+               "zero_optimization": {"stage": 2, **zero},
+               "optimizer": {"type": "lightning_soaa.AdamW", "params": {"lr": 2e-2, "weight_decay": 0.1}}}
+        engine, *_ = deepspeed_ext.initialize(model=model, config=cfg)
+        for s in range(steps):
+            x, y = batch(s, rank, dtype=torch.float32)
+            engine.backward(loss_fn(engine, x, y))
+            engine.step()
+        out[label] = {"offload": engine.zero_cpu_offload(),
+                      "params": [p.detach().clone() for p in model.parameters()]}
+        del engine
+    return out
+
+
+@pytest.mark.timeout(240)
+def test_legacy_cpu_offload_runs_as_offload_optimizer(tmp_path) -> None:
+    (res,) = run_distributed(w_offload_spellings, 1, tmp_path, 3, timeout=220)
+    a, b = res["offload_optimizer"], res["cpu_offload"]
+    assert a["offload"] and b["offload"]
+    assert all(torch.equal(p, q) for p, q in zip(a["params"], b["params"]))
+
+
+# ---------------------------------------------------------------------------------------- misspelt names
+@pytest.mark.parametrize(("typed", "meant"), [
+    ("SOAA", "SOAA"), ("soaa", "SOAA"), ("EGN", "EGN"), ("asgo", "ASGO"), ("DASGO", "DASGO"),
+    ("ShardedAdamW", "ShardedAdamW"), ("shardedadamw", "ShardedAdamW"), (" lightning_soaa.SOAA", "SOAA"),
+    ("lightning_soaa.SOAA ", "SOAA"), ("lightning-soaa.SOAA", "SOAA"), ("Lightning Soaa.asgo", "ASGO"),
+    ("lightningsoaa.EGN", "EGN"), ("lightning-soaa.AdamW", "AdamW"),
+])
+def test_our_names_spelt_without_the_prefix_say_how_to_write_them(typed: str, meant: str) -> None:
+    """Passed through to DeepSpeed, these failed with "SOAA is not a supported DeepSpeed Optimizer"."""
+    with pytest.raises(ValueError, match=rf"Invalid optimizer.type='{typed}'.*Write \"type\": "
+                                         rf"\"lightning_soaa.{meant}\"\."):
+        parse_config(_cfg(typed))
+
+
+def test_deepspeed_and_torch_optimizer_names_pass_through_unchanged() -> None:
+    """``AdamW`` is DeepSpeed's AdamW (ours is ``lightning_soaa.AdamW``); DeepSpeed's other built-ins and
+    torch.optim's names are its own too. A misspelt prefix with a name we do not have lists ours."""
+    import deepspeed.runtime.config as ds_runtime_config
+
+    from deepspeed_ext.ds_config import DEEPSPEED_BUILTIN_OPTIMIZERS
+
+    assert frozenset(ds_runtime_config.DEEPSPEED_OPTIMIZERS) == DEEPSPEED_BUILTIN_OPTIMIZERS
+    for name in ("AdamW", "adamw", "ADAMW", "Adam", "Lamb", "Lion", "Adagrad", "SGD", "RMSprop", "Foo"):
+        cfg = {"zero_optimization": {"stage": 1}, "optimizer": {"type": name, "params": {"lr": 1e-3}}}
+        parsed = parse_config(cfg)
+        assert parsed.entry is None and parsed.ds_config == cfg
+    with pytest.raises(ValueError, match=r"Invalid optimizer.type='lightning-soaa.Nope'. Must be one of "
+                                         r"lightning_soaa.SOAA.*lightning_soaa.AdamW"):
+        parse_config(_cfg("lightning-soaa.Nope"))
+    with pytest.raises(ValueError, match=r"Write \"type\": \"lightning_soaa.SOAA\""):
+        parse_config(_cfg("SOAA"))  # and the pass-throughs above do not hide it
