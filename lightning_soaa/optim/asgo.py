@@ -54,6 +54,7 @@ from lightning_soaa.functional.linalg import (
     pending_inverse_sqrt,
     resolve_root_method,
 )
+from lightning_soaa.functional.reductions import norms_f64, sq_norm_f64
 from lightning_soaa.optim import dcp_state
 from lightning_soaa.optim.adamw import adam_state_schema
 from lightning_soaa.optim.asgo_groups import asgo_param_groups, split_fused
@@ -586,7 +587,7 @@ class _OneSided(ShardedOptimizer):
         mine = [(pos[v.block.block_id], u) for v, u in items if v.block.block_id in pos]
         if mine:
             # accumulated in float64: a tiny float32 update's squared norm underflows to 0 (see _own_factors)
-            sq = torch.stack(torch._foreach_norm([u for _, u in mine], dtype=torch.float64)).square()
+            sq = norms_f64([u for _, u in mine]).square()  # (no float64 copy of a large block)
             # non_blocking: a plain host-to-GPU copy would wait for every queued kernel
             index = torch.tensor([i for i, _ in mine]).to(dev, non_blocking=True)
             vec.index_copy_(0, index, sq)
@@ -633,7 +634,7 @@ class _OneSided(ShardedOptimizer):
             return
         multi_rank = self.comm.world_size > 1  # else no block is row-sharded
         sharded = [(v, u) for v, u in items if self._row_sharded(v)] if multi_rank else []
-        sq = self._mesh_sum([torch.linalg.vector_norm(u, dtype=torch.float64).square().reshape(1) for _, u in sharded],
+        sq = self._mesh_sum([sq_norm_f64(u).reshape(1) for _, u in sharded],
                             [v.counted for v, _ in sharded])
         norms = {id(v): s for (v, _), s in zip(sharded, sq)}
         whole = self._split_norms(items) if self._normalise_whole else {}
@@ -658,8 +659,9 @@ class _OneSided(ShardedOptimizer):
         for idx in _by_key(plain, lambda i: (items[i][1].dtype, items[i][1].device)).values():
             us = [items[i][1] for i in idx]
             # accumulated in float64: the squares of a float32 update of entries ~1e-28 underflow, and the
-            # factor of a non-zero update with a zero norm was float32's largest number (updates of 1e13)
-            nrm = torch.stack(torch._foreach_norm(us, dtype=torch.float64))
+            # factor of a non-zero update with a zero norm was float32's largest number (updates of 1e13);
+            # without a float64 copy of a large block (a 1024 x 16384 one: +128 MiB at the step)
+            nrm = norms_f64(us)
             numer = self._numerators([asgo_math.rms_numerator(float(items[i][0].group["rms_scale"]), u.numel())
                                       for i, u in zip(idx, us)], nrm.dtype, nrm.device)
             for i, f in zip(idx, asgo_math.rms_factor(nrm, numer, us[0].dtype).unbind(0)):

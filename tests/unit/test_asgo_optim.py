@@ -662,7 +662,9 @@ def _three_size_mlp(dtype: torch.dtype) -> nn.Module:
     return nn.Sequential(nn.Linear(20, 64), nn.Tanh(), nn.Linear(64, 48), nn.Tanh(), nn.Linear(48, 10)).to(dtype)
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+# float32: 1.6e-5 apart after 5 steps on an AMD EPYC host (1e-5 held on an Intel one): the two GEMM shapes
+# round differently per CPU kernel, and the roots' small eigenvalues amplify it
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-4)])
 def test_small_roots_of_different_sizes_are_one_padded_batch(monkeypatch, dtype, tol):
     """A small MLP's three roots are computed as one zero-padded batch (one call of ~80 ops instead of
     three) and train as the roots computed one size at a time (ROOT_PAD_BUDGET = 0: no padding), up to

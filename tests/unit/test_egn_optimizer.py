@@ -551,3 +551,25 @@ def test_optimizer_wide_values_set_by_hand_are_checked_at_the_step(attr: str, va
     setattr(opt, attr, np.float32(0.25))
     opt.step(inputs=x, targets=y)
     assert type(getattr(opt, attr)) is float and opt.statistics()["steps"] == 2.0
+
+
+def test_large_dense_jacobian_rows_are_announced_once(monkeypatch: pytest.MonkeyPatch,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """Parameters without Gram factors (an embedding, a norm's scale) take dense per-sample Jacobians; a
+    trained embedding of 3.2M entries cost +4.9 GB a step and a larger one was killed with no message. Above
+    the threshold EGN says so once, naming a parameter and the size; below it nothing is logged."""
+    import lightning_soaa.optim.egn as egn_module
+
+    model = nn.Sequential(nn.Linear(6, 6), nn.LayerNorm(6), nn.Linear(6, 3)).double()
+    x, y = _data(b=8)
+    need = 2 * 8 * 3 * 12 * 8  # 2 copies x b x c x the LayerNorm's 12 elements x float64
+    for limit, logged in ((need + 1, 0), (need, 1)):
+        monkeypatch.setattr(egn_module, "DENSE_ROWS_WARN_BYTES", limit)
+        opt = EGN(model, loss="mse", lr=1.0)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="lightning_soaa.optim.egn"):
+            for _ in range(2):
+                opt.step(inputs=x, targets=y)
+        warned = [r.getMessage() for r in caplog.records if "no Gram factors" in r.getMessage()]
+        assert len(warned) == logged, warned
+        assert all("'1.weight'" in w and "8 samples x 3 outputs" in w for w in warned)
