@@ -82,6 +82,16 @@ class DeepSpeedEGNOptimizer(torch.optim.Optimizer):
     def inner(self) -> Any:
         return self._inner
 
+    @property
+    def damping(self) -> float:
+        """EGN's λ (:attr:`lightning_soaa.optim.egn.EGN.damping`), read and set on the EGN this client steps:
+        ``engine.optimizer.damping = x`` set an attribute of the client the step never read."""
+        return float(self._ensure_inner().damping)
+
+    @damping.setter
+    def damping(self, value: float) -> None:
+        self._ensure_inner().damping = value
+
     def bind(self, engine_or_optimizer: Any) -> None:
         """Read the engine's gradient accumulation (how many micro-batches one step concatenates)."""
         gas = getattr(engine_or_optimizer, "gradient_accumulation_steps", None)

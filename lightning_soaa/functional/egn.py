@@ -59,9 +59,13 @@ def check_outputs_targets(loss: str, outputs: Tensor, targets: Tensor) -> None:
     if loss not in LOSSES:
         raise ValueError(f"Invalid loss={loss!r}. Must be one of {', '.join(repr(x) for x in LOSSES)}.")
     if outputs.dim() != 2:
+        # a language model's [batch, time, classes] logits: flattening them (the old advice) only moved the
+        # refusal to the targets' shape
+        advice = ("loss='cross_entropy' takes one class per sample, so per-position (token) cross-entropy "
+                  "over [batch, time, classes] logits is not supported" if loss == "cross_entropy" and
+                  outputs.dim() > 2 else "reshape the model's output, e.g. a final nn.Flatten, or use c = 1 columns")
         raise ValueError(
-            f"EGN needs model outputs of shape [batch, outputs]; got shape {tuple(outputs.shape)} "
-            "(reshape the model's output, e.g. a final nn.Flatten, or use c = 1 columns)."
+            f"EGN needs model outputs of shape [batch, outputs]; got shape {tuple(outputs.shape)} ({advice})."
         )
     b, c = outputs.shape
     if loss == "cross_entropy":
@@ -74,7 +78,9 @@ def check_outputs_targets(loss: str, outputs: Tensor, targets: Tensor) -> None:
             lo_t, hi_t = torch.aminmax(targets)  # one reduction for both ends (a step pays per op)
             lo, hi = int(lo_t), int(hi_t)
             if lo < 0 or hi >= c:
-                raise ValueError(f"loss='cross_entropy' needs targets in [0, {c}); got values in [{lo}, {hi}].")
+                pad = (" (padding labels, torch's ignore_index such as -100, are not supported: every sample "
+                       "needs a class)" if lo < 0 else "")
+                raise ValueError(f"loss='cross_entropy' needs targets in [0, {c}); got values in [{lo}, {hi}]{pad}.")
         if c < 2:
             raise ValueError(f"loss='cross_entropy' needs at least 2 output classes; got c={c}.")
     else:

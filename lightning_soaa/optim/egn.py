@@ -248,6 +248,29 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def _check_closure_batch(inputs: Any, targets: Any) -> None:
+    """Refuse a pair a closure returned as the batch when an item was computed with autograd: a model's
+    output or a loss (``return logits, y``, ``return loss, logits``), never a data batch. Taken as
+    (inputs, targets), ``(logits, y)`` on a model whose input and output widths agree stepped silently on
+    ``model(logits)``."""
+    for which, item in (("first", inputs), ("second", targets)):
+        tensors = item if isinstance(item, (tuple, list)) else (item,)
+        if any(isinstance(t, Tensor) and t.grad_fn is not None for t in tensors):
+            raise ValueError(
+                f"EGN.step: the closure returned a pair, which EGN takes as the batch (inputs, targets), but its "
+                f"{which} item was computed with autograd (it has a grad_fn): a model output or a loss, e.g. "
+                "`return logits, y` or `return loss, logits`. Return only the batch (x, y) from the closure, or "
+                "pass it with step(inputs=x, targets=y) / set_batch(x, y) and return the loss.")
+
+
+def _checked_global(key: str, value: Any, *, positive: bool) -> float:
+    """``value`` for ``opt.<key>`` as a Python float, or ``ValueError`` naming it (set by hand, NaN or a
+    negative λ made every later step a skip "could not be solved"; 0 and inf were stepped)."""
+    if not _is_number(value) or not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise ValueError(f"Invalid opt.{key}={value!r}. Must be a finite number {'> 0' if positive else '>= 0'}.")
+    return float(value)
+
+
 _KIND_MESSAGE = ("EGN: the ranks disagree on whether the model has floating-point buffers (e.g. BatchNorm "
                  "running statistics); every rank must hold the same model.")
 
@@ -589,6 +612,32 @@ class EGN(ShardedOptimizer):
         self._cg_pause = 0  # solves left before conjugate gradients are tried again (after a failure)
         self._last: dict[str, float] = {}
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for key in ("damping", "alpha"):  # pickles of versions that kept them as plain attributes
+            if key in state:
+                state[f"_{key}"] = state.pop(key)
+        super().__setstate__(state)
+
+    @property
+    def damping(self) -> float:
+        """λ of the next step (adapted by the step's rules; set it between steps, on every rank alike: it is
+        compared across ranks like ``lr``). Through Lightning's ``self.optimizers()`` too: the wrapper's copy
+        of the attributes was set and the step read the optimizer's (silently)."""
+        return float(self._receiver().__dict__["_damping"])
+
+    @damping.setter
+    def damping(self, value: float) -> None:
+        self._receiver().__dict__["_damping"] = _checked_global("damping", value, positive=True)
+
+    @property
+    def alpha(self) -> float:
+        """The step size α of the previous step (the line search starts from it)."""
+        return float(self._receiver().__dict__["_alpha"])
+
+    @alpha.setter
+    def alpha(self, value: float) -> None:
+        self._receiver().__dict__["_alpha"] = _checked_global("alpha", value, positive=False)
+
     def _plan(self) -> None:
         """How the curvature of the parameters in ``_trainable`` is captured (as an EGN built on the model
         with exactly those trainable would plan it)."""
@@ -668,18 +717,6 @@ class EGN(ShardedOptimizer):
                 "construction" + ("; the damping λ in use is the attribute opt.damping (set it there between steps)."
                                   if "damping" in ignored else "."))
 
-    def _global_error(self) -> ValueError | None:
-        """The error for an optimizer-wide value set by hand to one the constructor refuses (``opt.damping``,
-        ``opt.alpha``), or None: held like any local error, so every rank raises and nothing changes."""
-        for key, value, positive in (("damping", self.damping, True), ("alpha", self.alpha, False)):
-            if not _is_number(value) or not math.isfinite(value) or value < 0 or (positive and value == 0):
-                need = "> 0" if positive else ">= 0"
-                return ValueError(f"EGN.step: Invalid opt.{key}={value!r}. It must be a finite number {need}. "
-                                  "Nothing changed.")
-        # as Python floats (a NumPy float32 λ made the solve's scalar arithmetic float32), the same on every rank
-        self.damping, self.alpha = float(self.damping), float(self.alpha)
-        return None
-
     def _hyper_digest(self) -> int:
         # λ and the line search's α are optimizer-wide and set by hand too (README: opt.damping from a
         # callback): a value set on some ranks only must be refused like a param group's
@@ -709,9 +746,10 @@ class EGN(ShardedOptimizer):
 
     def _validate_global_state(self, state: dict[str, Any]) -> None:
         where = "EGN.load_state_dict: lightning_soaa.global"
-        for key in ("damping", "alpha"):
-            if key in state:
-                check_finite_number(f"{where}.{key}", state[key], positive=True)
+        if "damping" in state:
+            check_finite_number(f"{where}.damping", state["damping"], positive=True)
+        if "alpha" in state:  # 0 after a step at lr = 0 without line search (a warm-up from 0)
+            check_finite_number(f"{where}.alpha", state["alpha"], nonnegative=True)
         for key in ("momentum_steps", "solve_fallbacks", "momentum_rejections", "nonfinite_trials", "cg_pause"):
             if key in state:
                 check_finite_number(f"{where}.{key}", state[key], integer=True, nonnegative=True)
@@ -772,7 +810,7 @@ class EGN(ShardedOptimizer):
             # meta or changed parameters (.grad is unused), before the closure runs the model on them
             check_step(self, self._params, self._names, gradients=False, built=self.__dict__.get("_built"))
             # before the passes, which read the groups (a key removed from one was a KeyError on that rank)
-            hyper = self._hyperparameter_error() or self._global_error()
+            hyper = self._hyperparameter_error()
             if hyper is not None:
                 raise hyper
             self._check_places()  # the module still holds EGN's parameters (not replaced since)
@@ -789,6 +827,7 @@ class EGN(ShardedOptimizer):
                 elif isinstance(closure_value, (tuple, list)) and len(closure_value) == 2:
                     inputs, targets = closure_value
                     closure_value = None
+                    _check_closure_batch(inputs, targets)
             if inputs is None or targets is None:
                 raise ValueError(MISSING_BATCH_MESSAGE)
             xs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)

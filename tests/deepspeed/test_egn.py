@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tests.deepspeed._workers import w_egn, w_egn_accumulation
 from tests.harness.distributed import run_distributed
@@ -60,3 +61,19 @@ def test_egn_refuses_gradient_clipping():
         parse_config({**cfg, "gradient_clipping": 1.0})
     assert parse_config(cfg).ds_config["gradient_clipping"] == 0.0
     assert parse_config({**cfg, "gradient_clipping": 0}).ds_config["gradient_clipping"] == 0
+
+
+def test_the_clients_damping_is_the_egn_it_steps() -> None:
+    """``engine.optimizer.damping = x`` set an attribute of the client that its EGN never read (silently):
+    the client's ``damping`` is its EGN's, checked as EGN checks it."""
+    from deepspeed_ext.egn_client import DeepSpeedEGNOptimizer
+    from lightning_soaa.optim.egn import EGN
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    client = DeepSpeedEGNOptimizer(model, EGN, {"loss": "mse", "lr": 1.0, "damping": 0.5})
+    assert client.damping == 0.5
+    client.damping = 3.0
+    assert client.inner.damping == 3.0
+    with pytest.raises(ValueError, match=r"Invalid opt\.damping=-1"):
+        client.damping = -1
+    assert client.inner.damping == 3.0

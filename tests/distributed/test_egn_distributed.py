@@ -495,8 +495,8 @@ def test_parameters_replaced_after_construction_are_refused_on_every_rank(tmp_pa
 
 
 def _damping_worker(rank: int, world: int) -> dict:
-    """``opt.damping`` set by hand (README: from a callback) on one rank, then an invalid value on every
-    rank, then the same valid value on every rank, which is then stepped as a run built with it."""
+    """``opt.damping`` set by hand (README: from a callback) on one rank, then an invalid value (refused
+    where it is set), then the same valid value on every rank, which is then stepped as a run built with it."""
     model = tiny_mlp(0, DT)
     opt = EGN(model, loss="mse", lr=1.0, damping=0.5)
 
@@ -507,8 +507,11 @@ def _damping_worker(rank: int, world: int) -> dict:
     if rank == 1:
         opt.damping = 100.0
     out["one_rank"] = attempt(1)
-    opt.damping = float("nan")
-    out["nan"] = attempt(1)
+    try:
+        opt.damping = float("nan")
+        out["nan"] = None
+    except ValueError as exc:
+        out["nan"] = str(exc)
     opt.damping = 100.0
     out["both"] = attempt(1)
     out["params"] = _flat(model)
@@ -518,15 +521,14 @@ def _damping_worker(rank: int, world: int) -> dict:
 def test_damping_set_by_hand_is_compared_across_ranks_and_checked(tmp_path) -> None:
     """λ set on one rank only was used as it was on each rank (no error; 0.26 off both one-process runs,
     the ranks' λ stayed [0.5, 100]); NaN or a negative λ was taken and every later step skipped as
-    'could not be solved'. Both are refused on every rank with nothing changed; λ set on every rank is
-    used (equal to one process with λ = 100 from step 1)."""
+    'could not be solved'. The first is refused at the step on every rank with nothing changed, the second
+    where it is set; λ set on every rank is used (equal to one process with λ = 100 from step 1)."""
     results = run_distributed(_damping_worker, 2, tmp_path, timeout=120)
     for r, res in enumerate(results):
         assert res["first"] == (None, False)
         msg, unchanged = res["one_rank"]
         assert msg is not None and "opt.damping" in msg and "rank(s) [1]" in msg and unchanged, (r, msg)
-        msg, unchanged = res["nan"]
-        assert msg is not None and "Invalid opt.damping=nan" in msg and unchanged, (r, msg)
+        assert res["nan"] is not None and "Invalid opt.damping=nan" in res["nan"], (r, res["nan"])
         assert res["both"] == (None, False)
     model = tiny_mlp(0, DT)
     opt = EGN(model, loss="mse", lr=1.0, damping=0.5)

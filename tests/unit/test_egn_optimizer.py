@@ -534,23 +534,57 @@ def test_bce_targets_outside_zero_one_are_refused() -> None:
 @pytest.mark.parametrize("attr,value", [("damping", math.nan), ("damping", -1.0), ("damping", 0.0),
                                         ("damping", math.inf), ("damping", "1"), ("alpha", math.nan),
                                         ("alpha", -0.5)])
-def test_optimizer_wide_values_set_by_hand_are_checked_at_the_step(attr: str, value: object) -> None:
+@pytest.mark.parametrize("where", ["between steps", "in the closure"])
+def test_optimizer_wide_values_set_by_hand_are_checked(attr: str, value: object, where: str) -> None:
     """``opt.damping`` (documented as settable between steps) took NaN or a negative value and every later
-    step was skipped as 'could not be solved' (NaN for good); 0 and inf were stepped. Refused as the
-    constructor refuses them, nothing changed; a valid value (a NumPy float32 too) is then used as a float."""
+    step was skipped as 'could not be solved' (NaN for good); 0 and inf were stepped. Refused where it is
+    set, as the constructor refuses it, also inside the step's closure (Lightning's
+    on_before_optimizer_step runs there): nothing changed, the step after works; a valid value (a NumPy
+    float32 too) is used as a Python float."""
     np = pytest.importorskip("numpy")
     model = tiny_mlp(0, DT)
     opt = EGN(model, loss="mse", lr=1.0, damping=0.5)
     x, y = _data()
     opt.step(inputs=x, targets=y)
-    before = flat_params(model)
-    setattr(opt, attr, value)
+    before, kept = flat_params(model), getattr(opt, attr)
     with pytest.raises(ValueError, match=rf"Invalid opt\.{attr}="):
-        opt.step(inputs=x, targets=y)
-    assert torch.equal(flat_params(model), before)
+        if where == "between steps":
+            setattr(opt, attr, value)
+        else:
+            opt.step(lambda: (setattr(opt, attr, value), (x, y))[1])
+    assert torch.equal(flat_params(model), before) and getattr(opt, attr) == kept
     setattr(opt, attr, np.float32(0.25))
     opt.step(inputs=x, targets=y)
     assert type(getattr(opt, attr)) is float and opt.statistics()["steps"] == 2.0
+
+
+def test_damping_set_through_lightnings_wrapper_reaches_the_step() -> None:
+    """``self.optimizers()`` in a LightningModule is Lightning's ``LightningOptimizer``, which copies the
+    optimizer's attributes: ``self.optimizers().damping = 100`` changed the copy and the step used the old
+    λ (silently). The attribute is the optimizer's, through the wrapper too."""
+    from lightning.pytorch.core.optimizer import LightningOptimizer
+
+    model = tiny_mlp(0, DT)
+    opt = EGN(model, loss="mse", lr=1.0, damping=0.5)
+    wrapped = LightningOptimizer(opt)
+    wrapped.damping = 100.0
+    assert opt.damping == 100.0 == wrapped.damping
+    x, y = _data()
+    opt.step(inputs=x, targets=y)
+    assert opt.statistics()["solve_damping"] == 100.0
+
+
+def test_a_checkpoint_after_a_step_at_lr_zero_loads() -> None:
+    """Without a line search α becomes lr, so a step at lr = 0 (a warm-up from 0) saved α = 0, which
+    load_state_dict refused ('Must be a finite number > 0')."""
+    model = tiny_mlp(0, DT)
+    opt = EGN(model, loss="mse", lr=0.0)
+    x, y = _data()
+    opt.step(inputs=x, targets=y)
+    assert opt.alpha == 0.0
+    fresh = EGN(tiny_mlp(0, DT), loss="mse", lr=0.0)
+    fresh.load_state_dict(opt.state_dict())
+    assert fresh.alpha == 0.0
 
 
 def test_large_dense_jacobian_rows_are_announced_once(monkeypatch: pytest.MonkeyPatch,
@@ -573,3 +607,43 @@ def test_large_dense_jacobian_rows_are_announced_once(monkeypatch: pytest.Monkey
         warned = [r.getMessage() for r in caplog.records if "no Gram factors" in r.getMessage()]
         assert len(warned) == logged, warned
         assert all("'1.weight'" in w and "8 samples x 3 outputs" in w for w in warned)
+
+
+@pytest.mark.parametrize("returned", ["logits, y", "loss, logits"])
+def test_a_closure_pair_computed_with_autograd_is_not_taken_as_the_batch(returned: str) -> None:
+    """A closure's pair is read as (inputs, targets); ``return logits, y`` on a model whose input and output
+    widths agree stepped silently on model(logits) (8.6e-2 off the step on (x, y)), and ``return loss,
+    logits`` blamed the user's inputs. Refused naming the pair, nothing changed."""
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    opt = EGN(model, loss="cross_entropy", lr=1.0)
+    x, y = _data("cross_entropy", c=3)
+    x = x[:, :3]
+
+    def closure():
+        logits = model(x)
+        loss = nn.functional.cross_entropy(logits, y)
+        return (logits, y) if returned == "logits, y" else (loss, logits)
+
+    before = flat_params(model)
+    with pytest.raises(ValueError, match="closure returned a pair, which EGN takes as the batch"):
+        opt.step(closure)
+    assert torch.equal(flat_params(model), before)
+    opt.step(lambda: (x, y))  # the batch itself is taken
+    assert opt.statistics()["steps"] == 1.0
+
+
+@pytest.mark.parametrize("case,match", [
+    ("tokens", "per-position \\(token\\) cross-entropy"),
+    ("padding", "ignore_index such as -100, are not supported"),
+])
+def test_unsupported_cross_entropy_batches_say_what_is_unsupported(case: str, match: str) -> None:
+    """Token logits [b, t, c] were told to add an nn.Flatten (then refused on the targets' shape); a
+    padding label -100 was only 'out of [0, c)'. Each says what EGN does not support."""
+    from lightning_soaa.functional.egn import check_outputs_targets
+
+    if case == "tokens":
+        outputs, targets = torch.zeros(4, 5, 3), torch.zeros(4, 5, dtype=torch.long)
+    else:
+        outputs, targets = torch.zeros(4, 3), torch.tensor([0, 2, -100, 1])
+    with pytest.raises(ValueError, match=match):
+        check_outputs_targets("cross_entropy", outputs, targets)
