@@ -123,7 +123,10 @@ def asgo_param_groups(module: nn.Module, *, fused: dict[str, int] | None = None,
                       **group_options: Any) -> list[dict[str, Any]]:
     """Named param groups for ASGO/DASGO from a module, with every :class:`nn.Embedding` and
     :class:`nn.EmbeddingBag` table (including an output head tied to it; for a parametrized table, e.g.
-    ``weight_norm``, the parameters it is computed from) in a ``use_asgo=False`` group.
+    ``weight_norm``, the parameters it is computed from, also under the older hook-based
+    ``torch.nn.utils.weight_norm`` / ``spectral_norm``) and every weight norm's magnitude ``g`` (a gain per
+    output, shaped ``(out, 1, ...)``: a vector, which the matrix method would scale by one number for the
+    whole tensor) in a ``use_asgo=False`` group.
 
     ``fused`` (ASGO): ``{name suffix: parts}``, e.g. ``{"qkv.weight": 3}``: the matrices whose names end
     with a suffix go to a group with ``row_parts=parts`` (each stepped as its parts: see ASGO's
@@ -133,7 +136,9 @@ def asgo_param_groups(module: nn.Module, *, fused: dict[str, int] | None = None,
     ...], **opts}, {"params": [...], "use_asgo": False, **opts}, {"params": [...], "row_parts": parts,
     **opts}, ...]`` (empty groups are dropped).
     """
-    emb_ids = _embedding_table_ids(module)
+    emb_ids = _embedding_table_ids(module) | _weight_norm_gains(module)
+    if fused:
+        _refuse_transposed_fused(module, check_fused(fused))
     rest: list[tuple[str, Tensor]] = []
     emb: list[tuple[str, Tensor]] = []
     for name, p in module.named_parameters():
@@ -163,4 +168,46 @@ def _embedding_table_ids(module: nn.Module) -> set[int]:
             ids.update(id(p) for p in lists["weight"].parameters())
         elif m._parameters.get("weight") is not None:
             ids.add(id(m._parameters["weight"]))
+        else:  # the older hooks keep the originals as weight_g / weight_v or weight_orig (found by a helper)
+            ids.update(id(p) for n, p in m._parameters.items()
+                       if p is not None and n in ("weight_g", "weight_v", "weight_orig"))
     return ids
+
+
+def _weight_norm_gains(module: nn.Module) -> set[int]:
+    """``id`` of every weight norm's magnitude: ``parametrizations.weight_norm``'s ``original0`` and the
+    hook-based ``torch.nn.utils.weight_norm``'s ``<name>_g``."""
+    from torch.nn.utils.parametrizations import _WeightNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    ids: set[int] = set()
+    for m in module.modules():
+        lists = getattr(m, "parametrizations", None)
+        if isinstance(lists, nn.ModuleDict):
+            for plist in lists.values():
+                g = plist._parameters.get("original0")
+                if g is not None and any(isinstance(f, _WeightNorm) for f in plist.children()):
+                    ids.add(id(g))
+        for hook in m._forward_pre_hooks.values():
+            if isinstance(hook, WeightNorm):
+                g = m._parameters.get(f"{hook.name}_g")
+                if g is not None:
+                    ids.add(id(g))
+    return ids
+
+
+def _refuse_transposed_fused(module: nn.Module, fused: Mapping[str, int]) -> None:
+    """Refuse ``fused`` on a weight stored ``(in, out)``: transformers' ``Conv1D`` (GPT-2's ``c_attn``).
+    ``row_parts`` cuts rows, which there are the inputs, not query/key/value: accepted silently before
+    (2e-2 off ASGO on the separate matrices after 5 steps; found by a helper)."""
+    for path, m in module.named_modules():
+        if type(m).__name__ != "Conv1D" or not hasattr(m, "nf"):
+            continue
+        name = f"{path}.weight" if path else "weight"
+        hit = next((s for s in fused if name == s or name.endswith("." + s)), None)
+        if hit is not None:
+            raise ValueError(
+                f"Invalid fused={dict(fused)!r}: {hit!r} matches {name!r}, a Conv1D weight stored (in, out) = "
+                f"{tuple(m.weight.shape)} (transformers' GPT-2 layout), whose rows are its inputs: row_parts would "
+                "cut those, not the fused outputs. Leave it out of fused (or replace the Conv1D layers with "
+                "nn.Linear, whose weight is (out, in)).")

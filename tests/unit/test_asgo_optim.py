@@ -102,7 +102,9 @@ def test_asgo_param_groups_finds_embeddings_and_tied_heads():
 
 def test_asgo_param_groups_finds_embedding_bags_and_parametrized_tables():
     """An EmbeddingBag's table and a parametrized Embedding's originals went to the matrix method (only
-    nn.Embedding's plain weight was matched); a Linear under weight_norm stays a matrix."""
+    nn.Embedding's plain weight was matched); a Linear under weight_norm keeps its direction v a matrix,
+    and its magnitude g (out, 1), a gain per output, goes to AdamW as a norm's gain does (the matrix method
+    scaled it by one number: one large-gradient row took the whole step)."""
     net = nn.Module()
     net.bag = nn.EmbeddingBag(10, 6)
     net.emb = torch.nn.utils.parametrizations.weight_norm(nn.Embedding(10, 6))
@@ -111,9 +113,44 @@ def test_asgo_param_groups_finds_embedding_bags_and_parametrized_tables():
     groups = asgo_param_groups(net)
     adam = {name for name, _ in groups[1]["params"]}
     assert adam == {"bag.weight", "emb.parametrizations.weight.original0", "emb.parametrizations.weight.original1",
-                    "sn.parametrizations.weight.original"}
-    assert {name for name, _ in groups[0]["params"]} == {"fc.bias", "fc.parametrizations.weight.original0",
-                                                        "fc.parametrizations.weight.original1"}
+                    "sn.parametrizations.weight.original", "fc.parametrizations.weight.original0"}
+    assert {name for name, _ in groups[0]["params"]} == {"fc.bias", "fc.parametrizations.weight.original1"}
+
+
+def test_asgo_param_groups_reads_the_older_hook_based_weight_and_spectral_norms():
+    """torch.nn.utils.weight_norm / spectral_norm (hooks, deprecated but in older model code) keep an
+    embedding's originals as weight_g / weight_v / weight_orig: they went to the matrix method."""
+    import warnings
+
+    net = nn.Module()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's deprecation of the hook-based forms
+        net.wte = torch.nn.utils.weight_norm(nn.Embedding(10, 6))
+        net.wpe = torch.nn.utils.spectral_norm(nn.Embedding(10, 6))
+        net.fc = torch.nn.utils.weight_norm(nn.Linear(6, 6))
+    groups = asgo_param_groups(net)
+    assert {name for name, _ in groups[1]["params"]} == {"wte.weight_g", "wte.weight_v", "wpe.weight_orig",
+                                                        "fc.weight_g"}
+    assert {name for name, _ in groups[0]["params"]} == {"fc.bias", "fc.weight_v"}
+
+
+def test_fused_on_a_weight_stored_in_by_out_is_refused():
+    """transformers' Conv1D (GPT-2's c_attn) stores its weight (in, out): row_parts cut its inputs, not
+    q/k/v, silently (2e-2 off ASGO on the separate matrices after 5 steps)."""
+
+    class Conv1D(nn.Module):  # transformers.pytorch_utils.Conv1D's layout
+        def __init__(self, nf: int, nx: int) -> None:
+            super().__init__()
+            self.nf = nf
+            self.weight = nn.Parameter(torch.randn(nx, nf))
+            self.bias = nn.Parameter(torch.zeros(nf))
+
+    net = nn.Module()
+    net.c_attn = Conv1D(3 * 6, 6)
+    net.qkv = nn.Linear(6, 18)
+    with pytest.raises(ValueError, match=r"'c_attn.weight', a Conv1D weight stored \(in, out\) = \(6, 18\)"):
+        asgo_param_groups(net, fused={"c_attn.weight": 3})
+    assert len(asgo_param_groups(net, fused={"qkv.weight": 3})) == 2  # an nn.Linear's: (out, in)
 
 
 def test_use_asgo_group_option():
