@@ -42,6 +42,7 @@ __all__ = [
     "default_communicator",
     "distributed_running",
     "default_group_ready",
+    "gather_object",
     "group_key",
 ]
 
@@ -122,6 +123,39 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+class _ByteCount:
+    """A file that keeps only the number of bytes written to it."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def write(self, data: Any) -> int:
+        self.n += len(data)
+        return len(data)
+
+
+def _pickled_size(obj: Any) -> int:
+    """``len(pickle.dumps(obj))`` without holding the bytes (a consolidated optimizer state is as large as
+    the state: ``dumps`` held a second copy of it on every rank while counting)."""
+    sink = _ByteCount()
+    pickle.Pickler(sink).dump(obj)
+    return sink.n
+
+
+def gather_object(comm: Any, obj: Any, dst: int) -> list[Any] | None:
+    """Collective: every rank's ``obj``, in rank order, on rank ``dst`` only (None on the others).
+
+    Through ``comm.gather_object`` where it has one (this module's communicators); a communicator of the
+    user's own, with only the :class:`Communicator` protocol's ``all_gather_object``, gathers to every rank
+    and the others drop it."""
+    method = getattr(comm, "gather_object", None)
+    if method is not None:
+        out: list[Any] | None = method(obj, dst)
+        return out
+    everyone = comm.all_gather_object(obj)
+    return everyone if comm.rank == dst else None
+
+
 class LocalComm(_StatsMixin):
     """The single-process communicator: every collective is the identity and nothing is counted."""
 
@@ -143,6 +177,9 @@ class LocalComm(_StatsMixin):
         return buffer
 
     def all_gather_object(self, obj: Any) -> list[Any]:
+        return [obj]
+
+    def gather_object(self, obj: Any, dst: int) -> list[Any] | None:
         return [obj]
 
     def __repr__(self) -> str:
@@ -217,8 +254,19 @@ class TorchComm(_StatsMixin):
     def all_gather_object(self, obj: Any) -> list[Any]:
         """Gather a picklable object from every rank (checkpoint consolidation; not for hot paths)."""
         out: list[Any] = [None] * self.world_size
-        self._count("all_gather_object", len(pickle.dumps(obj)))
+        self._count("all_gather_object", _pickled_size(obj))
         dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def gather_object(self, obj: Any, dst: int) -> list[Any] | None:
+        """Gather a picklable object from every rank onto rank ``dst`` of this group (its rank order); the
+        other ranks send theirs and get None (``consolidate_state_dict(to=dst)``: only ``dst`` holds, and
+        unpickles, every rank's state)."""
+        out: list[Any] | None = [None] * self.world_size if self.rank == dst else None
+        self._count("gather_object", _pickled_size(obj))
+        # torch's dst is a global rank (group_dst, the rank in the group, is torch >= 2.6 only)
+        to = dst if self.group is None or _is_default_group(self.group) else dist.get_global_rank(self.group, dst)
+        dist.gather_object(obj, out, dst=to, group=self.group)
         return out
 
     def __repr__(self) -> str:
@@ -325,6 +373,9 @@ class DeferredComm:
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         return self.attach().all_gather_object(obj)
+
+    def gather_object(self, obj: Any, dst: int) -> list[Any] | None:
+        return self.attach().gather_object(obj, dst)
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (DeferredComm, (self.rank, self.world_size, self.default_group))

@@ -80,7 +80,7 @@ import logging
 import math
 import operator
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, overload
 
 import torch
 from torch import Tensor
@@ -113,6 +113,7 @@ from lightning_soaa.distributed.comm import (
     default_communicator,
     default_group_ready,
     distributed_running,
+    gather_object,
     group_key,
 )
 from lightning_soaa.distributed.dtensor import DTensorLayout, has_dtensor, local
@@ -123,6 +124,7 @@ from lightning_soaa.functional.adamw import increment_counts_
 from lightning_soaa.kernels.raw import cell_values, value_cells
 from lightning_soaa.optim import dcp_state as dcp
 from lightning_soaa.optim.param_checks import (
+    DisjointStorage,
     check_disjoint_storage,
     check_param_group,
     check_step,
@@ -547,6 +549,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         # weights are often initialised or loaded after the optimizer is built, so not here
         self._replicas_unchecked = True
         super().__init__(params, defaults)
+        self.__dict__.pop("_storage_index", None)  # the constructor's storage check is done (_check_storage)
         self._setup_dtensor(comm, process_group)
         # after the construction check (a collective of every rank): a rank whose sharding options
         # differ must not raise alone before it (the other ranks would wait in it)
@@ -813,11 +816,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
         try:
             check_param_group(self, self.param_groups[-1])  # duplicates, complex, zero-size
             check_torch_options(self, self.param_groups[-1])
-            self._check_storage()
+            checked = self._check_storage()
             self._validate_group(self.param_groups[-1])
         except ValueError:
             self.param_groups.pop()  # a rejected group must leave the optimizer unchanged
             raise
+        checked()
         warn_misspelt_keys(self, self.param_groups[-1], len(self.param_groups) - 1)
         if self._table is not None:  # added after construction: re-shard, keeping existing state
             if self._dtensor is not None or has_dtensor(param_group["params"]):
@@ -842,23 +846,47 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 self._restore_owned_state(full)
             dcp.hold_state_entries(self)
 
-    def _check_storage(self) -> None:
-        """No two parameters over the same memory (see :func:`check_disjoint_storage`)."""
+    def _check_storage(self) -> Callable[[], None]:
+        """No two parameters over the same memory (see :func:`check_disjoint_storage`), once the newest
+        group is added; returns what records that group as checked (called once the group is accepted).
+
+        While the constructor adds its groups (no block table yet) only the newest group's parameters are
+        checked, against the earlier groups' (:class:`DisjointStorage`, dropped when the constructor's loop
+        ends): re-checking every group at each add made one group per parameter quadratic (2000 groups:
+        8.7 s). The refusals are the same. A group added after construction is checked with every
+        parameter afresh: their memory may have moved since (``model.half()``)."""
+        index = self.__dict__.get("_storage_index")
+        if self._table is None and (index is not None or len(self.param_groups) == 1):
+            index = index if index is not None else DisjointStorage()
+            gi, first = len(self.param_groups) - 1, len(index.params)
+            entries = self._group_params(gi, self.param_groups[gi])
+            commit = index.check(self, [p for p, _ in entries],
+                                 [repr(n) if n else f"#{first + j}" for j, (_, n) in enumerate(entries)])
+
+            def checked() -> None:
+                commit()
+                self._storage_index = index
+            return checked
         plist = self._all_params()
         check_disjoint_storage(self, [p for p, _, _ in plist],
                                [repr(n) if n else f"#{i}" for i, (_, _, n) in enumerate(plist)])
+        return lambda: None
 
     def _all_params(self) -> list[tuple[Tensor, int, str | None]]:
+        return [(p, gi, name) for gi, group in enumerate(self.param_groups)
+                for p, name in self._group_params(gi, group)]
+
+    def _group_params(self, gi: int, group: dict[str, Any]) -> list[tuple[Tensor, str | None]]:
+        """The parameters of ``param_groups[gi]`` with their names (None where the group has none)."""
+        names = group.get("param_names")
         out = []
-        for gi, group in enumerate(self.param_groups):
-            names = group.get("param_names")
-            for j, p in enumerate(group["params"]):
-                name = names[j] if names else None
-                if name is not None and not isinstance(name, str):  # routing reads names (ASGO's "emb")
-                    raise ValueError(f"{type(self).__name__}: param_groups[{gi}] names parameter {j} {name!r} "
-                                     f"({type(name).__name__}); names must be strings, as "
-                                     "model.named_parameters() gives them.")
-                out.append((p, gi, name))
+        for j, p in enumerate(group["params"]):
+            name = names[j] if names else None
+            if name is not None and not isinstance(name, str):  # routing reads names (ASGO's "emb")
+                raise ValueError(f"{type(self).__name__}: param_groups[{gi}] names parameter {j} {name!r} "
+                                 f"({type(name).__name__}); names must be strings, as "
+                                 "model.named_parameters() gives them.")
+            out.append((p, name))
         return out
 
     def _sharded_multi_rank(self) -> bool:
@@ -996,6 +1024,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             self.skipped_steps += 1
         else:
             self.num_steps += 1
+        self._consolidated = None  # stale now (state_dict() refuses it): a full copy of the state, freed
         self._layout_confirmed = True  # every rank counts this step: _meet_in_order's layout check is done
         if self._join_pending:
             self._unjoined_steps += 1
@@ -1714,8 +1743,19 @@ class ShardedOptimizer(torch.optim.Optimizer):
                               for k, v in blk.items()}
         return out
 
-    def _gather_full_state(self) -> dict[str, Any]:
-        """Collective: every rank's owned block states, merged, plus the global state."""
+    @overload
+    def _gather_full_state(self, to: None = None) -> dict[str, Any]: ...
+
+    @overload
+    def _gather_full_state(self, to: int) -> dict[str, Any] | None: ...
+
+    def _gather_full_state(self, to: int | None = None) -> dict[str, Any] | None:
+        """Collective: every rank's owned block states, merged, plus the global state. ``to``: on that rank
+        only (the others send theirs and return None); None: on every rank.
+
+        Gathered to ``to`` alone, not to every rank and dropped by the others: each rank unpickled every
+        rank's state, a peak of about W + 3 times its own share on every rank (+5.5x at W = 2, +7.5x at
+        W = 4, at each of Lightning's checkpoint saves)."""
         mine = self._local_block_states()
         merged: dict[tuple[int, int], dict[str, Any]] = {}
         if self._dtensor is not None and self.comm.world_size > 1:  # local shards -> full tensors
@@ -1724,16 +1764,28 @@ class ShardedOptimizer(torch.optim.Optimizer):
             if any(self._dtensor.cut_across(b) for b in self.block_table.blocks):  # the same on every rank
                 # blocks cut across the shards (ASGO's experts) are whole on their holders: from every rank
                 whole = {key: st for key, st in mine.items() if self._dtensor.cut_across(by_key[key])}
-                for part in self.comm.all_gather_object(whole):
+                for part in self._gather_objects(whole, to) or ():
                     merged.update(part)
-        for part in self.comm.all_gather_object(mine) if self._sharded_multi_rank() else [mine]:
+        parts = self._gather_objects(mine, to) if self._sharded_multi_rank() else [mine]
+        del mine  # this rank's copy: on a rank other than ``to`` it has been sent
+        for part in parts or ():
             merged.update(part)
-        return build_state_dict(
-            optimizer=self._checkpoint_view(),
-            block_states=merged,
-            global_state={**self._global_state(), "num_steps": self.num_steps,
-                          "skipped_steps": self.skipped_steps},
-        )
+        del parts
+        # on every rank: the global state may be a collective (SOAA's lag is summed over the ranks)
+        global_state = {**self._global_state(), "num_steps": self.num_steps, "skipped_steps": self.skipped_steps}
+        if to is not None and to != self.comm.rank:
+            return None
+        return build_state_dict(optimizer=self._checkpoint_view(), block_states=merged, global_state=global_state)
+
+    def _gather_objects(self, obj: Any, to: int | None) -> list[Any] | None:
+        """Collective: every rank's ``obj`` on rank ``to`` (None on the others), or on every rank (``to=None``)."""
+        if to is None:
+            return self.comm.all_gather_object(obj)
+        # rank ``to`` keeps its own as it is (not pickled, sent to itself and unpickled: 3 more copies)
+        parts = gather_object(self.comm, None if self.comm.rank == to else obj, to)
+        if parts is not None:
+            parts[to] = obj
+        return parts
 
     def consolidate_state_dict(self, to: int | None = 0) -> None:
         """Collective: gather the sharded state so that :meth:`state_dict` returns the full state.
@@ -1751,11 +1803,15 @@ class ShardedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{type(self).__name__}.consolidate_state_dict: invalid to={to!r}. Must be None "
                              f"(every rank keeps the state) or an integer rank in [0, {world}).")
         self._check_same_instance()
-        full = self._gather_full_state()
+        # the previous consolidation's copy: not held while gathering the new one
+        self._consolidated, self._consolidated_at = None, -1
         # every rank records the step, those without the result too: under DTensor state_dict() must then
-        # take the same branch on every rank (see _full_state_dict)
+        # take the same branch on every rank (see _full_state_dict). The copy is held until the next step
+        # (dropped in _count_step: it is stale from then on, and state_dict() refuses it) or the next
+        # consolidation or load, so state_dict() may be called several times in between; torch's
+        # ZeroRedundancyOptimizer keeps its copy until the next consolidation, a whole checkpoint interval.
+        self._consolidated = self._gather_full_state(to)
         self._consolidated_at = self.num_steps + self.skipped_steps
-        self._consolidated = full if to is None or to == self.comm.rank else None
         self._consolidated_to = to
 
     def _check_same_instance(self) -> None:

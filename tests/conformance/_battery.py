@@ -207,3 +207,12 @@ def edge_values(spec: OptimizerSpec) -> Iterator[tuple[str, Any]]:
             yield f.name, 0.0
         elif typing.get_origin(kind) is tuple:
             yield f.name, (0.0, 0.0)
+
+
+def state_dict_raises(opt: Any) -> bool:
+    """Whether ``opt.state_dict()`` refuses for want of a current ``consolidate_state_dict()`` (W > 1)."""
+    try:
+        opt.state_dict()
+    except RuntimeError as exc:
+        return "consolidate_state_dict" in str(exc)
+    return False

@@ -54,6 +54,7 @@ from tests.conformance._battery import (
     each_optimizer,
     make,
     params,
+    state_dict_raises,
     step,
     takes_kwarg,
     without_skips,
@@ -96,20 +97,12 @@ def _held_blocks(opt: Any) -> dict[str, list[tuple[int, int]]]:
     return {"held": sorted(held), "owned": sorted(b.key for b in opt.block_table.owned())}
 
 
-def _state_dict_raises(opt: Any) -> bool:
-    try:
-        opt.state_dict()
-    except RuntimeError as exc:
-        return "consolidate_state_dict" in str(exc)
-    return False
-
-
 def _main_run(spec: OptimizerSpec, rank: int, world: int) -> tuple[Any, Any, dict[str, Any]]:
     model, opt, average = _build(spec, world)
     out: dict[str, Any] = {}
     for t in range(STEPS):
         if t == SAVE_AT:
-            out["raises_before_consolidation"] = _state_dict_raises(opt) if world > 1 else True
+            out["raises_before_consolidation"] = state_dict_raises(opt) if world > 1 else True
             sd = _consolidated(opt, rank)
             out["ckpt"] = None if sd is None else (copy.deepcopy(model.state_dict()), sd)
         step(spec, model, opt, t, rank=rank, world=world, average=average)

@@ -305,7 +305,9 @@ def test_padded_batch_gives_each_matrix_its_own_root(method, dtype, tol, damping
         err = float((roots[i, :k, :k].double() - exact).norm() / exact.norm())
         assert err <= tol, (k, err)
     if dtype == torch.float32 and damping == 0.0 and method == "polar_express":
-        assert flags == [True, True, False, False]
+        # the k = 4 head leaves the bound on every CPU tried; the k = 12 one on an Intel host, not on an
+        # AMD EPYC one (GEMM rounding): the recompute path is exercised either way
+        assert flags[:3] == [True, True, False]
     for i, m in enumerate(heads, start=len(full)):
         k = ks[i]
         if not flags[i]:  # recomputed: the eigendecomposition of its own corner
