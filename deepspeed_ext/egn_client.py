@@ -86,11 +86,18 @@ class DeepSpeedEGNOptimizer(torch.optim.Optimizer):
     def damping(self) -> float:
         """EGN's λ (:attr:`lightning_soaa.optim.egn.EGN.damping`), read and set on the EGN this client steps:
         ``engine.optimizer.damping = x`` set an attribute of the client the step never read."""
-        return float(self._ensure_inner().damping)
+        if self._inner is None:  # not built yet: building it is a collective at W > 1 (one rank's read hung)
+            from lightning_soaa.config import EGNConfig
+            return float(self.hyperparams.get("damping", EGNConfig.damping))
+        return float(self._inner.damping)
 
     @damping.setter
     def damping(self, value: float) -> None:
-        self._ensure_inner().damping = value
+        if self._inner is None:  # the EGN built at the first step starts from it
+            from lightning_soaa.optim.egn import _checked_global
+            self.hyperparams["damping"] = _checked_global("damping", value, positive=True)
+            return
+        self._inner.damping = value
 
     def bind(self, engine_or_optimizer: Any) -> None:
         """Read the engine's gradient accumulation (how many micro-batches one step concatenates)."""

@@ -34,23 +34,31 @@ def _chunks(t: Tensor) -> list[Tensor]:
 
 
 def _row_blocks(t: Tensor) -> list[Tensor]:
+    """Row blocks of ``t`` of about :data:`CHUNK` elements; a row larger than that is cut in turn."""
+    if t.dim() > 1 and t[0].numel() > CHUNK:
+        return [piece for row in t for piece in _chunks(row)]
     rows = max(1, CHUNK // max(1, t[0].numel()))
     return [t[i:i + rows] for i in range(0, t.shape[0], rows)]
 
 
+def _reduced_whole(t: Tensor) -> bool:
+    """Whether a norm of ``t`` is one call: small, or not on the CPU (the float64 copy of a norm was measured
+    on the CPU; on an accelerator chunks would cost a launch each, unmeasured here)."""
+    return t.numel() <= CHUNK or t.device.type != "cpu"
+
+
 def sq_norm_f64(t: Tensor) -> Tensor:
     """``‖t‖²`` accumulated in float64, a 0-d float64 tensor on ``t``'s device."""
-    parts = _chunks(t)
-    if len(parts) == 1:
+    if _reduced_whole(t):
         out: Tensor = torch.linalg.vector_norm(t, dtype=torch.float64).square()
         return out
-    return torch.stack([torch.linalg.vector_norm(p, dtype=torch.float64).square() for p in parts]).sum()
+    return torch.stack([torch.linalg.vector_norm(p, dtype=torch.float64).square() for p in _chunks(t)]).sum()
 
 
 def norms_f64(ts: Sequence[Tensor]) -> Tensor:
     """The 2-norms of ``ts`` accumulated in float64, one float64 tensor of ``len(ts)`` (one multi-tensor
-    call for the tensors of up to :data:`CHUNK` elements, the order of ``ts`` kept)."""
-    small = [i for i, t in enumerate(ts) if t.numel() <= CHUNK]
+    call for the tensors reduced whole, the order of ``ts`` kept)."""
+    small = [i for i, t in enumerate(ts) if _reduced_whole(t)]
     if len(small) == len(ts):
         return torch.stack(torch._foreach_norm(list(ts), dtype=torch.float64))
     out: list[Tensor | None] = [None] * len(ts)
@@ -66,9 +74,8 @@ def norms_f64(ts: Sequence[Tensor]) -> Tensor:
 def dot_f64(a: Tensor, b: Tensor) -> Tensor:
     """``Σ a·b`` over all elements of two tensors of one shape, accumulated in float64 (0-d float64)."""
     pa, pb = _chunks(a), _chunks(b)
+    if len(pa) != len(pb) or any(x.shape != y.shape for x, y in zip(pa, pb)):  # layouts differ: by rows
+        pa, pb = (_row_blocks(a), _row_blocks(b)) if a.dim() else ([a], [b])
     if len(pa) == 1 or len(pa) != len(pb) or any(x.shape != y.shape for x, y in zip(pa, pb)):
-        if a.numel() > CHUNK:  # different layouts (one contiguous, one not): chunk both by rows
-            pa, pb = _row_blocks(a), _row_blocks(b)
-        else:
-            return (a.to(torch.float64) * b.to(torch.float64)).sum()
+        return (a.to(torch.float64) * b.to(torch.float64)).sum()
     return torch.stack([(x.to(torch.float64) * y.to(torch.float64)).sum() for x, y in zip(pa, pb)]).sum()

@@ -201,7 +201,7 @@ def _refuse_transposed_fused(module: nn.Module, fused: Mapping[str, int]) -> Non
     ``row_parts`` cuts rows, which there are the inputs, not query/key/value: accepted silently before
     (2e-2 off ASGO on the separate matrices after 5 steps; found by a helper)."""
     for path, m in module.named_modules():
-        if type(m).__name__ != "Conv1D" or not hasattr(m, "nf"):
+        if type(m).__name__ != "Conv1D" or not hasattr(m, "nf") or not m.weight.requires_grad:
             continue
         name = f"{path}.weight" if path else "weight"
         hit = next((s for s in fused if name == s or name.endswith("." + s)), None)

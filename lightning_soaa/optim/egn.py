@@ -248,19 +248,37 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _check_closure_batch(inputs: Any, targets: Any) -> None:
-    """Refuse a pair a closure returned as the batch when an item was computed with autograd: a model's
-    output or a loss (``return logits, y``, ``return loss, logits``), never a data batch. Taken as
-    (inputs, targets), ``(logits, y)`` on a model whose input and output widths agree stepped silently on
-    ``model(logits)``."""
+def _reaches(t: Tensor, params: set[int]) -> bool:
+    """Whether ``t``'s autograd graph reaches one of ``params`` (by id): it was computed from them."""
+    seen: set[Any] = set()
+    todo = [t.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if id(getattr(fn, "variable", None)) in params:
+            return True
+        todo.extend(f for f, _ in fn.next_functions)
+    return False
+
+
+def _check_closure_batch(inputs: Any, targets: Any, params: set[int] | None = None) -> None:
+    """Refuse a pair a closure returned as the batch when an item was computed from EGN's own parameters
+    (``params``, by id): a model's output or a loss (``return logits, y``, ``return loss, logits``), never a
+    data batch. Taken as (inputs, targets), ``(logits, y)`` on a model whose input and output widths agree
+    stepped silently on ``model(logits)``. Tensors computed with autograd from other modules (a backbone's
+    features, a teacher's targets, adversarial inputs) are a batch, as through ``step(inputs=...)``."""
     for which, item in (("first", inputs), ("second", targets)):
         tensors = item if isinstance(item, (tuple, list)) else (item,)
-        if any(isinstance(t, Tensor) and t.grad_fn is not None for t in tensors):
+        if any(isinstance(t, Tensor) and t.grad_fn is not None and (params is None or _reaches(t, params))
+               for t in tensors):
             raise ValueError(
                 f"EGN.step: the closure returned a pair, which EGN takes as the batch (inputs, targets), but its "
-                f"{which} item was computed with autograd (it has a grad_fn): a model output or a loss, e.g. "
-                "`return logits, y` or `return loss, logits`. Return only the batch (x, y) from the closure, or "
-                "pass it with step(inputs=x, targets=y) / set_batch(x, y) and return the loss.")
+                f"{which} item was computed from the model's parameters (its autograd graph reaches them): a "
+                "model output or a loss, e.g. `return logits, y` or `return loss, logits`. Return only the batch "
+                "(x, y) from the closure (.detach() what is meant as data), or pass it with step(inputs=x, "
+                "targets=y) / set_batch(x, y) and return the loss.")
 
 
 def _checked_global(key: str, value: Any, *, positive: bool) -> float:
@@ -827,7 +845,7 @@ class EGN(ShardedOptimizer):
                 elif isinstance(closure_value, (tuple, list)) and len(closure_value) == 2:
                     inputs, targets = closure_value
                     closure_value = None
-                    _check_closure_batch(inputs, targets)
+                    _check_closure_batch(inputs, targets, {id(p) for p in self._params})
             if inputs is None or targets is None:
                 raise ValueError(MISSING_BATCH_MESSAGE)
             xs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)

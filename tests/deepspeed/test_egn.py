@@ -71,9 +71,13 @@ def test_the_clients_damping_is_the_egn_it_steps() -> None:
 
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
     client = DeepSpeedEGNOptimizer(model, EGN, {"loss": "mse", "lr": 1.0, "damping": 0.5})
-    assert client.damping == 0.5
+    assert client.damping == 0.5 and client.inner is None  # read before the first step: nothing built
+    client.damping = 2.0  # (building EGN is a collective at W > 1: one rank's read or write hung every rank)
+    with pytest.raises(ValueError, match=r"Invalid opt\.damping=-1"):
+        client.damping = -1
+    assert client._ensure_inner().damping == 2.0  # the EGN built at the first step starts from it
     client.damping = 3.0
-    assert client.inner.damping == 3.0
+    assert client.inner.damping == 3.0 == client.damping
     with pytest.raises(ValueError, match=r"Invalid opt\.damping=-1"):
         client.damping = -1
     assert client.inner.damping == 3.0

@@ -647,3 +647,22 @@ def test_unsupported_cross_entropy_batches_say_what_is_unsupported(case: str, ma
         outputs, targets = torch.zeros(4, 3), torch.tensor([0, 2, -100, 1])
     with pytest.raises(ValueError, match=match):
         check_outputs_targets("cross_entropy", outputs, targets)
+
+
+def test_a_closure_pair_computed_from_other_modules_is_the_batch() -> None:
+    """Features of a backbone EGN does not train and a teacher's soft targets carry a grad_fn too (run
+    without no_grad); they are a batch, stepped as the detached pair and as through step(inputs=...)."""
+    def run(how: str) -> torch.Tensor:
+        torch.manual_seed(0)
+        backbone, teacher = nn.Linear(5, 6).double(), nn.Linear(6, 2).double()
+        head = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+        opt = EGN(head, loss="mse", lr=0.5)
+        x = torch.randn(16, 5, dtype=DT)
+        for _ in range(2):
+            if how == "detached":
+                opt.step(lambda: (backbone(x).detach(), teacher(backbone(x)).detach()))
+            else:
+                opt.step(lambda: (backbone(x), teacher(backbone(x))))
+        return flat_params(head)
+
+    assert torch.equal(run("with grad_fn"), run("detached"))

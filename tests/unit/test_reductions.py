@@ -24,7 +24,8 @@ def _tensors() -> dict[str, torch.Tensor]:
     big = torch.randn(4 * CHUNK + 7, generator=g)
     mat = torch.randn(3 * CHUNK // 512 + 5, 1024, generator=g)
     return {"small": torch.randn(33, 17, generator=g), "flat": big, "matrix": mat, "transposed": mat.t(),
-            "scalar": torch.tensor(3.0), "empty": torch.zeros(0, 5), "tiny": torch.full((2 * CHUNK + 1,), 1e-28)}
+            "wide": torch.randn(CHUNK + CHUNK // 2, 3, generator=g).t(), "scalar": torch.tensor(3.0),
+            "empty": torch.zeros(0, 5), "tiny": torch.full((2 * CHUNK + 1,), 1e-28)}
 
 
 @pytest.mark.parametrize("name", list(_tensors()))
@@ -50,3 +51,14 @@ def test_reductions_equal_float64_and_make_no_large_copy(name: str) -> None:
     assert sq.dtype == norms.dtype == dot.dtype == torch.float64
     if name == "tiny":  # float32 squares of 1e-28 underflow; accumulated in float64 they do not
         assert float(sq) > 0.0
+
+
+def test_norms_of_a_mixed_list_keep_its_order() -> None:
+    """Small tensors in one multi-tensor call (bit for bit as before), large ones in chunks, in order."""
+    g = torch.Generator().manual_seed(1)
+    ts = [torch.randn(5, generator=g), 3 * torch.randn(2 * CHUNK + 3, generator=g), torch.randn(4, 4, generator=g)]
+    got = norms_f64(ts)
+    small = torch.stack(torch._foreach_norm([ts[0], ts[2]], dtype=torch.float64))
+    assert torch.equal(got[[0, 2]], small)
+    torch.testing.assert_close(got[1], ts[1].double().norm(), rtol=1e-11, atol=0.0)
+
