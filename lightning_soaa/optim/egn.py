@@ -248,37 +248,68 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _reaches(t: Tensor, params: set[int]) -> bool:
-    """Whether ``t``'s autograd graph reaches one of ``params`` (by id): it was computed from them."""
-    seen: set[Any] = set()
-    todo = [t.grad_fn]
+class _ModelOutputs:
+    """The autograd nodes of every tensor the model's forward returns while the closure runs (a forward
+    hook, removed after). A checkpointed forward (``torch.utils.checkpoint``, reentrant) hides the model's
+    parameters from the graph of its output, but not the output's own node."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.nodes: set[Any] = set()
+        self._handle: Any = None
+
+    def __enter__(self) -> _ModelOutputs:
+        def record(_module: nn.Module, _args: Any, out: Any) -> None:
+            stack = [out]
+            while stack:  # a tensor, or tuples / lists / dicts of them
+                o = stack.pop()
+                if isinstance(o, Tensor):
+                    if o.grad_fn is not None:
+                        self.nodes.add(o.grad_fn)
+                elif isinstance(o, (tuple, list)):
+                    stack.extend(o)
+                elif isinstance(o, dict):
+                    stack.extend(o.values())
+
+        self._handle = self.model.register_forward_hook(record)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._handle.remove()
+
+
+def _computed_by_model(tensors: Sequence[Any], params: set[int], outputs: set[Any], seen: set[Any]) -> bool:
+    """Whether the autograd graph of one of ``tensors`` reaches one of ``params`` (EGN's parameters, by id)
+    or a node in ``outputs`` (the model's outputs in the closure): it was computed by the model. ``seen``:
+    the nodes already walked (shared by the items of one pair: one pass over the graph)."""
+    todo: list[Any] = [t.grad_fn for t in tensors if isinstance(t, Tensor) and t.grad_fn is not None]
     while todo:
         fn = todo.pop()
         if fn is None or fn in seen:
             continue
         seen.add(fn)
-        if id(getattr(fn, "variable", None)) in params:
+        if fn in outputs or id(getattr(fn, "variable", None)) in params:
             return True
         todo.extend(f for f, _ in fn.next_functions)
     return False
 
 
-def _check_closure_batch(inputs: Any, targets: Any, params: set[int] | None = None) -> None:
-    """Refuse a pair a closure returned as the batch when an item was computed from EGN's own parameters
-    (``params``, by id): a model's output or a loss (``return logits, y``, ``return loss, logits``), never a
-    data batch. Taken as (inputs, targets), ``(logits, y)`` on a model whose input and output widths agree
-    stepped silently on ``model(logits)``. Tensors computed with autograd from other modules (a backbone's
-    features, a teacher's targets, adversarial inputs) are a batch, as through ``step(inputs=...)``."""
+def _check_closure_batch(inputs: Any, targets: Any, params: set[int], outputs: set[Any]) -> None:
+    """Refuse a pair a closure returned as the batch when an item was computed by the model (its graph
+    reaches EGN's own parameters or the model's outputs in the closure): a model's output or a loss
+    (``return logits, y``, ``return loss, logits``), never a data batch. Taken as (inputs, targets),
+    ``(logits, y)`` on a model whose input and output widths agree stepped silently on ``model(logits)``.
+    Tensors computed with autograd by other modules (a backbone's features, a teacher's targets,
+    adversarial inputs) are a batch, as through ``step(inputs=...)``."""
+    seen: set[Any] = set()
     for which, item in (("first", inputs), ("second", targets)):
-        tensors = item if isinstance(item, (tuple, list)) else (item,)
-        if any(isinstance(t, Tensor) and t.grad_fn is not None and (params is None or _reaches(t, params))
-               for t in tensors):
+        if _computed_by_model(item if isinstance(item, (tuple, list)) else (item,), params, outputs, seen):
             raise ValueError(
                 f"EGN.step: the closure returned a pair, which EGN takes as the batch (inputs, targets), but its "
-                f"{which} item was computed from the model's parameters (its autograd graph reaches them): a "
-                "model output or a loss, e.g. `return logits, y` or `return loss, logits`. Return only the batch "
-                "(x, y) from the closure (.detach() what is meant as data), or pass it with step(inputs=x, "
-                "targets=y) / set_batch(x, y) and return the loss.")
+                f"{which} item was computed by the model (its autograd graph reaches the model's parameters or "
+                "output): a model output or a loss, e.g. `return logits, y` or `return loss, logits`. Return only "
+                "the batch (x, y) from the closure (.detach() what is meant as data), or pass it with "
+                "step(inputs=x, targets=y) / set_batch(x, y) and return the loss.")
 
 
 def _checked_global(key: str, value: Any, *, positive: bool) -> float:
@@ -836,8 +867,9 @@ class EGN(ShardedOptimizer):
             if closure is not None and not callable(closure):  # EGN.step((x, y)): say what it takes
                 raise TypeError(f"EGN.step: its argument is a closure (a callable), got {type(closure).__name__}; "
                                 "pass the batch by keyword: step(inputs=x, targets=y), or set_batch(x, y).")
+            outputs = _ModelOutputs(self.model)  # what the model returns in the closure (_check_closure_batch)
             if closure is not None:
-                with torch.enable_grad(), caller_autocast(self):
+                with torch.enable_grad(), caller_autocast(self), outputs:
                     closure_value = closure()
             if inputs is None and targets is None:
                 if pending is not None:  # set_batch() wins; a closure then only supplies the returned loss
@@ -845,7 +877,7 @@ class EGN(ShardedOptimizer):
                 elif isinstance(closure_value, (tuple, list)) and len(closure_value) == 2:
                     inputs, targets = closure_value
                     closure_value = None
-                    _check_closure_batch(inputs, targets, {id(p) for p in self._params})
+                    _check_closure_batch(inputs, targets, {id(p) for p in self._params}, outputs.nodes)
             if inputs is None or targets is None:
                 raise ValueError(MISSING_BATCH_MESSAGE)
             xs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)

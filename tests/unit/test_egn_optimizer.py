@@ -666,3 +666,27 @@ def test_a_closure_pair_computed_from_other_modules_is_the_batch() -> None:
         return flat_params(head)
 
     assert torch.equal(run("with grad_fn"), run("detached"))
+
+
+def test_a_closure_pair_from_a_checkpointed_forward_is_not_taken_as_the_batch() -> None:
+    """A reentrant torch.utils.checkpoint hides the model's parameters from its output's graph: with
+    inputs that require grad (enable_input_require_grads, an input-gradient penalty) `return logits, y`
+    passed a check that looked for the parameters alone (7.8e-2 off the step on the batch). The model's
+    own outputs in the closure are recognised too."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 4)).double()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return checkpoint(self.block, x, use_reentrant=True)
+
+    net = Net()
+    opt = EGN(net, loss="mse", lr=1.0)
+    x, y = torch.randn(8, 4, dtype=DT, requires_grad=True), torch.randn(8, 4, dtype=DT)
+    before = flat_params(net)
+    with pytest.raises(ValueError, match="computed by the model"):
+        opt.step(lambda: (net(x), y))
+    assert torch.equal(flat_params(net), before)
