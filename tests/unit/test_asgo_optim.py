@@ -791,3 +791,39 @@ def test_padded_roots_add_no_host_sync_on_cuda(monkeypatch):
         return sum("synchroniz" in str(w.message) for w in seen)
 
     assert syncs(asgo_mod.ROOT_PAD_BUDGET) <= syncs(0)
+
+
+def test_condition_estimates_are_batched_per_size():
+    """statistics()'s condition estimates ran two 30-step power iterations per block (60 small matmuls
+    each; 250 blocks: statistics() cost 2.3 steps): one batched iteration per Gram size now, the same
+    values (to rounding) as each pair's own iteration."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from lightning_soaa.optim.asgo import _cond_estimates
+
+    def top(a: torch.Tensor) -> float:
+        x = torch.ones(a.shape[0], dtype=torch.float64) / math.sqrt(a.shape[0])
+        for _ in range(30):
+            y = a.double() @ x
+            x = y / y.norm()
+        return float(x @ (a.double() @ x))
+
+    g = torch.Generator().manual_seed(0)
+    pairs = []
+    for k in (3, 5, 3, 5, 5):
+        m = torch.randn(k, 2 * k, generator=g)
+        v = m @ m.T + 0.1 * torch.eye(k)
+        pairs.append((v, torch.linalg.inv(torch.linalg.cholesky(v)).T @ torch.linalg.inv(torch.linalg.cholesky(v))))
+
+    class Count(TorchDispatchMode):
+        bmm = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.bmm += func is torch.ops.aten.bmm.default
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        got = sorted(float(t) for t in _cond_estimates(pairs))
+    want = sorted(top(v) * top(r) ** 2 for v, r in pairs)
+    assert got == pytest.approx(want, rel=1e-12)
+    assert Count.bmm == 2 * 31  # two sizes, 30 steps and the Rayleigh quotient each
