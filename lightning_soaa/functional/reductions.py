@@ -22,21 +22,14 @@ __all__ = ["CHUNK", "norms_f64", "sq_norm_f64", "dot_f64"]
 CHUNK = 1 << 20
 
 
-def _chunks(t: Tensor) -> list[Tensor]:
-    """``t`` as pieces of at most about :data:`CHUNK` elements that together hold each element once: flat
-    pieces of a contiguous tensor, else row blocks along dim 0 (views either way, any strides)."""
+def _pieces(t: Tensor) -> list[Tensor]:
+    """Views of ``t`` of at most about :data:`CHUNK` elements that together hold each element once, cut by
+    its shape alone (so two tensors of one shape are cut alike, whatever their strides): blocks of rows
+    along dim 0, a row wider than a chunk cut in turn."""
     if t.numel() <= CHUNK or t.dim() == 0:
         return [t]
-    if t.is_contiguous():
-        flat = t.view(-1)
-        return [flat[i:i + CHUNK] for i in range(0, flat.numel(), CHUNK)]
-    return _row_blocks(t)
-
-
-def _row_blocks(t: Tensor) -> list[Tensor]:
-    """Row blocks of ``t`` of about :data:`CHUNK` elements; a row larger than that is cut in turn."""
     if t.dim() > 1 and t[0].numel() > CHUNK:
-        return [piece for row in t for piece in _chunks(row)]
+        return [piece for row in t for piece in _pieces(row)]
     rows = max(1, CHUNK // max(1, t[0].numel()))
     return [t[i:i + rows] for i in range(0, t.shape[0], rows)]
 
@@ -52,7 +45,7 @@ def sq_norm_f64(t: Tensor) -> Tensor:
     if _reduced_whole(t):
         out: Tensor = torch.linalg.vector_norm(t, dtype=torch.float64).square()
         return out
-    return torch.stack([torch.linalg.vector_norm(p, dtype=torch.float64).square() for p in _chunks(t)]).sum()
+    return torch.stack([torch.linalg.vector_norm(p, dtype=torch.float64).square() for p in _pieces(t)]).sum()
 
 
 def norms_f64(ts: Sequence[Tensor]) -> Tensor:
@@ -73,9 +66,7 @@ def norms_f64(ts: Sequence[Tensor]) -> Tensor:
 
 def dot_f64(a: Tensor, b: Tensor) -> Tensor:
     """``Σ a·b`` over all elements of two tensors of one shape, accumulated in float64 (0-d float64)."""
-    pa, pb = _chunks(a), _chunks(b)
-    if len(pa) != len(pb) or any(x.shape != y.shape for x, y in zip(pa, pb)):  # layouts differ: by rows
-        pa, pb = (_row_blocks(a), _row_blocks(b)) if a.dim() else ([a], [b])
-    if len(pa) == 1 or len(pa) != len(pb) or any(x.shape != y.shape for x, y in zip(pa, pb)):
+    pa, pb = _pieces(a), _pieces(b)
+    if len(pa) == 1:
         return (a.to(torch.float64) * b.to(torch.float64)).sum()
     return torch.stack([(x.to(torch.float64) * y.to(torch.float64)).sum() for x, y in zip(pa, pb)]).sum()

@@ -6,7 +6,6 @@ import contextlib
 import dataclasses
 import logging
 import math
-import numbers
 import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -243,11 +242,6 @@ DENSE_ROWS_WARN_BYTES = 1 << 30
 _CONSTRUCTOR_ONLY = frozenset(f.name for f in dataclasses.fields(EGNConfig)) - {"lr", "momentum"}
 
 
-def _is_number(value: Any) -> bool:
-    """A real number (NumPy scalars too: a config or sweep tool's values), not a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 class _ModelOutputs:
     """The autograd nodes of every tensor the model's forward returns while the closure runs (a forward
     hook, removed after). A checkpointed forward (``torch.utils.checkpoint``, reentrant) hides the model's
@@ -315,8 +309,7 @@ def _check_closure_batch(inputs: Any, targets: Any, params: set[int], outputs: s
 def _checked_global(key: str, value: Any, *, positive: bool) -> float:
     """``value`` for ``opt.<key>`` as a Python float, or ``ValueError`` naming it (set by hand, NaN or a
     negative λ made every later step a skip "could not be solved"; 0 and inf were stepped)."""
-    if not _is_number(value) or not math.isfinite(value) or value < 0 or (positive and value == 0):
-        raise ValueError(f"Invalid opt.{key}={value!r}. Must be a finite number {'> 0' if positive else '>= 0'}.")
+    check_range(f"opt.{key}", value, 0.0, lo_inclusive=not positive)
     return float(value)
 
 
@@ -752,10 +745,10 @@ class EGN(ShardedOptimizer):
     def _validate_group(self, group: dict[str, Any]) -> None:
         check_range("lr", group["lr"], 0.0)
         check_range("momentum", group["momentum"], 0.0, 1.0, hi_inclusive=False)
-        wd = group.get("weight_decay", 0.0)
-        if not _is_number(wd) or wd != 0.0:
-            raise ValueError(f"Invalid weight_decay={wd!r} in EGN's param group. EGN has no weight decay: it "
-                             "must be 0.0 (add an L2 term to the loss to regularise).")
+        try:
+            check_range("weight_decay", group.get("weight_decay", 0.0), 0.0, 0.0)
+        except ValueError as e:
+            raise ValueError(f"{e} EGN has no weight decay (add an L2 term to the loss to regularise).") from None
         # EGN reads only lr and momentum from its group (a scheduler's keys); an option of its constructor
         # written there was ignored without a word (a callback annealing damping that way did nothing)
         ignored = sorted(k for k in group if k in _CONSTRUCTOR_ONLY)
@@ -868,8 +861,10 @@ class EGN(ShardedOptimizer):
                 raise TypeError(f"EGN.step: its argument is a closure (a callable), got {type(closure).__name__}; "
                                 "pass the batch by keyword: step(inputs=x, targets=y), or set_batch(x, y).")
             outputs = _ModelOutputs(self.model)  # what the model returns in the closure (_check_closure_batch)
+            # watched only when the closure's value may be the batch (not under set_batch, Lightning's way)
+            watch = outputs if inputs is None and targets is None and pending is None else contextlib.nullcontext()
             if closure is not None:
-                with torch.enable_grad(), caller_autocast(self), outputs:
+                with torch.enable_grad(), caller_autocast(self), watch:
                     closure_value = closure()
             if inputs is None and targets is None:
                 if pending is not None:  # set_batch() wins; a closure then only supplies the returned loss
