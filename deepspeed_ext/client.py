@@ -220,13 +220,6 @@ class DeepSpeedClientOptimizer(torch.optim.Optimizer):
         self._zero_opt = zo
         if zo is not None and getattr(zo, "elastic_checkpoint", False):  # a config parse_config did not see
             raise ValueError(ELASTIC_MESSAGE.format(name=self.optimizer_cls.__name__))
-        if zo is not None and self.layout == "structured" and getattr(zo, "round_robin_gradients", False):
-            # a config check_entry did not see: the fragment maps the matrices are rebuilt from do not follow
-            # the round-robin flat order (see ds_config._check_partition_order)
-            raise ValueError(
-                f"Invalid zero_optimization.round_robin_gradients=true with {self.optimizer_cls.__name__}: "
-                "DeepSpeed's per-parameter fragment maps do not follow the round-robin order of the flat "
-                "partitions, so its matrices would mix entries of different parameters. Must be false.")
         if zo is not None and getattr(zo, "swap_optimizer", False):
             raise ValueError(
                 "zero_optimization.offload_optimizer.device='nvme' swaps optimizer state out between "

@@ -24,7 +24,7 @@ import torch
 
 from deepspeed_ext.registry import PREFIX, REGISTRY, RESERVED_PARAMS, OptimizerEntry, constructor_params, lookup
 from lightning_soaa import registry as optimizer_registry
-from lightning_soaa.registry import DeepSpeedLayout, StepNeeds
+from lightning_soaa.registry import StepNeeds
 
 __all__ = ["ParsedConfig", "check_entry", "load_config", "parse_config", "patch_for_client", "zero_stage_of"]
 
@@ -219,7 +219,6 @@ def check_entry(ds: dict[str, Any], entry: OptimizerEntry, stage: int) -> None:
                     "torch_autocast with dtype \"bfloat16\" is allowed: it keeps no master weights)."
                 )
     _check_precision_and_accumulation(ds, entry, stage)
-    _check_partition_order(ds, entry, stage)
     if entry.spec.needs is StepNeeds.BATCH:
         _check_batch_optimizer(ds, entry)
     if _offload_device(ds) == "nvme":
@@ -231,27 +230,6 @@ def check_entry(ds: dict[str, Any], entry: OptimizerEntry, stage: int) -> None:
     zero = ds.get("zero_optimization")
     if stage >= 1 and isinstance(zero, dict) and zero.get("elastic_checkpoint", False):
         raise ValueError(ELASTIC_MESSAGE.format(name=entry.name))
-
-
-def _check_partition_order(ds: dict[str, Any], entry: OptimizerEntry, stage: int) -> None:
-    """Refuse ZeRO-1/2's round-robin gradient order for the structured layout. DeepSpeed 0.19 lays the flat
-    partitions out in round-robin order (stage_1_and_2.py ~505) but links each parameter's fragment map
-    (lp._hp_mapping, which deepspeed_ext.structure reads to rebuild the matrices) in the original order
-    (~835-850): ASGO's blocks then mixed entries of other parameters, silently (found by a helper). An
-    elementwise optimizer never reads the maps, so it is unaffected; ZeRO-3 ignores the option."""
-    zero = ds.get("zero_optimization")
-    if entry.layout != "structured" or stage not in (1, 2) or not isinstance(zero, dict):
-        return
-    value = zero.get("round_robin_gradients", False)
-    if _read_bool(value):
-        fine = ", ".join(spec.qualified_name for spec in optimizer_registry.REGISTRY
-                         if spec.ds_layout is DeepSpeedLayout.ELEMENTWISE)
-        raise ValueError(
-            f"Invalid zero_optimization.round_robin_gradients={value!r} with optimizer.type={entry.name!r} at "
-            f"zero_optimization.stage={stage}: DeepSpeed's per-parameter fragment maps, from which "
-            f"{entry.spec.name}'s matrices are rebuilt, do not follow the round-robin order of the flat "
-            "partitions, so its blocks would mix entries of different parameters. Must be false (the default); "
-            f"round_robin_gradients stays allowed with {fine}.")
 
 
 def _check_batch_optimizer(ds: dict[str, Any], entry: OptimizerEntry) -> None:

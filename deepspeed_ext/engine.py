@@ -342,7 +342,8 @@ def install_checkpoint_hooks(engine: Any, client: Any) -> None:
 
         given = inspect.signature(load).bind(*args, **kwargs).arguments
         if given.get("load_optimizer_states", True) and not given.get("load_module_only", False):
-            check_checkpoint_stage(given["load_dir"], given.get("tag"), engine.zero_optimization_stage())
+            check_checkpoint_stage(given["load_dir"], given.get("tag"), engine.zero_optimization_stage(),
+                                   bool(getattr(engine.optimizer, "round_robin_gradients", False)))
         return load(*args, **kwargs)
 
     engine.save_checkpoint = save_checkpoint
@@ -350,9 +351,9 @@ def install_checkpoint_hooks(engine: Any, client: Any) -> None:
     engine._lightning_soaa_checkpoint_hooks = True
 
 
-def saved_zero_stage(load_dir: str, tag: Any = None) -> int | None:
-    """The ZeRO stage a DeepSpeed checkpoint was written under (from the config DeepSpeed stores in its
-    model-states file); ``None`` when that cannot be told (then DeepSpeed's own checks apply)."""
+def saved_ds_config(load_dir: str, tag: Any = None) -> dict[str, Any] | None:
+    """The DeepSpeed config a checkpoint was written with (DeepSpeed stores it in its model-states file);
+    ``None`` when that cannot be told (then DeepSpeed's own checks apply)."""
     import os
 
     if tag is None:
@@ -369,20 +370,46 @@ def saved_zero_stage(load_dir: str, tag: Any = None) -> int | None:
             continue
         try:  # mmap: the module's tensors are not read
             state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-            return zero_stage_of(state["ds_config"])
+            config = state["ds_config"]
+            return config if isinstance(config, dict) else None
         except Exception:  # noqa: BLE001 - an unreadable or foreign file: leave it to DeepSpeed
-            log.debug("deepspeed_ext: could not read the ZeRO stage of %s", path, exc_info=True)
+            log.debug("deepspeed_ext: could not read the DeepSpeed config of %s", path, exc_info=True)
             return None
     return None
 
 
-def check_checkpoint_stage(load_dir: str, tag: Any, stage: int) -> None:
+def saved_zero_stage(load_dir: str, tag: Any = None) -> int | None:
+    """The ZeRO stage a DeepSpeed checkpoint was written under; ``None`` when that cannot be told."""
+    config = saved_ds_config(load_dir, tag)
+    return None if config is None else zero_stage_of(config)
+
+
+def _round_robin(config: dict[str, Any]) -> bool:
+    zero = config.get("zero_optimization")
+    value = zero.get("round_robin_gradients", False) if isinstance(zero, dict) else False
+    return value is True or (isinstance(value, str) and value.strip().lower() == "true")
+
+
+def check_checkpoint_stage(load_dir: str, tag: Any, stage: int, round_robin: bool = False) -> None:
     """Refuse optimizer state written under another ZeRO stage (ZeRO-1 and -2 share their partitioning;
-    there the client's own layout check speaks)."""
+    there the client's own layout check speaks) or, at ZeRO-1/2, in the other order of the flat partitions:
+    ``round_robin_gradients`` lays a group's parameters out in another order, so its per-partition state (and
+    DeepSpeed's fp32 partitions) would land on other parameters' entries, silently."""
     from deepspeed_ext.client import StateLayoutError
 
-    saved = saved_zero_stage(load_dir, tag)
-    if saved is None or saved == stage or {saved, stage} <= {1, 2}:
+    config = saved_ds_config(load_dir, tag)
+    saved = None if config is None else zero_stage_of(config)
+    if config is None or saved is None:
+        return
+    was = _round_robin(config)
+    if saved in (1, 2) and stage in (1, 2) and was != round_robin:
+        raise StateLayoutError(
+            f"The checkpoint {load_dir!r} (tag {tag!r}) was written with zero_optimization.round_robin_gradients="
+            f"{str(was).lower()}; this engine runs with {str(round_robin).lower()}. ZeRO-1/2 state is per "
+            "partition and that option changes which entries a partition holds. Resume with "
+            f"round_robin_gradients={str(was).lower()}, or load the module only: "
+            "engine.load_checkpoint(..., load_optimizer_states=False, load_lr_scheduler_states=False).")
+    if saved == stage or {saved, stage} <= {1, 2}:
         return
     if 3 in (saved, stage):
         module_only = ("or start from its weights only (a ZeRO-3 checkpoint's module is partitioned as well: "

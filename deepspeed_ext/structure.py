@@ -16,9 +16,11 @@ Three layouts:
         head [a, r0*c) and tail [r1*c, b)  -> 1-D views (named "<name>[cut]"; ASGO sends 1-D to Adam)
         full rows r0..r1                   -> one (r1-r0, *shape[1:]) view named "<name>"
 
-  A 1-D (or 0-D) parameter's fragment is one 1-D view. Fragment maps come from ``lp._hp_mapping``
-  (ZeRO-1/2 and the BF16 optimizer: ``lp_fragment_address`` inside the parameter, ``hp_fragment_address``
-  inside the flat partition) or, at ZeRO-3, from the sub-group's parameter list: the flat partition is
+  A 1-D (or 0-D) parameter's fragment is one 1-D view. Fragments come, at ZeRO-1/2, from the flat
+  buffer's own layout (``round_robin_bit16_groups`` at ``round_robin_bit16_offsets``, rank ``r`` holding
+  ``[r*P, r*P+P)``; see :func:`_flat_order_segments`), for the BF16 optimizer from ``lp._hp_mapping``
+  (``lp_fragment_address`` inside the parameter, ``hp_fragment_address`` inside the flat partition) or, at
+  ZeRO-3, from the sub-group's parameter list: the flat partition is
   the concatenation of each parameter's ``ds_tensor`` (``partition_numel()`` entries, the last rank
   padded), and rank ``r`` holds ``[r*P, r*P+P) ∩ [0, ds_numel)`` of the parameter.
 
@@ -152,13 +154,43 @@ def _hp_mapping_segments(lp_params: Sequence[Tensor]) -> list[Segment]:
     return segs
 
 
+def _flat_order_segments(zo: Any, group_index: int, flat: Tensor) -> list[Segment]:
+    """ZeRO-1/2: the fragments from the layout of the flat buffer itself. DeepSpeed flattens a group's
+    parameters in ``round_robin_bit16_groups`` order at ``round_robin_bit16_offsets`` (the original order
+    unless ``round_robin_gradients``) and rank ``r`` holds ``[r*P, r*P + P)`` of it. Its per-parameter maps
+    (``lp._hp_mapping``) are linked in the original order where no parameter is padded (DeepSpeed 0.19.8,
+    stage_1_and_2.py ``_link_all_hp_params``), so under round-robin ordering they address other parameters'
+    entries: read from them, ASGO's matrices mixed parameters, silently (3.4e-2 off in 4 steps)."""
+    import torch.distributed as dist
+
+    group = zo.real_dp_process_group[group_index]
+    world, rank = dist.get_world_size(group=group), dist.get_rank(group=group)
+    size = zo.bit16_groups_flat[group_index].numel() // world
+    if size != flat.numel():
+        raise RuntimeError(f"DeepSpeed's flat partition of param group {group_index} holds {flat.numel()} entries; "
+                           f"its flat buffer gives {size} per rank: the layout is not the one this version reads")
+    start, stop = rank * size, (rank + 1) * size
+    params = zo.round_robin_bit16_groups[group_index]
+    # shapes from DeepSpeed's meta copies where it keeps them: an offload may empty a parameter's storage
+    metas = getattr(zo, "round_robin_bit16_meta", None)
+    shapes = [tuple(m.shape) for m in (params if metas is None else metas[group_index])]
+    segs = []
+    for p, shape, offset in zip(params, shapes, zo.round_robin_bit16_offsets[group_index]):
+        first, last = max(offset, start), min(offset + math.prod(shape), stop)
+        if first < last:
+            segs.append(Segment(getattr(p, "_lightning_soaa_name", None), shape, first - offset, first - start,
+                                last - first))
+    return segs
+
+
 def segments_for_flat(zo: Any, group_index: int, flat: Tensor) -> list[Segment]:
-    """The fragments inside one flat partition, read from DeepSpeed's own maps."""
+    """The fragments inside one flat partition, read from DeepSpeed's own layout."""
     if hasattr(zo, "fp32_partitioned_groups_flat"):  # ZeRO-3
         return _zero3_segments(zo, flat)
-    for attr in ("bit16_groups", "bf16_groups"):  # ZeRO-1/2, BF16_Optimizer
-        if hasattr(zo, attr):
-            return _hp_mapping_segments(getattr(zo, attr)[group_index])
+    if hasattr(zo, "round_robin_bit16_groups"):  # ZeRO-1/2
+        return _flat_order_segments(zo, group_index, flat)
+    if hasattr(zo, "bf16_groups"):  # BF16_Optimizer (no reordering)
+        return _hp_mapping_segments(zo.bf16_groups[group_index])
     raise RuntimeError(f"cannot read parameter fragment maps from {type(zo).__name__}")
 
 

@@ -7,7 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.deepspeed._workers import w_checkpoint, w_cross_stage, w_resume_other_world, w_state_dict_one_rank
+from tests.deepspeed._workers import (
+    w_checkpoint,
+    w_cross_stage,
+    w_resume_other_world,
+    w_round_robin_resume,
+    w_state_dict_one_rank,
+)
 from tests.harness.distributed import run_distributed
 
 pytestmark = [pytest.mark.deepspeed, pytest.mark.timeout(240)]
@@ -70,3 +76,22 @@ def test_checkpoint_from_another_zero_stage_names_both_stages(tmp_path):
             assert f"Resume with zero_optimization.stage={saved}" in msg, msg
         assert "load_optimizer_states=False" in r[(2, 0)] and "zero_to_fp32.py" in r[(3, 0)]
         assert r[("module", 0, 2)] == "ok"
+
+
+@pytest.mark.parametrize("opt_type", ["lightning_soaa.ASGO", "lightning_soaa.SOAA"])
+def test_checkpoint_across_a_round_robin_change_is_refused(tmp_path, opt_type):
+    """ZeRO-1/2's ``round_robin_gradients`` changes which entries each flat partition holds, so a checkpoint
+    written with the other setting put its per-partition state (and DeepSpeed's fp32 partitions) on other
+    parameters' entries, silently. Refused before anything is loaded, naming the option and both values; the
+    same setting resumes to the uninterrupted run (both layouts, the structured and the elementwise)."""
+    res = run_distributed(w_round_robin_resume, 2, tmp_path, str(tmp_path / "ckpt"), opt_type, timeout=200)
+    for r in res:
+        for rr in (False, True):
+            resumed, straight = r[(rr, rr)], r[("uninterrupted", rr)]
+            assert not isinstance(resumed, str), resumed
+            assert all(torch.equal(a, b) for a, b in zip(resumed, straight))
+            msg = r[(rr, not rr)]
+            assert msg.startswith("StateLayoutError:"), msg
+            assert (f"written with zero_optimization.round_robin_gradients={str(rr).lower()}; this engine runs "
+                    f"with {str(not rr).lower()}") in msg, msg
+            assert "load_optimizer_states=False" in msg

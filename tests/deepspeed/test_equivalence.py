@@ -72,6 +72,14 @@ def _jobs() -> dict[str, dict]:
                 ref_variants=[dict(dtype="fp32", groups=True)]
                 + [dict(dtype="fp32", groups=True, pieces_from=i) for i in (1, 2, 3)])
         if dtype == "fp32":
+            # ZeRO-1/2's round-robin order of the flat partitions (the structured layout reads its fragments
+            # from the flat buffer's layout; DeepSpeed's per-parameter maps follow the original order)
+            for name, cls in (("ASGO", "ASGO"), ("DASGO", "DASGO")):
+                jobs[f"{name.lower()}-round-robin"] = dict(
+                    cases=[dict(stage=s, dtype="fp32", opt_type=f"lightning_soaa.{name}", groups=True,
+                                round_robin=True) for s in (1, 2)],
+                    opt_path=("lightning_soaa.optim.asgo", cls), opt_params=ASGO_PARAMS, steps=STEPS,
+                    ref_variants=[dict(dtype="fp32", groups=True, pieces_from=i) for i in (0, 1)])
             # ASGO's fused (a DeepSpeed config's {"0.weight": 2}: that 8 x 6 matrix stepped as two 4 x 6 parts),
             # applied by the client to its canonical groups; ZeRO 1-3 refuse it (test_config.py)
             jobs["asgo-fused"] = dict(
@@ -171,6 +179,23 @@ def test_asgo_stage0_equal_and_partitions_follow_documented_layout(results, dtyp
             assert _max_abs(ds["params"], stage0_ref) > 1e-4  # the documented difference is real
     # the 5x8 matrix straddles the ZeRO-1/2 partition edge: some rows are cut
     assert any(p[-1] == "cut" for r in results for p in r[key]["ds"][2]["pieces"])
+
+
+@pytest.mark.parametrize("name", ["asgo", "dasgo"])
+def test_structured_layout_under_round_robin_partitions(results, name):
+    """``round_robin_gradients: true`` at ZeRO-1/2 lays a group's parameters out in the flat buffer in another
+    order ([w0, w2, w1] at W = 2 here) while DeepSpeed 0.19.8 links each parameter's fragment map in the
+    original order where no parameter is padded: the matrices rebuilt from those maps were other parameters'
+    entries (ASGO 3.4e-2 off in 4 steps, silently). The pieces come from the flat buffer's own layout: equal to
+    our sharded run over exactly those pieces, and the pieces are not the ones of the original order."""
+    plain = f"{name}-fp32"
+    for rank_res in results:
+        job = rank_res[f"{name}-round-robin"]
+        for i, stage in enumerate((1, 2)):
+            ds, ref = job["ds"][i], job["ref"][i]
+            _check_calls(ds, stage)
+            assert _max_abs(ds["params"], ref["params"]) <= 1e-6, (name, stage)
+            assert ds["pieces"] != rank_res[plain]["ds"][stage]["pieces"]  # the order did change
 
 
 def test_asgo_fused_from_the_config_equals_asgo_built_with_fused(results):
