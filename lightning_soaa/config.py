@@ -26,6 +26,18 @@ __all__ = [
 ]
 
 
+#: the smallest eps (and adam_eps) allowed: float32's smallest normal number. The eps of a float32 (or bfloat16)
+#: model is added in float32; a smaller one rounds to a subnormal or to 0 there (1e-50 is 0), and a coordinate
+#: whose gradient has been 0 so far is then 0 / 0: NaN written into the parameters (DASGO: into every entry
+#: of the parameter, through its norm). Float64 models are held to the same floor: one rule for every dtype.
+EPS_FLOOR = 1.1754943508222875e-38
+EPS_WHY = "float32's smallest normal number: a smaller eps rounds to 0 in float32, where 0 / (0 + eps) is NaN"
+#: the smallest SOAA d_min: the capped step's knee 1 / (sqrt(bc2) k1), with k1 = d c / bc2, must stay finite
+#: in float32 (and k1 nonzero) at every allowed beta2; at d = 1e-60 it overflowed, 0 * inf wrote NaN into the
+#: trial step and the trust state, and every later step was skipped
+D_MIN_FLOOR = 1e-30
+
+
 def check_range(
     name: str,
     value: Any,
@@ -35,19 +47,21 @@ def check_range(
     lo_inclusive: bool = True,
     hi_inclusive: bool = True,
     lo_from: str | None = None,
+    why: str | None = None,
 ) -> None:
     """Raise ``ValueError`` unless ``value`` is a finite real number in the given interval.
 
     Infinity is never a valid hyperparameter (``lr=inf`` would write inf into the parameters), so an
     open end of the interval is written ``inf)``. ``lo_from`` names the field the lower bound is
-    (``eta2 >= eta1``): "Must be in [0.8, inf)" alone reads as if 0.8 were a constant.
+    (``eta2 >= eta1``): "Must be in [0.8, inf)" alone reads as if 0.8 were a constant; ``why`` says why
+    the bound is what it is where that is not obvious.
     """
     lb = "[" if lo_inclusive and lo is not None else "("
     rb = "]" if hi_inclusive and hi is not None else ")"
     lo_s = "-inf" if lo is None else repr(float(lo))
     hi_s = "inf" if hi is None else repr(float(hi))
     source = f" (the lower bound is {lo_from}={lo!r})" if lo_from is not None else ""
-    allowed = f"Must be in {lb}{lo_s}, {hi_s}{rb}{source}."
+    allowed = f"Must be in {lb}{lo_s}, {hi_s}{rb}{source}" + (f" ({why})." if why else ".")
     # numbers.Real: numpy's scalars too (a LambdaLR whose factor is an np.float32 makes the lr one)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"Invalid {name}={value!r}. {allowed}{_tensor_hint(value)}")
@@ -155,7 +169,7 @@ class AdamWConfig:
         check_range("lr", self.lr, 0.0)
         check_betas("betas", self.betas)
         # > 0: a coordinate whose gradient has been 0 so far is 0 / (0 + eps), NaN at eps = 0
-        check_range("eps", self.eps, 0.0, lo_inclusive=False)
+        check_range("eps", self.eps, EPS_FLOOR, why=EPS_WHY)
         check_range("weight_decay", self.weight_decay, 0.0)
 
 
@@ -285,7 +299,7 @@ class SOAAConfig:
         if self.compile is not None and not isinstance(self.compile, bool):
             raise ValueError(f"Invalid compile={self.compile!r}. Must be True, False or None.")
         # > 0: eps is also the floor of the predicted reduction the trust ratio divides by (p_0 = 0)
-        check_range("eps", self.eps, 0.0, lo_inclusive=False)
+        check_range("eps", self.eps, EPS_FLOOR, why=EPS_WHY)
         check_range("weight_decay", self.weight_decay, 0.0)
         check_range("gamma", self.gamma, 0.0, 1.0, hi_inclusive=False)
         check_choice("band_schedule", self.band_schedule, ("final", "paper"))
@@ -302,7 +316,8 @@ class SOAAConfig:
         check_range("eta2", self.eta2, self.eta1, lo_from="eta1")
         check_range("shrink", self.shrink, 0.0, 1.0, lo_inclusive=False, hi_inclusive=False)
         check_range("expand", self.expand, 1.0)
-        check_range("d_min", self.d_min, 0.0, 1.0, lo_inclusive=False)
+        check_range("d_min", self.d_min, D_MIN_FLOOR, 1.0,
+                    why="the capped step's knee 1 / (sqrt(bc2) d c / bc2) must stay finite in float32")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -357,7 +372,7 @@ class ASGOConfig:
         check_int("root_max_every", self.root_max_every, 1)
         check_int("max_block_size", self.max_block_size, 1)
         check_betas("adam_betas", self.adam_betas)
-        check_range("adam_eps", self.adam_eps, 0.0, lo_inclusive=False)
+        check_range("adam_eps", self.adam_eps, EPS_FLOOR, why=EPS_WHY)
         check_range("adam_weight_decay", self.adam_weight_decay, 0.0)
 
 
@@ -380,9 +395,9 @@ class DASGOConfig:
         check_range("weight_decay", self.weight_decay, 0.0)
         check_range("rms_scale", self.rms_scale, 0.0, lo_inclusive=False)
         # > 0: a coordinate whose gradient has been 0 so far is 0 / (0 + eps), NaN at eps = 0
-        check_range("eps", self.eps, 0.0, lo_inclusive=False)
+        check_range("eps", self.eps, EPS_FLOOR, why=EPS_WHY)
         check_betas("adam_betas", self.adam_betas)
-        check_range("adam_eps", self.adam_eps, 0.0, lo_inclusive=False)
+        check_range("adam_eps", self.adam_eps, EPS_FLOOR, why=EPS_WHY)
         check_range("adam_weight_decay", self.adam_weight_decay, 0.0)
 
 

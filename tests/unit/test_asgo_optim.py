@@ -350,7 +350,9 @@ BAD = [
     (dict(root_every=2.0), "Invalid root_every=2.0. Must be an integer >= 1 or 'auto'."),
     (dict(max_block_size=0), "Invalid max_block_size=0. Must be an integer >= 1."),
     (dict(adam_betas=(1.0, 0.9)), "Invalid adam_betas[0]=1.0. Must be in [0.0, 1.0)."),
-    (dict(adam_eps=-1.0), "Invalid adam_eps=-1.0. Must be in (0.0, inf)."),
+    (dict(adam_eps=-1.0), "Invalid adam_eps=-1.0. Must be in [1.1754943508222875e-38, inf) "
+     "(float32's smallest normal number: a smaller eps rounds to 0 in float32, where 0 / (0 + eps) is NaN)."),
+    (dict(adam_eps=1e-50), "Invalid adam_eps=1e-50. Must be in [1.1754943508222875e-38, inf) "),
     (dict(adam_weight_decay=-1.0), "Invalid adam_weight_decay=-1.0. Must be in [0.0, inf)."),
 ]
 
@@ -362,12 +364,21 @@ def test_bad_hyperparameters(kwargs, msg):
         ASGO([w], **kwargs)
 
 
+def test_an_eps_that_rounds_to_zero_in_float32_is_refused_by_dasgo_not_asgo() -> None:
+    """DASGO's eps is the floor of a float32 denominator: 1e-50 rounds to 0 there and 0 / (0 + eps) was NaN in
+    every entry of the parameter (through its norm). ASGO's eps scales its roots' regularisation (0 allowed)."""
+    w = nn.Parameter(torch.randn(3, 4))
+    with pytest.raises(ValueError, match=re.escape("Invalid eps=1e-50. Must be in [1.1754943508222875e-38, inf)")):
+        DASGO([w], eps=1e-50)
+    ASGO([w], eps=1e-50)
+
+
 @pytest.mark.parametrize("kwargs,msg", [(k, m) for k, m in BAD if set(k) & {"lr", "betas", "weight_decay",
                                         "rms_scale", "eps", "adam_betas", "adam_eps", "adam_weight_decay"}])
 def test_bad_hyperparameters_dasgo(kwargs, msg):
     w = nn.Parameter(torch.randn(3, 4))
-    if "eps" in kwargs:  # DASGO's eps is Adam's denominator floor (> 0), ASGO's the roots' scaling (>= 0)
-        msg = msg.replace("[0.0, inf)", "(0.0, inf)")
+    if "eps" in kwargs:  # DASGO's eps is Adam's denominator floor, ASGO's the roots' scaling (>= 0)
+        msg = msg.replace("[0.0, inf).", "[1.1754943508222875e-38, inf) (float32's smallest normal number")
     with pytest.raises(ValueError, match=re.escape(msg)):
         DASGO([w], **kwargs)
 

@@ -102,7 +102,9 @@ def test_add_param_group_after_construction():
         ({"betas": (0.9, 1.0)}, "Invalid betas[1]=1.0. Must be in [0.0, 1.0)."),
         ({"betas": (1.5, 0.9)}, "Invalid betas[0]=1.5. Must be in [0.0, 1.0)."),
         ({"betas": 0.9}, "Invalid betas=0.9. Must be a pair (beta1, beta2)."),
-        ({"eps": float("nan")}, "Invalid eps=nan. Must be in (0.0, inf)."),
+        ({"eps": float("nan")}, "Invalid eps=nan. Must be in [1.1754943508222875e-38, inf) "
+     "(float32's smallest normal number: a smaller eps rounds to 0 in float32, where 0 / (0 + eps) is NaN)."),
+        ({"eps": 1e-50}, "Invalid eps=1e-50. Must be in [1.1754943508222875e-38, inf) "),
         ({"weight_decay": -0.1}, "Invalid weight_decay=-0.1. Must be in [0.0, inf)."),
     ],
 )

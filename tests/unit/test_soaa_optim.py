@@ -423,7 +423,9 @@ PINNED = [
     (dict(gamma=1.0), "Invalid gamma=1.0. Must be in [0.0, 1.0)."),
     (dict(gamma=-0.1), "Invalid gamma=-0.1. Must be in [0.0, 1.0)."),
     (dict(lr=-1e-3), "Invalid lr=-0.001. Must be in [0.0, inf)."),
-    (dict(eps=float("nan")), "Invalid eps=nan. Must be in (0.0, inf)."),
+    (dict(eps=float("nan")), "Invalid eps=nan. Must be in [1.1754943508222875e-38, inf) "
+     "(float32's smallest normal number: a smaller eps rounds to 0 in float32, where 0 / (0 + eps) is NaN)."),
+    (dict(eps=1e-50), "Invalid eps=1e-50. Must be in [1.1754943508222875e-38, inf) "),
     (dict(weight_decay=-1), "Invalid weight_decay=-1. Must be in [0.0, inf)."),
     (dict(betas=(0.9, 1.0)), "Invalid betas[1]=1.0. Must be in [0.0, 1.0)."),
     (dict(betas=(0.9,)), "Invalid betas=(0.9,). Must be a pair (beta1, beta2)."),
@@ -442,7 +444,8 @@ PINNED = [
     (dict(eta1=0.5, eta2=0.25), "Invalid eta2=0.25. Must be in [0.5, inf) (the lower bound is eta1=0.5)."),
     (dict(shrink=1.0), "Invalid shrink=1.0. Must be in (0.0, 1.0)."),
     (dict(expand=0.5), "Invalid expand=0.5. Must be in [1.0, inf)."),
-    (dict(d_min=0.0), "Invalid d_min=0.0. Must be in (0.0, 1.0]."),
+    (dict(d_min=0.0), "Invalid d_min=0.0. Must be in [1e-30, 1.0] (the capped step's knee"),
+    (dict(d_min=1e-60), "Invalid d_min=1e-60. Must be in [1e-30, 1.0]"),
     (dict(foreach="yes"), "Invalid foreach='yes'. Must be True, False or None."),
 ]
 
