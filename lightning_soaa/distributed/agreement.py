@@ -218,6 +218,11 @@ def construction_digests(optimizer: Any, params: Sequence[Tensor], names: Sequen
     return torch.tensor([_digest(f) for f in fields] + [len(params), int(steps_before_join)], dtype=torch.int64)
 
 
+#: the parameter-count column of a construction row whose rank's constructor raised before the check (it joins
+#: the check to say so: lightning_soaa/optim/construction.py); a real count is >= 0
+CONSTRUCTION_FAILED = -1
+
+
 def check_construction(optimizer: Any, everyone: Tensor, full: bool = True) -> None:
     """Raise the same ``RuntimeError`` on every rank when the gathered construction vectors differ.
 
@@ -228,6 +233,12 @@ def check_construction(optimizer: Any, everyone: Tensor, full: bool = True) -> N
     """
     name = type(optimizer).__name__
     nf = len(CONSTRUCTION_FIELDS)
+    failed = [r for r in range(everyone.shape[0]) if int(everyone[r, nf]) == CONSTRUCTION_FAILED]
+    if failed:
+        raise RuntimeError(
+            f"{name}: the constructor raised on rank(s) {failed} (their own error says why; look for it in their "
+            "output), so the optimizer was built on no rank. An argument or parameter list valid on some ranks "
+            "only is the usual cause: every rank must build the same optimizer.")
     ref = everyone[0]
     si = CONSTRUCTION_FIELDS.index("sharding options")
     odd_sharding = [r for r in range(everyone.shape[0]) if int(everyone[r, si]) != int(ref[si])]

@@ -123,6 +123,7 @@ from lightning_soaa.distributed.stop_vote import StopVote, in_handler_checkpoint
 from lightning_soaa.functional.adamw import increment_counts_
 from lightning_soaa.kernels.raw import cell_values, value_cells
 from lightning_soaa.optim import dcp_state as dcp
+from lightning_soaa.optim.construction import collective_construction
 from lightning_soaa.optim.param_checks import (
     DisjointStorage,
     check_disjoint_storage,
@@ -517,6 +518,15 @@ class ShardedOptimizer(torch.optim.Optimizer):
     #: owner's averaged gradient carries any rank's NaN.
     partials_cover_grads: bool = False
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:  # an error raised on some ranks only reaches every rank (construction.py)
+            cls.__init__ = collective_construction(cls.__dict__["__init__"])  # type: ignore[method-assign]
+
+    def construction_width(self) -> int:
+        """Columns of a rank's row in the construction check (:meth:`_check_same_params_on_all_ranks`)."""
+        return len(agreement.CONSTRUCTION_FIELDS) + 3
+
     def __init__(
         self,
         params: Iterable[Any],
@@ -551,6 +561,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.__dict__.pop("_storage_index", None)  # the constructor's storage check is done (_check_storage)
         self._setup_dtensor(comm, process_group)
+        self._construction_comm = self.comm  # the group the construction check gathers over (construction.py)
         # after the construction check (a collective of every rank): a rank whose sharding options
         # differ must not raise alone before it (the other ranks would wait in it)
         self._build_table()
@@ -940,6 +951,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         mine = agreement.construction_digests(self, params, names, self._unjoined_steps, full=full)
         # the last column: this rank's count of optimizers built over the group (not compared; see below)
         counted = torch.cat([mine, torch.tensor([_built_over(self.comm)], dtype=mine.dtype)])
+        # from here on an error is no longer announced (construction.py): this rank is in the check itself
+        self._construction_gathered = True
         everyone = self.comm.all_gather_flat(counted).view(self.comm.world_size, -1)
         agreement.check_construction(self, everyone[:, :-1], full=full)
         if "_instance_id" not in self.__dict__:  # once: a rebuild (add_param_group) is the same optimizer

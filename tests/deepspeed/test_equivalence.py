@@ -77,9 +77,12 @@ def _jobs() -> dict[str, dict]:
             for name, cls in (("ASGO", "ASGO"), ("DASGO", "DASGO")):
                 jobs[f"{name.lower()}-round-robin"] = dict(
                     cases=[dict(stage=s, dtype="fp32", opt_type=f"lightning_soaa.{name}", groups=True,
-                                round_robin=True) for s in (1, 2)],
+                                round_robin=True) for s in (1, 2)]
+                    # and ZeRO-Offload (the client steps the CPU partitions)
+                    + [dict(stage=2, dtype="fp32", opt_type=f"lightning_soaa.{name}", groups=True, round_robin=True,
+                            offload=True)],
                     opt_path=("lightning_soaa.optim.asgo", cls), opt_params=ASGO_PARAMS, steps=STEPS,
-                    ref_variants=[dict(dtype="fp32", groups=True, pieces_from=i) for i in (0, 1)])
+                    ref_variants=[dict(dtype="fp32", groups=True, pieces_from=i) for i in (0, 1, 2)])
             # ASGO's fused (a DeepSpeed config's {"0.weight": 2}: that 8 x 6 matrix stepped as two 4 x 6 parts),
             # applied by the client to its canonical groups; ZeRO 1-3 refuse it (test_config.py)
             jobs["asgo-fused"] = dict(
@@ -187,14 +190,15 @@ def test_structured_layout_under_round_robin_partitions(results, name):
     order ([w0, w2, w1] at W = 2 here) while DeepSpeed 0.19.8 links each parameter's fragment map in the
     original order where no parameter is padded: the matrices rebuilt from those maps were other parameters'
     entries (ASGO 3.4e-2 off in 4 steps, silently). The pieces come from the flat buffer's own layout: equal to
-    our sharded run over exactly those pieces, and the pieces are not the ones of the original order."""
+    our sharded run over exactly those pieces (also under ZeRO-Offload), and the pieces are not the ones of the
+    original order."""
     plain = f"{name}-fp32"
     for rank_res in results:
         job = rank_res[f"{name}-round-robin"]
-        for i, stage in enumerate((1, 2)):
+        for i, stage in enumerate((1, 2, 2)):
             ds, ref = job["ds"][i], job["ref"][i]
             _check_calls(ds, stage)
-            assert _max_abs(ds["params"], ref["params"]) <= 1e-6, (name, stage)
+            assert _max_abs(ds["params"], ref["params"]) <= 1e-6, (name, stage, i)
             assert ds["pieces"] != rank_res[plain]["ds"][stage]["pieces"]  # the order did change
 
 

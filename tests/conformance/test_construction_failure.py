@@ -1,0 +1,83 @@
+"""A constructor that raises on some ranks only raises on every rank, together (every registered optimizer).
+
+Building an optimizer over a W > 1 group ends in the construction check (an all-gather). A rank whose
+constructor raised before it left the other ranks waiting there until its process exited or the process
+group timed out (NCCL, ``srun`` without ``--kill-on-bad-exit``: minutes). The failing rank now joins the
+check with a failed row before it re-raises: the others raise at once naming it, and the next construction
+on every rank pairs with the next one (nothing left half-built or out of step).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+import torch
+
+from lightning_soaa.registry import FirstArg
+from tests.conformance._battery import SIZES, SPECS, bad_values
+from tests.harness.distributed import run_distributed
+from tests.harness.models import tiny_mlp
+
+pytestmark = pytest.mark.timeout(240)
+
+#: ways a constructor fails on the ranks that fail: a bad hyperparameter (the config's check), a parameter
+#: listed twice (torch's / our storage check inside add_param_group), parameters from a generator
+FAILURES = ("bad hyperparameter", "duplicate parameter", "bad hyperparameter, generator")
+
+
+def _build(spec: Any, failing: bool, how: str) -> Any:
+    model = tiny_mlp(0, torch.float64, SIZES)
+    kwargs = dict(spec.test_kwargs)
+    if spec.first_arg is FirstArg.MODULE:
+        kwargs.setdefault("loss", "mse")
+    if failing and how.startswith("bad hyperparameter"):
+        name, value = next(bad_values(spec))
+        kwargs[name] = value
+    if spec.first_arg is FirstArg.MODULE:
+        first: Any = model
+    elif failing and how == "duplicate parameter":
+        named = list(model.named_parameters())
+        first = named + named[:1]
+    elif how.endswith("generator"):
+        first = ((n, p) for n, p in model.named_parameters())
+    else:
+        first = list(model.named_parameters())
+    return spec.load()(first, **kwargs)
+
+
+def _worker(rank: int, world: int, failing_ranks: list[int]) -> dict[Any, Any]:
+    out: dict[Any, Any] = {}
+    for spec in SPECS:
+        for how in FAILURES:
+            if spec.first_arg is FirstArg.MODULE and how != FAILURES[0]:
+                continue  # EGN takes the module: one way to fail
+            t0 = time.monotonic()
+            try:
+                _build(spec, rank in failing_ranks, how)
+                out[(spec.name, how)] = ("built", time.monotonic() - t0)
+            except Exception as exc:  # noqa: BLE001 - the message is what the test checks
+                out[(spec.name, how)] = (f"{type(exc).__name__}: {exc}", time.monotonic() - t0)
+        # and an agreed construction right after: every rank pairs with the same check again
+        _build(spec, False, FAILURES[0])
+        out[(spec.name, "after")] = "built"
+    return out
+
+
+@pytest.mark.parametrize("world,failing", [(2, [1]), (3, [0, 2]), (2, [0, 1])])
+def test_a_constructor_error_on_some_ranks_is_raised_on_every_rank(tmp_path, world, failing) -> None:
+    res = run_distributed(_worker, world, tmp_path, failing, timeout=200)
+    for rank, got in enumerate(res):
+        for (name, how), value in got.items():
+            if how == "after":
+                assert value == "built"
+                continue
+            msg, seconds = value
+            assert seconds < 30, (rank, name, how, seconds)
+            if rank in failing:  # its own error, unchanged
+                assert msg.startswith("ValueError: Invalid") or "duplicate" in msg.lower() or \
+                    "more than once" in msg or "overlap" in msg, (rank, name, how, msg)
+            elif failing:
+                assert msg.startswith("RuntimeError: ") and f"the constructor raised on rank(s) {failing}" in msg, \
+                    (rank, name, how, msg)
