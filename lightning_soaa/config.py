@@ -194,8 +194,8 @@ class EGNConfig:
         max_solve_retries: Cholesky failures retried with 10·λ this many times (each one counted).
         max_gram_size: memory guard: the largest allowed bc (K is bc×bc); b for a linear model under MSE
             (K = G ⊗ I_c, a b×b solve).
-        jacobian: ``"auto"`` (Gram factors for ``nn.Linear``, explicit per-sample Jacobians for the
-            rest) or ``"explicit"`` (explicit Jacobians everywhere).
+        jacobian: ``"auto"`` (Gram factors for plain ``nn.Linear`` and ``nn.Embedding`` layers, explicit
+            per-sample Jacobians for the rest) or ``"explicit"`` (explicit Jacobians everywhere).
     """
 
     loss: str = "mse"

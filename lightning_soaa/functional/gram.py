@@ -11,6 +11,12 @@ and costs b·c·(d_in + d_out) memory per layer instead of b·c·d_in·d_out for
 trained layer is one whose output is the model's (Δ_i = I: linear regression, a linear probe on a frozen
 network) K is the Kronecker product (AAᵀ + 1) ⊗ I_c (:func:`kronecker_sample_gram`).
 
+An ``nn.Embedding`` (y_t = E[idx_t]) is a Linear without bias whose input is one-hot, so its inputs are kept
+as the T indices per sample (``LinearFactorShape.vocab`` > 0, d_in = 1) and a_it·a_js becomes
+[idx_it == idx_js]: K_emb[(i,k),(j,l)] = Σ_{t,s} [idx_it == idx_js] (δ_ikt·δ_jls) (:func:`embedding_gram`),
+instead of b·c explicit rows of V·d mostly zero columns. Positions holding the padding index get no
+gradient from torch's backward; the capture zeroes their back-signals, so they add nothing here either.
+
 Across ranks the factors travel as one table with a row per sample (:class:`GramLayout`,
 :func:`pack_factor_table`); the rows of all ranks stacked are the global batch's table, from which
 :func:`assemble_gram` builds the same K on every rank.
@@ -30,6 +36,7 @@ __all__ = [
     "GramOperator",
     "LinearFactorShape",
     "assemble_gram",
+    "embedding_gram",
     "factors_to",
     "gram_matvec",
     "jacobian_gram",
@@ -92,6 +99,57 @@ def linear_gram(a: Tensor, delta: Tensor, *, weight: bool = True, bias: bool = T
     return torch.einsum("itjs,iktjls->ikjl", ga, gd).reshape(n, n)
 
 
+def _same_index(idx: Tensor, dtype: torch.dtype) -> Tensor:
+    """[N, N] with 1 where two of the N indices are equal, else 0 (the Gram matrix of their one-hot rows)."""
+    flat = idx.reshape(-1)
+    return (flat[:, None] == flat[None, :]).to(dtype)
+
+
+def embedding_gram(idx: Tensor, delta: Tensor) -> Tensor:
+    """K_ℓ = J_ℓ J_ℓᵀ of one nn.Embedding's table ([b·c, b·c]) from its indices and back-signals.
+
+    Args:
+        idx: [b, T, 1] the looked-up rows (integers, in a floating dtype: the factor table's).
+        delta: [b, c, T, d] back-signals ∂z_ik/∂y_it (zero at padding positions).
+
+    Only pairs of positions that look up the same row meet: K[(i,·),(j,·)] = Σ_{t,s: idx_it = idx_js}
+    Δ_it Δ_jsᵀ. With T = 1 that is (same-index matrix) ⊙ ΔΔᵀ, one GEMM. With T > 1 the P matching pairs
+    are summed block by block (c×c products of d), P·c²·d multiply-adds, when they are few (a large vocabulary:
+    P ≈ b·T), else K is the T² masked GEMMs of the position pairs (a small vocabulary: P → (b·T)²). Either way
+    no b·c × V·d rows and no more than a b·c × b·c temporary; sums are accumulated without atomics (index_put_
+    accumulates by sorting on CUDA), so every rank builds the same bits.
+    """
+    b, c, t, d = delta.shape
+    n = b * c
+    if t == 1:
+        dd = delta.reshape(n, d)
+        return (_same_index(idx, delta.dtype)[:, None, :, None] * (dd @ dd.T).view(b, c, b, c)).reshape(n, n)
+    flat = idx.reshape(-1)
+    same = flat[:, None] == flat[None, :]  # [b·T, b·T], position p = i·T + t
+    if 4 * int(same.sum()) > (t * b) ** 2:  # many repeats: the dense GEMMs are cheaper than small blocks
+        return _gram_by_positions(same.view(b, t, b, t).to(delta.dtype), delta)
+    pairs = same.nonzero()
+    rows = delta.permute(0, 2, 1, 3).reshape(b * t, c, d)  # Δ at each position
+    k = delta.new_zeros(b, b, c, c)
+    step = max(1, b * b)  # pairs per chunk: a temporary of at most (b·c)² numbers
+    for lo in range(0, pairs.shape[0], step):
+        p, q = pairs[lo:lo + step].unbind(1)
+        k.index_put_((p // t, q // t), torch.bmm(rows[p], rows[q].transpose(1, 2)), accumulate=True)
+    return k.permute(0, 2, 1, 3).reshape(n, n)
+
+
+def _gram_by_positions(eq: Tensor, delta: Tensor) -> Tensor:
+    """Σ_{t,s} eq[:, t, :, s] ⊙ Δ_t Δ_sᵀ ([b·c, b·c]; eq [b, T, b, T]): T² GEMMs of b·c × d × b·c."""
+    b, c, t, d = delta.shape
+    n = b * c
+    k = delta.new_zeros(b, c, b, c)
+    for s in range(t):
+        for u in range(t):
+            g = delta[:, :, s].reshape(n, d) @ delta[:, :, u].reshape(n, d).T
+            k.addcmul_(g.view(b, c, b, c), eq[:, s, :, u].reshape(b, 1, b, 1))
+    return k.reshape(n, n)
+
+
 def jacobian_gram(rows: Tensor) -> Tensor:
     """K = J Jᵀ from explicit rows [b·c, n]."""
     return rows @ rows.T
@@ -100,13 +158,17 @@ def jacobian_gram(rows: Tensor) -> Tensor:
 # ---------------------------------------------------------------------- the gathered factor table
 @dataclasses.dataclass(frozen=True)
 class LinearFactorShape:
-    """One factored Linear as the table sees it: positions per sample T, widths, trained parameters."""
+    """One factored Linear as the table sees it: positions per sample T, widths, trained parameters.
+
+    ``vocab`` > 0: an nn.Embedding with that many rows (weight only, d_in = 1): its A holds the T looked-up
+    indices per sample, exact in float64 and, as EGN plans it (vocab ≤ 2²⁴), in float32 too."""
 
     positions: int
     d_in: int
     d_out: int
     weight: bool = True
     bias: bool = True
+    vocab: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,7 +294,12 @@ def assemble_gram(layout: GramLayout, factors: GramFactors, *, lower_only: bool 
     for s, (a, delta) in zip(layout.sites, factors.linear):
         if not s.positions or not (s.weight or s.bias):
             continue
-        if s.positions == 1:
+        if s.vocab and s.positions == 1:  # the equality of the indices in place of AAᵀ (no bias)
+            _add_linear_gram_t1(k, a[:, 0], delta[:, :, 0], blocks, weight=True, bias=False,
+                                ga=_same_index(a, k.dtype))
+        elif s.vocab:
+            k += embedding_gram(a, delta)
+        elif s.positions == 1:
             _add_linear_gram_t1(k, a[:, 0], delta[:, :, 0], blocks, weight=s.weight, bias=s.bias)
         else:
             k += linear_gram(a, delta, weight=s.weight, bias=s.bias)
@@ -255,6 +322,8 @@ def kronecker_sample_gram(layout: GramLayout, factors: GramFactors) -> Tensor | 
         return None
     site, (a, delta) = layout.sites[0], factors.linear[0]
     b, c = int(factors.outputs.shape[0]), layout.num_outputs
+    if site.vocab:  # an embedding's A holds indices, not inputs: a·a would be their product (the general solve)
+        return None
     if site.positions != 1 or site.d_out != c or not (site.weight or site.bias) or delta.shape[1] != c:
         return None
     if factors.identity != 0:
@@ -271,14 +340,14 @@ def kronecker_sample_gram(layout: GramLayout, factors: GramFactors) -> Tensor | 
 
 
 def _add_linear_gram_t1(k: Tensor, a: Tensor, delta: Tensor, blocks: list[tuple[int, int]], *, weight: bool,
-                        bias: bool) -> None:
+                        bias: bool, ga: Tensor | None = None) -> None:
     """k += (AAᵀ + 1) ⊙ (ΔΔᵀ) for one position per sample (a [b, d_in], delta [b, c, d_out]), in place, on
     the row blocks ``blocks`` (block [i0, i1) against the columns of samples [0, i1)): per block one GEMM
-    over d_out and one fused broadcast multiply-add, so no n×n temporary besides that block of ΔΔᵀ."""
+    over d_out and one fused broadcast multiply-add, so no n×n temporary besides that block of ΔΔᵀ.
+    ``ga``: the b×b sample Gram in place of AAᵀ (+ 1) (an embedding's index equality)."""
     b, c, d_out = delta.shape
     dd = delta.reshape(b * c, d_out)
-    ga = None
-    if weight:
+    if ga is None and weight:
         ga = a @ a.T
         if bias:
             ga += 1.0
@@ -340,6 +409,20 @@ def _per_sample_apply(delta: Tensor, h: Tensor) -> Tensor:
     return torch.bmm(h.unsqueeze(1), delta.transpose(1, 2)).squeeze(1)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Lookups:
+    """An embedding site's N looked-up indices as positions among the batch's distinct ones (``rows`` of them):
+    its table-shaped products then need U ≤ N rows, not the table's V."""
+
+    inverse: Tensor  # [N] int64
+    rows: int
+
+    @staticmethod
+    def of(idx: Tensor) -> _Lookups:
+        uniq, inv = torch.unique(idx.reshape(-1), return_inverse=True)
+        return _Lookups(inv, int(uniq.numel()))
+
+
 class GramOperator:
     """x ↦ K x = J (Jᵀ x) from the factors without forming K, set up once per system and then applied
     many times (the conjugate-gradient solve applies it once per iteration).
@@ -356,18 +439,21 @@ class GramOperator:
         self.b = int(factors.outputs.shape[0])
         self.c = rows_per_sample(layout, factors)
         b, c = self.b, self.c
-        t1: list[tuple[LinearFactorShape, Tensor, Tensor]] = []  # (site, A [b, d_in], Δ [b, c, d_out])
-        # (site, A, Δ [b, c, T·d_out] or None: the identity site, whose products with Δ are copies)
-        self.multi: list[tuple[LinearFactorShape, Tensor, Tensor | None]] = []
+        # (site, A [b, d_in] or an embedding's _Lookups, Δ [b, c, d_out])
+        t1: list[tuple[LinearFactorShape, Tensor | _Lookups, Tensor]] = []
+        # (site, A [b·T, d_in] or _Lookups, Δ [b, c, T·d_out] or None: the identity site, whose products with Δ
+        # are copies)
+        self.multi: list[tuple[LinearFactorShape, Tensor | _Lookups, Tensor | None]] = []
         for i, (s, (a, delta)) in enumerate(zip(layout.sites, factors.linear)):
             if not s.positions or not (s.weight or s.bias):
                 continue
+            inputs = _Lookups.of(a) if s.vocab else a.reshape(b * s.positions, s.d_in)
             if s.positions == 1 and concat:
-                t1.append((s, a.reshape(b, s.d_in), delta.reshape(b, c, s.d_out)))
+                t1.append((s, inputs, delta.reshape(b, c, s.d_out)))
             elif i == factors.identity and s.weight:  # with a weight, h below is a new tensor (summed into)
-                self.multi.append((s, a, None))
+                self.multi.append((s, inputs, None))
             else:
-                self.multi.append((s, a, delta.reshape(b, c, s.positions * s.d_out)))
+                self.multi.append((s, inputs, delta.reshape(b, c, s.positions * s.d_out)))
         self.t1_sites = [(s, a) for s, a, _ in t1]
         self.t1_widths = [s.d_out for s, _, _ in t1]
         self.t1_delta = torch.cat([d for _, _, d in t1], dim=2) if t1 else None  # [b, c, Σ d_out]
@@ -388,12 +474,11 @@ class GramOperator:
             h = hs[0] if len(hs) == 1 else torch.cat(hs, dim=1)
             parts.append(_per_sample_apply(self.t1_delta, h))
         for s, a, d3 in self.multi:
-            a2 = a.reshape(b * s.positions, s.d_in)
             if d3 is None:  # the identity site (T = 1, d_out = c): Δᵀu = u and Δh = h
-                parts.append(self._through_weight(s, a2, uu))
+                parts.append(self._through_weight(s, a, uu))
                 continue
             m = torch.bmm(uu.unsqueeze(1), d3).reshape(b * s.positions, s.d_out)
-            h = self._through_weight(s, a2, m)
+            h = self._through_weight(s, a, m)
             parts.append(_per_sample_apply(d3, h.reshape(b, s.positions * s.d_out)))
         if self.rows is not None:
             parts.append((self.rows @ (self.rows.T @ u)).reshape(b, c))
@@ -405,9 +490,14 @@ class GramOperator:
         return out.reshape(-1)
 
     @staticmethod
-    def _through_weight(s: LinearFactorShape, a: Tensor, m: Tensor) -> Tensor:
+    def _through_weight(s: LinearFactorShape, a: Tensor | _Lookups, m: Tensor) -> Tensor:
         """h = J_ℓ(J_ℓᵀ ·) read at the layer output: a (mᵀa)ᵀ through the weight plus Σ m through the bias,
-        for inputs a [N, d_in] and signals m [N, d_out]."""
+        for inputs a [N, d_in] and signals m [N, d_out]. An embedding's Jᵀ· is the table-shaped sum of m into
+        the looked-up rows (over the distinct ones only), and J of it reads those rows back."""
+        if isinstance(a, _Lookups):
+            # (index_put_ accumulates without atomics on CUDA: the same bits on every rank, unlike index_add_)
+            table = m.new_zeros(a.rows, m.shape[1]).index_put_((a.inverse,), m, accumulate=True)
+            return table[a.inverse]
         if s.weight:
             return torch.addmm(m.sum(dim=0), a, a.T @ m) if s.bias else a @ (a.T @ m)
         return m.sum(dim=0).expand_as(m)

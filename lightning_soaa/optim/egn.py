@@ -40,6 +40,7 @@ from lightning_soaa.optim.egn_capture import (
     changed_site,
     checked_explicit_rows,
     plan_curvature,
+    site_params,
 )
 from lightning_soaa.optim.egn_chain import ChainCapture, grad_off, plan_chain
 from lightning_soaa.optim.egn_places import ParamPlaces, replaced_message
@@ -480,7 +481,8 @@ class EGN(ShardedOptimizer):
        holds it (so does 0's first): a rank that steps another optimizer first meets it and both raise.
     2. ``all_gather_flat`` (``_gather_factors``) of one padded float64 buffer per rank (the factor table
        of :mod:`lightning_soaa.functional.gram`): outputs z, targets, each factored
-       Linear's inputs A and back-signals Δ, and the explicit Jacobian rows of the other parameters
+       Linear's inputs A (an Embedding's indices) and back-signals Δ, and the explicit Jacobian rows of the
+       other parameters
        (≈ b·(2c + Σ_ℓ T_ℓ(d_in + c·d_out) + c·n_rest) numbers in total). Every rank builds the same
        global r, Q and SᵀKS and solves the same bc×bc system (b(c−1) for cross-entropy; ``_solve``). A
        single process skips this gather (there is nothing to exchange) and uses its factors directly.
@@ -686,8 +688,7 @@ class EGN(ShardedOptimizer):
         model, cfg = self.model, self.config
         self._sites, self._explicit = plan_curvature(model, self._trainable, cfg.jacobian)
         # per site its trained (weight, bias) tensors, read once: Module.__getattr__ costs per lookup
-        self._site_params = [(s.module.weight if s.weight else None, s.module.bias if s.bias else None)
-                             for s in self._sites]
+        self._site_params = [site_params(s) for s in self._sites]
         # and their positions among EGN's parameters (positions, not ids: they survive copies and pickles)
         index_of = {id(p): i for i, (_, p) in enumerate(self._named)}
         self._site_index = [(None if w is None else index_of[id(w)], None if b is None else index_of[id(b)])
@@ -734,9 +735,12 @@ class EGN(ShardedOptimizer):
             raise RuntimeError(replaced_message(*bad, dtensor_refusal=str(self._dtensor_refusal())))
         path = changed_site(self._sites)
         if path is not None:
+            embedding = any(s.vocab for s in self._sites if s.path == path)
+            kind, formula = ("Embedding", "E[idx]") if embedding else ("Linear", "x Wᵀ + b")
             raise RuntimeError(
-                f"EGN: the nn.Linear {path!r} no longer computes x Wᵀ + b with nn.Linear's own forward (its forward "
-                "was replaced on the instance, its class changed, or a parametrization was added) since EGN was "
+                f"EGN: the nn.{kind} {path!r} no longer computes {formula} with nn.{kind}'s own forward (its forward "
+                "was replaced on the instance, its class changed, a parametrization was added, or an embedding's "
+                "max_norm, scale_grad_by_freq or sparse was set) since EGN was "
                 "built, and EGN takes that layer's Jacobian from the plain formula: its step would be wrong. Build "
                 "EGN after changing the model (e.g. after accelerate's hooks or a wrapper), or pass "
                 "jacobian='explicit'.")
@@ -1223,8 +1227,9 @@ class EGN(ShardedOptimizer):
 
     def _warn_dense_rows(self, z: Tensor) -> None:
         """Say once when the explicit rows will be large: they are dense [b, c, n] tensors (made twice),
-        so a trained nn.Embedding of 3.2M entries took +4.9 GB a step at b = 16, c = 8 (its rows are almost
-        all zeros), and a larger one was killed for memory with no message."""
+        so a trained nn.Embedding of 3.2M entries took +4.9 GB a step at b = 16, c = 8 when embeddings had
+        explicit rows (almost all zeros; a plain one now has index factors), and a larger one was killed for
+        memory with no message."""
         if self.__dict__.get("_warned_dense_rows"):
             return
         params = [self._trainable[n] for n in self._explicit]
@@ -1234,11 +1239,11 @@ class EGN(ShardedOptimizer):
             return
         self._warned_dense_rows = True
         log.warning(
-            "EGN: %d trained parameter(s) have no Gram factors (only nn.Linear layers are factored), e.g. %r, "
-            "%d elements in all: their per-sample Jacobians are dense, about %.1f GiB a step at this batch (%d "
-            "samples x %d outputs). An embedding's are almost all zeros. If memory runs out, freeze them or train "
-            "them with another optimizer. Logged once.", len(params), self._explicit[0], numel, need / 2**30,
-            z.shape[0], z.shape[1])
+            "EGN: %d trained parameter(s) have no Gram factors (only plain nn.Linear and nn.Embedding layers are "
+            "factored), e.g. %r, %d elements in all: their per-sample Jacobians are dense, about %.1f GiB a step at "
+            "this batch (%d samples x %d outputs). A tied embedding's are almost all zeros. If memory runs out, "
+            "freeze them or train them with another optimizer. Logged once.", len(params), self._explicit[0], numel,
+            need / 2**30, z.shape[0], z.shape[1])
 
     def _explicit_rows(self, cap: LinearCapture, xs: tuple[Tensor, ...], z: Tensor) -> str | None:
         """The explicit Jacobian rows onto ``cap``, checked against the batch's forward; the error, if any."""
@@ -1258,15 +1263,16 @@ class EGN(ShardedOptimizer):
                             "jacobian='explicit' takes every trained parameter's Jacobian that way: use "
                             "jacobian='auto', or run the forward without them."
                             if self.config.jacobian == "explicit" else
-                            "EGN needs explicit Jacobians for the trained parameters that are not an "
-                            f"nn.Linear's weight or bias ({self._explicit[0]!r}"
+                            "EGN needs explicit Jacobians for the trained parameters that are not a plain "
+                            f"nn.Linear's weight or bias or nn.Embedding's table ({self._explicit[0]!r}"
                             f"{' and others' if len(self._explicit) > 1 else ''}): freeze those, or run the "
                             "forward without them."))
             return (f"EGN: the explicit per-sample Jacobians failed: {type(exc).__name__}: {exc}. EGN takes them "
                     "with torch.func (vmap of jacrev over one-sample batches); modules that do not support it "
                     "(e.g. nn.GRU, nn.LSTM) cannot be trained by EGN, nor can a forward that draws random numbers "
                     "itself (F.dropout) when some parameter needs these explicit Jacobians (one that is not a "
-                    "Linear's weight or bias: an embedding, a norm's scale, a raw nn.Parameter). Here: "
+                    "plain Linear's weight or bias or Embedding's table: a norm's scale, an EmbeddingBag, a tied "
+                    "embedding, a raw nn.Parameter). Here: "
                     f"{', '.join(repr(n) for n in self._explicit[:4])}"
                     f"{' and others' if len(self._explicit) > 4 else ''} (freeze them to train the rest with EGN).")
         # detached: the rows are built from the live (trainable) factored parameters, so autograd would
@@ -1425,7 +1431,7 @@ class EGN(ShardedOptimizer):
         c = batch.c
         layout = GramLayout(
             num_outputs=c, class_targets=self.config.loss == "cross_entropy",
-            sites=tuple(LinearFactorShape(t, s.module.in_features, s.module.out_features, s.weight, s.bias)
+            sites=tuple(LinearFactorShape(t, *s.widths(), s.weight, s.bias, vocab=s.vocab)
                         for s, t in zip(self._sites, batch.positions)),
             rest=sum(self._trainable[n].numel() for n in self._explicit),
         )
@@ -1572,7 +1578,8 @@ class EGN(ShardedOptimizer):
     def _vjp(self, batch: _Batch, cot: Tensor) -> list[Tensor | None]:
         """Jᵀu for this rank's samples (u = ``cot`` [b_r, c]) from the captured factors, without a backward
         pass: per Linear, Σ_{i,t} m_it ⊗ [a_it; 1] with m_it = Σ_k u_ik δ_ikt (one batched GEMM over the
-        samples, then one GEMM over b·T), and J_restᵀu from the explicit rows for the other parameters."""
+        samples, then one GEMM over b·T); per Embedding, m_it summed into the table's rows idx_it (a [V, d]
+        tensor, the weight's shape); and J_restᵀu from the explicit rows for the other parameters."""
         b, c = cot.shape
         grads: dict[int, Tensor] = {}
         for i, ((weight, bias), (a, delta)) in enumerate(zip(self._site_params, batch.local_factors)):
@@ -1581,7 +1588,10 @@ class EGN(ShardedOptimizer):
                 m = cot
             else:
                 m = torch.bmm(cot.unsqueeze(1), delta.reshape(b, c, t * d_out)).reshape(b * t, d_out)
-            if weight is not None:
+            if weight is not None and self._sites[i].vocab:  # an embedding: m_it summed into the rows idx_it
+                rows = (a.reshape(-1).long(),)  # (index_put_: no atomics on CUDA, unlike index_add_)
+                grads[id(weight)] = torch.zeros_like(weight).index_put_(rows, _as(m, weight.dtype), accumulate=True)
+            elif weight is not None:
                 grads[id(weight)] = _as(m.T @ a.reshape(b * t, d_in), weight.dtype)
             if bias is not None:
                 grads[id(bias)] = _as(m.sum(dim=0), bias.dtype)
@@ -1608,15 +1618,17 @@ class EGN(ShardedOptimizer):
 
     def _jvp(self, batch: _Batch, d_full: list[Tensor]) -> Tensor:
         """J·d for this rank's samples [b_r, c] from the captured factors: the adjoint of :meth:`_vjp`. Per
-        Linear, Σ_t δ_it·(dW a_it + db); for the other parameters, the explicit rows times d. The factors
-        are the J the system was built from, so no forward-mode pass is needed (torch's forward-mode AD
-        lacks ops that the capture handles, e.g. nn.EmbeddingBag, torch.cdist)."""
+        Linear, Σ_t δ_it·(dW a_it + db); per Embedding, Σ_t δ_it·dE[idx_it]; for the other parameters, the
+        explicit rows times d. The factors are the J the system was built from, so no forward-mode pass is
+        needed (torch's forward-mode AD lacks ops that the capture handles, e.g. nn.EmbeddingBag, torch.cdist)."""
         b, c = batch.b_r, batch.c
         jd = torch.zeros(b, c, dtype=batch.z.dtype, device=batch.z.device)
-        for (i_w, i_b), (a, delta) in zip(self._site_index, batch.local_factors):
+        for site, (i_w, i_b), (a, delta) in zip(self._sites, self._site_index, batch.local_factors):
             t, d_out = a.shape[1], delta.shape[3]
             u = torch.zeros(b, t, d_out, dtype=delta.dtype, device=delta.device)  # dW a_it + db
-            if i_w is not None:
+            if i_w is not None and site.vocab:  # an embedding: the rows idx_it of dE
+                u = u + _as(d_full[i_w], delta.dtype)[a.reshape(b, t).long()]
+            elif i_w is not None:
                 u = u + a @ _as(d_full[i_w], a.dtype).T
             if i_b is not None:
                 u = u + _as(d_full[i_b], a.dtype)

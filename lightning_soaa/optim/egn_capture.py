@@ -1,7 +1,7 @@
-"""What EGN needs from a module: per-layer Gram factors for ``nn.Linear`` and explicit per-sample
-Jacobians (torch.func) for every other trainable parameter. No communication here.
+"""What EGN needs from a module: per-layer Gram factors for ``nn.Linear`` and ``nn.Embedding`` and explicit
+per-sample Jacobians (torch.func) for every other trainable parameter. No communication here.
 
-* :func:`plan_curvature` decides, once, which parameters go through Linear factors and which through
+* :func:`plan_curvature` decides, once, which parameters go through layer factors and which through
   explicit Jacobians.
 * :class:`LinearCapture` records each factored Linear's input ``a`` (forward hook) and hands back a copy
   of its output so the back-signals δ = ∂z/∂y can be read with ``torch.autograd.grad`` even when a later
@@ -34,15 +34,37 @@ __all__ = ["LinearSite", "plan_curvature", "LinearCapture", "checked_back_signal
            "explicit_jacobian_rows", "changed_site"]
 
 
+#: an nn.Embedding with more rows than this keeps explicit Jacobians: its indices travel in the factor table,
+#: which a float32 solve (solve_dtype="model", or the float32 factorization of a mixed solve) holds exactly
+#: only up to 2²⁴
+MAX_FACTORED_ROWS = 1 << 24
+
+
 @dataclasses.dataclass
 class LinearSite:
-    """One factored ``nn.Linear``: its module and which of its parameters are trained."""
+    """One factored ``nn.Linear`` or ``nn.Embedding``: its module and which of its parameters are trained
+    (an embedding's: its weight, the table)."""
 
     path: str
-    module: nn.Linear
+    module: nn.Linear | nn.Embedding
     weight: bool
     bias: bool
     param_names: tuple[str, ...]
+
+    @property
+    def vocab(self) -> int:
+        """The table's rows for an embedding (its factor A holds indices), 0 for a Linear."""
+        m = self.module
+        return m.num_embeddings if isinstance(m, nn.Embedding) else 0
+
+    def widths(self) -> tuple[int, int]:
+        """(d_in, d_out) of the factors: an embedding's input is its index, one number per position."""
+        m = self.module
+        return (1, m.embedding_dim) if isinstance(m, nn.Embedding) else (m.in_features, m.out_features)
+
+    @property
+    def kind(self) -> str:
+        return type(self.module).__name__
 
 
 def _own_linear_forward(m: nn.Linear) -> bool:
@@ -54,14 +76,30 @@ def _own_linear_forward(m: nn.Linear) -> bool:
             and not parametrize.is_parametrized(m))
 
 
+def _own_embedding_forward(m: nn.Embedding) -> bool:
+    """Whether calling ``m`` is the plain lookup ``E[idx]`` whose Jacobian the index factors describe:
+    ``nn.Embedding.forward`` (as for a Linear, :func:`_own_linear_forward`), no ``max_norm`` (the forward then
+    renormalises the looked-up rows in place), no ``scale_grad_by_freq`` (the backward rescales by the
+    batch's counts) and not ``sparse`` (EGN refuses the three for a trained table; checked here too, so the
+    plan never rests on them)."""
+    return (type(m).forward is nn.Embedding.forward and "forward" not in m.__dict__
+            and not parametrize.is_parametrized(m) and m.max_norm is None and not m.scale_grad_by_freq
+            and not m.sparse)
+
+
+def _own_forward(m: nn.Module) -> bool:
+    return _own_embedding_forward(m) if isinstance(m, nn.Embedding) else _own_linear_forward(m)  # type: ignore[arg-type]
+
+
 def changed_site(sites: list[LinearSite]) -> str | None:
-    """The path of the first factored Linear that no longer computes ``x Wᵀ + b`` itself, else None.
+    """The path of the first factored layer that no longer computes ``x Wᵀ + b`` (an embedding: ``E[idx]``)
+    itself, else None.
 
     The plan is made once: a forward replaced on the instance after EGN was built (accelerate's
     ``add_hook_to_module``/``cpu_offload``, a scaling or casting wrapper) or a class swapped to a subclass
     left EGN stepping on the plain layer's Jacobian (0.19 off the true Gauss-Newton step)."""
     for site in sites:
-        if not _own_linear_forward(site.module):
+        if not _own_forward(site.module):
             return site.path
     return None
 
@@ -75,6 +113,9 @@ def plan_curvature(model: nn.Module, trainable: dict[str, Tensor],
     is not an ``nn.MultiheadAttention``'s ``out_proj``: that module passes ``out_proj.weight`` and ``.bias``
     to ``F.multi_head_attention_forward`` and never calls the Linear, so no hook would see it (the guard
     refused such a model under "auto"); its parameters get explicit Jacobians, as under "explicit".
+    An ``nn.Embedding`` is factored on the same terms (:func:`_own_embedding_forward`, its table owned by it
+    alone: a tied table, e.g. a language model's head, keeps explicit rows) with at most
+    :data:`MAX_FACTORED_ROWS` rows.
     """
     owners: dict[int, int] = {}
     for _, m in model.named_modules(remove_duplicate=True):
@@ -99,18 +140,24 @@ def plan_curvature(model: nn.Module, trainable: dict[str, Tensor],
             names = tuple(by_id[id(p)] for p in ps if id(p) in by_id)
             sites.append(LinearSite(path, m, w, bb, names))
             factored.update(names)
+        for path, m in model.named_modules(remove_duplicate=True):
+            if (isinstance(m, nn.Embedding) and _own_embedding_forward(m) and owners.get(id(m.weight), 0) == 1
+                    and id(m.weight) in by_id and m.num_embeddings <= MAX_FACTORED_ROWS):
+                sites.append(LinearSite(path, m, True, False, (by_id[id(m.weight)],)))
+                factored.add(by_id[id(m.weight)])
     explicit = [n for n in trainable if n not in factored]
     return sites, explicit
 
 
 def site_params(site: LinearSite) -> tuple[Tensor | None, Tensor | None]:
-    """(weight, bias) of a factored Linear, None where that one is not trained."""
+    """(weight, bias) of a factored layer, None where that one is not trained (an embedding has no bias)."""
     m = site.module
-    return (m.weight if site.weight else None, m.bias if site.bias else None)
+    return (m.weight if site.weight else None, m.bias if site.bias and isinstance(m, nn.Linear) else None)
 
 
 class LinearCapture:
-    """Forward hooks that record (input, output) of each factored Linear for one forward pass."""
+    """Forward hooks that record (input, output) of each factored Linear or Embedding for one forward pass
+    (an embedding's input: its indices, as float64)."""
 
     #: no site's back-signal is known to be the identity here (a chain capture knows its last Linear's)
     identity_site = -1
@@ -128,7 +175,7 @@ class LinearCapture:
         self.rows: Tensor | None = None
 
     def __enter__(self) -> LinearCapture:
-        self.guard = OwnUseGuard([(s.path, site_params(s)) for s in self.sites])
+        self.guard = OwnUseGuard([(s.path, site_params(s)) for s in self.sites], [s.kind for s in self.sites])
         for i, site in enumerate(self.sites):
             self._handles.append(site.module.register_forward_pre_hook(self._enter_hook(i)))
             # first among the layer's forward hooks: ours sees the layer's own output x Wᵀ + b and hands
@@ -157,39 +204,41 @@ class LinearCapture:
     def _hook(self, i: int) -> Callable[..., Tensor | None]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Tensor) -> Tensor | None:
             a = args[0] if args else kwargs.get("input")  # Linear.forward(input): positional or by keyword
+            site = self.sites[i]
             # (inside the layer's own bracket: the check below reads its parameters)
             changed = (self._global_hooks and isinstance(a, Tensor)
-                       and not _is_layer_output(self.sites[i].module, a, output))
+                       and not _is_layer_output(site.module, a, output))
             self.guard.leave(i)
             if self.guard.misuse is not None:  # the cause (e.g. a swapped parameter under torch.vmap, where the
                 return None  # output then needs no grad): the errors below would name a consequence
             if not isinstance(a, Tensor):
                 self.error = self.error or (
-                    f"EGN: the Linear layer {self.sites[i].path!r} was called without an input tensor.")
+                    f"EGN: the {site.kind} layer {site.path!r} was called without an input tensor.")
                 return None
-            if a.dim() < 2 or a.shape[0] != self.batch_size:
+            # an embedding's input has no feature dimension: [b] indices are one position per sample
+            if a.dim() < (1 if site.vocab else 2) or a.shape[0] != self.batch_size:
                 self.error = self.error or (
-                    f"EGN: the Linear layer {self.sites[i].path!r} received an input of shape "
+                    f"EGN: the {site.kind} layer {site.path!r} received an input of shape "
                     f"{tuple(a.shape)} whose first dimension is not the batch size {self.batch_size}; "
                     "per-layer Gram factors need per-sample inputs. Use jacobian='explicit'."
                 )
                 return None
             if not output.requires_grad:  # no graph to read its back-signals from
                 self.error = self.error or (
-                    f"EGN: the Linear layer {self.sites[i].path!r} was called with gradients disabled inside "
+                    f"EGN: the {site.kind} layer {site.path!r} was called with gradients disabled inside "
                     "the model's forward (torch.no_grad, or a reentrant torch.utils.checkpoint); its Gram "
                     "factors need the call's graph. Under torch.utils.checkpoint pass use_reentrant=False (EGN's "
-                    "default jacobian='auto' supports it where every trained parameter is an nn.Linear's weight "
-                    "or bias; explicit Jacobians (jacobian='explicit', or any other trained parameter) support "
-                    "no checkpoint regions); "
+                    "default jacobian='auto' supports it where every trained parameter is a plain nn.Linear's "
+                    "weight or bias or nn.Embedding's table; explicit Jacobians (jacobian='explicit', or any "
+                    "other trained parameter) support no checkpoint regions); "
                     "for a layer run under torch.no_grad, jacobian='explicit'.")
                 return None
-            weight = getattr(self.sites[i].module, "weight", None)
+            weight = getattr(site.module, "weight", None)
             if not changed and isinstance(weight, Tensor) and output.dtype != weight.dtype:
                 # autocast inside the model's forward (accelerate's mixed_precision replaces model.forward
                 # with an autocast wrapper): the Gram factors would pair bf16 signals with fp32 ones
                 self.error = self.error or (
-                    f"EGN: the Linear layer {self.sites[i].path!r} computed in {output.dtype} while its weight "
+                    f"EGN: the {site.kind} layer {site.path!r} computed in {output.dtype} while its weight "
                     f"is {weight.dtype}: the model's forward runs under autocast (torch.autocast inside "
                     "forward, or a wrapper that replaced model.forward, e.g. accelerate's mixed_precision). "
                     "EGN's forwards need the parameters' dtype: run without mixed precision, or convert the "
@@ -198,12 +247,17 @@ class LinearCapture:
             if changed:
                 self.error = self.error or (
                     f"EGN: a global forward hook (torch.nn.modules.module.register_module_forward_hook) changed "
-                    f"the output of the Linear layer {self.sites[i].path!r}; its Gram factors need the layer's "
+                    f"the output of the {site.kind} layer {site.path!r}; its Gram factors need the layer's "
                     "own output. Remove the hook or use jacobian='explicit'.")
                 return None
             # Cloned: a later in-place op on the input must not change the recorded factor.
-            # (positions T from the shape, not -1: a rank's batch may be empty)
-            self.inputs[i].append(a.detach().reshape(self.batch_size, _positions(a), a.shape[-1]).clone())
+            # (positions T from the shape, not -1: a rank's batch may be empty; an embedding's indices as
+            # float64, the factor table's dtype, exact below 2⁵³)
+            if site.vocab:
+                self.inputs[i].append(a.detach().reshape(self.batch_size, math.prod(a.shape[1:]), 1)
+                                      .to(torch.float64, copy=True))
+            else:
+                self.inputs[i].append(a.detach().reshape(self.batch_size, _positions(a), a.shape[-1]).clone())
             self.outputs[i].append(output)
             # Downstream layers see a copy, so in-place ops after this layer cannot rewrite the tensor
             # that the back-signals are read from.
@@ -222,17 +276,24 @@ class LinearCapture:
         for i, site in enumerate(self.sites):
             m = site.module
             dt, dev = m.weight.dtype, m.weight.device
+            d_in, d_out = site.widths()
             if not self.inputs[i]:
-                out.append((torch.zeros(b, 0, m.in_features, dtype=dt, device=dev),
-                            torch.zeros(b, c, 0, m.out_features, dtype=dt, device=dev)))
+                out.append((torch.zeros(b, 0, d_in, dtype=torch.float64 if site.vocab else dt, device=dev),
+                            torch.zeros(b, c, 0, d_out, dtype=dt, device=dev)))
                 continue
             a = torch.cat(self.inputs[i], dim=1)
             ds = []
             for y in self.outputs[i]:
                 g = next(flat)
                 g = torch.zeros(c, *y.shape, dtype=y.dtype, device=y.device) if g is None else g
-                ds.append(g.reshape(c, b, _positions(y), m.out_features).transpose(0, 1))
-            out.append((a, torch.cat(ds, dim=2)))
+                ds.append(g.reshape(c, b, _positions(y), d_out).transpose(0, 1))
+            delta = torch.cat(ds, dim=2)
+            pad = getattr(m, "padding_idx", None)
+            if site.vocab and pad is not None:
+                # torch's backward gives the padding row no gradient: those positions are not in J (exact zeros,
+                # not δ·0, so a non-finite δ there cannot leak into K)
+                delta = delta.masked_fill((a[:, None, :, :] == pad), 0.0)
+            out.append((a, delta))
         return out
 
     def flat_outputs(self) -> list[Tensor]:
@@ -254,11 +315,14 @@ class LinearCapture:
         return self._factors
 
 
-def _is_layer_output(m: nn.Linear, a: Tensor, out: Tensor) -> bool:
-    """Whether ``out`` is the Linear ``m``'s own output for input ``a`` (the same kernel again: equal up to
+def _is_layer_output(m: nn.Linear | nn.Embedding, a: Tensor, out: Tensor) -> bool:
+    """Whether ``out`` is the layer ``m``'s own output for input ``a`` (the same kernel again: equal up to
     a few ulps where a backend's GEMM is not bit-reproducible)."""
     with torch.no_grad():
-        ref = torch.nn.functional.linear(a, m.weight, m.bias)
+        if isinstance(m, nn.Embedding):
+            ref = torch.nn.functional.embedding(a, m.weight, m.padding_idx)
+        else:
+            ref = torch.nn.functional.linear(a, m.weight, m.bias)
     if ref.shape != out.shape:
         return False
     tol = 8 * torch.finfo(out.dtype).eps if out.is_floating_point() else 0.0

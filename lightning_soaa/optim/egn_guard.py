@@ -1,4 +1,4 @@
-"""A factored Linear's parameters may reach the outputs only through that Linear's own call.
+"""A factored Linear's (or Embedding's) parameters may reach the outputs only through that layer's own call.
 
 EGN builds each factored ``nn.Linear``'s part of the Jacobian from what the layer's call saw: its input A
 and the back-signal of its output. A forward that also uses the layer's weight or bias another way, e.g.
@@ -35,9 +35,12 @@ class OwnUseGuard(TorchFunctionMode):
     """Active around a forward; :meth:`enter` / :meth:`leave` bracket each factored Linear's own call
     (its hooks), and ``misuse`` names the first parameter used outside it (None: none was)."""
 
-    def __init__(self, layers: Sequence[tuple[str, tuple[Tensor | None, ...]]]) -> None:
-        """``layers``: per factored Linear its path and its (weight, bias), None where not trained."""
+    def __init__(self, layers: Sequence[tuple[str, tuple[Tensor | None, ...]]],
+                 kinds: Sequence[str] | None = None) -> None:
+        """``layers``: per factored layer its path and its (weight, bias), None where not trained; ``kinds``:
+        their class names for the messages (default: all ``Linear``)."""
         super().__init__()
+        self._kinds = list(kinds) if kinds is not None else ["Linear"] * len(layers)
         self._owner: dict[int, tuple[int, str]] = {}
         for i, (path, params) in enumerate(layers):
             for name, p in zip(("weight", "bias"), params):
@@ -57,7 +60,7 @@ class OwnUseGuard(TorchFunctionMode):
         for name, p in zip(("weight", "bias"), params):
             if p is not None and module._parameters.get(name) is not p:
                 where = f"{path}.{name}" if path else name
-                self.misuse = (f"EGN: the nn.Linear {path!r} was called with another tensor in place of its "
+                self.misuse = (f"EGN: the nn.{self._kinds[i]} {path!r} was called with another tensor in place of its "
                                f"trained parameter {where!r} (torch.func.functional_call or a swap of "
                                "module._parameters inside the forward), so that parameter does not reach the "
                                "outputs through this call and its Gram factors would be wrong. Build EGN with "
@@ -82,7 +85,8 @@ class OwnUseGuard(TorchFunctionMode):
                     owner = self._owner.get(id(a._base))
                 if owner is not None and owner[0] != here:
                     name = getattr(func, "__name__", str(func))
-                    self.misuse = (f"EGN: the parameter {owner[1]!r} is used outside its nn.Linear's own call "
+                    self.misuse = (f"EGN: the parameter {owner[1]!r} is used outside its nn.{self._kinds[owner[0]]}'s "
+                                   "own call "
                                    f"(by {name}), so its Gram factors would miss part of the Jacobian. Call the "
                                    "layer as a module, or build EGN with jacobian='explicit'.")
                     break

@@ -14,7 +14,7 @@ from torch import nn
 
 from lightning_soaa.optim.egn import EGN
 from tests.harness.distributed import run_distributed
-from tests.harness.models import tiny_mlp
+from tests.harness.models import embedding_batch, embedding_model, tiny_mlp
 
 DT = torch.float64
 STEPS = 3
@@ -538,3 +538,57 @@ def test_damping_set_by_hand_is_compared_across_ranks_and_checked(tmp_path) -> N
         opt.damping = 100.0
     torch.testing.assert_close(results[0]["params"], _flat(model), rtol=1e-12, atol=1e-14)
     assert torch.equal(results[0]["params"], results[1]["params"])
+
+
+# -- nn.Embedding tables by their index factors: the indices travel in the gathered table ----------------
+#: (model kind, loss, padding index, per-rank batch sizes, c): uneven shares, an empty rank, the dense,
+#: float32-factored (bc' = 400) and conjugate-gradient (bc' = 560) solves
+EMBEDDING_CONFIGS = {
+    "tabular_ce_pad": ("tabular", "cross_entropy", 0, [5, 7], 3),
+    "tokens_mse_pad": ("tokens", "mse", 0, [4, 6], 3),
+    "flat_ce_empty": ("flat", "cross_entropy", None, [0, 9], 3),
+    "tabular_mse_mixed": ("tabular", "mse", None, [47, 53], 4),
+    "flat_ce_cg": ("flat", "cross_entropy", 0, [68, 72], 5),
+}
+EMBEDDING_KW = dict(lr=1.0, damping=0.3, momentum=0.5, line_search=True, adaptive_damping=True)
+
+
+def _embedding_run(name: str, rank: int, world: int, jacobian: str = "auto") -> dict:
+    kind, loss, pad, sizes, c = EMBEDDING_CONFIGS[name]
+    model = embedding_model(kind, c, pad)
+    opt = EGN(model, loss=loss, jacobian=jacobian, **EMBEDDING_KW)
+    lo = sum(sizes[:rank]) if world > 1 else 0
+    n = sizes[rank] if world > 1 else sum(sizes)
+    for t in range(STEPS):
+        xs, y = embedding_batch(kind, t, sum(sizes), c, loss, pad)
+        opt.step(inputs=tuple(x[lo:lo + n] for x in xs), targets=y[lo:lo + n])
+    st = opt.statistics()
+    return {"params": _flat(model), "damping": opt.damping, "alpha": opt.alpha, "explicit": list(opt._explicit),
+            "tables": sum(s.vocab > 0 for s in opt._sites), "cg": st["solve_cg_iterations"],
+            "refinements": st["solve_refinements"]}
+
+
+def _embedding_worker(rank: int, world: int) -> dict:
+    return {name: _embedding_run(name, rank, world) for name in EMBEDDING_CONFIGS}
+
+
+def test_factored_embeddings_at_two_ranks_equal_one_process(tmp_path) -> None:
+    """Each rank's index factors join the global table; every rank builds the same K from it and steps as one
+    process does, and as explicit Jacobians do (with an empty rank, uneven shares and every solve)."""
+    results = run_distributed(_embedding_worker, 2, tmp_path, timeout=300)
+    for name, (kind, *_rest) in EMBEDDING_CONFIGS.items():
+        ref = _embedding_run(name, 0, 1)
+        explicit = _embedding_run(name, 0, 1, jacobian="explicit")
+        for r, res in enumerate(results):
+            got = res[name]
+            assert got["explicit"] == [] and got["tables"] == (3 if kind == "tabular" else 1), (name, r)
+            assert torch.equal(got["params"], results[0][name]["params"]), (name, r)
+            torch.testing.assert_close(got["params"], ref["params"], rtol=1e-10, atol=1e-12, msg=f"{name} rank {r}")
+            torch.testing.assert_close(got["params"], explicit["params"], rtol=1e-10, atol=1e-12, msg=name)
+            assert got["damping"] == pytest.approx(ref["damping"], rel=1e-12)
+            assert got["alpha"] == pytest.approx(ref["alpha"], rel=1e-12)
+            assert got["cg"] == ref["cg"] and got["refinements"] == ref["refinements"]
+        if name.endswith("_cg"):
+            assert ref["cg"] >= 2
+        if name.endswith("_mixed"):
+            assert ref["refinements"] >= 1

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-__all__ = ["tiny_mlp", "batch", "global_batch", "loss_fn"]
+__all__ = ["tiny_mlp", "batch", "global_batch", "loss_fn", "EmbeddingTabular", "EmbeddingTokens", "embedding_model",
+           "embedding_batch"]
 
 
 def tiny_mlp(seed: int = 0, dtype: torch.dtype = torch.float64, sizes: tuple[int, ...] = (6, 8, 5, 3)) -> nn.Module:
@@ -38,3 +39,63 @@ def global_batch(step: int, world_size: int, **kw: object) -> tuple[torch.Tensor
 
 def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return 0.5 * (model(x) - y).pow(2).sum(dim=1).mean()
+
+
+# -- models with trained nn.Embedding tables (EGN's index factors) ------------------------------------
+
+class EmbeddingTabular(nn.Module):
+    """Three categorical columns, each with its own Embedding (T = 1), and numeric features into an MLP."""
+
+    def __init__(self, c: int, pad: int | None = None, vocab: tuple[int, ...] = (5, 3, 7)) -> None:
+        super().__init__()
+        self.embs = nn.ModuleList([nn.Embedding(v, 3, padding_idx=pad if j == 0 else None)
+                                   for j, v in enumerate(vocab)])
+        self.mlp = nn.Sequential(nn.Linear(3 * len(vocab) + 2, 8), nn.Tanh(), nn.Linear(8, c))
+
+    def forward(self, cat: Tensor, num: Tensor) -> Tensor:
+        return self.mlp(torch.cat([e(cat[:, j]) for j, e in enumerate(self.embs)] + [num], dim=1))
+
+
+class EmbeddingTokens(nn.Module):
+    """A token sequence (T > 1) through one Embedding, averaged over the positions or flattened into a head."""
+
+    def __init__(self, c: int, pad: int | None = None, t: int = 4, flat: bool = False) -> None:
+        super().__init__()
+        self.flat = flat
+        self.emb = nn.Embedding(6, 3, padding_idx=pad)
+        self.head = nn.Sequential(nn.Linear(3 * t if flat else 3, 5), nn.Tanh(), nn.Linear(5, c))
+
+    def forward(self, tok: Tensor) -> Tensor:
+        e = self.emb(tok)
+        return self.head(e.flatten(1) if self.flat else e.mean(dim=1))
+
+
+def embedding_model(kind: str, c: int, pad: int | None, seed: int = 3) -> nn.Module:
+    """``tabular`` (:class:`EmbeddingTabular`), ``tokens`` or ``flat`` (:class:`EmbeddingTokens`), float64."""
+    torch.manual_seed(seed)
+    model = {"tabular": lambda: EmbeddingTabular(c, pad), "tokens": lambda: EmbeddingTokens(c, pad),
+             "flat": lambda: EmbeddingTokens(c, pad, flat=True)}[kind]()
+    with torch.no_grad():  # the padding row nonzero: its Jacobian columns must still be zero
+        for m in model.modules():
+            if isinstance(m, nn.Embedding):
+                m.weight.normal_()
+    return model.to(torch.float64)
+
+
+def embedding_batch(kind: str, step: int, b: int, c: int, loss: str,
+                    pad: int | None) -> tuple[tuple[Tensor, ...], Tensor]:
+    """Step ``step``'s batch for :func:`embedding_model`: indices repeated within and across samples, and
+    ``pad`` (when given) in the first column of samples 1 and 2."""
+    g = torch.Generator().manual_seed(50 + step)
+    if kind == "tabular":
+        cat = torch.stack([torch.randint(0, v, (b,), generator=g) for v in (5, 3, 7)], dim=1)
+        xs: tuple[Tensor, ...] = (cat, torch.randn(b, 2, generator=g, dtype=torch.float64))
+    else:
+        tok = torch.randint(0, 6, (b, 4), generator=g)
+        tok[0] = 2  # one index repeated within a sample (and across samples: V = 6 for b·T draws)
+        xs = (tok,)
+    if pad is not None:
+        xs[0][1:3, 0] = pad
+    y = torch.randint(0, c, (b,), generator=g) if loss == "cross_entropy" else torch.randn(b, c, generator=g,
+                                                                                         dtype=torch.float64)
+    return xs, y

@@ -589,9 +589,10 @@ def test_a_checkpoint_after_a_step_at_lr_zero_loads() -> None:
 
 def test_large_dense_jacobian_rows_are_announced_once(monkeypatch: pytest.MonkeyPatch,
                                                       caplog: pytest.LogCaptureFixture) -> None:
-    """Parameters without Gram factors (an embedding, a norm's scale) take dense per-sample Jacobians; a
-    trained embedding of 3.2M entries cost +4.9 GB a step and a larger one was killed with no message. Above
-    the threshold EGN says so once, naming a parameter and the size; below it nothing is logged."""
+    """Parameters without Gram factors (a norm's scale, a tied embedding) take dense per-sample Jacobians; a
+    trained embedding of 3.2M entries cost +4.9 GB a step (before embeddings had index factors) and a larger
+    one was killed with no message. Above the threshold EGN says so once, naming a parameter and the size;
+    below it nothing is logged."""
     import lightning_soaa.optim.egn as egn_module
 
     model = nn.Sequential(nn.Linear(6, 6), nn.LayerNorm(6), nn.Linear(6, 3)).double()
