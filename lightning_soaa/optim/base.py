@@ -1137,8 +1137,14 @@ class ShardedOptimizer(torch.optim.Optimizer):
         where the ranks' gradients differ at the step (``grad_reduction="mean"``, W > 1): the scaler's
         own skip, decided from one rank's gradients, would skip the step on that rank alone. Elsewhere
         (DDP averaged the gradients, or one process) its usual flow is exact, and Lightning allows
-        gradient clipping under a GradScaler only for optimizers without the flag."""
-        return self.sharding.grad_reduction == "mean" and self.comm.world_size > 1
+        gradient clipping under a GradScaler only for optimizers without the flag. An optimizer built before
+        the process group joins it at its first step, after the scaler read this: the group it will join
+        counts (read as one process, the scaler skipped a first-step overflow on that rank alone while the
+        others entered the step's collectives: gloo aborted, NCCL would hang)."""
+        world = self.comm.world_size
+        if self.__dict__.get("_join_pending") and default_group_ready():
+            world = torch.distributed.get_world_size()
+        return self.sharding.grad_reduction == "mean" and world > 1
 
     def _local_nonfinite(self, partials: Sequence[float]) -> bool:
         """True when a summed value this rank computed or an optimizer-wide scalar is non-finite (its
@@ -1509,11 +1515,15 @@ class ShardedOptimizer(torch.optim.Optimizer):
         entries so on its load: the step started fresh moments next to the ignored entry, or (parameters
         cut into row blocks, whose nesting is the checkpoint's) continued their moments with the step
         counts and SOAA's trust region of a fresh optimizer (6e-2 to 1.8e-1, 4.8e-4 off the uninterrupted
-        run). Per step: one identity compare per parameter; the counts are read only for a replaced dict."""
+        run). Also a value written at the top level of a parameter cut into blocks, whose state is one entry
+        per block (``state[p][i]``): ``state[p]["exp_avg"] = zeros`` (a reset, as for torch's AdamW) was
+        ignored there, silently (2.9e-2 off torch's AdamW honouring it). Per step: one identity and length
+        compare per parameter; the entries are read only for a replaced or resized dict."""
         state, params = self.state, self._params
-        now = [id(state.get(params[b.param_index])) for b in self._owned]
+        now = [(id(st), len(st)) if (st := state.get(params[b.param_index])) is not None else None
+               for b in self._owned]
         if now == self.__dict__.get("_state_ids_now"):
-            return  # the same dicts as at the last check (the usual step)
+            return  # the same dicts of the same sizes as at the last check (the usual step)
         seen = self.__dict__.get("_state_ids") or {}
         ids: dict[int, int] = {}
         for b in self._owned:
@@ -1523,12 +1533,22 @@ class ShardedOptimizer(torch.optim.Optimizer):
             ids[b.param_index] = id(st)
             if b.dim is None and 0 in st:  # a whole parameter is the checkpoint's block 0
                 self._refuse_foreign_state(b, f"holds the checkpoint's per-block entries (keys {sorted(map(str, st))})")
+            if b.dim is not None and (stray := sorted(str(k) for k in st if not isinstance(k, int))):
+                self._refuse_top_level_entries(b, stray)
             if seen.get(b.param_index) == id(st):
                 continue
             step = steps_ahead(st if b.dim is None else st.get(b.sub_index), self.num_steps + self.skipped_steps)
             if step is not None:
                 self._refuse_foreign_state(b, f"has taken {step:g} steps, this optimizer {self.num_steps}")
         self._state_ids, self._state_ids_now = ids, now
+
+    def _refuse_top_level_entries(self, b: BlockInfo, keys: list[str]) -> None:
+        label = self._names[b.param_index] or f"#{b.param_index}"
+        raise ValueError(
+            f"{type(self).__name__}: optimizer.state of parameter {label!r} holds {keys} at its top level, but the "
+            "parameter is cut into blocks (max_block_numel / max_block_size) whose state is one entry per block, "
+            "state[p][i]: a value written there would be ignored. To reset its state, del optimizer.state[p] (or "
+            "optimizer.state.clear()); to edit it, write into each block's entry state[p][i]. Nothing changed.")
 
     def _own_state_dicts(self) -> None:
         """Record the per-parameter state dicts as this optimizer's own (after a load wrote them), so that

@@ -129,6 +129,40 @@ def test_built_before_process_group_joins_at_first_step(tmp_path: Path, name: st
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
+def _w_built_early_scaler(rank: int, world: int, name: str, store2: str) -> dict[str, Any]:
+    """Built before the group, grad_reduction="mean", torch.amp.GradScaler: an overflow on rank 1 alone at
+    the first step (GradScaler's first iterations often overflow), where the optimizer joins the group."""
+    dist.barrier()  # see _w_built_early
+    dist.destroy_process_group()
+    model = tiny_mlp(sizes=SIZES)
+    opt = _build(name, model, grad_reduction="mean")
+    dist.init_process_group("gloo", store=dist.FileStore(store2, world), rank=rank, world_size=world)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    for t in range(3):
+        x, y = batch(t, rank, n=4, d_in=SIZES[0], d_out=SIZES[-1])
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        scaler.scale(loss).backward()
+        if t == 0 and rank == 1:
+            next(model.parameters()).grad.view(-1)[0] = float("inf")
+        scaler.step(opt, **({"loss": loss.detach()} if get(name).needs is StepNeeds.LOSS else {}))
+        scaler.update()
+    return {"skipped": opt.skipped_steps, "steps": opt.num_steps, "params": _params(model)}
+
+
+@pytest.mark.parametrize("name", [s.name for s in REGISTRY if s.needs is not StepNeeds.BATCH
+                                  and takes_kwarg(s, "grad_reduction")])
+def test_built_before_process_group_under_a_grad_scaler_skips_an_overflow_on_every_rank(tmp_path: Path,
+                                                                                       name: str) -> None:
+    """The scaler reads the optimizer's _step_supports_amp_scaling before the step that joins the group: read
+    as one process, it skipped a first-step overflow on rank 1 alone while rank 0 entered the step's
+    collectives (gloo: 'Received data size doesn't match expected size', an abort). Both ranks skip it."""
+    res = run_distributed(_w_built_early_scaler, 2, tmp_path, name, str(tmp_path / "store2"), timeout=90)
+    assert all(r["skipped"] == 1 and r["steps"] == 2 for r in res), [(r["skipped"], r["steps"]) for r in res]
+    for a, b in zip(res[0]["params"], res[1]["params"]):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
 def _w_built_early_swapped(rank: int, world: int, name: str, store2: str) -> dict[str, Any]:
     """Two optimizers of one class over equal-shaped models, both built before the group; the last rank
     steps them in the other order at their first step (which is where they join)."""
