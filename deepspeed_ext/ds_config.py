@@ -98,7 +98,7 @@ def _offload_device(ds_config: dict[str, Any]) -> str:
     if not isinstance(zero, dict):
         return "none"
     off = zero.get("offload_optimizer")
-    if off is None and _read_bool(zero.get("cpu_offload", False)):
+    if off is None and read_bool(zero.get("cpu_offload", False)):
         # DeepSpeed 0.19 still reads the deprecated `"cpu_offload": true` as offload_optimizer.device="cpu"
         # (zero/config.py): missed here, zero_force_ds_cpu_optimizer stayed unset and DeepSpeed refused our
         # client with a ZeRO-Offload message. (Both keys together: DeepSpeed refuses them itself, clearly.)
@@ -143,7 +143,7 @@ def check_params(entry: OptimizerEntry, params: Any) -> dict[str, Any]:
 _TRUE_STRINGS = frozenset({"1", "on", "t", "true", "y", "yes"})
 
 
-def _read_bool(value: Any) -> bool:
+def read_bool(value: Any) -> bool:
     """A flag that DeepSpeed's pydantic config models read: ``"false"`` / ``"off"`` (strings, any case) are
     False there, though non-empty strings to Python."""
     if isinstance(value, str):
@@ -160,7 +160,7 @@ def _precision_enabled(ds: dict[str, Any], key: str) -> bool:
         block = ds.get("bfloat16")
     if not isinstance(block, dict):
         return False
-    return _read_bool(block.get("enabled", False))
+    return read_bool(block.get("enabled", False))
 
 
 # DeepSpeed 0.19's spellings of float16 for torch_autocast.dtype (runtime/config.py DtypeEnum.fp16, matched

@@ -10,7 +10,14 @@ from typing import Any
 import torch
 
 from deepspeed_ext.client import DeepSpeedClientOptimizer
-from deepspeed_ext.ds_config import ParsedConfig, check_entry, parse_config, patch_for_client, zero_stage_of
+from deepspeed_ext.ds_config import (
+    ParsedConfig,
+    check_entry,
+    parse_config,
+    patch_for_client,
+    read_bool,
+    zero_stage_of,
+)
 from deepspeed_ext.egn_client import DeepSpeedEGNOptimizer
 
 #: the client optimizers deepspeed_ext builds
@@ -385,9 +392,9 @@ def saved_zero_stage(load_dir: str, tag: Any = None) -> int | None:
 
 
 def _round_robin(config: dict[str, Any]) -> bool:
+    """The saved config's round_robin_gradients as DeepSpeed read it (1, "on", "yes" are true there too)."""
     zero = config.get("zero_optimization")
-    value = zero.get("round_robin_gradients", False) if isinstance(zero, dict) else False
-    return value is True or (isinstance(value, str) and value.strip().lower() == "true")
+    return read_bool(zero.get("round_robin_gradients", False)) if isinstance(zero, dict) else False
 
 
 def check_checkpoint_stage(load_dir: str, tag: Any, stage: int, round_robin: bool = False) -> None:

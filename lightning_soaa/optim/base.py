@@ -520,7 +520,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if "__init__" in cls.__dict__:  # an error raised on some ranks only reaches every rank (construction.py)
+        # an error raised on some ranks only reaches every rank (construction.py); our classes only (a user's
+        # subclass may run collectives of its own before super().__init__, which an announcement would meet)
+        if "__init__" in cls.__dict__ and cls.__module__.startswith("lightning_soaa."):
             cls.__init__ = collective_construction(cls.__dict__["__init__"])  # type: ignore[method-assign]
 
     def construction_width(self) -> int:

@@ -9,8 +9,11 @@ timeout or until its process exited (gloo: "Connection closed by peer"; NCCL may
 a row marked failed before it re-raises its own error, and every other rank raises naming it: together, at
 once, with nothing built.
 
-The rank can only join where it knows the group the others gather over: the communicator the constructor
-chose (once it has), or the one its arguments name (``comm``, ``process_group``, else the default group).
+Only lightning_soaa's own classes are wrapped: a user's subclass may run collectives of its own before
+``super().__init__``, which an announcement from a rank that failed there would meet instead of the check
+(both ranks would then wait for the group's timeout); its failures inside our constructor are announced by
+ours. The rank can only join where it knows the group the others gather over: the communicator the
+constructor chose (once it has), or the one its arguments name (``comm``, ``process_group``, else the default group).
 Parameters sharded by FSDP2 gather over their device mesh, which is read from the parameters only later:
 with DTensor parameters (or parameters it cannot see without consuming an iterator) a rank that fails
 before the communicator is chosen raises alone, as before.
@@ -19,6 +22,7 @@ before the communicator is chosen raises alone, as before.
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -39,7 +43,9 @@ def failed_row(width: int) -> Tensor:
 
 def _visible_tensors(params: Any) -> list[Tensor] | None:
     """The tensors of a constructor's first argument, or None where some cannot be seen without consuming
-    an iterator (a param group whose ``params`` is a generator)."""
+    an iterator (a param group whose ``params`` is a generator) or it is not a collection at all."""
+    if params is None or isinstance(params, (str, bytes)):
+        return None
     if isinstance(params, nn.Module):
         return list(params.parameters())
     if isinstance(params, Tensor):
@@ -77,21 +83,25 @@ def _announce(optimizer: Any, params: Any, kwargs: dict[str, Any]) -> None:
 
 
 def collective_construction(init: Callable[..., None]) -> Callable[..., None]:
-    """Wrap an optimizer class's ``__init__`` so that an error it raises before the construction check is
-    announced to the other ranks (:func:`_announce`) by the outermost constructor. An iterator of parameters
-    is read into a list first (torch's ``Optimizer.__init__`` does the same), so it can be looked at."""
+    """Wrap one of lightning_soaa's optimizer classes' ``__init__`` so that an error it raises before the
+    construction check is announced to the other ranks (:func:`_announce`) by the outermost constructor. Its
+    first argument (the parameters, or EGN's module; positional or by keyword) is what is looked at; an
+    iterator of parameters is read into a list first (torch's ``Optimizer.__init__`` does the same)."""
+    first = next(iter(list(inspect.signature(init).parameters)[1:]), "")
 
     @functools.wraps(init)
-    def wrapper(self: Any, params: Any, *args: Any, **kwargs: Any) -> None:
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> None:
         depth = self.__dict__.get("_init_depth", 0)
-        if depth == 0 and isinstance(params, Iterator):
-            params = list(params)
+        if depth == 0 and args and isinstance(args[0], Iterator):
+            args = (list(args[0]), *args[1:])
+        elif depth == 0 and first in kwargs and isinstance(kwargs[first], Iterator):
+            kwargs[first] = list(kwargs[first])
         self.__dict__["_init_depth"] = depth + 1
         try:
-            init(self, params, *args, **kwargs)
+            init(self, *args, **kwargs)
         except Exception:
             if depth == 0:
-                _announce(self, params, kwargs)
+                _announce(self, args[0] if args else kwargs.get(first), kwargs)
             raise
         finally:
             if depth == 0:

@@ -9,12 +9,16 @@ on every rank pairs with the next one (nothing left half-built or out of step).
 
 from __future__ import annotations
 
+import inspect
 import time
 from typing import Any
 
 import pytest
 import torch
+from torch import nn
 
+from lightning_soaa import SOAA
+from lightning_soaa.optim.egn import EGN
 from lightning_soaa.registry import FirstArg
 from tests.conformance._battery import SIZES, SPECS, bad_values
 from tests.harness.distributed import run_distributed
@@ -47,8 +51,21 @@ def _build(spec: Any, failing: bool, how: str) -> Any:
     return spec.load()(first, **kwargs)
 
 
+class _UserSOAA(SOAA):
+    """A user's subclass with its own signature (not wrapped itself: it may run collectives of its own before
+    ``super().__init__``); a failure inside SOAA's constructor is still announced, by SOAA's."""
+
+    def __init__(self, model: nn.Module, *, scale: float) -> None:
+        super().__init__(model.parameters(), lr=1e-2 * scale)
+
+
 def _worker(rank: int, world: int, failing_ranks: list[int]) -> dict[Any, Any]:
     out: dict[Any, Any] = {}
+    try:
+        _UserSOAA(tiny_mlp(0, torch.float64, SIZES), scale=-1.0 if rank in failing_ranks else 1.0)
+        out[("user subclass", "bad hyperparameter")] = ("built", 0.0)
+    except Exception as exc:  # noqa: BLE001 - the message is what the test checks
+        out[("user subclass", "bad hyperparameter")] = (f"{type(exc).__name__}: {exc}", 0.0)
     for spec in SPECS:
         for how in FAILURES:
             if spec.first_arg is FirstArg.MODULE and how != FAILURES[0]:
@@ -81,3 +98,23 @@ def test_a_constructor_error_on_some_ranks_is_raised_on_every_rank(tmp_path, wor
             elif failing:
                 assert msg.startswith("RuntimeError: ") and f"the constructor raised on rank(s) {failing}" in msg, \
                     (rank, name, how, msg)
+
+
+def test_constructors_keep_their_signatures() -> None:
+    """The wrapper passes the arguments through as given: EGN's module by keyword, parameters by keyword, a
+    user's subclass with a signature of its own (not wrapped) with no arguments or keyword-only ones."""
+
+    class Fixed(SOAA):
+        def __init__(self) -> None:
+            super().__init__(tiny_mlp(0, torch.float64, SIZES).parameters(), lr=1e-3)
+
+    class KeywordOnly(SOAA):
+        def __init__(self, *, params: Any) -> None:
+            super().__init__(params, lr=1e-3)
+
+    model = tiny_mlp(0, torch.float64, SIZES)
+    EGN(model=model, loss="mse")
+    SOAA(params=(p for p in model.parameters()), lr=1e-3)
+    Fixed()
+    KeywordOnly(params=model.parameters())
+    assert inspect.signature(EGN).parameters["model"].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD

@@ -31,10 +31,10 @@ def ds_env(rank: int, world: int) -> None:
 
 def make_config(stage: int, dtype: str, opt_type: str, opt_params: dict[str, Any], *,
                 sub_group_size: int | None = None, grad_accum: int = 1, offload: bool = False,
-                round_robin: bool = False) -> dict[str, Any]:
+                round_robin: Any = False) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": stage}
-    if round_robin:
-        zero["round_robin_gradients"] = True
+    if round_robin is not False:  # True, or a spelling DeepSpeed reads as true ("on", 1)
+        zero["round_robin_gradients"] = round_robin
     if offload:
         zero["offload_optimizer"] = {"device": "cpu"}
     if stage == 3:
@@ -472,19 +472,20 @@ def w_state_dict_one_rank(rank: int, world: int, ckpt_root: str) -> dict[str, An
 
 
 def w_round_robin_resume(rank: int, world: int, ckpt_root: str, opt_type: str) -> dict[Any, Any]:
-    """ZeRO-2, fp32: a checkpoint written with round_robin_gradients on or off, loaded by an engine with each
-    setting: the error of the load, or the parameters after 2 more steps (and those of the run that wrote it)."""
+    """ZeRO-2, fp32: a checkpoint written with round_robin_gradients on (spelt "on") or off, loaded by an engine
+    with each setting: the error of the load, or the parameters after 2 more steps (and those of the run that
+    wrote it)."""
     ds_env(rank, world)
     import deepspeed_ext
 
-    def engine_with(rr: bool, seed: int) -> Any:
+    def engine_with(rr: Any, seed: int) -> Any:
         cfg = make_config(2, "fp32", opt_type, {"lr": 1e-2}, round_robin=rr)
         model = tiny_mlp(seed, torch.float32, SIZES)
         return deepspeed_ext.initialize(model=model, config=cfg, model_parameters=split_groups(model))[0], model
 
     out: dict[Any, Any] = {}
     for rr in (False, True):
-        engine, model = engine_with(rr, 0)
+        engine, model = engine_with("on" if rr else rr, 0)  # saved spelt as DeepSpeed also reads true
         _train(engine, rank, range(2))
         engine.save_checkpoint(os.path.join(ckpt_root, f"rr{int(rr)}"), tag="t2")
         _train(engine, rank, range(2, 4))
