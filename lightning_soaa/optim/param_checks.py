@@ -325,16 +325,37 @@ def gradient_mismatch(optimizer: Any, params: Sequence[Tensor], names: Sequence[
     (a transposed matrix's) silently, or failed inside the update after other blocks had moved. Returned,
     not raised: the step holds it, so every rank raises together and nothing changes. Every step, before
     any other work: attribute reads only."""
+    dtensors = getattr(optimizer, "_dtensor", None) is not None
     for i, p in enumerate(params):
         g = p.grad
-        if g is not None and (g.shape != p.shape or g.dtype != p.dtype or g.device != p.device):
-            label = repr(names[i]) if names[i] else f"#{i}"
+        if g is None:
+            continue
+        label = repr(names[i]) if names[i] else f"#{i}"
+        if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
             have, want = _describe((g.shape, g.dtype, g.device)), _describe((p.shape, p.dtype, p.device))
             return ValueError(
                 f"{type(optimizer).__name__}.step: the gradient of parameter {label} has {have} and the parameter "
                 f"{want}; a gradient must match its parameter (as torch's optimizers require). Set p.grad to a "
                 "tensor of the parameter's shape, dtype and device. Nothing changed.")
+        if dtensors and is_dtensor(p) and getattr(g, "placements", None) != p.placements:  # type: ignore[attr-defined]
+            return _placement_mismatch(optimizer, label, p, g)
     return None
+
+
+def _placement_mismatch(optimizer: Any, label: str, p: Any, g: Any) -> ValueError:
+    """A DTensor parameter whose gradient is laid out otherwise: each rank steps its local piece of the
+    gradient as the parameter's. Tensor parallelism makes such gradients: SequenceParallel leaves a replicated
+    norm's gradient Partial (each rank's sum over its own sequence chunk: SOAA 0.13 off, the replicas drifted
+    apart), and a dimension smaller than the mesh gives a Replicate gradient for a Shard parameter with an
+    empty piece (stepped silently 0.24 off, or read past the state's buffers)."""
+    have = tuple(g.placements) if is_dtensor(g) else "none (a plain tensor)"
+    return ValueError(
+        f"{type(optimizer).__name__}.step: parameter {label} is a DTensor with placements {tuple(p.placements)}, "
+        f"its gradient has placements {have}: each rank would step its local piece of the gradient as the "
+        "parameter's. (Tensor parallelism's SequenceParallel leaves a replicated norm's gradient Partial; a "
+        "layer dimension smaller than the mesh gives a Replicate gradient.) Redistribute such gradients to "
+        "their parameters' placements on every rank before step(): p.grad = p.grad.redistribute(p.device_mesh, "
+        "p.placements) (a sum over the mesh for Partial; Lightning: in on_before_optimizer_step). Nothing changed.")
 
 
 def _describe(sig: Signature) -> str:
