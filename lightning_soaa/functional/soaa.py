@@ -47,16 +47,15 @@ arithmetic, per block):
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
-import operator
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
+
+from lightning_soaa.functional.moment_records import MomentRecords, Stored
 
 log = logging.getLogger(__name__)
 
@@ -237,30 +236,7 @@ def _eager_update_sums(m: Tensor, v: Tensor, scal: Tensor, count: bool) -> Tenso
     return torch.stack(out + [(s < knee).sum().double()] if count else out)
 
 
-_version_of = operator.attrgetter("_version")
-_data_ptr = Tensor.data_ptr
 _numel = Tensor.numel
-_dtype_of = operator.attrgetter("dtype")
-
-
-@dataclasses.dataclass(frozen=True)
-class _Stored:
-    """What one C step call knows about the moments it wrote (nb blocks: m of every block, then v of
-    every block): enough to recognise them unchanged, all at once or block by block."""
-
-    ids: tuple[int, ...]
-    refs: tuple[weakref.ref[Tensor], ...]
-    versions: tuple[int, ...]
-    ptrs: tuple[int, ...]
-    sums: list[tuple[float, float]]  # per block (Σ m², Σ v)
-
-    def block(self, j: int, m: Tensor, v: Tensor) -> tuple[float, float] | None:
-        k = j + len(self.sums)
-        if (self.refs[j]() is not m or self.refs[k]() is not v or m._version != self.versions[j]
-                or v._version != self.versions[k] or m.data_ptr() != self.ptrs[j] or v.data_ptr() != self.ptrs[k]):
-            return None
-        return self.sums[j]
-
 
 _COMPILABLE = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -311,9 +287,7 @@ class SOAAKernels:
         self._accel_loader = accel_loader
         self._native: FusedPasses | None = None
         self._accel: FusedPasses | None = None
-        self._stored: dict[tuple[int, ...], _Stored] = {}  # by the ids of (m..., v...), oldest first
-        self._prune_at = 64  # records kept before dead ones are dropped (see keep)
-        self._index: dict[int, tuple[_Stored, int]] | None = None  # id(m) -> (call, block), built on use
+        self._records = MomentRecords()  # the sums the C step knows of the moments it wrote
         self.sums: Callable[..., Tensor] = torch.compile(_sums_kernel, dynamic=True, fullgraph=True)
         self.step: Callable[..., None] = torch.compile(_step_kernel, dynamic=True, fullgraph=True)
         self.update_sums: Callable[..., Tensor] = torch.compile(_update_sums_kernel, dynamic=True,
@@ -379,59 +353,23 @@ class SOAAKernels:
         keeps a moment alive) and checked against the tensors, their versions and addresses on use."""
         self.keep(self.snapshot(ms, vs), sums)
 
-    @staticmethod
-    def snapshot(ms: list[Tensor], vs: list[Tensor], versions_ahead: int = 0) -> _Stored:
-        """The record of these moments as they are now, their versions taken ``versions_ahead`` higher
-        (the C step takes the record before its loop, while the tensors are in cache, with the one bump
-        it makes: a version that ends up anything else, e.g. moments sharing a version counter, only
-        fails the check later). Its sums come with :meth:`keep`."""
-        both = [*ms, *vs]
-        versions = tuple(map(_version_of, both))
-        if versions_ahead:
-            versions = tuple(x + versions_ahead for x in versions)
-        return _Stored(tuple(map(id, both)), tuple(map(weakref.ref, both)), versions,
-                       tuple(map(_data_ptr, both)), [])
+    snapshot = staticmethod(MomentRecords.snapshot)
 
-    def keep(self, record: _Stored, sums: list[tuple[float, float]]) -> None:
+    def keep(self, record: Stored, sums: list[tuple[float, float]]) -> None:
         """Remember ``record`` (from :meth:`snapshot`) with the blocks' (Σ m², Σ v)."""
-        self._stored.pop(record.ids, None)  # re-inserted as the newest
-        # a positional constructor: dataclasses.replace costs ~4 µs, a visible part of a small model's step
-        self._stored[record.ids] = _Stored(record.ids, record.refs, record.versions, record.ptrs, sums)
-        # A step makes the same calls every time (one per param group, counted flag and dtype), so the
-        # records only grow when moments go away (a new model, a reload): drop those, never a live one
-        # (a fixed cap would evict, with more calls than the cap, every record before its next use).
-        if len(self._stored) > self._prune_at:
-            self._stored = {k: e for k, e in self._stored.items() if all(r() is not None for r in e.refs)}
-            self._prune_at = 2 * len(self._stored) + 64
-        self._index = None
+        self._records.keep(record, sums)
 
     def stored_sums(self, m: Tensor, v: Tensor) -> tuple[float, float] | None:
-        """``(Σ m², Σ v)`` if m and v are exactly as the last C step left them: the same tensors and
-        storage, not modified since (every in-place torch op bumps a tensor's version; loading a
-        state dict replaces or copies into the moments, and :meth:`forget` drops everything)."""
-        if self._index is None:  # newest call wins for a block that several calls wrote
-            self._index = {}
-            for e in self._stored.values():
-                for j in range(len(e.sums)):
-                    self._index[e.ids[j]] = (e, j)
-        hit = self._index.get(id(m))
-        return None if hit is None else hit[0].block(hit[1], m, v)
+        """``(Σ m², Σ v)`` if m and v are exactly as the last C step left them (MomentRecords.lookup)."""
+        return self._records.lookup(m, v)
 
     def stored_sums_all(self, ms: list[Tensor], vs: list[Tensor]) -> list[tuple[float, float] | None]:
-        """:meth:`stored_sums` of every block; when they are exactly the blocks of one remembered call,
-        unchanged, the check runs as a few C-level maps instead of one Python call per block."""
-        both = [*ms, *vs]
-        e = self._stored.get(tuple(map(id, both)))
-        # equal ids of live referents: the same objects (two live objects never share an id)
-        if (e is not None and all(r() is not None for r in e.refs) and e.versions == tuple(map(_version_of, both))
-                and e.ptrs == tuple(map(_data_ptr, both))):
-            return list(e.sums)
-        return [self.stored_sums(m, v) for m, v in zip(ms, vs)]
+        """:meth:`stored_sums` of every block, in one check when they are one remembered call's blocks."""
+        return self._records.lookup_all(ms, vs)
 
     def forget(self) -> None:
         """Drop the remembered sums (the owner calls this when it replaces or reloads its state)."""
-        self._stored.clear()
-        self._index = None
+        self._records.forget()
 
     def accepts(self, *ts: Tensor) -> bool:
         """Whether these equal-shape tensors (one block) can go through the compiled kernels."""

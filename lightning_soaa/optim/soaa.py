@@ -132,6 +132,14 @@ ACCUMULATION_MESSAGE = (
     "by their own: run them with accumulate_grad_batches=1.)"
 )
 
+SAME_BATCH_NONE_MESSAGE = (
+    "SOAA(acceptance='same_batch'): the closure returned None while parameters have gradients. The trust "
+    "region compares the closure's loss before and after the trial step, so the closure must return the "
+    "loss: under Lightning's manual optimization, def closure(): loss = self.compute_loss(batch); "
+    "self.manual_backward(loss); return loss, then opt.step(closure=closure). Without such a closure use "
+    "acceptance='lagged' with opt.step(loss=...) or set_loss."
+)
+
 MISSING_LOSS_MESSAGE = (
     "SOAA needs the mini-batch loss of every step (its trust region compares actual and predicted "
     "loss reduction). Give it one of: opt.step(closure), opt.step(loss=loss), or opt.set_loss(loss) "
@@ -523,6 +531,9 @@ class SOAA(ShardedOptimizer):
         ret, error = None, None
         try:  # an error here (a bad loss on one rank) is raised on every rank after the all-reduce
             ret = self._run_closure(closure)
+            if ret is None and self.config.acceptance == "same_batch" and self._has_gradients():
+                # its re-evaluation would return None too: every trial rejected, nothing trained, silently
+                raise ValueError(SAME_BATCH_NONE_MESSAGE)
             if loss is not None:
                 self.set_loss(loss, replace=True)  # step(loss=) overrides a set_loss value
             elif closure is not None and ret is not None and self._set_loss_calls == calls_before:
@@ -546,6 +557,9 @@ class SOAA(ShardedOptimizer):
             finally:  # its re-evaluation may hand a loss over too: it belongs to no later step
                 self._pending_loss, self._pending_plain = None, False
         return ret
+
+    def _has_gradients(self) -> bool:
+        return any(p.grad is not None for group in self.param_groups for p in group["params"])
 
     def _groups_of(self, views: list[BlockView]) -> dict[tuple[int, bool], list[BlockView]]:
         """Views with a gradient by (param group, counted): only counted pieces enter the global sums

@@ -313,6 +313,40 @@ def test_same_batch_needs_a_closure() -> None:
         opt.step(loss=1.0)
 
 
+@pytest.mark.parametrize("hands_over", [False, True])
+def test_same_batch_refuses_a_closure_that_returns_none(hands_over: bool) -> None:
+    """Lightning's manual optimization: a closure that calls backward and returns nothing. Its second
+    evaluation returned None too: every trial was rejected (NaN), nothing trained, no error. Refused at
+    the first evaluation, nothing changed; a loss handed over inside it (set_loss) does not help the
+    re-evaluation."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+    opt = SOAA(model.parameters(), lr=0.1, acceptance="same_batch", total_steps=10)
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def closure() -> None:
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        if hands_over:
+            opt.set_loss(loss)
+
+    with pytest.raises(ValueError, match=re.escape("the closure returned None while parameters have gradients")):
+        opt.step(closure)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert opt.statistics()["steps"] == 0 and opt.trust_state()["t"] == 0 and not any(opt.state.values())
+
+    def returning() -> torch.Tensor:  # the same closure returning its loss trains
+        closure()
+        return torch.nn.functional.mse_loss(model(x), y)
+
+    first = returning().item()
+    for _ in range(10):
+        opt.step(returning)
+    assert returning().item() < first
+
+
 def _run(model, opt, steps):
     ds, stats = [], []
     for s in steps:
