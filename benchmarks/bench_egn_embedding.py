@@ -1,13 +1,14 @@
 """EGN on models with trained ``nn.Embedding`` tables: Gram factors vs explicit Jacobian rows, and AdamW.
 
 Two models EGN's users train: a tabular one (three categorical columns, each a 1000 x 16 table, with four
-numeric features into an MLP 52-64-64-10) and a token one (T = 8 tokens of a 5000 x 32 table, mean-pooled
-into 32-64-10), cross-entropy over 10 classes, float32 models, EGN's default float64 solve. Per model and
-path (``jacobian="auto"``: an embedding is a factored site; ``"explicit"``: the b·c dense rows of V·d
-columns that every trained table took before) a fresh subprocess takes ``--steps`` steps after one
-warm-up step; time is the median CPU time (``time.process_time``, one thread), memory the growth of
-``ru_maxrss`` from just before the first step (a high-water-mark delta of the whole process). torch's
-``AdamW(fused=True)`` whole training step (forward, backward, step) on the same batches is the yardstick.
+numeric features into an MLP 52-64-64-10) and a token one (T = 8 tokens of a 5000 x 32 table, mean-pooled into
+32-64-10), cross-entropy over 10 classes, float32 models, EGN's default float64 solve. Per model and path
+(``jacobian="auto"`` with ``factor_embeddings=True``: an embedding is a factored site; ``"explicit"``: the b·c
+dense rows of V·d columns, what every trained table takes by default) a fresh subprocess takes ``--steps``
+steps after one warm-up step; time is the median CPU time (``time.process_time``, one thread), memory the
+growth of ``ru_maxrss`` from just before the first step (a high-water-mark delta of the whole process).
+torch's ``AdamW(fused=True)`` whole training step (forward, backward, step) on the same batches is the
+yardstick.
 
     python benchmarks/bench_egn_embedding.py    # writes benchmarks/results/bench_egn_embedding.{json,png}
 """
@@ -86,7 +87,7 @@ def worker(kind: str, path: str, steps: int) -> dict[str, Any]:
     else:
         from lightning_soaa.optim.egn import EGN
 
-        egn = EGN(model, loss="cross_entropy", lr=1.0, damping=1.0, jacobian=path)
+        egn = EGN(model, loss="cross_entropy", lr=1.0, damping=1.0, jacobian=path, factor_embeddings=True)
 
         def one(xs: tuple[Any, ...], y: Any) -> None:
             egn.step(inputs=xs, targets=y)

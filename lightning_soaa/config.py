@@ -194,8 +194,15 @@ class EGNConfig:
         max_solve_retries: Cholesky failures retried with 10·λ this many times (each one counted).
         max_gram_size: memory guard: the largest allowed bc (K is bc×bc); b for a linear model under MSE
             (K = G ⊗ I_c, a b×b solve).
-        jacobian: ``"auto"`` (Gram factors for plain ``nn.Linear`` and ``nn.Embedding`` layers, explicit
-            per-sample Jacobians for the rest) or ``"explicit"`` (explicit Jacobians everywhere).
+        jacobian: ``"auto"`` (Gram factors for plain ``nn.Linear`` layers, and ``nn.Embedding`` tables with
+            ``factor_embeddings``; explicit per-sample Jacobians for the rest) or ``"explicit"`` (explicit
+            Jacobians everywhere).
+        factor_embeddings: under ``jacobian="auto"``, plain ``nn.Embedding`` tables get Gram factors from
+            their indices (orders of magnitude less time and memory than explicit rows of V·d columns) where
+            each table is looked up per sample (a first dimension of the batch) and used only by its own
+            call; a positional table looked up with ``arange(T)``, or a table also read as a weight (a head
+            tied by ``F.linear(h, emb.weight)``), is then refused at the first step, naming the table. Off by
+            default: every table keeps explicit rows, as before the option existed.
     """
 
     loss: str = "mse"
@@ -219,13 +226,14 @@ class EGNConfig:
     max_solve_retries: int = 6
     max_gram_size: int = 4096
     jacobian: str = "auto"
+    factor_embeddings: bool = False
 
     def __post_init__(self) -> None:
         check_choice("loss", self.loss, ("mse", "cross_entropy", "bce"))
         check_range("lr", self.lr, 0.0)  # 0 is allowed, as in torch: warm-up schedules start there
         check_range("damping", self.damping, 0.0, lo_inclusive=False)
         check_range("momentum", self.momentum, 0.0, 1.0, hi_inclusive=False)
-        for name in ("line_search", "adaptive_damping"):
+        for name in ("line_search", "adaptive_damping", "factor_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"Invalid {name}={getattr(self, name)!r}. Must be True or False.")
         check_range("armijo_c", self.armijo_c, 0.0, 1.0, lo_inclusive=False, hi_inclusive=False)

@@ -36,6 +36,7 @@ __all__ = [
     "GramOperator",
     "LinearFactorShape",
     "assemble_gram",
+    "add_rows",
     "embedding_gram",
     "factors_to",
     "gram_matvec",
@@ -105,6 +106,16 @@ def _same_index(idx: Tensor, dtype: torch.dtype) -> Tensor:
     return (flat[:, None] == flat[None, :]).to(dtype)
 
 
+def add_rows(target: Tensor, index: Tensor, values: Tensor) -> Tensor:
+    """``target[index[i]] += values[i]`` with repeats summed in a fixed order: the same bits on every run
+    and every rank. On the CPU ``index_add_`` (a serial loop in index order; torch's CPU
+    ``index_put_(accumulate=True)`` adds in parallel in no fixed order: 30 runs at 2 threads gave 30
+    different results); on CUDA ``index_put_(accumulate=True)``, which sorts (``index_add_`` is atomic)."""
+    if target.is_cpu:
+        return target.index_add_(0, index, values)
+    return target.index_put_((index,), values, accumulate=True)
+
+
 def embedding_gram(idx: Tensor, delta: Tensor) -> Tensor:
     """K_ℓ = J_ℓ J_ℓᵀ of one nn.Embedding's table ([b·c, b·c]) from its indices and back-signals.
 
@@ -113,40 +124,48 @@ def embedding_gram(idx: Tensor, delta: Tensor) -> Tensor:
         delta: [b, c, T, d] back-signals ∂z_ik/∂y_it (zero at padding positions).
 
     Only pairs of positions that look up the same row meet: K[(i,·),(j,·)] = Σ_{t,s: idx_it = idx_js}
-    Δ_it Δ_jsᵀ. With T = 1 that is (same-index matrix) ⊙ ΔΔᵀ, one GEMM. With T > 1 the P matching pairs
-    are summed block by block (c×c products of d), P·c²·d multiply-adds, when they are few (a large vocabulary:
-    P ≈ b·T), else K is the T² masked GEMMs of the position pairs (a small vocabulary: P → (b·T)²). Either way
-    no b·c × V·d rows and no more than a b·c × b·c temporary; sums are accumulated without atomics (index_put_
-    accumulates by sorting on CUDA), so every rank builds the same bits.
+    Δ_it Δ_jsᵀ. With T = 1 that is (same-index matrix) ⊙ ΔΔᵀ, one GEMM. With T > 1 the P = Σ_rows n_row²
+    matching pairs (counted from the sorted indices) are summed block by block (c×c products of d), P·c²·d
+    multiply-adds, when they are few (a large vocabulary: P ≈ b·T), else K is the T² masked GEMMs of the
+    position pairs (a small vocabulary: P → (b·T)²). Either way no b·c × V·d rows, no (b·T)² matrix and no
+    more than a b·c × b·c temporary; sums go through :func:`add_rows` (the same bits on every rank).
     """
     b, c, t, d = delta.shape
     n = b * c
     if t == 1:
         dd = delta.reshape(n, d)
         return (_same_index(idx, delta.dtype)[:, None, :, None] * (dd @ dd.T).view(b, c, b, c)).reshape(n, n)
-    flat = idx.reshape(-1)
-    same = flat[:, None] == flat[None, :]  # [b·T, b·T], position p = i·T + t
-    if 4 * int(same.sum()) > (t * b) ** 2:  # many repeats: the dense GEMMs are cheaper than small blocks
-        return _gram_by_positions(same.view(b, t, b, t).to(delta.dtype), delta)
-    pairs = same.nonzero()
-    rows = delta.permute(0, 2, 1, 3).reshape(b * t, c, d)  # Δ at each position
-    k = delta.new_zeros(b, b, c, c)
+    key, order = torch.sort(idx.reshape(-1), stable=True)
+    counts = torch.unique_consecutive(key, return_counts=True)[1]
+    sizes = counts * counts  # pairs per looked-up row
+    pairs = int(sizes.sum())
+    if 4 * pairs > (t * b) ** 2:  # many repeats: the dense GEMMs are cheaper than small blocks
+        return _gram_by_positions(idx.reshape(b, t), delta)
+    ends = torch.cumsum(sizes, 0)
+    firsts = torch.cumsum(counts, 0) - counts  # each row's first place in the sorted order
+    rows = delta.permute(0, 2, 1, 3).reshape(b * t, c, d)  # Δ at each position p = i·T + t
+    k = delta.new_zeros(b * b, c, c)
     step = max(1, b * b)  # pairs per chunk: a temporary of at most (b·c)² numbers
-    for lo in range(0, pairs.shape[0], step):
-        p, q = pairs[lo:lo + step].unbind(1)
-        k.index_put_((p // t, q // t), torch.bmm(rows[p], rows[q].transpose(1, 2)), accumulate=True)
-    return k.permute(0, 2, 1, 3).reshape(n, n)
+    for lo in range(0, pairs, step):
+        j = torch.arange(lo, min(lo + step, pairs), device=idx.device)
+        g = torch.searchsorted(ends, j, right=True)  # the row whose pairs j enumerates
+        local, width = j - (ends[g] - sizes[g]), counts[g]
+        p, q = order[firsts[g] + local // width], order[firsts[g] + local % width]
+        add_rows(k, (p // t) * b + q // t, torch.bmm(rows[p], rows[q].transpose(1, 2)))
+    return k.view(b, b, c, c).permute(0, 2, 1, 3).reshape(n, n)
 
 
-def _gram_by_positions(eq: Tensor, delta: Tensor) -> Tensor:
-    """Σ_{t,s} eq[:, t, :, s] ⊙ Δ_t Δ_sᵀ ([b·c, b·c]; eq [b, T, b, T]): T² GEMMs of b·c × d × b·c."""
+def _gram_by_positions(idx: Tensor, delta: Tensor) -> Tensor:
+    """Σ_{t,s} [idx_:t == idx_:s] ⊙ Δ_t Δ_sᵀ ([b·c, b·c]; idx [b, T]): T² GEMMs of b·c × d × b·c, each
+    with its own b × b mask (never the (b·T)² one)."""
     b, c, t, d = delta.shape
     n = b * c
     k = delta.new_zeros(b, c, b, c)
     for s in range(t):
         for u in range(t):
             g = delta[:, :, s].reshape(n, d) @ delta[:, :, u].reshape(n, d).T
-            k.addcmul_(g.view(b, c, b, c), eq[:, s, :, u].reshape(b, 1, b, 1))
+            eq = (idx[:, s, None] == idx[None, :, u]).to(delta.dtype)
+            k.addcmul_(g.view(b, c, b, c), eq.view(b, 1, b, 1))
     return k.reshape(n, n)
 
 
@@ -495,8 +514,7 @@ class GramOperator:
         for inputs a [N, d_in] and signals m [N, d_out]. An embedding's Jᵀ· is the table-shaped sum of m into
         the looked-up rows (over the distinct ones only), and J of it reads those rows back."""
         if isinstance(a, _Lookups):
-            # (index_put_ accumulates without atomics on CUDA: the same bits on every rank, unlike index_add_)
-            table = m.new_zeros(a.rows, m.shape[1]).index_put_((a.inverse,), m, accumulate=True)
+            table = add_rows(m.new_zeros(a.rows, m.shape[1]), a.inverse, m)
             return table[a.inverse]
         if s.weight:
             return torch.addmm(m.sum(dim=0), a, a.T @ m) if s.bias else a @ (a.T @ m)

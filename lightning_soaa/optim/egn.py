@@ -25,6 +25,7 @@ from lightning_soaa.functional.gram import (
     GramLayout,
     GramOperator,
     LinearFactorShape,
+    add_rows,
     assemble_gram,
     factors_to,
     gram_matvec,
@@ -539,6 +540,8 @@ class EGN(ShardedOptimizer):
         max_gram_size: largest bc allowed (default 4096); larger batches raise ``ValueError``. For a
             linear model under MSE (the Kronecker solve below) the largest b.
         jacobian: ``"auto"`` (Linear factors + explicit rest) or ``"explicit"`` (default ``"auto"``).
+        factor_embeddings: Gram factors from the indices of plain ``nn.Embedding`` tables looked up per
+            sample (default False: explicit rows, a V·d-column row per sample and output; see EGNConfig).
         process_group, comm, shard: see :class:`ShardedOptimizer`.
 
     References:
@@ -602,6 +605,7 @@ class EGN(ShardedOptimizer):
         max_solve_retries: int = 6,
         max_gram_size: int = 4096,
         jacobian: str = "auto",
+        factor_embeddings: bool = False,
         process_group: Any = None,
         comm: Any = None,
         shard: bool = True,
@@ -616,7 +620,7 @@ class EGN(ShardedOptimizer):
             ls_increase=ls_increase, max_ls=max_ls, ls_reset=ls_reset, rho_low=rho_low, rho_high=rho_high,
             damping_increase=damping_increase, damping_decrease=damping_decrease, damping_min=damping_min,
             damping_max=damping_max, solve_dtype=solve_dtype, max_solve_retries=max_solve_retries,
-            max_gram_size=max_gram_size, jacobian=jacobian,
+            max_gram_size=max_gram_size, jacobian=jacobian, factor_embeddings=factor_embeddings,
         )
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
@@ -686,7 +690,8 @@ class EGN(ShardedOptimizer):
         """How the curvature of the parameters in ``_trainable`` is captured (as an EGN built on the model
         with exactly those trainable would plan it)."""
         model, cfg = self.model, self.config
-        self._sites, self._explicit = plan_curvature(model, self._trainable, cfg.jacobian)
+        self._sites, self._explicit = plan_curvature(model, self._trainable, cfg.jacobian,
+                                                         cfg.factor_embeddings)
         # per site its trained (weight, bias) tensors, read once: Module.__getattr__ costs per lookup
         self._site_params = [site_params(s) for s in self._sites]
         # and their positions among EGN's parameters (positions, not ids: they survive copies and pickles)
@@ -1227,9 +1232,9 @@ class EGN(ShardedOptimizer):
 
     def _warn_dense_rows(self, z: Tensor) -> None:
         """Say once when the explicit rows will be large: they are dense [b, c, n] tensors (made twice),
-        so a trained nn.Embedding of 3.2M entries took +4.9 GB a step at b = 16, c = 8 when embeddings had
-        explicit rows (almost all zeros; a plain one now has index factors), and a larger one was killed for
-        memory with no message."""
+        so a trained nn.Embedding of 3.2M entries takes +4.9 GB a step at b = 16, c = 8 with explicit rows
+        (almost all zeros; factor_embeddings=True gives a plain one index factors), and a larger one was
+        killed for memory with no message."""
         if self.__dict__.get("_warned_dense_rows"):
             return
         params = [self._trainable[n] for n in self._explicit]
@@ -1239,11 +1244,12 @@ class EGN(ShardedOptimizer):
             return
         self._warned_dense_rows = True
         log.warning(
-            "EGN: %d trained parameter(s) have no Gram factors (only plain nn.Linear and nn.Embedding layers are "
-            "factored), e.g. %r, %d elements in all: their per-sample Jacobians are dense, about %.1f GiB a step at "
-            "this batch (%d samples x %d outputs). A tied embedding's are almost all zeros. If memory runs out, "
-            "freeze them or train them with another optimizer. Logged once.", len(params), self._explicit[0], numel,
-            need / 2**30, z.shape[0], z.shape[1])
+            "EGN: %d trained parameter(s) have no Gram factors (only plain nn.Linear layers, and nn.Embedding "
+            "tables with factor_embeddings=True, are factored), e.g. %r, %d elements in all: their per-sample "
+            "Jacobians are dense, about %.1f GiB a step at this batch (%d samples x %d outputs). An embedding's are "
+            "almost all zeros: EGN(..., factor_embeddings=True) factors a plain nn.Embedding looked up per sample. "
+            "If memory runs out, freeze them or train them with another optimizer. Logged once.", len(params),
+            self._explicit[0], numel, need / 2**30, z.shape[0], z.shape[1])
 
     def _explicit_rows(self, cap: LinearCapture, xs: tuple[Tensor, ...], z: Tensor) -> str | None:
         """The explicit Jacobian rows onto ``cap``, checked against the batch's forward; the error, if any."""
@@ -1264,15 +1270,16 @@ class EGN(ShardedOptimizer):
                             "jacobian='auto', or run the forward without them."
                             if self.config.jacobian == "explicit" else
                             "EGN needs explicit Jacobians for the trained parameters that are not a plain "
-                            f"nn.Linear's weight or bias or nn.Embedding's table ({self._explicit[0]!r}"
+                            "nn.Linear's weight or bias (or, with factor_embeddings=True, nn.Embedding's table) "
+                            f"({self._explicit[0]!r}"
                             f"{' and others' if len(self._explicit) > 1 else ''}): freeze those, or run the "
                             "forward without them."))
             return (f"EGN: the explicit per-sample Jacobians failed: {type(exc).__name__}: {exc}. EGN takes them "
                     "with torch.func (vmap of jacrev over one-sample batches); modules that do not support it "
                     "(e.g. nn.GRU, nn.LSTM) cannot be trained by EGN, nor can a forward that draws random numbers "
                     "itself (F.dropout) when some parameter needs these explicit Jacobians (one that is not a "
-                    "plain Linear's weight or bias or Embedding's table: a norm's scale, an EmbeddingBag, a tied "
-                    "embedding, a raw nn.Parameter). Here: "
+                    "plain Linear's weight or bias, or with factor_embeddings=True an Embedding's table: a norm's "
+                    "scale, an EmbeddingBag, a tied embedding, a raw nn.Parameter). Here: "
                     f"{', '.join(repr(n) for n in self._explicit[:4])}"
                     f"{' and others' if len(self._explicit) > 4 else ''} (freeze them to train the rest with EGN).")
         # detached: the rows are built from the live (trainable) factored parameters, so autograd would
@@ -1589,8 +1596,9 @@ class EGN(ShardedOptimizer):
             else:
                 m = torch.bmm(cot.unsqueeze(1), delta.reshape(b, c, t * d_out)).reshape(b * t, d_out)
             if weight is not None and self._sites[i].vocab:  # an embedding: m_it summed into the rows idx_it
-                rows = (a.reshape(-1).long(),)  # (index_put_: no atomics on CUDA, unlike index_add_)
-                grads[id(weight)] = torch.zeros_like(weight).index_put_(rows, _as(m, weight.dtype), accumulate=True)
+                # summed in m's dtype (a bf16 table would round at every repeat), in a fixed order
+                table = add_rows(m.new_zeros(weight.shape), a.reshape(-1).long(), m)
+                grads[id(weight)] = _as(table, weight.dtype)
             elif weight is not None:
                 grads[id(weight)] = _as(m.T @ a.reshape(b * t, d_in), weight.dtype)
             if bias is not None:

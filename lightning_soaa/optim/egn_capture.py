@@ -104,8 +104,8 @@ def changed_site(sites: list[LinearSite]) -> str | None:
     return None
 
 
-def plan_curvature(model: nn.Module, trainable: dict[str, Tensor],
-                   mode: str) -> tuple[list[LinearSite], list[str]]:
+def plan_curvature(model: nn.Module, trainable: dict[str, Tensor], mode: str,
+                   factor_embeddings: bool = False) -> tuple[list[LinearSite], list[str]]:
     """Split the trainable parameters into factored Linear sites and explicit-Jacobian names.
 
     A Linear is factored only when it is a plain ``nn.Linear`` (:func:`_own_linear_forward`), its
@@ -113,9 +113,9 @@ def plan_curvature(model: nn.Module, trainable: dict[str, Tensor],
     is not an ``nn.MultiheadAttention``'s ``out_proj``: that module passes ``out_proj.weight`` and ``.bias``
     to ``F.multi_head_attention_forward`` and never calls the Linear, so no hook would see it (the guard
     refused such a model under "auto"); its parameters get explicit Jacobians, as under "explicit".
-    An ``nn.Embedding`` is factored on the same terms (:func:`_own_embedding_forward`, its table owned by it
-    alone: a tied table, e.g. a language model's head, keeps explicit rows) with at most
-    :data:`MAX_FACTORED_ROWS` rows.
+    With ``factor_embeddings``, an ``nn.Embedding`` is factored on the same terms
+    (:func:`_own_embedding_forward`, its table owned by it alone: a tied table, e.g. a language model's
+    head, keeps explicit rows) with at most :data:`MAX_FACTORED_ROWS` rows.
     """
     owners: dict[int, int] = {}
     for _, m in model.named_modules(remove_duplicate=True):
@@ -140,7 +140,7 @@ def plan_curvature(model: nn.Module, trainable: dict[str, Tensor],
             names = tuple(by_id[id(p)] for p in ps if id(p) in by_id)
             sites.append(LinearSite(path, m, w, bb, names))
             factored.update(names)
-        for path, m in model.named_modules(remove_duplicate=True):
+        for path, m in model.named_modules(remove_duplicate=True) if factor_embeddings else ():
             if (isinstance(m, nn.Embedding) and _own_embedding_forward(m) and owners.get(id(m.weight), 0) == 1
                     and id(m.weight) in by_id and m.num_embeddings <= MAX_FACTORED_ROWS):
                 sites.append(LinearSite(path, m, True, False, (by_id[id(m.weight)],)))
@@ -184,7 +184,7 @@ class LinearCapture:
         # global forward hooks run before any module's own: with some installed, the output a hook of ours
         # sees may already be changed, so each one is checked against the layer's function (_hook)
         self._global_hooks = bool(_module._global_forward_hooks)
-        self.guard.__enter__()  # type: ignore[no-untyped-call]  # (torch's TorchFunctionMode is untyped)
+        self.guard.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -220,7 +220,10 @@ class LinearCapture:
                 self.error = self.error or (
                     f"EGN: the {site.kind} layer {site.path!r} received an input of shape "
                     f"{tuple(a.shape)} whose first dimension is not the batch size {self.batch_size}; "
-                    "per-layer Gram factors need per-sample inputs. Use jacobian='explicit'."
+                    "per-layer Gram factors need per-sample inputs. Use jacobian='explicit'" + (
+                        " or, for this table alone, factor_embeddings=False (explicit rows for every "
+                        "nn.Embedding: a positional table looked up with arange(T) trains that way)."
+                        if site.vocab else ".")
                 )
                 return None
             if not output.requires_grad:  # no graph to read its back-signals from
@@ -229,8 +232,8 @@ class LinearCapture:
                     "the model's forward (torch.no_grad, or a reentrant torch.utils.checkpoint); its Gram "
                     "factors need the call's graph. Under torch.utils.checkpoint pass use_reentrant=False (EGN's "
                     "default jacobian='auto' supports it where every trained parameter is a plain nn.Linear's "
-                    "weight or bias or nn.Embedding's table; explicit Jacobians (jacobian='explicit', or any "
-                    "other trained parameter) support no checkpoint regions); "
+                    "weight or bias or, with factor_embeddings=True, nn.Embedding's table; explicit Jacobians "
+                    "(jacobian='explicit', or any other trained parameter) support no checkpoint regions); "
                     "for a layer run under torch.no_grad, jacobian='explicit'.")
                 return None
             weight = getattr(site.module, "weight", None)

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
@@ -49,6 +50,11 @@ class OwnUseGuard(TorchFunctionMode):
         self._layers = list(layers)
         self._inside: list[int] = []
         self.misuse: str | None = None
+        self._graph = True  # whether the watched forward builds a graph (the chain's trace runs without one)
+
+    def __enter__(self) -> OwnUseGuard:
+        self._graph = torch.is_grad_enabled()
+        return super().__enter__()  # type: ignore[no-any-return, no-untyped-call]
 
     def enter(self, i: int, module: Any) -> None:
         """Layer ``i``'s call begins (its forward pre-hook, given the module): it must hold its trained
@@ -84,10 +90,23 @@ class OwnUseGuard(TorchFunctionMode):
                     # a view made before the forward (weight.t() kept from __init__) reads the parameter
                     owner = self._owner.get(id(a._base))
                 if owner is not None and owner[0] != here:
+                    if self._graph and not _differentiable(out):
+                        break  # a read under no_grad, of .detach(), an argmax: no Jacobian term
+                    # (a forward run without a graph cannot tell: the trace falls back to the capture)
                     name = getattr(func, "__name__", str(func))
                     self.misuse = (f"EGN: the parameter {owner[1]!r} is used outside its nn.{self._kinds[owner[0]]}'s "
                                    "own call "
                                    f"(by {name}), so its Gram factors would miss part of the Jacobian. Call the "
-                                   "layer as a module, or build EGN with jacobian='explicit'.")
+                                   "layer as a module, or build EGN with jacobian='explicit'" + (
+                                       " or, for an nn.Embedding's table (a head tied by F.linear(h, "
+                                       "emb.weight)), with factor_embeddings=False."
+                                       if self._kinds[owner[0]] == "Embedding" else "."))
                     break
         return out
+
+
+def _differentiable(out: Any) -> bool:
+    """Whether a function's result carries the parameter into the graph (a read for logging under
+    torch.no_grad or of ``weight.detach()`` does not: the guard refused such forwards)."""
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    return any(isinstance(o, Tensor) and o.requires_grad for o in outs)

@@ -556,7 +556,7 @@ EMBEDDING_KW = dict(lr=1.0, damping=0.3, momentum=0.5, line_search=True, adaptiv
 def _embedding_run(name: str, rank: int, world: int, jacobian: str = "auto") -> dict:
     kind, loss, pad, sizes, c = EMBEDDING_CONFIGS[name]
     model = embedding_model(kind, c, pad)
-    opt = EGN(model, loss=loss, jacobian=jacobian, **EMBEDDING_KW)
+    opt = EGN(model, loss=loss, jacobian=jacobian, factor_embeddings=True, **EMBEDDING_KW)
     lo = sum(sizes[:rank]) if world > 1 else 0
     n = sizes[rank] if world > 1 else sum(sizes)
     for t in range(STEPS):

@@ -11,6 +11,8 @@ overridden forward) keep explicit rows and still match; max_norm / scale_grad_by
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -22,6 +24,7 @@ from lightning_soaa.functional.gram import (
     GramLayout,
     GramOperator,
     LinearFactorShape,
+    add_rows,
     assemble_gram,
     embedding_gram,
     factors_to,
@@ -35,6 +38,7 @@ from tests.harness.models import EmbeddingTabular, EmbeddingTokens, embedding_ba
 from tests.unit._egn_oracle import flat_params
 
 DT = torch.float64
+FEGN = functools.partial(EGN, factor_embeddings=True)  # the factored tables are opt-in
 
 
 # -- the functional Gram of an embedding site -----------------------------------------------------
@@ -138,7 +142,7 @@ SOLVES = {"dense": (12, 3), "mixed": (100, 5), "cg": (140, 5)}
 def _run(kind: str, loss: str, pad: int | None, solve: str, jacobian: str, steps: int = 3):
     b, c = SOLVES[solve]
     model = embedding_model(kind, c, pad)
-    opt = EGN(model, loss=loss, jacobian=jacobian, **KW)
+    opt = FEGN(model, loss=loss, jacobian=jacobian, **KW)
     grams = []
     for t in range(steps):
         xs, y = embedding_batch(kind, t, b, c, loss, pad)
@@ -220,8 +224,8 @@ def _variant(which: str) -> nn.Module:
 def test_embeddings_the_index_factors_do_not_describe_keep_explicit_rows(which: str) -> None:
     """Regression guard: these stay on the explicit path (and match jacobian='explicit')."""
     got_model, ref_model = _variant(which), _variant(which)
-    got = EGN(got_model, loss="cross_entropy", jacobian="auto", **KW)
-    ref = EGN(ref_model, loss="cross_entropy", jacobian="explicit", **KW)
+    got = FEGN(got_model, loss="cross_entropy", jacobian="auto", **KW)
+    ref = FEGN(ref_model, loss="cross_entropy", jacobian="explicit", **KW)
     assert not any(isinstance(s.module, nn.Embedding) for s in got._sites)
     assert any("emb" in n for n in got._explicit)
     for t in range(3):
@@ -238,19 +242,19 @@ def test_embedding_options_without_a_per_sample_jacobian_stay_refused(option: di
     model.emb = nn.Embedding(6, 3, **option).to(DT)
     for jacobian in ("auto", "explicit"):
         with pytest.raises(ValueError, match=r"module 'emb' is Embedding\("):
-            EGN(model, loss="cross_entropy", jacobian=jacobian)
+            FEGN(model, loss="cross_entropy", jacobian=jacobian)
 
 
 def test_a_table_above_the_float32_exact_range_keeps_explicit_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     """Indices travel in the factor table; beyond 2²⁴ rows float32 would round them: explicit rows."""
     monkeypatch.setattr(egn_capture, "MAX_FACTORED_ROWS", 5)
     model = EmbeddingTabular(3).to(DT)  # tables of 5, 3 and 7 rows
-    opt = EGN(model, loss="mse")
+    opt = FEGN(model, loss="mse")
     assert sorted(s.path for s in opt._sites if s.vocab) == ["embs.0", "embs.1"]
     assert opt._explicit == ["embs.2.weight"]
     ref_model = EmbeddingTabular(3).to(DT)
     ref_model.load_state_dict(model.state_dict())
-    ref = EGN(ref_model, loss="mse", jacobian="explicit")
+    ref = FEGN(ref_model, loss="mse", jacobian="explicit")
     for t in range(2):
         xs, y = embedding_batch("tabular", t, 9, 3, "mse", None)
         opt.step(inputs=xs, targets=y)
@@ -270,14 +274,14 @@ def test_a_factored_table_used_outside_its_lookup_is_refused() -> None:
     w0 = flat_params(model)
     xs, y = embedding_batch("tokens", 0, 8, 3, "mse", None)
     with pytest.raises(ValueError, match=r"'emb.weight' is used outside its nn.Embedding's own call"):
-        EGN(model, loss="mse").step(inputs=xs, targets=y)
+        FEGN(model, loss="mse").step(inputs=xs, targets=y)
     assert torch.equal(flat_params(model), w0)
-    EGN(model, loss="mse", jacobian="explicit").step(inputs=xs, targets=y)
+    FEGN(model, loss="mse", jacobian="explicit").step(inputs=xs, targets=y)
 
 
 def test_an_embedding_whose_lookup_changes_after_construction_is_refused() -> None:
     model = EmbeddingTokens(3).to(DT)
-    opt = EGN(model, loss="mse")
+    opt = FEGN(model, loss="mse")
     xs, y = embedding_batch("tokens", 0, 8, 3, "mse", None)
     opt.step(inputs=xs, targets=y)
     emb = model.emb
@@ -295,7 +299,7 @@ def test_a_factored_table_trains_inside_a_non_reentrant_checkpoint_region() -> N
 
     got_model, ref_model = embedding_model("tokens", 3, 0), embedding_model("tokens", 3, 0)
     got_model.__class__ = _Checkpointed
-    got, ref = EGN(got_model, loss="cross_entropy", **KW), EGN(ref_model, loss="cross_entropy", **KW)
+    got, ref = FEGN(got_model, loss="cross_entropy", **KW), FEGN(ref_model, loss="cross_entropy", **KW)
     for t in range(3):
         xs, y = embedding_batch("tokens", t, 10, 3, "cross_entropy", 0)
         got.step(inputs=xs, targets=y)
@@ -319,7 +323,7 @@ def test_one_table_looked_up_by_two_calls_is_one_site_of_their_positions() -> No
     def run(jacobian: str) -> tuple[nn.Module, EGN]:
         torch.manual_seed(4)
         model = _SharedTable().to(DT)
-        opt = EGN(model, loss="cross_entropy", jacobian=jacobian, **KW)
+        opt = FEGN(model, loss="cross_entropy", jacobian=jacobian, **KW)
         for t in range(3):
             (cat, num), y = embedding_batch("tabular", t, 11, 3, "cross_entropy", 4)
             opt.step(inputs=(cat % 5, num), targets=y)
@@ -339,7 +343,7 @@ def test_jacobian_products_of_the_index_factors_equal_the_explicit_rows(kind: st
     g = torch.Generator().manual_seed(8)
     products = []
     for jacobian in ("auto", "explicit"):
-        opt = EGN(embedding_model(kind, 3, pad), loss="mse", jacobian=jacobian)
+        opt = FEGN(embedding_model(kind, 3, pad), loss="mse", jacobian=jacobian)
         assert (opt._explicit == []) == (jacobian == "auto")  # the tables by their index factors
         opt._pass = _Pass(xs, y)
         batch = opt._agree_on_batch(xs, y)
@@ -353,3 +357,85 @@ def test_jacobian_products_of_the_index_factors_equal_the_explicit_rows(kind: st
     for got, want in zip(vjp, vjp_ref, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)
     torch.testing.assert_close(jvp, jvp_ref, rtol=1e-13, atol=1e-13)
+
+
+# -- factor_embeddings=False (the default): every table keeps explicit rows ------------------------
+
+class _Positional(EmbeddingTokens):
+    """Tokens plus a positional table looked up with arange(T): [T] indices, no batch dimension."""
+
+    def __init__(self) -> None:
+        super().__init__(3)
+        self.pos = nn.Embedding(4, 3)
+
+    def forward(self, tok: Tensor) -> Tensor:
+        return self.head((self.emb(tok) + self.pos(torch.arange(tok.shape[1]))).mean(dim=1))
+
+
+class _FunctionalTie(nn.Module):
+    """A head tied to the table by F.linear(h, emb.weight): the table read as a weight too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(6, 3)
+        self.mid = nn.Linear(3, 3)
+
+    def forward(self, tok: Tensor) -> Tensor:
+        return nn.functional.linear(torch.tanh(self.mid(self.emb(tok).mean(dim=1))), self.emb.weight)
+
+
+@pytest.mark.parametrize("which", ["positional", "functional_tie"])
+def test_tables_index_factors_cannot_take_train_by_default_and_are_refused_when_factored(which: str) -> None:
+    """By default (explicit rows for every table) these train as under jacobian='explicit'; with
+    factor_embeddings=True the first step is refused naming the table and the option, nothing changed."""
+    def make() -> nn.Module:
+        torch.manual_seed(12)
+        return (_Positional() if which == "positional" else _FunctionalTie()).to(DT)
+
+    c = 3 if which == "positional" else 6
+    got_model, ref_model = make(), make()
+    got = EGN(got_model, loss="cross_entropy", **KW)
+    ref = EGN(ref_model, loss="cross_entropy", jacobian="explicit", **KW)
+    assert not any(s.vocab for s in got._sites) and "emb.weight" in got._explicit
+    for t in range(3):
+        xs, y = embedding_batch("tokens", t, 10, c, "cross_entropy", None)
+        got.step(inputs=xs, targets=y)
+        ref.step(inputs=xs, targets=y)
+    torch.testing.assert_close(flat_params(got_model), flat_params(ref_model), rtol=1e-11, atol=1e-12)
+
+    model = make()
+    w0 = flat_params(model)
+    xs, y = embedding_batch("tokens", 0, 10, c, "cross_entropy", None)
+    with pytest.raises(ValueError, match=r"factor_embeddings=False") as info:
+        FEGN(model, loss="cross_entropy").step(inputs=xs, targets=y)
+    assert ("'pos'" if which == "positional" else "'emb.weight'") in str(info.value)
+    assert torch.equal(flat_params(model), w0)
+
+
+def test_by_default_every_table_keeps_explicit_rows() -> None:
+    opt = EGN(embedding_model("tabular", 3, None), loss="mse")
+    assert not any(s.vocab for s in opt._sites)
+    assert sorted(opt._explicit) == ["embs.0.weight", "embs.1.weight", "embs.2.weight"]
+    with pytest.raises(ValueError, match=r"Invalid factor_embeddings='yes'. Must be True or False."):
+        EGN(embedding_model("tabular", 3, None), factor_embeddings="yes")
+
+
+def test_sums_into_rows_are_the_same_bits_every_run() -> None:
+    """torch's CPU index_put_(accumulate=True) adds repeats in parallel in no fixed order (different bits
+    run to run at 2 threads): add_rows and the pairs route of a T > 1 Gram are the same bits every time."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(0)
+        index = torch.randint(0, 50, (200_000,), generator=g)
+        values = torch.randn(200_000, 16, generator=g)
+        sums = {add_rows(torch.zeros(50, 16), index, values).numpy().tobytes() for _ in range(10)}
+        assert len(sums) == 1
+        want = torch.zeros(50, 16, dtype=DT).index_add_(0, index, values.to(DT))
+        torch.testing.assert_close(add_rows(torch.zeros(50, 16), index, values).to(DT), want, rtol=1e-4, atol=1e-3)
+        idx = torch.randint(0, 400, (64, 32, 1), generator=g).to(DT)  # few repeats: the pairs route
+        delta = torch.randn(64, 2, 32, 8, generator=g)
+        grams = {embedding_gram(idx, delta).numpy().tobytes() for _ in range(5)}
+        assert len(grams) == 1
+    finally:
+        torch.set_num_threads(threads)

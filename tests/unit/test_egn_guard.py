@@ -38,6 +38,11 @@ class Uses(nn.Module):
             h = fc(x)
         if k == "metadata":  # reads the weight's shape only
             h = h.reshape(-1, fc.weight.shape[0])
+        if k == "no_grad_read":  # a value read for logging or a statistic: no path into the outputs' graph
+            with torch.no_grad():
+                self.last_norm = fc.weight.norm()
+        if k == "detached_read":  # a detached weight scaling the activations: a constant, as torch sees it
+            h = h * (1.0 + 0.0 * fc.weight.detach().sum())
         out: Tensor = self.head(self.act(h))
         if k == "penalty":
             out = out + 1e-2 * self.head.weight.sum()
@@ -67,8 +72,9 @@ def test_a_factored_parameter_used_outside_its_layer_raises_and_changes_nothing(
     torch.testing.assert_close(flat_params(model) - w0, ref["d"], rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("kind", ["metadata", "plain", "frozen_functional"])
+@pytest.mark.parametrize("kind", ["metadata", "plain", "frozen_functional", "no_grad_read", "detached_read"])
 def test_metadata_and_frozen_weights_are_fine(kind: str) -> None:
+    """Also a read under torch.no_grad or of weight.detach() (refused before: no Jacobian term to miss)."""
     torch.manual_seed(0)
     model = Uses("functional" if kind == "frozen_functional" else kind).double()
     torch.manual_seed(0)
