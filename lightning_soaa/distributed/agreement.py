@@ -48,7 +48,9 @@ __all__ = [
     "construction_digests",
     "check_construction",
     "hyperparameter_digest",
-    "hyperparameter_key",
+    "group_rest_text",
+    "group_lr_text",
+    "digest_group_texts",
     "grad_digest",
     "grad_sq_tensor",
     "grad_sq_exact",
@@ -155,46 +157,33 @@ def canonical(value: Any) -> str:
     return type(value).__qualname__  # e.g. a callable: its identity cannot be compared across processes
 
 
+_NOT_DIGESTED = ("params", "param_names", "lr")
+
+
 def _digest(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & _MASK48
 
 
+def group_rest_text(group: dict[str, Any]) -> str:
+    """:func:`canonical` of a param group's hyperparameters other than ``lr`` (not its parameters)."""
+    return canonical({k: v for k, v in group.items() if k not in _NOT_DIGESTED})
+
+
+def group_lr_text(group: dict[str, Any]) -> str:
+    """:func:`canonical` of a param group's ``lr`` ('-' when it has none)."""
+    return canonical(group["lr"]) if "lr" in group else "-"
+
+
+def digest_group_texts(texts: Sequence[str]) -> int:
+    """The digest of the groups' texts (each :func:`group_rest_text` + '#' + :func:`group_lr_text`)."""
+    return _digest("|".join(texts))
+
+
 def hyperparameter_digest(param_groups: Sequence[dict[str, Any]]) -> int:
-    """A 48-bit digest of every group's hyperparameters (not the parameters themselves)."""
-    return _digest(canonical([{k: v for k, v in g.items() if k not in ("params", "param_names")}
-                              for g in param_groups]))
-
-
-def _scalar_key(v: Any) -> Any:
-    t = type(v)
-    if t is float:
-        return v.hex()  # exact, as canonical() writes it (-0.0 and 0.0 differ; NaN equals NaN)
-    if t is bool or t is int or t is str or v is None:
-        return (t, v)
-    raise TypeError
-
-
-def hyperparameter_key(param_groups: Sequence[dict[str, Any]]) -> tuple[Any, ...] | None:
-    """A cheap, exact key of every group's hyperparameters: equal keys mean equal
-    :func:`hyperparameter_digest`, so a rank may reuse the digest of its last step while the key is
-    unchanged (an LR scheduler changes ``lr`` at every step: the key changes with it, and the digest
-    is computed again). ``None`` when a value is not a plain ``float``/``int``/``bool``/``str``/``None`` or
-    a flat list/tuple of those (a tensor lr, a dict, a NumPy scalar): then nothing may be reused."""
-    out: list[Any] = []
-    try:
-        for g in param_groups:
-            for k, v in g.items():
-                if k == "params" or k == "param_names":
-                    continue
-                t = type(v)
-                if t is tuple or t is list:
-                    out.append((k, t, tuple(_scalar_key(x) for x in v)))
-                else:
-                    out.append((k, _scalar_key(v)))
-            out.append(None)  # group boundary
-    except TypeError:
-        return None
-    return tuple(out)
+    """A 48-bit digest of every group's hyperparameters (not the parameters themselves). ``lr`` has a text
+    of its own so that a scheduler's new ``lr`` re-reads that value alone
+    (:class:`~lightning_soaa.distributed.hyper_digest.HyperparameterDigest`)."""
+    return digest_group_texts([group_rest_text(g) + "#" + group_lr_text(g) for g in param_groups])
 
 
 def construction_digests(optimizer: Any, params: Sequence[Tensor], names: Sequence[str | None],

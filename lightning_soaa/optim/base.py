@@ -118,6 +118,7 @@ from lightning_soaa.distributed.comm import (
 )
 from lightning_soaa.distributed.dtensor import DTensorLayout, has_dtensor, local
 from lightning_soaa.distributed.exchange import OwnerExchange
+from lightning_soaa.distributed.hyper_digest import HyperparameterDigest
 from lightning_soaa.distributed.reblock import fit_layout
 from lightning_soaa.distributed.stop_vote import StopVote, in_handler_checkpoint_signal
 from lightning_soaa.functional.adamw import increment_counts_
@@ -615,7 +616,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 if not (k.startswith("_optimizer_") and k.endswith("_hooks")) and k not in self._transient
                 and not (callable(v) and callable(getattr(cls, k, None))) and k != "_opt_called"
                 and k not in ("_view_cache", "_step_counts", "_valid_groups", "_state_ids", "_state_ids_now",
-                              "stop_vote")}
+                              "_hyper_digests", "stop_vote")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         had_differentiable = "differentiable" in state["defaults"]
@@ -1260,16 +1261,13 @@ class ShardedOptimizer(torch.optim.Optimizer):
         return agreement.grad_sq_tensor(grads) if grads else 0.0
 
     def _hyper_digest(self) -> int:
-        """The hyperparameter digest of this step, reused while the groups' values are unchanged (an LR
-        scheduler changes ``lr`` every step: it is then recomputed; see agreement.hyperparameter_key)."""
-        key = agreement.hyperparameter_key(self.param_groups)
-        cached = self.__dict__.get("_hyper_cache")
+        """The hyperparameter digest of this step (distributed/hyper_digest.py: the groups' texts are
+        reused while their values are the same objects; a scheduler's new lr re-reads lr alone)."""
+        digest = self.__dict__.get("_hyper_digests")
+        if digest is None:
+            digest = self._hyper_digests = HyperparameterDigest()
         rebuilt = int(self.__dict__.get("_rebuilt_digest", 0))  # parameters converted before the first step
-        if key is not None and cached is not None and cached[0] == key:
-            return int(cached[1]) ^ rebuilt
-        digest = agreement.hyperparameter_digest(self.param_groups)
-        self._hyper_cache = (key, digest) if key is not None else None
-        return digest ^ rebuilt
+        return digest(self.param_groups) ^ rebuilt
 
     def _out_of_order(self, ranks: list[int]) -> RuntimeError:
         """The error of ranks found in another optimizer's step than rank 0 (the instance ids of a step's

@@ -439,3 +439,16 @@ def test_sums_into_rows_are_the_same_bits_every_run() -> None:
         assert len(grams) == 1
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("b,c,t,vocab,d", [(5, 2, 6, 50, 3), (3, 1, 9, 200, 2), (8, 3, 5, 30, 4), (2, 2, 12, 400, 1)])
+def test_pairs_route_over_many_chunks_equals_the_one_hot_rows(b: int, c: int, t: int, vocab: int, d: int) -> None:
+    """The matching pairs enumerated from the sorted indices, many chunks of b² pairs, rows repeated within
+    and across samples, against the one-hot explicit rows."""
+    g = torch.Generator().manual_seed(b * t + vocab)
+    idx = torch.randint(0, vocab, (b, t, 1), generator=g).to(DT)
+    idx[0, : t // 2, 0] = 3.0  # one row looked up many times, in two samples
+    idx[-1, -1, 0] = 3.0
+    delta = torch.randn(b, c, t, d, generator=g, dtype=DT)
+    rows = _one_hot_rows(idx, delta, vocab)
+    torch.testing.assert_close(embedding_gram(idx, delta), rows @ rows.T, rtol=1e-13, atol=1e-13)

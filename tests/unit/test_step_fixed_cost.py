@@ -1,7 +1,7 @@
 """The cheap paths of the step template keep every guarantee of the slow ones they replace.
 
-* ``agreement.hyperparameter_key``: equal keys only for equal digests (so a reused digest is the digest
-  the rank would have computed), ``None`` for values it cannot key exactly.
+* ``HyperparameterDigest``: the digest the rank would have computed afresh, whatever it reused (values
+  changed in place included).
 * ``StepRecord.values`` / ``host_floats`` / ``with_sums``: the same floats as the fp64 vector.
 * A single process makes no collective and builds no agreement rows, yet raises a held error and skips
   a non-finite step as before.
@@ -18,6 +18,7 @@ import torch
 
 from lightning_soaa import SOAA, ShardedAdamW
 from lightning_soaa.distributed import agreement
+from lightning_soaa.distributed.hyper_digest import HyperparameterDigest
 from lightning_soaa.functional.adamw import increment_counts_
 from lightning_soaa.optim.base import StepRecord, host_floats, summed
 
@@ -37,30 +38,48 @@ def _groups(**over: Any) -> list[dict[str, Any]]:
     (dict(lr=1e-3), dict(lr=1e-3 * (1 + 2**-52))),  # one ulp
     (dict(name="a"), dict(name="b")),
     (dict(opt=None), dict(opt="None")),
+    (dict(lr=1e-3), dict(lr=torch.tensor(1e-3))),
 ])
-def test_hyperparameter_key_differs_whenever_the_digest_does(a: dict[str, Any], b: dict[str, Any]) -> None:
+def test_reused_digest_differs_whenever_the_digest_does(a: dict[str, Any], b: dict[str, Any]) -> None:
+    """The cached digest (HyperparameterDigest) is the plain one, from a fresh cache and after a change."""
     ga, gb = _groups(**a), _groups(**b)
     assert agreement.hyperparameter_digest(ga) != agreement.hyperparameter_digest(gb)
-    assert agreement.hyperparameter_key(ga) != agreement.hyperparameter_key(gb)
+    cached = HyperparameterDigest()
+    assert cached(ga) == agreement.hyperparameter_digest(ga)
+    ga[0].update(b)  # the same group object, changed in place as a scheduler or a user changes it
+    assert cached(ga) == agreement.hyperparameter_digest(gb)
 
 
-def test_hyperparameter_key_equal_for_equal_values_and_none_for_unkeyable() -> None:
-    assert agreement.hyperparameter_key(_groups(lr=float("nan"))) == agreement.hyperparameter_key(
-        _groups(lr=float("nan")))
-    assert agreement.hyperparameter_key(_groups()) == agreement.hyperparameter_key(_groups())
-    assert agreement.hyperparameter_key(_groups() + _groups()) != agreement.hyperparameter_key(_groups())
-    for value in (torch.tensor(1e-3), {"a": 1}, [[1.0]], object()):
-        assert agreement.hyperparameter_key(_groups(lr=value)) is None
+def test_values_changed_in_place_are_read_again() -> None:
+    """Identity is trusted only for immutable values: a tensor lr, a list of betas or a dict changed in
+    place still changes the digest."""
+    groups = _groups(lr=torch.tensor(1e-3), betas=[0.9, 0.999], extra={"a": 1})
+    cached = HyperparameterDigest()
+    seen = {cached(groups)}
+    for change in (lambda g: g["lr"].mul_(0.5), lambda g: g["betas"].__setitem__(0, 0.8),
+                   lambda g: g["extra"].__setitem__("a", 2)):
+        change(groups[0])
+        now = cached(groups)
+        assert now == agreement.hyperparameter_digest(groups) and now not in seen
+        seen.add(now)
+    assert cached(groups) == agreement.hyperparameter_digest(groups)  # unchanged: the same
 
 
 def test_reused_digest_follows_every_change_of_the_groups() -> None:
     opt = ShardedAdamW(torch.nn.Linear(3, 2).parameters(), lr=1e-3)
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 1e-2})
     for change in (lambda g: g.update(lr=g["lr"] * 0.5), lambda g: g.update(betas=(0.8, 0.99)),
                    lambda g: g.update(lr=torch.tensor(1e-4)), lambda g: g.update(lr=1e-4),
-                   lambda g: g.update(weight_decay=-0.0)):
-        change(opt.param_groups[0])
-        assert opt._hyper_digest() == agreement.hyperparameter_digest(opt.param_groups)
-        assert opt._hyper_digest() == agreement.hyperparameter_digest(opt.param_groups)  # from the cache
+                   lambda g: g.update(weight_decay=-0.0), lambda g: g.pop("eps"),
+                   lambda g: g.update(eps=1e-8)):
+        for group in opt.param_groups:
+            change(group)
+            assert opt._hyper_digest() == agreement.hyperparameter_digest(opt.param_groups)
+            assert opt._hyper_digest() == agreement.hyperparameter_digest(opt.param_groups)  # from the cache
+    opt.param_groups.reverse()  # other groups at each place
+    assert opt._hyper_digest() == agreement.hyperparameter_digest(opt.param_groups)
+    opt.param_groups.pop()
+    assert opt._hyper_digest() == agreement.hyperparameter_digest(opt.param_groups)
 
 
 @dataclasses.dataclass
