@@ -68,7 +68,7 @@ class StateField:
         nonnegative: every element must be >= 0 (second moments, counters).
         required: a block that has any state must have this key (False: kept only in some steps).
         legacy: other dtypes that checkpoints of earlier versions hold for this key; accepted, and
-            converted to ``dtype`` on load.
+            converted to ``dtype`` on load (any floating dtype is, for a floating ``dtype``: _castable).
     """
 
     shape: tuple[int, ...]
@@ -258,7 +258,7 @@ def validate_state_dict(optimizer: CheckpointView, sd: Any, by_position: bool = 
         if len(saved["params"]) != len(mine["params"]):
             raise ValueError(
                 f"{name}.load_state_dict: param group {gi} has {len(saved['params'])} parameters in the "
-                f"state and {len(mine['params'])} in this optimizer."
+                f"state and {len(mine['params'])} in this optimizer{_names_differ(saved, mine)}."
             )
         if by_position:
             _check_name_order(name, gi, saved.get("param_names"), mine.get("param_names"))
@@ -321,21 +321,57 @@ def check_block_steps(where: str, blk: dict[str, Any], limit: float) -> None:
             "copied in from another checkpoint).")
 
 
+def _names_differ(saved: dict[str, Any], mine: dict[str, Any]) -> str:
+    """'' or, where both groups name their parameters, which names only one side has (a layer frozen or
+    unfrozen since the state was saved, the usual cause)."""
+    a, b = saved.get("param_names"), mine.get("param_names")
+    if not (isinstance(a, list) and isinstance(b, list)):
+        return ""
+    only_saved = [n for n in a if n is not None and n not in b]
+    only_here = [n for n in b if n is not None and n not in a]
+
+    def some(ns: list[Any]) -> str:
+        return ", ".join(map(repr, ns[:6])) + (f" and {len(ns) - 6} more" if len(ns) > 6 else "")
+    parts = ([f"only in the state: {some(only_saved)}"] if only_saved else []) + (
+        [f"only here: {some(only_here)}"] if only_here else [])
+    return f" ({'; '.join(parts)}: trained parameters frozen or unfrozen since it was saved?)" if parts else ""
+
+
+def _moved_name(saved: list[Any], mine: list[Any]) -> int | None:
+    """The first position of ``saved`` whose name (not None) is also in ``mine``, at another position."""
+    here = {str(n): k for k, n in enumerate(mine) if n is not None}
+    return next((k for k, n in enumerate(saved) if n is not None and here.get(str(n), k) != k), None)
+
+
+def _moved_message(saved: list[Any], mine: list[Any], k: int, where: str, flat: bool = False) -> str:
+    """What a state whose names sit at other positions lists, said after 'lists' (the name at ``k``
+    moved; ``where``: how position ``k`` is said, e.g. 'position 2'; ``flat``: positions over all groups)."""
+    if sorted(map(str, saved)) == sorted(map(str, mine)):
+        return f"the same parameters in another order ({where}: {saved[k]!r} in the state, {mine[k]!r} here)"
+    other = next(i for i, n in enumerate(mine) if n is not None and str(n) == str(saved[k]))
+    return (f"{saved[k]!r} at another position (the state's {where}; position {other} here"
+            f"{' counted over all groups' if flat else ''}): another set of trained parameters, e.g. other "
+            "layers frozen since it was saved (to load by position anyway, delete 'param_names' from the "
+            "state's param groups)")
+
+
 def _check_name_order(name: str, gi: int, saved: Any, mine: Any) -> None:
-    """Raise when both sides name their parameters and the names are the same set in another order.
+    """Raise when both sides name their parameters and a name of both sides sits at another position.
 
     The state maps to parameters by position, as torch's does. The same names in another order are the
-    same model with its modules registered in another order: position by position the state would land on
-    the wrong tensors (equal shapes load silently; 0.06-0.23 off the uninterrupted run after 3 steps).
-    Other names (a renamed module) load by position, as in torch."""
+    same model with its modules registered in another order, and names shared at other positions are
+    another set of trained parameters (a checkpoint saved with layer 4 frozen, loaded with layer 0 frozen):
+    position by position the state would land on the wrong tensors (equal shapes load silently; 0.06-0.23
+    off the uninterrupted run after 3 steps; 0.04 for the frozen layers, on every optimizer). Names shared
+    by none (a renamed module) load by position, as in torch."""
     if not (isinstance(saved, list) and isinstance(mine, list)) or saved == mine:
         return
-    if sorted(map(str, saved)) == sorted(map(str, mine)):
-        j = next(i for i, (a, b) in enumerate(zip(saved, mine)) if a != b)
+    j = _moved_name(saved, mine)
+    if j is not None:
         raise ValueError(
-            f"{name}.load_state_dict: param group {gi} lists the same parameters in another order (position {j}: "
-            f"{saved[j]!r} in the state, {mine[j]!r} here); the state maps by position, so it would load into the "
-            "wrong tensors. Build the optimizer over the parameters in the order they were saved in.")
+            f"{name}.load_state_dict: param group {gi} lists "
+            f"{_moved_message(saved, mine, j, f'position {j}')}; the state maps by position, so it would load "
+            "into the wrong tensors. Build the optimizer over the parameters in the order they were saved in.")
 
 
 def _layout_option_change(optimizer: CheckpointView, saved_groups: list[Any], saved_layout: list[Any],
@@ -379,21 +415,20 @@ def _torch_optimizer_state(sd: Any) -> bool:
 
 
 def _check_group_order(name: str, saved: list[Any], mine: list[Any]) -> None:
-    """:func:`_check_name_order` across groups: the same names spread over the groups in another order
-    (param groups built in another order, e.g. two equal-shaped layers with different lrs) map state and
+    """:func:`_check_name_order` across groups: names spread over the groups at other positions (param
+    groups built in another order, e.g. two equal-shaped layers with different lrs) map state and
     hyperparameters to the wrong parameters (0.03 off the uninterrupted run in 3 steps; torch's loader
     does the same, silently)."""
     if not all(isinstance(g, list) for g in (*saved, *mine)):
         return
     where = [(gi, j) for gi, g in enumerate(mine) for j in range(len(g))]
     flat_saved, flat_mine = [n for g in saved for n in g], [n for g in mine for n in g]
-    if flat_saved == flat_mine or sorted(map(str, flat_saved)) != sorted(map(str, flat_mine)):
+    if flat_saved == flat_mine or (k := _moved_name(flat_saved, flat_mine)) is None:
         return
-    k = next(i for i, (a, b) in enumerate(zip(flat_saved, flat_mine)) if a != b)
     gi, j = where[k]
+    said = _moved_message(flat_saved, flat_mine, k, f"group {gi}, position {j}", flat=True)
     raise ValueError(
-        f"{name}.load_state_dict: the param groups list the same parameters in another order (group {gi}, "
-        f"position {j}: {flat_saved[k]!r} in the state, {flat_mine[k]!r} here); the state and each group's "
+        f"{name}.load_state_dict: the param groups list {said}; the state and each group's "
         "hyperparameters map by position, so they would load into the wrong tensors. Build the param groups "
         "in the order they were saved in.")
 
@@ -483,8 +518,9 @@ def _validate_block(where: str, blk: Any, schema: dict[str, StateField], hint: s
         if tuple(v.shape) != tuple(field.shape):
             raise ValueError(f"{where}[{key!r}] has shape {tuple(v.shape)}; it must be {tuple(field.shape)}."
                              + options() + hint)
-        if field.dtype is not None and v.dtype != field.dtype and v.dtype not in field.legacy:
-            raise ValueError(f"{where}[{key!r}] has dtype {v.dtype}; it must be {field.dtype}.")
+        if field.dtype is not None and v.dtype != field.dtype and not _castable(v.dtype, field):
+            raise ValueError(f"{where}[{key!r}] has dtype {v.dtype}; it must be {field.dtype}"
+                             f"{' (or another floating dtype)' if field.dtype.is_floating_point else ''}.")
         complex_ok = field.dtype is not None and field.dtype.is_complex  # complex parameters' moments
         if (v.is_complex() and not complex_ok) or v.dtype == torch.bool:
             raise ValueError(f"{where}[{key!r}] has dtype {v.dtype}; it must be a real number type.")
@@ -513,10 +549,19 @@ def select_owned_state(optimizer: CheckpointView, sd: dict[str, Any]) -> dict[tu
     return out
 
 
+def _castable(saved: torch.dtype, field: StateField) -> bool:
+    """Whether a saved value of dtype ``saved`` loads into ``field`` converted: an earlier version's dtype
+    (``field.legacy``), or a floating dtype into a floating field: a model converted since it was saved
+    (trained in float32, resumed in float64 or bfloat16), whose state follows its parameters' dtype as
+    torch's optimizers convert it on load (refused before: 'has dtype torch.float32; it must be
+    torch.float64', on every optimizer)."""
+    assert field.dtype is not None
+    return saved in field.legacy or (saved.is_floating_point and field.dtype.is_floating_point)
+
+
 def _owned_value(v: torch.Tensor, device: torch.device, field: StateField | None) -> torch.Tensor:
-    """A copy of a saved tensor on ``device``; an earlier version's dtype (``field.legacy``) converted to
-    the current one."""
+    """A copy of a saved tensor on ``device``, in the field's dtype where :func:`_castable` converts it."""
     out = v.detach().clone().to(device)
-    if field is not None and field.dtype is not None and out.dtype in field.legacy:
+    if field is not None and field.dtype is not None and out.dtype != field.dtype and _castable(out.dtype, field):
         out = out.to(field.dtype)
     return out

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+import re
 from typing import Any
 
 import pytest
@@ -78,8 +79,8 @@ def _corruptions(opt: Any, sd: dict[str, Any]) -> list[tuple[str, str, dict[str,
         bad = copy.deepcopy(sd)
         bad["state"][pi][si][key] = torch.zeros(*t.shape, 2, dtype=t.dtype)
         cases.append((f"shape {key}", f"[{key!r}] has shape", bad))
-        bad = copy.deepcopy(sd)
-        other = torch.float16 if t.dtype != torch.float16 else torch.float32
+        bad = copy.deepcopy(sd)  # (another floating dtype is a converted model's: loaded, converted)
+        other = torch.int32 if t.is_floating_point() else torch.float32
         bad["state"][pi][si][key] = t.to(other)
         cases.append((f"dtype {key}", f"[{key!r}] has dtype", bad))
         if t.is_floating_point() and t.numel():
@@ -194,17 +195,21 @@ def test_soaa_missing_trust_scalar_no_longer_half_loads() -> None:
     assert _same(_snapshot(target), before)
 
 
+def _saved_and_another(name: str) -> tuple[dict[str, Any], list[str], Any, Any]:
+    """A trained optimizer's state dict and its names, and another trained optimizer with its snapshot."""
+    source, _ = _trained(name)
+    sd = copy.deepcopy(source.state_dict())
+    target, _ = _trained(name, steps=3, seed=1)
+    return sd, sd["param_groups"][0]["param_names"], target, _snapshot(target)
+
+
 @pytest.mark.parametrize("name", SPECS)
 def test_parameters_saved_in_another_order_are_refused(name: str) -> None:
     """The state maps to parameters by position (as torch's does). A model whose modules are registered in
     another order lists the same names in another order: loaded by position, each state landed on another
     tensor (equal shapes load silently; 0.06-0.23 off the uninterrupted run after 3 steps). Refused,
     naming the first position, with nothing changed; other names (a renamed module) load by position."""
-    source, _ = _trained(name)
-    sd = copy.deepcopy(source.state_dict())
-    names = sd["param_groups"][0]["param_names"]
-    target, _ = _trained(name, steps=3, seed=1)
-    before = _snapshot(target)
+    sd, names, target, before = _saved_and_another(name)
     swapped = copy.deepcopy(sd)
     swapped["param_groups"][0]["param_names"] = [names[2], names[1], names[0], *names[3:]]
     with pytest.raises(ValueError, match=f"position 0: {names[2]!r} in the state, {names[0]!r} here"):
@@ -214,6 +219,69 @@ def test_parameters_saved_in_another_order_are_refused(name: str) -> None:
     renamed["param_groups"][0]["param_names"] = [f"old.{n}" for n in names]
     target.load_state_dict(renamed)
     assert _same(target.state_dict()["state"], sd["state"])
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_names_shared_at_other_positions_are_refused(name: str) -> None:
+    """Saved with layer 4 frozen (0.*, 2.*), loaded with layer 0 frozen since (2.*, 4.*): the same count
+    and shapes, and by position 2.weight's state landed on 4.weight and 0.weight's on 2.weight, silently
+    (every optimizer, 0.8e-2 to 4.0e-2 off a fresh optimizer's run after 3 steps). A name held by both
+    sides at another position is refused, naming it, nothing changed; deleting the state's names loads by
+    position (the remedy the message names)."""
+    sd, names, target, before = _saved_and_another(name)
+    shifted = copy.deepcopy(sd)
+    shifted["param_groups"][0]["param_names"] = [*names[2:], "gone.weight", "gone.bias"]
+    with pytest.raises(ValueError, match=re.escape(f"lists {names[2]!r} at another position (the state's position 0; "
+                                                   "position 2 here)")):
+        target.load_state_dict(shifted)
+    assert _same(_snapshot(target), before)
+    del shifted["param_groups"][0]["param_names"]
+    target.load_state_dict(shifted)
+    assert _same(target.state_dict()["state"], sd["state"])
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_a_count_mismatch_names_the_parameters_only_one_side_has(name: str) -> None:
+    source, _ = _trained(name)
+    sd = copy.deepcopy(source.state_dict())
+    names = sd["param_groups"][0]["param_names"]
+    sd["param_groups"][0]["param_names"] = [*names, "extra.weight"]
+    sd["param_groups"][0]["params"] = [*sd["param_groups"][0]["params"], max(sd["param_groups"][0]["params"]) + 1]
+    target, _ = _trained(name, steps=0, seed=1)
+    with pytest.raises(ValueError, match=re.escape(f"has {len(names) + 1} parameters in the state and {len(names)} "
+                                                   "in this optimizer (only in the state: 'extra.weight'")):
+        target.load_state_dict(sd)
+
+
+@pytest.mark.parametrize("to", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", SPECS)
+def test_a_state_loads_into_a_model_converted_since(name: str, to: torch.dtype) -> None:
+    """Trained in float64, resumed with the model converted (float32, bfloat16): every optimizer refused
+    the state ('has dtype torch.float64; it must be torch.float32'); torch's optimizers convert the state
+    to their parameters' dtype. Loaded and converted to each field's dtype: the resumed steps equal those
+    from the state converted by hand."""
+    spec = get(name)
+    source, model = _trained(name)
+    sd = copy.deepcopy(source.state_dict())
+    runs = []
+    for by_hand in (False, True):
+        target_model = copy.deepcopy(model).to(to)
+        opt = spec.build(target_model, **{**spec.test_kwargs, **STATEFUL.get(name, {})})
+        state = copy.deepcopy(sd)
+        if by_hand:
+            for pi, blocks in state["state"].items():
+                for si, blk in blocks.items():
+                    block = next(b for b in opt.block_table.blocks if b.key == (pi, si))
+                    schema = opt._state_schema(block, opt._params[pi], opt.param_groups[block.group_index])
+                    for k, v in blk.items():
+                        if isinstance(v, torch.Tensor) and v.is_floating_point():
+                            blk[k] = v.to(schema[k].dtype)
+        opt.load_state_dict(state)
+        for t in range(2, 4):
+            spec.take_step(opt, target_model, *(u.to(to) for u in batch(t, 0)))
+        runs.append((opt.state_dict(), [p.detach().clone() for p in target_model.parameters()]))
+    assert _same(runs[0], runs[1])
+    assert all(p.dtype == to for p in runs[0][1])
 
 
 GROUPED = [pytest.param(s.name, id=s.name) for s in REGISTRY if s.first_arg is not FirstArg.MODULE]
