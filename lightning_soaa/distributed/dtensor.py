@@ -181,11 +181,12 @@ def _mesh_communicator(mesh: Any, comm: Communicator | None, process_group: Any,
         return TorchComm(None)
     if mesh.ndim == 1:
         return TorchComm(mesh.get_group())
-    raise ValueError(
-        f"{optimizer}: the parameters' {mesh.ndim}-D device mesh spans ranks {ranks}, a subset of the "
-        f"{dist.get_world_size()} ranks. Pass process_group=torch.distributed.new_group({ranks}) so that "
-        "the global sums run over the whole mesh."
-    )
+    # A sub-mesh of 2 or more dims (pipeline stages x HSDP) has no one group of its own: a group over exactly
+    # its ranks, made by those ranks alone (only they build this optimizer). This raised, telling each stage
+    # to pass new_group(its ranks); torch's new_group needs every rank of the world in each call, and stages
+    # that each made their own deadlocked or crossed connections (gloo 'Connection reset by peer' on some
+    # ranks, others waiting). With use_local_synchronization only the members enter, as here.
+    return TorchComm(dist.new_group(ranks, use_local_synchronization=True))
 
 
 class DTensorLayout:

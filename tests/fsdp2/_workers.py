@@ -138,6 +138,22 @@ def equivalence(rank: int, world_size: int, hsdp: bool = False, plain_last: bool
     return out
 
 
+def pipeline_stages(rank: int, world_size: int) -> dict[str, Any]:
+    """Two pipeline stages of 2 ranks (W = 4), each an HSDP (replicate x shard) sub-mesh of the world
+    (``world["rep", "shard"]``), each training the same model on the same data (so each equals one
+    process); the optimizers get no process_group and must make their own over their stage's ranks."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = init_device_mesh("cpu", (2, 1, world_size // 2), mesh_dim_names=("pp", "rep", "shard"))
+    mesh, stage_rank = world["rep", "shard"], rank % (world_size // 2)
+    out: dict[str, Any] = {}
+    for name, *_ in CASES:
+        model, opt = run_case(name, stage_rank, world_size // 2, mesh)
+        out[name] = {"params": full_params(model), "stats": soaa_stats(opt),
+                     "group": sorted(dist.get_process_group_ranks(opt.comm.group))}
+    return out
+
+
 def save_checkpoints(rank: int, world_size: int, path: str) -> None:
     """After CKPT_AT steps: the consolidated optimizer state and the full model, written by rank 0."""
     mesh = make_mesh(world_size, False)

@@ -181,6 +181,22 @@ def test_hsdp_with_plain_parameters(tmp_path: Path, references):
                   wide="asgo_wide_mixed")
 
 
+def test_pipeline_stages_of_hsdp_sub_meshes_equal_one_process(tmp_path: Path, references):
+    """A 2-D sub-mesh of the world (pipeline stages x HSDP): every optimizer raised, telling each stage to
+    pass process_group=new_group(its ranks), which deadlocked or crossed connections when the stages
+    followed it (torch's new_group needs every rank in each call). The optimizer makes the group itself,
+    over its stage's ranks alone: each stage equals one process."""
+    results = run_distributed(W.pipeline_stages, 4, tmp_path, timeout=300)
+    for r, res in enumerate(results):
+        for name, *_ in W.CASES:
+            ref = references["asgo_wide_right" if name == "asgo_wide" else name]
+            assert res[name]["group"] == ([0, 1] if r < 2 else [2, 3]), (name, r)
+            for i, (a, b) in enumerate(zip(res[name]["params"], ref["params"], strict=True)):
+                torch.testing.assert_close(a, b, atol=ATOL, rtol=0, msg=lambda m: f"{name} rank {r} param {i}: {m}")
+            torch.testing.assert_close(torch.tensor(res[name]["stats"]), torch.tensor(ref["stats"]),
+                                       atol=ATOL, rtol=ATOL)
+
+
 def test_nonfinite_in_an_uncounted_piece_skips_on_every_rank(w2_run):
     results, _ = w2_run
     assert [res["nonfinite"] for res in results] == [{"skipped": 1, "unchanged": True, "warned": True}] * 2
