@@ -48,7 +48,7 @@ from lightning_soaa.optim.egn_places import ParamPlaces, replaced_message
 from lightning_soaa.optim.egn_rng import StepRng
 from lightning_soaa.optim.egn_trace import plan_trace
 from lightning_soaa.optim.param_checks import check_step
-from lightning_soaa.optim.step_context import caller_autocast, full_precision
+from lightning_soaa.optim.step_context import caller_autocast, full_precision, one_model_function
 
 __all__ = ["EGN", "MISSING_BATCH_MESSAGE"]
 
@@ -844,6 +844,7 @@ class EGN(ShardedOptimizer):
 
     @torch._disable_dynamo  # eager under torch.compile (see ShardedOptimizer.step)
     @full_precision  # inside an autocast region too (optim/step_context.py)
+    @one_model_function  # the same function of the model with and without a graph (step_context.py)
     def step(self, closure: Callable[[], Any] | None = None, *, inputs: Any = None,
              targets: Tensor | None = None) -> Any:
         """One EGN step on the batch ``(inputs, targets)``; collective when W > 1.
@@ -1486,9 +1487,16 @@ class EGN(ShardedOptimizer):
         g = kronecker_sample_gram(layout, pieces) if s is None else None
         if g is not None:
             return self._solve_kronecker(g, r2)
-        if r.numel() > self.config.max_gram_size:  # admitted as b×b by _check_agreement: cannot happen
-            raise RuntimeError(f"EGN: a {r.numel()}x{r.numel()} system above max_gram_size was expected to be "
-                               "a Kronecker product and is not; please report this.")
+        if r.numel() > self.config.max_gram_size:
+            # admitted by b alone (_check_agreement: one Linear whose output is z, under MSE), but this step's
+            # back-signal is not the identity: a forward hook changes the output, a backward hook the signal.
+            # Decided from the gathered factors, alike on every rank.
+            n = r.numel()
+            raise ValueError(
+                f"EGN: the Gram matrix would be {n}x{n} (global batch b={r2.shape[0]} times c={r2.shape[1]} "
+                f"outputs), above max_gram_size={self.config.max_gram_size}. (A linear model under MSE is "
+                "solved as b x b, K = G ⊗ I_c, only where its Linear's output is the model's output; here a "
+                "hook on the model or the layer changes it.) Use a smaller batch or raise max_gram_size.")
         k: Tensor | None = None
         if r.numel() <= SMALL_DENSE_MAX:
             # a small system: K itself, assembled whole, gives K·r as one mat-vec and SᵀKS as one

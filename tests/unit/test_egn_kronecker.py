@@ -5,6 +5,7 @@ against the general (bc×bc) path, and refused wherever K does not have that for
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import pytest
@@ -170,3 +171,23 @@ def test_max_gram_size_bounds_b_for_the_kronecker_solve(monkeypatch: pytest.Monk
                              (_frozen_head(), "mse", torch.randn(20, 4, dtype=DT))):
         with pytest.raises(ValueError, match=r"Gram matrix would be 80x80 .*max_gram_size=50"):
             EGN(other, loss=loss, max_gram_size=50).step(inputs=torch.randn(20, 6, dtype=DT), targets=tgt)
+
+
+@pytest.mark.parametrize("hook", ["forward", "backward"])
+def test_a_hooked_linear_model_above_the_limit_is_refused_as_any_model(hook: str) -> None:
+    """One Linear under MSE is admitted by b (K = G ⊗ I_c, a b x b solve); a forward hook that scales the
+    output (or a backward pre-hook the signal) makes K another matrix, and the bc system above
+    max_gram_size ended in an internal 'please report this' RuntimeError: the max_gram_size ValueError,
+    nothing changed (the model without the hook steps)."""
+    torch.manual_seed(1)
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 3, dtype=torch.float64)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3)).double()
+    EGN(copy.deepcopy(model), loss="mse", max_gram_size=10).step(inputs=x, targets=y)  # b = 8 <= 10
+    if hook == "forward":
+        model.register_forward_hook(lambda m, i, o: o * 2)
+    else:
+        model[0].register_full_backward_pre_hook(lambda m, go: (go[0] * 0.5,))
+    w0 = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"the Gram matrix would be 24x24 .* above max_gram_size=10"):
+        EGN(model, loss="mse", max_gram_size=10).step(inputs=x, targets=y)
+    assert all(torch.equal(a, b) for a, b in zip(w0, model.parameters()))
