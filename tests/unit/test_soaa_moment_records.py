@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from lightning_soaa import SOAA
-from lightning_soaa.functional.moment_records import MomentRecords
+from lightning_soaa.functional.soaa import MomentRecords
 
 
 def _moments(n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
