@@ -867,9 +867,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         without names side by side ('cannot add param group without names'), one epoch into the fit. Its
         parameters get ``None`` names, which every part of the optimizer reads as unnamed (ASGO routes
         them by shape, and says so)."""
-        if self._table is None or "param_names" in param_group or not self.param_groups:
-            return param_group
-        if "param_names" not in self.param_groups[0] or not isinstance(param_group, dict):
+        if (self._table is None or not isinstance(param_group, dict) or "param_names" in param_group
+                or not self.param_groups or "param_names" not in self.param_groups[0]):
             return param_group
         params = param_group.get("params")
         params = [params] if isinstance(params, Tensor) else params
@@ -883,7 +882,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         groups), before it loads the optimizer's state. The blocks were cut for the built groups only, so the
         load refused the state as 'a different model'. Where the first groups hold exactly the built
         groups' parameters, in order, they take the built lists back and each group beyond is added
-        through :meth:`add_param_group`; anything else is left to the step's refusal."""
+        through :meth:`add_param_group`; anything else is left to the step's refusal. Done before the
+        state is validated: a state then refused leaves the groups taken over, a consistent optimizer (the
+        groups as assigned could not have stepped)."""
         lists, members = self.__dict__.get("_group_lists"), self.__dict__.get("_group_members")
         groups = self.param_groups
         if lists is None or members is None or len(groups) < len(lists):
