@@ -9,11 +9,11 @@ optimizer and its ratio to fused AdamW are taken, and the report gives the media
 min-max spread of the round medians (on a shared machine single rounds can be far off).
 
 Optimizers: ``adamw_fused`` (baseline: one ATen kernel, at the memory-bandwidth bound), ``adamw_foreach``,
-``soaa`` (the defaults: on CPU the two passes as C loops, on CUDA the foreach path), ``soaa_inductor``
-(CPU only: ``compile=True`` with the C loops off, i.e. the ``torch.compile``'d kernels), ``soaa_triton``
-(CUDA only: ``compile=True``, the hand-written Triton kernels of ``kernels/soaa_triton.py``),
-``soaa_eager`` (CPU only, ``compile=False``: the tiled loop; on CUDA the default ``soaa`` is the eager
-foreach path), ``sharded_adamw`` (the package's AdamW) and, with ``--block-numel N``,
+``soaa`` (the defaults: on CPU the two passes as C loops, on CUDA the hand-written Triton kernels of
+``kernels/soaa_triton.py``), ``soaa_inductor`` (CPU only: ``compile=True`` with the C loops off, i.e. the
+``torch.compile``'d kernels), ``soaa_foreach`` (CUDA only: ``compile=False``, torch's foreach ops, the
+default there before the Triton kernels were timed), ``soaa_eager`` (CPU only, ``compile=False``: the
+tiled loop), ``sharded_adamw`` (the package's AdamW) and, with ``--block-numel N``,
 ``soaa_blocks_N`` (SOAA with ``max_block_numel=N``: the default 2**18 cuts each 1000x1000 matrix into 4 row
 blocks, 40 in all, and every block costs some Python per step besides its arithmetic). SOAA gets a loss every
 step through ``step(loss=...)``; its trust-region statistics, one scalar all-reduce (a no-op here, W = 1)
@@ -69,10 +69,10 @@ def _optimizers(args: argparse.Namespace, make: Callable[[], list[torch.nn.Param
     opts: dict[str, Any] = {
         "adamw_fused": torch.optim.AdamW(make(), fused=True, **kw),
         "adamw_foreach": torch.optim.AdamW(make(), foreach=True, **kw),
-        "soaa": SOAA(make(), total_steps=1000, **kw),  # the default: C loops on CPU, foreach on CUDA
+        "soaa": SOAA(make(), total_steps=1000, **kw),  # the default: C loops on CPU, Triton on CUDA
     }
-    if getattr(args, "device", "cpu") != "cpu":  # the Triton kernels; eager is the default there
-        opts["soaa_triton"] = SOAA(make(), total_steps=1000, compile=True, **kw)
+    if getattr(args, "device", "cpu") != "cpu":  # the eager foreach path (compile=False), the default before
+        opts["soaa_foreach"] = SOAA(make(), total_steps=1000, compile=False, **kw)
     else:
         opts["soaa_eager"] = SOAA(make(), total_steps=1000, compile=False, **kw)
         os.environ["LIGHTNING_SOAA_NATIVE"] = "0"  # the torch.compile kernels, which the C loops replace on CPU

@@ -6,8 +6,9 @@
 #   2. SOAA's step against torch's fused AdamW on the GPU (10 x 1000x1000 and 10 x 4096x4096, fp32; the
 #      latter also with the 2**18-element blocks of before the automatic block size);
 #   3. ASGO against Muon and AdamW on a d=768, 12-layer transformer;
-#   4. the whole training step of that transformer with SOAA's default (foreach) and its Triton kernels
-#      (compile=True) against AdamW, profiled (profile_gpu_step.py).
+#   4. the whole training step of that transformer with SOAA's default (its Triton kernels) and the foreach
+#      path (compile=False) against AdamW, profiled (profile_gpu_step.py).
+# (benchmarks/tune_soaa_triton.py, the Triton kernels' program shapes, runs apart: about a minute.)
 # Uses the machine's own python3 and its CUDA torch (no venv: a GPU machine brings its build); the
 # results (test log, JSON, PNG) go to $1, default benchmarks/results; $2 picks "tests", "bench" or "all"
 # (default). About 3-4 minutes on one H200 (the timeouts add up to 560 s, under a 600 s command limit;
@@ -42,5 +43,5 @@ timeout 80 "$PY" benchmarks/bench_soaa_step.py --device cuda --threads 0 --shape
   --rounds 3 --block-numel 262144 --results "$out" || status=1
 timeout 100 "$PY" benchmarks/bench_asgo.py --device cuda --threads 0 --d-model 768 --layers 12 --seq 256 \
   --batch 16 --vocab 256 --steps 20 --out "$out" || status=1
-timeout 60 "$PY" benchmarks/profile_gpu_step.py --only adamw soaa soaa_triton --results "$out" || status=1
+timeout 60 "$PY" benchmarks/profile_gpu_step.py --only adamw soaa soaa_foreach --results "$out" || status=1
 exit $status

@@ -41,9 +41,10 @@ def _optimizers(lr: float) -> dict[str, Any]:
     out = {k: made[k] for k in ("adamw", "muon", "asgo_root_every_1", "asgo_root_every_10", "dasgo")
            if k in made}
     out["sharded_adamw"] = lambda m: ShardedAdamW(m.named_parameters(), lr=1e-3)
+    # the default: the hand-written Triton passes (kernels/soaa_triton.py)
     out["soaa"] = lambda m: SOAA(m.named_parameters(), lr=1e-3, total_steps=1000)
-    # the hand-written Triton passes (kernels/soaa_triton.py), not yet the default on accelerators
-    out["soaa_triton"] = lambda m: SOAA(m.named_parameters(), lr=1e-3, total_steps=1000, compile=True)
+    # torch's foreach ops (compile=False), the default on accelerators before the Triton passes were timed
+    out["soaa_foreach"] = lambda m: SOAA(m.named_parameters(), lr=1e-3, total_steps=1000, compile=False)
     return out
 
 

@@ -279,9 +279,10 @@ class SOAAConfig:
         eta1, eta2: same_batch thresholds: reject when ρ < eta1, expand when ρ > eta2 (0 <= eta1 <= eta2).
         shrink, expand: same_batch factors on d after a rejection (in (0, 1)) and an expansion (>= 1).
         d_min: same_batch floor for d (> 0); the ceiling is the band's hi_t.
-        compile: run the two elementwise passes as one sweep each (C loops on CPU, ``torch.compile``'d
-            kernels elsewhere; see :class:`~lightning_soaa.optim.soaa.SOAA`); ``None`` leaves the choice
-            to the optimizer (the environment variable ``LIGHTNING_SOAA_COMPILE``).
+        compile: run the two elementwise passes as one sweep each (C loops on CPU, Triton kernels on
+            CUDA, ``torch.compile``'d kernels elsewhere; see :class:`~lightning_soaa.optim.soaa.SOAA`);
+            ``None`` leaves the choice to the optimizer (the environment variable
+            ``LIGHTNING_SOAA_COMPILE``).
     """
 
     lr: float = 1e-3

@@ -26,16 +26,15 @@ arithmetic, per block):
 * fused (``_native_*``): each pass is one hand-written kernel over all blocks of a dtype in one call: a C
   loop on CPU (built at first use by :mod:`~lightning_soaa.kernels.soaa_native`), Triton on CUDA
   (:mod:`~lightning_soaa.kernels.soaa_triton`), handed in by the optimizer as a :class:`FusedPasses`, when
-  the caller
-  passes a :class:`SOAAKernels` (the optimizer owns it: ``SOAA(compile=...)``; nothing is cached in this
+  the caller passes a :class:`SOAAKernels` (the optimizer owns it: ``SOAA(compile=...)``; nothing is cached in this
   module). The step returns the new moments' Σm², Σv too, which the kernels object remembers, so the
   next sums pass reads only g and m (8 B/param instead of 12) for moments nobody touched since;
 * compiled (``_compiled_*``): each pass is one ``torch.compile``'d sweep over a whole tensor (Triton on
   CUDA; C++/OpenMP on CPU where no C compiler is found) that also accumulates the sums, for blocks of at
   least ``SOAAKernels.min_numel`` elements;
 * multi-tensor (``_multi_tensor_*``): torch ``_foreach_*`` ops, a fixed number of calls for any number of
-  tensors; default on CUDA, and on CPU for tensors under 2**16 elements, where an op's dispatch costs
-  more than its arithmetic;
+  tensors; on CUDA where the Triton kernels are off or refuse a block, and on CPU for tensors under
+  2**16 elements, where an op's dispatch costs more than its arithmetic;
 * single-tensor (``_single_tensor_*``): on CPU, the whole chain of ops tile by tile (a tile stays
   in cache), because there the foreach ops are a per-tensor loop anyway and their out-of-place forms
   allocate a parameter-sized tensor per op. Global sums are accumulated per row of 4096 elements in the

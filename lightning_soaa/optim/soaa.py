@@ -308,11 +308,11 @@ class SOAA(ShardedOptimizer):
             ``torch.compile``'d kernels for tensors of at least 2**16 elements (a few seconds at the first
             step). On CUDA, with Triton installed, through hand-written Triton kernels
             (:mod:`lightning_soaa.kernels.soaa_triton`: four launches a step for all blocks, each dtype
-            checked once on the device against an IEEE reference before use; opt-in until timed on a
-            GPU). ``None`` (default): on CPU ``True`` unless the environment variable
-            ``LIGHTNING_SOAA_COMPILE=0``; on accelerators the eager foreach path (the Triton kernels are
-            not yet measured on a GPU; the ``torch.compile``'d passes measured 5-10x slower than foreach
-            on an H200). A compiler failure falls back to the next path with one warning.
+            checked once on the device against an IEEE reference before use). ``None`` (default): the
+            same, unless the environment variable ``LIGHTNING_SOAA_COMPILE=0``, except that accelerator
+            blocks the Triton kernels do not take go the eager foreach path, not ``torch.compile`` (its
+            passes measured 5-10x slower than foreach on an H200). ``False``: eager everywhere. A
+            compiler failure falls back to the next path with one warning.
         process_group, comm, shard, grad_reduction: see :class:`ShardedOptimizer`.
 
     The loss: ``step(closure)`` (evaluated under ``enable_grad``), ``step(loss=...)`` (tensor or
@@ -408,35 +408,36 @@ class SOAA(ShardedOptimizer):
         if "_soaa_kernels" not in self.__dict__:
             use = self.config.compile if self.config.compile is not None else _compile_default()
             native = os.environ.get("LIGHTNING_SOAA_NATIVE", "1") != "0"  # "0": torch.compile on CPU too
-            # the Triton passes only when asked for (compile=True): not yet the default on accelerators
-            triton = _triton_passes if self.config.compile is True else None
+            # the Triton passes on CUDA by default (timed on an H200: faster than foreach at every size, see
+            # _kernels_for); the torch.compile'd passes for accelerator blocks only when asked for
+            triton = _triton_passes
             self._soaa_kernels = SOAAKernels(cpu_loader=NativeSOAA.load if native else None,
                                              accel_loader=triton,
                                              compile_accelerators=self.config.compile is True) if use else None
         return self._soaa_kernels
 
     def _kernels_for(self, views: list[BlockView]) -> SOAAKernels | None:
-        """The kernels for these blocks. The one-call-per-pass kernels (C on CPU; Triton on CUDA with
-        ``compile=True``) take blocks of any size; otherwise None when no block is large enough for the
-        ``torch.compile``'d kernels (``SOAAKernels.min_numel``): such blocks always take the eager path,
-        and without kernels the functional layer does not ask ``accepts`` per tensor at every step (same
-        results). Decided from every block's device: a group may hold CPU and accelerator blocks."""
+        """The kernels for these blocks. The one-call-per-pass kernels (C on CPU; Triton on CUDA) take blocks
+        of any size; otherwise None when no block is large enough for the ``torch.compile``'d kernels
+        (``SOAAKernels.min_numel``): such blocks always take the eager path, and without kernels the
+        functional layer does not ask ``accepts`` per tensor at every step (same results). Decided from
+        every block's device: a group may hold CPU and accelerator blocks."""
         kernels = self._kernels()
         if kernels is None or not views:
             return kernels
         on_cpu = [v.param.is_cpu for v in views]
         if any(on_cpu) and kernels.native_failure is None:
-            # the C loops for the CPU blocks; accelerator blocks of the group take Triton with compile=True,
+            # the C loops for the CPU blocks; accelerator blocks of the group take Triton where it loads,
             # else the eager path (SOAAKernels(compile_accelerators=False) never compiles for them)
             return kernels
         if not all(on_cpu):
-            if self.config.compile is None:
-                # by default accelerators take the foreach path: measured on an H200 (torch 2.11, Triton
-                # 3.6), the torch.compile'd passes took 13-25 ms a step for 10 x 1e6 fp32 against 2.2-2.6 ms
-                # eager; the hand-written Triton passes are not yet measured there (compile=True takes them)
-                return None
             if kernels.fused_loaded(cpu=False) is not None:
                 return kernels
+            if self.config.compile is None:
+                # without Triton, accelerators take the foreach path by default: measured on an H200 (torch
+                # 2.11, Triton 3.6) the torch.compile'd passes took 13-25 ms a step for 10 x 1e6 fp32
+                # against 2.2-2.6 ms eager (the Triton passes: 1.4 ms)
+                return None
         if all(v.param.numel() < kernels.min_numel for v in views):
             return None
         if not all(on_cpu) and not self.__dict__.get("_warned_compiled_accelerator"):

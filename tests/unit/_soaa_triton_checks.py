@@ -17,10 +17,11 @@ import torch
 from lightning_soaa import SOAA
 from lightning_soaa.functional.soaa import SOAAKernels
 from lightning_soaa.kernels import soaa_triton
-from lightning_soaa.kernels.soaa_triton import BLOCK, TritonSOAA
+from lightning_soaa.kernels.soaa_triton import BLOCK, ITERS, TritonSOAA
 
 SCAL = (0.1, 0.95, 0.05, 0.999, -1e-3, 2.0, 0.3, 1e-8)  # (1-β1, β2, 1-β2, decay, alr, k1, knee, ε)
-SIZES = (2 * BLOCK + 7, 3, 0, BLOCK, 100)  # several programs, tiny, empty, exactly one program
+SIZES = (2 * BLOCK * ITERS + BLOCK + 7, 3, 0, BLOCK, 100)  # several programs (the last ends in its
+# second chunk), tiny, empty, exactly one chunk
 
 
 def _blocks(device: str, dtype: torch.dtype, seed: int = 0) -> list[list[torch.Tensor]]:
@@ -207,3 +208,30 @@ def optimizer_follows_the_c_kernels_and_resumes_to_the_bit(device: str) -> None:
     resumed, _ = _train(device, ours(), torch.float32, steps - 3, state=state, start=3)
     for x, y in zip(resumed, a):
         assert torch.equal(x, y)
+
+
+def programs_of_several_chunks_equal_the_reference(device: str) -> None:
+    """Programs that loop over several chunks (``TritonSOAA(iters=...)``; the default may be one chunk):
+    θ, m, v to the bit as the reference arithmetic, the sums as programs of one chunk add them (to their
+    rounding), the sums pass's Σ m², Σ v equal to the step's to the bit, and the check before first use
+    passes with that shape."""
+    one, looped = TritonSOAA(device, block=64, iters=1), TritonSOAA(device, block=64, iters=3)
+    sizes = (64 * 3 * 2 + 70, 64 * 3, 5, 0)  # two whole programs and a partial one; exactly one; tiny; empty
+    gen = torch.Generator().manual_seed(3)
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        blocks = [[torch.randn(n, generator=gen, dtype=torch.float64).to(device, dtype) for n in sizes]
+                  for _ in range(4)]
+        blocks[3] = [x.abs() for x in blocks[3]]
+        a = [[x.clone() for x in xs] for xs in blocks]
+        b = [[x.clone() for x in xs] for xs in blocks]
+        rows_one = one.step(*a, [SCAL] * len(sizes))
+        rows = looped.step(*b, [SCAL] * len(sizes))
+        for i in range(len(sizes)):
+            want, _ = soaa_triton._reference_step(*(xs[i] for xs in blocks), SCAL)
+            for got, ref in zip((b[0][i], b[2][i], b[3][i]), want):
+                assert torch.equal(got, ref), (dtype, i)
+            for x, y in zip(rows[i], rows_one[i]):
+                assert math.isclose(x, y, rel_tol=1e-12, abs_tol=1e-12), (dtype, i, rows[i], rows_one[i])
+        stored = looped.sums(b[1], b[2], b[3], [TritonSOAA.SUMS_MOMENTS] * len(sizes))
+        assert [r[:2] for r in stored] == [r[3:] for r in rows], dtype
+        assert soaa_triton.self_check(looped, torch.device(device), dtype) is None, dtype

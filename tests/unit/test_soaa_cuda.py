@@ -1,9 +1,9 @@
 """SOAA's compiled passes inside the optimizer on a CUDA device, against the float64 CPU run, and the
 hand-written Triton kernels (``kernels/soaa_triton.py``) compiled for the GPU.
 
-Skipped without CUDA (CI has none). With ``compile=True`` the whole optimizer takes its blocks through
-the Triton kernels (their calls counted, so the test fails if they silently fall back to eager) and must
-follow the float64 CPU optimizer fed the same gradients and losses. The kernel-level checks are the ones
+Skipped without CUDA (CI has none). By default (and with ``compile=True``) the whole optimizer takes its
+blocks through the Triton kernels (their calls counted, so the test fails if they silently fall back to
+eager) and must follow the float64 CPU optimizer fed the same gradients and losses. The kernel-level checks are the ones
 ``test_soaa_triton.py`` runs on the CPU through Triton's interpreter, here on the GPU.
 """
 
@@ -62,9 +62,8 @@ def _count_triton(kernels: Any, calls: dict[str, int]) -> None:
 def _run(device: str, dtype: torch.dtype, calls: dict[str, int] | None = None, compile: bool | None = None):
     ps = _params(device, dtype)
     opt = SOAA(ps, compile=compile, **KW)
-    if calls is not None:
-        kernels = opt._kernels()
-        assert kernels is not None
+    kernels = opt._kernels()
+    if calls is not None and kernels is not None:  # compile=False: no kernels, nothing to count
         for name in ("sums", "step", "update_sums", "update_count"):
             _counted(kernels, name, calls)
         _count_triton(kernels, calls)
@@ -80,12 +79,13 @@ needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, re
 
 
 @needs_triton
+@pytest.mark.parametrize("compile", [None, True])  # the default takes them too
 @pytest.mark.parametrize("dtype,rtol", [(torch.float32, 2e-4), (torch.bfloat16, 3e-2)])
 def test_optimizer_on_cuda_takes_the_triton_passes_and_follows_the_float64_cpu_run(
-        dtype: torch.dtype, rtol: float, caplog: pytest.LogCaptureFixture) -> None:
+        dtype: torch.dtype, rtol: float, compile: bool | None, caplog: pytest.LogCaptureFixture) -> None:
     calls: dict[str, int] = {}
     with caplog.at_level("WARNING"):
-        gpu, gpu_opt = _run("cuda", dtype, calls, compile=True)
+        gpu, gpu_opt = _run("cuda", dtype, calls, compile=compile)
     assert not [r.message for r in caplog.records if "SOAA" in r.message]  # no fallback, no slow-path warning
     cpu, cpu_opt = _run("cpu", torch.float64, compile=False)
     kernels = gpu_opt._kernels()
@@ -100,17 +100,18 @@ def test_optimizer_on_cuda_takes_the_triton_passes_and_follows_the_float64_cpu_r
 @pytest.mark.parametrize("check", ["step_matches_float64_and_eager", "step_equals_the_c_kernels",
                                    "nonfinite_gradient_makes_the_sums_nonfinite_and_bf16_keeps_nan",
                                    "step_bumps_autograd_versions", "self_check_refuses_kernels_that_disagree",
-                                   "optimizer_follows_the_c_kernels_and_resumes_to_the_bit"])
+                                   "optimizer_follows_the_c_kernels_and_resumes_to_the_bit",
+                                   "programs_of_several_chunks_equal_the_reference"])
 def test_triton_kernels_compiled_for_the_gpu(check: str) -> None:
     from tests.unit import _soaa_triton_checks
 
     getattr(_soaa_triton_checks, check)("cuda")
 
 
-def test_default_on_cuda_is_the_foreach_path_and_follows_the_float64_cpu_run() -> None:
-    """``compile=None`` takes no compiled pass on an accelerator (they measured slower than foreach)."""
+def test_compile_false_on_cuda_is_the_foreach_path_and_follows_the_float64_cpu_run() -> None:
+    """``compile=False`` takes no compiled or Triton pass on an accelerator."""
     calls: dict[str, int] = {}
-    gpu, gpu_opt = _run("cuda", torch.float32, calls)
+    gpu, gpu_opt = _run("cuda", torch.float32, calls, compile=False)
     cpu, cpu_opt = _run("cpu", torch.float64, compile=False)
     assert not calls, calls
     _assert_follows(cpu, cpu_opt, gpu, gpu_opt, torch.float32, 2e-4)

@@ -31,6 +31,7 @@ CHECKS = (
     "step_bumps_autograd_versions",
     "self_check_refuses_kernels_that_disagree",
     "optimizer_follows_the_c_kernels_and_resumes_to_the_bit",
+    "programs_of_several_chunks_equal_the_reference",
 )
 
 
@@ -50,14 +51,15 @@ def test_kernels_compile_for_nvidia_gpus(arch: int, dtype: str) -> None:
     target = GPUTarget("cuda", arch, 32)
     options = {"num_warps": k.NUM_WARPS, "enable_fp_fusion": False}
     head = {"prog_blk": "*i32", "prog_lo": "*i64", "part": "*fp64", "nprog": "i32", "DTYPE": "constexpr",
-            "COMPUTE": "constexpr", "BLOCK": "constexpr"}
-    consts = {"DTYPE": getattr(tl, dtype), "COMPUTE": tl.float64 if dtype == "float64" else tl.float32,
-              "BLOCK": k.BLOCK}
+            "COMPUTE": "constexpr", "BLOCK": "constexpr", "ITERS": "constexpr"}
     passes = ((k.sums_kernel, {"tab": "*i64", "modes": "*i32"}), (k.step_kernel, {"tab": "*i64", "scal": "*fp64"}))
-    for fn, first in passes:
-        src = ASTSource(fn=fn, signature={**first, **head}, constexprs=consts)
-        ptx = triton.compile(src, target=target, options=options).asm["ptx"]
-        assert "ld.global" in ptx and "fma." not in ptx
+    for iters in sorted({1, k.ITERS, 4}):  # programs of one chunk and looping ones
+        consts = {"DTYPE": getattr(tl, dtype), "COMPUTE": tl.float64 if dtype == "float64" else tl.float32,
+                  "BLOCK": k.BLOCK, "ITERS": iters}
+        for fn, first in passes:
+            src = ASTSource(fn=fn, signature={**first, **head}, constexprs=consts)
+            ptx = triton.compile(src, target=target, options=options).asm["ptx"]
+            assert "ld.global" in ptx and "fma." not in ptx
     reduce_sig = {"part": "*fp64", "first": "*i64", "out": "*fp64", "nprog": "i32", "K": "constexpr",
                   "BLOCK": "constexpr"}
     for outputs in (k.SUMS_OUT, k.STEP_OUT):
