@@ -904,6 +904,9 @@ class ASGO(_OneSided):
             batch_dims=batch_dims, row_parts=row_parts,
         )
         self._roots_computed = 0  # roots this rank computed since construction (statistics)
+        # of those, iterative roots that left the iteration's bound and were recomputed by an
+        # eigendecomposition (statistics: on a GPU each costs a float64 eigh with its host syncs)
+        self._roots_recomputed = 0
         defaults = dict(vars(cfg))
         defaults["use_asgo"] = None
         super().__init__(params, defaults, process_group=process_group, comm=comm, shard=shard,
@@ -1124,12 +1127,12 @@ class ASGO(_OneSided):
         self._sharded_stats_(sharded)
         return prepared
 
-    @staticmethod
-    def _checked_roots(batches: list[tuple[list[BlockView], Tensor, PendingRoots]]
+    def _checked_roots(self, batches: list[tuple[list[BlockView], Tensor, PendingRoots]]
                        ) -> list[tuple[BlockView, Tensor, bool, bool]]:
         """Per block: its root, whether it is finite and whether its statistic is nonzero, read for every
         batch in one host sync (an iterative root's bound check too: it was one sync per batch, three on
-        a 3-layer MLP). A root that left the bound is recomputed (rare) and its finiteness read again."""
+        a 3-layer MLP). A root that left the bound is recomputed (counted) and its finiteness read again
+        (rare on a CPU; most roots of a transformer's rank-deficient Grams in fp32 on an H200)."""
         if not batches:
             return []
         rows = []
@@ -1146,6 +1149,7 @@ class ASGO(_OneSided):
             at += len(vs)
             roots = pending.resolve(bounded)
             if roots is not pending.roots:  # recomputed: read those again
+                self._roots_recomputed += len(bounded) - sum(map(bool, bounded))
                 is_finite = torch.isfinite(roots).flatten(1).all(1).tolist()
             # a padded batch's roots are the corners (copied: the state keeps k x k tensors of its own)
             mats = []
@@ -1235,6 +1239,7 @@ class ASGO(_OneSided):
         conds, traces = _to_floats(_cond_estimates(pairs)), _to_floats(trace_t)
         stats["asgo_root_fallbacks"] = float(fallbacks)
         stats["asgo_roots_computed"] = float(self._roots_computed)
+        stats["asgo_roots_recomputed"] = float(self._roots_recomputed)
         stats["asgo_cond_max"] = max(conds) if conds else 0.0
         stats["asgo_cond_median"] = float(torch.tensor(conds).median()) if conds else 0.0
         stats["asgo_mean_eig_max"] = max(traces) if traces else 0.0
