@@ -536,3 +536,76 @@ def w_cross_stage(rank: int, world: int, ckpt_root: str, pairs: list[tuple[int, 
     engine.load_checkpoint(os.path.join(ckpt_root, "s0"), load_optimizer_states=False, load_lr_scheduler_states=False)
     out[("module", 0, 2)] = "ok"
     return out
+
+
+def allow_cpu_fp16() -> None:
+    """DeepSpeed's CPU accelerator reports fp16 as supported only where oneDNN has fp16 kernels (not on every CI
+    machine), and the engine then refuses fp16. Its fp16 path (loss scaler, overflow check, fp32 masters) is the
+    same on every device, so the fp16 tests claim support in their ranks."""
+    from deepspeed.accelerator import get_accelerator
+
+    type(get_accelerator()).is_fp16_supported = lambda self: True
+
+
+def _feature_engine(stage: int, opt_type: str, opt_params: dict[str, Any], seed: int, *, clip: float = 0.0,
+                    fp16: bool = False, scheduler: dict[str, Any] | None = None) -> tuple[Any, Any, Any]:
+    import deepspeed_ext
+
+    cfg = make_config(stage, "fp32", opt_type, opt_params)
+    cfg["gradient_clipping"] = clip
+    if fp16:  # dynamic loss scale from 2^8: only the planted overflow skips (2^16 x a loss ~2 is inf in fp16)
+        cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 8}
+    if scheduler is not None:
+        cfg["scheduler"] = scheduler
+    model = tiny_mlp(seed, torch.float32, SIZES)
+    engine, _, _, _ = deepspeed_ext.initialize(model=model, config=cfg)
+    return engine, deepspeed_ext.find_client_optimizer(engine), model
+
+
+def _feature_steps(engine: Any, client: Any, rank: int, steps: range, fp16: bool,
+                   overflow_at: int | None, log: dict[str, list[Any]]) -> None:
+    """One micro-batch per step; rank 0's inputs at step ``overflow_at`` scaled by 1e4 (its fp16 loss is inf)."""
+    for s in steps:
+        x, y = batch(s, rank, dtype=torch.float32)
+        if s == overflow_at and rank == 0:
+            x, y = x * 1e4, y * 1e4
+        if fp16:
+            x, y = x.half(), y.half()
+        log["lrs"].append([g["lr"] for g in client.param_groups])  # what this step runs with
+        engine.backward(loss_fn(engine, x, y))
+        engine.step()
+        log["skipped"].append(engine.skipped_steps)
+
+
+def w_engine_features(rank: int, world: int, ckpt_root: str, jobs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Per job: ``steps`` steps of one engine (gradient_clipping, fp16, a JSON scheduler as the job says), or, with
+    ``resume={"at": k, **load_kwargs}``, k steps saved by one engine and loaded by a fresh one (other initial
+    weights) with those kwargs, which trains steps k.. . Returns the fp32 parameters, lrs, skipped-step counts,
+    the client's counters and statistics."""
+    ds_env(rank, world)
+    allow_cpu_fp16()
+    out: dict[str, Any] = {}
+    for name, job in jobs.items():
+        job = dict(job)
+        steps, overflow_at, resume = job.pop("steps"), job.pop("overflow_at", None), job.pop("resume", None)
+        t0 = time.perf_counter()
+        log: dict[str, list[Any]] = {"lrs": [], "skipped": []}
+        engine, client, model = _feature_engine(seed=0, **job)
+        start = 0
+        if resume is not None:
+            resume = dict(resume)
+            start = resume.pop("at")
+            _feature_steps(engine, client, rank, range(start), job.get("fp16", False), overflow_at, log)
+            path = os.path.join(ckpt_root, name)
+            engine.save_checkpoint(path, tag="t")
+            del engine
+            log = {"lrs": [], "skipped": []}
+            engine, client, model = _feature_engine(seed=7, **job)
+            engine.load_checkpoint(path, tag="t", **resume)
+        _feature_steps(engine, client, rank, range(start, steps), job.get("fp16", False), overflow_at, log)
+        params = list(model.parameters())
+        out[name] = {"params": full_fp32_params(engine, job["stage"], client, params, params), **log,
+                     "training_steps": client.training_steps, "stats": client.statistics(),
+                     "seconds": time.perf_counter() - t0}
+        del engine
+    return out
