@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 
 from tests.deepspeed._workers import w_client_route
+from tests.harness.compare import max_abs_diff
 from tests.harness.distributed import run_distributed
 
 pytestmark = [pytest.mark.deepspeed, pytest.mark.timeout(240)]
@@ -20,10 +21,6 @@ pytestmark = [pytest.mark.deepspeed, pytest.mark.timeout(240)]
 STEPS = 3
 ADAMW = {"lr": 2e-2, "weight_decay": 0.1}
 SOAA = {"lr": 1e-2, "weight_decay": 0.1, "gamma": 0.1, "total_steps": 10}
-
-
-def _max_abs(a, b) -> float:
-    return max(float((x - y).abs().max()) for x, y in zip(a, b))
 
 
 def test_client_passed_in_code_runs_as_the_json_route(tmp_path):
@@ -36,7 +33,7 @@ def test_client_passed_in_code_runs_as_the_json_route(tmp_path):
             a, b = r[("json", stage, dtype, name)], r[("client", stage, dtype, name)]
             assert "error" not in a and "error" not in b, (a.get("error"), b.get("error"))
             assert b["training_steps"] == STEPS and b["ignored"] == a["ignored"], (stage, dtype, name, b)
-            assert _max_abs(a["params"], b["params"]) == 0.0, (stage, dtype, name)
+            assert max_abs_diff(a["params"], b["params"]) == 0.0, (stage, dtype, name)
             if name == "SOAA":  # the loss reached SOAA's trust region
                 assert b["stats"]["loss"] == a["stats"]["loss"] and b["stats"]["t"] == STEPS
         assert r[("client", 0, "fp16", "AdamW")]["error"].startswith(

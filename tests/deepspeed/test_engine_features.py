@@ -15,6 +15,7 @@ import torch
 
 import lightning_soaa
 from tests.deepspeed._workers import SIZES, w_engine_features
+from tests.harness.compare import max_abs_diff
 from tests.harness.distributed import run_distributed
 from tests.harness.models import batch, loss_fn, tiny_mlp
 
@@ -96,13 +97,8 @@ def reference(opt: str, *, clip: float = 0.0, skip: tuple[int, ...] = (), lrs: l
     return {"params": [p.detach().clone() for p in model.parameters()], "norms": norms, "stats": stats}
 
 
-def _max_abs(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    # torch's max keeps a NaN (a step on an overflow writes some); Python's max over floats may drop it
-    return float(torch.stack([(x - y).abs().max() for x, y in zip(a, b)]).max())
-
-
 def _check(ds: dict, ref: dict, tol: float, steps: int) -> None:
-    assert _max_abs(ds["params"], ref["params"]) <= tol, _max_abs(ds["params"], ref["params"])
+    assert max_abs_diff(ds["params"], ref["params"]) <= tol, max_abs_diff(ds["params"], ref["params"])
     assert ds["training_steps"] == steps
     if "t" in ref["stats"]:  # SOAA: its trust region advanced once per step taken, to the reference's d
         assert ds["stats"]["t"] == ref["stats"]["t"] == steps
@@ -116,7 +112,7 @@ def test_gradient_clipping_clips_the_averaged_gradient(results, opt, stage):
     clip_grad_norm_ on the one-process gradient."""
     ref = reference(opt, clip=CLIP)
     assert sum(n > CLIP for n in ref["norms"]) >= 3, ref["norms"]  # the clipping binds: not vacuous
-    assert _max_abs(ref["params"], reference(opt)["params"]) > 1e-4  # and changes the result
+    assert max_abs_diff(ref["params"], reference(opt)["params"]) > 1e-4  # and changes the result
     for rank_res in results:
         _check(rank_res[f"clip-{opt}-{stage}"], ref, 1e-6, STEPS)
 
@@ -140,7 +136,7 @@ def test_fp16_overflow_step_is_skipped_on_every_rank(results, job):
 def test_json_warmup_scheduler_drives_the_optimizer_lr(results, opt, stage):
     """A WarmupLR in the JSON writes each step's lr into the client's groups, and our step uses it."""
     ref = reference(opt, lrs=WARMUP_LRS)
-    assert _max_abs(ref["params"], reference(opt)["params"]) > 1e-4  # the lr sequence matters
+    assert max_abs_diff(ref["params"], reference(opt)["params"]) > 1e-4  # the lr sequence matters
     for rank_res in results:
         ds = rank_res[f"warmup-{opt}-{stage}"]
         assert [lr for (lr,) in ds["lrs"]] == pytest.approx(WARMUP_LRS)  # one param group
@@ -154,6 +150,6 @@ def test_resume_without_optimizer_state_takes_the_weights_and_a_fresh_optimizer(
     saved after 3 steps, then a fresh SOAA (t restarts, its moments and trust region new), as the reference that
     builds a new optimizer over the saved weights; not the uninterrupted run."""
     ref = reference("SOAA", fresh_at=RESUME_AT)
-    assert _max_abs(ref["params"], reference("SOAA")["params"]) > 1e-4  # a fresh optimizer makes a difference
+    assert max_abs_diff(ref["params"], reference("SOAA")["params"]) > 1e-4  # a fresh optimizer makes a difference
     for rank_res in results:
         _check(rank_res[f"{mode}-SOAA-{stage}"], ref, 1e-6, STEPS - RESUME_AT)

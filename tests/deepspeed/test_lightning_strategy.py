@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 import torch
 
+from tests.harness.compare import max_abs_diff
+
 pytest.importorskip("lightning")
 
 pytestmark = [pytest.mark.deepspeed, pytest.mark.lightning, pytest.mark.timeout(240)]
@@ -41,7 +43,7 @@ def test_soaa_under_lightning_deepspeed_equals_sharded_run(tmp_path):
         assert rec["wrapper"] == "DeepSpeedZeroOptimizer"
         assert rec["stats"]["t"] == STEPS and rec["step_calls"] == 2 * STEPS
         assert rec["stats"]["d"] == pytest.approx(rec["ref_stats"]["d"], rel=1e-6)
-        diff = max(float((a - b).abs().max()) for a, b in zip(rec["params"], rec["ref"]))
+        diff = max_abs_diff(rec["params"], rec["ref"])
         assert diff <= 1e-6
 
 
@@ -76,7 +78,7 @@ def test_soaa_named_in_the_deepspeed_json_under_lightning(tmp_path):
         rec = torch.load(tmp_path / f"rank{r}.pt", weights_only=False)
         assert rec["wrapper"] == "DeepSpeedZeroOptimizer"
         assert rec["stats"]["t"] == STEPS and rec["step_calls"] == STEPS
-        diff = max(float((a - b).abs().max()) for a, b in zip(rec["params"], rec["ref"]))
+        diff = max_abs_diff(rec["params"], rec["ref"])
         assert diff <= 1e-6
 
 
@@ -123,7 +125,7 @@ def test_lr_scheduler_from_configure_optimizers_reaches_the_client(tmp_path):
     strategy = DeepSpeedStrategy(config=config, start_method="fork", process_group_backend="gloo")
     _quiet_trainer(strategy, precision="32-true", max_steps=STEPS).fit(SchedModule(str(tmp_path), STEPS))
     rec = torch.load(tmp_path / "sched.pt", weights_only=False)
-    diff = max(float((a - b).abs().max()) for a, b in zip(rec["params"], rec["ref"]))
+    diff = max_abs_diff(rec["params"], rec["ref"])
     assert diff <= 1e-6, diff
 
 
