@@ -435,7 +435,10 @@ class SOAAKernels:
                 self._accel = self._accel_loader()
             except RuntimeError as e:  # the loader's "cannot run here" (no Triton, no CUDA)
                 self.accel_failure = str(e)
-                log.warning("SOAA: no fused accelerator kernels here (%s); using torch.compile or eager", e)
+                if self.compile_accelerators:  # asked for (compile=True): say so loudly
+                    log.warning("SOAA: no fused accelerator kernels here (%s); using torch.compile or eager", e)
+                else:  # the default on an accelerator without them (MPS, no Triton): foreach, as before
+                    log.info("SOAA: no fused accelerator kernels here (%s); using torch's foreach ops", e)
                 return None
         return self._accel
 

@@ -112,6 +112,13 @@ def test_accelerator_blocks_go_to_the_accelerator_kernels_and_cpu_blocks_to_the_
     assert refused.accel_failure == "Triton is not installed"
     assert sum("no fused accelerator kernels" in r.message for r in caplog.records) == 1
     assert SOAAKernels().native_for(*on_device) is None  # no loader: no accelerator kernels
+    # SOAA's default (compile=None) on an accelerator without them (MPS, no Triton): foreach, said at INFO
+    caplog.clear()
+    quiet = SOAAKernels(accel_loader=unavailable, compile_accelerators=False)
+    with caplog.at_level(logging.INFO):
+        assert quiet.native_for(*on_device) is None
+    said = [r for r in caplog.records if "no fused accelerator kernels" in r.message]
+    assert [r.levelno for r in said] == [logging.INFO] and "foreach" in said[0].message
 
 
 def test_kernels_refuse_tensors_without_their_own_storage() -> None:
