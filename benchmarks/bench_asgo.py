@@ -363,6 +363,10 @@ def main() -> None:
         log.info("%-20s step %8.2f ms (cpu %8.2f ms; fwd+bwd %7.2f ms, ratio %.2f), loss %.3f -> %.3f", n,
                  r["step_ms_median"], r["step_cpu_ms_median"],
                  r["fwd_bwd_ms_median"], r["step_over_fwd_bwd"], r["loss_first"], r["loss_last"])
+        st = r.get("optimizer_statistics", {})
+        if "asgo_roots_computed" in st:  # roots that left the iteration's bound cost an eigendecomposition each
+            log.info("%-20s roots computed %d, recomputed by eigendecomposition %d", n, st["asgo_roots_computed"],
+                     st["asgo_roots_recomputed"])
     log.info("ratios: %s", json.dumps({k: round(v, 3) for k, v in report["ratios"].items()}))
     log.info("wrote %s", path)
 
