@@ -1212,8 +1212,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         """Gradients must be equal on every rank when each block is updated with its owner's gradient
         (``grad_reduction="none"``, sharded, W > 1): DDP (or the user) must have averaged them. Under
         FSDP2 the same holds for the plain (non-DTensor) parameters, which every rank updates as a
-        replica from its own gradient: FSDP2 does not average those."""
-        if self.sharding.grad_reduction != "none" or self.comm.world_size == 1:
+        replica from its own gradient: FSDP2 does not average those. Never for an optimizer that does not
+        step from ``p.grad`` (EGN: a gradient left there by another optimizer's backward is not its input)."""
+        if not self._steps_gradients or self.sharding.grad_reduction != "none" or self.comm.world_size == 1:
             return False
         if self._dtensor is not None:
             return bool(self._dtensor.plain)

@@ -592,3 +592,35 @@ def test_factored_embeddings_at_two_ranks_equal_one_process(tmp_path) -> None:
             assert ref["cg"] >= 2
         if name.endswith("_mixed"):
             assert ref["refinements"] >= 1
+
+
+def _trunk_head(rank: int, world: int) -> dict:
+    """SOAA (grad_reduction='mean') trains a trunk and EGN the head on its features, from one backward of
+    the whole model per step: that backward also leaves gradients on the head, different on every rank (each
+    has its own slice of the batch). EGN never reads them (its directions come from the batch)."""
+    from lightning_soaa import SOAA
+
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Linear(6, 5), nn.Tanh()).double()
+    head = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    soaa = SOAA(trunk.parameters(), lr=1e-2, grad_reduction="mean")
+    egn = EGN(head, loss="mse", lr=0.5, damping=1.0, line_search=True)
+    for t in range(STEPS):
+        x, y, _ = _global_batch(t, "mse", 2, uneven=False)  # 8 samples, whatever W
+        x, y = x[rank::world], y[rank::world]
+        trunk.zero_grad(set_to_none=True)
+        h = trunk(x)
+        loss = 0.5 * ((head(h) - y) ** 2).sum(1).mean()
+        loss.backward()
+        soaa.step(loss=loss.detach())
+        egn.step(inputs=h.detach(), targets=y)
+    return {"params": torch.cat([_flat(trunk), _flat(head)])}
+
+
+def test_egn_ignores_gradients_another_optimizers_backward_left_on_its_parameters(tmp_path) -> None:
+    """Before: EGN at W > 1 compared those head gradients across ranks and refused the step on every rank
+    ("the gradients on rank(s) [1] differ ... wrap the model in DistributedDataParallel"), a correct setup
+    (the same run with the head's gradients cleared equalled one process to 1e-16)."""
+    ref = _trunk_head(0, 1)["params"]
+    for rank, out in enumerate(run_distributed(_trunk_head, 2, tmp_path, timeout=180)):
+        torch.testing.assert_close(out["params"], ref, rtol=0, atol=1e-12, msg=f"rank {rank}")
