@@ -434,7 +434,8 @@ class _OneSided(ShardedOptimizer):
         dim, diagonal = self._statistic_diagonal(v, side)
         label = f"block {v.block.sub_index} of parameter {v.name if v.name is not None else v.block.param_index}"
         return GuardedBlock(grad, dim, diagonal, float(v.group["betas"][1]),
-                            self.comm.world_size if self._row_sharded(v) else 1, label)
+                            self.comm.world_size if self._row_sharded(v) else 1, label,
+                            float(torch.finfo(self._state_dtype(v.param)).max))
 
     def _statistic_diagonal(self, v: BlockView, side: str) -> tuple[int, Tensor | None]:
         """The gradient dimension whose squared sums feed the statistic's diagonal, and that diagonal

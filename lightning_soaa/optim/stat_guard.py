@@ -41,8 +41,9 @@ EXACT_MARGIN = 0.99
 class GuardedBlock:
     """One owned block's part of the exact check: its gradient in matrix form (the statistic's dtype; None
     when it has none this step: its statistic stays), the dimension summed to form its squared norms, the
-    current diagonal of its statistic (None before its first step), ``beta2``, the mesh factor, and a
-    label for the log."""
+    current diagonal of its statistic (None before its first step), ``beta2``, the mesh factor, a label
+    for the log, and the largest finite number of its statistic's dtype (a float64 statistic beside
+    float32 ones holds what theirs cannot)."""
 
     grad: Tensor | None
     dim: int
@@ -50,6 +51,7 @@ class GuardedBlock:
     beta2: float
     mesh: int
     label: str
+    limit: float
 
 
 class StatisticGuard:
@@ -70,8 +72,9 @@ class StatisticGuard:
 
     def overflows(self, grad_sq: float, betas2: Sequence[float], mesh: int, limit: float, all_stepped: bool,
                   blocks: Callable[[], list[GuardedBlock]]) -> bool:
-        """Whether this step's update would take a statistic past ``limit`` (the smallest largest-finite
-        number of the statistics' dtypes). ``grad_sq``: ``sum ||g||^2`` over (at least) the owned
+        """Whether this step's update would take a statistic past its dtype's range (``limit``: the smallest
+        largest-finite number of the statistics' dtypes, for the fast check; the exact one takes each
+        block's own). ``grad_sq``: ``sum ||g||^2`` over (at least) the owned
         gradients; ``betas2``: every group's ``beta2``; ``all_stepped``: every owned matrix block has a
         gradient this step (else the blocks without one keep their entries, and the bound cannot decay);
         ``blocks``: built only for the exact check."""
@@ -86,9 +89,10 @@ class StatisticGuard:
             if new <= FAST_MARGIN * limit:
                 self._pending = new
                 return False
-        return self._exact(blocks(), limit)
+        return self._exact(blocks())
 
-    def _exact(self, blocks: list[GuardedBlock], limit: float) -> bool:
+    def _exact(self, blocks: list[GuardedBlock]) -> bool:
+        """Each block against its own statistic's range (the fast path's ``limit`` is the narrowest)."""
         if not blocks:
             self._pending = self.bound
             return False
@@ -105,12 +109,12 @@ class StatisticGuard:
             new = sq * (1.0 - b.beta2) if old is None else sq * (1.0 - b.beta2) + b.beta2 * old
             rows.append(torch.stack([sq.max(), new.max()]) if sq.numel() else torch.zeros(2, dtype=torch.float64))
         values = torch.stack([r.cpu() for r in rows]).tolist()  # the rare path: a read per device is fine
-        over = [b.label for b, (sq_max, new_max) in zip(blocks, values)
-                if not sq_max <= EXACT_MARGIN * limit or not new_max <= EXACT_MARGIN * limit]
+        over = [f"{b.label} ({b.limit:.3g})" for b, (sq_max, new_max) in zip(blocks, values)
+                if not sq_max <= EXACT_MARGIN * b.limit or not new_max <= EXACT_MARGIN * b.limit]
         if over:
-            log.warning("the squared gradient norms of %s exceed the statistic's range (%.3g): finite "
-                        "gradients too large for it (clip them, or keep the state in float64)",
-                        ", ".join(over), limit)
+            log.warning("the squared gradient norms of %s exceed the statistic's range (its dtype's largest "
+                        "number, in parentheses): finite gradients too large for it (clip them, or keep the "
+                        "state in float64)", ", ".join(over))
             return True
         top = max(new_max for _, new_max in values)
         self._pending = max(top, 0.0)

@@ -698,6 +698,31 @@ def test_finite_gradients_that_would_overflow_a_statistic_are_skipped(case, spre
         "non-finite gradient or statistic", "")
 
 
+@pytest.mark.parametrize("cls", [ASGO, DASGO])
+def test_a_float64_statistic_takes_what_only_float32_ones_cannot_hold(cls) -> None:
+    """A float64 matrix whose finite gradients (~1e20) overflow a float32 statistic but not its own, in an
+    optimizer that also holds a float32 matrix: each statistic is checked against its own dtype's range.
+    Before, every block was held to the narrowest dtype's (the float32 one's) and all 3 steps were skipped on
+    every rank, the float64 matrix 1.06e-2 off the run without the float32 one (a DASGO hunter's finding)."""
+    w0 = torch.randn(4, 3, dtype=f64, generator=torch.Generator().manual_seed(0))
+
+    def run(mixed: bool) -> tuple[torch.Tensor, int]:
+        big = nn.Parameter(w0.clone())
+        small = nn.Parameter(torch.ones(3, 2))
+        opt = cls([("big", big), *([("small", small)] if mixed else [])], lr=1e-2)
+        for t in range(3):
+            big.grad = torch.full((4, 3), 1e20, dtype=f64) * (t + 1)
+            small.grad = torch.ones(3, 2) if mixed else None
+            opt.step()
+        return big.detach(), opt.skipped_steps
+
+    alone, skipped_alone = run(False)
+    mixed, skipped_mixed = run(True)
+    assert skipped_alone == skipped_mixed == 0
+    assert float((alone - w0).abs().max()) > 1e-3  # it moved
+    torch.testing.assert_close(mixed, alone, rtol=0, atol=0)
+
+
 def test_root_padding_plan():
     """Small Gram sizes pad to a larger class only while the extra work stays within the budget (one
     48 x 48 product per matmul): a small MLP's 10 / 20 / 48 share one batch, a hundred 8 x 8 Grams do not
