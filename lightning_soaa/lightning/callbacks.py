@@ -14,6 +14,7 @@ All three are plain picklable objects (``ddp_spawn`` pickles callbacks to the wo
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import math
@@ -167,8 +168,9 @@ class LossToOptimizer(Callback):
         self._count = 0  # backward calls summed into _sum (micro-batches, under automatic optimization)
         self._restart = True
         self._checked_k: int | None = None  # accumulate_grad_batches the same_batch check last saw
-        self._handed: set[int] = set()  # optimizers handed this window's loss at their step (see _attributed)
         self._step_hooks: list[Any] = []  # the targets' step post-hooks (see _watch_steps)
+        self._grads: dict[int, _GradRecord] = {}  # per target, what its gradients hold (see _attributed)
+        self._value: torch.Tensor | None = None  # the loss of the backward under way
 
     def _check_accumulation(self, trainer: pl.Trainer) -> None:
         """Refuse what the step loss cannot be right for under ``accumulate_grad_batches=k`` (k may change
@@ -201,6 +203,9 @@ class LossToOptimizer(Callback):
 
     def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self._restart = True
+        rec = self._grads.get(id(optimizer))
+        if rec is not None:  # what it stepped on stays in its gradients until they are zeroed
+            rec.state = _grad_state(optimizer)
 
     def _unwatch_steps(self) -> None:
         for handle in self._step_hooks:
@@ -218,6 +223,7 @@ class LossToOptimizer(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._sum, self._count, self._restart, self._checked_k = None, 0, True, None
+        self._grads = {}
         self._watch_steps(_targets(trainer, StepNeeds.LOSS))
         if self.check_sharding:
             for opt in _all_optimizers(trainer):
@@ -243,7 +249,6 @@ class LossToOptimizer(Callback):
             value = value / scaler.get_scale()
         if self._restart or self._sum is None:
             self._sum, self._count, self._restart = value, 1, False
-            self._handed = set()
         else:
             self._sum, self._count = self._sum + value, self._count + 1
         step_loss = self._sum
@@ -256,6 +261,26 @@ class LossToOptimizer(Callback):
         if _attributed(trainer, pl_module):
             for target in _targets(trainer, StepNeeds.LOSS):
                 _hand_over(target.set_loss, step_loss)
+            return
+        self._value = value
+        for target in _targets(trainer, StepNeeds.LOSS):
+            rec = self._grads.setdefault(id(target), _GradRecord())
+            now = _grad_state(target)
+            if now != rec.state:  # zeroed or set to None since we last looked: nothing of before is in them
+                rec.contributions = 0
+            rec.state = now
+
+    @override
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if _attributed(trainer, pl_module):
+            return
+        for target in _targets(trainer, StepNeeds.LOSS):
+            rec = self._grads.setdefault(id(target), _GradRecord())
+            now = _grad_state(target)
+            if now != rec.state:  # this backward reached its gradients
+                rec.contributions += 1
+                rec.loss, rec.handed = self._value, False
+            rec.state = now
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -271,15 +296,35 @@ class LossToOptimizer(Callback):
                 why="its step needs the step's loss (the trust region), no micro-batch of this step handed "
                     "one over, and Lightning still calls optimizer.step(closure) under this precision."))
         target = optimizer_needing(optimizer, StepNeeds.LOSS)
-        if target is not None and self._count == 1 and id(target) not in self._handed \
+        rec = None if target is None else self._grads.get(id(target))
+        if target is not None and rec is not None and rec.contributions == 1 and not rec.handed \
                 and not _attributed(trainer, pl_module):
-            # one manual_backward since the window began: its loss is the step's, for every optimizer
-            # stepping on it (once each: a second step without a new backward has no loss of its own)
-            _hand_over(target.set_loss, self._sum)
-            self._handed.add(id(target))
+            # its gradients hold one manual_backward since they were last zeroed: that loss is its step's
+            # (once: a second step without a new backward has no loss of its own)
+            _hand_over(target.set_loss, rec.loss)
+            rec.handed = True
+            rec.state = _grad_state(target)  # after the user's clipping, before the step
         # The next backward belongs to the next optimizer step (or to a re-evaluation of this batch,
         # whose loss then replaces, not adds to, the one handed over).
         self._restart = True
+
+
+@dataclasses.dataclass
+class _GradRecord:
+    """What one optimizer's gradients hold, under manual optimization with several optimizers: how many
+    backwards reached them since they were last zeroed, the loss of the last, and their state then."""
+
+    state: tuple[Any, ...] | None = None
+    contributions: int = 0
+    loss: torch.Tensor | None = None
+    handed: bool = False
+
+
+def _grad_state(optimizer: Any) -> tuple[Any, ...]:
+    """Each parameter's gradient by identity and version: a backward that reaches it, an in-place
+    ``zero_grad(set_to_none=False)`` or setting it to None changes this; nothing else of ours does."""
+    return tuple(None if p.grad is None else (id(p.grad), p.grad._version)
+                 for group in optimizer.param_groups for p in group["params"])
 
 
 def _attributed(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
@@ -288,10 +333,14 @@ def _attributed(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
     (a GAN's two SOAA, or one SOAA and a gradient-only optimizer),
     ``manual_backward(g_loss); manual_backward(d_loss); opt_g.step(); opt_d.step()`` handed the SOAA the sum
     of both losses (7e-2 off after 6 steps with two SOAA, 1e-3 with SOAA and ASGO, where the other loss
-    reaches none of SOAA's parameters): the loss then goes only to the optimizers that step after exactly
-    one backward (``backward(a); opt_a.step(); backward(b); opt_b.step()``, or one loss for both:
-    ``backward(loss); opt_a.step(); opt_b.step()``); otherwise the optimizer needs ``step(loss=...)`` (it
-    raises saying so)."""
+    reaches none of SOAA's parameters): the loss then goes only to an optimizer whose gradients hold exactly
+    one backward since they were last zeroed (``zero_grad; backward(a); opt_a.step(); zero_grad;
+    backward(b); opt_b.step()``, or with ``toggle_optimizer``; or one loss for both: ``backward(loss);
+    opt_a.step(); opt_b.step()``), and it is that backward's loss; otherwise the optimizer needs
+    ``step(loss=...)`` (it raises saying so). Counting backwards since any optimizer's step was not enough:
+    a SOAA stepped every k batches beside one stepped every batch accumulated k backwards and was judged
+    on the last (1.2e-2 off after 10 epochs), and ``backward(a); opt_a.step(); backward(b); opt_b.step()``
+    without zeroing stepped opt_b on the gradient of a + b, judged on b."""
     return pl_module.automatic_optimization or len(_all_optimizers(trainer)) < 2
 
 

@@ -146,8 +146,9 @@ MISSING_LOSS_MESSAGE = (
     "before step() (through a wrapper whose step() takes no keywords, e.g. Lightning Fabric's or "
     "accelerate's optimizer: set_loss); under Lightning add the lightning_soaa.lightning LossToOptimizer "
     "callback. (Under manual optimization with several optimizers, LossToOptimizer hands it over only "
-    "where it can tell whose it is: a step through Lightning's wrapper (self.optimizers()) after exactly "
-    "one manual_backward since the previous optimizer step; otherwise pass it: opt.step(loss=...).)"
+    "where it can tell whose it is: a step through Lightning's wrapper (self.optimizers()) whose gradients "
+    "hold exactly one manual_backward since its gradients were last zeroed (zero_grad() before each "
+    "optimizer's backward, or toggle_optimizer); otherwise pass it: opt.step(loss=...).)"
 )
 
 

@@ -149,9 +149,11 @@ class TwoSOAA(PlainRegressor):
         x, y = batch
         loss_a, loss_b = F.mse_loss(self(x), y), 3.0 * F.l1_loss(self(x), y)
         explicit = self.order == "explicit"
-        if self.order == "sequential":
-            self.manual_backward(loss_a)
+        if self.order in ("sequential", "unzeroed"):
+            self.manual_backward(loss_a)  # both losses reach both layers
             opt_a.step()
+            if self.order == "sequential":  # the GAN recipe: each optimizer's gradients from its own loss
+                opt_b.zero_grad()
             self.manual_backward(loss_b)
             opt_b.step()
         elif self.order == "shared":  # one loss for both: each is judged by it
@@ -159,6 +161,14 @@ class TwoSOAA(PlainRegressor):
             self.manual_backward(loss_a)
             opt_a.step()
             opt_b.step()
+        elif self.order == "accumulated":  # opt_b steps every second batch on both batches' gradients
+            self.manual_backward(loss_a)
+            opt_a.step()
+            opt_a.zero_grad()
+            if batch_idx % 2 == 1:
+                opt_b.step()
+                opt_b.zero_grad()
+            return
         else:  # both backwards, then both steps
             self.manual_backward(loss_a)
             self.manual_backward(loss_b)
@@ -172,22 +182,31 @@ class TwoSOAA(PlainRegressor):
 
 
 @pytest.mark.parametrize("second", ["SOAA", "ASGO"])
-@pytest.mark.parametrize("order", ["sequential", "shared", "both_first", "explicit"])
+@pytest.mark.parametrize("order", ["sequential", "shared", "both_first", "explicit", "unzeroed", "accumulated"])
 def test_two_optimizers_under_manual_optimization_each_soaa_gets_its_own_loss(order: str, second: str,
                                                                                tmp_path: Path) -> None:
     """Two SOAA with LossToOptimizer: both were handed the sum of every loss backpropagated since the last
     step, so ``manual_backward(a); manual_backward(b); opt_a.step(); opt_b.step()`` judged each on a + b
     (7e-2 off after 6 steps); a SOAA beside a gradient-only optimizer (ASGO) was handed the sum too (1e-3
-    off in 12 steps). A loss goes only to the optimizers stepping after exactly one backward (also one loss
-    shared by both); the other order needs ``step(loss=...)`` and says so."""
+    off in 12 steps). A loss goes only to an optimizer whose gradients hold exactly one backward since they
+    were last zeroed (also one loss shared by both), and it is that backward's loss; otherwise the step
+    needs ``step(loss=...)`` and says so: both backwards first; the second optimizer's gradients not
+    zeroed after the first one's backward (``unzeroed``: they hold a + b; it was judged on b alone); and a
+    SOAA stepped every second batch beside one stepped every batch (``accumulated``: judged on its last
+    batch's loss, 1.2e-2 off after 10 epochs, found by a hunter)."""
     model = TwoSOAA(order, second)
     trainer = make_trainer(tmp_path, max_steps=6, callbacks=[LossToOptimizer()])
-    if order == "both_first":
-        with pytest.raises(ValueError, match=r"exactly one manual_backward since the previous optimizer step"):
+    if order == "both_first" or (order in ("unzeroed", "accumulated") and second == "SOAA"):
+        with pytest.raises(ValueError, match=r"exactly one manual_backward since its gradients were last zeroed"):
             trainer.fit(model)
-        assert all(o.num_steps == 0 for o in trainer.optimizers)
+        # both_first: nothing stepped; unzeroed: opt_a stepped on its own loss, opt_b refused; accumulated:
+        # opt_a stepped on batch 0 and 1, opt_b refused at batch 1
+        assert [o.num_steps for o in trainer.optimizers] == {"both_first": [0, 0], "unzeroed": [1, 0],
+                                                              "accumulated": [2, 0]}[order]
         return
     trainer.fit(model)
+    if order == "accumulated":  # with ASGO second: opt_a got its own loss at every step
+        return
     assert len(model.judged) == 3  # max_steps counts both optimizers' steps
     for own_a, own_b, seen_a, seen_b in model.judged:
         assert (seen_a, seen_b) == (pytest.approx(own_a, rel=1e-12), pytest.approx(own_b, rel=1e-12))
