@@ -1309,8 +1309,10 @@ class EGN(ShardedOptimizer):
             assert z is not None and cap is not None
             with grad_off():
                 zd = z.detach()
-                # the loss sum and the finiteness of z in one host copy
-                y = _as(targets, device=z.device)
+                # the loss sum and the finiteness of z in one host copy, on the targets the trials and the
+                # solve use (in the outputs' dtype: float32 targets of a bf16 model measured f0 on other
+                # targets than the line search's trials, up to 42% apart)
+                y = _as(targets, z.dtype if targets.is_floating_point() else targets.dtype, z.device)
                 local_loss, z_finite = host_floats([egn_math.loss_sum(self.config.loss, zd, y),
                                                     torch.isfinite(zd).all()])
             table[row + 1:row + 3] = [float(xs[0].shape[0]), float(z.shape[1])]

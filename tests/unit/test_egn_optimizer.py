@@ -691,3 +691,31 @@ def test_a_closure_pair_from_a_checkpointed_forward_is_not_taken_as_the_batch() 
     with pytest.raises(ValueError, match="computed by the model"):
         opt.step(lambda: (net(x), y))
     assert torch.equal(flat_params(net), before)
+
+
+def test_a_bf16_model_with_float32_targets_measures_every_loss_on_the_same_targets() -> None:
+    """EGN takes targets in the outputs' dtype for its solve and its line-search trials; the loss before
+    the step (what step() returns, the Armijo test's and rho's reference) was computed on the float32
+    targets: two functions up to 42% apart on this model, so the line search and the gain ratio compared
+    them (a step that lowered the loss read as a rise; found by a hunter). Now step t+1 starts from step
+    t's loss_after (the same weights and batch)."""
+    from lightning_soaa.functional import egn as egn_math
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 3)
+    y = 30.0 + x @ torch.randn(3, 2) + 0.01 * torch.randn(64, 2)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
+    with torch.no_grad():
+        model[2].bias.fill_(30.0)
+    model = model.to(torch.bfloat16)
+    xb = x.bfloat16()
+    opt = EGN(model, loss="mse", lr=1.0, damping=1e-2, line_search=True, adaptive_damping=True)
+    after = None
+    for _ in range(4):
+        with torch.no_grad():
+            on_bf16_targets = float(egn_math.loss_sum("mse", model(xb), y.bfloat16())) / 64
+        start = float(opt.step(inputs=xb, targets=y))
+        assert start == pytest.approx(on_bf16_targets, rel=1e-6)
+        if after is not None:
+            assert start == pytest.approx(after, rel=1e-6)
+        after = opt._last["loss_after"]
