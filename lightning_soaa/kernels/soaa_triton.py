@@ -317,7 +317,8 @@ class TritonSOAA:
             why = self_check(self, device, dtype)
             if why is not None:
                 log.warning("SOAA: the Triton kernels failed their check on %s %s (%s); those blocks take the "
-                            "torch.compile'd or the eager path", device, dtype, why)
+                            "eager (foreach) path, or the torch.compile'd one under compile=True", device, dtype,
+                            why)
             self._checked[key] = why is None
         return self._checked[key]
 

@@ -266,7 +266,9 @@ class LossToOptimizer(Callback):
         for target in _targets(trainer, StepNeeds.LOSS):
             rec = self._grads.setdefault(id(target), _GradRecord())
             now = _grad_state(target)
-            if now != rec.state:  # zeroed or set to None since we last looked: nothing of before is in them
+            # changed since we last looked: zeroed (set to None, or zero_grad(set_to_none=False)), or changed
+            # in place by something else (clip_grad_norm_, nan_to_num_), which keeps what they hold
+            if now != rec.state and _zeroed(target):
                 rec.contributions = 0
             rec.state = now
 
@@ -321,26 +323,42 @@ class _GradRecord:
 
 
 def _grad_state(optimizer: Any) -> tuple[Any, ...]:
-    """Each parameter's gradient by identity and version: a backward that reaches it, an in-place
-    ``zero_grad(set_to_none=False)`` or setting it to None changes this; nothing else of ours does."""
-    return tuple(None if p.grad is None else (id(p.grad), p.grad._version)
-                 for group in optimizer.param_groups for p in group["params"])
+    """Each parameter's gradient by identity and version: a backward that reaches it, an in-place change
+    and setting it to None change this; nothing else of ours does. Under FSDP2 a backward adds into a
+    DTensor gradient's local shard in place, which the DTensor's own version does not show."""
+    out: list[Any] = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            g = p.grad
+            if g is None:
+                out.append(None)
+                continue
+            local = getattr(g, "_local_tensor", None)
+            out.append((id(g), g._version) if local is None else (id(g), g._version, id(local), local._version))
+    return tuple(out)
+
+
+def _zeroed(optimizer: Any) -> bool:
+    """Whether every gradient of ``optimizer`` is None or zero (one host read where some are tensors)."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if not grads:
+        return True
+    local = [getattr(g, "_local_tensor", g).detach() for g in grads]  # a DTensor's shard: no collective
+    peaks = [g.abs().amax() if g.numel() else g.new_zeros(()) for g in local]
+    dev = peaks[0].device
+    return bool(torch.stack([x.to(dev, torch.float64) for x in peaks]).amax() == 0)  # NaN: not zeroed
 
 
 def _attributed(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
-    """Whether every loss handed over belongs to every optimizer that needs one: always under automatic
+    """Whether every loss handed over belongs to every optimizer that needs one: under automatic
     optimization (one optimizer), and under manual optimization with one optimizer in all. With several
-    (a GAN's two SOAA, or one SOAA and a gradient-only optimizer),
-    ``manual_backward(g_loss); manual_backward(d_loss); opt_g.step(); opt_d.step()`` handed the SOAA the sum
-    of both losses (7e-2 off after 6 steps with two SOAA, 1e-3 with SOAA and ASGO, where the other loss
-    reaches none of SOAA's parameters): the loss then goes only to an optimizer whose gradients hold exactly
-    one backward since they were last zeroed (``zero_grad; backward(a); opt_a.step(); zero_grad;
-    backward(b); opt_b.step()``, or with ``toggle_optimizer``; or one loss for both: ``backward(loss);
-    opt_a.step(); opt_b.step()``), and it is that backward's loss; otherwise the optimizer needs
-    ``step(loss=...)`` (it raises saying so). Counting backwards since any optimizer's step was not enough:
-    a SOAA stepped every k batches beside one stepped every batch accumulated k backwards and was judged
-    on the last (1.2e-2 off after 10 epochs), and ``backward(a); opt_a.step(); backward(b); opt_b.step()``
-    without zeroing stepped opt_b on the gradient of a + b, judged on b."""
+    (a GAN's two SOAA, or a SOAA beside a gradient-only optimizer) a loss goes only to an optimizer whose
+    gradients hold exactly one backward since they were last zeroed, and it is that backward's loss
+    (``zero_grad`` or ``toggle_optimizer`` before each optimizer's own backward, then its step; or one loss,
+    then both steps); otherwise the optimizer needs ``step(loss=...)`` and raises saying so. A count of the
+    backwards since any optimizer's step judged a SOAA on losses its gradients did not come from (both
+    backwards first; a SOAA stepped every k batches; a second backward into gradients not zeroed): see
+    tests/lightning/test_callbacks.py."""
     return pl_module.automatic_optimization or len(_all_optimizers(trainer)) < 2
 
 

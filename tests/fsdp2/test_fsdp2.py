@@ -278,3 +278,32 @@ def test_dcp_checkpoints_of_earlier_versions_resume(tmp_path: Path, references):
             assert "written by an earlier lightning_soaa" in said and "root_max_every=10, root_tol=0.05" in said, said
             assert "max_block_size" not in said and "batch_dims" not in said, said  # checked by the layout
             assert not res[f"soaa_{form}"]["said"], res[f"soaa_{form}"]["said"]  # nothing moved: nothing lost
+
+
+def _backward_fingerprints(rank: int, world_size: int) -> dict[str, Any]:
+    """LossToOptimizer's record of an optimizer's gradients (callbacks._grad_state) under FSDP2: after a
+    first backward, after a second one that adds to the same gradients, and after zero_grad."""
+    from lightning_soaa import SOAA
+    from lightning_soaa.lightning.callbacks import _grad_state, _zeroed
+
+    model = W.sharded_model((4, 5, 3), W.make_mesh(world_size, False))
+    opt = SOAA(model.named_parameters(), lr=1e-2)
+    x, y = W.local_batch(0, (4, 5, 3), rank, world_size)
+    out = {}
+    for label in ("first", "second"):
+        ((model(x) - y) ** 2).mean().backward()
+        out[label] = _grad_state(opt)
+    out["zeroed_after_backward"] = _zeroed(opt)
+    opt.zero_grad(set_to_none=False)
+    out["zeroed_after_zero_grad"] = _zeroed(opt)
+    return out
+
+
+def test_a_second_backward_under_fsdp2_changes_the_gradient_fingerprint(tmp_path: Path) -> None:
+    """FSDP2 adds a second backward into the DTensor gradient's local shard in place (neither the
+    DTensor's identity nor its version change): LossToOptimizer's count of the backwards an optimizer's
+    gradients hold missed it, and under ModelParallelStrategy two SOAA after manual_backward(a);
+    manual_backward(b) were both judged on a (found by a reviewer). The record includes the shard's."""
+    for rank, out in enumerate(run_distributed(_backward_fingerprints, 2, tmp_path, timeout=180)):
+        assert out["first"] != out["second"], rank
+        assert not out["zeroed_after_backward"] and out["zeroed_after_zero_grad"], rank

@@ -149,11 +149,11 @@ class TwoSOAA(PlainRegressor):
         x, y = batch
         loss_a, loss_b = F.mse_loss(self(x), y), 3.0 * F.l1_loss(self(x), y)
         explicit = self.order == "explicit"
-        if self.order in ("sequential", "unzeroed"):
+        if self.order in ("sequential", "sequential_in_place", "unzeroed"):
             self.manual_backward(loss_a)  # both losses reach both layers
             opt_a.step()
-            if self.order == "sequential":  # the GAN recipe: each optimizer's gradients from its own loss
-                opt_b.zero_grad()
+            if self.order != "unzeroed":  # the GAN recipe: each optimizer's gradients from its own loss
+                opt_b.zero_grad(set_to_none=self.order == "sequential")
             self.manual_backward(loss_b)
             opt_b.step()
         elif self.order == "shared":  # one loss for both: each is judged by it
@@ -161,8 +161,10 @@ class TwoSOAA(PlainRegressor):
             self.manual_backward(loss_a)
             opt_a.step()
             opt_b.step()
-        elif self.order == "accumulated":  # opt_b steps every second batch on both batches' gradients
+        elif self.order in ("accumulated", "accumulated_clipped"):  # opt_b steps every 2nd batch on both's
             self.manual_backward(loss_a)
+            if self.order == "accumulated_clipped":  # changes every gradient in place, zeroes none
+                torch.nn.utils.clip_grad_norm_(self.parameters(), 1e6)
             opt_a.step()
             opt_a.zero_grad()
             if batch_idx % 2 == 1:
@@ -182,7 +184,8 @@ class TwoSOAA(PlainRegressor):
 
 
 @pytest.mark.parametrize("second", ["SOAA", "ASGO"])
-@pytest.mark.parametrize("order", ["sequential", "shared", "both_first", "explicit", "unzeroed", "accumulated"])
+@pytest.mark.parametrize("order", ["sequential", "sequential_in_place", "shared", "both_first", "explicit", "unzeroed",
+                                   "accumulated", "accumulated_clipped"])
 def test_two_optimizers_under_manual_optimization_each_soaa_gets_its_own_loss(order: str, second: str,
                                                                                tmp_path: Path) -> None:
     """Two SOAA with LossToOptimizer: both were handed the sum of every loss backpropagated since the last
@@ -196,16 +199,18 @@ def test_two_optimizers_under_manual_optimization_each_soaa_gets_its_own_loss(or
     batch's loss, 1.2e-2 off after 10 epochs, found by a hunter)."""
     model = TwoSOAA(order, second)
     trainer = make_trainer(tmp_path, max_steps=6, callbacks=[LossToOptimizer()])
-    if order == "both_first" or (order in ("unzeroed", "accumulated") and second == "SOAA"):
+    refused = ("unzeroed", "accumulated", "accumulated_clipped")
+    if order == "both_first" or (order in refused and second == "SOAA"):
         with pytest.raises(ValueError, match=r"exactly one manual_backward since its gradients were last zeroed"):
             trainer.fit(model)
         # both_first: nothing stepped; unzeroed: opt_a stepped on its own loss, opt_b refused; accumulated:
         # opt_a stepped on batch 0 and 1, opt_b refused at batch 1
         assert [o.num_steps for o in trainer.optimizers] == {"both_first": [0, 0], "unzeroed": [1, 0],
-                                                              "accumulated": [2, 0]}[order]
+                                                              "accumulated": [2, 0],
+                                                              "accumulated_clipped": [2, 0]}[order]
         return
     trainer.fit(model)
-    if order == "accumulated":  # with ASGO second: opt_a got its own loss at every step
+    if order.startswith("accumulated"):  # with ASGO second: opt_a got its own loss at every step
         return
     assert len(model.judged) == 3  # max_steps counts both optimizers' steps
     for own_a, own_b, seen_a, seen_b in model.judged:
