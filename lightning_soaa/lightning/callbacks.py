@@ -26,6 +26,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from lightning_soaa.distributed.dtensor import is_dtensor
 from lightning_soaa.lightning.factory import (
     check_sharding_matches_world,
     iter_wrapped,
@@ -170,6 +171,8 @@ class LossToOptimizer(Callback):
         self._checked_k: int | None = None  # accumulate_grad_batches the same_batch check last saw
         self._step_hooks: list[Any] = []  # the targets' step post-hooks (see _watch_steps)
         self._grads: dict[int, _GradRecord] = {}  # per target, what its gradients hold (see _attributed)
+        self._targets_of: dict[int, list[int]] = {}  # parameter id -> the targets holding it (_watch_grads)
+        self._touched: set[int] = set()  # the targets the backward under way reached
         self._value: torch.Tensor | None = None  # the loss of the backward under way
 
     def _check_accumulation(self, trainer: pl.Trainer) -> None:
@@ -207,6 +210,25 @@ class LossToOptimizer(Callback):
         if rec is not None:  # what it stepped on stays in its gradients until they are zeroed
             rec.state = _grad_state(optimizer)
 
+    def _watch_grads(self, targets: list[Any]) -> None:
+        """Under manual optimization with several optimizers: which targets each backward reaches, from
+        the parameters' post-accumulate-grad hooks (a DTensor's, whose gradient FSDP2 writes without
+        autograd's accumulation, from its record instead). Versions alone are not enough: DDP's bucket
+        views share one version counter, so a backward into one optimizer's gradients changed another's."""
+        self._targets_of = {}
+        for target in targets:
+            for group in target.param_groups:
+                for p in group["params"]:
+                    if not p.requires_grad or is_dtensor(p):
+                        continue
+                    if id(p) not in self._targets_of:
+                        self._targets_of[id(p)] = []
+                        self._step_hooks.append(p.register_post_accumulate_grad_hook(self._reached))
+                    self._targets_of[id(p)].append(id(target))
+
+    def _reached(self, param: torch.Tensor) -> None:
+        self._touched.update(self._targets_of.get(id(param), ()))
+
     def _unwatch_steps(self) -> None:
         for handle in self._step_hooks:
             handle.remove()
@@ -225,6 +247,8 @@ class LossToOptimizer(Callback):
         self._sum, self._count, self._restart, self._checked_k = None, 0, True, None
         self._grads = {}
         self._watch_steps(_targets(trainer, StepNeeds.LOSS))
+        if not _attributed(trainer, pl_module):
+            self._watch_grads(_targets(trainer, StepNeeds.LOSS))
         if self.check_sharding:
             for opt in _all_optimizers(trainer):
                 check_sharding_matches_world(opt)
@@ -263,6 +287,7 @@ class LossToOptimizer(Callback):
                 _hand_over(target.set_loss, step_loss)
             return
         self._value = value
+        self._touched = set()
         for target in _targets(trainer, StepNeeds.LOSS):
             rec = self._grads.setdefault(id(target), _GradRecord())
             now = _grad_state(target)
@@ -279,7 +304,7 @@ class LossToOptimizer(Callback):
         for target in _targets(trainer, StepNeeds.LOSS):
             rec = self._grads.setdefault(id(target), _GradRecord())
             now = _grad_state(target)
-            if now != rec.state:  # this backward reached its gradients
+            if id(target) in self._touched or _sharded_changed(target, now, rec.state):  # reached by it
                 rec.contributions += 1
                 rec.loss, rec.handed = self._value, False
             rec.state = now
@@ -338,15 +363,24 @@ def _grad_state(optimizer: Any) -> tuple[Any, ...]:
     return tuple(out)
 
 
+def _sharded_changed(optimizer: Any, now: tuple[Any, ...], before: tuple[Any, ...] | None) -> bool:
+    """Whether the record of a DTensor parameter's gradient changed (FSDP2 writes those gradients itself:
+    no post-accumulate-grad hook fires for them)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if before is None or len(before) != len(now):
+        return any(is_dtensor(p) and p.grad is not None for p in params)
+    return any(is_dtensor(p) and a != b for p, a, b in zip(params, now, before))
+
+
 def _zeroed(optimizer: Any) -> bool:
     """Whether every gradient of ``optimizer`` is None or zero (one host read where some are tensors)."""
     grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     if not grads:
         return True
     local = [getattr(g, "_local_tensor", g).detach() for g in grads]  # a DTensor's shard: no collective
-    peaks = [g.abs().amax() if g.numel() else g.new_zeros(()) for g in local]
+    peaks = torch._foreach_norm(local, float("inf"))
     dev = peaks[0].device
-    return bool(torch.stack([x.to(dev, torch.float64) for x in peaks]).amax() == 0)  # NaN: not zeroed
+    return not bool(torch.stack([(x != 0).to(dev) for x in peaks]).any())  # NaN != 0: not zeroed
 
 
 def _attributed(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:

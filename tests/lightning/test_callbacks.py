@@ -709,3 +709,52 @@ def test_learning_rate_monitor_logs_every_optimizers_groups(tmp_path: Path, name
         lr_key = next(k for k in got if k not in ("momentum", "weight_decay"))
         assert got[lr_key] == pytest.approx(want["lr"]) and got["momentum"] == pytest.approx(want["beta"])
         assert got["weight_decay"] == pytest.approx(want["wd"])
+
+
+class ToggledBothFirst(PlainRegressor):
+    """Two SOAA, each loss backpropagated under toggle_optimizer (it reaches only its optimizer's layer),
+    both steps after both backwards, gradients zeroed in place."""
+
+    def __init__(self, batch_size: int, out: Path) -> None:
+        super().__init__(batch_size=batch_size)
+        self.automatic_optimization = False
+        self.out = out
+
+    def configure_optimizers(self) -> Any:
+        return [lightning_soaa.SOAA(self.net[0].parameters(), lr=0.01),
+                lightning_soaa.SOAA(self.net[2].parameters(), lr=0.02)]
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        opts = self.optimizers()
+        x, y = batch
+        for opt, k in zip(opts, (1.0, 3.0)):
+            self.toggle_optimizer(opt)
+            self.manual_backward(k * F.mse_loss(self(x), y))
+            self.untoggle_optimizer(opt)
+        for opt in opts:
+            opt.step()
+        for opt in opts:
+            opt.zero_grad(set_to_none=False)
+
+    def on_train_end(self) -> None:
+        if self.trainer.global_rank == 0:
+            torch.save([p.detach().clone() for p in self.parameters()], self.out)
+
+
+@pytest.mark.timeout(180)
+def test_ddp_bucket_views_do_not_count_one_optimizers_backward_for_the_other(tmp_path: Path) -> None:
+    """DDP's gradient_as_bucket_view=True makes the gradients views of one bucket with one version counter,
+    so the backward of one optimizer's loss changed the other's record too: a correct toggled run was
+    refused on every rank (found by a reviewer). Which optimizers a backward reaches now comes from the
+    parameters' post-accumulate-grad hooks; the run equals one process (batch 16 = 2 x 8)."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    one = tmp_path / "one.pt"
+    make_trainer(tmp_path / "a", max_steps=-1, max_epochs=2, callbacks=[LossToOptimizer()]).fit(
+        ToggledBothFirst(16, one))
+    two = tmp_path / "two.pt"
+    strategy = DDPStrategy(start_method="fork", find_unused_parameters=True, gradient_as_bucket_view=True)
+    make_trainer(tmp_path / "b", devices=2, strategy=strategy, max_steps=-1, max_epochs=2,
+                 callbacks=[LossToOptimizer()]).fit(ToggledBothFirst(8, two))
+    for a, b in zip(torch.load(one), torch.load(two), strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
