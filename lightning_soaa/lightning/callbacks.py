@@ -304,7 +304,7 @@ class LossToOptimizer(Callback):
         for target in _targets(trainer, StepNeeds.LOSS):
             rec = self._grads.setdefault(id(target), _GradRecord())
             now = _grad_state(target)
-            if id(target) in self._touched or _sharded_changed(target, now, rec.state):  # reached by it
+            if id(target) in self._touched or _unhooked_changed(target, self._targets_of, now, rec.state):
                 rec.contributions += 1
                 rec.loss, rec.handed = self._value, False
             rec.state = now
@@ -363,13 +363,14 @@ def _grad_state(optimizer: Any) -> tuple[Any, ...]:
     return tuple(out)
 
 
-def _sharded_changed(optimizer: Any, now: tuple[Any, ...], before: tuple[Any, ...] | None) -> bool:
-    """Whether the record of a DTensor parameter's gradient changed (FSDP2 writes those gradients itself:
-    no post-accumulate-grad hook fires for them)."""
+def _unhooked_changed(optimizer: Any, hooked: dict[int, list[int]], now: tuple[Any, ...],
+                      before: tuple[Any, ...] | None) -> bool:
+    """Whether the record of a parameter without a post-accumulate-grad hook changed: a DTensor (FSDP2
+    writes its gradient itself: no hook fires for it), or one frozen when the fit began and unfrozen since."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if before is None or len(before) != len(now):
-        return any(is_dtensor(p) and p.grad is not None for p in params)
-    return any(is_dtensor(p) and a != b for p, a, b in zip(params, now, before))
+        return any(id(p) not in hooked and p.grad is not None for p in params)
+    return any(id(p) not in hooked and a != b for p, a, b in zip(params, now, before))
 
 
 def _zeroed(optimizer: Any) -> bool:
