@@ -330,7 +330,6 @@ class LossToOptimizer(Callback):
             # (once: a second step without a new backward has no loss of its own)
             _hand_over(target.set_loss, rec.loss)
             rec.handed = True
-            rec.state = _grad_state(target)  # after the user's clipping, before the step
         # The next backward belongs to the next optimizer step (or to a re-evaluation of this batch,
         # whose loss then replaces, not adds to, the one handed over).
         self._restart = True
