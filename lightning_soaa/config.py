@@ -333,8 +333,9 @@ class SOAAConfig:
 class ASGOConfig:
     """ASGO hyperparameters (one-sided matrix preconditioning); see :class:`lightning_soaa.ASGO`.
 
-    ``root_iters=None`` uses the method's default iteration count. ``adam_*`` configure the AdamW
-    fallback for 1-D parameters and embeddings (same ``lr``).
+    ``root_iters=None`` uses the method's default iteration count; ``root_floor=None`` the map's floor for
+    the statistic's dtype (``functional.linalg.root_floor``). ``adam_*`` configure the AdamW fallback for
+    1-D parameters and embeddings (same ``lr``).
     """
 
     lr: float = 1e-2
@@ -345,6 +346,7 @@ class ASGOConfig:
     damping: float = 0.0
     inverse_root: str = "auto"
     root_iters: int | None = None
+    root_floor: float | None = None
     root_every: int | str = 1
     root_tol: float = 0.05
     root_max_every: int = 10
@@ -371,6 +373,10 @@ class ASGOConfig:
         check_choice("inverse_root", self.inverse_root,
                      ("polar_express", "newton_schulz", "eigh", "polar_express_eigh", "auto"))
         check_int("root_iters", self.root_iters, 1, allow_none=True)
+        if self.root_floor is not None:
+            check_range("root_floor", self.root_floor, 0.0, 1e-3,
+                        why="the floor of the scaled spectrum V/s, whose eigenvalues lie in [0, 1); None takes the "
+                            "statistic's dtype default, 0.0 none")
         if self.root_every != "auto":
             try:
                 check_int("root_every", self.root_every, 1)

@@ -19,7 +19,11 @@ Inverse square roots (used by :class:`lightning_soaa.optim.asgo.ASGO`):
   treated as zero (pseudo-inverse root), so a rank-deficient statistic gives the exact polar factor.
 
 The iterations run in ``float32`` or wider (never in bf16/fp16: the statistic is rank-deficient early
-in training and the small eigenvalues would be lost). A non-finite result is returned as is: the
+in training and the small eigenvalues would be lost). For a ``float32`` statistic the map has a floor
+(:func:`root_floor`): the iteration runs on ``V/s + delta I`` and three Newton-Schulz steps on ``V/s``
+then restore the eigenvalues above the floor, so a Gram with a null space (whose float32 eigenvalues
+there are rounding noise, some negative) keeps a bounded root on every device. A non-finite result is returned
+as is: the
 caller decides what to do with it (ASGO keeps its previous preconditioner and counts the event).
 """
 
@@ -42,6 +46,9 @@ __all__ = [
     "POLAR_EXPRESS_COEFFS",
     "NEWTON_SCHULZ_COEFFS",
     "root_compute_dtype",
+    "root_floor",
+    "default_root_iters",
+    "FLOOR_POLISH_STEPS",
     "damp",
     "inv_sqrt_coupled",
     "inv_sqrt_polar_express",
@@ -122,6 +129,52 @@ def root_compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+#: The floor of the scaled spectrum for each compute dtype (absent: no floor). Why float32 has one: its
+#: Grams with a null space (LayerNorm's mean direction in the next projection's Gram; 60-70% of a
+#: transformer's attention-output Gram below 1e-7 s) carry eigenvalues of rounding noise down to about
+#: -2e-8 s, and the bare iteration's map grows without bound below 0 (z(-1e-8) = 8.7 z(0), z(-1e-7) ~ 1e21):
+#: on a GPU 39-57 of a 12-layer GPT's 72 float32 roots left their bound every step and went to the float64
+#: eigendecomposition (most of a 400 ms step). From V/s + 2e-7 I every eigenvalue the iteration sees is
+#: positive. A float64 statistic's noise (~1e-16 s) is below the map's own resolution (~2e-9 s): no floor.
+_ROOT_FLOORS: dict[torch.dtype, float] = {torch.float32: 2e-7}
+
+#: Newton-Schulz steps ``z <- z (1.5 - 0.5 z^2 x)`` (coupled, :func:`_polish`) towards the unfloored
+#: ``Y = V/s`` after a floored iteration. Scalar check (``x`` = an eigenvalue of Y): from
+#: ``z = (x + 2e-7)^{-1/2}`` three steps bring every ``x >= 1e-6`` to ``x^{-1/2}`` within 5e-8 relative (two:
+#: 1.8e-4; the spec's oracle asks 1e-3 of ``ZVZ - I`` there, and float32 rounding adds its own), ``x = 1e-7``
+#: within 0.8%; ``x = 0`` maps to 7.5e3 (the bare map's z(0) is 2.2e4), and noise down to ``x = -2.5e-8`` to
+#: at most 1.1e4.
+FLOOR_POLISH_STEPS = 3
+
+#: Polar Express iterations of a floored map when the caller gives none: the floor bounds the spectrum
+#: below at 2e-7, where 8 iterations converge as far as 10 (the scalar map agrees to 5e-8 for x >= 1e-6), so
+#: 8 iterations and the 3 polishing steps (30 + 8 matmuls) cost about what 10 bare iterations did (37).
+_FLOORED_ROOT_ITERS: dict[str, int] = {"polar_express": 8}
+
+
+def root_floor(dtype: torch.dtype) -> float:
+    """The floor ``delta`` of the scaled spectrum for a statistic of ``dtype`` (0.0: no floor); see
+    :data:`_ROOT_FLOORS`."""
+    return _ROOT_FLOORS.get(root_compute_dtype(dtype), 0.0)
+
+
+def default_root_iters(method: str, dtype: torch.dtype, floor: float | None = None) -> int:
+    """Iterations of ``method`` (a method of :data:`ROOT_CHOICES`) for a statistic of ``dtype`` when the
+    caller gives none: :data:`DEFAULT_ROOT_ITERS`, fewer for Polar Express where the map has a floor
+    (``floor``; None: :func:`root_floor` of ``dtype``)."""
+    key = "polar_express" if method in ("auto", "polar_express_eigh") else method
+    floor = root_floor(dtype) if floor is None else floor
+    if floor > 0.0 and key in _FLOORED_ROOT_ITERS:
+        return _FLOORED_ROOT_ITERS[key]
+    return DEFAULT_ROOT_ITERS[method]
+
+
+def _map_of(method: str, dtype: torch.dtype, num_iters: int | None, floor: float | None) -> tuple[int, float]:
+    """``(iterations, floor)`` of the map a call computes, the caller's choices filled in for ``dtype``."""
+    floor = root_floor(dtype) if floor is None else float(floor)
+    return (default_root_iters(method, dtype, floor) if num_iters is None else num_iters), floor
+
+
 def damp(v: Tensor, damping: float, sizes: Sequence[int] | None = None) -> Tensor:
     """``V + damping * tr(V)/k * I``: a damping relative to the mean eigenvalue (a new tensor).
 
@@ -174,16 +227,21 @@ def _host_values(values: Sequence[float], dtype: torch.dtype, device: torch.devi
 
 
 def inv_sqrt_coupled(
-    v: Tensor, coeffs: Sequence[tuple[float, float, float]], num_iters: int, eps: float = 1e-10
+    v: Tensor, coeffs: Sequence[tuple[float, float, float]], num_iters: int, eps: float = 1e-10,
+    floor: float | None = None,
 ) -> Tensor:
     """V^{-1/2} of a symmetric PSD ``k x k`` matrix (or a ``b x k x k`` batch) by a coupled iteration;
-    see :func:`_coupled`."""
-    return _coupled(v, coeffs, num_iters, eps)[0]
+    see :func:`_coupled`. ``floor=None``: :func:`root_floor` of ``v``'s dtype."""
+    return _coupled(v, coeffs, num_iters, eps, floor=_floor_of(v, floor))[0]
+
+
+def _floor_of(v: Tensor, floor: float | None) -> float:
+    return root_floor(v.dtype) if floor is None else float(floor)
 
 
 def _coupled(
     v: Tensor, coeffs: Sequence[tuple[float, float, float]], num_iters: int, eps: float = 1e-10,
-    sizes: Sequence[int] | None = None,
+    sizes: Sequence[int] | None = None, floor: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """V^{-1/2} of a symmetric PSD ``k x k`` matrix (or a ``b x k x k`` batch) by a coupled iteration.
 
@@ -197,7 +255,11 @@ def _coupled(
     ``eps`` enters only the scaling norm; a zero eigenvalue gives a large finite value (about
     ``2.2e4/sqrt(s)`` for 10 Polar Express iterations), i.e. an implicit damping, never infinity.
 
-    Cost: ``4 * num_iters - 3`` matmuls (the first iteration has ``Z = I``, the last needs no ``Y``).
+    ``floor > 0`` (:func:`root_floor`): the iteration starts from ``Y = V/s + floor I`` instead, and
+    :data:`FLOOR_POLISH_STEPS` Newton-Schulz steps towards ``Y0^{-1/2}``, ``Y0 = V/s``, follow (:func:`_polish`).
+
+    Cost: ``4 * num_iters - 3`` matmuls (the first iteration has ``Z = I``, the last needs no ``Y``); with
+    a floor one more (the last ``Y``) and ``3 * steps - 1`` for the polishing steps (38 for 8 + 3).
     Runs in :func:`root_compute_dtype` of ``v``; the result has that dtype and ``v``'s shape. Also returns
     the float64 scales ``s`` (one per matrix), for :func:`checked_coupled`. ``sizes``: a zero-padded
     batch (:func:`pad_batch`); ``eps`` then enters each matrix's own corner only, so ``s`` is its own.
@@ -212,30 +274,69 @@ def _coupled(
     # its float32 norm is not, and Y = V / inf = 0 made the root exactly 0, a finite "success"
     s64 = 1.01 * torch.linalg.matrix_norm(v3 + shift, dtype=torch.float64).reshape(-1, 1, 1)
     s = s64.to(dt)  # inf where the scale itself is beyond the dtype: the result is then NaN (below)
-    y = v3 / s
-    z = eye.expand_as(y)
-    for i in range(num_iters):
-        a, b, c = coeffs[min(i, len(coeffs) - 1)]
-        t = y if i == 0 else torch.bmm(z, y)
-        bmat = torch.baddbmm(t, t, t, beta=b, alpha=c)  # b T + c T^2
-        if i < num_iters - 1:
-            y = torch.baddbmm(y, y, bmat, beta=a)  # a Y + Y B
-        z = bmat + a * eye if i == 0 else torch.baddbmm(z, bmat, z, beta=a)  # a Z + B Z
+    y0 = v3 / s
+    # the floor on the whole diagonal, a padded batch's padding too: diag(V, 0) still maps to diag(f(V), f(0) I)
+    z, y = _iterate(y0 + floor * eye if floor > 0.0 else y0, eye, coeffs, num_iters, last_y=floor > 0.0)
+    if floor > 0.0:
+        # the iteration keeps Y = (Y0 + floor I) Z, so Y0 Z = Y - floor Z without a product of large factors
+        z = _polish(z, y - floor * z, FLOOR_POLISH_STEPS)
     out = z / torch.sqrt(s)
     out = torch.where(torch.isfinite(s), out, torch.full_like(out, float("nan")))  # non-finite: callers check
     return out[0] if squeeze else out.reshape(v.shape), s64.reshape(-1)
 
 
+def _iterate(y: Tensor, eye: Tensor, coeffs: Sequence[tuple[float, float, float]], num_iters: int,
+             last_y: bool = False) -> tuple[Tensor, Tensor]:
+    """``(Z, Y)`` of the coupled iteration from ``Y`` (a batch) and ``Z = I``; see :func:`_coupled`. The
+    last iteration updates ``Y`` only if ``last_y`` (one more matmul); otherwise the ``Y`` returned is
+    one iteration behind."""
+    z = eye.expand_as(y)
+    for i in range(num_iters):
+        a, b, c = coeffs[min(i, len(coeffs) - 1)]
+        t = y if i == 0 else torch.bmm(z, y)
+        bmat = torch.baddbmm(t, t, t, beta=b, alpha=c)  # b T + c T^2
+        if last_y or i < num_iters - 1:
+            y = torch.baddbmm(y, y, bmat, beta=a)  # a Y + Y B
+        z = bmat + a * eye if i == 0 else torch.baddbmm(z, bmat, z, beta=a)  # a Z + B Z
+    return z, y
+
+
+def _polish(z: Tensor, w: Tensor, steps: int) -> Tensor:
+    """``steps`` coupled Newton-Schulz steps from ``Z`` towards ``Y^{-1/2}`` (a batch), given ``W = Y Z``.
+
+    Eigenvalue-wise ``z <- z (1.5 - 0.5 z^2 y)``: quadratic convergence where ``z^2 y`` is near 1, and a
+    factor of at most ~1.5 a step where ``y`` is ~0, so a floored root's null directions stay bounded.
+    Coupled (``T = Z W``; ``W <- W (1.5 I - 0.5 T)``, ``Z <- (1.5 I - 0.5 T) Z``) because the plain form
+    ``Z <- 1.5 Z - 0.5 Z (Z Y Z)`` is unstable: in float32 at condition 1e6 it diverged in the third step
+    (relative error 12). ``W`` must not be formed as the product ``Y Z`` either: its small components
+    (``sqrt(x)``) would come out of a cancellation of ``Y``'s entries times ``Z``'s (up to ~2e3), 12% off
+    at ``x = 5e-7`` in float32; the caller forms it from the floored iteration's own ``Y`` (see
+    :func:`_coupled`)."""
+    for i in range(steps):
+        t = torch.bmm(z, w)
+        if i < steps - 1:
+            w = torch.baddbmm(w, w, t, beta=1.5, alpha=-0.5)
+        z = torch.baddbmm(z, t, z, beta=1.5, alpha=-0.5)
+    return z
+
+
 def coupled_scalar_map(
-    x: Tensor, coeffs: Sequence[tuple[float, float, float]], num_iters: int
+    x: Tensor, coeffs: Sequence[tuple[float, float, float]], num_iters: int, floor: float = 0.0
 ) -> Tensor:
     """The eigenvalue map of :func:`inv_sqrt_coupled`: ``z`` with ``Z = z(Y)`` for a scaled eigenvalue ``x``.
 
     Runs the coupled recursion on scalars (``y <- y q``, ``z <- z q`` with ``q = a + b t + c t^2``,
-    ``t = z y``), elementwise, in float64. Negative ``x`` (rounding noise of a PSD matrix) count as 0,
-    so every eigenvalue gets the bounded value ``z(0)`` at most: the implicit damping of the iteration.
+    ``t = z y``), elementwise, in float64, from ``x + floor``, then (``floor > 0``) the polishing steps
+    ``z <- z (1.5 - 0.5 z^2 x)``. Negative ``x`` (rounding noise of a PSD matrix) count as 0, so every
+    eigenvalue gets the bounded value ``z(0)`` at most: the implicit damping of the iteration.
     """
-    y = x.to(torch.float64).clamp_min(0.0)
+    return _scalar_map(x.to(torch.float64).clamp_min(0.0), coeffs, num_iters, floor)
+
+
+def _scalar_map(x: Tensor, coeffs: Sequence[tuple[float, float, float]], num_iters: int, floor: float) -> Tensor:
+    """:func:`coupled_scalar_map` without the clamp: what the iteration does to a negative eigenvalue too
+    (only where the polishing steps see it: the floored iteration itself sees ``x + floor``)."""
+    y = x + floor
     z = torch.ones_like(y)
     for i in range(num_iters):
         a, b, c = coeffs[min(i, len(coeffs) - 1)]
@@ -243,11 +344,15 @@ def coupled_scalar_map(
         q = a + t * (b + c * t)
         y = y * q
         z = z * q
+    if floor > 0.0:
+        for _ in range(FLOOR_POLISH_STEPS):
+            z = z * (1.5 - 0.5 * z * z * x)
     return z
 
 
 def inv_sqrt_spectral(
-    v: Tensor, coeffs: Sequence[tuple[float, float, float]], num_iters: int, eps: float = 1e-10
+    v: Tensor, coeffs: Sequence[tuple[float, float, float]], num_iters: int, eps: float = 1e-10,
+    floor: float | None = None,
 ) -> Tensor:
     """The matrix function of :func:`inv_sqrt_coupled`, evaluated by one float64 eigendecomposition.
 
@@ -269,8 +374,10 @@ def inv_sqrt_spectral(
     (see :func:`resolve_root_method`).
 
     A matrix that is non-finite, or whose eigendecomposition fails, comes back NaN (callers check);
-    its batch-mates get the results they get alone.
+    its batch-mates get the results they get alone. ``floor=None``: :func:`root_floor` of ``v``'s dtype
+    (pass the float32 floor explicitly to evaluate a float32 statistic's map on a float64 copy).
     """
+    floor = _floor_of(v, floor)
     out_dt = root_compute_dtype(v.dtype)
     squeeze = v.dim() == 2
     k = v.shape[-1]
@@ -290,23 +397,24 @@ def inv_sqrt_spectral(
         # eigh raises for the whole batch when one matrix fails. Which matrices share a batch depends on
         # rank ownership, so retry one at a time: each result then depends on its own matrix only (the
         # failing one is NaN, as alone), at every world size.
-        each = [inv_sqrt_spectral(v3[i : i + 1], coeffs, num_iters, eps) for i in range(v3.shape[0])]
+        each = [inv_sqrt_spectral(v3[i : i + 1], coeffs, num_iters, eps, floor) for i in range(v3.shape[0])]
         return torch.cat(each).to(out_dt).reshape(v.shape)
-    z = coupled_scalar_map(evals / s.unsqueeze(-1), coeffs, num_iters) / s.sqrt().unsqueeze(-1)
+    z = coupled_scalar_map(evals / s.unsqueeze(-1), coeffs, num_iters, floor) / s.sqrt().unsqueeze(-1)
     z = torch.where(finite.unsqueeze(-1), z, torch.full_like(z, float("nan")))  # NaN rows give NaN blocks
     out: Tensor = ((evecs * z.unsqueeze(-2)) @ evecs.transpose(-1, -2)).to(out_dt)
     return out[0] if squeeze else out.reshape(v.shape)
 
 
 def inv_sqrt_polar_express(v: Tensor, num_iters: int | None = None, eps: float = 1e-10) -> Tensor:
-    """V^{-1/2} by coupled Polar Express iterations (default 10); see :func:`inv_sqrt_coupled`."""
-    n = DEFAULT_ROOT_ITERS["polar_express"] if num_iters is None else num_iters
+    """V^{-1/2} by coupled Polar Express iterations (default 10; 8 and the floor's polishing steps for a
+    float32 statistic); see :func:`inv_sqrt_coupled`."""
+    n = default_root_iters("polar_express", v.dtype) if num_iters is None else num_iters
     return inv_sqrt_coupled(v, POLAR_EXPRESS_COEFFS, n, eps)
 
 
 def inv_sqrt_newton_schulz(v: Tensor, num_iters: int | None = None, eps: float = 1e-10) -> Tensor:
     """V^{-1/2} by coupled Newton-Schulz iterations (default 18); see :func:`inv_sqrt_coupled`."""
-    n = DEFAULT_ROOT_ITERS["newton_schulz"] if num_iters is None else num_iters
+    n = default_root_iters("newton_schulz", v.dtype) if num_iters is None else num_iters
     return inv_sqrt_coupled(v, (NEWTON_SCHULZ_COEFFS,), n, eps)
 
 
@@ -355,29 +463,33 @@ def _spectral_scale(v3: Tensor, eps: float) -> Tensor:
 
 
 @functools.cache
-def _map_at_zero(coeffs: tuple[tuple[float, float, float], ...], num_iters: int) -> float:
-    """``z(0)`` of :func:`coupled_scalar_map`, the map's largest value (cached: a few dozen scalar ops)."""
-    return float(coupled_scalar_map(torch.zeros(1), coeffs, num_iters))
+def _map_bound(coeffs: tuple[tuple[float, float, float], ...], num_iters: int, floor: float) -> float:
+    """The largest value a root's eigenvalue may take (cached: a few dozen scalar ops): ``z(0)`` of the bare
+    map, its largest value; with a floor, the map's value at ``x = -floor / 8``, so that rounding noise
+    down to -2.5e-8 s (measured down to -1.7e-8 s in float32 transformer Grams) passes: the polishing
+    steps raise a negative eigenvalue's value a little above ``z(0)`` (1.3x there), boundedly."""
+    x = torch.tensor([-floor / 8.0], dtype=torch.float64)
+    return float(_scalar_map(x, coeffs, num_iters, floor))
 
 
 def _bounded_coupled(v: Tensor, coeffs: Sequence[tuple[float, float, float]], num_iters: int,
-                     eps: float, sizes: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
+                     eps: float, sizes: Sequence[int] | None = None, floor: float = 0.0) -> tuple[Tensor, Tensor]:
     """:func:`inv_sqrt_coupled` and, per matrix, whether its root kept within the map's bound (a bool
     tensor; no host read). See :func:`checked_coupled`. ``sizes``: a zero-padded batch."""
-    z, s = _coupled(v, coeffs, num_iters, eps, sizes)
+    z, s = _coupled(v, coeffs, num_iters, eps, sizes, floor)
     k = v.shape[-1]
-    z0 = _map_at_zero(tuple(coeffs), num_iters)
+    z0 = _map_bound(tuple(coeffs), num_iters, floor)
     # ||Z||_F^2 s <= k z(0)^2 (5% margin), false for NaN too; a non-finite scale is recomputed as NaN
     ok = torch.linalg.vector_norm(z.reshape(-1, k, k), dim=(1, 2), dtype=torch.float64).square_().mul_(s)
     if sizes is None:
         return z, ok <= 1.05 * k * z0 * z0
-    # a padded matrix's zero corner holds exactly the map's value at 0: (k_pad - k) z(0)^2 of the sum
+    # a padded matrix's zero corner holds the map's value at 0 (at most the bound): (k_pad - k) z0^2 of the sum
     limit = _host_values([(1.05 * n + (k - n)) * z0 * z0 for n in sizes], torch.float64, ok.device)
     return z, ok <= limit
 
 
 def _recompute_unbounded(v: Tensor, z: Tensor, bounded: Sequence[bool], coeffs: Sequence[tuple[float, float, float]],
-                         num_iters: int, eps: float, sizes: Sequence[int] | None = None) -> Tensor:
+                         num_iters: int, eps: float, sizes: Sequence[int] | None = None, floor: float = 0.0) -> Tensor:
     """``z`` with the roots whose flag is False recomputed by :func:`inv_sqrt_spectral` (a new tensor);
     a padded matrix's (``sizes``) from its own corner, alone."""
     if all(bounded):
@@ -389,15 +501,17 @@ def _recompute_unbounded(v: Tensor, z: Tensor, bounded: Sequence[bool], coeffs: 
         for i in bad:
             n = sizes[i]
             out[i] = 0.0  # outside the corner (unused) too: the iteration's may be NaN, and callers read it
-            out[i, :n, :n] = inv_sqrt_spectral(v.reshape(-1, k, k)[i, :n, :n], coeffs, num_iters, eps).to(out.dtype)
+            out[i, :n, :n] = inv_sqrt_spectral(v.reshape(-1, k, k)[i, :n, :n], coeffs, num_iters, eps,
+                                               floor).to(out.dtype)
         return out.reshape(z.shape)
     idx = torch.tensor(bad, device=z.device)
-    out[idx] = inv_sqrt_spectral(v.reshape(-1, k, k)[idx], coeffs, num_iters, eps).to(out.dtype)
+    out[idx] = inv_sqrt_spectral(v.reshape(-1, k, k)[idx], coeffs, num_iters, eps, floor).to(out.dtype)
     return out.reshape(z.shape)
 
 
 def checked_coupled(
-    v: Tensor, coeffs: Sequence[tuple[float, float, float]], num_iters: int, eps: float = 1e-10
+    v: Tensor, coeffs: Sequence[tuple[float, float, float]], num_iters: int, eps: float = 1e-10,
+    floor: float | None = None,
 ) -> Tensor:
     """:func:`inv_sqrt_coupled`, with every matrix whose result left the map's bound recomputed by
     :func:`inv_sqrt_spectral` (the same function, by an eigendecomposition).
@@ -409,12 +523,15 @@ def checked_coupled(
     at ``z(0)``: in float32 such a root came out 1e1-1e5 times the exact one (the update then pointed
     along the null space, 40-140% off on 3 of 8 draws of a 4-class head), and it cannot be seen from
     the finite values alone. One host read per call; the recomputation only for the matrices that
-    failed (5% margin for the iteration's own rounding).
+    failed (5% margin for the iteration's own rounding). A float32 statistic's map has a floor
+    (:func:`root_floor`), which keeps such roots bounded in the first place; the check stays for what
+    the floor does not cover (noise below -2.5e-8 s, overflow).
     """
-    z, ok = _bounded_coupled(v, coeffs, num_iters, eps)
+    floor = _floor_of(v, floor)
+    z, ok = _bounded_coupled(v, coeffs, num_iters, eps, floor=floor)
     if bool(ok.all()):
         return z
-    return _recompute_unbounded(v, z, ok.tolist(), coeffs, num_iters, eps)
+    return _recompute_unbounded(v, z, ok.tolist(), coeffs, num_iters, eps, floor=floor)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -443,7 +560,7 @@ def _check_sizes(sizes: Sequence[int], v: Tensor) -> None:
 
 def pending_inverse_sqrt(
     v: Tensor, method: str = "polar_express", *, num_iters: int | None = None, eps: float = 1e-10,
-    damping: float = 0.0, sizes: Sequence[int] | None = None,
+    damping: float = 0.0, sizes: Sequence[int] | None = None, floor: float | None = None,
 ) -> PendingRoots:
     """:func:`inverse_sqrt` of a batch ``[n, k, k]`` without its host read: ``resolve(bounded.tolist())``
     gives exactly :func:`inverse_sqrt`'s result.
@@ -458,35 +575,36 @@ def pending_inverse_sqrt(
     method = resolve_root_method(method, v.device, v.dtype, v.shape[-1])
     if method in ("polar_express", "newton_schulz"):
         coeffs = POLAR_EXPRESS_COEFFS if method == "polar_express" else (NEWTON_SCHULZ_COEFFS,)
-        n = DEFAULT_ROOT_ITERS[method] if num_iters is None else num_iters
-        z, ok = _bounded_coupled(vd, coeffs, n, eps, sizes)
+        n, floor = _map_of(method, v.dtype, num_iters, floor)
+        z, ok = _bounded_coupled(vd, coeffs, n, eps, sizes, floor)
         return PendingRoots(z, ok, functools.partial(_recompute_unbounded, vd, z, coeffs=coeffs, num_iters=n,
-                                                     eps=eps, sizes=sizes))
+                                                     eps=eps, sizes=sizes, floor=floor))
     if sizes is not None:
         raise ValueError(f"Invalid sizes={tuple(sizes)!r} for method={method!r}: padded batches are for the "
                          "iterations ('polar_express', 'newton_schulz') only; pass sizes=None.")
-    return PendingRoots(inverse_sqrt(v, method, num_iters=num_iters, eps=eps, damping=damping), None)
+    return PendingRoots(inverse_sqrt(v, method, num_iters=num_iters, eps=eps, damping=damping, floor=floor), None)
 
 
 def inverse_sqrt(
     v: Tensor, method: str = "polar_express", *, num_iters: int | None = None, eps: float = 1e-10,
-    damping: float = 0.0,
+    damping: float = 0.0, floor: float | None = None,
 ) -> Tensor:
     """(V + damping * tr(V)/k * I)^{-1/2} by ``method`` (one of :data:`ROOT_CHOICES`).
 
-    ``num_iters=None`` uses :data:`DEFAULT_ROOT_ITERS`; ``eps`` is the scaling-norm epsilon of the
-    iterations (ignored by ``"eigh"``). The result has :func:`root_compute_dtype` of ``v`` and may be
-    non-finite if ``v`` is; callers check.
+    ``num_iters=None`` uses :func:`default_root_iters`; ``eps`` is the scaling-norm epsilon of the
+    iterations (ignored by ``"eigh"``). ``floor``: the floor of the map of the iterations and of their
+    eigendecomposition evaluation (None: :func:`root_floor` of ``v``'s dtype; 0.0: the bare map). The
+    result has :func:`root_compute_dtype` of ``v`` and may be non-finite if ``v`` is; callers check.
     """
     vd = damp(v.to(root_compute_dtype(v.dtype)), damping)
     method = resolve_root_method(method, v.device, v.dtype, v.shape[-1])
     if method in ("polar_express", "newton_schulz"):
         coeffs = POLAR_EXPRESS_COEFFS if method == "polar_express" else (NEWTON_SCHULZ_COEFFS,)
-        n = DEFAULT_ROOT_ITERS[method] if num_iters is None else num_iters
-        return checked_coupled(vd, coeffs, n, eps)
+        n, floor = _map_of(method, v.dtype, num_iters, floor)
+        return checked_coupled(vd, coeffs, n, eps, floor)
     if method == "eigh":
         return inv_sqrt_eigh(vd)
     if method == "polar_express_eigh":
-        n = DEFAULT_ROOT_ITERS["polar_express"] if num_iters is None else num_iters
-        return inv_sqrt_spectral(vd, POLAR_EXPRESS_COEFFS, n, eps)
+        n, floor = _map_of(method, v.dtype, num_iters, floor)
+        return inv_sqrt_spectral(vd, POLAR_EXPRESS_COEFFS, n, eps, floor)
     raise ValueError(f"Invalid inverse_root={method!r}. Must be one of {', '.join(map(repr, ROOT_CHOICES))}.")

@@ -784,9 +784,17 @@ class ASGO(_OneSided):
             float32 momentum in the null space of a rank-deficient V (the first steps with a batch
             smaller than k, a softmax head). Measured against float64 on such first steps: ~1e-3 with the
             default, 1-30% with Newton-Schulz or ``root_iters=20``; ``damping=1e-6`` brings those under
-            1e-2. A root that leaves the map's bound (rounding-level negative eigenvalues make the
-            iteration diverge) is recomputed by an eigendecomposition
-            (:func:`lightning_soaa.functional.linalg.checked_coupled`).
+            1e-2. For float32 (and bf16) blocks the map has a floor: 8 Polar Express iterations on
+            ``V/s + 2e-7 I`` and three Newton-Schulz steps back towards ``V/s`` (same accuracy above
+            1e-6 s, ``z(0)`` 7.5e3; :func:`lightning_soaa.functional.linalg.root_floor`), so the
+            rounding-level negative eigenvalues of a rank-deficient float32 Gram no longer make the
+            iteration diverge. A root that still leaves the map's bound is recomputed by an
+            eigendecomposition (:func:`lightning_soaa.functional.linalg.checked_coupled`).
+        root_floor: the floor of the scaled spectrum in the root's map (default None: 2e-7 for float32 and
+            bf16 statistics, none for float64; see ``root_iters``). ``0.0`` computes the bare 10-iteration
+            map of the official code for float32 too, which resolves eigenvalues down to ~2e-9 s (float32
+            rounding puts noise of ~2e-8 s there) and, on Grams with a null space, sends many roots to the
+            eigendecomposition. Training quality measured equal within seed noise either way (turn 35).
         root_every: recompute :math:`P` every :math:`\tau` steps, reusing the stored one between (default 1),
             or ``"auto"``: recompute a block's :math:`P` when its statistic has moved,
             :math:`\lVert V_t - V_{\mathrm{root}}\rVert_F > \text{root\_tol}\,\lVert V_{\mathrm{root}}\rVert_F`,
@@ -885,6 +893,7 @@ class ASGO(_OneSided):
         adam_eps: float = 1e-8,
         adam_weight_decay: float = 0.0,
         *,
+        root_floor: float | None = None,
         root_tol: float = 0.05,
         root_max_every: int = 10,
         batch_dims: int = 0,
@@ -899,8 +908,8 @@ class ASGO(_OneSided):
             params = split_fused(params, fused)
         self.config = cfg = ASGOConfig(
             lr=lr, betas=_pair(betas), weight_decay=weight_decay, rms_scale=rms_scale, eps=eps,
-            damping=damping, inverse_root=inverse_root, root_iters=root_iters, root_every=root_every,
-            max_block_size=max_block_size, adam_betas=_pair(adam_betas), adam_eps=adam_eps,
+            damping=damping, inverse_root=inverse_root, root_iters=root_iters, root_floor=root_floor,
+            root_every=root_every, max_block_size=max_block_size, adam_betas=_pair(adam_betas), adam_eps=adam_eps,
             adam_weight_decay=adam_weight_decay, root_tol=root_tol, root_max_every=root_max_every,
             batch_dims=batch_dims, row_parts=row_parts,
         )
@@ -1019,7 +1028,7 @@ class ASGO(_OneSided):
         root is an iteration; the others are absent. Sizes pad only among blocks that share a batch key
         apart from ``k`` (dtype, device, the groups' root options), so a padded batch never takes another
         method (``"auto"`` resolves by size) or options. From the block table and the groups alone."""
-        options = tuple((g["inverse_root"], g["root_iters"], float(g["eps"]), float(g["damping"]))
+        options = tuple((g["inverse_root"], g["root_iters"], float(g["eps"]), float(g["damping"]), g.get("root_floor"))
                         for g in self.param_groups)
         cached = self.__dict__.get("_root_sizes_cache")
         if cached is not None and cached[0] is self.block_table and cached[1] == options:
@@ -1052,17 +1061,17 @@ class ASGO(_OneSided):
             group, st = v.group, v.state
             size = max(st[GRAM].shape[0], sizes.get(v.block.block_id, 0))
             key = (size, st[GRAM].dtype, st[GRAM].device, group["inverse_root"],
-                   group["root_iters"], float(group["eps"]), float(group["damping"]))
+                   group["root_iters"], float(group["eps"]), float(group["damping"]), group.get("root_floor"))
             due.setdefault(key, []).append(v)
         batches: list[tuple[list[BlockView], Tensor, PendingRoots]] = []
         self._roots_computed += sum(len(vs) for vs in due.values())
-        for (size, _dt, _dev, method, iters, eps, damping), vs in due.items():
+        for (size, _dt, _dev, method, iters, eps, damping, floor), vs in due.items():
             ks = [v.state[GRAM].shape[0] for v in vs]
             padded = any(k != size for k in ks)
             grams = pad_batch([v.state[GRAM] for v in vs], size) if padded else torch.stack(
                 [v.state[GRAM] for v in vs])
             batches.append((vs, grams, pending_inverse_sqrt(grams, method, num_iters=iters, eps=eps, damping=damping,
-                                                            sizes=ks if padded else None)))
+                                                            sizes=ks if padded else None, floor=floor)))
         uninformed = self._accept_roots(self._checked_roots(batches))
         self._apply_directions([(v, asgo_math.precondition(v.state[INV_ROOT], v.state[EXP_AVG], side))
                                 for v, side in prepared])

@@ -182,7 +182,7 @@ def bad_values(spec: OptimizerSpec) -> Iterator[tuple[str, Any]]:
     for f, kind in fields:
         if kind is bool or kind == (bool | None):
             yield f.name, "yes"
-        elif kind is float:
+        elif kind is float or kind == (float | None):  # None: "the default for the dtype" (ASGO's root_floor)
             yield from ((f.name, v) for v in (-1.0, float("nan"), "0.1"))
         elif kind is int or kind == (int | None):
             yield from ((f.name, v) for v in (-1, 2.5))
@@ -203,7 +203,7 @@ def edge_values(spec: OptimizerSpec) -> Iterator[tuple[str, Any]]:
     config = spec.load_config()
     for f in dataclasses.fields(config):
         kind = typing.get_type_hints(config)[f.name]
-        if kind is float:
+        if kind is float or kind == (float | None):
             yield f.name, 0.0
         elif typing.get_origin(kind) is tuple:
             yield f.name, (0.0, 0.0)
