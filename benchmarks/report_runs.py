@@ -258,6 +258,10 @@ def _ours(opt: str, model: nn.Module, lr: float, w: Workload) -> tuple[Any, Call
     if spec.horizon_kwarg:
         kw[spec.horizon_kwarg] = w.steps
     o = spec.build(model, lr=lr, **kw)
+    if spec.needs is registry.StepNeeds.BATCH:
+        # EGN forms its loss itself (its ``loss`` above is the workload's): take_step's extra no-grad
+        # forward, which returns the loss to a driver, is work no training loop of EGN's does
+        return o, lambda x, y: o.step(inputs=x, targets=y)
     return o, lambda x, y: spec.take_step(o, model, x, y, fn)
 
 

@@ -308,11 +308,16 @@ def assemble_gram(layout: GramLayout, factors: GramFactors, *, lower_only: bool 
     b = int(factors.outputs.shape[0])
     c = rows_per_sample(layout, factors)
     n = b * c
-    k = torch.zeros(n, n, dtype=factors.outputs.dtype, device=factors.outputs.device)
     blocks = _row_blocks(b, c, lower_only)
+    k: Tensor | None = None  # made by the first term (a product, not 0 + the product: one pass fewer)
     for s, (a, delta) in zip(layout.sites, factors.linear):
         if not s.positions or not (s.weight or s.bias):
             continue
+        if k is None and s.positions == 1 and not s.vocab and len(blocks) == 1:
+            k = _linear_gram_t1_whole(a[:, 0], delta[:, :, 0], weight=s.weight, bias=s.bias)
+            continue
+        if k is None:
+            k = torch.zeros(n, n, dtype=factors.outputs.dtype, device=factors.outputs.device)
         if s.vocab and s.positions == 1:  # the equality of the indices in place of AAᵀ (no bias)
             _add_linear_gram_t1(k, a[:, 0], delta[:, :, 0], blocks, weight=True, bias=False,
                                 ga=_same_index(a, k.dtype))
@@ -322,6 +327,8 @@ def assemble_gram(layout: GramLayout, factors: GramFactors, *, lower_only: bool 
             _add_linear_gram_t1(k, a[:, 0], delta[:, :, 0], blocks, weight=s.weight, bias=s.bias)
         else:
             k += linear_gram(a, delta, weight=s.weight, bias=s.bias)
+    if k is None:
+        k = torch.zeros(n, n, dtype=factors.outputs.dtype, device=factors.outputs.device)
     if factors.rows is not None:
         for i0, i1 in blocks:
             k[i0 * c:i1 * c, :i1 * c].addmm_(factors.rows[i0 * c:i1 * c], factors.rows[:i1 * c].T)
@@ -356,6 +363,21 @@ def kronecker_sample_gram(layout: GramLayout, factors: GramFactors) -> Tensor | 
     if site.bias:
         g += 1.0
     return g
+
+
+def _linear_gram_t1_whole(a: Tensor, delta: Tensor, *, weight: bool, bias: bool) -> Tensor:
+    """(AAᵀ + 1) ⊙ (ΔΔᵀ) as a new [b·c, b·c] tensor (a [b, d_in], delta [b, c, d_out]): what
+    :func:`_add_linear_gram_t1` adds to a zero matrix, the same bits (0 + x·y = x·y; only a −0 entry
+    would read +0 there), without the zero fill and the read of it."""
+    b, c, d_out = delta.shape
+    dd = delta.reshape(b * c, d_out)
+    g = dd @ dd.T
+    if not weight:  # bias only: AAᵀ + 1 is all ones
+        return g
+    ga = a @ a.T
+    if bias:
+        ga += 1.0
+    return (g.view(b, c, b, c) * ga.view(b, 1, b, 1)).view(b * c, b * c)
 
 
 def _add_linear_gram_t1(k: Tensor, a: Tensor, delta: Tensor, blocks: list[tuple[int, int]], *, weight: bool,

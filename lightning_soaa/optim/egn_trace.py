@@ -100,7 +100,10 @@ class TracePlan:
             if len(args) != 1 or kwargs or not isinstance(args[0], Tensor) or not isinstance(out, Tensor):
                 odd.append(f"a {type(m).__name__} was called other than on one positional tensor")
                 return
-            calls.append(_Call(m, args[0], out, _version(args[0]), _version(out)))
+            # our own reads of the version counters, not the model's: past the guard (each Tensor method
+            # called under its mode is a Python call of its handler, 4 per module)
+            with torch._C.DisableTorchFunction():
+                calls.append(_Call(m, args[0], out, _version(args[0]), _version(out)))
 
         handles = [register_module_forward_pre_hook(enter), register_module_forward_hook(record, with_kwargs=True)]
         try:
