@@ -1689,7 +1689,10 @@ class EGN(ShardedOptimizer):
         # α = 0 (lr = 0 at the start of a warm-up) must not pin every later α at 0: restart from lr.
         prev = min(self.alpha, lr) if self.alpha > 0 else lr
         alpha = min(cfg.ls_increase * prev, lr) if cfg.ls_reset == "increase" else prev
-        slack = torch.finfo(batch.z.dtype).eps * max(1.0, abs(batch.f0)) * 4
+        # the loss's rounding, relative: its terms are nonnegative, so their sum rounds (on any rank
+        # split) within a few eps of its own value. An absolute floor (max(1, |f0|)) let a bf16 loss of
+        # 0.026 pass a trial at 0.041 (0.031 of slack below a loss of 1).
+        slack = torch.finfo(batch.z.dtype).eps * abs(batch.f0) * 4
         f_new, tries = float("nan"), 0
         for i in range(cfg.max_ls):
             f_new = self._trial_loss(batch, w0, d, alpha)
