@@ -43,11 +43,9 @@ def init_distributed(dist_backend: str | None = None) -> None:
         deepspeed.init_distributed(dist_backend=dist_backend)
 
 
-def _named_trainable(model: torch.nn.Module,
-                     model_parameters: Iterable[Any] | None) -> tuple[list[Any], dict[int, str]]:
+def _named_trainable(model: torch.nn.Module, model_parameters: Iterable[Any]) -> tuple[list[Any], dict[int, str]]:
+    """``model_parameters`` (tensors, pairs or groups) as tensors or groups of tensors, and every name."""
     names = {id(p): n for n, p in model.named_parameters()}
-    if model_parameters is None:
-        return [p for p in model.parameters() if p.requires_grad], names
     items = list(model_parameters)
     out: list[Any] = []
     for it in items:
@@ -87,6 +85,8 @@ def build_client_optimizer(
                              "model_parameters must be None")
         return DeepSpeedEGNOptimizer(model, parsed.entry.load(), parsed.optimizer_params,
                                      process_group=process_group)
+    if model_parameters is None:  # the model alone: ASGO/DASGO's groups from the module (registry)
+        model_parameters = parsed.entry.spec.first_argument(model)
     params, names = _named_trainable(model, model_parameters)
     layout = parsed.entry.layout
     return DeepSpeedClientOptimizer(
@@ -188,8 +188,10 @@ def initialize(
     Args:
         model: the module.
         config: a DeepSpeed config (dict, JSON string or path); default ``args.deepspeed_config``.
-        model_parameters: parameters or param groups (default: the model's trainable parameters). Names
-            (``named_parameters()`` pairs) help structure-aware optimizers.
+        model_parameters: parameters or param groups, used as given. Default: what the registry builds
+            from the model (:meth:`~lightning_soaa.registry.OptimizerSpec.first_argument`): its trainable
+            ``named_parameters()``, for ASGO/DASGO with the embedding tables in a ``use_asgo=False`` group.
+            Names (``named_parameters()`` pairs) help structure-aware optimizers.
         args: passed to DeepSpeed (``argparse`` namespace; ``local_rank``/``device_rank`` used if set).
         feed_loss: when the optimizer uses the loss (SOAA), every ``engine.backward(loss)`` also hands it
             ``loss`` (the mean over gradient-accumulation micro-steps of one training step).

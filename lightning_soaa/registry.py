@@ -83,6 +83,11 @@ class OptimizerSpec:
         config_path: its frozen hyperparameter config, ``module:attr``.
         needs: what a step needs besides gradients.
         first_arg: what the constructor takes first.
+        module_groups: ``module:function`` turning a module into the param groups a route that builds the
+            optimizer from the module alone hands the constructor (:meth:`first_argument`): an optimizer
+            that must see the module to group its parameters (ASGO sends embedding tables to its AdamW
+            part, and only the module tells a table named ``wte`` from a weight matrix). None: the trainable
+            ``named_parameters()``.
         aliases: other names that resolve to this optimizer (kept for old configs and code).
         ds_layout: how it runs on DeepSpeed's ZeRO partitions.
         ds_stages: the ZeRO stages that work.
@@ -106,6 +111,7 @@ class OptimizerSpec:
     config_path: str
     needs: StepNeeds
     first_arg: FirstArg = FirstArg.NAMED_PARAMETERS
+    module_groups: str | None = None
     aliases: tuple[str, ...] = ()
     ds_layout: DeepSpeedLayout
     ds_stages: tuple[int, ...]
@@ -140,15 +146,24 @@ class OptimizerSpec:
 
     # ------------------------------------------------------------------ drivers (tests, examples)
     def build(self, model: nn.Module, **kwargs: Any) -> torch.optim.Optimizer:
-        """Construct the optimizer for ``model`` with the right first argument (the module, or its
-        trainable ``named_parameters()``). The tests pass ``**spec.test_kwargs``; an optimizer that takes
-        the module is given ``loss="mse"`` unless told otherwise, matching :meth:`take_step`'s loss."""
+        """Construct the optimizer for ``model`` with the right first argument (:meth:`first_argument`). The
+        tests pass ``**spec.test_kwargs``; an optimizer that takes the module is given ``loss="mse"`` unless
+        told otherwise, matching :meth:`take_step`'s loss."""
         cls: Callable[..., torch.optim.Optimizer] = self.load()  # the first argument varies by FirstArg
         if self.first_arg is FirstArg.MODULE:
             kwargs.setdefault("loss", "mse")
-            return cls(model, **kwargs)
-        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        return cls(params, **kwargs)
+        return cls(self.first_argument(model), **kwargs)
+
+    def first_argument(self, module: nn.Module) -> Any:
+        """The constructor's first argument where only the module is at hand (the user gave no parameters
+        or groups): the OptimizerFactory (so ``configure_optimizers`` helpers and the lightning-soaa CLI),
+        a DeepSpeed config naming this optimizer, :meth:`build`. The module itself (``FirstArg.MODULE``),
+        the groups ``module_groups`` makes of it, or its trainable ``named_parameters()``."""
+        if self.first_arg is FirstArg.MODULE:
+            return module
+        if self.module_groups is not None:
+            return _load(self.module_groups)(module)
+        return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
 
     def take_step(self, opt: Any, model: nn.Module, inputs: Tensor, targets: Tensor,
                   loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None, *,
@@ -219,6 +234,7 @@ REGISTRY: tuple[OptimizerSpec, ...] = (
     ),
     OptimizerSpec(
         name="ASGO", class_path="lightning_soaa.optim.asgo:ASGO", config_path="lightning_soaa.config:ASGOConfig",
+        module_groups="lightning_soaa.optim.asgo_groups:route_param_groups",
         needs=StepNeeds.NOTHING, ds_layout=DeepSpeedLayout.STRUCTURED, ds_stages=(0, 1, 2, 3),
         # the adaptive schedule, tuned so that on the battery's model some blocks take a new root (by the
         # Gram's change or by age) and others reuse the stored one at most steps: its state (the Gram at
@@ -228,6 +244,7 @@ REGISTRY: tuple[OptimizerSpec, ...] = (
     ),
     OptimizerSpec(
         name="DASGO", class_path="lightning_soaa.optim.asgo:DASGO",
+        module_groups="lightning_soaa.optim.asgo_groups:route_param_groups",
         config_path="lightning_soaa.config:DASGOConfig",
         needs=StepNeeds.NOTHING, ds_layout=DeepSpeedLayout.STRUCTURED, ds_stages=(0, 1, 2, 3),
         test_kwargs={"lr": 2e-2},

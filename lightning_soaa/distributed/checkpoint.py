@@ -252,7 +252,8 @@ def validate_state_dict(optimizer: CheckpointView, sd: Any, by_position: bool = 
     if len(groups) != len(optimizer.param_groups):
         raise ValueError(
             f"{name}.load_state_dict: the state has {len(groups)} param groups, this optimizer has "
-            f"{len(optimizer.param_groups)}."
+            f"{len(optimizer.param_groups)}{_regrouped(groups, optimizer.param_groups)}. Build the optimizer "
+            "with the param groups the state was saved with."
         )
     for gi, (saved, mine) in enumerate(zip(groups, optimizer.param_groups)):
         if len(saved["params"]) != len(mine["params"]):
@@ -335,6 +336,20 @@ def _names_differ(saved: dict[str, Any], mine: dict[str, Any]) -> str:
     parts = ([f"only in the state: {some(only_saved)}"] if only_saved else []) + (
         [f"only here: {some(only_here)}"] if only_here else [])
     return f" ({'; '.join(parts)}: trained parameters frozen or unfrozen since it was saved?)" if parts else ""
+
+
+def _regrouped(saved: Sequence[Any], mine: Sequence[Any]) -> str:
+    """'' or, where both sides name their parameters, the first one in another group here (e.g. an
+    embedding table that ASGO's routes now put in a ``use_asgo=False`` group of its own)."""
+    where = {str(n): gi for gi, g in enumerate(saved) if isinstance(g, dict)
+             for n in g.get("param_names") or () if n is not None}
+    moved = [(n, where[str(n)], gi) for gi, g in enumerate(mine) for n in g.get("param_names") or ()
+             if n is not None and where.get(str(n), gi) != gi]
+    if not moved:
+        return ""
+    n, was, now = moved[0]
+    more = f" and {len(moved) - 1} more" if len(moved) > 1 else ""
+    return f" ({n!r}{more} in group {was} of the state, in group {now} here)"
 
 
 def _moved_name(saved: list[Any], mine: list[Any]) -> int | None:

@@ -9,8 +9,9 @@ Differences from a stock ``LightningCLI``, each for a reason:
 
 * ``--optimizer`` is constructed inside ``configure_optimizers`` (after ``torch.distributed`` started),
   not at parse time, so our optimizers shard across DDP ranks (see
-  :mod:`lightning_soaa.lightning.factory`). EGN receives the module, our sharded optimizers
-  ``named_parameters()``; the argument ``model`` of EGN is therefore not a CLI option.
+  :mod:`lightning_soaa.lightning.factory`). EGN receives the module, ASGO/DASGO groups made from it
+  (embedding tables to their AdamW part), our other optimizers ``named_parameters()``; the argument
+  ``model`` of EGN is therefore not a CLI option.
 * An unknown optimizer class path fails with the list of valid ones; a bad option of a known optimizer
   (``--optimizer.gama``) fails naming that option and the ones it accepts.
 * Our optimizers' ``horizon_kwarg`` (SOAA's ``total_steps``) is filled from

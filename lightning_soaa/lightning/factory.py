@@ -8,9 +8,11 @@ unsharded on every rank (and SOAA's trust-region decisions would no longer be sh
 :class:`OptimizerFactory` defers construction to ``configure_optimizers``; :mod:`lightning_soaa.lightning.cli`
 uses it for ``--optimizer``.
 
-The factory also decides what the optimizer's first argument is: EGN differentiates the model itself, so
-it receives the LightningModule; our sharded optimizers receive ``named_parameters()`` (ASGO routes
-parameters by name); any other ``torch.optim`` class receives the trainable parameters.
+The factory also decides what the optimizer's first argument is, as the registry says
+(:meth:`~lightning_soaa.registry.OptimizerSpec.first_argument`): EGN differentiates the model itself, so it
+receives the LightningModule; ASGO and DASGO receive param groups made from the module (embedding tables in
+a ``use_asgo=False`` group whatever their names); our other optimizers receive ``named_parameters()``; any
+other ``torch.optim`` class receives the trainable parameters.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 from torch import nn
 
 from lightning_soaa import registry as optimizer_registry
-from lightning_soaa.registry import FirstArg, StepNeeds
+from lightning_soaa.registry import StepNeeds
 
 __all__ = [
     "KNOWN_OPTIMIZERS",
@@ -90,11 +92,11 @@ def resolve_optimizer_class(name: str | type) -> type[torch.optim.Optimizer]:
 
 
 def _first_argument(cls: type, module: nn.Module) -> Any:
+    """Ours: what the registry says (the module, module-aware groups, or ``named_parameters()``); any other
+    optimizer: the trainable parameters."""
     spec = optimizer_registry.spec_of(cls)
-    if spec is not None and spec.first_arg is FirstArg.MODULE:
-        return module
     if spec is not None:
-        return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        return spec.first_argument(module)
     return [p for p in module.parameters() if p.requires_grad]
 
 

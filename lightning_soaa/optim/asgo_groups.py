@@ -1,8 +1,10 @@
 """ASGO's param groups: embeddings to the AdamW part, fused projections to ``row_parts`` groups.
 
-Two builders, one job: decide which group a parameter belongs to, before the optimizer cuts blocks.
+Builders with one job: decide which group a parameter belongs to, before the optimizer cuts blocks.
 
 * :func:`asgo_param_groups` walks a module (it alone can see which parameters are embedding tables);
+  :func:`route_param_groups` gives the same routing in the fewest groups, for the routes that build the
+  optimizer from the module alone (the registry's ``module_groups``);
 * :func:`split_fused` regroups what any caller already has (tensors, ``named_parameters()`` pairs or param
   groups, names optionally given apart as ``{id(param): name}``, as DeepSpeed's client has them). ASGO's
   constructor option ``fused`` and the DeepSpeed client's JSON ``fused`` use it, so the routes that build
@@ -17,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["asgo_param_groups", "split_fused", "check_fused"]
+__all__ = ["asgo_param_groups", "route_param_groups", "split_fused", "check_fused"]
 
 
 def check_fused(fused: Any) -> dict[str, int]:
@@ -152,6 +154,27 @@ def asgo_param_groups(module: nn.Module, *, fused: dict[str, int] | None = None,
     if fused is None:
         return groups
     return split_fused(groups, fused)
+
+
+def route_param_groups(module: nn.Module) -> list[dict[str, Any]]:
+    """The param groups of ASGO/DASGO where a route builds the optimizer from the module alone (the
+    registry's ``module_groups``: OptimizerFactory, the lightning-soaa CLI, a DeepSpeed config naming it):
+    the routing of :func:`asgo_param_groups`, in the fewest groups. The trainable parameters stay in one
+    group, named, in ``named_parameters()`` order, except those that :func:`asgo_param_groups` sends to AdamW
+    and the name rule alone would precondition (an embedding table named ``wte``, a weight norm's gain):
+    they form a second group with ``use_asgo=False``. A model without such parameters (no embedding table,
+    or tables whose names contain ``"emb"``) gets the one group these routes always gave, so its
+    checkpoints, its DeepSpeed partitions and a per-group LR schedule stay as they were."""
+    from lightning_soaa.optim.asgo import ASGO  # the name rule (that module imports this one)
+
+    adam = _embedding_table_ids(module) | _weight_norm_gains(module)
+    keep: list[tuple[str, Tensor]] = []
+    moved: list[tuple[str, Tensor]] = []
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            (moved if id(p) in adam and ASGO.is_matrix_param(p, {}, name) else keep).append((name, p))
+    groups: list[dict[str, Any]] = [{"params": keep}] if keep else []
+    return groups + ([{"params": moved, "use_asgo": False}] if moved else [])
 
 
 def _embedding_table_ids(module: nn.Module) -> set[int]:

@@ -156,3 +156,39 @@ class SchedModule(_ForkSafe):
             sched.step()
         torch.save({"params": [p.detach().clone() for p in self.net.parameters()],
                     "ref": [p.detach().clone() for p in ref_net.parameters()]}, Path(self.out_dir) / "sched.pt")
+
+
+class TokenDSModule(_ForkSafe):
+    """:class:`~tests.deepspeed._workers.TokenModel` (an embedding table named ``wte``) with the optimizer
+    named in the DeepSpeed config; ``on_fit_end`` writes the fp32 parameters (ZeRO-1/2), the reference's and
+    the inner optimizer's groups to ``<out>/rank{r}.pt``."""
+
+    def __init__(self, out_dir: str, name: str, opt_params: dict[str, Any], steps: int) -> None:
+        super().__init__()
+        from tests.deepspeed._workers import TokenModel
+
+        self.model = TokenModel(tied=False)
+        self.out_dir, self.name, self.opt_params, self.steps = out_dir, name, opt_params, steps
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(torch.zeros(64, 1)), batch_size=1)
+
+    def training_step(self, _batch: Any, _idx: int) -> torch.Tensor:
+        x, y = batch(self.global_step, self.global_rank, dtype=torch.float32)
+        return loss_fn(self.model, x, y)
+
+    def configure_optimizers(self) -> Any:
+        return None  # the DeepSpeed config names the optimizer
+
+    def on_fit_end(self) -> None:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        import deepspeed_ext
+        from tests.deepspeed._workers import _token_reference
+
+        client = deepspeed_ext.find_client_optimizer(self.trainer.optimizers[0])
+        params = [safe_get_full_fp32_param(p).detach().clone().float() for p in self.model.parameters()]
+        ref = _token_reference(self.name, False, self.trainer.world_size, self.steps, self.opt_params)
+        torch.save({"params": params, "ref": ref, "names": [n for n, _ in self.model.named_parameters()],
+                    "inner_groups": [(g.get("param_names"), g.get("use_asgo")) for g in client.inner.param_groups]},
+                   Path(self.out_dir) / f"rank{self.global_rank}.pt")

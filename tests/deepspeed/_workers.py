@@ -609,3 +609,67 @@ def w_engine_features(rank: int, world: int, ckpt_root: str, jobs: dict[str, dic
                      "seconds": time.perf_counter() - t0}
         del engine
     return out
+
+
+class TokenModel(torch.nn.Module):
+    """Each input also read as 6 token ids through an ``nn.Embedding`` named ``wte`` (GPT-2's name, without
+    "emb"), and an output head ``head`` tied to the table or not (float32)."""
+
+    def __init__(self, tied: bool) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.wte = torch.nn.Embedding(5, SIZES[0])
+        self.net = tiny_mlp(0, torch.float32, SIZES)
+        self.head = torch.nn.Linear(SIZES[0], 5, bias=False)
+        with torch.no_grad():
+            self.wte.weight.copy_(torch.randn(self.wte.weight.shape, generator=g))
+            self.head.weight.copy_(torch.randn(self.head.weight.shape, generator=g))
+        if tied:
+            self.head.weight = self.wte.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = ((2 * x).floor().clamp(-2, 2) + 2).long()  # 0..4
+        return self.net(x + self.wte(tokens).mean(dim=1)) + self.head(x)[:, :SIZES[-1]]
+
+
+def _token_reference(name: str, tied: bool, world: int, steps: int, params: dict[str, Any]) -> list[torch.Tensor]:
+    """ASGO/DASGO over ``asgo_param_groups(model)`` in one process, each step's gradient the mean of every
+    rank's (what data parallelism gives)."""
+    from lightning_soaa.distributed.comm import LocalComm
+    from lightning_soaa.optim.asgo_groups import asgo_param_groups
+    from lightning_soaa.registry import get
+
+    model = TokenModel(tied)
+    opt = get(name).load()(asgo_param_groups(model), comm=LocalComm(), **params)
+    for s in range(steps):
+        opt.zero_grad()
+        for r in range(world):
+            x, y = batch(s, r, dtype=torch.float32)
+            (loss_fn(model, x, y) / world).backward()
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def w_embedding_route(rank: int, world: int, jobs: list[tuple[str, int, bool, int]],
+                      params: dict[str, Any]) -> dict[Any, Any]:
+    """Per job (optimizer name, ZeRO stage, tied head, steps): the optimizer named in the JSON, given the
+    model alone, after that many fp32 steps: the model's parameters (full fp32), the reference's
+    (:func:`_token_reference`) and the inner optimizer's groups as ``(names, use_asgo)``."""
+    import deepspeed_ext
+
+    ds_env(rank, world)
+    out: dict[Any, Any] = {}
+    for name, stage, tied, steps in jobs:
+        model = TokenModel(tied)
+        cfg = make_config(stage, "fp32", f"lightning_soaa.{name}", params)
+        engine, _, _, _ = deepspeed_ext.initialize(model=model, config=cfg)
+        client = deepspeed_ext.find_client_optimizer(engine)
+        order = [p for g in client._canonical_groups for p in g["params"]]  # stage 0: the model's, grouped
+        _train(engine, rank, range(steps))
+        out[(name, stage, tied, steps)] = {
+            "params": full_fp32_params(engine, stage, client, list(model.parameters()), order),
+            "reference": _token_reference(name, tied, world, steps, params),
+            "inner_groups": [(g.get("param_names"), g.get("use_asgo")) for g in client.inner.param_groups],
+            "names": [n for n, _ in model.named_parameters()]}
+        del engine
+    return out

@@ -11,8 +11,9 @@ model did not move, and a client built for another stage failed with misleading 
 from __future__ import annotations
 
 import pytest
+import torch
 
-from tests.deepspeed._workers import w_client_route
+from tests.deepspeed._workers import w_client_route, w_embedding_route
 from tests.harness.compare import max_abs_diff
 from tests.harness.distributed import run_distributed
 
@@ -71,3 +72,26 @@ def test_client_route_checks_layout_module_and_duplicate_optimizer():
     with pytest.raises(ValueError, match="not both"):
         deepspeed_ext.initialize(model=model, config={**cfg, "optimizer": {"type": "Adam"}}, optimizer=asgo)
     assert not torch.distributed.is_initialized()
+
+
+def test_asgo_named_in_the_json_steps_an_embedding_named_wte_by_adamw(tmp_path):
+    """Found by a hunter: a JSON naming ``lightning_soaa.ASGO``/``DASGO``, given the model alone, handed the
+    optimizer bare parameters and their names, so an ``nn.Embedding`` named ``wte`` (no "emb" in its name)
+    was preconditioned as a matrix (spec/algorithms.md §3.4: embeddings go to the AdamW fallback). Now the
+    registry's module groups are used: at ZeRO-0 every parameter equals ASGO over ``asgo_param_groups(model)``
+    in one process after 3 steps; at ZeRO-2/3, whose partitions cut the other matrices (other blocks, so
+    other gradients after the first step), the table (tied to the head or not) does after one step, and
+    every piece of it sits in a ``use_asgo=False`` group."""
+    jobs = [(name, stage, tied, STEPS if stage == 0 else 1) for name in ("ASGO", "DASGO") for stage in (0, 2, 3)
+            for tied in (False, True)]
+    res = run_distributed(w_embedding_route, 2, tmp_path, jobs, {"lr": 2e-2}, timeout=220)
+    for r in res:
+        for job in jobs:
+            got = r[job]
+            for n, a, b in zip(got["names"], got["params"], got["reference"]):
+                assert a.isfinite().all(), (job, n)
+                if job[1] == 0 or n == "wte.weight":
+                    torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=lambda m, n=n, j=job: f"{j} {n}: {m}")
+            routed = {nm.removesuffix("[cut]"): use for names, use in got["inner_groups"] for nm in names or ()
+                      if nm.startswith("wte.")}
+            assert routed == {"wte.weight": False}, (job, got["inner_groups"])

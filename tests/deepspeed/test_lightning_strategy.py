@@ -147,3 +147,32 @@ def test_fp16_at_stage_0_is_refused_under_lightning(tmp_path, from_json):
     with pytest.raises(Exception, match=r"Invalid combination optimizer.type='lightning_soaa.SOAA' with "
                                         r"fp16.enabled=true at zero_optimization.stage=0"):
         trainer.fit(DSModule(str(tmp_path), PARAMS, STEPS, 0, "fp32", from_json=from_json))
+
+
+def test_asgo_named_in_the_json_under_lightning_steps_an_embedding_named_wte_by_adamw(tmp_path):
+    """Found by a hunter: the strategy built the JSON's ASGO over the LightningModule's bare parameters, so
+    an ``nn.Embedding`` named ``wte`` was preconditioned as a matrix. Now the registry's module groups:
+    at ZeRO-1, after one step, the table equals ASGO over ``asgo_param_groups(model)`` in one process (the
+    partitions cut the other matrices into other blocks) and every piece of it is in a ``use_asgo=False``
+    group."""
+    import lightning.pytorch as pl
+
+    from deepspeed_ext.strategy import DeepSpeedStrategy
+    from tests.deepspeed._lightning_module import TokenDSModule
+
+    params = {"lr": 2e-2}
+    config = {"zero_optimization": {"stage": 1}, "train_micro_batch_size_per_gpu": 8, "gradient_clipping": 0.0,
+              "optimizer": {"type": "lightning_soaa.ASGO", "params": params}}
+    strategy = DeepSpeedStrategy(config=config, start_method="fork", process_group_backend="gloo")
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, precision="32-true", max_steps=1,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    trainer.fit(TokenDSModule(str(tmp_path), "ASGO", params, 1))
+    assert trainer.state.finished
+    for r in range(2):
+        rec = torch.load(tmp_path / f"rank{r}.pt", weights_only=False)
+        table = rec["names"].index("wte.weight")
+        torch.testing.assert_close(rec["params"][table], rec["ref"][table], rtol=0, atol=1e-6)
+        routed = {n.removesuffix("[cut]"): use for names, use in rec["inner_groups"] for n in names or ()
+                  if ".wte." in n}
+        assert routed == {"model.wte.weight": False}, rec["inner_groups"]

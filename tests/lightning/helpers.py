@@ -70,6 +70,27 @@ class PlainRegressor(pl.LightningModule):
         return DataLoader(data, batch_size=self.batch_size, shuffle=False, sampler=sampler)
 
 
+class TokenRegressor(PlainRegressor):
+    """:class:`PlainRegressor` that also reads each input as 6 token ids through an ``nn.Embedding`` named
+    ``wte`` (GPT-2's name, without "emb": ASGO's name rule alone would precondition it), plus an output head
+    ``head`` over the inputs, tied to the table or not."""
+
+    def __init__(self, tied: bool = False, batch_size: int = 8, seed: int = 0) -> None:
+        super().__init__(batch_size=batch_size, seed=seed)
+        g = torch.Generator().manual_seed(seed + 1)
+        self.wte = nn.Embedding(5, D_IN, dtype=torch.float64)
+        self.head = nn.Linear(D_IN, 5, bias=False, dtype=torch.float64)
+        with torch.no_grad():
+            self.wte.weight.copy_(torch.randn(5, D_IN, generator=g, dtype=torch.float64))
+            self.head.weight.copy_(torch.randn(5, D_IN, generator=g, dtype=torch.float64))
+        if tied:
+            self.head.weight = self.wte.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = ((2 * x).floor().clamp(-2, 2) + 2).long()  # 0..4
+        return self.net(x + self.wte(tokens).mean(dim=1)) + self.head(x)[:, :D_OUT]
+
+
 class TinyRegressor(PlainRegressor):
     """:class:`PlainRegressor` whose ``configure_optimizers`` uses the given factory."""
 

@@ -83,6 +83,72 @@ def test_cli_asgo_fused_steps_the_named_matrix_as_its_parts(tmp_path: Path, monk
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def _fit(model: Any, max_steps: int = 3, ckpt_path: str | None = None) -> Any:
+    import lightning.pytorch as pl
+
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, precision="64-true", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, ckpt_path=ckpt_path)
+    return trainer
+
+
+TOKENS = [*BASE[:2], "tests.lightning.helpers.TokenRegressor", *BASE[3:]]
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied_head", "tied_head"])
+@pytest.mark.parametrize("name", ["ASGO", "DASGO"])
+def test_cli_asgo_steps_an_embedding_named_wte_by_adamw(name: str, tied: bool, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by a hunter: the CLI (through the OptimizerFactory) handed ASGO and DASGO ``named_parameters()``
+    alone, so an ``nn.Embedding`` named ``wte`` (no "emb" in its name) was preconditioned as a matrix
+    (spec/algorithms.md §3.4: embeddings go to the AdamW fallback). The routes now take the registry's
+    module groups: 3 steps equal, to the last bit, ASGO built with ``asgo_param_groups(model)`` by hand."""
+    from lightning_soaa.optim.asgo_groups import asgo_param_groups
+    from tests.lightning.helpers import TokenRegressor
+
+    monkeypatch.chdir(tmp_path)
+    cli = SOAALightningCLI(args=[*TOKENS, "--model.tied", str(tied).lower(), "--optimizer",
+                                 f"lightning_soaa.{name}", "--optimizer.lr", "0.02"])
+    opt = cli.trainer.optimizers[0]
+    assert [(g["param_names"], g.get("use_asgo")) for g in opt.param_groups][-1] == (["wte.weight"], False)
+    model = TokenRegressor(tied=tied)
+    hand = registry.get(name).load()(asgo_param_groups(model), lr=0.02)
+    model.configure_optimizers = lambda: hand  # type: ignore[method-assign]
+    _fit(model)
+    assert hand.statistics()["steps"] == opt.statistics()["steps"] == 3.0
+    for (n, a), b in zip(cli.model.named_parameters(), model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_cli_asgo_resumes_its_groups_and_names_a_regrouped_checkpoint(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """On resume the route rebuilds the same groups: its checkpoint loads into the CLI's ASGO and into one
+    built with ``asgo_param_groups(model)``, and both go on alike. A checkpoint saved with the table in the
+    one group the routes gave before is refused, naming the parameter that moved."""
+    from lightning_soaa import ASGO
+    from lightning_soaa.optim.asgo_groups import asgo_param_groups
+    from tests.lightning.helpers import TokenRegressor
+
+    monkeypatch.chdir(tmp_path)
+    args = [*TOKENS, "--model.batch_size", "32", "--optimizer", "lightning_soaa.ASGO", "--optimizer.lr", "0.02"]
+    SOAALightningCLI(args=[*args, "--trainer.max_steps", "2"]).trainer.save_checkpoint(tmp_path / "two.ckpt")
+    resumed = SOAALightningCLI(args=[*args, "--trainer.max_steps", "4", "--ckpt_path", str(tmp_path / "two.ckpt")])
+    assert resumed.trainer.global_step == 4
+    model = TokenRegressor(batch_size=32)
+    hand = ASGO(asgo_param_groups(model), lr=0.02)
+    model.configure_optimizers = lambda: hand  # type: ignore[method-assign]
+    _fit(model, max_steps=4, ckpt_path=str(tmp_path / "two.ckpt"))
+    for a, b in zip(resumed.model.parameters(), model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    old = TokenRegressor()
+    one_group = ASGO(old.named_parameters(), lr=0.02)
+    old.configure_optimizers = lambda: one_group  # type: ignore[method-assign]
+    _fit(old, max_steps=2).save_checkpoint(tmp_path / "old.ckpt")
+    with pytest.raises(ValueError, match=r"the state has 1 param groups, this optimizer has 2 \('wte.weight' in "
+                                         r"group 0 of the state, in group 1 here\)"):
+        SOAALightningCLI(args=[*args, "--trainer.max_steps", "4", "--ckpt_path", str(tmp_path / "old.ckpt")])
+
+
 PRINTED_SOAA = """optimizer:
   class_path: lightning_soaa.SOAA
   init_args:

@@ -199,3 +199,39 @@ def test_a_group_given_one_bare_tensor_is_read_as_torch_reads_it() -> None:
     assert [(g["row_parts"], g["param_names"]) for g in opt.param_groups] == [(3, ["qkv.weight"])]
     with pytest.raises(TypeError, match="should be an iterable of Tensors or dicts"):  # torch's own refusal
         ASGO(w, fused={"qkv.weight": 3})
+
+
+class _Wte(_Block):
+    """:class:`_Block` with its table named as GPT-2's ``wte`` (no "emb" in the name)."""
+
+    tok_emb = property(lambda self: self.wte)  # what _Block.forward reads
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wte = self._modules.pop("tok_emb")
+
+
+def test_the_factory_sends_an_embedding_named_wte_to_adamw_also_with_fused() -> None:
+    """Found by a hunter: the factory handed ASGO ``named_parameters()`` alone, so a table named ``wte`` was
+    preconditioned as a matrix. Now it takes the registry's module groups, and ``fused`` regroups those:
+    4 steps bit for bit ASGO over ``asgo_param_groups(model, fused=...)``. A table whose name says "emb"
+    keeps the single group ``named_parameters()`` gave (same checkpoints); other optimizers are unchanged."""
+    fused = {"qkv.weight": 3}
+    torch.manual_seed(0)
+    a = _Wte().to(f64)
+    torch.manual_seed(0)
+    b = _Wte().to(f64)
+    opt_a = OptimizerFactory("ASGO", {**KW, "fused": fused}).build(a)
+    opt_b = ASGO(asgo_param_groups(b, fused=fused), **KW)
+    assert [(g["param_names"], g.get("use_asgo"), g["row_parts"]) for g in opt_a.param_groups] == [
+        (["qkv.bias", "proj.weight", "proj.bias", "attn.qkv.bias"], None, 1),
+        (["wte.weight"], False, 1), (["qkv.weight", "attn.qkv.weight"], None, 3)]
+    _steps(a, opt_a)
+    _steps(b, opt_b)
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=0, msg=n)
+    m = _model()
+    assert [g["param_names"] for g in OptimizerFactory("ASGO", KW).build(m).param_groups] == [
+        [n for n, _ in m.named_parameters()]]
+    adamw = OptimizerFactory("AdamW").build(a)
+    assert [g["param_names"] for g in adamw.param_groups] == [[n for n, _ in a.named_parameters()]]
