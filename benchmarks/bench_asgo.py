@@ -15,8 +15,8 @@ matched to AdamW as in the ASGO paper's baseline; torch runs its Newton-Schulz i
 with bf16 matrix units (Intel AMX: 27 ms against 96 ms in fp32 on this benchmark), emulated and ~50x
 slower on one without; ``muon_fp32`` is the same update with the 5 quintic iterations in fp32, written
 here), ASGO (default root, i.e. ``inverse_root="auto"``, with ``root_every`` 1, 10 and ``"auto"``; the
-matmul iteration ``"polar_express"`` that was the default before; the float64 pseudo-inverse ``"eigh"``),
-DASGO.
+matmul iteration ``"polar_express"`` that was the default before, and the same without the float32 map's
+floor, ``root_floor=0.0``, as ``asgo_bare_map``; the float64 pseudo-inverse ``"eigh"``), DASGO.
 
 Usage::
 
@@ -169,6 +169,9 @@ def make_optimizers(lr: float) -> dict[str, Callable[[nn.Module], Any]]:
         "asgo_auto": lambda m: ASGO(asgo_param_groups(m), lr=lr, root_every="auto"),
         "asgo_eigh": lambda m: ASGO(asgo_param_groups(m), lr=lr, inverse_root="eigh"),
         "asgo_polar_express": lambda m: ASGO(asgo_param_groups(m), lr=lr, inverse_root="polar_express"),
+        # the bare map of the official code (no floor): on float32 Grams with a null space its iteration leaves
+        # its bound and those roots go to the float64 eigendecomposition (asgo_roots_recomputed)
+        "asgo_bare_map": lambda m: ASGO(asgo_param_groups(m), lr=lr, inverse_root="polar_express", root_floor=0.0),
         "dasgo": lambda m: DASGO(asgo_param_groups(m), lr=lr),
     }
 
@@ -350,7 +353,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--optimizers", nargs="+",
                    default=["adamw", "muon", "muon_fp32", "asgo_root_every_1", "asgo_polar_express",
-                            "asgo_root_every_10", "asgo_auto", "asgo_eigh", "dasgo"])
+                            "asgo_bare_map", "asgo_root_every_10", "asgo_auto", "asgo_eigh", "dasgo"])
     add_output_args(p)
     args = p.parse_args()
     start(args)

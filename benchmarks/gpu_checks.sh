@@ -2,10 +2,11 @@
 # The checks that need a CUDA GPU, in one command (CI has no GPU, so these tests skip there):
 #   1. the accelerator battery (every registered optimizer on CUDA vs the CPU run, skips, checkpoints
 #      across devices, a one-rank NCCL group, FSDP2 on a CUDA mesh), SOAA's Triton passes and the host
-#      syncs of ASGO's padded roots;
+#      syncs of ASGO's padded roots, the float32 roots of null-space Grams staying bounded (the map's floor);
 #   2. SOAA's step against torch's fused AdamW on the GPU (10 x 1000x1000 and 10 x 4096x4096, fp32; the
 #      latter also with the 2**18-element blocks of before the automatic block size);
-#   3. ASGO against Muon and AdamW on a d=768, 12-layer transformer;
+#   3. ASGO against Muon and AdamW on a d=768, 12-layer transformer (asgo_bare_map: without the float32 map's
+#      floor, for the roots recomputed by the eigendecomposition with and without it);
 #   4. the whole training step of that transformer with SOAA's default (its Triton kernels) and the foreach
 #      path (compile=False) against AdamW, profiled (profile_gpu_step.py).
 # (benchmarks/tune_soaa_triton.py, the Triton kernels' program shapes, runs apart: about a minute.)
@@ -31,6 +32,7 @@ if [ "$what" != bench ]; then
   tests/conformance/test_accelerator.py tests/unit/test_soaa_cuda.py \
   "tests/unit/test_soaa_functional.py::test_compiled_kernels_on_cuda_match_the_reference" \
   "tests/unit/test_asgo_optim.py::test_padded_roots_add_no_host_sync_on_cuda" \
+  "tests/unit/test_linalg.py::test_float32_roots_of_null_space_grams_stay_bounded_on_cuda" \
   "$@" 2>&1 | tee "$out/gpu_tests.log" || status=1
 fi
 [ "$what" = tests ] && exit $status

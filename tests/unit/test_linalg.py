@@ -404,3 +404,22 @@ def test_float32_iteration_and_eigh_evaluation_agree_on_a_gram_with_a_null_space
     it = pending.roots[0].double() @ grad.double()
     eig = inverse_sqrt(v, "polar_express_eigh").double() @ grad.double()
     assert float((it - eig).norm() / eig.norm()) < 5e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (benchmarks/gpu_checks.sh runs it)")
+def test_float32_roots_of_null_space_grams_stay_bounded_on_cuda():
+    """On an H200 (turn 34) 39-57 of a d=768 transformer's 72 float32 roots a step left the bare
+    iteration's bound and went to a float64 eigendecomposition on the GPU. With the float32 map's floor
+    the iteration on the GPU stays bounded on Grams with a null space (rank k/4 to k - 1, k up to 768) and
+    computes the CPU's eigendecomposition route's function to float32 accuracy."""
+    g = torch.Generator().manual_seed(0)
+    for k, rank in [(64, 63), (256, 64), (768, 192), (768, 767)]:
+        grad = torch.randn(k, rank, generator=g, dtype=torch.float64) @ torch.randn(rank, 2 * k, generator=g,
+                                                                                   dtype=torch.float64)
+        grad = grad.float()
+        v = grad @ grad.T
+        pending = pending_inverse_sqrt(v[None].cuda(), "polar_express")
+        assert pending.bounded is not None and bool(pending.bounded.all()), (k, rank)
+        got = pending.roots[0].double().cpu() @ grad.double()
+        ref = inverse_sqrt(v, "polar_express_eigh").double() @ grad.double()
+        assert float((got - ref).norm() / ref.norm()) < 1e-2, (k, rank)
