@@ -377,6 +377,7 @@ class ASGOConfig:
             check_range("root_floor", self.root_floor, 0.0, 1e-3,
                         why="the floor of the scaled spectrum V/s, whose eigenvalues lie in [0, 1); None takes the "
                             "statistic's dtype default, 0.0 none")
+            self._check_floored_iters()
         if self.root_every != "auto":
             try:
                 check_int("root_every", self.root_every, 1)
@@ -389,6 +390,19 @@ class ASGOConfig:
         check_betas("adam_betas", self.adam_betas)
         check_range("adam_eps", self.adam_eps, EPS_FLOOR, why=EPS_WHY)
         check_range("adam_weight_decay", self.adam_weight_decay, 0.0)
+
+    def _check_floored_iters(self) -> None:
+        """An explicit floor with too few explicit iterations (``functional.linalg.floor_min_iters``): its
+        polished map has negative values, an indefinite preconditioner (the default floor is then dropped)."""
+        from lightning_soaa.functional.linalg import floor_min_iters
+
+        if self.root_floor and self.root_iters is not None and self.inverse_root != "eigh" \
+                and self.root_iters < floor_min_iters(self.inverse_root):
+            raise ValueError(
+                f"Invalid root_floor={self.root_floor!r} with root_iters={self.root_iters!r} and inverse_root="
+                f"{self.inverse_root!r}. A floored map needs root_iters >= {floor_min_iters(self.inverse_root)} "
+                "(after fewer Polar Express iterations the polishing steps turn roots negative); use "
+                "root_floor=None (the default floor, dropped for so few iterations) or 0.0, or more root_iters.")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

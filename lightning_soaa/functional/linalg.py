@@ -49,6 +49,8 @@ __all__ = [
     "root_floor",
     "default_root_iters",
     "FLOOR_POLISH_STEPS",
+    "FLOOR_MIN_ITERS",
+    "floor_min_iters",
     "damp",
     "inv_sqrt_coupled",
     "inv_sqrt_polar_express",
@@ -107,7 +109,8 @@ def resolve_root_method(method: str, device: torch.device, dtype: torch.dtype = 
     ``k`` is at least :data:`EIGH_MIN_K` (or not given), else ``"polar_express"``; any other method as
     given.
 
-    Both compute the same matrix function (the 10-iteration Polar Express map), so the choice changes
+    Both compute the same matrix function (the Polar Express map of the statistic's dtype, with its floor
+    for float32: :func:`root_floor`), so the choice changes
     rounding only. Why the eigendecomposition on a CPU: one float64 eigendecomposition of a k x k Gram
     costs about 18 float32 matmuls of its size, the iteration 37 (k = 256, one thread;
     benchmarks/eval_asgo_roots.py). Why only below float64: LAPACK's eigendecomposition has a backward
@@ -143,13 +146,21 @@ _ROOT_FLOORS: dict[torch.dtype, float] = {torch.float32: 2e-7}
 #: ``z = (x + 2e-7)^{-1/2}`` three steps bring every ``x >= 1e-6`` to ``x^{-1/2}`` within 5e-8 relative (two:
 #: 1.8e-4; the spec's oracle asks 1e-3 of ``ZVZ - I`` there, and float32 rounding adds its own), ``x = 1e-7``
 #: within 0.8%; ``x = 0`` maps to 7.5e3 (the bare map's z(0) is 2.2e4), and noise down to ``x = -2.5e-8`` to
-#: at most 1.1e4.
+#: at most 1.25e4 (1.66 z(0); -5e-8: 2.75e4).
 FLOOR_POLISH_STEPS = 3
 
 #: Polar Express iterations of a floored map when the caller gives none: the floor bounds the spectrum
 #: below at 2e-7, where 8 iterations converge as far as 10 (the scalar map agrees to 5e-8 for x >= 1e-6), so
 #: 8 iterations and the 3 polishing steps (30 + 8 matmuls) cost about what 10 bare iterations did (37).
 _FLOORED_ROOT_ITERS: dict[str, int] = {"polar_express": 8}
+
+#: The fewest iterations after which a floored map may be polished. A Newton-Schulz step ``z (1.5 - 0.5 u)``,
+#: ``u = z^2 x``, turns the sign of ``z`` where ``u > 3``, and the first Polar Express iterations overshoot:
+#: the largest ``u`` over ``x`` in [0, 1] before the polish is 3.97 / 3.87 / 3.48 after 1 / 2 / 3 iterations,
+#: 2.43 after 4, 1.26 after 5 (the same for any floor up to 1e-3). So 1-3 floored iterations gave a root
+#: with negative eigenvalues (down to -25 / sqrt(s) on a spectrum in [1e-3, 1]): an indefinite
+#: preconditioner, steps uphill along those directions. Newton-Schulz never overshoots (``u <= 1``).
+FLOOR_MIN_ITERS: dict[str, int] = {"polar_express": 4}
 
 
 def root_floor(dtype: torch.dtype) -> float:
@@ -169,10 +180,28 @@ def default_root_iters(method: str, dtype: torch.dtype, floor: float | None = No
     return DEFAULT_ROOT_ITERS[method]
 
 
+def floor_min_iters(method: str) -> int:
+    """The fewest iterations of ``method`` (a method of :data:`ROOT_CHOICES`) whose map may have a floor; see
+    :data:`FLOOR_MIN_ITERS`."""
+    key = "polar_express" if method in ("auto", "polar_express_eigh") else method
+    return FLOOR_MIN_ITERS.get(key, 1)
+
+
 def _map_of(method: str, dtype: torch.dtype, num_iters: int | None, floor: float | None) -> tuple[int, float]:
-    """``(iterations, floor)`` of the map a call computes, the caller's choices filled in for ``dtype``."""
+    """``(iterations, floor)`` of the map a call computes, the caller's choices filled in for ``dtype``.
+
+    Fewer iterations than :func:`floor_min_iters` keep the bare map where the floor is the dtype's default
+    (``floor=None``) and are refused with an explicit one: their polished map is not positive."""
+    given = floor
     floor = root_floor(dtype) if floor is None else float(floor)
-    return (default_root_iters(method, dtype, floor) if num_iters is None else num_iters), floor
+    n = default_root_iters(method, dtype, floor) if num_iters is None else num_iters
+    if floor > 0.0 and n < floor_min_iters(method):
+        if given is not None:
+            raise ValueError(f"Invalid floor={given!r} with num_iters={n} for method={method!r}: a floored map "
+                             f"needs at least {floor_min_iters(method)} iterations (fewer give roots with negative "
+                             "eigenvalues); pass floor=None or 0.0, or more iterations.")
+        floor = 0.0
+    return n, floor
 
 
 def damp(v: Tensor, damping: float, sizes: Sequence[int] | None = None) -> Tensor:
@@ -231,12 +260,36 @@ def inv_sqrt_coupled(
     floor: float | None = None,
 ) -> Tensor:
     """V^{-1/2} of a symmetric PSD ``k x k`` matrix (or a ``b x k x k`` batch) by a coupled iteration;
-    see :func:`_coupled`. ``floor=None``: :func:`root_floor` of ``v``'s dtype."""
-    return _coupled(v, coeffs, num_iters, eps, floor=_floor_of(v, floor))[0]
+    see :func:`_coupled`. ``floor=None``: :func:`root_floor` of ``v``'s dtype (none for iterations too few
+    to polish, :data:`FLOOR_MIN_ITERS`)."""
+    return _coupled(v, coeffs, num_iters, eps, floor=_floor_of(v, floor, coeffs, num_iters))[0]
 
 
-def _floor_of(v: Tensor, floor: float | None) -> float:
-    return root_floor(v.dtype) if floor is None else float(floor)
+def _floor_of(v: Tensor, floor: float | None, coeffs: Sequence[tuple[float, float, float]] | None = None,
+              num_iters: int = 0) -> float:
+    """``floor``, or (None) :func:`root_floor` of ``v``'s dtype where the polished map of ``coeffs`` and
+    ``num_iters`` stays positive (:func:`_polish_keeps_sign`), else 0.0."""
+    if floor is not None:
+        return float(floor)
+    default = root_floor(v.dtype)
+    if default > 0.0 and coeffs is not None and not _polish_keeps_sign(tuple(coeffs), num_iters, default):
+        return 0.0
+    return default
+
+
+@functools.cache
+def _polish_keeps_sign(coeffs: tuple[tuple[float, float, float], ...], num_iters: int, floor: float) -> bool:
+    """Whether the floored iteration leaves ``u = z^2 x`` below 3 for every ``x`` in [0, 1], so that the
+    polishing steps ``z (1.5 - 0.5 u)`` keep ``z`` positive (:data:`FLOOR_MIN_ITERS`; 2.75: a margin for
+    rounding). On a dense grid (the map is a smooth function of ``x``; cached)."""
+    x = torch.cat([torch.linspace(0.0, 1.0, 4097, dtype=torch.float64),
+                   torch.logspace(-12.0, 0.0, 4097, dtype=torch.float64)])
+    y, z = x + floor, torch.ones_like(x)
+    for i in range(num_iters):
+        a, b, c = coeffs[min(i, len(coeffs) - 1)]
+        q = a + (z * y) * (b + c * (z * y))
+        y, z = y * q, z * q
+    return bool((z * z * x).max() <= 2.75)
 
 
 def _coupled(
@@ -377,7 +430,7 @@ def inv_sqrt_spectral(
     its batch-mates get the results they get alone. ``floor=None``: :func:`root_floor` of ``v``'s dtype
     (pass the float32 floor explicitly to evaluate a float32 statistic's map on a float64 copy).
     """
-    floor = _floor_of(v, floor)
+    floor = _floor_of(v, floor, coeffs, num_iters)
     out_dt = root_compute_dtype(v.dtype)
     squeeze = v.dim() == 2
     k = v.shape[-1]
@@ -467,7 +520,7 @@ def _map_bound(coeffs: tuple[tuple[float, float, float], ...], num_iters: int, f
     """The largest value a root's eigenvalue may take (cached: a few dozen scalar ops): ``z(0)`` of the bare
     map, its largest value; with a floor, the map's value at ``x = -floor / 8``, so that rounding noise
     down to -2.5e-8 s (measured down to -1.7e-8 s in float32 transformer Grams) passes: the polishing
-    steps raise a negative eigenvalue's value a little above ``z(0)`` (1.3x there), boundedly."""
+    steps raise a negative eigenvalue's value a little above ``z(0)`` (1.66x there), boundedly."""
     x = torch.tensor([-floor / 8.0], dtype=torch.float64)
     return float(_scalar_map(x, coeffs, num_iters, floor))
 
@@ -527,7 +580,7 @@ def checked_coupled(
     (:func:`root_floor`), which keeps such roots bounded in the first place; the check stays for what
     the floor does not cover (noise below -2.5e-8 s, overflow).
     """
-    floor = _floor_of(v, floor)
+    floor = _floor_of(v, floor, coeffs, num_iters)
     z, ok = _bounded_coupled(v, coeffs, num_iters, eps, floor=floor)
     if bool(ok.all()):
         return z

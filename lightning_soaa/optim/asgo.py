@@ -767,7 +767,7 @@ class ASGO(_OneSided):
         eps: epsilon in the scaling norm of the iterative roots only (default 1e-10; nearly a no-op, the
             finite iteration count itself damps by about ``2e-9 * ||V||_F``).
         damping: explicit relative damping :math:`\delta` (default 0.0, as the official code).
-        inverse_root: ``"auto"`` (default): the 10-iteration Polar Express matrix function, computed by
+        inverse_root: ``"auto"`` (default): the Polar Express matrix function (see ``root_floor``), computed by
             one float64 eigendecomposition (``"polar_express_eigh"``) for float32/bf16 blocks of side
             k >= 96 on the CPU (about half the cost there at k = 256, and more accurate) and by the matmul
             iteration (``"polar_express"``) for smaller blocks (where the LAPACK call's fixed cost is
@@ -778,7 +778,8 @@ class ASGO(_OneSided):
             world sizes) far more than the iteration: 6e-8 (``"polar_express_eigh"``) and 6.5e-9
             (``"eigh"``) relative between W = 2 and one process, hence the iteration for float64. See
             :mod:`lightning_soaa.functional.linalg`.
-        root_iters: iterations of the iterative roots (default None: 10 Polar Express, 18 Newton-Schulz).
+        root_iters: iterations of the iterative roots (default None: 10 Polar Express, 8 and the floor's
+            polishing steps for float32/bf16 blocks, 18 Newton-Schulz).
             The iterations damp implicitly: an eigenvalue near 0 gets the map's ceiling z(0) (2.2e4 for
             10 Polar Express iterations, 2.6e5 for 18 Newton-Schulz), which multiplies the rounding of a
             float32 momentum in the null space of a rank-deficient V (the first steps with a batch
@@ -794,7 +795,11 @@ class ASGO(_OneSided):
             bf16 statistics, none for float64; see ``root_iters``). ``0.0`` computes the bare 10-iteration
             map of the official code for float32 too, which resolves eigenvalues down to ~2e-9 s (float32
             rounding puts noise of ~2e-8 s there) and, on Grams with a null space, sends many roots to the
-            eigendecomposition. Training quality measured equal within seed noise either way (turn 35).
+            eigendecomposition. Training quality measured equal within seed noise either way
+            (benchmarks/HISTORY.md, eval_asgo_roots.py).
+            Polar Express ``root_iters`` below 4 keep the bare map under the default (their polishing steps
+            would turn the root's eigenvalues negative: an indefinite preconditioner); an explicit floor with
+            them is refused.
         root_every: recompute :math:`P` every :math:`\tau` steps, reusing the stored one between (default 1),
             or ``"auto"``: recompute a block's :math:`P` when its statistic has moved,
             :math:`\lVert V_t - V_{\mathrm{root}}\rVert_F > \text{root\_tol}\,\lVert V_{\mathrm{root}}\rVert_F`,

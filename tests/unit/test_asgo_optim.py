@@ -921,3 +921,27 @@ def test_root_floor_option_reaches_the_root_and_old_groups_keep_the_default(monk
 def test_root_floor_is_checked(value):
     with pytest.raises(ValueError, match=r"Invalid root_floor=.*Must be in \[0\.0, 0\.001\].*None takes"):
         ASGO(tiny_mlp().named_parameters(), root_floor=value)
+
+
+@pytest.mark.parametrize("root_iters", [1, 2, 3])
+def test_few_root_iterations_step_like_float64_in_float32(root_iters):
+    """A float32 ASGO step with root_iters=1-3 (the default floor) is the float64 step, as without the floor;
+    with the floor polished after so few iterations it was 110-170% off (an indefinite root). An explicit
+    floor with them is refused at construction."""
+    def update(dtype):
+        lin = torch.nn.Linear(48, 24, bias=False)
+        lin.weight.data = torch.randn(24, 48, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        lin = lin.to(dtype)
+        w0 = lin.weight.detach().double().clone()
+        g = torch.Generator().manual_seed(1)
+        x, y = torch.randn(200, 48, generator=g, dtype=torch.float64), torch.randn(200, 24, generator=g,
+                                                                                   dtype=torch.float64)
+        opt = ASGO([("w", lin.weight)], lr=1.0, inverse_root="polar_express", root_iters=root_iters)
+        nn.functional.mse_loss(lin(x.to(dtype)), y.to(dtype)).backward()
+        opt.step()
+        return lin.weight.detach().double() - w0
+
+    ref = update(torch.float64)
+    assert float((update(torch.float32) - ref).norm() / ref.norm()) < 1e-4
+    with pytest.raises(ValueError, match=r"Invalid root_floor=2e-07 with root_iters=.*needs root_iters >= 4"):
+        ASGO(tiny_mlp().named_parameters(), root_iters=root_iters, root_floor=2e-7)

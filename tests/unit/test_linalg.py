@@ -9,9 +9,11 @@ import torch
 
 from lightning_soaa.functional.linalg import (
     EIGH_MIN_K,
+    FLOOR_MIN_ITERS,
     NEWTON_SCHULZ_COEFFS,
     POLAR_EXPRESS_COEFFS,
     ROOT_METHODS,
+    _polish_keeps_sign,
     coupled_scalar_map,
     damp,
     default_root_iters,
@@ -423,3 +425,23 @@ def test_float32_roots_of_null_space_grams_stay_bounded_on_cuda():
         got = pending.roots[0].double().cpu() @ grad.double()
         ref = inverse_sqrt(v, "polar_express_eigh").double() @ grad.double()
         assert float((got - ref).norm() / ref.norm()) < 1e-2, (k, rank)
+
+
+@pytest.mark.parametrize("num_iters", [1, 2, 3, 4])
+@pytest.mark.parametrize("method", ["polar_express", "polar_express_eigh"])
+def test_few_iterations_keep_a_positive_root_in_float32(method, num_iters):
+    """The floor's Newton-Schulz polish turns an eigenvalue's sign where the iteration overshoots (z^2 x > 3),
+    which 1-3 Polar Express iterations do: their float32 roots had eigenvalues down to -25 (indefinite P,
+    steps uphill). The default floor is dropped there (the bare map, positive), an explicit one refused."""
+    q, _ = torch.linalg.qr(torch.randn(32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    v = ((q * torch.logspace(-3, 0, 32, dtype=torch.float64)) @ q.T).float()
+    root = inverse_sqrt(v, method, num_iters=num_iters).double()
+    assert float(torch.linalg.eigvalsh(0.5 * (root + root.T)).min()) > 0.0
+    bare = inverse_sqrt(v, method, num_iters=num_iters, floor=0.0).double()
+    if num_iters < FLOOR_MIN_ITERS["polar_express"]:
+        torch.testing.assert_close(root, bare)
+        with pytest.raises(ValueError, match="needs at least 4 iterations"):
+            inverse_sqrt(v, method, num_iters=num_iters, floor=2e-7)
+    coeffs = tuple(POLAR_EXPRESS_COEFFS)
+    assert _polish_keeps_sign(coeffs, num_iters, 2e-7) == (num_iters >= FLOOR_MIN_ITERS["polar_express"])
+    assert all(_polish_keeps_sign((NEWTON_SCHULZ_COEFFS,), n, 2e-7) for n in range(1, 19))
