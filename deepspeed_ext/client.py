@@ -141,6 +141,9 @@ class DeepSpeedClientOptimizer(torch.optim.Optimizer):
             for p, n in zip(group["params"], group.get("param_names", ())):
                 names.setdefault(id(p), n)
         self._param_names = names
+        # each group's parameter names as built (ZeRO-1/2/3 put flat partitions in the groups): a checkpoint
+        # saved with other groups is refused naming them (engine.check_checkpoint_groups)
+        self._group_names = [[names.get(id(p), f"#{j}") for j, p in enumerate(g["params"])] for g in self.param_groups]
         # DeepSpeed filters empty groups in place and ZeRO-1/2 narrow `self.param_groups` to one group
         # during step() and restore this very list afterwards, so this reference stays the truth.
         self._canonical_groups = self.param_groups

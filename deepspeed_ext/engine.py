@@ -353,6 +353,7 @@ def install_checkpoint_hooks(engine: Any, client: Any) -> None:
         if given.get("load_optimizer_states", True) and not given.get("load_module_only", False):
             check_checkpoint_stage(given["load_dir"], given.get("tag"), engine.zero_optimization_stage(),
                                    bool(getattr(engine.optimizer, "round_robin_gradients", False)))
+            check_checkpoint_groups(given["load_dir"], given.get("tag"), client)
         return load(*args, **kwargs)
 
     engine.save_checkpoint = save_checkpoint
@@ -360,9 +361,9 @@ def install_checkpoint_hooks(engine: Any, client: Any) -> None:
     engine._lightning_soaa_checkpoint_hooks = True
 
 
-def saved_ds_config(load_dir: str, tag: Any = None) -> dict[str, Any] | None:
-    """The DeepSpeed config a checkpoint was written with (DeepSpeed stores it in its model-states file);
-    ``None`` when that cannot be told (then DeepSpeed's own checks apply)."""
+def _tag_folder(load_dir: str, tag: Any) -> str | None:
+    """The folder of checkpoint ``tag`` (None: the one DeepSpeed's ``latest`` file names), or None when
+    there is no ``latest`` to read."""
     import os
 
     if tag is None:
@@ -371,7 +372,17 @@ def saved_ds_config(load_dir: str, tag: Any = None) -> dict[str, Any] | None:
             return None
         with open(latest) as fh:
             tag = fh.read().strip()
-    folder = os.path.join(load_dir, str(tag))
+    return os.path.join(load_dir, str(tag))
+
+
+def saved_ds_config(load_dir: str, tag: Any = None) -> dict[str, Any] | None:
+    """The DeepSpeed config a checkpoint was written with (DeepSpeed stores it in its model-states file);
+    ``None`` when that cannot be told (then DeepSpeed's own checks apply)."""
+    import os
+
+    folder = _tag_folder(load_dir, tag)
+    if folder is None:
+        return None
     # stages 0-2 write mp_rank_00_model_states.pt; ZeRO-3 one zero_pp_rank_<r>_... file per rank
     for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
         path = os.path.join(folder, name)
@@ -385,6 +396,50 @@ def saved_ds_config(load_dir: str, tag: Any = None) -> dict[str, Any] | None:
             log.debug("deepspeed_ext: could not read the DeepSpeed config of %s", path, exc_info=True)
             return None
     return None
+
+
+def _saved_group_count(load_dir: str, tag: Any) -> int | None:
+    """How many param groups the client optimizer had when a ZeRO-1/2/3 checkpoint was written (rank 0's
+    optimizer file, read by every rank so that every rank decides alike); None when that cannot be told."""
+    import os
+
+    folder = _tag_folder(load_dir, tag)
+    path = os.path.join(folder or "", "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    if folder is None or not os.path.isfile(path):
+        return None
+    try:
+        outer = torch.load(path, map_location="cpu", mmap=True, weights_only=False)["optimizer_state_dict"]
+        base = outer.get("base_optimizer_state", outer.get("optimizer_state_dict"))  # ZeRO-1/2, ZeRO-3
+        return len(base["param_groups"]) if isinstance(base, dict) else None
+    except Exception:  # noqa: BLE001 - an unreadable or foreign file: leave it to DeepSpeed
+        log.debug("deepspeed_ext: could not read the param groups of %s", path, exc_info=True)
+        return None
+
+
+def check_checkpoint_groups(load_dir: str, tag: Any, client: Any) -> None:
+    """Refuse, before DeepSpeed reads it, ZeRO-1/2/3 optimizer state saved with another number of param groups
+    (DeepSpeed said "parameter-alignment layout does not match" at ZeRO-1/2 and our layout check "resume with
+    the same world size" at ZeRO-3, for a run of the same world size and config). The usual cause: a
+    checkpoint from before ASGO/DASGO, built from the model alone, sent embedding tables to a group of their
+    own, which this message names."""
+    from deepspeed_ext.client import StateLayoutError
+
+    if getattr(client, "zero_stage", 0) == 0:
+        return  # lightning_soaa's own state: its load_state_dict names the moved parameter
+    saved, mine = _saved_group_count(load_dir, tag), len(client._canonical_groups)
+    if saved is None or saved == mine:
+        return
+    moved = [n for g, gn in zip(client._canonical_groups, getattr(client, "_group_names", ()))
+             if g.get("use_asgo") is False for n in gn]
+    why = (f" This run puts {', '.join(map(repr, moved[:3]))}{' and more' if len(moved) > 3 else ''} in a "
+           "use_asgo=False group of its own (ASGO/DASGO given the model alone route embedding tables to their "
+           "AdamW part since 2026-12-04); a checkpoint saved before had it in the one group, with the matrix "
+           "method's state." if moved and saved < mine else "")
+    raise StateLayoutError(
+        f"The checkpoint {load_dir!r} (tag {tag!r}) holds optimizer state for {saved} param group(s); this "
+        f"engine's {client.optimizer_cls.__name__} has {mine}.{why} Build the optimizer with the groups the "
+        "state was saved with (deepspeed_ext.initialize(model_parameters=...)), or load the module only: "
+        "engine.load_checkpoint(..., load_optimizer_states=False, load_lr_scheduler_states=False).")
 
 
 def saved_zero_stage(load_dir: str, tag: Any = None) -> int | None:

@@ -172,7 +172,10 @@ def route_param_groups(module: nn.Module) -> list[dict[str, Any]]:
     moved: list[tuple[str, Tensor]] = []
     for name, p in module.named_parameters():
         if p.requires_grad:
-            (moved if id(p) in adam and ASGO.is_matrix_param(p, {}, name) else keep).append((name, p))
+            # the name rule on the full shape: a ZeRO-3 parameter made under deepspeed.zero.Init (Lightning's
+            # configure_model at stage 3) is an empty 1-D partition here, which the rule would send to AdamW
+            whole = torch.empty(tuple(getattr(p, "ds_shape", p.shape)), device="meta")
+            (moved if id(p) in adam and ASGO.is_matrix_param(whole, {}, name) else keep).append((name, p))
     groups: list[dict[str, Any]] = [{"params": keep}] if keep else []
     return groups + ([{"params": moved, "use_asgo": False}] if moved else [])
 

@@ -673,3 +673,29 @@ def w_embedding_route(rank: int, world: int, jobs: list[tuple[str, int, bool, in
             "names": [n for n, _ in model.named_parameters()]}
         del engine
     return out
+
+
+def w_regrouped_checkpoint(rank: int, world: int, ckpt_root: str, stages: list[int]) -> dict[int, str]:
+    """Per ZeRO stage: ASGO named in the JSON over ``named_parameters()`` as one group (what the routes gave a
+    model alone before 2026-12-04), 2 steps, saved; then the model alone (the table named ``wte`` in a group of
+    its own) loads it. Returns each stage's error (type: message), or "loaded"."""
+    import deepspeed_ext
+
+    ds_env(rank, world)
+    out: dict[int, str] = {}
+    for stage in stages:
+        cfg = make_config(stage, "fp32", "lightning_soaa.ASGO", {"lr": 2e-2})
+        model = TokenModel(False)
+        engine, _, _, _ = deepspeed_ext.initialize(model=model, config=cfg, model_parameters=model.named_parameters())
+        _train(engine, rank, range(2))
+        engine.save_checkpoint(f"{ckpt_root}/z{stage}", tag="old")
+        del engine
+        model = TokenModel(False)
+        engine, _, _, _ = deepspeed_ext.initialize(model=model, config=cfg)
+        try:
+            engine.load_checkpoint(f"{ckpt_root}/z{stage}", tag="old")
+            out[stage] = "loaded"
+        except Exception as e:  # noqa: BLE001 - the message is the result
+            out[stage] = f"{type(e).__name__}: {e}"
+        del engine
+    return out

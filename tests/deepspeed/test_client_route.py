@@ -95,3 +95,17 @@ def test_asgo_named_in_the_json_steps_an_embedding_named_wte_by_adamw(tmp_path):
             routed = {nm.removesuffix("[cut]"): use for names, use in got["inner_groups"] for nm in names or ()
                       if nm.startswith("wte.")}
             assert routed == {"wte.weight": False}, (job, got["inner_groups"])
+
+
+def test_a_checkpoint_saved_with_the_table_in_the_one_group_is_refused_naming_it(tmp_path):
+    """Found by a reviewer: at ZeRO-1/2 DeepSpeed refused a checkpoint saved before the routes moved the table
+    named ``wte`` to a group of its own with "parameter-alignment layout does not match the current
+    zero_optimization.parameter_alignment setting", at ZeRO-3 our layout check said "resume with the same world
+    size and ZeRO config" (both were the same). Now every rank refuses it before DeepSpeed reads it, naming
+    the parameter."""
+    from tests.deepspeed._workers import w_regrouped_checkpoint
+
+    res = run_distributed(w_regrouped_checkpoint, 2, tmp_path, str(tmp_path), [0, 1, 2, 3], timeout=300)
+    for r in res:
+        for stage, msg in r.items():
+            assert "'wte.weight'" in msg and "param group" in msg, (stage, msg)

@@ -235,3 +235,22 @@ def test_the_factory_sends_an_embedding_named_wte_to_adamw_also_with_fused() -> 
         [n for n, _ in m.named_parameters()]]
     adamw = OptimizerFactory("AdamW").build(a)
     assert [g["param_names"] for g in adamw.param_groups] == [[n for n, _ in a.named_parameters()]]
+
+
+def test_route_param_groups_reads_a_zero3_partitions_full_shape() -> None:
+    """Found by a reviewer: under ``deepspeed.zero.Init`` (Lightning's ``configure_model`` at ZeRO-3) a
+    parameter is an empty 1-D partition with its shape in ``ds_shape``; the name rule then said AdamW
+    anyway, so a table named ``wte`` stayed in the matrix group (2.3e-2 off after one step at W=2)."""
+    from lightning_soaa.optim.asgo_groups import route_param_groups
+
+    class _Tok(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.wte, self.lin = nn.Embedding(5, 4), nn.Linear(4, 4)
+
+    m = _Tok()
+    for p in m.parameters():  # as deepspeed.zero.Init leaves them
+        p.ds_shape = p.shape
+        p.data = torch.empty(0)
+    assert [([n for n, _ in g["params"]], g.get("use_asgo")) for g in route_param_groups(m)] == [
+        (["lin.weight", "lin.bias"], None), (["wte.weight"], False)]
