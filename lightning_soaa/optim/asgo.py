@@ -240,6 +240,13 @@ def dasgo_block_specs(shape: tuple[int, ...] | torch.Size, max_block_numel: int)
     return [BlockSpec(1, a, b, float((b - a) * per_channel)) for a, b in _even_chunks(int(shape[1]), per_block)]
 
 
+def _root_options(group: dict[str, Any]) -> tuple[Any, ...]:
+    """What a block's root depends on besides its statistic: ``(inverse_root, root_iters, eps, damping,
+    root_floor)`` (part of the batch key of ``_matrix_step``; a group saved before ``root_floor`` has None)."""
+    return (group["inverse_root"], group["root_iters"], float(group["eps"]), float(group["damping"]),
+            group.get("root_floor"))
+
+
 def _by_key(indices: Iterable[int], key: Callable[[int], Any]) -> dict[Any, list[int]]:
     """Indices grouped by ``key(i)``, groups in first-seen order, indices in order."""
     out: dict[Any, list[int]] = {}
@@ -366,6 +373,7 @@ class _OneSided(ShardedOptimizer):
         self._check_saved_batch_dims(state_dict)
         super()._load_full_state_dict(state_dict)
         self._statistic_guard().reset()
+        self.__dict__.pop("_root_options_of", None)  # the loaded roots were made with the loaded groups' options
 
     # ------------------------------------------------------------------ batch_dims (stacked experts)
     def _batched(self, block: BlockInfo) -> bool:
@@ -1033,8 +1041,7 @@ class ASGO(_OneSided):
         root is an iteration; the others are absent. Sizes pad only among blocks that share a batch key
         apart from ``k`` (dtype, device, the groups' root options), so a padded batch never takes another
         method (``"auto"`` resolves by size) or options. From the block table and the groups alone."""
-        options = tuple((g["inverse_root"], g["root_iters"], float(g["eps"]), float(g["damping"]), g.get("root_floor"))
-                        for g in self.param_groups)
+        options = tuple(_root_options(g) for g in self.param_groups)
         cached = self.__dict__.get("_root_sizes_cache")
         if cached is not None and cached[0] is self.block_table and cached[1] == options:
             sizes: dict[int, int] = cached[2]
@@ -1065,8 +1072,7 @@ class ASGO(_OneSided):
         for v in self._roots_due([v for v, _ in prepared], counts):
             group, st = v.group, v.state
             size = max(st[GRAM].shape[0], sizes.get(v.block.block_id, 0))
-            key = (size, st[GRAM].dtype, st[GRAM].device, group["inverse_root"],
-                   group["root_iters"], float(group["eps"]), float(group["damping"]), group.get("root_floor"))
+            key = (size, st[GRAM].dtype, st[GRAM].device, *_root_options(group))
             due.setdefault(key, []).append(v)
         batches: list[tuple[list[BlockView], Tensor, PendingRoots]] = []
         self._roots_computed += sum(len(vs) for vs in due.values())
@@ -1094,9 +1100,17 @@ class ASGO(_OneSided):
         ``counts``: the blocks' step counters, already advanced (``t``), as the host knows them."""
         due = [False] * len(views)
         auto: list[int] = []
+        # the root options each block's stored root was computed with: an edit of one of them (damping,
+        # inverse_root, root_iters, root_floor, eps) between roots would otherwise wait for the next
+        # scheduled root, up to root_every - 1 steps (a root loaded from a checkpoint counts as made
+        # with the group's options as loaded); per block, so every world size decides the same
+        made: dict[int, tuple[Any, ...]] = self.__dict__.setdefault("_root_options_of", {})
         for i, v in enumerate(views):
             st, every = v.state, v.group["root_every"]
+            opts = _root_options(v.group)
             if INV_ROOT not in st or (every == "auto" and GRAM_AT_ROOT not in st):
+                due[i] = True
+            elif made.setdefault(v.block.block_id, opts) != opts:
                 due[i] = True
             elif every == "auto":
                 auto.append(i)
@@ -1114,6 +1128,9 @@ class ASGO(_OneSided):
                 # the step counters live on the host (as torch's optimizers keep them): no device copy
                 age = counts[i] - float(st[ROOT_STEP])
                 due[i] = change > float(group["root_tol"]) * ref or age >= int(group["root_max_every"])
+        for v, d in zip(views, due):
+            if d:
+                made[v.block.block_id] = _root_options(v.group)
         return [v for v, d in zip(views, due) if d]
 
     def _update_statistics(self, views: list[BlockView]) -> list[tuple[BlockView, str]]:

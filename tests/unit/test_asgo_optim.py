@@ -945,3 +945,33 @@ def test_few_root_iterations_step_like_float64_in_float32(root_iters):
     assert float((update(torch.float32) - ref).norm() / ref.norm()) < 1e-4
     with pytest.raises(ValueError, match=r"Invalid root_floor=2e-07 with root_iters=.*needs root_iters >= 4"):
         ASGO(tiny_mlp().named_parameters(), root_iters=root_iters, root_floor=2e-7)
+
+
+@pytest.mark.parametrize("edit", [{"damping": 0.1}, {"inverse_root": "eigh"}, {"root_iters": 3}])
+@pytest.mark.parametrize("every", [10, "auto"])
+def test_an_edited_root_option_recomputes_the_stored_roots(edit, every):
+    """With roots reused between recomputations (root_every=k, "auto"), a root option written into the
+    group (damping, inverse_root, root_iters, ...: a schedule's or a hand's) takes effect at the next step,
+    as it would at root_every=1, rather than at the block's next scheduled root up to k - 1 steps later
+    (it changed nothing for 7 of 10 steps)."""
+    def run(opts, at=3, n=5):
+        model = tiny_mlp(0, torch.float64)
+        opt = ASGO(model.named_parameters(), lr=0.02, root_every=every, root_tol=1.0, root_max_every=10,
+                   damping=1e-6, max_block_size=4)
+        for t in range(n):
+            if t == at:
+                opt.param_groups[0].update(opts)
+            x, y = batch(t, 0)
+            opt.zero_grad()
+            loss_fn(model, x, y).backward()
+            opt.step()
+        return [p.detach().clone() for p in model.parameters()], opt
+
+    base, _ = run({})
+    edited, opt = run(edit)
+    assert any(not torch.equal(a, b) for a, b in zip(edited, base))  # read at steps 4-5, not from step 10
+    # the recomputation is per block and not persisted: a loaded optimizer keeps the loaded roots
+    fresh = ASGO(tiny_mlp(0, torch.float64).named_parameters(), lr=0.02, root_every=every, root_tol=1.0,
+                 root_max_every=10, damping=1e-6, max_block_size=4)
+    fresh.load_state_dict(opt.state_dict())
+    assert fresh.__dict__.get("_root_options_of") is None
