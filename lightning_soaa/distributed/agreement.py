@@ -51,6 +51,8 @@ __all__ = [
     "group_rest_text",
     "group_lr_text",
     "digest_group_texts",
+    "group_values",
+    "first_group_difference",
     "grad_digest",
     "grad_sq_tensor",
     "grad_sq_exact",
@@ -172,6 +174,35 @@ def group_rest_text(group: dict[str, Any]) -> str:
 def group_lr_text(group: dict[str, Any]) -> str:
     """:func:`canonical` of a param group's ``lr`` ('-' when it has none)."""
     return canonical(group["lr"]) if "lr" in group else "-"
+
+
+def group_values(param_groups: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
+    """Each group's hyperparameters (``lr`` too, not the parameters) as short readable texts: what ranks
+    exchange, on the error path only, to name the value that differs (:func:`first_group_difference`)."""
+    skip = ("params", "param_names")
+    return [{str(k): _short_text(v) for k, v in g.items() if k not in skip} for g in param_groups]
+
+
+def _short_text(value: Any) -> str:
+    text = f"tensor({value.detach().cpu().tolist()})" if isinstance(value, Tensor) else repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def first_group_difference(by_rank: Sequence[Sequence[dict[str, str]]], ranks: Sequence[int]) -> str:
+    """``": param_groups[i]['key'] is A on rank 0, B on rank r"`` for the first value (by group, then key
+    name) in which one of ``ranks`` differs from rank 0 (:func:`group_values` of every rank); '' if none
+    (then the digest's difference is elsewhere, e.g. EGN's damping)."""
+    ref = by_rank[0]
+    for r in ranks:
+        other = by_rank[r]
+        if len(other) != len(ref):
+            return f": rank 0 has {len(ref)} param groups, rank {r} has {len(other)}"
+        for i, (a, b) in enumerate(zip(ref, other)):
+            for key in sorted(set(a) | set(b)):
+                if a.get(key) != b.get(key):
+                    return (f": param_groups[{i}][{key!r}] is {a.get(key, '(absent)')} on rank 0, "
+                            f"{b.get(key, '(absent)')} on rank {r}")
+    return ""
 
 
 def digest_group_texts(texts: Sequence[str]) -> int:

@@ -1321,6 +1321,26 @@ class ShardedOptimizer(torch.optim.Optimizer):
             "optimizers in the same order. Nothing changed."
         )
 
+    def _hyper_error(self, name: str, ranks: list[int]) -> RuntimeError:
+        """The error for hyperparameters that differ across ranks (every rank calls it: a collective)."""
+        # before the first step a conversion rebuilt on some ranks only joins this digest (the step
+        # counts agree, so every rank adds the same hint)
+        converted = ("; or, before the first step, the model was converted or moved (model.double(), "
+                     ".half(), .to(...)) after the optimizer was built on some ranks and not on others (on "
+                     "those ranks or on rank 0): convert every rank's model the same way"
+                     if not (self.num_steps or self.skipped_steps) else "")
+        # every rank is here (the verdict comes from the all-reduced table): one more collective, on
+        # this path only, names the value that differs
+        detail = agreement.first_group_difference(
+            self.comm.all_gather_object(agreement.group_values(self.param_groups)), ranks)
+        return RuntimeError(
+            f"{name}.step: the hyperparameters ({self._hyper_what}) on rank(s) {ranks} "
+            f"differ from rank 0's{detail}; every rank must set the same values (same scheduler on every rank; a "
+            "ReduceLROnPlateau must see the same metric on every rank: under Lightning log it with "
+            "sync_dist=True)"
+            f"{converted}. Nothing changed."
+        )
+
     def _raise_disagreement(self, verdict: agreement.StepVerdict, error: BaseException | None) -> None:
         """Raise on every rank (the same decision everywhere: the verdict is bit-identical)."""
         name = type(self).__name__
@@ -1344,19 +1364,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 "only (every rank must load the checkpoint), or a rank that skipped step(). Nothing changed."
             )
         if verdict.hyper_ranks:
-            # before the first step a conversion rebuilt on some ranks only joins this digest (the step
-            # counts agree, so every rank adds the same hint)
-            converted = ("; or, before the first step, the model was converted or moved (model.double(), "
-                         ".half(), .to(...)) after the optimizer was built on some ranks and not on others (on "
-                         "those ranks or on rank 0): convert every rank's model the same way"
-                         if not (self.num_steps or self.skipped_steps) else "")
-            raise RuntimeError(
-                f"{name}.step: the hyperparameters ({self._hyper_what}) on rank(s) {verdict.hyper_ranks} "
-                "differ from rank 0's; every rank must set the same values (same scheduler on every rank; a "
-                "ReduceLROnPlateau must see the same metric on every rank: under Lightning log it with "
-                "sync_dist=True)"
-                f"{converted}. Nothing changed."
-            )
+            raise self._hyper_error(name, verdict.hyper_ranks)
         if verdict.replicated and self._checks_partitions():
             raise RuntimeError(
                 f"{name}.step: shard=False on {self.comm.world_size} ranks whose parameters are all equal (a "

@@ -464,6 +464,9 @@ def test_hyperparameters_changed_on_one_rank_raise_at_the_step(tmp_path: Path, n
     raise on every rank together with nothing changed; the ranks then step on in step."""
     for r, out in enumerate(run_distributed(_w_lr_changed_on_one_rank, 2, tmp_path, name)):
         assert "hyperparameters" in out["msg"] and "rank(s) [1]" in out["msg"], out["msg"]
+        # the value that differs, named with both ranks' values (an exchange on the error path only)
+        lr = get(name).test_kwargs["lr"]
+        assert f"param_groups[0]['lr'] is {lr!r} on rank 0, {lr * 0.5!r} on rank 1" in out["msg"], out["msg"]
         assert "Invalid lr=nan" in out["invalid"]["both"], out["invalid"]
         assert ("Invalid lr=nan" if r == 1 else "rank(s) [1]") in out["invalid"]["rank 1"], out["invalid"]
         assert out["unchanged"] and out["after"] == "no error", out

@@ -1,12 +1,13 @@
 """``agreement.param_digest``, the replicas' check under ``grad_reduction="mean"``: every bit of every
-parameter counts, a complex one's imaginary part and a conjugate view's included."""
+parameter counts, a complex one's imaginary part and a conjugate view's included; and the naming of the
+hyperparameter that differs across ranks."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from lightning_soaa.distributed.agreement import param_digest
+from lightning_soaa.distributed.agreement import first_group_difference, group_values, param_digest
 
 
 @pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
@@ -42,3 +43,19 @@ def test_the_digest_does_not_depend_on_the_chunking(monkeypatch: pytest.MonkeyPa
     whole = param_digest(ps)
     monkeypatch.setattr(agreement, "_DIGEST_CHUNK", 64)
     assert param_digest(ps) == whole
+
+
+def test_the_hyperparameter_that_differs_is_named():
+    """The error for hyperparameters that differ across ranks names the first differing value (by group,
+    then key), with both ranks' values: a key one rank lacks, a group count, a tensor value."""
+    base = [{"params": [0], "lr": 0.1, "eps": 1e-8}, {"params": [1], "lr": 0.2, "eps": 1e-8}]
+    other = [{"params": [0], "lr": 0.1, "eps": 1e-8}, {"params": [1], "lr": 0.2, "eps": 1e-7}]
+    texts = [group_values(base), group_values(other)]
+    assert first_group_difference(texts, [1]) == ": param_groups[1]['eps'] is 1e-08 on rank 0, 1e-07 on rank 1"
+    noted = [dict(base[0], note="x"), base[1]]
+    assert first_group_difference([group_values(base), group_values(noted)], [1]) == \
+        ": param_groups[0]['note'] is (absent) on rank 0, 'x' on rank 1"
+    assert first_group_difference([group_values(base), group_values(base[:1])], [1]) == \
+        ": rank 0 has 2 param groups, rank 1 has 1"
+    assert first_group_difference([group_values(base), group_values(base)], [1]) == ""
+    assert group_values([{"lr": torch.tensor(0.5)}]) == [{"lr": "tensor(0.5)"}]
