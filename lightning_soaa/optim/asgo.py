@@ -336,15 +336,34 @@ class _OneSided(ShardedOptimizer):
             # e.g. DeepSpeed ZeRO's flat 1-D partitions: the optimizer would silently be plain AdamW
             log.warning("%s: none of the %d parameters has >= 2 dimensions (or all are routed to the "
                         "fallback); every parameter uses AdamW.", type(self).__name__, len(plist))
+        self._warn_unnamed(plist, type(self).__name__, "model.named_parameters() or "
+                           "lightning_soaa.optim.asgo.asgo_param_groups(model)")
+
+    def _warn_unnamed(self, plist: list[tuple[Tensor, int, str | None]], where: str, remedy: str) -> None:
+        """Say how many matrix-shaped parameters of ``plist`` are routed by shape alone (no name, no
+        ``use_asgo``): model.parameters() (torch's habit, the stock LightningCLI's) or a group added later
+        by Lightning's BaseFinetuning: nothing tells an embedding table from a weight matrix, so it gets the
+        matrix method the routing rule keeps it from."""
         unnamed = sum(1 for p, gi, n in plist if n is None and p.dim() >= 2
                       and self.param_groups[gi].get("use_asgo") is None)
         if unnamed:
-            # model.parameters() (torch's habit, the stock LightningCLI's): nothing tells an embedding
-            # table from a weight matrix, so it gets the matrix method the routing rule keeps it from
             log.warning("%s: %d parameter(s) with >= 2 dimensions came without names and are routed by "
-                        "shape alone (an embedding table gets the matrix method). Pass "
-                        "model.named_parameters() or lightning_soaa.optim.asgo.asgo_param_groups(model) to "
-                        "send embeddings to AdamW.", type(self).__name__, unnamed)
+                        "shape alone (an embedding table gets the matrix method). Pass %s to send "
+                        "embeddings to AdamW.", where, unnamed, remedy)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if self._receiver() is not self or self._table is None:
+            # through Lightning's LightningOptimizer the receiver says it; during construction the
+            # constructor does (_warn_if_no_matrices, once for all groups)
+            return super().add_param_group(param_group)
+        before = len(self.param_groups)
+        super().add_param_group(param_group)
+        added = [(p, gi, n) for gi in range(before, len(self.param_groups))
+                 for p, n in self._group_params(gi, self.param_groups[gi])]
+        self._warn_unnamed(added, f"{type(self).__name__}.add_param_group",
+                           "the group's parameters as (name, parameter) pairs, or use_asgo=False in the group "
+                           "for embedding tables")
+        return None
 
     def _routes(self) -> dict[int, str | None]:
         """``block_id ->`` the side a matrix block is preconditioned on (:meth:`_block_side`, the side the

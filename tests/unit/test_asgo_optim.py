@@ -975,3 +975,22 @@ def test_an_edited_root_option_recomputes_the_stored_roots(edit, every):
                  root_max_every=10, damping=1e-6, max_block_size=4)
     fresh.load_state_dict(opt.state_dict())
     assert fresh.__dict__.get("_root_options_of") is None
+
+
+def test_a_group_added_without_names_says_its_matrices_are_routed_by_shape(caplog):
+    """Lightning's BaseFinetuning adds a backbone unfrozen later as a group of bare tensors: an embedding
+    table in it gets the matrix method (nothing tells it from a weight), which the constructor says for
+    model.parameters() and add_param_group said nowhere. Named or use_asgo groups stay quiet."""
+    torch.manual_seed(0)
+    emb, lin, head = nn.Embedding(7, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+    opt = ASGO([("head.weight", head.weight)], lr=1e-2)
+    with caplog.at_level("WARNING", logger="lightning_soaa.optim.asgo"):
+        caplog.clear()
+        opt.add_param_group({"params": [emb.weight, lin.weight, lin.bias]})
+    assert "ASGO.add_param_group: 2 parameter(s) with >= 2 dimensions came without names" in caplog.text
+    with caplog.at_level("WARNING", logger="lightning_soaa.optim.asgo"):
+        caplog.clear()
+        opt.add_param_group({"params": [head.bias]})  # 1-D: AdamW whatever its name
+        opt2 = ASGO([("head.weight", head.weight)], lr=1e-2)
+        opt2.add_param_group({"params": [("tok.weight", emb.weight)], "use_asgo": False})
+    assert "came without names" not in caplog.text
