@@ -195,7 +195,8 @@ def _map_of(method: str, dtype: torch.dtype, num_iters: int | None, floor: float
     given = floor
     floor = root_floor(dtype) if floor is None else float(floor)
     n = default_root_iters(method, dtype, floor) if num_iters is None else num_iters
-    if floor > 0.0 and n < floor_min_iters(method):
+    coeffs = (NEWTON_SCHULZ_COEFFS,) if method == "newton_schulz" else POLAR_EXPRESS_COEFFS
+    if floor > 0.0 and not _polish_keeps_sign(tuple(coeffs), n, floor):  # the rule _floor_of applies too
         if given is not None:
             raise ValueError(f"Invalid floor={given!r} with num_iters={n} for method={method!r}: a floored map "
                              f"needs at least {floor_min_iters(method)} iterations (fewer give roots with negative "

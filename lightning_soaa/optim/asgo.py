@@ -1124,9 +1124,9 @@ class ASGO(_OneSided):
         # scheduled root, up to root_every - 1 steps (a root loaded from a checkpoint counts as made
         # with the group's options as loaded); per block, so every world size decides the same
         made: dict[int, tuple[Any, ...]] = self.__dict__.setdefault("_root_options_of", {})
+        options = [_root_options(v.group) for v in views]
         for i, v in enumerate(views):
-            st, every = v.state, v.group["root_every"]
-            opts = _root_options(v.group)
+            st, every, opts = v.state, v.group["root_every"], options[i]
             if INV_ROOT not in st or (every == "auto" and GRAM_AT_ROOT not in st):
                 due[i] = True
             elif made.setdefault(v.block.block_id, opts) != opts:
@@ -1147,9 +1147,9 @@ class ASGO(_OneSided):
                 # the step counters live on the host (as torch's optimizers keep them): no device copy
                 age = counts[i] - float(st[ROOT_STEP])
                 due[i] = change > float(group["root_tol"]) * ref or age >= int(group["root_max_every"])
-        for v, d in zip(views, due):
+        for v, d, opts in zip(views, due, options):
             if d:
-                made[v.block.block_id] = _root_options(v.group)
+                made[v.block.block_id] = opts
         return [v for v, d in zip(views, due) if d]
 
     def _update_statistics(self, views: list[BlockView]) -> list[tuple[BlockView, str]]:
