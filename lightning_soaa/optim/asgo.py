@@ -7,7 +7,10 @@ Routing of parameters (decided per parameter, identically on every rank):
    ``ValueError``);
 2. otherwise (``use_asgo=None``, the default) a parameter goes to the matrix method when it has at least
    two dimensions **and** its name (from ``named_parameters()``) does not contain ``"emb"``
-   (case-insensitive), the rule of the official code. Unnamed parameters are routed by shape only.
+   (case-insensitive), the rule of the official code. Unnamed parameters are routed by shape only, except
+   those added after construction (Lightning's BaseFinetuning unfreezing a backbone) of a module that
+   :func:`asgo_param_groups` or ``route_param_groups`` walked: they take the name and routing recorded then
+   (an embedding table the AdamW part), per parameter, in the group as added.
    Convolution kernels and other N-D weights are treated as ``shape[0] x prod(shape[1:])``, unless the
    group has ``batch_dims=1`` (ASGO only): then dim 0 indexes separate matrices of ``shape[1] x
    prod(shape[2:])`` (stacked experts), each its own block.
@@ -57,7 +60,7 @@ from lightning_soaa.functional.linalg import (
 from lightning_soaa.functional.reductions import norms_f64, sq_norm_f64
 from lightning_soaa.optim import dcp_state
 from lightning_soaa.optim.adamw import adam_state_schema
-from lightning_soaa.optim.asgo_groups import asgo_param_groups, split_fused
+from lightning_soaa.optim.asgo_groups import asgo_param_groups, route_hint, split_fused
 from lightning_soaa.optim.base import BlockView, ShardedOptimizer
 from lightning_soaa.optim.stat_guard import GuardedBlock, StatisticGuard
 
@@ -318,8 +321,21 @@ class _OneSided(ShardedOptimizer):
                         "use use_asgo=False or None for 1-D parameters."
                     )
 
+    #: names of parameters added after construction that a walk of their module (asgo_param_groups,
+    #: route_param_groups) sent to the AdamW part: embedding tables, weight norm gains (see _hinted)
+    _hinted_adamw: frozenset[str] = frozenset()
+
+    def is_matrix_param(self, param: Tensor, group: dict[str, Any], name: str | None) -> bool:
+        """This optimizer's routing: True for the matrix method, False for AdamW. :meth:`name_rule`, except
+        that a parameter added after construction that :func:`asgo_param_groups` / :func:`route_param_groups`
+        found to be an embedding table (or a weight norm's gain) takes AdamW in a group without ``use_asgo``,
+        whatever its name, as the groups of those functions would have put it."""
+        if name is not None and name in self._hinted_adamw and group.get("use_asgo") is None:
+            return False
+        return self.name_rule(param, group, name)
+
     @staticmethod
-    def is_matrix_param(param: Tensor, group: dict[str, Any], name: str | None) -> bool:
+    def name_rule(param: Tensor, group: dict[str, Any], name: str | None) -> bool:
         """The routing rule of the module docstring: True for the matrix method, False for AdamW."""
         if param.numel() == 0:
             return False  # nothing to precondition (a (0, n) block has no Gram); AdamW leaves it as is
@@ -356,14 +372,52 @@ class _OneSided(ShardedOptimizer):
             # through Lightning's LightningOptimizer the receiver says it; during construction the
             # constructor does (_warn_if_no_matrices, once for all groups)
             return super().add_param_group(param_group)
-        before = len(self.param_groups)
-        super().add_param_group(param_group)
+        before, kept = len(self.param_groups), self._hinted_adamw
+        param_group, adamw = self._hinted(param_group)
+        self._hinted_adamw = kept | adamw  # read while the block table is rebuilt
+        try:
+            super().add_param_group(param_group)
+        except BaseException:
+            self._hinted_adamw = kept  # a rejected group leaves the optimizer unchanged
+            raise
         added = [(p, gi, n) for gi in range(before, len(self.param_groups))
                  for p, n in self._group_params(gi, self.param_groups[gi])]
         self._warn_unnamed(added, f"{type(self).__name__}.add_param_group",
-                           "the group's parameters as (name, parameter) pairs, or use_asgo=False in the group "
-                           "for embedding tables")
+                           "the group's parameters as (name, parameter) pairs, use_asgo=False in the group "
+                           "for embedding tables, or build the optimizer from asgo_param_groups(model) (it "
+                           "records the frozen parameters' names and tables)")
         return None
+
+    def _hinted(self, group: Any) -> tuple[Any, frozenset[str]]:
+        """``group`` with the names that :func:`asgo_param_groups` / :func:`route_param_groups` recorded for
+        its unnamed parameters (:func:`route_hint`), and the names of those of its parameters they sent to
+        the AdamW part. Lightning's BaseFinetuning adds a backbone frozen while the optimizer was built as one
+        group of bare tensors (then drives ``param_groups[-1]["lr"]``: the group is not split), and on resume
+        assigns the group it saved, with the names given here: both are routed as the walk of the module
+        routed them. Only where the optimizer's groups are named (torch refuses a named group beside unnamed
+        ones); a name given that differs from the recorded one is the caller's, and no hint applies."""
+        if not isinstance(group, dict) or not self.param_groups or "param_names" not in self.param_groups[0]:
+            return group, frozenset()
+        items = group.get("params")
+        items = [items] if isinstance(items, Tensor) else items
+        if not isinstance(items, (list, tuple)):
+            return group, frozenset()  # torch's checks and messages (a set, a generator)
+        pairs = any(isinstance(x, tuple) for x in items)
+        given = group.get("param_names")
+        if pairs:  # (name, parameter): named by the caller; only the tables are looked up
+            named = [isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) for x in items]
+            names = [x[0] if ok else None for x, ok in zip(items, named)]
+            tensors = [x[1] if ok else x for x, ok in zip(items, named)]
+        elif given is None or (isinstance(given, (list, tuple)) and len(given) == len(items)):
+            names, tensors = list(given or [None] * len(items)), list(items)
+        else:
+            return group, frozenset()  # torch's checks and messages
+        hints = [route_hint(t) for t in tensors]
+        filled = [h.name if n is None and h is not None else n for n, h in zip(names, hints)]
+        adamw = frozenset(n for n, h in zip(filled, hints) if h is not None and h.adamw and n == h.name)
+        if pairs or filled == names:
+            return group, adamw
+        return {**group, "params": tensors, "param_names": filled}, adamw
 
     def _routes(self) -> dict[int, str | None]:
         """``block_id ->`` the side a matrix block is preconditioned on (:meth:`_block_side`, the side the

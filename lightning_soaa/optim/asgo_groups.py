@@ -9,17 +9,52 @@ Builders with one job: decide which group a parameter belongs to, before the opt
   groups, names optionally given apart as ``{id(param): name}``, as DeepSpeed's client has them). ASGO's
   constructor option ``fused`` and the DeepSpeed client's JSON ``fused`` use it, so the routes that build
   the optimizer for the user (OptimizerFactory, LightningCLI, a DeepSpeed config) reach ``row_parts`` too.
+
+The two walks of a module also record, for every parameter of it (frozen ones included), its name there and
+whether they send it to the AdamW part (:func:`route_hint`): ASGO/DASGO read it for parameters added after
+construction without names (Lightning's BaseFinetuning unfreezing a backbone), which shape alone would route.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["asgo_param_groups", "route_param_groups", "split_fused", "check_fused"]
+__all__ = ["asgo_param_groups", "route_param_groups", "split_fused", "check_fused", "route_hint", "RouteHint"]
+
+
+class RouteHint(NamedTuple):
+    """What a walk of a module knew of one of its parameters."""
+
+    name: str  #: its name in ``module.named_parameters()``
+    adamw: bool  #: an embedding table (or behind one) or a weight norm's gain: the AdamW part whatever its name
+
+
+#: parameter -> its :class:`RouteHint` from the last walk of a module holding it. Weak keys: a hint lives as long
+#: as its parameter; by identity (a tensor's ``==`` compares values).
+_HINTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def route_hint(param: Any) -> RouteHint | None:
+    """The name and routing that :func:`asgo_param_groups` / :func:`route_param_groups` found for ``param``
+    when they last walked a module holding it, trainable or not then; None for a parameter of no such module.
+    ASGO/DASGO's ``add_param_group`` reads it: a backbone frozen while the optimizer was built and added later
+    as bare tensors (Lightning's BaseFinetuning) is routed as those walks would have routed it."""
+    if not isinstance(param, Tensor) or param not in _HINTS:
+        return None
+    hint: RouteHint = _HINTS[param]
+    return hint
+
+
+def _record_hints(module: nn.Module, adamw: set[int]) -> None:
+    """A :class:`RouteHint` for every parameter of ``module``, frozen ones included (they are the ones a
+    later ``add_param_group`` brings)."""
+    for name, p in module.named_parameters():
+        _HINTS[p] = RouteHint(name, id(p) in adamw)
 
 
 def check_fused(fused: Any) -> dict[str, int]:
@@ -136,9 +171,11 @@ def asgo_param_groups(module: nn.Module, *, fused: dict[str, int] | None = None,
     raises (:func:`split_fused`). ``group_options`` are added to every group. Parameters without
     ``requires_grad`` are left out. Returns at most ``2 + len(fused)`` groups: ``[{"params": [(name, p),
     ...], **opts}, {"params": [...], "use_asgo": False, **opts}, {"params": [...], "row_parts": parts,
-    **opts}, ...]`` (empty groups are dropped).
+    **opts}, ...]`` (empty groups are dropped). Every parameter's name and routing, frozen ones too, is
+    recorded for a later ``add_param_group`` (:func:`route_hint`).
     """
     emb_ids = _embedding_table_ids(module) | _weight_norm_gains(module)
+    _record_hints(module, emb_ids)
     if fused:
         _refuse_transposed_fused(module, check_fused(fused))
     rest: list[tuple[str, Tensor]] = []
@@ -164,10 +201,12 @@ def route_param_groups(module: nn.Module) -> list[dict[str, Any]]:
     and the name rule alone would precondition (an embedding table named ``wte``, a weight norm's gain):
     they form a second group with ``use_asgo=False``. A model without such parameters (no embedding table,
     or tables whose names contain ``"emb"``) gets the one group these routes always gave, so its
-    checkpoints, its DeepSpeed partitions and a per-group LR schedule stay as they were."""
+    checkpoints, its DeepSpeed partitions and a per-group LR schedule stay as they were. Like
+    :func:`asgo_param_groups` it records every parameter's name and routing (:func:`route_hint`)."""
     from lightning_soaa.optim.asgo import ASGO  # the name rule (that module imports this one)
 
     adam = _embedding_table_ids(module) | _weight_norm_gains(module)
+    _record_hints(module, adam)
     keep: list[tuple[str, Tensor]] = []
     moved: list[tuple[str, Tensor]] = []
     for name, p in module.named_parameters():
@@ -175,7 +214,7 @@ def route_param_groups(module: nn.Module) -> list[dict[str, Any]]:
             # the name rule on the full shape: a ZeRO-3 parameter made under deepspeed.zero.Init (Lightning's
             # configure_model at stage 3) is an empty 1-D partition here, which the rule would send to AdamW
             whole = torch.empty(tuple(getattr(p, "ds_shape", p.shape)), device="meta")
-            (moved if id(p) in adam and ASGO.is_matrix_param(whole, {}, name) else keep).append((name, p))
+            (moved if id(p) in adam and ASGO.name_rule(whole, {}, name) else keep).append((name, p))
     groups: list[dict[str, Any]] = [{"params": keep}] if keep else []
     return groups + ([{"params": moved, "use_asgo": False}] if moved else [])
 

@@ -11,12 +11,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import BaseFinetuning, ModelCheckpoint
+from lightning.pytorch.callbacks import BackboneFinetuning, BaseFinetuning, ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader
 
+from lightning_soaa import ASGO, DASGO
 from lightning_soaa.lightning import LossToOptimizer, OptimizerFactory
-from tests.lightning.helpers import TinyRegressor, make_trainer
+from lightning_soaa.optim.asgo import asgo_param_groups
+from tests.lightning.helpers import D_IN, D_OUT, TinyRegressor, make_trainer, regression_data
 from tests.lightning.test_strategies import _case
 
 pytestmark = [pytest.mark.lightning, pytest.mark.timeout(240)]
@@ -62,3 +67,98 @@ def test_backbone_unfrozen_mid_fit_trains_and_resumes(name: str, tmp_path: Path)
         torch.testing.assert_close(resumed, _fit(_TorchAdamW(), tmp_path / "torch_resumed",
                                                  tmp_path / "torch" / "ckpt" / "epoch=1-step=16.ckpt"),
                                    rtol=1e-12, atol=1e-14)
+
+
+class _Backbone(nn.Module):
+    """An embedding table named ``tok`` (no "emb": the name rule alone would precondition it) and a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(5, D_IN, dtype=torch.float64)
+        self.proj = nn.Linear(D_IN, 8, dtype=torch.float64)
+
+
+class _Backboned(pl.LightningModule):
+    """A frozen backbone (table + Linear) under a Linear head, built with ASGO's documented routes. Records,
+    at each step the backbone trains, its parameters before the step, their gradients and the group's lr."""
+
+    def __init__(self, route: str) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.backbone = _Backbone()
+        self.head = nn.Linear(8, D_OUT, dtype=torch.float64)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(0.5 * torch.randn(p.shape, generator=g, dtype=torch.float64))
+        self.route = route
+        self.steps: list[tuple[float, dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = ((2 * x).floor().clamp(-2, 2) + 2).long()  # 0..4
+        return self.head(torch.tanh(self.backbone.proj(x + self.backbone.tok(tokens).mean(dim=1))))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self(x), y)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(regression_data(), batch_size=8, shuffle=False)
+
+    def configure_optimizers(self) -> Any:
+        if self.route == "asgo_param_groups":  # the README's route for a model with a table
+            return ASGO(asgo_param_groups(self), lr=1e-2)
+        return OptimizerFactory("lightning_soaa.DASGO", {"lr": 1e-2})(self)  # the registry's route_param_groups
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        named = dict(self.backbone.named_parameters(prefix="backbone"))
+        if all(p.grad is not None for p in named.values()):
+            self.steps.append((optimizer.param_groups[-1]["lr"], {n: p.detach().clone() for n, p in named.items()},
+                               {n: p.grad.detach().clone() for n, p in named.items()}))
+
+
+@pytest.mark.parametrize("route", ["asgo_param_groups", "factory"])
+def test_backbone_table_unfrozen_by_backbone_finetuning_takes_the_adamw_part(route: str, tmp_path: Path) -> None:
+    """Lightning's BackboneFinetuning adds the unfrozen backbone as one group of bare tensors: its embedding
+    table was routed by shape to the matrix method (the Linear rightly so). Built from the module, the
+    optimizer knows the frozen parameters' names and tables: the table takes the AdamW part, per parameter,
+    in the one group BackboneFinetuning drives (``param_groups[-1]["lr"]``), and each backbone update is
+    the one of an optimizer given the same parameters by name (table in a ``use_asgo=False`` group). A fit
+    resumed after the unfreeze routes the same (the callback re-adds the group before the state loads)."""
+    cls = ASGO if route == "asgo_param_groups" else DASGO
+    saver = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_top_k=-1, every_n_epochs=1,
+                            save_on_train_epoch_end=True)
+    model = _Backboned(route)
+    trainer = make_trainer(tmp_path, max_steps=-1, max_epochs=3, enable_checkpointing=True,
+                           callbacks=[BackboneFinetuning(unfreeze_backbone_at_epoch=1), saver])
+    trainer.fit(model)
+    opt = trainer.optimizers[0]
+    assert isinstance(opt, cls) and len(opt.param_groups) == 2  # the head's group, the backbone's (not split)
+    names = {id(p): n for n, p in model.named_parameters()}
+
+    def routes(o: Any) -> dict[str, bool]:
+        return {names[id(p)]: o.is_matrix_param(p, o.param_groups[gi], n) for p, gi, n in o._all_params()}
+
+    first = routes(opt)
+    assert first == {"head.weight": True, "head.bias": False, "backbone.tok.weight": False,
+                     "backbone.proj.weight": True, "backbone.proj.bias": False}
+    # the reference: the backbone's parameters given by name, replayed on the recorded gradients and lrs
+    assert len(model.steps) == 16 and len({lr for lr, _, _ in model.steps}) == 2  # epochs 1, 2 (lr raised)
+    start = {n: nn.Parameter(t.clone()) for n, t in model.steps[0][1].items()}
+    ref = cls([{"params": [(n, start[n]) for n in ("backbone.proj.weight", "backbone.proj.bias")]},
+               {"params": [("backbone.tok.weight", start["backbone.tok.weight"])], "use_asgo": False}], lr=1e-2)
+    for i, (lr, before, grads) in enumerate(model.steps):
+        for n, p in start.items():
+            torch.testing.assert_close(p.detach(), before[n], rtol=1e-12, atol=1e-14, msg=f"step {i}: {n}")
+            p.grad = grads[n]
+        for group in ref.param_groups:
+            group["lr"] = lr
+        ref.step()
+    for n, p in model.backbone.named_parameters(prefix="backbone"):
+        torch.testing.assert_close(p.detach(), start[n].detach(), rtol=1e-12, atol=1e-14, msg=n)
+    # resumed after the unfreeze: the callback assigns the saved groups (names included) before the state loads
+    resumed = _Backboned(route)
+    trainer = make_trainer(tmp_path / "resumed", max_steps=-1, max_epochs=3,
+                           callbacks=[BackboneFinetuning(unfreeze_backbone_at_epoch=1)])
+    trainer.fit(resumed, ckpt_path=str(tmp_path / "ckpt" / "epoch=1-step=16.ckpt"))
+    names = {id(p): n for n, p in resumed.named_parameters()}
+    assert routes(trainer.optimizers[0]) == first

@@ -994,3 +994,32 @@ def test_a_group_added_without_names_says_its_matrices_are_routed_by_shape(caplo
         opt2 = ASGO([("head.weight", head.weight)], lr=1e-2)
         opt2.add_param_group({"params": [("tok.weight", emb.weight)], "use_asgo": False})
     assert "came without names" not in caplog.text
+
+
+def test_a_group_added_later_is_routed_as_the_walk_of_its_module_recorded(caplog):
+    """asgo_param_groups records every parameter of the module, frozen ones too: a backbone frozen at
+    construction and added later as bare tensors (BaseFinetuning) takes the recorded names, its table the
+    AdamW part, in the one group as added; copies route the same; a parameter the caller names otherwise is
+    used as given; a refused group leaves the routing as it was. (The Lightning fit: tests/lightning.)"""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"tok": nn.Embedding(7, 4), "lin": nn.Linear(4, 4), "head": nn.Linear(4, 3)})
+    backbone = [model.tok.weight, model.lin.weight, model.lin.bias]
+    for p in backbone:
+        p.requires_grad_(False)
+    opt = ASGO(asgo_param_groups(model), lr=1e-2)
+    for p in backbone:
+        p.requires_grad_(True)
+    with caplog.at_level("WARNING", logger="lightning_soaa.optim.asgo"):
+        caplog.clear()
+        opt.add_param_group({"params": backbone, "lr": 1e-3})
+    assert "came without names" not in caplog.text
+    assert len(opt.param_groups) == 2 and opt.param_groups[1]["param_names"] == ["tok.weight", "lin.weight", "lin.bias"]
+    want = {"head.weight": True, "head.bias": False, "tok.weight": False, "lin.weight": True, "lin.bias": False}
+    assert _routes(opt) == want
+    assert _routes(copy.deepcopy(opt)) == want
+    with pytest.raises(ValueError):  # head.weight is already in: refused, nothing changed
+        opt.add_param_group({"params": [model.tok.weight, model.head.weight]})
+    assert _routes(opt) == want and opt._hinted_adamw == {"tok.weight"}
+    own = ASGO([("head.weight", model.head.weight)], lr=1e-2)
+    own.add_param_group({"params": [("table", model.tok.weight)]})
+    assert _routes(own) == {"head.weight": True, "table": True}
