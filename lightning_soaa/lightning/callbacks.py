@@ -24,6 +24,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
 from lightning_soaa.distributed.dtensor import is_dtensor
@@ -479,16 +480,23 @@ def check_trainer_supports_batch_optimizer(trainer: pl.Trainer) -> None:
     """Refuse Trainer settings that an optimizer stepping from the batch (EGN) would silently ignore.
 
     EGN builds its step from the model and the batch handed over by :class:`BatchToOptimizer`, never
-    from ``p.grad`` and outside the Trainer's autocast: gradient clipping and mixed precision would not
-    act on its step. (Gradient accumulation is honoured: the callback hands over all micro-batches of
-    the step.) The settings are the same on every rank, so every rank raises together, before the first
-    step.
+    from ``p.grad`` and outside the Trainer's autocast: gradient clipping (``gradient_clip_val``, or the
+    module's own ``configure_gradient_clipping``) and mixed precision would not act on its step.
+    (Gradient accumulation is honoured: the callback hands over all micro-batches of the step.) The
+    settings and the module's class are the same on every rank, so every rank raises together, before
+    the first step.
     """
     problems = []
     clip = getattr(trainer, "gradient_clip_val", None)
     if clip:
         problems.append(f"gradient_clip_val={clip} (EGN never reads the gradients; bound its step with lr, "
                         "damping or line_search=True)")
+    module = getattr(trainer, "lightning_module", None)
+    # Lightning calls this hook at every automatic step whatever gradient_clip_val says
+    if module is not None and module.automatic_optimization and is_overridden(
+            "configure_gradient_clipping", module, pl.LightningModule):
+        problems.append(f"{type(module).__name__}.configure_gradient_clipping (EGN never reads the gradients it "
+                        "would clip; bound its step with lr, damping or line_search=True, and remove the override)")
     precision = str(getattr(trainer, "precision", ""))
     if precision.endswith("-mixed"):
         problems.append(f"precision={precision!r} (EGN's own forwards do not run under the Trainer's "

@@ -308,6 +308,29 @@ def test_egn_refuses_trainer_settings_it_would_ignore(tmp_path: Path, setting: d
     assert all(torch.equal(a, b) for a, b in zip(w0, model.parameters()))  # no step was taken
 
 
+def test_egn_refuses_a_module_that_clips_in_configure_gradient_clipping(tmp_path: Path) -> None:
+    """Lightning calls ``configure_gradient_clipping`` at every step without ``gradient_clip_val``: EGN's step
+    came out bit-identical to the unclipped run (the clip acted on p.grad, which EGN never reads). Now
+    fit() raises before any step, naming the hook."""
+    pytest.importorskip("lightning_soaa.optim.egn")
+    from lightning_soaa.lightning import EGN
+
+    class ClipsEGN(PlainRegressor):
+        def configure_optimizers(self) -> Any:
+            return EGN(self, loss="mse", lr=0.5)
+
+        def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: Any = None,
+                                        gradient_clip_algorithm: Any = None) -> None:
+            self.clip_gradients(optimizer, 1e-6, "norm")
+
+    model = ClipsEGN()
+    w0 = [p.detach().clone() for p in model.parameters()]
+    trainer = make_trainer(tmp_path, max_steps=4, callbacks=[BatchToOptimizer()])
+    with pytest.raises(ValueError, match="ClipsEGN.configure_gradient_clipping"):
+        trainer.fit(model)
+    assert all(torch.equal(a, b) for a, b in zip(w0, model.parameters()))  # no step was taken
+
+
 def _egn_params_after(tmp_path: Path, batch_size: int, steps: int, **trainer_kw: Any) -> list[torch.Tensor]:
     from lightning_soaa.lightning import EGN
 
