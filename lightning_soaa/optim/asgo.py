@@ -9,8 +9,9 @@ Routing of parameters (decided per parameter, identically on every rank):
    two dimensions **and** its name (from ``named_parameters()``) does not contain ``"emb"``
    (case-insensitive), the rule of the official code. Unnamed parameters are routed by shape only, except
    those added after construction (Lightning's BaseFinetuning unfreezing a backbone) of a module that
-   :func:`asgo_param_groups` or ``route_param_groups`` walked: they take the name and routing recorded then
-   (an embedding table the AdamW part), per parameter, in the group as added.
+   :func:`asgo_param_groups` or ``route_param_groups`` walked: they take the name (where unused) and routing
+   recorded then (an embedding table the AdamW part), per parameter, in the group as added, which keeps that
+   routing as its ``adamw_indices``.
    Convolution kernels and other N-D weights are treated as ``shape[0] x prod(shape[1:])``, unless the
    group has ``batch_dims=1`` (ASGO only): then dim 0 indexes separate matrices of ``shape[1] x
    prod(shape[2:])`` (stacked experts), each its own block.
@@ -291,6 +292,19 @@ def _matrix_grad(grad: Tensor, dtype: torch.dtype, batched: bool) -> Tensor:
     return g if g.dtype == dtype else g.to(dtype)
 
 
+def _check_adamw_indices(group: dict[str, Any]) -> None:
+    """``adamw_indices`` (set by :meth:`_OneSided._hinted`): distinct positions of the group's parameters."""
+    at = group.get("adamw_indices")
+    if at is None:
+        return
+    n = len(group["params"])
+    if (not isinstance(at, (list, tuple)) or any(type(j) is not int or not 0 <= j < n for j in at)
+            or len(set(at)) != len(at)):
+        raise ValueError(f"Invalid adamw_indices={at!r}: a list of distinct positions 0..{n - 1} of the group's "
+                         "parameters (those that take the AdamW part; set by add_param_group from "
+                         "asgo_param_groups' record of the model).")
+
+
 class _OneSided(ShardedOptimizer):
     """Shared plumbing of ASGO and DASGO: routing, the AdamW fallback, statistics."""
 
@@ -301,7 +315,7 @@ class _OneSided(ShardedOptimizer):
     _normalise_whole: bool = False
     # the routing (use_asgo) and the matrices' blocks (and, by batch_dims, what matrix a block is) are fixed
     # when the table is built
-    layout_keys: tuple[str, ...] = ("max_block_size", "use_asgo", "batch_dims")
+    layout_keys: tuple[str, ...] = ("max_block_size", "use_asgo", "batch_dims", "adamw_indices")
     #: rebuilt on first use (see _split_layout, _routes, _numerators)
     _transient = ("_split_layout_cache", "_routes_cache", "_numerators_cache", "_guard", "_guard_limit")
 
@@ -310,6 +324,7 @@ class _OneSided(ShardedOptimizer):
         use = group.get("use_asgo")
         if use is not None and not isinstance(use, bool):
             raise ValueError(f"Invalid use_asgo={use!r}. Must be True, False or None.")
+        _check_adamw_indices(group)
         if use is True:
             names = group.get("param_names")
             for j, p in enumerate(group["params"]):
@@ -321,16 +336,13 @@ class _OneSided(ShardedOptimizer):
                         "use use_asgo=False or None for 1-D parameters."
                     )
 
-    #: names of parameters added after construction that a walk of their module (asgo_param_groups,
-    #: route_param_groups) sent to the AdamW part: embedding tables, weight norm gains (see _hinted)
-    _hinted_adamw: frozenset[str] = frozenset()
-
     def is_matrix_param(self, param: Tensor, group: dict[str, Any], name: str | None) -> bool:
         """This optimizer's routing: True for the matrix method, False for AdamW. :meth:`name_rule`, except
-        that a parameter added after construction that :func:`asgo_param_groups` / :func:`route_param_groups`
-        found to be an embedding table (or a weight norm's gain) takes AdamW in a group without ``use_asgo``,
-        whatever its name, as the groups of those functions would have put it."""
-        if name is not None and name in self._hinted_adamw and group.get("use_asgo") is None:
+        for the parameters at a group's ``adamw_indices`` (a group without ``use_asgo``): a group added after
+        construction whose parameters :func:`asgo_param_groups` / ``route_param_groups`` found to be
+        embedding tables (or weight norm gains) when they walked the model (see :meth:`_hinted`)."""
+        at = group.get("adamw_indices")
+        if at and group.get("use_asgo") is None and any(group["params"][j] is param for j in at):
             return False
         return self.name_rule(param, group, name)
 
@@ -372,14 +384,8 @@ class _OneSided(ShardedOptimizer):
             # through Lightning's LightningOptimizer the receiver says it; during construction the
             # constructor does (_warn_if_no_matrices, once for all groups)
             return super().add_param_group(param_group)
-        before, kept = len(self.param_groups), self._hinted_adamw
-        param_group, adamw = self._hinted(param_group)
-        self._hinted_adamw = kept | adamw  # read while the block table is rebuilt
-        try:
-            super().add_param_group(param_group)
-        except BaseException:
-            self._hinted_adamw = kept  # a rejected group leaves the optimizer unchanged
-            raise
+        before = len(self.param_groups)
+        super().add_param_group(self._hinted(param_group))
         added = [(p, gi, n) for gi in range(before, len(self.param_groups))
                  for p, n in self._group_params(gi, self.param_groups[gi])]
         self._warn_unnamed(added, f"{type(self).__name__}.add_param_group",
@@ -388,36 +394,39 @@ class _OneSided(ShardedOptimizer):
                            "records the frozen parameters' names and tables)")
         return None
 
-    def _hinted(self, group: Any) -> tuple[Any, frozenset[str]]:
-        """``group`` with the names that :func:`asgo_param_groups` / :func:`route_param_groups` recorded for
-        its unnamed parameters (:func:`route_hint`), and the names of those of its parameters they sent to
-        the AdamW part. Lightning's BaseFinetuning adds a backbone frozen while the optimizer was built as one
-        group of bare tensors (then drives ``param_groups[-1]["lr"]``: the group is not split), and on resume
-        assigns the group it saved, with the names given here: both are routed as the walk of the module
-        routed them. Only where the optimizer's groups are named (torch refuses a named group beside unnamed
-        ones); a name given that differs from the recorded one is the caller's, and no hint applies."""
-        if not isinstance(group, dict) or not self.param_groups or "param_names" not in self.param_groups[0]:
-            return group, frozenset()
+    def _hinted(self, group: Any) -> Any:
+        """``group`` with what :func:`asgo_param_groups` / ``route_param_groups`` recorded for its unnamed
+        parameters when they walked the model (:func:`route_hint`): each one's name there, where no other
+        parameter of this optimizer has it, and ``adamw_indices``, the positions of those that walk sent to
+        the AdamW part although shape alone would precondition them (embedding tables, weight norm gains).
+
+        Why in the group: Lightning's BaseFinetuning adds a backbone frozen while the optimizer was built as
+        one group of bare tensors (then drives ``param_groups[-1]["lr"]``: the group is not split), and on
+        resume assigns the group it saved; torch's ``state_dict`` saves it too. So the routing is the group's
+        own, decided once, read back from checkpoints, and no other group's parameter (whose name may be
+        the same: each walk names from the module it walked) is affected. Only where the optimizer's groups
+        are named (torch refuses a named group beside unnamed ones) and the group has no ``use_asgo``."""
+        if (not isinstance(group, dict) or not self.param_groups or "param_names" not in self.param_groups[0]
+                or group.get("use_asgo") is not None or "adamw_indices" in group):
+            return group
         items = group.get("params")
         items = [items] if isinstance(items, Tensor) else items
-        if not isinstance(items, (list, tuple)):
-            return group, frozenset()  # torch's checks and messages (a set, a generator)
-        pairs = any(isinstance(x, tuple) for x in items)
         given = group.get("param_names")
-        if pairs:  # (name, parameter): named by the caller; only the tables are looked up
-            named = [isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) for x in items]
-            names = [x[0] if ok else None for x, ok in zip(items, named)]
-            tensors = [x[1] if ok else x for x, ok in zip(items, named)]
-        elif given is None or (isinstance(given, (list, tuple)) and len(given) == len(items)):
-            names, tensors = list(given or [None] * len(items)), list(items)
-        else:
-            return group, frozenset()  # torch's checks and messages
-        hints = [route_hint(t) for t in tensors]
-        filled = [h.name if n is None and h is not None else n for n, h in zip(names, hints)]
-        adamw = frozenset(n for n, h in zip(filled, hints) if h is not None and h.adamw and n == h.name)
-        if pairs or filled == names:
-            return group, adamw
-        return {**group, "params": tensors, "param_names": filled}, adamw
+        if (not isinstance(items, (list, tuple)) or any(isinstance(x, tuple) for x in items)
+                or (given is not None and (not isinstance(given, (list, tuple)) or len(given) != len(items)))):
+            return group  # named pairs (the caller's names), or torch's checks and messages
+        names = list(given or [None] * len(items))
+        hints = [route_hint(t) for t in items]
+        taken = {n for g in self.param_groups for n in g.get("param_names") or () if n is not None}
+        for j, h in enumerate(hints):
+            if names[j] is None and h is not None and h.name not in taken:
+                names[j] = h.name
+                taken.add(h.name)
+        adamw = [j for j, (t, h) in enumerate(zip(items, hints)) if h is not None and isinstance(t, Tensor)
+                 and self.name_rule(t, {}, None) and (h.adamw or not self.name_rule(t, {}, h.name))]
+        if not adamw and names == list(given or [None] * len(items)):
+            return group
+        return {**group, "params": list(items), "param_names": names, **({"adamw_indices": adamw} if adamw else {})}
 
     def _routes(self) -> dict[int, str | None]:
         """``block_id ->`` the side a matrix block is preconditioned on (:meth:`_block_side`, the side the
@@ -1427,7 +1436,8 @@ class DASGO(_OneSided):
     _config_cls = DASGOConfig
     _method = "dasgo"
     elementwise = True  # the AdamW fallback's row blocks; matrices are cut by columns (_block_specs)
-    layout_keys = ("use_asgo",)  # and max_block_numel (elementwise); ASGO's max_block_size is not read
+    # and max_block_numel (elementwise); ASGO's max_block_size is not read
+    layout_keys = ("use_asgo", "adamw_indices")
     _normalise_whole = True
 
     def __init__(

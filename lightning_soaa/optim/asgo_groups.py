@@ -34,14 +34,15 @@ class RouteHint(NamedTuple):
     adamw: bool  #: an embedding table (or behind one) or a weight norm's gain: the AdamW part whatever its name
 
 
-#: parameter -> its :class:`RouteHint` from the last walk of a module holding it. Weak keys: a hint lives as long
+#: parameter -> its :class:`RouteHint` from the first walk of a module holding it (so routing does not depend on
+#: which wrapper or part of the model was walked since). Weak keys: a hint lives as long
 #: as its parameter; by identity (a tensor's ``==`` compares values).
 _HINTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def route_hint(param: Any) -> RouteHint | None:
     """The name and routing that :func:`asgo_param_groups` / :func:`route_param_groups` found for ``param``
-    when they last walked a module holding it, trainable or not then; None for a parameter of no such module.
+    when they first walked a module holding it, trainable or not then; None for a parameter of no such module.
     ASGO/DASGO's ``add_param_group`` reads it: a backbone frozen while the optimizer was built and added later
     as bare tensors (Lightning's BaseFinetuning) is routed as those walks would have routed it."""
     if not isinstance(param, Tensor) or param not in _HINTS:
@@ -54,7 +55,8 @@ def _record_hints(module: nn.Module, adamw: set[int]) -> None:
     """A :class:`RouteHint` for every parameter of ``module``, frozen ones included (they are the ones a
     later ``add_param_group`` brings)."""
     for name, p in module.named_parameters():
-        _HINTS[p] = RouteHint(name, id(p) in adamw)
+        if p not in _HINTS:  # the first walk: a later one of a part or a wrapper names from another root
+            _HINTS[p] = RouteHint(name, id(p) in adamw)
 
 
 def check_fused(fused: Any) -> dict[str, int]:

@@ -855,6 +855,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
             # while their state kept the old blocks (the kernels then overran it: NaN, heap corruption)
             self._build_table(keep_limit=True)
             if self._table.layout()[:len(before)] != before:
+                self.param_groups.pop()  # leave the optimizer as it was: the blocks its state was made for
+                self._build_table(keep_limit=True)
                 raise RuntimeError(f"{type(self).__name__}.add_param_group re-cut existing blocks (internal)")
             if full is not None:
                 self._restore_owned_state(full)

@@ -1019,7 +1019,41 @@ def test_a_group_added_later_is_routed_as_the_walk_of_its_module_recorded(caplog
     assert _routes(copy.deepcopy(opt)) == want
     with pytest.raises(ValueError):  # head.weight is already in: refused, nothing changed
         opt.add_param_group({"params": [model.tok.weight, model.head.weight]})
-    assert _routes(opt) == want and opt._hinted_adamw == {"tok.weight"}
+    assert _routes(opt) == want and len(opt.param_groups) == 2 and opt.param_groups[1]["adamw_indices"] == [0]
     own = ASGO([("head.weight", model.head.weight)], lr=1e-2)
     own.add_param_group({"params": [("table", model.tok.weight)]})
     assert _routes(own) == {"head.weight": True, "table": True}
+
+
+def test_the_walks_record_routes_only_the_added_group_and_does_not_depend_on_later_walks():
+    """Reviewer's cases. (1) Per-module groups (``asgo_param_groups(head) + asgo_param_groups(backbone)``)
+    name from each module, so the head's Linear and the backbone's table are both ``0.weight``: routing the
+    added table to AdamW by name also moved the head's matrix, whose state held a Gram (KeyError at the next
+    step). The routing is the added group's own (``adamw_indices``) and a name already used is not given
+    twice. (2) A later walk of a wrapper whose name contains "emb" renamed the Linear and sent it to AdamW:
+    the first walk's record stands."""
+    torch.manual_seed(0)
+    head, backbone = nn.Sequential(nn.Linear(4, 3)), nn.Sequential(nn.Embedding(7, 4), nn.Linear(4, 4))
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    opt = ASGO(asgo_param_groups(head) + asgo_param_groups(backbone), lr=1e-2)
+    nn.ModuleDict({"embedder": backbone})  # a wrapper never walked: no effect
+    asgo_param_groups(nn.ModuleDict({"embedder": nn.ModuleDict({"lin": backbone[1]})}))  # a later walk
+    head[0].weight.grad = torch.randn(3, 4)
+    head[0].bias.grad = torch.randn(3)
+    opt.step()
+    for p in backbone.parameters():
+        p.requires_grad_(True)
+    opt.add_param_group({"params": list(backbone.parameters()), "lr": 1e-3})
+    g = opt.param_groups[1]
+    assert g["param_names"] == [None, "1.weight", "1.bias"] and g["adamw_indices"] == [0]
+    assert [opt.is_matrix_param(p, opt.param_groups[gi], n) for p, gi, n in opt._all_params()] == [
+        True, False, False, True, False]
+    for p in (*head.parameters(), *backbone.parameters()):
+        p.grad = torch.randn_like(p)
+    opt.step()  # the head's matrix keeps its Gram and its method
+    assert "gram" in opt.state[head[0].weight] and "exp_avg_sq" in opt.state[backbone[0].weight]
+    sd = opt.state_dict()
+    assert sd["param_groups"][1]["adamw_indices"] == [0]  # saved with the group, so a resume routes the same
+    with pytest.raises(ValueError, match="adamw_indices"):
+        opt.add_param_group({"params": [nn.Parameter(torch.randn(2, 2))], "adamw_indices": [3]})
