@@ -4,7 +4,7 @@ against the machine's bandwidth bound, and optimizer state per rank against the 
 One command::
 
     python benchmarks/report.py                   # ~15-25 minutes on an idle 2-core CPU (2 jobs)
-    python benchmarks/report.py --quick           # smoke run, < 1 minute (1 seed, 2 lrs, 3 optimizers)
+    python benchmarks/report.py --quick           # smoke run, < 1 minute, into runs/report_quick
     python benchmarks/report.py --readme README.md  # also rewrites the README's headline section
 
 Writes ``report.md``, ``report.json`` and ``report_*.png`` to ``--out`` (default ``benchmarks/results``).
@@ -48,6 +48,8 @@ from _timing import median_cpu_s  # noqa: E402
 
 log = logging.getLogger("report")
 RESULTS = Path(__file__).resolve().parent / "results"
+#: where a --quick smoke run writes unless given --out: not over the committed report (runs/ is git-ignored)
+QUICK_OUT = Path(__file__).resolve().parent.parent / "runs" / "report_quick"
 QUICK_OPTIMIZERS = ("AdamW", "SOAA", "EGN")
 COLORS = {"AdamW": "tab:blue", "SOAA": "tab:orange", "ASGO": "tab:red", "ASGO-parts": "tab:pink", "EGN": "tab:green",
           "EGN-m": "tab:olive", "Muon": "tab:purple", "Muon-split": "tab:cyan", "SOAP": "tab:brown", "PSGD": "tab:gray"}
@@ -609,7 +611,8 @@ def _version(pkg: str) -> str:
 def _args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="smoke run: few steps, 1 seed, 2 lrs, 3 optimizers")
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default benchmarks/results; --quick: runs/report_quick)")
     p.add_argument("--seeds", type=int, default=None, help="seeds at the best lr (default 3; --quick 1)")
     p.add_argument("--jobs", type=int, default=None, help="runs in parallel (default 2; --quick 1)")
     p.add_argument("--workloads", nargs="+", default=list(R.WORKLOADS), choices=list(R.WORKLOADS))
@@ -619,6 +622,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="reuse the runs in --out's report_runs.jsonl")
     p.add_argument("--readme", type=Path, default=None, help="rewrite this README's report section")
     args = p.parse_args(argv)
+    args.out = args.out or (QUICK_OUT if args.quick else RESULTS)
     args.seeds = args.seeds or (1 if args.quick else 3)
     args.jobs = args.jobs or (1 if args.quick else 2)
     args.invocation = _invocation_id()
