@@ -132,6 +132,11 @@ class DeepSpeedClientOptimizer(torch.optim.Optimizer):
                 probe._validate_group(group)
             except ValueError as e:
                 raise ValueError(f"{optimizer_cls.__name__}: param_groups[{i}]: {e}") from None
+            if zero_stage > 0 and group.get("adamw_indices"):
+                # positions in a group whose ZeRO partitions are pieces of it, different on every rank
+                raise ValueError(f"{optimizer_cls.__name__}: param_groups[{i}]: adamw_indices is not supported at ZeRO "
+                                 f"stage {zero_stage}, whose flat partitions are not the group's parameters; put those "
+                                 "parameters in a group of their own with use_asgo=False.")
             if zero_stage > 0 and group.get("row_parts", 1) != 1:
                 # a partition's rows of a fused matrix are not whole parts: row_parts would cut them wrongly
                 raise _parts_refused(f"{optimizer_cls.__name__}: param_groups[{i}]: row_parts={group['row_parts']!r} "

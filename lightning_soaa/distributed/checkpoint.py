@@ -212,6 +212,9 @@ def build_state_dict(
             "shapes": _shapes(optimizer),
             "layout": [[list(x) for x in blist] for blist in optimizer.block_table.layout()],
             "global": global_state,
+            # how many blocks hold state: a tool that rebuilds the state (torch's DCP) can tell the load
+            # that entries went missing on the way (see dcp_state._consolidated_from_nested)
+            "blocks_with_state": len(block_states),
         },
     })
 

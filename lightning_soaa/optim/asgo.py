@@ -301,8 +301,11 @@ def _check_adamw_indices(group: dict[str, Any]) -> None:
     if (not isinstance(at, (list, tuple)) or any(type(j) is not int or not 0 <= j < n for j in at)
             or len(set(at)) != len(at)):
         raise ValueError(f"Invalid adamw_indices={at!r}: a list of distinct positions 0..{n - 1} of the group's "
-                         "parameters (those that take the AdamW part; set by add_param_group from "
-                         "asgo_param_groups' record of the model).")
+                         "parameters, those that take the AdamW part whatever their shape and name (add_param_group "
+                         "sets it from asgo_param_groups' record of the model).")
+    if at and group.get("use_asgo") is not None:
+        raise ValueError(f"Invalid adamw_indices={at!r} with use_asgo={group['use_asgo']!r}: use_asgo routes the whole "
+                         "group; give one or the other.")
 
 
 class _OneSided(ShardedOptimizer):
@@ -407,15 +410,15 @@ class _OneSided(ShardedOptimizer):
         the same: each walk names from the module it walked) is affected. Only where the optimizer's groups
         are named (torch refuses a named group beside unnamed ones) and the group has no ``use_asgo``."""
         if (not isinstance(group, dict) or not self.param_groups or "param_names" not in self.param_groups[0]
-                or group.get("use_asgo") is not None or "adamw_indices" in group):
+                or group.get("use_asgo") is not None or "adamw_indices" in group or "param_names" in group):
+            # names given (a saved group replayed, which keeps the routing it was saved with, or the
+            # caller's own), or the routing given: as is
             return group
         items = group.get("params")
         items = [items] if isinstance(items, Tensor) else items
-        given = group.get("param_names")
-        if (not isinstance(items, (list, tuple)) or any(isinstance(x, tuple) for x in items)
-                or (given is not None and (not isinstance(given, (list, tuple)) or len(given) != len(items)))):
+        if not isinstance(items, (list, tuple)) or any(isinstance(x, tuple) for x in items):
             return group  # named pairs (the caller's names), or torch's checks and messages
-        names = list(given or [None] * len(items))
+        names: list[str | None] = [None] * len(items)
         hints = [route_hint(t) for t in items]
         taken = {n for g in self.param_groups for n in g.get("param_names") or () if n is not None}
         for j, h in enumerate(hints):
@@ -424,7 +427,7 @@ class _OneSided(ShardedOptimizer):
                 taken.add(h.name)
         adamw = [j for j, (t, h) in enumerate(zip(items, hints)) if h is not None and isinstance(t, Tensor)
                  and self.name_rule(t, {}, None) and (h.adamw or not self.name_rule(t, {}, h.name))]
-        if not adamw and names == list(given or [None] * len(items)):
+        if not adamw and not any(names):
             return group
         return {**group, "params": list(items), "param_names": names, **({"adamw_indices": adamw} if adamw else {})}
 

@@ -54,9 +54,11 @@ def route_hint(param: Any) -> RouteHint | None:
 def _record_hints(module: nn.Module, adamw: set[int]) -> None:
     """A :class:`RouteHint` for every parameter of ``module``, frozen ones included (they are the ones a
     later ``add_param_group`` brings)."""
-    for name, p in module.named_parameters():
-        if p not in _HINTS:  # the first walk: a later one of a part or a wrapper names from another root
-            _HINTS[p] = RouteHint(name, id(p) in adamw)
+    for name, p in module.named_parameters(remove_duplicate=False):
+        old = route_hint(p)
+        # the first walk's name (a later walk of a part or a wrapper names from another root); a table is
+        # a table if any walk saw its module (a head tied to it is walked without the nn.Embedding)
+        _HINTS[p] = RouteHint(name if old is None else old.name, id(p) in adamw or (old is not None and old.adamw))
 
 
 def check_fused(fused: Any) -> dict[str, int]:

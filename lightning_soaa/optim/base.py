@@ -853,7 +853,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
             before = self._table.layout()
             # the automatic block size grows with the model: recomputing it re-cut existing parameters
             # while their state kept the old blocks (the kernels then overran it: NaN, heap corruption)
-            self._build_table(keep_limit=True)
+            try:
+                self._build_table(keep_limit=True)
+            except ValueError:  # the new group's blocks (ASGO's row_parts of a matrix they do not divide)
+                self.param_groups.pop()
+                self._build_table(keep_limit=True)
+                raise
             if self._table.layout()[:len(before)] != before:
                 self.param_groups.pop()  # leave the optimizer as it was: the blocks its state was made for
                 self._build_table(keep_limit=True)
@@ -974,7 +979,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if check_ranks:  # what every rank built together (a rebuild back to it digests as no rebuild)
             self._agreed_built = self._built
         self._names = [name for _, _, name in plist]
-        self._layout = [{k: g.get(k) for k in self._block_option_keys()} for g in self.param_groups]
+        # copies: a list value (ASGO's adamw_indices) edited in place must differ from the one built
+        self._layout = [{k: copy.copy(g.get(k)) for k in self._block_option_keys()} for g in self.param_groups]
         # see _hyperparameter_error: each group's list and its members (a list edited in place keeps its id)
         self._group_lists = [g["params"] for g in self.param_groups]
         self._group_members = [tuple(g["params"]) for g in self.param_groups]

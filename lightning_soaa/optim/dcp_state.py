@@ -604,8 +604,27 @@ def _consolidated_from_nested(opt: ShardedOptimizer, sd: dict[str, Any], meta: d
                              f"optimizer's own {sorted(own)}; they would be dropped. Nothing was loaded.")
         if blocks:
             state[pi] = blocks
+    _check_arrived(opt, meta, sum(len(b) for b in state.values()))
     return {"state": state, "param_groups": groups,
             FORMAT_KEY: {k: v for k, v in meta.items() if k not in ("form", "group_options")}}
+
+
+def _check_arrived(opt: ShardedOptimizer, meta: dict[str, Any], arrived: int) -> None:
+    """Refuse a rebuilt state that lost per-block entries on the way. Why: ``dcp.load`` fills only the
+    tensors the destination state dict already shows, and over plain (non-DTensor) parameters a fresh
+    optimizer's state dict shows none (torch's recipe makes them by a zero-gradient step, which these
+    optimizers do not take), so torch's DCP recipe brought the step counts back and no state: the run
+    continued on fresh moments, silently. Checkpoints from before the count was saved are not checked."""
+    saved = meta.get("blocks_with_state")
+    if isinstance(saved, int) and arrived < saved:
+        raise ValueError(
+            f"{_name(opt)}.load_state_dict: the checkpoint holds the state of {saved} block(s) and {arrived} "
+            "arrived. torch.distributed.checkpoint's load fills only the tensors the destination's state dict "
+            "shows, and over plain (non-FSDP2) parameters a fresh optimizer shows none, so the recipe "
+            "get_optimizer_state_dict -> dcp.load -> set_optimizer_state_dict brings no optimizer state back. "
+            "Nothing was loaded. Without FSDP2 save and load the optimizer's own state dict (world-size "
+            "independent): torch.save(opt.state_dict(), f) and opt.load_state_dict(torch.load(f)) "
+            "(consolidate_state_dict() first at W > 1); DCP is the route under FSDP2.")
 
 
 def _dcp_blocks(opt: ShardedOptimizer, key: Any, entry: Any) -> dict[int, dict[str, Any]]:

@@ -277,6 +277,21 @@ def test_client_refuses_row_parts_where_partitions_cut_the_parts(where: str) -> 
     DeepSpeedClientOptimizer([dict(group)], ASGO, {**hyper, "max_block_size": 1}, zero_stage=0, layout="structured")
 
 
+def test_client_refuses_adamw_indices_where_partitions_are_not_the_groups_parameters() -> None:
+    """ASGO's adamw_indices are positions of a group's parameters; ZeRO-1/2/3 hand the inner optimizer flat
+    partitions, different on every rank, where those positions point elsewhere (or past the end on one rank).
+    Refused at construction, naming it; taken at stage 0."""
+    from lightning_soaa import ASGO
+
+    tok, lin = torch.nn.Parameter(torch.randn(7, 4)), torch.nn.Parameter(torch.randn(4, 4))
+    group = {"params": [("tok", tok), ("lin", lin)], "adamw_indices": [0]}
+    for stage in (1, 2, 3):
+        with pytest.raises(ValueError, match=re.escape(f"param_groups[0]: adamw_indices is not supported at ZeRO "
+                                                       f"stage {stage}")):
+            DeepSpeedClientOptimizer([dict(group)], ASGO, {"lr": 0.1}, zero_stage=stage, layout="structured")
+    DeepSpeedClientOptimizer([dict(group)], ASGO, {"lr": 0.1}, zero_stage=0, layout="structured")
+
+
 def test_client_applies_fused_at_stage_0_and_refuses_it_where_partitions_cut_the_parts() -> None:
     """``fused`` (a config's or a caller's): the client regroups its own canonical groups (the inner groups
     are mapped to them by index), its probe never sees the option; ZeRO-1/2/3 refuse it naming it; an

@@ -1057,3 +1057,51 @@ def test_the_walks_record_routes_only_the_added_group_and_does_not_depend_on_lat
     assert sd["param_groups"][1]["adamw_indices"] == [0]  # saved with the group, so a resume routes the same
     with pytest.raises(ValueError, match="adamw_indices"):
         opt.add_param_group({"params": [nn.Parameter(torch.randn(2, 2))], "adamw_indices": [3]})
+
+
+def test_added_group_routing_second_review():
+    """Second reviewer's cases. (1) adamw_indices edited in place (a list, the first mutable layout value)
+    was compared with itself and accepted; a copy then routed by the edit (KeyError). (2) A saved group
+    replayed with its names (BackboneFinetuning's resume assigns it; None names from before the record
+    existed) keeps the routing it was saved with. (3) An LM head tied to the backbone's table, walked before
+    the backbone: the table is still a table. (4) A group refused while the table is rebuilt (row_parts that
+    do not divide) is not left behind. (5) adamw_indices with use_asgo is refused."""
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Embedding(7, 4), nn.Linear(4, 4))
+    head = nn.Linear(4, 7, bias=False)
+    head.weight = backbone[0].weight  # tied
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    groups = [g for g in asgo_param_groups(head) + asgo_param_groups(backbone) if g["params"]]
+    opt = ASGO([{"params": [("w", nn.Parameter(torch.randn(3, 4)))]}], lr=1e-2)
+    for p in backbone.parameters():
+        p.requires_grad_(True)
+    assert len(groups) == 0 or all(not g["params"] for g in groups)  # everything frozen at the walks
+    opt.add_param_group({"params": list(backbone.parameters())})
+    g = opt.param_groups[1]
+    assert g["param_names"] == ["weight", "1.weight", "1.bias"] and g["adamw_indices"] == [0]  # (3)
+    for p in opt.param_groups[0]["params"] + g["params"]:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    w = [p.detach().clone() for p in g["params"]]
+    g["adamw_indices"].append(1)  # (1)
+    with pytest.raises(ValueError, match="adamw_indices=.*written into the group after construction"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(w, g["params"]))
+    g["adamw_indices"].pop()
+    opt.step()
+    # (2) the group as saved before the record existed: names None, the table on the matrix method
+    old = ASGO([{"params": [("w", nn.Parameter(torch.randn(3, 4)))]}], lr=1e-2)
+    old.add_param_group({"params": list(backbone.parameters()), "param_names": [None, None, None]})
+    assert "adamw_indices" not in old.param_groups[1]
+    assert [old.is_matrix_param(p, old.param_groups[1], None) for p in backbone.parameters()] == [True, True, False]
+    # (4)
+    n = len(opt.param_groups)
+    with pytest.raises(ValueError, match="row_parts"):
+        opt.add_param_group({"params": [("q", nn.Parameter(torch.randn(5, 4)))], "row_parts": 3})
+    assert len(opt.param_groups) == n
+    opt.step()
+    # (5)
+    with pytest.raises(ValueError, match="use_asgo routes the whole group"):
+        opt.add_param_group({"params": [("z", nn.Parameter(torch.randn(2, 2)))], "adamw_indices": [0],
+                             "use_asgo": True})
