@@ -195,6 +195,13 @@ def with_group_meta(sd: dict[str, Any]) -> dict[str, Any]:
     return {**sd, "param_groups": groups}
 
 
+def _blocks_with_state(num_params: int, block_states: dict[tuple[int, int], Any]) -> list[int]:
+    counts = [0] * num_params
+    for pi, _ in block_states:
+        counts[pi] += 1
+    return counts
+
+
 def build_state_dict(
     optimizer: CheckpointView,
     block_states: dict[tuple[int, int], dict[str, Any]],
@@ -212,9 +219,9 @@ def build_state_dict(
             "shapes": _shapes(optimizer),
             "layout": [[list(x) for x in blist] for blist in optimizer.block_table.layout()],
             "global": global_state,
-            # how many blocks hold state: a tool that rebuilds the state (torch's DCP) can tell the load
-            # that entries went missing on the way (see dcp_state._consolidated_from_nested)
-            "blocks_with_state": len(block_states),
+            # per parameter, how many of its blocks hold state: a tool that rebuilds the state (torch's DCP)
+            # lets the load tell that entries went missing on the way (dcp_state._check_arrived)
+            "blocks_with_state": _blocks_with_state(len(optimizer.shapes), block_states),
         },
     })
 

@@ -604,27 +604,42 @@ def _consolidated_from_nested(opt: ShardedOptimizer, sd: dict[str, Any], meta: d
                              f"optimizer's own {sorted(own)}; they would be dropped. Nothing was loaded.")
         if blocks:
             state[pi] = blocks
-    _check_arrived(opt, meta, sum(len(b) for b in state.values()))
+    _check_arrived(opt, meta, state)
     return {"state": state, "param_groups": groups,
             FORMAT_KEY: {k: v for k, v in meta.items() if k not in ("form", "group_options")}}
 
 
-def _check_arrived(opt: ShardedOptimizer, meta: dict[str, Any], arrived: int) -> None:
+def _check_arrived(opt: ShardedOptimizer, meta: dict[str, Any], state: dict[int, dict[int, Any]]) -> None:
     """Refuse a rebuilt state that lost per-block entries on the way. Why: ``dcp.load`` fills only the
     tensors the destination state dict already shows, and over plain (non-DTensor) parameters a fresh
     optimizer's state dict shows none (torch's recipe makes them by a zero-gradient step, which these
     optimizers do not take), so torch's DCP recipe brought the step counts back and no state: the run
-    continued on fresh moments, silently. Checkpoints from before the count was saved are not checked."""
+    continued on fresh moments, silently. torch's tools also leave out the state of parameters without
+    ``requires_grad`` (as for torch's optimizers): those start afresh, with a warning. Checkpoints from
+    before the counts were saved are not checked."""
     saved = meta.get("blocks_with_state")
-    if isinstance(saved, int) and arrived < saved:
+    if not isinstance(saved, list) or len(saved) != len(opt._params):
+        return
+    missing: list[str] = []
+    frozen: list[str] = []
+    for pi, n in enumerate(saved):
+        if isinstance(n, int) and len(state.get(pi, {})) < n:
+            label = repr(opt._names[pi]) if opt._names[pi] else f"#{pi}"
+            (missing if opt._params[pi].requires_grad else frozen).append(label)
+    if frozen:
+        log.warning("%s.load_state_dict: the state of %s (requires_grad=False) did not come with the checkpoint "
+                    "(torch's state-dict tools leave frozen parameters out); unfrozen, they start afresh.",
+                    _name(opt), ", ".join(frozen[:5]) + (" ..." if len(frozen) > 5 else ""))
+    if missing:
         raise ValueError(
-            f"{_name(opt)}.load_state_dict: the checkpoint holds the state of {saved} block(s) and {arrived} "
-            "arrived. torch.distributed.checkpoint's load fills only the tensors the destination's state dict "
-            "shows, and over plain (non-FSDP2) parameters a fresh optimizer shows none, so the recipe "
-            "get_optimizer_state_dict -> dcp.load -> set_optimizer_state_dict brings no optimizer state back. "
-            "Nothing was loaded. Without FSDP2 save and load the optimizer's own state dict (world-size "
-            "independent): torch.save(opt.state_dict(), f) and opt.load_state_dict(torch.load(f)) "
-            "(consolidate_state_dict() first at W > 1); DCP is the route under FSDP2.")
+            f"{_name(opt)}.load_state_dict: the checkpoint holds state for parameter(s) "
+            f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} that did not arrive. "
+            "torch.distributed.checkpoint's load fills only the tensors the destination's state dict shows, and "
+            "over plain (non-FSDP2) parameters a fresh optimizer shows none, so the recipe get_optimizer_state_dict "
+            "-> dcp.load -> set_optimizer_state_dict brings no optimizer state back. Nothing was loaded. Without "
+            "FSDP2 save and load the optimizer's own state dict (world-size independent): torch.save("
+            "opt.state_dict(), f) and opt.load_state_dict(torch.load(f)) (consolidate_state_dict() first at "
+            "W > 1); DCP is the route under FSDP2.")
 
 
 def _dcp_blocks(opt: ShardedOptimizer, key: Any, entry: Any) -> dict[int, dict[str, Any]]:
@@ -717,9 +732,11 @@ def load_torch_form(opt: ShardedOptimizer, sd: dict[str, Any],
             return prepare_consolidated(_consolidated_from_dcp(opt, sd, meta))
         return prepare_consolidated(_consolidated_from_nested(opt, sd, meta, nested))
 
-    if opt._dtensor is None or opt.comm.world_size == 1:
+    if opt.comm.world_size == 1:
         prepare()()
         return
+    # every rank (torch's state-dict API is collective): plain parameters too, where a checkpoint broadcast
+    # from rank 0 reaches the others' placeholders only, and a rank refusing alone left the rest to hang
     _agreed(opt, prepare, sum(len(b) for b in nested.values()))()
 
 

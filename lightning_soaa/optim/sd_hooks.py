@@ -9,6 +9,7 @@ hook gets a copy of the caller's dict (torch's ``state_dict.copy()``).
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -46,7 +47,17 @@ def hooked_load(opt: Any, state_dict: Any, load: Callable[[Any], None]) -> None:
 
 
 def _global_of(sd: Any) -> dict[str, Any] | None:
+    """The optimizer-wide state of ``sd``: its metadata's, or (a state torch's tools rebuilt keeps only
+    ``state`` and ``param_groups``) the JSON copy's in ``param_groups[0]``."""
     meta = sd.get(FORMAT_KEY) if isinstance(sd, dict) else None
+    if meta is None and isinstance(sd, dict):
+        groups = sd.get("param_groups")
+        first = groups[0] if isinstance(groups, list) and groups and isinstance(groups[0], dict) else {}
+        copy = first.get(FORMAT_KEY)
+        try:
+            meta = json.loads(copy) if isinstance(copy, str) else None
+        except ValueError:
+            meta = None
     glob = meta.get("global") if isinstance(meta, dict) else None
     return glob if isinstance(glob, dict) else None
 
@@ -68,7 +79,8 @@ def keep_run_state(given: Any, final: Any) -> Any:
     checkpoint has stepped, its optimizer-wide state is the one loaded. A hook that returns a fresh state
     (no per-parameter state: "do not load") is left as it is."""
     glob, source = _global_of(final), _global_of(given)
-    if glob is None or source is None or glob is source or not isinstance(final.get("state"), dict):
+    if (glob is None or source is None or glob is source or not isinstance(final.get("state"), dict)
+            or FORMAT_KEY not in final):
         return final
     stepped_blocks = any(isinstance(st, dict) and any(isinstance(blk, dict) and blk for blk in st.values())
                          for st in final["state"].values())
