@@ -62,7 +62,7 @@ from lightning_soaa.functional.reductions import norms_f64, sq_norm_f64
 from lightning_soaa.optim import dcp_state
 from lightning_soaa.optim.adamw import adam_state_schema
 from lightning_soaa.optim.asgo_groups import asgo_param_groups, route_hint, split_fused
-from lightning_soaa.optim.base import BlockView, ShardedOptimizer
+from lightning_soaa.optim.base import BlockView, ShardedOptimizer, listed_params
 from lightning_soaa.optim.stat_guard import GuardedBlock, StatisticGuard
 
 __all__ = ["ASGO", "DASGO", "asgo_param_groups", "asgo_block_specs", "asgo_block_cost", "asgo_root_cost"]
@@ -388,7 +388,7 @@ class _OneSided(ShardedOptimizer):
             # constructor does (_warn_if_no_matrices, once for all groups)
             return super().add_param_group(param_group)
         before = len(self.param_groups)
-        super().add_param_group(self._hinted(param_group))
+        super().add_param_group(self._hinted(listed_params(param_group)))
         added = [(p, gi, n) for gi in range(before, len(self.param_groups))
                  for p, n in self._group_params(gi, self.param_groups[gi])]
         self._warn_unnamed(added, f"{type(self).__name__}.add_param_group",

@@ -79,7 +79,7 @@ import dataclasses
 import logging
 import math
 import operator
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, overload
 
 import torch
@@ -492,6 +492,18 @@ def _next_unjoined() -> int:
     return _BUILT_UNJOINED[0] - 1
 
 
+def listed_params(param_group: Any) -> Any:
+    """``param_group`` with its ``params`` as a list where they came as a one-shot iterator
+    (``module.parameters()``, which torch accepts): the checks and the naming below read them more than
+    once. Sets and the rest are left to torch's own checks and messages."""
+    if not isinstance(param_group, dict):
+        return param_group
+    params = param_group.get("params")
+    if isinstance(params, Iterator):
+        return {**param_group, "params": list(params)}
+    return param_group
+
+
 class ShardedOptimizer(torch.optim.Optimizer):
     """Base class: owned blocks, an injected :class:`Communicator`, world-size independent checkpoints.
 
@@ -826,7 +838,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if self._receiver() is not self:  # through Lightning's LightningOptimizer: the table was the wrapper's
             return self._receiver().add_param_group(param_group)
-        super().add_param_group(self._named_like_the_others(param_group))
+        super().add_param_group(self._named_like_the_others(listed_params(param_group)))
         try:
             check_param_group(self, self.param_groups[-1])  # duplicates, complex, zero-size
             check_torch_options(self, self.param_groups[-1])

@@ -92,6 +92,33 @@ def test_add_param_group_with_a_repeated_parameter_leaves_the_optimizer_unchange
 
 
 @pytest.mark.parametrize("spec", SPECS)
+def test_add_param_group_takes_a_generator_as_torch_does(spec: OptimizerSpec) -> None:
+    """``add_param_group({"params": module.parameters()})`` (a one-shot generator, which torch's optimizers
+    take) into an optimizer built from named parameters was refused with torch's 'cannot add param group
+    without names': the naming of unnamed groups read only lists (reviewer). Now added like the list, and
+    stepped like it (bit for bit)."""
+    _takes_params(spec)
+    runs = []
+    for as_generator in (True, False):
+        w = _param(4, 3)
+        extra = nn.Linear(2, 2).double()
+        torch.manual_seed(3)
+        with torch.no_grad():
+            for p in extra.parameters():
+                p.copy_(torch.randn_like(p))
+        opt = spec.load()([("w", w)], **spec.test_kwargs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt.add_param_group({"params": extra.parameters() if as_generator else list(extra.parameters())})
+        assert len(opt.param_groups) == 2 and len(opt.param_groups[1]["params"]) == 2
+        for i in range(2):
+            _set_grads([w, *extra.parameters()], i)
+            _step(spec, opt, i)
+        runs.append([w.detach().clone(), *(p.detach().clone() for p in extra.parameters())])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@pytest.mark.parametrize("spec", SPECS)
 def test_add_param_group_keeps_the_blocks_of_existing_state(spec: OptimizerSpec) -> None:
     """A group added after some steps (unfreezing a backbone) grew the model past the automatic block
     size's threshold (2^21 elements): the table was rebuilt with larger blocks while the existing state
