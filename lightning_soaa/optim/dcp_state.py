@@ -609,6 +609,12 @@ def _consolidated_from_nested(opt: ShardedOptimizer, sd: dict[str, Any], meta: d
             FORMAT_KEY: {k: v for k, v in meta.items() if k not in ("form", "group_options")}}
 
 
+def _steps_of_meta(meta: dict[str, Any]) -> int:
+    glob = meta.get("global")
+    steps = glob.get("num_steps", 0) if isinstance(glob, dict) else 0
+    return steps if isinstance(steps, int) else 0
+
+
 def _check_arrived(opt: ShardedOptimizer, meta: dict[str, Any], state: dict[int, dict[int, Any]]) -> None:
     """Refuse a rebuilt state that lost per-block entries on the way. Why: ``dcp.load`` fills only the
     tensors the destination state dict already shows, and over plain (non-DTensor) parameters a fresh
@@ -618,6 +624,13 @@ def _check_arrived(opt: ShardedOptimizer, meta: dict[str, Any], state: dict[int,
     ``requires_grad`` (as for torch's optimizers): those start afresh, with a warning. Checkpoints from
     before the counts were saved are not checked."""
     saved = meta.get("blocks_with_state")
+    if saved is None and not state and _steps_of_meta(meta) > 0:
+        log.warning("%s.load_state_dict: a checkpoint of %d step(s) (saved before its blocks were counted) "
+                    "brought no per-parameter state. If it had some (every optimizer here but EGN without "
+                    "momentum), it was lost on the way: torch.distributed.checkpoint's load over plain "
+                    "(non-FSDP2) parameters fills only what a fresh optimizer shows, nothing. Load the "
+                    "optimizer's own state dict instead (torch.save / load_state_dict).",
+                    _name(opt), _steps_of_meta(meta))
     if not isinstance(saved, list) or len(saved) != len(opt._params):
         return
     missing: list[str] = []

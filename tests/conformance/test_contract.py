@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import inspect
 import io
+import json
 import pickle
 import random
 import re
@@ -1310,6 +1311,10 @@ def test_torch_dcp_recipe_over_plain_parameters_resumes_exactly_or_refuses(spec:
         assert_identical(list(fresh.state.values()), before)
         return
     assert not any(opt.state.values()), f"{spec.name}: state dropped and not refused"
+    _continue_dcp(spec, model, opt, model2, fresh)
+
+
+def _continue_dcp(spec: OptimizerSpec, model: Any, opt: Any, model2: Any, fresh: Any) -> None:
     for t in range(2, 4):
         step(spec, model, opt, t)
         step(spec, model2, fresh, t)
@@ -1392,6 +1397,33 @@ def test_torchs_load_by_param_names_recipe_continues_identically(spec: Optimizer
     opt3.load_state_dict(saved["opt"])
     assert opt3.num_steps == 0 and not any(opt3.state.values())
     assert_identical(opt3.state_dict(), make(spec)[1].state_dict())
+
+
+def test_a_checkpoint_saved_before_the_block_counts_that_brings_no_state_is_warned_about(
+        tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """A checkpoint from before ``blocks_with_state`` through the same DCP recipe: its loss cannot be told
+    from an optimizer that keeps no per-parameter state (EGN without momentum), so it loads, with a warning
+    naming the cause (reviewer)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    spec = get("ASGO")
+    model, opt = make(spec)
+    for t in range(2):
+        step(spec, model, opt, t)
+    sd = get_optimizer_state_dict(model, opt)
+    meta = json.loads(sd["param_groups"][0]["lightning_soaa"])
+    del meta["blocks_with_state"]  # as saved before the counts
+    sd["param_groups"][0]["lightning_soaa"] = json.dumps(meta)
+    dcp.save({"optim": sd}, checkpoint_id=str(tmp_path))
+    model2, fresh = make(spec)
+    dest = {"optim": get_optimizer_state_dict(model2, fresh)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(dest, checkpoint_id=str(tmp_path))
+    with caplog.at_level("WARNING"):
+        set_optimizer_state_dict(model2, fresh, dest["optim"])
+    assert "brought no per-parameter state" in caplog.text and fresh.num_steps == 2
 
 
 @each_optimizer
