@@ -622,6 +622,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="reuse the runs in --out's report_runs.jsonl")
     p.add_argument("--readme", type=Path, default=None, help="rewrite this README's report section")
     args = p.parse_args(argv)
+    if args.quick and args.readme and args.out is None:
+        p.error("--quick --readme would point the README at runs/report_quick (not committed): give --out")
     args.out = args.out or (QUICK_OUT if args.quick else RESULTS)
     args.seeds = args.seeds or (1 if args.quick else 3)
     args.jobs = args.jobs or (1 if args.quick else 2)

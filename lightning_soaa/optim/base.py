@@ -884,15 +884,15 @@ class ShardedOptimizer(torch.optim.Optimizer):
         (the factory and ``lightning-soaa fit`` pass ``named_parameters()``; ASGO's routing reads names),
         as Lightning's BaseFinetuning.unfreeze_and_add_param_group adds one: torch refuses groups with and
         without names side by side ('cannot add param group without names'), one epoch into the fit. Its
-        parameters get ``None`` names, which every part of the optimizer reads as unnamed (ASGO routes
-        them by shape, and says so)."""
+        parameters get ``None`` names, which every part of the optimizer reads as unnamed (ASGO names and
+        routes them from its record of the model first, where it has one, else by shape, and says so)."""
         if (self._table is None or not isinstance(param_group, dict) or "param_names" in param_group
                 or not self.param_groups or "param_names" not in self.param_groups[0]):
             return param_group
         params = param_group.get("params")
         params = [params] if isinstance(params, Tensor) else params
         if not isinstance(params, (list, tuple)) or any(isinstance(x, tuple) for x in params):
-            return param_group  # torch's own checks and messages (a set, a generator, named pairs)
+            return param_group  # torch's own checks and messages (a set, named pairs)
         return {**param_group, "params": list(params), "param_names": [None] * len(params)}
 
     def _adopt_assigned_groups(self) -> None:

@@ -299,6 +299,7 @@ def dcp_state_dict(opt: ShardedOptimizer) -> dict[str, Any]:
     glob = {**opt._global_state(), "num_steps": opt.num_steps, "skipped_steps": opt.skipped_steps}
     sd = build_state_dict(opt._checkpoint_view(), {}, glob)
     meta = sd.pop(FORMAT_KEY)
+    del meta["blocks_with_state"]  # counted from no blocks here: the DCP form has an entry for every block
     meta["form"] = "dcp"
     moved = _json_options(opt)
     # plain JSON scalars only (a subclass's tuple would come back a list, a dtype not at all: kept as keys)
@@ -745,11 +746,11 @@ def load_torch_form(opt: ShardedOptimizer, sd: dict[str, Any],
             return prepare_consolidated(_consolidated_from_dcp(opt, sd, meta))
         return prepare_consolidated(_consolidated_from_nested(opt, sd, meta, nested))
 
-    if opt.comm.world_size == 1:
+    if opt._dtensor is None or opt.comm.world_size == 1:
+        # plain parameters: each rank on its own, as for our format (a load on some ranks only is refused
+        # at the next step, on every rank, by the step's agreement: no collective here that others skip)
         prepare()()
         return
-    # every rank (torch's state-dict API is collective): plain parameters too, where a checkpoint broadcast
-    # from rank 0 reaches the others' placeholders only, and a rank refusing alone left the rest to hang
     _agreed(opt, prepare, sum(len(b) for b in nested.values()))()
 
 
@@ -759,7 +760,7 @@ def _agreed(opt: ShardedOptimizer, prepare: Callable[[], Callable[[], None]], en
     load, error = None, None
     try:
         load = prepare()
-    except (ValueError, TypeError, RuntimeError) as e:
+    except Exception as e:  # any error (a malformed state: KeyError too) must still reach the all-gather
         error = e
     views = opt.comm.all_gather_object((None if error is None else f"{type(error).__name__}: {error}", entries))
     counts = [int(c) for _, c in views]
