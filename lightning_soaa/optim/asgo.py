@@ -394,7 +394,9 @@ class _OneSided(ShardedOptimizer):
         self._warn_unnamed(added, f"{type(self).__name__}.add_param_group",
                            "the group's parameters as (name, parameter) pairs, use_asgo=False in the group "
                            "for embedding tables, or build the optimizer from asgo_param_groups(model) (it "
-                           "records the frozen parameters' names and tables)")
+                           "records the frozen parameters' names and tables; a group restored with the "
+                           "None names of a checkpoint saved before 2026-12-04 keeps the routing it was "
+                           "saved with)")
         return None
 
     def _hinted(self, group: Any) -> Any:
