@@ -195,6 +195,19 @@ def with_group_meta(sd: dict[str, Any]) -> dict[str, Any]:
     return {**sd, "param_groups": groups}
 
 
+def group_meta_copy(sd: Any) -> dict[str, Any] | None:
+    """The metadata copy :func:`with_group_meta` put in ``param_groups[0]``, or None where there is none
+    (or it is not our JSON)."""
+    groups = sd.get("param_groups") if isinstance(sd, dict) else None
+    first = groups[0] if isinstance(groups, list) and groups and isinstance(groups[0], dict) else {}
+    text = first.get(FORMAT_KEY)
+    try:
+        meta = json.loads(text) if isinstance(text, str) else None
+    except ValueError:
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
 def _blocks_with_state(num_params: int, block_states: dict[tuple[int, int], Any]) -> list[int]:
     counts = [0] * num_params
     for pi, _ in block_states:

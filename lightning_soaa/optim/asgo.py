@@ -62,7 +62,7 @@ from lightning_soaa.functional.reductions import norms_f64, sq_norm_f64
 from lightning_soaa.optim import dcp_state
 from lightning_soaa.optim.adamw import adam_state_schema
 from lightning_soaa.optim.asgo_groups import asgo_param_groups, route_hint, split_fused
-from lightning_soaa.optim.base import BlockView, ShardedOptimizer, listed_params
+from lightning_soaa.optim.base import BlockView, ShardedOptimizer
 from lightning_soaa.optim.stat_guard import GuardedBlock, StatisticGuard
 
 __all__ = ["ASGO", "DASGO", "asgo_param_groups", "asgo_block_specs", "asgo_block_cost", "asgo_root_cost"]
@@ -293,7 +293,8 @@ def _matrix_grad(grad: Tensor, dtype: torch.dtype, batched: bool) -> Tensor:
 
 
 def _check_adamw_indices(group: dict[str, Any]) -> None:
-    """``adamw_indices`` (set by :meth:`_OneSided._hinted`): distinct positions of the group's parameters."""
+    """``adamw_indices`` (set by :meth:`_OneSided._named_like_the_others`): distinct positions of the group's
+    parameters."""
     at = group.get("adamw_indices")
     if at is None:
         return
@@ -343,7 +344,7 @@ class _OneSided(ShardedOptimizer):
         """This optimizer's routing: True for the matrix method, False for AdamW. :meth:`name_rule`, except
         for the parameters at a group's ``adamw_indices`` (a group without ``use_asgo``): a group added after
         construction whose parameters :func:`asgo_param_groups` / ``route_param_groups`` found to be
-        embedding tables (or weight norm gains) when they walked the model (see :meth:`_hinted`)."""
+        embedding tables (or weight norm gains) when they walked the model (see :meth:`_named_like_the_others`)."""
         at = group.get("adamw_indices")
         if at and group.get("use_asgo") is None and any(group["params"][j] is param for j in at):
             return False
@@ -388,7 +389,7 @@ class _OneSided(ShardedOptimizer):
             # constructor does (_warn_if_no_matrices, once for all groups)
             return super().add_param_group(param_group)
         before = len(self.param_groups)
-        super().add_param_group(self._hinted(listed_params(param_group)))
+        super().add_param_group(param_group)
         added = [(p, gi, n) for gi in range(before, len(self.param_groups))
                  for p, n in self._group_params(gi, self.param_groups[gi])]
         self._warn_unnamed(added, f"{type(self).__name__}.add_param_group",
@@ -399,39 +400,33 @@ class _OneSided(ShardedOptimizer):
                            "saved with)")
         return None
 
-    def _hinted(self, group: Any) -> Any:
-        """``group`` with what :func:`asgo_param_groups` / ``route_param_groups`` recorded for its unnamed
-        parameters when they walked the model (:func:`route_hint`): each one's name there, where no other
-        parameter of this optimizer has it, and ``adamw_indices``, the positions of those that walk sent to
-        the AdamW part although shape alone would precondition them (embedding tables, weight norm gains).
+    def _named_like_the_others(self, param_group: dict[str, Any]) -> dict[str, Any]:
+        """The base's naming of a group of bare tensors added after construction (``None`` names), then what
+        :func:`asgo_param_groups` / ``route_param_groups`` recorded for them when they walked the model
+        (:func:`route_hint`): each one's name there, where no other parameter of this optimizer has it, and
+        ``adamw_indices``, the positions of those that walk sent to the AdamW part although shape alone would
+        precondition them (embedding tables, weight norm gains). A group that came with names (the caller's,
+        or a saved group replayed, which keeps the routing it was saved with) or with its routing
+        (``use_asgo``, ``adamw_indices``) is left as the base leaves it.
 
         Why in the group: Lightning's BaseFinetuning adds a backbone frozen while the optimizer was built as
         one group of bare tensors (then drives ``param_groups[-1]["lr"]``: the group is not split), and on
         resume assigns the group it saved; torch's ``state_dict`` saves it too. So the routing is the group's
         own, decided once, read back from checkpoints, and no other group's parameter (whose name may be
-        the same: each walk names from the module it walked) is affected. Only where the optimizer's groups
-        are named (torch refuses a named group beside unnamed ones) and the group has no ``use_asgo``."""
-        if (not isinstance(group, dict) or not self.param_groups or "param_names" not in self.param_groups[0]
-                or group.get("use_asgo") is not None or "adamw_indices" in group or "param_names" in group):
-            # names given (a saved group replayed, which keeps the routing it was saved with, or the
-            # caller's own), or the routing given: as is
-            return group
-        items = group.get("params")
-        items = [items] if isinstance(items, Tensor) else items
-        if not isinstance(items, (list, tuple)) or any(isinstance(x, tuple) for x in items):
-            return group  # named pairs (the caller's names), or torch's checks and messages
-        names: list[str | None] = [None] * len(items)
+        the same: each walk names from the module it walked) is affected."""
+        named = super()._named_like_the_others(param_group)
+        if named is param_group or named.get("use_asgo") is not None or "adamw_indices" in named:
+            return named
+        items, names = named["params"], list(named["param_names"])
         hints = [route_hint(t) for t in items]
         taken = {n for g in self.param_groups for n in g.get("param_names") or () if n is not None}
         for j, h in enumerate(hints):
-            if names[j] is None and h is not None and h.name not in taken:
+            if h is not None and h.name not in taken:
                 names[j] = h.name
                 taken.add(h.name)
         adamw = [j for j, (t, h) in enumerate(zip(items, hints)) if h is not None and isinstance(t, Tensor)
                  and self.name_rule(t, {}, None) and (h.adamw or not self.name_rule(t, {}, h.name))]
-        if not adamw and not any(names):
-            return group
-        return {**group, "params": list(items), "param_names": names, **({"adamw_indices": adamw} if adamw else {})}
+        return {**named, "param_names": names, **({"adamw_indices": adamw} if adamw else {})}
 
     def _routes(self) -> dict[int, str | None]:
         """``block_id ->`` the side a matrix block is preconditioned on (:meth:`_block_side`, the side the

@@ -624,14 +624,13 @@ def _check_arrived(opt: ShardedOptimizer, meta: dict[str, Any], state: dict[int,
     continued on fresh moments, silently. torch's tools also leave out the state of parameters without
     ``requires_grad`` (as for torch's optimizers): those start afresh, with a warning. Checkpoints from
     before the counts were saved are not checked."""
-    saved = meta.get("blocks_with_state")
-    if saved is None and not state and _steps_of_meta(meta) > 0:
+    saved, steps = meta.get("blocks_with_state"), _steps_of_meta(meta)
+    if saved is None and not state and steps > 0:
         log.warning("%s.load_state_dict: a checkpoint of %d step(s) (saved before its blocks were counted) "
                     "brought no per-parameter state. If it had some (every optimizer here but EGN without "
                     "momentum), it was lost on the way: torch.distributed.checkpoint's load over plain "
                     "(non-FSDP2) parameters fills only what a fresh optimizer shows, nothing. Load the "
-                    "optimizer's own state dict instead (torch.save / load_state_dict).",
-                    _name(opt), _steps_of_meta(meta))
+                    "optimizer's own state dict instead (torch.save / load_state_dict).", _name(opt), steps)
     if not isinstance(saved, list) or len(saved) != len(opt._params):
         return
     missing: list[str] = []

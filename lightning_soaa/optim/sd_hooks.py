@@ -9,12 +9,11 @@ hook gets a copy of the caller's dict (torch's ``state_dict.copy()``).
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from typing import Any
 
-from lightning_soaa.distributed.checkpoint import FORMAT_KEY
+from lightning_soaa.distributed.checkpoint import FORMAT_KEY, group_meta_copy
 
 __all__ = ["hooked_load", "hooked_state_dict", "keep_run_state"]
 
@@ -50,14 +49,8 @@ def _global_of(sd: Any) -> dict[str, Any] | None:
     """The optimizer-wide state of ``sd``: its metadata's, or (a state torch's tools rebuilt keeps only
     ``state`` and ``param_groups``) the JSON copy's in ``param_groups[0]``."""
     meta = sd.get(FORMAT_KEY) if isinstance(sd, dict) else None
-    if meta is None and isinstance(sd, dict):
-        groups = sd.get("param_groups")
-        first = groups[0] if isinstance(groups, list) and groups and isinstance(groups[0], dict) else {}
-        copy = first.get(FORMAT_KEY)
-        try:
-            meta = json.loads(copy) if isinstance(copy, str) else None
-        except ValueError:
-            meta = None
+    if meta is None:
+        meta = group_meta_copy(sd)
     glob = meta.get("global") if isinstance(meta, dict) else None
     return glob if isinstance(glob, dict) else None
 

@@ -1399,15 +1399,15 @@ def test_torchs_load_by_param_names_recipe_continues_identically(spec: Optimizer
     assert_identical(opt3.state_dict(), make(spec)[1].state_dict())
 
 
+@each_optimizer
 def test_a_checkpoint_saved_before_the_block_counts_that_brings_no_state_is_warned_about(
-        tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
+        spec: OptimizerSpec, tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
     """A checkpoint from before ``blocks_with_state`` through the same DCP recipe: its loss cannot be told
     from an optimizer that keeps no per-parameter state (EGN without momentum), so it loads, with a warning
     naming the cause (reviewer)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-    spec = get("ASGO")
     model, opt = make(spec)
     for t in range(2):
         step(spec, model, opt, t)
