@@ -31,7 +31,7 @@ import functools
 import json
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -114,6 +114,9 @@ class CheckpointView:
     layout_hint: str = ""
     #: the group options that decide the blocks (a refused layout names the one that differs)
     layout_keys: tuple[str, ...] = ()
+    #: ``option -> what it is and how to continue a checkpoint saved without it``, for the layout keys an
+    #: earlier version did not save (a refused layout then names the option, though the saved group lacks it)
+    absent_key_notes: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 #: what a load keeps of the current groups: their tensors, and the block size the table was built with (a
@@ -437,6 +440,9 @@ def _option_change(optimizer: CheckpointView, saved_groups: list[Any], gi: int) 
     for k in optimizer.layout_keys:
         if k in saved and saved[k] != mine.get(k):
             return f"param_groups[{gi}] was saved with {k}={saved[k]!r}, this optimizer has {k}={mine.get(k)!r}"
+        if k not in saved and k in mine and k in optimizer.absent_key_notes:
+            return (f"param_groups[{gi}] was saved without {k}, this optimizer has {k}={mine[k]!r}: "
+                    + optimizer.absent_key_notes[k])
     return None
 
 

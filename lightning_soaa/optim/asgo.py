@@ -37,6 +37,7 @@ import collections
 import logging
 import math
 from collections.abc import Callable, Iterable
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -320,6 +321,11 @@ class _OneSided(ShardedOptimizer):
     # the routing (use_asgo) and the matrices' blocks (and, by batch_dims, what matrix a block is) are fixed
     # when the table is built
     layout_keys: tuple[str, ...] = ("max_block_size", "use_asgo", "batch_dims", "adamw_indices")
+    _absent_key_notes = MappingProxyType({"adamw_indices": (
+        "the positions of the group's parameters that the optimizer's record of the model (asgo_param_groups, "
+        "route_param_groups) routes to the AdamW part (embedding tables). A checkpoint saved before 2026-12-04 "
+        "routed a group added without names by shape alone; to continue it, add that group with "
+        "adamw_indices=[] (by shape, as saved)")})
     #: rebuilt on first use (see _split_layout, _routes, _numerators)
     _transient = ("_split_layout_cache", "_routes_cache", "_numerators_cache", "_guard", "_guard_limit")
 
@@ -376,8 +382,9 @@ class _OneSided(ShardedOptimizer):
         ``use_asgo``): model.parameters() (torch's habit, the stock LightningCLI's) or a group added later
         by Lightning's BaseFinetuning: nothing tells an embedding table from a weight matrix, so it gets the
         matrix method the routing rule keeps it from."""
+        groups = self.param_groups  # a group with adamw_indices ([] included) is routed on purpose
         unnamed = sum(1 for p, gi, n in plist if n is None and p.dim() >= 2
-                      and self.param_groups[gi].get("use_asgo") is None)
+                      and groups[gi].get("use_asgo") is None and "adamw_indices" not in groups[gi])
         if unnamed:
             log.warning("%s: %d parameter(s) with >= 2 dimensions came without names and are routed by "
                         "shape alone (an embedding table gets the matrix method). Pass %s to send "
@@ -406,17 +413,18 @@ class _OneSided(ShardedOptimizer):
         (:func:`route_hint`): each one's name there, where no other parameter of this optimizer has it, and
         ``adamw_indices``, the positions of those that walk sent to the AdamW part although shape alone would
         precondition them (embedding tables, weight norm gains). A group that came with names (the caller's,
-        or a saved group replayed, which keeps the routing it was saved with) or with its routing
-        (``use_asgo``, ``adamw_indices``) is left as the base leaves it.
+        or a saved group replayed, which keeps the routing it was saved with) is left as the base leaves it.
 
         Why in the group: Lightning's BaseFinetuning adds a backbone frozen while the optimizer was built as
         one group of bare tensors (then drives ``param_groups[-1]["lr"]``: the group is not split), and on
         resume assigns the group it saved; torch's ``state_dict`` saves it too. So the routing is the group's
         own, decided once, read back from checkpoints, and no other group's parameter (whose name may be
-        the same: each walk names from the module it walked) is affected."""
+        the same: each walk names from the module it walked) is affected. A group with ``use_asgo`` gets the
+        names only (they do not route it); one with ``adamw_indices`` (``[]``: by shape, as a checkpoint
+        from before the record routed it) neither, since a name with "emb" in it would route it."""
         named = super()._named_like_the_others(param_group)
-        if named is param_group or named.get("use_asgo") is not None or "adamw_indices" in named:
-            return named
+        if named is param_group or "adamw_indices" in named:
+            return named  # routed by shape on purpose (adamw_indices=[]): a name would route it
         items, names = named["params"], list(named["param_names"])
         hints = [route_hint(t) for t in items]
         taken = {n for g in self.param_groups for n in g.get("param_names") or () if n is not None}
@@ -424,6 +432,8 @@ class _OneSided(ShardedOptimizer):
             if h is not None and h.name not in taken:
                 names[j] = h.name
                 taken.add(h.name)
+        if named.get("use_asgo") is not None:  # routed by the group: the names label it (messages, checkpoints)
+            return {**named, "param_names": names}
         adamw = [j for j, (t, h) in enumerate(zip(items, hints)) if h is not None and isinstance(t, Tensor)
                  and self.name_rule(t, {}, None) and (h.adamw or not self.name_rule(t, {}, h.name))]
         return {**named, "param_names": names, **({"adamw_indices": adamw} if adamw else {})}

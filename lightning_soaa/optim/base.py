@@ -79,7 +79,8 @@ import dataclasses
 import logging
 import math
 import operator
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, overload
 
 import torch
@@ -1828,7 +1829,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                               devices=tuple(p.device for p in self._params), names=tuple(self._names),
                               elementwise=self.elementwise, block_schema=self._block_schema,
                               validate_global=self._validate_global_state, layout_hint=self._layout_hint,
-                              layout_keys=self._block_option_keys())
+                              layout_keys=self._block_option_keys(), absent_key_notes=self._absent_key_notes)
 
     def _block_option_keys(self) -> tuple[str, ...]:
         """The group options the blocks are built from: :attr:`layout_keys`, and an elementwise
@@ -1852,6 +1853,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     #: see :attr:`~lightning_soaa.distributed.checkpoint.CheckpointView.layout_hint`
     _layout_hint: str = ""
+    #: see :attr:`~lightning_soaa.distributed.checkpoint.CheckpointView.absent_key_notes`
+    _absent_key_notes: Mapping[str, str] = MappingProxyType({})
 
     def _block_schema(self, block: BlockInfo) -> dict[str, StateField] | None:
         # the options the blocks were built with (one written into a group since is refused at the next step)

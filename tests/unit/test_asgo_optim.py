@@ -33,6 +33,7 @@ from lightning_soaa.optim.asgo import (
     asgo_root_cost,
     root_padding,
 )
+from tests.conformance._battery import assert_identical
 from tests.harness.models import batch, loss_fn, tiny_mlp
 
 f64 = torch.float64
@@ -1105,3 +1106,46 @@ def test_added_group_routing_second_review():
     with pytest.raises(ValueError, match="use_asgo routes the whole group"):
         opt.add_param_group({"params": [("z", nn.Parameter(torch.randn(2, 2)))], "adamw_indices": [0],
                              "use_asgo": True})
+
+
+def test_an_old_checkpoints_shape_routed_group_is_named_as_the_cause_and_continues_with_adamw_indices_empty(caplog):
+    """Reviewer's leftovers. (1) A plain-torch loop that adds the unfrozen backbone again (bare tensors: the
+    record now sends its table to AdamW) and loads a checkpoint saved before the record (the table on the
+    matrix method) was refused with "unexpected key(s) ['gram', ...]" and no remedy: the refusal names
+    adamw_indices and the remedy, and the remedy (``adamw_indices=[]``, by shape, unnamed, no warning) loads
+    and continues as saved. (2) A group added with ``use_asgo`` takes the record's names (they label it;
+    they do not route it)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(7, 4), nn.Linear(4, 4))
+
+    def build(extra: dict) -> ASGO:
+        model[0].weight.requires_grad_(False)
+        opt = ASGO(asgo_param_groups(model), lr=1e-2)
+        model[0].weight.requires_grad_(True)
+        opt.add_param_group({"params": [model[0].weight], **extra})
+        return opt
+
+    with caplog.at_level("WARNING", logger="lightning_soaa.optim.asgo"):
+        caplog.clear()
+        saved_by = build({"adamw_indices": []})  # as a checkpoint of before the record routed it
+    assert "came without names" not in caplog.text and saved_by.param_groups[1]["param_names"] == [None]
+    x = torch.randint(0, 7, (5,))
+    for _ in range(2):
+        model(x).pow(2).mean().backward()
+        saved_by.step()
+        saved_by.zero_grad()
+    sd = copy.deepcopy(saved_by.state_dict())
+    assert "gram" in sd["state"][2][0]
+    for g in sd["param_groups"]:
+        g.pop("adamw_indices", None)  # the key did not exist before 2026-12-04
+    fresh = build({})
+    before = copy.deepcopy(fresh.state_dict())
+    with pytest.raises(ValueError, match=r"saved without adamw_indices, this optimizer has adamw_indices=\[0\].*"
+                                         r"add that group with adamw_indices=\[\]"):
+        fresh.load_state_dict(sd)
+    assert_identical(fresh.state_dict(), before)
+    resumed = build({"adamw_indices": []})
+    resumed.load_state_dict(sd)
+    assert resumed.num_steps == 2 and "gram" in resumed.state[model[0].weight]
+    named = build({"use_asgo": False})
+    assert named.param_groups[1]["param_names"] == ["0.weight"] and "adamw_indices" not in named.param_groups[1]
