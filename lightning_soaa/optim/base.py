@@ -126,6 +126,7 @@ from lightning_soaa.functional.adamw import increment_counts_
 from lightning_soaa.kernels.raw import cell_values, value_cells
 from lightning_soaa.optim import dcp_state as dcp
 from lightning_soaa.optim.construction import collective_construction
+from lightning_soaa.optim.dcp_plain import show_placeholders, without_placeholders
 from lightning_soaa.optim.param_checks import (
     DisjointStorage,
     check_disjoint_storage,
@@ -1871,14 +1872,16 @@ class ShardedOptimizer(torch.optim.Optimizer):
         return out
 
     @overload
-    def _gather_full_state(self, to: None = None) -> dict[str, Any]: ...
+    def _gather_full_state(self, to: None = None, placeholders: bool = False) -> dict[str, Any]: ...
 
     @overload
-    def _gather_full_state(self, to: int) -> dict[str, Any] | None: ...
+    def _gather_full_state(self, to: int, placeholders: bool = False) -> dict[str, Any] | None: ...
 
-    def _gather_full_state(self, to: int | None = None) -> dict[str, Any] | None:
+    def _gather_full_state(self, to: int | None = None, placeholders: bool = False) -> dict[str, Any] | None:
         """Collective: every rank's owned block states, merged, plus the global state. ``to``: on that rank
-        only (the others send theirs and return None); None: on every rank.
+        only (the others send theirs and return None); None: on every rank. ``placeholders``: for a state
+        dict handed out (zeros for DCP over plain parameters, :mod:`~lightning_soaa.optim.dcp_plain`), not
+        for the optimizer's own re-sharding, which restores what it gathers as state.
 
         Gathered to ``to`` alone, not to every rank and dropped by the others: each rank unpickled every
         rank's state, a peak of about W + 3 times its own share on every rank (+5.5x at W = 2, +7.5x at
@@ -1902,7 +1905,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
         global_state = {**self._global_state(), "num_steps": self.num_steps, "skipped_steps": self.skipped_steps}
         if to is not None and to != self.comm.rank:
             return None
-        return build_state_dict(optimizer=self._checkpoint_view(), block_states=merged, global_state=global_state)
+        sd = build_state_dict(optimizer=self._checkpoint_view(), block_states=merged, global_state=global_state)
+        if placeholders and self._dtensor is None:  # torch's DCP recipe loads into what a fresh optimizer shows
+            show_placeholders(self, sd)
+        return sd
 
     def _gather_objects(self, obj: Any, to: int | None) -> list[Any] | None:
         """Collective: every rank's ``obj`` on rank ``to`` (None on the others), or on every rank (``to=None``)."""
@@ -1937,7 +1943,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         # (dropped in _count_step: it is stale from then on, and state_dict() refuses it) or the next
         # consolidation or load, so state_dict() may be called several times in between; torch's
         # ZeroRedundancyOptimizer keeps its copy until the next consolidation, a whole checkpoint interval.
-        self._consolidated = self._gather_full_state(to)
+        self._consolidated = self._gather_full_state(to, placeholders=True)
         self._consolidated_at = self.num_steps + self.skipped_steps
         self._consolidated_to = to
 
@@ -2009,7 +2015,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if self._dtensor is not None and not fresh:
             return dcp.dcp_state_dict(self)
         if self._dtensor is None and not self._consolidating():
-            return self._gather_full_state()
+            return self._gather_full_state(placeholders=True)
         if fresh and self._consolidated is None and self._dtensor is None:
             raise RuntimeError(
                 f"{type(self).__name__}.state_dict() on rank {self.comm.rank} of {self.comm.world_size}: the state "
@@ -2056,6 +2062,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         """Validate our consolidated format against this optimizer (raises, changing nothing); returns
         the load itself."""
         view = self._checkpoint_view()
+        state_dict = without_placeholders(self, state_dict)  # zeros shown for DCP are no state (dcp_plain.py)
         state_dict = fit_layout(view, state_dict)  # saved with other row blocks: re-cut (a new dict)
         validate_state_dict(view, state_dict)
         new_groups = loaded_groups(self.param_groups, state_dict["param_groups"], self._validate_group,

@@ -43,7 +43,8 @@ state is exactly "no state" for every optimizer here (ASGO recomputes its root a
 :func:`block_schema` knows each optimizer's state keys; :func:`dcp_state_dict` checks every real
 block against it, so a new state key fails loudly here instead of being silently dropped by DCP.
 Without DTensor parameters the optimizers keep their own world-size independent format
-(:mod:`lightning_soaa.distributed.checkpoint`).
+(:mod:`lightning_soaa.distributed.checkpoint`), with the same placeholders for DCP
+(:mod:`lightning_soaa.optim.dcp_plain`).
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ from lightning_soaa.distributed.checkpoint import (
     validate_state_dict,
 )
 from lightning_soaa.distributed.dtensor import _contiguous_stride, is_dtensor, local
+from lightning_soaa.optim.dcp_plain import without_placeholders
 
 if TYPE_CHECKING:
     from lightning_soaa.optim.base import ShardedOptimizer
@@ -605,6 +607,8 @@ def _consolidated_from_nested(opt: ShardedOptimizer, sd: dict[str, Any], meta: d
                              f"optimizer's own {sorted(own)}; they would be dropped. Nothing was loaded.")
         if blocks:
             state[pi] = blocks
+    # the destination's placeholders (dcp_plain) that the checkpoint filled with zeros are no state: counted out
+    state = without_placeholders(opt, {"state": state})["state"]
     _check_arrived(opt, meta, state)
     return {"state": state, "param_groups": groups,
             FORMAT_KEY: {k: v for k, v in meta.items() if k not in ("form", "group_options")}}
@@ -618,12 +622,13 @@ def _steps_of_meta(meta: dict[str, Any]) -> int:
 
 def _check_arrived(opt: ShardedOptimizer, meta: dict[str, Any], state: dict[int, dict[int, Any]]) -> None:
     """Refuse a rebuilt state that lost per-block entries on the way. Why: ``dcp.load`` fills only the
-    tensors the destination state dict already shows, and over plain (non-DTensor) parameters a fresh
-    optimizer's state dict shows none (torch's recipe makes them by a zero-gradient step, which these
-    optimizers do not take), so torch's DCP recipe brought the step counts back and no state: the run
-    continued on fresh moments, silently. torch's tools also leave out the state of parameters without
-    ``requires_grad`` (as for torch's optimizers): those start afresh, with a warning. Checkpoints from
-    before the counts were saved are not checked."""
+    tensors the destination state dict already shows. Over plain (non-DTensor) parameters a fresh
+    optimizer's state dict showed none before :mod:`~lightning_soaa.optim.dcp_plain` (torch's recipe makes
+    them by a zero-gradient step, which these optimizers do not take), so torch's DCP recipe brought the step
+    counts back and no state: the run continued on fresh moments, silently. A destination built otherwise can
+    still lack them. torch's tools also leave out the state of parameters without ``requires_grad`` (as for
+    torch's optimizers): those start afresh, with a warning. Checkpoints from before the counts were saved
+    are not checked."""
     saved, steps = meta.get("blocks_with_state"), _steps_of_meta(meta)
     if saved is None and not state and steps > 0:
         log.warning("%s.load_state_dict: a checkpoint of %d step(s) (saved before its blocks were counted) "
@@ -648,11 +653,10 @@ def _check_arrived(opt: ShardedOptimizer, meta: dict[str, Any], state: dict[int,
             f"{_name(opt)}.load_state_dict: the checkpoint holds state for parameter(s) "
             f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} that did not arrive. "
             "torch.distributed.checkpoint's load fills only the tensors the destination's state dict shows, and "
-            "over plain (non-FSDP2) parameters a fresh optimizer shows none, so the recipe get_optimizer_state_dict "
-            "-> dcp.load -> set_optimizer_state_dict brings no optimizer state back. Nothing was loaded. Without "
-            "FSDP2 save and load the optimizer's own state dict (world-size independent): torch.save("
-            "opt.state_dict(), f) and opt.load_state_dict(torch.load(f)) (consolidate_state_dict() first at "
-            "W > 1); DCP is the route under FSDP2.")
+            "this one showed none for them: build the destination with get_optimizer_state_dict(model, opt) of "
+            "this version's optimizer (over plain parameters at W > 1 after opt.consolidate_state_dict(to=None)), "
+            "or save and load the optimizer's own state dict with torch.save / load_state_dict. Nothing was "
+            "loaded.")
 
 
 def _dcp_blocks(opt: ShardedOptimizer, key: Any, entry: Any) -> dict[int, dict[str, Any]]:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from lightning_soaa.distributed.checkpoint import FORMAT_KEY, group_meta_copy
+from lightning_soaa.optim.dcp_plain import holds_state
 
 __all__ = ["hooked_load", "hooked_state_dict", "keep_run_state"]
 
@@ -75,7 +76,8 @@ def keep_run_state(given: Any, final: Any) -> Any:
     if (glob is None or source is None or glob is source or not isinstance(final.get("state"), dict)
             or FORMAT_KEY not in final):
         return final
-    stepped_blocks = any(isinstance(st, dict) and any(isinstance(blk, dict) and blk for blk in st.values())
+    # a fresh optimizer's state dict shows zeros for DCP (optim/dcp_plain.py): no state
+    stepped_blocks = any(isinstance(st, dict) and any(holds_state(blk) for blk in st.values())
                          for st in final["state"].values())
     if not stepped_blocks or _steps_of(glob) != (0, 0) or _steps_of(source) == (0, 0):
         return final
