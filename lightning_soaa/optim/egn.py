@@ -177,6 +177,52 @@ def _refuse_parametrize_cache() -> None:
             "stand in for the parameters EGN differentiates and moves. Call step() outside the cached() block.")
 
 
+#: the hooks of a module's call that a torch.compile wrapper runs around its compiled forward, and how
+#: they are registered (for the message)
+_CALL_HOOKS = (("_forward_pre_hooks", "register_forward_pre_hook"), ("_forward_hooks", "register_forward_hook"),
+               ("_backward_pre_hooks", "register_full_backward_pre_hook"),
+               ("_backward_hooks", "register_full_backward_hook"))
+
+
+def _wrapper_hooks(wrapper: nn.Module) -> list[tuple[str, dict[int, Any]]]:
+    """The hook dicts of a ``torch.compile`` wrapper (live: hooks registered on it later show there)."""
+    return [(how, getattr(wrapper, attr)) for attr, how in _CALL_HOOKS]
+
+
+def _refuse_wrapper_hooks(hooks: list[tuple[str, dict[int, Any]]]) -> None:
+    """Hooks on the ``torch.compile`` wrapper EGN was given: its own ``__call__`` runs them around the
+    compiled forward, but EGN runs the eager ``_orig_mod`` (:func:`_eager_module`), without them: a forward
+    hook scaling the outputs left EGN stepping another function (0.35 off the exact step, and the loss it
+    returned was not the model's)."""
+    found = [f"{how}({getattr(h, '__qualname__', type(h).__name__)})" for how, d in hooks for h in d.values()]
+    if found:
+        raise ValueError(
+            f"EGN: the torch.compile wrapper EGN was built on has hooks ({', '.join(found[:4])}"
+            f"{' and others' if len(found) > 4 else ''}); EGN runs its forwards on the wrapper's eager "
+            "_orig_mod, where they do not run, so it would step another function than the one you train. "
+            "Register them on the inner module instead (compiled._orig_mod.register_forward_hook(...), or on the "
+            "model before torch.compile: the compiled forward runs them too). Nothing changed.")
+
+
+def _changed_input(xs: tuple[Tensor, ...], versions: list[int]) -> str | None:
+    """Why the forward just run cannot be run again on ``xs`` (it changed one of them in place: its version
+    counter moved), else None. EGN runs the forward several times a step on the same tensors (the capture,
+    the line-search, damping and non-finite trials): ``x /= 255`` there (after ``x = x.float()``, which
+    returns ``x`` itself when it is float already) scaled each of those forwards' batch again (0.90 off the
+    exact step, and the caller's batch divided by 255³). An in-place op that gives the same value again
+    (``x.clamp_(0, 1)``) cannot be told apart without a copy of the batch, so it is refused too."""
+    for i, (x, v) in enumerate(zip(xs, versions)):
+        if x._version != v:
+            which = "its input" if len(xs) == 1 else f"its input {i}"
+            return (f"EGN: the model's forward changed {which} in place (e.g. x /= 255 or x.sub_(mean), also after "
+                    "x = x.float() or x.to(dtype), which return x itself when its dtype already matches). EGN runs "
+                    "the forward several times a step on the same batch (its capture, line-search and damping "
+                    "trials), and each would see a batch changed again. Use out-of-place ops in the forward "
+                    "(x = x / 255, x = x - mean), or prepare the batch before the step. The optimizer and the "
+                    "parameters are unchanged; the batch itself may have been changed once by this forward.")
+    return None
+
+
 def _refuse_scripted(model: nn.Module) -> None:
     """A TorchScript module (``torch.jit.script``/``trace``, or one inside an eager model): EGN plans, hooks
     and swaps eager modules' parameters, which a ScriptModule's compiled forward bypasses (its first step
@@ -554,6 +600,8 @@ class EGN(ShardedOptimizer):
     """
 
     step_record = _EGNRecord
+    #: the torch.compile wrapper's hook dicts (their hooks may not pickle; a copy's model is not wrapped)
+    _transient = ("_wrapper_hooks",)
     _steps_gradients = False  # its directions come from the batch, never from p.grad
     _hyper_what = "param_groups, e.g. lr, or opt.damping"
     #: EGN never reads ``p.grad`` (Lightning may leave stale or non-finite ones): the base must not scan
@@ -613,6 +661,9 @@ class EGN(ShardedOptimizer):
         if not isinstance(model, nn.Module):
             raise ValueError(f"Invalid model={type(model).__name__}. EGN needs the nn.Module itself "
                              "(it forms Jacobians from it), not its parameters.")
+        # a torch.compile wrapper's hooks: EGN runs the inner module without them (checked at every step too)
+        wrapper_hooks = _wrapper_hooks(model) if _compiled_inner(model) is not None else []
+        _refuse_wrapper_hooks(wrapper_hooks)
         model = _eager_module(model)
         cfg = EGNConfig(
             loss=loss, lr=lr, damping=damping, momentum=momentum, line_search=line_search,
@@ -643,6 +694,7 @@ class EGN(ShardedOptimizer):
             raise self._dtensor_refusal()
         # where each of the module's parameters sits: checked at every step (_check_places)
         self._places = ParamPlaces(model)
+        self._wrapper_hooks = wrapper_hooks
         #: requires_grad of each of EGN's parameters as last planned: the trained ones are those still
         #: trainable (_follow_freezing); ``_trainable`` and the plan below are made from them
         self._active = (True,) * len(named)
@@ -866,6 +918,8 @@ class EGN(ShardedOptimizer):
             if hyper is not None:
                 raise hyper
             self._check_places()  # the module still holds EGN's parameters (not replaced since)
+            # (not kept by a copy or pickle, whose model is a copy of the inner module, not the wrapper's)
+            _refuse_wrapper_hooks(self.__dict__.get("_wrapper_hooks", []))
             _refuse_parametrize_cache()
             if closure is not None and not callable(closure):  # EGN.step((x, y)): say what it takes
                 raise TypeError(f"EGN.step: its argument is a closure (a callable), got {type(closure).__name__}; "
@@ -1195,31 +1249,20 @@ class EGN(ShardedOptimizer):
             shapes = [tuple(x.shape) for x in xs]
             return None, None, (f"EGN: inputs {shapes} and targets {tuple(targets.shape)} must share the "
                                 "batch dimension (dim 0).")
-        cap: LinearCapture | ChainCapture | None = None
+        cap: LinearCapture | ChainCapture | None
         try:
             if self._chain is not None and self._use_chain(xs):  # no random draws: modules known, eval mode
-                cap = ChainCapture(self._chain, xs[0])
-                z = cap.z
+                chain = ChainCapture(self._chain, xs[0])
+                cap, z = chain, chain.z  # (the chain's own forward: its modules work out of place)
             else:
-                # the user's forward may draw random numbers (F.dropout, noise): each later forward of
-                # this step repeats this one's draw (egn_rng)
-                rng = self._current().rng = StepRng(self._devices() | {x.device for x in xs})
                 # data made under inference mode cannot be saved for the capture's backward: a normal copy
                 xs = tuple(x.clone() if x.is_inference() else x for x in xs)
-                if self._trace is not None:
-                    cap, z, why = self._trace.capture(xs)
-                    if cap is None:  # the forward is not a chain: the general capture, now and from now on
-                        log.info("EGN: the model's forward is not a chain of its Linear layers and activations "
-                                 "(%s); the general capture is used from now on.", why)
-                        self._trace = None
-                        rng.rewind()
-                if cap is None:
-                    cap = LinearCapture(self._sites, b)
-                    with torch.enable_grad(), cap:
-                        z = self.model(*xs)
-                rng.mark()
+                cap, z, changed = self._user_forward(xs, b)
+                if changed is not None:
+                    return None, None, changed
         except Exception as exc:  # noqa: BLE001 - reported on every rank, never a hang
             return None, None, f"EGN: the model's forward failed: {type(exc).__name__}: {exc}"
+        assert cap is not None
         if cap.error is not None:
             return None, None, cap.error
         if not isinstance(z, Tensor):
@@ -1239,6 +1282,37 @@ class EGN(ShardedOptimizer):
             if cap.error is not None:
                 return None, None, cap.error
         return z, cap, None
+
+    def _user_forward(self, xs: tuple[Tensor, ...], b: int) -> tuple[LinearCapture | ChainCapture | None, Any,
+                                                                    str | None]:
+        """The capture forward of a model that is not a planned chain (the user's forward runs) on ``xs`` (no
+        inference tensors): the traced chain or the general capture; (capture, outputs, None), or (None, None,
+        why) when the forward changed its input in place (refused before a second forward could see the
+        changed batch)."""
+        # the user's forward may draw random numbers (F.dropout, noise): each later forward of this step
+        # repeats this one's draw (egn_rng)
+        rng = self._current().rng = StepRng(self._devices() | {x.device for x in xs})
+        versions = [x._version for x in xs]
+        cap: LinearCapture | ChainCapture | None = None
+        if self._trace is not None:
+            cap, z, why = self._trace.capture(xs)
+            changed = _changed_input(xs, versions)
+            if changed is not None:  # (the trace plan is kept: nothing of the optimizer changes)
+                return None, None, changed
+            if cap is None:  # the forward is not a chain: the general capture, now and from now on
+                log.info("EGN: the model's forward is not a chain of its Linear layers and activations "
+                         "(%s); the general capture is used from now on.", why)
+                self._trace = None
+                rng.rewind()
+        if cap is None:
+            cap = LinearCapture(self._sites, b)
+            with torch.enable_grad(), cap:
+                z = self.model(*xs)
+            changed = _changed_input(xs, versions)
+            if changed is not None:
+                return None, None, changed
+        rng.mark()
+        return cap, z, None
 
     def _param_dtypes(self) -> set[torch.dtype]:
         return {p.dtype for p in self._params}

@@ -624,3 +624,71 @@ def test_egn_ignores_gradients_another_optimizers_backward_left_on_its_parameter
     ref = _trunk_head(0, 1)["params"]
     for rank, out in enumerate(run_distributed(_trunk_head, 2, tmp_path, timeout=180)):
         torch.testing.assert_close(out["params"], ref, rtol=0, atol=1e-12, msg=f"rank {rank}")
+
+
+class _Odd(nn.Module):
+    """A Linear-Tanh-Linear model whose forward, where ``odd`` is set, scales its input in place
+    ("inplace") or returns the force -dE/dx of its energy ("force"): one rank's forward only."""
+
+    def __init__(self, odd: str | None) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.odd = odd
+        self.a, self.act, self.o = nn.Linear(3, 5).double(), nn.Tanh(), nn.Linear(5, 3).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.odd == "force":
+            with torch.enable_grad():
+                x = x.detach().requires_grad_(True)
+                e = self.o(self.act(self.a(x))).sum()
+                return -torch.autograd.grad(e, x, create_graph=True)[0]
+        if self.odd == "inplace":
+            x /= 255.0
+        out: torch.Tensor = self.o(self.act(self.a(x)))
+        return out
+
+
+def _misuse_worker(rank: int, world: int) -> dict:
+    """A forward that changes its input in place, one that differentiates itself, and a hook registered on
+    the torch.compile wrapper after EGN was built: each on the last rank only."""
+    last = rank == world - 1
+    out: dict = {}
+    for case in ("inplace", "force", "wrapper_hook"):
+        model = _Odd(None)
+        compiled = torch.compile(model, backend="aot_eager")
+        opt = EGN(compiled if case == "wrapper_hook" else model, loss="mse", lr=0.5, momentum=0.5)
+        x, y = _uneven_share(0, rank, world)
+        opt.step(inputs=x[:, :3].clone(), targets=y)
+        if last and case == "wrapper_hook":
+            compiled.register_forward_hook(lambda m, args, z: 2.0 * z)
+        elif last:
+            model.odd = case
+        state = {k: v.clone() for p in model.parameters() for k, v in opt.state.get(p, {}).items()
+                 if isinstance(v, torch.Tensor)}
+        before = (_flat(model), opt.num_steps, opt.damping, opt.alpha, opt.momentum_steps)
+        x, y = _uneven_share(1, rank, world)
+        try:
+            opt.step(inputs=x[:, :3].clone(), targets=y)
+            message = None
+        except (ValueError, RuntimeError) as exc:
+            message = str(exc)
+        now = {k: v for p in model.parameters() for k, v in opt.state.get(p, {}).items() if isinstance(v, torch.Tensor)}
+        unchanged = (torch.equal(_flat(model), before[0])
+                     and (opt.num_steps, opt.damping, opt.alpha, opt.momentum_steps) == before[1:]
+                     and now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state))
+        out[case] = (message, unchanged)
+    return out
+
+
+def test_forward_misuse_on_one_rank_is_refused_on_every_rank(tmp_path) -> None:
+    """Each refusal reaches every rank in the same step (the rank's error rides the batch agreement), with
+    nothing changed anywhere, also on the rank whose forward is fine."""
+    results = run_distributed(_misuse_worker, 2, tmp_path, timeout=150)
+    want = {"inplace": "changed its input in place", "force": "differentiates itself",
+            "wrapper_hook": "torch.compile wrapper EGN was built on has hooks"}
+    for rank, res in enumerate(results):
+        for case, text in want.items():
+            message, unchanged = res[case]
+            assert message is not None and unchanged, (rank, case, message)
+            if rank == 1:
+                assert text in message, (case, message)
