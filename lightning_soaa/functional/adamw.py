@@ -35,30 +35,40 @@ def adamw_update_(
     if not params:
         return
     counts = increment_counts_(steps) if counts is None else counts
+    low = [i for i, p in enumerate(params) if p.dtype == torch.float16]
+    if not low:
+        _update_(params, grads, exp_avgs, exp_avg_sqs, steps, counts, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                 weight_decay=weight_decay)
+        return
+    # float16 in float32, as the fused kernel computes it: in float16 eps = 1e-8 is 0 and v underflows, so
+    # the update m / (sqrt(v) + eps) is inf or NaN (written into the parameters). θ and g are widened per
+    # step; the moments are float32 already where the optimizers keep them (float16 ones are widened too)
+    lists = (params, grads, exp_avgs, exp_avg_sqs)
+    wide = tuple(list(x) for x in lists)
+    for x in wide:
+        for i in low:
+            x[i] = x[i].float()
+    _update_(wide[0], wide[1], wide[2], wide[3], steps, counts, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+             weight_decay=weight_decay)
+    for k in (0, 2, 3):  # θ and the moments back where they were copies; the gradient was only read
+        back = [i for i in low if wide[k][i] is not lists[k][i]]
+        if back:
+            torch._foreach_copy_([lists[k][i] for i in back], [wide[k][i] for i in back])
+
+
+def _update_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+             steps: list[Tensor], counts: list[float], **hp: float) -> None:
+    """:func:`adamw_update_` of tensors whose moments are in their parameter's dtype, the counters
+    already advanced to ``counts``: torch's fused CPU kernel where it takes a tensor, else the foreach ops."""
     # Per tensor, not per call: which path a block takes (and so its rounding) must not depend on the
     # other blocks it shares a call with (they differ between world sizes and shardings).
-    rest = _fused_cpu_(params, grads, exp_avgs, exp_avg_sqs, steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                       weight_decay=weight_decay)
+    rest = _fused_cpu_(params, grads, exp_avgs, exp_avg_sqs, steps, **hp)
     if not rest:
         return
     if len(rest) < len(params):
         params, grads, exp_avgs, exp_avg_sqs = ([x[i] for i in rest] for x in (params, grads, exp_avgs, exp_avg_sqs))
         counts = [counts[i] for i in rest]
-    hp = {"lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps, "weight_decay": weight_decay}
-    lists = (params, grads, exp_avgs, exp_avg_sqs)
-    low = [i for i, p in enumerate(params) if p.dtype == torch.float16]
-    if not low:
-        _foreach_update_(lists, counts, **hp)
-        return
-    # float16 in float32, as the fused kernel computes it: in float16 eps = 1e-8 is 0 and v underflows, so
-    # the update m / (sqrt(v) + eps) is inf or NaN (written into the parameters)
-    wide = tuple([x[i].float() for i in low] for x in lists)
-    _foreach_update_(wide, [counts[i] for i in low], **hp)
-    for k in (0, 2, 3):  # θ and the moments back; the gradient was only read
-        torch._foreach_copy_([lists[k][i] for i in low], wide[k])
-    others = [i for i in range(len(params)) if params[i].dtype != torch.float16]
-    if others:
-        _foreach_update_(tuple([x[i] for i in others] for x in lists), [counts[i] for i in others], **hp)
+    _foreach_update_((params, grads, exp_avgs, exp_avg_sqs), counts, **hp)
 
 
 def _foreach_update_(lists: tuple[list[Tensor], ...], counts: list[float], *, lr: float, beta1: float,

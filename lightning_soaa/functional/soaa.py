@@ -190,7 +190,8 @@ class _Acc:
 
 def _sums_kernel(g: Tensor, m: Tensor, v: Tensor, scal: Tensor) -> Tensor:
     """float64 [Σ m_t², Σ v_t] of the would-be moments m_t = lerp(m, g, 1-β1), v_t = β2 v + (1-β2) g²;
-    reads only. ``scal = [1-β1, β2, 1-β2]``."""
+    reads only. ``scal = [1-β1, β2, 1-β2]``. A float16 g beside float32 moments is read in float32."""
+    g = g.to(m.dtype)
     m_t = m + (g - m) * scal[0]
     v_t = v * scal[1] + g * g * scal[2]
     return torch.stack([torch.sum(m_t * m_t, dtype=torch.float64), torch.sum(v_t, dtype=torch.float64)])
@@ -199,14 +200,16 @@ def _sums_kernel(g: Tensor, m: Tensor, v: Tensor, scal: Tensor) -> Tensor:
 def _step_kernel(p: Tensor, g: Tensor, m: Tensor, v: Tensor, scal: Tensor) -> None:
     """Moments in place, then θ ← θ·decay + alr·q with q = m_t / (k1 s max(s, knee) + ε), s = √v_t.
     ``scal = [1-β1, β2, 1-β2, decay, alr, k1, knee, ε]``. No reductions here: with one, inductor stores
-    m_t, v_t into temporaries and copies them into m, v in two more loops (60 B/param instead of 28)."""
+    m_t, v_t into temporaries and copies them into m, v in two more loops (60 B/param instead of 28). A
+    float16 θ, g beside float32 moments are computed in float32 (θ rounded once, when stored)."""
+    g = g.to(m.dtype)
     m_t = m + (g - m) * scal[0]
     v_t = v * scal[1] + g * g * scal[2]
     s = torch.sqrt(v_t)
     q = m_t / (scal[7] + scal[5] * torch.clamp_min(s, scal[6]) * s)
     m.copy_(m_t)
     v.copy_(v_t)
-    p.copy_(p * scal[3] + scal[4] * q)
+    p.copy_(p.to(m.dtype) * scal[3] + scal[4] * q)
 
 
 def _update_sums_kernel(m: Tensor, v: Tensor, scal: Tensor) -> Tensor:
@@ -497,7 +500,8 @@ class SOAAKernels:
             and (t0.is_cpu or self.compile_accelerators)
             and self._big(ts)
             and t0.dtype in _COMPILABLE
-            and all(t.dtype == t0.dtype and t.device == t0.device and t.is_contiguous() for t in ts)
+            and _kernel_dtypes(ts)
+            and all(t.device == t0.device and t.is_contiguous() for t in ts)
         )
 
     def fail(self, e: Exception) -> None:
@@ -507,6 +511,14 @@ class SOAAKernels:
     def scalars(self, values: list[float], like: Tensor) -> Tensor:
         dt = torch.float64 if like.dtype == torch.float64 else torch.float32
         return torch.tensor(values, dtype=dt).to(like.device, non_blocking=True)
+
+
+def _kernel_dtypes(ts: tuple[Tensor, ...]) -> bool:
+    """Whether a block's tensors (θ, g, m, v or g, m, v: the moments last) have dtypes the compiled kernels
+    take: one dtype, or a float16 θ and g with float32 moments (the state SOAA keeps for them)."""
+    low = ts[-1].dtype
+    return ts[-2].dtype == low and all(
+        t.dtype == low or (t.dtype == torch.float16 and low == torch.float32) for t in ts[:-2])
 
 
 def _flat(x: Tensor) -> Tensor:
@@ -1078,9 +1090,11 @@ def step_partials_(
     return add_partials(parts)
 
 
-# float16 blocks are computed in float32 and stored back, as torch's fused AdamW does: in float16 the
-# default eps (1e-8) rounds to 0, and so does v = (1 - β2) g² for |g| below ~8e-3, so m / (√v + eps)
-# was m / 0 = inf, written into the parameters. bfloat16 has float32's exponent range; it stays as it is.
+# float16 blocks are computed in float32 and θ stored back: in float16 the default eps (1e-8) rounds to 0,
+# and so does v = (1 - β2) g² for |g| below ~8e-3, so m / (√v + eps) was m / 0 = inf, written into the
+# parameters. The optimizer keeps such a block's moments in float32 (a float16 v also lost every |g| below
+# ~5e-3 and overflowed above ~8e3); float16 moments given here are widened and stored back. bfloat16 has
+# float32's exponent range; it stays as it is.
 _UPCAST = (torch.float16,)
 
 
@@ -1099,11 +1113,13 @@ def _eager_call(kernel: Callable[..., Tensor], lists: tuple[list[Tensor], ...], 
     rest = [i for i in blocks if lists[0][i].dtype not in _UPCAST]
     out = [call(rest, _sub(lists, rest))] if rest else []
     orig = _sub(lists, low)
-    wide = tuple([x.float() for x in xs] for xs in orig)
+    wide = tuple([x.float() for x in xs] for xs in orig)  # the float32 moments SOAA keeps are not copied
     out.append(call(low, wide))
     written = (0, 2, 3) if step else ()
     for k in written:
-        torch._foreach_copy_(orig[k], wide[k])
+        back = [j for j, (o, w) in enumerate(zip(orig[k], wide[k])) if o is not w]
+        if back:
+            torch._foreach_copy_([orig[k][j] for j in back], [wide[k][j] for j in back])
     return out
 
 

@@ -12,17 +12,48 @@ from lightning_soaa.distributed.blocks import BlockInfo, row_block_specs
 from lightning_soaa.distributed.checkpoint import StateField
 from lightning_soaa.functional.adamw import adamw_update_
 from lightning_soaa.optim.base import BlockView, ShardedOptimizer
+from lightning_soaa.optim.stat_guard import MomentBlock, moments_overflow
 
-__all__ = ["ShardedAdamW", "adam_state_schema"]
+__all__ = ["ShardedAdamW", "adam_guarded", "adam_state_schema", "init_adam_state", "moment_dtype"]
+
+#: parameter dtype -> the dtype of its elementwise moments where they differ: float16 moments lose what
+#: Adam needs ((1-β2) g² underflows to 0 for |g| < ~5e-3, so a later step is ~1000x too long, and
+#: overflows to inf for |g| > ~8e3, which froze the coordinate, or every parameter under SOAA), so a
+#: float16 parameter keeps float32 moments, as ASGO's matrix statistics do. bfloat16 has float32's range.
+_WIDER_MOMENTS = {torch.float16: torch.float32}
+
+
+def moment_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the elementwise optimizer state (Adam's moments) of a parameter of ``dtype``."""
+    return _WIDER_MOMENTS.get(dtype, dtype)
 
 
 def adam_state_schema(block: BlockInfo, param: torch.Tensor) -> dict[str, StateField]:
-    """Adam's per-block state: the step counter and two moments shaped like the block (the second >= 0)."""
+    """Adam's per-block state: the step counter and two moments shaped like the block (the second >= 0).
+    A checkpoint of an earlier version holds a float16 parameter's moments in float16: they load,
+    converted (any floating dtype does, see ``checkpoint._castable``)."""
+    dtype = moment_dtype(param.dtype)
     return {
         "step": StateField((), torch.float32, nonnegative=True),
-        "exp_avg": StateField(tuple(block.shape), param.dtype),
-        "exp_avg_sq": StateField(tuple(block.shape), param.dtype, nonnegative=True),
+        "exp_avg": StateField(tuple(block.shape), dtype),
+        "exp_avg_sq": StateField(tuple(block.shape), dtype, nonnegative=True),
     }
+
+
+def init_adam_state(state: dict[str, Any], param: torch.Tensor) -> None:
+    """A block's first Adam state: step 0 and zero moments (in :func:`moment_dtype`, ``param``'s layout)."""
+    dtype = moment_dtype(param.dtype)
+    state["step"] = torch.zeros((), dtype=torch.float32)
+    state["exp_avg"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
+    state["exp_avg_sq"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
+
+
+def adam_guarded(views: list[BlockView], betas_key: str = "betas") -> list[MomentBlock]:
+    """The blocks of ``views`` with a gradient as :func:`~lightning_soaa.optim.stat_guard.moments_overflow`
+    reads them (``betas_key``: the group option holding ``(beta1, beta2)``)."""
+    return [MomentBlock(v.grad, v.state.get("exp_avg_sq"), float(v.group[betas_key][1]),
+                        f"block {v.block.sub_index} of parameter {v.block.param_index if v.name is None else v.name}")
+            for v in views if v.grad is not None]
 
 
 def _real(t: torch.Tensor) -> torch.Tensor:
@@ -90,6 +121,10 @@ class ShardedAdamW(ShardedOptimizer):
     def _state_schema(self, block: BlockInfo, param: torch.Tensor, group: dict[str, Any]) -> dict[str, StateField]:
         return adam_state_schema(block, param)
 
+    def _statistic_overflows(self, views: list[BlockView], grad_sq: float) -> bool:
+        """A step whose finite gradients would overflow ``exp_avg_sq`` is skipped (stat_guard.moments_overflow)."""
+        return moments_overflow(grad_sq, lambda: adam_guarded(views))
+
     def _apply(self, views: list[BlockView], decision: Any) -> None:
         by_group: dict[int, list[BlockView]] = {}
         for v in views:
@@ -99,9 +134,7 @@ class ShardedAdamW(ShardedOptimizer):
             group = self.param_groups[gi]
             for v in vs:
                 if "step" not in v.state:
-                    v.state["step"] = torch.zeros((), dtype=torch.float32)
-                    v.state["exp_avg"] = torch.zeros_like(v.param, memory_format=torch.preserve_format)
-                    v.state["exp_avg_sq"] = torch.zeros_like(v.param, memory_format=torch.preserve_format)
+                    init_adam_state(v.state, v.param)
             beta1, beta2 = group["betas"]
             adamw_update_(
                 [_real(v.param) for v in vs],

@@ -61,10 +61,10 @@ from lightning_soaa.functional.linalg import (
 )
 from lightning_soaa.functional.reductions import norms_f64, sq_norm_f64
 from lightning_soaa.optim import dcp_state
-from lightning_soaa.optim.adamw import adam_state_schema
+from lightning_soaa.optim.adamw import adam_guarded, adam_state_schema, init_adam_state
 from lightning_soaa.optim.asgo_groups import asgo_param_groups, route_hint, split_fused
 from lightning_soaa.optim.base import BlockView, ShardedOptimizer
-from lightning_soaa.optim.stat_guard import GuardedBlock, StatisticGuard
+from lightning_soaa.optim.stat_guard import GuardedBlock, StatisticGuard, moments_overflow
 
 __all__ = ["ASGO", "DASGO", "asgo_param_groups", "asgo_block_specs", "asgo_block_cost", "asgo_root_cost"]
 
@@ -261,10 +261,9 @@ def _by_key(indices: Iterable[int], key: Callable[[int], Any]) -> dict[Any, list
 
 
 def _init_adam_state(v: BlockView) -> None:
-    """The AdamW fallback's state of a block at its first step: torch's float32 counter, zero moments."""
-    v.state[STEP] = torch.zeros((), dtype=torch.float32)
-    v.state[EXP_AVG] = torch.zeros_like(v.param, memory_format=torch.preserve_format)
-    v.state[EXP_AVG_SQ] = torch.zeros_like(v.param, memory_format=torch.preserve_format)
+    """The AdamW fallback's state of a block at its first step: torch's float32 counter, zero moments
+    (float32 for a float16 parameter, :func:`~lightning_soaa.optim.adamw.moment_dtype`)."""
+    init_adam_state(v.state, v.param)
 
 
 #: parameter dtype -> statistics dtype (:meth:`_OneSided._state_dtype`): torch.promote_types is an ATen
@@ -505,9 +504,13 @@ class _OneSided(ShardedOptimizer):
 
     def _statistic_overflows(self, views: list[BlockView], grad_sq: float) -> bool:
         """See :mod:`lightning_soaa.optim.stat_guard`: a step whose finite gradients would take a Gram
-        (or DASGO's column statistic) past its dtype's range is skipped on every rank."""
+        (or DASGO's column statistic), or the AdamW fallback's ``exp_avg_sq``, past its dtype's range is
+        skipped on every rank."""
         routes = self._routes()
         mat = [v for v in views if routes[v.block.block_id] is not None]
+        if len(mat) < len(views) and moments_overflow(  # the AdamW fallback's exp_avg_sq
+                grad_sq, lambda: adam_guarded([v for v in views if routes[v.block.block_id] is None], "adam_betas")):
+            return True
         betas2 = [float(g["betas"][1]) for g in self.param_groups] if mat else []
         mesh = self.comm.world_size if self._dtensor is not None else 1
         return self._statistic_guard().overflows(

@@ -121,7 +121,7 @@ def block_schema(opt: ShardedOptimizer, block: BlockInfo, group: dict[str, Any] 
     """The state keys of ``block`` after its first step, with this rank's shapes and dtypes (under
     ``group``'s hyperparameters when given, else its own group's)."""
     from lightning_soaa.functional.asgo import LEFT
-    from lightning_soaa.optim.adamw import ShardedAdamW
+    from lightning_soaa.optim.adamw import ShardedAdamW, moment_dtype
     from lightning_soaa.optim.asgo import DASGO, GRAM_AT_ROOT, MATRIX_STEP_DTYPE, ROOT_STEP, _matrix_shape, _OneSided
     from lightning_soaa.optim.base import BlockView
     from lightning_soaa.optim.soaa import SOAA
@@ -146,8 +146,8 @@ def block_schema(opt: ShardedOptimizer, block: BlockInfo, group: dict[str, Any] 
             out.update({GRAM_AT_ROOT: (False, (k, k), sdt), ROOT_STEP: (False, (), MATRIX_STEP_DTYPE)})
         return out
     if isinstance(opt, (SOAA, ShardedAdamW, _OneSided)):  # Adam's moments (ASGO/DASGO: the fallback)
-        shape = tuple(int(s) for s in view.shape)
-        return {"step": step, "exp_avg": (True, shape, view.dtype), "exp_avg_sq": (True, shape, view.dtype)}
+        shape, mdt = tuple(int(s) for s in view.shape), moment_dtype(view.dtype)  # float16: float32 moments
+        return {"step": step, "exp_avg": (True, shape, mdt), "exp_avg_sq": (True, shape, mdt)}
     raise ValueError(f"{_name(opt)}: no DCP state schema for this optimizer (DTensor checkpoints support "
                      "SOAA, ShardedAdamW, ASGO and DASGO).")
 

@@ -62,7 +62,7 @@ from lightning_soaa.functional.soaa import (
     trust_region_scalars,
 )
 from lightning_soaa.kernels.soaa_native import NativeSOAA
-from lightning_soaa.optim.adamw import adam_state_schema
+from lightning_soaa.optim.adamw import adam_state_schema, init_adam_state
 from lightning_soaa.optim.base import BlockView, ShardedOptimizer, StepRecord, summed
 from lightning_soaa.optim.closure_source import accumulation_steps
 from lightning_soaa.optim.soaa_plan import NativePlan
@@ -591,9 +591,7 @@ class SOAA(ShardedOptimizer):
                           plan)
         for v, st in zip(vs, states):
             if "step" not in st:  # zero state == no state, so lazy init is not a mutation
-                st["step"] = torch.zeros((), dtype=torch.float32)
-                st["exp_avg"] = torch.zeros_like(v.param, memory_format=torch.preserve_format)
-                st["exp_avg_sq"] = torch.zeros_like(v.param, memory_format=torch.preserve_format)
+                init_adam_state(st, v.param)  # float32 moments for a float16 parameter
         counters = [st["step"] for st in states]
         ts = self._counts().read(key, counters)
         lists = (params, grads, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states])

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["GuardedBlock", "StatisticGuard"]
+__all__ = ["GuardedBlock", "MomentBlock", "StatisticGuard", "moments_overflow"]
 
 log = logging.getLogger(__name__)
 
@@ -119,3 +119,54 @@ class StatisticGuard:
         top = max(new_max for _, new_max in values)
         self._pending = max(top, 0.0)
         return False
+
+
+
+#: the largest finite number of the narrowest elementwise-moment dtype an optimizer keeps (bfloat16's, just
+#: below float32's; float16 parameters keep float32 moments): the fast check of :func:`moments_overflow`
+_NARROWEST_MOMENT_MAX = float(torch.finfo(torch.bfloat16).max)
+
+
+@dataclasses.dataclass(frozen=True)
+class MomentBlock:
+    """One owned block's part of :func:`moments_overflow`'s exact check: its gradient, its second moment
+    (None before its first step), ``beta2`` and a label for the log."""
+
+    grad: Tensor
+    exp_avg_sq: Tensor | None
+    beta2: float
+    label: str
+
+
+def moments_overflow(grad_sq: float, blocks: Callable[[], list[MomentBlock]]) -> bool:
+    """Whether a finite gradient would take an elementwise second moment ``v <- beta2 v + (1 - beta2) g²``
+    (ShardedAdamW's, ASGO's AdamW fallback's) past its dtype's range: an inf ``v`` froze its coordinate for
+    good (``m / inf = 0``) and made the optimizer's own ``state_dict`` one it refuses to load. The step is
+    then skipped, like an overflow of ASGO's statistics.
+
+    Every applied step keeps ``v <= EXACT_MARGIN * L`` (``L``: the moment dtype's largest number), and
+    ``g²`` of every entry is at most ``grad_sq`` (``sum ||g||²`` of the step's scan, on the host already):
+    while ``grad_sq <= FAST_MARGIN * L`` the new ``v`` stays below ``EXACT_MARGIN * L``, decided by one
+    comparison that reads no tensor. Only a larger ``grad_sq`` (float32: |g| ~ 1e19) costs the exact
+    check, the new ``v`` of each block in float64 (torch's kernels form ``(1 - beta2) g g`` from the left,
+    so ``g²`` itself may exceed ``L``, as in ``torch.optim.AdamW``). ``blocks``: the owned blocks with a
+    gradient, built only then."""
+    if grad_sq <= FAST_MARGIN * _NARROWEST_MOMENT_MAX:
+        return False
+    over = []
+    for b in blocks():
+        limit = float(torch.finfo(b.exp_avg_sq.dtype if b.exp_avg_sq is not None else b.grad.real.dtype).max)
+        g = b.grad if not b.grad.is_complex() else torch.view_as_real(b.grad)
+        new = g.to(torch.float64).square().mul_(1.0 - b.beta2)
+        if b.exp_avg_sq is not None:
+            v = b.exp_avg_sq if not b.exp_avg_sq.is_complex() else torch.view_as_real(b.exp_avg_sq)
+            new.add_(v.to(torch.float64), alpha=b.beta2)
+        top = float(new.max()) if new.numel() else 0.0
+        if not top <= EXACT_MARGIN * limit:
+            over.append(f"{b.label} ({limit:.3g})")
+    if over:
+        log.warning("the second moments of %s would exceed their dtype's range (its largest number, in "
+                    "parentheses): finite gradients too large for it (clip them); the step is skipped",
+                    ", ".join(over))
+        return True
+    return False

@@ -90,3 +90,35 @@ def test_skipped_step_leaves_state_and_params_bit_identical_and_state_is_two_mom
             assert torch.equal(opt.state[p][k], v), k
     assert opt.trust_state() == before[2]
     assert not hasattr(opt, "_spare")
+
+
+def test_compiled_kernels_take_float16_parameters_with_their_float32_moments() -> None:
+    """A float16 parameter keeps float32 moments: the compiled kernels take such a block (θ and g read in
+    float32, θ rounded once when stored) and agree with the eager path, θ to one float16 rounding (the two
+    paths' sums, and so the trust scalars, differ in their last float64 bits)."""
+    from lightning_soaa.functional.soaa import split_blocks
+
+    runs = []
+    for compile_ in (True, False):
+        ps = [torch.nn.Parameter(p.detach().half()) for p in _model(0)]
+        opt = SOAA(ps, lr=0.01, weight_decay=0.01, gamma=0.2, total_steps=10, compile=compile_)
+        g = torch.Generator().manual_seed(1)
+        for k in range(3):
+            for p in ps:
+                p.grad = (torch.randn(p.shape, generator=g) * 1e-3).half()  # (1-β2) g² underflows in float16
+            opt.step(loss=1.0 / (1 + k))
+        kernels = opt._kernels()
+        if kernels is not None and kernels.failure is not None:
+            pytest.skip(f"torch.compile does not work here ({kernels.failure})")
+        st = opt.state[ps[0]]
+        assert st["exp_avg"].dtype == st["exp_avg_sq"].dtype == torch.float32
+        if compile_:
+            lists = ([ps[0]], [ps[0].grad], [st["exp_avg"]], [st["exp_avg_sq"]])
+            assert split_blocks(kernels, *lists).compiled == [0]  # not sent to the eager path
+        runs.append((ps, opt))
+    (pc, oc), (pe, oe) = runs
+    for a, b in zip(pc, pe):
+        torch.testing.assert_close(a.float(), b.float(), rtol=torch.finfo(torch.float16).eps, atol=1e-7)
+    for a, b in zip(oc.state.values(), oe.state.values()):
+        torch.testing.assert_close(a["exp_avg"], b["exp_avg"], rtol=1e-5, atol=1e-10)
+        torch.testing.assert_close(a["exp_avg_sq"], b["exp_avg_sq"], rtol=1e-5, atol=1e-15)
