@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
-from deepspeed_ext.client import DeepSpeedClientOptimizer
+from deepspeed_ext.client import DeepSpeedClientOptimizer, StateLayoutError
 from deepspeed_ext.ds_config import (
     ParsedConfig,
     check_entry,
@@ -351,14 +351,41 @@ def install_checkpoint_hooks(engine: Any, client: Any) -> None:
 
         given = inspect.signature(load).bind(*args, **kwargs).arguments
         if given.get("load_optimizer_states", True) and not given.get("load_module_only", False):
-            check_checkpoint_stage(given["load_dir"], given.get("tag"), engine.zero_optimization_stage(),
-                                   bool(getattr(engine.optimizer, "round_robin_gradients", False)))
-            check_checkpoint_groups(given["load_dir"], given.get("tag"), client)
+            def checks() -> None:
+                check_checkpoint_stage(given["load_dir"], given.get("tag"), engine.zero_optimization_stage(),
+                                       bool(getattr(engine.optimizer, "round_robin_gradients", False)))
+                check_checkpoint_groups(given["load_dir"], given.get("tag"), client)
+            agreed_checks(checks)
         return load(*args, **kwargs)
 
     engine.save_checkpoint = save_checkpoint
     engine.load_checkpoint = load_checkpoint
     engine._lightning_soaa_checkpoint_hooks = True
+
+
+def agreed_checks(checks: Callable[[], None]) -> None:
+    """Run the checkpoint checks on this rank, then refuse on every rank when any rank refused. They read
+    rank 0's files (its model states for the saved config, its optimizer file for the group count); on a
+    rank that cannot see them (DeepSpeed's node-local checkpoint storage, no shared filesystem) they find
+    nothing and pass, so that rank went on into DeepSpeed's load while rank 0 raised: a hang in the load's
+    collectives, or a load of a state the check refuses. ``load_checkpoint`` runs on every rank (DeepSpeed
+    requires it), so the all-gather here is joined by all."""
+    import torch.distributed as dist
+
+    error: Exception | None = None
+    try:
+        checks()
+    except Exception as e:  # noqa: BLE001 - any refusal (or a damaged file) must reach the all-gather
+        error = e
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        said: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(said, None if error is None else f"{type(error).__name__}: {error}")
+        other = next(((r, m) for r, m in enumerate(said) if m is not None), None)
+        if error is None and other is not None:
+            raise StateLayoutError(f"Rank {other[0]} refused the checkpoint (this rank could not read the files "
+                                   f"it checked, e.g. node-local storage): {other[1]}")
+    if error is not None:
+        raise error
 
 
 def _tag_folder(load_dir: str, tag: Any) -> str | None:
@@ -422,7 +449,6 @@ def check_checkpoint_groups(load_dir: str, tag: Any, client: Any) -> None:
     the same world size" at ZeRO-3, for a run of the same world size and config). The usual cause: a
     checkpoint from before ASGO/DASGO, built from the model alone, sent embedding tables to a group of their
     own, which this message names."""
-    from deepspeed_ext.client import StateLayoutError
 
     if getattr(client, "zero_stage", 0) == 0:
         return  # lightning_soaa's own state: its load_state_dict names the moved parameter
@@ -459,7 +485,6 @@ def check_checkpoint_stage(load_dir: str, tag: Any, stage: int, round_robin: boo
     there the client's own layout check speaks) or, at ZeRO-1/2, in the other order of the flat partitions:
     ``round_robin_gradients`` lays a group's parameters out in another order, so its per-partition state (and
     DeepSpeed's fp32 partitions) would land on other parameters' entries, silently."""
-    from deepspeed_ext.client import StateLayoutError
 
     config = saved_ds_config(load_dir, tag)
     saved = None if config is None else zero_stage_of(config)

@@ -699,3 +699,38 @@ def w_regrouped_checkpoint(rank: int, world: int, ckpt_root: str, stages: list[i
             out[stage] = f"{type(e).__name__}: {e}"
         del engine
     return out
+
+
+def w_node_local_refusal(rank: int, world: int, ckpt_root: str) -> str:
+    """A ZeRO-0 checkpoint loaded by a ZeRO-2 engine where rank 1 cannot see rank 0's files (node-local
+    storage: its copy of the folder lacks them): the error each rank raises, or "ok"."""
+    import shutil
+
+    ds_env(rank, world)
+    import deepspeed_ext
+
+    def engine_at(stage: int) -> Any:
+        cfg = make_config(stage, "fp32", "lightning_soaa.AdamW", {"lr": 1e-2})
+        engine, _, _, _ = deepspeed_ext.initialize(model=tiny_mlp(0, torch.float32, SIZES), config=cfg)
+        return engine
+
+    engine = engine_at(0)
+    _train(engine, rank, range(1))
+    saved = os.path.join(ckpt_root, "s0")
+    engine.save_checkpoint(saved, tag="t1")
+    del engine
+    torch.distributed.barrier()
+    where = saved
+    if rank == 1:  # this node's copy: the files rank 0 wrote are on rank 0's node only
+        where = os.path.join(ckpt_root, "node1")
+        shutil.copytree(saved, where)
+        for f in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+            path = os.path.join(where, "t1", f)
+            if os.path.exists(path):
+                os.remove(path)
+    engine = engine_at(2)
+    try:
+        engine.load_checkpoint(where)
+        return "ok"
+    except Exception as exc:  # noqa: BLE001 - the message is what the test checks
+        return f"{type(exc).__name__}: {exc}"

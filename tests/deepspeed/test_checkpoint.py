@@ -10,6 +10,7 @@ import torch
 from tests.deepspeed._workers import (
     w_checkpoint,
     w_cross_stage,
+    w_node_local_refusal,
     w_resume_other_world,
     w_round_robin_resume,
     w_state_dict_one_rank,
@@ -95,3 +96,13 @@ def test_checkpoint_across_a_round_robin_change_is_refused(tmp_path, opt_type):
             assert (f"written with zero_optimization.round_robin_gradients={str(rr).lower()}; this engine runs "
                     f"with {str(not rr).lower()}") in msg, msg
             assert "load_optimizer_states=False" in msg
+
+
+def test_a_refusal_from_rank_0s_files_is_raised_on_every_rank(tmp_path):
+    """The stage and group checks read rank 0's files; a rank without them (node-local storage) passed its
+    checks and went into DeepSpeed's load while rank 0 raised. Every rank now raises, naming rank 0's
+    refusal."""
+    res = run_distributed(w_node_local_refusal, 2, tmp_path, str(tmp_path / "ckpt"), timeout=200)
+    assert "was written under ZeRO-0; this engine runs ZeRO-2" in res[0], res[0]
+    assert res[1].startswith("StateLayoutError: Rank 0 refused the checkpoint"), res[1]
+    assert "was written under ZeRO-0" in res[1], res[1]
