@@ -46,6 +46,8 @@ __all__ = [
     "build_state_dict",
     "check_block_steps",
     "check_finite_number",
+    "holds_state",
+    "saved_block_schema",
     "select_owned_state",
     "steps_ahead",
     "steps_limit",
@@ -211,10 +213,23 @@ def group_meta_copy(sd: Any) -> dict[str, Any] | None:
     return meta if isinstance(meta, dict) else None
 
 
+def holds_state(blk: Any) -> bool:
+    """A block entry with some non-zero tensor: held state. An all-zero one is exactly "no state" for every
+    optimizer here (zero moments and counter; a root recomputed; ``beta * 0 + (1 - beta) d``): a SOAA block
+    made at a step that was then skipped, the placeholders shown for DCP (optim/dcp_plain.py). A non-zero
+    ``step`` answers without reading the rest."""
+    if not isinstance(blk, dict):
+        return False
+    step = blk.get("step")
+    if isinstance(step, torch.Tensor) and step.numel() and bool(step.ne(0).any()):
+        return True
+    return any(isinstance(v, torch.Tensor) and bool(v.ne(0).any()) for v in blk.values())
+
+
 def _blocks_with_state(num_params: int, block_states: dict[tuple[int, int], Any]) -> list[int]:
     counts = [0] * num_params
-    for pi, _ in block_states:
-        counts[pi] += 1
+    for (pi, _), blk in block_states.items():
+        counts[pi] += holds_state(blk)
     return counts
 
 
@@ -222,7 +237,11 @@ def build_state_dict(
     optimizer: CheckpointView,
     block_states: dict[tuple[int, int], dict[str, Any]],
     global_state: dict[str, Any],
+    layout: list[list[tuple[int | None, int, int]]] | None = None,
 ) -> dict[str, Any]:
+    """Our consolidated format of ``block_states`` (keyed ``(param_index, sub_index)``); ``layout``: the
+    blocks they are cut in, where not the optimizer's own (joined rows: optim/dcp_plain.py)."""
+    layout = optimizer.block_table.layout() if layout is None else layout
     state: dict[int, dict[int, dict[str, Any]]] = {}
     for (pi, si), blk in sorted(block_states.items()):
         state.setdefault(pi, {})[si] = blk
@@ -233,9 +252,9 @@ def build_state_dict(
             "version": FORMAT_VERSION,
             "optimizer": optimizer.name,
             "shapes": _shapes(optimizer),
-            "layout": [[list(x) for x in blist] for blist in optimizer.block_table.layout()],
+            "layout": [[list(x) for x in blist] for blist in layout],
             "global": global_state,
-            # per parameter, how many of its blocks hold state: a tool that rebuilds the state (torch's DCP)
+            # per parameter, how many of its blocks hold (non-zero) state: a tool that rebuilds the state (DCP)
             # lets the load tell that entries went missing on the way (dcp_state._check_arrived)
             "blocks_with_state": _blocks_with_state(len(optimizer.shapes), block_states),
         },
@@ -303,6 +322,7 @@ def validate_state_dict(optimizer: CheckpointView, sd: Any, by_position: bool = 
     layout = [[list(x) for x in blist] for blist in optimizer.block_table.layout()]
     saved_layout = [[list(x) for x in blist] for blist in meta["layout"]]
     if saved_layout != layout:
+        _validate_saved_rows(optimizer, sd["state"], meta)  # a damaged block is named, not "a layout"
         change = _layout_option_change(optimizer, groups, saved_layout, layout)
         raise ValueError(
             f"{name}.load_state_dict: the state was saved with a different block layout ({change}) that cannot "
@@ -510,13 +530,58 @@ def _validate_block_states(optimizer: CheckpointView, state: Any, limit: float, 
         check_block_steps(where, blk, limit)
 
 
-def _check_block_keys(optimizer: CheckpointView, state: dict[Any, Any]) -> None:
-    """Raise unless every parameter's entry is keyed by the indices of that parameter's blocks. Anything
-    else would be skipped by the block look-ups, i.e. dropped while the rest of the checkpoint loads: a
-    torch.optim state's flat ``{step, exp_avg, exp_avg_sq}`` (torch's load-by-name recipe copies such
-    entries into our own state dict) restarted Adam from zero moments, 5.5e-2 off torch continuing."""
+def saved_block_schema(optimizer: CheckpointView, meta: Any, pi: int, si: Any) -> dict[str, StateField] | None:
+    """The schema saved block ``si`` of parameter ``pi`` had: this optimizer's, with an elementwise
+    optimizer's block-shaped fields in the saved block's rows (saved with other row blocks, or joined into
+    one: re-cut on load, :mod:`~lightning_soaa.distributed.reblock`); None where that cannot be told."""
+    blocks = optimizer.block_table.by_param[pi]
+    try:
+        saved = [tuple(x) for x in meta["layout"][pi]]
+        shape = tuple(int(x) for x in meta["shapes"][pi])
+        dim, start, stop = saved[int(si)]
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None
+    if saved == [(b.dim, b.start, b.stop) for b in blocks]:  # this optimizer's blocks
+        b = next((b for b in blocks if str(b.sub_index) == str(si)), None)
+        return optimizer.block_schema(b) if b is not None else None
+    in_rows = all(e[0] in (None, 0) for e in saved) and all(b.dim in (None, 0) for b in blocks)
+    if not optimizer.elementwise or not in_rows:  # (DASGO's matrices: column blocks, which no re-cut joins)
+        return None
+    rows = shape if dim is None else (int(stop) - int(start), *shape[1:]) if shape else None
+    fields = optimizer.block_schema(blocks[0])
+    if rows is None or fields is None:
+        return None
+    mine = tuple(blocks[0].shape)
+    return {k: dataclasses.replace(f, shape=rows) if f.shape and tuple(f.shape) == mine else f
+            for k, f in fields.items()}
+
+
+def _validate_saved_rows(optimizer: CheckpointView, state: Any, meta: dict[str, Any]) -> None:
+    """The saved blocks of a state whose layout is not this optimizer's, each against its own rows' schema:
+    a damaged field is named there (the re-cut, which joins the blocks, gave up on it without a word)."""
+    if not optimizer.elementwise or not isinstance(state, dict):
+        return
+    _check_block_keys(optimizer, state, meta["layout"])
+    for key, per_param in state.items():
+        pi = int(key) if str(key).isdigit() else None
+        if pi is None or pi >= len(optimizer.block_table.by_param) or not isinstance(per_param, dict):
+            continue
+        for si, blk in per_param.items():
+            schema = saved_block_schema(optimizer, meta, pi, si) if blk else None
+            if schema is not None:
+                _validate_block(f"{optimizer.name}.load_state_dict: state[{pi}][{si}]", blk, schema)
+
+
+def _check_block_keys(optimizer: CheckpointView, state: dict[Any, Any], saved_layout: Any = None) -> None:
+    """Raise unless every parameter's entry is keyed by the indices of that parameter's blocks (of
+    ``saved_layout`` where given, else of this optimizer's). Anything else would be skipped by the block
+    look-ups (and by the re-cut), i.e. dropped while the rest of the checkpoint loads: a torch.optim state's
+    flat ``{step, exp_avg, exp_avg_sq}`` (torch's load-by-name recipe copies such entries into our own state
+    dict) restarted Adam from zero moments, 5.5e-2 off torch continuing."""
     blocks: dict[int, list[int]] = {}
-    for b in optimizer.block_table.blocks:
+    if saved_layout is not None:
+        blocks = {pi: list(range(len(bl))) for pi, bl in enumerate(saved_layout)}
+    for b in optimizer.block_table.blocks if saved_layout is None else ():
         blocks.setdefault(b.param_index, []).append(b.sub_index)
     for key, per_param in state.items():
         if per_param is None or (isinstance(per_param, dict) and not per_param):

@@ -23,7 +23,7 @@ import torch
 
 from lightning_soaa.distributed.checkpoint import FORMAT_KEY, CheckpointView, lookup
 
-__all__ = ["fit_layout"]
+__all__ = ["fit_layout", "joined_rows"]
 
 Ranges = list[tuple[int, int]]  # the row ranges [start, stop) of a parameter's blocks, in order
 
@@ -83,6 +83,8 @@ def _cut(joined: dict[str, Any], ranges: Ranges, shape: tuple[int, ...]) -> dict
 
 def _refit_param(per_param: Any, old: Ranges, new: Ranges, shape: tuple[int, ...]) -> dict[int, Any] | None:
     """A parameter's saved block states (``{sub_index: state}``) in the new row ranges, or None."""
+    if isinstance(per_param, dict) and any(str(k) not in {str(si) for si in range(len(old))} for k in per_param):
+        return None  # keys that are not the saved blocks' (a torch.optim entry): the validation names them
     saved = [lookup(per_param, si) for si in range(len(old))]
     if not any(saved):
         return {}
@@ -90,6 +92,16 @@ def _refit_param(per_param: Any, old: Ranges, new: Ranges, shape: tuple[int, ...
         return None  # state for some of the rows only
     joined = _joined(saved, old, shape)
     return None if joined is None else _cut(joined, new, shape)
+
+
+def joined_rows(blocks: list[Any], layout: Any, shape: tuple[int, ...]) -> dict[str, Any] | None:
+    """One parameter's block states (in its blocks' order) joined into one whole-parameter state, where its
+    ``layout`` is whole rows of dim 0 and the states can be joined (every block held, per-block counters
+    equal), else None."""
+    ranges = _rows(layout, shape)
+    if ranges is None or len(ranges) != len(blocks) or not all(isinstance(b, dict) and b for b in blocks):
+        return None
+    return _joined(blocks, ranges, shape)
 
 
 def _normal(layout: Any) -> list[list[tuple[Any, ...]]] | None:

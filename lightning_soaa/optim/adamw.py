@@ -52,7 +52,9 @@ def adam_guarded(views: list[BlockView], betas_key: str = "betas") -> list[Momen
     """The blocks of ``views`` with a gradient as :func:`~lightning_soaa.optim.stat_guard.moments_overflow`
     reads them (``betas_key``: the group option holding ``(beta1, beta2)``)."""
     return [MomentBlock(v.grad, v.state.get("exp_avg_sq"), float(v.group[betas_key][1]),
-                        f"block {v.block.sub_index} of parameter {v.block.param_index if v.name is None else v.name}")
+                        f"block {v.block.sub_index} of parameter {v.block.param_index if v.name is None else v.name}",
+                        # before its first step: the dtype its moments will have (float16: float32)
+                        moment_dtype(v.param.dtype))
             for v in views if v.grad is not None]
 
 

@@ -126,7 +126,7 @@ from lightning_soaa.functional.adamw import increment_counts_
 from lightning_soaa.kernels.raw import cell_values, value_cells
 from lightning_soaa.optim import dcp_state as dcp
 from lightning_soaa.optim.construction import collective_construction
-from lightning_soaa.optim.dcp_plain import show_placeholders, without_placeholders
+from lightning_soaa.optim.dcp_plain import handed_out, without_placeholders
 from lightning_soaa.optim.param_checks import (
     DisjointStorage,
     check_disjoint_storage,
@@ -1905,10 +1905,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
         global_state = {**self._global_state(), "num_steps": self.num_steps, "skipped_steps": self.skipped_steps}
         if to is not None and to != self.comm.rank:
             return None
-        sd = build_state_dict(optimizer=self._checkpoint_view(), block_states=merged, global_state=global_state)
+        layout = None
         if placeholders and self._dtensor is None:  # torch's DCP recipe loads into what a fresh optimizer shows
-            show_placeholders(self, sd)
-        return sd
+            merged, layout = handed_out(self, merged)
+        return build_state_dict(self._checkpoint_view(), merged, global_state, layout=layout)
 
     def _gather_objects(self, obj: Any, to: int | None) -> list[Any] | None:
         """Collective: every rank's ``obj`` on rank ``to`` (None on the others), or on every rank (``to=None``)."""

@@ -18,11 +18,17 @@ So, as the DTensor form does (:mod:`~lightning_soaa.optim.dcp_state`), every blo
 shows its state's full key set: a block without state shows zeros of its schema (``step`` 0), and a block
 without an optional key (ASGO's ``inv_root`` after an all-zero Gram) shows zeros for it. Both directions of
 DCP then see the same keys: a fresh destination has a tensor for every key the checkpoint holds, and a
-checkpoint holds every key a destination shows. On load (any route: ``load_state_dict`` after
-``torch.load`` too) an all-zero block is no state, an all-zero optional key is absent: zero state is exactly
-"no state" for every optimizer here (Adam's moments and counter, ASGO's momentum and Gram, whose root is
-recomputed at the next step, EGN's momentum EMA, ``beta * 0 + (1 - beta) d``). A held block is never all zero
-(its ``step`` counts from 1; EGN's buffer: an all-zero one is the same as none).
+checkpoint holds every key a destination shows. And the keys must not depend on the world size: an
+elementwise optimizer's automatic row blocks do (``_auto_block_numel``: a model over ~2M x W elements is cut
+finer at larger W), so its state dict joins each parameter's row blocks into one whole-parameter block
+(``layout`` says so; any world size re-cuts it on load, :mod:`~lightning_soaa.distributed.reblock`).
+
+On load (any route: ``load_state_dict`` after ``torch.load`` too) an all-zero block is no state, an
+all-zero optional key is absent: zero state is exactly "no state" for every optimizer here (Adam's moments
+and counter, ASGO's momentum and Gram, whose root is recomputed at the next step, EGN's momentum EMA,
+``beta * 0 + (1 - beta) d``). So is a held block that is all zero (a SOAA block made at a step that was
+then skipped; an EGN buffer of a parameter outside the loss): the block counts saved beside the state
+(``blocks_with_state``) count non-zero blocks only (:func:`~lightning_soaa.distributed.checkpoint.holds_state`).
 
 Frozen parameters (``requires_grad=False``) show no placeholders: torch's tools leave their state out on
 load, and a frozen backbone would cost a full zero state at every save.
@@ -36,12 +42,16 @@ import torch
 from torch import Tensor
 
 from lightning_soaa.distributed.blocks import BlockInfo
-from lightning_soaa.distributed.checkpoint import StateField
+from lightning_soaa.distributed.checkpoint import FORMAT_KEY, StateField, group_meta_copy, saved_block_schema
+from lightning_soaa.distributed.reblock import joined_rows
 
 if TYPE_CHECKING:
     from lightning_soaa.optim.base import ShardedOptimizer
 
-__all__ = ["holds_state", "show_placeholders", "without_placeholders"]
+__all__ = ["handed_out", "without_placeholders"]
+
+Blocks = dict[tuple[int, int], dict[str, Any]]
+Layout = list[list[tuple[int | None, int, int]]]
 
 
 def _schema(opt: ShardedOptimizer, block: BlockInfo) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -64,30 +74,32 @@ def _schema(opt: ShardedOptimizer, block: BlockInfo) -> dict[str, tuple[tuple[in
     return {k: (shape, dtype) for k, (_, shape, dtype) in schema.items()}
 
 
-def show_placeholders(opt: ShardedOptimizer, sd: dict[str, Any]) -> None:
-    """In place on our consolidated format over plain parameters (see the module docstring): zeros of the
-    schema for every block of a trainable parameter without state, and for the optional keys a held block
-    lacks. On the CPU, where the consolidated state is."""
-    state: dict[int, dict[int, dict[str, Any]]] = sd["state"]
+def handed_out(opt: ShardedOptimizer, blocks: Blocks) -> tuple[Blocks, Layout]:
+    """The gathered block states of a state dict handed out over plain parameters (see the module docstring):
+    placeholders added, an elementwise optimizer's row blocks joined per parameter; with the layout they
+    are cut in. On the CPU, where the gathered state is. ``blocks`` is not changed."""
+    out = dict(blocks)
     cpu = torch.device("cpu")
     for b in opt.block_table.blocks:
         if not opt._params[b.param_index].requires_grad:
-            continue
+            continue  # torch's tools leave a frozen parameter's state out on load; zeros would cost a full state
         schema = _schema(opt, b)
-        if not schema:
-            continue
-        held = state.get(b.param_index, {}).get(b.sub_index)
-        if held is not None and not set(schema) - set(held):
-            continue
+        held = out.get(b.key)
         missing = set(schema) if held is None else (set(schema) - set(held)) & _optional(opt, b.param_index)
-        zeros = {k: torch.zeros(schema[k][0], dtype=schema[k][1], device=cpu) for k in sorted(missing)}
-        state.setdefault(b.param_index, {})[b.sub_index] = {**zeros, **(held or {})}
-    sd["state"] = {pi: dict(sorted(state[pi].items())) for pi in sorted(state)}
-
-
-def holds_state(blk: Any) -> bool:
-    """A block entry with some non-zero tensor (the placeholders shown for DCP hold none)."""
-    return isinstance(blk, dict) and any(isinstance(v, Tensor) and bool(v.ne(0).any()) for v in blk.values())
+        if missing:
+            zeros = {k: torch.zeros(schema[k][0], dtype=schema[k][1], device=cpu) for k in sorted(missing)}
+            out[b.key] = {**zeros, **(held or {})}
+    layout: Layout = [list(bl) for bl in opt.block_table.layout()]
+    if opt.elementwise:
+        for pi, blist in enumerate(opt.block_table.by_param):
+            shape = tuple(int(s) for s in opt._params[pi].shape)
+            whole = joined_rows([out.get(b.key) for b in blist], layout[pi], shape) if len(blist) > 1 else None
+            if whole is not None:
+                for b in blist:
+                    del out[b.key]
+                out[(pi, 0)] = whole
+                layout[pi] = [(None, 0, 0)]
+    return out, layout
 
 
 def _optional(opt: ShardedOptimizer, pi: int) -> set[str]:
@@ -116,21 +128,15 @@ def _placeholder(blk: Any, fields: dict[str, StateField]) -> bool:
     return all(_zero_as_declared(blk[k], fields[k]) for k in order)
 
 
-def _fields(opt: ShardedOptimizer, pi: int, si: Any) -> dict[str, StateField]:
-    """The schema of block ``si`` of parameter ``pi`` in this optimizer's table ({} where it has no such
-    block: a state saved with other row blocks, re-cut later and validated as it is)."""
-    blocks = opt.block_table.by_param[pi]
-    b = next((b for b in blocks if b.sub_index == si or str(b.sub_index) == str(si)), None)
-    return (opt._block_schema(b) or {}) if b is not None else {}
-
-
 def without_placeholders(opt: ShardedOptimizer, sd: dict[str, Any]) -> dict[str, Any]:
-    """``sd`` (our consolidated format) without :func:`show_placeholders`'s zeros: all-zero blocks left out,
+    """``sd`` (our consolidated format) without :func:`handed_out`'s zeros: all-zero blocks left out,
     all-zero optional keys of held blocks left out. A new dict where anything was left out; ``sd`` is not
     changed (it is the caller's)."""
     state = sd.get("state") if isinstance(sd, dict) else None
     if not isinstance(state, dict):
         return sd  # the validation's message
+    meta = sd.get(FORMAT_KEY) if isinstance(sd.get(FORMAT_KEY), dict) else group_meta_copy(sd)
+    view = opt._checkpoint_view()
     out: dict[Any, Any] = {}
     changed = False
     for key, entry in state.items():
@@ -140,7 +146,7 @@ def without_placeholders(opt: ShardedOptimizer, sd: dict[str, Any]) -> dict[str,
             continue
         kept: dict[Any, Any] = {}
         for si, blk in entry.items():
-            fields = _fields(opt, pi, si)
+            fields = saved_block_schema(view, meta, pi, si) or {}
             if _placeholder(blk, fields):
                 changed = True
                 continue

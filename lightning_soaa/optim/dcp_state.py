@@ -608,7 +608,7 @@ def _consolidated_from_nested(opt: ShardedOptimizer, sd: dict[str, Any], meta: d
         if blocks:
             state[pi] = blocks
     # the destination's placeholders (dcp_plain) that the checkpoint filled with zeros are no state: counted out
-    state = without_placeholders(opt, {"state": state})["state"]
+    state = without_placeholders(opt, {"state": state, FORMAT_KEY: meta})["state"]
     _check_arrived(opt, meta, state)
     return {"state": state, "param_groups": groups,
             FORMAT_KEY: {k: v for k, v in meta.items() if k not in ("form", "group_options")}}

@@ -13,8 +13,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from lightning_soaa.distributed.checkpoint import FORMAT_KEY, group_meta_copy
-from lightning_soaa.optim.dcp_plain import holds_state
+from lightning_soaa.distributed.checkpoint import FORMAT_KEY, group_meta_copy, holds_state
 
 __all__ = ["hooked_load", "hooked_state_dict", "keep_run_state"]
 

@@ -136,6 +136,8 @@ class MomentBlock:
     exp_avg_sq: Tensor | None
     beta2: float
     label: str
+    #: the dtype of the second moment it will be created in (its limit before the first step)
+    moment_dtype: torch.dtype = torch.float32
 
 
 def moments_overflow(grad_sq: float, blocks: Callable[[], list[MomentBlock]]) -> bool:
@@ -155,7 +157,7 @@ def moments_overflow(grad_sq: float, blocks: Callable[[], list[MomentBlock]]) ->
         return False
     over = []
     for b in blocks():
-        limit = float(torch.finfo(b.exp_avg_sq.dtype if b.exp_avg_sq is not None else b.grad.real.dtype).max)
+        limit = float(torch.finfo(b.exp_avg_sq.dtype if b.exp_avg_sq is not None else b.moment_dtype).max)
         g = b.grad if not b.grad.is_complex() else torch.view_as_real(b.grad)
         new = g.to(torch.float64).square().mul_(1.0 - b.beta2)
         if b.exp_avg_sq is not None:

@@ -145,3 +145,19 @@ def test_a_checkpoint_with_float16_moments_loads_as_float32(spec: OptimizerSpec)
         p.grad = torch.full_like(p, 0.01)
     _step(spec, again, 2)  # and steps, its state finite and float32
     assert all(v.dtype != torch.float16 and bool(torch.isfinite(v).all()) for _, v in _state_tensors(again))
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_a_float16_parameters_first_step_is_judged_by_its_float32_moments(spec: OptimizerSpec) -> None:
+    """Reviewer: the overflow guard judged a float16 parameter without state by float16's range (65504),
+    though its moments are made in float32: with another parameter's gradients large enough to need the
+    exact check (float32 1e19), a float16 gradient of 9000 skipped the step, and every later one like it."""
+    big = nn.Parameter(torch.zeros(4))
+    small = nn.Parameter(torch.zeros(3, dtype=torch.float16))
+    opt = spec.load()([("big", big), ("small", small)], **spec.test_kwargs)
+    big.grad = torch.full_like(big, 1e19)  # Σ g² = 4e38: past the fast bound
+    small.grad = torch.full_like(small, 9000.0)  # (1 - β2) g² ~ 8e4 .. 8e5: float32 holds it
+    before = small.detach().clone()
+    _step(spec, opt, 0)
+    assert opt.skipped_steps == 0 and not torch.equal(small.detach(), before)
+    assert all(bool(t.isfinite().all()) for _, t in _state_tensors(opt))

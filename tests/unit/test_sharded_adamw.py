@@ -241,3 +241,41 @@ def test_the_fused_kernel_is_chosen_per_tensor(monkeypatch):
     copy = run([(big[:, 1:4].contiguous(), gbig[:, 1:4].contiguous())], sliced=False)
     assert torch.equal(mixed[1], copy[0])
     torch.testing.assert_close(mixed[1].double(), _adamw_reference(big[:, 1:4], gbig[:, 1:4], 3), rtol=1e-6, atol=1e-6)
+
+
+def test_a_state_recut_on_load_keeps_no_state_for_a_parameter_that_never_stepped():
+    """Reviewer: a state dict shows zeros for a trainable parameter without state (for torch's DCP,
+    optim/dcp_plain.py); loaded by an optimizer with other row blocks, the zeros were not recognised (the
+    check compared them with this optimizer's blocks, before the re-cut) and became six step-0 blocks of
+    real state. They are left out, and the run continues as the saved one."""
+    import copy
+
+    from lightning_soaa.optim.adamw import ShardedAdamW
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Linear(8, 3))
+    model.register_parameter("aux", torch.nn.Parameter(torch.randn(6, 4)))  # trainable, outside the loss
+    x, y = torch.randn(5, 6), torch.randn(5, 3)
+
+    def train(opt: ShardedAdamW, steps: int) -> None:
+        for _ in range(steps):
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+
+    opt = ShardedAdamW(model.named_parameters(), lr=1e-2, max_block_numel=24)
+    train(opt, 2)
+    sd = copy.deepcopy(opt.state_dict())
+    names = [n for n, _ in model.named_parameters()]
+    shown = sd["state"][names.index("aux")]  # zeros shown for DCP
+    assert shown and all(not bool(t.ne(0).any()) for blk in shown.values() for t in blk.values())
+    saved = copy.deepcopy(model.state_dict())
+    other = ShardedAdamW(model.named_parameters(), lr=1e-2, max_block_numel=12)
+    other.load_state_dict(sd)
+    assert not any(isinstance(v, torch.Tensor) or v for v in other.state[model.aux].values())
+    train(other, 2)
+    after = copy.deepcopy(model.state_dict())
+    model.load_state_dict(saved)
+    train(opt, 2)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, after[k]), k
