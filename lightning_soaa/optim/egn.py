@@ -37,10 +37,12 @@ from lightning_soaa.functional.gram import (
 from lightning_soaa.functional.reductions import dot_f64
 from lightning_soaa.optim.base import BlockView, ShardedOptimizer, SkipStep, StepRecord, host_floats, summed
 from lightning_soaa.optim.egn_capture import (
+    COUPLING_TOL,
     LinearCapture,
     changed_site,
     checked_explicit_rows,
     plan_curvature,
+    probe_weights,
     site_params,
 )
 from lightning_soaa.optim.egn_chain import ChainCapture, grad_off, plan_chain
@@ -215,10 +217,12 @@ def _changed_input(xs: tuple[Tensor, ...], versions: list[int]) -> str | None:
         if x._version != v:
             which = "its input" if len(xs) == 1 else f"its input {i}"
             return (f"EGN: the model's forward changed {which} in place (e.g. x /= 255 or x.sub_(mean), also after "
-                    "x = x.float() or x.to(dtype), which return x itself when its dtype already matches). EGN runs "
+                    "x = x.float() or x.to(dtype), which return x itself when its dtype already matches, or an "
+                    "in-place activation applied to the input, nn.ReLU(inplace=True) first in the forward). EGN runs "
                     "the forward several times a step on the same batch (its capture, line-search and damping "
                     "trials), and each would see a batch changed again. Use out-of-place ops in the forward "
-                    "(x = x / 255, x = x - mean), or prepare the batch before the step. The optimizer and the "
+                    "(x = x / 255, x = x - mean; nn.ReLU() for an activation that the input meets first), or "
+                    "prepare the batch before the step. The optimizer and the "
                     "parameters are unchanged; the batch itself may have been changed once by this forward.")
     return None
 
@@ -450,6 +454,7 @@ class _Pass:
     late_error: Exception | None = None  # local work failed after the exchanges began (solve, Jᵀv, w0)
     use_chain: bool | None = None  # whether the step's forwards go through the planned chain (once known)
     rng: StepRng | None = None  # the random draw every forward of the step repeats (not for a planned chain)
+    probed: bool = False  # this step's capture passed the factor probe (_factor_probe)
 
 
 
@@ -744,6 +749,8 @@ class EGN(ShardedOptimizer):
         model, cfg = self.model, self.config
         self._sites, self._explicit = plan_curvature(model, self._trainable, cfg.jacobian,
                                                          cfg.factor_embeddings)
+        # the general capture's factors are checked against autograd once per plan (_factor_probe)
+        self._probe_due = True
         # per site its trained (weight, bias) tensors, read once: Module.__getattr__ costs per lookup
         self._site_params = [site_params(s) for s in self._sites]
         # and their positions among EGN's parameters (positions, not ids: they survive copies and pickles)
@@ -1053,6 +1060,8 @@ class EGN(ShardedOptimizer):
         if self.comm.world_size > 1:
             self._take_rank0_buffers()  # collectives (floating buffers only): all_reduce_scalars, all_reduce
         batch = ps.batch = self._agree_on_batch(ps.xs, ps.targets)  # collective: all_reduce_scalars
+        if ps.probed:  # (every rank's capture passed it: the agreement raises otherwise)
+            self._probe_due = False
         if batch.nonfinite:
             return "non-finite model outputs or loss"
         ps.f0 = batch.f0
@@ -1279,6 +1288,9 @@ class EGN(ShardedOptimizer):
             cap.prepare(z, z.shape[1])      # before the ranks exchange anything
             if cap.error is None and self._explicit:
                 cap.error = self._explicit_rows(cap, xs, z)
+            if cap.error is None and self.__dict__.get("_probe_due", True):
+                cap.error = self._factor_probe(cap, z)
+                self._current().probed = cap.error is None
             if cap.error is not None:
                 return None, None, cap.error
         return z, cap, None
@@ -1381,6 +1393,50 @@ class EGN(ShardedOptimizer):
         # otherwise record every product of the solve and of Jᵀv made from them
         cap.rows = rows.detach()
         return coupled
+
+    def _factor_probe(self, cap: LinearCapture, z: Tensor) -> str | None:
+        """Whether the general capture's Gram factors are the Jacobian of this forward: Jᵀu read from them
+        (:meth:`_factor_vjp`, as the step reads d = Jᵀv) against autograd's gradient of Σ u·z through the
+        forward's own graph, for a fixed probe u_ik = w_i ρ_k, per factored parameter; None, or the
+        refusal naming the first one that differs beyond rounding (:data:`COUPLING_TOL`).
+
+        The capture sees a parameter only through its layer's call: a dependence it cannot see (a forward
+        that differentiates a trained layer in a way the guards do not recognise, an op that bypasses the
+        hooks) leaves factors that give a wrong step, and nothing else would say so. One backward to the
+        parameters, once per capture plan (the first general capture after EGN is built or re-planned on a
+        freezing change, and so after a traced chain falls back to it); the explicit rows of the other
+        parameters are checked at every step already (:func:`checked_explicit_rows`)."""
+        b, c = z.shape
+        named = [(self._named[j][0], self._named[j][1]) for pair in self._site_index for j in pair if j is not None]
+        if b == 0 or not named:
+            return None
+        cot = probe_weights(b, z)[:, None] * probe_weights(c, z)[None, :]
+        got: Sequence[Tensor | None] = [None] * len(named)
+        if z.requires_grad:  # else no trained parameter reaches z: its gradient is zero
+            got = torch.autograd.grad(z, [p for _, p in named], grad_outputs=cot, retain_graph=True,
+                                      allow_unused=True)
+        with grad_off():
+            want = self._factor_vjp(cap.local_factors(z, c), cap.identity_site, cot)
+            acc = torch.promote_types(z.dtype, torch.float32)
+            norms = []
+            for (_, p), g in zip(named, got):
+                w = want[id(p)].to(acc)
+                g = torch.zeros_like(w) if g is None else g.to(acc)
+                norms += [(g - w).norm(), g.norm() + w.norm()]
+            values = torch.stack(norms).tolist()  # one host read
+        pairs = list(zip(values[0::2], values[1::2]))
+        tol = COUPLING_TOL.get(z.dtype, 3e-2)
+        floor = 1e-6 * max(scale for _, scale in pairs)  # a parameter whose gradient is rounding noise: no evidence
+        for (name, _), (diff, scale) in zip(named, pairs):
+            if diff > tol * max(scale, floor):
+                return (f"EGN: the Gram factors captured for the trained parameter {name!r} do not give its gradient "
+                        f"through the model's forward (relative difference {diff / max(scale, floor):.2g} for a "
+                        "probe of the outputs, checked once per capture plan): the forward makes the outputs "
+                        "depend on it in a way EGN's per-layer capture does not see, and the step would be "
+                        "silently wrong. Build EGN with jacobian='explicit' (per-sample Jacobians of the whole "
+                        "forward, by torch.func), freeze that parameter, or train this model with a first-order "
+                        "optimizer (e.g. ShardedAdamW, SOAA).")
+        return None
 
     def _agree_on_batch(self, xs: tuple[Tensor, ...], targets: Tensor) -> _Batch:
         """Local forward; then ONE all-reduce of [non-finite, loss sum, per rank: error, b_r, c, trainable
@@ -1693,10 +1749,25 @@ class EGN(ShardedOptimizer):
         samples, then one GEMM over b·T); per Embedding, m_it summed into the table's rows idx_it (a [V, d]
         tensor, the weight's shape); and J_restᵀu from the explicit rows for the other parameters."""
         b, c = cot.shape
+        grads = self._factor_vjp(batch.local_factors, batch.cap.identity_site, cot)
+        if batch.local_rows is not None:
+            flat = cot.reshape(1, b * c) @ batch.local_rows.reshape(b * c, batch.local_rows.shape[-1])
+            off = 0
+            for name in self._explicit:
+                p = self._trainable[name]
+                # a copy, not a view of ``flat``: the exchange writes into the blocks it is handed
+                grads[id(p)] = flat[0, off:off + p.numel()].reshape(p.shape).to(p.dtype, copy=True)
+                off += p.numel()
+        # a frozen parameter has no column in J: None, a zero block at its owner (it does not move)
+        return [grads.get(id(p)) for p in self._params]
+
+    def _factor_vjp(self, factors: list[tuple[Tensor, Tensor]], identity: int, cot: Tensor) -> dict[int, Tensor]:
+        """:meth:`_vjp`'s part from the Gram factors: {id(parameter): its block of Jᵀu} per factored one."""
+        b, c = cot.shape
         grads: dict[int, Tensor] = {}
-        for i, ((weight, bias), (a, delta)) in enumerate(zip(self._site_params, batch.local_factors)):
+        for i, ((weight, bias), (a, delta)) in enumerate(zip(self._site_params, factors)):
             t, d_in, d_out = a.shape[1], a.shape[2], delta.shape[3]
-            if i == batch.cap.identity_site:  # Δ_i = I (T = 1, d_out = c): m = u, the bmm would copy it
+            if i == identity:  # Δ_i = I (T = 1, d_out = c): m = u, the bmm would copy it
                 m = cot
             else:
                 m = torch.bmm(cot.unsqueeze(1), delta.reshape(b, c, t * d_out)).reshape(b * t, d_out)
@@ -1708,16 +1779,7 @@ class EGN(ShardedOptimizer):
                 grads[id(weight)] = _as(m.T @ a.reshape(b * t, d_in), weight.dtype)
             if bias is not None:
                 grads[id(bias)] = _as(m.sum(dim=0), bias.dtype)
-        if batch.local_rows is not None:
-            flat = cot.reshape(1, b * c) @ batch.local_rows.reshape(b * c, batch.local_rows.shape[-1])
-            off = 0
-            for name in self._explicit:
-                p = self._trainable[name]
-                # a copy, not a view of ``flat``: the exchange writes into the blocks it is handed
-                grads[id(p)] = flat[0, off:off + p.numel()].reshape(p.shape).to(p.dtype, copy=True)
-                off += p.numel()
-        # a frozen parameter has no column in J: None, a zero block at its owner (it does not move)
-        return [grads.get(id(p)) for p in self._params]
+        return grads
 
     # -- 6. step size and damping: identical on every rank ----------------------------------
     def _jd_q_norm(self, batch: _Batch, curv: _Curvature, d_full: list[Tensor]) -> float:

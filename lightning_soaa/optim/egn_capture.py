@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch._C._functorch import maybe_current_level
 from torch.func import functional_call, jacrev, vmap
 from torch.nn.modules import module as _module
 from torch.nn.utils import parametrize
@@ -31,7 +32,7 @@ from lightning_soaa.optim.egn_guard import OwnUseGuard
 log = logging.getLogger(__name__)
 
 __all__ = ["LinearSite", "plan_curvature", "LinearCapture", "checked_back_signals", "checked_explicit_rows",
-           "explicit_jacobian_rows", "changed_site"]
+           "explicit_jacobian_rows", "changed_site", "probe_weights", "COUPLING_TOL"]
 
 
 #: an nn.Embedding with more rows than this keeps explicit Jacobians: its indices travel in the factor table,
@@ -211,6 +212,9 @@ class LinearCapture:
             self.guard.leave(i)
             if self.guard.misuse is not None:  # the cause (e.g. a swapped parameter under torch.vmap, where the
                 return None  # output then needs no grad): the errors below would name a consequence
+            if maybe_current_level() is not None:  # (before the shape check, which a vmap's hidden dim trips)
+                self.error = self.error or _transformed_call(site)
+                return None
             if not isinstance(a, Tensor):
                 self.error = self.error or (
                     f"EGN: the {site.kind} layer {site.path!r} was called without an input tensor.")
@@ -318,6 +322,18 @@ class LinearCapture:
         return self._factors
 
 
+def _transformed_call(site: LinearSite) -> str:
+    """The refusal of a factored layer called inside a torch.func transform of the forward: its output there
+    is the transform's wrapper, not a tensor of the forward's own graph, so no back-signal reaches it (the
+    step of a force -dE/dx taken with torch.func.grad was exactly 0, the exact one of norm 0.44)."""
+    return (f"EGN: the {site.kind} layer {site.path!r} was called inside a torch.func transform (torch.func.grad, "
+            "vjp, jacrev, jvp, vmap, ...) in the model's forward. What the layer's call sees there is the "
+            "transform's own tensor, not one of the forward's graph, so the Gram factors of its trained "
+            "parameters would miss their Jacobian (e.g. a force -torch.func.grad(energy)(x): the step was 0). "
+            "Build EGN with jacobian='explicit' (its per-sample Jacobians are taken with torch.func, which "
+            "composes with the transforms inside the forward), or freeze the layers used inside the transform.")
+
+
 def _is_layer_output(m: nn.Linear | nn.Embedding, a: Tensor, out: Tensor) -> bool:
     """Whether ``out`` is the layer ``m``'s own output for input ``a`` (the same kernel again: equal up to
     a few ulps where a backend's GEMM is not bit-reproducible)."""
@@ -385,8 +401,8 @@ def checked_back_signals(z: Tensor, outs: list[Tensor], num_outputs: int) -> tup
         return [], None
     b, c = z.shape[0], num_outputs
     eye = torch.eye(c, dtype=z.dtype, device=z.device)
-    w = _weights(b, z)
-    rho = _weights(c, z)
+    w = probe_weights(b, z)
+    rho = probe_weights(c, z)
     cot = torch.cat([eye[:, None, :].expand(c, b, c), (w[:, None] * rho[None, :]).unsqueeze(0)])
     grads = _batched_grads(z, outs, cot)
     tol = COUPLING_TOL.get(z.dtype, 3e-2)
@@ -403,7 +419,7 @@ def checked_back_signals(z: Tensor, outs: list[Tensor], num_outputs: int) -> tup
     return [None if t is None else t[:c] for t in grads], COUPLING_MESSAGE if coupled else None
 
 
-def _weights(n: int, like: Tensor) -> Tensor:
+def probe_weights(n: int, like: Tensor) -> Tensor:
     """n fixed, distinct weights in [1, 2) (fractional parts of multiples of the golden ratio)."""
     i = torch.arange(1, n + 1, dtype=torch.float64)
     return (1.0 + torch.frac(i * 0.6180339887498949)).to(dtype=like.dtype, device=like.device)
@@ -467,7 +483,7 @@ def checked_explicit_rows(model: nn.Module, params: dict[str, Tensor], xs: tuple
         p0 = next(iter(params.values()))
         return torch.zeros(0, c, sum(p.numel() for p in params.values()), dtype=p0.dtype, device=p0.device), None
     rows = explicit_jacobian_rows(model, params, xs)
-    w, rho = _weights(b, z), _weights(c, z)
+    w, rho = probe_weights(b, z), probe_weights(c, z)
     plist = list(params.values())
     grads: Sequence[Tensor | None] = [None] * len(plist)
     if z.requires_grad:  # else no trained parameter reaches z: the batch's gradient is zero

@@ -84,7 +84,7 @@ class OwnUseGuard(TorchFunctionMode):
         kwargs = kwargs or {}
         # (create_graph first: only torch's differentiating functions take it, and no other func is hashed)
         if kwargs.get("create_graph") and self.misuse is None and func in _DIFFERENTIATE:
-            self._differentiated(func, args[0] if args else None)
+            self._differentiated(func, args, kwargs)
         out = func(*args, **kwargs)
         if self.misuse is None and (isinstance(out, Tensor) or
                                     (isinstance(out, (tuple, list)) and any(isinstance(o, Tensor) for o in out))):
@@ -109,15 +109,19 @@ class OwnUseGuard(TorchFunctionMode):
                     break
         return out
 
-    def _differentiated(self, func: Any, outputs: Any) -> None:
+    def _differentiated(self, func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> None:
         """A ``torch.autograd.grad`` / ``backward`` with ``create_graph=True`` inside the forward (a force
         -dE/dx, an input-gradient output, an inner gradient step): its result depends on the parameters of
         the differentiated graph through the backward's own ops (grad_input = grad_output @ W), which no
         layer call records, so a factored parameter there would get Gram factors that miss that part of its
         Jacobian (the step was 0.98 off the exact one, cosine 0.21). Found by walking the graph of the
         differentiated tensors to the factored parameters' leaves; a graph without them (a frozen energy
-        model) is fine: its double backward is part of the graph the back-signals are read through."""
-        owner = _reached(outputs, self._owner)
+        model) is fine: its double backward is part of the graph the back-signals are read through. With
+        explicit ``inputs`` (``autograd.grad(E, z)``, ``backward(inputs=...)``) only the graph between the
+        outputs and those inputs is differentiated: what lies behind them (z = tanh(enc(x)) with ``enc``
+        trained) reaches the outputs through z's value, which the Gram factors see, and is not walked."""
+        outputs = args[0] if args else kwargs.get("outputs", kwargs.get("tensors"))
+        owner = _reached(outputs, self._owner, _inputs_of(func, args, kwargs))
         if owner is None:
             return
         name = _DIFFERENTIATE[func]
@@ -138,9 +142,33 @@ _DIFFERENTIATE = {torch.autograd.grad: "torch.autograd.grad", torch.autograd.bac
                   Tensor.backward: "Tensor.backward"}
 
 
-def _reached(outputs: Any, owner: dict[int, tuple[int, str]]) -> tuple[int, str] | None:
+def _inputs_of(func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+    """The ``inputs`` a differentiating call names (None: every leaf, as ``backward()`` without them).
+    Positional only for ``torch.autograd.grad(outputs, inputs, ...)``; ``backward`` takes them by keyword."""
+    if func is torch.autograd.grad:
+        return args[1] if len(args) > 1 else kwargs.get("inputs")
+    return kwargs.get("inputs")
+
+
+def _stops(inputs: Any) -> set[Any]:
+    """The graph nodes of ``inputs`` (tensors or ``GradientEdge``s): the walk does not go past them. A leaf
+    has none (its AccumulateGrad node has nothing behind it, and a trained parameter there is still found)."""
+    items = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
+    nodes: set[Any] = set()
+    for t in items:
+        node = t.grad_fn if isinstance(t, Tensor) else getattr(t, "node", None)
+        if node is not None:
+            nodes.add(node)
+    return nodes
+
+
+def _reached(outputs: Any, owner: dict[int, tuple[int, str]], inputs: Any = None) -> tuple[int, str] | None:
     """The first of ``owner``'s parameters (by id) that the autograd graph of ``outputs`` (a tensor or a
-    sequence of them) reaches, else None: one walk over the graph, made only when a forward differentiates."""
+    sequence of them) reaches, else None: one walk over the graph, made only when a forward differentiates.
+    With ``inputs``, the walk stops at their nodes: a parameter reached only through them lies behind
+    the differentiated part (a parameter whose op lies between the outputs and an input is reached
+    before that input's node)."""
+    stops = _stops(inputs) if inputs is not None else set()
     tensors = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
     todo: list[Any] = []
     for t in tensors:
@@ -157,7 +185,8 @@ def _reached(outputs: Any, owner: dict[int, tuple[int, str]]) -> tuple[int, str]
         hit = owner.get(id(getattr(fn, "variable", None)))  # an AccumulateGrad node: its leaf
         if hit is not None:
             return hit
-        todo.extend(f for f, _ in fn.next_functions)
+        if fn not in stops:
+            todo.extend(f for f, _ in fn.next_functions)
     return None
 
 

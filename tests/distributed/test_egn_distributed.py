@@ -628,7 +628,8 @@ def test_egn_ignores_gradients_another_optimizers_backward_left_on_its_parameter
 
 class _Odd(nn.Module):
     """A Linear-Tanh-Linear model whose forward, where ``odd`` is set, scales its input in place
-    ("inplace") or returns the force -dE/dx of its energy ("force"): one rank's forward only."""
+    ("inplace") or returns the force -dE/dx of its energy ("force"; "func_force": by torch.func.grad): one
+    rank's forward only."""
 
     def __init__(self, odd: str | None) -> None:
         super().__init__()
@@ -642,6 +643,8 @@ class _Odd(nn.Module):
                 x = x.detach().requires_grad_(True)
                 e = self.o(self.act(self.a(x))).sum()
                 return -torch.autograd.grad(e, x, create_graph=True)[0]
+        if self.odd == "func_force":
+            return -torch.func.grad(lambda xx: self.o(self.act(self.a(xx))).sum())(x)
         if self.odd == "inplace":
             x /= 255.0
         out: torch.Tensor = self.o(self.act(self.a(x)))
@@ -649,11 +652,12 @@ class _Odd(nn.Module):
 
 
 def _misuse_worker(rank: int, world: int) -> dict:
-    """A forward that changes its input in place, one that differentiates itself, and a hook registered on
-    the torch.compile wrapper after EGN was built: each on the last rank only."""
+    """A forward that changes its input in place, one that differentiates itself (by torch.autograd.grad or
+    torch.func.grad), and a hook registered on the torch.compile wrapper after EGN was built: each on the
+    last rank only."""
     last = rank == world - 1
     out: dict = {}
-    for case in ("inplace", "force", "wrapper_hook"):
+    for case in ("inplace", "force", "func_force", "wrapper_hook"):
         model = _Odd(None)
         compiled = torch.compile(model, backend="aot_eager")
         opt = EGN(compiled if case == "wrapper_hook" else model, loss="mse", lr=0.5, momentum=0.5)
@@ -685,6 +689,7 @@ def test_forward_misuse_on_one_rank_is_refused_on_every_rank(tmp_path) -> None:
     nothing changed anywhere, also on the rank whose forward is fine."""
     results = run_distributed(_misuse_worker, 2, tmp_path, timeout=150)
     want = {"inplace": "changed its input in place", "force": "differentiates itself",
+            "func_force": "called inside a torch.func transform",
             "wrapper_hook": "torch.compile wrapper EGN was built on has hooks"}
     for rank, res in enumerate(results):
         for case, text in want.items():
@@ -692,3 +697,31 @@ def test_forward_misuse_on_one_rank_is_refused_on_every_rank(tmp_path) -> None:
             assert message is not None and unchanged, (rank, case, message)
             if rank == 1:
                 assert text in message, (case, message)
+
+
+def _probe_worker(rank: int, world: int) -> dict:
+    """The last rank's forward is a force by torch.func.grad with the transform check turned off there, so
+    only the first step's factor probe can see it; the other ranks' forwards are fine."""
+    from lightning_soaa.optim import egn_capture
+
+    last = rank == world - 1
+    if last:
+        egn_capture.maybe_current_level = lambda: None  # (this worker process only)
+    model = _Odd("func_force" if last else None)
+    opt = EGN(model, loss="mse", lr=0.5, momentum=0.5)
+    before = _flat(model)
+    x, y = _uneven_share(0, rank, world)
+    try:
+        opt.step(inputs=x[:, :3].clone(), targets=y)
+        message = None
+    except (ValueError, RuntimeError) as exc:
+        message = str(exc)
+    return {"message": message, "unchanged": torch.equal(_flat(model), before) and opt.num_steps == 0
+            and opt.momentum_steps == 0 and opt.damping == 1.0}
+
+
+def test_the_factor_probe_refuses_on_every_rank(tmp_path) -> None:
+    for rank, res in enumerate(run_distributed(_probe_worker, 2, tmp_path, timeout=120)):
+        assert res["message"] is not None and res["unchanged"], (rank, res)
+        if rank == 1:
+            assert "Gram factors captured for the trained parameter 'a.weight'" in res["message"], res

@@ -220,3 +220,159 @@ def test_a_hook_on_the_inner_module_of_a_compiled_model_is_followed() -> None:
     w0 = flat_params(net)
     opt.step(inputs=x, targets=y)
     torch.testing.assert_close(flat_params(net) - w0, ref, rtol=1e-9, atol=1e-12)
+
+
+def _autograd_direction(model: nn.Module, x: Tensor, y: Tensor, damping: float) -> Tensor:
+    """d = (JᵀJ + bλI)⁻¹ Jᵀ(y − z) under MSE, J by torch.autograd.functional.jacobian (the forwards below
+    call torch.autograd.grad, which the torch.func oracle cannot run)."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    ps = tuple(p.detach().clone() for n, p in model.named_parameters() if p.requires_grad)
+
+    def f(*pv: Tensor) -> Tensor:
+        out: Tensor = torch.func.functional_call(model, dict(zip(names, pv)), (x,))
+        return out.reshape(-1)
+
+    jac = torch.autograd.functional.jacobian(f, ps)
+    jmat = torch.cat([j.reshape(j.shape[0], -1) for j in jac], dim=1)
+    h = jmat.T @ jmat + x.shape[0] * damping * torch.eye(jmat.shape[1], dtype=DT)
+    return torch.linalg.solve(h, jmat.T @ (y.reshape(-1) - model(x).detach().reshape(-1)))
+
+
+class _EncodedForce(nn.Module):
+    """The force -dE/dz of an energy at z = tanh(enc(x)), enc trained; ``trained``: the energy too."""
+
+    def __init__(self, trained: bool = False, by: str = "positional") -> None:
+        super().__init__()
+        self.by = by
+        self.enc = nn.Linear(3, 3)
+        self.energy = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 1)).requires_grad_(trained)
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.enable_grad():
+            z = torch.tanh(self.enc(x))
+            e = self.energy(z).sum()
+            if self.by == "keyword":
+                return -torch.autograd.grad(outputs=e, inputs=[z], create_graph=True)[0]
+            return -torch.autograd.grad(e, z, create_graph=True)[0]
+
+
+@pytest.mark.parametrize("by", ["positional", "keyword"])
+def test_a_frozen_energy_differentiated_at_a_trained_encoders_output_takes_the_exact_step(by: str) -> None:
+    """Only the graph between autograd.grad's outputs and its inputs is differentiated: the trained encoder
+    behind z reaches the force through z's value, which its Gram factors see (it was refused, naming
+    'enc.weight', though the step is exact). A trained energy there is still refused."""
+    torch.manual_seed(0)
+    model = _EncodedForce(by=by).double()
+    x, y = _data(5, 3, 3)
+    ref = _autograd_direction(copy.deepcopy(model), x, y, 0.7)
+    opt = EGN(model, loss="mse", lr=1.0, damping=0.7)
+    w0 = flat_params(model)
+    opt.step(inputs=x, targets=y)
+    torch.testing.assert_close(flat_params(model) - w0, ref, rtol=1e-9, atol=1e-12)
+    # a trained energy between the outputs and z is still refused
+    torch.manual_seed(0)
+    model = _EncodedForce(trained=True, by=by).double()
+    opt = EGN(model, loss="mse", lr=1.0, damping=0.7)
+    before = _snapshot(opt)
+    with pytest.raises(ValueError, match=r"forward differentiates itself.*'energy\.2\.weight'"):
+        opt.step(inputs=x, targets=y)
+    _assert_unchanged(opt, before)
+
+
+class _FuncForce(nn.Module):
+    """The force -dE/dx of a trained energy MLP, taken by a torch.func transform (``how``), or, for
+    "vmap", a trained layer applied per position under torch.func.vmap."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.energy = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        def e(xx: Tensor) -> Tensor:
+            out: Tensor = self.energy(xx).sum()
+            return out
+
+        if self.how == "grad":
+            out: Tensor = -torch.func.grad(e)(x)
+        elif self.how == "vjp":
+            value, fn = torch.func.vjp(e, x)
+            out = -fn(torch.ones_like(value))[0]
+        elif self.how == "jacrev":
+            out = -torch.func.jacrev(e)(x)
+        else:
+            out = torch.func.vmap(self.energy[0], in_dims=1, out_dims=1)(x[:, None, :]).sum(1)[:, :3]
+        return out
+
+
+@pytest.mark.parametrize("how", ["grad", "vjp", "jacrev", "vmap"])
+def test_a_trained_layer_inside_a_torch_func_transform_is_refused_and_changes_nothing(how: str) -> None:
+    """EGN took a step of exactly 0 (the exact one: norm 0.44): the layer's call inside the transform sees the
+    transform's tensors, which no back-signal reaches. jacobian='explicit', the remedy named, is exact."""
+    torch.manual_seed(0)
+    model = _FuncForce(how).double()
+    opt = EGN(model, loss="mse", lr=1.0, damping=0.7, momentum=0.5)
+    x, y = _data(5, 3, 3)
+    before = _snapshot(opt)
+    for _ in range(2):  # at every step
+        with pytest.raises(ValueError, match=r"'energy\.0' was called inside a torch.func transform.*"
+                                             r"jacobian='explicit'"):
+            opt.step(inputs=x, targets=y)
+        _assert_unchanged(opt, before)
+    if how == "vmap":
+        return
+    ref = _autograd_direction(copy.deepcopy(model), x, y, 0.7)
+    w0 = flat_params(model)
+    EGN(model, loss="mse", lr=1.0, damping=0.7, jacobian="explicit").step(inputs=x, targets=y)
+    torch.testing.assert_close(flat_params(model) - w0, ref, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("how", ["func.grad", "autograd.grad"])
+def test_the_factor_probe_alone_refuses_a_capture_that_misses_a_dependence(how: str, monkeypatch) -> None:
+    """The backstop behind the guards: with their recognition of both forces turned off, the capture's
+    factors give Jᵀu ≠ autograd's gradient of u·z for the trained energy, and the step is refused, naming
+    the parameter, before anything changes."""
+    from lightning_soaa.optim import egn_capture, egn_guard
+    monkeypatch.setattr(egn_capture, "maybe_current_level", lambda: None)
+    monkeypatch.setattr(egn_guard, "_reached", lambda *args, **kwargs: None)
+    torch.manual_seed(0)
+    model: nn.Module = _FuncForce("grad") if how == "func.grad" else _Force()
+    model = model.double()
+    opt = EGN(model, loss="mse", lr=1.0, damping=0.7)
+    x, y = _data(5, 3, 3)
+    before = _snapshot(opt)
+    with pytest.raises(ValueError, match=r"Gram factors captured for the trained parameter 'energy\.0\.weight' do "
+                                         r"not give its gradient.*jacobian='explicit'"):
+        opt.step(inputs=x, targets=y)
+    _assert_unchanged(opt, before)
+
+
+def test_the_factor_probe_runs_once_per_capture_plan(monkeypatch) -> None:
+    """One extra backward on the first general capture, again after a re-plan (a layer frozen), and not
+    while a traced chain captures; a fine forward passes it and takes the exact step."""
+    calls: list[int] = []
+    probe = EGN._factor_probe
+
+    def counted(self: EGN, cap: object, z: Tensor) -> str | None:
+        calls.append(1)
+        return probe(self, cap, z)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(EGN, "_factor_probe", counted)
+    torch.manual_seed(0)
+    model = _Scaled("copy", "general").double()
+    x, y = _data(scale=255.0)
+    ref = direct_direction(copy.deepcopy(model).eval(), x, y, "mse", damping=0.5)["d"]
+    opt = EGN(model, loss="mse", lr=1.0, damping=0.5)
+    w0 = flat_params(model)
+    opt.step(inputs=x, targets=y)
+    torch.testing.assert_close(flat_params(model) - w0, ref, rtol=1e-9, atol=1e-12)
+    opt.step(inputs=x, targets=y)
+    opt.step(inputs=x, targets=y)
+    assert len(calls) == 1
+    model.a.requires_grad_(False)
+    opt.step(inputs=x, targets=y)
+    opt.step(inputs=x, targets=y)
+    assert len(calls) == 2
+    traced = EGN(_Scaled("copy", "traced").double(), loss="mse", lr=1.0)
+    traced.step(inputs=x, targets=y)
+    assert len(calls) == 2
