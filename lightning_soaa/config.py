@@ -335,7 +335,8 @@ class ASGOConfig:
 
     ``root_iters=None`` uses the method's default iteration count; ``root_floor=None`` the map's floor for
     the statistic's dtype (``functional.linalg.root_floor``). ``adam_*`` configure the AdamW fallback for
-    1-D parameters and embeddings (same ``lr``).
+    1-D parameters and embeddings (same ``lr``). ``nesterov``: precondition Muon's Nesterov direction
+    ``beta1 M_t + (1 - beta1) G_t`` instead of ``M_t`` (matrix blocks only; off by default, the paper's rule).
     """
 
     lr: float = 1e-2
@@ -356,6 +357,7 @@ class ASGOConfig:
     adam_betas: tuple[float, float] = (0.9, 0.95)
     adam_eps: float = 1e-8
     adam_weight_decay: float = 0.0
+    nesterov: bool = False
 
     def __post_init__(self) -> None:
         check_range("lr", self.lr, 0.0)
@@ -364,6 +366,8 @@ class ASGOConfig:
         check_range("rms_scale", self.rms_scale, 0.0, lo_inclusive=False)
         check_range("eps", self.eps, 0.0)
         check_range("damping", self.damping, 0.0)
+        if not isinstance(self.nesterov, bool):  # the string "false" is truthy: only a bool says which rule
+            raise ValueError(f"Invalid nesterov={self.nesterov!r}. Must be True or False.")
         check_batch_dims(self.batch_dims)
         check_int("row_parts", self.row_parts, 1)
         if self.row_parts > 1 and self.batch_dims == 1:

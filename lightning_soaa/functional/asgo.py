@@ -24,6 +24,7 @@ __all__ = [
     "preconditioned_side",
     "update_momentum_",
     "update_gram_",
+    "nesterov_direction",
     "precondition",
     "rms_numerator",
     "rms_factor",
@@ -47,7 +48,7 @@ def preconditioned_side(m: int, n: int) -> str:
 
 
 def update_momentum_(mom: Tensor, g: Tensor, beta1: float) -> None:
-    """``M <- beta1 M + (1 - beta1) G`` in place (EMA, no bias correction, no Nesterov)."""
+    """``M <- beta1 M + (1 - beta1) G`` in place (EMA, no bias correction; Nesterov: :func:`nesterov_direction`)."""
     mom.lerp_(g, 1.0 - beta1)
 
 
@@ -57,6 +58,14 @@ def update_gram_(v: Tensor, g: Tensor, beta2: float, side: str) -> None:
         v.addmm_(g, g.transpose(0, 1), beta=beta2, alpha=1.0 - beta2)
     else:
         v.addmm_(g.transpose(0, 1), g, beta=beta2, alpha=1.0 - beta2)
+
+
+def nesterov_direction(mom: Tensor, g: Tensor, beta1: float) -> Tensor:
+    """Muon's Nesterov direction ``D = beta1 M_t + (1 - beta1) G_t`` as a new tensor, from the momentum ``M_t``
+    already updated with this step's ``G_t`` (:func:`update_momentum_`): ASGO with ``nesterov=True``
+    preconditions ``D`` instead of ``M_t``; the statistic still sees ``G_t`` alone. One lerp from ``G``
+    towards ``M`` (no temporary besides the result)."""
+    return torch.lerp(g, mom, beta1)
 
 
 def precondition(p: Tensor, mom: Tensor, side: str) -> Tensor:

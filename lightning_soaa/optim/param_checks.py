@@ -98,21 +98,24 @@ def check_param_group(optimizer: Any, group: dict[str, Any]) -> None:
 #: (``maximize=True`` went downhill; 9e-2 off torch's AdamW after 5 steps). Not ``capturable``: it changes
 #: no result (only whether a step may be captured in a CUDA graph, which these steps, synced with the host,
 #: never are), and dynamo writes ``capturable=True`` into the groups of every optimizer a compiled function
-#: touches (torch._dynamo's OptimizerVariable), so refusing it refused every compiled step that sets the lr
+#: touches (torch._dynamo's OptimizerVariable), so refusing it refused every compiled step that sets the lr.
+#: An optimizer that implements one declares it among its own hyperparameters (its ``defaults``, validated by
+#: its config): ASGO's ``nesterov``.
 UNSUPPORTED_TORCH_OPTIONS: tuple[str, ...] = ("maximize", "amsgrad", "nesterov", "differentiable")
 
 
 def check_torch_options(optimizer: Any, group: dict[str, Any]) -> None:
     """Raise ``ValueError`` for a truthy :data:`UNSUPPORTED_TORCH_OPTIONS` entry of ``group`` (False and
-    None, which torch's own defaults write, pass)."""
+    None, which torch's own defaults write, pass) that is not one of the optimizer's own ``defaults``."""
     if group.get("decoupled_weight_decay") is False and group.get("weight_decay"):
         # what torch.optim.Adam's groups carry: its weight_decay is an L2 term added to the gradient
         raise ValueError(
             f"decoupled_weight_decay=False with weight_decay={group['weight_decay']!r} asks for torch Adam's L2 "
             f"penalty; {type(optimizer).__name__} decays the weights decoupled (AdamW's rule) and would silently "
             "do that instead. Leave decoupled_weight_decay out (or True), or put the L2 term into the loss.")
+    own = getattr(optimizer, "defaults", {})
     for key in UNSUPPORTED_TORCH_OPTIONS:
-        if group.get(key):
+        if group.get(key) and key not in own:
             raise ValueError(
                 f"{key}={group[key]!r} is a torch optimizer option that {type(optimizer).__name__} does not "
                 f"implement; it would be silently ignored. Leave it out (or set it to False)"

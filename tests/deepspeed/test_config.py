@@ -63,6 +63,29 @@ def test_invalid_param_value_raises_before_deepspeed_starts():
     assert not torch.distributed.is_initialized()
 
 
+def test_asgo_nesterov_from_the_json_steps_as_asgo_with_it():
+    """``"params": {"nesterov": true}`` reaches ASGO (a constructor keyword), checked before DeepSpeed starts
+    (a string refused naming field, value and what is allowed); the client's step at stage 0 equals ASGO's
+    own, bit for bit."""
+    from lightning_soaa import ASGO
+
+    assert parse_config(_cfg("lightning_soaa.ASGO", nesterov=True)).optimizer_params == {"nesterov": True}
+    with pytest.raises(ValueError, match=r"Invalid nesterov='true'\. Must be True or False\."):
+        deepspeed_ext.initialize(model=torch.nn.Linear(3, 2), config=_cfg("lightning_soaa.ASGO", nesterov="true"))
+    assert not torch.distributed.is_initialized()
+    params = parse_config(_cfg("lightning_soaa.ASGO", stage=0, lr=0.1, nesterov=True)).optimizer_params
+    ws = [torch.nn.Parameter(torch.randn(8, 6, generator=torch.Generator().manual_seed(0))) for _ in range(2)]
+    client = DeepSpeedClientOptimizer([("w", ws[0])], ASGO, params, zero_stage=0, layout="structured")
+    plain = ASGO([("w", ws[1])], lr=0.1, nesterov=True)
+    for t in range(3):
+        g = torch.randn(8, 6, generator=torch.Generator().manual_seed(10 + t))
+        for w, opt in zip(ws, (client, plain)):
+            w.grad = g.clone()
+            opt.step()
+    assert torch.equal(ws[0].detach(), ws[1].detach())
+    assert client.inner.param_groups[0]["nesterov"] is True
+
+
 def test_egn_only_at_stage_0_in_fp32_with_a_pointer_to_what_works():
     for stage in (1, 2, 3):
         with pytest.raises(ValueError) as exc:

@@ -142,6 +142,35 @@ def test_collectives_blocks_and_roots_at_three_ranks(tmp_path: Path) -> None:
     assert expected[5][1] == asgo_block_cost(96, 96, 10, 1, "polar_express_eigh")
 
 
+def _nesterov_run(rank: int | None, world: int, nesterov: bool = True) -> list[torch.Tensor]:
+    """ASGO_KW (blocks split over the ranks, stored roots) with the first layer's group ``nesterov``, the rest
+    without; ``rank=None``: one process on the global batch of ``world`` ranks."""
+    model = tiny_mlp(sizes=SIZES)
+    named = list(model.named_parameters())
+    extra: dict[str, Any] = {} if rank is None else {"grad_reduction": "mean"}
+    opt = ASGO([{"params": named[:2], "nesterov": nesterov}, {"params": named[2:]}], **ASGO_KW, **extra)
+    for t in range(STEPS):
+        opt.zero_grad()
+        loss_fn(model, *(global_batch(t, world) if rank is None else batch(t, rank))).backward()
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _nesterov_worker(rank: int, world_size: int) -> list[torch.Tensor]:
+    return _nesterov_run(rank, world_size)
+
+
+def test_nesterov_at_two_ranks_equals_one_process(tmp_path: Path) -> None:
+    """A ``nesterov`` group's direction is made by each block's owner from its own momentum and gradient:
+    W = 2 steps as one process on the global batch (float64: only the gradient sums' order differs)."""
+    results = run_distributed(_nesterov_worker, 2, tmp_path)
+    expected = _nesterov_run(None, 2)
+    for r, res in enumerate(results):
+        for a, b in zip(res, expected):
+            torch.testing.assert_close(a, b, atol=1e-13, rtol=0, msg=lambda m, r=r: f"nesterov, rank {r}: {m}")
+    assert max_abs_diff(expected, _nesterov_run(None, 2, nesterov=False)) > 1e-6  # the option did act
+
+
 F32_SIZES = (24, 32, 20, 3)  # wide enough for ill-conditioned, rank-deficient Grams (k up to 32)
 F32_STEPS = 8
 

@@ -83,6 +83,27 @@ def test_cli_asgo_fused_steps_the_named_matrix_as_its_parts(tmp_path: Path, monk
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_cli_asgo_nesterov_reaches_every_group(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--optimizer.nesterov true`` (the CLI reads the option from ASGO's signature): every group the route
+    builds has it, and the 3 steps equal, to the last bit, ASGO(asgo_param_groups(model), nesterov=True)."""
+    from lightning_soaa import ASGO
+    from lightning_soaa.optim.asgo_groups import asgo_param_groups
+    from tests.lightning.helpers import PlainRegressor
+
+    monkeypatch.chdir(tmp_path)
+    cli = SOAALightningCLI(args=[*BASE, "--optimizer", "lightning_soaa.ASGO", "--optimizer.lr", "0.02",
+                                 "--optimizer.nesterov", "true"])
+    opt = cli.trainer.optimizers[0]
+    assert [g["nesterov"] for g in opt.param_groups] == [True] * len(opt.param_groups)
+    model = PlainRegressor()
+    hand = ASGO(asgo_param_groups(model), lr=0.02, nesterov=True)
+    model.configure_optimizers = lambda: hand  # type: ignore[method-assign]
+    _fit(model)
+    assert hand.statistics()["steps"] == opt.statistics()["steps"] == 3.0
+    for a, b in zip(cli.model.parameters(), model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def _fit(model: Any, max_steps: int = 3, ckpt_path: str | None = None) -> Any:
     import lightning.pytorch as pl
 
