@@ -40,6 +40,7 @@ __all__ = [
     "LocalComm",
     "TorchComm",
     "default_communicator",
+    "dist_world",
     "distributed_running",
     "default_group_ready",
     "gather_object",
@@ -202,6 +203,8 @@ class TorchComm(_StatsMixin):
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
+        # the default group this communicator's ranks were read from (see :meth:`stale`)
+        self._world = dist.group.WORLD if _is_default_group(group) else None
         backend = dist.get_backend(group)
         # NCCL only reduces tensors that live on the GPU; gloo only on the CPU.
         self.device = (
@@ -210,6 +213,15 @@ class TorchComm(_StatsMixin):
         self._init_stats()
         # our collectives run on Python tensors: let gloo's workers drop them before interpreter exit
         install_exit_drain()
+
+    def stale(self) -> bool:
+        """Whether the default process group this communicator runs on was destroyed and initialized again
+        since it was built (a second ``init_process_group`` in the same processes: a notebook, a second
+        fit): ``rank`` and ``world_size`` were read from the old one, and with the ranks in another order
+        the optimizer's owned blocks were another rank's (3.3 off the one-process run, silently). The
+        optimizer then re-attaches as a pickled one does (:class:`DeferredComm`: every rank checks its rank
+        and the world size in one all-reduce of the new group, and every rank raises where any moved)."""
+        return self._world is not None and dist.group.WORLD is not self._world
 
     def _to_comm_device(self, t: torch.Tensor) -> torch.Tensor:
         return t if t.device == self.device else t.to(self.device)
@@ -306,10 +318,11 @@ class DeferredComm:
     collective are empty.
     """
 
-    def __init__(self, rank: int, world_size: int, default_group: bool = True) -> None:
+    def __init__(self, rank: int, world_size: int, default_group: bool = True, origin: str = "pickled") -> None:
         self.rank = rank
         self.world_size = world_size
         self.default_group = default_group
+        self.origin = origin  # how it came to stand for a group it is not attached to (the messages say it)
         self._real: TorchComm | None = None
         self._empty = CommStats()
 
@@ -337,9 +350,10 @@ class DeferredComm:
         moved_ranks = int(real.all_reduce_scalars(torch.tensor([float(moved)]))[0])
         if moved_ranks:
             raise RuntimeError(
-                f"This optimizer was pickled on {where} but is used on rank {real.rank} of world size "
+                f"This optimizer was {self.origin} on {where} but is used on rank {real.rank} of world size "
                 f"{real.world_size} ({moved_ranks} rank(s) moved); it owns the blocks of its old rank. Save "
-                "state_dict() and load it into a new optimizer to continue at another world size."
+                "state_dict() and load it into a new optimizer to continue at another world size (with "
+                "consolidate_state_dict() first, before the old process group is destroyed)."
             )
         self._real = real
         return real
@@ -388,11 +402,24 @@ class DeferredComm:
 def default_communicator(process_group: dist.ProcessGroup | None = None) -> LocalComm | TorchComm:
     """``TorchComm`` over ``process_group`` (or the default group) when torch.distributed runs with W > 1."""
     if dist.is_available() and dist.is_initialized():
+        if process_group is not None and dist.get_world_size(process_group) < 1:
+            # what dist.new_group(ranks) hands a rank outside ``ranks``: its world size reads -1, which ran
+            # the optimizer as one process on that rank, silently training alone
+            raise ValueError(
+                f"Invalid process_group: rank {dist.get_rank()} is not a member of it (dist.new_group returns "
+                "that handle to the ranks left out). Build the optimizer only on the group's ranks, with the "
+                "group the rank belongs to.")
         if dist.get_world_size(process_group) > 1:
             return TorchComm(process_group)
     elif process_group is not None:
         raise ValueError("process_group was given but torch.distributed is not initialized")
     return LocalComm()
+
+
+def dist_world() -> Any:
+    """The default process group object now (None without one): a new one after destroy_process_group and
+    init_process_group, so an identity comparison tells a re-initialized group from the old one."""
+    return dist.group.WORLD if distributed_running() else None
 
 
 def distributed_running() -> bool:

@@ -110,9 +110,12 @@ from lightning_soaa.distributed.checkpoint import (
 )
 from lightning_soaa.distributed.comm import (
     Communicator,
+    DeferredComm,
     LocalComm,
+    TorchComm,
     default_communicator,
     default_group_ready,
+    dist_world,
     distributed_running,
     gather_object,
     group_key,
@@ -565,6 +568,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         # Built before the default process group exists (stock LightningCLI --optimizer, user code that
         # builds the optimizer first): join that group before the first collective (see _ensure_joined).
         self._join_pending = comm is None and process_group is None and not distributed_running()
+        # built as one process under a 1-rank default group: a later group of more ranks is refused (_ensure_joined)
+        self._world_at_build = dist_world() if isinstance(self.comm, LocalComm) and comm is None else None
         self._unjoined_steps = 0  # steps taken as a single process while a join was pending
         self._unjoined_ordinal = _next_unjoined() if self._join_pending else -1
         self._table: BlockTable | None = None
@@ -630,7 +635,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 if not (k.startswith("_optimizer_") and k.endswith("_hooks")) and k not in self._transient
                 and not (callable(v) and callable(getattr(cls, k, None))) and k != "_opt_called"
                 and k not in ("_view_cache", "_step_counts", "_valid_groups", "_state_ids", "_state_ids_now",
-                              "_hyper_digests", "stop_vote")}
+                              "_hyper_digests", "stop_vote", "_world_at_build")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         had_differentiable = "differentiable" in state["defaults"]
@@ -1073,6 +1078,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         The local (unsharded) state, e.g. loaded from a checkpoint before the first step, is kept for the
         blocks this rank owns after sharding. Ranks that already stepped alone raise, on every rank.
         """
+        self._check_same_world()
         if not self._join_pending or not default_group_ready():
             return
         full = self._gather_full_state()  # local: the LocalComm owns every block
@@ -1083,12 +1089,30 @@ class ShardedOptimizer(torch.optim.Optimizer):
             if self.comm.world_size > 1:
                 self._meet_before_join()
             self._build_table()
-        except Exception:
+        except BaseException:  # (Ctrl+C too: the comm must not stay switched over the local table)
             self.comm, self._join_pending = local_comm, True  # nothing changed: still the local table
             raise
         log.info("%s: joined the %d-rank default process group at its first collective (it was built "
                  "before torch.distributed was initialized)", type(self).__name__, self.comm.world_size)
         self._restore_owned_state(fit_layout(self._checkpoint_view(), full))  # the blocks may depend on W
+
+    def _check_same_world(self) -> None:
+        """The default process group was destroyed and initialized again since this optimizer was built (a
+        notebook, a second fit in one process). Over it: re-attach, checking on every rank that each kept its
+        rank and the world size (:meth:`TorchComm.stale`). Built as one process under a 1-rank group and
+        now under a group of more ranks: refused (each rank would go on training alone: 0.12 apart)."""
+        if isinstance(self.comm, TorchComm) and self.comm.stale():
+            self.comm = DeferredComm(self.comm.rank, self.comm.world_size, True,
+                                     "built over the default process group before it was initialized again,").attach()
+            return
+        built = self.__dict__.get("_world_at_build")
+        if built is not None and isinstance(self.comm, LocalComm) and dist_world() is not built \
+                and default_group_ready():
+            raise RuntimeError(
+                f"{type(self).__name__}: built as one process under a 1-rank default process group, which was "
+                "replaced by one of several ranks since; it would go on training alone on each rank. Build the "
+                "optimizer after the new init_process_group (load this one's state_dict() into it). Nothing "
+                "changed.")
 
     def _join_before_step(self) -> None:
         """At the start of every step (also in subclasses that drive their own step, e.g. EGN): join the
@@ -1534,14 +1558,14 @@ class ShardedOptimizer(torch.optim.Optimizer):
             return self._skip_step(decision.reason)
         try:
             self._apply(views, decision)
-        except Exception as e:
+        except BaseException as e:  # KeyboardInterrupt too (a notebook's Ctrl+C): it left groups half-updated
             self._update_interrupted(e)
             raise
         self._exchange_out(decision)
         self._count_step()
         return True
 
-    def _update_interrupted(self, error: Exception) -> None:
+    def _update_interrupted(self, error: BaseException) -> None:
         """``_apply`` raised (out of memory in an update kernel): some owned blocks may hold their new
         values and state, others the old ones, and nothing can put them back without a copy of them all.
         Every later step is refused until :meth:`load_state_dict`. At W > 1 the other ranks are left in
@@ -1900,7 +1924,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         del mine  # this rank's copy: on a rank other than ``to`` it has been sent
         for part in parts or ():
             merged.update(part)
-        del parts
+        part = parts = None  # (the loop's name held the last part's blocks: handed_out lets them go as it joins)
         # on every rank: the global state may be a collective (SOAA's lag is summed over the ranks)
         global_state = {**self._global_state(), "num_steps": self.num_steps, "skipped_steps": self.skipped_steps}
         if to is not None and to != self.comm.rank:

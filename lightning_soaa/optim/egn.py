@@ -1289,8 +1289,8 @@ class EGN(ShardedOptimizer):
             if cap.error is None and self._explicit:
                 cap.error = self._explicit_rows(cap, xs, z)
             if cap.error is None and self.__dict__.get("_probe_due", True):
-                cap.error = self._factor_probe(cap, z)
-                self._current().probed = cap.error is None
+                cap.error, decided = self._factor_probe(cap, z)
+                self._current().probed = cap.error is None and decided
             if cap.error is not None:
                 return None, None, cap.error
         return z, cap, None
@@ -1394,7 +1394,7 @@ class EGN(ShardedOptimizer):
         cap.rows = rows.detach()
         return coupled
 
-    def _factor_probe(self, cap: LinearCapture, z: Tensor) -> str | None:
+    def _factor_probe(self, cap: LinearCapture, z: Tensor) -> tuple[str | None, bool]:
         """Whether the general capture's Gram factors are the Jacobian of this forward: Jᵀu read from them
         (:meth:`_factor_vjp`, as the step reads d = Jᵀv) against autograd's gradient of Σ u·z through the
         forward's own graph, for a fixed probe u_ik = w_i ρ_k, per factored parameter; None, or the
@@ -1405,11 +1405,13 @@ class EGN(ShardedOptimizer):
         hooks) leaves factors that give a wrong step, and nothing else would say so. One backward to the
         parameters, once per capture plan (the first general capture after EGN is built or re-planned on a
         freezing change, and so after a traced chain falls back to it); the explicit rows of the other
-        parameters are checked at every step already (:func:`checked_explicit_rows`)."""
+        parameters are checked at every step already (:func:`checked_explicit_rows`). Returns (the refusal or
+        None, whether the probe decided): a batch with non-finite outputs decides nothing (every comparison
+        with NaN is False), so the probe runs again at the next step (it was spent on such a first batch)."""
         b, c = z.shape
         named = [(self._named[j][0], self._named[j][1]) for pair in self._site_index for j in pair if j is not None]
         if b == 0 or not named:
-            return None
+            return None, True
         cot = probe_weights(b, z)[:, None] * probe_weights(c, z)[None, :]
         got: Sequence[Tensor | None] = [None] * len(named)
         if z.requires_grad:  # else no trained parameter reaches z: its gradient is zero
@@ -1424,6 +1426,8 @@ class EGN(ShardedOptimizer):
                 g = torch.zeros_like(w) if g is None else g.to(acc)
                 norms += [(g - w).norm(), g.norm() + w.norm()]
             values = torch.stack(norms).tolist()  # one host read
+        if not all(math.isfinite(v) for v in values):
+            return None, False
         pairs = list(zip(values[0::2], values[1::2]))
         tol = COUPLING_TOL.get(z.dtype, 3e-2)
         floor = 1e-6 * max(scale for _, scale in pairs)  # a parameter whose gradient is rounding noise: no evidence
@@ -1435,8 +1439,8 @@ class EGN(ShardedOptimizer):
                         "depend on it in a way EGN's per-layer capture does not see, and the step would be "
                         "silently wrong. Build EGN with jacobian='explicit' (per-sample Jacobians of the whole "
                         "forward, by torch.func), freeze that parameter, or train this model with a first-order "
-                        "optimizer (e.g. ShardedAdamW, SOAA).")
-        return None
+                        "optimizer (e.g. ShardedAdamW, SOAA).", True)
+        return None, True
 
     def _agree_on_batch(self, xs: tuple[Tensor, ...], targets: Tensor) -> _Batch:
         """Local forward; then ONE all-reduce of [non-finite, loss sum, per rank: error, b_r, c, trainable

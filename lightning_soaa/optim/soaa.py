@@ -799,7 +799,7 @@ class SOAA(ShardedOptimizer):
         decision = self._decision(s_m2, s_veps, lag_mu, lag_vu2, loss_sum, w, groups)
         try:
             self._update([], decision)
-        except Exception as e:  # as the template's _apply: refused until load_state_dict
+        except BaseException as e:  # as the template's _apply (KeyboardInterrupt too): refused until load_state_dict
             self._update_interrupted(e)
             raise
         self._count_step()

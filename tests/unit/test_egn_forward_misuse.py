@@ -353,7 +353,7 @@ def test_the_factor_probe_runs_once_per_capture_plan(monkeypatch) -> None:
     calls: list[int] = []
     probe = EGN._factor_probe
 
-    def counted(self: EGN, cap: object, z: Tensor) -> str | None:
+    def counted(self: EGN, cap: object, z: Tensor) -> tuple[str | None, bool]:
         calls.append(1)
         return probe(self, cap, z)  # type: ignore[arg-type]
 
@@ -376,3 +376,24 @@ def test_the_factor_probe_runs_once_per_capture_plan(monkeypatch) -> None:
     traced = EGN(_Scaled("copy", "traced").double(), loss="mse", lr=1.0)
     traced.step(inputs=x, targets=y)
     assert len(calls) == 2
+
+
+def test_a_first_batch_with_non_finite_outputs_does_not_spend_the_factor_probe(monkeypatch) -> None:
+    """Reviewer: every comparison with NaN is False, so a first batch with a NaN input passed the probe and
+    marked it done; its step was skipped, and the next (finite) steps of a capture that misses a dependence
+    went on unprobed (a zero step, silently). A non-finite probe decides nothing: the next step probes."""
+    from lightning_soaa.optim import egn_capture, egn_guard
+    monkeypatch.setattr(egn_capture, "maybe_current_level", lambda: None)
+    monkeypatch.setattr(egn_guard, "_reached", lambda *args, **kwargs: None)
+    torch.manual_seed(0)
+    model = _FuncForce("grad").double()
+    opt = EGN(model, loss="mse", lr=1.0, damping=0.7)
+    x, y = _data(5, 3, 3)
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    opt.step(inputs=bad, targets=y)
+    assert opt.skipped_steps == 1
+    before = _snapshot(opt)
+    with pytest.raises(ValueError, match=r"Gram factors captured for the trained parameter 'energy\.0\.weight'"):
+        opt.step(inputs=x, targets=y)
+    _assert_unchanged(opt, before)

@@ -343,9 +343,10 @@ def test_interferences_in_random_sequences(seed: int) -> None:
     assert planned._plans(), "the plan was never kept"
 
 
-def test_an_interrupted_planned_update_is_refused_until_a_load() -> None:
-    """The planned step's update raising (out of memory) is the template's interrupted update: the next
-    step raises until load_state_dict, which trains on as before."""
+@pytest.mark.parametrize("kind", [RuntimeError, KeyboardInterrupt])
+def test_an_interrupted_planned_update_is_refused_until_a_load(kind: type[BaseException]) -> None:
+    """The planned step's update raising (out of memory, or Ctrl+C: no Exception) is the template's
+    interrupted update: the next step raises until load_state_dict, which trains on as before."""
     model = _model()
     opt = SOAA(model.parameters(), lr=1e-2)
     for t in range(2):  # step 0 builds the plan; step 1 is planned
@@ -354,11 +355,11 @@ def test_an_interrupted_planned_update_is_refused_until_a_load() -> None:
     saved = copy.deepcopy(opt.state_dict()), copy.deepcopy(model.state_dict())
 
     def interrupted(*args: Any) -> None:
-        raise RuntimeError("injected: out of memory in the planned update")
+        raise kind("injected: out of memory in the planned update")
 
     opt._update = interrupted  # type: ignore[method-assign]
     _grads(model, 2)
-    with pytest.raises(RuntimeError, match="injected"):
+    with pytest.raises(kind, match="injected"):
         opt.step(loss=1.0 / 3)
     del opt._update
     with pytest.raises(RuntimeError, match="interrupted inside its update"):
