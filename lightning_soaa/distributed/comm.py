@@ -339,7 +339,7 @@ class DeferredComm:
             )
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(
-                f"This optimizer was pickled on {where}; call torch.distributed.init_process_group (same "
+                f"This optimizer was {self.origin} on {where}; call torch.distributed.init_process_group (same "
                 "world size, same rank) before using it, or save state_dict() and load it into a new "
                 "optimizer to continue at another world size."
             )

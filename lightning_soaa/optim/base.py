@@ -1101,9 +1101,20 @@ class ShardedOptimizer(torch.optim.Optimizer):
         notebook, a second fit in one process). Over it: re-attach, checking on every rank that each kept its
         rank and the world size (:meth:`TorchComm.stale`). Built as one process under a 1-rank group and
         now under a group of more ranks: refused (each rank would go on training alone: 0.12 apart)."""
-        if isinstance(self.comm, TorchComm) and self.comm.stale():
-            self.comm = DeferredComm(self.comm.rank, self.comm.world_size, True,
-                                     "built over the default process group before it was initialized again,").attach()
+        old = self.comm
+        real = old.__dict__.get("_real") if isinstance(old, DeferredComm) else old  # (unpickled: its attached one)
+        if isinstance(real, TorchComm) and real.stale():
+            new = DeferredComm(real.rank, real.world_size, True,
+                               "built over the default process group before it was initialized again,").attach()
+            # every holder of the old communicator: the step's exchange ran on the destroyed group object
+            self.comm = new
+            exchange = self.__dict__.get("exchange")
+            if exchange is not None and exchange.comm is old:
+                exchange.comm = new
+            if self.__dict__.get("_construction_comm") is old:
+                self._construction_comm = new
+            if self._dtensor is not None and self._dtensor.comm is old:
+                self._dtensor.comm = new
             return
         built = self.__dict__.get("_world_at_build")
         if built is not None and isinstance(self.comm, LocalComm) and dist_world() is not built \

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import datetime
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +38,10 @@ def _step(name: str, model: Any, opt: Any, t: int, rank: int, world: int) -> Non
     step(spec, model, opt, t, rank=rank, world=world, average=world > 1 and spec.needs is not StepNeeds.BATCH)
 
 
-def _w_reinit(rank: int, world: int, name: str, store: str, swap: bool) -> dict[str, Any]:
+def _w_reinit(rank: int, world: int, name: str, store: str, swap: bool, pickled: bool) -> dict[str, Any]:
     model, opt = _make(name)
+    if pickled:  # an unpickled optimizer runs on a DeferredComm that attaches at its first collective (reviewer)
+        model, opt = pickle.loads(pickle.dumps((model, opt)))
     for t in range(2):
         _step(name, model, opt, t, rank, world)
     dist.barrier()
@@ -54,14 +57,18 @@ def _w_reinit(rank: int, world: int, name: str, store: str, swap: bool) -> dict[
     except RuntimeError as e:
         error = str(e)
     changed = any(not torch.equal(a, b) for a, b in zip(before, params(model)))
-    return {"error": error, "params": params(model), "changed": changed}
+    # every holder of the communicator was moved to the new group (the exchange ran on the destroyed one)
+    moved = error is not None or getattr(opt, "exchange", None) is None or opt.exchange.comm is opt.comm
+    return {"error": error, "params": params(model), "changed": changed, "moved": moved}
 
 
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("swap", [False, True])
+@pytest.mark.parametrize("pickled", [False, True])
 def test_a_default_group_initialized_again_continues_or_is_refused_on_every_rank(name: str, swap: bool,
+                                                                                 pickled: bool,
                                                                                  tmp_path: Path) -> None:
-    out = run_distributed(_w_reinit, 2, tmp_path, name, str(tmp_path / "store2"), swap, timeout=120)
+    out = run_distributed(_w_reinit, 2, tmp_path, name, str(tmp_path / "store2"), swap, pickled, timeout=120)
     if swap:
         for o in out:
             assert o["error"] is not None and "initialized again" in o["error"] and not o["changed"], o["error"]
@@ -70,7 +77,7 @@ def test_a_default_group_initialized_again_continues_or_is_refused_on_every_rank
     for t in range(4):
         _step(name, model, opt, t, 0, 1)
     for o in out:
-        assert o["error"] is None, o["error"]
+        assert o["error"] is None and o["moved"], o["error"]
         for a, b in zip(o["params"], params(model)):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
