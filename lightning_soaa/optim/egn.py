@@ -206,6 +206,17 @@ def _refuse_wrapper_hooks(hooks: list[tuple[str, dict[int, Any]]]) -> None:
             "model before torch.compile: the compiled forward runs them too). Nothing changed.")
 
 
+def _the_module(model: Any) -> tuple[nn.Module, list[tuple[str, dict[int, Any]]]]:
+    """The eager module EGN works on, and the hook dicts of the ``torch.compile`` wrapper it came in (EGN runs
+    the inner module without them: refused here and at every step while any is registered)."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"Invalid model={type(model).__name__}. EGN needs the nn.Module itself "
+                         "(it forms Jacobians from it), not its parameters.")
+    wrapper_hooks = _wrapper_hooks(model) if _compiled_inner(model) is not None else []
+    _refuse_wrapper_hooks(wrapper_hooks)
+    return _eager_module(model), wrapper_hooks
+
+
 def _changed_input(xs: tuple[Tensor, ...], versions: list[int]) -> str | None:
     """Why the forward just run cannot be run again on ``xs`` (it changed one of them in place: its version
     counter moved), else None. EGN runs the forward several times a step on the same tensors (the capture,
@@ -663,13 +674,7 @@ class EGN(ShardedOptimizer):
         comm: Any = None,
         shard: bool = True,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise ValueError(f"Invalid model={type(model).__name__}. EGN needs the nn.Module itself "
-                             "(it forms Jacobians from it), not its parameters.")
-        # a torch.compile wrapper's hooks: EGN runs the inner module without them (checked at every step too)
-        wrapper_hooks = _wrapper_hooks(model) if _compiled_inner(model) is not None else []
-        _refuse_wrapper_hooks(wrapper_hooks)
-        model = _eager_module(model)
+        model, wrapper_hooks = _the_module(model)
         cfg = EGNConfig(
             loss=loss, lr=lr, damping=damping, momentum=momentum, line_search=line_search,
             adaptive_damping=adaptive_damping, armijo_c=armijo_c, ls_decrease=ls_decrease,
@@ -708,6 +713,10 @@ class EGN(ShardedOptimizer):
         self._pending_plain = False  # the pending batch came from a set_batch without replace=True
         self._pass: _Pass | None = None  # the step in progress
         self._plan()
+        self._start_run_state(cfg)
+
+    def _start_run_state(self, cfg: EGNConfig) -> None:
+        """The optimizer-wide state of a run that has not stepped (what the checkpoint's global state holds)."""
         self.damping = float(cfg.damping)
         self.alpha = float(cfg.lr)  # α of the previous step (the line search resets from it)
         self.momentum_steps = 0
