@@ -670,18 +670,23 @@ def _misuse_worker(rank: int, world: int) -> dict:
         state = {k: v.clone() for p in model.parameters() for k, v in opt.state.get(p, {}).items()
                  if isinstance(v, torch.Tensor)}
         before = (_flat(model), opt.num_steps, opt.damping, opt.alpha, opt.momentum_steps)
-        x, y = _uneven_share(1, rank, world)
-        try:
-            opt.step(inputs=x[:, :3].clone(), targets=y)
-            message = None
-        except (ValueError, RuntimeError) as exc:
-            message = str(exc)
+        message = _step_message(opt, 1, rank, world)
         now = {k: v for p in model.parameters() for k, v in opt.state.get(p, {}).items() if isinstance(v, torch.Tensor)}
         unchanged = (torch.equal(_flat(model), before[0])
                      and (opt.num_steps, opt.damping, opt.alpha, opt.momentum_steps) == before[1:]
                      and now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state))
         out[case] = (message, unchanged)
     return out
+
+
+def _step_message(opt: EGN, t: int, rank: int, world: int) -> str | None:
+    """This rank's share of batch ``t`` stepped: None, or the refusal's message."""
+    x, y = _uneven_share(t, rank, world)
+    try:
+        opt.step(inputs=x[:, :3].clone(), targets=y)
+        return None
+    except (ValueError, RuntimeError) as exc:
+        return str(exc)
 
 
 def test_forward_misuse_on_one_rank_is_refused_on_every_rank(tmp_path) -> None:
@@ -710,12 +715,7 @@ def _probe_worker(rank: int, world: int) -> dict:
     model = _Odd("func_force" if last else None)
     opt = EGN(model, loss="mse", lr=0.5, momentum=0.5)
     before = _flat(model)
-    x, y = _uneven_share(0, rank, world)
-    try:
-        opt.step(inputs=x[:, :3].clone(), targets=y)
-        message = None
-    except (ValueError, RuntimeError) as exc:
-        message = str(exc)
+    message = _step_message(opt, 0, rank, world)
     return {"message": message, "unchanged": torch.equal(_flat(model), before) and opt.num_steps == 0
             and opt.momentum_steps == 0 and opt.damping == 1.0}
 

@@ -35,6 +35,13 @@ def flat_params(model: nn.Module) -> Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.requires_grad])
 
 
+def assert_steps_by(opt: torch.optim.Optimizer, model: nn.Module, x: Tensor, y: Tensor, ref: Tensor) -> None:
+    """One EGN step on ``(x, y)`` moves ``model``'s parameters by ``ref`` (the oracle's direction)."""
+    w0 = flat_params(model)
+    opt.step(inputs=x, targets=y)  # type: ignore[call-arg]
+    torch.testing.assert_close(flat_params(model) - w0, ref, rtol=1e-9, atol=1e-12)
+
+
 def direct_direction(model: nn.Module, x: Tensor, y: Tensor, loss: str, damping: float) -> dict[str, Tensor]:
     """d = (JᵀQJ + bλI)⁻¹ Jᵀ r in parameter space, plus the pieces (eval mode is the caller's job)."""
     with torch.no_grad():
