@@ -581,8 +581,9 @@ def _check_block_keys(optimizer: CheckpointView, state: dict[Any, Any], saved_la
     blocks: dict[int, list[int]] = {}
     if saved_layout is not None:
         blocks = {pi: list(range(len(bl))) for pi, bl in enumerate(saved_layout)}
-    for b in optimizer.block_table.blocks if saved_layout is None else ():
-        blocks.setdefault(b.param_index, []).append(b.sub_index)
+    else:
+        for b in optimizer.block_table.blocks:
+            blocks.setdefault(b.param_index, []).append(b.sub_index)
     for key, per_param in state.items():
         if per_param is None or (isinstance(per_param, dict) and not per_param):
             continue  # no state yet

@@ -87,7 +87,9 @@ def handed_out(opt: ShardedOptimizer, blocks: Blocks) -> tuple[Blocks, Layout]:
             continue  # torch's tools leave a frozen parameter's state out on load; zeros would cost a full state
         schema = _schema(opt, b)
         held = out.get(b.key)
-        missing = set(schema) if held is None else (set(schema) - set(held)) & _optional(opt, b.param_index)
+        missing = set(schema) - set(held or {})
+        if held is not None and missing:  # (the optional keys read only where a held block lacks some)
+            missing &= _optional(opt, b.param_index)
         if missing:
             zeros = {k: torch.zeros(schema[k][0], dtype=schema[k][1], device=cpu) for k in sorted(missing)}
             out[b.key] = {**zeros, **(held or {})}
