@@ -181,28 +181,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    device = torch.device(args.device)
-    torch.manual_seed(0)
-    base = TinyGPT(args.vocab, args.d_model, args.layers, args.heads, args.seq).to(device)
-    names = [n for n in make_optimizers(args.lr) if n in args.optimizers]
-    factories = make_optimizers(args.lr)
-    runs = {}
-    for n in names:
-        model = copy.deepcopy(base)
-        runs[n] = {"model": model, "opt": factories[n](model), "step": [], "cpu": [], "fb": [], "loss": []}
-    load_before = os.getloadavg()
+def _batch(args: argparse.Namespace, gen: torch.Generator) -> torch.Tensor:
+    """A learnable task: a random first token, then every next token a fixed function of the current one."""
+    idx = torch.empty(args.batch, args.seq + 1, dtype=torch.long)
+    idx[:, 0] = torch.randint(0, args.vocab, (args.batch,), generator=gen)
+    for j in range(args.seq):
+        idx[:, j + 1] = (idx[:, j] * 7 + 3) % args.vocab
+    return idx
+
+
+def _train(args: argparse.Namespace, runs: dict[str, dict[str, Any]], device: torch.device) -> None:
+    """Every optimizer steps on the same batches, interleaved, recording its step and forward-backward times."""
     gen = torch.Generator().manual_seed(1)
     total = args.warmup + args.steps
     for t in range(total):
-        # a learnable task: a random first token, then every next token a fixed function of the current one
-        idx = torch.empty(args.batch, args.seq + 1, dtype=torch.long)
-        idx[:, 0] = torch.randint(0, args.vocab, (args.batch,), generator=gen)
-        for j in range(args.seq):
-            idx[:, j + 1] = (idx[:, j] * 7 + 3) % args.vocab
-        idx = idx.to(device)
-        for n in names:
-            r = runs[n]
+        idx = _batch(args, gen).to(device)
+        for r in runs.values():
             r["opt"].zero_grad(set_to_none=True)
             _sync(device)
             t0 = time.perf_counter()
@@ -220,30 +214,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 r["cpu"].append(c2 - c1)
             r["loss"].append(float(loss.detach()))
         if t % 10 == 0:
-            log.info("step %d/%d: %s", t, total, {n: round(runs[n]["loss"][-1], 3) for n in names})
-    results: dict[str, Any] = {}
-    for n in names:
-        r = runs[n]
-        step_ms = 1e3 * statistics.median(r["step"])
-        fb_ms = 1e3 * statistics.median(r["fb"])
-        results[n] = {
-            "step_ms_median": step_ms,
-            "step_ms_mean": 1e3 * statistics.fmean(r["step"]),
-            "step_ms_p90": 1e3 * sorted(r["step"])[int(0.9 * (len(r["step"]) - 1))],
-            "step_cpu_ms_median": 1e3 * statistics.median(r["cpu"]),
-            "step_cpu_ms_p10_p90": [1e3 * sorted(r["cpu"])[int(q * (len(r["cpu"]) - 1))] for q in (0.1, 0.9)],
-            "fwd_bwd_ms_median": fb_ms,
-            "step_over_fwd_bwd": step_ms / fb_ms,
-            "loss_first": r["loss"][0],
-            "loss_last": statistics.fmean(r["loss"][-5:]),
-            "step_times_ms": [1e3 * x for x in r["step"]],
-            "losses": r["loss"],
-        }
-        if isinstance(r["opt"], (ASGO, DASGO)):
-            st = r["opt"].statistics()
-            results[n]["optimizer_statistics"] = {k: v for k, v in st.items() if not k.startswith("comm")}
+            log.info("step %d/%d: %s", t, total, {n: round(r["loss"][-1], 3) for n, r in runs.items()})
+
+
+def _summary(r: dict[str, Any]) -> dict[str, Any]:
+    step_ms = 1e3 * statistics.median(r["step"])
+    fb_ms = 1e3 * statistics.median(r["fb"])
+    out = {
+        "step_ms_median": step_ms,
+        "step_ms_mean": 1e3 * statistics.fmean(r["step"]),
+        "step_ms_p90": 1e3 * sorted(r["step"])[int(0.9 * (len(r["step"]) - 1))],
+        "step_cpu_ms_median": 1e3 * statistics.median(r["cpu"]),
+        "step_cpu_ms_p10_p90": [1e3 * sorted(r["cpu"])[int(q * (len(r["cpu"]) - 1))] for q in (0.1, 0.9)],
+        "fwd_bwd_ms_median": fb_ms,
+        "step_over_fwd_bwd": step_ms / fb_ms,
+        "loss_first": r["loss"][0],
+        "loss_last": statistics.fmean(r["loss"][-5:]),
+        "step_times_ms": [1e3 * x for x in r["step"]],
+        "losses": r["loss"],
+    }
+    if isinstance(r["opt"], (ASGO, DASGO)):
+        st = r["opt"].statistics()
+        out["optimizer_statistics"] = {k: v for k, v in st.items() if not k.startswith("comm")}
+    return out
+
+
+def _ratios(results: dict[str, Any]) -> dict[str, float]:
     ratios = {}
-    for n in names:
+    for n in results:
         if "adamw" in results:
             ratios[f"{n}_over_adamw"] = results[n]["step_ms_median"] / results["adamw"]["step_ms_median"]
         if "muon" in results:
@@ -257,6 +255,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # step(tau) = other + root/tau  =>  root = (s1 - s10) * 10/9
         ratios["asgo_root_cost_ms_estimate"] = (s1 - s10) * 10.0 / 9.0
         ratios["asgo_root_share_of_step"] = ratios["asgo_root_cost_ms_estimate"] / s1
+    return ratios
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    base = TinyGPT(args.vocab, args.d_model, args.layers, args.heads, args.seq).to(device)
+    factories = make_optimizers(args.lr)
+    runs = {}
+    for n in [n for n in factories if n in args.optimizers]:
+        model = copy.deepcopy(base)
+        runs[n] = {"model": model, "opt": factories[n](model), "step": [], "cpu": [], "fb": [], "loss": []}
+    load_before = os.getloadavg()
+    _train(args, runs, device)
+    results = {n: _summary(r) for n, r in runs.items()}
     n_params = sum(p.numel() for p in base.parameters())
     return {
         "benchmark": "bench_asgo",
@@ -270,7 +283,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "platform": platform.platform(),
         "load_average_before_after": [list(load_before), list(os.getloadavg())],
         "results": results,
-        "ratios": ratios,
+        "ratios": _ratios(results),
     }
 
 

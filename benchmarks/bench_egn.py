@@ -124,23 +124,9 @@ def _plot_ttt(ax: Any, ttt: list[dict]) -> None:  # ax: a matplotlib Axes
         ax.legend()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batches", type=int, nargs="+", default=[16, 64, 256])
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    ap.add_argument("--seeds", type=int, default=3, help="time-to-target seeds (0: skip)")
-    ap.add_argument("--worker", nargs=2, metavar=("KIND", "B"), help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.worker:
-        if args.worker[0] == "ttt":
-            print(json.dumps(ttt_worker(args.worker[1], args.seeds)))
-        else:
-            print(json.dumps(worker(args.worker[0], int(args.worker[1]), args.steps)))
-        return
-    load_before = os.getloadavg()
+def _step_rows(args: argparse.Namespace, env: dict[str, str]) -> list[dict[str, Any]]:
+    """One worker process per (batch, kind): its step times, peak memory and (EGN) exchange bytes."""
     rows = []
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     for b in args.batches:
         for kind in ("adamw", "egn_gram", "egn_explicit"):
             cmd = [sys.executable, __file__, "--worker", kind, str(b), "--steps", str(args.steps)]
@@ -153,17 +139,23 @@ def main() -> None:
                   f"({row['step_s_range'][0] * 1e3:.2f}-{row['step_s_range'][1] * 1e3:.2f})  "
                   f"peak RSS +{row['peak_rss_delta_mib']:8.1f} MiB  loss {row['loss_first']:.3f} -> "
                   f"{row['loss_last']:.3f}", flush=True)
-    by = {(r["kind"], r["b"]): r for r in rows}
+    return rows
+
+
+def _ratios(by: dict[tuple[str, int], dict[str, Any]], batches: list[int]) -> dict[str, dict[str, float]]:
     def ratio(key: str, num: str, den: str, b: int) -> float:
         return by[(num, b)][key] / by[(den, b)][key]
 
     t, m = "step_s_median", "peak_rss_delta_mib"
-    ratios = {str(b): {"egn_gram_over_adamw_time": ratio(t, "egn_gram", "adamw", b),
-                       "egn_explicit_over_gram_time": ratio(t, "egn_explicit", "egn_gram", b),
-                       "egn_gram_over_adamw_rss": ratio(m, "egn_gram", "adamw", b),
-                       "egn_explicit_over_gram_rss": ratio(m, "egn_explicit", "egn_gram", b),
-                       "explicit_over_gram_exchange_bytes": ratio("exchange_bytes", "egn_explicit", "egn_gram", b)}
-              for b in args.batches}
+    return {str(b): {"egn_gram_over_adamw_time": ratio(t, "egn_gram", "adamw", b),
+                     "egn_explicit_over_gram_time": ratio(t, "egn_explicit", "egn_gram", b),
+                     "egn_gram_over_adamw_rss": ratio(m, "egn_gram", "adamw", b),
+                     "egn_explicit_over_gram_rss": ratio(m, "egn_explicit", "egn_gram", b),
+                     "explicit_over_gram_exchange_bytes": ratio("exchange_bytes", "egn_explicit", "egn_gram", b)}
+            for b in batches}
+
+
+def _time_to_target(args: argparse.Namespace, env: dict[str, str]) -> list[dict[str, Any]]:
     ttt = []
     for name in (("digits", "synthetic2") if args.seeds > 0 else ()):
         cmd = [sys.executable, __file__, "--worker", "ttt", name, "--seeds", str(args.seeds)]
@@ -174,17 +166,11 @@ def main() -> None:
               f"{t['egn_cpu_s_median']:.2f} s CPU; AdamW (lr {t['adamw_best_lr']}) {t['adamw_steps_median']} steps, "
               f"{t['adamw_cpu_s_median']:.2f} s CPU; EGN/AdamW CPU time "
               f"{t.get('egn_over_adamw_cpu_median', float('nan')):.2f}x", flush=True)
-    import torch
+    return ttt
 
-    result = {"benchmark": "bench_egn", "load_average_before": load_before, "load_average_after": os.getloadavg(),
-              "time_to_target": ttt,
-              "step_time_metric": "CPU time per step (process_time), median of --steps",
-              "mlp_sizes": SIZES, "loss": "cross_entropy", "dtype": "float32",
-              "threads": 1, "steps_timed": args.steps, "memory_metric": "ru_maxrss growth over the run (MiB)",
-              "torch": torch.__version__, "machine": platform.platform(), "processor": platform.processor(),
-              "rows": rows, "ratios": ratios}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_egn.json").write_text(json.dumps(result, indent=2))
+
+def _plot(by: dict[tuple[str, int], dict[str, Any]], batches: list[int], ttt: list[dict[str, Any]],
+          path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -193,7 +179,7 @@ def main() -> None:
     fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
     labels = (("adamw", "AdamW", "C0"), ("egn_gram", "EGN (Gram factors)", "C1"),
               ("egn_explicit", "EGN (explicit J)", "C2"))
-    bs = list(args.batches)
+    bs = list(batches)
     for kind, label, color in labels:
         style = dict(marker="o", label=label, color=color)
         axes[0].plot(bs, [by[(kind, b)]["step_s_median"] * 1e3 for b in bs], **style)
@@ -210,7 +196,41 @@ def main() -> None:
         ax.legend()
     fig.suptitle(f"EGN vs AdamW, MLP {SIZES}, cross-entropy, CPU 1 thread")
     fig.tight_layout()
-    fig.savefig(args.out / "bench_egn.png", dpi=110)
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", type=int, nargs="+", default=[16, 64, 256])
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    ap.add_argument("--seeds", type=int, default=3, help="time-to-target seeds (0: skip)")
+    ap.add_argument("--worker", nargs=2, metavar=("KIND", "B"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        if args.worker[0] == "ttt":
+            print(json.dumps(ttt_worker(args.worker[1], args.seeds)))
+        else:
+            print(json.dumps(worker(args.worker[0], int(args.worker[1]), args.steps)))
+        return
+    load_before = os.getloadavg()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    rows = _step_rows(args, env)
+    by = {(r["kind"], r["b"]): r for r in rows}
+    ratios = _ratios(by, args.batches)
+    ttt = _time_to_target(args, env)
+    import torch
+
+    result = {"benchmark": "bench_egn", "load_average_before": load_before, "load_average_after": os.getloadavg(),
+              "time_to_target": ttt,
+              "step_time_metric": "CPU time per step (process_time), median of --steps",
+              "mlp_sizes": SIZES, "loss": "cross_entropy", "dtype": "float32",
+              "threads": 1, "steps_timed": args.steps, "memory_metric": "ru_maxrss growth over the run (MiB)",
+              "torch": torch.__version__, "machine": platform.platform(), "processor": platform.processor(),
+              "rows": rows, "ratios": ratios}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_egn.json").write_text(json.dumps(result, indent=2))
+    _plot(by, args.batches, ttt, args.out / "bench_egn.png")
     print(json.dumps(ratios, indent=2))
 
 
