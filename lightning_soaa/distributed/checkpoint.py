@@ -670,8 +670,11 @@ def _castable(saved: torch.dtype, field: StateField) -> bool:
 
 
 def _owned_value(v: torch.Tensor, device: torch.device, field: StateField | None) -> torch.Tensor:
-    """A copy of a saved tensor on ``device``, in the field's dtype where :func:`_castable` converts it."""
-    out = v.detach().clone().to(device)
-    if field is not None and field.dtype is not None and out.dtype != field.dtype and _castable(out.dtype, field):
-        out = out.to(field.dtype)
-    return out
+    """A copy of a saved tensor on ``device``, in the field's dtype where :func:`_castable` converts it: the
+    load's one copy of it (``v`` may be a view into a larger saved tensor, :mod:`~lightning_soaa.distributed.reblock`;
+    the copy holds the view's elements alone, so the state keeps nothing of the rest alive)."""
+    dtype = v.dtype
+    if field is not None and field.dtype is not None and v.dtype != field.dtype and _castable(v.dtype, field):
+        dtype = field.dtype
+    # one copy made where it is kept (a clone first, then .to(device): the block twice on the host)
+    return v.detach().to(device=device, dtype=dtype, copy=True)

@@ -1896,15 +1896,41 @@ class ShardedOptimizer(torch.optim.Optimizer):
         # the options the blocks were built with (one written into a group since is refused at the next step)
         return self._state_schema(block, self._params[block.param_index], self._group_as_built(block.group_index))
 
-    def _local_block_states(self) -> dict[tuple[int, int], dict[str, Any]]:
+    def _local_block_states(self, shared: list[Tensor] | None = None) -> dict[tuple[int, int], dict[str, Any]]:
+        """This rank's block states on the CPU, copies. ``shared``: where given, a tensor already on the CPU
+        (and not a view into a larger storage) is not copied but handed out as itself (detached: the live
+        state's storage) and listed in ``shared``; the caller copies what it keeps of them
+        (:meth:`_own_copies`) after a join (which copies them anyway) or a send (which pickles them), not
+        before: a copy first held the state once more (W = 1: +577 MiB at a 381 MiB state, now +387)."""
         out: dict[tuple[int, int], dict[str, Any]] = {}
         for b in self._owned:
             st = self.block_state(b)
             blk = {k: v for k, v in st.items() if not isinstance(k, int)}
-            if blk:
-                out[b.key] = {k: (v.detach().cpu().clone() if isinstance(v, Tensor) else copy.deepcopy(v))
-                              for k, v in blk.items()}
+            if not blk:
+                continue
+            out[b.key] = {}
+            for k, v in blk.items():
+                if not isinstance(v, Tensor):
+                    out[b.key][k] = copy.deepcopy(v)
+                elif v.device.type != "cpu":
+                    out[b.key][k] = v.detach().cpu()  # a copy already (a clone after it: the block twice)
+                elif shared is not None and v.untyped_storage().nbytes() == v.numel() * v.element_size():
+                    # (only a tensor that is its whole storage: pickling a view sends all of its storage)
+                    out[b.key][k] = v.detach()
+                    shared.append(out[b.key][k])
+                else:
+                    out[b.key][k] = v.detach().clone()
         return out
+
+    @staticmethod
+    def _own_copies(blocks: dict[Any, dict[str, Any]], shared: list[Tensor]) -> None:
+        """Replace, in ``blocks``' dicts, each of the ``shared`` tensors (the live state's) by a copy: what
+        a state dict holds must not change with the optimizer's next step."""
+        ids = {id(t) for t in shared}  # (``shared`` keeps them alive: the ids cannot be reused meanwhile)
+        for blk in blocks.values():
+            for k, v in blk.items():
+                if isinstance(v, Tensor) and id(v) in ids:
+                    blk[k] = v.clone()
 
     @overload
     def _gather_full_state(self, to: None = None, placeholders: bool = False) -> dict[str, Any]: ...
@@ -1921,7 +1947,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
         Gathered to ``to`` alone, not to every rank and dropped by the others: each rank unpickled every
         rank's state, a peak of about W + 3 times its own share on every rank (+5.5x at W = 2, +7.5x at
         W = 4, at each of Lightning's checkpoint saves)."""
-        mine = self._local_block_states()
+        # the live CPU tensors, copied only by what needs them: the join, the pickling, _own_copies at the end
+        # (under DTensor a gathered block may be the local tensor or a view of it: copied first, as before)
+        shared: list[Tensor] | None = [] if self._dtensor is None else None
+        mine = self._local_block_states(shared)
         merged: dict[tuple[int, int], dict[str, Any]] = {}
         if self._dtensor is not None and self.comm.world_size > 1:  # local shards -> full tensors
             by_key = {b.key: b for b in self._owned}
@@ -1943,6 +1972,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         layout = None
         if placeholders and self._dtensor is None:  # torch's DCP recipe loads into what a fresh optimizer shows
             merged, layout = handed_out(self, merged)
+        if shared:
+            self._own_copies(merged, shared)
         return build_state_dict(self._checkpoint_view(), merged, global_state, layout=layout)
 
     def _gather_objects(self, obj: Any, to: int | None) -> list[Any] | None:

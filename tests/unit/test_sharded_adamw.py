@@ -279,3 +279,61 @@ def test_a_state_recut_on_load_keeps_no_state_for_a_parameter_that_never_stepped
     train(opt, 2)
     for k, v in model.state_dict().items():
         assert torch.equal(v, after[k]), k
+
+
+def _state_tensors(state):
+    """Every tensor of a (nested) optimizer state or state dict's ``state``."""
+    for v in state.values():
+        if isinstance(v, torch.Tensor):
+            yield v
+        elif isinstance(v, dict):
+            yield from _state_tensors(v)
+
+
+def _flat(state, prefix=""):
+    """A (nested) state's tensors by their key path."""
+    out = {}
+    for k, v in state.items():
+        if isinstance(v, torch.Tensor):
+            out[f"{prefix}{k}"] = v
+        elif isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+    return out
+
+
+def test_saved_and_loaded_states_share_no_storage_and_a_loaded_block_holds_its_rows_alone():
+    """The state dict joins a parameter's row blocks into one tensor (optim/dcp_plain.py) from the live
+    tensors, and the load re-cuts it by views (distributed/reblock.py) and copies each block it keeps once.
+    So: nothing saved shares the live state (the next step would change the checkpoint), nothing loaded
+    shares the state dict, and a loaded block's storage is its own rows alone, not a view into the joined
+    whole (at W > 1 that kept every parameter whole on every rank)."""
+    torch.manual_seed(0)
+    p, q = nn.Parameter(torch.randn(12, 5)), nn.Parameter(torch.randn(3, 2))  # p: three row blocks, q: one
+    opt = ShardedAdamW([p, q], lr=1e-2, max_block_numel=20)
+    assert [len(bl) for bl in opt.block_table.by_param] == [3, 1]
+    for t in (p, q):
+        t.grad = torch.randn_like(t)
+    opt.step()
+    sd = opt.state_dict()
+    assert len(sd["state"][0]) == 1  # joined: one whole-parameter block
+    saved = copy.deepcopy(sd)
+
+    def ptrs(tensors):
+        return {t.untyped_storage().data_ptr() for t in tensors}
+
+    assert not ptrs(_state_tensors(opt.state)) & ptrs(_state_tensors(sd["state"]))
+    other = ShardedAdamW([p, q], lr=1e-2, max_block_numel=20)
+    other.load_state_dict(sd)
+    assert not ptrs(_state_tensors(other.state)) & ptrs(_state_tensors(sd["state"]))
+    for t in _state_tensors(other.state):
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    assert opt.state.keys() == other.state.keys()
+    for t in opt.state:  # key by key: the order of a block's keys after a load is not the live one's
+        assert _flat(opt.state[t]).keys() == _flat(other.state[t]).keys()
+        for k, v in _flat(opt.state[t]).items():
+            assert torch.equal(v, _flat(other.state[t])[k]), k
+    opt.step()
+    other.step()
+    assert _flat(sd["state"]).keys() == _flat(saved["state"]).keys()
+    for k, v in _flat(sd["state"]).items():
+        assert torch.equal(v, _flat(saved["state"])[k]), k
