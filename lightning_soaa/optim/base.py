@@ -2098,8 +2098,13 @@ class ShardedOptimizer(torch.optim.Optimizer):
                                "on every rank first (a collective), then state_dict() on the rank that saves "
                                "(consolidate_state_dict(to=None) where every rank calls state_dict(), e.g. "
                                "accelerate's prepare() and save_state()).")
-        # the groups as they are now: an lr set after consolidate_state_dict() is the one to save
-        return with_group_meta({**self._consolidated, "param_groups": saved_groups(self._groups_as_built())})
+        # the groups as they are now: an lr set after consolidate_state_dict() is the one to save. Its own
+        # ``state`` mappings (the tensors are shared): torch's get_optimizer_state_dict re-keys the dict it is
+        # handed in place (parameter names for indices), which re-keyed the kept consolidation and so every
+        # later state_dict() until the next step (a torch.save of it then failed to load: 'names no parameter')
+        state = {pi: dict(v) if isinstance(v, dict) else v for pi, v in self._consolidated["state"].items()}
+        return with_group_meta({**self._consolidated, "state": state,
+                                "param_groups": saved_groups(self._groups_as_built())})
 
     @outside_inference_mode  # state loaded inside it could never be stepped (optim/step_context.py)
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

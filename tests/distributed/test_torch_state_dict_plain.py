@@ -66,3 +66,30 @@ def test_a_broadcast_load_reaches_every_rank_and_continues_as_saved(name: str, t
     fewer blocks, and refused). Both ranks continue bit for bit as the optimizer that saved."""
     out = run_distributed(_w_broadcast_load, 2, tmp_path, name, timeout=120)
     assert all(o["error"] is None and o["steps"] == 2 and o["step_error"] is None and o["same"] for o in out), out
+
+
+def _w_state_dict_after_torch(rank: int, world: int, name: str) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    spec = registry.get(name)
+    model, opt = make(spec, grad_reduction="none")
+    for t in range(2):
+        step(spec, model, opt, t, rank=rank, world=world, average=True)
+    opt.consolidate_state_dict(to=None)
+    first = opt.state_dict()
+    get_optimizer_state_dict(model, opt)  # torch re-keys the state dict it gets (names for indices), in place
+    second = opt.state_dict()
+    model2, opt2 = make(spec, grad_reduction="none")
+    opt2.load_state_dict(second)
+    return {"first": sorted(map(str, first["state"])), "second": sorted(map(str, second["state"])),
+            "loaded": opt2.num_steps}
+
+
+@pytest.mark.parametrize("name", [s.name for s in SPECS if s.needs is not StepNeeds.BATCH])
+def test_a_consolidated_state_dict_is_not_rekeyed_by_torchs_get_optimizer_state_dict(name: str, tmp_path: Path) -> None:
+    """Every state_dict() after consolidate_state_dict() hands out its own ``state`` mapping: torch's
+    ``get_optimizer_state_dict`` re-keys the one it gets in place, which re-keyed the kept consolidation (a
+    Lightning checkpoint saved after a DCP save of the same step then failed to load)."""
+    for r in run_distributed(_w_state_dict_after_torch, 2, tmp_path, name, timeout=120):
+        assert r["first"] == r["second"] == [str(i) for i in range(6)], r
+        assert r["loaded"] == 2
