@@ -62,14 +62,7 @@ from lightning_soaa.functional.linalg import (
 from lightning_soaa.functional.reductions import norms_f64, sq_norm_f64
 from lightning_soaa.optim import dcp_state
 from lightning_soaa.optim.adamw import adam_guarded, adam_state_schema, init_adam_state
-from lightning_soaa.optim.asgo_groups import (
-    asgo_param_groups,
-    check_fused,
-    frozen_recorded,
-    fused_suffix,
-    route_hint,
-    split_fused,
-)
+from lightning_soaa.optim.asgo_groups import asgo_param_groups, check_fused, fused_suffix, route_hint, split_fused
 from lightning_soaa.optim.base import BlockView, ShardedOptimizer
 from lightning_soaa.optim.stat_guard import GuardedBlock, StatisticGuard, moments_overflow
 
@@ -396,6 +389,22 @@ class _OneSided(ShardedOptimizer):
                         "shape alone (an embedding table gets the matrix method). Pass %s to send "
                         "embeddings to AdamW.", where, unnamed, remedy)
 
+    def _warn_fused_whole(self, plist: list[tuple[Tensor, int, str | None]], why: str) -> None:
+        """Say which matrices of ``plist`` the optimizer's ``fused`` names but steps whole: ``fused``
+        regroups the trainable matrices given to the constructor only (a group is one lr for its
+        parameters, which Lightning's BaseFinetuning drives for the group it adds, so it is not split
+        later). Found by a hunter: such a fused QKV was stepped as one matrix once unfrozen, unlike the
+        same model never frozen, and nothing said so."""
+        fused = getattr(self, "_fused", {})  # (an optimizer unpickled from before the attribute has none)
+        groups = self.param_groups
+        named = [n for p, gi, n in plist if fused_suffix(n, p, fused) is not None
+                 and int(groups[gi].get("row_parts", 1)) == 1 and groups[gi].get("use_asgo") is not False]
+        if named:
+            log.warning("%s: fused=%r matches %s, which %s: each will be stepped as one matrix (one "
+                        "preconditioner for all of its parts) when it trains. To step them as parts, give them "
+                        "to the constructor trainable (e.g. build the optimizer after unfreezing) or put them in "
+                        "a group with row_parts.", type(self).__name__, fused, named, why)
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if self._receiver() is not self or self._table is None:
             # through Lightning's LightningOptimizer the receiver says it; during construction the
@@ -405,6 +414,7 @@ class _OneSided(ShardedOptimizer):
         super().add_param_group(param_group)
         added = [(p, gi, n) for gi in range(before, len(self.param_groups))
                  for p, n in self._group_params(gi, self.param_groups[gi])]
+        self._warn_fused_whole(added, "come in a group added after construction")
         self._warn_unnamed(added, f"{type(self).__name__}.add_param_group",
                            "the group's parameters as (name, parameter) pairs, use_asgo=False in the group "
                            "for embedding tables, or build the optimizer from asgo_param_groups(model) (it "
@@ -959,13 +969,11 @@ class ASGO(_OneSided):
             (the other options of their group kept; the longest matching suffix wins; see
             :func:`~lightning_soaa.optim.asgo_groups.split_fused`), so the routes that build the optimizer
             from options alone (``OptimizerFactory``, ``lightning-soaa fit --optimizer.fused``, a DeepSpeed
-            config) reach ``row_parts``. Needs named parameters; a suffix that matches no matrix raises. A
-            matrix frozen at construction stays in its group and one of a group added later keeps its
-            group too (Lightning's BaseFinetuning drives that group's lr), but both are stepped as their
-            parts once they train, as are the frozen matrices :func:`asgo_param_groups` recorded with its
-            ``fused`` when a later group brings them; a bare tensor added without a name it can be matched
-            by is stepped whole (and warned about as unnamed). The regrouped groups are what
-            ``param_groups``, LR schedulers and checkpoints see.
+            config) reach ``row_parts``. Needs named parameters; a suffix that matches no trainable matrix
+            raises. Applied at construction to the trainable matrices only (not to :meth:`add_param_group`,
+            whose group, e.g. the one Lightning's BaseFinetuning adds when it unfreezes a backbone, is not
+            split; a matched matrix frozen at construction or added later is stepped whole, with a
+            warning); the regrouped groups are what ``param_groups``, LR schedulers and checkpoints see.
         nesterov: False (default: the paper's rule, :math:`D_t = M_t`) or True: the matrix blocks precondition
             Muon's Nesterov direction :math:`D_t = \beta_1 M_t + (1-\beta_1) G_t` instead of the momentum
             (:func:`~lightning_soaa.functional.asgo.nesterov_direction`); :math:`M_t`, the statistic
@@ -1037,11 +1045,10 @@ class ASGO(_OneSided):
         shard: bool = True,
         grad_reduction: str = "none",
     ) -> None:
-        # kept for the matrices that train only later (frozen now, or a group added since: _named_parts)
+        # kept to say which matrices it does not regroup (frozen ones now, those of a group added later)
         self._fused = check_fused(fused) if fused is not None else {}
-        self._groups_at_construction: int | None = None
         if fused is not None:  # regrouped before the base class cuts blocks: row_parts is a layout option
-            params = split_fused(params, fused, frozen_match=True, found_frozen=frozen_recorded(self._fused))
+            params = split_fused(params, fused)
         self.config = cfg = ASGOConfig(
             lr=lr, betas=_pair(betas), weight_decay=weight_decay, rms_scale=rms_scale, eps=eps,
             damping=damping, inverse_root=inverse_root, root_iters=root_iters, root_floor=root_floor,
@@ -1057,24 +1064,10 @@ class ASGO(_OneSided):
         defaults["use_asgo"] = None
         super().__init__(params, defaults, process_group=process_group, comm=comm, shard=shard,
                          grad_reduction=grad_reduction)
-        self._groups_at_construction = len(self.param_groups)
         self._warn_if_no_matrices()
-
-    def _named_parts(self, param: Tensor, group: dict[str, Any], name: str | None) -> int:
-        """The parts of a matrix of a ``row_parts=1`` group that ``fused`` names: this optimizer's (a matrix
-        frozen at construction stays in its group: regrouping it would change the groups a checkpoint and a
-        per-group schedule see), or, for a group added since, the parts :func:`asgo_param_groups` recorded
-        for it (Lightning's BaseFinetuning adds a frozen backbone as one group of bare tensors, whose lr it
-        then drives: the group is not split). Before, such a fused QKV trained as one matrix, silently
-        unlike the same model never frozen."""
-        suffix = fused_suffix(name, param, self._fused)
-        if suffix is not None:
-            return self._fused[suffix]
-        first = self._groups_at_construction
-        if first is None or not any(g is group for g in self.param_groups[first:]):
-            return 1
-        hint = route_hint(param)
-        return 1 if hint is None else hint.parts
+        frozen = [(p, gi, n) for gi, g in enumerate(self.param_groups) for p, n in self._group_params(gi, g)
+                  if not p.requires_grad]
+        self._warn_fused_whole(frozen, "are frozen now, so fused left them in their group")
 
     @staticmethod
     def _root_iters(group: dict[str, Any]) -> int:
@@ -1098,14 +1091,11 @@ class ASGO(_OneSided):
             self._check_experts(param, group, name)
         if parts > 1:
             self._check_row_parts(param, int(group["max_block_size"]), parts, name or "(unnamed)")
-        elif batch_dims == 0 and (parts := self._named_parts(param, group, name)) > 1:
-            self._check_row_parts(param, int(group["max_block_size"]), parts, name or "(unnamed)", by_name=True)
         return asgo_block_specs(param.shape, int(group["max_block_size"]), self._root_iters(group), every,
                                 side=self._fsdp_side(param, group, name), root_method=method, batch_dims=batch_dims,
                                 row_parts=parts)
 
-    def _check_row_parts(self, param: Tensor, max_block_size: int, parts: int, label: str,
-                         by_name: bool = False) -> None:
+    def _check_row_parts(self, param: Tensor, max_block_size: int, parts: int, label: str) -> None:
         """A matrix parameter of a ``row_parts=p`` group: ``p`` whole parts of rows, each preconditioned on
         its left side or on a right side that fits ``max_block_size``; not a DTensor (an FSDP2 row shard
         would cross the parts, and its statistic is a sum over ranks on the right side)."""
@@ -1120,10 +1110,9 @@ class ASGO(_OneSided):
                    f"max_block_size={max_block_size}, which would cut them along columns across the parts; raise "
                    "max_block_size")
         if why:
-            where = f"named by fused (as {parts} parts)" if by_name else f"in a row_parts={parts} group"
-            raise ValueError(f"{type(self).__name__}: parameter {label} of shape {tuple(param.shape)} {where} "
-                             f"{why}. Put only the fused matrices (e.g. the QKV projections' weights) in that "
-                             "group (or fused).")
+            raise ValueError(f"{type(self).__name__}: parameter {label} of shape {tuple(param.shape)} in a "
+                             f"row_parts={parts} group {why}. Put only the fused matrices (e.g. the QKV "
+                             "projections' weights) in that group.")
 
     def _check_experts(self, param: Tensor, group: dict[str, Any], name: str | None) -> None:
         """A ``batch_dims=1`` matrix parameter: under FSDP2 only as a DTensor split along its experts, and

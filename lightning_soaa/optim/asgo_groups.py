@@ -24,8 +24,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["asgo_param_groups", "route_param_groups", "split_fused", "check_fused", "fused_suffix", "frozen_recorded",
-           "route_hint", "RouteHint"]
+__all__ = ["asgo_param_groups", "route_param_groups", "split_fused", "check_fused", "fused_suffix", "route_hint",
+           "RouteHint"]
 
 
 class RouteHint(NamedTuple):
@@ -33,9 +33,6 @@ class RouteHint(NamedTuple):
 
     name: str  #: its name in ``module.named_parameters()``
     adamw: bool  #: an embedding table (or behind one) or a weight norm's gain: the AdamW part whatever its name
-    #: the parts of a matrix that a walk's ``fused`` names (:func:`asgo_param_groups`), frozen ones included:
-    #: ASGO steps it as those parts when a later ``add_param_group`` brings it
-    parts: int = 1
 
 
 #: parameter -> its :class:`RouteHint` from the first walk of a module holding it (so routing does not depend on
@@ -55,22 +52,14 @@ def route_hint(param: Any) -> RouteHint | None:
     return hint
 
 
-def _record_hints(module: nn.Module, adamw: set[int], fused: Mapping[str, int] | None = None) -> set[str]:
+def _record_hints(module: nn.Module, adamw: set[int]) -> None:
     """A :class:`RouteHint` for every parameter of ``module``, frozen ones included (they are the ones a
-    later ``add_param_group`` brings); returns the suffixes of ``fused`` that a frozen matrix matches."""
-    frozen_found: set[str] = set()
+    later ``add_param_group`` brings)."""
     for name, p in module.named_parameters(remove_duplicate=False):
         old = route_hint(p)
-        s = _suffix(name, p, fused, trainable=False) if fused else None
-        if s is not None and not p.requires_grad:
-            frozen_found.add(s)
         # the first walk's name (a later walk of a part or a wrapper names from another root); a table is
-        # a table if any walk saw its module (a head tied to it is walked without the nn.Embedding); the
-        # parts of the last walk that named them
-        parts = fused[s] if fused and s is not None else (1 if old is None else old.parts)
-        _HINTS[p] = RouteHint(name if old is None else old.name, id(p) in adamw or (old is not None and old.adamw),
-                              parts)
-    return frozen_found
+        # a table if any walk saw its module (a head tied to it is walked without the nn.Embedding)
+        _HINTS[p] = RouteHint(name if old is None else old.name, id(p) in adamw or (old is not None and old.adamw))
 
 
 def check_fused(fused: Any) -> dict[str, int]:
@@ -86,16 +75,10 @@ def check_fused(fused: Any) -> dict[str, int]:
 
 def fused_suffix(name: str | None, tensor: Any, fused: Mapping[str, int]) -> str | None:
     """The longest suffix of ``fused`` that the name of a matrix, trainable or frozen, ends with, or None."""
-    return _suffix(name, tensor, fused, trainable=False)
-
-
-def frozen_recorded(fused: Mapping[str, int]) -> set[str]:
-    """The suffixes of ``fused`` that the recorded name of a frozen matrix ends with (a walk of its model:
-    :func:`asgo_param_groups`, :func:`route_param_groups`, the latter on the routes that build ASGO from the
-    module and ``fused`` alone, which hand it the trainable parameters only)."""
-    hints = list(_HINTS.items())  # type: ignore[no-untyped-call]
-    found = {fused_suffix(hint.name, p, fused) for p, hint in hints if not p.requires_grad}
-    return {s for s in found if s is not None}
+    if name is None or not isinstance(tensor, Tensor) or tensor.dim() < 2:
+        return None
+    ends = [s for s in fused if name == s or name.endswith("." + s)]
+    return max(ends, key=len) if ends else None
 
 
 def _name_of(item: Any, i: int, group_names: list[str] | None, names: Mapping[int, str]) -> tuple[str | None, Any]:
@@ -107,11 +90,10 @@ def _name_of(item: Any, i: int, group_names: list[str] | None, names: Mapping[in
     return names.get(id(item)), item
 
 
-def _suffix(name: str | None, tensor: Any, fused: Mapping[str, int], trainable: bool = True) -> str | None:
-    """The longest suffix of ``fused`` that the name of a matrix (a trainable one where ``trainable``) ends
-    with, whole dotted parts ("attn.qkv.weight" before "qkv.weight"; "kv.weight" does not match
-    "qkv.weight"), or None."""
-    if name is None or not isinstance(tensor, Tensor) or tensor.dim() < 2 or (trainable and not tensor.requires_grad):
+def _suffix(name: str | None, tensor: Any, fused: Mapping[str, int]) -> str | None:
+    """The longest suffix of ``fused`` that the name of a trainable matrix ends with, whole dotted parts
+    ("attn.qkv.weight" before "qkv.weight"; "kv.weight" does not match "qkv.weight"), or None."""
+    if name is None or not isinstance(tensor, Tensor) or tensor.dim() < 2 or not tensor.requires_grad:
         return None
     ends = [s for s in fused if name == s or name.endswith("." + s)]
     return max(ends, key=len) if ends else None
@@ -127,22 +109,17 @@ def _subgroup(group: dict[str, Any], picked: list[int], items: list[Any], **extr
 
 
 def split_fused(params: Iterable[Any], fused: Mapping[str, int],
-                names: Mapping[int, str] | None = None, *, frozen_match: bool = False,
-                found_frozen: Iterable[str] = ()) -> list[Any]:
+                names: Mapping[int, str] | None = None) -> list[Any]:
     """``params`` as param groups in which every trainable matrix whose name ends with a suffix of
     ``fused`` (whole dotted parts) sits in a group of its own with ``row_parts=fused[suffix]`` (each such
     group keeps the other options of the group it came from). The given groups keep their indices: a
     group every parameter of which moved is replaced by its parts group in place; the other parts groups
     are appended (in the order of their source group and of ``fused``), so ``asgo_param_groups(m)``
     followed by this gives the groups ``asgo_param_groups(m, fused=...)`` always gave. Matrices of a
-    ``use_asgo=False`` group stay there (the AdamW part has no parts); their suffix counts as found. A frozen
-    matrix stays in its group; where the caller steps it as its parts once it trains (``frozen_match``:
-    ASGO's own ``fused``, which it keeps for its later groups) its suffix counts as found, as do
-    ``found_frozen`` (suffixes that frozen matrices left out of ``params`` match, recorded for a later
-    ``add_param_group``: :func:`asgo_param_groups`).
+    ``use_asgo=False`` group stay there (the AdamW part has no parts); their suffix counts as found.
 
     Raises:
-        ValueError: ``fused`` is not ``{str: int >= 1}``; a suffix matches no matrix (with the
+        ValueError: ``fused`` is not ``{str: int >= 1}``; a suffix matches no trainable matrix (with the
             hint to pass names when some matrices came without); a matched matrix sits in a group that
             already sets another ``row_parts``.
     """
@@ -158,7 +135,7 @@ def split_fused(params: Iterable[Any], fused: Mapping[str, int],
     names = names or {}
     heads: list[dict[str, Any]] = []
     tails: list[dict[str, Any]] = []
-    found: set[str] = set(found_frozen)
+    found: set[str] = set()
     unnamed = 0
     for g in groups:
         plist = [g["params"]] if isinstance(g["params"], Tensor) else list(g["params"])  # as torch reads it
@@ -168,8 +145,6 @@ def split_fused(params: Iterable[Any], fused: Mapping[str, int],
             unnamed += int(name is None and isinstance(t, Tensor) and t.dim() >= 2)
             s = _suffix(name, t, fused)
             found.update([s] if s else [])
-            frozen = _suffix(name, t, fused, trainable=False) if frozen_match else None
-            found.update([frozen] if frozen else [])
             by.setdefault(None if g.get("use_asgo") is False else s, []).append(i)
         moved = [s for s in fused if s in by]
         parts = []
@@ -188,8 +163,7 @@ def split_fused(params: Iterable[Any], fused: Mapping[str, int],
         hint = (f" {unnamed} matrix parameter(s) came without names: pass model.named_parameters() (the stock "
                 "LightningCLI passes model.parameters(); the lightning-soaa command, SOAALightningCLI, passes "
                 "names)." if unnamed else "")
-        kind = "matrix parameter's name (trainable or frozen)" if frozen_match else "trainable matrix parameter's name"
-        raise ValueError(f"Invalid fused={fused!r}: no {kind} ends with "
+        raise ValueError(f"Invalid fused={fused!r}: no trainable matrix parameter's name ends with "
                          f"{', '.join(repr(s) for s in missing)} (the suffix of a name in "
                          f"module.named_parameters(), e.g. 'attn.qkv.weight' or 'qkv.weight').{hint}")
     return heads + tails
@@ -206,19 +180,17 @@ def asgo_param_groups(module: nn.Module, *, fused: dict[str, int] | None = None,
 
     ``fused`` (ASGO): ``{name suffix: parts}``, e.g. ``{"qkv.weight": 3}``: the matrices whose names end
     with a suffix go to a group with ``row_parts=parts`` (each stepped as its parts: see ASGO's
-    ``row_parts``; the longest suffix a name ends with wins; frozen matrices are recorded with their parts,
-    which ASGO takes when a later ``add_param_group`` brings them, e.g. Lightning's BaseFinetuning
-    unfreezing a backbone); a suffix that matches no matrix, trainable or frozen, raises
-    (:func:`split_fused`). ``group_options`` are added to every group. Parameters without
+    ``row_parts``; the longest suffix a name ends with wins); a suffix that matches no trainable matrix
+    raises (:func:`split_fused`). ``group_options`` are added to every group. Parameters without
     ``requires_grad`` are left out. Returns at most ``2 + len(fused)`` groups: ``[{"params": [(name, p),
     ...], **opts}, {"params": [...], "use_asgo": False, **opts}, {"params": [...], "row_parts": parts,
     **opts}, ...]`` (empty groups are dropped). Every parameter's name and routing, frozen ones too, is
     recorded for a later ``add_param_group`` (:func:`route_hint`).
     """
     emb_ids = _embedding_table_ids(module) | _weight_norm_gains(module)
+    _record_hints(module, emb_ids)
     if fused:
         _refuse_transposed_fused(module, check_fused(fused))
-    found_frozen = _record_hints(module, emb_ids, fused)
     rest: list[tuple[str, Tensor]] = []
     emb: list[tuple[str, Tensor]] = []
     for name, p in module.named_parameters():
@@ -231,7 +203,7 @@ def asgo_param_groups(module: nn.Module, *, fused: dict[str, int] | None = None,
         groups.append({"params": emb, **group_options, "use_asgo": False})
     if fused is None:
         return groups
-    return split_fused(groups, fused, frozen_match=True, found_frozen=found_frozen)
+    return split_fused(groups, fused)
 
 
 def route_param_groups(module: nn.Module) -> list[dict[str, Any]]:
@@ -307,7 +279,7 @@ def _refuse_transposed_fused(module: nn.Module, fused: Mapping[str, int]) -> Non
     ``row_parts`` cuts rows, which there are the inputs, not query/key/value: accepted silently before
     (2e-2 off ASGO on the separate matrices after 5 steps; found by a helper)."""
     for path, m in module.named_modules():
-        if type(m).__name__ != "Conv1D" or not hasattr(m, "nf"):  # frozen too: it trains once unfrozen
+        if type(m).__name__ != "Conv1D" or not hasattr(m, "nf") or not m.weight.requires_grad:
             continue
         name = f"{path}.weight" if path else "weight"
         hit = next((s for s in fused if name == s or name.endswith("." + s)), None)

@@ -162,20 +162,3 @@ def test_backbone_table_unfrozen_by_backbone_finetuning_takes_the_adamw_part(rou
     trainer.fit(resumed, ckpt_path=str(tmp_path / "ckpt" / "epoch=1-step=16.ckpt"))
     names = {id(p): n for n, p in resumed.named_parameters()}
     assert routes(trainer.optimizers[0]) == first
-
-
-def test_a_fused_matrix_of_a_backbone_unfrozen_mid_fit_is_stepped_as_its_parts(tmp_path: Path) -> None:
-    """ASGO's ``fused`` through the factory names a matrix of the backbone, frozen when the optimizer is built:
-    the fit was refused ('no trainable matrix'); the matrix now trains as its parts once BaseFinetuning adds
-    it (as one group of bare tensors, named from the factory's walk of the model), and the resume loads."""
-    args = {"lr": 1e-2, "fused": {"net.0.weight": 2}}
-    model = TinyRegressor(OptimizerFactory("lightning_soaa.ASGO", args))
-    _fit(model, tmp_path / "full")
-    opt = model.trainer.optimizers[0]
-    opt = getattr(opt, "_optimizer", opt)
-    index = [id(p) for g in opt.param_groups for p in g["params"]].index(id(model.net[0].weight))
-    assert len(opt.block_table.by_param[index]) == 2
-    resumed = TinyRegressor(OptimizerFactory("lightning_soaa.ASGO", args))
-    _fit(resumed, tmp_path / "resumed", tmp_path / "full" / "ckpt" / "epoch=1-step=16.ckpt")
-    again = resumed.trainer.optimizers[0]
-    assert len(getattr(again, "_optimizer", again).block_table.by_param[index]) == 2

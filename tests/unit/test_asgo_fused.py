@@ -9,6 +9,7 @@ tests/lightning/test_cli.py.
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
@@ -115,21 +116,17 @@ def test_a_group_all_of_whose_matrices_move_keeps_its_index_under_a_per_group_sc
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_suffixes_match_whole_dotted_parts_and_frozen_matrices_only_where_asked() -> None:
+def test_suffixes_match_whole_dotted_parts_and_trainable_matrices_only() -> None:
     """Found by review: "kv.weight" (a cross-attention's fused k/v, 2 parts) also caught "self_attn.qkv.weight"
-    (3 parts), which was stepped as two parts of 1.5 heads each. A frozen matrix is not regrouped; it counts
-    as a match only for a caller that steps it as its parts once it trains (ASGO's own ``fused``), not for
-    one that does not (DeepSpeed's client)."""
+    (3 parts), which was stepped as two parts of 1.5 heads each."""
     m = _model()
     named = [(n, p) for n, p in m.named_parameters() if n != "attn.qkv.weight"]
     with pytest.raises(ValueError, match="no trainable matrix parameter's name ends with 'kv.weight'"):
         split_fused(named, {"kv.weight": 2})
     assert [g.get("row_parts") for g in split_fused(named, {"qkv.weight": 3})] == [None, 3]
-    m.proj.requires_grad_(False)
+    m.proj.requires_grad_(False)  # a frozen matrix is not a match (as asgo_param_groups leaves it out)
     with pytest.raises(ValueError, match="no trainable matrix parameter's name ends with 'proj.weight'"):
         split_fused(m.named_parameters(), {"proj.weight": 2})
-    groups = split_fused(m.named_parameters(), {"proj.weight": 2}, frozen_match=True)
-    assert [g.get("row_parts") for g in groups] == [None]  # stays in its group
 
 
 def test_a_group_given_as_a_set_is_left_for_torch_to_refuse() -> None:
@@ -156,15 +153,15 @@ def test_bad_fused_raises_naming_field_value_and_what_is_allowed(value: Any) -> 
 
 
 def test_a_suffix_that_matches_nothing_is_refused_with_a_hint_for_unnamed_parameters() -> None:
-    with pytest.raises(ValueError, match=re.escape("no matrix parameter's name (trainable or frozen) ends with "
-                                                   "'kv.bias'")):
+    with pytest.raises(ValueError, match=re.escape("no trainable matrix parameter's name ends with 'kv.bias'")):
         ASGO(_model().named_parameters(), fused={"kv.bias": 2})  # a bias is not a matrix
     with pytest.raises(ValueError, match=r"ends with 'qkv.weight'.*4 matrix parameter\(s\) came without names: "
                                          r"pass model.named_parameters\(\)"):
         ASGO(_model().parameters(), fused={"qkv.weight": 3})
-    with pytest.raises(ValueError, match=re.escape("no matrix parameter's name (trainable or frozen) ends with "
-                                                   "'kv.bias'")):
-        asgo_param_groups(_model(), fused={"kv.bias": 2})
+    frozen = _model()
+    frozen.proj.requires_grad_(False)
+    with pytest.raises(ValueError, match="ends with 'proj.weight'"):
+        ASGO(asgo_param_groups(frozen), fused={"proj.weight": 2})
 
 
 def test_a_group_that_sets_another_row_parts_is_refused() -> None:
@@ -260,103 +257,29 @@ def test_route_param_groups_reads_a_zero3_partitions_full_shape() -> None:
         (["lin.weight", "lin.bias"], None), (["wte.weight"], False)]
 
 
-def _unfrozen_later_run(build: Any, add: Any = None, steps: int = 3) -> _Block:
-    """A run whose qkv layer is frozen when the optimizer is built (``build(model)``), then unfrozen (and
-    brought by ``add(model, opt)`` where given) before ``steps`` steps."""
+def test_a_matched_matrix_frozen_at_construction_or_added_later_is_stepped_whole_and_said_so(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Found by a hunter: fused regroups the trainable matrices given to the constructor only, so a fused QKV
+    frozen then (or brought later by BaseFinetuning's one group of bare tensors) was stepped as one matrix
+    once it trained, unlike the same model never frozen, and nothing said so. It still is (the added group
+    is not split: BaseFinetuning drives its lr), and a warning names it; the trainable ones are not named."""
     m = _model()
     m.qkv.requires_grad_(False)
-    opt = build(m)
-    m.qkv.requires_grad_(True)
-    if add is not None:
-        add(m, opt)
-    _steps(m, opt, steps)
-    return m
-
-
-def _never_frozen_run(steps: int = 3) -> tuple[_Block, _Block]:
-    """The oracle of fused={"qkv.weight": 3}: the qkv layer trainable from the start, the weights whose names
-    end with "qkv.weight" as their parts (a row_parts=3 group), the bias in the first group (where a later
-    group would bring it, its step is the same); and the run with qkv.weight whole, to show the comparison is
-    not vacuous."""
-    runs = []
-    for parts in (3, 1):
-        m = _model()
-        named = dict(m.named_parameters())
-        fused = ("qkv.weight", "attn.qkv.weight")
-        groups = [{"params": [(n, p) for n, p in named.items() if n not in fused]},
-                  {"params": [("qkv.weight", named["qkv.weight"])], "row_parts": parts},
-                  {"params": [("attn.qkv.weight", named["attn.qkv.weight"])], "row_parts": 3}]
-        opt = ASGO(groups, **KW)
-        _steps(m, opt, steps)
-        runs.append(m)
-    return runs[0], runs[1]
-
-
-def _assert_same(a: nn.Module, b: nn.Module) -> None:
-    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
-        torch.testing.assert_close(pa, pb, rtol=0, atol=0, msg=n)
-
-
-def test_a_matrix_frozen_at_construction_steps_as_its_parts_once_it_trains() -> None:
-    """Found by a hunter (turn 36): fused={"qkv.weight": 3} regrouped trainable matrices only, so a QKV frozen
-    when the optimizer was built (passed to it, then unfrozen) was stepped as one matrix: silently unlike
-    the same model never frozen."""
-    parts, whole = _never_frozen_run()
-    m = _unfrozen_later_run(lambda m: ASGO(m.named_parameters(), fused={"qkv.weight": 3}, **KW))
-    _assert_same(m, parts)
-    assert (m.qkv.weight - whole.qkv.weight).abs().max() > 1e-4  # parts changed the step: not vacuous
-
-
-def _add_bare(m: _Block, opt: ASGO) -> None:
-    """As Lightning's BaseFinetuning.unfreeze_and_add_param_group: one group of bare tensors."""
-    opt.add_param_group({"params": list(m.qkv.parameters())})
-
-
-def test_a_frozen_backbone_added_later_steps_its_fused_matrices_as_their_parts() -> None:
-    """BaseFinetuning's route: the model walked with fused while its qkv layer was frozen (which raised,
-    'no trainable matrix', where the suffix matched only frozen matrices), the layer added later as one
-    group of bare tensors (not split: BaseFinetuning drives that group's lr); also a group added with names
-    to an optimizer built with fused."""
-    parts, _ = _never_frozen_run()
-    walked = _unfrozen_later_run(lambda m: ASGO(asgo_param_groups(m, fused={"qkv.weight": 3}), **KW), _add_bare)
-    _assert_same(walked, parts)
-
-    def named_group(m: _Block, opt: ASGO) -> None:
-        opt.add_param_group({"params": list(m.qkv.parameters()), "param_names": ["qkv.weight", "qkv.bias"]})
-
-    by_option = _unfrozen_later_run(
-        lambda m: ASGO([(n, p) for n, p in m.named_parameters() if p.requires_grad], fused={"qkv.weight": 3},
-                       **KW), named_group)
-    _assert_same(by_option, parts)
-
-
-def test_parts_recorded_by_a_walk_apply_only_to_groups_added_after_construction() -> None:
-    """A matrix trainable at construction in a row_parts=1 group of an optimizer built without fused is stepped
-    whole, whatever an earlier walk of its model recorded (the walk's record serves later groups)."""
+    with caplog.at_level(logging.WARNING, logger="lightning_soaa.optim.asgo"):
+        opt = ASGO(m.named_parameters(), fused={"qkv.weight": 3}, **KW)
+    assert "matches ['qkv.weight'], which are frozen now" in caplog.text
+    assert [g["row_parts"] for g in opt.param_groups] == [1, 3]  # attn.qkv.weight, trainable, as its parts
+    assert len(opt.block_table.by_param[1]) == 1  # qkv.weight whole
+    caplog.clear()
     m = _model()
-    asgo_param_groups(m, fused={"qkv.weight": 3})  # records parts 3 for qkv.weight
-    opt = ASGO(m.named_parameters(), **KW)
-    assert all(len(b) == 1 for b in opt.block_table.by_param)
-
-
-def test_a_checkpoint_of_a_backbone_added_later_resumes_exactly() -> None:
-    """Resume as BaseFinetuning does: a fresh optimizer, the group added again, then the state loaded."""
-    def start(m: _Block) -> ASGO:
-        m.qkv.requires_grad_(False)
-        opt = ASGO(asgo_param_groups(m, fused={"qkv.weight": 3}), **KW)
-        m.qkv.requires_grad_(True)
-        _add_bare(m, opt)
-        return opt
-
-    a = _model()
-    opt = start(a)
-    _steps(a, opt, 2)
-    b = _model(seed=1)
-    b.load_state_dict(a.state_dict())
-    again = start(b)
-    again.load_state_dict(opt.state_dict())
-    assert [len(x) for x in again.block_table.by_param] == [len(x) for x in opt.block_table.by_param]
-    assert len(again.block_table.by_param[-2]) == 3  # the added group's qkv.weight, as its parts
-    _steps(a, opt, 2)
-    _steps(b, again, 2)
-    _assert_same(a, b)
+    m.qkv.requires_grad_(False)
+    opt = ASGO(asgo_param_groups(m), fused={"qkv.weight": 3}, **KW)  # the walk names what is added later
+    m.qkv.requires_grad_(True)
+    with caplog.at_level(logging.WARNING, logger="lightning_soaa.optim.asgo"):
+        opt.add_param_group({"params": list(m.qkv.parameters())})
+    assert "matches ['qkv.weight'], which come in a group added after construction" in caplog.text
+    assert "attn.qkv.weight" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lightning_soaa.optim.asgo"):
+        ASGO(_model().named_parameters(), fused={"qkv.weight": 3}, **KW)  # all trainable: nothing to say
+    assert "fused=" not in caplog.text
