@@ -3,16 +3,19 @@
 Two checks, both designed so that a disagreement ends in the **same** error on every rank (never a hang,
 never a crash of one rank inside the collective library, never silent divergence):
 
-* **At construction** (and when an optimizer joins a process group late): one all-gather of a
-  fixed-size int64 vector of digests, one per field (optimizer class, parameter shapes/dtypes/order,
-  parameter names, every group's hyperparameters and the optimizer's config, sharding options). The
-  vector has the same length whatever the optimizer, so even ranks that built different optimizer
-  classes meet in a collective of matching size; every rank then sees every rank's digests and raises
-  the same error naming the fields that differ.
-  Every rank of a W > 1 group takes part, whatever its ``shard`` value: the sharding options are
-  compared first, on every rank; the other fields only where the parameters are one replicated model
-  (sharded, or DTensor shards). ``shard=False`` without DTensors (DeepSpeed ZeRO's per-rank partitions)
-  may hold different shapes on every rank, so only its sharding options are compared.
+* **At construction** (and when an optimizer joins a process group late, or a param group is added): one
+  all-gather of a fixed-size int64 vector of digests, one per field (the lightning_soaa code the rank
+  runs: version and a digest of its source files; optimizer class, parameter shapes/dtypes/order,
+  parameter names, every group's hyperparameters and the optimizer's config, sharding options, and the
+  block table as built: blocks and owners). The vector has the same length whatever the optimizer (and
+  room for later versions' fields), so even ranks that built different optimizer classes meet in a
+  collective of matching size; every rank then sees every rank's digests and raises the same error
+  naming the fields that differ.
+  Every rank of a W > 1 group takes part, whatever its ``shard`` value: the package's identity and then
+  the sharding options are compared first, on every rank; the other fields only where the parameters are
+  one replicated model (sharded, or DTensor shards). ``shard=False`` without DTensors (DeepSpeed ZeRO's
+  per-rank partitions) may hold different shapes on every rank, so only those two are compared. Code
+  patched at run time (a monkeypatched update formula) is not seen unless it changes the block table.
 * **At every step**: a few values per rank ride in the step's single fp64 all-reduce, each rank writing
   only its own row of a ``[world, STEP_ROW]`` block and zeros elsewhere. A sum with zeros is exact, so
   after the reduction every rank holds every rank's row bit for bit: an error flag (an exception this
@@ -31,10 +34,13 @@ Nothing here keeps global state; the functions read an optimizer and return valu
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import math
 import numbers
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,6 +48,10 @@ from torch import Tensor
 
 __all__ = [
     "CONSTRUCTION_FIELDS",
+    "CONSTRUCTION_WIDTH",
+    "package_identity",
+    "source_digest",
+    "table_text",
     "STEP_ROW",
     "GRAD_RTOL",
     "canonical",
@@ -71,14 +81,26 @@ __all__ = [
     "read_step_rows",
 ]
 
-#: the fields of the construction digest, in vector order (the vector also carries two counts)
+#: the fields of the construction digest, in vector order (the vector also carries two counts). The package's
+#: identity comes first and is compared first, on every rank: two ranks running different lightning_soaa code
+#: may differ in anything after it (a later version's block table, its update formula), and the source is
+#: then the difference to name.
 CONSTRUCTION_FIELDS = (
+    "lightning_soaa source",
+    "lightning_soaa version",
     "optimizer class",
     "parameter shapes, dtypes and device types (in order)",
     "parameter names (in order)",
     "hyperparameters (every param group and the optimizer's config)",
     "sharding options",
+    "block table (blocks and their owners)",
 )
+
+#: int64 columns of a rank's row in the construction all-gather: the fields, the two counts, zeros, and last
+#: the caller's count of optimizers built over the group. Fixed, with room to spare, so that a later
+#: version with more fields still meets this one in an all-gather of equal size (gloo aborts on a size
+#: mismatch; NCCL hangs) and both read the source digest in column 0 and refuse together.
+CONSTRUCTION_WIDTH = 16
 
 #: values per rank in the step's all-reduce: error flag, hyperparameter digest, Σ‖g‖², #gradients, the
 #: step counter, the replica check's flag (1: this rank compares its parameters at this step), the
@@ -217,25 +239,76 @@ def hyperparameter_digest(param_groups: Sequence[dict[str, Any]]) -> int:
     return digest_group_texts([group_rest_text(g) + "#" + group_lr_text(g) for g in param_groups])
 
 
-def construction_digests(optimizer: Any, params: Sequence[Tensor], names: Sequence[str | None],
-                         steps_before_join: int, full: bool = True) -> Tensor:
-    """This rank's construction vector: one digest per :data:`CONSTRUCTION_FIELDS`, then the number of
-    parameters and the number of steps taken before joining the process group (int64, fixed size).
+#: the files whose content is the package's identity: its modules and the C source of SOAA's CPU kernels
+#: (compiled from the installed copy at first use); both ship in the wheel
+_SOURCE_SUFFIXES = (".py", ".c")
 
-    ``full``: whether the ranks compare every field (one replicated model) or only the sharding options
-    (per-rank partitions); it is part of the sharding options' digest, so ranks that compare it equal
-    also agree on whether to compare the rest."""
+
+def source_digest(root: Path) -> int:
+    """48 bits of the package's source under ``root``: every ``.py`` and ``.c`` file, by its path relative to
+    ``root`` ('/'-separated, in sorted order) and its content (line endings read as '\\n').
+
+    Ranks of a healthy job run the same code and so agree: an installed wheel and an editable install of the
+    same commit hold the same files with the same bytes, wherever they live (``root`` itself is not digested,
+    nor file times); compiled files (``__pycache__``, a built kernel) are not read, as they depend on the
+    interpreter. Refused on purpose: a copy edited on one node only, even in a comment (a comment cannot be
+    told from a change of the update formula without parsing every module), and a module left in the
+    package directory of one node's checkout."""
+    files = sorted((f.relative_to(root).as_posix(), f) for f in root.rglob("*")
+                   if f.suffix in _SOURCE_SUFFIXES and "__pycache__" not in f.parts and f.is_file())
+    h = hashlib.sha256()
+    for rel, f in files:
+        data = f.read_bytes().replace(b"\r\n", b"\n")
+        h.update(f"{rel}\0{len(data)}\0".encode())
+        h.update(data)
+    return int.from_bytes(h.digest()[:8], "little") & _MASK48
+
+
+@functools.cache
+def package_identity() -> tuple[str, int]:
+    """``(lightning_soaa.__version__, source_digest(its directory))`` of this process, computed once (about
+    1 MiB read: a few ms at the first construction check)."""
+    version = str(getattr(sys.modules.get(__name__.split(".")[0]), "__version__", "unknown"))
+    return version, source_digest(Path(__file__).resolve().parent.parent)
+
+
+def table_text(table: Any) -> str:
+    """A text of a :class:`~lightning_soaa.distributed.blocks.BlockTable` as built: for every block its
+    parameter, group, cut and owner. The owners only when sharded (unsharded, each rank owns every block and
+    writes its own rank); '-' for no table."""
+    if table is None:
+        return "-"
+    sharded = bool(table.shard)
+    return f"{table.world_size},{sharded}:" + ";".join(
+        f"{b.param_index},{b.group_index},{b.dim},{b.start},{b.stop},{b.owner if sharded else -1}"
+        for b in table.blocks)
+
+
+def construction_digests(optimizer: Any, params: Sequence[Tensor], names: Sequence[str | None],
+                         steps_before_join: int, full: bool = True, table: Any = None) -> Tensor:
+    """This rank's construction vector (int64, ``CONSTRUCTION_WIDTH - 1`` columns): one digest per
+    :data:`CONSTRUCTION_FIELDS`, the number of parameters, the number of steps taken before joining the
+    process group, then zeros.
+
+    ``full``: whether the ranks compare every field (one replicated model) or only the package's identity
+    and the sharding options (per-rank partitions); it is part of the sharding options' digest, so ranks
+    that compare it equal also agree on whether to compare the rest. ``table``: the block table this rank
+    built for ``params`` (cut and assigned by the package's code: ranks running different code, or one
+    patched at run time, can agree on every other field and still meet in collectives of different sizes)."""
     cls = type(optimizer)
     config = getattr(optimizer, "config", None) or getattr(optimizer, "cfg", None)
+    version, source = package_identity()
     fields = [
-        f"{cls.__module__}.{cls.__qualname__}",
+        _digest(f"{cls.__module__}.{cls.__qualname__}"),
         # the device type too: ASGO costs (and so owns) a block by the root its device and dtype resolve to
-        canonical([(tuple(p.shape), str(p.dtype), p.device.type) for p in params]),
-        canonical(list(names)),
-        canonical([hyperparameter_digest(optimizer.param_groups), config]),
-        canonical([optimizer.sharding, bool(full)]),
+        _digest(canonical([(tuple(p.shape), str(p.dtype), p.device.type) for p in params])),
+        _digest(canonical(list(names))),
+        _digest(canonical([hyperparameter_digest(optimizer.param_groups), config])),
+        _digest(canonical([optimizer.sharding, bool(full)])),
+        _digest(table_text(table)),
     ]
-    return torch.tensor([_digest(f) for f in fields] + [len(params), int(steps_before_join)], dtype=torch.int64)
+    row = [source, _digest(version)] + fields + [len(params), int(steps_before_join)]
+    return torch.tensor(row + [0] * (CONSTRUCTION_WIDTH - 1 - len(row)), dtype=torch.int64)
 
 
 #: the parameter-count column of a construction row whose rank's constructor raised before the check (it joins
@@ -246,10 +319,11 @@ CONSTRUCTION_FAILED = -1
 def check_construction(optimizer: Any, everyone: Tensor, full: bool = True) -> None:
     """Raise the same ``RuntimeError`` on every rank when the gathered construction vectors differ.
 
-    ``everyone`` is the ``[world, len(CONSTRUCTION_FIELDS) + 2]`` all-gather of
-    :func:`construction_digests`; every rank holds the same matrix, so every rank decides alike.
-    The sharding options are compared first and on every rank; the other fields only when ``full``
-    (equal on every rank once the sharding options are: it is part of their digest).
+    ``everyone`` is the ``[world, CONSTRUCTION_WIDTH - 1]`` all-gather of :func:`construction_digests`;
+    every rank holds the same matrix, so every rank decides alike. A rank whose constructor raised is named
+    first, then ranks running other lightning_soaa code, then the sharding options, compared on every rank;
+    the other fields only when ``full`` (equal on every rank once the sharding options are: it is part of
+    their digest).
     """
     name = type(optimizer).__name__
     nf = len(CONSTRUCTION_FIELDS)
@@ -259,6 +333,7 @@ def check_construction(optimizer: Any, everyone: Tensor, full: bool = True) -> N
             f"{name}: the constructor raised on rank(s) {failed} (their own error says why; look for it in their "
             "output), so the optimizer was built on no rank. An argument or parameter list valid on some ranks "
             "only is the usual cause: every rank must build the same optimizer.")
+    _check_package(name, everyone)
     ref = everyone[0]
     si = CONSTRUCTION_FIELDS.index("sharding options")
     odd_sharding = [r for r in range(everyone.shape[0]) if int(everyone[r, si]) != int(ref[si])]
@@ -276,11 +351,15 @@ def check_construction(optimizer: Any, everyone: Tensor, full: bool = True) -> N
     if bad_fields:
         odd = [r for r in range(everyone.shape[0]) if not bool((everyone[r, :nf + 1] == ref[:nf + 1]).all())]
         rows = ", ".join(f"rank {r}: {int(counts[r])} params" for r in range(everyone.shape[0]))
+        table = ("" if bad_fields != [CONSTRUCTION_FIELDS[-1]] else
+                 " The block table alone differs: the ranks cut or assign the blocks by different code (a "
+                 "patched copy, or a class attribute such as default_max_block_numel or a cost constant set at "
+                 "run time on some ranks only); every rank must run the same lightning_soaa, unpatched.")
         raise RuntimeError(
             f"{name}: ranks disagree on the parameter list or the optimizer ({rows}); rank(s) {odd} differ "
             f"from rank 0 in: {'; '.join(bad_fields)}. Every rank must construct the same optimizer class "
             "over the same parameters (same names, shapes, dtypes, device types and order) with the same "
-            "hyperparameters."
+            f"hyperparameters.{table}"
         )
     stepped = everyone[:, nf + 1]
     if bool((stepped > 0).any()):
@@ -292,6 +371,25 @@ def check_construction(optimizer: Any, everyone: Tensor, full: bool = True) -> N
             "after init_process_group (e.g. in LightningModule.configure_optimizers), or take no step "
             "before the process group exists."
         )
+
+
+def _check_package(name: str, everyone: Tensor) -> None:
+    """Raise when some rank runs other lightning_soaa code than rank 0 (columns 0 and 1, which every version
+    with a :data:`CONSTRUCTION_WIDTH` row keeps: the refusal reaches ranks of either version)."""
+    world = everyone.shape[0]
+    source, version = everyone[:, 0].tolist(), everyone[:, 1].tolist()
+    odd = [r for r in range(world) if source[r] != source[0] or version[r] != version[0]]
+    if not odd:
+        return
+    what = ("a different version than rank 0" if any(version[r] != version[0] for r in odd)
+            else "the same version as rank 0 but a different source (a patched or partly upgraded copy)")
+    digests = ", ".join(f"rank {r}: {source[r]}" for r in range(world))
+    raise RuntimeError(
+        f"{name}: every rank must run the same lightning_soaa: rank(s) {odd} run {what} "
+        f"(lightning_soaa source digests: {digests}). Ranks running different code may cut, assign or update "
+        "the blocks differently (collectives of different sizes, or silently different training). Install "
+        "the same lightning_soaa on every node; `python -c \"from lightning_soaa.distributed.agreement "
+        "import package_identity as p; print(p())\"` prints a node's (version, source digest).")
 
 
 def grad_digest(grads: Sequence[Tensor]) -> tuple[float, bool]:

@@ -545,7 +545,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     def construction_width(self) -> int:
         """Columns of a rank's row in the construction check (:meth:`_check_same_params_on_all_ranks`)."""
-        return len(agreement.CONSTRUCTION_FIELDS) + 3
+        return agreement.CONSTRUCTION_WIDTH
 
     def __init__(
         self,
@@ -874,7 +874,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
             # while their state kept the old blocks (the kernels then overran it: NaN, heap corruption)
             try:
                 self._build_table(keep_limit=True)
-            except ValueError:  # the new group's blocks (ASGO's row_parts of a matrix they do not divide)
+            except (ValueError, RuntimeError):  # the new group's blocks (ASGO's row_parts of a matrix they do
+                # not divide), or ranks that disagree on the group (the cross-rank check raises on every rank
+                # together, so every rank rebuilds the table it had, check included): the group is dropped
                 self.param_groups.pop()
                 self._build_table(keep_limit=True)
                 raise
@@ -979,20 +981,27 @@ class ShardedOptimizer(torch.optim.Optimizer):
         no cross-rank check (a collective), for a rebuild that not every rank may make (_rebuild_unstepped)."""
         plist = self._all_params()
         params = [p for p, _, _ in plist]
-        if self.comm.world_size > 1 and check_ranks:  # every rank, whatever its shard value: see the method
-            self._check_same_params_on_all_ranks(params, [name for _, _, name in plist])
         world = self.comm.world_size if self.sharding.shard else 1
-        if not keep_limit or "_auto_limit" not in self.__dict__:
+        limit = self.__dict__.get("_auto_limit")
+        if not keep_limit or limit is None:
             self._auto_limit = self._auto_block_numel(params, world)  # the same on every rank of this W
-        specs = [self._block_specs(p, self.param_groups[gi], name) for p, gi, name in plist]
-        self._table = BlockTable(
-            params,
-            [gi for _, gi, _ in plist],
-            specs,
-            world_size=world,
-            rank=self.comm.rank if self.sharding.shard else 0,
-            shard=self.sharding.shard,
-        )
+        try:
+            # built before the cross-rank check, which compares it: ranks that cut or assign the blocks by
+            # different code (another version, a patched cost) then fail together there, not in a later
+            # collective of another size. A rank whose specs raise here raises before the check, as every
+            # rank does for the same parameters (a constructor's error is announced: construction.py)
+            specs = [self._block_specs(p, self.param_groups[gi], name) for p, gi, name in plist]
+            table = BlockTable(params, [gi for _, gi, _ in plist], specs, world_size=world,
+                               rank=self.comm.rank if self.sharding.shard else 0, shard=self.sharding.shard)
+            if self.comm.world_size > 1 and check_ranks:  # every rank, whatever its shard value: see the method
+                self._check_same_params_on_all_ranks(params, [name for _, _, name in plist], table)
+        except BaseException:  # nothing changed: the block size the current table was cut with
+            if limit is None:
+                self.__dict__.pop("_auto_limit", None)
+            else:
+                self._auto_limit = limit
+            raise
+        self._table = table
         self._params = params
         self._built = param_signatures(params)
         if check_ranks:  # what every rank built together (a rebuild back to it digests as no rebuild)
@@ -1009,17 +1018,19 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._view_cache = _ViewCache(self._table, self._owned)
         self.exchange = OwnerExchange(self._table, params, self.comm, sharded=self.sharding.shard)
 
-    def _check_same_params_on_all_ranks(self, params: list[Tensor], names: list[str | None]) -> None:
-        """Fail fast, on every rank together, when ranks disagree on the optimizer class, the parameters
-        (names, shapes, dtypes, order), the hyperparameters or the sharding options. The collective is an
-        all-gather of a fixed-size vector, so it matches in size even between different classes.
+    def _check_same_params_on_all_ranks(self, params: list[Tensor], names: list[str | None],
+                                        table: BlockTable | None = None) -> None:
+        """Fail fast, on every rank together, when ranks disagree on the lightning_soaa code they run, the
+        optimizer class, the parameters (names, shapes, dtypes, order), the hyperparameters, the sharding
+        options or the block ``table`` built for them (blocks and owners). The collective is an all-gather
+        of a fixed-size vector, so it matches in size even between different classes.
 
         Every rank of a W > 1 group joins it, whatever its ``shard`` value: a rank that skipped it because
         of its own options would leave the others waiting. Without consolidation (``shard=False``, no
-        DTensors: DeepSpeed's per-rank partitions, whose shapes differ by rank) only the sharding options
-        are compared."""
+        DTensors: DeepSpeed's per-rank partitions, whose shapes differ by rank) only the package's identity
+        and the sharding options are compared."""
         full = self._consolidating()
-        mine = agreement.construction_digests(self, params, names, self._unjoined_steps, full=full)
+        mine = agreement.construction_digests(self, params, names, self._unjoined_steps, full=full, table=table)
         # the last column: this rank's count of optimizers built over the group (not compared; see below)
         counted = torch.cat([mine, torch.tensor([_built_over(self.comm)], dtype=mine.dtype)])
         # from here on an error is no longer announced (construction.py): this rank is in the check itself

@@ -28,6 +28,8 @@ the tests below are parametrized over the registry and read that launch's result
   the default group at its first collective).
 * a pickle re-attaches only to the world size and rank it was made for; elsewhere every rank raises,
   also when a single rank moved.
+* W = 2: rank 1 running other lightning_soaa code (another source digest; another owner assignment, as a
+  version with another cost model makes) is refused at construction with the same error on every rank.
 """
 
 from __future__ import annotations
@@ -333,6 +335,32 @@ def _copies_run(spec: OptimizerSpec, rank: int, world: int, model: Any, opt: Any
     return out
 
 
+def _skewed_run(spec: OptimizerSpec, rank: int, world: int) -> dict[str, str]:
+    """Each optimizer built while rank 1 runs 'another lightning_soaa' (patched in this process, then
+    restored): another source digest, or another owner for every block (what a version with another cost
+    model assigns). Before the check compared them, both built, and the first step met in collectives of
+    other sizes (gloo aborts one rank) or trained on silently."""
+    from lightning_soaa.distributed import agreement, blocks
+
+    version = agreement.package_identity()[0]
+    patches = {"source": (agreement, "package_identity", lambda: (version, 12345)),
+               "owners": (blocks, "assign_owners",
+                          lambda costs, w, f=blocks.assign_owners: [w - 1 - o for o in f(costs, w)])}
+    out: dict[str, str] = {}
+    for how, (module, attr, patched) in patches.items():
+        original = getattr(module, attr)
+        if rank == 1:
+            setattr(module, attr, patched)
+        try:
+            make(spec)
+            out[how] = "no error"
+        except (RuntimeError, ValueError) as e:
+            out[how] = str(e)
+        finally:
+            setattr(module, attr, original)
+    return out
+
+
 def _reattach_elsewhere(blob: bytes, rank: int, world: int) -> str:
     """A pickle made at W = 2 used at another world size: the first collective must refuse."""
     spec = next(s for s in SPECS if s.name == PICKLED)
@@ -367,6 +395,7 @@ def _worker(rank: int, world: int, resume: dict[str, Any], blob: bytes | None) -
             if takes_kwarg(spec, "grad_reduction") and spec.needs is not StepNeeds.BATCH:
                 res["scaler"] = _scaler_run(spec, rank, world)
             res["copies"] = _copies_run(spec, rank, world, model, opt)
+            res["skewed"] = _skewed_run(spec, rank, world)
             if takes_kwarg(spec, "shard"):
                 res["unsharded_replicas"] = _unsharded_replicas_run(spec, rank, world)
         out[spec.name] = res
@@ -637,6 +666,15 @@ def test_copies_at_two_ranks_continue_identically(launches: _Launches, spec: Opt
             assert_identical(res["params"][how], res["params"]["original"], f"rank {r} {how} params")
     for how in ("deepcopy", "pickle"):
         assert_identical(results[0]["final"][how], results[0]["final"]["original"], f"{how} state")
+
+
+@each_optimizer
+def test_ranks_running_other_lightning_soaa_code_are_refused_on_every_rank(launches: _Launches,
+                                                                          spec: OptimizerSpec) -> None:
+    results = [res[spec.name]["skewed"] for res in launches.get(2)]
+    assert results[0] == results[1], results
+    assert "every rank must run the same lightning_soaa: rank(s) [1] run the same version" in results[0]["source"]
+    assert "differ from rank 0 in: block table (blocks and their owners)." in results[0]["owners"], results[0]
 
 
 def test_a_pickle_reattaches_only_where_it_was_made(launches: _Launches) -> None:

@@ -1,4 +1,5 @@
-"""The sharded core across real gloo ranks: the communication of one step, ranks that disagree.
+"""The sharded core across real gloo ranks: the communication of one step, ranks that disagree (on the
+parameters, or on the lightning_soaa code they run).
 
 W-rank runs equal to one process, non-finite gradients on one rank, and checkpoints across world sizes
 are checked for every optimizer (AdamW included) in tests/conformance/test_ranks.py.
@@ -8,7 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+import torch
 import torch.distributed as dist
+from torch import nn
 
 from lightning_soaa.distributed.agreement import RECORD_SLOTS, STEP_ROW
 from lightning_soaa.optim.adamw import ShardedAdamW
@@ -72,3 +76,81 @@ def test_ranks_disagreeing_on_parameters_fail_fast(tmp_path: Path):
     for m in msgs:
         assert "ranks disagree on the parameter list" in m
         assert "rank 0: 6 params" in m and "rank 1: 6 params" in m
+
+
+def _skew(rank: int, how: str) -> None:
+    """Make rank 1 run 'another lightning_soaa' (in this process only: each rank is a process of its own)."""
+    if rank != 1:
+        return
+    from lightning_soaa.distributed import agreement
+    from lightning_soaa.optim import asgo
+    from lightning_soaa.optim.base import ShardedOptimizer
+
+    if how == "block size":  # a version with another automatic block size: other blocks
+        ShardedOptimizer.default_max_block_numel = 8
+    elif how == "cost":  # a version whose cost model counted an AdamW element as 1: the same blocks, other owners
+        asgo.ADAM_COST_PER_ELEMENT = 1.0
+    elif how in ("source", "version"):  # a patched copy, or another release
+        version = agreement.package_identity()[0] if how == "source" else "0.0.0+other"
+        agreement.package_identity = lambda: (version, 12345)
+
+
+def _w_skewed(rank, world_size, how):
+    _skew(rank, how)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(512, 16), nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 16), nn.Tanh(),
+                          nn.Linear(16, 8), nn.Linear(8, 8)).double()
+    try:
+        if how == "cost":
+            from lightning_soaa.optim.asgo import ASGO
+            from lightning_soaa.optim.asgo_groups import asgo_param_groups
+
+            opt = ASGO(asgo_param_groups(model), grad_reduction="mean")
+        else:
+            opt = ShardedAdamW(model.parameters(), grad_reduction="mean", **KW)
+        x = torch.arange(8) * (rank + 1)
+        model(x).square().mean().backward()
+        opt.step()  # before the fix: gloo's "Received data size doesn't match" (SIGABRT), or silently another step
+    except RuntimeError as e:
+        return str(e)
+    return "no error"
+
+
+@pytest.mark.parametrize("how", ["block size", "cost", "source", "version"])
+def test_ranks_running_different_lightning_soaa_fail_together_at_construction(tmp_path: Path, how: str):
+    """Ranks that agree on everything the user passed but run different code (one node upgraded, a patched
+    copy) built different block tables, which met in a collective of another size (a crash of one rank inside
+    gloo), or trained on silently. Now every rank raises the same error at construction, naming the field."""
+    msgs = run_distributed(_w_skewed, 2, tmp_path, how, timeout=60)
+    assert msgs[0] == msgs[1], msgs
+    if how in ("block size", "cost"):
+        assert "differ from rank 0 in: block table (blocks and their owners)." in msgs[0], msgs[0]
+        assert "The block table alone differs" in msgs[0]
+    else:
+        assert "every rank must run the same lightning_soaa: rank(s) [1] run" in msgs[0], msgs[0]
+        assert ("a different version" in msgs[0]) == (how == "version")
+        assert "rank 1: 12345)" in msgs[0]  # as the node's package_identity() prints it
+
+
+def _w_group_disagreement(rank, world_size):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    opt = ShardedAdamW(model[0].parameters(), **KW)
+    try:
+        opt.add_param_group({"params": list(model[2].parameters()), "lr": 0.1 * (rank + 1)})
+        msg = "no error"
+    except RuntimeError as e:
+        msg = str(e)
+    groups = len(opt.param_groups)
+    model(torch.ones(3, 4, dtype=torch.float64)).square().sum().backward()
+    before = model[2].weight.detach().clone()
+    opt.step()  # the optimizer as it was: the first layer's group only
+    return msg, groups, torch.equal(before, model[2].weight)
+
+
+def test_a_group_added_with_other_values_on_some_ranks_is_refused_on_every_rank_and_dropped(tmp_path: Path):
+    """The cross-rank check of add_param_group raises on every rank together; the group stayed appended
+    (only a ValueError dropped it), so param_groups and the block table disagreed from then on."""
+    out = run_distributed(_w_group_disagreement, 2, tmp_path, timeout=60)
+    assert out[0][0] == out[1][0] and "hyperparameters" in out[0][0], out
+    assert all(groups == 1 and unmoved for _, groups, unmoved in out), out
