@@ -16,9 +16,12 @@ still sees ``SLURM_*``; ``mpirun`` inside an allocation still sees ``SLURM_PROCI
    the step variable is what tells them apart.
 
 The rendezvous address is ``MASTER_ADDR`` / ``MASTER_PORT`` when exported. Otherwise, under SLURM the
-address is the first host of the step's node list and the port is derived from the job id (every task
-computes the same one); under MPI, :func:`init_from_env` lets rank 0 pick a free port and broadcasts
-its host and port with ``mpi4py`` (imported only then, never at module import time).
+address is the first host of the step's node list and the port is derived from the job and step ids (every
+task of a step computes the same one, concurrent steps of a job different ones). Under MPI,
+:func:`init_from_env` lets the ranks agree through ``mpi4py`` when it is installed (imported only then, never
+at module import time): rank 0 broadcasts its ``MASTER_ADDR``/``MASTER_PORT``, or its host name and a
+free port, so ranks that the variables did not reach (raw ``mpirun`` without ``-x`` forwards them only to
+the ranks on its own node) join rank 0 rather than hang; without ``mpi4py`` each rank needs both variables.
 
 Restarts (``torchrun --max-restarts=K``): torchrun's agent keeps one TCP store for the whole job, and the
 workers of every attempt meet in it. The keys a process group leaves there (each rank's gloo address)
@@ -38,6 +41,7 @@ import re
 import socket
 import sys
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -139,9 +143,22 @@ def first_slurm_host(nodelist: str) -> str:
     return prefix + ranges.split(",")[0].split("-")[0]  # keep the zero padding: "03-05" -> "03"
 
 
-def slurm_port(job_id: int) -> int:
-    """A rendezvous port every task of a job derives identically from the job id."""
-    return _SLURM_PORT_BASE + job_id % _SLURM_PORT_SPAN
+#: how far apart (mod the span) the ports of consecutive steps of one job lie: a prime that does not divide the
+#: span (15000 = 2^3 * 3 * 5^4), so any 15000 steps of a job get 15000 distinct ports. Step s of job j meets
+#: step t of job k only when j - k = 1009 * (t - s) mod the span: for step ids up to 13 apart, jobs at least
+#: 1009 ids apart (a stride of 1 would pair step 1 of a job with step 0 of the next job id).
+_SLURM_STEP_STRIDE = 1009
+
+
+def slurm_port(job_id: int, *, step_id: int = 0) -> int:
+    """A rendezvous port every task of a job step derives identically from the job and step ids.
+
+    The step id is in it because a batch script may run several steps of one job at once (``srun --exact
+    ... &`` twice, to pack runs into one allocation): from the job id alone they got one port, and ranks of
+    different steps joined each other's groups (a silently mixed run), or failed with EADDRINUSE. Step 0
+    (also a missing ``SLURM_STEP_ID``) keeps the job-id-only port.
+    """
+    return _SLURM_PORT_BASE + (job_id + _SLURM_STEP_STRIDE * step_id) % _SLURM_PORT_SPAN
 
 
 def _master(env: Mapping[str, str]) -> tuple[str | None, int | None]:
@@ -235,7 +252,8 @@ def detect_launch(env: Mapping[str, str] | None = None) -> LaunchInfo:
                 raise ValueError("srun launch without MASTER_ADDR and without SLURM_STEP_NODELIST")
             addr = first_slurm_host(nodelist)
         if port is None:
-            port = slurm_port(_int(env, "SLURM_JOB_ID", 0))
+            step = _int(env, "SLURM_STEP_ID", _int(env, "SLURM_STEPID", 0))  # SLURM_STEPID: the older name
+            port = slurm_port(_int(env, "SLURM_JOB_ID", 0), step_id=step)
         return LaunchInfo(
             launcher="slurm",
             rank=_int(env, "SLURM_PROCID"),
@@ -256,24 +274,72 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+_EXPORT_HINT = "export MASTER_ADDR and MASTER_PORT to every rank (mpirun -x MASTER_ADDR -x MASTER_PORT)"
+
+
 def _mpi_rendezvous(info: LaunchInfo) -> LaunchInfo:
-    """Rank 0 picks its host and a free port; mpi4py broadcasts them to every rank."""
+    """The rendezvous address of an MPI launch, the same on every rank.
+
+    With mpi4py every rank asks rank 0 (:func:`_mpi_agree`), whether or not it sees ``MASTER_ADDR``/
+    ``MASTER_PORT`` itself: deciding per rank (variables: tcp:// rendezvous; none: mpi4py's broadcast) hung
+    the ranks without them in a broadcast that rank 0 never joined when ``mpirun`` had forwarded the
+    variables to some ranks only (those on its own node, without ``-x``), and rank 0 failed after the
+    timeout with a store error that named neither cause. Without mpi4py each rank needs both variables.
+    """
+    has_env = info.master_addr is not None and info.master_port is not None
     try:
         from mpi4py import MPI  # imported here only: mpi4py initialises MPI on import
-    except ImportError as e:
+    except (ImportError, RuntimeError) as e:  # RuntimeError: mpi4py installed, no MPI library to load
+        if has_env:
+            log.debug("mpi4py unavailable (%s): rendezvous at this rank's MASTER_ADDR/MASTER_PORT", e)
+            return info
         raise RuntimeError(
             "Launched by mpirun without MASTER_ADDR/MASTER_PORT: install mpi4py (pip install "
-            "'lightning-soaa[mpi]') so that rank 0 can broadcast a rendezvous port, or export "
-            "MASTER_ADDR and MASTER_PORT to every rank (mpirun -x MASTER_ADDR -x MASTER_PORT)."
+            f"'lightning-soaa[mpi]') so that rank 0 can broadcast a rendezvous port, or {_EXPORT_HINT}."
         ) from e
     comm = MPI.COMM_WORLD
-    payload = None
+    mpi_rank, mpi_size = comm.Get_rank(), comm.Get_size()
+    if mpi_size != info.world_size:
+        # Not the launcher's world (an mpi4py built against another MPI than the mpirun that started us sees
+        # each process as a world of its own): no collective reaches the other ranks.
+        what = (f"mpi4py's MPI.COMM_WORLD has this process as rank {mpi_rank} of {mpi_size}, the launcher's "
+                f"variables as rank {info.rank} of {info.world_size}: mpi4py was likely built against another "
+                "MPI than the one that launched it")
+        if has_env:
+            log.warning("%s; using this rank's MASTER_ADDR=%s MASTER_PORT=%s (no agreement between ranks)",
+                        what, info.master_addr, info.master_port)
+            return info
+        raise RuntimeError(f"{what}. Rebuild mpi4py against the launching MPI (pip install --no-binary "
+                           f"mpi4py mpi4py), or {_EXPORT_HINT}.")
+    return _mpi_agree(info, comm)
+
+
+def _mpi_agree(info: LaunchInfo, comm: Any) -> LaunchInfo:
+    """Every rank takes rank 0's choice: its ``MASTER_ADDR``/``MASTER_PORT``, else its host name and a
+    free port. One allgather carries that choice and every rank's own view, so each rank checks all of
+    them and every rank raises the same error, or none does (a rank alone raising leaves its peers waiting
+    for it until the rendezvous timeout)."""
+    choice = None
     if comm.Get_rank() == 0:
         # The host *name*, resolved by each rank itself: resolving it here could give a loopback
         # alias (Debian maps the own hostname to 127.0.1.1) that other hosts cannot reach.
-        addr = info.master_addr or socket.gethostname()
-        payload = (addr, info.master_port or _free_port())
-    addr, port = comm.bcast(payload, root=0)
+        choice = (info.master_addr or socket.gethostname(), info.master_port or _free_port())
+    every = comm.allgather((choice, info.rank, info.master_addr, info.master_port))
+    addr, port = every[0][0]
+    problems = []
+    for mpi_rank, (_, rank, own_addr, own_port) in enumerate(every):
+        if rank != mpi_rank:
+            problems.append(f"MPI rank {mpi_rank} is rank {rank} by the launcher's variables (mpi4py built "
+                            "against another MPI than the one that launched it?)")
+        elif (own_addr is not None and own_addr != addr) or (own_port is not None and own_port != port):
+            problems.append(f"rank {rank} has MASTER_ADDR={own_addr or '(unset)'} "
+                            f"MASTER_PORT={own_port or '(unset)'}")
+    if problems:
+        origin = ("its MASTER_ADDR" if every[0][2] else "its host name") + ", " + \
+            ("its MASTER_PORT" if every[0][3] else "a free port it picked")
+        raise RuntimeError(f"MPI ranks disagree on the rendezvous address: rank 0 uses MASTER_ADDR={addr} "
+                           f"MASTER_PORT={port} ({origin}), but " + "; ".join(problems) + ". Give every rank "
+                           f"the same values, or none (rank 0 then picks them): {_EXPORT_HINT}.")
     return dataclasses.replace(info, master_addr=addr, master_port=int(port))
 
 
@@ -344,7 +410,7 @@ def init_from_env(
     info = detect_launch(env)
     if not info.distributed:
         return info
-    if info.launcher == "mpi" and (info.master_addr is None or info.master_port is None):
+    if info.launcher == "mpi":
         info = _mpi_rendezvous(info)
     if dist.is_initialized():
         return info

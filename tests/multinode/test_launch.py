@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 import re
+import socket
 import subprocess
 import sys
+import types
 
 import pytest
 import torch.distributed as dist
 
-from lightning_soaa.distributed.launch import LaunchInfo, detect_launch, first_slurm_host, init_from_env, slurm_port
+from lightning_soaa.distributed.launch import (
+    LaunchInfo,
+    _mpi_rendezvous,
+    detect_launch,
+    first_slurm_host,
+    init_from_env,
+    slurm_port,
+)
 
 TORCHRUN = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "1",
             "MASTER_ADDR": "10.0.0.5", "MASTER_PORT": "29400", "TORCHELASTIC_RUN_ID": "x"}
@@ -63,6 +73,23 @@ def test_srun_derives_address_and_port_from_the_step() -> None:
     # every task of the job derives the same port, in a range clear of the ephemeral ports
     assert 1024 < slurm_port(4242) < 32768 and slurm_port(4242) == slurm_port(4242)
     assert detect_launch({**SRUN, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "23456"}).master_addr == "127.0.0.1"
+
+
+def test_concurrent_steps_of_a_job_derive_distinct_ports() -> None:
+    """Two steps of one job running at once (``srun --exact ... &`` twice in a batch script) derived one port
+    from the job id: ranks of the two steps met in one group (a mixed run) or failed with EADDRINUSE."""
+    port = {s: detect_launch({**SRUN, "SLURM_STEP_ID": str(s)}).master_port for s in range(3)}
+    assert len(set(port.values())) == 3, port
+    # every task of a step derives the same port: it depends on the job and step ids, not on the task
+    assert detect_launch({**SRUN, "SLURM_STEP_ID": "1", "SLURM_PROCID": "0", "SLURM_NODEID": "0",
+                          "SLURM_LOCALID": "0"}).master_port == port[1] == slurm_port(4242, step_id=1)
+    # step 0, or no step id at all, keeps the job-id-only port; the older SLURM_STEPID name is read too
+    assert port[0] == detect_launch(SRUN).master_port == slurm_port(4242) == 15000 + 4242
+    assert detect_launch({**SRUN, "SLURM_STEPID": "2"}).master_port == port[2]
+    # any 15000 steps of a job get distinct ports, all in the range clear of the ephemeral ports
+    ports = {slurm_port(4242, step_id=s) for s in range(15000)}
+    assert len(ports) == 15000 and min(ports) >= 15000 and max(ports) < 30000
+    assert slurm_port(29999, step_id=7) == slurm_port(29999 + 15000, step_id=7)
 
 
 def test_batch_script_outside_srun_is_a_single_process() -> None:
@@ -158,3 +185,89 @@ def test_pmi_without_mpich_local_rank_reads_slurm_or_assumes_one_node() -> None:
     assert (info.local_rank, info.local_world_size) == (3, 4)
     with pytest.raises(ValueError, match="PMI_RANK=1 with MPI_LOCALNRANKS='2' but without MPI_LOCALRANKID"):
         detect_launch({"PMI_RANK": "1", "PMI_SIZE": "4", "MPI_LOCALNRANKS": "2"})
+
+
+# ------------------------------------------------------------------- MPI rendezvous (mpi4py faked)
+class _FakeComm:
+    """MPI.COMM_WORLD of one rank: ``allgather`` returns the peers' given contributions around this rank's."""
+
+    def __init__(self, rank: int, size: int, peers: dict[int, object]) -> None:
+        self.rank, self.size, self.peers = rank, size, peers
+
+    def Get_rank(self) -> int:  # noqa: N802 (mpi4py's names)
+        return self.rank
+
+    def Get_size(self) -> int:  # noqa: N802
+        return self.size
+
+    def allgather(self, obj: object) -> list[object]:
+        return [obj if i == self.rank else self.peers[i] for i in range(self.size)]
+
+
+def _with_mpi(monkeypatch: pytest.MonkeyPatch, comm: _FakeComm | None) -> None:
+    """Make ``from mpi4py import MPI`` give ``comm`` as COMM_WORLD (``None``: mpi4py not installed)."""
+    fake = None if comm is None else types.SimpleNamespace(MPI=types.SimpleNamespace(COMM_WORLD=comm))
+    monkeypatch.setitem(sys.modules, "mpi4py", fake)
+    monkeypatch.setitem(sys.modules, "mpi4py.MPI", None if fake is None else fake.MPI)
+
+
+MPI2 = {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2"}
+MASTER = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29731"}
+RANK0_CHOICE = (("127.0.0.1", 29731), 0, "127.0.0.1", 29731)  # rank 0's allgather entry when it has MASTER
+
+
+def test_mpi_ranks_without_master_variables_take_rank_0s(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Raw mpirun forwards MASTER_ADDR/MASTER_PORT only to the ranks on its own node: a rank without them
+    waited in mpi4py's broadcast that rank 0 (which had them) never joined, forever. Every rank now asks
+    rank 0, whichever variables it sees."""
+    _with_mpi(monkeypatch, _FakeComm(1, 2, {0: RANK0_CHOICE}))
+    info = _mpi_rendezvous(detect_launch(MPI2))
+    assert (info.rank, info.master_addr, info.master_port) == (1, "127.0.0.1", 29731)
+    # rank 0 with the variables offers them; without, its host name and a free port
+    _with_mpi(monkeypatch, _FakeComm(0, 2, {1: (None, 1, None, None)}))
+    info = _mpi_rendezvous(detect_launch({**MPI2, "OMPI_COMM_WORLD_RANK": "0", **MASTER}))
+    assert (info.master_addr, info.master_port) == ("127.0.0.1", 29731)
+    info = _mpi_rendezvous(detect_launch({**MPI2, "OMPI_COMM_WORLD_RANK": "0"}))
+    assert info.master_addr == socket.gethostname() and info.master_port is not None
+    # a rank that has only MASTER_ADDR, the same as rank 0's, takes rank 0's port
+    _with_mpi(monkeypatch, _FakeComm(1, 2, {0: RANK0_CHOICE}))
+    assert _mpi_rendezvous(detect_launch({**MPI2, "MASTER_ADDR": "127.0.0.1"})).master_port == 29731
+
+
+def test_mpi_ranks_with_other_master_variables_all_fail_naming_both(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rank told another address than rank 0 used it silently (or its own: a timeout). Each rank sees
+    every rank's values, so all of them raise the same error, naming both values."""
+    message = ("rank 0 uses MASTER_ADDR=127.0.0.1 MASTER_PORT=29731 (its MASTER_ADDR, its MASTER_PORT), but "
+               "rank 1 has MASTER_ADDR=127.0.0.1 MASTER_PORT=1234")
+    rank1 = {**MPI2, **MASTER, "MASTER_PORT": "1234"}
+    _with_mpi(monkeypatch, _FakeComm(1, 2, {0: RANK0_CHOICE}))
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        _mpi_rendezvous(detect_launch(rank1))
+    _with_mpi(monkeypatch, _FakeComm(0, 2, {1: (None, 1, "127.0.0.1", 1234)}))
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        _mpi_rendezvous(detect_launch({**MPI2, "OMPI_COMM_WORLD_RANK": "0", **MASTER}))
+    # MPI's ranks are not the launcher's: refused on every rank too
+    _with_mpi(monkeypatch, _FakeComm(1, 2, {0: (("h", 1), 1, None, None)}))
+    with pytest.raises(RuntimeError, match="MPI rank 0 is rank 1 by the launcher's variables"):
+        _mpi_rendezvous(detect_launch({**MPI2, "OMPI_COMM_WORLD_RANK": "0"}))
+
+
+def test_mpi4py_of_another_mpi_falls_back_to_the_variables(monkeypatch: pytest.MonkeyPatch,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """An mpi4py built against another MPI sees each process as a world of one: no collective reaches the
+    peers, so a rank uses its own variables (warned) or fails naming mpi4py and -x (never hangs)."""
+    _with_mpi(monkeypatch, _FakeComm(0, 1, {}))
+    with caplog.at_level(logging.WARNING, logger="lightning_soaa.distributed.launch"):
+        info = _mpi_rendezvous(detect_launch({**MPI2, **MASTER}))
+    assert (info.master_addr, info.master_port) == ("127.0.0.1", 29731)
+    assert "rank 0 of 1, the launcher's variables as rank 1 of 2" in caplog.text
+    with pytest.raises(RuntimeError, match=r"mpi4py was likely built against another MPI.*mpirun -x MASTER_ADDR"):
+        _mpi_rendezvous(detect_launch(MPI2))
+
+
+def test_mpi_without_mpi4py_uses_the_variables_or_asks_for_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    _with_mpi(monkeypatch, None)
+    info = _mpi_rendezvous(detect_launch({**MPI2, **MASTER}))
+    assert (info.master_addr, info.master_port) == ("127.0.0.1", 29731)
+    with pytest.raises(RuntimeError, match=re.escape("install mpi4py (pip install 'lightning-soaa[mpi]')")):
+        _mpi_rendezvous(detect_launch({**MPI2, "MASTER_ADDR": "127.0.0.1"}))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -180,7 +181,7 @@ def test_mpirun_two_ranks_equal_single_process(optimizer: str, mpirun_script, si
 
 @pytest.mark.mpi
 def test_mpirun_env_rendezvous_without_mpi4py(tmp_path: Path, single) -> None:
-    """MASTER_ADDR/MASTER_PORT exported with -x: no mpi4py import is needed (checked on every rank)."""
+    """MASTER_ADDR/MASTER_PORT exported with -x: no mpi4py is needed (its import fails on every rank)."""
     cmd = [*_mpirun(), "-x", "MASTER_ADDR", "-x", "MASTER_PORT", "-x", "PYTHONPATH", sys.executable,
            *runner.train_args("adamw", tmp_path)]
     env = runner.clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
@@ -191,6 +192,81 @@ def test_mpirun_env_rendezvous_without_mpi4py(tmp_path: Path, single) -> None:
     env["PYTHONPATH"] = os.pathsep.join([str(fake), env["PYTHONPATH"]])
     runner.run(cmd, env=env, timeout=180)
     runner.assert_matches_single(runner.load(tmp_path, 2), single("adamw"), launcher="mpi")
+
+
+# A rank that joins the group and proves it (an all_reduce over the ranks), or prints the error it raised
+# on one line; it exits 0 either way, after MPI_Finalize when mpi4py initialised MPI (so mpirun lets
+# every rank print before it ends the job).
+_RENDEZVOUS_WORKER = """
+import os, sys, time
+import torch, torch.distributed as dist
+from lightning_soaa.distributed.launch import exit_without_teardown, init_from_env
+rank = os.environ.get("OMPI_COMM_WORLD_RANK") or os.environ["SLURM_PROCID"]
+step = os.environ.get("SLURM_STEP_ID", "-")
+if "WAIT_DIR" in os.environ:  # join only once every task of every step runs: the steps surely overlap
+    open(os.path.join(os.environ["WAIT_DIR"], f"{step}.{rank}"), "w").close()
+    deadline = time.time() + 30
+    while len(os.listdir(os.environ["WAIT_DIR"])) < int(os.environ["WAIT_FOR"]):
+        if time.time() > deadline:
+            print(f"rank {rank} step {step}: the steps did not overlap", flush=True)
+            exit_without_teardown(0)
+        time.sleep(0.1)
+try:
+    info = init_from_env("gloo", timeout_s=float(sys.argv[1]))
+except RuntimeError as e:
+    print(f"rank {rank} raised: {e}", flush=True)
+    exit_without_teardown(0)
+# the sum of the group's ranks and of their step ids: 1 and 2 * step in a group of this step's two tasks
+t = torch.tensor([info.rank, int(step) if step != "-" else 0])
+dist.all_reduce(t)
+print(f"rank {info.rank} step {step} joined {info.master_addr}:{info.master_port} sums {t.tolist()}", flush=True)
+dist.destroy_process_group()
+exit_without_teardown(0)
+"""
+
+
+def _run_output(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[int, str]:
+    """Exit status and output of ``cmd``; a launch still running after ``timeout`` is killed (its whole
+    process group) and fails the test as hung."""
+    proc = subprocess.Popen(cmd, env=env, cwd=runner.REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        out, _ = proc.communicate(timeout=10)
+        raise AssertionError(f"hung: still running after {timeout}s\n{out.decode(errors='replace')[-4000:]}") from None
+    return proc.returncode, out.decode(errors="replace")
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("other_ranks", ["unset", "other_port"])
+def test_mpirun_master_variables_on_rank_0_only(other_ranks: str, tmp_path: Path) -> None:
+    """Raw mpirun (no -x) forwards MASTER_ADDR/MASTER_PORT only to the ranks on its own node: simulated by
+    a wrapper that unsets them (or sets another port) on rank != 0. Each rank decided alone: rank 1 waited
+    forever in an mpi4py broadcast that rank 0, which had the variables, never joined (rank 0 failed after
+    the rendezvous timeout); with another port the two never met. Now every rank asks rank 0 through MPI:
+    a working group, or the same error naming both values on every rank, in seconds."""
+    if importlib.util.find_spec("mpi4py") is None:
+        pytest.skip("mpi4py not installed (pip install 'lightning-soaa[mpi]')")
+    port = _free_port()
+    change = "unset MASTER_ADDR MASTER_PORT" if other_ranks == "unset" else f"export MASTER_PORT={port + 1}"
+    worker = tmp_path / "worker.py"
+    worker.write_text(_RENDEZVOUS_WORKER)
+    wrapper = f'if [ "$OMPI_COMM_WORLD_RANK" != 0 ]; then {change}; fi; exec "$0" "$@"'
+    env = runner.clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # on one host mpirun hands its whole environment to every rank; -x for what a remote rank would need
+    cmd = [*_mpirun(), "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS", "bash", "-c", wrapper, sys.executable,
+           str(worker), "30"]
+    rc, out = _run_output(cmd, env, timeout=60)
+    lines = sorted(line for line in out.splitlines() if line.startswith("rank "))
+    if other_ranks == "unset":
+        assert rc == 0 and lines == [f"rank {r} step - joined 127.0.0.1:{port} sums [1, 0]" for r in (0, 1)], out
+    else:
+        errors = {line.split(" raised: ", 1)[-1] for line in lines}
+        assert len(lines) == 2 and all(" raised: " in line for line in lines) and len(errors) == 1, out
+        assert (f"rank 0 uses MASTER_ADDR=127.0.0.1 MASTER_PORT={port} (its MASTER_ADDR, its MASTER_PORT), but "
+                f"rank 1 has MASTER_ADDR=127.0.0.1 MASTER_PORT={port + 1}") in errors.pop(), out
 
 
 # ---------------------------------------------------------------------------------------- SLURM
@@ -247,6 +323,34 @@ def _sbatch(cluster: SlurmCluster, script: str, args: list[str], tmp_path: Path,
         text = out.read_text(errors="replace")[-4000:] if out.exists() else "(no job output)"
         raise AssertionError(f"{e}\njob output:\n{text}\n{cluster.diagnostics()}") from None
     return out.read_text(errors="replace")
+
+
+@pytest.mark.slurm
+def test_concurrent_srun_steps_of_one_job_form_separate_groups(tmp_path: Path, slurm_cluster) -> None:
+    """A batch script that packs two runs into one allocation (``srun --exact ... &`` twice): both steps
+    derived one port from the job id, so ranks of the two steps joined one group (a mixed run that ended
+    with exit 0) or failed with EADDRINUSE. The port now depends on the step id too."""
+    worker, wait_dir = tmp_path / "worker.py", tmp_path / "started"
+    worker.write_text(_RENDEZVOUS_WORKER)
+    wait_dir.mkdir()
+    step = f"srun -N2 -n2 --exact {sys.executable} {worker} 20 &"
+    (tmp_path / "job.sbatch").write_text(f"#!/bin/bash\n{step}\n{step}\nwait\n")
+    out = tmp_path / "job.out"
+    # no MASTER_PORT: the port is derived; MASTER_ADDR as the fake node names do not resolve
+    env = slurm_cluster.env(runner.clean_env(MASTER_ADDR="127.0.0.1", WAIT_DIR=str(wait_dir), WAIT_FOR="4"))
+    cmd = ["sbatch", "--wait", "--time=2", "-N2", "--ntasks-per-node=2", f"--chdir={tmp_path}", f"--output={out}",
+           str(tmp_path / "job.sbatch")]
+    rc, text = _run_output(cmd, env, timeout=90)
+    text += out.read_text(errors="replace") if out.exists() else "(no job output)"
+    lines = [line for line in text.splitlines() if line.startswith("rank ")]
+    joined = [re.fullmatch(r"rank (\d) step (\d) joined 127\.0\.0\.1:(\d+) sums \[1, (\d+)\]", line) for line in lines]
+    assert len(lines) == 4 and all(joined), text
+    assert sorted((m[2], m[1]) for m in joined if m) == [("0", "0"), ("0", "1"), ("1", "0"), ("1", "1")], text
+    # each group holds the two tasks of one step, and each step had one port of its own
+    assert all(int(m[4]) == 2 * int(m[2]) for m in joined if m), text
+    ports = {step: {m[3] for m in joined if m and m[2] == step} for step in ("0", "1")}
+    assert len(ports["0"]) == len(ports["1"]) == 1 and ports["0"] != ports["1"], text
+    assert rc == 0, text
 
 
 @pytest.mark.slurm
