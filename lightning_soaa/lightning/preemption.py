@@ -9,11 +9,12 @@ the step's all-reduce and both ranks aborted without a checkpoint; with torch's 
 until SLURM killed them, without a checkpoint. Either way the run is lost.
 
 :class:`PreemptionCheckpoint` takes the signal over before Lightning installs its handler (Lightning then
-installs none for it): the handler only records the request (:class:`~lightning_soaa.distributed.stop_vote.
-StopVote`), every rank learns it after the same optimizer step (carried by our optimizers' step all-reduce,
-or one small all-reduce per step where no optimizer of ours spans the world), and then every rank saves
-the checkpoint together, at a step boundary, where Lightning's own SLURM restart finds it
-(``hpc_ckpt_N.ckpt`` in ``default_root_dir``; ``fit(ckpt_path="hpc")`` elsewhere).
+installs none for it; SIGTERM, for which Lightning always installs its own, one that broadcasts inside the
+handler, is taken back right after Lightning registered its handlers): the handler only records the request
+(:class:`~lightning_soaa.distributed.stop_vote.StopVote`), every rank learns it after the same optimizer step
+(carried by our optimizers' step all-reduce, or one small all-reduce per step where no optimizer of ours
+spans the world), and then every rank saves the checkpoint together, at a step boundary, where Lightning's
+own SLURM restart finds it (``hpc_ckpt_N.ckpt`` in ``default_root_dir``; ``fit(ckpt_path="hpc")`` elsewhere).
 """
 
 from __future__ import annotations
@@ -68,7 +69,10 @@ class PreemptionCheckpoint(Callback):
             ``signal.SIGUSR1`` sent by a scheduler before it preempts); the checkpoint is then written and the
             fit stops, without requeue; resume with ``trainer.fit(model, ckpt_path="hpc")``. Under SLURM
             auto-requeue the environment's ``requeue_signal`` is watched and this argument is ignored.
-            None (default): inactive outside SLURM auto-requeue.
+            None (default): inactive outside SLURM auto-requeue. ``signal.SIGTERM`` (Kubernetes, spot VMs,
+            torchrun's agent) works too: for the fit, Lightning's own SIGTERM handling (stop at the next batch,
+            forward the signal to the ranks it launched) is replaced by this callback's; a SIGTERM that
+            reaches one rank (e.g. rank 0 alone) stops every rank after the same step.
 
     Under SLURM auto-requeue Lightning's restarted job resumes from the checkpoint by itself (``hpc_ckpt_N.
     ckpt`` in ``default_root_dir``, Lightning's own naming). The checkpoint is written under another name
@@ -99,6 +103,7 @@ class PreemptionCheckpoint(Callback):
         self._watching: int | None = None
         self._requeue = False
         self._previous: Any = None
+        self._connector: Any = None  # Lightning's signal connector whose registration we wrapped
         self._vote: StopVote | None = None
         self._last_step = -1
         self._rounds_seen = 0
@@ -143,12 +148,47 @@ class PreemptionCheckpoint(Callback):
         self._vote = StopVote(trainer.world_size)
         self.preempted = False
         self._last_step, self._rounds_seen = -1, 0
+        if self._watching == signal.SIGTERM:
+            self._take_over_after_registration(trainer)
+
+    def _take_over_after_registration(self, trainer: pl.Trainer) -> None:
+        """Lightning installs its own SIGTERM handler at every fit, ours composed after one that broadcasts
+        inside the handler (and forwards the signal to the ranks it launched): that broadcast pairs with
+        whatever collective another rank is in (measured: 2 gloo ranks hung, no checkpoint). Right after it
+        registers (before its first barrier), ours alone takes the signal back: the vote then tells every
+        rank, including those the signal did not reach."""
+        connector = getattr(trainer, "_signal_connector", None)
+        register = getattr(connector, "register_signal_handlers", None)
+        if connector is None or register is None:
+            return  # another Lightning: on_train_start takes it over (a later point, after Lightning's barrier)
+
+        def register_then_take_over() -> None:
+            register()
+            self._take_over()
+
+        connector.register_signal_handlers = register_then_take_over
+        self._connector = connector
+
+    def _take_over(self) -> None:
+        """Ours alone for the watched signal again, where Lightning composed ours into its own handler."""
+        if self._watching is None:
+            return
+        current = signal.getsignal(self._watching)
+        if current == self._handler:
+            return
+        if self._handler in getattr(current, "signal_handlers", ()):  # Lightning's _HandlersCompose, ours in it
+            signal.signal(self._watching, self._handler)
+        else:
+            log.warning("PreemptionCheckpoint: the handler of signal %d was replaced during the fit (%r); "
+                        "preemption checkpoints are off for it.", self._watching, current)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._vote is None:
             return
         self._last_step = trainer.global_step
+        if self._watching == signal.SIGTERM:
+            self._take_over()  # done at Lightning's registration already, unless this Lightning has none
         for opt in _ours(trainer):  # their step all-reduce carries the vote: no collective of its own
             if opt.comm.world_size == trainer.world_size:
                 opt.stop_vote = self._vote
@@ -221,6 +261,9 @@ class PreemptionCheckpoint(Callback):
 
     def _release(self, trainer: pl.Trainer) -> None:
         """Give the signal back to its previous handler and detach the vote (idempotent)."""
+        if self._connector is not None:  # Lightning's own method again
+            self._connector.__dict__.pop("register_signal_handlers", None)
+            self._connector = None
         if self._watching is None:
             return
         for opt in _ours(trainer):
@@ -243,5 +286,5 @@ class PreemptionCheckpoint(Callback):
     def __getstate__(self) -> dict[str, Any]:
         # ddp_spawn pickles callbacks to the workers: a handler or a vote of the parent means nothing there
         state = self.__dict__.copy()
-        state.update(_watching=None, _previous=None, _vote=None)
+        state.update(_watching=None, _previous=None, _vote=None, _connector=None)
         return state

@@ -8,6 +8,7 @@ requeue and the restart that resumes exactly) runs on the test cluster in tests/
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import signal
@@ -21,7 +22,7 @@ import torch
 from lightning_soaa.lightning import LossToOptimizer, OptimizerFactory, PreemptionCheckpoint
 from tests.conformance._battery import assert_close
 from tests.harness.distributed import run_distributed
-from tests.lightning.helpers import RankRecorder, TinyRegressor, load_records, make_trainer
+from tests.lightning.helpers import N_SAMPLES, RankRecorder, TinyRegressor, load_records, make_trainer, regression_data
 
 pytestmark = [pytest.mark.lightning, pytest.mark.timeout(240)]
 
@@ -31,13 +32,14 @@ SIGNAL_BEFORE_STEP = 3  # the signal arrives before this (1-based) step; every r
 class SignalAt(pl.Callback):
     """Sends the signal to this rank's own process before step ``SIGNAL_BEFORE_STEP``, on ``rank`` only."""
 
-    def __init__(self, rank: int | None) -> None:
+    def __init__(self, rank: int | None, signum: int = signal.SIGUSR1) -> None:
         self.rank = rank
+        self.signum = signum
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         if trainer.global_step == SIGNAL_BEFORE_STEP - 1 and self.rank in (None, trainer.global_rank):
-            os.kill(os.getpid(), signal.SIGUSR1)
+            os.kill(os.getpid(), self.signum)
 
 
 class CountingPreemption(PreemptionCheckpoint):
@@ -124,6 +126,79 @@ def test_one_process_stops_after_the_step_and_restores_the_handler(tmp_path: Pat
     assert resumed.global_step == SIGNAL_BEFORE_STEP + 2
 
 
+#: a rank that has not finished its fit by then prints its stack and exits: a hang fails the test, bounded
+WATCHDOG_S = 90
+
+
+def _users_sigterm_handler(signum: int, frame: Any) -> None:
+    """The handler a user installed before the fit: the one every rank must have again after it."""
+
+
+class SigtermGuard(pl.Callback):
+    """Arms a per-rank watchdog in each rank (W > 1: ranks are processes of their own) and writes, at teardown
+    (after the preemption callback's), whether the user's SIGTERM handler is installed again."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = str(out)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if trainer.world_size > 1:
+            faulthandler.dump_traceback_later(WATCHDOG_S, exit=True)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if trainer.world_size > 1:
+            faulthandler.cancel_dump_traceback_later()
+        restored = signal.getsignal(signal.SIGTERM) is _users_sigterm_handler
+        torch.save(restored, Path(self.out) / f"sigterm-handler-rank{trainer.global_rank}.pt")
+
+
+class StepDataRegressor(TinyRegressor):
+    """Takes step s's global batch of 16 from s (rank r its r-th part), not from the loader: a run resumed
+    mid-epoch sees the same data as an uninterrupted one."""
+
+    def __init__(self) -> None:
+        super().__init__(OptimizerFactory("lightning_soaa.SOAA", {"lr": 1e-2}), batch_size=16)
+        self.data = regression_data().tensors
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        n = 16 // self.trainer.world_size
+        start = (16 * self.trainer.global_step + n * self.trainer.global_rank) % N_SAMPLES
+        return super().training_step(tuple(t[start:start + n] for t in self.data), batch_idx)
+
+
+def _sigterm_fit(out: Path, devices: int, steps: int, callbacks: list[Any], ckpt_path: str | None = None) -> None:
+    trainer = make_trainer(out, devices=devices, max_steps=steps, callbacks=[LossToOptimizer(), *callbacks])
+    trainer.fit(StepDataRegressor(), ckpt_path=ckpt_path)
+
+
+@pytest.mark.parametrize("devices,rank", [(2, 1), (2, 0), (1, None)], ids=["W2-rank1", "W2-rank0", "W1"])
+def test_sigterm_stops_every_rank_after_the_same_step_and_resumes_exactly(tmp_path: Path, devices: int,
+                                                                          rank: int | None) -> None:
+    """SIGTERM (Kubernetes, spot VMs, torchrun's agent) on one rank: Lightning always installs its own SIGTERM
+    handler, which broadcasts inside the handler (the ranks hung, no checkpoint); the callback takes it back,
+    every rank stops after the same step with one checkpoint, the user's handler is back after the fit, and
+    the fit resumed from the checkpoint ends where an uninterrupted one does."""
+    before = signal.signal(signal.SIGTERM, _users_sigterm_handler)  # W > 1: the forked ranks inherit it
+    try:
+        _sigterm_fit(tmp_path, devices, 6, [PreemptionCheckpoint(signum=signal.SIGTERM),
+                                            SignalAt(rank, signal.SIGTERM), SigtermGuard(tmp_path),
+                                            RankRecorder(tmp_path, "pre-")])
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert [r["global_step"] for r in load_records(tmp_path, "pre-", devices)] == [SIGNAL_BEFORE_STEP] * devices
+    assert all(torch.load(tmp_path / f"sigterm-handler-rank{r}.pt") for r in range(devices))
+    saved = sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".ckpt" or "partial" in p.name)
+    assert saved == ["hpc_ckpt_1.ckpt"], saved
+    assert torch.load(tmp_path / "hpc_ckpt_1.ckpt", weights_only=False)["global_step"] == SIGNAL_BEFORE_STEP
+
+    _sigterm_fit(tmp_path, devices, 6, [RankRecorder(tmp_path, "resumed-")], ckpt_path="hpc")
+    _sigterm_fit(tmp_path / "full", devices, 6, [RankRecorder(tmp_path, "full-")])
+    resumed, full = load_records(tmp_path, "resumed-", devices), load_records(tmp_path, "full-", devices)
+    for r in range(devices):
+        assert resumed[r]["global_step"] == full[r]["global_step"] == 6
+        torch.testing.assert_close(resumed[r]["params"], full[r]["params"], rtol=0, atol=1e-12)
+
+
 class _Fails(TinyRegressor):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         if batch_idx == 1:
@@ -131,20 +206,23 @@ class _Fails(TinyRegressor):
         return super().training_step(batch, batch_idx)
 
 
-def test_a_fit_that_raises_gives_the_signal_back(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["SIGUSR1", "SIGTERM"])
+def test_a_fit_that_raises_gives_the_signal_back(tmp_path: Path, name: str) -> None:
     """Lightning calls no teardown hook after an exception and restores the handlers it found at the start
     of the fit (the callback's): the one installed before the fit must be back, and receive the signal."""
+    signum = getattr(signal, name)
     got: list[int] = []
-    before = signal.signal(signal.SIGUSR1, lambda signum, frame: got.append(signum))
+    before = signal.signal(signum, lambda signum, frame: got.append(signum))
     try:
-        trainer = make_trainer(tmp_path, max_steps=4, callbacks=[LossToOptimizer(),
-                                                                 PreemptionCheckpoint(signum=signal.SIGUSR1)])
+        cb = PreemptionCheckpoint(signum=signum)
+        trainer = make_trainer(tmp_path, max_steps=4, callbacks=[LossToOptimizer(), cb])
         with pytest.raises(RuntimeError, match="the user's step failed"):
             trainer.fit(_Fails(_factory(False), batch_size=16))
-        os.kill(os.getpid(), signal.SIGUSR1)
-        assert got == [signal.SIGUSR1]
+        os.kill(os.getpid(), signum)
+        assert got == [signum]
+        assert "register_signal_handlers" not in vars(trainer._signal_connector)  # Lightning's own again
     finally:
-        signal.signal(signal.SIGUSR1, before)
+        signal.signal(signum, before)
 
 
 def test_inactive_without_a_signal_to_watch(tmp_path: Path) -> None:
