@@ -26,6 +26,7 @@ import subprocess
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import Callback
@@ -58,6 +59,19 @@ def _job_id() -> str | None:
     if array is not None:
         return f"{array}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}"
     return os.environ.get("SLURM_JOB_ID")
+
+
+def _warn_epoch_plateau(trainer: pl.Trainer) -> None:
+    """Say so where a ReduceLROnPlateau steps per epoch: Lightning skips its update at the end of the epoch a
+    fit resumes in from a mid-epoch checkpoint (every checkpoint of this callback is one), so the resumed
+    run's lr differs from the uninterrupted run's (measured by a hunter: 0.005 or 0.01 for 0.0025)."""
+    for config in getattr(trainer, "lr_scheduler_configs", ()):
+        if isinstance(config.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and config.interval == "epoch":
+            log.warning("PreemptionCheckpoint: a ReduceLROnPlateau steps per epoch; a fit resumed from a "
+                        "preemption checkpoint (taken mid-epoch) skips its update at the end of that epoch "
+                        "(Lightning's resume), so its lr can differ from an uninterrupted run's. Step it per "
+                        "step (interval 'step'), or use another scheduler, for an exact resume.")
+            return
 
 
 class PreemptionCheckpoint(Callback):
@@ -189,6 +203,7 @@ class PreemptionCheckpoint(Callback):
         self._last_step = trainer.global_step
         if self._watching == signal.SIGTERM:
             self._take_over()  # done at Lightning's registration already, unless this Lightning has none
+        _warn_epoch_plateau(trainer)
         for opt in _ours(trainer):  # their step all-reduce carries the vote: no collective of its own
             if opt.comm.world_size == trainer.world_size:
                 opt.stop_vote = self._vote

@@ -271,3 +271,25 @@ def test_optimizer_warns_under_lightnings_in_handler_checkpoint(tmp_path: Path) 
     for warned in run_distributed(_step_under_lightnings_handler, 2, tmp_path):
         assert len(warned) == 1, warned  # once, at the first W > 1 step
         assert "inside its handler of signal" in warned[0]
+
+
+class _PlateauRegressor(TinyRegressor):
+    def configure_optimizers(self) -> Any:
+        opt = super().configure_optimizers()
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "train_loss", "interval": "epoch"}}
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        loss = super().training_step(batch, batch_idx)
+        self.log("train_loss", loss)
+        return loss
+
+
+def test_a_per_epoch_plateau_scheduler_is_warned_about(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Found by a hunter: Lightning skips a per-epoch ReduceLROnPlateau's update at the end of the epoch a fit
+    resumes in from a mid-epoch checkpoint, so a preempted run resumed with another lr, silently."""
+    cb = PreemptionCheckpoint(signum=signal.SIGUSR1)
+    trainer = make_trainer(tmp_path, max_steps=2, callbacks=[LossToOptimizer(), cb])
+    with caplog.at_level(logging.WARNING, logger="lightning_soaa.lightning.preemption"):
+        trainer.fit(_PlateauRegressor(_factory(False), batch_size=16))
+    assert "a ReduceLROnPlateau steps per epoch" in caplog.text
