@@ -304,7 +304,8 @@ def _mpi_rendezvous(info: LaunchInfo) -> LaunchInfo:
         # each process as a world of its own): no collective reaches the other ranks.
         what = (f"mpi4py's MPI.COMM_WORLD has this process as rank {mpi_rank} of {mpi_size}, the launcher's "
                 f"variables as rank {info.rank} of {info.world_size}: mpi4py was likely built against another "
-                "MPI than the one that launched it")
+                "MPI than the one that launched it, or cannot attach to this launcher (Open MPI 5 under srun "
+                "--mpi=pmi2)")
         if has_env:
             log.warning("%s; using this rank's MASTER_ADDR=%s MASTER_PORT=%s (no agreement between ranks)",
                         what, info.master_addr, info.master_port)
@@ -394,8 +395,8 @@ def init_from_env(
     """Initialise the default ``torch.distributed`` process group from whichever launcher started us.
 
     Does nothing (and returns ``launcher="single"``) when no launcher is detected or the world size is 1,
-    so the same script runs as a plain ``python train.py``. Idempotent: an already initialised group is
-    kept.
+    so the same script runs as a plain ``python train.py``. Idempotent and local: an already initialised
+    group is kept, and a later call needs no other rank (it may come from some ranks only).
 
     Args:
         backend: ``"gloo"``, ``"nccl"``, or ``None`` for NCCL when CUDA is available, else gloo.
@@ -410,10 +411,10 @@ def init_from_env(
     info = detect_launch(env)
     if not info.distributed:
         return info
+    if dist.is_initialized():
+        return _already_joined(info)
     if info.launcher == "mpi":
         info = _mpi_rendezvous(info)
-    if dist.is_initialized():
-        return info
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
@@ -429,6 +430,22 @@ def init_from_env(
         dist.init_process_group(backend, init_method=url, rank=info.rank, world_size=info.world_size,
                                 timeout=timeout)
     install_exit_drain()  # a gloo rank must not abort in interpreter teardown (see teardown.py)
+    global _joined
+    _joined = (dist.group.WORLD, info)
+    return info
+
+
+#: the default group :func:`init_from_env` joined, and the :class:`LaunchInfo` it joined it with
+_joined: tuple[object, LaunchInfo] | None = None
+
+
+def _already_joined(info: LaunchInfo) -> LaunchInfo:
+    """What a call of :func:`init_from_env` returns once the default group exists: the facts it was joined
+    with when :func:`init_from_env` joined it, else ``info`` (the environment's). Never the MPI agreement:
+    every rank must join that allgather, and a later call may come from some ranks only (a rank-zero-only
+    hook): rank 0 then waited in it forever, and a peer that failed meanwhile hung in ``MPI_Finalize``."""
+    if _joined is not None and _joined[0] is dist.group.WORLD:
+        return _joined[1]
     return info
 
 

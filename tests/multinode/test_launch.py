@@ -271,3 +271,38 @@ def test_mpi_without_mpi4py_uses_the_variables_or_asks_for_them(monkeypatch: pyt
     assert (info.master_addr, info.master_port) == ("127.0.0.1", 29731)
     with pytest.raises(RuntimeError, match=re.escape("install mpi4py (pip install 'lightning-soaa[mpi]')")):
         _mpi_rendezvous(detect_launch({**MPI2, "MASTER_ADDR": "127.0.0.1"}))
+
+
+class _CollectiveRefused(_FakeComm):
+    def allgather(self, obj: object) -> list[object]:
+        raise AssertionError("a later init_from_env made an MPI collective")
+
+
+def test_a_later_init_from_env_makes_no_mpi_collective(monkeypatch: pytest.MonkeyPatch) -> None:
+    """init_from_env is idempotent, and a later call may come from some ranks only (a rank-zero-only hook):
+    it made the MPI allgather again, so under mpirun rank 0 waited in it forever, and a peer that then failed
+    hung in MPI_Finalize (the job never ended). A later call returns what the group was joined with."""
+    import lightning_soaa.distributed.launch as launch
+
+    real_init = dist.init_process_group
+    # rank 0 of 2 by the variables; the group itself is this process alone (no peer to start)
+    monkeypatch.setattr(dist, "init_process_group",
+                        lambda backend, **kw: real_init(backend, store=dist.HashStore(), rank=0, world_size=1))
+    monkeypatch.setattr(launch, "install_exit_drain", lambda: None)
+    _with_mpi(monkeypatch, _FakeComm(0, 2, {1: (None, 1, None, None)}))
+    rank0 = {**MPI2, "OMPI_COMM_WORLD_RANK": "0"}
+    try:
+        joined = init_from_env("gloo", env=rank0)
+        assert dist.is_initialized() and joined.master_port is not None
+        _with_mpi(monkeypatch, _CollectiveRefused(0, 2, {}))
+        assert init_from_env("gloo", env=rank0) == joined
+        assert init_from_env("gloo", env={**rank0, **MASTER}) == joined  # the group's, not the variables'
+    finally:
+        dist.destroy_process_group()
+    # a group made elsewhere (Lightning's MPIEnvironment): the environment's values, still no collective
+    real_init("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        info = init_from_env("gloo", env={**rank0, **MASTER})
+        assert (info.master_addr, info.master_port) == ("127.0.0.1", 29731)
+    finally:
+        dist.destroy_process_group()
