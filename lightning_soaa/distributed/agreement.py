@@ -316,18 +316,23 @@ def construction_digests(optimizer: Any, params: Sequence[Tensor], names: Sequen
 CONSTRUCTION_FAILED = -1
 
 
-def check_construction(optimizer: Any, everyone: Tensor, full: bool = True) -> None:
+def check_construction(optimizer: Any, everyone: Tensor, full: bool = True, stage: str | None = None) -> None:
     """Raise the same ``RuntimeError`` on every rank when the gathered construction vectors differ.
 
     ``everyone`` is the ``[world, CONSTRUCTION_WIDTH - 1]`` all-gather of :func:`construction_digests`;
     every rank holds the same matrix, so every rank decides alike. A rank whose constructor raised is named
     first, then ranks running other lightning_soaa code, then the sharding options, compared on every rank;
     the other fields only when ``full`` (equal on every rank once the sharding options are: it is part of
-    their digest).
+    their digest). ``stage``: what a failed row's rank was doing, where not the constructor.
     """
     name = type(optimizer).__name__
     nf = len(CONSTRUCTION_FIELDS)
     failed = [r for r in range(everyone.shape[0]) if int(everyone[r, nf]) == CONSTRUCTION_FAILED]
+    if failed and stage is not None:
+        raise RuntimeError(
+            f"{name}: {stage} raised on rank(s) {failed} (their own error says why; look for it in their output), "
+            "so the optimizer is left as it was on every rank. A param group valid on some ranks only is the "
+            "usual cause: every rank must pass the same groups.")
     if failed:
         raise RuntimeError(
             f"{name}: the constructor raised on rank(s) {failed} (their own error says why; look for it in their "

@@ -128,7 +128,7 @@ from lightning_soaa.distributed.stop_vote import StopVote, in_handler_checkpoint
 from lightning_soaa.functional.adamw import increment_counts_
 from lightning_soaa.kernels.raw import cell_values, value_cells
 from lightning_soaa.optim import dcp_state as dcp
-from lightning_soaa.optim.construction import collective_construction
+from lightning_soaa.optim.construction import collective_construction, failed_row
 from lightning_soaa.optim.dcp_plain import handed_out, without_placeholders
 from lightning_soaa.optim.param_checks import (
     DisjointStorage,
@@ -985,15 +985,20 @@ class ShardedOptimizer(torch.optim.Optimizer):
         limit = self.__dict__.get("_auto_limit")
         if not keep_limit or limit is None:
             self._auto_limit = self._auto_block_numel(params, world)  # the same on every rank of this W
+        check = self.comm.world_size > 1 and check_ranks  # every rank, whatever its shard value: see the method
         try:
             # built before the cross-rank check, which compares it: ranks that cut or assign the blocks by
             # different code (another version, a patched cost) then fail together there, not in a later
-            # collective of another size. A rank whose specs raise here raises before the check, as every
-            # rank does for the same parameters (a constructor's error is announced: construction.py)
-            specs = [self._block_specs(p, self.param_groups[gi], name) for p, gi, name in plist]
-            table = BlockTable(params, [gi for _, gi, _ in plist], specs, world_size=world,
-                               rank=self.comm.rank if self.sharding.shard else 0, shard=self.sharding.shard)
-            if self.comm.world_size > 1 and check_ranks:  # every rank, whatever its shard value: see the method
+            # collective of another size
+            try:
+                specs = [self._block_specs(p, self.param_groups[gi], name) for p, gi, name in plist]
+                table = BlockTable(params, [gi for _, gi, _ in plist], specs, world_size=world,
+                                   rank=self.comm.rank if self.sharding.shard else 0, shard=self.sharding.shard)
+            except Exception:
+                if check:  # specs refused on some ranks only (their parameters or group differ): see the method
+                    self._join_check_failed()
+                raise
+            if check:
                 self._check_same_params_on_all_ranks(params, [name for _, _, name in plist], table)
         except BaseException:  # nothing changed: the block size the current table was cut with
             if limit is None:
@@ -1029,14 +1034,21 @@ class ShardedOptimizer(torch.optim.Optimizer):
         of its own options would leave the others waiting. Without consolidation (``shard=False``, no
         DTensors: DeepSpeed's per-rank partitions, whose shapes differ by rank) only the package's identity
         and the sharding options are compared."""
-        full = self._consolidating()
-        mine = agreement.construction_digests(self, params, names, self._unjoined_steps, full=full, table=table)
-        # the last column: this rank's count of optimizers built over the group (not compared; see below)
-        counted = torch.cat([mine, torch.tensor([_built_over(self.comm)], dtype=mine.dtype)])
+        try:
+            full = self._consolidating()
+            mine = agreement.construction_digests(self, params, names, self._unjoined_steps, full=full,
+                                                  table=table)
+            # the last column: this rank's count of optimizers built over the group (not compared; see below)
+            counted = torch.cat([mine, torch.tensor([_built_over(self.comm)], dtype=mine.dtype)])
+        except Exception:  # (the source digest reads files: an OSError on one node)
+            self._join_check_failed()
+            raise
         # from here on an error is no longer announced (construction.py): this rank is in the check itself
         self._construction_gathered = True
         everyone = self.comm.all_gather_flat(counted).view(self.comm.world_size, -1)
-        agreement.check_construction(self, everyone[:, :-1], full=full)
+        agreement.check_construction(self, everyone[:, :-1], full=full,
+                                     stage=None if self._table is None else "rebuilding the block table "
+                                     "(add_param_group, or joining the process group)")
         if "_instance_id" not in self.__dict__:  # once: a rebuild (add_param_group) is the same optimizer
             # the ranks' counts differ where some processes saw earlier groups (a group destroyed and made
             # again with a new process): the largest is every rank's ordinal
@@ -1045,6 +1057,18 @@ class ShardedOptimizer(torch.optim.Optimizer):
             # per-rank partitions (not full) compare the sharding options only: the id is built from those
             basis = mine if full else mine[agreement.CONSTRUCTION_FIELDS.index("sharding options")]
             self._instance_id = agreement.instance_id(basis, ordinal)
+
+    def _join_check_failed(self) -> None:
+        """This rank raised before the construction check's all-gather (its block specs, its row): join it
+        with a failed row, so that every rank makes that one all-gather and raises now, together. Outside the
+        constructor nothing else announces it (construction.py): the other ranks waited in the all-gather
+        (a hang), or, in add_param_group, met this rank's rebuild of the old table and made one all-gather
+        more than it. Never raises (the caller re-raises its own error)."""
+        self._construction_gathered = True  # the constructor's wrapper must not announce it a second time
+        try:
+            self.comm.all_gather_flat(failed_row(self.construction_width()))
+        except Exception:  # noqa: BLE001 - the caller's error is the one to raise
+            return
 
     def _meet(self, instance: float, value: float, failed: bool = False) -> list[list[float]]:
         """Collective: a first all-reduce of the step record's size (:func:`agreement.meeting_table`; slot 1

@@ -154,3 +154,61 @@ def test_a_group_added_with_other_values_on_some_ranks_is_refused_on_every_rank_
     out = run_distributed(_w_group_disagreement, 2, tmp_path, timeout=60)
     assert out[0][0] == out[1][0] and "hyperparameters" in out[0][0], out
     assert all(groups == 1 and unmoved for _, groups, unmoved in out), out
+
+
+def _w_group_refused_by_one_rank(rank, world_size):
+    from lightning_soaa.optim.asgo import ASGO
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 6)).double()
+    opt = ASGO([model[0].weight], lr=1e-2)
+    try:  # rank 1's row_parts=4 does not divide the 6 rows: its block specs raise, rank 0's do not
+        opt.add_param_group({"params": [model[2].weight], "row_parts": 2 if rank == 0 else 4})
+        msg = "no error"
+    except (RuntimeError, ValueError) as e:
+        msg = str(e)
+    dist.barrier()  # every rank made the same collectives (a rank one all-gather ahead waited here: a hang)
+    return msg, len(opt.param_groups)
+
+
+def test_a_group_whose_blocks_are_refused_on_some_ranks_only_is_dropped_on_every_rank(tmp_path: Path):
+    """The block table is built before the cross-rank check: a rank whose block specs raised skipped the
+    check's all-gather, and rebuilding its old table (with the check) met the others' check of the new one;
+    they raised there, rebuilt too, and waited in an all-gather the rank never made (a hang). It now joins
+    the check with a failed row: every rank raises and drops the group, after the same all-gathers."""
+    out = run_distributed(_w_group_refused_by_one_rank, 2, tmp_path, timeout=60)
+    assert "raised on rank(s) [1]" in out[0][0], out
+    assert "not a multiple of row_parts=4" in out[1][0], out
+    assert all(groups == 1 for _, groups in out), out
+
+
+def _w_join_refused_by_one_rank(rank, world_size, store2):
+    import datetime
+
+    dist.barrier()
+    dist.destroy_process_group()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    opt = ShardedAdamW(model.parameters(), **KW)  # built before the group: it joins at its first step
+    dist.init_process_group("gloo", store=dist.FileStore(store2, world_size), rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=30))
+    if rank == 1:  # (a block spec valid at W = 1 refused at the join's W, on this rank only)
+        def refuse(*args, **kwargs):
+            raise ValueError("refused here")
+        opt._block_specs = refuse
+    model(torch.ones(3, 4, dtype=torch.float64)).square().sum().backward()
+    try:
+        opt.step()
+        msg = "no error"
+    except (RuntimeError, ValueError) as e:
+        msg = str(e)
+    dist.barrier()
+    return msg, opt.join_pending
+
+
+def test_a_join_whose_blocks_are_refused_on_some_ranks_only_raises_on_every_rank(tmp_path: Path):
+    """At a join the table is built before the check too, and nothing else announced a rank's error there:
+    the other ranks waited in the check's all-gather."""
+    out = run_distributed(_w_join_refused_by_one_rank, 2, tmp_path, str(tmp_path / "store2"), timeout=60)
+    assert "raised on rank(s) [1]" in out[0][0] and out[1][0] == "refused here", out
+    assert all(pending for _, pending in out), out
