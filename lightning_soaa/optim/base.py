@@ -842,32 +842,57 @@ class ShardedOptimizer(torch.optim.Optimizer):
         return self._sharded_multi_rank() or (self._dtensor is not None and self.comm.world_size > 1)
 
     # ------------------------------------------------------------------ parameter groups and blocks
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if self._receiver() is not self:  # through Lightning's LightningOptimizer: the table was the wrapper's
-            return self._receiver().add_param_group(param_group)
-        super().add_param_group(self._named_like_the_others(listed_params(param_group)))
+    def _add_group_locally(self, param_group: dict[str, Any]) -> tuple[Exception | None, Any]:
+        """torch's add_param_group and every check that needs no other rank: ``(None, the storage check to
+        finish)`` with the group appended, or ``(the error, None)`` with the optimizer unchanged."""
+        before = len(self.param_groups)
         try:
+            super().add_param_group(self._named_like_the_others(listed_params(param_group)))
             check_param_group(self, self.param_groups[-1])  # duplicates, complex, zero-size
             check_torch_options(self, self.param_groups[-1])
             checked = self._check_storage()
             self._validate_group(self.param_groups[-1])
-        except ValueError:
-            self.param_groups.pop()  # a rejected group must leave the optimizer unchanged
-            raise
+            if self._table is not None and (self._dtensor is not None or has_dtensor(param_group["params"])):
+                raise ValueError(f"{type(self).__name__}: add_param_group is not supported with DTensor "
+                                 "(FSDP2) parameters; pass every param group to the constructor.")
+            if self._table is not None:  # a block option written into an existing group would be taken as built
+                for i, g in enumerate(self.param_groups[:-1]):
+                    try:
+                        self._check_layout(i, g)
+                    except ValueError as e:
+                        raise ValueError(f"{type(self).__name__}.add_param_group: param_groups[{i}]: {e} Nothing "
+                                         "changed.") from None
+        except Exception as e:  # noqa: BLE001 - any refusal: agreed on below, then raised as it was
+            del self.param_groups[before:]  # a rejected group must leave the optimizer unchanged
+            return e, None
+        return None, checked
+
+    def _agree_on_added_group(self, error: Exception | None) -> None:
+        """Collective (every rank's add_param_group, after the local checks and before its collectives): a
+        group refused on some ranks only (its options differ, e.g. an lr one rank computed otherwise) is
+        dropped on every rank, which raise together. The refusing rank raised alone before, while the others
+        went on into the state gather and the cross-rank check: a hang."""
+        texts = self.comm.all_gather_object(None if error is None else f"{type(error).__name__}: {error}")
+        bad = [r for r, t in enumerate(texts) if t is not None]
+        if not bad or error is not None:
+            return  # all agree, or this rank raises its own error
+        self.param_groups.pop()
+        raise RuntimeError(f"{type(self).__name__}.add_param_group: the group was refused on rank(s) {bad} "
+                           f"(rank {bad[0]}: {texts[bad[0]]}); it is dropped on every rank. Add the same group "
+                           "on every rank. Nothing changed.")
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if self._receiver() is not self:  # through Lightning's LightningOptimizer: the table was the wrapper's
+            return self._receiver().add_param_group(param_group)
+        error, checked = self._add_group_locally(param_group)
+        if self._table is not None and self.comm.world_size > 1:  # the ranks' collectives follow: agree first
+            self._agree_on_added_group(error)
+        if error is not None:
+            raise error
+        assert checked is not None
         checked()
         warn_misspelt_keys(self, self.param_groups[-1], len(self.param_groups) - 1)
         if self._table is not None:  # added after construction: re-shard, keeping existing state
-            if self._dtensor is not None or has_dtensor(param_group["params"]):
-                self.param_groups.pop()
-                raise ValueError(f"{type(self).__name__}: add_param_group is not supported with DTensor "
-                                 "(FSDP2) parameters; pass every param group to the constructor.")
-            try:  # a block option written into an existing group would be taken as built by the rebuild
-                for i, g in enumerate(self.param_groups[:-1]):
-                    self._check_layout(i, g)
-            except ValueError as e:
-                self.param_groups.pop()
-                raise ValueError(f"{type(self).__name__}.add_param_group: param_groups[{i}]: {e} Nothing "
-                                 "changed.") from None
             full = self._gather_full_state() if self._sharded_multi_rank() else None
             before = self._table.layout()
             # the automatic block size grows with the model: recomputing it re-cut existing parameters
