@@ -23,6 +23,7 @@ import logging
 import os
 import signal
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import lightning.pytorch as pl
@@ -59,6 +60,23 @@ def _job_id() -> str | None:
     if array is not None:
         return f"{array}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}"
     return os.environ.get("SLURM_JOB_ID")
+
+
+def _wait_for_writes(io: Any) -> None:
+    """Return once every checkpoint write that ``io`` queued has ended. Lightning's ``AsyncCheckpointIO``
+    (found by a hunter) writes on one background thread: ``save_checkpoint`` returned before the file existed,
+    so the rename failed on rank 0 alone (no checkpoint for the requeued job), or renamed an earlier run's
+    leftover (silently an older step). A task queued behind the writes on its single-thread executor runs
+    after them (Lightning's own wait, ``teardown``, shuts the executor down; later saves of this fit need it)."""
+    seen = 0
+    while io is not None and seen < 8:  # a wrapper's checkpoint_io (AsyncCheckpointIO wraps one)
+        executor = getattr(io, "_executor", None)
+        if isinstance(executor, ThreadPoolExecutor):
+            executor.submit(lambda: None).result()
+        error = getattr(io, "_error", None)
+        if isinstance(error, BaseException):
+            raise error
+        io, seen = getattr(io, "checkpoint_io", None), seen + 1
 
 
 def _warn_epoch_plateau(trainer: pl.Trainer) -> None:
@@ -239,9 +257,13 @@ class PreemptionCheckpoint(Callback):
         partial = os.path.join(root, _PARTIAL)
         log.info("PreemptionCheckpoint: signal %s; saving %s at step %d on every rank",
                  self._watching, path, trainer.global_step)
+        fs = get_filesystem(path)
+        if trainer.is_global_zero and fs.exists(partial):  # an earlier run's: it would be renamed for this one's
+            fs.rm(partial)
         trainer.save_checkpoint(partial)  # every rank (a sharded optimizer consolidates); ends in a barrier
         if trainer.is_global_zero:
-            get_filesystem(path).mv(partial, path)
+            _wait_for_writes(trainer.strategy.checkpoint_io)
+            fs.mv(partial, path)
             if self._requeue:
                 self._requeue_job()
         self.preempted = True

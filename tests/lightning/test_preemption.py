@@ -12,12 +12,14 @@ import faulthandler
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.plugins import AsyncCheckpointIO, TorchCheckpointIO
 
 from lightning_soaa.lightning import LossToOptimizer, OptimizerFactory, PreemptionCheckpoint
 from tests.conformance._battery import assert_close
@@ -293,3 +295,27 @@ def test_a_per_epoch_plateau_scheduler_is_warned_about(tmp_path: Path, caplog: p
     with caplog.at_level(logging.WARNING, logger="lightning_soaa.lightning.preemption"):
         trainer.fit(_PlateauRegressor(_factory(False), batch_size=16))
     assert "a ReduceLROnPlateau steps per epoch" in caplog.text
+
+
+class _SlowIO(TorchCheckpointIO):
+    """A writer on slow storage (NFS, an object store): each checkpoint takes a second to land."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        time.sleep(1.0)
+        super().save_checkpoint(checkpoint, path, storage_options)
+
+
+def test_an_async_checkpoint_writer_is_waited_for_and_a_stale_partial_is_not_renamed(tmp_path: Path) -> None:
+    """Found by a hunter: under Lightning's AsyncCheckpointIO save_checkpoint returns before the file exists,
+    so the rename on rank 0 failed (no checkpoint for the requeued job), or renamed the partial file an earlier
+    run left (silently that run's step)."""
+    stale = tmp_path / ".lightning_soaa_preemption.partial"
+    torch.save({"global_step": 999}, stale)  # an earlier run's leftover
+    cb = PreemptionCheckpoint(signum=signal.SIGUSR1)
+    trainer = make_trainer(tmp_path, max_steps=8, callbacks=[LossToOptimizer(), cb, SignalAt(rank=None)],
+                           plugins=[AsyncCheckpointIO(_SlowIO())])
+    trainer.fit(TinyRegressor(_factory(False), batch_size=16))
+    assert cb.preempted and trainer.global_step == SIGNAL_BEFORE_STEP
+    ckpt = torch.load(tmp_path / "hpc_ckpt_1.ckpt", weights_only=False)
+    assert ckpt["global_step"] == SIGNAL_BEFORE_STEP
+    assert not stale.exists()
