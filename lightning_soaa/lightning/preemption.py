@@ -27,7 +27,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import Callback
@@ -83,8 +82,11 @@ def _warn_epoch_plateau(trainer: pl.Trainer) -> None:
     """Say so where a ReduceLROnPlateau steps per epoch: Lightning skips its update at the end of the epoch a
     fit resumes in from a mid-epoch checkpoint (every checkpoint of this callback is one), so the resumed
     run's lr differs from the uninterrupted run's (measured by a hunter: 0.005 or 0.01 for 0.0025)."""
+    if not trainer.lightning_module.automatic_optimization:
+        return  # Lightning steps no scheduler then: the user's code does, in the resumed epoch too
     for config in getattr(trainer, "lr_scheduler_configs", ()):
-        if isinstance(config.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and config.interval == "epoch":
+        # reduce_on_plateau: what Lightning treats as one (torch's, or a custom one declared so)
+        if config.reduce_on_plateau and config.interval == "epoch":
             log.warning("PreemptionCheckpoint: a ReduceLROnPlateau steps per epoch; a fit resumed from a "
                         "preemption checkpoint (taken mid-epoch) skips its update at the end of that epoch "
                         "(Lightning's resume), so its lr can differ from an uninterrupted run's. Step it per "
@@ -104,7 +106,8 @@ class PreemptionCheckpoint(Callback):
             None (default): inactive outside SLURM auto-requeue. ``signal.SIGTERM`` (Kubernetes, spot VMs,
             torchrun's agent) works too: for the fit, Lightning's own SIGTERM handling (stop at the next batch,
             forward the signal to the ranks it launched) is replaced by this callback's; a SIGTERM that
-            reaches one rank (e.g. rank 0 alone) stops every rank after the same step.
+            reaches one rank (e.g. rank 0 alone) stops every rank after the same step; one that
+            arrives after the last training step goes to the handler installed before the fit, at its end.
 
     Under SLURM auto-requeue Lightning's restarted job resumes from the checkpoint by itself (``hpc_ckpt_N.
     ckpt`` in ``default_root_dir``, Lightning's own naming). The checkpoint is written under another name
@@ -288,8 +291,17 @@ class PreemptionCheckpoint(Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self._release(trainer)
+        if stage != "fit":
+            return
+        watching, vote = self._watching, self._vote
+        self._release(trainer)
+        if watching == signal.SIGTERM and vote is not None and vote.requested and not self.preempted:
+            # a SIGTERM after the last step (the final validation, on_train_end) stopped nothing: a request to
+            # terminate is not swallowed (Lightning alone stops, the default action ends the process); the
+            # handler the fit found receives it now. SIGUSR1 is a warning: no step left, nothing to do.
+            log.warning("PreemptionCheckpoint: SIGTERM arrived after the last training step; passed on to the "
+                        "handler installed before the fit.")
+            signal.raise_signal(watching)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

@@ -319,3 +319,83 @@ def test_an_async_checkpoint_writer_is_waited_for_and_a_stale_partial_is_not_ren
     ckpt = torch.load(tmp_path / "hpc_ckpt_1.ckpt", weights_only=False)
     assert ckpt["global_step"] == SIGNAL_BEFORE_STEP
     assert not stale.exists()
+
+class _SigtermAfterTraining(pl.Callback):
+    """SIGTERM after the last optimizer step (the fit's final validation, on_train_end): no step follows."""
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_sigterm_after_the_last_step_reaches_the_users_handler(tmp_path: Path) -> None:
+    """No step is left to stop after: the termination request must not be swallowed (Lightning alone calls
+    the user's handler and stops; the default action ends the process): it goes to the handler the fit
+    found, once, after the fit."""
+    got: list[int] = []
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+    try:
+        cb = PreemptionCheckpoint(signum=signal.SIGTERM)
+        trainer = make_trainer(tmp_path, max_steps=3, callbacks=[LossToOptimizer(), cb, _SigtermAfterTraining()])
+        trainer.fit(TinyRegressor(_factory(False), batch_size=16))
+        assert trainer.global_step == 3 and not cb.preempted
+        assert got == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+class _ManualPlateauRegressor(_PlateauRegressor):
+    """Manual optimization: Lightning steps no scheduler; the user's code steps the plateau (a resume does too)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        opt = self.optimizers()
+        opt.zero_grad()  # type: ignore[union-attr]
+        loss = super().training_step(batch, batch_idx)
+        self.manual_backward(loss)
+        opt.step()  # type: ignore[union-attr]
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        self.lr_schedulers().step(self.trainer.callback_metrics["train_loss"])  # type: ignore[union-attr]
+
+
+class _CustomPlateau:
+    """A plateau scheduler not derived from torch's, declared to Lightning with ``reduce_on_plateau``."""
+
+    def __init__(self, optimizer: Any) -> None:
+        self.optimizer = optimizer
+
+    def step(self, metrics: Any = None) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class _CustomPlateauRegressor(_PlateauRegressor):
+    def configure_optimizers(self) -> Any:
+        opt = TinyRegressor.configure_optimizers(self)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": _CustomPlateau(opt), "monitor": "train_loss",
+                                                   "interval": "epoch", "reduce_on_plateau": True}}
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:  # Lightning's hook for a custom scheduler
+        scheduler.step(metric)
+
+
+@pytest.mark.parametrize("model,warned", [(_ManualPlateauRegressor, False), (_CustomPlateauRegressor, True)],
+                         ids=["manual-optimization", "custom-plateau"])
+def test_the_plateau_warning_follows_lightnings_own_update(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                          model: type, warned: bool) -> None:
+    """Lightning skips the update only where it steps the scheduler itself (automatic optimization), and it
+    treats as a plateau scheduler whatever is configured ``reduce_on_plateau``."""
+    cb = PreemptionCheckpoint(signum=signal.SIGUSR1)
+    trainer = make_trainer(tmp_path, max_steps=2, callbacks=[LossToOptimizer(), cb])
+    with caplog.at_level(logging.WARNING, logger="lightning_soaa.lightning.preemption"):
+        trainer.fit(model(_factory(False), batch_size=16))
+    assert ("a ReduceLROnPlateau steps per epoch" in caplog.text) == warned, caplog.text
