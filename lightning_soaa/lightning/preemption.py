@@ -30,6 +30,7 @@ import lightning.pytorch as pl
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins import AsyncCheckpointIO
 from typing_extensions import override
 
 from lightning_soaa.distributed.stop_vote import StopVote
@@ -70,7 +71,12 @@ def _wait_for_writes(io: Any) -> None:
     seen = 0
     while io is not None and seen < 8:  # a wrapper's checkpoint_io (AsyncCheckpointIO wraps one)
         executor = getattr(io, "_executor", None)
-        if isinstance(executor, ThreadPoolExecutor):
+        if isinstance(executor, ThreadPoolExecutor) and isinstance(io, AsyncCheckpointIO):
+            # a subclass may run more workers (a no-op then ran beside the write: the rename failed); its
+            # _ensure_setup makes a new executor for a later save, as after Lightning's own teardown
+            executor.shutdown(wait=True)
+            io._executor = None
+        elif isinstance(executor, ThreadPoolExecutor):
             executor.submit(lambda: None).result()
         error = getattr(io, "_error", None)
         if isinstance(error, BaseException):
@@ -265,7 +271,7 @@ class PreemptionCheckpoint(Callback):
                  self._watching, path, trainer.global_step)
         fs = get_filesystem(path)
         if trainer.is_global_zero and fs.exists(partial):  # an earlier run's: it would be renamed for this one's
-            fs.rm(partial)
+            fs.rm(partial, recursive=True)  # a directory where the strategy saves one (DeepSpeed, sharded FSDP)
         trainer.save_checkpoint(partial)  # every rank (a sharded optimizer consolidates); ends in a barrier
         if trainer.is_global_zero:
             _wait_for_writes(trainer.strategy.checkpoint_io)

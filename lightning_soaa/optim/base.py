@@ -862,8 +862,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
                     except ValueError as e:
                         raise ValueError(f"{type(self).__name__}.add_param_group: param_groups[{i}]: {e} Nothing "
                                          "changed.") from None
-        except Exception as e:  # noqa: BLE001 - any refusal: agreed on below, then raised as it was
-            del self.param_groups[before:]  # a rejected group must leave the optimizer unchanged
+        except BaseException as e:  # noqa: BLE001 - any refusal: agreed on below, then raised as it was
+            del self.param_groups[before:]  # a rejected group must leave the optimizer unchanged (Ctrl+C too)
+            if not isinstance(e, Exception):
+                raise
             return e, None
         return None, checked
 
@@ -876,7 +878,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         bad = [r for r, t in enumerate(texts) if t is not None]
         if not bad or error is not None:
             return  # all agree, or this rank raises its own error
-        self.param_groups.pop()
+        # (the caller drops the group)
         raise RuntimeError(f"{type(self).__name__}.add_param_group: the group was refused on rank(s) {bad} "
                            f"(rank {bad[0]}: {texts[bad[0]]}); it is dropped on every rank. Add the same group "
                            "on every rank. Nothing changed.")
@@ -885,15 +887,23 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if self._receiver() is not self:  # through Lightning's LightningOptimizer: the table was the wrapper's
             return self._receiver().add_param_group(param_group)
         error, checked = self._add_group_locally(param_group)
-        if self._table is not None and self.comm.world_size > 1:  # the ranks' collectives follow: agree first
-            self._agree_on_added_group(error)
+        full = None
+        try:
+            if self._table is not None and self.comm.world_size > 1:  # the ranks' collectives follow: agree first
+                self._agree_on_added_group(error)
+            if error is None and self._table is not None and self._sharded_multi_rank():
+                full = self._gather_full_state()
+        except BaseException:  # refused on another rank, or a collective failed (an unpickled optimizer before
+            # init_process_group, a peer gone): the group stayed appended and the table was not rebuilt
+            if error is None:
+                self.param_groups.pop()
+            raise
         if error is not None:
             raise error
         assert checked is not None
         checked()
         warn_misspelt_keys(self, self.param_groups[-1], len(self.param_groups) - 1)
         if self._table is not None:  # added after construction: re-shard, keeping existing state
-            full = self._gather_full_state() if self._sharded_multi_rank() else None
             before = self._table.layout()
             # the automatic block size grows with the model: recomputing it re-cut existing parameters
             # while their state kept the old blocks (the kernels then overran it: NaN, heap corruption)

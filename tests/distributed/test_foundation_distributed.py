@@ -7,6 +7,7 @@ are checked for every optimizer (AdamW included) in tests/conformance/test_ranks
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import pytest
@@ -240,3 +241,19 @@ def test_a_group_refused_by_one_ranks_checks_is_dropped_on_every_rank(tmp_path: 
     assert out[0][1] == out[1][1] == 1
     for a, b in zip(out[0][2], out[1][2]):
         assert torch.equal(a, b)
+
+
+def _w_pickled(rank, world_size, shard):
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    return pickle.dumps((model, ShardedAdamW(model[0].parameters(), shard=shard, **KW)))
+
+
+@pytest.mark.parametrize("shard", [True, False])
+def test_a_group_added_where_its_collectives_fail_leaves_the_optimizer_unchanged(tmp_path: Path, shard):
+    """An optimizer pickled at W = 2 and loaded where no process group exists: add_param_group's first
+    collective raises (its communicator cannot attach). The group stayed appended over the old block table
+    (shard=True always; shard=False since the agreement's all-gather came first)."""
+    model, opt = pickle.loads(run_distributed(_w_pickled, 2, tmp_path, shard, timeout=60)[0])
+    with pytest.raises(RuntimeError, match="call torch.distributed.init_process_group"):
+        opt.add_param_group({"params": list(model[2].parameters())})
+    assert len(opt.param_groups) == 1

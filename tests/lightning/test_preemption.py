@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -323,6 +324,30 @@ def test_an_async_checkpoint_writer_is_waited_for_and_a_stale_partial_is_not_ren
     assert cb.preempted and trainer.global_step == SIGNAL_BEFORE_STEP
     ckpt = torch.load(tmp_path / "hpc_ckpt_1.ckpt", weights_only=False)
     assert ckpt["global_step"] == SIGNAL_BEFORE_STEP
+    assert not stale.exists()
+
+
+class _FourWriters(AsyncCheckpointIO):
+    """An AsyncCheckpointIO of more than one writer thread: a no-op queued behind the write ran beside it."""
+
+    def _ensure_setup(self) -> None:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=4)
+
+
+def test_an_async_writer_of_several_threads_is_waited_for_and_a_stale_partial_directory_removed(
+        tmp_path: Path) -> None:
+    """Reviewer: with four writer threads the rename ran before the file existed (FileNotFoundError on rank 0
+    alone, no checkpoint); a partial directory an earlier run left (strategies that save directories) made
+    the removal raise on rank 0 alone, before the save's collectives."""
+    stale = tmp_path / ".lightning_soaa_preemption.partial"
+    (stale / "checkpoint").mkdir(parents=True)
+    cb = PreemptionCheckpoint(signum=signal.SIGUSR1)
+    trainer = make_trainer(tmp_path, max_steps=8, callbacks=[LossToOptimizer(), cb, SignalAt(rank=None)],
+                           plugins=[_FourWriters(_SlowIO())])
+    trainer.fit(TinyRegressor(_factory(False), batch_size=16))
+    assert cb.preempted and trainer.global_step == SIGNAL_BEFORE_STEP
+    assert torch.load(tmp_path / "hpc_ckpt_1.ckpt", weights_only=False)["global_step"] == SIGNAL_BEFORE_STEP
     assert not stale.exists()
 
 class _SigtermAfterTraining(pl.Callback):

@@ -95,6 +95,23 @@ def test_add_param_group_after_construction():
     assert float(opt.state[params[-1]]["step"]) == 2.0
 
 
+def test_add_param_group_interrupted_in_its_checks_leaves_the_optimizer_unchanged(monkeypatch):
+    """A Ctrl+C (a BaseException) inside add_param_group's own checks left the group appended over the old
+    block table (the refusal path caught Exception only)."""
+    m = tiny_mlp()
+    params = list(m.parameters())
+    opt = ShardedAdamW(params[:2], lr=1e-2)
+
+    def interrupted(group):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(opt, "_validate_group", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        opt.add_param_group({"params": params[2:]})
+    assert len(opt.param_groups) == 1
+    monkeypatch.undo()
+    _train(m, opt, 1)
+
+
 @pytest.mark.parametrize(
     "kwargs,message",
     [
