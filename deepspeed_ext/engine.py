@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -343,8 +344,17 @@ def install_checkpoint_hooks(engine: Any, client: Any) -> None:
     save, load = engine.save_checkpoint, engine.load_checkpoint
 
     def save_checkpoint(*args: Any, **kwargs: Any) -> Any:
+        import inspect
+
         client.consolidate_state_dict(to=None)  # every rank: DeepSpeed reads the state on every rank
-        return save(*args, **kwargs)
+        given = inspect.signature(save).bind(*args, **kwargs).arguments
+        decoupled = getattr(getattr(engine, "checkpoint_engine", None), "is_decoupled", lambda: False)()
+        if not given.get("save_latest", True) or decoupled:
+            return save(*args, **kwargs)
+        tag = str(given["tag"]) if given.get("tag") is not None else f"global_step{engine.global_steps}"
+        out = save(**{**given, "save_latest": False})
+        agreed_checks(lambda: _write_latest(str(given["save_dir"]), tag))
+        return out
 
     def load_checkpoint(*args: Any, **kwargs: Any) -> Any:
         import inspect
@@ -361,6 +371,22 @@ def install_checkpoint_hooks(engine: Any, client: Any) -> None:
     engine.save_checkpoint = save_checkpoint
     engine.load_checkpoint = load_checkpoint
     engine._lightning_soaa_checkpoint_hooks = True
+
+
+def _write_latest(save_dir: str, tag: str) -> None:
+    """On global rank 0, point ``latest`` at ``tag``, atomically, once every rank's files are written (the
+    caller runs this after DeepSpeed's save returned on every rank). DeepSpeed itself writes ``latest`` on
+    rank 0 before its last barrier: a rank killed while writing its optimizer file (ZeRO-1/2/3) left
+    ``latest`` naming a checkpoint with a truncated file, which the next load refused on that rank only
+    (found by a hunter: the previous checkpoint was fine, but ``latest`` had moved past it)."""
+    import torch.distributed as dist
+
+    if dist.get_rank() != 0:
+        return
+    path = os.path.join(save_dir, "latest")
+    with open(path + ".tmp", "w") as fd:
+        fd.write(tag)
+    os.replace(path + ".tmp", path)
 
 
 def agreed_checks(checks: Callable[[], None]) -> None:

@@ -734,3 +734,32 @@ def w_node_local_refusal(rank: int, world: int, ckpt_root: str) -> str:
         return "ok"
     except Exception as exc:  # noqa: BLE001 - the message is what the test checks
         return f"{type(exc).__name__}: {exc}"
+
+
+def w_latest_after_a_failed_save(rank: int, world: int, ckpt_root: str) -> tuple[str, str]:
+    """ZeRO-2 at W = 2: save tag t1, train, save tag t2 while rank 1's optimizer file cannot be written (as
+    when that rank is killed mid-write). Returns (this rank's outcome, what ``latest`` names afterwards)."""
+    ds_env(rank, world)
+    import deepspeed_ext
+
+    cfg = make_config(2, "fp32", "lightning_soaa.SOAA", {"lr": 1e-2})
+    engine, _, _, _ = deepspeed_ext.initialize(model=tiny_mlp(0, torch.float32, SIZES), config=cfg)
+    _train(engine, rank, range(1))
+    engine.save_checkpoint(ckpt_root, tag="t1")
+    _train(engine, rank, range(1, 2))
+    if rank == 1:
+        real_save = engine.checkpoint_engine.save
+
+        def failing_save(state: Any, path: str, *args: Any, **kwargs: Any) -> Any:
+            if "optim_states" in str(path):
+                raise OSError(f"disk gone while writing {path}")
+            return real_save(state, path, *args, **kwargs)
+
+        engine.checkpoint_engine.save = failing_save
+    try:
+        engine.save_checkpoint(ckpt_root, tag="t2")
+        outcome = "saved"
+    except Exception as exc:  # noqa: BLE001 - the outcome is what the test checks
+        outcome = f"{type(exc).__name__}: {exc}"
+    with open(os.path.join(ckpt_root, "latest")) as fd:
+        return outcome, fd.read()

@@ -10,6 +10,7 @@ import torch
 from tests.deepspeed._workers import (
     w_checkpoint,
     w_cross_stage,
+    w_latest_after_a_failed_save,
     w_node_local_refusal,
     w_resume_other_world,
     w_round_robin_resume,
@@ -106,3 +107,12 @@ def test_a_refusal_from_rank_0s_files_is_raised_on_every_rank(tmp_path):
     assert "was written under ZeRO-0; this engine runs ZeRO-2" in res[0], res[0]
     assert res[1].startswith("StateLayoutError: Rank 0 refused the checkpoint"), res[1]
     assert "was written under ZeRO-0" in res[1], res[1]
+
+
+def test_latest_keeps_naming_the_last_complete_checkpoint_when_a_rank_fails_its_write(tmp_path):
+    """Found by a hunter: DeepSpeed writes ``latest`` on rank 0 before its save's last barrier, so a rank
+    killed while writing its ZeRO optimizer file left ``latest`` naming a checkpoint with a truncated file
+    (the next load failed on that rank only). ``latest`` now moves only once every rank's save returned."""
+    res = run_distributed(w_latest_after_a_failed_save, 2, tmp_path, str(tmp_path / "ckpt"), timeout=200)
+    assert res[1][0].startswith("OSError: disk gone"), res
+    assert res[0][1] == res[1][1] == "t1", res
