@@ -353,7 +353,8 @@ def install_checkpoint_hooks(engine: Any, client: Any) -> None:
             return save(*args, **kwargs)
         tag = str(given["tag"]) if given.get("tag") is not None else f"global_step{engine.global_steps}"
         out = save(**{**given, "save_latest": False})
-        agreed_checks(lambda: _write_latest(str(given["save_dir"]), tag))
+        agreed_checks(lambda: _write_latest(str(given["save_dir"]), tag, engine.global_rank),
+                      peer_failed="could not point 'latest' at the checkpoint just saved (its files are complete)")
         return out
 
     def load_checkpoint(*args: Any, **kwargs: Any) -> Any:
@@ -361,11 +362,12 @@ def install_checkpoint_hooks(engine: Any, client: Any) -> None:
 
         given = inspect.signature(load).bind(*args, **kwargs).arguments
         if given.get("load_optimizer_states", True) and not given.get("load_module_only", False):
-            def checks() -> None:
+            def checks() -> int | None:
                 check_checkpoint_stage(given["load_dir"], given.get("tag"), engine.zero_optimization_stage(),
                                        bool(getattr(engine.optimizer, "round_robin_gradients", False)))
                 check_checkpoint_groups(given["load_dir"], given.get("tag"), client)
-            agreed_checks(checks)
+                return _own_saved_steps(engine, client, given["load_dir"], given.get("tag"))
+            check_same_saved_steps(agreed_checks(checks), given["load_dir"], given.get("tag"))
         return load(*args, **kwargs)
 
     engine.save_checkpoint = save_checkpoint
@@ -373,45 +375,107 @@ def install_checkpoint_hooks(engine: Any, client: Any) -> None:
     engine._lightning_soaa_checkpoint_hooks = True
 
 
-def _write_latest(save_dir: str, tag: str) -> None:
+def _write_latest(save_dir: str, tag: str, global_rank: int) -> None:
     """On global rank 0, point ``latest`` at ``tag``, atomically, once every rank's files are written (the
     caller runs this after DeepSpeed's save returned on every rank). DeepSpeed itself writes ``latest`` on
     rank 0 before its last barrier: a rank killed while writing its optimizer file (ZeRO-1/2/3) left
     ``latest`` naming a checkpoint with a truncated file, which the next load refused on that rank only
-    (found by a hunter: the previous checkpoint was fine, but ``latest`` had moved past it)."""
-    import torch.distributed as dist
-
-    if dist.get_rank() != 0:
+    (found by a hunter: the previous checkpoint was fine, but ``latest`` had moved past it). The engine's
+    global rank, as DeepSpeed's own write (also under node-local storage: ``latest`` on global rank 0's node)."""
+    if global_rank != 0:
         return
     path = os.path.join(save_dir, "latest")
-    with open(path + ".tmp", "w") as fd:
-        fd.write(tag)
-    os.replace(path + ".tmp", path)
+    try:
+        with open(path + ".tmp", "w") as fd:
+            fd.write(tag)
+        os.replace(path + ".tmp", path)
+    except BaseException:
+        if os.path.exists(path + ".tmp"):  # no stray file beside the checkpoints
+            os.remove(path + ".tmp")
+        raise
 
 
-def agreed_checks(checks: Callable[[], None]) -> None:
+_PEER_REFUSED = "refused the checkpoint (this rank could not read the files it checked, e.g. node-local storage)"
+
+
+def agreed_checks(checks: Callable[[], Any], *, peer_failed: str = _PEER_REFUSED) -> list[Any]:
     """Run the checkpoint checks on this rank, then refuse on every rank when any rank refused. They read
     rank 0's files (its model states for the saved config, its optimizer file for the group count); on a
     rank that cannot see them (DeepSpeed's node-local checkpoint storage, no shared filesystem) they find
     nothing and pass, so that rank went on into DeepSpeed's load while rank 0 raised: a hang in the load's
     collectives, or a load of a state the check refuses. ``load_checkpoint`` runs on every rank (DeepSpeed
-    requires it), so the all-gather here is joined by all."""
+    requires it), so the all-gather here is joined by all. Returns what ``checks`` returned, by rank (the
+    same list on every rank, so that a decision taken on it is taken alike); ``peer_failed`` says, on the
+    other ranks, what a failing rank's error means."""
     import torch.distributed as dist
 
     error: Exception | None = None
+    value: Any = None
     try:
-        checks()
+        value = checks()
     except Exception as e:  # noqa: BLE001 - any refusal (or a damaged file) must reach the all-gather
         error = e
+    mine = (None if error is None else f"{type(error).__name__}: {error}", value)
+    said: list[Any] = [mine]
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        said: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(said, None if error is None else f"{type(error).__name__}: {error}")
-        other = next(((r, m) for r, m in enumerate(said) if m is not None), None)
+        said = [None] * dist.get_world_size()
+        dist.all_gather_object(said, mine)
+        other = next(((r, m) for r, (m, _) in enumerate(said) if m is not None), None)
         if error is None and other is not None:
-            raise StateLayoutError(f"Rank {other[0]} refused the checkpoint (this rank could not read the files "
-                                   f"it checked, e.g. node-local storage): {other[1]}")
+            raise StateLayoutError(f"Rank {other[0]} {peer_failed}: {other[1]}")
     if error is not None:
         raise error
+    return [v for _, v in said]
+
+
+def _own_saved_steps(engine: Any, client: Any, load_dir: str, tag: Any) -> int | None:
+    """The client's ``training_steps`` in this rank's own ZeRO-1/2/3 optimizer file of the checkpoint (each
+    rank reads its own: under node-local storage it is on this rank's node); None when that cannot be told
+    (stage 0, whose state is one consolidated copy; no such file; a foreign or unreadable file: left to
+    DeepSpeed)."""
+    import torch.distributed as dist
+
+    from deepspeed_ext.client import STATE_KEY
+
+    folder = _tag_folder(load_dir, tag)
+    if getattr(client, "zero_stage", 0) == 0 or folder is None:
+        return None
+    try:
+        dp_rank = dist.get_rank(group=engine.optimizer.dp_process_group)
+        mp_rank = int(engine.checkpoint_mp_rank)
+        bf16 = bool(engine.bfloat16_enabled())
+    except Exception:  # noqa: BLE001 - another engine layout: leave it to DeepSpeed
+        log.debug("deepspeed_ext: could not tell this rank's optimizer file", exc_info=True)
+        return None
+    for prefix in (("bf16_", "") if bf16 else ("", "bf16_")):  # DeepSpeed's own order of the two names
+        path = os.path.join(folder, f"{prefix}zero_pp_rank_{dp_rank}_mp_rank_{mp_rank:02d}_optim_states.pt")
+        if not os.path.isfile(path):
+            continue
+        try:  # mmap: the partitions' tensors are not read
+            outer = torch.load(path, map_location="cpu", mmap=True, weights_only=False)["optimizer_state_dict"]
+            base = outer.get("base_optimizer_state", outer.get("optimizer_state_dict"))  # ZeRO-1/2, ZeRO-3
+            return int(base[STATE_KEY]["training_steps"])
+        except Exception:  # noqa: BLE001 - an unreadable or foreign file: leave it to DeepSpeed
+            log.debug("deepspeed_ext: could not read the saved steps of %s", path, exc_info=True)
+            return None
+    return None
+
+
+def check_same_saved_steps(steps: list[int | None], load_dir: str, tag: Any) -> None:
+    """Refuse a checkpoint whose ranks' optimizer files were written at different steps (every rank gets the
+    same ``steps``, so every rank refuses, before DeepSpeed reads anything). Found by a hunter: a tag saved
+    twice into one folder (Lightning's ``last.ckpt`` is, under tag ``checkpoint``) where a rank died before
+    it rewrote its file kept that rank's file of the earlier save; the load passed and the first ``step()``
+    said the optimizers were at different steps, blaming a load on some ranks only."""
+    known = {s for s in steps if s is not None}
+    if len(known) <= 1:
+        return
+    raise StateLayoutError(
+        f"The checkpoint {load_dir!r} (tag {tag!r}) holds optimizer files written at different steps (training "
+        f"steps by rank: {steps}): a save into this folder and tag was overwritten in part (a rank stopped before "
+        "it rewrote its file), so the files mix two saves. Nothing was loaded. Resume from the previous "
+        "checkpoint, and save each checkpoint under a tag (or folder) of its own: DeepSpeed's default tag "
+        "global_step<N> is one.")
 
 
 def _tag_folder(load_dir: str, tag: Any) -> str | None:

@@ -763,3 +763,30 @@ def w_latest_after_a_failed_save(rank: int, world: int, ckpt_root: str) -> tuple
         outcome = f"{type(exc).__name__}: {exc}"
     with open(os.path.join(ckpt_root, "latest")) as fd:
         return outcome, fd.read()
+
+
+def w_mixed_saves_refused(rank: int, world: int, ckpt_root: str) -> str:
+    """ZeRO-2 at W = 2: tag t saved at step 1 and again at step 3 into the same folder, where rank 1 stopped
+    before it rewrote its optimizer file (its file is the step-1 one, copied back in). Loading it (the tag
+    that ``latest`` names): the error each rank raises, or "loaded"."""
+    import shutil
+
+    ds_env(rank, world)
+    import deepspeed_ext
+
+    cfg = make_config(2, "fp32", "lightning_soaa.SOAA", {"lr": 1e-2})
+    engine, _, _, _ = deepspeed_ext.initialize(model=tiny_mlp(0, torch.float32, SIZES), config=cfg)
+    first, second = os.path.join(ckpt_root, "first"), os.path.join(ckpt_root, "second")
+    _train(engine, rank, range(1))
+    engine.save_checkpoint(first, "t")  # positional tag, as DeepSpeed's signature allows
+    _train(engine, rank, range(1, 3))
+    engine.save_checkpoint(second, tag="t")
+    if rank == 0:
+        name = "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+        shutil.copyfile(os.path.join(first, "t", name), os.path.join(second, "t", name))
+    dist.barrier()
+    try:
+        engine.load_checkpoint(second)
+        return "loaded"
+    except Exception as exc:  # noqa: BLE001 - the message is what the test checks
+        return f"{type(exc).__name__}: {exc}"

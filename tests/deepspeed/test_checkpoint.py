@@ -11,6 +11,7 @@ from tests.deepspeed._workers import (
     w_checkpoint,
     w_cross_stage,
     w_latest_after_a_failed_save,
+    w_mixed_saves_refused,
     w_node_local_refusal,
     w_resume_other_world,
     w_round_robin_resume,
@@ -116,3 +117,14 @@ def test_latest_keeps_naming_the_last_complete_checkpoint_when_a_rank_fails_its_
     res = run_distributed(w_latest_after_a_failed_save, 2, tmp_path, str(tmp_path / "ckpt"), timeout=200)
     assert res[1][0].startswith("OSError: disk gone"), res
     assert res[0][1] == res[1][1] == "t1", res
+
+
+def test_a_checkpoint_mixing_two_saves_of_one_tag_is_refused_at_load_on_every_rank(tmp_path):
+    """Found by a hunter: a tag saved twice into one folder, where a rank stopped before it rewrote its ZeRO
+    optimizer file, mixed the two saves' files; the load passed and the first step() blamed a load on some
+    ranks only. The load now refuses it on every rank, naming the files' steps and the cause."""
+    res = run_distributed(w_mixed_saves_refused, 2, tmp_path, str(tmp_path / "ckpt"), timeout=200)
+    for r, said in enumerate(res):
+        assert said.startswith("StateLayoutError: "), (r, said)
+        assert "optimizer files written at different steps (training steps by rank: [3, 1])" in said, (r, said)
+        assert "overwritten in part" in said and "previous checkpoint" in said, (r, said)
