@@ -93,10 +93,9 @@ def _name_of(item: Any, i: int, group_names: list[str] | None, names: Mapping[in
 def _suffix(name: str | None, tensor: Any, fused: Mapping[str, int]) -> str | None:
     """The longest suffix of ``fused`` that the name of a trainable matrix ends with, whole dotted parts
     ("attn.qkv.weight" before "qkv.weight"; "kv.weight" does not match "qkv.weight"), or None."""
-    if name is None or not isinstance(tensor, Tensor) or tensor.dim() < 2 or not tensor.requires_grad:
+    if isinstance(tensor, Tensor) and not tensor.requires_grad:
         return None
-    ends = [s for s in fused if name == s or name.endswith("." + s)]
-    return max(ends, key=len) if ends else None
+    return fused_suffix(name, tensor, fused)
 
 
 def _subgroup(group: dict[str, Any], picked: list[int], items: list[Any], **extra: Any) -> dict[str, Any]:

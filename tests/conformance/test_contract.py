@@ -945,6 +945,42 @@ def test_state_dict_round_trip_continues_identically(spec: OptimizerSpec) -> Non
     _continue_both(spec, (model, opt), (model2, opt2), range(3, 6))
 
 
+def _tensors(tree: Any) -> list[Tensor]:
+    if isinstance(tree, Tensor):
+        return [tree]
+    if isinstance(tree, dict):
+        return [t for v in tree.values() for t in _tensors(v)]
+    if isinstance(tree, (list, tuple)):
+        return [t for v in tree for t in _tensors(v)]
+    return []
+
+
+@each_optimizer
+def test_a_state_dict_shares_no_memory_with_the_live_state_or_the_loaded_one(spec: OptimizerSpec) -> None:
+    """A save hands the live tensors to its join and copies what it keeps; a load re-cuts by views and copies
+    each block once (optim/base.py, distributed/reblock.py: the memory of turn 38). So: a state dict held in
+    memory (an async writer's, a DCP stage's) does not change with the next step, and a loaded optimizer does
+    not share memory with the dict it loaded (loading it twice does not couple the two)."""
+    model, opt = make(spec)
+    for t in range(2):
+        step(spec, model, opt, t)
+    sd = opt.state_dict()
+    kept = copy.deepcopy(sd)
+
+    def ptrs(tensors: list[Tensor]) -> set[int]:
+        return {t.untyped_storage().data_ptr() for t in tensors if t.numel()}
+
+    assert not ptrs(_tensors(sd["state"])) & ptrs(_tensors(opt.state))
+    model2, opt2 = make(spec)
+    model2.load_state_dict(model.state_dict())
+    opt2.load_state_dict(sd)
+    assert not ptrs(_tensors(opt2.state)) & ptrs(_tensors(sd["state"]))
+    for t in range(2, 4):
+        step(spec, model, opt, t)
+        step(spec, model2, opt2, t)
+    assert_identical(sd, kept)
+
+
 def _row_blocked(spec: OptimizerSpec) -> bool:
     """Optimizers whose blocks are the base's row ranges of ``max_block_numel`` elements (a param-group
     option): their elementwise state loads into any other row blocking."""

@@ -215,28 +215,48 @@ def test_a_join_whose_blocks_are_refused_on_some_ranks_only_raises_on_every_rank
     assert all(pending for _, pending in out), out
 
 
-def _w_group_refused_on_one_rank(rank, world_size):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).double()
-    opt = ShardedAdamW(model[0].parameters(), **KW)
+def _w_group_refused_on_one_rank(rank, world_size, name):
+    from lightning_soaa import registry
+    from tests.conformance._battery import make, step
+
+    spec = registry.get(name)
+    model, _ = make(spec)
+    last = [p for p in model.parameters()][-2:]  # the last layer: built without it, added later
+    for p in last:
+        p.requires_grad_(False)
+    opt = spec.build(model, **spec.test_kwargs)
+    for p in last:
+        p.requires_grad_(True)
     try:
-        opt.add_param_group({"params": list(model[2].parameters()), "lr": -1.0 if rank == 1 else 0.1})
+        opt.add_param_group({"params": last, "lr": -1.0 if rank == 1 else 0.1})
         msg = "no error"
     except (ValueError, RuntimeError) as e:
         msg = f"{type(e).__name__}: {e}"
     groups = len(opt.param_groups)
-    model(torch.ones(3, 4, dtype=torch.float64)).square().sum().backward()
-    opt.step()  # the optimizer as it was, on every rank
-    return msg, groups, [p.detach().clone() for p in model[0].parameters()]
+    for p in last:
+        p.requires_grad_(False)
+    step(spec, model, opt, 0, rank=rank, world=world_size, average=True)  # the optimizer as it was, on every rank
+    return msg, groups, [p.detach().clone() for p in model.parameters()]
 
 
-def test_a_group_refused_by_one_ranks_checks_is_dropped_on_every_rank(tmp_path: Path):
+def _takes_groups() -> list[str]:
+    from lightning_soaa.registry import REGISTRY, FirstArg
+
+    return [s.name for s in REGISTRY if s.first_arg is FirstArg.NAMED_PARAMETERS]
+
+
+@pytest.mark.parametrize("name", _takes_groups())
+def test_a_group_refused_by_one_ranks_checks_is_dropped_on_every_rank(tmp_path: Path, name: str):
     """A group that one rank's own checks refuse (an invalid lr there only) raised on that rank alone, while
     the others went on into add_param_group's collectives (the state gather, the cross-rank check): a hang.
-    Now every rank agrees first: the refusing rank raises its error, the others name it, nothing changes."""
-    out = run_distributed(_w_group_refused_on_one_rank, 2, tmp_path, timeout=60)
+    Now every rank agrees first: the refusing rank raises its error, the others name it, nothing changes.
+    Every optimizer of the registry that takes parameter groups (EGN takes a module and refuses groups)."""
+    out = run_distributed(_w_group_refused_on_one_rank, 2, tmp_path, name, timeout=90)
     assert out[1][0].startswith("ValueError: Invalid lr=-1.0"), out[1][0]
-    assert out[0][0].startswith("RuntimeError: ShardedAdamW.add_param_group: the group was refused on rank(s) [1]")
+    from lightning_soaa import registry
+
+    cls = registry.get(name).load().__name__
+    assert out[0][0].startswith(f"RuntimeError: {cls}.add_param_group: the group was refused on rank(s) [1]"), out
     assert "Invalid lr=-1.0" in out[0][0]
     assert out[0][1] == out[1][1] == 1
     for a, b in zip(out[0][2], out[1][2]):
