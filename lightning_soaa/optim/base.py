@@ -2042,7 +2042,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         layout = None
         if placeholders and self._dtensor is None:  # torch's DCP recipe loads into what a fresh optimizer shows
             merged, layout = handed_out(self, merged)
-        if shared:
+        if shared and placeholders:  # handed out; a re-sharding restores (copies) what it gathered at once
             self._own_copies(merged, shared)
         return build_state_dict(self._checkpoint_view(), merged, global_state, layout=layout)
 
