@@ -161,6 +161,9 @@ class DeepSpeedClientOptimizer(torch.optim.Optimizer):
         self.suspended = False  # True while deepspeed.initialize runs (ignores its init-time step)
         self._consolidated_at: int | None = None  # training_steps when consolidate_state_dict kept a state here
         self.training_steps = 0  # inner steps taken (one per training step)
+        # the engine's global step while engine.save_checkpoint runs (None otherwise): written beside
+        # training_steps so that a load can tell optimizer files from the model-states file of another save
+        self.saving_at_global_step: int | None = None
         self.ignored_steps = 0  # step() calls during deepspeed.initialize
         self.step_calls = 0  # step() calls DeepSpeed made (several per training step at ZeRO-1/2/3)
 
@@ -445,12 +448,10 @@ class DeepSpeedClientOptimizer(torch.optim.Optimizer):
             g["params"] = list(range(index, index + n))
             index += n
             groups.append(g)
-        return {
-            "state": {},
-            "param_groups": groups,
-            STATE_KEY: {"inner": inner.state_dict(), "layout": self._layout_signature(),
-                        "training_steps": self.training_steps},
-        }
+        ours = {"inner": inner.state_dict(), "layout": self._layout_signature(), "training_steps": self.training_steps}
+        if self.saving_at_global_step is not None:
+            ours["global_steps"] = self.saving_at_global_step
+        return {"state": {}, "param_groups": groups, STATE_KEY: ours}
 
     def _load_own_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not isinstance(state_dict, dict) or STATE_KEY not in state_dict:

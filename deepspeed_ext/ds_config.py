@@ -230,6 +230,55 @@ def check_entry(ds: dict[str, Any], entry: OptimizerEntry, stage: int) -> None:
     zero = ds.get("zero_optimization")
     if stage >= 1 and isinstance(zero, dict) and zero.get("elastic_checkpoint", False):
         raise ValueError(ELASTIC_MESSAGE.format(name=entry.name))
+    _check_checkpoint_writer(ds, entry)
+
+
+def _writer_problem(writer: Any) -> str:
+    """Why DeepSpeed 0.19.8's checkpoint writer ``writer`` (runtime/model_checkpointing/config.py,
+    runtime/checkpoint_engine/utils.py) cannot save lightning_soaa checkpoints, as measured on CPU."""
+    if not isinstance(writer, dict):
+        return "not a JSON object (DeepSpeed fails on it with an AttributeError)."
+    if writer.get("decoupled", False):  # DeepSpeed tests it by Python's truth: "false" is decoupled there
+        return (f"decoupled={writer['decoupled']!r} writes the files in a background process after "
+                "save_checkpoint returned, so 'latest' could name files still being written, and a load's checks "
+                "could read them half-written.")
+    kind = writer.get("type", "fast")
+    upper = kind.upper() if isinstance(kind, str) else kind
+    if upper == "FAST":
+        default = " (DeepSpeed's default when 'type' is left out)" if "type" not in writer else ""
+        return (f"type {kind!r}{default} is FastPersist, which writes through DeepSpeed's async_io op: without an "
+                "accelerator DeepSpeed fails in initialize (\"Cannot access accelerator device when none is "
+                "available\"), and its writes are not tested with lightning_soaa's checkpoints.")
+    if upper == "MOCK":
+        return (f"type {kind!r} writes no data: every checkpoint file is empty, so the checkpoint is lost without "
+                "an error until a load fails on it (EOFError).")
+    if upper == "PYTHON":
+        return (f"type {kind!r} writes the same torch.save files as DeepSpeed's default engine, but DeepSpeed "
+                "then needs its own launcher's variables (KeyError: 'CROSS_SIZE' under torchrun, Lightning, "
+                "mpirun or SLURM) and, at ZeRO 0-2, a data_parallel unit (AttributeError: 'UniversalParallelInfo' "
+                "object has no attribute 'dp_rank' without one), with which every data-parallel rank writes the "
+                "one model-states file at once.")
+    return f"type {kind!r} is not one DeepSpeed knows (it accepts 'fast', 'python' and 'mock')."
+
+
+def _check_checkpoint_writer(ds: dict[str, Any], entry: OptimizerEntry) -> None:
+    """Refuse DeepSpeed's ``checkpoint.writer`` (FastPersist and decoupled checkpointing): passed through,
+    it failed deep inside ``deepspeed.initialize`` (KeyError: 'CROSS_SIZE', an AttributeError, "Cannot access
+    accelerator device"), or wrote empty files (``"mock"``). deepspeed_ext's checkpoint guarantees ('latest'
+    moved only once every rank's files are complete; a load refused on every rank when a file is unreadable or
+    the files mix two saves) rest on DeepSpeed's default engine, which writes them before returning."""
+    block = ds.get("checkpoint")
+    if block is None:
+        return
+    if not isinstance(block, dict):
+        raise ValueError(f"Invalid checkpoint={block!r}. Must be a JSON object (DeepSpeed's checkpoint options).")
+    writer = block.get("writer")
+    if writer is None:
+        return
+    raise ValueError(
+        f"Invalid checkpoint.writer={writer!r} with optimizer.type={entry.name!r}: {_writer_problem(writer)} "
+        "Must be left out (or null): DeepSpeed's default checkpoint engine (torch.save, each rank's files complete "
+        "before save_checkpoint returns), on which deepspeed_ext's checkpoint checks rest.")
 
 
 def _check_batch_optimizer(ds: dict[str, Any], entry: OptimizerEntry) -> None:

@@ -6,7 +6,7 @@ import argparse
 import logging
 import os
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -335,9 +335,11 @@ def install_checkpoint_hooks(engine: Any, client: Any) -> None:
       ``save_checkpoint`` on every rank, so the collective is safe there; the client's ``state_dict()``
       itself no longer consolidates (a rank-0-only call entered the collective alone and hung) but raises
       unless a consolidation ran since the last step.
+      It also records the engine's global step in the client's ZeRO optimizer files, beside its own steps.
     * load: refuse optimizer state written under another ZeRO stage, naming both, before DeepSpeed reads
       it (2 -> 0 said "not a lightning_soaa DeepSpeed optimizer state", 3 -> x a bare AssertionError,
-      0 -> 1/2 a FileNotFoundError).
+      0 -> 1/2 a FileNotFoundError); refuse, on every rank, a file some rank cannot read (truncated) and files
+      that mix two saves of one tag (:func:`check_saved_steps`).
     """
     if getattr(engine, "_lightning_soaa_checkpoint_hooks", False):
         return
@@ -349,10 +351,16 @@ def install_checkpoint_hooks(engine: Any, client: Any) -> None:
         client.consolidate_state_dict(to=None)  # every rank: DeepSpeed reads the state on every rank
         given = inspect.signature(save).bind(*args, **kwargs).arguments
         decoupled = getattr(getattr(engine, "checkpoint_engine", None), "is_decoupled", lambda: False)()
-        if not given.get("save_latest", True) or decoupled:
-            return save(*args, **kwargs)
-        tag = str(given["tag"]) if given.get("tag") is not None else f"global_step{engine.global_steps}"
-        out = save(**{**given, "save_latest": False})
+        if hasattr(client, "saving_at_global_step"):  # beside the optimizer's steps in its ZeRO files
+            client.saving_at_global_step = int(engine.global_steps)
+        try:
+            if not given.get("save_latest", True) or decoupled:
+                return save(*args, **kwargs)
+            tag = str(given["tag"]) if given.get("tag") is not None else f"global_step{engine.global_steps}"
+            out = save(**{**given, "save_latest": False})
+        finally:
+            if hasattr(client, "saving_at_global_step"):
+                client.saving_at_global_step = None
         agreed_checks(lambda: _write_latest(str(given["save_dir"]), tag, engine.global_rank),
                       peer_failed="could not point 'latest' at the checkpoint just saved (its files are complete)")
         return out
@@ -362,12 +370,12 @@ def install_checkpoint_hooks(engine: Any, client: Any) -> None:
 
         given = inspect.signature(load).bind(*args, **kwargs).arguments
         if given.get("load_optimizer_states", True) and not given.get("load_module_only", False):
-            def checks() -> int | None:
+            def checks() -> SavedSteps | None:
                 check_checkpoint_stage(given["load_dir"], given.get("tag"), engine.zero_optimization_stage(),
                                        bool(getattr(engine.optimizer, "round_robin_gradients", False)))
                 check_checkpoint_groups(given["load_dir"], given.get("tag"), client)
                 return _own_saved_steps(engine, client, given["load_dir"], given.get("tag"))
-            check_same_saved_steps(agreed_checks(checks), given["load_dir"], given.get("tag"))
+            check_saved_steps(agreed_checks(checks), given["load_dir"], given.get("tag"))
         return load(*args, **kwargs)
 
     engine.save_checkpoint = save_checkpoint
@@ -395,7 +403,8 @@ def _write_latest(save_dir: str, tag: str, global_rank: int) -> None:
         raise
 
 
-_PEER_REFUSED = "refused the checkpoint (this rank could not read the files it checked, e.g. node-local storage)"
+_PEER_REFUSED = ("refused the checkpoint, from files this rank does not read or cannot see (that rank's own, or "
+                 "rank 0's under node-local storage); nothing was loaded on any rank")
 
 
 def agreed_checks(checks: Callable[[], Any], *, peer_failed: str = _PEER_REFUSED) -> list[Any]:
@@ -428,17 +437,65 @@ def agreed_checks(checks: Callable[[], Any], *, peer_failed: str = _PEER_REFUSED
     return [v for _, v in said]
 
 
-def _own_saved_steps(engine: Any, client: Any, load_dir: str, tag: Any) -> int | None:
-    """The client's ``training_steps`` in this rank's own ZeRO-1/2/3 optimizer file of the checkpoint (each
-    rank reads its own: under node-local storage it is on this rank's node); None when that cannot be told
-    (stage 0, whose state is one consolidated copy; no such file; a foreign or unreadable file: left to
-    DeepSpeed)."""
+class UnreadableCheckpointError(StateLayoutError):
+    """A checkpoint file that exists but cannot be read: truncated (a save killed while it wrote the file) or
+    otherwise damaged."""
+
+
+def _read_checkpoint_file(path: str, rank: int, what: str) -> Any:
+    """``torch.load`` of a file of the checkpoint this rank is about to load, for the checks: mmap (the
+    tensors are not read), or whole for torch's legacy format (not a zip archive; mmap cannot read it, yet
+    DeepSpeed can). A file that cannot be read either way is refused naming this rank and the file: left to
+    DeepSpeed, only the rank that reads it failed, after DeepSpeed had loaded the module, while the others
+    went on loading (a hang in the load's collectives, or ranks at different steps)."""
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception:  # noqa: BLE001 - read it whole below; only that failing refuses the file
+        log.debug("deepspeed_ext: could not mmap %s; reading it whole", path, exc_info=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any failure to read it is a damaged file here
+        raise UnreadableCheckpointError(
+            f"Rank {rank} could not read {what} {path!r} ({type(e).__name__}: {str(e).split('. ')[0][:200]}): it "
+            "is truncated or damaged, as a save into this folder and tag leaves it when it is stopped while this "
+            "rank writes the file. Nothing was loaded. Resume from the previous checkpoint, and save each "
+            "checkpoint under a tag (or folder) of its own: DeepSpeed's default tag global_step<N> is one.") from e
+
+
+class SavedSteps(NamedTuple):
+    """What one rank's files of a checkpoint say about the save that wrote them (None: cannot be told)."""
+
+    training: int | None  # the client's training steps, in this rank's ZeRO optimizer file
+    optimizer_global: int | None  # the engine's global step that file was saved at (files since 2026-12-05)
+    model_global: int | None  # DeepSpeed's global_steps in the model-states file this rank loads
+    model_file: str | None  # that file's name
+
+
+def _int_or_none(value: Any) -> int | None:
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _own_model_file(engine: Any, folder: str) -> str | None:
+    """The model-states file DeepSpeed loads on this rank: rank 0's at ZeRO 0-2, this rank's own at ZeRO-3."""
     import torch.distributed as dist
 
-    from deepspeed_ext.client import STATE_KEY
+    try:
+        mp_rank = int(engine.checkpoint_mp_rank)
+        if engine.zero_optimization_partition_weights():
+            dp_rank = dist.get_rank(group=engine.optimizer.dp_process_group)
+            return os.path.join(folder, f"zero_pp_rank_{dp_rank}_mp_rank_{mp_rank:02d}_model_states.pt")
+    except Exception:  # noqa: BLE001 - another engine layout: leave it to DeepSpeed
+        log.debug("deepspeed_ext: could not tell this rank's model-states file", exc_info=True)
+        return None
+    return os.path.join(folder, f"mp_rank_{mp_rank:02d}_model_states.pt")
 
-    folder = _tag_folder(load_dir, tag)
-    if getattr(client, "zero_stage", 0) == 0 or folder is None:
+
+def _own_optimizer_file(engine: Any, client: Any, folder: str) -> str | None:
+    """This rank's own ZeRO-1/2/3 optimizer file of the checkpoint (under node-local storage it is on this
+    rank's node); None at stage 0 (one consolidated copy, inside the model-states file) or when absent."""
+    import torch.distributed as dist
+
+    if getattr(client, "zero_stage", 0) == 0:
         return None
     try:
         dp_rank = dist.get_rank(group=engine.optimizer.dp_process_group)
@@ -449,33 +506,80 @@ def _own_saved_steps(engine: Any, client: Any, load_dir: str, tag: Any) -> int |
         return None
     for prefix in (("bf16_", "") if bf16 else ("", "bf16_")):  # DeepSpeed's own order of the two names
         path = os.path.join(folder, f"{prefix}zero_pp_rank_{dp_rank}_mp_rank_{mp_rank:02d}_optim_states.pt")
-        if not os.path.isfile(path):
-            continue
-        try:  # mmap: the partitions' tensors are not read
-            outer = torch.load(path, map_location="cpu", mmap=True, weights_only=False)["optimizer_state_dict"]
-            base = outer.get("base_optimizer_state", outer.get("optimizer_state_dict"))  # ZeRO-1/2, ZeRO-3
-            return int(base[STATE_KEY]["training_steps"])
-        except Exception:  # noqa: BLE001 - an unreadable or foreign file: leave it to DeepSpeed
-            log.debug("deepspeed_ext: could not read the saved steps of %s", path, exc_info=True)
-            return None
+        if os.path.isfile(path):
+            return path
     return None
 
 
+def _own_saved_steps(engine: Any, client: Any, load_dir: str, tag: Any) -> SavedSteps | None:
+    """This rank's :class:`SavedSteps`, from the files it is about to load. A file that exists but cannot be
+    read raises :class:`UnreadableCheckpointError`; a readable one in another format (an older save's, a
+    foreign optimizer's) tells what it can and leaves the rest to DeepSpeed."""
+    from deepspeed_ext.client import STATE_KEY
+
+    folder = _tag_folder(load_dir, tag)
+    if folder is None:
+        return None
+    rank = int(getattr(engine, "global_rank", 0))
+    model_file, model_global = _own_model_file(engine, folder), None
+    if model_file is not None and os.path.isfile(model_file):
+        state = _read_checkpoint_file(model_file, rank, "its model-states file")
+        model_global = _int_or_none(state.get("global_steps")) if isinstance(state, dict) else None
+    training = optimizer_global = None
+    path = _own_optimizer_file(engine, client, folder)
+    if path is not None:
+        state = _read_checkpoint_file(path, rank, "its ZeRO optimizer file")
+        try:
+            outer = state["optimizer_state_dict"]
+            ours = outer.get("base_optimizer_state", outer.get("optimizer_state_dict"))[STATE_KEY]  # ZeRO-1/2, 3
+            training, optimizer_global = _int_or_none(ours["training_steps"]), _int_or_none(ours.get("global_steps"))
+        except Exception:  # noqa: BLE001 - readable, in another format: left to DeepSpeed
+            log.debug("deepspeed_ext: no saved steps in %s", path, exc_info=True)
+    name = None if model_file is None else os.path.basename(model_file)
+    return SavedSteps(training, optimizer_global, model_global, name)
+
+
+def check_saved_steps(steps: list[SavedSteps | None], load_dir: str, tag: Any) -> None:
+    """Refuse a checkpoint whose files mix two saves (every rank gets the same ``steps``, so every rank
+    refuses, before DeepSpeed reads anything): optimizer files of different steps, or a model-states file of
+    another global step than the optimizer files."""
+    check_same_saved_steps([None if s is None else s.training for s in steps], load_dir, tag)
+    torn = [s for s in steps if s is not None and None not in (s.model_global, s.optimizer_global)
+            and s.model_global != s.optimizer_global]
+    if not torn:
+        return
+    first = torn[0]
+    raise StateLayoutError(
+        f"The checkpoint {load_dir!r} (tag {_tag_shown(load_dir, tag)}) mixes two saves: its model-states file "
+        f"{first.model_file} was written at global step {first.model_global}, its ZeRO optimizer files at global step "
+        f"{first.optimizer_global} (by rank: {[None if s is None else s.optimizer_global for s in steps]}). A "
+        "save into this folder and tag stopped between the two (DeepSpeed writes the model states first), so "
+        "loading it would pair the module of one step with the optimizer state of another. Nothing was loaded. "
+        "Resume from the previous checkpoint, and save each checkpoint under a tag (or folder) of its own: "
+        "DeepSpeed's default tag global_step<N> is one.")
+
+
 def check_same_saved_steps(steps: list[int | None], load_dir: str, tag: Any) -> None:
-    """Refuse a checkpoint whose ranks' optimizer files were written at different steps (every rank gets the
-    same ``steps``, so every rank refuses, before DeepSpeed reads anything). Found by a hunter: a tag saved
-    twice into one folder (Lightning's ``last.ckpt`` is, under tag ``checkpoint``) where a rank died before
-    it rewrote its file kept that rank's file of the earlier save; the load passed and the first ``step()``
-    said the optimizers were at different steps, blaming a load on some ranks only."""
+    """Refuse a checkpoint whose ranks' optimizer files were written at different steps. Found by a hunter: a
+    tag saved twice into one folder (Lightning's ``last.ckpt`` is, under tag ``checkpoint``) where a rank died
+    before it rewrote its file kept that rank's file of the earlier save; the load passed and the first
+    ``step()`` said the optimizers were at different steps, blaming a load on some ranks only."""
     known = {s for s in steps if s is not None}
     if len(known) <= 1:
         return
     raise StateLayoutError(
-        f"The checkpoint {load_dir!r} (tag {tag!r}) holds optimizer files written at different steps (training "
+        f"The checkpoint {load_dir!r} (tag {_tag_shown(load_dir, tag)}) holds optimizer files written at different "
+        "steps (training "
         f"steps by rank: {steps}): a save into this folder and tag was overwritten in part (a rank stopped before "
         "it rewrote its file), so the files mix two saves. Nothing was loaded. Resume from the previous "
         "checkpoint, and save each checkpoint under a tag (or folder) of its own: DeepSpeed's default tag "
         "global_step<N> is one.")
+
+
+def _tag_shown(load_dir: str, tag: Any) -> str:
+    """``tag`` for a message; the one ``latest`` names when it is None."""
+    folder = None if tag is not None else _tag_folder(load_dir, None)
+    return repr(tag) if folder is None else f"{os.path.basename(folder)!r}, which 'latest' names"
 
 
 def _tag_folder(load_dir: str, tag: Any) -> str | None:

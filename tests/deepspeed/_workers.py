@@ -790,3 +790,134 @@ def w_mixed_saves_refused(rank: int, world: int, ckpt_root: str) -> str:
         return "loaded"
     except Exception as exc:  # noqa: BLE001 - the message is what the test checks
         return f"{type(exc).__name__}: {exc}"
+
+
+def _own_optim_file(engine: Any, folder: str) -> str:
+    dp_rank = dist.get_rank(group=engine.optimizer.dp_process_group)
+    return os.path.join(folder, f"zero_pp_rank_{dp_rank}_mp_rank_00_optim_states.pt")
+
+
+def _live_state(engine: Any, client: Any) -> dict[str, Any]:
+    """What a refused load must leave as it was: the module, DeepSpeed's fp32 partitions, the client's state
+    and the step counts (ZeRO-1/2)."""
+    import copy
+
+    return {"module": [p.detach().clone() for p in engine.module.parameters()],
+            "fp32": [t.detach().clone() for t in engine.optimizer.single_partition_of_fp32_groups],
+            "client": copy.deepcopy(client.state_dict()), "steps": (engine.global_steps, client.training_steps)}
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and bool(torch.equal(a, b))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return bool(a == b)
+
+
+def _refused_load(engine: Any, client: Any, rank: int, load_dir: str) -> dict[str, Any]:
+    """Load ``load_dir`` (the tag ``latest`` names) into the live engine, expecting a refusal: the error this
+    rank raised, whether the live state was left as it was, then one more training step on every rank (a
+    rank that went on into DeepSpeed's load alone would hang here or in the load: the test's timeout)."""
+    before = _live_state(engine, client)
+    try:
+        engine.load_checkpoint(load_dir)
+        said = "loaded"
+    except Exception as exc:  # noqa: BLE001 - the message is what the test checks
+        said = f"{type(exc).__name__}: {exc}"
+    unchanged = _same(before, _live_state(engine, client))
+    _train(engine, rank, range(20, 21))
+    return {"said": said, "unchanged": unchanged}
+
+
+def _as_an_older_save_wrote_it(path: str) -> None:
+    """Rewrite a ZeRO optimizer file as a save before 2026-12-05 wrote it (no global step of its save) and in
+    torch's legacy serialization (not a zip archive, which torch.load cannot mmap): readable, not damaged."""
+    from deepspeed_ext.client import STATE_KEY
+
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    outer = state["optimizer_state_dict"]
+    outer.get("base_optimizer_state", outer.get("optimizer_state_dict"))[STATE_KEY].pop("global_steps", None)
+    torch.save(state, path, _use_new_zipfile_serialization=False)
+
+
+def w_unreadable_optimizer_file(rank: int, world: int, ckpt_root: str) -> dict[str, Any]:
+    """ZeRO-2 at W = 2, SOAA, tag t saved into one folder twice. First every rank's optimizer file rewritten
+    as an older save wrote it (legacy serialization, no global step): the load must pass. Then t saved again
+    and rank 1's optimizer file cut to half its size (that rank killed while it wrote it; ``latest`` still
+    names t): the load must be refused on every rank, leaving the live engine as it was."""
+    ds_env(rank, world)
+    import deepspeed_ext
+
+    cfg = make_config(2, "fp32", "lightning_soaa.SOAA", {"lr": 1e-2})
+    engine, _, _, _ = deepspeed_ext.initialize(model=tiny_mlp(0, torch.float32, SIZES), config=cfg)
+    client = deepspeed_ext.find_client_optimizer(engine.optimizer)
+    path = _own_optim_file(engine, os.path.join(ckpt_root, "t"))
+    _train(engine, rank, range(1))
+    engine.save_checkpoint(ckpt_root, tag="t")
+    _as_an_older_save_wrote_it(path)
+    dist.barrier()
+    _train(engine, rank, range(1, 3))
+    out: dict[str, Any] = {}
+    try:
+        engine.load_checkpoint(ckpt_root)
+        out["older"] = ("loaded", engine.global_steps, client.training_steps)
+    except Exception as exc:  # noqa: BLE001 - the message is what the test checks
+        out["older"] = (f"{type(exc).__name__}: {exc}",)
+    _train(engine, rank, range(3, 5))
+    engine.save_checkpoint(ckpt_root, tag="t")
+    if rank == 1:
+        os.truncate(path, os.path.getsize(path) // 2)
+    dist.barrier()
+    _train(engine, rank, range(5, 6))
+    out["truncated"] = _refused_load(engine, client, rank, ckpt_root)
+    return out
+
+
+def w_torn_save(rank: int, world: int, ckpt_root: str) -> dict[str, Any]:
+    """ZeRO-2 at W = 2, SOAA: tag t saved at global step 1, then again at step 3 into the same folder, torn
+    between the model-states file and the optimizer files. "model ahead": every rank's optimizer-file write
+    fails (the job killed after rank 0 wrote the model states, before any optimizer file): model at step 3,
+    optimizer files at step 1. "optimizer ahead": the save completes, then the first save's model-states
+    file is back in the folder: model at step 1, optimizer files at step 3. Each loaded into the live
+    engine: what each rank raised, whether the engine was left as it was."""
+    import shutil
+
+    ds_env(rank, world)
+    import deepspeed_ext
+
+    cfg = make_config(2, "fp32", "lightning_soaa.SOAA", {"lr": 1e-2})
+    engine, _, _, _ = deepspeed_ext.initialize(model=tiny_mlp(0, torch.float32, SIZES), config=cfg)
+    client = deepspeed_ext.find_client_optimizer(engine.optimizer)
+    out: dict[str, Any] = {}
+    for case in ("model ahead", "optimizer ahead"):
+        where = os.path.join(ckpt_root, case.replace(" ", "_"))
+        model_file = os.path.join(where, "t", "mp_rank_00_model_states.pt")
+        start = engine.global_steps
+        _train(engine, rank, range(start, start + 1))
+        engine.save_checkpoint(where, tag="t")
+        if rank == 0:
+            shutil.copyfile(model_file, model_file + ".first")
+        _train(engine, rank, range(start + 1, start + 3))
+        real_save = engine.checkpoint_engine.save
+        if case == "model ahead":
+            def killed(*args: Any, **kwargs: Any) -> Any:  # DeepSpeed passes the path by name or position
+                path = str(kwargs.get("path", args[1] if len(args) > 1 else ""))
+                if "optim_states" in path:
+                    raise OSError(f"killed before writing {path}")
+                return real_save(*args, **kwargs)
+
+            engine.checkpoint_engine.save = killed
+        try:
+            engine.save_checkpoint(where, tag="t")
+        except OSError:
+            pass
+        finally:
+            engine.checkpoint_engine.save = real_save
+        if rank == 0 and case == "optimizer ahead":
+            shutil.copyfile(model_file + ".first", model_file)
+        dist.barrier()
+        out[case] = _refused_load(engine, client, rank, where)
+    return out

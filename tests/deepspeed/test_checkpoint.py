@@ -16,6 +16,8 @@ from tests.deepspeed._workers import (
     w_resume_other_world,
     w_round_robin_resume,
     w_state_dict_one_rank,
+    w_torn_save,
+    w_unreadable_optimizer_file,
 )
 from tests.harness.distributed import run_distributed
 
@@ -128,3 +130,38 @@ def test_a_checkpoint_mixing_two_saves_of_one_tag_is_refused_at_load_on_every_ra
         assert said.startswith("StateLayoutError: "), (r, said)
         assert "optimizer files written at different steps (training steps by rank: [3, 1])" in said, (r, said)
         assert "overwritten in part" in said and "previous checkpoint" in said, (r, said)
+
+
+def test_an_unreadable_optimizer_file_on_one_rank_is_refused_on_every_rank(tmp_path):
+    """Found by a hunter: tag t saved again into its folder, rank 1 killed while it wrote its ZeRO optimizer
+    file (``latest`` still names t). The checks passed over the truncated file; rank 1 failed in DeepSpeed's
+    load, after the module was loaded, and rank 0 went on. Every rank now refuses, naming rank 1 and its file,
+    with the live engine left as it was; a file an older save wrote (torch's legacy serialization, no global
+    step recorded) is readable and still loads."""
+    res = run_distributed(w_unreadable_optimizer_file, 2, tmp_path, str(tmp_path / "ckpt"), timeout=200)
+    for r, said in enumerate(res):
+        assert said["older"] == ("loaded", 1, 1), (r, said["older"])
+        refused = said["truncated"]
+        assert refused["unchanged"], (r, refused)
+        msg = refused["said"]
+        assert "Rank 1 could not read its ZeRO optimizer file" in msg, (r, msg)
+        assert "zero_pp_rank_1_mp_rank_00_optim_states.pt" in msg and "truncated or damaged" in msg, (r, msg)
+        assert "Nothing was loaded" in msg, (r, msg)
+    assert res[0]["truncated"]["said"].startswith("StateLayoutError: Rank 1 refused the checkpoint"), res[0]
+    assert res[1]["truncated"]["said"].startswith("UnreadableCheckpointError: "), res[1]
+
+
+def test_a_save_torn_between_the_model_and_the_optimizer_files_is_refused_on_every_rank(tmp_path):
+    """Rank 0 writes the model-states file (with DeepSpeed's global step) before the ZeRO optimizer files; a
+    save into an existing tag stopped between the two left the module of one step beside the optimizer state
+    of another, and the load took both. Refused on every rank, naming both steps; nothing changes."""
+    res = run_distributed(w_torn_save, 2, tmp_path, str(tmp_path / "ckpt"), timeout=200)
+    for r, said in enumerate(res):
+        for case, (model, optim) in (("model ahead", (3, 1)), ("optimizer ahead", (5, 7))):
+            refused = said[case]
+            assert refused["unchanged"], (r, case, refused)
+            msg = refused["said"]
+            assert msg.startswith("StateLayoutError: "), (r, case, msg)
+            assert (f"its model-states file mp_rank_00_model_states.pt was written at global step {model}, its "
+                    f"ZeRO optimizer files at global step {optim}") in msg, (r, case, msg)
+            assert "Nothing was loaded" in msg and "previous checkpoint" in msg, (r, case, msg)

@@ -1,10 +1,12 @@
 """DeepSpeed settings that trained silently wrong or failed unclearly with our optimizers, now refused (or
 understood) when the config is read, on the JSON route and on a client passed in code alike; nothing here
-starts a process group, except the one W=1 run that checks the legacy ``cpu_offload`` flag end to end.
+starts a process group, except the W=1 run that checks the legacy ``cpu_offload`` flag end to end and the W=2
+run that checks a ``checkpoint.writer`` refusal on every rank.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -141,3 +143,77 @@ def test_deepspeed_and_torch_optimizer_names_pass_through_unchanged() -> None:
         parse_config(_cfg("lightning-soaa.Nope"))
     with pytest.raises(ValueError, match=r"Write \"type\": \"lightning_soaa.SOAA\""):
         parse_config(_cfg("SOAA"))  # and the pass-throughs above do not hide it
+
+
+# ---------------------------------------------------------------------------------------- checkpoint.writer
+# DeepSpeed 0.19.8 (runtime/checkpoint_engine/utils.py) builds a FastPersist / decoupled checkpoint engine for
+# any non-null checkpoint.writer ({} included: its type defaults to "fast")
+_WRITERS = [
+    ({}, r"type 'fast' \(DeepSpeed's default when 'type' is left out\) is FastPersist"),
+    ({"type": "fast"}, r"type 'fast' .*is FastPersist.*async_io"),
+    ({"type": "FAST", "data_parallel": "replica"}, r"type 'FAST' .*is FastPersist"),
+    ({"type": "mock"}, r"type 'mock' writes no data"),
+    ({"type": "python"}, r"type 'python' writes the same torch.save files.*CROSS_SIZE.*dp_rank"),
+    ({"type": "python", "data_parallel": "replica"}, r"every data-parallel rank writes the one model-states"),
+    ({"type": "python", "decoupled": True}, r"decoupled=True writes the files in a background process"),
+    ({"type": "python", "decoupled": "false"}, r"decoupled='false' writes the files in a background process"),
+    ({"type": "nvme"}, r"type 'nvme' is not one DeepSpeed knows"),
+    ("fast", r"not a JSON object"),
+]
+
+
+@pytest.mark.parametrize(("writer", "why"), _WRITERS, ids=[str(w) for w, _ in _WRITERS])
+def test_a_checkpoint_writer_is_refused_naming_the_value_and_what_is_allowed(writer: Any, why: str) -> None:
+    """``checkpoint.writer`` passed through unchecked; DeepSpeed then failed inside initialize on CPU
+    (KeyError: 'CROSS_SIZE' outside its launcher; AttributeError ... 'dp_rank' without data_parallel;
+    "Cannot access accelerator device" for FastPersist), or worse, wrote empty files (mock). Refused when the
+    config is read, on the JSON route and on a client passed in code, before anything starts."""
+    from lightning_soaa.optim.soaa import SOAA
+
+    pattern = (rf"Invalid checkpoint\.writer={re.escape(repr(writer))} with optimizer\.type='lightning_soaa\.SOAA': "
+               rf".*{why}.*Must be left out \(or null\)")
+    with pytest.raises(ValueError, match=pattern):
+        parse_config({**_cfg("lightning_soaa.SOAA"), "checkpoint": {"writer": writer}})
+    model = _model()
+    client = DeepSpeedClientOptimizer.from_optimizer(SOAA(model.parameters(), lr=1e-2), zero_stage=2,
+                                                     layout="elementwise")
+    with pytest.raises(ValueError, match=r"Invalid checkpoint.writer="):
+        deepspeed_ext.initialize(model=model, config={**_cfg(None), "checkpoint": {"writer": writer}},
+                                 optimizer=client)
+    assert not torch.distributed.is_initialized()
+
+
+def test_the_default_checkpoint_engine_and_other_optimizers_pass() -> None:
+    for block in ({}, {"writer": None}, {"tag_validation": "Fail"}):
+        parse_config({**_cfg("lightning_soaa.SOAA"), "checkpoint": block})
+    with pytest.raises(ValueError, match=r"Invalid checkpoint=\['writer'\]\. Must be a JSON object"):
+        parse_config({**_cfg("lightning_soaa.SOAA"), "checkpoint": ["writer"]})
+    theirs = {**_cfg("AdamW"), "checkpoint": {"writer": {"type": "fast"}}}  # DeepSpeed's optimizer: its affair
+    assert parse_config(theirs).ds_config == theirs
+
+
+def w_writer_refused(rank: int, world: int, writers: list[dict[str, Any]]) -> list[str]:
+    """deepspeed_ext.initialize on every rank with each ``checkpoint.writer``: what each rank raised."""
+    from tests.deepspeed._workers import SIZES, ds_env, make_config
+    from tests.harness.models import tiny_mlp
+
+    ds_env(rank, world)
+    out = []
+    for writer in writers:
+        cfg = {**make_config(2, "fp32", "lightning_soaa.SOAA", {"lr": 1e-2}), "checkpoint": {"writer": writer}}
+        try:
+            deepspeed_ext.initialize(model=tiny_mlp(0, torch.float32, SIZES), config=cfg)
+            out.append("initialized")
+        except Exception as exc:  # noqa: BLE001 - the message is what the test checks
+            out.append(f"{type(exc).__name__}: {exc}")
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_a_checkpoint_writer_is_refused_on_every_rank_before_deepspeed_starts(tmp_path) -> None:
+    """Two ranks, as a run starts them (no DeepSpeed launcher): each got KeyError: 'CROSS_SIZE' from deep
+    inside deepspeed.initialize; each now gets the refusal."""
+    writers = [{"type": "python"}, {"type": "fast", "data_parallel": "replica"}]
+    for said in run_distributed(w_writer_refused, 2, tmp_path, writers, timeout=100):
+        assert [s.split(":")[0] for s in said] == ["ValueError", "ValueError"], said
+        assert all(s.startswith("ValueError: Invalid checkpoint.writer=") for s in said), said
