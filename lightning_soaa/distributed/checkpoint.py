@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
@@ -54,6 +55,8 @@ __all__ = [
     "validate_state_dict",
     "with_group_meta",
 ]
+
+log = logging.getLogger(__name__)
 
 FORMAT_KEY = "lightning_soaa"
 FORMAT_VERSION = 1
@@ -266,14 +269,17 @@ def validate_state_dict(optimizer: CheckpointView, sd: Any, by_position: bool = 
     the state maps to the parameters by position (not for torch.distributed.checkpoint's, keyed by name)."""
     name = optimizer.name
     if not isinstance(sd, dict) or FORMAT_KEY not in sd or "state" not in sd or "param_groups" not in sd:
-        hint = ""
-        if _torch_optimizer_state(sd):  # a torch optimizer's own state dict (switching from torch.optim)
+        hint, torch_like = "", _torch_optimizer_state(sd)
+        if torch_like:  # a torch optimizer's own state dict (switching from torch.optim)
             hint = (" It looks like a torch.optim optimizer's state (per-parameter entries of tensors, no "
-                    f"'{FORMAT_KEY}'): another optimizer's state cannot be continued by this one; build it "
-                    "fresh (the weights carry over).")
+                    f"'{FORMAT_KEY}'): another optimizer's state cannot be continued by this one. Build this "
+                    "optimizer fresh and load only the weights (model.load_state_dict; under Lightning, "
+                    "LightningModule.load_from_checkpoint(path) and fit without ckpt_path).")
         if isinstance(sd, dict) and "state" in sd and "param_groups" in sd:
-            # what torch.distributed.checkpoint.state_dict hands back when it rebuilt the state itself
-            hint += (" If it came from torch.distributed.checkpoint.state_dict: with StateDictOptions("
+            # what torch.distributed.checkpoint.state_dict hands back when it rebuilt the state itself (its
+            # flattened form has per-parameter tensors too, so the two cannot always be told apart)
+            hint += (" Or, if it is this optimizer's own state" if torch_like else " If it came") + (
+                    " from torch.distributed.checkpoint.state_dict: with StateDictOptions("
                     "flatten_optimizer_state_dict=True) or full_state_dict=True (FSDP2) torch rebuilds the state "
                     "from its own keys, dropping this optimizer's metadata and global state. Save and load with the "
                     "default StateDictOptions (DCP: any world size, also fully_shard on one rank), or without "
@@ -311,6 +317,8 @@ def validate_state_dict(optimizer: CheckpointView, sd: Any, by_position: bool = 
     if by_position:
         _check_group_order(name, [g.get("param_names") for g in groups],
                            [g.get("param_names") for g in optimizer.param_groups])
+        _warn_no_shared_names(name, [g.get("param_names") for g in groups],
+                              [g.get("param_names") for g in optimizer.param_groups])
     shapes = _shapes(optimizer)
     saved_shapes = [list(s) for s in meta["shapes"]]
     if saved_shapes != shapes:
@@ -495,6 +503,24 @@ def _check_group_order(name: str, saved: list[Any], mine: list[Any]) -> None:
         f"{name}.load_state_dict: the param groups list {said}; the state and each group's "
         "hyperparameters map by position, so they would load into the wrong tensors. Build the param groups "
         "in the order they were saved in.")
+
+
+def _warn_no_shared_names(name: str, saved: list[Any], mine: list[Any]) -> None:
+    """Warn when both sides name every parameter and share no name: the state loads by position, as torch's
+    does, which is right for a renamed module (``self.net`` now ``self.backbone``) and wrong for two
+    optimizers of one class over equal-shaped modules resumed in another order (``configure_optimizers``
+    returning them swapped: each loads the other's moments, 2e-2 to 5e-2 off the uninterrupted run in a
+    hunter's runs, silently, as torch's AdamW). The two cannot be told apart from the state, so this says it."""
+    flat_saved, flat_mine = [n for g in saved for n in (g or [None])], [n for g in mine for n in (g or [None])]
+    if not flat_saved or None in flat_saved or None in flat_mine:
+        return
+    if set(map(str, flat_saved)) & set(map(str, flat_mine)):
+        return
+    log.warning("%s.load_state_dict: none of the state's parameter names is among this optimizer's (the state's "
+                "first: %r; this optimizer's first: %r), so the state loads by position. Right if the module was "
+                "renamed; wrong if optimizers over equal-shaped modules were built in another order than they "
+                "were saved in (e.g. configure_optimizers returning them swapped): then build them in the saved "
+                "order.", name, str(flat_saved[0]), str(flat_mine[0]))
 
 
 def lookup(mapping: Any, key: int) -> Any:

@@ -857,7 +857,9 @@ class EGN(ShardedOptimizer):
                 "solve_fallbacks": self.solve_fallbacks, "momentum_rejections": self.momentum_rejections,
                 "nonfinite_trials": self.nonfinite_trials,
                 # saved so a resumed run takes the same solve path (CG or direct) as an uninterrupted one
-                "cg_pause": self._cg_pause}
+                "cg_pause": self._cg_pause,
+                # the constructor's λ: a load can tell a damping= changed since the save (see _load_global_state)
+                "initial_damping": float(self.config.damping)}
 
     def _state_schema(self, block: BlockInfo, param: Tensor, group: dict[str, Any]) -> dict[str, StateField]:
         # the momentum EMA of directions exists only with momentum > 0
@@ -869,12 +871,22 @@ class EGN(ShardedOptimizer):
             check_finite_number(f"{where}.damping", state["damping"], positive=True)
         if "alpha" in state:  # 0 after a step at lr = 0 without line search (a warm-up from 0)
             check_finite_number(f"{where}.alpha", state["alpha"], nonnegative=True)
+        if "initial_damping" in state:
+            check_finite_number(f"{where}.initial_damping", state["initial_damping"], positive=True)
         for key in ("momentum_steps", "solve_fallbacks", "momentum_rejections", "nonfinite_trials", "cg_pause"):
             if key in state:
                 check_finite_number(f"{where}.{key}", state[key], integer=True, nonnegative=True)
 
     def _load_global_state(self, state: dict[str, Any]) -> None:
         self.damping = float(state.get("damping", self.config.damping))
+        saved_initial = state.get("initial_damping")
+        if saved_initial is not None and float(saved_initial) != float(self.config.damping):
+            # λ is state (adaptive damping and non-finite trials move it), so a resume continues from the saved
+            # λ, as torch keeps a saved group's lr; a damping= changed since the save did nothing without a word
+            log.warning("EGN.load_state_dict: this EGN was built with damping=%g, the state was saved by one built "
+                        "with damping=%g; the resumed run continues from the saved λ=%g (damping= is the initial λ "
+                        "of a fresh run). To start from another λ, set opt.damping after the load (on every rank).",
+                        float(self.config.damping), float(saved_initial), self.damping)
         self.alpha = float(state.get("alpha", self.config.lr))
         self.momentum_steps = int(state.get("momentum_steps", 0))
         self.solve_fallbacks = int(state.get("solve_fallbacks", 0))

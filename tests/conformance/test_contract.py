@@ -1174,7 +1174,9 @@ def _bad_checkpoints(spec: OptimizerSpec, good: dict[str, Any]) -> list[tuple[st
         ("another optimizer", o_other.state_dict(), f"saved by '{other.load().__name__}'"),
         ("wrong shapes", o_wide.state_dict(), r"different model: parameter 0 has shape \[9, 6\]"),
         ("fewer parameters", o_short.state_dict(), "parameters in the state"),
-        ("a torch optimizer's state", torch_sd, "not a lightning_soaa optimizer state.*looks like a torch.optim"),
+        # the remedy first (weights only, under Lightning too), DCP's flattened form only as the alternative
+        ("a torch optimizer's state", torch_sd, "not a lightning_soaa optimizer state.*looks like a torch.optim.*"
+         r"load_from_checkpoint\(path\) and fit without ckpt_path\)\. Or, if it is this optimizer's own state"),
         ("not a dict", [1, 2], "not a lightning_soaa optimizer state"),
     ]
     for key in ("state", "param_groups", "lightning_soaa"):

@@ -613,6 +613,34 @@ def test_a_checkpoint_after_a_step_at_lr_zero_loads() -> None:
     assert fresh.alpha == 0.0
 
 
+def test_a_damping_changed_since_the_save_is_named_at_load(caplog: pytest.LogCaptureFixture) -> None:
+    """λ is state (adaptive damping and non-finite trials move it), so a load continues from the saved λ, as
+    torch keeps a saved group's lr. Resumed with another damping= (adaptive_damping=False, where a user takes
+    damping for a fixed option) the saved 0.5 won over 5.0 without a word; now a warning names both and the
+    remedy. A resume with the same damping= (λ moved or not) says nothing; a state from before initial_damping
+    was saved loads as before."""
+    x, y = _data()
+    opt = EGN(tiny_mlp(0, DT), loss="mse", lr=0.5, damping=0.5, momentum=0.5, line_search=False)
+    for _ in range(2):
+        opt.step(inputs=x, targets=y)
+    sd = copy.deepcopy(opt.state_dict())
+    for damping, warned in ((5.0, 1), (0.5, 0)):
+        fresh = EGN(tiny_mlp(0, DT), loss="mse", lr=0.5, damping=damping, momentum=0.5, line_search=False)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="lightning_soaa.optim.egn"):
+            fresh.load_state_dict(copy.deepcopy(sd))
+        said = [r.getMessage() for r in caplog.records if "built with damping=" in r.getMessage()]
+        assert len(said) == warned, said
+        assert fresh.damping == 0.5
+        if warned:
+            assert "damping=5" in said[0] and "damping=0.5" in said[0] and "opt.damping" in said[0]
+    old = copy.deepcopy(sd)
+    del old["lightning_soaa"]["global"]["initial_damping"]
+    fresh = EGN(tiny_mlp(0, DT), loss="mse", lr=0.5, damping=5.0, momentum=0.5, line_search=False)
+    fresh.load_state_dict(old)
+    assert fresh.damping == 0.5
+
+
 def test_large_dense_jacobian_rows_are_announced_once(monkeypatch: pytest.MonkeyPatch,
                                                       caplog: pytest.LogCaptureFixture) -> None:
     """Parameters without Gram factors (a norm's scale, a tied embedding) take dense per-sample Jacobians; a
