@@ -17,11 +17,14 @@ still sees ``SLURM_*``; ``mpirun`` inside an allocation still sees ``SLURM_PROCI
 
 The rendezvous address is ``MASTER_ADDR`` / ``MASTER_PORT`` when exported. Otherwise, under SLURM the
 address is the first host of the step's node list and the port is derived from the job and step ids (every
-task of a step computes the same one, concurrent steps of a job different ones). Under MPI,
-:func:`init_from_env` lets the ranks agree through ``mpi4py`` when it is installed (imported only then, never
-at module import time): rank 0 broadcasts its ``MASTER_ADDR``/``MASTER_PORT``, or its host name and a
-free port, so ranks that the variables did not reach (raw ``mpirun`` without ``-x`` forwards them only to
-the ranks on its own node) join rank 0 rather than hang; without ``mpi4py`` each rank needs both variables.
+task of a step computes the same one, concurrent steps of a job different ones, none of them Lightning's
+SLURM port). Under MPI, the ranks that have ``MASTER_ADDR``/``MASTER_PORT`` first meet in a store rank 0
+hosts there, telling it whether they have ``mpi4py``; when every rank arrives the group forms on that store
+and MPI is never started. Otherwise the ranks agree through ``mpi4py`` (imported only then, never at module
+import time): rank 0 broadcasts its ``MASTER_ADDR``/``MASTER_PORT``, or its host name and a free port, so
+ranks that the variables did not reach (raw ``mpirun`` without ``-x`` forwards them only to the ranks on
+its own node) join rank 0 rather than hang; where neither can work, every rank in the store fails naming
+the ranks without mpi4py and those without the variables (:func:`_mpi_join`).
 
 Restarts (``torchrun --max-restarts=K``): torchrun's agent keeps one TCP store for the whole job, and the
 workers of every attempt meet in it. The keys a process group leaves there (each rank's gloo address)
@@ -34,12 +37,14 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import importlib.util
 import logging
 import math
 import os
 import re
 import socket
 import sys
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -55,10 +60,14 @@ log = logging.getLogger(__name__)
 
 LAUNCHERS = ("torchrun", "mpi", "slurm", "single")
 
-#: SLURM-derived ports live in [_SLURM_PORT_BASE, _SLURM_PORT_BASE + _SLURM_PORT_SPAN): above the usual
-#: service ports and below Linux's default ephemeral range (32768+), so a client socket rarely holds one.
-_SLURM_PORT_BASE = 15000
-_SLURM_PORT_SPAN = 15000
+#: SLURM-derived ports live in [_SLURM_PORT_BASE, _SLURM_PORT_BASE + _SLURM_PORT_SPAN) = [25000, 29400): above
+#: Lightning's SLURMEnvironment ports (15000 + the job id's last four digits, 15000-24999; 12910 without a job id),
+#: below torch's default rendezvous ports (29400 for torchrun's c10d rendezvous, 29500 for MASTER_PORT) and
+#: below Linux's default ephemeral range (32768+, where a client socket may hold one). A step of the same job
+#: started through Lightning's or torch's defaults therefore never gets our port. (It was 15000 + job id mod
+#: 15000 for step 0: Lightning's port for a third of the job ids.)
+_SLURM_PORT_BASE = 25000
+_SLURM_PORT_SPAN = 4400
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -144,10 +153,11 @@ def first_slurm_host(nodelist: str) -> str:
 
 
 #: how far apart (mod the span) the ports of consecutive steps of one job lie: a prime that does not divide the
-#: span (15000 = 2^3 * 3 * 5^4), so any 15000 steps of a job get 15000 distinct ports. Step s of job j meets
-#: step t of job k only when j - k = 1009 * (t - s) mod the span: for step ids up to 13 apart, jobs at least
-#: 1009 ids apart (a stride of 1 would pair step 1 of a job with step 0 of the next job id).
-_SLURM_STEP_STRIDE = 1009
+#: span (4400 = 2^4 * 5^2 * 11), so any 4400 steps of a job get 4400 distinct ports. Step s of job j meets
+#: step t of job k only when j - k = 1549 * (t - s) mod the span: for step ids up to 16 apart, jobs at least
+#: 247 ids apart (chosen for that among the primes; a stride of 1 would pair step 1 of a job with step 0 of
+#: the next job id).
+_SLURM_STEP_STRIDE = 1549
 
 
 def slurm_port(job_id: int, *, step_id: int = 0) -> int:
@@ -155,8 +165,9 @@ def slurm_port(job_id: int, *, step_id: int = 0) -> int:
 
     The step id is in it because a batch script may run several steps of one job at once (``srun --exact
     ... &`` twice, to pack runs into one allocation): from the job id alone they got one port, and ranks of
-    different steps joined each other's groups (a silently mixed run), or failed with EADDRINUSE. Step 0
-    (also a missing ``SLURM_STEP_ID``) keeps the job-id-only port.
+    different steps joined each other's groups (a silently mixed run), or failed with EADDRINUSE. A missing
+    ``SLURM_STEP_ID`` counts as step 0. The range is clear of Lightning's ``SLURMEnvironment`` port, so a step
+    launched through Lightning and one through :func:`init_from_env` never meet (see ``_SLURM_PORT_BASE``).
     """
     return _SLURM_PORT_BASE + (job_id + _SLURM_STEP_STRIDE * step_id) % _SLURM_PORT_SPAN
 
@@ -277,41 +288,226 @@ def _free_port() -> int:
 _EXPORT_HINT = "export MASTER_ADDR and MASTER_PORT to every rank (mpirun -x MASTER_ADDR -x MASTER_PORT)"
 
 
-def _mpi_rendezvous(info: LaunchInfo) -> LaunchInfo:
-    """The rendezvous address of an MPI launch, the same on every rank.
+#: how long rank 0's store round waits for every rank before it settles for the MPI agreement, when every rank
+#: that arrived has mpi4py: the ranks still missing may have no MASTER_ADDR/MASTER_PORT (raw mpirun without -x
+#: forwards them only to the ranks on its own node) and wait in MPI_Init. What a partial export costs at start.
+_STORE_ROUND_S = 10.0
+#: how long a rank with mpi4py tries to reach rank 0's store before it goes to the MPI agreement instead (rank 0
+#: may have no variables, or other values: the agreement then tells every rank).
+_STORE_CONNECT_S = 30.0
+#: how often rank 0 looks at the round's counters
+_STORE_POLL_S = 0.05
 
-    With mpi4py every rank asks rank 0 (:func:`_mpi_agree`), whether or not it sees ``MASTER_ADDR``/
-    ``MASTER_PORT`` itself: deciding per rank (variables: tcp:// rendezvous; none: mpi4py's broadcast) hung
-    the ranks without them in a broadcast that rank 0 never joined when ``mpirun`` had forwarded the
-    variables to some ranks only (those on its own node, without ``-x``), and rank 0 failed after the
-    timeout with a store error that named neither cause. Without mpi4py each rank needs both variables.
+
+def _mpi4py_importable() -> bool:
+    """Whether this rank can join the MPI agreement, found out without starting MPI: ``from mpi4py import MPI``
+    runs ``MPI_Init``, which waits until every rank of the job has run it too."""
+    if sys.modules.get("mpi4py.MPI") is not None:
+        return True
+    try:
+        import mpi4py  # noqa: F401  (the package alone starts nothing)
+
+        return importlib.util.find_spec("mpi4py.MPI") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _mpi_join(info: LaunchInfo, timeout_s: float, env: Mapping[str, str]) -> tuple[LaunchInfo, dist.Store | None]:
+    """The rendezvous address of an MPI launch, the same on every rank, and the store a rank already holds there.
+
+    A rank with ``MASTER_ADDR``/``MASTER_PORT`` first meets the others in a store at that address
+    (:func:`_store_round`), before anything starts MPI: whether a rank can start MPI (mpi4py importable) is
+    only known to that rank, and ``MPI_Init`` waits for every rank, so ranks with mpi4py that went there
+    first waited for the ranks without it until the job timed out, with a message naming neither cause.
+    When every rank arrives the group forms on that store and MPI is never started; otherwise every rank
+    that can goes to the MPI agreement (:func:`_mpi_rendezvous`), or all of them fail naming the ranks
+    without mpi4py and those that did not arrive. A rank without the variables has only MPI.
     """
-    has_env = info.master_addr is not None and info.master_port is not None
+    has_mpi4py = _mpi4py_importable()
+    store = None
+    if info.master_addr is not None and info.master_port is not None:
+        store, formed = _store_round(info, has_mpi4py, timeout_s, env)
+        if formed:
+            return info, store
+    elif not has_mpi4py:
+        raise RuntimeError(
+            f"Launched by mpirun without MASTER_ADDR/MASTER_PORT on rank {info.rank}, and mpi4py is missing there: "
+            "install mpi4py (pip install 'lightning-soaa[mpi]') on every rank so that rank 0 can broadcast a "
+            f"rendezvous port, or {_EXPORT_HINT}.")
+    return _mpi_rendezvous(info), store
+
+
+def _round_prefix(info: LaunchInfo, env: Mapping[str, str]) -> str:
+    # the launch's namespace where the launcher names one (PMIx): a store of another job at this address has
+    # other keys, so its decision is never taken for ours
+    return f"lightning_soaa/mpi_round/{env.get('PMIX_NAMESPACE', '')}/{info.world_size}/"
+
+
+def _store_round(info: LaunchInfo, has_mpi4py: bool, timeout_s: float,
+                 env: Mapping[str, str]) -> tuple[dist.Store | None, bool]:
+    """Meet the other ranks that have ``MASTER_ADDR``/``MASTER_PORT`` in a store rank 0 hosts there; return
+    the store (``None``: rank 0 could not be reached and this rank goes to MPI) and whether the group forms
+    on it (every rank arrived).
+
+    Each rank counts itself in, saying whether it has mpi4py; rank 0 alone decides and writes the decision,
+    and every rank, also one that arrives after it, acts on that one decision: ``store`` once every rank has
+    arrived; ``mpi`` after :data:`_STORE_ROUND_S` when every rank that arrived has mpi4py (the others may wait
+    in ``MPI_Init``); otherwise, after ``timeout_s``, ``fail`` with the ranks without mpi4py and those that did
+    not arrive, raised on every rank that arrived. A rank without mpi4py never goes to MPI, so no decision
+    leaves a rank waiting in ``MPI_Init`` for one that cannot get there, except one that arrives after ``mpi``
+    was decided: it raises, naming itself, and mpirun ends the job.
+    """
+    assert info.master_addr is not None and info.master_port is not None
+    where = f"{info.master_addr}:{info.master_port}"
+    store = _round_store(info, has_mpi4py, timeout_s, where)
+    if store is None:
+        return None, False
+    prefix = _round_prefix(info, env)
+    # "without" is counted before "arrived", and rank 0 reads them the other way round: a rank it counts as
+    # arrived is in its count of ranks without mpi4py already when it lacks it
+    if not has_mpi4py:
+        store.add(prefix + "without", 1)
+    store.set(f"{prefix}rank/{info.rank}", "1" if has_mpi4py else "0")
+    store.add(prefix + "arrived", 1)
+    if info.rank == 0:
+        decision = _decide(store, prefix, info.world_size, timeout_s, where)
+        store.set(prefix + "decision", decision)
+    else:
+        try:
+            store.wait([prefix + "decision"], datetime.timedelta(seconds=timeout_s + _STORE_ROUND_S))
+            decision = store.get(prefix + "decision").decode()
+            store.add(prefix + "read", 1)
+        except dist.DistError as e:
+            raise RuntimeError(f"Rank {info.rank} reached rank 0's store at MASTER_ADDR:MASTER_PORT={where}, but "
+                               f"rank 0 made no rendezvous decision there ({e}): did rank 0 fail?") from e
+    kind, _, detail = decision.partition("\n")
+    if kind == "fail" and info.rank == 0:
+        # rank 0's store ends with its process: the ranks that arrived read the decision first (briefly)
+        deadline = time.monotonic() + _STORE_ROUND_S
+        while store.add(prefix + "read", 0) < store.add(prefix + "arrived", 0) - 1 and time.monotonic() < deadline:
+            time.sleep(_STORE_POLL_S)
+    log.debug("rank %d: rendezvous decision %r", info.rank, decision)
+    if kind == "store":
+        return store, True
+    if kind == "mpi" and has_mpi4py:
+        return store, False
+    if kind == "mpi":
+        raise RuntimeError(f"mpi4py is missing on rank {info.rank}, and the ranks need MPI to agree on the "
+                           f"rendezvous: {detail}. Install mpi4py on every rank, or {_EXPORT_HINT}.")
+    raise RuntimeError(detail)
+
+
+def _round_store(info: LaunchInfo, has_mpi4py: bool, timeout_s: float, where: str) -> dist.Store | None:
+    """Rank 0 hosts the round's store at its ``MASTER_ADDR``/``MASTER_PORT``; the others connect to it. A
+    rank with mpi4py that cannot reach it in :data:`_STORE_CONNECT_S` returns ``None`` (it has MPI left)."""
+    assert info.master_addr is not None and info.master_port is not None
+    timeout = datetime.timedelta(seconds=timeout_s + _STORE_ROUND_S)
+    if info.rank == 0:
+        try:
+            return dist.TCPStore(info.master_addr, info.master_port, info.world_size, is_master=True,
+                                 timeout=timeout, wait_for_workers=False)
+        except dist.DistError as e:
+            raise RuntimeError(f"Rank 0 cannot host the rendezvous at MASTER_ADDR:MASTER_PORT={where}: {e}") from e
+    connect = timeout_s if not has_mpi4py else min(timeout_s, _STORE_CONNECT_S)
+    try:
+        # a bounded wait for the port first: TCPStore's own connect retries past its timeout, logging each try
+        if _listening(info.master_addr, info.master_port, connect):
+            return dist.TCPStore(info.master_addr, info.master_port, info.world_size, is_master=False,
+                                 timeout=timeout, wait_for_workers=False)
+        error = f"nothing listens there after {connect:g} s"
+    except dist.DistError as e:
+        error = str(e)
+    if has_mpi4py:
+        log.info("rank %d: rank 0's store at %s unreachable (%s): agreeing through MPI", info.rank, where, error)
+        return None
+    raise RuntimeError(
+        f"Rank {info.rank} cannot reach rank 0's store at MASTER_ADDR:MASTER_PORT={where} ({error}): rank 0 has "
+        "other values or none, or did not start; and mpi4py is missing on this rank, so MPI cannot tell it rank "
+        f"0's: {_EXPORT_HINT} (the same values), or install mpi4py on every rank.")
+
+
+def _listening(addr: str, port: int, seconds: float) -> bool:
+    """Whether something accepts connections at ``addr:port`` within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            with socket.create_connection((addr, port), timeout=max(0.1, min(5.0, left))):
+                return True
+        except OSError:  # refused, unreachable, or a name that does not resolve (yet)
+            if left <= 0:
+                return False
+            time.sleep(min(0.2, max(left, 0.0)))
+
+
+def _decide(store: dist.Store, prefix: str, world_size: int, timeout_s: float, where: str) -> str:
+    """Rank 0's decision of the store round: ``"store"``, ``"mpi\\n<why>"`` or ``"fail\\n<message>"``."""
+    start = time.monotonic()
+    while True:
+        arrived = store.add(prefix + "arrived", 0)
+        without = store.add(prefix + "without", 0)
+        waited = time.monotonic() - start
+        if arrived == world_size:
+            return "store"
+        if without == 0 and waited >= min(_STORE_ROUND_S, timeout_s):
+            absent = _absent(store, prefix, world_size)[0]
+            return (f"mpi\nrank(s) {_ranks(absent)} had not reached rank 0's store at MASTER_ADDR:MASTER_PORT="
+                    f"{where} after {waited:.0f} s (no MASTER_ADDR/MASTER_PORT there, or other values, or a late "
+                    "start), so rank 0 chose the MPI agreement")
+        if waited >= timeout_s:
+            break
+        time.sleep(_STORE_POLL_S)
+    absent, lacking = _absent(store, prefix, world_size)
+    return (f"fail\nmpi4py is missing on rank(s) {_ranks(lacking)} and rank(s) {_ranks(absent)} did not reach rank "
+            f"0's store at MASTER_ADDR:MASTER_PORT={where} within {timeout_s:g} s (no MASTER_ADDR/MASTER_PORT "
+            "there, or other values, or they did not start): the group can form neither on the store (every rank "
+            f"there) nor through MPI (mpi4py on every rank). {_EXPORT_HINT[0].upper()}{_EXPORT_HINT[1:]}, or "
+            "install mpi4py on every rank.")
+
+
+def _absent(store: dist.Store, prefix: str, world_size: int) -> tuple[list[int], list[int]]:
+    """The ranks that have not arrived in the round, and those that arrived without mpi4py."""
+    absent, lacking = [], []
+    for rank in range(world_size):
+        key = f"{prefix}rank/{rank}"
+        if not store.check([key]):
+            absent.append(rank)
+        elif store.get(key) == b"0":
+            lacking.append(rank)
+    return absent, lacking
+
+
+def _ranks(ranks: list[int], most: int = 16) -> str:
+    shown = ", ".join(map(str, ranks[:most]))
+    return shown + (f" and {len(ranks) - most} more" if len(ranks) > most else "")
+
+
+def _mpi_rendezvous(info: LaunchInfo) -> LaunchInfo:
+    """The rendezvous address of an MPI launch agreed through mpi4py, the same on every rank.
+
+    Every rank asks rank 0 (:func:`_mpi_agree`), whether or not it sees ``MASTER_ADDR``/``MASTER_PORT``
+    itself: deciding per rank (variables: tcp:// rendezvous; none: mpi4py's broadcast) hung the ranks without
+    them in a broadcast that rank 0 never joined when ``mpirun`` had forwarded the variables to some ranks only
+    (those on its own node, without ``-x``). Only called where MPI is the way left (:func:`_mpi_join`): a rank
+    whose mpi4py does not work raises, its own variables would not reach the ranks without them.
+    """
     try:
         from mpi4py import MPI  # imported here only: mpi4py initialises MPI on import
     except (ImportError, RuntimeError) as e:  # RuntimeError: mpi4py installed, no MPI library to load
-        if has_env:
-            log.debug("mpi4py unavailable (%s): rendezvous at this rank's MASTER_ADDR/MASTER_PORT", e)
-            return info
         raise RuntimeError(
-            "Launched by mpirun without MASTER_ADDR/MASTER_PORT: install mpi4py (pip install "
-            f"'lightning-soaa[mpi]') so that rank 0 can broadcast a rendezvous port, or {_EXPORT_HINT}."
+            f"mpi4py does not work on rank {info.rank} ({e}), and the ranks need MPI to agree on a rendezvous: "
+            f"install mpi4py (pip install 'lightning-soaa[mpi]') with an MPI library on every rank, or {_EXPORT_HINT}."
         ) from e
     comm = MPI.COMM_WORLD
     mpi_rank, mpi_size = comm.Get_rank(), comm.Get_size()
     if mpi_size != info.world_size:
         # Not the launcher's world (an mpi4py built against another MPI than the mpirun that started us sees
         # each process as a world of its own): no collective reaches the other ranks.
-        what = (f"mpi4py's MPI.COMM_WORLD has this process as rank {mpi_rank} of {mpi_size}, the launcher's "
-                f"variables as rank {info.rank} of {info.world_size}: mpi4py was likely built against another "
-                "MPI than the one that launched it, or cannot attach to this launcher (Open MPI 5 under srun "
-                "--mpi=pmi2)")
-        if has_env:
-            log.warning("%s; using this rank's MASTER_ADDR=%s MASTER_PORT=%s (no agreement between ranks)",
-                        what, info.master_addr, info.master_port)
-            return info
-        raise RuntimeError(f"{what}. Rebuild mpi4py against the launching MPI (pip install --no-binary "
-                           f"mpi4py mpi4py), or {_EXPORT_HINT}.")
+        raise RuntimeError(
+            f"mpi4py's MPI.COMM_WORLD has this process as rank {mpi_rank} of {mpi_size}, the launcher's variables "
+            f"as rank {info.rank} of {info.world_size}: mpi4py was likely built against another MPI than the one "
+            "that launched it, or cannot attach to this launcher (Open MPI 5 under srun --mpi=pmi2). Rebuild mpi4py "
+            f"against the launching MPI (pip install --no-binary mpi4py mpi4py), or {_EXPORT_HINT}.")
     return _mpi_agree(info, comm)
 
 
@@ -413,8 +609,9 @@ def init_from_env(
         return info
     if dist.is_initialized():
         return _already_joined(info)
+    store: dist.Store | None = None
     if info.launcher == "mpi":
-        info = _mpi_rendezvous(info)
+        info, store = _mpi_join(info, timeout_s, os.environ if env is None else env)
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
@@ -425,6 +622,14 @@ def init_from_env(
     if info.launcher == "torchrun":
         store = _torchrun_store(info, os.environ if env is None else env, timeout)
         dist.init_process_group(backend, store=store, rank=info.rank, world_size=info.world_size, timeout=timeout)
+    elif info.launcher == "mpi":
+        # rank 0's store of the MPI round holds the agreed port already: a tcp:// rendezvous there would bind it twice
+        if store is None:
+            assert info.master_addr is not None and info.master_port is not None
+            store = dist.TCPStore(info.master_addr, info.master_port, info.world_size, is_master=info.rank == 0,
+                                  timeout=timeout, wait_for_workers=False)
+        dist.init_process_group(backend, store=dist.PrefixStore("lightning_soaa/group/", store), rank=info.rank,
+                                world_size=info.world_size, timeout=timeout)
     else:
         url = f"tcp://{info.master_addr}:{info.master_port}"
         dist.init_process_group(backend, init_method=url, rank=info.rank, world_size=info.world_size,

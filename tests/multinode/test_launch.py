@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import logging
+import concurrent.futures
 import re
 import socket
 import subprocess
 import sys
+import time
 import types
 
 import pytest
@@ -14,7 +15,10 @@ import torch.distributed as dist
 
 from lightning_soaa.distributed.launch import (
     LaunchInfo,
+    _mpi4py_importable,
+    _mpi_join,
     _mpi_rendezvous,
+    _store_round,
     detect_launch,
     first_slurm_host,
     init_from_env,
@@ -83,13 +87,42 @@ def test_concurrent_steps_of_a_job_derive_distinct_ports() -> None:
     # every task of a step derives the same port: it depends on the job and step ids, not on the task
     assert detect_launch({**SRUN, "SLURM_STEP_ID": "1", "SLURM_PROCID": "0", "SLURM_NODEID": "0",
                           "SLURM_LOCALID": "0"}).master_port == port[1] == slurm_port(4242, step_id=1)
-    # step 0, or no step id at all, keeps the job-id-only port; the older SLURM_STEPID name is read too
-    assert port[0] == detect_launch(SRUN).master_port == slurm_port(4242) == 15000 + 4242
+    # no step id at all is step 0; the older SLURM_STEPID name is read too
+    assert port[0] == detect_launch(SRUN).master_port == slurm_port(4242) == 25000 + 4242
     assert detect_launch({**SRUN, "SLURM_STEPID": "2"}).master_port == port[2]
-    # any 15000 steps of a job get distinct ports, all in the range clear of the ephemeral ports
-    ports = {slurm_port(4242, step_id=s) for s in range(15000)}
-    assert len(ports) == 15000 and min(ports) >= 15000 and max(ports) < 30000
-    assert slurm_port(29999, step_id=7) == slurm_port(29999 + 15000, step_id=7)
+    # any 4400 steps of a job get distinct ports, all in [25000, 29400): clear of the ephemeral ports
+    ports = {slurm_port(4242, step_id=s) for s in range(4400)}
+    assert len(ports) == 4400 and min(ports) == 25000 and max(ports) == 29399
+    assert slurm_port(29999, step_id=7) == slurm_port(29999 + 4400, step_id=7)
+
+
+def _lightning_slurm_port(job_id: int | None, monkeypatch: pytest.MonkeyPatch) -> int:
+    """The port Lightning's SLURMEnvironment derives for a job (its own code; it sets MASTER_PORT as it goes)."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    if job_id is None:
+        monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    else:
+        monkeypatch.setenv("SLURM_JOB_ID", str(job_id))
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    # main_port reads only the environment: the instance skips __init__'s checks of the srun environment
+    return int(SLURMEnvironment.main_port.fget(object.__new__(SLURMEnvironment)))  # type: ignore[attr-defined]
+
+
+def test_slurm_ports_never_meet_lightnings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lightning's SLURMEnvironment derives 15000 + the job id's last four digits for every step of a job. Our
+    step-0 port was 15000 + job id mod 15000: the same port for a third of the job ids, so a step launched
+    through Lightning and a concurrent one through init_from_env clashed (EADDRINUSE, or one group of both).
+    Ours now lie in [25000, 29400), clear of Lightning's ports for any job (and of torch's 29400 and 29500)."""
+    pytest.importorskip("lightning")
+    jobs = [*range(0, 30000, 7), 4242, 9999, 10000, 15000, 123456, 7654321, 4294967295]
+    lightning = {job: _lightning_slurm_port(job, monkeypatch) for job in jobs}
+    taken = {*lightning.values(), _lightning_slurm_port(None, monkeypatch)}  # no job id: a fixed port
+    assert min(taken) == 12910 and 15000 + 9999 in taken  # Lightning's whole range: 12910, 15000-24999
+    for job in jobs:
+        ports = [slurm_port(job, step_id=step) for step in range(64)]
+        assert lightning[job] not in ports and not taken.intersection(ports), job
+        assert 29400 not in ports and 29500 not in ports and len(set(ports)) == 64
 
 
 def test_batch_script_outside_srun_is_a_single_process() -> None:
@@ -252,25 +285,90 @@ def test_mpi_ranks_with_other_master_variables_all_fail_naming_both(monkeypatch:
         _mpi_rendezvous(detect_launch({**MPI2, "OMPI_COMM_WORLD_RANK": "0"}))
 
 
-def test_mpi4py_of_another_mpi_falls_back_to_the_variables(monkeypatch: pytest.MonkeyPatch,
-                                                           caplog: pytest.LogCaptureFixture) -> None:
+def test_mpi4py_of_another_mpi_fails_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
     """An mpi4py built against another MPI sees each process as a world of one: no collective reaches the
-    peers, so a rank uses its own variables (warned) or fails naming mpi4py and -x (never hangs)."""
+    peers. The MPI agreement is only asked when the store round could not form the group (some rank has no
+    variables, and waits in MPI), so this rank's own variables would not do either: it fails naming mpi4py
+    and -x (never hangs). With the variables on every rank the store round forms the group without MPI."""
     _with_mpi(monkeypatch, _FakeComm(0, 1, {}))
-    with caplog.at_level(logging.WARNING, logger="lightning_soaa.distributed.launch"):
-        info = _mpi_rendezvous(detect_launch({**MPI2, **MASTER}))
-    assert (info.master_addr, info.master_port) == ("127.0.0.1", 29731)
-    assert "rank 0 of 1, the launcher's variables as rank 1 of 2" in caplog.text
-    with pytest.raises(RuntimeError, match=r"mpi4py was likely built against another MPI.*mpirun -x MASTER_ADDR"):
-        _mpi_rendezvous(detect_launch(MPI2))
+    for env in ({**MPI2, **MASTER}, MPI2):
+        with pytest.raises(RuntimeError, match=r"rank 0 of 1, the launcher's variables as rank 1 of 2: mpi4py was "
+                                               r"likely built against another MPI.*mpirun -x MASTER_ADDR"):
+            _mpi_rendezvous(detect_launch(env))
 
 
-def test_mpi_without_mpi4py_uses_the_variables_or_asks_for_them(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_mpi_without_mpi4py_asks_for_it_or_the_variables(monkeypatch: pytest.MonkeyPatch) -> None:
     _with_mpi(monkeypatch, None)
-    info = _mpi_rendezvous(detect_launch({**MPI2, **MASTER}))
-    assert (info.master_addr, info.master_port) == ("127.0.0.1", 29731)
-    with pytest.raises(RuntimeError, match=re.escape("install mpi4py (pip install 'lightning-soaa[mpi]')")):
-        _mpi_rendezvous(detect_launch({**MPI2, "MASTER_ADDR": "127.0.0.1"}))
+    assert not _mpi4py_importable()
+    # no variables (MASTER_PORT missing) and no mpi4py: nothing to meet the others with
+    expected = ("without MASTER_ADDR/MASTER_PORT on rank 1, and mpi4py is missing there: install mpi4py (pip "
+                "install 'lightning-soaa[mpi]')")
+    with pytest.raises(RuntimeError, match=re.escape(expected)):
+        _mpi_join(detect_launch({**MPI2, "MASTER_ADDR": "127.0.0.1"}), 5.0, {})
+    with pytest.raises(RuntimeError, match=re.escape("mpi4py does not work on rank 1")):
+        _mpi_rendezvous(detect_launch({**MPI2, **MASTER}))
+
+
+# ----------------------------------------------------------- the store round before MPI (real TCPStores)
+def _round(ranks: dict[int, bool], world: int, timeout_s: float) -> tuple[dict[int, object], list[object]]:
+    """``_store_round`` of the given ranks (rank -> has mpi4py), each in a thread of its own, all given the same
+    MASTER_ADDR/MASTER_PORT; the others never come. Returns each rank's ``formed`` flag or the error it raised,
+    and the stores (kept alive: rank 0's store is where late ranks would arrive)."""
+    env = {"OMPI_COMM_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    stores: list[object] = []
+
+    def one(rank: int) -> object:
+        try:
+            store, formed = _store_round(detect_launch({**env, "OMPI_COMM_WORLD_RANK": str(rank)}), ranks[rank],
+                                         timeout_s, {})
+            stores.append(store)
+            return formed
+        except RuntimeError as e:
+            return str(e)
+
+    with concurrent.futures.ThreadPoolExecutor(len(ranks)) as pool:
+        results = dict(zip(ranks, pool.map(one, ranks)))
+    return results, [env, *stores]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_store_round_forms_the_group_when_every_rank_arrives_whatever_has_mpi4py() -> None:
+    """Every rank has MASTER_ADDR/MASTER_PORT, mpi4py only some: the group forms on rank 0's store, and no
+    rank starts MPI (whose MPI_Init would wait for the ranks without mpi4py: the hang this replaces)."""
+    results, _ = _round({0: True, 1: False, 2: True}, 3, timeout_s=30)
+    assert results == {0: True, 1: True, 2: True}
+
+
+def test_store_round_without_mpi4py_and_a_missing_rank_fails_on_every_rank_naming_both() -> None:
+    start = time.monotonic()
+    results, _ = _round({0: True, 1: False}, 3, timeout_s=1.0)
+    assert len(set(results.values())) == 1, results
+    message = str(results[0])
+    assert message.startswith("mpi4py is missing on rank(s) 1 and rank(s) 2 did not reach rank 0's store at "
+                              "MASTER_ADDR:MASTER_PORT=127.0.0.1:"), message
+    assert "within 1 s" in message and time.monotonic() - start < 15
+
+
+def test_store_round_settles_for_mpi_and_a_late_rank_without_mpi4py_names_itself(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank 2 has no variables (raw mpirun without -x) and waits in MPI_Init: the ranks that arrived, all with
+    mpi4py, go to the MPI agreement after _STORE_ROUND_S. A rank that turns up after that without mpi4py
+    cannot follow them there: it raises, naming itself and why MPI was chosen."""
+    import lightning_soaa.distributed.launch as launch
+
+    monkeypatch.setattr(launch, "_STORE_ROUND_S", 0.5)
+    results, keep = _round({0: True, 1: True}, 3, timeout_s=30)
+    assert results == {0: False, 1: False}
+    env = keep[0]
+    assert isinstance(env, dict)
+    with pytest.raises(RuntimeError, match=r"mpi4py is missing on rank 2, and the ranks need MPI to agree on the "
+                                           r"rendezvous: rank\(s\) 2 had not reached rank 0's store"):
+        _store_round(detect_launch({**env, "OMPI_COMM_WORLD_RANK": "2"}), False, 30, {})
 
 
 class _CollectiveRefused(_FakeComm):

@@ -255,10 +255,12 @@ def test_mpirun_master_variables_on_rank_0_only(other_ranks: str, tmp_path: Path
     worker.write_text(_RENDEZVOUS_WORKER)
     wrapper = f'if [ "$OMPI_COMM_WORLD_RANK" != 0 ]; then {change}; fi; exec "$0" "$@"'
     env = runner.clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    # on one host mpirun hands its whole environment to every rank; -x for what a remote rank would need
+    # on one host mpirun hands its whole environment to every rank; -x for what a remote rank would need.
+    # Rank 0 waits 10 s for rank 1 in its store before MPI; with another port rank 1 looks for rank 0's store
+    # for min(timeout_s, 30 s) before it goes to MPI.
     cmd = [*_mpirun(), "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS", "bash", "-c", wrapper, sys.executable,
-           str(worker), "30"]
-    rc, out = _run_output(cmd, env, timeout=60)
+           str(worker), "20"]
+    rc, out = _run_output(cmd, env, timeout=90)
     lines = sorted(line for line in out.splitlines() if line.startswith("rank "))
     if other_ranks == "unset":
         assert rc == 0 and lines == [f"rank {r} step - joined 127.0.0.1:{port} sums [1, 0]" for r in (0, 1)], out
@@ -267,6 +269,59 @@ def test_mpirun_master_variables_on_rank_0_only(other_ranks: str, tmp_path: Path
         assert len(lines) == 2 and all(" raised: " in line for line in lines) and len(errors) == 1, out
         assert (f"rank 0 uses MASTER_ADDR=127.0.0.1 MASTER_PORT={port} (its MASTER_ADDR, its MASTER_PORT), but "
                 f"rank 1 has MASTER_ADDR=127.0.0.1 MASTER_PORT={port + 1}") in errors.pop(), out
+
+
+def _mpirun_per_rank(tmp_path: Path, np: int, *, no_mpi4py: Sequence[int] = (), no_variables: Sequence[int] = (),
+                     timeout_s: float = 15, timeout: float = 90) -> tuple[int, list[str], str]:
+    """The rendezvous worker under real mpirun, every rank given MASTER_ADDR/MASTER_PORT and mpi4py except
+    those listed: mpi4py is hidden behind a package on the rank's path whose import fails (as on a node
+    without it), the variables unset (as raw mpirun without -x does on the other nodes). Returns mpirun's
+    exit status, the ranks' "rank ..." lines (sorted) and the whole output."""
+    worker, fake = tmp_path / "worker.py", tmp_path / "no_mpi4py"
+    worker.write_text(_RENDEZVOUS_WORKER)
+    (fake / "mpi4py").mkdir(parents=True)
+    (fake / "mpi4py" / "__init__.py").write_text("raise ImportError('no mpi4py on this rank')\n")
+    wrapper = (f'case " {" ".join(map(str, no_mpi4py))} " in *" $OMPI_COMM_WORLD_RANK "*) '
+               f'export PYTHONPATH={fake}:$PYTHONPATH;; esac; '
+               f'case " {" ".join(map(str, no_variables))} " in *" $OMPI_COMM_WORLD_RANK "*) '
+               'unset MASTER_ADDR MASTER_PORT;; esac; exec "$0" "$@"')
+    env = runner.clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    cmd = _mpirun()
+    cmd[cmd.index("-np") + 1] = str(np)
+    cmd += ["-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS", "bash", "-c", wrapper, sys.executable, str(worker),
+            str(timeout_s)]
+    rc, out = _run_output(cmd, env, timeout=timeout)
+    return rc, sorted(line for line in out.splitlines() if line.startswith("rank ")), out
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("without", [0, 1])
+def test_mpirun_with_mpi4py_on_some_ranks_only_forms_the_group(without: int, tmp_path: Path) -> None:
+    """MASTER_ADDR/MASTER_PORT on every rank, mpi4py on some only (nodes of different environments): the ranks
+    with mpi4py waited in MPI_Init for a rank that never started MPI, and the job failed after the timeout
+    with a message that named neither cause (a store timeout on the rank without it; nothing on the others).
+    The ranks now meet in rank 0's store first: all of them arrive, so the group forms there, without MPI."""
+    if importlib.util.find_spec("mpi4py") is None:
+        pytest.skip("mpi4py not installed (pip install 'lightning-soaa[mpi]')")
+    rc, lines, out = _mpirun_per_rank(tmp_path, 2, no_mpi4py=[without], timeout_s=15, timeout=60)
+    assert rc == 0 and [re.sub(r":\d+ ", " ", line) for line in lines] == \
+        [f"rank {r} step - joined 127.0.0.1 sums [1, 0]" for r in (0, 1)], out
+
+
+@pytest.mark.mpi
+def test_mpirun_without_mpi4py_and_without_variables_on_other_ranks_fails_naming_both(tmp_path: Path) -> None:
+    """Rank 1 has the variables but no mpi4py, rank 2 mpi4py but no variables: the group can form neither on
+    rank 0's store (rank 2 cannot get there) nor through MPI (rank 1 cannot). Every rank that can be told
+    (0 and 1; rank 2 waits in MPI_Init until mpirun ends the job) fails with one error naming both, after
+    timeout_s, instead of a store timeout naming neither."""
+    if importlib.util.find_spec("mpi4py") is None:
+        pytest.skip("mpi4py not installed (pip install 'lightning-soaa[mpi]')")
+    start = time.monotonic()
+    _, lines, out = _mpirun_per_rank(tmp_path, 3, no_mpi4py=[1], no_variables=[2], timeout_s=15, timeout=90)
+    errors = {line.split(" raised: ", 1)[-1] for line in lines}
+    assert [line.split(" ", 2)[:2] for line in lines] == [["rank", "0"], ["rank", "1"]] and len(errors) == 1, out
+    assert "mpi4py is missing on rank(s) 1 and rank(s) 2 did not reach rank 0's store" in errors.pop(), out
+    assert time.monotonic() - start < 75, out
 
 
 # ---------------------------------------------------------------------------------------- SLURM
@@ -350,6 +405,8 @@ def test_concurrent_srun_steps_of_one_job_form_separate_groups(tmp_path: Path, s
     assert all(int(m[4]) == 2 * int(m[2]) for m in joined if m), text
     ports = {step: {m[3] for m in joined if m and m[2] == step} for step in ("0", "1")}
     assert len(ports["0"]) == len(ports["1"]) == 1 and ports["0"] != ports["1"], text
+    # in our range, clear of Lightning's SLURM ports (15000-24999) and torch's defaults (29400, 29500)
+    assert all(25000 <= int(port) < 29400 for step in ports.values() for port in step), text
     assert rc == 0, text
 
 
