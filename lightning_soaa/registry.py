@@ -104,6 +104,11 @@ class OptimizerSpec:
             ``torch.optim.AdamW`` does); otherwise the constructor refuses them, naming the parameter.
         supports_zero_size: parameters without elements (shape ``(0, 5)``) are accepted and left as
             they are; otherwise the constructor refuses them, naming the parameter.
+        state_key_options: the group options whose value decides which state keys a block keeps, each with
+            a value whose blocks keep more keys and one whose blocks keep fewer (ASGO's ``root_every="auto"``
+            keeps the Gram at the last root). torch's DCP recipe fills only the keys a fresh optimizer
+            shows, so a resume that changes one is refused naming it (optim/dcp_state.py); the conformance
+            battery checks that refusal for each, and that no other constructor option changes the keys.
     """
 
     name: str
@@ -122,6 +127,7 @@ class OptimizerSpec:
     test_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     supports_complex: bool = False
     supports_zero_size: bool = True
+    state_key_options: tuple[tuple[str, Any, Any], ...] = ()
 
     @property
     def qualified_name(self) -> str:
@@ -231,6 +237,7 @@ REGISTRY: tuple[OptimizerSpec, ...] = (
                      "adaptive_damping": True},
         # its Linear capture forms per-sample Jacobians; an empty weight (Linear(0, n)) has none to form
         supports_zero_size=False,
+        state_key_options=(("momentum", 0.5, 0.0),),  # the momentum buffer exists only with momentum > 0
     ),
     OptimizerSpec(
         name="ASGO", class_path="lightning_soaa.optim.asgo:ASGO", config_path="lightning_soaa.config:ASGOConfig",
@@ -241,6 +248,7 @@ REGISTRY: tuple[OptimizerSpec, ...] = (
         # the last root, that step) and the stored roots are both exercised
         test_kwargs={"lr": 2e-2, "max_block_size": 4, "root_every": "auto", "root_tol": 1.0, "root_max_every": 2,
                      "damping": 1e-6},
+        state_key_options=(("root_every", "auto", 1),),  # "auto" keeps gram_at_root and root_step
     ),
     OptimizerSpec(
         name="DASGO", class_path="lightning_soaa.optim.asgo:DASGO",

@@ -30,6 +30,13 @@ and counter, ASGO's momentum and Gram, whose root is recomputed at the next step
 then skipped; an EGN buffer of a parameter outside the loss): the block counts saved beside the state
 (``blocks_with_state``) count non-zero blocks only (:func:`~lightning_soaa.distributed.checkpoint.holds_state`).
 
+The keys a destination shows are those of its own options (:func:`placeholder_schema`), and the checkpoint's
+group values win on load (as in torch): where an option decides the keys (ASGO's ``root_every="auto"``,
+EGN's ``momentum``), a checkpoint that keeps keys the destination does not show is refused on load naming
+the option (:func:`dcp_state._check_option_keys`; it continued without them), and one that lacks keys the
+destination shows is refused by ``dcp.load`` itself ("Missing key in checkpoint state_dict"; with
+``allow_partial_load=True`` they load as "no state" and the run continues exactly).
+
 Frozen parameters (``requires_grad=False``) show no placeholders: torch's tools leave their state out on
 load, and a frozen backbone would cost a full zero state at every save.
 """
@@ -48,27 +55,30 @@ from lightning_soaa.distributed.reblock import joined_rows
 if TYPE_CHECKING:
     from lightning_soaa.optim.base import ShardedOptimizer
 
-__all__ = ["handed_out", "without_placeholders"]
+__all__ = ["handed_out", "placeholder_schema", "without_placeholders"]
 
 Blocks = dict[tuple[int, int], dict[str, Any]]
 Layout = list[list[tuple[int | None, int, int]]]
 
 
-def _schema(opt: ShardedOptimizer, block: BlockInfo) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+def placeholder_schema(opt: ShardedOptimizer, block: BlockInfo,
+                       group: dict[str, Any] | None = None) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """The keys ``block`` holds after a step (shape, dtype), as :func:`dcp_state.block_schema` has them (the
-    keys of this group's options: ASGO's ``root_every="auto"`` ones only then, EGN's buffer only with
-    momentum)."""
+    keys of its group's options: ASGO's ``root_every="auto"`` ones only then, EGN's buffer only with
+    momentum); under ``group``'s options where given (a checkpoint's: what it holds), else under the options
+    the block was built with (what a destination shows)."""
     from lightning_soaa.optim.dcp_state import block_schema
     from lightning_soaa.optim.egn import EGN
 
+    group = opt._group_as_built(block.group_index) if group is None else group
     if isinstance(opt, EGN):
-        group = opt._group_as_built(block.group_index)
         if not float(group.get("momentum", 0.0)) > 0.0:
             return {}
-        fields = opt._block_schema(block) or {}
-        return {k: (tuple(f.shape), f.dtype or opt._params[block.param_index].dtype) for k, f in fields.items()}
+        p = opt._params[block.param_index]
+        fields = opt._state_schema(block, p, group) or {}
+        return {k: (tuple(f.shape), f.dtype or p.dtype) for k, f in fields.items()}
     try:
-        schema = block_schema(opt, block)
+        schema = block_schema(opt, block, group)
     except ValueError:  # an optimizer whose schema dcp_state does not know: no placeholders (the recipe is
         return {}  # then refused at load, as dcp_state._check_arrived says)
     return {k: (shape, dtype) for k, (_, shape, dtype) in schema.items()}
@@ -85,7 +95,7 @@ def handed_out(opt: ShardedOptimizer, blocks: Blocks) -> tuple[Blocks, Layout]:
     for b in opt.block_table.blocks:
         if not opt._params[b.param_index].requires_grad:
             continue  # torch's tools leave a frozen parameter's state out on load; zeros would cost a full state
-        schema = _schema(opt, b)
+        schema = placeholder_schema(opt, b)
         held = out.get(b.key)
         missing = set(schema) - set(held or {})
         if held is not None and missing:  # (the optional keys read only where a held block lacks some)

@@ -63,12 +63,13 @@ from lightning_soaa.distributed.checkpoint import (
     build_state_dict,
     check_block_steps,
     commit_groups,
+    holds_state,
     loaded_groups,
     steps_limit,
     validate_state_dict,
 )
 from lightning_soaa.distributed.dtensor import _contiguous_stride, is_dtensor, local
-from lightning_soaa.optim.dcp_plain import without_placeholders
+from lightning_soaa.optim.dcp_plain import placeholder_schema, without_placeholders
 
 if TYPE_CHECKING:
     from lightning_soaa.optim.base import ShardedOptimizer
@@ -607,11 +608,82 @@ def _consolidated_from_nested(opt: ShardedOptimizer, sd: dict[str, Any], meta: d
                              f"optimizer's own {sorted(own)}; they would be dropped. Nothing was loaded.")
         if blocks:
             state[pi] = blocks
+    _check_option_keys(opt, groups, meta, state)  # (the keys as they came, before the placeholders go)
     # the destination's placeholders (dcp_plain) that the checkpoint filled with zeros are no state: counted out
     state = without_placeholders(opt, {"state": state, FORMAT_KEY: meta})["state"]
     _check_arrived(opt, meta, state)
     return {"state": state, "param_groups": groups,
             FORMAT_KEY: {k: v for k, v in meta.items() if k not in ("form", "group_options")}}
+
+
+def _check_option_keys(opt: ShardedOptimizer, groups: list[dict[str, Any]], meta: dict[str, Any],
+                       state: dict[int, dict[int, Any]]) -> None:
+    """Refuse a state that lost the keys its saved options keep (:func:`_lost_option_keys`), naming the
+    options, both values and the remedy. Why: torch's DCP recipe over plain parameters fills only the keys
+    the destination shows (:func:`~lightning_soaa.optim.dcp_plain.placeholder_schema`, this optimizer's
+    options), and the checkpoint's group values win on load, as in torch: ASGO saved with
+    ``root_every="auto"`` and resumed with ``root_every=1`` continued as "auto" without ``gram_at_root`` and
+    ``root_step`` (its roots recomputed early: 4.9e-3 off the uninterrupted run; the FSDP2 form refuses this
+    in :func:`_check_kept_keys`). Every rank holds the whole state and the same blocks: the same verdict on
+    every rank, before anything changes."""
+    try:
+        saved = loaded_groups(opt.param_groups, groups, opt._validate_group, keep=opt.layout_keys)
+    except ValueError:
+        return  # a group value this optimizer refuses: the validation's message names it
+    for gi, (lost, block) in _lost_option_keys(opt, saved, meta, state).items():
+        mine, theirs = opt._group_as_built(gi), saved[gi]
+        options = _key_options(opt, block, mine, theirs)
+        was = ", ".join(f"{k}={theirs.get(k)!r}" for k in options)
+        here = ", ".join(f"{k}={mine.get(k)!r}" for k in options)
+        raise ValueError(
+            f"{_name(opt)}.load_state_dict: the checkpoint's param_groups[{gi}] were saved with {was}, this "
+            f"optimizer has {here}. With {was} its blocks keep state {sorted(lost)}, which did not arrive: "
+            "torch.distributed.checkpoint's load fills only the keys the destination's state dict shows, and this "
+            f"optimizer's ({here}) shows none of them. The checkpoint's values win on load (as in torch), so the "
+            f"run would continue with {was} without that state, not as saved. Build the optimizer with {was}, "
+            "load, then change the value in param_groups if you mean to; or save and load the optimizer's own "
+            "state dict (torch.save / load_state_dict), which keeps every key. Nothing was loaded.")
+
+
+def _lost_option_keys(opt: ShardedOptimizer, saved: list[dict[str, Any]], meta: dict[str, Any],
+                      state: dict[int, dict[int, Any]]) -> dict[int, tuple[set[str], BlockInfo]]:
+    """Per group: the state keys its saved options keep and this optimizer's do not (with a block that
+    keeps them), where the checkpoint holds state for the group and none of those keys came with it. A
+    destination shows every key of its options in every block of a trainable parameter (zeros where it has
+    none), so through DCP such keys arrive in no block at all; a state torch rebuilt from our own format
+    (``set_optimizer_state_dict`` of a state dict, no DCP) brings them, and loads. Frozen parameters show
+    nothing (torch leaves their state out, :func:`_check_arrived` says so)."""
+    counts = meta.get("blocks_with_state")
+    counts = counts if isinstance(counts, list) and len(counts) == len(opt._params) else None
+    extra: dict[int, set[str]] = {}
+    where: dict[int, BlockInfo] = {}
+    for b in opt.block_table.blocks:
+        gi = b.group_index
+        if gi >= len(saved) or not opt._params[b.param_index].requires_grad:
+            continue
+        keys = set(placeholder_schema(opt, b, saved[gi])) - set(placeholder_schema(opt, b))
+        if keys:
+            extra.setdefault(gi, set()).update(keys)
+            where.setdefault(gi, b)
+    out: dict[int, tuple[set[str], BlockInfo]] = {}
+    for gi, keys in extra.items():
+        params = {b.param_index for b in opt.block_table.blocks
+                  if b.group_index == gi and opt._params[b.param_index].requires_grad}
+        blocks = [blk for pi in params for blk in state.get(pi, {}).values() if isinstance(blk, dict)]
+        held = (any(isinstance(counts[pi], int) and counts[pi] > 0 for pi in params) if counts is not None
+                else any(holds_state(blk) for blk in blocks))
+        if held and not keys & {k for blk in blocks for k in blk}:
+            out[gi] = (keys, where[gi])
+    return out
+
+
+def _key_options(opt: ShardedOptimizer, block: BlockInfo, mine: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
+    """The options whose saved value alone changes ``block``'s keys (ASGO's ``root_every``, EGN's
+    ``momentum``), else every option that differs."""
+    differ = [k for k in theirs if k not in ("params", "param_names", FORMAT_KEY) and theirs[k] != mine.get(k)]
+    keys = set(placeholder_schema(opt, block, mine))
+    deciding = [k for k in differ if set(placeholder_schema(opt, block, {**mine, k: theirs[k]})) != keys]
+    return deciding or differ
 
 
 def _steps_of_meta(meta: dict[str, Any]) -> int:
