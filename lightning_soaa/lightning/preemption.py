@@ -23,14 +23,17 @@ import logging
 import os
 import signal
 import subprocess
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins import AsyncCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
 from lightning_soaa.distributed.stop_vote import StopVote
@@ -43,6 +46,8 @@ log = logging.getLogger(__name__)
 
 # not named hpc_ckpt_*: Lightning's resume takes the highest hpc_ckpt_N in the folder, whatever it holds
 _PARTIAL = ".lightning_soaa_preemption.partial"
+_REGISTER = "register_signal_handlers"  # the signal connector's method that each callback wraps
+_ABSENT = object()  # the connector had no attribute of its own by that name
 
 
 def _ours(trainer: pl.Trainer) -> list[ShardedOptimizer]:
@@ -103,6 +108,49 @@ def _warn_plateau(trainer: pl.Trainer) -> None:
             return
 
 
+class _RegisterLink:
+    """One callback's wrap of the signal connector's ``register_signal_handlers``: what was there (Lightning's
+    method, or another wrapper), then the callback's take-over. Released links come out of the chain in any
+    order: two callbacks on one trainer, or another library's wrapper below or above, keep their own (the
+    old release popped whatever the connector held, the other callback's or the library's wrapper too)."""
+
+    def __init__(self, inner: Callable[[], None], before: Any, take_over: Callable[[], None]) -> None:
+        self.inner = inner  # what this link calls first
+        self.before = before  # the connector's own attribute when this link was installed (_ABSENT: none)
+        self.take_over: Callable[[], None] | None = take_over  # None once released: a plain pass-through
+
+    def __call__(self) -> None:
+        self.inner()
+        if self.take_over is not None:
+            self.take_over()
+
+    @classmethod
+    def install(cls, connector: Any, take_over: Callable[[], None]) -> _RegisterLink:
+        link = cls(getattr(connector, _REGISTER), vars(connector).get(_REGISTER, _ABSENT), take_over)
+        setattr(connector, _REGISTER, link)
+        return link
+
+    def release(self, connector: Any) -> None:
+        """Out of the chain: the connector gets back what it had before this link, where this link is on top;
+        under another of ours, that one is spliced past it; under a foreign wrapper (which will restore this
+        link), it stays in place as a pass-through."""
+        self.take_over = None
+        top = vars(connector).get(_REGISTER, _ABSENT)
+        if top is self:
+            if self.before is _ABSENT:
+                delattr(connector, _REGISTER)  # Lightning's own method again
+            else:
+                setattr(connector, _REGISTER, self.before)
+            return
+        node = top
+        for _ in range(64):  # a chain of this length is a bug elsewhere: stop walking rather than spin
+            if not isinstance(node, _RegisterLink) or node.inner is self:
+                break
+            node = node.inner
+        if isinstance(node, _RegisterLink) and node.inner is self:
+            node.inner, node.before = self.inner, self.before
+
+
 class PreemptionCheckpoint(Callback):
     r"""On a preemption signal, every rank saves one checkpoint together at the next optimizer step, then
     the fit stops (and, under SLURM auto-requeue, rank 0 requeues the job).
@@ -117,6 +165,13 @@ class PreemptionCheckpoint(Callback):
             forward the signal to the ranks it launched) is replaced by this callback's; a SIGTERM that
             reaches one rank (e.g. rank 0 alone) stops every rank after the same step; one that
             arrives after the last training step goes to the handler installed before the fit, at its end.
+            During ``validate``/``test``/``predict`` (nothing to checkpoint) a SIGTERM that reaches any rank
+            ends the stage on every rank after the same batch: the signal goes there, on every rank, to the
+            handler installed before the stage (the default action ends the process; a user's handler is
+            called), and where that handler returns, the stage stops on every rank with Lightning's
+            ``SIGTERMException`` (exit status 143). That agreement costs one small all-reduce per batch at
+            W > 1; a rank that runs out of batches first (``predict`` splits the data unevenly) answers the
+            others' until they are done too.
 
     Under SLURM auto-requeue Lightning's restarted job resumes from the checkpoint by itself (``hpc_ckpt_N.
     ckpt`` in ``default_root_dir``, Lightning's own naming). The checkpoint is written under another name
@@ -148,6 +203,9 @@ class PreemptionCheckpoint(Callback):
         self._requeue = False
         self._previous: Any = None
         self._connector: Any = None  # Lightning's signal connector whose registration we wrapped
+        self._link: _RegisterLink | None = None  # our wrap of it
+        self._evaluating = False  # watching SIGTERM for validate/test/predict (not for a fit)
+        self._joined = False  # this rank has answered every rank's agreement rounds of the stage
         self._vote: StopVote | None = None
         self._last_step = -1
         self._rounds_seen = 0
@@ -158,7 +216,7 @@ class PreemptionCheckpoint(Callback):
             self._vote.request()
             return
         # the fit is over but this handler is still installed (something restored it): act as the one it replaced
-        previous = self._previous if self._previous is not None else signal.SIG_DFL
+        previous = _resolve(self._previous)
         signal.signal(signum, previous)
         if callable(previous):
             previous(signum, frame)
@@ -169,14 +227,13 @@ class PreemptionCheckpoint(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # setup runs before Trainer._run registers Lightning's handlers; finding ours installed for the
         # requeue signal, Lightning installs none for it (its _has_already_handler)
-        if stage != "fit":
-            return
         # the environment Lightning's signal connector reads (a single-device strategy has none of its own)
         env = getattr(trainer.strategy, "cluster_environment", None) \
             or getattr(trainer._accelerator_connector, "cluster_environment", None)
         slurm = isinstance(env, SLURMEnvironment) and env.auto_requeue
         signum = env.requeue_signal if slurm else self.signum  # type: ignore[union-attr]
-        if signum is None:
+        # outside a fit only SIGTERM: Lightning's own handler for it broadcasts inside the handler in every stage
+        if signum is None or (stage != "fit" and signum != signal.SIGTERM):
             return
         previous = signal.getsignal(signum)
         try:
@@ -185,10 +242,11 @@ class PreemptionCheckpoint(Callback):
             log.warning("PreemptionCheckpoint: the Trainer runs outside the main thread, where no signal "
                         "handler can be installed; preemption checkpoints are off.")
             return
-        if previous not in (None, signal.SIG_DFL, signal.SIG_IGN):
+        if stage == "fit" and previous not in (None, signal.SIG_DFL, signal.SIG_IGN):  # outside one: passed on
             log.warning("PreemptionCheckpoint replaced the handler already installed for signal %d (%r) "
                         "for this fit.", int(signum), previous)
         self._watching, self._previous, self._requeue = int(signum), previous, slurm
+        self._evaluating, self._joined = stage != "fit", False
         self._vote = StopVote(trainer.world_size)
         self.preempted = False
         self._last_step, self._rounds_seen = -1, 0
@@ -206,11 +264,7 @@ class PreemptionCheckpoint(Callback):
         if connector is None or register is None:
             return  # another Lightning: on_train_start takes it over (a later point, after Lightning's barrier)
 
-        def register_then_take_over() -> None:
-            register()
-            self._take_over()
-
-        connector.register_signal_handlers = register_then_take_over
+        self._link = _RegisterLink.install(connector, self._take_over)
         self._connector = connector
 
     def _take_over(self) -> None:
@@ -300,34 +354,104 @@ class PreemptionCheckpoint(Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
+        if self._vote is None:
+            return  # nothing installed for this stage
+        if self._evaluating and not self._joined:
+            self._answer_rounds(trainer)  # a rank that ran no batch of the stage: the others' rounds wait for it
         watching, vote = self._watching, self._vote
         self._release(trainer)
         if watching == signal.SIGTERM and vote is not None and vote.requested and not self.preempted:
-            # a SIGTERM after the last step (the final validation, on_train_end) stopped nothing: a request to
-            # terminate is not swallowed (Lightning alone stops, the default action ends the process); the
-            # handler the fit found receives it now. SIGUSR1 is a warning: no step left, nothing to do.
-            log.warning("PreemptionCheckpoint: SIGTERM arrived after the last training step; passed on to the "
-                        "handler installed before the fit.")
+            # a SIGTERM after the last step (the final validation, on_train_end) or the last agreement of an
+            # evaluation stopped nothing: a request to terminate is not swallowed (Lightning alone stops, the
+            # default action ends the process); the handler the stage found receives it now. SIGUSR1 is a
+            # warning: no step left, nothing to do.
+            log.warning("PreemptionCheckpoint: SIGTERM arrived after the last training step or evaluation "
+                        "batch; passed on to the handler installed before the %s.", stage)
             signal.raise_signal(watching)
 
     @override
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                                batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._after_evaluation_batch(trainer)
+
+    @override
+    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._after_evaluation_batch(trainer)
+
+    @override
+    def on_predict_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                             batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._after_evaluation_batch(trainer)
+
+    def _after_evaluation_batch(self, trainer: pl.Trainer) -> None:
+        """validate/test/predict (not a fit's validation): every rank learns a SIGTERM after the same batch.
+        Lightning's own handler broadcasts inside the handler: measured at W = 2 (gloo, trainer.validate), a
+        SIGTERM on one rank paired that broadcast with the other rank's end of the stage: "Connection closed
+        by peer" on both, the user's handler never called; on every rank, each stopped with exit status 0
+        and the ddp_fork launcher waited for rank 0's results forever. The rounds go on while some rank has
+        batches left: a rank done first (``predict`` gives ranks unequal shares) answers them until all are."""
+        if not self._evaluating or self._vote is None:
+            return
+        progress = getattr(getattr(trainer, "_active_loop", None), "batch_progress", None)
+        last = bool(getattr(progress, "is_last_batch", False))
+        requested, more = self._round(trainer, more=not last)
+        if last and not requested:
+            self._answer_rounds(trainer, more)
+        elif requested:
+            self._end_stage(trainer)
+
+    def _answer_rounds(self, trainer: pl.Trainer, more: bool = True) -> None:
+        """This rank has no batch left: one round per batch the others still run, then the stage ends here."""
+        self._joined = True
+        requested = False
+        while more and not requested and trainer.world_size > 1:
+            requested, more = self._round(trainer, more=False)
+        if requested:
+            self._end_stage(trainer)
+
+    def _round(self, trainer: pl.Trainer, more: bool) -> tuple[bool, bool]:
+        """(some rank received SIGTERM, some rank has batches left): the same on every rank."""
+        vote = self._vote
+        assert vote is not None
+        if trainer.world_size == 1:
+            return vote.requested, more
+        flags = torch.tensor([int(vote.requested), int(more)], device=trainer.strategy.root_device)
+        flags = trainer.strategy.reduce(flags, reduce_op="sum")
+        return bool(flags[0] > 0), bool(flags[1] > 0)
+
+    def _end_stage(self, trainer: pl.Trainer) -> None:
+        """Every rank at the same round: the signal to the handler the stage found, then Lightning's stop."""
+        watching = self._watching
+        assert watching is not None
+        log.warning("PreemptionCheckpoint: SIGTERM during %s; every rank ends it after this batch (the handler "
+                    "installed before it receives the signal).", getattr(trainer.state.fn, "value", "it"))
+        for cb in trainer.callbacks:  # type: ignore[attr-defined]
+            if isinstance(cb, PreemptionCheckpoint):  # a second one's handler would take the signal, not the user's
+                cb._release(trainer)
+        self._release(trainer)
+        signal.raise_signal(watching)  # the default action ends the process here; a user's handler runs here
+        # that handler returned (or the signal is ignored): the stage stops as Lightning stops it on SIGTERM, but
+        # with the status a shell gives a process SIGTERM ended (Lightning's 0 reads as success to a scheduler,
+        # and under ddp_fork/ddp_spawn left the launching process waiting for results forever)
+        raise SIGTERMException(128 + watching)
+
+    @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        # a fit that raises calls no teardown hook: the handler must not outlive it (it would swallow the signal)
+        # a stage that raises calls no teardown hook: the handler must not outlive it (it would swallow the signal)
         self._release(trainer)
 
     def _release(self, trainer: pl.Trainer) -> None:
         """Give the signal back to its previous handler and detach the vote (idempotent)."""
-        if self._connector is not None:  # Lightning's own method again
-            self._connector.__dict__.pop("register_signal_handlers", None)
-            self._connector = None
+        if self._link is not None:  # the connector's registration as it was, less ours
+            self._link.release(self._connector)
+            self._connector = self._link = None
         if self._watching is None:
             return
         for opt in _ours(trainer):
             if opt.stop_vote is self._vote:
                 opt.stop_vote = None
-        previous = self._previous if self._previous is not None else signal.SIG_DFL
+        previous = _resolve(self._previous)
         # after an exception Lightning's teardown comes after this and restores the handlers it found at the
         # start of the fit (this one): tell it the one to restore
         originals = getattr(getattr(trainer, "_signal_connector", None), "_original_handlers", None)
@@ -344,5 +468,17 @@ class PreemptionCheckpoint(Callback):
     def __getstate__(self) -> dict[str, Any]:
         # ddp_spawn pickles callbacks to the workers: a handler or a vote of the parent means nothing there
         state = self.__dict__.copy()
-        state.update(_watching=None, _previous=None, _vote=None, _connector=None)
+        state.update(_watching=None, _previous=None, _vote=None, _connector=None, _link=None)
         return state
+
+
+def _resolve(previous: Any) -> Any:
+    """The handler to give a signal back to: ``previous``, past any other PreemptionCheckpoint's handler released
+    meanwhile (two on one trainer, released in the order they were installed: the second one found the first
+    one's), to the handler that one found."""
+    for _ in range(64):
+        owner = getattr(previous, "__self__", None)
+        if not isinstance(owner, PreemptionCheckpoint) or previous != owner._handler or owner._watching is not None:
+            break
+        previous = owner._previous
+    return signal.SIG_DFL if previous is None else previous

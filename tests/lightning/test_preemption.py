@@ -137,12 +137,8 @@ def _users_sigterm_handler(signum: int, frame: Any) -> None:
     """The handler a user installed before the fit: the one every rank must have again after it."""
 
 
-class SigtermGuard(pl.Callback):
-    """Arms a per-rank watchdog in each rank (W > 1: ranks are processes of their own) and writes, at teardown
-    (after the preemption callback's), whether the user's SIGTERM handler is installed again."""
-
-    def __init__(self, out: Path) -> None:
-        self.out = str(out)
+class Watchdog(pl.Callback):
+    """Arms a per-rank watchdog in each rank (W > 1: ranks are processes of their own) that bounds a hang."""
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if trainer.world_size > 1:
@@ -151,6 +147,17 @@ class SigtermGuard(pl.Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if trainer.world_size > 1:
             faulthandler.cancel_dump_traceback_later()
+
+
+class SigtermGuard(Watchdog):
+    """A :class:`Watchdog` that also writes, at teardown (after the preemption callback's), whether the user's
+    SIGTERM handler is installed again."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = str(out)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
         restored = signal.getsignal(signal.SIGTERM) is _users_sigterm_handler
         torch.save(restored, Path(self.out) / f"sigterm-handler-rank{trainer.global_rank}.pt")
 
@@ -429,3 +436,226 @@ def test_the_plateau_warning_follows_lightnings_own_update(tmp_path: Path, caplo
     with caplog.at_level(logging.WARNING, logger="lightning_soaa.lightning.preemption"):
         trainer.fit(model(_factory(False), batch_size=16))
     assert ("a plateau scheduler (ReduceLROnPlateau" in caplog.text) == warned, caplog.text
+
+
+class _ForeignWrap:
+    """Another library's wrap of the signal connector's registration, installed before the callbacks'."""
+
+    def __init__(self, connector: Any) -> None:
+        self.inner = connector.register_signal_handlers
+        self.calls = 0
+        connector.register_signal_handlers = self
+
+    def __call__(self) -> None:
+        self.calls += 1
+        self.inner()
+
+
+def _assert_released(trainer: pl.Trainer, foreign: _ForeignWrap, calls: int) -> None:
+    """The connector holds exactly what it held before the callbacks (the library's wrap, called once per
+    registration) and SIGTERM has the user's handler again."""
+    assert vars(trainer._signal_connector)["register_signal_handlers"] is foreign
+    assert foreign.calls == calls
+    assert signal.getsignal(signal.SIGTERM) is _users_sigterm_handler
+
+
+@pytest.mark.parametrize("first", [0, 1], ids=["released-in-install-order", "released-in-reverse-order"])
+def test_two_callbacks_release_in_either_order(tmp_path: Path, first: int) -> None:
+    """Gap found by a read-through: a release popped whatever wrap the connector held (the other callback's,
+    another library's beneath). Two callbacks and a library's wrap on one trainer, through Lightning's own
+    registration: releasing either callback leaves the other's take-over working, and releasing both leaves
+    the library's wrap and the user's handler."""
+    before = signal.signal(signal.SIGTERM, _users_sigterm_handler)
+    try:
+        cbs = [PreemptionCheckpoint(signum=signal.SIGTERM), PreemptionCheckpoint(signum=signal.SIGTERM)]
+        trainer = make_trainer(tmp_path, callbacks=[LossToOptimizer(), *cbs])
+        model = TinyRegressor(_factory(False), batch_size=16)
+        connector = trainer._signal_connector
+        foreign = _ForeignWrap(connector)
+        for cb in cbs:  # as Trainer._run calls them: the callbacks' order
+            cb.setup(trainer, model, "fit")
+        connector.register_signal_handlers()  # Lightning's registration, through every wrap
+        assert signal.getsignal(signal.SIGTERM) == cbs[1]._handler  # the last take-over
+        cbs[first].teardown(trainer, model, "fit")
+        connector.register_signal_handlers()
+        assert signal.getsignal(signal.SIGTERM) == cbs[1 - first]._handler  # the other still takes it back
+        cbs[1 - first].teardown(trainer, model, "fit")
+        _assert_released(trainer, foreign, calls=2)
+        connector.register_signal_handlers()  # Lightning's alone now, composed with the user's handler
+        parts = signal.getsignal(signal.SIGTERM).signal_handlers  # type: ignore[union-attr]
+        assert _users_sigterm_handler in parts and not any(getattr(h, "__self__", None) in cbs for h in parts)
+        connector.teardown()
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+@pytest.mark.parametrize("n", [1, 2], ids=["one-callback", "two-callbacks"])
+def test_fit_twice_on_one_trainer_installs_and_releases_each_time(tmp_path: Path, n: int) -> None:
+    """fit, then fit again on the same trainer: each fit takes SIGTERM back and gives it back, and another
+    library's wrap of the registration outlives both (the first release popped it: the second fit ran
+    without it)."""
+    before = signal.signal(signal.SIGTERM, _users_sigterm_handler)
+    try:
+        cbs = [PreemptionCheckpoint(signum=signal.SIGTERM) for _ in range(n)]
+        trainer = make_trainer(tmp_path, max_steps=2,
+                               callbacks=[LossToOptimizer(), *cbs, SignalAt(None, signal.SIGTERM)])
+        foreign = _ForeignWrap(trainer._signal_connector)
+        model = TinyRegressor(_factory(False), batch_size=16)
+        trainer.fit(model)  # steps 1 and 2, no signal
+        assert trainer.global_step == 2 and not any(cb.preempted for cb in cbs)
+        _assert_released(trainer, foreign, calls=1)
+        trainer.fit_loop.epoch_loop.max_steps = 8
+        trainer.fit(model)  # SIGTERM before step 3: stopped after it by the callback whose handler took it
+        assert trainer.global_step == SIGNAL_BEFORE_STEP
+        assert [cb.preempted for cb in cbs] == [False] * (n - 1) + [True]
+        _assert_released(trainer, foreign, calls=2)
+        assert torch.load(tmp_path / "hpc_ckpt_1.ckpt", weights_only=False)["global_step"] == SIGNAL_BEFORE_STEP
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+#: where _recording_sigterm_handler writes (set before the stage; forked ranks inherit it)
+_HANDLER_LOG: list[Path] = []
+
+
+def _recording_sigterm_handler(signum: int, frame: Any) -> None:
+    """A user's SIGTERM handler that records the call, per rank, and returns (keeps the process)."""
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    with open(_HANDLER_LOG[0] / f"user-handler-rank{rank}", "a") as f:
+        f.write(f"{signum}\n")
+
+
+class _Evaluated(TinyRegressor):
+    """validate/test/predict over ``n`` samples in batches of ``eval_batch``; with ``shares``, rank r takes the
+    r-th share of them itself (for a trainer without Lightning's distributed sampler)."""
+
+    def __init__(self, n: int = N_SAMPLES, eval_batch: int = 4, shares: tuple[int, ...] | None = None) -> None:
+        super().__init__(_factory(False), batch_size=16)
+        self.n, self.eval_batch, self.shares = n, eval_batch, shares
+        self.allow_zero_length_dataloader_with_multiple_devices = True  # a share may be empty: Lightning allows it
+
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return torch.nn.functional.mse_loss(self(batch[0]), batch[1])
+
+    def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.validation_step(batch, batch_idx)
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        return self(batch[0])
+
+    def _loader(self) -> torch.utils.data.DataLoader:
+        start, stop = 0, self.n
+        if self.shares is not None:
+            rank = self.trainer.global_rank
+            start, stop = sum(self.shares[:rank]), sum(self.shares[:rank + 1])
+        subset = torch.utils.data.Subset(regression_data(), range(start, stop))
+        return torch.utils.data.DataLoader(subset, batch_size=self.eval_batch)
+
+    val_dataloader = test_dataloader = predict_dataloader = _loader
+
+
+class SigtermInStage(Watchdog):
+    """SIGTERM to this rank's own process before batch ``at`` of the stage (on ``rank``; None: every rank);
+    writes, per rank, the last batch that ended; a per-rank watchdog bounds a hang (W > 1)."""
+
+    def __init__(self, out: Path, at: int | None, rank: int | None) -> None:
+        self.out, self.at, self.rank = str(out), at, rank
+
+    def _start(self, trainer: pl.Trainer, batch_idx: int) -> None:
+        if batch_idx == self.at and self.rank in (None, trainer.global_rank):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def _end(self, trainer: pl.Trainer, batch_idx: int) -> None:
+        (Path(self.out) / f"last-batch-rank{trainer.global_rank}").write_text(str(batch_idx))
+
+    def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                                  batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._start(trainer, batch_idx)
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._end(trainer, batch_idx)
+
+    on_test_batch_start = on_predict_batch_start = on_validation_batch_start
+    on_test_batch_end = on_predict_batch_end = on_validation_batch_end
+
+
+def _stage_records(out: Path, world: int) -> tuple[list[int], list[int]]:
+    """(last batch that ended, calls of the user's handler), per rank."""
+    last = [int((out / f"last-batch-rank{r}").read_text()) for r in range(world)]
+    calls = [len((out / f"user-handler-rank{r}").read_text().split()) if (out / f"user-handler-rank{r}").exists()
+             else 0 for r in range(world)]
+    return last, calls
+
+
+@pytest.mark.parametrize("rank,users_handler", [(1, True), (0, True), (1, False)],
+                         ids=["rank1-users-handler", "rank0-users-handler", "rank1-default-action"])
+def test_sigterm_during_validate_ends_every_rank_after_the_same_batch(tmp_path: Path, rank: int,
+                                                                     users_handler: bool) -> None:
+    """trainer.validate at W = 2, SIGTERM on one rank. Lightning's own handler broadcast inside the handler:
+    that broadcast met the other rank's end of the stage, both ranks failed on "Connection closed by peer"
+    and the user's handler was never called. Now every rank ends after the same batch: the user's handler
+    is called on each, then Lightning's SIGTERMException stops them (exit status 143); without one, the
+    default action ends every rank."""
+    _HANDLER_LOG[:] = [tmp_path]
+    before = signal.signal(signal.SIGTERM, _recording_sigterm_handler if users_handler else signal.SIG_DFL)
+    try:
+        trainer = make_trainer(tmp_path, devices=2, callbacks=[SigtermInStage(tmp_path, 2, rank),
+                                                               PreemptionCheckpoint(signum=signal.SIGTERM)])
+        with pytest.raises(torch.multiprocessing.ProcessExitedException) as ended:
+            trainer.validate(_Evaluated())
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    if users_handler:
+        assert ended.value.exit_code == 128 + signal.SIGTERM, ended.value
+    else:
+        assert ended.value.signal_name == "SIGTERM", ended.value
+    last, calls = _stage_records(tmp_path, 2)
+    assert last == [2, 2]  # of 8 batches per rank
+    assert calls == ([1, 1] if users_handler else [0, 0])
+
+
+@pytest.mark.parametrize("stage,n", [("test", 1), ("predict", 1), ("validate", 2)],
+                         ids=["test", "predict", "validate-two-callbacks"])
+def test_sigterm_during_test_or_predict_stops_the_stage_after_the_users_handler(tmp_path: Path, stage: str,
+                                                                               n: int) -> None:
+    """W = 1: the user's handler is called once and the stage stops after the batch with SIGTERMException,
+    exit status 143 (Lightning's stopped test with status 0, a success to a scheduler, and never stopped a
+    predict: it ran to its end). With two callbacks, the signal reaches the user's handler, not the other
+    callback's."""
+    _HANDLER_LOG[:] = [tmp_path]
+    before = signal.signal(signal.SIGTERM, _recording_sigterm_handler)
+    try:
+        cbs = [PreemptionCheckpoint(signum=signal.SIGTERM) for _ in range(n)]
+        trainer = make_trainer(tmp_path, callbacks=[SigtermInStage(tmp_path, 2, None), *cbs])
+        with pytest.raises(SystemExit) as ended:
+            getattr(trainer, stage)(_Evaluated())
+        assert signal.getsignal(signal.SIGTERM) is _recording_sigterm_handler
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert ended.value.code == 128 + signal.SIGTERM
+    assert _stage_records(tmp_path, 1) == ([2], [1])
+
+
+def test_predict_with_unequal_shares_ends_together(tmp_path: Path) -> None:
+    """predict at W = 2 gives the ranks unequal shares (Lightning's UnrepeatedDistributedSampler): 9 samples
+    in batches of 2 are 3 batches on rank 0, 2 on rank 1; a user's own split can leave a rank none. The
+    per-batch agreement must not hang there; and a SIGTERM on rank 1 at its last batch ends rank 0 after the
+    same round (its batch 1), the user's handler called on both."""
+    _HANDLER_LOG[:] = [tmp_path]
+    before = signal.signal(signal.SIGTERM, _recording_sigterm_handler)
+    try:
+        for shares in (None, (3, 0)):
+            trainer = make_trainer(tmp_path, devices=2, use_distributed_sampler=shares is None,
+                                   callbacks=[SigtermInStage(tmp_path, None, None),
+                                              PreemptionCheckpoint(signum=signal.SIGTERM)])
+            trainer.predict(_Evaluated(n=9, eval_batch=2, shares=shares), return_predictions=False)
+        assert not list(tmp_path.glob("user-handler-*"))
+        trainer = make_trainer(tmp_path, devices=2, callbacks=[SigtermInStage(tmp_path, 1, 1),
+                                                               PreemptionCheckpoint(signum=signal.SIGTERM)])
+        with pytest.raises(torch.multiprocessing.ProcessExitedException) as ended:
+            trainer.predict(_Evaluated(n=9, eval_batch=2), return_predictions=False)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert ended.value.exit_code == 128 + signal.SIGTERM, ended.value
+    assert _stage_records(tmp_path, 2) == ([1, 1], [1, 1])
