@@ -267,6 +267,13 @@ def _check_checkpoint_writer(ds: dict[str, Any], entry: OptimizerEntry) -> None:
     accelerator device"), or wrote empty files (``"mock"``). deepspeed_ext's checkpoint guarantees ('latest'
     moved only once every rank's files are complete; a load refused on every rank when a file is unreadable or
     the files mix two saves) rest on DeepSpeed's default engine, which writes them before returning."""
+    datastates = ds.get("datastates_ckpt")
+    if datastates is not None and datastates is not False:  # DeepSpeed enables it for any other value
+        raise ValueError(
+            f"Invalid datastates_ckpt={datastates!r} with optimizer.type={entry.name!r}: DeepSpeed's DataStates "
+            "engine writes the checkpoint in the background after save_checkpoint returned, so 'latest' could name "
+            "files still being written and a load's checks could read them half-written. Must be left out (or "
+            "false): DeepSpeed's default checkpoint engine, on which deepspeed_ext's checkpoint checks rest.")
     block = ds.get("checkpoint")
     if block is None:
         return

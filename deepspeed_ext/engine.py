@@ -352,7 +352,7 @@ def install_checkpoint_hooks(engine: Any, client: Any) -> None:
         given = inspect.signature(save).bind(*args, **kwargs).arguments
         decoupled = getattr(getattr(engine, "checkpoint_engine", None), "is_decoupled", lambda: False)()
         if hasattr(client, "saving_at_global_step"):  # beside the optimizer's steps in its ZeRO files
-            client.saving_at_global_step = int(engine.global_steps)
+            client.saving_at_global_step = _global_steps_written(engine, given.get("client_state"))
         try:
             if not given.get("save_latest", True) or decoupled:
                 return save(*args, **kwargs)
@@ -401,6 +401,15 @@ def _write_latest(save_dir: str, tag: str, global_rank: int) -> None:
         if os.path.exists(path + ".tmp"):  # no stray file beside the checkpoints
             os.remove(path + ".tmp")
         raise
+
+
+def _global_steps_written(engine: Any, client_state: Any) -> int | None:
+    """The ``global_steps`` DeepSpeed's save writes into the model-states file: the engine's, unless
+    ``client_state`` has that key (DeepSpeed writes ``client_state`` over its own keys, and its load then
+    sets the engine's step from it). None when that is not an int: the load's torn-save check is skipped."""
+    if isinstance(client_state, dict) and "global_steps" in client_state:
+        return _int_or_none(client_state["global_steps"])
+    return _int_or_none(engine.global_steps)
 
 
 _PEER_REFUSED = ("refused the checkpoint, from files this rank does not read or cannot see (that rank's own, or "
@@ -454,11 +463,16 @@ def _read_checkpoint_file(path: str, rank: int, what: str) -> Any:
         log.debug("deepspeed_ext: could not mmap %s; reading it whole", path, exc_info=True)
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any failure to read it is a damaged file here
+    except (ImportError, AttributeError) as e:  # a pickled class (e.g. in client_state) this process lacks
+        raise UnreadableCheckpointError(
+            f"Rank {rank} could not unpickle {what} {path!r} ({type(e).__name__}: {str(e)[:200]}): it holds an "
+            "object of a class this process cannot import (saved through client_state, for example). Nothing was "
+            "loaded. Make that class importable on every rank (the same module path as when it was saved).") from e
+    except Exception as e:  # noqa: BLE001 - any other failure to read it is a damaged file here
         raise UnreadableCheckpointError(
             f"Rank {rank} could not read {what} {path!r} ({type(e).__name__}: {str(e).split('. ')[0][:200]}): it "
-            "is truncated or damaged, as a save into this folder and tag leaves it when it is stopped while this "
-            "rank writes the file. Nothing was loaded. Resume from the previous checkpoint, and save each "
+            "is truncated or damaged, as a save into this folder and tag leaves it when it is stopped while the "
+            "file is written. Nothing was loaded. Resume from the previous checkpoint, and save each "
             "checkpoint under a tag (or folder) of its own: DeepSpeed's default tag global_step<N> is one.") from e
 
 
@@ -523,7 +537,7 @@ def _own_saved_steps(engine: Any, client: Any, load_dir: str, tag: Any) -> Saved
     rank = int(getattr(engine, "global_rank", 0))
     model_file, model_global = _own_model_file(engine, folder), None
     if model_file is not None and os.path.isfile(model_file):
-        state = _read_checkpoint_file(model_file, rank, "its model-states file")
+        state = _read_checkpoint_file(model_file, rank, "the model-states file it loads")
         model_global = _int_or_none(state.get("global_steps")) if isinstance(state, dict) else None
     training = optimizer_global = None
     path = _own_optimizer_file(engine, client, folder)

@@ -921,3 +921,25 @@ def w_torn_save(rank: int, world: int, ckpt_root: str) -> dict[str, Any]:
         dist.barrier()
         out[case] = _refused_load(engine, client, rank, where)
     return out
+
+
+def w_client_state_global_steps(rank: int, world: int, ckpt_root: str) -> dict[str, Any]:
+    """ZeRO-2 at W = 2, AdamW: 3 steps saved with ``client_state={"global_steps": 12}`` (a run's own counter,
+    e.g. of micro-batches, under DeepSpeed's key: DeepSpeed writes it over its own), loaded by a fresh
+    engine. Returns what the load said and the engine's and the client's steps after it."""
+    ds_env(rank, world)
+    import deepspeed_ext
+
+    cfg = make_config(2, "fp32", "lightning_soaa.AdamW", {"lr": 1e-2})
+    engine, _, _, _ = deepspeed_ext.initialize(model=tiny_mlp(0, torch.float32, SIZES), config=cfg)
+    _train(engine, rank, range(3))
+    engine.save_checkpoint(ckpt_root, tag="t", client_state={"global_steps": 12})
+    del engine
+    engine, _, _, _ = deepspeed_ext.initialize(model=tiny_mlp(7, torch.float32, SIZES), config=cfg)
+    client = deepspeed_ext.find_client_optimizer(engine)
+    try:
+        engine.load_checkpoint(ckpt_root)
+        said = "loaded"
+    except Exception as exc:  # noqa: BLE001 - the message is what the test checks
+        said = f"{type(exc).__name__}: {exc}"
+    return {"said": said, "steps": (engine.global_steps, client.training_steps)}

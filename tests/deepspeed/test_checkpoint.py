@@ -9,6 +9,7 @@ import torch
 
 from tests.deepspeed._workers import (
     w_checkpoint,
+    w_client_state_global_steps,
     w_cross_stage,
     w_latest_after_a_failed_save,
     w_mixed_saves_refused,
@@ -165,3 +166,37 @@ def test_a_save_torn_between_the_model_and_the_optimizer_files_is_refused_on_eve
             assert (f"its model-states file mp_rank_00_model_states.pt was written at global step {model}, its "
                     f"ZeRO optimizer files at global step {optim}") in msg, (r, case, msg)
             assert "Nothing was loaded" in msg and "previous checkpoint" in msg, (r, case, msg)
+
+
+def test_a_save_whose_client_state_sets_global_steps_loads(tmp_path):
+    """DeepSpeed writes ``client_state`` over its own keys of the model-states file, ``global_steps`` included
+    (its load then sets the engine's step from it). The torn-save check compared that value with the engine's
+    step recorded in the optimizer files and refused every such checkpoint as two saves; it now records the
+    value DeepSpeed writes."""
+    res = run_distributed(w_client_state_global_steps, 2, tmp_path, str(tmp_path / "ckpt"), timeout=200)
+    for r, said in enumerate(res):
+        assert said == {"said": "loaded", "steps": (12, 3)}, (r, said)
+
+
+def test_a_file_holding_a_class_this_process_lacks_is_named_as_such(tmp_path, monkeypatch):
+    """A checkpoint file that unpickles an object of a class this process cannot import (a user's class
+    saved through client_state) was refused as "truncated or damaged" with "resume from the previous
+    checkpoint" (a reviewer): it is named as the missing class, with the remedy; a cut file stays damaged."""
+    import sys
+
+    from deepspeed_ext.engine import UnreadableCheckpointError, _read_checkpoint_file
+
+    (tmp_path / "users_steps.py").write_text("class Counter:\n    n = 3\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import users_steps  # type: ignore[import-not-found]
+
+    path = tmp_path / "model_states.pt"
+    torch.save({"client": users_steps.Counter()}, path)
+    monkeypatch.delitem(sys.modules, "users_steps")
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(tmp_path)])
+    with pytest.raises(UnreadableCheckpointError, match=r"Rank 1 could not unpickle the file .*ModuleNotFoundError"
+                                                        r".*users_steps.*importable on every rank"):
+        _read_checkpoint_file(str(path), 1, "the file")
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(UnreadableCheckpointError, match=r"Rank 1 could not read the file .*truncated or damaged"):
+        _read_checkpoint_file(str(path), 1, "the file")

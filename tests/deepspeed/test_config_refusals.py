@@ -190,6 +190,16 @@ def test_the_default_checkpoint_engine_and_other_optimizers_pass() -> None:
         parse_config({**_cfg("lightning_soaa.SOAA"), "checkpoint": ["writer"]})
     theirs = {**_cfg("AdamW"), "checkpoint": {"writer": {"type": "fast"}}}  # DeepSpeed's optimizer: its affair
     assert parse_config(theirs).ds_config == theirs
+    parse_config({**_cfg("lightning_soaa.SOAA"), "datastates_ckpt": False})
+
+
+@pytest.mark.parametrize("value", [{}, {"host_cache_size": 16}, True])
+def test_datastates_checkpointing_is_refused(value: Any) -> None:
+    """``datastates_ckpt`` (any value but false) makes DeepSpeed write checkpoints in the background, as
+    ``checkpoint.writer.decoupled`` does: refused when the config is read, naming the value (a reviewer)."""
+    with pytest.raises(ValueError, match=rf"Invalid datastates_ckpt={re.escape(repr(value))} with optimizer\.type="
+                                         r"'lightning_soaa\.SOAA'.*background.*Must be left out \(or false\)"):
+        parse_config({**_cfg("lightning_soaa.SOAA"), "datastates_ckpt": value})
 
 
 def w_writer_refused(rank: int, world: int, writers: list[dict[str, Any]]) -> list[str]:
