@@ -536,6 +536,7 @@ def _own_saved_steps(engine: Any, client: Any, load_dir: str, tag: Any) -> Saved
         return None
     rank = int(getattr(engine, "global_rank", 0))
     model_file, model_global = _own_model_file(engine, folder), None
+    _check_own_zero3_files(engine, folder, model_file)
     if model_file is not None and os.path.isfile(model_file):
         state = _read_checkpoint_file(model_file, rank, "the model-states file it loads")
         model_global = _int_or_none(state.get("global_steps")) if isinstance(state, dict) else None
@@ -551,6 +552,27 @@ def _own_saved_steps(engine: Any, client: Any, load_dir: str, tag: Any) -> Saved
             log.debug("deepspeed_ext: no saved steps in %s", path, exc_info=True)
     name = None if model_file is None else os.path.basename(model_file)
     return SavedSteps(training, optimizer_global, model_global, name)
+
+
+def _check_own_zero3_files(engine: Any, folder: str, model_file: str | None) -> None:
+    """Refuse a ZeRO-3 checkpoint that has no files for this rank's data-parallel rank while rank 0's are
+    there: saved on fewer ranks (a hunter resumed 2 -> 3: the ranks the save had raised DeepSpeed's clear
+    "DP world size" error, the new rank a bare AssertionError from DeepSpeed's file list)."""
+    import glob
+
+    if model_file is None or os.path.isfile(model_file) or not engine.zero_optimization_partition_weights():
+        return
+    mp_rank = int(engine.checkpoint_mp_rank)
+    saved = glob.glob(os.path.join(glob.escape(folder), f"zero_pp_rank_*_mp_rank_{mp_rank:02d}_model_states.pt"))
+    if not saved:
+        return  # no ZeRO-3 files here at all (node-local storage, another layout): left to DeepSpeed
+    raise StateLayoutError(
+        f"The ZeRO-3 checkpoint {folder!r} has files for {len(saved)} data-parallel rank(s), none for this run's "
+        f"{os.path.basename(model_file)!r}: it was saved on {len(saved)} data-parallel rank(s), this run has "
+        f"{int(engine.dp_world_size)}. A ZeRO-3 checkpoint (weights and optimizer state partitioned per rank) "
+        "loads only at the data-parallel size it was saved at (DeepSpeed's universal-checkpoint converter does "
+        "not keep lightning_soaa's state): resume on as many ranks, or start a new run from the full weights "
+        "(DeepSpeed's zero_to_fp32.py in the checkpoint folder). Nothing was loaded.")
 
 
 def check_saved_steps(steps: list[SavedSteps | None], load_dir: str, tag: Any) -> None:

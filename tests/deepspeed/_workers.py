@@ -943,3 +943,25 @@ def w_client_state_global_steps(rank: int, world: int, ckpt_root: str) -> dict[s
     except Exception as exc:  # noqa: BLE001 - the message is what the test checks
         said = f"{type(exc).__name__}: {exc}"
     return {"said": said, "steps": (engine.global_steps, client.training_steps)}
+
+
+def w_zero3_saved_on_fewer_ranks(rank: int, world: int, ckpt_root: str) -> dict[str, Any]:
+    """ZeRO-3, SOAA: at W = 2 save 2 steps (tag t), at W = 3 load it. Returns what the load said."""
+    ds_env(rank, world)
+    import deepspeed_ext
+
+    cfg = make_config(3, "fp32", "lightning_soaa.SOAA", {"lr": 1e-2})
+    cfg["train_micro_batch_size_per_gpu"] = 12 // world
+    engine, _, _, _ = deepspeed_ext.initialize(model=tiny_mlp(0, torch.float32, SIZES), config=cfg)
+    if world == 2:
+        _train(engine, rank, range(2))
+        engine.save_checkpoint(ckpt_root, tag="t")
+        return {"said": "saved"}
+    before = [p.detach().clone() for p in engine.module.parameters()]
+    try:
+        engine.load_checkpoint(ckpt_root, tag="t")
+        said = "loaded"
+    except Exception as exc:  # noqa: BLE001 - the message is what the test checks
+        said = f"{type(exc).__name__}: {exc}"
+    unchanged = all(torch.equal(a, b) for a, b in zip(before, engine.module.parameters()))
+    return {"said": said, "unchanged": unchanged}

@@ -19,6 +19,7 @@ from tests.deepspeed._workers import (
     w_state_dict_one_rank,
     w_torn_save,
     w_unreadable_optimizer_file,
+    w_zero3_saved_on_fewer_ranks,
 )
 from tests.harness.distributed import run_distributed
 
@@ -200,3 +201,18 @@ def test_a_file_holding_a_class_this_process_lacks_is_named_as_such(tmp_path, mo
     path.write_bytes(path.read_bytes()[:40])
     with pytest.raises(UnreadableCheckpointError, match=r"Rank 1 could not read the file .*truncated or damaged"):
         _read_checkpoint_file(str(path), 1, "the file")
+
+
+def test_a_zero3_checkpoint_saved_on_fewer_ranks_is_refused_on_every_rank(tmp_path):
+    """ZeRO-3 saved at W = 2, resumed at W = 3: the ranks the save had raised DeepSpeed's "DP world size"
+    error, the new rank a bare AssertionError from DeepSpeed's file list (a hunter). Every rank now raises the
+    same error naming both sizes, before anything is loaded."""
+    root = str(tmp_path / "ckpt")
+    assert run_distributed(w_zero3_saved_on_fewer_ranks, 2, tmp_path / "save", root, timeout=200) == [
+        {"said": "saved"}] * 2
+    res = run_distributed(w_zero3_saved_on_fewer_ranks, 3, tmp_path / "load", root, timeout=200)
+    for r, said in enumerate(res):
+        assert said["unchanged"], (r, said)
+        msg = said["said"]
+        assert "has files for 2 data-parallel rank(s)" in msg and "this run has 3" in msg, (r, msg)
+        assert msg.startswith("StateLayoutError: " if r == 2 else "StateLayoutError: Rank 2 refused"), (r, msg)
