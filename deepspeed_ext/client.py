@@ -76,6 +76,25 @@ def _parts_refused(what: str, zero_stage: int) -> ValueError:
                       "at any row; use ZeRO stage 0, or split the fused projections into separate Linear layers.")
 
 
+def _follow_filtered_positions(group: dict[str, Any], built: list[Tensor] | None) -> None:
+    """ASGO's positional group keys (``fused_parts``, ``adamw_indices``) moved to the group's parameters as
+    DeepSpeed left them: it drops frozen parameters from the groups in place (bf16 at stage 0), after which
+    a position named another parameter (a fused matrix's parts cut the next matrix: silently wrong).
+    Entries of a dropped parameter are dropped (DeepSpeed never steps it)."""
+    now = group["params"]
+    if built is None and (group.get("fused_parts") or group.get("adamw_indices")):
+        raise RuntimeError("DeepSpeed replaced a param group that holds ASGO's fused_parts / adamw_indices "
+                           "(positions in the group as built), which cannot be followed; put those parameters in "
+                           "groups of their own (row_parts, use_asgo=False) instead.")
+    if built is None or [id(p) for p in now] == [id(p) for p in built]:
+        return
+    pos = {id(p): j for j, p in enumerate(now)}
+    if group.get("fused_parts"):
+        group["fused_parts"] = tuple((pos[id(built[j])], k) for j, k in group["fused_parts"] if id(built[j]) in pos)
+    if group.get("adamw_indices"):
+        group["adamw_indices"] = [pos[id(built[j])] for j in group["adamw_indices"] if id(built[j]) in pos]
+
+
 class StateLayoutError(ValueError):
     """A checkpoint's optimizer state was written for another ZeRO partitioning (world size or stage)."""
 
@@ -141,6 +160,9 @@ class DeepSpeedClientOptimizer(torch.optim.Optimizer):
                 # a partition's rows of a fused matrix are not whole parts: row_parts would cut them wrongly
                 raise _parts_refused(f"{optimizer_cls.__name__}: param_groups[{i}]: row_parts={group['row_parts']!r} "
                                      "(a fused matrix stepped as its parts)", zero_stage)
+            if zero_stage > 0 and group.get("fused_parts"):  # (positions of parameters, as adamw_indices)
+                raise _parts_refused(f"{optimizer_cls.__name__}: param_groups[{i}]: fused_parts="
+                                     f"{group['fused_parts']!r} (fused matrices stepped as their parts)", zero_stage)
         names = dict(param_names or {})
         for group in self.param_groups:  # named_parameters() input: torch keeps the names per group
             for p, n in zip(group["params"], group.get("param_names", ())):
@@ -153,6 +175,9 @@ class DeepSpeedClientOptimizer(torch.optim.Optimizer):
         # during step() and restore this very list afterwards, so this reference stays the truth.
         self._canonical_groups = self.param_groups
         self._model_params = [p for g in self.param_groups for p in g["params"]]
+        # each group's parameters as built, by the group's dict: ASGO's fused_parts and adamw_indices are
+        # positions in them, which DeepSpeed's in-place filter of frozen parameters (bf16 at stage 0) shifts
+        self._built_members = [(g, list(g["params"])) for g in self.param_groups]
         self._inner: Any = None
         self._inner_src: list[int] = []
         self._vparams: VirtualParams | None = None
@@ -297,6 +322,8 @@ class DeepSpeedClientOptimizer(torch.optim.Optimizer):
         )
         groups = []
         self._inner_src: list[int] = []  # inner group -> canonical group it takes hyperparameters from
+        for cg in self._canonical_groups:
+            _follow_filtered_positions(cg, next((m for g, m in self._built_members if g is cg), None))
         for gi, cg in enumerate(self._canonical_groups):
             hyper = {k: v for k, v in cg.items() if k not in _NON_HYPER}
             forced = cg.get("use_asgo") is True

@@ -6,8 +6,8 @@ text: with 50 groups (layer-wise lr decay) ~440 µs a step, plus ~160 µs for th
 to reuse it. Here each group's text is kept with the value objects it was made from; a group whose values
 are the same objects as at the last step reuses its text, and a group where only ``lr`` is a new object (an
 LR scheduler's every step) re-reads ``lr`` alone. Only immutable values are trusted by identity (floats,
-ints, bools, strings, None and tuples of them): a list, a tensor or any other object may change in place,
-so a group holding one is read again at every step, as before. The digest is the same number
+ints, bools, strings, None and tuples of them, nested too): a list, a tensor or any other object may change
+in place, so a group holding one is read again at every step, as before. The digest is the same number
 :func:`agreement.hyperparameter_digest` gives, whatever was reused.
 """
 
@@ -28,7 +28,7 @@ _SKIPPED = ("params", "param_names")  # not digested; the lists may change in pl
 def _immutable(v: Any) -> bool:
     if type(v) in _PLAIN:
         return True
-    return type(v) is tuple and all(type(x) in _PLAIN for x in v)
+    return type(v) is tuple and all(_immutable(x) for x in v)  # nested too (ASGO's fused_parts pairs)
 
 
 class _Seen(NamedTuple):

@@ -62,7 +62,7 @@ from lightning_soaa.functional.linalg import (
 from lightning_soaa.functional.reductions import norms_f64, sq_norm_f64
 from lightning_soaa.optim import dcp_state
 from lightning_soaa.optim.adamw import adam_guarded, adam_state_schema, init_adam_state
-from lightning_soaa.optim.asgo_groups import asgo_param_groups, check_fused, fused_suffix, route_hint, split_fused
+from lightning_soaa.optim.asgo_groups import asgo_param_groups, check_fused, fused_parts_of, route_hint, split_fused
 from lightning_soaa.optim.base import BlockView, ShardedOptimizer
 from lightning_soaa.optim.stat_guard import GuardedBlock, StatisticGuard, moments_overflow
 
@@ -389,22 +389,6 @@ class _OneSided(ShardedOptimizer):
                         "shape alone (an embedding table gets the matrix method). Pass %s to send "
                         "embeddings to AdamW.", where, unnamed, remedy)
 
-    def _warn_fused_whole(self, plist: list[tuple[Tensor, int, str | None]], why: str) -> None:
-        """Say which matrices of ``plist`` the optimizer's ``fused`` names but steps whole: ``fused``
-        regroups the trainable matrices given to the constructor only (a group is one lr for its
-        parameters, which Lightning's BaseFinetuning drives for the group it adds, so it is not split
-        later). Found by a hunter: such a fused QKV was stepped as one matrix once unfrozen, unlike the
-        same model never frozen, and nothing said so."""
-        fused = getattr(self, "_fused", {})  # (an optimizer unpickled from before the attribute has none)
-        groups = self.param_groups
-        named = [n for p, gi, n in plist if fused_suffix(n, p, fused) is not None
-                 and int(groups[gi].get("row_parts", 1)) == 1 and groups[gi].get("use_asgo") is not False]
-        if named:
-            log.warning("%s: fused=%r matches %s, which %s: each will be stepped as one matrix (one "
-                        "preconditioner for all of its parts) when it trains. To step them as parts, give them "
-                        "to the constructor trainable (e.g. build the optimizer after unfreezing) or put them in "
-                        "a group with row_parts.", type(self).__name__, fused, named, why)
-
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if self._receiver() is not self or self._table is None:
             # through Lightning's LightningOptimizer the receiver says it; during construction the
@@ -414,7 +398,6 @@ class _OneSided(ShardedOptimizer):
         super().add_param_group(param_group)
         added = [(p, gi, n) for gi in range(before, len(self.param_groups))
                  for p, n in self._group_params(gi, self.param_groups[gi])]
-        self._warn_fused_whole(added, "come in a group added after construction")
         self._warn_unnamed(added, f"{type(self).__name__}.add_param_group",
                            "the group's parameters as (name, parameter) pairs, use_asgo=False in the group "
                            "for embedding tables, or build the optimizer from asgo_param_groups(model) (it "
@@ -964,16 +947,22 @@ class ASGO(_OneSided):
             preconditioned on its right side must fit ``max_block_size``, and FSDP2 (DTensor) parameters
             are refused; fixed at construction (a checkpoint loads only with the ``row_parts`` it was saved
             with). Not with ``batch_dims=1``; DASGO refuses it.
-        fused: ``{name suffix: parts}`` (default None), e.g. ``{"qkv.weight": 3}``: the matrices among
-            ``params`` whose names end with a suffix move to groups of their own with ``row_parts=parts``
+        fused: ``{name suffix: parts}`` (default None), e.g. ``{"qkv.weight": 3}``: the trainable matrices
+            among ``params`` whose names end with a suffix move to groups of their own with ``row_parts=parts``
             (the other options of their group kept; the longest matching suffix wins; see
             :func:`~lightning_soaa.optim.asgo_groups.split_fused`), so the routes that build the optimizer
             from options alone (``OptimizerFactory``, ``lightning-soaa fit --optimizer.fused``, a DeepSpeed
-            config) reach ``row_parts``. Needs named parameters; a suffix that matches no trainable matrix
-            raises. Applied at construction to the trainable matrices only (not to :meth:`add_param_group`,
-            whose group, e.g. the one Lightning's BaseFinetuning adds when it unfreezes a backbone, is not
-            split; a matched matrix frozen at construction or added later is stepped whole, with a
-            warning); the regrouped groups are what ``param_groups``, LR schedulers and checkpoints see.
+            config) reach ``row_parts``. A matched matrix frozen at construction stays in its group, and one
+            in a group added later (:meth:`add_param_group`: e.g. the one group Lightning's BaseFinetuning
+            adds when it unfreezes a backbone, whose lr it drives) stays in that group; either is stepped as
+            its parts once it trains, exactly as if it had been trainable at construction: the group's
+            ``fused_parts``, ``[(position, parts), ...]``, decided when the group is built or added (a
+            layout option, saved with the group, so a resume at any world size steps the same parts; a
+            group that sets it is taken as given, ``[]`` steps each whole). ``asgo_param_groups(model,
+            fused=...)`` records the parts of the frozen matrices it leaves out for an optimizer built
+            without ``fused``. Needs named parameters; a suffix that matches no matrix given, nor a frozen one
+            of the model walked by ``asgo_param_groups`` / ``route_param_groups``, raises. The regrouped
+            groups are what ``param_groups``, LR schedulers and checkpoints see.
         nesterov: False (default: the paper's rule, :math:`D_t = M_t`) or True: the matrix blocks precondition
             Muon's Nesterov direction :math:`D_t = \beta_1 M_t + (1-\beta_1) G_t` instead of the momentum
             (:func:`~lightning_soaa.functional.asgo.nesterov_direction`); :math:`M_t`, the statistic
@@ -1008,8 +997,15 @@ class ASGO(_OneSided):
 
     _config_cls = ASGOConfig
     _method = "asgo"
-    # row_parts decides the blocks of a fused matrix
-    layout_keys: tuple[str, ...] = (*_OneSided.layout_keys, "row_parts")
+    # row_parts and fused_parts decide the blocks of a fused matrix
+    layout_keys: tuple[str, ...] = (*_OneSided.layout_keys, "row_parts", "fused_parts")
+    _absent_key_notes = MappingProxyType({**_OneSided._absent_key_notes, "fused_parts": (
+        "the positions of the group's matrices that fused names, each with its number of parts, decided when the "
+        "group was built or added (a matrix frozen then, or in a group added later, is stepped as its parts). A "
+        "checkpoint saved before 2026-12-05 stepped such a matrix whole; to continue it as saved, give that "
+        "group fused_parts=[] (to the constructor in the param group, or to add_param_group); a torch DCP "
+        "checkpoint then needs dcp.load(..., planner=DefaultLoadPlanner(allow_partial_load=True)), since "
+        "it lacks the key")})
 
     _layout_hint = (" If the state comes from a run with FSDP2 and this one is without (or the other way): "
                     "under FSDP2 a matrix with fewer rows than columns is preconditioned on its right side "
@@ -1045,10 +1041,10 @@ class ASGO(_OneSided):
         shard: bool = True,
         grad_reduction: str = "none",
     ) -> None:
-        # kept to say which matrices it does not regroup (frozen ones now, those of a group added later)
+        # kept for the groups added later (add_param_group decides their fused_parts)
         self._fused = check_fused(fused) if fused is not None else {}
         if fused is not None:  # regrouped before the base class cuts blocks: row_parts is a layout option
-            params = split_fused(params, fused)
+            params = split_fused(params, fused)  # (a frozen matrix stays, its group's fused_parts records it)
         self.config = cfg = ASGOConfig(
             lr=lr, betas=_pair(betas), weight_decay=weight_decay, rms_scale=rms_scale, eps=eps,
             damping=damping, inverse_root=inverse_root, root_iters=root_iters, root_floor=root_floor,
@@ -1065,9 +1061,6 @@ class ASGO(_OneSided):
         super().__init__(params, defaults, process_group=process_group, comm=comm, shard=shard,
                          grad_reduction=grad_reduction)
         self._warn_if_no_matrices()
-        frozen = [(p, gi, n) for gi, g in enumerate(self.param_groups) for p, n in self._group_params(gi, g)
-                  if not p.requires_grad]
-        self._warn_fused_whole(frozen, "are frozen now, so fused left them in their group")
 
     @staticmethod
     def _root_iters(group: dict[str, Any]) -> int:
@@ -1086,19 +1079,80 @@ class ASGO(_OneSided):
             return resolve_root_method(choice, device, dtype, k)
 
         every = 1 if group["root_every"] == "auto" else int(group["root_every"])  # "auto": the worst case
-        batch_dims, parts = int(group.get("batch_dims", 0)), int(group.get("row_parts", 1))
+        batch_dims, parts = int(group.get("batch_dims", 0)), self._row_parts_of(param, group)
         if batch_dims == 1 and param.dim() >= 3:
             self._check_experts(param, group, name)
         if parts > 1:
-            self._check_row_parts(param, int(group["max_block_size"]), parts, name or "(unnamed)")
+            self._check_row_parts(param, int(group["max_block_size"]), parts, name or "(unnamed)",
+                                  by_group=parts == int(group.get("row_parts", 1)))
         return asgo_block_specs(param.shape, int(group["max_block_size"]), self._root_iters(group), every,
                                 side=self._fsdp_side(param, group, name), root_method=method, batch_dims=batch_dims,
                                 row_parts=parts)
 
-    def _check_row_parts(self, param: Tensor, max_block_size: int, parts: int, label: str) -> None:
-        """A matrix parameter of a ``row_parts=p`` group: ``p`` whole parts of rows, each preconditioned on
-        its left side or on a right side that fits ``max_block_size``; not a DTensor (an FSDP2 row shard
-        would cross the parts, and its statistic is a sum over ranks on the right side)."""
+    @staticmethod
+    def _row_parts_of(param: Tensor, group: dict[str, Any]) -> int:
+        """How many row parts a matrix of ``group`` is stepped as: its ``fused_parts`` entry, else the group's
+        ``row_parts``."""
+        for j, parts in group.get("fused_parts") or ():
+            if group["params"][j] is param:
+                return int(parts)
+        return int(group.get("row_parts", 1))
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        super()._validate_group(group)
+        self._check_fused_parts(group)
+
+    def _check_fused_parts(self, group: dict[str, Any]) -> None:
+        """``fused_parts`` (set from ``fused`` by the constructor and :meth:`add_param_group`): distinct
+        ``(position, parts >= 2)`` pairs of the group's matrices, in a group that cuts none itself."""
+        at = group.get("fused_parts")
+        if at is None:
+            return
+        params, names = group["params"], group.get("param_names")
+        n = len(params)
+        ok = isinstance(at, (list, tuple)) and all(
+            isinstance(e, (list, tuple)) and len(e) == 2 and all(type(x) is int for x in e) and 0 <= e[0] < n
+            and e[1] >= 2 for e in at) and len({e[0] for e in at}) == len(at)
+        if not ok:
+            raise ValueError(f"Invalid fused_parts={at!r}: a list of (position, parts) pairs, distinct positions "
+                             f"0..{n - 1} of the group's parameters and parts >= 2 (the optimizer's fused sets it "
+                             "for a fused matrix frozen at construction or in a group added later; [] steps "
+                             "each whole).")
+        clash = [f"{k}={group.get(k)!r}" for k, bad in (("use_asgo", group.get("use_asgo") is False),
+                                                         ("row_parts", group.get("row_parts", 1) != 1),
+                                                         ("batch_dims", group.get("batch_dims", 0) != 0)) if bad]
+        if at and clash:
+            raise ValueError(f"Invalid fused_parts={at!r} with {clash[0]}: fused_parts cuts matrices of a group "
+                             "with use_asgo None or True, row_parts=1 and batch_dims=0; give one or the other.")
+        for j, _ in at:
+            name = names[j] if names else None
+            if not self.is_matrix_param(params[j], group, name):
+                label = repr(name) if name is not None else f"#{j}"
+                raise ValueError(f"Invalid fused_parts={at!r}: position {j} is parameter {label} of shape "
+                                 f"{tuple(params[j].shape)}, which the routing sends to the AdamW part; only "
+                                 "matrices are stepped as parts.")
+
+    def _named_like_the_others(self, param_group: dict[str, Any]) -> dict[str, Any]:
+        """The naming of :class:`_OneSided`, then, for a group added after construction, ``fused_parts``:
+        the matrices of the group that the optimizer's ``fused`` names (without it: that
+        :func:`asgo_param_groups` given ``fused`` matched when it walked the model), trainable or frozen, each
+        with its parts (:func:`~lightning_soaa.optim.asgo_groups.fused_parts_of`). The group is not split (Lightning's
+        BaseFinetuning drives the lr of the one group it adds); decided here, once, the key is saved with the
+        group, so a resume (a replayed group keeps the value it was saved with) steps the same parts."""
+        named = super()._named_like_the_others(param_group)
+        if (self._table is None or not isinstance(named, dict)
+                or not isinstance(named.get("params"), (list, tuple, Tensor))):
+            return named  # construction: split_fused decided; anything else is left to torch's checks
+        # this optimizer's fused, else the parts asgo_param_groups(..., fused=...) recorded when it walked the model
+        parts = fused_parts_of(named, self.__dict__.get("_fused") or None)
+        return {**named, "fused_parts": parts} if parts else named
+
+    def _check_row_parts(self, param: Tensor, max_block_size: int, parts: int, label: str,
+                         by_group: bool = True) -> None:
+        """A matrix parameter of a ``row_parts=p`` group (``by_group``; else an entry of its group's
+        ``fused_parts``): ``p`` whole parts of rows, each preconditioned on its left side or on a right side
+        that fits ``max_block_size``; not a DTensor (an FSDP2 row shard would cross the parts, and its
+        statistic is a sum over ranks on the right side)."""
         m, n = _matrix_shape(param.shape)
         why = ""
         if self._dtensor is not None:
@@ -1109,6 +1163,10 @@ class ASGO(_OneSided):
             why = (f"has parts of {m // parts} x {n}, preconditioned on their right side of {n} > "
                    f"max_block_size={max_block_size}, which would cut them along columns across the parts; raise "
                    "max_block_size")
+        if why and not by_group:
+            raise ValueError(f"{type(self).__name__}: parameter {label} of shape {tuple(param.shape)}, {parts} "
+                             f"parts by its group's fused_parts (from fused), {why.replace('row_parts=', 'parts=')}. "
+                             "Give fused its number of parts, or that group fused_parts=[] to step it whole.")
         if why:
             raise ValueError(f"{type(self).__name__}: parameter {label} of shape {tuple(param.shape)} in a "
                              f"row_parts={parts} group {why}. Put only the fused matrices (e.g. the QKV "
@@ -1541,6 +1599,9 @@ class DASGO(_OneSided):
         if isinstance(row_parts, bool) or row_parts != 1:
             raise ValueError(f"Invalid row_parts={row_parts!r} for DASGO. Must be 1: fused matrices split into "
                              "parts (row_parts) are an option of ASGO only (DASGO's statistic is per column).")
+        if group.get("fused_parts"):
+            raise ValueError(f"Invalid fused_parts={group['fused_parts']!r} for DASGO. Must be absent or empty: fused "
+                             "matrices split into parts are an option of ASGO only (DASGO's statistic is per column).")
 
     def _block_specs(self, param: Tensor, group: dict[str, Any], name: str | None) -> list[BlockSpec]:
         self._fsdp_side(param, group, name)  # raises for a DTensor split other than by rows

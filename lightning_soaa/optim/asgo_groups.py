@@ -9,6 +9,8 @@ Builders with one job: decide which group a parameter belongs to, before the opt
   groups, names optionally given apart as ``{id(param): name}``, as DeepSpeed's client has them). ASGO's
   constructor option ``fused`` and the DeepSpeed client's JSON ``fused`` use it, so the routes that build
   the optimizer for the user (OptimizerFactory, LightningCLI, a DeepSpeed config) reach ``row_parts`` too.
+  A matched matrix that is frozen stays in its group, which records its parts (:func:`fused_parts_of`,
+  the group key ``fused_parts``), as ASGO's ``add_param_group`` records them for a group added later.
 
 The two walks of a module also record, for every parameter of it (frozen ones included), its name there and
 whether they send it to the AdamW part (:func:`route_hint`): ASGO/DASGO read it for parameters added after
@@ -17,6 +19,7 @@ construction without names (Lightning's BaseFinetuning unfreezing a backbone), w
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
@@ -24,8 +27,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["asgo_param_groups", "route_param_groups", "split_fused", "check_fused", "fused_suffix", "route_hint",
-           "RouteHint"]
+__all__ = ["asgo_param_groups", "route_param_groups", "split_fused", "check_fused", "fused_suffix", "fused_parts_of",
+           "route_hint", "RouteHint"]
 
 
 class RouteHint(NamedTuple):
@@ -33,6 +36,12 @@ class RouteHint(NamedTuple):
 
     name: str  #: its name in ``module.named_parameters()``
     adamw: bool  #: an embedding table (or behind one) or a weight norm's gain: the AdamW part whatever its name
+    #: a weak reference to the module of the walk that named it (None where gone or not recorded): ``fused``
+    #: looks there for the frozen matrices the walk left out of the groups (:func:`split_fused`)
+    module: Any = None
+    #: the parts of a matrix that a walk given ``fused`` matched (1: none): ASGO built without ``fused`` steps
+    #: it as those parts when a later ``add_param_group`` brings it (:func:`fused_parts_of`)
+    parts: int = 1
 
 
 #: parameter -> its :class:`RouteHint` from the first walk of a module holding it (so routing does not depend on
@@ -52,14 +61,18 @@ def route_hint(param: Any) -> RouteHint | None:
     return hint
 
 
-def _record_hints(module: nn.Module, adamw: set[int]) -> None:
+def _record_hints(module: nn.Module, adamw: set[int], fused: Mapping[str, int] | None = None) -> None:
     """A :class:`RouteHint` for every parameter of ``module``, frozen ones included (they are the ones a
-    later ``add_param_group`` brings)."""
+    later ``add_param_group`` brings); ``fused``: the parts of the matrices it matches."""
     for name, p in module.named_parameters(remove_duplicate=False):
         old = route_hint(p)
+        s = fused_suffix(name, p, fused) if fused else None
         # the first walk's name (a later walk of a part or a wrapper names from another root); a table is
-        # a table if any walk saw its module (a head tied to it is walked without the nn.Embedding)
-        _HINTS[p] = RouteHint(name if old is None else old.name, id(p) in adamw or (old is not None and old.adamw))
+        # a table if any walk saw its module (a head tied to it is walked without the nn.Embedding); the
+        # parts of the latest walk given fused that matched it
+        _HINTS[p] = RouteHint(name if old is None else old.name, id(p) in adamw or (old is not None and old.adamw),
+                              weakref.ref(module) if old is None else old.module,
+                              fused[s] if fused and s else (1 if old is None else old.parts))
 
 
 def check_fused(fused: Any) -> dict[str, int]:
@@ -98,6 +111,70 @@ def _suffix(name: str | None, tensor: Any, fused: Mapping[str, int]) -> str | No
     return fused_suffix(name, tensor, fused)
 
 
+def fused_parts_of(group: Mapping[str, Any], fused: Mapping[str, int] | None,
+                   names: Mapping[int, str] | None = None) -> tuple[tuple[int, int], ...]:
+    """``((position, parts), ...)``: the matrices of ``group`` (trainable or frozen) whose names end with a
+    suffix of ``fused`` (None: that :func:`asgo_param_groups` given ``fused`` matched, :attr:`RouteHint.parts`)
+    and that the group would step as one matrix, each with its number of parts: the value of ASGO's group key
+    ``fused_parts``. Left out: a group with ``use_asgo=False`` or that sets ``fused_parts`` itself (decided:
+    ``()`` steps each whole), positions of its ``adamw_indices``, names the routing sends to the AdamW part
+    ("emb"), one part, and a group whose ``row_parts`` already is that count.
+
+    Raises:
+        ValueError: a matched matrix sits in a group that sets another ``row_parts``.
+    """
+    from lightning_soaa.optim.asgo import ASGO  # the name rule (that module imports this one)
+
+    if group.get("use_asgo") is False or "fused_parts" in group:
+        return ()
+    items = [group["params"]] if isinstance(group["params"], Tensor) else list(group["params"])
+    adamw = set(group.get("adamw_indices") or ())
+    routing = {"use_asgo": group.get("use_asgo")}
+    out = []
+    for j, item in enumerate(items):
+        name, t = _name_of(item, j, group.get("param_names"), names or {})
+        label, parts = _parts_of(name, t, fused)
+        if parts == 1 or j in adamw or not ASGO.name_rule(t, routing, name):
+            continue
+        if group.get("row_parts", 1) not in (1, parts):
+            what = f"fused={dict(fused)!r}" if fused else "asgo_param_groups(..., fused=...)"
+            raise ValueError(f"Invalid {what}: {label!r} matches parameters of a param group that sets "
+                             f"row_parts={group['row_parts']!r}. Give those matrices one of the two.")
+        if group.get("row_parts", 1) == 1:
+            out.append((j, parts))
+    return tuple(out)
+
+
+def _parts_of(name: str | None, tensor: Any, fused: Mapping[str, int] | None) -> tuple[str | None, int]:
+    """(the suffix or recorded name, parts) of one parameter, by ``fused`` or (None) by the walk's record."""
+    if fused:
+        s = fused_suffix(name, tensor, fused)
+        return s, (fused[s] if s else 1)
+    hint = route_hint(tensor)
+    if hint is None or not isinstance(tensor, Tensor) or tensor.dim() < 2:
+        return None, 1
+    return hint.name, hint.parts
+
+
+def _walked_frozen_suffixes(given: list[Any], fused: Mapping[str, int]) -> set[str]:
+    """The suffixes of ``fused`` that the name of a frozen matrix ends with, in the modules that
+    :func:`asgo_param_groups` / :func:`route_param_groups` walked to name the ``given`` tensors: the walks
+    leave frozen parameters out of the groups, and a later ``add_param_group`` (Lightning's BaseFinetuning)
+    names such a matrix from that walk and steps it as its parts."""
+    modules = {}
+    for t in given:
+        hint = route_hint(t)
+        m = hint.module() if hint is not None and hint.module is not None else None
+        if m is not None:
+            modules[id(m)] = m
+    found: set[str] = set()
+    for m in modules.values():
+        for name, p in m.named_parameters():
+            s = None if p.requires_grad else fused_suffix(name, p, fused)
+            found.update([s] if s else [])
+    return found
+
+
 def _subgroup(group: dict[str, Any], picked: list[int], items: list[Any], **extra: Any) -> dict[str, Any]:
     out = {k: v for k, v in group.items() if k not in ("params", "param_names")}
     out["params"] = [items[i] for i in picked]
@@ -117,10 +194,16 @@ def split_fused(params: Iterable[Any], fused: Mapping[str, int],
     followed by this gives the groups ``asgo_param_groups(m, fused=...)`` always gave. Matrices of a
     ``use_asgo=False`` group stay there (the AdamW part has no parts); their suffix counts as found.
 
+    A matched matrix that is frozen stays in its group (so the groups do not depend on what trains now),
+    which records its parts as ``fused_parts`` (:func:`fused_parts_of`): decided here, once, it is stepped
+    as its parts whenever it trains, and the key is saved with the group. A group that sets
+    ``fused_parts`` itself is left as given.
+
     Raises:
-        ValueError: ``fused`` is not ``{str: int >= 1}``; a suffix matches no trainable matrix (with the
-            hint to pass names when some matrices came without); a matched matrix sits in a group that
-            already sets another ``row_parts``.
+        ValueError: ``fused`` is not ``{str: int >= 1}``; a suffix matches no matrix given, nor a frozen one
+            that :func:`asgo_param_groups` / :func:`route_param_groups` recorded (with the hint to pass
+            names when some matrices came without); a matched matrix sits in a group that already sets
+            another ``row_parts``.
     """
     fused = check_fused(fused)
     if isinstance(params, Tensor):  # torch refuses a bare tensor (not an iterable of them): left to it
@@ -135,15 +218,18 @@ def split_fused(params: Iterable[Any], fused: Mapping[str, int],
     heads: list[dict[str, Any]] = []
     tails: list[dict[str, Any]] = []
     found: set[str] = set()
+    given: list[Any] = []
     unnamed = 0
     for g in groups:
         plist = [g["params"]] if isinstance(g["params"], Tensor) else list(g["params"])  # as torch reads it
         by: dict[str | None, list[int]] = {}
         for i, item in enumerate(plist):
             name, t = _name_of(item, i, g.get("param_names"), names)
+            given.append(t)
             unnamed += int(name is None and isinstance(t, Tensor) and t.dim() >= 2)
-            s = _suffix(name, t, fused)
-            found.update([s] if s else [])
+            s = fused_suffix(name, t, fused)
+            found.update([s] if s else [])  # a frozen matrix too: it is stepped as its parts (fused_parts)
+            s = None if "fused_parts" in g else _suffix(name, t, fused)  # a group whose parts are given stays
             by.setdefault(None if g.get("use_asgo") is False else s, []).append(i)
         moved = [s for s in fused if s in by]
         parts = []
@@ -153,16 +239,21 @@ def split_fused(params: Iterable[Any], fused: Mapping[str, int],
                                  f"row_parts={g['row_parts']!r}. Give those matrices one of the two.")
             parts.append(_subgroup(g, by[s], plist, row_parts=fused[s]))
         if by.get(None) or not moved:
-            heads.append(_subgroup(g, by.get(None, []), plist))
+            head = _subgroup(g, by.get(None, []), plist)
+            frozen = fused_parts_of(head, fused, names)  # what stayed: frozen matrices, decided now
+            heads.append({**head, "fused_parts": frozen} if frozen else head)
         else:  # every parameter left the group: its (first) parts group takes its place, so the user's
             heads.append(parts.pop(0))  # groups keep their indices (an LR schedule's per-group list)
         tails += parts
     missing = [s for s in fused if s not in found]
     if missing:
+        walked = _walked_frozen_suffixes(given, fused)
+        missing = [s for s in missing if s not in walked]
+    if missing:
         hint = (f" {unnamed} matrix parameter(s) came without names: pass model.named_parameters() (the stock "
                 "LightningCLI passes model.parameters(); the lightning-soaa command, SOAALightningCLI, passes "
                 "names)." if unnamed else "")
-        raise ValueError(f"Invalid fused={fused!r}: no trainable matrix parameter's name ends with "
+        raise ValueError(f"Invalid fused={fused!r}: no matrix parameter's name, trainable or frozen, ends with "
                          f"{', '.join(repr(s) for s in missing)} (the suffix of a name in "
                          f"module.named_parameters(), e.g. 'attn.qkv.weight' or 'qkv.weight').{hint}")
     return heads + tails
@@ -179,17 +270,19 @@ def asgo_param_groups(module: nn.Module, *, fused: dict[str, int] | None = None,
 
     ``fused`` (ASGO): ``{name suffix: parts}``, e.g. ``{"qkv.weight": 3}``: the matrices whose names end
     with a suffix go to a group with ``row_parts=parts`` (each stepped as its parts: see ASGO's
-    ``row_parts``; the longest suffix a name ends with wins); a suffix that matches no trainable matrix
-    raises (:func:`split_fused`). ``group_options`` are added to every group. Parameters without
+    ``row_parts``; the longest suffix a name ends with wins); a suffix that matches no matrix of the
+    module, trainable or frozen, raises (:func:`split_fused`). A frozen one is left out here (as every
+    frozen parameter) and recorded (:attr:`RouteHint.parts`): ASGO's ``add_param_group`` steps it as its
+    parts when it brings it. ``group_options`` are added to every group. Parameters without
     ``requires_grad`` are left out. Returns at most ``2 + len(fused)`` groups: ``[{"params": [(name, p),
     ...], **opts}, {"params": [...], "use_asgo": False, **opts}, {"params": [...], "row_parts": parts,
     **opts}, ...]`` (empty groups are dropped). Every parameter's name and routing, frozen ones too, is
     recorded for a later ``add_param_group`` (:func:`route_hint`).
     """
     emb_ids = _embedding_table_ids(module) | _weight_norm_gains(module)
-    _record_hints(module, emb_ids)
     if fused:
         _refuse_transposed_fused(module, check_fused(fused))
+    _record_hints(module, emb_ids, fused)
     rest: list[tuple[str, Tensor]] = []
     emb: list[tuple[str, Tensor]] = []
     for name, p in module.named_parameters():
@@ -276,9 +369,10 @@ def _weight_norm_gains(module: nn.Module) -> set[int]:
 def _refuse_transposed_fused(module: nn.Module, fused: Mapping[str, int]) -> None:
     """Refuse ``fused`` on a weight stored ``(in, out)``: transformers' ``Conv1D`` (GPT-2's ``c_attn``).
     ``row_parts`` cuts rows, which there are the inputs, not query/key/value: accepted silently before
-    (2e-2 off ASGO on the separate matrices after 5 steps; found by a helper)."""
+    (2e-2 off ASGO on the separate matrices after 5 steps; found by a helper). A frozen one too: a later
+    ``add_param_group`` steps it as its parts."""
     for path, m in module.named_modules():
-        if type(m).__name__ != "Conv1D" or not hasattr(m, "nf") or not m.weight.requires_grad:
+        if type(m).__name__ != "Conv1D" or not hasattr(m, "nf"):
             continue
         name = f"{path}.weight" if path else "weight"
         hit = next((s for s in fused if name == s or name.endswith("." + s)), None)

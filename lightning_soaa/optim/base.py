@@ -1047,8 +1047,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if check_ranks:  # what every rank built together (a rebuild back to it digests as no rebuild)
             self._agreed_built = self._built
         self._names = [name for _, _, name in plist]
-        # copies: a list value (ASGO's adamw_indices) edited in place must differ from the one built
-        self._layout = [{k: copy.copy(g.get(k)) for k in self._block_option_keys()} for g in self.param_groups]
+        # copies: a list value (ASGO's adamw_indices, a pair of its fused_parts) edited in place must differ from
+        # the one built
+        self._layout = [{k: copy.deepcopy(g.get(k)) for k in self._block_option_keys()} for g in self.param_groups]
         # see _hyperparameter_error: each group's list and its members (a list edited in place keeps its id)
         self._group_lists = [g["params"] for g in self.param_groups]
         self._group_members = [tuple(g["params"]) for g in self.param_groups]

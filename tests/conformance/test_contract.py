@@ -559,6 +559,8 @@ def test_a_block_layout_option_written_after_construction_is_refused(spec: Optim
         old = opt.param_groups[0].get(k)
         opt.param_groups[0][k] = ((old is False) if k == "use_asgo" else 1 - old if k == "batch_dims"  # 0 or 1
                                   else (None if old else [0]) if k == "adamw_indices"  # positions in the group
+                                  # (position, parts) pairs: the first weight (8 x 6) as two parts
+                                  else (None if old else ((0, 2),)) if k == "fused_parts"
                                   else (3 if old != 3 else 5))
         sd, w = copy.deepcopy(opt.state_dict()), params(model)
         # a state dict saved in between holds the value the blocks were built with (it carried the written

@@ -22,6 +22,7 @@ from lightning_soaa.optim.adamw import ShardedAdamW
 from lightning_soaa.registry import REGISTRY, StepNeeds
 from tests.deepspeed._workers import w_raw_deepspeed
 from tests.harness.distributed import run_distributed
+from tests.harness.models import batch, loss_fn, qkv_pair, set_qkv_trainable
 
 pytestmark = pytest.mark.deepspeed
 
@@ -333,7 +334,7 @@ def test_client_applies_fused_at_stage_0_and_refuses_it_where_partitions_cut_the
     assert [([id(p) for p in g["params"]], g["row_parts"]) for g in c.param_groups] == [([id(proj)], 1),
                                                                                        ([id(qkv)], 3)]
     assert "fused" not in c.hyperparams
-    with pytest.raises(ValueError, match="no trainable matrix parameter's name ends with 'qkv.weight'"):
+    with pytest.raises(ValueError, match="no matrix parameter's name, trainable or frozen, ends with 'qkv.weight'"):
         DeepSpeedClientOptimizer([proj, qkv], ASGO, hyper, zero_stage=0, layout="structured")  # no names
     with pytest.raises(TypeError, match="fused"):
         DeepSpeedClientOptimizer([proj, qkv], SOAA, hyper, zero_stage=0)
@@ -417,3 +418,42 @@ def test_precision_flags_are_read_as_deepspeed_reads_them():
     with pytest.raises(ValueError, match=r"bf16.enabled=true.*Must run in fp32"):
         parse_config({**_cfg("lightning_soaa.EGN", stage=0), "bfloat16": {"enabled": True}})
     parse_config({**_cfg("lightning_soaa.EGN", stage=0), "bf16": {"enabled": False}, "bfloat16": {"enabled": True}})
+
+
+def w_frozen_fused(rank: int, world: int, dtype: str) -> dict[str, Any]:
+    """ASGO from a DeepSpeed config with ``fused`` at stage 0 over :class:`QKVNet` whose fused projection is frozen
+    at ``initialize`` and unfrozen before two steps: the inner optimizer's ``fused_parts`` and the blocks of its
+    matrices, by shape (bf16: DeepSpeed drops the frozen parameters from the groups in place)."""
+    from tests.deepspeed._workers import _feed, ds_env, make_config
+
+    ds_env(rank, world)
+    model = qkv_pair()[0].float()
+    set_qkv_trainable(model, False)
+    cfg = make_config(0, dtype, "lightning_soaa.ASGO", {"lr": 0.05, "fused": {"qkv.weight": 3}})
+    engine, _, _, _ = deepspeed_ext.initialize(model=model, config=cfg,
+                                               model_parameters=[{"params": list(model.named_parameters())}])
+    set_qkv_trainable(model, True)
+    for s in range(2):
+        x, y = batch(s, rank, dtype=torch.float32)
+        engine.backward(loss_fn(engine, _feed(x, dtype), _feed(y, dtype)))
+        engine.step()
+    inner = deepspeed_ext.find_client_optimizer(engine.optimizer)._inner
+    g = inner.param_groups[0]
+    return {"fused_parts": g.get("fused_parts"),
+            "blocks": {tuple(p.shape): [tuple(b.shape) for b in inner.block_table.by_param[i]]
+                       for i, p in enumerate(inner._params) if p.dim() == 2}}
+
+
+def test_a_fused_matrix_frozen_at_initialize_is_stepped_as_its_parts_and_a_dropped_one_moves_no_parts(
+        tmp_path: Path) -> None:
+    """A DeepSpeed config's ``fused`` at stage 0 with the fused projection frozen at ``initialize``: the client's
+    group records its parts (``fused_parts``, a position in the group) and, once unfrozen, it is stepped as its
+    3 parts (fp32). In bf16 DeepSpeed drops the frozen parameters from the groups in place, so that position
+    named the next matrix (``out.weight``, 3 x 3, cut into 3 one-row parts: silently wrong); the positions now
+    follow DeepSpeed's filter (the dropped matrix, never stepped by DeepSpeed, has none)."""
+    fp32 = run_distributed(w_frozen_fused, 1, tmp_path, "fp32", timeout=240)[0]
+    assert fp32["fused_parts"] == ((2, 3),)
+    assert fp32["blocks"] == {(5, 6): [(5, 6)], (9, 5): [(3, 5)] * 3, (3, 3): [(3, 3)]}
+    bf16 = run_distributed(w_frozen_fused, 1, tmp_path, "bf16", timeout=240)[0]
+    assert bf16["fused_parts"] == ()
+    assert bf16["blocks"] == {(5, 6): [(5, 6)], (3, 3): [(3, 3)]}

@@ -6,7 +6,8 @@ tests/conformance/test_ranks.py (ASGO's registry test_kwargs cut the tiny MLP in
 W = 3 launch checks the collectives of a step (the base's flag all-reduce, the parameter all-gather, and
 with grad_reduction="mean" one reduce-scatter: no extra communication for the matrix methods), the block
 split across ranks, that no root fell back, that a step whose gradients would overflow a statistic on
-its owner is skipped on every rank, and a fused matrix stepped as its parts (``row_parts``).
+its owner is skipped on every rank, and a fused matrix stepped as its parts (``row_parts``; ``fused`` of a
+matrix frozen at construction, ``fused_parts``, at W = 2 and resumed at W = 1).
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ import torch
 from lightning_soaa import ASGO, DASGO
 from lightning_soaa.distributed.assignment import assign_owners
 from lightning_soaa.optim import base
-from lightning_soaa.optim.asgo import asgo_block_cost
+from lightning_soaa.optim.asgo import asgo_block_cost, asgo_param_groups
 from tests.harness.compare import max_abs_diff
 from tests.harness.distributed import run_distributed
-from tests.harness.models import batch, global_batch, loss_fn, tiny_mlp
+from tests.harness.models import batch, global_batch, loss_fn, qkv_pair, set_qkv_trainable, tiny_mlp
 
 SIZES = (6, 8, 5, 3)  # weights 8x6 (right, cut in 2), 5x8 (left, cut in 2), 3x5: 8 blocks with the biases
 ASGO_KW: dict[str, Any] = dict(lr=2e-2, max_block_size=4, root_every=2, damping=1e-6)
@@ -207,3 +208,74 @@ def test_float32_eigh_route_reproduces_one_process_far_better_than_the_iteration
         diffs[m] = max_abs_diff([a for res in results for a in res[m]], [b for _ in results for b in ref])
     assert diffs["polar_express_eigh"] <= 2e-3, diffs
     assert diffs["polar_express_eigh"] * 2 <= diffs["polar_express"], diffs
+
+
+FUSED_QKV = {"qkv.weight": 3}
+
+
+def _frozen_fused_run(rank: int | None, world: int, route: str, sd: dict[str, Any] | None = None
+                      ) -> dict[str, Any]:
+    """ASGO (ASGO_KW: blocks split over the ranks) with ``fused`` over a :class:`QKVNet` whose fused projection is
+    frozen at construction (``named``: given to the constructor; ``walk``: left out by asgo_param_groups and
+    added as one group of bare tensors once unfrozen, as BaseFinetuning does): 2 steps frozen, then 2 unfrozen
+    (``sd`` None), or, from ``sd``, built as the first, unfrozen, loaded and 2 steps more. ``rank=None``: one
+    process on the global batch of ``world`` ranks. Returns the parameters, ``fused_parts`` of the qkv's group,
+    the qkv's blocks and the consolidated state (rank 0)."""
+    model, _ = qkv_pair()
+    set_qkv_trainable(model, False)
+    extra: dict[str, Any] = {} if rank is None else {"grad_reduction": "mean"}
+    groups = list(model.named_parameters()) if route == "named" else asgo_param_groups(model)
+    opt = ASGO(groups, fused=FUSED_QKV, **ASGO_KW, **extra)
+
+    def train(ts: range) -> None:
+        for t in ts:
+            opt.zero_grad()
+            loss_fn(model, *(global_batch(t, world) if rank is None else batch(t, rank))).backward()
+            opt.step()
+
+    def unfreeze() -> None:
+        ps = set_qkv_trainable(model, True)
+        if route == "walk":
+            opt.add_param_group({"params": ps})
+
+    if sd is None:
+        train(range(2))
+        unfreeze()
+        train(range(2, 4))
+    else:
+        model.load_state_dict(sd["model"])
+        unfreeze()
+        opt.load_state_dict(sd["optim"])
+        train(range(4, 6))
+    qkv = next(i for i, p in enumerate(opt._params) if p is model.qkv.weight)
+    gi = opt.block_table.by_param[qkv][0].group_index
+    opt.consolidate_state_dict(to=None)  # sharded ranks: state_dict() is then the gathered state
+    state = {"model": model.state_dict(), "optim": opt.state_dict()} if not rank else None
+    return {"params": [p.detach().clone() for p in model.parameters()], "state": state,
+            "fused_parts": opt.param_groups[gi].get("fused_parts"),
+            "blocks": [b.shape for b in opt.block_table.by_param[qkv]]}
+
+
+def _frozen_fused_worker(rank: int, world_size: int) -> dict[str, Any]:
+    return {route: _frozen_fused_run(rank, world_size, route) for route in ("named", "walk")}
+
+
+def test_a_fused_matrix_frozen_at_construction_steps_as_its_parts_at_two_ranks_and_resumes_at_one(
+        tmp_path: Path) -> None:
+    """The parts of a fused QKV frozen at construction (or added later) are decided from names and shapes
+    alone and saved with its group: W = 2 steps it as its 3 parts as one process does, on the global batch
+    (float64: only the gradient sums' order differs), and the consolidated state of W = 2 resumes at W = 1
+    over the same parts, continuing as the one-process run."""
+    results = run_distributed(_frozen_fused_worker, 2, tmp_path, timeout=120)
+    for route in ("named", "walk"):
+        ref = _frozen_fused_run(None, 2, route)
+        assert ref["blocks"] == [(3, 5)] * 3 and ref["fused_parts"] == (((2, 3),) if route == "named" else ((0, 3),))
+        for r, res in enumerate(results):
+            got = res[route]
+            assert got["blocks"] == ref["blocks"] and got["fused_parts"] == ref["fused_parts"], (route, r)
+            for a, b in zip(got["params"], ref["params"]):
+                torch.testing.assert_close(a, b, atol=1e-12, rtol=0, msg=lambda m, r=r: f"{route}, rank {r}: {m}")
+        resumed = _frozen_fused_run(None, 2, route, sd=results[0][route]["state"])
+        assert resumed["blocks"] == ref["blocks"] and resumed["fused_parts"] == ref["fused_parts"]
+        for a, b in zip(resumed["params"], _frozen_fused_run(None, 2, route, sd=ref["state"])["params"]):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=0, msg=lambda m: f"{route}, resumed at W=1: {m}")

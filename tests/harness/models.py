@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["tiny_mlp", "batch", "global_batch", "loss_fn", "EmbeddingTabular", "EmbeddingTokens", "embedding_model",
-           "embedding_batch"]
+           "embedding_batch", "QKVNet", "qkv_pair", "set_qkv_trainable"]
 
 
 def tiny_mlp(seed: int = 0, dtype: torch.dtype = torch.float64, sizes: tuple[int, ...] = (6, 8, 5, 3)) -> nn.Module:
@@ -39,6 +39,52 @@ def global_batch(step: int, world_size: int, **kw: object) -> tuple[torch.Tensor
 
 def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return 0.5 * (model(x) - y).pow(2).sum(dim=1).mean()
+
+
+# -- a fused query/key/value projection and the same model with separate ones (ASGO's fused) ---------------
+
+class QKVNet(nn.Module):
+    """``batch``'s shapes (6 -> 3) through a query/key/value projection, fused (``qkv``: one Linear of 3 x 3
+    outputs, rows q, k, v) or as three separate Linears (``q``, ``k``, ``v``)."""
+
+    def __init__(self, fused: bool) -> None:
+        super().__init__()
+        self.fused = fused
+        self.inp = nn.Linear(6, 5)
+        if fused:
+            self.qkv = nn.Linear(5, 9)
+        else:
+            self.q, self.k, self.v = nn.Linear(5, 3), nn.Linear(5, 3), nn.Linear(5, 3)
+        self.out = nn.Linear(3, 3)
+
+    def projections(self) -> list[nn.Linear]:
+        return [self.qkv] if self.fused else [self.q, self.k, self.v]
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.inp(x))
+        q, k, v = self.qkv(h).chunk(3, -1) if self.fused else (self.q(h), self.k(h), self.v(h))
+        return self.out(torch.tanh(q * k) + v)
+
+
+def qkv_pair(seed: int = 0) -> tuple[QKVNet, QKVNet]:
+    """A float64 :class:`QKVNet` with the projection fused and one with the same weights as separate ones."""
+    torch.manual_seed(seed)
+    fused, separate = QKVNet(True).to(torch.float64), QKVNet(False).to(torch.float64)
+    with torch.no_grad():
+        for name in ("inp", "out"):
+            getattr(separate, name).load_state_dict(getattr(fused, name).state_dict())
+        for lin, w, b in zip(separate.projections(), fused.qkv.weight.chunk(3), fused.qkv.bias.chunk(3)):
+            lin.weight.copy_(w)
+            lin.bias.copy_(b)
+    return fused, separate
+
+
+def set_qkv_trainable(model: QKVNet, trainable: bool) -> list[nn.Parameter]:
+    """Freeze or unfreeze the projection(s); their parameters, in order."""
+    ps = [p for lin in model.projections() for p in lin.parameters()]
+    for p in ps:
+        p.requires_grad_(trainable)
+    return ps
 
 
 # -- models with trained nn.Embedding tables (EGN's index factors) ------------------------------------

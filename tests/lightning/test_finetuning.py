@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from lightning_soaa import ASGO, DASGO
 from lightning_soaa.lightning import LossToOptimizer, OptimizerFactory
 from lightning_soaa.optim.asgo import asgo_param_groups
+from tests.harness.models import QKVNet
 from tests.lightning.helpers import D_IN, D_OUT, TinyRegressor, make_trainer, regression_data
 from tests.lightning.test_strategies import _case
 
@@ -78,7 +79,18 @@ class _Backbone(nn.Module):
         self.proj = nn.Linear(D_IN, 8, dtype=torch.float64)
 
 
-class _Backboned(pl.LightningModule):
+class _RegressionSteps(pl.LightningModule):
+    """The training step and data of the backboned models below (their forward is their own)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self(x), y)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(regression_data(), batch_size=8, shuffle=False)
+
+
+class _Backboned(_RegressionSteps):
     """A frozen backbone (table + Linear) under a Linear head, built with ASGO's documented routes. Records,
     at each step the backbone trains, its parameters before the step, their gradients and the group's lr."""
 
@@ -96,13 +108,6 @@ class _Backboned(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = ((2 * x).floor().clamp(-2, 2) + 2).long()  # 0..4
         return self.head(torch.tanh(self.backbone.proj(x + self.backbone.tok(tokens).mean(dim=1))))
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        return nn.functional.mse_loss(self(x), y)
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(regression_data(), batch_size=8, shuffle=False)
 
     def configure_optimizers(self) -> Any:
         if self.route == "asgo_param_groups":  # the README's route for a model with a table
@@ -162,3 +167,53 @@ def test_backbone_table_unfrozen_by_backbone_finetuning_takes_the_adamw_part(rou
     trainer.fit(resumed, ckpt_path=str(tmp_path / "ckpt" / "epoch=1-step=16.ckpt"))
     names = {id(p): n for n, p in resumed.named_parameters()}
     assert routes(trainer.optimizers[0]) == first
+
+
+class _QKVBackboned(_RegressionSteps):
+    """A frozen backbone with a fused query/key/value projection (``backbone.qkv``, 3 parts) under a Linear head,
+    built with ``fused`` by ASGO's documented routes."""
+
+    def __init__(self, route: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.backbone = QKVNet(fused=True).to(torch.float64)
+        self.head = nn.Linear(D_OUT, D_OUT, dtype=torch.float64)
+        self.route = route
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+    def configure_optimizers(self) -> Any:
+        if self.route == "asgo_param_groups":
+            return ASGO(asgo_param_groups(self, fused={"qkv.weight": 3}), lr=1e-2)
+        return OptimizerFactory("lightning_soaa.ASGO", {"lr": 1e-2, "fused": {"qkv.weight": 3}})(self)
+
+
+@pytest.mark.parametrize("route", ["asgo_param_groups", "factory"])
+def test_a_fused_projection_unfrozen_by_backbone_finetuning_is_stepped_as_its_parts(route: str,
+                                                                                  tmp_path: Path) -> None:
+    """``fused`` with the only fused matrix in a backbone frozen while the optimizer is built: it was refused at
+    construction (no trainable match), and a fused matrix added later was stepped whole. The one group
+    BackboneFinetuning adds records the parts (``fused_parts``), and a fit resumed after the unfreeze (the
+    callback assigns the saved groups before the state loads) steps the same three parts."""
+    saver = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_top_k=-1, every_n_epochs=1,
+                            save_on_train_epoch_end=True)
+    trainer = make_trainer(tmp_path, max_steps=-1, max_epochs=3, enable_checkpointing=True,
+                           callbacks=[BackboneFinetuning(unfreeze_backbone_at_epoch=1), saver])
+    trainer.fit(_QKVBackboned(route))
+
+    def parts(o: Any) -> tuple[Any, list[tuple[int, ...]], bool]:
+        assert isinstance(o, ASGO) and len(o.param_groups) == 2  # the head's group, the backbone's (not split)
+        g = o.param_groups[1]
+        j = g["param_names"].index("backbone.qkv.weight")
+        blocks = o.block_table.by_param[next(i for i, p in enumerate(o._params) if p is g["params"][j])]
+        return (g["fused_parts"], [b.shape for b in blocks],
+                all("gram" in o.block_state(b) for b in blocks) and int(o.block_state(blocks[0])["step"]) > 0)
+
+    first = parts(trainer.optimizers[0])
+    assert first == (((2, 3),), [(3, 5)] * 3, True)
+    resumed = _QKVBackboned(route)
+    trainer = make_trainer(tmp_path / "resumed", max_steps=-1, max_epochs=3,
+                           callbacks=[BackboneFinetuning(unfreeze_backbone_at_epoch=1)])
+    trainer.fit(resumed, ckpt_path=str(tmp_path / "ckpt" / "epoch=1-step=16.ckpt"))
+    assert parts(trainer.optimizers[0]) == first

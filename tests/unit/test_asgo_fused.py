@@ -9,18 +9,22 @@ tests/lightning/test_cli.py.
 
 from __future__ import annotations
 
-import logging
+import copy
 import re
+import warnings
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
-from lightning_soaa import ASGO
+from lightning_soaa import ASGO, DASGO
 from lightning_soaa.lightning.factory import OptimizerFactory
 from lightning_soaa.optim.asgo import asgo_param_groups
 from lightning_soaa.optim.asgo_groups import split_fused
+from tests.conformance._battery import assert_identical
+from tests.harness.models import QKVNet, batch, loss_fn, qkv_pair, set_qkv_trainable
 
 f64 = torch.float64
 KW: dict[str, Any] = dict(lr=5e-2, root_every=2, damping=1e-6)
@@ -116,17 +120,21 @@ def test_a_group_all_of_whose_matrices_move_keeps_its_index_under_a_per_group_sc
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_suffixes_match_whole_dotted_parts_and_trainable_matrices_only() -> None:
+def test_suffixes_match_whole_dotted_parts_trainable_matrices_move_and_frozen_ones_are_recorded() -> None:
     """Found by review: "kv.weight" (a cross-attention's fused k/v, 2 parts) also caught "self_attn.qkv.weight"
-    (3 parts), which was stepped as two parts of 1.5 heads each."""
+    (3 parts), which was stepped as two parts of 1.5 heads each. A frozen matrix stays in its group, which
+    records its parts (``fused_parts``); a group that sets ``fused_parts`` itself is left as given."""
     m = _model()
     named = [(n, p) for n, p in m.named_parameters() if n != "attn.qkv.weight"]
-    with pytest.raises(ValueError, match="no trainable matrix parameter's name ends with 'kv.weight'"):
+    with pytest.raises(ValueError, match="no matrix parameter's name, trainable or frozen, ends with 'kv.weight'"):
         split_fused(named, {"kv.weight": 2})
     assert [g.get("row_parts") for g in split_fused(named, {"qkv.weight": 3})] == [None, 3]
-    m.proj.requires_grad_(False)  # a frozen matrix is not a match (as asgo_param_groups leaves it out)
-    with pytest.raises(ValueError, match="no trainable matrix parameter's name ends with 'proj.weight'"):
-        split_fused(m.named_parameters(), {"proj.weight": 2})
+    m.proj.requires_grad_(False)
+    groups = split_fused(m.named_parameters(), {"proj.weight": 2})
+    assert len(groups) == 1 and groups[0]["fused_parts"] == ((3, 2),)
+    assert [n for n, _ in groups[0]["params"]][3] == "proj.weight"
+    given = [{"params": list(m.named_parameters()), "fused_parts": []}]
+    assert split_fused(given, {"proj.weight": 2, "qkv.weight": 3}) == given  # decided by the caller: as given
 
 
 def test_a_group_given_as_a_set_is_left_for_torch_to_refuse() -> None:
@@ -153,15 +161,19 @@ def test_bad_fused_raises_naming_field_value_and_what_is_allowed(value: Any) -> 
 
 
 def test_a_suffix_that_matches_nothing_is_refused_with_a_hint_for_unnamed_parameters() -> None:
-    with pytest.raises(ValueError, match=re.escape("no trainable matrix parameter's name ends with 'kv.bias'")):
+    with pytest.raises(ValueError, match=re.escape("no matrix parameter's name, trainable or frozen, ends with "
+                                                   "'kv.bias'")):
         ASGO(_model().named_parameters(), fused={"kv.bias": 2})  # a bias is not a matrix
     with pytest.raises(ValueError, match=r"ends with 'qkv.weight'.*4 matrix parameter\(s\) came without names: "
                                          r"pass model.named_parameters\(\)"):
         ASGO(_model().parameters(), fused={"qkv.weight": 3})
+    # a frozen matrix that the walk left out of the groups is found in the walked module (a later
+    # add_param_group steps it as its parts); a suffix that matches nothing there is still refused
     frozen = _model()
     frozen.proj.requires_grad_(False)
-    with pytest.raises(ValueError, match="ends with 'proj.weight'"):
-        ASGO(asgo_param_groups(frozen), fused={"proj.weight": 2})
+    ASGO(asgo_param_groups(frozen), fused={"proj.weight": 2})
+    with pytest.raises(ValueError, match="ends with 'prj.weight'"):
+        ASGO(asgo_param_groups(frozen), fused={"prj.weight": 2})
 
 
 def test_a_group_that_sets_another_row_parts_is_refused() -> None:
@@ -257,29 +269,182 @@ def test_route_param_groups_reads_a_zero3_partitions_full_shape() -> None:
         (["lin.weight", "lin.bias"], None), (["wte.weight"], False)]
 
 
-def test_a_matched_matrix_frozen_at_construction_or_added_later_is_stepped_whole_and_said_so(
-        caplog: pytest.LogCaptureFixture) -> None:
-    """Found by a hunter: fused regroups the trainable matrices given to the constructor only, so a fused QKV
-    frozen then (or brought later by BaseFinetuning's one group of bare tensors) was stepped as one matrix
-    once it trained, unlike the same model never frozen, and nothing said so. It still is (the added group
-    is not split: BaseFinetuning drives its lr), and a warning names it; the trainable ones are not named."""
-    m = _model()
-    m.qkv.requires_grad_(False)
-    with caplog.at_level(logging.WARNING, logger="lightning_soaa.optim.asgo"):
-        opt = ASGO(m.named_parameters(), fused={"qkv.weight": 3}, **KW)
-    assert "matches ['qkv.weight'], which are frozen now" in caplog.text
-    assert [g["row_parts"] for g in opt.param_groups] == [1, 3]  # attn.qkv.weight, trainable, as its parts
-    assert len(opt.block_table.by_param[1]) == 1  # qkv.weight whole
-    caplog.clear()
-    m = _model()
-    m.qkv.requires_grad_(False)
-    opt = ASGO(asgo_param_groups(m), fused={"qkv.weight": 3}, **KW)  # the walk names what is added later
-    m.qkv.requires_grad_(True)
-    with caplog.at_level(logging.WARNING, logger="lightning_soaa.optim.asgo"):
-        opt.add_param_group({"params": list(m.qkv.parameters())})
-    assert "matches ['qkv.weight'], which come in a group added after construction" in caplog.text
-    assert "attn.qkv.weight" not in caplog.text
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="lightning_soaa.optim.asgo"):
-        ASGO(_model().named_parameters(), fused={"qkv.weight": 3}, **KW)  # all trainable: nothing to say
-    assert "fused=" not in caplog.text
+# ------------------------------------------------------------ a fused matrix frozen at construction or added later
+FUSED = {"qkv.weight": 3}
+
+
+def _build(route: str, model: QKVNet, fused: dict[str, int] | None, **group: Any) -> ASGO:
+    """ASGO over ``model``, its projection(s) frozen now, by one of the routes that leave them out of the
+    regrouping: the constructor given them frozen (``named``), or a walk that leaves them out for a later
+    ``add_param_group`` (``walk``: asgo_param_groups; ``recorded``: asgo_param_groups given ``fused``, ASGO
+    not; ``factory``: OptimizerFactory's route_param_groups). ``group``: options of the constructor's one
+    group (``named`` only)."""
+    set_qkv_trainable(model, False)
+    extra = {} if fused is None else {"fused": fused}
+    if route == "named":
+        return ASGO([{"params": list(model.named_parameters()), **group}], **KW, **extra)
+    if route == "walk":
+        return ASGO(asgo_param_groups(model), **KW, **extra)
+    if route == "recorded":
+        return ASGO(asgo_param_groups(model, **extra), **KW)
+    return OptimizerFactory("ASGO", {**KW, **extra}).build(model)  # type: ignore[no-any-return]
+
+
+def _unfreeze(route: str, model: QKVNet, opt: ASGO) -> None:
+    """Lightning's BaseFinetuning: unfreeze the projection(s) and (walked routes) add them as one group of bare
+    tensors with its own lr."""
+    ps = set_qkv_trainable(model, True)
+    if route != "named":
+        opt.add_param_group({"params": ps, "lr": KW["lr"] / 2})
+
+
+def _train(model: QKVNet, opt: ASGO, ts: range) -> None:
+    for t in ts:
+        opt.zero_grad()
+        loss_fn(model, *batch(t, 0)).backward()
+        opt.step()
+
+
+def _run(route: str, model: QKVNet, fused: dict[str, int] | None, **group: Any) -> ASGO:
+    """Two steps frozen, then unfrozen (``_unfreeze``) and three more."""
+    opt = _build(route, model, fused, **group)
+    _train(model, opt, range(2))
+    _unfreeze(route, model, opt)
+    _train(model, opt, range(2, 5))
+    return opt
+
+
+def _same_as_separate(fused: QKVNet, separate: QKVNet, atol: float) -> None:
+    want = dict(separate.named_parameters())
+    for name in ("weight", "bias"):
+        parts = torch.cat([getattr(lin, name) for lin in separate.projections()])
+        torch.testing.assert_close(getattr(fused.qkv, name), parts, rtol=0, atol=atol, msg=lambda m: f"qkv.{name}: {m}")
+    for n, p in fused.named_parameters():
+        if not n.startswith("qkv."):
+            torch.testing.assert_close(p, want[n], rtol=0, atol=atol, msg=n)
+
+
+@pytest.mark.parametrize("route", ["named", "walk", "recorded", "factory"])
+def test_a_fused_matrix_frozen_at_construction_steps_as_its_parts_once_unfrozen(route: str) -> None:
+    """Found by a hunter: ``fused`` regrouped the trainable matrices given to the constructor only, so a fused
+    QKV frozen then, or brought later by BaseFinetuning's one group of bare tensors, was stepped as one matrix
+    once it trained (and a model whose only fused matrix was frozen was refused at construction). Its parts
+    are decided when the group is built or added (``fused_parts``): 2 steps frozen and 3 unfrozen match ASGO
+    on q, k and v as separate parameters (float64, the same routes), and stepped whole they do not."""
+    a, b = qkv_pair()
+    opt = _run(route, a, FUSED)
+    _run(route, b, None)
+    gi = 0 if route == "named" else 1  # the constructor's group, or the one added
+    assert opt.param_groups[gi]["fused_parts"] == (((2, 3),) if route == "named" else ((0, 3),))
+    qkv = next(i for i, p in enumerate(opt._params) if p is a.qkv.weight)
+    assert [blk.shape for blk in opt.block_table.by_param[qkv]] == [(3, 5)] * 3
+    _same_as_separate(a, b, atol=1e-12)
+    whole, c = qkv_pair()
+    _run("named", whole, FUSED, fused_parts=[])  # decided by the caller: one matrix
+    assert (whole.qkv.weight - a.qkv.weight).abs().max() > 1e-4  # the parts changed the step: not vacuous
+
+
+def _copy_of(model: QKVNet) -> QKVNet:
+    twin = QKVNet(True).to(torch.float64)
+    twin.load_state_dict(model.state_dict())
+    return twin
+
+
+@pytest.mark.parametrize("route", ["named", "walk"])
+@pytest.mark.parametrize("form", ["state_dict", "dcp"])
+def test_the_parts_are_saved_with_the_group_and_a_resume_steps_them_again(route: str, form: str,
+                                                                           tmp_path: Path) -> None:
+    """The part decision is made once and saved with the group: a fresh optimizer built as the first (the
+    projection frozen at construction; the walked route re-adds it when it unfreezes it, or replays the saved
+    group as BaseFinetuning's resume assigns it) loads the state, plain or by torch's DCP recipe, over the same
+    three parts, and continues bit for bit as the uninterrupted run."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    a, _ = qkv_pair()
+    opt = _run(route, a, FUSED)
+    gi = 0 if route == "named" else 1
+    sd = copy.deepcopy(opt.state_dict())
+    assert sd["param_groups"][gi]["fused_parts"] == opt.param_groups[gi]["fused_parts"]
+    for replay in ([False, True] if route == "walk" else [False]):
+        b = _copy_of(a)
+        fresh = _build(route, b, FUSED)
+        if replay:  # the saved group, its keys as saved (param_names, fused_parts), over this model's tensors
+            saved = {k: v for k, v in sd["param_groups"][gi].items() if k != "params"}
+            fresh.add_param_group({**saved, "params": set_qkv_trainable(b, True)})
+        else:
+            _unfreeze(route, b, fresh)
+        assert fresh.param_groups[gi]["fused_parts"] == opt.param_groups[gi]["fused_parts"]
+        if form == "state_dict":
+            fresh.load_state_dict(copy.deepcopy(sd))
+        else:
+            path = str(tmp_path / f"{route}_{replay}")
+            dcp.save({"optim": get_optimizer_state_dict(a, opt)}, checkpoint_id=path)
+            dest = {"optim": get_optimizer_state_dict(b, fresh)}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # "assuming the intent is to load in a single process"
+                dcp.load(dest, checkpoint_id=path)
+            set_optimizer_state_dict(b, fresh, dest["optim"])
+        qkv = next(i for i, p in enumerate(fresh._params) if p is b.qkv.weight)
+        assert len(fresh.block_table.by_param[qkv]) == 3
+        assert all("gram" in fresh.block_state(blk) for blk in fresh.block_table.by_param[qkv])
+        ref = copy.deepcopy((a, opt))
+        _train(ref[0], ref[1], range(5, 7))
+        _train(b, fresh, range(5, 7))
+        for (n, p), q in zip(b.named_parameters(), ref[0].parameters()):
+            torch.testing.assert_close(p, q, rtol=0, atol=0, msg=n)
+
+
+def test_a_checkpoint_saved_without_fused_parts_is_refused_naming_the_remedy_which_continues_it_whole() -> None:
+    """A checkpoint of before the key stepped a fused matrix frozen at construction whole: loaded into an
+    optimizer that now decides its parts, the blocks differ. Refused naming fused_parts and the remedy, nothing
+    changed; the remedy (the group given ``fused_parts=[]``) loads it and continues as saved."""
+    a, _ = qkv_pair()
+    saved_by = _run("named", a, FUSED, fused_parts=[])  # stepped whole, as before the key
+    sd = copy.deepcopy(saved_by.state_dict())
+    for g in sd["param_groups"]:
+        g.pop("fused_parts")
+    b = _copy_of(a)
+    fresh = _build("named", b, FUSED)
+    set_qkv_trainable(b, True)
+    before = copy.deepcopy(fresh.state_dict())
+    with pytest.raises(ValueError, match=r"saved without fused_parts, this optimizer has fused_parts=\(\(2, 3\),\).*"
+                                         r"give that group fused_parts=\[\]"):
+        fresh.load_state_dict(copy.deepcopy(sd))
+    assert_identical(fresh.state_dict(), before)
+    resumed = _build("named", b, FUSED, fused_parts=[])
+    set_qkv_trainable(b, True)
+    resumed.load_state_dict(sd)
+    _train(a, saved_by, range(5, 7))
+    _train(b, resumed, range(5, 7))
+    for p, q in zip(b.parameters(), a.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_bad_fused_parts_are_refused_naming_the_value_and_what_is_allowed() -> None:
+    """``fused_parts`` is a layout option of ASGO's groups: malformed values, a position that is not a matrix
+    of the matrix method, and a group that cuts its matrices otherwise are refused; DASGO refuses it; a
+    frozen matrix in a group whose ``row_parts`` differs from its ``fused`` count is refused as a trainable one."""
+    m, _ = qkv_pair()
+    named = list(m.named_parameters())  # inp.weight, inp.bias, qkv.weight, qkv.bias, out.weight, out.bias
+    for bad in ([[2, 1]], [[6, 3]], [[2, 3], [2, 3]], [(2, 3.0)], 3, [[True, 3]]):
+        with pytest.raises(ValueError, match=re.escape(f"Invalid fused_parts={bad!r}: a list of (position, parts) "
+                                                       "pairs, distinct positions 0..5")):
+            ASGO([{"params": named, "fused_parts": bad}])
+    with pytest.raises(ValueError, match=r"position 3 is parameter 'qkv.bias' of shape \(9,\).*AdamW part"):
+        ASGO([{"params": named, "fused_parts": [[3, 3]]}])
+    for clash in ({"row_parts": 3}, {"use_asgo": False}):
+        with pytest.raises(ValueError, match=f"Invalid fused_parts=.* with {next(iter(clash))}="):
+            ASGO([{"params": named[2:3], "fused_parts": [[0, 3]], **clash}])
+    with pytest.raises(ValueError, match="Invalid fused_parts=.*for DASGO"):
+        DASGO([{"params": named, "fused_parts": [[2, 3]]}])
+    ASGO([{"params": named, "fused_parts": [[2, 3]]}])  # by hand: taken
+    set_qkv_trainable(m, False)
+    with pytest.raises(ValueError, match=re.escape("'qkv.weight' matches parameters of a param group that sets "
+                                                   "row_parts=2")):
+        ASGO([{"params": named, "row_parts": 1}, {"params": [named[2]], "row_parts": 2}], fused=FUSED)
+    opt = ASGO([{"params": named[:2]}, {"params": [named[2]], "row_parts": 3}], fused=FUSED)  # the group's own
+    assert "fused_parts" not in opt.param_groups[1] and len(opt.block_table.by_param[2]) == 3
+    with pytest.raises(ValueError, match=re.escape("parameter qkv.weight of shape (9, 5), 2 parts by its group's "
+                                                   "fused_parts (from fused), has 9 rows, not a multiple of parts=2")):
+        ASGO(named, fused={"qkv.weight": 2})  # frozen: refused as a trainable one (it was stepped whole)

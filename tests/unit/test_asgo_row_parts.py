@@ -167,7 +167,8 @@ def test_asgo_param_groups_puts_the_fused_matrices_in_a_row_parts_group() -> Non
     assert groups[2]["row_parts"] == 3 and all(g["lr"] == 0.1 for g in groups)
     opt = ASGO(groups)
     assert [b.shape for b in opt.block_table.by_param[4]] == [(6, 6)] * 3
-    with pytest.raises(ValueError, match=re.escape("no trainable matrix parameter's name ends with 'kv_proj.weight'")):
+    with pytest.raises(ValueError, match=re.escape("no matrix parameter's name, trainable or frozen, ends with "
+                                                   "'kv_proj.weight'")):
         asgo_param_groups(_Attention(), fused={"kv_proj.weight": 2})
     # overlapping suffixes, in either order: the longest a name ends with wins, the other is not "unmatched"
     for fused in ({"weight": 2, "qkv.weight": 3}, {"qkv.weight": 3, "weight": 2}):
