@@ -47,11 +47,12 @@ from deepspeed_ext.ds_config import ELASTIC_MESSAGE
 from deepspeed_ext.structure import VirtualParams, build_virtual_params
 from lightning_soaa.optim.sd_hooks import hooked_load, hooked_state_dict
 
-__all__ = ["DeepSpeedClientOptimizer", "StateLayoutError"]
+__all__ = ["DeepSpeedClientOptimizer", "OptimizerSwitchError", "StateLayoutError"]
 
 log = logging.getLogger(__name__)
 
 STATE_KEY = "lightning_soaa_deepspeed"
+EGN_STATE_KEY = "lightning_soaa_deepspeed_egn"  # DeepSpeedEGNOptimizer's
 
 NOT_CONSOLIDATED = (
     "{cls}.state_dict() at ZeRO stage 0 on several ranks: the optimizer state is sharded over the ranks "
@@ -97,6 +98,94 @@ def _follow_filtered_positions(group: dict[str, Any], built: list[Tensor] | None
 
 class StateLayoutError(ValueError):
     """A checkpoint's optimizer state was written for another ZeRO partitioning (world size or stage)."""
+
+
+class OptimizerSwitchError(ValueError):
+    """A checkpoint's optimizer state was written by another optimizer than the one loading it."""
+
+
+#: The key of the last param group of every state our DeepSpeed clients save: a group without parameters naming
+#: the optimizer that wrote the state. Why: a foreign optimizer (torch's or DeepSpeed's own AdamW) handed that
+#: state by an engine without our checks ran torch's ``load_state_dict``, which compares only the group count and
+#: sizes: it loaded no state (ours is under our own key) and took our hyperparameters, silently. One group more
+#: than the model's makes it refuse. Our loads drop the group (states saved before it have none).
+SAVED_BY_KEY = "lightning_soaa_saved_by"
+
+
+def marker_group(name: str) -> dict[str, Any]:
+    """The parameterless param group appended to a saved state (see :data:`SAVED_BY_KEY`)."""
+    return {"params": [], SAVED_BY_KEY: qualified(name)}
+
+
+def real_groups(groups: Any) -> Any:
+    """A saved state's param groups without the marker group."""
+    if isinstance(groups, list) and groups and isinstance(groups[-1], dict) and SAVED_BY_KEY in groups[-1]:
+        return groups[:-1]
+    return groups
+
+
+def qualified(name: str) -> str:
+    """``lightning_soaa.<registry name>`` for one of our optimizers' class names (ShardedAdamW -> AdamW)."""
+    from lightning_soaa.registry import lookup
+
+    if not name:
+        return "a lightning_soaa optimizer"
+    spec = lookup(name)
+    return spec.qualified_name if spec is not None else f"lightning_soaa.{name}"
+
+
+def writer_of(state: Any, depth: int = 0) -> str | None:
+    """The class name of our optimizer that wrote ``state``: one of our clients' state dicts, or a DeepSpeed
+    wrapper's around it (fp16/bf16 wrappers, ZeRO-1/2/3 files); "" for ours without a readable name (damaged);
+    None for any other optimizer's state."""
+    from lightning_soaa.distributed.checkpoint import FORMAT_KEY
+
+    if not isinstance(state, dict) or depth > 3:
+        return None
+    for key in (STATE_KEY, EGN_STATE_KEY):
+        ours = state.get(key)
+        if isinstance(ours, dict):
+            meta = ours.get("inner", {}).get(FORMAT_KEY) if isinstance(ours.get("inner"), dict) else None
+            name = meta.get("optimizer") if isinstance(meta, dict) else None
+            return str(name) if name else ("EGN" if key == EGN_STATE_KEY else "")  # "": ours, name unreadable
+    for key in ("optimizer_state_dict", "base_optimizer_state", "optimizer"):
+        found = writer_of(state.get(key), depth + 1)
+        if found is not None:
+            return found
+    return None
+
+
+def check_writer(state_dict: Any, key: str, mine: str, what: str) -> None:
+    """Refuse, before any other check, a state that our optimizer ``mine`` (class name) did not write, naming
+    both: a switch changes the partition shapes as well (ASGO's views vs SOAA's flats), which the layout check
+    named as a change of world size or ZeRO config. ``key``: where the client ``what`` keeps its state."""
+    saved = writer_of(state_dict)
+    if saved and saved != mine:  # unnamed (a damaged state of ours): the inner load names what is wrong
+        raise OptimizerSwitchError(switch_message(saved, mine))
+    if isinstance(state_dict, dict) and key in state_dict:
+        return
+    msg = f"{what}.load_state_dict: not a lightning_soaa DeepSpeed optimizer state (missing '{key}')."
+    if isinstance(state_dict, dict) and "param_groups" in state_dict:  # another optimizer's state
+        raise OptimizerSwitchError(f"{msg} {switch_message(None, mine)}")
+    raise ValueError(msg)
+
+
+def switch_message(saved: str | None, loading: str, *, where: str = "this checkpoint", ours: bool = True) -> str:
+    """Why a state written by ``saved`` (one of ours, by class name; None: another optimizer) cannot be loaded by
+    ``loading`` (one of ours by class name when ``ours``, else a class path), and what works instead."""
+    wrote = qualified(saved) if saved is not None else \
+        "an optimizer that is not lightning_soaa's (torch's or DeepSpeed's)"
+    mine = qualified(loading) if ours else loading
+    why = (f"{wrote} keeps its state per block under its own key, so {mine} would start from zero moments while "
+           f"taking {wrote}'s lr, betas and weight decay" if saved is not None and not ours
+           else "each optimizer continues only its own state")
+    resume = f"{qualified(saved)} (optimizer.type in a DeepSpeed config, --optimizer under lightning-soaa fit; " \
+        "its options may change)" if saved is not None else "the optimizer that wrote it"
+    return (f"The optimizer state in {where} was written by {wrote}; this engine's optimizer is {mine}, which cannot "
+            f"continue it ({why}). Resume with {resume}, or load the module only to start {mine} afresh from the "
+            "checkpoint's weights: engine.load_checkpoint(..., load_optimizer_states=False, "
+            "load_lr_scheduler_states=False) or load_module_only=True; under Lightning, load the weights into the "
+            "module and fit without ckpt_path.")
 
 
 class DeepSpeedClientOptimizer(torch.optim.Optimizer):
@@ -478,16 +567,14 @@ class DeepSpeedClientOptimizer(torch.optim.Optimizer):
         ours = {"inner": inner.state_dict(), "layout": self._layout_signature(), "training_steps": self.training_steps}
         if self.saving_at_global_step is not None:
             ours["global_steps"] = self.saving_at_global_step
+        groups.append(marker_group(self.optimizer_cls.__name__))  # a foreign optimizer's load refuses the state
         return {"state": {}, "param_groups": groups, STATE_KEY: ours}
 
     def _load_own_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not isinstance(state_dict, dict) or STATE_KEY not in state_dict:
-            raise ValueError(
-                f"{type(self).__name__}.load_state_dict: not a lightning_soaa DeepSpeed optimizer state "
-                f"(missing '{STATE_KEY}')."
-            )
+        check_writer(state_dict, STATE_KEY, self.optimizer_cls.__name__, type(self).__name__)
         inner = self._ensure_inner()
         ours = state_dict[STATE_KEY]
+        saved_groups = real_groups(state_dict["param_groups"])
         saved, mine = ours["layout"], self._layout_signature()
         if self.zero_stage > 0 and saved != mine:
             raise StateLayoutError(
@@ -506,10 +593,10 @@ class DeepSpeedClientOptimizer(torch.optim.Optimizer):
                 "it cannot "
                 "be loaded at ZeRO stage 0. Resume with the original ZeRO config and world size."
             )
-        self._check_saved_block_options(inner, state_dict["param_groups"])
+        self._check_saved_block_options(inner, saved_groups)
         inner.load_state_dict(ours["inner"])
         self.training_steps = int(ours.get("training_steps", 0))
-        for cg, sg in zip(self._canonical_groups, state_dict["param_groups"]):
+        for cg, sg in zip(self._canonical_groups, saved_groups):
             for k, v in sg.items():
                 if k not in _NON_HYPER:
                     cg[k] = tuple(v) if k == "betas" else v

@@ -34,15 +34,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from deepspeed_ext.client import NOT_CONSOLIDATED, group_size
+from deepspeed_ext.client import EGN_STATE_KEY as STATE_KEY
+from deepspeed_ext.client import NOT_CONSOLIDATED, check_writer, group_size, marker_group
 from lightning_soaa.optim.egn_batches import concat_batches
 from lightning_soaa.optim.sd_hooks import hooked_load, hooked_state_dict
 
 __all__ = ["DeepSpeedEGNOptimizer"]
 
 log = logging.getLogger(__name__)
-
-STATE_KEY = "lightning_soaa_deepspeed_egn"
 
 
 class DeepSpeedEGNOptimizer(torch.optim.Optimizer):
@@ -194,16 +193,15 @@ class DeepSpeedEGNOptimizer(torch.optim.Optimizer):
         inner = self._ensure_inner()
         groups = [{k: v for k, v in g.items() if k not in ("params", "param_names")}
                   | {"params": list(range(len(g["params"])))} for g in self.param_groups]
+        groups.append(marker_group(self.optimizer_cls.__name__))  # a foreign optimizer's load refuses the state
         return {"state": {}, "param_groups": groups,
                 STATE_KEY: {"inner": inner.state_dict(), "training_steps": self.training_steps}}
 
     def _load_own_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not isinstance(state_dict, dict) or STATE_KEY not in state_dict:
-            raise ValueError(f"{type(self).__name__}.load_state_dict: not an EGN DeepSpeed state (missing "
-                             f"'{STATE_KEY}').")
+        check_writer(state_dict, STATE_KEY, self.optimizer_cls.__name__, type(self).__name__)
         self._ensure_inner().load_state_dict(state_dict[STATE_KEY]["inner"])
         self.training_steps = int(state_dict[STATE_KEY].get("training_steps", 0))
-        for g, sg in zip(self.param_groups, state_dict["param_groups"]):
+        for g, sg in zip(self.param_groups, state_dict["param_groups"]):  # zip: the marker group is the last
             g.update({k: v for k, v in sg.items() if k not in ("params", "param_names")})
         self._consolidated_at = None  # the inner optimizer dropped its consolidated state
 

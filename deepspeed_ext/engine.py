@@ -10,7 +10,14 @@ from typing import Any, NamedTuple
 
 import torch
 
-from deepspeed_ext.client import DeepSpeedClientOptimizer, StateLayoutError
+from deepspeed_ext.client import (
+    DeepSpeedClientOptimizer,
+    OptimizerSwitchError,
+    StateLayoutError,
+    real_groups,
+    switch_message,
+    writer_of,
+)
 from deepspeed_ext.ds_config import (
     ParsedConfig,
     check_entry,
@@ -222,8 +229,10 @@ def initialize(
     optimizer = kwargs.pop("optimizer", None)
     if parsed.entry is None and not isinstance(optimizer, CLIENT_TYPES):
         _refuse_raw_optimizer(optimizer)
-        return deepspeed.initialize(model=model, config=parsed.ds_config, model_parameters=model_parameters,
-                                    args=args, optimizer=optimizer, **kwargs)
+        out = deepspeed.initialize(model=model, config=parsed.ds_config, model_parameters=model_parameters,
+                                   args=args, optimizer=optimizer, **kwargs)
+        install_foreign_load_check(out[0])  # refuses our optimizers' checkpoints, which it cannot continue
+        return out
     if parsed.entry is not None:
         if optimizer is not None:
             raise ValueError("pass either optimizer= or a config naming a lightning_soaa optimizer, not both")
@@ -339,7 +348,8 @@ def install_checkpoint_hooks(engine: Any, client: Any) -> None:
     * load: refuse optimizer state written under another ZeRO stage, naming both, before DeepSpeed reads
       it (2 -> 0 said "not a lightning_soaa DeepSpeed optimizer state", 3 -> x a bare AssertionError,
       0 -> 1/2 a FileNotFoundError); refuse, on every rank, a file some rank cannot read (truncated) and files
-      that mix two saves of one tag (:func:`check_saved_steps`).
+      that mix two saves of one tag (:func:`check_saved_steps`). First of all, refuse optimizer state another
+      optimizer wrote (:func:`check_saved_optimizer`), which the later checks would name as something else.
     """
     if getattr(engine, "_lightning_soaa_checkpoint_hooks", False):
         return
@@ -371,6 +381,8 @@ def install_checkpoint_hooks(engine: Any, client: Any) -> None:
         given = inspect.signature(load).bind(*args, **kwargs).arguments
         if given.get("load_optimizer_states", True) and not given.get("load_module_only", False):
             def checks() -> SavedSteps | None:
+                check_saved_optimizer(engine_saved_optimizer(engine, given["load_dir"], given.get("tag")),
+                                      client.optimizer_cls.__name__, given["load_dir"], given.get("tag"))
                 check_checkpoint_stage(given["load_dir"], given.get("tag"), engine.zero_optimization_stage(),
                                        bool(getattr(engine.optimizer, "round_robin_gradients", False)))
                 check_checkpoint_groups(given["load_dir"], given.get("tag"), client)
@@ -667,7 +679,7 @@ def _saved_group_count(load_dir: str, tag: Any) -> int | None:
     try:
         outer = torch.load(path, map_location="cpu", mmap=True, weights_only=False)["optimizer_state_dict"]
         base = outer.get("base_optimizer_state", outer.get("optimizer_state_dict"))  # ZeRO-1/2, ZeRO-3
-        return len(base["param_groups"]) if isinstance(base, dict) else None
+        return len(real_groups(base["param_groups"])) if isinstance(base, dict) else None
     except Exception:  # noqa: BLE001 - an unreadable or foreign file: leave it to DeepSpeed
         log.debug("deepspeed_ext: could not read the param groups of %s", path, exc_info=True)
         return None
@@ -741,3 +753,95 @@ def check_checkpoint_stage(load_dir: str, tag: Any, stage: int, round_robin: boo
         "Optimizer state cannot move between these stages (stage 0 keeps lightning_soaa's own, world-size "
         "independent state; ZeRO-1/2/3 DeepSpeed's per-partition files). Resume with "
         f"zero_optimization.stage={saved}, {module_only}.")
+
+
+# ---------------------------------------------------------------------- which optimizer wrote a checkpoint
+class SavedOptimizer(NamedTuple):
+    """The optimizer state a rank found in a checkpoint: who wrote it, in which file."""
+
+    writer: str | None  # the class name of our optimizer that wrote it; None: another optimizer's state
+    file: str
+
+
+def read_saved_optimizer(load_dir: str, tag: Any, *, rank: int, dp_rank: int,
+                         mp_rank: int = 0) -> SavedOptimizer | None:
+    """The optimizer state of checkpoint ``tag`` (None: the one ``latest`` names) as rank ``rank`` finds it: in the
+    model-states file (ZeRO stage 0; at ZeRO-1/2/3 its entry is None), else in its own ZeRO optimizer file
+    (``dp_rank``'s) or rank 0's. None when there is none to read. A file that exists but cannot be read raises
+    :class:`UnreadableCheckpointError`."""
+    folder = _tag_folder(load_dir, tag)
+    if folder is None:
+        return None
+    names = [("optimizer", f"mp_rank_{mp_rank:02d}_model_states.pt", "the model-states file it loads")]
+    names += [("optimizer_state_dict", f"{prefix}zero_pp_rank_{r}_mp_rank_{mp_rank:02d}_optim_states.pt",
+               "its ZeRO optimizer file" if r == dp_rank else f"rank {r}'s ZeRO optimizer file")
+              for r in dict.fromkeys((dp_rank, 0)) for prefix in ("", "bf16_")]
+    for key, name, what in names:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        state = _read_checkpoint_file(path, rank, what)
+        inner = state.get(key) if isinstance(state, dict) else None
+        if isinstance(inner, dict):
+            return SavedOptimizer(writer_of(inner), name)
+    return None
+
+
+def engine_saved_optimizer(engine: Any, load_dir: str, tag: Any) -> SavedOptimizer | None:
+    """:func:`read_saved_optimizer` for this rank of ``engine``."""
+    import torch.distributed as dist
+
+    rank = int(getattr(engine, "global_rank", 0))
+    try:
+        dp_rank = dist.get_rank(group=engine.optimizer.dp_process_group)
+    except Exception:  # noqa: BLE001 - no ZeRO wrapper (stage 0): its data-parallel rank is its rank
+        dp_rank = rank
+    mp_rank = int(getattr(engine, "checkpoint_mp_rank", 0) or 0)
+    return read_saved_optimizer(load_dir, tag, rank=rank, dp_rank=dp_rank, mp_rank=mp_rank)
+
+
+def check_saved_optimizer(saved: SavedOptimizer | None, mine: str | None, load_dir: str, tag: Any,
+                          loading: str | None = None) -> None:
+    """Refuse optimizer state written by another optimizer than ``mine`` (our optimizer's class name; None: an
+    optimizer that is not ours, ``loading`` its class path). Between two optimizers that are not ours, nothing
+    is told."""
+    if saved is None or saved.writer == mine or (mine is not None and saved.writer == ""):
+        return  # "": ours, its name unreadable (damaged): the client's load names what is wrong
+    where = f"checkpoint {load_dir!r} (tag {_tag_shown(load_dir, tag)}, {saved.file})"
+    if mine is None:
+        raise OptimizerSwitchError(switch_message(saved.writer, loading or "another optimizer", where=where,
+                                                  ours=False) + " Nothing was loaded.")
+    raise OptimizerSwitchError(switch_message(saved.writer, mine, where=where) + " Nothing was loaded.")
+
+
+def optimizer_class_path(optimizer: Any) -> str:
+    """``module.Class`` of the optimizer inside DeepSpeed's wrappers (ZeRO, fp16, bf16)."""
+    seen = 0
+    while hasattr(optimizer, "optimizer") and seen < 4:
+        optimizer, seen = optimizer.optimizer, seen + 1
+    return f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"
+
+
+def install_foreign_load_check(engine: Any) -> None:
+    """Wrap ``engine.load_checkpoint`` of an engine whose optimizer is not ours (built by
+    :func:`initialize` or :class:`~deepspeed_ext.strategy.DeepSpeedStrategy`) so that, loading optimizer
+    states, it refuses a checkpoint our optimizers wrote, on every rank, before DeepSpeed reads anything. Found by
+    a hunter: DeepSpeed's own AdamW took SOAA's checkpoint silently (no state, step counts from 1, SOAA's lr,
+    betas and weight decay)."""
+    if getattr(engine, "optimizer", None) is None or getattr(engine, "_lightning_soaa_foreign_check", False):
+        return
+    import inspect
+
+    load = engine.load_checkpoint
+    loading = optimizer_class_path(engine.optimizer)
+
+    def load_checkpoint(*args: Any, **kwargs: Any) -> Any:
+        given = inspect.signature(load).bind(*args, **kwargs).arguments
+        if given.get("load_optimizer_states", True) and not given.get("load_module_only", False):
+            load_dir, tag = given["load_dir"], given.get("tag")
+            for saved in agreed_checks(lambda: engine_saved_optimizer(engine, load_dir, tag)):
+                check_saved_optimizer(saved, None, load_dir, tag, loading)
+        return load(*args, **kwargs)
+
+    engine.load_checkpoint = load_checkpoint
+    engine._lightning_soaa_foreign_check = True

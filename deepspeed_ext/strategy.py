@@ -177,7 +177,9 @@ class DeepSpeedStrategy(_LightningDeepSpeedStrategy):
         client = self._client_for(model, optimizer)
         if client is None:
             if self._on_cuda():
-                return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
+                engine, ds_optimizer = super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
+                self._guard_foreign_engine(engine)
+                return engine, ds_optimizer
             client_opt = optimizer
         else:
             self._check_client(client)
@@ -205,4 +207,13 @@ class DeepSpeedStrategy(_LightningDeepSpeedStrategy):
             from deepspeed_ext.engine import bind
 
             bind(engine)  # the ZeRO wrapper, and save_checkpoint consolidating a stage-0 state first
+        else:
+            self._guard_foreign_engine(engine)
         return engine, ds_optimizer
+
+    def _guard_foreign_engine(self, engine: Any) -> None:
+        """The engine of an optimizer that is not ours refuses, at ``fit(ckpt_path=...)``, optimizer state ours
+        wrote (it loaded it silently, with our hyperparameters and fresh moments)."""
+        from deepspeed_ext.engine import install_foreign_load_check
+
+        install_foreign_load_check(engine)

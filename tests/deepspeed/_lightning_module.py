@@ -192,3 +192,42 @@ class TokenDSModule(_ForkSafe):
         torch.save({"params": params, "ref": ref, "names": [n for n, _ in self.model.named_parameters()],
                     "inner_groups": [(g.get("param_names"), g.get("use_asgo")) for g in client.inner.param_groups]},
                    Path(self.out_dir) / f"rank{self.global_rank}.pt")
+
+
+class SwitchModule(_ForkSafe):
+    """``tiny_mlp`` with lightning_soaa's AdamW (``ours``) or torch's AdamW, two param groups; with ``save_to``,
+    the fit ends with ``trainer.save_checkpoint(save_to)`` (a DeepSpeed checkpoint folder, every rank)."""
+
+    def __init__(self, ours: bool, save_to: str | None = None) -> None:
+        super().__init__()
+        self.net = tiny_mlp(0, torch.float32, SIZES)
+        self.ours, self.save_to = ours, save_to
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(torch.zeros(64, 1)), batch_size=1)
+
+    def training_step(self, _batch: Any, _idx: int) -> torch.Tensor:
+        return loss_fn(self.net, *batch(self.global_step, self.global_rank, dtype=torch.float32))
+
+    def configure_optimizers(self) -> Any:
+        if self.ours:
+            from lightning_soaa.optim.adamw import ShardedAdamW
+
+            return ShardedAdamW(split_groups(self.net), lr=1e-2, betas=(0.5, 0.6), weight_decay=0.3)
+        return torch.optim.AdamW(split_groups(self.net), lr=1e-3)
+
+    def on_train_end(self) -> None:
+        if self.save_to is not None:
+            self.trainer.save_checkpoint(self.save_to)
+
+
+def unguarded_strategy(**kwargs: Any) -> Any:
+    """deepspeed_ext's strategy (for its CPU support) whose engine of a foreign optimizer has nothing of ours on it:
+    the engine Lightning's own DeepSpeedStrategy builds on GPUs, which OptimizerStateCheck guards."""
+    from deepspeed_ext.strategy import DeepSpeedStrategy
+
+    class Unguarded(DeepSpeedStrategy):
+        def _guard_foreign_engine(self, engine: Any) -> None:
+            pass
+
+    return Unguarded(**kwargs)

@@ -965,3 +965,239 @@ def w_zero3_saved_on_fewer_ranks(rank: int, world: int, ckpt_root: str) -> dict[
         said = f"{type(exc).__name__}: {exc}"
     unchanged = all(torch.equal(a, b) for a, b in zip(before, engine.module.parameters()))
     return {"said": said, "unchanged": unchanged}
+
+
+# ---------------------------------------------------------------------- the optimizer switched between save and load
+FOREIGN = ("AdamW", {"lr": 1e-3, "torch_adam": True})  # DeepSpeed's own AdamW: torch.optim.AdamW
+
+
+def _switch_engine(stage: int, opt: tuple[str, dict[str, Any]], seed: int, *, precision: str = "fp32",
+                   raw: bool = False) -> tuple[Any, torch.nn.Module]:
+    """An engine over ``tiny_mlp(seed)`` (two param groups, or the model alone for EGN) running ``opt``: (type,
+    params). ``raw``: built by ``deepspeed.initialize`` itself, with nothing of ours around it."""
+    import deepspeed
+
+    import deepspeed_ext
+
+    opt_type, params = opt
+    cfg = make_config(stage, "bf16" if precision == "bf16" else "fp32", opt_type, params)
+    if precision == "fp16":
+        cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 8}
+    model = tiny_mlp(seed, torch.float32, SIZES)
+    groups = None if opt_type == "lightning_soaa.EGN" else split_groups(model)
+    if raw:
+        engine = deepspeed.initialize(model=model, config=cfg, model_parameters=groups)[0]
+    else:
+        engine = deepspeed_ext.initialize(model=model, config=cfg, model_parameters=groups)[0]
+    return engine, model
+
+
+def _switch_train(engine: Any, rank: int, steps: range, precision: str = "fp32") -> None:
+    import deepspeed_ext
+
+    client = deepspeed_ext.find_client_optimizer(engine)
+    for s in steps:
+        x, y = batch(s, rank, dtype=torch.float32)
+        if client is not None and hasattr(client, "set_batch"):  # EGN
+            client.set_batch(x, y)
+        if precision != "fp32":
+            dt = torch.bfloat16 if precision == "bf16" else torch.float16
+            x, y = x.to(dt), y.to(dt)
+        engine.backward(loss_fn(engine, x, y))
+        engine.step()
+
+
+def _base_optimizer(engine: Any) -> Any:
+    opt = engine.optimizer
+    while hasattr(opt, "optimizer"):  # DeepSpeed's ZeRO / fp16 wrappers
+        opt = opt.optimizer
+    return opt
+
+
+def _foreign_snapshot(engine: Any, model: torch.nn.Module) -> dict[str, Any]:
+    """What a refused load must leave as it was on the engine of DeepSpeed's own AdamW."""
+    base = _base_optimizer(engine)
+    return {"module": [p.detach().clone() for p in model.parameters()],
+            "groups": [{k: v for k, v in g.items() if k != "params"} for g in base.param_groups],
+            "state": len(base.state), "steps": engine.global_steps}
+
+
+def _error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def w_switch_to_foreign(rank: int, world: int, ckpt_root: str,
+                        cases: list[tuple[int, str, dict[str, Any]]]) -> dict[Any, Any]:
+    """Per (stage, our optimizer type, its params): 3 steps of ours, saved; an engine of DeepSpeed's own AdamW (built
+    by deepspeed_ext.initialize, other initial weights) loads it. Returns what each rank's load raised (or what it
+    loaded), whether the engine was left as it was, and whether the module-only load then took the saved weights;
+    every rank trains one more step after each (a rank that went on alone would hang the test)."""
+    ds_env(rank, world)
+    out: dict[Any, Any] = {}
+    for i, (stage, opt_type, params) in enumerate(cases):
+        path = os.path.join(ckpt_root, f"c{i}")
+        engine, model = _switch_engine(stage, (opt_type, params), 0)
+        _switch_train(engine, rank, range(3))
+        engine.save_checkpoint(path, tag="t3")
+        saved = [p.detach().clone() for p in model.parameters()]
+        del engine
+        engine, model = _switch_engine(stage, FOREIGN, 7)
+        before = _foreign_snapshot(engine, model)
+        try:
+            engine.load_checkpoint(path, tag="t3")
+            base = _base_optimizer(engine)
+            said = f"loaded: group 0 lr={base.param_groups[0]['lr']} betas={base.param_groups[0]['betas']}"
+        except Exception as exc:  # noqa: BLE001 - the message is what the test checks
+            said = _error(exc)
+        unchanged = _same(before, _foreign_snapshot(engine, model))
+        _switch_train(engine, rank, range(3, 4))
+        engine.load_checkpoint(path, tag="t3", load_optimizer_states=False, load_lr_scheduler_states=False)
+        module_only = all(torch.equal(a, b) for a, b in zip(saved, model.parameters()))
+        _switch_train(engine, rank, range(4, 5))
+        out[(stage, opt_type)] = {"said": said, "unchanged": unchanged, "module_only": module_only}
+        del engine
+    return out
+
+
+def w_switch_between_ours(rank: int, world: int, ckpt_root: str, stages: list[int]) -> dict[Any, Any]:
+    """SOAA saved (3 steps) at each stage, loaded by an ASGO engine of the same stage and world size: what the
+    engine's load raised; at ZeRO-2 also what the ASGO client's own load_state_dict raised when handed this
+    rank's SOAA state (the order of the client's checks, apart from the engine's). "foreign": DeepSpeed's own
+    AdamW saved at ZeRO-2, loaded by a SOAA engine: what it raised and whether its module was left as it was."""
+    ds_env(rank, world)
+    import deepspeed_ext
+
+    out: dict[Any, Any] = {}
+    path = os.path.join(ckpt_root, "foreign")
+    engine, _ = _switch_engine(2, FOREIGN, 0)
+    _switch_train(engine, rank, range(3))
+    engine.save_checkpoint(path, tag="t3")
+    del engine
+    engine, model = _switch_engine(2, ("lightning_soaa.SOAA", {"lr": 1e-2, "total_steps": 10}), 7)
+    before = [p.detach().clone() for p in model.parameters()]
+    try:
+        engine.load_checkpoint(path, tag="t3")
+        out["foreign"] = ("loaded", False)
+    except Exception as exc:  # noqa: BLE001 - the message is what the test checks
+        out["foreign"] = (_error(exc), all(torch.equal(a, b) for a, b in zip(before, model.parameters())))
+    del engine
+    for stage in stages:
+        path = os.path.join(ckpt_root, f"s{stage}")
+        engine, _ = _switch_engine(stage, ("lightning_soaa.SOAA", {"lr": 1e-2, "total_steps": 10}), 0)
+        _switch_train(engine, rank, range(3))
+        engine.save_checkpoint(path, tag="t3")
+        del engine
+        engine, _ = _switch_engine(stage, ("lightning_soaa.ASGO", {"lr": 1e-2}), 7)
+        try:
+            engine.load_checkpoint(path, tag="t3")
+            out[stage] = "loaded"
+        except Exception as exc:  # noqa: BLE001 - the message is what the test checks
+            out[stage] = _error(exc)
+        if stage == 2:
+            state = torch.load(_own_optim_file(engine, os.path.join(path, "t3")), weights_only=False)
+            try:
+                deepspeed_ext.find_client_optimizer(engine).load_state_dict(
+                    state["optimizer_state_dict"]["base_optimizer_state"])
+                out["client"] = "loaded"
+            except Exception as exc:  # noqa: BLE001 - the message is what the test checks
+                out["client"] = _error(exc)
+        del engine
+    return out
+
+
+def _fp32_of(engine: Any, stage: int, model: torch.nn.Module) -> list[torch.Tensor]:
+    import deepspeed_ext
+
+    client = deepspeed_ext.find_client_optimizer(engine)
+    if not hasattr(client, "_canonical_groups"):  # EGN: ZeRO-0, fp32, the module's own parameters
+        return [p.detach().clone() for p in model.parameters()]
+    order = [p for g in split_groups(model) for p in g["params"]]
+    return full_fp32_params(engine, stage, client, list(model.parameters()), order)
+
+
+def w_wrappers_round_trip(rank: int, world: int, ckpt_root: str, cases: list[tuple[int, str]]) -> dict[Any, Any]:
+    """Per (stage, precision) -- each of DeepSpeed's optimizer wrappers around our client: SOAA 2 steps, saved, 2
+    more (the uninterrupted run); a fresh SOAA engine (other weights) loads it and takes the same 2 steps; then an
+    engine of DeepSpeed's own AdamW built by deepspeed.initialize itself (nothing of ours around it) loads it.
+    Returns both runs' fp32 parameters and what the foreign load did."""
+    ds_env(rank, world)
+    allow_cpu_fp16()
+    soaa = ("lightning_soaa.SOAA", {"lr": 1e-2, "weight_decay": 0.1, "total_steps": 10})
+    out: dict[Any, Any] = {}
+    for stage, precision in cases:
+        path = os.path.join(ckpt_root, f"{precision}{stage}")
+        runs = []
+        for seed in (0, 7):
+            engine, model = _switch_engine(stage, soaa, seed, precision=precision)
+            if seed == 0:
+                _switch_train(engine, rank, range(2), precision)
+                engine.save_checkpoint(path, tag="t2")
+            else:
+                engine.load_checkpoint(path, tag="t2")
+            _switch_train(engine, rank, range(2, 4), precision)
+            runs.append(_fp32_of(engine, stage, model))
+            del engine
+        engine, _ = _switch_engine(stage, FOREIGN, 7, precision=precision, raw=True)
+        try:
+            engine.load_checkpoint(path, tag="t2")
+            said = f"loaded: group 0 lr={_base_optimizer(engine).param_groups[0]['lr']}"
+        except Exception as exc:  # noqa: BLE001 - the message is what the test checks
+            said = _error(exc)
+        out[(stage, precision)] = {"runs": runs, "foreign": said}
+        del engine
+    return out
+
+
+def _as_the_previous_version_wrote_it(folder: str) -> int:
+    """Rewrite every file of a checkpoint folder holding our client's state as the code before 2026-12-05 wrote it:
+    no marker param group after the real ones. Returns how many marker groups were dropped."""
+    from deepspeed_ext.client import SAVED_BY_KEY
+
+    def strip(sd: Any, depth: int = 0) -> int:
+        if not isinstance(sd, dict) or depth > 3:
+            return 0
+        groups = sd.get("param_groups")
+        if isinstance(groups, list) and groups and isinstance(groups[-1], dict) and SAVED_BY_KEY in groups[-1]:
+            groups.pop()
+            return 1
+        return sum(strip(sd.get(k), depth + 1) for k in ("optimizer", "optimizer_state_dict", "base_optimizer_state"))
+
+    dropped = 0
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        n = strip(state)
+        if n:
+            torch.save(state, path)
+        dropped += n
+    return dropped
+
+
+def w_previous_version_resumes(rank: int, world: int, ckpt_root: str,
+                               cases: list[tuple[int, str, dict[str, Any]]]) -> dict[Any, Any]:
+    """Per (stage, our optimizer type, its params): 2 steps, saved, 2 more (the uninterrupted run); a fresh engine
+    (other weights) loads the checkpoint and takes the same 2 steps; then rank 0 rewrites the checkpoint as the
+    previous version of deepspeed_ext wrote it and another fresh engine does the same. Returns the marker groups
+    dropped, and the three runs' fp32 parameters."""
+    ds_env(rank, world)
+    out: dict[Any, Any] = {}
+    for stage, opt_type, params in cases:
+        path = os.path.join(ckpt_root, f"s{stage}{opt_type}")
+        engine, model = _switch_engine(stage, (opt_type, params), 0)
+        _switch_train(engine, rank, range(2))
+        engine.save_checkpoint(path, tag="t2")
+        _switch_train(engine, rank, range(2, 4))
+        runs = [_fp32_of(engine, stage, model)]
+        del engine
+        dropped = None
+        for previous in (False, True):
+            if previous and rank == 0:
+                dropped = _as_the_previous_version_wrote_it(os.path.join(path, "t2"))
+            dist.barrier()
+            engine, model = _switch_engine(stage, (opt_type, params), 7)
+            engine.load_checkpoint(path, tag="t2")
+            _switch_train(engine, rank, range(2, 4))
+            runs.append(_fp32_of(engine, stage, model))
+            del engine
+        out[(stage, opt_type)] = {"dropped": dropped, "runs": runs}
+    return out

@@ -176,3 +176,31 @@ def test_asgo_named_in_the_json_under_lightning_steps_an_embedding_named_wte_by_
         routed = {n.removesuffix("[cut]"): use for names, use in rec["inner_groups"] for n in names or ()
                   if ".wte." in n}
         assert routed == {"model.wte.weight": False}, rec["inner_groups"]
+
+
+def test_a_torch_optimizer_resuming_our_deepspeed_checkpoint_under_lightning_is_refused(tmp_path):
+    """Found by a hunter: a DeepSpeed checkpoint folder of our AdamW (ZeRO-2, 2 ranks) resumed by a fit whose
+    configure_optimizers returns torch's AdamW loaded silently (no state, our lr/betas/weight decay). Refused on
+    every rank, naming both optimizers: by OptimizerStateCheck on an engine with nothing of ours on it (Lightning's
+    own strategy on GPUs), and by deepspeed_ext's strategy itself without the callback."""
+    from deepspeed_ext.strategy import DeepSpeedStrategy
+    from lightning_soaa.lightning import OptimizerStateCheck
+    from tests.deepspeed._lightning_module import SwitchModule, unguarded_strategy
+
+    config = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 8, "gradient_clipping": 0.0}
+    kwargs = {"config": config, "start_method": "fork", "process_group_backend": "gloo"}
+    ckpt = str(tmp_path / "ours.ckpt")
+
+    def trainer(strategy: Any, **kw: Any) -> Any:
+        import lightning.pytorch as pl
+
+        return pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, precision="32-true", logger=False,
+                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **kw)
+
+    trainer(DeepSpeedStrategy(**kwargs), max_steps=2).fit(SwitchModule(ours=True, save_to=ckpt))
+    said = r"written by lightning_soaa\.AdamW; this engine's optimizer is torch\.optim\.adamw\.AdamW"
+    with pytest.raises(Exception, match=said):
+        trainer(unguarded_strategy(**kwargs), max_steps=4,
+                callbacks=[OptimizerStateCheck()]).fit(SwitchModule(ours=False), ckpt_path=ckpt)
+    with pytest.raises(Exception, match=said):
+        trainer(DeepSpeedStrategy(**kwargs), max_steps=4).fit(SwitchModule(ours=False), ckpt_path=ckpt)
