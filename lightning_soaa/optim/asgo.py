@@ -958,9 +958,10 @@ class ASGO(_OneSided):
             its parts once it trains, exactly as if it had been trainable at construction: the group's
             ``fused_parts``, ``[(position, parts), ...]``, decided when the group is built or added (a
             layout option, saved with the group, so a resume at any world size steps the same parts; a
-            group that sets it is taken as given, ``[]`` steps each whole). ``asgo_param_groups(model,
-            fused=...)`` records the parts of the frozen matrices it leaves out for an optimizer built
-            without ``fused``. Needs named parameters; a suffix that matches no matrix given, nor a frozen one
+            group that sets it keeps it, ``[]`` steps each whole, its trainable matrices moving as any
+            group's). ``asgo_param_groups(model, fused=...)`` records the parts of the frozen matrices it
+            leaves out for an optimizer built without ``fused`` (its latest call decides).
+            Needs named parameters; a suffix that matches no matrix given, nor a frozen one
             of the model walked by ``asgo_param_groups`` / ``route_param_groups``, raises. The regrouped
             groups are what ``param_groups``, LR schedulers and checkpoints see.
         nesterov: False (default: the paper's rule, :math:`D_t = M_t`) or True: the matrix blocks precondition
@@ -1005,7 +1006,9 @@ class ASGO(_OneSided):
         "checkpoint saved before 2026-12-05 stepped such a matrix whole; to continue it as saved, give that "
         "group fused_parts=[] (to the constructor in the param group, or to add_param_group); a torch DCP "
         "checkpoint then needs dcp.load(..., planner=DefaultLoadPlanner(allow_partial_load=True)), since "
-        "it lacks the key")})
+        "it lacks the key. Where the group is replayed from the checkpoint (Lightning's BaseFinetuning adds the "
+        "saved groups itself), build the optimizer without that matrix's suffix in fused instead: it is then "
+        "stepped whole, as it was saved")})
 
     _layout_hint = (" If the state comes from a run with FSDP2 and this one is without (or the other way): "
                     "under FSDP2 a matrix with fewer rows than columns is preconditioned on its right side "
@@ -1166,7 +1169,8 @@ class ASGO(_OneSided):
         if why and not by_group:
             raise ValueError(f"{type(self).__name__}: parameter {label} of shape {tuple(param.shape)}, {parts} "
                              f"parts by its group's fused_parts (from fused), {why.replace('row_parts=', 'parts=')}. "
-                             "Give fused its number of parts, or that group fused_parts=[] to step it whole.")
+                             "Leave it out of fused (or give its suffix a number of parts that fits), or give that "
+                             "group fused_parts=[] to step it whole.")
         if why:
             raise ValueError(f"{type(self).__name__}: parameter {label} of shape {tuple(param.shape)} in a "
                              f"row_parts={parts} group {why}. Put only the fused matrices (e.g. the QKV "

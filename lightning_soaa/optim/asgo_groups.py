@@ -63,16 +63,21 @@ def route_hint(param: Any) -> RouteHint | None:
 
 def _record_hints(module: nn.Module, adamw: set[int], fused: Mapping[str, int] | None = None) -> None:
     """A :class:`RouteHint` for every parameter of ``module``, frozen ones included (they are the ones a
-    later ``add_param_group`` brings); ``fused``: the parts of the matrices it matches."""
+    later ``add_param_group`` brings); ``fused``: the parts of the matrices it matches (``{}``: none, a walk
+    for groups that asked for none; None: those an earlier walk recorded are kept)."""
     for name, p in module.named_parameters(remove_duplicate=False):
         old = route_hint(p)
         s = fused_suffix(name, p, fused) if fused else None
         # the first walk's name (a later walk of a part or a wrapper names from another root); a table is
         # a table if any walk saw its module (a head tied to it is walked without the nn.Embedding); the
-        # parts of the latest walk given fused that matched it
+        # parts of the latest walk of asgo_param_groups: an earlier fused= must not cut the matrices of an
+        # optimizer built later without it (found by a reviewer: an ablation in the same process); the first
+        # walk's module while it lives (a wrapper walked first and dropped left a dead reference, and fused
+        # refused a model whose only fused matrix is frozen)
+        alive = old is not None and old.module is not None and old.module() is not None
         _HINTS[p] = RouteHint(name if old is None else old.name, id(p) in adamw or (old is not None and old.adamw),
-                              weakref.ref(module) if old is None else old.module,
-                              fused[s] if fused and s else (1 if old is None else old.parts))
+                              old.module if alive and old is not None else weakref.ref(module),
+                              (fused[s] if s else 1) if fused is not None else (1 if old is None else old.parts))
 
 
 def check_fused(fused: Any) -> dict[str, int]:
@@ -176,12 +181,48 @@ def _walked_frozen_suffixes(given: list[Any], fused: Mapping[str, int]) -> set[s
 
 
 def _subgroup(group: dict[str, Any], picked: list[int], items: list[Any], **extra: Any) -> dict[str, Any]:
-    out = {k: v for k, v in group.items() if k not in ("params", "param_names")}
+    # fused_parts are positions in the group as given: the caller moves them (_head), a parts group has none
+    out = {k: v for k, v in group.items() if k not in ("params", "param_names", "fused_parts")}
     out["params"] = [items[i] for i in picked]
     if "param_names" in group:
         out["param_names"] = [group["param_names"][i] for i in picked]
     out.update(extra)
     return out
+
+
+def _head(group: dict[str, Any], by: dict[str | None, list[int]], items: list[Any], fused: Mapping[str, int],
+          names: Mapping[int, str]) -> dict[str, Any]:
+    """What stays of ``group`` once its trainable matrices of ``fused`` moved to their parts groups (``by``:
+    suffix, or None for those that stay -> positions in ``items``), with its ``fused_parts``: decided now for
+    the frozen matrices that stayed, or the group's own (:func:`_given_parts`)."""
+    head = _subgroup(group, by.get(None, []), items)
+    if "fused_parts" in group:
+        return {**head, "fused_parts": _given_parts(group, by, fused)}
+    frozen = fused_parts_of(head, fused, names)  # what stayed: frozen matrices, decided now
+    return {**head, "fused_parts": frozen} if frozen else head
+
+
+def _given_parts(group: dict[str, Any], by: dict[str | None, list[int]], fused: Mapping[str, int]) -> Any:
+    """The ``fused_parts`` a group sets, its entries moved to the positions of the parameters that stay
+    (``by[None]``). Why a group that sets it is split too: ``fused_parts=[]`` is the remedy for a checkpoint
+    saved before the key, whose run moved the trainable matrices out all the same (a model with a trainable
+    and a frozen fused matrix was refused as 'a different number of param groups'). An entry of a moved
+    matrix is dropped (its parts group steps it as its parts) unless it gives other parts: refused."""
+    given = group["fused_parts"]
+    kept = by.get(None, [])
+    pairs = isinstance(given, (list, tuple)) and all(
+        isinstance(e, (list, tuple)) and len(e) == 2 and all(type(x) is int for x in e) for e in given)
+    if not pairs or len(kept) == sum(map(len, by.values())):  # malformed (ASGO's check names it), or none moved
+        return given
+    parts_of = {i: fused[s] for s, picked in by.items() if s is not None for i in picked}
+    clash = [(i, k) for i, k in given if i in parts_of and k != parts_of[i]]
+    if clash:
+        i, k = clash[0]
+        raise ValueError(f"Invalid fused_parts={given!r}: position {i} gives {k} parts to a trainable matrix to "
+                         f"which fused={dict(fused)!r} gives {parts_of[i]}. Give it one of the two.")
+    at = {i: j for j, i in enumerate(kept)}
+    moved = [(at[i], k) for i, k in given if i in at]
+    return moved if isinstance(given, list) else tuple(moved)
 
 
 def split_fused(params: Iterable[Any], fused: Mapping[str, int],
@@ -197,7 +238,8 @@ def split_fused(params: Iterable[Any], fused: Mapping[str, int],
     A matched matrix that is frozen stays in its group (so the groups do not depend on what trains now),
     which records its parts as ``fused_parts`` (:func:`fused_parts_of`): decided here, once, it is stepped
     as its parts whenever it trains, and the key is saved with the group. A group that sets
-    ``fused_parts`` itself is left as given.
+    ``fused_parts`` itself keeps it (its positions moved to the parameters that stay; ``[]``: each whole);
+    its trainable matrices move as any group's.
 
     Raises:
         ValueError: ``fused`` is not ``{str: int >= 1}``; a suffix matches no matrix given, nor a frozen one
@@ -229,7 +271,7 @@ def split_fused(params: Iterable[Any], fused: Mapping[str, int],
             unnamed += int(name is None and isinstance(t, Tensor) and t.dim() >= 2)
             s = fused_suffix(name, t, fused)
             found.update([s] if s else [])  # a frozen matrix too: it is stepped as its parts (fused_parts)
-            s = None if "fused_parts" in g else _suffix(name, t, fused)  # a group whose parts are given stays
+            s = _suffix(name, t, fused)
             by.setdefault(None if g.get("use_asgo") is False else s, []).append(i)
         moved = [s for s in fused if s in by]
         parts = []
@@ -239,10 +281,10 @@ def split_fused(params: Iterable[Any], fused: Mapping[str, int],
                                  f"row_parts={g['row_parts']!r}. Give those matrices one of the two.")
             parts.append(_subgroup(g, by[s], plist, row_parts=fused[s]))
         if by.get(None) or not moved:
-            head = _subgroup(g, by.get(None, []), plist)
-            frozen = fused_parts_of(head, fused, names)  # what stayed: frozen matrices, decided now
-            heads.append({**head, "fused_parts": frozen} if frozen else head)
+            heads.append(_head(g, by, plist, fused, names))
         else:  # every parameter left the group: its (first) parts group takes its place, so the user's
+            if "fused_parts" in g:  # its entries named moved matrices only: checked, then dropped
+                _given_parts(g, by, fused)
             heads.append(parts.pop(0))  # groups keep their indices (an LR schedule's per-group list)
         tails += parts
     missing = [s for s in fused if s not in found]
@@ -282,7 +324,7 @@ def asgo_param_groups(module: nn.Module, *, fused: dict[str, int] | None = None,
     emb_ids = _embedding_table_ids(module) | _weight_norm_gains(module)
     if fused:
         _refuse_transposed_fused(module, check_fused(fused))
-    _record_hints(module, emb_ids, fused)
+    _record_hints(module, emb_ids, fused or {})  # (without fused: this walk's groups ask for no parts)
     rest: list[tuple[str, Tensor]] = []
     emb: list[tuple[str, Tensor]] = []
     for name, p in module.named_parameters():

@@ -123,7 +123,7 @@ def test_a_group_all_of_whose_matrices_move_keeps_its_index_under_a_per_group_sc
 def test_suffixes_match_whole_dotted_parts_trainable_matrices_move_and_frozen_ones_are_recorded() -> None:
     """Found by review: "kv.weight" (a cross-attention's fused k/v, 2 parts) also caught "self_attn.qkv.weight"
     (3 parts), which was stepped as two parts of 1.5 heads each. A frozen matrix stays in its group, which
-    records its parts (``fused_parts``); a group that sets ``fused_parts`` itself is left as given."""
+    records its parts (``fused_parts``); a group that sets ``fused_parts`` itself keeps it."""
     m = _model()
     named = [(n, p) for n, p in m.named_parameters() if n != "attn.qkv.weight"]
     with pytest.raises(ValueError, match="no matrix parameter's name, trainable or frozen, ends with 'kv.weight'"):
@@ -133,8 +133,10 @@ def test_suffixes_match_whole_dotted_parts_trainable_matrices_move_and_frozen_on
     groups = split_fused(m.named_parameters(), {"proj.weight": 2})
     assert len(groups) == 1 and groups[0]["fused_parts"] == ((3, 2),)
     assert [n for n, _ in groups[0]["params"]][3] == "proj.weight"
-    given = [{"params": list(m.named_parameters()), "fused_parts": []}]
-    assert split_fused(given, {"proj.weight": 2, "qkv.weight": 3}) == given  # decided by the caller: as given
+    given = [{"params": list(m.named_parameters()), "fused_parts": []}]  # decided by the caller: kept, and the
+    got = split_fused(given, {"proj.weight": 2, "qkv.weight": 3})  # trainable matrices move as in any group
+    assert [(g.get("fused_parts"), g.get("row_parts")) for g in got] == [([], None), (None, 3)]
+    assert [n for n, _ in got[1]["params"]] == ["qkv.weight", "attn.qkv.weight"]
 
 
 def test_a_group_given_as_a_set_is_left_for_torch_to_refuse() -> None:
@@ -448,3 +450,79 @@ def test_bad_fused_parts_are_refused_naming_the_value_and_what_is_allowed() -> N
     with pytest.raises(ValueError, match=re.escape("parameter qkv.weight of shape (9, 5), 2 parts by its group's "
                                                    "fused_parts (from fused), has 9 rows, not a multiple of parts=2")):
         ASGO(named, fused={"qkv.weight": 2})  # frozen: refused as a trainable one (it was stepped whole)
+
+
+def test_the_remedy_for_a_checkpoint_saved_without_fused_parts_loads_it_where_another_fused_matrix_trained() -> None:
+    """Found by a reviewer: the remedy the refusal names (the group given ``fused_parts=[]``) kept that group's
+    trainable fused matrices in it too, while the run that saved the checkpoint had moved them to their
+    ``row_parts`` group, so a model with one trainable and one frozen fused matrix (a partly frozen model)
+    was refused again, as 'the state has 2 param groups, this optimizer has 1'. The trainable ones move as
+    they always did; the checkpoint (written here in the layout of before the key) loads and continues bit
+    for bit."""
+    a = _model()
+    a.attn.qkv.requires_grad_(False)  # 'attn.qkv.weight' frozen; 'qkv.weight' (same suffix) trains
+    named = dict(a.named_parameters())
+    kept = [(n, p) for n, p in named.items() if n != "qkv.weight"]
+    saved_by = ASGO([{"params": kept, "fused_parts": []}, {"params": [("qkv.weight", named["qkv.weight"])],
+                                                          "row_parts": 3}], **KW)  # as fused laid it out then
+    _steps(a, saved_by, 2)
+    a.attn.qkv.requires_grad_(True)
+    _steps(a, saved_by, 2)
+    sd = copy.deepcopy(saved_by.state_dict())
+    for g in sd["param_groups"]:
+        g.pop("fused_parts", None)
+    b = _model()
+    b.load_state_dict(a.state_dict())
+    b.attn.qkv.requires_grad_(False)
+    resumed = ASGO([{"params": list(b.named_parameters()), "fused_parts": []}], fused={"qkv.weight": 3}, **KW)
+    assert [g.get("row_parts", 1) for g in resumed.param_groups] == [1, 3]
+    b.attn.qkv.requires_grad_(True)
+    resumed.load_state_dict(sd)
+    _steps(a, saved_by, 2)
+    _steps(b, resumed, 2)
+    for (n, p), q in zip(b.named_parameters(), a.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=n)
+
+
+def test_a_group_that_sets_fused_parts_keeps_them_on_the_parameters_that_stay() -> None:
+    """Its trainable fused matrices move out (above): the given positions follow the parameters that stay,
+    and an entry that gives a moved matrix other parts than ``fused`` is refused naming both."""
+    m, _ = qkv_pair()
+    named = list(m.named_parameters())  # inp.weight, inp.bias, qkv.weight, qkv.bias, out.weight, out.bias
+    twin = [(f"x.{n}", p.detach().clone().requires_grad_(False)) for n, p in named[2:3]]  # a frozen 'x.qkv.weight'
+    opt = ASGO([{"params": named + twin, "fused_parts": [(6, 3)]}], fused=FUSED)
+    assert opt.param_groups[0]["fused_parts"] == [(5, 3)] and opt.param_groups[0]["param_names"][5] == "x.qkv.weight"
+    assert opt.param_groups[1]["param_names"] == ["qkv.weight"] and "fused_parts" not in opt.param_groups[1]
+    with pytest.raises(ValueError, match=re.escape("Invalid fused_parts=[(2, 2)]: position 2 gives 2 parts to a "
+                                                   "trainable matrix to which fused={'qkv.weight': 3} gives 3")):
+        ASGO([{"params": named, "fused_parts": [(2, 2)]}], fused=FUSED)
+
+
+def test_parts_recorded_by_an_earlier_walk_given_fused_do_not_cut_an_optimizer_built_later_without_it() -> None:
+    """Found by a reviewer: the parts ``asgo_param_groups(model, fused=...)`` recorded outlived its optimizer,
+    so an ablation in the same process (``asgo_param_groups(model)``, ASGO without ``fused``) stepped the
+    projection that BaseFinetuning adds as its parts, nothing having asked for them. The latest walk decides."""
+    m, _ = qkv_pair()
+    set_qkv_trainable(m, False)
+    asgo_param_groups(m, fused=FUSED)
+    opt = ASGO(asgo_param_groups(m), **KW)
+    opt.add_param_group({"params": set_qkv_trainable(m, True)})
+    assert "fused_parts" not in opt.param_groups[-1]
+    assert len(opt.block_table.by_param[next(i for i, p in enumerate(opt._params) if p is m.qkv.weight)]) == 1
+
+
+def test_a_frozen_fused_matrix_is_found_after_a_wrapper_walked_first_is_gone() -> None:
+    """Found by a reviewer: the walk's module was the first walk's, kept by weak reference; a wrapper walked
+    first and dropped left it dead, and ``fused`` refused a model whose only fused matrix is frozen as
+    matching nothing. A later walk's module replaces a dead one."""
+    import gc
+
+    from lightning_soaa.optim.asgo_groups import route_param_groups
+
+    m, _ = qkv_pair()
+    set_qkv_trainable(m, False)
+    route_param_groups(nn.Sequential(m))
+    gc.collect()
+    opt = ASGO(asgo_param_groups(m), fused=FUSED, **KW)
+    opt.add_param_group({"params": set_qkv_trainable(m, True)})
+    assert opt.param_groups[-1]["fused_parts"] == ((0, 3),)
