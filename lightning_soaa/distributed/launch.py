@@ -44,7 +44,9 @@ import os
 import re
 import socket
 import sys
+import threading
 import time
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -297,6 +299,8 @@ _STORE_ROUND_S = 10.0
 _STORE_CONNECT_S = 30.0
 #: how often rank 0 looks at the round's counters
 _STORE_POLL_S = 0.05
+#: how long a rank waits for the answer of what listens at rank 0's MASTER_PORT (a store answers at once)
+_STORE_HANDSHAKE_S = 10.0
 
 
 def _mpi4py_importable() -> bool:
@@ -359,16 +363,10 @@ def _store_round(info: LaunchInfo, has_mpi4py: bool, timeout_s: float,
     """
     assert info.master_addr is not None and info.master_port is not None
     where = f"{info.master_addr}:{info.master_port}"
-    store = _round_store(info, has_mpi4py, timeout_s, where)
+    prefix = _round_prefix(info, env)
+    store = _arrive(info, has_mpi4py, timeout_s, where, prefix)
     if store is None:
         return None, False
-    prefix = _round_prefix(info, env)
-    # "without" is counted before "arrived", and rank 0 reads them the other way round: a rank it counts as
-    # arrived is in its count of ranks without mpi4py already when it lacks it
-    if not has_mpi4py:
-        store.add(prefix + "without", 1)
-    store.set(f"{prefix}rank/{info.rank}", "1" if has_mpi4py else "0")
-    store.add(prefix + "arrived", 1)
     if info.rank == 0:
         decision = _decide(store, prefix, info.world_size, timeout_s, where)
         store.set(prefix + "decision", decision)
@@ -397,7 +395,41 @@ def _store_round(info: LaunchInfo, has_mpi4py: bool, timeout_s: float,
     raise RuntimeError(detail)
 
 
-def _round_store(info: LaunchInfo, has_mpi4py: bool, timeout_s: float, where: str) -> dist.Store | None:
+def _arrive(info: LaunchInfo, has_mpi4py: bool, timeout_s: float, where: str, prefix: str) -> dist.Store | None:
+    """Reach rank 0's store (:func:`_round_store`) and count this rank in, saying whether it has mpi4py.
+
+    A rank counted in as more than the world's ranks found the store of an earlier ``init_from_env`` of this
+    job, which rank 0's group holds until rank 0 destroys it (a script that joins, destroys and joins again,
+    one rank faster than rank 0): that round is complete and its decision not ours (the rank joined the old
+    group's addresses and failed), so the rank waits for rank 0's next store, within its connect window."""
+    connect = timeout_s if not has_mpi4py else min(timeout_s, _STORE_CONNECT_S)
+    deadline = time.monotonic() + connect
+    while True:
+        store = _round_store(info, has_mpi4py, timeout_s, where, deadline)
+        if store is None:
+            return None
+        # "without" is counted before "arrived", and rank 0 reads them the other way round: a rank it counts as
+        # arrived is in its count of ranks without mpi4py already when it lacks it
+        if not has_mpi4py:
+            store.add(prefix + "without", 1)
+        store.set(f"{prefix}rank/{info.rank}", "1" if has_mpi4py else "0")
+        if store.add(prefix + "arrived", 1) <= info.world_size or info.rank == 0:
+            return store
+        del store
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.2)
+    stale = (f"rank 0's store at MASTER_ADDR:MASTER_PORT={where} still holds the group of an earlier "
+             f"init_from_env after {connect:g} s")
+    if has_mpi4py:
+        log.info("rank %d: %s: agreeing through MPI", info.rank, stale)
+        return None
+    raise RuntimeError(f"Rank {info.rank}: {stale}; destroy that group on every rank (dist.destroy_process_group()) "
+                       "before calling init_from_env again, or install mpi4py on every rank.")
+
+
+def _round_store(info: LaunchInfo, has_mpi4py: bool, timeout_s: float, where: str,
+                 deadline: float | None = None) -> dist.Store | None:
     """Rank 0 hosts the round's store at its ``MASTER_ADDR``/``MASTER_PORT``; the others connect to it. A
     rank with mpi4py that cannot reach it in :data:`_STORE_CONNECT_S` returns ``None`` (it has MPI left)."""
     assert info.master_addr is not None and info.master_port is not None
@@ -409,14 +441,19 @@ def _round_store(info: LaunchInfo, has_mpi4py: bool, timeout_s: float, where: st
         except dist.DistError as e:
             raise RuntimeError(f"Rank 0 cannot host the rendezvous at MASTER_ADDR:MASTER_PORT={where}: {e}") from e
     connect = timeout_s if not has_mpi4py else min(timeout_s, _STORE_CONNECT_S)
-    try:
-        # a bounded wait for the port first: TCPStore's own connect retries past its timeout, logging each try
-        if _listening(info.master_addr, info.master_port, connect):
-            return dist.TCPStore(info.master_addr, info.master_port, info.world_size, is_master=False,
-                                 timeout=timeout, wait_for_workers=False)
-        error = f"nothing listens there after {connect:g} s"
-    except dist.DistError as e:
-        error = str(e)
+    deadline = time.monotonic() + connect if deadline is None else deadline
+    error = f"nothing listens there after {connect:g} s"  # the window _arrive gave, counted from its start
+    # a bounded wait for the port first: TCPStore's own connect retries past its timeout, logging each try
+    while _listening(info.master_addr, info.master_port, deadline - time.monotonic()):
+        store, error = _store_client(info.master_addr, info.master_port, info.world_size, timeout,
+                                     max(1.0, min(_STORE_HANDSHAKE_S, deadline - time.monotonic())))
+        if store is not None or "does not answer" in error or time.monotonic() >= deadline:
+            break  # a store, or a service that is none (it will not become one), or no time left
+        time.sleep(_STORE_POLL_S)  # refused or reset: a store that closed (an earlier group's), or not up yet
+    else:
+        store = None
+    if store is not None:
+        return store
     if has_mpi4py:
         log.info("rank %d: rank 0's store at %s unreachable (%s): agreeing through MPI", info.rank, where, error)
         return None
@@ -424,6 +461,30 @@ def _round_store(info: LaunchInfo, has_mpi4py: bool, timeout_s: float, where: st
         f"Rank {info.rank} cannot reach rank 0's store at MASTER_ADDR:MASTER_PORT={where} ({error}): rank 0 has "
         "other values or none, or did not start; and mpi4py is missing on this rank, so MPI cannot tell it rank "
         f"0's: {_EXPORT_HINT} (the same values), or install mpi4py on every rank.")
+
+
+def _store_client(addr: str, port: int, world_size: int, timeout: datetime.timedelta,
+                  seconds: float) -> tuple[dist.Store | None, str]:
+    """A client of the store at ``addr:port``, or ``None`` and why. TCPStore's handshake waits without bound
+    for an answer from whatever accepts the connection (a service that is not a store never answers: the rank
+    hung there while the others waited in ``MPI_Init``), so it runs in a thread given ``seconds``."""
+    box: list[dist.Store | BaseException] = []
+
+    def connect() -> None:
+        try:
+            box.append(dist.TCPStore(addr, port, world_size, is_master=False, timeout=timeout,
+                                     wait_for_workers=False))
+        except BaseException as e:  # noqa: BLE001  (handed to the caller's thread)
+            box.append(e)
+
+    thread = threading.Thread(target=connect, name="lightning_soaa-store-connect", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if not box:  # the thread stays blocked on that socket; nothing else waits for it
+        return None, (f"something accepts connections there but does not answer as a torch TCPStore within "
+                      f"{seconds:g} s: another service on that port?")
+    result = box[0]
+    return (None, str(result)) if isinstance(result, BaseException) else (result, "")
 
 
 def _listening(addr: str, port: int, seconds: float) -> bool:
@@ -636,12 +697,14 @@ def init_from_env(
                                 timeout=timeout)
     install_exit_drain()  # a gloo rank must not abort in interpreter teardown (see teardown.py)
     global _joined
-    _joined = (dist.group.WORLD, info)
+    # a weak reference: the group holds rank 0's store, which holds MASTER_PORT; a strong one kept the port bound
+    # after destroy_process_group, and the next init_from_env of this process failed with EADDRINUSE
+    _joined = (weakref.ref(dist.group.WORLD), info)
     return info
 
 
 #: the default group :func:`init_from_env` joined, and the :class:`LaunchInfo` it joined it with
-_joined: tuple[object, LaunchInfo] | None = None
+_joined: tuple[weakref.ref[Any], LaunchInfo] | None = None
 
 
 def _already_joined(info: LaunchInfo) -> LaunchInfo:
@@ -649,7 +712,7 @@ def _already_joined(info: LaunchInfo) -> LaunchInfo:
     with when :func:`init_from_env` joined it, else ``info`` (the environment's). Never the MPI agreement:
     every rank must join that allgather, and a later call may come from some ranks only (a rank-zero-only
     hook): rank 0 then waited in it forever, and a peer that failed meanwhile hung in ``MPI_Finalize``."""
-    if _joined is not None and _joined[0] is dist.group.WORLD:
+    if _joined is not None and _joined[0]() is dist.group.WORLD:
         return _joined[1]
     return info
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import concurrent.futures
+import gc
 import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 import types
 
@@ -369,6 +371,61 @@ def test_store_round_settles_for_mpi_and_a_late_rank_without_mpi4py_names_itself
     with pytest.raises(RuntimeError, match=r"mpi4py is missing on rank 2, and the ranks need MPI to agree on the "
                                            r"rendezvous: rank\(s\) 2 had not reached rank 0's store"):
         _store_round(detect_launch({**env, "OMPI_COMM_WORLD_RANK": "2"}), False, 30, {})
+
+
+def test_store_round_against_a_service_that_is_no_store_ends_in_bounded_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank 1's MASTER_PORT leads to a service that accepts connections but is no TCPStore (rank 1 given another
+    port than rank 0's, held by something else): TCPStore's handshake waited for its answer without bound, while
+    rank 0 settled for MPI and waited in MPI_Init (the job hung; the MPI agreement had named both ports). The
+    rank now gives up on it: to the MPI agreement with mpi4py, else with an error naming the service."""
+    import lightning_soaa.distributed.launch as launch
+
+    monkeypatch.setattr(launch, "_STORE_HANDSHAKE_S", 1.0, raising=False)
+    with socket.socket() as service:
+        service.bind(("127.0.0.1", 0))
+        service.listen(8)
+        held: list[object] = []  # accepted, never answered
+        threading.Thread(target=lambda: [held.append(service.accept()) for _ in range(4)], daemon=True).start()
+        env = {**MPI2, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(service.getsockname()[1])}
+        for has_mpi4py in (True, False):
+            outcome: list[object] = []
+
+            def one(has: bool = has_mpi4py, out: list[object] = outcome) -> None:
+                try:
+                    out.append(_store_round(detect_launch(env), has, 3.0, {}))
+                except RuntimeError as e:
+                    out.append(str(e))
+
+            worker = threading.Thread(target=one, daemon=True)
+            worker.start()
+            worker.join(20)
+            assert outcome, f"has_mpi4py={has_mpi4py}: still connecting after 20 s (timeout_s=3)"
+            if has_mpi4py:
+                assert outcome == [(None, False)]
+            else:
+                assert "does not answer as a torch TCPStore" in str(outcome[0]), outcome
+
+
+def test_a_later_call_waits_for_rank_0s_next_store_not_the_earlier_groups() -> None:
+    """init_from_env, destroy_process_group, init_from_env: rank 0's store lives until rank 0 destroys its group,
+    and a rank faster than rank 0 found there the complete round of the earlier call, took its decision and
+    joined the old group's addresses (gloo: connection reset by peer). It now waits for rank 0's next store."""
+    results, keep = _round({0: True, 1: True}, 2, timeout_s=30)  # the earlier call: the group formed
+    assert results == {0: True, 1: True}
+    env = keep[0]
+    assert isinstance(env, dict)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        later = pool.submit(_store_round, detect_launch({**env, "OMPI_COMM_WORLD_RANK": "1"}), True, 30, {})
+        time.sleep(1.5)
+        assert not later.done(), later.result()
+        del keep[1:]  # rank 0 destroys the earlier group: its store closes
+        gc.collect()
+        store0, formed0 = pool.submit(_store_round, detect_launch({**env, "OMPI_COMM_WORLD_RANK": "0"}), True, 30,
+                                      {}).result(timeout=30)
+        store1, formed1 = later.result(timeout=30)
+    assert formed0 and formed1 and store0 is not None and store1 is not None
+    store0.set("generation", "later")
+    assert store1.get("generation") == b"later"  # rank 1 joined rank 0's new store
 
 
 class _CollectiveRefused(_FakeComm):

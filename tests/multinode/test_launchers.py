@@ -324,6 +324,42 @@ def test_mpirun_without_mpi4py_and_without_variables_on_other_ranks_fails_naming
     assert time.monotonic() - start < 75, out
 
 
+_REINIT_WORKER = """
+import os, sys, time
+import torch, torch.distributed as dist
+from lightning_soaa.distributed.launch import exit_without_teardown, init_from_env
+rank = int(os.environ["OMPI_COMM_WORLD_RANK"])
+for call in range(2):
+    try:
+        info = init_from_env("gloo", timeout_s=20)
+        t = torch.tensor([info.rank + 1])
+        dist.all_reduce(t)
+        print(f"rank {rank} call {call} sums {t.item()}", flush=True)
+    except RuntimeError as e:
+        print(f"rank {rank} call {call} raised: {e}", flush=True)
+        exit_without_teardown(0)
+    if rank == 0:
+        time.sleep(2)  # rank 1 calls again while rank 0's first group (and its store) still lives
+    dist.destroy_process_group()
+exit_without_teardown(0)
+"""
+
+
+@pytest.mark.mpi
+def test_mpirun_init_destroy_init_in_one_process(tmp_path: Path) -> None:
+    """A script that joins, destroys the group and joins again (runs one after another in one process), with
+    MASTER_ADDR/MASTER_PORT on every rank: what init_from_env remembered of the first group held it, and with it
+    rank 0's store, so MASTER_PORT stayed bound (rank 0: EADDRINUSE); and a rank faster than rank 0 took the
+    earlier call's decision from that store and joined the dead group (connection reset)."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(_REINIT_WORKER)
+    env = runner.clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    cmd = [*_mpirun(), "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS", sys.executable, str(worker)]
+    rc, out = _run_output(cmd, env, timeout=60)
+    lines = sorted(line for line in out.splitlines() if line.startswith("rank "))
+    assert rc == 0 and lines == [f"rank {r} call {c} sums 3" for r in (0, 1) for c in (0, 1)], out
+
+
 # ---------------------------------------------------------------------------------------- SLURM
 @pytest.fixture(scope="module")
 def slurm_cluster():
