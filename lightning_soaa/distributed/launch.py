@@ -480,7 +480,9 @@ def _store_client(addr: str, port: int, world_size: int, timeout: datetime.timed
     thread = threading.Thread(target=connect, name="lightning_soaa-store-connect", daemon=True)
     thread.start()
     thread.join(seconds)
-    if not box:  # the thread stays blocked on that socket; nothing else waits for it
+    if not box:
+        # the thread stays blocked on that socket until the service closes it and the client's own timeout
+        # passes; nothing waits for it (a process that exits while it still runs may end in an abort message)
         return None, (f"something accepts connections there but does not answer as a torch TCPStore within "
                       f"{seconds:g} s: another service on that port?")
     result = box[0]

@@ -381,10 +381,11 @@ def test_store_round_against_a_service_that_is_no_store_ends_in_bounded_time(mon
     import lightning_soaa.distributed.launch as launch
 
     monkeypatch.setattr(launch, "_STORE_HANDSHAKE_S", 1.0, raising=False)
+    monkeypatch.setattr(launch, "_STORE_ROUND_S", 1.0)  # the clients' own timeout: timeout_s + this
+    held: list[tuple[socket.socket, object]] = []  # accepted, never answered
     with socket.socket() as service:
         service.bind(("127.0.0.1", 0))
         service.listen(8)
-        held: list[object] = []  # accepted, never answered
         threading.Thread(target=lambda: [held.append(service.accept()) for _ in range(4)], daemon=True).start()
         env = {**MPI2, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(service.getsockname()[1])}
         for has_mpi4py in (True, False):
@@ -404,6 +405,13 @@ def test_store_round_against_a_service_that_is_no_store_ends_in_bounded_time(mon
                 assert outcome == [(None, False)]
             else:
                 assert "does not answer as a torch TCPStore" in str(outcome[0]), outcome
+        for conn, _ in held:
+            conn.close()
+    # the clients given up on end once their own timeout passes (a C++ error in a thread still running at the
+    # interpreter's exit aborts the process: pytest's exit status 134)
+    for thread in [t for t in threading.enumerate() if t.name == "lightning_soaa-store-connect"]:
+        thread.join(30)
+        assert not thread.is_alive()
 
 
 def test_a_later_call_waits_for_rank_0s_next_store_not_the_earlier_groups() -> None:
