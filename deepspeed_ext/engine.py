@@ -763,20 +763,24 @@ class SavedOptimizer(NamedTuple):
     file: str
 
 
-def read_saved_optimizer(load_dir: str, tag: Any, *, rank: int, dp_rank: int,
-                         mp_rank: int = 0) -> SavedOptimizer | None:
-    """The optimizer state of checkpoint ``tag`` (None: the one ``latest`` names) as rank ``rank`` finds it: in the
-    model-states file (ZeRO stage 0; at ZeRO-1/2/3 its entry is None), else in its own ZeRO optimizer file
-    (``dp_rank``'s) or rank 0's. None when there is none to read. A file that exists but cannot be read raises
+def read_saved_optimizer(load_dir: str, tag: Any, *, rank: int, dp_rank: int, mp_rank: int = 0,
+                         bf16: bool = False, zero3: bool = False) -> SavedOptimizer | None:
+    """The optimizer state of checkpoint ``tag`` (None: the one ``latest`` names) as rank ``rank`` finds it, in the
+    files DeepSpeed loads and in its order: the model-states file (ZeRO stage 0; at ZeRO-1/2 its entry is None),
+    else its own ZeRO optimizer file (``dp_rank``'s) or rank 0's, ``bf16_``-named first on a ``bf16`` engine.
+    A ``zero3`` engine loads other model-states files: there the stage-0 one is read last (a checkpoint of ZeRO
+    0-2 is named as such). Why DeepSpeed's choice: a folder and tag saved again (Lightning's last.ckpt, tag
+    "checkpoint") keeps the files of an earlier run of another precision or stage, which DeepSpeed does not
+    load. None when there is none to read. A file that exists but cannot be read raises
     :class:`UnreadableCheckpointError`."""
     folder = _tag_folder(load_dir, tag)
     if folder is None:
         return None
-    names = [("optimizer", f"mp_rank_{mp_rank:02d}_model_states.pt", "the model-states file it loads")]
-    names += [("optimizer_state_dict", f"{prefix}zero_pp_rank_{r}_mp_rank_{mp_rank:02d}_optim_states.pt",
-               "its ZeRO optimizer file" if r == dp_rank else f"rank {r}'s ZeRO optimizer file")
-              for r in dict.fromkeys((dp_rank, 0)) for prefix in ("", "bf16_")]
-    for key, name, what in names:
+    stage0 = [("optimizer", f"mp_rank_{mp_rank:02d}_model_states.pt", "the model-states file it loads")]
+    names = [("optimizer_state_dict", f"{prefix}zero_pp_rank_{r}_mp_rank_{mp_rank:02d}_optim_states.pt",
+              "its ZeRO optimizer file" if r == dp_rank else f"rank {r}'s ZeRO optimizer file")
+             for prefix in (("bf16_", "") if bf16 else ("", "bf16_")) for r in dict.fromkeys((dp_rank, 0))]
+    for key, name, what in (names + stage0 if zero3 else stage0 + names):
         path = os.path.join(folder, name)
         if not os.path.isfile(path):
             continue
@@ -796,8 +800,13 @@ def engine_saved_optimizer(engine: Any, load_dir: str, tag: Any) -> SavedOptimiz
         dp_rank = dist.get_rank(group=engine.optimizer.dp_process_group)
     except Exception:  # noqa: BLE001 - no ZeRO wrapper (stage 0): its data-parallel rank is its rank
         dp_rank = rank
+    try:
+        bf16, zero3 = bool(engine.bfloat16_enabled()), bool(engine.zero_optimization_partition_weights())
+    except Exception:  # noqa: BLE001 - another engine layout: DeepSpeed's fp32 file names first
+        log.debug("deepspeed_ext: could not tell the engine's precision and ZeRO stage", exc_info=True)
+        bf16 = zero3 = False
     mp_rank = int(getattr(engine, "checkpoint_mp_rank", 0) or 0)
-    return read_saved_optimizer(load_dir, tag, rank=rank, dp_rank=dp_rank, mp_rank=mp_rank)
+    return read_saved_optimizer(load_dir, tag, rank=rank, dp_rank=dp_rank, mp_rank=mp_rank, bf16=bf16, zero3=zero3)
 
 
 def check_saved_optimizer(saved: SavedOptimizer | None, mine: str | None, load_dir: str, tag: Any,

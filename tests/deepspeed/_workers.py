@@ -1201,3 +1201,34 @@ def w_previous_version_resumes(rank: int, world: int, ckpt_root: str,
             del engine
         out[(stage, opt_type)] = {"dropped": dropped, "runs": runs}
     return out
+
+
+def w_tag_saved_again(rank: int, world: int, ckpt_root: str) -> dict[Any, Any]:
+    """One folder and tag saved by two runs (Lightning's last.ckpt: tag "checkpoint" every time), the second of
+    another precision or stage, whose files leave some of the first's in place. Per (first, second): the second
+    optimizer resumes its own state (what DeepSpeed loads); ("switch", ...): an engine of the first optimizer and
+    the second's precision loads it, which is a switch. Returns what each load did."""
+    ds_env(rank, world)
+    soaa = ("lightning_soaa.SOAA", {"lr": 1e-2, "total_steps": 10})
+    runs = {"SOAA fp32 ZeRO-2, then AdamW bf16": ((2, soaa, "fp32"), (2, FOREIGN, "bf16")),
+            "AdamW fp32 ZeRO-2, then SOAA bf16": ((2, FOREIGN, "fp32"), (2, soaa, "bf16")),
+            "SOAA ZeRO-0, then AdamW ZeRO-3": ((0, soaa, "fp32"), (3, FOREIGN, "fp32"))}
+    out: dict[Any, Any] = {}
+    for i, (name, saves) in enumerate(runs.items()):
+        path = os.path.join(ckpt_root, f"again{i}")
+        for stage, opt, precision in saves:
+            engine, _ = _switch_engine(stage, opt, 0, precision=precision)
+            _switch_train(engine, rank, range(2), precision)
+            engine.save_checkpoint(path, tag="checkpoint")
+            del engine
+        (_, first, _), (stage, second, precision) = saves
+        for key, opt in ((name, second), (("switch", name), first)):
+            engine, _ = _switch_engine(stage, opt, 7, precision=precision)
+            try:
+                engine.load_checkpoint(path, tag="checkpoint")
+                out[key] = "loaded"
+            except Exception as exc:  # noqa: BLE001 - the message is what the test checks
+                out[key] = _error(exc)
+            _switch_train(engine, rank, range(2, 3), precision)
+            del engine
+    return out

@@ -18,6 +18,7 @@ from tests.deepspeed._workers import (
     w_previous_version_resumes,
     w_switch_between_ours,
     w_switch_to_foreign,
+    w_tag_saved_again,
     w_wrappers_round_trip,
 )
 from tests.harness.distributed import run_distributed
@@ -97,3 +98,21 @@ def test_our_checkpoints_resume_in_this_format_and_the_previous_one(tmp_path):
             straight, *resumed = said[(stage, opt_type)]["runs"]
             for run in resumed:
                 assert all(torch.equal(a, b) for a, b in zip(straight, run)), (r, stage, opt_type)
+
+
+def test_the_files_deepspeed_loads_are_the_ones_judged_in_a_folder_saved_again(tmp_path):
+    """Found by a reviewer: a folder and tag saved by a second run of another precision or stage (Lightning's
+    last.ckpt saves under tag "checkpoint" every time) keeps files of the first run that DeepSpeed does not load
+    (a bf16 engine loads bf16_zero_pp_rank_*; a ZeRO-3 engine its own model-states files). The check read the
+    stale ones: the second run's own resume was refused as a switch from the first run's optimizer, by DeepSpeed's
+    AdamW and by SOAA. It now judges the files DeepSpeed loads, in its order: the resume loads, and the first
+    run's optimizer loading the second run's state is refused naming the second run's optimizer."""
+    res = run_distributed(w_tag_saved_again, 2, tmp_path, str(tmp_path / "ckpt"), timeout=280)
+    for r, said in enumerate(res):
+        for key, msg in said.items():
+            if isinstance(key, str):
+                assert msg == "loaded", (r, key, msg)
+                continue
+            assert msg.startswith("OptimizerSwitchError: "), (r, key, msg)
+            wrote = "an optimizer that is not lightning_soaa's" if "then AdamW" in key[1] else "lightning_soaa.SOAA"
+            assert f"written by {wrote}" in msg, (r, key, msg)
