@@ -385,7 +385,7 @@ def install_checkpoint_hooks(engine: Any, client: Any) -> None:
                                       client.optimizer_cls.__name__, given["load_dir"], given.get("tag"))
                 check_checkpoint_stage(given["load_dir"], given.get("tag"), engine.zero_optimization_stage(),
                                        bool(getattr(engine.optimizer, "round_robin_gradients", False)))
-                check_checkpoint_groups(given["load_dir"], given.get("tag"), client)
+                check_checkpoint_groups(given["load_dir"], given.get("tag"), client, bool(engine.bfloat16_enabled()))
                 return _own_saved_steps(engine, client, given["load_dir"], given.get("tag"))
             check_saved_steps(agreed_checks(checks), given["load_dir"], given.get("tag"))
         return load(*args, **kwargs)
@@ -644,16 +644,19 @@ def _tag_folder(load_dir: str, tag: Any) -> str | None:
     return os.path.join(load_dir, str(tag))
 
 
-def saved_ds_config(load_dir: str, tag: Any = None) -> dict[str, Any] | None:
+def saved_ds_config(load_dir: str, tag: Any = None, *, zero3: bool = False) -> dict[str, Any] | None:
     """The DeepSpeed config a checkpoint was written with (DeepSpeed stores it in its model-states file);
-    ``None`` when that cannot be told (then DeepSpeed's own checks apply)."""
+    ``None`` when that cannot be told (then DeepSpeed's own checks apply). ``zero3``: read for a ZeRO-3 engine,
+    which loads the per-rank files: a folder and tag saved again keeps the other stages' file beside them, and
+    a ZeRO-3 run's own resume was refused as "written under ZeRO-2" from that stale file (a reviewer)."""
     import os
 
     folder = _tag_folder(load_dir, tag)
     if folder is None:
         return None
     # stages 0-2 write mp_rank_00_model_states.pt; ZeRO-3 one zero_pp_rank_<r>_... file per rank
-    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+    names = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    for name in (names[::-1] if zero3 else names):
         path = os.path.join(folder, name)
         if not os.path.isfile(path):
             continue
@@ -667,14 +670,20 @@ def saved_ds_config(load_dir: str, tag: Any = None) -> dict[str, Any] | None:
     return None
 
 
-def _saved_group_count(load_dir: str, tag: Any) -> int | None:
+def _saved_group_count(load_dir: str, tag: Any, bf16: bool = False) -> int | None:
     """How many param groups the client optimizer had when a ZeRO-1/2/3 checkpoint was written (rank 0's
-    optimizer file, read by every rank so that every rank decides alike); None when that cannot be told."""
+    optimizer file, read by every rank so that every rank decides alike; ``bf16_``-named first on a ``bf16``
+    engine, as DeepSpeed loads them: a folder saved again keeps the other precision's files); None when that
+    cannot be told."""
     import os
 
     folder = _tag_folder(load_dir, tag)
-    path = os.path.join(folder or "", "zero_pp_rank_0_mp_rank_00_optim_states.pt")
-    if folder is None or not os.path.isfile(path):
+    if folder is None:
+        return None
+    names = ("bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    path = next((os.path.join(folder, n) for n in (names if bf16 else names[::-1])
+                 if os.path.isfile(os.path.join(folder, n))), None)
+    if path is None:
         return None
     try:
         outer = torch.load(path, map_location="cpu", mmap=True, weights_only=False)["optimizer_state_dict"]
@@ -685,7 +694,7 @@ def _saved_group_count(load_dir: str, tag: Any) -> int | None:
         return None
 
 
-def check_checkpoint_groups(load_dir: str, tag: Any, client: Any) -> None:
+def check_checkpoint_groups(load_dir: str, tag: Any, client: Any, bf16: bool = False) -> None:
     """Refuse, before DeepSpeed reads it, ZeRO-1/2/3 optimizer state saved with another number of param groups
     (DeepSpeed said "parameter-alignment layout does not match" at ZeRO-1/2 and our layout check "resume with
     the same world size" at ZeRO-3, for a run of the same world size and config). The usual cause: a
@@ -694,7 +703,7 @@ def check_checkpoint_groups(load_dir: str, tag: Any, client: Any) -> None:
 
     if getattr(client, "zero_stage", 0) == 0:
         return  # lightning_soaa's own state: its load_state_dict names the moved parameter
-    saved, mine = _saved_group_count(load_dir, tag), len(client._canonical_groups)
+    saved, mine = _saved_group_count(load_dir, tag, bf16), len(client._canonical_groups)
     if saved is None or saved == mine:
         return
     moved = [n for g, gn in zip(client._canonical_groups, getattr(client, "_group_names", ()))
@@ -728,7 +737,7 @@ def check_checkpoint_stage(load_dir: str, tag: Any, stage: int, round_robin: boo
     ``round_robin_gradients`` lays a group's parameters out in another order, so its per-partition state (and
     DeepSpeed's fp32 partitions) would land on other parameters' entries, silently."""
 
-    config = saved_ds_config(load_dir, tag)
+    config = saved_ds_config(load_dir, tag, zero3=stage == 3)
     saved = None if config is None else zero_stage_of(config)
     if config is None or saved is None:
         return

@@ -1232,3 +1232,32 @@ def w_tag_saved_again(rank: int, world: int, ckpt_root: str) -> dict[Any, Any]:
             _switch_train(engine, rank, range(2, 3), precision)
             del engine
     return out
+
+
+def w_own_tag_saved_again(rank: int, world: int, ckpt_root: str) -> dict[str, str]:
+    """SOAA's own runs saving one folder and tag twice, the second of another stage or precision and group count:
+    (ZeRO-2, then ZeRO-3) and (fp32 with two param groups, then bf16 with one). The second run's resume must
+    load: its files are complete, the first's stale ones beside them are not what DeepSpeed loads."""
+    ds_env(rank, world)
+    import deepspeed_ext
+
+    runs = {"ZeRO-2, then ZeRO-3": ((2, "fp32", True), (3, "fp32", True)),
+            "fp32 two groups, then bf16 one group": ((2, "fp32", True), (2, "bf16", False))}
+    out: dict[str, str] = {}
+    for i, (name, saves) in enumerate(runs.items()):
+        path = os.path.join(ckpt_root, f"own{i}")
+        for j, (stage, precision, groups) in enumerate((*saves, saves[-1])):
+            cfg = make_config(stage, precision, "lightning_soaa.SOAA", {"lr": 1e-2, "total_steps": 10})
+            model = tiny_mlp(j, torch.float32, SIZES)
+            engine = deepspeed_ext.initialize(model=model, config=cfg,
+                                              model_parameters=split_groups(model) if groups else None)[0]
+            if j < len(saves):
+                _switch_train(engine, rank, range(2), precision)
+                engine.save_checkpoint(path, tag="checkpoint")
+                continue
+            try:
+                engine.load_checkpoint(path, tag="checkpoint")
+                out[name] = "loaded"
+            except Exception as exc:  # noqa: BLE001 - the message is what the test checks
+                out[name] = f"{type(exc).__name__}: {exc}"
+    return out

@@ -14,6 +14,7 @@ from tests.deepspeed._workers import (
     w_latest_after_a_failed_save,
     w_mixed_saves_refused,
     w_node_local_refusal,
+    w_own_tag_saved_again,
     w_resume_other_world,
     w_round_robin_resume,
     w_state_dict_one_rank,
@@ -216,3 +217,13 @@ def test_a_zero3_checkpoint_saved_on_fewer_ranks_is_refused_on_every_rank(tmp_pa
         msg = said["said"]
         assert "has files for 2 data-parallel rank(s)" in msg and "this run has 3" in msg, (r, msg)
         assert msg.startswith("StateLayoutError: " if r == 2 else "StateLayoutError: Rank 2 refused"), (r, msg)
+
+
+def test_stale_files_of_an_earlier_save_into_the_tag_are_not_judged(tmp_path):
+    """One folder and tag saved twice by our optimizer (Lightning's last.ckpt: tag "checkpoint"), the second of
+    another stage or precision: the stage check read the first run's mp_rank_00 file (refusing a ZeRO-3 resume as
+    "written under ZeRO-2") and the group check its fp32 optimizer file (refusing a bf16 run's own groups). Both
+    now read the files DeepSpeed loads (a reviewer)."""
+    res = run_distributed(w_own_tag_saved_again, 2, tmp_path, str(tmp_path / "ckpt"), timeout=280)
+    for r, said in enumerate(res):
+        assert said == {"ZeRO-2, then ZeRO-3": "loaded", "fp32 two groups, then bf16 one group": "loaded"}, (r, said)
