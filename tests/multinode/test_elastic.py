@@ -2,16 +2,23 @@
 ends bit-identical to one that never crashed.
 
 ``torchrun --max-restarts=1`` restarts every worker of the group when one dies; the new workers join
-the *same* TCP store as the dead ones (torchrun's agent keeps it), which is why ``init_from_env`` prefixes
-the process group's keys by the attempt (see :func:`lightning_soaa.distributed.launch.init_from_env`).
-Without that prefix about half of the restarts failed to come up (gloo ``connectFullMesh`` connecting to
-the dead attempt's address, or a hang).
+the *same* TCP store as the dead ones (torchrun's agent keeps it), which is why ``init_from_env`` forms the
+group on a store that rank 0 of the attempt hosts (:func:`lightning_soaa.distributed.launch.attempt_store`).
+In the agent's store, about half of the restarts failed to come up (gloo ``connectFullMesh`` connecting to
+the dead attempt's address, or a hang); in key spaces named by ``TORCHELASTIC_RESTART_COUNT``, every restart
+on two nodes did (torchrun counts restarts per node).
 """
 
 from __future__ import annotations
 
 import datetime
+import json
+import os
+import socket
+import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from lightning_soaa import registry
-from lightning_soaa.distributed.launch import attempt_store
+from lightning_soaa.distributed.launch import _ATTEMPT_KEY, _NONCE_KEY, attempt_store
 from tests.multinode import runner
 
 OPTIMIZERS = [spec.name.lower() for spec in registry.REGISTRY]
@@ -84,6 +91,28 @@ def test_torchrun_restart_recipe_resumes_bit_identical(optimizer: str, tmp_path:
     _assert_bit_identical(resumed, reference(optimizer))
 
 
+def test_two_agents_worker_crash_resumes_bit_identical(tmp_path: Path) -> None:
+    """Two torchrun agents (two nodes on loopback, two workers each, c10d rendezvous, ``--max-restarts=1``);
+    rank 3 dies hard after 10 of 12 steps. Its agent counts the restart (``TORCHELASTIC_RESTART_COUNT=1``);
+    the other restarts its workers because that node re-joined, uncounted (0). The new group forms anyway,
+    resumes from the step-8 checkpoint and ends bit-identical to an uninterrupted four-rank run. (Before,
+    the ranks waited in key spaces of different restart counts until the rendezvous timed out.) The
+    optimizer reduces the gradients: with DDP, a run resumed at four ranks ends ~1e-17 off the uninterrupted
+    one also under one agent (the order DDP sums more than two ranks' gradients in; two ranks are exact)."""
+    ref, out, ckpt = tmp_path / "ref", tmp_path / "out", tmp_path / "ckpt"
+    env, port, sync = runner.clean_env(), _free_port(), ("--grad-sync", "optimizer")
+    agent = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=2", "--max-restarts=1",
+             "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id=two_agents_{port}",
+             "--monitor-interval=0.5", *runner.train_args("soaa", out, steps=STEPS, extra=sync + _ckpt_args(ckpt, 3))]
+    logs = runner.run_together([(agent, env), (agent, env)], timeout=150)
+    assert any("simulated crash of rank 3 after 10 steps" in log for log in logs), logs[0][-3000:]
+    resumed = runner.load(out, 4)
+    assert sorted((r["restart_count"], r["resumed_from_step"]) for r in resumed) == [(0, 8), (0, 8), (1, 8), (1, 8)]
+    runner.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
+                *runner.train_args("soaa", ref, steps=STEPS, extra=sync)], env=env, timeout=120)
+    _assert_bit_identical(resumed, runner.load(ref, 4))
+
+
 class _Crashed(Exception):
     pass
 
@@ -114,25 +143,108 @@ def test_single_process_resume_every_optimizer(optimizer: str, tmp_path: Path,
     _assert_bit_identical(resumed, runner.load(ref_dir, 1))
 
 
-def test_attempt_store_separates_attempts() -> None:
-    """Keys that a dead attempt left in the shared store are invisible to the next attempt, also when
-    the restart count repeats (torchrun restarts on a membership change without counting it)."""
-    server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
-                           timeout=datetime.timedelta(seconds=30))
-    first = attempt_store(server, restart_count=0, rank=0, world_size=1)
-    first.set("default_pg/rank_0", "address of a dead process")
-    again = attempt_store(server, restart_count=0, rank=0, world_size=1)  # same count, next attempt
-    restarted = attempt_store(server, restart_count=1, rank=0, world_size=1)
-    for store in (again, restarted):
-        assert not store.check(["default_pg/rank_0"])
-    assert first.check(["default_pg/rank_0"])
+_T = datetime.timedelta(seconds=20)
 
 
-def test_attempt_store_agrees_across_ranks() -> None:
-    """Every rank of one attempt gets the same prefix, whatever order they arrive in."""
-    server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
-                           timeout=datetime.timedelta(seconds=30))
-    for _attempt in range(3):
-        stores = [attempt_store(server, restart_count=2, rank=r, world_size=3) for r in (2, 0, 1)]
-        stores[0].set("k", "v")
-        assert all(s.check(["k"]) for s in stores)
+def _store(**kw: Any) -> dist.TCPStore:
+    return dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=_T, **kw)
+
+
+def _published(port: int, nonce: str) -> str:
+    return json.dumps({"hosts": ["127.0.0.1"], "port": port, "nonce": nonce})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_attempt_store_is_rank_0s_fresh_store() -> None:
+    """A rank that arrives before rank 0 waits past what a dead attempt published in the agent store (a
+    port that refuses; then a live store with another nonce: the dead port taken again) and gets rank 0's
+    own store, which holds none of the dead attempt's keys."""
+    agent = _store()
+    agent.set(_ATTEMPT_KEY, _published(_free_port(), "dead"))
+    got: list[Any] = []
+    early = threading.Thread(target=lambda: got.append(
+        attempt_store(agent, rank=1, world_size=2, host="127.0.0.1", timeout=_T)))
+    early.start()
+    time.sleep(0.5)
+    other = _store()
+    other.set(_NONCE_KEY, "another attempt")
+    other.set("default_pg/rank_0", "address of a dead process")
+    agent.set(_ATTEMPT_KEY, _published(other.port, "dead too"))
+    time.sleep(0.5)
+    assert early.is_alive() and not got
+    ours = attempt_store(agent, rank=0, world_size=2, host="127.0.0.1", timeout=_T)
+    early.join(15)
+    assert len(got) == 1 and got[0].port == ours.port != other.port
+    ours.set("k", "v")
+    assert got[0].get("k") == b"v" and not got[0].check(["default_pg/rank_0"])
+    assert got[0].timeout == _T
+
+
+def test_attempt_store_without_rank_0_fails_in_time() -> None:
+    """No rank 0 publishes: the rank fails after its timeout, naming itself, the key and why the value
+    found there is not its attempt's."""
+    agent = _store()
+    agent.set(_ATTEMPT_KEY, _published(_free_port(), "dead"))
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"Rank 2 found no store of rank 0 .*attempt_store.*cannot connect"):
+        attempt_store(agent, rank=2, world_size=3, host="127.0.0.1", timeout=datetime.timedelta(seconds=2))
+    assert time.monotonic() - start < 10
+
+
+_WORKER = """
+import os, torch, torch.distributed as dist
+from lightning_soaa.distributed.launch import exit_without_teardown, init_from_env
+init_from_env("gloo", timeout_s=20)
+total = torch.tensor([dist.get_rank() + 1.0])
+dist.all_reduce(total)
+print(f"rank {dist.get_rank()} restart {os.environ['TORCHELASTIC_RESTART_COUNT']} sum {total.item():g}", flush=True)
+dist.barrier()
+exit_without_teardown(0)
+"""
+
+
+def _dead_attempt(agent: dist.Store) -> dist.TCPStore:
+    """What a failed attempt left in torchrun's agent store: the store its rank 0 published, whose port
+    another store holds now, and a count of its ranks that arrived before it failed (3 of 4)."""
+    other = _store()
+    other.set(_NONCE_KEY, "a later attempt of another job")
+    agent.set(_ATTEMPT_KEY, _published(other.port, "a dead attempt"))
+    agent.add("lightning_soaa/attempt/0/4/arrivals", 3)
+    return other
+
+
+@pytest.mark.parametrize("agent_store", [True, False], ids=["agent_store", "rank0_store"])
+def test_group_forms_across_restart_counts(agent_store: bool) -> None:
+    """torchrun counts restarts per node agent: when a worker of node B dies, B's new workers get
+    ``TORCHELASTIC_RESTART_COUNT=1``, node A's (restarted because B re-joined) keep 0, a replacement agent
+    starts at 0. Four such ranks (counts 1, 1, 0, 0) form one group through ``init_from_env``: in an agent
+    store holding a dead attempt's keys (torchrun's default), and with rank 0 hosting the store
+    (``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``). Before, the ranks waited in per-count key spaces until the
+    rendezvous timed out."""
+    agent = _store() if agent_store else None
+    dead = _dead_attempt(agent) if agent is not None else None
+    port = agent.port if agent is not None else _free_port()
+    procs = []
+    for rank, count in enumerate([1, 1, 0, 0]):
+        env = runner.clean_env(RANK=str(rank), WORLD_SIZE="4", LOCAL_RANK=str(rank % 2), LOCAL_WORLD_SIZE="2",
+                               GROUP_RANK=str(rank // 2), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                               TORCHELASTIC_RESTART_COUNT=str(count), TORCHELASTIC_USE_AGENT_STORE=str(agent_store))
+        procs.append(subprocess.Popen([sys.executable, "-c", _WORKER], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True, start_new_session=True))
+    deadline = time.monotonic() + 90
+    outs = []
+    try:
+        for proc in procs:
+            outs.append(proc.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, 9)
+    for rank, (proc, out) in enumerate(zip(procs, outs)):
+        assert proc.returncode == 0 and f"rank {rank} restart" in out and "sum 10" in out, out[-3000:]
+    del dead  # the store on the dead attempt's port answered until every rank had formed the group
