@@ -209,6 +209,7 @@ class PreemptionCheckpoint(Callback):
         self._vote: StopVote | None = None
         self._last_step = -1
         self._rounds_seen = 0
+        self._depth = 0  # stages of this trainer under way: a stage run from another's hooks nests (depth 2)
 
     def _handler(self, signum: int, frame: Any) -> None:
         # a signal handler runs between two bytecodes of whatever this rank was doing: record, nothing else
@@ -225,6 +226,12 @@ class PreemptionCheckpoint(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._depth += 1
+        if self._depth > 1:
+            # trainer.validate/test run from the hooks of a stage under way (on_fit_end): that stage keeps the
+            # signal, its vote and its own handler to give back (taken over again, they were lost: the user's
+            # handler never came back and the next SIGTERM recursed in ours)
+            return
         # setup runs before Trainer._run registers Lightning's handlers; finding ours installed for the
         # requeue signal, Lightning installs none for it (its _has_already_handler)
         # the environment Lightning's signal connector reads (a single-device strategy has none of its own)
@@ -248,7 +255,8 @@ class PreemptionCheckpoint(Callback):
         self._watching, self._previous, self._requeue = int(signum), previous, slurm
         self._evaluating, self._joined = stage != "fit", False
         self._vote = StopVote(trainer.world_size)
-        self.preempted = False
+        if stage == "fit":  # an evaluation after a preempted fit leaves it set: the job is still to be ended
+            self.preempted = False
         self._last_step, self._rounds_seen = -1, 0
         if self._watching == signal.SIGTERM:
             self._take_over_after_registration(trainer)
@@ -354,19 +362,21 @@ class PreemptionCheckpoint(Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._vote is None:
+        # Lightning tears the outer stage down under the inner one's name (its state.fn): count, not names
+        self._depth = max(0, self._depth - 1)
+        if self._depth > 0 or self._vote is None:
             return  # nothing installed for this stage
         if self._evaluating and not self._joined:
             self._answer_rounds(trainer)  # a rank that ran no batch of the stage: the others' rounds wait for it
-        watching, vote = self._watching, self._vote
+        watching, vote, evaluating = self._watching, self._vote, self._evaluating
         self._release(trainer)
-        if watching == signal.SIGTERM and vote is not None and vote.requested and not self.preempted:
+        if watching == signal.SIGTERM and vote is not None and vote.requested and (evaluating or not self.preempted):
             # a SIGTERM after the last step (the final validation, on_train_end) or the last agreement of an
             # evaluation stopped nothing: a request to terminate is not swallowed (Lightning alone stops, the
             # default action ends the process); the handler the stage found receives it now. SIGUSR1 is a
             # warning: no step left, nothing to do.
             log.warning("PreemptionCheckpoint: SIGTERM arrived after the last training step or evaluation "
-                        "batch; passed on to the handler installed before the %s.", stage)
+                        "batch; passed on to the handler installed before the %s.", getattr(stage, "value", stage))
             signal.raise_signal(watching)
 
     @override
@@ -393,8 +403,13 @@ class PreemptionCheckpoint(Callback):
         batches left: a rank done first (``predict`` gives ranks unequal shares) answers them until all are."""
         if not self._evaluating or self._vote is None:
             return
-        progress = getattr(getattr(trainer, "_active_loop", None), "batch_progress", None)
-        last = bool(getattr(progress, "is_last_batch", False))
+        loop = getattr(trainer, "_active_loop", None)
+        # the fetcher's state now, after the step: a step that takes dataloader_iter fetches its batch itself,
+        # after Lightning set is_last_batch (False at the last batch: that rank went on to the epoch end's
+        # sync_dist reduce while the others still ran rounds, a hang); an unsized loader's end stays unknown there
+        done = getattr(getattr(loop, "_data_fetcher", None), "done", None)
+        last = done if isinstance(done, bool) else bool(getattr(getattr(loop, "batch_progress", None),
+                                                                "is_last_batch", False))
         requested, more = self._round(trainer, more=not last)
         if last and not requested:
             self._answer_rounds(trainer, more)
@@ -439,6 +454,7 @@ class PreemptionCheckpoint(Callback):
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # a stage that raises calls no teardown hook: the handler must not outlive it (it would swallow the signal)
+        self._depth = 0
         self._release(trainer)
 
     def _release(self, trainer: pl.Trainer) -> None:

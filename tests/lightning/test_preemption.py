@@ -659,3 +659,86 @@ def test_predict_with_unequal_shares_ends_together(tmp_path: Path) -> None:
         signal.signal(signal.SIGTERM, before)
     assert ended.value.exit_code == 128 + signal.SIGTERM, ended.value
     assert _stage_records(tmp_path, 2) == ([1, 1], [1, 1])
+
+
+class _IterStepLogged(_Evaluated):
+    """A validation_step that takes ``dataloader_iter`` (it fetches its batch itself) and logs an epoch metric
+    with ``sync_dist`` (one reduce per rank at the end of the stage)."""
+
+    def validation_step(self, dataloader_iter: Any) -> torch.Tensor:  # type: ignore[override]
+        batch, _, _ = next(dataloader_iter)
+        loss = torch.nn.functional.mse_loss(self(batch[0]), batch[1])
+        self.log("val_loss", loss, sync_dist=True, batch_size=len(batch[0]))
+        return loss
+
+
+def test_dataloader_iter_steps_with_unequal_shares_end_together(tmp_path: Path) -> None:
+    """validate at W = 2 with a dataloader_iter step, 3 batches on rank 0 and 1 on rank 1 (Lightning alone
+    ends it). The step fetches its batch after Lightning set is_last_batch, so rank 1 did not know its batch
+    was its last: it went on to the epoch end's sync_dist reduce while rank 0 ran the callback's rounds (a
+    hang until the watchdog)."""
+    trainer = make_trainer(tmp_path, devices=2, use_distributed_sampler=False,
+                           callbacks=[Watchdog(), PreemptionCheckpoint(signum=signal.SIGTERM)])
+    results = trainer.validate(_IterStepLogged(eval_batch=4, shares=(12, 4)), verbose=False)
+    assert "val_loss" in results[0]
+
+
+class _SigtermAt(pl.Callback):
+    """SIGTERM to this process before training step ``step``, or after the validation's batches (None)."""
+
+    def __init__(self, step: int | None) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.step is None and not trainer.sanity_checking and trainer.state.fn == "validate":
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_an_evaluation_after_a_preempted_fit_leaves_preempted_set(tmp_path: Path) -> None:
+    """W = 1: ``preempted`` says the job is to be ended; a validate after the preempted fit reset it to False
+    (work after the fit read it as not preempted). A SIGTERM after that validate's last batch still reaches
+    the user's handler."""
+    _HANDLER_LOG[:] = [tmp_path]
+    before = signal.signal(signal.SIGTERM, _recording_sigterm_handler)
+    try:
+        callback = PreemptionCheckpoint(signum=signal.SIGTERM)
+        model = _Evaluated()
+        trainer = make_trainer(tmp_path, max_steps=6, callbacks=[LossToOptimizer(), callback, _SigtermAt(2)])
+        trainer.fit(model)
+        assert callback.preempted and trainer.global_step == 3
+        trainer = make_trainer(tmp_path, callbacks=[callback, _SigtermAt(None)])
+        trainer.validate(model, verbose=False)
+        assert signal.getsignal(signal.SIGTERM) is _recording_sigterm_handler
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert callback.preempted
+    assert (tmp_path / "user-handler-rank0").read_text().split() == ["15"]
+
+
+class _ValidateAtFitEnd(pl.Callback):
+    """Runs trainer.validate from the fit's own hooks (on_fit_end), as a final evaluation."""
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        trainer.validate(pl_module, verbose=False)
+
+
+def test_a_validate_run_from_the_fit_s_hooks_leaves_the_fit_its_handler(tmp_path: Path) -> None:
+    """W = 1, trainer.validate called in on_fit_end: its setup took the signal over again (the handler it found
+    was the callback's own) and its teardown released the fit's: after the fit the callback's handler stayed
+    installed and the next SIGTERM recursed in it (RecursionError), the user's handler never called."""
+    _HANDLER_LOG[:] = [tmp_path]
+    before = signal.signal(signal.SIGTERM, _recording_sigterm_handler)
+    try:
+        trainer = make_trainer(tmp_path, max_steps=2, callbacks=[LossToOptimizer(), _ValidateAtFitEnd(),
+                                                                 PreemptionCheckpoint(signum=signal.SIGTERM)])
+        trainer.fit(_Evaluated())
+        assert signal.getsignal(signal.SIGTERM) is _recording_sigterm_handler
+        os.kill(os.getpid(), signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert (tmp_path / "user-handler-rank0").read_text().split() == ["15"]
