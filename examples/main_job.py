@@ -265,12 +265,17 @@ def _plot(results: list[dict[str, Any]], path: Path) -> None:
             axes[i][1].plot(times, losses, **style)
         adamw = next((r for r in results if r["task"] == task and r["optimizer"] == "AdamW"), None)
         axes[i][0].set(title=f"{task}: validation loss vs step", xlabel="optimizer step", ylabel="val loss")
-        axes[i][1].set(title=f"{task}: validation loss vs training time (after warm-up)",
-                       xlabel="training seconds, rank 0 (symlog axis; validation excluded)",
-                       ylabel="val loss")
         # symlog time: linear near 0 (the step-0 point), logarithmic beyond, so a run 30x slower than the
-        # others (EGN) does not squash them into the first pixels
-        axes[i][1].set_xscale("symlog", linthresh=1.0)
+        # others (EGN) does not squash them into the first pixels; a linear axis when every run is under the
+        # threshold (--quick), where symlog's ticks read as exponents and the axis went below 0
+        longest = max((row["train_time_s"] for r in results if r["task"] == task for row in r["curve"]), default=0.0)
+        symlog = longest > 1.0
+        axes[i][1].set(title=f"{task}: validation loss vs training time (after warm-up)",
+                       xlabel=f"training seconds, rank 0 ({'symlog axis; ' if symlog else ''}validation excluded)",
+                       ylabel="val loss")
+        if symlog:
+            axes[i][1].set_xscale("symlog", linthresh=1.0)
+        axes[i][1].set_xlim(left=0.0)
         for ax in axes[i]:
             ax.set_yscale("log")
             if adamw is not None:

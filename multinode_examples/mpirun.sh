@@ -16,13 +16,8 @@ set -euo pipefail
 
 DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(dirname "$DIR")
-if [ -z "${PYTHON:-}" ]; then
-    for cand in "${VIRTUAL_ENV:+$VIRTUAL_ENV/bin/python}" "${LSOAA_VENV:+$LSOAA_VENV/bin/python}" \
-                "$REPO/.venv/bin/python"; do
-        if [ -n "$cand" ] && [ -x "$cand" ]; then PYTHON=$cand; break; fi
-    done
-    PYTHON=${PYTHON:-python3}
-fi
+. "$DIR/_python.sh"
+PYTHON=$(lsoaa_python "$REPO")
 if [ -z "${MPIRUN:-}" ]; then
     # not `readlink -f`: a venv's python is a symlink to the base interpreter, whose bin/ has no mpirun
     PYBIN=$(dirname "$(command -v "$PYTHON")")

@@ -9,12 +9,13 @@
 #
 # Environment (optional): NPROC_PER_NODE (2), MAX_RESTARTS (3), CHECKPOINT_DIR (checkpoints),
 # CHECKPOINT_EVERY (50), NNODES (1), RDZV_ENDPOINT (host:port of the c10d rendezvous; without it a
-# standalone one on this machine), RUN_ID (lightning-soaa), PYTHON (python). Arguments go to train.py.
+# standalone one on this machine), RUN_ID (lightning-soaa), PYTHON (the venv's; _python.sh). Arguments go to train.py.
 # On several nodes CHECKPOINT_DIR must be shared storage: rank 0 writes, every rank reads.
 set -euo pipefail
 
 DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-PYTHON=${PYTHON:-python}
+. "$DIR/_python.sh"
+PYTHON=$(lsoaa_python "$(dirname "$DIR")")
 args=(--nproc_per_node="${NPROC_PER_NODE:-2}" --max-restarts="${MAX_RESTARTS:-3}")
 if [ -n "${RDZV_ENDPOINT:-}" ]; then
     # dynamic c10d rendezvous: every node's agent rejoins it after a failure

@@ -317,7 +317,9 @@ def train(args: argparse.Namespace, info: LaunchInfo) -> dict[str, Any]:
         "device": str(device),
         "slurm_nodename": os.environ.get("SLURMD_NODENAME"),
         "optimizer": args.optimizer,
-        "grad_sync": args.grad_sync if world > 1 else "none",
+        # what synchronised the gradients: EGN (the batch's Gram across ranks) takes neither DDP nor the optimizer's
+        "grad_sync": ("ddp" if use_ddp else "none" if world == 1 or spec.needs is StepNeeds.BATCH
+                      else args.grad_sync),
         "steps": args.steps,
         "global_batch": args.global_batch,
         "local_samples": [start, stop],

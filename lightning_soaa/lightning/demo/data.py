@@ -33,7 +33,11 @@ class DigitsDataModule(pl.LightningDataModule):
         self.val_set: Dataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
-        from sklearn.datasets import load_digits
+        try:
+            from sklearn.datasets import load_digits
+        except ImportError as e:  # the examples extra brings it; the lightning extra alone does not
+            raise ImportError("The digits demo data needs scikit-learn: pip install scikit-learn (or "
+                              "pip install -e '.[examples]' in a clone of lightning-soaa).") from e
 
         x, y = load_digits(return_X_y=True)
         x = torch.as_tensor(x, dtype=torch.float32) / 16.0
