@@ -552,6 +552,7 @@ def _own_saved_steps(engine: Any, client: Any, load_dir: str, tag: Any) -> Saved
     if model_file is not None and os.path.isfile(model_file):
         state = _read_checkpoint_file(model_file, rank, "the model-states file it loads")
         model_global = _int_or_none(state.get("global_steps")) if isinstance(state, dict) else None
+        _check_saved_dp_size(engine, state, model_file)
     training = optimizer_global = None
     path = _own_optimizer_file(engine, client, folder)
     if path is not None:
@@ -567,24 +568,60 @@ def _own_saved_steps(engine: Any, client: Any, load_dir: str, tag: Any) -> Saved
 
 
 def _check_own_zero3_files(engine: Any, folder: str, model_file: str | None) -> None:
-    """Refuse a ZeRO-3 checkpoint that has no files for this rank's data-parallel rank while rank 0's are
-    there: saved on fewer ranks (a hunter resumed 2 -> 3: the ranks the save had raised DeepSpeed's clear
-    "DP world size" error, the new rank a bare AssertionError from DeepSpeed's file list)."""
+    """Refuse a ZeRO-3 checkpoint without this rank's own model-states file, which DeepSpeed's load needs on
+    every rank: saved on fewer data-parallel ranks (a hunter resumed 2 -> 3: the ranks the save had raised
+    DeepSpeed's clear "DP world size" error, the new rank a bare AssertionError from DeepSpeed's file list), or
+    a rank whose node-local copy of the folder lacks its files (a replaced node: that rank raised the bare
+    AssertionError alone while the others went on into the load's collectives). A universal checkpoint is
+    read from rank 0's files on every rank (DeepSpeed's rule), so it is not judged here."""
     import glob
 
-    if model_file is None or os.path.isfile(model_file) or not engine.zero_optimization_partition_weights():
+    if (model_file is None or os.path.isfile(model_file) or not engine.zero_optimization_partition_weights()
+            or engine.load_universal_checkpoint()):
         return
     mp_rank = int(engine.checkpoint_mp_rank)
     saved = glob.glob(os.path.join(glob.escape(folder), f"zero_pp_rank_*_mp_rank_{mp_rank:02d}_model_states.pt"))
-    if not saved:
-        return  # no ZeRO-3 files here at all (node-local storage, another layout): left to DeepSpeed
+    size = _saved_dp_size(saved[0]) if saved else None
+    seen = (f"it has files for {len(saved)} data-parallel rank(s)" if saved else
+            "this rank sees no ZeRO-3 model-states file in it (node-local storage: this node's copy lacks them?)")
     raise StateLayoutError(
-        f"The ZeRO-3 checkpoint {folder!r} has files for {len(saved)} data-parallel rank(s), none for this run's "
-        f"{os.path.basename(model_file)!r}: it was saved on {len(saved)} data-parallel rank(s), this run has "
-        f"{int(engine.dp_world_size)}. A ZeRO-3 checkpoint (weights and optimizer state partitioned per rank) "
-        "loads only at the data-parallel size it was saved at (DeepSpeed's universal-checkpoint converter does "
-        "not keep lightning_soaa's state): resume on as many ranks, or start a new run from the full weights "
-        "(DeepSpeed's zero_to_fp32.py in the checkpoint folder). Nothing was loaded.")
+        f"The ZeRO-3 checkpoint {folder!r} has no {os.path.basename(model_file)!r}, which this rank loads: {seen}"
+        + (f"; it was saved on {size} data-parallel rank(s)" if size is not None else "")
+        + f", this run has {int(engine.dp_world_size)}. " + _ZERO_DP_REMEDY)
+
+
+#: what a ZeRO-1/2/3 checkpoint of another data-parallel size can do
+_ZERO_DP_REMEDY = (
+    "ZeRO-1/2/3 state (and at ZeRO-3 the weights) is partitioned per rank and loads only at the data-parallel "
+    "size it was saved at, each rank reading its own files (DeepSpeed's universal-checkpoint converter does not "
+    "keep lightning_soaa's state): resume on as many ranks with every rank's files, load the module only "
+    "(load_optimizer_states=False, load_lr_scheduler_states=False), or start a new run from the full weights "
+    "(DeepSpeed's zero_to_fp32.py in the checkpoint folder). Nothing was loaded.")
+
+
+def _saved_dp_size(path: str) -> int | None:
+    """The data-parallel size DeepSpeed recorded in a model-states file (None when it cannot be told)."""
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception:  # noqa: BLE001 - unreadable files are named by the steps check
+        return None
+    return _int_or_none(state.get("dp_world_size")) if isinstance(state, dict) else None
+
+
+def _check_saved_dp_size(engine: Any, state: Any, model_file: str) -> None:
+    """Refuse ZeRO-1/2/3 optimizer state saved at another data-parallel size, from the model-states file this
+    rank loads, before anything is loaded. DeepSpeed refuses it too, but only after its load had set the
+    engine's global_steps, skipped_steps and lr scheduler (and at ZeRO-1/2 the weights) from the checkpoint:
+    a run that caught the error and trained on did so half-resumed."""
+    if (not engine.zero_optimization() or engine.load_universal_checkpoint()
+            or engine.zero_nvme_offload_optimizer() or not isinstance(state, dict)):
+        return
+    saved, mine = _int_or_none(state.get("dp_world_size")), int(engine.seq_dp_world_size)
+    if saved is None or saved == mine:
+        return
+    raise StateLayoutError(
+        f"The checkpoint's {os.path.basename(model_file)!r} was saved on {saved} data-parallel rank(s), this run has "
+        f"{mine}. " + _ZERO_DP_REMEDY)
 
 
 def check_saved_steps(steps: list[SavedSteps | None], load_dir: str, tag: Any) -> None:

@@ -1261,3 +1261,32 @@ def w_own_tag_saved_again(rank: int, world: int, ckpt_root: str) -> dict[str, st
             except Exception as exc:  # noqa: BLE001 - the message is what the test checks
                 out[name] = f"{type(exc).__name__}: {exc}"
     return out
+
+
+def w_zero3_other_dp_size(rank: int, world: int, ckpt_root: str, mode: str) -> dict[str, Any]:
+    """ZeRO-3, SOAA. ``mode`` "save": save 2 steps (tag t); "load": load it; "node-local": load it where rank 1
+    reads its own copy of the folder, which lacks every file (a replaced node's local storage). Returns what the
+    load said and whether the engine's steps and this rank's partitions stayed as they were."""
+    ds_env(rank, world)
+    import deepspeed_ext
+
+    cfg = make_config(3, "fp32", "lightning_soaa.SOAA", {"lr": 1e-2})
+    cfg["train_micro_batch_size_per_gpu"] = 12 // world
+    engine, _, _, _ = deepspeed_ext.initialize(model=tiny_mlp(0, torch.float32, SIZES), config=cfg)
+    if mode == "save":
+        _train(engine, rank, range(2))
+        engine.save_checkpoint(ckpt_root, tag="t")
+        return {"said": "saved"}
+    where = ckpt_root
+    if mode == "node-local" and rank == 1:
+        where = os.path.join(os.path.dirname(ckpt_root), "node1")
+        os.makedirs(os.path.join(where, "t"), exist_ok=True)
+    before = [p.ds_tensor.detach().clone() for p in engine.module.parameters()]  # no collective
+    try:
+        engine.load_checkpoint(where, tag="t")
+        said = "loaded"
+    except Exception as exc:  # noqa: BLE001 - the message is what the test checks
+        said = f"{type(exc).__name__}: {exc}"
+    unchanged = engine.global_steps == 0 and all(
+        torch.equal(a, p.ds_tensor) for a, p in zip(before, engine.module.parameters()))
+    return {"said": said, "unchanged": unchanged}

@@ -20,6 +20,7 @@ from tests.deepspeed._workers import (
     w_state_dict_one_rank,
     w_torn_save,
     w_unreadable_optimizer_file,
+    w_zero3_other_dp_size,
     w_zero3_saved_on_fewer_ranks,
 )
 from tests.harness.distributed import run_distributed
@@ -215,8 +216,36 @@ def test_a_zero3_checkpoint_saved_on_fewer_ranks_is_refused_on_every_rank(tmp_pa
     for r, said in enumerate(res):
         assert said["unchanged"], (r, said)
         msg = said["said"]
-        assert "has files for 2 data-parallel rank(s)" in msg and "this run has 3" in msg, (r, msg)
-        assert msg.startswith("StateLayoutError: " if r == 2 else "StateLayoutError: Rank 2 refused"), (r, msg)
+        assert "saved on 2 data-parallel rank(s), this run has 3" in msg, (r, msg)
+        assert msg.startswith("StateLayoutError: ") and "Nothing was loaded" in msg, (r, msg)
+        if r == 2:
+            assert "has no 'zero_pp_rank_2_mp_rank_00_model_states.pt'" in msg, msg
+
+
+def test_a_zero3_checkpoint_saved_on_more_ranks_is_refused_before_anything_loads(tmp_path):
+    """ZeRO-3 saved at W = 3, resumed at W = 2: DeepSpeed refused it ("DP world size of 3"), but only after its
+    load had set the engine's global_steps (and skipped_steps, the lr scheduler) from the checkpoint; a run that
+    caught the error went on half-resumed. Refused now on every rank before anything loads, naming both sizes."""
+    root = str(tmp_path / "ckpt")
+    run_distributed(w_zero3_other_dp_size, 3, tmp_path / "save", root, "save", timeout=200)
+    res = run_distributed(w_zero3_other_dp_size, 2, tmp_path / "load", root, "load", timeout=200)
+    for r, said in enumerate(res):
+        assert said["unchanged"], (r, said)
+        assert said["said"].startswith("StateLayoutError: "), (r, said)
+        assert "saved on 3 data-parallel rank(s), this run has 2" in said["said"], (r, said)
+
+
+def test_a_zero3_rank_without_its_files_is_refused_on_every_rank(tmp_path):
+    """Node-local storage where rank 1's node lacks the checkpoint's files (a replaced node): rank 1 raised a bare
+    AssertionError from DeepSpeed's file list alone while rank 0 went on into the load's collectives. Every rank
+    now refuses, rank 1 naming the file it lacks."""
+    root = str(tmp_path / "ckpt")
+    run_distributed(w_zero3_other_dp_size, 2, tmp_path / "save", root, "save", timeout=200)
+    res = run_distributed(w_zero3_other_dp_size, 2, tmp_path / "load", root, "node-local", timeout=200)
+    assert "has no 'zero_pp_rank_1_mp_rank_00_model_states.pt'" in res[1]["said"], res
+    assert "node-local storage" in res[1]["said"], res
+    assert res[0]["said"].startswith("StateLayoutError: Rank 1 refused"), res
+    assert all(r["unchanged"] for r in res), res
 
 
 def test_stale_files_of_an_earlier_save_into_the_tag_are_not_judged(tmp_path):
