@@ -51,6 +51,8 @@ lint() {
   "$PY" -m mypy lightning_soaa
 }
 
+# this checkout's package first: a venv given by LSOAA_VENV may hold another checkout's editable install
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 cmd="${1:-test}"
 shift || true
 case "$cmd" in

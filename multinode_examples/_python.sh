@@ -3,9 +3,12 @@
 # PATH: a recipe run from a fresh shell after `bash dev.sh main` finds the venv's torch without an activate.
 lsoaa_python() {
     if [ -n "${PYTHON:-}" ]; then printf '%s\n' "$PYTHON"; return; fi
-    local cand
-    for cand in "${VIRTUAL_ENV:+$VIRTUAL_ENV/bin/python}" "${LSOAA_VENV:+$LSOAA_VENV/bin/python}" \
-                "$1/.venv/bin/python"; do
+    local cand venv=${LSOAA_VENV:-}
+    case $venv in  # relative to the repository, as for dev.sh (which runs from there)
+        ""|/*) ;;
+        *) venv=$1/$venv ;;
+    esac
+    for cand in "${VIRTUAL_ENV:+$VIRTUAL_ENV/bin/python}" "${venv:+$venv/bin/python}" "$1/.venv/bin/python"; do
         if [ -n "$cand" ] && [ -x "$cand" ]; then printf '%s\n' "$cand"; return; fi
     done
     printf 'python3\n'

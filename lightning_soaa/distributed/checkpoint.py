@@ -505,6 +505,15 @@ def _check_group_order(name: str, saved: list[Any], mine: list[Any]) -> None:
         "in the order they were saved in.")
 
 
+#: the name parts torch's wrappers add (DDP, torch.compile, activation checkpointing, FSDP1): a state saved from
+#: a wrapped module and loaded into the bare one (a resume at W = 1 without DDP) names the same parameters
+_WRAPPER_PARTS = frozenset({"module", "_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module"})
+
+
+def _unwrapped(name: Any) -> str:
+    return ".".join(p for p in str(name).split(".") if p not in _WRAPPER_PARTS)
+
+
 def _warn_no_shared_names(name: str, saved: list[Any], mine: list[Any]) -> None:
     """Warn when both sides name every parameter and share no name: the state loads by position, as torch's
     does, which is right for a renamed module (``self.net`` now ``self.backbone``) and wrong for two
@@ -514,7 +523,7 @@ def _warn_no_shared_names(name: str, saved: list[Any], mine: list[Any]) -> None:
     flat_saved, flat_mine = [n for g in saved for n in (g or [None])], [n for g in mine for n in (g or [None])]
     if not flat_saved or None in flat_saved or None in flat_mine:
         return
-    if set(map(str, flat_saved)) & set(map(str, flat_mine)):
+    if set(map(_unwrapped, flat_saved)) & set(map(_unwrapped, flat_mine)):
         return
     log.warning("%s.load_state_dict: none of the state's parameter names is among this optimizer's (the state's "
                 "first: %r; this optimizer's first: %r), so the state loads by position. Right if the module was "
