@@ -279,6 +279,13 @@ def _check_checkpoint_writer(ds: dict[str, Any], entry: OptimizerEntry) -> None:
         return
     if not isinstance(block, dict):
         raise ValueError(f"Invalid checkpoint={block!r}. Must be a JSON object (DeepSpeed's checkpoint options).")
+    if block.get("load_universal"):  # DeepSpeed takes it by Python's truth
+        raise ValueError(
+            f"Invalid checkpoint.load_universal={block['load_universal']!r} with optimizer.type={entry.name!r}: "
+            "DeepSpeed's universal checkpoints keep only step, fp32, exp_avg and exp_avg_sq of an optimizer, not "
+            "lightning_soaa's state, so the optimizer would resume without it. Must be left out (or false): resume "
+            "at the data-parallel size the checkpoint was saved at, or start from its weights "
+            "(load_optimizer_states=False, or zero_to_fp32.py at ZeRO-3).")
     writer = block.get("writer")
     if writer is None:
         return

@@ -193,6 +193,16 @@ def test_the_default_checkpoint_engine_and_other_optimizers_pass() -> None:
     parse_config({**_cfg("lightning_soaa.SOAA"), "datastates_ckpt": False})
 
 
+@pytest.mark.parametrize("value", [True, 1, "false"])
+def test_loading_a_universal_checkpoint_is_refused(value: Any) -> None:
+    """``checkpoint.load_universal``: DeepSpeed's universal checkpoints keep only step, fp32, exp_avg and
+    exp_avg_sq, none of our state (a reviewer): refused when the config is read, naming the value; false passes."""
+    with pytest.raises(ValueError, match=rf"Invalid checkpoint\.load_universal={re.escape(repr(value))} with "
+                                         r"optimizer\.type='lightning_soaa\.SOAA'.*Must be left out \(or false\)"):
+        parse_config({**_cfg("lightning_soaa.SOAA"), "checkpoint": {"load_universal": value}})
+    parse_config({**_cfg("lightning_soaa.SOAA"), "checkpoint": {"load_universal": False}})
+
+
 @pytest.mark.parametrize("value", [{}, {"host_cache_size": 16}, True])
 def test_datastates_checkpointing_is_refused(value: Any) -> None:
     """``datastates_ckpt`` (any value but false) makes DeepSpeed write checkpoints in the background, as
