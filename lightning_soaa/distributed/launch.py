@@ -610,6 +610,9 @@ _ATTEMPT_KEY = "lightning_soaa/attempt_store"
 #: the key in rank 0's own store that holds the nonce it published with: a store without it, or with
 #: another nonce, is not this attempt's
 _NONCE_KEY = "lightning_soaa/nonce"
+#: the key in rank 0's own store that counts the ranks that took it: once world_size - 1 did, its group is
+#: complete, and a rank that finds it later belongs to a later group (its rank 0 has not published yet)
+_JOINED_KEY = "lightning_soaa/joined"
 #: how long a rank gives one published address to answer before it reads the agent store's key again
 _ATTEMPT_CONNECT_S = 10.0
 
@@ -629,10 +632,13 @@ def attempt_store(agent: dist.Store, *, rank: int, world_size: int, host: str,
 
     So rank 0 hosts a store of its own on a free port, with a random nonce in it, and publishes
     ``host``, port and nonce under one key of ``agent``. Every other rank reads that key, connects, and
-    takes the store only if it holds the published nonce. A value that a dead attempt left (its port
-    refuses, or another store answers there now) is waited past: torchrun stops every worker of an attempt
-    before the next one starts, so the value read is this attempt's once its rank 0 has published. The
-    group forms on rank 0's store, which holds no key of an earlier attempt.
+    takes the store only if it holds the published nonce, is for its world size and has not been taken by
+    ``world_size - 1`` ranks already. A value that an earlier group left is waited past: a dead attempt's
+    (its port refuses, or another store answers there now), and a complete group's whose rank 0 still runs
+    (torchrun's static rendezvous restarts each node's workers on its own, so a node's new workers start
+    while another node's old rank 0 computes; a process that destroys its group and calls
+    :func:`init_from_env` again may find its old rank 0 not yet there). The group forms on rank 0's store,
+    which holds no key of an earlier attempt.
 
     Args:
         agent: torchrun's agent store.
@@ -651,7 +657,8 @@ def attempt_store(agent: dist.Store, *, rank: int, world_size: int, host: str,
         # MASTER_ADDR is rank 0's node for torchrun (its group rank 0 hosts the agent store), but torchrun keeps
         # that address from its first round: its own name too, in case the node ranks moved since
         hosts = list(dict.fromkeys((host, socket.getfqdn())))
-        agent.set(_ATTEMPT_KEY, json.dumps({"hosts": hosts, "port": store.port, "nonce": nonce}))
+        agent.set(_ATTEMPT_KEY, json.dumps({"hosts": hosts, "port": store.port, "nonce": nonce,
+                                            "world_size": world_size}))
         log.debug("rank 0 hosts this attempt's store at %s, port %d", hosts, store.port)
         return store
     return _find_attempt_store(agent, rank, world_size, timeout)
@@ -687,8 +694,11 @@ def _join_published(raw: bytes, world_size: int, deadline: float) -> tuple[dist.
     try:
         where = json.loads(raw)
         hosts, port, nonce = [str(h) for h in where["hosts"]], int(where["port"]), str(where["nonce"])
+        size = int(where["world_size"])
     except (ValueError, KeyError, TypeError):
         return None, "not a value this library writes", True
+    if size != world_size:
+        return None, f"a group of {size} ranks, not {world_size} (an earlier attempt's)", True
     said, final = [], True
     for host in hosts:
         seconds = max(0.1, min(_ATTEMPT_CONNECT_S, deadline - time.monotonic()))
@@ -707,6 +717,9 @@ def _join_published(raw: bytes, world_size: int, deadline: float) -> tuple[dist.
             said.append(f"{host}: another store answers there (a dead attempt's port, reused)")
         elif store.get(_NONCE_KEY).decode() != nonce:
             said.append(f"{host}: another attempt's store answers there (its nonce differs)")
+        elif store.add(_JOINED_KEY, 1) >= world_size:
+            # its rank 0 lives on, but its group is complete: an earlier attempt's or an earlier init_from_env's
+            return None, f"{host}: its {world_size - 1} other ranks took this store already (an earlier group's)", True
         else:
             return store, "", False
     return None, "; ".join(said), final

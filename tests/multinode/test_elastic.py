@@ -94,7 +94,7 @@ def test_torchrun_restart_recipe_resumes_bit_identical(optimizer: str, tmp_path:
 def test_two_agents_worker_crash_resumes_bit_identical(tmp_path: Path) -> None:
     """Two torchrun agents (two nodes on loopback, two workers each, c10d rendezvous, ``--max-restarts=1``);
     rank 3 dies hard after 10 of 12 steps. Its agent counts the restart (``TORCHELASTIC_RESTART_COUNT=1``);
-    the other restarts its workers because that node re-joined, uncounted (0). The new group forms anyway,
+    the other restarts its workers because that node re-joined, mostly uncounted (0). The new group forms anyway,
     resumes from the step-8 checkpoint and ends bit-identical to an uninterrupted four-rank run. (Before,
     the ranks waited in key spaces of different restart counts until the rendezvous timed out.) The
     optimizer reduces the gradients: with DDP, a run resumed at four ranks ends ~1e-17 off the uninterrupted
@@ -107,7 +107,11 @@ def test_two_agents_worker_crash_resumes_bit_identical(tmp_path: Path) -> None:
     logs = runner.run_together([(agent, env), (agent, env)], timeout=150)
     assert any("simulated crash of rank 3 after 10 steps" in log for log in logs), logs[0][-3000:]
     resumed = runner.load(out, 4)
-    assert sorted((r["restart_count"], r["resumed_from_step"]) for r in resumed) == [(0, 8), (0, 8), (1, 8), (1, 8)]
+    # the other agent's count is 0 in most runs and 1 when it noticed the failure itself (a race in torchrun):
+    # the differing counts are covered for certain by test_group_forms_across_restart_counts
+    assert [r["resumed_from_step"] for r in resumed] == [8] * 4
+    counts = [r["restart_count"] for r in resumed]
+    assert counts[2:] == [1, 1] and counts[0] == counts[1] and counts[0] in (0, 1), counts
     runner.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
                 *runner.train_args("soaa", ref, steps=STEPS, extra=sync)], env=env, timeout=120)
     _assert_bit_identical(resumed, runner.load(ref, 4))
@@ -150,8 +154,8 @@ def _store(**kw: Any) -> dist.TCPStore:
     return dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=_T, **kw)
 
 
-def _published(port: int, nonce: str) -> str:
-    return json.dumps({"hosts": ["127.0.0.1"], "port": port, "nonce": nonce})
+def _published(port: int, nonce: str, world_size: int = 2) -> str:
+    return json.dumps({"hosts": ["127.0.0.1"], "port": port, "nonce": nonce, "world_size": world_size})
 
 
 def _free_port() -> int:
@@ -189,11 +193,97 @@ def test_attempt_store_without_rank_0_fails_in_time() -> None:
     """No rank 0 publishes: the rank fails after its timeout, naming itself, the key and why the value
     found there is not its attempt's."""
     agent = _store()
-    agent.set(_ATTEMPT_KEY, _published(_free_port(), "dead"))
+    agent.set(_ATTEMPT_KEY, _published(_free_port(), "dead", 3))
     start = time.monotonic()
     with pytest.raises(RuntimeError, match=r"Rank 2 found no store of rank 0 .*attempt_store.*cannot connect"):
         attempt_store(agent, rank=2, world_size=3, host="127.0.0.1", timeout=datetime.timedelta(seconds=2))
     assert time.monotonic() - start < 10
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_attempt_store_passes_over_a_complete_group_whose_rank_0_lives(world_size: int) -> None:
+    """What an earlier group published while its rank 0 still runs, its store holding the published nonce:
+    torchrun's static rendezvous restarts one node's workers while another node's old rank 0 computes, and
+    a process that destroys its group and joins again may come before its rank 0 does. A rank of the new
+    group waits past that complete group's store (or one of another world size) and gets its own rank 0's.
+    Before, it took the old store at once: the static two-agent restart hung in gloo's connect."""
+    agent = _store()
+    old = attempt_store(agent, rank=0, world_size=world_size, host="127.0.0.1", timeout=_T)
+    for rank in range(1, world_size):
+        assert attempt_store(agent, rank=rank, world_size=world_size, host="127.0.0.1", timeout=_T).port == old.port
+    got: list[Any] = []
+    late = threading.Thread(target=lambda: got.append(
+        attempt_store(agent, rank=1, world_size=world_size, host="127.0.0.1", timeout=_T)))
+    late.start()
+    time.sleep(1.0)
+    assert late.is_alive() and not got
+    agent.set(_ATTEMPT_KEY, _published(old.port, json.loads(agent.get(_ATTEMPT_KEY))["nonce"], world_size + 1))
+    time.sleep(0.5)
+    assert late.is_alive() and not got
+    ours = attempt_store(agent, rank=0, world_size=world_size, host="127.0.0.1", timeout=_T)
+    late.join(15)
+    assert len(got) == 1 and got[0].port == ours.port != old.port
+
+
+_REINIT = """
+import os, time, torch, torch.distributed as dist
+from lightning_soaa.distributed.launch import exit_without_teardown, init_from_env
+for group in range(2):
+    init_from_env("gloo", timeout_s=20)
+    total = torch.tensor([dist.get_rank() + 1.0])
+    dist.all_reduce(total)
+    print(f"rank {dist.get_rank()} group {group} sum {total.item():g}", flush=True)
+    if dist.get_rank() == 0:
+        time.sleep(1.0)  # rank 0 leaves its group last (it writes a checkpoint, say)
+    dist.destroy_process_group()
+exit_without_teardown(0)
+"""
+
+
+def test_torchrun_group_destroyed_and_joined_again(tmp_path: Path) -> None:
+    """Under torchrun, every rank destroys its group and calls ``init_from_env`` again, rank 0 a second
+    after the others: the second group forms on rank 0's new store. Before, rank 1 took rank 0's old
+    store (still up, its nonce the one published) and both waited until the timeout."""
+    script = tmp_path / "reinit.py"
+    script.write_text(_REINIT)
+    out = runner.run(_torchrun(str(script)), env=runner.clean_env(), timeout=90)
+    for rank in range(2):
+        assert f"rank {rank} group 1 sum 3" in out, out[-3000:]
+
+
+_STATIC_WORKER = """
+import os, sys, time, torch, torch.distributed as dist
+from lightning_soaa.distributed.launch import exit_without_teardown, init_from_env
+init_from_env("gloo", timeout_s=40)
+for step in range(2):
+    if dist.get_rank() == 3 and step == 1 and not os.path.exists(sys.argv[1]):
+        open(sys.argv[1], "w").close()
+        os._exit(1)
+    if dist.get_rank() < 2 and step == 1:
+        time.sleep(8.0)  # node 0 computes, its old rank 0 and store up, while node 1 restarts
+    total = torch.tensor([1.0])
+    dist.all_reduce(total)
+print(f"rank {dist.get_rank()} restart {os.environ['TORCHELASTIC_RESTART_COUNT']} sum {total.item():g}", flush=True)
+dist.barrier()
+exit_without_teardown(0)
+"""
+
+
+def test_two_static_agents_worker_crash(tmp_path: Path) -> None:
+    """torchrun's default (static) rendezvous on two nodes, ``--max-restarts=1``: rank 3 dies; its agent
+    restarts its workers at once, while node 0's keep computing for 8 s before they find the peer gone. The
+    new workers wait past node 0's old rank 0's store and form the group with node 0's new workers. Before,
+    they took the old store and hung in gloo's connect beyond the timeout."""
+    script, flag = tmp_path / "static.py", tmp_path / "crashed"
+    script.write_text(_STATIC_WORKER)
+    port = _free_port()
+    agents = [([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}",
+                "--nproc_per_node=2", "--max-restarts=1", "--master-addr=127.0.0.1", f"--master-port={port}",
+                "--monitor-interval=0.5", str(script), str(flag)], runner.clean_env()) for node in range(2)]
+    logs = "".join(runner.run_together(agents, timeout=120))
+    assert flag.exists()
+    for rank in range(4):
+        assert f"rank {rank} restart 1 sum 4" in logs, logs[-3000:]
 
 
 _WORKER = """
@@ -213,7 +303,7 @@ def _dead_attempt(agent: dist.Store) -> dist.TCPStore:
     another store holds now, and a count of its ranks that arrived before it failed (3 of 4)."""
     other = _store()
     other.set(_NONCE_KEY, "a later attempt of another job")
-    agent.set(_ATTEMPT_KEY, _published(other.port, "a dead attempt"))
+    agent.set(_ATTEMPT_KEY, _published(other.port, "a dead attempt", 4))
     agent.add("lightning_soaa/attempt/0/4/arrivals", 3)
     return other
 
