@@ -100,6 +100,9 @@ def test_a_rank_outside_the_process_group_is_refused(name: str, tmp_path: Path) 
 
 
 def _w_one_then_two(rank: int, world: int, name: str, store: str) -> dict[str, Any]:
+    # every rank has finished connecting the harness's group before one destroys it (without: "connection
+    # closed by peer" on the slower rank, once in CI under load)
+    dist.barrier()
     dist.destroy_process_group()  # the harness's 2-rank group: each process builds under a 1-rank one first
     dist.init_process_group("gloo", store=dist.FileStore(f"{store}_one{rank}", 1), rank=0, world_size=1)
     model, opt = _make(name)
