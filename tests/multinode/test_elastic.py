@@ -3,7 +3,7 @@ ends bit-identical to one that never crashed.
 
 ``torchrun --max-restarts=1`` restarts every worker of the group when one dies; the new workers join
 the *same* TCP store as the dead ones (torchrun's agent keeps it), which is why ``init_from_env`` forms the
-group on a store that rank 0 of the attempt hosts (:func:`lightning_soaa.distributed.launch.attempt_store`).
+group on a store that rank 0 of the attempt hosts (:func:`lightning_soaa.distributed.attempt_store.attempt_store`).
 In the agent's store, about half of the restarts failed to come up (gloo ``connectFullMesh`` connecting to
 the dead attempt's address, or a hang); in key spaces named by ``TORCHELASTIC_RESTART_COUNT``, every restart
 on two nodes did (torchrun counts restarts per node).
@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from lightning_soaa import registry
-from lightning_soaa.distributed.launch import _ATTEMPT_KEY, _NONCE_KEY, attempt_store
+from lightning_soaa.distributed.attempt_store import _ATTEMPT_KEY, _NONCE_KEY, attempt_store
 from tests.multinode import runner
 
 OPTIMIZERS = [spec.name.lower() for spec in registry.REGISTRY]

@@ -17,15 +17,12 @@ import torch.distributed as dist
 
 from lightning_soaa.distributed.launch import (
     LaunchInfo,
-    _mpi4py_importable,
-    _mpi_join,
-    _mpi_rendezvous,
-    _store_round,
     detect_launch,
     first_slurm_host,
     init_from_env,
     slurm_port,
 )
+from lightning_soaa.distributed.mpi_rendezvous import _mpi4py_importable, _mpi_join, _mpi_rendezvous, _store_round
 
 TORCHRUN = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "1",
             "MASTER_ADDR": "10.0.0.5", "MASTER_PORT": "29400", "TORCHELASTIC_RUN_ID": "x"}
@@ -189,7 +186,7 @@ def test_init_from_env_single_process_does_not_initialise() -> None:
 
 
 def test_module_import_does_not_import_mpi4py() -> None:
-    code = ("import sys, lightning_soaa.distributed.launch as m; "
+    code = ("import sys, lightning_soaa.distributed.launch as m, lightning_soaa.distributed.mpi_rendezvous as r; "
             "assert 'mpi4py' not in sys.modules, 'mpi4py imported'; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
@@ -361,9 +358,9 @@ def test_store_round_settles_for_mpi_and_a_late_rank_without_mpi4py_names_itself
     """Rank 2 has no variables (raw mpirun without -x) and waits in MPI_Init: the ranks that arrived, all with
     mpi4py, go to the MPI agreement after _STORE_ROUND_S. A rank that turns up after that without mpi4py
     cannot follow them there: it raises, naming itself and why MPI was chosen."""
-    import lightning_soaa.distributed.launch as launch
+    import lightning_soaa.distributed.mpi_rendezvous as rendezvous
 
-    monkeypatch.setattr(launch, "_STORE_ROUND_S", 0.5)
+    monkeypatch.setattr(rendezvous, "_STORE_ROUND_S", 0.5)
     results, keep = _round({0: True, 1: True}, 3, timeout_s=30)
     assert results == {0: False, 1: False}
     env = keep[0]
@@ -378,10 +375,10 @@ def test_store_round_against_a_service_that_is_no_store_ends_in_bounded_time(mon
     port than rank 0's, held by something else): TCPStore's handshake waited for its answer without bound, while
     rank 0 settled for MPI and waited in MPI_Init (the job hung; the MPI agreement had named both ports). The
     rank now gives up on it: to the MPI agreement with mpi4py, else with an error naming the service."""
-    import lightning_soaa.distributed.launch as launch
+    import lightning_soaa.distributed.mpi_rendezvous as rendezvous
 
-    monkeypatch.setattr(launch, "_STORE_HANDSHAKE_S", 1.0, raising=False)
-    monkeypatch.setattr(launch, "_STORE_ROUND_S", 1.0)  # the clients' own timeout: timeout_s + this
+    monkeypatch.setattr(rendezvous, "_STORE_HANDSHAKE_S", 1.0, raising=False)
+    monkeypatch.setattr(rendezvous, "_STORE_ROUND_S", 1.0)  # the clients' own timeout: timeout_s + this
     held: list[tuple[socket.socket, object]] = []  # accepted, never answered
     with socket.socket() as service:
         service.bind(("127.0.0.1", 0))
