@@ -33,7 +33,7 @@ import logging
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -264,30 +264,36 @@ def build_state_dict(
     })
 
 
+def _refuse_not_ours(name: str, sd: Any) -> NoReturn:
+    """Raise for a state that is not in our format, with a hint at where it likely came from: another
+    optimizer (switching from torch.optim), or torch's DCP helpers rebuilding ours from their own keys."""
+    hint, torch_like = "", _torch_optimizer_state(sd)
+    if torch_like:  # a torch optimizer's own state dict (switching from torch.optim)
+        hint = (" It looks like a torch.optim optimizer's state (per-parameter entries of tensors, no "
+                f"'{FORMAT_KEY}'): another optimizer's state cannot be continued by this one. Build this "
+                "optimizer fresh and load only the weights (model.load_state_dict; under Lightning, "
+                "LightningModule.load_from_checkpoint(path) and fit without ckpt_path).")
+    if isinstance(sd, dict) and "state" in sd and "param_groups" in sd:
+        # what torch.distributed.checkpoint.state_dict hands back when it rebuilt the state itself (its
+        # flattened form has per-parameter tensors too, so the two cannot always be told apart)
+        hint += (" Or, if it is this optimizer's own state" if torch_like else " If it came") + (
+                " from torch.distributed.checkpoint.state_dict: with StateDictOptions("
+                "flatten_optimizer_state_dict=True) or full_state_dict=True (FSDP2) torch rebuilds the state "
+                "from its own keys, dropping this optimizer's metadata and global state. Save and load with the "
+                "default StateDictOptions (DCP: any world size, also fully_shard on one rank), or without "
+                "FSDP2 with consolidate_state_dict() and state_dict().")
+    raise ValueError(
+        f"{name}.load_state_dict: not a lightning_soaa optimizer state (expected keys 'state', "
+        f"'param_groups' and '{FORMAT_KEY}'; got {sorted(sd) if isinstance(sd, dict) else type(sd)})." + hint
+    )
+
+
 def validate_state_dict(optimizer: CheckpointView, sd: Any, by_position: bool = True) -> None:
     """Raise ``ValueError`` with a precise reason when ``sd`` does not fit ``optimizer``. ``by_position``:
     the state maps to the parameters by position (not for torch.distributed.checkpoint's, keyed by name)."""
     name = optimizer.name
     if not isinstance(sd, dict) or FORMAT_KEY not in sd or "state" not in sd or "param_groups" not in sd:
-        hint, torch_like = "", _torch_optimizer_state(sd)
-        if torch_like:  # a torch optimizer's own state dict (switching from torch.optim)
-            hint = (" It looks like a torch.optim optimizer's state (per-parameter entries of tensors, no "
-                    f"'{FORMAT_KEY}'): another optimizer's state cannot be continued by this one. Build this "
-                    "optimizer fresh and load only the weights (model.load_state_dict; under Lightning, "
-                    "LightningModule.load_from_checkpoint(path) and fit without ckpt_path).")
-        if isinstance(sd, dict) and "state" in sd and "param_groups" in sd:
-            # what torch.distributed.checkpoint.state_dict hands back when it rebuilt the state itself (its
-            # flattened form has per-parameter tensors too, so the two cannot always be told apart)
-            hint += (" Or, if it is this optimizer's own state" if torch_like else " If it came") + (
-                    " from torch.distributed.checkpoint.state_dict: with StateDictOptions("
-                    "flatten_optimizer_state_dict=True) or full_state_dict=True (FSDP2) torch rebuilds the state "
-                    "from its own keys, dropping this optimizer's metadata and global state. Save and load with the "
-                    "default StateDictOptions (DCP: any world size, also fully_shard on one rank), or without "
-                    "FSDP2 with consolidate_state_dict() and state_dict().")
-        raise ValueError(
-            f"{name}.load_state_dict: not a lightning_soaa optimizer state (expected keys 'state', "
-            f"'param_groups' and '{FORMAT_KEY}'; got {sorted(sd) if isinstance(sd, dict) else type(sd)})." + hint
-        )
+        _refuse_not_ours(name, sd)
     meta = sd[FORMAT_KEY]
     missing = [k for k in _META_KEYS if k not in meta] if isinstance(meta, dict) else list(_META_KEYS)
     if missing:  # checked here, before anything changes (a missing "global" used to fail mid-load)
