@@ -122,6 +122,8 @@ class CheckpointView:
     #: ``option -> what it is and how to continue a checkpoint saved without it``, for the layout keys an
     #: earlier version did not save (a refused layout then names the option, though the saved group lacks it)
     absent_key_notes: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    #: group options left out of the saved groups when empty (:func:`saved_groups`)
+    unsaved_when_empty: tuple[str, ...] = ()
 
 
 #: what a load keeps of the current groups: their tensors, and the block size the table was built with (a
@@ -173,13 +175,21 @@ def _plain(value: Any) -> Any:
     return value.item() if type(value).__module__ == "numpy" and hasattr(value, "item") else value
 
 
-def saved_groups(param_groups: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def saved_groups(param_groups: Sequence[dict[str, Any]],
+                 unsaved_when_empty: Sequence[str] = ()) -> list[dict[str, Any]]:
     """The groups as a state dict holds them: the hyperparameters as they are now (NumPy scalars as
-    Python numbers), ``params`` as the running indices torch uses."""
+    Python numbers), ``params`` as the running indices torch uses.
+
+    ``unsaved_when_empty``: layout options (ASGO's ``fused_parts``, ``adamw_indices``) left out where ``[]``
+    or ``()``. Their ``[]`` is the documented way to continue a checkpoint saved before the key, and a load
+    keeps the optimizer's own layout options whatever the checkpoint says (:func:`loaded_groups`), so the
+    key saved nothing; but ``dcp.load`` refuses a checkpoint lacking a key its destination shows, so the
+    remedy made such an old DCP checkpoint need ``allow_partial_load`` (found by a helper)."""
     groups = []
     index = 0
     for group in param_groups:
-        g = {k: _plain(v) for k, v in group.items() if k != "params"}
+        g = {k: _plain(v) for k, v in group.items() if k != "params" and not (
+            k in unsaved_when_empty and isinstance(v, (list, tuple)) and not v)}
         g["params"] = list(range(index, index + len(group["params"])))
         index += len(group["params"])
         groups.append(g)
@@ -250,7 +260,7 @@ def build_state_dict(
         state.setdefault(pi, {})[si] = blk
     return with_group_meta({
         "state": state,
-        "param_groups": saved_groups(optimizer.param_groups),
+        "param_groups": saved_groups(optimizer.param_groups, optimizer.unsaved_when_empty),
         FORMAT_KEY: {
             "version": FORMAT_VERSION,
             "optimizer": optimizer.name,
@@ -474,9 +484,13 @@ def _option_change(optimizer: CheckpointView, saved_groups: list[Any], gi: int) 
     for k in optimizer.layout_keys:
         if k in saved and saved[k] != mine.get(k):
             return f"param_groups[{gi}] was saved with {k}={saved[k]!r}, this optimizer has {k}={mine.get(k)!r}"
-        if k not in saved and k in mine and k in optimizer.absent_key_notes:
+        empty = k in optimizer.unsaved_when_empty and isinstance(mine.get(k), (list, tuple)) and not mine[k]
+        if k not in saved and k in mine and k in optimizer.absent_key_notes and not empty:  # ([]: not saved)
+            # absent also when saved empty: the note's dated cause alone misnamed a checkpoint saved today
+            also = (f" (A checkpoint saved with {k}=[] lacks the key too: an empty one is not saved.)"
+                    if k in optimizer.unsaved_when_empty else "")
             return (f"param_groups[{gi}] was saved without {k}, this optimizer has {k}={mine[k]!r}: "
-                    + optimizer.absent_key_notes[k])
+                    + optimizer.absent_key_notes[k] + also)
     return None
 
 

@@ -325,6 +325,9 @@ class _OneSided(ShardedOptimizer):
         "route_param_groups) routes to the AdamW part (embedding tables). A checkpoint saved before 2026-12-04 "
         "routed a group added without names by shape alone; to continue it, add that group with "
         "adamw_indices=[] (by shape, as saved)")})
+    #: ``[]`` is left out of the saved groups: the remedy for a checkpoint saved before the key must not make
+    #: an old DCP checkpoint unloadable (checkpoint.saved_groups); DASGO's fused_parts may only be empty
+    _unsaved_when_empty = ("adamw_indices", "fused_parts")
     #: rebuilt on first use (see _split_layout, _routes, _numerators)
     _transient = ("_split_layout_cache", "_routes_cache", "_numerators_cache", "_guard", "_guard_limit")
 
@@ -949,7 +952,8 @@ class ASGO(_OneSided):
             with). Not with ``batch_dims=1``; DASGO refuses it.
         fused: ``{name suffix: parts}`` (default None), e.g. ``{"qkv.weight": 3}``: the trainable matrices
             among ``params`` whose names end with a suffix move to groups of their own with ``row_parts=parts``
-            (the other options of their group kept; the longest matching suffix wins; see
+            (the other options of their group kept, its ``adamw_indices`` moved with their parameters, a
+            matrix at one of them left in the AdamW part; the longest matching suffix wins; see
             :func:`~lightning_soaa.optim.asgo_groups.split_fused`), so the routes that build the optimizer
             from options alone (``OptimizerFactory``, ``lightning-soaa fit --optimizer.fused``, a DeepSpeed
             config) reach ``row_parts``. A matched matrix frozen at construction stays in its group, and one
@@ -1004,11 +1008,10 @@ class ASGO(_OneSided):
         "the positions of the group's matrices that fused names, each with its number of parts, decided when the "
         "group was built or added (a matrix frozen then, or in a group added later, is stepped as its parts). A "
         "checkpoint saved before 2026-12-05 stepped such a matrix whole; to continue it as saved, give that "
-        "group fused_parts=[] (to the constructor in the param group, or to add_param_group); a torch DCP "
-        "checkpoint then needs dcp.load(..., planner=DefaultLoadPlanner(allow_partial_load=True)), since "
-        "it lacks the key. Where the group is replayed from the checkpoint (Lightning's BaseFinetuning adds the "
-        "saved groups itself), build the optimizer without that matrix's suffix in fused instead: it is then "
-        "stepped whole, as it was saved")})
+        "group fused_parts=[] (to the constructor in the param group, or to add_param_group; an empty one is "
+        "not saved, so a torch DCP checkpoint without the key loads as it is). Where the group is replayed "
+        "from the checkpoint (Lightning's BaseFinetuning adds the saved groups itself), build the optimizer "
+        "without that matrix's suffix in fused instead: it is then stepped whole, as it was saved")})
 
     _layout_hint = (" If the state comes from a run with FSDP2 and this one is without (or the other way): "
                     "under FSDP2 a matrix with fewer rows than columns is preconditioned on its right side "

@@ -181,13 +181,32 @@ def _walked_frozen_suffixes(given: list[Any], fused: Mapping[str, int]) -> set[s
 
 
 def _subgroup(group: dict[str, Any], picked: list[int], items: list[Any], **extra: Any) -> dict[str, Any]:
+    """The parameters of ``group`` at ``picked`` (positions in ``items``) with its other options; its
+    ``adamw_indices`` moved with their parameters (copied as given, they pointed at other parameters of
+    either half, or past its end: found by a helper)."""
     # fused_parts are positions in the group as given: the caller moves them (_head), a parts group has none
     out = {k: v for k, v in group.items() if k not in ("params", "param_names", "fused_parts")}
     out["params"] = [items[i] for i in picked]
     if "param_names" in group:
         out["param_names"] = [group["param_names"][i] for i in picked]
+    at = group.get("adamw_indices")
+    if isinstance(at, (list, tuple)):  # (checked by split_fused: distinct positions of the group as given)
+        moved = [j for j, i in enumerate(picked) if i in at]
+        out["adamw_indices"] = moved if isinstance(at, list) else tuple(moved)
     out.update(extra)
     return out
+
+
+def _adamw_positions(group: dict[str, Any], plist: list[Any]) -> set[int]:
+    """The positions of ``group``'s ``adamw_indices`` (the AdamW part: they stay in the group, which the
+    AdamW part's parameters do, as a ``use_asgo=False`` group's), refused here when malformed, against the
+    group as given (its halves' lengths would make the message point elsewhere)."""
+    from lightning_soaa.optim.asgo import _check_adamw_indices  # (that module imports this one)
+
+    if group.get("adamw_indices") is None:
+        return set()
+    _check_adamw_indices({**group, "params": plist})
+    return set(group["adamw_indices"])
 
 
 def _head(group: dict[str, Any], by: dict[str | None, list[int]], items: list[Any], fused: Mapping[str, int],
@@ -233,7 +252,9 @@ def split_fused(params: Iterable[Any], fused: Mapping[str, int],
     group every parameter of which moved is replaced by its parts group in place; the other parts groups
     are appended (in the order of their source group and of ``fused``), so ``asgo_param_groups(m)``
     followed by this gives the groups ``asgo_param_groups(m, fused=...)`` always gave. Matrices of a
-    ``use_asgo=False`` group stay there (the AdamW part has no parts); their suffix counts as found.
+    ``use_asgo=False`` group, or at a position of its ``adamw_indices``, stay there (the AdamW part has no
+    parts); their suffix counts as found. A group's ``adamw_indices`` move with their parameters: each
+    resulting group's are the positions there of the parameters the given ones named (``[]`` in a parts group).
 
     A matched matrix that is frozen stays in its group (so the groups do not depend on what trains now),
     which records its parts as ``fused_parts`` (:func:`fused_parts_of`): decided here, once, it is stepped
@@ -242,7 +263,8 @@ def split_fused(params: Iterable[Any], fused: Mapping[str, int],
     its trainable matrices move as any group's.
 
     Raises:
-        ValueError: ``fused`` is not ``{str: int >= 1}``; a suffix matches no matrix given, nor a frozen one
+        ValueError: ``fused`` is not ``{str: int >= 1}``; a group's ``adamw_indices`` are not distinct
+            positions of its parameters (or come with ``use_asgo``); a suffix matches no matrix given, nor a frozen one
             that :func:`asgo_param_groups` / :func:`route_param_groups` recorded (with the hint to pass
             names when some matrices came without); a matched matrix sits in a group that already sets
             another ``row_parts``.
@@ -265,6 +287,7 @@ def split_fused(params: Iterable[Any], fused: Mapping[str, int],
     for g in groups:
         plist = [g["params"]] if isinstance(g["params"], Tensor) else list(g["params"])  # as torch reads it
         by: dict[str | None, list[int]] = {}
+        adamw = _adamw_positions(g, plist)
         for i, item in enumerate(plist):
             name, t = _name_of(item, i, g.get("param_names"), names)
             given.append(t)
@@ -272,7 +295,7 @@ def split_fused(params: Iterable[Any], fused: Mapping[str, int],
             s = fused_suffix(name, t, fused)
             found.update([s] if s else [])  # a frozen matrix too: it is stepped as its parts (fused_parts)
             s = _suffix(name, t, fused)
-            by.setdefault(None if g.get("use_asgo") is False else s, []).append(i)
+            by.setdefault(None if g.get("use_asgo") is False or i in adamw else s, []).append(i)
         moved = [s for s in fused if s in by]
         parts = []
         for s in moved:

@@ -1936,7 +1936,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
                               devices=tuple(p.device for p in self._params), names=tuple(self._names),
                               elementwise=self.elementwise, block_schema=self._block_schema,
                               validate_global=self._validate_global_state, layout_hint=self._layout_hint,
-                              layout_keys=self._block_option_keys(), absent_key_notes=self._absent_key_notes)
+                              layout_keys=self._block_option_keys(), absent_key_notes=self._absent_key_notes,
+                              unsaved_when_empty=self._unsaved_when_empty)
 
     def _block_option_keys(self) -> tuple[str, ...]:
         """The group options the blocks are built from: :attr:`layout_keys`, and an elementwise
@@ -1962,6 +1963,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
     _layout_hint: str = ""
     #: see :attr:`~lightning_soaa.distributed.checkpoint.CheckpointView.absent_key_notes`
     _absent_key_notes: Mapping[str, str] = MappingProxyType({})
+    #: see :attr:`~lightning_soaa.distributed.checkpoint.CheckpointView.unsaved_when_empty`
+    _unsaved_when_empty: tuple[str, ...] = ()
 
     def _block_schema(self, block: BlockInfo) -> dict[str, StateField] | None:
         # the options the blocks were built with (one written into a group since is refused at the next step)
@@ -2175,7 +2178,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         # later state_dict() until the next step (a torch.save of it then failed to load: 'names no parameter')
         state = {pi: dict(v) if isinstance(v, dict) else v for pi, v in self._consolidated["state"].items()}
         return with_group_meta({**self._consolidated, "state": state,
-                                "param_groups": saved_groups(self._groups_as_built())})
+                                "param_groups": saved_groups(self._groups_as_built(), self._unsaved_when_empty)})
 
     @outside_inference_mode  # state loaded inside it could never be stepped (optim/step_context.py)
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

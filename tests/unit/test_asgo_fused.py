@@ -139,6 +139,53 @@ def test_suffixes_match_whole_dotted_parts_trainable_matrices_move_and_frozen_on
     assert [n for n, _ in got[1]["params"]] == ["qkv.weight", "attn.qkv.weight"]
 
 
+def _routing(opt: ASGO) -> dict[str, tuple[str, int]]:
+    """name -> (the method, its parts) of every parameter."""
+    out = {}
+    for g in opt.param_groups:
+        for p, n in zip(g["params"], g["param_names"]):
+            out[n] = ("asgo", opt._row_parts_of(p, g)) if opt.is_matrix_param(p, g, n) else ("adamw", 0)
+    return out
+
+
+def test_a_groups_adamw_indices_move_with_their_parameters_when_fused_splits_it() -> None:
+    """Found by a helper: ``split_fused`` copied a group's ``adamw_indices`` into both halves as given, so they
+    named other parameters or none: the fused QKV moved to its parts group took the AdamW part (position 0
+    there) and the matrix the user sent to AdamW the matrix method, silently; or the constructor refused
+    'adamw_indices=[3]: positions 0..0', a group the user never wrote. Each half's now name the same
+    parameters; one at a matched matrix keeps it in its group (the AdamW part has no parts), like a
+    ``use_asgo=False`` group's. The oracle: the groups written by hand, bit for bit."""
+    fused = {"qkv.weight": 3, "attn.qkv.weight": 2}
+    for first in ("proj.weight", "qkv.weight"):  # proj.weight (to AdamW) at position 0, or at 3
+        a, b = _model(), _model()
+        names = [first] + [n for n, _ in a.named_parameters() if n != first]
+        at = [names.index("proj.weight")]
+        pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+        opt_a = ASGO([{"params": [(n, pa[n]) for n in names], "adamw_indices": at}], fused=fused, **KW)
+        stay = [n for n in names if n not in fused]
+        by_hand = [{"params": [(n, pb[n]) for n in stay], "adamw_indices": [stay.index("proj.weight")]},
+                   {"params": [("qkv.weight", pb["qkv.weight"])], "row_parts": 3},
+                   {"params": [("attn.qkv.weight", pb["attn.qkv.weight"])], "row_parts": 2}]
+        opt_b = ASGO(by_hand, **KW)
+        assert _routing(opt_a) == _routing(opt_b), first
+        assert _routing(opt_a)["proj.weight"] == ("adamw", 0) and _routing(opt_a)["qkv.weight"] == ("asgo", 3)
+        assert [g["adamw_indices"] for g in opt_a.param_groups] == [by_hand[0]["adamw_indices"], [], []]
+        _steps(a, opt_a)
+        _steps(b, opt_b)
+        for (n, p), q in zip(a.named_parameters(), b.parameters()):
+            torch.testing.assert_close(p, q, rtol=0, atol=0, msg=lambda m, n=n, f=first: f"{f} first, {n}: {m}")
+    m = _model()
+    named = list(m.named_parameters())  # a matched matrix at a position of adamw_indices stays, in the AdamW part
+    groups = split_fused([{"params": named, "adamw_indices": (1,)}], fused)
+    assert [([n for n, _ in g["params"]], g["adamw_indices"]) for g in groups] == [
+        (["tok_emb.weight", "qkv.weight", "qkv.bias", "proj.weight", "proj.bias", "attn.qkv.bias"], (1,)),
+        (["attn.qkv.weight"], ())]
+    assert _routing(ASGO(groups))["qkv.weight"] == ("adamw", 0)
+    with pytest.raises(ValueError, match=re.escape("Invalid adamw_indices=[7]: a list of distinct positions 0..6 "
+                                                   "of the group's parameters")):
+        ASGO([{"params": named, "adamw_indices": [7]}], fused=fused)  # the group as given, not a half of it
+
+
 def test_a_group_given_as_a_set_is_left_for_torch_to_refuse() -> None:
     m = _model()
     with pytest.raises(TypeError, match="ordered collections"):
@@ -404,8 +451,7 @@ def test_a_checkpoint_saved_without_fused_parts_is_refused_naming_the_remedy_whi
     a, _ = qkv_pair()
     saved_by = _run("named", a, FUSED, fused_parts=[])  # stepped whole, as before the key
     sd = copy.deepcopy(saved_by.state_dict())
-    for g in sd["param_groups"]:
-        g.pop("fused_parts")
+    assert not any("fused_parts" in g for g in sd["param_groups"])  # (an empty one is not saved: as before the key)
     b = _copy_of(a)
     fresh = _build("named", b, FUSED)
     set_qkv_trainable(b, True)
@@ -421,6 +467,84 @@ def test_a_checkpoint_saved_without_fused_parts_is_refused_naming_the_remedy_whi
     _train(b, resumed, range(5, 7))
     for p, q in zip(b.parameters(), a.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def _dcp_save(model: QKVNet, opt: ASGO, path: Path, **group: Any) -> None:
+    """A DCP checkpoint of ``opt`` (torch's recipe over plain parameters); ``group``: keys written into every
+    saved group (a checkpoint of an earlier version)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    sd = get_optimizer_state_dict(model, opt)
+    for g in sd["param_groups"]:
+        g.update(group)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # one process: "assuming the intent is to save in a single ..."
+        dcp.save({"optim": sd}, checkpoint_id=str(path))
+
+
+def _dcp_resume(model: QKVNet, opt: ASGO, path: Path) -> None:
+    """``dcp.load`` (without allow_partial_load) into ``opt``'s destination, then set_optimizer_state_dict."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    dest = {"optim": get_optimizer_state_dict(model, opt)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(dest, checkpoint_id=str(path))  # (it refused: 'Missing key in checkpoint state_dict: ...fused_parts')
+    assert not any("fused_parts" in g for g in dest["optim"]["param_groups"])  # a key no old checkpoint has
+    set_optimizer_state_dict(model, opt, dest["optim"])
+
+
+def test_an_empty_fused_parts_is_not_saved_so_its_remedy_loads_an_old_dcp_checkpoint_as_it_is(tmp_path: Path) -> None:
+    """Found by a helper: the remedy for a checkpoint saved before ``fused_parts`` (the group given
+    ``fused_parts=[]``) was saved with the group, so the DCP destination showed a key that checkpoint lacks and
+    ``dcp.load`` refused it ('Missing key in checkpoint state_dict: ...fused_parts') unless given
+    ``allow_partial_load``. A load keeps the optimizer's own layout options (the blocks are cut with them) and the
+    saved layout is checked beside, so an empty one (and an empty ``adamw_indices``) is left out of the saved
+    groups: the old checkpoint (an optimizer without the key: the matrix stepped whole), one saved with ``[]``
+    before this change, and a torch state dict all load plainly and continue bit for bit, the group keeping []."""
+    a, _ = qkv_pair()
+    old = _run("named", a, None)  # as saved before the key: the projection frozen at construction stepped whole
+    _dcp_save(a, old, tmp_path / "without")
+    _dcp_save(a, old, tmp_path / "with", fused_parts=[])
+    ref = copy.deepcopy((a, old))
+    _train(*ref, range(5, 7))
+    for ckpt in ("without", "with"):
+        b = _copy_of(a)
+        resumed = _build("named", b, FUSED, fused_parts=[])  # the remedy the refusal names
+        set_qkv_trainable(b, True)
+        _dcp_resume(b, resumed, tmp_path / ckpt)
+        assert resumed.param_groups[0]["fused_parts"] == [] and resumed.num_steps == 5, ckpt
+        sd = copy.deepcopy(resumed.state_dict())
+        assert "fused_parts" not in sd["param_groups"][0]
+        again = _build("named", _copy_of(b), FUSED, fused_parts=[])
+        again.load_state_dict(sd)  # a torch state dict round trip (Lightning's checkpoint holds this one)
+        assert again.param_groups[0]["fused_parts"] == []
+        _train(b, resumed, range(5, 7))
+        for (n, p), q in zip(b.named_parameters(), ref[0].parameters()):
+            torch.testing.assert_close(p, q, rtol=0, atol=0, msg=lambda m, n=n, c=ckpt: f"{c} the key, {n}: {m}")
+    m, _ = qkv_pair()
+    by_shape = ASGO([{"params": list(m.named_parameters()), "adamw_indices": []}], **KW)  # its own remedy
+    assert "adamw_indices" not in by_shape.state_dict()["param_groups"][0]
+
+
+def test_a_refused_checkpoint_saved_with_an_empty_layout_option_is_not_said_to_be_older_than_the_key() -> None:
+    """Found by a reviewer: an empty ``adamw_indices`` (or ``fused_parts``) is not saved, so a checkpoint saved
+    with one today, loaded into a group that sets positions (other blocks), was refused only with the note for a
+    checkpoint 'saved before 2026-12-04', a cause the user could rule out. The message now says both."""
+    m, _ = qkv_pair()
+    named = list(m.named_parameters())
+    saved_by = ASGO([{"params": named, "adamw_indices": []}], **KW)  # inp.weight: the matrix method
+    for t in range(2):
+        saved_by.zero_grad()
+        loss_fn(m, *batch(t, 0)).backward()
+        saved_by.step()
+    sd = copy.deepcopy(saved_by.state_dict())
+    other = ASGO([{"params": list(_copy_of(m).named_parameters()), "adamw_indices": [0]}], **KW)  # AdamW
+    with pytest.raises(ValueError, match=r"saved without adamw_indices, this optimizer has adamw_indices=\[0\].*"
+                                         r"A checkpoint saved with adamw_indices=\[\] lacks the key too"):
+        other.load_state_dict(sd)
 
 
 def test_bad_fused_parts_are_refused_naming_the_value_and_what_is_allowed() -> None:
