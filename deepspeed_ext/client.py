@@ -45,6 +45,7 @@ from torch import Tensor
 
 from deepspeed_ext.ds_config import ELASTIC_MESSAGE
 from deepspeed_ext.structure import VirtualParams, build_virtual_params
+from lightning_soaa.distributed.checkpoint import with_absent
 from lightning_soaa.optim.sd_hooks import hooked_load, hooked_state_dict
 
 __all__ = ["DeepSpeedClientOptimizer", "OptimizerSwitchError", "StateLayoutError"]
@@ -596,7 +597,10 @@ class DeepSpeedClientOptimizer(torch.optim.Optimizer):
         self._check_saved_block_options(inner, saved_groups)
         inner.load_state_dict(ours["inner"])
         self.training_steps = int(ours.get("training_steps", 0))
-        for cg, sg in zip(self._canonical_groups, saved_groups):
+        # an option an earlier version did not save takes the value that version used (ASGO's nesterov: False),
+        # as the inner load did: these groups are copied into the inner ones at every step (_sync_hyperparams)
+        absent = getattr(inner, "absent_key_values", {})
+        for cg, sg in zip(self._canonical_groups, with_absent(saved_groups, absent)):
             for k, v in sg.items():
                 if k not in _NON_HYPER:
                     cg[k] = tuple(v) if k == "betas" else v

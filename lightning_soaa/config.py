@@ -335,8 +335,9 @@ class ASGOConfig:
 
     ``root_iters=None`` uses the method's default iteration count; ``root_floor=None`` the map's floor for
     the statistic's dtype (``functional.linalg.root_floor``). ``adam_*`` configure the AdamW fallback for
-    1-D parameters and embeddings (same ``lr``). ``nesterov``: precondition Muon's Nesterov direction
-    ``beta1 M_t + (1 - beta1) G_t`` instead of ``M_t`` (matrix blocks only; off by default, the paper's rule).
+    1-D parameters and embeddings (same ``lr``). ``nesterov`` (default True): precondition Muon's Nesterov
+    direction ``beta1 M_t + (1 - beta1) G_t`` instead of ``M_t`` (matrix blocks only); ``False`` is the
+    paper's rule.
     """
 
     lr: float = 1e-2
@@ -357,7 +358,7 @@ class ASGOConfig:
     adam_betas: tuple[float, float] = (0.9, 0.95)
     adam_eps: float = 1e-8
     adam_weight_decay: float = 0.0
-    nesterov: bool = False
+    nesterov: bool = True
 
     def __post_init__(self) -> None:
         check_range("lr", self.lr, 0.0)

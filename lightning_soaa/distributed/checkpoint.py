@@ -133,9 +133,15 @@ _KEPT_ON_LOAD = ("params", "param_names", "max_block_numel", FORMAT_KEY)
 
 
 def loaded_groups(current: list[dict[str, Any]], saved: list[dict[str, Any]],
-                  validate: Callable[[dict[str, Any]], None], keep: Sequence[str] = ()) -> list[dict[str, Any]]:
+                  validate: Callable[[dict[str, Any]], None], keep: Sequence[str] = (),
+                  absent: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     """The groups a load gives: each current group with the saved hyperparameters (``betas`` as a tuple),
     each checked by ``validate`` before anything changes. Apply them with :func:`commit_groups`.
+
+    ``absent``: ``option -> value`` for options an earlier version did not save, whose value in those runs
+    was not the current default (ASGO's ``nesterov``: False, the paper's rule, before it became the
+    default): a saved group without the option gets that value, not the current group's, so the resumed
+    run steps as it was saved (torch keeps the current value of a missing key; see :func:`with_absent`).
 
     ``keep``: the optimizer's block options besides ``max_block_numel`` (ASGO's ``max_block_size`` and
     ``use_asgo``): its blocks were cut with the current values and the saved layout is checked equal to
@@ -143,7 +149,7 @@ def loaded_groups(current: list[dict[str, Any]], saved: list[dict[str, Any]],
     made every later step refuse them as "written into the group after construction"."""
     out = []
     kept = (*_KEPT_ON_LOAD, *keep)
-    for i, (group, old) in enumerate(zip(current, saved)):
+    for i, (group, old) in enumerate(zip(current, with_absent(saved, absent or {}))):
         g = dict(group)
         # a tuple comes back a list from JSON-like round trips (betas, adam_betas): as the group holds it
         g.update({k: (tuple(v) if isinstance(v, list) and isinstance(group.get(k), tuple) else v)
@@ -154,6 +160,12 @@ def loaded_groups(current: list[dict[str, Any]], saved: list[dict[str, Any]],
             raise ValueError(f"load_state_dict: the state dict's param_groups[{i}]: {e} Nothing was loaded.") from e
         out.append(g)
     return out
+
+
+def with_absent(saved: Sequence[Any], absent: Mapping[str, Any]) -> list[Any]:
+    """``saved`` (a state dict's param groups) with each ``absent`` option a group lacks filled in with its
+    value there (copies where filled; what is not a dict is left to the validation)."""
+    return [{**{k: v for k, v in absent.items() if k not in g}, **g} if isinstance(g, dict) else g for g in saved]
 
 
 def commit_groups(current: list[dict[str, Any]], new: list[dict[str, Any]]) -> None:

@@ -1965,6 +1965,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
     _absent_key_notes: Mapping[str, str] = MappingProxyType({})
     #: see :attr:`~lightning_soaa.distributed.checkpoint.CheckpointView.unsaved_when_empty`
     _unsaved_when_empty: tuple[str, ...] = ()
+    #: ``option -> value`` a loaded param group without the option gets (every load path: ours, torch's
+    #: DCP form, DeepSpeed's client): the value the versions that did not save it used, where the current
+    #: default differs (:func:`~lightning_soaa.distributed.checkpoint.loaded_groups`)
+    absent_key_values: Mapping[str, Any] = MappingProxyType({})
 
     def _block_schema(self, block: BlockInfo) -> dict[str, StateField] | None:
         # the options the blocks were built with (one written into a group since is refused at the next step)
@@ -2211,7 +2215,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         state_dict = fit_layout(view, state_dict)  # saved with other row blocks: re-cut (a new dict)
         validate_state_dict(view, state_dict)
         new_groups = loaded_groups(self.param_groups, state_dict["param_groups"], self._validate_group,
-                                   keep=self.layout_keys)
+                                   keep=self.layout_keys, absent=self.absent_key_values)
 
         def load() -> None:
             self._restore_owned_state(state_dict)

@@ -94,7 +94,8 @@ def _name(opt: ShardedOptimizer) -> str:
 #: unloadable ("Missing key in checkpoint state_dict: optim.param_groups.0.row_parts", found by an upgrade
 #: hunt; torch's own AdamW hit the same, pytorch#146157). The others, and every option added from now on,
 #: ride in the JSON metadata (one key whatever it holds); an older checkpoint that lacks one keeps the
-#: optimizer's current value, and the block layout, saved beside, is checked as before. Never add to these.
+#: optimizer's current value (except an ``absent_key_values`` option, ASGO's ``nesterov``: the value the versions
+#: without it ran), and the block layout, saved beside, is checked as before. Never add to these.
 _DCP_FLAT_OPTIONS: dict[str, frozenset[str]] = {
     "SOAA": frozenset({"lr", "betas", "eps", "weight_decay"}),
     "ShardedAdamW": frozenset({"lr", "betas", "eps", "weight_decay"}),
@@ -551,15 +552,18 @@ def _warn_options_unread(opt: ShardedOptimizer, groups: list[dict[str, Any]]) ->
     """Say which options of this optimizer's groups a DCP checkpoint of an earlier version could not give
     (:func:`options_unread`), and the values kept: the run continues with them, which a run that set other
     values must know. The blocking options are left out: the block layout, saved beside, checks them."""
-    moved = _json_options(opt) - set(opt._block_option_keys())
+    moved = _json_options(opt) - set(opt._block_option_keys()) - set(opt.absent_key_values)
     kept = [f"param_groups[{i}]: " + ", ".join(f"{k}={g[k]!r}" for k in sorted(moved & set(g)))
             for i, g in enumerate(groups) if moved & set(g)]
+    # the options that version did not have at all load as it ran (loaded_groups' absent values)
+    absent = ", ".join(f"{k}={v!r}" for k, v in sorted(opt.absent_key_values.items()))
     if kept:
         log.warning("%s.load_state_dict: this torch.distributed.checkpoint was written by an earlier "
                     "lightning_soaa, which saved these group options as keys of their own or not at all; dcp.load "
                     "reads only the keys this version's state dict has, so they keep the values this optimizer was "
-                    "built with (%s). If the run used other values, build the optimizer with them before loading.",
-                    _name(opt), "; ".join(kept))
+                    "built with (%s)%s. If the run used other values, build the optimizer with them before loading.",
+                    _name(opt), "; ".join(kept),
+                    f"; the options it did not have load as it ran them ({absent})" if absent else "")
 
 
 def _plain_groups(opt: ShardedOptimizer, sd: dict[str, Any], meta: dict[str, Any]) -> list[dict[str, Any]]:
@@ -627,7 +631,8 @@ def _check_option_keys(opt: ShardedOptimizer, groups: list[dict[str, Any]], meta
     in :func:`_check_kept_keys`). Every rank holds the whole state and the same blocks: the same verdict on
     every rank, before anything changes."""
     try:
-        saved = loaded_groups(opt.param_groups, groups, opt._validate_group, keep=opt.layout_keys)
+        saved = loaded_groups(opt.param_groups, groups, opt._validate_group, keep=opt.layout_keys,
+                              absent=opt.absent_key_values)
     except ValueError:
         return  # a group value this optimizer refuses: the validation's message names it
     for gi, (lost, block) in _lost_option_keys(opt, saved, meta, state).items():
@@ -861,7 +866,8 @@ def _prepare_dcp_load(opt: ShardedOptimizer, sd: dict[str, Any], meta: dict[str,
     groups = _plain_groups(opt, sd, meta)
     validate_state_dict(opt._checkpoint_view(), {"state": {}, "param_groups": groups, FORMAT_KEY: meta},
                         by_position=False)  # DCP's state is keyed by parameter name
-    new_groups = loaded_groups(opt.param_groups, groups, opt._validate_group, keep=opt.layout_keys)
+    new_groups = loaded_groups(opt.param_groups, groups, opt._validate_group, keep=opt.layout_keys,
+                               absent=opt.absent_key_values)
     _check_kept_keys(opt, new_groups)
     blocks = _loaded_blocks(opt, sd, steps_limit(meta["global"]))
     return lambda: _apply_dcp_load(opt, blocks, new_groups, meta)

@@ -87,6 +87,54 @@ def test_asgo_nesterov_from_the_json_steps_as_asgo_with_it():
     assert client.inner.param_groups[0]["nesterov"] is True
 
 
+def _asgo_client(w: torch.nn.Parameter, **params: Any) -> DeepSpeedClientOptimizer:
+    from lightning_soaa import ASGO
+
+    params = parse_config(_cfg("lightning_soaa.ASGO", stage=0, lr=0.1, **params)).optimizer_params
+    return DeepSpeedClientOptimizer([("w", w)], ASGO, params, zero_stage=0, layout="structured")
+
+
+def _client_steps(w: torch.nn.Parameter, client: DeepSpeedClientOptimizer, ts: range) -> None:
+    for t in ts:
+        w.grad = torch.randn(8, 6, generator=torch.Generator().manual_seed(10 + t))
+        client.step()
+
+
+def test_asgo_nesterov_is_the_json_default_and_an_older_client_checkpoint_resumes_without_it():
+    """Without ``nesterov`` in the JSON the client's ASGO has the default (True, through ASGOConfig), with
+    ``false`` the paper's rule. A client state saved before the option existed (no key in its groups nor in
+    the inner optimizer's) resumes with nesterov=False in both, and so steps exactly as the run saved without
+    it (the client copies its groups into the inner ones at every step: True there would have won)."""
+    from deepspeed_ext.client import STATE_KEY
+
+    def w0() -> torch.nn.Parameter:
+        return torch.nn.Parameter(torch.randn(8, 6, generator=torch.Generator().manual_seed(0)))
+
+    for params, value in (({}, True), ({"nesterov": False}, False)):
+        w = w0()
+        client = _asgo_client(w, **params)
+        _client_steps(w, client, range(1))
+        assert client.param_groups[0]["nesterov"] is value and client.inner.param_groups[0]["nesterov"] is value
+    ref = w0()
+    _client_steps(ref, _asgo_client(ref, nesterov=False), range(6))
+    saved = w0()
+    client = _asgo_client(saved, nesterov=False)
+    _client_steps(saved, client, range(3))
+    sd = client.state_dict()
+    sd["param_groups"] = [{k: v for k, v in g.items() if k != "nesterov"} for g in sd["param_groups"]]
+    inner = sd[STATE_KEY]["inner"]
+    inner["param_groups"] = [{k: v for k, v in g.items() if k != "nesterov"} for g in inner["param_groups"]]
+    resumed = torch.nn.Parameter(saved.detach().clone())
+    again = _asgo_client(resumed)
+    again.load_state_dict(sd)
+    assert again.param_groups[0]["nesterov"] is False and again.inner.param_groups[0]["nesterov"] is False
+    _client_steps(resumed, again, range(3, 6))
+    assert torch.equal(resumed.detach(), ref.detach())
+    default = w0()
+    _client_steps(default, _asgo_client(default), range(6))
+    assert not torch.equal(default.detach(), ref.detach())
+
+
 def test_egn_only_at_stage_0_in_fp32_with_a_pointer_to_what_works():
     for stage in (1, 2, 3):
         with pytest.raises(ValueError) as exc:

@@ -1,6 +1,7 @@
-"""ASGO's opt-in ``nesterov`` (Muon's Nesterov direction, ``D = beta1 M_t + (1 - beta1) G_t`` preconditioned
-instead of ``M_t``): the rule against an independent float64 transcription, per-group use (the other groups
-and the AdamW fallback bit for bit as without it), validation, checkpoints, the entry points (factory, DCP
+"""ASGO's ``nesterov`` (default True; Muon's Nesterov direction, ``D = beta1 M_t + (1 - beta1) G_t``
+preconditioned instead of ``M_t``; False is the paper's rule): the rule against an independent float64
+transcription, per-group use (the other groups and the AdamW fallback bit for bit as without it), validation,
+checkpoints (one saved before the option existed resumes with the paper's rule), the entry points (factory, DCP
 options), and torch's ``nesterov`` group key, still refused by the optimizers that do not implement it."""
 
 from __future__ import annotations
@@ -85,14 +86,16 @@ def _fixed_grad_run(groups: list[dict[str, Any]], steps: int = 4, **kw: Any) -> 
 
 def test_nesterov_is_per_group_and_leaves_the_rest_bit_for_bit() -> None:
     """A group's ``nesterov`` changes its matrices only: the other group's matrix and the AdamW fallback
-    (torch's AdamW has no Nesterov) step bit for bit as with it off; ``nesterov=False`` is the default."""
-    off = _fixed_grad_run([{"idx": [0, 1, 2]}])
-    assert_identical(_fixed_grad_run([{"idx": [0, 1, 2]}], nesterov=False), off, "params")
+    (torch's AdamW has no Nesterov) step bit for bit as with it off; ``nesterov=True`` is the default."""
     on = _fixed_grad_run([{"idx": [0, 1, 2]}], nesterov=True)
+    assert_identical(_fixed_grad_run([{"idx": [0, 1, 2]}]), on, "params")
+    off = _fixed_grad_run([{"idx": [0, 1, 2]}], nesterov=False)
     assert not torch.equal(on[0], off[0]) and not torch.equal(on[1], off[1])
     assert torch.equal(on[2], off[2])  # the bias: AdamW
-    mixed = _fixed_grad_run([{"idx": [0], "nesterov": True}, {"idx": [1, 2]}])
+    mixed = _fixed_grad_run([{"idx": [0], "nesterov": True}, {"idx": [1, 2]}], nesterov=False)
     assert_identical([mixed[0], mixed[1], mixed[2]], [on[0], off[1], off[2]], "params")
+    mixed = _fixed_grad_run([{"idx": [0], "nesterov": False}, {"idx": [1, 2]}])  # the paper's rule in one group
+    assert_identical([mixed[0], mixed[1], mixed[2]], [off[0], on[1], on[2]], "params")
 
 
 def test_nesterov_written_into_a_group_is_a_hyperparameter_like_betas() -> None:
@@ -100,7 +103,7 @@ def test_nesterov_written_into_a_group_is_a_hyperparameter_like_betas() -> None:
     there with nothing changed."""
     w = nn.Parameter(torch.randn(5, 9, dtype=f64, generator=_gen(0)))
     ref = nn.Parameter(w.detach().clone())
-    opt, opt_ref = ASGO([w], lr=0.03), ASGO([ref], lr=0.03, nesterov=True)
+    opt, opt_ref = ASGO([w], lr=0.03, nesterov=False), ASGO([ref], lr=0.03, nesterov=True)
     for t in range(3):
         g = torch.randn(5, 9, dtype=f64, generator=_gen(10 + t))
         if t == 1:
@@ -132,33 +135,80 @@ def test_nesterov_must_be_a_bool(value: Any) -> None:
         ASGO([{"params": [nn.Parameter(torch.zeros(3, 4))], "nesterov": value}])
 
 
-def test_nesterov_checkpoint_resumes_bit_for_bit() -> None:
-    """Saved in the groups, loaded into an optimizer built without it (the checkpoint's value is taken, as
-    ``betas`` is), continuing as the uninterrupted run to the last bit."""
-    def run(model: nn.Module, opt: ASGO, ts: range) -> None:
-        for t in ts:
-            opt.zero_grad()
-            loss_fn(model, *batch(t, 0)).backward()
-            opt.step()
+_CKPT_KW: dict[str, Any] = dict(lr=2e-2, max_block_size=4, root_every=2, damping=1e-6)
 
-    kw: dict[str, Any] = dict(lr=2e-2, max_block_size=4, root_every=2, damping=1e-6)
-    m_ref = tiny_mlp()
-    run(m_ref, ASGO(m_ref.named_parameters(), nesterov=True, **kw), range(7))
-    m1 = tiny_mlp()
-    o1 = ASGO(m1.named_parameters(), nesterov=True, **kw)
-    run(m1, o1, range(3))
-    sd = copy.deepcopy(o1.state_dict())
-    assert [g["nesterov"] for g in sd["param_groups"]] == [True]
+
+def _run(model: nn.Module, opt: Any, ts: range) -> None:
+    for t in ts:
+        opt.zero_grad()
+        loss_fn(model, *batch(t, 0)).backward()
+        opt.step()
+
+
+def _uninterrupted(**kw: Any) -> list[torch.Tensor]:
+    model = tiny_mlp()
+    _run(model, ASGO(model.named_parameters(), **_CKPT_KW, **kw), range(7))
+    return params(model)
+
+
+def _saved_at_3(nesterov: bool) -> tuple[nn.Module, dict[str, Any]]:
+    model = tiny_mlp()
+    opt = ASGO(model.named_parameters(), nesterov=nesterov, **_CKPT_KW)
+    _run(model, opt, range(3))
+    return model, copy.deepcopy(opt.state_dict())
+
+
+def _resumed(model: nn.Module, sd: dict[str, Any], **kw: Any) -> tuple[nn.Module, ASGO]:
     m2 = tiny_mlp(seed=99)
-    m2.load_state_dict(m1.state_dict())
-    o2 = ASGO(m2.named_parameters(), **kw)
+    m2.load_state_dict(model.state_dict())
+    o2 = ASGO(m2.named_parameters(), **_CKPT_KW, **kw)
     o2.load_state_dict(sd)
-    assert o2.param_groups[0]["nesterov"] is True
-    run(m2, o2, range(3, 7))
-    assert_identical(params(m2), params(m_ref), "params")
-    m3 = tiny_mlp()  # and the uninterrupted run is not the one without Nesterov
-    run(m3, ASGO(m3.named_parameters(), **kw), range(7))
-    assert not torch.equal(params(m3)[0], params(m_ref)[0])
+    return m2, o2
+
+
+@pytest.mark.parametrize("saved", [True, False])
+def test_nesterov_checkpoint_resumes_bit_for_bit(saved: bool) -> None:
+    """Saved in the groups, loaded into an optimizer built with the other value (the checkpoint's value is
+    taken, as ``betas`` is), continuing as the uninterrupted run to the last bit; the two rules differ."""
+    m1, sd = _saved_at_3(saved)
+    assert [g["nesterov"] for g in sd["param_groups"]] == [saved]
+    m2, o2 = _resumed(m1, sd, nesterov=not saved)
+    assert o2.param_groups[0]["nesterov"] is saved
+    _run(m2, o2, range(3, 7))
+    assert_identical(params(m2), _uninterrupted(nesterov=saved), "params")
+    assert not torch.equal(_uninterrupted(nesterov=not saved)[0], params(m2)[0])
+
+
+def _without_nesterov(sd: dict[str, Any]) -> dict[str, Any]:
+    """``sd`` as a version before the option wrote it: no ``nesterov`` in its groups."""
+    return {**sd, "param_groups": [{k: v for k, v in g.items() if k != "nesterov"} for g in sd["param_groups"]]}
+
+
+def test_a_checkpoint_saved_before_nesterov_existed_resumes_with_the_papers_rule() -> None:
+    """A state dict without the key (an earlier version's: the paper's rule, nesterov off) loaded into the
+    default optimizer (nesterov=True) resumes with nesterov=False, equal to the last bit to the run without
+    Nesterov (torch's load keeps the current value of a missing key: it continued with Nesterov); the
+    default run is another one."""
+    m1, sd = _saved_at_3(False)
+    m2, o2 = _resumed(m1, _without_nesterov(sd))
+    assert o2.param_groups[0]["nesterov"] is False
+    _run(m2, o2, range(3, 7))
+    assert_identical(params(m2), _uninterrupted(nesterov=False), "params")
+    assert not torch.equal(_uninterrupted()[0], params(m2)[0])
+    # torch's rebuild of it (set_optimizer_state_dict, FSDP.rekey_optim_state_dict: the metadata in the groups)
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    m3 = tiny_mlp()
+    o3 = ASGO(m3.named_parameters(), nesterov=False, **_CKPT_KW)
+    _run(m3, o3, range(3))
+    torch_form = _without_nesterov(copy.deepcopy(get_optimizer_state_dict(m3, o3)))
+    m4, o4 = tiny_mlp(seed=99), None
+    m4.load_state_dict(m3.state_dict())
+    o4 = ASGO(m4.named_parameters(), **_CKPT_KW)
+    set_optimizer_state_dict(m4, o4, torch_form)
+    assert o4.param_groups[0]["nesterov"] is False
+    _run(m4, o4, range(3, 7))
+    assert_identical(params(m4), _uninterrupted(nesterov=False), "params")
 
 
 def test_nesterov_rides_in_the_dcp_metadata_not_as_a_flat_key() -> None:

@@ -29,6 +29,16 @@ def _one_step_update(opt: torch.optim.Optimizer, w: nn.Parameter, g: torch.Tenso
     return before - w.detach()
 
 
+def _direction(mom: torch.Tensor, g: torch.Tensor, beta1: float, nesterov: bool) -> torch.Tensor:
+    """What is preconditioned: the momentum M_t (the paper's rule, ``nesterov=False``) or, by default, Muon's
+    Nesterov direction beta1 M_t + (1 - beta1) G_t."""
+    return beta1 * mom + (1 - beta1) * g if nesterov else mom
+
+
+#: each oracle of the rule checks the paper's rule and the default
+NESTEROV = pytest.mark.parametrize("nesterov", [False, True], ids=["paper", "nesterov"])
+
+
 def _polar(g: torch.Tensor) -> torch.Tensor:
     u, _, vh = torch.linalg.svd(g, full_matrices=False)
     return u @ vh
@@ -65,18 +75,20 @@ def test_polar_factor_oracle_rank_deficient_gradient_with_eigh():
     torch.testing.assert_close(u, expected, rtol=1e-9, atol=1e-9)
 
 
+@NESTEROV
 @pytest.mark.parametrize("method", ["polar_express", "eigh", "polar_express_eigh"])
-def test_row_vector_is_normalised_momentum(method):
-    # m = 1: V is a scalar, U = 0.2 sqrt(n) M/||M||_F exactly; ||U||_F = 0.2 sqrt(mn)
+def test_row_vector_is_normalised_momentum(method, nesterov):
+    # m = 1: V is a scalar, U = 0.2 sqrt(n) D/||D||_F exactly (D = M under the paper's rule); ||U||_F = 0.2 sqrt(mn)
     n = 11
     w = nn.Parameter(torch.zeros(1, n, dtype=f64))
-    opt = ASGO([w], lr=1.0, betas=(0.9, 0.8), weight_decay=0.0, inverse_root=method)
+    opt = ASGO([w], lr=1.0, betas=(0.9, 0.8), weight_decay=0.0, inverse_root=method, nesterov=nesterov)
     mom = torch.zeros(1, n, dtype=f64)
     for t in range(6):
         g = torch.randn(1, n, dtype=f64, generator=_gen(t))
         mom = 0.9 * mom + 0.1 * g
+        d = _direction(mom, g, 0.9, nesterov)
         u = _one_step_update(opt, w, g)
-        torch.testing.assert_close(u, 0.2 * math.sqrt(n) * mom / mom.norm(), rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(u, 0.2 * math.sqrt(n) * d / d.norm(), rtol=1e-12, atol=1e-14)
         assert abs(u.norm().item() - 0.2 * math.sqrt(n)) < 1e-12
 
 
@@ -126,14 +138,15 @@ def test_rotation_equivariance_on_the_preconditioned_side():
         torch.testing.assert_close(u2, o @ u1, rtol=1e-10, atol=1e-10)
 
 
-def test_orthogonal_rows_give_per_row_rms_normalisation():
-    # rows with disjoint column supports: G G^T diagonal at every step, V diagonal, U_i ~ M_i / sqrt(V_ii)
+@NESTEROV
+def test_orthogonal_rows_give_per_row_rms_normalisation(nesterov):
+    # rows with disjoint column supports: G G^T diagonal at every step, V diagonal, U_i ~ D_i / sqrt(V_ii)
     m, n = 3, 9
     mask = torch.zeros(m, n, dtype=f64)
     for i in range(m):
         mask[i, 3 * i:3 * i + 3] = 1.0
     w = nn.Parameter(torch.zeros(m, n, dtype=f64))
-    opt = ASGO([w], lr=1.0, betas=(0.9, 0.8), weight_decay=0.0, inverse_root="eigh")
+    opt = ASGO([w], lr=1.0, betas=(0.9, 0.8), weight_decay=0.0, inverse_root="eigh", nesterov=nesterov)
     mom = torch.zeros(m, n, dtype=f64)
     v = torch.zeros(m, dtype=f64)
     for t in range(5):
@@ -141,17 +154,18 @@ def test_orthogonal_rows_give_per_row_rms_normalisation():
         mom = 0.9 * mom + 0.1 * g
         v = 0.8 * v + 0.2 * (g * g).sum(1)
         u = _one_step_update(opt, w, g)
-        expected = mom / v.sqrt().unsqueeze(1)
+        expected = _direction(mom, g, 0.9, nesterov) / v.sqrt().unsqueeze(1)
         expected = 0.2 * math.sqrt(m * n) * expected / expected.norm()
         torch.testing.assert_close(u, expected, rtol=1e-11, atol=1e-12)
 
 
-def test_full_reference_with_momentum_damping_and_weight_decay():
+@NESTEROV
+def test_full_reference_with_momentum_damping_and_weight_decay(nesterov):
     # the whole rule of the ASGO docstring, in float64, against the optimizer over several steps
     m, n, lr, wd, delta = 6, 4, 0.05, 0.1, 1e-3  # right side (m >= n)
     w = nn.Parameter(torch.randn(m, n, dtype=f64, generator=_gen(8)))
     ref = w.detach().clone()
-    opt = ASGO([w], lr=lr, weight_decay=wd, damping=delta, inverse_root="eigh")
+    opt = ASGO([w], lr=lr, weight_decay=wd, damping=delta, inverse_root="eigh", nesterov=nesterov)
     mom = torch.zeros(m, n, dtype=f64)
     v = torch.zeros(n, n, dtype=f64)
     for t in range(5):
@@ -160,7 +174,7 @@ def test_full_reference_with_momentum_damping_and_weight_decay():
         v = 0.8 * v + 0.2 * g.T @ g
         vd = v + delta * torch.trace(v) / n * torch.eye(n, dtype=f64)
         evals, evecs = torch.linalg.eigh(vd)
-        u = mom @ (evecs * evals.rsqrt()) @ evecs.T
+        u = _direction(mom, g, 0.9, nesterov) @ (evecs * evals.rsqrt()) @ evecs.T
         u = 0.2 * math.sqrt(m * n) * u / u.norm()
         ref = ref * (1 - lr * wd) - lr * u
         w.grad = g
@@ -188,10 +202,11 @@ def test_zero_update_of_a_large_block_stays_zero(cls, dtype):
     assert torch.equal(w.detach(), torch.full((30, 40), 1 - 0.1 * 0.1, dtype=dtype))
 
 
-def test_root_every_reuses_the_stored_preconditioner():
+@NESTEROV
+def test_root_every_reuses_the_stored_preconditioner(nesterov):
     m, n = 4, 7
     w = nn.Parameter(torch.zeros(m, n, dtype=f64))
-    opt = ASGO([w], lr=1.0, weight_decay=0.0, root_every=3, inverse_root="eigh")
+    opt = ASGO([w], lr=1.0, weight_decay=0.0, root_every=3, inverse_root="eigh", nesterov=nesterov)
     mom = torch.zeros(m, n, dtype=f64)
     v = torch.zeros(m, m, dtype=f64)
     p = None
@@ -202,16 +217,17 @@ def test_root_every_reuses_the_stored_preconditioner():
         if t % 3 == 0:  # steps 1, 4, 7 recompute
             p = inv_sqrt_eigh(v)
         u = _one_step_update(opt, w, g)
-        expected = p @ mom
+        expected = p @ _direction(mom, g, 0.9, nesterov)
         expected = 0.2 * math.sqrt(m * n) * expected / expected.norm()
         torch.testing.assert_close(u, expected, rtol=1e-11, atol=1e-12)
         torch.testing.assert_close(opt.state[w]["inv_root"], p)
 
 
-def test_non_finite_root_keeps_previous_preconditioner_and_is_counted(monkeypatch, caplog):
+@NESTEROV
+def test_non_finite_root_keeps_previous_preconditioner_and_is_counted(monkeypatch, caplog, nesterov):
     m, n = 3, 6
     w = nn.Parameter(torch.zeros(m, n, dtype=f64))
-    opt = ASGO([w], lr=1.0, weight_decay=0.0)
+    opt = ASGO([w], lr=1.0, weight_decay=0.0, nesterov=nesterov)
     real = asgo_mod.pending_inverse_sqrt
     calls = {"n": 0}
 
@@ -230,24 +246,25 @@ def test_non_finite_root_keeps_previous_preconditioner_and_is_counted(monkeypatc
     assert "keeping the previous preconditioner" in caplog.text
     torch.testing.assert_close(opt.state[w]["inv_root"], p1)  # kept, not the identity
     mom = 0.9 * (0.1 * g1) + 0.1 * g2
-    expected = p1 @ mom
+    expected = p1 @ _direction(mom, g2, 0.9, nesterov)
     torch.testing.assert_close(u2, 0.2 * math.sqrt(m * n) * expected / expected.norm())
     assert opt.statistics()["asgo_root_fallbacks"] == 1.0
     _one_step_update(opt, w, g1)  # step 3 is fine again
     assert opt.statistics()["asgo_root_fallbacks"] == 1.0
 
 
-def test_non_finite_first_root_uses_eigh_and_is_counted(monkeypatch):
+@NESTEROV
+def test_non_finite_first_root_uses_eigh_and_is_counted(monkeypatch, nesterov):
     m, n = 3, 6
     w = nn.Parameter(torch.zeros(m, n, dtype=f64))
-    opt = ASGO([w], lr=1.0, weight_decay=0.0, damping=1e-4)
+    opt = ASGO([w], lr=1.0, weight_decay=0.0, damping=1e-4, nesterov=nesterov)
     monkeypatch.setattr(asgo_mod, "pending_inverse_sqrt",
                         lambda v, *a, **k: asgo_mod.PendingRoots(torch.full_like(v, float("nan")), None))
     g = torch.randn(m, n, dtype=f64, generator=_gen(4))
     u = _one_step_update(opt, w, g)
     v = 0.2 * g @ g.T
     p = inv_sqrt_eigh(v + 1e-4 * torch.trace(v) / m * torch.eye(m, dtype=f64))
-    expected = p @ (0.1 * g)
+    expected = p @ _direction(0.1 * g, g, 0.9, nesterov)
     torch.testing.assert_close(u, 0.2 * math.sqrt(m * n) * expected / expected.norm())
     assert opt.statistics()["asgo_root_fallbacks"] == 1.0
 
