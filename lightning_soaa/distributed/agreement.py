@@ -108,11 +108,12 @@ CONSTRUCTION_WIDTH = 16
 #: at every step, whether or not a value is used.
 STEP_ROW = 8
 
-#: the step record's summed values (the non-finite flag first) are padded to this many, so that the step's
+#: the step record's summed values (the non-finite flag and the count of ranks with a gradient first) are
+#: padded to this many, so that the step's
 #: all-reduce has the same size for every optimizer class: two optimizers stepped in different orders on
 #: two ranks then meet in a call of equal size, and the instance ids say so (instead of gloo's size-mismatch
 #: abort, or NCCL's hang)
-RECORD_SLOTS = 8
+RECORD_SLOTS = 9
 
 #: where a rank's row holds the error flag and the optimizer instance's id. An optimizer whose step begins
 #: with a collective of its own (EGN's batch agreement) sizes it :func:`record_size` and keeps these two

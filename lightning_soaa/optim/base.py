@@ -180,6 +180,9 @@ class StepRecord:
 
     #: ranks that saw a non-finite value (the base sets this rank's 0/1; > 0 after the reduction: skip)
     nonfinite: float = summed()
+    #: ranks owning a block with a gradient (the base sets this rank's 0/1; 0 after the reduction: no
+    #: parameter has a gradient on any rank, and the step changes nothing: ``_step_without_gradients``)
+    gradient_ranks: float = summed()
 
     @classmethod
     def summed_fields(cls) -> tuple[str, ...]:
@@ -1556,6 +1559,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         bad = error is None and (vals[0] > 0 or not math.isfinite(grad_sq) or self._local_nonfinite(vals[1:])
                                  or self._statistic_overflows(views, grad_sq))
         vals[0] = 1.0 if bad else 0.0
+        vals[1] = 1.0 if error is None and any(v.grad is not None for v in views) else 0.0
         if isinstance(self.comm, LocalComm):  # one process: nothing to agree on, nothing to reduce
             if error is not None:
                 raise error
@@ -1603,7 +1607,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
                         "rank then saves together at the next step.", type(self).__name__, signum)
 
     def _sharded_step(self, local_error: BaseException | None = None) -> bool:
-        """The template step. Returns False when the step was skipped on every rank.
+        """The template step. Returns False when the step was skipped on every rank, or changed nothing
+        because no parameter has a gradient on any rank.
 
         ``local_error``: an exception this rank raised before the step (e.g. an invalid loss); it is
         reported through the all-reduce and raised on every rank, so the ranks stay in step.
@@ -1635,6 +1640,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
             raise
         if reduced.nonfinite > 0:
             return self._skip_step(f"non-finite gradient or statistic on {int(reduced.nonfinite)} rank(s)")
+        if reduced.gradient_ranks == 0 and self._steps_gradients:
+            return self._step_without_gradients()
         decision = self._decide(reduced)
         if isinstance(decision, SkipStep):
             return self._skip_step(decision.reason)
@@ -1646,6 +1653,17 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._exchange_out(decision)
         self._count_step()
         return True
+
+    def _step_without_gradients(self) -> bool:
+        """No rank owns a block with a gradient (every rank reads it from the step's all-reduce, so every
+        rank returns here, and no later collective of the step is made): nothing is updated and nothing is
+        counted, as in torch, whose optimizers leave a parameter without a gradient and its state (its step
+        count too) alone. The optimizer-wide state stays as it is as well: SOAA's trust region advanced its
+        step number, shrank d and took the loss into its EMA at such a step (a frozen phase that still calls
+        ``step(loss=...)``), and every later step was scaled differently (3.9e-2 off the run without it after
+        four steps). Returns False: no update was made (SOAA's ``same_batch`` judges no trial)."""
+        log.debug("%s.step: no parameter has a gradient on any rank; nothing changed", type(self).__name__)
+        return False
 
     def _update_interrupted(self, error: BaseException) -> None:
         """``_apply`` raised (out of memory in an update kernel): some owned blocks may hold their new

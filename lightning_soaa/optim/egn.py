@@ -120,6 +120,22 @@ def _check_solve_dtype(solve_dtype: str, named: Sequence[tuple[str, Tensor]]) ->
                          "Use solve_dtype='float64' (the default).")
 
 
+def _check_one_dtype(named: Sequence[tuple[str, Tensor]]) -> None:
+    """Refuse trained parameters of more than one floating dtype. EGN pairs every layer's captured inputs
+    and back-signals with the model's outputs in one dtype: a float32 body under a float64 head crashed in
+    the capture with torch's bare "both inputs should have same dtype"; a float32 layer between float64 ones
+    was refused as "outputs depend on other samples" (its rounding read as coupling)."""
+    first_name, first = named[0]
+    other = next(((n, p) for n, p in named if p.dtype != first.dtype), None)
+    if other is not None:
+        dtypes = sorted({str(p.dtype) for _, p in named})
+        raise ValueError(
+            f"EGN: the model's trained parameters have more than one dtype ({', '.join(dtypes)}): {first_name!r} "
+            f"is {first.dtype}, {other[0]!r} is {other[1].dtype}. EGN needs one dtype for every trained "
+            "parameter: convert the model to one dtype before building EGN (e.g. model.double() or "
+            "model.to(torch.float32)).")
+
+
 def _compiled_inner(module: nn.Module) -> nn.Module | None:
     """The eager module inside a ``torch.compile`` wrapper (``OptimizedModule._orig_mod``), else None."""
     inner = getattr(module, "_orig_mod", None)
@@ -426,7 +442,8 @@ class _Curvature:
 
 @dataclasses.dataclass
 class _EGNRecord(StepRecord):
-    """The template's all-reduce: [non-finite flag, owners' partial gᵀd of the momentum direction]."""
+    """The template's all-reduce: [non-finite flag, ranks with a gradient (not read: EGN steps from the
+    batch), owners' partial gᵀd of the momentum direction]."""
 
     gtd_momentum: float = summed()
     direction: list[Tensor] = dataclasses.field(default_factory=list)  # owned blocks of d = Jᵀv
@@ -688,6 +705,7 @@ class EGN(ShardedOptimizer):
             raise ValueError("EGN: the model has no trainable parameters (none with requires_grad=True).")
         _refuse_scripted(model)
         _refuse_embedding_options(model)
+        _check_one_dtype(named)
         _check_solve_dtype(cfg.solve_dtype, named)
         self.config = cfg
         self.model = model

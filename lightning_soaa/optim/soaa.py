@@ -1,9 +1,14 @@
 """SOAA: Adam with a diagonal-Fisher cap and an adaptive trust-region multiplier, ZeRO-sharded.
 
 Collectives per step (every rank, same order): with ``acceptance="lagged"`` exactly **one**
-``all_reduce_scalars`` of 8 float64 values (plus the base's parameter all-gather when sharded)::
+``all_reduce_scalars`` of 9 float64 values (plus the base's agreement rows, and its parameter all-gather
+when sharded)::
 
-    [nonfinite flag, Σm̂², Σ(v̂+ε), lagged η·Σm̂u, lagged η·Σv̂u², loss·w, w, missing-loss count]
+    [nonfinite flag, ranks with a gradient, Σm̂², Σ(v̂+ε), lagged η·Σm̂u, lagged η·Σv̂u², loss·w, w,
+     missing-loss count]
+
+A step in which no rank has a gradient (a frozen phase that still calls ``step(loss=...)``) leaves the
+trust region as it is (step number, d, loss EMA, lagged sums, band schedule), as torch leaves everything.
 
 The two "lagged" sums belong to the *previous* update: its predicted reduction p_{t-1} is first needed
 at step t (spec §1.6), so it rides in this step's reduction instead of costing a second one. Until then
@@ -74,7 +79,7 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class _SOAAStep(StepRecord):
-    """The step's all-reduced vector (after the base's flag, in this order) and the step counts.
+    """The step's all-reduced vector (after the base's two values, in this order) and the step counts.
 
     The sums and the loss stay 0-d tensors on their device until the base packs the vector: one
     device-to-host copy per step (no ``.item()`` per value)."""

@@ -104,6 +104,21 @@ def step(spec: OptimizerSpec, model: nn.Module, opt: Any, t: int, *, sizes: tupl
     spec.take_step(opt, model, x, y, on_gradients=on_gradients)
 
 
+def frozen_steps(spec: OptimizerSpec, model: nn.Module, opt: Any, k: int, rank: int = 0, world: int = 1) -> None:
+    """``k`` steps in which no parameter has a gradient on any rank: a phase where the optimizer's
+    parameters are frozen while the loop still calls ``step()`` (with the loss, for optimizers that take
+    it). Not for optimizers that take the batch: they read no gradients."""
+    for t in range(k):
+        x, y = data(100 + t, rank=rank, world=world)
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            loss = registry.half_mse(model(x), y)
+        if spec.needs is StepNeeds.LOSS:
+            opt.step(loss=loss)
+        else:
+            opt.step()
+
+
 def params(model: nn.Module) -> list[Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 

@@ -118,3 +118,27 @@ def test_constructors_keep_their_signatures() -> None:
     Fixed()
     KeywordOnly(params=model.parameters())
     assert inspect.signature(EGN).parameters["model"].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+
+
+def _mixed_dtype_worker(rank: int, world: int, mixed_ranks: list[int]) -> str:
+    model = tiny_mlp(0, torch.float64, SIZES)
+    if rank in mixed_ranks:
+        model[0].float()  # a float32 first layer under float64 ones: refused by EGN's constructor
+    try:
+        EGN(model, loss="mse")
+    except Exception as exc:  # noqa: BLE001 - the message is what the test checks
+        return f"{type(exc).__name__}: {exc}"
+    return "built"
+
+
+@pytest.mark.parametrize("mixed", [[0, 1], [1]], ids=["every rank", "rank 1"])
+def test_egn_over_parameters_of_several_dtypes_is_refused_on_every_rank(tmp_path, mixed: list[int]) -> None:
+    """EGN's refusal of trained parameters of more than one dtype (a float32 layer in a float64 model) is
+    raised on every rank together: by each rank whose model has them, and by the others naming them."""
+    res = run_distributed(_mixed_dtype_worker, 2, tmp_path, mixed, timeout=120)
+    for rank, msg in enumerate(res):
+        if rank in mixed:
+            assert msg.startswith("ValueError: EGN: the model's trained parameters have more than one dtype"), msg
+            assert "'0.weight' is torch.float32, '2.weight' is torch.float64" in msg, msg
+        else:
+            assert msg.startswith("RuntimeError: ") and f"the constructor raised on rank(s) {mixed}" in msg, msg

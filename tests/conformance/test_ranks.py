@@ -28,6 +28,8 @@ the tests below are parametrized over the registry and read that launch's result
   the default group at its first collective).
 * a pickle re-attaches only to the world size and rank it was made for; elsewhere every rank raises,
   also when a single rank moved.
+* W = 2: steps in which no rank has a gradient (a frozen phase) change nothing: the run equals the one
+  without them bit for bit (its own launch).
 * W = 2: rank 1 running other lightning_soaa code (another source digest; another owner assignment, as a
   version with another cost model makes) is refused at construction with the same error on every rank.
 """
@@ -54,6 +56,7 @@ from tests.conformance._battery import (
     assert_identical,
     data,
     each_optimizer,
+    frozen_steps,
     make,
     params,
     state_dict_raises,
@@ -689,3 +692,35 @@ def test_a_pickle_reattaches_only_where_it_was_made(launches: _Launches) -> None
     assert opt.statistics()["comm_calls"] == 0.0  # reading counters needs no group
     with pytest.raises(RuntimeError, match="call torch.distributed.init_process_group"):
         step(spec, model, opt, 0)
+
+
+def _frozen_phase_run(rank: int, world: int) -> dict[str, Any]:
+    """Per optimizer that steps from .grad and gradient path (``grad_reduction="none"`` after the loop's
+    averaging, and ``"mean"``): four steps alone, and the same four with two gradient-less steps before the
+    first and before the third."""
+    out: dict[str, Any] = {}
+    for spec in (s for s in SPECS if s.needs is not StepNeeds.BATCH):
+        for reduction in ("none", "mean") if takes_kwarg(spec, "grad_reduction") else ("none",):
+            extra = {"grad_reduction": reduction} if takes_kwarg(spec, "grad_reduction") else {}
+            runs = []
+            for frozen in (False, True):
+                model, opt = make(spec, **extra)
+                for t in range(4):
+                    if frozen and t in (0, 2):
+                        frozen_steps(spec, model, opt, 2, rank=rank, world=world)
+                    step(spec, model, opt, t, rank=rank, world=world, average=reduction == "none")
+                runs.append({"params": params(model), "state": _consolidated(opt, rank, to=None)})
+            out[f"{spec.name}-{reduction}"] = runs
+    return out
+
+
+def test_steps_without_any_gradient_on_any_rank_change_nothing(tmp_path: Path) -> None:
+    """W = 2: steps in which no rank has a gradient (a frozen phase whose loop still calls step()) change
+    nothing on any rank, as in one process (tests/conformance/test_contract.py): the run equals the one
+    without them bit for bit, parameters and consolidated state (SOAA's trust region, the step counts).
+    Every rank learns that no rank has a gradient from the step's all-reduce, so all return alike."""
+    results = run_distributed(_frozen_phase_run, 2, tmp_path, timeout=240)
+    for r, res in enumerate(results):
+        for case, (alone, with_frozen) in res.items():
+            assert_identical(with_frozen, alone, f"rank {r} {case}: with frozen steps")
+            assert_identical(alone["params"], results[0][case][0]["params"], f"rank {r} {case}: vs rank 0")

@@ -459,8 +459,25 @@ def test_solve_dtype_model_is_refused_for_half_precision_models(dtype: torch.dty
                                          r"\('0.weight'\) is torch\.(bfloat16|float16)"):
         EGN(model, loss="cross_entropy", solve_dtype="model")
     EGN(model, loss="cross_entropy")  # the default float64 solve
-    model[0].float()  # a float32 first layer: the solve runs in float32, as before
+    model.float()  # a float32 model: the solve runs in float32, as before
     EGN(model, loss="cross_entropy", solve_dtype="model")
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float64), (torch.bfloat16, torch.float16),
+                                    (torch.float64, torch.float32)], ids=str)
+def test_trained_parameters_of_several_dtypes_are_refused_at_construction(dtypes: tuple[torch.dtype, ...]) -> None:
+    """A float32 body under a float64 head (or bfloat16/float16 layers) crashed in the step's capture with
+    torch's bare "both inputs should have same dtype". Refused when EGN is built, naming two parameters,
+    their dtypes and the remedy; a head of another dtype that is frozen is no trained parameter."""
+    model = tiny_mlp(0, torch.float64, sizes=(6, 8, 3))
+    model[0].to(dtypes[0])
+    model[2].to(dtypes[1])
+    with pytest.raises(ValueError, match=rf"EGN: the model's trained parameters have more than one dtype .*'0.weight' "
+                                         rf"is {dtypes[0]}, '2.weight' is {dtypes[1]}\. .*convert the model to one "
+                                         r"dtype before building EGN"):
+        EGN(model, loss="mse")
+    model[2].requires_grad_(False)
+    EGN(model, loss="mse")
 
 
 @pytest.mark.parametrize("how", ["instance_forward", "class_swap"])

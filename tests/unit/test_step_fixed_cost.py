@@ -93,16 +93,18 @@ class _Rec(StepRecord):
 def test_record_values_match_the_fp64_vector() -> None:
     rec = _Rec(nonfinite=0, a=torch.tensor(1.5, dtype=torch.float32), b=torch.tensor([2.25], dtype=torch.float64),
                c=3, plain="kept")
-    assert _Rec.summed_fields() == ("nonfinite", "a", "b", "c")
-    assert StepRecord.summed_fields() == ("nonfinite",)  # the subclass's entry is its own
-    assert rec.values() == [0.0, 1.5, 2.25, 3.0]
+    assert _Rec.summed_fields() == ("nonfinite", "gradient_ranks", "a", "b", "c")
+    assert StepRecord.summed_fields() == ("nonfinite", "gradient_ranks")  # the subclass's entry is its own
+    assert rec.values() == [0.0, 0.0, 1.5, 2.25, 3.0]
     assert rec.vector().dtype == torch.float64 and rec.vector().tolist() == rec.values()
-    back = rec.with_sums([1.0, 2.0, 3.0, 4.0])
-    assert (back.nonfinite, back.a, back.b, back.c, back.plain) == (1.0, 2.0, 3.0, 4.0, "kept")
-    assert rec.with_sums(torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)) == back
+    back = rec.with_sums([1.0, 1.0, 2.0, 3.0, 4.0])
+    assert (back.nonfinite, back.gradient_ranks, back.a, back.b, back.c, back.plain) == (1.0, 1.0, 2.0, 3.0, 4.0,
+                                                                                         "kept")
+    assert rec.with_sums(torch.tensor([1.0, 1.0, 2.0, 3.0, 4.0], dtype=torch.float64)) == back
     # a copy (not dataclasses.replace, for speed) with replace's result; the record itself is unchanged
-    assert type(back) is type(rec) and back == dataclasses.replace(rec, nonfinite=1.0, a=2.0, b=3.0, c=4.0)
-    assert rec.values() == [0.0, 1.5, 2.25, 3.0] and rec.plain == "kept"
+    assert type(back) is type(rec) and back == dataclasses.replace(rec, nonfinite=1.0, gradient_ranks=1.0, a=2.0,
+                                                                   b=3.0, c=4.0)
+    assert rec.values() == [0.0, 0.0, 1.5, 2.25, 3.0] and rec.plain == "kept"
     assert host_floats([1, 2.5, torch.tensor(float("inf"))]) == [1.0, 2.5, math.inf]
 
 
