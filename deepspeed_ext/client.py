@@ -171,17 +171,25 @@ def check_writer(state_dict: Any, key: str, mine: str, what: str) -> None:
     raise ValueError(msg)
 
 
-def switch_message(saved: str | None, loading: str, *, where: str = "this checkpoint", ours: bool = True) -> str:
-    """Why a state written by ``saved`` (one of ours, by class name; None: another optimizer) cannot be loaded by
-    ``loading`` (one of ours by class name when ``ours``, else a class path), and what works instead."""
-    wrote = qualified(saved) if saved is not None else \
-        "an optimizer that is not lightning_soaa's (torch's or DeepSpeed's)"
+def switch_message(saved: str | None, loading: str, *, where: str = "this checkpoint", ours: bool = True,
+                   foreign: str | None = None) -> str:
+    """Why a state written by ``saved`` (one of ours, by class name; None: another optimizer, ``foreign`` its
+    ``optimizer.type`` in the checkpoint's DeepSpeed config when known) cannot be loaded by ``loading`` (one of ours
+    by class name when ``ours``, else a class path), and what works instead."""
+    if saved is not None:
+        wrote = qualified(saved)
+    elif foreign is not None:
+        wrote = (f"an optimizer that is not lightning_soaa's: DeepSpeed's {foreign!r} (optimizer.type in the "
+                 "checkpoint's DeepSpeed config)")
+    else:
+        wrote = "an optimizer that is not lightning_soaa's (torch's or DeepSpeed's)"
     mine = qualified(loading) if ours else loading
     why = (f"{wrote} keeps its state per block under its own key, so {mine} would start from zero moments while "
            f"taking {wrote}'s lr, betas and weight decay" if saved is not None and not ours
            else "each optimizer continues only its own state")
     resume = f"{qualified(saved)} (optimizer.type in a DeepSpeed config, --optimizer under lightning-soaa fit; " \
-        "its options may change)" if saved is not None else "the optimizer that wrote it"
+        "its options may change)" if saved is not None else \
+        (f"optimizer.type {foreign!r}, the optimizer that wrote it" if foreign else "the optimizer that wrote it")
     return (f"The optimizer state in {where} was written by {wrote}; this engine's optimizer is {mine}, which cannot "
             f"continue it ({why}). Resume with {resume}, or load the module only to start {mine} afresh from the "
             "checkpoint's weights: engine.load_checkpoint(..., load_optimizer_states=False, "

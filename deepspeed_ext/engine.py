@@ -27,6 +27,7 @@ from deepspeed_ext.ds_config import (
     zero_stage_of,
 )
 from deepspeed_ext.egn_client import DeepSpeedEGNOptimizer
+from deepspeed_ext.load_route import agreed_tag, load_zero3_weights, zero3_weights_only
 
 #: the client optimizers deepspeed_ext builds
 CLIENT_TYPES = (DeepSpeedClientOptimizer, DeepSpeedEGNOptimizer)
@@ -376,23 +377,34 @@ def install_checkpoint_hooks(engine: Any, client: Any) -> None:
         return out
 
     def load_checkpoint(*args: Any, **kwargs: Any) -> Any:
-        import inspect
-
-        given = inspect.signature(load).bind(*args, **kwargs).arguments
+        given = _given_with_agreed_tag(engine, load, args, kwargs)
+        if zero3_weights_only(engine, given):
+            return load_zero3_weights(engine, load, given)
+        load_dir, tag, rank = given["load_dir"], given.get("tag"), int(engine.global_rank)
         if given.get("load_optimizer_states", True) and not given.get("load_module_only", False):
             def checks() -> SavedSteps | None:
-                check_saved_optimizer(engine_saved_optimizer(engine, given["load_dir"], given.get("tag")),
-                                      client.optimizer_cls.__name__, given["load_dir"], given.get("tag"))
-                check_checkpoint_stage(given["load_dir"], given.get("tag"), engine.zero_optimization_stage(),
-                                       bool(getattr(engine.optimizer, "round_robin_gradients", False)))
-                check_checkpoint_groups(given["load_dir"], given.get("tag"), client, bool(engine.bfloat16_enabled()))
-                return _own_saved_steps(engine, client, given["load_dir"], given.get("tag"))
-            check_saved_steps(agreed_checks(checks), given["load_dir"], given.get("tag"))
-        return load(*args, **kwargs)
+                check_saved_optimizer(engine_saved_optimizer(engine, load_dir, tag), client.optimizer_cls.__name__,
+                                      load_dir, tag, zero3=bool(engine.zero_optimization_partition_weights()))
+                check_checkpoint_stage(load_dir, tag, engine.zero_optimization_stage(),
+                                       bool(getattr(engine.optimizer, "round_robin_gradients", False)), rank=rank)
+                check_checkpoint_groups(load_dir, tag, client, bool(engine.bfloat16_enabled()), rank=rank)
+                return _own_saved_steps(engine, client, load_dir, tag)
+            check_saved_steps(agreed_checks(checks), load_dir, tag)
+        return load(**given)
 
     engine.save_checkpoint = save_checkpoint
     engine.load_checkpoint = load_checkpoint
     engine._lightning_soaa_checkpoint_hooks = True
+
+
+def _given_with_agreed_tag(engine: Any, load: Callable[..., Any], args: tuple[Any, ...],
+                           kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``load_checkpoint``'s arguments by name, its tag the one every rank loads (:func:`agreed_tag`)."""
+    import inspect
+
+    given = dict(inspect.signature(load).bind(*args, **kwargs).arguments)
+    given["tag"] = agreed_tag(engine, given["load_dir"], given.get("tag"))
+    return given
 
 
 def _write_latest(save_dir: str, tag: str, global_rank: int) -> None:
@@ -686,11 +698,15 @@ def saved_ds_config(load_dir: str, tag: Any = None, *, zero3: bool = False) -> d
     ``None`` when that cannot be told (then DeepSpeed's own checks apply). ``zero3``: read for a ZeRO-3 engine,
     which loads the per-rank files: a folder and tag saved again keeps the other stages' file beside them, and
     a ZeRO-3 run's own resume was refused as "written under ZeRO-2" from that stale file (a reviewer)."""
-    import os
+    return _saved_ds_config_at(load_dir, tag, zero3=zero3)[0]
 
+
+def _saved_ds_config_at(load_dir: str, tag: Any, *, zero3: bool) -> tuple[dict[str, Any] | None, str | None]:
+    """:func:`saved_ds_config` and the name of the file it was read from (rank 0's: under node-local storage on
+    rank 0's node only, which a message naming it says)."""
     folder = _tag_folder(load_dir, tag)
     if folder is None:
-        return None
+        return None, None
     # stages 0-2 write mp_rank_00_model_states.pt; ZeRO-3 one zero_pp_rank_<r>_... file per rank
     names = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
     for name in (names[::-1] if zero3 else names):
@@ -700,47 +716,46 @@ def saved_ds_config(load_dir: str, tag: Any = None, *, zero3: bool = False) -> d
         try:  # mmap: the module's tensors are not read
             state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
             config = state["ds_config"]
-            return config if isinstance(config, dict) else None
+            return (config, name) if isinstance(config, dict) else (None, None)
         except Exception:  # noqa: BLE001 - an unreadable or foreign file: leave it to DeepSpeed
             log.debug("deepspeed_ext: could not read the DeepSpeed config of %s", path, exc_info=True)
-            return None
-    return None
+            return None, None
+    return None, None
 
 
-def _saved_group_count(load_dir: str, tag: Any, bf16: bool = False) -> int | None:
+def _saved_group_count(load_dir: str, tag: Any, bf16: bool = False) -> tuple[int | None, str | None]:
     """How many param groups the client optimizer had when a ZeRO-1/2/3 checkpoint was written (rank 0's
     optimizer file, read by every rank so that every rank decides alike; ``bf16_``-named first on a ``bf16``
-    engine, as DeepSpeed loads them: a folder saved again keeps the other precision's files); None when that
-    cannot be told."""
-    import os
-
+    engine, as DeepSpeed loads them: a folder saved again keeps the other precision's files), and that file's name;
+    None when that cannot be told."""
     folder = _tag_folder(load_dir, tag)
     if folder is None:
-        return None
+        return None, None
     names = ("bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt")
     path = next((os.path.join(folder, n) for n in (names if bf16 else names[::-1])
                  if os.path.isfile(os.path.join(folder, n))), None)
     if path is None:
-        return None
+        return None, None
     try:
         outer = torch.load(path, map_location="cpu", mmap=True, weights_only=False)["optimizer_state_dict"]
         base = outer.get("base_optimizer_state", outer.get("optimizer_state_dict"))  # ZeRO-1/2, ZeRO-3
-        return len(real_groups(base["param_groups"])) if isinstance(base, dict) else None
+        count = len(real_groups(base["param_groups"])) if isinstance(base, dict) else None
+        return count, os.path.basename(path)
     except Exception:  # noqa: BLE001 - an unreadable or foreign file: leave it to DeepSpeed
         log.debug("deepspeed_ext: could not read the param groups of %s", path, exc_info=True)
-        return None
+        return None, None
 
 
-def check_checkpoint_groups(load_dir: str, tag: Any, client: Any, bf16: bool = False) -> None:
+def check_checkpoint_groups(load_dir: str, tag: Any, client: Any, bf16: bool = False, *, rank: int = 0) -> None:
     """Refuse, before DeepSpeed reads it, ZeRO-1/2/3 optimizer state saved with another number of param groups
     (DeepSpeed said "parameter-alignment layout does not match" at ZeRO-1/2 and our layout check "resume with
     the same world size" at ZeRO-3, for a run of the same world size and config). The usual cause: a
     checkpoint from before ASGO/DASGO, built from the model alone, sent embedding tables to a group of their
-    own, which this message names."""
+    own, which this message names. ``rank``: this rank, named with the file it read (rank 0's)."""
 
     if getattr(client, "zero_stage", 0) == 0:
         return  # lightning_soaa's own state: its load_state_dict names the moved parameter
-    saved, mine = _saved_group_count(load_dir, tag, bf16), len(client._canonical_groups)
+    (saved, file), mine = _saved_group_count(load_dir, tag, bf16), len(client._canonical_groups)
     if saved is None or saved == mine:
         return
     moved = [n for g, gn in zip(client._canonical_groups, getattr(client, "_group_names", ()))
@@ -750,7 +765,8 @@ def check_checkpoint_groups(load_dir: str, tag: Any, client: Any, bf16: bool = F
            "AdamW part since 2026-12-04); a checkpoint saved before had it in the one group, with the matrix "
            "method's state." if moved and saved < mine else "")
     raise StateLayoutError(
-        f"The checkpoint {load_dir!r} (tag {tag!r}) holds optimizer state for {saved} param group(s); this "
+        f"The checkpoint {load_dir!r} (tag {tag!r}; {file}, read by rank {rank}) holds optimizer state for {saved} "
+        "param group(s); this "
         f"engine's {client.optimizer_cls.__name__} has {mine}.{why} Build the optimizer with the groups the "
         "state was saved with (deepspeed_ext.initialize(model_parameters=...)), or load the module only: "
         "engine.load_checkpoint(..., load_optimizer_states=False, load_lr_scheduler_states=False).")
@@ -768,20 +784,21 @@ def _round_robin(config: dict[str, Any]) -> bool:
     return read_bool(zero.get("round_robin_gradients", False)) if isinstance(zero, dict) else False
 
 
-def check_checkpoint_stage(load_dir: str, tag: Any, stage: int, round_robin: bool = False) -> None:
+def check_checkpoint_stage(load_dir: str, tag: Any, stage: int, round_robin: bool = False, *, rank: int = 0) -> None:
     """Refuse optimizer state written under another ZeRO stage (ZeRO-1 and -2 share their partitioning;
     there the client's own layout check speaks) or, at ZeRO-1/2, in the other order of the flat partitions:
     ``round_robin_gradients`` lays a group's parameters out in another order, so its per-partition state (and
-    DeepSpeed's fp32 partitions) would land on other parameters' entries, silently."""
-
-    config = saved_ds_config(load_dir, tag, zero3=stage == 3)
+    DeepSpeed's fp32 partitions) would land on other parameters' entries, silently. ``rank``: this rank, named
+    with the file it read (rank 0's)."""
+    config, file = _saved_ds_config_at(load_dir, tag, zero3=stage == 3)
     saved = None if config is None else zero_stage_of(config)
     if config is None or saved is None:
         return
+    where = f"{load_dir!r} (tag {tag!r}; {file}, read by rank {rank})"
     was = _round_robin(config)
     if saved in (1, 2) and stage in (1, 2) and was != round_robin:
         raise StateLayoutError(
-            f"The checkpoint {load_dir!r} (tag {tag!r}) was written with zero_optimization.round_robin_gradients="
+            f"The checkpoint {where} was written with zero_optimization.round_robin_gradients="
             f"{str(was).lower()}; this engine runs with {str(round_robin).lower()}. ZeRO-1/2 state is per "
             "partition and that option changes which entries a partition holds. Resume with "
             f"round_robin_gradients={str(was).lower()}, or load the module only: "
@@ -795,7 +812,7 @@ def check_checkpoint_stage(load_dir: str, tag: Any, stage: int, round_robin: boo
         module_only = ("or load the module only: engine.load_checkpoint(..., load_optimizer_states=False, "
                        "load_lr_scheduler_states=False)")
     raise StateLayoutError(
-        f"The checkpoint {load_dir!r} (tag {tag!r}) was written under ZeRO-{saved}; this engine runs ZeRO-{stage}. "
+        f"The checkpoint {where} was written under ZeRO-{saved}; this engine runs ZeRO-{stage}. "
         "Optimizer state cannot move between these stages (stage 0 keeps lightning_soaa's own, world-size "
         "independent state; ZeRO-1/2/3 DeepSpeed's per-partition files). Resume with "
         f"zero_optimization.stage={saved}, {module_only}.")
@@ -807,6 +824,7 @@ class SavedOptimizer(NamedTuple):
 
     writer: str | None  # the class name of our optimizer that wrote it; None: another optimizer's state
     file: str
+    reader: int = 0  # the rank that read it (rank 0's file is on rank 0's node only under node-local storage)
 
 
 def read_saved_optimizer(load_dir: str, tag: Any, *, rank: int, dp_rank: int, mp_rank: int = 0,
@@ -833,7 +851,7 @@ def read_saved_optimizer(load_dir: str, tag: Any, *, rank: int, dp_rank: int, mp
         state = _read_checkpoint_file(path, rank, what)
         inner = state.get(key) if isinstance(state, dict) else None
         if isinstance(inner, dict):
-            return SavedOptimizer(writer_of(inner), name)
+            return SavedOptimizer(writer_of(inner), name, rank)
     return None
 
 
@@ -856,17 +874,29 @@ def engine_saved_optimizer(engine: Any, load_dir: str, tag: Any) -> SavedOptimiz
 
 
 def check_saved_optimizer(saved: SavedOptimizer | None, mine: str | None, load_dir: str, tag: Any,
-                          loading: str | None = None) -> None:
+                          loading: str | None = None, *, zero3: bool = False) -> None:
     """Refuse optimizer state written by another optimizer than ``mine`` (our optimizer's class name; None: an
     optimizer that is not ours, ``loading`` its class path). Between two optimizers that are not ours, nothing
-    is told."""
+    is told. A foreign writer is named from the DeepSpeed config saved with the checkpoint when it names one
+    (``zero3``: the model-states files a ZeRO-3 engine loads, see :func:`saved_ds_config`)."""
     if saved is None or saved.writer == mine or (mine is not None and saved.writer == ""):
         return  # "": ours, its name unreadable (damaged): the client's load names what is wrong
-    where = f"checkpoint {load_dir!r} (tag {_tag_shown(load_dir, tag)}, {saved.file})"
+    where = f"checkpoint {load_dir!r} (tag {_tag_shown(load_dir, tag)}, {saved.file}, read by rank {saved.reader})"
     if mine is None:
         raise OptimizerSwitchError(switch_message(saved.writer, loading or "another optimizer", where=where,
                                                   ours=False) + " Nothing was loaded.")
-    raise OptimizerSwitchError(switch_message(saved.writer, mine, where=where) + " Nothing was loaded.")
+    foreign = _saved_optimizer_type(load_dir, tag, zero3) if saved.writer is None else None
+    raise OptimizerSwitchError(switch_message(saved.writer, mine, where=where, foreign=foreign)
+                               + " Nothing was loaded.")
+
+
+def _saved_optimizer_type(load_dir: str, tag: Any, zero3: bool) -> str | None:
+    """``optimizer.type`` in the DeepSpeed config saved with a checkpoint (DeepSpeed's own optimizer that wrote
+    it); None when the config names none (an optimizer object passed to DeepSpeed) or cannot be read."""
+    config = saved_ds_config(load_dir, tag, zero3=zero3)
+    block = config.get("optimizer") if isinstance(config, dict) else None
+    kind = block.get("type") if isinstance(block, dict) else None
+    return str(kind) if kind else None
 
 
 def optimizer_class_path(optimizer: Any) -> str:
@@ -885,18 +915,18 @@ def install_foreign_load_check(engine: Any) -> None:
     betas and weight decay)."""
     if getattr(engine, "optimizer", None) is None or getattr(engine, "_lightning_soaa_foreign_check", False):
         return
-    import inspect
-
     load = engine.load_checkpoint
     loading = optimizer_class_path(engine.optimizer)
 
     def load_checkpoint(*args: Any, **kwargs: Any) -> Any:
-        given = inspect.signature(load).bind(*args, **kwargs).arguments
+        given = _given_with_agreed_tag(engine, load, args, kwargs)
+        if zero3_weights_only(engine, given):
+            return load_zero3_weights(engine, load, given)
         if given.get("load_optimizer_states", True) and not given.get("load_module_only", False):
             load_dir, tag = given["load_dir"], given.get("tag")
             for saved in agreed_checks(lambda: engine_saved_optimizer(engine, load_dir, tag)):
                 check_saved_optimizer(saved, None, load_dir, tag, loading)
-        return load(*args, **kwargs)
+        return load(**given)
 
     engine.load_checkpoint = load_checkpoint
     engine._lightning_soaa_foreign_check = True

@@ -1290,3 +1290,102 @@ def w_zero3_other_dp_size(rank: int, world: int, ckpt_root: str, mode: str) -> d
     unchanged = engine.global_steps == 0 and all(
         torch.equal(a, p.ds_tensor) for a, p in zip(before, engine.module.parameters()))
     return {"said": said, "unchanged": unchanged}
+
+
+# -------------------------------------------------------------- weights-only ZeRO-3 loads, the tag 'latest' names
+def _zero3_soaa(world: int, seed: int) -> Any:
+    import deepspeed_ext
+
+    cfg = make_config(3, "fp32", "lightning_soaa.SOAA", {"lr": 1e-2})
+    cfg["train_micro_batch_size_per_gpu"] = 12 // world
+    return deepspeed_ext.initialize(model=tiny_mlp(seed, torch.float32, SIZES), config=cfg)[0]
+
+
+def _zero3_full(engine: Any) -> list[torch.Tensor]:
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return [safe_get_full_fp32_param(p).detach().clone() for p in engine.module.parameters()]
+
+
+WEIGHTS_ONLY = {"module-only": {"load_module_only": True},
+                "no optimizer states": {"load_optimizer_states": False, "load_lr_scheduler_states": False}}
+
+
+def w_zero3_weights_only(rank: int, world: int, ckpt_root: str, mode: str) -> Any:
+    """ZeRO-3, SOAA. "save" (W = 2): tag t after 2 steps, tag u after 3 (``latest`` names u); returns t's full fp32
+    weights. "load": per way of loading the weights only (:data:`WEIGHTS_ONLY`), a fresh engine of other initial
+    weights loads tag t: what it said, whether this rank's partitions stayed as they were, and (W = 2) the full
+    fp32 weights after."""
+    ds_env(rank, world)
+    if mode == "save":
+        engine = _zero3_soaa(world, 0)
+        _train(engine, rank, range(2))
+        engine.save_checkpoint(ckpt_root, tag="t")
+        weights = _zero3_full(engine)
+        _train(engine, rank, range(2, 3))
+        engine.save_checkpoint(ckpt_root, tag="u")
+        return weights
+    out: dict[str, Any] = {}
+    for name, kwargs in WEIGHTS_ONLY.items():
+        engine = _zero3_soaa(world, 7)
+        before = [p.ds_tensor.detach().clone() for p in engine.module.parameters()]  # no collective
+        try:
+            engine.load_checkpoint(ckpt_root, tag="t", **kwargs)
+            said = "loaded"
+        except Exception as exc:  # noqa: BLE001 - the message is what the test checks
+            said = f"{type(exc).__name__}: {exc}"
+        unchanged = all(torch.equal(a, p.ds_tensor) for a, p in zip(before, engine.module.parameters()))
+        out[name] = {"said": said, "unchanged": unchanged, "steps": engine.global_steps,
+                     "weights": _zero3_full(engine) if world == 2 else None}
+        del engine
+    return out
+
+
+def w_latest_on_rank_0s_node_only(rank: int, world: int, ckpt_root: str) -> dict[str, Any]:
+    """ZeRO-2, SOAA, node-local storage: tags t0 (1 step) and t1 (2 steps) saved, each rank's node with its own copy
+    of the folder; ``latest`` (t1) is on rank 0's node only (DeepSpeed writes it on global rank 0). Loads with
+    tag=None into a fresh engine (other weights): "missing" (rank 1's copy has no ``latest``) and "other" (rank 1's
+    copy's ``latest`` names t0). Returns per case what the load said, the engine's global step and its full fp32
+    weights, and t1's weights."""
+    import shutil
+
+    ds_env(rank, world)
+    cfg = make_config(2, "fp32", "lightning_soaa.SOAA", {"lr": 1e-2, "total_steps": 10})
+
+    def engine_of(seed: int) -> Any:
+        import deepspeed_ext
+
+        return deepspeed_ext.initialize(model=tiny_mlp(seed, torch.float32, SIZES), config=cfg)[0]
+
+    def full(engine: Any) -> list[torch.Tensor]:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return [safe_get_full_fp32_param(p).detach().clone() for p in engine.module.parameters()]
+
+    shared = os.path.join(ckpt_root, "shared")
+    engine = engine_of(0)
+    _train(engine, rank, range(1))
+    engine.save_checkpoint(shared, tag="t0")
+    _train(engine, rank, range(1, 2))
+    engine.save_checkpoint(shared, tag="t1")
+    out: dict[str, Any] = {"saved": full(engine)}
+    del engine
+    for case, latest in (("missing", None), ("other", "t0")):
+        where = os.path.join(ckpt_root, f"node{rank}_{case}")
+        if rank == 0:
+            shutil.copytree(shared, where)
+        else:  # this node's copy: every file but rank 0's node's ``latest``
+            shutil.copytree(shared, where, ignore=shutil.ignore_patterns("latest"))
+            if latest is not None:
+                with open(os.path.join(where, "latest"), "w") as fh:
+                    fh.write(latest)
+        torch.distributed.barrier()
+        engine = engine_of(7)
+        try:
+            engine.load_checkpoint(where)
+            said = "loaded"
+        except Exception as exc:  # noqa: BLE001 - the message is what the test checks
+            said = f"{type(exc).__name__}: {exc}"
+        out[case] = {"said": said, "steps": engine.global_steps, "weights": full(engine)}
+        del engine
+    return out

@@ -114,6 +114,8 @@ def test_a_refusal_from_rank_0s_files_is_raised_on_every_rank(tmp_path):
     assert "was written under ZeRO-0; this engine runs ZeRO-2" in res[0], res[0]
     assert res[1].startswith("StateLayoutError: Rank 0 refused the checkpoint"), res[1]
     assert "was written under ZeRO-0" in res[1], res[1]
+    for said in res:  # the file named is on rank 0's node: the message says who read it
+        assert "mp_rank_00_model_states.pt, read by rank 0" in said, said
 
 
 def test_latest_keeps_naming_the_last_complete_checkpoint_when_a_rank_fails_its_write(tmp_path):
@@ -256,3 +258,44 @@ def test_stale_files_of_an_earlier_save_into_the_tag_are_not_judged(tmp_path):
     res = run_distributed(w_own_tag_saved_again, 2, tmp_path, str(tmp_path / "ckpt"), timeout=280)
     for r, said in enumerate(res):
         assert said == {"ZeRO-2, then ZeRO-3": "loaded", "fp32 two groups, then bf16 one group": "loaded"}, (r, said)
+
+
+def test_a_zero3_weights_only_load_takes_the_tags_weights_and_refuses_another_dp_size_on_every_rank(tmp_path):
+    """ZeRO-3 keeps the weights in the per-rank optimizer files (its model-states files hold empty partitions).
+    load_module_only=True loaded nothing (the engine kept its own weights, silently); load_optimizer_states=False
+    took the weights of the tag ``latest`` names, not of the tag asked for. Both now load the asked tag's weights.
+    At another data-parallel size (saved at 2, loaded at 3) the new rank raised a bare AssertionError alone (the
+    others went on into the load); every rank now refuses, naming the sizes and the way that works."""
+    from tests.deepspeed._workers import WEIGHTS_ONLY, w_zero3_weights_only
+
+    root = str(tmp_path / "ckpt")
+    saved = run_distributed(w_zero3_weights_only, 2, tmp_path / "save", root, "save", timeout=200)[0]
+    res = run_distributed(w_zero3_weights_only, 2, tmp_path / "load2", root, "load", timeout=200)
+    for r, said in enumerate(res):
+        for way in WEIGHTS_ONLY:
+            assert said[way]["said"] == "loaded", (r, way, said[way]["said"])
+            assert all(torch.equal(a, b) for a, b in zip(said[way]["weights"], saved)), (r, way)
+    res = run_distributed(w_zero3_weights_only, 3, tmp_path / "load3", root, "load", timeout=200)
+    for r, said in enumerate(res):
+        for way in WEIGHTS_ONLY:
+            msg = said[way]["said"]
+            assert msg.startswith("StateLayoutError: "), (r, way, msg)
+            assert "saved on 2 data-parallel rank(s), this run has 3" in msg, (r, way, msg)
+            assert "get_fp32_state_dict_from_zero_checkpoint" in msg and "Nothing was loaded" in msg, (r, way, msg)
+            assert said[way]["unchanged"] and said[way]["steps"] == 0, (r, way)
+
+
+def test_latest_on_rank_0s_node_only_is_agreed_on_every_rank(tmp_path):
+    """Node-local storage: DeepSpeed writes ``latest`` on global rank 0 only, so a load with tag=None on another
+    node's rank found none, warned and returned without loading, while rank 0 loaded: the ranks trained on from
+    different weights and steps. Ranks without ``latest`` now load the tag rank 0's names; copies of ``latest``
+    naming different tags are refused on every rank."""
+    from tests.deepspeed._workers import w_latest_on_rank_0s_node_only
+
+    res = run_distributed(w_latest_on_rank_0s_node_only, 2, tmp_path, str(tmp_path / "ckpt"), timeout=200)
+    for r, said in enumerate(res):
+        assert said["missing"]["said"] == "loaded" and said["missing"]["steps"] == 2, (r, said["missing"])
+        assert all(torch.equal(a, b) for a, b in zip(said["missing"]["weights"], said["saved"])), r
+        msg = said["other"]["said"]
+        assert msg.startswith("StateLayoutError: ") and "'latest'" in msg, (r, msg)
+        assert "rank 0: 't1'" in msg and "rank 1: 't0'" in msg and "tag=" in msg, (r, msg)

@@ -65,6 +65,9 @@ def test_a_switch_between_our_optimizers_is_named_as_such_at_every_zero_stage(tm
         msg, unchanged = said["foreign"]  # DeepSpeed's AdamW -> SOAA: refused before DeepSpeed loaded the module
         assert msg.startswith("OptimizerSwitchError: "), (r, msg)
         assert "written by an optimizer that is not lightning_soaa's" in msg and "lightning_soaa.SOAA" in msg, msg
+        # named from the DeepSpeed config saved with the checkpoint (DeepSpeed's own AdamW)
+        assert "DeepSpeed's 'AdamW' (optimizer.type in the checkpoint's DeepSpeed config)" in msg, msg
+        assert "Resume with optimizer.type 'AdamW'" in msg, msg
         assert "Nothing was loaded" in msg and unchanged, (r, msg)
 
 
