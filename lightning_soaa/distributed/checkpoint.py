@@ -150,6 +150,7 @@ def loaded_groups(current: list[dict[str, Any]], saved: list[dict[str, Any]],
     out = []
     kept = (*_KEPT_ON_LOAD, *keep)
     for i, (group, old) in enumerate(zip(current, with_absent(saved, absent or {}))):
+        _say_absent(i, group, saved[i] if i < len(saved) else None, absent or {})
         g = dict(group)
         # a tuple comes back a list from JSON-like round trips (betas, adam_betas): as the group holds it
         g.update({k: (tuple(v) if isinstance(v, list) and isinstance(group.get(k), tuple) else v)
@@ -160,6 +161,16 @@ def loaded_groups(current: list[dict[str, Any]], saved: list[dict[str, Any]],
             raise ValueError(f"load_state_dict: the state dict's param_groups[{i}]: {e} Nothing was loaded.") from e
         out.append(g)
     return out
+
+
+def _say_absent(i: int, group: dict[str, Any], saved: Any, absent: Mapping[str, Any]) -> None:
+    """Log where a saved group's missing option overrides the value this optimizer was built with: the
+    user asked for one rule and the resumed run takes the one it was trained with."""
+    for k, v in absent.items():
+        if isinstance(saved, dict) and k not in saved and k in group and group[k] != v:
+            log.warning("load_state_dict: param_groups[%d] was saved without %r (a version before the option): "
+                        "it resumes with %s=%r, the rule it was trained with, not this optimizer's %r. Set "
+                        "group[%r] after the load to change it.", i, k, k, v, group[k], k)
 
 
 def with_absent(saved: Sequence[Any], absent: Mapping[str, Any]) -> list[Any]:

@@ -30,6 +30,8 @@ STEPS = 5
 CKPT_AT = 3  # root_every=2: the resumed step 4 reuses the stored root, step 5 computes one
 N_DENSE = len(DENSE_SHAPES)
 AUTO: dict[str, Any] = {"root_every": "auto"}  # its gram_at_root and root_step are per-expert state too
+#: the options of the versions that wrote the "flat" form (12-02/12-03): no ``nesterov``, the paper's rule
+FLAT: dict[str, Any] = {"nesterov": False}
 
 
 def _solo_init() -> torch.Tensor:
@@ -220,8 +222,10 @@ def run_world(rank: int, world_size: int, root: str, loads: tuple[int, ...], con
         model, opt = sharded(world_size)
         train(model, opt, range(CKPT_AT))
         save_dcp(model, opt, f"{root}/dcp_w{world_size}")
-        save_dcp(model, opt, f"{root}/dcp_flat_w{world_size}", older="flat")
         consolidated(model, opt, rank, f"{root}/cons_w{world_size}.pt")
+        model, opt = sharded(world_size, **FLAT)  # resumed by this version's default (nesterov=True)
+        train(model, opt, range(CKPT_AT))
+        save_dcp(model, opt, f"{root}/dcp_flat_w{world_size}", older="flat")
         model, opt = sharded(world_size, **AUTO)  # root_every="auto": two more stacked keys
         train(model, opt, range(CKPT_AT))
         save_dcp(model, opt, f"{root}/dcp_auto_w{world_size}")

@@ -35,6 +35,9 @@ CASES: list[tuple[str, type, dict[str, Any], tuple[int, ...]]] = [
     ("asgo_wide", ASGO, dict(lr=2e-2, damping=1e-6, root_every="auto"), WIDE),  # auto: its extra state in DCP
 ]
 CASE = {c[0]: c for c in CASES}
+#: the options a case ran with in a version before ASGO's ``nesterov`` existed (the paper's rule, False: the
+#: default since is True), what a checkpoint of such a version was trained with
+BEFORE_NESTEROV: dict[str, dict[str, Any]] = {name: {"nesterov": False} for name, cls, *_ in CASES if cls is ASGO}
 
 
 def global_batch(step: int, sizes: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,11 +72,13 @@ def soaa_stats(opt: Any) -> list[float]:
     return [st[k] for k in SOAA_STATS] if isinstance(opt, SOAA) else []
 
 
-def reference(name: str, steps: range, start: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The plain single-process run (no DTensor, no process group) of case ``name``."""
+def reference(name: str, steps: range, start: dict[str, Any] | None = None, *,
+              older: bool = False) -> dict[str, Any]:
+    """The plain single-process run (no DTensor, no process group) of case ``name``; ``older``: with the
+    options of a version before ASGO's ``nesterov`` (:data:`BEFORE_NESTEROV`)."""
     _, cls, kw, sizes = CASE[name]
     model = tiny_mlp(sizes=sizes)
-    opt = cls(model.named_parameters(), **kw)
+    opt = cls(model.named_parameters(), **kw, **(BEFORE_NESTEROV.get(name, {}) if older else {}))
     if start is not None:
         model.load_state_dict(start["model"])
         opt.load_state_dict(start["opt"])
@@ -115,9 +120,10 @@ def full_params(model: nn.Module) -> list[torch.Tensor]:
 
 
 def run_case(name: str, rank: int, world_size: int, mesh: Any, *, plain_last: bool = False,
-             steps: range = range(STEPS), start: dict[str, Any] | None = None):
+             steps: range = range(STEPS), start: dict[str, Any] | None = None, older: bool = False):
     _, cls, kw, sizes = CASE[name]
     model = sharded_model(sizes, mesh, plain_last=plain_last, state=None if start is None else start["model"])
+    kw = {**kw, **(BEFORE_NESTEROV.get(name, {}) if older else {})}  # (see reference)
     opt = cls(model.named_parameters(), **kw, grad_reduction="mean" if plain_last else "none")
     if start is not None:
         opt.load_state_dict(start["opt"])
@@ -536,14 +542,16 @@ def _as_older_version(optim_sd: dict[str, Any], form: str) -> dict[str, Any]:
 def older_dcp_forms(rank: int, world_size: int, root: str) -> dict[str, Any]:
     """Each case checkpointed with torch's recipe in the forms of :func:`_as_older_version`, then resumed
     with this version by the recipe (dcp.load into a fresh optimizer's get_state_dict: it failed on a key
-    the older checkpoint lacks, "Missing key in checkpoint state_dict: optim.param_groups.0.row_parts")."""
+    the older checkpoint lacks, "Missing key in checkpoint state_dict: optim.param_groups.0.row_parts").
+    The saved run has the options of those versions (ASGO without Nesterov, :data:`BEFORE_NESTEROV`), the
+    resumed optimizer this version's defaults (nesterov=True): the checkpoint's rule must win."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     mesh = make_mesh(world_size, False)
     out: dict[str, Any] = {}
     for name, cls, kw, sizes in CASES:
-        model, opt = run_case(name, rank, world_size, mesh, steps=range(CKPT_AT))
+        model, opt = run_case(name, rank, world_size, mesh, steps=range(CKPT_AT), older=True)
         model_sd, optim_sd = get_state_dict(model, opt)
         for form in ("before", "flat"):
             path = f"{root}/{name}_{form}"
@@ -556,7 +564,8 @@ def older_dcp_forms(rank: int, world_size: int, root: str) -> dict[str, Any]:
                 set_state_dict(fresh, fresh_opt, model_state_dict=msd, optim_state_dict=osd)
             for t in range(CKPT_AT, STEPS):
                 train_step(fresh, fresh_opt, *local_batch(t, sizes, rank, world_size))
-            out[f"{name}_{form}"] = {"params": full_params(fresh), "stats": soaa_stats(fresh_opt), "said": said}
+            out[f"{name}_{form}"] = {"params": full_params(fresh), "stats": soaa_stats(fresh_opt), "said": said,
+                                     "nesterov": [g.get("nesterov") for g in fresh_opt.param_groups]}
     return out
 
 

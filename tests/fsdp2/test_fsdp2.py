@@ -35,11 +35,11 @@ from tests.harness.distributed import run_distributed
 ATOL = 1e-10
 
 
-@pytest.fixture(scope="module")
-def references() -> dict[str, dict[str, Any]]:
+def _references(older: bool = False) -> dict[str, dict[str, Any]]:
     """Plain single-process runs: the full run, and the continuation from the W = 2 state is the same
-    run (the data does not depend on W), so one reference serves every test."""
-    refs = {name: W.reference(name, range(W.STEPS)) for name, *_ in W.CASES}
+    run (the data does not depend on W), so one reference serves every test. ``older``: with the options of
+    a version before ASGO's ``nesterov`` (W.BEFORE_NESTEROV)."""
+    refs = {name: W.reference(name, range(W.STEPS), older=older) for name, *_ in W.CASES}
     plain_last = (W.WIDE[-1], W.WIDE[-2])  # the mixed model's plain (not sharded) last weight
     for key, rule in (("asgo_wide_right", lambda m, n: asgo_functional.RIGHT),
                       ("asgo_wide_mixed", lambda m, n: asgo_functional.LEFT if (m, n) == plain_last
@@ -47,10 +47,15 @@ def references() -> dict[str, dict[str, Any]]:
         mp = pytest.MonkeyPatch()
         mp.setattr(asgo_functional, "preconditioned_side", rule)
         try:
-            refs[key] = W.reference("asgo_wide", range(W.STEPS))
+            refs[key] = W.reference("asgo_wide", range(W.STEPS), older=older)
         finally:
             mp.undo()
     return refs
+
+
+@pytest.fixture(scope="module")
+def references() -> dict[str, dict[str, Any]]:
+    return _references()
 
 
 @pytest.fixture(scope="module")
@@ -264,15 +269,19 @@ def test_fsdp2_full_file_checkpoint_resumes_without_fsdp2(w2_run, references):
             torch.testing.assert_close(a, b, atol=ATOL, rtol=0, msg=lambda m: f"{name} param {i}: {m}")
 
 
-def test_dcp_checkpoints_of_earlier_versions_resume(tmp_path: Path, references):
+def test_dcp_checkpoints_of_earlier_versions_resume(tmp_path: Path):
     """A DCP checkpoint written before ASGO's batch_dims/row_parts/root_tol/root_max_every and the
     elementwise max_block_numel existed, and one that has them as keys of their own (12-02/12-03),
     resume with torch's recipe to the uninterrupted run (dcp.load refused the first: "Missing key in
-    checkpoint state_dict: optim.param_groups.0.row_parts", found by an upgrade hunt)."""
+    checkpoint state_dict: optim.param_groups.0.row_parts", found by an upgrade hunt). Those versions had no
+    ``nesterov`` (the paper's rule): the run resumes without it, although built with the default True."""
+    references = _references(older=True)
     results = run_distributed(W.older_dcp_forms, 2, tmp_path, str(tmp_path / "older"), timeout=300)
     for form in ("before", "flat"):
         _assert_equal([{name: res[f"{name}_{form}"] for name, *_ in W.CASES} for res in results], references,
                       f"resumed from a DCP checkpoint of an earlier version ({form})")
+        for res in results:
+            assert res[f"asgo_tall_{form}"]["nesterov"] == [False] == res[f"asgo_wide_{form}"]["nesterov"], res
         for res in results:  # options such a checkpoint cannot give are said, with the values kept (reviewer)
             said = " ".join(res[f"asgo_wide_{form}"]["said"])
             assert "written by an earlier lightning_soaa" in said and "root_max_every=10, root_tol=0.05" in said, said

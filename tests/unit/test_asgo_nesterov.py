@@ -7,6 +7,7 @@ options), and torch's ``nesterov`` group key, still refused by the optimizers th
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from typing import Any
 
@@ -184,14 +185,17 @@ def _without_nesterov(sd: dict[str, Any]) -> dict[str, Any]:
     return {**sd, "param_groups": [{k: v for k, v in g.items() if k != "nesterov"} for g in sd["param_groups"]]}
 
 
-def test_a_checkpoint_saved_before_nesterov_existed_resumes_with_the_papers_rule() -> None:
+def test_a_checkpoint_saved_before_nesterov_existed_resumes_with_the_papers_rule(
+        caplog: pytest.LogCaptureFixture) -> None:
     """A state dict without the key (an earlier version's: the paper's rule, nesterov off) loaded into the
     default optimizer (nesterov=True) resumes with nesterov=False, equal to the last bit to the run without
-    Nesterov (torch's load keeps the current value of a missing key: it continued with Nesterov); the
-    default run is another one."""
+    Nesterov (torch's load keeps the current value of a missing key: it continued with Nesterov), and says
+    that it overrode the built value; the default run is another one."""
     m1, sd = _saved_at_3(False)
-    m2, o2 = _resumed(m1, _without_nesterov(sd))
+    with caplog.at_level(logging.WARNING, logger="lightning_soaa.distributed.checkpoint"):
+        m2, o2 = _resumed(m1, _without_nesterov(sd))
     assert o2.param_groups[0]["nesterov"] is False
+    assert "saved without 'nesterov'" in caplog.text and "nesterov=False" in caplog.text
     _run(m2, o2, range(3, 7))
     assert_identical(params(m2), _uninterrupted(nesterov=False), "params")
     assert not torch.equal(_uninterrupted()[0], params(m2)[0])
