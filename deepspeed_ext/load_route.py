@@ -68,13 +68,15 @@ def _check_zero3_weights_files(engine: Any, folder: str) -> None:
     """Refuse, on this rank, a ZeRO-3 weights-only load DeepSpeed cannot do here: DeepSpeed opens this rank's own
     model-states file (absent when the run has more data-parallel ranks than the save: the new rank raised a bare
     AssertionError alone while the others went into the load), then gathers the weights from every saved rank's
-    optimizer file (missing ones: node-local storage)."""
+    optimizer file (missing ones: node-local storage). Frozen parameters at another (smaller) data-parallel size:
+    DeepSpeed's load copies this rank's saved fragment of each over its own partition, of another size there (a
+    bare RuntimeError after the trainable weights were loaded and before the fp32 masters were)."""
     import torch.distributed as dist
 
     mp = f"mp_rank_{int(engine.checkpoint_mp_rank):02d}"
     rank, mine = int(engine.global_rank), int(engine.dp_world_size)
     models = glob.glob(os.path.join(glob.escape(folder), f"zero_pp_rank_*_{mp}_model_states.pt"))
-    saved = _dp_size_of(models[0]) if models else None
+    saved, frozen = _dp_size_of(models[0]) if models else (None, [])
     own = os.path.join(folder, f"zero_pp_rank_{dist.get_rank(group=engine.optimizer.dp_process_group)}_{mp}"
                                "_model_states.pt")
     sizes = (f"; it was saved on {saved} data-parallel rank(s), this run has {mine}" if saved is not None else
@@ -84,6 +86,11 @@ def _check_zero3_weights_files(engine: Any, folder: str) -> None:
             f"Rank {rank} cannot load the weights of the ZeRO-3 checkpoint {folder!r}: it has no "
             f"{os.path.basename(own)!r}, which DeepSpeed's load opens on this rank also for the weights only"
             f"{sizes}. " + _Z3_WEIGHTS_REMEDY)
+    if frozen and saved is not None and saved != mine:
+        raise StateLayoutError(
+            f"Rank {rank} cannot load the weights of the ZeRO-3 checkpoint {folder!r} at another data-parallel size: "
+            f"it holds frozen parameters ({', '.join(frozen[:3])}{', ...' if len(frozen) > 3 else ''}), which "
+            f"DeepSpeed's load copies from this rank's saved partition of them{sizes}. " + _Z3_WEIGHTS_REMEDY)
     files = glob.glob(os.path.join(glob.escape(folder), f"*zero_pp_rank_*_{mp}_optim_states.pt"))
     have = {int(m.group(1)) for f in files if (m := re.search(r"zero_pp_rank_(\d+)_", os.path.basename(f)))}
     lacking = [r for r in range(saved or 0) if r not in have]
@@ -94,13 +101,16 @@ def _check_zero3_weights_files(engine: Any, folder: str) -> None:
             f"rank(s) {lacking} (node-local storage?){sizes}. " + _Z3_WEIGHTS_REMEDY)
 
 
-def _dp_size_of(path: str) -> int | None:
+def _dp_size_of(path: str) -> tuple[int | None, list[str]]:
+    """The data-parallel size a ZeRO-3 model-states file was saved at, and the names of its frozen parameters."""
     try:
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
     except Exception:  # noqa: BLE001 - an unreadable file: DeepSpeed's load names it
-        return None
-    size = state.get("dp_world_size") if isinstance(state, dict) else None
-    return size if isinstance(size, int) else None
+        return None, []
+    if not isinstance(state, dict):
+        return None, []
+    size, shapes = state.get("dp_world_size"), state.get("frozen_param_shapes")
+    return (size if isinstance(size, int) else None), ([str(n) for n in shapes] if isinstance(shapes, dict) else [])
 
 
 @contextlib.contextmanager

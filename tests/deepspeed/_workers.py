@@ -1389,3 +1389,39 @@ def w_latest_on_rank_0s_node_only(rank: int, world: int, ckpt_root: str) -> dict
         out[case] = {"said": said, "steps": engine.global_steps, "weights": full(engine)}
         del engine
     return out
+
+
+def w_zero3_frozen_weights_only(rank: int, world: int, ckpt_root: str, mode: str) -> Any:
+    """ZeRO-3, SOAA, the first layer frozen. "save" (W = 2): tag t after 2 steps. "load" (W = 1): per way of loading
+    the weights only (:data:`WEIGHTS_ONLY`), a fresh engine loads t: what it said, whether its weights and fp32
+    masters stayed as they were, and its global step."""
+    import deepspeed_ext
+
+    ds_env(rank, world)
+    cfg = make_config(3, "fp32", "lightning_soaa.SOAA", {"lr": 1e-2})
+    cfg["train_micro_batch_size_per_gpu"] = 12 // world
+
+    def engine_of(seed: int) -> Any:
+        model = tiny_mlp(seed, torch.float32, SIZES)
+        for p in list(model.parameters())[:2]:
+            p.requires_grad_(False)
+        return deepspeed_ext.initialize(model=model, config=cfg)[0]
+
+    if mode == "save":
+        engine = engine_of(0)
+        _train(engine, rank, range(2))
+        engine.save_checkpoint(ckpt_root, tag="t")
+        return None
+    out: dict[str, Any] = {}
+    for name, kwargs in WEIGHTS_ONLY.items():
+        engine = engine_of(7)
+        before = [p.ds_tensor.detach().clone() for p in engine.module.parameters()]
+        try:
+            engine.load_checkpoint(ckpt_root, tag="t", **kwargs)
+            said = "loaded"
+        except Exception as exc:  # noqa: BLE001 - the message is what the test checks
+            said = f"{type(exc).__name__}: {exc}"
+        unchanged = all(torch.equal(a, p.ds_tensor) for a, p in zip(before, engine.module.parameters()))
+        out[name] = {"said": said, "unchanged": unchanged, "steps": engine.global_steps}
+        del engine
+    return out

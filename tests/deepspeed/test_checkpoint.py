@@ -299,3 +299,21 @@ def test_latest_on_rank_0s_node_only_is_agreed_on_every_rank(tmp_path):
         msg = said["other"]["said"]
         assert msg.startswith("StateLayoutError: ") and "'latest'" in msg, (r, msg)
         assert "rank 0: 't1'" in msg and "rank 1: 't0'" in msg and "tag=" in msg, (r, msg)
+
+
+def test_a_zero3_weights_only_load_with_frozen_parameters_at_a_smaller_dp_size_is_refused_before_loading(tmp_path):
+    """A ZeRO-3 weights-only load at a smaller data-parallel size (saved at 2, loaded at 1) of a checkpoint with
+    frozen parameters: DeepSpeed's load copies each rank's saved fragment of a frozen parameter over its partition,
+    of another size there; it raised a bare RuntimeError ("The size of tensor a (48) must match the size of tensor b
+    (24)") after the trainable weights were loaded and before their fp32 masters were (a step after it went on from
+    the old masters). Refused before anything is loaded, naming the frozen parameters and the way that works."""
+    from tests.deepspeed._workers import WEIGHTS_ONLY, w_zero3_frozen_weights_only
+
+    root = str(tmp_path / "ckpt")
+    run_distributed(w_zero3_frozen_weights_only, 2, tmp_path / "save", root, "save", timeout=200)
+    said = run_distributed(w_zero3_frozen_weights_only, 1, tmp_path / "load", root, "load", timeout=200)[0]
+    for way in WEIGHTS_ONLY:
+        msg = said[way]["said"]
+        assert msg.startswith("StateLayoutError: ") and "frozen parameters (0.weight, 0.bias)" in msg, (way, msg)
+        assert "saved on 2 data-parallel rank(s), this run has 1" in msg and "Nothing was loaded" in msg, (way, msg)
+        assert said[way]["unchanged"] and said[way]["steps"] == 0, (way, said[way])
