@@ -103,6 +103,18 @@ def _lightning_steps_skipped_batches(trainer: pl.Trainer) -> bool:
     return not (isinstance(plugin, MixedPrecision) and plugin.scaler is not None)
 
 
+def _would_step(trainer: pl.Trainer, target: Any) -> bool:
+    """Whether a loss-needing optimizer ``target`` would step without a loss: not where none of its parameters
+    holds a gradient (the skipped batch set them to None), which it takes as a step that changes nothing, as
+    torch's optimizers do. DeepSpeed's engine keeps the gradients in its own partitions: refused there."""
+    if target is None:
+        return False
+    groups = getattr(target, "param_groups", None)
+    if _strategy_accumulates(trainer) or not isinstance(groups, list):
+        return True
+    return any(getattr(p, "grad", None) is not None for g in groups for p in g.get("params", ()))
+
+
 def _acceptance(target: Any) -> Any:
     """SOAA's acceptance rule, on SOAA itself or on a DeepSpeed client that will build it."""
     acceptance = getattr(getattr(target, "config", None), "acceptance", None)
@@ -316,7 +328,7 @@ class LossToOptimizer(Callback):
         if not _optimizer_steps_now(trainer):
             return  # DeepSpeed: this micro-batch only accumulates; the window goes on
         if (self._restart and pl_module.automatic_optimization and _lightning_steps_skipped_batches(trainer)
-                and optimizer_needing(optimizer, StepNeeds.LOSS) is not None):
+                and _would_step(trainer, optimizer_needing(optimizer, StepNeeds.LOSS))):
             # Raised inside optimizer.step's closure: SOAA raises it before changing anything. (Lightning
             # itself refuses a None from training_step when W > 1, so this is a single process.)
             raise ValueError(SKIPPED_BATCH_MESSAGE.format(

@@ -18,14 +18,16 @@ One step (see :mod:`lightning_soaa.distributed.comm` for the picture)::
     record  = _prepare(owned views)                       # local, no communication; errors are held
     reduced = all_reduce_scalars([record.vector(), agreement rows, stop vote])   # ONE fp64 call, every rank
     any rank's held error, other hyperparameters -> raise on every rank; nothing changed
-    if reduced.nonfinite > 0: skip on every rank; nothing advances
     gradients that differ across ranks (grad_reduction="none") -> raise on every rank
+    if reduced.gradient_ranks == 0: return on every rank; nothing changes, nothing is counted
+    if reduced.nonfinite > 0: skip on every rank; nothing advances
     _apply(owned views, _decide(reduced))
     _exchange_out(decision)  # default: all_gather_flat(owned parameters), one call per dtype
 
-The vector's layout is the step record's class (:class:`StepRecord`): the non-finite flag, then the
-subclass's summed fields in declaration order, written once. Flat-buffer moves between ranks and owners
-live in :class:`~lightning_soaa.distributed.exchange.OwnerExchange` (``self.exchange``).
+The vector's layout is the step record's class (:class:`StepRecord`): the non-finite flag and the count
+of ranks with a gradient, then the subclass's summed fields in declaration order, written once. Flat-buffer
+moves between ranks and owners live in :class:`~lightning_soaa.distributed.exchange.OwnerExchange`
+(``self.exchange``).
 
 **Extension points** for optimizers whose step needs collectives the template does not have (EGN: a
 validation all-reduce, the Gram-factor all-gather, a reduce-scatter of its direction; after the
@@ -1638,10 +1640,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 add_note(f"{type(self).__name__}: with grad_reduction='mean' this rank's p.grad of the blocks it "
                            "owns already holds the ranks' average: run backward() again before another step().")
             raise
-        if reduced.nonfinite > 0:
-            return self._skip_step(f"non-finite gradient or statistic on {int(reduced.nonfinite)} rank(s)")
+        # before the non-finite verdict: without a gradient nothing could change, so a non-finite loss or
+        # trust-region scalar of such a step is no reason to count a skip (it is read at the next real step)
         if reduced.gradient_ranks == 0 and self._steps_gradients:
             return self._step_without_gradients()
+        if reduced.nonfinite > 0:
+            return self._skip_step(f"non-finite gradient or statistic on {int(reduced.nonfinite)} rank(s)")
         decision = self._decide(reduced)
         if isinstance(decision, SkipStep):
             return self._skip_step(decision.reason)

@@ -104,15 +104,19 @@ def step(spec: OptimizerSpec, model: nn.Module, opt: Any, t: int, *, sizes: tupl
     spec.take_step(opt, model, x, y, on_gradients=on_gradients)
 
 
-def frozen_steps(spec: OptimizerSpec, model: nn.Module, opt: Any, k: int, rank: int = 0, world: int = 1) -> None:
+def frozen_steps(spec: OptimizerSpec, model: nn.Module, opt: Any, k: int, rank: int = 0, world: int = 1,
+                 loss_value: float | None = None) -> None:
     """``k`` steps in which no parameter has a gradient on any rank: a phase where the optimizer's
     parameters are frozen while the loop still calls ``step()`` (with the loss, for optimizers that take
-    it). Not for optimizers that take the batch: they read no gradients."""
+    it; ``loss_value``: that loss instead of the model's, e.g. NaN). Not for optimizers that take the
+    batch: they read no gradients."""
     for t in range(k):
         x, y = data(100 + t, rank=rank, world=world)
         opt.zero_grad(set_to_none=True)
         with torch.no_grad():
             loss = registry.half_mse(model(x), y)
+        if loss_value is not None:
+            loss = torch.full_like(loss, loss_value)
         if spec.needs is StepNeeds.LOSS:
             opt.step(loss=loss)
         else:

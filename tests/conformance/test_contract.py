@@ -1601,6 +1601,22 @@ def test_steps_without_any_gradient_change_nothing(spec: OptimizerSpec) -> None:
     assert_identical(runs[1], runs[0], "with frozen steps")
 
 
+
+@pytest.mark.parametrize("spec", [s for s in SPECS if s.needs is StepNeeds.LOSS], ids=lambda s: s.name)
+def test_steps_without_any_gradient_change_nothing_whatever_their_loss(spec: OptimizerSpec) -> None:
+    """A step without any gradient changes nothing also when the loss handed to it is not finite (a frozen
+    phase whose forward overflowed): it was counted as a skipped step (skipped_steps 2 after two such
+    steps, a warning each, the state dict differing from the run without them)."""
+    runs = []
+    for frozen in (False, True):
+        model, opt = make(spec)
+        for t in range(3):
+            if frozen and t == 1:
+                frozen_steps(spec, model, opt, 2, loss_value=float("nan"))
+            step(spec, model, opt, t)
+        runs.append({"params": params(model), "state": opt.state_dict()})
+    assert_identical(runs[1], runs[0], "with frozen steps of a NaN loss")
+
 def _mse_step(spec: OptimizerSpec, model: torch.nn.Module, opt: Any, t: int,
               scaler: torch.amp.GradScaler | None = None, overflow: bool = False, unscale: bool = False) -> None:
     x, y = data(t)

@@ -527,8 +527,21 @@ class ParamsAtBatchEnd(pl.Callback):
         self.params = [p.detach().clone() for p in pl_module.parameters()]
 
 
+def test_soaa_skipped_batch_without_gradients_is_a_step_that_changes_nothing(tmp_path: Path) -> None:
+    """training_step returning None with no accumulation: Lightning still calls optimizer.step, no
+    parameter holds a gradient, and SOAA takes that as a step that changes nothing (as torch's optimizers
+    do; it refused the skipped batch before), equal to the plain loop that leaves the batch out."""
+    init_args = {"lr": 0.05, "gamma": 0.9, "total_steps": 7}
+    model = SkippingRegressor(OptimizerFactory("SOAA", init_args), skip=(1,))
+    trainer = make_trainer(tmp_path, max_steps=-1, max_epochs=1, callbacks=[LossToOptimizer()])
+    trainer.fit(model)
+    assert trainer.optimizers[0].num_steps == 7
+    ref = _plain_accumulation_loop(init_args, 1, 1, {1})
+    for got, want in zip(model.parameters(), ref):
+        assert torch.equal(got.detach(), want)
+
+
 @pytest.mark.parametrize("name,k,skip,steps_before", [
-    ("SOAA", 1, 1, 1),  # no micro-batch of the step had a loss: SOAA cannot take a step without one
     ("EGN", 1, 1, 1),  # EGN steps on the batch it was handed, not on gradients
     ("EGN", 2, 2, 1),  # ... also when the skipped micro-batch would go into a later step's batch
 ])
