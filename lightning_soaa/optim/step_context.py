@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -66,24 +67,53 @@ def full_precision(step: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+class _FastPathOff:
+    """How many steps in this process run with torch's MultiheadAttention fast path off, and whether the
+    first of them turned it off. The flag is process-wide: two EGN steps in two threads (two models trained
+    concurrently) each turned it off and back on, and the one that finished first turned it back on in the
+    middle of the other, whose no-grad forwards then took the fast path (its explicit rows failed under
+    vmap, refused as 'cannot be trained by EGN', or its trial losses were of another function). The last
+    step out restores the setting the first found."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.holders = 0
+        self.turned_off = False
+
+    def enter(self) -> None:
+        with self.lock:
+            if self.holders == 0:
+                self.turned_off = torch.backends.mha.get_fastpath_enabled()
+                if self.turned_off:
+                    torch.backends.mha.set_fastpath_enabled(False)
+            self.holders += 1
+
+    def leave(self) -> None:
+        with self.lock:
+            self.holders -= 1
+            if self.holders == 0 and self.turned_off:
+                torch.backends.mha.set_fastpath_enabled(True)
+
+
+_FAST_PATH_OFF = _FastPathOff()
+
+
 def one_model_function(step: F) -> F:
     """Decorate a step that evaluates the model with and without a graph (EGN: its capture with one, the
     line search's and ρ's trial losses under no_grad): torch's MultiheadAttention fast path, taken only
     without a graph, computes another function for a TransformerEncoder with a padding mask (nested
     tensors: zeros at padded positions; the two evaluations differed by 0.41 and EGN backtracked a step
     that lowered the true loss, 0.35 off after 5 steps), and it fails under vmap (the explicit rows). Off
-    for the step, the caller's setting restored after it."""
+    for the step, the caller's setting restored after it (after the last of the steps running in other
+    threads meanwhile: :class:`_FastPathOff`)."""
 
     @functools.wraps(step)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        was = torch.backends.mha.get_fastpath_enabled()
-        if not was:
-            return step(*args, **kwargs)
-        torch.backends.mha.set_fastpath_enabled(False)
+        _FAST_PATH_OFF.enter()
         try:
             return step(*args, **kwargs)
         finally:
-            torch.backends.mha.set_fastpath_enabled(True)
+            _FAST_PATH_OFF.leave()
 
     return wrapper  # type: ignore[return-value]
 

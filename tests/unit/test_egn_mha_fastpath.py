@@ -67,3 +67,41 @@ def test_trained_attention_with_a_padding_mask_takes_explicit_rows() -> None:
     assert torch.equal(got, _run(True, False))
     torch.manual_seed(0)
     assert not torch.equal(got, torch.cat([p.detach().flatten() for p in _Encoder().parameters()]))
+
+
+def test_a_step_in_another_thread_keeps_the_fast_path_off_until_it_ends() -> None:
+    """Two EGN steps in two threads (two models trained concurrently): the one that ended first turned the
+    process-wide flag back on in the middle of the other, whose explicit rows then failed under vmap (2 of
+    4 runs of 300 steps) or whose trial losses were of another function."""
+    import threading
+
+    from lightning_soaa.optim.step_context import one_model_function
+
+    a_inside, b_inside, a_done = threading.Event(), threading.Event(), threading.Event()
+    seen: list[bool] = []
+
+    @one_model_function
+    def step_a() -> None:
+        a_inside.set()
+        assert b_inside.wait(10)
+
+    @one_model_function
+    def step_b() -> None:
+        b_inside.set()
+        assert a_done.wait(10)
+        seen.append(torch.backends.mha.get_fastpath_enabled())  # after step_a ended, before step_b ends
+
+    def run_a() -> None:
+        step_a()
+        a_done.set()
+
+    assert torch.backends.mha.get_fastpath_enabled()
+    ta = threading.Thread(target=run_a)
+    ta.start()
+    assert a_inside.wait(10)
+    tb = threading.Thread(target=step_b)
+    tb.start()
+    ta.join(10)
+    tb.join(10)
+    assert seen == [False]
+    assert torch.backends.mha.get_fastpath_enabled()  # the caller's setting, restored by the last step out
