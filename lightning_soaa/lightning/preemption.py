@@ -28,7 +28,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import Callback
@@ -38,6 +37,7 @@ from typing_extensions import override
 
 from lightning_soaa.distributed.stop_vote import StopVote
 from lightning_soaa.lightning.factory import iter_wrapped
+from lightning_soaa.lightning.stage_rounds import Outcome, StageRounds
 from lightning_soaa.optim.base import ShardedOptimizer
 
 __all__ = ["PreemptionCheckpoint"]
@@ -170,8 +170,12 @@ class PreemptionCheckpoint(Callback):
             handler installed before the stage (the default action ends the process; a user's handler is
             called), and where that handler returns, the stage stops on every rank with Lightning's
             ``SIGTERMException`` (exit status 143). That agreement costs one small all-reduce per batch at
-            W > 1; a rank that runs out of batches first (``predict`` splits the data unevenly) answers the
-            others' until they are done too.
+            W > 1, posted after a batch and read after the next one (its latency overlaps that batch: a
+            SIGTERM during batch k ends the stage after batch k+1); a rank that runs out of batches first
+            (``predict`` splits the data unevenly) answers the others' until they are done too. A rank whose
+            stage raises tells the others in its next round (they stop there with an error naming it, rather
+            than wait for its process to end); a collective of the user's own inside a step can pair with
+            that round instead (the other ranks then fail there, as they would wait there without it).
 
     Under SLURM auto-requeue Lightning's restarted job resumes from the checkpoint by itself (``hpc_ckpt_N.
     ckpt`` in ``default_root_dir``, Lightning's own naming). The checkpoint is written under another name
@@ -206,6 +210,7 @@ class PreemptionCheckpoint(Callback):
         self._link: _RegisterLink | None = None  # our wrap of it
         self._evaluating = False  # watching SIGTERM for validate/test/predict (not for a fit)
         self._joined = False  # this rank has answered every rank's agreement rounds of the stage
+        self._rounds: StageRounds | None = None  # those rounds (validate/test/predict)
         self._vote: StopVote | None = None
         self._last_step = -1
         self._rounds_seen = 0
@@ -255,6 +260,8 @@ class PreemptionCheckpoint(Callback):
         self._watching, self._previous, self._requeue = int(signum), previous, slurm
         self._evaluating, self._joined = stage != "fit", False
         self._vote = StopVote(trainer.world_size)
+        self._rounds = StageRounds(trainer.strategy, trainer.world_size, trainer.global_rank) \
+            if self._evaluating else None
         if stage == "fit":  # an evaluation after a preempted fit leaves it set: the job is still to be ended
             self.preempted = False
         self._last_step, self._rounds_seen = -1, 0
@@ -394,14 +401,38 @@ class PreemptionCheckpoint(Callback):
                              batch_idx: int, dataloader_idx: int = 0) -> None:
         self._after_evaluation_batch(trainer)
 
+    @override
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._arm()
+
+    @override
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._arm()
+
+    @override
+    def on_predict_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._arm()
+
+    def _arm(self) -> None:
+        # past Lightning's barriers of the stage: a rank that raises from here on can tell the others in a round
+        if self._evaluating and self._rounds is not None:
+            self._rounds.armed = True
+
     def _after_evaluation_batch(self, trainer: pl.Trainer) -> None:
         """validate/test/predict (not a fit's validation): every rank learns a SIGTERM after the same batch.
         Lightning's own handler broadcasts inside the handler: measured at W = 2 (gloo, trainer.validate), a
         SIGTERM on one rank paired that broadcast with the other rank's end of the stage: "Connection closed
         by peer" on both, the user's handler never called; on every rank, each stopped with exit status 0
         and the ddp_fork launcher waited for rank 0's results forever. The rounds go on while some rank has
-        batches left: a rank done first (``predict`` gives ranks unequal shares) answers them until all are."""
-        if not self._evaluating or self._vote is None:
+        batches left: a rank done first (``predict`` gives ranks unequal shares) answers them until all are.
+        The round posted after batch k is read after batch k+1 (:mod:`~lightning_soaa.lightning.stage_rounds`):
+        a SIGTERM before batch k's end stops every rank after batch k+1."""
+        vote, rounds = self._vote, self._rounds
+        if not self._evaluating or vote is None or rounds is None:
+            return
+        if trainer.world_size == 1:
+            if vote.requested:
+                self._end_stage(trainer)
             return
         loop = getattr(trainer, "_active_loop", None)
         # the fetcher's state now, after the step: a step that takes dataloader_iter fetches its batch itself,
@@ -410,30 +441,36 @@ class PreemptionCheckpoint(Callback):
         done = getattr(getattr(loop, "_data_fetcher", None), "done", None)
         last = done if isinstance(done, bool) else bool(getattr(getattr(loop, "batch_progress", None),
                                                                 "is_last_batch", False))
-        requested, more = self._round(trainer, more=not last)
-        if last and not requested:
-            self._answer_rounds(trainer, more)
-        elif requested:
-            self._end_stage(trainer)
+        self._settle(trainer, rounds.collect())
+        rounds.post(vote.requested, more=not last)
+        if last:
+            self._answer_rounds(trainer)
 
-    def _answer_rounds(self, trainer: pl.Trainer, more: bool = True) -> None:
+    def _answer_rounds(self, trainer: pl.Trainer) -> None:
         """This rank has no batch left: one round per batch the others still run, then the stage ends here."""
         self._joined = True
-        requested = False
-        while more and not requested and trainer.world_size > 1:
-            requested, more = self._round(trainer, more=False)
-        if requested:
-            self._end_stage(trainer)
+        rounds, vote = self._rounds, self._vote
+        if rounds is None or vote is None or trainer.world_size == 1:
+            return
+        if rounds.pending is None and rounds.open:  # a rank that ran no batch: the others' first round
+            rounds.post(vote.requested, more=False)
+        while rounds.pending is not None:
+            outcome = rounds.collect()
+            self._settle(trainer, outcome)
+            if outcome is not None and outcome.more:
+                rounds.post(vote.requested, more=False)
 
-    def _round(self, trainer: pl.Trainer, more: bool) -> tuple[bool, bool]:
-        """(some rank received SIGTERM, some rank has batches left): the same on every rank."""
-        vote = self._vote
-        assert vote is not None
-        if trainer.world_size == 1:
-            return vote.requested, more
-        flags = torch.tensor([int(vote.requested), int(more)], device=trainer.strategy.root_device)
-        flags = trainer.strategy.reduce(flags, reduce_op="sum")
-        return bool(flags[0] > 0), bool(flags[1] > 0)
+    def _settle(self, trainer: pl.Trainer, outcome: Outcome | None) -> None:
+        """Act on a round's verdict, as every rank does at the same round."""
+        if outcome is None:
+            return
+        if outcome.failed:
+            who = f"rank {outcome.failed_rank}" if outcome.failed_rank is not None else f"{outcome.failed} ranks"
+            raise RuntimeError(f"PreemptionCheckpoint: {who} raised an exception during "
+                               f"{getattr(trainer.state.fn, 'value', 'the stage')} (its log shows it); rank "
+                               f"{trainer.global_rank} stops at the same batch.")
+        if outcome.requested:
+            self._end_stage(trainer)
 
     def _end_stage(self, trainer: pl.Trainer) -> None:
         """Every rank at the same round: the signal to the handler the stage found, then Lightning's stop."""
@@ -455,6 +492,10 @@ class PreemptionCheckpoint(Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # a stage that raises calls no teardown hook: the handler must not outlive it (it would swallow the signal)
         self._depth = 0
+        if self._evaluating and self._rounds is not None and self._vote is not None:
+            # the others would wait in their next round until this rank's process ends (measured at W = 2,
+            # gloo: as long as the process lived on after the exception; plain Lightning's validate ended at once)
+            self._rounds.announce_failure(exception)
         self._release(trainer)
 
     def _release(self, trainer: pl.Trainer) -> None:
@@ -480,11 +521,12 @@ class PreemptionCheckpoint(Callback):
                 pass
         self._watching = None
         self._vote = None
+        self._rounds = None
 
     def __getstate__(self) -> dict[str, Any]:
         # ddp_spawn pickles callbacks to the workers: a handler or a vote of the parent means nothing there
         state = self.__dict__.copy()
-        state.update(_watching=None, _previous=None, _vote=None, _connector=None, _link=None)
+        state.update(_watching=None, _previous=None, _vote=None, _rounds=None, _connector=None, _link=None)
         return state
 
 

@@ -611,7 +611,8 @@ def test_sigterm_during_validate_ends_every_rank_after_the_same_batch(tmp_path: 
     else:
         assert ended.value.signal_name == "SIGTERM", ended.value
     last, calls = _stage_records(tmp_path, 2)
-    assert last == [2, 2]  # of 8 batches per rank
+    # of 8 batches per rank: the round after batch 2 (the signal's) is read after batch 3, on both
+    assert last == [3, 3]
     assert calls == ([1, 1] if users_handler else [0, 0])
 
 
@@ -641,7 +642,7 @@ def test_predict_with_unequal_shares_ends_together(tmp_path: Path) -> None:
     """predict at W = 2 gives the ranks unequal shares (Lightning's UnrepeatedDistributedSampler): 9 samples
     in batches of 2 are 3 batches on rank 0, 2 on rank 1; a user's own split can leave a rank none. The
     per-batch agreement must not hang there; and a SIGTERM on rank 1 at its last batch ends rank 0 after the
-    same round (its batch 1), the user's handler called on both."""
+    same round (read after its batch 2: rank 1 has none), the user's handler called on both."""
     _HANDLER_LOG[:] = [tmp_path]
     before = signal.signal(signal.SIGTERM, _recording_sigterm_handler)
     try:
@@ -658,7 +659,7 @@ def test_predict_with_unequal_shares_ends_together(tmp_path: Path) -> None:
     finally:
         signal.signal(signal.SIGTERM, before)
     assert ended.value.exit_code == 128 + signal.SIGTERM, ended.value
-    assert _stage_records(tmp_path, 2) == ([1, 1], [1, 1])
+    assert _stage_records(tmp_path, 2) == ([2, 1], [1, 1])
 
 
 class _IterStepLogged(_Evaluated):
@@ -742,3 +743,83 @@ def test_a_validate_run_from_the_fit_s_hooks_leaves_the_fit_its_handler(tmp_path
     finally:
         signal.signal(signal.SIGTERM, before)
     assert (tmp_path / "user-handler-rank0").read_text().split() == ["15"]
+
+
+
+#: how long the failing rank's process lives on after its exception (a logger's upload, a caller's cleanup),
+#: unless the other rank's stage ended before
+LINGER_S = 40
+
+
+class _RaisesOnOneRank(_Evaluated):
+    """Rank ``failing_rank``'s step raises at batch 2 of the stage (of 8); the other rank goes on."""
+
+    def __init__(self, failing_rank: int) -> None:
+        super().__init__()
+        self.failing_rank = failing_rank
+
+    def _fail(self, batch_idx: int) -> None:
+        if batch_idx == 2 and self.trainer.global_rank == self.failing_rank:
+            raise RuntimeError("the user's step failed")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self._fail(batch_idx)
+        return super().validation_step(batch, batch_idx)
+
+    def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self._fail(batch_idx)
+        return super().test_step(batch, batch_idx)
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        self._fail(batch_idx)
+        return super().predict_step(batch, batch_idx, dataloader_idx)
+
+
+class _Lingers(pl.Callback):
+    """The process of the rank whose step raised lives on (after the preemption callback's hook) until the
+    other rank's stage has ended, or ``LINGER_S``."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if str(exception) != "the user's step failed":
+            return
+        deadline = time.monotonic() + LINGER_S
+        while time.monotonic() < deadline and not (self.out / f"ended-rank{1 - trainer.global_rank}").exists():
+            time.sleep(0.1)
+
+
+def _stage_with_a_failing_rank(rank: int, world: int, out: Path, stage: str, failing_rank: int,
+                               callback: bool) -> tuple[str, float]:
+    """One rank of ``strategy="ddp"`` in the harness's process (Lightning's ddp_fork/ddp_spawn run each rank's
+    stage in a child whose exception ends it at once: its hooks run in the launching process): (the stage's
+    exception on this rank, the seconds it took)."""
+    os.environ.update(LOCAL_RANK=str(rank), NODE_RANK="0", WORLD_SIZE=str(world))  # the group exists already
+    callbacks = [PreemptionCheckpoint(signum=signal.SIGTERM)] if callback else []
+    trainer = make_trainer(out, devices=world, strategy="ddp", callbacks=[*callbacks, _Lingers(out)])
+    start = time.monotonic()
+    try:
+        getattr(trainer, stage)(_RaisesOnOneRank(failing_rank))
+        error = ""
+    except RuntimeError as e:
+        error = str(e)
+    (out / f"ended-rank{rank}").touch()
+    return error, time.monotonic() - start
+
+
+@pytest.mark.parametrize("stage,failing_rank", [("validate", 1), ("test", 1), ("predict", 1), ("validate", 0)])
+def test_a_rank_that_raises_during_an_evaluation_stops_the_others_at_once(tmp_path: Path, stage: str,
+                                                                           failing_rank: int) -> None:
+    """W = 2 (gloo), one rank's step raises while the other goes on, the failing process living on after its
+    exception (a logger's upload, a caller that catches it). Plain Lightning's other rank ends its stage
+    (nothing of the stage pairs with the failing rank); with the callback it waited in its next agreement
+    round for as long as the failing process lived (the process group's timeout, 30 minutes by default,
+    where it never ends). Now the failing rank's exception tells the other, which stops at that round with
+    an error naming it."""
+    results = run_distributed(_stage_with_a_failing_rank, 2, tmp_path, tmp_path, stage, failing_rank, True,
+                              timeout=LINGER_S + 60)
+    (own, _), (other, took) = results[failing_rank], results[1 - failing_rank]
+    assert own == "the user's step failed"
+    assert f"PreemptionCheckpoint: rank {failing_rank} raised an exception during {stage}" in other, other
+    assert took < LINGER_S / 2, took
