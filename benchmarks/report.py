@@ -52,7 +52,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 QUICK_OUT = Path(__file__).resolve().parent.parent / "runs" / "report_quick"
 QUICK_OPTIMIZERS = ("AdamW", "SOAA", "EGN")
 COLORS = {"AdamW": "tab:blue", "SOAA": "tab:orange", "ASGO": "tab:red", "ASGO-parts": "tab:pink",
-          "ASGO-nest": "darkred", "EGN": "tab:green",
+          "ASGO-r4": "darkred", "EGN": "tab:green",
           "EGN-m": "tab:olive", "Muon": "tab:purple", "Muon-split": "tab:cyan", "SOAP": "tab:brown", "PSGD": "tab:gray"}
 #: bytes read and written per parameter by one fp32 step at best (see bench_soaa_step's docstring:
 #: fused AdamW reads θ, g, m, v and writes θ, m, v; SOAA's C loops on CPU: the sums pass reads g, m
@@ -499,15 +499,15 @@ def _method(args: argparse.Namespace, optimizers: list[str]) -> list[str]:
         f"run reaches it, by the lowest final loss); {_more_seeds(args.seeds)}. "
         "Weight decay 0 for every optimizer, other hyperparameters at "
         "each optimizer's defaults "
-        "(SOAA gets `total_steps` = the run's length; `ASGO` and `ASGO-parts` get `nesterov=False`, the paper's "
-        "rule, `report_runs.ASGO_PAPER`). Muon: `torch.optim.Muon` on the matrices (its "
+        "(SOAA gets `total_steps` = the run's length; ASGO's default `nesterov=True` preconditions Muon's "
+        "Nesterov direction, `nesterov=False` is the paper's rule). Muon: `torch.optim.Muon` on the matrices (its "
         "Newton-Schulz in bf16: fast on a CPU with bf16 matrix units such as Intel AMX, emulated and slow "
         "without them) with AdamW for "
         "embeddings, norms and biases, as in `bench_asgo.py`. HeavyBall runs eager (`compile_mode=None`). "
         "Three more rows on `chars` only: `ASGO-parts`, ASGO with each fused QKV projection stepped as its three "
         "matrices (`asgo_param_groups(model, fused={\"qkv.weight\": 3})`, ASGO's `row_parts`: the official "
-        "ASGO model has separate Q, K and V projections); `ASGO-nest`, ASGO-parts with ASGO's default "
-        "`nesterov=True` and `root_every=4` (`report_runs.ASGO_NEST`, picked by a study on this workload: "
+        "ASGO model has separate Q, K and V projections); `ASGO-r4`, ASGO-parts with its roots every "
+        "4 steps, `root_every=4` (`report_runs.ASGO_R4`, picked by a study on this workload: "
         "tuned on what it is scored on, as EGN-m is); and `Muon-split`, the same Muon on the model with "
         "each fused `qkv` Linear(d, 3d) split into three Linear(d, d) (`report_runs.SplitLinear`: the same "
         "function at initialisation), so that Muon too orthogonalises Q, K and V apart and the comparison "

@@ -72,7 +72,7 @@ LR_GRID: dict[str, tuple[float, ...]] = {
     "SOAA": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
     "ASGO": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
     "ASGO-parts": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
-    "ASGO-nest": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
+    "ASGO-r4": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
     "EGN": (0.25, 0.5, 1.0, 2.0, 4.0, 8.0),
     "EGN-m": (0.25, 0.5, 1.0, 2.0, 4.0, 8.0),
     "Muon": (3e-3, 1e-2, 3e-2, 1e-1),
@@ -95,15 +95,12 @@ HEAVYBALL = ("SOAP", "PSGD")
 #: the language model's fused QKV projections, stepped as three matrices (ASGO-parts) or split into three
 #: Linears (Muon-split, so that Muon, too, sees Q, K and V apart): rows of ``chars`` only
 FUSED_QKV = {"qkv.weight": 3}
-#: ASGO-nest: ASGO-parts with the two settings a study on ``chars`` picked for time to the target (turn 37:
-#: Nesterov's direction 225 -> 200 steps, lower final loss in 6 of 6 seeds; roots every 4 steps, the step
-#: 1.18x -> 1.08x AdamW's): tuned on what it is scored on, as EGN-m is. Nesterov is ASGO's default now,
-#: so only the roots' interval is set here
-ASGO_NEST = {"root_every": 4}
-#: the ``ASGO`` and ``ASGO-parts`` rows: the paper's rule (``nesterov=False``), as their committed numbers
-#: were measured and as ASGO-nest is compared with (Nesterov became ASGO's default after them)
-ASGO_PAPER = {"nesterov": False}
-CHARS_ONLY = ("ASGO-parts", "ASGO-nest", "Muon-split")
+#: ASGO-r4: ASGO-parts with its roots every 4 steps, the setting a study on ``chars`` picked for time to the
+#: target (turn 37, with Nesterov's direction, ASGO's default since turn 40: 225 -> 200 steps, lower final
+#: loss in 6 of 6 seeds; roots every 4 steps, the step 1.18x -> 1.08x AdamW's): tuned on what it is scored
+#: on, as EGN-m is
+ASGO_R4 = {"root_every": 4}
+CHARS_ONLY = ("ASGO-parts", "ASGO-r4", "Muon-split")
 #: the optimizers trained on the model with its QKV split (:func:`split_qkv`)
 SPLIT_MODEL = ("Muon-split",)
 
@@ -263,7 +260,7 @@ def _ours(opt: str, model: nn.Module, lr: float, w: Workload) -> tuple[Any, Call
     if spec.first_arg is registry.FirstArg.MODULE:  # EGN: a damped Gauss-Newton step with line search
         kw: dict[str, Any] = {"loss": "mse" if w.name == "lstsq" else "cross_entropy", **EGN_SETTINGS[opt]}
     else:
-        kw = {"weight_decay": 0.0, **(ASGO_PAPER if opt == "ASGO" else {})}
+        kw = {"weight_decay": 0.0}
     if spec.horizon_kwarg:
         kw[spec.horizon_kwarg] = w.steps
     o = spec.build(model, lr=lr, **kw)
@@ -299,8 +296,8 @@ def build(opt: str, model: nn.Module, lr: float, w: Workload) -> tuple[list[Any]
     if opt in registry.names() or opt in EGN_SETTINGS:
         o, step = _ours(opt, model, lr, w)
         return [o], step
-    if opt in ("ASGO-parts", "ASGO-nest"):
-        o, step = _asgo_parts(model, lr, w, **(ASGO_NEST if opt == "ASGO-nest" else ASGO_PAPER))
+    if opt in ("ASGO-parts", "ASGO-r4"):
+        o, step = _asgo_parts(model, lr, w, **(ASGO_R4 if opt == "ASGO-r4" else {}))
         return [o], step
     if opt in SPLIT_MODEL and not any(isinstance(m, SplitLinear) for m in model.modules()):
         raise ValueError(f"{opt} trains the split model: build it with model_for(..., split=True).")
