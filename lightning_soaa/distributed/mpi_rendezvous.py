@@ -16,6 +16,7 @@ import dataclasses
 import datetime
 import importlib.util
 import logging
+import math
 import socket
 import sys
 import time
@@ -24,7 +25,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 
-from lightning_soaa.distributed.store_probe import _STORE_POLL_S, _listening, _store_client
+from lightning_soaa.distributed.store_probe import (
+    _STORE_POLL_S,
+    CLOSED_WITHOUT_ANSWER,
+    _listening,
+    _store_client,
+)
 
 if TYPE_CHECKING:
     from lightning_soaa.distributed.launch import LaunchInfo
@@ -46,12 +52,47 @@ _EXPORT_HINT = "export MASTER_ADDR and MASTER_PORT to every rank (mpirun -x MAST
 #: how long rank 0's store round waits for every rank before it settles for the MPI agreement, when every rank
 #: that arrived has mpi4py: the ranks still missing may have no MASTER_ADDR/MASTER_PORT (raw mpirun without -x
 #: forwards them only to the ranks on its own node) and wait in MPI_Init. What a partial export costs at start.
+#: ``LIGHTNING_SOAA_STORE_ROUND_S`` overrides it (a slow start of many ranks: longer).
 _STORE_ROUND_S = 10.0
 #: how long a rank with mpi4py tries to reach rank 0's store before it goes to the MPI agreement instead (rank 0
-#: may have no variables, or other values: the agreement then tells every rank).
+#: may have no variables, or other values: the agreement then tells every rank). ``LIGHTNING_SOAA_STORE_CONNECT_S``
+#: overrides it.
 _STORE_CONNECT_S = 30.0
+#: the environment variables that override the two windows above
+ROUND_ENV, CONNECT_ENV = "LIGHTNING_SOAA_STORE_ROUND_S", "LIGHTNING_SOAA_STORE_CONNECT_S"
+#: the longest window they may set (about 11.6 days): torch counts a store's timeout in nanoseconds from now, and
+#: past about 9.2e9 s that overflows (rank 0 then failed to host its store, "timed out after 10000000030000ms")
+_MAX_WINDOW_S = 1e6
 #: how long a rank waits for the answer of what listens at rank 0's MASTER_PORT (a store answers at once)
 _STORE_HANDSHAKE_S = 10.0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Windows:
+    """The store round's windows in seconds: ``round_s`` (:data:`_STORE_ROUND_S`), ``connect_s``
+    (:data:`_STORE_CONNECT_S`)."""
+
+    round_s: float
+    connect_s: float
+
+
+def _windows(env: Mapping[str, str]) -> _Windows:
+    """The windows of the store round: the module's defaults, or :data:`ROUND_ENV`/:data:`CONNECT_ENV` from
+    ``env``. Raises ``ValueError`` naming the variable, its value and what is allowed."""
+    def one(name: str, default: float) -> float:
+        raw = env.get(name, "").strip()
+        if not raw:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            value = math.nan
+        if not 0 < value <= _MAX_WINDOW_S:  # nan fails too
+            raise ValueError(f"Invalid {name}={env[name]!r}. Must be a number of seconds > 0 (default {default:g}, "
+                             f"at most {_MAX_WINDOW_S:g}).")
+        return value
+
+    return _Windows(one(ROUND_ENV, _STORE_ROUND_S), one(CONNECT_ENV, _STORE_CONNECT_S))
 
 
 def _mpi4py_importable() -> bool:
@@ -106,24 +147,26 @@ def _store_round(info: LaunchInfo, has_mpi4py: bool, timeout_s: float,
 
     Each rank counts itself in, saying whether it has mpi4py; rank 0 alone decides and writes the decision,
     and every rank, also one that arrives after it, acts on that one decision: ``store`` once every rank has
-    arrived; ``mpi`` after :data:`_STORE_ROUND_S` when every rank that arrived has mpi4py (the others may wait
+    arrived; ``mpi`` after :data:`_STORE_ROUND_S` (or :data:`ROUND_ENV`) when every rank that arrived has mpi4py
+    (the others may wait
     in ``MPI_Init``); otherwise, after ``timeout_s``, ``fail`` with the ranks without mpi4py and those that did
     not arrive, raised on every rank that arrived. A rank without mpi4py never goes to MPI, so no decision
     leaves a rank waiting in ``MPI_Init`` for one that cannot get there, except one that arrives after ``mpi``
     was decided: it raises, naming itself, and mpirun ends the job.
     """
     assert info.master_addr is not None and info.master_port is not None
+    windows = _windows(env)  # a bad value fails here, before this rank meets anyone
     where = f"{info.master_addr}:{info.master_port}"
     prefix = _round_prefix(info, env)
-    store = _arrive(info, has_mpi4py, timeout_s, where, prefix)
+    store = _arrive(info, has_mpi4py, timeout_s, where, prefix, windows)
     if store is None:
         return None, False
     if info.rank == 0:
-        decision = _decide(store, prefix, info.world_size, timeout_s, where)
+        decision = _decide(store, prefix, info.world_size, timeout_s, where, windows.round_s)
         store.set(prefix + "decision", decision)
     else:
         try:
-            store.wait([prefix + "decision"], datetime.timedelta(seconds=timeout_s + _STORE_ROUND_S))
+            store.wait([prefix + "decision"], datetime.timedelta(seconds=timeout_s + windows.round_s))
             decision = store.get(prefix + "decision").decode()
             store.add(prefix + "read", 1)
         except dist.DistError as e:
@@ -132,7 +175,7 @@ def _store_round(info: LaunchInfo, has_mpi4py: bool, timeout_s: float,
     kind, _, detail = decision.partition("\n")
     if kind == "fail" and info.rank == 0:
         # rank 0's store ends with its process: the ranks that arrived read the decision first (briefly)
-        deadline = time.monotonic() + _STORE_ROUND_S
+        deadline = time.monotonic() + windows.round_s
         while store.add(prefix + "read", 0) < store.add(prefix + "arrived", 0) - 1 and time.monotonic() < deadline:
             time.sleep(_STORE_POLL_S)
     log.debug("rank %d: rendezvous decision %r", info.rank, decision)
@@ -146,17 +189,18 @@ def _store_round(info: LaunchInfo, has_mpi4py: bool, timeout_s: float,
     raise RuntimeError(detail)
 
 
-def _arrive(info: LaunchInfo, has_mpi4py: bool, timeout_s: float, where: str, prefix: str) -> dist.Store | None:
+def _arrive(info: LaunchInfo, has_mpi4py: bool, timeout_s: float, where: str, prefix: str,
+            windows: _Windows) -> dist.Store | None:
     """Reach rank 0's store (:func:`_round_store`) and count this rank in, saying whether it has mpi4py.
 
     A rank counted in as more than the world's ranks found the store of an earlier ``init_from_env`` of this
     job, which rank 0's group holds until rank 0 destroys it (a script that joins, destroys and joins again,
     one rank faster than rank 0): that round is complete and its decision not ours (the rank joined the old
     group's addresses and failed), so the rank waits for rank 0's next store, within its connect window."""
-    connect = timeout_s if not has_mpi4py else min(timeout_s, _STORE_CONNECT_S)
+    connect = timeout_s if not has_mpi4py else min(timeout_s, windows.connect_s)
     deadline = time.monotonic() + connect
     while True:
-        store = _round_store(info, has_mpi4py, timeout_s, where, deadline)
+        store = _round_store(info, has_mpi4py, timeout_s, where, windows, deadline)
         if store is None:
             return None
         # "without" is counted before "arrived", and rank 0 reads them the other way round: a rank it counts as
@@ -179,26 +223,29 @@ def _arrive(info: LaunchInfo, has_mpi4py: bool, timeout_s: float, where: str, pr
                        "before calling init_from_env again, or install mpi4py on every rank.")
 
 
-def _round_store(info: LaunchInfo, has_mpi4py: bool, timeout_s: float, where: str,
+def _round_store(info: LaunchInfo, has_mpi4py: bool, timeout_s: float, where: str, windows: _Windows,
                  deadline: float | None = None) -> dist.Store | None:
     """Rank 0 hosts the round's store at its ``MASTER_ADDR``/``MASTER_PORT``; the others connect to it. A
     rank with mpi4py that cannot reach it in :data:`_STORE_CONNECT_S` returns ``None`` (it has MPI left)."""
     assert info.master_addr is not None and info.master_port is not None
-    timeout = datetime.timedelta(seconds=timeout_s + _STORE_ROUND_S)
+    timeout = datetime.timedelta(seconds=timeout_s + windows.round_s)
     if info.rank == 0:
         try:
             return dist.TCPStore(info.master_addr, info.master_port, info.world_size, is_master=True,
                                  timeout=timeout, wait_for_workers=False)
         except dist.DistError as e:
             raise RuntimeError(f"Rank 0 cannot host the rendezvous at MASTER_ADDR:MASTER_PORT={where}: {e}") from e
-    connect = timeout_s if not has_mpi4py else min(timeout_s, _STORE_CONNECT_S)
+    connect = timeout_s if not has_mpi4py else min(timeout_s, windows.connect_s)
     deadline = time.monotonic() + connect if deadline is None else deadline
     error = f"nothing listens there after {connect:g} s"  # the window _arrive gave, counted from its start
     # a bounded wait for the port first: TCPStore's own connect retries past its timeout, logging each try
     while _listening(info.master_addr, info.master_port, deadline - time.monotonic()):
         store, error = _store_client(info.master_addr, info.master_port, info.world_size, timeout,
                                      max(1.0, min(_STORE_HANDSHAKE_S, deadline - time.monotonic())))
-        if store is not None or "does not answer" in error or time.monotonic() >= deadline:
+        # a service that accepts and closes without a store's answer will not become one either (each probe
+        # of it takes the probe client's whole timeout: retrying it to the window's end cost up to timeout_s)
+        if store is not None or "does not answer" in error or error == CLOSED_WITHOUT_ANSWER \
+                or time.monotonic() >= deadline:
             break  # a store, or a service that is none (it will not become one), or no time left
         time.sleep(_STORE_POLL_S)  # refused or reset: a store that closed (an earlier group's), or not up yet
     else:
@@ -214,7 +261,7 @@ def _round_store(info: LaunchInfo, has_mpi4py: bool, timeout_s: float, where: st
         f"0's: {_EXPORT_HINT} (the same values), or install mpi4py on every rank.")
 
 
-def _decide(store: dist.Store, prefix: str, world_size: int, timeout_s: float, where: str) -> str:
+def _decide(store: dist.Store, prefix: str, world_size: int, timeout_s: float, where: str, round_s: float) -> str:
     """Rank 0's decision of the store round: ``"store"``, ``"mpi\\n<why>"`` or ``"fail\\n<message>"``."""
     start = time.monotonic()
     while True:
@@ -223,7 +270,7 @@ def _decide(store: dist.Store, prefix: str, world_size: int, timeout_s: float, w
         waited = time.monotonic() - start
         if arrived == world_size:
             return "store"
-        if without == 0 and waited >= min(_STORE_ROUND_S, timeout_s):
+        if without == 0 and waited >= min(round_s, timeout_s):
             absent = _absent(store, prefix, world_size)[0]
             return (f"mpi\nrank(s) {_ranks(absent)} had not reached rank 0's store at MASTER_ADDR:MASTER_PORT="
                     f"{where} after {waited:.0f} s (no MASTER_ADDR/MASTER_PORT there, or other values, or a late "

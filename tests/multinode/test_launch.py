@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import concurrent.futures
+import datetime
 import gc
+import os
 import re
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
 import types
+from pathlib import Path
 
 import pytest
 import torch.distributed as dist
@@ -23,7 +27,9 @@ from lightning_soaa.distributed.launch import (
     slurm_port,
 )
 from lightning_soaa.distributed.mpi_rendezvous import _mpi4py_importable, _mpi_join, _mpi_rendezvous, _store_round
+from lightning_soaa.distributed.store_probe import _store_client
 
+REPO = Path(__file__).resolve().parents[2]
 TORCHRUN = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "1",
             "MASTER_ADDR": "10.0.0.5", "MASTER_PORT": "29400", "TORCHELASTIC_RUN_ID": "x"}
 OMPI = {"OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
@@ -309,17 +315,19 @@ def test_mpi_without_mpi4py_asks_for_it_or_the_variables(monkeypatch: pytest.Mon
 
 
 # ----------------------------------------------------------- the store round before MPI (real TCPStores)
-def _round(ranks: dict[int, bool], world: int, timeout_s: float) -> tuple[dict[int, object], list[object]]:
+def _round(ranks: dict[int, bool], world: int, timeout_s: float,
+           extra: dict[str, str] | None = None) -> tuple[dict[int, object], list[object]]:
     """``_store_round`` of the given ranks (rank -> has mpi4py), each in a thread of its own, all given the same
-    MASTER_ADDR/MASTER_PORT; the others never come. Returns each rank's ``formed`` flag or the error it raised,
-    and the stores (kept alive: rank 0's store is where late ranks would arrive)."""
-    env = {"OMPI_COMM_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    MASTER_ADDR/MASTER_PORT (and the variables ``extra``); the others never come. Returns each rank's ``formed``
+    flag or the error it raised, and the stores (kept alive: rank 0's store is where late ranks would arrive)."""
+    env = {"OMPI_COMM_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+           **(extra or {})}
     stores: list[object] = []
 
     def one(rank: int) -> object:
         try:
-            store, formed = _store_round(detect_launch({**env, "OMPI_COMM_WORLD_RANK": str(rank)}), ranks[rank],
-                                         timeout_s, {})
+            launch = {**env, "OMPI_COMM_WORLD_RANK": str(rank)}
+            store, formed = _store_round(detect_launch(launch), ranks[rank], timeout_s, launch)
             stores.append(store)
             return formed
         except RuntimeError as e:
@@ -370,6 +378,59 @@ def test_store_round_settles_for_mpi_and_a_late_rank_without_mpi4py_names_itself
         _store_round(detect_launch({**env, "OMPI_COMM_WORLD_RANK": "2"}), False, 30, {})
 
 
+def test_store_round_windows_come_from_the_environment() -> None:
+    """LIGHTNING_SOAA_STORE_ROUND_S and LIGHTNING_SOAA_STORE_CONNECT_S set the two windows (10 s and 30 s by
+    default): rank 0 settles for MPI after the round's, a rank with mpi4py that finds no store gives up after the
+    connect window."""
+    start = time.monotonic()
+    results, _ = _round({0: True, 1: True}, 3, timeout_s=30, extra={"LIGHTNING_SOAA_STORE_ROUND_S": "0.5"})
+    assert results == {0: False, 1: False} and time.monotonic() - start < 8, results
+    env = {**MPI2, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),  # nothing listens there
+           "LIGHTNING_SOAA_STORE_CONNECT_S": "1.5"}
+    start = time.monotonic()
+    assert _store_round(detect_launch(env), True, 30, env) == (None, False)
+    assert 1.5 <= time.monotonic() - start < 8
+
+
+@pytest.mark.parametrize("name", ["LIGHTNING_SOAA_STORE_ROUND_S", "LIGHTNING_SOAA_STORE_CONNECT_S"])
+@pytest.mark.parametrize("value", ["ten", "0", "-1", "nan", "inf", "1e10", "1e15"])
+def test_store_round_window_variables_are_checked(name: str, value: str) -> None:
+    env = {**MPI2, "OMPI_COMM_WORLD_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+           name: value}
+    with pytest.raises(ValueError, match=re.escape(f"Invalid {name}={value!r}. Must be a number of seconds > 0 "
+                                                   "(default ")):
+        _store_round(detect_launch(env), True, 30, env)
+
+
+def test_a_probe_interrupted_by_a_signal_leaves_no_thread() -> None:
+    """A signal handler's exception (a SIGTERM handler that exits, Ctrl-C) while the probe waits on a service that
+    never answers: the relay and its client were left running, and when that service then closed during the
+    interpreter's exit, the client threw at its deadline and the process aborted (status 134)."""
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(*_: object) -> None:
+        raise Interrupted
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    threading.Thread(target=lambda: [held.append(listener.accept()[0]) for _ in range(4)], daemon=True).start()
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 0.3)
+    try:
+        with pytest.raises(Interrupted):
+            _store_client("127.0.0.1", listener.getsockname()[1], 2, datetime.timedelta(seconds=3.0), 3.0)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        left = [t.name for t in threading.enumerate() if t.name.startswith("lightning_soaa-store")]
+        for conn in held:
+            conn.close()
+        listener.close()
+    assert not left, left
+
+
 def test_store_round_against_a_service_that_is_no_store_ends_in_bounded_time(monkeypatch: pytest.MonkeyPatch) -> None:
     """Rank 1's MASTER_PORT leads to a service that accepts connections but is no TCPStore (rank 1 given another
     port than rank 0's, held by something else): TCPStore's handshake waited for its answer without bound, while
@@ -402,13 +463,79 @@ def test_store_round_against_a_service_that_is_no_store_ends_in_bounded_time(mon
                 assert outcome == [(None, False)]
             else:
                 assert "does not answer as a torch TCPStore" in str(outcome[0]), outcome
+        # the probe's threads ended when the rank gave up, while the service still holds their connections (a
+        # client left waiting there threw when the service closed, and at the interpreter's exit that aborted
+        # the process: pytest's exit status 134, test_a_silent_service_closing_at_exit_leaves_the_exit_status)
+        assert not [t.name for t in threading.enumerate() if t.name.startswith("lightning_soaa-store")]
         for conn, _ in held:
             conn.close()
-    # the clients given up on end once their own timeout passes (a C++ error in a thread still running at the
-    # interpreter's exit aborts the process: pytest's exit status 134)
-    for thread in [t for t in threading.enumerate() if t.name == "lightning_soaa-store-connect"]:
-        thread.join(30)
-        assert not thread.is_alive()
+
+
+def test_store_round_against_a_service_that_accepts_and_closes_gives_up_at_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A service that accepts the connection and closes it without a store's answer will not become a store:
+    the rank gives up after the first probe of it, as for a silent one (it retried to the end of its window,
+    each probe taking the probe client's whole timeout: 53 s at timeout_s=60, 10 s before the probe)."""
+    import lightning_soaa.distributed.mpi_rendezvous as rendezvous
+
+    monkeypatch.setattr(rendezvous, "_STORE_HANDSHAKE_S", 1.0, raising=False)
+    monkeypatch.setattr(rendezvous, "_STORE_ROUND_S", 1.0)
+    accepted = [0]
+    with socket.socket() as service:
+        service.bind(("127.0.0.1", 0))
+        service.listen(8)
+
+        def closer() -> None:
+            while True:
+                try:
+                    conn, _ = service.accept()
+                except OSError:
+                    return
+                accepted[0] += 1
+                conn.close()
+
+        threading.Thread(target=closer, daemon=True).start()
+        env = {**MPI2, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(service.getsockname()[1])}
+        start = time.monotonic()
+        with pytest.raises(RuntimeError, match="closed the connection without answering"):
+            _store_round(detect_launch(env), False, 30.0, {})
+        took = time.monotonic() - start
+    assert took < 12.0, f"gave up after {took:.1f} s ({accepted[0]} connections) with timeout_s=30"
+
+
+SILENT_SERVICE_AT_EXIT = '''
+import datetime, socket, sys, threading, time
+from lightning_soaa.distributed.store_probe import _store_client
+listener = socket.create_server(("127.0.0.1", 0))
+held = []
+threading.Thread(target=lambda: [held.append(listener.accept()[0]) for _ in range(8)], daemon=True).start()
+store, why = _store_client("127.0.0.1", listener.getsockname()[1], 2, datetime.timedelta(seconds=0.5), 1.0)
+print("gave up:", why, flush=True)
+time.sleep(0.5)  # the client's own timeout passes while the service holds its connection
+# the service closes as the interpreter exits; the main thread keeps the GIL into finalisation (a long switch
+# interval and a spin: the race made deterministic, as in tests/distributed/test_teardown.py)
+sys.setswitchinterval(0.5)
+for conn in held:
+    conn.close()
+end = time.monotonic() + 0.3
+while time.monotonic() < end:
+    pass
+sys.exit(3)
+'''
+
+
+def test_a_silent_service_closing_at_exit_leaves_the_exit_status(tmp_path: Path) -> None:
+    """A rank gave up on a service that accepts connections but never answers as a store; the client it left
+    waiting there threw when that service closed, and when that was while the interpreter exited the process
+    ended with SIGABRT ("terminate called without an active exception", status 134) after a clean run. The
+    probe now leaves no thread behind: the process ends with its own status."""
+    script = tmp_path / "silent_service.py"
+    script.write_text(SILENT_SERVICE_AT_EXIT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    for _ in range(2):  # the race is deterministic here (10 of 10 aborted before the fix); twice for good measure
+        p = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+        assert "does not answer as a torch TCPStore within 1 s" in p.stdout, (p.stdout, p.stderr[-2000:])
+        assert p.returncode == 3 and "terminate called" not in p.stderr, (p.returncode, p.stderr[-2000:])
 
 
 def test_a_later_call_waits_for_rank_0s_next_store_not_the_earlier_groups() -> None:
