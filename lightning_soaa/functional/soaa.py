@@ -26,9 +26,10 @@ arithmetic, per block):
 * fused (``_native_*``): each pass is one hand-written kernel over all blocks of a dtype in one call: a C
   loop on CPU (built at first use by :mod:`~lightning_soaa.kernels.soaa_native`), Triton on CUDA
   (:mod:`~lightning_soaa.kernels.soaa_triton`), handed in by the optimizer as a :class:`FusedPasses`, when
-  the caller passes a :class:`SOAAKernels` (the optimizer owns it: ``SOAA(compile=...)``; nothing is cached in this
-  module). The step returns the new moments' Σm², Σv too, which the kernels object remembers, so the
-  next sums pass reads only g and m (8 B/param instead of 12) for moments nobody touched since;
+  the caller passes a :class:`SOAAKernels` (the optimizer owns it: ``SOAA(compile=...)``; only the
+  ``torch.compile`` wrappers are kept per process). The step returns the new moments' Σm², Σv too, which
+  the kernels object remembers, so the next sums pass reads only g and m (8 B/param instead of 12) for
+  moments nobody touched since;
 * compiled (``_compiled_*``): each pass is one ``torch.compile``'d sweep over a whole tensor (Triton on
   CUDA; C++/OpenMP on CPU where no C compiler is found) that also accumulates the sums, for blocks of at
   least ``SOAAKernels.min_numel`` elements;
@@ -50,6 +51,7 @@ import dataclasses
 import logging
 import math
 import operator
+import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple, Protocol
@@ -184,8 +186,12 @@ class _Acc:
 #
 # Compiled with dynamic shapes, so one compilation serves every tensor length (per dtype and device);
 # the scalars travel as one small tensor, so new step counts or learning rates never recompile. The
-# compiled callables live in a SOAAKernels object owned by the caller (the optimizer): this module keeps
-# no state of its own. Sums are accumulated in float64 inside the loop (no chunking needed).
+# compiled callables are made once per process, at their first use (_CompiledOnce), and shared by every
+# SOAAKernels: torch keeps each torch.compile wrapper in torch._dynamo.eval_frame.cached_backends for the
+# life of the process, so four per optimizer leaked in sweeps that build many (400 wrappers per 100 trials,
+# also where only the C loops ran). Sharing changes no result: dynamo caches the compiled code per code
+# object, guarded on dtype, device and rank, whichever wrapper calls it (a second optimizer's equal
+# wrapper already reused it). Sums are accumulated in float64 inside the loop (no chunking needed).
 
 
 def _sums_kernel(g: Tensor, m: Tensor, v: Tensor, scal: Tensor) -> Tensor:
@@ -379,6 +385,26 @@ class FusedPasses(Protocol):
              scal: Sequence[Sequence[float]]) -> list[list[float]]: ...
 
 
+_COMPILE_LOCK = threading.Lock()
+
+
+class _CompiledOnce:
+    """A class attribute of :class:`SOAAKernels`: ``fn`` ``torch.compile``'d at the first read on any instance
+    (the C / Triton paths never read it, so never compile) and shared by all instances. A non-data
+    descriptor: an instance attribute of the same name (a test's stand-in kernel) takes precedence."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self._fn = fn
+        self._compiled: Callable[..., Any] | None = None
+
+    def __get__(self, obj: object, owner: type | None = None) -> Callable[..., Any]:
+        if self._compiled is None:
+            with _COMPILE_LOCK:  # two threads' first steps: still one wrapper
+                if self._compiled is None:
+                    self._compiled = torch.compile(self._fn, dynamic=True, fullgraph=True)
+        return self._compiled
+
+
 class SOAAKernels:
     """The one-sweep passes (sums; moments and θ in place), for one owner (e.g. an optimizer instance)
     to keep and pass in: on CPU the C loops that ``cpu_loader`` returns (the optimizer passes
@@ -406,12 +432,12 @@ class SOAAKernels:
         self._native: FusedPasses | None = None
         self._accel: FusedPasses | None = None
         self._records = MomentRecords()  # the sums the C step knows of the moments it wrote
-        self.sums: Callable[..., Tensor] = torch.compile(_sums_kernel, dynamic=True, fullgraph=True)
-        self.step: Callable[..., None] = torch.compile(_step_kernel, dynamic=True, fullgraph=True)
-        self.update_sums: Callable[..., Tensor] = torch.compile(_update_sums_kernel, dynamic=True,
-                                                                fullgraph=True)
-        self.update_count: Callable[..., Tensor] = torch.compile(_update_count_kernel, dynamic=True,
-                                                                 fullgraph=True)
+
+    # the torch.compile'd passes, one set per process (see _CompiledOnce and the note above _sums_kernel)
+    sums = _CompiledOnce(_sums_kernel)
+    step = _CompiledOnce(_step_kernel)
+    update_sums = _CompiledOnce(_update_sums_kernel)
+    update_count = _CompiledOnce(_update_count_kernel)
 
     def _big(self, ts: tuple[Tensor, ...]) -> bool:
         return ts[0].numel() >= self.min_numel and not torch.compiler.is_compiling()

@@ -184,6 +184,21 @@ def _fingerprint(active: tuple[bool, ...]) -> float:
     return float(hash(active) & ((1 << 52) - 1))
 
 
+def _no_nested_tensors(model: nn.Module) -> list[tuple[nn.TransformerEncoder, bool]]:
+    """Turn off the padding-mask-to-nested-tensor path of the model's TransformerEncoders for the step; returns
+    their settings to restore. The step runs with torch's MHA fast path off in its own thread
+    (``one_model_function``), but an eval-mode TransformerEncoder checks its mask with
+    ``torch._nested_tensor_from_mask_left_aligned`` before it looks at that, which has no vmap rule (the
+    explicit rows failed). torch's process-wide switch skipped that check, and turning it off for the step
+    broke other threads' eval forwards; this attribute belongs to EGN's own model, whose modes the step
+    already sets (eval mode)."""
+    found = [m for m in model.modules()
+             if isinstance(m, nn.TransformerEncoder) and getattr(m, "use_nested_tensor", False)]
+    for m in found:
+        m.use_nested_tensor = False
+    return [(m, True) for m in found]
+
+
 def _refuse_parametrize_cache() -> None:
     """A step inside ``torch.nn.utils.parametrize.cached()``: every forward of the step (the capture, the
     explicit Jacobians' functional_call, the line search's trials) would read the weights the cache computed
@@ -994,6 +1009,7 @@ class EGN(ShardedOptimizer):
                 raise
             error = e
         modes = self._eval_mode()
+        nested = _no_nested_tensors(self.model)
         compiled = _bypass_compiled(self.model)
         self._pass = _Pass(xs, targets)  # type: ignore[arg-type]  # targets is None only with an error
         try:
@@ -1008,6 +1024,8 @@ class EGN(ShardedOptimizer):
                 # the attribute itself (what Module.__setattr__ ends in for it), without that method's
                 # parameter/buffer/module look-ups: this runs for every module at every step
                 object.__setattr__(m, "training", mode)
+            for enc, use in nested:
+                enc.use_nested_tensor = use
             for m, impl in compiled:
                 object.__setattr__(m, "_compiled_call_impl", impl)
         if closure_value is not None:

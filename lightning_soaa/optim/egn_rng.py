@@ -13,10 +13,16 @@ the model had been run once.
 Covered: torch's CPU generator and the default generator of every accelerator device given (the
 devices of the parameters and inputs). A ``torch.Generator`` the model keeps and passes to its own
 random calls is not rewound.
+
+These generators are process-wide: two EGN steps in two threads rewind them under each other, and a model
+that draws (dropout) then gets other masks in its later forwards than in its capture, silently. A step whose
+forward draws raises instead where another thread's EGN step began or ended since it started
+(:class:`_Overlap`); a step that draws nothing is unaffected by the rewinds and runs on.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -45,6 +51,28 @@ def _device_generator(device: torch.device) -> tuple[Callable[[], Tensor], Calla
     return get_state, set_state
 
 
+class _Overlap:
+    """A count of EGN steps' starts and ends in this process: a step that sees it moved by more than its own
+    start overlapped another thread's step."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.events = 0
+
+    def tick(self) -> int:
+        with self.lock:
+            self.events += 1
+            return self.events
+
+
+_OVERLAP = _Overlap()
+_CONCURRENT = ("EGN: another EGN step ran in another thread during this one, and this model's forward draws "
+               "random numbers (dropout, noise). EGN replays the step's draw in every forward by rewinding torch's "
+               "process-wide generators, which the other step rewinds too: the line search and rho would compare "
+               "losses under other masks than the Jacobian's. Step EGN optimizers of models that draw random "
+               "numbers in one thread at a time (e.g. under one lock), or in separate processes.")
+
+
 class StepRng:
     """The generators' states at the start of one step's first forward (:meth:`rewind` goes back there)
     and after it (:meth:`mark` records it, :meth:`finish` leaves the generators there). The CPU
@@ -61,6 +89,8 @@ class StepRng:
                 self._devices.append(gen)
         self._start = self._states()
         self._end: tuple[Tensor, list[Tensor]] | None = None
+        self._seen = _OVERLAP.tick()
+        self._drew = False
 
     def _states(self) -> tuple[Tensor, list[Tensor]]:
         return self._cpu.get_state(), [get() for get, _ in self._devices]
@@ -73,12 +103,21 @@ class StepRng:
     def mark(self) -> None:
         """After the first forward: where the generators are left at the end of the step."""
         self._end = self._states()
+        self._drew = not torch.equal(self._end[0], self._start[0]) or any(
+            not torch.equal(a, b) for a, b in zip(self._end[1], self._start[1]))
+        self._check()
+
+    def _check(self) -> None:
+        if self._drew and _OVERLAP.events != self._seen:
+            raise RuntimeError(_CONCURRENT)
 
     def rewind(self) -> None:
         """Before a later forward: the first forward's draw again."""
+        self._check()
         self._set(self._start)
 
     def finish(self) -> None:
         """At the end of the step: as if the model had been run once (nothing, if it never ran)."""
+        _OVERLAP.tick()
         if self._end is not None:
             self._set(self._end)

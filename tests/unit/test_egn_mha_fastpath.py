@@ -69,39 +69,58 @@ def test_trained_attention_with_a_padding_mask_takes_explicit_rows() -> None:
     assert not torch.equal(got, torch.cat([p.detach().flatten() for p in _Encoder().parameters()]))
 
 
-def test_a_step_in_another_thread_keeps_the_fast_path_off_until_it_ends() -> None:
-    """Two EGN steps in two threads (two models trained concurrently): the one that ended first turned the
-    process-wide flag back on in the middle of the other, whose explicit rows then failed under vmap (2 of
-    4 runs of 300 steps) or whose trial losses were of another function."""
+def _fast_path_taken(enc: nn.TransformerEncoder) -> bool:
+    """Whether an eval forward (no_grad, padding mask) took torch's fast path: its nested tensors come back
+    with zeros at the padded positions, the plain path's outputs there are not zero."""
+    (x, mask), _ = _batch()
+    with torch.no_grad():
+        out = enc(x, src_key_padding_mask=mask)
+    return bool((out[:, -2:] == 0).all())
+
+
+def test_a_step_turns_the_fast_path_off_in_its_own_thread_only() -> None:
+    """EGN steps in one thread beside another thread's eval forwards of a TransformerEncoder (a background
+    validation or serving thread): the step turned torch's process-wide switch off, and the eval forward that
+    built nested tensors with it on ran its layers with it off (torch's AssertionError, 2 of 6,236 forwards);
+    two EGN steps in two threads turned it back on in each other's middle. Now the step's own thread has no
+    fast path from its start to its end, other threads keep theirs, and the switch is never touched."""
     import threading
+    from types import SimpleNamespace
 
     from lightning_soaa.optim.step_context import one_model_function
 
-    a_inside, b_inside, a_done = threading.Event(), threading.Event(), threading.Event()
-    seen: list[bool] = []
+    a_inside, b_inside, checked, a_done = (threading.Event() for _ in range(4))
+    seen: dict[str, bool] = {}
+    torch.manual_seed(0)
+    enc = _Encoder().enc.eval()
+    owner = SimpleNamespace(model=enc)  # what one_model_function reads of the optimizer
 
     @one_model_function
-    def step_a() -> None:
+    def step_a(self: object) -> None:
         a_inside.set()
-        assert b_inside.wait(10)
+        assert checked.wait(10)
+        seen["step a, its own forward"] = _fast_path_taken(enc)
 
     @one_model_function
-    def step_b() -> None:
+    def step_b(self: object) -> None:
         b_inside.set()
         assert a_done.wait(10)
-        seen.append(torch.backends.mha.get_fastpath_enabled())  # after step_a ended, before step_b ends
+        seen["step b, after step a ended"] = _fast_path_taken(enc)
 
     def run_a() -> None:
-        step_a()
+        step_a(owner)
         a_done.set()
 
-    assert torch.backends.mha.get_fastpath_enabled()
-    ta = threading.Thread(target=run_a)
+    assert _fast_path_taken(enc)  # this torch takes it here (the test checks something)
+    ta, tb = threading.Thread(target=run_a), threading.Thread(target=step_b, args=(owner,))
     ta.start()
     assert a_inside.wait(10)
-    tb = threading.Thread(target=step_b)
     tb.start()
+    assert b_inside.wait(10)
+    seen["another thread, during the steps"] = _fast_path_taken(enc)
+    seen["switch, during the steps"] = torch.backends.mha.get_fastpath_enabled()
+    checked.set()
     ta.join(10)
     tb.join(10)
-    assert seen == [False]
-    assert torch.backends.mha.get_fastpath_enabled()  # the caller's setting, restored by the last step out
+    assert seen == {"another thread, during the steps": True, "switch, during the steps": True,
+                    "step a, its own forward": False, "step b, after step a ended": False}

@@ -54,7 +54,7 @@ def test_compile_flag_default_and_validation(monkeypatch: pytest.MonkeyPatch) ->
     assert SOAA(p)._kernels() is not None
     assert SOAA(p, compile=False)._kernels() is None
     a, b = SOAA(p, compile=True), SOAA(p, compile=True)
-    assert a._kernels() is not b._kernels()  # owned by the instance, nothing shared in the module
+    assert a._kernels() is not b._kernels()  # per instance (failures, records); compiled passes are shared
     with pytest.raises(ValueError, match=re.escape("Invalid compile='yes'. Must be True, False or None.")):
         SOAA(p, compile="yes")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="Invalid compile=True in a param group"):
@@ -122,3 +122,39 @@ def test_compiled_kernels_take_float16_parameters_with_their_float32_moments() -
     for a, b in zip(oc.state.values(), oe.state.values()):
         torch.testing.assert_close(a["exp_avg"], b["exp_avg"], rtol=1e-5, atol=1e-10)
         torch.testing.assert_close(a["exp_avg_sq"], b["exp_avg_sq"], rtol=1e-5, atol=1e-15)
+
+
+def _trial(dtype: torch.dtype, compile_: bool) -> tuple[list[torch.nn.Parameter], SOAA]:
+    g = torch.Generator().manual_seed(3)
+    ps = [torch.nn.Parameter(torch.randn(s, generator=g, dtype=dtype)) for s in [(300, 250), (9,)]]
+    opt = SOAA(ps, lr=0.01, weight_decay=0.01, compile=compile_)
+    for k in range(3):
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=g, dtype=dtype) * (0.1 + k)
+        opt.step(loss=1.0 / (1 + k))
+    return ps, opt
+
+
+@pytest.mark.parametrize("native", ["1", "0"])
+def test_many_optimizers_in_one_process_share_one_set_of_compiled_kernels(
+        native: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sweeps and notebooks build optimizers by the hundred: torch keeps every torch.compile wrapper for the life
+    of the process (``cached_backends``), so they are made once, at the first use of the compiled path ("0":
+    the torch.compile'd kernels on CPU; "1": the C loops, which never compile), and shared. A wrapper shared by
+    fp32 and fp64 optimizers in turn gives each the eager optimizer's results (dynamo guards on the dtype)."""
+    import torch._dynamo.eval_frame as ef
+
+    monkeypatch.setenv("LIGHTNING_SOAA_NATIVE", native)
+    _trial(torch.float32, True)  # the first use in this process may make the shared set
+    before = len(ef.cached_backends)
+    for dtype in (torch.float64, torch.float32, torch.float64):
+        ps, opt = _trial(dtype, True)
+        kernels = opt._kernels()
+        assert kernels is not None
+        if native == "0" and kernels.failure is not None:
+            pytest.skip(f"torch.compile does not work here ({kernels.failure})")
+        pe, _ = _trial(dtype, False)
+        for a, b in zip(ps, pe):
+            assert a.dtype == dtype
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert len(ef.cached_backends) == before
