@@ -173,9 +173,8 @@ class PreemptionCheckpoint(Callback):
             W > 1, posted after a batch and read after the next one (its latency overlaps that batch: a
             SIGTERM during batch k ends the stage after batch k+1); a rank that runs out of batches first
             (``predict`` splits the data unevenly) answers the others' until they are done too. A rank whose
-            stage raises tells the others in its next round (they stop there with an error naming it, rather
-            than wait for its process to end); a collective of the user's own inside a step can pair with
-            that round instead (the other ranks then fail there, as they would wait there without it).
+            stage raises leaves the others waiting in their next round until its process ends (or the process
+            group's timeout): exit after the exception, as Lightning's launchers do.
 
     Under SLURM auto-requeue Lightning's restarted job resumes from the checkpoint by itself (``hpc_ckpt_N.
     ckpt`` in ``default_root_dir``, Lightning's own naming). The checkpoint is written under another name
@@ -401,23 +400,6 @@ class PreemptionCheckpoint(Callback):
                              batch_idx: int, dataloader_idx: int = 0) -> None:
         self._after_evaluation_batch(trainer)
 
-    @override
-    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._arm()
-
-    @override
-    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._arm()
-
-    @override
-    def on_predict_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._arm()
-
-    def _arm(self) -> None:
-        # past Lightning's barriers of the stage: a rank that raises from here on can tell the others in a round
-        if self._evaluating and self._rounds is not None:
-            self._rounds.armed = True
-
     def _after_evaluation_batch(self, trainer: pl.Trainer) -> None:
         """validate/test/predict (not a fit's validation): every rank learns a SIGTERM after the same batch.
         Lightning's own handler broadcasts inside the handler: measured at W = 2 (gloo, trainer.validate), a
@@ -462,14 +444,7 @@ class PreemptionCheckpoint(Callback):
 
     def _settle(self, trainer: pl.Trainer, outcome: Outcome | None) -> None:
         """Act on a round's verdict, as every rank does at the same round."""
-        if outcome is None:
-            return
-        if outcome.failed:
-            who = f"rank {outcome.failed_rank}" if outcome.failed_rank is not None else f"{outcome.failed} ranks"
-            raise RuntimeError(f"PreemptionCheckpoint: {who} raised an exception during "
-                               f"{getattr(trainer.state.fn, 'value', 'the stage')} (its log shows it); rank "
-                               f"{trainer.global_rank} stops at the same batch.")
-        if outcome.requested:
+        if outcome is not None and outcome.requested:
             self._end_stage(trainer)
 
     def _end_stage(self, trainer: pl.Trainer) -> None:
@@ -492,10 +467,6 @@ class PreemptionCheckpoint(Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # a stage that raises calls no teardown hook: the handler must not outlive it (it would swallow the signal)
         self._depth = 0
-        if self._evaluating and self._rounds is not None and self._vote is not None:
-            # the others would wait in their next round until this rank's process ends (measured at W = 2,
-            # gloo: as long as the process lived on after the exception; plain Lightning's validate ended at once)
-            self._rounds.announce_failure(exception)
         self._release(trainer)
 
     def _release(self, trainer: pl.Trainer) -> None:
