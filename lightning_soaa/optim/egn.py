@@ -1917,6 +1917,8 @@ class EGN(ShardedOptimizer):
         if rng is not None:  # the capture forward's random draw (egn_rng)
             rng.rewind()
         z: Tensor = self.model(*xs)
+        if rng is not None:  # another thread's step during this forward (the step's last one has no later rewind)
+            rng.check()
         return z
 
     def _adapt_damping(self, batch: _Batch, gtd: float, jd_qq: float, alpha: float, f_new: float) -> float:

@@ -66,11 +66,13 @@ class _Overlap:
 
 
 _OVERLAP = _Overlap()
-_CONCURRENT = ("EGN: another EGN step ran in another thread during this one, and this model's forward draws "
-               "random numbers (dropout, noise). EGN replays the step's draw in every forward by rewinding torch's "
-               "process-wide generators, which the other step rewinds too: the line search and rho would compare "
-               "losses under other masks than the Jacobian's. Step EGN optimizers of models that draw random "
-               "numbers in one thread at a time (e.g. under one lock), or in separate processes.")
+_CONCURRENT = (
+    "EGN: another EGN step ran in another thread during this one, and torch's random generator moved during this "
+    "step's forward (its model draws random numbers: dropout, noise; or another thread drew meanwhile, which this "
+    "step cannot tell apart). EGN replays the step's draw in every forward by rewinding torch's process-wide "
+    "generators, which the other step rewinds too: the line search and rho would compare losses under other masks "
+    "than the Jacobian's. Step EGN optimizers of models that draw random numbers in one thread at a time (e.g. "
+    "under one lock), or in separate processes.")
 
 
 class StepRng:
@@ -105,15 +107,17 @@ class StepRng:
         self._end = self._states()
         self._drew = not torch.equal(self._end[0], self._start[0]) or any(
             not torch.equal(a, b) for a, b in zip(self._end[1], self._start[1]))
-        self._check()
+        self.check()
 
-    def _check(self) -> None:
+    def check(self) -> None:
+        """Raise if this step's forward draws and another thread's EGN step began or ended since this one
+        began: after each forward too (its rewinds may have come during it, also in the step's last one)."""
         if self._drew and _OVERLAP.events != self._seen:
             raise RuntimeError(_CONCURRENT)
 
     def rewind(self) -> None:
         """Before a later forward: the first forward's draw again."""
-        self._check()
+        self.check()
         self._set(self._start)
 
     def finish(self) -> None:

@@ -62,3 +62,52 @@ def test_steps_in_turn_in_two_threads_still_step() -> None:
     t.start()
     t.join(10)
     opt.step(inputs=x, targets=y)  # one after the other: no error
+
+
+class _LastWaits(nn.Module):
+    """Draws in eval mode; its ``wait_at``-th forward (the step's last: the ρ forward) waits for ``gate``."""
+
+    def __init__(self, wait_at: int, gate: threading.Event, inside: threading.Event) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.a, self.b = nn.Linear(4, 16, dtype=torch.float64), nn.Linear(16, 2, dtype=torch.float64)
+        self.calls, self.wait_at, self.gate, self.inside = 0, wait_at, gate, inside
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == self.wait_at:
+            self.inside.set()
+            assert self.gate.wait(10)
+        return self.b(F.dropout(torch.tanh(self.a(x)), 0.5))
+
+
+def test_another_threads_step_during_the_last_forward_is_refused() -> None:
+    """The check ran only before a forward (at the rewind): another thread's whole step during the step's last
+    forward (here the ρ forward) went unseen, and ρ was of another mask than the capture's (0.16 instead of
+    0.92 alone, the damping raised instead of lowered), silently."""
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+    gate, inside = threading.Event(), threading.Event()
+    alone = _LastWaits(0, gate, inside)
+    per_step = EGN(alone, loss="mse", lr=1.0, damping=0.05, adaptive_damping=True)
+    per_step.step(inputs=x, targets=y)  # how many forwards a first step runs: wait in the last one
+    slow = _LastWaits(alone.calls, gate, inside)
+    opt_a = EGN(slow, loss="mse", lr=1.0, damping=0.05, adaptive_damping=True)
+    opt_b = EGN(_LastWaits(0, gate, inside), loss="mse", adaptive_damping=True)
+    errors: list[BaseException] = []
+    w0 = [p.detach().clone() for p in slow.parameters()]
+
+    def run_a() -> None:
+        try:
+            opt_a.step(inputs=x, targets=y)
+        except BaseException as e:  # noqa: BLE001 - checked below
+            errors.append(e)
+
+    ta = threading.Thread(target=run_a)
+    ta.start()
+    assert inside.wait(10)
+    opt_b.step(inputs=x, targets=y)  # a whole EGN step of another model during A's last forward
+    gate.set()
+    ta.join(10)
+    assert len(errors) == 1 and "another EGN step ran in another thread" in str(errors[0]), errors
+    assert all(torch.equal(a, b) for a, b in zip(w0, slow.parameters()))  # the step's change undone
