@@ -23,7 +23,7 @@ import logging
 import os
 import signal
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -31,6 +31,7 @@ import lightning.pytorch as pl
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loops.fetchers import _PrefetchDataFetcher
 from lightning.pytorch.plugins import AsyncCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
@@ -400,6 +401,37 @@ class PreemptionCheckpoint(Callback):
                              batch_idx: int, dataloader_idx: int = 0) -> None:
         self._after_evaluation_batch(trainer)
 
+    @override
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._arm(trainer)
+
+    @override
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._arm(trainer)
+
+    @override
+    def on_predict_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._arm(trainer)
+
+    def _arm(self, trainer: pl.Trainer) -> None:
+        """The stage's loop has made its fetcher: where no hook follows the end of this rank's batches, the
+        loader's end answers the other ranks' rounds."""
+        if not self._evaluating or self._rounds is None or trainer.world_size == 1:
+            return
+        fetcher = getattr(getattr(trainer, "_active_loop", None), "_data_fetcher", None)
+        inner = getattr(fetcher, "iterator", None)
+        if fetcher is None or inner is None or _prefetches(fetcher):
+            return  # a prefetching fetcher tells the last batch's hook (``done``): the rounds are answered there
+        # this loop learns that a rank's batches ended only from the loader's StopIteration, with no hook after
+        # it before the epoch end's collectives (a sync_dist reduce): the rank answers the others' rounds there.
+        # A step that takes dataloader_iter fetches its batch itself (a loader without __len__: the round after
+        # its last batch said "more"; measured at W = 2, gloo, 3 batches and 1: a hang until the watchdog)
+        fetcher.iterator = _AnswerAtEnd(inner, lambda: self._loader_ended(trainer))
+
+    def _loader_ended(self, trainer: pl.Trainer) -> None:
+        if not self._joined:  # a step that fetches again after the end (it caught the StopIteration) answers none
+            self._answer_rounds(trainer)
+
     def _after_evaluation_batch(self, trainer: pl.Trainer) -> None:
         """validate/test/predict (not a fit's validation): every rank learns a SIGTERM after the same batch.
         Lightning's own handler broadcasts inside the handler: measured at W = 2 (gloo, trainer.validate), a
@@ -410,8 +442,8 @@ class PreemptionCheckpoint(Callback):
         The round posted after batch k is read after batch k+1 (:mod:`~lightning_soaa.lightning.stage_rounds`):
         a SIGTERM before batch k's end stops every rank after batch k+1."""
         vote, rounds = self._vote, self._rounds
-        if not self._evaluating or vote is None or rounds is None:
-            return
+        if not self._evaluating or vote is None or rounds is None or self._joined:
+            return  # joined: a dataloader_iter step that caught the loader's end (the rounds are over here)
         if trainer.world_size == 1:
             if vote.requested:
                 self._end_stage(trainer)
@@ -419,7 +451,8 @@ class PreemptionCheckpoint(Callback):
         loop = getattr(trainer, "_active_loop", None)
         # the fetcher's state now, after the step: a step that takes dataloader_iter fetches its batch itself,
         # after Lightning set is_last_batch (False at the last batch: that rank went on to the epoch end's
-        # sync_dist reduce while the others still ran rounds, a hang); an unsized loader's end stays unknown there
+        # sync_dist reduce while the others still ran rounds, a hang); an unsized loader's end is unknown there
+        # (the loader's StopIteration answers the rounds: _arm)
         done = getattr(getattr(loop, "_data_fetcher", None), "done", None)
         last = done if isinstance(done, bool) else bool(getattr(getattr(loop, "batch_progress", None),
                                                                 "is_last_batch", False))
@@ -499,6 +532,27 @@ class PreemptionCheckpoint(Callback):
         state = self.__dict__.copy()
         state.update(_watching=None, _previous=None, _vote=None, _rounds=None, _connector=None, _link=None)
         return state
+
+
+def _prefetches(fetcher: Any) -> bool:
+    """Whether the loop's fetcher reads one batch ahead (a batch-style step over a loader without __len__): the
+    step of a rank's last batch then sees ``done`` already, and the loader's StopIteration comes before it."""
+    return isinstance(fetcher, _PrefetchDataFetcher) and fetcher.length is None and fetcher.prefetch_batches > 0
+
+
+class _AnswerAtEnd(Iterator[Any]):
+    """The loader's iterator inside the loop's fetcher: at its StopIteration (no batch left on this rank) calls
+    ``at_end`` first, which answers the other ranks' rounds."""
+
+    def __init__(self, inner: Iterator[Any], at_end: Callable[[], object]) -> None:
+        self.inner, self.at_end = inner, at_end
+
+    def __next__(self) -> Any:
+        try:
+            return next(self.inner)
+        except StopIteration:
+            self.at_end()
+            raise
 
 
 def _resolve(previous: Any) -> Any:

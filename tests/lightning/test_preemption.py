@@ -684,6 +684,88 @@ def test_dataloader_iter_steps_with_unequal_shares_end_together(tmp_path: Path) 
     assert "val_loss" in results[0]
 
 
+class _UnsizedShare(torch.utils.data.IterableDataset):
+    """Rank r's share (``shares[r]`` samples) of the regression data, without ``__len__``: Lightning cannot tell
+    a rank's last batch before the loader ends."""
+
+    def __init__(self, shares: tuple[int, ...]) -> None:
+        self.shares = shares
+
+    def __iter__(self) -> Any:
+        data, rank = regression_data(), torch.distributed.get_rank()
+        yield from (data[i] for i in range(sum(self.shares[:rank]), sum(self.shares[:rank + 1])))
+
+
+class _IterStepUnsized(_IterStepLogged):
+    """dataloader_iter steps over :class:`_UnsizedShare`; each stage's epoch end all-gathers the batches every
+    rank ran (the collective the rank done first meets while the others still run rounds), written by rank 0."""
+
+    def __init__(self, out: Path, shares: tuple[int, ...]) -> None:
+        super().__init__(shares=shares)
+        self.out, self.seen = str(out), 0
+
+    def _loader(self) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(_UnsizedShare(self.shares), batch_size=self.eval_batch)
+
+    val_dataloader = test_dataloader = predict_dataloader = _loader
+
+    def validation_step(self, dataloader_iter: Any) -> torch.Tensor:  # type: ignore[override]
+        self.seen += 1  # the step that meets the loader's end counts too: the gather says it ran on each rank
+        return super().validation_step(dataloader_iter)
+
+    def test_step(self, dataloader_iter: Any) -> torch.Tensor:  # type: ignore[override]
+        return self.validation_step(dataloader_iter)
+
+    def predict_step(self, dataloader_iter: Any) -> torch.Tensor:  # type: ignore[override]
+        self.seen += 1
+        batch, _, _ = next(dataloader_iter)
+        return self(batch[0])
+
+    def _gather_seen(self) -> None:
+        seen = self.all_gather(torch.tensor(self.seen)).tolist()
+        if self.trainer.is_global_zero:
+            (Path(self.out) / "seen").write_text(str(seen))
+
+    on_validation_epoch_end = on_test_epoch_end = on_predict_epoch_end = _gather_seen
+
+
+@pytest.mark.parametrize("stage,shares", [("validate", (12, 4)), ("test", (4, 12)), ("predict", (12, 4))])
+def test_dataloader_iter_steps_over_an_unsized_loader_with_unequal_shares_end_together(
+        tmp_path: Path, stage: str, shares: tuple[int, int]) -> None:
+    """W = 2 (gloo), a dataloader_iter step over an IterableDataset without __len__, 3 batches on one rank and
+    1 on the other (plain Lightning ends each stage). The rank done first could not know its batch was its
+    last (it said "more" in that round), then met the loader's end inside its step, with no hook after it
+    before the epoch end: it went on to the sync_dist reduce / the all_gather while the other rank waited in
+    the callback's round (a hang until the watchdog, in validate, test and predict). Now it answers the rounds
+    at the loader's end."""
+    trainer = make_trainer(tmp_path, devices=2, use_distributed_sampler=False,
+                           callbacks=[Watchdog(), PreemptionCheckpoint(signum=signal.SIGTERM)])
+    if stage == "predict":
+        trainer.predict(_IterStepUnsized(tmp_path, shares), return_predictions=False)
+    else:
+        results = getattr(trainer, stage)(_IterStepUnsized(tmp_path, shares), verbose=False)
+        assert "val_loss" in results[0]
+    # the batches each rank ran, and the step that found its loader's end
+    assert (tmp_path / "seen").read_text() == str([s // 4 + 1 for s in shares])
+
+
+def test_a_sigterm_reaches_a_rank_whose_unsized_loader_ended(tmp_path: Path) -> None:
+    """As above (validate, 3 batches on rank 0, 1 on rank 1), SIGTERM on rank 0 before its batch 1: rank 1, whose
+    loader ended inside its step 1, learns it in the round it answers there; both ranks end after that round
+    (rank 0 after its batch 2), the user's handler called on both, then exit status 143."""
+    _HANDLER_LOG[:] = [tmp_path]
+    before = signal.signal(signal.SIGTERM, _recording_sigterm_handler)
+    try:
+        trainer = make_trainer(tmp_path, devices=2, use_distributed_sampler=False,
+                               callbacks=[SigtermInStage(tmp_path, 1, 0), PreemptionCheckpoint(signum=signal.SIGTERM)])
+        with pytest.raises(torch.multiprocessing.ProcessExitedException) as ended:
+            trainer.validate(_IterStepUnsized(tmp_path, (12, 4)), verbose=False)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert ended.value.exit_code == 128 + signal.SIGTERM, ended.value
+    assert _stage_records(tmp_path, 2) == ([2, 0], [1, 1])
+
+
 class _SigtermAt(pl.Callback):
     """SIGTERM to this process before training step ``step``, or after the validation's batches (None)."""
 
