@@ -19,6 +19,7 @@ own SLURM restart finds it (``hpc_ckpt_N.ckpt`` in ``default_root_dir``; ``fit(c
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -31,7 +32,7 @@ import lightning.pytorch as pl
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loops.fetchers import _PrefetchDataFetcher
+from lightning.pytorch.loops.fetchers import _DataLoaderIterDataFetcher, _PrefetchDataFetcher
 from lightning.pytorch.plugins import AsyncCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
@@ -420,13 +421,26 @@ class PreemptionCheckpoint(Callback):
             return
         fetcher = getattr(getattr(trainer, "_active_loop", None), "_data_fetcher", None)
         inner = getattr(fetcher, "iterator", None)
-        if fetcher is None or inner is None or _prefetches(fetcher):
-            return  # a prefetching fetcher tells the last batch's hook (``done``): the rounds are answered there
+        if fetcher is None or inner is None:
+            return
+        at_end = functools.partial(self._loader_ended, trainer)
+        if _prefetches(fetcher):
+            # a prefetching fetcher tells the last batch's hook (``done``): the rounds are answered there. A rank
+            # with no batch at all met the loader's end in that prefetch already and runs no hook (measured: W = 2,
+            # gloo, 3 batches and none: the epoch end's all_gather met the other rank's round, a hang): the loop's
+            # first fetch asks the (exhausted, wrapped) loader again and its StopIteration answers the rounds
+            if fetcher.done and not fetcher.batches:
+                fetcher.iterator, fetcher.done = _AnswerAtEnd(inner, at_end), False
+            return
         # this loop learns that a rank's batches ended only from the loader's StopIteration, with no hook after
         # it before the epoch end's collectives (a sync_dist reduce): the rank answers the others' rounds there.
         # A step that takes dataloader_iter fetches its batch itself (a loader without __len__: the round after
         # its last batch said "more"; measured at W = 2, gloo, 3 batches and 1: a hang until the watchdog)
-        fetcher.iterator = _AnswerAtEnd(inner, lambda: self._loader_ended(trainer))
+        fetcher.iterator = _AnswerAtEnd(inner, at_end)
+        if isinstance(fetcher, _DataLoaderIterDataFetcher):
+            # over a sized loader the dataloader_iter ends at ``done`` without asking the loader: a step that
+            # fetches past its rank's last batch (two a step, 3 batches) raises StopIteration with no hook after it
+            fetcher.iterator_wrapper = _AnswerAtEnd(fetcher.iterator_wrapper, at_end)
 
     def _loader_ended(self, trainer: pl.Trainer) -> None:
         if not self._joined:  # a step that fetches again after the end (it caught the StopIteration) answers none
@@ -553,6 +567,12 @@ class _AnswerAtEnd(Iterator[Any]):
         except StopIteration:
             self.at_end()
             raise
+
+    def __getattr__(self, name: str) -> Any:
+        # the step's dataloader_iter keeps Lightning's attributes (``done``, ``fetched``, ``length``)
+        if "inner" not in self.__dict__:  # not yet set (copy, unpickling): no recursion through this method
+            raise AttributeError(name)
+        return getattr(self.__dict__["inner"], name)
 
 
 def _resolve(previous: Any) -> Any:

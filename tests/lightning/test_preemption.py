@@ -766,6 +766,62 @@ def test_a_sigterm_reaches_a_rank_whose_unsized_loader_ended(tmp_path: Path) -> 
     assert _stage_records(tmp_path, 2) == ([2, 0], [1, 1])
 
 
+class _TwoAStep(_IterStepUnsized):
+    """dataloader_iter steps over a SIZED share (Lightning's own ``done``) taking two batches a step: the step
+    after a rank's odd last batch fetches past it and raises StopIteration, with no hook after it."""
+
+    def _loader(self) -> torch.utils.data.DataLoader:
+        return _Evaluated._loader(self)
+
+    val_dataloader = _loader
+
+    def validation_step(self, dataloader_iter: Any) -> torch.Tensor:  # type: ignore[override]
+        self.seen += 1
+        for _ in range(2):
+            loss = _IterStepLogged.validation_step(self, dataloader_iter)
+        return loss
+
+
+def test_dataloader_iter_steps_that_fetch_past_a_sized_loaders_end_end_together(tmp_path: Path) -> None:
+    """W = 2 (gloo), validate, a dataloader_iter step that takes two batches, a sized share of 4 batches on rank 0
+    and 3 on rank 1 (plain Lightning ends). Rank 1's step 2 fetched its last batch, then its next() raised
+    StopIteration at Lightning's ``done`` without asking the loader (where the loader's end answered the
+    rounds): no hook after it, its last round said "more"; it went on to the all_gather while rank 0 waited in
+    its round (a hang until the watchdog)."""
+    trainer = make_trainer(tmp_path, devices=2, use_distributed_sampler=False,
+                           callbacks=[Watchdog(), PreemptionCheckpoint(signum=signal.SIGTERM)])
+    results = trainer.validate(_TwoAStep(tmp_path, (16, 12)), verbose=False)
+    assert "val_loss" in results[0]
+    assert (tmp_path / "seen").read_text() == str([2, 2])
+
+
+class _BatchStepUnsized(_IterStepUnsized):
+    """Batch-style steps over :class:`_UnsizedShare` (Lightning's prefetching fetcher)."""
+
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:  # type: ignore[override]
+        self.seen += 1
+        return torch.nn.functional.mse_loss(self(batch[0]), batch[1])
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:  # type: ignore[override]
+        self.seen += 1
+        return self(batch[0])
+
+
+@pytest.mark.parametrize("stage", ["validate", "predict"])
+def test_a_rank_whose_unsized_loader_has_no_batch_answers_the_rounds(tmp_path: Path, stage: str) -> None:
+    """W = 2 (gloo), batch-style steps over a loader without __len__, 3 batches on rank 0 and none on rank 1 (plain
+    Lightning ends). Lightning's prefetch met rank 1's loader end before the stage's hooks: no batch hook ran
+    there, and it went on to the epoch end's all_gather while rank 0 waited in its first round (a hang until the
+    watchdog). Now the loop's first fetch meets that end again and answers the rounds."""
+    trainer = make_trainer(tmp_path, devices=2, use_distributed_sampler=False,
+                           callbacks=[Watchdog(), PreemptionCheckpoint(signum=signal.SIGTERM)])
+    if stage == "predict":
+        trainer.predict(_BatchStepUnsized(tmp_path, (12, 0)), return_predictions=False)
+    else:
+        trainer.validate(_BatchStepUnsized(tmp_path, (12, 0)), verbose=False)
+    assert (tmp_path / "seen").read_text() == str([3, 0])
+
+
 class _SigtermAt(pl.Callback):
     """SIGTERM to this process before training step ``step``, or after the validation's batches (None)."""
 
