@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -1325,9 +1326,17 @@ def w_zero3_weights_only(rank: int, world: int, ckpt_root: str, mode: str) -> An
         _train(engine, rank, range(2, 3))
         engine.save_checkpoint(ckpt_root, tag="u")
         return weights
+    return _weights_only_loads(lambda: _zero3_soaa(world, 7), ckpt_root,
+                               lambda engine: _zero3_full(engine) if world == 2 else None)
+
+
+def _weights_only_loads(make: Callable[[], Any], ckpt_root: str,
+                        weights: Callable[[Any], Any] | None = None) -> dict[str, Any]:
+    """Each way of WEIGHTS_ONLY on a fresh engine from ``make``: what the load said, whether this rank's
+    partitions stayed as they were, the engine's step count (and ``weights(engine)`` where given)."""
     out: dict[str, Any] = {}
     for name, kwargs in WEIGHTS_ONLY.items():
-        engine = _zero3_soaa(world, 7)
+        engine = make()
         before = [p.ds_tensor.detach().clone() for p in engine.module.parameters()]  # no collective
         try:
             engine.load_checkpoint(ckpt_root, tag="t", **kwargs)
@@ -1335,8 +1344,9 @@ def w_zero3_weights_only(rank: int, world: int, ckpt_root: str, mode: str) -> An
         except Exception as exc:  # noqa: BLE001 - the message is what the test checks
             said = f"{type(exc).__name__}: {exc}"
         unchanged = all(torch.equal(a, p.ds_tensor) for a, p in zip(before, engine.module.parameters()))
-        out[name] = {"said": said, "unchanged": unchanged, "steps": engine.global_steps,
-                     "weights": _zero3_full(engine) if world == 2 else None}
+        out[name] = {"said": said, "unchanged": unchanged, "steps": engine.global_steps}
+        if weights is not None:
+            out[name]["weights"] = weights(engine)
         del engine
     return out
 
@@ -1412,16 +1422,4 @@ def w_zero3_frozen_weights_only(rank: int, world: int, ckpt_root: str, mode: str
         _train(engine, rank, range(2))
         engine.save_checkpoint(ckpt_root, tag="t")
         return None
-    out: dict[str, Any] = {}
-    for name, kwargs in WEIGHTS_ONLY.items():
-        engine = engine_of(7)
-        before = [p.ds_tensor.detach().clone() for p in engine.module.parameters()]
-        try:
-            engine.load_checkpoint(ckpt_root, tag="t", **kwargs)
-            said = "loaded"
-        except Exception as exc:  # noqa: BLE001 - the message is what the test checks
-            said = f"{type(exc).__name__}: {exc}"
-        unchanged = all(torch.equal(a, p.ds_tensor) for a, p in zip(before, engine.module.parameters()))
-        out[name] = {"said": said, "unchanged": unchanged, "steps": engine.global_steps}
-        del engine
-    return out
+    return _weights_only_loads(lambda: engine_of(7), ckpt_root)

@@ -27,23 +27,29 @@ class _Dropping(nn.Module):
         return self.b(h)
 
 
+def _step_in_a_thread(opt: EGN, x: torch.Tensor, y: torch.Tensor) -> tuple[threading.Thread, list[BaseException]]:
+    """``opt.step`` started in a thread of its own: (the thread, the exceptions it raised, once joined)."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            opt.step(inputs=x, targets=y)
+        except BaseException as e:  # noqa: BLE001 - checked by the caller
+            errors.append(e)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, errors
+
+
 def test_a_step_that_draws_refuses_another_threads_step_in_its_middle() -> None:
     torch.manual_seed(0)
     x, y = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
     gate, inside = threading.Event(), threading.Event()
     slow, other = _Dropping(gate, inside), _Dropping()
     opt_a, opt_b = EGN(slow, loss="mse", line_search=True), EGN(other, loss="mse", line_search=True)
-    errors: list[BaseException] = []
     w0 = [p.detach().clone() for p in slow.parameters()]
-
-    def run_a() -> None:
-        try:
-            opt_a.step(inputs=x, targets=y)
-        except BaseException as e:  # noqa: BLE001 - checked below
-            errors.append(e)
-
-    ta = threading.Thread(target=run_a)
-    ta.start()
+    ta, errors = _step_in_a_thread(opt_a, x, y)
     assert inside.wait(10)
     opt_b.step(inputs=x, targets=y)  # a whole step of another EGN while A's capture forward runs
     gate.set()
@@ -94,17 +100,8 @@ def test_another_threads_step_during_the_last_forward_is_refused() -> None:
     slow = _LastWaits(alone.calls, gate, inside)
     opt_a = EGN(slow, loss="mse", lr=1.0, damping=0.05, adaptive_damping=True)
     opt_b = EGN(_LastWaits(0, gate, inside), loss="mse", adaptive_damping=True)
-    errors: list[BaseException] = []
     w0 = [p.detach().clone() for p in slow.parameters()]
-
-    def run_a() -> None:
-        try:
-            opt_a.step(inputs=x, targets=y)
-        except BaseException as e:  # noqa: BLE001 - checked below
-            errors.append(e)
-
-    ta = threading.Thread(target=run_a)
-    ta.start()
+    ta, errors = _step_in_a_thread(opt_a, x, y)
     assert inside.wait(10)
     opt_b.step(inputs=x, targets=y)  # a whole EGN step of another model during A's last forward
     gate.set()
