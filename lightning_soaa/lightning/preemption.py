@@ -261,7 +261,7 @@ class PreemptionCheckpoint(Callback):
         self._watching, self._previous, self._requeue = int(signum), previous, slurm
         self._evaluating, self._joined = stage != "fit", False
         self._vote = StopVote(trainer.world_size)
-        self._rounds = StageRounds(trainer.strategy, trainer.world_size, trainer.global_rank) \
+        self._rounds = StageRounds(trainer.strategy, trainer.world_size) \
             if self._evaluating else None
         if stage == "fit":  # an evaluation after a preempted fit leaves it set: the job is still to be ended
             self.preempted = False

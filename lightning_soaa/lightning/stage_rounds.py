@@ -13,15 +13,12 @@ of the same size, which it silently changed) and held both ranks there.
 
 from __future__ import annotations
 
-import logging
 from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 
 __all__ = ["Outcome", "StageRounds"]
-
-log = logging.getLogger(__name__)
 
 
 class Outcome(NamedTuple):
@@ -36,8 +33,8 @@ class StageRounds:
 
     ``open``: the other ranks will post another round (no round read so far said the stage ends)."""
 
-    def __init__(self, strategy: Any, world_size: int, rank: int) -> None:
-        self.strategy, self.world_size, self.rank = strategy, world_size, rank
+    def __init__(self, strategy: Any, world_size: int) -> None:
+        self.strategy = strategy
         self.pending: tuple[torch.Tensor, Any] | None = None
         self.open = True
         # torch.distributed's default group spans the trainer's ranks (DDP, FSDP, DeepSpeed): an async all-reduce
