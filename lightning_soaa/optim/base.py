@@ -1532,7 +1532,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 "frozen (requires_grad=False) when DDP was built and unfrozen later is never reduced by it: "
                 "build the DDP wrapper again after unfreezing; and the last backward before step() must run "
                 "outside ddp_model.no_sync() (under gradient accumulation only the earlier micro-batches go "
-                "inside it). Nothing changed."
+                "inside it); a communication hook (ddp_model.register_comm_hook) must leave every rank the "
+                "same gradient: one that skips the all-reduce or reduces over a subgroup only (local SGD: "
+                "post_localSGD_hook past start_localSGD_iter with a subgroup smaller than the group) does "
+                "not, and a sharded optimizer cannot step replicas apart: use DDP's default reduction or a "
+                "hook that all-reduces over the whole group (fp16_compress_hook and powerSGD_hook do). "
+                "Nothing changed."
                 + fused
             )
 

@@ -1624,8 +1624,7 @@ class EGN(ShardedOptimizer):
         if len(cs) != 1:
             raise ValueError(f"EGN: ranks disagree on the number of outputs c: {sorted(cs)}.")
         if self._sites and any(info[r][_SITES_SLOT] != info[0][_SITES_SLOT] for r in range(world)):
-            raise ValueError("EGN: ranks disagree on the number of positions per sample seen by the Linear "
-                             "layers (e.g. sequence lengths); pad the batches to equal lengths.")
+            raise self._positions_error(positions)
         c, b = cs.pop(), sum(sizes)
         if b <= 0:
             raise ValueError("EGN: the global batch is empty.")
@@ -1641,6 +1640,26 @@ class EGN(ShardedOptimizer):
                 f"above max_gram_size={self.config.max_gram_size}. Use a smaller batch or raise max_gram_size."
             )
         return sizes, c
+
+    def _positions_error(self, positions: list[int]) -> ValueError:
+        """The error for Linear sites whose positions per sample differ across ranks, naming them (every
+        rank is here: the check reads the reduced table, so one more collective, on this path only, gathers
+        each rank's T per site). A layer a rank's forward did not call has T = 0 there: a branch taken only
+        for some ranks' samples (a task head, an expert) trains in one process but not across ranks; the
+        message said "sequence lengths" alone."""
+        every = self.comm.all_gather_object(positions)
+        rows = [f"'{site.path}' (T by rank: {[p[i] for p in every]})" for i, site in enumerate(self._sites)
+                if any(p[i] != every[0][i] for p in every)]
+        skipped = any(min(p[i] for p in every) == 0 < max(p[i] for p in every) for i in range(len(self._sites)))
+        hint = (" T = 0: that rank's forward did not call the layer (a branch taken only for some samples, e.g. "
+                "a task head or an expert no sample of that rank's batch needs): call it on every rank's batch "
+                "and mask its output where it does not apply (torch.where(mask, layer(h), h)), which is what "
+                "one process running the global batch computes." if skipped else "")
+        return ValueError(
+            "EGN: the ranks disagree on the positions per sample T (summed over its calls in the forward) that "
+            f"a factored layer sees: {', '.join(rows)}. EGN assembles one Gram matrix of the global batch, so "
+            "every rank's forward must call the same Linear and Embedding layers with the same T: pad "
+            f"sequences to one length on every rank.{hint}")
 
     # -- 2. the Gram factors of the global batch on every rank: one all-gather --------------
     def _gather_factors(self, batch: _Batch) -> tuple[GramLayout, GramFactors]:

@@ -365,6 +365,12 @@ def _w_unfrozen_after_ddp(rank: int, world: int, name: str) -> dict[str, Any]:
     model[0].requires_grad_(False)
     ddp = nn.parallel.DistributedDataParallel(model)
     model[0].requires_grad_(True)
+    return _one_ddp_step(rank, name, model, opt, ddp)
+
+
+def _one_ddp_step(rank: int, name: str, model: nn.Module, opt: torch.optim.Optimizer,
+                  ddp: nn.parallel.DistributedDataParallel) -> dict[str, Any]:
+    """One training step through ``ddp``: the step's error message and whether the parameters stayed."""
     before = _params(model)
     x, y = batch(0, rank, n=4, d_in=SIZES[0], d_out=SIZES[-1])
     opt.zero_grad(set_to_none=True)
@@ -379,6 +385,30 @@ def _w_unfrozen_after_ddp(rank: int, world: int, name: str) -> dict[str, Any]:
 def test_a_layer_unfrozen_after_ddp_was_built_is_named(tmp_path: Path, name: str) -> None:
     for out in run_distributed(_w_unfrozen_after_ddp, 2, tmp_path, name):
         assert "differ from rank 0's" in out["msg"] and "unfrozen later" in out["msg"], out["msg"]
+        assert out["unchanged"]
+
+
+def _local_hook(state, bucket):  # type: ignore[no-untyped-def]  # DDP refuses annotations other than its own
+    """A DDP communication hook that leaves each rank its own gradient (local SGD without a subgroup)."""
+    fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+    fut.set_result(bucket.buffer())
+    return fut
+
+
+def _w_local_hook(rank: int, world: int, name: str) -> dict[str, Any]:
+    """Under DDP with a communication hook that does not all-reduce. A hunt found the error's list of
+    causes silent on hooks: it only told a user already under DDP to wrap the model in DDP."""
+    model = tiny_mlp(sizes=SIZES)
+    opt = _build(name, model)
+    ddp = nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)
+    ddp.register_comm_hook(None, _local_hook)
+    return _one_ddp_step(rank, name, model, opt, ddp)
+
+
+@pytest.mark.parametrize("name", GRAD_SPECS)
+def test_a_ddp_comm_hook_that_does_not_all_reduce_is_named(tmp_path: Path, name: str) -> None:
+    for out in run_distributed(_w_local_hook, 2, tmp_path, name):
+        assert "differ from rank 0's" in out["msg"] and "communication hook" in out["msg"], out["msg"]
         assert out["unchanged"]
 
 

@@ -725,3 +725,69 @@ def test_the_factor_probe_refuses_on_every_rank(tmp_path) -> None:
         assert res["message"] is not None and res["unchanged"], (rank, res)
         if rank == 1:
             assert "Gram factors captured for the trained parameter 'a.weight'" in res["message"], res
+
+
+class _TaskHead(nn.Module):
+    """An MLP whose extra head applies to the samples of one task (the first feature > 0): called only when
+    the batch has such a sample (``masked=False``), or on every batch with its output masked."""
+
+    def __init__(self, masked: bool) -> None:
+        super().__init__()
+        self.body = tiny_mlp(0, DT)
+        self.head = nn.Linear(3, 3).double()
+        self.masked = masked
+        with torch.no_grad():
+            self.head.weight.copy_(0.3 * torch.eye(3, dtype=DT) + 0.1)
+            self.head.bias.copy_(torch.tensor([0.1, -0.2, 0.05], dtype=DT))
+
+    def forward(self, x):
+        z = self.body(x)
+        task = x[:, 0] > 0
+        if self.masked or bool(task.any()):
+            z = torch.where(task[:, None], self.head(z), z)
+        return z
+
+
+def _task_share(t: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch ``t``: 4 samples per rank, every one of rank 0's in the task and none of the other ranks'."""
+    x, y, _ = _global_batch(t, "mse", world, uneven=False)
+    x = x.clone()
+    x[:, 0] = x[:, 0].abs() * torch.where(torch.arange(len(x)) < 4, 1.0, -1.0).to(DT)
+    return x[4 * rank:4 * rank + 4], y[4 * rank:4 * rank + 4]
+
+
+def _task_head_worker(rank: int, world: int) -> dict:
+    out: dict = {}
+    for masked in (False, True):
+        model = _TaskHead(masked)
+        opt = EGN(model, loss="mse", lr=0.5, damping=0.5, momentum=0.5, line_search=True)
+        before, message = _flat(model), None
+        try:
+            for t in range(STEPS):
+                x, y = _task_share(t, rank, world)
+                opt.step(inputs=x, targets=y)
+        except ValueError as exc:
+            message = str(exc)
+        out[masked] = {"message": message, "unchanged": torch.equal(_flat(model), before), "params": _flat(model)}
+    return out
+
+
+def test_a_layer_some_ranks_do_not_call_is_named_on_every_rank(tmp_path) -> None:
+    """A task head called only for batches that hold its task's samples: one process calls it on the global
+    batch, the ranks whose share has none do not. Refused on every rank in the first step, naming the layer
+    and each rank's positions (the message spoke of sequence lengths only); the masked forward its hint
+    describes equals one process."""
+    world = 2
+    results = run_distributed(_task_head_worker, world, tmp_path, timeout=120)
+    for rank, res in enumerate(results):
+        message = res[False]["message"]
+        assert message is not None and res[False]["unchanged"], (rank, res[False])
+        assert "'head' (T by rank: [1, 0])" in message and "did not call the layer" in message, message
+        assert res[True]["message"] is None, res[True]["message"]
+    model = _TaskHead(False)
+    opt = EGN(model, loss="mse", lr=0.5, damping=0.5, momentum=0.5, line_search=True)
+    for t in range(STEPS):
+        parts = [_task_share(t, r, world) for r in range(world)]
+        opt.step(inputs=torch.cat([p[0] for p in parts]), targets=torch.cat([p[1] for p in parts]))
+    for res in results:
+        torch.testing.assert_close(res[True]["params"], _flat(model), rtol=0, atol=1e-12)
