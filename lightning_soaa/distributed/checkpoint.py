@@ -47,13 +47,16 @@ __all__ = [
     "build_state_dict",
     "check_block_steps",
     "check_finite_number",
+    "group_record",
     "holds_state",
+    "restored_groups",
     "saved_block_schema",
     "select_owned_state",
     "steps_ahead",
     "steps_limit",
     "validate_state_dict",
     "with_group_meta",
+    "with_saved_groups",
 ]
 
 log = logging.getLogger(__name__)
@@ -122,8 +125,8 @@ class CheckpointView:
     #: ``option -> what it is and how to continue a checkpoint saved without it``, for the layout keys an
     #: earlier version did not save (a refused layout then names the option, though the saved group lacks it)
     absent_key_notes: Mapping[str, str] = dataclasses.field(default_factory=dict)
-    #: group options left out of the saved groups when empty (:func:`saved_groups`)
-    unsaved_when_empty: tuple[str, ...] = ()
+    #: group options saved in the metadata's JSON copy, not as keys of the groups (:func:`saved_groups`)
+    meta_options: tuple[str, ...] = ()
 
 
 #: what a load keeps of the current groups: their tensors, and the block size the table was built with (a
@@ -198,37 +201,100 @@ def _plain(value: Any) -> Any:
     return value.item() if type(value).__module__ == "numpy" and hasattr(value, "item") else value
 
 
-def saved_groups(param_groups: Sequence[dict[str, Any]],
-                 unsaved_when_empty: Sequence[str] = ()) -> list[dict[str, Any]]:
+def saved_groups(param_groups: Sequence[dict[str, Any]], meta_options: Sequence[str] = ()) -> list[dict[str, Any]]:
     """The groups as a state dict holds them: the hyperparameters as they are now (NumPy scalars as
     Python numbers), ``params`` as the running indices torch uses.
 
-    ``unsaved_when_empty``: layout options (ASGO's ``fused_parts``, ``adamw_indices``) left out where ``[]``
-    or ``()``. Their ``[]`` is the documented way to continue a checkpoint saved before the key, and a load
-    keeps the optimizer's own layout options whatever the checkpoint says (:func:`loaded_groups`), so the
-    key saved nothing; but ``dcp.load`` refuses a checkpoint lacking a key its destination shows, so the
-    remedy made such an old DCP checkpoint need ``allow_partial_load`` (found by a helper)."""
+    ``meta_options``: layout options (ASGO's ``fused_parts``, ``adamw_indices``) left out of the groups, at
+    any value: :func:`group_record` keeps them in the metadata's JSON copy. ``dcp.load`` refuses a checkpoint lacking a
+    key its destination shows ("Missing key in checkpoint state_dict"), and these keys are in some groups
+    only: a group given ``[]`` (the documented way to continue a checkpoint saved before the key) made an
+    old DCP checkpoint unloadable, and when ``[]`` was not saved, a checkpoint saved with ``[]`` could not
+    load into a group that has some (found by helpers). The copy is one DCP entry whatever it holds."""
     groups = []
     index = 0
     for group in param_groups:
-        g = {k: _plain(v) for k, v in group.items() if k != "params" and not (
-            k in unsaved_when_empty and isinstance(v, (list, tuple)) and not v)}
+        g = {k: _plain(v) for k, v in group.items() if k != "params" and k not in meta_options}
         g["params"] = list(range(index, index + len(group["params"])))
         index += len(group["params"])
         groups.append(g)
     return groups
 
 
-def with_group_meta(sd: dict[str, Any]) -> dict[str, Any]:
+def _as_json(value: Any) -> Any:
+    """``value`` as JSON gives it back: tuples as lists (also nested)."""
+    if isinstance(value, (tuple, list)):
+        return [_as_json(v) for v in value]
+    return _plain(value)
+
+
+def group_record(param_groups: Sequence[dict[str, Any]], meta_options: Sequence[str] = ()) -> dict[str, Any]:
+    """What the metadata's JSON copy (:func:`with_group_meta`) keeps of the groups: ``group_keys``, per group
+    the options it had when saved, and ``group_options``, per group the values of its ``meta_options``
+    (:func:`saved_groups`). Why the keys: with ``DefaultLoadPlanner(allow_partial_load=True)`` ``dcp.load``
+    keeps the destination's value for a key the checkpoint lacks, so a loaded group cannot tell a saved option
+    from one the destination filled; the record (a JSON string, which the load takes from the checkpoint whole)
+    can (:func:`restored_groups`), and an option the checkpoint lacked then loads as any absent one
+    (``absent_key_values``). Only in the copy: DCP saves the top-level metadata dict key by key (a list of
+    dicts too), so a new key there made every earlier ``dcp.save({"optim": opt.state_dict()})`` checkpoint
+    unloadable ("Missing key in checkpoint state_dict: optim.lightning_soaa.group_keys"), and one group's
+    option there a checkpoint without it (found by a reviewer)."""
+    keys = [sorted(str(k) for k in g if k not in ("params", FORMAT_KEY)) for g in param_groups]
+    options = [{k: _as_json(g[k]) for k in meta_options if k in g} for g in param_groups]
+    return {"group_keys": keys, "group_options": options}
+
+
+def _record_fits(keys: Any, options: Any, n: int) -> bool:
+    """Whether a :func:`group_record` fits ``n`` param groups: one list of option names and one dict per group."""
+    return (isinstance(keys, list) and isinstance(options, list) and len(keys) == len(options) == n
+            and all(isinstance(k, list) and all(isinstance(x, str) for x in k) for k in keys)
+            and all(isinstance(o, dict) for o in options))
+
+
+def restored_groups(name: str, groups: list[Any], meta: Any) -> list[Any]:
+    """``groups`` (a state dict's) as they were saved, from the metadata's :func:`group_record`: each with
+    its ``group_options`` put back and without the options its ``group_keys`` do not list (values a
+    partial ``dcp.load`` kept from the destination). Unchanged where the metadata has no record (an earlier
+    version's); a record that does not fit the groups is refused (a damaged checkpoint)."""
+    meta = meta if isinstance(meta, dict) else {}
+    keys, options = meta.get("group_keys"), meta.get("group_options", [{} for _ in groups])
+    if keys is None:
+        return groups
+    if not _record_fits(keys, options, len(groups)):
+        raise ValueError(f"{name}.load_state_dict: the metadata's group record (group_keys {keys!r}, group_options "
+                         f"{options!r}) does not fit the state's {len(groups)} param groups (one list of option "
+                         "names and one dict per group): a damaged checkpoint. Nothing was loaded.")
+    out = []
+    for g, k, o in zip(groups, keys, options):
+        if not isinstance(g, dict):
+            out.append(g)  # left to the validation
+            continue
+        kept = set(k) | {"params", FORMAT_KEY}
+        out.append({**{key: v for key, v in g.items() if key in kept}, **o})
+    return out
+
+
+def with_saved_groups(name: str, sd: Any) -> Any:
+    """``sd`` (our consolidated format) with its groups as saved (:func:`restored_groups`, by the record in
+    the metadata's copy in ``param_groups[0]``): a new dict where they change. Use it to read a saved group's
+    options (ASGO's ``adamw_indices``, ``fused_parts``)."""
+    if not isinstance(sd, dict) or not isinstance(sd.get("param_groups"), list):
+        return sd  # the validation's message
+    groups = restored_groups(name, sd["param_groups"], group_meta_copy(sd))
+    return sd if groups is sd["param_groups"] else {**sd, "param_groups": groups}
+
+
+def with_group_meta(sd: dict[str, Any], record: dict[str, Any] | None = None) -> dict[str, Any]:
     """``sd`` (our consolidated format) with a JSON copy of its metadata in ``param_groups[0]`` (a new
-    dict; the metadata marked ``"form": "consolidated"``). torch's own state-dict tools keep only ``state``
+    dict; the metadata marked ``"form": "consolidated"``), and ``record`` (:func:`group_record`) in the copy
+    alone. torch's own state-dict tools keep only ``state``
     and ``param_groups`` (``FSDP.rekey_optim_state_dict``, ``set_optimizer_state_dict``: Lightning's
     ModelParallelStrategy resuming a checkpoint saved without FSDP2), and without the optimizer-wide state
     (step counts, SOAA's trust region) the per-block state cannot continue the run. On load the top-level
-    entry wins; the copy is read only where it is gone."""
+    entry wins; the copy is read only where it is gone (and for the record)."""
     groups = [dict(g) for g in sd["param_groups"]]
     try:
-        copy = json.dumps({**sd[FORMAT_KEY], "form": "consolidated"})
+        copy = json.dumps({**sd[FORMAT_KEY], **(record or {}), "form": "consolidated"})
     except (TypeError, ValueError):  # an optimizer-wide value JSON cannot hold: no copy, such a load is refused
         return {**sd, "param_groups": groups}
     if groups:
@@ -283,7 +349,7 @@ def build_state_dict(
         state.setdefault(pi, {})[si] = blk
     return with_group_meta({
         "state": state,
-        "param_groups": saved_groups(optimizer.param_groups, optimizer.unsaved_when_empty),
+        "param_groups": saved_groups(optimizer.param_groups, optimizer.meta_options),
         FORMAT_KEY: {
             "version": FORMAT_VERSION,
             "optimizer": optimizer.name,
@@ -294,7 +360,7 @@ def build_state_dict(
             # lets the load tell that entries went missing on the way (dcp_state._check_arrived)
             "blocks_with_state": _blocks_with_state(len(optimizer.shapes), block_states),
         },
-    })
+    }, group_record(optimizer.param_groups, optimizer.meta_options))
 
 
 def _refuse_not_ours(name: str, sd: Any) -> NoReturn:
@@ -505,13 +571,14 @@ def _option_change(optimizer: CheckpointView, saved_groups: list[Any], gi: int) 
     if not isinstance(saved, dict):
         return None
     for k in optimizer.layout_keys:
-        if k in saved and saved[k] != mine.get(k):
+        if k in saved and _as_json(saved[k]) != _as_json(mine.get(k)):  # (a list from the metadata's JSON)
             return f"param_groups[{gi}] was saved with {k}={saved[k]!r}, this optimizer has {k}={mine.get(k)!r}"
-        empty = k in optimizer.unsaved_when_empty and isinstance(mine.get(k), (list, tuple)) and not mine[k]
+        empty = k in optimizer.meta_options and isinstance(mine.get(k), (list, tuple)) and not mine[k]
         if k not in saved and k in mine and k in optimizer.absent_key_notes and not empty:  # ([]: not saved)
-            # absent also when saved empty: the note's dated cause alone misnamed a checkpoint saved today
-            also = (f" (A checkpoint saved with {k}=[] lacks the key too: an empty one is not saved.)"
-                    if k in optimizer.unsaved_when_empty else "")
+            # absent also when saved empty by an earlier version: the note's dated cause alone misnamed it
+            also = (f" (A checkpoint of an earlier version saved with {k}=[] lacks the key too, and so does a "
+                    f"torch DCP checkpoint of an earlier version whatever it saved: this version does not read "
+                    f"that key, it keeps {k} in the metadata.)" if k in optimizer.meta_options else "")
             return (f"param_groups[{gi}] was saved without {k}, this optimizer has {k}={mine[k]!r}: "
                     + optimizer.absent_key_notes[k] + also)
     return None

@@ -325,9 +325,10 @@ class _OneSided(ShardedOptimizer):
         "route_param_groups) routes to the AdamW part (embedding tables). A checkpoint saved before 2026-12-04 "
         "routed a group added without names by shape alone; to continue it, add that group with "
         "adamw_indices=[] (by shape, as saved)")})
-    #: ``[]`` is left out of the saved groups: the remedy for a checkpoint saved before the key must not make
-    #: an old DCP checkpoint unloadable (checkpoint.saved_groups); DASGO's fused_parts may only be empty
-    _unsaved_when_empty = ("adamw_indices", "fused_parts")
+    #: saved in the metadata, not as keys of the groups: these keys are in some groups only, and torch's DCP
+    #: refuses a checkpoint lacking a key its destination shows (checkpoint.saved_groups); DASGO's fused_parts
+    #: may only be empty
+    _meta_options = ("adamw_indices", "fused_parts")
     #: rebuilt on first use (see _split_layout, _routes, _numerators)
     _transient = ("_split_layout_cache", "_routes_cache", "_numerators_cache", "_guard", "_guard_limit")
 

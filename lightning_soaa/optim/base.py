@@ -103,12 +103,14 @@ from lightning_soaa.distributed.checkpoint import (
     StateField,
     build_state_dict,
     commit_groups,
+    group_record,
     loaded_groups,
     saved_groups,
     select_owned_state,
     steps_ahead,
     validate_state_dict,
     with_group_meta,
+    with_saved_groups,
 )
 from lightning_soaa.distributed.comm import (
     Communicator,
@@ -1964,7 +1966,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                               elementwise=self.elementwise, block_schema=self._block_schema,
                               validate_global=self._validate_global_state, layout_hint=self._layout_hint,
                               layout_keys=self._block_option_keys(), absent_key_notes=self._absent_key_notes,
-                              unsaved_when_empty=self._unsaved_when_empty)
+                              meta_options=self._meta_options)
 
     def _block_option_keys(self) -> tuple[str, ...]:
         """The group options the blocks are built from: :attr:`layout_keys`, and an elementwise
@@ -1990,8 +1992,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
     _layout_hint: str = ""
     #: see :attr:`~lightning_soaa.distributed.checkpoint.CheckpointView.absent_key_notes`
     _absent_key_notes: Mapping[str, str] = MappingProxyType({})
-    #: see :attr:`~lightning_soaa.distributed.checkpoint.CheckpointView.unsaved_when_empty`
-    _unsaved_when_empty: tuple[str, ...] = ()
+    #: see :attr:`~lightning_soaa.distributed.checkpoint.CheckpointView.meta_options`
+    _meta_options: tuple[str, ...] = ()
     #: ``option -> value`` a loaded param group without the option gets (every load path: ours, torch's
     #: DCP form, DeepSpeed's client): the value the versions that did not save it used, where the current
     #: default differs (:func:`~lightning_soaa.distributed.checkpoint.loaded_groups`)
@@ -2208,8 +2210,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
         # handed in place (parameter names for indices), which re-keyed the kept consolidation and so every
         # later state_dict() until the next step (a torch.save of it then failed to load: 'names no parameter')
         state = {pi: dict(v) if isinstance(v, dict) else v for pi, v in self._consolidated["state"].items()}
+        groups = self._groups_as_built()
         return with_group_meta({**self._consolidated, "state": state,
-                                "param_groups": saved_groups(self._groups_as_built(), self._unsaved_when_empty)})
+                                "param_groups": saved_groups(groups, self._meta_options)},
+                               group_record(groups, self._meta_options))
 
     @outside_inference_mode  # state loaded inside it could never be stepped (optim/step_context.py)
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -2238,6 +2242,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         """Validate our consolidated format against this optimizer (raises, changing nothing); returns
         the load itself."""
         view = self._checkpoint_view()
+        # the groups as saved: the options kept in the metadata back in, a partial dcp.load's fills out
+        state_dict = with_saved_groups(type(self).__name__, state_dict)
         state_dict = without_placeholders(self, state_dict)  # zeros shown for DCP are no state (dcp_plain.py)
         state_dict = fit_layout(view, state_dict)  # saved with other row blocks: re-cut (a new dict)
         validate_state_dict(view, state_dict)

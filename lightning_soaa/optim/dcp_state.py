@@ -63,8 +63,10 @@ from lightning_soaa.distributed.checkpoint import (
     build_state_dict,
     check_block_steps,
     commit_groups,
+    group_record,
     holds_state,
     loaded_groups,
+    restored_groups,
     steps_limit,
     validate_state_dict,
 )
@@ -307,8 +309,10 @@ def dcp_state_dict(opt: ShardedOptimizer) -> dict[str, Any]:
     meta["form"] = "dcp"
     moved = _json_options(opt)
     # plain JSON scalars only (a subclass's tuple would come back a list, a dtype not at all: kept as keys)
-    meta["group_options"] = [{k: g.pop(k) for k in sorted(moved & set(g)) if type(g[k]) in _JSON_SCALARS}
-                             for g in sd["param_groups"]]
+    record = group_record(opt._groups_as_built(), opt._meta_options)  # (the options saved_groups leaves out)
+    meta["group_keys"] = record["group_keys"]
+    meta["group_options"] = [{**kept, **{k: g.pop(k) for k in sorted(moved & set(g)) if type(g[k]) in _JSON_SCALARS}}
+                             for kept, g in zip(record["group_options"], sd["param_groups"])]
     if sd["param_groups"]:
         sd["param_groups"][0][FORMAT_KEY] = json.dumps(meta)
     sd["state"] = state
@@ -577,7 +581,9 @@ def _plain_groups(opt: ShardedOptimizer, sd: dict[str, Any], meta: dict[str, Any
     if not (isinstance(options, list) and all(isinstance(o, dict) for o in options)):
         raise ValueError(f"{_name(opt)}.load_state_dict: the metadata's 'group_options' must be one dict per param "
                          f"group; got {options!r}.")
-    return [{**g, **o} for g, o in zip(groups, options)]
+    merged = [{**g, **o} for g, o in zip(groups, options)]
+    # without the options a partial dcp.load kept from the destination (the saved keys are recorded)
+    return restored_groups(_name(opt), merged, {k: meta[k] for k in ("group_keys",) if k in meta})
 
 
 def _param_index(opt: ShardedOptimizer, index: dict[Any, int], key: Any) -> int:
@@ -612,12 +618,36 @@ def _consolidated_from_nested(opt: ShardedOptimizer, sd: dict[str, Any], meta: d
                              f"optimizer's own {sorted(own)}; they would be dropped. Nothing was loaded.")
         if blocks:
             state[pi] = blocks
+    if "group_keys" not in meta:
+        _warn_unrecorded(opt, groups)
     _check_option_keys(opt, groups, meta, state)  # (the keys as they came, before the placeholders go)
     # the destination's placeholders (dcp_plain) that the checkpoint filled with zeros are no state: counted out
     state = without_placeholders(opt, {"state": state, FORMAT_KEY: meta})["state"]
     _check_arrived(opt, meta, state)
     return {"state": state, "param_groups": groups,
             FORMAT_KEY: {k: v for k, v in meta.items() if k not in ("form", "group_options")}}
+
+
+def _warn_unrecorded(opt: ShardedOptimizer, groups: list[dict[str, Any]]) -> None:
+    """Warn where a group of a checkpoint that does not record its groups' keys (written before
+    :func:`~lightning_soaa.distributed.checkpoint.group_record`) loads an ``absent_key_values`` option (ASGO's
+    ``nesterov``) at the value this optimizer has, not the one a checkpoint without the option gets. torch's
+    DCP recipe over plain parameters shows every option as a key of its own, and with
+    ``DefaultLoadPlanner(allow_partial_load=True)`` a key the checkpoint lacks keeps the destination's value:
+    a checkpoint saved before the option existed (trained with the other rule) then loads this optimizer's
+    value, and nothing in it tells the two apart. Without ``allow_partial_load`` torch refuses such a
+    checkpoint ("Missing key"), so only a load that allowed it can be wrong."""
+    for i, (g, mine) in enumerate(zip(groups, opt.param_groups)):
+        for k, v in opt.absent_key_values.items():
+            if k in g and k in mine and g[k] == mine[k] != v:
+                log.warning(
+                    "%s.load_state_dict: param_groups[%d] loads %s=%r, the value this optimizer was built with, "
+                    "from a checkpoint in torch's form that does not record which options it saved (lightning_soaa "
+                    "before 2026-12-05). If it was loaded by torch.distributed.checkpoint with "
+                    "DefaultLoadPlanner(allow_partial_load=True) and saved before the option existed (it then "
+                    "lacks the key: the load kept this optimizer's value), it was trained with %s=%r: set "
+                    "param_groups[%d][%r] = %r after loading to continue it as saved.",
+                    _name(opt), i, k, g[k], k, v, i, k, v)
 
 
 def _check_option_keys(opt: ShardedOptimizer, groups: list[dict[str, Any]], meta: dict[str, Any],

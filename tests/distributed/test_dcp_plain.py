@@ -110,3 +110,63 @@ def test_dcp_recipe_moves_between_world_sizes_whose_automatic_blocks_differ(name
     """An elementwise optimizer's automatic row blocks depend on the world size (finer at larger W): the
     state dict joins each parameter's rows into one block, so the DCP keys do not depend on W."""
     _check(name, tmp_path, True, monkeypatch)
+
+
+def _w_group_record(rank: int, world: int, path: str) -> tuple[str, bool, int]:
+    """ASGO saved at W by torch's recipe without ``nesterov`` (its record saying so), loaded with
+    ``allow_partial_load`` into optimizers built with the default (True); first with the record damaged (option
+    names that are not strings). Returns the refusal, the loaded ``nesterov`` and the steps after one more."""
+    import json
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    from lightning_soaa.distributed.checkpoint import FORMAT_KEY
+
+    model, opt = _make("ASGO")
+    opt.param_groups[0]["nesterov"] = False  # (before the first step: the rule it was trained with)
+    _steps("ASGO", model, opt, range(STEPS_BEFORE), rank, world)
+    opt.consolidate_state_dict(to=None)
+    osd = get_optimizer_state_dict(model, opt)
+    meta = json.loads(osd["param_groups"][0][FORMAT_KEY])
+    for keys in meta["group_keys"]:
+        keys.remove("nesterov")
+    osd["param_groups"][0][FORMAT_KEY] = json.dumps(meta)
+    for g in osd["param_groups"]:
+        del g["nesterov"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save({"optim": osd}, checkpoint_id=path)
+    model2, fresh = _make("ASGO")
+    model2.load_state_dict(model.state_dict())
+    fresh.consolidate_state_dict(to=None)
+    dest = {"optim": get_optimizer_state_dict(model2, fresh)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(dest, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=True))
+    damaged = json.loads(dest["optim"]["param_groups"][0][FORMAT_KEY])
+    damaged["group_keys"] = [[[k]] for keys in damaged["group_keys"] for k in keys[:1]]
+    bad = {**dest["optim"], "param_groups": [dict(g) for g in dest["optim"]["param_groups"]]}
+    bad["param_groups"][0][FORMAT_KEY] = json.dumps(damaged)
+    refusal = ""
+    try:
+        set_optimizer_state_dict(model2, fresh, bad)
+    except ValueError as e:
+        refusal = str(e)
+    assert fresh.num_steps == 0
+    set_optimizer_state_dict(model2, fresh, dest["optim"])
+    nesterov = fresh.param_groups[0]["nesterov"]
+    _steps("ASGO", model2, fresh, range(STEPS_BEFORE, STEPS_BEFORE + 1), rank, world)
+    return refusal, nesterov, fresh.num_steps
+
+
+def test_the_group_record_at_two_ranks_refuses_a_damaged_one_on_each_and_loads_a_missing_option_as_absent(
+        tmp_path: Path) -> None:
+    """The record of the saved groups' options (the metadata's JSON copy) at W = 2: a partial ``dcp.load`` of a
+    checkpoint without ``nesterov`` resumes with False on every rank (torch kept the destination's True), and a
+    damaged record is refused on every rank with the same message naming it (a TypeError raised from inside the
+    load before, reviewer), nothing loaded; the ranks then load the good one and step together (no hang)."""
+    out = run_distributed(_w_group_record, 2, tmp_path, str(tmp_path / "ckpt"), timeout=120)
+    assert [r[1:] for r in out] == [(False, STEPS_BEFORE + 1)] * 2
+    assert out[0][0] == out[1][0] and "group record" in out[0][0] and "a damaged checkpoint" in out[0][0]
