@@ -47,7 +47,7 @@ from lightning_soaa.optim.egn_capture import (
 )
 from lightning_soaa.optim.egn_chain import ChainCapture, grad_off, plan_chain
 from lightning_soaa.optim.egn_places import ParamPlaces, replaced_message
-from lightning_soaa.optim.egn_rng import StepRng
+from lightning_soaa.optim.egn_rng import DrawHistory, StepRng
 from lightning_soaa.optim.egn_trace import plan_trace
 from lightning_soaa.optim.param_checks import check_step
 from lightning_soaa.optim.step_context import caller_autocast, full_precision, one_model_function
@@ -546,7 +546,7 @@ class EGN(ShardedOptimizer):
     submodule in eval mode — BatchNorm uses its running statistics and dropout is off — so the
     function whose Gauss-Newton model is built is deterministic and per-sample (random numbers the forward
     draws itself, e.g. ``F.dropout(h, p)`` or noise injection, are drawn once per step: every later forward
-    of the step repeats the capture forward's draw, :mod:`~lightning_soaa.optim.egn_rng`); each submodule's own
+    of the step repeats the first one's draw, :mod:`~lightning_soaa.optim.egn_rng`); each submodule's own
     mode is restored afterwards and BatchNorm running statistics are not updated by ``step``. The model
     must be per-sample in eval mode (sample i's outputs depend on sample i alone: no statistics of the
     batch, no attention across it): the Gram factors and back-signals are per sample. The general capture
@@ -745,6 +745,7 @@ class EGN(ShardedOptimizer):
         self._pending_batch: tuple[Any, Tensor] | None = None  # from set_batch(), used by the next step
         self._pending_plain = False  # the pending batch came from a set_batch without replace=True
         self._pass: _Pass | None = None  # the step in progress
+        self._draws = DrawHistory()  # what its forwards showed of torch's generators (egn_rng)
         self._plan()
         self._start_run_state(cfg)
 
@@ -763,6 +764,7 @@ class EGN(ShardedOptimizer):
         for key in ("damping", "alpha"):  # pickles of versions that kept them as plain attributes
             if key in state:
                 state[f"_{key}"] = state.pop(key)
+        state.setdefault("_draws", DrawHistory())  # (pickles of versions without it)
         super().__setstate__(state)
 
     @property
@@ -1359,12 +1361,13 @@ class EGN(ShardedOptimizer):
         why) when the forward changed its input in place (refused before a second forward could see the
         changed batch)."""
         # the user's forward may draw random numbers (F.dropout, noise): each later forward of this step
-        # repeats this one's draw (egn_rng)
-        rng = self._current().rng = StepRng(self._devices() | {x.device for x in xs})
+        # repeats the first draw (egn_rng: every forward is bracketed by ``with rng``)
+        rng = self._current().rng = StepRng(self._devices() | {x.device for x in xs}, self._draws)
         versions = [x._version for x in xs]
         cap: LinearCapture | ChainCapture | None = None
         if self._trace is not None:
-            cap, z, why = self._trace.capture(xs)
+            with rng:
+                cap, z, why = self._trace.capture(xs)
             changed = _changed_input(xs, versions)
             if changed is not None:  # (the trace plan is kept: nothing of the optimizer changes)
                 return None, None, changed
@@ -1372,10 +1375,9 @@ class EGN(ShardedOptimizer):
                 log.info("EGN: the model's forward is not a chain of its Linear layers and activations "
                          "(%s); the general capture is used from now on.", why)
                 self._trace = None
-                rng.rewind()
         if cap is None:
             cap = LinearCapture(self._sites, b)
-            with torch.enable_grad(), cap:
+            with torch.enable_grad(), cap, rng:
                 z = self.model(*xs)
             changed = _changed_input(xs, versions)
             if changed is not None:
@@ -1933,11 +1935,8 @@ class EGN(ShardedOptimizer):
         if self._chain is not None and self._use_chain(xs):
             return self._chain.forward(xs[0])[0]  # a line-search trial: the outputs only
         rng = self._pass.rng if self._pass is not None else None
-        if rng is not None:  # the capture forward's random draw (egn_rng)
-            rng.rewind()
-        z: Tensor = self.model(*xs)
-        if rng is not None:  # another thread's step during this forward (the step's last one has no later rewind)
-            rng.check()
+        with rng if rng is not None else contextlib.nullcontext():  # the step's first draw again, if one drew
+            z: Tensor = self.model(*xs)                              # (egn_rng)
         return z
 
     def _adapt_damping(self, batch: _Batch, gtd: float, jd_qq: float, alpha: float, f_new: float) -> float:
