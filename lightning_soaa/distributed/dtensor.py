@@ -30,6 +30,7 @@ whole in both checkpoint forms (the optimizer gathers the holders' blocks for th
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from collections.abc import Sequence
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 PARAM_LIKE_STATE_KEYS = frozenset({"exp_avg", "exp_avg_sq"})
 
 
+@functools.cache  # asked once per parameter by every table build: the import statement costs ~2 µs a call
 def _dtensor_cls() -> type | None:
     try:
         from torch.distributed.tensor import DTensor
