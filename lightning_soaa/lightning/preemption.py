@@ -33,13 +33,14 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loops.fetchers import _DataLoaderIterDataFetcher, _PrefetchDataFetcher
+from lightning.pytorch.loops.prediction_loop import _PredictionLoop
 from lightning.pytorch.plugins import AsyncCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
 from lightning_soaa.distributed.stop_vote import StopVote
 from lightning_soaa.lightning.factory import iter_wrapped
-from lightning_soaa.lightning.stage_rounds import Outcome, StageRounds
+from lightning_soaa.lightning.stage_rounds import DONE, Outcome, StageRounds
 from lightning_soaa.optim.base import ShardedOptimizer
 
 __all__ = ["PreemptionCheckpoint"]
@@ -174,7 +175,9 @@ class PreemptionCheckpoint(Callback):
             ``SIGTERMException`` (exit status 143). That agreement costs one small all-reduce per batch at
             W > 1, posted after a batch and read after the next one (its latency overlaps that batch: a
             SIGTERM during batch k ends the stage after batch k+1); a rank that runs out of batches first
-            (``predict`` splits the data unevenly) answers the others' until they are done too. A rank whose
+            (``predict`` splits the data unevenly) answers the others' until they are done too; over several
+            loaders of validate/test (a sequential CombinedLoader, Lightning's default for a list), a rank done
+            with a loader first answers them there (Lightning reduces that loader's metrics). A rank whose
             stage raises leaves the others waiting in their next round until its process ends (or the process
             group's timeout): exit after the exception, as Lightning's launchers do.
 
@@ -211,6 +214,8 @@ class PreemptionCheckpoint(Callback):
         self._link: _RegisterLink | None = None  # our wrap of it
         self._evaluating = False  # watching SIGTERM for validate/test/predict (not for a fit)
         self._joined = False  # this rank has answered every rank's agreement rounds of the stage
+        self._group = 0  # the dataloader (of a sequential CombinedLoader) this rank's rounds are in
+        self._owed = False  # past its last batch and its loaders' reduce: the others' rounds still to answer
         self._rounds: StageRounds | None = None  # those rounds (validate/test/predict)
         self._vote: StopVote | None = None
         self._last_step = -1
@@ -259,7 +264,7 @@ class PreemptionCheckpoint(Callback):
             log.warning("PreemptionCheckpoint replaced the handler already installed for signal %d (%r) "
                         "for this fit.", int(signum), previous)
         self._watching, self._previous, self._requeue = int(signum), previous, slurm
-        self._evaluating, self._joined = stage != "fit", False
+        self._evaluating, self._joined, self._group, self._owed = stage != "fit", False, 0, False
         self._vote = StopVote(trainer.world_size)
         self._rounds = StageRounds(trainer.strategy, trainer.world_size) \
             if self._evaluating else None
@@ -374,7 +379,7 @@ class PreemptionCheckpoint(Callback):
         self._depth = max(0, self._depth - 1)
         if self._depth > 0 or self._vote is None:
             return  # nothing installed for this stage
-        if self._evaluating and not self._joined:
+        if self._evaluating and (self._owed or not self._joined):
             self._answer_rounds(trainer)  # a rank that ran no batch of the stage: the others' rounds wait for it
         watching, vote, evaluating = self._watching, self._vote, self._evaluating
         self._release(trainer)
@@ -390,21 +395,35 @@ class PreemptionCheckpoint(Callback):
     @override
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                                 batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._after_evaluation_batch(trainer)
+        self._after_evaluation_batch(trainer, dataloader_idx)
 
     @override
     def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                           batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._after_evaluation_batch(trainer)
+        self._after_evaluation_batch(trainer, dataloader_idx)
 
     @override
     def on_predict_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                              batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._after_evaluation_batch(trainer)
+        self._after_evaluation_batch(trainer, dataloader_idx)
 
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._arm(trainer)
+
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._pay(trainer)
+
+    @override
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._pay(trainer)
+
+    def _pay(self, trainer: pl.Trainer) -> None:
+        """After the loop's reduce of this rank's last loader (:meth:`_leave`), before the module's epoch-end hook:
+        the rounds of the ranks still in later loaders."""
+        if self._evaluating and self._owed:
+            self._answer_rounds(trainer)
 
     @override
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -424,29 +443,47 @@ class PreemptionCheckpoint(Callback):
         if fetcher is None or inner is None:
             return
         at_end = functools.partial(self._loader_ended, trainer)
-        if _prefetches(fetcher):
-            # a prefetching fetcher tells the last batch's hook (``done``): the rounds are answered there. A rank
-            # with no batch at all met the loader's end in that prefetch already and runs no hook (measured: W = 2,
-            # gloo, 3 batches and none: the epoch end's all_gather met the other rank's round, a hang): the loop's
-            # first fetch asks the (exhausted, wrapped) loader again and its StopIteration answers the rounds
-            if fetcher.done and not fetcher.batches:
-                fetcher.iterator, fetcher.done = _AnswerAtEnd(inner, at_end), False
+        if fetcher.done and not getattr(fetcher, "batches", None):
+            # no batch on this rank: the loop's first fetch ends it before any hook, without asking the loader. A
+            # prefetch met the end already (measured: W = 2, gloo, 3 batches and none: the epoch end's all_gather met
+            # the other rank's round, a hang); a sized CombinedLoader of length 0 (min_size over an empty loader;
+            # measured: W = 3, gloo, the same hang). That first fetch answers the rounds (here, an epoch-start hook
+            # of the module or of a later callback could still run a collective of its own)
+            if isinstance(fetcher, _DataLoaderIterDataFetcher):
+                # its loop asks ``done`` alone, before the step: answered there (the step is not run, as in Lightning)
+                _AnswerWhenDone.install(fetcher, at_end)
+            else:
+                fetcher.iterator, fetcher.done = _AnswerAtEnd(iter(()), at_end), False
             return
+        if _prefetches(fetcher):
+            return  # a prefetching fetcher tells the last batch's hook (``done``): the rounds are answered there
         # this loop learns that a rank's batches ended only from the loader's StopIteration, with no hook after
         # it before the epoch end's collectives (a sync_dist reduce): the rank answers the others' rounds there.
         # A step that takes dataloader_iter fetches its batch itself (a loader without __len__: the round after
         # its last batch said "more"; measured at W = 2, gloo, 3 batches and 1: a hang until the watchdog)
-        fetcher.iterator = _AnswerAtEnd(inner, at_end)
-        if isinstance(fetcher, _DataLoaderIterDataFetcher):
+        iter_step = isinstance(fetcher, _DataLoaderIterDataFetcher)
+        # one batch at a time over several loaders: the fetch of a later loader's batch comes before Lightning's
+        # reduce at the switch (a loader's length can be a limit, not its batches: limit_val_batches over a loader
+        # without __len__; measured W = 3, gloo, 1 batch of 2: the reduce met the others' round)
+        fetched = functools.partial(self._fetched, trainer) if _switches(trainer) and not iter_step else None
+        fetcher.iterator = _AnswerAtEnd(inner, at_end, fetched)
+        if iter_step:
             # over a sized loader the dataloader_iter ends at ``done`` without asking the loader: a step that
             # fetches past its rank's last batch (two a step, 3 batches) raises StopIteration with no hook after it
             fetcher.iterator_wrapper = _AnswerAtEnd(fetcher.iterator_wrapper, at_end)
 
+    def _fetched(self, trainer: pl.Trainer, item: Any) -> None:
+        """A batch fetched one at a time (batch, batch_idx, dataloader_idx): where its loader is a later one, the
+        rank waits for the others there, before the loop reduces the earlier loader's metrics."""
+        group = item[2] if isinstance(item, tuple) and len(item) == 3 else None
+        if isinstance(group, int) and group != self._group and not self._joined:
+            self._drain(trainer, group, leaving=self._group)
+
     def _loader_ended(self, trainer: pl.Trainer) -> None:
         if not self._joined:  # a step that fetches again after the end (it caught the StopIteration) answers none
-            self._answer_rounds(trainer)
+            self._leave(trainer, self._group)
 
-    def _after_evaluation_batch(self, trainer: pl.Trainer) -> None:
+    def _after_evaluation_batch(self, trainer: pl.Trainer, dataloader_idx: int) -> None:
         """validate/test/predict (not a fit's validation): every rank learns a SIGTERM after the same batch.
         Lightning's own handler broadcasts inside the handler: measured at W = 2 (gloo, trainer.validate), a
         SIGTERM on one rank paired that broadcast with the other rank's end of the stage: "Connection closed
@@ -454,7 +491,8 @@ class PreemptionCheckpoint(Callback):
         and the ddp_fork launcher waited for rank 0's results forever. The rounds go on while some rank has
         batches left: a rank done first (``predict`` gives ranks unequal shares) answers them until all are.
         The round posted after batch k is read after batch k+1 (:mod:`~lightning_soaa.lightning.stage_rounds`):
-        a SIGTERM before batch k's end stops every rank after batch k+1."""
+        a SIGTERM before batch k's end stops every rank after batch k+1. A rank whose next batch is from a later
+        loader of a sequential CombinedLoader waits there for the ranks still in an earlier one (:meth:`_drain`)."""
         vote, rounds = self._vote, self._rounds
         if not self._evaluating or vote is None or rounds is None or self._joined:
             return  # joined: a dataloader_iter step that caught the loader's end (the rounds are over here)
@@ -470,24 +508,59 @@ class PreemptionCheckpoint(Callback):
         done = getattr(getattr(loop, "_data_fetcher", None), "done", None)
         last = done if isinstance(done, bool) else bool(getattr(getattr(loop, "batch_progress", None),
                                                                 "is_last_batch", False))
+        group = DONE if last else _next_group(trainer, dataloader_idx)
+        # the loader this rank leaves where its next batch is another's (the loop compares a dataloader_iter
+        # step's fetch with the one before it)
+        fetcher = getattr(loop, "_data_fetcher", None)
+        current = self._group if isinstance(fetcher, _DataLoaderIterDataFetcher) else dataloader_idx
         self._settle(trainer, rounds.collect())
-        rounds.post(vote.requested, more=not last)
-        if last:
+        rounds.post(vote.requested, group)
+        if group == DONE:
+            self._leave(trainer, current)
+        elif group != current:
+            # Lightning reduces the loader's sync_dist metrics before this rank's next batch (measured: W = 2,
+            # gloo, shares 3 + 2 and 1 + 3 batches: that reduce met the other rank's round, a hang)
+            self._drain(trainer, group, leaving=current)
+
+    def _leave(self, trainer: pl.Trainer, current: int) -> None:
+        """No batch left on this rank, its last in loader ``current``. Over several loaders (validate/test) the
+        loop reduces that loader's metrics after it, where another rank leaving it reduces them at its switch to
+        a later loader (measured: W = 2, gloo, 3 + 2 batches and 1 + 0, a sync_dist log in loader 0 only: the
+        other rank's reduce met this rank's rounds, a hang): the rank waits there until every rank is past it,
+        and answers the rounds of the ranks in later loaders from its epoch end (:meth:`_pay`)."""
+        if not _switches(trainer) or trainer.world_size == 1:
             self._answer_rounds(trainer)
+            return
+        self._joined = self._owed = True
+        self._drain(trainer, DONE, leaving=current)
 
     def _answer_rounds(self, trainer: pl.Trainer) -> None:
         """This rank has no batch left: one round per batch the others still run, then the stage ends here."""
-        self._joined = True
+        self._joined, self._owed = True, False
         rounds, vote = self._rounds, self._vote
         if rounds is None or vote is None or trainer.world_size == 1:
             return
-        if rounds.pending is None and rounds.open:  # a rank that ran no batch: the others' first round
-            rounds.post(vote.requested, more=False)
+        self._drain(trainer, DONE)
+
+    def _drain(self, trainer: pl.Trainer, group: int, leaving: int | None = None) -> None:
+        """This rank's next batch is in loader ``group`` (DONE: none left): one round per batch the others still
+        run, until every rank is past loader ``leaving`` (None: until every rank has no batch left). Every rank
+        leaving that loader leaves the wait at the same round (the first whose lowest group is above it), so the
+        collectives Lightning runs there pair up; a rank whose next loader is further on (or none) waits no
+        longer than they do (measured: W = 2, gloo, 3 + 2 batches and 1 + 0: waiting for every rank to reach its
+        own next loader, it was held in rounds while the other reduced loader 0's metrics, a hang)."""
+        rounds, vote = self._rounds, self._vote
+        if rounds is None or vote is None:
+            return
+        bound = DONE if leaving is None else leaving + 1
+        if rounds.pending is None and rounds.open:  # no round of this rank's since its last wait (or no batch yet)
+            rounds.post(vote.requested, group)
         while rounds.pending is not None:
             outcome = rounds.collect()
             self._settle(trainer, outcome)
-            if outcome is not None and outcome.more:
-                rounds.post(vote.requested, more=False)
+            if outcome is not None and outcome.low < bound:
+                rounds.post(vote.requested, group)
+        self._group = group
 
     def _settle(self, trainer: pl.Trainer, outcome: Outcome | None) -> None:
         """Act on a round's verdict, as every rank does at the same round."""
@@ -548,6 +621,29 @@ class PreemptionCheckpoint(Callback):
         return state
 
 
+def _switches(trainer: pl.Trainer) -> bool:
+    """Whether the stage's loop reduces something where a rank moves on to the next loader: validate/test over a
+    sequential CombinedLoader of several (a loader's metrics; predict logs nothing)."""
+    loop = getattr(trainer, "_active_loop", None)
+    combined = getattr(loop, "_combined_loader", None)
+    return (getattr(combined, "_mode", None) == "sequential" and len(getattr(combined, "flattened", ())) > 1
+            and not isinstance(loop, _PredictionLoop))
+
+
+def _next_group(trainer: pl.Trainer, dataloader_idx: int) -> int:
+    """The loader of this rank's next batch (0 where the loop reduces nothing at a switch), as the stage's loop
+    will see it at its next check for a new loader; called where the rank has a batch left."""
+    if not _switches(trainer):
+        return 0
+    fetcher = getattr(getattr(trainer, "_active_loop", None), "_data_fetcher", None)
+    if isinstance(fetcher, _DataLoaderIterDataFetcher):
+        return int(fetcher._dataloader_idx)  # the step fetched it: the loop compares it before the next step
+    batches = getattr(fetcher, "batches", None)
+    if batches:  # prefetched (loaders without __len__): (batch, batch_idx, dataloader_idx)
+        return int(batches[0][2])
+    return dataloader_idx  # one batch at a time: the next fetch tells (_fetched)
+
+
 def _prefetches(fetcher: Any) -> bool:
     """Whether the loop's fetcher reads one batch ahead (a batch-style step over a loader without __len__): the
     step of a rank's last batch then sees ``done`` already, and the loader's StopIteration comes before it."""
@@ -556,23 +652,47 @@ def _prefetches(fetcher: Any) -> bool:
 
 class _AnswerAtEnd(Iterator[Any]):
     """The loader's iterator inside the loop's fetcher: at its StopIteration (no batch left on this rank) calls
-    ``at_end`` first, which answers the other ranks' rounds."""
+    ``at_end`` first, which answers the other ranks' rounds; ``fetched`` (if any) sees each item first."""
 
-    def __init__(self, inner: Iterator[Any], at_end: Callable[[], object]) -> None:
-        self.inner, self.at_end = inner, at_end
+    def __init__(self, inner: Iterator[Any], at_end: Callable[[], object],
+                 fetched: Callable[[Any], object] | None = None) -> None:
+        self.inner, self.at_end, self.fetched = inner, at_end, fetched
 
     def __next__(self) -> Any:
         try:
-            return next(self.inner)
+            item = next(self.inner)
         except StopIteration:
             self.at_end()
             raise
+        if self.fetched is not None:
+            self.fetched(item)
+        return item
 
     def __getattr__(self, name: str) -> Any:
         # the step's dataloader_iter keeps Lightning's attributes (``done``, ``fetched``, ``length``)
         if "inner" not in self.__dict__:  # not yet set (copy, unpickling): no recursion through this method
             raise AttributeError(name)
         return getattr(self.__dict__["inner"], name)
+
+
+class _AnswerWhenDone(_DataLoaderIterDataFetcher):
+    """The fetcher of a dataloader_iter step on a rank with no batch: the loop's first ``next`` (which raises
+    StopIteration at ``done``, before any hook) calls ``answer_at_end`` first."""
+
+    answer_at_end: Callable[[], object]
+
+    @classmethod
+    def install(cls, fetcher: _DataLoaderIterDataFetcher, answer_at_end: Callable[[], object]) -> None:
+        """Lightning's loop keeps the fetcher it made (and its state): only its class changes (a subclass)."""
+        fetcher.__class__ = cls
+        assert isinstance(fetcher, cls)
+        fetcher.answer_at_end = answer_at_end
+
+    @override
+    def __next__(self) -> Any:
+        if self.done:
+            self.answer_at_end()
+        return super().__next__()
 
 
 def _resolve(previous: Any) -> Any:

@@ -21,6 +21,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.plugins import AsyncCheckpointIO, TorchCheckpointIO
+from lightning.pytorch.utilities import CombinedLoader
 
 from lightning_soaa.lightning import LossToOptimizer, OptimizerFactory, PreemptionCheckpoint
 from tests.conformance._battery import assert_close
@@ -820,6 +821,197 @@ def test_a_rank_whose_unsized_loader_has_no_batch_answers_the_rounds(tmp_path: P
     else:
         trainer.validate(_BatchStepUnsized(tmp_path, (12, 0)), verbose=False)
     assert (tmp_path / "seen").read_text() == str([3, 0])
+
+
+class _TwoLoaders(_Evaluated):
+    """validate over two loaders (Lightning's sequential CombinedLoader) with unequal shares per rank: rank r takes
+    ``shares[k][r]`` samples of loader k, in batches of 4 (``sized``: a Subset, else one without ``__len__``). Each
+    loader's loss is logged with ``sync_dist``: Lightning reduces it where the rank moves on to the next loader."""
+
+    def __init__(self, shares: tuple[tuple[int, int], ...], sized: bool) -> None:
+        super().__init__()
+        self.loader_shares, self.sized = shares, sized
+
+    def _loaders(self) -> list[torch.utils.data.DataLoader]:
+        loaders, rank, offset = [], self.trainer.global_rank, 0
+        for share in self.loader_shares:
+            start = offset + sum(share[:rank])
+            subset = torch.utils.data.Subset(regression_data(), range(start, start + share[rank]))
+            data = subset if self.sized else _Unsized(subset)
+            loaders.append(torch.utils.data.DataLoader(data, batch_size=self.eval_batch))
+            offset += sum(share)
+        return loaders
+
+    val_dataloader = _loaders
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        loss = torch.nn.functional.mse_loss(self(batch[0]), batch[1])
+        self.log("val_loss", loss, sync_dist=True, batch_size=len(batch[0]))
+        return loss
+
+
+class _TwoLoadersIterStep(_TwoLoaders):
+    """:class:`_TwoLoaders` with a step that takes ``dataloader_iter``."""
+
+    def validation_step(self, dataloader_iter: Any) -> torch.Tensor:  # type: ignore[override]
+        batch, batch_idx, dataloader_idx = next(dataloader_iter)
+        return super().validation_step(batch, batch_idx, dataloader_idx)
+
+
+class _Unsized(torch.utils.data.IterableDataset):
+    """A Subset without ``__len__``."""
+
+    def __init__(self, subset: torch.utils.data.Subset) -> None:
+        self.subset = subset
+
+    def __iter__(self) -> Any:
+        yield from (self.subset[i] for i in range(len(self.subset)))
+
+
+@pytest.mark.parametrize("sized,step,limit", [(True, _TwoLoaders, None), (False, _TwoLoaders, None),
+                                              (False, _TwoLoaders, 2), (True, _TwoLoadersIterStep, None),
+                                              (False, _TwoLoadersIterStep, None)],
+                         ids=["sized", "unsized", "unsized-limited", "sized-dataloader_iter",
+                              "unsized-dataloader_iter"])
+def test_two_loaders_with_unequal_shares_end_together_with_lightnings_results(tmp_path: Path, sized: bool,
+                                                                                step: type[_TwoLoaders],
+                                                                                limit: int | None) -> None:
+    """W = 2 (gloo), validate over two loaders (sequential), 3 + 2 batches on rank 0 and 1 + 3 on rank 1 (plain
+    Lightning ends, the results below). Rank 1 went on to loader 1 after its batch 0, where Lightning reduces
+    loader 0's sync_dist loss, while rank 0 posted its round after batch 1: that reduce met the round (a hang
+    until the watchdog, in each variant). Now a rank waits there, in rounds, until every rank is past loader 0.
+    ``limit_val_batches=2`` over loaders without __len__ gives Lightning a length (2 + 2 on each rank) that is not
+    rank 1's batches: the switch is seen at its fetch."""
+    shares, kw = ((12, 4), (8, 12)), {} if limit is None else {"limit_val_batches": limit}
+    plain = make_trainer(tmp_path, devices=2, use_distributed_sampler=False, callbacks=[Watchdog()], **kw)
+    expected = plain.validate(step(shares, sized), verbose=False)
+    trainer = make_trainer(tmp_path, devices=2, use_distributed_sampler=False,
+                           callbacks=[Watchdog(), PreemptionCheckpoint(signum=signal.SIGTERM)], **kw)
+    assert trainer.validate(step(shares, sized), verbose=False) == expected
+    assert len(expected) == 2 and all(len(metrics) == 1 for metrics in expected)
+
+
+def test_a_sigterm_reaches_a_rank_that_waits_at_a_loader_switch(tmp_path: Path) -> None:
+    """As above (sized), SIGTERM on rank 1 before its only batch of loader 0: it waits there for rank 0 (batches 0-2
+    of loader 0) and learns the signal in the round it waits in; rank 0 learns it after its batch 1, the same
+    round. Both call the user's handler, then exit status 143. Before, rank 1 met Lightning's reduce of loader 0's
+    loss with rank 0's round: rank 0 alone called the handler and ended, rank 1 was held in the reduce."""
+    _HANDLER_LOG[:] = [tmp_path]
+    before = signal.signal(signal.SIGTERM, _recording_sigterm_handler)
+    try:
+        trainer = make_trainer(tmp_path, devices=2, use_distributed_sampler=False,
+                               callbacks=[SigtermInStage(tmp_path, 0, 1), PreemptionCheckpoint(signum=signal.SIGTERM)])
+        with pytest.raises(torch.multiprocessing.ProcessExitedException) as ended:
+            trainer.validate(_TwoLoaders(((12, 4), (8, 12)), sized=True), verbose=False)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert ended.value.exit_code == 128 + signal.SIGTERM, ended.value
+    assert _stage_records(tmp_path, 2) == ([1, 0], [1, 1])
+
+
+class _ThroughIter:
+    """A mixin (first base): the module's validation step, taking ``dataloader_iter``."""
+
+    def validation_step(self, dataloader_iter: Any) -> torch.Tensor:
+        batch, batch_idx, dataloader_idx = next(dataloader_iter)
+        return super().validation_step(batch, batch_idx, dataloader_idx)  # type: ignore[misc]
+
+
+def _write_seen(module: Any) -> None:
+    """The epoch end's collective: every rank's count of batches run, all-gathered, written by rank 0."""
+    seen = module.all_gather(torch.tensor(module.seen)).tolist()
+    if module.trainer.is_global_zero:
+        (Path(module.out) / "seen").write_text(str(seen))
+
+
+class _FirstLoaderLogged(_TwoLoaders):
+    """:class:`_TwoLoaders` logging (sync_dist) in loader 0 only; loader 1's batches are counted and all-gathered at
+    the epoch end (written by rank 0)."""
+
+    def __init__(self, out: Path, shares: tuple[tuple[int, int], ...], sized: bool) -> None:
+        super().__init__(shares, sized)
+        self.out, self.seen = str(out), 0
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        self.seen += 1
+        loss = torch.nn.functional.mse_loss(self(batch[0]), batch[1])
+        if dataloader_idx == 0:
+            self.log("val_loss", loss, sync_dist=True, batch_size=len(batch[0]))
+        return loss
+
+    def on_validation_epoch_end(self) -> None:
+        _write_seen(self)
+
+
+class _FirstLoaderLoggedIterStep(_ThroughIter, _FirstLoaderLogged):
+    """:class:`_FirstLoaderLogged` with a step that takes ``dataloader_iter``."""
+
+
+@pytest.mark.parametrize("sized,step", [(True, _FirstLoaderLogged), (False, _FirstLoaderLogged),
+                                        (True, _FirstLoaderLoggedIterStep), (False, _FirstLoaderLoggedIterStep)],
+                         ids=["sized", "unsized", "sized-dataloader_iter", "unsized-dataloader_iter"])
+def test_a_rank_whose_later_loader_is_empty_meets_the_others_reduce(tmp_path: Path, sized: bool,
+                                                                     step: type[_FirstLoaderLogged]) -> None:
+    """W = 2 (gloo), validate over two loaders, 3 + 2 batches on rank 0 and 1 + 0 on rank 1, a sync_dist log in
+    loader 0 only (plain Lightning ends: rank 1's reduce of loader 0's metrics after its last batch meets rank 0's
+    at its switch to loader 1). Rank 1 answered rounds until every rank had no batch left, while rank 0 reduced
+    loader 0's metrics at its switch: that reduce met rank 1's round (a hang until the watchdog, each variant). Now
+    rank 1 waits only until every rank is past loader 0, and answers the rest from its epoch end."""
+    shares = ((12, 4), (8, 0))
+    plain = make_trainer(tmp_path, devices=2, use_distributed_sampler=False, callbacks=[Watchdog()])
+    expected = plain.validate(step(tmp_path, shares, sized), verbose=False)
+    assert (tmp_path / "seen").read_text() == "[5, 1]"
+    (tmp_path / "seen").unlink()
+    trainer = make_trainer(tmp_path, devices=2, use_distributed_sampler=False,
+                           callbacks=[Watchdog(), PreemptionCheckpoint(signum=signal.SIGTERM)])
+    assert trainer.validate(step(tmp_path, shares, sized), verbose=False) == expected
+    assert (tmp_path / "seen").read_text() == "[5, 1]"
+
+
+class _EmptyMinSize(_TwoLoaders):
+    """A user's min_size CombinedLoader over :class:`_TwoLoaders`' loaders: a rank with an empty one has no batch
+    (the CombinedLoader's length is 0 there; Lightning runs the stage's epoch hooks, no batch hook). The epoch end
+    all-gathers the batches each rank ran (no sync_dist log: Lightning alone hangs on a metric one rank never
+    logged), written by rank 0."""
+
+    def __init__(self, out: Path, shares: tuple[tuple[int, int], ...]) -> None:
+        super().__init__(shares, sized=True)
+        self.out, self.seen = str(out), 0
+
+    def _combined(self) -> CombinedLoader:
+        return CombinedLoader(self._loaders(), "min_size")
+
+    val_dataloader = _combined
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        self.seen += 1
+        return sum(torch.nn.functional.mse_loss(self(x), y) for x, y in batch)  # type: ignore[return-value]
+
+    def on_validation_epoch_end(self) -> None:
+        _write_seen(self)
+
+
+class _EmptyMinSizeIterStep(_ThroughIter, _EmptyMinSize):
+    """:class:`_EmptyMinSize` with a step that takes ``dataloader_iter``."""
+
+
+@pytest.mark.parametrize("step", [_EmptyMinSize, _EmptyMinSizeIterStep], ids=["batch", "dataloader_iter"])
+def test_a_rank_whose_sized_combined_loader_is_empty_answers_the_rounds(tmp_path: Path,
+                                                                        step: type[_EmptyMinSize]) -> None:
+    """W = 2 (gloo), validate over a min_size CombinedLoader of two sized loaders, rank 1's second one empty: 2
+    batches on rank 0, none on rank 1 (plain Lightning ends). Lightning's fetcher is ``done`` at once on rank 1 and
+    its first fetch ends the loop without asking the loader, before any hook: rank 1 went on to the epoch end's
+    all_gather while rank 0 waited in its first round (a hang until the watchdog, both steps). Now that first
+    fetch answers the rounds (the step is not run there, as in Lightning)."""
+    shares = ((12, 4), (8, 0))
+    plain = make_trainer(tmp_path, devices=2, use_distributed_sampler=False, callbacks=[Watchdog()])
+    plain.validate(step(tmp_path, shares), verbose=False)
+    assert (tmp_path / "seen").read_text() == "[2, 0]"
+    (tmp_path / "seen").unlink()
+    trainer = make_trainer(tmp_path, devices=2, use_distributed_sampler=False,
+                           callbacks=[Watchdog(), PreemptionCheckpoint(signum=signal.SIGTERM)])
+    trainer.validate(step(tmp_path, shares), verbose=False)
+    assert (tmp_path / "seen").read_text() == "[2, 0]"
 
 
 class _SigtermAt(pl.Callback):
