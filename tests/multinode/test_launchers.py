@@ -226,17 +226,8 @@ exit_without_teardown(0)
 
 
 def _run_output(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[int, str]:
-    """Exit status and output of ``cmd``; a launch still running after ``timeout`` is killed (its whole
-    process group) and fails the test as hung."""
-    proc = subprocess.Popen(cmd, env=env, cwd=runner.REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        out, _ = proc.communicate(timeout=10)
-        raise AssertionError(f"hung: still running after {timeout}s\n{out.decode(errors='replace')[-4000:]}") from None
-    return proc.returncode, out.decode(errors="replace")
+    """Exit status and output of ``cmd`` (:func:`runner.run_once_more_if_mpi_runtime_failed`)."""
+    return runner.run_once_more_if_mpi_runtime_failed(cmd, env=env, timeout=timeout)
 
 
 @pytest.mark.mpi
