@@ -750,20 +750,26 @@ def test_dataloader_iter_steps_over_an_unsized_loader_with_unequal_shares_end_to
     assert (tmp_path / "seen").read_text() == str([s // 4 + 1 for s in shares])
 
 
-def test_a_sigterm_reaches_a_rank_whose_unsized_loader_ended(tmp_path: Path) -> None:
-    """As above (validate, 3 batches on rank 0, 1 on rank 1), SIGTERM on rank 0 before its batch 1: rank 1, whose
-    loader ended inside its step 1, learns it in the round it answers there; both ranks end after that round
-    (rank 0 after its batch 2), the user's handler called on both, then exit status 143."""
+def _validate_under_sigterm(tmp_path: Path, signal_at: pl.Callback, module: pl.LightningModule) -> None:
+    """W = 2 validate with the user's recording SIGTERM handler and ``signal_at`` sending the signal: every rank
+    exits with status 143."""
     _HANDLER_LOG[:] = [tmp_path]
     before = signal.signal(signal.SIGTERM, _recording_sigterm_handler)
     try:
         trainer = make_trainer(tmp_path, devices=2, use_distributed_sampler=False,
-                               callbacks=[SigtermInStage(tmp_path, 1, 0), PreemptionCheckpoint(signum=signal.SIGTERM)])
+                               callbacks=[signal_at, PreemptionCheckpoint(signum=signal.SIGTERM)])
         with pytest.raises(torch.multiprocessing.ProcessExitedException) as ended:
-            trainer.validate(_IterStepUnsized(tmp_path, (12, 4)), verbose=False)
+            trainer.validate(module, verbose=False)
     finally:
         signal.signal(signal.SIGTERM, before)
     assert ended.value.exit_code == 128 + signal.SIGTERM, ended.value
+
+
+def test_a_sigterm_reaches_a_rank_whose_unsized_loader_ended(tmp_path: Path) -> None:
+    """As above (validate, 3 batches on rank 0, 1 on rank 1), SIGTERM on rank 0 before its batch 1: rank 1, whose
+    loader ended inside its step 1, learns it in the round it answers there; both ranks end after that round
+    (rank 0 after its batch 2), the user's handler called on both, then exit status 143."""
+    _validate_under_sigterm(tmp_path, SigtermInStage(tmp_path, 1, 0), _IterStepUnsized(tmp_path, (12, 4)))
     assert _stage_records(tmp_path, 2) == ([2, 0], [1, 1])
 
 
@@ -896,16 +902,7 @@ def test_a_sigterm_reaches_a_rank_that_waits_at_a_loader_switch(tmp_path: Path) 
     of loader 0) and learns the signal in the round it waits in; rank 0 learns it after its batch 1, the same
     round. Both call the user's handler, then exit status 143. Before, rank 1 met Lightning's reduce of loader 0's
     loss with rank 0's round: rank 0 alone called the handler and ended, rank 1 was held in the reduce."""
-    _HANDLER_LOG[:] = [tmp_path]
-    before = signal.signal(signal.SIGTERM, _recording_sigterm_handler)
-    try:
-        trainer = make_trainer(tmp_path, devices=2, use_distributed_sampler=False,
-                               callbacks=[SigtermInStage(tmp_path, 0, 1), PreemptionCheckpoint(signum=signal.SIGTERM)])
-        with pytest.raises(torch.multiprocessing.ProcessExitedException) as ended:
-            trainer.validate(_TwoLoaders(((12, 4), (8, 12)), sized=True), verbose=False)
-    finally:
-        signal.signal(signal.SIGTERM, before)
-    assert ended.value.exit_code == 128 + signal.SIGTERM, ended.value
+    _validate_under_sigterm(tmp_path, SigtermInStage(tmp_path, 0, 1), _TwoLoaders(((12, 4), (8, 12)), sized=True))
     assert _stage_records(tmp_path, 2) == ([1, 0], [1, 1])
 
 
