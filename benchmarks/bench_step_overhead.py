@@ -35,13 +35,10 @@ Writes ``benchmarks/results/bench_step_overhead.json`` and ``.png``.
 from __future__ import annotations
 
 import argparse
-import cProfile
-import io
 import json
 import logging
 import os
 import platform
-import pstats
 import statistics
 import tempfile
 import time
@@ -50,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _timing import log_profile  # a sibling module: run this file as benchmarks/bench_step_overhead.py
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_soaa import ASGO, SOAA, ShardedAdamW
@@ -249,14 +247,10 @@ def _run_world(world: int, rounds: int, n: int, warmup: int) -> list[dict[str, A
 
 def _profile(steps: dict[str, Callable[[], Any]], n: int = 300) -> None:
     for k in ("soaa", "sharded_adamw", "asgo", "asgo_root_every_10"):
-        pr = cProfile.Profile()
-        pr.enable()
-        for _ in range(n):
-            steps[k]()
-        pr.disable()
-        buf = io.StringIO()
-        pstats.Stats(pr, stream=buf).sort_stats("cumulative").print_stats(30)
-        log.info("---- cProfile of %d steps of %s (W = 1)\n%s", n, k, buf.getvalue())
+        def run(step: Callable[[], Any] = steps[k]) -> None:
+            for _ in range(n):
+                step()
+        log_profile(log, run, f"{n} steps of {k} (W = 1)", lines=30)
 
 
 def main() -> None:

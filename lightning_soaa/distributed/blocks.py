@@ -105,18 +105,7 @@ class BlockTable:
         rank: int,
         shard: bool = True,
     ) -> None:
-        rows: list[tuple[int, int, int, BlockSpec, tuple[int, ...]]] = []
-        for pi, (p, gi, plist) in enumerate(zip(params, group_of_param, specs)):
-            if not plist:
-                raise ValueError(f"parameter {pi} produced no blocks")
-            for si, s in enumerate(plist):
-                if s.dim is None:
-                    shape = tuple(p.shape)
-                else:
-                    if not (0 <= s.start < s.stop <= p.shape[s.dim]):
-                        raise ValueError(f"block {si} of parameter {pi} has an invalid range {s}")
-                    shape = tuple(p.shape[:s.dim]) + (s.stop - s.start,) + tuple(p.shape[s.dim + 1:])
-                rows.append((pi, gi, si, s, shape))
+        rows = _rows(params, group_of_param, specs, first=0)
         self.world_size = world_size
         self.rank = rank
         self.shard = shard
@@ -130,6 +119,33 @@ class BlockTable:
         self.by_param: list[list[BlockInfo]] = [[] for _ in params]
         for b in self.blocks:
             self.by_param[b.param_index].append(b)
+
+    def extended(self, params: Sequence[torch.Tensor], group_of_param: Sequence[int],
+                 specs: Sequence[Sequence[BlockSpec]]) -> BlockTable:
+        """A new table: the one :class:`BlockTable` would build over this table's parameters followed by
+        ``params`` (their groups, their specs), made without re-reading the existing blocks. An
+        ``add_param_group`` per layer (Lightning's BaseFinetuning) rebuilt every block at each call:
+        quadratic (1000 groups: 11 s). The owners are assigned afresh over all costs (greedy, so a new
+        block may move an existing one at W > 1); at W = 1 or without sharding nothing existing changes.
+        This table is left as it is."""
+        rows = _rows(params, group_of_param, specs, first=len(self.by_param))
+        old, costs = self.blocks, [r[3].cost for r in rows]
+        if self.shard and self.world_size > 1:
+            owners = assign_owners([b.cost for b in old] + costs, self.world_size)
+        else:  # one owner (the costs validated as the full build does; the existing ones were)
+            owners = [b.owner for b in old] + (assign_owners(costs, 1) if self.shard else [self.rank] * len(costs))
+        out = BlockTable.__new__(BlockTable)
+        out.world_size, out.rank, out.shard = self.world_size, self.rank, self.shard
+        moved = self.shard and self.world_size > 1 and any(b.owner != o for b, o in zip(old, owners))
+        kept = [dataclasses.replace(b, owner=o) for b, o in zip(old, owners)] if moved else list(old)
+        n = len(old)
+        out.blocks = kept + [BlockInfo(n + k, pi, gi, si, s.dim, s.start, s.stop, shape, s.cost, owners[n + k])
+                             for k, (pi, gi, si, s, shape) in enumerate(rows)]
+        # the existing per-parameter lists are shared with this table when no owner moved (never edited)
+        out.by_param = ([[] for _ in self.by_param] if moved else list(self.by_param)) + [[] for _ in params]
+        for b in out.blocks if moved else out.blocks[n:]:
+            out.by_param[b.param_index].append(b)
+        return out
 
     def owned(self) -> list[BlockInfo]:
         return [b for b in self.blocks if b.owner == self.rank]
@@ -149,6 +165,25 @@ class BlockTable:
     def layout(self) -> list[list[tuple[int | None, int, int]]]:
         """World-size independent description of the blocking, stored in checkpoints."""
         return [[(b.dim, b.start, b.stop) for b in blist] for blist in self.by_param]
+
+
+def _rows(params: Sequence[torch.Tensor], group_of_param: Sequence[int], specs: Sequence[Sequence[BlockSpec]],
+          first: int) -> list[tuple[int, int, int, BlockSpec, tuple[int, ...]]]:
+    """``(param_index, group, sub_index, spec, shape)`` of each block, parameters numbered from ``first``."""
+    rows: list[tuple[int, int, int, BlockSpec, tuple[int, ...]]] = []
+    for k, (p, gi, plist) in enumerate(zip(params, group_of_param, specs)):
+        pi = first + k
+        if not plist:
+            raise ValueError(f"parameter {pi} produced no blocks")
+        for si, s in enumerate(plist):
+            if s.dim is None:
+                shape = tuple(p.shape)
+            else:
+                if not (0 <= s.start < s.stop <= p.shape[s.dim]):
+                    raise ValueError(f"block {si} of parameter {pi} has an invalid range {s}")
+                shape = tuple(p.shape[:s.dim]) + (s.stop - s.start,) + tuple(p.shape[s.dim + 1:])
+            rows.append((pi, gi, si, s, shape))
+    return rows
 
 
 def param_fingerprint(params: Sequence[torch.Tensor]) -> int:

@@ -136,12 +136,14 @@ from lightning_soaa.optim.construction import collective_construction, failed_ro
 from lightning_soaa.optim.dcp_plain import handed_out, without_placeholders
 from lightning_soaa.optim.param_checks import (
     DisjointStorage,
-    check_disjoint_storage,
+    Signature,
+    StorageMemo,
     check_param_group,
     check_step,
     check_torch_options,
     gradient_mismatch,
     param_signatures,
+    storage_prints,
     warn_misspelt_keys,
 )
 from lightning_soaa.optim.sd_hooks import hooked_load, hooked_state_dict, keep_run_state
@@ -588,12 +590,15 @@ class ShardedOptimizer(torch.optim.Optimizer):
         # weights are often initialised or loaded after the optimizer is built, so not here
         self._replicas_unchecked = True
         super().__init__(params, defaults)
-        self.__dict__.pop("_storage_index", None)  # the constructor's storage check is done (_check_storage)
+        index = self.__dict__.pop("_storage_index", None)  # the constructor's storage check is done (_check_storage)
         self._setup_dtensor(comm, process_group)
         self._construction_comm = self.comm  # the group the construction check gathers over (construction.py)
         # after the construction check (a collective of every rank): a rank whose sharding options
         # differ must not raise alone before it (the other ranks would wait in it)
         self._build_table()
+        prints = None if index is None else storage_prints(self._params)
+        if prints is not None and len(prints) == len(index.params):  # the memo of the next add_param_group
+            self._storage_memo = StorageMemo(index, prints, self._table)
         self._check_unsharded_mean()
         # an (empty) entry per parameter: torch.distributed.checkpoint's get/set_optimizer_state_dict
         # otherwise takes a zero-gradient lr=0 step() of a fresh optimizer (and of an idle rank's, whose
@@ -642,7 +647,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 if not (k.startswith("_optimizer_") and k.endswith("_hooks")) and k not in self._transient
                 and not (callable(v) and callable(getattr(cls, k, None))) and k != "_opt_called"
                 and k not in ("_view_cache", "_step_counts", "_valid_groups", "_state_ids", "_state_ids_now",
-                              "_hyper_digests", "stop_vote", "_world_at_build")}
+                              "_hyper_digests", "stop_vote", "_world_at_build", "_storage_memo")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         had_differentiable = "differentiable" in state["defaults"]
@@ -849,20 +854,23 @@ class ShardedOptimizer(torch.optim.Optimizer):
         return self._sharded_multi_rank() or (self._dtensor is not None and self.comm.world_size > 1)
 
     # ------------------------------------------------------------------ parameter groups and blocks
-    def _add_group_locally(self, param_group: dict[str, Any]) -> tuple[Exception | None, Any]:
+    def _add_group_locally(self, param_group: dict[str, Any],
+                           memo: StorageMemo | None) -> tuple[Exception | None, Any]:
         """torch's add_param_group and every check that needs no other rank: ``(None, the storage check to
-        finish)`` with the group appended, or ``(the error, None)`` with the optimizer unchanged."""
+        finish)`` with the group appended, or ``(the error, None)`` with the optimizer unchanged. ``memo``:
+        the storage check of the parameters as built, still current (:meth:`_as_built_memo`)."""
         before = len(self.param_groups)
         try:
             super().add_param_group(self._named_like_the_others(listed_params(param_group)))
             check_param_group(self, self.param_groups[-1])  # duplicates, complex, zero-size
             check_torch_options(self, self.param_groups[-1])
-            checked = self._check_storage()
+            checked = self._check_storage(memo)
             self._validate_group(self.param_groups[-1])
             if self._table is not None and (self._dtensor is not None or has_dtensor(param_group["params"])):
                 raise ValueError(f"{type(self).__name__}: add_param_group is not supported with DTensor "
                                  "(FSDP2) parameters; pass every param group to the constructor.")
-            if self._table is not None:  # a block option written into an existing group would be taken as built
+            if self._table is not None and not self._layouts_as_built():  # a block option written into an existing
+                # group would be taken as built
                 for i, g in enumerate(self.param_groups[:-1]):
                     try:
                         self._check_layout(i, g)
@@ -876,28 +884,34 @@ class ShardedOptimizer(torch.optim.Optimizer):
             return e, None
         return None, checked
 
-    def _agree_on_added_group(self, error: Exception | None) -> None:
+    def _agree_on_added_group(self, error: Exception | None, extend: bool) -> bool:
         """Collective (every rank's add_param_group, after the local checks and before its collectives): a
         group refused on some ranks only (its options differ, e.g. an lr one rank computed otherwise) is
         dropped on every rank, which raise together. The refusing rank raised alone before, while the others
-        went on into the state gather and the cross-rank check: a hang."""
-        texts = self.comm.all_gather_object(None if error is None else f"{type(error).__name__}: {error}")
-        bad = [r for r, t in enumerate(texts) if t is not None]
+        went on into the state gather and the cross-rank check: a hang. Returns whether every rank may extend
+        its table (``extend``: its :meth:`_as_built_memo` is current): the memo is per rank (a parameter moved
+        on one rank), and an extended table keeps the existing blocks' costs where a full build recomputes
+        them (ASGO's ``root_every`` changed since), so ranks on different paths could assign other owners."""
+        texts = self.comm.all_gather_object((None if error is None else f"{type(error).__name__}: {error}", extend))
+        bad = [r for r, (t, _) in enumerate(texts) if t is not None]
         if not bad or error is not None:
-            return  # all agree, or this rank raises its own error
+            return all(e for _, e in texts)  # all agree, or this rank raises its own error
         # (the caller drops the group)
         raise RuntimeError(f"{type(self).__name__}.add_param_group: the group was refused on rank(s) {bad} "
-                           f"(rank {bad[0]}: {texts[bad[0]]}); it is dropped on every rank. Add the same group "
+                           f"(rank {bad[0]}: {texts[bad[0]][0]}); it is dropped on every rank. Add the same group "
                            "on every rank. Nothing changed.")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if self._receiver() is not self:  # through Lightning's LightningOptimizer: the table was the wrapper's
             return self._receiver().add_param_group(param_group)
-        error, checked = self._add_group_locally(param_group)
-        full = None
+        # the existing groups and parameters as the table was built for them: only the new group's blocks are
+        # cut and its parameters checked (one group per layer re-cut and re-checked every parameter: quadratic)
+        memo = self._as_built_memo()
+        error, checked = self._add_group_locally(param_group, memo)
+        full, extend = None, memo is not None
         try:
             if self._table is not None and self.comm.world_size > 1:  # the ranks' collectives follow: agree first
-                self._agree_on_added_group(error)
+                extend = self._agree_on_added_group(error, extend)
             if error is None and self._table is not None and self._sharded_multi_rank():
                 full = self._gather_full_state()
         except BaseException:  # refused on another rank, or a collective failed (an unpickled optimizer before
@@ -911,24 +925,33 @@ class ShardedOptimizer(torch.optim.Optimizer):
         checked()
         warn_misspelt_keys(self, self.param_groups[-1], len(self.param_groups) - 1)
         if self._table is not None:  # added after construction: re-shard, keeping existing state
-            before = self._table.layout()
+            before = None if extend else self._table.layout()  # (extended: existing blocks kept)
             # the automatic block size grows with the model: recomputing it re-cut existing parameters
             # while their state kept the old blocks (the kernels then overran it: NaN, heap corruption)
             try:
-                self._build_table(keep_limit=True)
+                self._build_table(keep_limit=True, extend=extend)
             except (ValueError, RuntimeError):  # the new group's blocks (ASGO's row_parts of a matrix they do
                 # not divide), or ranks that disagree on the group (the cross-rank check raises on every rank
                 # together, so every rank rebuilds the table it had, check included): the group is dropped
-                self.param_groups.pop()
-                self._build_table(keep_limit=True)
+                self._drop_added_group()
                 raise
-            if self._table.layout()[:len(before)] != before:
-                self.param_groups.pop()  # leave the optimizer as it was: the blocks its state was made for
-                self._build_table(keep_limit=True)
+            if before is not None and self._table.layout()[:len(before)] != before:
+                self._drop_added_group()  # leave the optimizer as it was: the blocks its state was made for
                 raise RuntimeError(f"{type(self).__name__}.add_param_group re-cut existing blocks (internal)")
             if full is not None:
                 self._restore_owned_state(full)
             dcp.hold_state_entries(self)
+            done = self.__dict__.get("_storage_memo")
+            if done is not None:  # the storage check of every parameter of this table (completed by checked())
+                done.table = self._table
+
+    def _drop_added_group(self) -> None:
+        """Remove the newest group, accepted by the storage check but not by the block table, and rebuild the
+        table it had. The storage memo is dropped: checked() added the group's parameters to it (holding
+        them alive, a refused backbone's included, until the next add; made stale by the rebuild anyway)."""
+        self.param_groups.pop()
+        self.__dict__.pop("_storage_memo", None)
+        self._build_table(keep_limit=True)
 
     def _named_like_the_others(self, param_group: dict[str, Any]) -> dict[str, Any]:
         """A group of bare tensors added after construction to an optimizer built from named parameters
@@ -971,15 +994,17 @@ class ShardedOptimizer(torch.optim.Optimizer):
         for g in extra:
             self.add_param_group(g)
 
-    def _check_storage(self) -> Callable[[], None]:
+    def _check_storage(self, memo: StorageMemo | None = None) -> Callable[[], None]:
         """No two parameters over the same memory (see :func:`check_disjoint_storage`), once the newest
         group is added; returns what records that group as checked (called once the group is accepted).
 
         While the constructor adds its groups (no block table yet) only the newest group's parameters are
         checked, against the earlier groups' (:class:`DisjointStorage`, dropped when the constructor's loop
         ends): re-checking every group at each add made one group per parameter quadratic (2000 groups:
-        8.7 s). The refusals are the same. A group added after construction is checked with every
-        parameter afresh: their memory may have moved since (``model.half()``)."""
+        8.7 s). The refusals are the same. A group added after construction is checked against the spans
+        of ``memo`` when it is current (no parameter moved since it was made, :meth:`_as_built_memo`), else
+        with every parameter afresh: their memory may have moved since (``model.half()``); that check is
+        kept as the memo of the next add."""
         index = self.__dict__.get("_storage_index")
         if self._table is None and (index is not None or len(self.param_groups) == 1):
             index = index if index is not None else DisjointStorage()
@@ -992,10 +1017,42 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 commit()
                 self._storage_index = index
             return checked
+        if memo is not None:
+            gi, first = len(self.param_groups) - 1, len(memo.prints)
+            entries = self._group_params(gi, self.param_groups[gi])
+            return memo.check(self, [p for p, _ in entries],
+                              [repr(n) if n else f"#{first + j}" for j, (_, n) in enumerate(entries)])
+        self.__dict__.pop("_storage_memo", None)
         plist = self._all_params()
-        check_disjoint_storage(self, [p for p, _, _ in plist],
-                               [repr(n) if n else f"#{i}" for i, (_, _, n) in enumerate(plist)])
-        return lambda: None
+        params = [p for p, _, _ in plist]
+        index = DisjointStorage()  # check_disjoint_storage, its index kept
+        commit = index.check(self, params, [repr(n) if n else f"#{i}" for i, (_, _, n) in enumerate(plist)])
+
+        def checked_all() -> None:
+            commit()
+            prints = storage_prints(params)
+            if prints is not None and self._table is not None:
+                self._storage_memo = StorageMemo(index, prints)
+        return checked_all
+
+    def _as_built_memo(self) -> StorageMemo | None:
+        """The storage memo (:class:`StorageMemo`) when the groups hold the parameters, in order and with the
+        names, that the block table was built for, and none of them moved: a new group's blocks then append to
+        the table, and its parameters are checked against the memo's spans. None: check and build afresh."""
+        memo: StorageMemo | None = self.__dict__.get("_storage_memo")
+        lists, members = self.__dict__.get("_group_lists"), self.__dict__.get("_group_members")
+        groups = self.param_groups
+        if (memo is None or self._table is None or self._dtensor is not None or lists is None or members is None
+                or len(groups) != len(lists) or self.__dict__.get("_auto_limit") is None):
+            return None
+        # each group's list the one built, holding what it held: then its members, in order, are self._params
+        if not all(map(operator.is_, [g["params"] for g in groups], lists)) or list(map(len, lists)) != list(
+                map(len, members)) or not _same_members([p for x in lists for p in x], tuple(self._params)):
+            return None
+        names = [n for g in groups for n in (g.get("param_names") or [None] * len(g["params"]))]
+        if names != self._names or not memo.current(self._params, self._table):
+            return None
+        return memo
 
     def _all_params(self) -> list[tuple[Tensor, int, str | None]]:
         return [(p, gi, name) for gi, group in enumerate(self.param_groups)
@@ -1017,15 +1074,24 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def _sharded_multi_rank(self) -> bool:
         return self.sharding.shard and self.comm.world_size > 1
 
-    def _build_table(self, keep_limit: bool = False, check_ranks: bool = True) -> None:
+    def _build_table(self, keep_limit: bool = False, check_ranks: bool = True, extend: bool = False) -> None:
         """The block table over every param group; ``keep_limit``: keep the automatic block size (a group
         added after construction must not re-cut the blocks whose state exists); ``check_ranks=False``:
-        no cross-rank check (a collective), for a rebuild that not every rank may make (_rebuild_unstepped)."""
-        plist = self._all_params()
-        params = [p for p, _, _ in plist]
+        no cross-rank check (a collective), for a rebuild that not every rank may make (_rebuild_unstepped);
+        ``extend`` (with ``keep_limit``): the groups but the newest are those the current table was built for,
+        parameters unmoved (:meth:`_as_built_memo`), so their blocks are kept and the newest group's appended:
+        the table a full build makes, at the cost of the new group (and, at W > 1, of the owners and the
+        cross-rank check, which cover every block)."""
+        first = len(self._group_lists) if extend else 0
+        plist = [(p, gi, name) for gi in range(first, len(self.param_groups))
+                 for p, name in self._group_params(gi, self.param_groups[gi])]
+        new = [p for p, _, _ in plist]
+        params = self._params + new if extend else new
+        names = self._names + [name for _, _, name in plist] if extend else [name for _, _, name in plist]
         world = self.comm.world_size if self.sharding.shard else 1
         limit = self.__dict__.get("_auto_limit")
         if not keep_limit or limit is None:
+            assert not extend, "extend keeps the block size"
             self._auto_limit = self._auto_block_numel(params, world)  # the same on every rank of this W
         check = self.comm.world_size > 1 and check_ranks  # every rank, whatever its shard value: see the method
         try:
@@ -1034,32 +1100,47 @@ class ShardedOptimizer(torch.optim.Optimizer):
             # collective of another size
             try:
                 specs = [self._block_specs(p, self.param_groups[gi], name) for p, gi, name in plist]
-                table = BlockTable(params, [gi for _, gi, _ in plist], specs, world_size=world,
-                                   rank=self.comm.rank if self.sharding.shard else 0, shard=self.sharding.shard)
+                gis = [gi for _, gi, _ in plist]
+                table = self._table.extended(new, gis, specs) if extend and self._table is not None else BlockTable(
+                    params, gis, specs, world_size=world, rank=self.comm.rank if self.sharding.shard else 0,
+                    shard=self.sharding.shard)
             except Exception:
                 if check:  # specs refused on some ranks only (their parameters or group differ): see the method
                     self._join_check_failed()
                 raise
             if check:
-                self._check_same_params_on_all_ranks(params, [name for _, _, name in plist], table)
+                self._check_same_params_on_all_ranks(params, names, table)
         except BaseException:  # nothing changed: the block size the current table was cut with
             if limit is None:
                 self.__dict__.pop("_auto_limit", None)
             else:
                 self._auto_limit = limit
             raise
+        self._adopt_table(table, params, names, first, check_ranks)
+
+    def _adopt_table(self, table: BlockTable, params: list[Tensor], names: list[str | None], first: int,
+                     check_ranks: bool) -> None:
+        """Make ``table`` (over ``params``) the optimizer's; ``first``: the groups before it are as the
+        current table was built for (their records are kept)."""
+        added = params[len(self._params):] if first else params
+        kept: list[Signature] = self._built if first else []
         self._table = table
-        self._params = params
-        self._built = param_signatures(params)
+        self._params: list[Tensor] = params
+        self._built: list[Signature] = kept + param_signatures(added)
         if check_ranks:  # what every rank built together (a rebuild back to it digests as no rebuild)
             self._agreed_built = self._built
-        self._names = [name for _, _, name in plist]
+        self._names: list[str | None] = names
+        groups = self.param_groups[first:]
         # copies: a list value (ASGO's adamw_indices, a pair of its fused_parts) edited in place must differ from
-        # the one built
-        self._layout = [{k: copy.deepcopy(g.get(k)) for k in self._block_option_keys()} for g in self.param_groups]
+        # the one built (the kept groups' values are those built: _check_layout refused any other)
+        keys = self._block_option_keys()
+        layout: list[dict[str, Any]] = self._layout[:first] if first else []
+        lists: list[list[Tensor]] = self._group_lists[:first] if first else []
+        members: list[tuple[Tensor, ...]] = self._group_members[:first] if first else []
+        self._layout: list[dict[str, Any]] = layout + [{k: copy.deepcopy(g.get(k)) for k in keys} for g in groups]
         # see _hyperparameter_error: each group's list and its members (a list edited in place keeps its id)
-        self._group_lists = [g["params"] for g in self.param_groups]
-        self._group_members = [tuple(g["params"]) for g in self.param_groups]
+        self._group_lists: list[list[Tensor]] = lists + [g["params"] for g in groups]
+        self._group_members: list[tuple[Tensor, ...]] = members + [tuple(g["params"]) for g in groups]
         self._owned = self._table.owned()
         if self._dtensor is not None:  # a block cut across FSDP2's shards is its holder's alone
             self._owned = [b for b in self._owned if self._dtensor.holds(b)]
@@ -1909,6 +1990,14 @@ class ShardedOptimizer(torch.optim.Optimizer):
             if not ok:
                 return False
         return True
+
+    def _layouts_as_built(self) -> bool:
+        """Whether every group but the newest has the block options it was built with (one pass; :meth:`_check_layout`
+        names what differs)."""
+        built = self.__dict__.get("_layout")
+        groups = self.param_groups[:-1]
+        return built is not None and len(built) >= len(groups) and all(
+            not g.get(k) != was for g, b in zip(groups, built) for k, was in b.items())
 
     def _check_layout(self, i: int, group: dict[str, Any]) -> None:
         """Raise when a :attr:`layout_keys` option of group ``i`` differs from the one its blocks were

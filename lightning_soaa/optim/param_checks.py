@@ -28,6 +28,7 @@ from torch import Tensor
 from lightning_soaa.distributed.dtensor import is_dtensor
 
 __all__ = ["capabilities", "check_param_group", "check_disjoint_storage", "check_step", "DisjointStorage",
+           "StorageMemo",
            "param_signatures", "warn_misspelt_keys"]
 
 log = logging.getLogger(__name__)
@@ -181,6 +182,56 @@ class DisjointStorage:
                 self._order.setdefault(key, len(self._order))
                 self._spans[key] = merged[key]
         return commit
+
+
+#: what a parameter's memory span, self-overlap and signature are read from (see :class:`StorageMemo`)
+_Print = tuple[int, int, torch.Size, tuple[int, ...], torch.dtype, torch.device]
+
+
+def storage_prints(params: Sequence[Tensor]) -> list[_Print] | None:
+    """Each parameter's first element's address, its storage's address, shape, strides, dtype and device (None
+    where a tensor has no plain storage to read)."""
+    try:
+        return [(p.data_ptr(), p.untyped_storage().data_ptr(), p.shape, p.stride(), p.dtype, p.device)
+                for p in params]
+    except (RuntimeError, NotImplementedError, TypeError):  # a tensor subclass without a storage
+        return None
+
+
+@dataclasses.dataclass
+class StorageMemo:
+    """The storage check of an optimizer's parameters (:class:`DisjointStorage` over them, in order) kept
+    for its next ``add_param_group``, with what each one's span was read from (:func:`storage_prints`).
+    While every parameter reads the same (none moved: ``model.half()``, ``p.data = ...``, ``to_empty``
+    change an address, a dtype or a layout) the spans are those of the index, so a group added is checked
+    against them alone, not every parameter afresh (one group per layer was quadratic: 1000 groups, 5 s of
+    storage checks). ``table``: the block table it was completed for; any other table (a rebuild, a
+    group refused after the check) makes it stale."""
+
+    index: DisjointStorage
+    prints: list[_Print]
+    table: Any = None
+
+    def current(self, params: Sequence[Tensor], table: Any) -> bool:
+        """Whether the memo still holds for ``params`` (the parameters ``table`` was built over)."""
+        return (table is not None and self.table is table and len(params) == len(self.prints)
+                and storage_prints(params) == self.prints)
+
+    def check(self, optimizer: Any, params: Sequence[Tensor], labels: Sequence[str]) -> Callable[[], None]:
+        """:meth:`DisjointStorage.check` of the parameters of an added group; the commit adds them here too and
+        leaves the memo stale until the new table is set (``table``)."""
+        commit = self.index.check(optimizer, params, labels)
+
+        def extend() -> None:
+            prints = storage_prints(params)
+            commit()
+            self.table = None
+            if prints is None:  # nothing to compare the next time: a full check then
+                self.prints = []
+                self.index = DisjointStorage()
+            else:
+                self.prints.extend(prints)
+        return extend
 
 
 class _Numbered:

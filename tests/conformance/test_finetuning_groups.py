@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from lightning_soaa.registry import FirstArg, OptimizerSpec
-from tests.conformance._battery import SPECS, assert_close, params, step
+from tests.conformance._battery import SPECS, assert_close, assert_identical, params, step
 from tests.harness.models import tiny_mlp
 
 _TAKES_PARAMS = [s for s in SPECS if s.first_arg is FirstArg.NAMED_PARAMETERS]
@@ -87,3 +87,30 @@ def test_groups_assigned_over_other_parameters_are_still_refused(spec: Optimizer
     with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\] is no longer the list"):
         step(spec, model, opt, 1)
     assert all(torch.equal(a, b) for a, b in zip(params(model), w))
+
+
+def _groups_of(model: nn.Module, lr: float) -> list[dict[str, Any]]:
+    """The first layer as one group, then one group per parameter, each with its own lr (layer-wise lr)."""
+    named = list(model.named_parameters())
+    return [{"params": named[:2]}] + [{"params": [np], "lr": lr * (0.5 + 0.1 * i)} for i, np in enumerate(named[2:])]
+
+
+@pytest.mark.parametrize("spec", _TAKES_PARAMS, ids=[s.name for s in _TAKES_PARAMS])
+def test_groups_added_one_at_a_time_equal_the_groups_given_up_front(spec: OptimizerSpec) -> None:
+    """add_param_group appends the new group's blocks to the table (the existing ones kept as cut), not a
+    rebuild over every parameter at each call (one group per layer was quadratic): the blocks, the state and
+    the steps must be those of the optimizer built with every group at once, bit for bit."""
+    lr = spec.test_kwargs["lr"]
+    added, given = tiny_mlp(0), tiny_mlp(0)
+    groups = _groups_of(added, lr)
+    opt_a = spec.load()(groups[:1], **spec.test_kwargs)
+    for g in groups[1:]:
+        opt_a.add_param_group(g)
+    opt_b = spec.load()(_groups_of(given, lr), **spec.test_kwargs)
+    assert opt_a.block_table.blocks == opt_b.block_table.blocks
+    assert [g["param_names"] for g in opt_a.param_groups] == [g["param_names"] for g in opt_b.param_groups]
+    for t in range(3):
+        step(spec, added, opt_a, t)
+        step(spec, given, opt_b, t)
+    assert_identical(opt_a.state_dict(), opt_b.state_dict())
+    assert_identical(params(added), params(given), "params")

@@ -277,3 +277,76 @@ def test_a_group_added_where_its_collectives_fail_leaves_the_optimizer_unchanged
     with pytest.raises(RuntimeError, match="call torch.distributed.init_process_group"):
         opt.add_param_group({"params": list(model[2].parameters())})
     assert len(opt.param_groups) == 1
+
+
+def _w_groups_added_one_at_a_time(rank, world_size):
+    from lightning_soaa.registry import REGISTRY, FirstArg
+    from tests.conformance._battery import step
+
+    out = {}
+    for spec in [s for s in REGISTRY if s.first_arg is FirstArg.NAMED_PARAMETERS]:
+        models, opts = [tiny_mlp(0), tiny_mlp(0)], []
+        for i, model in enumerate(models):
+            named = list(model.named_parameters())
+            groups = [{"params": named[:2]}] + [{"params": [np], "lr": spec.test_kwargs["lr"] * (0.5 + 0.1 * j)}
+                                                for j, np in enumerate(named[2:])]
+            opt = spec.load()(groups if i else groups[:1], **spec.test_kwargs)
+            for g in groups[1:] if not i else ():  # the same collectives on every rank, in the same order
+                opt.add_param_group(g)
+            opts.append(opt)
+        same_blocks = opts[0].block_table.blocks == opts[1].block_table.blocks
+        for t in range(3):
+            for model, opt in zip(models, opts):
+                step(spec, model, opt, t, rank=rank, world=world_size, average=True)
+        states = []
+        for opt in opts:
+            opt.consolidate_state_dict(to=None)
+            states.append(opt.state_dict())
+        out[spec.name] = (same_blocks, [o.block_table.owned() for o in opts], states,
+                          [[p.detach().clone() for p in m.parameters()] for m in models])
+    return out
+
+
+def test_groups_added_one_at_a_time_equal_the_groups_given_up_front_at_w2(tmp_path: Path):
+    """add_param_group appends the new group's blocks (owners assigned afresh over every block: an existing
+    block may move to the other rank, its state with it) instead of rebuilding the table over every
+    parameter: at W = 2 the blocks, owners, state and steps equal those of the optimizer built with every
+    group at once, on every rank."""
+    from tests.conformance._battery import assert_identical
+
+    out = run_distributed(_w_groups_added_one_at_a_time, 2, tmp_path, timeout=120)
+    for rank, per in enumerate(out):
+        for name, (same_blocks, owned, states, ps) in per.items():
+            assert same_blocks, (rank, name)
+            assert owned[0] == owned[1] and owned[0], (rank, name)
+            assert_identical(states[0], states[1], f"{name} rank {rank} state")
+            assert_identical(ps[0], ps[1], f"{name} rank {rank} params")
+
+
+def _w_memo_current_on_one_rank(rank, world_size):
+    from lightning_soaa.optim.asgo import ASGO
+
+    torch.manual_seed(0)
+    d = [8, 40, 12, 36, 16, 32, 20]  # matrices of different costs: the owners follow the costs
+    model = nn.Sequential(*[nn.Linear(d[i], d[i + 1], bias=False) for i in range(6)]).double()
+    named = list(model.named_parameters())
+    opt = ASGO([{"params": named[:4], "root_every": 1}], lr=1e-2)
+    opt.param_groups[0]["root_every"] = 10  # a cost-only option: the existing blocks' costs change
+    if rank == 1:  # moved on this rank only: its storage memo is stale, rank 0's current
+        named[0][1].data = named[0][1].data.clone()
+    try:
+        opt.add_param_group({"params": named[4:]})
+        msg = "no error"
+    except RuntimeError as e:
+        msg = str(e)
+    return msg, [b.owner for b in opt.block_table.blocks]
+
+
+def test_ranks_on_different_add_paths_agree_on_the_table(tmp_path: Path):
+    """The storage memo that lets add_param_group extend the table is per rank (a parameter moved on one
+    rank only); an extended table keeps the existing blocks' costs, a full build recomputes them (a
+    root_every changed since), so one rank extending while the other rebuilt assigned other owners and the
+    cross-rank check refused a valid group on every rank. The ranks agree on the path first."""
+    out = run_distributed(_w_memo_current_on_one_rank, 2, tmp_path, timeout=90)
+    assert [msg for msg, _ in out] == ["no error", "no error"], out
+    assert out[0][1] == out[1][1] and len(out[0][1]) == 6, out

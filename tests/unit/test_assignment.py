@@ -76,3 +76,25 @@ def test_fingerprint_sees_shape_and_dtype():
     assert param_fingerprint(a) == param_fingerprint([torch.ones(3, 4), torch.ones(4)])
     assert param_fingerprint(a) != param_fingerprint([torch.zeros(4, 3), torch.zeros(4)])
     assert param_fingerprint(a) != param_fingerprint([torch.zeros(3, 4, dtype=torch.float64), torch.zeros(4)])
+
+
+@pytest.mark.parametrize("world,rank,shard", [(1, 0, True), (3, 1, True), (4, 3, True), (2, 1, False)])
+def test_an_extended_table_is_the_table_built_over_every_parameter(world, rank, shard):
+    """``BlockTable.extended`` (add_param_group appends a group's blocks instead of rebuilding): the blocks,
+    owners (an existing block may move to another rank at W > 1) and per-parameter lists a full build makes;
+    the table extended is left as it was."""
+    g = torch.Generator().manual_seed(world)
+    params = [torch.zeros(int(torch.randint(1, 9, (), generator=g)), 3) for _ in range(12)]
+    specs = [[BlockSpec(None, 0, 0, float(p.numel()))] if i % 3 else
+             [BlockSpec(0, 0, 1, 3.0), BlockSpec(0, 1, p.shape[0], 3.0 * (p.shape[0] - 1))] if p.shape[0] > 1 else
+             [BlockSpec(None, 0, 0, 3.0)] for i, p in enumerate(params)]
+    groups = [min(i, 5) for i in range(len(params))]
+    table = BlockTable(params[:2], groups[:2], specs[:2], world_size=world, rank=rank, shard=shard)
+    for k in range(2, len(params)):
+        before = list(table.blocks)
+        grown = table.extended(params[k:k + 1], groups[k:k + 1], specs[k:k + 1])
+        assert table.blocks == before
+        table = grown
+        full = BlockTable(params[:k + 1], groups[:k + 1], specs[:k + 1], world_size=world, rank=rank, shard=shard)
+        assert table.blocks == full.blocks and table.by_param == full.by_param and table.owned() == full.owned()
+        assert (table.world_size, table.rank, table.shard) == (full.world_size, full.rank, full.shard)
