@@ -33,6 +33,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -127,6 +128,7 @@ def resolve_root_method(method: str, device: torch.device, dtype: torch.dtype = 
     return "polar_express_eigh" if cpu_narrow and large else "polar_express"
 
 
+@functools.cache  # called a dozen times a step; torch.promote_types is an operator call each time
 def root_compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 or wider: half precisions are promoted, float64 stays float64."""
     return torch.promote_types(dtype, torch.float32)
@@ -322,21 +324,61 @@ def _coupled(
     squeeze = v.dim() == 2
     v3 = v.to(dt).reshape(-1, v.shape[-2], v.shape[-1])
     k = v3.shape[-1]
-    eye = torch.eye(k, dtype=dt, device=v.device)
-    shift = eps * (eye if sizes is None else torch.diag_embed(_real_diagonal(sizes, k, dt, v.device)))
+    eye, shift = _constants(k, dt, v.device, eps, None if sizes is None else tuple(int(n) for n in sizes),
+                            plain=type(v) is Tensor)
     # the norm accumulated in float64: a float32 Gram with entries ~1e20 (gradients ~1e10) is finite but
     # its float32 norm is not, and Y = V / inf = 0 made the root exactly 0, a finite "success"
     s64 = 1.01 * torch.linalg.matrix_norm(v3 + shift, dtype=torch.float64).reshape(-1, 1, 1)
     s = s64.to(dt)  # inf where the scale itself is beyond the dtype: the result is then NaN (below)
     y0 = v3 / s
     # the floor on the whole diagonal, a padded batch's padding too: diag(V, 0) still maps to diag(f(V), f(0) I)
-    z, y = _iterate(y0 + floor * eye if floor > 0.0 else y0, eye, coeffs, num_iters, last_y=floor > 0.0)
+    # y0 + floor I as one add (floor * 1 and floor * 0 are exact, so the sum rounds as y0 + floor * eye)
+    z, y = _iterate(torch.add(y0, eye, alpha=floor) if floor > 0.0 else y0, eye, coeffs, num_iters,
+                    last_y=floor > 0.0)
     if floor > 0.0:
         # the iteration keeps Y = (Y0 + floor I) Z, so Y0 Z = Y - floor Z without a product of large factors
         z = _polish(z, y - floor * z, FLOOR_POLISH_STEPS)
-    out = z / torch.sqrt(s)
-    out = torch.where(torch.isfinite(s), out, torch.full_like(out, float("nan")))  # non-finite: callers check
+    # a non-finite scale gives an all-NaN root (callers check): s - s is +0 for a finite s (>= 0, so s + 0 is
+    # s, bit for bit) and NaN for inf or NaN; four small ops instead of a where over the whole batch
+    out = z / torch.sqrt(s + (s - s))
     return out[0] if squeeze else out.reshape(v.shape), s64.reshape(-1)
+
+
+#: the most elements one kept ``(I, eps I)`` pair may hold: k = 256 unpadded, or a padded batch as large (its
+#: shift is ``[n, k, k]``, growing with ``n``): 16 pairs of at most 1 MiB (float64), 16 MiB in all
+_CONSTANTS_MAX_NUMEL = 2 * 256 * 256
+
+
+def _constants(k: int, dtype: torch.dtype, device: torch.device, eps: float,
+               sizes: tuple[int, ...] | None, plain: bool = True) -> tuple[Tensor, Tensor]:
+    """``(I, eps I)`` of :func:`_coupled` (``eps`` on each padded matrix's own diagonal for ``sizes``), kept
+    between calls when small (:data:`_CONSTANTS_MAX_NUMEL`): making them was three operator calls per batch
+    at every step, as costly as a small batch's matmuls. Never written to (callers only read them).
+
+    ``plain``: the statistic is a plain tensor. A FakeTensor (FakeTensorMode, torch.export), a DTensor or
+    another subclass gets tensors made for the call: a fake identity kept would be handed to later real
+    calls (and a real one to fake calls), which then raise at every step."""
+    numel = k * k * (2 if sizes is None else 1 + len(sizes))
+    if not plain or numel > _CONSTANTS_MAX_NUMEL:
+        return _make_constants(k, dtype, device, eps, sizes)
+    eye, shift = _cached_constants(k, dtype, device, eps, sizes)
+    if type(eye) is not Tensor:  # made under a tensor mode that takes plain inputs (a fake one): not kept
+        _cached_constants.cache_clear()
+        return _make_constants(k, dtype, device, eps, sizes)
+    return eye, shift
+
+
+def _make_constants(k: int, dtype: torch.dtype, device: torch.device, eps: float,
+                    sizes: tuple[int, ...] | None) -> tuple[Tensor, Tensor]:
+    # plain tensors even when first made under torch.inference_mode (an inference tensor cannot be
+    # saved for a backward pass through the iteration)
+    with torch.inference_mode(False), torch.no_grad():
+        eye = torch.eye(k, dtype=dtype, device=device)
+        shift = eps * (eye if sizes is None else torch.diag_embed(_real_diagonal(sizes, k, dtype, device)))
+    return eye, shift
+
+
+_cached_constants = functools.lru_cache(maxsize=16)(_make_constants)
 
 
 def _iterate(y: Tensor, eye: Tensor, coeffs: Sequence[tuple[float, float, float]], num_iters: int,
@@ -351,7 +393,8 @@ def _iterate(y: Tensor, eye: Tensor, coeffs: Sequence[tuple[float, float, float]
         bmat = torch.baddbmm(t, t, t, beta=b, alpha=c)  # b T + c T^2
         if last_y or i < num_iters - 1:
             y = torch.baddbmm(y, y, bmat, beta=a)  # a Y + Y B
-        z = bmat + a * eye if i == 0 else torch.baddbmm(z, bmat, z, beta=a)  # a Z + B Z
+        # a Z + B Z; at i = 0 Z = I, and B + a I is one add (a * 1 and a * 0 are exact)
+        z = torch.add(bmat, eye, alpha=a) if i == 0 else torch.baddbmm(z, bmat, z, beta=a)
     return z, y
 
 
@@ -389,18 +432,32 @@ def coupled_scalar_map(
 
 def _scalar_map(x: Tensor, coeffs: Sequence[tuple[float, float, float]], num_iters: int, floor: float) -> Tensor:
     """:func:`coupled_scalar_map` without the clamp: what the iteration does to a negative eigenvalue too
-    (only where the polishing steps see it: the floored iteration itself sees ``x + floor``)."""
+    (only where the polishing steps see it: the floored iteration itself sees ``x + floor``).
+
+    The recursion as written there, with the same roundings in the same order, in fewer operator calls
+    (each costs microseconds on a few hundred values; ~60 of them were most of the eigendecomposition
+    route's cost besides LAPACK): the first iteration's ``z = 1`` is not multiplied, ``y`` and ``z`` are
+    one tensor scaled by ``q`` together, and temporaries are updated in place."""
     y = x + floor
-    z = torch.ones_like(y)
-    for i in range(num_iters):
-        a, b, c = coeffs[min(i, len(coeffs) - 1)]
-        t = z * y
-        q = a + t * (b + c * t)
-        y = y * q
-        z = z * q
+    if num_iters == 0:
+        z = torch.ones_like(y)
+    else:
+        a, b, c = coeffs[0]
+        q = y * c  # t = z y = y
+        q.add_(b).mul_(y).add_(a)  # q = a + t (b + c t)
+        yz = torch.stack((y * q, q))  # y q and z q = q
+        y, z = yz.unbind(0)  # views: yz.mul_ updates both
+        for i in range(1, num_iters):
+            a, b, c = coeffs[min(i, len(coeffs) - 1)]
+            t = z * y
+            q = t * c
+            q.add_(b).mul_(t).add_(a)
+            yz.mul_(q)
     if floor > 0.0:
         for _ in range(FLOOR_POLISH_STEPS):
-            z = z * (1.5 - 0.5 * z * z * x)
+            u = z * 0.5  # z (1.5 - 0.5 z^2 x), left to right
+            u.mul_(z).mul_(x)
+            z = z * (1.5 - u)
     return z
 
 
@@ -439,9 +496,10 @@ def inv_sqrt_spectral(
     s = _spectral_scale(v3, eps)
     # A non-finite block (its norm is non-finite) must come back non-finite, the caller's contract,
     # not raise inside LAPACK or poison its batch: eigh sees the identity there, the result is NaN.
-    finite = torch.isfinite(s)
+    finite = (s - s) == 0  # isfinite(s) in two small ops (s >= 0 or NaN: s - s is 0, or NaN for inf and NaN)
     safe = v3
-    if not bool(finite.all()):  # one host check; this method is for CPU tensors
+    all_finite = bool(finite.all())  # one host check; this method is for CPU tensors
+    if not all_finite:
         safe = torch.where(finite.reshape(-1, 1, 1), v3, torch.eye(k, dtype=v3.dtype, device=v3.device))
     try:
         evals, evecs = torch.linalg.eigh(safe)  # reads the lower triangle (V is symmetric up to rounding)
@@ -454,8 +512,9 @@ def inv_sqrt_spectral(
         each = [inv_sqrt_spectral(v3[i : i + 1], coeffs, num_iters, eps, floor) for i in range(v3.shape[0])]
         return torch.cat(each).to(out_dt).reshape(v.shape)
     z = coupled_scalar_map(evals / s.unsqueeze(-1), coeffs, num_iters, floor) / s.sqrt().unsqueeze(-1)
-    z = torch.where(finite.unsqueeze(-1), z, torch.full_like(z, float("nan")))  # NaN rows give NaN blocks
-    out: Tensor = ((evecs * z.unsqueeze(-2)) @ evecs.transpose(-1, -2)).to(out_dt)
+    if not all_finite:
+        z = torch.where(finite.unsqueeze(-1), z, torch.full_like(z, float("nan")))  # NaN rows give NaN blocks
+    out: Tensor = torch.bmm(evecs * z.unsqueeze(-2), evecs.transpose(-1, -2)).to(out_dt)  # (what @ calls)
     return out[0] if squeeze else out.reshape(v.shape)
 
 
@@ -508,7 +567,7 @@ def _spectral_scale(v3: Tensor, eps: float) -> Tensor:
     if k == 0:  # no entry to scale by (and the norm of nothing is 0)
         return torch.zeros(v3.shape[0], dtype=v3.dtype, device=v3.device)
     _, exponent = torch.frexp(v3.abs().amax(dim=(-2, -1)))  # non-finite or 0: exponent 0, scale 1
-    scale = torch.ldexp(torch.ones_like(v3[:, 0, 0]), exponent)
+    scale = torch.ldexp(torch.ones(v3.shape[0], dtype=v3.dtype, device=v3.device), exponent)
     u = v3 / scale.reshape(-1, 1, 1)
     e = eps / scale
     trace = torch.diagonal(u, dim1=-2, dim2=-1).sum(-1)
@@ -612,12 +671,35 @@ def _check_sizes(sizes: Sequence[int], v: Tensor) -> None:
                          f"matrix of an [n, k, k] batch, each from 1 to k (here n = {n}, k = {size}).")
 
 
+def _damped(v: Tensor, damping: float, sizes: Sequence[int] | None = None) -> Tensor:
+    """:func:`damp` of ``v`` in :func:`root_compute_dtype`; without damping ``v`` itself (or its promoted copy),
+    not a clone: every route only reads it (a copy of each Gram at every step, for nothing)."""
+    v = v.to(root_compute_dtype(v.dtype))
+    return v if damping == 0.0 else damp(v, damping, sizes)
+
+
+def _version_of(t: Tensor) -> int:
+    """``t``'s version counter (bumped by every in-place write); -1 for an inference tensor, which has none."""
+    return -1 if t.is_inference() else t._version
+
+
+def _recompute_unchanged(v: Tensor, version: int, z: Tensor, bounded: Sequence[bool], **kw: Any) -> Tensor:
+    """:func:`_recompute_unbounded` of a :class:`PendingRoots`, which reads ``v`` again: without damping or a
+    dtype promotion that is the caller's own tensor (not copied, for speed), so a write to it between the
+    call and ``resolve`` would silently give the roots of another matrix; refused instead."""
+    if not all(bounded) and _version_of(v) != version:
+        raise RuntimeError("pending_inverse_sqrt: its input v was modified in place before resolve(); resolve "
+                           "the roots first, or pass a copy of v.")
+    return _recompute_unbounded(v, z, bounded, **kw)
+
+
 def pending_inverse_sqrt(
     v: Tensor, method: str = "polar_express", *, num_iters: int | None = None, eps: float = 1e-10,
     damping: float = 0.0, sizes: Sequence[int] | None = None, floor: float | None = None,
 ) -> PendingRoots:
     """:func:`inverse_sqrt` of a batch ``[n, k, k]`` without its host read: ``resolve(bounded.tolist())``
-    gives exactly :func:`inverse_sqrt`'s result.
+    gives exactly :func:`inverse_sqrt`'s result. ``v`` must not be modified in place until then (the roots
+    flagged False are recomputed from it; a write in between is refused there).
 
     ``sizes``: ``v`` is a zero-padded batch (:func:`pad_batch`) whose matrix ``i`` is its ``sizes[i] x
     sizes[i]`` corner; the corner of each result is that matrix's root. Only for the iterations (an
@@ -625,14 +707,14 @@ def pending_inverse_sqrt(
     """
     if sizes is not None:
         _check_sizes(sizes, v)
-    vd = damp(v.to(root_compute_dtype(v.dtype)), damping, sizes)
+    vd = _damped(v, damping, sizes)
     method = resolve_root_method(method, v.device, v.dtype, v.shape[-1])
     if method in ("polar_express", "newton_schulz"):
         coeffs = POLAR_EXPRESS_COEFFS if method == "polar_express" else (NEWTON_SCHULZ_COEFFS,)
         n, floor = _map_of(method, v.dtype, num_iters, floor)
         z, ok = _bounded_coupled(vd, coeffs, n, eps, sizes, floor)
-        return PendingRoots(z, ok, functools.partial(_recompute_unbounded, vd, z, coeffs=coeffs, num_iters=n,
-                                                     eps=eps, sizes=sizes, floor=floor))
+        return PendingRoots(z, ok, functools.partial(_recompute_unchanged, vd, _version_of(vd), z, coeffs=coeffs,
+                                                     num_iters=n, eps=eps, sizes=sizes, floor=floor))
     if sizes is not None:
         raise ValueError(f"Invalid sizes={tuple(sizes)!r} for method={method!r}: padded batches are for the "
                          "iterations ('polar_express', 'newton_schulz') only; pass sizes=None.")
@@ -650,7 +732,7 @@ def inverse_sqrt(
     eigendecomposition evaluation (None: :func:`root_floor` of ``v``'s dtype; 0.0: the bare map). The
     result has :func:`root_compute_dtype` of ``v`` and may be non-finite if ``v`` is; callers check.
     """
-    vd = damp(v.to(root_compute_dtype(v.dtype)), damping)
+    vd = _damped(v, damping)
     method = resolve_root_method(method, v.device, v.dtype, v.shape[-1])
     if method in ("polar_express", "newton_schulz"):
         coeffs = POLAR_EXPRESS_COEFFS if method == "polar_express" else (NEWTON_SCHULZ_COEFFS,)
