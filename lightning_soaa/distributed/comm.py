@@ -2,8 +2,9 @@
 
 Every collective an optimizer makes is one visible line in ``optim/*.py`` calling a method here, or
 calling :class:`~lightning_soaa.distributed.exchange.OwnerExchange` (the flat-buffer moves between ranks
-and block owners, one collective per dtype), so a reader can check that all ranks make the same calls,
-in the same order, with the same shapes.
+and block owners, one collective per dtype) or
+:func:`~lightning_soaa.distributed.state_gather.gather_block_states` (checkpoint consolidation), so a
+reader can check that all ranks make the same calls, in the same order, with the same shapes.
 
 Layout of one optimizer step with W = 3 ranks and five blocks (owners chosen by
 :func:`lightning_soaa.distributed.assignment.assign_owners`)::
@@ -43,6 +44,7 @@ __all__ = [
     "dist_world",
     "distributed_running",
     "default_group_ready",
+    "gather_flat",
     "gather_object",
     "group_key",
 ]
@@ -157,6 +159,19 @@ def gather_object(comm: Any, obj: Any, dst: int) -> list[Any] | None:
     return everyone if comm.rank == dst else None
 
 
+def gather_flat(comm: Any, buffer: torch.Tensor, dst: int) -> torch.Tensor | None:
+    """Collective: every rank's equal-length 1-D ``buffer``, rank-major in one ``[W * len]`` tensor, on rank
+    ``dst`` only (None on the others). Through ``comm.gather_flat`` where it has one; a communicator of the
+    user's own, with only the :class:`Communicator` protocol's ``all_gather_flat``, gathers to every rank
+    and the others drop it."""
+    method = getattr(comm, "gather_flat", None)
+    if method is not None:
+        out: torch.Tensor | None = method(buffer, dst)
+        return out
+    everyone = comm.all_gather_flat(buffer)
+    return everyone if comm.rank == dst else None
+
+
 class LocalComm(_StatsMixin):
     """The single-process communicator: every collective is the identity and nothing is counted."""
 
@@ -182,6 +197,9 @@ class LocalComm(_StatsMixin):
 
     def gather_object(self, obj: Any, dst: int) -> list[Any] | None:
         return [obj]
+
+    def gather_flat(self, buffer: torch.Tensor, dst: int) -> torch.Tensor | None:
+        return buffer
 
     def __repr__(self) -> str:
         return "LocalComm()"
@@ -280,6 +298,17 @@ class TorchComm(_StatsMixin):
         to = dst if self.group is None or _is_default_group(self.group) else dist.get_global_rank(self.group, dst)
         dist.gather_object(obj, out, dst=to, group=self.group)
         return out
+
+    def gather_flat(self, buffer: torch.Tensor, dst: int) -> torch.Tensor | None:
+        """Gather equal-length 1-D buffers onto rank ``dst`` of this group into one ``[W * len]`` tensor,
+        rank-major; None on the other ranks (checkpoint consolidation: only ``dst`` receives)."""
+        buf = self._to_comm_device(buffer.reshape(-1))
+        out = torch.empty(buf.numel() * self.world_size, dtype=buf.dtype, device=buf.device) \
+            if self.rank == dst else None
+        self._count("gather", _nbytes(buf))
+        to = dst if self.group is None or _is_default_group(self.group) else dist.get_global_rank(self.group, dst)
+        dist.gather(buf, None if out is None else list(out.chunk(self.world_size)), dst=to, group=self.group)
+        return None if out is None else out.to(buffer.device)
 
     def __repr__(self) -> str:
         return f"TorchComm(rank={self.rank}, world_size={self.world_size}, device={self.device})"
@@ -390,6 +419,9 @@ class DeferredComm:
 
     def gather_object(self, obj: Any, dst: int) -> list[Any] | None:
         return self.attach().gather_object(obj, dst)
+
+    def gather_flat(self, buffer: torch.Tensor, dst: int) -> torch.Tensor | None:
+        return self.attach().gather_flat(buffer, dst)
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (DeferredComm, (self.rank, self.world_size, self.default_group))
