@@ -8,6 +8,10 @@ bench_step_overhead.py: deterministic and load-independent) and the CPU time of 
 (median of 20).
 
     python benchmarks/profile_egn.py [--batches 16 64 256] [--steps 5] [--solve-dtype float64]
+    python benchmarks/profile_egn.py --digits   # the report's digits workload with EGN-m's settings
+
+``--digits``: the benchmark report's digits configuration instead of the bench MLP (report_runs: the MLP
+64-128-128-10 on a batch of 32 digits, cross-entropy, ``EGN_SETTINGS["EGN-m"]`` at its lr 1).
 
 (the package imported is the installed one: put a checkout first with PYTHONPATH=. to profile it)
 """
@@ -67,16 +71,30 @@ def _ops_per_step(opt: Any, x: torch.Tensor, y: torch.Tensor, steps: int = 5) ->
     return mode.calls / steps
 
 
-def profile(b: int, steps: int, solve_dtype: str, line_search: bool) -> dict[str, float]:
+def _digits() -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """EGN-m on the report's digits MLP and its first training batch (report_runs' own builders)."""
+    import report_runs as rr
+
+    w = rr.WORKLOADS["digits"]
+    xtr, ytr, _, _ = rr.data(w.name, False)
+    opts, _ = rr.build("EGN-m", rr.model_for(w.name, 0), 1.0, w)
+    x, y = rr.batches(w, xtr, ytr, 0)()
+    return opts[0], x, y
+
+
+def profile(b: int, steps: int, solve_dtype: str, line_search: bool, digits: bool = False) -> dict[str, float]:
     from lightning_soaa import EGN
 
     torch.set_num_threads(1)
-    model = _mlp()
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(b, SIZES[0], generator=g)
-    y = torch.randint(0, SIZES[-1], (b,), generator=g)
-    opt = EGN(model, loss="cross_entropy", lr=0.5, damping=1.0, max_gram_size=1 << 14,
-              solve_dtype=solve_dtype, line_search=line_search)
+    if digits:
+        opt, x, y = _digits()
+    else:
+        model = _mlp()
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(b, SIZES[0], generator=g)
+        y = torch.randint(0, SIZES[-1], (b,), generator=g)
+        opt = EGN(model, loss="cross_entropy", lr=0.5, damping=1.0, max_gram_size=1 << 14,
+                  solve_dtype=solve_dtype, line_search=line_search)
     opt.step(inputs=x, targets=y)  # warm-up
     prof = cProfile.Profile(time.process_time)  # CPU time: the machine is shared
     prof.enable()
@@ -116,8 +134,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--solve-dtype", default="float64")
     ap.add_argument("--line-search", action="store_true")
+    ap.add_argument("--digits", action="store_true", help="the report's digits workload, EGN-m (b = 32)")
     args = ap.parse_args()
-    table = {b: profile(b, args.steps, args.solve_dtype, args.line_search) for b in args.batches}
+    if args.digits:
+        args.batches = [32]
+    table = {b: profile(b, args.steps, args.solve_dtype, args.line_search, args.digits) for b in args.batches}
     labels = list(dict.fromkeys(k for per in table.values() for k in per))
     print("| phase (ms/step, cProfile) | " + " | ".join(f"b={b}" for b in args.batches) + " |")
     print("|---|" + "---|" * len(args.batches))

@@ -176,3 +176,55 @@ def test_transform_factors_refuses_a_factor_of_the_wrong_shape() -> None:
     layout, fac = _factors(6, 3)
     with pytest.raises(ValueError, match=r"\[6, 3, c' <= 3\]"):
         transform_factors(layout, fac, torch.zeros(6, 3, 4, dtype=DT))
+
+
+@pytest.mark.parametrize("first_weight", [True, False])
+def test_a_bc_288_system_is_assembled_as_a_two_block_staircase(first_weight: bool,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The digits MLP's system (b = 32, c = 10 under cross-entropy: bc' = 288) is assembled for the Cholesky
+    as two row blocks: the second block's columns of the first block's rows are skipped (left zero), the
+    lower triangle is the full SᵀKS (the first site's blocks are written into an uninitialised matrix: with
+    its weight, or its bias alone; here one filled with NaN, so an entry left unwritten is seen whatever
+    memory the allocator hands out)."""
+    b, c = 32, 10
+    g = torch.Generator().manual_seed(3)
+    sites = (LinearFactorShape(1, 6, 16, weight=first_weight), LinearFactorShape(1, 16, 16),
+             LinearFactorShape(1, 16, c))
+    linear = [(torch.randn(b, 1, s.d_in, generator=g, dtype=DT), torch.randn(b, c, 1, s.d_out, generator=g, dtype=DT))
+              for s in sites]
+    layout = GramLayout(num_outputs=c, class_targets=True, sites=sites, rest=0)
+    fac = GramFactors(torch.randn(b, c, generator=g, dtype=DT), torch.randint(0, c, (b,), generator=g), linear, None)
+    _, s = F.residual_and_factor("cross_entropy", fac.outputs, fac.targets)
+    fac = transform_factors(layout, fac, s)
+    full = assemble_gram(layout, fac)
+    empty = torch.empty
+    with monkeypatch.context() as mp:
+        mp.setattr(torch, "empty", lambda *a, **kw: empty(*a, **kw).fill_(float("nan")))
+        lower = assemble_gram(layout, fac, lower_only=True)
+    n, half = b * (c - 1), b * (c - 1) // 2
+    assert lower.shape == (n, n)
+    assert not lower[:half, half:].any() and full[:half, half:].abs().min() > 0
+    assert torch.isfinite(lower).all()
+    torch.testing.assert_close(lower.tril(), full.tril(), rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_lower_triangle_assembly_is_differentiable(bias: bool) -> None:
+    """assemble_gram(lower_only=True) of factors that require grad (the staircase's first site written into
+    an uninitialised matrix) gives the gradients of the full assembly's lower triangle: a block written by
+    ``mul(out=)`` would refuse them."""
+    b, c = 32, 9  # bc = 288: two row blocks
+    g = torch.Generator().manual_seed(4)
+    sites = (LinearFactorShape(1, 6, 8, bias=bias), LinearFactorShape(1, 8, c))
+    linear = [(torch.randn(b, 1, s.d_in, generator=g, dtype=DT).requires_grad_(),
+               torch.randn(b, c, 1, s.d_out, generator=g, dtype=DT).requires_grad_()) for s in sites]
+    layout = GramLayout(num_outputs=c, class_targets=False, sites=sites, rest=0)
+    fac = GramFactors(torch.randn(b, c, generator=g, dtype=DT), torch.randn(b, c, generator=g, dtype=DT), linear,
+                      None)
+    leaves = [t for pair in linear for t in pair]
+    want = torch.autograd.grad(assemble_gram(layout, fac).tril().sum(), leaves, allow_unused=True)
+    got = torch.autograd.grad(assemble_gram(layout, fac, lower_only=True).tril().sum(), leaves, allow_unused=True)
+    for w, h in zip(want, got):
+        assert (w is None) == (h is None)
+        if w is not None:
+            torch.testing.assert_close(h, w, rtol=1e-12, atol=1e-10)

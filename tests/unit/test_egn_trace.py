@@ -5,7 +5,9 @@ bit for bit; the cases that are not chains must be recognised, fall back, and ne
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -161,3 +163,59 @@ def test_a_dropout_left_in_training_mode_is_not_traced_as_the_identity() -> None
     model.body[2].training = True
     opt.step(inputs=torch.randn(8, 6, dtype=DT), targets=torch.randint(0, 3, (8,)))
     assert opt._trace is None
+
+
+def _train_calls(step: Callable[[], None]) -> int:
+    """Calls of ``nn.Module.train`` (the code object itself: a patched class attribute would still be
+    seen) while ``step`` runs."""
+    calls = 0
+
+    def prof(frame: Any, event: str, arg: Any) -> None:
+        nonlocal calls
+        if event == "call" and frame.f_code is nn.Module.train.__code__:
+            calls += 1
+
+    before = sys.getprofile()  # a profiler the runner set (put back, not dropped)
+    sys.setprofile(prof)
+    try:
+        step()
+    finally:
+        sys.setprofile(before)
+    return calls
+
+
+class _OwnTrain(Wrapped):
+    """A model whose ``train`` does more than set the flags (here: counts its switches)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.switches = 0
+
+    def train(self, mode: bool = True) -> _OwnTrain:
+        self.switches += 1
+        return super().train(mode)
+
+
+def test_a_plain_traced_model_is_switched_to_eval_mode_by_its_flags_alone() -> None:
+    """No class of the model extends ``train``, ``eval`` or ``__setattr__``: the step only sets the modules'
+    ``training`` flags (no ``Module.train`` recursion) and puts them back; a model whose class (or instance)
+    extends ``train`` still has it called, every step."""
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 6, dtype=DT), torch.randint(0, 3, (8,))
+    model = Wrapped().double()
+    model.body[1].training = False  # a mixed state comes back as it was
+    modes = [m.training for m in model.modules()]
+    opt = EGN(model, loss="cross_entropy", lr=0.5)
+    assert opt._trace is not None
+    assert _train_calls(lambda: opt.step(inputs=x, targets=y)) == 0
+    assert [m.training for m in model.modules()] == modes and opt._trace is not None
+    own = _OwnTrain().double()
+    opt = EGN(own, loss="cross_entropy", lr=0.5)
+    assert _train_calls(lambda: opt.step(inputs=x, targets=y)) > 0 and own.switches == 1
+    patched = Wrapped().double()
+    opt = EGN(patched, loss="cross_entropy", lr=0.5)
+    seen: list[bool] = []
+    object.__setattr__(patched.body, "train", lambda mode=True: seen.append(mode) or patched.body)
+    opt.step(inputs=x, targets=y)
+    assert seen == [False]  # the instance's own train() ran (and stopped the recursion there)
+    assert all(m.training for m in patched.modules())
