@@ -36,6 +36,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import re
 from collections.abc import Callable, Iterable
 from types import MappingProxyType
 from typing import Any
@@ -69,6 +70,9 @@ from lightning_soaa.optim.stat_guard import GuardedBlock, StatisticGuard, moment
 __all__ = ["ASGO", "DASGO", "asgo_param_groups", "asgo_block_specs", "asgo_block_cost", "asgo_root_cost"]
 
 log = logging.getLogger(__name__)
+#: "emb" at the start of a word of a parameter name (``embed_tokens``, ``tok_emb``, ``wordEmb``, ``pos.emb``):
+#: an embedding by its name; "emb" only after a lower-case letter (``ensemble``, ``member``) is said to the user
+_EMB_WORD = re.compile(r"(?:^|[^a-z])[eE][mM][bB]|[a-z]Emb")
 
 # State keys. Adam's names where the meaning matches (DeepSpeed universal checkpoints keep those).
 STEP = "step"
@@ -379,6 +383,21 @@ class _OneSided(ShardedOptimizer):
                         "fallback); every parameter uses AdamW.", type(self).__name__, len(plist))
         self._warn_unnamed(plist, type(self).__name__, "model.named_parameters() or "
                            "lightning_soaa.optim.asgo.asgo_param_groups(model)")
+        self._warn_emb_inside_words(plist)
+
+    def _warn_emb_inside_words(self, plist: list[tuple[Tensor, int, str | None]]) -> None:
+        """Name the matrices the ``"emb"`` rule sends to AdamW where ``emb`` is only inside a word
+        (``ensemble.0.weight``, ``member_heads``, ``assembler``): the official code's substring rule catches
+        them too, and such a layer then silently trains as AdamW, not ASGO. Not refused (the rule is the
+        paper's); a group with ``use_asgo=True`` keeps them on the matrix method."""
+        groups = self.param_groups
+        caught = [n for p, gi, n in plist if n is not None and p.dim() >= 2 and groups[gi].get("use_asgo") is None
+                  and "emb" in n.lower() and _EMB_WORD.search(n) is None]
+        if caught:
+            log.warning("%s: %d matrix parameter(s) go to AdamW because their names contain \"emb\" inside a word: "
+                        "%s. If they are not embedding tables, give them (matrices only) a param group of "
+                        "their own with use_asgo=True.",
+                        type(self).__name__, len(caught), ", ".join(caught[:5]) + (" ..." if len(caught) > 5 else ""))
 
     def _warn_unnamed(self, plist: list[tuple[Tensor, int, str | None]], where: str, remedy: str) -> None:
         """Say how many matrix-shaped parameters of ``plist`` are routed by shape alone (no name, no

@@ -187,6 +187,28 @@ def test_warns_when_nothing_is_a_matrix(caplog):
     assert "came without names" not in caplog.text
 
 
+
+@pytest.mark.parametrize("cls", [ASGO, DASGO])
+def test_matrices_whose_names_hold_emb_inside_a_word_are_named(cls, caplog):
+    """The official "emb" substring rule sends an ``ensemble`` / ``member_head`` Linear to AdamW too, where
+    the user meant the matrix method: said, naming them (the rule itself is kept); real embedding names and
+    a use_asgo=True group for those matrices are quiet."""
+    w = {n: nn.Parameter(torch.randn(4, 4)) for n in
+         ("ensemble.0.weight", "member_head.weight", "tok_emb.weight", "embed_tokens.weight", "tokEmb.weight",
+          "fc.weight")}
+    with caplog.at_level("WARNING"):
+        opt = cls(list(w.items()))
+    assert ('2 matrix parameter(s) go to AdamW because their names contain "emb" inside a word: '
+            "ensemble.0.weight, member_head.weight." in caplog.text)
+    g = opt.param_groups[0]
+    assert [opt.is_matrix_param(p, g, n) for n, p in w.items()] == [False] * 5 + [True]  # the rule unchanged
+    caplog.clear()
+    inside = ("ensemble.0.weight", "member_head.weight")
+    with caplog.at_level("WARNING"):
+        cls([{"params": [(n, w[n]) for n in inside], "use_asgo": True},
+             {"params": [(n, p) for n, p in w.items() if n not in inside]}])
+    assert "inside a word" not in caplog.text
+
 def test_adam_fallback_matches_torch_adamw_over_many_steps():
     b1 = nn.Parameter(torch.randn(7, dtype=f64))
     b2 = nn.Parameter(b1.detach().clone())
