@@ -27,6 +27,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from lightning_soaa.optim.param_checks import check_initialized
+
 __all__ = ["asgo_param_groups", "route_param_groups", "split_fused", "check_fused", "fused_suffix", "fused_parts_of",
            "route_hint", "RouteHint"]
 
@@ -290,6 +292,7 @@ def split_fused(params: Iterable[Any], fused: Mapping[str, int],
         adamw = _adamw_positions(g, plist)
         for i, item in enumerate(plist):
             name, t = _name_of(item, i, g.get("param_names"), names)
+            check_initialized("ASGO", t, repr(name) if name else f"#{i} of its group")
             given.append(t)
             unnamed += int(name is None and isinstance(t, Tensor) and t.dim() >= 2)
             s = fused_suffix(name, t, fused)
@@ -344,6 +347,7 @@ def asgo_param_groups(module: nn.Module, *, fused: dict[str, int] | None = None,
     **opts}, ...]`` (empty groups are dropped). Every parameter's name and routing, frozen ones too, is
     recorded for a later ``add_param_group`` (:func:`route_hint`).
     """
+    _check_initialized(module, "asgo_param_groups")
     emb_ids = _embedding_table_ids(module) | _weight_norm_gains(module)
     if fused:
         _refuse_transposed_fused(module, check_fused(fused))
@@ -375,6 +379,7 @@ def route_param_groups(module: nn.Module) -> list[dict[str, Any]]:
     :func:`asgo_param_groups` it records every parameter's name and routing (:func:`route_hint`)."""
     from lightning_soaa.optim.asgo import ASGO  # the name rule (that module imports this one)
 
+    _check_initialized(module, "ASGO/DASGO")
     adam = _embedding_table_ids(module) | _weight_norm_gains(module)
     _record_hints(module, adam)
     keep: list[tuple[str, Tensor]] = []
@@ -387,6 +392,12 @@ def route_param_groups(module: nn.Module) -> list[dict[str, Any]]:
             (moved if id(p) in adam and ASGO.name_rule(whole, {}, name) else keep).append((name, p))
     groups: list[dict[str, Any]] = [{"params": keep}] if keep else []
     return groups + ([{"params": moved, "use_asgo": False}] if moved else [])
+
+
+def _check_initialized(module: nn.Module, what: str) -> None:
+    """Refuse a lazy module's uninitialized parameter, naming it, before the walk reads its shape."""
+    for name, p in module.named_parameters():
+        check_initialized(what, p, repr(name))
 
 
 def _embedding_table_ids(module: nn.Module) -> set[int]:

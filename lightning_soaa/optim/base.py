@@ -138,6 +138,7 @@ from lightning_soaa.optim.param_checks import (
     DisjointStorage,
     Signature,
     StorageMemo,
+    check_disjoint_storage,
     check_param_group,
     check_step,
     check_torch_options,
@@ -647,7 +648,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 if not (k.startswith("_optimizer_") and k.endswith("_hooks")) and k not in self._transient
                 and not (callable(v) and callable(getattr(cls, k, None))) and k != "_opt_called"
                 and k not in ("_view_cache", "_step_counts", "_valid_groups", "_state_ids", "_state_ids_now",
-                              "_hyper_digests", "stop_vote", "_world_at_build", "_storage_memo")}
+                              "_hyper_digests", "stop_vote", "_world_at_build", "_storage_memo",
+                              "_step_addresses")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         had_differentiable = "differentiable" in state["defaults"]
@@ -1793,7 +1795,30 @@ class ShardedOptimizer(torch.optim.Optimizer):
             seen = check_step(self, self._params, self._names, built=self._built)
         if not seen and warn:
             self._warn_no_gradients()
+        if self._sharded_multi_rank():
+            self._check_storage_unmoved()
         self._check_state_layout()
+
+    def _check_storage_unmoved(self) -> None:
+        """At W > 1: no two parameters over one memory, also where that came after construction, which
+        checked it (``dec.weight.data = enc.weight.data.t()``, a tie or an initial copy written as an
+        assignment). Each is stepped by its own owner and the all-gather writes both: the replicas drifted
+        apart silently (DDP or ``grad_reduction="mean"``: 2e-2 between the ranks in 4 steps), or raised
+        that the ranks' gradients differ. The full check runs only when a parameter's address changed
+        since the last step that passed it (one ``data_ptr()`` per parameter a step, W > 1 only)."""
+        addresses = [p.data_ptr() for p in self._params]
+        last = self.__dict__.get("_step_addresses")
+        memo: StorageMemo | None = self.__dict__.get("_storage_memo")
+        if addresses == last or (last is None and memo is not None and memo.current(self._params, self._table)):
+            self._step_addresses = addresses  # unmoved since the last step, or since construction checked them
+            return
+        try:
+            check_disjoint_storage(self, self._params, [repr(n) if n else f"#{i}" for i, n in enumerate(self._names)])
+        except ValueError as e:
+            raise ValueError(f"{e} (Found at the step: a parameter's memory changed after the optimizer was built, "
+                             "e.g. p.data = other.data; to copy values use p.data.copy_(other).) Nothing "
+                             "changed.") from None
+        self._step_addresses = addresses
 
     def _check_state_layout(self) -> None:
         """Raise for per-parameter state written into ``optimizer.state`` from outside, not loaded through

@@ -24,11 +24,12 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.nn.parameter import UninitializedParameter
 
 from lightning_soaa.distributed.dtensor import is_dtensor
 
-__all__ = ["capabilities", "check_param_group", "check_disjoint_storage", "check_step", "DisjointStorage",
-           "StorageMemo",
+__all__ = ["capabilities", "check_initialized", "check_param_group", "check_disjoint_storage", "check_step",
+           "DisjointStorage", "StorageMemo",
            "param_signatures", "warn_misspelt_keys"]
 
 log = logging.getLogger(__name__)
@@ -51,10 +52,26 @@ def _label(names: Sequence[str] | None, j: int) -> str:
     return repr(names[j]) if names else f"#{j} of the group"
 
 
+def check_initialized(what: str, p: Any, label: str) -> None:
+    """Raise ``ValueError`` naming ``p`` when it is an uninitialized parameter of a lazy module
+    (``nn.LazyLinear``): its shape is unknown until the module's first forward, and every read of it (its
+    shape, its element count) raised torch's message, which named no parameter, or, where the shape was read
+    first (ASGO's module routes), one that blamed ``load_state_dict``. torch's own optimizers may be built on
+    it; these plan their blocks from the shapes when they are built."""
+    if isinstance(p, UninitializedParameter):
+        raise ValueError(
+            f"{what}: parameter {label} is an uninitialized parameter of a lazy module (nn.LazyLinear, "
+            "nn.LazyConv2d, ...): its shape is not known until the module's first forward, and the optimizer "
+            "plans its blocks from the parameters' shapes when it is built. Run a forward pass with a dummy "
+            "batch (model(example_input)) before building the optimizer, as torch's documentation of lazy "
+            "modules recommends (Lightning: in the LightningModule's __init__ or setup()).")
+
+
 def check_param_group(optimizer: Any, group: dict[str, Any]) -> None:
     """Raise ``ValueError`` naming the first parameter of ``group`` the optimizer cannot step.
 
-    Refused: a tensor listed twice (it would be stepped twice); complex or zero-size tensors where the
+    Refused: an uninitialized parameter of a lazy module (:func:`check_initialized`), a tensor listed twice
+    (it would be stepped twice); complex or zero-size tensors where the
     optimizer's registry entry does not support them. ``meta`` tensors are accepted here, so that the
     sharding of a large model can be planned without memory (``opt.block_table``); :func:`check_step`
     refuses to step them.
@@ -67,6 +84,7 @@ def check_param_group(optimizer: Any, group: dict[str, Any]) -> None:
     for j, p in enumerate(group["params"]):
         if not isinstance(p, Tensor):
             continue  # torch's own add_param_group has already rejected non-tensors
+        check_initialized(what, p, _label(names, j))
         if getattr(p, "_fsdp_flattened", False):  # the marker FSDP1 puts on its flat and original params
             raise ValueError(
                 f"{what}: parameter {_label(names, j)} belongs to an FSDP1 module (FullyShardedDataParallel, "

@@ -10,6 +10,7 @@ For every optimizer in :data:`lightning_soaa.registry.REGISTRY`:
   elsewhere refused at construction;
 * a sparse gradient is refused at the step, before anything changes;
 * ``meta`` parameters: the optimizer may be built on them (sharding plans), a step is refused;
+* a lazy module's uninitialized parameters are refused at construction, naming them;
 * a parameter whose shape or dtype changed after construction is refused at the step, naming it;
 * zero-size parameters (shape ``(0, 5)``): where ``supports_zero_size``, they are left as they are and the
   other parameters follow exactly the run without them; elsewhere refused at construction.
@@ -17,6 +18,7 @@ For every optimizer in :data:`lightning_soaa.registry.REGISTRY`:
 
 from __future__ import annotations
 
+import inspect
 import re
 import warnings
 from pathlib import Path
@@ -329,6 +331,31 @@ def test_meta_parameters_plan_but_do_not_step(spec: OptimizerSpec) -> None:
         spec.take_step(opt, model, x, y)
 
 
+@pytest.mark.parametrize("spec", SPECS)
+def test_lazy_parameters_are_refused_naming_them_until_a_forward_made_them(spec: OptimizerSpec) -> None:
+    """A lazy module's parameters (``nn.LazyLinear``) have no shape before its first forward. torch's
+    optimizers may be built on them; these plan their blocks from the shapes, and every route failed inside
+    torch with a message that named no parameter (ASGO/DASGO's module routes: one that blamed
+    ``load_state_dict``). Refused at construction and by ``add_param_group`` (the optimizer unchanged),
+    naming the parameter and the dry run; built after that forward, the optimizer trains."""
+    msg = r"parameter '0.weight' is an uninitialized parameter of a lazy module .*\(model\(example_input\)\)"
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LazyLinear(4), nn.Tanh(), nn.Linear(4, 2)).double()
+    with pytest.raises(ValueError, match=msg):
+        spec.build(model, **spec.test_kwargs)
+    if spec.first_arg is not FirstArg.MODULE:
+        opt = spec.load()([("2.weight", model[2].weight)], **spec.test_kwargs)
+        with pytest.raises(ValueError, match=msg):
+            opt.add_param_group({"params": [("0.weight", model[0].weight)]})
+        assert len(opt.param_groups) == 1 and len(opt.block_table.blocks) == 1
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    model(x)  # the dry run
+    opt = spec.build(model, **spec.test_kwargs)
+    before = model[0].weight.detach().clone()
+    spec.take_step(opt, model, x, y)
+    assert not torch.equal(before, model[0].weight)
+
+
 # ---------------------------------------------------------------------------------------- changed after construction
 def _resize_hidden(model: nn.Module, width: int) -> None:
     """The hidden layer resized in place (``p.data = ...``), the model still consistent."""
@@ -428,6 +455,38 @@ def test_parameters_over_the_same_memory_are_refused(spec: OptimizerSpec) -> Non
     base = torch.randn(4, 6, dtype=torch.float64)
     left, right = nn.Parameter(base[:, ::2]), nn.Parameter(base[:, 1::2])  # interleaved, no shared element
     spec.load()([("left", left), ("right", right)], **spec.test_kwargs)
+
+
+def _tied_after_construction_worker(rank: int, world_size: int, name: str) -> tuple[str | None, bool, int]:
+    spec = registry.get(name)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6, bias=False), nn.Tanh(), nn.Linear(6, 4, bias=False)).double()
+    reduction = {"grad_reduction": "mean"} if "grad_reduction" in inspect.signature(spec.load()).parameters else {}
+    opt = spec.build(model, **{**spec.test_kwargs, **reduction})
+    model[2].weight.data = model[0].weight.data.t()  # a tie written as an assignment, after the build
+    x = torch.randn(8, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
+    before = model[0].weight.detach().clone()
+    try:
+        spec.take_step(opt, model, x, x)
+    except ValueError as e:
+        return str(e), torch.equal(before, model[0].weight), opt.num_steps
+    return None, torch.equal(before, model[0].weight), opt.num_steps
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_parameters_tied_over_one_memory_after_construction_are_refused_at_the_step(spec: OptimizerSpec,
+                                                                                    tmp_path: Path) -> None:
+    """``dec.weight.data = enc.weight.data.t()`` after the optimizer was built (which checks it): at W = 2
+    each is stepped by its own owner and the all-gather writes both, so with averaged gradients (DDP,
+    ``grad_reduction="mean"``) the replicas drifted apart silently (AdamW 2e-2 between the ranks, 8e-2 off
+    one process, in 4 steps); with ``"none"`` the next step blamed the ranks' data. Refused at the first
+    step after it, on every rank, naming both, before anything changes."""
+    if spec.first_arg is FirstArg.MODULE:
+        pytest.skip(f"{spec.name} steps from the module's own Gauss-Newton system, the same on every rank: its "
+                    "W = 2 run over such a tie equals one process's (measured), as torch's would")
+    for err, unchanged, steps in run_distributed(_tied_after_construction_worker, 2, tmp_path, spec.name):
+        assert err is not None and "parameters '0.weight' and '2.weight' share memory" in err, err
+        assert "p.data.copy_(other)" in err and unchanged and steps == 0
 
 
 @pytest.mark.parametrize("spec", SPECS)

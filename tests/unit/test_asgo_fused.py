@@ -657,3 +657,17 @@ def test_a_frozen_fused_matrix_is_found_after_a_wrapper_walked_first_is_gone() -
     opt = ASGO(asgo_param_groups(m), fused=FUSED, **KW)
     opt.add_param_group({"params": set_qkv_trainable(m, True)})
     assert opt.param_groups[-1]["fused_parts"] == ((0, 3),)
+
+
+def test_the_module_walks_and_fused_refuse_a_lazy_parameter_naming_it() -> None:
+    """``asgo_param_groups`` and ``fused`` read shapes before the optimizer's own check: a lazy module's
+    uninitialized parameter raised torch's message there, naming nothing (the walk's: one that blamed
+    ``load_state_dict``)."""
+    model = nn.Sequential(nn.LazyLinear(6), nn.Tanh(), nn.Linear(6, 2))
+    msg = r"parameter '0.weight' is an uninitialized parameter of a lazy module"
+    with pytest.raises(ValueError, match="asgo_param_groups: " + msg):
+        asgo_param_groups(model, fused={"0.weight": 3})
+    with pytest.raises(ValueError, match="ASGO: " + msg):
+        ASGO(model.named_parameters(), fused={"0.weight": 3}, **KW)
+    model(torch.randn(2, 5))  # the dry run: now it builds
+    ASGO(asgo_param_groups(model, fused={"0.weight": 3}), **KW)
