@@ -137,7 +137,7 @@ _KEPT_ON_LOAD = ("params", "param_names", "max_block_numel", FORMAT_KEY)
 
 def loaded_groups(current: list[dict[str, Any]], saved: list[dict[str, Any]],
                   validate: Callable[[dict[str, Any]], None], keep: Sequence[str] = (),
-                  absent: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+                  absent: Mapping[str, Any] | None = None, say_absent: bool = True) -> list[dict[str, Any]]:
     """The groups a load gives: each current group with the saved hyperparameters (``betas`` as a tuple),
     each checked by ``validate`` before anything changes. Apply them with :func:`commit_groups`.
 
@@ -149,11 +149,15 @@ def loaded_groups(current: list[dict[str, Any]], saved: list[dict[str, Any]],
     ``keep``: the optimizer's block options besides ``max_block_numel`` (ASGO's ``max_block_size`` and
     ``use_asgo``): its blocks were cut with the current values and the saved layout is checked equal to
     them, so a checkpoint saved with other values that cut the same blocks loads; taking the saved values
-    made every later step refuse them as "written into the group after construction"."""
+    made every later step refuse them as "written into the group after construction".
+
+    ``say_absent``: log where an ``absent`` option overrides the built value (False for a look ahead of the
+    load itself, which logs it once the state is known to be this optimizer's)."""
     out = []
     kept = (*_KEPT_ON_LOAD, *keep)
     for i, (group, old) in enumerate(zip(current, with_absent(saved, absent or {}))):
-        _say_absent(i, group, saved[i] if i < len(saved) else None, absent or {})
+        if say_absent:
+            _say_absent(i, group, saved[i] if i < len(saved) else None, absent or {})
         g = dict(group)
         # a tuple comes back a list from JSON-like round trips (betas, adam_betas): as the group holds it
         g.update({k: (tuple(v) if isinstance(v, list) and isinstance(group.get(k), tuple) else v)
@@ -403,7 +407,11 @@ def validate_state_dict(optimizer: CheckpointView, sd: Any, by_position: bool = 
     if meta.get("version") != FORMAT_VERSION:
         raise ValueError(f"{name}.load_state_dict: unsupported format version {meta.get('version')!r}")
     if meta.get("optimizer") != name:
-        raise ValueError(f"{name}.load_state_dict: the state was saved by {meta.get('optimizer')!r}, not {name!r}")
+        raise ValueError(f"{name}.load_state_dict: the state was saved by {meta.get('optimizer')!r}, not {name!r}: "
+                         "a state continues only in the optimizer class that saved it. Resume with that class (its "
+                         "options may change), or switch by loading the model's weights alone and starting this "
+                         "optimizer's state fresh (Lightning: load the checkpoint's 'state_dict' into the module "
+                         "and fit without ckpt_path). Nothing was loaded.")
     groups = sd["param_groups"]
     if len(groups) != len(optimizer.param_groups):
         raise ValueError(

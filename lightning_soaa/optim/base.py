@@ -1741,10 +1741,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
             return self._skip_step(decision.reason)
         try:
             self._apply(views, decision)
+            # part of the update: a rank stopped here holds its peers' blocks as they were, its own stepped
+            self._exchange_out(decision)
         except BaseException as e:  # KeyboardInterrupt too (a notebook's Ctrl+C): it left groups half-updated
             self._update_interrupted(e)
             raise
-        self._exchange_out(decision)
         self._count_step()
         return True
 
@@ -1760,10 +1761,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
         return False
 
     def _update_interrupted(self, error: BaseException) -> None:
-        """``_apply`` raised (out of memory in an update kernel): some owned blocks may hold their new
-        values and state, others the old ones, and nothing can put them back without a copy of them all.
-        Every later step is refused until :meth:`load_state_dict`. At W > 1 the other ranks are left in
-        this step's collectives (the exchange, or one inside their ``_apply``: joining them from here would
+        """The update raised (out of memory in an update kernel in ``_apply``; the exchange after it; SOAA's
+        ``same_batch`` verdict): some owned blocks may hold their new values and state, others the old ones,
+        and nothing can put them back without a copy of them all. Every later step, and a save of it
+        (:meth:`_refuse_interrupted_save`), is refused until :meth:`load_state_dict`. At W > 1 the other ranks
+        are left in this step's collectives (the exchange, or one inside their ``_apply``: joining them from here would
         pair with the wrong call), as after any rank's crash: the launcher ends the job."""
         self._interrupted = f"{type(error).__name__}: {error}"
         add_note = getattr(error, "add_note", None)  # Python >= 3.11
@@ -1771,6 +1773,28 @@ class ShardedOptimizer(torch.optim.Optimizer):
             add_note(f"{type(self).__name__}.step: the update was interrupted on rank {self.comm.rank}: the "
                      "parameters and the optimizer state it owns may be partly updated. Restore the model and "
                      "the optimizer from a checkpoint; the next step() raises until load_state_dict.")
+
+    def _refuse_interrupted_save(self, method: str) -> None:
+        """Refuse a checkpoint of an update that was interrupted on this rank (:meth:`_update_interrupted`).
+        Saved, its partly updated state resumed on a fresh process without an error (EGN: 0.18 off the
+        uninterrupted run a step later), or was refused only at that load, blamed on a state dict that changed
+        after it was taken (the others' step counts); the model saved beside it is half-stepped too.
+
+        Raised before any collective, on this rank alone: its peers may still be inside the interrupted step's
+        collectives (one rank out of memory in its update, the others in the exchange), and a consolidation's
+        all-reduce joined from here met their gather: every rank hung until the process group's timeout. A peer
+        in a save's collective instead raises once this rank's process ends (as after a crash of it)."""
+        why = self.__dict__.get("_interrupted")
+        # a load under way (torch's param_names recipe starts from state_dict()) replaces the state
+        if why is None or self.__dict__.get("_loading_state"):
+            return
+        raise RuntimeError(
+            f"{type(self).__name__}.{method}: an earlier step was interrupted inside its update ({why}) on rank "
+            f"{self.comm.rank}: the parameters and the optimizer state are partly updated there, and a checkpoint "
+            "of them would resume from that state. Keep the last checkpoint saved before the interruption and "
+            "resume from it: load_state_dict, with the model's state of that checkpoint, clears this (torch's DCP "
+            "recipe, which starts from state_dict(), needs the optimizer built anew). Raised on this rank alone, "
+            "before the save's collectives: at W > 1 let the process end (the launcher then ends the job).")
 
     def _interrupted_update_error(self) -> RuntimeError | None:
         why = self.__dict__.get("_interrupted")
@@ -2235,9 +2259,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._consolidated_to = to
 
     def _check_same_instance(self) -> None:
-        """Collective (W > 1, where the consolidation gathers): every rank consolidates this optimizer.
+        """Collective (W > 1, where the consolidation gathers): every rank consolidates this optimizer. A rank
+        holding an interrupted update refuses before it (:meth:`_refuse_interrupted_save`).
         Two optimizers consolidated in different orders on two ranks exchanged each other's blocks (a
         checkpoint holding another optimizer's state, silently; equal shapes) or hung."""
+        self._refuse_interrupted_save("consolidate_state_dict()")
         world = self.comm.world_size
         if world == 1 or not (self._sharded_multi_rank() or self._dtensor is not None):
             return
@@ -2298,6 +2324,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         shape for ``torch.distributed.checkpoint`` (:mod:`lightning_soaa.optim.dcp_state`; call it on every
         rank), unless :meth:`consolidate_state_dict` ran since the last step (then the consolidated state).
         """
+        self._refuse_interrupted_save("state_dict()")
         fresh = self._consolidated_at == self.num_steps + self.skipped_steps
         if self._dtensor is not None and not fresh:
             return dcp.dcp_state_dict(self)
@@ -2337,7 +2364,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
             return self._receiver().load_state_dict(state_dict)
         self._adopt_assigned_groups()
         # the optimizer-wide state stays the checkpoint's when a hook rebuilt the rest (keep_run_state)
-        hooked_load(self, state_dict, lambda final: self._load_full_state_dict(keep_run_state(state_dict, final)))
+        self._loading_state = True
+        try:
+            hooked_load(self, state_dict, lambda final: self._load_full_state_dict(keep_run_state(state_dict, final)))
+        finally:  # (popped: a load hook's nested load_state_dict pops it first)
+            self.__dict__.pop("_loading_state", None)
         self.__dict__.pop("_interrupted", None)  # a consistent state again (_update_interrupted)
 
     def _load_full_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -661,8 +661,10 @@ def _check_option_keys(opt: ShardedOptimizer, groups: list[dict[str, Any]], meta
     in :func:`_check_kept_keys`). Every rank holds the whole state and the same blocks: the same verdict on
     every rank, before anything changes."""
     try:
+        # quiet: ahead of the state's validation (another optimizer's state warned about ASGO's nesterov, then
+        # was refused), and the load that follows says it (an earlier version's checkpoint warned twice)
         saved = loaded_groups(opt.param_groups, groups, opt._validate_group, keep=opt.layout_keys,
-                              absent=opt.absent_key_values)
+                              absent=opt.absent_key_values, say_absent=False)
     except ValueError:
         return  # a group value this optimizer refuses: the validation's message names it
     for gi, (lost, block) in _lost_option_keys(opt, saved, meta, state).items():

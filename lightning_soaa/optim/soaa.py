@@ -853,6 +853,23 @@ class SOAA(ShardedOptimizer):
         step and no rank is left waiting in the all-reduce. That holds where the closure's forward makes
         no collective of its own: under FSDP2 (whose forward all-gathers) a closure that raises on one rank
         leaves the others in the forward's all-gather, as with torch's optimizers."""
+        try:
+            error, failed = self._judge_trial(closure)
+        except BaseException as e:
+            # Ctrl+C in the re-evaluation's forward (most of such a step), a peer lost in the all-reduce: θ holds
+            # the unjudged trial and d its old value, a state no run reaches; saved, it resumed silently
+            self._update_interrupted(e)
+            raise
+        if failed > 0:  # after the rejection (bad > 0 too): raised on every rank, θ restored
+            if error is not None:
+                raise error
+            raise RuntimeError(
+                f"SOAA.step: the closure raised on {int(failed)} other rank(s) when re-evaluating the loss "
+                "after the trial step (acceptance='same_batch'; see that rank's traceback). The step was "
+                "rejected on every rank: the parameters are back to their values before the step.")
+
+    def _judge_trial(self, closure: Callable[[], Any]) -> tuple[Exception | None, float]:
+        """:meth:`_same_batch_check`'s verdict, applied: (this rank's closure error, the ranks that raised)."""
         cfg = self.config
         error: Exception | None = None
         try:
@@ -897,13 +914,7 @@ class SOAA(ShardedOptimizer):
         self._d = max(min(d, self._hi), cfg.d_min)
         self._snapshot = []
         self._trial = None
-        if failed > 0:  # after the rejection above (bad > 0 too): raised on every rank, θ restored
-            if error is not None:
-                raise error
-            raise RuntimeError(
-                f"SOAA.step: the closure raised on {int(failed)} other rank(s) when re-evaluating the loss "
-                "after the trial step (acceptance='same_batch'; see that rank's traceback). The step was "
-                "rejected on every rank: the parameters are back to their values before the step.")
+        return error, failed
 
     # ------------------------------------------------------------------ checkpoints and statistics
     def trust_state(self) -> dict[str, Any]:

@@ -1176,7 +1176,9 @@ def _bad_checkpoints(spec: OptimizerSpec, good: dict[str, Any]) -> list[tuple[st
     torch_opt.step()  # a user switching from torch's AdamW: its state, with entries
     torch_sd = torch_opt.state_dict()
     cases = [
-        ("another optimizer", o_other.state_dict(), f"saved by '{other.load().__name__}'"),
+        # what to do too: the class that saved it, or the weights alone (the bare refusal left users guessing)
+        ("another optimizer", o_other.state_dict(), f"saved by '{other.load().__name__}'.*Resume with that class.*"
+         "loading the model's weights alone"),
         ("wrong shapes", o_wide.state_dict(), r"different model: parameter 0 has shape \[9, 6\]"),
         ("fewer parameters", o_short.state_dict(), "parameters in the state"),
         # the remedy first (weights only, under Lightning too), DCP's flattened form only as the alternative

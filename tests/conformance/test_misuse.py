@@ -693,6 +693,71 @@ def test_an_interrupted_update_is_refused_until_a_checkpoint_is_loaded(name: str
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
+def _interrupt(opt: Any, where: str = "_apply") -> None:
+    """Make the next step raise KeyboardInterrupt (Ctrl+C) as its update begins (``_apply``) or as the ranks
+    begin to exchange the updated blocks (``_exchange_out``: this rank's own blocks stepped)."""
+    def interrupted(*args: Any) -> None:
+        raise KeyboardInterrupt
+
+    setattr(opt, where, interrupted)
+    opt._planned_step = lambda: False  # the template's path (SOAA's step plan: tests/unit/test_soaa_plan.py)
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_the_state_of_an_interrupted_update_is_not_saved(name: str) -> None:
+    """A script that saves on its way out of a Ctrl+C (``except KeyboardInterrupt: torch.save(...)``,
+    Lightning's OnExceptionCheckpoint) checkpointed a partly updated state: EGN's resumed on a fresh process
+    without an error (0.18 off the uninterrupted run a step later), the others' were refused only at that
+    load, blamed on a state dict that changed after it was taken. state_dict() and consolidate_state_dict()
+    refuse it, saying why; a load (also torch's param_names recipe, whose pre hook starts from state_dict())
+    restores the optimizer, which then saves again."""
+    model = tiny_mlp(sizes=SIZES)
+    opt = _build(name, model)
+    _step(name, opt, model, 0, 0)
+    saved = copy.deepcopy(opt.state_dict())
+    _interrupt(opt)
+    with pytest.raises(KeyboardInterrupt):
+        _step(name, opt, model, 1, 0)
+    del opt._apply, opt._planned_step
+    for call in (opt.state_dict, opt.consolidate_state_dict):
+        said = _error(call)
+        assert "interrupted inside its update" in said and "on rank 0" in said, said
+        assert "Keep the last checkpoint saved before the interruption" in said, said
+    opt.register_load_state_dict_pre_hook(lambda o, loaded: o.state_dict() and None)
+    opt.load_state_dict(saved)
+    assert _error(opt.state_dict) == "no error"
+
+
+def _w_interrupted_consolidation(rank: int, world: int, name: str, where: str) -> dict[str, Any]:
+    model = tiny_mlp(sizes=SIZES)
+    opt = _build(name, model)
+    _step(name, opt, model, 0, rank)
+    if rank == 0:  # this rank alone (out of memory in its update): the other steps on into the exchange
+        _interrupt(opt, where)
+    try:
+        _step(name, opt, model, 1, rank)  # rank 1's exchange fails once rank 0 has gone
+        step = "no error"
+    except (KeyboardInterrupt, RuntimeError) as e:
+        step = type(e).__name__
+    return {"step": step, "consolidate": _error(opt.consolidate_state_dict), "state_dict": _error(opt.state_dict)}
+
+
+@pytest.mark.parametrize("where", ["_apply", "_exchange_out"])
+@pytest.mark.parametrize("name", SPECS)
+def test_a_consolidation_after_an_interrupted_update_is_refused_without_a_hang(tmp_path: Path, name: str,
+                                                                               where: str) -> None:
+    """One rank interrupted inside its update (or as the ranks exchange the updated blocks: its own stepped,
+    the step not counted) while the other went on into the step's exchange: the interrupted rank's
+    consolidation (Lightning's OnExceptionCheckpoint) joined an all-reduce that met the peer's gather, and
+    both ranks hung until the process group's timeout. It refuses before any collective, naming itself, and
+    the peer raises once that rank's process has ended (as after its crash), never saving."""
+    out = run_distributed(_w_interrupted_consolidation, 2, tmp_path, name, where, timeout=120)
+    said = out[0]["consolidate"]
+    assert "interrupted inside its update" in said and "on rank 0" in said, out[0]
+    assert out[0]["state_dict"].startswith("RuntimeError") and "on rank 0" in out[0]["state_dict"], out[0]
+    assert out[1]["consolidate"] != "no error", out[1]
+
+
 # ---------------------------------------------------------------------- 5. non-finite values
 def _w_nan_in_unowned_block(rank: int, world: int, name: str) -> dict[str, Any]:
     model = tiny_mlp(sizes=SIZES)

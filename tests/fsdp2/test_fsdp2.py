@@ -316,3 +316,37 @@ def test_a_second_backward_under_fsdp2_changes_the_gradient_fingerprint(tmp_path
     for rank, out in enumerate(run_distributed(_backward_fingerprints, 2, tmp_path, timeout=180)):
         assert out["first"] != out["second"], rank
         assert not out["zeroed_after_backward"] and out["zeroed_after_zero_grad"], rank
+
+
+def _interrupted_dcp_save(rank: int, world_size: int, root: str) -> dict[str, Any]:
+    """Rank 0's third update raises (out of memory), rank 1's runs; then both run torch's DCP recipe."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model, opt = W.run_case("adamw", rank, world_size, W.make_mesh(world_size, False), steps=range(2))
+    if rank == 0:
+        def out_of_memory(*args: Any) -> None:
+            raise torch.OutOfMemoryError("in the update")
+
+        opt._apply = out_of_memory
+    try:
+        W.train_step(model, opt, *W.local_batch(2, W.CASE["adamw"][3], rank, world_size))
+    except torch.OutOfMemoryError:
+        pass
+    try:
+        model_sd, optim_sd = get_state_dict(model, opt)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=root)
+    except RuntimeError as e:
+        return {"save": str(e)}
+    return {"save": "saved"}
+
+
+def test_an_interrupted_update_is_not_saved_by_torchs_dcp_recipe(tmp_path: Path) -> None:
+    """Under FSDP2 state_dict() is torch's sharded form, built on every rank: the refusal of an interrupted
+    update's state was left to consolidate_state_dict(), and torch's recipe (get_state_dict, dcp.save) wrote
+    rank 0's partly updated state into a complete checkpoint (found by a review). The interrupted rank refuses
+    before the recipe's collectives; the other raises once it has gone, and no checkpoint is complete."""
+    out = run_distributed(_interrupted_dcp_save, 2, tmp_path, str(tmp_path / "ckpt"), timeout=120)
+    assert "interrupted inside its update" in out[0]["save"] and "on rank 0" in out[0]["save"], out[0]
+    assert out[1]["save"] != "saved", out[1]
+    assert not (tmp_path / "ckpt" / ".metadata").exists()

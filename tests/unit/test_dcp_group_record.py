@@ -136,6 +136,35 @@ def test_an_option_a_recorded_checkpoint_lacks_loads_as_absent_under_a_partial_l
     assert_identical(params(b), _uninterrupted(nesterov=False), "params")
 
 
+def test_the_absent_option_is_said_once_and_not_for_another_optimizers_state(caplog: pytest.LogCaptureFixture) -> None:
+    """Found by a hunt: loaded through torch's set_optimizer_state_dict, an earlier version's ASGO checkpoint
+    (without ``nesterov``) logged that it resumes with nesterov=False twice, and SOAA's state logged it too,
+    before being refused as SOAA's."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    from lightning_soaa import SOAA
+
+    a = tiny_mlp()
+    opt = ASGO(a.named_parameters(), **KW)
+    _run(a, opt, range(2))
+    osd = get_optimizer_state_dict(a, opt)
+    _without_nesterov(osd, recorded=True)
+    b = tiny_mlp(seed=9)
+    resumed = ASGO(b.named_parameters(), **KW)
+    with caplog.at_level(logging.WARNING):
+        set_optimizer_state_dict(b, resumed, osd)
+    assert resumed.param_groups[0]["nesterov"] is False
+    assert caplog.text.count("saved without 'nesterov'") == 1, caplog.text
+    caplog.clear()
+    soaa = SOAA(a.named_parameters(), lr=0.01)
+    loss = loss_fn(a, *batch(0, 0))
+    loss.backward()
+    soaa.step(loss=loss.detach())
+    with caplog.at_level(logging.WARNING), pytest.raises(ValueError, match="saved by 'SOAA', not 'ASGO'"):
+        set_optimizer_state_dict(b, resumed, get_optimizer_state_dict(a, soaa))
+    assert "nesterov" not in caplog.text, caplog.text
+
+
 def test_a_checkpoint_without_the_record_warns_where_a_partial_load_may_have_kept_the_destinations_value(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A checkpoint of a version before the record cannot tell: without ``allow_partial_load`` torch refuses it

@@ -437,6 +437,41 @@ def test_same_batch_resume_equals_uninterrupted() -> None:
         assert torch.equal(a, b)
 
 
+def test_same_batch_interrupted_in_its_re_evaluation_is_refused_until_a_load() -> None:
+    """Ctrl+C in same_batch's re-evaluation (its forward: most of such a step) left θ at the unjudged trial,
+    the moments advanced and d as before: state_dict() saved it and the next step() built on it, silently
+    (found by a review). Both refuse now, until load_state_dict restores a checkpoint; the run then
+    continues as the uninterrupted one from that checkpoint."""
+    kw = dict(lr=0.05, gamma=0.3, total_steps=12, acceptance="same_batch")
+    model = tiny_mlp(7)
+    opt = SOAA(model.named_parameters(), **kw)
+    _run(model, opt, range(3))
+    sd, model_sd = copy.deepcopy(opt.state_dict()), copy.deepcopy(model.state_dict())
+    good = _closure(opt, model, 3)
+    calls = []
+
+    def interrupted():
+        calls.append(1)
+        if len(calls) == 2:  # the re-evaluation at the trial θ
+            raise KeyboardInterrupt
+        return good()
+
+    with pytest.raises(KeyboardInterrupt):
+        opt.step(interrupted)
+    for call in (opt.state_dict, lambda: opt.step(_closure(opt, model, 3))):
+        with pytest.raises(RuntimeError, match="interrupted inside its update"):
+            call()
+    model.load_state_dict(model_sd)
+    opt.load_state_dict(sd)
+    ref = tiny_mlp(99)
+    ref.load_state_dict(model_sd)
+    o_ref = SOAA(ref.named_parameters(), **kw)
+    o_ref.load_state_dict(sd)
+    assert _run(model, opt, range(3, 6)) == _run(ref, o_ref, range(3, 6))
+    for a, b in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(a, b)
+
+
 def test_param_groups_and_foreach_flag() -> None:
     m1, m2 = tiny_mlp(8), tiny_mlp(8)
 
