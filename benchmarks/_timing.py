@@ -1,5 +1,6 @@
 """Median CPU time of a call, the measure every benchmark here reports (the machine is shared, and CPU
-time of the process is far less sensitive than wall time to other jobs)."""
+time of the process is far less sensitive than wall time to other jobs), and the count of ATen operator calls
+(deterministic and load-independent: the unit tests' operator budgets count with the same class)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import statistics
 import time
 from collections.abc import Callable
 from typing import Any
+
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def median_cpu_s(fn: Callable[[], Any], reps: int, warmup: bool = True) -> float:
@@ -35,3 +38,15 @@ def log_profile(log: logging.Logger, fn: Callable[[], Any], what: str, lines: in
     buf = io.StringIO()
     pstats.Stats(pr, stream=buf).sort_stats("cumulative").print_stats(lines)
     log.info("---- cProfile of %s\n%s", what, buf.getvalue())
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the ATen operator calls made inside it (``n``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.n += 1
+        return func(*args, **(kwargs or {}))

@@ -47,8 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _timing import log_profile  # a sibling module: run this file as benchmarks/bench_step_overhead.py
-from torch.utils._python_dispatch import TorchDispatchMode
+from _timing import CountOps, log_profile  # a sibling module: run this file as benchmarks/bench_step_overhead.py
 
 from lightning_soaa import ASGO, SOAA, ShardedAdamW
 from lightning_soaa.functional.soaa import soaa_moments, soaa_step_
@@ -130,21 +129,11 @@ def _steppers(world: int = 1) -> tuple[dict[str, Callable[[], Any]], int]:
     return steps, sum(p.numel() for p in opts[BASE][1])
 
 
-class _CountOps(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.n = 0
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        self.n += 1
-        return func(*args, **(kwargs or {}))
-
-
 def _aten_calls(step: Callable[[], Any], n: int = 10) -> int:
     """The median count over ``n`` steps (``asgo_root_every_10``: a step without a root)."""
     counts = []
     for _ in range(n):
-        with _CountOps() as counter:
+        with CountOps() as counter:
             step()
         counts.append(counter.n)
     return int(statistics.median(counts))

@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import CountOps
 from bench_egn import SIZES, _mlp
 
 # (label, file suffix, function name[, only the time under this caller]); none of these calls another
@@ -54,21 +54,11 @@ PHASES: tuple[tuple[str, ...], ...] = (
 )
 
 
-class _CountOps(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        self.calls += 1
-        return func(*args, **(kwargs or {}))
-
-
 def _ops_per_step(opt: Any, x: torch.Tensor, y: torch.Tensor, steps: int = 5) -> float:
-    with _CountOps() as mode:
+    with CountOps() as mode:
         for _ in range(steps):
             opt.step(inputs=x, targets=y)
-    return mode.calls / steps
+    return mode.n / steps
 
 
 def _digits() -> tuple[Any, torch.Tensor, torch.Tensor]:
