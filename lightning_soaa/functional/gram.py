@@ -316,12 +316,16 @@ def assemble_gram(layout: GramLayout, factors: GramFactors, *, lower_only: bool 
         if not s.positions or not (s.weight or s.bias):
             continue
         if k is None and s.positions == 1 and not s.vocab:
+            # mul(out=) records no autograd graph (it raises on inputs that require grad): those factors
+            # take the additions onto zeros below, which are differentiable
+            tracked = torch.is_grad_enabled() and (a.requires_grad or delta.requires_grad)
             if len(blocks) == 1:
                 k = _linear_gram_t1_whole(a[:, 0], delta[:, :, 0], weight=s.weight, bias=s.bias)
-            else:  # the staircase's blocks written, not added to zeros (the whole product's bits, no fill)
+            elif not tracked:  # the staircase's blocks written, not added to zeros (the whole product's bits)
                 k = torch.empty(n, n, dtype=factors.outputs.dtype, device=factors.outputs.device)
                 _add_linear_gram_t1(k, a[:, 0], delta[:, :, 0], blocks, weight=s.weight, bias=s.bias, fresh=True)
-            continue
+            if k is not None:
+                continue
         if k is None:
             k = torch.zeros(n, n, dtype=factors.outputs.dtype, device=factors.outputs.device)
         if s.vocab and s.positions == 1:  # the equality of the indices in place of AAᵀ (no bias)
@@ -409,9 +413,6 @@ def _add_linear_gram_t1(k: Tensor, a: Tensor, delta: Tensor, blocks: list[tuple[
         return
     # the transposes and broadcast views made once, sliced per block (a small system pays per op)
     dd_t, gav = dd.T, (None if ga is None else ga.view(b, 1, b, 1))
-    # mul(out=) records no autograd graph (it raises on inputs that require grad): factors that do are
-    # multiplied into a temporary and copied, as differentiable as the additions onto zeros
-    tracked = torch.is_grad_enabled() and (dd.requires_grad or (gav is not None and gav.requires_grad))
     for i0, i1 in blocks:
         rows, cols = slice(i0 * c, i1 * c), slice(0, i1 * c)
         g = torch.mm(dd[rows], dd_t[:, cols])
@@ -422,10 +423,8 @@ def _add_linear_gram_t1(k: Tensor, a: Tensor, delta: Tensor, blocks: list[tuple[
             kv.copy_(g)
         elif gav is None:
             kv += g
-        elif fresh and not tracked:
+        elif fresh:  # (factors that require no grad: mul(out=) records no graph)
             torch.mul(g.view(i1 - i0, c, i1, c), gav[i0:i1, :, :i1], out=kv.view(i1 - i0, c, i1, c))
-        elif fresh:
-            kv.view(i1 - i0, c, i1, c).copy_(g.view(i1 - i0, c, i1, c) * gav[i0:i1, :, :i1])
         else:
             kv.view(i1 - i0, c, i1, c).addcmul_(g.view(i1 - i0, c, i1, c), gav[i0:i1, :, :i1])
 
