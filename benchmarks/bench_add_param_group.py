@@ -1,4 +1,4 @@
-"""Cost of many ``add_param_group`` calls after construction: ours against torch's AdamW, W = 1.
+"""Cost of many ``add_param_group`` calls after construction: ours against torch's AdamW, W = 1 (or W > 1).
 
 What is measured: an optimizer built over one parameter, then ``N`` calls of ``add_param_group``, each adding
 one group of one new ``16 x 8`` parameter with its own lr (what Lightning's ``BaseFinetuning`` does layer by
@@ -10,10 +10,16 @@ A call that costs the same whatever the number of groups before it gives a time 
 revisits every earlier parameter gives ``N^2 / 2`` visits. ``--profile`` prints a cProfile of the largest
 ``N`` for each of our optimizers, sorted by cumulative time.
 
+``--world W`` (W > 1): the same runs on W gloo ranks of one machine (each rank makes every call, as every
+rank of a job must; the optimizers are sharded over the W ranks, torch's AdamW is not distributed); the times
+reported are rank 0's. What a call costs there besides W = 1's: the cross-rank agreement on the group, the
+cross-rank check of the table and, where an existing block's owner moves, the gather of the full state.
+
 Usage::
 
     python benchmarks/bench_add_param_group.py               # ~1 minute
     python benchmarks/bench_add_param_group.py --sizes 100 300 1000 3000 --rounds 5 --profile
+    python benchmarks/bench_add_param_group.py --world 2 --sizes 100 300 --label w2
 
 Writes ``benchmarks/results/bench_add_param_group.json`` and ``.png`` (``--label``: a suffix of both names,
 e.g. ``before`` for a run of an older checkout).
@@ -27,12 +33,15 @@ import logging
 import os
 import platform
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from _timing import log_profile  # a sibling module: run this file as benchmarks/bench_add_param_group.py
 
 from lightning_soaa import ASGO, SOAA, ShardedAdamW
@@ -73,6 +82,35 @@ def _time(sizes: list[int], rounds: int) -> dict[str, dict[int, list[float]]]:
             for k in MAKERS:
                 times[k][n].append(_run(k, n))
     return times
+
+
+def _rank_worker(rank: int, world: int, store: str, sizes: list[int], rounds: int, q: Any) -> None:
+    """One rank of ``--world``: every round's times of every optimizer (the same calls on every rank)."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world)
+    try:
+        q.put((rank, _time(sizes, rounds)))
+    finally:
+        dist.destroy_process_group()
+
+
+def _time_world(sizes: list[int], rounds: int, world: int, timeout: float) -> dict[str, dict[int, list[float]]]:
+    """:func:`_time` on ``world`` gloo ranks; rank 0's times."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    with tempfile.TemporaryDirectory() as d:
+        procs = [ctx.Process(target=_rank_worker, args=(r, world, os.path.join(d, "store"), sizes, rounds, q))
+                 for r in range(world)]
+        for p in procs:
+            p.start()
+        try:
+            got = dict(q.get(timeout=timeout) for _ in procs)
+        finally:
+            for p in procs:
+                p.join(timeout=30)
+                if p.is_alive():
+                    p.kill()
+    return got[0]
 
 
 def _summary(times: dict[str, dict[int, list[float]]]) -> dict[str, Any]:
@@ -128,29 +166,35 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--profile", action="store_true", help="print a cProfile of the largest N of each of ours")
     ap.add_argument("--label", default="", help="suffix of the result files (e.g. before)")
+    ap.add_argument("--world", type=int, default=1, help="ranks (gloo, this machine); > 1: rank 0's times")
+    ap.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for the ranks (--world > 1)")
     ap.add_argument("--results", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(1)
     sizes = sorted(args.sizes)
     t0 = time.perf_counter()
-    summary = _summary(_time(sizes, args.rounds))
+    if args.world > 1:
+        summary = _summary(_time_world(sizes, args.rounds, args.world, args.timeout))
+    else:
+        summary = _summary(_time(sizes, args.rounds))
     wall = time.perf_counter() - t0
-    if args.profile:
+    if args.profile and args.world == 1:
         _profile(sizes[-1])
     result = {
         "benchmark": "bench_add_param_group", "label": args.label, "shape": list(SHAPE), "sizes": sizes,
         "rounds": args.rounds, "torch": torch.__version__, "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(), "platform": platform.platform(),
         "load_average_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None, "wall_s": wall,
-        "baseline": BASE, "summary_cpu_time": summary,
-        "what": "CPU time of N add_param_group calls after construction, one group of one parameter each, W = 1",
+        "baseline": BASE, "summary_cpu_time": summary, "world": args.world,
+        "what": "CPU time of N add_param_group calls after construction, one group of one parameter each, "
+                f"W = {args.world}" + (" (gloo, rank 0's times)" if args.world > 1 else ""),
     }
     out_dir = Path(args.results)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = "bench_add_param_group" + (f"_{args.label}" if args.label else "")
     (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2))
-    title = f"add_param_group x N, W = 1, 1 thread, median of {args.rounds} rounds, CPU time"
+    title = f"add_param_group x N, W = {args.world}, 1 thread, median of {args.rounds} rounds, CPU time"
     _plot(summary, sizes, title + (f" ({args.label})" if args.label else ""), out_dir / f"{stem}.png")
     log.info("wrote %s", out_dir / f"{stem}.json")
 

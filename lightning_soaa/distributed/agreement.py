@@ -285,8 +285,21 @@ def table_text(table: Any) -> str:
         for b in table.blocks)
 
 
+@functools.lru_cache(maxsize=4096)
+def _param_text(shape: tuple[int, ...], dtype: torch.dtype, device_type: str) -> str:
+    """:func:`canonical` of a parameter's ``(shape, dtype, device type)``, kept per signature: a model's
+    layers repeat a few, and each add_param_group digests every parameter's (walked anew, 2 µs each)."""
+    return canonical((shape, str(dtype), device_type))
+
+
+def _list_text(texts: list[str]) -> str:
+    """:func:`canonical` of a list whose items' texts are ``texts``."""
+    return "[" + ",".join(texts) + "]"
+
+
 def construction_digests(optimizer: Any, params: Sequence[Tensor], names: Sequence[str | None],
-                         steps_before_join: int, full: bool = True, table: Any = None) -> Tensor:
+                         steps_before_join: int, full: bool = True, table: Any = None,
+                         groups_digest: int | None = None) -> Tensor:
     """This rank's construction vector (int64, ``CONSTRUCTION_WIDTH - 1`` columns): one digest per
     :data:`CONSTRUCTION_FIELDS`, the number of parameters, the number of steps taken before joining the
     process group, then zeros.
@@ -295,16 +308,19 @@ def construction_digests(optimizer: Any, params: Sequence[Tensor], names: Sequen
     and the sharding options (per-rank partitions); it is part of the sharding options' digest, so ranks
     that compare it equal also agree on whether to compare the rest. ``table``: the block table this rank
     built for ``params`` (cut and assigned by the package's code: ranks running different code, or one
-    patched at run time, can agree on every other field and still meet in collectives of different sizes)."""
+    patched at run time, can agree on every other field and still meet in collectives of different sizes).
+    ``groups_digest``: :func:`hyperparameter_digest` of the optimizer's param groups where the caller keeps it
+    (the same number, with each unchanged group's text reused); None: computed here."""
     cls = type(optimizer)
     config = getattr(optimizer, "config", None) or getattr(optimizer, "cfg", None)
     version, source = package_identity()
     fields = [
         _digest(f"{cls.__module__}.{cls.__qualname__}"),
         # the device type too: ASGO costs (and so owns) a block by the root its device and dtype resolve to
-        _digest(canonical([(tuple(p.shape), str(p.dtype), p.device.type) for p in params])),
-        _digest(canonical(list(names))),
-        _digest(canonical([hyperparameter_digest(optimizer.param_groups), config])),
+        _digest(_list_text([_param_text(tuple(p.shape), p.dtype, p.device.type) for p in params])),
+        _digest(_list_text([repr(n) if n is None or type(n) is str else canonical(n) for n in names])),
+        _digest(canonical([hyperparameter_digest(optimizer.param_groups) if groups_digest is None else groups_digest,
+                           config])),
         _digest(canonical([optimizer.sharding, bool(full)])),
         _digest(table_text(table)),
     ]

@@ -147,6 +147,12 @@ class BlockTable:
             out.by_param[b.param_index].append(b)
         return out
 
+    def same_owners(self, before: BlockTable) -> bool:
+        """Whether every block of ``before`` has its owner there in this table too, block for block (this
+        table :meth:`extended` from it: then each rank's state of those blocks may stay where it is)."""
+        return len(self.blocks) >= len(before.blocks) and all(
+            a.key == b.key and a.owner == b.owner for a, b in zip(before.blocks, self.blocks))
+
     def owned(self) -> list[BlockInfo]:
         return [b for b in self.blocks if b.owner == self.rank]
 

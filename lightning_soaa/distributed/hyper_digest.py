@@ -49,8 +49,9 @@ class HyperparameterDigest:
 
     def __call__(self, param_groups: Sequence[dict[str, Any]]) -> int:
         seen = self._seen
-        if len(seen) != len(param_groups):
-            seen[:] = [None] * len(param_groups)
+        if len(seen) != len(param_groups):  # (a group added or removed: each entry checks its group's identity)
+            del seen[len(param_groups):]
+            seen.extend([None] * (len(param_groups) - len(seen)))
         texts = []
         for i, group in enumerate(param_groups):
             entry = self._group(group, seen[i])

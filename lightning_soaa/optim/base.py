@@ -910,14 +910,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
         # cut and its parameters checked (one group per layer re-cut and re-checked every parameter: quadratic)
         memo = self._as_built_memo()
         error, checked = self._add_group_locally(param_group, memo)
-        full, extend = None, memo is not None
+        extend = memo is not None
         try:
             if self._table is not None and self.comm.world_size > 1:  # the ranks' collectives follow: agree first
                 extend = self._agree_on_added_group(error, extend)
-            if error is None and self._table is not None and self._sharded_multi_rank():
-                full = self._gather_full_state()
         except BaseException:  # refused on another rank, or a collective failed (an unpickled optimizer before
-            # init_process_group, a peer gone): the group stayed appended and the table was not rebuilt
+            # init_process_group, a peer gone): the group stayed appended
             if error is None:
                 self.param_groups.pop()
             raise
@@ -927,33 +925,56 @@ class ShardedOptimizer(torch.optim.Optimizer):
         checked()
         warn_misspelt_keys(self, self.param_groups[-1], len(self.param_groups) - 1)
         if self._table is not None:  # added after construction: re-shard, keeping existing state
-            before = None if extend else self._table.layout()  # (extended: existing blocks kept)
+            self._reshard_for_added_group(extend)
+
+    def _reshard_for_added_group(self, extend: bool) -> None:
+        """The table over every group once the newest is added (``extend``: its blocks appended to the current
+        table, :meth:`_build_table`), made and checked across ranks before anything changes; then adopted,
+        the existing state kept. Collectives, the same on every rank in the same order: the cross-rank check
+        of the new table, then, only where an existing block's owner changes under it (decided from the
+        checked table, so alike on every rank), the gather of the full state it is re-sharded from. Gathered
+        at every call, the whole state crossed the ranks once per added group: N groups added one at a time
+        (Lightning's BaseFinetuning, layer by layer) cost O(N^2). An extended table whose owners are unmoved
+        leaves each rank's state where it is; the new group's blocks take fresh state at their first step.
+        Any refusal (the new group's blocks, ranks that disagree, a collective that failed, Ctrl+C) drops the
+        group on every rank it reaches, with the optimizer as it was (its table was never replaced)."""
+        assert self._table is not None
+        old, limit = self._table, self.__dict__.get("_auto_limit")
+        try:
             # the automatic block size grows with the model: recomputing it re-cut existing parameters
             # while their state kept the old blocks (the kernels then overran it: NaN, heap corruption)
-            try:
-                self._build_table(keep_limit=True, extend=extend)
-            except (ValueError, RuntimeError):  # the new group's blocks (ASGO's row_parts of a matrix they do
-                # not divide), or ranks that disagree on the group (the cross-rank check raises on every rank
-                # together, so every rank rebuilds the table it had, check included): the group is dropped
-                self._drop_added_group()
-                raise
-            if before is not None and self._table.layout()[:len(before)] != before:
-                self._drop_added_group()  # leave the optimizer as it was: the blocks its state was made for
+            made = self._make_table(keep_limit=True, extend=extend)
+            # (checked equal on every rank: every rank raises alike)
+            if not extend and made[0].layout()[:len(old.by_param)] != old.layout():
                 raise RuntimeError(f"{type(self).__name__}.add_param_group re-cut existing blocks (internal)")
-            if full is not None:
-                self._restore_owned_state(full)
-            dcp.hold_state_entries(self)
-            done = self.__dict__.get("_storage_memo")
-            if done is not None:  # the storage check of every parameter of this table (completed by checked())
-                done.table = self._table
+            full = None
+            if self._sharded_multi_rank() and not (extend and made[0].same_owners(old)):
+                full = self._gather_full_state()
+        except BaseException:  # the new group's blocks (ASGO's row_parts of a matrix they do not divide), ranks
+            # that disagree on the group (the cross-rank check raises on every rank together), a failed gather
+            self._drop_added_group(limit)
+            raise
+        self._adopt_table(*made, check_ranks=True)
+        if full is not None:
+            self._restore_owned_state(full)
+        else:  # each rank's state stays as it is; a consolidation before the add lacks the new group
+            self._consolidated, self._consolidated_at = None, -1
+        dcp.hold_state_entries(self)
+        done = self.__dict__.get("_storage_memo")
+        if done is not None:  # the storage check of every parameter of this table (completed by checked())
+            done.table = self._table
 
-    def _drop_added_group(self) -> None:
-        """Remove the newest group, accepted by the storage check but not by the block table, and rebuild the
-        table it had. The storage memo is dropped: checked() added the group's parameters to it (holding
-        them alive, a refused backbone's included, until the next add; made stale by the rebuild anyway)."""
+    def _drop_added_group(self, limit: int | None) -> None:
+        """Remove the newest group, accepted by the storage check but not by the block table (never replaced),
+        and restore the automatic block size it was cut with (``limit``). The storage memo is dropped: checked()
+        added the group's parameters to it (holding them alive, a refused backbone's included, until the next
+        add)."""
         self.param_groups.pop()
         self.__dict__.pop("_storage_memo", None)
-        self._build_table(keep_limit=True)
+        if limit is None:
+            self.__dict__.pop("_auto_limit", None)
+        else:
+            self._auto_limit = limit
 
     def _named_like_the_others(self, param_group: dict[str, Any]) -> dict[str, Any]:
         """A group of bare tensors added after construction to an optimizer built from named parameters
@@ -1077,13 +1098,19 @@ class ShardedOptimizer(torch.optim.Optimizer):
         return self.sharding.shard and self.comm.world_size > 1
 
     def _build_table(self, keep_limit: bool = False, check_ranks: bool = True, extend: bool = False) -> None:
-        """The block table over every param group; ``keep_limit``: keep the automatic block size (a group
-        added after construction must not re-cut the blocks whose state exists); ``check_ranks=False``:
-        no cross-rank check (a collective), for a rebuild that not every rank may make (_rebuild_unstepped);
-        ``extend`` (with ``keep_limit``): the groups but the newest are those the current table was built for,
-        parameters unmoved (:meth:`_as_built_memo`), so their blocks are kept and the newest group's appended:
-        the table a full build makes, at the cost of the new group (and, at W > 1, of the owners and the
-        cross-rank check, which cover every block)."""
+        """The block table over every param group, made (:meth:`_make_table`) and adopted."""
+        self._adopt_table(*self._make_table(keep_limit, check_ranks, extend), check_ranks=check_ranks)
+
+    def _make_table(self, keep_limit: bool = False, check_ranks: bool = True, extend: bool = False
+                    ) -> tuple[BlockTable, list[Tensor], list[str | None], int]:
+        """The block table over every param group, checked across ranks, not yet the optimizer's: ``(table,
+        its parameters, their names, the first group it was not built from before)`` for :meth:`_adopt_table`.
+        ``keep_limit``: keep the automatic block size (a group added after construction must not re-cut the
+        blocks whose state exists); ``check_ranks=False``: no cross-rank check (a collective), for a rebuild
+        that not every rank may make (_rebuild_unstepped); ``extend`` (with ``keep_limit``): the groups but
+        the newest are those the current table was built for, parameters unmoved (:meth:`_as_built_memo`), so
+        their blocks are kept and the newest group's appended: the table a full build makes, at the cost of
+        the new group (and, at W > 1, of the owners and the cross-rank check, which cover every block)."""
         first = len(self._group_lists) if extend else 0
         plist = [(p, gi, name) for gi in range(first, len(self.param_groups))
                  for p, name in self._group_params(gi, self.param_groups[gi])]
@@ -1118,9 +1145,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
             else:
                 self._auto_limit = limit
             raise
-        self._adopt_table(table, params, names, first, check_ranks)
+        return table, params, names, first
 
-    def _adopt_table(self, table: BlockTable, params: list[Tensor], names: list[str | None], first: int,
+    def _adopt_table(self, table: BlockTable, params: list[Tensor], names: list[str | None], first: int, *,
                      check_ranks: bool) -> None:
         """Make ``table`` (over ``params``) the optimizer's; ``first``: the groups before it are as the
         current table was built for (their records are kept)."""
@@ -1163,7 +1190,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         try:
             full = self._consolidating()
             mine = agreement.construction_digests(self, params, names, self._unjoined_steps, full=full,
-                                                  table=table)
+                                                  table=table, groups_digest=self._groups_digest())
             # the last column: this rank's count of optimizers built over the group (not compared; see below)
             counted = torch.cat([mine, torch.tensor([_built_over(self.comm)], dtype=mine.dtype)])
         except Exception:  # (the source digest reads files: an OSError on one node)
@@ -1523,11 +1550,17 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def _hyper_digest(self) -> int:
         """The hyperparameter digest of this step (distributed/hyper_digest.py: the groups' texts are
         reused while their values are the same objects; a scheduler's new lr re-reads lr alone)."""
+        rebuilt = int(self.__dict__.get("_rebuilt_digest", 0))  # parameters converted before the first step
+        return self._groups_digest() ^ rebuilt
+
+    def _groups_digest(self) -> int:
+        """:func:`agreement.hyperparameter_digest` of the param groups, each group's text kept while its values
+        are the same objects (:class:`HyperparameterDigest`): the step's and each add_param_group's cross-rank
+        check then read only what changed (a scheduler's lr, an added group), not every group at each call."""
         digest = self.__dict__.get("_hyper_digests")
         if digest is None:
             digest = self._hyper_digests = HyperparameterDigest()
-        rebuilt = int(self.__dict__.get("_rebuilt_digest", 0))  # parameters converted before the first step
-        return digest(self.param_groups) ^ rebuilt
+        return digest(self.param_groups)
 
     def _out_of_order(self, ranks: list[int]) -> RuntimeError:
         """The error of ranks found in another optimizer's step than rank 0 (the instance ids of a step's
