@@ -12,7 +12,8 @@ Inverse square roots (used by :class:`lightning_soaa.optim.asgo.ASGO`):
   2x cheaper on a CPU.
 * ``"auto"`` (ASGO's default): ``"polar_express_eigh"`` for float32 (or narrower) statistics on a CPU,
   ``"polar_express"`` otherwise, so every device and dtype computes the same function (see
-  :func:`resolve_root_method`).
+  :func:`resolve_root_method`); for a float32 statistic on a CPU that iteration runs in float64
+  (:func:`_iteration_input`).
 * ``"newton_schulz"``: the same coupled iteration with the constant Newton-Schulz polynomial
   ``(a, b, c) = (2, -1.5, 0.5)``; converges more slowly from small eigenvalues (18 iterations default).
 * ``"eigh"``: ``float64`` eigendecomposition, the reference. Eigenvalues below ``rcond * max`` are
@@ -97,11 +98,15 @@ DEFAULT_ROOT_ITERS: dict[str, int] = {"polar_express": 10, "newton_schulz": 18, 
 ROOT_CHOICES: tuple[str, ...] = (*ROOT_METHODS, "auto")
 
 
-#: ``"auto"`` takes the eigendecomposition route from this Gram size up. Below it the LAPACK call's fixed
-#: cost (~150 us) is more than the iteration's small matmuls: CPU time, one thread, batches of 1 and 4,
-#: eigh route / iteration = 1.4-1.9x at k <= 64, 0.99-1.11x at k = 96, 0.86-0.92x at k = 128, ~0.5x at
-#: k = 256 (so a small MLP's ASGO step went from 4.6x to 7.0x foreach AdamW without this floor).
-EIGH_MIN_K = 96
+#: ``"auto"`` takes the eigendecomposition route for float32 CPU Grams from this size up; below it the
+#: iteration, run in float64 (:func:`_iteration_input`). Below it the route's fixed cost (~270 us: ~180
+#: operator calls around an ~11 us LAPACK call at k = 8) is more than the iteration's small matmuls. CPU time,
+#: one thread, eigh route / float64 iteration, batch of 1 (of 3): 1.7-2.0x (1.6-1.8x) at k <= 10, 1.5x
+#: (1.2x) at k = 20, 1.36x (1.01x) at k = 32, 1.24x (0.91x) at k = 48, 0.84x (0.56x) at k = 64, 0.45x
+#: (0.36x) at k = 95. 48 also frees the padded batch of a 20-64-48-10 MLP (k = 10, 20 pad to 20, not 48).
+#: (Against the float32 iteration, which "auto" ran below 96 before, the crossover was at ~96; that
+#: iteration is 1-8% off on Grams with a null space, see :func:`_iteration_input`.)
+EIGH_MIN_K = 48
 
 
 def resolve_root_method(method: str, device: torch.device, dtype: torch.dtype = torch.float32,
@@ -693,6 +698,24 @@ def _recompute_unchanged(v: Tensor, version: int, z: Tensor, bounded: Sequence[b
     return _recompute_unbounded(v, z, bounded, **kw)
 
 
+def _iteration_input(requested: str, method: str, vd: Tensor) -> Tensor:
+    """The matrix the iteration runs on: ``vd`` in float64 where ``"auto"`` took the iteration for a float32
+    statistic (or a narrower one, promoted) on a CPU (Grams below :data:`EIGH_MIN_K`), else ``vd`` itself. The
+    map stays the float32 one (its floor and iterations are chosen from the statistic's dtype); the root is
+    rounded back to float32 by the caller.
+
+    Why: the floored float32 iteration loses about ``1e-9 z(0)^2`` of a root whose Gram has a null space
+    (``z(0)`` = 7.5e3, the map's value there): rounding in ``T = Z Y`` lands between the kept and the null
+    directions and the next ``Z <- a Z + B Z`` multiplies it by the null value, so ``P M`` came out 2-27%
+    off the same map evaluated in float64 on the same ``V`` and ``M`` (all of it along the null space; rank-1
+    gradients, the first steps of a batch smaller than ``k``), where rounding ``V``, ``M`` and ``P`` to float32
+    costs 1e-4. In float64 the same matmuls are within that (the eigendecomposition route above
+    :data:`EIGH_MIN_K` is too). Explicit methods keep their float32 iteration (on an accelerator float64 is
+    slow or missing)."""
+    wide = requested == "auto" and method == "polar_express" and vd.device.type == "cpu"
+    return vd.to(torch.float64) if wide and vd.dtype == torch.float32 else vd
+
+
 def pending_inverse_sqrt(
     v: Tensor, method: str = "polar_express", *, num_iters: int | None = None, eps: float = 1e-10,
     damping: float = 0.0, sizes: Sequence[int] | None = None, floor: float | None = None,
@@ -708,12 +731,14 @@ def pending_inverse_sqrt(
     if sizes is not None:
         _check_sizes(sizes, v)
     vd = _damped(v, damping, sizes)
-    method = resolve_root_method(method, v.device, v.dtype, v.shape[-1])
+    requested, method = method, resolve_root_method(method, v.device, v.dtype, v.shape[-1])
     if method in ("polar_express", "newton_schulz"):
         coeffs = POLAR_EXPRESS_COEFFS if method == "polar_express" else (NEWTON_SCHULZ_COEFFS,)
         n, floor = _map_of(method, v.dtype, num_iters, floor)
-        z, ok = _bounded_coupled(vd, coeffs, n, eps, sizes, floor)
-        return PendingRoots(z, ok, functools.partial(_recompute_unchanged, vd, _version_of(vd), z, coeffs=coeffs,
+        work = _iteration_input(requested, method, vd)
+        z, ok = _bounded_coupled(work, coeffs, n, eps, sizes, floor)
+        z = z if z.dtype == vd.dtype else z.to(vd.dtype)
+        return PendingRoots(z, ok, functools.partial(_recompute_unchanged, work, _version_of(work), z, coeffs=coeffs,
                                                      num_iters=n, eps=eps, sizes=sizes, floor=floor))
     if sizes is not None:
         raise ValueError(f"Invalid sizes={tuple(sizes)!r} for method={method!r}: padded batches are for the "
@@ -733,11 +758,12 @@ def inverse_sqrt(
     result has :func:`root_compute_dtype` of ``v`` and may be non-finite if ``v`` is; callers check.
     """
     vd = _damped(v, damping)
-    method = resolve_root_method(method, v.device, v.dtype, v.shape[-1])
+    requested, method = method, resolve_root_method(method, v.device, v.dtype, v.shape[-1])
     if method in ("polar_express", "newton_schulz"):
         coeffs = POLAR_EXPRESS_COEFFS if method == "polar_express" else (NEWTON_SCHULZ_COEFFS,)
         n, floor = _map_of(method, v.dtype, num_iters, floor)
-        return checked_coupled(vd, coeffs, n, eps, floor)
+        z = checked_coupled(_iteration_input(requested, method, vd), coeffs, n, eps, floor)
+        return z if z.dtype == vd.dtype else z.to(vd.dtype)
     if method == "eigh":
         return inv_sqrt_eigh(vd)
     if method == "polar_express_eigh":

@@ -898,9 +898,10 @@ class ASGO(_OneSided):
         damping: explicit relative damping :math:`\delta` (default 0.0, as the official code).
         inverse_root: ``"auto"`` (default): the Polar Express matrix function (see ``root_floor``), computed by
             one float64 eigendecomposition (``"polar_express_eigh"``) for float32/bf16 blocks of side
-            k >= 96 on the CPU (about half the cost there at k = 256, and more accurate) and by the matmul
+            k >= 48 on the CPU (about half the cost there at k = 256, and more accurate) and by the matmul
             iteration (``"polar_express"``) for smaller blocks (where the LAPACK call's fixed cost is
-            more), float64 blocks and on accelerators; equal in exact arithmetic. Or a
+            more; run in float64 for float32/bf16 blocks on the CPU), float64 blocks and on
+            accelerators; equal in exact arithmetic. Or a
             method by name: ``"polar_express"``, ``"polar_express_eigh"``, ``"newton_schulz"``, ``"eigh"``
             (float64 pseudo-inverse root, no implicit damping). On an ill-conditioned float64 Gram an
             eigendecomposition passes on rounding-level differences in V (e.g. the summation order across

@@ -290,13 +290,13 @@ def test_block_cost_model():
 ])
 def test_block_cost_uses_the_resolved_root_method(dtype, device, inverse_root, method):
     w = nn.Parameter(torch.empty(128, 200, dtype=dtype, device=device))
-    small = nn.Parameter(torch.empty(48, 200, dtype=dtype, device=device))  # k < EIGH_MIN_K
+    small = nn.Parameter(torch.empty(EIGH_MIN_K - 8, 200, dtype=dtype, device=device))  # k < EIGH_MIN_K
     b = nn.Parameter(torch.empty(300, dtype=dtype, device=device))
     opt = ASGO([w, small, b], inverse_root=inverse_root, root_every=3)
     iters = 18 if method == "newton_schulz" else 10
     small_method = "polar_express" if method == "polar_express_eigh" else method  # "auto" by size
     assert [blk.cost for blk in opt.block_table.blocks] == [
-        asgo_block_cost(128, 200, iters, 3, method), asgo_block_cost(48, 200, iters, 3, small_method),
+        asgo_block_cost(128, 200, iters, 3, method), asgo_block_cost(EIGH_MIN_K - 8, 200, iters, 3, small_method),
         ADAM_COST_PER_ELEMENT * 300]
 
 
@@ -615,8 +615,8 @@ def test_statistics_resolve_the_auto_root_method_per_block():
     # small one and the eigendecomposition on the large one. Resolving from the group's first parameter
     # (here a bias, which has no root at all) reported one method only.
     b = nn.Parameter(torch.zeros(200))
-    small = nn.Parameter(torch.randn(EIGH_MIN_K // 2, 200))  # k = 48
-    large = nn.Parameter(torch.randn(200, EIGH_MIN_K + 32))  # k = 128 (the right side)
+    small = nn.Parameter(torch.randn(EIGH_MIN_K // 2, 200))  # k = 24
+    large = nn.Parameter(torch.randn(200, EIGH_MIN_K + 32))  # k = 80 (the right side)
     opt = ASGO([("b", b), ("small", small), ("large", large)], inverse_root="auto")
     for p in (b, small, large):
         p.grad = torch.randn_like(p)
@@ -794,7 +794,9 @@ def test_small_roots_of_different_sizes_are_one_padded_batch(monkeypatch, dtype,
         return model
 
     padded = trained()
-    assert calls == [(3, 48, 48)] * 5, calls
+    # float32 on a CPU: the k = 48 Gram by the eigendecomposition route (EIGH_MIN_K), k = 10 and 20 padded to 20
+    want = [(3, 48, 48)] if dtype == torch.float64 else [(2, 20, 20), (1, 48, 48)]
+    assert calls == want * 5, calls
     calls.clear()
     monkeypatch.setattr(asgo_mod, "ROOT_PAD_BUDGET", 0)
     alone = trained()
@@ -804,14 +806,14 @@ def test_small_roots_of_different_sizes_are_one_padded_batch(monkeypatch, dtype,
 
 
 def test_padding_stays_within_one_root_method_and_options():
-    """Sizes pad only among blocks that would share a batch anyway: a float32 Gram of k = 92 under "auto"
-    (the iteration below EIGH_MIN_K on a CPU) next to a k = 96 one whose group asks for the iteration by
-    name. Padded together, the batch of size 96 resolved "auto" to the eigendecomposition route, which
-    takes no padded batch (it raised at the first step)."""
+    """Sizes pad only among blocks that would share a batch anyway: a float32 Gram of k = EIGH_MIN_K - 4
+    under "auto" (the iteration below EIGH_MIN_K on a CPU) next to a k = EIGH_MIN_K one whose group asks for
+    the iteration by name. Padded together, the batch of size EIGH_MIN_K resolved "auto" to the
+    eigendecomposition route, which takes no padded batch (it raised at the first step)."""
     torch.manual_seed(0)
-    a, b = nn.Linear(200, 92, bias=False), nn.Linear(200, 96, bias=False)
+    a, b = nn.Linear(200, EIGH_MIN_K - 4, bias=False), nn.Linear(200, EIGH_MIN_K, bias=False)
     opt = ASGO([{"params": [a.weight]}, {"params": [b.weight], "inverse_root": "polar_express"}], lr=1e-2)
-    assert sorted(opt._root_sizes().values()) == [92, 96]
+    assert sorted(opt._root_sizes().values()) == [EIGH_MIN_K - 4, EIGH_MIN_K]
     x = torch.randn(16, 200)
     (a(x).square().mean() + b(x).square().mean()).backward()
     opt.step()

@@ -110,8 +110,10 @@ def _mlp_step_calls(steps: int = 8) -> int:
 def test_small_mlp_step_operator_budget() -> None:
     """The fixed cost of a step on a small MLP is per-operator overhead: 352 ATen calls before the
     cheaper root bookkeeping (constants kept between steps, no clone of an undamped Gram, one-pass
-    finiteness flags, the map in fewer calls), 293 after. A budget, so that it stays down."""
-    assert _mlp_step_calls() <= 300
+    finiteness flags, the map in fewer calls), 293 after. A budget, so that it stays down. 340 since the
+    k = 64 float32 Gram takes the eigendecomposition route (EIGH_MIN_K = 48: ~105 calls against the float64
+    iteration's ~60, which costs more CPU time there: 0.88 against 0.74 ms, one thread)."""
+    assert _mlp_step_calls() <= 345
 
 
 def test_kept_constants_are_never_handed_between_fake_and_real_calls() -> None:
