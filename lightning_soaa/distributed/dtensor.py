@@ -43,7 +43,8 @@ from torch import Tensor
 from lightning_soaa.distributed.blocks import BlockInfo, writable_grad
 from lightning_soaa.distributed.comm import Communicator, LocalComm, TorchComm
 
-__all__ = ["DTensorLayout", "ParamPlacement", "PARAM_LIKE_STATE_KEYS", "has_dtensor", "is_dtensor", "local"]
+__all__ = ["DTensorLayout", "FSDPGroups", "ParamPlacement", "PARAM_LIKE_STATE_KEYS", "has_dtensor", "is_dtensor",
+           "local"]
 
 log = logging.getLogger(__name__)
 
@@ -348,6 +349,75 @@ class DTensorLayout:
             piece = distribute_tensor(t.reshape(glob_shape), mesh, placements, src_data_rank=None).to_local()
             out[key] = (piece if tuple(t.shape) == glob_shape else piece.reshape(piece.shape[0], -1)).clone()
         return out
+
+
+class FSDPGroups:
+    """FSDP2's parameter groups (``fully_shard`` units) that hold some of an optimizer's DTensor parameters.
+
+    A forward without backward (an evaluation between ``backward()`` and ``step()``, a closure that only
+    returns the loss, SOAA's ``same_batch`` re-evaluation) leaves some groups unsharded: the root's (FSDP2
+    never reshards the root after forward: ``fully_shard(model)`` alone, a root that holds the embeddings
+    and the output layer, every unit when the root is not wrapped) and, with ``reshard_after_forward=False``
+    or an int, every group. The next forward reads those unsharded copies, not what the optimizer wrote
+    since (torch's AdamW too: 0.13 off one process in 4 steps). :meth:`reshard` frees them (FSDP2's own
+    ``reshard()``, local to the rank, no collective; the same groups on every rank of a group's mesh, which
+    all hold its parameters), so the next forward all-gathers what the optimizer holds.
+
+    Found once (the groups live as long as their modules) through torch's internal registry of composable
+    states, the one route from parameters to their ``fully_shard`` modules (``FSDPModule.reshard()`` is
+    public, but an optimizer knows its parameters, not the modules). Where that registry or an FSDP2 state
+    in it does not read as expected (another torch), :attr:`unreadable` says why and the optimizer warns.
+    """
+
+    def __init__(self, params: Sequence[Tensor]) -> None:
+        self.groups, self.unreadable = _fsdp_groups_of(params)
+
+    def reshard(self) -> None:
+        """Free every unsharded copy a forward without backward left (the same on every rank). A group in
+        the middle of a forward or backward (a step from a backward hook) is left alone: autograd may still
+        read its unsharded parameters."""
+        for group in self.groups:
+            if getattr(getattr(group, "_training_state", None), "name", "IDLE") == "IDLE":
+                group.reshard()
+
+    def compute_eps(self) -> float:
+        """The relative rounding of the coarsest dtype a forward computes in: the ``MixedPrecisionPolicy``
+        ``param_dtype`` (bf16: the loss is a bf16 model's, though the parameters are float32); 0 without."""
+        dtypes = [getattr(getattr(g, "mp_policy", None), "param_dtype", None) for g in self.groups]
+        return max((torch.finfo(dt).eps for dt in dtypes if isinstance(dt, torch.dtype) and dt.is_floating_point),
+                   default=0.0)
+
+
+def _fsdp_groups_of(params: Sequence[Tensor]) -> tuple[list[Any], str | None]:
+    """(the FSDP2 parameter groups holding some of ``params``, why FSDP2's states could not be read or None)."""
+    wanted = {id(p) for p in params if is_dtensor(p)}
+    if not wanted:
+        return [], None
+    try:
+        from torch.distributed._composable_state import _module_state_mapping
+    except ImportError as e:
+        return [], f"no registry of composable states ({e})"
+    found: list[Any] = []
+    seen: set[int] = set()
+    try:
+        for ref in list(_module_state_mapping.values()):
+            state: Any = ref()
+            groups = getattr(state, "_fsdp_param_groups", None)
+            if groups is None:
+                if "FSDP" not in type(state).__name__:
+                    continue  # another composable API's state (replicate of DDP, checkpoint)
+                groups = [state._fsdp_param_group]  # torch before several groups per state (AttributeError else)
+            for group in groups:
+                if group is None or id(group) in seen:
+                    continue
+                seen.add(id(group))
+                if any(id(fp.sharded_param) in wanted for fp in group.fsdp_params):
+                    if not callable(group.reshard):
+                        return [], f"{type(group).__name__}.reshard is not a method"
+                    found.append(group)
+    except (AttributeError, TypeError) as e:  # torch's internals changed: say so rather than find nothing
+        return [], f"an FSDP2 state reads differently ({type(e).__name__}: {e})"
+    return found, None
 
 
 def _contiguous_stride(shape: Sequence[int]) -> tuple[int, ...]:

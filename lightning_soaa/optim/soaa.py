@@ -823,10 +823,19 @@ class SOAA(ShardedOptimizer):
 
     # ------------------------------------------------------------------ same_batch acceptance
     def _model_eps(self) -> float:
-        """The relative rounding of the coarsest floating dtype among the parameters (the same on every
-        rank: the ranks' parameters agree; fixed after construction)."""
+        """The relative rounding of the coarsest floating dtype this rank's model computes its loss in: its
+        parameters', the autocast region the step was called in (on the parameters' device types), FSDP2's
+        ``MixedPrecisionPolicy`` ``param_dtype``. A float32 model run in bf16 was judged at float32's
+        rounding: a trial that left the bf16 weights unchanged was rejected (loss equal to the bit, the
+        stale-closure warning), d sank to d_min (lr 1e-4: d 0.005 after 12 steps, W = 2, and in one process
+        under autocast). The ranks' values are averaged in the verdict's all-reduce (the verdict is theirs)."""
         eps = [torch.finfo(p.dtype).eps for p in self._params if p.is_floating_point()]
-        return max(eps, default=0.0)
+        regions = self.__dict__.get("_caller_autocast") or []
+        if regions:
+            devices = {p.device.type for p in self._params}
+            eps += [torch.finfo(dt).eps for dev, dt in regions if dev in devices and dt.is_floating_point]
+        fsdp = self._fsdp()
+        return max(eps + [fsdp.compute_eps() if fsdp is not None else 0.0])
 
     def _warn_stale_closure(self, pred: float) -> None:
         """A judged trial whose loss equals the loss before it to the bit although it moved this rank's
@@ -839,10 +848,9 @@ class SOAA(ShardedOptimizer):
             "SOAA(acceptance='same_batch'): step %d: the closure's loss after the trial step equals the loss "
             "before it to the bit although the trial moved the parameters (predicted reduction %.3g), so the "
             "step was rejected. Most likely the closure does not see the trial parameters: it returns a loss "
-            "computed before the step, or, under FSDP2 with "
-            "reshard_after_forward=False, a closure without backward() reads the unsharded parameters its "
-            "previous forward left (call backward() in the closure, as torch's closures do, or reshard() the "
-            "fully_shard modules in it). Logged once.", self._t, pred)
+            "computed before the step, or it evaluates a copy of the model (under FSDP2: the unsharded parameters "
+            "an earlier forward left, the root's or with reshard_after_forward=False every unit's, where SOAA "
+            "could not reshard them; see the warning about the FSDP2 units). Logged once.", self._t, pred)
 
     def _same_batch_check(self, closure: Callable[[], Any]) -> None:
         """Re-evaluate the loss at the trial θ and accept or reject the step (every rank alike).
@@ -872,7 +880,7 @@ class SOAA(ShardedOptimizer):
         """:meth:`_same_batch_check`'s verdict, applied: (this rank's closure error, the ranks that raised)."""
         cfg = self.config
         error: Exception | None = None
-        try:
+        try:  # (FSDP2: the step resharded before the update, so the closure's forward all-gathers the trial)
             new_loss = self._run_closure(closure)
             val = _loss_value(new_loss) if new_loss is not None else float("nan")
         except Exception as e:
@@ -881,15 +889,16 @@ class SOAA(ShardedOptimizer):
         trial = _floats(self._trial) if self._trial is not None else [0.0, 0.0, 0.0]
         w = self._loss_weight
         vec = torch.tensor([trial[0], trial[1], val * w if ok else 0.0, w, 0.0 if ok else 1.0, trial[2],
-                            0.0 if error is None else 1.0, _loss_eps(new_loss) if error is None else 0.0],
-                           dtype=torch.float64)
-        mu, vu2, loss_sum, count, bad, limited, failed, loss_eps = self.comm.all_reduce_scalars(vec).tolist()
+                            0.0 if error is None else 1.0, _loss_eps(new_loss) if error is None else 0.0,
+                            self._model_eps()], dtype=torch.float64)
+        mu, vu2, loss_sum, count, bad, limited, failed, loss_eps, model_eps = self.comm.all_reduce_scalars(vec).tolist()
+        model_eps /= self.comm.world_size  # (exact: a power of two times W, over W) the same on every rank
         pred = predicted_reduction(mu, vu2)
         actual = self._loss - loss_sum / count if bad == 0 else -math.inf
         rho = actual / max(pred, self._trust_eps) if bad == 0 else -math.inf
         self._pred, self._actual, self._rho = pred, actual, rho
         d = self._d
-        res = _resolution(loss_eps, self._model_eps(), self._loss, self._trust_eps) if bad == 0 else 0.0
+        res = _resolution(loss_eps, model_eps, self._loss, self._trust_eps) if bad == 0 else 0.0
         if bad == 0 and (pred == 0.0 or (pred <= res and abs(actual) <= res)):
             # a trial too small to judge (lr = 0 in a warm-up; a predicted and an observed change below
             # eps or the loss's own rounding, e.g. a float32 loss of 1e4): it stands and d is left alone.
@@ -905,6 +914,9 @@ class SOAA(ShardedOptimizer):
                 p.copy_(saved)
             if self._sharded_multi_rank():
                 self.exchange.gather_params()
+            fsdp = self._fsdp()
+            if fsdp is not None:  # the closure's forward left FSDP2's root (or every unit) unsharded at the trial:
+                fsdp.reshard()  # read, the next step ran at the rejected weights (0.075 off in 4 steps)
             d = max(cfg.shrink * d, cfg.d_min)
             self._rejected += 1
         else:

@@ -290,6 +290,88 @@ def same_batch(rank: int, world_size: int) -> dict[str, Any]:
     return {"params": full_params(model), "stats": soaa_stats(opt), "rejected": opt.statistics()["rejected"]}
 
 
+def _forward_only_steps(model: nn.Module, opt: Any, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """A closure that only re-evaluates the loss (no backward): the gradient comes from the backward before."""
+    for x, y in batches:
+        opt.zero_grad()
+        loss_fn(model, x, y).backward()
+
+        def closure(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
+            with torch.no_grad():
+                return loss_fn(model, x, y)
+
+        opt.step(closure)
+
+
+def same_batch_layouts(rank: int, world_size: int) -> dict[str, Any]:
+    """SOAA(acceptance="same_batch") with a forward-only closure in FSDP2 layouts whose forward leaves
+    unsharded copies: ``fully_shard(model)`` alone and a root holding the last Linear (FSDP2 never reshards
+    the root after forward), every unit with reshard_after_forward=False, the root not wrapped."""
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = make_mesh(world_size, False)
+    out: dict[str, Any] = {}
+    for layout in ("root_only", "root_holds_last", "no_reshard", "root_not_wrapped"):
+        model = tiny_mlp(sizes=TALL)
+        linears = [m for m in model if isinstance(m, nn.Linear)]
+        units = {"root_only": [], "root_holds_last": linears[:-1]}.get(layout, linears)
+        kw: dict[str, Any] = {"reshard_after_forward": False} if layout == "no_reshard" else {}  # else torch's default
+        for lin in units:
+            fully_shard(lin, mesh=mesh, **kw)
+        if layout != "root_not_wrapped":
+            fully_shard(model, mesh=mesh, **kw)
+        opt = SOAA(model.named_parameters(), **SAME_BATCH)
+        _forward_only_steps(model, opt, [local_batch(t, TALL, rank, world_size) for t in range(STEPS)])
+        out[layout] = {"params": full_params(model), "stats": soaa_stats(opt), "rejected": opt.statistics()["rejected"]}
+    return out
+
+
+def eval_forward_before_step(rank: int, world_size: int) -> dict[str, Any]:
+    """Every case under ``fully_shard(model)`` alone, with and without a forward without backward (an
+    evaluation) between backward() and step(): FSDP2 leaves the root unsharded after it (never resharded
+    after forward), and the next step's forward read those copies, the weights before the step."""
+    from torch.distributed.fsdp import fully_shard
+
+    out: dict[str, Any] = {}
+    for name, cls, kw, sizes in CASES:
+        for evaluate in (False, True):
+            model = tiny_mlp(sizes=sizes)
+            fully_shard(model, mesh=make_mesh(world_size, False))
+            opt = cls(model.named_parameters(), **kw)
+            for t in range(STEPS):
+                x, y = local_batch(t, sizes, rank, world_size)
+                opt.zero_grad()
+                loss = loss_fn(model, x, y)
+                loss.backward()
+                if evaluate:
+                    with torch.no_grad():
+                        loss_fn(model, x, y)  # e.g. a metric, logged before the step
+                if isinstance(opt, SOAA):
+                    opt.set_loss(loss)
+                opt.step()
+            out[name, evaluate] = [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+                                   for g in opt.param_groups for p in g["params"]]
+    return out
+
+
+def same_batch_bf16(rank: int, world_size: int) -> dict[str, Any]:
+    """SOAA(acceptance="same_batch") on a float32 model under MixedPrecisionPolicy(param_dtype=bf16), lr so
+    small that a trial mostly leaves the bf16 copies of the weights unchanged."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = make_mesh(world_size, False)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    model = tiny_mlp(sizes=TALL, dtype=torch.float32)
+    for lin in [m for m in model if isinstance(m, nn.Linear)]:
+        fully_shard(lin, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    opt = SOAA(model.named_parameters(), lr=1e-4, gamma=0.3, acceptance="same_batch")
+    batches = [tuple(t.float() for t in local_batch(t, TALL, rank, world_size)) for t in range(12)]
+    _forward_only_steps(model, opt, batches)  # type: ignore[arg-type]
+    st = opt.statistics()
+    return {"d": st["d"], "rejected": st["rejected"], "finite": all(p.isfinite().all() for p in full_params(model))}
+
+
 # ---------------------------------------------------------------------- torch.distributed.checkpoint
 def _describe(v: Any) -> Any:
     from torch.distributed.tensor import DTensor

@@ -219,6 +219,42 @@ def test_soaa_same_batch_equals_single_process(w2_run):
                                    atol=ATOL, rtol=ATOL)
 
 
+def test_soaa_same_batch_forward_only_closure_in_every_fsdp2_layout(tmp_path: Path):
+    """A closure that only re-evaluates the loss read the unsharded copies an earlier forward left, not the
+    trial: FSDP2 never reshards the root after forward (torch's default). fully_shard(model) alone,
+    reshard_after_forward=False and the root not wrapped judged every trial at the weights before it (4 of 4
+    rejected, 0.15 off one process in 4 steps); a root holding the last Linear ran the step after a rejection
+    at the trial's weights (0.075 off). SOAA reshards the optimizer's fully_shard units around the closure."""
+    ref = W.same_batch_reference()
+    results = run_distributed(W.same_batch_layouts, 2, tmp_path, timeout=300)
+    for r, res in enumerate(results):
+        for layout, got in res.items():
+            for i, (a, b) in enumerate(zip(got["params"], ref["params"], strict=True)):
+                torch.testing.assert_close(a, b, atol=ATOL, rtol=0, msg=lambda m: f"{layout} rank {r} param {i}: {m}")
+            torch.testing.assert_close(torch.tensor(got["stats"]), torch.tensor(ref["stats"]), atol=ATOL, rtol=ATOL,
+                                       msg=lambda m: f"{layout} rank {r} SOAA statistics: {m}")
+            assert got["rejected"] == ref["rejected"], (layout, r)
+
+
+def test_every_optimizer_steps_what_the_next_forward_reads_after_a_forward_without_backward(tmp_path: Path):
+    """A forward without backward between backward() and step() (a logged metric) left FSDP2's root
+    unsharded, and the next forward read those copies, not the stepped weights (torch's AdamW too): 0.02 to
+    0.12 off the run without it in 4 steps. The optimizers reshard their fully_shard units before they write."""
+    for r, res in enumerate(run_distributed(W.eval_forward_before_step, 2, tmp_path, timeout=300)):
+        for name, *_ in W.CASES:
+            for i, (a, b) in enumerate(zip(res[name, True], res[name, False], strict=True)):
+                assert torch.equal(a, b), (name, r, i, (a - b).abs().max().item())
+
+
+def test_soaa_same_batch_judges_a_bf16_mixed_precision_model_at_bf16_rounding(tmp_path: Path):
+    """Under MixedPrecisionPolicy(param_dtype=bf16) the loss is a bf16 model's while the parameters are
+    float32: judged at float32's rounding, trials that left the bf16 weights unchanged were rejected (the
+    stale-closure warning) and d sank (here 3 of 12 rejected, d 0.65; with weight decay d 0.005); now they
+    stand, as for a bf16 model."""
+    for r, res in enumerate(run_distributed(W.same_batch_bf16, 2, tmp_path, timeout=300)):
+        assert res["finite"] and res["d"] == 1.0 and res["rejected"] == 0, (r, res)
+
+
 def test_dcp_state_dict_is_torch_shaped_and_validated(w2_run):
     """get_optimizer_state_dict's output: FQN keys, parameter-like state as DTensors sharded like the
     parameter (5 rows over 2 ranks: 3 + 2), counters and ASGO's Gram plain; a wrong optimizer raises."""

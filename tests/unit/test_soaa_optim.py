@@ -263,6 +263,30 @@ def test_same_batch_warns_once_when_the_closure_does_not_see_the_trial_parameter
     assert small.statistics()["actual_reduction"] == 0.0 and not caplog.records
 
 
+def test_same_batch_judges_a_float32_model_under_bf16_autocast_at_bf16_rounding(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A float32 model stepped inside ``torch.autocast(bfloat16)`` computes its loss in bf16: judged at
+    float32's rounding, trials that left the bf16 copies of the weights unchanged were rejected with the
+    stale-closure warning and d sank (11 of 12 rejected at lr 1e-4). They stand, as for a bf16 model
+    (FSDP2's MixedPrecisionPolicy alike: tests/fsdp2)."""
+    model = tiny_mlp(dtype=torch.float32)
+    opt = SOAA(model.named_parameters(), lr=1e-4, gamma=0.3, weight_decay=0.01, acceptance="same_batch")
+    with caplog.at_level(logging.WARNING, logger="lightning_soaa.optim.soaa"):
+        for t in range(12):
+            x, y = (v.float() for v in batch(t, 0))
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                opt.zero_grad()
+                loss_fn(model, x, y).backward()
+
+                def closure(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
+                    with torch.no_grad():
+                        return loss_fn(model, x, y)
+
+                opt.step(closure)
+    st = opt.statistics()
+    assert st["rejected"] == 0 and st["d"] == 1.0 and not caplog.records, (st, caplog.records)
+
+
 def test_same_batch_accepts_and_expands_a_good_step() -> None:
     theta = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
     opt = SOAA([theta], lr=0.5, acceptance="same_batch", gamma=0.1, total_steps=10, expand=1.5)
