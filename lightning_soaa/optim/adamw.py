@@ -43,9 +43,11 @@ def adam_state_schema(block: BlockInfo, param: torch.Tensor) -> dict[str, StateF
 def init_adam_state(state: dict[str, Any], param: torch.Tensor) -> None:
     """A block's first Adam state: step 0 and zero moments (in :func:`moment_dtype`, ``param``'s layout)."""
     dtype = moment_dtype(param.dtype)
-    state["step"] = torch.zeros((), dtype=torch.float32)
-    state["exp_avg"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
-    state["exp_avg_sq"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
+    # made first, entered in one call: an out of memory (or Ctrl+C) between the allocations left a state with
+    # "step" and no "exp_avg_sq", which every later step took as initialised (a KeyError there)
+    state.update(step=torch.zeros((), dtype=torch.float32),
+                 exp_avg=torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format),
+                 exp_avg_sq=torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format))
 
 
 def adam_guarded(views: list[BlockView], betas_key: str = "betas") -> list[MomentBlock]:
@@ -128,6 +130,7 @@ class ShardedAdamW(ShardedOptimizer):
         return moments_overflow(grad_sq, lambda: adam_guarded(views))
 
     def _apply(self, views: list[BlockView], decision: Any) -> None:
+        self._update_clean_on_raise = True  # until the first write: the lazy state below is zeros (no state)
         by_group: dict[int, list[BlockView]] = {}
         for v in views:
             if v.grad is not None:
@@ -138,6 +141,7 @@ class ShardedAdamW(ShardedOptimizer):
                 if "step" not in v.state:
                     init_adam_state(v.state, v.param)
             beta1, beta2 = group["betas"]
+            self._update_clean_on_raise = False  # the counters, moments and parameters are written from here
             adamw_update_(
                 [_real(v.param) for v in vs],
                 [_real(v.grad) for v in vs],  # type: ignore[arg-type]

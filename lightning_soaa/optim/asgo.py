@@ -569,7 +569,7 @@ class _OneSided(ShardedOptimizer):
         raise NotImplementedError
 
     def _apply(self, views: list[BlockView], decision: Any) -> None:
-        self._statistic_guard().commit()
+        self._update_clean_on_raise = True  # until the first write: the lazy state below is zeros (no state)
         routes = self._routes()
         adam: list[BlockView] = []
         matrix: list[BlockView] = []
@@ -590,6 +590,10 @@ class _OneSided(ShardedOptimizer):
         # .item() per block), then handed to the updates that read them.
         # Two calls: the fallback's and the matrices' counters may differ in dtype (MATRIX_STEP_DTYPE).
         counts = self._counts()
+        # written from here: the guard's bound of this step (after the allocations above, so that a step
+        # raising in them leaves the bound of the state as it is), the counters, statistics and parameters
+        self._update_clean_on_raise = False
+        self._statistic_guard().commit()
         self._adam_step(adam, counts.advance(STEP, [v.state[STEP] for v in adam]))
         # also with no matrix block here: DASGO's norms of column-split matrices are a collective
         self._matrix_step(matrix, counts.advance((STEP, "matrix"), [v.state[STEP] for v in matrix]))
@@ -1261,10 +1265,12 @@ class ASGO(_OneSided):
         m, n = _matrix_shape(v.param.shape, self._batched(v.block))  # the local shard's under FSDP2
         k = m if side == asgo_math.LEFT else n
         dev = v.param.device
-        v.state[STEP] = torch.zeros((), dtype=MATRIX_STEP_DTYPE)
-        v.state[EXP_AVG] = torch.zeros((m, n), dtype=sdt, device=dev)
-        v.state[GRAM] = torch.zeros((k, k), dtype=sdt, device=dev)
-        v.state[ROOT_FALLBACKS] = torch.zeros((), dtype=torch.int64)
+        # made first, entered in one call: a step raising between the allocations (out of memory) left a
+        # state with a counter and no Gram, taken as initialised by every later step
+        v.state.update({STEP: torch.zeros((), dtype=MATRIX_STEP_DTYPE),
+                        EXP_AVG: torch.zeros((m, n), dtype=sdt, device=dev),
+                        GRAM: torch.zeros((k, k), dtype=sdt, device=dev),
+                        ROOT_FALLBACKS: torch.zeros((), dtype=torch.int64)})
 
     def _root_sizes(self) -> dict[int, int]:
         """``block_id ->`` the size its root is computed at (:func:`root_padding`) for the matrix blocks whose
@@ -1670,9 +1676,9 @@ class DASGO(_OneSided):
     def _init_matrix_state(self, v: BlockView, side: str) -> None:
         sdt = self._state_dtype(v.param)
         shape = _matrix_shape(v.param.shape, self._batched(v.block))  # the local shard's under FSDP2
-        v.state[STEP] = torch.zeros((), dtype=torch.float32)
-        v.state[EXP_AVG] = torch.zeros(shape, dtype=sdt, device=v.param.device)
-        v.state[COL_STAT] = torch.zeros(shape[1], dtype=sdt, device=v.param.device)
+        v.state.update({STEP: torch.zeros((), dtype=torch.float32),  # entered in one call (see ASGO's)
+                        EXP_AVG: torch.zeros(shape, dtype=sdt, device=v.param.device),
+                        COL_STAT: torch.zeros(shape[1], dtype=sdt, device=v.param.device)})
 
     def _matrix_step(self, views: list[BlockView], counts: list[float]) -> None:
         """Momentum, column statistics and directions of all blocks as multi-tensor ops per group of

@@ -281,7 +281,10 @@ class StepCounts:
                                      list[Any] | None]] = {}
         # per key, from read(): the counters, their values and that dtype
         self._read: dict[Any, tuple[list[Tensor], list[float], torch.dtype | None]] = {}
-        self._sources: dict[torch.dtype, Tensor] = {}  # the 0-d value increment() copies, per dtype
+        # the 0-d value increment() copies, per dtype; the counters' usual dtypes made here, not at a step's
+        # first write: an update that raised there (out of memory) had allocated after its first write only
+        self._sources: dict[torch.dtype, Tensor] = {dt: torch.zeros((), dtype=dt) for dt in (torch.float32,
+                                                                                              torch.float64)}
 
     def _lookup(self, key: Any, counters: list[Tensor]) -> tuple[list[float], torch.dtype | None, list[int]]:
         """(values, the one dtype or None, step counts) of ``counters``: remembered while they are the
@@ -1794,12 +1797,16 @@ class ShardedOptimizer(torch.optim.Optimizer):
         decision = self._decide(reduced)
         if isinstance(decision, SkipStep):
             return self._skip_step(decision.reason)
+        # an _apply that says nothing (see _update_clean_on_raise) is taken to have written when it raises
+        self._update_clean_on_raise = False
         try:
             self._apply(views, decision)
             # part of the update: a rank stopped here holds its peers' blocks as they were, its own stepped
             self._exchange_out(decision)
         except BaseException as e:  # KeyboardInterrupt too (a notebook's Ctrl+C): it left groups half-updated
-            self._update_interrupted(e)
+            # W > 1: the peers went on (into the exchange, or stepped): this rank is out of step, written or not
+            if not self._update_clean_on_raise or self.comm.world_size > 1:
+                self._update_interrupted(e)
             raise
         self._count_step()
         return True
@@ -1814,6 +1821,14 @@ class ShardedOptimizer(torch.optim.Optimizer):
         four steps). Returns False: no update was made (SOAA's ``same_batch`` judges no trial)."""
         log.debug("%s.step: no parameter has a gradient on any rank; nothing changed", type(self).__name__)
         return False
+
+    #: True while an exception leaves this rank's parameters and optimizer state as they were before the
+    #: step: ``_apply`` sets it at its start while it has only allocated (lazy state of zeros counts as no
+    #: state) and clears it just before its first write (or keeps it where it puts back what it wrote, EGN).
+    #: The template sets it False before ``_apply``: an ``_apply`` that says nothing is taken to have written.
+    #: A single process then raises without :meth:`_update_interrupted`: a caller that catches an out of
+    #: memory at the update's first allocation and steps again with a smaller batch is not refused for it.
+    _update_clean_on_raise = False
 
     def _update_interrupted(self, error: BaseException) -> None:
         """The update raised (out of memory in an update kernel in ``_apply``; the exchange after it; SOAA's

@@ -511,6 +511,29 @@ class _Pass:
     use_chain: bool | None = None  # whether the step's forwards go through the planned chain (once known)
     rng: StepRng | None = None  # the random draw every forward of the step repeats (not for a planned chain)
     probed: bool = False  # this step's capture passed the factor probe (_factor_probe)
+    undo: _Undo | None = None  # what the step changed before it was counted, to put back if it raises
+    agreed: bool = False  # the step raises on every rank together (EGN._agreeing)
+    rewind: bool = False  # the step raised before it was counted: the generators go back too (StepRng.finish)
+
+
+#: EGN's optimizer-wide values that a step changes before it is counted (_Undo)
+_UNDONE = ("damping", "alpha", "momentum_steps", "momentum_rejections", "solve_fallbacks", "nonfinite_trials",
+           "_cg_pause")
+
+
+@dataclasses.dataclass
+class _Undo:
+    """What one step changes before the template counts it, as it was (:meth:`EGN._roll_back`): the line search
+    moves every parameter long before ``_apply`` (its trial forwards are most of a step: a Ctrl+C lands there),
+    the solve moves the conjugate-gradient pause, ``_apply`` the momentum buffers and scalars. Old objects
+    only (``w0`` is the line search's own copy): nothing is copied for it."""
+
+    counted: int  # num_steps + skipped_steps before the step: the step is done once they changed
+    scalars: tuple[Any, ...]  # _UNDONE's values
+    last: dict[str, float]
+    w0: list[Tensor] = dataclasses.field(default_factory=list)  # the parameters before the first trial
+    # (owned state, its momentum buffer before _apply or None) of every owned block
+    buffers: list[tuple[dict[str, Any], Tensor | None]] = dataclasses.field(default_factory=list)
 
 
 
@@ -1031,9 +1054,12 @@ class EGN(ShardedOptimizer):
             self._pass.error = error  # raised before the step on this rank: reported by _agree_on_batch
             self._sharded_step()  # the base's template, through the hooks below
             f0 = self._pass.f0
+        except BaseException as e:  # KeyboardInterrupt too: most of a step is its forwards
+            self._abandon(e)
+            raise
         finally:
-            if self._pass.rng is not None:  # the generators as if the model had been run once
-                self._pass.rng.finish()
+            if self._pass.rng is not None:  # the generators as if the model had been run once (or not at all)
+                self._pass.rng.finish(rewind=self._pass.rewind)
             self._pass = None
             for m, mode in modes:
                 # the attribute itself (what Module.__setattr__ ends in for it), without that method's
@@ -1095,10 +1121,27 @@ class EGN(ShardedOptimizer):
         """Raise on every rank when some rank failed: its own error there, a pointer to it elsewhere."""
         if not failed:
             return
-        if error is not None:
-            raise error
-        raise RuntimeError(f"EGN.step: rank(s) {failed} raised an error {where} (see that rank's traceback); the "
-                           "step was abandoned on every rank and nothing changed.")
+        with self._agreeing():
+            if error is not None:
+                raise error
+            raise RuntimeError(f"EGN.step: rank(s) {failed} raised an error {where} (see that rank's traceback); "
+                               "the step was abandoned on every rank and nothing changed.")
+
+    @contextlib.contextmanager
+    def _agreeing(self) -> Any:
+        """An Exception raised inside is decided from values every rank reduced: every rank raises with it, none
+        is left in the step's collectives (:meth:`_abandon` does not flag it). Any other error of a W > 1 step is
+        taken as this rank's alone."""
+        try:
+            yield
+        except Exception:
+            if self._pass is not None:
+                self._pass.agreed = True
+            raise
+
+    def _raise_disagreement(self, verdict: agreement.StepVerdict, error: BaseException | None) -> None:
+        with self._agreeing():  # the template's step record: a rank's error reported through its all-reduce
+            super()._raise_disagreement(verdict, error)
 
     # -- template hooks ---------------------------------------------------------------------
     def _exchange_in(self, failed: bool = False) -> str | None:
@@ -1106,6 +1149,8 @@ class EGN(ShardedOptimizer):
         bc×bc system (identically on every rank), and sum each rank's Jᵀv into the owners. (``failed``:
         EGN's passes hold a rank's error themselves and raise it through their first all-reduce.)"""
         ps = self._current()
+        # the values the step changes before it is counted, as they were (the solve moves _cg_pause)
+        ps.undo = _Undo(self.num_steps + self.skipped_steps, tuple(getattr(self, k) for k in _UNDONE), self._last)
         with self._autograd_free(ps.xs):
             return self._curvature_pass(ps)
 
@@ -1246,12 +1291,9 @@ class EGN(ShardedOptimizer):
         dec.jd_qq = curv.jd_qq
         if dec.use_momentum and self.config.adaptive_damping:
             dec.jd_qq = self._jd_q_norm(batch, curv, dec.full)  # collective: all_reduce_scalars
-        try:
-            dec.alpha, dec.f_new, dec.tries = self._step_size(batch, dec.w0, dec.full, dec.gtd)  # all_reduce/trial
-        except BaseException:
-            if dec.w0:
-                self._restore(dec.w0)  # a trial that raised left w0 + αd in the parameters
-            raise
+        assert ps.undo is not None  # (_exchange_in)
+        ps.undo.w0 = dec.w0  # a trial, or anything up to the step's count, that raises puts w0 back (_abandon)
+        dec.alpha, dec.f_new, dec.tries = self._step_size(batch, dec.w0, dec.full, dec.gtd)  # all_reduce/trial
         if not math.isfinite(dec.f_new):
             self._restore(dec.w0)
             ps.trial_rejected = True
@@ -1262,6 +1304,44 @@ class EGN(ShardedOptimizer):
         with torch.no_grad():
             for p, w in zip(self._params, w0):
                 p.copy_(w)
+
+    def _abandon(self, error: BaseException) -> None:
+        """The step raised: what it changed before it was counted is put back (:class:`_Undo`), and the random
+        generators rewound, so that a caller who catches the error (an out of memory in a line-search forward,
+        a Ctrl+C) and steps again trains exactly as without it. (A step raising after it was counted is done.)
+        Flagged as interrupted (:meth:`_update_interrupted`) where that is not enough: the putting back itself
+        raised, or at W > 1 the error came from this rank alone (any error that no agreement raised on every rank,
+        :meth:`_agreeing`, once the step's collectives began: a Ctrl+C, an out of memory in an exchange's own
+        buffer): the other ranks are left in the step's collectives or went on to the update, and this rank is
+        out of step with them (a save from it met their collective and both hung)."""
+        ps = self._current()
+        undo = ps.undo
+        if undo is None or self.num_steps + self.skipped_steps != undo.counted:
+            return
+        ps.rewind = True
+        try:
+            self._roll_back(undo)
+        except BaseException:  # a second Ctrl+C: the parameters partly back
+            self._update_interrupted(error)
+            raise
+        # (EGN's passes report an Exception of their local work through their next all-reduce, raised on every
+        # rank under _agreeing; an error outside them, Exception or not, leaves the peers in a collective)
+        if not ps.agreed and self.comm.world_size > 1 and self.__dict__.get("_interrupted") is None:
+            self._update_interrupted(error)
+
+    def _roll_back(self, undo: _Undo) -> None:
+        """Parameters, momentum buffers and the optimizer-wide values as before the step (bit for bit: w0 is an
+        exact copy, the rest are the old objects)."""
+        if undo.w0:
+            self._restore(undo.w0)
+        for state, old in undo.buffers:
+            if old is None:
+                state.pop("momentum_buffer", None)
+            else:
+                state["momentum_buffer"] = old
+        for key, value in zip(_UNDONE, undo.scalars):
+            setattr(self, key, value)
+        self._last = undo.last
 
     def _choose_direction(self, reduced: StepRecord) -> _EGNDecision:
         """Keep the momentum direction only when it descends (gᵀd < 0)."""
@@ -1287,8 +1367,10 @@ class EGN(ShardedOptimizer):
         last trial is the α taken."""
         ps = self._current()
         curv, batch = ps.curvature, ps.batch
-        assert curv is not None and batch is not None
+        assert curv is not None and batch is not None and ps.undo is not None
+        self._update_clean_on_raise = True  # what it writes, _abandon puts back (with the trials' w0 + αd)
         if float(self.param_groups[0]["momentum"]) > 0:
+            ps.undo.buffers = [(v.state, v.state.get("momentum_buffer")) for v in views]
             for v, m_new in zip(views, decision.buffers):
                 if m_new is not None:
                     v.state["momentum_buffer"] = m_new
@@ -1551,8 +1633,8 @@ class EGN(ShardedOptimizer):
             nonfinite = not (math.isfinite(local_loss) and math.isfinite(z_probe))
             table[0:2] = [1.0 if nonfinite else 0.0, local_loss]
         red = self._sum_scalars(table)  # collective
-        info = agreement.meeting_rows(red, world)
-        sizes, c = self._check_agreement(info, err, positions)
+        with self._agreeing():
+            sizes, c = self._check_agreement(agreement.meeting_rows(red, world), err, positions)
         assert z is not None and cap is not None
         y = _as(targets, z.dtype if targets.is_floating_point() else targets.dtype, z.device)
         b = sum(sizes)
@@ -1610,13 +1692,14 @@ class EGN(ShardedOptimizer):
         table[row + 1:row + 4] = layout
         red = self._sum_scalars(table)  # collective: all_reduce_scalars
         info = agreement.meeting_rows(red, world)
-        self._raise_rank_errors(info, _BUFFER_KIND, None if error is None else f"{type(error).__name__}: {error}")
-        if any(info[r][1:4] != layout for r in range(world)):
-            raise ValueError(
-                "EGN: the ranks' models have different floating-point buffers (count, sizes, names or dtypes: "
-                f"{[[int(v) for v in info[r][1:3]] for r in range(world)]} as [count, numel] per rank); EGN "
-                "gives every rank rank 0's buffers before its eval-mode pass, which needs the same model on "
-                "every rank.")
+        with self._agreeing():
+            self._raise_rank_errors(info, _BUFFER_KIND, None if error is None else f"{type(error).__name__}: {error}")
+            if any(info[r][1:4] != layout for r in range(world)):
+                raise ValueError(
+                    "EGN: the ranks' models have different floating-point buffers (count, sizes, names or dtypes: "
+                    f"{[[int(v) for v in info[r][1:3]] for r in range(world)]} as [count, numel] per rank); EGN "
+                    "gives every rank rank 0's buffers before its eval-mode pass, which needs the same model on "
+                    "every rank.")
         tensors = [b for _, b in buffers]
         if rank == 0:
             flat = torch.cat([b.detach().reshape(-1).to(torch.float64) for b in tensors])

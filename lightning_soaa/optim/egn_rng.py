@@ -232,6 +232,9 @@ class StepRng:
         self._history = history if history is not None else DrawHistory()
         self._replay: tuple[Tensor, list[Tensor]] | None = None  # where a forward drew from (None: none drew)
         self._end: tuple[Tensor, list[Tensor]] | None = None
+        # the start of an unreplayed forward that raised (its draws are not judged): where a rewind goes when
+        # no forward finished drawing (an out of memory in the capture forward after its dropout drew)
+        self._raised: tuple[Tensor, list[Tensor]] | None = None
         self._marked = False
         self._seen = _OVERLAP.events  # the count this step expects: moved by its own events only
         self._before: tuple[Tensor, list[Tensor]] | None = None  # the running forward's start, before any draw
@@ -265,6 +268,8 @@ class StepRng:
         if watch is not None:
             watch.__exit__(kind, exc, tb)  # type: ignore[no-untyped-call]
         if kind is not None:
+            if before is not None and self._raised is None:
+                self._raised = before
             return
         if before is None:  # a replayed forward: another thread's step during it (the last one has no rewind)
             self.check()
@@ -294,10 +299,14 @@ class StepRng:
         if self._replay is not None and _OVERLAP.events != self._seen:
             raise RuntimeError(_CONCURRENT)
 
-    def finish(self) -> None:
-        """At the end of the step: as if the model had been run once (nothing, if no forward drew)."""
-        if self._replay is None:
+    def finish(self, rewind: bool = False) -> None:
+        """At the end of the step: as if the model had been run once (nothing, if no forward drew); ``rewind``:
+        as if it had not been run (a step that raised and put back what it changed: the first draw's start)."""
+        start = self._replay if self._replay is not None else self._raised if rewind else None
+        if start is None:
             return
         self._own(_OVERLAP.tick())
-        if self._end is not None:
+        if rewind:
+            self._set(start)
+        elif self._end is not None:
             self._set(self._end)

@@ -699,11 +699,13 @@ class SOAA(ShardedOptimizer):
 
     def _update(self, views: list[BlockView], decision: _SOAADecision) -> None:
         """Moments, θ and the step counters of every group, then the trust region's state."""
+        self._update_clean_on_raise = True  # until the first write below (the lazy state was made in _prepare)
         scal = decision.scalars
         d_prev = self._d  # the update of step t uses d_{t-1}
         same_batch = self.config.acceptance == "same_batch"
         if same_batch:  # the only copy SOAA keeps: θ, to restore it when the trial step is rejected
             self._snapshot = [(v.param, v.param.detach().clone()) for v in views if v.grad is not None]
+        self._update_clean_on_raise = False  # the counters, moments and θ are written from here
         parts: list[Partials] = []
         for (gi, counted), grp in decision.groups.items():  # _prepare's groups (the same views)
             group = self.param_groups[gi]
@@ -802,10 +804,12 @@ class SOAA(ShardedOptimizer):
             return False
         self.comm.begin_step()
         decision = self._decision(s_m2, s_veps, lag_mu, lag_vu2, loss_sum, w, groups)
+        self._update_clean_on_raise = False  # (as the template's: set by _update)
         try:
             self._update([], decision)
         except BaseException as e:  # as the template's _apply (KeyboardInterrupt too): refused until load_state_dict
-            self._update_interrupted(e)
+            if not self._update_clean_on_raise:  # (a single process: nothing to agree on)
+                self._update_interrupted(e)
             raise
         self._count_step()
         return True

@@ -28,6 +28,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_soaa.optim.base import ShardedOptimizer
 from lightning_soaa.registry import REGISTRY, FirstArg, StepNeeds, get, half_mse
@@ -734,8 +735,13 @@ def _w_interrupted_consolidation(rank: int, world: int, name: str, where: str) -
     _step(name, opt, model, 0, rank)
     if rank == 0:  # this rank alone (out of memory in its update): the other steps on into the exchange
         _interrupt(opt, where)
+    return _step_then_save(name, opt, model, 1, rank)  # rank 1's exchange fails once rank 0 has gone
+
+
+def _step_then_save(name: str, opt: Any, model: nn.Module, t: int, rank: int) -> dict[str, Any]:
+    """Step ``t`` (its error's type, or "no error") and what a save then says on this rank."""
     try:
-        _step(name, opt, model, 1, rank)  # rank 1's exchange fails once rank 0 has gone
+        _step(name, opt, model, t, rank)
         step = "no error"
     except (KeyboardInterrupt, RuntimeError) as e:
         step = type(e).__name__
@@ -755,6 +761,129 @@ def test_a_consolidation_after_an_interrupted_update_is_refused_without_a_hang(t
     said = out[0]["consolidate"]
     assert "interrupted inside its update" in said and "on rank 0" in said, out[0]
     assert out[0]["state_dict"].startswith("RuntimeError") and "on rank 0" in out[0]["state_dict"], out[0]
+    assert out[1]["consolidate"] != "no error", out[1]
+
+
+class _FailAt(TorchDispatchMode):
+    """Raise ``kind`` at the ``at``-th ATen call made under it (1 = the first; 0: never), and record every
+    call: whether it writes one of its arguments, whether it makes a tensor (an allocation)."""
+
+    def __init__(self, at: int = 0, kind: type[BaseException] = torch.OutOfMemoryError) -> None:
+        super().__init__()
+        self.at, self.kind, self.calls = at, kind, []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        schema = func._schema
+        writes = any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
+        makes = not writes and any(str(r.type).startswith("Tensor") and r.alias_info is None for r in schema.returns)
+        self.calls.append((str(func), writes, makes))
+        if len(self.calls) == self.at:
+            raise self.kind(f"injected at {func} (call {self.at} of the update)")
+        return func(*args, **(kwargs or {}))
+
+
+def _inject(opt: Any, mode: _FailAt) -> None:
+    """Run the update's hooks (``_decide``: EGN's line search moves the parameters there; ``_apply``) under
+    ``mode``; the template's path (not SOAA's step plan)."""
+    def under(inner: Any) -> Any:
+        def run(*args: Any) -> Any:
+            with mode:
+                return inner(*args)
+        return run
+
+    for hook in ("_decide", "_apply"):
+        setattr(opt, hook, under(getattr(opt, hook)))
+    opt._planned_step = lambda: False
+
+
+def _uninject(opt: Any) -> None:
+    del opt._decide, opt._apply, opt._planned_step
+
+
+def _update_calls(name: str, t: int) -> list[tuple[str, bool, bool]]:
+    """The ATen calls of step ``t``'s update (after steps 0..t-1) of an uninterrupted run."""
+    model = tiny_mlp(sizes=SIZES)
+    opt = _build(name, model)
+    for k in range(t):
+        _step(name, opt, model, k, 0)
+    mode = _FailAt()
+    _inject(opt, mode)
+    _step(name, opt, model, t, 0)
+    return mode.calls
+
+
+def _injection_points(n: int) -> list[int]:
+    """The first 8 calls, then 8 spread over the rest (a root iteration makes hundreds)."""
+    rest = range(9, n + 1)
+    return sorted({*range(1, min(n, 8) + 1), *rest[::max(1, len(rest) // 8)], n} - {0})
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_an_update_that_raises_is_refused_or_steps_again_exactly(name: str) -> None:
+    """An exception at any ATen call of the update (out of memory, Ctrl+C), the first step's (lazy state)
+    and a later one's, EGN's line search included (its trials move every parameter long before _apply:
+    those windows were not covered, nor its RNG, momentum, damping and counters): either the optimizer
+    refuses to step and to save until a load (it wrote), or it left nothing changed, so a caller that
+    catches it and steps again trains bit for bit as the uninterrupted run. And an out of memory at an
+    allocation before anything was written is not refused (the step after it was refused for nothing:
+    a caller who lowers the batch and retries could not)."""
+    reference = tiny_mlp(sizes=SIZES)
+    ref_opt = _build(name, reference)
+    after = []
+    for t in range(4):
+        _step(name, ref_opt, reference, t, 0)
+        after.append(_params(reference))
+    for t in (0, 1):
+        calls = _update_calls(name, t)
+        first_write = next((i for i, c in enumerate(calls, 1) if c[1]), len(calls) + 1)
+        for j, at in enumerate(_injection_points(len(calls))):
+            kind = torch.OutOfMemoryError if j % 2 == 0 else KeyboardInterrupt
+            model = tiny_mlp(sizes=SIZES)
+            opt = _build(name, model)
+            for k in range(t):
+                _step(name, opt, model, k, 0)
+            _inject(opt, _FailAt(at, kind))
+            with pytest.raises(kind):
+                _step(name, opt, model, t, 0)
+            _uninject(opt)
+            where = f"step {t}, call {at} ({calls[at - 1][0]}), {kind.__name__}"
+            refused = "interrupted inside its update" in _error(opt.state_dict)
+            if at < first_write and calls[at - 1][2]:
+                assert not refused, f"{where}: refused though nothing was written"
+            if refused:
+                assert "interrupted inside its update" in _error(lambda: _step(name, opt, model, t, 0)), where
+                continue
+            for k in (t, t + 1, t + 2):  # stepped again: exactly the uninterrupted run
+                _step(name, opt, model, k, 0)
+                for a, b in zip(_params(model), after[k], strict=True):
+                    assert torch.equal(a, b), f"{where}: step {k} differs from the uninterrupted run"
+
+
+def _w_interrupted_at_a_call(rank: int, world: int, name: str) -> dict[str, Any]:
+    model = tiny_mlp(sizes=SIZES)
+    opt = _build(name, model)
+    _step(name, opt, model, 0, rank)
+    counting = _FailAt()
+    _inject(opt, counting)
+    _step(name, opt, model, 1, rank)
+    _uninject(opt)
+    if rank == 0 and counting.calls:  # Ctrl+C on this rank alone, half way (EGN: in its line search's trials)
+        _inject(opt, _FailAt(max(1, len(counting.calls) // 2), KeyboardInterrupt))
+    elif rank == 0:  # an update of no ATen call (SOAA's C loops)
+        _interrupt(opt)
+    return _step_then_save(name, opt, model, 2, rank)  # rank 1's collectives fail once rank 0 has gone
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_a_rank_interrupted_inside_the_step_refuses_to_save_without_a_hang(tmp_path: Path, name: str) -> None:
+    """One rank's Ctrl+C inside the update or, for EGN, its line search (a trial forward: its parameters were
+    put back, but its peers wait in the trial's all-reduce): the step is not one the ranks share, and a save
+    from the interrupted rank (OnExceptionCheckpoint) joined a consolidation that met the peers' collective
+    (hung until the group's timeout). It refuses before any collective; the peer raises once that rank is gone."""
+    out = run_distributed(_w_interrupted_at_a_call, 2, tmp_path, name, timeout=120)
+    assert out[0]["step"] == "KeyboardInterrupt", out[0]
+    for call in ("consolidate", "state_dict"):
+        assert "interrupted inside its update" in out[0][call] and "on rank 0" in out[0][call], out[0]
     assert out[1]["consolidate"] != "no error", out[1]
 
 

@@ -139,3 +139,38 @@ def test_a_failed_trial_restores_the_parameters_in_one_process() -> None:
         opt.step(inputs=x, targets=y)
     undo()
     assert _same(before, _snapshot(model, opt))
+
+
+def _worker_unreported(rank: int, world: int, site: str) -> dict[str, Any]:
+    model = tiny_mlp(0, DT)
+    opt = EGN(model, **KW)
+    _step(opt, 0, rank, world)
+    if rank == 0:  # out of memory allocating the exchange's buffer, before that rank joins the collective
+        def boom(*args: Any, **kwargs: Any) -> Any:
+            raise torch.OutOfMemoryError(f"injected at {site}")
+
+        setattr(opt.exchange, site, boom)
+    try:
+        _step(opt, 1, rank, world)
+        step = "no error"
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        step = type(exc).__name__
+    saved = "no error"
+    if rank == 0:  # a save on the way out (OnExceptionCheckpoint): its consolidation met the peer's exchange
+        try:
+            opt.consolidate_state_dict()
+        except RuntimeError as exc:
+            saved = str(exc)
+    return {"step": step, "saved": saved}
+
+
+@pytest.mark.parametrize("site", ["gather_from_owners", "sum_to_owners"])
+def test_a_failure_of_one_rank_outside_the_agreed_work_refuses_its_save(site: str, tmp_path) -> None:
+    """A rank that raises alone between the step's collectives where no agreement reports it (the exchanges'
+    own buffers) leaves the others waiting in that collective: it is a Ctrl+C of one rank, not a failure of
+    every rank, and its save must be refused before any collective (it was taken, and its consolidation met
+    the peer's exchange). The peer raises once that rank is gone."""
+    out = run_distributed(_worker_unreported, 2, tmp_path, site, timeout=90)
+    assert out[0]["step"] == "OutOfMemoryError", out[0]
+    assert "interrupted inside its update" in out[0]["saved"], out[0]
+    assert out[1]["step"] != "no error", out[1]

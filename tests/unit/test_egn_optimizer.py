@@ -790,3 +790,82 @@ def test_a_bf16_model_with_float32_targets_measures_every_loss_on_the_same_targe
         if after is not None:
             assert start == pytest.approx(after, rel=1e-6)
         after = opt._last["loss_after"]
+
+
+class _RaisesOnCall(_Noisy):
+    """:class:`_Noisy` whose forward raises ``kind`` on its ``at``-th call (0: never), after its noise and
+    dropout drew (an out of memory in the output layer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls, self.at, self.kind = 0, 0, KeyboardInterrupt
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        self.calls += 1
+        if self.calls == self.at:
+            raise self.kind("injected in a forward of the step")
+        return out
+
+
+# (which forward of the step raises: 1 the capture, 2 the first line-search trial; what it raises; what the
+# step raises: an error of the capture forward is reported as the batch's, a ValueError)
+_FORWARDS = [(2, KeyboardInterrupt, KeyboardInterrupt), (2, torch.OutOfMemoryError, torch.OutOfMemoryError),
+             (1, KeyboardInterrupt, KeyboardInterrupt), (1, torch.OutOfMemoryError, ValueError)]
+
+
+@pytest.mark.parametrize(("forward", "kind", "raised"), _FORWARDS)
+def test_a_step_interrupted_in_its_forwards_steps_again_exactly(forward: int, kind: type[BaseException],
+                                                                 raised: type[BaseException]) -> None:
+    """Ctrl+C or an out of memory in a line-search forward (most of a step): the step put w0 back but left the
+    random generators advanced (a model that draws then trained on other masks than the run without the
+    interruption), with no refusal; in the capture forward, after the model drew (no draw replayed yet), the
+    rewind missed that draw. Everything the step changed is put back, so stepping again on the same batch is
+    the uninterrupted run bit for bit, and nothing is refused."""
+    x, y = _data()
+    kw = dict(loss="mse", lr=1.0, damping=0.05, momentum=0.5, line_search=True, adaptive_damping=True)
+    model, ref = _RaisesOnCall(), _RaisesOnCall()
+    opt, o_ref = EGN(model, **kw), EGN(ref, **kw)
+    torch.manual_seed(7)
+    opt.step(inputs=x, targets=y)
+    model.at, model.kind = model.calls + forward, kind
+    with pytest.raises(raised):
+        opt.step(inputs=x, targets=y)
+    assert opt.state_dict()  # not refused: nothing is left changed
+    for _ in range(3):
+        opt.step(inputs=x, targets=y)
+    rng = torch.get_rng_state()
+    torch.manual_seed(7)
+    for _ in range(4):
+        o_ref.step(inputs=x, targets=y)
+    assert torch.equal(flat_params(model), flat_params(ref))
+    assert opt.statistics() == pytest.approx(o_ref.statistics(), nan_ok=True, rel=0, abs=0)
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+def test_a_step_interrupted_in_its_update_is_put_back_and_steps_again_exactly() -> None:
+    """An exception in EGN's _apply (after the line search moved the parameters and the momentum buffers were
+    replaced) refused every later step until a load; everything it changed is put back instead (w0, the old
+    buffers, λ, α and the counters), and stepping again is the uninterrupted run bit for bit."""
+    x, y = _data()
+    kw = dict(loss="mse", lr=1.0, damping=0.05, momentum=0.5, line_search=True, adaptive_damping=True)
+    a, b = tiny_mlp(seed=4), tiny_mlp(seed=4)
+    opt, ref = EGN(a, **kw), EGN(b, **kw)
+    for o in (opt, ref):
+        o.step(inputs=x, targets=y)
+    adapt = opt._adapt_damping
+
+    def out_of_memory(*args: object) -> float:
+        adapt(*args)  # λ written, then the failure
+        raise torch.OutOfMemoryError("injected in the update")
+
+    opt._adapt_damping = out_of_memory
+    with pytest.raises(torch.OutOfMemoryError):
+        opt.step(inputs=x, targets=y)
+    del opt._adapt_damping
+    for _ in range(3):
+        opt.step(inputs=x, targets=y)
+        ref.step(inputs=x, targets=y)
+        assert torch.equal(flat_params(a), flat_params(b))
+    assert opt.momentum_steps == ref.momentum_steps and opt.damping == ref.damping
+
