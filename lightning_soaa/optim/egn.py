@@ -514,6 +514,7 @@ class _Pass:
     undo: _Undo | None = None  # what the step changed before it was counted, to put back if it raises
     agreed: bool = False  # the step raises on every rank together (EGN._agreeing)
     rewind: bool = False  # the step raised before it was counted: the generators go back too (StepRng.finish)
+    groups_checked: bool = False  # step() found the param groups valid and nothing of the user's ran since
 
 
 #: EGN's optimizer-wide values that a step changes before it is counted (_Undo)
@@ -699,6 +700,14 @@ class EGN(ShardedOptimizer):
         check again would cost a second pass over them, and its rebuild of a table for parameters
         converted before the first step would make EGN take, at its next step, what it just refused).
         EGN reads no ``.grad``, so there are no gradients to miss either."""
+
+    def _hyperparameter_error(self) -> ValueError | None:
+        """The base's check, once per step: :meth:`step` checked the groups before the template's own call
+        (the same groups, when no closure ran in between: ``_Pass.groups_checked``)."""
+        ps = self.__dict__.get("_pass")
+        if ps is not None and ps.groups_checked:
+            return None
+        return super()._hyperparameter_error()
 
     def _dtensor_refusal(self) -> Exception:
         return ValueError(
@@ -1005,6 +1014,7 @@ class EGN(ShardedOptimizer):
         (:func:`~lightning_soaa.optim.step_context.full_precision`): the capture differentiates the model.
         """
         pending, self._pending_batch, self._pending_plain = self._pending_batch, None, False  # one step's
+        walked = self.__dict__.pop("_walked_modules", None)  # the model's modules, as one_model_function saw them
         self._join_before_step()  # built before the process group existed: join it now (collective)
         closure_value = None
         xs: tuple[Tensor, ...] = ()
@@ -1046,10 +1056,14 @@ class EGN(ShardedOptimizer):
             if self.comm.world_size == 1:
                 raise
             error = e
-        modes, modules = self._eval_mode(list(self.model.modules()))  # one walk for the three settings
+        # one walk for the three settings (one_model_function's, unless a closure ran since: it may add modules)
+        modes, modules = self._eval_mode(walked if walked is not None and closure is None
+                                         else list(self.model.modules()))
         nested = _no_nested_tensors(modules)
         compiled = _bypass_compiled(modules)
         self._pass = _Pass(xs, targets)  # type: ignore[arg-type]  # targets is None only with an error
+        # (a closure may have written into the groups since: the template then checks them again)
+        self._pass.groups_checked = error is None and closure is None
         try:
             self._pass.error = error  # raised before the step on this rank: reported by _agree_on_batch
             self._sharded_step()  # the base's template, through the hooks below
@@ -1071,7 +1085,7 @@ class EGN(ShardedOptimizer):
                 object.__setattr__(m, "_compiled_call_impl", impl)
         if closure_value is not None:
             return closure_value
-        return torch.tensor(f0, dtype=torch.float64)
+        return torch.scalar_tensor(f0, dtype=torch.float64)  # (torch.tensor's parsing of a float: 2x slower)
 
     def _eval_mode(self, modules: list[nn.Module]) -> tuple[list[tuple[nn.Module, bool]], list[nn.Module]]:
         """Put every submodule (``modules``: the model's) in eval mode; returns their modes to restore and the
@@ -1612,6 +1626,8 @@ class EGN(ShardedOptimizer):
             z, cap, err = None, None, f"{type(error).__name__}: {error}"
         else:
             z, cap, err = self._forward_capture(xs, targets)
+        if isinstance(self.comm, LocalComm):  # nobody to agree with: no table (the same checks, the same f0)
+            return self._local_batch(xs, targets, z, cap, err)
         table, row = self._agreement_table(_BATCH_KIND)
         table[row] = 1.0 if err is not None else 0.0
         table[row + 3] = _fingerprint(self._active)
@@ -1641,6 +1657,28 @@ class EGN(ShardedOptimizer):
         return _Batch(xs=xs, y=y, z=z, cap=cap, sizes=sizes, c=c, rank=rank,
                       positions=positions, nonfinite=red[0] > 0,
                       f0=float("nan") if red[0] > 0 else red[1] / b)
+
+    def _local_batch(self, xs: tuple[Tensor, ...], targets: Tensor, z: Tensor | None,
+                     cap: LinearCapture | ChainCapture | None, err: str | None) -> _Batch:
+        """:meth:`_agree_on_batch` of a single process (``LocalComm``): the capture's error raised, the sizes
+        checked (:meth:`_check_sizes`) and the loss read as the all-reduce would leave them (its sum of one
+        row is the row), without the agreement table, its fingerprints and its reads of other ranks' rows (a
+        small MLP's step is its fixed costs)."""
+        if err is not None:
+            raise ValueError(err)
+        assert z is not None and cap is not None
+        with grad_off():
+            zd = z.detach() if z.requires_grad else z  # (a chain capture's z has no graph: no detach op)
+            y = _as(targets, z.dtype if targets.is_floating_point() else targets.dtype, z.device)
+            # the loss plus Σ 0·z in one host read: ±0 added to a finite loss leaves it as it is (f0's bits), and
+            # a non-finite output makes it NaN
+            loss = float(egn_math.loss_sum(self.config.loss, zd, y).add_(zd.mul(0.0).sum()))
+        positions = [sum(a.shape[1] for a in cap.inputs[i]) for i in range(len(self._sites))]
+        b, c = int(xs[0].shape[0]), int(z.shape[1])
+        self._check_sizes(b, c, positions)
+        nonfinite = not math.isfinite(loss)
+        return _Batch(xs=xs, y=y, z=z, cap=cap, sizes=[b], c=c, rank=0, positions=positions,
+                      nonfinite=nonfinite, f0=float("nan") if nonfinite else loss / b)
 
     def _agreement_table(self, kind: float) -> tuple[list[float], int]:
         """(table, this rank's row offset) of an agreement all-reduce (layout at ``_KIND_SLOT``): the size
@@ -1726,7 +1764,13 @@ class EGN(ShardedOptimizer):
             raise ValueError(f"EGN: ranks disagree on the number of outputs c: {sorted(cs)}.")
         if self._sites and any(info[r][_SITES_SLOT] != info[0][_SITES_SLOT] for r in range(world)):
             raise self._positions_error(positions)
-        c, b = cs.pop(), sum(sizes)
+        c = cs.pop()
+        self._check_sizes(sum(sizes), c, positions)
+        return sizes, c
+
+    def _check_sizes(self, b: int, c: int, positions: list[int]) -> None:
+        """Raise unless the global batch (``b`` samples of ``c`` outputs) is not empty and its system fits
+        ``max_gram_size``."""
         if b <= 0:
             raise ValueError("EGN: the global batch is empty.")
         if self._kronecker and positions[:1] == [1]:  # K = G ⊗ I_c: the solve is b×b (_solve_kronecker)
@@ -1740,7 +1784,6 @@ class EGN(ShardedOptimizer):
                 f"EGN: the Gram matrix would be {b * c}x{b * c} (global batch b={b} times c={c} outputs), "
                 f"above max_gram_size={self.config.max_gram_size}. Use a smaller batch or raise max_gram_size."
             )
-        return sizes, c
 
     def _positions_error(self, positions: list[int]) -> ValueError:
         """The error for Linear sites whose positions per sample differ across ranks, naming them (every
@@ -1771,17 +1814,13 @@ class EGN(ShardedOptimizer):
         Each rank's table ends with a failure flag: a rank whose packing raises (out of memory) still
         joins the all-gather, and every rank raises together, before the solve."""
         c = batch.c
-        layout = GramLayout(
-            num_outputs=c, class_targets=self.config.loss == "cross_entropy",
-            sites=tuple(LinearFactorShape(t, *s.widths(), s.weight, s.bias, vocab=s.vocab)
-                        for s, t in zip(self._sites, batch.positions)),
-            rest=sum(self._trainable[n].numel() for n in self._explicit),
-        )
+        layout = self._factor_layout(c, batch.positions)
         dt = self._solve_dtype()
         if self.comm.world_size == 1:
             factors, rows = self._local_factors(batch)
             y = batch.y if layout.class_targets else batch.y.to(dt)
-            return layout, GramFactors(batch.z.detach().to(dt), y, [(a.to(dt), d.to(dt)) for a, d in factors],
+            z = batch.z.detach() if batch.z.requires_grad else batch.z
+            return layout, GramFactors(z.to(dt), y, [(a.to(dt), d.to(dt)) for a, d in factors],
                                        None if rows is None else rows.reshape(batch.b * c, rows.shape[-1]).to(dt),
                                        identity=batch.cap.identity_site)
         n = max(batch.sizes) * layout.width
@@ -1798,6 +1837,24 @@ class EGN(ShardedOptimizer):
         self._raise_failed([r for r, f in enumerate(flags) if f > 0], error, "while packing its Gram factors")
         table = torch.cat([gathered[r, :k * layout.width].view(k, layout.width) for r, k in enumerate(batch.sizes)])
         return layout, split_factor_table(layout, table.to(dt))
+
+    def _factor_layout(self, c: int, positions: list[int]) -> GramLayout:
+        """The factor table's layout for ``c`` outputs and ``positions`` (T per site): kept from the last step
+        while the plan (its sites, read for their widths) and these are the same, else made again."""
+        rest = sum(self._trainable[n].numel() for n in self._explicit)
+        key = (self._sites, c, tuple(positions), rest, self.config.loss)
+        kept = self.__dict__.get("_kept_layout")
+        if kept is not None and kept[0][0] is key[0] and kept[0][1:] == key[1:]:
+            layout: GramLayout = kept[1]
+            return layout
+        layout = GramLayout(
+            num_outputs=c, class_targets=self.config.loss == "cross_entropy",
+            sites=tuple(LinearFactorShape(t, *s.widths(), s.weight, s.bias, vocab=s.vocab)
+                        for s, t in zip(self._sites, positions)),
+            rest=rest,
+        )
+        self._kept_layout = (key, layout)
+        return layout
 
     def _local_factors(self, batch: _Batch) -> tuple[list[tuple[Tensor, Tensor]], Tensor | None]:
         """This rank's per-Linear factors (A, Δ) and explicit rows, kept on ``batch`` for Jᵀv and J·d."""
@@ -1916,11 +1973,12 @@ class EGN(ShardedOptimizer):
     # -- 4. d = Jᵀv (and g = −Jᵀr/b with momentum): this rank's samples, from its factors ------
     def _vjps(self, batch: _Batch, curv: _Curvature) -> list[list[Tensor | None]]:
         lo, hi = batch.start * batch.c, (batch.start + batch.b_r) * batch.c
-        v_local = curv.sol.v[lo:hi].view(batch.b_r, batch.c).to(batch.z.dtype)
+        whole = lo == 0 and hi == curv.sol.v.numel()  # one process: its rows are all of them (no slice op)
+        v_local = (curv.sol.v if whole else curv.sol.v[lo:hi]).view(batch.b_r, batch.c).to(batch.z.dtype)
         with grad_off():
             channels: list[list[Tensor | None]] = [self._vjp(batch, v_local)]
             if float(self.param_groups[0]["momentum"]) > 0:
-                r_local = curv.r[lo:hi].view(batch.b_r, batch.c).to(batch.z.dtype)
+                r_local = (curv.r if whole else curv.r[lo:hi]).view(batch.b_r, batch.c).to(batch.z.dtype)
                 channels.append(self._vjp(batch, -r_local / batch.b))
         return channels
 

@@ -68,13 +68,25 @@ class LinearSite:
         return type(self.module).__name__
 
 
+def _parametrized(m: nn.Module) -> bool:
+    """``parametrize.is_parametrized(m)``, answered without its attribute look-up where that cannot find one:
+    a module of exactly the plain class (``register_parametrization`` swaps the class for a subclass) holding
+    nothing named ``parametrizations``. torch's look-up of the missing attribute raises and catches an
+    AttributeError inside ``Module.__getattr__``, for every factored layer at every step."""
+    if (type(m) in (nn.Linear, nn.Embedding) and "parametrizations" not in m.__dict__
+            and "parametrizations" not in m._modules and "parametrizations" not in m._parameters
+            and "parametrizations" not in m._buffers):
+        return False
+    return parametrize.is_parametrized(m)
+
+
 def _own_linear_forward(m: nn.Linear) -> bool:
     """Whether calling ``m`` computes ``x Wᵀ + b`` from its own parameters: ``nn.Linear.forward``, not
     overridden by a subclass or on the instance, and no parametrization (its ``weight`` is computed from
     other tensors; reading it would also run the parametrization, e.g. spectral norm's power iteration
     in training mode, changing the model)."""
     return (type(m).forward is nn.Linear.forward and "forward" not in m.__dict__
-            and not parametrize.is_parametrized(m))
+            and not _parametrized(m))
 
 
 def _own_embedding_forward(m: nn.Embedding) -> bool:
@@ -84,7 +96,7 @@ def _own_embedding_forward(m: nn.Embedding) -> bool:
     batch's counts) and not ``sparse`` (EGN refuses the three for a trained table; checked here too, so the
     plan never rests on them)."""
     return (type(m).forward is nn.Embedding.forward and "forward" not in m.__dict__
-            and not parametrize.is_parametrized(m) and m.max_norm is None and not m.scale_grad_by_freq
+            and not _parametrized(m) and m.max_norm is None and not m.scale_grad_by_freq
             and not m.sparse)
 
 

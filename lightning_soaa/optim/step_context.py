@@ -97,8 +97,13 @@ def one_model_function(step: F) -> F:
     @functools.wraps(step)
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
         model = getattr(self, "model", None)
-        if not isinstance(model, torch.nn.Module) or not any(
-                isinstance(m, torch.nn.MultiheadAttention) for m in model.modules()):
+        if not isinstance(model, torch.nn.Module):
+            return step(self, *args, **kwargs)
+        modules = list(model.modules())
+        # handed to the step (``_walked_modules``, taken at its start): the walk of the modules it makes itself
+        # where nothing has run in between (EGN.step: one walk a step fewer)
+        self.__dict__["_walked_modules"] = modules
+        if not any(isinstance(m, torch.nn.MultiheadAttention) for m in modules):
             return step(self, *args, **kwargs)
         with _NoMHAFastPath():
             return step(self, *args, **kwargs)

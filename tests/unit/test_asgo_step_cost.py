@@ -10,10 +10,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Sequence
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -23,19 +20,9 @@ from torch import nn
 from lightning_soaa import ASGO
 from lightning_soaa.functional.linalg import FLOOR_POLISH_STEPS, NEWTON_SCHULZ_COEFFS, POLAR_EXPRESS_COEFFS, _scalar_map
 from lightning_soaa.optim.asgo import _finite_rows
+from tests.harness.op_count import CountOps
 
-
-def _load_timing() -> ModuleType:
-    """benchmarks/_timing.py (not a package), loaded by path: the operator counter the benchmarks report with."""
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "_timing.py"
-    spec = importlib.util.spec_from_file_location("_bench_timing", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_Count = _load_timing().CountOps
+_Count = CountOps
 
 
 def _plain_map(x: torch.Tensor, coeffs: Sequence[tuple[float, float, float]], num_iters: int,

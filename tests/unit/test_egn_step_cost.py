@@ -1,0 +1,50 @@
+"""EGN's fixed cost per step on a small model (a single process): the step's machinery in operator calls and
+host reads, with the same bits (benchmarks/egn_bit_identity.py compares whole runs against another checkout).
+
+A 20-32-32-2 MLP at b = 32 (the ``synthetic2`` benchmark's model: EGN's step, not its arithmetic, is its cost):
+no agreement table at W = 1, the loss and the outputs' finiteness in one host read, no slice or detach of what
+is already whole or without a graph, the cross-entropy factor's shifted root without slicing and a cat.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_soaa import EGN
+from tests.harness.op_count import CountOps
+
+#: the operators that copy a value to the host (a synchronisation on an accelerator)
+_HOST_READS = {"aten.item.default", "aten._local_scalar_dense.default", "aten.is_nonzero.default"}
+
+
+class _CountReads(CountOps):  # type: ignore[misc]
+    """The ATen calls (``n``) and, of them, the host reads (``reads``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.reads += str(func) in _HOST_READS
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+@pytest.mark.parametrize("line_search", [False, True])
+def test_a_single_process_step_of_a_small_mlp_stays_within_its_operator_budget(line_search: bool) -> None:
+    """One step after warm-up, with one line-search trial: at most 170 ATen calls and 8 host reads (before this
+    budget: 174 and 9)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 2))
+    x, y = torch.randn(32, 20), torch.randint(0, 2, (32,))
+    opt = EGN(model, loss="cross_entropy", lr=0.5, damping=1.0, line_search=line_search)
+    for _ in range(3):
+        opt.step(inputs=x, targets=y)
+    with _CountReads() as count:
+        opt.step(inputs=x, targets=y)
+    assert opt.statistics()["ls_tries"] <= 1.0  # (a backtracking trial adds a forward: not this budget's subject)
+    assert count.n <= 170, count.n
+    assert count.reads <= 8, count.reads
