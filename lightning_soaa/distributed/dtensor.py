@@ -380,12 +380,17 @@ class FSDPGroups:
             if getattr(getattr(group, "_training_state", None), "name", "IDLE") == "IDLE":
                 group.reshard()
 
-    def compute_eps(self) -> float:
-        """The relative rounding of the coarsest dtype a forward computes in: the ``MixedPrecisionPolicy``
-        ``param_dtype`` (bf16: the loss is a bf16 model's, though the parameters are float32); 0 without."""
+    def compute_dtype(self) -> torch.dtype | None:
+        """The coarsest dtype a forward computes in: the ``MixedPrecisionPolicy`` ``param_dtype`` (bf16: the
+        loss is a bf16 model's, though the parameters are float32); None without."""
         dtypes = [getattr(getattr(g, "mp_policy", None), "param_dtype", None) for g in self.groups]
-        return max((torch.finfo(dt).eps for dt in dtypes if isinstance(dt, torch.dtype) and dt.is_floating_point),
-                   default=0.0)
+        return max((dt for dt in dtypes if isinstance(dt, torch.dtype) and dt.is_floating_point),
+                   key=lambda dt: torch.finfo(dt).eps, default=None)
+
+    def compute_eps(self) -> float:
+        """The relative rounding of :meth:`compute_dtype` (0 without a ``MixedPrecisionPolicy``)."""
+        dt = self.compute_dtype()
+        return torch.finfo(dt).eps if dt is not None else 0.0
 
 
 def _fsdp_groups_of(params: Sequence[Tensor]) -> tuple[list[Any], str | None]:

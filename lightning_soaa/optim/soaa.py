@@ -71,7 +71,7 @@ from lightning_soaa.optim.adamw import adam_state_schema, init_adam_state
 from lightning_soaa.optim.base import BlockView, ShardedOptimizer, StepRecord, summed
 from lightning_soaa.optim.closure_source import accumulation_steps
 from lightning_soaa.optim.soaa_plan import NativePlan
-from lightning_soaa.optim.step_context import full_precision
+from lightning_soaa.optim.step_context import autocast_casts, full_precision
 
 __all__ = ["SOAA"]
 
@@ -406,7 +406,8 @@ class SOAA(ShardedOptimizer):
                          grad_reduction=grad_reduction)
 
     # compiled per process, rebuilt by _kernels() after a copy or pickle
-    _transient = ("_soaa_kernels", "_warned_compiled_accelerator", "_step_plans", "_planned")
+    # (and this rank's loss before a same_batch trial, read by its verdict: belongs to one step)
+    _transient = ("_soaa_kernels", "_warned_compiled_accelerator", "_step_plans", "_planned", "_local_loss")
 
     def _kernels(self) -> SOAAKernels | None:
         """This optimizer's compiled kernels, or None (eager). Rebuilt from the config after unpickling
@@ -665,6 +666,8 @@ class SOAA(ShardedOptimizer):
             return 0.0, 0.0, 1.0
         raw, w = self._pending_loss
         self._loss_weight = w  # same_batch weighs the re-evaluated loss like the step's loss
+        if self.config.acceptance == "same_batch":
+            self._local_loss = raw  # and compares it with this rank's own (_trial_seen)
         if isinstance(raw, Tensor):  # (an accelerator's: set_loss made a CPU loss a float) x * 1.0 == x
             return (raw.double() if w == 1.0 else raw.double() * w), w, 0.0
         return raw * w, w, 0.0
@@ -816,6 +819,7 @@ class SOAA(ShardedOptimizer):
 
     def _on_skip(self) -> None:
         self._snapshot = []
+        self.__dict__.pop("_local_loss", None)
 
     def _state_nonfinite(self) -> bool:
         # The update reads d, the loss EMA and the lagged sums: a NaN there (a corrupted checkpoint, a
@@ -830,16 +834,52 @@ class SOAA(ShardedOptimizer):
         """The relative rounding of the coarsest floating dtype this rank's model computes its loss in: its
         parameters', the autocast region the step was called in (on the parameters' device types), FSDP2's
         ``MixedPrecisionPolicy`` ``param_dtype``. A float32 model run in bf16 was judged at float32's
-        rounding: a trial that left the bf16 weights unchanged was rejected (loss equal to the bit, the
-        stale-closure warning), d sank to d_min (lr 1e-4: d 0.005 after 12 steps, W = 2, and in one process
-        under autocast). The ranks' values are averaged in the verdict's all-reduce (the verdict is theirs)."""
+        rounding: trials whose change was below bf16's rounding of the loss were rejected, d sank to d_min
+        (lr 1e-4: d 0.005 after 12 steps, W = 2). The ranks' values are averaged in the verdict's all-reduce
+        (the verdict is theirs)."""
         eps = [torch.finfo(p.dtype).eps for p in self._params if p.is_floating_point()]
         regions = self.__dict__.get("_caller_autocast") or []
-        if regions:
-            devices = {p.device.type for p in self._params}
-            eps += [torch.finfo(dt).eps for dev, dt in regions if dev in devices and dt.is_floating_point]
+        if regions:  # (a float64 model computes in float64 in a bf16 region: judged at bf16's rounding, a
+            # trial raising its loss by 1% stood unjudged, the step no longer that outside the region)
+            eps += [torch.finfo(dt).eps for dev, dt in regions
+                    if any(p.device.type == dev and autocast_casts(p, dt) for p in self._params)]
         fsdp = self._fsdp()
         return max(eps + [fsdp.compute_eps() if fsdp is not None else 0.0])
+
+    def _compute_dtype(self, p: Tensor, fsdp_dtype: torch.dtype | None) -> torch.dtype:
+        """The coarsest dtype a forward computes with ``p`` in: its own, the autocast region the step was called
+        in on its device type (not for float64, which autocast never casts), FSDP2's ``MixedPrecisionPolicy``
+        ``param_dtype`` (``fsdp_dtype``; as :meth:`_model_eps`)."""
+        dtypes = [p.dtype, fsdp_dtype]
+        dtypes += [dt for dev, dt in self.__dict__.get("_caller_autocast") or []
+                   if dev == p.device.type and autocast_casts(p, dt)]
+        floating = [dt for dt in dtypes if isinstance(dt, torch.dtype) and dt.is_floating_point]
+        return max(floating, key=lambda dt: torch.finfo(dt).eps, default=p.dtype)
+
+    def _moved_at_compute_dtype(self) -> bool:
+        """Whether the trial changed a copy of this rank's parameters the forward computes with: a float32
+        parameter run in bf16 (autocast, FSDP2's MixedPrecisionPolicy) whose update is below half a bf16
+        rounding leaves the forward's input unchanged. Local (the snapshot's pieces are plain tensors, also
+        under FSDP2); one parameter's two casts at a time."""
+        fsdp = self._fsdp()
+        fsdp_dtype = fsdp.compute_dtype() if fsdp is not None else None
+        for p, saved in self._snapshot:
+            dt = self._compute_dtype(p, fsdp_dtype)
+            if dt == p.dtype or not p.is_floating_point():
+                if not torch.equal(p, saved):
+                    return True
+            elif not torch.equal(p.to(dt), saved.to(dt)):
+                return True
+        return False
+
+    def _trial_seen(self, val: float) -> float:
+        """1.0 where this rank's closure could tell the trial from the step before it: its loss changed, or (a
+        loss equal to the bit, else no parameter is read) the trial changed what its forward computes with;
+        0.0 for a trial invisible at the compute precision. Summed in the verdict's all-reduce."""
+        before = self.__dict__.pop("_local_loss", None)
+        if before is None or not math.isfinite(val) or _loss_value(before) != val:
+            return 1.0
+        return 1.0 if self._moved_at_compute_dtype() else 0.0
 
     def _warn_stale_closure(self, pred: float) -> None:
         """A judged trial whose loss equals the loss before it to the bit although it moved this rank's
@@ -894,8 +934,9 @@ class SOAA(ShardedOptimizer):
         w = self._loss_weight
         vec = torch.tensor([trial[0], trial[1], val * w if ok else 0.0, w, 0.0 if ok else 1.0, trial[2],
                             0.0 if error is None else 1.0, _loss_eps(new_loss) if error is None else 0.0,
-                            self._model_eps()], dtype=torch.float64)
-        mu, vu2, loss_sum, count, bad, limited, failed, loss_eps, model_eps = self.comm.all_reduce_scalars(vec).tolist()
+                            self._model_eps(), self._trial_seen(val)], dtype=torch.float64)
+        mu, vu2, loss_sum, count, bad, limited, failed, loss_eps, model_eps, seen = \
+            self.comm.all_reduce_scalars(vec).tolist()
         model_eps /= self.comm.world_size  # (exact: a power of two times W, over W) the same on every rank
         pred = predicted_reduction(mu, vu2)
         actual = self._loss - loss_sum / count if bad == 0 else -math.inf
@@ -903,16 +944,20 @@ class SOAA(ShardedOptimizer):
         self._pred, self._actual, self._rho = pred, actual, rho
         d = self._d
         res = _resolution(loss_eps, model_eps, self._loss, self._trust_eps) if bad == 0 else 0.0
-        if bad == 0 and (pred == 0.0 or (pred <= res and abs(actual) <= res)):
+        if bad == 0 and (pred == 0.0 or seen == 0 or (pred <= res and abs(actual) <= res)):
             # a trial too small to judge (lr = 0 in a warm-up; a predicted and an observed change below
             # eps or the loss's own rounding, e.g. a float32 loss of 1e4): it stands and d is left alone.
             # Judged, rho = noise / eps rejected it, halved d, shrank the next trial: d sank to d_min
-            # for good (a loss scaled by 1e-9 never trained; one offset by 1e4 in float32 stalled)
+            # for good (a loss scaled by 1e-9 never trained; one offset by 1e4 in float32 stalled).
+            # So does a trial no rank's forward can see (seen == 0: every loss equal to the bit and no copy
+            # the forward computes with changed, e.g. float32 weights of 6 moved by 5e-3 under bf16, whose
+            # rounding there is 0.03): the float32 weights keep it until the sum shows in bf16. Judged, it
+            # was rejected with the stale-closure warning whatever the predicted reduction, and d sank
             self._accepted += 1
         elif rho < cfg.eta1:
             log.debug("SOAA same_batch: step %d rejected (rho=%.3g, predicted=%.3g, actual=%.3g)",
                       self._t, rho, pred, actual)
-            if actual == 0.0 and any(not torch.equal(p, saved) for p, saved in self._snapshot):
+            if actual == 0.0 and self._moved_at_compute_dtype():
                 self._warn_stale_closure(pred)  # the trial moved this rank's parameters, the loss did not
             for p, saved in self._snapshot:  # reject: θ back to θ_{t-1} on every rank
                 p.copy_(saved)

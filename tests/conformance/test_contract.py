@@ -1308,6 +1308,34 @@ def test_a_step_inside_an_autocast_region_equals_the_step_outside(spec: Optimize
     assert seen and all(seen), seen  # the user's forward keeps the caller's autocast
 
 
+@pytest.mark.parametrize("step_region", ["enabled", "disabled"])
+@each_optimizer
+def test_a_forward_after_a_step_in_the_same_autocast_region_reads_the_stepped_weights(
+        spec: OptimizerSpec, step_region: str) -> None:
+    """torch.autocast keeps its bf16 casts of the weights until its outermost region ends: a forward after a
+    step in the same region (a loop run under one region, a step in an ``autocast(enabled=False)`` region
+    inside it, as the AMP recipe keeps steps out of autocast) read the weights of before the step. The step
+    leaves the region without them. (Lightning's Trainer opens its bf16-mixed region with the cache off.)"""
+    model = tiny_mlp(0, torch.float32)
+    opt = spec.build(model, **spec.test_kwargs)
+    x, y = (u.float() for u in data(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        before = model(x).detach()  # casts the weights (kept by autocast)
+        with torch.autocast("cpu", enabled=step_region == "enabled"):
+            if spec.needs is StepNeeds.BATCH:
+                opt.step(inputs=x, targets=y)
+            else:
+                opt.zero_grad()
+                loss = torch.nn.functional.mse_loss(model(x).float(), y)
+                loss.backward()
+                opt.step(loss=loss.detach()) if spec.needs is StepNeeds.LOSS else opt.step()
+        after = model(x).detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fresh = model(x).detach()
+    assert not torch.equal(fresh, before)  # the step moved what a forward computes
+    assert_identical([after], [fresh], "output after the step")
+
+
 # ---------------------------------------------------------------------------------------- torch's DCP API
 @each_optimizer
 def test_torch_get_optimizer_state_dict_does_not_step_a_fresh_optimizer(spec: OptimizerSpec) -> None:

@@ -372,6 +372,44 @@ def same_batch_bf16(rank: int, world_size: int) -> dict[str, Any]:
     return {"d": st["d"], "rejected": st["rejected"], "finite": all(p.isfinite().all() for p in full_params(model))}
 
 
+class _Collect(logging.Handler):
+    """The warnings a logger emits in this process."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def same_batch_bf16_invisible(rank: int, world_size: int) -> dict[str, Any]:
+    """SOAA(acceptance="same_batch") under MixedPrecisionPolicy(param_dtype=bf16) on float32 weights of 6 (bf16
+    rounding there 0.03) moved by lr = 5e-3: no bf16 copy changes, the loss is equal to the bit, the predicted
+    reduction is 70 roundings of the loss. Each rank holds 2 of the 4 rows."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    model = nn.Sequential(nn.Linear(64, 4, bias=False))
+    with torch.no_grad():
+        model[0].weight.fill_(6.0)
+    fully_shard(model, mesh=make_mesh(world_size, False), mp_policy=policy)
+    opt = SOAA(model.named_parameters(), lr=5e-3, gamma=0.3, acceptance="same_batch")
+    x, y = torch.ones(2, 64), torch.full((2, 4), 64 * 6.0 - 0.25)
+    actual, warned = [], _Collect()
+    logger = logging.getLogger("lightning_soaa.optim.soaa")
+    logger.addHandler(warned)
+    try:
+        for _ in range(3):
+            _forward_only_steps(model, opt, [(x, y)])
+            actual.append(opt.statistics()["actual_reduction"])
+    finally:
+        logger.removeHandler(warned)
+    st = opt.statistics()
+    return {"d": st["d"], "rejected": st["rejected"], "actual": actual, "warned": warned.messages,
+            "weight": opt.param_groups[0]["params"][0].full_tensor()}  # the float32 weights (sharded)
+
+
 # ---------------------------------------------------------------------- torch.distributed.checkpoint
 def _describe(v: Any) -> Any:
     from torch.distributed.tensor import DTensor

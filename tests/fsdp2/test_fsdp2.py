@@ -255,6 +255,16 @@ def test_soaa_same_batch_judges_a_bf16_mixed_precision_model_at_bf16_rounding(tm
         assert res["finite"] and res["d"] == 1.0 and res["rejected"] == 0, (r, res)
 
 
+def test_soaa_same_batch_lets_a_trial_invisible_in_bf16_stand_on_every_rank(tmp_path: Path):
+    """Under MixedPrecisionPolicy(param_dtype=bf16), a trial below the bf16 rounding of every weight leaves
+    the loss equal to the bit although its predicted reduction is 70 roundings of the loss: each was rejected
+    with the stale-closure warning and d halved (3 of 3, d 0.125, the float32 weights never moved). It stands,
+    d left alone, on both ranks (each rank's "nothing changed" rides the verdict's all-reduce)."""
+    for r, res in enumerate(run_distributed(W.same_batch_bf16_invisible, 2, tmp_path, timeout=300)):
+        assert res["rejected"] == 0 and res["d"] == 1.0 and res["actual"] == [0.0] * 3 and not res["warned"], (r, res)
+        torch.testing.assert_close(res["weight"], torch.full((4, 64), 6.0 - 3 * 5e-3), rtol=0, atol=1e-5)
+
+
 def test_dcp_state_dict_is_torch_shaped_and_validated(w2_run):
     """get_optimizer_state_dict's output: FQN keys, parameter-like state as DTensors sharded like the
     parameter (5 rows over 2 ranks: 3 + 2), counters and ASGO's Gram plain; a wrong optimizer raises."""

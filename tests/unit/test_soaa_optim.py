@@ -266,9 +266,9 @@ def test_same_batch_warns_once_when_the_closure_does_not_see_the_trial_parameter
 def test_same_batch_judges_a_float32_model_under_bf16_autocast_at_bf16_rounding(
         caplog: pytest.LogCaptureFixture) -> None:
     """A float32 model stepped inside ``torch.autocast(bfloat16)`` computes its loss in bf16: judged at
-    float32's rounding, trials that left the bf16 copies of the weights unchanged were rejected with the
-    stale-closure warning and d sank (11 of 12 rejected at lr 1e-4). They stand, as for a bf16 model
-    (FSDP2's MixedPrecisionPolicy alike: tests/fsdp2)."""
+    float32's rounding, trials whose change is below bf16's rounding of the loss were rejected and d sank
+    (11 of 12 rejected at lr 1e-4). They stand, as for a bf16 model (FSDP2's MixedPrecisionPolicy alike:
+    tests/fsdp2)."""
     model = tiny_mlp(dtype=torch.float32)
     opt = SOAA(model.named_parameters(), lr=1e-4, gamma=0.3, weight_decay=0.01, acceptance="same_batch")
     with caplog.at_level(logging.WARNING, logger="lightning_soaa.optim.soaa"):
@@ -285,6 +285,138 @@ def test_same_batch_judges_a_float32_model_under_bf16_autocast_at_bf16_rounding(
                 opt.step(closure)
     st = opt.statistics()
     assert st["rejected"] == 0 and st["d"] == 1.0 and not caplog.records, (st, caplog.records)
+
+
+def _autocast_run(dtype: torch.dtype | None, lr: float, closure_loss: str = "trial") -> tuple[dict, list[float]]:
+    """6 same_batch steps of a float32 tiny MLP, forward, backward and step inside ``torch.autocast("cpu",
+    dtype)`` (none: no region), the closure a forward only (``closure_loss="before"``: it returns the loss
+    computed before the step, a stale closure). (statistics, each step's actual reduction)."""
+    model = tiny_mlp(dtype=torch.float32)
+    opt = SOAA(model.named_parameters(), lr=lr, gamma=0.3, acceptance="same_batch")
+    actual = []
+    for t in range(6):
+        x, y = (v.float() for v in batch(t, 0))
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            opt.zero_grad()
+            loss = loss_fn(model, x, y)
+            loss.backward()
+
+            def closure(x: torch.Tensor = x, y: torch.Tensor = y, loss: torch.Tensor = loss) -> torch.Tensor:
+                if closure_loss == "before":
+                    return loss.detach()
+                with torch.no_grad():
+                    return loss_fn(model, x, y)
+
+            opt.step(closure)
+        actual.append(opt.statistics()["actual_reduction"])
+    return opt.statistics(), actual
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_same_batch_closure_under_autocast_sees_the_trial_weights(
+        dtype: torch.dtype, caplog: pytest.LogCaptureFixture) -> None:
+    """torch.autocast keeps its casts of the weights until its outermost region ends, so a closure run in the
+    region the step was called in evaluated the weights of before the trial: every trial's loss equal to the
+    bit, rejected with the stale-closure warning where the predicted reduction exceeded the loss's rounding
+    (lr 1e-2: 1 of 6 steps under bf16, 4 of 6 under fp16, d 0.5 and 0.0625 against 1.3 without autocast)
+    and standing unjudged below it. The closure now runs without those casts: judged as without autocast."""
+    ref, ref_actual = _autocast_run(None, 1e-2)
+    with caplog.at_level(logging.WARNING, logger="lightning_soaa.optim.soaa"):
+        st, actual = _autocast_run(dtype, 1e-2)
+    assert not caplog.records, caplog.records
+    assert st["rejected"] == ref["rejected"] == 0 and st["d"] == ref["d"] > 1.0, (st, ref)
+    torch.testing.assert_close(torch.tensor(actual), torch.tensor(ref_actual), rtol=0.1, atol=0.0)
+
+
+def test_same_batch_still_warns_about_a_stale_closure_under_autocast(caplog: pytest.LogCaptureFixture) -> None:
+    """A closure that returns the loss computed before the step, under bf16 autocast: the trials changed the
+    bf16 weights, the loss did not; rejected, with the stale-closure warning (not taken for a trial too small
+    to show in bf16)."""
+    with caplog.at_level(logging.WARNING, logger="lightning_soaa.optim.soaa"):
+        st, actual = _autocast_run(torch.bfloat16, 1e-2, closure_loss="before")
+    assert st["rejected"] >= 1 and st["d"] < 1.0 and all(a == 0.0 for a in actual), st
+    assert any("equals the loss before it to the bit" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("dtype,w0", [(torch.bfloat16, 6.0), (torch.float16, 48.0)])
+def test_same_batch_lets_a_trial_invisible_at_the_compute_dtype_stand(
+        dtype: torch.dtype, w0: float, caplog: pytest.LogCaptureFixture) -> None:
+    """Float32 weights of 6 (bf16) or 48 (fp16), whose rounding there is 0.03, moved by lr = 5e-3 under
+    autocast: the forward's copies do not change, the loss is equal to the bit, while the predicted reduction
+    (0.07) is 70 roundings of the loss. Judged, each trial was rejected with the stale-closure warning and d
+    halved (0.125 after 3 steps, the float32 weights never moved). Such a trial stands, d is left alone, the
+    float32 weights keep its change until it shows in the compute dtype."""
+    lin = nn.Linear(64, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.fill_(w0)
+    x, y = torch.ones(4, 64), torch.full((4, 1), 64 * w0 - 0.25)
+    opt = SOAA(lin.parameters(), lr=5e-3, gamma=0.3, acceptance="same_batch")
+
+    def closure() -> torch.Tensor:
+        with torch.no_grad():
+            return 0.5 * (lin(x) - y).pow(2).sum(1).mean()
+
+    with caplog.at_level(logging.WARNING, logger="lightning_soaa.optim.soaa"):
+        for _ in range(3):
+            with torch.autocast("cpu", dtype=dtype):
+                opt.zero_grad()
+                (0.5 * (lin(x) - y).pow(2).sum(1).mean()).backward()
+                opt.step(closure)
+            st = opt.statistics()
+            assert st["actual_reduction"] == 0.0 and st["predicted_reduction"] > 0.05, st
+    assert st["rejected"] == 0 and st["d"] == 1.0 and not caplog.records, (st, caplog.records)
+    torch.testing.assert_close(lin.weight.detach(), torch.full_like(lin.weight, w0 - 3 * 5e-3), rtol=0, atol=1e-5)
+
+
+def test_same_batch_closure_with_its_own_region_sees_a_trial_stepped_with_autocast_disabled(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The AMP recipe's step outside autocast, as an ``autocast(enabled=False)`` region inside the loop's
+    bf16 region, with a closure that opens its own: the region's casts of the weights made before the step
+    outlive the disabled part, so the closure evaluated the weights of before each trial (loss equal to the
+    bit: 6 of 6 rejected with the stale-closure warning, d 0.016 against 1.3). Judged as without autocast."""
+    ref, _ = _autocast_run(None, 1e-2)
+    model = tiny_mlp(dtype=torch.float32)
+    opt = SOAA(model.named_parameters(), lr=1e-2, gamma=0.3, acceptance="same_batch")
+    with caplog.at_level(logging.WARNING, logger="lightning_soaa.optim.soaa"):
+        for t in range(6):
+            x, y = (v.float() for v in batch(t, 0))
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                opt.zero_grad()
+                loss_fn(model, x, y).backward()
+
+                def closure(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
+                    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                        return loss_fn(model, x, y)
+
+                with torch.autocast("cpu", enabled=False):
+                    opt.step(closure)
+            assert opt.statistics()["actual_reduction"] != 0.0
+    st = opt.statistics()
+    assert not caplog.records and st["rejected"] == ref["rejected"] == 0 and st["d"] == ref["d"], (st, ref)
+
+
+def test_same_batch_judges_a_float64_model_in_a_bf16_region_as_outside() -> None:
+    """Autocast never casts float64: a float64 model computes in float64 inside a bf16 region. Judged at
+    bf16's rounding (4 x 2**-8 of the loss, 3.1 at a loss of 100), a trial raising the loss by 1.2 stood
+    unjudged: 1 rejection instead of 2 in 4 steps, the weights elsewhere. The steps equal those outside."""
+
+    def run(region: bool) -> tuple[dict, torch.Tensor]:
+        theta = nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64))
+        opt = SOAA([theta], lr=3.0, gamma=0.3, acceptance="same_batch")
+
+        def f() -> torch.Tensor:
+            return 0.5 * theta.pow(2).sum() + 100.0
+
+        for _ in range(4):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=region):
+                opt.zero_grad()
+                f().backward()
+                opt.step(lambda: f().detach())
+        return opt.statistics(), theta.detach().clone()
+
+    (ref, ref_theta), (st, theta) = run(False), run(True)
+    assert ref["rejected"] == 2 and (st["rejected"], st["d"]) == (ref["rejected"], ref["d"]), (st, ref)
+    assert torch.equal(theta, ref_theta)
 
 
 def test_same_batch_accepts_and_expands_a_good_step() -> None:
