@@ -8,12 +8,11 @@ Inverse square roots (used by :class:`lightning_soaa.optim.asgo.ASGO`):
 * ``"polar_express"``: coupled polynomial iteration with the Polar Express coefficients
   (Amsel et al., 2025), 10 iterations. Matmuls only, so it runs well on accelerators.
 * ``"polar_express_eigh"``: the same matrix function (the iteration's eigenvalue map applied to the
-  eigenvalues of one float64 eigendecomposition): equal in exact arithmetic, more accurate, and about
-  2x cheaper on a CPU.
+  eigenvalues of one float64 eigendecomposition): equal in exact arithmetic, more accurate, and cheaper
+  on a CPU at every size (about 2x at k = 256).
 * ``"auto"`` (ASGO's default): ``"polar_express_eigh"`` for float32 (or narrower) statistics on a CPU,
   ``"polar_express"`` otherwise, so every device and dtype computes the same function (see
-  :func:`resolve_root_method`); for a float32 statistic on a CPU that iteration runs in float64
-  (:func:`_iteration_input`).
+  :func:`resolve_root_method`).
 * ``"newton_schulz"``: the same coupled iteration with the constant Newton-Schulz polynomial
   ``(a, b, c) = (2, -1.5, 0.5)``; converges more slowly from small eigenvalues (18 iterations default).
 * ``"eigh"``: ``float64`` eigendecomposition, the reference. Eigenvalues below ``rcond * max`` are
@@ -43,7 +42,6 @@ __all__ = [
     "ROOT_METHODS",
     "ROOT_CHOICES",
     "resolve_root_method",
-    "EIGH_MIN_K",
     "DEFAULT_ROOT_ITERS",
     "POLAR_EXPRESS_COEFFS",
     "NEWTON_SCHULZ_COEFFS",
@@ -98,22 +96,9 @@ DEFAULT_ROOT_ITERS: dict[str, int] = {"polar_express": 10, "newton_schulz": 18, 
 ROOT_CHOICES: tuple[str, ...] = (*ROOT_METHODS, "auto")
 
 
-#: ``"auto"`` takes the eigendecomposition route for float32 CPU Grams from this size up; below it the
-#: iteration, run in float64 (:func:`_iteration_input`). Below it the route's fixed cost (~270 us: ~180
-#: operator calls around an ~11 us LAPACK call at k = 8) is more than the iteration's small matmuls. CPU time,
-#: one thread, eigh route / float64 iteration, batch of 1 (of 3): 1.7-2.0x (1.6-1.8x) at k <= 10, 1.5x
-#: (1.2x) at k = 20, 1.36x (1.01x) at k = 32, 1.24x (0.91x) at k = 48, 0.84x (0.56x) at k = 64, 0.45x
-#: (0.36x) at k = 95. 48 also frees the padded batch of a 20-64-48-10 MLP (k = 10, 20 pad to 20, not 48).
-#: (Against the float32 iteration, which "auto" ran below 96 before, the crossover was at ~96; that
-#: iteration is 1-8% off on Grams with a null space, see :func:`_iteration_input`.)
-EIGH_MIN_K = 48
-
-
-def resolve_root_method(method: str, device: torch.device, dtype: torch.dtype = torch.float32,
-                        k: int | None = None) -> str:
-    """``"auto"``: ``"polar_express_eigh"`` for a float32 (or narrower) statistic on the CPU whose size
-    ``k`` is at least :data:`EIGH_MIN_K` (or not given), else ``"polar_express"``; any other method as
-    given.
+def resolve_root_method(method: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """``"auto"``: ``"polar_express_eigh"`` for a float32 (or narrower) statistic on the CPU, else
+    ``"polar_express"``; any other method as given.
 
     Both compute the same matrix function (the Polar Express map of the statistic's dtype, with its floor
     for float32: :func:`root_floor`), so the choice changes
@@ -125,12 +110,17 @@ def resolve_root_method(method: str, device: torch.device, dtype: torch.dtype = 
     map's slope at small eigenvalues then turns it into a 6e-8 relative difference between 2 ranks and
     one process (measured, tests/multinode), where the iteration's straight-line matmuls stay within
     1e-9. On accelerators eigendecompositions are slow and synchronising, and the iteration is fast.
+
+    At every size ``k``: the route's fixed cost is ~25 operator calls (:func:`inv_sqrt_spectral`), less than
+    the iteration's ~65 even where the LAPACK call is smallest. CPU time of one root, one thread, this route /
+    the float64 iteration (which "auto" ran below k = 48 before; the float32 one is 1-8% off on Grams with a
+    null space, its rounding between kept and null directions times the map's null value twice): 0.71x at
+    k = 4, 0.77x at 10, 0.76x at 20, 0.78x at 32, 0.84x at 48 (medians of 300 interleaved calls).
     """
     if method != "auto":
         return method
     cpu_narrow = device.type == "cpu" and root_compute_dtype(dtype) == torch.float32
-    large = k is None or k >= EIGH_MIN_K
-    return "polar_express_eigh" if cpu_narrow and large else "polar_express"
+    return "polar_express_eigh" if cpu_narrow else "polar_express"
 
 
 @functools.cache  # called a dozen times a step; torch.promote_types is an operator call each time
@@ -466,9 +456,101 @@ def _scalar_map(x: Tensor, coeffs: Sequence[tuple[float, float, float]], num_ite
     return z
 
 
+def _host_scalar_map(xs: list[float], coeffs: Sequence[tuple[float, float, float]], num_iters: int,
+                     floor: float) -> list[float]:
+    """:func:`_scalar_map` of host floats (already clamped), in Python floats: the same IEEE double operations in
+    the same order (``q = ((t c + b) t) + a`` and ``z (1.5 - ((z 0.5) z) x)``; CPython rounds each operation and
+    never fuses two), so bit for bit the tensor evaluation, NaN and inf included (tests/unit/test_asgo_step_cost.py).
+    Why: ~1 us an eigenvalue, against ~90 us of operator calls for the tensor evaluation whatever its length;
+    :func:`inv_sqrt_spectral` takes it up to :data:`_HOST_MAP_MAX` values."""
+    steps = [coeffs[min(i, len(coeffs) - 1)] for i in range(num_iters)]
+    polish = FLOOR_POLISH_STEPS if floor > 0.0 else 0
+    out = []
+    for x in xs:
+        y = x + floor
+        z = 1.0
+        if steps:
+            a, b, c = steps[0]
+            z = (y * c + b) * y + a  # t = z y = y
+            y = y * z
+        for a, b, c in steps[1:]:
+            t = z * y
+            q = (t * c + b) * t + a
+            y, z = y * q, z * q
+        for _ in range(polish):
+            z = z * (1.5 - z * 0.5 * z * x)
+        out.append(z)
+    return out
+
+
+#: The most eigenvalues (all matrices of a call together) whose map :func:`inv_sqrt_spectral` evaluates on the
+#: host (:func:`_host_scalar_map`, ~1 us each); above it the tensor evaluation (~65 operator calls, ~90 us on a
+#: CPU, one thread, for any count up to a few hundred) is cheaper. Both give the same bits.
+_HOST_MAP_MAX = 64
+
+
+def _spectral_scales(v3: Tensor, eps: float, sizes: Sequence[int] | None = None) -> list[float]:
+    """``1.01 ||V + eps I||_F`` of each float64 matrix of ``[n, k, k]`` as host floats, from ``||V||_F^2 + 2 eps
+    tr(V) + k eps^2`` (without forming ``V + eps I``), computed on ``V / 2^e`` with ``2^e`` near its largest entry.
+
+    Why the power of two: the squares of a float64 Gram with entries above ~1e154 (gradients ~1e77) are
+    inf, and below ~1e-162 with ``eps = 0`` they are 0, where the norm itself is finite and nonzero; the
+    root then came out NaN and the block fell back to its previous preconditioner. Dividing by a power of
+    two is exact, so within range the result is the plain formula's, bit for bit. (The iteration keeps the
+    plain norm: a root that it makes non-finite fails its bound check and is recomputed here.)
+
+    The reductions are tensor operations; the scalar tail (and the exponent) in Python floats, the same IEEE
+    operations in the same order as the tensor formula did (``eps / 2^e`` as ``(1 / 2^e) eps``, as a tensor's
+    ``__rtruediv__`` computes it; the square root by :func:`_tensor_sqrt`): ~13 operator calls and three host reads
+    instead of ~21 calls."""
+    n, k = v3.shape[0], v3.shape[-1]
+    if k == 0 or n == 0:  # no entry to scale by (and the norm of nothing is 0)
+        return [0.0] * n
+    tops = torch.linalg.vector_norm(v3, float("inf"), dim=(-2, -1)).tolist()
+    # frexp: 0 and non-finite give exponent 0 (scale 1); 2^1024 is beyond float64 (inf, as torch.ldexp gives)
+    scales = [math.ldexp(1.0, e) if e <= 1023 else math.inf for e in (math.frexp(t)[1] for t in tops)]
+    u = v3 / torch.tensor([[[t]] for t in scales], dtype=v3.dtype, device=v3.device)
+    sums = torch.stack((torch.linalg.matrix_norm(u), torch.diagonal(u, dim1=-2, dim2=-1).sum(-1)), dim=1).tolist()
+    totals = []
+    for scale, (norm, trace), n_i in zip(scales, sums, [k] * n if sizes is None else sizes):
+        e = (1.0 / scale) * eps  # a padded matrix's eps is on its own diagonal: its own size
+        totals.append(norm * norm + 2.0 * e * trace + n_i * e * e)
+    return [1.01 * (scale * root) for scale, root in zip(scales, _tensor_sqrt(totals, v3.device))]
+
+
+def _tensor_sqrt(values: list[float], device: torch.device) -> list[float]:
+    """``sqrt`` of host floats by the tensor operation (on ``device``), not ``math.sqrt``: torch's float64 sqrt on a
+    CPU (MKL's vector sqrt) is not correctly rounded (1 ulp off ``math.sqrt`` for some values), and the roots must
+    stay the bits the tensor formula gave."""
+    out: list[float] = torch.tensor(values, dtype=torch.float64, device=device).sqrt().tolist()
+    return out
+
+
+def _mapped_spectrum(evals: Tensor, scales: list[float], coeffs: Sequence[tuple[float, float, float]],
+                     num_iters: int, floor: float) -> Tensor:
+    """``z(lam / s) / sqrt(s)`` of each matrix's eigenvalues ``[n, k]`` (:func:`coupled_scalar_map`); a row whose
+    scale is not finite is NaN. On the host up to :data:`_HOST_MAP_MAX` values, else as tensors: the same bits
+    (the tensor formula's ``lam / s``, clamp, map and ``/ sqrt(s)``, each one correctly rounded operation)."""
+    finite = [s - s == 0.0 for s in scales]
+    if evals.numel() > _HOST_MAP_MAX or not all(s != 0.0 for s in scales):  # 0 / 0 (V = 0, eps = 0) as torch does
+        st = torch.tensor(scales, dtype=torch.float64, device=evals.device).unsqueeze(-1)
+        z = coupled_scalar_map(evals / st, coeffs, num_iters, floor) / st.sqrt()
+        if all(finite):
+            return z
+        return torch.where(torch.tensor(finite, device=z.device).unsqueeze(-1), z, math.nan)
+    rows = []
+    for lam, s, ok, root in zip(evals.tolist(), scales, finite, _tensor_sqrt(scales, evals.device)):
+        if not ok:
+            rows.append([math.nan] * len(lam))
+            continue
+        # max(x, 0.0) is clamp_min's value for every x (NaN stays NaN; -0.0 gives the same map as 0.0)
+        rows.append([z / root for z in _host_scalar_map([max(x / s, 0.0) for x in lam], coeffs, num_iters, floor)])
+    return torch.tensor(rows, dtype=torch.float64, device=evals.device) if rows else torch.empty_like(evals)
+
+
 def inv_sqrt_spectral(
     v: Tensor, coeffs: Sequence[tuple[float, float, float]], num_iters: int, eps: float = 1e-10,
-    floor: float | None = None,
+    floor: float | None = None, sizes: Sequence[int] | None = None,
 ) -> Tensor:
     """The matrix function of :func:`inv_sqrt_coupled`, evaluated by one float64 eigendecomposition.
 
@@ -487,25 +569,35 @@ def inv_sqrt_spectral(
     bounded (``z(0) / sqrt(s)`` at most), so a perturbation of ``V`` moves the result about as little as
     it moves the iteration's, unlike a pseudo-inverse, whose cut-off jumps (benchmarks/eval_asgo_roots.py);
     but LAPACK's own rounding is not a smooth function of ``V``, which matters for float64 statistics
-    (see :func:`resolve_root_method`).
+    (see :func:`resolve_root_method`). Its fixed cost is ~20 operator calls besides LAPACK (the scale and a
+    small map on the host: :func:`_spectral_scales`, :func:`_mapped_spectrum`), so it is cheap at any ``k``.
 
     A matrix that is non-finite, or whose eigendecomposition fails, comes back NaN (callers check);
     its batch-mates get the results they get alone. ``floor=None``: :func:`root_floor` of ``v``'s dtype
     (pass the float32 floor explicitly to evaluate a float32 statistic's map on a float64 copy).
+
+    ``sizes``: a zero-padded batch (:func:`pad_batch`; the scale's ``eps`` on each matrix's own corner). Why it
+    holds: Householder tridiagonalisation of ``diag(V, 0)`` keeps the zero blocks exactly zero (a reflector
+    built from a column's zeros is the identity), so the tridiagonal matrix has an exact zero off the diagonal
+    where the blocks meet, at which LAPACK's eigensolver splits it: every eigenvector lies in one block (0
+    mixed of 300 random rank-deficient Grams padded to 48, MKL), and the corner is ``V``'s root, in other
+    rounding. Were a LAPACK to mix them, it could only mix eigenvalues within its rounding of 0, where the map
+    is flat (it varies on the scale of the floor, 2e-7 ``s``, or 2e-9 ``s`` bare): an error of that ratio at
+    most. Why pad: one call for a small model's Grams instead of one per size (~100-200 us each in a step).
     """
     floor = _floor_of(v, floor, coeffs, num_iters)
     out_dt = root_compute_dtype(v.dtype)
     squeeze = v.dim() == 2
     k = v.shape[-1]
     v3 = v.to(torch.float64).reshape(math.prod(v.shape[:-2]), k, k)  # explicit sizes: k = 0 is allowed
-    s = _spectral_scale(v3, eps)
+    scales = _spectral_scales(v3, eps, sizes)
     # A non-finite block (its norm is non-finite) must come back non-finite, the caller's contract,
     # not raise inside LAPACK or poison its batch: eigh sees the identity there, the result is NaN.
-    finite = (s - s) == 0  # isfinite(s) in two small ops (s >= 0 or NaN: s - s is 0, or NaN for inf and NaN)
+    finite = [s - s == 0.0 for s in scales]  # s >= 0 or NaN: s - s is 0, or NaN for inf and NaN
     safe = v3
-    all_finite = bool(finite.all())  # one host check; this method is for CPU tensors
-    if not all_finite:
-        safe = torch.where(finite.reshape(-1, 1, 1), v3, torch.eye(k, dtype=v3.dtype, device=v3.device))
+    if not all(finite):
+        safe = torch.where(torch.tensor(finite, device=v3.device).reshape(-1, 1, 1), v3,
+                           torch.eye(k, dtype=v3.dtype, device=v3.device))
     try:
         evals, evecs = torch.linalg.eigh(safe)  # reads the lower triangle (V is symmetric up to rounding)
     except RuntimeError:  # torch.linalg.LinAlgError (no convergence): report it as non-finite, like NaN
@@ -514,11 +606,10 @@ def inv_sqrt_spectral(
         # eigh raises for the whole batch when one matrix fails. Which matrices share a batch depends on
         # rank ownership, so retry one at a time: each result then depends on its own matrix only (the
         # failing one is NaN, as alone), at every world size.
-        each = [inv_sqrt_spectral(v3[i : i + 1], coeffs, num_iters, eps, floor) for i in range(v3.shape[0])]
+        each = [inv_sqrt_spectral(v3[i : i + 1], coeffs, num_iters, eps, floor,
+                                  None if sizes is None else sizes[i : i + 1]) for i in range(v3.shape[0])]
         return torch.cat(each).to(out_dt).reshape(v.shape)
-    z = coupled_scalar_map(evals / s.unsqueeze(-1), coeffs, num_iters, floor) / s.sqrt().unsqueeze(-1)
-    if not all_finite:
-        z = torch.where(finite.unsqueeze(-1), z, torch.full_like(z, float("nan")))  # NaN rows give NaN blocks
+    z = _mapped_spectrum(evals, scales, coeffs, num_iters, floor)  # NaN rows give NaN blocks
     out: Tensor = torch.bmm(evecs * z.unsqueeze(-2), evecs.transpose(-1, -2)).to(out_dt)  # (what @ calls)
     return out[0] if squeeze else out.reshape(v.shape)
 
@@ -556,28 +647,6 @@ def inv_sqrt_eigh(v: Tensor, rcond: float = 1e-12) -> Tensor:
                            torch.zeros_like(evals))
     root: Tensor = (evecs * inv_root.unsqueeze(-2)) @ evecs.transpose(-1, -2)
     return root.to(out_dt)
-
-
-def _spectral_scale(v3: Tensor, eps: float) -> Tensor:
-    """``1.01 ||V + eps I||_F`` of each float64 matrix of ``[n, k, k]``, from ``||V||_F^2 + 2 eps tr(V) + k
-    eps^2`` (without forming ``V + eps I``), computed on ``V / 2^e`` with ``2^e`` near its largest entry.
-
-    Why the power of two: the squares of a float64 Gram with entries above ~1e154 (gradients ~1e77) are
-    inf, and below ~1e-162 with ``eps = 0`` they are 0, where the norm itself is finite and nonzero; the
-    root then came out NaN and the block fell back to its previous preconditioner. Dividing by a power of
-    two is exact, so within range the result is the plain formula's, bit for bit. (The iteration keeps the
-    plain norm: a root that it makes non-finite fails its bound check and is recomputed here.)
-    """
-    k = v3.shape[-1]
-    if k == 0:  # no entry to scale by (and the norm of nothing is 0)
-        return torch.zeros(v3.shape[0], dtype=v3.dtype, device=v3.device)
-    _, exponent = torch.frexp(v3.abs().amax(dim=(-2, -1)))  # non-finite or 0: exponent 0, scale 1
-    scale = torch.ldexp(torch.ones(v3.shape[0], dtype=v3.dtype, device=v3.device), exponent)
-    u = v3 / scale.reshape(-1, 1, 1)
-    e = eps / scale
-    trace = torch.diagonal(u, dim1=-2, dim2=-1).sum(-1)
-    out: Tensor = 1.01 * (scale * (torch.linalg.matrix_norm(u).square() + 2.0 * e * trace + k * e * e).sqrt())
-    return out
 
 
 @functools.cache
@@ -698,24 +767,6 @@ def _recompute_unchanged(v: Tensor, version: int, z: Tensor, bounded: Sequence[b
     return _recompute_unbounded(v, z, bounded, **kw)
 
 
-def _iteration_input(requested: str, method: str, vd: Tensor) -> Tensor:
-    """The matrix the iteration runs on: ``vd`` in float64 where ``"auto"`` took the iteration for a float32
-    statistic (or a narrower one, promoted) on a CPU (Grams below :data:`EIGH_MIN_K`), else ``vd`` itself. The
-    map stays the float32 one (its floor and iterations are chosen from the statistic's dtype); the root is
-    rounded back to float32 by the caller.
-
-    Why: the floored float32 iteration loses about ``1e-9 z(0)^2`` of a root whose Gram has a null space
-    (``z(0)`` = 7.5e3, the map's value there): rounding in ``T = Z Y`` lands between the kept and the null
-    directions and the next ``Z <- a Z + B Z`` multiplies it by the null value, so ``P M`` came out 2-27%
-    off the same map evaluated in float64 on the same ``V`` and ``M`` (all of it along the null space; rank-1
-    gradients, the first steps of a batch smaller than ``k``), where rounding ``V``, ``M`` and ``P`` to float32
-    costs 1e-4. In float64 the same matmuls are within that (the eigendecomposition route above
-    :data:`EIGH_MIN_K` is too). Explicit methods keep their float32 iteration (on an accelerator float64 is
-    slow or missing)."""
-    wide = requested == "auto" and method == "polar_express" and vd.device.type == "cpu"
-    return vd.to(torch.float64) if wide and vd.dtype == torch.float32 else vd
-
-
 def pending_inverse_sqrt(
     v: Tensor, method: str = "polar_express", *, num_iters: int | None = None, eps: float = 1e-10,
     damping: float = 0.0, sizes: Sequence[int] | None = None, floor: float | None = None,
@@ -725,25 +776,25 @@ def pending_inverse_sqrt(
     flagged False are recomputed from it; a write in between is refused there).
 
     ``sizes``: ``v`` is a zero-padded batch (:func:`pad_batch`) whose matrix ``i`` is its ``sizes[i] x
-    sizes[i]`` corner; the corner of each result is that matrix's root. Only for the iterations (an
-    eigendecomposition would mix the padding's zero eigenvalues with a rank-deficient matrix's).
+    sizes[i]`` corner; the corner of each result is that matrix's root. For the iterations and
+    ``"polar_express_eigh"`` (:func:`inv_sqrt_spectral`), not for ``"eigh"`` (its cut-off is relative to the
+    largest eigenvalue, and a pseudo-inverse jumps where the padding's zeros would mix with a null space's).
     """
     if sizes is not None:
         _check_sizes(sizes, v)
     vd = _damped(v, damping, sizes)
-    requested, method = method, resolve_root_method(method, v.device, v.dtype, v.shape[-1])
+    method = resolve_root_method(method, v.device, v.dtype)
     if method in ("polar_express", "newton_schulz"):
         coeffs = POLAR_EXPRESS_COEFFS if method == "polar_express" else (NEWTON_SCHULZ_COEFFS,)
         n, floor = _map_of(method, v.dtype, num_iters, floor)
-        work = _iteration_input(requested, method, vd)
-        z, ok = _bounded_coupled(work, coeffs, n, eps, sizes, floor)
-        z = z if z.dtype == vd.dtype else z.to(vd.dtype)
-        return PendingRoots(z, ok, functools.partial(_recompute_unchanged, work, _version_of(work), z, coeffs=coeffs,
+        z, ok = _bounded_coupled(vd, coeffs, n, eps, sizes, floor)
+        return PendingRoots(z, ok, functools.partial(_recompute_unchanged, vd, _version_of(vd), z, coeffs=coeffs,
                                                      num_iters=n, eps=eps, sizes=sizes, floor=floor))
-    if sizes is not None:
+    if sizes is not None and method != "polar_express_eigh":
         raise ValueError(f"Invalid sizes={tuple(sizes)!r} for method={method!r}: padded batches are for the "
-                         "iterations ('polar_express', 'newton_schulz') only; pass sizes=None.")
-    return PendingRoots(inverse_sqrt(v, method, num_iters=num_iters, eps=eps, damping=damping, floor=floor), None)
+                         "iterations ('polar_express', 'newton_schulz') and 'polar_express_eigh' only; pass "
+                         "sizes=None.")
+    return PendingRoots(_direct_root(vd, v.dtype, method, num_iters, eps, floor, sizes), None)
 
 
 def inverse_sqrt(
@@ -758,15 +809,21 @@ def inverse_sqrt(
     result has :func:`root_compute_dtype` of ``v`` and may be non-finite if ``v`` is; callers check.
     """
     vd = _damped(v, damping)
-    requested, method = method, resolve_root_method(method, v.device, v.dtype, v.shape[-1])
+    method = resolve_root_method(method, v.device, v.dtype)
     if method in ("polar_express", "newton_schulz"):
         coeffs = POLAR_EXPRESS_COEFFS if method == "polar_express" else (NEWTON_SCHULZ_COEFFS,)
         n, floor = _map_of(method, v.dtype, num_iters, floor)
-        z = checked_coupled(_iteration_input(requested, method, vd), coeffs, n, eps, floor)
-        return z if z.dtype == vd.dtype else z.to(vd.dtype)
+        return checked_coupled(vd, coeffs, n, eps, floor)
+    return _direct_root(vd, v.dtype, method, num_iters, eps, floor)
+
+
+def _direct_root(vd: Tensor, dtype: torch.dtype, method: str, num_iters: int | None, eps: float,
+                 floor: float | None, sizes: Sequence[int] | None = None) -> Tensor:
+    """The root of the damped ``vd`` by an eigendecomposition method (``dtype``: the statistic's own, which
+    chooses the map's iterations and floor)."""
     if method == "eigh":
         return inv_sqrt_eigh(vd)
     if method == "polar_express_eigh":
-        n, floor = _map_of(method, v.dtype, num_iters, floor)
-        return inv_sqrt_spectral(vd, POLAR_EXPRESS_COEFFS, n, eps, floor)
+        n, floor = _map_of(method, dtype, num_iters, floor)
+        return inv_sqrt_spectral(vd, POLAR_EXPRESS_COEFFS, n, eps, floor, sizes)
     raise ValueError(f"Invalid inverse_root={method!r}. Must be one of {', '.join(map(repr, ROOT_CHOICES))}.")

@@ -153,15 +153,22 @@ def asgo_block_cost(k: int, other: int, root_iters: int, root_every: int,
 #: ~5-7 us on a CPU (one thread): the k = 10 / 20 / 48 Grams of a small MLP took 1.4-1.6 ms as three
 #: batches, 0.8-1.0 ms as one padded to 48. A 48 x 48 product adds about one op's fixed cost to a batch's
 #: matmul (3 x 48: 18.5 us, 1 x 48: 10.1 us), a 64 x 64 one about two (padding 10 into 64 gained nothing).
+#: The eigendecomposition route pads by the same rule: in a step each of its calls costs 100-200 us besides
+#: LAPACK (cold caches), so the 20-64-48-10 MLP's roots took 0.59 ms as one [3, 48, 48] batch, 0.73 as three.
 ROOT_PAD_BUDGET = 48**3
 
 
+#: The root methods whose Grams are computed in zero-padded batches (:func:`root_padding`; ``"eigh"``'s
+#: pseudo-inverse cut-off is relative to the largest eigenvalue, so it takes none).
+_PADDED_METHODS = ("polar_express", "newton_schulz", "polar_express_eigh")
+
+
 def root_padding(counts: dict[int, int]) -> dict[int, int]:
-    """``k ->`` the size its iterative roots are computed at, from ``counts`` (Gram size -> number of such
-    blocks in the whole block table, every rank's: so each block's size is the same at every world size,
-    and so is its rounding). Classes are taken from the largest: each pads to the smallest size already
-    chosen whose extra work, ``count * (K^3 - k^3)`` multiply-adds per matmul, is within
-    :data:`ROOT_PAD_BUDGET`, else stays at its own size."""
+    """``k ->`` the size its roots are computed at (iterations and the eigendecomposition route), from
+    ``counts`` (Gram size -> number of such blocks in the whole block table, every rank's: so each block's size
+    is the same at every world size, and so is its rounding). Classes are taken from the largest: each pads to
+    the smallest size already chosen whose extra work, ``count * (K^3 - k^3)`` multiply-adds per matmul, is
+    within :data:`ROOT_PAD_BUDGET`, else stays at its own size."""
     targets: list[int] = []
     out: dict[int, int] = {}
     for k in sorted(counts, reverse=True):
@@ -207,7 +214,7 @@ def asgo_block_specs(
     checks it, :meth:`ASGO._check_row_parts`).
     """
     def cost(k: int, other: int) -> float:
-        # a callable resolves the method per block size ("auto" depends on k: EIGH_MIN_K)
+        # a callable resolves the method per block size
         method = root_method(k) if callable(root_method) else root_method
         return asgo_block_cost(k, other, root_iters, root_every, method)
 
@@ -901,11 +908,10 @@ class ASGO(_OneSided):
             finite iteration count itself damps by about ``2e-9 * ||V||_F``).
         damping: explicit relative damping :math:`\delta` (default 0.0, as the official code).
         inverse_root: ``"auto"`` (default): the Polar Express matrix function (see ``root_floor``), computed by
-            one float64 eigendecomposition (``"polar_express_eigh"``) for float32/bf16 blocks of side
-            k >= 48 on the CPU (about half the cost there at k = 256, and more accurate) and by the matmul
-            iteration (``"polar_express"``) for smaller blocks (where the LAPACK call's fixed cost is
-            more; run in float64 for float32/bf16 blocks on the CPU), float64 blocks and on
-            accelerators; equal in exact arithmetic. Or a
+            one float64 eigendecomposition (``"polar_express_eigh"``) for float32/bf16 blocks on the CPU
+            (cheaper there at every size, about half the cost at k = 256, and more accurate) and by the matmul
+            iteration (``"polar_express"``) for float64 blocks and on accelerators; equal in exact
+            arithmetic. Or a
             method by name: ``"polar_express"``, ``"polar_express_eigh"``, ``"newton_schulz"``, ``"eigh"``
             (float64 pseudo-inverse root, no implicit damping). On an ill-conditioned float64 Gram an
             eigendecomposition passes on rounding-level differences in V (e.g. the summation order across
@@ -1118,7 +1124,7 @@ class ASGO(_OneSided):
         device, dtype, choice = param.device, self._state_dtype(param), group["inverse_root"]
 
         def method(k: int) -> str:
-            return resolve_root_method(choice, device, dtype, k)
+            return resolve_root_method(choice, device, dtype)
 
         every = 1 if group["root_every"] == "auto" else int(group["root_every"])  # "auto": the worst case
         batch_dims, parts = int(group.get("batch_dims", 0)), self._row_parts_of(param, group)
@@ -1274,9 +1280,9 @@ class ASGO(_OneSided):
 
     def _root_sizes(self) -> dict[int, int]:
         """``block_id ->`` the size its root is computed at (:func:`root_padding`) for the matrix blocks whose
-        root is an iteration; the others are absent. Sizes pad only among blocks that share a batch key
-        apart from ``k`` (dtype, device, the groups' root options), so a padded batch never takes another
-        method (``"auto"`` resolves by size) or options. From the block table and the groups alone."""
+        root is an iteration or ``"polar_express_eigh"``; the others are absent. Sizes pad only among blocks
+        that share a batch key apart from ``k`` (dtype, device, the groups' root options), so a padded batch
+        never takes another method or options. From the block table and the groups alone."""
         options = tuple(_root_options(g) for g in self.param_groups)
         cached = self.__dict__.get("_root_sizes_cache")
         if cached is not None and cached[0] is self.block_table and cached[1] == options:
@@ -1289,7 +1295,7 @@ class ASGO(_OneSided):
                 continue
             p, k = self._params[b.param_index], self._gram_size(b)
             dtype, opts = self._state_dtype(p), options[b.group_index]
-            if resolve_root_method(opts[0], p.device, dtype, k) in ("polar_express", "newton_schulz"):
+            if resolve_root_method(opts[0], p.device, dtype) in _PADDED_METHODS:
                 by_key.setdefault((dtype, p.device, *opts), {})[b.block_id] = k
         sizes = {}
         for ks in by_key.values():
@@ -1478,15 +1484,13 @@ class ASGO(_OneSided):
 
     def _root_methods(self) -> set[str]:
         """The methods the roots of all matrix blocks (every rank's, so the same set on each) resolve to.
-        ``"auto"`` depends on each Gram's size ``k`` (:func:`resolve_root_method`), so one group can run
-        two methods; resolved per block as :func:`inverse_sqrt` does in the step (the Gram's dtype,
-        device and ``k``)."""
+        ``"auto"`` depends on each Gram's dtype and device (:func:`resolve_root_method`), so one group can
+        run two methods; resolved per block as :func:`inverse_sqrt` does in the step."""
         used: set[str] = set()
         for b in self.block_table.blocks:
             p, group = self._params[b.param_index], self.param_groups[b.group_index]
             if self.is_matrix_param(p, group, self._names[b.param_index]):
-                used.add(resolve_root_method(group["inverse_root"], p.device, self._state_dtype(p),
-                                             self._gram_size(b)))
+                used.add(resolve_root_method(group["inverse_root"], p.device, self._state_dtype(p)))
         return used
 
     def _extra_statistics(self) -> dict[str, float]:

@@ -22,7 +22,7 @@ from torch import nn
 from lightning_soaa import ASGO, DASGO
 from lightning_soaa.distributed.assignment import assign_owners, rank_loads
 from lightning_soaa.distributed.checkpoint import with_saved_groups
-from lightning_soaa.functional.linalg import EIGH_MIN_K, ROOT_METHODS, resolve_root_method
+from lightning_soaa.functional.linalg import ROOT_METHODS, resolve_root_method
 from lightning_soaa.optim import asgo as asgo_mod
 from lightning_soaa.optim.asgo import (
     ADAM_COST_PER_ELEMENT,
@@ -290,13 +290,12 @@ def test_block_cost_model():
 ])
 def test_block_cost_uses_the_resolved_root_method(dtype, device, inverse_root, method):
     w = nn.Parameter(torch.empty(128, 200, dtype=dtype, device=device))
-    small = nn.Parameter(torch.empty(EIGH_MIN_K - 8, 200, dtype=dtype, device=device))  # k < EIGH_MIN_K
+    small = nn.Parameter(torch.empty(40, 200, dtype=dtype, device=device))
     b = nn.Parameter(torch.empty(300, dtype=dtype, device=device))
     opt = ASGO([w, small, b], inverse_root=inverse_root, root_every=3)
     iters = 18 if method == "newton_schulz" else 10
-    small_method = "polar_express" if method == "polar_express_eigh" else method  # "auto" by size
-    assert [blk.cost for blk in opt.block_table.blocks] == [
-        asgo_block_cost(128, 200, iters, 3, method), asgo_block_cost(EIGH_MIN_K - 8, 200, iters, 3, small_method),
+    assert [blk.cost for blk in opt.block_table.blocks] == [  # "auto": one method at every size
+        asgo_block_cost(128, 200, iters, 3, method), asgo_block_cost(40, 200, iters, 3, method),
         ADAM_COST_PER_ELEMENT * 300]
 
 
@@ -611,19 +610,18 @@ def test_statistics_report_root_method_fallbacks_condition_and_balance():
 
 
 def test_statistics_resolve_the_auto_root_method_per_block():
-    # One float32 CPU group with Grams on both sides of EIGH_MIN_K: "auto" runs the iteration on the
-    # small one and the eigendecomposition on the large one. Resolving from the group's first parameter
-    # (here a bias, which has no root at all) reported one method only.
+    # One CPU group with a float64 and a float32 Gram: "auto" runs the iteration on the float64 one and the
+    # eigendecomposition on the float32 one. Resolving from the group's first parameter (here a bias, which
+    # has no root at all) reported one method only.
     b = nn.Parameter(torch.zeros(200))
-    small = nn.Parameter(torch.randn(EIGH_MIN_K // 2, 200))  # k = 24
-    large = nn.Parameter(torch.randn(200, EIGH_MIN_K + 32))  # k = 80 (the right side)
+    small = nn.Parameter(torch.randn(24, 200, dtype=torch.float64))  # k = 24
+    large = nn.Parameter(torch.randn(200, 80))  # k = 80 (the right side)
     opt = ASGO([("b", b), ("small", small), ("large", large)], inverse_root="auto")
     for p in (b, small, large):
         p.grad = torch.randn_like(p)
     opt.step()
     # the methods the step's own Grams resolve to
-    ran = {resolve_root_method("auto", p.device, opt.state[p]["gram"].dtype, opt.state[p]["gram"].shape[0])
-           for p in (small, large)}
+    ran = {resolve_root_method("auto", p.device, opt.state[p]["gram"].dtype) for p in (small, large)}
     assert ran == {"polar_express", "polar_express_eigh"}
     s = opt.statistics()
     assert {m for m in ROOT_METHODS if s[f"asgo_root_method_{m}"] == 1.0} == ran, s
@@ -772,7 +770,8 @@ def _three_size_mlp(dtype: torch.dtype) -> nn.Module:
 def test_small_roots_of_different_sizes_are_one_padded_batch(monkeypatch, dtype, tol):
     """A small MLP's three roots are computed as one zero-padded batch (one call of ~80 ops instead of
     three) and train as the roots computed one size at a time (ROOT_PAD_BUDGET = 0: no padding), up to
-    the rounding of another GEMM kernel."""
+    the rounding of another GEMM kernel. (float32 asks for the iteration by name: "auto" takes the
+    eigendecomposition route on a CPU, one root per size, which pads nothing.)"""
     calls: list[tuple[int, ...]] = []
     real = asgo_mod.pending_inverse_sqrt
 
@@ -784,7 +783,7 @@ def test_small_roots_of_different_sizes_are_one_padded_batch(monkeypatch, dtype,
 
     def trained() -> nn.Module:
         model = _three_size_mlp(dtype)
-        opt = ASGO(model.named_parameters(), lr=1e-2)
+        opt = ASGO(model.named_parameters(), lr=1e-2, inverse_root="polar_express")
         g = torch.Generator().manual_seed(1)
         for _ in range(5):
             x, y = torch.randn(32, 20, generator=g, dtype=dtype), torch.randn(32, 10, generator=g, dtype=dtype)
@@ -794,9 +793,7 @@ def test_small_roots_of_different_sizes_are_one_padded_batch(monkeypatch, dtype,
         return model
 
     padded = trained()
-    # float32 on a CPU: the k = 48 Gram by the eigendecomposition route (EIGH_MIN_K), k = 10 and 20 padded to 20
-    want = [(3, 48, 48)] if dtype == torch.float64 else [(2, 20, 20), (1, 48, 48)]
-    assert calls == want * 5, calls
+    assert calls == [(3, 48, 48)] * 5, calls
     calls.clear()
     monkeypatch.setattr(asgo_mod, "ROOT_PAD_BUDGET", 0)
     alone = trained()
@@ -806,18 +803,20 @@ def test_small_roots_of_different_sizes_are_one_padded_batch(monkeypatch, dtype,
 
 
 def test_padding_stays_within_one_root_method_and_options():
-    """Sizes pad only among blocks that would share a batch anyway: a float32 Gram of k = EIGH_MIN_K - 4
-    under "auto" (the iteration below EIGH_MIN_K on a CPU) next to a k = EIGH_MIN_K one whose group asks for
-    the iteration by name. Padded together, the batch of size EIGH_MIN_K resolved "auto" to the
-    eigendecomposition route, which takes no padded batch (it raised at the first step)."""
+    """Sizes pad only among blocks that would share a batch anyway: a float32 Gram of k = 44 under "auto"
+    (the eigendecomposition route on a CPU) next to a k = 48 one whose group asks for the iteration by name,
+    and a k = 40 one with other iteration options: each keeps its own size (within budget, all three would
+    pad to 48). Padded together, a batch ran the first block's method and options for all."""
     torch.manual_seed(0)
-    a, b = nn.Linear(200, EIGH_MIN_K - 4, bias=False), nn.Linear(200, EIGH_MIN_K, bias=False)
-    opt = ASGO([{"params": [a.weight]}, {"params": [b.weight], "inverse_root": "polar_express"}], lr=1e-2)
-    assert sorted(opt._root_sizes().values()) == [EIGH_MIN_K - 4, EIGH_MIN_K]
+    a, b = nn.Linear(200, 44, bias=False), nn.Linear(200, 48, bias=False)
+    c = nn.Linear(200, 40, bias=False)
+    opt = ASGO([{"params": [a.weight]}, {"params": [b.weight], "inverse_root": "polar_express"},
+                {"params": [c.weight], "inverse_root": "polar_express", "root_iters": 12}], lr=1e-2)
+    assert sorted(opt._root_sizes().values()) == [40, 44, 48]
     x = torch.randn(16, 200)
-    (a(x).square().mean() + b(x).square().mean()).backward()
+    (a(x).square().mean() + b(x).square().mean() + c(x).square().mean()).backward()
     opt.step()
-    assert all(torch.isfinite(p).all() for p in (a.weight, b.weight))
+    assert all(torch.isfinite(p).all() for p in (a.weight, b.weight, c.weight))
 
 
 @pytest.mark.parametrize("budget", [0, asgo_mod.ROOT_PAD_BUDGET])

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from lightning_soaa.functional.linalg import (
-    EIGH_MIN_K,
     FLOOR_MIN_ITERS,
     NEWTON_SCHULZ_COEFFS,
     POLAR_EXPRESS_COEFFS,
@@ -175,21 +174,13 @@ def test_auto_root_is_the_polar_express_function_evaluated_per_device_and_dtype(
     assert resolve_root_method("auto", cpu, torch.float64) == "polar_express"  # see its docstring
     assert resolve_root_method("auto", cuda, torch.float32) == "polar_express"
     assert resolve_root_method("newton_schulz", cpu) == "newton_schulz"
-    # below EIGH_MIN_K the LAPACK call's fixed cost is more than the small iteration: the iteration
-    assert resolve_root_method("auto", cpu, torch.float32, EIGH_MIN_K - 1) == "polar_express"
-    assert resolve_root_method("auto", cpu, torch.float32, EIGH_MIN_K) == "polar_express_eigh"
-    assert resolve_root_method("eigh", cpu, torch.float32, 2) == "eigh"  # an explicit choice stays
+    assert resolve_root_method("eigh", cpu, torch.float32) == "eigh"  # an explicit choice stays
     g = torch.Generator().manual_seed(5)
-    for k in (6, EIGH_MIN_K):
+    for k in (1, 6, 48):  # every size: the eigendecomposition route's fixed cost is below the iteration's
         a = torch.randn(k, k + 3, generator=g, dtype=torch.float64)
         v = a @ a.T
         assert torch.equal(inverse_sqrt(v, "auto"), inverse_sqrt(v, "polar_express"))
-        if k >= EIGH_MIN_K:
-            assert torch.equal(inverse_sqrt(v.float(), "auto"), inverse_sqrt(v.float(), "polar_express_eigh"))
-        else:  # the float32 map by the iteration, run in float64 on a CPU (_iteration_input)
-            want = inverse_sqrt(v.float().double(), "polar_express", floor=root_floor(torch.float32),
-                                num_iters=default_root_iters("polar_express", torch.float32)).float()
-            assert torch.equal(inverse_sqrt(v.float(), "auto"), want)
+        assert torch.equal(inverse_sqrt(v.float(), "auto"), inverse_sqrt(v.float(), "polar_express_eigh"))
 
 
 def test_auto_float32_root_of_a_rank_deficient_gram_is_as_accurate_as_float32_storage():
@@ -208,7 +199,7 @@ def test_auto_float32_root_of_a_rank_deficient_gram_is_as_accurate_as_float32_st
             ref = m.double() @ inverse_sqrt(v.double(), "polar_express_eigh", floor=root_floor(torch.float32),
                                             num_iters=default_root_iters("polar_express", torch.float32))
             padded = pending_inverse_sqrt(pad_batch([v], k + 5), "auto", sizes=[k])
-            for p in (inverse_sqrt(v, "auto"), padded.resolve(padded.bounded.tolist())[0, :k, :k]):
+            for p in (inverse_sqrt(v, "auto"), padded.resolve([True])[0, :k, :k]):
                 assert p.dtype == torch.float32
                 err = float(((m @ p).double() - ref).norm() / ref.norm())
                 assert err < 2e-3, (k, err)
@@ -364,6 +355,28 @@ def test_padded_batches_are_for_the_iterations_only():
     v = pad_batch([torch.eye(2), torch.eye(3)], 3)
     with pytest.raises(ValueError, match=r"sizes=\(2, 3\) for method='eigh'.*iterations"):
         pending_inverse_sqrt(v, "eigh", sizes=[2, 3])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_padded_eigh_route_gives_each_matrix_its_own_root(dtype):
+    """The eigendecomposition route on a zero-padded batch (one LAPACK call for a small model's Grams of
+    several sizes): each corner is its own matrix's root, to rounding, rank-deficient ones (whose null space
+    meets the padding's zeros) and a softmax head's too, with eps on its own diagonal; outside the corner the
+    root is block-diagonal exactly. (Refused before: sizes were for the iterations only.)"""
+    g = torch.Generator().manual_seed(3)
+    mats = []
+    for k, r in ((3, 3), (10, 2), (20, 20), (17, 1)):
+        a = torch.randn(k, r, generator=g, dtype=torch.float64)
+        mats.append((a @ a.T).to(dtype))
+    mats.append(_head_gram(6).to(dtype))
+    ks = [m.shape[0] for m in mats]
+    pending = pending_inverse_sqrt(pad_batch(mats, 24), "polar_express_eigh", eps=1e-3, sizes=ks)
+    assert pending.bounded is None
+    for i, (m, k) in enumerate(zip(mats, ks)):
+        alone = inverse_sqrt(m, "polar_express_eigh", eps=1e-3)
+        torch.testing.assert_close(pending.roots[i, :k, :k], alone, rtol=1e-5 if dtype == torch.float32 else 1e-9,
+                                   atol=1e-5 * float(alone.abs().max()))
+        assert not pending.roots[i, :k, k:].any() and not pending.roots[i, k:, :k].any()
 
 
 @pytest.mark.parametrize("k", [1, 2, 7])
