@@ -71,6 +71,10 @@ __all__ = [
     "RECORD_SLOTS",
     "ERROR_SLOT",
     "INSTANCE_SLOT",
+    "OOM_FLAG",
+    "error_flag",
+    "all_out_of_memory",
+    "peers_out_of_memory",
     "record_size",
     "meeting_table",
     "meeting_rows",
@@ -120,6 +124,33 @@ RECORD_SLOTS = 9
 #: slots, so that it meets another optimizer's step record in a call of equal size and both read each
 #: other's ids
 ERROR_SLOT, INSTANCE_SLOT = 0, 7
+
+#: the error slot's value of a rank whose error is an out of memory (any other error: 1). Each rank writes only
+#: its own row, so the summed table keeps it.
+OOM_FLAG = 2.0
+
+
+def error_flag(error: BaseException | None) -> float:
+    """The error slot's value for this rank's ``error``: 0 (none), 1, or :data:`OOM_FLAG`."""
+    if error is None:
+        return 0.0
+    return OOM_FLAG if isinstance(error, torch.OutOfMemoryError) else 1.0
+
+
+def all_out_of_memory(flags: Sequence[float]) -> bool:
+    """Whether every failed rank's flag (``flags``: the failed ranks' error slots) says out of memory."""
+    return bool(flags) and all(f >= OOM_FLAG for f in flags)
+
+
+def peers_out_of_memory(what: str, ranks: Sequence[int]) -> torch.OutOfMemoryError:
+    """What a rank raises when its peers ``ranks`` ran out of memory in an agreed part of the step: an out of
+    memory too, so that a caller catching ``torch.OutOfMemoryError`` on every rank (to free memory or shrink
+    the batch, and step again) takes the same branch on every rank. A rank raising another type was left out
+    of the retry: its peers met its next collective (or its exit) from the retried step."""
+    return torch.OutOfMemoryError(
+        f"{what}: rank(s) {list(ranks)} ran out of memory (see that rank's traceback); the step was abandoned on "
+        "every rank and nothing changed. Raised on this rank as an out of memory too: catch it on every rank "
+        "(free memory or shrink the batch, then step again) to keep the ranks in step.")
 
 
 def record_size(world: int) -> int:
@@ -494,20 +525,21 @@ def instance_id(construction: Tensor, ordinal: int) -> int:
     return _digest(canonical([construction.tolist(), int(ordinal)])) & _MASK48
 
 
-def step_row_values(rank: int, world: int, *, error: bool, hyper: int, grad_sq: float, grad_count: int,
+def step_row_values(rank: int, world: int, *, error: float, hyper: int, grad_sq: float, grad_count: int,
                     steps: int = 0, replica_check: bool = False, params_digest: int = 0,
                     instance: int = 0) -> list[float]:
-    """:func:`step_rows` as a list of floats (what the step packs into its vector)."""
+    """:func:`step_rows` as a list of floats (what the step packs into its vector). ``error``: a bool, or
+    :func:`error_flag`'s value."""
     out = [0.0] * (world * STEP_ROW)
     # A non-finite Σ‖g‖² is reported through the non-finite flag; zero keeps the row comparable.
-    out[rank * STEP_ROW:(rank + 1) * STEP_ROW] = [1.0 if error else 0.0, float(hyper),
+    out[rank * STEP_ROW:(rank + 1) * STEP_ROW] = [float(error), float(hyper),
                                                   grad_sq if math.isfinite(grad_sq) else 0.0, float(grad_count),
                                                   float(steps), 1.0 if replica_check else 0.0,
                                                   float(params_digest), float(instance)]
     return out
 
 
-def step_rows(rank: int, world: int, *, error: bool, hyper: int, grad_sq: float, grad_count: int,
+def step_rows(rank: int, world: int, *, error: float, hyper: int, grad_sq: float, grad_count: int,
               steps: int = 0, replica_check: bool = False, params_digest: int = 0, instance: int = 0) -> Tensor:
     """The ``[world * STEP_ROW]`` fp64 block of the step's all-reduce: this rank's row, zeros elsewhere."""
     return torch.tensor(step_row_values(rank, world, error=error, hyper=hyper, grad_sq=grad_sq,
@@ -534,6 +566,8 @@ class StepVerdict:
     gradless_ranks: list[int] = dataclasses.field(default_factory=list)
     #: ranks in the step of another optimizer than rank 0 (optimizers stepped in different orders)
     instance_ranks: list[int] = dataclasses.field(default_factory=list)
+    #: every error rank's error was an out of memory (:data:`OOM_FLAG`)
+    out_of_memory: bool = False
 
 
 def read_step_rows(rows: Tensor | Sequence[float], world: int, compare_grads: bool,
@@ -561,4 +595,5 @@ def read_step_rows(rows: Tensor | Sequence[float], world: int, compare_grads: bo
     instances = other_instances(m)
     return StepVerdict(errors, hyper, grads, steps if len(set(steps)) > 1 else [], checks, params,
                        replicated=digests and world > 1 and not params, gradless_ranks=gradless,
-                       instance_ranks=instances)
+                       instance_ranks=instances,
+                       out_of_memory=all_out_of_memory([m[r][ERROR_SLOT] for r in errors]))

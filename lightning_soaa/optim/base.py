@@ -148,7 +148,13 @@ from lightning_soaa.optim.param_checks import (
     warn_misspelt_keys,
 )
 from lightning_soaa.optim.sd_hooks import hooked_load, hooked_state_dict, keep_run_state
-from lightning_soaa.optim.step_context import amp_unscale_, caller_autocast, full_precision, outside_inference_mode
+from lightning_soaa.optim.step_context import (
+    amp_after_raise,
+    amp_unscale_,
+    caller_autocast,
+    full_precision,
+    outside_inference_mode,
+)
 
 __all__ = ["ShardedOptimizer", "BlockView", "SkipStep", "StepCounts", "StepRecord", "host_floats", "summed"]
 
@@ -1524,7 +1530,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         # after an error the parameters may be unreadable (meta), and every rank raises anyway
         check = self.__dict__.get("_replicas_unchecked", False) and self._checks_replicas()
         digest = agreement.param_digest(self._params) if check and error is None else 0
-        return agreement.step_row_values(self.comm.rank, self.comm.world_size, error=error is not None,
+        return agreement.step_row_values(self.comm.rank, self.comm.world_size, error=agreement.error_flag(error),
                                          hyper=self._hyper_digest(), grad_sq=grad_sq, grad_count=count,
                                          steps=self.num_steps + self.skipped_steps, replica_check=check,
                                          params_digest=digest, instance=self.__dict__.get("_instance_id", 0))
@@ -1624,6 +1630,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if verdict.error_ranks:
             if error is not None:
                 raise error
+            if verdict.out_of_memory:  # (every failed rank's): the same except branch on every rank
+                raise agreement.peers_out_of_memory(f"{name}.step", verdict.error_ranks)
             raise RuntimeError(
                 f"{name}.step: rank(s) {verdict.error_ranks} raised an error before the step's all-reduce "
                 f"(see that rank's traceback); the step was abandoned on every rank and nothing changed."
@@ -1758,8 +1766,19 @@ class ShardedOptimizer(torch.optim.Optimizer):
         because no parameter has a gradient on any rank.
 
         ``local_error``: an exception this rank raised before the step (e.g. an invalid loss); it is
-        reported through the all-reduce and raised on every rank, so the ranks stay in step.
+        reported through the all-reduce and raised on every rank, so the ranks stay in step. A step that
+        raises hands torch.amp.GradScaler's attributes back and remembers the gradients it unscaled
+        (:func:`~lightning_soaa.optim.step_context.amp_after_raise`): a retry is then the step it would have been.
         """
+        unscaled: list[Tensor] = []  # the gradients this step holds unscaled (the scaler's contract)
+        try:
+            return self._template_step(local_error, unscaled)
+        except BaseException:
+            amp_after_raise(self, unscaled)
+            raise
+
+    def _template_step(self, local_error: BaseException | None, unscaled: list[Tensor]) -> bool:
+        """:meth:`_sharded_step`'s work; ``unscaled`` receives the gradients it unscales (or finds unscaled)."""
         self._join_before_step()
         fsdp = self._fsdp()
         if fsdp is not None:  # before anything is written: unsharded copies an earlier forward left are stale after
@@ -1767,7 +1786,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         local_error = (local_error or self._hyperparameter_error() or self._interrupted_update_error()
                        or (gradient_mismatch(self, self._params, self._names) if self._steps_gradients else None))
         if self._step_supports_amp_scaling:
-            self._amp_found_inf = amp_unscale_(self)  # under torch.amp.GradScaler (optim/step_context.py)
+            self._amp_found_inf = amp_unscale_(self, unscaled)  # under torch.amp.GradScaler (step_context.py)
         if local_error is None and self._planned_step():
             return True
         try:  # meta tensors, sparse gradients, changed parameters: held like any other local error

@@ -1126,18 +1126,22 @@ class EGN(ShardedOptimizer):
             except Exception as e:
                 error = e
         flags = [0.0] * world
-        flags[rank] = 0.0 if error is None else 1.0
+        flags[rank] = agreement.error_flag(error)
         red = self._sum_scalars([*values, *flags])
-        self._raise_failed([r for r in range(world) if red[n + r] > 0], error, where)
+        self._raise_failed(red[n:], error, where)
         return red[:n]
 
-    def _raise_failed(self, failed: list[int], error: Exception | None, where: str) -> None:
-        """Raise on every rank when some rank failed: its own error there, a pointer to it elsewhere."""
+    def _raise_failed(self, flags: list[float], error: Exception | None, where: str) -> None:
+        """Raise on every rank when some rank failed (``flags``: every rank's :func:`agreement.error_flag`): its own
+        error there, a pointer to it elsewhere (an out of memory where every failed rank's was one)."""
+        failed = [r for r, f in enumerate(flags) if f > 0]
         if not failed:
             return
         with self._agreeing():
             if error is not None:
                 raise error
+            if agreement.all_out_of_memory([flags[r] for r in failed]):
+                raise agreement.peers_out_of_memory(f"EGN.step ({where})", failed)
             raise RuntimeError(f"EGN.step: rank(s) {failed} raised an error {where} (see that rank's traceback); "
                                "the step was abandoned on every rank and nothing changed.")
 
@@ -1419,6 +1423,15 @@ class EGN(ShardedOptimizer):
             raise RuntimeError("EGN: the step hooks run only inside EGN.step().")
         return self._pass
 
+    def _hold_out_of_memory(self, exc: Exception) -> None:
+        """An out of memory in a local pass whose failure the batch agreement reports as text (the capture
+        forward, the explicit Jacobians: EGN's most memory-hungry ones) is kept as this rank's own error: raised
+        as itself (it was a ValueError naming it, which a caller's ``except torch.OutOfMemoryError`` that frees
+        memory or shrinks the batch and steps again missed), and as an out of memory on the peers
+        (:meth:`_raise_rank_errors`), so that every rank takes that branch together."""
+        if isinstance(exc, torch.OutOfMemoryError) and self._pass is not None and self._pass.error is None:
+            self._pass.error = exc
+
     # -- 1. the batch: local forward and validation, one all-reduce -------------------------
     def _forward_capture(
         self, xs: tuple[Tensor, ...], targets: Tensor
@@ -1441,6 +1454,7 @@ class EGN(ShardedOptimizer):
                 if changed is not None:
                     return None, None, changed
         except Exception as exc:  # noqa: BLE001 - reported on every rank, never a hang
+            self._hold_out_of_memory(exc)
             return None, None, f"EGN: the model's forward failed: {type(exc).__name__}: {exc}"
         assert cap is not None
         if cap.error is not None:
@@ -1536,6 +1550,7 @@ class EGN(ShardedOptimizer):
             rows, coupled = checked_explicit_rows(
                 self.model, {n: self._trainable[n] for n in self._explicit}, xs, z)
         except Exception as exc:  # noqa: BLE001 - reported on every rank, never a hang
+            self._hold_out_of_memory(exc)
             text = str(exc)
             hooks = ("a torch.utils.checkpoint region or another saved-tensor-hooks context (e.g. "
                      "torch.autograd.graph.save_on_cpu)" if "saved tensor hooks" in text else
@@ -1629,7 +1644,8 @@ class EGN(ShardedOptimizer):
         if isinstance(self.comm, LocalComm):  # nobody to agree with: no table (the same checks, the same f0)
             return self._local_batch(xs, targets, z, cap, err)
         table, row = self._agreement_table(_BATCH_KIND)
-        table[row] = 1.0 if err is not None else 0.0
+        own = self._pass.error if self._pass is not None else None  # (from before the step, or a held out of memory)
+        table[row] = 0.0 if err is None else agreement.error_flag(own) or 1.0  # (an invalid batch: 1)
         table[row + 3] = _fingerprint(self._active)
         positions: list[int] = []
         if err is None:
@@ -1665,6 +1681,8 @@ class EGN(ShardedOptimizer):
         row is the row), without the agreement table, its fingerprints and its reads of other ranks' rows (a
         small MLP's step is its fixed costs)."""
         if err is not None:
+            if self._pass is not None and self._pass.error is not None:  # an out of memory, as itself
+                raise self._pass.error  # (_hold_out_of_memory; an error before the step was raised there)
             raise ValueError(err)
         assert z is not None and cap is not None
         with grad_off():
@@ -1706,6 +1724,8 @@ class EGN(ShardedOptimizer):
             own = self._pass.error if self._pass is not None else None
             if own is not None:  # this rank's own exception, with its traceback
                 raise own
+            if agreement.all_out_of_memory([info[r][agreement.ERROR_SLOT] for r in bad]):
+                raise agreement.peers_out_of_memory("EGN.step", bad)
             raise ValueError(err if err is not None
                              else f"EGN: rank(s) {bad} raised an error before the step's first all-reduce (see "
                                   "that rank's error: an invalid batch, or parameters changed since construction).")
@@ -1725,7 +1745,7 @@ class EGN(ShardedOptimizer):
         world, rank = self.comm.world_size, self.comm.rank
         error = self._pass.error if self._pass is not None else None
         table, row = self._agreement_table(_BUFFER_KIND)
-        table[row] = 1.0 if error is not None else 0.0
+        table[row] = agreement.error_flag(error)
         layout = _buffer_layout(buffers)
         table[row + 1:row + 4] = layout
         red = self._sum_scalars(table)  # collective: all_reduce_scalars
@@ -1831,10 +1851,10 @@ class EGN(ShardedOptimizer):
             buf[:batch.b_r * layout.width] = pack_factor_table(layout, batch.z, batch.y, factors, rows).reshape(-1)
         except Exception as e:
             error = e
-            buf[n] = 1.0  # this rank's flag, after its (zero) rows
+            buf[n] = agreement.error_flag(e)  # this rank's flag, after its (zero) rows
         gathered = self.comm.all_gather_flat(buf).view(len(batch.sizes), n + 1)
         flags = gathered[:, n].tolist()
-        self._raise_failed([r for r, f in enumerate(flags) if f > 0], error, "while packing its Gram factors")
+        self._raise_failed(flags, error, "while packing its Gram factors")
         table = torch.cat([gathered[r, :k * layout.width].view(k, layout.width) for r, k in enumerate(batch.sizes)])
         return layout, split_factor_table(layout, table.to(dt))
 

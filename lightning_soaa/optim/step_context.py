@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import torch
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["amp_unscale_", "full_precision", "caller_autocast", "outside_inference_mode", "autocast_casts"]
+__all__ = ["amp_unscale_", "amp_after_raise", "full_precision", "caller_autocast", "outside_inference_mode",
+           "autocast_casts"]
 
 #: the device types whose autocast state a step reads (torch.is_autocast_enabled accepts each, present or not)
 AUTOCAST_DEVICES: tuple[str, ...] = ("cpu", "cuda", "xpu", "mps")
@@ -153,23 +155,66 @@ def caller_autocast(optimizer: Any) -> Iterator[None]:
         yield
 
 
-def amp_unscale_(optimizer: Any) -> bool:
+def amp_unscale_(optimizer: Any, unscaled: list[torch.Tensor]) -> bool:
     """torch.amp.GradScaler's contract with optimizers that set ``_step_supports_amp_scaling``: the scaler
     calls ``step()`` at every iteration (on every rank: a skipped call under ``grad_reduction="mean"``
     without DDP left one rank's collectives pairing with the next iteration's of another, then hung) and
     hands over ``grad_scale`` (None when the user already called ``unscale_``) and ``found_inf``. The
-    gradients are unscaled here in place, as ``unscale_`` does; returns whether the scaler found an inf
-    or NaN on this rank, which the step counts as a non-finite value (skipped on every rank)."""
+    gradients are unscaled here in place, as ``unscale_`` does, except those a step that raised left unscaled
+    (:func:`amp_after_raise`) and nothing touched since: dividing them again was silently wrong. ``unscaled``
+    receives, as the unscaling goes, every gradient that holds its unscaled value on this step's account.
+    Returns whether the scaler found an inf or NaN on this rank, which the step counts as a non-finite value
+    (skipped on every rank)."""
+    kept = optimizer.__dict__.pop("_amp_kept", None)
     found, scale = optimizer.__dict__.get("found_inf"), optimizer.__dict__.get("grad_scale")
     if scale is not None:
         by_device: dict[torch.device, list[torch.Tensor]] = {}
         for group in optimizer.param_groups:
             for p in group["params"]:
-                if p.grad is not None:
-                    by_device.setdefault(p.grad.device, []).append(p.grad)
+                g = p.grad
+                if g is None:
+                    continue
+                if kept is not None and _unchanged(kept.get(id(g)), g):
+                    unscaled.append(g)
+                else:
+                    by_device.setdefault(g.device, []).append(g)
         for device, grads in by_device.items():
             inv = scale.double().reciprocal().float().reshape(1).to(device)
             seen = torch.zeros(1, dtype=torch.float32, device=device)
             torch._amp_foreach_non_finite_check_and_unscale_(grads, seen, inv)
+            unscaled.extend(grads)
     # found_inf is torch's sum over devices: the int 0 when no parameter had a gradient
     return found is not None and float(found.item() if isinstance(found, torch.Tensor) else found) > 0
+
+
+def amp_after_raise(optimizer: Any, unscaled: list[torch.Tensor]) -> None:
+    """A step that raised (an out of memory, a Ctrl+C, an error raised on every rank), as torch.amp.GradScaler
+    needs it to step again exactly. The scaler deletes ``grad_scale``/``found_inf`` only after a step that
+    returned: left behind, the retry's ``scaler.step`` multiplied its scale into the stale one (the gradients
+    divided by the scale squared), and a later step without the scaler unscaled by it. The gradients
+    ``amp_unscale_`` unscaled in place (``unscaled``) cannot be put back bit for bit (a scale that is not a power
+    of two, subnormal values); they are remembered by identity, version counter and storage instead, so that
+    the next step does not divide them again while they are unchanged, and does divide a new backward's. Weak
+    references: a caller who frees the gradients to retry on a smaller batch frees them. (A gradient of
+    inference mode, which has no version counter, is matched by identity and storage alone.)"""
+    optimizer.__dict__.pop("grad_scale", None)
+    optimizer.__dict__.pop("found_inf", None)
+    if unscaled:
+        optimizer._amp_kept = {id(g): (weakref.ref(g), _version(g), _storage(g)) for g in unscaled}
+
+
+def _version(g: torch.Tensor) -> int:
+    return -1 if g.is_inference() else g._version
+
+
+def _storage(g: torch.Tensor) -> int:
+    """Where ``g``'s values are (0 where there is no plain storage: a sparse or DTensor gradient)."""
+    try:
+        return int(g.data_ptr())
+    except RuntimeError:
+        return 0
+
+
+def _unchanged(mark: tuple[Any, int, int] | None, g: torch.Tensor) -> bool:
+    """Whether ``g`` is the gradient ``mark`` remembered, untouched since (not replaced, not written in place)."""
+    return mark is not None and mark[0]() is g and mark[1] == _version(g) and mark[2] == _storage(g)

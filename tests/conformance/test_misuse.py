@@ -16,6 +16,7 @@ different weights raise together at the step (they trained on silently).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -32,7 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_soaa.optim.base import ShardedOptimizer
 from lightning_soaa.registry import REGISTRY, FirstArg, StepNeeds, get, half_mse
-from tests.conformance._battery import takes_kwarg
+from tests.conformance._battery import assert_identical, takes_kwarg
 from tests.harness.distributed import run_distributed
 from tests.harness.models import batch, tiny_mlp
 
@@ -857,6 +858,198 @@ def test_an_update_that_raises_is_refused_or_steps_again_exactly(name: str) -> N
                 _step(name, opt, model, k, 0)
                 for a, b in zip(_params(model), after[k], strict=True):
                     assert torch.equal(a, b), f"{where}: step {k} differs from the uninterrupted run"
+
+
+#: how the step that raised is taken again: "none": no GradScaler (the optimizer's own step); "scaler": through
+#: torch.amp.GradScaler, which unscales the gradients in place before step() (one process); "contract": the
+#: scaler's contract with the optimizer (``_step_supports_amp_scaling``, what grad_reduction="mean" at W > 1
+#: uses), which hands ``grad_scale``/``found_inf`` to the step, which unscales the gradients itself
+_SCALER_MODES = ("none", "scaler", "contract")
+
+
+@contextlib.contextmanager
+def _scaler_contract(opt: Any, on: bool) -> Any:
+    """``_step_supports_amp_scaling`` forced True on ``opt``'s class while inside (``on``)."""
+    if on:
+        type(opt)._step_supports_amp_scaling = property(lambda self: True)
+    try:
+        yield
+    finally:
+        if on:
+            del type(opt)._step_supports_amp_scaling
+
+
+def _scaled_backward(name: str, opt: Any, model: nn.Module, t: int, scaler: Any, rank: int = 0) -> Any:
+    """:func:`_backward` with the loss scaled by ``scaler`` (when there is one; not averaged over the ranks)."""
+    if scaler is None or get(name).needs is StepNeeds.BATCH:
+        return _backward(name, opt, model, t, rank)
+    x, y = batch(t, rank, n=4, d_in=SIZES[0], d_out=SIZES[-1])
+    opt.zero_grad(set_to_none=True)
+    loss = half_mse(model(x), y)
+    scaler.scale(loss).backward()
+    return loss
+
+
+def _scaled_step_only(name: str, opt: Any, model: nn.Module, t: int, scaler: Any, loss: Any, rank: int = 0) -> None:
+    """:func:`_step_only` through ``scaler.step`` and ``scaler.update`` (when there is a scaler)."""
+    if scaler is None or get(name).needs is StepNeeds.BATCH:
+        return _step_only(name, opt, model, t, rank, loss)
+    scaler.step(opt, **({"loss": loss.detach()} if get(name).needs is StepNeeds.LOSS else {}))
+    scaler.update()
+
+
+def _scaled_run(name: str, mode: str) -> tuple[nn.Module, Any, Any]:
+    model = tiny_mlp(sizes=SIZES)
+    opt = _build(name, model)
+    return model, opt, (None if mode == "none" else torch.amp.GradScaler("cpu", init_scale=2.0**10))
+
+
+def _snapshot(model: nn.Module, opt: Any, scaler: Any) -> dict[str, Any]:
+    return {"params": _params(model), "state": copy.deepcopy(opt.state_dict()),
+            "scaler": scaler.state_dict() if scaler is not None else {}}
+
+
+def _inject_step(opt: Any, mode: _FailAt) -> None:
+    """Run the whole of ``opt.step`` (however called: by the scaler too) under ``mode``: the unscaling, the
+    gradient scans, EGN's capture forward and line search, the update."""
+    inner = opt.step
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with mode:
+            return inner(*args, **kwargs)
+    opt.step = run
+
+
+def _step_calls(name: str, mode: str, t: int) -> list[tuple[str, bool, bool]]:
+    """The ATen calls of ``opt.step`` at step ``t`` (after steps 0..t-1) of an uninterrupted run."""
+    model, opt, scaler = _scaled_run(name, mode)
+    for k in range(t):
+        _scaled_step_only(name, opt, model, k, scaler, _scaled_backward(name, opt, model, k, scaler))
+    counting = _FailAt()
+    loss = _scaled_backward(name, opt, model, t, scaler)
+    _inject_step(opt, counting)
+    _scaled_step_only(name, opt, model, t, scaler, loss)
+    return counting.calls
+
+
+@pytest.mark.parametrize("mode", _SCALER_MODES)
+@pytest.mark.parametrize("name", SPECS)
+def test_a_step_that_raises_is_refused_or_retried_exactly_with_and_without_a_grad_scaler(name: str,
+                                                                                          mode: str) -> None:
+    """An out of memory or a Ctrl+C at any early ATen call of ``step()`` (its first calls and some spread over the
+    rest: the scaler's unscaling, the gradient scans, EGN's capture forward, the update), with and without a
+    torch.amp.GradScaler, is either refused (the update wrote) or leaves everything as before the step: a caller
+    that catches it and calls ``scaler.step`` again on the same gradients ("again"), or runs the backward anew
+    ("anew", the usual retry after an out of memory), trains bit for bit as the uninterrupted run, the scaler's
+    scale included. Under the scaler's contract the step unscaled the gradients in place, then raised: the retry
+    divided them by the scale again, and by the scale squared (the scaler multiplies a ``grad_scale`` the raise
+    left on the optimizer): silently wrong. EGN's capture forward wrapped an out of memory in a ValueError, which
+    a caller's ``except torch.OutOfMemoryError`` missed. (EGN takes no gradients: no GradScaler.)"""
+    if mode != "none" and get(name).needs is StepNeeds.BATCH:
+        pytest.skip("EGN differentiates the model itself: no gradients for a GradScaler")
+    with _scaler_contract(_build(name, tiny_mlp(sizes=SIZES)), mode == "contract"):
+        model, opt, scaler = _scaled_run(name, mode)
+        after = []
+        for t in range(4):
+            _scaled_step_only(name, opt, model, t, scaler, _scaled_backward(name, opt, model, t, scaler))
+            after.append(_snapshot(model, opt, scaler))
+        retried = 0
+        for t in (0, 1):
+            calls = _step_calls(name, mode, t)
+            # the step's own calls: not the profiler's record_function that torch's Optimizer wraps it in
+            own = [i for i, c in enumerate(calls, 1) if not c[0].startswith("profiler.")]
+            for j, at in enumerate(own[i - 1] for i in _injection_points(len(own))):
+                kind = torch.OutOfMemoryError if j % 2 == 0 else KeyboardInterrupt
+                # torch's own scaler, having unscaled in place, does not unscale a new backward's gradients
+                how = "anew" if j % 4 >= 2 and mode != "scaler" else "again"
+                where = f"step {t}, call {at} ({calls[at - 1][0]}), {kind.__name__}, retried {how}"
+                model, opt, scaler = _scaled_run(name, mode)
+                for k in range(t):
+                    _scaled_step_only(name, opt, model, k, scaler, _scaled_backward(name, opt, model, k, scaler))
+                loss = _scaled_backward(name, opt, model, t, scaler)
+                _inject_step(opt, _FailAt(at, kind))
+                with pytest.raises(kind):
+                    _scaled_step_only(name, opt, model, t, scaler, loss)
+                del opt.step
+                if opt.num_steps + opt.skipped_steps > t:  # raised once the step was counted: it is taken
+                    assert_identical(_snapshot(model, opt, None), {**after[t], "scaler": {}}, f"{where}: taken")
+                    continue
+                if "interrupted inside its update" in _error(opt.state_dict):
+                    assert "interrupted inside its update" in _error(lambda: _step(name, opt, model, t, 0)), where
+                    continue
+                retried += 1
+                if how == "anew":
+                    loss = _scaled_backward(name, opt, model, t, scaler)
+                _scaled_step_only(name, opt, model, t, scaler, loss)
+                for k in (t, t + 1, t + 2):  # stepped again: exactly the uninterrupted run
+                    if k > t:
+                        _scaled_step_only(name, opt, model, k, scaler, _scaled_backward(name, opt, model, k, scaler))
+                    got = _snapshot(model, opt, scaler)
+                    for key in ("params", "state", "scaler"):
+                        assert_identical(got[key], after[k][key], f"{where}: step {k}'s {key}")
+        assert retried > 0  # the raises at the first calls (allocations, reads) are retried, not refused
+
+
+def _w_out_of_memory_on_one_rank(rank: int, world: int, name: str) -> dict[str, Any]:
+    """Step 1 runs out of memory on rank 0 alone, in agreed work (EGN: its capture forward; the others: a local
+    error before the step's all-reduce), then every rank that caught an out of memory steps again on a new
+    backward; under torch.amp.GradScaler with grad_reduction="mean" (its contract: the step unscales)."""
+    mean = takes_kwarg(get(name), "grad_reduction")
+    kw = {"grad_reduction": "mean"} if mean else {}
+    runs: dict[str, Any] = {}
+    for run in ("reference", "interrupted"):
+        model = tiny_mlp(sizes=SIZES)
+        opt = _build(name, model, **kw)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10) if mean else None
+        caught = "no error"
+        for t in range(3):
+            if run == "interrupted" and t == 1 and rank == 0:
+                _out_of_memory_once(name, opt)
+            try:
+                _scaled_step_only(name, opt, model, t, scaler, _scaled_backward(name, opt, model, t, scaler, rank),
+                                  rank)
+            except torch.OutOfMemoryError as e:
+                caught = str(e)
+                _scaled_step_only(name, opt, model, t, scaler, _scaled_backward(name, opt, model, t, scaler, rank),
+                                  rank)
+        runs[run] = {"params": _params(model), "caught": caught, "steps": opt.num_steps,
+                     "scale": scaler.get_scale() if scaler is not None else 0.0}
+    return runs
+
+
+def _out_of_memory_once(name: str, opt: Any) -> None:
+    """The next step runs out of memory on this rank, once (see :func:`_w_out_of_memory_on_one_rank`)."""
+    if get(name).needs is StepNeeds.BATCH:  # at the first ATen call of the capture forward
+        capture = opt._forward_capture
+
+        def once(*args: Any) -> Any:
+            del opt._forward_capture
+            with _FailAt(1):
+                return capture(*args)
+        opt._forward_capture = once
+        return
+
+    def hyper() -> Any:
+        del opt._hyperparameter_error
+        return torch.OutOfMemoryError("injected: out of memory before the step's all-reduce")
+    opt._hyperparameter_error = hyper
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_an_out_of_memory_on_one_rank_is_one_on_every_rank_and_steps_again_exactly(tmp_path: Path,
+                                                                                   name: str) -> None:
+    """An out of memory on one rank in work the ranks agree on is raised on every rank as a
+    torch.OutOfMemoryError (the peers' says which rank ran out): a loop that catches it on every rank, frees
+    memory or shrinks the batch and steps again keeps the ranks in step, and trains as the uninterrupted run.
+    EGN wrapped its capture forward's in a ValueError on that rank, and every optimizer's peers raised a
+    RuntimeError or ValueError: the rank that caught it stepped on alone into the next step's collectives."""
+    out = run_distributed(_w_out_of_memory_on_one_rank, 2, tmp_path, name, timeout=120)
+    for rank, res in enumerate(out):
+        ref, run = res["reference"], res["interrupted"]
+        assert "injected" in run["caught"] if rank == 0 else "rank(s) [0] ran out of memory" in run["caught"], run
+        assert run["steps"] == ref["steps"] == 3 and run["scale"] == ref["scale"], (run, ref)
+        for a, b in zip(run["params"], ref["params"], strict=True):
+            assert torch.equal(a, b), f"rank {rank}: the retried run differs from the uninterrupted one"
 
 
 def _w_interrupted_at_a_call(rank: int, world: int, name: str) -> dict[str, Any]:
