@@ -1908,17 +1908,25 @@ class ShardedOptimizer(torch.optim.Optimizer):
             seen = check_step(self, self._params, self._names, built=self._built)
         if not seen and warn:
             self._warn_no_gradients()
-        if self._sharded_multi_rank():
-            self._check_storage_unmoved()
+        self._check_ties()
         self._check_state_layout()
 
+    def _check_ties(self) -> None:
+        """A tie that came after construction is refused at the next step as construction refuses it, at
+        every W: at W > 1 one owner's all-gather overwrote the other's update; on one process ShardedAdamW
+        (float64 too: its fused path writes back dense copies of a transposed view) and bf16 ASGO/DASGO kept
+        only the last parameter's update where torch applies both, and EGN's Gauss-Newton system takes the
+        two as independent coordinates."""
+        self._check_storage_unmoved()
+
     def _check_storage_unmoved(self) -> None:
-        """At W > 1: no two parameters over one memory, also where that came after construction, which
-        checked it (``dec.weight.data = enc.weight.data.t()``, a tie or an initial copy written as an
-        assignment). Each is stepped by its own owner and the all-gather writes both: the replicas drifted
-        apart silently (DDP or ``grad_reduction="mean"``: 2e-2 between the ranks in 4 steps), or raised
-        that the ranks' gradients differ. The full check runs only when a parameter's address changed
-        since the last step that passed it (one ``data_ptr()`` per parameter a step, W > 1 only)."""
+        """No two parameters over one memory, also where that came after construction, which checked it
+        (``dec.weight.data = enc.weight.data.t()``, a tie or an initial copy written as an assignment). At
+        W > 1 each is stepped by its own owner and the all-gather writes both: the replicas drifted apart
+        silently (DDP or ``grad_reduction="mean"``: 2e-2 between the ranks in 4 steps), or raised that the
+        ranks' gradients differ; on one process an update was lost or (EGN) the Gauss-Newton system was wrong.
+        The full check runs only when a parameter's address changed since the last step that passed it
+        (one ``data_ptr()`` per parameter a step, where :meth:`_check_ties` calls it)."""
         addresses = [p.data_ptr() for p in self._params]
         last = self.__dict__.get("_step_addresses")
         memo: StorageMemo | None = self.__dict__.get("_storage_memo")
@@ -1928,8 +1936,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         try:
             check_disjoint_storage(self, self._params, [repr(n) if n else f"#{i}" for i, n in enumerate(self._names)])
         except ValueError as e:
-            raise ValueError(f"{e} (Found at the step: a parameter's memory changed after the optimizer was built, "
-                             "e.g. p.data = other.data; to copy values use p.data.copy_(other).) Nothing "
+            raise ValueError(f"{e} (Found at the step: a parameter's memory changed after the optimizer was "
+                             "built, e.g. p.data = other.data; to copy values use p.data.copy_(other).) Nothing "
                              "changed.") from None
         self._step_addresses = addresses
 

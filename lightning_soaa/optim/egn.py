@@ -696,9 +696,10 @@ class EGN(ShardedOptimizer):
     #: layer weights; over sharded parameters that needs FSDP's unshard hooks inside EGN's passes.
     supports_dtensor = False
     def _check_step(self, warn: bool) -> None:
-        """Nothing: :meth:`step` checked the parameters already, inside its held-error block (the base's
-        check again would cost a second pass over them, and its rebuild of a table for parameters
-        converted before the first step would make EGN take, at its next step, what it just refused).
+        """Nothing: :meth:`step` checked the parameters (their memory too: :meth:`_check_ties`) already,
+        inside its held-error block (the base's check again would cost a second pass over them, and its
+        rebuild of a table for parameters converted before the first step would make EGN take, at its
+        next step, what it just refused).
         EGN reads no ``.grad``, so there are no gradients to miss either."""
 
     def _hyperparameter_error(self) -> ValueError | None:
@@ -1027,6 +1028,9 @@ class EGN(ShardedOptimizer):
             if hyper is not None:
                 raise hyper
             self._check_places()  # the module still holds EGN's parameters (not replaced since)
+            # no two of them over one memory since (p.data = other.data.t()): its Gauss-Newton system takes
+            # them as independent coordinates, at any W (one data_ptr() per parameter while none moved)
+            self._check_ties()
             # (not kept by a copy or pickle, whose model is a copy of the inner module, not the wrapper's)
             _refuse_wrapper_hooks(self.__dict__.get("_wrapper_hooks", []))
             _refuse_parametrize_cache()

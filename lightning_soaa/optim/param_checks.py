@@ -38,14 +38,22 @@ log = logging.getLogger(__name__)
 def capabilities(optimizer_cls: type) -> tuple[bool, bool]:
     """``(supports_complex, supports_zero_size)`` of an optimizer class, from its registry entry (its own
     class or the nearest registered base class); ``(False, True)`` when it has none."""
+    spec = _registered_spec(optimizer_cls)
+    return (False, True) if spec is None else (spec.supports_complex, spec.supports_zero_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _registered_spec(optimizer_cls: type) -> Any:
+    """The registry entry of ``optimizer_cls`` or of its nearest registered base class, or None (remembered
+    per class)."""
     from lightning_soaa import registry  # the registry imports nothing from here; keep import time low
 
     by_path = {spec.class_path: spec for spec in registry.REGISTRY}
     for cls in optimizer_cls.__mro__:
         spec = by_path.get(f"{cls.__module__}:{cls.__qualname__}")
         if spec is not None:
-            return spec.supports_complex, spec.supports_zero_size
-    return False, True
+            return spec
+    return None
 
 
 def _label(names: Sequence[str] | None, j: int) -> str:

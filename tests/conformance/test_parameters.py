@@ -480,13 +480,23 @@ def test_parameters_tied_over_one_memory_after_construction_are_refused_at_the_s
     each is stepped by its own owner and the all-gather writes both, so with averaged gradients (DDP,
     ``grad_reduction="mean"``) the replicas drifted apart silently (AdamW 2e-2 between the ranks, 8e-2 off
     one process, in 4 steps); with ``"none"`` the next step blamed the ranks' data. Refused at the first
-    step after it, on every rank, naming both, before anything changes."""
-    if spec.first_arg is FirstArg.MODULE:
-        pytest.skip(f"{spec.name} steps from the module's own Gauss-Newton system, the same on every rank: its "
-                    "W = 2 run over such a tie equals one process's (measured), as torch's would")
+    step after it, on every rank, naming both, before anything changes. EGN, whose W = 2 run over such a tie
+    equalled one process's, is refused too: its Gauss-Newton system is wrong over a tie at any W."""
     for err, unchanged, steps in run_distributed(_tied_after_construction_worker, 2, tmp_path, spec.name):
         assert err is not None and "parameters '0.weight' and '2.weight' share memory" in err, err
         assert "p.data.copy_(other)" in err and unchanged and steps == 0
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_a_tie_after_construction_on_one_process_is_refused_as_at_construction(spec: OptimizerSpec) -> None:
+    """Construction refuses two parameters over one memory for every optimizer; on one process a tie made
+    after it (``dec.weight.data = enc.weight.data.t()``) was stepped silently, and wrongly: ShardedAdamW kept
+    only one of the two updates (float64; torch's AdamW applies both), bf16 ASGO/DASGO alike, and EGN's
+    Gauss-Newton system took the two as independent coordinates. Refused at the next step naming both,
+    saying what to do, before anything changes."""
+    err, unchanged, steps = _tied_after_construction_worker(0, 1, spec.name)
+    assert err is not None and "parameters '0.weight' and '2.weight' share memory" in err, err
+    assert "p.data.copy_(other)" in err and unchanged and steps == 0
 
 
 @pytest.mark.parametrize("spec", SPECS)

@@ -127,6 +127,46 @@ def test_a_parameter_or_its_submodule_replaced_is_refused(change: str) -> None:
     _unchanged(opt, model, before)
 
 
+def _tie_data(model: nn.Module) -> None:
+    model[2].weight.data = model[0].weight.data.t()
+
+
+def _tie_set(model: nn.Module) -> None:
+    with torch.no_grad():
+        model[2].weight.set_(model[0].weight.detach().t())
+
+
+def _overlapping_rows(model: nn.Module) -> None:
+    """Two Parameters over overlapping row slices of one new tensor (rows 1-3 are both's)."""
+    rows = torch.randn(5, 4, dtype=DT)
+    model[0].weight.data, model[2].weight.data = rows[:4], rows[1:]
+
+
+MEMORY_TIES = {"data": _tie_data, "set_": _tie_set, "overlapping_rows": _overlapping_rows}
+
+
+@pytest.mark.parametrize("tie", sorted(MEMORY_TIES))
+def test_parameters_over_one_memory_since_construction_are_refused_on_one_process(tie: str) -> None:
+    """Construction refuses two Parameters over one memory (EGN's system takes them as independent
+    coordinates: its Gram and update are wrong over them); one made since (``p.data = other.data.t()``,
+    ``p.set_(...)``, overlapping slices) stepped silently on one process. Refused at every step, naming both,
+    with nothing changed; once given its own memory again the parameter trains on."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2)).to(DT)
+    opt = EGN(model, loss="mse", lr=0.5, damping=0.3, momentum=0.5, line_search=True)
+    opt.step(inputs=_batch(0)[0], targets=_batch(0)[1])
+    MEMORY_TIES[tie](model)
+    before = _snapshot(opt)
+    for _ in range(2):
+        with pytest.raises(ValueError, match=r"parameters '0.weight' and '2.weight' share memory.*"
+                                             r"p\.data\.copy_\(other\).*Nothing changed"):
+            opt.step(inputs=_batch(1)[0], targets=_batch(1)[1])
+        _unchanged(opt, model, before)
+    model[2].weight.data = model[2].weight.data.clone()
+    w0 = flat_params(model)
+    opt.step(inputs=_batch(1)[0], targets=_batch(1)[1])
+    assert opt.num_steps == 2 and not torch.equal(flat_params(model), w0)
+
+
 @pytest.mark.parametrize("bag", [False, True], ids=["Embedding", "EmbeddingBag"])
 @pytest.mark.parametrize("option, shown", [({"sparse": True}, "sparse=True"),
                                            ({"scale_grad_by_freq": True}, "scale_grad_by_freq=True"),
