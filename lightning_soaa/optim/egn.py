@@ -1021,22 +1021,7 @@ class EGN(ShardedOptimizer):
         xs: tuple[Tensor, ...] = ()
         error: Exception | None = None
         try:  # an error on one rank is reported through the first all-reduce and raised on every rank
-            # meta or changed parameters (.grad is unused), before the closure runs the model on them
-            check_step(self, self._params, self._names, gradients=False, built=self.__dict__.get("_built"))
-            # before the passes, which read the groups (a key removed from one was a KeyError on that rank)
-            hyper = self._hyperparameter_error()
-            if hyper is not None:
-                raise hyper
-            self._check_places()  # the module still holds EGN's parameters (not replaced since)
-            # no two of them over one memory since (p.data = other.data.t()): its Gauss-Newton system takes
-            # them as independent coordinates, at any W (one data_ptr() per parameter while none moved)
-            self._check_ties()
-            # (not kept by a copy or pickle, whose model is a copy of the inner module, not the wrapper's)
-            _refuse_wrapper_hooks(self.__dict__.get("_wrapper_hooks", []))
-            _refuse_parametrize_cache()
-            if closure is not None and not callable(closure):  # EGN.step((x, y)): say what it takes
-                raise TypeError(f"EGN.step: its argument is a closure (a callable), got {type(closure).__name__}; "
-                                "pass the batch by keyword: step(inputs=x, targets=y), or set_batch(x, y).")
+            self._check_before_closure(closure)
             outputs = _ModelOutputs(self.model)  # what the model returns in the closure (_check_closure_batch)
             # watched only when the closure's value may be the batch (not under set_batch, Lightning's way)
             watch = outputs if inputs is None and targets is None and pending is None else contextlib.nullcontext()
@@ -1090,6 +1075,25 @@ class EGN(ShardedOptimizer):
         if closure_value is not None:
             return closure_value
         return torch.scalar_tensor(f0, dtype=torch.float64)  # (torch.tensor's parsing of a float: 2x slower)
+
+    def _check_before_closure(self, closure: Any) -> None:
+        """What :meth:`step` checks before the closure runs the model (raised on every rank at W > 1)."""
+        # meta or changed parameters (.grad is unused), before the closure runs the model on them
+        check_step(self, self._params, self._names, gradients=False, built=self.__dict__.get("_built"))
+        # before the passes, which read the groups (a key removed from one was a KeyError on that rank)
+        hyper = self._hyperparameter_error()
+        if hyper is not None:
+            raise hyper
+        self._check_places()  # the module still holds EGN's parameters (not replaced since)
+        # no two of them over one memory since (p.data = other.data.t()): its Gauss-Newton system takes
+        # them as independent coordinates, at any W (one data_ptr() per parameter while none moved)
+        self._check_ties()
+        # (not kept by a copy or pickle, whose model is a copy of the inner module, not the wrapper's)
+        _refuse_wrapper_hooks(self.__dict__.get("_wrapper_hooks", []))
+        _refuse_parametrize_cache()
+        if closure is not None and not callable(closure):  # EGN.step((x, y)): say what it takes
+            raise TypeError(f"EGN.step: its argument is a closure (a callable), got {type(closure).__name__}; "
+                            "pass the batch by keyword: step(inputs=x, targets=y), or set_batch(x, y).")
 
     def _eval_mode(self, modules: list[nn.Module]) -> tuple[list[tuple[nn.Module, bool]], list[nn.Module]]:
         """Put every submodule (``modules``: the model's) in eval mode; returns their modes to restore and the
