@@ -652,13 +652,15 @@ class ShardedOptimizer(torch.optim.Optimizer):
         torch's own ``__getstate__`` (defaults, state, param_groups) never copies either."""
         cls = type(self)
         # also left out, rebuilt on first use: views into this process's parameters, the counters' cache,
-        # the groups validated last, the identities of the state dicts (_check_state_layout)
+        # the groups validated last, the identities of the state dicts (_check_state_layout); and the gradients a
+        # step that raised left unscaled (weak references to this process's tensors: no pickle, and a copy's
+        # gradients are other tensors)
         return {k: v for k, v in self.__dict__.items()
                 if not (k.startswith("_optimizer_") and k.endswith("_hooks")) and k not in self._transient
                 and not (callable(v) and callable(getattr(cls, k, None))) and k != "_opt_called"
                 and k not in ("_view_cache", "_step_counts", "_valid_groups", "_state_ids", "_state_ids_now",
                               "_hyper_digests", "stop_vote", "_world_at_build", "_storage_memo",
-                              "_step_addresses", "_fsdp_groups")}
+                              "_step_addresses", "_fsdp_groups", "_amp_kept")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         had_differentiable = "differentiable" in state["defaults"]
@@ -1775,6 +1777,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
             return self._template_step(local_error, unscaled)
         except BaseException:
             amp_after_raise(self, unscaled)
+            # the traceback holds this frame (and _template_step's) until the caller's except block ends: emptied,
+            # the list no longer keeps the gradients alive there (a caller freeing them to retry on a smaller batch)
+            unscaled.clear()
             raise
 
     def _template_step(self, local_error: BaseException | None, unscaled: list[Tensor]) -> bool:

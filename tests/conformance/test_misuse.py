@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import logging
 import math
+import pickle
 import sys
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -1050,6 +1053,37 @@ def test_an_out_of_memory_on_one_rank_is_one_on_every_rank_and_steps_again_exact
         assert run["steps"] == ref["steps"] == 3 and run["scale"] == ref["scale"], (run, ref)
         for a, b in zip(run["params"], ref["params"], strict=True):
             assert torch.equal(a, b), f"rank {rank}: the retried run differs from the uninterrupted one"
+
+
+@pytest.mark.parametrize("name", GRAD_SPECS)
+def test_a_step_that_raised_under_the_scaler_frees_the_gradients_and_pickles(name: str) -> None:
+    """After a step that unscaled the gradients under torch.amp.GradScaler's contract and then raised (an out of
+    memory, raised on every rank), a caller that frees the gradients in its except block (to retry on a smaller
+    batch) frees them, and the optimizer still pickles (``torch.save(opt)``: an emergency save on the error). The
+    step's list of the gradients it unscaled, held by the traceback's frames, kept every gradient alive inside the
+    except block, and the weak references remembered for the retry made ``pickle.dumps(opt)`` a TypeError."""
+    with _scaler_contract(_build(name, tiny_mlp(sizes=SIZES)), True):
+        model, opt, scaler = _scaled_run(name, "contract")
+        loss = _scaled_backward(name, opt, model, 0, scaler)
+        _out_of_memory_once(name, opt)
+        alive = -1
+        try:
+            _scaled_step_only(name, opt, model, 0, scaler, loss)
+        except torch.OutOfMemoryError:
+            grads = [weakref.ref(p.grad) for p in model.parameters() if p.grad is not None]
+            opt.zero_grad(set_to_none=True)
+            gc.collect()
+            alive = sum(g() is not None for g in grads)
+        assert alive == 0, f"{alive} gradient(s) kept alive by the step that raised"
+        twin = pickle.loads(pickle.dumps(opt))
+        assert twin.state_dict()["param_groups"] == opt.state_dict()["param_groups"]
+        # the retry on a new backward (the gradients were freed) trains as a run without the error
+        _scaled_step_only(name, opt, model, 0, scaler, _scaled_backward(name, opt, model, 0, scaler))
+        ref_model, ref_opt, ref_scaler = _scaled_run(name, "contract")
+        _scaled_step_only(name, ref_opt, ref_model, 0, ref_scaler, _scaled_backward(name, ref_opt, ref_model, 0,
+                                                                                     ref_scaler))
+        for a, b in zip(_params(model), _params(ref_model), strict=True):
+            assert torch.equal(a, b), "the retried step differs from the uninterrupted one"
 
 
 def _w_interrupted_at_a_call(rank: int, world: int, name: str) -> dict[str, Any]:
