@@ -95,34 +95,39 @@ class OwnerExchange:
         return out
 
     # ------------------------------------------------------------------ to the owners
-    def sum_to_owners(self, channels: list[list[Tensor | None]]) -> list[list[Tensor]]:
+    def sum_to_owners(self, channels: list[list[Tensor | None]],
+                      sum_dtype: torch.dtype | None = None) -> list[list[Tensor]]:
         """Sum per-parameter tensors over ranks; per channel, the owned blocks' sums (``table.owned()``
-        order). ``None`` entries count as zeros. One ``reduce_scatter_flat`` per dtype (sharded) or one
-        ``all_reduce_`` per channel (unsharded, W > 1)."""
+        order), in the parameters' dtypes. ``None`` entries count as zeros. One ``reduce_scatter_flat`` per
+        dtype (sharded) or one ``all_reduce_`` per channel (unsharded, W > 1). ``sum_dtype`` (every rank the
+        same): the sum is taken in it, then rounded once, for partial sums that cancel across ranks (EGN's
+        Jᵀv with a small damping: rounding each rank's part first lost what the cancellation leaves)."""
         if self.comm.world_size == 1:
             return [[_block_or_zeros(b, ch[b.param_index], self.params) for b in self.owned] for ch in channels]
         if not self.sharded:
-            return [self._all_reduce_channel(ch) for ch in channels]
+            return [self._all_reduce_channel(ch, sum_dtype) for ch in channels]
         world, rank, nch = self.comm.world_size, self.comm.rank, len(channels)
         mine: dict[int, list[Tensor]] = {}
         for dt, per_rank, n in self._nonempty():
-            buf = torch.zeros(world * nch * n, dtype=dt, device=self._device(per_rank))
+            buf = torch.zeros(world * nch * n, dtype=sum_dtype or dt, device=self._device(per_rank))
             for r in range(world):
                 for ci, ch in enumerate(channels):
                     o = (r * nch + ci) * n
                     self._pack(buf[o:o + n], per_rank[r], [_block_of(b, ch[b.param_index]) for b in per_rank[r]])
-            got = self.comm.reduce_scatter_flat(buf)
+            got = _in(self.comm.reduce_scatter_flat(buf), dt)
             for ci in range(nch):
                 for b, t in zip(per_rank[rank], self._unpack(got[ci * n:(ci + 1) * n], per_rank[rank])):
                     mine.setdefault(b.block_id, [t] * nch)[ci] = t
         return [[mine[b.block_id][ci] for b in self.owned] for ci in range(nch)]
 
-    def _all_reduce_channel(self, ch: list[Tensor | None]) -> list[Tensor]:
-        full = [torch.zeros_like(p) if t is None else t for p, t in zip(self.params, ch)]
-        flat = torch.cat([t.reshape(-1) for t in full])
+    def _all_reduce_channel(self, ch: list[Tensor | None], sum_dtype: torch.dtype | None) -> list[Tensor]:
+        full = [torch.zeros_like(p, dtype=sum_dtype) if t is None else t for p, t in zip(self.params, ch)]
+        # the dtype every rank sums in: sum_dtype, else the handed tensors' promoted dtype (the parameters')
+        flat = _in(torch.cat([t.reshape(-1) for t in full]), sum_dtype)
         self.comm.all_reduce_(flat)
-        # Mixed dtypes are summed in their promoted dtype and handed back in each tensor's own dtype.
-        parts = [x.view_as(t).to(t.dtype) for x, t in zip(torch.split(flat, [t.numel() for t in full]), full)]
+        # handed back in each parameter's own dtype (mixed dtypes are summed in their promoted one)
+        parts = [_in(x.view_as(t), p.dtype) for x, t, p in zip(torch.split(flat, [t.numel() for t in full]), full,
+                                                                 self.params)]
         return [b.view(parts[b.param_index]) for b in self.owned]
 
     def reduce_scatter_grads(self, read: bool = True) -> None:
@@ -225,5 +230,11 @@ def _block_of(b: BlockInfo, t: Tensor | None) -> Tensor | None:
     return None if t is None else b.view(t)
 
 
+def _in(t: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """``t`` in ``dtype`` (None: as it is), without an ATen call where it already is."""
+    return t if dtype is None or t.dtype == dtype else t.to(dtype)
+
+
 def _block_or_zeros(b: BlockInfo, t: Tensor | None, params: list[Tensor]) -> Tensor:
-    return b.view(torch.zeros_like(params[b.param_index]) if t is None else t)
+    p = params[b.param_index]
+    return b.view(torch.zeros_like(p) if t is None else _in(t, p.dtype))

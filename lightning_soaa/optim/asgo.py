@@ -1364,8 +1364,9 @@ class ASGO(_OneSided):
             for i in auto:
                 st = views[i].state
                 last = st[GRAM_AT_ROOT]
-                change = torch.linalg.matrix_norm(st[GRAM] - last).to(torch.float64)
-                rows.append(torch.stack([change, torch.linalg.matrix_norm(last).to(torch.float64)]))
+                # accumulated in float64: a float32 Gram's squares overflow from entries ~1e19 (gradients ~1e10:
+                # inf > tol * inf never re-rooted) and underflow below ~1e-19 (0 > 0), until root_max_every
+                rows.append(norms_f64([st[GRAM] - last, last]))
             for i, (change, ref) in zip(auto, torch.stack(rows).tolist()):
                 st, group = views[i].state, views[i].group
                 # the step counters live on the host (as torch's optimizers keep them): no device copy

@@ -620,7 +620,8 @@ class EGN(ShardedOptimizer):
        single process skips this gather (there is nothing to exchange) and uses its factors directly.
     3. ``reduce_scatter_flat`` (``exchange.sum_to_owners``): d = Jᵀv as the sum over ranks of each rank's
        J_rᵀv_r, read from its own captured factors with its slice of v (no backward pass; and g = −Jᵀr/b
-       when momentum is on), delivered to the parameter owners.
+       when momentum is on), delivered to the parameter owners. A float32 or bf16 model's J_rᵀv_r is formed
+       and summed in the float64 solve's dtype, then rounded (the parts cancel across ranks at a small λ).
     4. ``all_reduce_scalars`` (the template's): non-finite flag and the owners' partial gᵀd.
     5. ``all_gather_flat`` (``exchange.gather_from_owners``, in ``_decide``) of the owners' final
        direction. Every rank then applies w ← w + αd to all
@@ -1217,7 +1218,8 @@ class EGN(ShardedOptimizer):
             channels = self._solved_vjps(ps, batch, layout, pieces)
             if isinstance(channels, str):
                 return channels
-            ps.at_owners = self.exchange.sum_to_owners(channels)  # collective: reduce_scatter
+            # a wide Jᵀv is summed over ranks in its dtype and rounded after (_vjps)
+            ps.at_owners = self.exchange.sum_to_owners(channels, self._wide_dtype(batch))  # collective: reduce_scatter
         return None
 
     def _solved_vjps(self, ps: _Pass, batch: _Batch, layout: GramLayout,
@@ -1231,7 +1233,7 @@ class EGN(ShardedOptimizer):
             curv = ps.curvature = self._solve(batch, layout, pieces)
             if not curv.sol.ok:
                 return f"the bc system could not be solved after {curv.sol.fallbacks} damping retries"
-            return self._vjps(batch, curv)
+            return self._vjps(batch, curv, pieces)
         except Exception as e:
             if isinstance(self.comm, LocalComm):
                 raise
@@ -1999,37 +2001,77 @@ class EGN(ShardedOptimizer):
         return egn_math.solve_damped(assemble_gram(layout, sp, lower_only=True), *args, max_retries=retries)
 
     # -- 4. d = Jᵀv (and g = −Jᵀr/b with momentum): this rank's samples, from its factors ------
-    def _vjps(self, batch: _Batch, curv: _Curvature) -> list[list[Tensor | None]]:
+    def _vjps(self, batch: _Batch, curv: _Curvature, pieces: GramFactors) -> list[list[Tensor | None]]:
+        """d = Jᵀv in the solve's dtype where it is wider than the model's (:meth:`_wide_dtype`: the default
+        float64 solve of a float32 or bf16 model), from the solve's own factors (``pieces``: no conversion),
+        rounded to the parameters' dtypes by the exchange after the sum over ranks. Why: with a small λ, v
+        carries the part of r outside the range of K divided by bλ (b > the parameters per output: a
+        rank-deficient batch), which Jᵀ annihilates, over the whole batch; in float32 the rounding of that
+        cancellation was multiplied by 1/(bλ): linear least squares b = 64 > d = 9, λ = 1e-5: the parameters
+        4e-3 off the float64 run after 8 steps, λ = 1e-8: 400% (float32 storage alone: 2e-8; now 2e-8, also at
+        W = 2, where rounding each rank's part before the sum left 5.6e-4 and 66%). g = −Jᵀr/b (momentum) has
+        no 1/(bλ): its rounding is a float32 gradient's, as backprop's, so it is formed in the model's dtype."""
         lo, hi = batch.start * batch.c, (batch.start + batch.b_r) * batch.c
         whole = lo == 0 and hi == curv.sol.v.numel()  # one process: its rows are all of them (no slice op)
-        v_local = (curv.sol.v if whole else curv.sol.v[lo:hi]).view(batch.b_r, batch.c).to(batch.z.dtype)
+        wide = self._wide_dtype(batch)
+        dt = batch.z.dtype if wide is None else wide
+        factors, rows = (None, None) if wide is None else self._wide_factors(batch, pieces, wide, whole)
+        v_local = _as((curv.sol.v if whole else curv.sol.v[lo:hi]).view(batch.b_r, batch.c), dt)
         with grad_off():
-            channels: list[list[Tensor | None]] = [self._vjp(batch, v_local)]
+            channels: list[list[Tensor | None]] = [self._vjp(batch, v_local, factors, rows)]
             if float(self.param_groups[0]["momentum"]) > 0:
                 r_local = (curv.r if whole else curv.r[lo:hi]).view(batch.b_r, batch.c).to(batch.z.dtype)
                 channels.append(self._vjp(batch, -r_local / batch.b))
         return channels
 
-    def _vjp(self, batch: _Batch, cot: Tensor) -> list[Tensor | None]:
-        """Jᵀu for this rank's samples (u = ``cot`` [b_r, c]) from the captured factors, without a backward
-        pass: per Linear, Σ_{i,t} m_it ⊗ [a_it; 1] with m_it = Σ_k u_ik δ_ikt (one batched GEMM over the
-        samples, then one GEMM over b·T); per Embedding, m_it summed into the table's rows idx_it (a [V, d]
-        tensor, the weight's shape); and J_restᵀu from the explicit rows for the other parameters."""
+    def _wide_dtype(self, batch: _Batch) -> torch.dtype | None:
+        """The solve's dtype where it is wider than the model's outputs' (Jᵀv is formed and summed in it), else
+        None; the same on every rank (a Python comparison: torch.promote_types is an ATen call)."""
+        solve = self._solve_dtype()
+        return solve if torch.finfo(solve).bits > torch.finfo(batch.z.dtype).bits else None
+
+    @staticmethod
+    def _wide_factors(batch: _Batch, pieces: GramFactors, dt: torch.dtype,
+                      whole: bool) -> tuple[list[tuple[Tensor, Tensor]], Tensor | None]:
+        """This rank's factors in ``dt``: its samples' rows of the gathered ones (already in the solve dtype, the
+        same values as its own factors), shaped as :meth:`_local_factors` keeps them."""
+        lo, hi = batch.start, batch.start + batch.b_r
+        factors = [(_as(a if whole else a[lo:hi], dt), _as(d if whole else d[lo:hi], dt)) for a, d in pieces.linear]
+        rows = pieces.rows
+        if rows is not None:
+            rows = _as(rows if whole else rows[lo * batch.c:hi * batch.c], dt)
+        return factors, rows
+
+    def _vjp(self, batch: _Batch, cot: Tensor, factors: list[tuple[Tensor, Tensor]] | None = None,
+             rows: Tensor | None = None) -> list[Tensor | None]:
+        """Jᵀu for this rank's samples (u = ``cot`` [b_r, c]) from the captured factors (``factors``, ``rows``:
+        ``batch``'s in ``cot``'s dtype, the blocks then left in it; None: ``batch``'s own, the blocks in the
+        parameters' dtypes), without a backward pass: per Linear,
+        Σ_{i,t} m_it ⊗ [a_it; 1] with m_it = Σ_k u_ik δ_ikt (one batched GEMM over the samples, then one GEMM
+        over b·T); per Embedding, m_it summed into the table's rows idx_it (a [V, d] tensor, the weight's shape);
+        and J_restᵀu from the explicit rows for the other parameters."""
         b, c = cot.shape
-        grads = self._factor_vjp(batch.local_factors, batch.cap.identity_site, cot)
-        if batch.local_rows is not None:
-            flat = cot.reshape(1, b * c) @ batch.local_rows.reshape(b * c, batch.local_rows.shape[-1])
+        keep = factors is not None  # wide blocks: the exchange rounds them after the sum over ranks
+        if factors is None:
+            factors, rows = batch.local_factors, batch.local_rows
+        grads = self._factor_vjp(factors, batch.cap.identity_site, cot, keep)
+        if rows is not None:
+            flat = cot.reshape(1, b * c) @ rows.reshape(b * c, rows.shape[-1])
             off = 0
             for name in self._explicit:
                 p = self._trainable[name]
-                # a copy, not a view of ``flat``: the exchange writes into the blocks it is handed
-                grads[id(p)] = flat[0, off:off + p.numel()].reshape(p.shape).to(p.dtype, copy=True)
+                # a copy, not a view of ``flat``: the exchange writes into the blocks it is handed (a wide
+                # block is copied by the exchange's rounding or packing)
+                piece = flat[0, off:off + p.numel()].reshape(p.shape)
+                grads[id(p)] = piece if keep else piece.to(p.dtype, copy=True)
                 off += p.numel()
         # a frozen parameter has no column in J: None, a zero block at its owner (it does not move)
         return [grads.get(id(p)) for p in self._params]
 
-    def _factor_vjp(self, factors: list[tuple[Tensor, Tensor]], identity: int, cot: Tensor) -> dict[int, Tensor]:
-        """:meth:`_vjp`'s part from the Gram factors: {id(parameter): its block of Jᵀu} per factored one."""
+    def _factor_vjp(self, factors: list[tuple[Tensor, Tensor]], identity: int, cot: Tensor,
+                    keep: bool = False) -> dict[int, Tensor]:
+        """:meth:`_vjp`'s part from the Gram factors: {id(parameter): its block of Jᵀu} per factored one, in
+        the parameter's dtype (``keep``: in ``cot``'s)."""
         b, c = cot.shape
         grads: dict[int, Tensor] = {}
         for i, ((weight, bias), (a, delta)) in enumerate(zip(self._site_params, factors)):
@@ -2041,11 +2083,11 @@ class EGN(ShardedOptimizer):
             if weight is not None and self._sites[i].vocab:  # an embedding: m_it summed into the rows idx_it
                 # summed in m's dtype (a bf16 table would round at every repeat), in a fixed order
                 table = add_rows(m.new_zeros(weight.shape), a.reshape(-1).long(), m)
-                grads[id(weight)] = _as(table, weight.dtype)
+                grads[id(weight)] = _as(table, None if keep else weight.dtype)
             elif weight is not None:
-                grads[id(weight)] = _as(m.T @ a.reshape(b * t, d_in), weight.dtype)
+                grads[id(weight)] = _as(m.T @ a.reshape(b * t, d_in), None if keep else weight.dtype)
             if bias is not None:
-                grads[id(bias)] = _as(m.sum(dim=0), bias.dtype)
+                grads[id(bias)] = _as(m.sum(dim=0), None if keep else bias.dtype)
         return grads
 
     # -- 6. step size and damping: identical on every rank ----------------------------------

@@ -35,8 +35,9 @@ class _CountReads(CountOps):  # type: ignore[misc]
 
 @pytest.mark.parametrize("line_search", [False, True])
 def test_a_single_process_step_of_a_small_mlp_stays_within_its_operator_budget(line_search: bool) -> None:
-    """One step after warm-up, with one line-search trial: at most 170 ATen calls and 8 host reads (before this
-    budget: 174 and 9)."""
+    """One step after warm-up, with one line-search trial: at most 175 ATen calls and 8 host reads (before this
+    budget: 174 and 9; 170 until d = Jᵀv of a float32 model was formed in the float64 solve's dtype: each of
+    its 6 blocks is rounded to float32 once, where v alone was before)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(20, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 2))
     x, y = torch.randn(32, 20), torch.randint(0, 2, (32,))
@@ -46,5 +47,5 @@ def test_a_single_process_step_of_a_small_mlp_stays_within_its_operator_budget(l
     with _CountReads() as count:
         opt.step(inputs=x, targets=y)
     assert opt.statistics()["ls_tries"] <= 1.0  # (a backtracking trial adds a forward: not this budget's subject)
-    assert count.n <= 170, count.n
+    assert count.n <= 175, count.n
     assert count.reads <= 8, count.reads
