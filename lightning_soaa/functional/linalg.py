@@ -16,7 +16,9 @@ Inverse square roots (used by :class:`lightning_soaa.optim.asgo.ASGO`):
 * ``"newton_schulz"``: the same coupled iteration with the constant Newton-Schulz polynomial
   ``(a, b, c) = (2, -1.5, 0.5)``; converges more slowly from small eigenvalues (18 iterations default).
 * ``"eigh"``: ``float64`` eigendecomposition, the reference. Eigenvalues below ``rcond * max`` are
-  treated as zero (pseudo-inverse root), so a rank-deficient statistic gives the exact polar factor.
+  treated as zero (pseudo-inverse root), so a rank-deficient statistic gives the exact polar factor;
+  ``rcond`` is 1e-12 for a float64 statistic and 4 eps of a narrower one's dtype (:func:`eigh_rcond`: below
+  that its eigenvalues are rounding noise).
 
 The iterations run in ``float32`` or wider (never in bf16/fp16: the statistic is rank-deficient early
 in training and the small eigenvalues would be lost). For a ``float32`` statistic the map has a floor
@@ -56,6 +58,8 @@ __all__ = [
     "inv_sqrt_polar_express",
     "inv_sqrt_newton_schulz",
     "inv_sqrt_eigh",
+    "eigh_rcond",
+    "EIGH_NOISE_ULPS",
     "coupled_scalar_map",
     "inv_sqrt_spectral",
     "inverse_sqrt",
@@ -627,14 +631,36 @@ def inv_sqrt_newton_schulz(v: Tensor, num_iters: int | None = None, eps: float =
     return inv_sqrt_coupled(v, (NEWTON_SCHULZ_COEFFS,), n, eps)
 
 
-def inv_sqrt_eigh(v: Tensor, rcond: float = 1e-12) -> Tensor:
+#: The cut-off of :func:`inv_sqrt_eigh` for a statistic narrower than float64, in units of ``eps`` of its dtype
+#: (relative to the largest eigenvalue). Why: the null space of a float32 ``G G^T`` holds rounding noise, some
+#: of it positive, up to ~0.5 eps of the largest eigenvalue (measured: k = 8..256, rank k/4..0.9k, n = k..16k
+#: columns; it does not grow with k), whose inverse roots are arbitrary; a cut-off of 1e-12 inverted them: the
+#: polar factor of a rank-k/4 float32 G was 3e-4 to 1.1e-3 off (float64 oracle), 1e-7 with this cut. Why 4:
+#: ASGO (eigh, root_every=1, 10 steps, k = 8..256) against its float64 run was the same for every value from
+#: 1 to 8 (rank-deficient median 7e-6 to 1.7e-4, from 4.5e-4 to 2.7e-3 at 0); 16 started to cut real
+#: eigenvalues (k = 256: 1.9e-2), 0.5 let noise through (k = 8: 5.9e-5). ``k * eps`` would cut them at k >= 32.
+EIGH_NOISE_ULPS = 4.0
+
+
+def eigh_rcond(dtype: torch.dtype, rcond: float = 1e-12) -> float:
+    """The cut-off of :func:`inv_sqrt_eigh` for a statistic of ``dtype``: ``rcond`` for float64 (the reference
+    is unchanged), else at least :data:`EIGH_NOISE_ULPS` ``* eps`` of ``dtype``."""
+    if dtype == torch.float64:
+        return rcond
+    return max(rcond, EIGH_NOISE_ULPS * torch.finfo(dtype).eps)
+
+
+def inv_sqrt_eigh(v: Tensor, rcond: float = 1e-12, dtype: torch.dtype | None = None) -> Tensor:
     """Reference V^{-1/2} in float64 by eigendecomposition (pseudo-inverse root); batches allowed.
 
-    Eigenvalues ``<= rcond * max eigenvalue`` (and negative rounding noise) count as zero and map to
-    zero, so for ``V = G G^T`` the product ``V^{-1/2} G`` is the polar factor of ``G`` even when ``G``
-    is rank deficient. Returns :func:`root_compute_dtype` of ``v``.
+    Eigenvalues ``<= eigh_rcond(dtype, rcond) * max eigenvalue`` (and negative rounding noise) count as
+    zero and map to zero, so for ``V = G G^T`` the product ``V^{-1/2} G`` is the polar factor of ``G`` even
+    when ``G`` is rank deficient. ``dtype``: the statistic's own (None: ``v``'s), which bounds what its
+    eigenvalues resolve (:func:`eigh_rcond`): ``rcond`` itself for float64. Returns
+    :func:`root_compute_dtype` of ``v``.
     """
     out_dt = root_compute_dtype(v.dtype)
+    cut = eigh_rcond(v.dtype if dtype is None else dtype, rcond)
     v64 = v.to(torch.float64)
     v64 = 0.5 * (v64 + v64.transpose(-1, -2))  # exact symmetry for eigh
     try:
@@ -642,7 +668,7 @@ def inv_sqrt_eigh(v: Tensor, rcond: float = 1e-12) -> Tensor:
     except RuntimeError:  # LinAlgError (an overflowed or NaN Gram): non-finite, as the module promises
         return torch.full(v.shape, float("nan"), dtype=out_dt, device=v.device)
     top = evals.amax(dim=-1, keepdim=True).clamp_min(0.0)
-    keep = evals > rcond * top
+    keep = evals > cut * top
     inv_root = torch.where(keep, evals.clamp_min(torch.finfo(torch.float64).tiny).rsqrt(),
                            torch.zeros_like(evals))
     root: Tensor = (evecs * inv_root.unsqueeze(-2)) @ evecs.transpose(-1, -2)
@@ -822,7 +848,7 @@ def _direct_root(vd: Tensor, dtype: torch.dtype, method: str, num_iters: int | N
     """The root of the damped ``vd`` by an eigendecomposition method (``dtype``: the statistic's own, which
     chooses the map's iterations and floor)."""
     if method == "eigh":
-        return inv_sqrt_eigh(vd)
+        return inv_sqrt_eigh(vd, dtype=dtype)
     if method == "polar_express_eigh":
         n, floor = _map_of(method, dtype, num_iters, floor)
         return inv_sqrt_spectral(vd, POLAR_EXPRESS_COEFFS, n, eps, floor, sizes)

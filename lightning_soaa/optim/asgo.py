@@ -913,7 +913,8 @@ class ASGO(_OneSided):
             iteration (``"polar_express"``) for float64 blocks and on accelerators; equal in exact
             arithmetic. Or a
             method by name: ``"polar_express"``, ``"polar_express_eigh"``, ``"newton_schulz"``, ``"eigh"``
-            (float64 pseudo-inverse root, no implicit damping). On an ill-conditioned float64 Gram an
+            (float64 pseudo-inverse root, no implicit damping; a float32 Gram's eigenvalues below 4 eps of its
+            largest are rounding noise and count as zero). On an ill-conditioned float64 Gram an
             eigendecomposition passes on rounding-level differences in V (e.g. the summation order across
             world sizes) far more than the iteration: 6e-8 (``"polar_express_eigh"``) and 6.5e-9
             (``"eigh"``) relative between W = 2 and one process, hence the iteration for float64. See
@@ -1478,7 +1479,7 @@ class ASGO(_OneSided):
     @staticmethod
     def _eigh_fallback(gram: Tensor, damping: float, dtype: torch.dtype) -> Tensor | None:
         try:
-            p = inv_sqrt_eigh(damp(gram.to(torch.float64), damping)).to(dtype)
+            p = inv_sqrt_eigh(damp(gram.to(torch.float64), damping), dtype=gram.dtype).to(dtype)
         except (RuntimeError, ValueError):  # torch.linalg.LinAlgError is a RuntimeError
             return None
         return p if bool(torch.isfinite(p).all()) else None

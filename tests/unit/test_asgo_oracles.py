@@ -75,6 +75,23 @@ def test_polar_factor_oracle_rank_deficient_gradient_with_eigh():
     torch.testing.assert_close(u, expected, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("m", [16, 64])
+def test_float32_eigh_rank_deficient_gradient_is_the_float64_polar_factor(m):
+    # A float32 Gram of rank m/4: its null space holds rounding noise that a cut-off of 1e-12 inverted (the
+    # update 3e-4 to 7e-4 off the float64 oracle); below 4 eps of the largest eigenvalue it counts as zero.
+    n, r = 2 * m, m // 4
+    g = (torch.randn(m, r, dtype=f64, generator=_gen(m)) @ torch.randn(r, n, dtype=f64, generator=_gen(m + 1)))
+    g = g.float().double()  # float32-exact, so both runs see the same gradient
+    w = nn.Parameter(torch.zeros(m, n))
+    opt = ASGO([("w", w)], lr=1.0, betas=(0.0, 0.0), weight_decay=0.0, inverse_root="eigh")
+    u = _one_step_update(opt, w, g.float()).double()
+    uu, _, vh = torch.linalg.svd(g, full_matrices=False)
+    pol = uu[:, :r] @ vh[:r]
+    expected = 0.2 * math.sqrt(m * n) * pol / torch.linalg.matrix_norm(pol)
+    err = (torch.linalg.matrix_norm(u - expected) / torch.linalg.matrix_norm(expected)).item()
+    assert err < 1e-5, err
+
+
 @NESTEROV
 @pytest.mark.parametrize("method", ["polar_express", "eigh", "polar_express_eigh"])
 def test_row_vector_is_normalised_momentum(method, nesterov):

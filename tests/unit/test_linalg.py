@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lightning_soaa.functional.linalg import (
+    EIGH_NOISE_ULPS,
     FLOOR_MIN_ITERS,
     NEWTON_SCHULZ_COEFFS,
     POLAR_EXPRESS_COEFFS,
@@ -16,6 +17,7 @@ from lightning_soaa.functional.linalg import (
     coupled_scalar_map,
     damp,
     default_root_iters,
+    eigh_rcond,
     inv_sqrt_coupled,
     inv_sqrt_eigh,
     inv_sqrt_spectral,
@@ -117,6 +119,40 @@ def test_eigh_is_a_pseudo_inverse_root_on_rank_deficient_input():
     assert torch.isfinite(p).all()
     u_, _, vh = torch.linalg.svd(g, full_matrices=False)
     torch.testing.assert_close(g @ p, u_ @ vh, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("k", [16, 64, 256])
+def test_eigh_of_a_float32_gram_cuts_its_rounding_noise(k: int):
+    """A float32 ``G G^T`` of rank ``k/4``: its null space carries rounding noise (up to ~0.5 eps of the largest
+    eigenvalue, some positive) that a cut-off at 1e-12 inverted, 4e-4 to 1.1e-3 off the polar factor of G
+    (float64 oracle); cut at EIGH_NOISE_ULPS eps, 1e-7 (float32's own resolution)."""
+    gen = torch.Generator().manual_seed(k)
+    r = k // 4
+    g32 = (torch.randn(k, r, generator=gen, dtype=torch.float64)
+           @ torch.randn(r, 2 * k, generator=gen, dtype=torch.float64)).float()
+    g = g32.double()
+    u, _, vh = torch.linalg.svd(g, full_matrices=False)
+    polar = u[:, :r] @ vh[:r]
+    for out in (inverse_sqrt(g32 @ g32.T, "eigh"), inv_sqrt_eigh(g32 @ g32.T)):
+        assert out.dtype == torch.float32
+        err = ((out.double() @ g - polar).norm() / polar.norm()).item()
+        assert err < 1e-5, err
+
+
+def test_eigh_cut_off_is_the_statistics_dtype_resolution_and_float64_keeps_rcond():
+    """float64 keeps ``rcond`` (eigenvalues down to 1e-11 of the largest are inverted, as before); a float32
+    statistic promoted to float64 (ASGO's first-root fallback) is cut as float32 through ``dtype``."""
+    k = 8
+    q, _ = torch.linalg.qr(torch.randn(k, k, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    ev = torch.tensor([1.0] * (k - 1) + [1e-11], dtype=torch.float64)
+    v = (q * ev) @ q.T
+    exact = (q * ev.rsqrt()) @ q.T
+    torch.testing.assert_close(inv_sqrt_eigh(v), exact, rtol=1e-4, atol=0.0)
+    assert eigh_rcond(torch.float64) == 1e-12
+    assert eigh_rcond(torch.float32) == EIGH_NOISE_ULPS * torch.finfo(torch.float32).eps
+    assert eigh_rcond(torch.bfloat16) == EIGH_NOISE_ULPS * torch.finfo(torch.bfloat16).eps
+    cut = inv_sqrt_eigh(v, dtype=torch.float32)  # the 1e-11 direction is float32 noise: dropped
+    torch.testing.assert_close(cut, (q[:, :-1] * ev[:-1].rsqrt()) @ q[:, :-1].T, rtol=1e-8, atol=1e-8)
 
 
 def test_non_finite_input_gives_non_finite_output_not_identity():
