@@ -840,6 +840,12 @@ def _single_tensor_soaa_sums(
     return torch.stack([s_m2, s_v + n_eps])
 
 
+def _rounds_coarsely(params: list[Tensor]) -> bool:
+    """Whether any of ``params`` is stored coarser than float32 (bfloat16, float16), where each extra in-place
+    write of θ in a step costs a visible rounding (the joined update is right for any dtype, one list more)."""
+    return any(p.dtype in (torch.bfloat16, torch.float16) for p in params)
+
+
 def _multi_tensor_soaa_step_(
     params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], t: int,
     *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, d: float, c: float,
@@ -852,8 +858,6 @@ def _multi_tensor_soaa_step_(
     torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
-    if weight_decay != 0.0:
-        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
     s = list(torch._foreach_sqrt(exp_avg_sqs))
     sums = []
     if count_limited:  # same_batch only
@@ -863,7 +867,17 @@ def _multi_tensor_soaa_step_(
     torch._foreach_mul_(q, s)
     torch._foreach_add_(q, eps)
     q = list(torch._foreach_div(exp_avgs, q))
-    torch._foreach_add_(params, q, alpha=-lr * step)
+    if weight_decay != 0.0 and _rounds_coarsely(params):
+        # θ + (alr·q - lr·λ·θ) in one rounding of θ, as the fused kernels do: decaying a bfloat16/float16 θ
+        # in place first rounds it twice a step, and lr·λ·θ is below half its ulp (the decay is lost). The
+        # scalars go through mul: add's alpha is rounded to the tensor's dtype (bfloat16: 1 - 1e-3 is 1)
+        upd = torch._foreach_mul(q, -lr * step)
+        torch._foreach_add_(upd, torch._foreach_mul(params, -lr * weight_decay))
+        torch._foreach_add_(params, upd)
+    else:
+        if weight_decay != 0.0:
+            torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+        torch._foreach_add_(params, q, alpha=-lr * step)
     # Σ m̂·u = (d / bc1²) Σ m q ;  Σ v̂·u² = (d / bc1)² / bc2 · Σ (s q)²
     torch._foreach_mul_(s, q)
     torch._foreach_mul_(q, exp_avgs)  # m q = m² / (r + ε) >= 0
@@ -894,9 +908,13 @@ def _single_tensor_soaa_step_(
         torch.clamp_min(si, knee, out=qi)
         torch.addcmul(eps_t, qi, si, value=k1, out=qi)
         torch.div(mt, qi, out=qi)
-        if weight_decay != 0.0:
-            pt.mul_(1.0 - lr * weight_decay)
-        pt.add_(qi, alpha=-lr * step)
+        if weight_decay != 0.0 and _rounds_coarsely([pt]):
+            # θ rounded once a step, as in the multi-tensor step (qi is read again below)
+            pt.add_(qi.mul(-lr * step).add_(pt.mul(-lr * weight_decay)))
+        else:
+            if weight_decay != 0.0:
+                pt.mul_(1.0 - lr * weight_decay)
+            pt.add_(qi, alpha=-lr * step)
         si.mul_(qi)  # s q
         acc_vu.sum_sq(si)
         torch.mul(mt, qi, out=si)  # m q = m² / (r + ε) >= 0 (cheaper than a batched dot here)
