@@ -18,7 +18,7 @@ from torch import nn
 
 from lightning_soaa import ASGO, DASGO, SOAA, ShardedAdamW
 from lightning_soaa.optim import base
-from tests.harness.models import loss_fn, tiny_mlp
+from tests.harness.models import forward_only_step, loss_fn, tiny_mlp
 
 N = 8  # global rows per step (divisible by 1, 2 and 4)
 TALL = (3, 5, 7, 9)  # weights 5x3, 7x5, 9x7: rows >= cols, so ASGO's right side is also the unsharded choice
@@ -293,14 +293,7 @@ def same_batch(rank: int, world_size: int) -> dict[str, Any]:
 def _forward_only_steps(model: nn.Module, opt: Any, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     """A closure that only re-evaluates the loss (no backward): the gradient comes from the backward before."""
     for x, y in batches:
-        opt.zero_grad()
-        loss_fn(model, x, y).backward()
-
-        def closure(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
-            with torch.no_grad():
-                return loss_fn(model, x, y)
-
-        opt.step(closure)
+        forward_only_step(model, opt, x, y)
 
 
 def same_batch_layouts(rank: int, world_size: int) -> dict[str, Any]:

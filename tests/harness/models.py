@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -145,3 +148,22 @@ def embedding_batch(kind: str, step: int, b: int, c: int, loss: str,
     y = torch.randint(0, c, (b,), generator=g) if loss == "cross_entropy" else torch.randn(b, c, generator=g,
                                                                                          dtype=torch.float64)
     return xs, y
+
+
+def forward_only_step(model: nn.Module, opt: Any, x: Tensor, y: Tensor, *, closure_autocast: torch.dtype | None = None,
+                      step_region: Any = None) -> None:
+    """One step whose closure only re-evaluates the loss (no backward; the gradient is the backward's before):
+    SOAA's ``same_batch`` re-evaluation as users write it. ``closure_autocast``: the closure opens its own CPU
+    autocast region of that dtype; ``step_region``: a context the step alone runs in (an ``enabled=False``
+    autocast part)."""
+    opt.zero_grad()
+    loss_fn(model, x, y).backward()
+
+    def closure() -> Tensor:
+        region = (torch.autocast("cpu", dtype=closure_autocast) if closure_autocast is not None
+                  else contextlib.nullcontext())
+        with torch.no_grad(), region:
+            return loss_fn(model, x, y)
+
+    with step_region if step_region is not None else contextlib.nullcontext():
+        opt.step(closure)

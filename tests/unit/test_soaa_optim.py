@@ -18,7 +18,7 @@ from lightning_soaa import SOAA, SOAAConfig
 from lightning_soaa.functional.soaa import band
 from lightning_soaa.optim.soaa import MISSING_LOSS_MESSAGE
 from tests.harness.compare import max_abs_diff
-from tests.harness.models import batch, loss_fn, tiny_mlp
+from tests.harness.models import batch, forward_only_step, loss_fn, tiny_mlp
 
 
 def _closure(opt, model, step, scale=1.0):
@@ -275,14 +275,7 @@ def test_same_batch_judges_a_float32_model_under_bf16_autocast_at_bf16_rounding(
         for t in range(12):
             x, y = (v.float() for v in batch(t, 0))
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                opt.zero_grad()
-                loss_fn(model, x, y).backward()
-
-                def closure(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
-                    with torch.no_grad():
-                        return loss_fn(model, x, y)
-
-                opt.step(closure)
+                forward_only_step(model, opt, x, y)
     st = opt.statistics()
     assert st["rejected"] == 0 and st["d"] == 1.0 and not caplog.records, (st, caplog.records)
 
@@ -381,15 +374,8 @@ def test_same_batch_closure_with_its_own_region_sees_a_trial_stepped_with_autoca
         for t in range(6):
             x, y = (v.float() for v in batch(t, 0))
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                opt.zero_grad()
-                loss_fn(model, x, y).backward()
-
-                def closure(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
-                    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-                        return loss_fn(model, x, y)
-
-                with torch.autocast("cpu", enabled=False):
-                    opt.step(closure)
+                forward_only_step(model, opt, x, y, closure_autocast=torch.bfloat16,
+                                  step_region=torch.autocast("cpu", enabled=False))
             assert opt.statistics()["actual_reduction"] != 0.0
     st = opt.statistics()
     assert not caplog.records and st["rejected"] == ref["rejected"] == 0 and st["d"] == ref["d"], (st, ref)
