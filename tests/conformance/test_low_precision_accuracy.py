@@ -1,0 +1,288 @@
+"""Low-precision accuracy, for every optimizer of the registry: a float32 or bfloat16 run is within a few times
+the error of a *perfect* low-precision run of the same algorithm.
+
+Three runs from one start (parameters representable in the low dtype; inputs and targets rounded to it):
+
+* exact: the optimizer on the float64 model;
+* perfect: the same float64 optimizer, with the parameters, their gradients, the loss it is handed and every
+  state tensor that the low run keeps in a lower dtype rounded to that dtype (and back) after every step: the
+  roundings a low-precision run cannot avoid, nothing else. The state is matched by its place in
+  ``opt.state[p]`` (nested per block), so any optimizer's tensors are rounded without knowing their names;
+  optimizer-wide scalars (SOAA's trust multiplier, EGN's damping and step size) are Python floats in every run;
+* low: the optimizer on the model in the low dtype.
+
+Metric: the largest ``‖θ − θ_exact‖ / ‖θ_exact − θ_0‖`` over the steps. The low run passes while its metric is
+at most ``factor`` times the perfect run's plus ``floor`` (:data:`BOUNDS`).
+
+Gradients: an optimizer that steps on gradients gets them from a forward pass with the parameters upcast to
+float64, rounded once to the parameter's dtype (:class:`_Upcast`): its own arithmetic is under test, not the
+model's float32 forward. An optimizer that takes the batch (EGN) differentiates the low-dtype model itself, so
+its forward pass in the model's dtype is part of what it is held to.
+
+Cases (one 8-16-16-4 tanh MLP, 12 samples a step, 6 steps, the registry's ``test_kwargs``):
+
+* ``ordinary``: 12 distinct samples;
+* ``rank_deficient``: two distinct inputs, each six times with different targets: every layer's gradient has
+  rank <= 2, below the layer width (ASGO's Grams have a null space), and EGN's Gram K of the 48 residuals rank
+  <= 8 (the residual outside its range is divided by bλ, and Jᵀ cancels it); at ``damping`` 1e-6 where the
+  optimizer has that option, the regime of those defects (at EGN's test damping 0.5 its old float32 Jᵀv was
+  within 1.35x);
+* ``no_decay`` (bfloat16 only): ``ordinary`` at ``weight_decay`` 0, the other branch of the update.
+
+bfloat16 runs otherwise take ``weight_decay`` 0.1 where the optimizer has it: a step that decays θ in place
+before adding the update rounds a bfloat16 θ twice and loses a decay below half an ulp.
+
+Routes: each optimizer's default on a CPU and the routes users select by an option (:data:`ROUTES`). Runs held
+to a wider factor are in :data:`WIDER` and defects found by this test, not fixed yet, in :data:`NEW_DEFECTS`
+(``xfail(strict=True)``), each with its reason and numbers. Not run, as inherently far from the perfect run:
+
+* ASGO's explicit float32 iterations (``"polar_express"``, ``"newton_schulz"``) on rank-deficient Grams below
+  ``damping`` 1e-2: the README bounds them only by damping (here 495x / 377x the perfect run at 1e-6, 63x /
+  44x at 1e-4, 9.5x / 3.9x at 1e-3, 3.1x / 2.5x at 1e-2): their route runs at 1e-2;
+* EGN at damping 1e-6 on the ``ordinary`` case in bfloat16 (that case keeps the test damping, 0.5): the solve
+  amplifies the model's own bfloat16 forward pass, which the perfect run does not have (the float64 run moves
+  9.4e-3 of its displacement under a relative change of 2^-9 in its inputs): 3.0-5.1x the perfect run over
+  4 draws (float32: 4.3-6.9x);
+* runs to convergence, where EGN keeps its momentum only while gᵀd < 0, a sign any rounding decides.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from lightning_soaa import registry
+from lightning_soaa.registry import OptimizerSpec, StepNeeds
+from tests.harness.models import batch, tiny_mlp
+
+SIZES = (8, 16, 16, 4)
+BATCH = 12
+STEPS = 6
+SMALL_DAMPING = 1e-6
+BF16_DECAY = 0.1
+CASES = ("ordinary", "rank_deficient", "no_decay")
+
+
+@dataclasses.dataclass(frozen=True)
+class Bound:
+    """The low run's metric may be at most ``factor`` x the perfect run's + ``floor``."""
+
+    factor: float
+    floor: float
+
+
+#: float32: the current code is within 1.0-4.3x (outside WIDER and NEW_DEFECTS; 4 draws); the float32 defects
+#: fixed last (ASGO's float32 iteration, EGN's float32 Jᵀv) were 495x and 3e5x here. The floor (~8 float32 ulps
+#: of the displacement) keeps a perfect run that happens to round very little from failing a low run that rounds
+#: a little more. bfloat16: both runs round θ to one grid, which dominates (1e-2..4e-1 of the displacement):
+#: the current code is within 0.89-1.23x; θ rounded twice a step with decay was 1.6-1.8x (SOAA's eager step)
+#: and 4.2-4.5x (ShardedAdamW's foreach path), which a factor of 3 would let through.
+BOUNDS = {torch.float32: Bound(10.0, 1e-6), torch.bfloat16: Bound(1.5, 1e-4)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+    """A way through an optimizer's step that users select: constructor options over the spec's test ones,
+    and ``fused_adamw=False`` for a torch without the fused CPU AdamW kernel (the foreach path CUDA takes)."""
+
+    name: str
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    fused_adamw: bool = True
+
+
+DEFAULT = Route("default")
+#: the routes beyond each optimizer's default, by registry name
+ROUTES: dict[str, tuple[Route, ...]] = {
+    # the default on a CPU is the native C loops; compile=False the eager torch ops
+    "SOAA": (Route("eager_foreach", {"compile": False, "foreach": True}),
+             Route("eager_single", {"compile": False, "foreach": False})),
+    # the test_kwargs' root_every="auto" reuses roots; ASGO's default schedule takes one every step
+    "ASGO": (Route("root_every_1", {"root_every": 1}),
+             Route("eigh", {"inverse_root": "eigh", "root_every": 1}),
+             # the float32 iteration: bounded on rank-deficient Grams by damping (module docstring)
+             Route("polar_express", {"inverse_root": "polar_express", "root_every": 1, "damping": 1e-2})),
+    "AdamW": (Route("foreach", fused_adamw=False),),
+}
+
+#: (optimizer, route, dtype, case): a factor wider than BOUNDS' and why. Each range is over 12 draws of the
+#: model and the data (the seeds of tiny_mlp and batch; this test's draw is the first), this CPU, one thread.
+WIDER: dict[tuple[str, str, str, str], tuple[float, str]] = {
+    ("ASGO", "root_every_1", "float32", "rank_deficient"): (100.0, (
+        "the new defect of the default route (NEW_DEFECTS) at ASGO's default schedule, a root every step: 3.8-41x "
+        "(4.0x this draw; with the perfect run's Gram rounded before its root too, 1.3-4.4x). 100x still catches "
+        "the float32 iteration 'auto' took before d4cf95e: 265-715x; back to BOUNDS when the defect is fixed")),
+    ("ASGO", "eigh", "float32", "rank_deficient"): (100.0, (
+        "documented (README): inverse_root='eigh' on a float32 Gram counts eigenvalues below 4 eps of the "
+        "largest as zero (its rounding), the float64 run keeps them: another function on rank-deficient Grams, "
+        "0.2-28x (1.6x this draw)")),
+}
+
+#: (optimizer, route, dtype, case): defects found by this test, not fixed yet (strict xfail: a fix makes it pass)
+NEW_DEFECTS: dict[tuple[str, str, str, str], str] = {
+    ("ASGO", "default", "float32", "rank_deficient"): (
+        "ASGO takes its float32 roots from the Gram after rounding it to float32 (the perfect run: from the "
+        "float64 sum, rounded for storage after the step); a rank-deficient Gram's small and null eigenvalues "
+        "are then its rounding (~1e-8 of the largest, where the floored map is steep), and the test_kwargs' "
+        "root_every='auto' reuses such a root on the next gradient, whose new directions lie in its null space: "
+        "526x the perfect float32 run's error (5.9e-3 of the displacement; 11-1176x over 12 draws). With the "
+        "perfect run's Gram rounded before its root too, 0.4-7.6x"),
+}
+
+
+def _config_fields(spec: OptimizerSpec) -> set[str]:
+    return {f.name for f in dataclasses.fields(spec.load_config())}
+
+
+def _options(spec: OptimizerSpec, route: Route, dtype: torch.dtype, case: str) -> dict[str, Any]:
+    fields = _config_fields(spec)
+    out = dict(spec.test_kwargs)
+    if case == "rank_deficient" and "damping" in fields:
+        out["damping"] = SMALL_DAMPING
+    if "weight_decay" in fields:
+        if case == "no_decay":
+            out["weight_decay"] = 0.0
+        elif dtype == torch.bfloat16:
+            out["weight_decay"] = BF16_DECAY
+    return {**out, **route.options}
+
+
+def _data(case: str, t: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Step ``t``'s batch in float64, its values rounded to ``dtype``."""
+    x, y = batch(t, 0, n=BATCH, d_in=SIZES[0], d_out=SIZES[-1])
+    if case == "rank_deficient":
+        x = x[:2].repeat(BATCH // 2, 1)
+    return x.to(dtype).double(), y.to(dtype).double()
+
+
+class _Upcast(nn.Module):
+    """The model's forward with its parameters upcast to float64: the gradient reaches a low-dtype parameter
+    rounded once (the exact gradient at the low-dtype parameters, stored in their dtype)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        wide = {n: p.double() for n, p in self.model.named_parameters()}
+        out: Tensor = torch.func.functional_call(self.model, wide, (x.double(),))
+        return out
+
+
+def _state_tensors(opt: Any, model: nn.Module) -> dict[tuple[Any, ...], Tensor]:
+    """Every floating tensor of ``opt.state``, by (parameter position, key, ...): whole-parameter or per block."""
+    out: dict[tuple[Any, ...], Tensor] = {}
+
+    def walk(d: dict[Any, Any], path: tuple[Any, ...]) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, path + (k,))
+            elif isinstance(v, Tensor) and v.is_floating_point():
+                out[path + (k,)] = v
+
+    for i, p in enumerate(model.parameters()):
+        walk(opt.state.get(p, {}), (i,))
+    return out
+
+
+@torch.no_grad()
+def _round_like_low(perfect: tuple[nn.Module, Any], low: tuple[nn.Module, Any], dtype: torch.dtype) -> None:
+    """Round the perfect run's parameters to ``dtype`` and each of its state tensors to the dtype the low run
+    keeps that tensor in."""
+    for p in perfect[0].parameters():
+        p.copy_(p.to(dtype))
+    kept = _state_tensors(low[1], low[0])
+    ours = _state_tensors(perfect[1], perfect[0])
+    assert ours.keys() == kept.keys(), sorted(map(str, ours.keys() ^ kept.keys()))
+    for path, v in ours.items():
+        if kept[path].dtype != v.dtype:
+            v.copy_(v.to(kept[path].dtype))
+
+
+def _step(spec: OptimizerSpec, model: nn.Module, opt: Any, t: int, case: str, dtype: torch.dtype,
+          run: str) -> None:
+    """One step of run ``run`` ("exact", "perfect" or "low") through the registry's driver."""
+    x, y = _data(case, t, dtype)
+    own = next(model.parameters()).dtype
+    forward = model if spec.needs is StepNeeds.BATCH else _Upcast(model)
+    if run == "exact":
+        spec.take_step(opt, forward, x, y)
+        return
+
+    def loss_fn(out: Tensor, target: Tensor) -> Tensor:  # the loss a low-precision loop hands the optimizer
+        return registry.half_mse(out, target).to(dtype).to(out.dtype)
+
+    def round_gradients() -> None:
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.copy_(p.grad.to(dtype))
+
+    spec.take_step(opt, forward, x.to(own), y.to(own), loss_fn,
+                   on_gradients=round_gradients if run == "perfect" else None)
+
+
+def _flat(model: nn.Module) -> Tensor:
+    return torch.cat([p.detach().double().reshape(-1) for p in model.parameters()])
+
+
+def errors(spec: OptimizerSpec, route: Route, dtype: torch.dtype, case: str) -> tuple[float, float]:
+    """(the perfect run's metric, the low run's metric) for one optimizer, route, dtype and case."""
+    start = tiny_mlp(0, dtype, sizes=SIZES)  # parameters representable in the low dtype
+    runs = {"exact": torch.float64, "perfect": torch.float64, "low": dtype}
+    models = {k: copy.deepcopy(start).to(d) for k, d in runs.items()}
+    kw = _options(spec, route, dtype, case)
+    opts = {k: spec.build(m, **kw) for k, m in models.items()}
+    p0 = _flat(models["exact"])
+    worst = {"perfect": 0.0, "low": 0.0}
+    for t in range(STEPS):
+        for k in runs:
+            _step(spec, models[k], opts[k], t, case, dtype, k)
+        _round_like_low((models["perfect"], opts["perfect"]), (models["low"], opts["low"]), dtype)
+        exact = _flat(models["exact"])
+        moved = float((exact - p0).norm())
+        assert moved > 0.0, f"{spec.name}: the float64 run did not move at step {t}"
+        for k in worst:
+            worst[k] = max(worst[k], float((_flat(models[k]) - exact).norm()) / moved)
+    return worst["perfect"], worst["low"]
+
+
+def _cases() -> Iterator[Any]:
+    for spec in registry.REGISTRY:
+        for route in (DEFAULT, *ROUTES.get(spec.name, ())):
+            for dtype in BOUNDS:
+                for case in CASES:
+                    if case == "no_decay" and (dtype != torch.bfloat16 or "weight_decay" not in _config_fields(spec)):
+                        continue  # float32 runs decay at test_kwargs' rate; without the option: "ordinary"
+                    key = (spec.name, route.name, str(dtype).removeprefix("torch."), case)
+                    marks = [pytest.mark.xfail(strict=True, reason=NEW_DEFECTS[key])] if key in NEW_DEFECTS else []
+                    yield pytest.param(spec, route, dtype, case, marks=marks, id="-".join(key))
+
+
+@pytest.mark.parametrize(("spec", "route", "dtype", "case"), list(_cases()))
+def test_low_precision_run_is_within_a_few_times_the_perfect_one(spec: OptimizerSpec, route: Route,
+                                                                 dtype: torch.dtype, case: str,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    if not route.fused_adamw:
+        monkeypatch.setattr(torch, "_fused_adamw_", None)
+    perfect, low = errors(spec, route, dtype, case)
+    bound = BOUNDS[dtype]
+    key = (spec.name, route.name, str(dtype).removeprefix("torch."), case)
+    if key in WIDER:
+        bound = dataclasses.replace(bound, factor=WIDER[key][0])
+    assert low <= bound.factor * perfect + bound.floor, (
+        f"{spec.name} ({route.name}, {key[2]}, {case}): {low:.3g} off the float64 run, the perfect {key[2]} run "
+        f"{perfect:.3g} ({low / perfect:.1f}x; allowed {bound.factor}x + {bound.floor:g})")
+
+
+def test_the_tables_name_registered_optimizers_and_routes() -> None:
+    """A renamed optimizer or route would leave its wider bound or its xfail silently unused."""
+    routes = {(s.name, r.name) for s in registry.REGISTRY for r in (DEFAULT, *ROUTES.get(s.name, ()))}
+    assert set(ROUTES) <= set(registry.names())
+    for name, route, dtype, case in (*WIDER, *NEW_DEFECTS):
+        assert (name, route) in routes and case in CASES, (name, route, case)
+        assert dtype in {str(d).removeprefix("torch.") for d in BOUNDS}, dtype
