@@ -13,6 +13,7 @@ side (``m >= n``, so square matrices go right, as in the official code); the DAS
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -28,6 +29,7 @@ __all__ = [
     "precondition",
     "rms_numerator",
     "rms_factor",
+    "rms_factors_host",
     "apply_scaled_updates_",
     "ema_",
 ]
@@ -102,7 +104,18 @@ def rms_factor(norm: Tensor, numerator: Tensor | float, out_dtype: torch.dtype |
     return (norm.clamp_min(finfo.tiny).reciprocal() * numerator).clamp_max(cap)
 
 
-def apply_scaled_updates_(params: list[Tensor], updates: list[Tensor], factors: list[Tensor], lr: float,
+def rms_factors_host(norms: Sequence[float], numerators: Sequence[float], out_dtype: torch.dtype) -> list[float]:
+    """:func:`rms_factor` of float64 norms read to the host, as floats, bit for bit: the same IEEE double
+    operations (``max`` with the smallest normal number, ``1 / x``, the product, ``min`` with the cap; Python's
+    ``max(nan, x)`` and ``min(nan, x)`` keep the NaN as the clamps do). Why: on a CPU a host read waits for
+    nothing, and the five operator calls of the tensor form cost more than it (a float32 or float64 update is
+    scaled alike by a 0-d float64 tensor and by its float)."""
+    tiny = torch.finfo(torch.float64).tiny
+    cap = min(torch.finfo(torch.float64).max, torch.finfo(out_dtype).max)
+    return [min((1.0 / max(n, tiny)) * numer, cap) for n, numer in zip(norms, numerators)]
+
+
+def apply_scaled_updates_(params: list[Tensor], updates: list[Tensor], factors: list[Tensor] | list[float], lr: float,
                           weight_decay: float) -> None:
     """``W <- W (1 - lr wd) - lr (f U)`` for each block, as multi-tensor ops. ``updates`` (each the matrix
     form of its parameter's shape, or that shape) are scaled in place: they are the step's own fresh

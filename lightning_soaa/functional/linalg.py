@@ -1,6 +1,7 @@
 """Dense linear algebra for the curvature optimizers: matrix inverse square roots (ASGO).
 
-Pure math: imports torch only. Every function takes one symmetric positive semi-definite ``k x k``
+Pure math: imports torch (and numpy where installed, for host-side arithmetic of the eigendecomposition route
+that gives the tensor operations' bits). Every function takes one symmetric positive semi-definite ``k x k``
 matrix and returns a new tensor; nothing is modified in place.
 
 Inverse square roots (used by :class:`lightning_soaa.optim.asgo.ASGO`):
@@ -40,6 +41,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+try:  # optional (torch does not require it): the eigendecomposition route's scalar map on the host, vectorised
+    import numpy as _np
+except ImportError:  # pragma: no cover - then Python floats or tensor operations, the same bits
+    _np = None  # type: ignore[assignment]
+
 __all__ = [
     "ROOT_METHODS",
     "ROOT_CHOICES",
@@ -64,6 +70,7 @@ __all__ = [
     "inv_sqrt_spectral",
     "inverse_sqrt",
     "PendingRoots",
+    "HostMap",
     "pending_inverse_sqrt",
     "pad_batch",
 ]
@@ -487,14 +494,60 @@ def _host_scalar_map(xs: list[float], coeffs: Sequence[tuple[float, float, float
     return out
 
 
+def _numpy_scalar_map(x: Any, coeffs: Sequence[tuple[float, float, float]], num_iters: int, floor: float) -> Any:
+    """:func:`_scalar_map` of a float64 numpy array (already clamped): the same operations in the same order, each
+    an IEEE double operation of numpy's (correctly rounded, never fused), so bit for bit the tensor evaluation
+    (tests/unit/test_asgo_step_cost.py). Why: a numpy call costs ~1-2 us where a CPU tensor operation costs ~5-7
+    (one thread), and this map is ~60 of them whatever the count of eigenvalues."""
+    with _np.errstate(all="ignore"):  # inf and NaN propagate as in torch, without numpy's warnings
+        return _numpy_recursion(x, coeffs, num_iters, floor)
+
+
+def _numpy_recursion(x: Any, coeffs: Sequence[tuple[float, float, float]], num_iters: int, floor: float) -> Any:
+    y = x + floor
+    if num_iters == 0:
+        z = _np.ones_like(y)
+    else:
+        a, b, c = coeffs[0]
+        q = y * c  # t = z y = y
+        q += b
+        q *= y
+        q += a
+        yz = _np.stack((y * q, q))
+        y, z = yz[0], yz[1]  # views: yz *= q updates both
+        t, q = _np.empty_like(y), _np.empty_like(y)
+        for i in range(1, num_iters):
+            a, b, c = coeffs[min(i, len(coeffs) - 1)]
+            _np.multiply(z, y, out=t)
+            _np.multiply(t, c, out=q)
+            q += b
+            q *= t
+            q += a
+            yz *= q
+    if floor > 0.0:
+        for _ in range(FLOOR_POLISH_STEPS):
+            u = z * 0.5  # z (1.5 - 0.5 z^2 x), left to right
+            u *= z
+            u *= x
+            z = z * (1.5 - u)
+    return z
+
+
 #: The most eigenvalues (all matrices of a call together) whose map :func:`inv_sqrt_spectral` evaluates on the
-#: host (:func:`_host_scalar_map`, ~1 us each); above it the tensor evaluation (~65 operator calls, ~90 us on a
-#: CPU, one thread, for any count up to a few hundred) is cheaper. Both give the same bits.
+#: host in Python floats (:func:`_host_scalar_map`, ~1 us each) where numpy is not installed; above it the tensor
+#: evaluation (~65 operator calls, ~90 us on a CPU, one thread, for any count up to a few hundred) is cheaper.
+#: All give the same bits.
 _HOST_MAP_MAX = 64
 
+#: With numpy, the fewest eigenvalues whose map is evaluated by it on a CPU (:func:`_numpy_scalar_map`, ~60 numpy
+#: calls, 160-240 us for 10-400 values on a loaded CPU, against 360-440 us for the tensor evaluation and ~4 us a
+#: value for Python floats, in a step (cold caches)); fewer take Python floats.
+_NUMPY_MAP_MIN = 40
 
-def _spectral_scales(v3: Tensor, eps: float, sizes: Sequence[int] | None = None) -> list[float]:
-    """``1.01 ||V + eps I||_F`` of each float64 matrix of ``[n, k, k]`` as host floats, from ``||V||_F^2 + 2 eps
+
+def _spectral_scales(v3: Tensor, eps: float, sizes: Sequence[int] | None = None) -> tuple[list[float], list[float]]:
+    """``1.01 ||V + eps I||_F`` of each float64 matrix of ``[n, k, k]`` as host floats, and its largest entry's
+    magnitude (0 for a zero matrix, NaN for one with a NaN), from ``||V||_F^2 + 2 eps
     tr(V) + k eps^2`` (without forming ``V + eps I``), computed on ``V / 2^e`` with ``2^e`` near its largest entry.
 
     Why the power of two: the squares of a float64 Gram with entries above ~1e154 (gradients ~1e77) are
@@ -506,50 +559,114 @@ def _spectral_scales(v3: Tensor, eps: float, sizes: Sequence[int] | None = None)
     The reductions are tensor operations; the scalar tail (and the exponent) in Python floats, the same IEEE
     operations in the same order as the tensor formula did (``eps / 2^e`` as ``(1 / 2^e) eps``, as a tensor's
     ``__rtruediv__`` computes it; the square root by :func:`_tensor_sqrt`): ~13 operator calls and three host reads
-    instead of ~21 calls."""
+    instead of ~21 calls. On a CPU with numpy the largest entries and the division by powers of two (both exact,
+    so the same bits) are numpy's: three operator calls and a host read fewer."""
     n, k = v3.shape[0], v3.shape[-1]
     if k == 0 or n == 0:  # no entry to scale by (and the norm of nothing is 0)
-        return [0.0] * n
-    tops = torch.linalg.vector_norm(v3, float("inf"), dim=(-2, -1)).tolist()
+        return [0.0] * n, [0.0] * n
+    host = _host_array(v3)
+    # the largest magnitude and the division by a power of two are exact: numpy's give torch's bits
+    tops = (_np.abs(host).max(axis=(1, 2)).tolist() if host is not None
+            else torch.linalg.vector_norm(v3, float("inf"), dim=(-2, -1)).tolist())
     # frexp: 0 and non-finite give exponent 0 (scale 1); 2^1024 is beyond float64 (inf, as torch.ldexp gives)
     scales = [math.ldexp(1.0, e) if e <= 1023 else math.inf for e in (math.frexp(t)[1] for t in tops)]
-    u = v3 / torch.tensor([[[t]] for t in scales], dtype=v3.dtype, device=v3.device)
+    u = (torch.from_numpy(host / _np.array(scales)[:, None, None]) if host is not None
+         else v3 / torch.tensor([[[t]] for t in scales], dtype=v3.dtype, device=v3.device))
     sums = torch.stack((torch.linalg.matrix_norm(u), torch.diagonal(u, dim1=-2, dim2=-1).sum(-1)), dim=1).tolist()
     totals = []
     for scale, (norm, trace), n_i in zip(scales, sums, [k] * n if sizes is None else sizes):
         e = (1.0 / scale) * eps  # a padded matrix's eps is on its own diagonal: its own size
         totals.append(norm * norm + 2.0 * e * trace + n_i * e * e)
-    return [1.01 * (scale * root) for scale, root in zip(scales, _tensor_sqrt(totals, v3.device))]
+    return [1.01 * (scale * root) for scale, root in zip(scales, _tensor_sqrt(totals, v3.device))], tops
 
 
 def _tensor_sqrt(values: list[float], device: torch.device) -> list[float]:
     """``sqrt`` of host floats by the tensor operation (on ``device``), not ``math.sqrt``: torch's float64 sqrt on a
     CPU (MKL's vector sqrt) is not correctly rounded (1 ulp off ``math.sqrt`` for some values), and the roots must
     stay the bits the tensor formula gave."""
-    out: list[float] = torch.tensor(values, dtype=torch.float64, device=device).sqrt().tolist()
+    t = (torch.from_numpy(_np.array(values, dtype=_np.float64)) if _np is not None and device.type == "cpu"
+         else torch.tensor(values, dtype=torch.float64, device=device))  # (torch.tensor parses the list slowly)
+    out: list[float] = t.sqrt().tolist()
     return out
 
 
+def _host_array(t: Tensor) -> Any:
+    """``t`` as a numpy array sharing its memory where numpy can take it (installed, a plain CPU tensor without
+    a graph), else None."""
+    if _np is None or t.device.type != "cpu" or t.requires_grad or type(t) is not Tensor:
+        return None
+    return t.numpy()
+
+
+#: A compiled evaluation of the spectral map (:mod:`lightning_soaa.kernels.asgo_native`, which the optimizer
+#: hands in: compilers stay out of this module): ``(eigenvalues [n, k] float64 on the CPU, contiguous; scales;
+#: their square roots; the (a, b, c) of each iteration, flat; iterations; floor; polishing steps) -> (z [n, 1, k],
+#: each row's largest magnitude)``, the bits of :func:`_mapped_spectrum`'s other evaluations.
+HostMap = Callable[[Tensor, Sequence[float], Sequence[float], tuple[float, ...], int, float, int],
+                   tuple[Tensor, list[float]]]
+
+
 def _mapped_spectrum(evals: Tensor, scales: list[float], coeffs: Sequence[tuple[float, float, float]],
-                     num_iters: int, floor: float) -> Tensor:
-    """``z(lam / s) / sqrt(s)`` of each matrix's eigenvalues ``[n, k]`` (:func:`coupled_scalar_map`); a row whose
-    scale is not finite is NaN. On the host up to :data:`_HOST_MAP_MAX` values, else as tensors: the same bits
-    (the tensor formula's ``lam / s``, clamp, map and ``/ sqrt(s)``, each one correctly rounded operation)."""
+                     num_iters: int, floor: float, limit: float = math.inf,
+                     host_map: HostMap | None = None) -> tuple[Tensor, list[bool] | None]:
+    """``z(lam / s) / sqrt(s)`` of each matrix's eigenvalues ``[n, k]`` (:func:`coupled_scalar_map`), as
+    ``[n, 1, k]``; a row whose scale is not finite is NaN. By ``host_map`` where given (CPU), else numpy (from
+    :data:`_NUMPY_MAP_MIN` values), else in Python floats up to :data:`_HOST_MAP_MAX` values, else as tensors: the
+    same bits (the tensor formula's ``lam / s``, clamp, map and ``/ sqrt(s)``, each one correctly rounded
+    operation).
+
+    Also, per row, whether it is finite and at most ``limit`` (then a root ``Q diag(z) Q^T`` of orthonormal ``Q``
+    is finite, its entries at most ``max z``), where the host evaluation knows it for every row with a finite
+    scale; None otherwise (the tensor evaluation, or a row beyond ``limit``: the caller reads the roots)."""
     finite = [s - s == 0.0 for s in scales]
-    if evals.numel() > _HOST_MAP_MAX or not all(s != 0.0 for s in scales):  # 0 / 0 (V = 0, eps = 0) as torch does
+    host = all(s != 0.0 for s in scales)  # else 0 / 0 (V = 0, eps = 0) as torch does it
+    if host and host_map is not None and evals.is_contiguous() and _host_array(evals) is not None:
+        # a non-finite scale's row: lam / NaN is NaN, as the tensor formula's where() makes it
+        safe = [sc if ok else math.nan for sc, ok in zip(scales, finite)]
+        flat = tuple(c for i in range(num_iters) for c in coeffs[min(i, len(coeffs) - 1)])
+        z, tops = host_map(evals, safe, _tensor_sqrt(safe, evals.device), flat, num_iters, floor,
+                           FLOOR_POLISH_STEPS if floor > 0.0 else 0)
+        return z, finite if all(t <= limit for t, ok in zip(tops, finite) if ok) else None
+    if host and evals.numel() >= _NUMPY_MAP_MIN and _host_array(evals) is not None:
+        return _numpy_mapped_spectrum(evals, scales, finite, coeffs, num_iters, floor, limit)
+    if evals.numel() > _HOST_MAP_MAX or not host:
         st = torch.tensor(scales, dtype=torch.float64, device=evals.device).unsqueeze(-1)
         z = coupled_scalar_map(evals / st, coeffs, num_iters, floor) / st.sqrt()
-        if all(finite):
-            return z
-        return torch.where(torch.tensor(finite, device=z.device).unsqueeze(-1), z, math.nan)
+        if not all(finite):
+            z = torch.where(torch.tensor(finite, device=z.device).unsqueeze(-1), z, math.nan)
+        return z.unsqueeze(-2), None
     rows = []
+    known = True
     for lam, s, ok, root in zip(evals.tolist(), scales, finite, _tensor_sqrt(scales, evals.device)):
         if not ok:
-            rows.append([math.nan] * len(lam))
+            rows.append([[math.nan] * len(lam)])
             continue
         # max(x, 0.0) is clamp_min's value for every x (NaN stays NaN; -0.0 gives the same map as 0.0)
-        rows.append([z / root for z in _host_scalar_map([max(x / s, 0.0) for x in lam], coeffs, num_iters, floor)])
-    return torch.tensor(rows, dtype=torch.float64, device=evals.device) if rows else torch.empty_like(evals)
+        row = [z / root for z in _host_scalar_map([max(x / s, 0.0) for x in lam], coeffs, num_iters, floor)]
+        known = known and max(map(abs, row), default=0.0) <= limit and not any(map(math.isnan, row))
+        rows.append([row])
+    z = torch.tensor(rows, dtype=torch.float64, device=evals.device) if rows else evals.unsqueeze(-2)
+    return z, finite if known else None
+
+
+def _numpy_mapped_spectrum(evals: Tensor, scales: list[float], finite: list[bool],
+                           coeffs: Sequence[tuple[float, float, float]], num_iters: int, floor: float,
+                           limit: float) -> tuple[Tensor, list[bool] | None]:
+    """:func:`_mapped_spectrum` of CPU eigenvalues by numpy (:func:`_numpy_scalar_map`), every scale nonzero: the
+    tensor formula's bits (``lam / s`` and ``max(x, 0)`` are exact or correctly rounded in both; ``sqrt(s)`` by
+    torch's own operation, :func:`_tensor_sqrt`)."""
+    roots = _np.array(_tensor_sqrt(scales, evals.device), dtype=_np.float64)[:, None]
+    with _np.errstate(all="ignore"):  # inf and NaN propagate as in torch, without numpy's warnings
+        x = evals.numpy() / _np.array(scales, dtype=_np.float64)[:, None]
+        _np.maximum(x, 0.0, out=x)  # (NaN stays NaN; -0.0 or 0.0 give the same map)
+        z = _numpy_recursion(x, coeffs, num_iters, floor)
+        z /= roots
+    bad = [i for i, ok in enumerate(finite) if not ok]
+    if bad:
+        z[bad] = _np.nan
+    tops = _np.abs(z).max(axis=1, initial=0.0).tolist()  # NaN where the row has one
+    known = all(t <= limit for t, ok in zip(tops, finite) if ok)
+    return torch.from_numpy(z[:, None, :]), finite if known else None
 
 
 def inv_sqrt_spectral(
@@ -573,8 +690,9 @@ def inv_sqrt_spectral(
     bounded (``z(0) / sqrt(s)`` at most), so a perturbation of ``V`` moves the result about as little as
     it moves the iteration's, unlike a pseudo-inverse, whose cut-off jumps (benchmarks/eval_asgo_roots.py);
     but LAPACK's own rounding is not a smooth function of ``V``, which matters for float64 statistics
-    (see :func:`resolve_root_method`). Its fixed cost is ~20 operator calls besides LAPACK (the scale and a
-    small map on the host: :func:`_spectral_scales`, :func:`_mapped_spectrum`), so it is cheap at any ``k``.
+    (see :func:`resolve_root_method`). Its fixed cost is ~20 operator calls besides LAPACK (the scale and the
+    map on the host: :func:`_spectral_scales`, :func:`_mapped_spectrum`; the map one call where the caller hands
+    in a compiled ``host_map``), so it is cheap at any ``k``.
 
     A matrix that is non-finite, or whose eigendecomposition fails, comes back NaN (callers check);
     its batch-mates get the results they get alone. ``floor=None``: :func:`root_floor` of ``v``'s dtype
@@ -589,12 +707,26 @@ def inv_sqrt_spectral(
     is flat (it varies on the scale of the floor, 2e-7 ``s``, or 2e-9 ``s`` bare): an error of that ratio at
     most. Why pad: one call for a small model's Grams instead of one per size (~100-200 us each in a step).
     """
+    return _spectral_root(v, coeffs, num_iters, eps, floor, sizes)[0]
+
+
+def _spectral_root(
+    v: Tensor, coeffs: Sequence[tuple[float, float, float]], num_iters: int, eps: float = 1e-10,
+    floor: float | None = None, sizes: Sequence[int] | None = None, host_map: HostMap | None = None,
+) -> tuple[Tensor, tuple[list[bool], list[bool]] | None]:
+    """:func:`inv_sqrt_spectral`, and per matrix whether its root is finite and whether it has a nonzero entry,
+    where the host knows both without reading the roots (the scales' reductions and a map evaluated on the host:
+    :func:`_mapped_spectrum`), else None. Why: a caller that checks its roots read them at every step (a
+    float64 sum, ``any`` and a host read of the flags, ~10 operator calls a batch on a small model's step).
+    """
     floor = _floor_of(v, floor, coeffs, num_iters)
     out_dt = root_compute_dtype(v.dtype)
     squeeze = v.dim() == 2
     k = v.shape[-1]
-    v3 = v.to(torch.float64).reshape(math.prod(v.shape[:-2]), k, k)  # explicit sizes: k = 0 is allowed
-    scales = _spectral_scales(v3, eps, sizes)
+    v3 = v.to(torch.float64)
+    if v3.dim() != 3:
+        v3 = v3.reshape(math.prod(v.shape[:-2]), k, k)  # explicit sizes: k = 0 is allowed
+    scales, tops = _spectral_scales(v3, eps, sizes)
     # A non-finite block (its norm is non-finite) must come back non-finite, the caller's contract,
     # not raise inside LAPACK or poison its batch: eigh sees the identity there, the result is NaN.
     finite = [s - s == 0.0 for s in scales]  # s >= 0 or NaN: s - s is 0, or NaN for inf and NaN
@@ -606,16 +738,18 @@ def inv_sqrt_spectral(
         evals, evecs = torch.linalg.eigh(safe)  # reads the lower triangle (V is symmetric up to rounding)
     except RuntimeError:  # torch.linalg.LinAlgError (no convergence): report it as non-finite, like NaN
         if v3.shape[0] == 1:
-            return torch.full(v.shape, float("nan"), dtype=out_dt, device=v.device)
+            return torch.full(v.shape, float("nan"), dtype=out_dt, device=v.device), None
         # eigh raises for the whole batch when one matrix fails. Which matrices share a batch depends on
         # rank ownership, so retry one at a time: each result then depends on its own matrix only (the
         # failing one is NaN, as alone), at every world size.
         each = [inv_sqrt_spectral(v3[i : i + 1], coeffs, num_iters, eps, floor,
                                   None if sizes is None else sizes[i : i + 1]) for i in range(v3.shape[0])]
-        return torch.cat(each).to(out_dt).reshape(v.shape)
-    z = _mapped_spectrum(evals, scales, coeffs, num_iters, floor)  # NaN rows give NaN blocks
-    out: Tensor = torch.bmm(evecs * z.unsqueeze(-2), evecs.transpose(-1, -2)).to(out_dt)  # (what @ calls)
-    return out[0] if squeeze else out.reshape(v.shape)
+        return torch.cat(each).to(out_dt).reshape(v.shape), None
+    # rows below half the largest number of out_dt: the root's entries (at most max z, and rounding) are finite
+    z, bounded = _mapped_spectrum(evals, scales, coeffs, num_iters, floor, torch.finfo(out_dt).max / 2, host_map)
+    out: Tensor = torch.bmm(evecs * z, evecs.transpose(-1, -2)).to(out_dt)  # (what @ calls); NaN rows: NaN blocks
+    flags = None if bounded is None else (bounded, [t != 0.0 for t in tops])  # (a NaN entry: nonzero, as any())
+    return (out[0] if squeeze else out if out.shape == v.shape else out.reshape(v.shape)), flags
 
 
 def inv_sqrt_polar_express(v: Tensor, num_iters: int | None = None, eps: float = 1e-10) -> Tensor:
@@ -757,6 +891,10 @@ class PendingRoots:
     roots: Tensor
     bounded: Tensor | None
     recompute: Callable[[Sequence[bool]], Tensor] | None = None
+    #: per matrix, whether its root is finite and whether its (undamped) statistic has a nonzero entry, where the
+    #: route knew both on the host without reading the roots (the eigendecomposition route, most calls on a CPU:
+    #: :func:`_spectral_root`); None: the caller reads them from the roots and the statistic
+    host_flags: tuple[Sequence[bool], Sequence[bool]] | None = None
 
     def resolve(self, bounded: Sequence[bool]) -> Tensor:
         """The roots, those flagged False recomputed by the eigendecomposition of the same function."""
@@ -796,6 +934,7 @@ def _recompute_unchanged(v: Tensor, version: int, z: Tensor, bounded: Sequence[b
 def pending_inverse_sqrt(
     v: Tensor, method: str = "polar_express", *, num_iters: int | None = None, eps: float = 1e-10,
     damping: float = 0.0, sizes: Sequence[int] | None = None, floor: float | None = None,
+    host_map: HostMap | None = None,
 ) -> PendingRoots:
     """:func:`inverse_sqrt` of a batch ``[n, k, k]`` without its host read: ``resolve(bounded.tolist())``
     gives exactly :func:`inverse_sqrt`'s result. ``v`` must not be modified in place until then (the roots
@@ -805,6 +944,10 @@ def pending_inverse_sqrt(
     sizes[i]`` corner; the corner of each result is that matrix's root. For the iterations and
     ``"polar_express_eigh"`` (:func:`inv_sqrt_spectral`), not for ``"eigh"`` (its cut-off is relative to the
     largest eigenvalue, and a pseudo-inverse jumps where the padding's zeros would mix with a null space's).
+
+    ``host_map``: a compiled evaluation of the eigendecomposition route's scalar map (:data:`HostMap`), the same
+    bits in one call. The result's ``host_flags`` say, where the route knew them on the host, which roots are
+    finite and which statistics nonzero.
     """
     if sizes is not None:
         _check_sizes(sizes, v)
@@ -820,7 +963,9 @@ def pending_inverse_sqrt(
         raise ValueError(f"Invalid sizes={tuple(sizes)!r} for method={method!r}: padded batches are for the "
                          "iterations ('polar_express', 'newton_schulz') and 'polar_express_eigh' only; pass "
                          "sizes=None.")
-    return PendingRoots(_direct_root(vd, v.dtype, method, num_iters, eps, floor, sizes), None)
+    roots, flags = _direct_root(vd, v.dtype, method, num_iters, eps, floor, sizes, host_map)
+    # the flags are vd's: its zero entries are v's without damping (promoting the dtype keeps zeros zero)
+    return PendingRoots(roots, None, host_flags=flags if damping == 0.0 else None)
 
 
 def inverse_sqrt(
@@ -840,16 +985,17 @@ def inverse_sqrt(
         coeffs = POLAR_EXPRESS_COEFFS if method == "polar_express" else (NEWTON_SCHULZ_COEFFS,)
         n, floor = _map_of(method, v.dtype, num_iters, floor)
         return checked_coupled(vd, coeffs, n, eps, floor)
-    return _direct_root(vd, v.dtype, method, num_iters, eps, floor)
+    return _direct_root(vd, v.dtype, method, num_iters, eps, floor)[0]
 
 
 def _direct_root(vd: Tensor, dtype: torch.dtype, method: str, num_iters: int | None, eps: float,
-                 floor: float | None, sizes: Sequence[int] | None = None) -> Tensor:
+                 floor: float | None, sizes: Sequence[int] | None = None, host_map: HostMap | None = None,
+                 ) -> tuple[Tensor, tuple[Sequence[bool], Sequence[bool]] | None]:
     """The root of the damped ``vd`` by an eigendecomposition method (``dtype``: the statistic's own, which
-    chooses the map's iterations and floor)."""
+    chooses the map's iterations and floor), and :attr:`PendingRoots.host_flags` of ``vd`` where known."""
     if method == "eigh":
-        return inv_sqrt_eigh(vd, dtype=dtype)
+        return inv_sqrt_eigh(vd, dtype=dtype), None
     if method == "polar_express_eigh":
         n, floor = _map_of(method, dtype, num_iters, floor)
-        return inv_sqrt_spectral(vd, POLAR_EXPRESS_COEFFS, n, eps, floor, sizes)
+        return _spectral_root(vd, POLAR_EXPRESS_COEFFS, n, eps, floor, sizes, host_map)
     raise ValueError(f"Invalid inverse_root={method!r}. Must be one of {', '.join(map(repr, ROOT_CHOICES))}.")

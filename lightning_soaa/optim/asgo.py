@@ -53,6 +53,7 @@ from lightning_soaa.functional.adamw import adamw_update_
 from lightning_soaa.functional.linalg import (
     DEFAULT_ROOT_ITERS,
     ROOT_METHODS,
+    HostMap,
     PendingRoots,
     damp,
     inv_sqrt_eigh,
@@ -61,6 +62,7 @@ from lightning_soaa.functional.linalg import (
     resolve_root_method,
 )
 from lightning_soaa.functional.reductions import norms_f64, sq_norm_f64
+from lightning_soaa.kernels.asgo_native import spectral_map
 from lightning_soaa.optim import dcp_state
 from lightning_soaa.optim.adamw import adam_guarded, adam_state_schema, init_adam_state
 from lightning_soaa.optim.asgo_groups import asgo_param_groups, check_fused, fused_parts_of, route_hint, split_fused
@@ -157,6 +159,10 @@ def asgo_block_cost(k: int, other: int, root_iters: int, root_every: int,
 #: LAPACK (cold caches), so the 20-64-48-10 MLP's roots took 0.59 ms as one [3, 48, 48] batch, 0.73 as three.
 ROOT_PAD_BUDGET = 48**3
 
+
+#: The most statistic entries of a zero-padded batch of small Grams kept between steps (ASGO._padded_grams): a
+#: padded batch holds small Grams (:data:`ROOT_PAD_BUDGET`), so this bounds a kept one at 4 MiB of float32
+_PAD_KEEP_MAX_NUMEL = 2**20
 
 #: The root methods whose Grams are computed in zero-padded batches (:func:`root_padding`; ``"eigh"``'s
 #: pseudo-inverse cut-off is relative to the largest eigenvalue, so it takes none).
@@ -341,7 +347,8 @@ class _OneSided(ShardedOptimizer):
     #: may only be empty
     _meta_options = ("adamw_indices", "fused_parts")
     #: rebuilt on first use (see _split_layout, _routes, _numerators)
-    _transient = ("_split_layout_cache", "_routes_cache", "_numerators_cache", "_guard", "_guard_limit")
+    _transient = ("_split_layout_cache", "_routes_cache", "_numerators_cache", "_guard", "_guard_limit",
+                  "_padded_cache")
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         config_from_group(self._config_cls, group)
@@ -765,9 +772,9 @@ class _OneSided(ShardedOptimizer):
         into several blocks is normalised with the whole parameter's norm (:meth:`_split_norms`).
         Batched over the blocks (norms, scale factors and the update as multi-tensor ops) with
         :func:`asgo_math.rms_factor`, which also gives the factor of one block."""
-        factors: list[Tensor | None] = [None] * len(items)
+        factors: list[Tensor | float | None] = [None] * len(items)
         if self._dtensor is None and not self._normalise_whole:  # ASGO without FSDP2: each its own norm
-            self._own_factors(items, range(len(items)), factors)
+            self._own_factors(items, range(len(items)), factors, host=True)
             self._apply_scaled_(items, factors)
             return
         multi_rank = self.comm.world_size > 1  # else no block is row-sharded
@@ -791,18 +798,24 @@ class _OneSided(ShardedOptimizer):
         self._apply_scaled_(items, factors)
 
     def _own_factors(self, items: list[tuple[BlockView, Tensor]], plain: Iterable[int],
-                     factors: list[Tensor | None]) -> None:
+                     factors: list[Tensor | float | None], host: bool = False) -> None:
         """``factors[i]`` of the blocks ``plain`` normalised with their own norm: the norms, factors and
-        numerators of blocks sharing dtype and device as one tensor each."""
+        numerators of blocks sharing dtype and device as one tensor each; with ``host`` (every block's factor
+        made here), those of float32 or float64 updates on a CPU as floats."""
         for idx in _by_key(plain, lambda i: (items[i][1].dtype, items[i][1].device)).values():
             us = [items[i][1] for i in idx]
             # accumulated in float64: the squares of a float32 update of entries ~1e-28 underflow, and the
             # factor of a non-zero update with a zero norm was float32's largest number (updates of 1e13);
             # without a float64 copy of a large block (a 1024 x 16384 one: +128 MiB at the step)
             nrm = norms_f64(us)
-            numer = self._numerators([asgo_math.rms_numerator(float(items[i][0].group["rms_scale"]), u.numel())
-                                      for i, u in zip(idx, us)], nrm.dtype, nrm.device)
-            for i, f in zip(idx, asgo_math.rms_factor(nrm, numer, us[0].dtype).unbind(0)):
+            values = [asgo_math.rms_numerator(float(items[i][0].group["rms_scale"]), u.numel())
+                      for i, u in zip(idx, us)]
+            if host and nrm.device.type == "cpu" and us[0].dtype in (torch.float32, torch.float64):
+                # a host read waits for nothing on a CPU: the factors as floats (asgo_math.rms_factors_host)
+                fs: Iterable[Tensor | float] = asgo_math.rms_factors_host(nrm.tolist(), values, us[0].dtype)
+            else:
+                fs = asgo_math.rms_factor(nrm, self._numerators(values, nrm.dtype, nrm.device), us[0].dtype).unbind(0)
+            for i, f in zip(idx, fs):
                 factors[i] = f
 
     def _numerators(self, values: list[float], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -819,7 +832,7 @@ class _OneSided(ShardedOptimizer):
         return t
 
     @staticmethod
-    def _apply_scaled_(items: list[tuple[BlockView, Tensor]], factors: list[Tensor | None]) -> None:
+    def _apply_scaled_(items: list[tuple[BlockView, Tensor]], factors: list[Tensor | float | None]) -> None:
         """:func:`asgo_math.apply_scaled_updates_` per group of blocks sharing ``lr``, ``weight_decay``,
         dtype and device."""
         by = _by_key(range(len(items)), lambda i: (float(items[i][0].group["lr"]),
@@ -827,7 +840,7 @@ class _OneSided(ShardedOptimizer):
                                                    items[i][0].param.dtype, items[i][0].param.device))
         for (lr, wd, _, _), idx in by.items():
             asgo_math.apply_scaled_updates_([items[i][0].param for i in idx], [items[i][1] for i in idx],
-                                            [factors[i] for i in idx], lr, wd)  # type: ignore[misc]
+                                            [factors[i] for i in idx], lr, wd)  # type: ignore[arg-type]
 
     def _state_schema(self, block: BlockInfo, param: Tensor, group: dict[str, Any]) -> dict[str, StateField]:
         if not self.is_matrix_param(param, group, self._names[block.param_index]):
@@ -1319,22 +1332,52 @@ class ASGO(_OneSided):
             due.setdefault(key, []).append(v)
         batches: list[tuple[list[BlockView], Tensor, PendingRoots]] = []
         self._roots_computed += sum(len(vs) for vs in due.values())
-        for (size, _dt, _dev, method, iters, eps, damping, floor), vs in due.items():
+        for (size, dt, dev, method, iters, eps, damping, floor), vs in due.items():
             ks = [v.state[GRAM].shape[0] for v in vs]
             padded = any(k != size for k in ks)
             # one Gram: a view (the routes only read it, within this step), not a copy
-            grams = (pad_batch([v.state[GRAM] for v in vs], size) if padded else vs[0].state[GRAM].unsqueeze(0)
+            grams = (self._padded_grams(vs, size) if padded else vs[0].state[GRAM].unsqueeze(0)
                      if len(vs) == 1 else torch.stack([v.state[GRAM] for v in vs]))
             batches.append((vs, grams, pending_inverse_sqrt(grams, method, num_iters=iters, eps=eps, damping=damping,
-                                                            sizes=ks if padded else None, floor=floor)))
+                                                            sizes=ks if padded else None, floor=floor,
+                                                            host_map=self._host_map(method, dev, dt))))
         uninformed = self._accept_roots(self._checked_roots(batches))
-        self._apply_directions([(v, asgo_math.precondition(v.state[INV_ROOT], _direction(v, g), side))
-                                for v, side, g in prepared])
+        ahead = _small_directions(prepared)
+        self._apply_directions([(v, asgo_math.precondition(v.state[INV_ROOT], _direction(v, g) if d is None else d,
+                                                           side)) for (v, side, g), d in zip(prepared, ahead)])
         for v in uninformed:
             # A root of an all-zero V (no gradient yet: a layer behind a zero-initialised one) carries no
             # direction: the eigh root is 0 there and would freeze the block for root_every steps. It
             # served this step (whose update is 0 anyway); the next step computes a new one.
             del v.state[INV_ROOT]
+
+    @staticmethod
+    def _host_map(method: str, device: torch.device, dtype: torch.dtype) -> HostMap | None:
+        """The compiled spectral map (:mod:`lightning_soaa.kernels.asgo_native`, built at the first root that
+        needs it) for roots by the eigendecomposition route on a CPU, else None."""
+        if device.type != "cpu" or resolve_root_method(method, device, dtype) != "polar_express_eigh":
+            return None
+        return spectral_map()
+
+    def _padded_grams(self, vs: list[BlockView], size: int) -> Tensor:
+        """:func:`pad_batch` of the blocks' Grams, into a zero-padded ``[n, size, size]`` batch kept for these
+        blocks (the corners written by one multi-tensor copy; the padding is never written): made afresh it was
+        ``4 n + 1`` operator calls at every step. Kept while the block table is; the roots only read it, within
+        the step (a pending root's recomputation refuses a batch written before it resolved)."""
+        grams = [v.state[GRAM] for v in vs]
+        if sum(g.numel() for g in grams) > _PAD_KEEP_MAX_NUMEL:
+            return pad_batch(grams, size)
+        cache: tuple[Any, dict[Any, tuple[Tensor, list[Tensor]]]] | None = self.__dict__.get("_padded_cache")
+        if cache is None or cache[0] is not self.block_table:
+            cache = (self.block_table, {})
+            self._padded_cache = cache
+        key = (tuple(v.block.block_id for v in vs), size, grams[0].dtype, grams[0].device)
+        kept = cache[1].get(key)
+        if kept is None or any(c.shape != g.shape for c, g in zip(kept[1], grams)):
+            batch = torch.zeros(len(vs), size, size, dtype=grams[0].dtype, device=grams[0].device)
+            kept = cache[1][key] = (batch, [batch[i, :g.shape[0], :g.shape[0]] for i, g in enumerate(grams)])
+        torch._foreach_copy_(kept[1], grams)
+        return kept[0]
 
     def _roots_due(self, views: list[BlockView], counts: list[float]) -> list[BlockView]:
         """The blocks whose root is recomputed this step (in ``views`` order): no root yet, the fixed
@@ -1409,32 +1452,31 @@ class ASGO(_OneSided):
                        ) -> list[tuple[BlockView, Tensor, bool, bool]]:
         """Per block: its root, whether it is finite and whether its statistic is nonzero, read for every
         batch in one host sync (an iterative root's bound check too: it was one sync per batch, three on
-        a 3-layer MLP). A root that left the bound is recomputed (counted) and its finiteness read again
+        a 3-layer MLP), or none where every route knew its flags on the host (the eigendecomposition route's
+        ``host_flags``). A root that left the bound is recomputed (counted) and its finiteness read again
         (rare on a CPU; most roots of a transformer's rank-deficient Grams in fp32 on an H200)."""
         if not batches:
             return []
-        rows = []
+        reads: list[Tensor] = []  # flags to read, each a bool vector over a batch: at most one host sync
+        plan: list[tuple[Any, Any, int | None]] = []  # per batch: finite, nonzero (host lists or reads' indices)
         for _, grams, pending in batches:
-            finite = _finite_rows(pending.roots)
-            bounded = pending.bounded if pending.bounded is not None else torch.ones_like(finite)
-            rows.append(torch.stack([finite, grams.flatten(1).any(1), bounded.to(finite.device)]))
-        device = rows[0].device
-        flags = torch.cat([r.to(device) for r in rows], dim=1).tolist()
+            known: tuple[Any, Any] | None = pending.host_flags
+            if known is None:
+                reads += [_finite_rows(pending.roots), grams.flatten(1).any(1)]
+                known = (len(reads) - 2, len(reads) - 1)
+            if pending.bounded is not None:
+                reads.append(pending.bounded)
+            plan.append((known[0], known[1], len(reads) - 1 if pending.bounded is not None else None))
+        read = _read_flags(reads)
         out: list[tuple[BlockView, Tensor, bool, bool]] = []
-        at = 0
-        for vs, _, pending in batches:
-            is_finite, nonzero, bounded = (f[at:at + len(vs)] for f in flags)
-            at += len(vs)
+        for (vs, _, pending), (fin, nz, bd) in zip(batches, plan):
+            is_finite, nonzero = (read[f] if isinstance(f, int) else f for f in (fin, nz))
+            bounded = [True] * len(vs) if bd is None else read[bd]
             roots = pending.resolve(bounded)
             if roots is not pending.roots:  # recomputed: read those again
                 self._roots_recomputed += len(bounded) - sum(map(bool, bounded))
                 is_finite = _finite_rows(roots).tolist()
-            # a padded batch's roots are the corners (copied: the state keeps k x k tensors of its own)
-            mats = []
-            for v, r in zip(vs, roots.unbind(0)):
-                k = v.state[GRAM].shape[0]
-                mats.append(r if r.shape[-1] == k else r[:k, :k].clone())
-            out.extend(zip(vs, mats, map(bool, is_finite), map(bool, nonzero)))
+            out.extend(zip(vs, _own_roots(vs, roots), map(bool, is_finite), map(bool, nonzero)))
         return out
 
     def _accept_roots(self, candidates: list[tuple[BlockView, Tensor, bool, bool]]) -> list[BlockView]:
@@ -1531,6 +1573,28 @@ def _direction(v: BlockView, g: Tensor | None) -> Tensor:
     return mom if g is None else asgo_math.nesterov_direction(mom, g, float(v.group["betas"][0]))
 
 
+#: The most elements of the Nesterov directions made ahead together (:func:`_small_directions`): 8 MiB of float64
+_DIRECTIONS_AHEAD_MAX_NUMEL = 1 << 20
+
+
+def _small_directions(prepared: list[tuple[BlockView, str, Tensor | None]]) -> list[Tensor | None]:
+    """The Nesterov directions (:func:`_direction`) of the blocks of ``nesterov`` groups, made ahead by one
+    multi-tensor lerp per ``beta1``, dtype and device where they are small together (a small model: one call
+    instead of one per block, the same kernel); None for the others, each then made as its ``P`` is applied,
+    one temporary at a time."""
+    out: list[Tensor | None] = [None] * len(prepared)
+    nesterov = [i for i, (_, _, g) in enumerate(prepared) if g is not None]
+    by = _by_key(nesterov, lambda i: (float(prepared[i][0].group["betas"][0]), prepared[i][2].dtype,  # type: ignore[union-attr]
+                                      prepared[i][2].device))  # type: ignore[union-attr]
+    for (beta1, _, _), idx in by.items():
+        grads: list[Tensor] = [prepared[i][2] for i in idx]  # type: ignore[misc]
+        if len(idx) > 1 and sum(g.numel() for g in grads) <= _DIRECTIONS_AHEAD_MAX_NUMEL:
+            made = torch._foreach_lerp(grads, [prepared[i][0].state[EXP_AVG] for i in idx], beta1)
+            for i, d in zip(idx, made):
+                out[i] = d
+    return out
+
+
 def _finite_rows(batch: Tensor) -> Tensor:
     """Per matrix of ``batch`` (``[n, ...]``), whether every entry is finite: a bool tensor, no host read.
 
@@ -1544,6 +1608,34 @@ def _finite_rows(batch: Tensor) -> Tensor:
         sums = flat.sum(1, dtype=torch.float64)
         return (sums - sums) == 0
     return torch.isfinite(flat).all(1)
+
+
+def _read_flags(flags: list[Tensor]) -> list[list[bool]]:
+    """Bool vectors (on any devices) as host lists, in one device-to-host copy."""
+    if not flags:
+        return []
+    device = flags[0].device
+    values = torch.cat([f.to(device) for f in flags]).tolist()
+    out, at = [], 0
+    for f in flags:
+        out.append(values[at:at + f.shape[0]])
+        at += f.shape[0]
+    return out
+
+
+def _own_roots(vs: list[BlockView], roots: Tensor) -> list[Tensor]:
+    """Each block's ``k x k`` root from a batch ``[n, K, K]``: a view of its matrix, or for a padded one its
+    corner, copied (the state keeps ``k x k`` tensors of its own), as one strided view (three views before)."""
+    rows = roots.unbind(0)
+    mats = []
+    for v, r in zip(vs, rows):
+        k, size = v.state[GRAM].shape[0], r.shape[-1]
+        if k == size:
+            mats.append(r)
+        else:
+            corner = r.as_strided((k, k), (size, 1)) if r.is_contiguous() else r[:k, :k]
+            mats.append(corner.clone())
+    return mats
 
 
 def _to_floats(ts: list[Tensor]) -> list[float]:
