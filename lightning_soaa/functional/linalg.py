@@ -558,9 +558,9 @@ def _spectral_scales(v3: Tensor, eps: float, sizes: Sequence[int] | None = None)
 
     The reductions are tensor operations; the scalar tail (and the exponent) in Python floats, the same IEEE
     operations in the same order as the tensor formula did (``eps / 2^e`` as ``(1 / 2^e) eps``, as a tensor's
-    ``__rtruediv__`` computes it; the square root by :func:`_tensor_sqrt`): ~13 operator calls and three host reads
-    instead of ~21 calls. On a CPU with numpy the largest entries and the division by powers of two (both exact,
-    so the same bits) are numpy's: three operator calls and a host read fewer."""
+    ``__rtruediv__`` computes it; the square root correctly rounded, :func:`_host_sqrt`): ~8 operator calls and two
+    host reads instead of ~21 calls. On a CPU with numpy the largest entries and the division by powers of two
+    (both exact, so the same bits) are numpy's: three operator calls and a host read fewer."""
     n, k = v3.shape[0], v3.shape[-1]
     if k == 0 or n == 0:  # no entry to scale by (and the norm of nothing is 0)
         return [0.0] * n, [0.0] * n
@@ -577,17 +577,15 @@ def _spectral_scales(v3: Tensor, eps: float, sizes: Sequence[int] | None = None)
     for scale, (norm, trace), n_i in zip(scales, sums, [k] * n if sizes is None else sizes):
         e = (1.0 / scale) * eps  # a padded matrix's eps is on its own diagonal: its own size
         totals.append(norm * norm + 2.0 * e * trace + n_i * e * e)
-    return [1.01 * (scale * root) for scale, root in zip(scales, _tensor_sqrt(totals, v3.device))], tops
+    return [1.01 * (scale * root) for scale, root in zip(scales, _host_sqrt(totals))], tops
 
 
-def _tensor_sqrt(values: list[float], device: torch.device) -> list[float]:
-    """``sqrt`` of host floats by the tensor operation (on ``device``), not ``math.sqrt``: torch's float64 sqrt on a
-    CPU (MKL's vector sqrt) is not correctly rounded (1 ulp off ``math.sqrt`` for some values), and the roots must
-    stay the bits the tensor formula gave."""
-    t = (torch.from_numpy(_np.array(values, dtype=_np.float64)) if _np is not None and device.type == "cpu"
-         else torch.tensor(values, dtype=torch.float64, device=device))  # (torch.tensor parses the list slowly)
-    out: list[float] = t.sqrt().tolist()
-    return out
+def _host_sqrt(values: list[float]) -> list[float]:
+    """Correctly rounded square roots of host floats (``math.sqrt``; NaN below 0 and for NaN, as the tensor
+    operation gives). Not torch's float64 sqrt on a CPU (MKL's vector sqrt): 1 ulp off the correctly rounded
+    root for ~1.5% of values (CUDA's is correctly rounded), and a tensor operation, a copy to the host and back
+    per use (six operator calls and two host reads per root batch, ~15% of a small model's root step)."""
+    return [math.sqrt(x) if x >= 0.0 else math.nan for x in values]
 
 
 def _host_array(t: Tensor) -> Any:
@@ -624,20 +622,21 @@ def _mapped_spectrum(evals: Tensor, scales: list[float], coeffs: Sequence[tuple[
         # a non-finite scale's row: lam / NaN is NaN, as the tensor formula's where() makes it
         safe = [sc if ok else math.nan for sc, ok in zip(scales, finite)]
         flat = tuple(c for i in range(num_iters) for c in coeffs[min(i, len(coeffs) - 1)])
-        z, tops = host_map(evals, safe, _tensor_sqrt(safe, evals.device), flat, num_iters, floor,
+        z, tops = host_map(evals, safe, _host_sqrt(safe), flat, num_iters, floor,
                            FLOOR_POLISH_STEPS if floor > 0.0 else 0)
         return z, finite if all(t <= limit for t, ok in zip(tops, finite) if ok) else None
     if host and evals.numel() >= _NUMPY_MAP_MIN and _host_array(evals) is not None:
         return _numpy_mapped_spectrum(evals, scales, finite, coeffs, num_iters, floor, limit)
     if evals.numel() > _HOST_MAP_MAX or not host:
-        st = torch.tensor(scales, dtype=torch.float64, device=evals.device).unsqueeze(-1)
-        z = coupled_scalar_map(evals / st, coeffs, num_iters, floor) / st.sqrt()
+        st = _host_values(scales, torch.float64, evals.device).unsqueeze(-1)
+        z = coupled_scalar_map(evals / st, coeffs, num_iters, floor) / _host_values(
+            _host_sqrt(scales), torch.float64, evals.device).unsqueeze(-1)
         if not all(finite):
             z = torch.where(torch.tensor(finite, device=z.device).unsqueeze(-1), z, math.nan)
         return z.unsqueeze(-2), None
     rows = []
     known = True
-    for lam, s, ok, root in zip(evals.tolist(), scales, finite, _tensor_sqrt(scales, evals.device)):
+    for lam, s, ok, root in zip(evals.tolist(), scales, finite, _host_sqrt(scales)):
         if not ok:
             rows.append([[math.nan] * len(lam)])
             continue
@@ -653,9 +652,9 @@ def _numpy_mapped_spectrum(evals: Tensor, scales: list[float], finite: list[bool
                            coeffs: Sequence[tuple[float, float, float]], num_iters: int, floor: float,
                            limit: float) -> tuple[Tensor, list[bool] | None]:
     """:func:`_mapped_spectrum` of CPU eigenvalues by numpy (:func:`_numpy_scalar_map`), every scale nonzero: the
-    tensor formula's bits (``lam / s`` and ``max(x, 0)`` are exact or correctly rounded in both; ``sqrt(s)`` by
-    torch's own operation, :func:`_tensor_sqrt`)."""
-    roots = _np.array(_tensor_sqrt(scales, evals.device), dtype=_np.float64)[:, None]
+    tensor formula's bits (``lam / s`` and ``max(x, 0)`` are exact or correctly rounded in both; ``sqrt(s)`` the
+    same host floats, :func:`_host_sqrt`)."""
+    roots = _np.array(_host_sqrt(scales), dtype=_np.float64)[:, None]
     with _np.errstate(all="ignore"):  # inf and NaN propagate as in torch, without numpy's warnings
         x = evals.numpy() / _np.array(scales, dtype=_np.float64)[:, None]
         _np.maximum(x, 0.0, out=x)  # (NaN stays NaN; -0.0 or 0.0 give the same map)

@@ -1324,8 +1324,9 @@ class ASGO(_OneSided):
         # small ones padded to a common size (_root_sizes) share a batch too.
         prepared = self._update_statistics(views)
         due: dict[tuple[Any, ...], list[BlockView]] = {}
-        sizes = self._root_sizes()
-        for v in self._roots_due([v for v, _, _ in prepared], counts):
+        roots_due = self._roots_due([v for v, _, _ in prepared], counts)
+        sizes = self._root_sizes() if roots_due else {}
+        for v in roots_due:
             group, st = v.group, v.state
             size = max(st[GRAM].shape[0], sizes.get(v.block.block_id, 0))
             key = (size, st[GRAM].dtype, st[GRAM].device, *_root_options(group))
