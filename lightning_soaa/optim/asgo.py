@@ -159,6 +159,18 @@ def asgo_block_cost(k: int, other: int, root_iters: int, root_every: int,
 #: LAPACK (cold caches), so the 20-64-48-10 MLP's roots took 0.59 ms as one [3, 48, 48] batch, 0.73 as three.
 ROOT_PAD_BUDGET = 48**3
 
+#: :data:`ROOT_PAD_BUDGET` of the eigendecomposition route (``"polar_express_eigh"``, what ``"auto"`` runs for
+#: float32 Grams on a CPU): one 64 x 64 product. Its LAPACK call grows like a matmul (float64 ``eigh``: 33 / 266
+#: / 418 us at k = 10 / 48 / 64), but each call also costs ~20 operator calls (the scales, the reconstruction:
+#: 400-600 us in a step on a loaded 2-core CPU, one thread), more than the iteration's few per matmul: the digits
+#: MLP's k = 10 Gram padded into its k = 64 one (one [2, 64, 64] batch) took its step from 9.2x to 8.5x foreach
+#: AdamW's (interleaved), where the iteration gained nothing. For float32 (and narrower) Grams only, whose map has a
+#: floor (2e-7 s): a padded corner is its matrix's root to float32 rounding (300 random k = 10 Grams of rank 1-10
+#: padded into 64: 0.5% of entries 1 ulp apart, the error against the float64 evaluation unchanged, 5.8e-8). A
+#: float64 Gram's bare map resolves 2e-9 s, where LAPACK's rounding of a null space (~1e-16 s) moved a padded
+#: corner by up to 3.3e-8 relative: those keep :data:`ROOT_PAD_BUDGET`, and their bits.
+ROOT_PAD_BUDGET_EIGH = 64**3
+
 
 #: The most statistic entries of a zero-padded batch of small Grams kept between steps (ASGO._padded_grams): a
 #: padded batch holds small Grams (:data:`ROOT_PAD_BUDGET`), so this bounds a kept one at 4 MiB of float32
@@ -169,16 +181,17 @@ _PAD_KEEP_MAX_NUMEL = 2**20
 _PADDED_METHODS = ("polar_express", "newton_schulz", "polar_express_eigh")
 
 
-def root_padding(counts: dict[int, int]) -> dict[int, int]:
+def root_padding(counts: dict[int, int], budget: int | None = None) -> dict[int, int]:
     """``k ->`` the size its roots are computed at (iterations and the eigendecomposition route), from
     ``counts`` (Gram size -> number of such blocks in the whole block table, every rank's: so each block's size
     is the same at every world size, and so is its rounding). Classes are taken from the largest: each pads to
     the smallest size already chosen whose extra work, ``count * (K^3 - k^3)`` multiply-adds per matmul, is
-    within :data:`ROOT_PAD_BUDGET`, else stays at its own size."""
+    within ``budget`` (None: :data:`ROOT_PAD_BUDGET`), else stays at its own size."""
+    budget = ROOT_PAD_BUDGET if budget is None else budget
     targets: list[int] = []
     out: dict[int, int] = {}
     for k in sorted(counts, reverse=True):
-        fits = [t for t in targets if counts[k] * (t**3 - k**3) <= ROOT_PAD_BUDGET]
+        fits = [t for t in targets if counts[k] * (t**3 - k**3) <= budget]
         out[k] = min(fits) if fits else k
         if not fits:
             targets.append(k)
@@ -1309,11 +1322,13 @@ class ASGO(_OneSided):
                 continue
             p, k = self._params[b.param_index], self._gram_size(b)
             dtype, opts = self._state_dtype(p), options[b.group_index]
-            if resolve_root_method(opts[0], p.device, dtype) in _PADDED_METHODS:
-                by_key.setdefault((dtype, p.device, *opts), {})[b.block_id] = k
+            method = resolve_root_method(opts[0], p.device, dtype)
+            if method in _PADDED_METHODS:  # (the method: what the other entries of the key resolve to)
+                by_key.setdefault((dtype, p.device, *opts, method), {})[b.block_id] = k
         sizes = {}
-        for ks in by_key.values():
-            pad = root_padding(collections.Counter(ks.values()))
+        for key, ks in by_key.items():
+            eigh = key[-1] == "polar_express_eigh" and key[0] != torch.float64  # (see ROOT_PAD_BUDGET_EIGH)
+            pad = root_padding(collections.Counter(ks.values()), ROOT_PAD_BUDGET_EIGH if eigh else ROOT_PAD_BUDGET)
             sizes.update({i: pad[k] for i, k in ks.items()})
         self._root_sizes_cache = (self.block_table, options, sizes)
         return sizes

@@ -759,6 +759,25 @@ def test_root_padding_plan():
     assert root_padding({}) == {}
 
 
+@pytest.mark.parametrize("dtype,inverse_root,sizes", [(torch.float32, "auto", [64, 64, 128]),
+                                                      (torch.bfloat16, "polar_express_eigh", [64, 64, 128]),
+                                                      (torch.float32, "polar_express", [10, 64, 128]),
+                                                      (torch.float64, "auto", [10, 64, 128]),
+                                                      (torch.float64, "polar_express_eigh", [10, 64, 128])])
+def test_the_eigendecomposition_route_pads_within_its_own_budget(dtype, inverse_root, sizes):
+    """Each call of the eigendecomposition route costs ~20 operator calls besides LAPACK, more than the
+    iteration's few per matmul: its budget is one 64 x 64 product (ROOT_PAD_BUDGET_EIGH), so the digits MLP's
+    k = 10 Gram shares its k = 64 one's batch where "auto" takes that route (float32 on a CPU), not under the
+    iteration (by name, or float64's "auto") nor for float64 Grams (a bare map: their padded roots are not
+    their own to rounding); many small Grams still keep their own size."""
+    assert root_padding({10: 1, 64: 1}, asgo_mod.ROOT_PAD_BUDGET_EIGH) == {10: 64, 64: 64}
+    assert root_padding({8: 100, 64: 1}, asgo_mod.ROOT_PAD_BUDGET_EIGH) == {8: 8, 64: 64}
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 128), nn.Tanh(), nn.Linear(128, 10)).to(dtype)
+    opt = ASGO(model.named_parameters(), lr=1e-2, inverse_root=inverse_root)
+    assert sorted(opt._root_sizes().values()) == sizes
+
+
 def _three_size_mlp(dtype: torch.dtype) -> nn.Module:
     torch.manual_seed(0)  # Grams of k = 10 (head), 20 (input side) and 48: one batch padded to 48
     return nn.Sequential(nn.Linear(20, 64), nn.Tanh(), nn.Linear(64, 48), nn.Tanh(), nn.Linear(48, 10)).to(dtype)
