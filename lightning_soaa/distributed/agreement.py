@@ -49,6 +49,8 @@ from torch import Tensor
 __all__ = [
     "CONSTRUCTION_FIELDS",
     "CONSTRUCTION_WIDTH",
+    "CONSTRUCTION_FAILED",
+    "FAILED_FLAG_COLUMN",
     "package_identity",
     "source_digest",
     "table_text",
@@ -57,6 +59,7 @@ __all__ = [
     "canonical",
     "construction_digests",
     "check_construction",
+    "failed_flags",
     "hyperparameter_digest",
     "group_rest_text",
     "group_lr_text",
@@ -75,6 +78,7 @@ __all__ = [
     "error_flag",
     "all_out_of_memory",
     "peers_out_of_memory",
+    "agreed_error",
     "record_size",
     "meeting_table",
     "meeting_rows",
@@ -125,21 +129,34 @@ RECORD_SLOTS = 9
 #: other's ids
 ERROR_SLOT, INSTANCE_SLOT = 0, 7
 
-#: the error slot's value of a rank whose error is an out of memory (any other error: 1). Each rank writes only
-#: its own row, so the summed table keeps it.
+#: the error slot's value of a rank whose error is an out of memory. Each rank writes only its own row, so the
+#: summed table keeps it.
 OOM_FLAG = 2.0
 
+#: the error slot's values of the classes a rank raises when its peers raised one (the first that an error is
+#: an instance of: a ValueError subclass counts as a ValueError); any other class: :func:`_class_flag`
+_KNOWN_ERRORS: tuple[tuple[type[Exception], float], ...] = (
+    (torch.OutOfMemoryError, OOM_FLAG), (ValueError, 3.0), (TypeError, 4.0), (RuntimeError, 5.0))
+_OTHER_CLASS = 1 << 47  # set in the flag of any other class (its digest): never one of the values above
 
-def error_flag(error: BaseException | None) -> float:
-    """The error slot's value for this rank's ``error``: 0 (none), 1, or :data:`OOM_FLAG`."""
+
+def _class_flag(cls: type[BaseException]) -> float:
+    return float(_digest(f"{cls.__module__}.{cls.__qualname__}") | _OTHER_CLASS)  # exact in float64
+
+
+def error_flag(error: BaseException | type[BaseException] | None) -> float:
+    """The error slot's value for this rank's ``error`` (an exception or its class): 0 (none), the value of the
+    first known class it is an instance of (:data:`OOM_FLAG` for an out of memory), else its class's digest.
+    1 (what a rank that failed writes where it does not say how) is an error of unknown class."""
     if error is None:
         return 0.0
-    return OOM_FLAG if isinstance(error, torch.OutOfMemoryError) else 1.0
+    cls = error if isinstance(error, type) else type(error)
+    return next((flag for known, flag in _KNOWN_ERRORS if issubclass(cls, known)), None) or _class_flag(cls)
 
 
 def all_out_of_memory(flags: Sequence[float]) -> bool:
     """Whether every failed rank's flag (``flags``: the failed ranks' error slots) says out of memory."""
-    return bool(flags) and all(f >= OOM_FLAG for f in flags)
+    return bool(flags) and all(f == OOM_FLAG for f in flags)
 
 
 def peers_out_of_memory(what: str, ranks: Sequence[int]) -> torch.OutOfMemoryError:
@@ -153,19 +170,55 @@ def peers_out_of_memory(what: str, ranks: Sequence[int]) -> torch.OutOfMemoryErr
         "(free memory or shrink the batch, then step again) to keep the ranks in step.")
 
 
+def _flag_name(flag: float) -> str:
+    known = next((cls for cls, f in _KNOWN_ERRORS if f == flag), None)
+    return "an error" if known is None else "torch.OutOfMemoryError" if flag == OOM_FLAG else known.__name__
+
+
+def agreed_error(what: str, flags: Sequence[float], own: BaseException | None,
+                 where: str = "before the step's all-reduce") -> BaseException:
+    """The exception this rank raises when some ranks failed in agreed work (``flags``: every rank's
+    :func:`error_flag`, in rank order, from a reduced table; ``own``: this rank's error, or None). Every rank
+    raises an instance of one class, so that a caller's ``except`` takes the same branch on every rank (one
+    that catches an out of memory and steps again, alone, met its peers' exit or their next collective):
+
+    * the failed ranks' errors are all of one known class (an out of memory; else a ValueError, TypeError or
+      RuntimeError, subclasses included): that class, each failed rank raising its own error and the others
+      one naming the failed ranks;
+    * every rank failed, with errors of one other class: each rank its own;
+    * otherwise (errors of different classes, or another class on some ranks): a RuntimeError naming each
+      failed rank and its error's class, whose cause on a failed rank is its own error."""
+    failed = [r for r, f in enumerate(flags) if f > 0]
+    kinds = {flags[r] for r in failed}
+    one = kinds.pop() if len(kinds) == 1 else None
+    cls = next((c for c, f in _KNOWN_ERRORS if f == one), None)
+    same = one is not None and (cls is not None or (one >= _OTHER_CLASS and len(failed) == len(flags)))
+    if own is not None and same:  # (flag 1: a rank that did not say which class it raised)
+        return own
+    if cls is torch.OutOfMemoryError:
+        return peers_out_of_memory(what, failed)
+    names = ", ".join(f"rank {r}: {_flag_name(flags[r])}" for r in failed)
+    mine = " (see that rank's traceback)"
+    if own is not None:  # its first line (the whole error is the cause of this one)
+        mine = f"; this rank's: {type(own).__name__}: {(str(own).strip().splitlines() or [''])[0][:300]}"
+    return (cls or RuntimeError)(f"{what}: rank(s) {failed} raised an error {where}: {names}{mine}; the step was "
+                                 "abandoned on every rank and nothing changed.")
+
+
 def record_size(world: int) -> int:
     """Values in a step's first all-reduce at world size ``world``: the summed values, one row per rank and
     the stop vote's slot."""
     return RECORD_SLOTS + world * STEP_ROW + 1
 
 
-def meeting_table(rank: int, world: int, instance: float, error: bool = False) -> tuple[list[float], int]:
+def meeting_table(rank: int, world: int, instance: float, error: float = 0.0) -> tuple[list[float], int]:
     """A step's first all-reduce where it is not the record (EGN's agreements, the order check before an
-    exchange, a join): :func:`record_size` zeros with this rank's error flag and ``instance`` in its row,
-    and the row's offset (the caller fills the row's other slots)."""
+    exchange, a join): :func:`record_size` zeros with this rank's error flag (:func:`error_flag`; True: 1, an
+    error of unknown class) and ``instance`` in its row, and the row's offset (the caller fills the row's
+    other slots)."""
     table = [0.0] * record_size(world)
     row = RECORD_SLOTS + rank * STEP_ROW
-    table[row + ERROR_SLOT] = 1.0 if error else 0.0
+    table[row + ERROR_SLOT] = float(error)
     table[row + INSTANCE_SLOT] = float(instance)
     return table, row
 
@@ -362,20 +415,31 @@ def construction_digests(optimizer: Any, params: Sequence[Tensor], names: Sequen
 #: the parameter-count column of a construction row whose rank's constructor raised before the check (it joins
 #: the check to say so: lightning_soaa/optim/construction.py); a real count is >= 0
 CONSTRUCTION_FAILED = -1
+#: the column of a failed construction row that holds its error's :func:`error_flag` (after the field digests,
+#: the parameter count and the step count; CONSTRUCTION_FAILED where the rank did not say)
+FAILED_FLAG_COLUMN = len(CONSTRUCTION_FIELDS) + 2
 
 
-def check_construction(optimizer: Any, everyone: Tensor, full: bool = True, stage: str | None = None) -> None:
+def check_construction(optimizer: Any, everyone: Tensor | Sequence[Sequence[int]], full: bool = True,
+                       stage: str | None = None, agreed: str | None = None) -> None:
     """Raise the same ``RuntimeError`` on every rank when the gathered construction vectors differ.
 
-    ``everyone`` is the ``[world, CONSTRUCTION_WIDTH - 1]`` all-gather of :func:`construction_digests`;
-    every rank holds the same matrix, so every rank decides alike. A rank whose constructor raised is named
-    first, then ranks running other lightning_soaa code, then the sharding options, compared on every rank;
-    the other fields only when ``full`` (equal on every rank once the sharding options are: it is part of
-    their digest). ``stage``: what a failed row's rank was doing, where not the constructor.
+    ``everyone`` is the ``[world, CONSTRUCTION_WIDTH - 1]`` all-gather of :func:`construction_digests` (or its
+    rows as host lists: read on the host, with no tensor op that could fail on one rank alone after the
+    all-gather); every rank holds the same matrix, so every rank decides alike. A rank whose constructor raised
+    is named first, then ranks running other lightning_soaa code, then the sharding options, compared on every
+    rank; the other fields only when ``full`` (equal on every rank once the sharding options are: it is part of
+    their digest). ``stage``: what a failed row's rank was doing, where not the constructor. ``agreed``: the
+    step joining the process group (its name): a failed row's rank raised in a step, whose callers branch on
+    the class (:func:`agreed_error`).
     """
+    rows: list[list[int]] = everyone.tolist() if isinstance(everyone, Tensor) else [list(r) for r in everyone]
     name = type(optimizer).__name__
     nf = len(CONSTRUCTION_FIELDS)
-    failed = [r for r in range(everyone.shape[0]) if int(everyone[r, nf]) == CONSTRUCTION_FAILED]
+    world = len(rows)
+    failed = [r for r in range(world) if rows[r][nf] == CONSTRUCTION_FAILED]
+    if failed and agreed is not None:
+        raise agreed_error(agreed, failed_flags(rows), None, f"while {stage}")
     if failed and stage is not None:
         raise RuntimeError(
             f"{name}: {stage} raised on rank(s) {failed} (their own error says why; look for it in their output), "
@@ -386,10 +450,10 @@ def check_construction(optimizer: Any, everyone: Tensor, full: bool = True, stag
             f"{name}: the constructor raised on rank(s) {failed} (their own error says why; look for it in their "
             "output), so the optimizer was built on no rank. An argument or parameter list valid on some ranks "
             "only is the usual cause: every rank must build the same optimizer.")
-    _check_package(name, everyone)
-    ref = everyone[0]
+    _check_package(name, rows)
+    ref = rows[0]
     si = CONSTRUCTION_FIELDS.index("sharding options")
-    odd_sharding = [r for r in range(everyone.shape[0]) if int(everyone[r, si]) != int(ref[si])]
+    odd_sharding = [r for r in range(world) if rows[r][si] != ref[si]]
     if odd_sharding:
         raise RuntimeError(
             f"{name}: ranks disagree on the sharding options: rank(s) {odd_sharding} differ from rank 0 in "
@@ -397,40 +461,46 @@ def check_construction(optimizer: Any, everyone: Tensor, full: bool = True, stag
             "same shard= and grad_reduction= (and the same kind of parameters).")
     if not full:
         return
-    bad_fields = [CONSTRUCTION_FIELDS[i] for i in range(nf) if not bool((everyone[:, i] == ref[i]).all())]
-    counts = everyone[:, nf]
-    if not bool((counts == ref[nf]).all()):
+    bad_fields = [CONSTRUCTION_FIELDS[i] for i in range(nf) if any(row[i] != ref[i] for row in rows)]
+    counts = [row[nf] for row in rows]
+    if any(c != ref[nf] for c in counts):
         bad_fields.insert(1, "number of parameters")
     if bad_fields:
-        odd = [r for r in range(everyone.shape[0]) if not bool((everyone[r, :nf + 1] == ref[:nf + 1]).all())]
-        rows = ", ".join(f"rank {r}: {int(counts[r])} params" for r in range(everyone.shape[0]))
+        odd = [r for r in range(world) if rows[r][:nf + 1] != ref[:nf + 1]]
+        params = ", ".join(f"rank {r}: {counts[r]} params" for r in range(world))
         table = ("" if bad_fields != [CONSTRUCTION_FIELDS[-1]] else
                  " The block table alone differs: the ranks cut or assign the blocks by different code (a "
                  "patched copy, or a class attribute such as default_max_block_numel or a cost constant set at "
                  "run time on some ranks only); every rank must run the same lightning_soaa, unpatched.")
         raise RuntimeError(
-            f"{name}: ranks disagree on the parameter list or the optimizer ({rows}); rank(s) {odd} differ "
+            f"{name}: ranks disagree on the parameter list or the optimizer ({params}); rank(s) {odd} differ "
             f"from rank 0 in: {'; '.join(bad_fields)}. Every rank must construct the same optimizer class "
             "over the same parameters (same names, shapes, dtypes, device types and order) with the same "
             f"hyperparameters.{table}"
         )
-    stepped = everyone[:, nf + 1]
-    if bool((stepped > 0).any()):
-        ranks = [r for r in range(everyone.shape[0]) if int(stepped[r]) > 0]
+    stepped = [row[nf + 1] for row in rows]
+    if max(stepped) > 0:
+        ranks = [r for r in range(world) if stepped[r] > 0]
         raise RuntimeError(
             f"{name}: built before torch.distributed was initialized and already stepped "
-            f"{int(stepped.max())} time(s) on rank(s) {ranks} as a single process; it cannot join the "
-            f"{everyone.shape[0]}-rank group now (each rank's state may differ). Construct the optimizer "
+            f"{max(stepped)} time(s) on rank(s) {ranks} as a single process; it cannot join the "
+            f"{world}-rank group now (each rank's state may differ). Construct the optimizer "
             "after init_process_group (e.g. in LightningModule.configure_optimizers), or take no step "
             "before the process group exists."
         )
 
 
-def _check_package(name: str, everyone: Tensor) -> None:
+def failed_flags(rows: Sequence[Sequence[int]]) -> list[float]:
+    """Every rank's error flag in gathered construction rows (1 where a failed rank did not say which)."""
+    return [0.0 if row[len(CONSTRUCTION_FIELDS)] != CONSTRUCTION_FAILED else
+            float(row[FAILED_FLAG_COLUMN]) if row[FAILED_FLAG_COLUMN] > 0 else 1.0 for row in rows]
+
+
+def _check_package(name: str, rows: list[list[int]]) -> None:
     """Raise when some rank runs other lightning_soaa code than rank 0 (columns 0 and 1, which every version
     with a :data:`CONSTRUCTION_WIDTH` row keeps: the refusal reaches ranks of either version)."""
-    world = everyone.shape[0]
-    source, version = everyone[:, 0].tolist(), everyone[:, 1].tolist()
+    world = len(rows)
+    source, version = [row[0] for row in rows], [row[1] for row in rows]
     odd = [r for r in range(world) if source[r] != source[0] or version[r] != version[0]]
     if not odd:
         return
@@ -568,6 +638,8 @@ class StepVerdict:
     instance_ranks: list[int] = dataclasses.field(default_factory=list)
     #: every error rank's error was an out of memory (:data:`OOM_FLAG`)
     out_of_memory: bool = False
+    #: every rank's error flag (:func:`error_flag`), in rank order: what :func:`agreed_error` reads
+    error_flags: list[float] = dataclasses.field(default_factory=list)
 
 
 def read_step_rows(rows: Tensor | Sequence[float], world: int, compare_grads: bool,
@@ -596,4 +668,5 @@ def read_step_rows(rows: Tensor | Sequence[float], world: int, compare_grads: bo
     return StepVerdict(errors, hyper, grads, steps if len(set(steps)) > 1 else [], checks, params,
                        replicated=digests and world > 1 and not params, gradless_ranks=gradless,
                        instance_ranks=instances,
-                       out_of_memory=all_out_of_memory([m[r][ERROR_SLOT] for r in errors]))
+                       out_of_memory=all_out_of_memory([m[r][ERROR_SLOT] for r in errors]),
+                       error_flags=[m[r][ERROR_SLOT] for r in range(world)])

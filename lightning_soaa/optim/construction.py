@@ -29,16 +29,21 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_soaa.distributed.agreement import CONSTRUCTION_FAILED
+from lightning_soaa.distributed.agreement import CONSTRUCTION_FAILED, FAILED_FLAG_COLUMN
 from lightning_soaa.distributed.comm import Communicator, default_communicator, distributed_running
 from lightning_soaa.distributed.dtensor import is_dtensor
 
 __all__ = ["collective_construction", "failed_row"]
 
 
-def failed_row(width: int) -> Tensor:
-    """The construction row of a rank whose constructor raised: every column ``CONSTRUCTION_FAILED``."""
-    return torch.full((width,), CONSTRUCTION_FAILED, dtype=torch.int64)
+def failed_row(width: int, flag: float = 0.0) -> Tensor:
+    """The construction row of a rank whose constructor raised: every column ``CONSTRUCTION_FAILED``, but
+    the one after the step count (:data:`~lightning_soaa.distributed.agreement.FAILED_FLAG_COLUMN`) holds
+    its error's :func:`~lightning_soaa.distributed.agreement.error_flag` where given (an integer)."""
+    row = torch.full((width,), CONSTRUCTION_FAILED, dtype=torch.int64)
+    if flag:
+        row[FAILED_FLAG_COLUMN] = int(flag)
+    return row
 
 
 def _visible_tensors(params: Any) -> list[Tensor] | None:

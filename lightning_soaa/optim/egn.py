@@ -1147,12 +1147,7 @@ class EGN(ShardedOptimizer):
         if not failed:
             return
         with self._agreeing():
-            if error is not None:
-                raise error
-            if agreement.all_out_of_memory([flags[r] for r in failed]):
-                raise agreement.peers_out_of_memory(f"EGN.step ({where})", failed)
-            raise RuntimeError(f"EGN.step: rank(s) {failed} raised an error {where} (see that rank's traceback); "
-                               "the step was abandoned on every rank and nothing changed.")
+            self._raise_agreed(flags, error, where)
 
     @contextlib.contextmanager
     def _agreeing(self) -> Any:
@@ -1223,13 +1218,15 @@ class EGN(ShardedOptimizer):
         return None
 
     def _solved_vjps(self, ps: _Pass, batch: _Batch, layout: GramLayout,
-                     pieces: GramFactors) -> list[list[Tensor | None]] | str:
+                     pieces: GramFactors | None) -> list[list[Tensor | None]] | str:
         """The solve and Jᵀv (or why the step is skipped: identical on every rank, from identical data).
         At W > 1 a rank whose local work raises here (out of memory: the bc×bc system is EGN's largest
-        allocation) still joins the reduce-scatter, with nothing (zeros), and raises its error from
-        :meth:`_prepare`: the template's all-reduce that follows makes every rank raise together, before
-        anything changed."""
+        allocation), or raised since the factors' all-gather (``pieces`` None), still joins the
+        reduce-scatter, with nothing (zeros), and raises its error from :meth:`_prepare`: the template's
+        all-reduce that follows makes every rank raise together, before anything changed."""
         try:
+            if pieces is None:
+                raise ps.late_error or RuntimeError("EGN: no Gram factors")  # (held by _gather_factors)
             curv = ps.curvature = self._solve(batch, layout, pieces)
             if not curv.sol.ok:
                 return f"the bc system could not be solved after {curv.sol.fallbacks} damping retries"
@@ -1644,7 +1641,7 @@ class EGN(ShardedOptimizer):
         and the same trained parameters (each rank follows its own ``requires_grad``). The table
         is built and read as host lists (one tensor, one host copy): a small model's step is dominated by
         per-op overhead, and element-wise tensor writes and reads cost one op each."""
-        world, rank, nsites = self.comm.world_size, self.comm.rank, len(self._sites)
+        world, rank = self.comm.world_size, self.comm.rank
         err: str | None
         if self._pass is not None and self._pass.error is not None:  # every rank raises together
             error = self._pass.error
@@ -1654,26 +1651,19 @@ class EGN(ShardedOptimizer):
         if isinstance(self.comm, LocalComm):  # nobody to agree with: no table (the same checks, the same f0)
             return self._local_batch(xs, targets, z, cap, err)
         table, row = self._agreement_table(_BATCH_KIND)
-        own = self._pass.error if self._pass is not None else None  # (from before the step, or a held out of memory)
-        table[row] = 0.0 if err is None else agreement.error_flag(own) or 1.0  # (an invalid batch: 1)
-        table[row + 3] = _fingerprint(self._active)
         positions: list[int] = []
         if err is None:
             assert z is not None and cap is not None
-            with grad_off():
-                zd = z.detach()
-                # the loss sum and the finiteness of z in one host copy, on the targets the trials and the
-                # solve use (in the outputs' dtype: float32 targets of a bf16 model measured f0 on other
-                # targets than the line search's trials, up to 42% apart)
-                y = _as(targets, z.dtype if targets.is_floating_point() else targets.dtype, z.device)
-                # Σ 0·z is ±0 when every output is finite and NaN otherwise (0·inf = NaN): 2 ATen calls where
-                # isfinite(z).all() makes 5 (isfinite itself is abs, ne, eq, mul)
-                local_loss, z_probe = host_floats([egn_math.loss_sum(self.config.loss, zd, y), zd.mul(0.0).sum()])
-            table[row + 1:row + 3] = [float(xs[0].shape[0]), float(z.shape[1])]
-            positions = [sum(a.shape[1] for a in cap.inputs[i]) for i in range(nsites)]
-            table[row + _SITES_SLOT] = float(zlib.crc32(repr(positions).encode()))
-            nonfinite = not (math.isfinite(local_loss) and math.isfinite(z_probe))
-            table[0:2] = [1.0 if nonfinite else 0.0, local_loss]
+            try:
+                positions = self._batch_row(table, row, xs, targets, z, cap)
+            except Exception as exc:  # this rank's alone (out of memory in the loss): held for the all-reduce
+                if self._pass is not None and self._pass.error is None:
+                    self._pass.error = exc
+                table, row = self._agreement_table(_BATCH_KIND)  # (a fresh one: that one is partly filled)
+                err, positions = f"{type(exc).__name__}: {exc}", []
+        own = self._pass.error if self._pass is not None else None  # (from before the step, or a held out of memory)
+        table[row] = 0.0 if err is None else agreement.error_flag(own or ValueError)  # (an invalid batch: ValueError)
+        table[row + 3] = _fingerprint(self._active)
         red = self._sum_scalars(table)  # collective
         with self._agreeing():
             sizes, c = self._check_agreement(agreement.meeting_rows(red, world), err, positions)
@@ -1683,6 +1673,26 @@ class EGN(ShardedOptimizer):
         return _Batch(xs=xs, y=y, z=z, cap=cap, sizes=sizes, c=c, rank=rank,
                       positions=positions, nonfinite=red[0] > 0,
                       f0=float("nan") if red[0] > 0 else red[1] / b)
+
+    def _batch_row(self, table: list[float], row: int, xs: tuple[Tensor, ...], targets: Tensor, z: Tensor,
+                   cap: LinearCapture | ChainCapture) -> list[int]:
+        """Fill this rank's values into the batch agreement's ``table`` (its row at ``row``; the non-finite flag
+        and the loss sum first); returns this rank's T per Linear site."""
+        with grad_off():
+            zd = z.detach()
+            # the loss sum and the finiteness of z in one host copy, on the targets the trials and the
+            # solve use (in the outputs' dtype: float32 targets of a bf16 model measured f0 on other
+            # targets than the line search's trials, up to 42% apart)
+            y = _as(targets, z.dtype if targets.is_floating_point() else targets.dtype, z.device)
+            # Σ 0·z is ±0 when every output is finite and NaN otherwise (0·inf = NaN): 2 ATen calls where
+            # isfinite(z).all() makes 5 (isfinite itself is abs, ne, eq, mul)
+            local_loss, z_probe = host_floats([egn_math.loss_sum(self.config.loss, zd, y), zd.mul(0.0).sum()])
+        table[row + 1:row + 3] = [float(xs[0].shape[0]), float(z.shape[1])]
+        positions = [sum(a.shape[1] for a in cap.inputs[i]) for i in range(len(self._sites))]
+        table[row + _SITES_SLOT] = float(zlib.crc32(repr(positions).encode()))
+        nonfinite = not (math.isfinite(local_loss) and math.isfinite(z_probe))
+        table[0:2] = [1.0 if nonfinite else 0.0, local_loss]
+        return positions
 
     def _local_batch(self, xs: tuple[Tensor, ...], targets: Tensor, z: Tensor | None,
                      cap: LinearCapture | ChainCapture | None, err: str | None) -> _Batch:
@@ -1729,16 +1739,12 @@ class EGN(ShardedOptimizer):
             raise self._out_of_order(others) from (self._pass.error if self._pass is not None else None)
         if any(info[r][_KIND_SLOT] != kind for r in range(world)):
             raise ValueError(_KIND_MESSAGE)
-        bad = [r for r in range(world) if info[r][agreement.ERROR_SLOT] > 0]
-        if bad:
-            own = self._pass.error if self._pass is not None else None
-            if own is not None:  # this rank's own exception, with its traceback
-                raise own
-            if agreement.all_out_of_memory([info[r][agreement.ERROR_SLOT] for r in bad]):
-                raise agreement.peers_out_of_memory("EGN.step", bad)
-            raise ValueError(err if err is not None
-                             else f"EGN: rank(s) {bad} raised an error before the step's first all-reduce (see "
-                                  "that rank's error: an invalid batch, or parameters changed since construction).")
+        flags = [info[r][agreement.ERROR_SLOT] for r in range(world)]
+        if any(flags):
+            own = self._pass.error if self._pass is not None else None  # this rank's exception, with its traceback
+            self._raise_agreed(flags, own if own is not None or err is None else ValueError(err),
+                               "before the step's first all-reduce (an invalid batch, or parameters changed since "
+                               "construction)")
 
     def _take_rank0_buffers(self) -> None:
         """At W > 1, before the capture forward: every rank takes rank 0's floating-point buffers, so that
@@ -1836,13 +1842,14 @@ class EGN(ShardedOptimizer):
             f"sequences to one length on every rank.{hint}")
 
     # -- 2. the Gram factors of the global batch on every rank: one all-gather --------------
-    def _gather_factors(self, batch: _Batch) -> tuple[GramLayout, GramFactors]:
+    def _gather_factors(self, batch: _Batch) -> tuple[GramLayout, GramFactors | None]:
         """Pack this rank's factor table (one row per sample), all-gather the padded tables, and stack
         the rows of every rank: the global batch's factors, in the solve dtype. A single process has
         nobody to exchange with: its factors are used as they are (packing would only copy them).
 
         Each rank's table ends with a failure flag: a rank whose packing raises (out of memory) still
-        joins the all-gather, and every rank raises together, before the solve."""
+        joins the all-gather, and every rank raises together, before the solve. None for the factors: this
+        rank's stacking raised (held for the step's all-reduce, :meth:`_solved_vjps`)."""
         c = batch.c
         layout = self._factor_layout(c, batch.positions)
         dt = self._solve_dtype()
@@ -1863,10 +1870,15 @@ class EGN(ShardedOptimizer):
             error = e
             buf[n] = agreement.error_flag(e)  # this rank's flag, after its (zero) rows
         gathered = self.comm.all_gather_flat(buf).view(len(batch.sizes), n + 1)
-        flags = gathered[:, n].tolist()
-        self._raise_failed(flags, error, "while packing its Gram factors")
-        table = torch.cat([gathered[r, :k * layout.width].view(k, layout.width) for r, k in enumerate(batch.sizes)])
-        return layout, split_factor_table(layout, table.to(dt))
+        self._raise_failed(gathered[:, n].tolist(), error, "while packing its Gram factors")
+        try:  # (the global table: an allocation) this rank's alone until the reduce-scatter: held like the solve's
+            table = torch.cat([gathered[r, :k * layout.width].view(k, layout.width)
+                               for r, k in enumerate(batch.sizes)])
+            return layout, split_factor_table(layout, table.to(dt))
+        except Exception as e:
+            assert self._pass is not None
+            self._pass.late_error = e
+            return layout, None
 
     def _factor_layout(self, c: int, positions: list[int]) -> GramLayout:
         """The factor table's layout for ``c`` outputs and ``positions`` (T per site): kept from the last step
