@@ -25,6 +25,7 @@ __all__ = [
     "preconditioned_side",
     "update_momentum_",
     "update_gram_",
+    "gram_wide",
     "nesterov_direction",
     "precondition",
     "rms_numerator",
@@ -60,6 +61,22 @@ def update_gram_(v: Tensor, g: Tensor, beta2: float, side: str) -> None:
         v.addmm_(g, g.transpose(0, 1), beta=beta2, alpha=1.0 - beta2)
     else:
         v.addmm_(g.transpose(0, 1), g, beta=beta2, alpha=1.0 - beta2)
+
+
+def gram_wide(v: Tensor, g: Tensor, beta2: float, side: str) -> Tensor:
+    """:func:`update_gram_`'s ``V_t`` computed in float64 from ``v`` and ``g`` (each widened exactly), as a new
+    float64 tensor; ``v`` is not written (the caller stores ``V_t`` rounded once, all blocks in one copy).
+
+    Why: in ``v``'s own (narrower) dtype the product's rounding and the sum's fill the null space of a
+    rank-deficient ``G G^T`` (a batch smaller than ``k``) with noise of ~1e-8 of its largest eigenvalue, and
+    move its smallest real ones (measured ~1e-6 of the largest) by as much, where the root's map is steep: the
+    root of a float32 ASGO's first step was 67% off its float64 value. From the float64 sum only the stored
+    ``V_{t-1}``'s rounding remains (the products of two float32 numbers are exact in float64)."""
+    wide = v.to(torch.float64)
+    g64 = g.to(torch.float64)
+    if side == LEFT:
+        return wide.addmm_(g64, g64.transpose(0, 1), beta=beta2, alpha=1.0 - beta2)
+    return wide.addmm_(g64.transpose(0, 1), g64, beta=beta2, alpha=1.0 - beta2)
 
 
 def nesterov_direction(mom: Tensor, g: Tensor, beta1: float) -> Tensor:

@@ -712,14 +712,17 @@ def inv_sqrt_spectral(
 def _spectral_root(
     v: Tensor, coeffs: Sequence[tuple[float, float, float]], num_iters: int, eps: float = 1e-10,
     floor: float | None = None, sizes: Sequence[int] | None = None, host_map: HostMap | None = None,
+    dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, tuple[list[bool], list[bool]] | None]:
     """:func:`inv_sqrt_spectral`, and per matrix whether its root is finite and whether it has a nonzero entry,
     where the host knows both without reading the roots (the scales' reductions and a map evaluated on the host:
     :func:`_mapped_spectrum`), else None. Why: a caller that checks its roots read them at every step (a
     float64 sum, ``any`` and a host read of the flags, ~10 operator calls a batch on a small model's step).
+    ``dtype``: the statistic's own when ``v`` is a float64 copy of a narrower one (None: ``v``'s): the roots are
+    returned in its :func:`root_compute_dtype`, and their finiteness judged there.
     """
     floor = _floor_of(v, floor, coeffs, num_iters)
-    out_dt = root_compute_dtype(v.dtype)
+    out_dt = root_compute_dtype(v.dtype if dtype is None else dtype)
     squeeze = v.dim() == 2
     k = v.shape[-1]
     v3 = v.to(torch.float64)
@@ -900,6 +903,10 @@ class PendingRoots:
         return self.roots if self.recompute is None or all(bounded) else self.recompute(bounded)
 
 
+#: The methods that evaluate the root by a float64 eigendecomposition (:func:`pending_inverse_sqrt`'s ``dtype``)
+_EIGH_METHODS = ("polar_express_eigh", "eigh")
+
+
 def _check_sizes(sizes: Sequence[int], v: Tensor) -> None:
     """``sizes`` of a padded batch ``v``: one per matrix, each from 1 to the padded size."""
     n, size = (v.shape[0] if v.dim() == 3 else -1), v.shape[-1]
@@ -933,7 +940,7 @@ def _recompute_unchanged(v: Tensor, version: int, z: Tensor, bounded: Sequence[b
 def pending_inverse_sqrt(
     v: Tensor, method: str = "polar_express", *, num_iters: int | None = None, eps: float = 1e-10,
     damping: float = 0.0, sizes: Sequence[int] | None = None, floor: float | None = None,
-    host_map: HostMap | None = None,
+    host_map: HostMap | None = None, dtype: torch.dtype | None = None,
 ) -> PendingRoots:
     """:func:`inverse_sqrt` of a batch ``[n, k, k]`` without its host read: ``resolve(bounded.tolist())``
     gives exactly :func:`inverse_sqrt`'s result. ``v`` must not be modified in place until then (the roots
@@ -947,11 +954,21 @@ def pending_inverse_sqrt(
     ``host_map``: a compiled evaluation of the eigendecomposition route's scalar map (:data:`HostMap`), the same
     bits in one call. The result's ``host_flags`` say, where the route knew them on the host, which roots are
     finite and which statistics nonzero.
+
+    ``dtype``: the statistic's own dtype when ``v`` is a float64 copy of a narrower one, computed before it was
+    rounded to that dtype (None: ``v``'s). For the eigendecomposition methods only (they evaluate in float64
+    anyway): ``"auto"``, the map (floor and iterations), the ``"eigh"`` cut-off and the roots' dtype are the
+    narrow statistic's; only its rounding is gone (see ASGO's ``_update_statistics``).
     """
     if sizes is not None:
         _check_sizes(sizes, v)
+    dtype = v.dtype if dtype is None else dtype
     vd = _damped(v, damping, sizes)
-    method = resolve_root_method(method, v.device, v.dtype)
+    method = resolve_root_method(method, v.device, dtype)
+    if dtype != v.dtype and method not in _EIGH_METHODS:
+        raise ValueError(f"Invalid dtype={dtype!r} for a {v.dtype} v with method={method!r}: a wider copy of the "
+                         f"statistic is for the eigendecomposition methods ({', '.join(map(repr, _EIGH_METHODS))}) "
+                         "only; pass the statistic itself.")
     if method in ("polar_express", "newton_schulz"):
         coeffs = POLAR_EXPRESS_COEFFS if method == "polar_express" else (NEWTON_SCHULZ_COEFFS,)
         n, floor = _map_of(method, v.dtype, num_iters, floor)
@@ -962,9 +979,11 @@ def pending_inverse_sqrt(
         raise ValueError(f"Invalid sizes={tuple(sizes)!r} for method={method!r}: padded batches are for the "
                          "iterations ('polar_express', 'newton_schulz') and 'polar_express_eigh' only; pass "
                          "sizes=None.")
-    roots, flags = _direct_root(vd, v.dtype, method, num_iters, eps, floor, sizes, host_map)
+    roots, flags = _direct_root(vd, dtype, method, num_iters, eps, floor, sizes, host_map)
+    out_dt = root_compute_dtype(dtype)
     # the flags are vd's: its zero entries are v's without damping (promoting the dtype keeps zeros zero)
-    return PendingRoots(roots, None, host_flags=flags if damping == 0.0 else None)
+    return PendingRoots(roots if roots.dtype == out_dt else roots.to(out_dt), None,
+                        host_flags=flags if damping == 0.0 else None)
 
 
 def inverse_sqrt(
@@ -996,5 +1015,5 @@ def _direct_root(vd: Tensor, dtype: torch.dtype, method: str, num_iters: int | N
         return inv_sqrt_eigh(vd, dtype=dtype), None
     if method == "polar_express_eigh":
         n, floor = _map_of(method, dtype, num_iters, floor)
-        return _spectral_root(vd, POLAR_EXPRESS_COEFFS, n, eps, floor, sizes, host_map)
+        return _spectral_root(vd, POLAR_EXPRESS_COEFFS, n, eps, floor, sizes, host_map, dtype)
     raise ValueError(f"Invalid inverse_root={method!r}. Must be one of {', '.join(map(repr, ROOT_CHOICES))}.")

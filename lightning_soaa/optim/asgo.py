@@ -180,6 +180,10 @@ _PAD_KEEP_MAX_NUMEL = 2**20
 #: pseudo-inverse cut-off is relative to the largest eigenvalue, so it takes none).
 _PADDED_METHODS = ("polar_express", "newton_schulz", "polar_express_eigh")
 
+#: The root methods that take a float32 (or narrower) block's Gram as its float64 ``V_t``, before the rounding
+#: to the stored dtype (ASGO's ``_wide_gram``): they evaluate it by a float64 eigendecomposition anyway.
+_WIDE_ROOT_METHODS = ("polar_express_eigh", "eigh")
+
 
 def root_padding(counts: dict[int, int], budget: int | None = None) -> dict[int, int]:
     """``k ->`` the size its roots are computed at (iterations and the eigendecomposition route), from
@@ -719,13 +723,23 @@ class _OneSided(ShardedOptimizer):
                 off += parts[i].numel()
         return out
 
-    def _sharded_stats_(self, items: list[tuple[BlockView, Tensor, Tensor, float]]) -> None:
-        """``S <- beta2 S + (1 - beta2) sum_r C_r`` for ``(view, S, C_r, beta2)`` of row-sharded blocks."""
+    def _sharded_stats_(self, items: list[tuple[BlockView, Tensor, Tensor, float]]) -> dict[int, Tensor]:
+        """``S <- beta2 S + (1 - beta2) sum_r C_r`` for ``(view, S, C_r, beta2)`` of row-sharded blocks. A
+        float64 ``C_r`` of a narrower ``S`` (ASGO's ``_wide_gram``) is summed in float64, ``S`` stored rounded:
+        returns ``block_id ->`` those float64 sums."""
+        wide: dict[int, Tensor] = {}
         if not items:
-            return
+            return wide
         sums = self._mesh_sum([c for _, _, c, _ in items], [v.counted for v, _, _, _ in items])
-        for (_, stat, _, beta2), total in zip(items, sums):
-            asgo_math.ema_([stat], [total], beta2)
+        for (v, stat, _, beta2), total in zip(items, sums):
+            if total.dtype == stat.dtype:
+                asgo_math.ema_([stat], [total], beta2)
+                continue
+            w = stat.to(total.dtype)
+            asgo_math.ema_([w], [total], beta2)
+            stat.copy_(w)
+            wide[v.block.block_id] = w
+        return wide
 
     def _split_norms(self, items: list[tuple[BlockView, Tensor]]) -> dict[int, tuple[Tensor, int]]:
         """``id(view) -> (squared norm of the whole parameter's update, its numel)`` for matrix blocks of
@@ -937,7 +951,9 @@ class ASGO(_OneSided):
             one float64 eigendecomposition (``"polar_express_eigh"``) for float32/bf16 blocks on the CPU
             (cheaper there at every size, about half the cost at k = 256, and more accurate) and by the matmul
             iteration (``"polar_express"``) for float64 blocks and on accelerators; equal in exact
-            arithmetic. Or a
+            arithmetic. The eigendecompositions take a float32/bf16 block's Gram in float64, formed so on the
+            steps that take a root and stored rounded after it (a rank-deficient Gram's null space and small
+            eigenvalues are then not float32 rounding noise). Or a
             method by name: ``"polar_express"``, ``"polar_express_eigh"``, ``"newton_schulz"``, ``"eigh"``
             (float64 pseudo-inverse root, no implicit damping; a float32 Gram's eigenvalues below 4 eps of its
             largest are rounding noise and count as zero). On an ill-conditioned float64 Gram an
@@ -1337,7 +1353,7 @@ class ASGO(_OneSided):
         # Blocks whose root is due this step, grouped by everything the root depends on, so that
         # equal-sized blocks are computed as one batch (few large kernels instead of many small ones);
         # small ones padded to a common size (_root_sizes) share a batch too.
-        prepared = self._update_statistics(views)
+        prepared, wide = self._update_statistics(views, counts)
         due: dict[tuple[Any, ...], list[BlockView]] = {}
         roots_due = self._roots_due([v for v, _, _ in prepared], counts)
         sizes = self._root_sizes() if roots_due else {}
@@ -1351,12 +1367,16 @@ class ASGO(_OneSided):
         for (size, dt, dev, method, iters, eps, damping, floor), vs in due.items():
             ks = [v.state[GRAM].shape[0] for v in vs]
             padded = any(k != size for k in ks)
-            # one Gram: a view (the routes only read it, within this step), not a copy
-            grams = (self._padded_grams(vs, size) if padded else vs[0].state[GRAM].unsqueeze(0)
-                     if len(vs) == 1 else torch.stack([v.state[GRAM] for v in vs]))
+            # the float64 V_t where the step formed one (_update_statistics), else the stored Gram itself: a
+            # view (the routes only read it, within this step), not a copy
+            mats = [wide.get(v.block.block_id, v.state[GRAM]) for v in vs]
+            if any(x.dtype != mats[0].dtype for x in mats):  # a root due off its schedule (root options edited)
+                mats = [x.to(torch.float64) for x in mats]
+            grams = (self._padded_grams(vs, mats, size) if padded else mats[0].unsqueeze(0) if len(vs) == 1
+                     else torch.stack(mats))
             batches.append((vs, grams, pending_inverse_sqrt(grams, method, num_iters=iters, eps=eps, damping=damping,
                                                             sizes=ks if padded else None, floor=floor,
-                                                            host_map=self._host_map(method, dev, dt))))
+                                                            host_map=self._host_map(method, dev, dt), dtype=dt)))
         uninformed = self._accept_roots(self._checked_roots(batches))
         ahead = _small_directions(prepared)
         self._apply_directions([(v, asgo_math.precondition(v.state[INV_ROOT], _direction(v, g) if d is None else d,
@@ -1375,12 +1395,12 @@ class ASGO(_OneSided):
             return None
         return spectral_map()
 
-    def _padded_grams(self, vs: list[BlockView], size: int) -> Tensor:
-        """:func:`pad_batch` of the blocks' Grams, into a zero-padded ``[n, size, size]`` batch kept for these
-        blocks (the corners written by one multi-tensor copy; the padding is never written): made afresh it was
-        ``4 n + 1`` operator calls at every step. Kept while the block table is; the roots only read it, within
-        the step (a pending root's recomputation refuses a batch written before it resolved)."""
-        grams = [v.state[GRAM] for v in vs]
+    def _padded_grams(self, vs: list[BlockView], grams: list[Tensor], size: int) -> Tensor:
+        """:func:`pad_batch` of the blocks' Grams ``grams`` (stored, or formed in float64), into a zero-padded
+        ``[n, size, size]`` batch kept for these blocks (the corners written by one multi-tensor copy; the padding
+        is never written): made afresh it was ``4 n + 1`` operator calls at every step. Kept while the block table
+        is; the roots only read it, within the step (a pending root's recomputation refuses a batch written before
+        it resolved)."""
         if sum(g.numel() for g in grams) > _PAD_KEEP_MAX_NUMEL:
             return pad_batch(grams, size)
         cache: tuple[Any, dict[Any, tuple[Tensor, list[Tensor]]]] | None = self.__dict__.get("_padded_cache")
@@ -1437,15 +1457,20 @@ class ASGO(_OneSided):
                 made[v.block.block_id] = opts
         return [v for v, d in zip(views, due) if d]
 
-    def _update_statistics(self, views: list[BlockView]) -> list[tuple[BlockView, str, Tensor | None]]:
+    def _update_statistics(self, views: list[BlockView], counts: list[float]
+                           ) -> tuple[list[tuple[BlockView, str, Tensor | None]], dict[int, Tensor]]:
         """Momentum and Gram of every block; the Gram of a row-sharded FSDP2 block is the sum over the
         mesh of its shards' ``G_r^T G_r`` (one all-reduce for all such blocks). The momenta of blocks
         sharing ``beta1``, dtype and device in one multi-tensor lerp (the arithmetic of
         :func:`asgo_math.update_momentum_`), the Grams one ``addmm_`` each. Per block: its side and, in a
-        ``nesterov`` group, its matrix gradient (:func:`_direction` needs it), else None."""
+        ``nesterov`` group, its matrix gradient (:func:`_direction` needs it), else None. And ``block_id ->``
+        the float64 ``V_t`` of the blocks whose narrower Gram is rooted by a float64 eigendecomposition and
+        may take a root this step (:meth:`_wide_gram`; ``counts``: the blocks' advanced step counters): formed
+        in float64 and stored rounded, the root taken before that rounding."""
         routes = self._routes()
         prepared: list[tuple[BlockView, str, Tensor | None]] = []
         sharded: list[tuple[BlockView, Tensor, Tensor, float]] = []
+        wide: dict[int, Tensor] = {}
         grads = [_matrix_grad(v.grad, self._state_dtype(v.param), self._batched(v.block))  # type: ignore[arg-type]
                  for v in views]
         by = _by_key(range(len(views)), lambda i: (float(views[i].group["betas"][0]), grads[i].dtype,
@@ -1453,16 +1478,41 @@ class ASGO(_OneSided):
         for (beta1, _, _), idx in by.items():
             torch._foreach_lerp_([views[i].state[EXP_AVG] for i in idx], [grads[i] for i in idx], 1.0 - beta1)
         multi_rank = self._dtensor is not None and self.comm.world_size > 1  # else no block is row-sharded
-        for v, g in zip(views, grads):
+        for v, g, t in zip(views, grads, counts):
             side: str = routes[v.block.block_id]  # type: ignore[assignment]  # a matrix block's
             beta2 = float(v.group["betas"][1])
+            gram, widen = v.state[GRAM], self._wide_gram(v, t)
             if multi_rank and self._row_sharded(v):
-                sharded.append((v, v.state[GRAM], g.transpose(0, 1) @ g, beta2))
+                g_c = g.to(torch.float64) if widen else g
+                sharded.append((v, gram, g_c.transpose(0, 1) @ g_c, beta2))
+            elif widen:
+                wide[v.block.block_id] = asgo_math.gram_wide(gram, g, beta2, side)
             else:
-                asgo_math.update_gram_(v.state[GRAM], g, beta2, side)
+                asgo_math.update_gram_(gram, g, beta2, side)
             prepared.append((v, side, g if v.group["nesterov"] else None))
-        self._sharded_stats_(sharded)
-        return prepared
+        if wide:  # stored rounded once, every block in one multi-tensor copy
+            torch._foreach_copy_([v.state[GRAM] for v in views if v.block.block_id in wide], list(wide.values()))
+        wide.update(self._sharded_stats_(sharded))
+        return prepared, wide
+
+    @staticmethod
+    def _wide_gram(v: BlockView, count: float) -> bool:
+        """Whether block ``v``'s Gram is formed in float64 this step (its ``count``-th;
+        :func:`asgo_math.gram_wide`): a narrower statistic whose root is a float64 eigendecomposition
+        (``"polar_express_eigh"``, ``"eigh"``; "auto" on a CPU), which then takes the float64 ``V_t`` instead of
+        its float32 rounding. Why: a float32 ``G G^T`` puts rounding noise of ~1e-8 of its largest eigenvalue
+        into the null space of a rank-deficient Gram (a batch smaller than ``k``) and its smallest eigenvalues,
+        where the root's map is steep: a float32 run's first root of a 16 x 16 layer at batch 12 was 67% off the
+        float64 run's, the run 280x farther from it than a float64 run rounded to float32 after every step
+        (tests/conformance/test_low_precision_accuracy.py). Not for the iterations: they run in the statistic's
+        own dtype. Not where a fixed ``root_every`` schedule takes no root this step: the float64 product costs
+        ~2x the float32 one, and that step's rounding stays in V as any earlier step's does (a root due off the
+        schedule, after an edit of the root options, takes the stored Gram)."""
+        gram, every = v.state[GRAM], v.group["root_every"]
+        if every != "auto" and INV_ROOT in v.state and (int(count) - 1) % int(every) != 0:
+            return False
+        return gram.dtype != torch.float64 and resolve_root_method(v.group["inverse_root"], gram.device,
+                                                                   gram.dtype) in _WIDE_ROOT_METHODS
 
     def _checked_roots(self, batches: list[tuple[list[BlockView], Tensor, PendingRoots]]
                        ) -> list[tuple[BlockView, Tensor, bool, bool]]:

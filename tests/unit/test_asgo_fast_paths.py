@@ -56,7 +56,7 @@ def _undo(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
         monkeypatch.setattr(linalg, "_np", None)
     if path == "pad_batch":
         monkeypatch.setattr(asgo_mod.ASGO, "_padded_grams",
-                            lambda self, vs, size: linalg.pad_batch([v.state["gram"] for v in vs], size))
+                            lambda self, vs, grams, size: linalg.pad_batch(grams, size))
     if path == "read_flags":
         pending = asgo_mod.pending_inverse_sqrt
         monkeypatch.setattr(asgo_mod, "pending_inverse_sqrt",

@@ -92,6 +92,24 @@ def test_float32_eigh_rank_deficient_gradient_is_the_float64_polar_factor(m):
     assert err < 1e-5, err
 
 
+@pytest.mark.parametrize(("m", "n"), [(16, 24), (24, 16)])
+def test_float32_default_root_of_a_rank_deficient_gram_is_the_float64_one(m, n):
+    # G of rank 12 < k = 16, singular values 1 to 1e-3 (V's eigenvalues down to ~1e-6 s, where the map is exact):
+    # taken from the Gram rounded to float32 (its null space and smallest eigenvalues rounding noise), the
+    # default root of a float32 run put the update 8e-3 to 2e-2 off the float64 run's; from the float64 V,
+    # ~7e-5 (the float32 map's floor on G's own float32 rounding, ~1e-8 of it, outside its rank-12 part)
+    r = 12
+    u_, _, vh = torch.linalg.svd(torch.randn(m, n, dtype=f64, generator=_gen(m)), full_matrices=False)
+    g = ((u_[:, :r] * torch.logspace(0.0, -3.0, r, dtype=f64)) @ vh[:r]).float()
+    updates = []
+    for dtype in (torch.float32, f64):
+        w = nn.Parameter(torch.zeros(m, n, dtype=dtype))
+        opt = ASGO([("w", w)], lr=1.0, betas=(0.0, 0.0), weight_decay=0.0)  # inverse_root "auto", no damping
+        updates.append(_one_step_update(opt, w, g.to(dtype)).double())
+    err = (torch.linalg.matrix_norm(updates[0] - updates[1]) / torch.linalg.matrix_norm(updates[1])).item()
+    assert err < 1e-3, err
+
+
 @NESTEROV
 @pytest.mark.parametrize("method", ["polar_express", "eigh", "polar_express_eigh"])
 def test_row_vector_is_normalised_momentum(method, nesterov):

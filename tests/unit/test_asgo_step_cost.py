@@ -178,14 +178,16 @@ def _fast_map() -> bool:
     return True
 
 
-@pytest.mark.parametrize("root_every,calls,reads", [(1, 52, 3), (10, 30, 2)])
+@pytest.mark.parametrize("root_every,calls,reads", [(1, 55, 3), (10, 30, 2)])
 def test_bench_mlp_step_stays_within_its_operator_and_read_budget(monkeypatch: pytest.MonkeyPatch, root_every: int,
                                                                   calls: int, reads: int) -> None:
     """One step after warm-up (``root_every=10``: a step without a root): at most ``calls`` ATen calls and
     ``reads`` host reads. Before: 152 calls and 5 reads with a root (the tensor map's ~60 calls, a padded batch
     made afresh, the roots' flags read), 36 and 1 without; 53 and 5 with a root until the scales' square roots
     were taken on the host (two tensor operations and reads each). Without a root the RMS factors are one read
-    of the norms instead of five operator calls; on a CPU no read waits for anything."""
+    of the norms instead of five operator calls; on a CPU no read waits for anything. With a root, 52 until the
+    float32 Grams were formed in float64 for their root (G and V widened per block, all copied back rounded in
+    one call: tests/conformance/test_low_precision_accuracy.py)."""
     if not _fast_map():
         pytest.skip("neither a C compiler nor numpy: the spectral map is ~60 tensor operations here")
     torch.manual_seed(0)  # benchmarks/bench_step_overhead.py's model (Grams of k = 20, 48, 10: one padded batch)

@@ -393,6 +393,22 @@ def test_padded_batches_are_for_the_iterations_only():
         pending_inverse_sqrt(v, "eigh", sizes=[2, 3])
 
 
+@pytest.mark.parametrize("method", ["auto", "polar_express_eigh", "eigh"])
+def test_a_float64_copy_of_a_float32_statistic_takes_its_map(method):
+    """``dtype``: a float32 statistic's V handed over in float64 (ASGO forms it so before rounding it) gets the
+    float32 statistic's route, map (floor), cut-off and root dtype: on the same values, the same bits."""
+    v = _spd(12, 1e-9, 1.0, seed=3)[0].float()
+    own = pending_inverse_sqrt(v[None], method).roots
+    wide = pending_inverse_sqrt(v.double()[None], method, dtype=torch.float32).roots
+    assert wide.dtype == torch.float32 and torch.equal(wide, own)
+    assert not torch.equal(wide, pending_inverse_sqrt(v.double()[None], method).roots.float())  # float64's map
+
+
+def test_a_float64_copy_of_a_statistic_is_for_the_eigendecompositions_only():
+    with pytest.raises(ValueError, match=r"dtype=torch.float32 for a torch.float64 v with method='polar_express'"):
+        pending_inverse_sqrt(torch.eye(3, dtype=torch.float64)[None], "polar_express", dtype=torch.float32)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_padded_eigh_route_gives_each_matrix_its_own_root(dtype):
     """The eigendecomposition route on a zero-padded batch (one LAPACK call for a small model's Grams of
