@@ -9,6 +9,12 @@ bench_step_overhead.py: deterministic and load-independent) and the CPU time of 
 
     python benchmarks/profile_egn.py [--batches 16 64 256] [--steps 5] [--solve-dtype float64]
     python benchmarks/profile_egn.py --digits   # the report's digits workload with EGN-m's settings
+    python benchmarks/profile_egn.py --ab [--batches 16 32 64 256] [--rounds 60]
+
+``--ab``: the step plan of one process (``optim/egn_plan.py``) against the general path (the template) in one
+process, alternated step by step on two copies of the same model and batches (the time-to-target MLPs
+20-32-32-2 and 64-32-32-10, cross-entropy, lr 1, λ 0.5, line search): median CPU ms of each, the median of the
+per-round ratios (adjacent steps share the machine's load), ATen calls and host reads per step of each.
 
 ``--digits``: the benchmark report's digits configuration instead of the bench MLP (report_runs: the MLP
 64-128-128-10 on a batch of 32 digits, cross-entropy, ``EGN_SETTINGS["EGN-m"]`` at its lr 1).
@@ -22,6 +28,7 @@ import argparse
 import cProfile
 import json
 import pstats
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -51,6 +58,13 @@ PHASES: tuple[tuple[str, ...], ...] = (
     ("K mat-vecs, S^T J factors", "functional/gram.py", "transform_factors"),
     ("VJPs d = J^T v", "optim/egn.py", "_vjps"),
     ("trial losses (line search)", "optim/egn.py", "_trial_loss"),
+    # the step plan of one process training a plain MLP (optim/egn_plan.py), where it applies
+    ("plan's checks", "optim/egn_plan.py", "usable"),
+    ("capture forward + loss", "optim/egn_plan.py", "outputs"),
+    ("back signals", "optim/egn_plan.py", "back_signals"),
+    ("Gram assembly", "functional/chain_gram.py", "gram"),
+    ("VJPs d = J^T v", "functional/chain_gram.py", "vjp_into"),
+    ("trial losses (line search)", "optim/egn_plan.py", "_trial"),
 )
 
 
@@ -118,6 +132,77 @@ def profile(b: int, steps: int, solve_dtype: str, line_search: bool, digits: boo
     return per
 
 
+#: --ab's workloads: the time-to-target MLPs (benchmarks/egn_time_to_target.py), d_in-32-32-c
+AB_MODELS = {"synthetic": (20, 32, 32, 2), "digits": (64, 32, 32, 10)}
+
+
+def _reads_and_ops(opt: Any, x: torch.Tensor, y: torch.Tensor) -> tuple[int, int]:
+    """(ATen calls, host reads) of one step."""
+    reads = {"aten.item.default", "aten._local_scalar_dense.default", "aten.is_nonzero.default"}
+
+    class Count(CountOps):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.reads = 0
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            self.reads += str(func) in reads
+            return super().__torch_dispatch__(func, types, args, kwargs)
+
+    with Count() as count:
+        opt.step(inputs=x, targets=y)
+    return count.n, count.reads
+
+
+def ab(widths: tuple[int, ...], b: int, rounds: int) -> dict[str, float]:
+    """The step plan vs the general path, alternated in this process (see the module docstring)."""
+    from torch import nn
+
+    from lightning_soaa import EGN
+
+    torch.set_num_threads(1)
+    opts = []
+    for planned in (True, False):
+        torch.manual_seed(0)
+        layers: list[nn.Module] = []
+        for i in range(len(widths) - 1):
+            layers += [nn.Linear(widths[i], widths[i + 1]), nn.Tanh()]
+        opt = EGN(nn.Sequential(*layers[:-1]), loss="cross_entropy", lr=1.0, damping=0.5, line_search=True,
+                  max_gram_size=1 << 14)
+        if not planned:
+            opt._planned_step = lambda: False  # every step through the template
+        opts.append(opt)
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(b, widths[0], generator=g), torch.randint(0, widths[-1], (b,), generator=g))
+            for _ in range(4)]
+    for opt in opts:
+        for x, y in data:
+            opt.step(inputs=x, targets=y)
+    times: list[list[float]] = [[], []]
+    for r in range(rounds):
+        x, y = data[r % len(data)]
+        for i in (0, 1) if r % 2 else (1, 0):
+            c0 = time.process_time()
+            opts[i].step(inputs=x, targets=y)
+            times[i].append(time.process_time() - c0)
+    same = all(torch.equal(p, q) for p, q in zip(opts[0].model.parameters(), opts[1].model.parameters()))
+    (ops_p, reads_p), (ops_g, reads_g) = (_reads_and_ops(o, *data[0]) for o in opts)
+    return {"plan_ms": 1e3 * statistics.median(times[0]), "general_ms": 1e3 * statistics.median(times[1]),
+            "ratio": statistics.median(a / b for a, b in zip(*times)), "identical": float(same),
+            "plan_aten": ops_p, "general_aten": ops_g, "plan_reads": reads_p, "general_reads": reads_g}
+
+
+def main_ab(batches: list[int], rounds: int) -> None:
+    rows = {f"{name} b={b}": ab(widths, b, rounds if b < 256 else max(rounds // 4, 10))
+            for name, widths in AB_MODELS.items() for b in batches}
+    print("| model, batch | plan ms | general ms | plan/general | ATen calls | host reads | same bits |")
+    print("|---|---|---|---|---|---|---|")
+    for k, v in rows.items():
+        print(f"| {k} | {v['plan_ms']:.2f} | {v['general_ms']:.2f} | {v['ratio']:.2f} | {v['plan_aten']} / "
+              f"{v['general_aten']} | {v['plan_reads']} / {v['general_reads']} | {bool(v['identical'])} |")
+    print(json.dumps(rows))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", type=int, nargs="+", default=[16, 64, 256])
@@ -125,7 +210,12 @@ def main() -> None:
     ap.add_argument("--solve-dtype", default="float64")
     ap.add_argument("--line-search", action="store_true")
     ap.add_argument("--digits", action="store_true", help="the report's digits workload, EGN-m (b = 32)")
+    ap.add_argument("--ab", action="store_true", help="the step plan vs the general path, alternated")
+    ap.add_argument("--rounds", type=int, default=60, help="--ab: alternated steps of each")
     args = ap.parse_args()
+    if args.ab:
+        main_ab(args.batches, args.rounds)
+        return
     if args.digits:
         args.batches = [32]
     table = {b: profile(b, args.steps, args.solve_dtype, args.line_search, args.digits) for b in args.batches}

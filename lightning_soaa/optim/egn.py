@@ -8,7 +8,7 @@ import logging
 import math
 import zlib
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -51,6 +51,9 @@ from lightning_soaa.optim.egn_rng import DrawHistory, StepRng
 from lightning_soaa.optim.egn_trace import plan_trace
 from lightning_soaa.optim.param_checks import check_step
 from lightning_soaa.optim.step_context import caller_autocast, full_precision, one_model_function
+
+if TYPE_CHECKING:
+    from lightning_soaa.optim.egn_plan import StepPlan
 
 __all__ = ["EGN", "MISSING_BATCH_MESSAGE"]
 
@@ -600,6 +603,14 @@ class EGN(ShardedOptimizer):
     at every step, e.g. ``head(body(x))`` in a ``LightningModule`` (:mod:`~lightning_soaa.optim.egn_trace`).
     Both give the general capture's factors bit for bit.
 
+    **One process, plain MLP.** Where there is no rank to exchange with and the model is such a planned
+    ``nn.Sequential`` (or one ``nn.Linear``) on the CPU, ``step(inputs=x, targets=y)`` takes the step plan
+    (:mod:`~lightning_soaa.optim.egn_plan`): the same step, bit for bit, without the template's machinery below
+    and with the small products' operands kept from step to step (the synthetic 20-32-32-2 MLP at b = 32: 116 ATen
+    calls instead of 175, ~0.7x the CPU time). A closure, ``set_batch``, a hook, an autocast region, several ranks
+    or any other model take the general path, as does a step the plan finds anything unusual in before it moves a
+    parameter.
+
     **Across ranks (exact).** Every rank holds its own samples (local batch sizes may differ; b is the
     global sum). Per step, on every rank and in this order, through the base class's step template
     (:meth:`_exchange_in` → :meth:`_prepare` → the template's one all-reduce → :meth:`_decide` →
@@ -686,8 +697,9 @@ class EGN(ShardedOptimizer):
     """
 
     step_record = _EGNRecord
-    #: the torch.compile wrapper's hook dicts (their hooks may not pickle; a copy's model is not wrapped)
-    _transient = ("_wrapper_hooks",)
+    #: the torch.compile wrapper's hook dicts (their hooks may not pickle; a copy's model is not wrapped), and the
+    #: step plan (views of this process's parameters and buffers: a copy plans its own at its first step)
+    _transient = ("_wrapper_hooks", "_plan_cache")
     _steps_gradients = False  # its directions come from the batch, never from p.grad
     _hyper_what = "param_groups, e.g. lr, or opt.damping"
     #: EGN never reads ``p.grad`` (Lightning may leave stale or non-finite ones): the base must not scan
@@ -856,6 +868,19 @@ class EGN(ShardedOptimizer):
         # solve is b×b (kronecker_sample_gram) and max_gram_size bounds b rather than bc
         self._kronecker = (cfg.loss == "mse" and self._chain is not None and self._chain.num_sites == 1
                            and self._chain.site_of[-1] == 0)
+        self.__dict__.pop("_plan_cache", None)  # (the step plan follows the capture plan: _step_plan)
+
+    def _step_plan(self) -> StepPlan | None:
+        """The step plan of a single process training a plain MLP (:mod:`~lightning_soaa.optim.egn_plan`), or
+        None where the steps are not plannable; decided once per capture plan, communicator and block table (a
+        freezing change, a joined process group or a rebuilt table decide again)."""
+        cached = self.__dict__.get("_plan_cache")
+        if cached is None or cached[0] is not self.comm or cached[1] is not self._table:
+            from lightning_soaa.optim.egn_plan import StepPlan  # (it imports this module)
+
+            cached = self._plan_cache = (self.comm, self._table, StepPlan.build(self))
+        plan: StepPlan | None = cached[2]
+        return plan
 
     def _follow_freezing(self) -> None:
         """Follow ``requires_grad`` as torch's optimizers do (a parameter without a gradient is not
@@ -1006,7 +1031,6 @@ class EGN(ShardedOptimizer):
 
     @torch._disable_dynamo  # eager under torch.compile (see ShardedOptimizer.step)
     @full_precision  # inside an autocast region too (optim/step_context.py)
-    @one_model_function  # the same function of the model with and without a graph (step_context.py)
     def step(self, closure: Callable[[], Any] | None = None, *, inputs: Any = None,
              targets: Tensor | None = None) -> Any:
         """One EGN step on the batch ``(inputs, targets)``; collective when W > 1.
@@ -1015,6 +1039,36 @@ class EGN(ShardedOptimizer):
         the step (a 0-d tensor). Under ``torch.inference_mode()`` the step runs with it disabled
         (:func:`~lightning_soaa.optim.step_context.full_precision`): the capture differentiates the model.
         """
+        # one process training a plain MLP on step(inputs=x, targets=y): the step plan (egn_plan.py), the same
+        # bits without the template's machinery; it declines (nothing changed) whatever it does not cover
+        if closure is None and inputs is not None and self._pending_batch is None:
+            self.__dict__["_plan_call"] = (inputs, targets)
+            try:
+                if self._planned_step():
+                    return self.__dict__.pop("_plan_result")
+            finally:
+                self.__dict__.pop("_plan_call", None)
+        return self._general_step(closure, inputs=inputs, targets=targets)
+
+    def _planned_step(self) -> bool:
+        """The base's shortcut past the step template (:meth:`ShardedOptimizer._planned_step`): EGN's is the step
+        plan (:mod:`~lightning_soaa.optim.egn_plan`) of the ``step(inputs=x, targets=y)`` in progress, asked by
+        :meth:`step` before anything else (its result kept for it); False where it declines, and inside the
+        template (no call in progress: EGN's shortcut has been asked already)."""
+        call: tuple[Any, Any] | None = self.__dict__.get("_plan_call")
+        plan = None if call is None else self._step_plan()
+        if call is None or plan is None:
+            return False
+        out = plan.step(self, *call)
+        if out is None:
+            return False
+        self.__dict__["_plan_result"] = out
+        return True
+
+    @one_model_function  # the same function of the model with and without a graph (step_context.py)
+    def _general_step(self, closure: Callable[[], Any] | None = None, *, inputs: Any = None,
+                      targets: Tensor | None = None) -> Any:
+        """:meth:`step` through the base's template (every world size, model, capture and closure)."""
         pending, self._pending_batch, self._pending_plain = self._pending_batch, None, False  # one step's
         walked = self.__dict__.pop("_walked_modules", None)  # the model's modules, as one_model_function saw them
         self._join_before_step()  # built before the process group existed: join it now (collective)
@@ -1245,7 +1299,6 @@ class EGN(ShardedOptimizer):
             raise ps.late_error
         at_owners = ps.at_owners
         beta = float(self.param_groups[0]["momentum"])
-        t_next = self.momentum_steps + 1
         rec = _EGNRecord(direction=at_owners[0])
         if at_owners[0]:
             # one finiteness check over every owned block, read by the template's single host copy (a
@@ -1255,37 +1308,44 @@ class EGN(ShardedOptimizer):
             # isfinite(...).logical_not().any() makes 6 (isfinite itself is abs, ne, eq, mul)
             rec.nonfinite = flat.mul(0.0).sum().ne(0.0)  # type: ignore[assignment]
         if beta > 0:
-            parts = []
             active = [self._active[v.block.param_index] for v in views]
-            news = self._momentum_buffers(views, at_owners[0], active, beta)
-            scale = 1 - beta ** t_next
-            dirs = iter(torch._foreach_div(news, scale) if news else ())
-            new_iter = iter(news)
-            for j, d in enumerate(at_owners[0]):
-                if not active[j]:
-                    # frozen: no step (d is its zero block) and its buffer is kept, as torch's momentum
-                    # optimizers skip a parameter without a gradient
-                    rec.buffers.append(None)
-                    rec.momentum_dirs.append(d)
-                    continue
-                rec.buffers.append(next(new_iter))
-                rec.momentum_dirs.append(next(dirs))
-                # gᵀm in float64 without float64 copies of a large block (three of them: 6x its float32 bytes)
-                parts.append(dot_f64(at_owners[1][j], rec.momentum_dirs[-1]))
-            # shard=False: every rank holds every block, with the same d and g (all-reduced), so one rank
-            # counts them; summed over W ranks, gᵀm was W times too large (the line search's and adaptive
-            # damping's gᵀd: 1.7e-3 off shard=True at W = 2 in 4 steps)
-            if parts and (self.sharding.shard or self.comm.rank == 0):
-                rec.gtd_momentum = torch.stack(parts).sum()  # type: ignore[assignment]
+            self._add_momentum(rec, [v.state for v in views], at_owners[0], at_owners[1], active, beta)
         return rec
 
+    def _add_momentum(self, rec: _EGNRecord, states: list[dict[Any, Any]], directions: list[Tensor],
+                      grads: list[Tensor], active: list[bool], beta: float) -> None:
+        """Onto ``rec``: the new momentum buffers of the owned blocks (``states``: their state dicts, ``directions``
+        d and ``grads`` g = −Jᵀr/b: their blocks), the bias-corrected momentum directions and their partial gᵀd."""
+        parts = []
+        news = self._momentum_buffers(states, directions, active, beta)
+        scale = 1 - beta ** (self.momentum_steps + 1)
+        dirs = iter(torch._foreach_div(news, scale) if news else ())
+        new_iter = iter(news)
+        for j, d in enumerate(directions):
+            if not active[j]:
+                # frozen: no step (d is its zero block) and its buffer is kept, as torch's momentum
+                # optimizers skip a parameter without a gradient
+                rec.buffers.append(None)
+                rec.momentum_dirs.append(d)
+                continue
+            rec.buffers.append(next(new_iter))
+            rec.momentum_dirs.append(next(dirs))
+            # gᵀm in float64 without float64 copies of a large block (three of them: 6x its float32 bytes)
+            parts.append(dot_f64(grads[j], rec.momentum_dirs[-1]))
+        # shard=False: every rank holds every block, with the same d and g (all-reduced), so one rank
+        # counts them; summed over W ranks, gᵀm was W times too large (the line search's and adaptive
+        # damping's gᵀd: 1.7e-3 off shard=True at W = 2 in 4 steps)
+        if parts and (self.sharding.shard or self.comm.rank == 0):
+            rec.gtd_momentum = torch.stack(parts).sum()  # type: ignore[assignment]
+
     @staticmethod
-    def _momentum_buffers(views: list[BlockView], dirs: list[Tensor], active: list[bool], beta: float) -> list[Tensor]:
+    def _momentum_buffers(states: list[dict[Any, Any]], dirs: list[Tensor], active: list[bool],
+                          beta: float) -> list[Tensor]:
         """The new momentum buffers β·m + (1 − β)·d of the active blocks (d·(1 − β) where a block has none yet),
         in order; the old ones stay until the step is accepted. One multi-tensor call per operation where
         every active block has a buffer (or none has): on the CPU those run the same kernel per block as
         the per-block calls, so the same bits, at one Python call instead of one per block."""
-        olds = [v.state.get("momentum_buffer") for v, a in zip(views, active) if a]
+        olds = [st.get("momentum_buffer") for st, a in zip(states, active) if a]
         ds = [d for d, a in zip(dirs, active) if a]
         if not ds:
             return []
@@ -1318,7 +1378,9 @@ class EGN(ShardedOptimizer):
             dec.jd_qq = self._jd_q_norm(batch, curv, dec.full)  # collective: all_reduce_scalars
         assert ps.undo is not None  # (_exchange_in)
         ps.undo.w0 = dec.w0  # a trial, or anything up to the step's count, that raises puts w0 back (_abandon)
-        dec.alpha, dec.f_new, dec.tries = self._step_size(batch, dec.w0, dec.full, dec.gtd)  # all_reduce/trial
+        w0, full = dec.w0, dec.full
+        dec.alpha, dec.f_new, dec.tries = self._step_size(  # all_reduce per trial
+            lambda alpha: self._trial_loss(batch, w0, full, alpha), batch.f0, batch.z.dtype, dec.gtd)
         if not math.isfinite(dec.f_new):
             self._restore(dec.w0)
             ps.trial_rejected = True
@@ -1371,10 +1433,14 @@ class EGN(ShardedOptimizer):
     def _choose_direction(self, reduced: StepRecord) -> _EGNDecision:
         """Keep the momentum direction only when it descends (gᵀd < 0)."""
         assert isinstance(reduced, _EGNRecord)
-        beta = float(self.param_groups[0]["momentum"])
         curv = self._current().curvature
         assert curv is not None
-        dec = _EGNDecision(direction=reduced.direction, gtd=curv.gtd, buffers=reduced.buffers)
+        return self._direction_of(reduced, curv.gtd)
+
+    def _direction_of(self, reduced: _EGNRecord, gtd: float) -> _EGNDecision:
+        """:meth:`_choose_direction` from the reduced record and gᵀd of the plain direction."""
+        beta = float(self.param_groups[0]["momentum"])
+        dec = _EGNDecision(direction=reduced.direction, gtd=gtd, buffers=reduced.buffers)
         if beta <= 0:
             return dec
         if reduced.gtd_momentum < 0:
@@ -1394,23 +1460,30 @@ class EGN(ShardedOptimizer):
         curv, batch = ps.curvature, ps.batch
         assert curv is not None and batch is not None and ps.undo is not None
         self._update_clean_on_raise = True  # what it writes, _abandon puts back (with the trials' w0 + αd)
+        self._commit([v.state for v in views], decision, curv.sol, ps.undo, batch.b, batch.c, batch.f0,
+                     batch.z.dtype)
+
+    def _commit(self, states: list[dict[Any, Any]], decision: _EGNDecision, sol: egn_math.SolveResult, undo: _Undo,
+                b: int, c: int, f0: float, dtype: torch.dtype) -> None:
+        """What a taken step writes besides the parameters (they hold w0 + αd already: :meth:`_step_size`'s last
+        trial is the α taken): the momentum buffers of the owned blocks (``states``, their state dicts; the old
+        ones kept in ``undo`` first), the counters, λ from ρ, α and the step's statistics. Shared by the template
+        (:meth:`_apply`) and the step plan (:mod:`~lightning_soaa.optim.egn_plan`)."""
         if float(self.param_groups[0]["momentum"]) > 0:
-            ps.undo.buffers = [(v.state, v.state.get("momentum_buffer")) for v in views]
-            for v, m_new in zip(views, decision.buffers):
+            undo.buffers = [(st, st.get("momentum_buffer")) for st in states]
+            for st, m_new in zip(states, decision.buffers):
                 if m_new is not None:
-                    v.state["momentum_buffer"] = m_new
+                    st["momentum_buffer"] = m_new
             self.momentum_steps += 1
             self.momentum_rejections += int(decision.momentum_rejected)
-        self.solve_fallbacks += curv.sol.fallbacks
-        rho = self._adapt_damping(batch, decision.gtd, decision.jd_qq, decision.alpha, decision.f_new)
-        # the parameters already hold w0 + αd: _step_size's last trial is the α taken
+        self.solve_fallbacks += sol.fallbacks
+        rho = self._adapt_damping(b, f0, dtype, decision.gtd, decision.jd_qq, decision.alpha, decision.f_new)
         self.alpha = decision.alpha
-        b, c = batch.b, batch.c
-        self._last = {"loss": ps.f0, "loss_after": decision.f_new, "gtd": decision.gtd,
-                      "ls_tries": float(decision.tries), "rho": rho, "step_fallbacks": float(curv.sol.fallbacks),
-                      "solve_damping": curv.sol.damping,
-                      "solve_refinements": float(curv.sol.refinements),
-                      "solve_cg_iterations": float(curv.sol.cg_iterations),
+        self._last = {"loss": f0, "loss_after": decision.f_new, "gtd": decision.gtd,
+                      "ls_tries": float(decision.tries), "rho": rho, "step_fallbacks": float(sol.fallbacks),
+                      "solve_damping": sol.damping,
+                      "solve_refinements": float(sol.refinements),
+                      "solve_cg_iterations": float(sol.cg_iterations),
                       "momentum_used": float(decision.use_momentum),
                       "gram_size": float(b * c), "batch_size": float(b)}
 
@@ -1420,10 +1493,14 @@ class EGN(ShardedOptimizer):
 
     def _on_skip(self) -> None:
         if self._pass is not None and self._pass.trial_rejected:
-            # INFERRED: ×10 as for a failed solve (spec §2.7): a non-finite trial means the model's
-            # quadratic model was far off; 1.01 would take hundreds of skipped steps to matter.
-            self.damping = min(self.damping * 10.0, self.config.damping_max)
-            self.nonfinite_trials += 1
+            self._after_rejected_trial()
+
+    def _after_rejected_trial(self) -> None:
+        """A step skipped because its loss L_b(w + αd) was non-finite. INFERRED: λ ×10 as for a failed solve
+        (spec §2.7): a non-finite trial means the model's quadratic model was far off; 1.01 would take hundreds
+        of skipped steps to matter."""
+        self.damping = min(self.damping * 10.0, self.config.damping_max)
+        self.nonfinite_trials += 1
 
     def _current(self) -> _Pass:
         if self._pass is None:
@@ -2135,26 +2212,27 @@ class EGN(ShardedOptimizer):
             jd += (rows @ _as(d_rest, batch.local_rows.dtype)).view(b, c)
         return jd
 
-    def _step_size(self, batch: _Batch, w0: list[Tensor], d: list[Tensor],
+    def _step_size(self, trial: Callable[[float], float], f0: float, dtype: torch.dtype,
                    gtd: float) -> tuple[float, float, int]:
         """(α, L_b(w0 + αd), trials): Armijo backtracking from the previous α, or α = lr with one trial
-        (for ρ, and so that a step to a non-finite loss is never taken). Leaves w0 + αd in place."""
+        (for ρ, and so that a step to a non-finite loss is never taken). ``trial(α)`` puts w0 + αd in place and
+        returns its loss; ``f0`` = L_b(w0), ``dtype`` the outputs' (its rounding is the test's slack)."""
         cfg = self.config
         lr = float(self.param_groups[0]["lr"])
         if not cfg.line_search:
-            return lr, self._trial_loss(batch, w0, d, lr), 0
+            return lr, trial(lr), 0
         # α = 0 (lr = 0 at the start of a warm-up) must not pin every later α at 0: restart from lr.
         prev = min(self.alpha, lr) if self.alpha > 0 else lr
         alpha = min(cfg.ls_increase * prev, lr) if cfg.ls_reset == "increase" else prev
         # the loss's rounding, relative: its terms are nonnegative, so their sum rounds (on any rank
         # split) within a few eps of its own value. An absolute floor (max(1, |f0|)) let a bf16 loss of
         # 0.026 pass a trial at 0.041 (0.031 of slack below a loss of 1).
-        slack = torch.finfo(batch.z.dtype).eps * abs(batch.f0) * 4
+        slack = torch.finfo(dtype).eps * abs(f0) * 4
         f_new, tries = float("nan"), 0
         for i in range(cfg.max_ls):
-            f_new = self._trial_loss(batch, w0, d, alpha)
+            f_new = trial(alpha)
             tries += 1
-            if egn_math.armijo_ok(f_new, batch.f0, alpha, gtd, cfg.armijo_c, slack):
+            if egn_math.armijo_ok(f_new, f0, alpha, gtd, cfg.armijo_c, slack):
                 break
             if i < cfg.max_ls - 1:
                 alpha *= cfg.ls_decrease
@@ -2178,15 +2256,17 @@ class EGN(ShardedOptimizer):
             z: Tensor = self.model(*xs)                              # (egn_rng)
         return z
 
-    def _adapt_damping(self, batch: _Batch, gtd: float, jd_qq: float, alpha: float, f_new: float) -> float:
-        """ρ from the actual and predicted change; λ follows it (adaptive damping only)."""
+    def _adapt_damping(self, b: int, f0: float, dtype: torch.dtype, gtd: float, jd_qq: float, alpha: float,
+                       f_new: float) -> float:
+        """ρ from the actual and predicted change; λ follows it (adaptive damping only). ``b``: the global batch,
+        ``f0`` = L_b(w), ``dtype`` the outputs' (the losses' rounding)."""
         cfg = self.config
         if not cfg.adaptive_damping:
             return float("nan")
         # the rounding of the two loss values: changes below it are noise, not a verdict (relative, so
         # that a small loss is judged as a large one would be)
-        resolution = torch.finfo(batch.z.dtype).eps * max(abs(batch.f0), abs(f_new)) * 4
-        rho = egn_math.gain_ratio(f_new - batch.f0, egn_math.model_change(gtd, jd_qq, alpha, batch.b), resolution)
+        resolution = torch.finfo(dtype).eps * max(abs(f0), abs(f_new)) * 4
+        rho = egn_math.gain_ratio(f_new - f0, egn_math.model_change(gtd, jd_qq, alpha, b), resolution)
         self.damping = egn_math.update_damping(
             self.damping, rho, rho_low=cfg.rho_low, rho_high=cfg.rho_high, increase=cfg.damping_increase,
             decrease=cfg.damping_decrease, lo=cfg.damping_min, hi=cfg.damping_max)

@@ -138,7 +138,8 @@ def _worker(rank: int, world: int) -> dict:
         out[name] = {"params": _flat(model), "damping": opt.damping, "alpha": opt.alpha,
                      "owned": st["owned_blocks"], "calls": st.get("comm_calls", 0.0), "ckpt": ckpt,
                      "cg": st["solve_cg_iterations"],
-                     "last_calls": dict(opt.comm.step_stats.calls), "traced": opt._trace is not None}
+                     "last_calls": dict(opt.comm.step_stats.calls), "traced": opt._trace is not None,
+                     "planned": opt._step_plan() is not None}
     return out
 
 
@@ -169,6 +170,7 @@ def test_w_ranks_equal_one_process(world: int, tmp_path) -> None:
             assert got["damping"] == pytest.approx(ref_opt.damping, rel=1e-12)
             assert got["alpha"] == pytest.approx(ref_opt.alpha, rel=1e-12)
             assert got["cg"] == results[0][name]["cg"]  # the same solve path and iterations on every rank
+            assert not got["planned"]  # the step plan is one process's (egn_plan): ranks take the template
         if name == "mse_cg":
             assert results[0][name]["cg"] >= 2 and ref_opt.statistics()["solve_cg_iterations"] >= 2
         if world > 1 and CONFIGS[name]["kw"].get("shard", True):

@@ -68,6 +68,14 @@ def _inject(opt: EGN, site: str) -> Any:
         return lambda: setattr(torch, "_foreach_mul", saved_mul)
     name = {"solve": "_solve", "vjp": "_vjp", "jvp": "_jvp", "trial": "_outputs"}[site]
     setattr(opt, name, boom)
+    plan = opt._step_plan()  # one process training a plain MLP: its trials' forwards are the step plan's
+    if site == "trial" and plan is not None:
+        plan.trial_outputs = boom  # type: ignore[method-assign]
+
+        def undo_both() -> None:
+            delattr(opt, name)
+            del plan.trial_outputs
+        return undo_both
     return lambda: delattr(opt, name)
 
 
