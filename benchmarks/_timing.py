@@ -50,3 +50,19 @@ class CountOps(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         self.n += 1
         return func(*args, **(kwargs or {}))
+
+
+#: the operators that copy a value to the host (a synchronisation on an accelerator)
+HOST_READS = frozenset({"aten.item.default", "aten._local_scalar_dense.default", "aten.is_nonzero.default"})
+
+
+class CountReads(CountOps):
+    """:class:`CountOps` that also counts the host reads among the calls (``reads``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.reads += str(func) in HOST_READS
+        return super().__torch_dispatch__(func, types, args, kwargs)

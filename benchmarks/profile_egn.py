@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import CountOps
+from _timing import CountOps, CountReads
 from bench_egn import SIZES, _mlp
 
 # (label, file suffix, function name[, only the time under this caller]); none of these calls another
@@ -138,18 +138,7 @@ AB_MODELS = {"synthetic": (20, 32, 32, 2), "digits": (64, 32, 32, 10)}
 
 def _reads_and_ops(opt: Any, x: torch.Tensor, y: torch.Tensor) -> tuple[int, int]:
     """(ATen calls, host reads) of one step."""
-    reads = {"aten.item.default", "aten._local_scalar_dense.default", "aten.is_nonzero.default"}
-
-    class Count(CountOps):  # type: ignore[misc]
-        def __init__(self) -> None:
-            super().__init__()
-            self.reads = 0
-
-        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-            self.reads += str(func) in reads
-            return super().__torch_dispatch__(func, types, args, kwargs)
-
-    with Count() as count:
+    with CountReads() as count:
         opt.step(inputs=x, targets=y)
     return count.n, count.reads
 

@@ -18,13 +18,29 @@ gives the bits forming it gives. Its m is v itself, as in ``_factor_vjp``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-from lightning_soaa.functional.gram import LinearFactorShape
+__all__ = ["ChainWork", "Site"]
 
-__all__ = ["ChainWork"]
+
+class Site(Protocol):
+    """What :class:`ChainWork` reads of a factored Linear layer (``gram.LinearFactorShape`` has it): its sizes and
+    which of its weight and bias are trained. Structural, so this module imports nothing but torch."""
+
+    @property
+    def d_in(self) -> int: ...
+
+    @property
+    def d_out(self) -> int: ...
+
+    @property
+    def weight(self) -> bool: ...
+
+    @property
+    def bias(self) -> bool: ...
 
 
 class ChainWork:
@@ -38,7 +54,7 @@ class ChainWork:
         dense: whether K itself is formed (:meth:`gram`); else only the factors and Jᵀv are kept.
     """
 
-    def __init__(self, sites: Sequence[LinearFactorShape], b: int, c: int, dtype: torch.dtype, device: torch.device,
+    def __init__(self, sites: Sequence[Site], b: int, c: int, dtype: torch.dtype, device: torch.device,
                  identity: int = -1, *, dense: bool = True) -> None:
         def new(*shape: int) -> Tensor:
             return torch.empty(*shape, dtype=dtype, device=device)

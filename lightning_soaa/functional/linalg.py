@@ -438,31 +438,42 @@ def coupled_scalar_map(
 
 def _scalar_map(x: Tensor, coeffs: Sequence[tuple[float, float, float]], num_iters: int, floor: float) -> Tensor:
     """:func:`coupled_scalar_map` without the clamp: what the iteration does to a negative eigenvalue too
-    (only where the polishing steps see it: the floored iteration itself sees ``x + floor``).
+    (only where the polishing steps see it: the floored iteration itself sees ``x + floor``)."""
+    out: Tensor = _recursion(torch, x, coeffs, num_iters, floor)
+    return out
 
-    The recursion as written there, with the same roundings in the same order, in fewer operator calls
-    (each costs microseconds on a few hundred values; ~60 of them were most of the eigendecomposition
-    route's cost besides LAPACK): the first iteration's ``z = 1`` is not multiplied, ``y`` and ``z`` are
-    one tensor scaled by ``q`` together, and temporaries are updated in place."""
+
+def _recursion(xp: Any, x: Any, coeffs: Sequence[tuple[float, float, float]], num_iters: int, floor: float) -> Any:
+    """The recursion as :func:`coupled_scalar_map` states it, with the same roundings in the same order, in fewer
+    operator calls (each costs microseconds on a few hundred values; ~60 of them were most of the
+    eigendecomposition route's cost besides LAPACK): the first iteration's ``z = 1`` is not multiplied, ``y`` and
+    ``z`` are one array scaled by ``q`` together, and temporaries are updated in place. ``xp``: ``torch`` for a
+    float64 tensor, numpy for a float64 array (:func:`_numpy_scalar_map`): written once with the operators both
+    share, so the two evaluations cannot drift apart."""
     y = x + floor
     if num_iters == 0:
-        z = torch.ones_like(y)
+        z = xp.ones_like(y)
     else:
         a, b, c = coeffs[0]
         q = y * c  # t = z y = y
-        q.add_(b).mul_(y).add_(a)  # q = a + t (b + c t)
-        yz = torch.stack((y * q, q))  # y q and z q = q
-        y, z = yz.unbind(0)  # views: yz.mul_ updates both
+        q += b  # q = a + t (b + c t)
+        q *= y
+        q += a
+        yz = xp.stack((y * q, q))  # y q and z q = q
+        y, z = yz  # views (one unbind for a tensor): yz *= q updates both
         for i in range(1, num_iters):
             a, b, c = coeffs[min(i, len(coeffs) - 1)]
             t = z * y
             q = t * c
-            q.add_(b).mul_(t).add_(a)
-            yz.mul_(q)
+            q += b
+            q *= t
+            q += a
+            yz *= q
     if floor > 0.0:
         for _ in range(FLOOR_POLISH_STEPS):
             u = z * 0.5  # z (1.5 - 0.5 z^2 x), left to right
-            u.mul_(z).mul_(x)
+            u *= z
+            u *= x
             z = z * (1.5 - u)
     return z
 
@@ -500,37 +511,7 @@ def _numpy_scalar_map(x: Any, coeffs: Sequence[tuple[float, float, float]], num_
     (tests/unit/test_asgo_step_cost.py). Why: a numpy call costs ~1-2 us where a CPU tensor operation costs ~5-7
     (one thread), and this map is ~60 of them whatever the count of eigenvalues."""
     with _np.errstate(all="ignore"):  # inf and NaN propagate as in torch, without numpy's warnings
-        return _numpy_recursion(x, coeffs, num_iters, floor)
-
-
-def _numpy_recursion(x: Any, coeffs: Sequence[tuple[float, float, float]], num_iters: int, floor: float) -> Any:
-    y = x + floor
-    if num_iters == 0:
-        z = _np.ones_like(y)
-    else:
-        a, b, c = coeffs[0]
-        q = y * c  # t = z y = y
-        q += b
-        q *= y
-        q += a
-        yz = _np.stack((y * q, q))
-        y, z = yz[0], yz[1]  # views: yz *= q updates both
-        t, q = _np.empty_like(y), _np.empty_like(y)
-        for i in range(1, num_iters):
-            a, b, c = coeffs[min(i, len(coeffs) - 1)]
-            _np.multiply(z, y, out=t)
-            _np.multiply(t, c, out=q)
-            q += b
-            q *= t
-            q += a
-            yz *= q
-    if floor > 0.0:
-        for _ in range(FLOOR_POLISH_STEPS):
-            u = z * 0.5  # z (1.5 - 0.5 z^2 x), left to right
-            u *= z
-            u *= x
-            z = z * (1.5 - u)
-    return z
+        return _recursion(_np, x, coeffs, num_iters, floor)
 
 
 #: The most eigenvalues (all matrices of a call together) whose map :func:`inv_sqrt_spectral` evaluates on the
@@ -658,7 +639,7 @@ def _numpy_mapped_spectrum(evals: Tensor, scales: list[float], finite: list[bool
     with _np.errstate(all="ignore"):  # inf and NaN propagate as in torch, without numpy's warnings
         x = evals.numpy() / _np.array(scales, dtype=_np.float64)[:, None]
         _np.maximum(x, 0.0, out=x)  # (NaN stays NaN; -0.0 or 0.0 give the same map)
-        z = _numpy_recursion(x, coeffs, num_iters, floor)
+        z = _recursion(_np, x, coeffs, num_iters, floor)
         z /= roots
     bad = [i for i, ok in enumerate(finite) if not ok]
     if bad:

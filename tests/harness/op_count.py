@@ -1,5 +1,5 @@
-"""The ATen operator counter the benchmarks report with (benchmarks/_timing.py's ``CountOps``), for tests that
-hold a step to an operator budget. benchmarks/ is not a package, so the module is loaded by its path."""
+"""The ATen operator counters the benchmarks report with (benchmarks/_timing.py's ``CountOps``, ``CountReads``),
+for tests that hold a step to an operator budget. benchmarks/ is not a package, so the module is loaded by its path."""
 
 from __future__ import annotations
 
@@ -17,4 +17,6 @@ def _load_timing() -> ModuleType:
     return module
 
 
-CountOps = _load_timing().CountOps
+_TIMING = _load_timing()
+CountOps = _TIMING.CountOps
+CountReads = _TIMING.CountReads  # CountOps and, of its calls, the host reads (``reads``)

@@ -10,29 +10,12 @@ plan's kept buffers for K and Jᵀv (no view, reshape or allocation per product)
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 import torch
 from torch import nn
 
 from lightning_soaa import EGN
-from tests.harness.op_count import CountOps
-
-#: the operators that copy a value to the host (a synchronisation on an accelerator)
-_HOST_READS = {"aten.item.default", "aten._local_scalar_dense.default", "aten.is_nonzero.default"}
-
-
-class _CountReads(CountOps):  # type: ignore[misc]
-    """The ATen calls (``n``) and, of them, the host reads (``reads``)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.reads = 0
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        self.reads += str(func) in _HOST_READS
-        return super().__torch_dispatch__(func, types, args, kwargs)
+from tests.harness.op_count import CountReads
 
 
 @pytest.mark.parametrize("line_search", [False, True])
@@ -47,7 +30,7 @@ def test_a_single_process_step_of_a_small_mlp_stays_within_its_operator_budget(l
     opt = EGN(model, loss="cross_entropy", lr=0.5, damping=1.0, line_search=line_search)
     for _ in range(3):
         opt.step(inputs=x, targets=y)
-    with _CountReads() as count:
+    with CountReads() as count:
         opt.step(inputs=x, targets=y)
     assert opt.statistics()["ls_tries"] <= 1.0  # (a backtracking trial adds a forward: not this budget's subject)
     assert count.n <= 118, count.n
