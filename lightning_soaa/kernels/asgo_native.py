@@ -16,22 +16,17 @@ evaluation.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
-import hashlib
 import logging
-import os
-import platform
 import subprocess
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from lightning_soaa.kernels.soaa_native import NativeUnavailable, _cache_dir, _compiler
+from lightning_soaa.kernels.soaa_native import NativeUnavailable, build_library
 
 log = logging.getLogger(__name__)
 
@@ -45,32 +40,7 @@ _double_p = ctypes.POINTER(ctypes.c_double)
 
 
 def _build() -> Path:
-    cc = _compiler()
-    source = _SOURCE.read_bytes()
-    version = subprocess.run([cc, "--version"], capture_output=True, timeout=30, check=False).stdout
-    key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), cc.encode(), version,
-                                     platform.machine().encode()])).hexdigest()[:20]
-    lib = _cache_dir() / f"asgo_map-{key}.so"
-    if lib.exists():
-        return lib
-    try:
-        lib.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
-    except OSError:  # a read-only or missing cache directory: a build for this process only
-        lib = Path(tempfile.mkdtemp(prefix="lightning_soaa-")) / lib.name
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
-    os.close(fd)
-    try:
-        proc = subprocess.run([cc, *_FLAGS, "-x", "c", "-", "-o", tmp], input=source, capture_output=True,
-                              timeout=120, check=False)
-        if proc.returncode != 0:
-            raise NativeUnavailable(f"{cc} could not build ASGO's spectral map: "
-                                    f"{proc.stderr.decode(errors='replace').strip()[-400:]}")
-        os.replace(tmp, lib)  # atomic: a concurrent process sees no file or a whole one
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-    return lib
+    return build_library("asgo_map", _SOURCE.read_bytes(), _FLAGS, "ASGO's spectral map")
 
 
 class NativeSpectralMap:

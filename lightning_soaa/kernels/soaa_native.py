@@ -55,7 +55,7 @@ from lightning_soaa.kernels.raw import own_storage
 
 log = logging.getLogger(__name__)
 
-__all__ = ["NativeSOAA", "NativeUnavailable", "int_array", "pointers"]
+__all__ = ["NativeSOAA", "NativeUnavailable", "build_library", "int_array", "pointers"]
 
 _SOURCE = Path(__file__).with_name("soaa_cpu.c")
 _ABI = 7
@@ -152,13 +152,15 @@ class _LinkRefused(NativeUnavailable):
     this compiler and runtime, not of the moment: remembered, unlike a killed compiler or a full disk."""
 
 
-def _compile(cc: str, source: bytes, out: Path, runtime: Path | None) -> None:
+def _compile(cc: str, source: bytes, out: Path, runtime: Path | None, flags: Sequence[str] = _BASE_FLAGS,
+             tries: Sequence[tuple[str, ...]] = _TRIES, what: str = "the SOAA CPU kernels") -> None:
     """Build into ``out`` atomically (a concurrent process sees either no file or a whole one).
 
     With ``runtime``: compiled with ``-fopenmp`` and linked against that file only (not the compiler's
-    own ``-lgomp``), so the loader binds it to the runtime already in the process, torch's pool."""
+    own ``-lgomp``), so the loader binds it to the runtime already in the process, torch's pool. Without it,
+    ``flags`` plus each of ``tries`` in turn until one builds (``what``: the library, for the error)."""
     errors = []
-    for extra in (("-fopenmp",),) if runtime is not None else _TRIES:
+    for extra in (("-fopenmp",),) if runtime is not None else tries:
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
@@ -168,9 +170,9 @@ def _compile(cc: str, source: bytes, out: Path, runtime: Path | None) -> None:
         obj = tmp + ".o"
         try:
             if runtime is None:
-                error = _run([cc, *_BASE_FLAGS, *extra, "-x", "c", "-", "-o", tmp, "-lm"], source)
+                error = _run([cc, *flags, *extra, "-x", "c", "-", "-o", tmp, "-lm"], source)
             else:
-                error = _run([cc, *_BASE_FLAGS, *extra, "-c", "-x", "c", "-", "-o", obj], source)
+                error = _run([cc, *flags, *extra, "-c", "-x", "c", "-", "-o", obj], source)
                 if error is None:
                     error = _run([cc, "-shared", "-fPIC", "-pthread", "-Wl,-z,defs", obj, str(runtime), "-o", tmp,
                                   "-lm"])
@@ -184,7 +186,26 @@ def _compile(cc: str, source: bytes, out: Path, runtime: Path | None) -> None:
             for leftover in (tmp, obj):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(leftover)
-    raise NativeUnavailable(f"{cc} could not build the SOAA CPU kernels: {errors[-1]}")
+    raise NativeUnavailable(f"{cc} could not build {what}: {errors[-1]}")
+
+
+def build_library(stem: str, source: bytes, flags: Sequence[str], what: str) -> Path:
+    """A plain C library (no OpenMP runtime) built once into the kernel cache, keyed by the source, the flags,
+    the compiler and the machine, as ``<stem>-<key>.so``; into a directory of this process only when the cache
+    cannot take it. For other kernels than SOAA's (ASGO's spectral map: kernels/asgo_native.py)."""
+    cc = _compiler()
+    version = subprocess.run([cc, "--version"], capture_output=True, timeout=30, check=False).stdout
+    key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), cc.encode(), version,
+                                     platform.machine().encode()])).hexdigest()[:20]
+    lib = _cache_dir() / f"{stem}-{key}.so"
+    if lib.exists():
+        return lib
+    try:
+        _compile(cc, source, lib, None, flags, ((),), what)
+    except _NotWritable:  # read-only or missing home: build for this process only
+        lib = Path(tempfile.mkdtemp(prefix="lightning_soaa-")) / lib.name
+        _compile(cc, source, lib, None, flags, ((),), what)
+    return lib
 
 
 def _build(runtime: Path | None) -> Path:

@@ -23,7 +23,7 @@ import lightning_soaa.optim.asgo as asgo_mod
 from lightning_soaa import ASGO
 from lightning_soaa.functional import asgo as asgo_math
 from lightning_soaa.functional import linalg
-from lightning_soaa.kernels import asgo_native
+from lightning_soaa.kernels import asgo_native, soaa_native
 
 
 def _mlp(sizes: tuple[int, ...], dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -197,7 +197,7 @@ def test_without_a_compiler_the_map_falls_back(monkeypatch: pytest.MonkeyPatch) 
     tensor operations."""
     def no_compiler() -> str:
         raise asgo_native.NativeUnavailable("no C compiler found (emulated)")
-    monkeypatch.setattr(asgo_native, "_compiler", no_compiler)
+    monkeypatch.setattr(soaa_native, "_compiler", no_compiler)  # the kernels' build (soaa_native.build_library)
     asgo_native.spectral_map.cache_clear()
     try:
         assert asgo_native.spectral_map() is None
