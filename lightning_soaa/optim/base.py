@@ -723,13 +723,15 @@ class ShardedOptimizer(torch.optim.Optimizer):
             return [BlockSpec(None, 0, 0, float(max(param.numel(), 1)))]
         return row_block_specs(tuple(param.shape), self._block_numel(group))
 
-    def _exchange_in(self, failed: bool = False) -> str | None:
+    def _exchange_in(self, error: BaseException | None = None) -> str | None:
         """Collectives before ``_prepare`` (default: average the gradients into their owners when
         ``grad_reduction="mean"``). An override may run more collectives (the same on every rank) and
         return a reason to skip the step; the skip itself makes no collective, so every rank must derive
-        that reason identically (e.g. from reduced values). ``failed``: this rank already raised (held for
+        that reason identically (e.g. from reduced values), and an override that may skip must raise
+        ``error`` on every rank first (a skip would drop it). ``error``: this rank already raised (held for
         the step's all-reduce): its gradients may not fit the exchange (a parameter resized since), so it
         joins the exchange with zeros, and the all-reduce after raises on every rank."""
+        failed = error is not None
         if self.sharding.grad_reduction == "mean" and self.comm.world_size > 1:
             self._check_unsharded_mean()  # (again: the world size may have been unknown at construction)
             self._meet_in_order(failed)
@@ -1847,7 +1849,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         except Exception as e:
             local_error = local_error or e
         self.comm.begin_step()
-        why = self._exchange_in(failed=local_error is not None)
+        why = self._exchange_in(local_error)
         if why is not None:
             return self._skip_step(why)
         # after a local error nothing is stepped, and the blocks may no longer match the groups (one deleted)
@@ -1858,7 +1860,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             local_error = e
         try:
             reduced = self._reduce_record(views, local_error)
-        except (ValueError, RuntimeError) as e:
+        except Exception as e:  # (each rank raises its own class where all failed alike: any class)
             add_note = getattr(e, "add_note", None)  # Python >= 3.11
             if add_note is not None and self.sharding.grad_reduction == "mean" and self.comm.world_size > 1:
                 add_note(f"{type(self).__name__}: with grad_reduction='mean' this rank's p.grad of the blocks it "

@@ -1220,11 +1220,14 @@ class EGN(ShardedOptimizer):
             super()._raise_disagreement(verdict, error)
 
     # -- template hooks ---------------------------------------------------------------------
-    def _exchange_in(self, failed: bool = False) -> str | None:
+    def _exchange_in(self, error: BaseException | None = None) -> str | None:
         """Before the template's all-reduce: agree on the batch, gather the Gram factors, solve the
-        bc×bc system (identically on every rank), and sum each rank's Jᵀv into the owners. (``failed``:
-        EGN's passes hold a rank's error themselves and raise it through their first all-reduce.)"""
+        bc×bc system (identically on every rank), and sum each rank's Jᵀv into the owners. ``error``: the
+        template's held error (its checks), raised like the pass's own through the batch agreement, on every
+        rank, before a non-finite batch or a failed solve could skip the step and drop it."""
         ps = self._current()
+        if isinstance(error, Exception) and ps.error is None:  # (only Exceptions are held)
+            ps.error = error
         # the values the step changes before it is counted, as they were (the solve moves _cg_pause)
         ps.undo = _Undo(self.num_steps + self.skipped_steps, tuple(getattr(self, k) for k in _UNDONE), self._last)
         with self._autograd_free(ps.xs):
@@ -1729,10 +1732,11 @@ class EGN(ShardedOptimizer):
             return self._local_batch(xs, targets, z, cap, err)
         table, row = self._agreement_table(_BATCH_KIND)
         positions: list[int] = []
+        y: Tensor | None = None
         if err is None:
             assert z is not None and cap is not None
             try:
-                positions = self._batch_row(table, row, xs, targets, z, cap)
+                positions, y = self._batch_row(table, row, xs, targets, z, cap)
             except Exception as exc:  # this rank's alone (out of memory in the loss): held for the all-reduce
                 if self._pass is not None and self._pass.error is None:
                     self._pass.error = exc
@@ -1744,17 +1748,17 @@ class EGN(ShardedOptimizer):
         red = self._sum_scalars(table)  # collective
         with self._agreeing():
             sizes, c = self._check_agreement(agreement.meeting_rows(red, world), err, positions)
-        assert z is not None and cap is not None
-        y = _as(targets, z.dtype if targets.is_floating_point() else targets.dtype, z.device)
+        assert z is not None and cap is not None and y is not None  # (an error raised in the agreement)
         b = sum(sizes)
         return _Batch(xs=xs, y=y, z=z, cap=cap, sizes=sizes, c=c, rank=rank,
                       positions=positions, nonfinite=red[0] > 0,
                       f0=float("nan") if red[0] > 0 else red[1] / b)
 
     def _batch_row(self, table: list[float], row: int, xs: tuple[Tensor, ...], targets: Tensor, z: Tensor,
-                   cap: LinearCapture | ChainCapture) -> list[int]:
+                   cap: LinearCapture | ChainCapture) -> tuple[list[int], Tensor]:
         """Fill this rank's values into the batch agreement's ``table`` (its row at ``row``; the non-finite flag
-        and the loss sum first); returns this rank's T per Linear site."""
+        and the loss sum first); returns this rank's T per Linear site and the targets in the outputs' dtype
+        (made here, where an error of this rank is held for the agreement, not after it)."""
         with grad_off():
             zd = z.detach()
             # the loss sum and the finiteness of z in one host copy, on the targets the trials and the
@@ -1769,7 +1773,7 @@ class EGN(ShardedOptimizer):
         table[row + _SITES_SLOT] = float(zlib.crc32(repr(positions).encode()))
         nonfinite = not (math.isfinite(local_loss) and math.isfinite(z_probe))
         table[0:2] = [1.0 if nonfinite else 0.0, local_loss]
-        return positions
+        return positions, y
 
     def _local_batch(self, xs: tuple[Tensor, ...], targets: Tensor, z: Tensor | None,
                      cap: LinearCapture | ChainCapture | None, err: str | None) -> _Batch:

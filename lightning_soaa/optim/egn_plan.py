@@ -165,6 +165,8 @@ class StepPlan:
         process group, an autocast region, a tuple of inputs) is there. Changes nothing."""
         if type(x) is not Tensor or type(y) is not Tensor or x.dim() != 2 or y.dim() == 0:
             return False
+        if x.layout is not torch.strided or y.layout is not torch.strided:  # sparse: the general path's error
+            return False
         if (x.shape[0] != y.shape[0] or x.dtype != self.dtype or x.get_device() != self.device_index
                 or y.get_device() != self.device_index):
             return False

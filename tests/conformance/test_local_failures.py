@@ -263,6 +263,7 @@ def _w_fail(rank: int, world: int, name: str, variant: str, store: str) -> dict[
 def _check(results: list[dict[str, list[dict[str, Any]]]], world: int) -> None:
     for case, failing in CASES[world].items():
         expected = EXPECTED[case]
+        assert results[0][case], f"{case}: the sweep found no call of the failing ranks' own work to fail"
         for i, row in enumerate(results[0][case]):
             got = [res[case][i] for res in results]
             where = f"{case}, call {row['k']} ({[g['call'] for g in got if g['call']]})"

@@ -1501,3 +1501,28 @@ def test_a_param_group_deleted_or_appended_by_hand_is_refused_on_every_rank(tmp_
         said = "no longer the list of tensors" if edit == "replaced" else "param_groups holds"
         assert said in out["msg"] and "add_param_group" in out["msg"], out
         assert out["unchanged"], out
+
+
+# ---------------------------------------------------------------------- a held error and a skipped step
+@pytest.mark.parametrize("name", SPECS)
+def test_an_error_held_by_the_step_is_raised_when_the_step_would_also_skip(name: str) -> None:
+    """The template holds an error of this rank's own checks until its first collective (so that every rank
+    raises together); a step that also has a reason to skip (a non-finite batch: every gradient, or EGN's
+    outputs, NaN) must still raise it, with nothing changed, not drop it and count a skip."""
+    spec = get(name)
+    model = tiny_mlp()
+    opt = _build(name, model)
+    x, y = batch(0, 0)
+    spec.take_step(opt, model, x, y)  # the state exists: a later skip or write would show
+    opt._planned_step = lambda: False  # type: ignore[method-assign]  # the template (a plan checks on change only)
+
+    def failing_check(*args: Any, **kwargs: Any) -> None:
+        raise TypeError("an injected failure of the step's checks")
+
+    opt._check_step = failing_check  # type: ignore[method-assign]
+    before = (copy.deepcopy(opt.state_dict()), [p.detach().clone() for p in model.parameters()], opt.skipped_steps)
+    with pytest.raises(TypeError, match="injected failure"):
+        spec.take_step(opt, model, torch.full_like(x, math.nan), y)
+    assert opt.skipped_steps == before[2], "a skipped step was counted instead of raising"
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before[1]))
+    assert_identical(opt.state_dict(), before[0])

@@ -265,8 +265,8 @@ def test_calls_the_plan_does_not_cover_take_the_general_path(monkeypatch: pytest
 
 
 def test_refused_batches_are_refused_by_the_general_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Targets out of range, a batch above max_gram_size, inputs the forward cannot take: the plan declines and the
-    general path raises its own error, nothing changed."""
+    """Targets out of range, a batch above max_gram_size, inputs the forward cannot take (sparse ones too): the plan
+    declines and the general path raises its own error, nothing changed."""
     model = _model("tanh", torch.float32)
     opt = EGN(model, loss="cross_entropy", max_gram_size=30)
     x, y = _batch("cross_entropy", 8, 0, torch.float32)
@@ -279,7 +279,9 @@ def test_refused_batches_are_refused_by_the_general_path(monkeypatch: pytest.Mon
             opt.step(inputs=torch.cat([x, x]), targets=torch.cat([y, y]))
         with pytest.raises(ValueError, match="forward failed"):
             opt.step(inputs=x[:, :4], targets=y)
-    assert counts == [0, 3]
+        with pytest.raises(ValueError, match="forward failed"):  # sparse inputs: not the plan's own error
+            opt.step(inputs=x.to_sparse(), targets=y)
+    assert counts == [0, 4]
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before)) and opt.num_steps == 1
 
 
