@@ -2011,28 +2011,33 @@ class EGN(ShardedOptimizer):
                 f"outputs), above max_gram_size={self.config.max_gram_size}. (A linear model under MSE is "
                 "solved as b x b, K = G ⊗ I_c, only where its Linear's output is the model's output; here a "
                 "hook on the model or the layer changes it.) Use a smaller batch or raise max_gram_size.")
-        k: Tensor | None = None
         if r.numel() <= SMALL_DENSE_MAX:
             # a small system: K itself, assembled whole, gives K·r as one mat-vec and SᵀKS as one
             # contraction, instead of a factor transform and a factor mat-vec (per-op overhead dominates)
-            k = assemble_gram(layout, pieces)
-            kr = k @ r
-            sol = egn_math.solve_coefficients(k, r, s, batch.b, self.damping,
-                                              max_retries=self.config.max_solve_retries, kr=kr)
-        else:
-            kr = gram_matvec(layout, pieces, r)
-            st_kr = egn_math.apply_st(s, kr)
-            sp = pieces if s is None else transform_factors(layout, pieces, s)
-            sol = self._solve_system(batch, layout, sp, r, st_kr, s)
+            return self._dense_curvature(assemble_gram(layout, pieces), r, s, batch.b)
+        kr = gram_matvec(layout, pieces, r)
+        st_kr = egn_math.apply_st(s, kr)
+        sp = pieces if s is None else transform_factors(layout, pieces, s)
+        sol = self._solve_system(batch, layout, sp, r, st_kr, s)
         if not sol.ok:
             return _Curvature(r=r, s=s, sol=sol, gtd=float("nan"), jd_qq=float("nan"))
-        # K is symmetric: rᵀKv = (Kr)ᵀv from the K·r already formed. Jd = Kv (one more mat-vec: dense
-        # when K is in hand, else by the factors) feeds only ρ, so it is formed only with adaptive damping.
+        # K is symmetric: rᵀKv = (Kr)ᵀv from the K·r already formed. Jd = Kv (one more factor mat-vec) feeds only
+        # ρ, so it is formed only with adaptive damping.
         gtd = egn_math.directional_derivative(sol.v, kr, batch.b)
-        jd_qq = float("nan")
-        if self.config.adaptive_damping:
-            kv = k @ sol.v if k is not None else gram_matvec(layout, pieces, sol.v)
-            jd_qq = float(egn_math.q_norm_sq(s, kv))
+        jd_qq = float(egn_math.q_norm_sq(s, gram_matvec(layout, pieces, sol.v))) if self.config.adaptive_damping \
+            else float("nan")
+        return _Curvature(r=r, s=s, sol=sol, gtd=gtd, jd_qq=jd_qq)
+
+    def _dense_curvature(self, k: Tensor, r: Tensor, s: Tensor | None, b: int) -> _Curvature:
+        """:meth:`_solve` of a small system from K whole (the general path's assembled K, or the step plan's
+        kept one): K·r a mat-vec, the SPD solve from K, gᵀd = −rᵀKv/b ((Kr)ᵀv: K is symmetric), and
+        (Jd)ᵀQ(Jd) from Jd = Kv only with adaptive damping (it feeds only ρ)."""
+        kr = k @ r
+        sol = egn_math.solve_coefficients(k, r, s, b, self.damping, max_retries=self.config.max_solve_retries, kr=kr)
+        if not sol.ok:
+            return _Curvature(r=r, s=s, sol=sol, gtd=float("nan"), jd_qq=float("nan"))
+        gtd = egn_math.directional_derivative(sol.v, kr, b)
+        jd_qq = float(egn_math.q_norm_sq(s, k @ sol.v)) if self.config.adaptive_damping else float("nan")
         return _Curvature(r=r, s=s, sol=sol, gtd=gtd, jd_qq=jd_qq)
 
     def _solve_kronecker(self, g: Tensor, r2: Tensor) -> _Curvature:

@@ -487,17 +487,8 @@ class StepPlan:
     def _solve_dense(self, opt: EGN, work: ChainWork, z: Tensor, y: Tensor) -> _Curvature:
         """``EGN._solve`` of a small system (bc ≤ ``SMALL_DENSE_MAX``): K whole (:meth:`ChainWork.gram`), K·r a
         mat-vec, the SPD solve from K (:func:`~lightning_soaa.functional.egn.solve_coefficients`), gᵀd = −rᵀKv/b."""
-        cfg = opt.config
-        r2, s = egn_math.residual_and_factor(cfg.loss, z, y)
-        r = r2.reshape(-1)
-        k = work.gram()
-        kr = k @ r
-        sol = egn_math.solve_coefficients(k, r, s, work.b, opt.damping, max_retries=cfg.max_solve_retries, kr=kr)
-        if not sol.ok:
-            return _Curvature(r=r, s=s, sol=sol, gtd=float("nan"), jd_qq=float("nan"))
-        gtd = egn_math.directional_derivative(sol.v, kr, work.b)
-        jd_qq = float(egn_math.q_norm_sq(s, k @ sol.v)) if cfg.adaptive_damping else float("nan")
-        return _Curvature(r=r, s=s, sol=sol, gtd=gtd, jd_qq=jd_qq)
+        r2, s = egn_math.residual_and_factor(opt.config.loss, z, y)
+        return opt._dense_curvature(work.gram(), r2.reshape(-1), s, work.b)
 
     def _gradient(self, r: Tensor, inputs: list[Tensor], deltas: list[Tensor | None]) -> list[Tensor]:
         """g = −Jᵀr/b per parameter in the model's dtype, from the factors in it (``EGN._vjps``' second channel:
