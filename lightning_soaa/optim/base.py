@@ -83,7 +83,7 @@ import math
 import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any, NoReturn, overload
+from typing import Any, NamedTuple, NoReturn, overload
 
 import torch
 from torch import Tensor
@@ -512,6 +512,15 @@ _REBUILDING = "rebuilding the block table (add_param_group, or joining the proce
 #: the instance id a joining optimizer shows in its meeting before the join (:meth:`_meet_before_join`):
 #: outside the 48-bit ids, so a rank in another optimizer's step record sees another optimizer
 _JOINING_ID = float(1 << 48)
+
+
+class _OwnedState(NamedTuple):
+    """A restore's state made (:meth:`ShardedOptimizer._owned_state`), not yet the optimizer's."""
+
+    states: dict[Tensor, dict[Any, Any]]  #: per parameter, its state (its blocks' entries where it is cut)
+    num_steps: int
+    skipped_steps: int
+    global_state: dict[str, Any]  #: for :meth:`ShardedOptimizer._load_global_state`
 
 
 def _next_unjoined() -> int:
@@ -1205,11 +1214,16 @@ class ShardedOptimizer(torch.optim.Optimizer):
         # see _hyperparameter_error: each group's list and its members (a list edited in place keeps its id)
         self._group_lists: list[list[Tensor]] = lists + [g["params"] for g in groups]
         self._group_members: list[tuple[Tensor, ...]] = members + [tuple(g["params"]) for g in groups]
-        self._owned = self._table.owned()
-        if self._dtensor is not None:  # a block cut across FSDP2's shards is its holder's alone
-            self._owned = [b for b in self._owned if self._dtensor.holds(b)]
+        self._owned = self._owned_of(table)
         self._view_cache = _ViewCache(self._table, self._owned)
         self.exchange = OwnerExchange(self._table, params, self.comm, sharded=self.sharding.shard)
+
+    def _owned_of(self, table: BlockTable) -> list[BlockInfo]:
+        """The blocks of ``table`` this rank keeps state for."""
+        owned = table.owned()
+        if self._dtensor is not None:  # a block cut across FSDP2's shards is its holder's alone
+            owned = [b for b in owned if self._dtensor.holds(b)]
+        return owned
 
     def _check_same_params_on_all_ranks(self, params: list[Tensor], names: list[str | None],
                                         table: BlockTable | None = None) -> None:
@@ -1316,18 +1330,28 @@ class ShardedOptimizer(torch.optim.Optimizer):
         Called where every rank makes a collective anyway (the step, :meth:`consolidate_state_dict`).
         The local (unsharded) state, e.g. loaded from a checkpoint before the first step, is kept for the
         blocks this rank owns after sharding. Ranks that already stepped alone raise, on every rank.
+
+        A rank's own work (the table at the group's size, its state re-cut and copied into the blocks it will
+        own) is done before the join's first collective, whose error flag carries its failure: one rank that
+        failed there (an out of memory, a state that cannot be placed) raised alone, joined halfway, while
+        its peers went on into the step's collectives (a hang). After the meeting only the construction check
+        (a collective of its own: every rank raises together) may fail. Every failure leaves the optimizer as
+        it was, waiting to join, so that a step taken again joins as the first try would have.
         """
         self._check_same_world()
         if not self._join_pending or not default_group_ready():
             return
+        local_comm, group_comm = self.comm, default_communicator(None)
+        limit = self.__dict__.get("_auto_limit")
         error: Exception | None = None
-        full: dict[str, Any] = {}
-        try:
+        made: tuple[tuple[BlockTable, list[Tensor], list[str | None], int], _OwnedState] | None = None
+        try:  # this rank's own work: held for the join's first all-reduce (a hang else)
             full = self._gather_full_state()  # local: the LocalComm owns every block
-        except Exception as e:  # this rank's alone: held for the join's first all-reduce (a hang else)
+            self.comm = group_comm
+            made = self._prepare_join(full)
+        except Exception as e:
             error = e
-        local_comm = self.comm
-        self.comm = default_communicator(None)
+        self.comm = group_comm
         self._join_pending = False
         self._joining = type(self).__name__  # (inside a step: one class of error on every rank, _join_check_failed)
         try:
@@ -1335,15 +1359,36 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 self._meet_before_join(error)
             elif error is not None:
                 raise error
-            self._build_table()
-        except BaseException:  # (Ctrl+C too: the comm must not stay switched over the local table)
-            self.comm, self._join_pending = local_comm, True  # nothing changed: still the local table
+            assert made is not None
+            (table, params, names, first), owned = made
+            if self.comm.world_size > 1:
+                self._check_same_params_on_all_ranks(params, names, table)
+        except BaseException:  # (Ctrl+C too) nothing changed: still the local table, comm and block size
+            self.comm, self._join_pending = local_comm, True
+            if limit is None:
+                self.__dict__.pop("_auto_limit", None)
+            else:
+                self._auto_limit = limit
             raise
         finally:
             del self._joining
+        self._adopt_table(table, params, names, first, check_ranks=True)
+        self._install_owned_state(owned)  # assignments only: nothing may fail on one rank after the check
         log.info("%s: joined the %d-rank default process group at its first collective (it was built "
                  "before torch.distributed was initialized)", type(self).__name__, self.comm.world_size)
-        self._restore_owned_state(fit_layout(self._checkpoint_view(), full))  # the blocks may depend on W
+
+    def _prepare_join(self, full: dict[str, Any]
+                      ) -> tuple[tuple[BlockTable, list[Tensor], list[str | None], int], _OwnedState]:
+        """A join's own work on this rank, over the group's communicator (``self.comm``), changing nothing but
+        the block size (:meth:`_ensure_joined` puts it back on failure): the block table at the group's size,
+        not yet checked across the ranks, and the local state ``full`` in the blocks this rank will own (re-cut
+        where the blocks depend on W, copied)."""
+        made = self._make_table(check_ranks=False)
+        table, params, names, _ = made
+        view = dataclasses.replace(self._checkpoint_view(), param_groups=list(self.param_groups), block_table=table,
+                                   shapes=tuple(tuple(p.shape) for p in params),
+                                   devices=tuple(p.device for p in params), names=tuple(names))
+        return made, self._owned_state(view, self._owned_of(table), params, fit_layout(view, full))
 
     def _check_same_world(self) -> None:
         """The default process group was destroyed and initialized again since this optimizer was built (a
@@ -2571,29 +2616,39 @@ class ShardedOptimizer(torch.optim.Optimizer):
         return load
 
     def _restore_owned_state(self, state_dict: dict[str, Any]) -> None:
-        owned_states = select_owned_state(self._checkpoint_view(), state_dict)
+        self._install_owned_state(self._owned_state(self._checkpoint_view(), self._owned, self._params, state_dict))
+
+    def _owned_state(self, view: CheckpointView, owned: list[BlockInfo], params: list[Tensor],
+                     state_dict: dict[str, Any]) -> _OwnedState:
+        """The state of ``state_dict`` (in ``view``'s layout) for the ``owned`` blocks of ``params``, copied
+        where it is kept, and its counters: the fallible part of a restore, which changes nothing."""
+        owned_states = select_owned_state(view, state_dict)
         if self._dtensor is not None:  # full tensors -> this rank's shards (of the blocks it holds)
-            by_key = {b.key: b for b in self._owned}
+            by_key = {b.key: b for b in owned}
             owned_states = {key: self._dtensor.shard_state(by_key[key], st) for key, st in owned_states.items()
                             if key in by_key}
         new_state: dict[Tensor, dict[Any, Any]] = {}
-        for b in self._owned:
+        for b in owned:
             blk = owned_states.get(b.key)
             if blk is None:
                 continue
-            p = self._params[b.param_index]
+            p = params[b.param_index]
             st = new_state.setdefault(p, {})
             if b.dim is None:
                 st.update(blk)
             else:
                 st[b.sub_index] = blk
+        glob = dict(state_dict[FORMAT_KEY]["global"])
+        counts = int(glob.pop("num_steps", 0)), int(glob.pop("skipped_steps", 0))
+        return _OwnedState(new_state, *counts, glob)
+
+    def _install_owned_state(self, owned: _OwnedState) -> None:
+        """Make ``owned`` (:meth:`_owned_state`, for the current table) the optimizer's state."""
         self.state.clear()
-        for p, st in new_state.items():
+        for p, st in owned.states.items():
             self.state[p] = st
         self._own_state_dicts()
-        glob = dict(state_dict[FORMAT_KEY]["global"])
-        self.num_steps = int(glob.pop("num_steps", 0))
-        self.skipped_steps = int(glob.pop("skipped_steps", 0))
-        self._load_global_state(glob)
+        self.num_steps, self.skipped_steps = owned.num_steps, owned.skipped_steps
+        self._load_global_state(owned.global_state)
         self._consolidated, self._consolidated_at = None, -1  # a consolidation before the load is void
         dcp.hold_state_entries(self)

@@ -335,6 +335,107 @@ def test_state_loaded_before_joining_is_kept(tmp_path: Path, floor: int | None) 
                 torch.testing.assert_close(a, b, atol=0, rtol=0, msg=f"rank {r}, {name}")
 
 
+def _join_snapshot(model: nn.Module, opt: Any) -> dict[str, Any]:
+    """Everything a failed join must leave as it was: the parameters, the local state, the counters and the
+    optimizer still waiting to join (its one-process table). The optimizer-wide state is read only where the
+    optimizer is still one process (over the group it may be a collective, which a lone rank would wait in)."""
+    local = opt.comm.world_size == 1
+    return {"params": _params(model), "state": [copy.deepcopy(dict(opt.state.get(p, {}))) for p in model.parameters()],
+            "global": copy.deepcopy(opt._global_state()) if local else "joined", "pending": opt.join_pending,
+            "world": opt.comm.world_size, "owned": [b.key for b in opt.block_table.owned()],
+            "steps": [opt.num_steps, opt.skipped_steps]}
+
+
+@contextlib.contextmanager
+def _failing_state_copies(kind: type[Exception] | None) -> Any:
+    """Every copy of a saved state tensor into the optimizer's state raises ``kind`` (None: no fault): a load
+    that runs out of memory, or a state that cannot be placed, on this rank alone."""
+    if kind is None:
+        yield
+        return
+    from lightning_soaa.distributed import checkpoint
+
+    def fail(*args: Any, **kwargs: Any) -> Any:
+        raise kind("injected: the saved state cannot be placed on this rank")
+
+    kept = checkpoint._owned_value
+    checkpoint._owned_value = fail  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        checkpoint._owned_value = kept  # type: ignore[assignment]
+
+
+#: the faults of the join's restore, in turn (rank 1 only): where the optimizer joins, what rank 1 raises
+_JOIN_FAULTS = (("step", torch.OutOfMemoryError), ("step", ValueError), ("consolidate_state_dict", ValueError))
+
+
+def _w_join_restore_fails(rank: int, world: int, name: str, store2: str) -> dict[str, Any]:
+    """Built and loaded before the group exists; the first step joins the group, and rank 1 alone fails to
+    place the loaded state in the blocks it owns at W = 2 (an out of memory, then a ValueError; then in a
+    consolidation, the other place a join is made). Then the step is taken again without the fault, and once
+    more; the reference is built and loaded after the group."""
+    dist.barrier()  # see _w_built_early
+    dist.destroy_process_group()
+    saved = _single_process_state(name)
+    model = tiny_mlp(sizes=SIZES)
+    opt = _build(name, model)
+    opt.load_state_dict(copy.deepcopy(saved))
+    dist.init_process_group("gloo", store=dist.FileStore(store2, world), rank=rank, world_size=world)
+    ref_model = tiny_mlp(sizes=SIZES)
+    ref = _build(name, ref_model)
+    ref.load_state_dict(copy.deepcopy(saved))
+    for t in (2, 3):
+        _step(name, ref, ref_model, t, rank)
+    before = _join_snapshot(model, opt)
+    out: dict[str, Any] = {}
+    for how, kind in _JOIN_FAULTS:
+        raised, message = None, "no error"
+        with _failing_state_copies(kind if rank == 1 else None):
+            try:
+                _step(name, opt, model, 2, rank) if how == "step" else opt.consolidate_state_dict()
+            except Exception as e:  # noqa: BLE001 - the parent checks what each rank raised
+                raised, message = type(e), f"{type(e).__name__}: {e}"
+        try:
+            assert_identical(_join_snapshot(model, opt), before, "after the failed join")
+            unchanged = "yes"
+        except AssertionError as e:
+            unchanged = str(e)
+        out[f"{how}: {kind.__name__}"] = {"raised": raised, "message": message, "unchanged": unchanged}
+        if unchanged != "yes":  # a rank left joined alone: a retry would meet its peer's other collectives
+            return out
+    for t in (2, 3):  # the retry, then one more step: the run that never failed
+        _step(name, opt, model, t, rank)
+    out["early"], out["ref"] = _params(model), _params(ref_model)
+    out["states"] = [[copy.deepcopy(dict(o.state.get(p, {}))) for p in m.parameters()]
+                     for o, m in ((opt, model), (ref, ref_model))]
+    out["steps"] = [(o.num_steps, o.skipped_steps) for o in (opt, ref)]
+    return out
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_a_join_whose_restore_fails_on_one_rank_raises_on_every_rank(tmp_path: Path, name: str) -> None:
+    """The join's restore of the state loaded before the group (the blocks this rank owns at W = 2) failed on
+    one rank (at a step or a consolidation): it raised alone, half-joined, while its peer went on into the
+    collectives that follow (a hang). Now every rank raises the same class (its peer's naming rank 1), nothing
+    changed (still waiting to join, its state as loaded), and the step taken again trains exactly as an
+    optimizer built and loaded after the group."""
+    results = run_distributed(_w_join_restore_fails, 2, tmp_path, name, str(tmp_path / "store2"), timeout=120)
+    for how, kind in _JOIN_FAULTS:
+        case = f"{how}: {kind.__name__}"
+        said = {r: res[case]["message"] for r, res in enumerate(results)}
+        for r, res in enumerate(results):
+            got = res[case]
+            assert got["raised"] is not None and issubclass(got["raised"], kind), (case, r, said)
+            assert ("injected" if r == 1 else "rank(s) [1]") in got["message"], (case, r, said)
+            assert got["unchanged"] == "yes", (case, r, got["unchanged"])
+    for r, res in enumerate(results):
+        assert res["steps"][0] == res["steps"][1], (r, res["steps"])
+        for a, b in zip(res["early"], res["ref"]):
+            torch.testing.assert_close(a, b, atol=0, rtol=0, msg=f"rank {r}")
+        assert_identical(res["states"][0], res["states"][1], f"rank {r}: state")
+
+
 # ---------------------------------------------------------------------- 2. gradients differ across ranks
 def _w_unaveraged(rank: int, world: int, name: str) -> dict[str, Any]:
     model = tiny_mlp(sizes=SIZES)

@@ -209,10 +209,11 @@ def _w_join_refused_by_one_rank(rank, world_size, store2):
 
 def test_a_join_whose_blocks_are_refused_on_some_ranks_only_raises_on_every_rank(tmp_path: Path):
     """At a join the table is built before the check too, and nothing else announced a rank's error there:
-    the other ranks waited in the check's all-gather. (A join is part of a step: the others raise the same
-    class, here a ValueError, naming rank 1.)"""
+    the other ranks waited in the check's all-gather. It is now built before the join's first all-reduce, whose
+    error flag carries it. (A join is part of a step: the others raise the same class, here a ValueError,
+    naming rank 1.)"""
     out = run_distributed(_w_join_refused_by_one_rank, 2, tmp_path, str(tmp_path / "store2"), timeout=60)
-    assert "rank(s) [1] raised an error while rebuilding the block table" in out[0][0], out
+    assert "rank(s) [1] raised an error as it joined the process group" in out[0][0], out
     assert "rank 1: ValueError" in out[0][0] and out[1][0] == "refused here", out
     assert all(pending for _, pending in out), out
 
