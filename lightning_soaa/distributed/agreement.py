@@ -76,7 +76,6 @@ __all__ = [
     "INSTANCE_SLOT",
     "OOM_FLAG",
     "error_flag",
-    "all_out_of_memory",
     "peers_out_of_memory",
     "agreed_error",
     "record_size",
@@ -152,11 +151,6 @@ def error_flag(error: BaseException | type[BaseException] | None) -> float:
         return 0.0
     cls = error if isinstance(error, type) else type(error)
     return next((flag for known, flag in _KNOWN_ERRORS if issubclass(cls, known)), None) or _class_flag(cls)
-
-
-def all_out_of_memory(flags: Sequence[float]) -> bool:
-    """Whether every failed rank's flag (``flags``: the failed ranks' error slots) says out of memory."""
-    return bool(flags) and all(f == OOM_FLAG for f in flags)
 
 
 def peers_out_of_memory(what: str, ranks: Sequence[int]) -> torch.OutOfMemoryError:
@@ -636,8 +630,6 @@ class StepVerdict:
     gradless_ranks: list[int] = dataclasses.field(default_factory=list)
     #: ranks in the step of another optimizer than rank 0 (optimizers stepped in different orders)
     instance_ranks: list[int] = dataclasses.field(default_factory=list)
-    #: every error rank's error was an out of memory (:data:`OOM_FLAG`)
-    out_of_memory: bool = False
     #: every rank's error flag (:func:`error_flag`), in rank order: what :func:`agreed_error` reads
     error_flags: list[float] = dataclasses.field(default_factory=list)
 
@@ -668,5 +660,4 @@ def read_step_rows(rows: Tensor | Sequence[float], world: int, compare_grads: bo
     return StepVerdict(errors, hyper, grads, steps if len(set(steps)) > 1 else [], checks, params,
                        replicated=digests and world > 1 and not params, gradless_ranks=gradless,
                        instance_ranks=instances,
-                       out_of_memory=all_out_of_memory([m[r][ERROR_SLOT] for r in errors]),
                        error_flags=[m[r][ERROR_SLOT] for r in range(world)])
