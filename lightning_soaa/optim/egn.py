@@ -511,6 +511,9 @@ class _Pass:
     trial_rejected: bool = False  # the loss after the step was non-finite
     error: Exception | None = None  # raised on this rank before the step; every rank raises with it
     late_error: Exception | None = None  # local work failed after the exchanges began (solve, Jᵀv, w0)
+    # W > 1: why the step is skipped (the system could not be solved), decided with the ranks' late errors by
+    # the template's all-reduce (an error on any rank wins: _prepare)
+    unsolved: str | None = None
     use_chain: bool | None = None  # whether the step's forwards go through the planned chain (once known)
     rng: StepRng | None = None  # the random draw every forward of the step repeats (not for a planned chain)
     probed: bool = False  # this step's capture passed the factor probe (_factor_probe)
@@ -644,9 +647,9 @@ class EGN(ShardedOptimizer):
     A rank whose local work between these collectives raises (out of memory, a model raising on its own
     samples) still joins the next one, with zeros and a failure flag (packing its factors: 2; the solve
     and Jᵀv: 3, its error then in the template's agreement rows, 4; the copy of the parameters, J·d and the
-    trial forwards: 6): every rank raises together, with the parameters as before the step. Not covered:
-    a failure inside an exchange's own buffers (3's packing, 5) and the one case where a rank's solve
-    raises while the others' solve declares the system unsolvable (they skip the step, it waits).
+    trial forwards: 6): every rank raises together, with the parameters as before the step, also where the
+    others found the system unsolvable (at W > 1 that skip is decided in 4, after 3 with nothing: an error
+    wins). Not covered: a failure inside an exchange's own buffers (3's packing, 5).
 
     A non-finite value anywhere (outputs, loss, direction) or an unsolvable system skips the step on
     every rank through the base's skip path, leaving all state unchanged. **A step whose loss
@@ -1286,20 +1289,33 @@ class EGN(ShardedOptimizer):
                 raise ps.late_error or RuntimeError("EGN: no Gram factors")  # (held by _gather_factors)
             curv = ps.curvature = self._solve(batch, layout, pieces)
             if not curv.sol.ok:
-                return f"the bc system could not be solved after {curv.sol.fallbacks} damping retries"
+                why = f"the bc system could not be solved after {curv.sol.fallbacks} damping retries"
+                if isinstance(self.comm, LocalComm):
+                    return why
+                # W > 1: a rank whose solve (or stacking) raised cannot know that the system is unsolvable and
+                # waits in the reduce-scatter; skipping here left it there (gloo: an abort, NCCL: a hang). The
+                # skip joins it with nothing and is decided by the template's all-reduce, where an error wins.
+                ps.unsolved = why
+                return self._no_vjps()
             return self._vjps(batch, curv, pieces)
         except Exception as e:
             if isinstance(self.comm, LocalComm):
                 raise
             ps.late_error = e
-            channels = 2 if float(self.param_groups[0]["momentum"]) > 0 else 1
-            return [[None] * len(self._params) for _ in range(channels)]
+            return self._no_vjps()
+
+    def _no_vjps(self) -> list[list[Tensor | None]]:
+        """The reduce-scatter's channels of a rank with no Jᵀv to add (zeros: d, and g with momentum)."""
+        channels = 2 if float(self.param_groups[0]["momentum"]) > 0 else 1
+        return [[None] * len(self._params) for _ in range(channels)]
 
     def _prepare(self, views: list[BlockView]) -> _EGNRecord:
         """The owners' direction blocks, new momentum buffers and their partial gᵀd (momentum only)."""
         ps = self._current()
         if ps.late_error is not None:  # reported through the template's all-reduce (_prepare_locally)
             raise ps.late_error
+        if ps.unsolved is not None:  # a skip, by this flag in the same all-reduce, unless a rank raised (_skip_step)
+            return _EGNRecord(nonfinite=1.0)
         at_owners = ps.at_owners
         beta = float(self.param_groups[0]["momentum"])
         rec = _EGNRecord(direction=at_owners[0])
@@ -1493,6 +1509,12 @@ class EGN(ShardedOptimizer):
     def _exchange_out(self, decision: _EGNDecision) -> None:
         """No parameter gather: ``_decide`` gathered the full direction from its owners (the same bytes)
         and every rank applied it to every parameter."""
+
+    def _skip_step(self, why: str) -> bool:
+        """The base's skip, with the reason of an unsolvable system at W > 1 (:meth:`_solved_vjps`: flagged as
+        non-finite in the template's all-reduce; every rank that flagged it has the same reason)."""
+        unsolved = self._pass.unsolved if self._pass is not None else None
+        return super()._skip_step(unsolved or why)
 
     def _on_skip(self) -> None:
         if self._pass is not None and self._pass.trial_rejected:

@@ -26,8 +26,10 @@ that the step handles itself (a fallback) must leave every rank stepping as that
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +41,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_soaa.distributed import comm, exchange
 from lightning_soaa.registry import OptimizerSpec, StepNeeds, get
-from tests.conformance._battery import SPECS, assert_identical, make, step, takes_kwarg
+from tests.conformance._battery import SPECS, assert_identical, data, make, step, takes_kwarg
 from tests.harness.distributed import run_distributed
 
 #: (optimizer, variant) pairs: "none" (the loop averages the gradients, as DDP does), "mean" (the optimizer
@@ -296,3 +298,115 @@ def test_a_failure_of_one_ranks_own_work_raises_on_every_rank(tmp_path: Path, na
         pytest.skip("the join's path is covered at W = 2")
     results = run_distributed(_w_fail, world, tmp_path, name, variant, str(tmp_path / "store"), timeout=90)
     _check(results, world)
+
+
+# ---------------------------------------------------------------- EGN: a late failure in a step that skips
+#: EGN's local work after its factor all-gather, made to raise on the failing ranks: the global factor
+#: table's stacking (the rank then has no system to solve) and the solve itself
+_LATE_WORK = ("stacking", "solve")
+#: the failing ranks by world size (rank -> its exception) and what every rank must raise
+_DOUBLE = {2: ({1: torch.OutOfMemoryError}, torch.OutOfMemoryError),
+           3: ({1: torch.OutOfMemoryError, 2: ValueError}, RuntimeError)}
+
+
+def _egn_steps(model: Any, opt: Any, ts: range, rank: int, world: int, unsolvable: int) -> None:
+    """The battery's steps of EGN; at step ``unsolvable`` rank 0 holds an infinite input (its tanh outputs
+    stay finite, the Gram matrix K does not): the system cannot be solved on any rank, a counted skip."""
+    spec = get("EGN")
+    for t in ts:
+        x, y = data(t, rank=rank, world=world)
+        if t == unsolvable and rank == 0:
+            x = x.clone()
+            x[0, 0] = float("inf")
+        spec.take_step(opt, model, x, y)
+
+
+def _late_failure(opt: Any, where: str, kind: type[Exception]) -> Callable[[], None]:
+    """Make ``where`` raise ``kind`` on this rank (once); returns what undoes it."""
+    def fail(*args: Any, **kwargs: Any) -> Any:
+        raise kind(f"injected in EGN's {where}")
+    if where == "solve":
+        opt._solve = fail
+        return lambda: vars(opt).pop("_solve")
+    import lightning_soaa.optim.egn as egn_module
+    split = egn_module.split_factor_table
+    egn_module.split_factor_table = fail  # type: ignore[assignment]
+    return lambda: setattr(egn_module, "split_factor_table", split)
+
+
+@contextlib.contextmanager
+def _warnings(logger: str) -> Iterator[list[str]]:
+    """The messages ``logger`` warns with inside."""
+    said: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
+    log = logging.getLogger(logger)
+    log.addHandler(handler)
+    try:
+        yield said
+    finally:
+        log.removeHandler(handler)
+
+
+def _w_late_failure_and_skip(rank: int, world: int, store: str) -> list[dict[str, Any]]:
+    failing, _ = _DOUBLE[world]
+    out = []
+    for where, momentum in ((w, m) for w in _LATE_WORK for m in (0.0, 0.5)):
+        kw = {"momentum": momentum}
+        model, opt = make(get("EGN"), **kw)
+        _egn_steps(model, opt, range(3), rank, world, unsolvable=1)  # step 1 skipped
+        reference = _snapshot(model, opt)
+        model, opt = make(get("EGN"), **kw)
+        _egn_steps(model, opt, range(1), rank, world, unsolvable=1)
+        before = _snapshot(model, opt)
+        undo = _late_failure(opt, where, failing[rank]) if rank in failing else (lambda: None)
+        row: dict[str, Any] = {"case": f"{where}, momentum={momentum}", "raised": None, "message": "no error"}
+        try:
+            _egn_steps(model, opt, range(1, 2), rank, world, unsolvable=1)
+        except Exception as e:  # noqa: BLE001 - the parent checks what each rank raised
+            row["raised"], row["message"] = type(e), f"{type(e).__name__}: {e}"
+        finally:
+            undo()
+        try:
+            assert_identical(_snapshot(model, opt), before, "after the failed step")
+            row["unchanged"] = "yes"
+        except AssertionError as e:
+            row["unchanged"] = str(e)
+        with _warnings("lightning_soaa.optim.base") as said:
+            _egn_steps(model, opt, range(1, 2), rank, world, unsolvable=1)  # the retry: skipped, for its reason
+        row["skip"] = said
+        _egn_steps(model, opt, range(2, 3), rank, world, unsolvable=1)
+        try:
+            assert_identical(_snapshot(model, opt), reference, "the retried run")
+            row["exact"] = "yes"
+        except AssertionError as e:
+            row["exact"] = str(e)
+        out.append(row)
+        dist.barrier()
+    return out
+
+
+@pytest.mark.parametrize("world", sorted(_DOUBLE))
+def test_egn_late_failure_in_a_step_that_cannot_be_solved_raises_on_every_rank(tmp_path: Path, world: int) -> None:
+    """A double fault (found by a reviewer): the failing ranks' work after the factor all-gather raises (their
+    stacking of the global table, or their solve) while the others find the system unsolvable (a skip). The
+    skipping ranks left the step while the failing ones waited in the Jᵀv reduce-scatter (gloo: a timeout, NCCL:
+    a hang). The error must win on every rank: one class everywhere, nothing changed, and the retry (a skip,
+    then a step) the run without the failure, bit for bit."""
+    failing, expected = _DOUBLE[world]
+    results = run_distributed(_w_late_failure_and_skip, world, tmp_path, str(tmp_path / "store"), timeout=90)
+    for i, row in enumerate(results[0]):
+        got = [res[i] for res in results]
+        said = {r: g["message"] for r, g in enumerate(got)}
+        for r, g in enumerate(got):
+            assert g["raised"] is not None, (row["case"], r, said)
+            if expected is RuntimeError:  # exactly: no rank's may be an out of memory (caught alone)
+                assert g["raised"] is RuntimeError, (row["case"], r, said)
+                assert all(c.__name__ in g["message"] for c in failing.values()), (row["case"], r, said)
+            else:
+                assert issubclass(g["raised"], expected), (row["case"], r, said)
+            if r not in failing:
+                assert f"rank(s) {sorted(failing)}" in g["message"], (row["case"], r, said)
+            assert g["unchanged"] == "yes", (row["case"], r, g["unchanged"])
+            assert g["exact"] == "yes", (row["case"], r, g["exact"])
+            assert any("could not be solved" in m for m in g["skip"]), (row["case"], r, g["skip"])
