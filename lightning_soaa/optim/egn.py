@@ -1884,9 +1884,12 @@ class EGN(ShardedOptimizer):
             flat = torch.zeros(int(layout[1]), dtype=torch.float64, device=tensors[0].device)
         self.comm.all_reduce_(flat)  # collective: rank 0's values, the others' zeros
         if rank != 0:
-            with torch.no_grad():
-                for b, v in zip(tensors, torch.split(flat, [b.numel() for b in tensors])):
-                    b.copy_(v.view(b.shape))
+            try:
+                with torch.no_grad():
+                    for b, v in zip(tensors, torch.split(flat, [b.numel() for b in tensors])):
+                        b.copy_(v.view(b.shape))
+            except Exception as e:  # (a buffer not writable in place) this rank's alone: raised on every rank by
+                self._current().error = e  # the batch agreement next (rank 0 went on to it: a hang, raised here)
 
     def _check_agreement(self, info: list[list[float]], err: str | None,
                          positions: list[int]) -> tuple[list[int], int]:

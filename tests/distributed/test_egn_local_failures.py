@@ -182,3 +182,46 @@ def test_a_failure_of_one_rank_outside_the_agreed_work_refuses_its_save(site: st
     assert out[0]["step"] == "OutOfMemoryError", out[0]
     assert "interrupted inside its update" in out[0]["saved"], out[0]
     assert out[1]["step"] != "no error", out[1]
+
+
+def _batch_norm_model() -> torch.nn.Module:
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.BatchNorm1d(5), torch.nn.Tanh(),
+                                torch.nn.Linear(5, 3)).to(DT)
+    model.register_buffer("scale", torch.ones(3, dtype=DT))  # a floating buffer the forward does not read
+    return model
+
+
+def _worker_buffers(rank: int, world: int) -> dict[str, Any]:
+    torch.manual_seed(0)
+    model = _batch_norm_model()
+    opt = EGN(model, **KW)
+    for t in range(3):
+        _step(opt, t, rank, world)
+    reference = _snapshot(model, opt)
+    torch.manual_seed(0)
+    model = _batch_norm_model()
+    opt = EGN(model, **KW)
+    _step(opt, 0, rank, world)
+    before = _snapshot(model, opt)
+    model.scale = torch.ones(1, dtype=DT).expand(3)  # one memory location for every entry: no copy_ into it
+    try:
+        _step(opt, 1, rank, world)
+        message = None
+    except RuntimeError as exc:
+        message = f"{type(exc).__name__}: {exc}"
+    unchanged = _same(before, _snapshot(model, opt))
+    model.scale = torch.ones(3, dtype=DT)
+    for t in (1, 2):
+        _step(opt, t, rank, world)
+    return {"message": message, "unchanged": unchanged, "exact": _same(reference, _snapshot(model, opt))}
+
+
+def test_a_rank_that_cannot_take_rank_0s_buffers_raises_on_every_rank(tmp_path) -> None:
+    """Every rank but 0 copies rank 0's floating buffers in after their all-reduce; a copy that raised there (a
+    buffer that cannot be written in place: an expanded one) left that rank out of the step while rank 0 waited
+    in the batch agreement (gloo: an abort, NCCL: a hang). It is held for that agreement: every rank raises,
+    nothing changed, and the run goes on as the run without it."""
+    results = run_distributed(_worker_buffers, 2, tmp_path, timeout=90)
+    assert results[1]["message"] is not None and "single memory location" in results[1]["message"], results[1]
+    assert results[0]["message"] is not None and "rank(s) [1] raised an error" in results[0]["message"], results[0]
+    assert all(r["unchanged"] and r["exact"] for r in results), results
