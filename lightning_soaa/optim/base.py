@@ -1351,6 +1351,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
             made = self._prepare_join(full)
         except Exception as e:
             error = e
+        except BaseException:  # (Ctrl+C, likeliest in the copies of a large loaded state) the comm was switched
+            self._undo_join(local_comm, limit)
+            raise
         self.comm = group_comm
         self._join_pending = False
         self._joining = type(self).__name__  # (inside a step: one class of error on every rank, _join_check_failed)
@@ -1364,11 +1367,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             if self.comm.world_size > 1:
                 self._check_same_params_on_all_ranks(params, names, table)
         except BaseException:  # (Ctrl+C too) nothing changed: still the local table, comm and block size
-            self.comm, self._join_pending = local_comm, True
-            if limit is None:
-                self.__dict__.pop("_auto_limit", None)
-            else:
-                self._auto_limit = limit
+            self._undo_join(local_comm, limit)
             raise
         finally:
             del self._joining
@@ -1376,6 +1375,15 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._install_owned_state(owned)  # assignments only: nothing may fail on one rank after the check
         log.info("%s: joined the %d-rank default process group at its first collective (it was built "
                  "before torch.distributed was initialized)", type(self).__name__, self.comm.world_size)
+
+    def _undo_join(self, local_comm: Communicator, limit: int | None) -> None:
+        """Put back what a join that failed or was interrupted changed: the one-process communicator
+        (``local_comm``), the pending join and the automatic block size the local table was cut with."""
+        self.comm, self._join_pending = local_comm, True
+        if limit is None:
+            self.__dict__.pop("_auto_limit", None)
+        else:
+            self._auto_limit = limit
 
     def _prepare_join(self, full: dict[str, Any]
                       ) -> tuple[tuple[BlockTable, list[Tensor], list[str | None], int], _OwnedState]:

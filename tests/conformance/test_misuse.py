@@ -436,6 +436,63 @@ def test_a_join_whose_restore_fails_on_one_rank_raises_on_every_rank(tmp_path: P
         assert_identical(res["states"][0], res["states"][1], f"rank {r}: state")
 
 
+def _w_join_interrupted(rank: int, world: int, name: str, store2: str) -> dict[str, Any]:
+    """Built and loaded before the group exists; the first step's join is interrupted (Ctrl+C: a
+    KeyboardInterrupt on every rank) while it places the loaded state in the blocks each rank will own, the
+    join's longest local work. Then the step is taken again, and once more; the reference is built and
+    loaded after the group."""
+    dist.barrier()  # see _w_built_early
+    dist.destroy_process_group()
+    saved = _single_process_state(name)
+    model = tiny_mlp(sizes=SIZES)
+    opt = _build(name, model)
+    opt.load_state_dict(copy.deepcopy(saved))
+    dist.init_process_group("gloo", store=dist.FileStore(store2, world), rank=rank, world_size=world)
+    ref_model = tiny_mlp(sizes=SIZES)
+    ref = _build(name, ref_model)
+    ref.load_state_dict(copy.deepcopy(saved))
+    for t in (2, 3):
+        _step(name, ref, ref_model, t, rank)
+    before = _join_snapshot(model, opt)
+    limit = opt.__dict__.get("_auto_limit")
+    interrupted = False
+    with _failing_state_copies(KeyboardInterrupt):
+        try:
+            _step(name, opt, model, 2, rank)
+        except KeyboardInterrupt:
+            interrupted = True
+    try:
+        assert_identical(_join_snapshot(model, opt), before, "after the interrupted join")
+        assert opt.__dict__.get("_auto_limit") == limit, ("block size", opt.__dict__.get("_auto_limit"), limit)
+        unchanged = "yes"
+    except AssertionError as e:
+        unchanged = str(e)
+    out: dict[str, Any] = {"interrupted": interrupted, "unchanged": unchanged}
+    if unchanged != "yes":  # half-joined: a retry would not be the first try's join
+        return out
+    for t in (2, 3):  # the retry, then one more step: the run that was never interrupted
+        _step(name, opt, model, t, rank)
+    out["early"], out["ref"] = _params(model), _params(ref_model)
+    out["steps"] = [(o.num_steps, o.skipped_steps) for o in (opt, ref)]
+    return out
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_a_join_interrupted_while_it_places_the_state_changes_nothing(tmp_path: Path, name: str) -> None:
+    """A Ctrl+C (on every rank) while the join placed the loaded state in the blocks each rank will own left
+    the optimizer half-joined: still waiting to join, its one-process table and state, but its communicator
+    already the group's (and its automatic block size the group's), so that the step taken again 'joined'
+    from there. Now nothing changed, and the step taken again trains exactly as an optimizer built and loaded
+    after the group."""
+    results = run_distributed(_w_join_interrupted, 2, tmp_path, name, str(tmp_path / "store2"), timeout=120)
+    for r, res in enumerate(results):
+        assert res["interrupted"], r
+        assert res["unchanged"] == "yes", (r, res["unchanged"])
+        assert res["steps"][0] == res["steps"][1], (r, res["steps"])
+        for a, b in zip(res["early"], res["ref"]):
+            torch.testing.assert_close(a, b, atol=0, rtol=0, msg=f"rank {r}")
+
+
 # ---------------------------------------------------------------------- 2. gradients differ across ranks
 def _w_unaveraged(rank: int, world: int, name: str) -> dict[str, Any]:
     model = tiny_mlp(sizes=SIZES)
