@@ -10,6 +10,7 @@ bench_step_overhead.py: deterministic and load-independent) and the CPU time of 
     python benchmarks/profile_egn.py [--batches 16 64 256] [--steps 5] [--solve-dtype float64]
     python benchmarks/profile_egn.py --digits   # the report's digits workload with EGN-m's settings
     python benchmarks/profile_egn.py --ab [--batches 16 32 64 256] [--rounds 60]
+    python benchmarks/profile_egn.py --tabular digits --batches 16 32 64   # --ab's MLP, profiled
 
 ``--ab``: the step plan of one process (``optim/egn_plan.py``) against the general path (the template) in one
 process, alternated step by step on two copies of the same model and batches (the time-to-target MLPs
@@ -61,8 +62,11 @@ PHASES: tuple[tuple[str, ...], ...] = (
     # the step plan of one process training a plain MLP (optim/egn_plan.py), where it applies
     ("plan's checks", "optim/egn_plan.py", "usable"),
     ("capture forward + loss", "optim/egn_plan.py", "outputs"),
-    ("back signals", "optim/egn_plan.py", "back_signals"),
+    ("back signals", "optim/egn_chain.py", "back_signals", "_curvature"),  # (the chain capture's: local_factors)
     ("Gram assembly", "functional/chain_gram.py", "gram"),
+    ("Gram assembly", "functional/chain_gram.py", "gram_lower"),  # the plan's kept SᵀKS of a larger system
+    ("K mat-vecs, S^T J factors", "functional/chain_gram.py", "gram_matvec"),
+    ("K mat-vecs, S^T J factors", "functional/chain_gram.py", "transform"),
     ("VJPs d = J^T v", "functional/chain_gram.py", "vjp_into"),
     ("trial losses (line search)", "optim/egn_plan.py", "_trial"),
 )
@@ -86,12 +90,18 @@ def _digits() -> tuple[Any, torch.Tensor, torch.Tensor]:
     return opts[0], x, y
 
 
-def profile(b: int, steps: int, solve_dtype: str, line_search: bool, digits: bool = False) -> dict[str, float]:
+def profile(b: int, steps: int, solve_dtype: str, line_search: bool, digits: bool = False,
+            tabular: str = "") -> dict[str, float]:
     from lightning_soaa import EGN
 
     torch.set_num_threads(1)
     if digits:
         opt, x, y = _digits()
+    elif tabular:  # --ab's model and settings (the time-to-target MLP), one batch
+        opt = _ab_egn(AB_MODELS[tabular])
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(b, AB_MODELS[tabular][0], generator=g)
+        y = torch.randint(0, AB_MODELS[tabular][-1], (b,), generator=g)
     else:
         model = _mlp()
         g = torch.Generator().manual_seed(1)
@@ -136,6 +146,20 @@ def profile(b: int, steps: int, solve_dtype: str, line_search: bool, digits: boo
 AB_MODELS = {"synthetic": (20, 32, 32, 2), "digits": (64, 32, 32, 10)}
 
 
+def _ab_egn(widths: tuple[int, ...]) -> Any:
+    """EGN on a d_in-h-h-c tanh MLP (seed 0) with --ab's settings: cross-entropy, lr 1, λ 0.5, line search."""
+    from torch import nn
+
+    from lightning_soaa import EGN
+
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for i in range(len(widths) - 1):
+        layers += [nn.Linear(widths[i], widths[i + 1]), nn.Tanh()]
+    return EGN(nn.Sequential(*layers[:-1]), loss="cross_entropy", lr=1.0, damping=0.5, line_search=True,
+               max_gram_size=1 << 14)
+
+
 def _reads_and_ops(opt: Any, x: torch.Tensor, y: torch.Tensor) -> tuple[int, int]:
     """(ATen calls, host reads) of one step."""
     with CountReads() as count:
@@ -145,19 +169,10 @@ def _reads_and_ops(opt: Any, x: torch.Tensor, y: torch.Tensor) -> tuple[int, int
 
 def ab(widths: tuple[int, ...], b: int, rounds: int) -> dict[str, float]:
     """The step plan vs the general path, alternated in this process (see the module docstring)."""
-    from torch import nn
-
-    from lightning_soaa import EGN
-
     torch.set_num_threads(1)
     opts = []
     for planned in (True, False):
-        torch.manual_seed(0)
-        layers: list[nn.Module] = []
-        for i in range(len(widths) - 1):
-            layers += [nn.Linear(widths[i], widths[i + 1]), nn.Tanh()]
-        opt = EGN(nn.Sequential(*layers[:-1]), loss="cross_entropy", lr=1.0, damping=0.5, line_search=True,
-                  max_gram_size=1 << 14)
+        opt = _ab_egn(widths)
         if not planned:
             opt._planned_step = lambda: False  # every step through the template
         opts.append(opt)
@@ -199,6 +214,8 @@ def main() -> None:
     ap.add_argument("--solve-dtype", default="float64")
     ap.add_argument("--line-search", action="store_true")
     ap.add_argument("--digits", action="store_true", help="the report's digits workload, EGN-m (b = 32)")
+    ap.add_argument("--tabular", choices=sorted(AB_MODELS), default="",
+                    help="profile --ab's time-to-target MLP (lr 1, λ 0.5, line search) instead of the bench MLP")
     ap.add_argument("--ab", action="store_true", help="the step plan vs the general path, alternated")
     ap.add_argument("--rounds", type=int, default=60, help="--ab: alternated steps of each")
     args = ap.parse_args()
@@ -207,7 +224,8 @@ def main() -> None:
         return
     if args.digits:
         args.batches = [32]
-    table = {b: profile(b, args.steps, args.solve_dtype, args.line_search, args.digits) for b in args.batches}
+    table = {b: profile(b, args.steps, args.solve_dtype, args.line_search, args.digits, args.tabular)
+             for b in args.batches}
     labels = list(dict.fromkeys(k for per in table.values() for k in per))
     print("| phase (ms/step, cProfile) | " + " | ".join(f"b={b}" for b in args.batches) + " |")
     print("|---|" + "---|" * len(args.batches))

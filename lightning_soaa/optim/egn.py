@@ -2043,27 +2043,26 @@ class EGN(ShardedOptimizer):
         kr = gram_matvec(layout, pieces, r)
         st_kr = egn_math.apply_st(s, kr)
         sp = pieces if s is None else transform_factors(layout, pieces, s)
-        sol = self._solve_system(batch, layout, sp, r, st_kr, s)
+        sol = self._solve_system(batch.b, layout, sp, r, st_kr, s)
+        return self._curvature_of(sol, r, kr, s, batch.b, lambda v: gram_matvec(layout, pieces, v))
+
+    def _curvature_of(self, sol: egn_math.SolveResult, r: Tensor, kr: Tensor, s: Tensor | None, b: int,
+                      apply_k: Callable[[Tensor], Tensor]) -> _Curvature:
+        """The curvature record of a solved system: gᵀd = −rᵀKv/b from the K·r already formed ((Kr)ᵀv: K is
+        symmetric), and (Jd)ᵀQ(Jd) from Jd = Kv (``apply_k``: one more product) only with adaptive damping (it
+        feeds only ρ); NaN for both where the solve failed."""
         if not sol.ok:
             return _Curvature(r=r, s=s, sol=sol, gtd=float("nan"), jd_qq=float("nan"))
-        # K is symmetric: rᵀKv = (Kr)ᵀv from the K·r already formed. Jd = Kv (one more factor mat-vec) feeds only
-        # ρ, so it is formed only with adaptive damping.
-        gtd = egn_math.directional_derivative(sol.v, kr, batch.b)
-        jd_qq = float(egn_math.q_norm_sq(s, gram_matvec(layout, pieces, sol.v))) if self.config.adaptive_damping \
-            else float("nan")
+        gtd = egn_math.directional_derivative(sol.v, kr, b)
+        jd_qq = float(egn_math.q_norm_sq(s, apply_k(sol.v))) if self.config.adaptive_damping else float("nan")
         return _Curvature(r=r, s=s, sol=sol, gtd=gtd, jd_qq=jd_qq)
 
     def _dense_curvature(self, k: Tensor, r: Tensor, s: Tensor | None, b: int) -> _Curvature:
         """:meth:`_solve` of a small system from K whole (the general path's assembled K, or the step plan's
-        kept one): K·r a mat-vec, the SPD solve from K, gᵀd = −rᵀKv/b ((Kr)ᵀv: K is symmetric), and
-        (Jd)ᵀQ(Jd) from Jd = Kv only with adaptive damping (it feeds only ρ)."""
+        kept one): K·r a mat-vec, the SPD solve from K, then :meth:`_curvature_of` with Jd = Kv."""
         kr = k @ r
         sol = egn_math.solve_coefficients(k, r, s, b, self.damping, max_retries=self.config.max_solve_retries, kr=kr)
-        if not sol.ok:
-            return _Curvature(r=r, s=s, sol=sol, gtd=float("nan"), jd_qq=float("nan"))
-        gtd = egn_math.directional_derivative(sol.v, kr, b)
-        jd_qq = float(egn_math.q_norm_sq(s, k @ sol.v)) if self.config.adaptive_damping else float("nan")
-        return _Curvature(r=r, s=s, sol=sol, gtd=gtd, jd_qq=jd_qq)
+        return self._curvature_of(sol, r, kr, s, b, k.__matmul__)
 
     def _solve_kronecker(self, g: Tensor, r2: Tensor) -> _Curvature:
         """:meth:`_solve` when K = G ⊗ I_c (:func:`kronecker_sample_gram`; Q = I): K + bλI = (G + bλI) ⊗ I_c,
@@ -2084,7 +2083,7 @@ class EGN(ShardedOptimizer):
             jd_qq = float(egn_math.q_norm_sq(None, (g @ sol.v.view(b, -1)).reshape(-1)))
         return _Curvature(r=r, s=None, sol=sol, gtd=gtd, jd_qq=jd_qq)
 
-    def _solve_system(self, batch: _Batch, layout: GramLayout, sp: GramFactors, r: Tensor, st_kr: Tensor,
+    def _solve_system(self, b: int, layout: GramLayout, sp: GramFactors, r: Tensor, st_kr: Tensor,
                       s: Tensor | None) -> egn_math.SolveResult:
         """The damped system, in the cheapest way expected to reach float64 accuracy (the same choice on
         every rank: it depends only on the gathered factors and on state every rank shares).
@@ -2097,7 +2096,7 @@ class EGN(ShardedOptimizer):
            the exact float64 mat-vec; if that cannot reach float64 accuracy, 3.
         3. Assembly and Cholesky in the solve dtype (with the λ×10 retries).
         """
-        args = (r, st_kr, s, batch.b, self.damping)
+        args = (r, st_kr, s, b, self.damping)
         retries = self.config.max_solve_retries
         n = st_kr.numel()  # the system's size, bc'
         mixed = r.dtype == torch.float64 and n >= MIXED_MIN_SIZE
@@ -2121,7 +2120,12 @@ class EGN(ShardedOptimizer):
                 return sol
             log.info("EGN: float32 factorization + refinement did not reach float64 accuracy "
                      "(bc=%d, λ=%.3g); solving in float64", r.numel(), self.damping)
-        return egn_math.solve_damped(assemble_gram(layout, sp, lower_only=True), *args, max_retries=retries)
+        return self._direct_solve(assemble_gram(layout, sp, lower_only=True), r, st_kr, s, b)
+
+    def _direct_solve(self, base: Tensor, r: Tensor, st_kr: Tensor, s: Tensor | None, b: int) -> egn_math.SolveResult:
+        """:meth:`_solve_system`'s direct solve (step 3) from ``base``, the lower triangle of SᵀKS (K where ``s``
+        is None) in the solve dtype: the general path's assembly, or the step plan's kept one (overwritten)."""
+        return egn_math.solve_damped(base, r, st_kr, s, b, self.damping, max_retries=self.config.max_solve_retries)
 
     # -- 4. d = Jᵀv (and g = −Jᵀr/b with momentum): this rank's samples, from its factors ------
     def _vjps(self, batch: _Batch, curv: _Curvature, pieces: GramFactors) -> list[list[Tensor | None]]:

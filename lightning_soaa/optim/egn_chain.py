@@ -33,7 +33,7 @@ from torch.nn.modules import module as _module
 
 from lightning_soaa.optim.egn_capture import LinearSite
 
-__all__ = ["Chain", "ChainCapture", "backward_hooks_in", "plan_chain"]
+__all__ = ["Chain", "ChainCapture", "back_signals", "backward_hooks_in", "plan_chain"]
 
 
 def _relu_backward(grad: Tensor, out: Tensor) -> Tensor:
@@ -163,33 +163,43 @@ class ChainCapture:
                 self.inputs[i].append(self.saved[j].unsqueeze(1))  # A [b, T=1, d_in]
 
     def local_factors(self, z: Tensor, num_outputs: int) -> list[tuple[Tensor, Tensor]]:
-        """Per site (A [b, 1, d_in], Δ [b, c, 1, d_out]): the back-signals by the chain rule, from the
-        last module back to the first factored Linear."""
+        """Per site (A [b, 1, d_in], Δ [b, c, 1, d_out]): the back-signals by the chain rule
+        (:func:`back_signals`), the identity site's Δ = I_c expanded over the samples."""
         b, c = z.shape
-        mods, site_of, saved = self.chain.modules, self.chain.site_of, self.saved
-        first = self.chain.first_site
-        deltas: list[Tensor | None] = [None] * self.chain.num_sites
-        eye = torch.eye(c, dtype=z.dtype, device=z.device).expand(b, c, c)  # δ of z itself
-        g: Tensor | None = None  # δ at the current module's output, [b, c, d]; None: the identity (z itself)
         with grad_off():
-            for j in range(len(mods) - 1, first - 1, -1):
-                m = mods[j]
-                if isinstance(m, nn.Linear):
-                    if site_of[j] >= 0:
-                        deltas[site_of[j]] = eye if g is None else g
-                    if j == first:
-                        break
-                    # δ·W (the input gradient autograd forms); for the identity it is W's rows themselves
-                    w = m.weight
-                    if g is None:
-                        g = w.expand(b, c, w.shape[1])
-                    else:  # (explicit widths: b may be 0 on a rank with an empty batch)
-                        g = (g.reshape(b * c, w.shape[0]) @ w).view(b, c, w.shape[1])
-                elif type(m) in _ACTIVATIONS:
-                    out = saved[j + 1] if j + 1 < len(mods) else z
-                    g = _ACTIVATIONS[type(m)](eye if g is None else g, out.unsqueeze(1))
+            deltas = back_signals(self.chain, z, self.saved)
+        eye = None
         factors: list[tuple[Tensor, Tensor]] = []
         for a, d in zip(self.inputs, deltas):
-            assert d is not None  # every site lies at or after ``first``
+            if d is None:  # δ of z itself
+                eye = torch.eye(c, dtype=z.dtype, device=z.device).expand(b, c, c) if eye is None else eye
+                d = eye
             factors.append((a[0], d.unsqueeze(2)))
         return factors
+
+
+def back_signals(chain: Chain, z: Tensor, saved: list[Tensor]) -> list[Tensor | None]:
+    """Per site Δ [b, c, d_out] by the chain rule, from the last module back to the first factored Linear, with
+    autograd's own kernels (``mm`` with the weight, the activations' backward); None for the site whose Δ is the
+    identity (the last Linear: its output is z). ``saved[j]``: the input of module j (:meth:`Chain.forward`).
+    Used by the chain capture and by the step plan of one process (``egn_plan``), so both take the same bits."""
+    b, c = z.shape
+    mods, site_of = chain.modules, chain.site_of
+    first = chain.first_site
+    deltas: list[Tensor | None] = [None] * chain.num_sites
+    g: Tensor | None = None  # δ at the current module's output, [b, c, d]; None: the identity (z itself)
+    for j in range(len(mods) - 1, first - 1, -1):
+        m = mods[j]
+        if type(m) is nn.Linear:  # (plan_chain admits no subclass)
+            if site_of[j] >= 0:
+                deltas[site_of[j]] = g
+            if j == first:
+                break
+            # δ·W, the input gradient autograd forms (one product over the b·c rows; b may be 0 on a rank with an
+            # empty batch); for the identity it is W's rows themselves
+            w = m.weight
+            g = w.expand(b, c, w.shape[1]) if g is None else torch.matmul(g, w)
+        elif type(m) in _ACTIVATIONS:
+            assert g is not None  # the chain ends in a Linear (plan_chain)
+            g = _ACTIVATIONS[type(m)](g, (saved[j + 1] if j + 1 < len(mods) else z).unsqueeze(1))
+    return deltas

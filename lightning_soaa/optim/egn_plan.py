@@ -42,12 +42,12 @@ from torch.nn.modules import module as _module
 
 from lightning_soaa.distributed.comm import LocalComm, default_group_ready
 from lightning_soaa.functional import egn as egn_math
-from lightning_soaa.functional.chain_gram import ChainWork
-from lightning_soaa.functional.gram import GramFactors
+from lightning_soaa.functional.chain_gram import ChainSystem, ChainWork
+from lightning_soaa.functional.gram import GramFactors, _row_blocks, gram_matvec
 from lightning_soaa.optim import egn as egn_module
 from lightning_soaa.optim.base import host_floats
 from lightning_soaa.optim.egn import _UNDONE, EGN, _Batch, _Curvature, _EGNRecord, _Undo
-from lightning_soaa.optim.egn_chain import _ACTIVATIONS, Chain
+from lightning_soaa.optim.egn_chain import Chain, back_signals
 from lightning_soaa.optim.param_checks import check_step
 
 __all__ = ["StepPlan"]
@@ -101,14 +101,14 @@ class StepPlan:
         self.chain = chain
         self.modules = chain.modules
         self.types = tuple(map(type, chain.modules))
-        # the forward, per module: (_LINEAR, weight, bias), (_ACTIVATION, its forward, its backward) or
+        # the forward, per module: (_LINEAR, weight, bias), (_ACTIVATION, its forward, None) or
         # (_IDENTITY, None, None) for nn.Identity and nn.Dropout, the identity in eval mode (the step's mode)
         self.program: list[tuple[int, Any, Any]] = []
         for m in chain.modules:
             if type(m) is nn.Linear:
                 self.program.append((_LINEAR, m.weight, m.bias))
             elif type(m) in _FORWARDS:
-                self.program.append((_ACTIVATION, _FORWARDS[type(m)], _ACTIVATIONS[type(m)]))
+                self.program.append((_ACTIVATION, _FORWARDS[type(m)], None))
             else:
                 self.program.append((_IDENTITY, None, None))
         # what _module_as_planned reads at every step: the root's and the modules' hook, instance and parameter dicts
@@ -265,27 +265,6 @@ class StepPlan:
                 h = f(h)
         return h
 
-    def back_signals(self, z: Tensor, saved: list[Tensor]) -> list[Tensor | None]:
-        """Per site Δ [b, c, d_out] in the model's dtype by the chain rule, from the last module back to the first
-        site, None for the identity site: ``ChainCapture.local_factors``'s kernels on its operands."""
-        b, c = z.shape
-        chain, n = self.chain, len(self.modules)
-        deltas: list[Tensor | None] = [None] * chain.num_sites
-        g: Tensor | None = None  # δ at the current module's output, [b, c, d]; None: the identity (z itself)
-        for j in range(n - 1, chain.first_site - 1, -1):
-            kind, f, bw = self.program[j]
-            if kind == _LINEAR:
-                if chain.site_of[j] >= 0:
-                    deltas[chain.site_of[j]] = g
-                if j == chain.first_site:
-                    break
-                # δ·W (the input gradient autograd forms, one product over the b·c rows); for the identity, W's rows
-                g = f.expand(b, c, f.shape[1]) if g is None else torch.matmul(g, f)
-            elif kind == _ACTIVATION:
-                out = (saved[j + 1] if j + 1 < n else z).unsqueeze(1)
-                g = bw(self._eye(b, c, z.dtype) if g is None else g, out)
-        return deltas
-
     def _eye(self, b: int, c: int, dtype: torch.dtype) -> Tensor:
         """I_c for every sample, [b, c, c], as the chain capture expands it (kept per batch shape)."""
         eye = self._eyes.get((b, c))
@@ -424,7 +403,7 @@ class StepPlan:
             opt._skip_step("non-finite model outputs or loss")
             return float("nan")
         f0 = loss / b
-        deltas = self.back_signals(z, saved)
+        deltas = back_signals(self.chain, z, saved)
         solved = self._solve(opt, z, y, saved, deltas, positions)
         if solved is None:
             return f0  # (skipped)
@@ -468,9 +447,7 @@ class StepPlan:
         if dense:
             curv = self._solve_dense(opt, work, z64, y64)
         else:
-            factors = [(a.unsqueeze(1), dk.unsqueeze(2)) for a, dk in zip(work.inputs, work.signals)]
-            pieces = GramFactors(z64, y64, factors, None, identity=self.identity)
-            curv = opt._solve(_Sized(b), opt._factor_layout(c, positions), pieces)  # type: ignore[arg-type]
+            curv = self._solve_factored(opt, work, z64, y64, positions)
         if not curv.sol.ok:
             return self._unsolved(opt, curv)
         flat, views = self._flat(dt)
@@ -479,6 +456,35 @@ class StepPlan:
         out, views = self._flat(self.dtype)
         out.copy_(flat)  # rounded to the parameters' dtype at once (each block's .to(dtype) in the exchange)
         return curv, out, views
+
+    def _solve_factored(self, opt: EGN, work: ChainWork, z: Tensor, y: Tensor, positions: list[int]) -> _Curvature:
+        """``EGN._solve`` of a larger system (bc > ``SMALL_DENSE_MAX``) from the factors. Where it is solved
+        directly in the solve dtype (bc' below ``MIXED_MIN_SIZE`` for float64, any size otherwise) and K is not
+        G ⊗ I_c (one Linear under MSE): K·r, the factors of SᵀJ and the lower triangle of SᵀKS in kept buffers
+        (:class:`ChainSystem`), the SPD solve from it (``EGN._direct_solve``). Else ``EGN._solve`` itself (its
+        conjugate gradients and mixed precision build their own operands)."""
+        cfg = opt.config
+        b, c = z.shape
+        layout = opt._factor_layout(c, positions)
+
+        def pieces() -> GramFactors:  # the buffers as the general path's factors (shaped as the chain keeps them)
+            factors = [(a.unsqueeze(1), dk.unsqueeze(2)) for a, dk in zip(work.inputs, work.signals)]
+            return GramFactors(z, y, factors, None, identity=self.identity)
+
+        cp = c - 1 if cfg.loss == "cross_entropy" else c  # SᵀJ's rows per sample (ce_factor's c − 1)
+        if ((z.dtype == torch.float64 and b * cp >= egn_module.MIXED_MIN_SIZE) or b * c > cfg.max_gram_size
+                or (cfg.loss == "mse" and len(positions) == 1)):
+            return opt._solve(_Sized(b), layout, pieces())  # type: ignore[arg-type]
+        r2, s = egn_math.residual_and_factor(cfg.loss, z, y)
+        system = work.system
+        if system is None or system.cp != cp:
+            system = work.system = ChainSystem(work, cp, _row_blocks(b, cp, lower_only=True))
+        r = r2.reshape(-1)
+        kr = system.gram_matvec(r).view(-1)
+        st_kr = egn_math.apply_st(s, kr)
+        system.transform(None if s is None else s.transpose(1, 2))
+        sol = opt._direct_solve(system.gram_lower(), r, st_kr, s, b)
+        return opt._curvature_of(sol, r, kr, s, b, lambda v: gram_matvec(layout, pieces(), v))
 
     @staticmethod
     def _unsolved(opt: EGN, curv: _Curvature) -> None:

@@ -46,6 +46,12 @@ CASES: dict[str, tuple[str, str, int, torch.dtype, tuple[str, ...], dict[str, An
     "linear_regression_kronecker": ("bare_linear", "mse", 24, torch.float32, (), dict(lr=1.0, adaptive_damping=True)),
     "logistic_regression": ("bare_linear", "cross_entropy", 24, torch.float32, (), dict(lr=1.0, line_search=True)),
     "mse_one_output": ("one_output", "mse", 8, torch.float32, (), dict(lr=1.0, momentum=0.5, line_search=True)),
+    # bc' in [288, MIXED_MIN_SIZE): the kept lower triangle of SᵀKS in two row blocks (ChainSystem), a frozen weight
+    # and a frozen bias among its sites
+    "ce_staircase": ("tanh", "cross_entropy", 160, torch.float32, (), dict(lr=1.0, damping=0.5, line_search=True)),
+    "bce_frozen_staircase": ("relu_dropout", "bce", 100, torch.float32, ("0.bias", "3.weight"),
+                             dict(lr=1.0, damping=0.5, momentum=0.3, line_search=True, adaptive_damping=True)),
+    "mse_staircase": ("tanh", "mse", 110, torch.float32, (), dict(lr=0.5, momentum=0.5, adaptive_damping=True)),
     # a step size the Armijo test cuts back several times a step (w0 put back before each later trial)
     "mse_backtracking": ("tanh", "mse", 16, torch.float32, (), dict(lr=50.0, damping=1e-3, line_search=True)),
 }

@@ -35,3 +35,21 @@ def test_a_single_process_step_of_a_small_mlp_stays_within_its_operator_budget(l
     assert opt.statistics()["ls_tries"] <= 1.0  # (a backtracking trial adds a forward: not this budget's subject)
     assert count.n <= 118, count.n
     assert count.reads <= 8, count.reads
+
+
+def test_a_single_process_step_of_a_larger_system_stays_within_its_operator_budget() -> None:
+    """The digits MLP 64-32-32-10 at b = 32 under cross-entropy (bc = 320, a system of bc' = 288 solved directly in
+    float64, above the whole-K size): at most 140 ATen calls and 8 host reads with one line-search trial, through the
+    step plan's kept operands of K·r, SᵀJ and the lower triangle of SᵀKS (egn_plan's ChainSystem: 137 calls; 230
+    when the plan handed such systems to EGN._solve, which allocates, slices and reshapes them per step)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 10))
+    x, y = torch.randn(32, 64), torch.randint(0, 10, (32,))
+    opt = EGN(model, loss="cross_entropy", lr=1.0, damping=0.5, line_search=True)
+    for _ in range(3):
+        opt.step(inputs=x, targets=y)
+    with CountReads() as count:
+        opt.step(inputs=x, targets=y)
+    assert opt.statistics()["ls_tries"] <= 1.0
+    assert count.n <= 140, count.n
+    assert count.reads <= 8, count.reads
