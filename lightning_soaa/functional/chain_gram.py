@@ -148,17 +148,18 @@ class ChainSystem:
     Args:
         work: the batch shape's :class:`ChainWork` (its inputs A and back-signals Δ are the factors read here).
         cp: c', the rows per sample of SᵀJ.
-        blocks: the sample ranges [i0, i1) of the lower triangle's row blocks (one block: the whole product).
+        blocks: the sample ranges [i0, i1) of the lower triangle's row blocks (one block: the whole product);
+            None: no lower triangle is assembled here (a system solved iteratively: :meth:`apply`).
     """
 
-    def __init__(self, work: ChainWork, cp: int, blocks: Sequence[tuple[int, int]]) -> None:
+    def __init__(self, work: ChainWork, cp: int, blocks: Sequence[tuple[int, int]] | None) -> None:
         b, c = work.b, work.c
         like = work.inputs[0] if work.inputs else work.signals[0]
 
         def new(*shape: int) -> Tensor:
             return torch.empty(*shape, dtype=like.dtype, device=like.device)
 
-        self.work, self.cp, self.blocks = work, cp, list(blocks)
+        self.work, self.cp, self.blocks = work, cp, list(blocks or ())
         sites = work.sites
         # K·u, per site: m = Δᵀu [b, 1, d_out], Σ_i m_i, Aᵀm, h = A(Aᵀm) + Σ m, its part Δh [b, 1, c]
         self._m = [new(b, 1, s.d_out) for s in sites]
@@ -174,6 +175,9 @@ class ChainSystem:
         self.signals = [new(b, cp, c if i == work.identity else s.d_out) for i, s in enumerate(sites)]
         self._flat = [d.view(b * cp, d.shape[2]) for d in self.signals]
         self._flat_t = [d.T for d in self._flat]
+        self.operator: ChainOperator | None = None  # made at the first use (conjugate gradients' products)
+        if blocks is None:  # (a system solved without its assembly here: no K kept)
+            return
         n = b * cp
         self.k = new(n, n)
         self._ga = [new(b, b) for _ in sites]
@@ -273,3 +277,75 @@ class ChainSystem:
         if first:
             self.k.zero_()
         return self.k
+
+    def apply(self) -> ChainOperator:
+        """x ↦ SᵀKS x from this step's :attr:`signals` (after :meth:`transform`), in kept buffers."""
+        if self.operator is None:
+            self.operator = ChainOperator(self)
+        self.operator.update()
+        return self.operator
+
+
+class ChainOperator:
+    """x ↦ SᵀKS x from a :class:`ChainSystem`'s factors of SᵀJ without forming the matrix:
+    ``GramOperator``'s products (``concat``: the sites' Δ̃ side by side along d_out, one batched product for
+    m = Δ̃ᵀx and one for Δ̃h; per site h = A(Aᵀm) + Σ m) in their order and on operands of the same layouts, the
+    intermediate ones kept (the same bits; a conjugate-gradient solve applies it once per iteration). Each
+    application returns a new tensor (the solver updates it in place)."""
+
+    def __init__(self, system: ChainSystem) -> None:
+        work = system.work
+        b, cp = work.b, system.cp
+        self.b, self.cp = b, cp
+        self.live = [i for i, s in enumerate(work.sites) if s.weight or s.bias]
+        self.widths = [system.signals[i].shape[2] for i in self.live]
+        self._parts = [system.signals[i] for i in self.live]
+        like = system.signals[0]
+
+        def new(*shape: int) -> Tensor:
+            return torch.empty(*shape, dtype=like.dtype, device=like.device)
+
+        total = sum(self.widths)
+        self.work, self.system = work, system
+        self.delta = new(b, cp, total)
+        self._delta_t = self.delta.transpose(1, 2)
+        self._m_all = new(b, 1, total)
+        flat = self._m_all.view(b, total)
+        self._ms = list(torch.split(flat, self.widths, dim=1)) if self.widths else []
+        self._sums = [new(w) for w in self.widths]
+        self._atm = [new(work.sites[i].d_in, w) for i, w in zip(self.live, self.widths)]
+        self._hs = [new(b, w) for w in self.widths]
+        self._h = self._hs[0] if len(self._hs) == 1 else new(b, total)
+
+    def update(self) -> None:
+        """Δ̃ of every live site side by side (``torch.cat`` along d_out), from the system's signals."""
+        if self._parts:
+            torch.cat(self._parts, dim=2, out=self.delta)
+
+    def __call__(self, u: Tensor) -> Tensor:
+        if not self.live:
+            return torch.zeros_like(u)
+        work = self.work
+        torch.bmm(u.view(self.b, 1, self.cp), self.delta, out=self._m_all)
+        hs = []
+        for k, i in enumerate(self.live):
+            s, m = work.sites[i], self._ms[k]
+            if s.weight:
+                torch.mm(work.inputs_t[i], m, out=self._atm[k])
+                if s.bias:
+                    torch.sum(m, dim=0, out=self._sums[k])
+                    hs.append(torch.addmm(self._sums[k], work.inputs[i], self._atm[k], out=self._hs[k]))
+                else:
+                    hs.append(torch.mm(work.inputs[i], self._atm[k], out=self._hs[k]))
+            else:
+                hs.append(torch.sum(m, dim=0, out=self._sums[k]).expand_as(m))
+        h = hs[0] if len(hs) == 1 else torch.cat(hs, dim=1, out=self._h)
+        return torch.bmm(h.unsqueeze(1), self._delta_t).view(-1)
+
+    def flops(self) -> int:
+        """``GramOperator.flops`` of the same factors (the conjugate-gradient budget's cost model)."""
+        total = 0
+        for i, w in zip(self.live, self.widths):
+            s = self.work.sites[i]
+            total += 4 * self.b * w * (self.cp + (s.d_in if s.weight else 0))
+        return total

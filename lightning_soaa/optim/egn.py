@@ -20,6 +20,7 @@ from lightning_soaa.distributed.checkpoint import StateField, check_finite_numbe
 from lightning_soaa.distributed.comm import LocalComm
 from lightning_soaa.distributed.dtensor import has_dtensor
 from lightning_soaa.functional import egn as egn_math
+from lightning_soaa.functional.chain_gram import ChainOperator
 from lightning_soaa.functional.gram import (
     GramFactors,
     GramLayout,
@@ -81,7 +82,7 @@ CG_MIN_BUDGET = 16
 CG_PAUSE_STEPS = 16
 
 
-def _cg_budget(layout: GramLayout, n: int, op: GramOperator) -> int:
+def _cg_budget(layout: GramLayout, n: int, op: GramOperator | ChainOperator) -> int:
     """Mat-vecs CG may spend before EGN falls back to the direct solve: about the break-even with that
     solve, from a flop count, and at most n/16 (the break-even measured on the bench MLP at n = 576 and
     2304 was 34 and ~170 mat-vecs). The direct solve's flops: Cholesky n³/3 plus the lower-triangle
@@ -2084,7 +2085,8 @@ class EGN(ShardedOptimizer):
         return _Curvature(r=r, s=None, sol=sol, gtd=gtd, jd_qq=jd_qq)
 
     def _solve_system(self, b: int, layout: GramLayout, sp: GramFactors, r: Tensor, st_kr: Tensor,
-                      s: Tensor | None) -> egn_math.SolveResult:
+                      s: Tensor | None, operator: Callable[[], GramOperator | ChainOperator] | None = None
+                      ) -> egn_math.SolveResult:
         """The damped system, in the cheapest way expected to reach float64 accuracy (the same choice on
         every rank: it depends only on the gathered factors and on state every rank shares).
 
@@ -2095,12 +2097,15 @@ class EGN(ShardedOptimizer):
         2. Float64 systems of size ≥ :data:`MIXED_MIN_SIZE`: float32 assembly and Cholesky, refined with
            the exact float64 mat-vec; if that cannot reach float64 accuracy, 3.
         3. Assembly and Cholesky in the solve dtype (with the λ×10 retries).
+
+        ``operator`` makes x ↦ SᵀKS x for 1. and 2. (default: a ``GramOperator`` of ``sp``).
         """
         args = (r, st_kr, s, b, self.damping)
         retries = self.config.max_solve_retries
         n = st_kr.numel()  # the system's size, bc'
         mixed = r.dtype == torch.float64 and n >= MIXED_MIN_SIZE
-        op = GramOperator(layout, sp) if mixed else None  # only the iterative solves apply it
+        # only the iterative solves apply it (``operator``: the step plan's, on kept buffers, the same products)
+        op = (GramOperator(layout, sp) if operator is None else operator()) if mixed else None
         if op is not None and n >= CG_MIN_SIZE:
             budget = _cg_budget(layout, n, op)
             if self._cg_pause > 0:

@@ -200,6 +200,7 @@ def back_signals(chain: Chain, z: Tensor, saved: list[Tensor]) -> list[Tensor | 
             w = m.weight
             g = w.expand(b, c, w.shape[1]) if g is None else torch.matmul(g, w)
         elif type(m) in _ACTIVATIONS:
-            assert g is not None  # the chain ends in a Linear (plan_chain)
+            if g is None:  # an activation after the last Linear (a traced chain): δ of z is the identity
+                g = torch.eye(c, dtype=z.dtype, device=z.device).expand(b, c, c)
             g = _ACTIVATIONS[type(m)](g, (saved[j + 1] if j + 1 < len(mods) else z).unsqueeze(1))
     return deltas

@@ -458,11 +458,11 @@ class StepPlan:
         return curv, out, views
 
     def _solve_factored(self, opt: EGN, work: ChainWork, z: Tensor, y: Tensor, positions: list[int]) -> _Curvature:
-        """``EGN._solve`` of a larger system (bc > ``SMALL_DENSE_MAX``) from the factors. Where it is solved
-        directly in the solve dtype (bc' below ``MIXED_MIN_SIZE`` for float64, any size otherwise) and K is not
-        G ⊗ I_c (one Linear under MSE): K·r, the factors of SᵀJ and the lower triangle of SᵀKS in kept buffers
-        (:class:`ChainSystem`), the SPD solve from it (``EGN._direct_solve``). Else ``EGN._solve`` itself (its
-        conjugate gradients and mixed precision build their own operands)."""
+        """``EGN._solve`` of a larger system (bc > ``SMALL_DENSE_MAX``) from the factors, where K is not G ⊗ I_c
+        (one Linear under MSE: ``EGN._solve`` itself): K·r and the factors of SᵀJ in kept buffers
+        (:class:`ChainSystem`); a system solved directly (bc' below ``MIXED_MIN_SIZE`` in float64) from the lower
+        triangle of SᵀKS assembled there (``EGN._direct_solve``), a larger one by ``EGN._solve_system`` with the
+        kept operator x ↦ SᵀKS x (:class:`ChainOperator`) for its conjugate gradients and refinement."""
         cfg = opt.config
         b, c = z.shape
         layout = opt._factor_layout(c, positions)
@@ -472,18 +472,23 @@ class StepPlan:
             return GramFactors(z, y, factors, None, identity=self.identity)
 
         cp = c - 1 if cfg.loss == "cross_entropy" else c  # SᵀJ's rows per sample (ce_factor's c − 1)
-        if ((z.dtype == torch.float64 and b * cp >= egn_module.MIXED_MIN_SIZE) or b * c > cfg.max_gram_size
-                or (cfg.loss == "mse" and len(positions) == 1)):
+        if b * c > cfg.max_gram_size or (cfg.loss == "mse" and len(positions) == 1):
             return opt._solve(_Sized(b), layout, pieces())  # type: ignore[arg-type]
+        iterative = z.dtype == torch.float64 and b * cp >= egn_module.MIXED_MIN_SIZE  # (EGN._solve_system's 1., 2.)
         r2, s = egn_math.residual_and_factor(cfg.loss, z, y)
         system = work.system
         if system is None or system.cp != cp:
-            system = work.system = ChainSystem(work, cp, _row_blocks(b, cp, lower_only=True))
+            blocks = None if iterative else _row_blocks(b, cp, lower_only=True)
+            system = work.system = ChainSystem(work, cp, blocks)
         r = r2.reshape(-1)
         kr = system.gram_matvec(r).view(-1)
         st_kr = egn_math.apply_st(s, kr)
-        system.transform(None if s is None else s.transpose(1, 2))
-        sol = opt._direct_solve(system.gram_lower(), r, st_kr, s, b)
+        signals = system.transform(None if s is None else s.transpose(1, 2))
+        if iterative:
+            sp = GramFactors(z, y, [(a.unsqueeze(1), d.unsqueeze(2)) for a, d in zip(work.inputs, signals)], None)
+            sol = opt._solve_system(b, layout, sp, r, st_kr, s, system.apply)
+        else:
+            sol = opt._direct_solve(system.gram_lower(), r, st_kr, s, b)
         return opt._curvature_of(sol, r, kr, s, b, lambda v: gram_matvec(layout, pieces(), v))
 
     @staticmethod
