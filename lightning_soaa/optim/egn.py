@@ -643,7 +643,10 @@ class EGN(ShardedOptimizer):
        parameters itself; this replaces the base class's parameter all-gather (same bytes) because the
        line search needs the full d on every rank anyway.
     6. One ``all_reduce_scalars`` per line-search trial (``_trial_loss``; exactly one without line
-       search) and one for (Jd)ᵀQ(Jd) with momentum and adaptive damping (``_jd_q_norm``).
+       search) and one for (Jd)ᵀQ(Jd) with momentum and adaptive damping (``_jd_q_norm``). The first
+       trial's also carries rank 0's gᵀd and (Jd)ᵀQ(Jd), which the Armijo test and ρ read on every rank:
+       each rank's own come from its own solve, whose last bits may differ on mixed hardware, and the
+       number of trials, like every count of collectives, is decided from values equal on every rank.
 
     A rank whose local work between these collectives raises (out of memory, a model raising on its own
     samples) still joins the next one, with zeros and a failure flag (packing its factors: 2; the solve
@@ -1398,9 +1401,8 @@ class EGN(ShardedOptimizer):
             dec.jd_qq = self._jd_q_norm(batch, curv, dec.full)  # collective: all_reduce_scalars
         assert ps.undo is not None  # (_exchange_in)
         ps.undo.w0 = dec.w0  # a trial, or anything up to the step's count, that raises puts w0 back (_abandon)
-        w0, full = dec.w0, dec.full
         dec.alpha, dec.f_new, dec.tries = self._step_size(  # all_reduce per trial
-            lambda alpha: self._trial_loss(batch, w0, full, alpha), batch.f0, batch.z.dtype, dec.gtd)
+            self._agreed_trials(batch, dec), batch.f0, batch.z.dtype)
         if not math.isfinite(dec.f_new):
             self._restore(dec.w0)
             ps.trial_rejected = True
@@ -2255,15 +2257,16 @@ class EGN(ShardedOptimizer):
             jd += (rows @ _as(d_rest, batch.local_rows.dtype)).view(b, c)
         return jd
 
-    def _step_size(self, trial: Callable[[float], float], f0: float, dtype: torch.dtype,
-                   gtd: float) -> tuple[float, float, int]:
+    def _step_size(self, trial: Callable[[float], tuple[float, float]], f0: float,
+                   dtype: torch.dtype) -> tuple[float, float, int]:
         """(α, L_b(w0 + αd), trials): Armijo backtracking from the previous α, or α = lr with one trial
         (for ρ, and so that a step to a non-finite loss is never taken). ``trial(α)`` puts w0 + αd in place and
-        returns its loss; ``f0`` = L_b(w0), ``dtype`` the outputs' (its rounding is the test's slack)."""
+        returns its loss and the gᵀd to test it against (the one every rank agreed on: :meth:`_agreed_trials`);
+        ``f0`` = L_b(w0), ``dtype`` the outputs' (its rounding is the test's slack)."""
         cfg = self.config
         lr = float(self.param_groups[0]["lr"])
         if not cfg.line_search:
-            return lr, trial(lr), 0
+            return lr, trial(lr)[0], 0
         # α = 0 (lr = 0 at the start of a warm-up) must not pin every later α at 0: restart from lr.
         prev = min(self.alpha, lr) if self.alpha > 0 else lr
         alpha = min(cfg.ls_increase * prev, lr) if cfg.ls_reset == "increase" else prev
@@ -2272,8 +2275,8 @@ class EGN(ShardedOptimizer):
         # 0.026 pass a trial at 0.041 (0.031 of slack below a loss of 1).
         slack = torch.finfo(dtype).eps * abs(f0) * 4
         f_new, tries = float("nan"), 0
-        for i in range(cfg.max_ls):
-            f_new = trial(alpha)
+        for i in range(cfg.max_ls):  # (the number of trials, each an all-reduce, read from agreed values only)
+            f_new, gtd = trial(alpha)
             tries += 1
             if egn_math.armijo_ok(f_new, f0, alpha, gtd, cfg.armijo_c, slack):
                 break
@@ -2281,13 +2284,35 @@ class EGN(ShardedOptimizer):
                 alpha *= cfg.ls_decrease
         return alpha, f_new, tries
 
-    def _trial_loss(self, batch: _Batch, w0: list[Tensor], d: list[Tensor], alpha: float) -> float:
-        """L_b(w0 + αd): a local forward and one scalar all-reduce (every rank, same order)."""
+    def _agreed_trials(self, batch: _Batch, dec: _EGNDecision) -> Callable[[float], tuple[float, float]]:
+        """:meth:`_step_size`'s trial: (L_b(w0 + αd), the gᵀd its Armijo test reads). The first trial's all-reduce
+        carries rank 0's gᵀd and (Jd)ᵀQ(Jd), which replace ``dec``'s: every rank solved the system itself, so
+        without momentum these are its own solve's (``_Curvature``), and a solve that rounds differently on one
+        rank (another BLAS kernel, thread count or device) made its Armijo test, and so its number of trials and
+        their all-reduces, differ (gloo: an abort, NCCL: a hang), and its λ from ρ drift. Rank 0's value, the
+        others adding zeros, is exact: where the solves agree, the step is the same bit for bit."""
+        w0, full = dec.w0, dec.full
+        agreed = [False]
+
+        def trial(alpha: float) -> tuple[float, float]:
+            if agreed[0]:
+                return self._trial_loss(batch, w0, full, alpha)[0], dec.gtd
+            agreed[0] = True
+            f, dec.gtd, dec.jd_qq = self._trial_loss(batch, w0, full, alpha, (dec.gtd, dec.jd_qq))
+            return f, dec.gtd
+        return trial
+
+    def _trial_loss(self, batch: _Batch, w0: list[Tensor], d: list[Tensor], alpha: float,
+                    rank0: tuple[float, ...] = ()) -> list[float]:
+        """[L_b(w0 + αd), *rank 0's ``rank0``]: a local forward and one scalar all-reduce (every rank, same order),
+        where the other ranks add zeros to rank 0's values (a sum with zeros is exact)."""
         def local() -> list[float]:
             with self._autograd_free(batch.xs), grad_off():  # inference mode (a chain) or no_grad
                 torch._foreach_copy_(self._params, torch._foreach_add(w0, d, alpha=alpha))
-                return [float(egn_math.loss_sum(self.config.loss, self._outputs(batch.xs), batch.y))]
-        return self._sum_together(local, 1, "in a line-search trial's forward")[0] / batch.b  # collective
+                f = float(egn_math.loss_sum(self.config.loss, self._outputs(batch.xs), batch.y))
+            return [f, *(rank0 if self.comm.rank == 0 else [0.0] * len(rank0))]
+        red = self._sum_together(local, 1 + len(rank0), "in a line-search trial's forward")  # collective
+        return [red[0] / batch.b, *red[1:]]
 
     def _outputs(self, xs: tuple[Tensor, ...]) -> Tensor:
         """The model's outputs, nothing captured: through the planned chain's modules where it applies

@@ -347,8 +347,9 @@ class StepPlan:
             if dec.use_momentum and opt.config.adaptive_damping:
                 dec.jd_qq = opt._jd_q_norm(self._batch(x, y, z, f0, saved, deltas), curv, dec.direction)
             d, moved = dec.direction, [False]
+            gtd = dec.gtd  # (one process: its own solve's is the agreed one)
             dec.alpha, dec.f_new, dec.tries = opt._step_size(
-                lambda alpha: self._trial(opt, x, y, b, w0, d, alpha, moved), f0, z.dtype, dec.gtd)
+                lambda alpha: (self._trial(opt, x, y, b, w0, d, alpha, moved), gtd), f0, z.dtype)
             if not math.isfinite(dec.f_new):
                 opt._restore(w0)
         if not math.isfinite(dec.f_new):  # never taken (EGN._decide): skipped, and λ grows
