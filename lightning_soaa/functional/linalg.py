@@ -10,7 +10,8 @@ Inverse square roots (used by :class:`lightning_soaa.optim.asgo.ASGO`):
   (Amsel et al., 2025), 10 iterations. Matmuls only, so it runs well on accelerators.
 * ``"polar_express_eigh"``: the same matrix function (the iteration's eigenvalue map applied to the
   eigenvalues of one float64 eigendecomposition): equal in exact arithmetic, more accurate, and cheaper
-  on a CPU at every size (about 2x at k = 256).
+  on a CPU at every size (about 2x at k = 256). A float32 root of k >= 192 is then formed mostly in float32 on
+  a CPU (:func:`_compose_float32`: 0.6-0.9x the float64 product's time, within 1.3x its error).
 * ``"auto"`` (ASGO's default): ``"polar_express_eigh"`` for float32 (or narrower) statistics on a CPU,
   ``"polar_express"`` otherwise, so every device and dtype computes the same function (see
   :func:`resolve_root_method`).
@@ -58,6 +59,7 @@ __all__ = [
     "default_root_iters",
     "FLOOR_POLISH_STEPS",
     "FLOOR_MIN_ITERS",
+    "F32_PRODUCT_MIN_K",
     "floor_min_iters",
     "damp",
     "inv_sqrt_coupled",
@@ -660,7 +662,8 @@ def inv_sqrt_spectral(
     :func:`coupled_scalar_map`. In exact arithmetic this is exactly what the coupled iteration returns
     (its iterates are polynomials in ``V``), so the algorithm, including its implicit damping of small
     eigenvalues, is unchanged; only the rounding differs, and it is smaller. The result has
-    :func:`root_compute_dtype` of ``v``.
+    :func:`root_compute_dtype` of ``v``; the product ``Q diag(.) Q^T`` is float64, or mostly float32 for a
+    float32 root of k >= :data:`F32_PRODUCT_MIN_K` on a CPU (:func:`_compose`).
 
     Why float64: the map resolves eigenvalues down to ~2e-9 ``s``, and a float32 eigendecomposition
     (backward error ~k * 6e-8 ``||V||``) does not: at k = 48 and condition 1e6 it is 5e-2 off where the
@@ -730,9 +733,73 @@ def _spectral_root(
         return torch.cat(each).to(out_dt).reshape(v.shape), None
     # rows below half the largest number of out_dt: the root's entries (at most max z, and rounding) are finite
     z, bounded = _mapped_spectrum(evals, scales, coeffs, num_iters, floor, torch.finfo(out_dt).max / 2, host_map)
-    out: Tensor = torch.bmm(evecs * z, evecs.transpose(-1, -2)).to(out_dt)  # (what @ calls); NaN rows: NaN blocks
+    out = _compose(evecs, z, out_dt)  # NaN rows: NaN blocks
     flags = None if bounded is None else (bounded, [t != 0.0 for t in tops])  # (a NaN entry: nonzero, as any())
     return (out[0] if squeeze else out if out.shape == v.shape else out.reshape(v.shape)), flags
+
+
+#: The smallest ``k`` whose float32 root :func:`_compose` forms in float32 on a CPU. Below it the product's
+#: ~20 extra small operator calls cost about what its cheaper matmul saves (CPU time, one thread, a loaded
+#: 2-core host, against the float64 product: one Gram of k = 160 1.3x, 4 of k = 192 0.88x, 12 of k = 256 0.70x,
+#: 2 of k = 512 0.58x), and small Grams keep their bits and their step's operator count. By ``k`` alone (never
+#: by how many Grams share a batch, which depends on the world size), so each Gram's rounding is the same at
+#: every world size.
+F32_PRODUCT_MIN_K = 192
+
+#: How many eigenpairs :func:`_compose_float32` keeps in float64: those of the largest mass ``w_l |z_l - c|``.
+_F32_PRODUCT_HEAVY = 8
+
+
+def _compose(evecs: Tensor, z: Tensor, out_dt: torch.dtype) -> Tensor:
+    """``Q diag(z) Q^T`` of float64 eigenvectors ``Q`` (``[n, k, k]``) and values ``z`` (``[n, 1, k]``), as
+    ``out_dt``: by :func:`_compose_float32` for a float32 root of ``k >=`` :data:`F32_PRODUCT_MIN_K` on a CPU,
+    else in float64 (a float64 root's bits, and roots on accelerators, where the product is not the cost, are
+    unchanged). Either way the entries are at most ``max z`` (up to rounding), as :func:`_mapped_spectrum`'s
+    finiteness flags assume: with the shift ``c`` = max z the diagonal is ``c`` minus at most ``c``."""
+    if out_dt == torch.float32 and evecs.device.type == "cpu" and evecs.shape[-1] >= F32_PRODUCT_MIN_K:
+        return _compose_float32(evecs, z)
+    return torch.bmm(evecs * z, evecs.transpose(-1, -2)).to(out_dt)  # (what @ calls)
+
+
+def _compose_float32(evecs: Tensor, z: Tensor, shift: Tensor | None = None) -> Tensor:
+    """``c I + Q diag(z - c) Q^T`` with the product over all but :data:`_F32_PRODUCT_HEAVY` eigenpairs in float32
+    (``Q`` and ``z - c`` rounded to it), those few and the sum in float64, rounded once; per matrix ``c`` = 0 or
+    the largest ``z``. 0.70x the CPU time of the float64 product at k = 256 (12 Grams, one thread; 23 against
+    33 ms), 0.91-0.98x the benchmark transformer's ASGO step (paired steps in one process, median 0.97x).
+
+    Why the shift: the float32 product's rounding is ~eps ``|Q| |diag(z - c)| |Q|^T``, entry by entry, and a
+    Gram with a null space has many large ``z`` (its null value) on eigenvectors spread over every coordinate;
+    with ``c`` = the null value those terms vanish, but where the small ``z`` sit on few coordinates (sparse
+    rows, graded row scales) ``c`` then cancels there (50-1600x off). So ``c`` is the one of the two with the
+    smaller mass ``sum_l w_l |z_l - c|``, ``w_l = (sum_i |Q_il|)^2`` (the sum of that bound over the entries).
+    Why the float64 pairs: one large ``|z_l - c|`` on a spread eigenvector (a mean-free Gram's, a LayerNorm's
+    input, has ``c`` = 0 and one null direction) put its rounding into ``P M``, ``M`` orthogonal to it: ASGO
+    runs 11-18x a perfect float32 run's error (k = 160..512) where the float64 product gives 4.9-7.9x; its pairs
+    of largest mass in float64 and one rounding of the sum: the float64 product's error to 3 digits there.
+
+    ASGO runs against a perfect float32 run (tests/unit/test_asgo_float32_accuracy.py, the conformance
+    battery's metric, k = 96..512): 1.0-1.31x the float64 product's error on full-rank, mean-free, sparse,
+    graded, rank-1, rank-k/4 Grams and a batch below ``k``. The eigendecomposition stays float64: a float32 one
+    (twice as fast again) was 8-27x the perfect run's error on rank-deficient and ill-conditioned Grams and
+    2e3-3e5x on graded or sparse-row ones (against a perfect run that rounds the Gram before its root): its
+    backward error is normwise, ~eps ``||V||``, where the float32 Gram's own rounding is entrywise. A NaN row
+    of ``z`` gives a NaN matrix, as the float64 product.
+    ``shift``: ``c`` given (``[n, 1, 1]``), not chosen (for tests)."""
+    q = evecs.to(torch.float32)
+    w = q.abs().sum(-2, keepdim=True)  # [n, 1, k] (in float32: only the choice of c depends on them)
+    w = w * w
+    top = z.amax(-1, keepdim=True)
+    plain = (w * z).sum(-1, keepdim=True)  # the mass with c = 0
+    shifted = top * w.sum(-1, keepdim=True) - plain  # with c = top (NaN compares False: c = 0)
+    c = torch.where(shifted < plain, top, 0.0) if shift is None else shift
+    d = z - c
+    r = min(_F32_PRODUCT_HEAVY, d.shape[-1])
+    heavy = (w * d.abs()).topk(r, dim=-1).indices  # [n, 1, r]; a NaN row is NaN either way
+    qh = evecs.gather(-1, heavy.expand(-1, evecs.shape[-2], -1))  # [n, k, r], float64
+    light = torch.bmm(q * d.scatter(-1, heavy, 0.0).to(torch.float32), q.transpose(-1, -2))
+    out = torch.baddbmm(light.to(torch.float64), qh * d.gather(-1, heavy), qh.transpose(-1, -2))
+    out.diagonal(dim1=-2, dim2=-1).add_(c.reshape(-1, 1))
+    return out.to(torch.float32)
 
 
 def inv_sqrt_polar_express(v: Tensor, num_iters: int | None = None, eps: float = 1e-10) -> Tensor:
