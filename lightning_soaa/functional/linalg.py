@@ -26,7 +26,9 @@ The iterations run in ``float32`` or wider (never in bf16/fp16: the statistic is
 in training and the small eigenvalues would be lost). For a ``float32`` statistic the map has a floor
 (:func:`root_floor`): the iteration runs on ``V/s + delta I`` and three Newton-Schulz steps on ``V/s``
 then restore the eigenvalues above the floor, so a Gram with a null space (whose float32 eigenvalues
-there are rounding noise, some negative) keeps a bounded root on every device. A non-finite result is returned
+there are rounding noise, some negative) keeps a bounded root on every device; a matrix whose ``||V||`` is at most
+1/128 of ``s`` (``eps`` makes the rest) takes the bare map, the float64 one (:data:`BARE_MAP_RATIO`).
+A non-finite result is returned
 as is: the
 caller decides what to do with it (ASGO keeps its previous preconditioner and counts the event).
 """
@@ -195,6 +197,15 @@ def floor_min_iters(method: str) -> int:
     :data:`FLOOR_MIN_ITERS`."""
     key = "polar_express" if method in ("auto", "polar_express_eigh") else method
     return FLOOR_MIN_ITERS.get(key, 1)
+
+
+def _bare_iters(method: str, dtype: torch.dtype, num_iters: int | None, floor: float | None) -> int | None:
+    """The iterations of the bare map that a matrix of a floored map takes where its floor is not needed
+    (:data:`BARE_MAP_RATIO`): the caller's, else the bare map's default (a float64 statistic's); None where the
+    caller chose the floor (an explicit floor is kept as given)."""
+    if floor is not None:
+        return None
+    return default_root_iters(method, dtype, 0.0) if num_iters is None else num_iters
 
 
 def _map_of(method: str, dtype: torch.dtype, num_iters: int | None, floor: float | None) -> tuple[int, float]:
@@ -528,10 +539,12 @@ _HOST_MAP_MAX = 64
 _NUMPY_MAP_MIN = 40
 
 
-def _spectral_scales(v3: Tensor, eps: float, sizes: Sequence[int] | None = None) -> tuple[list[float], list[float]]:
-    """``1.01 ||V + eps I||_F`` of each float64 matrix of ``[n, k, k]`` as host floats, and its largest entry's
-    magnitude (0 for a zero matrix, NaN for one with a NaN), from ``||V||_F^2 + 2 eps
-    tr(V) + k eps^2`` (without forming ``V + eps I``), computed on ``V / 2^e`` with ``2^e`` near its largest entry.
+def _spectral_scales(v3: Tensor, eps: float,
+                     sizes: Sequence[int] | None = None) -> tuple[list[float], list[float], list[float]]:
+    """``1.01 ||V + eps I||_F`` of each float64 matrix of ``[n, k, k]`` as host floats, its largest entry's
+    magnitude (0 for a zero matrix, NaN for one with a NaN) and ``||V||_F`` (:func:`_row_maps`), from
+    ``||V||_F^2 + 2 eps tr(V) + k eps^2`` (without forming ``V + eps I``), computed on ``V / 2^e`` with ``2^e`` near
+    its largest entry.
 
     Why the power of two: the squares of a float64 Gram with entries above ~1e154 (gradients ~1e77) are
     inf, and below ~1e-162 with ``eps = 0`` they are 0, where the norm itself is finite and nonzero; the
@@ -546,7 +559,7 @@ def _spectral_scales(v3: Tensor, eps: float, sizes: Sequence[int] | None = None)
     (both exact, so the same bits) are numpy's: three operator calls and a host read fewer."""
     n, k = v3.shape[0], v3.shape[-1]
     if k == 0 or n == 0:  # no entry to scale by (and the norm of nothing is 0)
-        return [0.0] * n, [0.0] * n
+        return [0.0] * n, [0.0] * n, [0.0] * n
     host = _host_array(v3)
     # the largest magnitude and the division by a power of two are exact: numpy's give torch's bits
     tops = (_np.abs(host).max(axis=(1, 2)).tolist() if host is not None
@@ -560,7 +573,8 @@ def _spectral_scales(v3: Tensor, eps: float, sizes: Sequence[int] | None = None)
     for scale, (norm, trace), n_i in zip(scales, sums, [k] * n if sizes is None else sizes):
         e = (1.0 / scale) * eps  # a padded matrix's eps is on its own diagonal: its own size
         totals.append(norm * norm + 2.0 * e * trace + n_i * e * e)
-    return [1.01 * (scale * root) for scale, root in zip(scales, _host_sqrt(totals))], tops
+    norms = [scale * norm for scale, (norm, _) in zip(scales, sums)]
+    return [1.01 * (scale * root) for scale, root in zip(scales, _host_sqrt(totals))], tops, norms
 
 
 def _host_sqrt(values: list[float]) -> list[float]:
@@ -631,6 +645,54 @@ def _mapped_spectrum(evals: Tensor, scales: list[float], coeffs: Sequence[tuple[
     return z, finite if known else None
 
 
+#: A floored map's matrix (:func:`root_floor`) whose ``||V||_F`` is at most ``1 / BARE_MAP_RATIO`` of its scale ``s``
+#: takes the bare map instead (:func:`_row_maps`). Why: the floor covers the float32 rounding noise of ``V``'s
+#: null space (and of the iteration on ``V / s``), ~2e-8 of ``||V||``, not of ``s``; where ``eps``
+#: makes most of ``s`` (gradients ~1e-6 and below at ``eps`` 1e-10) that noise is below 2e-8 / 128 s, under the
+#: bare map's own resolution (~2e-9 s), while the floor at 2e-7 s flattened every real eigenvalue: the float32
+#: run was 1e2-2e5 times the error of a float32-rounded float64 run, 1.0-2.5x with the bare map
+#: (tests/conformance/test_low_precision_accuracy.py, case ``tiny``). Why 128: the noise is then at most ~2e-10 s,
+#: a tenth of that resolution (near ``||V|| ~ s`` it reaches -2e-8 s, where the bare map is ~9 z(0)); a jump of
+#: the map at the switch moves only eigenvalues below ~1e-6 s, where the two maps differ anyway.
+BARE_MAP_RATIO = 128.0
+
+
+def _row_maps(num_iters: int, floor: float, bare_iters: int | None, scales: Sequence[float],
+              norms: Sequence[float]) -> list[tuple[int, float]]:
+    """``(iterations, floor)`` of each matrix's map: the bare map of ``bare_iters`` iterations where
+    ``0 < `` :data:`BARE_MAP_RATIO` ``* ||V||_F <= s`` (finite ``s``) and ``bare_iters`` is given, else the call's."""
+    if bare_iters is None or floor == 0.0:
+        return [(num_iters, floor)] * len(scales)
+    # V = 0 (no gradient yet) keeps the floored map: its root is a multiple of I either way, and the iterations
+    # (which leave it so, :func:`_bounded_coupled`) then need no eigendecomposition for it
+    return [(bare_iters, 0.0) if 0.0 < s < math.inf and 0.0 < BARE_MAP_RATIO * n <= s else (num_iters, floor)
+            for s, n in zip(scales, norms)]
+
+
+def _mapped_by_map(evals: Tensor, scales: list[float], coeffs: Sequence[tuple[float, float, float]],
+                   maps: list[tuple[int, float]], limit: float,
+                   host_map: HostMap | None) -> tuple[Tensor, list[bool] | None]:
+    """:func:`_mapped_spectrum` with a map per row (:func:`_row_maps`): one call where all are the same (the usual
+    case), else one per distinct map, on its rows."""
+    distinct = sorted(set(maps))
+    if len(distinct) <= 1:
+        n, f = distinct[0] if distinct else (0, 0.0)
+        return _mapped_spectrum(evals, scales, coeffs, n, f, limit, host_map)
+    z = evals.new_empty(evals.shape[0], 1, evals.shape[1])
+    known: list[bool] | None = [False] * len(maps)
+    for m in distinct:
+        rows = [i for i, g in enumerate(maps) if g == m]
+        part, flags = _mapped_spectrum(evals[rows].contiguous(), [scales[i] for i in rows], coeffs, m[0], m[1],
+                                       limit, host_map)
+        z[rows] = part
+        if known is not None and flags is not None:
+            for i, ok in zip(rows, flags):
+                known[i] = ok
+        else:
+            known = None
+    return z, known
+
+
 def _numpy_mapped_spectrum(evals: Tensor, scales: list[float], finite: list[bool],
                            coeffs: Sequence[tuple[float, float, float]], num_iters: int, floor: float,
                            limit: float) -> tuple[Tensor, list[bool] | None]:
@@ -653,7 +715,7 @@ def _numpy_mapped_spectrum(evals: Tensor, scales: list[float], finite: list[bool
 
 def inv_sqrt_spectral(
     v: Tensor, coeffs: Sequence[tuple[float, float, float]], num_iters: int, eps: float = 1e-10,
-    floor: float | None = None, sizes: Sequence[int] | None = None,
+    floor: float | None = None, sizes: Sequence[int] | None = None, bare_iters: int | None = None,
 ) -> Tensor:
     """The matrix function of :func:`inv_sqrt_coupled`, evaluated by one float64 eigendecomposition.
 
@@ -690,20 +752,21 @@ def inv_sqrt_spectral(
     is flat (it varies on the scale of the floor, 2e-7 ``s``, or 2e-9 ``s`` bare): an error of that ratio at
     most. Why pad: one call for a small model's Grams instead of one per size (~100-200 us each in a step).
     """
-    return _spectral_root(v, coeffs, num_iters, eps, floor, sizes)[0]
+    return _spectral_root(v, coeffs, num_iters, eps, floor, sizes, bare_iters=bare_iters)[0]
 
 
 def _spectral_root(
     v: Tensor, coeffs: Sequence[tuple[float, float, float]], num_iters: int, eps: float = 1e-10,
     floor: float | None = None, sizes: Sequence[int] | None = None, host_map: HostMap | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | None = None, bare_iters: int | None = None,
 ) -> tuple[Tensor, tuple[list[bool], list[bool]] | None]:
     """:func:`inv_sqrt_spectral`, and per matrix whether its root is finite and whether it has a nonzero entry,
     where the host knows both without reading the roots (the scales' reductions and a map evaluated on the host:
     :func:`_mapped_spectrum`), else None. Why: a caller that checks its roots read them at every step (a
     float64 sum, ``any`` and a host read of the flags, ~10 operator calls a batch on a small model's step).
     ``dtype``: the statistic's own when ``v`` is a float64 copy of a narrower one (None: ``v``'s): the roots are
-    returned in its :func:`root_compute_dtype`, and their finiteness judged there.
+    returned in its :func:`root_compute_dtype`, and their finiteness judged there. ``bare_iters``: the iterations of
+    the bare map a floored map's matrix takes where its floor is not needed (:data:`BARE_MAP_RATIO`); None: none.
     """
     floor = _floor_of(v, floor, coeffs, num_iters)
     out_dt = root_compute_dtype(v.dtype if dtype is None else dtype)
@@ -712,7 +775,7 @@ def _spectral_root(
     v3 = v.to(torch.float64)
     if v3.dim() != 3:
         v3 = v3.reshape(math.prod(v.shape[:-2]), k, k)  # explicit sizes: k = 0 is allowed
-    scales, tops = _spectral_scales(v3, eps, sizes)
+    scales, tops, norms = _spectral_scales(v3, eps, sizes)
     # A non-finite block (its norm is non-finite) must come back non-finite, the caller's contract,
     # not raise inside LAPACK or poison its batch: eigh sees the identity there, the result is NaN.
     finite = [s - s == 0.0 for s in scales]  # s >= 0 or NaN: s - s is 0, or NaN for inf and NaN
@@ -729,10 +792,11 @@ def _spectral_root(
         # rank ownership, so retry one at a time: each result then depends on its own matrix only (the
         # failing one is NaN, as alone), at every world size.
         each = [inv_sqrt_spectral(v3[i : i + 1], coeffs, num_iters, eps, floor,
-                                  None if sizes is None else sizes[i : i + 1]) for i in range(v3.shape[0])]
+                                  None if sizes is None else sizes[i : i + 1], bare_iters) for i in range(v3.shape[0])]
         return torch.cat(each).to(out_dt).reshape(v.shape), None
     # rows below half the largest number of out_dt: the root's entries (at most max z, and rounding) are finite
-    z, bounded = _mapped_spectrum(evals, scales, coeffs, num_iters, floor, torch.finfo(out_dt).max / 2, host_map)
+    z, bounded = _mapped_by_map(evals, scales, coeffs, _row_maps(num_iters, floor, bare_iters, scales, norms),
+                                torch.finfo(out_dt).max / 2, host_map)
     out = _compose(evecs, z, out_dt)  # NaN rows: NaN blocks
     flags = None if bounded is None else (bounded, [t != 0.0 for t in tops])  # (a NaN entry: nonzero, as any())
     return (out[0] if squeeze else out if out.shape == v.shape else out.reshape(v.shape)), flags
@@ -870,25 +934,33 @@ def _map_bound(coeffs: tuple[tuple[float, float, float], ...], num_iters: int, f
 
 
 def _bounded_coupled(v: Tensor, coeffs: Sequence[tuple[float, float, float]], num_iters: int,
-                     eps: float, sizes: Sequence[int] | None = None, floor: float = 0.0) -> tuple[Tensor, Tensor]:
+                     eps: float, sizes: Sequence[int] | None = None, floor: float = 0.0,
+                     bare: bool = False) -> tuple[Tensor, Tensor]:
     """:func:`inv_sqrt_coupled` and, per matrix, whether its root kept within the map's bound (a bool
-    tensor; no host read). See :func:`checked_coupled`. ``sizes``: a zero-padded batch."""
+    tensor; no host read). See :func:`checked_coupled`. ``sizes``: a zero-padded batch. ``bare``: a floored
+    map's matrix whose floor is not needed (:data:`BARE_MAP_RATIO`) is flagged too, for the bare map."""
     z, s = _coupled(v, coeffs, num_iters, eps, sizes, floor)
     k = v.shape[-1]
     z0 = _map_bound(tuple(coeffs), num_iters, floor)
     # ||Z||_F^2 s <= k z(0)^2 (5% margin), false for NaN too; a non-finite scale is recomputed as NaN
     ok = torch.linalg.vector_norm(z.reshape(-1, k, k), dim=(1, 2), dtype=torch.float64).square_().mul_(s)
     if sizes is None:
-        return z, ok <= 1.05 * k * z0 * z0
-    # a padded matrix's zero corner holds the map's value at 0 (at most the bound): (k_pad - k) z0^2 of the sum
-    limit = _host_values([(1.05 * n + (k - n)) * z0 * z0 for n in sizes], torch.float64, ok.device)
-    return z, ok <= limit
+        ok = ok <= 1.05 * k * z0 * z0
+    else:
+        # a padded matrix's zero corner holds the map's value at 0 (at most the bound): (k_pad - k) z0^2 of the sum
+        ok = ok <= _host_values([(1.05 * n + (k - n)) * z0 * z0 for n in sizes], torch.float64, ok.device)
+    if bare and floor > 0.0:
+        # V = 0 (no gradient yet) keeps its floored root, a multiple of I: its momentum is 0 too
+        norm = torch.linalg.matrix_norm(v.reshape(-1, k, k), dtype=torch.float64)
+        ok = ok & ((norm == 0.0) | (BARE_MAP_RATIO * norm > s))
+    return z, ok
 
 
 def _recompute_unbounded(v: Tensor, z: Tensor, bounded: Sequence[bool], coeffs: Sequence[tuple[float, float, float]],
-                         num_iters: int, eps: float, sizes: Sequence[int] | None = None, floor: float = 0.0) -> Tensor:
+                         num_iters: int, eps: float, sizes: Sequence[int] | None = None, floor: float = 0.0,
+                         bare_iters: int | None = None) -> Tensor:
     """``z`` with the roots whose flag is False recomputed by :func:`inv_sqrt_spectral` (a new tensor);
-    a padded matrix's (``sizes``) from its own corner, alone."""
+    a padded matrix's (``sizes``) from its own corner, alone. ``bare_iters``: as :func:`_spectral_root`'s."""
     if all(bounded):
         return z
     k = v.shape[-1]
@@ -899,16 +971,17 @@ def _recompute_unbounded(v: Tensor, z: Tensor, bounded: Sequence[bool], coeffs: 
             n = sizes[i]
             out[i] = 0.0  # outside the corner (unused) too: the iteration's may be NaN, and callers read it
             out[i, :n, :n] = inv_sqrt_spectral(v.reshape(-1, k, k)[i, :n, :n], coeffs, num_iters, eps,
-                                               floor).to(out.dtype)
+                                               floor, bare_iters=bare_iters).to(out.dtype)
         return out.reshape(z.shape)
     idx = torch.tensor(bad, device=z.device)
-    out[idx] = inv_sqrt_spectral(v.reshape(-1, k, k)[idx], coeffs, num_iters, eps, floor).to(out.dtype)
+    out[idx] = inv_sqrt_spectral(v.reshape(-1, k, k)[idx], coeffs, num_iters, eps, floor,
+                                 bare_iters=bare_iters).to(out.dtype)
     return out.reshape(z.shape)
 
 
 def checked_coupled(
     v: Tensor, coeffs: Sequence[tuple[float, float, float]], num_iters: int, eps: float = 1e-10,
-    floor: float | None = None,
+    floor: float | None = None, bare_iters: int | None = None,
 ) -> Tensor:
     """:func:`inv_sqrt_coupled`, with every matrix whose result left the map's bound recomputed by
     :func:`inv_sqrt_spectral` (the same function, by an eigendecomposition).
@@ -922,13 +995,14 @@ def checked_coupled(
     the finite values alone. One host read per call; the recomputation only for the matrices that
     failed (5% margin for the iteration's own rounding). A float32 statistic's map has a floor
     (:func:`root_floor`), which keeps such roots bounded in the first place; the check stays for what
-    the floor does not cover (noise below -2.5e-8 s, overflow).
+    the floor does not cover (noise below -2.5e-8 s, overflow). ``bare_iters``: a floored map's matrix whose
+    floor is not needed (:data:`BARE_MAP_RATIO`) is recomputed with the bare map of that many iterations.
     """
     floor = _floor_of(v, floor, coeffs, num_iters)
-    z, ok = _bounded_coupled(v, coeffs, num_iters, eps, floor=floor)
+    z, ok = _bounded_coupled(v, coeffs, num_iters, eps, floor=floor, bare=bare_iters is not None)
     if bool(ok.all()):
         return z
-    return _recompute_unbounded(v, z, ok.tolist(), coeffs, num_iters, eps, floor=floor)
+    return _recompute_unbounded(v, z, ok.tolist(), coeffs, num_iters, eps, floor=floor, bare_iters=bare_iters)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1019,10 +1093,11 @@ def pending_inverse_sqrt(
                          "only; pass the statistic itself.")
     if method in ("polar_express", "newton_schulz"):
         coeffs = POLAR_EXPRESS_COEFFS if method == "polar_express" else (NEWTON_SCHULZ_COEFFS,)
+        bare = _bare_iters(method, v.dtype, num_iters, floor)
         n, floor = _map_of(method, v.dtype, num_iters, floor)
-        z, ok = _bounded_coupled(vd, coeffs, n, eps, sizes, floor)
+        z, ok = _bounded_coupled(vd, coeffs, n, eps, sizes, floor, bare is not None)
         return PendingRoots(z, ok, functools.partial(_recompute_unchanged, vd, _version_of(vd), z, coeffs=coeffs,
-                                                     num_iters=n, eps=eps, sizes=sizes, floor=floor))
+                                                     num_iters=n, eps=eps, sizes=sizes, floor=floor, bare_iters=bare))
     if sizes is not None and method != "polar_express_eigh":
         raise ValueError(f"Invalid sizes={tuple(sizes)!r} for method={method!r}: padded batches are for the "
                          "iterations ('polar_express', 'newton_schulz') and 'polar_express_eigh' only; pass "
@@ -1049,8 +1124,9 @@ def inverse_sqrt(
     method = resolve_root_method(method, v.device, v.dtype)
     if method in ("polar_express", "newton_schulz"):
         coeffs = POLAR_EXPRESS_COEFFS if method == "polar_express" else (NEWTON_SCHULZ_COEFFS,)
+        bare = _bare_iters(method, v.dtype, num_iters, floor)
         n, floor = _map_of(method, v.dtype, num_iters, floor)
-        return checked_coupled(vd, coeffs, n, eps, floor)
+        return checked_coupled(vd, coeffs, n, eps, floor, bare)
     return _direct_root(vd, v.dtype, method, num_iters, eps, floor)[0]
 
 
@@ -1062,6 +1138,7 @@ def _direct_root(vd: Tensor, dtype: torch.dtype, method: str, num_iters: int | N
     if method == "eigh":
         return inv_sqrt_eigh(vd, dtype=dtype), None
     if method == "polar_express_eigh":
+        bare = _bare_iters(method, dtype, num_iters, floor)
         n, floor = _map_of(method, dtype, num_iters, floor)
-        return _spectral_root(vd, POLAR_EXPRESS_COEFFS, n, eps, floor, sizes, host_map, dtype)
+        return _spectral_root(vd, POLAR_EXPRESS_COEFFS, n, eps, floor, sizes, host_map, dtype, bare)
     raise ValueError(f"Invalid inverse_root={method!r}. Must be one of {', '.join(map(repr, ROOT_CHOICES))}.")

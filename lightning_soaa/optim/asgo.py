@@ -973,7 +973,10 @@ class ASGO(_OneSided):
             1e-6 s, ``z(0)`` 7.5e3; :func:`lightning_soaa.functional.linalg.root_floor`), so the
             rounding-level negative eigenvalues of a rank-deficient float32 Gram no longer make the
             iteration diverge. A root that still leaves the map's bound is recomputed by an
-            eigendecomposition (:func:`lightning_soaa.functional.linalg.checked_coupled`).
+            eigendecomposition (:func:`lightning_soaa.functional.linalg.checked_coupled`). A block whose
+            statistic is at most 1/128 of the scale ``s`` (tiny gradients, where ``eps`` makes the scale) takes
+            the bare map instead, by the eigendecomposition
+            (:data:`lightning_soaa.functional.linalg.BARE_MAP_RATIO`): the floor would flatten its spectrum.
         root_floor: the floor of the scaled spectrum in the root's map (default None: 2e-7 for float32 and
             bf16 statistics, none for float64; see ``root_iters``). ``0.0`` computes the bare 10-iteration
             map of the official code for float32 too, which resolves eigenvalues down to ~2e-9 s (float32

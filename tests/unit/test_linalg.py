@@ -536,3 +536,17 @@ def test_few_iterations_keep_a_positive_root_in_float32(method, num_iters):
     coeffs = tuple(POLAR_EXPRESS_COEFFS)
     assert _polish_keeps_sign(coeffs, num_iters, 2e-7) == (num_iters >= FLOOR_MIN_ITERS["polar_express"])
     assert all(_polish_keeps_sign((NEWTON_SCHULZ_COEFFS,), n, 2e-7) for n in range(1, 19))
+
+
+@pytest.mark.parametrize("method", ["polar_express", "polar_express_eigh"])
+def test_a_float32_statistic_far_below_its_scale_takes_the_bare_map(method):
+    """Gradients ~1e-8 at eps 1e-10: eps makes most of the scale s, every eigenvalue of V/s is below the float32
+    floor (2e-7), and the floored map was nearly constant where the float64 (bare) map still resolves them (the
+    root was 2e-5 / 8e-2 / 0.45 off it at gradients 1e-8 / 3e-9 / 1e-9, now 3e-8 / 2e-8 / 6e-8); the noise the floor
+    covers is ~1e-8 of ||V||, far below the bare map's resolution there."""
+    g = 1e-9 * torch.randn(4, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    v = g @ g.T
+    want = inverse_sqrt(v, "polar_express")  # float64: the bare map
+    got = inverse_sqrt(v.float(), method)
+    assert got.dtype == torch.float32
+    assert float((got.double() - want).norm() / want.norm()) < 1e-6
