@@ -333,6 +333,13 @@ def _buffer_layout(buffers: list[tuple[str, Tensor]]) -> list[float]:
     return [float(len(buffers)), float(sum(t.numel() for _, t in buffers)), float(zlib.crc32(key.encode()))]
 
 
+def _buffer_transfer(tensors: list[Tensor], rank: int, numel: int) -> Tensor:
+    """The float64 buffer of the buffer transfer's all-reduce: rank 0's values, zeros on the other ranks."""
+    if rank == 0:
+        return torch.cat([b.detach().reshape(-1).to(torch.float64) for b in tensors])
+    return torch.zeros(numel, dtype=torch.float64, device=tensors[0].device)
+
+
 #: the agreement table (:meth:`EGN._agreement_table`) has the size and layout of the step record's all-reduce
 #: (:func:`agreement.record_size`): a head of ``RECORD_SLOTS`` summed values [non-finite, loss sum, 0...], one
 #: ``STEP_ROW`` row per rank, the stop vote's slot (0). A row: [error, b_r, c, trainable fingerprint, kind,
@@ -1859,16 +1866,27 @@ class EGN(ShardedOptimizer):
         buffers at each forward with ``broadcast_buffers=True``). First one all-reduce of the buffer
         layouts (the agreement table, of the batch agreement's size), so that ranks whose buffers differ
         raise together before any transfer; then rank 0's values in one float64 all-reduce, to which the
-        other ranks add zeros (exact: x + 0 = x, and float64 holds every floating dtype's values). Without
-        floating buffers: nothing, no collective."""
+        other ranks add zeros (exact: x + 0 = x, and float64 holds every floating dtype's values). That
+        all-reduce's buffer is made before the layout agreement, which carries a failure to make it (out of
+        memory) to every rank. Without floating buffers: nothing, no collective."""
         buffers = [(n, b) for n, b in self.model.named_buffers() if b.is_floating_point()]
         if not buffers:
             return
         world, rank = self.comm.world_size, self.comm.rank
-        error = self._pass.error if self._pass is not None else None
+        ps = self._current()
+        tensors = [b for _, b in buffers]
+        layout = _buffer_layout(buffers)
+        flat: Tensor | None = None
+        if ps.error is None:
+            # the transfer's buffer before the layout agreement, whose error flag carries a failure here (out of
+            # memory): made after it, a rank raising alone left the others waiting in the transfer's all-reduce
+            try:
+                flat = _buffer_transfer(tensors, rank, int(layout[1]))
+            except Exception as e:
+                ps.error = e
+        error = ps.error
         table, row = self._agreement_table(_BUFFER_KIND)
         table[row] = agreement.error_flag(error)
-        layout = _buffer_layout(buffers)
         table[row + 1:row + 4] = layout
         red = self._sum_scalars(table)  # collective: all_reduce_scalars
         info = agreement.meeting_rows(red, world)
@@ -1880,11 +1898,7 @@ class EGN(ShardedOptimizer):
                     f"{[[int(v) for v in info[r][1:3]] for r in range(world)]} as [count, numel] per rank); EGN "
                     "gives every rank rank 0's buffers before its eval-mode pass, which needs the same model on "
                     "every rank.")
-        tensors = [b for _, b in buffers]
-        if rank == 0:
-            flat = torch.cat([b.detach().reshape(-1).to(torch.float64) for b in tensors])
-        else:
-            flat = torch.zeros(int(layout[1]), dtype=torch.float64, device=tensors[0].device)
+        assert flat is not None  # (a rank without it had an error: every rank raised above)
         self.comm.all_reduce_(flat)  # collective: rank 0's values, the others' zeros
         if rank != 0:
             try:

@@ -13,6 +13,7 @@ process that never saw the failure.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import pytest
@@ -224,4 +225,82 @@ def test_a_rank_that_cannot_take_rank_0s_buffers_raises_on_every_rank(tmp_path) 
     results = run_distributed(_worker_buffers, 2, tmp_path, timeout=90)
     assert results[1]["message"] is not None and "single memory location" in results[1]["message"], results[1]
     assert results[0]["message"] is not None and "rank(s) [1] raised an error" in results[0]["message"], results[0]
+    assert all(r["unchanged"] and r["exact"] for r in results), results
+
+
+def _fail_in_buffer_transfer(name: str) -> Any:
+    """Make ``torch.<name>`` raise an out of memory where EGN's own code calls it inside the buffer transfer
+    (``_take_rank0_buffers``: the transfer's buffer, rank 0's concatenation or the others' zeros), as a full
+    device would; every other call passes through. Returns the undo."""
+    saved = getattr(torch, name)
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        caller = sys._getframe(1)
+        if caller.f_code.co_filename == egn_module.__file__:
+            frame: Any = caller
+            while frame is not None and frame.f_code.co_filename == egn_module.__file__:
+                if frame.f_code.co_name == "_take_rank0_buffers":
+                    raise torch.OutOfMemoryError(f"injected: torch.{name} of the buffer transfer")
+                frame = frame.f_back
+        return saved(*args, **kwargs)
+
+    setattr(torch, name, failing)
+    return lambda: setattr(torch, name, saved)
+
+
+def _uneven_buffers(model: torch.nn.Module, rank: int) -> None:
+    """Buffers that differ by rank (each rank's own running statistics): the transfer gives every rank rank 0's."""
+    with torch.no_grad():
+        model[1].running_mean.fill_(0.1 * (rank + 1))
+        model[1].running_var.fill_(1.0 + rank)
+        model.scale.mul_(2.0 + rank)
+
+
+def _with_buffers(model: torch.nn.Module, opt: EGN) -> dict[str, Any]:
+    return {**_snapshot(model, opt), "buffers": [b.clone() for b in model.buffers()]}
+
+
+def _same_with_buffers(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return _same(a, b) and all(torch.equal(x, y) for x, y in zip(a["buffers"], b["buffers"], strict=True))
+
+
+def _worker_transfer(rank: int, world: int, name: str, failing: int) -> dict[str, Any]:
+    runs = []
+    for fail in (False, True):
+        torch.manual_seed(0)
+        model = _batch_norm_model()
+        opt = EGN(model, **KW)
+        _step(opt, 0, rank, world)
+        _uneven_buffers(model, rank)
+        before = _with_buffers(model, opt)
+        message = unchanged = None
+        if fail:
+            undo = _fail_in_buffer_transfer(name) if rank == failing else (lambda: None)
+            try:
+                _step(opt, 1, rank, world)
+            except RuntimeError as exc:  # torch.OutOfMemoryError is one
+                message = f"{type(exc).__name__}: {exc}"
+            finally:
+                undo()
+            unchanged = _same_with_buffers(before, _with_buffers(model, opt))
+        for t in (1, 2):
+            _step(opt, t, rank, world)
+        runs.append({"message": message, "unchanged": unchanged, "after": _with_buffers(model, opt)})
+    return {"message": runs[1]["message"], "unchanged": runs[1]["unchanged"],
+            "exact": _same_with_buffers(runs[0]["after"], runs[1]["after"])}
+
+
+@pytest.mark.parametrize(("name", "failing"), [("cat", 0), ("zeros", 1)])
+def test_a_rank_that_cannot_allocate_the_buffer_transfer_raises_on_every_rank(name: str, failing: int,
+                                                                              tmp_path) -> None:
+    """The buffer transfer's float64 buffer (rank 0's concatenated buffers, the others' zeros) was made after the
+    layout agreement: a rank out of memory there raised alone while the others waited in the transfer's
+    all-reduce (gloo: an abort once it exited, NCCL: a hang). It is made before, and its failure rides that
+    agreement's error flag: every rank raises an out of memory in the same step, nothing changed (buffers
+    included), and the retried step equals the run that never failed."""
+    results = run_distributed(_worker_transfer, 2, tmp_path, name, failing, timeout=90)
+    own = results[failing]["message"]
+    assert own == f"OutOfMemoryError: injected: torch.{name} of the buffer transfer", results[failing]
+    peer = results[1 - failing]["message"]
+    assert peer is not None and peer.startswith("OutOfMemoryError") and f"rank(s) [{failing}]" in peer, peer
     assert all(r["unchanged"] and r["exact"] for r in results), results
