@@ -1382,8 +1382,9 @@ class ASGO(_OneSided):
                                                             host_map=self._host_map(method, dev, dt), dtype=dt)))
         uninformed = self._accept_roots(self._checked_roots(batches))
         ahead = _small_directions(prepared)
-        self._apply_directions([(v, asgo_math.precondition(v.state[INV_ROOT], _direction(v, g) if d is None else d,
-                                                           side)) for (v, side, g), d in zip(prepared, ahead)])
+        self._apply_directions([(v, asgo_math.precondition_checked(v.state[INV_ROOT], _direction(v, g) if d is None
+                                                                   else d, side))
+                                for (v, side, g), d in zip(prepared, ahead)])
         for v in uninformed:
             # A root of an all-zero V (no gradient yet: a layer behind a zero-initialised one) carries no
             # direction: the eigh root is 0 there and would freeze the block for root_every steps. It
