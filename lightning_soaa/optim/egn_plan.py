@@ -167,6 +167,11 @@ class StepPlan:
             return False
         if x.layout is not torch.strided or y.layout is not torch.strided:  # sparse: the general path's error
             return False
+        # column-major inputs (x.T of a batch, a Fortran-ordered array): the general path's factors keep their
+        # strides (``to`` preserves a dense layout) and the BLAS sums A·Aᵀ in another order for them than for the
+        # row-major copies in the kept buffers, so the last bits of v, gᵀd and ρ differed; rare enough to decline
+        if not x.is_contiguous():
+            return False
         if (x.shape[0] != y.shape[0] or x.dtype != self.dtype or x.get_device() != self.device_index
                 or y.get_device() != self.device_index):
             return False

@@ -376,3 +376,24 @@ def test_a_state_saved_from_planned_steps_resumes_them(monkeypatch: pytest.Monke
     assert counts == [9, 0]
     _same_state(opt, ref, ma, mb)
     _same_state(resumed, ref, mc, mb)
+
+
+@pytest.mark.parametrize("b", [8, 20])  # bc = 80: K whole; 200: SᵀKS kept (ChainSystem)
+def test_column_major_inputs_take_the_general_paths_bits(b: int) -> None:
+    """Inputs whose columns are contiguous (``x.T`` of a row-major batch, a Fortran-ordered numpy array): the
+    general path's float64 factors keep their strides (``to`` preserves a dense layout), and the BLAS sums A·Aᵀ in
+    another order for them than for the row-major copies in the plan's kept buffers (ChainWork's K at bc <= 128,
+    ChainSystem's SᵀKS above): v, gᵀd and ρ differed in their last bits. The plan declines such a batch."""
+    torch.manual_seed(0)
+    ma = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 10))
+    mb = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 10))
+    mb.load_state_dict(ma.state_dict())
+    kw: dict[str, Any] = dict(loss="mse", lr=1.0, damping=0.5, line_search=True, adaptive_damping=True)
+    opt, ref = EGN(ma, **kw), _general_only(EGN(mb, **kw))
+    for t in range(4):
+        g = torch.Generator().manual_seed(t)
+        x, y = torch.randn(6, b, generator=g).T, torch.randn(b, 10, generator=g)
+        assert x.stride() == (1, b)
+        got, want = opt.step(inputs=x, targets=y), ref.step(inputs=x, targets=y)
+        assert torch.equal(got, want)
+        _same_state(opt, ref, ma, mb)
