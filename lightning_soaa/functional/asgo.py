@@ -18,6 +18,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+try:  # optional (torch does not require it): precondition_checked's comparison on the host
+    import numpy as _np
+except ImportError:  # pragma: no cover
+    _np = None  # type: ignore[assignment]
+
 __all__ = [
     "LEFT",
     "RIGHT",
@@ -108,8 +113,10 @@ CANCELLATION_RATIO = 1e-3
 
 
 def precondition_checked(p: Tensor, mom: Tensor, side: str) -> Tensor:
-    """:func:`precondition`, and for a float32 ``P M`` on a CPU with ``k >=`` :data:`CHECKED_PRODUCT_MIN_K` whose
-    norm shows cancellation (:data:`CANCELLATION_RATIO`), that product again in float64, rounded once.
+    """:func:`precondition`, and for a float32 ``P M`` on a CPU with ``k >=`` :data:`CHECKED_PRODUCT_MIN_K` the
+    vectors of it that show cancellation (:data:`CANCELLATION_RATIO`) again in float64, rounded once: each row
+    ``m_i P`` (right side) or column ``P m_j`` (left side) whose norm is below the ratio of ``max_i P_ii`` times
+    its own ``m``'s.
 
     Why: a Gram with a large null space (rank-1 gradients, a batch below ``k``) gives ``P`` its null value
     (~1e3x its values on the kept directions) on most directions, and ``M`` lies in the kept ones: ``P M`` is a
@@ -119,18 +126,32 @@ def precondition_checked(p: Tensor, mom: Tensor, side: str) -> Tensor:
     ``P`` not rounded to float32 too, 1.4-1.7x with the Nesterov direction in float64 as well). Every ``P M`` in
     float64 cost 1.12x the d=256 benchmark's ``root_every=1`` step and 1.52x at ``root_every=10`` (CPU time, one
     thread, paired steps); the check (``P`` is positive semi-definite, so its largest entry is on its diagonal;
-    two norms; one host read, which waits for nothing on a CPU) 0.99x and 1.03x (~0.15 ms a 1024 x 256 block),
-    and it recomputed 1 of the benchmark's 480 products in 40 steps. float64
-    and narrower-than-float32 updates and accelerators (where a host read waits for the device) are unchanged."""
+    one host read, which waits for nothing on a CPU) ~1.0x. Why per vector, not one norm of the block: each
+    vector of ``P M`` is its own ``m``'s product, and an FSDP2 rank holds a row shard of ``M`` (right side):
+    a decision from the shard's norms took a different precision on each rank (rows recomputed at W = 2 that
+    one process kept), where each row's own decision is the same at every world size. float64 and
+    narrower-than-float32 updates and accelerators (where a host read waits for the device) are unchanged."""
     u = precondition(p, mom, side)
     if u.dtype != torch.float32 or u.device.type != "cpu" or p.shape[-1] < CHECKED_PRODUCT_MIN_K:
         return u
-    norms = torch._foreach_norm([mom, u])  # the three numbers in one host read (4 operator calls in all)
-    m_norm, u_norm, top = torch.stack([norms[0], norms[1], torch.diagonal(p).amax()]).tolist()
-    if u_norm >= CANCELLATION_RATIO * top * m_norm:  # (NaN compares False: recomputed, NaN)
+    dim, along = (-2, -1) if side == RIGHT else (-1, -2)  # the vectors (rows of M P, columns of P M) along dim
+    m_norms, u_norms = torch.linalg.vector_norm(mom, dim=along), torch.linalg.vector_norm(u, dim=along)
+    limit = CANCELLATION_RATIO * torch.diagonal(p).amax().item()  # the one host read
+    # (NaN compares False: kept, NaN either way; an inf norm of M recomputes its vector, in range in float64)
+    if _np is not None:  # the comparison on the host: two operator calls (the arrays' detach)
+        bad = _np.flatnonzero(u_norms.numpy() < limit * m_norms.numpy())
+        count = int(bad.size)
+    else:
+        bad = (u_norms < limit * m_norms).nonzero().squeeze(1)
+        count = bad.numel()
+    if count == 0:
         return u
-    wide = precondition(p.to(torch.float64), mom.to(torch.float64), side)
-    return wide.to(torch.float32)
+    p64 = p.to(torch.float64)
+    if count == u.shape[dim]:
+        return precondition(p64, mom.to(torch.float64), side).to(torch.float32)
+    idx = torch.from_numpy(bad) if _np is not None else bad
+    part = precondition(p64, mom.index_select(dim, idx).to(torch.float64), side).to(torch.float32)
+    return u.index_copy_(dim, idx, part)
 
 
 def rms_numerator(rms_scale: float, numel: int) -> float:

@@ -259,3 +259,35 @@ def test_the_float32_product_takes_the_better_shift(kind: str) -> None:
     better, worse = sorted((zero, shifted))
     assert worse > 1.5 * better, (zero, shifted)  # the choice matters on each of these Grams
     assert err(linalg._compose_float32(evecs, z)) <= 1.01 * better, (zero, shifted)
+
+
+@pytest.mark.parametrize("side", [asgo_math.RIGHT, asgo_math.LEFT])
+def test_the_cancellation_check_decides_each_vector_alone(side: str) -> None:
+    """An FSDP2 rank holds a row shard of ``M`` (right side): ``P M`` checked on the shard must be the rows of
+    ``P M`` checked whole, or a rank recomputes in float64 what one process keeps in float32 (the world size
+    changes the result). A Gram of 16 kept directions (eigenvalues 1..1e-5) and a null space; half the vectors
+    along its largest eigenvalues (their products cancel: ratio 3e-4), half along its smallest kept ones (3e-2):
+    whole, the block's ratio (2e-2) kept all in float32, the first shard's (3e-4) recomputed its rows, 3.5e-4
+    apart, before each vector was checked alone. (Within float32 rounding, not to the bit: a GEMM's rows are
+    not always the same bits at another number of rows, in float32 or float64.)"""
+    g = torch.Generator().manual_seed(0)
+    n, m = 128, 64
+    q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=g))
+    lam = torch.zeros(n, dtype=torch.float64)
+    lam[:16] = torch.logspace(0, -5, 16, dtype=torch.float64)
+    p = linalg.inverse_sqrt(((q * lam) @ q.T).float(), "polar_express_eigh").float()
+    coords = torch.zeros(m, n, dtype=torch.float64)
+    coords[: m // 2, :4] = torch.randn(m // 2, 4, dtype=torch.float64, generator=g)
+    coords[m // 2 :, 12:16] = torch.randn(m // 2, 4, dtype=torch.float64, generator=g)
+    mom = (coords @ q.T).float()  # rows: the right side's vectors
+    dim = 0 if side == asgo_math.RIGHT else 1
+    if side == asgo_math.LEFT:
+        mom = mom.T.contiguous()  # columns: the left side's
+    whole = asgo_math.precondition_checked(p, mom, side).double()
+    halves = [asgo_math.precondition_checked(p, h, side).double() for h in mom.split(m // 2, dim=dim)]
+    exact = asgo_math.precondition(p.double(), mom.double(), side).split(m // 2, dim=dim)
+    for i, (a, b, c) in enumerate(zip(whole.split(m // 2, dim=dim), halves, exact)):
+        apart = ((a - b).norm() / a.norm()).item()
+        assert apart < 1e-6, (side, i, apart)
+        err = ((a - c).norm() / c.norm()).item()
+        assert err < 2e-5, (side, i, err)  # the cancelling half recomputed (3.5e-4 in float32), the other 4e-6
