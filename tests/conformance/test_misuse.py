@@ -370,11 +370,10 @@ def _failing_state_copies(kind: type[Exception] | None) -> Any:
 _JOIN_FAULTS = (("step", torch.OutOfMemoryError), ("step", ValueError), ("consolidate_state_dict", ValueError))
 
 
-def _w_join_restore_fails(rank: int, world: int, name: str, store2: str) -> dict[str, Any]:
-    """Built and loaded before the group exists; the first step joins the group, and rank 1 alone fails to
-    place the loaded state in the blocks it owns at W = 2 (an out of memory, then a ValueError; then in a
-    consolidation, the other place a join is made). Then the step is taken again without the fault, and once
-    more; the reference is built and loaded after the group."""
+def _loaded_before_the_group(rank: int, world: int, name: str, store2: str) -> tuple[Any, Any, Any, Any]:
+    """``(model, opt, ref_model, ref)``: an optimizer built and loaded (a one-process state) before the group
+    exists, so that its first step or consolidation joins it, and the reference built and loaded after the group,
+    stepped twice (steps 2 and 3: the run the first one should make)."""
     dist.barrier()  # see _w_built_early
     dist.destroy_process_group()
     saved = _single_process_state(name)
@@ -387,6 +386,15 @@ def _w_join_restore_fails(rank: int, world: int, name: str, store2: str) -> dict
     ref.load_state_dict(copy.deepcopy(saved))
     for t in (2, 3):
         _step(name, ref, ref_model, t, rank)
+    return model, opt, ref_model, ref
+
+
+def _w_join_restore_fails(rank: int, world: int, name: str, store2: str) -> dict[str, Any]:
+    """Built and loaded before the group exists; the first step joins the group, and rank 1 alone fails to
+    place the loaded state in the blocks it owns at W = 2 (an out of memory, then a ValueError; then in a
+    consolidation, the other place a join is made). Then the step is taken again without the fault, and once
+    more; the reference is built and loaded after the group."""
+    model, opt, ref_model, ref = _loaded_before_the_group(rank, world, name, store2)
     before = _join_snapshot(model, opt)
     out: dict[str, Any] = {}
     for how, kind in _JOIN_FAULTS:
@@ -441,18 +449,7 @@ def _w_join_interrupted(rank: int, world: int, name: str, store2: str) -> dict[s
     KeyboardInterrupt on every rank) while it places the loaded state in the blocks each rank will own, the
     join's longest local work. Then the step is taken again, and once more; the reference is built and
     loaded after the group."""
-    dist.barrier()  # see _w_built_early
-    dist.destroy_process_group()
-    saved = _single_process_state(name)
-    model = tiny_mlp(sizes=SIZES)
-    opt = _build(name, model)
-    opt.load_state_dict(copy.deepcopy(saved))
-    dist.init_process_group("gloo", store=dist.FileStore(store2, world), rank=rank, world_size=world)
-    ref_model = tiny_mlp(sizes=SIZES)
-    ref = _build(name, ref_model)
-    ref.load_state_dict(copy.deepcopy(saved))
-    for t in (2, 3):
-        _step(name, ref, ref_model, t, rank)
+    model, opt, ref_model, ref = _loaded_before_the_group(rank, world, name, store2)
     before = _join_snapshot(model, opt)
     limit = opt.__dict__.get("_auto_limit")
     interrupted = False
