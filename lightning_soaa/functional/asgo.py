@@ -136,12 +136,17 @@ def precondition_checked(p: Tensor, mom: Tensor, side: str) -> Tensor:
         return u
     dim, along = (-2, -1) if side == RIGHT else (-1, -2)  # the vectors (rows of M P, columns of P M) along dim
     m_norms, u_norms = torch.linalg.vector_norm(mom, dim=along), torch.linalg.vector_norm(u, dim=along)
-    limit = CANCELLATION_RATIO * torch.diagonal(p).amax().item()  # the one host read
     # (NaN compares False: kept, NaN either way; an inf norm of M recomputes its vector, in range in float64)
-    if _np is not None:  # the comparison on the host: two operator calls (the arrays' detach)
+    host = _np is not None and type(p) is Tensor and not p.requires_grad
+    if host:
+        # P's largest diagonal entry and the comparison on the host: three operator calls (the arrays' detach),
+        # five with the entry read as a tensor (diagonal, amax, item); the same float (a maximum is exact, and a
+        # NaN propagates in both)
+        limit = CANCELLATION_RATIO * float(_np.diagonal(p.numpy()).max())
         bad = _np.flatnonzero(u_norms.numpy() < limit * m_norms.numpy())
         count = int(bad.size)
     else:
+        limit = CANCELLATION_RATIO * torch.diagonal(p).amax().item()  # the one host read
         bad = (u_norms < limit * m_norms).nonzero().squeeze(1)
         count = bad.numel()
     if count == 0:
@@ -149,7 +154,7 @@ def precondition_checked(p: Tensor, mom: Tensor, side: str) -> Tensor:
     p64 = p.to(torch.float64)
     if count == u.shape[dim]:
         return precondition(p64, mom.to(torch.float64), side).to(torch.float32)
-    idx = torch.from_numpy(bad) if _np is not None else bad
+    idx = bad if isinstance(bad, Tensor) else torch.from_numpy(bad)
     part = precondition(p64, mom.index_select(dim, idx).to(torch.float64), side).to(torch.float32)
     return u.index_copy_(dim, idx, part)
 

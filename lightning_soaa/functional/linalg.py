@@ -585,12 +585,15 @@ def _host_sqrt(values: list[float]) -> list[float]:
     return [math.sqrt(x) if x >= 0.0 else math.nan for x in values]
 
 
+def _host_readable(t: Tensor) -> bool:
+    """Whether :func:`_host_array` gives ``t`` as a numpy array: numpy installed, a plain CPU tensor without a
+    graph. Asked without making the array, which is an operator call (``detach``) in a step."""
+    return _np is not None and t.device.type == "cpu" and not t.requires_grad and type(t) is Tensor
+
+
 def _host_array(t: Tensor) -> Any:
-    """``t`` as a numpy array sharing its memory where numpy can take it (installed, a plain CPU tensor without
-    a graph), else None."""
-    if _np is None or t.device.type != "cpu" or t.requires_grad or type(t) is not Tensor:
-        return None
-    return t.numpy()
+    """``t`` as a numpy array sharing its memory where numpy can take it (:func:`_host_readable`), else None."""
+    return t.numpy() if _host_readable(t) else None
 
 
 #: A compiled evaluation of the spectral map (:mod:`lightning_soaa.kernels.asgo_native`, which the optimizer
@@ -615,14 +618,14 @@ def _mapped_spectrum(evals: Tensor, scales: list[float], coeffs: Sequence[tuple[
     scale; None otherwise (the tensor evaluation, or a row beyond ``limit``: the caller reads the roots)."""
     finite = [s - s == 0.0 for s in scales]
     host = all(s != 0.0 for s in scales)  # else 0 / 0 (V = 0, eps = 0) as torch does it
-    if host and host_map is not None and evals.is_contiguous() and _host_array(evals) is not None:
+    if host and host_map is not None and evals.is_contiguous() and _host_readable(evals):
         # a non-finite scale's row: lam / NaN is NaN, as the tensor formula's where() makes it
         safe = [sc if ok else math.nan for sc, ok in zip(scales, finite)]
         flat = tuple(c for i in range(num_iters) for c in coeffs[min(i, len(coeffs) - 1)])
         z, tops = host_map(evals, safe, _host_sqrt(safe), flat, num_iters, floor,
                            FLOOR_POLISH_STEPS if floor > 0.0 else 0)
         return z, finite if all(t <= limit for t, ok in zip(tops, finite) if ok) else None
-    if host and evals.numel() >= _NUMPY_MAP_MIN and _host_array(evals) is not None:
+    if host and evals.numel() >= _NUMPY_MAP_MIN and _host_readable(evals):
         return _numpy_mapped_spectrum(evals, scales, finite, coeffs, num_iters, floor, limit)
     if evals.numel() > _HOST_MAP_MAX or not host:
         st = _host_values(scales, torch.float64, evals.device).unsqueeze(-1)
