@@ -109,6 +109,10 @@ class OptimizerSpec:
             keeps the Gram at the last root). torch's DCP recipe fills only the keys a fresh optimizer
             shows, so a resume that changes one is refused naming it (optim/dcp_state.py); the conformance
             battery checks that refusal for each, and that no other constructor option changes the keys.
+        loss_unit_kwargs: the constructor options measured in the loss's own units, which a run on the loss
+            times ``c`` must take times ``c`` to be the same algorithm (EGN's λ, added to K = JJᵀ, and its
+            clip): the conformance battery's tiny-loss case scales them. Not an optimizer's ``eps`` or
+            damping that regularises a scale-free step: the tiny-loss case is there to hold those to it.
     """
 
     name: str
@@ -128,6 +132,7 @@ class OptimizerSpec:
     supports_complex: bool = False
     supports_zero_size: bool = True
     state_key_options: tuple[tuple[str, Any, Any], ...] = ()
+    loss_unit_kwargs: tuple[str, ...] = ()
 
     @property
     def qualified_name(self) -> str:
@@ -238,6 +243,7 @@ REGISTRY: tuple[OptimizerSpec, ...] = (
         # its Linear capture forms per-sample Jacobians; an empty weight (Linear(0, n)) has none to form
         supports_zero_size=False,
         state_key_options=(("momentum", 0.5, 0.0),),  # the momentum buffer exists only with momentum > 0
+        loss_unit_kwargs=("damping", "damping_min", "damping_max"),  # the system is K + bλI
     ),
     OptimizerSpec(
         name="ASGO", class_path="lightning_soaa.optim.asgo:ASGO", config_path="lightning_soaa.config:ASGOConfig",

@@ -45,6 +45,7 @@ __all__ = [
     "conjugate_gradient",
     "solve_damped_cg",
     "directional_derivative",
+    "gradient_scale",
     "model_change",
     "gain_ratio",
     "armijo_ok",
@@ -104,9 +105,17 @@ def _labels(y: Tensor) -> Tensor:
 
 
 def loss_sum(loss: str, z: Tensor, y: Tensor) -> Tensor:
-    """Σ_i ℓ(y_i, z_i) (a sum over samples: the caller divides by the global batch size)."""
+    """Σ_i ℓ(y_i, z_i) (a sum over samples: the caller divides by the global batch size). Under MSE the squares
+    of a narrower model's residuals are summed in float64: a float32 residual below ~1e-19 has a square below
+    float32's normal range (outputs and targets ~1e-25: the loss 0, and the line search, ρ and so λ then judged
+    every trial a failure; EGN 1e6x a perfect float32 run off the float64 one). A sum beyond the model dtype's
+    range is inf, as it was in that dtype: a step to a loss that overflows there is never taken."""
     if loss == "mse":
-        return 0.5 * (y - z).pow(2).sum()
+        r = y - z
+        if r.dtype == torch.float64:
+            return 0.5 * r.pow(2).sum()
+        total = 0.5 * r.double().pow(2).sum()
+        return total.masked_fill(total > torch.finfo(r.dtype).max, math.inf)  # (NaN stays NaN)
     if loss == "cross_entropy":
         return torch.nn.functional.cross_entropy(z, _labels(y), reduction="sum")
     if loss == "bce":
@@ -435,6 +444,23 @@ def directional_derivative(r: Tensor, kv: Tensor, batch_size: int) -> float:
     if dot.dtype == torch.float64:  # the same IEEE double negation and division on the host: 2 ATen calls fewer
         return -float(dot) / batch_size
     return float(-dot / batch_size)  # rounded in the vectors' dtype, as the solve_dtype="model" path always was
+
+
+#: the largest power of two :func:`gradient_scale` returns: b / 2^100 and 2^-100 r stay normal float32 numbers
+MAX_GRADIENT_EXPONENT = 100
+
+
+def gradient_scale(f0: float) -> float:
+    """2^e (0 <= e <= 100) near 1 / √(2·f0): g = −Jᵀr/b (the momentum's gᵀd) is formed as 2^e·g, in the model's
+    dtype, and gᵀd divided by 2^e (exact, as any scaling by a power of two that neither underflows nor
+    overflows). A float32 model's back-signals and residuals both ~1e-25 made g ~1e-50, zero in float32: its gᵀd
+    0 rejected every momentum direction (EGN 1e6x a perfect float32 run off the float64 one). r is then about
+    unit size: |r_ik| <= √(2b·f0) under MSE, and cross-entropy's and BCE's residuals are at most their loss.
+    1 for a loss of 1/2 or more, or one that is not finite (the step is skipped) or zero."""
+    if not (math.isfinite(f0) and 0.0 < f0 < 0.5):
+        return 1.0
+    _, e = math.frexp(math.sqrt(2.0 * f0))  # √(2 f0) = m·2^e, m in [1/2, 1)
+    return math.ldexp(1.0, min(-e, MAX_GRADIENT_EXPONENT))
 
 
 def model_change(gtd: float, jd_q_norm_sq: float, alpha: float, batch_size: int) -> float:

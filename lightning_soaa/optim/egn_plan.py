@@ -345,7 +345,7 @@ class StepPlan:
         if flag > 0 or not math.isfinite(rec.gtd_momentum):  # the template's non-finite verdict (one process)
             opt._skip_step("non-finite gradient or statistic on 1 rank(s)")
             return f0
-        dec = opt._direction_of(rec, curv.gtd)
+        dec = opt._direction_of(rec, curv.gtd, f0)
         with _inference_mode(True):
             w0 = dec.w0 = undo.w0 = self._copy_of_params()
             dec.jd_qq = curv.jd_qq
@@ -416,7 +416,8 @@ class StepPlan:
         curv, flat, views = solved
         grads: list[Tensor] = []
         if float(opt.param_groups[0]["momentum"]) > 0:
-            grads = self._gradient(curv.r.view(b, c).to(z.dtype), [saved[j] for j in self.site_inputs], deltas)
+            grads = self._gradient(curv.r.view(b, c).to(z.dtype), [saved[j] for j in self.site_inputs], deltas,
+                                   egn_math.gradient_scale(f0))
         # Σ 0·d: NaN where an entry of d is not finite (EGN._prepare), read with the momentum's gᵀd
         nonfinite = flat.mul(0.0).sum().ne(0.0)
         return _Solved(f0, z, y, curv, nonfinite, views, grads, saved, deltas)
@@ -507,11 +508,12 @@ class StepPlan:
         r2, s = egn_math.residual_and_factor(opt.config.loss, z, y)
         return opt._dense_curvature(work.gram(), r2.reshape(-1), s, work.b)
 
-    def _gradient(self, r: Tensor, inputs: list[Tensor], deltas: list[Tensor | None]) -> list[Tensor]:
-        """g = −Jᵀr/b per parameter in the model's dtype, from the factors in it (``EGN._vjps``' second channel:
-        the momentum's gᵀd); a frozen parameter's is a zero block."""
+    def _gradient(self, r: Tensor, inputs: list[Tensor], deltas: list[Tensor | None], scale: float) -> list[Tensor]:
+        """``scale``·g, g = −Jᵀr/b per parameter in the model's dtype, from the factors in it (``EGN._vjps``' second
+        channel: the momentum's gᵀd; ``scale`` a power of two, egn_math.gradient_scale); a frozen parameter's is a
+        zero block."""
         b = r.shape[0]
-        cot = -r / b
+        cot = r / (-b / scale)
         blocks: list[Tensor | None] = [None] * len(self.params)
         for (i_w, i_b), a, delta in zip(self.site_blocks, inputs, deltas):
             m = cot if delta is None else torch.bmm(cot.unsqueeze(1), delta).reshape(b, delta.shape[2])

@@ -19,7 +19,7 @@ float64, rounded once to the parameter's dtype (:class:`_Upcast`): its own arith
 model's float32 forward. An optimizer that takes the batch (EGN) differentiates the low-dtype model itself, so
 its forward pass in the model's dtype is part of what it is held to.
 
-Cases (one 8-16-16-4 tanh MLP, 12 samples a step, 6 steps, the registry's ``test_kwargs``):
+Cases (one 8-16-16-4 tanh MLP but ``wide``, 12 samples a step, 6 steps, the registry's ``test_kwargs``):
 
 * ``ordinary``: 12 distinct samples;
 * ``rank_deficient``: two distinct inputs, each six times with different targets: every layer's gradient has
@@ -33,10 +33,19 @@ Cases (one 8-16-16-4 tanh MLP, 12 samples a step, 6 steps, the registry's ``test
 * ``ce_rank_deficient``: ``rank_deficient``'s inputs with class labels (each input's six samples split among
   classes) at the same small damping: EGN's float32 Jᵀv was 1.8e5x the perfect run here (bfloat16 2.7e5x; float16
   skipped its steps as non-finite), fixed in 4db378f;
-* ``tiny`` (float32, optimizers that step on gradients): ``ordinary`` with the loss times :data:`TINY`, so the
-  gradients are ~1e-8 and ASGO's ``eps`` (1e-10) makes most of its root's scale ``s``: its float32 map's floor
-  (2e-7 s) flattened every real eigenvalue there, 1e5x the perfect run's error (1.6-2.5x since; see
-  ``BARE_MAP_RATIO`` in lightning_soaa/functional/linalg.py).
+* ``tiny`` (float32): ``ordinary`` with the loss times :data:`TINY`, so the gradients are ~1e-8 and ASGO's
+  ``eps`` (1e-10) makes most of its root's scale ``s``: its float32 map's floor (2e-7 s) flattened every real
+  eigenvalue there, 1e5x the perfect run's error (1.6-2.5x since; see ``BARE_MAP_RATIO`` in
+  lightning_soaa/functional/linalg.py). An optimizer that takes the batch forms the loss itself: its model's
+  outputs and the targets are times :data:`TINY_OUTPUTS` (residuals and Jacobian ~1e-25, their products and the
+  loss ~1e-50, below float32's range) and its options in the loss's units (the registry's ``loss_unit_kwargs``:
+  EGN's λ) times its square, the same algorithm on that loss. EGN summed the squared float32 residuals in float32
+  (the loss 0: every line-search trial and ρ failed) and formed the momentum's g = −Jᵀr/b in float32 (0: every
+  momentum direction rejected): 3.4e6x / 1.3e6x the perfect run with either left, 1.15x since;
+* ``wide`` (float32; each optimizer's default route and :data:`WIDE_ROUTES`, :data:`WIDE_STEPS` steps): one
+  160 -> 128 Linear (:data:`WIDE_SIZES`) on ``ordinary``'s 12 samples: a weight whose smaller side is 128 with a
+  gradient of rank <= 12 (each step's batch below k), where ASGO's float32 ``P·M`` is checked for cancellation
+  (from k = 96) and, on this Gram, recomputed in float64; EGN's K = G ⊗ I_c solve of c = 128 outputs.
 
 bfloat16 and float16 runs otherwise take ``weight_decay`` 0.1 where the optimizer has it: a step that decays θ
 in place before adding the update rounds a bfloat16 θ twice and loses a decay below half an ulp (1.6-1.8x and
@@ -51,7 +60,8 @@ its trials at 256 roundings of the loss instead of 4, a resolution too coarse fo
 the perfect bfloat16 run and 51-300x the float16 one); for ASGO also
 ``user_defaults``, its ``test_kwargs`` set back to the constructor's own defaults but ``lr`` (one block per
 matrix, a root every step, no damping, in both cases): the configuration of ``ASGO(params, lr=...)``. Runs held
-to a wider factor are in :data:`WIDER` and defects found by this test, not fixed yet, in :data:`NEW_DEFECTS`
+to a wider factor are in :data:`WIDER`, to a narrower one (a known defect below the bound) in :data:`NARROWER`,
+and defects found by this test, not fixed yet, in :data:`NEW_DEFECTS`
 (``xfail(strict=True)``), each with its reason and numbers. Not run, as inherently far from the perfect run:
 
 * ASGO's explicit float32 iterations (``"polar_express"``, ``"newton_schulz"``) on rank-deficient Grams below
@@ -86,12 +96,23 @@ BATCH = 12
 STEPS = 6
 SMALL_DAMPING = 1e-6
 BF16_DECAY = 0.1
-CASES = ("ordinary", "rank_deficient", "no_decay", "cross_entropy", "ce_rank_deficient", "tiny")
+CASES = ("ordinary", "rank_deficient", "no_decay", "cross_entropy", "ce_rank_deficient", "tiny", "wide")
 DEFICIENT = ("rank_deficient", "ce_rank_deficient")  # the cases of two distinct inputs, at SMALL_DAMPING
 CLASSES = ("cross_entropy", "ce_rank_deficient")  # the cases of a classification head
 NARROW = (torch.bfloat16, torch.float16)  # the dtypes whose runs decay at BF16_DECAY
 #: the loss factor of the ``tiny`` case
 TINY = 1e-8
+#: the outputs' and targets' factor of the ``tiny`` case for an optimizer that takes the batch (the loss's: its
+#: square)
+TINY_OUTPUTS = 1e-25
+#: the ``wide`` case's model: one Linear whose weight's smaller side is 128 (ASGO's float32 ``P M`` is checked from
+#: k = 96: asgo_math.CHECKED_PRODUCT_MIN_K)
+WIDE_SIZES = (160, 128)
+WIDE_STEPS = 3
+#: the routes beyond each optimizer's default that run the ``wide`` case (the others cut the same blocks as the
+#: default, or blocks of 4: the 128x160 weight's many small blocks cost seconds and test nothing new)
+WIDE_ROUTES = (("ASGO", "user_defaults"),)  # one block per matrix: a 128 x 128 Gram
+FLOAT32_ONLY = ("tiny", "wide")  # the cases run in float32 only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,6 +176,16 @@ ROUTES: dict[str, tuple[Route, ...]] = {
 #: model and the data (the seeds of tiny_mlp and batch; this test's draw is the first), this CPU, one thread.
 WIDER: dict[tuple[str, str, str, str], tuple[float, str]] = {}
 
+#: (optimizer, route, dtype, case): a factor narrower than BOUNDS' where a known defect lies between the measured
+#: range and the bound, and why (8 draws, this CPU, one thread).
+NARROWER: dict[tuple[str, str, str, str], tuple[float, str]] = {
+    ("ASGO", "user_defaults", "float32", "wide"): (
+        1.0, "0.60-0.63x; the float32 P·M not checked for cancellation (asgo_math.precondition_checked, which "
+             "recomputes every vector of it here) 1.72-1.78x: a perfect run that rounds ASGO's 128 x 128 root and "
+             "Gram after every step is itself ~2e-4 off the float64 one, so the GEMM's cancellation is a ~3x effect "
+             "here, not the 10-15x of tests/unit/test_asgo_float32_accuracy.py's yardstick"),
+}
+
 #: (optimizer, route, dtype, case): defects found by this test, not fixed yet (strict xfail: a fix makes it pass).
 #: Fixed: ASGO took its float32 roots from the Gram after rounding it to float32, where a rank-deficient Gram's
 #: small and null eigenvalues are rounding: over 12 draws the default route 11-1176x (rank_deficient),
@@ -175,6 +206,9 @@ def _options(spec: OptimizerSpec, route: Route, dtype: torch.dtype, case: str) -
         out["damping"] = SMALL_DAMPING
     if case in CLASSES and "loss" in fields:
         out["loss"] = "cross_entropy"
+    if case == "tiny":  # the same algorithm on the loss times TINY_OUTPUTS² (registry: loss_unit_kwargs)
+        config = {f.name: f.default for f in dataclasses.fields(spec.load_config())}
+        out.update({k: out.get(k, config[k]) * TINY_OUTPUTS ** 2 for k in spec.loss_unit_kwargs})
     if "weight_decay" in fields:
         if case == "no_decay":
             out["weight_decay"] = 0.0
@@ -183,22 +217,47 @@ def _options(spec: OptimizerSpec, route: Route, dtype: torch.dtype, case: str) -
     return {**out, **route.options}
 
 
-def _data(case: str, t: int, dtype: torch.dtype, rank: int = 0, world: int = 1) -> tuple[Tensor, Tensor]:
+def _sizes(case: str) -> tuple[int, ...]:
+    return WIDE_SIZES if case == "wide" else SIZES
+
+
+def _output_scale(spec: OptimizerSpec, case: str) -> float:
+    """The factor of the model's outputs and targets: ``tiny``'s for an optimizer that forms the loss itself from
+    them (it is handed no loss to scale), else 1."""
+    return TINY_OUTPUTS if case == "tiny" and spec.needs is StepNeeds.BATCH else 1.0
+
+
+def _data(case: str, t: int, dtype: torch.dtype, rank: int = 0, world: int = 1,
+          scale: float = 1.0) -> tuple[Tensor, Tensor]:
     """Rank ``rank``'s share of step ``t``'s batch (of ``world`` equal shares) in float64, its values rounded to
-    ``dtype`` (cross-entropy: class labels)."""
-    x, y = batch(t, 0, n=BATCH, d_in=SIZES[0], d_out=SIZES[-1])
+    ``dtype`` (cross-entropy: class labels; the targets times ``scale`` first)."""
+    sizes = _sizes(case)
+    x, y = batch(t, 0, n=BATCH, d_in=sizes[0], d_out=sizes[-1])
     if case in DEFICIENT:
         x = x[:2].repeat(BATCH // 2, 1)
-    y = y.argmax(dim=-1) if case in CLASSES else y.to(dtype).double()
+    y = y.argmax(dim=-1) if case in CLASSES else (y * scale).to(dtype).double()
     n = BATCH // world
     return x.to(dtype).double()[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
 
 
 def _loss(case: str) -> Any:
     """The objective of ``case``, in the outputs' dtype: mean cross-entropy over classes, or ``half_mse``."""
-    if case == "tiny":
+    if case == "tiny":  # (an optimizer that takes the batch forms its own: its outputs are scaled, _ScaledOutputs)
         return lambda out, target: TINY * registry.half_mse(out, target)
     return nn.functional.cross_entropy if case in CLASSES else registry.half_mse
+
+
+class _ScaledOutputs(nn.Module):
+    """The model with its outputs times ``scale``: residuals and Jacobian that small (``tiny``, for an optimizer
+    that forms the loss itself)."""
+
+    def __init__(self, model: nn.Module, scale: float) -> None:
+        super().__init__()
+        self.model, self.scale = model, scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.model(x) * self.scale
+        return out
 
 
 class _Upcast(nn.Module):
@@ -250,7 +309,7 @@ def _step(spec: OptimizerSpec, model: nn.Module, opt: Any, t: int, case: str, dt
     """One step of run ``run`` ("exact", "perfect" or "low") through the registry's driver (under a closure
     for a route that takes one), on rank ``rank``'s share of the batch. ``shares`` > 1: the perfect run of
     ``shares`` ranks (:func:`_shares_step`)."""
-    x, y = _data(case, t, dtype, rank, world)
+    x, y = _data(case, t, dtype, rank, world, _output_scale(spec, case))
     own = next(model.parameters()).dtype
     forward = model if spec.needs is StepNeeds.BATCH else _Upcast(model)
     objective = _loss(case)
@@ -344,21 +403,28 @@ def metric(path: list[Tensor], exact: list[Tensor]) -> float:
     return max((float((p - e).norm()) / m for p, e, m in zip(path, exact[1:], moved) if m > 0.0), default=0.0)
 
 
-def start_model(dtype: torch.dtype) -> nn.Module:
-    """The model every run starts from, in ``dtype`` (its parameters representable in the low dtype)."""
-    return tiny_mlp(0, dtype, sizes=SIZES)
+def start_model(dtype: torch.dtype, case: str = "ordinary") -> nn.Module:
+    """The model every run of ``case`` starts from, in ``dtype`` (its parameters representable in the low dtype)."""
+    return tiny_mlp(0, dtype, sizes=_sizes(case))
+
+
+def trained(spec: OptimizerSpec, case: str, model: nn.Module) -> nn.Module:
+    """What the optimizer of ``spec`` is built on and steps through: ``model``, its outputs scaled where the case
+    scales them (:func:`_output_scale`)."""
+    scale = _output_scale(spec, case)
+    return model if scale == 1.0 else _ScaledOutputs(model, scale)
 
 
 def runs(spec: OptimizerSpec, route: Route, dtype: torch.dtype, case: str, shares: int = 1) -> Runs:
     """The exact, perfect and low runs of one optimizer, route, dtype and case (one process); ``shares``: the
     perfect run that of as many data-parallel ranks (:func:`_shares_step`)."""
-    start = start_model(dtype)
+    start = start_model(dtype, case)
     dtypes = {"exact": torch.float64, "perfect": torch.float64, "low": dtype}
-    models = {k: copy.deepcopy(start).to(d) for k, d in dtypes.items()}
+    models = {k: trained(spec, case, copy.deepcopy(start).to(d)) for k, d in dtypes.items()}
     kw = _options(spec, route, dtype, case)
     opts = {k: spec.build(m, **kw) for k, m in models.items()}
     paths: dict[str, list[Tensor]] = {k: [_flat(m)] for k, m in models.items()}
-    for t in range(STEPS):
+    for t in range(WIDE_STEPS if case == "wide" else STEPS):
         for k in dtypes:
             _step(spec, models[k], opts[k], t, case, dtype, k, route, shares=shares)
         _round_like_low((models["perfect"], opts["perfect"]), (models["low"], opts["low"]), dtype)
@@ -381,8 +447,10 @@ def _cases() -> Iterator[Any]:
                 for case in CASES:
                     if case == "no_decay" and (dtype not in NARROW or "weight_decay" not in _config_fields(spec)):
                         continue  # float32 runs decay at test_kwargs' rate; without the option: "ordinary"
-                    if case == "tiny" and (dtype != torch.float32 or spec.needs is StepNeeds.BATCH):
-                        continue  # bfloat16's own grid dominates; EGN forms its loss itself
+                    if case in FLOAT32_ONLY and dtype != torch.float32:
+                        continue  # bfloat16's own grid dominates
+                    if case == "wide" and route is not DEFAULT and (spec.name, route.name) not in WIDE_ROUTES:
+                        continue
                     key = (spec.name, route.name, str(dtype).removeprefix("torch."), case)
                     marks = [pytest.mark.xfail(strict=True, reason=NEW_DEFECTS[key])] if key in NEW_DEFECTS else []
                     yield pytest.param(spec, route, dtype, case, marks=marks, id="-".join(key))
@@ -397,8 +465,8 @@ def test_low_precision_run_is_within_a_few_times_the_perfect_one(spec: Optimizer
     perfect, low = errors(spec, route, dtype, case)
     bound = BOUNDS[dtype]
     key = (spec.name, route.name, str(dtype).removeprefix("torch."), case)
-    if key in WIDER:
-        bound = dataclasses.replace(bound, factor=WIDER[key][0])
+    if key in WIDER or key in NARROWER:
+        bound = dataclasses.replace(bound, factor={**WIDER, **NARROWER}[key][0])
     assert low <= bound.factor * perfect + bound.floor, (
         f"{spec.name} ({route.name}, {key[2]}, {case}): {low:.3g} off the float64 run, the perfect {key[2]} run "
         f"{perfect:.3g} ({low / perfect:.1f}x; allowed {bound.factor}x + {bound.floor:g})")
@@ -408,6 +476,7 @@ def test_the_tables_name_registered_optimizers_and_routes() -> None:
     """A renamed optimizer or route would leave its wider bound or its xfail silently unused."""
     routes = {(s.name, r.name) for s in registry.REGISTRY for r in (DEFAULT, *ROUTES.get(s.name, ()))}
     assert set(ROUTES) <= set(registry.names())
-    for name, route, dtype, case in (*WIDER, *NEW_DEFECTS):
+    assert set(WIDE_ROUTES) <= routes, WIDE_ROUTES
+    for name, route, dtype, case in (*WIDER, *NARROWER, *NEW_DEFECTS):
         assert (name, route) in routes and case in CASES, (name, route, case)
         assert dtype in {str(d).removeprefix("torch.") for d in BOUNDS}, dtype

@@ -28,8 +28,8 @@ twice) the W = 2 launch found EGN 1.9e5x (``ce_rank_deficient``), ASGO 2.2e3x / 
 Cases: every optimizer's default route and the routes users select by an option whose step differs at W > 1
 (SOAA's eager ops and its ``same_batch`` trust region, ASGO's constructor defaults, ShardedAdamW's foreach
 path), in float32 on the ``ordinary`` and ``ce_rank_deficient`` batches, bfloat16 on the ``ordinary`` and
-``cross_entropy`` ones, and float16 on the ``ordinary`` one. Runs that exceed the bound, with their reason, are
-in :data:`RANK_DEFECTS` (each must still exceed it; none now).
+``cross_entropy`` ones, and float16 on the ``ordinary`` one; and EGN's ``tiny`` run (:data:`SINGLE`). Runs that
+exceed the bound, with their reason, are in :data:`RANK_DEFECTS` (each must still exceed it; none now).
 """
 
 from __future__ import annotations
@@ -58,7 +58,9 @@ RUNS = (("float32", "ordinary"), ("float32", "ce_rank_deficient"), ("bfloat16", 
 RANK_DEFECTS: dict[tuple[str, str, str, str, int], str] = {}
 
 Key = tuple[str, str, str, str]
-KEYS: tuple[Key, ...] = tuple((n, r, d, c) for n, r in ROUTES for d, c in RUNS)
+#: runs for one route only: EGN's tiny outputs (its W > 1 path: the loss all-reduced, g = −Jᵀr/b reduce-scattered)
+SINGLE: tuple[Key, ...] = (("EGN", "default", "float32", "tiny"),)
+KEYS: tuple[Key, ...] = tuple((n, r, d, c) for n, r in ROUTES for d, c in RUNS) + SINGLE
 
 
 def _resolve(key: Key) -> tuple[registry.OptimizerSpec, lp.Route, torch.dtype, str]:
@@ -71,7 +73,7 @@ def _resolve(key: Key) -> tuple[registry.OptimizerSpec, lp.Route, torch.dtype, s
 def _path_on_ranks(key: Key, rank: int, world: int) -> list[torch.Tensor]:
     """θ after each step of the low run of ``key`` on this rank (its share of each batch)."""
     spec, route, dtype, case = _resolve(key)
-    model = lp.start_model(dtype)
+    model = lp.trained(spec, case, lp.start_model(dtype, case))
     kw = lp._options(spec, route, dtype, case)
     if takes_kwarg(spec, "grad_reduction"):
         kw["grad_reduction"] = "mean"

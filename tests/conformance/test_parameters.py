@@ -13,7 +13,9 @@ For every optimizer in :data:`lightning_soaa.registry.REGISTRY`:
 * a lazy module's uninitialized parameters are refused at construction, naming them;
 * a parameter whose shape or dtype changed after construction is refused at the step, naming it;
 * zero-size parameters (shape ``(0, 5)``): where ``supports_zero_size``, they are left as they are and the
-  other parameters follow exactly the run without them; elsewhere refused at construction.
+  other parameters follow exactly the run without them; elsewhere refused at construction;
+* parameters over one memory are refused at construction and by ``add_param_group``, also one group at a time
+  after earlier groups moved their memory (the incremental add's storage memo).
 """
 
 from __future__ import annotations
@@ -455,6 +457,54 @@ def test_parameters_over_the_same_memory_are_refused(spec: OptimizerSpec) -> Non
     base = torch.randn(4, 6, dtype=torch.float64)
     left, right = nn.Parameter(base[:, ::2]), nn.Parameter(base[:, 1::2])  # interleaved, no shared element
     spec.load()([("left", left), ("right", right)], **spec.test_kwargs)
+
+
+def _owners(opt: Any) -> list[int]:
+    """The parameter indices of the optimizer's blocks, each once, in order (an optimizer may cut several)."""
+    return sorted({b.param_index for b in opt.block_table.blocks})
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_overlaps_with_earlier_groups_stay_refused_by_each_added_group(spec: OptimizerSpec) -> None:
+    """``add_param_group`` one group at a time (Lightning's BaseFinetuning unfreezing layer by layer) appends to
+    the block table without checking the earlier groups again: a view of a parameter of an earlier group and a
+    parameter already in a group are still refused by every add, the optimizer unchanged, and the next group
+    still appends."""
+    _takes_params(spec)
+    ps = [_param(6, 4, seed=i) for i in range(4)]
+    opt = spec.load()([ps[0]], **spec.test_kwargs)
+    opt.add_param_group({"params": [ps[1]]})
+    opt.add_param_group({"params": [ps[2]]})
+    blocks = list(opt.block_table.blocks)
+    with pytest.raises(ValueError, match="share memory"):
+        opt.add_param_group({"params": [nn.Parameter(ps[1].detach().t())]})
+    with pytest.raises(ValueError, match="more than one parameter group"):
+        opt.add_param_group({"params": [ps[2]]})
+    assert len(opt.param_groups) == 3 and opt.block_table.blocks == blocks
+    opt.add_param_group({"params": [ps[3]]})
+    assert _owners(opt) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_a_parameter_moved_since_its_group_was_added_is_checked_at_its_new_memory(spec: OptimizerSpec) -> None:
+    """A parameter whose memory changed after its group was added (``p.data = ...``, as ``model.half()`` does)
+    is compared at its new address by the next add: a new parameter over that memory is refused, nothing
+    changed; and memory a parameter left may hold a new one (spans remembered from before the move refused it)."""
+    _takes_params(spec)
+    ps = [_param(4, seed=i) for i in range(4)]
+    opt = spec.load()([ps[0]], **spec.test_kwargs)
+    for p in ps[1:3]:
+        opt.add_param_group({"params": [p]})
+    buf, left = torch.zeros(8, dtype=torch.float64), ps[2].data
+    ps[1].data = buf[:4]
+    blocks = list(opt.block_table.blocks)
+    with pytest.raises(ValueError, match="share memory"):
+        opt.add_param_group({"params": [nn.Parameter(buf[2:6])]})
+    assert len(opt.param_groups) == 3 and opt.block_table.blocks == blocks
+    ps[2].data = torch.randn(4, dtype=torch.float64)
+    opt.add_param_group({"params": [nn.Parameter(left)]})  # the memory ps[2] left
+    opt.add_param_group({"params": [ps[3]]})  # the next group goes on from the optimizer as it was
+    assert len(opt.param_groups) == 5 and _owners(opt) == [0, 1, 2, 3, 4]
 
 
 def _tied_after_construction_worker(rank: int, world_size: int, name: str) -> tuple[str | None, bool, int]:

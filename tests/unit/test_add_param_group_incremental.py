@@ -3,7 +3,8 @@ layer, per-layer lr groups built incrementally): each call re-cut every existing
 re-checked every parameter's storage, so N calls cost N^2 / 2 parameter visits (1000 one-parameter groups:
 11 s, against 0.19 s for torch's AdamW). A group is now appended to the block table while the existing groups
 and their parameters are as built (their storage re-read, not re-checked); anything else takes the full path.
-The guarantees (overlap refused, a moved parameter checked at its new memory) are those of the full check."""
+The guarantees (overlap refused, a moved parameter checked at its new memory) are those of the full check, held
+for every optimizer in tests/conformance/test_parameters.py."""
 
 from __future__ import annotations
 
@@ -39,58 +40,6 @@ def test_existing_blocks_are_not_cut_again_at_each_added_group(cls: type, monkey
         opt.add_param_group({"params": [p], "lr": 1e-4})
     assert sorted(cut) == sorted(id(p) for p in ps[1:]), f"{len(cut)} cuts for {len(ps) - 1} added parameters"
     assert len(opt.block_table.blocks) == len(ps)
-
-
-@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
-def test_a_parameter_moved_since_is_checked_at_its_new_memory(cls: type) -> None:
-    """A parameter whose memory changed after its group was added (``p.data = ...``, as ``model.half()``
-    does) is compared at its new address: a new parameter over that memory is refused, nothing changed."""
-    torch.manual_seed(0)
-    ps = [nn.Parameter(torch.randn(4)) for _ in range(4)]
-    opt = _opt(cls, ps[:1])
-    for p in ps[1:3]:
-        opt.add_param_group({"params": [p]})
-    buf = torch.zeros(8)
-    ps[1].data = buf[:4]
-    blocks = list(opt.block_table.blocks)
-    with pytest.raises(ValueError, match="share memory"):
-        opt.add_param_group({"params": [nn.Parameter(buf[2:6])]})
-    assert len(opt.param_groups) == 3 and opt.block_table.blocks == blocks
-    opt.add_param_group({"params": [ps[3]]})  # the next group goes on from the optimizer as it was
-    assert len(opt.block_table.blocks) == 4
-
-
-@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
-def test_overlaps_with_earlier_groups_stay_refused(cls: type) -> None:
-    """A view of a parameter of an earlier group and a parameter already in a group are refused by every
-    add, the incremental ones included; the optimizer is unchanged and the next group still appends."""
-    torch.manual_seed(0)
-    ps = [nn.Parameter(torch.randn(6, 4)) for _ in range(4)]
-    opt = _opt(cls, ps[:1])
-    opt.add_param_group({"params": [ps[1]]})
-    opt.add_param_group({"params": [ps[2]]})
-    blocks = list(opt.block_table.blocks)
-    with pytest.raises(ValueError, match="share memory"):
-        opt.add_param_group({"params": [nn.Parameter(ps[1].detach().t())]})
-    with pytest.raises(ValueError, match="more than one parameter group"):
-        opt.add_param_group({"params": [ps[2]]})
-    assert len(opt.param_groups) == 3 and opt.block_table.blocks == blocks
-    opt.add_param_group({"params": [ps[3]]})
-    assert [b.param_index for b in opt.block_table.blocks] == [0, 1, 2, 3]
-
-
-@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
-def test_memory_a_parameter_left_may_hold_a_new_parameter(cls: type) -> None:
-    """The reverse: memory a parameter left (``p.data = ...``; freed memory is handed out again) may hold a
-    new parameter, which then overlaps nothing: spans remembered from before the move would refuse it."""
-    torch.manual_seed(0)
-    buf = torch.randn(8)
-    ps = [nn.Parameter(torch.randn(4)), nn.Parameter(buf[:4])]
-    opt = _opt(cls, ps[:1])
-    opt.add_param_group({"params": [ps[1]]})
-    ps[1].data = torch.randn(4)
-    opt.add_param_group({"params": [nn.Parameter(buf[:4])]})
-    assert len(opt.param_groups) == 3 and len(opt.block_table.blocks) == 3
 
 
 @pytest.mark.parametrize("cls,option", [(SOAA, {"max_block_numel": 0}), (ASGO, {"row_parts": 4})],
