@@ -1363,18 +1363,39 @@ class ShardedOptimizer(torch.optim.Optimizer):
             elif error is not None:
                 raise error
             assert made is not None
-            (table, params, names, first), owned = made
+            (table, params, names, _), _ = made
             if self.comm.world_size > 1:
                 self._check_same_params_on_all_ranks(params, names, table)
+            self._commit_join(made, local_comm, limit)  # (inside: a Ctrl+C just before it is undone here too)
         except BaseException:  # (Ctrl+C too) nothing changed: still the local table, comm and block size
             self._undo_join(local_comm, limit)
             raise
         finally:
             del self._joining
-        self._adopt_table(table, params, names, first, check_ranks=True)
-        self._install_owned_state(owned)  # assignments only: nothing may fail on one rank after the check
         log.info("%s: joined the %d-rank default process group at its first collective (it was built "
                  "before torch.distributed was initialized)", type(self).__name__, self.comm.world_size)
+
+    def _commit_join(self, made: tuple[tuple[BlockTable, list[Tensor], list[str | None], int], _OwnedState],
+                     local_comm: Communicator, limit: int | None) -> None:
+        """The checked join made the optimizer's (:meth:`_ensure_joined`): its table adopted, the state it placed
+        installed. Nothing here fails on one rank alone (no allocation, no check), but a Ctrl+C may land between
+        the two or inside either: the optimizer then had the group's table with its one-process state, or a state
+        cleared and partly installed (a step taken again ran on that, not on the loaded state). On any
+        BaseException the attributes and the state are put back as they were and the join is pending again."""
+        (table, params, names, first), owned = made
+        saved = dict(self.__dict__)
+        states = list(self.state.items())  # (the install clears the state dict in place)
+        try:
+            self._adopt_table(table, params, names, first, check_ranks=True)
+            self._install_owned_state(owned)  # assignments only: nothing may fail on one rank after the check
+        except BaseException:
+            for key in [k for k in self.__dict__ if k not in saved]:
+                del self.__dict__[key]
+            self.__dict__.update(saved)
+            self.state.clear()
+            self.state.update(states)
+            self._undo_join(local_comm, limit)
+            raise
 
     def _undo_join(self, local_comm: Communicator, limit: int | None) -> None:
         """Put back what a join that failed or was interrupted changed: the one-process communicator

@@ -490,6 +490,64 @@ def test_a_join_interrupted_while_it_places_the_state_changes_nothing(tmp_path: 
             torch.testing.assert_close(a, b, atol=0, rtol=0, msg=f"rank {r}")
 
 
+def _w_join_interrupted_installing(rank: int, world: int, name: str, store2: str, where: str) -> dict[str, Any]:
+    """Built and loaded before the group exists; the first step's join is interrupted (Ctrl+C on every rank)
+    after the construction check, while it makes the checked join the optimizer's: as the state install begins
+    (the table adopted) or inside it (the state dict cleared and refilled, the counters not yet). Then the step
+    is taken again, and once more; the reference is built and loaded after the group."""
+    model, opt, ref_model, ref = _loaded_before_the_group(rank, world, name, store2)
+    before = _join_snapshot(model, opt)
+    limit = opt.__dict__.get("_auto_limit")
+
+    def interrupted(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt
+
+    setattr(opt, where, interrupted)
+    interrupted_ = False
+    try:
+        _step(name, opt, model, 2, rank)
+    except KeyboardInterrupt:
+        interrupted_ = True
+    finally:
+        delattr(opt, where)
+    try:
+        assert_identical(_join_snapshot(model, opt), before, "after the interrupted join")
+        assert opt.__dict__.get("_auto_limit") == limit, ("block size", opt.__dict__.get("_auto_limit"), limit)
+        unchanged = "yes"
+    except AssertionError as e:
+        unchanged = str(e)
+    out: dict[str, Any] = {"interrupted": interrupted_, "unchanged": unchanged}
+    if unchanged != "yes":  # half-joined: a retry would not be the first try's join
+        return out
+    for t in (2, 3):  # the retry, then one more step: the run that was never interrupted
+        _step(name, opt, model, t, rank)
+    out["early"], out["ref"] = _params(model), _params(ref_model)
+    out["steps"] = [(o.num_steps, o.skipped_steps) for o in (opt, ref)]
+    out["states"] = [[copy.deepcopy(dict(o.state.get(p, {}))) for p in m.parameters()]
+                     for o, m in ((opt, model), (ref, ref_model))]
+    return out
+
+
+@pytest.mark.parametrize("where", ["_install_owned_state", "_own_state_dicts"])
+@pytest.mark.parametrize("name", SPECS)
+def test_a_join_interrupted_while_it_installs_the_state_changes_nothing(tmp_path: Path, name: str,
+                                                                        where: str) -> None:
+    """A Ctrl+C (on every rank) after the join's check, between adopting the group's table and installing the
+    state it placed (or inside that install, the state dict cleared and refilled), left the optimizer with the
+    group's table over its one-process state or a half-installed one, no longer waiting to join: the step taken
+    again ran from there. Now nothing changed (still waiting to join, the state as loaded), and the step taken
+    again trains exactly as an optimizer built and loaded after the group."""
+    results = run_distributed(_w_join_interrupted_installing, 2, tmp_path, name, str(tmp_path / "store2"), where,
+                              timeout=120)
+    for r, res in enumerate(results):
+        assert res["interrupted"], r
+        assert res["unchanged"] == "yes", (r, res["unchanged"])
+        assert res["steps"][0] == res["steps"][1], (r, res["steps"])
+        for a, b in zip(res["early"], res["ref"]):
+            torch.testing.assert_close(a, b, atol=0, rtol=0, msg=f"rank {r}")
+        assert_identical(res["states"][0], res["states"][1], f"rank {r}: state")
+
+
 # ---------------------------------------------------------------------- 2. gradients differ across ranks
 def _w_unaveraged(rank: int, world: int, name: str) -> dict[str, Any]:
     model = tiny_mlp(sizes=SIZES)
