@@ -41,7 +41,9 @@ __all__ = [
     "LocalComm",
     "TorchComm",
     "default_communicator",
+    "comm_device",
     "dist_world",
+    "flat_buffers",
     "distributed_running",
     "default_group_ready",
     "gather_flat",
@@ -99,9 +101,9 @@ class Communicator(Protocol):
 
     def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor: ...
 
-    def all_gather_flat(self, buffer: torch.Tensor) -> torch.Tensor: ...
+    def all_gather_flat(self, buffer: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor: ...
 
-    def reduce_scatter_flat(self, buffer: torch.Tensor) -> torch.Tensor: ...
+    def reduce_scatter_flat(self, buffer: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor: ...
 
     def all_gather_object(self, obj: Any) -> list[Any]: ...
 
@@ -186,10 +188,10 @@ class LocalComm(_StatsMixin):
     def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
 
-    def all_gather_flat(self, buffer: torch.Tensor) -> torch.Tensor:
+    def all_gather_flat(self, buffer: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         return buffer
 
-    def reduce_scatter_flat(self, buffer: torch.Tensor) -> torch.Tensor:
+    def reduce_scatter_flat(self, buffer: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         return buffer
 
     def all_gather_object(self, obj: Any) -> list[Any]:
@@ -260,23 +262,28 @@ class TorchComm(_StatsMixin):
             tensor.copy_(buf)
         return tensor
 
-    def all_gather_flat(self, buffer: torch.Tensor) -> torch.Tensor:
-        """Gather equal-length 1-D buffers from all ranks into one ``[W * len]`` tensor, rank-major."""
+    def all_gather_flat(self, buffer: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Gather equal-length 1-D buffers from all ranks into one ``[W * len]`` tensor, rank-major. ``out``: that
+        tensor, made by the caller (:func:`flat_buffers`) before an agreement that carries a failure to make it;
+        with ``buffer`` on :attr:`device` nothing is allocated here, where a failure would be this rank's alone."""
         buf = self._to_comm_device(buffer.reshape(-1))
-        out = torch.empty(buf.numel() * self.world_size, dtype=buf.dtype, device=buf.device)
+        if out is None:
+            out = torch.empty(buf.numel() * self.world_size, dtype=buf.dtype, device=buf.device)
         self._count("all_gather", _nbytes(buf))
         _ALL_GATHER_FLAT(out, buf, group=self.group)
         return out.to(buffer.device)
 
-    def reduce_scatter_flat(self, buffer: torch.Tensor) -> torch.Tensor:
-        """Sum ``[W * len]`` buffers across ranks and return this rank's ``len`` slice."""
+    def reduce_scatter_flat(self, buffer: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Sum ``[W * len]`` buffers across ranks and return this rank's ``len`` slice (``out``: as for
+        :meth:`all_gather_flat`)."""
         buf = self._to_comm_device(buffer.reshape(-1))
         if buf.numel() % self.world_size:
             raise ValueError(
                 f"reduce_scatter_flat needs a length divisible by world_size={self.world_size}, "
                 f"got {buf.numel()}"
             )
-        out = torch.empty(buf.numel() // self.world_size, dtype=buf.dtype, device=buf.device)
+        if out is None:
+            out = torch.empty(buf.numel() // self.world_size, dtype=buf.dtype, device=buf.device)
         self._count("reduce_scatter", _nbytes(buf))
         _REDUCE_SCATTER_FLAT(out, buf, op=dist.ReduceOp.SUM, group=self.group)
         return out.to(buffer.device)
@@ -322,6 +329,24 @@ class TorchComm(_StatsMixin):
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickled as a :class:`DeferredComm` that re-attaches at its first collective."""
         return (DeferredComm, (self.rank, self.world_size, _is_default_group(self.group)))
+
+
+def comm_device(comm: Any, default: torch.device) -> torch.device:
+    """The device ``comm``'s collectives run on (gloo: the CPU, NCCL: the GPU); ``default`` for one process. A
+    buffer made there is handed to the collective as it is (no copy: an allocation inside the collective's call,
+    where a failure would be this rank's alone)."""
+    if isinstance(comm, DeferredComm):
+        comm = comm._real  # (attached by the step's begin_step: attaching is a collective, never made here)
+    device = getattr(comm, "device", None)
+    return device if isinstance(device, torch.device) else default
+
+
+def flat_buffers(comm: Any, send: int, out: int, dtype: torch.dtype, default: torch.device
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(send, out) for a flat collective whose own allocations must come before an agreement: ``send`` zeros
+    (the padding of a packed buffer), ``out`` uninitialized, both on :func:`comm_device`."""
+    device = comm_device(comm, default)
+    return (torch.zeros(send, dtype=dtype, device=device), torch.empty(out, dtype=dtype, device=device))
 
 
 def _is_default_group(group: dist.ProcessGroup | None) -> bool:
@@ -408,11 +433,11 @@ class DeferredComm:
     def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.attach().all_reduce_(tensor)
 
-    def all_gather_flat(self, buffer: torch.Tensor) -> torch.Tensor:
-        return self.attach().all_gather_flat(buffer)
+    def all_gather_flat(self, buffer: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self.attach().all_gather_flat(buffer, out)
 
-    def reduce_scatter_flat(self, buffer: torch.Tensor) -> torch.Tensor:
-        return self.attach().reduce_scatter_flat(buffer)
+    def reduce_scatter_flat(self, buffer: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self.attach().reduce_scatter_flat(buffer, out)
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         return self.attach().all_gather_object(obj)

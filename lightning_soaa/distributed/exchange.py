@@ -23,18 +23,36 @@ every move is local.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from lightning_soaa.distributed.blocks import BlockInfo, BlockTable, writable_grad
-from lightning_soaa.distributed.comm import Communicator
+from lightning_soaa.distributed.comm import Communicator, flat_buffers
 
-__all__ = ["OwnerExchange"]
+__all__ = ["HeldBuffers", "OwnerExchange"]
 
 #: per dtype: the blocks of each rank, in block order (the packing order of the flat buffers)
 Layouts = dict[torch.dtype, list[list[BlockInfo]]]
+
+
+@dataclasses.dataclass
+class HeldBuffers:
+    """The buffers of one move, made ahead of it (:meth:`OwnerExchange.sum_buffers`,
+    :meth:`OwnerExchange.gather_buffers`) before an agreement whose error flag carries a failure to make them (out
+    of memory): made inside the move, between that agreement and its collective, a rank failing there raised alone
+    while the others waited in the collective (gloo: an abort, NCCL: a hang). ``flats``: per dtype (sharded) or
+    per channel (unsharded), the collective's (send, out), on the communicator's device; ``full``: the full-size
+    results of a gather; ``error``: this rank's failure in a move made with them, after it joined every collective
+    of the move (:meth:`OwnerExchange.sum_to_owners` records it here instead of raising it)."""
+
+    flats: dict[Any, tuple[Tensor, Tensor]]
+    full: list[Tensor] = dataclasses.field(default_factory=list)
+    error: Exception | None = None
 
 
 class OwnerExchange:
@@ -95,30 +113,126 @@ class OwnerExchange:
         return out
 
     # ------------------------------------------------------------------ to the owners
-    def sum_to_owners(self, channels: list[list[Tensor | None]],
-                      sum_dtype: torch.dtype | None = None) -> list[list[Tensor]]:
+    def sum_to_owners(self, channels: list[list[Tensor | None]], sum_dtype: torch.dtype | None = None,
+                      held: HeldBuffers | None = None) -> list[list[Tensor]]:
         """Sum per-parameter tensors over ranks; per channel, the owned blocks' sums (``table.owned()``
         order), in the parameters' dtypes. ``None`` entries count as zeros. One ``reduce_scatter_flat`` per
         dtype (sharded) or one ``all_reduce_`` per channel (unsharded, W > 1). ``sum_dtype`` (every rank the
         same): the sum is taken in it, then rounded once, for partial sums that cancel across ranks (EGN's
-        Jᵀv with a small damping: rounding each rank's part first lost what the cancellation leaves)."""
+        Jᵀv with a small damping: rounding each rank's part first lost what the cancellation leaves). ``held``: its
+        buffers, made before (:meth:`sum_buffers`; :meth:`_sum_held`)."""
         if self.comm.world_size == 1:
             return [[_block_or_zeros(b, ch[b.param_index], self.params) for b in self.owned] for ch in channels]
+        if held is not None and (self.sharded or sum_dtype is not None or all(
+                functools.reduce(torch.promote_types, [p.dtype if t is None else t.dtype for p, t in
+                                                       zip(self.params, ch)]) == held.flats[ci][0].dtype
+                for ci, ch in enumerate(channels))):
+            return self._sum_held(channels, sum_dtype, held)
         if not self.sharded:
             return [self._all_reduce_channel(ch, sum_dtype) for ch in channels]
         world, rank, nch = self.comm.world_size, self.comm.rank, len(channels)
         mine: dict[int, list[Tensor]] = {}
         for dt, per_rank, n in self._nonempty():
             buf = torch.zeros(world * nch * n, dtype=sum_dtype or dt, device=self._device(per_rank))
-            for r in range(world):
-                for ci, ch in enumerate(channels):
-                    o = (r * nch + ci) * n
-                    self._pack(buf[o:o + n], per_rank[r], [_block_of(b, ch[b.param_index]) for b in per_rank[r]])
-            got = _in(self.comm.reduce_scatter_flat(buf), dt)
-            for ci in range(nch):
-                for b, t in zip(per_rank[rank], self._unpack(got[ci * n:(ci + 1) * n], per_rank[rank])):
-                    mine.setdefault(b.block_id, [t] * nch)[ci] = t
+            self._pack_channels(buf, per_rank, channels, n)
+            self._take_sums(mine, self.comm.reduce_scatter_flat(buf), dt, per_rank[rank], n, nch)
         return [[mine[b.block_id][ci] for b in self.owned] for ci in range(nch)]
+
+    def _pack_channels(self, buf: Tensor, per_rank: list[list[BlockInfo]], channels: list[list[Tensor | None]],
+                       n: int) -> None:
+        """The reduce-scatter's buffer: rank-major, each rank's part its blocks of every channel in turn."""
+        nch = len(channels)
+        for r in range(len(per_rank)):
+            for ci, ch in enumerate(channels):
+                o = (r * nch + ci) * n
+                self._pack(buf[o:o + n], per_rank[r], [_block_of(b, ch[b.param_index]) for b in per_rank[r]])
+
+    def _take_sums(self, mine: dict[int, list[Tensor]], got: Tensor, dt: torch.dtype, blocks: list[BlockInfo],
+                   n: int, nch: int) -> None:
+        """This rank's sums of one dtype's reduce-scatter (``got``) as its blocks, in ``dt`` on their device."""
+        got = _in(got, dt)
+        if blocks:
+            got = got.to(self.params[blocks[0].param_index].device)  # (held buffers: the collective's device)
+        for ci in range(nch):
+            for b, t in zip(blocks, self._unpack(got[ci * n:(ci + 1) * n], blocks)):
+                mine.setdefault(b.block_id, [t] * nch)[ci] = t
+
+    def sum_buffers(self, channels: int, sum_dtype: torch.dtype | None) -> HeldBuffers | None:
+        """The buffers of :meth:`sum_to_owners` of ``channels`` channels summed in ``sum_dtype``, made now (None
+        for one process: it moves nothing). Unsharded, without ``sum_dtype``, the sum is in the parameters'
+        promoted dtype (:meth:`_sum_held` takes the unheld path where the handed tensors promote to another)."""
+        if self.comm.world_size == 1:
+            return None
+        flats: dict[Any, tuple[Tensor, Tensor]] = {}
+        if not self.sharded:
+            total = sum(p.numel() for p in self.params)
+            dt = sum_dtype or functools.reduce(torch.promote_types, [p.dtype for p in self.params])
+            for ci in range(channels):  # (all_reduce_ sums in place: no out)
+                flats[ci] = flat_buffers(self.comm, total, 0, dt, self.params[0].device)
+            return HeldBuffers(flats)
+        world = self.comm.world_size
+        for dt, per_rank, n in self._nonempty():
+            flats[dt] = flat_buffers(self.comm, world * channels * n, channels * n, sum_dtype or dt,
+                                     self._device(per_rank))
+        return HeldBuffers(flats)
+
+    def _sum_held(self, channels: list[list[Tensor | None]], sum_dtype: torch.dtype | None,
+                  held: HeldBuffers) -> list[list[Tensor]]:
+        """:meth:`sum_to_owners` into ``held`` (:meth:`sum_buffers`): nothing is allocated before a collective, and
+        a failure of this rank's packing (or of the local work after a collective) joins every collective of the
+        move first and is then recorded in ``held.error`` (empty sums returned), not raised: the caller holds it
+        for the agreement that follows, where every rank raises."""
+        rank, nch = self.comm.rank, len(channels)
+        error: Exception | None = None
+        mine: dict[int, list[Tensor]] = {}
+        parts: list[list[Tensor]] = []
+        if not self.sharded:
+            for ci, ch in enumerate(channels):
+                flat = held.flats[ci][0]
+                try:
+                    if error is None:
+                        self._pack_whole(flat, ch)
+                except Exception as e:
+                    error = e
+                self.comm.all_reduce_(flat)
+                if error is None:
+                    try:
+                        parts.append(self._whole_parts(flat))
+                    except Exception as e:
+                        error = e
+        for dt, per_rank, n in self._nonempty() if self.sharded else []:
+            buf, out = held.flats[dt]
+            try:
+                if error is None:
+                    self._pack_channels(buf, per_rank, channels, n)
+            except Exception as e:
+                error = e
+            got = self.comm.reduce_scatter_flat(buf, out)
+            try:
+                if error is None:
+                    self._take_sums(mine, got, dt, per_rank[rank], n, nch)
+            except Exception as e:
+                error = e
+        if error is not None:
+            held.error = error
+            return [[] for _ in channels]
+        if not self.sharded:
+            return parts
+        return [[mine[b.block_id][ci] for b in self.owned] for ci in range(nch)]
+
+    def _pack_whole(self, flat: Tensor, ch: list[Tensor | None]) -> None:
+        """Every parameter's tensor of channel ``ch`` into ``flat`` (zeros: None), cast to its dtype."""
+        off = 0
+        for p, t in zip(self.params, ch):
+            if t is not None:
+                flat[off:off + p.numel()].copy_(t.reshape(-1))
+            off += p.numel()
+
+    def _whole_parts(self, flat: Tensor) -> list[Tensor]:
+        """An unsharded channel's sums (``flat``) as the owned blocks, each parameter's in its dtype and device."""
+        parts = [_in(x.view(p.shape), p.dtype).to(p.device)
+                 for x, p in zip(torch.split(flat, [p.numel() for p in self.params]), self.params)]
+        return [b.view(parts[b.param_index]) for b in self.owned]
 
     def _all_reduce_channel(self, ch: list[Tensor | None], sum_dtype: torch.dtype | None) -> list[Tensor]:
         full = [torch.zeros_like(p, dtype=sum_dtype) if t is None else t for p, t in zip(self.params, ch)]
@@ -197,32 +311,45 @@ class OwnerExchange:
         if self.sharded:
             self._gather(lambda b: b.view(self.params[b.param_index]), self.params, skip_own=True)
 
-    def gather_from_owners(self, owned: list[Tensor]) -> list[Tensor]:
+    def gather_buffers(self) -> HeldBuffers | None:
+        """The buffers of a sharded :meth:`gather_from_owners` (the full-size results too), made now; None where
+        it makes no collective (one process, unsharded)."""
+        if not self.sharded:
+            return None
+        world = self.comm.world_size
+        flats = {dt: flat_buffers(self.comm, n, world * n, dt, self._device(per_rank))
+                 for dt, per_rank, n in self._nonempty()}
+        return HeldBuffers(flats, [torch.zeros_like(p) for p in self.params])
+
+    def gather_from_owners(self, owned: list[Tensor], held: HeldBuffers | None = None) -> list[Tensor]:
         """Every rank gets a full-size tensor per parameter, each block from its owner; ``owned`` holds
         this rank's blocks in ``table.owned()`` order (one ``all_gather_flat`` per dtype when sharded).
         Read-only: unsharded, a block that is a whole parameter is handed back itself (not a copy; a small
-        model's step pays per op)."""
+        model's step pays per op). ``held``: its buffers, made before (:meth:`gather_buffers`): nothing allocated
+        before its collective."""
         if not self.sharded and all(b.dim is None for b in self.owned) and len(self.owned) == len(self.params):
             whole: list[Tensor | None] = [None] * len(self.params)
             for b, t in zip(self.owned, owned):
                 whole[b.param_index] = t
             if all(t is not None for t in whole):
                 return [t for t in whole if t is not None]
-        full = [torch.zeros_like(p) for p in self.params]
+        full = held.full if held is not None else [torch.zeros_like(p) for p in self.params]
         if not self.sharded:
             for b, t in zip(self.owned, owned):
                 b.view(full[b.param_index]).copy_(t)
             return full
         mine = {b.block_id: t for b, t in zip(self.owned, owned)}
-        self._gather(lambda b: mine[b.block_id], full, skip_own=False)
+        self._gather(lambda b: mine[b.block_id], full, skip_own=False, held=held)
         return full
 
-    def _gather(self, source: Callable[[BlockInfo], Tensor], dest: list[Tensor], *, skip_own: bool) -> None:
+    def _gather(self, source: Callable[[BlockInfo], Tensor], dest: list[Tensor], *, skip_own: bool,
+                held: HeldBuffers | None = None) -> None:
         rank, world = self.comm.rank, self.comm.world_size
         for dt, per_rank, n in self._nonempty():
-            buf = torch.zeros(n, dtype=dt, device=self._device(per_rank))
+            buf, made = held.flats[dt] if held is not None else (
+                torch.zeros(n, dtype=dt, device=self._device(per_rank)), None)
             self._pack(buf, per_rank[rank], [source(b) for b in per_rank[rank]])
-            out = self.comm.all_gather_flat(buf)
+            out = self.comm.all_gather_flat(buf, made)
             for r in range(world):
                 if skip_own and r == rank:
                     continue

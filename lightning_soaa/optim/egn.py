@@ -17,8 +17,9 @@ from lightning_soaa.config import EGNConfig, check_range
 from lightning_soaa.distributed import agreement
 from lightning_soaa.distributed.blocks import BlockInfo
 from lightning_soaa.distributed.checkpoint import StateField, check_finite_number
-from lightning_soaa.distributed.comm import LocalComm
+from lightning_soaa.distributed.comm import LocalComm, comm_device, flat_buffers
 from lightning_soaa.distributed.dtensor import has_dtensor
+from lightning_soaa.distributed.exchange import HeldBuffers
 from lightning_soaa.functional import egn as egn_math
 from lightning_soaa.functional.chain_gram import ChainOperator
 from lightning_soaa.functional.gram import (
@@ -333,22 +334,26 @@ def _buffer_layout(buffers: list[tuple[str, Tensor]]) -> list[float]:
     return [float(len(buffers)), float(sum(t.numel() for _, t in buffers)), float(zlib.crc32(key.encode()))]
 
 
-def _buffer_transfer(tensors: list[Tensor], rank: int, numel: int) -> Tensor:
-    """The float64 buffer of the buffer transfer's all-reduce: rank 0's values, zeros on the other ranks."""
+def _buffer_transfer(tensors: list[Tensor], rank: int, numel: int, device: torch.device) -> Tensor:
+    """The float64 buffer of the buffer transfer's all-reduce: rank 0's values, zeros on the other ranks; on the
+    collective's ``device`` (else the all-reduce copied it there: an allocation after the layout agreement)."""
     if rank == 0:
-        return torch.cat([b.detach().reshape(-1).to(torch.float64) for b in tensors])
-    return torch.zeros(numel, dtype=torch.float64, device=tensors[0].device)
+        return torch.cat([b.detach().reshape(-1).to(torch.float64) for b in tensors]).to(device)
+    return torch.zeros(numel, dtype=torch.float64, device=device)
 
 
 #: the agreement table (:meth:`EGN._agreement_table`) has the size and layout of the step record's all-reduce
 #: (:func:`agreement.record_size`): a head of ``RECORD_SLOTS`` summed values [non-finite, loss sum, 0...], one
 #: ``STEP_ROW`` row per rank, the stop vote's slot (0). A row: [error, b_r, c, trainable fingerprint, kind,
-#: crc of T per Linear site, 0, instance id] in the batch agreement; [error, buffer count, buffer numel,
-#: buffer layout crc, kind, 0, 0, instance id] in the buffer agreement. The error flag and the instance id
-#: sit where the step record's rows hold them, so a rank in EGN's first collective and a rank in another
-#: optimizer's step record (optimizers stepped in different orders) meet in one call of equal size and
-#: both raise the same error, instead of gloo's size-mismatch abort or NCCL's hang.
+#: crc of T per Linear site, samples its all-gather buffers hold, instance id] in the batch agreement; [error,
+#: buffer count, buffer numel, buffer layout crc, kind, 0, 0, instance id] in the buffer agreement. The error flag
+#: and the instance id sit where the step record's rows hold them, so a rank in EGN's first collective and a
+#: rank in another optimizer's step record (optimizers stepped in different orders) meet in one call of equal
+#: size and both raise the same error, instead of gloo's size-mismatch abort or NCCL's hang.
 _KIND_SLOT, _SITES_SLOT = 4, 5
+#: the batch agreement's slot of the samples per rank that this rank's buffers of the factors' all-gather hold (made
+#: before the agreement: :meth:`EGN._reserve_gather`)
+_RESERVE_SLOT = 6
 #: the kind of agreement a rank's row belongs to: the buffer agreement before the capture forward (W > 1,
 #: floating buffers only) or the batch agreement after it. Both tables have the same size, so a rank that
 #: makes one while another makes the other meets it in the same all-reduce, and both raise.
@@ -453,6 +458,7 @@ class _Batch:
     # the explicit Jacobian rows [b_r, c, rest] or None; d = Jᵀv is read back from them
     local_factors: list[tuple[Tensor, Tensor]] = dataclasses.field(default_factory=list)
     local_rows: Tensor | None = None
+    reserved: list[int] = dataclasses.field(default_factory=list)  # samples of every rank's all-gather buffers
 
     @property
     def b(self) -> int:
@@ -529,6 +535,11 @@ class _Pass:
     agreed: bool = False  # the step raises on every rank together (EGN._agreeing)
     rewind: bool = False  # the step raised before it was counted: the generators go back too (StepRng.finish)
     groups_checked: bool = False  # step() found the param groups valid and nothing of the user's ran since
+    # W > 1: the buffers of the step's exchanges, made before the agreement that precedes each (a failure to make
+    # them rides its error flag): the factors' all-gather (send, out), the reduce-scatter's, the gather's
+    gather: tuple[Tensor, Tensor] | None = None
+    sums: HeldBuffers | None = None
+    gathers: HeldBuffers | None = None
 
 
 #: EGN's optimizer-wide values that a step changes before it is counted (_Undo)
@@ -660,7 +671,10 @@ class EGN(ShardedOptimizer):
     and Jᵀv: 3, its error then in the template's agreement rows, 4; the copy of the parameters, J·d and the
     trial forwards: 6): every rank raises together, with the parameters as before the step, also where the
     others found the system unsolvable (at W > 1 that skip is decided in 4, after 3 with nothing: an error
-    wins). Not covered: a failure inside an exchange's own buffers (3's packing, 5).
+    wins). The exchanges' own buffers are made before the agreement that precedes each (2's in 1, 3's in 2, 5's
+    before 4; :class:`~lightning_soaa.distributed.exchange.HeldBuffers`), so a failure to make them (out of
+    memory) rides its error flag too; 2's is padded to the largest batch, known only after 1: where a rank's
+    (its batch or the last step's largest) is short, one more all-reduce of failure flags follows 1.
 
     A non-finite value anywhere (outputs, loss, direction) or an unsolvable system skips the step on
     every rank through the base's skip path, leaving all state unchanged. **A step whose loss
@@ -1285,8 +1299,19 @@ class EGN(ShardedOptimizer):
             if isinstance(channels, str):
                 return channels
             # a wide Jᵀv is summed over ranks in its dtype and rounded after (_vjps)
-            ps.at_owners = self.exchange.sum_to_owners(channels, self._wide_dtype(batch))  # collective: reduce_scatter
+            self._sum_to_owners(ps, channels, self._wide_dtype(batch))  # collective: reduce_scatter
         return None
+
+    def _sum_to_owners(self, ps: _Pass, channels: list[list[Tensor | None]], wide: torch.dtype | None) -> None:
+        """Jᵀv (and g) to the owners, at W > 1 into the buffers made before the factors' all-gather (``ps.sums``):
+        nothing is allocated before the collective, and a failure of this rank's local work in it (its packing,
+        the sums read back in the parameters' dtypes) joins the collective first and is held (``held.error``) for
+        the template's all-reduce (:meth:`_prepare`), like the solve's. (An error raised out of the exchange did not
+        join: this rank's alone, :meth:`_abandon`.)"""
+        held, ps.sums = ps.sums, None
+        ps.at_owners = self.exchange.sum_to_owners(channels, wide, held)
+        if held is not None and held.error is not None:
+            ps.late_error = ps.late_error or held.error
 
     def _solved_vjps(self, ps: _Pass, batch: _Batch, layout: GramLayout,
                      pieces: GramFactors | None) -> list[list[Tensor | None]] | str:
@@ -1327,6 +1352,9 @@ class EGN(ShardedOptimizer):
             raise ps.late_error
         if ps.unsolved is not None:  # a skip, by this flag in the same all-reduce, unless a rank raised (_skip_step)
             return _EGNRecord(nonfinite=1.0)
+        # the direction's gather from its owners (_decide): its buffers before the template's all-reduce, whose flag
+        # carries a failure to make them (made after it, a rank failing there raised alone: the others waited)
+        ps.gathers = self.exchange.gather_buffers()
         at_owners = ps.at_owners
         beta = float(self.param_groups[0]["momentum"])
         rec = _EGNRecord(direction=at_owners[0])
@@ -1395,7 +1423,8 @@ class EGN(ShardedOptimizer):
         ps = self._current()
         curv, batch = ps.curvature, ps.batch
         assert curv is not None and batch is not None
-        dec.full = self.exchange.gather_from_owners(dec.direction)  # collective: all_gather_flat
+        held, ps.gathers = ps.gathers, None
+        dec.full = self.exchange.gather_from_owners(dec.direction, held)  # collective: all_gather_flat
         try:
             with torch.no_grad():  # w0: a copy of the parameters in one op (×1 is exact, -0 and inf included)
                 dec.w0 = list(torch._foreach_mul(self._params, 1.0))
@@ -1771,6 +1800,8 @@ class EGN(ShardedOptimizer):
             assert z is not None and cap is not None
             try:
                 positions, y = self._batch_row(table, row, xs, targets, z, cap)
+                table[row + _RESERVE_SLOT] = self._reserve_gather(int(xs[0].shape[0]), int(z.shape[1]), positions,
+                                                                  z.device)
             except Exception as exc:  # this rank's alone (out of memory in the loss): held for the all-reduce
                 if self._pass is not None and self._pass.error is None:
                     self._pass.error = exc
@@ -1780,13 +1811,57 @@ class EGN(ShardedOptimizer):
         table[row] = 0.0 if err is None else agreement.error_flag(own or ValueError)  # (an invalid batch: ValueError)
         table[row + 3] = _fingerprint(self._active)
         red = self._sum_scalars(table)  # collective
+        info = agreement.meeting_rows(red, world)
         with self._agreeing():
-            sizes, c = self._check_agreement(agreement.meeting_rows(red, world), err, positions)
+            sizes, c = self._check_agreement(info, err, positions)
         assert z is not None and cap is not None and y is not None  # (an error raised in the agreement)
         b = sum(sizes)
         return _Batch(xs=xs, y=y, z=z, cap=cap, sizes=sizes, c=c, rank=rank,
                       positions=positions, nonfinite=red[0] > 0,
-                      f0=float("nan") if red[0] > 0 else red[1] / b)
+                      f0=float("nan") if red[0] > 0 else red[1] / b,
+                      reserved=[int(info[r][_RESERVE_SLOT]) for r in range(world)])
+
+    def _reserve_gather(self, b_r: int, c: int, positions: list[int], device: torch.device) -> float:
+        """The factors' all-gather buffers (send, out), made before the batch agreement, whose error flag carries a
+        failure to make them (out of memory): made after it, a rank failing there raised alone while the others
+        waited in the all-gather (gloo: an abort, NCCL: a hang). Each rank's part is padded to the largest batch,
+        known only from the agreement: they hold this rank's samples or the last step's largest batch, whichever is
+        more (the number is this rank's agreement value: every rank learns who is short, :meth:`_gather_buffers`)."""
+        try:
+            self._check_sizes(max(b_r, 1), c, positions)
+        except ValueError:  # a batch the agreement refuses on every rank (max_gram_size): nothing made for it
+            return 0.0  # (its refusal, not an out of memory of a buffer that size, is what every rank raises)
+        rows = max(b_r, int(self.__dict__.get("_gather_rows", 0)))
+        n = rows * self._factor_layout(c, positions).width + 1  # (the rows, then the failure flag)
+        self._current().gather = flat_buffers(self.comm, n, self.comm.world_size * n, torch.float64, device)
+        return float(rows)
+
+    def _gather_buffers(self, batch: _Batch, n: int) -> tuple[Tensor, Tensor]:
+        """The factors' all-gather buffers for ``n`` values per rank (then its flag): views of those made before
+        the agreement (:meth:`_reserve_gather`). Where a rank's are short (uneven batches at their first step, or
+        a batch larger than the last step's largest; every rank knows from the agreement), that rank makes them
+        now and every rank joins one all-reduce of failure flags first (a collective on that path only)."""
+        ps = self._current()
+        world, rank = self.comm.world_size, self.comm.rank
+        need = max(batch.sizes)
+        self._gather_rows = need  # (what the next step reserves; only a size, told to every rank as it is used)
+        if any(k < need for k in batch.reserved):
+            error: Exception | None = None
+            if batch.reserved[rank] < need:
+                ps.gather = None  # (too small: freed first)
+                try:
+                    ps.gather = flat_buffers(self.comm, n + 1, world * (n + 1), torch.float64, batch.z.device)
+                except Exception as e:
+                    error = e
+            flags = [0.0] * world
+            flags[rank] = agreement.error_flag(error)
+            self._raise_failed(self._sum_scalars(flags), error, "while making its Gram factors' all-gather buffers")
+        assert ps.gather is not None  # (made, or every rank raised above)
+        send, out = ps.gather
+        if send.numel() == n + 1:  # (the usual case: no op between the agreement and the all-gather)
+            return send, out
+        # made for a larger batch (the last step's): views, which allocate nothing
+        return send[:n + 1], out[:world * (n + 1)]
 
     def _batch_row(self, table: list[float], row: int, xs: tuple[Tensor, ...], targets: Tensor, z: Tensor,
                    cap: LinearCapture | ChainCapture) -> tuple[list[int], Tensor]:
@@ -1883,7 +1958,7 @@ class EGN(ShardedOptimizer):
             # the transfer's buffer before the layout agreement, whose error flag carries a failure here (out of
             # memory): made after it, a rank raising alone left the others waiting in the transfer's all-reduce
             try:
-                flat = _buffer_transfer(tensors, rank, int(layout[1]))
+                flat = _buffer_transfer(tensors, rank, int(layout[1]), comm_device(self.comm, tensors[0].device))
             except Exception as e:
                 ps.error = e
         error = ps.error
@@ -1986,20 +2061,24 @@ class EGN(ShardedOptimizer):
                                        None if rows is None else rows.reshape(batch.b * c, rows.shape[-1]).to(dt),
                                        identity=batch.cap.identity_site)
         n = max(batch.sizes) * layout.width
-        buf = torch.zeros(n + 1, dtype=torch.float64, device=batch.z.device)
+        buf, out = self._gather_buffers(batch, n)
+        ps = self._current()
         error: Exception | None = None
         try:
             factors, rows = self._local_factors(batch)
             buf[:batch.b_r * layout.width] = pack_factor_table(layout, batch.z, batch.y, factors, rows).reshape(-1)
+            # the reduce-scatter's buffers, before this all-gather, whose flag carries a failure to make them
+            ps.sums = self.exchange.sum_buffers(len(self._no_vjps()), self._wide_dtype(batch))
         except Exception as e:
             error = e
             buf[n] = agreement.error_flag(e)  # this rank's flag, after its (zero) rows
-        gathered = self.comm.all_gather_flat(buf).view(len(batch.sizes), n + 1)
+        gathered = self.comm.all_gather_flat(buf, out).view(len(batch.sizes), n + 1)
+        ps.gather = None  # (freed with this frame, as the buffers made here were)
         self._raise_failed(gathered[:, n].tolist(), error, "while packing its Gram factors")
         try:  # (the global table: an allocation) this rank's alone until the reduce-scatter: held like the solve's
             table = torch.cat([gathered[r, :k * layout.width].view(k, layout.width)
                                for r, k in enumerate(batch.sizes)])
-            return layout, split_factor_table(layout, table.to(dt))
+            return layout, split_factor_table(layout, table.to(device=batch.z.device, dtype=dt))
         except Exception as e:
             assert self._pass is not None
             self._pass.late_error = e

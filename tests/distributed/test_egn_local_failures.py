@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 import torch
 
+import lightning_soaa.distributed.comm as comm_module
+import lightning_soaa.distributed.exchange as exchange_module
 import lightning_soaa.optim.egn as egn_module
 from lightning_soaa.optim.egn import EGN
 from tests.harness.distributed import run_distributed
@@ -154,7 +156,8 @@ def _worker_unreported(rank: int, world: int, site: str) -> dict[str, Any]:
     model = tiny_mlp(0, DT)
     opt = EGN(model, **KW)
     _step(opt, 0, rank, world)
-    if rank == 0:  # out of memory allocating the exchange's buffer, before that rank joins the collective
+    if rank == 0:  # raised out of the exchange before that rank joins the collective (its buffers are made before
+        # the agreement that precedes it: test_a_rank_that_cannot_allocate_an_exchange_buffer_raises_on_every_rank)
         def boom(*args: Any, **kwargs: Any) -> Any:
             raise torch.OutOfMemoryError(f"injected at {site}")
 
@@ -301,6 +304,85 @@ def test_a_rank_that_cannot_allocate_the_buffer_transfer_raises_on_every_rank(na
     results = run_distributed(_worker_transfer, 2, tmp_path, name, failing, timeout=90)
     own = results[failing]["message"]
     assert own == f"OutOfMemoryError: injected: torch.{name} of the buffer transfer", results[failing]
+    peer = results[1 - failing]["message"]
+    assert peer is not None and peer.startswith("OutOfMemoryError") and f"rank(s) [{failing}]" in peer, peer
+    assert all(r["unchanged"] and r["exact"] for r in results), results
+
+
+#: the allocations of each exchange's own buffers, by the functions of EGN, the communicator or the exchange that
+#: make them (before or after the fix): the factors' all-gather (its send buffer and output, reserved before the
+#: batch agreement; "all_gather_padded": made after it, where a rank's reservation is short), the reduce-scatter of
+#: Jᵀv to the owners (sharded; an all-reduce unsharded) and the gather of the direction from the owners
+_EXCHANGE_BUFFERS = {"all_gather": ("_gather_factors", "_reserve_gather"),
+                     "all_gather_padded": ("_gather_factors", "_gather_buffers"),
+                     "reduce_scatter": ("sum_to_owners", "sum_buffers"),
+                     "gather": ("gather_from_owners", "gather_buffers")}
+
+
+def _fail_exchange_buffers(site: str) -> Any:
+    """Make ``torch.zeros``, ``torch.empty`` and ``torch.zeros_like`` raise an out of memory where EGN, the
+    communicator or the exchange call them for ``site``'s buffers (:data:`_EXCHANGE_BUFFERS`), as a full device
+    would; every other call passes through. Returns the undo."""
+    files = {egn_module.__file__, comm_module.__file__, exchange_module.__file__}
+    names = ("zeros", "empty", "zeros_like")
+    saved = {name: getattr(torch, name) for name in names}
+
+    def make(name: str) -> Any:
+        def failing(*args: Any, **kwargs: Any) -> Any:
+            frame: Any = sys._getframe(1)
+            if frame.f_code.co_filename in files:
+                while frame is not None:
+                    if frame.f_code.co_name in _EXCHANGE_BUFFERS[site]:
+                        raise torch.OutOfMemoryError(f"injected: torch.{name} of the {site} buffers")
+                    frame = frame.f_back
+            return saved[name](*args, **kwargs)
+        return failing
+
+    for name in names:
+        setattr(torch, name, make(name))
+    return lambda: [setattr(torch, name, fn) for name, fn in saved.items()]
+
+
+def _worker_exchange(rank: int, world: int, site: str, failing: int, at: int, shard: bool) -> dict[str, Any]:
+    runs = []
+    for fail in (False, True):
+        model = tiny_mlp(0, DT)
+        opt = EGN(model, shard=shard, **KW)
+        for t in range(at):
+            _step(opt, t, rank, world)
+        before = _snapshot(model, opt)
+        message = unchanged = None
+        if fail:
+            undo = _fail_exchange_buffers(site) if rank == failing else (lambda: None)
+            try:
+                _step(opt, at, rank, world)
+            except RuntimeError as exc:  # torch.OutOfMemoryError is one
+                message = f"{type(exc).__name__}: {exc}"
+            finally:
+                undo()
+            unchanged = _same(before, _snapshot(model, opt))
+        for t in range(at, 3):
+            _step(opt, t, rank, world)
+        runs.append({"message": message, "unchanged": unchanged, "after": _snapshot(model, opt)})
+    return {"message": runs[1]["message"], "unchanged": runs[1]["unchanged"],
+            "exact": _same(runs[0]["after"], runs[1]["after"])}
+
+
+@pytest.mark.parametrize(("site", "failing", "at", "shard"), [
+    ("all_gather", 1, 1, True), ("all_gather_padded", 0, 0, True), ("reduce_scatter", 1, 1, True),
+    ("reduce_scatter", 1, 1, False), ("gather", 1, 1, True)])
+def test_a_rank_that_cannot_allocate_an_exchange_buffer_raises_on_every_rank(site: str, failing: int, at: int,
+                                                                             shard: bool, tmp_path) -> None:
+    """The exchanges' own buffers (the factors' all-gather: its send buffer and output; Jᵀv's reduce-scatter, or
+    all-reduce unsharded; the direction's gather from its owners) were made inside the move, after the agreement
+    that precedes it: a rank out of memory there raised alone while the others waited in the collective (gloo: an
+    abort once it exited, NCCL: a hang). They are made before that agreement, whose error flag carries the failure
+    (the all-gather's, padded to the largest batch: where a rank's is short, at the first step of uneven batches,
+    by one all-reduce of flags): every rank raises an out of memory in the same step, nothing changed, and the
+    retried step equals the run that never failed."""
+    results = run_distributed(_worker_exchange, 2, tmp_path, site, failing, at, shard, timeout=90)
+    own = results[failing]["message"]
+    assert own is not None and own.startswith("OutOfMemoryError: injected: ") and site in own, results[failing]
     peer = results[1 - failing]["message"]
     assert peer is not None and peer.startswith("OutOfMemoryError") and f"rank(s) [{failing}]" in peer, peer
     assert all(r["unchanged"] and r["exact"] for r in results), results
