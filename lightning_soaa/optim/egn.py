@@ -491,6 +491,8 @@ class _EGNRecord(StepRecord):
     batch), owners' partial gᵀd of the momentum direction]."""
 
     gtd_momentum: float = summed()
+    # W > 1: the ranks whose conjugate gradients did not converge this step (every rank pauses them alike after it)
+    cg_failed: float = summed()
     direction: list[Tensor] = dataclasses.field(default_factory=list)  # owned blocks of d = Jᵀv
     # new momentum buffers (owned; None: a frozen parameter's, kept as it is)
     buffers: list[Tensor | None] = dataclasses.field(default_factory=list)
@@ -534,6 +536,7 @@ class _Pass:
     undo: _Undo | None = None  # what the step changed before it was counted, to put back if it raises
     agreed: bool = False  # the step raises on every rank together (EGN._agreeing)
     rewind: bool = False  # the step raised before it was counted: the generators go back too (StepRng.finish)
+    cg_failed: bool = False  # W > 1: this rank's conjugate gradients did not converge (EGN._reduce_record)
     groups_checked: bool = False  # step() found the param groups valid and nothing of the user's ran since
     # W > 1: the buffers of the step's exchanges, made before the agreement that precedes each (a failure to make
     # them rides its error flag): the factors' all-gather (send, out), the reduce-scatter's, the gather's
@@ -1351,13 +1354,13 @@ class EGN(ShardedOptimizer):
         if ps.late_error is not None:  # reported through the template's all-reduce (_prepare_locally)
             raise ps.late_error
         if ps.unsolved is not None:  # a skip, by this flag in the same all-reduce, unless a rank raised (_skip_step)
-            return _EGNRecord(nonfinite=1.0)
+            return _EGNRecord(nonfinite=1.0, cg_failed=float(ps.cg_failed))
         # the direction's gather from its owners (_decide): its buffers before the template's all-reduce, whose flag
         # carries a failure to make them (made after it, a rank failing there raised alone: the others waited)
         ps.gathers = self.exchange.gather_buffers()
         at_owners = ps.at_owners
         beta = float(self.param_groups[0]["momentum"])
-        rec = _EGNRecord(direction=at_owners[0])
+        rec = _EGNRecord(direction=at_owners[0], cg_failed=float(ps.cg_failed))
         if at_owners[0]:
             # one finiteness check over every owned block, read by the template's single host copy (a
             # 0-d tensor, no sync here): a small model's step pays per op, not per element
@@ -2190,7 +2193,8 @@ class EGN(ShardedOptimizer):
         1. Float64 systems of size ≥ :data:`CG_MIN_SIZE`: conjugate gradients with the factor mat-vec
            (:func:`egn_math.solve_damped_cg`, forward error ≤ CG_TOL·‖x‖ guaranteed), within
            :func:`_cg_budget` mat-vecs. If it does not converge (a small λ), the direct solve below is
-           used and CG is not tried again for :data:`CG_PAUSE_STEPS` solves.
+           used and CG is not tried again for :data:`CG_PAUSE_STEPS` solves (at W > 1 on every rank, from the
+           step after any rank's did not: :meth:`_pause_cg`).
         2. Float64 systems of size ≥ :data:`MIXED_MIN_SIZE`: float32 assembly and Cholesky, refined with
            the exact float64 mat-vec; if that cannot reach float64 accuracy, 3.
         3. Assembly and Cholesky in the solve dtype (with the λ×10 retries).
@@ -2211,7 +2215,7 @@ class EGN(ShardedOptimizer):
                 sol = egn_math.solve_damped_cg(op, *args, max_iter=budget)
                 if sol.ok:
                     return sol
-                self._cg_pause = CG_PAUSE_STEPS
+                self._pause_cg()
                 log.info("EGN: conjugate gradients did not converge in %d mat-vecs (system %d, λ=%.3g); "
                          "solving directly for the next %d steps", sol.cg_iterations, n, self.damping,
                          CG_PAUSE_STEPS)
@@ -2223,6 +2227,26 @@ class EGN(ShardedOptimizer):
             log.info("EGN: float32 factorization + refinement did not reach float64 accuracy "
                      "(bc=%d, λ=%.3g); solving in float64", r.numel(), self.damping)
         return self._direct_solve(assemble_gram(layout, sp, lower_only=True), r, st_kr, s, b)
+
+    def _pause_cg(self) -> None:
+        """Conjugate gradients did not converge: not tried again for :data:`CG_PAUSE_STEPS` solves. At W > 1 this
+        rank's verdict rides the template's all-reduce and every rank pauses when any did (:meth:`_reduce_record`):
+        a verdict from rank-local bits (another BLAS kernel, thread count or device rounds the same system
+        differently) paused one rank alone, and a checkpoint, which saves rank 0's pause, resumed the others on
+        another solve path than their uninterrupted run."""
+        ps = self._pass
+        if ps is not None and self.comm.world_size > 1:
+            ps.cg_failed = True
+        else:
+            self._cg_pause = CG_PAUSE_STEPS
+
+    def _reduce_record(self, views: list[BlockView], local_error: BaseException | None) -> StepRecord:
+        """The template's all-reduce; then the conjugate-gradient pause, from every rank's verdict (:meth:`_pause_cg`),
+        the same on every rank (undone with the step's other values where it raises later)."""
+        reduced = super()._reduce_record(views, local_error)
+        if isinstance(reduced, _EGNRecord) and reduced.cg_failed > 0:
+            self._cg_pause = CG_PAUSE_STEPS
+        return reduced
 
     def _direct_solve(self, base: Tensor, r: Tensor, st_kr: Tensor, s: Tensor | None, b: int) -> egn_math.SolveResult:
         """:meth:`_solve_system`'s direct solve (step 3) from ``base``, the lower triangle of SᵀKS (K where ``s``
