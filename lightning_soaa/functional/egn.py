@@ -450,14 +450,17 @@ def directional_derivative(r: Tensor, kv: Tensor, batch_size: int) -> float:
 MAX_GRADIENT_EXPONENT = 100
 
 
-def gradient_scale(f0: float) -> float:
+def gradient_scale(f0: float, dtype: torch.dtype) -> float:
     """2^e (0 <= e <= 100) near 1 / √(2·f0): g = −Jᵀr/b (the momentum's gᵀd) is formed as 2^e·g, in the model's
     dtype, and gᵀd divided by 2^e (exact, as any scaling by a power of two that neither underflows nor
     overflows). A float32 model's back-signals and residuals both ~1e-25 made g ~1e-50, zero in float32: its gᵀd
     0 rejected every momentum direction (EGN 1e6x a perfect float32 run off the float64 one). r is then about
     unit size: |r_ik| <= √(2b·f0) under MSE, and cross-entropy's and BCE's residuals are at most their loss.
-    1 for a loss of 1/2 or more, or one that is not finite (the step is skipped) or zero."""
-    if not (math.isfinite(f0) and 0.0 < f0 < 0.5):
+    1 for a loss of 1/2 or more, or one that is not finite (the step is skipped) or zero, and for a ``dtype`` (g's)
+    with float16's narrow exponent range: 2^e g could overflow there where g does not (a float16 model whose g is
+    near 65504 at a loss of 0.01: every momentum gᵀd inf, the step skipped), and its residuals cannot be the
+    ~1e-25 this scale is for."""
+    if torch.finfo(dtype).max < torch.finfo(torch.float32).max or not (math.isfinite(f0) and 0.0 < f0 < 0.5):
         return 1.0
     _, e = math.frexp(math.sqrt(2.0 * f0))  # √(2 f0) = m·2^e, m in [1/2, 1)
     return math.ldexp(1.0, min(-e, MAX_GRADIENT_EXPONENT))

@@ -1496,16 +1496,16 @@ class EGN(ShardedOptimizer):
         assert isinstance(reduced, _EGNRecord)
         ps = self._current()
         assert ps.curvature is not None and ps.batch is not None
-        return self._direction_of(reduced, ps.curvature.gtd, ps.batch.f0)
+        return self._direction_of(reduced, ps.curvature.gtd, egn_math.gradient_scale(ps.batch.f0, ps.batch.z.dtype))
 
-    def _direction_of(self, reduced: _EGNRecord, gtd: float, f0: float) -> _EGNDecision:
-        """:meth:`_choose_direction` from the reduced record, gᵀd of the plain direction and the loss ``f0`` (the
-        scale of g: egn_math.gradient_scale)."""
+    def _direction_of(self, reduced: _EGNRecord, gtd: float, scale: float) -> _EGNDecision:
+        """:meth:`_choose_direction` from the reduced record, gᵀd of the plain direction and the ``scale`` g was
+        formed at (egn_math.gradient_scale)."""
         beta = float(self.param_groups[0]["momentum"])
         dec = _EGNDecision(direction=reduced.direction, gtd=gtd, buffers=reduced.buffers)
         if beta <= 0:
             return dec
-        reduced.gtd_momentum /= egn_math.gradient_scale(f0)  # (a power of two: exact)
+        reduced.gtd_momentum /= scale  # (a power of two: exact)
         if reduced.gtd_momentum < 0:
             dec.use_momentum, dec.gtd = True, reduced.gtd_momentum
             dec.direction = reduced.momentum_dirs
@@ -2275,7 +2275,8 @@ class EGN(ShardedOptimizer):
             if float(self.param_groups[0]["momentum"]) > 0:
                 r_local = (curv.r if whole else curv.r[lo:hi]).view(batch.b_r, batch.c).to(batch.z.dtype)
                 # 2^e g (egn_math.gradient_scale): a division by −b/2^e rounds as −r/b, scaled exactly
-                channels.append(self._vjp(batch, r_local / (-batch.b / egn_math.gradient_scale(batch.f0))))
+                scale = egn_math.gradient_scale(batch.f0, batch.z.dtype)
+                channels.append(self._vjp(batch, r_local / (-batch.b / scale)))
         return channels
 
     def _wide_dtype(self, batch: _Batch) -> torch.dtype | None:

@@ -345,7 +345,7 @@ class StepPlan:
         if flag > 0 or not math.isfinite(rec.gtd_momentum):  # the template's non-finite verdict (one process)
             opt._skip_step("non-finite gradient or statistic on 1 rank(s)")
             return f0
-        dec = opt._direction_of(rec, curv.gtd, f0)
+        dec = opt._direction_of(rec, curv.gtd, egn_math.gradient_scale(f0, z.dtype))
         with _inference_mode(True):
             w0 = dec.w0 = undo.w0 = self._copy_of_params()
             dec.jd_qq = curv.jd_qq
@@ -417,7 +417,7 @@ class StepPlan:
         grads: list[Tensor] = []
         if float(opt.param_groups[0]["momentum"]) > 0:
             grads = self._gradient(curv.r.view(b, c).to(z.dtype), [saved[j] for j in self.site_inputs], deltas,
-                                   egn_math.gradient_scale(f0))
+                                   egn_math.gradient_scale(f0, z.dtype))
         # Σ 0·d: NaN where an entry of d is not finite (EGN._prepare), read with the momentum's gᵀd
         nonfinite = flat.mul(0.0).sum().ne(0.0)
         return _Solved(f0, z, y, curv, nonfinite, views, grads, saved, deltas)

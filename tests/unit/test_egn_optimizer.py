@@ -130,6 +130,31 @@ def test_momentum_is_bias_corrected_and_rejected_when_not_descent() -> None:
     torch.testing.assert_close(flat_params(m3) - w3, ref3, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("general", [False, True], ids=["plan", "general"])
+def test_a_float16_gradient_near_its_range_is_not_scaled_past_it(general: bool) -> None:
+    """The momentum's g is formed scaled by 2^e ~ 1/√(2·f0) so that a float32 model's tiny g does not underflow
+    (egn_math.gradient_scale); a float16 model's g near 65504 at a loss below 1/2 overflowed that way: every
+    momentum gᵀd inf, the step skipped where the unscaled g had been taken. Every step is taken, on the step plan
+    and on the general path."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2))
+    with torch.no_grad():  # back-signals x300 through the second layer, inputs ~1e3: g ~1e4, losses ~1e-2
+        model[0].weight.mul_(1.0 / 300.0)
+        model[0].bias.zero_()
+        model[1].weight.mul_(300.0)
+        model[1].bias.zero_()
+    model = model.half()
+    x = (torch.rand(16, 8) * 1000 + 1000).half()
+    with torch.no_grad():
+        y = (model(x).float() + 0.01 * torch.sign(torch.randn(16, 2))).half()
+    opt = EGN(model, loss="mse", lr=0.5, momentum=0.5, damping=1e-2)
+    if general:
+        opt._planned_step = lambda: False  # type: ignore[method-assign]  # every step through the template
+    losses = [float(opt.step(inputs=x, targets=y)) for _ in range(4)]
+    assert all(math.isfinite(f) and 0 < f < 0.5 for f in losses), losses  # (the scale would be > 1)
+    assert opt.skipped_steps == 0 and opt.momentum_steps == 4, (opt.skipped_steps, opt.momentum_steps)
+
+
 @pytest.mark.parametrize("momentum", [0.0, 0.6])
 def test_adaptive_damping_follows_gain_ratio(momentum: float) -> None:
     model = tiny_mlp(0, DT)
