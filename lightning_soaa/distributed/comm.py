@@ -247,11 +247,28 @@ class TorchComm(_StatsMixin):
         return t if t.device == self.device else t.to(self.device)
 
     def all_reduce_scalars(self, values: torch.Tensor) -> torch.Tensor:
-        """Sum a small vector across ranks in float64; the result is identical on every rank."""
-        buf = self._to_comm_device(values.detach().to(torch.float64).reshape(-1).clone())
+        """Sum a small vector across ranks in float64; the result is identical on every rank. ``values`` is
+        handed over: a float64 vector on :attr:`device` (gloo: the CPU tensor the callers make) holds the sum
+        itself; another is copied into a float64 buffer on :attr:`device` kept per length (NCCL). Neither
+        allocates between the agreement before this call and the call (a copy made there, failing on one rank,
+        raised alone while the others waited in the all-reduce: NCCL hangs)."""
+        flat = values.detach().reshape(-1)
+        buf = flat
+        if flat.dtype != torch.float64 or flat.device != self.device or not flat.is_contiguous():
+            buf = self._scalar_buffer(flat.numel())
+            buf.copy_(flat)
         self._count("all_reduce", _nbytes(buf))
         dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group)
-        return buf.to(values.device)
+        return buf if buf is flat else buf.to(values.device, copy=True)
+
+    def _scalar_buffer(self, n: int) -> torch.Tensor:
+        """:meth:`all_reduce_scalars`'s float64 buffer of ``n`` values on :attr:`device`, made at the first call of
+        that length and kept (the agreements' lengths are fixed: the step record, the meeting, the checks)."""
+        bufs: dict[int, torch.Tensor] = self.__dict__.setdefault("_scalar_bufs", {})
+        buf = bufs.get(n)
+        if buf is None:
+            buf = bufs[n] = torch.empty(n, dtype=torch.float64, device=self.device)
+        return buf
 
     def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
         """In-place sum of a tensor across ranks (used for Gram matrices and gradients)."""

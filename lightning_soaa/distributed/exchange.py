@@ -244,7 +244,7 @@ class OwnerExchange:
                                                                  self.params)]
         return [b.view(parts[b.param_index]) for b in self.owned]
 
-    def reduce_scatter_grads(self, read: bool = True) -> None:
+    def reduce_scatter_grads(self, read: bool = True) -> Exception | None:
         """Average gradients over ranks into each owner's ``p.grad`` blocks (one collective per dtype).
         Blocks this rank does not own keep their local gradient; they are never read.
 
@@ -257,43 +257,72 @@ class OwnerExchange:
         by an owner without a local gradient.
 
         ``read=False``: the step already failed on this rank (it raises on every rank after the step's
-        all-reduce); join the collective with zeros and write nothing (a resized gradient would not fit)."""
+        all-reduce); join the collective with zeros and write nothing (a resized gradient would not fit).
+
+        Every dtype's buffers are made before the first collective, on the communicator's device (no copy
+        inside the collective's call); a failure of this rank's work after a collective (packing the next
+        dtype, writing the averages: a ``p.grad`` of zeros) joins the remaining collectives with zeros and is
+        returned, not raised, for the caller to hold for the step's all-reduce (raised, this rank left while the
+        others waited in the next collective). The buffers of the first collective have no agreement before
+        them in a step: a rank that cannot make them raises alone."""
         if not self.sharded:
-            return
-        world, rank = self.comm.world_size, self.comm.rank
+            return None
+        world = self.comm.world_size
         grads = [p.grad if read else None for p in self.params]
+        moves = []
         for dt, per_rank, n in self._nonempty():
             width = n + max(len(blocks) for blocks in per_rank)  # each rank's part: blocks, then flags
             # float16/bfloat16 gradients summed in float32, their mean rounded once: summed in their dtype, each
             # partial sum rounded again (W = 3: ASGO's float16 run on rank-deficient gradients 1.40x the error of
             # a perfect float16 run of three ranks, 1.00x summed in float32; twice the bytes of those gradients)
             wide = torch.float32 if dt in (torch.float16, torch.bfloat16) else dt
-            buf = torch.zeros(world * width, dtype=wide, device=self._device(per_rank))
-            for r in range(world):
-                self._pack(buf[r * width:r * width + n], per_rank[r],
-                           [_block_of(b, grads[b.param_index]) for b in per_rank[r]])
-            buf.index_fill_(0, self._flag_index(dt, per_rank, n, width, grads), 1)
-            got = self.comm.reduce_scatter_flat(buf)
-            if not read:
-                continue
-            mine = per_rank[rank]
-            flags: list[float] | None = None
-            for j, (b, s) in enumerate(zip(mine, self._unpack(got, mine))):
-                p = self.params[b.param_index]
-                if grads[b.param_index] is None:
-                    flags = got[n:n + len(mine)].tolist() if flags is None else flags
-                    if flags[j] == 0.0:  # no rank has a gradient for it
-                        continue
-                    if p.grad is None:  # another block of p may have made it already
-                        p.grad = torch.zeros_like(p)
-                b.view(writable_grad(p)).copy_(s.div_(world))
+            send, out = flat_buffers(self.comm, world * width, width, wide, self._device(per_rank))
+            moves.append((dt, per_rank, n, width, send, out))
+        error: Exception | None = None
+        for dt, per_rank, n, width, send, out in moves:
+            try:
+                if error is None:
+                    self._pack_grads(send, dt, per_rank, n, width, grads)
+            except Exception as e:
+                error, grads = e, [None] * len(grads)
+                send.zero_()  # (in place: the zeros a failed rank joins with)
+            got = self.comm.reduce_scatter_flat(send, out)
+            try:
+                if error is None and read:
+                    self._write_averages(got, per_rank[self.comm.rank], n, grads)
+            except Exception as e:
+                error, grads = e, [None] * len(grads)
+        return error
+
+    def _pack_grads(self, buf: Tensor, dt: torch.dtype, per_rank: list[list[BlockInfo]], n: int, width: int,
+                    grads: list[Tensor | None]) -> None:
+        """The gradients' reduce-scatter buffer of ``dt`` (zeros): rank-major, each rank's blocks then its
+        presence flags."""
+        for r in range(len(per_rank)):
+            self._pack(buf[r * width:r * width + n], per_rank[r],
+                       [_block_of(b, grads[b.param_index]) for b in per_rank[r]])
+        buf.index_fill_(0, self._flag_index(dt, per_rank, n, width, grads, buf.device), 1)
+
+    def _write_averages(self, got: Tensor, mine: list[BlockInfo], n: int, grads: list[Tensor | None]) -> None:
+        """This rank's summed blocks (``got``) as averages into its ``p.grad`` blocks (see
+        :meth:`reduce_scatter_grads`)."""
+        world = self.comm.world_size
+        flags: list[float] | None = None
+        for j, (b, s) in enumerate(zip(mine, self._unpack(got, mine))):
+            p = self.params[b.param_index]
+            if grads[b.param_index] is None:
+                flags = got[n:n + len(mine)].tolist() if flags is None else flags
+                if flags[j] == 0.0:  # no rank has a gradient for it
+                    continue
+                if p.grad is None:  # another block of p may have made it already
+                    p.grad = torch.zeros_like(p)
+            b.view(writable_grad(p)).copy_(s.div_(world))
 
     def _flag_index(self, dt: torch.dtype, per_rank: list[list[BlockInfo]], n: int, width: int,
-                    grads: list[Tensor | None]) -> Tensor:
-        """The buffer positions of the presence flags of this rank's gradients (on the buffer's device);
+                    grads: list[Tensor | None], device: torch.device) -> Tensor:
+        """The buffer positions of the presence flags of this rank's gradients (on the buffer's ``device``);
         the index for "every parameter has one" (the usual step) is made once."""
         present = [g is not None for g in grads]
-        device = self._device(per_rank)
         cache: dict[torch.dtype, Tensor] = self.__dict__.setdefault("_all_flags", {})  # a pickle may predate it
         cached = cache.get(dt)
         if all(present) and cached is not None and cached.device == device:
@@ -306,20 +335,23 @@ class OwnerExchange:
         return index
 
     # ------------------------------------------------------------------ from the owners
-    def gather_params(self) -> None:
-        """All-gather updated parameter blocks from their owners into every rank's parameters."""
+    def gather_params(self, held: HeldBuffers | None = None) -> None:
+        """All-gather updated parameter blocks from their owners into every rank's parameters. ``held``: its
+        buffers, made before (:meth:`gather_buffers` with ``full=False``): nothing allocated before its
+        collective."""
         if self.sharded:
-            self._gather(lambda b: b.view(self.params[b.param_index]), self.params, skip_own=True)
+            self._gather(lambda b: b.view(self.params[b.param_index]), self.params, skip_own=True, held=held)
 
-    def gather_buffers(self) -> HeldBuffers | None:
-        """The buffers of a sharded :meth:`gather_from_owners` (the full-size results too), made now; None where
-        it makes no collective (one process, unsharded)."""
+    def gather_buffers(self, full: bool = True) -> HeldBuffers | None:
+        """The buffers of a sharded :meth:`gather_from_owners` (``full``: the full-size results too) or
+        :meth:`gather_params` (``full=False``), made now; None where it makes no collective (one process,
+        unsharded). Their send buffers' padding is never written: they may serve more than one gather."""
         if not self.sharded:
             return None
         world = self.comm.world_size
         flats = {dt: flat_buffers(self.comm, n, world * n, dt, self._device(per_rank))
                  for dt, per_rank, n in self._nonempty()}
-        return HeldBuffers(flats, [torch.zeros_like(p) for p in self.params])
+        return HeldBuffers(flats, [torch.zeros_like(p) for p in self.params] if full else [])
 
     def gather_from_owners(self, owned: list[Tensor], held: HeldBuffers | None = None) -> list[Tensor]:
         """Every rank gets a full-size tensor per parameter, each block from its owner; ``owned`` holds

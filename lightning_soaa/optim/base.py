@@ -739,7 +739,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         that reason identically (e.g. from reduced values), and an override that may skip must raise
         ``error`` on every rank first (a skip would drop it). ``error``: this rank already raised (held for
         the step's all-reduce): its gradients may not fit the exchange (a parameter resized since), so it
-        joins the exchange with zeros, and the all-reduce after raises on every rank."""
+        joins the exchange with zeros, and the all-reduce after raises on every rank. A failure of this rank's
+        own work after the exchange's first collective is put in ``self._held_error`` (not raised: the others
+        go on to the step's all-reduce), which the template holds like ``error``."""
         failed = error is not None
         if self.sharding.grad_reduction == "mean" and self.comm.world_size > 1:
             self._check_unsharded_mean()  # (again: the world size may have been unknown at construction)
@@ -750,7 +752,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
             # before the exchange writes averages: a rank with no gradient at all is told apart (the step's
             # agreement rows carry the count; see _counts_grads)
             self._grads_held = sum(p.grad is not None for p in self._params)
-            self.exchange.reduce_scatter_grads(read=not failed)
+            # a failure of this rank's work after the exchange's first collective: held for the step's all-reduce
+            self._held_error = self.exchange.reduce_scatter_grads(read=not failed)
         return None
 
     def _counts_grads(self) -> bool:
@@ -824,8 +827,19 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     def _exchange_out(self, decision: Any) -> None:
         """Collectives after ``_apply`` (default: every rank receives the updated parameters from their
-        owners). An override replaces the parameter gather and must leave every rank's parameters equal."""
-        self.exchange.gather_params()
+        owners, into the buffers :meth:`_reserve_exchange_out` made). An override replaces the parameter gather
+        and must leave every rank's parameters equal."""
+        self.exchange.gather_params(self.__dict__.pop("_held_out", None))
+
+    def _reserve_exchange_out(self) -> None:
+        """The default :meth:`_exchange_out`'s buffers (the parameter gather's send buffer and output, per
+        dtype), made before the step's all-reduce, whose error flag carries a failure to make them (out of
+        memory): made in the gather, after that agreement, a rank failing there raised alone while the others
+        waited in the all-gather (gloo: an abort, NCCL: a hang). Held until the step ends (the buffers live
+        through the update: n + W·n elements per dtype, n the largest rank's share). An override of
+        :meth:`_exchange_out` makes its own (EGN: its direction's gather)."""
+        if type(self)._exchange_out is ShardedOptimizer._exchange_out:
+            self._held_out = self.exchange.gather_buffers(full=False)
 
     def _on_skip(self) -> None:
         """Called on every rank when a step is skipped for a non-finite value."""
@@ -1814,6 +1828,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 if error is not None:
                     raise error
                 return record.with_sums(vals)
+            if error is None:
+                self._reserve_exchange_out()
             rows = self._agreement_rows(error, compared_sq)
         except Exception as e:
             if isinstance(self.comm, LocalComm):
@@ -1906,6 +1922,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
             # the list no longer keeps the gradients alive there (a caller freeing them to retry on a smaller batch)
             unscaled.clear()
             raise
+        finally:
+            self.__dict__.pop("_held_out", None)  # (a skipped or failed step: its gather's buffers go)
 
     def _template_step(self, local_error: BaseException | None, unscaled: list[Tensor]) -> bool:
         """:meth:`_sharded_step`'s work; ``unscaled`` receives the gradients it unscales (or finds unscaled)."""
@@ -1924,6 +1942,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             local_error = local_error or e
         self.comm.begin_step()
         why = self._exchange_in(local_error)
+        local_error = local_error or self.__dict__.pop("_held_error", None)
         if why is not None:
             return self._skip_step(why)
         # after a local error nothing is stepped, and the blocks may no longer match the groups (one deleted)

@@ -68,6 +68,7 @@ class _Calls(TorchDispatchMode):
         self.at, self.kind, self.calls = at, kind, []
         self.made: dict[int, int] = {}  # a new tensor's memory address -> the call that made it
         self.buffers: set[int] = set()
+        self.uses: dict[int, str] = {}  # a call in buffers -> the first c10d op that read or wrote its tensor
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         name = str(func)
@@ -79,7 +80,10 @@ class _Calls(TorchDispatchMode):
         if not self.at and not name.startswith("profiler."):
             tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
             if name.startswith("c10d."):
-                self.buffers |= {self.made[a] for t in tensors if (a := t.untyped_storage().data_ptr()) in self.made}
+                made = {self.made[a] for t in tensors if (a := t.untyped_storage().data_ptr()) in self.made}
+                self.buffers |= made
+                for i in made:
+                    self.uses.setdefault(i, name)
             elif isinstance(out, torch.Tensor) and not any(t.untyped_storage().data_ptr() ==
                                                            out.untyped_storage().data_ptr() for t in tensors):
                 self.made[out.untyped_storage().data_ptr()] = len(self.calls) - 1
