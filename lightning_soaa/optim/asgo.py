@@ -66,6 +66,7 @@ from lightning_soaa.kernels.asgo_native import spectral_map
 from lightning_soaa.optim import dcp_state
 from lightning_soaa.optim.adamw import adam_guarded, adam_state_schema, init_adam_state
 from lightning_soaa.optim.asgo_groups import asgo_param_groups, check_fused, fused_parts_of, route_hint, split_fused
+from lightning_soaa.optim.asgo_plan import planned_step
 from lightning_soaa.optim.base import BlockView, ShardedOptimizer
 from lightning_soaa.optim.stat_guard import GuardedBlock, StatisticGuard, moments_overflow
 
@@ -365,7 +366,7 @@ class _OneSided(ShardedOptimizer):
     _meta_options = ("adamw_indices", "fused_parts")
     #: rebuilt on first use (see _split_layout, _routes, _numerators)
     _transient = ("_split_layout_cache", "_routes_cache", "_numerators_cache", "_guard", "_guard_limit",
-                  "_padded_cache")
+                  "_padded_cache", "_step_plan")
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         config_from_group(self._config_cls, group)
@@ -1390,6 +1391,10 @@ class ASGO(_OneSided):
             # direction: the eigh root is 0 there and would freeze the block for root_every steps. It
             # served this step (whose update is 0 anyway); the next step computes a new one.
             del v.state[INV_ROOT]
+
+    def _planned_step(self) -> bool:
+        """One process: the template's step without its no-op collectives and record (:mod:`.asgo_plan`)."""
+        return planned_step(self)
 
     @staticmethod
     def _host_map(method: str, device: torch.device, dtype: torch.dtype) -> HostMap | None:

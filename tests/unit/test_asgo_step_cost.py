@@ -169,7 +169,7 @@ def _fast_map() -> bool:
     return True
 
 
-@pytest.mark.parametrize("root_every,calls,reads", [(1, 54, 3), (10, 30, 2)])
+@pytest.mark.parametrize("root_every,calls,reads", [(1, 50, 3), (10, 25, 2)])
 def test_bench_mlp_step_stays_within_its_operator_and_read_budget(monkeypatch: pytest.MonkeyPatch, root_every: int,
                                                                   calls: int, reads: int) -> None:
     """One step after warm-up (``root_every=10``: a step without a root): at most ``calls`` ATen calls and
@@ -179,7 +179,9 @@ def test_bench_mlp_step_stays_within_its_operator_and_read_budget(monkeypatch: p
     of the norms instead of five operator calls; on a CPU no read waits for anything. With a root, 52 until the
     float32 Grams were formed in float64 for their root (G and V widened per block, all copied back rounded in
     one call: tests/conformance/test_low_precision_accuracy.py); 55 until the compiled map's eligibility was asked
-    without making a numpy array of the eigenvalues (a ``detach``: linalg._host_readable)."""
+    without making a numpy array of the eigenvalues (a ``detach``: linalg._host_readable). 54 and 30 (54 and 29
+measured) until the step counters were advanced through their values' addresses (base.StepCounts: a ``fill_`` and
+a ``_foreach_copy_`` for the AdamW fallback's counters and again for the matrices')."""
     if not _fast_map():
         pytest.skip("neither a C compiler nor numpy: the spectral map is ~60 tensor operations here")
     torch.manual_seed(0)  # benchmarks/bench_step_overhead.py's model (Grams of k = 20, 48, 10: one padded batch)
@@ -224,10 +226,11 @@ def test_small_mlp_step_operator_budget() -> None:
     each row of ``P M`` is checked alone (two row norms and their arrays for numpy: an FSDP2 rank's shard decided
     for its rows alone) and only this MLP's cancelling rows are recomputed (index_select, index_copy_). 78 since
     ``P``'s largest diagonal entry is read through numpy with the norms (no diagonal, amax, item) and the compiled
-    map's eligibility is asked without making a numpy array (a detach per root batch, two batches here)."""
+    map's eligibility is asked without making a numpy array (a detach per root batch, two batches here). 74 since the
+step counters are advanced through their values' addresses (two fill_ and two _foreach_copy_ calls fewer)."""
     if not _fast_map():
         pytest.skip("neither a C compiler nor numpy: the spectral map is ~60 tensor operations here")
-    assert _mlp_step_calls() <= 78
+    assert _mlp_step_calls() <= 74
 
 
 def test_kept_constants_are_never_handed_between_fake_and_real_calls() -> None:
