@@ -176,6 +176,7 @@ class ChainSystem:
         self._flat = [d.view(b * cp, d.shape[2]) for d in self.signals]
         self._flat_t = [d.T for d in self._flat]
         self.operator: ChainOperator | None = None  # made at the first use (conjugate gradients' products)
+        self._low: ChainSystem | None = None  # a mixed-precision solve's low-precision copy (:meth:`gram_lower_in`)
         if blocks is None:  # (a system solved without its assembly here: no K kept)
             return
         n = b * cp
@@ -277,6 +278,23 @@ class ChainSystem:
         if first:
             self.k.zero_()
         return self.k
+
+    def gram_lower_in(self, dtype: torch.dtype, blocks: Sequence[tuple[int, int]]) -> Tensor:
+        """:meth:`gram_lower` of this step's factors (the inputs A and :attr:`signals` Δ̃, after :meth:`transform`)
+        rounded to ``dtype``, assembled in the kept buffers of a second system of that dtype with row blocks
+        ``blocks``: ``assemble_gram(factors_to(SᵀJ, dtype), lower_only=True)``'s bits (``copy_`` rounds as ``to``
+        does; the products are :meth:`gram_lower`'s), without its conversions, views and allocations per step."""
+        work = self.work
+        low = self._low
+        if low is None or low.blocks != list(blocks) or low.k.dtype != dtype:
+            like = work.inputs[0] if work.inputs else work.signals[0]
+            kept = ChainWork(work.sites, work.b, work.c, dtype, like.device, work.identity, dense=False)
+            low = self._low = ChainSystem(kept, self.cp, blocks)
+        for a_low, a in zip(low.work.inputs, work.inputs):
+            a_low.copy_(a)
+        for d_low, d in zip(low.signals, self.signals):
+            d_low.copy_(d)
+        return low.gram_lower()
 
     def apply(self) -> ChainOperator:
         """x ↦ SᵀKS x from this step's :attr:`signals` (after :meth:`transform`), in kept buffers."""

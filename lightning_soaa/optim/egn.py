@@ -2185,8 +2185,8 @@ class EGN(ShardedOptimizer):
         return _Curvature(r=r, s=None, sol=sol, gtd=gtd, jd_qq=jd_qq)
 
     def _solve_system(self, b: int, layout: GramLayout, sp: GramFactors, r: Tensor, st_kr: Tensor,
-                      s: Tensor | None, operator: Callable[[], GramOperator | ChainOperator] | None = None
-                      ) -> egn_math.SolveResult:
+                      s: Tensor | None, operator: Callable[[], GramOperator | ChainOperator] | None = None,
+                      lower32: Callable[[], Tensor] | None = None) -> egn_math.SolveResult:
         """The damped system, in the cheapest way expected to reach float64 accuracy (the same choice on
         every rank: it depends only on the gathered factors and on state every rank shares).
 
@@ -2199,7 +2199,9 @@ class EGN(ShardedOptimizer):
            the exact float64 mat-vec; if that cannot reach float64 accuracy, 3.
         3. Assembly and Cholesky in the solve dtype (with the λ×10 retries).
 
-        ``operator`` makes x ↦ SᵀKS x for 1. and 2. (default: a ``GramOperator`` of ``sp``).
+        ``operator`` makes x ↦ SᵀKS x for 1. and 2. (default: a ``GramOperator`` of ``sp``), ``lower32`` the float32
+        lower triangle of 2. (default: ``assemble_gram`` of ``sp`` in float32; the step plan's kept buffers, the
+        same bits).
         """
         args = (r, st_kr, s, b, self.damping)
         retries = self.config.max_solve_retries
@@ -2220,7 +2222,8 @@ class EGN(ShardedOptimizer):
                          "solving directly for the next %d steps", sol.cg_iterations, n, self.damping,
                          CG_PAUSE_STEPS)
         if op is not None:
-            base32 = assemble_gram(layout, factors_to(sp, torch.float32), lower_only=True)
+            base32 = (assemble_gram(layout, factors_to(sp, torch.float32), lower_only=True) if lower32 is None
+                      else lower32())
             sol = egn_math.solve_damped(base32, *args, max_retries=retries, apply_base=op)
             if not sol.refine_failed:
                 return sol

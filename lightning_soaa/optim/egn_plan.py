@@ -493,7 +493,9 @@ class StepPlan:
         signals = system.transform(None if s is None else s.transpose(1, 2))
         if iterative:
             sp = GramFactors(z, y, [(a.unsqueeze(1), d.unsqueeze(2)) for a, d in zip(work.inputs, signals)], None)
-            sol = opt._solve_system(b, layout, sp, r, st_kr, s, system.apply)
+            blocks32 = _row_blocks(b, cp, lower_only=True)  # (assemble_gram's staircase in float32)
+            sol = opt._solve_system(b, layout, sp, r, st_kr, s, system.apply,
+                                    lambda: system.gram_lower_in(torch.float32, blocks32))
         else:
             sol = opt._direct_solve(system.gram_lower(), r, st_kr, s, b)
         return opt._curvature_of(sol, r, kr, s, b, lambda v: gram_matvec(layout, pieces(), v))

@@ -38,6 +38,10 @@ CASES: dict[str, tuple[str, str, int, torch.dtype, tuple[str, ...], dict[str, An
     "mse_relu_momentum": ("relu_dropout", "mse", 20, torch.float32, (),
                           dict(lr=0.5, momentum=0.5, adaptive_damping=True)),
     "mse_mixed_precision": ("tanh", "mse", 140, torch.float32, (), dict(lr=0.5, damping=0.01, line_search=True)),
+    # bc' = 400 in [MIXED_MIN_SIZE, CG_MIN_SIZE) under cross-entropy (SᵀΔ): the float32 lower triangle in the plan's
+    # kept buffers (ChainSystem.gram_lower_in) against the template's assemble_gram of the converted factors
+    "ce_mixed_precision": ("tanh", "cross_entropy", 200, torch.float32, (),
+                           dict(lr=1.0, damping=0.5, line_search=True)),
     "bce_frozen": ("relu_dropout", "bce", 12, torch.float32, ("0.bias", "3.weight"),
                    dict(lr=1.0, damping=0.5, momentum=0.3, line_search=True, adaptive_damping=True)),
     "mse_float64": ("tanh", "mse", 10, torch.float64, (), dict(lr=1.0, momentum=0.4, line_search=True)),

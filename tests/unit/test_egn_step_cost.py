@@ -53,3 +53,24 @@ def test_a_single_process_step_of_a_larger_system_stays_within_its_operator_budg
     assert opt.statistics()["ls_tries"] <= 1.0
     assert count.n <= 140, count.n
     assert count.reads <= 8, count.reads
+
+
+def test_a_single_process_step_of_a_mixed_precision_system_stays_within_its_operator_budget() -> None:
+    """The digits MLP at b = 48 (bc' = 432: a float64 system from MIXED_MIN_SIZE on, below CG_MIN_SIZE: float32
+    lower triangle and Cholesky, refined in float64): at most 255 ATen calls and 14 host reads with one line-search
+    trial and three refinement sweeps, the float32 triangle assembled in the step plan's kept buffers
+    (ChainSystem.gram_lower_in: 249 calls; 339 when each step converted the factors and assembled it through
+    assemble_gram, the same bits)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 10))
+    x, y = torch.randn(48, 64), torch.randint(0, 10, (48,))
+    opt = EGN(model, loss="cross_entropy", lr=1.0, damping=0.5, line_search=True)
+    for _ in range(3):
+        opt.step(inputs=x, targets=y)
+    with CountReads() as count:
+        opt.step(inputs=x, targets=y)
+    st = opt.statistics()
+    assert st["ls_tries"] <= 1.0 and st["solve_cg_iterations"] == 0.0
+    assert st["solve_refinements"] <= 3.0, st["solve_refinements"]
+    assert count.n <= 255, count.n
+    assert count.reads <= 14, count.reads
