@@ -572,6 +572,39 @@ def test_gradients_that_differ_across_ranks_raise_on_every_rank(tmp_path: Path, 
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
+def _w_stepped_in_backward(rank: int, world: int, name: str) -> str:
+    """One optimizer per parameter, each stepped from its parameter's post-accumulate-grad hook (torch's
+    pattern for fusing the step into the backward), under DDP: the hooks run before DDP's all-reduce."""
+    spec = get(name)
+    torch.manual_seed(0)
+    model = nn.parallel.DistributedDataParallel(tiny_mlp(sizes=SIZES))
+    x, y = batch(0, rank, n=4, d_in=SIZES[0], d_out=SIZES[-1])  # each rank its own data
+    loss = half_mse(model(x), y)
+    opts = {p: spec.load()([(n, p)], **spec.test_kwargs) for n, p in model.module.named_parameters()}
+
+    def step(p: torch.Tensor) -> None:
+        if spec.needs is StepNeeds.LOSS:
+            opts[p].step(loss=loss.detach())
+        else:
+            opts[p].step()
+
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(step)
+    return _error(loss.backward)
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_a_step_fused_into_backward_under_ddp_says_it_runs_before_the_average(tmp_path: Path, name: str) -> None:
+    """A step fused into the backward (one optimizer per parameter, stepped from
+    ``register_post_accumulate_grad_hook``) under DDP runs before DDP averages the gradients: refused on every
+    rank like any unaveraged gradient, the message saying why here."""
+    if get(name).needs is StepNeeds.BATCH:
+        pytest.skip(f"{name} takes the batch and differentiates the model itself: it reads no gradients, so "
+                    "there is no backward to fuse its step into")
+    for msg in run_distributed(_w_stepped_in_backward, 2, tmp_path, name, timeout=120):
+        assert "differ from rank 0's" in msg and "inside a backward pass" in msg, msg
+
+
 def _w_unfrozen_after_ddp(rank: int, world: int, name: str) -> dict[str, Any]:
     """Progressive unfreezing under DDP: the first layer is frozen when DDP is built (DDP leaves it out of
     its buckets), then unfrozen; its gradients are never averaged. A hunt found the error's list of causes
