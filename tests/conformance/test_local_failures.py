@@ -250,20 +250,21 @@ def _w_fail(rank: int, world: int, name: str, variant: str, store: str) -> dict[
             row = {"k": k, "call": mode.calls[mode.at - 1] if 0 < mode.at <= len(mode.calls) else "",
                    "raised": raised, "message": message}
             if raised is not None:
-                try:
-                    assert_identical(_snapshot(model, opt), before, "after the failed step")
-                    row["unchanged"] = "yes"
-                except AssertionError as e:
-                    row["unchanged"] = str(e)
+                row["unchanged"] = _verdict(model, opt, before, "after the failed step")
                 _steps(spec, model, opt, range(at, at + 1), rank, world, variant)  # the retry: a new backward
             _steps(spec, model, opt, range(at + 1, at + 2), rank, world, variant)
-            try:
-                assert_identical(_snapshot(model, opt), reference, "the retried run")
-                row["exact"] = "yes"
-            except AssertionError as e:
-                row["exact"] = str(e)
+            row["exact"] = _verdict(model, opt, reference, "the retried run")
             rows.append(row)
     return out
+
+
+def _verdict(model: Any, opt: Any, expected: Any, what: str) -> str:
+    """"yes" where the model and optimizer are bit for bit ``expected`` (a :func:`_snapshot`), else how not."""
+    try:
+        assert_identical(_snapshot(model, opt), expected, what)
+    except AssertionError as e:
+        return str(e)
+    return "yes"
 
 
 def _check(results: list[dict[str, list[dict[str, Any]]]], world: int) -> None:
@@ -371,20 +372,12 @@ def _w_late_failure_and_skip(rank: int, world: int, store: str) -> list[dict[str
             row["raised"], row["message"] = type(e), f"{type(e).__name__}: {e}"
         finally:
             undo()
-        try:
-            assert_identical(_snapshot(model, opt), before, "after the failed step")
-            row["unchanged"] = "yes"
-        except AssertionError as e:
-            row["unchanged"] = str(e)
+        row["unchanged"] = _verdict(model, opt, before, "after the failed step")
         with _warnings("lightning_soaa.optim.base") as said:
             _egn_steps(model, opt, range(1, 2), rank, world, unsolvable=1)  # the retry: skipped, for its reason
         row["skip"] = said
         _egn_steps(model, opt, range(2, 3), rank, world, unsolvable=1)
-        try:
-            assert_identical(_snapshot(model, opt), reference, "the retried run")
-            row["exact"] = "yes"
-        except AssertionError as e:
-            row["exact"] = str(e)
+        row["exact"] = _verdict(model, opt, reference, "the retried run")
         out.append(row)
         dist.barrier()
     return out

@@ -18,6 +18,15 @@ from lightning_soaa import EGN
 from tests.harness.op_count import CountReads
 
 
+def _counted_step(opt: EGN, x: torch.Tensor, y: torch.Tensor) -> CountReads:
+    """The operator calls and host reads of the fourth step on one batch (after three of warm-up)."""
+    for _ in range(3):
+        opt.step(inputs=x, targets=y)
+    with CountReads() as count:
+        opt.step(inputs=x, targets=y)
+    return count
+
+
 @pytest.mark.parametrize("line_search", [False, True])
 def test_a_single_process_step_of_a_small_mlp_stays_within_its_operator_budget(line_search: bool) -> None:
     """One step after warm-up, with one line-search trial: at most 118 ATen calls and 8 host reads, through the
@@ -28,10 +37,7 @@ def test_a_single_process_step_of_a_small_mlp_stays_within_its_operator_budget(l
     model = nn.Sequential(nn.Linear(20, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 2))
     x, y = torch.randn(32, 20), torch.randint(0, 2, (32,))
     opt = EGN(model, loss="cross_entropy", lr=0.5, damping=1.0, line_search=line_search)
-    for _ in range(3):
-        opt.step(inputs=x, targets=y)
-    with CountReads() as count:
-        opt.step(inputs=x, targets=y)
+    count = _counted_step(opt, x, y)
     assert opt.statistics()["ls_tries"] <= 1.0  # (a backtracking trial adds a forward: not this budget's subject)
     assert count.n <= 118, count.n
     assert count.reads <= 8, count.reads
@@ -46,10 +52,7 @@ def test_a_single_process_step_of_a_larger_system_stays_within_its_operator_budg
     model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 10))
     x, y = torch.randn(32, 64), torch.randint(0, 10, (32,))
     opt = EGN(model, loss="cross_entropy", lr=1.0, damping=0.5, line_search=True)
-    for _ in range(3):
-        opt.step(inputs=x, targets=y)
-    with CountReads() as count:
-        opt.step(inputs=x, targets=y)
+    count = _counted_step(opt, x, y)
     assert opt.statistics()["ls_tries"] <= 1.0
     assert count.n <= 140, count.n
     assert count.reads <= 8, count.reads
@@ -65,10 +68,7 @@ def test_a_single_process_step_of_a_mixed_precision_system_stays_within_its_oper
     model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 10))
     x, y = torch.randn(48, 64), torch.randint(0, 10, (48,))
     opt = EGN(model, loss="cross_entropy", lr=1.0, damping=0.5, line_search=True)
-    for _ in range(3):
-        opt.step(inputs=x, targets=y)
-    with CountReads() as count:
-        opt.step(inputs=x, targets=y)
+    count = _counted_step(opt, x, y)
     st = opt.statistics()
     assert st["ls_tries"] <= 1.0 and st["solve_cg_iterations"] == 0.0
     assert st["solve_refinements"] <= 3.0, st["solve_refinements"]
