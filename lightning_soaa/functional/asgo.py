@@ -122,12 +122,16 @@ def _lower_strips_gram_(wide: Tensor, rows: Tensor, beta2: float) -> Tensor:
 
 
 def _make_lower_mask(k: int, device: torch.device) -> Tensor:
-    """``k x k`` bool, True on and below the diagonal."""
-    return torch.ones(k, k, dtype=torch.bool, device=device).tril_()
+    """``k x k`` bool, True on and below the diagonal; a plain tensor even when first made under
+    ``torch.inference_mode`` (kept, an inference tensor made every later Gram of its size that autograd records
+    raise: ``torch.where`` saves its mask for the backward)."""
+    with torch.inference_mode(False):
+        return torch.ones(k, k, dtype=torch.bool, device=device).tril_()
 
 
-#: :func:`_make_lower_mask` kept per size and device (two operator calls saved a Gram).
-_lower_mask = functools.cache(_make_lower_mask)
+#: :func:`_make_lower_mask` kept per size and device (two operator calls saved a Gram); a few sizes at a time
+#: (``k^2`` bytes each: one kept per size of every model a process ever stepped was memory never given back)
+_lower_mask = functools.lru_cache(maxsize=16)(_make_lower_mask)
 
 
 def nesterov_direction(mom: Tensor, g: Tensor, beta1: float) -> Tensor:

@@ -1951,7 +1951,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
             local_error = local_error or e
         self.comm.begin_step()
         why = self._exchange_in(local_error)
-        local_error = local_error or self.__dict__.pop("_held_error", None)
+        # popped (and let go) whether or not an error is already held: left on the optimizer or in this frame, its
+        # traceback kept the exchange's buffers alive after the step raised (per dtype about the gradients' size)
+        held = self.__dict__.pop("_held_error", None)
+        local_error = local_error or held
+        del held
         if why is not None:
             return self._skip_step(why)
         # after a local error nothing is stepped, and the blocks may no longer match the groups (one deleted)

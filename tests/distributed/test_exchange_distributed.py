@@ -80,3 +80,44 @@ def test_sum_to_owners_and_gather_from_owners(tmp_path: Path, world: int, shard:
         for res in results:  # one all-reduce per channel; gathers are local copies
             assert res["to"].calls == {"all_reduce": 2}
             assert res["from"].calls == {}
+
+
+def _w_failed_pack_after_own_error(rank: int, world: int) -> dict:
+    """Rank 1: an error of its own before the step (an lr written as NaN), then its gradient exchange's packing
+    fails (out of memory, injected): every rank raises, and nothing of the exchange outlives the step."""
+    from lightning_soaa import ShardedAdamW
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2).double())
+    opt = ShardedAdamW(model.parameters(), lr=1e-2, grad_reduction="mean")
+
+    def backward() -> None:
+        model.zero_grad()
+        model[1](model[0](torch.randn(5, 4)).double()).sum().backward()
+
+    backward()
+    opt.step()
+    backward()
+    pack = OwnerExchange._pack_grads
+    if rank == 1:
+        opt.param_groups[0]["lr"] = float("nan")
+
+        def failing(*args: object) -> None:
+            raise torch.OutOfMemoryError("injected: the exchange's packing")
+        OwnerExchange._pack_grads = failing  # type: ignore[method-assign]
+    raised = ""
+    try:
+        opt.step()
+    except Exception as e:  # noqa: BLE001 - the parent checks what each rank raised
+        raised = type(e).__name__
+    finally:
+        OwnerExchange._pack_grads = pack  # type: ignore[method-assign]
+    # a held failure left on the optimizer keeps its traceback, and with it the exchange's buffers (per dtype about
+    # the gradients' size), alive until the next step: just when a caller frees memory to retry
+    return {"raised": raised, "left": sorted(k for k in vars(opt) if k == "_held_error")}
+
+
+def test_a_held_exchange_failure_does_not_outlive_a_step_that_failed_before_it(tmp_path: Path) -> None:
+    results = run_distributed(_w_failed_pack_after_own_error, 2, tmp_path, timeout=120)
+    assert [r["raised"] for r in results] == ["ValueError", "ValueError"], results
+    assert [r["left"] for r in results] == [[], []], results

@@ -115,3 +115,20 @@ def test_the_cancellation_check_takes_column_norms_along_rows() -> None:
         u = asgo_math.precondition_checked(p, mom, "left")
     assert record.strided_norms == [], record.strided_norms
     assert torch.equal(u, p @ mom)
+
+
+def test_a_wide_gram_first_formed_under_inference_mode_can_later_be_differentiated() -> None:
+    """The strips' mirror mask is kept from call to call: one first made under ``torch.inference_mode`` (an
+    optimizer stepped there, EGN's passes) was an inference tensor, and every later ``gram_wide`` of that size
+    that autograd records (``torch.where`` saves its mask) raised; the math must not depend on what ran before."""
+    k, n = asgo_math.GRAM_STRIPS_MIN_K + 3, 7  # a size no other test forms
+    g = torch.randn(k, n, dtype=torch.float32)
+    v = torch.zeros(k, k, dtype=torch.float32)
+    with torch.inference_mode():
+        asgo_math.gram_wide(v, g, BETA2, "left")
+    x = g.clone().requires_grad_(True)
+    asgo_math.gram_wide(v, x, BETA2, "left").sum().backward()
+    x64 = g.to(f64).requires_grad_(True)
+    ((1.0 - BETA2) * (x64 @ x64.T)).sum().backward()
+    assert x.grad is not None and x64.grad is not None
+    torch.testing.assert_close(x.grad.to(f64), x64.grad.to(torch.float32).to(f64), rtol=1e-6, atol=1e-6)
