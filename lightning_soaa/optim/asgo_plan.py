@@ -49,6 +49,7 @@ import torch
 from lightning_soaa.distributed import agreement
 from lightning_soaa.distributed.comm import LocalComm
 from lightning_soaa.functional import asgo as asgo_math
+from lightning_soaa.optim.base import TEMPLATE_HOOKS, overrides_any
 
 if TYPE_CHECKING:  # (asgo imports this module)
     from lightning_soaa.distributed.blocks import BlockInfo
@@ -58,19 +59,25 @@ if TYPE_CHECKING:  # (asgo imports this module)
 __all__ = ["StepPlan", "plannable", "planned_step"]
 
 
+#: The template's and ASGO's hooks the planned step stands in for (it calls the others, so their overrides run)
+PLANNED_HOOKS = (*TEMPLATE_HOOKS, "_matrix_step", "_update_statistics", "_roots_due", "_wide_gram")
+
+
 def plannable(opt: ASGO) -> bool:
     """Whether ``opt``'s template step is the single-process one whose collectives, exchanges and decision are
     no-ops: a :class:`LocalComm` (no process group, not one of size 1: its all-reduce is a collective), no DTensor
     parameters, no gradient averaging, an unsharded exchange (``_exchange_out`` gathers nothing), no stop vote
     (its value rides the template's all-reduce), gradients not compared across ranks, the base's ``_decide``
     and ``_prepare`` (no record to reduce). Read at every step: each is an attribute read."""
+    from lightning_soaa.optim.asgo import ASGO
     from lightning_soaa.optim.base import ShardedOptimizer
 
     cls = type(opt)
     return (type(opt.comm) is LocalComm and opt._dtensor is None and opt.sharding.grad_reduction == "none"
             and not opt.exchange.sharded and opt.stop_vote is None and not opt.partials_cover_grads
             and cls._decide is ShardedOptimizer._decide and cls._prepare is ShardedOptimizer._prepare
-            and cls._exchange_out is ShardedOptimizer._exchange_out and not opt._compares_grads())
+            and cls._exchange_out is ShardedOptimizer._exchange_out and not opt._compares_grads()
+            and not overrides_any(opt, ASGO, PLANNED_HOOKS))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

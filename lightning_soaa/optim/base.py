@@ -266,6 +266,18 @@ _is_cpu = operator.attrgetter("is_cpu")
 _EXACT_COUNT = {torch.float32: float(1 << 24), torch.float64: float(1 << 53)}
 
 
+#: The step template's hooks (:meth:`ShardedOptimizer._template_step`) that a planned step stands in for
+TEMPLATE_HOOKS = ("_exchange_in", "_reduce_record", "_prepare", "_decide", "_apply", "_exchange_out")
+
+
+def overrides_any(obj: Any, owner: type, names: Sequence[str]) -> bool:
+    """Whether ``obj``'s class replaces any of ``owner``'s methods ``names``. A planned step (SOAA's, ASGO's)
+    stands in for the template's hooks it names: a subclass that overrides one of them takes the template,
+    where its override runs (else the plan would skip it without a word on every planned step)."""
+    cls = type(obj)
+    return any(getattr(cls, n) is not getattr(owner, n) for n in names)
+
+
 def _stamp(ts: list[Tensor]) -> tuple[int, ...]:
     """The autograd versions and the addresses of ``ts``: equal while nothing wrote to them."""
     return (*map(_version_of, ts), *map(Tensor.data_ptr, ts))

@@ -37,7 +37,16 @@ from lightning_soaa.functional.gram import (
     transform_factors,
 )
 from lightning_soaa.functional.reductions import dot_f64
-from lightning_soaa.optim.base import BlockView, ShardedOptimizer, SkipStep, StepRecord, host_floats, summed
+from lightning_soaa.optim.base import (
+    TEMPLATE_HOOKS,
+    BlockView,
+    ShardedOptimizer,
+    SkipStep,
+    StepRecord,
+    host_floats,
+    overrides_any,
+    summed,
+)
 from lightning_soaa.optim.egn_capture import (
     COUPLING_TOL,
     LinearCapture,
@@ -575,6 +584,10 @@ def _output_cast_advice(model: Any) -> str:
     return "Remove the cast at the end of forward (e.g. logits.float()) or convert the model to the outputs' dtype."
 
 
+#: What EGN's step plan (:mod:`~lightning_soaa.optim.egn_plan`) stands in for: the general step and the template's hooks
+_PLANNED_HOOKS = ("_general_step", *TEMPLATE_HOOKS)
+
+
 class EGN(ShardedOptimizer):
     r"""Exact Gauss-Newton (Levenberg-Marquardt in the bc×bc mini-batch space), sharded and exact
     across ranks.
@@ -1087,7 +1100,8 @@ class EGN(ShardedOptimizer):
         :meth:`step` before anything else (its result kept for it); False where it declines, and inside the
         template (no call in progress: EGN's shortcut has been asked already)."""
         call: tuple[Any, Any] | None = self.__dict__.get("_plan_call")
-        plan = None if call is None else self._step_plan()
+        # (a subclass overriding a hook the plan stands in for takes the template, where its override runs)
+        plan = None if call is None or overrides_any(self, EGN, _PLANNED_HOOKS) else self._step_plan()
         if call is None or plan is None:
             return False
         out = plan.step(self, *call)

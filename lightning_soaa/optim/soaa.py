@@ -68,7 +68,7 @@ from lightning_soaa.functional.soaa import (
 )
 from lightning_soaa.kernels.soaa_native import NativeSOAA
 from lightning_soaa.optim.adamw import adam_state_schema, init_adam_state
-from lightning_soaa.optim.base import BlockView, ShardedOptimizer, StepRecord, summed
+from lightning_soaa.optim.base import TEMPLATE_HOOKS, BlockView, ShardedOptimizer, StepRecord, overrides_any, summed
 from lightning_soaa.optim.closure_source import accumulation_steps
 from lightning_soaa.optim.soaa_plan import NativePlan
 from lightning_soaa.optim.step_context import autocast_casts, full_precision
@@ -757,7 +757,8 @@ class SOAA(ShardedOptimizer):
         keys = tuple(groups)
         ok = (bool(keys) and isinstance(self.comm, LocalComm) and self._dtensor is None
               and self.config.acceptance == "lagged" and self.sharding.grad_reduction == "none"
-              and all(k in plans for k in keys) and all(b.dim is None for b in self._owned))
+              and all(k in plans for k in keys) and all(b.dim is None for b in self._owned)
+              and not overrides_any(self, SOAA, TEMPLATE_HOOKS))
         if not ok:
             self._planned = None
             return

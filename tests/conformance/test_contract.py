@@ -919,6 +919,28 @@ def test_a_shortcut_step_holds_through_random_interference(spec: OptimizerSpec, 
     _assert_taken_if_any(spec, runs, taken)
 
 
+@each_optimizer
+def test_a_subclass_overriding_a_template_hook_has_it_called_at_every_step(spec: OptimizerSpec) -> None:
+    """A subclass that overrides the template's ``_apply`` (say, to log or clip the update) has it called at
+    every step it takes, as the template calls it: a shortcut step that stands in for the hook (the planned
+    steps of SOAA, ASGO and EGN at W = 1) is not taken for it (they were: SOAA's and ASGO's override ran at the
+    first step only, EGN's never, skipped without a word at the others)."""
+    calls: list[int] = []
+
+    def _apply(self: Any, views: Any, decision: Any) -> None:
+        calls.append(self.num_steps)
+        super(sub, self)._apply(views, decision)
+
+    base = spec.load()
+    sub = type(f"Logging{base.__name__}", (base,), {"_apply": _apply})
+    model = tiny_mlp(0, torch.float64)
+    kwargs = dict(spec.test_kwargs, loss="mse") if spec.first_arg is FirstArg.MODULE else dict(spec.test_kwargs)
+    opt = sub(spec.first_argument(model), **kwargs)
+    for t in range(8):
+        step(spec, model, opt, t)
+    assert opt.num_steps == 8 and calls == list(range(8)), (opt.num_steps, calls)
+
+
 # ---------------------------------------------------------------------------------------- checkpoints
 def _round_trip_bytes(obj: Any) -> Any:
     buf = io.BytesIO()
