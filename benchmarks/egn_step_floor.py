@@ -39,6 +39,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import egn_time_to_target as t2t
+from _timing import median_cpu_s
 
 #: (label, module path, owner attribute or "", function name): the step's phases, none inside another
 PHASES: tuple[tuple[str, str, str, str], ...] = (
@@ -127,13 +128,8 @@ def phases(steps: int) -> dict[str, float]:
 
 
 def _median_ms(fn: Callable[[], Any], reps: int = 200) -> float:
-    fn()
-    ts = []
-    for _ in range(reps):
-        c0 = time.thread_time()
-        fn()
-        ts.append(time.thread_time() - c0)
-    return 1e3 * statistics.median(ts)
+    """Median CPU milliseconds of ``fn()`` after one untimed call (one thread: the process's CPU time is its)."""
+    return 1e3 * median_cpu_s(fn, reps)
 
 
 def _system(dtype: torch.dtype) -> Any:
