@@ -74,6 +74,7 @@ def _optimizers(world: int = 1) -> dict[str, tuple[torch.optim.Optimizer, list[t
         "sharded_adamw": lambda ps: ShardedAdamW(ps, lr=1e-3),
         "asgo": lambda ps: ASGO(ps, lr=1e-3),
         "asgo_root_every_10": lambda ps: ASGO(ps, lr=1e-3, root_every=10),
+        "asgo_root_auto": lambda ps: ASGO(ps, lr=1e-3, root_every="auto"),
     }
     if world > 1:
         from torch.distributed.optim import ZeroRedundancyOptimizer
@@ -235,7 +236,7 @@ def _run_world(world: int, rounds: int, n: int, warmup: int) -> list[dict[str, A
 
 
 def _profile(steps: dict[str, Callable[[], Any]], n: int = 300) -> None:
-    for k in ("soaa", "sharded_adamw", "asgo", "asgo_root_every_10"):
+    for k in ("soaa", "sharded_adamw", "asgo", "asgo_root_every_10", "asgo_root_auto"):
         def run(step: Callable[[], Any] = steps[k]) -> None:
             for _ in range(n):
                 step()

@@ -1354,20 +1354,42 @@ class ASGO(_OneSided):
         return sizes
 
     def _matrix_step(self, views: list[BlockView], counts: list[float]) -> None:
-        # Blocks whose root is due this step, grouped by everything the root depends on, so that
-        # equal-sized blocks are computed as one batch (few large kernels instead of many small ones);
-        # small ones padded to a common size (_root_sizes) share a batch too.
         prepared, wide = self._update_statistics(views, counts)
+        self._roots_and_updates(prepared, wide, self._roots_due([v for v, _, _ in prepared], counts))
+
+    def _roots_and_updates(self, prepared: list[tuple[BlockView, str, Tensor | None]], wide: dict[int, Tensor],
+                           roots_due: list[BlockView]) -> None:
+        """The rest of :meth:`_matrix_step` once the statistics are updated (``prepared``, ``wide``: as
+        :meth:`_update_statistics` gives them) and the roots due decided: the roots (:meth:`_root_batches`), then
+        ``P M`` and the update of every block. Shared with the planned step at W = 1 (:mod:`.asgo_plan`), so that
+        its root steps are this code, not a second copy of it."""
+        uninformed = self._accept_roots(self._checked_roots(self._root_batches(roots_due, wide)))
+        ahead = _small_directions(prepared)
+        self._apply_directions([(v, asgo_math.precondition_checked(v.state[INV_ROOT], _direction(v, g) if d is None
+                                                                   else d, side))
+                                for (v, side, g), d in zip(prepared, ahead)])
+        for v in uninformed:
+            # A root of an all-zero V (no gradient yet: a layer behind a zero-initialised one) carries no
+            # direction: the eigh root is 0 there and would freeze the block for root_every steps. It
+            # served this step (whose update is 0 anyway); the next step computes a new one.
+            del v.state[INV_ROOT]
+
+    def _root_batches(self, roots_due: list[BlockView], wide: dict[int, Tensor]
+                      ) -> list[tuple[list[BlockView], Tensor, PendingRoots]]:
+        """The pending roots of ``roots_due``, grouped by everything the root depends on, so that equal-sized
+        blocks are computed as one batch (few large kernels instead of many small ones); small ones padded to a
+        common size (:meth:`_root_sizes`) share a batch too. ``wide``: the float64 ``V_t`` formed this step."""
+        if not roots_due:
+            return []
         due: dict[tuple[Any, ...], list[BlockView]] = {}
-        roots_due = self._roots_due([v for v, _, _ in prepared], counts)
-        sizes = self._root_sizes() if roots_due else {}
+        sizes = self._root_sizes()
         for v in roots_due:
             group, st = v.group, v.state
             size = max(st[GRAM].shape[0], sizes.get(v.block.block_id, 0))
             key = (size, st[GRAM].dtype, st[GRAM].device, *_root_options(group))
             due.setdefault(key, []).append(v)
         batches: list[tuple[list[BlockView], Tensor, PendingRoots]] = []
-        self._roots_computed += sum(len(vs) for vs in due.values())
+        self._roots_computed += len(roots_due)
         for (size, dt, dev, method, iters, eps, damping, floor), vs in due.items():
             ks = [v.state[GRAM].shape[0] for v in vs]
             padded = any(k != size for k in ks)
@@ -1381,16 +1403,7 @@ class ASGO(_OneSided):
             batches.append((vs, grams, pending_inverse_sqrt(grams, method, num_iters=iters, eps=eps, damping=damping,
                                                             sizes=ks if padded else None, floor=floor,
                                                             host_map=self._host_map(method, dev, dt), dtype=dt)))
-        uninformed = self._accept_roots(self._checked_roots(batches))
-        ahead = _small_directions(prepared)
-        self._apply_directions([(v, asgo_math.precondition_checked(v.state[INV_ROOT], _direction(v, g) if d is None
-                                                                   else d, side))
-                                for (v, side, g), d in zip(prepared, ahead)])
-        for v in uninformed:
-            # A root of an all-zero V (no gradient yet: a layer behind a zero-initialised one) carries no
-            # direction: the eigh root is 0 there and would freeze the block for root_every steps. It
-            # served this step (whose update is 0 anyway); the next step computes a new one.
-            del v.state[INV_ROOT]
+        return batches
 
     def _planned_step(self) -> bool:
         """One process: the template's step without its no-op collectives and record (:mod:`.asgo_plan`)."""
@@ -1449,18 +1462,8 @@ class ASGO(_OneSided):
             else:
                 due[i] = (int(counts[i]) - 1) % int(every) == 0
         if auto:
-            rows = []
-            for i in auto:
-                st = views[i].state
-                last = st[GRAM_AT_ROOT]
-                # accumulated in float64: a float32 Gram's squares overflow from entries ~1e19 (gradients ~1e10:
-                # inf > tol * inf never re-rooted) and underflow below ~1e-19 (0 > 0), until root_max_every
-                rows.append(norms_f64([st[GRAM] - last, last]))
-            for i, (change, ref) in zip(auto, torch.stack(rows).tolist()):
-                st, group = views[i].state, views[i].group
-                # the step counters live on the host (as torch's optimizers keep them): no device copy
-                age = counts[i] - float(st[ROOT_STEP])
-                due[i] = change > float(group["root_tol"]) * ref or age >= int(group["root_max_every"])
+            for i, due_i in zip(auto, _auto_roots_due([views[i] for i in auto], [counts[i] for i in auto])):
+                due[i] = due_i
         for v, d, opts in zip(views, due, options):
             if d:
                 made[v.block.block_id] = opts
@@ -1638,6 +1641,28 @@ class ASGO(_OneSided):
         stats["asgo_mean_eig_max"] = max(traces) if traces else 0.0
         stats["asgo_mean_eig_min"] = min(traces) if traces else 0.0
         return stats
+
+
+def _auto_roots_due(views: list[BlockView], counts: list[float]) -> list[bool]:
+    """``root_every="auto"``: per block (each with a root and its ``GRAM_AT_ROOT``), whether ``||V - V_root||``
+    exceeds ``root_tol ||V_root||`` or ``root_max_every`` steps passed since its root (``counts``: the advanced
+    step counters). The norms accumulated in float64: a float32 Gram's squares overflow from entries ~1e19
+    (gradients ~1e10: inf > tol * inf never re-rooted) and underflow below ~1e-19 (0 > 0), until root_max_every.
+    All blocks' differences by one multi-tensor subtraction and their norms by one :func:`norms_f64`, read in one
+    host copy (each norm is its own tensor's, whatever shares the call: the bits of one call per block, which
+    cost three operator calls a block); the root steps read as host floats (``tolist``: no operator call)."""
+    lasts = [v.state[GRAM_AT_ROOT] for v in views]
+    changes = torch._foreach_sub([v.state[GRAM] for v in views], lasts)
+    norms = norms_f64([t for pair in zip(changes, lasts) for t in pair]).tolist()
+    out = []
+    for j, (v, t) in enumerate(zip(views, counts)):
+        change, ref = norms[2 * j], norms[2 * j + 1]
+        # the step counters live on the host (as torch's optimizers keep them): no device copy; a 0-d one read by
+        # tolist (no operator call), any other as float() reads it (one element, else its error)
+        root_step = v.state[ROOT_STEP]
+        age = t - float(root_step.tolist() if root_step.dim() == 0 else root_step)
+        out.append(change > float(v.group["root_tol"]) * ref or age >= int(v.group["root_max_every"]))
+    return out
 
 
 def _direction(v: BlockView, g: Tensor | None) -> Tensor:

@@ -34,8 +34,17 @@ the scan is raised as the template raises it at W = 1 (after beginning the step'
 
 Where no root is due (``root_every`` a number, every block with its root, the root options those it was made
 with), the matrices take :func:`_matrix_step_without_roots`: ``ASGO._matrix_step``'s calls without its roots'
-bookkeeping. Otherwise ``ASGO._matrix_step`` itself. W > 1, DTensors, experts and the rest take the template
-unchanged.
+bookkeeping. Otherwise (a root step, ``root_every="auto"``) :func:`_matrix_step_with_roots`: the same statistics
+(the float64 ``V_t`` where ``ASGO._wide_gram`` asks for it), then the general path's own ``_roots_due`` and
+``_roots_and_updates`` (the roots' batches, checks and bookkeeping, ``P M``, the update). W > 1, DTensors, experts
+and the rest take the template unchanged.
+
+Where the time of a root step goes (the benchmark's 20-64-48-10 MLP, ``root_every=1``, one thread, CPU time,
+~3.0 ms a step on a loaded 2-core host): the roots ~1.3 ms (the float64 ``eigh`` of one padded [3, 48, 48] batch
+~0.75 ms, the scales, the map and ``Q diag(z) Q^T``), the float64 Grams ~0.35 ms, ``P M`` and the update ~0.35 ms,
+the template, checks, scan, counters and AdamW fallback ~0.7 ms; the roots' Python bookkeeping (which are due,
+their batches, sizes, routes, acceptance) ~0.15 ms. So a root every step stays ~4x foreach AdamW's step: most of it
+is the root's arithmetic, which this plan does not touch.
 """
 
 from __future__ import annotations
@@ -148,7 +157,7 @@ def planned_step(opt: ASGO) -> bool:
 def _apply(opt: ASGO, adam: list[BlockView], matrix: list[tuple[BlockView, str]]) -> None:
     """:meth:`~lightning_soaa.optim.asgo._OneSided._apply` of blocks that all have their state and a gradient
     (no expert: none is idle), in its order: the counters, the guard's bound, the AdamW fallback, the
-    matrices (:func:`_matrix_step_without_roots` where no root is due, else the general path's)."""
+    matrices (:func:`_matrix_step_without_roots` where no root can be due, else :func:`_matrix_step_with_roots`)."""
     opt._update_clean_on_raise = True  # (as the general path's: nothing is written before the counters)
     counts = opt._counts()
     opt._update_clean_on_raise = False
@@ -157,13 +166,13 @@ def _apply(opt: ASGO, adam: list[BlockView], matrix: list[tuple[BlockView, str]]
     views = [v for v, _ in matrix]
     mcounts = counts.advance(("step", "matrix"), [v.state["step"] for v in views])
     if _roots_due(opt, views, mcounts):
-        opt._matrix_step(views, mcounts)
+        _matrix_step_with_roots(opt, matrix, mcounts)
     else:
         _matrix_step_without_roots(opt, matrix)
 
 
 def _roots_due(opt: ASGO, views: list[BlockView], counts: list[float]) -> bool:
-    """Whether :meth:`~lightning_soaa.optim.asgo.ASGO._roots_due` finds a root due: a block without a root, a
+    """Whether :meth:`~lightning_soaa.optim.asgo.ASGO._roots_due` may find a root due: a block without a root, a
     ``root_every="auto"`` group (decided from its statistic), root options changed since its root, or the
     fixed schedule. Its one side effect is made alike (the options of a block without a record are recorded
     as its root's), so that the general path, where a root is due, decides as it would have."""
@@ -180,22 +189,14 @@ def _roots_due(opt: ASGO, views: list[BlockView], counts: list[float]) -> bool:
     return False
 
 
-def _matrix_step_without_roots(opt: ASGO, matrix: list[tuple[BlockView, str]]) -> None:
-    """:meth:`~lightning_soaa.optim.asgo.ASGO._matrix_step` of a step that takes no root, on one process: the
-    same calls on the same tensors in the same order (momenta by one multi-tensor lerp per ``beta1``, dtype and
-    device; each Gram by its ``addmm_`` in its own dtype, as :meth:`~lightning_soaa.optim.asgo.ASGO._wide_gram`
-    decides where no root is due; the Nesterov directions; ``P M``; the RMS normalisation and the update by
-    :meth:`~lightning_soaa.optim.asgo._OneSided._apply_directions`), without what only a root step or several
-    ranks need (the routes' and roots' bookkeeping, the row-sharded statistics)."""
-    from lightning_soaa.optim.asgo import (
-        EXP_AVG,
-        GRAM,
-        INV_ROOT,
-        _direction,
-        _matrix_grad,
-        _small_directions,
-        _state_dtype_of,
-    )
+def _statistics(opt: ASGO, matrix: list[tuple[BlockView, str]], counts: list[float] | None
+                ) -> tuple[list[tuple[BlockView, str, torch.Tensor | None]], dict[int, torch.Tensor]]:
+    """:meth:`~lightning_soaa.optim.asgo.ASGO._update_statistics` on one process: the momenta by one multi-tensor
+    lerp per ``beta1``, dtype and device, each Gram by its ``addmm_`` in its own dtype, or in float64 where
+    :meth:`~lightning_soaa.optim.asgo.ASGO._wide_gram` says so (``counts``: the advanced step counters; None: a
+    step that takes no root, where it says no to every block), stored rounded by one multi-tensor copy; without
+    the routes' look-up (the plan's sides) and the row-sharded statistics (none on one process)."""
+    from lightning_soaa.optim.asgo import EXP_AVG, GRAM, _matrix_grad, _state_dtype_of
 
     views = [v for v, _ in matrix]
     grads = [_matrix_grad(v.grad, _state_dtype_of(v.param.dtype), False) for v in views]  # type: ignore[arg-type]
@@ -205,10 +206,33 @@ def _matrix_step_without_roots(opt: ASGO, matrix: list[tuple[BlockView, str]]) -
     for (beta1, _, _), idx in by.items():
         torch._foreach_lerp_([views[i].state[EXP_AVG] for i in idx], [grads[i] for i in idx], 1.0 - beta1)
     prepared: list[tuple[BlockView, str, torch.Tensor | None]] = []
-    for (v, side), g in zip(matrix, grads):
-        asgo_math.update_gram_(v.state[GRAM], g, float(v.group["betas"][1]), side)
+    wide: dict[int, torch.Tensor] = {}
+    for i, ((v, side), g) in enumerate(zip(matrix, grads)):
+        beta2 = float(v.group["betas"][1])
+        if counts is not None and opt._wide_gram(v, counts[i]):
+            wide[v.block.block_id] = asgo_math.gram_wide(v.state[GRAM], g, beta2, side)
+        else:
+            asgo_math.update_gram_(v.state[GRAM], g, beta2, side)
         prepared.append((v, side, g if v.group["nesterov"] else None))
-    ahead = _small_directions(prepared)
-    opt._apply_directions([(v, asgo_math.precondition_checked(v.state[INV_ROOT], _direction(v, g) if d is None
-                                                              else d, side))
-                           for (v, side, g), d in zip(prepared, ahead)])
+    if wide:  # (as _update_statistics: stored rounded once, in one multi-tensor copy)
+        torch._foreach_copy_([v.state[GRAM] for v in views if v.block.block_id in wide], list(wide.values()))
+    return prepared, wide
+
+
+def _matrix_step_with_roots(opt: ASGO, matrix: list[tuple[BlockView, str]], counts: list[float]) -> None:
+    """:meth:`~lightning_soaa.optim.asgo.ASGO._matrix_step` on one process, where a root may be due (a fixed
+    schedule's root step, a ``root_every="auto"`` step, a block without a root, root options edited): the
+    statistics by :func:`_statistics`, then the general path's own functions, the roots due
+    (:meth:`~lightning_soaa.optim.asgo.ASGO._roots_due`), their batches and everything after them
+    (:meth:`~lightning_soaa.optim.asgo.ASGO._roots_and_updates`)."""
+    prepared, wide = _statistics(opt, matrix, counts)
+    opt._roots_and_updates(prepared, wide, opt._roots_due([v for v, _ in matrix], counts))
+
+
+def _matrix_step_without_roots(opt: ASGO, matrix: list[tuple[BlockView, str]]) -> None:
+    """:meth:`~lightning_soaa.optim.asgo.ASGO._matrix_step` of a step that takes no root, on one process: the
+    same calls on the same tensors in the same order (:func:`_statistics`, every Gram in its own dtype; then
+    :meth:`~lightning_soaa.optim.asgo.ASGO._roots_and_updates` with no root due: the Nesterov directions, ``P M``,
+    the RMS normalisation and the update), without deciding which roots are due (none can be)."""
+    prepared, _ = _statistics(opt, matrix, None)
+    opt._roots_and_updates(prepared, {}, [])

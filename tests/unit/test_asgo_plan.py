@@ -3,8 +3,9 @@ exactly the bits of the template's step, and every change between steps is seen 
 
 Each case trains two optimizers on copies of one model with the same gradients, one as shipped and one whose
 planned step is turned off (every step through the template), applies the same interference to both between
-steps, and compares parameters, state, step counts and statistics bit for bit after every step. The planned
-path is checked to be what runs (its steps without a root and its steps with one).
+steps, and compares parameters, state, step counts and statistics bit for bit after every step, with roots on
+a fixed schedule (every 3 and 4 steps), at every step (``root_every=1``, the default) and ``root_every="auto"``.
+The planned path is checked to be what runs (its steps without a root and its steps that may take one).
 """
 
 from __future__ import annotations
@@ -29,13 +30,20 @@ def _model(dtype: torch.dtype) -> torch.nn.Module:
                                torch.nn.Linear(9, 3)).to(dtype)
 
 
-def _make(model: torch.nn.Module) -> ASGO:
-    """Two groups with different hyperparameters: roots every 3 and every 4 steps, Nesterov and not."""
+def _make(model: torch.nn.Module, every: tuple[Any, Any] = (3, 4)) -> ASGO:
+    """Two groups with different hyperparameters: roots every 3 and every 4 steps (or ``every``), Nesterov and
+    not; for ``"auto"`` a tolerance and a longest interval that make some steps take roots and others none."""
     ps = list(model.named_parameters())
-    return ASGO([{"params": ps[:3], "lr": 2e-2, "betas": (0.9, 0.8), "weight_decay": 0.1, "root_every": 3,
-                  "adam_weight_decay": 0.01},
-                 {"params": ps[3:], "lr": 1e-2, "betas": (0.85, 0.95), "weight_decay": 0.0, "root_every": 4,
-                  "nesterov": False, "adam_betas": (0.8, 0.99)}])
+    auto = {"root_tol": 0.6, "root_max_every": 5}
+    return ASGO([{"params": ps[:3], "lr": 2e-2, "betas": (0.9, 0.8), "weight_decay": 0.1, "root_every": every[0],
+                  "adam_weight_decay": 0.01, **auto},
+                 {"params": ps[3:], "lr": 1e-2, "betas": (0.85, 0.95), "weight_decay": 0.0, "root_every": every[1],
+                  "nesterov": False, "adam_betas": (0.8, 0.99), **auto}])
+
+
+#: the root schedules the planned step is compared under: fixed, every step, "auto", and "auto" beside a fixed one
+EVERY: dict[str, tuple[Any, Any]] = {"3_and_4": (3, 4), "1": (1, 1), "auto": ("auto", "auto"),
+                                     "auto_and_2": ("auto", 2)}
 
 
 def _flat(state: dict[Any, Any]) -> list[Any]:
@@ -64,9 +72,16 @@ def _same_bits(a: list[Any], b: list[Any]) -> None:
 
 
 def _spy(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    """How often the planned step ran, and of those how often without a root (the plan's own matrix step)."""
-    calls = {"planned": 0, "without_roots": 0}
-    apply, lean = asgo_plan._apply, asgo_plan._matrix_step_without_roots
+    """How often the planned step ran, and of those how often without a root and with roots possibly due (the
+    plan's two matrix steps); of the latter, how often a root was taken (``roots``)."""
+    calls = {"planned": 0, "without_roots": 0, "with_roots": 0, "roots": 0}
+    apply, lean, full = asgo_plan._apply, asgo_plan._matrix_step_without_roots, asgo_plan._matrix_step_with_roots
+
+    def counted_full(opt: ASGO, *a: Any) -> None:
+        calls["with_roots"] += 1
+        before = opt._roots_computed
+        full(opt, *a)
+        calls["roots"] += opt._roots_computed > before
 
     def counted_apply(*a: Any) -> None:
         calls["planned"] += 1
@@ -77,6 +92,7 @@ def _spy(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
         lean(*a)
     monkeypatch.setattr(asgo_plan, "_apply", counted_apply)
     monkeypatch.setattr(asgo_plan, "_matrix_step_without_roots", counted_lean)
+    monkeypatch.setattr(asgo_plan, "_matrix_step_with_roots", counted_full)
     return calls
 
 
@@ -110,7 +126,7 @@ def test_planned_steps_take_the_template_steps_bits(dtype: torch.dtype, monkeypa
     _run(_nothing, dtype)
     # every step after the first (which makes the state); roots at steps 1, 4, 7, 10, 13 (every 3) and 1, 5,
     # 9, 13 (every 4): steps 2, 3, 6, 8, 11, 12, 14 take none
-    assert calls == {"planned": 13, "without_roots": 7}, calls
+    assert calls == {"planned": 13, "without_roots": 7, "with_roots": 6, "roots": 6}, calls
 
 
 def test_gradients_accumulated_in_place(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -195,7 +211,24 @@ def _bad_gradients(t: int, opt: ASGO, model: torch.nn.Module) -> None:
 def test_changes_between_steps(between: Between, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = _spy(monkeypatch)
     _run(between, dtype)
-    assert calls["without_roots"] >= 2, calls
+    assert calls["without_roots"] >= 2 and calls["with_roots"] >= 2, calls
+
+
+@pytest.mark.parametrize("between", [_nothing, _lr_schedule, _drop_gradients, _edit_state, _reassign_data,
+                                     _root_options, _load_mid_run, _bad_gradients])
+@pytest.mark.parametrize("every", ["1", "auto", "auto_and_2"])
+def test_root_steps_take_the_template_steps_bits(between: Between, every: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Root steps at every step (the default) and ``root_every="auto"`` steps (with a root due and without) are
+    planned too, with the template's bits, through the same changes between steps. Before, they were the
+    template's ``_matrix_step`` (not the plan's)."""
+    calls = _spy(monkeypatch)
+    _run(between, make=lambda model: _make(model, EVERY[every]))
+    assert calls["with_roots"] >= 8, calls
+    if every == "1":  # a root every step: no step without one
+        assert calls["without_roots"] == 0 and calls["roots"] == calls["with_roots"], calls
+    else:  # "auto": steps that took a root and steps that took none
+        assert 2 <= calls["roots"] <= calls["with_roots"] - 2, calls
 
 
 def test_a_param_group_added_between_steps(monkeypatch: pytest.MonkeyPatch) -> None:
