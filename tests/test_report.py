@@ -41,24 +41,49 @@ def _is_png(path: Path) -> bool:
     return path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_quick_report_writes_markdown_json_and_plots(tmp_path: Path) -> None:
-    proc = _run(tmp_path)
+#: the optimizers a plain ``--quick`` trains, and the workloads (the quick run below names the optimizers, to add
+#: the chars-only ones; test_quick_defaults_are_the_three_optimizers_on_every_workload pins these defaults)
+QUICK_DEFAULT = ("AdamW", "SOAA", "EGN")
+CHARS_ONLY = ("ASGO-parts", "Muon-split")
+
+
+@pytest.fixture(scope="module")
+def quick_report(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One ``--quick`` report of every workload for the default quick optimizers and two chars-only ones,
+    shared by the tests below: a report process (start-up, interleaved step timing, step cost, state per rank,
+    plots) costs far more than the runs these add, and each test reads a different part of its output."""
+    out = tmp_path_factory.mktemp("quick_report")
+    proc = _run(out, "--optimizers", *QUICK_DEFAULT, *CHARS_ONLY)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    md = (tmp_path / "report.md").read_text()
+    return out
+
+
+def test_quick_defaults_are_the_three_optimizers_on_every_workload() -> None:
+    """What a plain ``--quick`` runs: the quick report above names these explicitly."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import report
+
+    args = report._args(["--quick", "--out", "unused"])
+    assert tuple(args.optimizers) == QUICK_DEFAULT and args.workloads == ["digits", "lstsq", "chars"]
+    assert (args.seeds, args.jobs, args.skip_step_cost, args.skip_state) == (1, 1, False, False)
+
+
+def test_quick_report_writes_markdown_json_and_plots(quick_report: Path) -> None:
+    md = (quick_report / "report.md").read_text()
     rows = _table_rows(md)
     got = {(r[0], r[1]) for r in rows}
-    want = {(w, o) for w in ("digits", "lstsq", "chars") for o in ("AdamW", "SOAA", "EGN")
-            if not (o == "EGN" and w == "chars")}
+    want = {(w, o) for w in ("digits", "lstsq", "chars") for o in QUICK_DEFAULT
+            if not (o == "EGN" and w == "chars")} | {("chars", o) for o in CHARS_ONLY}
     assert got == want and len(rows) == len(want)
     assert all(r[5] != "not reached" for r in rows if r[1] == "AdamW"), "AdamW reaches its own final loss"
     for name in ("headline", "digits", "lstsq", "chars"):
-        assert _is_png(tmp_path / f"report_{name}.png"), name
+        assert _is_png(quick_report / f"report_{name}.png"), name
         assert f"report_{name}.png" in md
     assert "CPU time of the process" in md and "1 torch thread per run" in md
     assert "## Step cost against the bandwidth bound" in md and "| soaa |" in md and "GB/s" in md
     assert "## Optimizer state per rank vs W" in md and "| SOAA |" in md
-    rep = json.loads((tmp_path / "report.json").read_text())
-    assert {r["optimizer"] for r in rep["runs"]} == {"AdamW", "SOAA", "EGN"}
+    rep = json.loads((quick_report / "report.json").read_text())
+    assert {r["optimizer"] for r in rep["runs"]} == {*QUICK_DEFAULT, *CHARS_ONLY}
     assert all("error" not in r for r in rep["runs"]), [r["error"] for r in rep["runs"] if "error" in r]
 
 
@@ -189,13 +214,9 @@ def test_split_qkv_model_computes_the_fused_models_function() -> None:
         R.build("Muon-split", fused, 1e-2, R.WORKLOADS["chars"])
 
 
-def test_quick_report_has_the_chars_only_rows_on_chars_only(tmp_path: Path) -> None:
-    proc = _run(tmp_path, "--workloads", "lstsq", "chars", "--optimizers", "AdamW", "ASGO-parts", "Muon-split",
-                "--skip-state")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    md = (tmp_path / "report.md").read_text()
-    want = [("lstsq", "AdamW"), ("chars", "AdamW"), ("chars", "ASGO-parts"), ("chars", "Muon-split")]
+def test_quick_report_has_the_chars_only_rows_on_chars_only(quick_report: Path) -> None:
+    md = (quick_report / "report.md").read_text()
+    want = [("digits", o) for o in QUICK_DEFAULT] + [("lstsq", o) for o in QUICK_DEFAULT] + \
+        [("chars", "AdamW"), ("chars", "SOAA"), ("chars", "ASGO-parts"), ("chars", "Muon-split")]
     assert [(r[0], r[1]) for r in _table_rows(md)] == want
     assert "| chars | Muon-split | 2 x 3 |" in md  # its split model timed in the interleaved rounds too
-    rep = json.loads((tmp_path / "report.json").read_text())
-    assert all("error" not in r for r in rep["runs"]), [r["error"] for r in rep["runs"] if "error" in r]

@@ -55,20 +55,22 @@ def _torchrun(*extra: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *extra]
 
 
+#: the optimizers of test_torchrun_restart_recipe_resumes_bit_identical (its parameters)
+RESTART_OPTIMIZERS = ("soaa", "asgo")
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory):
-    """The uninterrupted two-rank torchrun run without any checkpointing, once per optimizer."""
-    cache: dict[str, list[dict[str, Any]]] = {}
+def reference(tmp_path_factory: pytest.TempPathFactory) -> runner.Once[dict[str, list[dict[str, Any]]]]:
+    """The uninterrupted two-rank torchrun run without any checkpointing: one launch trains every optimizer
+    of the restart tests, on first use (a launch costs seconds, 12 steps milliseconds; train.py's runs in one
+    process are bit-identical to separate ones, test_launchers.py checks it)."""
+    def launch() -> dict[str, list[dict[str, Any]]]:
+        out = tmp_path_factory.mktemp("reference")
+        runner.run(_torchrun(*runner.train_args(",".join(RESTART_OPTIMIZERS), out, steps=STEPS)),
+                   env=runner.clean_env(), timeout=runner.launch_timeout(180, len(RESTART_OPTIMIZERS)))
+        return runner.load_each(out, 2, RESTART_OPTIMIZERS)
 
-    def get(optimizer: str) -> list[dict[str, Any]]:
-        if optimizer not in cache:
-            out = tmp_path_factory.mktemp(f"ref_{optimizer}")
-            runner.run(_torchrun(*runner.train_args(optimizer, out, steps=STEPS)), env=runner.clean_env(),
-                       timeout=180)
-            cache[optimizer] = runner.load(out, 2)
-        return cache[optimizer]
-
-    return get
+    return runner.Once(launch)
 
 
 @pytest.mark.parametrize("optimizer", ["soaa", pytest.param("asgo", marks=pytest.mark.slow)])
@@ -88,7 +90,7 @@ def test_torchrun_restart_recipe_resumes_bit_identical(optimizer: str, tmp_path:
     assert [(r["restart_count"], r["resumed_from_step"]) for r in resumed] == [(1, 8), (1, 8)]
     assert sorted(p.name for p in ckpt.glob("step_*.pt")) == [
         "step_00000004.pt", "step_00000008.pt", "step_00000012.pt"]
-    _assert_bit_identical(resumed, reference(optimizer))
+    _assert_bit_identical(resumed, reference()[optimizer])
 
 
 def test_two_agents_worker_crash_resumes_bit_identical(tmp_path: Path) -> None:

@@ -245,10 +245,13 @@ def test_mpirun_master_variables_on_rank_0_only(other_ranks: str, tmp_path: Path
     worker = tmp_path / "worker.py"
     worker.write_text(_RENDEZVOUS_WORKER)
     wrapper = f'if [ "$OMPI_COMM_WORLD_RANK" != 0 ]; then {change}; fi; exec "$0" "$@"'
-    env = runner.clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # Rank 0 waits the store round (10 s by default) for rank 1 in its store before MPI; with another port rank 1
+    # looks for rank 0's store for min(timeout_s, the connect window: 30 s by default) before it goes to MPI. Rank 1
+    # can never reach rank 0's store here, so both windows only delay the same MPI agreement: 2 s each (the
+    # documented overrides) instead of 10 s and 20 s of waiting.
+    env = runner.clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LIGHTNING_SOAA_STORE_ROUND_S="2",
+                           LIGHTNING_SOAA_STORE_CONNECT_S="2")
     # on one host mpirun hands its whole environment to every rank; -x for what a remote rank would need.
-    # Rank 0 waits 10 s for rank 1 in its store before MPI; with another port rank 1 looks for rank 0's store
-    # for min(timeout_s, 30 s) before it goes to MPI.
     cmd = [*_mpirun(), "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS", "bash", "-c", wrapper, sys.executable,
            str(worker), "20"]
     rc, out = _run_output(cmd, env, timeout=90)

@@ -4,11 +4,12 @@
 The compile check catches what the interpreter accepts but the compiler does not (it rejected the first
 version's ``typing.Any`` annotations: a compiled kernel may read no non-constexpr global).
 
-Each check (``_soaa_triton_checks.py``) runs in a fresh Python with ``TRITON_INTERPRET=1``: Triton reads
-it when a kernel is defined, so it cannot be switched on inside a process that may also run them on a
-GPU. Skipped where Triton is not installed (the CPU-only torch wheel does not pull it in); on CUDA the
-same checks run compiled, in ``test_soaa_cuda.py``. The routing of accelerator blocks to these kernels
-(``SOAAKernels(accel_loader=...)``) is tested in ``test_soaa_functional.py`` without Triton.
+Each check (``_soaa_triton_checks.py``) runs in a Python of its own with ``TRITON_INTERPRET=1`` (a child
+forked from one that did the imports): Triton reads it when a kernel is defined, so it cannot be switched
+on inside a process that may also run them on a GPU. Skipped where Triton is not installed (the CPU-only
+torch wheel does not pull it in); on CUDA the same checks run compiled, in ``test_soaa_cuda.py``. The
+routing of accelerator blocks to these kernels (``SOAAKernels(accel_loader=...)``) is tested in
+``test_soaa_functional.py`` without Triton.
 """
 
 from __future__ import annotations
@@ -67,11 +68,52 @@ def test_kernels_compile_for_nvidia_gpus(arch: int, dtype: str) -> None:
         triton.compile(src, target=target, options={"enable_fp_fusion": False})
 
 
-@pytest.mark.parametrize("check", CHECKS)
-def test_interpreted_on_cpu(check: str) -> None:
+#: Runs every check in a child forked from one Python that imported torch, Triton and the checks with
+#: ``TRITON_INTERPRET=1``: each check starts from that state alone, as in a fresh Python, without paying the
+#: imports again (~3 s of CPU a check). A check's exit status and output go to ``<out>/<check>.rc``/``.log``.
+_FORKED_CHECKS = """
+import os, sys, traceback
+from tests.unit import _soaa_triton_checks as c
+out = sys.argv[1]
+for check in sys.argv[2:]:
+    sys.stdout.flush(); sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        fd = os.open(os.path.join(out, check + ".log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(fd, 1); os.dup2(fd, 2)
+        try:
+            getattr(c, check)("cpu")
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush(); sys.stderr.flush()
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    with open(os.path.join(out, check + ".rc"), "w") as f:
+        f.write(str(os.waitstatus_to_exitcode(status)))
+"""
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int | None, str]]:
+    """Every check's exit status (None: it never finished) and output, from one run of them all."""
+    out = tmp_path_factory.mktemp("triton_checks")
     path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    code = f"from tests.unit import _soaa_triton_checks as c; c.{check}('cpu')"
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    done = subprocess.run([sys.executable, "-c", _FORKED_CHECKS, str(out), *CHECKS], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    results = {}
+    for check in CHECKS:
+        rc, log = out / f"{check}.rc", out / f"{check}.log"
+        text = (log.read_text() if log.exists() else "")[-6000:]
+        text += done.stdout[-1000:] + done.stderr[-3000:]
+        results[check] = (int(rc.read_text()) if rc.exists() else None, text)
+    return results
+
+
+@pytest.mark.timeout(660)  # the first test runs every check (the fixture), each check its own ~5-60 s
+@pytest.mark.parametrize("check", CHECKS)
+def test_interpreted_on_cpu(check: str, interpreted: dict[str, tuple[int | None, str]]) -> None:
+    rc, output = interpreted[check]
+    assert rc == 0, output
