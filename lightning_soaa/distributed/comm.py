@@ -251,7 +251,9 @@ class TorchComm(_StatsMixin):
         handed over: a float64 vector on :attr:`device` (gloo: the CPU tensor the callers make) holds the sum
         itself; another is copied into a float64 buffer on :attr:`device` kept per length (NCCL). Neither
         allocates between the agreement before this call and the call (a copy made there, failing on one rank,
-        raised alone while the others waited in the all-reduce: NCCL hangs)."""
+        raised alone while the others waited in the all-reduce: NCCL hangs). Left: the callers' own ``torch.tensor``
+        of the values (host memory, about a kilobyte for the step record) and, under NCCL, the host copy of the
+        result: a process that cannot allocate a kilobyte of host memory is lost whatever the optimizer does."""
         flat = values.detach().reshape(-1)
         buf = flat
         if flat.dtype != torch.float64 or flat.device != self.device or not flat.is_contiguous():

@@ -264,7 +264,10 @@ class OwnerExchange:
         dtype, writing the averages: a ``p.grad`` of zeros) joins the remaining collectives with zeros and is
         returned, not raised, for the caller to hold for the step's all-reduce (raised, this rank left while the
         others waited in the next collective). The buffers of the first collective have no agreement before
-        them in a step: a rank that cannot make them raises alone."""
+        them in a step: a rank that cannot make them raises alone, and the others wait in the reduce-scatter until
+        that rank's retried step joins it (the step then goes on alike) or the process group's timeout. Left so:
+        made before the previous step's agreement they would hold (W + 1)/W gradients' worth through the forward
+        and backward, and an agreement before them is one more all-reduce in every step."""
         if not self.sharded:
             return None
         world = self.comm.world_size
@@ -335,22 +338,27 @@ class OwnerExchange:
         return index
 
     # ------------------------------------------------------------------ from the owners
-    def gather_params(self, held: HeldBuffers | None = None) -> None:
+    def gather_params(self, held: HeldBuffers | None = None, flag: float = 0.0) -> list[float]:
         """All-gather updated parameter blocks from their owners into every rank's parameters. ``held``: its
         buffers, made before (:meth:`gather_buffers` with ``full=False``): nothing allocated before its
-        collective."""
+        collective. Held buffers made with ``flag=True`` carry ``flag`` (this rank's word on its update: 0 for
+        done) in one more element of the first dtype's part; returned: every rank's, by rank (else ``[]``)."""
         if self.sharded:
-            self._gather(lambda b: b.view(self.params[b.param_index]), self.params, skip_own=True, held=held)
+            return self._gather(lambda b: b.view(self.params[b.param_index]), self.params, skip_own=True,
+                                held=held, flag=flag)
+        return []
 
-    def gather_buffers(self, full: bool = True) -> HeldBuffers | None:
+    def gather_buffers(self, full: bool = True, flag: bool = False) -> HeldBuffers | None:
         """The buffers of a sharded :meth:`gather_from_owners` (``full``: the full-size results too) or
         :meth:`gather_params` (``full=False``), made now; None where it makes no collective (one process,
-        unsharded). Their send buffers' padding is never written: they may serve more than one gather."""
+        unsharded). Their send buffers' padding is never written: they may serve more than one gather.
+        ``flag``: the first dtype's parts have one more element, the sender's flag (:meth:`gather_params`):
+        W elements more in the gather, read on the host after it (a sync under NCCL)."""
         if not self.sharded:
             return None
         world = self.comm.world_size
-        flats = {dt: flat_buffers(self.comm, n, world * n, dt, self._device(per_rank))
-                 for dt, per_rank, n in self._nonempty()}
+        flats = {dt: flat_buffers(self.comm, n + extra, world * (n + extra), dt, self._device(per_rank))
+                 for i, (dt, per_rank, n) in enumerate(self._nonempty()) for extra in [int(flag and i == 0)]}
         return HeldBuffers(flats, [torch.zeros_like(p) for p in self.params] if full else [])
 
     def gather_from_owners(self, owned: list[Tensor], held: HeldBuffers | None = None) -> list[Tensor]:
@@ -375,18 +383,27 @@ class OwnerExchange:
         return full
 
     def _gather(self, source: Callable[[BlockInfo], Tensor], dest: list[Tensor], *, skip_own: bool,
-                held: HeldBuffers | None = None) -> None:
+                held: HeldBuffers | None = None, flag: float = 0.0) -> list[float]:
+        """One all-gather per dtype; returns the ranks' flags where the buffers carry one (see
+        :meth:`gather_params`)."""
         rank, world = self.comm.rank, self.comm.world_size
+        flags: list[float] = []
         for dt, per_rank, n in self._nonempty():
             buf, made = held.flats[dt] if held is not None else (
                 torch.zeros(n, dtype=dt, device=self._device(per_rank)), None)
+            width = buf.numel()  # n, or n + 1: the flag after the blocks and their padding
             self._pack(buf, per_rank[rank], [source(b) for b in per_rank[rank]])
+            if width > n:
+                buf[n:].fill_(flag)
             out = self.comm.all_gather_flat(buf, made)
+            if width > n:
+                flags = out[n::width].tolist()
             for r in range(world):
                 if skip_own and r == rank:
                     continue
-                for b, t in zip(per_rank[r], self._unpack(out[r * n:(r + 1) * n], per_rank[r])):
+                for b, t in zip(per_rank[r], self._unpack(out[r * width:r * width + n], per_rank[r])):
                     b.view(dest[b.param_index]).copy_(t)
+        return flags
 
 
 def _block_of(b: BlockInfo, t: Tensor | None) -> Tensor | None:

@@ -366,7 +366,7 @@ class _OneSided(ShardedOptimizer):
     _meta_options = ("adamw_indices", "fused_parts")
     #: rebuilt on first use (see _split_layout, _routes, _numerators)
     _transient = ("_split_layout_cache", "_routes_cache", "_numerators_cache", "_guard", "_guard_limit",
-                  "_padded_cache", "_step_plan")
+                  "_padded_cache", "_step_plan", "_norms_at")
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         config_from_group(self._config_cls, group)
@@ -602,6 +602,7 @@ class _OneSided(ShardedOptimizer):
 
     def _apply(self, views: list[BlockView], decision: Any) -> None:
         self._update_clean_on_raise = True  # until the first write: the lazy state below is zeros (no state)
+        self._norms_at = None  # (see _join_update_collectives)
         routes = self._routes()
         adam: list[BlockView] = []
         matrix: list[BlockView] = []
@@ -766,9 +767,22 @@ class _OneSided(ShardedOptimizer):
             vec.index_copy_(0, index, sq)
         if self._sharded_multi_rank():
             self.comm.all_reduce_(vec)
+            self._norms_at = self.num_steps  # (this step's: see _join_update_collectives)
         totals = vec[gather].sum(1)  # per parameter: its blocks and zero padding, in block order
         return {id(v): (totals[row[v.block.param_index]], self._params[v.block.param_index].numel())
                 for v, _ in items if v.block.block_id in pos}
+
+    def _join_update_collectives(self) -> None:
+        """An ``_apply`` that raised before :meth:`_split_norms`'s all-reduce (DASGO, W > 1, a matrix cut into
+        column blocks) joins it with zeros (the step then raises on every rank: nothing reads the sums), so that
+        its next collective, the parameter gather, meets the others' gather. Under FSDP2 (no gather) the mesh
+        sums are not joined: a failure there is left to the launcher, as after a crash."""
+        if not self._normalise_whole or self.__dict__.get("_norms_at") == self.num_steps:
+            return  # (reset by _apply; num_steps counts this step once it went through: an earlier sum is another's)
+        layout = self._split_layout()
+        if layout is not None and self._sharded_multi_rank():
+            dev = self._params[layout[0][0].param_index].device
+            self.comm.all_reduce_(torch.zeros(len(layout[0]) + 1, dtype=torch.float64, device=dev))
 
     def _split_layout(self) -> tuple[list[BlockInfo], dict[int, int], Tensor, dict[int, int]] | None:
         """The blocks of split matrix parameters (table order), each one's position, a

@@ -22,7 +22,8 @@ One step (see :mod:`lightning_soaa.distributed.comm` for the picture)::
     if reduced.gradient_ranks == 0: return on every rank; nothing changes, nothing is counted
     if reduced.nonfinite > 0: skip on every rank; nothing advances
     _apply(owned views, _decide(reduced))
-    _exchange_out(decision)  # default: all_gather_flat(owned parameters), one call per dtype
+    _exchange_out(decision)  # default: all_gather_flat(owned parameters), one call per dtype; the first carries
+                             #   each rank's word on its _apply (see _update_and_gather): every rank raises together
 
 The vector's layout is the step record's class (:class:`StepRecord`): the non-finite flag and the count
 of ranks with a gradient, then the subclass's summed fields in declaration order, written once. Flat-buffer
@@ -276,6 +277,12 @@ def overrides_any(obj: Any, owner: type, names: Sequence[str]) -> bool:
     where its override runs (else the plan would skip it without a word on every planned step)."""
     cls = type(obj)
     return any(getattr(cls, n) is not getattr(owner, n) for n in names)
+
+
+def _update_failure_code(error: BaseException) -> float:
+    """The gather's flag of a rank whose ``_apply`` raised ``error`` (:meth:`ShardedOptimizer._update_and_gather`):
+    1 for an out of memory, 2 for anything else (exact in every floating dtype)."""
+    return 1.0 if isinstance(error, torch.OutOfMemoryError) else 2.0
 
 
 def _stamp(ts: list[Tensor]) -> tuple[int, ...]:
@@ -850,7 +857,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         """Collectives after ``_apply`` (default: every rank receives the updated parameters from their
         owners, into the buffers :meth:`_reserve_exchange_out` made). An override replaces the parameter gather
         and must leave every rank's parameters equal."""
-        self.exchange.gather_params(self.__dict__.pop("_held_out", None))
+        self._gathered_flags(0.0)
 
     def _reserve_exchange_out(self) -> None:
         """The default :meth:`_exchange_out`'s buffers (the parameter gather's send buffer and output, per
@@ -860,7 +867,13 @@ class ShardedOptimizer(torch.optim.Optimizer):
         through the update: n + W·n elements per dtype, n the largest rank's share). An override of
         :meth:`_exchange_out` makes its own (EGN: its direction's gather)."""
         if type(self)._exchange_out is ShardedOptimizer._exchange_out:
-            self._held_out = self.exchange.gather_buffers(full=False)
+            self._held_out = self.exchange.gather_buffers(full=False, flag=True)
+
+    def _gathered_flags(self, flag: float) -> list[float]:
+        """The default parameter gather into the held buffers (:meth:`_reserve_exchange_out`), carrying this
+        rank's word on its update (``flag``: 0 done, else :func:`_update_failure_code`); every rank's, by rank
+        (``[]`` where no buffers were held: one process, unsharded)."""
+        return self.exchange.gather_params(self.__dict__.pop("_held_out", None), flag)
 
     def _on_skip(self) -> None:
         """Called on every rank when a step is skipped for a non-finite value."""
@@ -1996,9 +2009,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         # an _apply that says nothing (see _update_clean_on_raise) is taken to have written when it raises
         self._update_clean_on_raise = False
         try:
-            self._apply(views, decision)
-            # part of the update: a rank stopped here holds its peers' blocks as they were, its own stepped
-            self._exchange_out(decision)
+            self._update_and_gather(views, decision)
         except BaseException as e:  # KeyboardInterrupt too (a notebook's Ctrl+C): it left groups half-updated
             # W > 1: the peers went on (into the exchange, or stepped): this rank is out of step, written or not
             if not self._update_clean_on_raise or self.comm.world_size > 1:
@@ -2006,6 +2017,52 @@ class ShardedOptimizer(torch.optim.Optimizer):
             raise
         self._count_step()
         return True
+
+    def _update_and_gather(self, views: list[BlockView], decision: Any) -> None:
+        """``_apply``, then ``_exchange_out``. With the default gather's buffers held (W > 1, sharded) a rank
+        whose ``_apply`` raised (out of memory in an update kernel) still joins the collectives left in the step
+        (:meth:`_join_update_collectives`, then the gather) and says so in the gather's flag, so that every rank
+        raises together (:meth:`_peers_update_error`). Raised alone, it left the others waiting in the gather
+        (gloo: an abort; NCCL: a hang until the timeout), and its next collective (a retried step's) crossed
+        theirs. Nothing can be put back without a copy of the state: the parameters of every rank hold the
+        blocks as the ranks left them (the failing rank's maybe partly updated), the same on every rank, and
+        every rank refuses to go on until ``load_state_dict`` (the template's :meth:`_update_interrupted`)."""
+        if self.__dict__.get("_held_out") is None:  # one process, unsharded, an _exchange_out of its own
+            self._apply(views, decision)
+            self._exchange_out(decision)  # a rank stopped here holds its peers' blocks as they were
+            return
+        failed: BaseException | None = None
+        try:
+            self._apply(views, decision)
+        except BaseException as e:  # KeyboardInterrupt too: the peers wait in the gather all the same
+            failed = e
+        code = 0.0 if failed is None else _update_failure_code(failed)
+        if failed is not None:
+            self._join_update_collectives()
+        flags = self._gathered_flags(code)
+        if failed is not None:
+            raise failed
+        if any(flags):
+            raise self._peers_update_error(flags)
+
+    def _join_update_collectives(self) -> None:
+        """The collectives an ``_apply`` makes at W > 1 that it did not reach, joined after it raised (with
+        values that are never read: the step raises on every rank). Default: none (DASGO: its split norms'
+        all-reduce)."""
+
+    def _peers_update_error(self, flags: list[float]) -> Exception:
+        """The error a rank whose update went through raises when another rank's update raised (``flags``: the
+        gather's, by rank): an out of memory where every failing rank's was one (a caller may free memory; its
+        retry is refused until ``load_state_dict`` all the same), else a RuntimeError."""
+        ranks = [r for r, f in enumerate(flags) if f]
+        oom = all(flags[r] == _update_failure_code(torch.OutOfMemoryError()) for r in ranks)
+        cls: type[Exception] = torch.OutOfMemoryError if oom else RuntimeError
+        what = "out of memory" if oom else "raised"
+        return cls(f"{type(self).__name__}.step: the update of rank(s) {ranks} {what} inside _apply (see that rank's "
+                   "traceback) after this rank's update was written. The step is not undone: every rank's "
+                   "parameters hold the blocks as their owners left them (theirs maybe partly updated), the same "
+                   "on every rank. Restore the model and the optimizer from a checkpoint; the next step() raises "
+                   "until load_state_dict.")
 
     def _check_before_exchange(self, unscaled: list[Tensor]) -> None:
         """The template's local work before its checks: FSDP2's reshard, the checks that say what is wrong with
@@ -2043,9 +2100,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
         """The update raised (out of memory in an update kernel in ``_apply``; the exchange after it; SOAA's
         ``same_batch`` verdict): some owned blocks may hold their new values and state, others the old ones,
         and nothing can put them back without a copy of them all. Every later step, and a save of it
-        (:meth:`_refuse_interrupted_save`), is refused until :meth:`load_state_dict`. At W > 1 the other ranks
-        are left in this step's collectives (the exchange, or one inside their ``_apply``: joining them from here would
-        pair with the wrong call), as after any rank's crash: the launcher ends the job."""
+        (:meth:`_refuse_interrupted_save`), is refused until :meth:`load_state_dict`. At W > 1 with the template's
+        parameter gather the ranks raised together (:meth:`_update_and_gather`) and every rank is marked; else
+        the other ranks are left in this step's collectives (an ``_exchange_out`` of its own, SOAA's ``same_batch``
+        verdict), as after any rank's crash: the launcher ends the job."""
         self._interrupted = f"{type(error).__name__}: {error}"
         add_note = getattr(error, "add_note", None)  # Python >= 3.11
         if add_note is not None:

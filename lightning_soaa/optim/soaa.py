@@ -963,6 +963,11 @@ class SOAA(ShardedOptimizer):
             for p, saved in self._snapshot:  # reject: θ back to θ_{t-1} on every rank
                 p.copy_(saved)
             if self._sharded_multi_rank():
+                # Its buffers (n + W·n elements per dtype) are made here, after the verdict's all-reduce: a rank out
+                # of memory here raises alone (interrupted, _same_batch_check) while the others wait in the gather.
+                # Left so: they are the sizes of the step's own gather buffers, freed when the step returned, and
+                # the closure's forward has returned its memory since (made before the closure, they would live
+                # through its forward; made before the verdict, a rank without them could not join the gather)
                 self.exchange.gather_params()
             fsdp = self._fsdp()
             if fsdp is not None:  # the closure's forward left FSDP2's root (or every unit) unsharded at the trial:

@@ -54,7 +54,7 @@ def test_communication_per_step_matches_design(tmp_path: Path):
         (padded,), (flags,) = res["padded"].values(), res["flags"].values()
         assert last.calls == {"reduce_scatter": 1, "all_reduce": 1, "all_gather": 1}
         assert last.bytes["reduce_scatter"] == 2 * (padded + flags) * 8  # W * (padded + flags) fp64 sent
-        assert last.bytes["all_gather"] == padded * 8
+        assert last.bytes["all_gather"] == (padded + 1) * 8  # and the rank's word on its update (_update_and_gather)
         # the non-finite flag (AdamW has no partials) padded to RECORD_SLOTS, each rank's agreement row and
         # the stop vote
         assert last.bytes["all_reduce"] == 8 * (RECORD_SLOTS + STEP_ROW * 2 + 1)

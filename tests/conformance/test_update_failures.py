@@ -1,0 +1,121 @@
+"""A rank whose update raises (out of memory in ``_apply``) raises on every rank, together.
+
+After the step's all-reduce every rank writes its update (``_apply``) and then gathers the others' blocks. A
+rank whose ``_apply`` raised (an update kernel out of memory) left the step alone while the others waited in the
+gather: gloo aborted or timed out, NCCL hung, and its next collective (a retried step's) crossed theirs. Nothing
+can be put back without a copy of the state, so the guarantee is the interrupted update's: every rank raises in
+the same step (the failing rank its own error, the others an ``OutOfMemoryError`` naming it), every rank holds
+the same parameters afterwards, and every rank refuses the next step together (until ``load_state_dict``).
+
+Rank 1's ``_apply`` is made to raise before it starts, after it wrote everything, and at its first, middle and
+last ATen call (found by a counting run; none for SOAA's C loops), one at a time, on
+real gloo ranks (W = 2 and 3), for the optimizers whose parameters the template gathers (EGN gathers its
+direction itself).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from lightning_soaa.registry import get
+from tests.conformance._battery import make
+from tests.conformance.test_buffer_failures import FAILING, VARIANTS
+from tests.conformance.test_local_failures import AT, _Calls, _fresh, _steps
+from tests.harness.distributed import run_distributed
+
+
+def _apply_calls(opt: Any, take: Any) -> list[int]:
+    """The first, middle and last ATen call of ``_apply`` in ``take()`` (one step; 1 = its first), none where it
+    makes none (SOAA's C loops on the CPU)."""
+    counting = _Calls()
+    inner = opt._apply
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        with counting:
+            return inner(*args, **kwargs)
+    opt._apply = counted
+    try:
+        take()
+    finally:
+        del opt._apply
+    n = len(counting.calls)
+    return sorted({1, (n + 1) // 2, n}) if n else []
+
+
+def _failing_apply(opt: Any, where: str | int) -> None:
+    """Make this rank's ``_apply`` raise an out of memory: ``"before"`` it starts, ``"after"`` it wrote
+    everything, or at its ``where``-th ATen call."""
+    inner = opt._apply
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        if isinstance(where, int):
+            with _Calls(where, torch.OutOfMemoryError):
+                return inner(*args, **kwargs)
+        if where == "after":
+            inner(*args, **kwargs)
+        raise torch.OutOfMemoryError(f"injected {where} _apply")
+    opt._apply = failing
+
+
+#: DASGO with its matrices cut into column blocks over the ranks: its update's all-reduce of their norms
+SPLIT = {"max_block_numel": 24}
+
+
+def _outcome(run: Any) -> dict[str, Any]:
+    try:
+        run()
+    except Exception as e:  # noqa: BLE001 - the parent checks what each rank raised
+        return {"raised": type(e), "message": f"{type(e).__name__}: {e}"}
+    return {"raised": None, "message": "no error"}
+
+
+def _w_update(rank: int, world: int, name: str, variant: str, store: str) -> list[dict[str, Any]]:
+    spec = get(name)
+    fresh = (lambda k: make(spec, **SPLIT)) if variant == "split" else (
+        lambda k: _fresh(spec, variant, rank, world, f"{store}.{k}"))
+    model, opt = fresh(0)
+    _steps(spec, model, opt, range(AT + 1), rank, world, variant)  # (its process-wide caches made: ASGO's masks)
+    model, opt = fresh(1)
+    _steps(spec, model, opt, range(AT), rank, world, variant)
+    calls = _apply_calls(opt, lambda: _steps(spec, model, opt, range(AT, AT + 1), rank, world, variant))
+    failing: list[Any] = [None] * world
+    dist.all_gather_object(failing, calls)  # every rank steps as often as the failing rank has targets
+    rows = []
+    for k, at in enumerate(["before", "after", *failing[FAILING]]):
+        model, opt = fresh(k + 2)
+        _steps(spec, model, opt, range(AT), rank, world, variant)
+        if rank == FAILING:
+            _failing_apply(opt, at)
+        row = _outcome(lambda: _steps(spec, model, opt, range(AT, AT + 1), rank, world, variant))
+        vars(opt).pop("_apply", None)
+        row["at"] = at
+        row["params"] = [p.detach().clone() for p in model.parameters()]
+        row["next"] = _outcome(lambda: _steps(spec, model, opt, range(AT, AT + 1), rank, world, variant))
+        rows.append(row)
+    return rows
+
+
+@pytest.mark.parametrize(("name", "variant"), [*VARIANTS, pytest.param("DASGO", "split", id="DASGO-split")])
+@pytest.mark.parametrize("world", [2, 3])
+def test_a_rank_whose_update_raises_raises_on_every_rank(tmp_path: Path, name: str, variant: str, world: int) -> None:
+    """Rank 1's ``_apply`` out of memory before it, after it, and at its first, middle and last ATen call, one at
+    a time (module docstring)."""
+    results = run_distributed(_w_update, world, tmp_path, name, variant, str(tmp_path / "store"), timeout=90)
+    for k, row in enumerate(results[FAILING]):
+        got = [res[k] for res in results]
+        said = {r: g["message"] for r, g in enumerate(got)}
+        i = row["at"]  # (where rank 1 failed)
+        assert got[FAILING]["message"].startswith("OutOfMemoryError: injected"), (i, said)
+        for r, g in enumerate(got):
+            assert g["raised"] is not None and issubclass(g["raised"], torch.OutOfMemoryError), (i, r, said)
+            if r != FAILING:
+                assert f"rank(s) [{FAILING}]" in g["message"], (i, r, said)
+            for a, b in zip(g["params"], got[0]["params"]):
+                assert torch.equal(a, b), (i, r, "the ranks' parameters differ after the failed step")
+            assert g["next"]["raised"] is RuntimeError and "interrupted" in g["next"]["message"], (i, r, g["next"])
+
