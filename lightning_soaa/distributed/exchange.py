@@ -244,7 +244,24 @@ class OwnerExchange:
                                                                  self.params)]
         return [b.view(parts[b.param_index]) for b in self.owned]
 
-    def reduce_scatter_grads(self, read: bool = True) -> Exception | None:
+    def grad_buffers(self) -> list[Any]:
+        """:meth:`reduce_scatter_grads`'s buffers, per dtype (its ``held``), made now: where an agreement comes
+        before the exchange (the order check), before it, whose error flag then carries a failure to make them."""
+        if not self.sharded:
+            return []
+        world = self.comm.world_size
+        moves = []
+        for dt, per_rank, n in self._nonempty():
+            width = n + max(len(blocks) for blocks in per_rank)  # each rank's part: blocks, then flags
+            # float16/bfloat16 gradients summed in float32, their mean rounded once: summed in their dtype, each
+            # partial sum rounded again (W = 3: ASGO's float16 run on rank-deficient gradients 1.40x the error of
+            # a perfect float16 run of three ranks, 1.00x summed in float32; twice the bytes of those gradients)
+            wide = torch.float32 if dt in (torch.float16, torch.bfloat16) else dt
+            send, out = flat_buffers(self.comm, world * width, width, wide, self._device(per_rank))
+            moves.append((dt, per_rank, n, width, send, out))
+        return moves
+
+    def reduce_scatter_grads(self, read: bool = True, held: list[Any] | None = None) -> Exception | None:
         """Average gradients over ranks into each owner's ``p.grad`` blocks (one collective per dtype).
         Blocks this rank does not own keep their local gradient; they are never read.
 
@@ -263,24 +280,17 @@ class OwnerExchange:
         inside the collective's call); a failure of this rank's work after a collective (packing the next
         dtype, writing the averages: a ``p.grad`` of zeros) joins the remaining collectives with zeros and is
         returned, not raised, for the caller to hold for the step's all-reduce (raised, this rank left while the
-        others waited in the next collective). The buffers of the first collective have no agreement before
-        them in a step: a rank that cannot make them raises alone, and the others wait in the reduce-scatter until
-        that rank's retried step joins it (the step then goes on alike) or the process group's timeout. Left so:
-        made before the previous step's agreement they would hold (W + 1)/W gradients' worth through the forward
-        and backward, and an agreement before them is one more all-reduce in every step."""
+        others waited in the next collective). ``held``: the buffers, made before (:meth:`grad_buffers`).
+
+        Where no agreement of the step comes before the exchange (one optimizer over the group, after its first
+        step: the order check does not run) a rank that cannot make the buffers raises alone, and the others wait
+        in the reduce-scatter until that rank's retried step joins it (the step then goes on alike) or the process
+        group's timeout. Left so: made before the previous step's agreement they would hold (W + 1)/W gradients'
+        worth through the forward and backward, and an agreement before them is one more all-reduce a step."""
         if not self.sharded:
             return None
-        world = self.comm.world_size
         grads = [p.grad if read else None for p in self.params]
-        moves = []
-        for dt, per_rank, n in self._nonempty():
-            width = n + max(len(blocks) for blocks in per_rank)  # each rank's part: blocks, then flags
-            # float16/bfloat16 gradients summed in float32, their mean rounded once: summed in their dtype, each
-            # partial sum rounded again (W = 3: ASGO's float16 run on rank-deficient gradients 1.40x the error of
-            # a perfect float16 run of three ranks, 1.00x summed in float32; twice the bytes of those gradients)
-            wide = torch.float32 if dt in (torch.float16, torch.bfloat16) else dt
-            send, out = flat_buffers(self.comm, world * width, width, wide, self._device(per_rank))
-            moves.append((dt, per_rank, n, width, send, out))
+        moves = held or self.grad_buffers()  # (none held: made here)
         error: Exception | None = None
         for dt, per_rank, n, width, send, out in moves:
             try:

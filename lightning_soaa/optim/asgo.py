@@ -602,7 +602,7 @@ class _OneSided(ShardedOptimizer):
 
     def _apply(self, views: list[BlockView], decision: Any) -> None:
         self._update_clean_on_raise = True  # until the first write: the lazy state below is zeros (no state)
-        self._norms_at = None  # (see _join_update_collectives)
+        self._norms_at: int | None = None  # (see _join_update_collectives)
         routes = self._routes()
         adam: list[BlockView] = []
         matrix: list[BlockView] = []

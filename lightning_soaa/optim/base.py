@@ -279,6 +279,11 @@ def overrides_any(obj: Any, owner: type, names: Sequence[str]) -> bool:
     return any(getattr(cls, n) is not getattr(owner, n) for n in names)
 
 
+#: the order check's error flag of a rank that could not make the gradient exchange's buffers (any value but 0 and
+#: 1: the flag of a rank that joins the exchange with zeros); only that check reads it
+_NO_BUFFERS = 3.0
+
+
 def _update_failure_code(error: BaseException) -> float:
     """The gather's flag of a rank whose ``_apply`` raised ``error`` (:meth:`ShardedOptimizer._update_and_gather`):
     1 for an out of memory, 2 for anything else (exact in every floating dtype)."""
@@ -771,9 +776,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
         own work after the exchange's first collective is put in ``self._held_error`` (not raised: the others
         go on to the step's all-reduce), which the template holds like ``error``."""
         failed = error is not None
+        held: list[Any] | None = None
         if self.sharding.grad_reduction == "mean" and self.comm.world_size > 1:
             self._check_unsharded_mean()  # (again: the world size may have been unknown at construction)
-            self._meet_in_order(failed)
+            held = self._meet_with_buffers(failed)
+            if held is None:
+                return None  # a rank could not make its exchange buffers: no rank exchanges; the record raises
         if self.sharding.grad_reduction == "mean" and self._dtensor is not None:
             self._dtensor.mean_plain_grads(read=not failed)  # FSDP2 averages the DTensor gradients; plain: here
         elif self.sharding.grad_reduction == "mean":
@@ -781,7 +789,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             # agreement rows carry the count; see _counts_grads)
             self._grads_held = sum(p.grad is not None for p in self._params)
             # a failure of this rank's work after the exchange's first collective: held for the step's all-reduce
-            self._held_error = self.exchange.reduce_scatter_grads(read=not failed)
+            self._held_error = self.exchange.reduce_scatter_grads(read=not failed, held=held)
         return None
 
     def _counts_grads(self) -> bool:
@@ -791,7 +799,33 @@ class ShardedOptimizer(torch.optim.Optimizer):
         return (self.sharding.grad_reduction == "mean" and self._dtensor is None and self.comm.world_size > 1
                 and self.exchange.sharded)
 
-    def _meet_in_order(self, failed: bool) -> None:
+    def _meet_with_buffers(self, failed: bool) -> list[Any] | None:
+        """:meth:`_meet_in_order`, with the gradient exchange's buffers made before it where it meets (FSDP2: the
+        exchange makes its own), whose error flag then carries a failure to make them (out of memory): made after
+        it, a rank failing there raised alone while the others waited in the reduce-scatter (gloo: an abort or a
+        timeout, NCCL: a hang). The buffers (``[]``: the exchange makes them), or None where a rank could not make
+        them (that rank's error is in ``self._held_error``): then no rank exchanges, and the record raises on every
+        rank. Where the check does not meet (one optimizer over the group, after its first step) nothing comes
+        before the exchange's buffers: see :meth:`OwnerExchange.reduce_scatter_grads`."""
+        held: list[Any] = []
+        flag = 1.0 if failed else 0.0
+        if self._meets_in_order() and self._dtensor is None:
+            try:
+                held = self.exchange.grad_buffers()
+            except Exception as e:
+                if not failed:
+                    self._held_error = e
+                flag = _NO_BUFFERS
+        return None if self._meet_in_order(flag) and self._dtensor is None else held
+
+    def _meets_in_order(self) -> bool:
+        """Whether :meth:`_meet_in_order` makes its all-reduce this step (the same on every rank)."""
+        return self._confirms_layout() or _built_over(self.comm) >= 2
+
+    def _confirms_layout(self) -> bool:
+        return not self.__dict__.get("_layout_confirmed") and self._dtensor is None and self.exchange.sharded
+
+    def _meet_in_order(self, failed: float) -> bool:
         """With ``grad_reduction="mean"`` (W > 1) and more than one optimizer built over the process
         group, before the gradient exchange: one all-reduce of the step record's size
         (:func:`~lightning_soaa.distributed.agreement.record_size`) carrying this rank's error flag and
@@ -804,14 +838,18 @@ class ShardedOptimizer(torch.optim.Optimizer):
         Until the first step is counted it also compares the ranks' table digests (the same call, slot 1):
         all ranks' parameters must have the same shapes and dtypes. A rank that converted or resized its
         model alone after construction rebuilt its table before the first step
-        (:meth:`_rebuild_unstepped`), so its exchange buffers no longer matched the others'."""
+        (:meth:`_rebuild_unstepped`), so its exchange buffers no longer matched the others'.
+
+        ``failed``: this rank's error flag (0: none; 1: an error held; :data:`_NO_BUFFERS`: it could not make the
+        exchange's buffers, :meth:`_meet_with_buffers`). Returns whether it met and a rank has no buffers (every
+        rank alike)."""
         world = self.comm.world_size
-        confirm = not self.__dict__.get("_layout_confirmed") and self._dtensor is None and self.exchange.sharded
+        confirm = self._confirms_layout()
         # One optimizer of ours over the group has nothing to cross (then only the first step pays for the
         # layout check). The count is equal on every rank: each construction over the group is a
         # collective where the ranks agree on it (see _BUILT_OVER), so every rank makes this call or none.
-        if not confirm and _built_over(self.comm) < 2:
-            return
+        if not self._meets_in_order():
+            return False
         # the signatures the table (and so the exchange buffers) was built for, not the parameters now: a
         # rank that could not rebuild holds the old table for converted parameters
         rows = self._meet(float(self.__dict__.get("_instance_id", 0)), float(self._table_digest()) if confirm
@@ -823,6 +861,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 "dtype at the first step: a model converted (model.float(), .to(dtype)) or resized on some ranks "
                 "only after the optimizer was built. Convert every rank's model the same way (or before "
                 "building the optimizer). Nothing changed.")
+        return any(row[agreement.ERROR_SLOT] == _NO_BUFFERS for row in rows)
 
     def _check_unsharded_mean(self) -> None:
         """Refuse ``shard=False`` with ``grad_reduction="mean"`` on W > 1 ranks (outside FSDP2), on every

@@ -14,10 +14,10 @@ raise an out of memory on rank 1, one at a time, on real gloo ranks (W = 2 and 3
 ``torch.OutOfMemoryError`` naming rank 1, the parameters and the optimizer state are bit for bit as before the
 step, and the step taken again (a new backward) continues exactly as the run that never failed.
 
-Left out, the buffers of the first collective of a step under ``grad_reduction="mean"`` (the gradients'
-reduce-scatter): no agreement of the step comes before it (the order check, where it runs, carries no failure
-to make them), and made before the previous step's they would hold a gradient-sized buffer through the forward
-and backward.
+The buffers of the first collective of a step under ``grad_reduction="mean"`` (the gradients' reduce-scatter)
+are made before the order check where it runs (the first step, or more than one optimizer built over the group,
+as here: every rank builds several) and ride its error flag. Without it (one optimizer, after its first step)
+no agreement of the step comes before them: left (``OwnerExchange.reduce_scatter_grads``).
 """
 
 from __future__ import annotations
@@ -39,8 +39,6 @@ from tests.harness.distributed import run_distributed
 #: tests/distributed/test_egn_local_failures.py)
 VARIANTS = [pytest.param(s.name, v, id=f"{s.name}-{v}") for s in SPECS if s.name != "EGN"
             for v in ("none", "mean") if v != "mean" or takes_kwarg(s, "grad_reduction")]
-#: the ops whose buffers are left out (see the module's docstring)
-_FIRST = ("c10d._reduce_scatter_base_.default", "c10d.reduce_scatter_tensor_coalesced_.default")
 FAILING = 1
 
 
@@ -70,7 +68,7 @@ def _targets(opt: Any, take: Any) -> dict[int, str]:
         del opt.step
         for key, (cls, name) in methods.items():
             setattr(cls, name, saved[key])
-    out = {i + 1: op for i, op in sorted(counting.uses.items()) if op not in _FIRST}
+    out = {i + 1: op for i, op in sorted(counting.uses.items())}
     for a, b in spans["grads"]:
         ends = [e for s, e in spans["collective"] if a <= s < b]
         work = list(range(ends[-1], b)) if ends else []
