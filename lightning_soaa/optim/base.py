@@ -2097,11 +2097,13 @@ class ShardedOptimizer(torch.optim.Optimizer):
         oom = all(flags[r] == _update_failure_code(torch.OutOfMemoryError()) for r in ranks)
         cls: type[Exception] = torch.OutOfMemoryError if oom else RuntimeError
         what = "out of memory" if oom else "raised"
-        return cls(f"{type(self).__name__}.step: the update of rank(s) {ranks} {what} inside _apply (see that rank's "
-                   "traceback) after this rank's update was written. The step is not undone: every rank's "
-                   "parameters hold the blocks as their owners left them (theirs maybe partly updated), the same "
-                   "on every rank. Restore the model and the optimizer from a checkpoint; the next step() raises "
-                   "until load_state_dict.")
+        error = cls(f"{type(self).__name__}.step: the update of rank(s) {ranks} {what} inside _apply (see that rank's "
+                    "traceback) after this rank's update was written. The step is not undone: every rank's "
+                    "parameters hold the blocks as their owners left them (theirs maybe partly updated), the same "
+                    "on every rank. Restore the model and the optimizer from a checkpoint; the next step() raises "
+                    "until load_state_dict.")
+        error.interrupted_ranks = ranks  # type: ignore[attr-defined]  # read by _update_interrupted's note
+        return error
 
     def _check_before_exchange(self, unscaled: list[Tensor]) -> None:
         """The template's local work before its checks: FSDP2's reshard, the checks that say what is wrong with
@@ -2145,10 +2147,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
         verdict), as after any rank's crash: the launcher ends the job."""
         self._interrupted = f"{type(error).__name__}: {error}"
         add_note = getattr(error, "add_note", None)  # Python >= 3.11
+        # a peer's error (_peers_update_error): this rank's update went through, the named ranks' did not
+        where = getattr(error, "interrupted_ranks", None) or [self.comm.rank]
         if add_note is not None:
-            add_note(f"{type(self).__name__}.step: the update was interrupted on rank {self.comm.rank}: the "
-                     "parameters and the optimizer state it owns may be partly updated. Restore the model and "
-                     "the optimizer from a checkpoint; the next step() raises until load_state_dict.")
+            add_note(f"{type(self).__name__}.step: the update was interrupted on rank(s) {where}: the parameters "
+                     "and the optimizer state they own may be partly updated. Restore the model and the optimizer "
+                     "from a checkpoint; the next step() raises until load_state_dict.")
 
     def _refuse_interrupted_save(self, method: str) -> None:
         """Refuse a checkpoint of an update that was interrupted on this rank (:meth:`_update_interrupted`).

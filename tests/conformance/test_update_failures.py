@@ -70,8 +70,8 @@ def _outcome(run: Any) -> dict[str, Any]:
     try:
         run()
     except Exception as e:  # noqa: BLE001 - the parent checks what each rank raised
-        return {"raised": type(e), "message": f"{type(e).__name__}: {e}"}
-    return {"raised": None, "message": "no error"}
+        return {"raised": type(e), "message": f"{type(e).__name__}: {e}", "notes": getattr(e, "__notes__", [])}
+    return {"raised": None, "message": "no error", "notes": []}
 
 
 def _w_update(rank: int, world: int, name: str, variant: str, store: str) -> list[dict[str, Any]]:
@@ -115,6 +115,8 @@ def test_a_rank_whose_update_raises_raises_on_every_rank(tmp_path: Path, name: s
             assert g["raised"] is not None and issubclass(g["raised"], torch.OutOfMemoryError), (i, r, said)
             if r != FAILING:
                 assert f"rank(s) [{FAILING}]" in g["message"], (i, r, said)
+            # every rank's note names the rank whose update was interrupted (a peer's own update went through)
+            assert any(f"interrupted on rank(s) [{FAILING}]" in n for n in g["notes"]), (i, r, g["notes"])
             for a, b in zip(g["params"], got[0]["params"]):
                 assert torch.equal(a, b), (i, r, "the ranks' parameters differ after the failed step")
             assert g["next"]["raised"] is RuntimeError and "interrupted" in g["next"]["message"], (i, r, g["next"])
