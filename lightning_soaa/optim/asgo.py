@@ -1662,21 +1662,49 @@ def _auto_roots_due(views: list[BlockView], counts: list[float]) -> list[bool]:
     exceeds ``root_tol ||V_root||`` or ``root_max_every`` steps passed since its root (``counts``: the advanced
     step counters). The norms accumulated in float64: a float32 Gram's squares overflow from entries ~1e19
     (gradients ~1e10: inf > tol * inf never re-rooted) and underflow below ~1e-19 (0 > 0), until root_max_every.
-    All blocks' differences by one multi-tensor subtraction and their norms by one :func:`norms_f64`, read in one
-    host copy (each norm is its own tensor's, whatever shares the call: the bits of one call per block, which
-    cost three operator calls a block); the root steps read as host floats (``tolist``: no operator call)."""
-    lasts = [v.state[GRAM_AT_ROOT] for v in views]
-    changes = torch._foreach_sub([v.state[GRAM] for v in views], lasts)
-    norms = norms_f64([t for pair in zip(changes, lasts) for t in pair]).tolist()
+    The norms by :func:`_auto_changes`, read in one host copy; the root steps read as host floats (``tolist``: no
+    operator call)."""
+    norms = _auto_changes([v.state[GRAM] for v in views], [v.state[GRAM_AT_ROOT] for v in views]).tolist()
     out = []
     for j, (v, t) in enumerate(zip(views, counts)):
         change, ref = norms[2 * j], norms[2 * j + 1]
         # the step counters live on the host (as torch's optimizers keep them): no device copy; a 0-d one read by
-        # tolist (no operator call), any other as float() reads it (one element, else its error)
+        # tolist (no operator call), anything else as float() reads it (a number written into the state from
+        # outside, as before: one element, else its error)
         root_step = v.state[ROOT_STEP]
-        age = t - float(root_step.tolist() if root_step.dim() == 0 else root_step)
+        at_root: Any = root_step.tolist() if isinstance(root_step, Tensor) and root_step.dim() == 0 else root_step
+        age = t - float(at_root)
         out.append(change > float(v.group["root_tol"]) * ref or age >= int(v.group["root_max_every"]))
     return out
+
+
+#: ``root_every="auto"``: the most bytes of ``V - V_root`` held at once while the roots due are decided. Why: the
+#: differences of all blocks at once are a second copy of every Gram the rank owns (+1.5 GiB transient on a rank
+#: owning 96 Grams of 2048 x 2048 in float32, beside their 3 GiB with the GRAM_AT_ROOT copies), where one block's
+#: at a time was the bound before the multi-tensor decision. A small model's blocks are one chunk (one call).
+_AUTO_CHANGE_BYTES = 64 << 20
+
+
+def _auto_changes(grams: list[Tensor], lasts: list[Tensor]) -> Tensor:
+    """``[||V_0 - V_root,0||, ||V_root,0||, ||V_1 - V_root,1||, ...]`` in float64: the differences by one
+    multi-tensor subtraction and their norms by one :func:`norms_f64` per chunk of consecutive blocks whose Grams
+    hold at most :data:`_AUTO_CHANGE_BYTES` (at least one block; each norm is its own tensor's, whatever shares
+    the call: the bits of one call per block, which cost three operator calls a block)."""
+    sizes = [g.nbytes for g in grams]
+    bounds, size = [0], 0
+    if sum(sizes) > _AUTO_CHANGE_BYTES:  # (else one chunk: a small model's step)
+        for i, n in enumerate(sizes):
+            if size and size + n > _AUTO_CHANGE_BYTES:
+                bounds.append(i)
+                size = 0
+            size += n
+    bounds.append(len(grams))
+    parts: list[Tensor] = []
+    for lo, hi in zip(bounds, bounds[1:]):
+        changes = torch._foreach_sub(grams[lo:hi], lasts[lo:hi])
+        parts.append(norms_f64([t for pair in zip(changes, lasts[lo:hi]) for t in pair]))
+        del changes  # (freed before the next chunk's)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _direction(v: BlockView, g: Tensor | None) -> Tensor:

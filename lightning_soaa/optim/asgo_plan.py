@@ -196,10 +196,11 @@ def _statistics(opt: ASGO, matrix: list[tuple[BlockView, str]], counts: list[flo
     :meth:`~lightning_soaa.optim.asgo.ASGO._wide_gram` says so (``counts``: the advanced step counters; None: a
     step that takes no root, where it says no to every block), stored rounded by one multi-tensor copy; without
     the routes' look-up (the plan's sides) and the row-sharded statistics (none on one process)."""
-    from lightning_soaa.optim.asgo import EXP_AVG, GRAM, _matrix_grad, _state_dtype_of
+    from lightning_soaa.optim.asgo import EXP_AVG, GRAM, _matrix_grad
 
     views = [v for v, _ in matrix]
-    grads = [_matrix_grad(v.grad, _state_dtype_of(v.param.dtype), False) for v in views]  # type: ignore[arg-type]
+    # the statistics' dtype as the general path asks it (a subclass's _state_dtype: its state's dtype)
+    grads = [_matrix_grad(v.grad, opt._state_dtype(v.param), False) for v in views]  # type: ignore[arg-type]
     by: dict[tuple[Any, ...], list[int]] = {}  # (as _update_statistics: groups in first-seen order)
     for i, (v, g) in enumerate(zip(views, grads)):
         by.setdefault((float(v.group["betas"][0]), g.dtype, g.device), []).append(i)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import weakref
 from typing import Any
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_soaa import ASGO
 from lightning_soaa.optim import asgo as asgo_mod
@@ -170,3 +172,52 @@ def test_batched_roots_fall_back_per_block(monkeypatch: Any) -> None:
     torch.testing.assert_close(opt.state[ws[0]]["inv_root"], ref.state[ws_ref[0]]["inv_root"], rtol=0, atol=0)
     torch.testing.assert_close(opt.state[ws[1]]["inv_root"], p_before, rtol=0, atol=0)
     assert int(opt.state[ws[1]]["root_fallbacks"]) == 1 and int(opt.state[ws[0]]["root_fallbacks"]) == 0
+
+
+class _LiveBytes(TorchDispatchMode):
+    """The most bytes of the tensors made under it alive at once (each output counted until it is freed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+
+    def _freed(self, n: int) -> None:
+        self.live -= n
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (list, tuple)) else [out]:
+            if isinstance(t, torch.Tensor):
+                n = t.numel() * t.element_size()
+                self.live += n
+                weakref.finalize(t, self._freed, n)
+        self.peak = max(self.peak, self.live)
+        return out
+
+
+def test_auto_decision_holds_a_bounded_part_of_the_grams(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deciding the roots due holds at most ``_AUTO_CHANGE_BYTES`` of differences ``V - V_root`` at once (one
+    block's where a block is larger), not a second copy of every Gram the rank owns: all blocks' differences at
+    once were made by one multi-tensor subtraction (8 blocks of 32 x 32 here: 8x one block's). The decisions
+    are those of one chunk of all blocks."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(32, 48) * 0.1) for _ in range(8)]
+    opt = ASGO([(f"w{i}", p) for i, p in enumerate(params)], lr=1e-2, root_every="auto", root_tol=0.05)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+    views = [v for v in opt._owned_views() if "gram_at_root" in v.state]
+    assert len(views) == 8
+    for i in (1, 4, 5):  # their statistics moved since their roots (by 10% and 3%: due and not)
+        views[i].state["gram"].mul_(1.1 if i < 5 else 1.03)
+    counts = [float(v.state["step"]) + 1 for v in views]
+    block = 32 * 32 * 4
+    monkeypatch.setattr(asgo_mod, "_AUTO_CHANGE_BYTES", 1 << 40, raising=False)
+    whole = asgo_mod._auto_roots_due(views, counts)
+    monkeypatch.setattr(asgo_mod, "_AUTO_CHANGE_BYTES", 2 * block, raising=False)
+    with _LiveBytes() as mem:
+        chunked = asgo_mod._auto_roots_due(views, counts)
+    assert chunked == whole == [i in (1, 4) for i in range(8)], whole
+    assert mem.peak <= 2 * block + 1024, (mem.peak, block)

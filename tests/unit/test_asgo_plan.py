@@ -30,12 +30,12 @@ def _model(dtype: torch.dtype) -> torch.nn.Module:
                                torch.nn.Linear(9, 3)).to(dtype)
 
 
-def _make(model: torch.nn.Module, every: tuple[Any, Any] = (3, 4)) -> ASGO:
+def _make(model: torch.nn.Module, every: tuple[Any, Any] = (3, 4), cls: type[ASGO] = ASGO) -> ASGO:
     """Two groups with different hyperparameters: roots every 3 and every 4 steps (or ``every``), Nesterov and
     not; for ``"auto"`` a tolerance and a longest interval that make some steps take roots and others none."""
     ps = list(model.named_parameters())
     auto = {"root_tol": 0.6, "root_max_every": 5}
-    return ASGO([{"params": ps[:3], "lr": 2e-2, "betas": (0.9, 0.8), "weight_decay": 0.1, "root_every": every[0],
+    return cls([{"params": ps[:3], "lr": 2e-2, "betas": (0.9, 0.8), "weight_decay": 0.1, "root_every": every[0],
                   "adam_weight_decay": 0.01, **auto},
                  {"params": ps[3:], "lr": 1e-2, "betas": (0.85, 0.95), "weight_decay": 0.0, "root_every": every[1],
                   "nesterov": False, "adam_betas": (0.8, 0.99), **auto}])
@@ -229,6 +229,41 @@ def test_root_steps_take_the_template_steps_bits(between: Between, every: str,
         assert calls["without_roots"] == 0 and calls["roots"] == calls["with_roots"], calls
     else:  # "auto": steps that took a root and steps that took none
         assert 2 <= calls["roots"] <= calls["with_roots"] - 2, calls
+
+
+def _root_step_written_as_a_number(t: int, opt: ASGO, model: torch.nn.Module) -> None:
+    w0 = next(iter(model.parameters()))
+    if t == 6:  # a number written into the state from outside: read as before (a float), its root now due by age
+        opt.state[w0]["root_step"] = 0.0
+    if t == 7:  # its root taken at step 7 and marked as a tensor again
+        assert torch.equal(opt.state[w0]["root_step"], torch.tensor(7.0, dtype=torch.float64))
+
+
+def test_auto_root_step_written_as_a_number(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``root_every="auto"`` reads a root step written as a Python number as it did before the multi-tensor
+    decision (an AttributeError on ``float.dim`` there, the step then refused until a load)."""
+    calls = _spy(monkeypatch)
+    _run(_root_step_written_as_a_number, steps=9, make=lambda model: _make(model, EVERY["auto"]))
+    assert calls["with_roots"] == 8, calls
+
+
+class _WideStatistics(ASGO):
+    """Statistics in float64 for every parameter (a subclass's choice of :meth:`ASGO._state_dtype`)."""
+
+    @staticmethod
+    def _state_dtype(param: torch.Tensor) -> torch.dtype:
+        return torch.float64
+
+
+@pytest.mark.parametrize("every", ["3_and_4", "1"])
+def test_a_subclass_state_dtype_is_the_planned_statistics_dtype(every: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The planned statistics take the gradients in the dtype the optimizer's ``_state_dtype`` gives, as the
+    template does: the plan's own dtype (the parameter's, promoted to float32) made a float32 gradient for
+    float64 moments ("expected dtype double for `end`" in the momentum's lerp), at every step once roots were
+    planned too (``root_every=1``, the default)."""
+    calls = _spy(monkeypatch)
+    _run(_nothing, make=lambda model: _make(model, EVERY[every], cls=_WideStatistics))
+    assert calls["with_roots"] >= 5, calls
 
 
 def test_a_param_group_added_between_steps(monkeypatch: pytest.MonkeyPatch) -> None:
