@@ -897,7 +897,7 @@ class _OneSided(ShardedOptimizer):
         return {"step": step, EXP_AVG: StateField((m, n), sdt), GRAM: StateField((k, k), sdt),
                 INV_ROOT: StateField((k, k), sdt, required=False),
                 ROOT_FALLBACKS: StateField((), torch.int64, nonnegative=True),
-                # root_every="auto" only: the statistic and step of the current root
+                # root_every="auto" only: the statistic and step of the current root (either missing: the root is due)
                 GRAM_AT_ROOT: StateField((k, k), sdt, required=False),
                 ROOT_STEP: StateField((), MATRIX_STEP_DTYPE, nonnegative=True, required=False,
                                       legacy=(torch.float32,))}
@@ -1467,7 +1467,10 @@ class ASGO(_OneSided):
         options = [_root_options(v.group) for v in views]
         for i, v in enumerate(views):
             st, every, opts = v.state, v.group["root_every"], options[i]
-            if INV_ROOT not in st or (every == "auto" and GRAM_AT_ROOT not in st):
+            # "auto" decides from the statistic and the step of the root: where either is missing (a checkpoint
+            # holds each on its own: the schema's optional keys), the root is due now, as a block without a root
+            # is; read without them, the decision raised KeyError after the statistics were updated
+            if INV_ROOT not in st or (every == "auto" and (GRAM_AT_ROOT not in st or ROOT_STEP not in st)):
                 due[i] = True
             elif made.setdefault(v.block.block_id, opts) != opts:
                 due[i] = True
