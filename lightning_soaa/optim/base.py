@@ -780,8 +780,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if self.sharding.grad_reduction == "mean" and self.comm.world_size > 1:
             self._check_unsharded_mean()  # (again: the world size may have been unknown at construction)
             held = self._meet_with_buffers(failed)
-            if held is None:
-                return None  # a rank could not make its exchange buffers: no rank exchanges; the record raises
+            if held is None:  # a rank could not make its exchange buffers: no rank exchanges; the record raises
+                self._grads_kept = True  # (every rank's p.grad as backward left it: the template's note says so)
+                return None
         if self.sharding.grad_reduction == "mean" and self._dtensor is not None:
             self._dtensor.mean_plain_grads(read=not failed)  # FSDP2 averages the DTensor gradients; plain: here
         elif self.sharding.grad_reduction == "mean":
@@ -2020,6 +2021,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         held = self.__dict__.pop("_held_error", None)
         local_error = local_error or held
         del held
+        grads_kept = self.__dict__.pop("_grads_kept", False)  # (no rank exchanged its gradients: _exchange_in)
         if why is not None:
             return self._skip_step(why)
         # after a local error nothing is stepped, and the blocks may no longer match the groups (one deleted)
@@ -2031,10 +2033,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         try:
             reduced = self._reduce_record(views, local_error)
         except Exception as e:  # (each rank raises its own class where all failed alike: any class)
-            add_note = getattr(e, "add_note", None)  # Python >= 3.11
-            if add_note is not None and self.sharding.grad_reduction == "mean" and self.comm.world_size > 1:
-                add_note(f"{type(self).__name__}: with grad_reduction='mean' this rank's p.grad of the blocks it "
-                           "owns already holds the ranks' average: run backward() again before another step().")
+            self._note_grads_after_record(e, grads_kept)
             raise
         # before the non-finite verdict: without a gradient nothing could change, so a non-finite loss or
         # trust-region scalar of such a step is no reason to count a skip (it is read at the next real step)
@@ -2056,6 +2055,21 @@ class ShardedOptimizer(torch.optim.Optimizer):
             raise
         self._count_step()
         return True
+
+    def _note_grads_after_record(self, error: BaseException, kept: bool) -> None:
+        """With ``grad_reduction="mean"`` at W > 1, say on ``error`` (the step record's, raised on every rank) what
+        this rank's ``p.grad`` holds: the ranks' average in the blocks it owns once the exchange ran, or, where no
+        rank exchanged (``kept``: a rank could not make the exchange's buffers), the gradients as backward left
+        them, so that the step may be taken again as it is."""
+        add_note = getattr(error, "add_note", None)  # Python >= 3.11
+        if add_note is None or self.sharding.grad_reduction != "mean" or self.comm.world_size == 1:
+            return
+        if kept:
+            add_note(f"{type(self).__name__}: with grad_reduction='mean' no rank exchanged its gradients in this "
+                     "step: every rank's p.grad is as backward() left it, and step() may be called again.")
+        else:
+            add_note(f"{type(self).__name__}: with grad_reduction='mean' this rank's p.grad of the blocks it owns "
+                     "already holds the ranks' average: run backward() again before another step().")
 
     def _update_and_gather(self, views: list[BlockView], decision: Any) -> None:
         """``_apply``, then ``_exchange_out``. With the default gather's buffers held (W > 1, sharded) a rank

@@ -126,3 +126,50 @@ def test_a_rank_that_cannot_make_a_collective_buffer_raises_on_every_rank(tmp_pa
                 assert f"rank(s) [{FAILING}]" in g["message"], (where, r, said)
             assert g["unchanged"] == "yes", (where, r, g["unchanged"])
             assert g["exact"] == "yes", (where, r, g["exact"])
+
+
+def _w_no_exchange(rank: int, world: int) -> dict[str, Any]:
+    """Rank 1 cannot make the gradient exchange's buffers (``grad_reduction="mean"``, the order check meets: two
+    optimizers over the group): no rank exchanges, every rank raises; what each rank's note says of ``p.grad``."""
+    from lightning_soaa import ShardedAdamW
+
+    def run(fail: bool) -> dict[str, Any]:
+        g = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(6, 4, generator=g)) for _ in range(3)]
+        opt = ShardedAdamW(params, lr=0.1, grad_reduction="mean")
+        ShardedAdamW([torch.nn.Parameter(torch.zeros(2))], grad_reduction="mean")  # (so that the check meets)
+        for t in range(3):
+            for p in params:
+                p.grad = torch.full_like(p, float(rank + t + 1))
+            if t == 2 and fail and rank == FAILING:
+                def failing() -> Any:
+                    raise torch.OutOfMemoryError("injected in grad_buffers")
+                opt.exchange.grad_buffers = failing  # type: ignore[method-assign]
+            if t == 2 and fail:
+                before = [p.grad.clone() for p in params]  # type: ignore[union-attr]
+                try:
+                    opt.step()
+                    return {"raised": None}
+                except torch.OutOfMemoryError as e:
+                    out = {"raised": type(e), "notes": getattr(e, "__notes__", []),
+                           "kept": all(torch.equal(p.grad, b) for p, b in zip(params, before))}
+                vars(opt.exchange).pop("grad_buffers", None)
+            opt.step()  # (the failed step again, as its note says: no new backward)
+        return {**(out if fail else {}), "params": [p.detach().clone() for p in params]}
+    return {"failed": run(True), "reference": run(False)}
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_a_step_in_which_no_rank_exchanged_says_the_gradients_are_kept(tmp_path: Path, world: int) -> None:
+    """Where no rank exchanged its gradients (a rank could not make the exchange's buffers), every rank's
+    ``p.grad`` is as backward left it, and its note says so (it said they held the ranks' average, asking for a
+    new backward): the step taken again as it is continues as the run that never failed."""
+    results = run_distributed(_w_no_exchange, world, tmp_path, timeout=120)
+    for r, res in enumerate(results):
+        got = res["failed"]
+        assert got["raised"] is torch.OutOfMemoryError, (r, got)
+        assert got["kept"], (r, "p.grad changed by a step in which no rank exchanged")
+        assert not any("already holds the ranks' average" in n for n in got["notes"]), (r, got["notes"])
+        assert any("as backward() left it" in n for n in got["notes"]), (r, got["notes"])
+        for a, b in zip(got["params"], res["reference"]["params"]):
+            assert torch.equal(a, b), (r, "the step taken again differs from the run that never failed")
