@@ -291,6 +291,7 @@ class OwnerExchange:
             return None
         grads = [p.grad if read else None for p in self.params]
         moves = held or self.grad_buffers()  # (none held: made here)
+        self.averaged = False  # whether an average was written into this rank's p.grad (the step's notes read it)
         error: Exception | None = None
         for dt, per_rank, n, width, send, out in moves:
             try:
@@ -329,6 +330,7 @@ class OwnerExchange:
                     continue
                 if p.grad is None:  # another block of p may have made it already
                     p.grad = torch.zeros_like(p)
+            self.averaged = True
             b.view(writable_grad(p)).copy_(s.div_(world))
 
     def _flag_index(self, dt: torch.dtype, per_rank: list[list[BlockInfo]], n: int, width: int,

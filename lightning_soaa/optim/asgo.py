@@ -366,7 +366,7 @@ class _OneSided(ShardedOptimizer):
     _meta_options = ("adamw_indices", "fused_parts")
     #: rebuilt on first use (see _split_layout, _routes, _numerators)
     _transient = ("_split_layout_cache", "_routes_cache", "_numerators_cache", "_guard", "_guard_limit",
-                  "_padded_cache", "_step_plan", "_norms_at")
+                  "_padded_cache", "_step_plan", "_norms_at", "_join_zeros")
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         config_from_group(self._config_cls, group)
@@ -775,14 +775,30 @@ class _OneSided(ShardedOptimizer):
     def _join_update_collectives(self) -> None:
         """An ``_apply`` that raised before :meth:`_split_norms`'s all-reduce (DASGO, W > 1, a matrix cut into
         column blocks) joins it with zeros (the step then raises on every rank: nothing reads the sums), so that
-        its next collective, the parameter gather, meets the others' gather. Under FSDP2 (no gather) the mesh
-        sums are not joined: a failure there is left to the launcher, as after a crash."""
+        its next collective, the parameter gather, meets the others' gather. Its zeros were made before the step's
+        all-reduce (:meth:`_reserve_exchange_out`): made here, after an out of memory, a failure to make them left
+        this rank out of the gather while the others waited in the all-reduce (gloo: an abort). Under FSDP2 (no
+        gather) the mesh sums are not joined: a failure there is left to the launcher, as after a crash."""
         if not self._normalise_whole or self.__dict__.get("_norms_at") == self.num_steps:
             return  # (reset by _apply; num_steps counts this step once it went through: an earlier sum is another's)
+        zeros = self.__dict__.pop("_join_zeros", None)  # (holds the others' sums after: made again when next due)
+        if zeros is not None:
+            self.comm.all_reduce_(zeros)
+
+    def _reserve_exchange_out(self) -> None:
+        """The template's gather buffers and, for DASGO's split norms (W > 1, sharded), the zeros with which a rank
+        whose ``_apply`` raised joins their all-reduce (:meth:`_join_update_collectives`): made once, here, before
+        the step's all-reduce, whose error flag carries a failure to make them."""
+        super()._reserve_exchange_out()
+        if not self._normalise_whole or self.__dict__.get("_held_out") is None:
+            return
         layout = self._split_layout()
-        if layout is not None and self._sharded_multi_rank():
-            dev = self._params[layout[0][0].param_index].device
-            self.comm.all_reduce_(torch.zeros(len(layout[0]) + 1, dtype=torch.float64, device=dev))
+        if layout is None:
+            return
+        dev = self._params[layout[0][0].param_index].device
+        zeros = self.__dict__.get("_join_zeros")
+        if zeros is None or zeros.numel() != len(layout[0]) + 1 or zeros.device != dev:  # (a table rebuilt, moved)
+            self._join_zeros = torch.zeros(len(layout[0]) + 1, dtype=torch.float64, device=dev)
 
     def _split_layout(self) -> tuple[list[BlockInfo], dict[int, int], Tensor, dict[int, int]] | None:
         """The blocks of split matrix parameters (table order), each one's position, a

@@ -781,7 +781,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             self._check_unsharded_mean()  # (again: the world size may have been unknown at construction)
             held = self._meet_with_buffers(failed)
             if held is None:  # a rank could not make its exchange buffers: no rank exchanges; the record raises
-                self._grads_kept = True  # (every rank's p.grad as backward left it: the template's note says so)
+                self._grads_kept = True  # (p.grad as backward left it: the template's note says so)
                 return None
         if self.sharding.grad_reduction == "mean" and self._dtensor is not None:
             self._dtensor.mean_plain_grads(read=not failed)  # FSDP2 averages the DTensor gradients; plain: here
@@ -791,6 +791,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
             self._grads_held = sum(p.grad is not None for p in self._params)
             # a failure of this rank's work after the exchange's first collective: held for the step's all-reduce
             self._held_error = self.exchange.reduce_scatter_grads(read=not failed, held=held)
+            # every rank failed before it (all joined with zeros): no average was written; the note says so
+            self._grads_kept = not getattr(self.exchange, "averaged", True)
         return None
 
     def _counts_grads(self) -> bool:
@@ -2021,7 +2023,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         held = self.__dict__.pop("_held_error", None)
         local_error = local_error or held
         del held
-        grads_kept = self.__dict__.pop("_grads_kept", False)  # (no rank exchanged its gradients: _exchange_in)
+        grads_kept = self.__dict__.pop("_grads_kept", False)  # (no average written into p.grad: _exchange_in)
         if why is not None:
             return self._skip_step(why)
         # after a local error nothing is stepped, and the blocks may no longer match the groups (one deleted)
@@ -2058,15 +2060,15 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     def _note_grads_after_record(self, error: BaseException, kept: bool) -> None:
         """With ``grad_reduction="mean"`` at W > 1, say on ``error`` (the step record's, raised on every rank) what
-        this rank's ``p.grad`` holds: the ranks' average in the blocks it owns once the exchange ran, or, where no
-        rank exchanged (``kept``: a rank could not make the exchange's buffers), the gradients as backward left
-        them, so that the step may be taken again as it is."""
+        this rank's ``p.grad`` holds: the ranks' average in the blocks it owns once the exchange wrote it, or
+        (``kept``) the gradients as backward left them: no rank exchanged (a rank could not make the exchange's
+        buffers: the step may be taken again as it is), or every rank had failed before it (joined with zeros)."""
         add_note = getattr(error, "add_note", None)  # Python >= 3.11
         if add_note is None or self.sharding.grad_reduction != "mean" or self.comm.world_size == 1:
             return
         if kept:
-            add_note(f"{type(self).__name__}: with grad_reduction='mean' no rank exchanged its gradients in this "
-                     "step: every rank's p.grad is as backward() left it, and step() may be called again.")
+            add_note(f"{type(self).__name__}: with grad_reduction='mean' this rank's p.grad is as backward() left "
+                     "it: no average was written into it in this step (no new backward() is needed).")
         else:
             add_note(f"{type(self).__name__}: with grad_reduction='mean' this rank's p.grad of the blocks it owns "
                      "already holds the ranks' average: run backward() again before another step().")

@@ -120,4 +120,55 @@ def test_a_rank_whose_update_raises_raises_on_every_rank(tmp_path: Path, name: s
             for a, b in zip(g["params"], got[0]["params"]):
                 assert torch.equal(a, b), (i, r, "the ranks' parameters differ after the failed step")
             assert g["next"]["raised"] is RuntimeError and "interrupted" in g["next"]["message"], (i, r, g["next"])
+            # every rank refused the next step before the exchange (joined with zeros): no average was written
+            assert not any("already holds the ranks' average" in n for n in g["next"]["notes"]), (i, r, g["next"])
 
+
+
+class _NoLocalWork(_Calls):
+    """Raise an out of memory at any ATen call that is not a collective (``c10d``): a rank whose allocator is
+    exhausted (its ``_apply`` ran out of memory) can still take part in a collective on buffers made before."""
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if not str(func).startswith(("c10d.", "profiler.")):
+            raise torch.OutOfMemoryError(f"injected at {func} after the update ran out of memory")
+        return func(*args, **(kwargs or {}))
+
+
+def _w_join_fails(rank: int, world: int) -> dict[str, Any]:
+    """DASGO with column-split matrices: rank 1's ``_apply`` runs out of memory before its split-norm all-reduce,
+    and so does every allocation after it while it joins the step's remaining collectives."""
+    spec = get("DASGO")
+    model, opt = make(spec, **SPLIT)
+    _steps(spec, model, opt, range(AT), rank, world, "none")
+    if rank == FAILING:
+        _failing_apply(opt, "before")
+        join = opt._join_update_collectives
+
+        def exhausted() -> None:
+            with _NoLocalWork():
+                join()
+        opt._join_update_collectives = exhausted
+    row = _outcome(lambda: _steps(spec, model, opt, range(AT, AT + 1), rank, world, "none"))
+    for name in ("_apply", "_join_update_collectives"):
+        vars(opt).pop(name, None)
+    row["params"] = [p.detach().clone() for p in model.parameters()]
+    row["next"] = _outcome(lambda: _steps(spec, model, opt, range(AT, AT + 1), rank, world, "none"))
+    return row
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_a_rank_out_of_memory_joins_the_split_norms_without_allocating(tmp_path: Path, world: int) -> None:
+    """The failing rank's join of DASGO's split-norm all-reduce made its zeros after the out of memory: failing
+    there it skipped the parameter gather, and the others waited in the all-reduce. Its buffer is made before the
+    step's all-reduce now: every rank raises together, as in the other cases."""
+    got = run_distributed(_w_join_fails, world, tmp_path, timeout=90)
+    said = {r: g["message"] for r, g in enumerate(got)}
+    assert got[FAILING]["message"].startswith("OutOfMemoryError: injected before _apply"), said
+    for r, g in enumerate(got):
+        assert g["raised"] is not None and issubclass(g["raised"], torch.OutOfMemoryError), (r, said)
+        if r != FAILING:
+            assert f"rank(s) [{FAILING}]" in g["message"], (r, said)
+        for a, b in zip(g["params"], got[0]["params"]):
+            assert torch.equal(a, b), (r, "the ranks' parameters differ after the failed step")
+        assert g["next"]["raised"] is RuntimeError and "interrupted" in g["next"]["message"], (r, g["next"])
