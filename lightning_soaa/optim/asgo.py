@@ -788,10 +788,14 @@ class _OneSided(ShardedOptimizer):
     def _reserve_exchange_out(self) -> None:
         """The template's gather buffers and, for DASGO's split norms (W > 1, sharded), the zeros with which a rank
         whose ``_apply`` raised joins their all-reduce (:meth:`_join_update_collectives`): made once, here, before
-        the step's all-reduce, whose error flag carries a failure to make them."""
+        the step's all-reduce, whose error flag carries a failure to make them; and the join's marker reset."""
         super()._reserve_exchange_out()
         if not self._normalise_whole or self.__dict__.get("_held_out") is None:
             return
+        # the join's marker, reset before every step (not only by _apply: a step whose update raised after the
+        # all-reduce left it at a count that load_state_dict may bring back, and a rank failing before _apply's
+        # first line took this step's all-reduce for made)
+        self._norms_at = None
         layout = self._split_layout()
         if layout is None:
             return
