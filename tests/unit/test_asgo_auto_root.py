@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_soaa import ASGO
 from lightning_soaa.optim import asgo as asgo_mod
+from tests.conformance.test_checkpoint_validation import _without
 from tests.harness.distributed import run_distributed
 from tests.harness.models import batch, loss_fn, tiny_mlp
 
@@ -134,15 +135,6 @@ def test_auto_w2_equals_one_process_and_resumes_at_w1(tmp_path: Any) -> None:
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def _without_root_keys(sd: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
-    out = copy.deepcopy(sd)
-    for per_param in out["state"].values():
-        for blk in per_param.values():
-            for k in keys:
-                blk.pop(k, None)
-    return out
-
-
 def test_auto_root_without_its_step_is_due_at_every_world_size(tmp_path: Any) -> None:
     """A checkpoint whose blocks keep ``gram_at_root`` without ``root_step`` (the schema allows each on its own)
     loaded, then the step raised KeyError after the statistics were written (a reviewer's case). A root with no
@@ -151,9 +143,9 @@ def test_auto_root_without_its_step_is_due_at_every_world_size(tmp_path: Any) ->
     m4, o4 = _trained(steps=4, root_every="auto", root_tol=0.2)
     sd, model_sd = copy.deepcopy(o4.state_dict()), copy.deepcopy(m4.state_dict())
     assert any("gram_at_root" in blk for per_param in sd["state"].values() for blk in per_param.values())
-    one = _ranks(0, 1, _without_root_keys(sd, ("root_step",)), model_sd, 4, 3)
-    both = _ranks(0, 1, _without_root_keys(sd, ("root_step", "gram_at_root")), model_sd, 4, 3)
-    results = run_distributed(_ranks, 2, tmp_path, _without_root_keys(sd, ("root_step",)), model_sd, 4, 3)
+    one = _ranks(0, 1, _without(sd, {"root_step"}), model_sd, 4, 3)
+    both = _ranks(0, 1, _without(sd, {"root_step", "gram_at_root"}), model_sd, 4, 3)
+    results = run_distributed(_ranks, 2, tmp_path, _without(sd, {"root_step"}), model_sd, 4, 3)
     assert all(r["owned"] > 0 for r in results)
     for res in [one, *results]:
         for a, b in zip(res["params"], both["params"]):
