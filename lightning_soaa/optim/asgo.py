@@ -797,7 +797,8 @@ class _OneSided(ShardedOptimizer):
         # first line took this step's all-reduce for made)
         self._norms_at = None
         layout = self._split_layout()
-        if layout is None:
+        if layout is None:  # (a table rebuilt without split matrices: kept, they joined an all-reduce no rank made)
+            self.__dict__.pop("_join_zeros", None)
             return
         dev = self._params[layout[0][0].param_index].device
         zeros = self.__dict__.get("_join_zeros")

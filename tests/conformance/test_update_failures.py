@@ -206,3 +206,41 @@ def test_a_rank_failing_before_its_update_joins_the_split_norms_after_a_load(tmp
         assert g["raised"] is not None and issubclass(g["raised"], torch.OutOfMemoryError), (r, said)
         for a, b in zip(g["params"], got[0]["params"]):
             assert torch.equal(a, b), (r, "the ranks' parameters differ after the failed step")
+
+
+def _w_join_after_rebuild(rank: int, world: int) -> dict[str, Any]:
+    """DASGO over a 4 x 12 matrix cut into column blocks: a first step refused on every rank after its split-norm
+    zeros were made (the ranks' learning rates differ), the matrix then flattened (``p.data = ...``: the table is
+    rebuilt before any step, and no parameter is split any more), and a step whose ``_apply`` raises on rank 1."""
+    from lightning_soaa.optim.asgo import DASGO
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(4, 12, dtype=torch.float64, generator=gen))
+    b = torch.nn.Parameter(torch.randn(4, dtype=torch.float64, generator=gen))
+    opt = DASGO([w, b], lr=1e-2, **SPLIT)
+    opt.param_groups[0]["lr"] = 1e-2 * (1 + rank)
+    w.grad, b.grad = torch.ones_like(w), torch.ones_like(b)
+    first = _outcome(opt.step)
+    made = "_join_zeros" in vars(opt)
+    opt.param_groups[0]["lr"] = 1e-2
+    w.data = w.data.reshape(-1)  # (a 1-D parameter: AdamW; nothing split)
+    w.grad = torch.ones_like(w)
+    if rank == FAILING:
+        _failing_apply(opt, "before")
+    row = _outcome(opt.step)
+    row.update(first=first, made=made, params=[w.detach().clone(), b.detach().clone()])
+    return row
+
+
+def test_a_rank_failing_after_the_table_lost_its_split_matrices_joins_nothing(tmp_path: Path) -> None:
+    """The split-norm join's zeros, made at a step that was refused, outlived a table rebuilt without split
+    matrices: a rank whose ``_apply`` raised then joined an all-reduce no other rank makes, while the others
+    waited in the parameter gather (measured: a hang, W = 2). Every rank raises together, with the same parameters."""
+    got = run_distributed(_w_join_after_rebuild, 2, tmp_path, timeout=90)
+    said = {r: (g["first"]["message"], g["message"]) for r, g in enumerate(got)}
+    assert all(g["made"] and g["first"]["raised"] is not None for g in got), said  # (the case's premise)
+    assert got[FAILING]["message"].startswith("OutOfMemoryError: injected before _apply"), said
+    for r, g in enumerate(got):
+        assert g["raised"] is not None and issubclass(g["raised"], torch.OutOfMemoryError), (r, said)
+        for x, y in zip(g["params"], got[0]["params"]):
+            assert torch.equal(x, y), (r, "the ranks' parameters differ after the failed step")
