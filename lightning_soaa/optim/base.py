@@ -899,7 +899,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         """Collectives after ``_apply`` (default: every rank receives the updated parameters from their
         owners, into the buffers :meth:`_reserve_exchange_out` made). An override replaces the parameter gather
         and must leave every rank's parameters equal."""
-        self._gathered_flags(0.0)
+        # (this rank's update went through: its flag 0; the ranks' flags read by _update_and_gather)
+        self._peer_flags = self._gathered_flags(0.0)
 
     def _reserve_exchange_out(self) -> None:
         """The default :meth:`_exchange_out`'s buffers (the parameter gather's send buffer and output, per
@@ -2091,12 +2092,13 @@ class ShardedOptimizer(torch.optim.Optimizer):
             self._apply(views, decision)
         except BaseException as e:  # KeyboardInterrupt too: the peers wait in the gather all the same
             failed = e
-        code = 0.0 if failed is None else _update_failure_code(failed)
         if failed is not None:
             self._join_update_collectives()
-        flags = self._gathered_flags(code)
-        if failed is not None:
+            self._gathered_flags(_update_failure_code(failed))  # the default _exchange_out's gather, its flag set
             raise failed
+        # through _exchange_out itself (not the gather directly), so that whatever stands in for it is called
+        self._exchange_out(decision)
+        flags = self.__dict__.pop("_peer_flags", [])
         if any(flags):
             raise self._peers_update_error(flags)
 
