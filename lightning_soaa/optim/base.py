@@ -2086,6 +2086,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if self.__dict__.get("_held_out") is None:  # one process, unsharded, an _exchange_out of its own
             self._apply(views, decision)
             self._exchange_out(decision)  # a rank stopped here holds its peers' blocks as they were
+            self.__dict__.pop("_peer_flags", None)  # (the default's [] where it gathered without flags)
             return
         failed: BaseException | None = None
         try:
