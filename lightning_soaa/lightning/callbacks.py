@@ -68,6 +68,17 @@ SKIPPED_BATCH_MESSAGE = (
 )
 
 
+MANUAL_HANDOVERS_MESSAGE = (
+    "BatchToOptimizer under manual optimization: {optimizer}.step() without inputs would step on the batch "
+    "BatchToOptimizer handed it last (epoch {epoch}, batch_idx {batch_idx}) alone, but it was also handed the "
+    "batches of batch_idx {dropped} since its last step and never stepped on them (a step every {n} "
+    "training batches: accumulated, or skipped?). It steps on one batch, not on gradients, so it cannot tell. "
+    "Pass the step's batch: opt.step(inputs=x, targets=y), the micro-batches concatenated "
+    "(lightning_soaa.optim.egn_batches.concat_batches) to accumulate them, or the last batch alone; or step "
+    "it at every training batch."
+)
+
+
 def _strategy_accumulates(trainer: pl.Trainer) -> bool:
     """True when the strategy accumulates gradients itself (DeepSpeed): Lightning then calls the optimizer
     step hooks after every micro-batch and the engine decides which of them really step."""
@@ -532,6 +543,9 @@ class BatchToOptimizer(Callback):
     which EGN would ignore, are refused (:func:`check_trainer_supports_batch_optimizer`). So is a batch
     whose ``training_step`` returned None (Lightning's "skip this batch"): EGN already holds it and would
     step on it (a ``ValueError`` before that step, or before a later step the micro-batch would go into).
+    Under manual optimization each training batch is handed over alone, replacing the last; a ``step()``
+    without inputs after several training batches without a step is refused (``ValueError``, before the
+    step): it would step on the last of them alone. Pass ``step(inputs=..., targets=...)`` there.
 
     Args:
         split_batch: ``batch -> (inputs, targets)``; must be picklable (a module-level function) for
@@ -542,6 +556,10 @@ class BatchToOptimizer(Callback):
         self.split_batch = split_batch or default_split_batch
         self._window: list[tuple[Any, Any]] = []  # the micro-batches of the current accumulation window
         self._backward_seen = False  # the current micro-batch's training_step returned a loss
+        self._manual = False  # the fit runs under manual optimization
+        self._handed: dict[int, list[tuple[int, int]]] = {}  # per target: (epoch, batch_idx) handed since its step
+        self._last_inputs: dict[int, Any] = {}  # per target: the inputs it was handed last
+        self._step_hooks: list[Any] = []  # the targets' step hooks (manual optimization, see _watch_steps)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -551,6 +569,48 @@ class BatchToOptimizer(Callback):
                 check_trainer_supports_batch_optimizer(trainer)
         refuse_swa_batch_norm_epoch(trainer, pl_module, StepNeeds.BATCH)
         refuse_pruning_during_fit(trainer)
+        self._manual, self._handed, self._last_inputs = not pl_module.automatic_optimization, {}, {}
+        self._unwatch_steps()
+        if self._manual and not _strategy_accumulates(trainer):
+            self._watch_steps(_targets(trainer, StepNeeds.BATCH))
+
+    def _watch_steps(self, targets: list[Any]) -> None:
+        """Under manual optimization the user decides when the optimizer steps, and a hand-over replaces the
+        last: stepped every k training batches it stepped on the k-th batch alone (the others dropped
+        silently: 0.16 off the step on all of them after 6 steps). Its steps are watched to refuse that."""
+        for target in targets:
+            pre = getattr(target, "register_step_pre_hook", None)
+            post = getattr(target, "register_step_post_hook", None)
+            if pre is not None and post is not None and hasattr(target, "_pending_batch"):  # EGN's own
+                self._handed[id(target)] = []
+                self._step_hooks += [pre(self._before_step), post(self._after_step)]
+
+    def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        handed = self._handed.get(id(optimizer), [])
+        pending = getattr(optimizer, "_pending_batch", None)
+        ours = pending is not None and pending[0] is self._last_inputs.get(id(optimizer))  # not the user's set_batch
+        if kwargs.get("inputs") is not None or kwargs.get("targets") is not None or not ours or len(handed) < 2:
+            return  # the user's own batch, or the one training batch handed over since the last step
+        raise ValueError(MANUAL_HANDOVERS_MESSAGE.format(
+            optimizer=optimizer_name(optimizer), epoch=handed[-1][0], batch_idx=handed[-1][1],
+            dropped=[i for _, i in handed[:-1]], n=len(handed)))
+
+    def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if id(optimizer) in self._handed:
+            self._handed[id(optimizer)], self._last_inputs[id(optimizer)] = [], None
+
+    def _unwatch_steps(self) -> None:
+        for handle in self._step_hooks:
+            handle.remove()
+        self._step_hooks = []
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._unwatch_steps()
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._unwatch_steps()  # Lightning skips teardown after an exception
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
@@ -570,6 +630,9 @@ class BatchToOptimizer(Callback):
             inputs, targets = concat_batches(self._window)
         for opt in targets_opts:
             _hand_over(opt.set_batch, inputs, targets)
+            if id(opt) in self._handed:
+                self._handed[id(opt)].append((trainer.current_epoch, batch_idx))
+                self._last_inputs[id(opt)] = inputs
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule,

@@ -25,7 +25,7 @@ from lightning_soaa.lightning import (
 from lightning_soaa.lightning.factory import check_sharding_matches_world
 from lightning_soaa.optim.adamw import ShardedAdamW
 from lightning_soaa.registry import StepNeeds
-from tests.lightning.helpers import PlainRegressor, TinyRegressor, make_trainer
+from tests.lightning.helpers import PlainRegressor, TinyRegressor, make_trainer, regression_data
 
 pytestmark = [pytest.mark.lightning, pytest.mark.timeout(120)]
 
@@ -263,6 +263,61 @@ def test_egn_manual_optimization_recipe(tmp_path: Path) -> None:
     trainer.fit(model)
     assert trainer.optimizers[0].statistics()["steps"] == 6.0
     assert model.losses[-1] < model.losses[0]
+
+
+class _EGNEveryOtherBatch(PlainRegressor):
+    """Manual optimization, EGN stepped after every second training batch: on the batch BatchToOptimizer
+    handed it (``how="callback"``), or on both batches concatenated, handed to ``step`` (``"step"``) or to
+    ``set_batch`` (``"set_batch"``)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__(batch_size=8)
+        self.automatic_optimization = False
+        self.how = how
+        self.window: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def configure_optimizers(self) -> Any:
+        return lightning_soaa.EGN(self, loss="mse", lr=0.5)
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        self.window.append(batch)
+        if (batch_idx + 1) % 2:
+            return
+        opt = self.optimizers()
+        x, y = torch.cat([x for x, _ in self.window]), torch.cat([y for _, y in self.window])
+        if self.how == "step":
+            opt.step(inputs=x, targets=y)
+        else:
+            if self.how == "set_batch":
+                opt.set_batch(x, y)
+            opt.step()
+        self.window = []
+
+
+def test_egn_stepped_every_other_batch_under_manual_optimization_is_refused_not_stepped_on_the_last(
+        tmp_path: Path) -> None:
+    """Manual optimization stepping EGN every second batch without a batch: BatchToOptimizer's hand-over of
+    the second batch replaced the first, and EGN stepped on the second alone (0.16 off the step on both after
+    6 steps), silently. Refused before the first step; a step handed the batch itself (or through set_batch)
+    is left alone and equals the plain loop on the concatenated batches."""
+    model = _EGNEveryOtherBatch("callback")
+    w0 = [p.detach().clone() for p in model.parameters()]
+    trainer = make_trainer(tmp_path, max_steps=3, callbacks=[BatchToOptimizer()])
+    with pytest.raises(ValueError, match=r"batch_idx 1\) alone.*batch_idx \[0\].*opt\.step\(inputs=x, targets=y\)"):
+        trainer.fit(model)
+    assert trainer.optimizers[0].statistics()["steps"] == 0.0
+    assert all(torch.equal(a, p) for a, p in zip(w0, model.parameters()))
+
+    ref = PlainRegressor(batch_size=8)
+    opt = lightning_soaa.EGN(ref, loss="mse", lr=0.5)
+    for x, y in list(torch.utils.data.DataLoader(regression_data(), batch_size=16))[:3]:
+        opt.step(inputs=x, targets=y)
+    for how in ("step", "set_batch"):
+        model = _EGNEveryOtherBatch(how)
+        trainer = make_trainer(tmp_path, max_steps=3, callbacks=[BatchToOptimizer()])
+        trainer.fit(model)
+        for a, b in zip(model.parameters(), ref.parameters()):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12, msg=how)
 
 
 def test_egn_without_batch_names_the_callback(tmp_path: Path) -> None:
