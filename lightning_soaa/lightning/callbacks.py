@@ -563,6 +563,9 @@ class BatchToOptimizer(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A fit resumed inside an accumulation window (batch_idx % k != 0) starts no window of its own: one kept
+        # from an earlier fit of this instance (stopped inside a window) went into its first step.
+        self._window = []
         for opt in _all_optimizers(trainer):
             check_sharding_matches_world(opt)
             if unwrap_optimizer(opt, "set_batch") is not None:

@@ -320,6 +320,48 @@ def test_egn_stepped_every_other_batch_under_manual_optimization_is_refused_not_
             torch.testing.assert_close(a, b, rtol=0, atol=1e-12, msg=how)
 
 
+class _ValidatedRegressor(TinyRegressor):
+    """:class:`TinyRegressor` with a validation set."""
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", F.mse_loss(self(x), y))
+
+    def val_dataloader(self) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(regression_data(seed=1), batch_size=8)
+
+
+class _StopAfterValidation(pl.Callback):
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        trainer.should_stop = True
+
+
+def test_a_batch_callback_used_for_another_fit_starts_it_with_an_empty_window(tmp_path: Path) -> None:
+    """One BatchToOptimizer for two fits (a notebook's callback list): the first stopped inside an accumulation
+    window (after a validation at its 5th micro-batch, window 3-5 of k=3), the second resumed there from the
+    checkpoint. The callback kept the first fit's micro-batches and EGN's first step of the second fit took
+    24 samples where its training_step saw 8 (the gradient optimizers lose those micro-batches with the
+    interrupted process). Each fit starts with an empty window: the same parameters as with a new callback."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    factory = OptimizerFactory("lightning_soaa.EGN", {"loss": "mse", "lr": 0.5})
+    callback = BatchToOptimizer()
+    first = make_trainer(tmp_path, max_steps=6, accumulate_grad_batches=3, val_check_interval=5,
+                         enable_checkpointing=True,
+                         callbacks=[callback, ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True),
+                                    _StopAfterValidation()])
+    first.fit(_ValidatedRegressor(factory))
+    assert first.global_step == 1 and first.fit_loop.epoch_loop.batch_idx == 4  # inside the window 3-5
+    resumed = []
+    for cb in (callback, BatchToOptimizer()):
+        model = _ValidatedRegressor(factory)
+        make_trainer(tmp_path, max_steps=6, accumulate_grad_batches=3, callbacks=[cb]).fit(
+            model, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+        resumed.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*resumed):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_egn_without_batch_names_the_callback(tmp_path: Path) -> None:
     model = TinyRegressor(OptimizerFactory("lightning_soaa.EGN", {"loss": "mse", "lr": 0.5}))
     with pytest.raises(ValueError, match="BatchToOptimizer"):
