@@ -79,6 +79,21 @@ MANUAL_HANDOVERS_MESSAGE = (
 )
 
 
+DATALOADER_ITER_MESSAGE = (
+    "BatchToOptimizer with {optimizer}: {module}.training_step takes a dataloader_iter, so Lightning hands the "
+    "callbacks no batch (batch=None) and {optimizer}, which steps on the batch, would have none. Use manual "
+    "optimization (self.automatic_optimization = False) and pass the batch, opt.step(inputs=x, targets=y), or a "
+    "training_step(batch, batch_idx)."
+)
+
+
+def _takes_dataloader_iter(pl_module: pl.LightningModule) -> bool:
+    """Whether ``training_step`` takes Lightning's ``dataloader_iter`` (the callbacks then get ``batch=None``)."""
+    from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
+
+    return is_param_in_hook_signature(pl_module.training_step, "dataloader_iter", explicit=True)
+
+
 def _strategy_accumulates(trainer: pl.Trainer) -> bool:
     """True when the strategy accumulates gradients itself (DeepSpeed): Lightning then calls the optimizer
     step hooks after every micro-batch and the engine decides which of them really step."""
@@ -545,7 +560,9 @@ class BatchToOptimizer(Callback):
     step on it (a ``ValueError`` before that step, or before a later step the micro-batch would go into).
     Under manual optimization each training batch is handed over alone, replacing the last; a ``step()``
     without inputs after several training batches without a step is refused (``ValueError``, before the
-    step): it would step on the last of them alone. Pass ``step(inputs=..., targets=...)`` there.
+    step): it would step on the last of them alone. Pass ``step(inputs=..., targets=...)`` there. A
+    ``training_step(dataloader_iter)`` gives the callbacks no batch: nothing is handed over (manual optimization
+    passes the batch to ``step``), and under automatic optimization the fit is refused at its start.
 
     Args:
         split_batch: ``batch -> (inputs, targets)``; must be picklable (a module-level function) for
@@ -560,6 +577,7 @@ class BatchToOptimizer(Callback):
         self._handed: dict[int, list[tuple[int, int]]] = {}  # per target: (epoch, batch_idx) handed since its step
         self._last_inputs: dict[int, Any] = {}  # per target: the inputs it was handed last
         self._step_hooks: list[Any] = []  # the targets' step hooks (manual optimization, see _watch_steps)
+        self._no_batch = False  # training_step takes a dataloader_iter: the hooks get batch=None
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -572,10 +590,15 @@ class BatchToOptimizer(Callback):
                 check_trainer_supports_batch_optimizer(trainer)
         refuse_swa_batch_norm_epoch(trainer, pl_module, StepNeeds.BATCH)
         refuse_pruning_during_fit(trainer)
+        targets = _targets(trainer, StepNeeds.BATCH)
+        self._no_batch = _takes_dataloader_iter(pl_module)
+        if targets and self._no_batch and pl_module.automatic_optimization:
+            raise ValueError(DATALOADER_ITER_MESSAGE.format(optimizer=optimizer_name(targets[0]),
+                                                            module=type(pl_module).__name__))
         self._manual, self._handed, self._last_inputs = not pl_module.automatic_optimization, {}, {}
         self._unwatch_steps()
         if self._manual and not _strategy_accumulates(trainer):
-            self._watch_steps(_targets(trainer, StepNeeds.BATCH))
+            self._watch_steps(targets)
 
     def _watch_steps(self, targets: list[Any]) -> None:
         """Under manual optimization the user decides when the optimizer steps, and a hand-over replaces the
@@ -620,8 +643,8 @@ class BatchToOptimizer(Callback):
                              batch_idx: int) -> None:
         self._backward_seen = False
         targets_opts = _targets(trainer, StepNeeds.BATCH)
-        if not targets_opts:
-            return
+        if not targets_opts or self._no_batch:
+            return  # (a training_step of manual optimization that takes a dataloader_iter hands over its batches)
         inputs, targets = self.split_batch(batch)
         k = int(trainer.accumulate_grad_batches)
         if k > 1:

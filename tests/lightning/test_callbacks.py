@@ -362,6 +362,47 @@ def test_a_batch_callback_used_for_another_fit_starts_it_with_an_empty_window(tm
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+class _EGNFromIterator(PlainRegressor):
+    """EGN with a ``training_step(dataloader_iter)``: under manual optimization (``manual=True``) the batch is
+    handed to ``step``, the recipe for it; under automatic optimization nothing can hand it over."""
+
+    def __init__(self, manual: bool) -> None:
+        super().__init__(batch_size=8)
+        self.automatic_optimization = not manual
+
+    def configure_optimizers(self) -> Any:
+        return lightning_soaa.EGN(self, loss="mse", lr=0.5)
+
+    def training_step(self, dataloader_iter: Any) -> Any:
+        (x, y), _, _ = next(dataloader_iter)
+        if self.automatic_optimization:
+            return F.mse_loss(self(x), y)
+        self.optimizers().step(inputs=x, targets=y)
+        return None
+
+
+def test_egn_with_a_dataloader_iter_training_step_under_the_batch_callback(tmp_path: Path) -> None:
+    """A training_step(dataloader_iter) gives the callbacks batch=None. Under manual optimization, with the batch
+    handed to step() (the lightning-soaa CLI adds BatchToOptimizer to every fit), BatchToOptimizer refused it
+    ("cannot split a batch of type NoneType ... pass split_batch=", which no split_batch could help): it now
+    trains, equal to the plain loop. Under automatic optimization it is refused at the start of fit naming the
+    dataloader_iter and manual optimization (the same message said to pass split_batch=)."""
+    model = _EGNFromIterator(manual=True)
+    make_trainer(tmp_path, max_steps=3, callbacks=[BatchToOptimizer()]).fit(model)
+    ref = PlainRegressor(batch_size=8)
+    opt = lightning_soaa.EGN(ref, loss="mse", lr=0.5)
+    for x, y in list(torch.utils.data.DataLoader(regression_data(), batch_size=8))[:3]:
+        opt.step(inputs=x, targets=y)
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+    model = _EGNFromIterator(manual=False)
+    trainer = make_trainer(tmp_path, max_steps=3, callbacks=[BatchToOptimizer()])
+    with pytest.raises(ValueError, match=r"_EGNFromIterator\.training_step takes a dataloader_iter.*manual optimi"):
+        trainer.fit(model)
+    assert trainer.optimizers[0].statistics()["steps"] == 0.0
+
+
 def test_egn_without_batch_names_the_callback(tmp_path: Path) -> None:
     model = TinyRegressor(OptimizerFactory("lightning_soaa.EGN", {"loss": "mse", "lr": 0.5}))
     with pytest.raises(ValueError, match="BatchToOptimizer"):
