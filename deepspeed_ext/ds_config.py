@@ -26,7 +26,8 @@ from deepspeed_ext.registry import PREFIX, REGISTRY, RESERVED_PARAMS, OptimizerE
 from lightning_soaa import registry as optimizer_registry
 from lightning_soaa.registry import StepNeeds
 
-__all__ = ["ParsedConfig", "check_entry", "load_config", "parse_config", "patch_for_client", "zero_stage_of"]
+__all__ = ["ParsedConfig", "bf16_enabled", "check_entry", "load_config", "parse_config", "patch_for_client",
+           "zero_stage_of"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -161,6 +162,11 @@ def _precision_enabled(ds: dict[str, Any], key: str) -> bool:
     if not isinstance(block, dict):
         return False
     return read_bool(block.get("enabled", False))
+
+
+def bf16_enabled(ds: dict[str, Any]) -> bool:
+    """Whether the DeepSpeed config ``ds`` runs bf16 mixed precision, read as DeepSpeed reads it."""
+    return _precision_enabled(ds, "bf16")
 
 
 # DeepSpeed 0.19's spellings of float16 for torch_autocast.dtype (runtime/config.py DtypeEnum.fp16, matched

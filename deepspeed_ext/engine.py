@@ -20,6 +20,7 @@ from deepspeed_ext.client import (
 )
 from deepspeed_ext.ds_config import (
     ParsedConfig,
+    bf16_enabled,
     check_entry,
     parse_config,
     patch_for_client,
@@ -387,6 +388,8 @@ def install_checkpoint_hooks(engine: Any, client: Any) -> None:
                                       load_dir, tag, zero3=bool(engine.zero_optimization_partition_weights()))
                 check_checkpoint_stage(load_dir, tag, engine.zero_optimization_stage(),
                                        bool(getattr(engine.optimizer, "round_robin_gradients", False)), rank=rank)
+                check_checkpoint_precision(load_dir, tag, engine.zero_optimization_stage(),
+                                           bool(engine.bfloat16_enabled()), rank=rank)
                 check_checkpoint_groups(load_dir, tag, client, bool(engine.bfloat16_enabled()), rank=rank)
                 return _own_saved_steps(engine, client, load_dir, tag)
             check_saved_steps(agreed_checks(checks), load_dir, tag)
@@ -816,6 +819,29 @@ def check_checkpoint_stage(load_dir: str, tag: Any, stage: int, round_robin: boo
         "Optimizer state cannot move between these stages (stage 0 keeps lightning_soaa's own, world-size "
         "independent state; ZeRO-1/2/3 DeepSpeed's per-partition files). Resume with "
         f"zero_optimization.stage={saved}, {module_only}.")
+
+
+def check_checkpoint_precision(load_dir: str, tag: Any, stage: int, bf16: bool, *, rank: int = 0) -> None:
+    """Refuse optimizer state written with bf16 on when this engine runs with it off, or the other way round.
+    DeepSpeed keeps a bf16 run's optimizer state elsewhere: at ZeRO-1/2/3 in ``bf16_zero_pp_rank_*`` files (a
+    bare FileNotFoundError on every rank), at ZeRO-0 inside its bf16 wrapper's state around ours (fp32 -> bf16
+    said ``KeyError: 'dynamic_loss_scale'``, bf16 -> fp32 "not a lightning_soaa DeepSpeed optimizer state").
+    fp16 and fp32 share their file names at ZeRO-1/2/3 (fp16 at ZeRO-0 is refused at initialize): left to
+    DeepSpeed. ``rank``: this rank, named with the file it read (rank 0's)."""
+    config, file = _saved_ds_config_at(load_dir, tag, zero3=stage == 3)
+    if config is None or bf16_enabled(config) == bf16:
+        return
+    was = bf16_enabled(config)
+
+    def shown(on: bool) -> str:
+        return "bf16.enabled=true" if on else "bf16 off (fp32 or fp16)"
+
+    raise StateLayoutError(
+        f"The checkpoint {load_dir!r} (tag {tag!r}; {file}, read by rank {rank}) was written with {shown(was)}; "
+        f"this engine runs with {shown(bf16)}. DeepSpeed keeps a bf16 run's optimizer state in other files "
+        "(ZeRO-1/2/3) or inside its bf16 wrapper's state (ZeRO-0), so it cannot load across that change. Resume "
+        f"with bf16.enabled={str(was).lower()}, or load the module only: engine.load_checkpoint(..., "
+        "load_optimizer_states=False, load_lr_scheduler_states=False). Nothing was loaded.")
 
 
 # ---------------------------------------------------------------------- which optimizer wrote a checkpoint

@@ -367,16 +367,41 @@ def build_state_dict(
     }, group_record(optimizer.param_groups, optimizer.meta_options))
 
 
+#: where deepspeed_ext's client optimizers keep ours in their state dicts (deepspeed_ext/client.py STATE_KEY and
+#: EGN_STATE_KEY; spelled here because importing lightning_soaa must not import deepspeed_ext)
+_DEEPSPEED_CLIENT_KEYS = ("lightning_soaa_deepspeed", "lightning_soaa_deepspeed_egn")
+
+
+def _deepspeed_client_hint(sd: Any) -> str:
+    """For the state of our DeepSpeed client optimizer (``engine.save_checkpoint``'s ``optimizer`` entry), loaded
+    into the plain optimizer (a run leaving DeepSpeed): where its own state is, or why there is none to take.
+    Before, the message blamed torch's DCP options."""
+    key = next((k for k in _DEEPSPEED_CLIENT_KEYS if isinstance(sd, dict) and k in sd), None)
+    if key is None or not isinstance(sd[key], dict):
+        return ""
+    layout = sd[key].get("layout")
+    stage = layout.get("zero_stage", 0) if isinstance(layout, dict) else 0
+    what = " It is the state of lightning_soaa's DeepSpeed client optimizer (deepspeed_ext, engine.save_checkpoint)"
+    if stage == 0:
+        return (f"{what}: at ZeRO-0 this optimizer's own state, independent of the world size, is "
+                f"state_dict[{key!r}]['inner']; load that (with the param groups the DeepSpeed run had).")
+    return (f"{what} at ZeRO-{stage}: DeepSpeed's per-partition state, which this optimizer cannot continue. "
+            f"Resume under DeepSpeed at ZeRO-{stage}, or load only the weights (DeepSpeed's zero_to_fp32.py) "
+            "into a fresh optimizer.")
+
+
 def _refuse_not_ours(name: str, sd: Any) -> NoReturn:
     """Raise for a state that is not in our format, with a hint at where it likely came from: another
-    optimizer (switching from torch.optim), or torch's DCP helpers rebuilding ours from their own keys."""
-    hint, torch_like = "", _torch_optimizer_state(sd)
+    optimizer (switching from torch.optim), our DeepSpeed client's state, or torch's DCP helpers rebuilding ours
+    from their own keys."""
+    ds_hint = _deepspeed_client_hint(sd)
+    hint, torch_like = ds_hint, not ds_hint and _torch_optimizer_state(sd)
     if torch_like:  # a torch optimizer's own state dict (switching from torch.optim)
         hint = (" It looks like a torch.optim optimizer's state (per-parameter entries of tensors, no "
                 f"'{FORMAT_KEY}'): another optimizer's state cannot be continued by this one. Build this "
                 "optimizer fresh and load only the weights (model.load_state_dict; under Lightning, "
                 "LightningModule.load_from_checkpoint(path) and fit without ckpt_path).")
-    if isinstance(sd, dict) and "state" in sd and "param_groups" in sd:
+    if not ds_hint and isinstance(sd, dict) and "state" in sd and "param_groups" in sd:
         # what torch.distributed.checkpoint.state_dict hands back when it rebuilt the state itself (its
         # flattened form has per-parameter tensors too, so the two cannot always be told apart)
         hint += (" Or, if it is this optimizer's own state" if torch_like else " If it came") + (

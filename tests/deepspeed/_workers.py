@@ -539,6 +539,88 @@ def w_cross_stage(rank: int, world: int, ckpt_root: str, pairs: list[tuple[int, 
     return out
 
 
+def w_cross_precision(rank: int, world: int, ckpt_root: str, cases: list[tuple[int, str, str]]) -> dict[Any, str]:
+    """Per (stage, saved dtype, loading dtype): the error of loading, with optimizer state, a checkpoint written
+    with bf16 on by an engine with it off or the other way round (SOAA, one step), or "ok"; ("module", stage,
+    saved, loading): the same load with load_optimizer_states=False."""
+    ds_env(rank, world)
+    import deepspeed_ext
+
+    params = {"lr": 1e-2, "gamma": 0.1, "total_steps": 10}
+
+    def engine_at(stage: int, dtype: str) -> Any:
+        cfg = make_config(stage, dtype, "lightning_soaa.SOAA", params)
+        engine, _, _, _ = deepspeed_ext.initialize(model=tiny_mlp(0, torch.float32, SIZES), config=cfg)
+        return engine
+
+    out: dict[Any, str] = {}
+    for stage, saved, loading in cases:
+        path = os.path.join(ckpt_root, f"s{stage}-{saved}")
+        engine = engine_at(stage, saved)
+        _train(engine, rank, range(1), saved)
+        engine.save_checkpoint(path, tag="t1")
+        del engine
+        for module_only in (False, True):
+            engine = engine_at(stage, loading)
+            key = ("module", stage, saved, loading) if module_only else (stage, saved, loading)
+            try:
+                engine.load_checkpoint(path, load_optimizer_states=not module_only,
+                                       load_lr_scheduler_states=not module_only)
+                out[key] = "ok"
+            except Exception as exc:  # noqa: BLE001 - the message is what the test checks
+                out[key] = f"{type(exc).__name__}: {exc}"
+            del engine
+    return out
+
+
+def w_leave_deepspeed(rank: int, world: int, ckpt_root: str) -> dict[str, Any]:
+    """What engine.save_checkpoint wrote (SOAA, 3 steps, saved at ZeRO-0 and ZeRO-2) loaded into a plain SOAA
+    without DeepSpeed: the client's state as saved (refused: what it is), and at ZeRO-0 its inner state (3 more
+    steps); ``ds``: the same 6 steps under the engine (ZeRO-0), this world size."""
+    ds_env(rank, world)
+    import glob
+
+    import deepspeed_ext
+    from lightning_soaa.optim.soaa import SOAA
+
+    params = {"lr": 1e-2, "gamma": 0.1, "total_steps": 10}
+    out: dict[str, Any] = {}
+    for stage in (0, 2):
+        engine, _, _, _ = deepspeed_ext.initialize(model=tiny_mlp(0, torch.float32, SIZES),
+                                                   config=make_config(stage, "fp32", "lightning_soaa.SOAA", params))
+        _train(engine, rank, range(3))
+        engine.save_checkpoint(os.path.join(ckpt_root, f"s{stage}"), tag="t3")
+        if stage == 0:
+            _train(engine, rank, range(3, 6))
+            out["ds"] = [p.detach().clone() for p in engine.module.parameters()]
+        del engine
+    folder = os.path.join(ckpt_root, "s0", "t3")
+    saved = torch.load(os.path.join(folder, "mp_rank_00_model_states.pt"), weights_only=False)
+    z2 = glob.glob(os.path.join(ckpt_root, "s2", "t3", f"zero_pp_rank_{rank}_*optim_states.pt"))[0]
+    z2_state = torch.load(z2, weights_only=False)["optimizer_state_dict"]["base_optimizer_state"]
+    for key, sd in (("as_saved", saved["optimizer"]), ("zero2", z2_state), ("inner", None)):
+        model = tiny_mlp(7, torch.float32, SIZES)
+        model.load_state_dict(saved["module"])
+        opt = SOAA(model.parameters(), **params)
+        try:
+            opt.load_state_dict(sd if sd is not None else saved["optimizer"]["lightning_soaa_deepspeed"]["inner"])
+        except ValueError as exc:
+            out[key] = str(exc)
+            continue
+        for s in range(3, 6):  # the engine averaged the ranks' gradients: each rank's batch, then the mean
+            x, y = batch(s, rank, dtype=torch.float32)
+            opt.zero_grad()
+            loss = loss_fn(model, x, y)
+            loss.backward()
+            for p in model.parameters():
+                torch.distributed.all_reduce(p.grad)
+                p.grad.div_(world)
+            torch.distributed.all_reduce(loss)
+            opt.step(loss=loss.detach() / world)
+        out[key] = [p.detach().clone() for p in model.parameters()]
+    return out
+
+
 def allow_cpu_fp16() -> None:
     """DeepSpeed's CPU accelerator reports fp16 as supported only where oneDNN has fp16 kernels (not on every CI
     machine), and the engine then refuses fp16. Its fp16 path (loss scaler, overflow check, fp32 masters) is the

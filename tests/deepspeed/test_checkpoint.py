@@ -10,8 +10,10 @@ import torch
 from tests.deepspeed._workers import (
     w_checkpoint,
     w_client_state_global_steps,
+    w_cross_precision,
     w_cross_stage,
     w_latest_after_a_failed_save,
+    w_leave_deepspeed,
     w_mixed_saves_refused,
     w_node_local_refusal,
     w_own_tag_saved_again,
@@ -85,6 +87,36 @@ def test_checkpoint_from_another_zero_stage_names_both_stages(tmp_path):
             assert f"Resume with zero_optimization.stage={saved}" in msg, msg
         assert "load_optimizer_states=False" in r[(2, 0)] and "zero_to_fp32.py" in r[(3, 0)]
         assert r[("module", 0, 2)] == "ok"
+
+
+def test_checkpoint_saved_with_bf16_on_or_off_names_both_on_every_rank(tmp_path):
+    """Optimizer state saved with bf16 off and loaded by a bf16 engine, or the other way round: ZeRO-0 said
+    ``KeyError: 'dynamic_loss_scale'`` (fp32 -> bf16) or "not a lightning_soaa DeepSpeed optimizer state" (bf16
+    -> fp32), ZeRO-2 a FileNotFoundError for the other precision's file names. Each now names both settings and
+    what works, on every rank; the module alone still loads."""
+    cases = [(0, "fp32", "bf16"), (0, "bf16", "fp32"), (2, "fp32", "bf16")]
+    res = run_distributed(w_cross_precision, 2, tmp_path, str(tmp_path / "ckpt"), cases, timeout=200)
+    shown = {"bf16": "bf16.enabled=true", "fp32": "bf16 off (fp32 or fp16)"}
+    for r in res:
+        for stage, saved, loading in cases:
+            msg = r[(stage, saved, loading)]
+            assert msg.startswith("StateLayoutError:"), (stage, saved, loading, msg)
+            assert f"was written with {shown[saved]}; this engine runs with {shown[loading]}" in msg, msg
+            assert f"Resume with bf16.enabled={str(saved == 'bf16').lower()}" in msg, msg
+            assert r[("module", stage, saved, loading)] == "ok", r[("module", stage, saved, loading)]
+
+
+def test_a_deepspeed_checkpoint_loaded_without_deepspeed_says_where_the_state_is(tmp_path):
+    """A run leaving DeepSpeed: the optimizer entry engine.save_checkpoint wrote, loaded into the plain SOAA, was
+    refused as a state torch's DCP options had rebuilt. It now says what it is: at ZeRO-0 where the optimizer's
+    own state is (which then continues as the engine did), at ZeRO-2 that there is none to continue."""
+    res = run_distributed(w_leave_deepspeed, 2, tmp_path, str(tmp_path / "ckpt"), timeout=200)
+    for r in res:
+        assert "state_dict['lightning_soaa_deepspeed']['inner']" in r["as_saved"], r["as_saved"]
+        assert "DCP" not in r["as_saved"] and "flatten" not in r["as_saved"], r["as_saved"]
+        assert "at ZeRO-2: DeepSpeed's per-partition state" in r["zero2"], r["zero2"]
+        for a, b in zip(r["inner"], r["ds"], strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)  # float32, another summation order
 
 
 @pytest.mark.parametrize("opt_type", ["lightning_soaa.ASGO", "lightning_soaa.SOAA"])
