@@ -292,7 +292,12 @@ def _asgo_parts(model: nn.Module, lr: float, w: Workload, **options: Any) -> tup
 
 def build(opt: str, model: nn.Module, lr: float, w: Workload) -> tuple[list[Any], Callable[..., None]]:
     """(the torch optimizers whose param groups carry the lr, the training step ``step(x, y)``). For
-    ``Muon-split`` ``model`` is the split one (:func:`model_for` with ``split=True``)."""
+    ``Muon-split`` ``model`` is the split one (:func:`model_for` with ``split=True``). ``AdamW`` is torch's
+    fused AdamW, the baseline every ratio is against, not the registry's ``AdamW`` (the package's ShardedAdamW,
+    which this took from 2026-11-30 to 2026-12-06: a slower step, about 1% of a ``chars`` training step)."""
+    if opt == "AdamW":
+        o: Any = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=True)
+        return [o], _torch_step(o, model, loss_fn(w.name))
     if opt in registry.names() or opt in EGN_SETTINGS:
         o, step = _ours(opt, model, lr, w)
         return [o], step
@@ -301,9 +306,7 @@ def build(opt: str, model: nn.Module, lr: float, w: Workload) -> tuple[list[Any]
         return [o], step
     if opt in SPLIT_MODEL and not any(isinstance(m, SplitLinear) for m in model.modules()):
         raise ValueError(f"{opt} trains the split model: build it with model_for(..., split=True).")
-    if opt == "AdamW":
-        o = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=True)
-    elif opt in ("Muon", "Muon-split"):
+    if opt in ("Muon", "Muon-split"):
         o = _muon(model, lr)
     elif opt in HEAVYBALL:
         import heavyball
