@@ -578,6 +578,7 @@ class BatchToOptimizer(Callback):
         self._last_inputs: dict[int, Any] = {}  # per target: the inputs it was handed last
         self._step_hooks: list[Any] = []  # the targets' step hooks (manual optimization, see _watch_steps)
         self._no_batch = False  # training_step takes a dataloader_iter: the hooks get batch=None
+        self._unrun: tuple[int, int] | None = None  # (epoch, batch_idx) handed over, its training_step not run yet
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -596,6 +597,7 @@ class BatchToOptimizer(Callback):
             raise ValueError(DATALOADER_ITER_MESSAGE.format(optimizer=optimizer_name(targets[0]),
                                                             module=type(pl_module).__name__))
         self._manual, self._handed, self._last_inputs = not pl_module.automatic_optimization, {}, {}
+        self._unrun = None
         self._unwatch_steps()
         if self._manual and not _strategy_accumulates(trainer):
             self._watch_steps(targets)
@@ -642,6 +644,7 @@ class BatchToOptimizer(Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         self._backward_seen = False
+        self._forget_unrun_batch()
         targets_opts = _targets(trainer, StepNeeds.BATCH)
         if not targets_opts or self._no_batch:
             return  # (a training_step of manual optimization that takes a dataloader_iter hands over its batches)
@@ -659,6 +662,16 @@ class BatchToOptimizer(Callback):
             if id(opt) in self._handed:
                 self._handed[id(opt)].append((trainer.current_epoch, batch_idx))
                 self._last_inputs[id(opt)] = inputs
+                self._unrun = (trainer.current_epoch, batch_idx)
+
+    def _forget_unrun_batch(self) -> None:
+        """Drop the last hand-over from the batches counted since a step when that batch's training never ran:
+        a module's ``on_train_batch_start`` returning -1 (skip the rest of the epoch) runs after this callback's
+        hook, and the next epoch's first step (on its own batch, stepping every batch) was refused for it."""
+        for handed in self._handed.values():
+            if handed and handed[-1] == self._unrun:
+                handed.pop()
+        self._unrun = None
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -676,6 +689,7 @@ class BatchToOptimizer(Callback):
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        self._unrun = None  # its training_step ran (the batch counts, see _forget_unrun_batch)
         # A skipped micro-batch inside an accumulation window (no step yet) would go into the next step's
         # concatenated batch.
         self._refuse_skipped_batch(trainer, pl_module)

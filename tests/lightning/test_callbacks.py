@@ -320,6 +320,39 @@ def test_egn_stepped_every_other_batch_under_manual_optimization_is_refused_not_
             torch.testing.assert_close(a, b, rtol=0, atol=1e-12, msg=how)
 
 
+class _EGNSkippingEpochRests(PlainRegressor):
+    """Manual optimization, EGN stepped at every training batch on the batch BatchToOptimizer handed it; the
+    module's ``on_train_batch_start`` returns -1 (Lightning's "skip the rest of this epoch") at batch_idx 2."""
+
+    def __init__(self) -> None:
+        super().__init__(batch_size=8)
+        self.automatic_optimization = False
+
+    def configure_optimizers(self) -> Any:
+        return lightning_soaa.EGN(self, loss="mse", lr=0.5)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
+        return -1 if batch_idx == 2 else None
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        self.optimizers().step()
+
+
+def test_egn_stepped_every_batch_after_an_epoch_cut_short_is_not_refused(tmp_path: Path) -> None:
+    """The callback hands batch 2 over before the module's on_train_batch_start returns -1, and its
+    training_step never runs: counted as a batch the user had not stepped on, the next epoch's first step
+    (on its own batch, as at every batch) was refused ("handed the batches of batch_idx [2]"). It trains,
+    equal to the plain loop on batches 0, 1 of each epoch."""
+    model = _EGNSkippingEpochRests()
+    make_trainer(tmp_path, max_steps=-1, max_epochs=2, callbacks=[BatchToOptimizer()]).fit(model)
+    ref = PlainRegressor(batch_size=8)
+    opt = lightning_soaa.EGN(ref, loss="mse", lr=0.5)
+    for x, y in 2 * list(torch.utils.data.DataLoader(regression_data(), batch_size=8))[:2]:
+        opt.step(inputs=x, targets=y)
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
 class _ValidatedRegressor(TinyRegressor):
     """:class:`TinyRegressor` with a validation set."""
 
