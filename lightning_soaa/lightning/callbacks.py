@@ -81,14 +81,16 @@ MANUAL_HANDOVERS_MESSAGE = (
 
 DATALOADER_ITER_MESSAGE = (
     "BatchToOptimizer with {optimizer}: {module}.training_step takes a dataloader_iter, so Lightning hands the "
-    "callbacks no batch (batch=None) and {optimizer}, which steps on the batch, would have none. Use manual "
+    "callbacks not the step's batch (None at the first, then the batch the previous training_step fetched) and "
+    "{optimizer}, which steps on the batch, would step on the wrong one or none. Use manual "
     "optimization (self.automatic_optimization = False) and pass the batch, opt.step(inputs=x, targets=y), or a "
     "training_step(batch, batch_idx)."
 )
 
 
 def _takes_dataloader_iter(pl_module: pl.LightningModule) -> bool:
-    """Whether ``training_step`` takes Lightning's ``dataloader_iter`` (the callbacks then get ``batch=None``)."""
+    """Whether ``training_step`` takes Lightning's ``dataloader_iter`` (Lightning's own test, the same fetcher): the
+    callbacks then get ``batch=None`` at the first batch and the batch the previous ``training_step`` fetched after."""
     from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 
     return is_param_in_hook_signature(pl_module.training_step, "dataloader_iter", explicit=True)
@@ -561,7 +563,7 @@ class BatchToOptimizer(Callback):
     Under manual optimization each training batch is handed over alone, replacing the last; a ``step()``
     without inputs after several training batches without a step is refused (``ValueError``, before the
     step): it would step on the last of them alone. Pass ``step(inputs=..., targets=...)`` there. A
-    ``training_step(dataloader_iter)`` gives the callbacks no batch: nothing is handed over (manual optimization
+    ``training_step(dataloader_iter)`` gives the callbacks not its batch: nothing is handed over (manual optimization
     passes the batch to ``step``), and under automatic optimization the fit is refused at its start.
 
     Args:
@@ -577,7 +579,7 @@ class BatchToOptimizer(Callback):
         self._handed: dict[int, list[tuple[int, int]]] = {}  # per target: (epoch, batch_idx) handed since its step
         self._last_inputs: dict[int, Any] = {}  # per target: the inputs it was handed last
         self._step_hooks: list[Any] = []  # the targets' step hooks (manual optimization, see _watch_steps)
-        self._no_batch = False  # training_step takes a dataloader_iter: the hooks get batch=None
+        self._no_batch = False  # training_step takes a dataloader_iter: the hooks get None or the previous batch
         self._unrun: tuple[int, int] | None = None  # (epoch, batch_idx) handed over, its training_step not run yet
 
     @override
