@@ -96,6 +96,16 @@ def _takes_dataloader_iter(pl_module: pl.LightningModule) -> bool:
     return is_param_in_hook_signature(pl_module.training_step, "dataloader_iter", explicit=True)
 
 
+def _batch_list(batches: list[tuple[int, int]], epoch: int, most: int = 6) -> str:
+    """``(epoch, batch_idx)`` pairs as ``[i, j of epoch e, ...]`` for an error message (the epoch named where it is
+    not ``epoch``), at most ``most`` of them named: an optimizer left alone for a whole phase of training was
+    handed thousands of batches, and the message listed every one."""
+    names = [str(i) if e == epoch else f"{i} of epoch {e}" for e, i in batches]
+    if len(names) > most:
+        names = names[:most // 2] + [f"... ({len(names)} batches)"] + names[-(most - most // 2):]
+    return "[" + ", ".join(names) + "]"
+
+
 def _strategy_accumulates(trainer: pl.Trainer) -> bool:
     """True when the strategy accumulates gradients itself (DeepSpeed): Lightning then calls the optimizer
     step hooks after every micro-batch and the engine decides which of them really step."""
@@ -623,7 +633,7 @@ class BatchToOptimizer(Callback):
             return  # the user's own batch, or the one training batch handed over since the last step
         raise ValueError(MANUAL_HANDOVERS_MESSAGE.format(
             optimizer=optimizer_name(optimizer), epoch=handed[-1][0], batch_idx=handed[-1][1],
-            dropped=[i for _, i in handed[:-1]], n=len(handed)))
+            dropped=_batch_list(handed[:-1], epoch=handed[-1][0]), n=len(handed)))
 
     def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if id(optimizer) in self._handed:

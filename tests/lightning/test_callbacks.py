@@ -353,6 +353,32 @@ def test_egn_stepped_every_batch_after_an_epoch_cut_short_is_not_refused(tmp_pat
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
+class _EGNAfterWarmup(PlainRegressor):
+    """Manual optimization, EGN first stepped at epoch 1, batch_idx 3 (a warm-up left to other code)."""
+
+    def __init__(self) -> None:
+        super().__init__(batch_size=2)
+        self.automatic_optimization = False
+
+    def configure_optimizers(self) -> Any:
+        return lightning_soaa.EGN(self, loss="mse", lr=0.5)
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        if self.current_epoch == 1 and batch_idx == 3:
+            self.optimizers().step()
+
+
+def test_the_manual_handovers_refusal_names_a_few_batches_with_their_epochs(tmp_path: Path) -> None:
+    """The refusal listed every batch handed over since the last step by batch_idx alone: 35 numbers here
+    (thousands after a long warm-up), batch_idx 0-31 of epoch 0 and 0-2 of epoch 1 mixed up. It names a few,
+    with their epoch where it is not the step's, and how many there were."""
+    trainer = make_trainer(tmp_path, max_steps=-1, max_epochs=2, callbacks=[BatchToOptimizer()])
+    with pytest.raises(ValueError, match=r"epoch 1, batch_idx 3\) alone.*batch_idx \[0 of epoch 0, 1 of epoch 0, "
+                       r"2 of epoch 0, \.\.\. \(35 batches\), 0, 1, 2\] since") as err:
+        trainer.fit(_EGNAfterWarmup())
+    assert len(str(err.value)) < 800
+
+
 class _ValidatedRegressor(TinyRegressor):
     """:class:`TinyRegressor` with a validation set."""
 
