@@ -66,6 +66,7 @@ __all__ = [
     "digest_group_texts",
     "group_values",
     "first_group_difference",
+    "first_global_difference",
     "grad_digest",
     "grad_sq_tensor",
     "grad_sq_exact",
@@ -303,6 +304,21 @@ def first_group_difference(by_rank: Sequence[Sequence[dict[str, str]]], ranks: S
                 if a.get(key) != b.get(key):
                     return (f": param_groups[{i}][{key!r}] is {a.get(key, '(absent)')} on rank 0, "
                             f"{b.get(key, '(absent)')} on rank {r}")
+    return ""
+
+
+def first_global_difference(by_rank: Sequence[dict[str, Any]], ranks: Sequence[int]) -> str:
+    """``": opt.key is A on rank 0, B on rank r"`` for the first optimizer-wide value (by name) in which one of
+    ``ranks`` differs from rank 0 (each rank's ``{name: value}`` of the values set by hand on the optimizer
+    itself, EGN's ``damping`` and ``alpha``); '' if none."""
+    ref = by_rank[0]
+    for r in ranks:
+        other = by_rank[r]
+        for key in sorted(set(ref) | set(other)):
+            a, b = _short_text(ref[key]) if key in ref else "(absent)", _short_text(other[key]) if key in other \
+                else "(absent)"
+            if a != b:
+                return f": opt.{key} is {a} on rank 0, {b} on rank {r}"
     return ""
 
 

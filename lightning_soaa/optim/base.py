@@ -1780,6 +1780,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
         rebuilt = int(self.__dict__.get("_rebuilt_digest", 0))  # parameters converted before the first step
         return self._groups_digest() ^ rebuilt
 
+    def _global_hyperparameters(self) -> dict[str, float]:
+        """Optimizer-wide values a loop sets by hand between steps (``opt.<name>``, not in a param group) that
+        every rank must set alike (EGN's ``damping`` and ``alpha``): a subclass digests them with the groups
+        (:meth:`_hyper_digest`), and a refusal names the one that differs (:meth:`_hyper_error`). None here."""
+        return {}
+
     def _groups_digest(self) -> int:
         """:func:`agreement.hyperparameter_digest` of the param groups, each group's text kept while its values
         are the same objects (:class:`HyperparameterDigest`): the step's and each add_param_group's cross-rank
@@ -1809,8 +1815,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
                      if not (self.num_steps or self.skipped_steps) else "")
         # every rank is here (the verdict comes from the all-reduced table): one more collective, on
         # this path only, names the value that differs
-        detail = agreement.first_group_difference(
-            self.comm.all_gather_object(agreement.group_values(self.param_groups)), ranks)
+        # (an optimizer-wide value set by hand, EGN's opt.damping, is named too: it was "differ" and no more)
+        by_rank = self.comm.all_gather_object((agreement.group_values(self.param_groups),
+                                               self._global_hyperparameters()))
+        detail = (agreement.first_group_difference([g for g, _ in by_rank], ranks)
+                  or agreement.first_global_difference([o for _, o in by_rank], ranks))
         return RuntimeError(
             f"{name}.step: the hyperparameters ({self._hyper_what}) on rank(s) {ranks} "
             f"differ from rank 0's{detail}; every rank must set the same values (same scheduler on every rank; a "

@@ -987,13 +987,16 @@ class EGN(ShardedOptimizer):
                 "construction" + ("; the damping λ in use is the attribute opt.damping (set it there between steps)."
                                   if "damping" in ignored else "."))
 
+    def _global_hyperparameters(self) -> dict[str, float]:
+        return {"damping": self.damping, "alpha": self.alpha}
+
     def _hyper_digest(self) -> int:
         # λ and the line search's α are optimizer-wide and set by hand too (README: opt.damping from a
         # callback): a value set on some ranks only must be refused like a param group's
-        own = (self.damping, self.alpha)
+        own = self._global_hyperparameters()
         cached = self.__dict__.get("_global_digest")
         if cached is None or cached[0] != own:
-            cached = (own, agreement.hyperparameter_digest([{"damping": own[0], "alpha": own[1]}]))
+            cached = (own, agreement.hyperparameter_digest([own]))
             self._global_digest = cached
         return super()._hyper_digest() ^ cached[1]
 

@@ -751,6 +751,43 @@ def test_hyperparameters_changed_on_one_rank_raise_at_the_step(tmp_path: Path, n
         assert out["unchanged"] and out["after"] == "no error", out
 
 
+def _settable(name: str) -> list[str]:
+    """The optimizer-wide values a loop may set by hand between steps, outside the param groups: the class's
+    settable properties (EGN's ``opt.damping`` and ``opt.alpha``)."""
+    cls = get(name).load()
+    return sorted(n for n in dir(cls) if isinstance(getattr(cls, n, None), property) and getattr(cls, n).fset)
+
+
+GLOBAL_VALUES = [pytest.param(s.name, n, id=f"{s.name}-{n}") for s in REGISTRY for n in _settable(s.name)]
+
+
+def _w_global_changed_on_one_rank(rank: int, world: int, name: str, attr: str) -> dict[str, Any]:
+    model = tiny_mlp(sizes=SIZES)
+    opt = _build(name, model)
+    _step(name, opt, model, 0, rank)
+    was = getattr(opt, attr)
+    new = was * 0.5 or 0.25
+    if rank == 1:
+        setattr(opt, attr, new)  # e.g. a callback annealing EGN's λ on one rank only
+    before = _params(model)
+    msg = _error(lambda: _step(name, opt, model, 1, rank))
+    unchanged = all(torch.equal(a, b) for a, b in zip(before, _params(model)))
+    setattr(opt, attr, was)
+    return {"msg": msg, "was": was, "new": new, "unchanged": unchanged,
+            "after": _error(lambda: _step(name, opt, model, 1, rank))}
+
+
+@pytest.mark.parametrize(("name", "attr"), GLOBAL_VALUES)
+def test_an_optimizer_wide_value_set_on_one_rank_is_named_on_every_rank(tmp_path: Path, name: str, attr: str) -> None:
+    """An optimizer-wide value set by hand on one rank only (EGN's ``opt.damping``, ``opt.alpha``) raises on
+    every rank naming it with both ranks' values, as a param group's value does (the message said only that
+    "the hyperparameters" differ: no field, no value); nothing changed, and the ranks then step on."""
+    for out in run_distributed(_w_global_changed_on_one_rank, 2, tmp_path, name, attr):
+        assert "hyperparameters" in out["msg"] and "rank(s) [1]" in out["msg"], out["msg"]
+        assert f"opt.{attr} is {out['was']!r} on rank 0, {out['new']!r} on rank 1" in out["msg"], out["msg"]
+        assert out["unchanged"] and out["after"] == "no error", out
+
+
 # ---------------------------------------------------------------------- 4. an error on one rank only
 def _w_one_rank_raises(rank: int, world: int, name: str) -> dict[str, Any]:
     spec = get(name)
