@@ -70,6 +70,9 @@ __all__ = [
     "grad_digest",
     "grad_sq_tensor",
     "grad_sq_exact",
+    "grad_scan_tensors",
+    "grad_log_exact",
+    "GRAD_LOG_SLOT",
     "param_digest",
     "instance_id",
     "RECORD_SLOTS",
@@ -112,9 +115,10 @@ CONSTRUCTION_WIDTH = 16
 
 #: values per rank in the step's all-reduce: error flag, hyperparameter digest, Σ‖g‖², #gradients, the
 #: step counter, the replica check's flag (1: this rank compares its parameters at this step), the
-#: parameter digest and the optimizer instance's id (:func:`instance_id`). The same layout on every rank and
-#: at every step, whether or not a value is used.
-STEP_ROW = 8
+#: parameter digest, the optimizer instance's id (:func:`instance_id`) and Σ log2 ‖g_i‖² over the compared
+#: gradients (:data:`GRAD_LOG_SLOT`). The same layout on every rank and at every step, whether or not a value
+#: is used.
+STEP_ROW = 9
 
 #: the step record's summed values (the non-finite flag and the count of ranks with a gradient first) are
 #: padded to this many, so that the step's
@@ -128,6 +132,13 @@ RECORD_SLOTS = 9
 #: slots, so that it meets another optimizer's step record in a call of equal size and both read each
 #: other's ids
 ERROR_SLOT, INSTANCE_SLOT = 0, 7
+
+#: where a rank's row holds Σ_i log2 ‖g_i‖² over its compared gradients (:func:`grad_scan_tensors`): each
+#: parameter's gradient weighs the same whatever its scale. Σ‖g‖² alone is dominated by the largest
+#: gradients, so one parameter whose gradient was not averaged (a layer unfrozen after DDP was built, whose
+#: bucket DDP never reduces) passed unseen below GRAD_RTOL of the sum and was stepped from its owner's own
+#: gradient (a scalar with 4e-9 of Σ‖g‖²: 4% of its movement off the one-process run in 4 steps, silently).
+GRAD_LOG_SLOT = 8
 
 #: the error slot's value of a rank whose error is an out of memory. Each rank writes only its own row, so the
 #: summed table keeps it.
@@ -232,6 +243,13 @@ def other_instances(rows: Sequence[Sequence[float]]) -> list[int]:
 #: keeps a run on heterogeneous devices (different reduction kernels, last-bit differences) from a false
 #: alarm. Different data on different ranks changes Σ‖g‖² at order 1.
 GRAD_RTOL = 1e-6
+
+#: absolute tolerance on :data:`GRAD_LOG_SLOT`'s sum, per compared gradient: a last-bit difference of a norm
+#: moves its log2 by ~1e-7 (float32), a gradient that differs by its own scale (not averaged) by ~1
+GRAD_LOG_ATOL = 1e-5
+
+#: the squared norm a zero gradient's log2 is taken at (the smallest normal float64: log2 = -1022)
+_LOG_FLOOR = 2.0 ** -1022
 
 _MASK48 = (1 << 48) - 1  # 48-bit digests are exact in float64 (53-bit mantissa)
 
@@ -544,6 +562,28 @@ def grad_sq_tensor(grads: Sequence[Tensor]) -> Tensor:
     return stacked.square().sum()
 
 
+def grad_scan_tensors(grads: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """``(Σ‖g‖², Σ log2 ‖g‖²)`` over ``grads`` (at least one) as 0-d float64 tensors on their device, from
+    one read of every gradient (:func:`grad_sq_tensor`'s norms): the second weighs every gradient alike,
+    whatever its scale (:data:`GRAD_LOG_SLOT`); a zero gradient counts at ``2**-1022``."""
+    norms = torch._foreach_norm(list(grads))
+    if all(n.dtype == norms[0].dtype for n in norms):
+        sq = torch.stack(norms).to(torch.float64).square()  # the same values as converting each norm first
+    else:
+        sq = torch.stack([n.to(torch.float64) for n in norms]).square()
+    return sq.sum(), sq.clamp_min(_LOG_FLOOR).log2().sum()
+
+
+def grad_log_exact(grads: Sequence[Tensor]) -> float:
+    """:func:`grad_scan_tensors`' Σ log2 ‖g‖² with every norm accumulated in float64, like
+    :func:`grad_sq_exact` (where a norm in the gradient's own dtype overflowed)."""
+    if not grads:
+        return 0.0
+    real = [torch.view_as_real(g) if g.is_complex() else g for g in grads]
+    sq = torch.stack(torch._foreach_norm(real, dtype=torch.float64)).square()
+    return float(sq.clamp_min(_LOG_FLOOR).log2().sum().cpu())
+
+
 def grad_sq_exact(grads: Sequence[Tensor]) -> float:
     """``Σ‖g‖²`` with every norm accumulated in float64 (complex gradients as their real views): finite
     iff every entry is, also where :func:`grad_sq_tensor`'s norms in the gradients' own dtype overflow.
@@ -607,7 +647,7 @@ def instance_id(construction: Tensor, ordinal: int) -> int:
 
 def step_row_values(rank: int, world: int, *, error: float, hyper: int, grad_sq: float, grad_count: int,
                     steps: int = 0, replica_check: bool = False, params_digest: int = 0,
-                    instance: int = 0) -> list[float]:
+                    instance: int = 0, grad_logs: float = 0.0) -> list[float]:
     """:func:`step_rows` as a list of floats (what the step packs into its vector). ``error``: a bool, or
     :func:`error_flag`'s value."""
     out = [0.0] * (world * STEP_ROW)
@@ -615,7 +655,8 @@ def step_row_values(rank: int, world: int, *, error: float, hyper: int, grad_sq:
     out[rank * STEP_ROW:(rank + 1) * STEP_ROW] = [float(error), float(hyper),
                                                   grad_sq if math.isfinite(grad_sq) else 0.0, float(grad_count),
                                                   float(steps), 1.0 if replica_check else 0.0,
-                                                  float(params_digest), float(instance)]
+                                                  float(params_digest), float(instance),
+                                                  grad_logs if math.isfinite(grad_logs) else 0.0]
     return out
 
 
@@ -660,10 +701,11 @@ def read_step_rows(rows: Tensor | Sequence[float], world: int, compare_grads: bo
     hyper = [r for r in range(world) if m[r][1] != m[0][1]]
     grads: list[int] = []
     if compare_grads:
-        ref_sq, ref_n = m[0][2], m[0][3]
+        ref_sq, ref_n, ref_logs = m[0][2], m[0][3], m[0][GRAD_LOG_SLOT]
         for r in range(1, world):
-            sq, n = m[r][2], m[r][3]
-            if n != ref_n or abs(sq - ref_sq) > GRAD_RTOL * max(abs(sq), abs(ref_sq)):
+            sq, n, logs = m[r][2], m[r][3], m[r][GRAD_LOG_SLOT]
+            if (n != ref_n or abs(sq - ref_sq) > GRAD_RTOL * max(abs(sq), abs(ref_sq))
+                    or abs(logs - ref_logs) > GRAD_LOG_ATOL * max(n, 1.0)):
                 grads.append(r)
     steps = [int(m[r][4]) for r in range(world)]
     checks = [r for r in range(world) if m[r][5] != m[0][5]]

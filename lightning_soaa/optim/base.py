@@ -1716,10 +1716,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
             return self.step_record(), e
         return record, None
 
-    def _agreement_rows(self, error: BaseException | None, grad_sq: float = 0.0) -> list[float]:
-        """This rank's row of the step's agreement block (W > 1; empty at W = 1). ``grad_sq``: this
-        rank's Σ‖g‖² when the gradients are compared (:meth:`_grad_scan`, copied to the host with the
-        record's values)."""
+    def _agreement_rows(self, error: BaseException | None, grad: tuple[float, float] = (0.0, 0.0)) -> list[float]:
+        """This rank's row of the step's agreement block (W > 1; empty at W = 1). ``grad``: this rank's
+        Σ‖g‖² and Σ log2 ‖g_i‖² when the gradients are compared (:meth:`_local_values`, copied to the host
+        with the record's values)."""
         if self.comm.world_size == 1:
             return []
         held = self.__dict__.pop("_grads_held", 0)
@@ -1730,9 +1730,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
         digest = agreement.param_digest(self._params) if check and error is None else 0
         hyper = self._hyper_digest() if error is None else 0
         return agreement.step_row_values(self.comm.rank, self.comm.world_size, error=agreement.error_flag(error),
-                                         hyper=hyper, grad_sq=grad_sq, grad_count=count,
+                                         hyper=hyper, grad_sq=grad[0], grad_count=count,
                                          steps=self.num_steps + self.skipped_steps, replica_check=check,
-                                         params_digest=digest, instance=self.__dict__.get("_instance_id", 0))
+                                         params_digest=digest, instance=self.__dict__.get("_instance_id", 0),
+                                         grad_logs=grad[1])
 
     def _checks_replicas(self) -> bool:
         """Whether the parameters must be compared across ranks at the first step after construction or
@@ -1909,14 +1910,14 @@ class ShardedOptimizer(torch.optim.Optimizer):
         record, error = self._prepare_locally(views, local_error)
         compare = self._compares_grads()
         try:
-            vals, compared_sq = self._local_values(views, record, error, compare)
+            vals, compared = self._local_values(views, record, error, compare)
             if isinstance(self.comm, LocalComm):  # one process: nothing to agree on, nothing to reduce
                 if error is not None:
                     raise error
                 return record.with_sums(vals)
             if error is None:
                 self._reserve_exchange_out()
-            rows = self._agreement_rows(error, compared_sq)
+            rows = self._agreement_rows(error, compared)
         except Exception as e:
             if isinstance(self.comm, LocalComm):
                 raise
@@ -1954,29 +1955,40 @@ class ShardedOptimizer(torch.optim.Optimizer):
         return record.with_sums(reduced[:n])
 
     def _local_values(self, views: list[BlockView], record: StepRecord, error: BaseException | None,
-                      compare: bool) -> tuple[list[float], float]:
+                      compare: bool) -> tuple[list[float], tuple[float, float]]:
         """The record's summed values on the host, with this rank's non-finite flag and gradient flag in its
-        first two slots, and the Σ‖g‖² compared across ranks (0 unless ``compare``): the gradient scan, copied
-        to the host with the record's values (one host copy). After an ``error`` nothing is read (every rank
-        raises, and a gradient may be unreadable: meta)."""
-        scan = self._grad_scan(views) if error is None else 0.0
-        # FSDP2: the plain parameters' gradients are compared apart from the scan of the owned shards
+        first two slots, and the Σ‖g‖² and Σ log2 ‖g_i‖² compared across ranks (0 unless ``compare``): the
+        gradient scan, copied to the host with the record's values (one host copy). After an ``error`` nothing
+        is read (every rank raises, and a gradient may be unreadable: meta)."""
+        scan: Tensor | float = 0.0
+        logs: Tensor | float = 0.0
         plain: Tensor | float = 0.0
-        if compare and self._dtensor is not None and error is None:
-            grads = self._compared_grads()
-            plain = agreement.grad_sq_tensor(grads) if grads else 0.0
-        vals = host_floats([getattr(record, n) for n in record.summed_fields()] + [scan, plain])
+        if error is not None:
+            pass
+        elif compare and self._dtensor is None:  # the scan reads the compared gradients: their logs from its norms
+            grads = self._scanned_grads(views)
+            scan, logs = agreement.grad_scan_tensors(grads) if grads else (0.0, 0.0)
+        else:
+            scan = self._grad_scan(views)
+            if compare:  # FSDP2: the plain parameters' gradients are compared apart from the owned shards' scan
+                grads = self._compared_grads()
+                plain, logs = agreement.grad_scan_tensors(grads) if grads else (0.0, 0.0)
+        vals = host_floats([getattr(record, n) for n in record.summed_fields()] + [scan, plain, logs])
+        grad_logs = vals.pop()
         plain_sq = vals.pop()
         grad_sq = vals.pop()
         if error is None and not math.isfinite(grad_sq):
             # finite gradients whose float32 norm overflows (|g| > 3.4e38, e.g. ten entries of 1e19) are
             # not skipped: only then are the norms taken again, accumulated in float64 (10x slower)
             grad_sq = agreement.grad_sq_exact(self._scanned_grads(views))
+        if compare and error is None and not math.isfinite(grad_logs):
+            grad_logs = agreement.grad_log_exact(self._scanned_grads(views) if self._dtensor is None
+                                                 else self._compared_grads())
         bad = error is None and (vals[0] > 0 or not math.isfinite(grad_sq) or self._local_nonfinite(vals[1:])
                                  or self._statistic_overflows(views, grad_sq))
         vals[0] = 1.0 if bad else 0.0
         vals[1] = 1.0 if error is None and any(v.grad is not None for v in views) else 0.0
-        return vals, (grad_sq if self._dtensor is None else plain_sq) if compare else 0.0
+        return vals, ((grad_sq if self._dtensor is None else plain_sq), grad_logs) if compare else (0.0, 0.0)
 
     def _warn_in_handler_checkpoint(self) -> None:
         """Once, at the first W > 1 step: Lightning's SLURM auto-requeue checkpoints inside its signal

@@ -572,6 +572,44 @@ def test_gradients_that_differ_across_ranks_raise_on_every_rank(tmp_path: Path, 
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
+class _Tempered(nn.Module):
+    """The battery's MLP with a learned output scale whose gradient is ~1e-9 of Σ‖g‖² (a temperature)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = tiny_mlp(sizes=SIZES)
+        self.temp = nn.Parameter(torch.ones(1, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x) * (1 + 1e-4 * self.temp)
+
+
+def _w_one_small_gradient_unaveraged(rank: int, world: int, name: str) -> dict[str, Any]:
+    model = _Tempered()
+    opt = _build(name, model)
+    _step(name, opt, model, 0, rank)  # every gradient averaged: fine
+    before = _params(model)
+    loss = _backward(name, opt, model, 1, rank, average=False)
+    share = float(model.temp.grad.square().sum()) / sum(float(p.grad.square().sum()) for p in model.parameters())
+    for p in model.body.parameters():  # DDP reduces every bucket but the scale's (unfrozen after DDP was built)
+        dist.all_reduce(p.grad)
+        p.grad.div_(world)
+    msg = _error(lambda: _step_only(name, opt, model, 1, rank, loss))
+    return {"msg": msg, "share": share, "unchanged": all(torch.equal(a, b) for a, b in zip(before, _params(model)))}
+
+
+@pytest.mark.parametrize("name", GRAD_SPECS)
+def test_one_small_gradient_that_differs_across_ranks_raises_on_every_rank(tmp_path: Path, name: str) -> None:
+    """One parameter's gradient left unaveraged (its DDP bucket never reduced) while the rest are averaged: its
+    share of Σ‖g‖² was below the comparison's tolerance (1e-6 of the sum), so it passed and its owner stepped it
+    from its own gradient (4% of its movement off the one-process run in 4 steps, silently). Each gradient now
+    weighs alike in the comparison: every rank raises, nothing changed."""
+    for out in run_distributed(_w_one_small_gradient_unaveraged, 2, tmp_path, name):
+        assert out["share"] < 1e-6, out["share"]  # what the sum alone cannot see
+        assert "the gradients on rank(s) [1] differ from rank 0's" in out["msg"], out["msg"]
+        assert out["unchanged"], out
+
+
 def _w_stepped_in_backward(rank: int, world: int, name: str) -> str:
     """One optimizer per parameter, each stepped from its parameter's post-accumulate-grad hook (torch's
     pattern for fusing the step into the backward), under DDP: the hooks run before DDP's all-reduce."""
