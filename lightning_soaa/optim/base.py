@@ -1881,8 +1881,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
             fused = (" This step runs inside a backward pass (fused into it by a gradient hook): there it "
                      "comes before DDP averages the gradients, so use grad_reduction='mean' without DDP."
                      if torch._C._current_graph_task_id() != -1 else "")
+            detail = self._grad_difference(verdict.grad_ranks)
             raise RuntimeError(
-                f"{name}.step: the gradients on rank(s) {verdict.grad_ranks} differ from rank 0's, but with "
+                f"{name}.step: the gradients on rank(s) {verdict.grad_ranks} differ from rank 0's{detail}, but with "
                 "grad_reduction='none' every block is updated with its owner's gradient, so the ranks would "
                 "train on different data without averaging it. Wrap the model in DistributedDataParallel "
                 "(Lightning strategy='ddp' does), or construct the optimizer with grad_reduction='mean' to "
@@ -1900,6 +1901,26 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 "Nothing changed."
                 + fused
             )
+
+    def _grad_difference(self, ranks: list[int]) -> str:
+        """`` (first: parameter 'w', ‖g‖² A on rank 0, B on rank r)``: the first compared gradient in which one of
+        ``ranks`` differs from rank 0 (absent: "none"), or '' if none does by its norm alone (then it differs in
+        its values only). Every rank calls it (the verdict comes from the all-reduced table): one more
+        collective, on this error path only, as :meth:`_hyper_error`'s."""
+        idx = range(len(self._params)) if self._dtensor is None else self._dtensor.plain
+        mine = []
+        for i in idx:
+            g = self._params[i].grad
+            mine.append(None if g is None else agreement.grad_sq_exact([g]))
+        by_rank = self.comm.all_gather_object(mine)
+        for r in ranks:
+            for j, (a, b) in enumerate(zip(by_rank[0], by_rank[r])):
+                if a != b and (a is None or b is None or abs(a - b) > agreement.GRAD_RTOL * max(abs(a), abs(b))):
+                    i = list(idx)[j]
+                    label = repr(self._names[i]) if self._names[i] else f"#{i}"
+                    show = ["none" if v is None else f"{v:.6g}" for v in (a, b)]
+                    return f" (first: parameter {label}, ‖g‖² {show[0]} on rank 0, {show[1]} on rank {r})"
+        return ""
 
     def _reduce_record(self, views: list[BlockView], local_error: BaseException | None) -> StepRecord:
         """``_prepare``, this rank's non-finite flag and agreement row, and the step's ONE fp64 all-reduce;

@@ -603,10 +603,11 @@ def test_one_small_gradient_that_differs_across_ranks_raises_on_every_rank(tmp_p
     """One parameter's gradient left unaveraged (its DDP bucket never reduced) while the rest are averaged: its
     share of Σ‖g‖² was below the comparison's tolerance (1e-6 of the sum), so it passed and its owner stepped it
     from its own gradient (4% of its movement off the one-process run in 4 steps, silently). Each gradient now
-    weighs alike in the comparison: every rank raises, nothing changed."""
+    weighs alike in the comparison: every rank raises naming it, nothing changed."""
     for out in run_distributed(_w_one_small_gradient_unaveraged, 2, tmp_path, name):
         assert out["share"] < 1e-6, out["share"]  # what the sum alone cannot see
-        assert "the gradients on rank(s) [1] differ from rank 0's" in out["msg"], out["msg"]
+        assert "the gradients on rank(s) [1] differ from rank 0's (first: parameter 'temp', ‖g‖² " in out["msg"], \
+            out["msg"]  # named, with both ranks' values
         assert out["unchanged"], out
 
 
