@@ -178,7 +178,9 @@ def peers_out_of_memory(what: str, ranks: Sequence[int]) -> torch.OutOfMemoryErr
 
 def _flag_name(flag: float) -> str:
     known = next((cls for cls, f in _KNOWN_ERRORS if f == flag), None)
-    return "an error" if known is None else "torch.OutOfMemoryError" if flag == OOM_FLAG else known.__name__
+    if known is None:  # (a Ctrl+C held for the agreement: its rank raises it, the others an error naming it)
+        return "KeyboardInterrupt" if flag == _class_flag(KeyboardInterrupt) else "an error"
+    return "torch.OutOfMemoryError" if flag == OOM_FLAG else known.__name__
 
 
 def agreed_error(what: str, flags: Sequence[float], own: BaseException | None,

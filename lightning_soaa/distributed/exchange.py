@@ -53,6 +53,7 @@ class HeldBuffers:
     flats: dict[Any, tuple[Tensor, Tensor]]
     full: list[Tensor] = dataclasses.field(default_factory=list)
     error: Exception | None = None
+    flagged: bool = False  # (a parameter gather's, whose first dtype's parts carry each rank's flag)
 
 
 class OwnerExchange:
@@ -261,7 +262,7 @@ class OwnerExchange:
             moves.append((dt, per_rank, n, width, send, out))
         return moves
 
-    def reduce_scatter_grads(self, read: bool = True, held: list[Any] | None = None) -> Exception | None:
+    def reduce_scatter_grads(self, read: bool = True, held: list[Any] | None = None) -> BaseException | None:
         """Average gradients over ranks into each owner's ``p.grad`` blocks (one collective per dtype).
         Blocks this rank does not own keep their local gradient; they are never read.
 
@@ -280,7 +281,10 @@ class OwnerExchange:
         inside the collective's call); a failure of this rank's work after a collective (packing the next
         dtype, writing the averages: a ``p.grad`` of zeros) joins the remaining collectives with zeros and is
         returned, not raised, for the caller to hold for the step's all-reduce (raised, this rank left while the
-        others waited in the next collective). ``held``: the buffers, made before (:meth:`grad_buffers`).
+        others waited in the next collective). A KeyboardInterrupt there too: this rank joins the remaining
+        collectives (bounded: the others wait in them) and it is returned like any error, for the step's all-reduce
+        to raise it on this rank and an error on the others. ``held``: the buffers, made before (:meth:`grad_buffers`).
+        :attr:`averaged`: the parameters (indices) into whose ``p.grad`` this rank wrote an average, in order.
 
         Where no agreement of the step comes before the exchange (one optimizer over the group, after its first
         step: the order check does not run) a rank that cannot make the buffers raises alone, and the others wait
@@ -291,20 +295,22 @@ class OwnerExchange:
             return None
         grads = [p.grad if read else None for p in self.params]
         moves = held or self.grad_buffers()  # (none held: made here)
-        self.averaged = False  # whether an average was written into this rank's p.grad (the step's notes read it)
-        error: Exception | None = None
+        # the parameters into whose p.grad this rank wrote an average (the step's notes read it: a write that failed
+        # part way leaves some of them averaged, the others as backward left them)
+        self.averaged: list[int] = []
+        error: BaseException | None = None
         for dt, per_rank, n, width, send, out in moves:
             try:
                 if error is None:
                     self._pack_grads(send, dt, per_rank, n, width, grads)
-            except Exception as e:
+            except BaseException as e:  # (Ctrl+C too: the others wait in this collective all the same)
                 error, grads = e, [None] * len(grads)
                 send.zero_()  # (in place: the zeros a failed rank joins with)
             got = self.comm.reduce_scatter_flat(send, out)
             try:
                 if error is None and read:
-                    self._write_averages(got, per_rank[self.comm.rank], n, grads)
-            except Exception as e:
+                    self._write_averages(got, per_rank[self.comm.rank], n, grads, self.averaged)
+            except BaseException as e:
                 error, grads = e, [None] * len(grads)
         return error
 
@@ -317,9 +323,11 @@ class OwnerExchange:
                        [_block_of(b, grads[b.param_index]) for b in per_rank[r]])
         buf.index_fill_(0, self._flag_index(dt, per_rank, n, width, grads, buf.device), 1)
 
-    def _write_averages(self, got: Tensor, mine: list[BlockInfo], n: int, grads: list[Tensor | None]) -> None:
+    def _write_averages(self, got: Tensor, mine: list[BlockInfo], n: int, grads: list[Tensor | None],
+                        written: list[int]) -> None:
         """This rank's summed blocks (``got``) as averages into its ``p.grad`` blocks (see
-        :meth:`reduce_scatter_grads`)."""
+        :meth:`reduce_scatter_grads`); ``written`` receives the index of each parameter whose ``p.grad`` it changed
+        (a block written, or made)."""
         world = self.comm.world_size
         flags: list[float] | None = None
         for j, (b, s) in enumerate(zip(mine, self._unpack(got, mine))):
@@ -329,9 +337,10 @@ class OwnerExchange:
                 if flags[j] == 0.0:  # no rank has a gradient for it
                     continue
                 if p.grad is None:  # another block of p may have made it already
+                    written.append(b.param_index)  # (no longer None, as backward left it)
                     p.grad = torch.zeros_like(p)
-            self.averaged = True
             b.view(writable_grad(p)).copy_(s.div_(world))
+            written.append(b.param_index)
 
     def _flag_index(self, dt: torch.dtype, per_rank: list[list[BlockInfo]], n: int, width: int,
                     grads: list[Tensor | None], device: torch.device) -> Tensor:
@@ -354,10 +363,13 @@ class OwnerExchange:
         """All-gather updated parameter blocks from their owners into every rank's parameters. ``held``: its
         buffers, made before (:meth:`gather_buffers` with ``full=False``): nothing allocated before its
         collective. Held buffers made with ``flag=True`` carry ``flag`` (this rank's word on its update: 0 for
-        done) in one more element of the first dtype's part; returned: every rank's, by rank (else ``[]``)."""
-        if self.sharded:
-            return self._gather(lambda b: b.view(self.params[b.param_index]), self.params, skip_own=True,
-                                held=held, flag=flag)
+        done) in one more element of the first dtype's part; returned: every rank's, by rank (else ``[]``), and
+        :data:`UNSENT` for a rank that could not pack its blocks (:meth:`_gather_flagged`)."""
+        if not self.sharded:
+            return []
+        if held is not None and held.flagged:
+            return self._gather_flagged(held, flag)
+        self._gather(lambda b: b.view(self.params[b.param_index]), self.params, skip_own=True, held=held)
         return []
 
     def gather_buffers(self, full: bool = True, flag: bool = False) -> HeldBuffers | None:
@@ -371,7 +383,7 @@ class OwnerExchange:
         world = self.comm.world_size
         flats = {dt: flat_buffers(self.comm, n + extra, world * (n + extra), dt, self._device(per_rank))
                  for i, (dt, per_rank, n) in enumerate(self._nonempty()) for extra in [int(flag and i == 0)]}
-        return HeldBuffers(flats, [torch.zeros_like(p) for p in self.params] if full else [])
+        return HeldBuffers(flats, [torch.zeros_like(p) for p in self.params] if full else [], flagged=flag)
 
     def gather_from_owners(self, owned: list[Tensor], held: HeldBuffers | None = None) -> list[Tensor]:
         """Every rank gets a full-size tensor per parameter, each block from its owner; ``owned`` holds
@@ -395,27 +407,63 @@ class OwnerExchange:
         return full
 
     def _gather(self, source: Callable[[BlockInfo], Tensor], dest: list[Tensor], *, skip_own: bool,
-                held: HeldBuffers | None = None, flag: float = 0.0) -> list[float]:
-        """One all-gather per dtype; returns the ranks' flags where the buffers carry one (see
-        :meth:`gather_params`)."""
+                held: HeldBuffers | None = None) -> None:
+        """One all-gather per dtype (buffers without a flag: :meth:`_gather_flagged` gathers those)."""
         rank, world = self.comm.rank, self.comm.world_size
-        flags: list[float] = []
         for dt, per_rank, n in self._nonempty():
             buf, made = held.flats[dt] if held is not None else (
                 torch.zeros(n, dtype=dt, device=self._device(per_rank)), None)
-            width = buf.numel()  # n, or n + 1: the flag after the blocks and their padding
+            width = buf.numel()
             self._pack(buf, per_rank[rank], [source(b) for b in per_rank[rank]])
-            if width > n:
-                buf[n:].fill_(flag)
             out = self.comm.all_gather_flat(buf, made)
-            if width > n:
-                flags = out[n::width].tolist()
             for r in range(world):
                 if skip_own and r == rank:
                     continue
                 for b, t in zip(per_rank[r], self._unpack(out[r * width:r * width + n], per_rank[r])):
                     b.view(dest[b.param_index]).copy_(t)
+
+    def _gather_flagged(self, held: HeldBuffers, flag: float) -> list[float]:
+        """:meth:`gather_params` into buffers that carry each rank's flag (:meth:`gather_buffers`, ``flag=True``).
+        Every dtype's blocks are packed before the first collective, then the flag, sent as ``flag + 1``: a rank
+        whose packing raised (a hook's error, Ctrl+C) leaves it 0 (the buffer's zeros), which the others read as
+        :data:`UNSENT` and keep their own copies of its blocks. Such a rank, and one whose work after a collective
+        raised, still joins every collective of the gather (raised alone, it left the others waiting in it), then
+        raises its error. Same packing and collectives as :meth:`_gather`."""
+        rank, world = self.comm.rank, self.comm.world_size
+        moves = [(per_rank, n, *held.flats[dt]) for dt, per_rank, n in self._nonempty()]
+        if not moves:  # (nothing to gather: no flag either)
+            return []
+        error: BaseException | None = None
+        try:
+            for per_rank, _n, buf, _ in moves:
+                self._pack(buf, per_rank[rank], [b.view(self.params[b.param_index]) for b in per_rank[rank]])
+            per_rank, n, buf, _ = moves[0]
+            buf[n:].fill_(flag + 1.0)  # (after every block: 0, the zeros, says this rank sent none)
+        except BaseException as e:  # noqa: BLE001 - raised below, after this rank joined every collective
+            error = e
+        flags: list[float] = []
+        unsent: set[int] = set(range(world))  # (until the flags are read)
+        for i, (per_rank, n, buf, made) in enumerate(moves):
+            out = self.comm.all_gather_flat(buf, made)
+            width = buf.numel()
+            try:
+                if i == 0:
+                    flags = [f - 1.0 if f else UNSENT for f in out[n::width].tolist()]
+                    unsent = {r for r, f in enumerate(flags) if f == UNSENT}
+                for r in range(world):
+                    if r != rank and r not in unsent:
+                        for b, t in zip(per_rank[r], self._unpack(out[r * width:r * width + n], per_rank[r])):
+                            b.view(self.params[b.param_index]).copy_(t)
+            except BaseException as e:  # noqa: BLE001 - as above
+                error = error or e
+        if error is not None:
+            raise error
         return flags
+
+
+#: the flag :meth:`OwnerExchange.gather_params` returns for a rank that could not pack its blocks (they were not
+#: sent: every other rank keeps its own copy of them); any value but a rank's word on its update (0, 1, 2)
+UNSENT = 3.0
 
 
 def _block_of(b: BlockInfo, t: Tensor | None) -> Tensor | None:

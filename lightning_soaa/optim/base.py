@@ -126,7 +126,7 @@ from lightning_soaa.distributed.comm import (
     group_key,
 )
 from lightning_soaa.distributed.dtensor import DTensorLayout, FSDPGroups, has_dtensor, local
-from lightning_soaa.distributed.exchange import OwnerExchange
+from lightning_soaa.distributed.exchange import UNSENT, OwnerExchange
 from lightning_soaa.distributed.hyper_digest import HyperparameterDigest
 from lightning_soaa.distributed.reblock import fit_layout
 from lightning_soaa.distributed.state_gather import gather_block_states
@@ -791,8 +791,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
             self._grads_held = sum(p.grad is not None for p in self._params)
             # a failure of this rank's work after the exchange's first collective: held for the step's all-reduce
             self._held_error = self.exchange.reduce_scatter_grads(read=not failed, held=held)
-            # every rank failed before it (all joined with zeros): no average was written; the note says so
-            self._grads_kept = not getattr(self.exchange, "averaged", True)
+            # no average was written (every rank failed before it: all joined with zeros), or only some where writing
+            # them failed part way: the record's note says which p.grad hold one
+            written: list[int] | None = getattr(self.exchange, "averaged", None)  # (None: an exchange of no shards)
+            self._grads_kept = written is not None and not written
+            if written and self.__dict__.get("_held_error") is not None:
+                self._grads_partly = [repr(self._names[i]) if self._names[i] else f"#{i}" for i in sorted(set(written))]
         return None
 
     def _counts_grads(self) -> bool:
@@ -808,18 +812,27 @@ class ShardedOptimizer(torch.optim.Optimizer):
         it, a rank failing there raised alone while the others waited in the reduce-scatter (gloo: an abort or a
         timeout, NCCL: a hang). The buffers (``[]``: the exchange makes them), or None where a rank could not make
         them (that rank's error is in ``self._held_error``): then no rank exchanges, and the record raises on every
-        rank. Where the check does not meet (one optimizer over the group, after its first step) nothing comes
-        before the exchange's buffers: see :meth:`OwnerExchange.reduce_scatter_grads`."""
+        rank. A KeyboardInterrupt there is held the same way (over an error held before: the caller's Ctrl+C is
+        what this rank raises): raised at once, it left the others waiting in this check's all-reduce. Where the
+        check does not meet (one optimizer over the group, after its first step) nothing comes before the
+        exchange's buffers: see :meth:`OwnerExchange.reduce_scatter_grads`."""
         held: list[Any] = []
         flag = 1.0 if failed else 0.0
         if self._meets_in_order() and self._dtensor is None:
             try:
                 held = self.exchange.grad_buffers()
-            except Exception as e:
-                if not failed:
+            except BaseException as e:  # noqa: BLE001 - held for the step's all-reduce, raised there on every rank
+                if not failed or not isinstance(e, Exception):
                     self._held_error = e
                 flag = _NO_BUFFERS
-        return None if self._meet_in_order(flag) and self._dtensor is None else held
+        try:
+            met = self._meet_in_order(flag)
+        except BaseException as refused:  # refused on every rank (out of order, another layout): no record reads
+            held_error = self.__dict__.pop("_held_error", None)  # the held error (left, the next step raised it)
+            if held_error is not None and not isinstance(held_error, Exception):
+                raise held_error from refused  # (a Ctrl+C stays one)
+            raise
+        return None if met and self._dtensor is None else held
 
     def _meets_in_order(self) -> bool:
         """Whether :meth:`_meet_in_order` makes its all-reduce this step (the same on every rank)."""
@@ -1833,10 +1846,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
                       where: str = "before the step's all-reduce", what: str | None = None) -> NoReturn:
         """Raise on every rank when ranks failed (``flags``: every rank's error flag from a reduced table;
         ``error``: this rank's): an exception of one class on every rank (:func:`agreement.agreed_error`), this
-        rank's own where it is of that class, else with it as the cause."""
+        rank's own where it is of that class, else with it as the cause; a KeyboardInterrupt (any BaseException
+        that is no Exception) of this rank is raised as itself."""
         raised = agreement.agreed_error(what or f"{type(self).__name__}.step", flags, error, where)
-        if raised is error:
-            raise error
+        if raised is error or (error is not None and not isinstance(error, Exception)):
+            raise error  # (a Ctrl+C stays one on its rank: the others raise an error naming that rank)
         raise raised from error
 
     def _raise_disagreement(self, verdict: agreement.StepVerdict, error: BaseException | None) -> None:
@@ -2064,9 +2078,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
         # popped (and let go) whether or not an error is already held: left on the optimizer or in this frame, its
         # traceback kept the exchange's buffers alive after the step raised (per dtype about the gradients' size)
         held = self.__dict__.pop("_held_error", None)
-        local_error = local_error or held
+        # (a Ctrl+C held by the exchange comes first: it is what this rank raises, the others an error naming it)
+        local_error = held if held is not None and not isinstance(held, Exception) else local_error or held
         del held
         grads_kept = self.__dict__.pop("_grads_kept", False)  # (no average written into p.grad: _exchange_in)
+        grads_partly = self.__dict__.pop("_grads_partly", None)  # (averages written into some p.grad only)
         if why is not None:
             return self._skip_step(why)
         # after a local error nothing is stepped, and the blocks may no longer match the groups (one deleted)
@@ -2077,8 +2093,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
             local_error = e
         try:
             reduced = self._reduce_record(views, local_error)
-        except Exception as e:  # (each rank raises its own class where all failed alike: any class)
-            self._note_grads_after_record(e, grads_kept)
+        except BaseException as e:  # (each rank raises its own class where all failed alike: any class; Ctrl+C)
+            self._note_grads_after_record(e, grads_kept, grads_partly)
             raise
         # before the non-finite verdict: without a gradient nothing could change, so a non-finite loss or
         # trust-region scalar of such a step is no reason to count a skip (it is read at the next real step)
@@ -2101,15 +2117,21 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._count_step()
         return True
 
-    def _note_grads_after_record(self, error: BaseException, kept: bool) -> None:
+    def _note_grads_after_record(self, error: BaseException, kept: bool, partly: list[str] | None = None) -> None:
         """With ``grad_reduction="mean"`` at W > 1, say on ``error`` (the step record's, raised on every rank) what
         this rank's ``p.grad`` holds: the ranks' average in the blocks it owns once the exchange wrote it, or
         (``kept``) the gradients as backward left them: no rank exchanged (a rank could not make the exchange's
-        buffers: the step may be taken again as it is), or every rank had failed before it (joined with zeros)."""
+        buffers: the step may be taken again as it is), or every rank had failed before it (joined with zeros);
+        ``partly``: writing the averages failed part way on this rank, after those of these parameters."""
         add_note = getattr(error, "add_note", None)  # Python >= 3.11
         if add_note is None or self.sharding.grad_reduction != "mean" or self.comm.world_size == 1:
             return
-        if kept:
+        if partly:
+            add_note(f"{type(self).__name__}: with grad_reduction='mean' writing the ranks' averages into this "
+                     f"rank's p.grad failed part way: the p.grad of {', '.join(partly)} hold the average in some or "
+                     "all of the blocks this rank owns, every other p.grad is as backward() left it. Run backward() "
+                     "again before another step().")
+        elif kept:
             add_note(f"{type(self).__name__}: with grad_reduction='mean' this rank's p.grad is as backward() left "
                      "it: no average was written into it in this step (no new backward() is needed).")
         else:
@@ -2136,14 +2158,33 @@ class ShardedOptimizer(torch.optim.Optimizer):
         except BaseException as e:  # KeyboardInterrupt too: the peers wait in the gather all the same
             failed = e
         if failed is not None:
-            self._join_update_collectives()
-            self._gathered_flags(_update_failure_code(failed))  # the default _exchange_out's gather, its flag set
-            raise failed
+            self._join_after_failed_update(failed)
         # through _exchange_out itself (not the gather directly), so that whatever stands in for it is called
         self._exchange_out(decision)
         flags = self.__dict__.pop("_peer_flags", [])
         if any(flags):
             raise self._peers_update_error(flags)
+
+    def _join_after_failed_update(self, failed: BaseException) -> NoReturn:
+        """A rank whose ``_apply`` raised ``failed`` joins the step's remaining collectives, then raises ``failed``.
+        An error of that join's own work (a hook's, not a collective's) is noted on ``failed`` and the rest of the
+        join made all the same: raised from the join, this rank left the others waiting in the gather, and lost its
+        own error. A KeyboardInterrupt there is raised (after the gather), ``failed`` as its context."""
+        late: BaseException | None = None
+        try:
+            self._join_update_collectives()
+        except BaseException as e:  # noqa: BLE001 - raised below, once this rank joined the gather
+            late = e
+        try:  # the default _exchange_out's gather, its flag set
+            self._gathered_flags(_update_failure_code(failed))
+        except BaseException as e:  # noqa: BLE001 - as above
+            late = late or e
+        if late is not None and not isinstance(late, Exception):
+            raise late from failed
+        if late is not None and hasattr(failed, "add_note"):
+            failed.add_note(f"{type(self).__name__}.step: joining the step's collectives after it also raised "
+                            f"{type(late).__name__}: {late}")
+        raise failed
 
     def _join_update_collectives(self) -> None:
         """The collectives an ``_apply`` makes at W > 1 that it did not reach, joined after it raised (with
@@ -2158,11 +2199,14 @@ class ShardedOptimizer(torch.optim.Optimizer):
         oom = all(flags[r] == _update_failure_code(torch.OutOfMemoryError()) for r in ranks)
         cls: type[Exception] = torch.OutOfMemoryError if oom else RuntimeError
         what = "out of memory" if oom else "raised"
-        error = cls(f"{type(self).__name__}.step: the update of rank(s) {ranks} {what} inside _apply (see that rank's "
-                    "traceback) after this rank's update was written. The step is not undone: every rank's "
-                    "parameters hold the blocks as their owners left them (theirs maybe partly updated), the same "
-                    "on every rank. Restore the model and the optimizer from a checkpoint; the next step() raises "
-                    "until load_state_dict.")
+        unsent = [r for r in ranks if flags[r] == UNSENT]
+        held = ("every rank's parameters hold the blocks as their owners left them (theirs maybe partly updated), "
+                "the same on every rank" if not unsent else f"rank(s) {unsent} could not send their blocks: this "
+                "rank holds those as they were before the step, the others' as their owners left them")
+        error = cls(f"{type(self).__name__}.step: the update of rank(s) {ranks} {what} inside _apply or its gather "
+                    f"(see that rank's traceback) after this rank's update was written. The step is not undone: "
+                    f"{held}. Restore the model and the optimizer from a checkpoint; the next step() raises until "
+                    "load_state_dict.")
         error.interrupted_ranks = ranks  # type: ignore[attr-defined]  # read by _update_interrupted's note
         return error
 

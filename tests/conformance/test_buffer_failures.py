@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_soaa.distributed import comm, exchange
 from lightning_soaa.registry import get
@@ -173,3 +174,211 @@ def test_a_step_in_which_no_rank_exchanged_says_the_gradients_are_kept(tmp_path:
         assert any("as backward() left it" in n for n in got["notes"]), (r, got["notes"])
         for a, b in zip(got["params"], res["reference"]["params"]):
             assert torch.equal(a, b), (r, "the step taken again differs from the run that never failed")
+
+
+#: the optimizers that average the gradients themselves (``grad_reduction="mean"``)
+MEAN = [pytest.param(s.name, id=s.name) for s in SPECS if s.name != "EGN" and takes_kwarg(s, "grad_reduction")]
+
+
+def _kept_grads(opt: Any, params: list[torch.Tensor], before: list[Any]) -> None:
+    """Make ``opt.step`` copy every ``p.grad`` into ``before`` first (what backward left)."""
+    inner = opt.step
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        before[:] = [None if p.grad is None else p.grad.clone() for p in params]
+        return inner(*args, **kwargs)
+    opt.step = run
+
+
+def _w_interrupted_buffers(rank: int, world: int, name: str, store: str, where: str) -> dict[str, Any]:
+    """Rank 1 is interrupted (Ctrl+C) while it makes the gradient exchange's buffers (the order check meets: every
+    rank builds several optimizers), or (``where="writing"``) as it writes the averages into its ``p.grad``; the
+    step taken again after a new backward, as the run that never failed."""
+    spec = get(name)
+    model, opt = _fresh(spec, "mean", rank, world, f"{store}.0")
+    _steps(spec, model, opt, range(AT + 2), rank, world, "mean")
+    reference = _snapshot(model, opt)
+    model, opt = _fresh(spec, "mean", rank, world, f"{store}.1")
+    _steps(spec, model, opt, range(AT), rank, world, "mean")
+    before = _snapshot(model, opt)
+    params = list(model.parameters())
+    grads: list[Any] = []
+    _kept_grads(opt, params, grads)
+    hook = "grad_buffers" if where == "buffers" else "_write_averages"
+    if rank == FAILING:
+        def interrupted(*args: Any) -> Any:
+            raise KeyboardInterrupt
+        setattr(opt.exchange, hook, interrupted)
+    row: dict[str, Any] = {"raised": None, "message": "no error", "notes": []}
+    try:
+        _steps(spec, model, opt, range(AT, AT + 1), rank, world, "mean")
+    except BaseException as e:  # noqa: BLE001 - the parent checks what each rank raised (a KeyboardInterrupt too)
+        row.update(raised=type(e), message=f"{type(e).__name__}: {e}", notes=getattr(e, "__notes__", []))
+    vars(opt.exchange).pop(hook, None)
+    del opt.step
+    row["kept"] = all(g is None if p.grad is None else torch.equal(p.grad, g) for p, g in zip(params, grads))
+    row["unchanged"] = _verdict(model, opt, before, "after the interrupted step")
+    _steps(spec, model, opt, range(AT, AT + 2), rank, world, "mean")  # the retry: a new backward
+    row["exact"] = _verdict(model, opt, reference, "the retried run")
+    return row
+
+
+@pytest.mark.parametrize("where", ["buffers", "writing"])
+@pytest.mark.parametrize("name", MEAN)
+@pytest.mark.parametrize("world", [2, 3])
+def test_a_ctrl_c_in_the_gradient_exchange_raises_on_every_rank(tmp_path: Path, name: str, world: int,
+                                                                where: str) -> None:
+    """A KeyboardInterrupt on rank 1 while it made the gradient exchange's buffers (``grad_reduction="mean"``) was
+    not caught (an Exception was): that rank left the step alone while the others waited in the order check's
+    all-reduce (a hang until the process group's timeout, or its next step met theirs). It is held like a failure
+    to make them: rank 1 raises its KeyboardInterrupt, the others an error naming it, in the same step; nothing
+    changed on any rank (no rank exchanged: p.grad as backward left it, and every note says so), and the step taken
+    again continues as the run that never failed. The same for a Ctrl+C as rank 1 writes the averages into its
+    ``p.grad`` (it left the others waiting in the step's all-reduce): there the others' p.grad hold averages, and
+    their notes say so."""
+    got = run_distributed(_w_interrupted_buffers, world, tmp_path, name, str(tmp_path / "store"), where, timeout=90)
+    said = {r: g["message"] for r, g in enumerate(got)}
+    assert got[FAILING]["raised"] is KeyboardInterrupt, said
+    for r, g in enumerate(got):
+        if r != FAILING:
+            assert g["raised"] is RuntimeError and f"rank(s) [{FAILING}]" in g["message"], (r, said)
+            assert "KeyboardInterrupt" in g["message"], (r, said)
+        if where == "buffers" or r == FAILING:
+            assert g["kept"], (r, "p.grad changed by a step in which no rank exchanged (or that rank wrote none)")
+            assert any("as backward() left it" in n for n in g["notes"]), (r, g["notes"])
+        else:
+            assert any("already holds the ranks' average" in n for n in g["notes"]), (r, g["notes"])
+        assert g["unchanged"] == "yes", (r, g["unchanged"])
+        assert g["exact"] == "yes", (r, g["exact"])
+
+
+class _FailAtCopy(TorchDispatchMode):
+    """Raise a RuntimeError at the ``at``-th ``aten.copy_`` made under it (1 = the first)."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.at, self.copies = at, 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if str(func).startswith("aten.copy_"):
+            self.copies += 1
+            if self.copies == self.at:
+                raise RuntimeError(f"injected at the averages' write {self.at}")
+        return func(*args, **(kwargs or {}))
+
+
+def _w_partial_write(rank: int, world: int, name: str, store: str) -> dict[str, Any]:
+    """Writing the averages into ``p.grad`` raises on rank 1 at its second block (its first written); what each
+    rank's ``p.grad`` holds after the step, and what its note says of it."""
+    spec = get(name)
+    model, opt = _fresh(spec, "mean", rank, world, f"{store}.0")
+    _steps(spec, model, opt, range(AT), rank, world, "mean")
+    params = list(model.parameters())
+    grads: list[Any] = []
+    _kept_grads(opt, params, grads)
+    if rank == FAILING:
+        inner = opt.exchange._write_averages
+
+        def failing(*args: Any) -> Any:
+            with _FailAtCopy(2):
+                return inner(*args)
+        opt.exchange._write_averages = failing  # type: ignore[method-assign]
+    row: dict[str, Any] = {"raised": None, "message": "no error", "notes": []}
+    try:
+        _steps(spec, model, opt, range(AT, AT + 1), rank, world, "mean")
+    except Exception as e:  # noqa: BLE001 - the parent checks what each rank raised
+        row.update(raised=type(e), message=f"{type(e).__name__}: {e}", notes=getattr(e, "__notes__", []))
+    vars(opt.exchange).pop("_write_averages", None)
+    labels = [repr(n) if n else f"#{i}" for i, n in enumerate(opt._names)]
+    row["changed"] = [labels[i] for i, (p, g) in enumerate(zip(params, grads))
+                      if not (g is None if p.grad is None else torch.equal(p.grad, g))]
+    row["owned"] = sorted({labels[b.param_index] for b in opt.block_table.owned() if grads[b.param_index] is not None})
+    row["labels"] = labels
+    return row
+
+
+@pytest.mark.parametrize("name", MEAN)
+def test_the_note_says_which_gradients_hold_averages_after_a_write_that_failed_part_way(tmp_path: Path,
+                                                                                       name: str) -> None:
+    """Writing the ranks' averages into rank 1's ``p.grad`` raised after its first block: its note said "p.grad of
+    the blocks it owns already holds the ranks' average" (the others held backward's gradients). Every rank's note
+    is true of its own ``p.grad``: the failing rank's names exactly the parameters whose p.grad was written."""
+    got = run_distributed(_w_partial_write, 2, tmp_path, name, str(tmp_path / "store"), timeout=90)
+    said = {r: g["message"] for r, g in enumerate(got)}
+    assert got[FAILING]["message"].startswith("RuntimeError: injected at the averages' write"), said
+    assert len(got[FAILING]["owned"]) >= 2 and got[FAILING]["changed"], got[FAILING]  # (the case's premise)
+    for r, g in enumerate(got):
+        assert g["raised"] is RuntimeError and (r == FAILING or f"rank(s) [{FAILING}]" in g["message"]), (r, said)
+        notes = [n for n in g["notes"] if "grad_reduction='mean'" in n]
+        assert len(notes) == 1, (r, g["notes"])
+        note = notes[0]
+        if "failed part way" in note:
+            named = [lab for lab in g["labels"] if lab in note]
+            assert named == g["changed"], (r, note, g["changed"])
+        elif "already holds the ranks' average" in note:
+            assert sorted(g["changed"]) == g["owned"], (r, note, "these p.grad are as backward left them", g["changed"])
+        else:
+            assert "as backward() left it" in note and not g["changed"], (r, note, g["changed"])
+
+
+def _w_refused_with_no_buffers(rank: int, world: int, name: str, store: str) -> dict[str, Any]:
+    """Two optimizers, each over its own model (``grad_reduction="mean"``): a step each, then rank 1 steps the
+    second while the others step the first, and rank 1 is interrupted (Ctrl+C) while it makes the second's exchange
+    buffers; then a step of each in order, twice (new backwards). What each step raised, and the models after."""
+    spec = get(name)
+    (model_a, opt_a), (model_b, opt_b) = (_fresh(spec, "mean", rank, world, f"{store}.{k}") for k in range(2))
+
+    def both(t: int) -> None:
+        _steps(spec, model_a, opt_a, range(t, t + 1), rank, world, "mean")
+        _steps(spec, model_b, opt_b, range(t, t + 1), rank, world, "mean")
+    both(0)
+    if rank == FAILING:
+        def interrupted() -> Any:
+            raise KeyboardInterrupt
+        opt_b.exchange.grad_buffers = interrupted  # type: ignore[method-assign]
+    crossed: dict[str, Any] = {"raised": None, "message": "no error"}
+    try:
+        if rank == FAILING:
+            _steps(spec, model_b, opt_b, range(1, 2), rank, world, "mean")
+        else:
+            _steps(spec, model_a, opt_a, range(1, 2), rank, world, "mean")
+    except BaseException as e:  # noqa: BLE001 - the parent checks what each rank raised (a KeyboardInterrupt too)
+        crossed = {"raised": type(e), "message": f"{type(e).__name__}: {e}", "cause": repr(e.__cause__)}
+    vars(opt_b.exchange).pop("grad_buffers", None)
+    after = []
+    for t in (1, 2):
+        try:
+            both(t)
+            after.append("no error")
+        except Exception as e:  # noqa: BLE001 - as above
+            after.append(f"{type(e).__name__}: {e}")
+    return {"crossed": crossed, "after": after, "params": [p.detach().clone() for m in (model_a, model_b)
+                                                           for p in m.parameters()]}
+
+
+def _w_in_order(rank: int, world: int, name: str, store: str) -> list[Any]:
+    spec = get(name)
+    (model_a, opt_a), (model_b, opt_b) = (_fresh(spec, "mean", rank, world, f"{store}.{k}") for k in range(2))
+    for t in range(3):
+        _steps(spec, model_a, opt_a, range(t, t + 1), rank, world, "mean")
+        _steps(spec, model_b, opt_b, range(t, t + 1), rank, world, "mean")
+    return [p.detach().clone() for m in (model_a, model_b) for p in m.parameters()]
+
+
+@pytest.mark.parametrize("name", MEAN)
+def test_a_ctrl_c_in_a_step_the_order_check_refuses_stays_a_ctrl_c(tmp_path: Path, name: str) -> None:
+    """A Ctrl+C on rank 1 while it made the exchange's buffers in a step the order check then refused (the ranks
+    were in different optimizers' steps): held for the record (which a refused step never reaches), it was lost
+    there, and rank 1 raised the refusal as a RuntimeError (a loop catching errors went on after a Ctrl+C). Rank 1
+    raises its KeyboardInterrupt (the refusal its cause), the others the refusal; nothing is left held, and the
+    steps in order go on as a run that never crossed."""
+    got = run_distributed(_w_refused_with_no_buffers, 2, tmp_path, name, str(tmp_path / "store"), timeout=90)
+    reference = run_distributed(_w_in_order, 2, tmp_path, name, str(tmp_path / "ref"), timeout=90)
+    assert got[FAILING]["crossed"]["raised"] is KeyboardInterrupt, got[FAILING]["crossed"]
+    assert "order" in got[FAILING]["crossed"]["cause"], got[FAILING]["crossed"]
+    for r, g in enumerate(got):
+        if r != FAILING:
+            assert g["crossed"]["raised"] is RuntimeError and "order" in g["crossed"]["message"], (r, g["crossed"])
+        assert g["after"] == ["no error", "no error"], (r, g["after"])
+        for a, b in zip(g["params"], reference[r]):
+            assert torch.equal(a, b), (r, "the steps in order differ from the run that never crossed")

@@ -244,3 +244,91 @@ def test_a_rank_failing_after_the_table_lost_its_split_matrices_joins_nothing(tm
         assert g["raised"] is not None and issubclass(g["raised"], torch.OutOfMemoryError), (r, said)
         for x, y in zip(g["params"], got[0]["params"]):
             assert torch.equal(x, y), (r, "the ranks' parameters differ after the failed step")
+
+
+#: rank 1's failures in its own work around the parameter gather (a hooked function's error, not an allocation's):
+#: "join": its ``_apply`` out of memory, then its join of the step's collectives raises once they are made; "packing
+#: after a failed update": its ``_apply`` out of memory, then packing its blocks for the gather raises; "packing":
+#: its update goes through, packing its blocks raises
+LATE = ("join", "packing after a failed update", "packing")
+
+
+def _failing_late(opt: Any, case: str) -> None:
+    if case != "packing":
+        _failing_apply(opt, "before")
+    if case == "join":
+        join = opt._join_update_collectives
+
+        def joined_then_raises() -> None:
+            join()
+            raise RuntimeError("injected after the join's collectives")
+        opt._join_update_collectives = joined_then_raises
+        return
+    gathered = opt._gathered_flags
+
+    def failing_pack(*args: Any) -> None:
+        raise RuntimeError("injected in the gather's packing")
+
+    def gather(flag: float) -> Any:  # (the packing fails in the gather only: the gradient exchange packs too)
+        opt.exchange._pack = failing_pack
+        try:
+            return gathered(flag)
+        finally:
+            vars(opt.exchange).pop("_pack", None)
+    opt._gathered_flags = gather
+
+
+def _w_late(rank: int, world: int, name: str, variant: str, store: str,
+            cases: tuple[str, ...] = LATE) -> list[dict[str, Any]]:
+    spec = get(name)
+    fresh = (lambda k: make(spec, **SPLIT)) if variant == "split" else (
+        lambda k: _fresh(spec, variant, rank, world, f"{store}.{k}"))
+    rows = []
+    for k, case in enumerate(cases):
+        model, opt = fresh(k)
+        _steps(spec, model, opt, range(AT), rank, world, variant)
+        before = [p.detach().clone() for p in model.parameters()]
+        if rank == FAILING:
+            _failing_late(opt, case)
+        row = _outcome(lambda: _steps(spec, model, opt, range(AT, AT + 1), rank, world, variant))
+        for hook in ("_apply", "_join_update_collectives", "_gathered_flags"):
+            vars(opt).pop(hook, None)
+        row["case"] = case
+        row["params"] = [p.detach().clone() for p in model.parameters()]
+        row["changed"] = any(not torch.equal(a, b) for a, b in zip(row["params"], before))
+        row["next"] = _outcome(lambda: _steps(spec, model, opt, range(AT, AT + 1), rank, world, variant))
+        rows.append(row)
+    return rows
+
+
+@pytest.mark.parametrize(("name", "variant"), [*VARIANTS, pytest.param("DASGO", "split", id="DASGO-split")])
+@pytest.mark.parametrize("world", [2, 3])
+def test_a_rank_whose_own_work_around_the_gather_raises_raises_with_every_rank(tmp_path: Path, name: str,
+                                                                              variant: str, world: int) -> None:
+    """A non-allocation error in rank 1's own work in the gather or in its join of the step's collectives (``LATE``):
+    raised from there, that rank lost its own error (its update's) and left the others waiting in the gather (gloo:
+    an abort or a timeout; NCCL: a hang). Now it joins every collective of the step and raises its own error (its
+    update's, the late one noted on it), the others an error naming it, in the same step; the next step is refused
+    on every rank. Where rank 1 could not pack its blocks the others keep their own copies of them (the same on
+    every one of them) and say so."""
+    results = run_distributed(_w_late, world, tmp_path, name, variant, str(tmp_path / "store"), timeout=90)
+    for k, row in enumerate(results[FAILING]):
+        got = [res[k] for res in results]
+        case = row["case"]
+        said = {r: g["message"] for r, g in enumerate(got)}
+        own = "RuntimeError: injected in the gather's packing" if case == "packing" else "OutOfMemoryError: injected"
+        assert got[FAILING]["message"].startswith(own), (case, said)
+        if case != "packing":  # the late error rides on the update's own
+            assert any("also raised RuntimeError: injected" in n for n in got[FAILING]["notes"]), (case, got[FAILING])
+        peers = [r for r in range(world) if r != FAILING]
+        for r in peers:
+            assert got[r]["raised"] is not None and f"rank(s) [{FAILING}]" in got[r]["message"], (case, r, said)
+            if case != "join":
+                assert f"rank(s) [{FAILING}] could not send their blocks" in got[r]["message"], (case, r, said)
+            for a, b in zip(got[r]["params"], got[peers[0]]["params"]):
+                assert torch.equal(a, b), (case, r, "the peers' parameters differ after the failed step")
+        if case != "packing":  # (nothing written by rank 1: every rank holds the same parameters)
+            for a, b in zip(got[FAILING]["params"], got[peers[0]]["params"]):
+                assert torch.equal(a, b), (case, "rank 1's parameters differ from its peers'")
+        for r, g in enumerate(got):
+            assert g["next"]["raised"] is RuntimeError and "interrupted" in g["next"]["message"], (case, r, g["next"])
