@@ -82,6 +82,7 @@ import dataclasses
 import logging
 import math
 import operator
+import pickle
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, NamedTuple, NoReturn, overload
@@ -1830,10 +1831,13 @@ class ShardedOptimizer(torch.optim.Optimizer):
         # every rank is here (the verdict comes from the all-reduced table): one more collective, on
         # this path only, names the value that differs
         # (an optimizer-wide value set by hand, EGN's opt.damping, is named too: it was "differ" and no more)
-        by_rank = self.comm.all_gather_object((agreement.group_values(self.param_groups),
+        by_rank = self._gather_detail(lambda: (agreement.group_values(self.param_groups),
                                                self._global_hyperparameters()))
-        detail = (agreement.first_group_difference([g for g, _ in by_rank], ranks)
-                  or agreement.first_global_difference([o for _, o in by_rank], ranks))
+        # (a rank that could not make its values sent None: the others' are named)
+        sent = [r for r in ranks if by_rank[r] is not None] if by_rank[0] is not None else []
+        pairs = [([], {}) if v is None else v for v in by_rank]
+        groups, wide = [g for g, _ in pairs], [o for _, o in pairs]
+        detail = agreement.first_group_difference(groups, sent) or agreement.first_global_difference(wide, sent)
         return RuntimeError(
             f"{name}.step: the hyperparameters ({self._hyper_what}) on rank(s) {ranks} "
             f"differ from rank 0's{detail}; every rank must set the same values (same scheduler on every rank; a "
@@ -1922,12 +1926,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
         its values only). Every rank calls it (the verdict comes from the all-reduced table): one more
         collective, on this error path only, as :meth:`_hyper_error`'s."""
         idx = range(len(self._params)) if self._dtensor is None else self._dtensor.plain
-        mine = []
-        for i in idx:
-            g = self._params[i].grad
-            mine.append(None if g is None else agreement.grad_sq_exact([g]))
-        by_rank = self.comm.all_gather_object(mine)
-        for r in ranks:
+        grads = [self._params[i].grad for i in idx]
+        by_rank = self._gather_detail(lambda: [None if g is None else agreement.grad_sq_exact([g]) for g in grads])
+        if by_rank[0] is None:  # (rank 0 could not take its norms: nothing to compare with)
+            return ""
+        for r in (r for r in ranks if by_rank[r] is not None):
             for j, (a, b) in enumerate(zip(by_rank[0], by_rank[r])):
                 if a != b and (a is None or b is None or abs(a - b) > agreement.GRAD_RTOL * max(abs(a), abs(b))):
                     i = list(idx)[j]
@@ -1935,6 +1938,26 @@ class ShardedOptimizer(torch.optim.Optimizer):
                     show = ["none" if v is None else f"{v:.6g}" for v in (a, b)]
                     return f" (first: parameter {label}, ‖g‖² {show[0]} on rank 0, {show[1]} on rank {r})"
         return ""
+
+    def _gather_detail(self, make: Callable[[], Any]) -> list[Any]:
+        """Every rank's ``make()`` (a refusal's detail: one all_gather_object, on an error path every rank takes),
+        None from a rank that could not make it or pickle it: raised before the exchange (out of memory in the
+        float64 norms, a value that cannot be pickled), that rank left the others waiting in it (gloo: an abort,
+        NCCL: a hang) and its error replaced the refusal. A Ctrl+C there is raised after the exchange."""
+        mine: Any = None
+        interrupted: BaseException | None = None
+        try:
+            value = make()
+            pickle.dumps(value)  # (all_gather_object pickles before its collective: a failure there left the others)
+            mine = value
+        except Exception as e:  # noqa: BLE001 - no detail from this rank; every rank raises the refusal all the same
+            log.debug("%s.step: the refusal's detail could not be made on this rank: %r", type(self).__name__, e)
+        except BaseException as e:  # noqa: BLE001 - raised below, once this rank joined the exchange
+            interrupted = e
+        by_rank: list[Any] = self.comm.all_gather_object(mine)
+        if interrupted is not None:
+            raise interrupted
+        return by_rank
 
     def _reduce_record(self, views: list[BlockView], local_error: BaseException | None) -> StepRecord:
         """``_prepare``, this rank's non-finite flag and agreement row, and the step's ONE fp64 all-reduce;
@@ -2016,11 +2039,13 @@ class ShardedOptimizer(torch.optim.Optimizer):
             # finite gradients whose float32 norm overflows (|g| > 3.4e38, e.g. ten entries of 1e19) are
             # not skipped: only then are the norms taken again, accumulated in float64 (10x slower)
             grad_sq = agreement.grad_sq_exact(self._scanned_grads(views))
-        if compare and error is None and not math.isfinite(grad_logs):
-            grad_logs = agreement.grad_log_exact(self._scanned_grads(views) if self._dtensor is None
-                                                 else self._compared_grads())
         bad = error is None and (vals[0] > 0 or not math.isfinite(grad_sq) or self._local_nonfinite(vals[1:])
                                  or self._statistic_overflows(views, grad_sq))
+        # a step skipped for a non-finite value compares no gradient (on no rank: its flag is summed), so its logs
+        # are not taken again (a second float64 pass over every gradient at each overflow of an fp16 run)
+        if compare and error is None and not bad and not math.isfinite(grad_logs):
+            grad_logs = agreement.grad_log_exact(self._scanned_grads(views) if self._dtensor is None
+                                                 else self._compared_grads())
         vals[0] = 1.0 if bad else 0.0
         vals[1] = 1.0 if error is None and any(v.grad is not None for v in views) else 0.0
         return vals, ((grad_sq if self._dtensor is None else plain_sq), grad_logs) if compare else (0.0, 0.0)

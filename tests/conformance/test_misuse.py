@@ -611,6 +611,80 @@ def test_one_small_gradient_that_differs_across_ranks_raises_on_every_rank(tmp_p
         assert out["unchanged"], out
 
 
+def _w_refusal_detail_fails_on_one_rank(rank: int, world: int, name: str, what: str) -> dict[str, Any]:
+    from lightning_soaa.distributed import agreement
+
+    model = tiny_mlp(sizes=SIZES)
+    opt = _build(name, model)
+    _step(name, opt, model, 0, rank)  # averaged: fine
+    before = _params(model)
+    attr = "grad_sq_exact" if what == "gradients" else "group_values"
+    kept = getattr(agreement, attr)
+
+    def out_of_memory(*args: Any, **kwargs: Any) -> Any:
+        raise torch.OutOfMemoryError("injected in the refusal's detail")
+
+    if rank == 1:  # what this rank sends in the refusal's exchange cannot be made here (out of memory)
+        setattr(agreement, attr, out_of_memory)
+        if what == "hyperparameters":
+            for g in opt.param_groups:
+                g["lr"] = g["lr"] * 0.5
+    try:
+        msg = _error(lambda: _step(name, opt, model, 1, rank, average=what == "hyperparameters"))
+    finally:
+        setattr(agreement, attr, kept)
+    return {"msg": msg, "unchanged": all(torch.equal(a, b) for a, b in zip(before, _params(model)))}
+
+
+@pytest.mark.parametrize("what", ["gradients", "hyperparameters"])
+def test_a_refusal_whose_detail_one_rank_cannot_make_raises_on_every_rank(tmp_path: Path, what: str) -> None:
+    """The refusal of gradients or hyperparameters that differ across ranks names the first value that differs
+    from one more exchange on its error path (all_gather_object). A rank that could not make what it sends there
+    (out of memory in the float64 norms, a value it cannot read) raised that error alone, before the exchange,
+    while the others waited in it (gloo: an abort or the harness's timeout; NCCL: a hang). Now it sends no detail
+    and every rank raises the refusal together, nothing changed."""
+    for out in run_distributed(_w_refusal_detail_fails_on_one_rank, 2, tmp_path, "AdamW", what, timeout=60):
+        assert f"the {what} " in out["msg"] and "rank(s) [1]" in out["msg"], out["msg"]
+        assert out["unchanged"], out
+
+
+class _Float64Norms(TorchDispatchMode):
+    """Counts the gradients whose norms are taken accumulated in float64 (the scan's exact pass)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tensors = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        dtype = kwargs.get("dtype", args[2] if len(args) > 2 else None)
+        if func.overloadpacket is torch.ops.aten._foreach_norm and dtype is torch.float64:
+            self.tensors += len(args[0])
+        return func(*args, **kwargs)
+
+
+def _w_overflow_reads_once(rank: int, world: int, name: str) -> dict[str, Any]:
+    model = tiny_mlp(sizes=SIZES)
+    opt = _build(name, model)
+    _step(name, opt, model, 0, rank)
+    loss = _backward(name, opt, model, 1, rank)  # averaged (as DDP would), then an overflow on every rank alike
+    grads = [p.grad for p in model.parameters()]
+    grads[0].view(-1)[0] = math.inf
+    with _Float64Norms() as counted:
+        _step_only(name, opt, model, 1, rank, loss)
+    return {"read": counted.tensors, "grads": len(grads), "skipped": opt.skipped_steps}
+
+
+def test_a_step_skipped_for_an_overflow_reads_the_gradients_once_in_float64(tmp_path: Path) -> None:
+    """grad_reduction='none' at W > 1: a step whose gradients hold an inf (an fp16 run's overflow, every rank
+    alike) is skipped on every rank and compares no gradient, yet took the Σ log2 ‖g_i‖² of the comparison again
+    in float64 after Σ‖g‖²'s exact pass: two float64 passes over every gradient (each several times the scan's
+    cost) at every overflow. Now one."""
+    for out in run_distributed(_w_overflow_reads_once, 2, tmp_path, "AdamW", timeout=60):
+        assert out["skipped"] == 1, out
+        assert out["read"] <= out["grads"], out  # Σ‖g‖²'s exact pass at most
+
+
 def _w_stepped_in_backward(rank: int, world: int, name: str) -> str:
     """One optimizer per parameter, each stepped from its parameter's post-accumulate-grad hook (torch's
     pattern for fusing the step into the backward), under DDP: the hooks run before DDP's all-reduce."""
