@@ -96,14 +96,20 @@ def _takes_dataloader_iter(pl_module: pl.LightningModule) -> bool:
     return is_param_in_hook_signature(pl_module.training_step, "dataloader_iter", explicit=True)
 
 
-def _batch_list(batches: list[tuple[int, int]], epoch: int, most: int = 6) -> str:
+def _batch_list(batches: list[tuple[int, int]], epoch: int, total: int, most: int = 6) -> str:
     """``(epoch, batch_idx)`` pairs as ``[i, j of epoch e, ...]`` for an error message (the epoch named where it is
     not ``epoch``), at most ``most`` of them named: an optimizer left alone for a whole phase of training was
-    handed thousands of batches, and the message listed every one."""
+    handed thousands of batches, and the message listed every one. ``total``: how many there were (``batches``
+    keeps the first and the last few of them, :data:`_HANDED_KEPT`)."""
     names = [str(i) if e == epoch else f"{i} of epoch {e}" for e, i in batches]
-    if len(names) > most:
-        names = names[:most // 2] + [f"... ({len(names)} batches)"] + names[-(most - most // 2):]
+    if total > most:
+        names = names[:most // 2] + [f"... ({total} batches)"] + names[-(most - most // 2):]
     return "[" + ", ".join(names) + "]"
+
+
+#: the hand-overs since a step kept per optimizer for the refusal's message: the first 3 and the last ones (an
+#: optimizer never stepped under manual optimization was handed every batch of the fit: a list that only grew)
+_HANDED_KEPT = 16
 
 
 def _strategy_accumulates(trainer: pl.Trainer) -> bool:
@@ -587,6 +593,7 @@ class BatchToOptimizer(Callback):
         self._backward_seen = False  # the current micro-batch's training_step returned a loss
         self._manual = False  # the fit runs under manual optimization
         self._handed: dict[int, list[tuple[int, int]]] = {}  # per target: (epoch, batch_idx) handed since its step
+        self._handed_total: dict[int, int] = {}  # per target: how many (``_handed`` keeps _HANDED_KEPT of them)
         self._last_inputs: dict[int, Any] = {}  # per target: the inputs it was handed last
         self._step_hooks: list[Any] = []  # the targets' step hooks (manual optimization, see _watch_steps)
         self._no_batch = False  # training_step takes a dataloader_iter: the hooks get None or the previous batch
@@ -609,6 +616,7 @@ class BatchToOptimizer(Callback):
             raise ValueError(DATALOADER_ITER_MESSAGE.format(optimizer=optimizer_name(targets[0]),
                                                             module=type(pl_module).__name__))
         self._manual, self._handed, self._last_inputs = not pl_module.automatic_optimization, {}, {}
+        self._handed_total = {}
         self._unrun = None
         self._unwatch_steps()
         if self._manual and not _strategy_accumulates(trainer):
@@ -622,7 +630,7 @@ class BatchToOptimizer(Callback):
             pre = getattr(target, "register_step_pre_hook", None)
             post = getattr(target, "register_step_post_hook", None)
             if pre is not None and post is not None and hasattr(target, "_pending_batch"):  # EGN's own
-                self._handed[id(target)] = []
+                self._handed[id(target)], self._handed_total[id(target)] = [], 0
                 self._step_hooks += [pre(self._before_step), post(self._after_step)]
 
     def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
@@ -633,11 +641,13 @@ class BatchToOptimizer(Callback):
             return  # the user's own batch, or the one training batch handed over since the last step
         raise ValueError(MANUAL_HANDOVERS_MESSAGE.format(
             optimizer=optimizer_name(optimizer), epoch=handed[-1][0], batch_idx=handed[-1][1],
-            dropped=_batch_list(handed[:-1], epoch=handed[-1][0]), n=len(handed)))
+            dropped=_batch_list(handed[:-1], epoch=handed[-1][0], total=self._handed_total[id(optimizer)] - 1),
+            n=self._handed_total[id(optimizer)]))
 
     def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if id(optimizer) in self._handed:
             self._handed[id(optimizer)], self._last_inputs[id(optimizer)] = [], None
+            self._handed_total[id(optimizer)] = 0
 
     def _unwatch_steps(self) -> None:
         for handle in self._step_hooks:
@@ -672,7 +682,11 @@ class BatchToOptimizer(Callback):
         for opt in targets_opts:
             _hand_over(opt.set_batch, inputs, targets)
             if id(opt) in self._handed:
-                self._handed[id(opt)].append((trainer.current_epoch, batch_idx))
+                handed = self._handed[id(opt)]
+                handed.append((trainer.current_epoch, batch_idx))
+                if len(handed) > _HANDED_KEPT:
+                    del handed[3]  # (the message names the first 3 and the last 3)
+                self._handed_total[id(opt)] += 1
                 self._last_inputs[id(opt)] = inputs
                 self._unrun = (trainer.current_epoch, batch_idx)
 
@@ -680,9 +694,10 @@ class BatchToOptimizer(Callback):
         """Drop the last hand-over from the batches counted since a step when that batch's training never ran:
         a module's ``on_train_batch_start`` returning -1 (skip the rest of the epoch) runs after this callback's
         hook, and the next epoch's first step (on its own batch, stepping every batch) was refused for it."""
-        for handed in self._handed.values():
+        for key, handed in self._handed.items():
             if handed and handed[-1] == self._unrun:
                 handed.pop()
+                self._handed_total[key] -= 1
         self._unrun = None
 
     @override

@@ -371,12 +371,15 @@ class _EGNAfterWarmup(PlainRegressor):
 def test_the_manual_handovers_refusal_names_a_few_batches_with_their_epochs(tmp_path: Path) -> None:
     """The refusal listed every batch handed over since the last step by batch_idx alone: 35 numbers here
     (thousands after a long warm-up), batch_idx 0-31 of epoch 0 and 0-2 of epoch 1 mixed up. It names a few,
-    with their epoch where it is not the step's, and how many there were."""
-    trainer = make_trainer(tmp_path, max_steps=-1, max_epochs=2, callbacks=[BatchToOptimizer()])
+    with their epoch where it is not the step's, and how many there were. What it keeps of them is bounded: the list
+    of hand-overs of an optimizer never stepped grew by one entry every batch of the fit."""
+    callback = BatchToOptimizer()
+    trainer = make_trainer(tmp_path, max_steps=-1, max_epochs=2, callbacks=[callback])
     with pytest.raises(ValueError, match=r"epoch 1, batch_idx 3\) alone.*batch_idx \[0 of epoch 0, 1 of epoch 0, "
-                       r"2 of epoch 0, \.\.\. \(35 batches\), 0, 1, 2\] since") as err:
+                       r"2 of epoch 0, \.\.\. \(35 batches\), 0, 1, 2\] since its last step.* every 36 ") as err:
         trainer.fit(_EGNAfterWarmup())
     assert len(str(err.value)) < 800
+    assert 0 < max(len(kept) for kept in callback._handed.values()) <= 16
 
 
 class _ValidatedRegressor(TinyRegressor):
