@@ -75,6 +75,21 @@ def check_initialized(what: str, p: Any, label: str) -> None:
             "modules recommends (Lightning: in the LightningModule's __init__ or setup()).")
 
 
+def replaced_by_fully_shard(p: Tensor) -> bool:
+    """Whether ``p`` is a parameter that FSDP2's ``fully_shard`` replaced in its module by a new sharded
+    DTensor Parameter: torch marks the original with ``_fsdp_orig_uid`` (2.13 does; a torch without the mark:
+    nothing is detected and a step finding no gradient only warns). Such a tensor never gets a gradient
+    again and is not what the model computes with: an optimizer holding it trains nothing."""
+    return getattr(p, "_fsdp_orig_uid", None) is not None
+
+
+def fully_shard_replaced_message(what: str, label: str) -> str:
+    return (f"{what}: parameter {label} was given to FSDP2's fully_shard, which replaced it in its module with a "
+            "sharded DTensor Parameter; the optimizer holds the original, which no longer gets gradients nor "
+            "is what the model computes with, so it would train nothing. Build the optimizer after fully_shard, "
+            "from model.parameters() or model.named_parameters() taken then.")
+
+
 def check_param_group(optimizer: Any, group: dict[str, Any]) -> None:
     """Raise ``ValueError`` naming the first parameter of ``group`` the optimizer cannot step.
 
@@ -100,6 +115,8 @@ def check_param_group(optimizer: Any, group: dict[str, Any]) -> None:
                 "the parameters, not the matrices this optimizer steps. Use FSDP2 (torch's fully_shard, "
                 "Lightning's ModelParallelStrategy), DDP, or deepspeed_ext's DeepSpeed ZeRO."
             )
+        if replaced_by_fully_shard(p):
+            raise ValueError(fully_shard_replaced_message(what, _label(names, j)))
         first = seen.setdefault(id(p), j)
         if first != j:
             raise ValueError(
@@ -363,6 +380,9 @@ def check_step(optimizer: Any, params: Sequence[Tensor], names: Sequence[str | N
     seen = 0
     for i, p in enumerate(params):  # runs every step: only attribute reads unless something is wrong
         g = p.grad if gradients else None
+        if g is None and replaced_by_fully_shard(p):  # (only where no gradient came: no cost on a training step)
+            raise RuntimeError(fully_shard_replaced_message(type(optimizer).__name__, repr(names[i]) if names[i]
+                                                            else f"#{i}") + " Nothing changed.")
         if (p.is_meta or (g is not None and g.layout != p.layout)
                 or (built is not None and (p.shape, p.dtype, p.device) != built[i])):
             _refuse_step(optimizer, p, repr(names[i]) if names[i] else f"#{i}", None if built is None else built[i])

@@ -694,3 +694,38 @@ def _captured(logger: str) -> Any:
         yield said
     finally:
         log.removeHandler(handler)
+
+
+def built_before_fully_shard(rank: int, world_size: int) -> dict[str, dict[str, Any]]:
+    """Every registry optimizer over parameters that ``fully_shard`` replaced afterwards (built before it, or
+    built after it from a list taken before): what each raises, and whether the model stayed as it was.
+    The stale originals never get a gradient again, so such an optimizer trained nothing (it warned once)."""
+    from torch.distributed.fsdp import fully_shard
+
+    from lightning_soaa import registry
+
+    mesh = make_mesh(world_size, False)
+    out: dict[str, dict[str, Any]] = {}
+    for name in registry.names():
+        spec = registry.get(name)
+        got: dict[str, Any] = {}
+        for when in ("built_before", "list_taken_before"):
+            model = tiny_mlp(sizes=TALL)
+            taken = list(model.named_parameters())
+            opt = spec.build(model, **spec.test_kwargs) if when == "built_before" else None
+            for lin in model:
+                if isinstance(lin, nn.Linear):
+                    fully_shard(lin, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            before = full_params(model)
+            x, y = local_batch(0, TALL, rank, world_size)
+
+            def run(opt: Any = opt) -> None:
+                if opt is None:
+                    opt = type(spec.build(tiny_mlp(sizes=TALL), **spec.test_kwargs))(taken, **spec.test_kwargs)
+                spec.take_step(opt, model, x, y)
+
+            got[when] = expect_error(run)
+            got[when + "_unchanged"] = all(torch.equal(a, b) for a, b in zip(before, full_params(model)))
+        out[name] = got
+    return out

@@ -77,6 +77,7 @@ def _w2(rank: int, world_size: int, ckpt: str) -> dict[str, Any]:
     out["errors"] = W.bad_combinations(rank, world_size)
     out["nonfinite"] = W.nonfinite_skip(rank, world_size)
     out["same_batch"] = W.same_batch(rank, world_size)
+    out["built_before"] = W.built_before_fully_shard(rank, world_size)
     return out
 
 
@@ -160,6 +161,21 @@ def test_bad_combinations_raise_on_every_rank(w2_run):
     for r, res in enumerate(results):
         for key, text in expected.items():
             assert text in res["errors"][key], f"rank {r} {key}: {res['errors'][key]}"
+
+
+def test_parameters_fully_shard_replaced_are_refused_on_every_rank(w2_run):
+    """An optimizer built before ``fully_shard`` (the order a DDP script has), or after it from a parameter
+    list taken before: ``fully_shard`` put new DTensor Parameters in the modules, the optimizer held the
+    originals, which get no gradient again; every step warned once and changed nothing, the model never
+    trained. Now refused on every rank (at the step, or at construction), naming the parameter and
+    ``fully_shard``; nothing changes. EGN (which refuses DTensor parameters) built before is refused alike."""
+    results, _ = w2_run
+    for r, res in enumerate(results):
+        for name, got in res["built_before"].items():
+            for when in ("built_before",) if name == "EGN" else ("built_before", "list_taken_before"):
+                msg = got[when]  # (EGN takes the module, not a list)
+                assert "'0.weight' was given to FSDP2's fully_shard" in msg, f"rank {r} {name} {when}: {msg}"
+                assert got[when + "_unchanged"], f"rank {r} {name} {when}: the model changed"
 
 
 @pytest.mark.parametrize("world_size", [1, 4])
