@@ -610,6 +610,7 @@ class EGN(ShardedOptimizer):
           \rho > 0.75 \Rightarrow \lambda \leftarrow 0.99\lambda
         \end{aligned}
 
+    α₀ is the group's ``lr`` at the step (a scheduler's), also at the first step, which has no α_{t-1}.
     Without momentum g^\top d = -r^\top K v / b and Jd = Kv, so the line search and ρ need no extra
     parameter-space pass; with momentum g^\top d is an explicit dot product and Jd is read from the
     captured Gram factors and explicit rows (the adjoint of d = J^\top v; no forward-mode pass).
@@ -855,7 +856,10 @@ class EGN(ShardedOptimizer):
     def _start_run_state(self, cfg: EGNConfig) -> None:
         """The optimizer-wide state of a run that has not stepped (what the checkpoint's global state holds)."""
         self.damping = float(cfg.damping)
-        self.alpha = float(cfg.lr)  # α of the previous step (the line search resets from it)
+        # α of the previous step, which the line search resets from; 0: none yet, so the first search starts
+        # from the group's lr at that step. It was the constructor's lr, which capped the first α at 1.5x it
+        # when a scheduler or the user had raised the group's lr before the first step (OneCycleLR, LambdaLR).
+        self.alpha = 0.0
         self.momentum_steps = 0
         self.solve_fallbacks = 0
         self.momentum_rejections = 0
@@ -1041,7 +1045,7 @@ class EGN(ShardedOptimizer):
                         "with damping=%g; the resumed run continues from the saved λ=%g (damping= is the initial λ "
                         "of a fresh run). To start from another λ, set opt.damping after the load (on every rank).",
                         float(self.config.damping), float(saved_initial), self.damping)
-        self.alpha = float(state.get("alpha", self.config.lr))
+        self.alpha = float(state.get("alpha", 0.0))  # absent: none yet, as in a fresh run (_start_run_state)
         self.momentum_steps = int(state.get("momentum_steps", 0))
         self.solve_fallbacks = int(state.get("solve_fallbacks", 0))
         self.momentum_rejections = int(state.get("momentum_rejections", 0))

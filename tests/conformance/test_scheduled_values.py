@@ -7,12 +7,13 @@ too, and is accepted."""
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import pytest
 import torch
 
 from lightning_soaa.registry import OptimizerSpec
-from tests.conformance._battery import SPECS, make, params, step, takes_kwarg
+from tests.conformance._battery import SPECS, assert_identical, make, params, step, takes_kwarg
 
 _WITH_BETAS = [s for s in SPECS if takes_kwarg(s, "betas")]
 
@@ -41,3 +42,50 @@ def test_a_scheduler_cycling_betas_is_checked_without_rebuilding_the_config(
     full.clear()
     step(spec, model, opt, 6)
     assert full
+
+
+def _another_value(value: Any) -> Any:
+    """A valid value other than ``value`` for a numeric group option (rates and betas in [0, 1) halved,
+    larger floats tripled, 0.0 made 0.01, counts plus one), or None for options that are not numbers."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, tuple)):
+        return None
+    if isinstance(value, tuple):
+        return tuple(v * 0.5 for v in value) if all(isinstance(v, float) for v in value) else None
+    if isinstance(value, int):
+        return value + 1 if value > 0 else None
+    return 0.01 if value == 0 else value * (0.5 if value < 1 else 3.0)
+
+
+#: the documented exceptions (optim/base.py): group values an optimizer also reads from its constructor, in
+#: an optimizer-wide role (SOAA's trust region keeps the constructor's β1 and ε for its loss EMA)
+_CONSTRUCTOR_ROLE: dict[str, tuple[str, ...]] = {"SOAA": ("betas", "eps")}
+
+
+def _written_cases() -> list[Any]:
+    out = []
+    for spec in SPECS:
+        _, opt = make(spec)
+        skip = (*opt.layout_keys, "max_block_numel", *_CONSTRUCTOR_ROLE.get(spec.name, ()))
+        for key, value in opt.param_groups[0].items():
+            other = _another_value(value)
+            if key in skip or other is None or not takes_kwarg(spec, key):
+                continue
+            out.append(pytest.param(spec, key, value, other, id=f"{spec.name}-{key}"))
+    return out
+
+
+@pytest.mark.parametrize("spec,key,value,other", _written_cases())
+def test_a_value_written_into_the_groups_before_the_first_step_is_the_one_built_with(
+        spec: OptimizerSpec, key: str, value: Any, other: Any) -> None:
+    """torch reads every group value at the step: a value a scheduler (OneCycleLR sets ``lr`` and ``betas`` as
+    it is built, LambdaLR multiplies ``lr``) or the user writes into the groups before the first step trains as
+    if the optimizer had been built with it. EGN's line search started its first α from the constructor's lr
+    (1.5x it at most), not the group's: a group lr raised before the first step was cut on that step."""
+    model, opt = make(spec, **{key: other})
+    for group in opt.param_groups:
+        group[key] = value
+    ref_model, ref = make(spec)
+    for t in range(3):
+        step(spec, model, opt, t)
+        step(spec, ref_model, ref, t)
+    assert_identical(params(model), params(ref_model), f"params ({key})")
