@@ -366,7 +366,7 @@ class _OneSided(ShardedOptimizer):
     _meta_options = ("adamw_indices", "fused_parts")
     #: rebuilt on first use (see _split_layout, _routes, _numerators)
     _transient = ("_split_layout_cache", "_routes_cache", "_numerators_cache", "_guard", "_guard_limit",
-                  "_padded_cache", "_step_plan", "_norms_at", "_join_zeros")
+                  "_padded_cache", "_step_plan", "_norms_at", "_join_zeros", "_adam_groups_cache")
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         config_from_group(self._config_cls, group)
@@ -600,6 +600,42 @@ class _OneSided(ShardedOptimizer):
         (None before the block's first step)."""
         raise NotImplementedError
 
+    def _adam_groups(self, routes: dict[int, str | None]) -> dict[int, int]:
+        """``group index ->`` how many of its blocks the AdamW part steps (all ranks' blocks, not only the
+        owned ones: every rank decides the same), for the groups that have any. Fixed by the block table."""
+        cached = self.__dict__.get("_adam_groups_cache")
+        if cached is not None and cached[0] is self.block_table:
+            groups: dict[int, int] = cached[1]
+            return groups
+        groups = collections.Counter(b.group_index for b in self.block_table.blocks if routes[b.block_id] is None)
+        self._adam_groups_cache = (self.block_table, dict(groups))
+        return dict(groups)
+
+    def _warn_betas_left_to_the_matrices(self, routes: dict[int, str | None]) -> None:
+        """Log once when a group's ``betas`` changed since its first step while its ``adam_betas`` did not, and
+        the group has parameters in the AdamW part: a scheduler's ``cycle_momentum`` (OneCycleLR's default,
+        CyclicLR) writes ``betas`` only, which moved the matrices' β1 and silently left the AdamW part's (biases,
+        norms, embedding tables) where it was. Not refused: a group's ``betas`` is the matrix method's by
+        design; the message says how to move the other too."""
+        if self.__dict__.get("_warned_adam_betas"):
+            return
+        first: dict[int, tuple[tuple[Any, ...], tuple[Any, ...]]] = self.__dict__.setdefault("_betas_first_seen", {})
+        for gi, blocks in self._adam_groups(routes).items():
+            group = self.param_groups[gi]
+            now = (tuple(group["betas"]), tuple(group["adam_betas"]))
+            was = first.setdefault(gi, now)
+            if now[0] != was[0] and now[1] == was[1]:
+                self._warned_adam_betas = True
+                log.warning(
+                    "%s: param_groups[%d]['betas'] is now %r (%r at the group's first step; a scheduler's "
+                    "cycle_momentum writes it, e.g. OneCycleLR's default or CyclicLR's), and sets the matrix "
+                    "method's betas only. "
+                    "The group's %d block(s) in the AdamW part (1-D parameters, embedding tables) read "
+                    "'adam_betas', still %r: their momentum does not follow. Write 'adam_betas' too to move "
+                    "theirs, or pass cycle_momentum=False to the scheduler to cycle neither. Logged once.",
+                    type(self).__name__, gi, now[0], was[0], blocks, now[1])
+                return
+
     def _apply(self, views: list[BlockView], decision: Any) -> None:
         self._update_clean_on_raise = True  # until the first write: the lazy state below is zeros (no state)
         self._norms_at: int | None = None  # (see _join_update_collectives)
@@ -645,6 +681,7 @@ class _OneSided(ShardedOptimizer):
 
     def _adam_step(self, views: list[BlockView], counts: list[float]) -> None:
         """The AdamW fallback, one update per param group; ``counts``: the blocks' advanced step counters."""
+        self._warn_betas_left_to_the_matrices(self._routes())  # (every rank: also those owning no such block)
         by_group = _by_key(range(len(views)), lambda i: views[i].block.group_index)
         for gi, idx in by_group.items():
             group = self.param_groups[gi]

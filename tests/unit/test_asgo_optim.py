@@ -1194,3 +1194,33 @@ def test_an_old_checkpoints_shape_routed_group_is_named_as_the_cause_and_continu
     assert resumed.num_steps == 2 and "gram" in resumed.state[model[0].weight]
     named = build({"use_asgo": False})
     assert named.param_groups[1]["param_names"] == ["0.weight"] and "adamw_indices" not in named.param_groups[1]
+
+
+@pytest.mark.parametrize("cls", [ASGO, DASGO])
+def test_a_scheduler_cycling_betas_is_said_to_leave_the_adamw_part_alone(cls, caplog):
+    """OneCycleLR (cycle_momentum=True by default) and CyclicLR write a group's ``betas``, which is the matrix
+    method's: the biases in the same group (the AdamW part) read ``adam_betas`` and kept their β1 while the
+    matrices' cycled, without a word. Logged once, naming the group and the key to write; not when
+    ``adam_betas`` is written too, nor without momentum cycling."""
+    def run(cycle: bool, both: bool) -> str:
+        model = tiny_mlp(0, torch.float64)
+        opt = cls(model.named_parameters(), lr=1e-2)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=10, cycle_momentum=cycle)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="lightning_soaa.optim.asgo"):
+            for t in range(4):
+                opt.zero_grad()
+                x, y = batch(t, 0, n=8, d_in=6, d_out=3)
+                loss_fn(model, x, y).backward()
+                opt.step()
+                sched.step()
+                if both:
+                    for g in opt.param_groups:
+                        g["adam_betas"] = (g["betas"][0], g["adam_betas"][1])
+        return caplog.text
+
+    text = run(cycle=True, both=False)
+    assert text.count("adam_betas") == 2 and text.count("Logged once") == 1, text
+    assert "param_groups[0]['betas']" in text and "block(s) in the AdamW part" in text, text
+    assert "adam_betas" not in run(cycle=True, both=True)
+    assert "adam_betas" not in run(cycle=False, both=False)
