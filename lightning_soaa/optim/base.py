@@ -2832,6 +2832,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         """:meth:`_full_state_dict` between torch's state-dict hooks (:mod:`~lightning_soaa.optim.sd_hooks`)."""
         if self._receiver() is not self:  # through Lightning's LightningOptimizer: it saved its class name
             return self._receiver().state_dict()
+        dcp.refuse_flattened(self)  # a checkpoint torch could not load back (before the hooks and any collective)
         return hooked_state_dict(self, self._full_state_dict)
 
     def _full_state_dict(self) -> dict[str, Any]:

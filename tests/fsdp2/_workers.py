@@ -729,3 +729,37 @@ def built_before_fully_shard(rank: int, world_size: int) -> dict[str, dict[str, 
             got[when + "_unchanged"] = all(torch.equal(a, b) for a, b in zip(before, full_params(model)))
         out[name] = got
     return out
+
+
+def flattened_form(rank: int, world_size: int) -> dict[str, Any]:
+    """torch's ``StateDictOptions(flatten_optimizer_state_dict=True)``: refused by ``get_optimizer_state_dict``
+    and ``get_state_dict`` on every rank, for every case under FSDP2 after CKPT_AT steps (then the run goes on
+    to STEPS, as uninterrupted: the refusal changed nothing) and for every registry optimizer over plain
+    parameters (EGN has no FSDP2 form), consolidated. Before, the save went through and the load raised a bare
+    ``KeyError: 'param_groups.0.weight.max_block_numel'`` inside torch (ShardedAdamW, ASGO, DASGO under FSDP2)
+    or was refused for its lost metadata (SOAA under FSDP2, every optimizer over plain parameters)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, get_state_dict
+
+    from lightning_soaa import registry
+
+    flat = StateDictOptions(flatten_optimizer_state_dict=True)
+    mesh = make_mesh(world_size, False)
+    out: dict[str, Any] = {}
+    for name, _, _, sizes in CASES:
+        model, opt = run_case(name, rank, world_size, mesh, steps=range(CKPT_AT))
+        refused = [expect_error(lambda: get_optimizer_state_dict(model, opt, options=flat)),
+                   expect_error(lambda: get_state_dict(model, opt, options=flat))]
+        default_keys = len(get_optimizer_state_dict(model, opt)["state"])  # the default form is still handed out
+        for t in range(CKPT_AT, STEPS):
+            train_step(model, opt, *local_batch(t, sizes, rank, world_size))
+        out[name] = {"refused": refused, "default_keys": default_keys, "params": full_params(model),
+                     "stats": soaa_stats(opt)}
+    x, y = global_batch(0, TALL)  # the same batch on every rank: equal gradients without averaging
+    for name in registry.names():
+        spec = registry.get(name)
+        model = tiny_mlp(sizes=TALL)
+        opt = spec.build(model, **spec.test_kwargs)
+        spec.take_step(opt, model, x, y)
+        opt.consolidate_state_dict(to=None)
+        out["plain", name] = expect_error(lambda: get_optimizer_state_dict(model, opt, options=flat))
+    return out

@@ -412,3 +412,22 @@ def test_an_interrupted_update_is_not_saved_by_torchs_dcp_recipe(tmp_path: Path)
     assert "interrupted inside its update" in out[0]["save"] and "on rank 0" in out[0]["save"], out[0]
     assert out[1]["save"] != "saved", out[1]
     assert not (tmp_path / "ckpt" / ".metadata").exists()
+
+
+def test_flattened_optimizer_state_dict_is_refused_on_every_rank(tmp_path: Path, references):
+    """StateDictOptions(flatten_optimizer_state_dict=True) cannot round-trip (torch rebuilds the state from the
+    destination optimizer's live keys, lightning_soaa/optim/dcp_state.py refuse_flattened): every optimizer,
+    under FSDP2 and over plain parameters, refuses it at the save on every rank, naming the option and the
+    default to use; the refused call changes nothing (the run continues as the uninterrupted one)."""
+    results = run_distributed(W.flattened_form, 2, tmp_path, timeout=300)
+    from lightning_soaa import registry
+
+    for r, res in enumerate(results):
+        said = [m for name, *_ in W.CASES for m in res[name]["refused"]]
+        said += [res["plain", name] for name in registry.names()]
+        assert len(said) == 2 * len(W.CASES) + len(registry.names())
+        for msg in said:
+            assert msg.startswith("ValueError: ") and "StateDictOptions(flatten_optimizer_state_dict=True) is " \
+                "not supported" in msg and "Use the default StateDictOptions()" in msg, (r, msg)
+        assert all(res[name]["default_keys"] == 6 for name, *_ in W.CASES), r  # 3 Linear layers x (weight, bias)
+    _assert_equal(results, references, "after a refused flattened state dict")
