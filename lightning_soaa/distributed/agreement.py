@@ -553,26 +553,28 @@ def grad_digest(grads: Sequence[Tensor]) -> tuple[float, bool]:
     return sq, math.isfinite(sq)
 
 
-def grad_sq_tensor(grads: Sequence[Tensor]) -> Tensor:
-    """``Σ‖g‖²`` over ``grads`` (at least one) as a 0-d float64 tensor on their device, without a host
-    sync: the caller copies it to the host together with its other values."""
+def _grad_sq_norms(grads: Sequence[Tensor]) -> Tensor:
+    """``[‖g‖²]`` per gradient of ``grads`` (at least one), float64, on their device: one read of every
+    gradient (``_foreach_norm`` in the gradients' own dtype), no host sync."""
     norms = torch._foreach_norm(list(grads))
     if all(n.dtype == norms[0].dtype for n in norms):
         stacked = torch.stack(norms).to(torch.float64)  # the same values as converting each norm first
     else:
         stacked = torch.stack([n.to(torch.float64) for n in norms])
-    return stacked.square().sum()
+    return stacked.square()
+
+
+def grad_sq_tensor(grads: Sequence[Tensor]) -> Tensor:
+    """``Σ‖g‖²`` over ``grads`` (at least one) as a 0-d float64 tensor on their device, without a host
+    sync: the caller copies it to the host together with its other values."""
+    return _grad_sq_norms(grads).sum()
 
 
 def grad_scan_tensors(grads: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     """``(Σ‖g‖², Σ log2 ‖g‖²)`` over ``grads`` (at least one) as 0-d float64 tensors on their device, from
-    one read of every gradient (:func:`grad_sq_tensor`'s norms): the second weighs every gradient alike,
+    one read of every gradient (the norms :func:`grad_sq_tensor` sums): the second weighs every gradient alike,
     whatever its scale (:data:`GRAD_LOG_SLOT`); a zero gradient counts at ``2**-1022``."""
-    norms = torch._foreach_norm(list(grads))
-    if all(n.dtype == norms[0].dtype for n in norms):
-        sq = torch.stack(norms).to(torch.float64).square()  # the same values as converting each norm first
-    else:
-        sq = torch.stack([n.to(torch.float64) for n in norms]).square()
+    sq = _grad_sq_norms(grads)
     return sq.sum(), sq.clamp_min(_LOG_FLOOR).log2().sum()
 
 

@@ -112,6 +112,27 @@ def _batch_list(batches: list[tuple[int, int]], epoch: int, total: int, most: in
 _HANDED_KEPT = 16
 
 
+@dataclasses.dataclass
+class _Handovers:
+    """The training batches handed to one optimizer since its last step, as ``(epoch, batch_idx)``: the first 3
+    and the last ones, :data:`_HANDED_KEPT` in all (``kept``), and how many there were (``total``)."""
+
+    kept: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    total: int = 0
+
+    def add(self, at: tuple[int, int]) -> None:
+        self.kept.append(at)
+        if len(self.kept) > _HANDED_KEPT:
+            del self.kept[3]  # (the message names the first 3 and the last 3)
+        self.total += 1
+
+    def forget(self, at: tuple[int, int] | None) -> None:
+        """Take back the last hand-over where it is ``at``."""
+        if self.kept and self.kept[-1] == at:
+            self.kept.pop()
+            self.total -= 1
+
+
 def _strategy_accumulates(trainer: pl.Trainer) -> bool:
     """True when the strategy accumulates gradients itself (DeepSpeed): Lightning then calls the optimizer
     step hooks after every micro-batch and the engine decides which of them really step."""
@@ -187,7 +208,28 @@ def _check_flag(name: str, value: Any) -> None:
         raise ValueError(f"Invalid {name}={value!r}. Must be True or False.")
 
 
-class LossToOptimizer(Callback):
+class _WatchesSteps(Callback):
+    """A callback that registers hooks on the optimizers (``_step_hooks``) and removes them when the fit ends:
+    the optimizers may outlive the fit (one kept and returned again by the module)."""
+
+    def __init__(self) -> None:
+        self._step_hooks: list[Any] = []  # the handles of the hooks it registered on the targets
+
+    def _unwatch_steps(self) -> None:
+        for handle in self._step_hooks:
+            handle.remove()
+        self._step_hooks = []
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._unwatch_steps()
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._unwatch_steps()  # Lightning skips teardown after an exception
+
+
+class LossToOptimizer(_WatchesSteps):
     """Hand the training loss to every optimizer whose step needs it (``StepNeeds.LOSS`` in the registry: SOAA).
 
     The loss handed over is the loss of the whole optimizer step: the mean of the losses of the
@@ -220,13 +262,13 @@ class LossToOptimizer(Callback):
     """
 
     def __init__(self, check_sharding: bool = True) -> None:
+        super().__init__()  # _step_hooks: the targets' step post-hooks and gradient hooks (see _watch_steps)
         _check_flag("check_sharding", check_sharding)
         self.check_sharding = check_sharding
         self._sum: torch.Tensor | None = None
         self._count = 0  # backward calls summed into _sum (micro-batches, under automatic optimization)
         self._restart = True
         self._checked_k: int | None = None  # accumulate_grad_batches the same_batch check last saw
-        self._step_hooks: list[Any] = []  # the targets' step post-hooks (see _watch_steps)
         self._grads: dict[int, _GradRecord] = {}  # per target, what its gradients hold (see _attributed)
         self._targets_of: dict[int, list[int]] = {}  # parameter id -> the targets holding it (_watch_grads)
         self._touched: set[int] = set()  # the targets the backward under way reached
@@ -285,19 +327,6 @@ class LossToOptimizer(Callback):
 
     def _reached(self, param: torch.Tensor) -> None:
         self._touched.update(self._targets_of.get(id(param), ()))
-
-    def _unwatch_steps(self) -> None:
-        for handle in self._step_hooks:
-            handle.remove()
-        self._step_hooks = []
-
-    @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._unwatch_steps()  # the optimizers may outlive the fit (one kept and returned again by the module)
-
-    @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._unwatch_steps()  # Lightning skips teardown after an exception
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -562,7 +591,7 @@ def check_trainer_supports_batch_optimizer(trainer: pl.Trainer) -> None:
                          + "; ".join(problems) + ".")
 
 
-class BatchToOptimizer(Callback):
+class BatchToOptimizer(_WatchesSteps):
     """Hand the current batch to every optimizer whose step needs it (``StepNeeds.BATCH``: EGN).
 
     EGN forms per-sample Jacobians of the model outputs itself, so it needs the inputs and targets of
@@ -588,14 +617,13 @@ class BatchToOptimizer(Callback):
     """
 
     def __init__(self, split_batch: Callable[[Any], tuple[Any, Any]] | None = None) -> None:
+        super().__init__()  # _step_hooks: the targets' step hooks (manual optimization, see _watch_steps)
         self.split_batch = split_batch or default_split_batch
         self._window: list[tuple[Any, Any]] = []  # the micro-batches of the current accumulation window
         self._backward_seen = False  # the current micro-batch's training_step returned a loss
         self._manual = False  # the fit runs under manual optimization
-        self._handed: dict[int, list[tuple[int, int]]] = {}  # per target: (epoch, batch_idx) handed since its step
-        self._handed_total: dict[int, int] = {}  # per target: how many (``_handed`` keeps _HANDED_KEPT of them)
+        self._handed: dict[int, _Handovers] = {}  # per target: the batches handed over since its step
         self._last_inputs: dict[int, Any] = {}  # per target: the inputs it was handed last
-        self._step_hooks: list[Any] = []  # the targets' step hooks (manual optimization, see _watch_steps)
         self._no_batch = False  # training_step takes a dataloader_iter: the hooks get None or the previous batch
         self._unrun: tuple[int, int] | None = None  # (epoch, batch_idx) handed over, its training_step not run yet
 
@@ -616,7 +644,6 @@ class BatchToOptimizer(Callback):
             raise ValueError(DATALOADER_ITER_MESSAGE.format(optimizer=optimizer_name(targets[0]),
                                                             module=type(pl_module).__name__))
         self._manual, self._handed, self._last_inputs = not pl_module.automatic_optimization, {}, {}
-        self._handed_total = {}
         self._unrun = None
         self._unwatch_steps()
         if self._manual and not _strategy_accumulates(trainer):
@@ -630,37 +657,23 @@ class BatchToOptimizer(Callback):
             pre = getattr(target, "register_step_pre_hook", None)
             post = getattr(target, "register_step_post_hook", None)
             if pre is not None and post is not None and hasattr(target, "_pending_batch"):  # EGN's own
-                self._handed[id(target)], self._handed_total[id(target)] = [], 0
+                self._handed[id(target)] = _Handovers()
                 self._step_hooks += [pre(self._before_step), post(self._after_step)]
 
     def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        handed = self._handed.get(id(optimizer), [])
+        handed = self._handed.get(id(optimizer), _Handovers())
         pending = getattr(optimizer, "_pending_batch", None)
         ours = pending is not None and pending[0] is self._last_inputs.get(id(optimizer))  # not the user's set_batch
-        if kwargs.get("inputs") is not None or kwargs.get("targets") is not None or not ours or len(handed) < 2:
+        if kwargs.get("inputs") is not None or kwargs.get("targets") is not None or not ours or len(handed.kept) < 2:
             return  # the user's own batch, or the one training batch handed over since the last step
+        (epoch, batch_idx), before = handed.kept[-1], handed.kept[:-1]
         raise ValueError(MANUAL_HANDOVERS_MESSAGE.format(
-            optimizer=optimizer_name(optimizer), epoch=handed[-1][0], batch_idx=handed[-1][1],
-            dropped=_batch_list(handed[:-1], epoch=handed[-1][0], total=self._handed_total[id(optimizer)] - 1),
-            n=self._handed_total[id(optimizer)]))
+            optimizer=optimizer_name(optimizer), epoch=epoch, batch_idx=batch_idx,
+            dropped=_batch_list(before, epoch=epoch, total=handed.total - 1), n=handed.total))
 
     def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if id(optimizer) in self._handed:
-            self._handed[id(optimizer)], self._last_inputs[id(optimizer)] = [], None
-            self._handed_total[id(optimizer)] = 0
-
-    def _unwatch_steps(self) -> None:
-        for handle in self._step_hooks:
-            handle.remove()
-        self._step_hooks = []
-
-    @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._unwatch_steps()
-
-    @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._unwatch_steps()  # Lightning skips teardown after an exception
+            self._handed[id(optimizer)], self._last_inputs[id(optimizer)] = _Handovers(), None
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
@@ -682,11 +695,7 @@ class BatchToOptimizer(Callback):
         for opt in targets_opts:
             _hand_over(opt.set_batch, inputs, targets)
             if id(opt) in self._handed:
-                handed = self._handed[id(opt)]
-                handed.append((trainer.current_epoch, batch_idx))
-                if len(handed) > _HANDED_KEPT:
-                    del handed[3]  # (the message names the first 3 and the last 3)
-                self._handed_total[id(opt)] += 1
+                self._handed[id(opt)].add((trainer.current_epoch, batch_idx))
                 self._last_inputs[id(opt)] = inputs
                 self._unrun = (trainer.current_epoch, batch_idx)
 
@@ -694,10 +703,8 @@ class BatchToOptimizer(Callback):
         """Drop the last hand-over from the batches counted since a step when that batch's training never ran:
         a module's ``on_train_batch_start`` returning -1 (skip the rest of the epoch) runs after this callback's
         hook, and the next epoch's first step (on its own batch, stepping every batch) was refused for it."""
-        for key, handed in self._handed.items():
-            if handed and handed[-1] == self._unrun:
-                handed.pop()
-                self._handed_total[key] -= 1
+        for handed in self._handed.values():
+            handed.forget(self._unrun)
         self._unrun = None
 
     @override

@@ -379,7 +379,7 @@ def test_the_manual_handovers_refusal_names_a_few_batches_with_their_epochs(tmp_
                        r"2 of epoch 0, \.\.\. \(35 batches\), 0, 1, 2\] since its last step.* every 36 ") as err:
         trainer.fit(_EGNAfterWarmup())
     assert len(str(err.value)) < 800
-    assert 0 < max(len(kept) for kept in callback._handed.values()) <= 16
+    assert 0 < max(len(handed.kept) for handed in callback._handed.values()) <= 16
 
 
 class _ValidatedRegressor(TinyRegressor):
