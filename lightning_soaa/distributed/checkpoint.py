@@ -372,19 +372,43 @@ def build_state_dict(
 _DEEPSPEED_CLIENT_KEYS = ("lightning_soaa_deepspeed", "lightning_soaa_deepspeed_egn")
 
 
+#: where DeepSpeed's optimizer wrappers keep the state of the optimizer they wrap: its ZeRO-0 fp16/bf16 wrapper
+#: and ZeRO-3 under 'optimizer_state_dict', ZeRO-1/2 and its bf16 optimizer under 'base_optimizer_state' (a ZeRO
+#: file's entry holds one inside the other)
+_DEEPSPEED_WRAPPER_KEYS = ("optimizer_state_dict", "base_optimizer_state")
+
+
+def _deepspeed_client_state(sd: Any, depth: int = 2) -> tuple[tuple[str, ...], str, dict[str, Any]] | None:
+    """``(wrappers, key, entry)``: our DeepSpeed client's state ``entry`` under ``key`` in ``sd``, at its top level
+    or inside DeepSpeed's wrappers (``wrappers``: the keys that lead there), else None."""
+    if not isinstance(sd, dict):
+        return None
+    key = next((k for k in _DEEPSPEED_CLIENT_KEYS if isinstance(sd.get(k), dict)), None)
+    if key is not None:
+        return (), key, sd[key]
+    for wrapper in _DEEPSPEED_WRAPPER_KEYS if depth > 0 else ():
+        found = _deepspeed_client_state(sd.get(wrapper), depth - 1)
+        if found is not None:
+            return (wrapper, *found[0]), found[1], found[2]
+    return None
+
+
 def _deepspeed_client_hint(sd: Any) -> str:
-    """For the state of our DeepSpeed client optimizer (``engine.save_checkpoint``'s ``optimizer`` entry), loaded
-    into the plain optimizer (a run leaving DeepSpeed): where its own state is, or why there is none to take.
-    Before, the message blamed torch's DCP options."""
-    key = next((k for k in _DEEPSPEED_CLIENT_KEYS if isinstance(sd, dict) and k in sd), None)
-    if key is None or not isinstance(sd[key], dict):
+    """For the state of our DeepSpeed client optimizer (``engine.save_checkpoint``'s ``optimizer`` entry, or
+    DeepSpeed's wrapper state around it: a bf16 run's at ZeRO-0, a ZeRO file's), loaded into the plain optimizer
+    (a run leaving DeepSpeed): where its own state is, or why there is none to take. Before, the message blamed
+    torch's DCP options (and, for a bf16 ZeRO-0 run, whose state DeepSpeed's wrapper holds, said nothing)."""
+    found = _deepspeed_client_state(sd)
+    if found is None:
         return ""
-    layout = sd[key].get("layout")
+    wrappers, key, ours = found
+    layout = ours.get("layout")
     stage = layout.get("zero_stage", 0) if isinstance(layout, dict) else 0
     what = " It is the state of lightning_soaa's DeepSpeed client optimizer (deepspeed_ext, engine.save_checkpoint)"
     if stage == 0:
+        path = "state_dict" + "".join(f"[{k!r}]" for k in (*wrappers, key))
         return (f"{what}: at ZeRO-0 this optimizer's own state, independent of the world size, is "
-                f"state_dict[{key!r}]['inner']; load that (with the param groups the DeepSpeed run had).")
+                f"{path}['inner']; load that (with the param groups the DeepSpeed run had).")
     return (f"{what} at ZeRO-{stage}: DeepSpeed's per-partition state, which this optimizer cannot continue. "
             f"Resume under DeepSpeed at ZeRO-{stage}, or load only the weights (DeepSpeed's zero_to_fp32.py) "
             "into a fresh optimizer.")

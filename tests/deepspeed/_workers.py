@@ -621,6 +621,42 @@ def w_leave_deepspeed(rank: int, world: int, ckpt_root: str) -> dict[str, Any]:
     return out
 
 
+def w_leave_deepspeed_bf16(rank: int, world: int, ckpt_root: str) -> dict[str, Any]:
+    """A bf16 run's state (SOAA, 3 steps) loaded into a plain SOAA without DeepSpeed: at ZeRO-0 the optimizer
+    entry engine.save_checkpoint wrote is DeepSpeed's bf16 wrapper state around the client's; at ZeRO-1 the
+    bf16_zero_pp file's entry wraps it too. Per stage: the refusal of the entry as saved, and at ZeRO-0 the
+    load of the path that refusal names (the optimizer's steps then)."""
+    ds_env(rank, world)
+    import deepspeed_ext
+    from lightning_soaa.optim.soaa import SOAA
+
+    params = {"lr": 1e-2, "gamma": 0.1, "total_steps": 10}
+    out: dict[str, Any] = {}
+    for stage in (0, 1):
+        engine, _, _, _ = deepspeed_ext.initialize(model=tiny_mlp(0, torch.float32, SIZES),
+                                                   config=make_config(stage, "bf16", "lightning_soaa.SOAA", params))
+        _train(engine, rank, range(3), "bf16")
+        engine.save_checkpoint(os.path.join(ckpt_root, f"s{stage}"), tag="t3")
+        del engine
+        folder = os.path.join(ckpt_root, f"s{stage}", "t3")
+        if stage == 0:
+            entry = torch.load(os.path.join(folder, "mp_rank_00_model_states.pt"), weights_only=False)["optimizer"]
+        else:
+            name = f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+            entry = torch.load(os.path.join(folder, name), weights_only=False)["optimizer_state_dict"]
+        opt = SOAA(tiny_mlp(7, torch.float32, SIZES).parameters(), **params)
+        try:
+            opt.load_state_dict(entry)
+            out[stage] = "ok"
+        except ValueError as exc:
+            out[stage] = str(exc)
+        if stage == 0:
+            opt = SOAA(tiny_mlp(7, torch.float32, SIZES).parameters(), **params)
+            opt.load_state_dict(entry["optimizer_state_dict"]["lightning_soaa_deepspeed"]["inner"])
+            out["inner_steps"] = opt.num_steps
+    return out
+
+
 def allow_cpu_fp16() -> None:
     """DeepSpeed's CPU accelerator reports fp16 as supported only where oneDNN has fp16 kernels (not on every CI
     machine), and the engine then refuses fp16. Its fp16 path (loss scaler, overflow check, fp32 masters) is the

@@ -14,6 +14,7 @@ from tests.deepspeed._workers import (
     w_cross_stage,
     w_latest_after_a_failed_save,
     w_leave_deepspeed,
+    w_leave_deepspeed_bf16,
     w_mixed_saves_refused,
     w_node_local_refusal,
     w_own_tag_saved_again,
@@ -117,6 +118,20 @@ def test_a_deepspeed_checkpoint_loaded_without_deepspeed_says_where_the_state_is
         assert "at ZeRO-2: DeepSpeed's per-partition state" in r["zero2"], r["zero2"]
         for a, b in zip(r["inner"], r["ds"], strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-6)  # float32, another summation order
+
+
+def test_a_bf16_deepspeed_checkpoint_loaded_without_deepspeed_says_where_the_state_is(tmp_path):
+    """A bf16 run leaving DeepSpeed: at ZeRO-0 engine.save_checkpoint's optimizer entry is DeepSpeed's bf16
+    wrapper state, which holds the client's under 'optimizer_state_dict' (the path the README gave,
+    ['lightning_soaa_deepspeed']['inner'], was a KeyError there), and loaded as saved it was refused as "not a
+    lightning_soaa optimizer state" and no more. It now names the nested path, which loads; a ZeRO-1 file's
+    wrapped entry says that it is per-partition state."""
+    res = run_distributed(w_leave_deepspeed_bf16, 2, tmp_path, str(tmp_path / "ckpt"), timeout=200)
+    for r in res:
+        path = "state_dict['optimizer_state_dict']['lightning_soaa_deepspeed']['inner']"
+        assert path in r[0], r[0]
+        assert "at ZeRO-1: DeepSpeed's per-partition state" in r[1], r[1]
+        assert r["inner_steps"] == 3, r
 
 
 @pytest.mark.parametrize("opt_type", ["lightning_soaa.ASGO", "lightning_soaa.SOAA"])
