@@ -90,6 +90,27 @@ def fully_shard_replaced_message(what: str, label: str) -> str:
             "from model.parameters() or model.named_parameters() taken then.")
 
 
+def storage_freed(p: Tensor) -> bool:
+    """Whether ``p`` has elements but no memory: its storage was resized to 0 bytes. FSDP2 frees so the unsharded
+    parameters it puts in its modules for a forward and backward (its root module keeps them there after a
+    forward, e.g. an evaluation under ``torch.no_grad()``, until the next backward reshards); an optimizer built
+    then holds them, not the sharded DTensor parameters, and they get no gradient again. Nothing can step such
+    a tensor. Meta tensors and tensor subclasses (DTensor) are not judged here."""
+    if p.is_meta or type(p) not in (torch.Tensor, torch.nn.Parameter) or p.numel() == 0:
+        return False
+    return p.untyped_storage().nbytes() == 0
+
+
+def freed_storage_message(what: str, label: str, p: Tensor) -> str:
+    return (f"{what}: parameter {label} (shape {tuple(p.shape)}) has no memory: its storage was freed (0 bytes "
+            f"for {p.numel()} elements). FSDP2 frees so the unsharded parameters it puts in its modules for a "
+            "forward and backward; an optimizer built after a forward (fully_shard's root module keeps its "
+            "parameters unsharded after one, e.g. an evaluation under torch.no_grad(), until the next backward) "
+            "holds those instead of the sharded DTensor parameters, which are what trains. Build the optimizer "
+            "from model.parameters() while the model is resharded: before its first forward, or after "
+            "model.reshard(). Nothing changed.")
+
+
 def check_param_group(optimizer: Any, group: dict[str, Any]) -> None:
     """Raise ``ValueError`` naming the first parameter of ``group`` the optimizer cannot step.
 
@@ -375,14 +396,20 @@ def check_step(optimizer: Any, params: Sequence[Tensor], names: Sequence[str | N
     dense kernels would otherwise reject mid-step, and with ``built`` (:func:`param_signatures` at
     construction) a parameter whose shape, dtype or device changed since (``p.data = ...``,
     ``model.to(torch.float64)``): the blocks, the state and the exchange buffers were made for the old one,
-    and the kernels read them by element count (a larger tensor overran them). Returns how many of the
-    parameters have a gradient (0 without ``gradients``)."""
+    and the kernels read them by element count (a larger tensor overran them). Where no gradient came: a
+    parameter ``fully_shard`` replaced, and with ``gradients`` a trainable one whose memory was freed (FSDP2's
+    unsharded copy, :func:`storage_freed`). Returns how many of the parameters have a gradient (0 without
+    ``gradients``)."""
     seen = 0
     for i, p in enumerate(params):  # runs every step: only attribute reads unless something is wrong
         g = p.grad if gradients else None
-        if g is None and replaced_by_fully_shard(p):  # (only where no gradient came: no cost on a training step)
-            raise RuntimeError(fully_shard_replaced_message(type(optimizer).__name__, repr(names[i]) if names[i]
-                                                            else f"#{i}") + " Nothing changed.")
+        if g is None:  # (only where no gradient came: no cost on a training step)
+            if replaced_by_fully_shard(p):
+                raise RuntimeError(fully_shard_replaced_message(type(optimizer).__name__, repr(names[i]) if names[i]
+                                                                else f"#{i}") + " Nothing changed.")
+            if gradients and p.requires_grad and storage_freed(p):  # (frozen: never trained, not read)
+                raise RuntimeError(freed_storage_message(type(optimizer).__name__, repr(names[i]) if names[i]
+                                                         else f"#{i}", p))
         if (p.is_meta or (g is not None and g.layout != p.layout)
                 or (built is not None and (p.shape, p.dtype, p.device) != built[i])):
             _refuse_step(optimizer, p, repr(names[i]) if names[i] else f"#{i}", None if built is None else built[i])

@@ -763,3 +763,34 @@ def flattened_form(rank: int, world_size: int) -> dict[str, Any]:
         opt.consolidate_state_dict(to=None)
         out["plain", name] = expect_error(lambda: get_optimizer_state_dict(model, opt, options=flat))
     return out
+
+
+def built_after_a_forward(rank: int, world_size: int) -> dict[str, dict[str, Any]]:
+    """Every registry optimizer that steps gradients, built after a forward under ``torch.no_grad()`` (the
+    initial model evaluated first): fully_shard's root keeps its own parameters (here the last Linear's)
+    unsharded after a forward, so ``model.parameters()`` handed the optimizer FSDP2's unsharded copies, whose
+    memory the next backward frees. What the first step raises, and whether the model stayed as it was."""
+    from torch.distributed.fsdp import fully_shard
+
+    from lightning_soaa import registry
+    from lightning_soaa.registry import StepNeeds
+
+    mesh = make_mesh(world_size, False)
+    out: dict[str, dict[str, Any]] = {}
+    for name in registry.names():
+        spec = registry.get(name)
+        if spec.needs is StepNeeds.BATCH:
+            continue  # (EGN refuses FSDP2's DTensor parameters at construction)
+        model = tiny_mlp(sizes=TALL)
+        for lin in [m for m in model if isinstance(m, nn.Linear)][:-1]:
+            fully_shard(lin, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        x, y = local_batch(0, TALL, rank, world_size)
+        with torch.no_grad():
+            model(x)
+        opt = spec.build(model, **spec.test_kwargs)
+        before = full_params(model)
+        error = expect_error(lambda opt=opt, model=model: spec.take_step(opt, model, x, y))
+        out[name] = {"error": error,
+                     "unchanged": all(torch.equal(a, b) for a, b in zip(before, full_params(model), strict=True))}
+    return out

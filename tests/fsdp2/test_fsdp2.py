@@ -178,6 +178,20 @@ def test_parameters_fully_shard_replaced_are_refused_on_every_rank(w2_run):
                 assert got[when + "_unchanged"], f"rank {r} {name} {when}: the model changed"
 
 
+def test_an_optimizer_built_after_a_forward_is_refused_naming_fsdp2s_unsharded_parameters(tmp_path: Path):
+    """An optimizer built after a forward (the initial model evaluated under torch.no_grad() first): FSDP2's root
+    keeps its own parameters unsharded after a forward, so model.parameters() gave the optimizer those copies,
+    whose memory the next backward frees; they never get a gradient. The step was refused as two parameters
+    sharing memory ("tie weights by using one Parameter object"), which they are not. Now every rank names the
+    parameter, its freed memory and FSDP2's unsharded copies, and says to build the optimizer while the model
+    is resharded; nothing changes."""
+    for r, res in enumerate(run_distributed(W.built_after_a_forward, 2, tmp_path, timeout=300)):
+        for name, got in res.items():
+            assert "parameter '4.weight' (shape (9, 7)) has no memory" in got["error"], f"rank {r} {name}: {got}"
+            assert "after model.reshard()" in got["error"] and "share memory" not in got["error"], (r, name, got)
+            assert got["unchanged"], f"rank {r} {name}: the model changed"
+
+
 @pytest.mark.parametrize("world_size", [1, 4])
 def test_equal_and_resume_w2_checkpoint(tmp_path: Path, world_size: int, w2_run, references):
     _, ckpt = w2_run
