@@ -1294,5 +1294,4 @@ def trust_region_scalars(
         rho, actual_sum, pred_sum = actual / max(pred_prev, eps), 0.0, 0.0
     lo, hi = band(t, gamma, total_steps, band_schedule)
     d = 1.0 if t <= trust_warmup else min(max(rho * d_prev, lo), hi)
-    return SOAAScalars(c=c, loss_ema=loss_ema, loss_hat=loss_hat, actual=actual, rho=rho, lo=lo, hi=hi, d=d,
-                       actual_sum=actual_sum, pred_sum=pred_sum)
+    return SOAAScalars(c, loss_ema, loss_hat, actual, rho, lo, hi, d, actual_sum, pred_sum)  # (positional: per step)

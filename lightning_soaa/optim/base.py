@@ -155,7 +155,7 @@ from lightning_soaa.optim.step_context import (
     amp_after_raise,
     amp_unscale_,
     caller_autocast,
-    full_precision,
+    full_precision_no_grad,
     outside_inference_mode,
 )
 
@@ -1647,8 +1647,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
     # in-place kernels on the state broke inductor (an internal assert), after the counters had moved,
     # and SOAA's Python-float scalars were baked into graphs recompiled at every step.
     @torch._disable_dynamo
-    @full_precision  # inside an autocast region too (optim/step_context.py)
-    @torch.no_grad()
+    @full_precision_no_grad  # inside an autocast region too, without grad (optim/step_context.py)
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimizer step (collective when W > 1: every rank must call it)."""
         loss, error = None, None
@@ -1670,15 +1669,17 @@ class ShardedOptimizer(torch.optim.Optimizer):
         the process group joins it at its first step, after the scaler read this: the group it will join
         counts (read as one process, the scaler skipped a first-step overflow on that rank alone while the
         others entered the step's collectives: gloo aborted, NCCL would hang)."""
+        if self.sharding.grad_reduction != "mean":  # (read at every step: the world only where it can matter)
+            return False
         world = self.comm.world_size
         if self.__dict__.get("_join_pending") and default_group_ready():
             world = torch.distributed.get_world_size()
-        return self.sharding.grad_reduction == "mean" and world > 1
+        return world > 1
 
     def _local_nonfinite(self, partials: Sequence[float]) -> bool:
         """True when a summed value this rank computed or an optimizer-wide scalar is non-finite (its
         gradients are checked by :meth:`_grad_scan`)."""
-        return (not all(math.isfinite(x) for x in partials) or self._state_nonfinite()
+        return (not all(map(math.isfinite, partials)) or self._state_nonfinite()
                 or self.__dict__.get("_amp_found_inf", False))
 
     def _state_nonfinite(self) -> bool:

@@ -457,15 +457,15 @@ def gradient_mismatch(optimizer: Any, params: Sequence[Tensor], names: Sequence[
         g = p.grad
         if g is None:
             continue
-        label = repr(names[i]) if names[i] else f"#{i}"
         if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
+            label = repr(names[i]) if names[i] else f"#{i}"
             have, want = _describe((g.shape, g.dtype, g.device)), _describe((p.shape, p.dtype, p.device))
             return ValueError(
                 f"{type(optimizer).__name__}.step: the gradient of parameter {label} has {have} and the parameter "
                 f"{want}; a gradient must match its parameter (as torch's optimizers require). Set p.grad to a "
                 "tensor of the parameter's shape, dtype and device. Nothing changed.")
         if dtensors and is_dtensor(p) and getattr(g, "placements", None) != p.placements:  # type: ignore[attr-defined]
-            return _placement_mismatch(optimizer, label, p, g)
+            return _placement_mismatch(optimizer, repr(names[i]) if names[i] else f"#{i}", p, g)
     return None
 
 

@@ -71,7 +71,7 @@ from lightning_soaa.optim.adamw import adam_state_schema, init_adam_state
 from lightning_soaa.optim.base import TEMPLATE_HOOKS, BlockView, ShardedOptimizer, StepRecord, overrides_any, summed
 from lightning_soaa.optim.closure_source import accumulation_steps
 from lightning_soaa.optim.soaa_plan import NativePlan
-from lightning_soaa.optim.step_context import autocast_casts, full_precision
+from lightning_soaa.optim.step_context import autocast_casts, full_precision_no_grad
 
 __all__ = ["SOAA"]
 
@@ -519,8 +519,7 @@ class SOAA(ShardedOptimizer):
 
     # ------------------------------------------------------------------ the step
     @torch._disable_dynamo  # eager under torch.compile (see ShardedOptimizer.step)
-    @full_precision  # inside an autocast region too (optim/step_context.py)
-    @torch.no_grad()
+    @full_precision_no_grad  # inside an autocast region too, without grad (optim/step_context.py)
     def step(
         self, closure: Callable[[], Any] | None = None, *, loss: Tensor | float | None = None
     ) -> Any:
@@ -828,7 +827,7 @@ class SOAA(ShardedOptimizer):
         # in the record's summed fields (lag_mu, lag_vu2), which the base checks with the partials; with
         # same_batch they are not read. So no tensor (and no host sync) is read here.
         scalars = (self._d, self._loss_ema, self._pred, self._actual_sum, self._pred_sum)
-        return not all(math.isfinite(x) for x in scalars)
+        return not all(map(math.isfinite, scalars))
 
     # ------------------------------------------------------------------ same_batch acceptance
     def _model_eps(self) -> float:

@@ -19,8 +19,8 @@ from typing import Any, TypeVar
 import torch
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["amp_unscale_", "amp_after_raise", "full_precision", "caller_autocast", "outside_inference_mode",
-           "autocast_casts"]
+__all__ = ["amp_unscale_", "amp_after_raise", "full_precision", "full_precision_no_grad", "caller_autocast",
+           "outside_inference_mode", "autocast_casts"]
 
 #: the device types whose autocast state a step reads (torch.is_autocast_enabled accepts each, present or not)
 AUTOCAST_DEVICES: tuple[str, ...] = ("cpu", "cuda", "xpu", "mps")
@@ -69,31 +69,56 @@ def full_precision(step: F) -> F:
     """Decorate an optimizer's ``step``: run it outside inference mode (:func:`outside_inference_mode`) and
     with autocast disabled on every device type where it is enabled, remembering the caller's regions for
     :func:`caller_autocast`. Two attribute reads per device type when no region is active (the usual case)."""
+    return _full_precision(step, no_grad=False)
 
-    @outside_inference_mode
+
+def full_precision_no_grad(step: F) -> F:
+    """:func:`full_precision` of a step that runs under ``torch.no_grad()`` (the template's step and SOAA's):
+    the same contexts in one wrapper. Stacked as three decorators (``outside_inference_mode``, the autocast
+    wrapper, ``torch.no_grad()``) they took ~31 us of a ~640 us W = 1 SOAA step on the report's digits MLP (a
+    slow 2-core host), one wrapper ~17 us (benchmarks/HISTORY.md, ``bench_soaa_digits_step.py``)."""
+    return _full_precision(step, no_grad=True)
+
+
+def _full_precision(step: F, *, no_grad: bool) -> F:
     @functools.wraps(step)
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
-        active = [d for d in AUTOCAST_DEVICES if torch.is_autocast_enabled(d)]
-        if not active:
-            try:  # (inside a region's enabled=False part too: the region's casts outlive it)
-                return step(self, *args, **kwargs)
-            finally:
-                _drop_stale_casts()
-        regions = [(d, torch.get_autocast_dtype(d)) for d in active]
-        outer = self.__dict__.get("_caller_autocast")
-        self._caller_autocast = regions
+        if torch.is_inference_mode_enabled():  # as outside_inference_mode, then the same wrapper without it
+            with torch.inference_mode(False):
+                return wrapper(self, *args, **kwargs)
+        grad = torch.is_grad_enabled()
+        if no_grad:  # what torch.no_grad() does on entry and exit (torch.set_grad_enabled without its object)
+            torch._C._set_grad_enabled(False)
         try:
-            with contextlib.ExitStack() as stack:
-                for d in active:
-                    stack.enter_context(torch.autocast(d, enabled=False))
-                return step(self, *args, **kwargs)
+            active = [d for d in AUTOCAST_DEVICES if torch.is_autocast_enabled(d)]
+            if not active:
+                try:  # (inside a region's enabled=False part too: the region's casts outlive it)
+                    return step(self, *args, **kwargs)
+                finally:
+                    _drop_stale_casts()
+            return _outside_autocast(step, self, active, args, kwargs)
         finally:
-            self._caller_autocast = outer
-            # the region's casts of the parameters are those of before the step: the caller's next forward in
-            # it read them, not what the step wrote (autocast drops them only when its outermost region ends)
-            _drop_stale_casts()
+            if no_grad:
+                torch._C._set_grad_enabled(grad)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _outside_autocast(step: Callable[..., Any], self: Any, active: list[str], args: Any, kwargs: Any) -> Any:
+    """``step`` with autocast disabled on the ``active`` device types, the caller's regions remembered."""
+    regions = [(d, torch.get_autocast_dtype(d)) for d in active]
+    outer = self.__dict__.get("_caller_autocast")
+    self._caller_autocast = regions
+    try:
+        with contextlib.ExitStack() as stack:
+            for d in active:
+                stack.enter_context(torch.autocast(d, enabled=False))
+            return step(self, *args, **kwargs)
+    finally:
+        self._caller_autocast = outer
+        # the region's casts of the parameters are those of before the step: the caller's next forward in
+        # it read them, not what the step wrote (autocast drops them only when its outermost region ends)
+        _drop_stale_casts()
 
 
 class _NoMHAFastPath(TorchFunctionMode):
