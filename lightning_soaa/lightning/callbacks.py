@@ -34,6 +34,7 @@ from lightning_soaa.lightning.factory import (
     optimizer_needing,
     unwrap_optimizer,
 )
+from lightning_soaa.lightning.stepping import optimizer_steps_in_epochs
 from lightning_soaa.optim.egn_batches import concat_batches
 from lightning_soaa.registry import StepNeeds, spec_of
 
@@ -525,17 +526,18 @@ def refuse_pruning_during_fit(trainer: pl.Trainer) -> None:
 
 def _reaches_last_epoch(trainer: pl.Trainer) -> bool:
     """Whether the fit runs into its last epoch (the one SWA added for BatchNorm), judged from its limits:
-    ``max_epochs`` set, and ``max_steps`` unset or beyond the optimizer steps of the epochs before."""
+    ``max_epochs`` set, and ``max_steps`` unset or beyond the optimizer steps of the epochs before (counted with
+    the accumulation schedule's ``k`` of each epoch:
+    :func:`~lightning_soaa.lightning.stepping.optimizer_steps_in_epochs`)."""
     max_epochs = trainer.max_epochs
     if max_epochs is None or max_epochs == -1:
         return False
     if trainer.max_steps == -1:
         return True
-    batches = trainer.num_training_batches
-    if not math.isfinite(batches):
-        return False  # an epoch without end: the last one is never reached
-    per_epoch = math.ceil(batches / max(1, int(trainer.accumulate_grad_batches)))
-    return trainer.max_steps > (max_epochs - 1) * per_epoch
+    # the steps of the epochs before it, with the k a GradientAccumulationScheduler sets in each (it is 1 here,
+    # before the first epoch: a fit accumulating 4 from epoch 0 reached the last epoch unrefused)
+    before = optimizer_steps_in_epochs(trainer, max_epochs - 1, trainer.num_training_batches)
+    return math.isfinite(before) and trainer.max_steps > before  # an epoch without end never reaches it
 
 
 def _batch_idx(trainer: pl.Trainer) -> int:

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from lightning_soaa import registry as optimizer_registry
+from lightning_soaa.lightning.stepping import accumulation_scheduler, estimated_optimizer_steps
 from lightning_soaa.registry import StepNeeds
 
 __all__ = [
@@ -184,7 +185,10 @@ class OptimizerFactory:
 
 def with_horizon(cls: type, init_args: dict[str, Any], module: nn.Module) -> dict[str, Any]:
     """``init_args`` with the optimizer's ``horizon_kwarg`` (SOAA's ``total_steps``, see the registry)
-    set to the trainer's ``estimated_stepping_batches`` when the user left it out or None.
+    set to the trainer's ``estimated_stepping_batches`` when the user left it out or None, counted with the
+    ``k`` a ``GradientAccumulationScheduler`` sets in each epoch (Lightning's counts every epoch with the
+    ``k`` of the moment, 1 before the first epoch: 24 steps where the fit made 14, and the "paper" band
+    stopped narrowing at 13/24; :mod:`lightning_soaa.lightning.stepping`).
 
     Without it SOAA's trust band would sit at its final width from step 1. A value the user gave is kept;
     so is None when the trainer is unbounded (no ``max_steps``/``max_epochs``) or absent.
@@ -194,10 +198,11 @@ def with_horizon(cls: type, init_args: dict[str, Any], module: nn.Module) -> dic
     if spec is None or key is None or init_args.get(key) is not None:
         return dict(init_args)
     trainer = getattr(module, "_trainer", None)  # LightningModule.trainer raises when not attached
-    steps = float(trainer.estimated_stepping_batches) if trainer is not None else math.inf
+    steps = estimated_optimizer_steps(trainer) if trainer is not None else math.inf
     if not math.isfinite(steps) or steps < 1:
         return dict(init_args)
-    log.info("%s: %s=%d from trainer.estimated_stepping_batches", spec.qualified_name, key, int(steps))
+    log.info("%s: %s=%d from trainer.estimated_stepping_batches%s", spec.qualified_name, key, int(steps),
+             " and the GradientAccumulationScheduler's schedule" if accumulation_scheduler(trainer) else "")
     return {**init_args, key: int(steps)}
 
 

@@ -383,7 +383,9 @@ class SOAA(ShardedOptimizer):
             log.warning("SOAA: band_schedule='paper' narrows the band over total_steps, which is None: the "
                         "band is [1-gamma, 1+gamma] at every step, as band_schedule='final'. Pass "
                         "total_steps (the number of optimizer steps; Lightning: "
-                        "trainer.estimated_stepping_batches) for the paper's schedule.")
+                        "trainer.estimated_stepping_batches, or under a GradientAccumulationScheduler "
+                        "lightning_soaa.lightning.stepping.estimated_optimizer_steps(trainer)) for the paper's "
+                        "schedule.")
         defaults = dict(lr=self.config.lr, betas=tuple(self.config.betas), eps=self.config.eps,
                         weight_decay=self.config.weight_decay)
         self._reset_trust_state()

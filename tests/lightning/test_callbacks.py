@@ -838,6 +838,52 @@ def test_swa_with_batch_norm_is_refused_at_the_start_of_fit(name: str, tmp_path:
             assert trainer.optimizers[0].num_steps == trainer.global_step > 0
 
 
+@pytest.mark.parametrize("name", ["SOAA", "EGN"])
+def test_swa_with_batch_norm_under_an_accumulation_schedule_is_refused_at_the_start_of_fit(name: str,
+                                                                                          tmp_path: Path) -> None:
+    """The check of whether the run reaches SWA's forward-only epoch counted each epoch's steps with the
+    accumulation in force at the start of fit, which is 1 under a GradientAccumulationScheduler (it sets k at
+    each epoch's start): with k = 4 from epoch 0 (2 steps an epoch) and max_steps=10, 16 steps came before that
+    epoch by its count, so the fit ran 2 epochs and SOAA/EGN refused SWA's step in the third, after the whole
+    run. Counted with the schedule's k, refused before the first step."""
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler, StochasticWeightAveraging
+
+    kwargs = {"lr": 0.01} if name == "SOAA" else {"loss": "mse", "lr": 0.5}
+    model = TinyRegressor(OptimizerFactory(name, kwargs))
+    model.net = torch.nn.Sequential(model.net[0], torch.nn.BatchNorm1d(8).double(), *model.net[1:])
+    trainer = make_trainer(tmp_path, max_steps=10, max_epochs=2,
+                           callbacks=[LossToOptimizer(), BatchToOptimizer(), GradientAccumulationScheduler({0: 4}),
+                                      StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=1)])
+    with pytest.raises(ValueError, match="StochasticWeightAveraging on a model with BatchNorm layers"):
+        trainer.fit(model)
+    assert trainer.global_step == 0
+
+
+_WITH_HORIZON = [s for s in lightning_soaa.registry.REGISTRY if s.horizon_kwarg is not None]
+
+
+@pytest.mark.parametrize("spec", _WITH_HORIZON, ids=[s.name for s in _WITH_HORIZON])
+@pytest.mark.parametrize(("schedule", "max_epochs", "max_steps"), [({1: 3}, 3, -1), ({0: 2, 2: 3}, 4, -1),
+                                                                   ({1: 3}, 3, 12), ({2: 2}, 2, -1)])
+def test_the_horizon_filled_in_follows_the_accumulation_schedule(spec: Any, schedule: dict[int, int],
+                                                                 max_epochs: int, max_steps: int,
+                                                                 tmp_path: Path) -> None:
+    """An optimizer's horizon (the registry's horizon_kwarg: SOAA's total_steps, over which the "paper" band
+    narrows) is filled from the steps the fit makes. Under a GradientAccumulationScheduler Lightning's
+    estimated_stepping_batches counts every epoch with k = 1 (the value before the first epoch): SOAA's
+    total_steps was 24 for a fit of 14 steps ({1: 3}, 3 epochs of 8 batches), and its band stopped at 13/24
+    of its narrowing, silently. It is the fit's own step count now."""
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    model = TinyRegressor(OptimizerFactory(spec.qualified_name, {"lr": 0.01}))
+    trainer = make_trainer(tmp_path, max_steps=max_steps, max_epochs=max_epochs,
+                           callbacks=[LossToOptimizer(), BatchToOptimizer(), GradientAccumulationScheduler(schedule)])
+    trainer.fit(model)
+    opt = trainer.optimizers[0]
+    horizon = getattr(opt.config, spec.horizon_kwarg)
+    assert horizon == trainer.global_step == opt.num_steps, (horizon, trainer.global_step)
+
+
 def test_model_pruning_with_egn_is_refused_at_the_start_of_fit(tmp_path: Path) -> None:
     """ModelPruning prunes at an epoch's end, renaming each pruned weight 'weight_orig': EGN refused its
     first step after it, a whole epoch into the run, saying only that the parameter was gone. Refused before
