@@ -348,6 +348,7 @@ class LossToOptimizer(_WatchesSteps):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         self._check_accumulation(trainer)
+        drop_gradients_in_swa_batch_norm_epoch(trainer)
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -504,6 +505,22 @@ def refuse_swa_batch_norm_epoch(trainer: pl.Trainer, pl_module: pl.LightningModu
             f"step's {'loss' if needs is StepNeeds.LOSS else 'batch'}, not from gradients, and cannot take those "
             "steps. Average the weights with Lightning's EMAWeightAveraging/WeightAveraging callback, or with "
             "torch.optim.swa_utils (AveragedModel, then update_bn) after fit.")
+
+
+def drop_gradients_in_swa_batch_norm_epoch(trainer: pl.Trainer) -> None:
+    """In the epoch Lightning's ``StochasticWeightAveraging`` adds after the last on a model with BatchNorm (it
+    copies the averaged weights into the model and recomputes the statistics with forwards only:
+    ``fit_loop._skip_backward``, no ``zero_grad`` and no backward), drop the optimizers' gradients before each
+    batch. Lightning still steps the optimizer at that epoch's end, on the gradients the fit's last step left:
+    that step moved the averaged weights away from the statistics just computed for them (measured: up to 8.7e-3
+    on a tiny MLP under SWALR's lr 1e-3, for torch's SGD and AdamW alike, our ASGO, DASGO and AdamW). Without
+    gradients it changes nothing, for every optimizer, as ``torch.optim.swa_utils.update_bn`` steps nothing.
+    (SOAA and EGN, which step from the loss or the batch, are refused before such a fit.) Every rank runs
+    that epoch: the optimizers' steps without any gradient agree on it."""
+    if not getattr(trainer.fit_loop, "_skip_backward", False):
+        return
+    for opt in _all_optimizers(trainer):
+        opt.zero_grad(set_to_none=True)
 
 
 def refuse_pruning_during_fit(trainer: pl.Trainer) -> None:
@@ -816,6 +833,11 @@ class OptimizerDiagnostics(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._static_logged = False  # once per fit (a resumed fit may have another world size)
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        drop_gradients_in_swa_batch_norm_epoch(trainer)  # (also here: ASGO/AdamW need no LossToOptimizer)
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
