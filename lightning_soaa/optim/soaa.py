@@ -43,6 +43,7 @@ import logging
 import math
 import numbers
 import os
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, cast
 
@@ -76,6 +77,10 @@ from lightning_soaa.optim.step_context import autocast_casts, full_precision_no_
 __all__ = ["SOAA"]
 
 log = logging.getLogger(__name__)
+
+#: a gradient at the moment a loss was handed over: the tensor (weakly) and its version; None: there was none
+_GradMark = tuple["weakref.ref[Tensor]", int] | None
+
 
 @dataclasses.dataclass
 class _SOAAStep(StepRecord):
@@ -395,6 +400,7 @@ class SOAA(ShardedOptimizer):
         self._trust_beta1, self._trust_eps = float(self.config.betas[0]), float(self.config.eps)
         self._pending_loss: tuple[Tensor | float, float] | None = None
         self._pending_plain = False  # the pending loss came from a set_loss without replace=True
+        self._pending_mark: _GradMark = None  # what the gradients held when the pending loss was handed over
         self._set_loss_calls = 0  # lets step(closure) see whether the closure handed a loss over itself
         self._loss_weight = 1.0
         self._trial: Partials | None = None
@@ -409,7 +415,8 @@ class SOAA(ShardedOptimizer):
 
     # compiled per process, rebuilt by _kernels() after a copy or pickle
     # (and this rank's loss before a same_batch trial, read by its verdict: belongs to one step)
-    _transient = ("_soaa_kernels", "_warned_compiled_accelerator", "_step_plans", "_planned", "_local_loss")
+    _transient = ("_soaa_kernels", "_warned_compiled_accelerator", "_step_plans", "_planned", "_local_loss",
+                  "_pending_mark")
 
     def _kernels(self) -> SOAAKernels | None:
         """This optimizer's compiled kernels, or None (eager). Rebuilt from the config after unpickling
@@ -517,7 +524,51 @@ class SOAA(ShardedOptimizer):
             self._warn_repeated_handover("set_loss", "hand over the step's mean loss once (set_loss(mean) or "
                                          "step(loss=mean))")
         self._pending_loss, self._pending_plain = (checked, w), not replace
+        self._pending_mark = self._grad_mark()
         self._set_loss_calls += 1
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's ``zero_grad``; it also ends a handed-over loss whose gradients are being discarded unstepped.
+
+        torch.amp.GradScaler does not call ``step()`` when it finds an inf or NaN in the gradients (one process,
+        or gradients DDP averaged), so a loss handed over with :meth:`set_loss` for that step stayed pending:
+        the next step's ``set_loss`` logged the accumulation warning, and a step handed no loss of its own was
+        judged by the skipped batch's. A loss is dropped here when a backward (or the scaler's unscaling) wrote
+        the gradients after it was handed over: those gradients go unstepped, and so does their loss. A loss
+        handed over before this call with no backward since (``loss = f(x); opt.set_loss(loss);
+        opt.zero_grad(); loss.backward(); opt.step()``) is kept for the backward to come; either way a later
+        ``set_loss`` replaces it without the warning (the gradients it would have accumulated with are gone).
+        Each rank decides from its own gradients, which a skipped step left alike where the scaler skipped on
+        every rank: a rank that kept a loss the others dropped has it replaced by the next hand-over, and a
+        step none was handed for is refused on every rank together."""
+        receiver = self._receiver()
+        if receiver is not self:  # Lightning's LightningOptimizer: the optimizer behind it holds the loss
+            receiver.zero_grad(set_to_none)
+            return
+        if self._pending_loss is not None and self._grad_mark_moved():
+            self._pending_loss = None
+        self._pending_plain, self._pending_mark = False, None
+        super().zero_grad(set_to_none)
+
+    def _grad_mark(self) -> _GradMark:
+        """What the first trainable parameter's gradient holds (O(1)): the tensor, weakly, and its version."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.requires_grad:
+                    g = p.grad
+                    return None if g is None else (weakref.ref(g), -1 if g.is_inference() else g._version)
+        return None
+
+    def _grad_mark_moved(self) -> bool:
+        """Whether a gradient was written since the pending loss was handed over: that gradient is there and
+        is another tensor, or the same one written in place (a backward, the scaler's unscaling). Not where it
+        is gone (another ``zero_grad`` came first) or the mark is unknown (not kept through a pickle)."""
+        if "_pending_mark" not in self.__dict__:
+            return False
+        mark, now = self._pending_mark, self._grad_mark()
+        if now is None:
+            return False
+        return mark is None or mark[0]() is not now[0]() or mark[1] != now[1]
 
     # ------------------------------------------------------------------ the step
     @torch._disable_dynamo  # eager under torch.compile (see ShardedOptimizer.step)

@@ -193,6 +193,7 @@ def amp_unscale_(optimizer: Any, unscaled: list[torch.Tensor]) -> bool:
     kept = optimizer.__dict__.pop("_amp_kept", None)
     found, scale = optimizer.__dict__.get("found_inf"), optimizer.__dict__.get("grad_scale")
     if scale is not None:
+        _refuse_float16_grads(optimizer)
         by_device: dict[torch.device, list[torch.Tensor]] = {}
         for group in optimizer.param_groups:
             for p in group["params"]:
@@ -210,6 +211,30 @@ def amp_unscale_(optimizer: Any, unscaled: list[torch.Tensor]) -> bool:
             unscaled.extend(grads)
     # found_inf is torch's sum over devices: the int 0 when no parameter had a gradient
     return found is not None and float(found.item() if isinstance(found, torch.Tensor) else found) > 0
+
+
+def _refuse_float16_grads(optimizer: Any) -> None:
+    """float16 gradients are not unscaled here, as torch.amp.GradScaler does not unscale them (its ``ValueError:
+    Attempting to unscale FP16 gradients.`` in one process, under DDP, or after ``scaler.unscale_``): divided by
+    the scale in float16 they lose what the scale kept (below ~6e-8 they flush to 0). Only this contract's route
+    (``grad_reduction="mean"`` at W > 1) reached it, and ran on them: the same model trained at W = 1 raised.
+    Raised before anything is written, so the step is refused on every rank with the gradients as they were.
+    Not under FSDP2 (DTensor parameters), whose scaler, torch's ShardedGradScaler, unscales float16 gradients
+    in place itself in one process too: the same step there."""
+    if getattr(optimizer, "_dtensor", None) is not None:
+        return
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None and p.grad.dtype == torch.float16:
+                i = next((i for i, q in enumerate(getattr(optimizer, "_params", [])) if q is p), None)
+                names = getattr(optimizer, "_names", None) or []
+                name = repr(names[i]) if i is not None and i < len(names) and names[i] else f"#{i}"
+                raise ValueError(
+                    f"{type(optimizer).__name__}: torch.amp.GradScaler with float16 gradients (parameter {name} has "
+                    f"dtype={p.grad.dtype}): unscaling them in float16 loses the small values the scale kept, and "
+                    "torch.amp.GradScaler refuses them ('Attempting to unscale FP16 gradients.'). Allowed: float32 "
+                    "parameters under torch.autocast(dtype=torch.float16) with the scaler, or bfloat16/float16 "
+                    "parameters without a GradScaler.")
 
 
 def amp_after_raise(optimizer: Any, unscaled: list[torch.Tensor]) -> None:

@@ -1,0 +1,195 @@
+"""torch.amp.GradScaler in plain training loops, for every registered optimizer that steps from gradients.
+
+* A step the scaler skips (an inf or NaN in the gradients: it does not call ``step()``, one process or DDP)
+  leaves nothing behind: an optimizer that takes the loss (``StepNeeds.LOSS``) and was handed it with
+  ``set_loss`` drops it when the loop zeroes those gradients, wherever the loop hands it over and zeroes
+  (before or after the backward, after ``unscale_``): no accumulation warning at the next hand-over, and the
+  run equals the run that never had the bad batch, parameters and state bit for bit; a step handed no loss
+  of its own after it is refused (it was judged by the skipped batch's loss). At W = 2 under DDP (an inf in
+  one rank's batch, which DDP's average carries to every rank) every optimizer's run equals the run without
+  that batch on every rank, with no rank warning.
+* Under the scaler's contract (``_step_supports_amp_scaling``: ``grad_reduction="mean"`` at W > 1) the step
+  unscales the gradients itself; float16 gradients, which torch.amp.GradScaler refuses to unscale (the same
+  model raised at W = 1), are refused on every rank, naming the parameter, before anything is written.
+
+Skipped steps under the contract, an overflow on one rank and the unscaled-equals-scaled runs are in
+:mod:`tests.conformance.test_ranks` and :mod:`tests.conformance.test_contract`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_soaa.registry import OptimizerSpec, StepNeeds, get, half_mse
+from tests.conformance._battery import SPECS, assert_identical, data, make, params, takes_kwarg, without_skips
+from tests.harness.distributed import run_distributed
+
+LOSS_SPECS = [s for s in SPECS if s.needs is StepNeeds.LOSS]
+GRAD_SPECS = [s for s in SPECS if s.needs is not StepNeeds.BATCH]
+STEPS, BAD = 5, 2
+REPEATED = "called again before step()"
+#: where the loop zeroes the gradients and hands the loss over, relative to its backward
+ORDERS = ("zero_first", "zero_last", "zero_between", "after_unscale")
+
+
+def _iteration(opt: Any, model: nn.Module, x: torch.Tensor, y: torch.Tensor, order: str,
+               scaler: torch.amp.GradScaler | None, poison: bool = False, hand: bool = True) -> None:
+    """One iteration of a plain loop in ``order``; ``poison`` puts an inf into a gradient (the scaler skips)."""
+    if order == "zero_first":
+        opt.zero_grad()
+    loss = half_mse(model(x), y)
+    if hand and order in ("zero_first", "zero_last", "zero_between"):
+        opt.set_loss(loss.detach())
+    if order == "zero_between":  # loss = f(x); opt.set_loss(loss); opt.zero_grad(); loss.backward()
+        opt.zero_grad()
+    (loss if scaler is None else scaler.scale(loss)).backward()
+    if poison:
+        next(model.parameters()).grad.view(-1)[0] = float("inf")
+    if scaler is not None and order == "after_unscale":
+        scaler.unscale_(opt)
+    if hand and order == "after_unscale":
+        opt.set_loss(loss.detach())
+    if scaler is None:
+        opt.step()
+    else:
+        scaler.step(opt)
+        scaler.update()
+    if order in ("zero_last", "after_unscale"):
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("spec", LOSS_SPECS, ids=[s.name for s in LOSS_SPECS])
+def test_a_loss_handed_over_for_a_skipped_step_is_dropped(spec: OptimizerSpec, order: str,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """SOAA's set_loss in a GradScaler loop whose step ``BAD`` overflows: the skipped step's loss stayed pending,
+    and the next set_loss logged that the step uses the last value only (the gradient accumulation warning).
+    Now: no warning, and the run equals the one without the bad batch (a power-of-two scale is exact)."""
+    ref_model, ref = make(spec)
+    for t in range(STEPS):
+        if t != BAD:
+            _iteration(ref, ref_model, *data(t), order, None)
+    model, opt = make(spec)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    with caplog.at_level(logging.WARNING):
+        for t in range(STEPS):
+            before = (params(model), opt.state_dict()) if t == BAD else None
+            _iteration(opt, model, *data(t), order, scaler, poison=t == BAD)
+            if before is not None:
+                assert_identical(params(model), before[0], "params after the skipped step")
+                assert_identical(opt.state_dict(), before[1], "state after the skipped step")
+    assert REPEATED not in caplog.text, caplog.text
+    assert scaler.get_scale() == 2.0**9 and opt.num_steps == ref.num_steps == STEPS - 1
+    assert_identical(params(model), params(ref_model), "params")
+    assert_identical(without_skips(opt.state_dict()), without_skips(ref.state_dict()))
+
+
+@pytest.mark.parametrize("spec", LOSS_SPECS, ids=[s.name for s in LOSS_SPECS])
+def test_a_step_handed_no_loss_after_a_skipped_step_is_refused(spec: OptimizerSpec) -> None:
+    """The step after a skipped one, with no loss handed over for it: it was judged by the skipped batch's loss,
+    silently. It needs its own, as every step does: refused, nothing changed."""
+    model, opt = make(spec)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    for t in range(BAD + 1):
+        _iteration(opt, model, *data(t), "zero_first", scaler, poison=t == BAD)
+    before = (params(model), opt.state_dict())
+    with pytest.raises(ValueError, match="loss"):  # (SOAA: "needs the mini-batch loss of every step")
+        _iteration(opt, model, *data(BAD + 1), "zero_first", scaler, hand=False)
+    assert_identical(params(model), before[0], "params")
+    assert_identical(opt.state_dict(), before[1])
+
+
+# ---------------------------------------------------------------------------------------- W = 2
+def _w_ddp_skip(rank: int, world: int, names: list[str], bad: bool) -> dict[str, Any]:
+    """DDP over two ranks, GradScaler, each optimizer in turn (set_loss for those that take the loss); at step
+    ``BAD`` rank 1's input holds an inf (an overflowing forward on one rank's data): DDP's average carries it to
+    every rank, and every rank's scaler skips. Without ``bad`` that batch is left out."""
+    logger = logging.getLogger("lightning_soaa")
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda r: records.append(r.getMessage())  # type: ignore[method-assign]
+    logger.addHandler(handler)
+    out: dict[str, Any] = {}
+    for name in names:
+        model, opt = make(get(name))
+        ddp = nn.parallel.DistributedDataParallel(model)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        for t in range(STEPS):
+            if t == BAD and not bad:
+                continue
+            x, y = data(t, rank=rank, world=world)
+            if t == BAD and rank == 1:
+                x = x.clone()
+                x[0, 0] = float("inf")
+            _iteration(opt, ddp, x, y, "zero_first", scaler, hand=get(name).needs is StepNeeds.LOSS)
+        opt.consolidate_state_dict()
+        out[name] = {"params": params(model), "state": without_skips(opt.state_dict()) if rank == 0 else None,
+                     "steps": opt.num_steps}
+    logger.removeHandler(handler)
+    return {"runs": out, "logs": records}
+
+
+def test_a_skipped_ddp_step_changes_nothing_and_drops_the_loss_on_every_rank(tmp_path: Path) -> None:
+    """W = 2 under DDP: the run with the skipped step equals the run without the bad batch on every rank, bit for
+    bit, and no rank logs the accumulation warning (SOAA's skipped loss stayed pending on every rank)."""
+    names = [s.name for s in GRAD_SPECS]
+    runs = [run_distributed(_w_ddp_skip, 2, tmp_path, names, bad) for bad in (True, False)]
+    for r, out in enumerate(runs[0]):
+        assert not any(REPEATED in m for m in out["logs"]), f"rank {r}: {out['logs']}"
+        for name in names:
+            got, ref = out["runs"][name], runs[1][0]["runs"][name]
+            assert got["steps"] == STEPS - 1, f"rank {r} {name}: {got['steps']} steps"
+            assert_identical(got["params"], ref["params"], f"rank {r} {name} params")
+    for name in names:
+        assert_identical(runs[0][0]["runs"][name]["state"], runs[1][0]["runs"][name]["state"], f"{name} state")
+
+
+def _state(opt: Any) -> dict[str, Any]:
+    opt.consolidate_state_dict(to=None)  # a collective: every rank calls it at the same point
+    return opt.state_dict()
+
+
+def _w_float16_contract(rank: int, world: int, names: list[str]) -> dict[str, Any]:
+    """float16 parameters, grad_reduction="mean", GradScaler: what each optimizer's step raised, and whether the
+    parameters, their (scaled) gradients and the state stayed as they were."""
+    out: dict[str, Any] = {}
+    for name in names:
+        spec = get(name)
+        model, opt = make(spec, grad_reduction="mean")
+        model.half()
+        opt = spec.build(model, **spec.test_kwargs, grad_reduction="mean")
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        x, y = (u.half() for u in data(0, rank=rank, world=world))
+        loss = half_mse(model(x), y)
+        scaler.scale(loss).backward()
+        before = (params(model), [p.grad.clone() for p in model.parameters()], _state(opt))
+        try:
+            scaler.step(opt, **({"loss": loss.detach()} if spec.needs is StepNeeds.LOSS else {}))
+            out[name] = {"error": "no error"}
+        except ValueError as e:
+            out[name] = {"error": str(e)}
+        assert_identical(params(model), before[0], f"{name} params")
+        assert_identical([p.grad for p in model.parameters()], before[1], f"{name} gradients")
+        assert_identical(_state(opt), before[2], f"{name} state")
+        assert opt.num_steps == 0
+    return out
+
+
+def test_float16_gradients_under_the_scalers_contract_are_refused_on_every_rank(tmp_path: Path) -> None:
+    """torch.amp.GradScaler refuses to unscale float16 gradients ('Attempting to unscale FP16 gradients.'): at
+    W = 1 and under DDP the same model raised, while grad_reduction="mean" at W = 2, where the step unscales
+    them itself, divided them in float16 (small values flushed to 0) and trained on."""
+    names = [s.name for s in GRAD_SPECS if takes_kwarg(s, "grad_reduction")]
+    res = run_distributed(_w_float16_contract, 2, tmp_path, names)
+    for r, out in enumerate(res):
+        for name in names:
+            msg = out[name]["error"]
+            assert "torch.amp.GradScaler with float16 gradients" in msg and "parameter '0.weight'" in msg \
+                and "dtype=torch.float16" in msg and "float32 parameters under torch.autocast" in msg, \
+                f"rank {r} {name}: {msg}"
