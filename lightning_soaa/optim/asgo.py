@@ -611,12 +611,19 @@ class _OneSided(ShardedOptimizer):
         self._adam_groups_cache = (self.block_table, dict(groups))
         return dict(groups)
 
+    def _load_global_state(self, state: dict[str, Any]) -> None:
+        super()._load_global_state(state)
+        # the loaded groups are the new reference of _warn_betas_left_to_the_matrices: betas loaded from a
+        # checkpoint saved with others (after a step here) were logged as a scheduler's cycle_momentum. (Also
+        # reached by a re-sharding add_param_group or a late join: the next step is then the reference.)
+        self.__dict__.pop("_betas_first_seen", None)
+
     def _warn_betas_left_to_the_matrices(self, routes: dict[int, str | None]) -> None:
-        """Log once when a group's ``betas`` changed since its first step while its ``adam_betas`` did not, and
-        the group has parameters in the AdamW part: a scheduler's ``cycle_momentum`` (OneCycleLR's default,
-        CyclicLR) writes ``betas`` only, which moved the matrices' β1 and silently left the AdamW part's (biases,
-        norms, embedding tables) where it was. Not refused: a group's ``betas`` is the matrix method's by
-        design; the message says how to move the other too."""
+        """Log once when a group's ``betas`` changed since its first step (or the first after a load) while its
+        ``adam_betas`` did not, and the group has parameters in the AdamW part: a scheduler's ``cycle_momentum``
+        (OneCycleLR's default, CyclicLR) writes ``betas`` only, which moved the matrices' β1 and silently left the
+        AdamW part's (biases, norms, embedding tables) where it was. Not refused: a group's ``betas`` is the
+        matrix method's by design; the message says how to move the other too."""
         if self.__dict__.get("_warned_adam_betas"):
             return
         first: dict[int, tuple[tuple[Any, ...], tuple[Any, ...]]] = self.__dict__.setdefault("_betas_first_seen", {})
@@ -627,8 +634,9 @@ class _OneSided(ShardedOptimizer):
             if now[0] != was[0] and now[1] == was[1]:
                 self._warned_adam_betas = True
                 log.warning(
-                    "%s: param_groups[%d]['betas'] is now %r (%r at the group's first step; a scheduler's "
-                    "cycle_momentum writes it, e.g. OneCycleLR's default or CyclicLR's), and sets the matrix "
+                    "%s: param_groups[%d]['betas'] is now %r (%r at the group's first step since it was built or "
+                    "loaded; a scheduler's cycle_momentum writes it, e.g. OneCycleLR's default or CyclicLR's), and "
+                    "sets the matrix "
                     "method's betas only. "
                     "The group's %d block(s) in the AdamW part (1-D parameters, embedding tables) read "
                     "'adam_betas', still %r: their momentum does not follow. Write 'adam_betas' too to move "

@@ -887,7 +887,8 @@ class EGN(ShardedOptimizer):
 
     @property
     def alpha(self) -> float:
-        """The step size α of the previous step (the line search starts from it)."""
+        """The step size α of the previous step (the line search starts from it); 0.0 before the first step
+        (none yet: the first search starts from the group's ``lr``) and after a step at ``lr`` 0."""
         return float(self._receiver().__dict__["_alpha"])
 
     @alpha.setter
@@ -1027,7 +1028,7 @@ class EGN(ShardedOptimizer):
         where = "EGN.load_state_dict: lightning_soaa.global"
         if "damping" in state:
             check_finite_number(f"{where}.damping", state["damping"], positive=True)
-        if "alpha" in state:  # 0 after a step at lr = 0 without line search (a warm-up from 0)
+        if "alpha" in state:  # 0 before the first step, or after a step at lr = 0 (a warm-up from 0)
             check_finite_number(f"{where}.alpha", state["alpha"], nonnegative=True)
         if "initial_damping" in state:
             check_finite_number(f"{where}.initial_damping", state["initial_damping"], positive=True)

@@ -1224,3 +1224,33 @@ def test_a_scheduler_cycling_betas_is_said_to_leave_the_adamw_part_alone(cls, ca
     assert "param_groups[0]['betas']" in text and "block(s) in the AdamW part" in text, text
     assert "adam_betas" not in run(cycle=True, both=True)
     assert "adam_betas" not in run(cycle=False, both=False)
+
+
+@pytest.mark.parametrize("cls", [ASGO, DASGO])
+def test_betas_loaded_from_a_checkpoint_are_not_said_to_be_a_schedulers(cls, caplog):
+    """The warning above compares a group's betas with those of its first step: a checkpoint saved with other
+    betas, loaded after a step here (a warm-up step, then a pretrained optimizer's state), was logged as a
+    scheduler's cycle_momentum at the next step, with no scheduler. The loaded groups are the reference; a
+    scheduler cycling after the load is still said."""
+    def stepped(opt: torch.optim.Optimizer, model: nn.Module, steps: range) -> None:
+        for t in steps:
+            opt.zero_grad()
+            x, y = batch(t, 0, n=8, d_in=6, d_out=3)
+            loss_fn(model, x, y).backward()
+            opt.step()
+
+    saved_model = tiny_mlp(0, torch.float64)
+    saved = cls(saved_model.named_parameters(), lr=1e-2, betas=(0.8, 0.99))
+    stepped(saved, saved_model, range(1))
+    model = tiny_mlp(0, torch.float64)
+    opt = cls(model.named_parameters(), lr=1e-2)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lightning_soaa.optim.asgo"):
+        stepped(opt, model, range(1))
+        opt.load_state_dict(saved.state_dict())
+        assert opt.param_groups[0]["betas"] == (0.8, 0.99) and opt.param_groups[0]["adam_betas"] == (0.9, 0.95)
+        stepped(opt, model, range(1, 3))
+        assert "adam_betas" not in caplog.text, caplog.text
+        opt.param_groups[0]["betas"] = (0.7, 0.99)  # a scheduler's write after the load
+        stepped(opt, model, range(3, 4))
+    assert caplog.text.count("Logged once") == 1 and "is now (0.7, 0.99) ((0.8, 0.99)" in caplog.text, caplog.text
