@@ -33,7 +33,7 @@ import dataclasses
 import functools
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -43,8 +43,8 @@ from torch import Tensor
 from lightning_soaa.distributed.blocks import BlockInfo, writable_grad
 from lightning_soaa.distributed.comm import Communicator, LocalComm, TorchComm
 
-__all__ = ["DTensorLayout", "FSDPGroups", "ParamPlacement", "PARAM_LIKE_STATE_KEYS", "has_dtensor", "is_dtensor",
-           "local"]
+__all__ = ["DTensorLayout", "FSDPGroups", "ParamPlacement", "PARAM_LIKE_STATE_KEYS", "fsdp2_unsharded_params",
+           "has_dtensor", "is_dtensor", "local"]
 
 log = logging.getLogger(__name__)
 
@@ -393,36 +393,67 @@ class FSDPGroups:
         return torch.finfo(dt).eps if dt is not None else 0.0
 
 
+def _fsdp_param_groups() -> Iterator[Any]:
+    """Every FSDP2 parameter group of the live ``fully_shard`` modules, once each, through torch's internal
+    registry of composable states. Raises ``ImportError`` (no registry), ``AttributeError`` or ``TypeError``
+    (an FSDP2 state that reads otherwise: another torch)."""
+    from torch.distributed._composable_state import _module_state_mapping
+
+    seen: set[int] = set()
+    for ref in list(_module_state_mapping.values()):  # (weak: a module collected during the walk leaves it)
+        state: Any = ref()
+        groups = getattr(state, "_fsdp_param_groups", None)
+        if groups is None:
+            if "FSDP" not in type(state).__name__:
+                continue  # another composable API's state (replicate of DDP, checkpoint)
+            groups = [state._fsdp_param_group]  # torch before several groups per state (AttributeError else)
+        for group in groups:
+            if group is not None and id(group) not in seen:
+                seen.add(id(group))
+                yield group
+
+
 def _fsdp_groups_of(params: Sequence[Tensor]) -> tuple[list[Any], str | None]:
     """(the FSDP2 parameter groups holding some of ``params``, why FSDP2's states could not be read or None)."""
     wanted = {id(p) for p in params if is_dtensor(p)}
     if not wanted:
         return [], None
+    found: list[Any] = []
     try:
-        from torch.distributed._composable_state import _module_state_mapping
+        for group in _fsdp_param_groups():
+            if any(id(fp.sharded_param) in wanted for fp in group.fsdp_params):
+                if not callable(group.reshard):
+                    return [], f"{type(group).__name__}.reshard is not a method"
+                found.append(group)
     except ImportError as e:
         return [], f"no registry of composable states ({e})"
-    found: list[Any] = []
-    seen: set[int] = set()
-    try:
-        for ref in list(_module_state_mapping.values()):
-            state: Any = ref()
-            groups = getattr(state, "_fsdp_param_groups", None)
-            if groups is None:
-                if "FSDP" not in type(state).__name__:
-                    continue  # another composable API's state (replicate of DDP, checkpoint)
-                groups = [state._fsdp_param_group]  # torch before several groups per state (AttributeError else)
-            for group in groups:
-                if group is None or id(group) in seen:
-                    continue
-                seen.add(id(group))
-                if any(id(fp.sharded_param) in wanted for fp in group.fsdp_params):
-                    if not callable(group.reshard):
-                        return [], f"{type(group).__name__}.reshard is not a method"
-                    found.append(group)
     except (AttributeError, TypeError) as e:  # torch's internals changed: say so rather than find nothing
         return [], f"an FSDP2 state reads differently ({type(e).__name__}: {e})"
     return found, None
+
+
+def fsdp2_unsharded_params() -> dict[int, str]:
+    """``id`` -> name of every tensor a live ``fully_shard`` module holds as a parameter's unsharded form:
+    ``FSDPParam._unsharded_param`` (made at the first all-gather, refilled by each one after it) and the
+    ``_sharded_post_forward_param`` of ``reshard_after_forward=<int>``. A module that is not resharded (the root
+    after a forward, any after ``set_reshard_after_backward(False)``, ``reshard_after_forward=False`` or
+    ``model.unshard()``) has these in its ``_parameters``, so ``model.parameters()`` taken then gives them
+    instead of the sharded DTensor parameters. No other tensor is one of these objects: plain, DDP, DTensor and
+    FSDP2's sharded parameters never are. Empty without FSDP2 modules, and where torch's registry or its states
+    read otherwise (another torch: nothing is detected then)."""
+    if not dist.is_available():
+        return {}
+    found: dict[int, str] = {}
+    try:
+        for group in _fsdp_param_groups():
+            for fsdp_param in group.fsdp_params:
+                for attr in ("_unsharded_param", "_sharded_post_forward_param"):
+                    copy = getattr(fsdp_param, attr, None)  # (the first only after the first all-gather)
+                    if isinstance(copy, Tensor):
+                        found[id(copy)] = str(getattr(fsdp_param, "_param_fqn", None) or "")
+    except (ImportError, AttributeError, TypeError):
+        return {}
+    return found
 
 
 def _contiguous_stride(shape: Sequence[int]) -> tuple[int, ...]:

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.nn.parameter import UninitializedParameter
 
-from lightning_soaa.distributed.dtensor import is_dtensor
+from lightning_soaa.distributed.dtensor import fsdp2_unsharded_params, is_dtensor
 
 __all__ = ["capabilities", "check_initialized", "check_param_group", "check_disjoint_storage", "check_step",
            "DisjointStorage", "StorageMemo",
@@ -90,12 +90,26 @@ def fully_shard_replaced_message(what: str, label: str) -> str:
             "from model.parameters() or model.named_parameters() taken then.")
 
 
+def fsdp2_unsharded_message(what: str, label: str, fqn: str) -> str:
+    """Why a parameter that is FSDP2's unsharded copy (:func:`fsdp2_unsharded_params`) is refused."""
+    of = f" (of its parameter {fqn!r})" if fqn else ""
+    return (f"{what}: parameter {label} is FSDP2's unsharded copy{of}, not the sharded DTensor parameter that "
+            "trains: fully_shard puts such copies into a module for its forward and backward, and a module that "
+            "is not resharded keeps them there (the root module after a forward, e.g. an evaluation under "
+            "torch.no_grad(); any module after set_reshard_after_backward(False), reshard_after_forward=False or "
+            "model.unshard()), so model.parameters() taken then gives them. FSDP2 reduces the gradients into the "
+            "sharded parameters and overwrites the copy at each all-gather: the optimizer would train nothing. "
+            "Build the optimizer from model.parameters() while the model is resharded: before its first forward, "
+            "or after model.reshard().")
+
+
 def storage_freed(p: Tensor) -> bool:
     """Whether ``p`` has elements but no memory: its storage was resized to 0 bytes. FSDP2 frees so the unsharded
     parameters it puts in its modules for a forward and backward (its root module keeps them there after a
     forward, e.g. an evaluation under ``torch.no_grad()``, until the next backward reshards); an optimizer built
     then holds them, not the sharded DTensor parameters, and they get no gradient again. Nothing can step such
-    a tensor. Meta tensors and tensor subclasses (DTensor) are not judged here."""
+    a tensor. Meta tensors and tensor subclasses (DTensor) are not judged here. (Construction refuses those copies
+    first, :func:`fsdp2_unsharded_params`; this is what remains where torch's FSDP2 states read otherwise.)"""
     if p.is_meta or type(p) not in (torch.Tensor, torch.nn.Parameter) or p.numel() == 0:
         return False
     return p.untyped_storage().nbytes() == 0
@@ -115,7 +129,8 @@ def check_param_group(optimizer: Any, group: dict[str, Any]) -> None:
     """Raise ``ValueError`` naming the first parameter of ``group`` the optimizer cannot step.
 
     Refused: an uninitialized parameter of a lazy module (:func:`check_initialized`), a tensor listed twice
-    (it would be stepped twice); complex or zero-size tensors where the
+    (it would be stepped twice), FSDP2's unsharded copy of a parameter (:func:`fsdp2_unsharded_params`), an
+    original ``fully_shard`` replaced; complex or zero-size tensors where the
     optimizer's registry entry does not support them. ``meta`` tensors are accepted here, so that the
     sharding of a large model can be planned without memory (``opt.block_table``); :func:`check_step`
     refuses to step them.
@@ -125,6 +140,7 @@ def check_param_group(optimizer: Any, group: dict[str, Any]) -> None:
     supports_complex, supports_zero_size = capabilities(cls)
     names = group.get("param_names")
     seen: dict[int, int] = {}
+    copies = fsdp2_unsharded_params()  # (one walk of the FSDP2 modules per group; empty without any)
     for j, p in enumerate(group["params"]):
         if not isinstance(p, Tensor):
             continue  # torch's own add_param_group has already rejected non-tensors
@@ -138,6 +154,8 @@ def check_param_group(optimizer: Any, group: dict[str, Any]) -> None:
             )
         if replaced_by_fully_shard(p):
             raise ValueError(fully_shard_replaced_message(what, _label(names, j)))
+        if id(p) in copies:
+            raise ValueError(fsdp2_unsharded_message(what, _label(names, j), copies[id(p)]))
         first = seen.setdefault(id(p), j)
         if first != j:
             raise ValueError(

@@ -768,8 +768,11 @@ def flattened_form(rank: int, world_size: int) -> dict[str, Any]:
 def built_after_a_forward(rank: int, world_size: int) -> dict[str, dict[str, Any]]:
     """Every registry optimizer that steps gradients, built after a forward under ``torch.no_grad()`` (the
     initial model evaluated first): fully_shard's root keeps its own parameters (here the last Linear's)
-    unsharded after a forward, so ``model.parameters()`` handed the optimizer FSDP2's unsharded copies, whose
-    memory the next backward frees. What the first step raises, and whether the model stayed as it was."""
+    unsharded after a forward, so ``model.parameters()`` handed the optimizer FSDP2's unsharded copies. Cases:
+    ``forward`` (the next backward frees their memory), ``kept`` (``set_reshard_after_backward(False)``: they
+    keep it, nothing refused them and the last layer never trained) and ``resharded`` (``model.reshard()``
+    before building: the sharded parameters, which train). What construction and 3 steps raise, and which
+    parameters (as full tensors) changed."""
     from torch.distributed.fsdp import fully_shard
 
     from lightning_soaa import registry
@@ -781,16 +784,24 @@ def built_after_a_forward(rank: int, world_size: int) -> dict[str, dict[str, Any
         spec = registry.get(name)
         if spec.needs is StepNeeds.BATCH:
             continue  # (EGN refuses FSDP2's DTensor parameters at construction)
-        model = tiny_mlp(sizes=TALL)
-        for lin in [m for m in model if isinstance(m, nn.Linear)][:-1]:
-            fully_shard(lin, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        x, y = local_batch(0, TALL, rank, world_size)
-        with torch.no_grad():
-            model(x)
-        opt = spec.build(model, **spec.test_kwargs)
-        before = full_params(model)
-        error = expect_error(lambda opt=opt, model=model: spec.take_step(opt, model, x, y))
-        out[name] = {"error": error,
-                     "unchanged": all(torch.equal(a, b) for a, b in zip(before, full_params(model), strict=True))}
+        for case in ("forward", "kept", "resharded"):
+            model = tiny_mlp(sizes=TALL)
+            for lin in [m for m in model if isinstance(m, nn.Linear)][:-1]:
+                fully_shard(lin, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            if case == "kept":
+                model.set_reshard_after_backward(False)
+            with torch.no_grad():
+                model(*local_batch(0, TALL, rank, world_size)[:1])
+            if case == "resharded":
+                model.reshard()
+            before = full_params(model)
+            opts: list[Any] = []
+            error = expect_error(lambda spec=spec, model=model: opts.append(spec.build(model, **spec.test_kwargs)))
+            for step in range(3 if opts else 0):
+                x, y = local_batch(step, TALL, rank, world_size)
+                error = expect_error(lambda opt=opts[0], model=model, x=x, y=y: spec.take_step(opt, model, x, y))
+            model.reshard()  # (full_params then reads the sharded parameters, which are what trains)
+            out[name, case] = {"error": error, "changed": [not torch.equal(a, b) for a, b in
+                                                           zip(before, full_params(model), strict=True)]}
     return out

@@ -181,15 +181,22 @@ def test_parameters_fully_shard_replaced_are_refused_on_every_rank(w2_run):
 def test_an_optimizer_built_after_a_forward_is_refused_naming_fsdp2s_unsharded_parameters(tmp_path: Path):
     """An optimizer built after a forward (the initial model evaluated under torch.no_grad() first): FSDP2's root
     keeps its own parameters unsharded after a forward, so model.parameters() gave the optimizer those copies,
-    whose memory the next backward frees; they never get a gradient. The step was refused as two parameters
-    sharing memory ("tie weights by using one Parameter object"), which they are not. Now every rank names the
-    parameter, its freed memory and FSDP2's unsharded copies, and says to build the optimizer while the model
-    is resharded; nothing changes."""
+    which never train (FSDP2 reduces the gradients into the sharded parameters and overwrites the copies at each
+    all-gather). The step was refused as two parameters sharing memory (misleading), then as a freed parameter;
+    with set_reshard_after_backward(False) the copies keep their memory: nothing refused them and the last layer
+    stayed unchanged after 3 steps. Now construction refuses them on every rank, naming the parameter and
+    FSDP2's unsharded copy, and says to build the optimizer while the model is resharded; built after
+    model.reshard(), every parameter trains (no false refusal)."""
     for r, res in enumerate(run_distributed(W.built_after_a_forward, 2, tmp_path, timeout=300)):
-        for name, got in res.items():
-            assert "parameter '4.weight' (shape (9, 7)) has no memory" in got["error"], f"rank {r} {name}: {got}"
-            assert "after model.reshard()" in got["error"] and "share memory" not in got["error"], (r, name, got)
-            assert got["unchanged"], f"rank {r} {name}: the model changed"
+        for (name, case), got in res.items():
+            if case == "resharded":
+                assert got["error"] == "no error" and all(got["changed"]), f"rank {r} {name} {case}: {got}"
+                continue
+            assert got["error"].startswith("ValueError: "), (r, name, case, got)  # at construction
+            assert "parameter '4.weight' is FSDP2's unsharded copy (of its parameter '4.weight')" in got["error"], (
+                r, name, case, got)
+            assert "after model.reshard()" in got["error"], (r, name, case, got)
+            assert not any(got["changed"]), f"rank {r} {name} {case}: the model changed"
 
 
 @pytest.mark.parametrize("world_size", [1, 4])
