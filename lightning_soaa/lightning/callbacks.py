@@ -351,6 +351,20 @@ class LossToOptimizer(_WatchesSteps):
         drop_gradients_in_swa_batch_norm_epoch(trainer)
 
     @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        restore_scaler(trainer)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        restore_scaler(trainer)  # (a batch the module's on_train_batch_start ended with -1 has no batch end)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        restore_scaler(trainer)
+        super().on_exception(trainer, pl_module, exception)
+
+    @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            loss: torch.Tensor) -> None:
         value = loss.detach()
@@ -516,11 +530,40 @@ def drop_gradients_in_swa_batch_norm_epoch(trainer: pl.Trainer) -> None:
     on a tiny MLP under SWALR's lr 1e-3, for torch's SGD and AdamW alike, our ASGO, DASGO and AdamW). Without
     gradients it changes nothing, for every optimizer, as ``torch.optim.swa_utils.update_bn`` steps nothing.
     (SOAA and EGN, which step from the loss or the batch, are refused before such a fit.) Every rank runs
-    that epoch: the optimizers' steps without any gradient agree on it."""
+    that epoch: the optimizers' steps without any gradient agree on it. Under a GradScaler ("16-mixed") the
+    precision plugin's scaler is set aside for the batch (:func:`_set_scaler_aside`)."""
     if not getattr(trainer.fit_loop, "_skip_backward", False):
         return
     for opt in _all_optimizers(trainer):
         opt.zero_grad(set_to_none=True)
+    _set_scaler_aside(trainer)
+
+
+#: where the precision plugin's GradScaler waits while a batch of SWA's BatchNorm epoch runs without it
+_SCALER_ASIDE = "_lightning_soaa_swa_scaler"
+
+
+def _set_scaler_aside(trainer: pl.Trainer) -> None:
+    """Take the precision plugin's GradScaler off it until the batch ends (:func:`restore_scaler`). Its
+    ``step`` asserts that an optimizer it steps had gradients ("No inf checks were recorded for this
+    optimizer.", torch's optimizers and ours alike; ours under its contract at ``update()``): with the
+    gradients dropped, the fit failed at that epoch's end, after the whole run. Without the scaler Lightning
+    steps the optimizer as under bf16 (nothing to unscale, no backward in that epoch), and the scaler's scale
+    stays as the fit's last step left it."""
+    plugin = getattr(trainer, "precision_plugin", None)
+    scaler = getattr(plugin, "scaler", None)
+    if scaler is not None and _SCALER_ASIDE not in plugin.__dict__:
+        plugin.__dict__[_SCALER_ASIDE] = scaler
+        plugin.scaler = None  # type: ignore[union-attr]
+
+
+def restore_scaler(trainer: pl.Trainer) -> None:
+    """Give the precision plugin back the GradScaler :func:`_set_scaler_aside` took (at each batch's and epoch's
+    end, before a ModelCheckpoint, which Lightning runs last, saves the scaler's state; and after an exception)."""
+    plugin = getattr(trainer, "precision_plugin", None)
+    scaler = None if plugin is None else plugin.__dict__.pop(_SCALER_ASIDE, None)
+    if scaler is not None:
+        plugin.scaler = scaler  # type: ignore[union-attr]
 
 
 def refuse_pruning_during_fit(trainer: pl.Trainer) -> None:
@@ -840,8 +883,17 @@ class OptimizerDiagnostics(Callback):
         drop_gradients_in_swa_batch_norm_epoch(trainer)  # (also here: ASGO/AdamW need no LossToOptimizer)
 
     @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        restore_scaler(trainer)  # (a batch the module's on_train_batch_start ended with -1 has no batch end)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        restore_scaler(trainer)
+
+    @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        restore_scaler(trainer)
         if trainer.global_step == 0 or trainer.global_step % self.every_n_steps:
             return
         # Lightning writes logged values to the loggers only at its logging steps (log_every_n_steps);

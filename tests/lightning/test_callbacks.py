@@ -894,6 +894,42 @@ def test_swa_batch_norm_epoch_leaves_the_averaged_weights_as_they_are(spec: Any,
     assert model.net[1].num_batches_tracked > 0  # the statistics were recomputed
 
 
+class _EndsEpochAt(TinyRegressor):
+    """Ends epoch ``epoch`` at its batch 1 (``on_train_batch_start`` returns -1: no batch end for it)."""
+
+    def __init__(self, epoch: int | None) -> None:
+        super().__init__(OptimizerFactory("lightning_soaa.AdamW", {"lr": 0.01}))
+        self.end_epoch = epoch
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
+        return -1 if self.current_epoch == self.end_epoch and batch_idx == 1 else None
+
+
+@pytest.mark.parametrize("end_epoch", [None, 2], ids=["whole", "ended_by_the_module"])
+@pytest.mark.parametrize("callback", ["LossToOptimizer", "OptimizerDiagnostics"])
+def test_swa_batch_norm_epoch_under_a_grad_scaler_runs_to_its_end(callback: str, end_epoch: int | None,
+                                                                 tmp_path: Path) -> None:
+    """The same epoch under a GradScaler ("16-mixed"): with the gradients dropped, the scaler's step asserted
+    ("No inf checks were recorded for this optimizer.") at that epoch's end, after the whole fit. The scaler is
+    set aside for that epoch's batches: the fit ends, the averaged weights stay, the plugin has its scaler (also
+    where the module ends that epoch early)."""
+    from lightning.pytorch.callbacks import StochasticWeightAveraging
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    model = _EndsEpochAt(end_epoch)
+    model.net = torch.nn.Sequential(model.net[0], torch.nn.BatchNorm1d(8).double(), *model.net[1:])
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    swa = StochasticWeightAveraging(swa_lrs=1e-3, swa_epoch_start=1)
+    trainer = make_trainer(tmp_path, max_steps=-1, max_epochs=2, precision=None,
+                           plugins=[MixedPrecision("16-mixed", "cpu", scaler)],
+                           callbacks=[swa, LossToOptimizer() if callback == "LossToOptimizer" else OptimizerDiagnostics()])
+    trainer.fit(model)
+    assert trainer.current_epoch == 3 and trainer.precision_plugin.scaler is scaler  # type: ignore[attr-defined]
+    assert swa._average_model is not None
+    for got, averaged in zip(model.parameters(), swa._average_model.parameters()):
+        assert torch.equal(got.detach(), averaged.detach())
+
+
 _WITH_HORIZON = [s for s in lightning_soaa.registry.REGISTRY if s.horizon_kwarg is not None]
 
 
