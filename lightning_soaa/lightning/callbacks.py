@@ -348,7 +348,7 @@ class LossToOptimizer(_WatchesSteps):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         self._check_accumulation(trainer)
-        drop_gradients_in_swa_batch_norm_epoch(trainer)
+        drop_gradients_in_swa_batch_norm_epoch(trainer, pl_module)
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
@@ -521,7 +521,7 @@ def refuse_swa_batch_norm_epoch(trainer: pl.Trainer, pl_module: pl.LightningModu
             "torch.optim.swa_utils (AveragedModel, then update_bn) after fit.")
 
 
-def drop_gradients_in_swa_batch_norm_epoch(trainer: pl.Trainer) -> None:
+def drop_gradients_in_swa_batch_norm_epoch(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
     """In the epoch Lightning's ``StochasticWeightAveraging`` adds after the last on a model with BatchNorm (it
     copies the averaged weights into the model and recomputes the statistics with forwards only:
     ``fit_loop._skip_backward``, no ``zero_grad`` and no backward), drop the optimizers' gradients before each
@@ -531,8 +531,11 @@ def drop_gradients_in_swa_batch_norm_epoch(trainer: pl.Trainer) -> None:
     gradients it changes nothing, for every optimizer, as ``torch.optim.swa_utils.update_bn`` steps nothing.
     (SOAA and EGN, which step from the loss or the batch, are refused before such a fit.) Every rank runs
     that epoch: the optimizers' steps without any gradient agree on it. Under a GradScaler ("16-mixed") the
-    precision plugin's scaler is set aside for the batch (:func:`_set_scaler_aside`)."""
-    if not getattr(trainer.fit_loop, "_skip_backward", False):
+    precision plugin's scaler is set aside for the batch (:func:`_set_scaler_aside`). Under automatic optimization
+    only, the one ``_skip_backward`` acts on: under manual optimization that epoch runs the user's own backwards
+    and steps, and gradients dropped there were ones the user's loop had accumulated over earlier batches (a
+    diagnostics callback changed the weights by 2.9e-2 with SGD stepping every 2 batches)."""
+    if not getattr(trainer.fit_loop, "_skip_backward", False) or not pl_module.automatic_optimization:
         return
     for opt in _all_optimizers(trainer):
         opt.zero_grad(set_to_none=True)
@@ -880,7 +883,7 @@ class OptimizerDiagnostics(Callback):
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        drop_gradients_in_swa_batch_norm_epoch(trainer)  # (also here: ASGO/AdamW need no LossToOptimizer)
+        drop_gradients_in_swa_batch_norm_epoch(trainer, pl_module)  # (also here: ASGO/AdamW need no LossToOptimizer)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -920,14 +920,50 @@ def test_swa_batch_norm_epoch_under_a_grad_scaler_runs_to_its_end(callback: str,
     model.net = torch.nn.Sequential(model.net[0], torch.nn.BatchNorm1d(8).double(), *model.net[1:])
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
     swa = StochasticWeightAveraging(swa_lrs=1e-3, swa_epoch_start=1)
+    ours = LossToOptimizer() if callback == "LossToOptimizer" else OptimizerDiagnostics()
     trainer = make_trainer(tmp_path, max_steps=-1, max_epochs=2, precision=None,
-                           plugins=[MixedPrecision("16-mixed", "cpu", scaler)],
-                           callbacks=[swa, LossToOptimizer() if callback == "LossToOptimizer" else OptimizerDiagnostics()])
+                           plugins=[MixedPrecision("16-mixed", "cpu", scaler)], callbacks=[swa, ours])
     trainer.fit(model)
     assert trainer.current_epoch == 3 and trainer.precision_plugin.scaler is scaler  # type: ignore[attr-defined]
     assert swa._average_model is not None
     for got, averaged in zip(model.parameters(), swa._average_model.parameters()):
         assert torch.equal(got.detach(), averaged.detach())
+
+
+class _ManualEveryTwo(TinyRegressor):
+    """Manual optimization that steps every 2 batches on the gradients of both."""
+
+    def __init__(self) -> None:
+        super().__init__(OptimizerFactory("lightning_soaa.AdamW", {"lr": 0.01}))
+        self.automatic_optimization = False
+        self.net = torch.nn.Sequential(self.net[0], torch.nn.BatchNorm1d(8).double(), *self.net[1:])
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.manual_backward(F.mse_loss(self(x), y))
+        if batch_idx % 2 == 1:
+            opt = self.optimizers()
+            opt.step()  # type: ignore[union-attr]
+            opt.zero_grad()  # type: ignore[union-attr]
+
+
+def test_swa_batch_norm_epoch_under_manual_optimization_is_left_to_the_users_loop(tmp_path: Path) -> None:
+    """SWA's forward-only BatchNorm epoch skips backward under automatic optimization only: under manual
+    optimization the user's loop runs its backwards and steps there, and the gradients dropped at each batch's
+    start were ones it had accumulated over the batch before (OptimizerDiagnostics changed the weights by
+    2.9e-2). A diagnostics callback changes nothing: the run ends with the weights of the run without it."""
+    from lightning.pytorch.callbacks import StochasticWeightAveraging
+
+    finals = []
+    for extra in ([], [OptimizerDiagnostics()]):
+        model = _ManualEveryTwo()
+        trainer = make_trainer(tmp_path, max_steps=-1, max_epochs=2,
+                               callbacks=[StochasticWeightAveraging(swa_lrs=1e-2, swa_epoch_start=1), *extra])
+        trainer.fit(model)
+        assert trainer.current_epoch == 3  # the BatchNorm epoch ran
+        finals.append([p.detach().clone() for p in model.parameters()])
+    for without, with_callback in zip(*finals):
+        assert torch.equal(without, with_callback)
 
 
 _WITH_HORIZON = [s for s in lightning_soaa.registry.REGISTRY if s.horizon_kwarg is not None]
