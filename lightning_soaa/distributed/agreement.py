@@ -73,6 +73,9 @@ __all__ = [
     "grad_scan_tensors",
     "grad_log_exact",
     "GRAD_LOG_SLOT",
+    "MOVED_SLOT",
+    "MOVED_FIRST_SLOT",
+    "moved_digest",
     "param_digest",
     "instance_id",
     "RECORD_SLOTS",
@@ -116,9 +119,10 @@ CONSTRUCTION_WIDTH = 16
 #: values per rank in the step's all-reduce: error flag, hyperparameter digest, Σ‖g‖², #gradients, the
 #: step counter, the replica check's flag (1: this rank compares its parameters at this step), the
 #: parameter digest, the optimizer instance's id (:func:`instance_id`) and Σ log2 ‖g_i‖² over the compared
-#: gradients (:data:`GRAD_LOG_SLOT`). The same layout on every rank and at every step, whether or not a value
-#: is used.
-STEP_ROW = 9
+#: gradients (:data:`GRAD_LOG_SLOT`), then the digest of the parameters changed in place since the optimizer last
+#: wrote them and 1 + the index of the first (:data:`MOVED_SLOT`). The same layout on every rank and at every step,
+#: whether or not a value is used.
+STEP_ROW = 11
 
 #: the step record's summed values (the non-finite flag and the count of ranks with a gradient first) are
 #: padded to this many, so that the step's
@@ -139,6 +143,14 @@ ERROR_SLOT, INSTANCE_SLOT = 0, 7
 #: bucket DDP never reduces) passed unseen below GRAD_RTOL of the sum and was stepped from its owner's own
 #: gradient (a scalar with 4e-9 of Σ‖g‖²: 4% of its movement off the one-process run in 4 steps, silently).
 GRAD_LOG_SLOT = 8
+
+#: where a rank's row holds :func:`moved_digest` of the parameters something other than the optimizer changed in
+#: place since its last step (0: none), and 1 + the first one's index (0: none). A replica's forward that writes
+#: its own parameters (nn.Embedding(max_norm=...) renormalises the rows of this rank's batch) leaves the ranks
+#: with different weights, each block is then updated from its owner's copy alone, and the run silently left
+#: the one-process run (AdamW: 1.6e-3 off at W = 2 in 4 steps); an in-place change made alike on every rank
+#: (clipping after the step) digests alike and passes.
+MOVED_SLOT, MOVED_FIRST_SLOT = 9, 10
 
 #: the error slot's value of a rank whose error is an out of memory. Each rank writes only its own row, so the
 #: summed table keeps it.
@@ -621,6 +633,12 @@ def param_digest(params: Sequence[Tensor]) -> int:
     return _digest(canonical(values))
 
 
+def moved_digest(indices: Sequence[int], params: Sequence[Tensor]) -> int:
+    """A 48-bit digest of which parameters (``indices``) changed in place and of their values
+    (:func:`param_digest`): equal on ranks that changed the same parameters to the same bits."""
+    return _digest(canonical([list(indices), param_digest(params)])) or 1  # 0 says "none changed"
+
+
 #: splitmix64's constants as int64 (torch's int64 products wrap around, as the mix needs)
 _GOLDEN, _MIX1, _MIX2 = (c - (1 << 64) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
 #: elements mixed at a time (bounds the int64 temporaries of a large parameter to a few times 128 MiB)
@@ -651,16 +669,17 @@ def instance_id(construction: Tensor, ordinal: int) -> int:
 
 def step_row_values(rank: int, world: int, *, error: float, hyper: int, grad_sq: float, grad_count: int,
                     steps: int = 0, replica_check: bool = False, params_digest: int = 0,
-                    instance: int = 0, grad_logs: float = 0.0) -> list[float]:
+                    instance: int = 0, grad_logs: float = 0.0, moved: tuple[int, int] = (0, 0)) -> list[float]:
     """:func:`step_rows` as a list of floats (what the step packs into its vector). ``error``: a bool, or
-    :func:`error_flag`'s value."""
+    :func:`error_flag`'s value; ``moved``: the :data:`MOVED_SLOT` pair."""
     out = [0.0] * (world * STEP_ROW)
     # A non-finite Σ‖g‖² is reported through the non-finite flag; zero keeps the row comparable.
     out[rank * STEP_ROW:(rank + 1) * STEP_ROW] = [float(error), float(hyper),
                                                   grad_sq if math.isfinite(grad_sq) else 0.0, float(grad_count),
                                                   float(steps), 1.0 if replica_check else 0.0,
                                                   float(params_digest), float(instance),
-                                                  grad_logs if math.isfinite(grad_logs) else 0.0]
+                                                  grad_logs if math.isfinite(grad_logs) else 0.0,
+                                                  float(moved[0]), float(moved[1])]
     return out
 
 
@@ -693,6 +712,10 @@ class StepVerdict:
     instance_ranks: list[int] = dataclasses.field(default_factory=list)
     #: every rank's error flag (:func:`error_flag`), in rank order: what :func:`agreed_error` reads
     error_flags: list[float] = dataclasses.field(default_factory=list)
+    #: ranks whose parameters changed in place since the last step differ from rank 0's (:data:`MOVED_SLOT`)
+    moved_ranks: list[int] = dataclasses.field(default_factory=list)
+    #: the index of the first parameter changed in place on any rank (-1: none)
+    moved_first: int = -1
 
 
 def read_step_rows(rows: Tensor | Sequence[float], world: int, compare_grads: bool,
@@ -719,7 +742,10 @@ def read_step_rows(rows: Tensor | Sequence[float], world: int, compare_grads: bo
     counts = [m[r][3] for r in range(world)]
     gradless = [r for r in range(world) if counts[r] == 0] if count_grads and max(counts) > 0 else []
     instances = other_instances(m)
+    moved = [r for r in range(world) if m[r][MOVED_SLOT] != m[0][MOVED_SLOT]]
+    firsts = [int(m[r][MOVED_FIRST_SLOT]) for r in range(world) if m[r][MOVED_FIRST_SLOT] > 0]
     return StepVerdict(errors, hyper, grads, steps if len(set(steps)) > 1 else [], checks, params,
                        replicated=digests and world > 1 and not params, gradless_ranks=gradless,
                        instance_ranks=instances,
-                       error_flags=[m[r][ERROR_SLOT] for r in range(world)])
+                       error_flags=[m[r][ERROR_SLOT] for r in range(world)],
+                       moved_ranks=moved, moved_first=min(firsts) - 1 if firsts else -1)

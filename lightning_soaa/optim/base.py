@@ -1748,7 +1748,32 @@ class ShardedOptimizer(torch.optim.Optimizer):
                                          hyper=hyper, grad_sq=grad[0], grad_count=count,
                                          steps=self.num_steps + self.skipped_steps, replica_check=check,
                                          params_digest=digest, instance=self.__dict__.get("_instance_id", 0),
-                                         grad_logs=grad[1])
+                                         grad_logs=grad[1], moved=self._moved_in_place() if error is None else (0, 0))
+
+    def _checks_moved(self) -> bool:
+        """Whether the step compares the parameters changed in place since the last step across ranks
+        (:data:`agreement.MOVED_SLOT`): W > 1 replicas whose blocks are each updated from their owner's copy.
+        FSDP2 shards and ``shard=False`` partitions are not replicas."""
+        return self._sharded_multi_rank() and self._dtensor is None
+
+    def _note_versions(self) -> None:
+        """Remember each parameter's version counter as this step leaves it (after its own writes), so the
+        next step sees what else changed a parameter in place (:meth:`_moved_in_place`)."""
+        self._param_versions = list(map(_version_of, self._params)) if self._checks_moved() else None
+
+    def _moved_in_place(self) -> tuple[int, int]:
+        """(:func:`agreement.moved_digest`, 1 + the first one's index) of the parameters changed in place since
+        the last step by something other than this optimizer (a forward that renormalises its own weights:
+        nn.Embedding(max_norm=...)); (0, 0) when none was. One read of a version counter per parameter; the
+        values are read only of those that changed."""
+        seen = self.__dict__.get("_param_versions")
+        if seen is None or len(seen) != len(self._params) or not self._checks_moved():
+            return 0, 0
+        now = list(map(_version_of, self._params))  # (one C-level pass and list compare: ~0.1 µs a parameter)
+        if now == seen:
+            return 0, 0
+        moved = [i for i, (a, b) in enumerate(zip(now, seen, strict=True)) if a != b]
+        return agreement.moved_digest(moved, [self._params[i] for i in moved]), moved[0] + 1
 
     def _checks_replicas(self) -> bool:
         """Whether the parameters must be compared across ranks at the first step after construction or
@@ -1858,6 +1883,21 @@ class ShardedOptimizer(torch.optim.Optimizer):
             raise error  # (a Ctrl+C stays one on its rank: the others raise an error naming that rank)
         raise raised from error
 
+    def _moved_error(self, verdict: agreement.StepVerdict) -> RuntimeError:
+        """The error of a step whose parameters were changed in place differently across ranks."""
+        i = verdict.moved_first
+        label = (repr(self._names[i]) if self._names[i] else f"#{i}") if 0 <= i < len(self._names) else "?"
+        return RuntimeError(
+            f"{type(self).__name__}.step: parameter {label} (and any other changed the same way) was changed in "
+            f"place since the last step, outside the optimizer, and on rank(s) {verdict.moved_ranks} it now differs "
+            "from rank 0's (or was changed on some ranks only). Each block is updated from its owner's copy and "
+            "sent to every rank, so the other ranks' changes would be dropped and the run would silently leave the "
+            "one-process run. Typical cause: nn.Embedding / nn.EmbeddingBag built with max_norm, whose forward "
+            "renormalises the rows of this rank's own batch in place: build it without max_norm (renormalise the "
+            "whole table after step(), the same way on every rank) or freeze it. Allowed: in-place changes of "
+            "parameters between steps that are the same on every rank. Nothing changed."
+        )
+
     def _raise_disagreement(self, verdict: agreement.StepVerdict, error: BaseException | None) -> None:
         """Raise on every rank (the same decision everywhere: the verdict is bit-identical)."""
         name = type(self).__name__
@@ -1895,6 +1935,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 "or torch.distributed.broadcast(p.data, src=0) for every parameter) or wrap the model in "
                 "DistributedDataParallel (it broadcasts at wrap) with grad_reduction='none'. Nothing changed."
             )
+        if verdict.moved_ranks:  # after the replica check, which names the cure of a whole differing replica
+            raise self._moved_error(verdict)
         if verdict.grad_ranks:
             # a step fused into the backward (a post-accumulate-grad hook) runs before DDP's all-reduce
             fused = (" This step runs inside a backward pass (fused into it by a gradient hook): there it "
@@ -2083,6 +2125,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             raise
         finally:
             self.__dict__.pop("_held_out", None)  # (a skipped or failed step: its gather's buffers go)
+            self._note_versions()
 
     def _template_step(self, local_error: BaseException | None, unscaled: list[Tensor]) -> bool:
         """:meth:`_sharded_step`'s work; ``unscaled`` receives the gradients it unscales (or finds unscaled)."""

@@ -1744,16 +1744,31 @@ class EGN(ShardedOptimizer):
                             "forward without them."))
             return (f"EGN: the explicit per-sample Jacobians failed: {type(exc).__name__}: {exc}. EGN takes them "
                     "with torch.func (vmap of jacrev over one-sample batches); modules that do not support it "
-                    "(e.g. nn.GRU, nn.LSTM) cannot be trained by EGN, nor can a forward that draws random numbers "
-                    "itself (F.dropout) when some parameter needs these explicit Jacobians (one that is not a "
-                    "plain Linear's weight or bias, or with factor_embeddings=True an Embedding's table: a norm's "
-                    "scale, an EmbeddingBag, a tied embedding, a raw nn.Parameter). Here: "
-                    f"{', '.join(repr(n) for n in self._explicit[:4])}"
-                    f"{' and others' if len(self._explicit) > 4 else ''} (freeze them to train the rest with EGN).")
+                    "(e.g. nn.GRU, nn.LSTM, nn.RNN, nn.PReLU) cannot be trained by EGN, nor can a forward that "
+                    "draws random numbers itself (F.dropout) when some parameter needs these explicit Jacobians "
+                    "(one that is not a plain Linear's weight or bias, or with factor_embeddings=True an "
+                    "Embedding's table: a norm's scale, an EmbeddingBag, a tied embedding, a raw nn.Parameter). "
+                    f"Here: {', '.join(repr(n) for n in self._explicit[:4])}"
+                    f"{' and others' if len(self._explicit) > 4 else ''}, held by {self._holders(self._explicit)} "
+                    "(freeze them to train the rest with EGN).")
         # detached: the rows are built from the live (trainable) factored parameters, so autograd would
         # otherwise record every product of the solve and of Jᵀv made from them
         cap.rows = rows.detach()
         return coupled
+
+    def _holders(self, names: list[str]) -> str:
+        """``nn.GRU, nn.PReLU``: the classes of the modules holding the parameters ``names``, so that a
+        torch.func failure (a shape message from inside torch) points at the layers to freeze."""
+        kinds: list[str] = []
+        for name in names:
+            try:
+                owner = self.model.get_submodule(name.rpartition(".")[0])
+            except AttributeError:
+                continue
+            kind = ("nn." if type(owner).__module__.startswith("torch.nn") else "") + type(owner).__name__
+            if kind not in kinds:
+                kinds.append(kind)
+        return ", ".join(kinds) or "the model itself"
 
     def _factor_probe(self, cap: LinearCapture, z: Tensor) -> tuple[str | None, bool]:
         """Whether the general capture's Gram factors are the Jacobian of this forward: Jᵀu read from them

@@ -236,3 +236,27 @@ def test_freezing_every_parameter_is_refused() -> None:
     with pytest.raises(ValueError, match="every parameter has been frozen"):
         _run(opt, range(1))
     assert torch.equal(torch.cat([p.detach().reshape(-1) for p in model.parameters()]), w0)
+
+
+class _Gated(nn.Module):
+    """A layer torch.func cannot take per-sample Jacobians through (nn.PReLU's backward under vmap, nn.RNN)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.inner = nn.PReLU(6) if kind == "prelu" else nn.RNN(6, 6, batch_first=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.inner(x) if isinstance(self.inner, nn.PReLU) else self.inner(x.unsqueeze(1))[0].squeeze(1)
+
+
+@pytest.mark.parametrize(("kind", "holder"), [("prelu", "nn.PReLU"), ("rnn", "nn.RNN")])
+def test_a_layer_torch_func_cannot_differentiate_is_named_by_its_class(kind: str, holder: str) -> None:
+    """torch.func's own message is a shape mismatch from inside torch ("The size of tensor a (8) must match
+    the size of tensor b (2)"): the refusal names the trained parameters and the class of the layer holding
+    them, on the first step, changing nothing."""
+    model = nn.Sequential(nn.Linear(4, 6), _Gated(kind), nn.Linear(6, 2)).to(DT)
+    opt = EGN(model, loss="mse", lr=1.0, damping=0.3)
+    w0 = flat_params(model)
+    with pytest.raises(ValueError, match=rf"Here: '1\.inner\.weight.*held by {holder} \(freeze them"):
+        opt.step(inputs=_batch(0)[0], targets=_batch(0)[1])
+    assert torch.equal(flat_params(model), w0)

@@ -1,0 +1,141 @@
+"""Parameters changed in place between steps, outside the optimizer, on W = 2 gloo ranks.
+
+Every registered optimizer updates each block from its owner's copy and sends it to every rank. A change
+made between two steps on one replica only (nn.Embedding(max_norm=...) renormalises, in its forward, the
+rows of this rank's own batch) used to be dropped on the ranks that do not own the block: the run silently
+left the one-process run (AdamW 1.6e-3 off at W = 2 in 4 steps, ASGO and DASGO alike). Now, for every
+optimizer in :data:`lightning_soaa.registry.REGISTRY`:
+
+* a change made on one rank only is refused at the next step on every rank, naming the parameter, with the
+  parameters and the optimizer unchanged by that step;
+* the same change made on every rank (clipping after the step) trains on, equal to one process making it;
+* a trained ``nn.Embedding(max_norm=...)`` under DDP is refused on every rank, naming its table (EGN refuses
+  it at construction: tests/unit/test_egn_places.py).
+
+One launch serves all optimizers and all three cases.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_soaa.registry import FirstArg, OptimizerSpec, StepNeeds
+from tests.conformance._battery import SPECS, assert_close, each_optimizer, make, params, step
+from tests.harness.distributed import run_distributed
+
+WORLD, CHANGED_AFTER, STEPS = 2, 1, 3  # the change comes after step CHANGED_AFTER (the first has no record)
+ROWS, DIM, PER_RANK = 40, 4, 6  # the table, and the rows each rank looks up per step (none twice in a run)
+
+
+def _change(model: nn.Module, rank: int, alike: bool) -> None:
+    """An in-place change of the last parameter: on every rank alike (a clip), or on rank 1 only."""
+    last = list(model.parameters())[-1]
+    with torch.no_grad():
+        if alike:
+            last.clamp_(-0.05, 0.05)
+        elif rank == 1:
+            last.add_(1e-3)
+
+
+def _run_change(spec: OptimizerSpec, rank: int, world: int, alike: bool) -> dict[str, Any]:
+    model, opt = make(spec)
+    average = world > 1 and spec.needs is not StepNeeds.BATCH
+    out: dict[str, Any] = {"error": None}
+    for t in range(STEPS):
+        if t == CHANGED_AFTER + 1:
+            _change(model, rank, alike)
+            out["before"], out["steps_before"] = params(model), opt.num_steps + opt.skipped_steps
+        try:
+            step(spec, model, opt, t, rank=rank, world=world, average=average)
+        except RuntimeError as e:
+            out["error"] = str(e)
+            break
+    out["params"], out["steps"] = params(model), opt.num_steps + opt.skipped_steps
+    return out
+
+
+class _Table(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.emb = nn.Embedding(ROWS, DIM, max_norm=1.0, dtype=torch.float64)
+        with torch.no_grad():  # every row longer than max_norm: its first lookup renormalises it
+            self.emb.weight.copy_(3.0 * torch.randn(ROWS, DIM, generator=g, dtype=torch.float64))
+        self.head = nn.Linear(DIM, 3, dtype=torch.float64)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.head(self.emb(idx))
+
+
+def _run_max_norm(spec: OptimizerSpec, rank: int, world: int) -> str | None:
+    torch.manual_seed(0)
+    model = _Table()
+    opt = spec.build(model, **spec.test_kwargs)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    for t in range(STEPS):
+        start = (t * world + rank) * PER_RANK  # fresh rows: this rank alone renormalises them
+        idx = torch.arange(start, start + PER_RANK)
+        y = torch.linspace(-1.0, 1.0, PER_RANK * 3, dtype=torch.float64).reshape(PER_RANK, 3)
+        try:
+            spec.take_step(opt, ddp, idx, y)
+        except RuntimeError as e:
+            return str(e)
+    return None
+
+
+def _worker(rank: int, world: int) -> dict[str, dict[str, Any]]:
+    torch.set_num_threads(1)
+    out: dict[str, dict[str, Any]] = {}
+    for spec in SPECS:
+        out[spec.name] = {"one_rank": _run_change(spec, rank, world, alike=False),
+                          "alike": _run_change(spec, rank, world, alike=True),
+                          "max_norm": None if spec.first_arg is FirstArg.MODULE else _run_max_norm(spec, rank, world)}
+    return out
+
+
+@pytest.fixture(scope="module")
+def launch(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, dict[str, Any]]]:
+    return run_distributed(_worker, WORLD, Path(tmp_path_factory.mktemp("inplace_changes")), timeout=300)
+
+
+@each_optimizer
+def test_a_change_on_one_rank_is_refused_on_every_rank(spec: OptimizerSpec, launch: list[Any]) -> None:
+    for rank, res in enumerate(launch):
+        got = res[spec.name]["one_rank"]
+        assert got["error"] is not None, f"rank {rank}: a parameter changed on rank 1 only was stepped"
+        assert "was changed in place since the last step" in got["error"] and "rank(s) [1]" in got["error"]
+        last = [n for n, _ in make(spec)[0].named_parameters()][-1]
+        assert repr(last) in got["error"], got["error"]
+        assert got["steps"] == got["steps_before"]  # nothing counted, nothing written
+        for a, b in zip(got["params"], got["before"], strict=True):
+            assert torch.equal(a, b)
+
+
+@each_optimizer
+def test_the_same_change_on_every_rank_trains_as_one_process(spec: OptimizerSpec, launch: list[Any]) -> None:
+    model, opt = make(spec)
+    for t in range(STEPS):
+        if t == CHANGED_AFTER + 1:
+            _change(model, 0, alike=True)
+        step(spec, model, opt, t)
+    ref = params(model)
+    for rank, res in enumerate(launch):
+        got = res[spec.name]["alike"]
+        assert got["error"] is None, f"rank {rank}: {got['error']}"
+        assert_close(got["params"], ref, f"rank {rank} params")
+
+
+@each_optimizer
+def test_a_trained_max_norm_embedding_under_ddp_is_refused(spec: OptimizerSpec, launch: list[Any]) -> None:
+    if spec.first_arg is FirstArg.MODULE:
+        pytest.skip(f"{spec.name} refuses a trained nn.Embedding(max_norm=...) at construction")
+    for rank, res in enumerate(launch):
+        error = res[spec.name]["max_norm"]
+        assert error is not None, f"rank {rank}: the replicas' renormalised rows were silently dropped"
+        assert "'emb.weight'" in error and "max_norm" in error, error
+
