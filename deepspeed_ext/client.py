@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -281,6 +282,8 @@ class DeepSpeedClientOptimizer(torch.optim.Optimizer):
         self._vparams: VirtualParams | None = None
         self._pending: dict[int, tuple[Tensor, Tensor | None]] = {}  # id(flat) -> (flat, grad)
         self._zero_opt: Any = None  # the DeepSpeed ZeRO wrapper, after bind()
+        self._engine: Callable[[], Any] | None = None  # a weak reference to the engine, after bind(engine)
+        self._loss_at: int | None = None  # the engine's global_steps when set_loss last handed a loss over
         self.suspended = False  # True while deepspeed.initialize runs (ignores its init-time step)
         self._consolidated_at: int | None = None  # training_steps when consolidate_state_dict kept a state here
         self.training_steps = 0  # inner steps taken (one per training step)
@@ -348,6 +351,7 @@ class DeepSpeedClientOptimizer(torch.optim.Optimizer):
         """
         zo = engine_or_zero_optimizer
         if hasattr(zo, "save_checkpoint") and hasattr(zo, "optimizer"):  # the engine itself
+            self._engine = weakref.ref(zo)
             zo = zo.optimizer
         if zo is self:
             zo = None  # stage 0, fp32: DeepSpeed steps us directly
@@ -504,6 +508,11 @@ class DeepSpeedClientOptimizer(torch.optim.Optimizer):
 
     def _run_inner(self) -> None:
         assert self._vparams is not None
+        discard = getattr(self._inner, "discard_loss", None)
+        if discard is not None and self._loss_handed_before_now():
+            # handed over for a training step DeepSpeed skipped (fp16 overflow): not this step's loss
+            discard()
+        self._loss_at = None
         self._sync_hyperparams()
         self._vparams.attach_grads()
         try:
@@ -523,7 +532,23 @@ class DeepSpeedClientOptimizer(torch.optim.Optimizer):
         inner = self._inner if self._inner is not None else self._ensure_inner()
         if not hasattr(inner, "set_loss"):
             raise TypeError(f"{type(inner).__name__} does not use the loss (no set_loss method)")
-        inner.set_loss(loss, replace=replace)
+        # DeepSpeed skips an fp16 overflow step without stepping us or zeroing the inner optimizer's gradients
+        # (its wrappers zero their own), so a loss handed over for it stayed pending: the next set_loss logged
+        # the accumulation warning. One handed over before the engine's step counter moved on is replaced.
+        inner.set_loss(loss, replace=replace or self._loss_handed_before_now())
+        self._loss_at = self._engine_steps()
+
+    def _engine_steps(self) -> int | None:
+        """The bound engine's ``global_steps`` (it counts every training step, those DeepSpeed skips too)."""
+        engine = self._engine() if self._engine is not None else None
+        steps = getattr(engine, "global_steps", None)
+        return steps if isinstance(steps, int) else None
+
+    def _loss_handed_before_now(self) -> bool:
+        """Whether the loss last handed over belongs to an earlier training step than the engine's current one
+        (that step was skipped: a step taken clears ``_loss_at``)."""
+        now = self._engine_steps()
+        return self._loss_at is not None and now is not None and self._loss_at != now
 
     def statistics(self) -> dict[str, float]:
         stats = {} if self._inner is None else dict(self._inner.statistics())

@@ -32,6 +32,8 @@ from deepspeed_ext.load_route import agreed_tag, load_zero3_weights, zero3_weigh
 
 #: the client optimizers deepspeed_ext builds
 CLIENT_TYPES = (DeepSpeedClientOptimizer, DeepSpeedEGNOptimizer)
+# client_state key of the ZeRO-0 torch_autocast float16 GradScaler's state (see _with_grad_scaler_state)
+GRAD_SCALER_KEY = "lightning_soaa_torch_autocast_grad_scaler"
 
 __all__ = ["initialize", "bind", "build_client_optimizer", "check_client", "find_client_optimizer",
            "init_distributed"]
@@ -365,9 +367,10 @@ def install_checkpoint_hooks(engine: Any, client: Any) -> None:
         decoupled = getattr(getattr(engine, "checkpoint_engine", None), "is_decoupled", lambda: False)()
         if hasattr(client, "saving_at_global_step"):  # beside the optimizer's steps in its ZeRO files
             client.saving_at_global_step = _global_steps_written(engine, given.get("client_state"))
+        given = _with_grad_scaler_state(engine, given)
         try:
             if not given.get("save_latest", True) or decoupled:
-                return save(*args, **kwargs)
+                return save(**given)
             tag = str(given["tag"]) if given.get("tag") is not None else f"global_step{engine.global_steps}"
             out = save(**{**given, "save_latest": False})
         finally:
@@ -393,11 +396,36 @@ def install_checkpoint_hooks(engine: Any, client: Any) -> None:
                 check_checkpoint_groups(load_dir, tag, client, bool(engine.bfloat16_enabled()), rank=rank)
                 return _own_saved_steps(engine, client, load_dir, tag)
             check_saved_steps(agreed_checks(checks), load_dir, tag)
-        return load(**given)
+        return _restore_grad_scaler(engine, given, load(**given))
 
     engine.save_checkpoint = save_checkpoint
     engine.load_checkpoint = load_checkpoint
     engine._lightning_soaa_checkpoint_hooks = True
+
+
+def _with_grad_scaler_state(engine: Any, given: dict[str, Any]) -> dict[str, Any]:
+    """``save_checkpoint``'s arguments with the loss scale of DeepSpeed's ZeRO-0 ``torch_autocast`` float16
+    GradScaler in its ``client_state``. DeepSpeed saves the fp16 loss scaler of its own wrappers with the
+    optimizer state but not this one: a resume started again from the initial scale (65536), so a batch the
+    saved scale (lowered by an overflow-skipped step) had stepped on overflowed and was skipped."""
+    scaler = getattr(engine, "torch_autocast_z0_gradscaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return given
+    return {**given, "client_state": {**(given.get("client_state") or {}), GRAD_SCALER_KEY: scaler.state_dict()}}
+
+
+def _restore_grad_scaler(engine: Any, given: dict[str, Any], out: Any) -> Any:
+    """Take the GradScaler state :func:`_with_grad_scaler_state` saved out of the ``client_state`` DeepSpeed's
+    ``load_checkpoint`` returns and load it, with the optimizer state (as DeepSpeed restores its own fp16 loss
+    scalers: not under ``load_optimizer_states=False`` or ``load_module_only=True``). A checkpoint without it
+    (older, or saved without the scaler) leaves the engine's scaler as it is."""
+    client_state = out[1] if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict) else None
+    saved = None if client_state is None else client_state.pop(GRAD_SCALER_KEY, None)
+    scaler = getattr(engine, "torch_autocast_z0_gradscaler", None)
+    with_optimizer = given.get("load_optimizer_states", True) and not given.get("load_module_only", False)
+    if saved and scaler is not None and scaler.is_enabled() and with_optimizer:
+        scaler.load_state_dict(saved)
+    return out
 
 
 def _given_with_agreed_tag(engine: Any, load: Callable[..., Any], args: tuple[Any, ...],

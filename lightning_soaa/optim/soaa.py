@@ -527,6 +527,19 @@ class SOAA(ShardedOptimizer):
         self._pending_mark = self._grad_mark()
         self._set_loss_calls += 1
 
+    def discard_loss(self) -> None:
+        """Forget a loss handed over with :meth:`set_loss` for a step that will not be taken.
+
+        For loss scalers that skip a step without calling ``step()`` or this optimizer's :meth:`zero_grad`
+        (DeepSpeed's fp16 wrappers and its ZeRO-0 GradScaler zero the gradients themselves): the next
+        ``set_loss`` then logs no accumulation warning, and a step handed no loss of its own is refused
+        instead of judged by the skipped batch's loss. Call it on every rank alike (a skip is collective)."""
+        receiver = self._receiver()
+        if receiver is not self and isinstance(receiver, SOAA):  # Lightning's LightningOptimizer: the one behind
+            receiver.discard_loss()
+            return
+        self._pending_loss, self._pending_plain, self._pending_mark = None, False, None
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """torch's ``zero_grad``; it also ends a handed-over loss whose gradients are being discarded unstepped.
 

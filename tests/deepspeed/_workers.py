@@ -6,6 +6,7 @@ deepspeed_ext.compat.skip_shm_comm_op), then reuses the gloo group the harness a
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -1541,3 +1542,111 @@ def w_zero3_frozen_weights_only(rank: int, world: int, ckpt_root: str, mode: str
         engine.save_checkpoint(ckpt_root, tag="t")
         return None
     return _weights_only_loads(lambda: engine_of(7), ckpt_root)
+
+
+def _autocast_steps(engine: Any, rank: int, steps: range, log: list[float]) -> None:
+    """ZeRO-0 torch_autocast float16 steps: rank 0's batch at step 2 scaled by 1e4 (DeepSpeed's GradScaler finds
+    an inf and skips the step, halving its scale to 32768), every rank's at step 3 by 2 (its gradients overflow
+    at the initial scale 65536, not at 32768). Logs the scale after each step."""
+    for s in steps:
+        x, y = batch(s, rank, dtype=torch.float32)
+        factor = 1e4 if s == 2 and rank == 0 else 2.0 if s == 3 else 1.0
+        engine.backward(loss_fn(engine, x * factor, y * factor))
+        engine.step()
+        log.append(float(engine.torch_autocast_z0_gradscaler.get_scale()))
+
+
+def w_autocast_scaler_resume(rank: int, world: int, ckpt_root: str, steps: int, save_after: int) -> dict[str, Any]:
+    """SOAA at ZeRO-0 with ``torch_autocast`` float16: ``steps`` steps of one engine, and the same run saved after
+    step ``save_after`` and resumed by a fresh engine (other initial weights). Returns both runs' fp32 parameters
+    and scales, the scale right after the load and the client_state the load handed back."""
+    import deepspeed_ext
+
+    ds_env(rank, world)
+    params = {"lr": 1e-2, "weight_decay": 0.1, "gamma": 0.1, "total_steps": 10}
+
+    def engine_of(seed: int) -> tuple[Any, torch.nn.Module]:
+        cfg = make_config(0, "fp32", "lightning_soaa.SOAA", params)
+        cfg["torch_autocast"] = {"enabled": True, "dtype": "float16"}
+        model = tiny_mlp(seed, torch.float32, SIZES)
+        engine, _, _, _ = deepspeed_ext.initialize(model=model, config=cfg)
+        return engine, model
+
+    out: dict[str, Any] = {"scales": [], "resumed_scales": []}
+    engine, model = engine_of(0)
+    _autocast_steps(engine, rank, range(steps), out["scales"])
+    out["params"] = [p.detach().clone() for p in model.parameters()]
+    del engine
+    engine, model = engine_of(0)
+    _autocast_steps(engine, rank, range(save_after + 1), out["resumed_scales"])
+    path = os.path.join(ckpt_root, "autocast")
+    engine.save_checkpoint(path, tag="t", client_state={"mine": 1})
+    del engine
+    engine, model = engine_of(7)
+    _, out["client_state"] = engine.load_checkpoint(path, tag="t")
+    out["loaded_scale"] = float(engine.torch_autocast_z0_gradscaler.get_scale())
+    _autocast_steps(engine, rank, range(save_after + 1, steps), out["resumed_scales"])
+    out["resumed_params"] = [p.detach().clone() for p in model.parameters()]
+    return out
+
+
+class _Warnings(logging.Handler):
+    """The WARNING records of the ``lightning_soaa`` and ``deepspeed_ext`` loggers."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name.startswith(("lightning_soaa", "deepspeed_ext")):
+            self.messages.append(record.getMessage())
+
+
+def _manual_loss_run(rank: int, route: str, feed: bool, losses: set[int]) -> dict[str, Any]:
+    """5 steps of SOAA under ZeRO-2 fp16 (``route="fp16"``) or ZeRO-0 torch_autocast float16 (``"autocast"``),
+    rank 0's batch at step 2 overflowing (the step is skipped). ``feed``: the engine hands the loss over;
+    otherwise the loop calls ``set_loss(loss)`` itself, at the steps in ``losses``."""
+    import deepspeed_ext
+
+    cfg = make_config(2 if route == "fp16" else 0, "fp32", "lightning_soaa.SOAA",
+                      {"lr": 1e-2, "weight_decay": 0.1, "gamma": 0.1, "total_steps": 10})
+    if route == "fp16":
+        cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 8}
+    else:
+        cfg["torch_autocast"] = {"enabled": True, "dtype": "float16"}
+    model = tiny_mlp(0, torch.float32, SIZES)
+    engine, _, _, _ = deepspeed_ext.initialize(model=model, config=cfg, feed_loss=feed)
+    client = deepspeed_ext.find_client_optimizer(engine)
+    out: dict[str, Any] = {}
+    try:
+        for s in range(5):
+            x, y = batch(s, rank, dtype=torch.float32)
+            x, y = (x * 1e4, y * 1e4) if s == 2 and rank == 0 else (x, y)
+            loss = loss_fn(engine, x.half(), y.half()) if route == "fp16" else loss_fn(engine, x, y)
+            if not feed and s in losses:
+                client.set_loss(loss)
+            engine.backward(loss)
+            engine.step()
+    except ValueError as exc:
+        out["error"] = str(exc)
+    out["params"] = full_fp32_params(engine, 2 if route == "fp16" else 0, client, list(model.parameters()),
+                                     list(model.parameters()))
+    out["stats"] = client.statistics()
+    return out
+
+
+def w_manual_loss_after_skip(rank: int, world: int, routes: list[str]) -> dict[str, Any]:
+    """Per route: the engine's loss feed, the loop's own ``set_loss`` at every step, and the loop's ``set_loss``
+    at every step but the one after the skipped step; with the warnings each logged."""
+    ds_env(rank, world)
+    allow_cpu_fp16()
+    handler = _Warnings()
+    logging.getLogger().addHandler(handler)
+    out: dict[str, Any] = {}
+    for route in routes:
+        for name, feed, losses in (("feed", True, set()), ("manual", False, {0, 1, 2, 3, 4}),
+                                   ("no-loss-after-skip", False, {0, 1, 2, 4})):
+            handler.messages = []
+            out[route, name] = {**_manual_loss_run(rank, route, feed, losses), "warnings": handler.messages}
+    logging.getLogger().removeHandler(handler)
+    return out

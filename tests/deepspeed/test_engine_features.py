@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import lightning_soaa
-from tests.deepspeed._workers import SIZES, w_engine_features
+from tests.deepspeed._workers import SIZES, w_autocast_scaler_resume, w_engine_features, w_manual_loss_after_skip
 from tests.harness.compare import max_abs_diff
 from tests.harness.distributed import run_distributed
 from tests.harness.models import batch, loss_fn, tiny_mlp
@@ -153,3 +153,38 @@ def test_resume_without_optimizer_state_takes_the_weights_and_a_fresh_optimizer(
     assert max_abs_diff(ref["params"], reference("SOAA")["params"]) > 1e-4  # a fresh optimizer makes a difference
     for rank_res in results:
         _check(rank_res[f"{mode}-SOAA-{stage}"], ref, 1e-6, STEPS - RESUME_AT)
+
+
+def test_torch_autocast_grad_scaler_scale_survives_a_resume(tmp_path):
+    """ZeRO-0 with ``torch_autocast`` float16 steps through DeepSpeed's torch GradScaler, whose state DeepSpeed's
+    checkpoint left out: a run saved right after an overflow-skipped step (scale 65536 -> 32768) resumed from
+    65536, so the next batch (gradients finite at 32768, not at 65536) was skipped after the resume and stepped
+    on in the uninterrupted run (SOAA's weights then differ). The scale is restored with the optimizer state;
+    the load hands back the caller's client_state without it."""
+    res = run_distributed(w_autocast_scaler_resume, W, tmp_path, str(tmp_path / "ckpt"), STEPS, OVERFLOW_AT,
+                          timeout=200)
+    for r in res:
+        assert r["scales"] == [65536.0, 65536.0, 32768.0, 32768.0, 32768.0]  # only the planted step skipped
+        assert r["loaded_scale"] == 32768.0
+        assert r["resumed_scales"] == r["scales"]
+        assert r["client_state"]["mine"] == 1  # the caller's own, beside DeepSpeed's keys
+        assert not [k for k in r["client_state"] if k.startswith("lightning_soaa")]
+        assert max_abs_diff(r["resumed_params"], r["params"]) == 0.0
+
+
+@pytest.mark.parametrize("route", ["fp16", "autocast"])
+def test_loss_handed_over_for_a_skipped_step_is_dropped(tmp_path, route):
+    """A loop that hands SOAA its loss itself (``feed_loss=False``, ``set_loss(loss)`` once per step), ZeRO-2 fp16
+    or ZeRO-0 torch_autocast float16, rank 0 overflowing at step 2: DeepSpeed skips the step without stepping or
+    zeroing SOAA, and the next ``set_loss`` logged SOAA's accumulation warning (two hand-overs before a step);
+    a step handed no loss after the skipped one was judged by the skipped batch's loss. Now: no warning, the
+    same weights as the engine's loss feed, and that step refused on every rank naming the missing loss."""
+    res = run_distributed(w_manual_loss_after_skip, W, tmp_path, [route], timeout=200)
+    for r in res:
+        feed, manual, missing = (r[route, name] for name in ("feed", "manual", "no-loss-after-skip"))
+        assert "error" not in feed and "error" not in manual
+        assert feed["warnings"] == manual["warnings"] == []
+        assert manual["stats"]["t"] == feed["stats"]["t"] == STEPS - 1
+        assert max_abs_diff(manual["params"], feed["params"]) == 0.0
+        assert missing["error"].startswith("SOAA needs the mini-batch loss of every step")
+        assert "missing on 2 of 2 rank(s)" in missing["error"]
