@@ -2051,6 +2051,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                                                count_grads=self._counts_grads())
             self._raise_disagreement(verdict, error)
             self._replicas_unchecked = False  # compared (or not due): every rank alike
+            self._moved_judged = True  # the in-place changes passed (read by _sharded_step's _note_versions)
             if verdict.gradless_ranks:
                 self._warn_gradless_ranks(verdict.gradless_ranks)
         return record.with_sums(reduced[:n])
@@ -2125,7 +2126,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
             raise
         finally:
             self.__dict__.pop("_held_out", None)  # (a skipped or failed step: its gather's buffers go)
-            self._note_versions()
+            # only a step whose verdict passed (or the first) moves the mark: a refused step changed nothing, and
+            # marked, its retry saw no change and silently kept the owners' copies of what the ranks changed apart
+            if self.__dict__.pop("_moved_judged", False) or self.__dict__.get("_param_versions") is None:
+                self._note_versions()
 
     def _template_step(self, local_error: BaseException | None, unscaled: list[Tensor]) -> bool:
         """:meth:`_sharded_step`'s work; ``unscaled`` receives the gradients it unscales (or finds unscaled)."""

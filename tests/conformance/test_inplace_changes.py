@@ -56,6 +56,12 @@ def _run_change(spec: OptimizerSpec, rank: int, world: int, alike: bool) -> dict
             out["error"] = str(e)
             break
     out["params"], out["steps"] = params(model), opt.num_steps + opt.skipped_steps
+    if out["error"] is not None:  # the same step again, nothing undone: refused again, not stepped
+        try:
+            step(spec, model, opt, CHANGED_AFTER + 1, rank=rank, world=world, average=average)
+            out["retry_error"] = None
+        except RuntimeError as e:
+            out["retry_error"] = str(e)
     return out
 
 
@@ -112,6 +118,8 @@ def test_a_change_on_one_rank_is_refused_on_every_rank(spec: OptimizerSpec, laun
         last = [n for n, _ in make(spec)[0].named_parameters()][-1]
         assert repr(last) in got["error"], got["error"]
         assert got["steps"] == got["steps_before"]  # nothing counted, nothing written
+        retry = got["retry_error"]  # (the change is still there: a mark moved by the refusal hid it)
+        assert retry is not None and "was changed in place since the last step" in retry, f"rank {rank}: {retry}"
         for a, b in zip(got["params"], got["before"], strict=True):
             assert torch.equal(a, b)
 
