@@ -1034,6 +1034,10 @@ class SOAA(ShardedOptimizer):
                 # the closure's forward has returned its memory since (made before the closure, they would live
                 # through its forward; made before the verdict, a rank without them could not join the gather)
                 self.exchange.gather_params()
+            # this optimizer's own writes, after the step marked the versions: on each rank the blocks it owns, and
+            # through the gather the others' (a parameter with no gradient only where it is not owned); left
+            # unmarked, the next step took them for an in-place change made on some ranks only and refused
+            self._note_versions()
             fsdp = self._fsdp()
             if fsdp is not None:  # the closure's forward left FSDP2's root (or every unit) unsharded at the trial:
                 fsdp.reshard()  # read, the next step ran at the rejected weights (0.075 off in 4 steps)

@@ -24,6 +24,7 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_soaa import SOAA
 from lightning_soaa.registry import FirstArg, OptimizerSpec, StepNeeds
 from tests.conformance._battery import SPECS, assert_close, each_optimizer, make, params, step
 from tests.harness.distributed import run_distributed
@@ -147,3 +148,45 @@ def test_a_trained_max_norm_embedding_under_ddp_is_refused(spec: OptimizerSpec, 
         assert error is not None, f"rank {rank}: the replicas' renormalised rows were silently dropped"
         assert "'emb.weight'" in error and "max_norm" in error, error
 
+
+
+def _run_same_batch_rejections(rank: int, world: int) -> dict[str, Any]:
+    """SOAA's same_batch acceptance, its trials rejected (lr too large), with a parameter no loss reaches: the
+    rejection puts back the blocks each rank owns and gathers the others after the step (its own writes, whatever
+    parameters they reach on each rank), on the same batch on every rank."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"f": nn.Sequential(nn.Linear(8, 8, dtype=torch.float64), nn.Tanh(),
+                                              nn.Linear(8, 1, dtype=torch.float64)),
+                           "unused": nn.Linear(3, 3, dtype=torch.float64)})
+    opt = SOAA(model.parameters(), lr=10.0, acceptance="same_batch")
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 8, generator=g, dtype=torch.float64), torch.randn(16, 1, generator=g, dtype=torch.float64)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = (model["f"](x) - y).square().mean()
+        loss.backward()
+        return loss
+
+    out: dict[str, Any] = {"error": None}
+    try:
+        for _ in range(STEPS):
+            opt.step(closure)
+    except RuntimeError as e:
+        out["error"] = str(e)
+    out["params"], out["rejected"] = params(model), opt.statistics()["rejected"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def same_batch(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    return run_distributed(_run_same_batch_rejections, WORLD, Path(tmp_path_factory.mktemp("same_batch")), timeout=120)
+
+
+def test_soaas_same_batch_rejection_is_not_taken_for_a_change_outside_the_optimizer(same_batch: list[Any]) -> None:
+    ref = _run_same_batch_rejections(0, 1)
+    assert ref["error"] is None and ref["rejected"] > 0, ref  # (the rejection path is exercised)
+    for rank, got in enumerate(same_batch):
+        assert got["error"] is None, f"rank {rank}: {got['error']}"
+        assert got["rejected"] == ref["rejected"]
+        assert_close(got["params"], ref["params"], f"rank {rank} params")
