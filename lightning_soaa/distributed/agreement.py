@@ -742,10 +742,14 @@ def read_step_rows(rows: Tensor | Sequence[float], world: int, compare_grads: bo
     counts = [m[r][3] for r in range(world)]
     gradless = [r for r in range(world) if counts[r] == 0] if count_grads and max(counts) > 0 else []
     instances = other_instances(m)
-    moved = [r for r in range(world) if m[r][MOVED_SLOT] != m[0][MOVED_SLOT]]
+    # a step whose replica check compared every rank's whole parameters equal has nothing left to judge: the
+    # parameters changed in place since the last step are equal too (a rank that changed one, was refused, and
+    # was then re-synced by a broadcast of p.data, which moves no version counter, would be refused for ever)
+    whole_equal = digests and not params
+    moved = [] if whole_equal else [r for r in range(world) if m[r][MOVED_SLOT] != m[0][MOVED_SLOT]]
     firsts = [int(m[r][MOVED_FIRST_SLOT]) for r in range(world) if m[r][MOVED_FIRST_SLOT] > 0]
     return StepVerdict(errors, hyper, grads, steps if len(set(steps)) > 1 else [], checks, params,
-                       replicated=digests and world > 1 and not params, gradless_ranks=gradless,
+                       replicated=whole_equal and world > 1, gradless_ranks=gradless,
                        instance_ranks=instances,
                        error_flags=[m[r][ERROR_SLOT] for r in range(world)],
                        moved_ranks=moved, moved_first=min(firsts) - 1 if firsts else -1)
