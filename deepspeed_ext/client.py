@@ -245,23 +245,7 @@ class DeepSpeedClientOptimizer(torch.optim.Optimizer):
                               **self.hyperparams)
         self._group_keys = tuple(k for k in probe.defaults if k not in _NON_HYPER)
         super().__init__(params, dict(probe.defaults))
-        for i, group in enumerate(self.param_groups):  # per-group options too, before an engine exists
-            try:
-                probe._validate_group(group)
-            except ValueError as e:
-                raise ValueError(f"{optimizer_cls.__name__}: param_groups[{i}]: {e}") from None
-            if zero_stage > 0 and group.get("adamw_indices"):
-                # positions in a group whose ZeRO partitions are pieces of it, different on every rank
-                raise ValueError(f"{optimizer_cls.__name__}: param_groups[{i}]: adamw_indices is not supported at ZeRO "
-                                 f"stage {zero_stage}, whose flat partitions are not the group's parameters; put those "
-                                 "parameters in a group of their own with use_asgo=False.")
-            if zero_stage > 0 and group.get("row_parts", 1) != 1:
-                # a partition's rows of a fused matrix are not whole parts: row_parts would cut them wrongly
-                raise _parts_refused(f"{optimizer_cls.__name__}: param_groups[{i}]: row_parts={group['row_parts']!r} "
-                                     "(a fused matrix stepped as its parts)", zero_stage)
-            if zero_stage > 0 and group.get("fused_parts"):  # (positions of parameters, as adamw_indices)
-                raise _parts_refused(f"{optimizer_cls.__name__}: param_groups[{i}]: fused_parts="
-                                     f"{group['fused_parts']!r} (fused matrices stepped as their parts)", zero_stage)
+        self._validate_groups(probe, zero_stage)
         names = dict(param_names or {})
         for group in self.param_groups:  # named_parameters() input: torch keeps the names per group
             for p, n in zip(group["params"], group.get("param_names", ())):
@@ -292,6 +276,28 @@ class DeepSpeedClientOptimizer(torch.optim.Optimizer):
         self.saving_at_global_step: int | None = None
         self.ignored_steps = 0  # step() calls during deepspeed.initialize
         self.step_calls = 0  # step() calls DeepSpeed made (several per training step at ZeRO-1/2/3)
+
+    def _validate_groups(self, probe: Any, zero_stage: int) -> None:
+        """Each group's own options, validated by the probe before an engine exists; the options ZeRO-1/2/3's
+        flat partitions cannot carry (positions and row parts of a group's parameters) refused there."""
+        optimizer_cls = self.optimizer_cls
+        for i, group in enumerate(self.param_groups):
+            try:
+                probe._validate_group(group)
+            except ValueError as e:
+                raise ValueError(f"{optimizer_cls.__name__}: param_groups[{i}]: {e}") from None
+            if zero_stage > 0 and group.get("adamw_indices"):
+                # positions in a group whose ZeRO partitions are pieces of it, different on every rank
+                raise ValueError(f"{optimizer_cls.__name__}: param_groups[{i}]: adamw_indices is not supported at ZeRO "
+                                 f"stage {zero_stage}, whose flat partitions are not the group's parameters; put those "
+                                 "parameters in a group of their own with use_asgo=False.")
+            if zero_stage > 0 and group.get("row_parts", 1) != 1:
+                # a partition's rows of a fused matrix are not whole parts: row_parts would cut them wrongly
+                raise _parts_refused(f"{optimizer_cls.__name__}: param_groups[{i}]: row_parts={group['row_parts']!r} "
+                                     "(a fused matrix stepped as its parts)", zero_stage)
+            if zero_stage > 0 and group.get("fused_parts"):  # (positions of parameters, as adamw_indices)
+                raise _parts_refused(f"{optimizer_cls.__name__}: param_groups[{i}]: fused_parts="
+                                     f"{group['fused_parts']!r} (fused matrices stepped as their parts)", zero_stage)
 
     def _split_fused(self, params: Iterable[Any], zero_stage: int, param_names: dict[int, str] | None) -> Any:
         """ASGO's ``fused`` (a DeepSpeed config's or the caller's) applied to the canonical groups here, not

@@ -230,7 +230,22 @@ class _WatchesSteps(Callback):
         self._unwatch_steps()  # Lightning skips teardown after an exception
 
 
-class LossToOptimizer(_WatchesSteps):
+class _GivesBackSWAScaler(Callback):
+    """The ends where a callback that sets the GradScaler aside in SWA's BatchNorm epoch
+    (:func:`drop_gradients_in_swa_batch_norm_epoch`) gives it back besides its batch end: the epoch's end (a
+    batch the module's ``on_train_batch_start`` ended with -1 has no batch end) and an exception."""
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        restore_scaler(trainer)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        restore_scaler(trainer)
+        super().on_exception(trainer, pl_module, exception)
+
+
+class LossToOptimizer(_GivesBackSWAScaler, _WatchesSteps):
     """Hand the training loss to every optimizer whose step needs it (``StepNeeds.LOSS`` in the registry: SOAA).
 
     The loss handed over is the loss of the whole optimizer step: the mean of the losses of the
@@ -354,15 +369,6 @@ class LossToOptimizer(_WatchesSteps):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         restore_scaler(trainer)
-
-    @override
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        restore_scaler(trainer)  # (a batch the module's on_train_batch_start ended with -1 has no batch end)
-
-    @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        restore_scaler(trainer)
-        super().on_exception(trainer, pl_module, exception)
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -828,7 +834,7 @@ def _prefixes(optimizers: list[Any]) -> list[str]:
     return [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
 
 
-class OptimizerDiagnostics(Callback):
+class OptimizerDiagnostics(_GivesBackSWAScaler):
     """Log each optimizer's ``statistics()`` (and learning rates) through ``pl_module.log_dict``.
 
     Keys are ``"<optimizer>/<statistic>"`` with the optimizer's registry name (:func:`optimizer_name`),
@@ -884,14 +890,6 @@ class OptimizerDiagnostics(Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         drop_gradients_in_swa_batch_norm_epoch(trainer, pl_module)  # (also here: ASGO/AdamW need no LossToOptimizer)
-
-    @override
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        restore_scaler(trainer)  # (a batch the module's on_train_batch_start ended with -1 has no batch end)
-
-    @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        restore_scaler(trainer)
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
