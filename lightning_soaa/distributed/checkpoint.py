@@ -429,11 +429,12 @@ def _refuse_not_ours(name: str, sd: Any) -> NoReturn:
         # what torch.distributed.checkpoint.state_dict hands back when it rebuilt the state itself (its
         # flattened form has per-parameter tensors too, so the two cannot always be told apart)
         hint += (" Or, if it is this optimizer's own state" if torch_like else " If it came") + (
-                " from torch.distributed.checkpoint.state_dict: with StateDictOptions("
-                "flatten_optimizer_state_dict=True) or full_state_dict=True (FSDP2) torch rebuilds the state "
-                "from its own keys, dropping this optimizer's metadata and global state. Save and load with the "
-                "default StateDictOptions (DCP: any world size, also fully_shard on one rank), or without "
-                "FSDP2 with consolidate_state_dict() and state_dict().")
+                " from torch.distributed.checkpoint.state_dict: with full_state_dict=True (FSDP2), or a "
+                "flattened state dict (StateDictOptions(flatten_optimizer_state_dict=True)) unflattened other "
+                "than by set_optimizer_state_dict / set_state_dict (which hand it to the optimizer whole), torch "
+                "rebuilds the state from its own keys, dropping this optimizer's metadata and global state. Save "
+                "and load with torch's set_optimizer_state_dict / set_state_dict (DCP: any world size, also "
+                "fully_shard on one rank), or without FSDP2 with consolidate_state_dict() and state_dict().")
     raise ValueError(
         f"{name}.load_state_dict: not a lightning_soaa optimizer state (expected keys 'state', "
         f"'param_groups' and '{FORMAT_KEY}'; got {sorted(sd) if isinstance(sd, dict) else type(sd)})." + hint

@@ -134,6 +134,7 @@ from lightning_soaa.distributed.state_gather import gather_block_states
 from lightning_soaa.distributed.stop_vote import StopVote, in_handler_checkpoint_signal
 from lightning_soaa.functional.adamw import increment_counts_
 from lightning_soaa.kernels.raw import cell_values, value_cells
+from lightning_soaa.optim import dcp_flat
 from lightning_soaa.optim import dcp_state as dcp
 from lightning_soaa.optim.construction import collective_construction, failed_row
 from lightning_soaa.optim.dcp_plain import handed_out, without_placeholders
@@ -2880,10 +2881,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
         """:meth:`_full_state_dict` between torch's state-dict hooks (:mod:`~lightning_soaa.optim.sd_hooks`)."""
         if self._receiver() is not self:  # through Lightning's LightningOptimizer: it saved its class name
             return self._receiver().state_dict()
-        dcp.refuse_flattened(self)  # a checkpoint torch could not load back (before the hooks and any collective)
-        return hooked_state_dict(self, self._full_state_dict)
+        # torch flattens it (dcp_flat.py): every option a key of its own, as the live groups hold them
+        flat = dcp_flat.flatten_requested(self)
+        sd = hooked_state_dict(self, lambda: self._full_state_dict(keep_options=flat))
+        return dcp_flat.for_flattening(sd) if flat else sd
 
-    def _full_state_dict(self) -> dict[str, Any]:
+    def _full_state_dict(self, keep_options: bool = False) -> dict[str, Any]:
         """The full, world-size independent state.
 
         Without sharding (or with one rank) this is local. With W > 1 sharded ranks call
@@ -2894,7 +2897,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._refuse_interrupted_save("state_dict()")
         fresh = self._consolidated_at == self.num_steps + self.skipped_steps
         if self._dtensor is not None and not fresh:
-            return dcp.dcp_state_dict(self)
+            return dcp.dcp_state_dict(self, keep_options=keep_options)
         if self._dtensor is None and not self._consolidating():
             return self._gather_full_state(placeholders=True)
         if fresh and self._consolidated is None and self._dtensor is None:
@@ -2929,6 +2932,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         a pre hook may return a replacement, e.g. a state remapped by ``param_names``)."""
         if self._receiver() is not self:  # through Lightning's LightningOptimizer: loaded into the wrapper
             return self._receiver().load_state_dict(state_dict)
+        flat = dcp_flat.flat_source(self)
+        if flat is not None:  # torch's rebuild of a flattened state dict lost our metadata: rebuilt from it
+            state_dict = dcp_flat.unflattened(self, *flat)
         self._adopt_assigned_groups()
         # the optimizer-wide state stays the checkpoint's when a hook rebuilt the rest (keep_run_state)
         self._loading_state = True

@@ -44,14 +44,15 @@ state is exactly "no state" for every optimizer here (ASGO recomputes its root a
 block against it, so a new state key fails loudly here instead of being silently dropped by DCP.
 Without DTensor parameters the optimizers keep their own world-size independent format
 (:mod:`lightning_soaa.distributed.checkpoint`), with the same placeholders for DCP
-(:mod:`lightning_soaa.optim.dcp_plain`).
+(:mod:`lightning_soaa.optim.dcp_plain`). torch's flattened form (``StateDictOptions(
+flatten_optimizer_state_dict=True)``, torchtitan's) is either of these, flattened and rebuilt by
+:mod:`lightning_soaa.optim.dcp_flat`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -78,7 +79,7 @@ if TYPE_CHECKING:
     from lightning_soaa.optim.base import ShardedOptimizer
 
 __all__ = ["block_schema", "dcp_state_dict", "hold_state_entries", "is_dcp_state_dict", "load_torch_form",
-           "options_unread", "refuse_flattened", "saved_param_groups"]
+           "options_unread", "saved_param_groups"]
 
 log = logging.getLogger(__name__)
 
@@ -288,9 +289,11 @@ def _stack_entry(opt: ShardedOptimizer, pi: int, blocks: list[BlockInfo]) -> dic
     return out
 
 
-def dcp_state_dict(opt: ShardedOptimizer) -> dict[str, Any]:
+def dcp_state_dict(opt: ShardedOptimizer, keep_options: bool = False) -> dict[str, Any]:
     """torch's optimizer state dict shape, with DTensor state (see the module docstring). A collective
-    where the optimizer-wide state needs one (SOAA's pending sums): call it on every rank."""
+    where the optimizer-wide state needs one (SOAA's pending sums): call it on every rank. ``keep_options``:
+    every option a key of its own in the groups, none moved into the metadata (for torch's flattened form,
+    :mod:`~lightning_soaa.optim.dcp_flat`, whose load needs each key the live groups hold)."""
     state: dict[int, dict[str, Any]] = {}
     stacks = _stacks(opt)
     for pi, blocks in stacks.items():
@@ -308,7 +311,7 @@ def dcp_state_dict(opt: ShardedOptimizer) -> dict[str, Any]:
     meta = sd.pop(FORMAT_KEY)
     del meta["blocks_with_state"]  # counted from no blocks here: the DCP form has an entry for every block
     meta["form"] = "dcp"
-    moved = _json_options(opt)
+    moved = set() if keep_options else _json_options(opt)
     # plain JSON scalars only (a subclass's tuple would come back a list, a dtype not at all: kept as keys)
     record = group_record(opt._groups_as_built(), opt._meta_options)  # (the options saved_groups leaves out)
     meta["group_keys"] = record["group_keys"]
@@ -318,50 +321,6 @@ def dcp_state_dict(opt: ShardedOptimizer) -> dict[str, Any]:
         sd["param_groups"][0][FORMAT_KEY] = json.dumps(meta)
     sd["state"] = state
     return sd
-
-
-#: The module and function of torch's ``get_optimizer_state_dict`` (and ``get_state_dict``) that call an
-#: optimizer's ``state_dict()`` and then flatten it when ``flatten_optimizer_state_dict=True``.
-_TORCH_DSD = ("torch.distributed.checkpoint.state_dict", "_get_optim_state_dict")
-_CALLER_DEPTH = 6  # frames between it and refuse_flattened: state_dict, a LightningOptimizer's state_dict, ...
-
-
-def refuse_flattened(opt: ShardedOptimizer) -> None:
-    """Raise where torch's ``get_optimizer_state_dict`` asks for ``StateDictOptions(
-    flatten_optimizer_state_dict=True)``, before anything is gathered (each rank decides from its own call's
-    options, which every rank passes alike, before any collective: every rank raises together).
-
-    torch rebuilds a flattened state on load (``_unflatten_optim_state_dict``) from the keys the *destination*
-    optimizer already holds: each key of its live param groups must be in the checkpoint under the group's
-    first parameter, and only the keys of its live ``state[p]`` are read back. Ours cannot meet either: the
-    live groups hold options that the saved groups keep in the JSON metadata (:data:`_DCP_FLAT_OPTIONS`: as
-    keys of their own they made older unflattened checkpoints unloadable), that metadata (``num_steps``, the
-    block layout, SOAA's trust region) is no key of a live group, and a fresh optimizer's ``state[p]`` is
-    empty (:func:`hold_state_entries`). After the save had written a checkpoint no version could read, the
-    load raised a bare ``KeyError: 'param_groups.<fqn>.<option>'`` inside torch (ShardedAdamW, ASGO, DASGO
-    under FSDP2) or reached the validation with the metadata and state lost (SOAA under FSDP2, every
-    optimizer over plain parameters: refused there). torch gives the optimizer no way to see the option
-    but its caller's frame; where torch's code moves, this check finds nothing and the load refuses as
-    before."""
-    frame = sys._getframe(1)
-    for _ in range(_CALLER_DEPTH):
-        if frame.f_back is None:
-            return
-        frame = frame.f_back
-        if (frame.f_globals.get("__name__"), frame.f_code.co_name) != _TORCH_DSD:
-            continue
-        if getattr(frame.f_locals.get("info"), "flatten_optimizer_state_dict", False):
-            raise ValueError(
-                f"{_name(opt)}.state_dict(): torch.distributed.checkpoint.state_dict with StateDictOptions("
-                "flatten_optimizer_state_dict=True) is not supported: torch rebuilds a flattened optimizer state "
-                "on load from the keys the destination optimizer's param_groups and state already hold, and this "
-                "optimizer keeps its options, block layout and optimizer-wide state (step counts, SOAA's trust "
-                "region) in a JSON entry of the first param group, with an empty state until its first step: "
-                "the load would fail (KeyError) or drop the state. Use the default StateDictOptions() "
-                "(flatten_optimizer_state_dict=False) in get_optimizer_state_dict / get_state_dict and in "
-                "set_optimizer_state_dict / set_state_dict: with dcp.save / dcp.load it resumes at any world "
-                "size. Nothing was gathered or saved.")
-        return
 
 
 def is_dcp_state_dict(sd: Any) -> bool:

@@ -4,7 +4,11 @@
 single-process run (float64). Sharded ranks consolidate first (``consolidate_state_dict(to=None)``), as
 for any ``state_dict()`` over plain parameters at W > 1. Before, ``dcp.load`` had nothing to fill in a
 fresh optimizer (the state went missing, then turn 36 refused the load); a fresh optimizer now shows zeros
-of every block's state (``lightning_soaa/optim/dcp_plain.py``)."""
+of every block's state (``lightning_soaa/optim/dcp_plain.py``).
+
+Also with torch's flattened form, ``StateDictOptions(flatten_optimizer_state_dict=True)`` (torchtitan's) on
+both ends: it was refused at the save (torch rebuilds a flattened state on load from the destination's live
+keys and dropped our metadata; ``lightning_soaa/optim/dcp_flat.py`` rebuilds it from the dict itself)."""
 
 from __future__ import annotations
 
@@ -49,58 +53,69 @@ def _steps(name: str, model: Any, opt: Any, ts: range, rank: int, world: int) ->
         step(spec, model, opt, t, rank=rank, world=world, average=world > 1 and spec.needs is not StepNeeds.BATCH)
 
 
-def _w_save(rank: int, world: int, name: str, path: str, auto_blocks: bool = False) -> None:
+def _options(flat: bool) -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(flatten_optimizer_state_dict=flat)
+
+
+def _w_save(rank: int, world: int, name: str, path: str, auto_blocks: bool = False, flat: bool = False) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     model, opt = _make(name, auto_blocks)
     _steps(name, model, opt, range(STEPS_BEFORE), rank, world)
     opt.consolidate_state_dict(to=None)  # sharded ranks: state_dict() is the gathered state (README)
-    dcp.save({"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=path)
+    osd = get_optimizer_state_dict(model, opt, options=_options(flat))
+    assert flat == ("state" not in osd)
+    dcp.save({"model": model.state_dict(), "optim": osd}, checkpoint_id=path)
 
 
-def _load_and_continue(name: str, path: str, rank: int, world: int, auto_blocks: bool = False) -> list[torch.Tensor]:
+def _load_and_continue(name: str, path: str, rank: int, world: int, auto_blocks: bool = False,
+                       flat: bool = False) -> list[torch.Tensor]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
     model, opt = _make(name, auto_blocks)
     opt.consolidate_state_dict(to=None)
-    dest = {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)}
+    dest = {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt, options=_options(flat))}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # one process: "assuming the intent is to load in a single ..."
         dcp.load(dest, checkpoint_id=path)
     model.load_state_dict(dest["model"])
-    set_optimizer_state_dict(model, opt, dest["optim"])
+    set_optimizer_state_dict(model, opt, dest["optim"], options=_options(flat))
     assert opt.num_steps == STEPS_BEFORE
     assert not auto_blocks or len(opt.block_table.blocks) > len(list(model.parameters())) or world == 1
     _steps(name, model, opt, range(STEPS_BEFORE, STEPS_BEFORE + STEPS_AFTER), rank, world)
     return params(model)
 
 
-def _w_load(rank: int, world: int, name: str, path: str, auto_blocks: bool = False) -> list[torch.Tensor]:
-    return _load_and_continue(name, path, rank, world, auto_blocks)
+def _w_load(rank: int, world: int, name: str, path: str, auto_blocks: bool = False,
+            flat: bool = False) -> list[torch.Tensor]:
+    return _load_and_continue(name, path, rank, world, auto_blocks, flat)
 
 
-def _check(name: str, tmp_path: Path, auto_blocks: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def _check(name: str, tmp_path: Path, auto_blocks: bool, monkeypatch: pytest.MonkeyPatch, flat: bool = False) -> None:
     from lightning_soaa.optim.base import ShardedOptimizer
 
     monkeypatch.setattr(ShardedOptimizer, "default_max_block_numel", ShardedOptimizer.default_max_block_numel)
     path = str(tmp_path / "ckpt")
-    run_distributed(_w_save, 2, tmp_path, name, path, auto_blocks, timeout=120)
+    run_distributed(_w_save, 2, tmp_path, name, path, auto_blocks, flat, timeout=120)
     model, opt = _make(name, auto_blocks)
     _steps(name, model, opt, range(STEPS_BEFORE + STEPS_AFTER), 0, 1)
     want = params(model)
-    got = {1: _load_and_continue(name, path, 0, 1, auto_blocks)}
-    got[3] = run_distributed(_w_load, 3, tmp_path, name, path, auto_blocks, timeout=120)[0]
+    got = {1: _load_and_continue(name, path, 0, 1, auto_blocks, flat)}
+    got[3] = run_distributed(_w_load, 3, tmp_path, name, path, auto_blocks, flat, timeout=120)[0]
     for w, ps in got.items():
         for a, b in zip(ps, want):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=lambda m, w=w: f"{name}, loaded at W={w}: {m}")
 
 
+@pytest.mark.parametrize("flat", [False, True], ids=["default", "flattened"])
 @pytest.mark.parametrize("name", [s.name for s in SPECS])
-def test_dcp_recipe_over_plain_parameters_moves_between_world_sizes(name: str, tmp_path: Path,
+def test_dcp_recipe_over_plain_parameters_moves_between_world_sizes(name: str, flat: bool, tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    _check(name, tmp_path, False, monkeypatch)
+    _check(name, tmp_path, False, monkeypatch, flat)
 
 
 # the optimizers whose default row blocks are automatic (DASGO's default max_block_numel is a number)

@@ -143,15 +143,16 @@ def held_experts(opt: ASGO) -> list[tuple[int, int]]:
     return sorted(b.key for b in opt._owned if opt._batched(b))
 
 
-def save_dcp(model: nn.Module, opt: ASGO, path: str, older: str | None = None) -> None:
+def save_dcp(model: nn.Module, opt: ASGO, path: str, older: str | None = None, options: Any = None) -> None:
     """torch's recipe; ``older``: the optimizer state in the form an earlier version wrote
-    (``tests.fsdp2._workers._as_older_version``: ``"flat"``, ``batch_dims`` a key of its own, 12-02/12-03)."""
+    (``tests.fsdp2._workers._as_older_version``: ``"flat"``, ``batch_dims`` a key of its own, 12-02/12-03);
+    ``options``: torch's ``StateDictOptions``."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     from tests.fsdp2._workers import _as_older_version
 
-    model_sd, optim_sd = get_state_dict(model, opt)
+    model_sd, optim_sd = get_state_dict(model, opt, options=options)
     if older is not None:
         optim_sd = _as_older_version(optim_sd, older)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
@@ -333,10 +334,14 @@ def zero_gram_reference(steps: int) -> list[torch.Tensor]:
     return [p.detach().clone() for _, p in named]
 
 
-def zero_gram_resume(rank: int, world_size: int, path: str, steps: int) -> list[torch.Tensor]:
+def zero_gram_resume(rank: int, world_size: int, path: str, steps: int, flat: bool = False) -> list[torch.Tensor]:
     """Step 0 under FSDP2, a DCP checkpoint (every expert and ``gate`` without ``inv_root``), a fresh model
-    and optimizer loading it, then the remaining steps."""
+    and optimizer loading it, then the remaining steps. ``flat``: torch's flattened optimizer state dict
+    (``StateDictOptions(flatten_optimizer_state_dict=True)``, torchtitan's) at both ends."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
     from torch.distributed.tensor import distribute_tensor
+
+    options = StateDictOptions(flatten_optimizer_state_dict=flat)
 
     def step(model: nn.Module, opt: ASGO, t: int) -> None:
         mirror = named_params(True)
@@ -348,14 +353,15 @@ def zero_gram_resume(rank: int, world_size: int, path: str, steps: int) -> list[
 
     model, opt = sharded(world_size)
     step(model, opt, 0)
-    save_dcp(model, opt, path)
+    save_dcp(model, opt, path, options=options)
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model, opt = sharded(world_size)
-    model_sd, optim_sd = get_state_dict(model, opt)
+    model_sd, optim_sd = get_state_dict(model, opt, options=options)
+    assert flat == ("state" not in optim_sd)
     dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
-    set_state_dict(model, opt, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    set_state_dict(model, opt, model_state_dict=model_sd, optim_state_dict=optim_sd, options=options)
     for t in range(1, steps):
         step(model, opt, t)
     return full_params(model)

@@ -731,37 +731,52 @@ def built_before_fully_shard(rank: int, world_size: int) -> dict[str, dict[str, 
     return out
 
 
-def flattened_form(rank: int, world_size: int) -> dict[str, Any]:
-    """torch's ``StateDictOptions(flatten_optimizer_state_dict=True)``: refused by ``get_optimizer_state_dict``
-    and ``get_state_dict`` on every rank, for every case under FSDP2 after CKPT_AT steps (then the run goes on
-    to STEPS, as uninterrupted: the refusal changed nothing) and for every registry optimizer over plain
-    parameters (EGN has no FSDP2 form), consolidated. Before, the save went through and the load raised a bare
-    ``KeyError: 'param_groups.0.weight.max_block_numel'`` inside torch (ShardedAdamW, ASGO, DASGO under FSDP2)
-    or was refused for its lost metadata (SOAA under FSDP2, every optimizer over plain parameters)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, get_state_dict
+#: torch's flattened optimizer state dict, torchtitan's default
+def _flat() -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    from lightning_soaa import registry
+    return StateDictOptions(flatten_optimizer_state_dict=True)
 
-    flat = StateDictOptions(flatten_optimizer_state_dict=True)
+
+def save_flattened(rank: int, world_size: int, root: str) -> dict[str, Any]:
+    """torchtitan's recipe after CKPT_AT steps of every case: ``get_model_state_dict`` and
+    ``get_optimizer_state_dict(options=StateDictOptions(flatten_optimizer_state_dict=True))``, ``dcp.save``;
+    then the run goes on to STEPS (the uninterrupted run). Before, the save was refused (dcp_flat.py)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
     mesh = make_mesh(world_size, False)
     out: dict[str, Any] = {}
     for name, _, _, sizes in CASES:
         model, opt = run_case(name, rank, world_size, mesh, steps=range(CKPT_AT))
-        refused = [expect_error(lambda: get_optimizer_state_dict(model, opt, options=flat)),
-                   expect_error(lambda: get_state_dict(model, opt, options=flat))]
-        default_keys = len(get_optimizer_state_dict(model, opt)["state"])  # the default form is still handed out
+        osd = get_optimizer_state_dict(model, opt, options=_flat())
+        dcp.save({"model": get_model_state_dict(model), "optimizer": osd}, checkpoint_id=f"{root}/{name}")
         for t in range(CKPT_AT, STEPS):
             train_step(model, opt, *local_batch(t, sizes, rank, world_size))
-        out[name] = {"refused": refused, "default_keys": default_keys, "params": full_params(model),
-                     "stats": soaa_stats(opt)}
-    x, y = global_batch(0, TALL)  # the same batch on every rank: equal gradients without averaging
-    for name in registry.names():
-        spec = registry.get(name)
-        model = tiny_mlp(sizes=TALL)
-        opt = spec.build(model, **spec.test_kwargs)
-        spec.take_step(opt, model, x, y)
-        opt.consolidate_state_dict(to=None)
-        out["plain", name] = expect_error(lambda: get_optimizer_state_dict(model, opt, options=flat))
+        out[name] = {"params": full_params(model), "stats": soaa_stats(opt), "flat": "state" not in osd}
+    return out
+
+
+def resume_flattened(rank: int, world_size: int, root: str) -> dict[str, Any]:
+    """A fresh model and optimizer at this W: ``get_state_dict(options=flattened)`` as the destination,
+    ``dcp.load``, ``set_state_dict(options=flattened)``, then the remaining steps."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    mesh = make_mesh(world_size, False)
+    out: dict[str, Any] = {}
+    for name, cls, kw, sizes in CASES:
+        model = sharded_model(sizes, mesh)
+        opt = cls(model.named_parameters(), **kw, grad_reduction="none")
+        model_sd, optim_sd = get_state_dict(model, opt, options=_flat())  # must not step the fresh optimizer
+        fresh = {"num_steps": opt.num_steps, "state": sum(len(v) for v in opt.state.values())}
+        dcp.load({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=f"{root}/{name}")
+        set_state_dict(model, opt, model_state_dict=model_sd, optim_state_dict=optim_sd, options=_flat())
+        resumed_at = opt.num_steps
+        for t in range(CKPT_AT, STEPS):
+            train_step(model, opt, *local_batch(t, sizes, rank, world_size))
+        out[name] = {"params": full_params(model), "stats": soaa_stats(opt), "fresh": fresh,
+                     "resumed_at": resumed_at}
     return out
 
 

@@ -144,14 +144,17 @@ def test_other_placements_of_a_stack_are_refused_on_every_rank(runs) -> None:
             assert "must be a DTensor with placements (Shard(dim=0),)" in e, (r, e)
 
 
-def test_a_first_step_with_zero_grams_saves_and_resumes_through_dcp(tmp_path: Path) -> None:
+@pytest.mark.parametrize("flat", [False, True], ids=["default", "flattened"])
+def test_a_first_step_with_zero_grams_saves_and_resumes_through_dcp(tmp_path: Path, flat: bool) -> None:
     """A block whose first Gram is all zero (a layer behind a zero-initialised one; an expert's tiny
     gradient) keeps no root after the step. torch.distributed.checkpoint's save raised an internal schema
     error, for an expert on its holder rank alone (the others went on into dcp.save). Saved as zeros and
-    left out again on load: the resumed run ends where the uninterrupted one does."""
+    left out again on load: the resumed run ends where the uninterrupted one does. Also in torch's flattened
+    form (torchtitan's StateDictOptions(flatten_optimizer_state_dict=True): the stacked experts' state and
+    per-block entries as flattened keys), which was refused at the save."""
     steps = 3
     ref = X.zero_gram_reference(steps)
-    for r, got in enumerate(run_distributed(X.zero_gram_resume, 2, tmp_path, str(tmp_path / "dcp"), steps,
+    for r, got in enumerate(run_distributed(X.zero_gram_resume, 2, tmp_path, str(tmp_path / "dcp"), steps, flat,
                                             timeout=180)):
         for a, b in zip(got, ref, strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=ATOL, msg=lambda m: f"rank {r}: {m}")

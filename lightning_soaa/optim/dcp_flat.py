@@ -1,0 +1,180 @@
+"""torch's flattened optimizer state dict (``StateDictOptions(flatten_optimizer_state_dict=True)``, torchtitan's).
+
+torch flattens what ``state_dict()`` returns into one key per value (``get_optimizer_state_dict``)::
+
+    state.<fqn>.<key>[.<key>...]      every state value, nested dicts joined by dots
+    param_groups.<fqn>.<option>       every key of a group, once per parameter of the group
+
+and rebuilds it on load (``set_optimizer_state_dict``, ``_unflatten_optim_state_dict``) from the keys the
+*destination* optimizer holds: a key of its live param groups must be in the dict (``KeyError`` else), and
+only the keys of its live ``state[p]`` are read back. A fresh optimizer here holds an empty ``state[p]``
+until its first step (:func:`~lightning_soaa.optim.dcp_state.hold_state_entries`: torch would otherwise
+run a zero-gradient step), and our metadata (options, block layout, step counts, SOAA's trust region)
+rides in a JSON entry of the first group that no live group holds: torch's rebuild drops all of it.
+
+So both ends take the dict itself:
+
+* save: under FSDP2 every option stays a key of its own in the saved groups
+  (:func:`~lightning_soaa.optim.dcp_state.dcp_state_dict` ``keep_options``), as the live groups hold them,
+  so torch's rebuild finds each (the unflattened form keeps some in the JSON only, for older checkpoints).
+  Over plain parameters our form holds them already.
+* load: torch calls ``load_state_dict`` with its lossy rebuild; :func:`flat_source` finds the flattened
+  dict torch was given (its caller's frame, as for the save's option: torch hands the optimizer nothing
+  else) and :func:`unflattened` rebuilds our torch form from it by this optimizer's parameter names:
+  every saved key of every block, and the groups as saved. The usual validation follows.
+
+The JSON rides in the state of the first group's first parameter (:func:`for_flattening`): torch's
+flattening repeats every group key once per parameter. Where torch's code moves so that the frame is not
+found, the rebuild without metadata is refused by the load as before ("not a lightning_soaa optimizer
+state").
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Any
+
+from lightning_soaa.distributed.checkpoint import FORMAT_KEY
+
+if TYPE_CHECKING:
+    from lightning_soaa.optim.base import ShardedOptimizer
+
+__all__ = ["flat_source", "flatten_requested", "for_flattening", "unflattened"]
+
+_TORCH_DSD = "torch.distributed.checkpoint.state_dict"
+#: torch's function that calls an optimizer's ``state_dict()`` and flattens the result when asked
+_GET = "_get_optim_state_dict"
+#: torch's function that unflattens a state dict without ``"state"`` and calls ``load_state_dict()``
+_LOAD = "_load_optim_state_dict"
+#: frames searched above the optimizer's own method: a LightningOptimizer's, decorators, torch's helpers
+_CALLER_DEPTH = 6
+
+
+def _torch_frame(function: str) -> Any:
+    """The frame of torch's ``function`` within :data:`_CALLER_DEPTH` frames above our caller's caller."""
+    frame = sys._getframe(2)
+    for _ in range(_CALLER_DEPTH):
+        frame = frame.f_back  # type: ignore[assignment]
+        if frame is None:
+            return None
+        if (frame.f_globals.get("__name__"), frame.f_code.co_name) == (_TORCH_DSD, function):
+            return frame
+    return None
+
+
+def flatten_requested(opt: ShardedOptimizer) -> bool:
+    """Whether torch's ``get_optimizer_state_dict`` (``get_state_dict``) calling ``opt.state_dict()`` will
+    flatten the result. Each rank decides from its own call's options, which every rank passes alike."""
+    frame = _torch_frame(_GET)
+    return frame is not None and bool(getattr(frame.f_locals.get("info"), "flatten_optimizer_state_dict", False))
+
+
+def flat_source(opt: ShardedOptimizer) -> tuple[dict[str, Any], dict[Any, Any]] | None:
+    """The flattened dict torch's ``set_optimizer_state_dict`` (``set_state_dict``) was given and torch's
+    ``fqn_param_mapping`` (parameter -> its names), where torch is loading ``opt`` from one; else None.
+    torch unflattens any optimizer state dict without ``"state"`` (whatever the options say)."""
+    frame = _torch_frame(_LOAD)
+    if frame is None:
+        return None
+    sd, info = frame.f_locals.get("state_dict"), frame.f_locals.get("info")
+    mapping = getattr(info, "fqn_param_mapping", None)
+    if not isinstance(sd, dict) or not sd or "state" in sd or not isinstance(mapping, dict):
+        return None
+    return sd, mapping
+
+
+def _by_name(flat: dict[str, Any], section: str, names: set[str]) -> dict[str, dict[str, Any]]:
+    """The keys of ``section`` (``"state"``, ``"param_groups"``) by parameter name, one of ``names`` (a name
+    has dots too, so each of a key's prefixes is tried; no name is another's prefix plus a dot, as no module
+    holds a parameter and a submodule of one name): ``name -> {rest of the key: value}``. One pass."""
+    out: dict[str, dict[str, Any]] = {}
+    head = section + "."
+    for key, value in flat.items():
+        if not key.startswith(head):
+            continue
+        parts = key[len(head):].split(".")
+        for i in range(1, len(parts)):
+            name = ".".join(parts[:i])
+            if name in names:
+                out.setdefault(name, {})[".".join(parts[i:])] = value
+                break
+    return out
+
+
+def _name_of(opt: ShardedOptimizer, saved: dict[str, Any], mapping: dict[Any, Any], p: Any) -> str:
+    """The name a parameter is saved under (``saved``: the names with group keys): torch lists one name per
+    parameter (a shared one: the name ``named_parameters`` gives it)."""
+    names = sorted(str(n) for n in mapping.get(p, ()))
+    found = [n for n in names if n in saved]
+    if not found:
+        pi = next((i for i, q in enumerate(opt._params) if q is p), -1)
+        label = (opt._names[pi] if pi >= 0 else "") or f"#{pi}"
+        raise ValueError(
+            f"{type(opt).__name__}.load_state_dict: the flattened optimizer state dict (StateDictOptions("
+            f"flatten_optimizer_state_dict=True)) holds no param group keys for parameter {label} (names "
+            f"{names}): it was saved from another model or optimizer. Nothing was loaded.")
+    return found[0]
+
+
+def _nested(flat: dict[str, Any]) -> dict[str, Any]:
+    """``{"block0.exp_avg": v}`` -> ``{"block0": {"exp_avg": v}}``: the nesting torch's flattening joined."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        *path, last = key.split(".")
+        node = out
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return out
+
+
+def for_flattening(sd: dict[str, Any]) -> dict[str, Any]:
+    """``sd`` (our torch form) with the JSON metadata moved from the first group into the state of that group's
+    first parameter, as one Python int of its UTF-8 bytes: torch's flattening writes every group key once per
+    parameter of the group (the JSON holds the block layout, ~26 bytes per parameter: quadratic, 2.4 MB at 300
+    parameters), a state value once; and a state value must be a tensor, int, float or dict (a tensor would
+    need the destination's length to load into). The dicts changed are copies."""
+    groups = sd.get("param_groups")
+    if not groups or FORMAT_KEY not in groups[0] or not groups[0].get("params"):
+        return sd  # nothing to move (a group without parameters is written by no parameter at all)
+    first = {k: v for k, v in groups[0].items() if k != FORMAT_KEY}
+    key = first["params"][0]
+    state = dict(sd.get("state", {}))
+    state[key] = {**state.get(key, {}), FORMAT_KEY: int.from_bytes(groups[0][FORMAT_KEY].encode(), "big")}
+    return {**sd, "state": state, "param_groups": [first, *groups[1:]]}
+
+
+def _metadata(opt: ShardedOptimizer, state: dict[str, Any]) -> str | None:
+    """The JSON :func:`for_flattening` put into ``state`` (taken out of it), if any."""
+    packed = state.pop(FORMAT_KEY, None)
+    if packed is None:
+        return None
+    if not isinstance(packed, int) or packed <= 0:
+        raise ValueError(f"{type(opt).__name__}.load_state_dict: the flattened optimizer state dict's '{FORMAT_KEY}' "
+                         f"state entry is a {type(packed).__name__}, not the int this version writes. Nothing was "
+                         "loaded.")
+    return packed.to_bytes((packed.bit_length() + 7) // 8, "big").decode()
+
+
+def unflattened(opt: ShardedOptimizer, flat: dict[str, Any], mapping: dict[Any, Any]) -> dict[str, Any]:
+    """Our torch form (``state`` keyed by parameter name, the groups as saved, with our metadata) from
+    torch's flattened dict (which may hold other optimizers' keys too: torchtitan's model parts share one)."""
+    names = {str(n) for p in opt._params for n in mapping.get(p, ())}
+    saved_groups, saved_state = _by_name(flat, "param_groups", names), _by_name(flat, "state", names)
+    state: dict[str, Any] = {}
+    groups: list[dict[str, Any]] = []
+    for group in opt.param_groups:
+        fqns = [_name_of(opt, saved_groups, mapping, p) for p in group["params"]]
+        state.update((n, _nested(saved_state.get(n, {}))) for n in fqns)
+        saved = saved_groups[fqns[0]] if fqns else {}  # (torch too reads the first parameter's)
+        groups.append({**{k: v for k, v in saved.items() if "." not in k}, "params": fqns})
+    meta = _metadata(opt, state[groups[0]["params"][0]]) if groups and groups[0]["params"] else None
+    if meta is not None:
+        groups[0][FORMAT_KEY] = meta
+    if not groups or FORMAT_KEY not in groups[0]:
+        raise ValueError(
+            f"{type(opt).__name__}.load_state_dict: the flattened optimizer state dict (StateDictOptions("
+            f"flatten_optimizer_state_dict=True)) has no '{FORMAT_KEY}' entry (in the state of the first group's "
+            "first parameter): it was not saved by a lightning_soaa optimizer (earlier versions refused this "
+            "option). Nothing was loaded.")
+    return {"state": {n: st for n, st in state.items() if st}, "param_groups": groups}
