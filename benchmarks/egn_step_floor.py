@@ -12,11 +12,22 @@ steps alternate in the same rounds (the machine is shared).
 ``floor``: the arithmetic that a float64 EGN step cannot avoid at this size, timed alone on buffers of the step's
 shapes: the lower triangle of SᵀKS (its GEMMs and element-wise products, ``ChainSystem.gram_lower``), its
 Cholesky factorization and the two triangular solves; the same in float32, and one float64 refinement sweep's
-operator product (``ChainOperator``), which a float32 factorization needs ~3 times to reach float64 accuracy.
+operator product (``ChainOperator``), which a float32 factorization needs ~2 times to reach float64 accuracy
+(``functional/egn._converged``; 3 before it).
 From these and the steps EGN takes against AdamW (``--steps-ratio``: the median of the JSON's digits runs), the
 lowest time-to-target ratio a step of that arithmetic alone could give.
 
+``routes`` (``--routes``): the float64 direct solve against the mixed-precision route that issue 14 proposes
+for this size (the Gram and its Cholesky in float32, refined to float64 accuracy with the exact float64
+operator, ``EGN._solve_system``'s route 2, taken here by lowering ``MIXED_MIN_SIZE`` for one of two optimizers
+on identical copies of the model), alternated step by step on the same batches: each route's step time, its
+refinement sweeps, the parameters' difference at the end, and the condition number of the systems (bλ-damped,
+so at most 1 + ‖SᵀKS‖/(bλ): it sets how fast the refinement converges). ``--model report`` takes the
+report's digits MLP 64-128-128-10 (``report_runs``, EGN-m's setting) as an ``nn.Sequential`` (the step plan)
+and adds a third arm, the report's own ``DigitsMLP`` (a LightningModule: the traced general path).
+
     python benchmarks/egn_step_floor.py [--steps 60] [--steps-ratio 0.62]
+    python benchmarks/egn_step_floor.py --routes [--model t2t|report] [--steps 60]
 
 (the package imported is the installed one: put a checkout first with PYTHONPATH=. to measure it)
 """
@@ -183,19 +194,119 @@ def floor(adamw_ms: float, steps_ratio: float) -> dict[str, float]:
     return out
 
 
+def _route_models(model: str) -> tuple[list[tuple[str, nn.Module]], dict[str, Any], Any]:
+    """The arms of :func:`routes` (label, model: identical initial functions), EGN's settings, a batch drawer."""
+    if model == "t2t":
+        xtr, ytr, _, _ = t2t.load("digits")
+        arms = [(label, t2t._mlp(64, 10, 0)) for label in ("float64 direct", "mixed (float32 + refinement)")]
+        perm = torch.randperm(len(ytr), generator=torch.Generator().manual_seed(1000))
+        batches = [(xtr[perm[i:i + 32]], ytr[perm[i:i + 32]]) for i in range(0, len(ytr) - 31, 32)]
+        drawn = iter(batches * 1000)  # (phases' batches, in turn)
+        return arms, {"loss": "cross_entropy", "lr": 1.5, "damping": 0.5, "line_search": True}, drawn.__next__
+    import copy
+
+    import report_runs as rr
+
+    w = rr.WORKLOADS["digits"]
+    xtr, ytr, _, _ = rr.data("digits", False)
+    own = rr.model_for("digits", 0)  # the report's DigitsMLP (64-128-128-10)
+    seq = nn.Sequential(*copy.deepcopy(list(own.body)), copy.deepcopy(own.head))  # the same layers and values
+    arms = [("float64 direct", seq), ("mixed (float32 + refinement)", copy.deepcopy(seq)),
+            ("report's DigitsMLP (general path)", own)]
+    settings = {"loss": "cross_entropy", "lr": 1.0, **rr.EGN_SETTINGS["EGN-m"]}
+    return arms, settings, rr.batches(w, xtr, ytr, 0)
+
+
+def _conditioning(settings: dict[str, Any], module: nn.Module, draw: Any, steps: int) -> list[float]:
+    """κ(SᵀKS + bλI) of the systems the float64 direct solve factors over ``steps`` steps (a fresh run)."""
+    from lightning_soaa import EGN
+    from lightning_soaa.optim import egn as egn_module
+
+    kappas: list[float] = []
+    direct = egn_module.EGN._direct_solve
+
+    def recorded(self: Any, base: torch.Tensor, r: torch.Tensor, st_kr: torch.Tensor, s: Any, b: int) -> Any:
+        low = base.tril()  # (the assembly fills the lower triangle and the diagonal blocks)
+        ev = torch.linalg.eigvalsh(low + low.tril(-1).T)
+        lam_b = b * self.damping
+        kappas.append(float((ev[-1] + lam_b) / (ev[0] + lam_b)))
+        return direct(self, base, r, st_kr, s, b)
+
+    opt = EGN(module, **settings)
+    egn_module.EGN._direct_solve = recorded  # type: ignore[method-assign]
+    try:
+        for _ in range(steps):
+            x, y = draw()
+            opt.step(inputs=x, targets=y)
+    finally:
+        egn_module.EGN._direct_solve = direct  # type: ignore[method-assign]
+    return kappas
+
+
+def routes(steps: int, model: str) -> dict[str, Any]:
+    """ms per step of each arm of :func:`_route_models` alternated in one process (the order rotated each
+    round), the mixed route's sweeps, the parameters' largest relative difference from the float64 arm."""
+    import copy
+
+    from lightning_soaa import EGN
+    from lightning_soaa.optim import egn as egn_module
+
+    torch.set_num_threads(1)
+    arms, settings, draw = _route_models(model)
+    fresh = copy.deepcopy(arms[0][1])
+    opts = [EGN(m, **settings) for _, m in arms]
+    size = {label: egn_module.MIXED_MIN_SIZE for label, _ in arms}
+    size["mixed (float32 + refinement)"] = 1  # route 2 at every size (bc' = 288 here)
+    times: dict[str, list[float]] = {label: [] for label, _ in arms}
+    sweeps: list[float] = []
+    kept = egn_module.MIXED_MIN_SIZE
+    try:
+        for k in range(steps + 5):
+            x, y = draw()
+            order = list(zip(arms, opts))
+            order = order[k % len(order):] + order[:k % len(order)]
+            for (label, _), opt in order:
+                egn_module.MIXED_MIN_SIZE = size[label]
+                c0 = time.thread_time()
+                opt.step(inputs=x, targets=y)
+                if k >= 5:  # (5 untimed: the plans, their buffers)
+                    times[label].append(time.thread_time() - c0)
+            sweeps.append(opts[1]._last.get("solve_refinements", float("nan")))
+    finally:
+        egn_module.MIXED_MIN_SIZE = kept
+    ref = [p.detach() for p in arms[0][1].parameters()]
+    out: dict[str, Any] = {f"{label} step (median ms)": 1e3 * statistics.median(t) for label, t in times.items()}
+    for label, m in arms[1:]:
+        out[f"{label} / float64 direct (median of per-round ratios)"] = statistics.median(
+            a / b for a, b in zip(times[label], times["float64 direct"]))
+        out[f"{label}: parameters' largest relative difference from float64 direct"] = max(
+            float((p.detach() - q).norm() / q.norm()) for p, q in zip(m.parameters(), ref))
+    out["mixed route's refinement sweeps (min, max)"] = [min(sweeps), max(sweeps)]
+    kappas = _conditioning(settings, fresh, _route_models(model)[2], min(steps, 30))
+    out["κ(SᵀKS + bλI) (min, median, max)"] = [min(kappas), statistics.median(kappas), max(kappas)]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=60, help="alternated EGN / AdamW steps timed")
     ap.add_argument("--steps-ratio", type=float, default=0.62,
                     help="EGN's steps to the digits target over AdamW's (bench_egn.json's median: 0.62)")
+    ap.add_argument("--routes", action="store_true", help="time the float64 direct solve against the mixed route")
+    ap.add_argument("--model", choices=("t2t", "report"), default="t2t",
+                    help="--routes' model: egn_time_to_target's digits MLP or the report's (64-128-128-10)")
     args = ap.parse_args()
-    per = phases(args.steps)
-    low = floor(per["fused AdamW training step (median)"], args.steps_ratio)
-    for title, table in (("phase (thread CPU ms per step)", per), ("floor (thread CPU ms)", low)):
+    if args.routes:
+        tables = {"routes (thread CPU ms per step, alternated)": routes(args.steps, args.model)}
+    else:
+        per = phases(args.steps)
+        low = floor(per["fused AdamW training step (median)"], args.steps_ratio)
+        tables = {"phase (thread CPU ms per step)": per, "floor (thread CPU ms)": low}
+    for title, table in tables.items():
         print(f"| {title} | value |\n|---|---|")
         for k, v in table.items():
-            print(f"| {k} | {v:.3f} |")
-    print(json.dumps({"phases": per, "floor": low}))
+            print(f"| {k} | {v if isinstance(v, list) else f'{v:.3f}'} |")
+    print(json.dumps(tables))
 
 
 if __name__ == "__main__":

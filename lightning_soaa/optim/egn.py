@@ -73,7 +73,9 @@ log = logging.getLogger(__name__)
 #: from this system size (bc, or b(c−1) for cross-entropy) on, a float64 system is assembled and
 #: Cholesky-factored in float32 and refined to float64 accuracy: below it the float64 factorization costs
 #: less than the refinement sweeps (measured, 1 thread, MLP factors: float64 / mixed 1.4 / 2.2 ms at 288,
-#: 4.2 / 3.4 ms at 432, 16 / 11 ms at 864; the refinement takes 3 sweeps of a float64 factor mat-vec).
+#: 4.2 / 3.4 ms at 432, 16 / 11 ms at 864, with 3 sweeps of a float64 factor mat-vec; with the 2 sweeps of
+#: functional/egn._converged the whole digits step at 288 is still 1.07x (64-32-32-10) / 1.01x (64-128-128-10)
+#: the float64 solve's: benchmarks/egn_step_floor.py --routes).
 MIXED_MIN_SIZE = 384
 
 #: systems with bc up to this size are solved from the whole K (K·r a dense mat-vec, SᵀKS one contraction):

@@ -91,6 +91,41 @@ def test_float32_factorization_with_refinement_meets_float64(loss: str) -> None:
     torch.testing.assert_close(sol.v, ref.v, rtol=1e-12, atol=1e-12)
 
 
+def _refined_and_direct(loss: str, damping: float) -> tuple[F.SolveResult, F.SolveResult]:
+    """The float32-factored, float64-refined solve of a bc = 520 system and the float64 direct one."""
+    b, c = 130, 4
+    layout, fac = _factors(b, c, seed=2)
+    y = fac.targets if loss == "cross_entropy" else torch.rand(b, c, generator=torch.Generator().manual_seed(3),
+                                                               dtype=DT)
+    r2, s = F.residual_and_factor(loss, fac.outputs, y)
+    r = r2.reshape(-1)
+    ref = F.solve_coefficients(assemble_gram(layout, fac), r, s, b, damping)
+    sp = fac if s is None else transform_factors(layout, fac, s)
+    base32 = assemble_gram(layout, factors_to(sp, torch.float32))
+    st_kr = F.apply_st(s, gram_matvec(layout, fac, r))
+    return F.solve_damped(base32, r, st_kr, s, b, damping, apply_base=lambda x: gram_matvec(layout, sp, x)), ref
+
+
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy", "bce"])
+def test_refinement_stops_at_the_error_its_measured_contraction_leaves(loss: str) -> None:
+    # well conditioned (λ = 0.05): each sweep shrinks the correction ~1e6-fold, so after the second the error
+    # left (~1e-6 of a ~1e-12 correction) is far below REFINE_TOL: 2 sweeps, where waiting for a correction
+    # below REFINE_TOL itself took 3; float64's accuracy all the same
+    sol, ref = _refined_and_direct(loss, 0.05)
+    assert sol.ok and sol.refinements == 2, sol.refinements
+    torch.testing.assert_close(sol.v, ref.v, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("damping", [1e-3, 1e-4, 1e-5])
+def test_a_slower_refinement_is_not_stopped_early(damping: float) -> None:
+    # worse conditioned: the corrections shrink by less than REFINE_RATE per sweep (at 1e-4 and 1e-5), so the
+    # error is not extrapolated from them: the sweeps go on to the float64 solve's accuracy (~κ·eps64)
+    sol, ref = _refined_and_direct("cross_entropy", damping)
+    assert sol.ok and sol.refinements >= 3
+    # (norm-wise: the float64 direct solve is itself ~1e-12 / 1e-11 off at 1e-4 / 1e-5)
+    assert float((sol.v - ref.v).norm()) <= 1e-10 * float(ref.v.norm())
+
+
 def test_refinement_that_cannot_reach_float64_says_so() -> None:
     # K of rank 4·… ≪ bc with λ = 1e-13: float32's Cholesky of K + bλI fails, the caller must re-solve
     layout, fac = _factors(130, 4, seed=4, scale=30.0)

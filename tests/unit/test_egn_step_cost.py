@@ -60,10 +60,11 @@ def test_a_single_process_step_of_a_larger_system_stays_within_its_operator_budg
 
 def test_a_single_process_step_of_a_mixed_precision_system_stays_within_its_operator_budget() -> None:
     """The digits MLP at b = 48 (bc' = 432: a float64 system from MIXED_MIN_SIZE on, below CG_MIN_SIZE: float32
-    lower triangle and Cholesky, refined in float64): at most 255 ATen calls and 14 host reads with one line-search
-    trial and three refinement sweeps, the float32 triangle assembled in the step plan's kept buffers
-    (ChainSystem.gram_lower_in: 249 calls; 339 when each step converted the factors and assembled it through
-    assemble_gram, the same bits)."""
+    lower triangle and Cholesky, refined in float64): at most 227 ATen calls and 13 host reads with one line-search
+    trial and two refinement sweeps, the float32 triangle assembled in the step plan's kept buffers
+    (ChainSystem.gram_lower_in: 221 calls; 339 when each step converted the factors and assembled it through
+    assemble_gram, the same bits; 249 and 14 reads with the third sweep the refinement took before it stopped
+    at the error its measured contraction leaves, functional/egn._converged)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 10))
     x, y = torch.randn(48, 64), torch.randint(0, 10, (48,))
@@ -71,6 +72,6 @@ def test_a_single_process_step_of_a_mixed_precision_system_stays_within_its_oper
     count = _counted_step(opt, x, y)
     st = opt.statistics()
     assert st["ls_tries"] <= 1.0 and st["solve_cg_iterations"] == 0.0
-    assert st["solve_refinements"] <= 3.0, st["solve_refinements"]
-    assert count.n <= 255, count.n
-    assert count.reads <= 14, count.reads
+    assert st["solve_refinements"] <= 2.0, st["solve_refinements"]
+    assert count.n <= 227, count.n
+    assert count.reads <= 13, count.reads
