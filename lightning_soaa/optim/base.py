@@ -707,7 +707,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 and not (callable(v) and callable(getattr(cls, k, None))) and k != "_opt_called"
                 and k not in ("_view_cache", "_step_counts", "_valid_groups", "_state_ids", "_state_ids_now",
                               "_hyper_digests", "stop_vote", "_world_at_build", "_storage_memo",
-                              "_step_addresses", "_fsdp_groups", "_amp_kept")}
+                              "_step_addresses", "_fsdp_groups", "_amp_kept", "_consolidated_mark")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         had_differentiable = "differentiable" in state["defaults"]
@@ -2824,6 +2824,23 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._consolidated = self._gather_full_state(to, placeholders=True)
         self._consolidated_at = self.num_steps + self.skipped_steps
         self._consolidated_to = to
+        self._consolidated_mark = self._state_mark()
+
+    def _state_mark(self) -> tuple[Any, ...]:
+        """This rank's owned block states as they are now: the state mapping's and each entry's identity, each
+        tensor's identity and in-place version, the other values. Read only (no entry is created)."""
+        out: list[Any] = [id(self.state)]
+        for b in self._owned:
+            st = self.state.get(self._params[b.param_index])
+            if st is not None and b.dim is not None:
+                st = st.get(b.sub_index)
+            if not st:
+                out.append((b.key, None))
+                continue
+            out.append((b.key, id(st), tuple(
+                (k, id(v), getattr(v, "_local_tensor", v)._version) if isinstance(v, Tensor) else (k, repr(v))
+                for k, v in st.items() if not isinstance(k, int))))
+        return tuple(out)
 
     def _check_same_instance(self) -> None:
         """Collective (W > 1, where the consolidation gathers): every rank consolidates this optimizer. A rank
@@ -2916,6 +2933,14 @@ class ShardedOptimizer(torch.optim.Optimizer):
                                "on every rank first (a collective), then state_dict() on the rank that saves "
                                "(consolidate_state_dict(to=None) where every rank calls state_dict(), e.g. "
                                "accelerate's prepare() and save_state()).")
+        mark = self.__dict__.get("_consolidated_mark")  # (absent in a copy: its tensors are other objects)
+        if mark is not None and mark != self._state_mark():
+            # no collective here: only this rank holds the copy, and the others may not call state_dict()
+            raise RuntimeError(
+                f"{type(self).__name__}.state_dict() on rank {self.comm.rank} of {self.comm.world_size}: the state "
+                "changed after consolidate_state_dict() (opt.state cleared or replaced, an entry deleted, or a state "
+                "tensor written in place), and the consolidated copy holds the state from before that change. Call "
+                "consolidate_state_dict() again on every rank, then state_dict().")
         # the groups as they are now: an lr set after consolidate_state_dict() is the one to save. Its own
         # ``state`` mappings (the tensors are shared): torch's get_optimizer_state_dict re-keys the dict it is
         # handed in place (parameter names for indices), which re-keyed the kept consolidation and so every
