@@ -504,6 +504,9 @@ class _EGNRecord(StepRecord):
     gtd_momentum: float = summed()
     # W > 1: the ranks whose conjugate gradients did not converge this step (every rank pauses them alike after it)
     cg_failed: float = summed()
+    # the ranks holding a momentum buffer (with momentum): none on any rank after steps with it is a restart
+    # (optimizer.state.clear()), whose count starts again as a fresh optimizer's (see EGN._restart_momentum)
+    holds_momentum: float = summed()
     direction: list[Tensor] = dataclasses.field(default_factory=list)  # owned blocks of d = Jᵀv
     # new momentum buffers (owned; None: a frozen parameter's, kept as it is)
     buffers: list[Tensor | None] = dataclasses.field(default_factory=list)
@@ -517,6 +520,7 @@ class _EGNDecision:
     buffers: list[Tensor | None]
     use_momentum: bool = False
     momentum_rejected: bool = False
+    momentum_restarted: bool = False  # no buffer on any rank: the count starts again at this step
     full: list[Tensor] = dataclasses.field(default_factory=list)  # the direction, every parameter
     w0: list[Tensor] = dataclasses.field(default_factory=list)  # the parameters before the step
     jd_qq: float = float("nan")
@@ -1402,6 +1406,7 @@ class EGN(ShardedOptimizer):
         """Onto ``rec``: the new momentum buffers of the owned blocks (``states``: their state dicts, ``directions``
         d and ``grads`` g = −Jᵀr/b: their blocks), the bias-corrected momentum directions and their partial gᵀd."""
         parts = []
+        rec.holds_momentum = float(any(st.get("momentum_buffer") is not None for st in states))
         news = self._momentum_buffers(states, directions, active, beta)
         scale = 1 - beta ** (self.momentum_steps + 1)
         dirs = iter(torch._foreach_div(news, scale) if news else ())
@@ -1530,6 +1535,9 @@ class EGN(ShardedOptimizer):
         if beta <= 0:
             return dec
         reduced.gtd_momentum /= scale  # (a power of two: exact)
+        if reduced.holds_momentum == 0 and self.momentum_steps > 0:
+            dec.momentum_restarted = True
+            self._restart_momentum(reduced, beta)
         if reduced.gtd_momentum < 0:
             dec.use_momentum, dec.gtd = True, reduced.gtd_momentum
             dec.direction = reduced.momentum_dirs
@@ -1538,6 +1546,19 @@ class EGN(ShardedOptimizer):
             log.info("EGN: momentum direction is not a descent direction (gᵀd=%.3e); plain step used",
                      reduced.gtd_momentum)
         return dec
+
+    def _restart_momentum(self, reduced: _EGNRecord, beta: float) -> None:
+        """The momentum direction of a step where no rank holds a momentum buffer after steps with momentum
+        (``optimizer.state.clear()``, or every parameter's ``del optimizer.state[p]``): the momentum vector
+        starts again, and its bias correction with it, as in a fresh optimizer: m/(1 − β), not m/(1 − β^(t+1))
+        (the count kept, its first step was (1 − β)/(1 − β^(t+1)) of a fresh EGN's: 0.52x at β = 0.5, t = 4).
+        Decided from the template's all-reduce, so alike on every rank. A buffer removed from some parameters
+        only keeps the count (one momentum vector, zero there: as a layer unfrozen later)."""
+        # each rank's partial gᵀm was divided by 1 − β^(t+1): the sum is rescaled (the owners' blocks, not rescaled,
+        # are made again as a fresh EGN makes them, bit for bit)
+        reduced.gtd_momentum *= (1 - beta ** (self.momentum_steps + 1)) / (1 - beta)
+        reduced.momentum_dirs = [d if m is None else m / (1 - beta)
+                                 for d, m in zip(reduced.momentum_dirs, reduced.buffers, strict=True)]
 
     def _apply(self, views: list[BlockView], decision: _EGNDecision) -> None:
         """Commit the owned state (momentum buffers), the counters and λ from ρ. w ← w + αd is already in
@@ -1561,7 +1582,7 @@ class EGN(ShardedOptimizer):
             for st, m_new in zip(states, decision.buffers):
                 if m_new is not None:
                     st["momentum_buffer"] = m_new
-            self.momentum_steps += 1
+            self.momentum_steps = 1 if decision.momentum_restarted else self.momentum_steps + 1
             self.momentum_rejections += int(decision.momentum_rejected)
         self.solve_fallbacks += sol.fallbacks
         rho = self._adapt_damping(b, f0, dtype, decision.gtd, decision.jd_qq, decision.alpha, decision.f_new)
