@@ -716,6 +716,10 @@ class StepVerdict:
     moved_ranks: list[int] = dataclasses.field(default_factory=list)
     #: the index of the first parameter changed in place on any rank (-1: none)
     moved_first: int = -1
+    #: whether ``moved_first`` was changed on some ranks only (their first changed indices differ): then it is
+    #: one that differs; else every rank changed it first, and the one that differs may be another (each row
+    #: holds one index)
+    moved_first_differs: bool = False
 
 
 def read_step_rows(rows: Tensor | Sequence[float], world: int, compare_grads: bool,
@@ -747,9 +751,11 @@ def read_step_rows(rows: Tensor | Sequence[float], world: int, compare_grads: bo
     # was then re-synced by a broadcast of p.data, which moves no version counter, would be refused for ever)
     whole_equal = digests and not params
     moved = [] if whole_equal else [r for r in range(world) if m[r][MOVED_SLOT] != m[0][MOVED_SLOT]]
-    firsts = [int(m[r][MOVED_FIRST_SLOT]) for r in range(world) if m[r][MOVED_FIRST_SLOT] > 0]
+    each_first = [int(m[r][MOVED_FIRST_SLOT]) for r in range(world)]  # 0: none changed on that rank
+    firsts = [f for f in each_first if f > 0]
     return StepVerdict(errors, hyper, grads, steps if len(set(steps)) > 1 else [], checks, params,
                        replicated=whole_equal and world > 1, gradless_ranks=gradless,
                        instance_ranks=instances,
                        error_flags=[m[r][ERROR_SLOT] for r in range(world)],
-                       moved_ranks=moved, moved_first=min(firsts) - 1 if firsts else -1)
+                       moved_ranks=moved, moved_first=min(firsts) - 1 if firsts else -1,
+                       moved_first_differs=len(set(each_first)) > 1)

@@ -1740,9 +1740,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
             return []
         held = self.__dict__.pop("_grads_held", 0)
         count = (len(self._compared_grads()) if self._compares_grads() else held if self._counts_grads() else 0)
-        # the replica check: due once after construction or load_state_dict (one read of the parameters);
-        # after an error nothing is read (the parameters may be unreadable, meta), and every rank raises anyway
-        check = self.__dict__.get("_replicas_unchecked", False) and self._checks_replicas()
+        # the replica check: due once after construction or load_state_dict (one read of the parameters), and at
+        # the step after a refused in-place change (W > 1 replicas with either grad_reduction); after an error
+        # nothing is read (the parameters may be unreadable, meta), and every rank raises anyway
+        check = ((self.__dict__.get("_replicas_unchecked", False) and self._checks_replicas())
+                 or (self.__dict__.get("_moved_recheck", False) and self._checks_moved()))
         digest = agreement.param_digest(self._params) if check and error is None else 0
         hyper = self._hyper_digest() if error is None else 0
         return agreement.step_row_values(self.comm.rank, self.comm.world_size, error=agreement.error_flag(error),
@@ -1884,19 +1886,44 @@ class ShardedOptimizer(torch.optim.Optimizer):
             raise error  # (a Ctrl+C stays one on its rank: the others raise an error naming that rank)
         raise raised from error
 
+    def _replicas_due(self) -> bool:
+        """Whether this step's replica check is the one due after construction or ``load_state_dict`` (not
+        only the one a refused in-place change forced): the same on every rank (the check flags are compared)."""
+        return bool(self.__dict__.get("_replicas_unchecked", False)) and self._checks_replicas()
+
+    def _moved_label(self, i: int) -> str:
+        return (repr(self._names[i]) if self._names[i] else f"#{i}") if 0 <= i < len(self._names) else "?"
+
     def _moved_error(self, verdict: agreement.StepVerdict) -> RuntimeError:
-        """The error of a step whose parameters were changed in place differently across ranks."""
-        i = verdict.moved_first
-        label = (repr(self._names[i]) if self._names[i] else f"#{i}") if 0 <= i < len(self._names) else "?"
+        """The error of a step whose parameters were changed in place differently across ranks. The next step
+        compares the whole parameters across ranks (the replica check): a retry after the ranks were made equal
+        again (a broadcast of ``p.data`` moves no version counter) is judged by their values. Raised on every
+        rank from the same verdict, so the next step's check is due on every rank (:meth:`_raise_disagreement`)."""
+        label = self._moved_label(verdict.moved_first)
+        which = (f"parameter {label} was changed in place since the last step, outside the optimizer, on some "
+                 f"ranks only (rank(s) {verdict.moved_ranks} differ from rank 0 in what was changed)"
+                 if verdict.moved_first_differs else
+                 f"parameters were changed in place since the last step, outside the optimizer, and on rank(s) "
+                 f"{verdict.moved_ranks} they now differ from rank 0's: parameter {label}, the first changed (on "
+                 "every rank), or one changed after it (which one differs is not known here)")
         return RuntimeError(
-            f"{type(self).__name__}.step: parameter {label} (and any other changed the same way) was changed in "
-            f"place since the last step, outside the optimizer, and on rank(s) {verdict.moved_ranks} it now differs "
-            "from rank 0's (or was changed on some ranks only). Each block is updated from its owner's copy and "
-            "sent to every rank, so the other ranks' changes would be dropped and the run would silently leave the "
+            f"{type(self).__name__}.step: {which}. Each block is updated from its owner's copy and sent to every "
+            "rank, so the other ranks' changes would be dropped and the run would silently leave the "
             "one-process run. Typical cause: nn.Embedding / nn.EmbeddingBag built with max_norm, whose forward "
             "renormalises the rows of this rank's own batch in place: build it without max_norm (renormalise the "
             "whole table after step(), the same way on every rank) or freeze it. Allowed: in-place changes of "
-            "parameters between steps that are the same on every rank. Nothing changed."
+            "parameters between steps that are the same on every rank. Nothing changed; the next step compares "
+            "the whole parameters across ranks, so it trains on once every rank holds the same values again "
+            "(e.g. torch.distributed.broadcast(p.data, src=0) for every parameter)."
+        )
+
+    def _resync_error(self, verdict: agreement.StepVerdict) -> RuntimeError:
+        """The error of the step after an in-place-change refusal whose whole parameters still differ."""
+        return RuntimeError(
+            f"{type(self).__name__}.step: the parameters on rank(s) {verdict.param_ranks} still differ from rank "
+            "0's after a step refused for a parameter changed in place on some ranks only. Make them equal on "
+            "every rank again (torch.distributed.broadcast(p.data, src=0) for every parameter, or load the same "
+            "weights on every rank) before stepping. Nothing changed."
         )
 
     def _raise_disagreement(self, verdict: agreement.StepVerdict, error: BaseException | None) -> None:
@@ -1926,6 +1953,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 f"count the replicated model {self.comm.world_size} times. Use shard=True (the default). "
                 "Nothing changed."
             )
+        if verdict.param_ranks and not self._checks_partitions() and not self._replicas_due():
+            self._moved_recheck = True  # (already: the check a refused in-place change forced, see _moved_error)
+            raise self._resync_error(verdict)
         if verdict.param_ranks and not self._checks_partitions():
             raise RuntimeError(
                 f"{name}.step: the parameters on rank(s) {verdict.param_ranks} differ from rank 0's at the "
@@ -1937,6 +1967,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 "DistributedDataParallel (it broadcasts at wrap) with grad_reduction='none'. Nothing changed."
             )
         if verdict.moved_ranks:  # after the replica check, which names the cure of a whole differing replica
+            # the next step compares the whole parameters (on every rank: the verdict is the same everywhere)
+            self._moved_recheck = True
             raise self._moved_error(verdict)
         if verdict.grad_ranks:
             # a step fused into the backward (a post-accumulate-grad hook) runs before DDP's all-reduce
@@ -2051,7 +2083,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                                                compare_grads=compare and reduced[0] == 0,
                                                count_grads=self._counts_grads())
             self._raise_disagreement(verdict, error)
-            self._replicas_unchecked = False  # compared (or not due): every rank alike
+            self._replicas_unchecked = self._moved_recheck = False  # compared (or not due): every rank alike
             self._moved_judged = True  # the in-place changes passed (read by _sharded_step's _note_versions)
             if verdict.gradless_ranks:
                 self._warn_gradless_ranks(verdict.gradless_ranks)

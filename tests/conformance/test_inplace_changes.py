@@ -63,7 +63,40 @@ def _run_change(spec: OptimizerSpec, rank: int, world: int, alike: bool) -> dict
             out["retry_error"] = None
         except RuntimeError as e:
             out["retry_error"] = str(e)
+        out["resynced"] = _resync_and_train(spec, model, opt, rank, world, average)
     return out
+
+
+def _run_alike_then_one_rank(spec: OptimizerSpec, rank: int, world: int) -> str | None:
+    """The first parameter clipped on every rank alike, the last changed on rank 1 only: the step's error."""
+    model, opt = make(spec)
+    average = world > 1 and spec.needs is not StepNeeds.BATCH
+    try:
+        for t in range(STEPS):
+            if t == CHANGED_AFTER + 1:
+                with torch.no_grad():
+                    next(model.parameters()).clamp_(-0.05, 0.05)
+                _change(model, rank, alike=False)
+            step(spec, model, opt, t, rank=rank, world=world, average=average)
+    except RuntimeError as e:
+        return str(e)
+    return None
+
+
+def _resync_and_train(spec: OptimizerSpec, model: nn.Module, opt: Any, rank: int, world: int,
+                      average: bool) -> dict[str, Any]:
+    """After the refusals: rank 0's parameters broadcast into every rank's ``p.data`` (no version counter moves:
+    the mark still says rank 1 changed the last one), then the refused step again and the rest of the run."""
+    import torch.distributed as dist
+
+    for p in model.parameters():
+        dist.broadcast(p.data, src=0)
+    try:
+        for t in range(CHANGED_AFTER + 1, STEPS):
+            step(spec, model, opt, t, rank=rank, world=world, average=average)
+    except RuntimeError as e:
+        return {"error": str(e)}
+    return {"error": None, "params": params(model)}
 
 
 class _Table(nn.Module):
@@ -101,6 +134,7 @@ def _worker(rank: int, world: int) -> dict[str, dict[str, Any]]:
     for spec in SPECS:
         out[spec.name] = {"one_rank": _run_change(spec, rank, world, alike=False),
                           "alike": _run_change(spec, rank, world, alike=True),
+                          "alike_then_one_rank": _run_alike_then_one_rank(spec, rank, world),
                           "max_norm": None if spec.first_arg is FirstArg.MODULE else _run_max_norm(spec, rank, world)}
     return out
 
@@ -120,9 +154,37 @@ def test_a_change_on_one_rank_is_refused_on_every_rank(spec: OptimizerSpec, laun
         assert repr(last) in got["error"], got["error"]
         assert got["steps"] == got["steps_before"]  # nothing counted, nothing written
         retry = got["retry_error"]  # (the change is still there: a mark moved by the refusal hid it)
-        assert retry is not None and "was changed in place since the last step" in retry, f"rank {rank}: {retry}"
+        assert retry is not None and "still differ from rank 0's" in retry and "rank(s) [1]" in retry, retry
         for a, b in zip(got["params"], got["before"], strict=True):
             assert torch.equal(a, b)
+
+
+@each_optimizer
+def test_a_parameter_changed_alike_is_not_named_as_the_one_that_differs(spec: OptimizerSpec,
+                                                                        launch: list[Any]) -> None:
+    """Each rank's row holds the first index it changed: where that is the same on every rank (a clip of the first
+    parameter everywhere, the last changed on rank 1 only) the refusal named the clipped one as differing."""
+    first = repr(next(iter(make(spec)[0].named_parameters()))[0])
+    for rank, res in enumerate(launch):
+        error = res[spec.name]["alike_then_one_rank"]
+        assert error is not None, f"rank {rank}: the change on rank 1 only was stepped"
+        assert "rank(s) [1]" in error and "which one differs is not known" in error, error
+        assert f"parameter {first}, the first changed (on every rank)" in error, error
+
+
+@each_optimizer
+def test_after_a_refusal_ranks_made_equal_again_train_as_one_process(spec: OptimizerSpec, launch: list[Any]) -> None:
+    """Under DDP (grad_reduction="none", no replica check due) a rank re-synced by broadcasting ``p.data`` was
+    refused for ever (its version counter had moved, rank 0's had not); the step after a refusal now compares
+    the whole parameters, on every rank alike, and trains on from the broadcast weights."""
+    model, opt = make(spec)
+    for t in range(STEPS):
+        step(spec, model, opt, t)
+    ref = params(model)
+    for rank, res in enumerate(launch):
+        got = res[spec.name]["one_rank"]["resynced"]
+        assert got["error"] is None, f"rank {rank}: {got['error']}"
+        assert_close(got["params"], ref, f"rank {rank} params")
 
 
 @each_optimizer
