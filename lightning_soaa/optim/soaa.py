@@ -564,13 +564,34 @@ class SOAA(ShardedOptimizer):
         super().zero_grad(set_to_none)
 
     def _grad_mark(self) -> _GradMark:
-        """What the first trainable parameter's gradient holds (O(1)): the tensor, weakly, and its version."""
+        """What the watched parameter's gradient holds (O(1)): the tensor, weakly, and its version. Watched: the
+        first trainable parameter that had a gradient at the last step (:meth:`_watch_stepped`), else the first
+        trainable one. A first parameter no loss reaches (another task's head) has no gradient to watch: a
+        skipped step's loss stayed pending through zero_grad, and a next step handed none was judged by it."""
+        watched = self._nth_param(self.__dict__.get("_watched", 0))
+        if watched is None or not watched.requires_grad:
+            watched = next((p for group in self.param_groups for p in group["params"] if p.requires_grad), None)
+        g = None if watched is None else watched.grad
+        return None if g is None else (weakref.ref(g), -1 if g.is_inference() else g._version)
+
+    def _nth_param(self, index: int) -> Tensor | None:
+        """The ``index``-th parameter over the param groups in order (None past the last)."""
+        for group in self.param_groups:
+            if index < len(group["params"]):
+                return group["params"][index]  # type: ignore[no-any-return]
+            index -= len(group["params"])
+        return None
+
+    def _watch_stepped(self) -> None:
+        """After a step: watch the first trainable parameter with a gradient (:meth:`_grad_mark`); O(1) where
+        the first one has a gradient."""
+        i = 0
         for group in self.param_groups:
             for p in group["params"]:
-                if p.requires_grad:
-                    g = p.grad
-                    return None if g is None else (weakref.ref(g), -1 if g.is_inference() else g._version)
-        return None
+                if p.requires_grad and p.grad is not None:
+                    self._watched = i
+                    return
+                i += 1
 
     def _grad_mark_moved(self) -> bool:
         """Whether a gradient was written since the pending loss was handed over: that gradient is there and
@@ -624,6 +645,7 @@ class SOAA(ShardedOptimizer):
             ran = self._sharded_step(local_error=error)
         finally:
             self._pending_loss, self._pending_plain = None, False  # a loss belongs to one step, whatever happened
+            self._watch_stepped()
         if ran and self.config.acceptance == "same_batch":
             try:
                 self._same_batch_check(closure)  # type: ignore[arg-type]

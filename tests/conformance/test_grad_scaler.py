@@ -27,8 +27,9 @@ import torch
 from torch import nn
 
 from lightning_soaa.registry import OptimizerSpec, StepNeeds, get, half_mse
-from tests.conformance._battery import SPECS, assert_identical, data, make, params, takes_kwarg, without_skips
+from tests.conformance._battery import SIZES, SPECS, assert_identical, data, make, params, takes_kwarg, without_skips
 from tests.harness.distributed import run_distributed
+from tests.harness.models import tiny_mlp
 
 LOSS_SPECS = [s for s in SPECS if s.needs is StepNeeds.LOSS]
 GRAD_SPECS = [s for s in SPECS if s.needs is not StepNeeds.BATCH]
@@ -50,7 +51,7 @@ def _iteration(opt: Any, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ord
         opt.zero_grad()
     (loss if scaler is None else scaler.scale(loss)).backward()
     if poison:
-        next(model.parameters()).grad.view(-1)[0] = float("inf")
+        next(p for p in model.parameters() if p.grad is not None).grad.view(-1)[0] = float("inf")
     if scaler is not None and order == "after_unscale":
         scaler.unscale_(opt)
     if hand and order == "after_unscale":
@@ -90,11 +91,30 @@ def test_a_loss_handed_over_for_a_skipped_step_is_dropped(spec: OptimizerSpec, o
     assert_identical(without_skips(opt.state_dict()), without_skips(ref.state_dict()))
 
 
+class _UnusedFirst(nn.Module):
+    """The battery's model behind a first parameter no loss reaches (a head of another task)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = nn.Linear(2, 2, dtype=torch.float64)
+        self.net = tiny_mlp(0, torch.float64, sizes=SIZES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+@pytest.mark.parametrize("first", ["used", "unused"])
 @pytest.mark.parametrize("spec", LOSS_SPECS, ids=[s.name for s in LOSS_SPECS])
-def test_a_step_handed_no_loss_after_a_skipped_step_is_refused(spec: OptimizerSpec) -> None:
+def test_a_step_handed_no_loss_after_a_skipped_step_is_refused(spec: OptimizerSpec, first: str) -> None:
     """The step after a skipped one, with no loss handed over for it: it was judged by the skipped batch's loss,
-    silently. It needs its own, as every step does: refused, nothing changed."""
-    model, opt = make(spec)
+    silently. It needs its own, as every step does: refused, nothing changed. ``unused``: the first parameter
+    has no gradient; zero_grad watched its gradient alone, kept the skipped batch's loss, and the step was
+    judged by it."""
+    if first == "used":
+        model, opt = make(spec)
+    else:
+        model = _UnusedFirst()
+        opt = spec.build(model, **spec.test_kwargs)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     for t in range(BAD + 1):
         _iteration(opt, model, *data(t), "zero_first", scaler, poison=t == BAD)
