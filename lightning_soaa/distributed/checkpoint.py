@@ -435,10 +435,29 @@ def _refuse_not_ours(name: str, sd: Any) -> NoReturn:
                 "rebuilds the state from its own keys, dropping this optimizer's metadata and global state. Save "
                 "and load with torch's set_optimizer_state_dict / set_state_dict (DCP: any world size, also "
                 "fully_shard on one rank), or without FSDP2 with consolidate_state_dict() and state_dict().")
+    if not ds_hint and _torch_flattened(sd):
+        hint = (" It is torch's flattened optimizer state dict (StateDictOptions(flatten_optimizer_state_dict=True),"
+                " one key per value): load it with torch's set_optimizer_state_dict(model, optimizer, state_dict, "
+                "options=StateDictOptions(flatten_optimizer_state_dict=True)) or set_state_dict, which rebuild it "
+                "by parameter name; the optimizer alone has no names to rebuild it by.")
     raise ValueError(
         f"{name}.load_state_dict: not a lightning_soaa optimizer state (expected keys 'state', "
-        f"'param_groups' and '{FORMAT_KEY}'; got {sorted(sd) if isinstance(sd, dict) else type(sd)})." + hint
+        f"'param_groups' and '{FORMAT_KEY}'; got {_shown_keys(sd) if isinstance(sd, dict) else type(sd)})." + hint
     )
+
+
+def _shown_keys(sd: dict[Any, Any], most: int = 12) -> str:
+    """The first ``most`` keys of ``sd``, sorted, and how many there are: a flattened state dict has one key
+    per value (megabytes of message for a large model)."""
+    keys = sorted(map(str, sd))
+    return str(keys) if len(keys) <= most else f"{keys[:most]} ... ({len(keys)} keys)"
+
+
+def _torch_flattened(sd: Any) -> bool:
+    """Whether ``sd`` has the shape of torch's flattened optimizer state dict: only ``state.<name>...`` and
+    ``param_groups.<name>...`` keys (torch's get_optimizer_state_dict with flatten_optimizer_state_dict=True)."""
+    return (isinstance(sd, dict) and bool(sd)
+            and all(isinstance(k, str) and k.startswith(("state.", "param_groups.")) for k in sd))
 
 
 def validate_state_dict(optimizer: CheckpointView, sd: Any, by_position: bool = True) -> None:

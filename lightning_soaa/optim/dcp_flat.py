@@ -17,11 +17,13 @@ So both ends take the dict itself:
 * save: under FSDP2 every option stays a key of its own in the saved groups
   (:func:`~lightning_soaa.optim.dcp_state.dcp_state_dict` ``keep_options``), as the live groups hold them,
   so torch's rebuild finds each (the unflattened form keeps some in the JSON only, for older checkpoints).
-  Over plain parameters our form holds them already.
+  Over plain parameters our form holds them already. The layout options every form leaves to the JSON
+  (ASGO's ``adamw_indices``, ``fused_parts``) :func:`for_flattening` writes back as keys.
 * load: torch calls ``load_state_dict`` with its lossy rebuild; :func:`flat_source` finds the flattened
   dict torch was given (its caller's frame, as for the save's option: torch hands the optimizer nothing
   else) and :func:`unflattened` rebuilds our torch form from it by this optimizer's parameter names:
-  every saved key of every block, and the groups as saved. The usual validation follows.
+  every saved key of every block, and the groups as saved (in this optimizer's order: the metadata is
+  looked for in every parameter's state). The usual validation follows.
 
 The JSON rides in the state of the first group's first parameter (:func:`for_flattening`): torch's
 flattening repeats every group key once per parameter. Where torch's code moves so that the frame is not
@@ -31,6 +33,7 @@ state").
 
 from __future__ import annotations
 
+import json
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -133,26 +136,43 @@ def for_flattening(sd: dict[str, Any]) -> dict[str, Any]:
     first parameter, as one Python int of its UTF-8 bytes: torch's flattening writes every group key once per
     parameter of the group (the JSON holds the block layout, ~26 bytes per parameter: quadratic, 2.4 MB at 300
     parameters), a state value once; and a state value must be a tensor, int, float or dict (a tensor would
-    need the destination's length to load into). The dicts changed are copies."""
+    need the destination's length to load into). The dicts changed are copies.
+
+    The layout options the groups leave to the metadata (``_meta_options``: ASGO's ``adamw_indices``,
+    ``fused_parts``) become keys again, with the values of its record: torch's rebuild reads every key a live
+    group holds (a bare ``KeyError`` inside torch else, for a checkpoint already written); the load puts the
+    record's values back over them anyway (:func:`~lightning_soaa.distributed.checkpoint.restored_groups`)."""
     groups = sd.get("param_groups")
     if not groups or FORMAT_KEY not in groups[0] or not groups[0].get("params"):
         return sd  # nothing to move (a group without parameters is written by no parameter at all)
-    first = {k: v for k, v in groups[0].items() if k != FORMAT_KEY}
-    key = first["params"][0]
+    text = groups[0][FORMAT_KEY]
+    options = json.loads(text).get("group_options") or [{} for _ in groups]
+    out = [{**kept, **{k: v for k, v in g.items() if k != FORMAT_KEY}} for g, kept in zip(groups, options, strict=True)]
+    key = out[0]["params"][0]
     state = dict(sd.get("state", {}))
-    state[key] = {**state.get(key, {}), FORMAT_KEY: int.from_bytes(groups[0][FORMAT_KEY].encode(), "big")}
-    return {**sd, "state": state, "param_groups": [first, *groups[1:]]}
+    state[key] = {**state.get(key, {}), FORMAT_KEY: int.from_bytes(text.encode(), "big")}
+    return {**sd, "state": state, "param_groups": out}
 
 
-def _metadata(opt: ShardedOptimizer, state: dict[str, Any]) -> str | None:
-    """The JSON :func:`for_flattening` put into ``state`` (taken out of it), if any."""
-    packed = state.pop(FORMAT_KEY, None)
-    if packed is None:
+def _metadata(opt: ShardedOptimizer, state: dict[str, dict[str, Any]]) -> str | None:
+    """The JSON :func:`for_flattening` put into the state of a parameter of ``opt`` (taken out of it), if any.
+    Looked for in every parameter's state, not only the first group's first: with the groups in another
+    order the usual validation names the difference; with two optimizers' entries the parameters were split
+    among optimizers otherwise when saved (pipeline stages), which no optimizer here can continue."""
+    name = type(opt).__name__
+    holders = [n for n, st in state.items() if FORMAT_KEY in st]
+    if len(holders) > 1:
+        raise ValueError(
+            f"{name}.load_state_dict: the flattened optimizer state dict holds the '{FORMAT_KEY}' entries of "
+            f"{len(holders)} optimizers among this optimizer's parameters (in the states of {holders}): it was "
+            "saved with these parameters split among several optimizers (e.g. other pipeline stages, torchtitan's "
+            "model parts). Load it with the split it was saved with. Nothing was loaded.")
+    if not holders:
         return None
+    packed = state[holders[0]].pop(FORMAT_KEY)
     if not isinstance(packed, int) or packed <= 0:
-        raise ValueError(f"{type(opt).__name__}.load_state_dict: the flattened optimizer state dict's '{FORMAT_KEY}' "
-                         f"state entry is a {type(packed).__name__}, not the int this version writes. Nothing was "
-                         "loaded.")
+        raise ValueError(f"{name}.load_state_dict: the flattened optimizer state dict's '{FORMAT_KEY}' state entry "
+                         f"is a {type(packed).__name__}, not the int this version writes. Nothing was loaded.")
     return packed.to_bytes((packed.bit_length() + 7) // 8, "big").decode()
 
 
@@ -168,13 +188,13 @@ def unflattened(opt: ShardedOptimizer, flat: dict[str, Any], mapping: dict[Any, 
         state.update((n, _nested(saved_state.get(n, {}))) for n in fqns)
         saved = saved_groups[fqns[0]] if fqns else {}  # (torch too reads the first parameter's)
         groups.append({**{k: v for k, v in saved.items() if "." not in k}, "params": fqns})
-    meta = _metadata(opt, state[groups[0]["params"][0]]) if groups and groups[0]["params"] else None
-    if meta is not None:
-        groups[0][FORMAT_KEY] = meta
-    if not groups or FORMAT_KEY not in groups[0]:
+    meta = _metadata(opt, state)
+    if meta is None or not groups:
         raise ValueError(
             f"{type(opt).__name__}.load_state_dict: the flattened optimizer state dict (StateDictOptions("
-            f"flatten_optimizer_state_dict=True)) has no '{FORMAT_KEY}' entry (in the state of the first group's "
-            "first parameter): it was not saved by a lightning_soaa optimizer (earlier versions refused this "
-            "option). Nothing was loaded.")
+            f"flatten_optimizer_state_dict=True)) has no '{FORMAT_KEY}' entry in the state of this optimizer's "
+            "parameters: it was not saved by a lightning_soaa optimizer (earlier versions refused this option), "
+            "or saved with these parameters split among optimizers otherwise (e.g. other pipeline stages). "
+            "Nothing was loaded.")
+    groups[0][FORMAT_KEY] = meta
     return {"state": {n: st for n, st in state.items() if st}, "param_groups": groups}

@@ -108,3 +108,132 @@ def test_a_flattened_dict_without_our_metadata_is_refused_and_loads_nothing(spec
         set_optimizer_state_dict(model2, fresh, sd, options=_flat())
     assert fresh.num_steps == 0
     assert_identical(fresh.state_dict(), before)
+
+
+def _asgo_with_adamw_indices(model: nn.Module) -> Any:
+    from lightning_soaa import ASGO
+
+    return ASGO([{"params": list(model.named_parameters()), "adamw_indices": [0]}], lr=5e-2, root_every=2)
+
+
+def _asgo_with_a_frozen_fused_matrix(model: nn.Module) -> Any:
+    from lightning_soaa import ASGO
+
+    model.qkv.weight.requires_grad_(False)  # its group records fused_parts (stepped as 3 parts once it trains)
+    return ASGO(model.named_parameters(), fused={"qkv.weight": 3}, lr=5e-2, root_every=2)
+
+
+@pytest.mark.parametrize("build", [_asgo_with_adamw_indices, _asgo_with_a_frozen_fused_matrix],
+                         ids=["adamw_indices", "fused_parts"])
+def test_asgo_groups_with_options_kept_in_the_metadata_round_trip(build: Any) -> None:
+    """ASGO's adamw_indices and fused_parts (``_meta_options``) live in the param group but are saved in the
+    JSON metadata only. torch's rebuild of a flattened dict reads every live group key under the group's
+    first parameter before the optimizer sees it: it raised a bare ``KeyError:
+    'param_groups.inp.weight.adamw_indices'`` inside torch, for a checkpoint the save had written. Now the
+    keys are written too, and the run resumes exactly."""
+    import torch
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    from tests.harness.models import QKVNet, batch
+
+    def steps(model: nn.Module, opt: Any, ts: range) -> None:
+        for t in ts:
+            x, y = batch(t, 0)
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+
+    torch.manual_seed(0)
+    model = QKVNet(True).to(torch.float64)
+    opt = build(model)
+    steps(model, opt, range(STEPS))
+    sd = get_optimizer_state_dict(model, opt, options=_flat())
+    model2 = QKVNet(True).to(torch.float64)
+    model2.load_state_dict(model.state_dict())
+    opt2 = build(model2)
+    set_optimizer_state_dict(model2, opt2, sd, options=_flat())
+    assert opt2.num_steps == STEPS
+    steps(model, opt, range(STEPS, STEPS + 2))
+    steps(model2, opt2, range(STEPS, STEPS + 2))
+    assert_identical(params(model2), params(model))
+
+
+@each_optimizer
+def test_a_flattened_dict_handed_to_load_state_dict_names_torchs_loader(spec: OptimizerSpec) -> None:
+    """torch's flattened dict given to ``opt.load_state_dict`` itself (not through set_optimizer_state_dict):
+    refused naming torch's loader that rebuilds it by parameter name, with a bounded key list. Before, the
+    message listed every key of the dict (one per value: megabytes for a large model) and gave no hint."""
+    (model, opt), = _parts(spec)[:1]
+    step(spec, model, opt, 0)
+    sd = _merged([(model, opt)])
+    (_, fresh), = _parts(spec)[:1]
+    with pytest.raises(ValueError, match=r"flattened optimizer state dict.*set_optimizer_state_dict\(model") as err:
+        fresh.load_state_dict(sd)
+    assert f"({len(sd)} keys)" in str(err.value) and len(str(err.value)) < 2000
+    assert fresh.num_steps == 0
+
+
+def _two_groups(cls_name: str, model: nn.Module, swapped: bool) -> Any:
+    """Two groups of one equal-shaped matrix each, with their own lr; ``swapped``: built in the other order."""
+    import lightning_soaa
+
+    (na, a), (nb, b) = model.named_parameters()
+    groups = [{"params": [(na, a)], "lr": 1e-2}, {"params": [(nb, b)], "lr": 3e-2}]
+    return getattr(lightning_soaa, cls_name)(groups[::-1] if swapped else groups, lr=1e-2)
+
+
+@pytest.mark.parametrize("cls_name", ["ShardedAdamW", "ASGO"])
+def test_groups_built_in_another_order_resume_by_parameter_name(cls_name: str) -> None:
+    """The destination's param groups in the other order than saved (torch's flattened form keys every value
+    by parameter name): each parameter resumes with its own state and its group's lr, as uninterrupted.
+    Before, the metadata was looked for only under the destination's first parameter and the load was
+    refused as "not saved by a lightning_soaa optimizer"."""
+    import torch
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    def model() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 8, bias=False), nn.Tanh(), nn.Linear(8, 8, bias=False)).double()
+
+    def steps(m: nn.Module, opt: Any, n: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(n):
+            opt.zero_grad()
+            m(torch.randn(4, 8, generator=g, dtype=torch.float64)).pow(2).mean().backward()
+            opt.step()
+
+    m = model()
+    opt = _two_groups(cls_name, m, False)
+    steps(m, opt, STEPS, 0)
+    sd = get_optimizer_state_dict(m, opt, options=_flat())
+    m2 = model()
+    m2.load_state_dict(m.state_dict())
+    opt2 = _two_groups(cls_name, m2, True)
+    set_optimizer_state_dict(m2, opt2, sd, options=_flat())
+    assert [g["lr"] for g in opt2.param_groups] == [3e-2, 1e-2]
+    steps(m, opt, 2, 1)
+    steps(m2, opt2, 2, 1)
+    assert_identical(params(m2), params(m))
+
+
+def test_parameters_saved_by_two_optimizers_loaded_into_one_is_refused_naming_the_split() -> None:
+    """Pipeline stages merged (two optimizers saved into one flattened dict, one optimizer over all the
+    parameters loads it): refused naming the split, nothing loaded. Before: "the state of 'layers.6.weight'
+    has key(s) ['lightning_soaa'], which are neither per-block entries ..."."""
+    import torch
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    from lightning_soaa import ShardedAdamW
+
+    model = tiny_mlp(0, torch.float64)
+    opts = [ShardedAdamW(model[:2].parameters(), lr=1e-2), ShardedAdamW(model[2:].parameters(), lr=1e-2)]
+    model(torch.ones(2, 6, dtype=torch.float64)).sum().backward()
+    for opt in opts:
+        opt.step()
+    sd = get_optimizer_state_dict(model, opts, options=_flat())
+    model2 = tiny_mlp(0, torch.float64)
+    fresh = ShardedAdamW(model2.parameters(), lr=1e-2)
+    before = copy.deepcopy(fresh.state_dict())
+    with pytest.raises(ValueError, match=r"entries of 2 optimizers.*split among several optimizers"):
+        set_optimizer_state_dict(model2, fresh, sd, options=_flat())
+    assert_identical(fresh.state_dict(), before)
