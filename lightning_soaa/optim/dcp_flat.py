@@ -156,9 +156,10 @@ def for_flattening(sd: dict[str, Any]) -> dict[str, Any]:
 
 def _metadata(opt: ShardedOptimizer, state: dict[str, dict[str, Any]]) -> str | None:
     """The JSON :func:`for_flattening` put into the state of a parameter of ``opt`` (taken out of it), if any.
-    Looked for in every parameter's state, not only the first group's first: with the groups in another
-    order the usual validation names the difference; with two optimizers' entries the parameters were split
-    among optimizers otherwise when saved (pipeline stages), which no optimizer here can continue."""
+    Looked for in every parameter's state, not only the first group's first: groups built in another order
+    than saved hold it under another parameter (the load maps the state by name); two optimizers' entries
+    mean the parameters were split among optimizers otherwise when saved (pipeline stages merged), which
+    no optimizer here can continue."""
     name = type(opt).__name__
     holders = [n for n, st in state.items() if FORMAT_KEY in st]
     if len(holders) > 1:
