@@ -125,6 +125,44 @@ def test_a_step_handed_no_loss_after_a_skipped_step_is_refused(spec: OptimizerSp
     assert_identical(opt.state_dict(), before[1])
 
 
+class _TwoTasks(nn.Module):
+    """Two of the battery's models, one per task; each batch's loss reaches one of them only (``task``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.nets = nn.ModuleList(tiny_mlp(s, torch.float64, sizes=SIZES) for s in range(2))
+        self.task = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.nets[self.task](x)
+
+
+@pytest.mark.parametrize("case", ["first_batch", "watched_unreached"])
+@pytest.mark.parametrize("spec", LOSS_SPECS, ids=[s.name for s in LOSS_SPECS])
+def test_a_skipped_step_whose_loss_misses_the_watched_parameter_drops_its_loss(spec: OptimizerSpec,
+                                                                               case: str) -> None:
+    """The skipped batch's loss reached no gradient zero_grad watched: ``first_batch``, the scaler skips the very
+    first batch (a float16 run's first scale overflows) of a model whose first parameter no loss reaches;
+    ``watched_unreached``, the step before trained through the first parameter (task 0) and the skipped batch
+    (task 1) reached only parameters after it. Its loss stayed pending through zero_grad and the next step, handed
+    none, was judged by it: refused instead, nothing changed."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    if case == "first_batch":
+        model: nn.Module = _UnusedFirst()
+        opt = spec.build(model, **spec.test_kwargs)
+    else:
+        model = _TwoTasks()
+        opt = spec.build(model, **spec.test_kwargs)
+        _iteration(opt, model, *data(0), "zero_first", scaler)
+        model.task = 1
+    _iteration(opt, model, *data(1), "zero_first", scaler, poison=True)
+    before = (params(model), opt.state_dict())
+    with pytest.raises(ValueError, match="loss"):
+        _iteration(opt, model, *data(2), "zero_first", scaler, hand=False)
+    assert_identical(params(model), before[0], "params")
+    assert_identical(opt.state_dict(), before[1])
+
+
 # ---------------------------------------------------------------------------------------- W = 2
 def _w_ddp_skip(rank: int, world: int, names: list[str], bad: bool) -> dict[str, Any]:
     """DDP over two ranks, GradScaler, each optimizer in turn (set_loss for those that take the loss); at step
