@@ -2859,9 +2859,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._consolidated_mark = self._state_mark()
 
     def _state_mark(self) -> tuple[Any, ...]:
-        """This rank's owned block states as they are now: the state mapping's and each entry's identity, each
-        tensor's identity and in-place version, the other values. Read only (no entry is created)."""
-        out: list[Any] = [id(self.state)]
+        """This rank's state as it is now: the state mapping's identity and each of its entries' (every parameter's,
+        those of blocks other ranks own too: a reset of such a parameter on every rank deletes or replaces its
+        entry here), and for the owned blocks each tensor's identity and in-place version and the other values.
+        Read only (no entry is created)."""
+        out: list[Any] = []
         for b in self._owned:
             st = self.state.get(self._params[b.param_index])
             if st is not None and b.dim is not None:
@@ -2872,7 +2874,15 @@ class ShardedOptimizer(torch.optim.Optimizer):
             out.append((b.key, id(st), tuple(
                 (k, id(v), getattr(v, "_local_tensor", v)._version) if isinstance(v, Tensor) else (k, repr(v))
                 for k, v in st.items() if not isinstance(k, int))))
-        return tuple(out)
+        return id(self.state), {id(p): id(v) for p, v in self.state.items()}, tuple(out)
+
+    def _state_changed(self, mark: tuple[Any, ...]) -> bool:
+        """Whether this rank's state changed since ``mark`` (:meth:`_state_mark`). An entry created since is no
+        change (reading ``opt.state[p]`` creates an empty one); one deleted or replaced is. A change made on
+        another rank only is not seen here (no collective: the other ranks may not call state_dict())."""
+        state_id, entries, owned = self._state_mark()
+        return (state_id != mark[0] or owned != mark[2]
+                or any(entries.get(key) != entry for key, entry in mark[1].items()))
 
     def _check_same_instance(self) -> None:
         """Collective (W > 1, where the consolidation gathers): every rank consolidates this optimizer. A rank
@@ -2966,13 +2976,13 @@ class ShardedOptimizer(torch.optim.Optimizer):
                                "(consolidate_state_dict(to=None) where every rank calls state_dict(), e.g. "
                                "accelerate's prepare() and save_state()).")
         mark = self.__dict__.get("_consolidated_mark")  # (absent in a copy: its tensors are other objects)
-        if mark is not None and mark != self._state_mark():
+        if mark is not None and self._state_changed(mark):
             # no collective here: only this rank holds the copy, and the others may not call state_dict()
             raise RuntimeError(
                 f"{type(self).__name__}.state_dict() on rank {self.comm.rank} of {self.comm.world_size}: the state "
-                "changed after consolidate_state_dict() (opt.state cleared or replaced, an entry deleted, or a state "
-                "tensor written in place), and the consolidated copy holds the state from before that change. Call "
-                "consolidate_state_dict() again on every rank, then state_dict().")
+                "changed after consolidate_state_dict() (opt.state cleared or replaced, an entry deleted or replaced, "
+                "or a state tensor written in place), and the consolidated copy holds the state from before that "
+                "change. Call consolidate_state_dict() again on every rank, then state_dict().")
         # the groups as they are now: an lr set after consolidate_state_dict() is the one to save. Its own
         # ``state`` mappings (the tensors are shared): torch's get_optimizer_state_dict re-keys the dict it is
         # handed in place (parameter names for indices), which re-keyed the kept consolidation and so every

@@ -4,8 +4,8 @@ be saved from the consolidated copy.
 At W = 2, ``consolidate_state_dict()``, then ``opt.state.clear()`` (a reset), then ``state_dict()`` returned the
 moments from before the reset (every block non-zero, where one process returns the cleared state: none), so a
 checkpoint taken after a reset resumed from the state the run had dropped, silently. ``state_dict()`` now refuses a
-copy whose rank's state changed since (cleared, an entry deleted, a tensor written in place), naming the remedy;
-consolidating again gives the changed state.
+copy whose rank's state changed since (cleared, an entry deleted or replaced, also that of a parameter the rank
+holds no block of, a tensor written in place), naming the remedy; consolidating again gives the changed state.
 """
 
 from __future__ import annotations
@@ -69,3 +69,38 @@ def test_a_state_changed_after_consolidation_is_not_saved_from_the_stale_copy(tm
                 assert "the state changed after consolidate_state_dict()" in got[case], (r, spec.name, case, got)
                 assert "Call consolidate_state_dict() again on every rank" in got[case], (r, spec.name, case, got)
             assert got["after"] == 0, (r, spec.name, got)  # the cleared state, as one process saves it
+
+
+def _reset_elsewhere(rank: int, world: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for spec in REGISTRY:
+        model, opt = make(spec)
+        average = spec.needs is not StepNeeds.BATCH
+        for t in range(2):
+            step(spec, model, opt, t, rank=rank, world=world, average=average)
+        # a parameter none of whose blocks rank 0 holds (every rank computes the same one)
+        pi = next(i for i in range(len(opt._params))
+                  if all(b.owner != 0 for b in opt.block_table.blocks if b.param_index == i))
+        opt.consolidate_state_dict(to=0)
+        before = _of_param(opt.state_dict(), pi) if rank == 0 else None
+        del opt.state[opt._params[pi]]  # every rank resets that parameter's state (a re-initialised layer)
+        got = _error(opt.state_dict) if rank == 0 else None
+        opt.consolidate_state_dict(to=0)  # again: the state as it is now
+        after = _of_param(opt.state_dict(), pi) if rank == 0 else None
+        out[spec.name] = {"before": before, "got": got, "after": after}
+    return out
+
+
+def _of_param(sd: dict[str, Any], pi: int) -> int:
+    """The non-zero blocks of parameter ``pi`` in ``sd``."""
+    return _nonzero_blocks({"state": {k: v for k, v in sd["state"].items() if k == pi}})
+
+
+def test_a_reset_of_state_the_saving_rank_does_not_hold_is_not_saved_from_the_stale_copy(tmp_path: Path) -> None:
+    # every rank deletes the state of a parameter rank 0 holds no block of: rank 0's own blocks are unchanged, and
+    # its state_dict() saved that parameter's moments from before the reset, where one process saves none
+    res = run_distributed(_reset_elsewhere, 2, tmp_path, timeout=200)[0]
+    for spec in REGISTRY:
+        got = res[spec.name]
+        assert got["before"] > 0 and got["after"] == 0, (spec.name, got)
+        assert "the state changed after consolidate_state_dict()" in got["got"], (spec.name, got)
