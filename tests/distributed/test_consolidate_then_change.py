@@ -37,13 +37,18 @@ def _nonzero_blocks(sd: dict[str, Any]) -> int:
                for per in sd["state"].values() for blk in per.values())
 
 
+def _trained(spec: Any, rank: int, world: int) -> Any:
+    """The battery's optimizer for ``spec`` after two steps at ``world`` ranks (its state non-zero)."""
+    model, opt = make(spec)
+    for t in range(2):
+        step(spec, model, opt, t, rank=rank, world=world, average=spec.needs is not StepNeeds.BATCH)
+    return opt
+
+
 def _changes(rank: int, world: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for spec in REGISTRY:
-        model, opt = make(spec)
-        average = spec.needs is not StepNeeds.BATCH
-        for t in range(2):
-            step(spec, model, opt, t, rank=rank, world=world, average=average)
+        opt = _trained(spec, rank, world)
         opt.consolidate_state_dict(to=None)
         twice = [_nonzero_blocks(copy.deepcopy(opt.state_dict())) for _ in range(2)]  # unchanged: both current
         owned = opt.block_state(next(iter(opt.block_table.owned())))  # every rank owns blocks of this model
@@ -74,10 +79,7 @@ def test_a_state_changed_after_consolidation_is_not_saved_from_the_stale_copy(tm
 def _reset_elsewhere(rank: int, world: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for spec in REGISTRY:
-        model, opt = make(spec)
-        average = spec.needs is not StepNeeds.BATCH
-        for t in range(2):
-            step(spec, model, opt, t, rank=rank, world=world, average=average)
+        opt = _trained(spec, rank, world)
         # a parameter none of whose blocks rank 0 holds (every rank computes the same one)
         pi = next(i for i in range(len(opt._params))
                   if all(b.owner != 0 for b in opt.block_table.blocks if b.param_index == i))
