@@ -16,6 +16,7 @@ __all__ = [
     "check_range",
     "check_choice",
     "check_int",
+    "check_max_grad_norm",
     "AdamWConfig",
     "ShardingConfig",
     "config_from_group",
@@ -161,6 +162,13 @@ class ShardingConfig:
         check_choice("grad_reduction", self.grad_reduction, ("none", "mean"))
 
 
+def check_max_grad_norm(value: Any) -> None:
+    """``max_grad_norm``: None (no clipping) or a finite number > 0 (see :mod:`lightning_soaa.optim.grad_clip`)."""
+    if value is not None:
+        check_range("max_grad_norm", value, 0.0, lo_inclusive=False,
+                    why="the bound on the global gradient norm the update reads; None clips nothing")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AdamWConfig:
     """AdamW (decoupled weight decay), the fallback for non-matrix parameters in ASGO."""
@@ -169,6 +177,7 @@ class AdamWConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 1e-2
+    max_grad_norm: float | None = None
 
     def __post_init__(self) -> None:
         check_range("lr", self.lr, 0.0)
@@ -176,6 +185,7 @@ class AdamWConfig:
         # > 0: a coordinate whose gradient has been 0 so far is 0 / (0 + eps), NaN at eps = 0
         check_range("eps", self.eps, EPS_FLOOR, why=EPS_WHY)
         check_range("weight_decay", self.weight_decay, 0.0)
+        check_max_grad_norm(self.max_grad_norm)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -306,8 +316,10 @@ class SOAAConfig:
     expand: float = 2.0
     d_min: float = 1e-3
     compile: bool | None = None
+    max_grad_norm: float | None = None
 
     def __post_init__(self) -> None:
+        check_max_grad_norm(self.max_grad_norm)
         check_range("lr", self.lr, 0.0)
         check_betas("betas", self.betas)
         if self.compile is not None and not isinstance(self.compile, bool):
@@ -364,8 +376,10 @@ class ASGOConfig:
     adam_eps: float = 1e-8
     adam_weight_decay: float = 0.0
     nesterov: bool = True
+    max_grad_norm: float | None = None
 
     def __post_init__(self) -> None:
+        check_max_grad_norm(self.max_grad_norm)
         check_range("lr", self.lr, 0.0)
         check_betas("betas", self.betas)
         check_range("weight_decay", self.weight_decay, 0.0)
@@ -427,8 +441,10 @@ class DASGOConfig:
     adam_betas: tuple[float, float] = (0.9, 0.95)
     adam_eps: float = 1e-8
     adam_weight_decay: float = 0.0
+    max_grad_norm: float | None = None
 
     def __post_init__(self) -> None:
+        check_max_grad_norm(self.max_grad_norm)
         check_range("lr", self.lr, 0.0)
         check_betas("betas", self.betas)
         check_range("weight_decay", self.weight_decay, 0.0)

@@ -89,6 +89,9 @@ class ShardedAdamW(ShardedOptimizer):
             None: about 8 blocks per rank, at least ``2**18`` elements each, see
             :meth:`ShardedOptimizer._auto_block_numel`). The result does not depend on it beyond
             rounding; a checkpoint loads with any value (its state is re-cut).
+        max_grad_norm: clip the gradient the update reads (after ``grad_reduction="mean"`` averages it) by its
+            global norm over all parameters, as torch's ``clip_grad_norm_`` (default None: no clipping); see
+            :mod:`lightning_soaa.optim.grad_clip`.
         process_group, comm, shard, grad_reduction: see :class:`ShardedOptimizer`.
 
     References:
@@ -104,14 +107,16 @@ class ShardedAdamW(ShardedOptimizer):
         weight_decay: float = 1e-2,
         *,
         max_block_numel: int | None = None,
+        max_grad_norm: float | None = None,
         process_group: Any = None,
         comm: Any = None,
         shard: bool = True,
         grad_reduction: str = "none",
     ) -> None:
-        self.config = cfg = AdamWConfig(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        self.config = cfg = AdamWConfig(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                        max_grad_norm=max_grad_norm)
         defaults = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
-                        max_block_numel=max_block_numel)
+                        max_block_numel=max_block_numel, max_grad_norm=cfg.max_grad_norm)
         super().__init__(params, defaults, process_group=process_group, comm=comm, shard=shard,
                          grad_reduction=grad_reduction)
 

@@ -1143,6 +1143,9 @@ class ASGO(_OneSided):
             trained with, on every load path (:attr:`absent_key_values`). Under torch's name: the group key
             ``nesterov``, which the other optimizers refuse when truthy.
         adam_betas, adam_eps, adam_weight_decay: the AdamW fallback (defaults (0.9, 0.95), 1e-8, 0.0).
+        max_grad_norm: clip the gradient the update reads (after ``grad_reduction="mean"`` averages it) by its
+            global norm over all parameters, as torch's ``clip_grad_norm_`` (default None: no clipping); see
+            :mod:`lightning_soaa.optim.grad_clip`.
         process_group, comm, shard, grad_reduction: see :class:`~lightning_soaa.optim.base.ShardedOptimizer`.
 
     References:
@@ -1211,6 +1214,7 @@ class ASGO(_OneSided):
         row_parts: int = 1,
         fused: dict[str, int] | None = None,
         nesterov: bool = True,
+        max_grad_norm: float | None = None,
         process_group: Any = None,
         comm: Any = None,
         shard: bool = True,
@@ -1225,7 +1229,7 @@ class ASGO(_OneSided):
             damping=damping, inverse_root=inverse_root, root_iters=root_iters, root_floor=root_floor,
             root_every=root_every, max_block_size=max_block_size, adam_betas=_pair(adam_betas), adam_eps=adam_eps,
             adam_weight_decay=adam_weight_decay, root_tol=root_tol, root_max_every=root_max_every,
-            batch_dims=batch_dims, row_parts=row_parts, nesterov=nesterov,
+            batch_dims=batch_dims, row_parts=row_parts, nesterov=nesterov, max_grad_norm=max_grad_norm,
         )
         self._roots_computed = 0  # roots this rank computed since construction (statistics)
         # of those, iterative roots that left the iteration's bound and were recomputed by an
@@ -1914,6 +1918,9 @@ class DASGO(_OneSided):
         adam_betas, adam_eps, adam_weight_decay: the AdamW fallback (defaults (0.9, 0.95), 1e-8, 0.0).
         max_block_numel: largest block, in elements (default ``2**18``; a param-group option too).
             Checkpoints need the same value (the layout is checked on load).
+        max_grad_norm: clip the gradient the update reads (after ``grad_reduction="mean"`` averages it) by its
+            global norm over all parameters, as torch's ``clip_grad_norm_`` (default None: no clipping); see
+            :mod:`lightning_soaa.optim.grad_clip`.
         process_group, comm, shard, grad_reduction: see :class:`~lightning_soaa.optim.base.ShardedOptimizer`.
 
     References:
@@ -1941,6 +1948,7 @@ class DASGO(_OneSided):
         adam_weight_decay: float = 0.0,
         *,
         max_block_numel: int = ShardedOptimizer.default_max_block_numel,
+        max_grad_norm: float | None = None,
         process_group: Any = None,
         comm: Any = None,
         shard: bool = True,
@@ -1948,7 +1956,8 @@ class DASGO(_OneSided):
     ) -> None:
         self.config = cfg = DASGOConfig(lr=lr, betas=_pair(betas), weight_decay=weight_decay,
                                         rms_scale=rms_scale, eps=eps, adam_betas=_pair(adam_betas),
-                                        adam_eps=adam_eps, adam_weight_decay=adam_weight_decay)
+                                        adam_eps=adam_eps, adam_weight_decay=adam_weight_decay,
+                                        max_grad_norm=max_grad_norm)
         defaults = dict(vars(cfg))
         defaults["max_block_numel"] = max_block_numel
         defaults["use_asgo"] = None

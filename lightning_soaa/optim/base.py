@@ -134,10 +134,11 @@ from lightning_soaa.distributed.state_gather import gather_block_states
 from lightning_soaa.distributed.stop_vote import StopVote, in_handler_checkpoint_signal
 from lightning_soaa.functional.adamw import increment_counts_
 from lightning_soaa.kernels.raw import cell_values, value_cells
-from lightning_soaa.optim import dcp_flat
+from lightning_soaa.optim import dcp_flat, grad_clip
 from lightning_soaa.optim import dcp_state as dcp
 from lightning_soaa.optim.construction import collective_construction, failed_row
 from lightning_soaa.optim.dcp_plain import handed_out, without_placeholders
+from lightning_soaa.optim.lightning_clip import routed_clip
 from lightning_soaa.optim.param_checks import (
     DisjointStorage,
     Signature,
@@ -800,6 +801,65 @@ class ShardedOptimizer(torch.optim.Optimizer):
             if written and self.__dict__.get("_held_error") is not None:
                 self._grads_partly = [repr(self._names[i]) if self._names[i] else f"#{i}" for i in sorted(set(written))]
         return None
+
+    def _clips_replicas(self) -> bool:
+        """Whether every rank holds the whole gradient the update reads (one process, or ``"none"`` over replicas:
+        DDP's average): the clip's norm is then this rank's own, with no collective."""
+        return self.comm.world_size == 1 or (self.sharding.grad_reduction == "none" and self.sharding.shard
+                                             and self._dtensor is None)
+
+    def _clip_grads(self, views: list[BlockView], error: BaseException | None) -> BaseException | None:
+        """``max_grad_norm`` (:mod:`~lightning_soaa.optim.grad_clip`): scale the gradient the update reads by
+        torch's clip factor of its global norm, after the ``"mean"`` exchange wrote the averages and before
+        ``_prepare`` reads them (where every rank holds the whole gradient, before the step's exchange and a
+        planned step). Under ``"mean"`` at W > 1 the owned blocks' gradients are scaled (what the update reads),
+        elsewhere every local gradient (so that the ranks' compared gradients stay equal). Where the ranks
+        hold parts of the gradient (``"mean"``, FSDP2 shards, ``shard=False`` partitions) their Σ‖g‖² are summed
+        in one more all-reduce (:meth:`_clip_meeting`), made where any group sets the option. Returns the error
+        held for the step's record (this rank's, or one raised here)."""
+        routed = self.__dict__.get("_routed_clip")  # Lightning's gradient_clip_val (lightning_clip.py)
+        if not self._steps_gradients or (routed is None
+                                         and all(g.get("max_grad_norm") is None for g in self.param_groups)):
+            return error
+        replicas = self._clips_replicas()
+        owned = [(v.grad, v.counted) for v in views if v.grad is not None]
+        every = [g for g in (local(p.grad) for p in self._params) if g is not None]
+        targets = every if replicas or self.sharding.grad_reduction == "none" else [g for g, _ in owned]
+        counted = [g for g, c in owned if c]
+        partial, max_norm = 0.0, None
+        if error is None:
+            try:
+                max_norm = grad_clip.clip_value(self.param_groups) if routed is None else routed
+                partial = grad_clip.grad_sq(targets if replicas else counted)
+            except Exception as e:  # held: every rank raises it together at the record
+                error = e
+        total = partial if replicas else self._clip_meeting(partial, error)
+        if error is None and total is not None and max_norm is not None:
+            factor = grad_clip.clip_factor(max_norm, total)
+            if factor is not None:
+                grad_clip.scale_grads_(targets, factor)
+        return error
+
+    def _clip_meeting(self, partial: float, error: BaseException | None) -> float | None:
+        """The clip's all-reduce: Σ‖g‖² over ranks (None where a rank failed: the record raises on every rank).
+        It has the record's size and this rank's step row (error, hyperparameters, steps, instance id), so a rank
+        whose groups leave the option unset, in the record's all-reduce, reads the same table: both take one
+        verdict and raise together (the hyperparameters differ), as do ranks stepping optimizers out of order."""
+        try:
+            hyper = self._hyper_digest()
+        except Exception:  # noqa: BLE001 - this rank's error flag is set; the record raises it on every rank
+            hyper = 0
+        row = agreement.step_row_values(self.comm.rank, self.comm.world_size, error=agreement.error_flag(error),
+                                        hyper=hyper, grad_sq=0.0, grad_count=0,
+                                        steps=self.num_steps + self.skipped_steps,
+                                        instance=self.__dict__.get("_instance_id", 0))
+        head = [partial] + [0.0] * (agreement.RECORD_SLOTS - 1)
+        got = self.comm.all_reduce_scalars(torch.tensor(head + row + [0.0], dtype=torch.float64)).tolist()
+        verdict = agreement.read_step_rows(got[agreement.RECORD_SLOTS:-1], self.comm.world_size,
+                                           compare_grads=False)
+        if verdict.instance_ranks or verdict.step_counts or verdict.check_ranks or verdict.hyper_ranks:
+            self._raise_disagreement(verdict, error)
+        return None if verdict.error_ranks else got[0]
 
     def _counts_grads(self) -> bool:
         """Whether the step's agreement rows carry each rank's number of parameters with a gradient
@@ -1653,11 +1713,25 @@ class ShardedOptimizer(torch.optim.Optimizer):
         """Perform one optimizer step (collective when W > 1: every rank must call it)."""
         loss, error = None, None
         try:
-            loss = self._run_closure(closure)
+            loss = self._run_step_closure(closure)
         except Exception as e:
             error = e
         self._sharded_step(local_error=error)
         return loss
+
+    def _run_step_closure(self, closure: Callable[[], Any] | None) -> Any:
+        """:meth:`_run_closure` for the step, with Lightning's ``gradient_clip_val`` taken over where it would clip
+        each rank's own gradient (:mod:`~lightning_soaa.optim.lightning_clip`); the step then applies it."""
+        with routed_clip(self, closure) as routed:
+            loss = self._run_closure(closure)
+        if routed:
+            self._routed_clip = routed[0]  # (read by this step's _clip_grads; dropped when the step ends)
+        return loss
+
+    def _routes_lightning_clip(self) -> bool:
+        """Whether Lightning's ``gradient_clip_val`` is applied by this step (:mod:`lightning_clip`): where the
+        step averages the ranks' gradients (``"mean"`` at W > 1, as :attr:`_step_supports_amp_scaling` reads it)."""
+        return self._steps_gradients and self._step_supports_amp_scaling
 
     @property
     def _step_supports_amp_scaling(self) -> bool:
@@ -2159,6 +2233,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             raise
         finally:
             self.__dict__.pop("_held_out", None)  # (a skipped or failed step: its gather's buffers go)
+            self.__dict__.pop("_routed_clip", None)  # (Lightning's clip value belongs to this step alone)
             # only a step whose verdict passed (or the first) moves the mark: a refused step changed nothing, and
             # marked, its retry saw no change and silently kept the owners' copies of what the ranks changed apart
             if self.__dict__.pop("_moved_judged", False) or self.__dict__.get("_param_versions") is None:
@@ -2173,6 +2248,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
             self._check_before_exchange(unscaled)
         except Exception as e:
             local_error = local_error or e
+        if self._clips_replicas():  # the whole gradient is here: clipped before a subclass's planned step reads it
+            local_error = self._clip_grads([], local_error)
         if local_error is None and self._planned_step():
             return True
         try:  # meta tensors, sparse gradients, changed parameters: held like any other local error
@@ -2197,6 +2274,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
             views = self._owned_views() if local_error is None else []
         except Exception as e:
             local_error = e
+        if not self._clips_replicas():  # the ranks hold parts of it: summed over ranks, after the exchange
+            local_error = self._clip_grads(views, local_error)
         try:
             reduced = self._reduce_record(views, local_error)
         except BaseException as e:  # (each rank raises its own class where all failed alike: any class; Ctrl+C)

@@ -988,6 +988,10 @@ class EGN(ShardedOptimizer):
             check_range("weight_decay", group.get("weight_decay", 0.0), 0.0, 0.0)
         except ValueError as e:
             raise ValueError(f"{e} EGN has no weight decay (add an L2 term to the loss to regularise).") from None
+        if group.get("max_grad_norm") is not None:  # the other optimizers' option: EGN never reads p.grad
+            raise ValueError(f"Invalid max_grad_norm={group['max_grad_norm']!r} in EGN's param group. EGN builds its "
+                             "step from the model and the batch, never from the gradients, so there is nothing to "
+                             "clip: bound its step with lr, damping or line_search=True.")
         # EGN reads only lr and momentum from its group (a scheduler's keys); an option of its constructor
         # written there was ignored without a word (a callback annealing damping that way did nothing)
         ignored = sorted(k for k in group if k in _CONSTRUCTOR_ONLY)

@@ -325,6 +325,9 @@ class SOAA(ShardedOptimizer):
             blocks the Triton kernels do not take go the eager foreach path, not ``torch.compile`` (its
             passes measured 5-10x slower than foreach on an H200). ``False``: eager everywhere. A
             compiler failure falls back to the next path with one warning.
+        max_grad_norm: clip the gradient the update reads (after ``grad_reduction="mean"`` averages it) by its
+            global norm over all parameters, as torch's ``clip_grad_norm_`` (default None: no clipping); see
+            :mod:`lightning_soaa.optim.grad_clip`.
         process_group, comm, shard, grad_reduction: see :class:`ShardedOptimizer`.
 
     The loss: ``step(closure)`` (evaluated under ``enable_grad``), ``step(loss=...)`` (tensor or
@@ -369,6 +372,7 @@ class SOAA(ShardedOptimizer):
         d_min: float = 1e-3,
         foreach: bool | None = None,
         compile: bool | None = None,
+        max_grad_norm: float | None = None,
         process_group: Any = None,
         comm: Any = None,
         shard: bool = True,
@@ -381,7 +385,7 @@ class SOAA(ShardedOptimizer):
             weight_decay=weight_decay, gamma=gamma, band_schedule=band_schedule, total_steps=total_steps,
             acceptance=acceptance, rho_smoothing=rho_smoothing, trust_warmup=trust_warmup,
             eta1=eta1, eta2=eta2, shrink=shrink, expand=expand, d_min=d_min,
-            compile=compile,
+            compile=compile, max_grad_norm=max_grad_norm,
         )
         if self.config.band_schedule == "paper" and self.config.total_steps is None:
             # the paper's band narrows over T steps; without T it is the final band from step 1, which
@@ -393,7 +397,7 @@ class SOAA(ShardedOptimizer):
                         "lightning_soaa.lightning.stepping.estimated_optimizer_steps(trainer)) for the paper's "
                         "schedule.")
         defaults = dict(lr=self.config.lr, betas=tuple(self.config.betas), eps=self.config.eps,
-                        weight_decay=self.config.weight_decay)
+                        weight_decay=self.config.weight_decay, max_grad_norm=self.config.max_grad_norm)
         self._reset_trust_state()
         # the trust region's β1 (its loss EMA) and ε: the constructor's, or on a resume the checkpoint's, as
         # the per-group betas and eps are (a resume with other constructor betas stepped 3e-3 off the
@@ -611,7 +615,7 @@ class SOAA(ShardedOptimizer):
         calls_before = self._set_loss_calls
         ret, error = None, None
         try:  # an error here (a bad loss on one rank) is raised on every rank after the all-reduce
-            ret = self._run_closure(closure)
+            ret = self._run_step_closure(closure)
             if ret is None and self.config.acceptance == "same_batch" and self._has_gradients():
                 # its re-evaluation would return None too: every trial rejected, nothing trained, silently
                 raise ValueError(SAME_BATCH_NONE_MESSAGE)
