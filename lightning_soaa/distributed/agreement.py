@@ -67,6 +67,8 @@ __all__ = [
     "group_values",
     "first_group_difference",
     "first_global_difference",
+    "presence_digest",
+    "first_presence_difference",
     "grad_digest",
     "grad_sq_tensor",
     "grad_sq_exact",
@@ -266,6 +268,25 @@ GRAD_LOG_ATOL = 1e-5
 _LOG_FLOOR = 2.0 ** -1022
 
 _MASK48 = (1 << 48) - 1  # 48-bit digests are exact in float64 (53-bit mantissa)
+
+
+def presence_digest(present: Sequence[bool]) -> int:
+    """A 48-bit digest of which parameters have a gradient (0 where none is listed: nothing to compare)."""
+    if not present:
+        return 0
+    return int.from_bytes(hashlib.blake2b(bytes(present), digest_size=6).digest(), "big") & _MASK48
+
+
+def first_presence_difference(by_rank: Sequence[Sequence[bool] | None], names: Sequence[str]) -> str:
+    """The first parameter that has a gradient on some ranks and not on others (ranks that sent None left
+    out), as a sentence; empty when every rank's pattern is the same."""
+    sent = [(r, p) for r, p in enumerate(by_rank) if p is not None]
+    for i, name in enumerate(names):
+        with_grad = [r for r, p in sent if i < len(p) and p[i]]
+        if with_grad and len(with_grad) < len(sent):
+            without = [r for r, _ in sent if r not in with_grad]
+            return f"parameter {name!r} has a gradient on rank(s) {with_grad} and none on rank(s) {without}"
+    return ""
 
 
 def canonical(value: Any) -> str:

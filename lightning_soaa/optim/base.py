@@ -1820,7 +1820,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         check = ((self.__dict__.get("_replicas_unchecked", False) and self._checks_replicas())
                  or (self.__dict__.get("_moved_recheck", False) and self._checks_moved()))
         digest = agreement.param_digest(self._params) if check and error is None else 0
-        hyper = self._hyper_digest() if error is None else 0
+        # under FSDP2 which DTensor parameters have a gradient joins the digest: a rank without one skips that
+        # shard, and ASGO/DASGO's mesh sums (over the blocks with a gradient) then had other sizes on other ranks
+        hyper = self._hyper_digest() ^ agreement.presence_digest(self._dtensor_grad_presence()) if error is None else 0
         return agreement.step_row_values(self.comm.rank, self.comm.world_size, error=agreement.error_flag(error),
                                          hyper=hyper, grad_sq=grad[0], grad_count=count,
                                          steps=self.num_steps + self.skipped_steps, replica_check=check,
@@ -1923,8 +1925,38 @@ class ShardedOptimizer(torch.optim.Optimizer):
             "optimizers in the same order. Nothing changed."
         )
 
+    def _dtensor_grad_presence(self) -> list[bool]:
+        """Under FSDP2 (W > 1), whether each DTensor parameter has a gradient on this rank, in parameter order
+        (empty otherwise). A pattern that differs across ranks comes from a module whose forward ran on some ranks
+        only (a data-dependent branch: FSDP2 then pairs its reduce-scatter with another module's on the other
+        ranks, mixing their gradients) or from ``p.grad = None`` set on some ranks."""
+        if self._dtensor is None or self.comm.world_size == 1 or not self._steps_gradients:
+            return []
+        return [p.grad is not None for i, p in enumerate(self._params) if self._dtensor.is_dtensor(i)]
+
+    def _presence_error(self, name: str, by_rank: list[Any]) -> RuntimeError | None:
+        """The refusal of DTensor gradients present on some ranks only (``by_rank``: every rank's
+        :meth:`_dtensor_grad_presence`), or None where every rank's is the same."""
+        names = [self._names[i] or f"#{i}" for i in range(len(self._params)) if self._dtensor is not None
+                 and self._dtensor.is_dtensor(i)]
+        detail = agreement.first_presence_difference(by_rank, names)
+        if not detail:
+            return None
+        return RuntimeError(
+            f"{name}.step: {detail}. Each rank holds a shard of it: a step would update some shards and not "
+            "others, and ASGO/DASGO's sums over the mesh would not match. Where a fully_shard module's forward ran "
+            "on some ranks only (a data-dependent branch), FSDP2 paired its gradient reduce-scatter with another "
+            "module's on the other ranks and mixed their gradients: run every such module on every rank (add 0 * "
+            "an unused branch's output to the loss). A .grad set to None by hand: on every rank or on none. "
+            "Nothing changed."
+        )
+
     def _hyper_error(self, name: str, ranks: list[int]) -> RuntimeError:
         """The error for hyperparameters that differ across ranks (every rank calls it: a collective)."""
+        presence = self._gather_detail(self._dtensor_grad_presence)  # (folded into the same digest: see above)
+        differs = self._presence_error(name, presence)
+        if differs is not None:
+            return differs
         # before the first step a conversion rebuilt on some ranks only joins this digest (the step
         # counts agree, so every rank adds the same hint)
         converted = ("; or, before the first step, the model was converted or moved (model.double(), "

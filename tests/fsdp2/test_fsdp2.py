@@ -27,10 +27,13 @@ from typing import Any
 
 import pytest
 import torch
+from torch import nn
 
 import lightning_soaa.functional.asgo as asgo_functional
+from lightning_soaa import SOAA
 from tests.fsdp2 import _workers as W
 from tests.harness.distributed import run_distributed
+from tests.harness.models import loss_fn, tiny_mlp
 
 ATOL = 1e-10
 
@@ -459,3 +462,90 @@ def test_a_flattened_optimizer_state_dict_resumes_at_another_world_size(tmp_path
         for name, *_ in W.CASES:  # torch's _init_optim_state did not step the fresh optimizer
             assert res[name]["fresh"] == {"num_steps": 0, "state": 0}, (name, r, res[name]["fresh"])
             assert res[name]["resumed_at"] == W.CKPT_AT, (name, r)
+
+
+def _gradient_on_some_ranks(rank: int, world_size: int) -> dict[str, Any]:
+    """Each optimizer: one step, then a step whose middle weight has no gradient on rank 0 only (set to None
+    there by hand), then a step with every gradient."""
+    out: dict[str, Any] = {}
+    for name, cls, kw, sizes in W.CASES:
+        model = W.sharded_model(sizes, W.make_mesh(world_size, False))
+        opt = cls(model.named_parameters(), **kw)
+        W.train_step(model, opt, *W.local_batch(0, sizes, rank, world_size))
+        before = [p.to_local().clone() for p in model.parameters()]  # type: ignore[operator]
+        opt.zero_grad()
+        loss = loss_fn(model, *W.local_batch(1, sizes, rank, world_size))
+        loss.backward()
+        if rank == 0:
+            model[2].weight.grad = None
+        if isinstance(opt, SOAA):
+            opt.set_loss(loss)
+        try:
+            opt.step()
+            said = ""
+        except RuntimeError as e:
+            said = str(e)
+        unchanged = all(torch.equal(b, p.to_local()) for b, p in zip(before, model.parameters()))  # type: ignore[operator]
+        W.train_step(model, opt, *W.local_batch(1, sizes, rank, world_size))
+        out[name] = {"said": said, "unchanged": unchanged, "steps": opt.num_steps}
+    return out
+
+
+class _Branches(nn.Module):
+    """A shared trunk and two heads of one shape: rank 0's batch takes ``b``, rank 1's takes ``c``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = tiny_mlp(sizes=(3, 5)), tiny_mlp(1, sizes=(5, 9)), tiny_mlp(2, sizes=(5, 9))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        return self.b(h) if float(x.sum()) > 0 else self.c(h)
+
+
+def _branch_on_some_ranks(rank: int, world_size: int) -> dict[str, Any]:
+    """Each head ``fully_shard``ed, used on one rank only: FSDP2 pairs rank 0's reduce-scatter of b's gradient
+    with rank 1's of c's (same sizes) and writes their mixture into b's shard on rank 0 and c's on rank 1."""
+    from torch.distributed.fsdp import fully_shard
+
+    out: dict[str, Any] = {}
+    for name, cls, kw, _ in W.CASES[1:4]:  # ShardedAdamW, DASGO, ASGO
+        model, mesh = _Branches(), W.make_mesh(world_size, False)
+        for sub in (model.a, model.b, model.c):
+            fully_shard(sub, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        opt = cls(model.named_parameters(), **kw)
+        x, y = W.local_batch(0, (3, 9), rank, world_size)
+        before = [p.to_local().clone() for p in model.parameters()]  # type: ignore[operator]
+        try:
+            W.train_step(model, opt, x.abs() if rank == 0 else -x.abs(), y)
+            out[name] = {"said": ""}
+        except RuntimeError as e:
+            out[name] = {"said": str(e)}
+        out[name]["unchanged"] = all(torch.equal(b, p.to_local()) for b, p in zip(before, model.parameters()))  # type: ignore[operator]
+    return out
+
+
+def test_a_dtensor_gradient_on_some_ranks_only_is_refused_on_every_rank(tmp_path: Path) -> None:
+    """A DTensor parameter with a gradient on rank 1 and none on rank 0 (``p.grad = None`` there): ASGO and DASGO
+    met in mesh sums of different sizes (gloo aborted rank 0 with 'op.preamble.length <= op.nbytes. 32 vs 24';
+    NCCL would hang or sum garbage), SOAA and ShardedAdamW stepped rank 1's shard and not rank 0's. Now every rank
+    refuses the step naming the parameter, nothing changed, and the next step runs."""
+    for r, res in enumerate(run_distributed(_gradient_on_some_ranks, 2, tmp_path, timeout=240)):
+        for name, *_ in W.CASES:
+            got = res[name]
+            assert "parameter '2.weight' has a gradient on rank(s) [1] and none on rank(s) [0]" in got["said"], (
+                name, r, got)
+            assert got["unchanged"] and got["steps"] == 2, (name, r, got)
+
+
+def test_a_fully_shard_branch_run_on_some_ranks_only_is_refused_on_every_rank(tmp_path: Path) -> None:
+    """Two heads of one shape, each taken by one rank's batch: FSDP2 met rank 0's reduce-scatter of head b with
+    rank 1's of head c and wrote their mixture as both gradients, and every optimizer stepped on it silently
+    (ASGO/DASGO's mesh sums had equal sizes, so they summed b's statistics with c's). Refused, nothing changed."""
+    for r, res in enumerate(run_distributed(_branch_on_some_ranks, 2, tmp_path, timeout=180)):
+        for name, *_ in W.CASES[1:4]:
+            got = res[name]
+            assert "parameter 'b.0.weight' has a gradient on rank(s) [0] and none on rank(s) [1]" in got["said"], (
+                name, r, got)
+            assert "a data-dependent branch" in got["said"] and got["unchanged"], (name, r, got)
