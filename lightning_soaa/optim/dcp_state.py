@@ -114,6 +114,13 @@ _DCP_FLAT_OPTIONS: dict[str, frozenset[str]] = {
 _JSON_SCALARS = (int, float, str, bool, type(None))
 
 
+#: Options added after the DCP form began to keep its options in the metadata (``group_options``), with the
+#: value every earlier version ran: a checkpoint of the older form, which lacks them, loaded into an optimizer
+#: built with that value loses nothing, so :func:`_warn_options_unread` does not name them (another value is
+#: named: the resumed run then differs from the saved one on purpose or by mistake).
+_ADDED_SINCE: dict[str, Any] = {"max_grad_norm": None}
+
+
 def _json_options(opt: ShardedOptimizer) -> set[str]:
     """The group options of ``opt`` saved in the JSON metadata (see :data:`_DCP_FLAT_OPTIONS`; a subclass
     has its base's flat ones, an optimizer without an entry none). Keys that are not its options (a
@@ -561,8 +568,13 @@ def _warn_options_unread(opt: ShardedOptimizer, groups: list[dict[str, Any]]) ->
     (:func:`options_unread`), and the values kept: the run continues with them, which a run that set other
     values must know. The blocking options are left out: the block layout, saved beside, checks them."""
     moved = _json_options(opt) - set(opt._block_option_keys()) - set(opt.absent_key_values)
-    kept = [f"param_groups[{i}]: " + ", ".join(f"{k}={g[k]!r}" for k in sorted(moved & set(g)))
-            for i, g in enumerate(groups) if moved & set(g)]
+
+    def said(g: dict[str, Any]) -> list[str]:
+        # an option no version of that form had, kept at the value those versions ran, changes nothing
+        return sorted(k for k in moved & set(g) if k not in _ADDED_SINCE or g[k] != _ADDED_SINCE[k])
+
+    kept = [f"param_groups[{i}]: " + ", ".join(f"{k}={g[k]!r}" for k in said(g))
+            for i, g in enumerate(groups) if said(g)]
     # the options that version did not have at all load as it ran (loaded_groups' absent values)
     absent = ", ".join(f"{k}={v!r}" for k, v in sorted(opt.absent_key_values.items()))
     if kept:
