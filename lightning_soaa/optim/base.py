@@ -708,7 +708,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 and not (callable(v) and callable(getattr(cls, k, None))) and k != "_opt_called"
                 and k not in ("_view_cache", "_step_counts", "_valid_groups", "_state_ids", "_state_ids_now",
                               "_hyper_digests", "stop_vote", "_world_at_build", "_storage_memo",
-                              "_step_addresses", "_fsdp_groups", "_amp_kept", "_consolidated_mark")}
+                              "_step_addresses", "_fsdp_groups", "_amp_kept", "_clip_kept", "_consolidated_mark")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         had_differentiable = "differentiable" in state["defaults"]
@@ -818,6 +818,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         in one more all-reduce (:meth:`_clip_meeting`), made where any group sets the option. Returns the error
         held for the step's record (this rank's, or one raised here)."""
         routed = self.__dict__.get("_routed_clip")  # Lightning's gradient_clip_val (lightning_clip.py)
+        kept = self.__dict__.pop("_clip_kept", None)  # (a step that raised after its clip: _sharded_step)
         if not self._steps_gradients or (routed is None
                                          and all(g.get("max_grad_norm") is None for g in self.param_groups)):
             return error
@@ -826,18 +827,22 @@ class ShardedOptimizer(torch.optim.Optimizer):
         every = [g for g in (local(p.grad) for p in self._params) if g is not None]
         targets = every if replicas or self.sharding.grad_reduction == "none" else [g for g, _ in owned]
         counted = [g for g, c in owned if c]
-        partial, max_norm = 0.0, None
+        partial, max_norm, applied = 0.0, None, 1.0
         if error is None:
             try:
                 max_norm = grad_clip.clip_value(self.param_groups) if routed is None else routed
-                partial = grad_clip.grad_sq(targets if replicas else counted)
+                if kept is not None and kept.holds(every):  # its retry: these gradients hold its clip already
+                    partial, applied = kept.partial, kept.factor
+                else:
+                    partial = grad_clip.grad_sq(targets if replicas else counted)
             except Exception as e:  # held: every rank raises it together at the record
                 error = e
         total = partial if replicas else self._clip_meeting(partial, error)
         if error is None and total is not None and max_norm is not None:
-            factor = grad_clip.clip_factor(max_norm, total)
-            if factor is not None:
-                grad_clip.scale_grads_(targets, factor)
+            factor = grad_clip.clip_factor(max_norm, total) or 1.0
+            if factor != applied:  # (a retry under the same bound scales nothing: the step it would have been)
+                grad_clip.scale_grads_(targets, factor / applied)
+            self._clip_pending = grad_clip.ClipMark.of(every, partial, factor)
         return error
 
     def _clip_meeting(self, partial: float, error: BaseException | None) -> float | None:
@@ -1722,6 +1727,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def _run_step_closure(self, closure: Callable[[], Any] | None) -> Any:
         """:meth:`_run_closure` for the step, with Lightning's ``gradient_clip_val`` taken over where it would clip
         each rank's own gradient (:mod:`~lightning_soaa.optim.lightning_clip`); the step then applies it."""
+        if closure is None or not self._routes_lightning_clip():  # (the context manager costs 3 us a step)
+            return self._run_closure(closure)
         with routed_clip(self, closure) as routed:
             loss = self._run_closure(closure)
         if routed:
@@ -2259,6 +2266,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
             return self._template_step(local_error, unscaled)
         except BaseException:
             amp_after_raise(self, unscaled)
+            clipped = self.__dict__.pop("_clip_pending", None)
+            if clipped is not None:  # (its retry on these gradients clips them once: _clip_grads)
+                self._clip_kept = clipped
             # the traceback holds this frame (and _template_step's) until the caller's except block ends: emptied,
             # the list no longer keeps the gradients alive there (a caller freeing them to retry on a smaller batch)
             unscaled.clear()
@@ -2266,6 +2276,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         finally:
             self.__dict__.pop("_held_out", None)  # (a skipped or failed step: its gather's buffers go)
             self.__dict__.pop("_routed_clip", None)  # (Lightning's clip value belongs to this step alone)
+            self.__dict__.pop("_clip_pending", None)
             # only a step whose verdict passed (or the first) moves the mark: a refused step changed nothing, and
             # marked, its retry saw no change and silently kept the owners' copies of what the ranks changed apart
             if self.__dict__.pop("_moved_judged", False) or self.__dict__.get("_param_versions") is None:

@@ -12,7 +12,9 @@ gradients. No distributed code here: the step (:meth:`ShardedOptimizer._clip_gra
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,7 +23,7 @@ from torch import Tensor
 
 from lightning_soaa.distributed import agreement
 
-__all__ = ["CLIP_EPS", "clip_factor", "clip_value", "grad_sq", "scale_grads_"]
+__all__ = ["CLIP_EPS", "ClipMark", "clip_factor", "clip_value", "grad_sq", "scale_grads_"]
 
 #: torch's ``clip_grad_norm_`` adds this to the norm before dividing (so a norm of 0 scales by a finite value)
 CLIP_EPS = 1e-6
@@ -67,3 +69,29 @@ def scale_grads_(grads: Sequence[Tensor], factor: float) -> None:
     """Multiply ``grads`` in place by ``factor`` (one foreach call per dtype and device)."""
     if grads:
         torch._foreach_mul_(list(grads), factor)
+
+
+def _version(g: Tensor) -> int:
+    return -1 if g.is_inference() else g._version  # (an inference-mode tensor has no version counter)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipMark:
+    """The gradients a step clipped in place before it raised (an error raised on every rank after the clip, e.g.
+    SOAA without its loss), their Σ‖g‖² before the clip (``partial``, this rank's share) and the factor applied.
+    Its retry on the same gradients takes the norm from ``partial``: the norm of the clipped gradients scaled
+    them again (by 1 - 1e-6 / max_grad_norm), silently. Weak references: a caller who frees the gradients frees
+    them."""
+
+    grads: tuple[tuple[weakref.ref[Tensor], int], ...]
+    partial: float
+    factor: float
+
+    @classmethod
+    def of(cls, grads: Sequence[Tensor], partial: float, factor: float) -> ClipMark:
+        return cls(tuple((weakref.ref(g), _version(g)) for g in grads), partial, factor)
+
+    def holds(self, grads: Sequence[Tensor]) -> bool:
+        """Whether ``grads`` are the marked gradients, not written since (no backward, no exchange)."""
+        return len(grads) == len(self.grads) and all(
+            ref() is g and version == _version(g) for (ref, version), g in zip(self.grads, grads))

@@ -32,7 +32,9 @@ def _lightning_closure(closure: Callable[[], Any] | None) -> tuple[Any, Any] | N
     owner = getattr(func, "__self__", None)
     if getattr(func, "__name__", "") != "_wrap_closure" or owner is None:
         return None
-    if not type(owner).__module__.startswith(("lightning.pytorch.", "pytorch_lightning.")):
+    # a precision plugin of Lightning's or a subclass of one (a user's own plugin, defined outside Lightning,
+    # still hands Lightning's closure over: missed, Lightning clipped each rank's own gradient, silently)
+    if not any(cls.__module__.startswith(("lightning.pytorch.", "pytorch_lightning.")) for cls in type(owner).__mro__):
         return None
     module = closure.args[0]
     trainer = getattr(module, "_trainer", None)

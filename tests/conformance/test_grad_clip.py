@@ -199,3 +199,27 @@ def test_grad_scaler_clips_the_unscaled_gradient(tmp_path: Path) -> None:
         for name, (scaled, plain) in res.items():
             for a, b in zip(scaled, plain):
                 assert torch.equal(a, b), name
+
+
+def _soaa_steps(retried: bool) -> list[torch.Tensor]:
+    """Two SOAA steps whose bound binds (1e-3); ``retried``: the first is called without its loss first (which
+    raises after the clip), then again with it, on the same gradients."""
+    spec = next(s for s in CLIPPED if s.name == "SOAA")
+    model, opt = make(spec, max_grad_norm=1e-3)
+    for t in range(2):
+        x, y = data(t)
+        opt.zero_grad()
+        loss = 0.5 * (model(x) - y).pow(2).sum(-1).mean()
+        loss.backward()
+        if retried and t == 0:
+            with pytest.raises(ValueError, match="needs the mini-batch loss"):
+                opt.step()
+        opt.step(loss=loss.detach())
+    return params(model)
+
+
+def test_a_retried_step_clips_the_gradient_once() -> None:
+    """A step that raises after clipping (SOAA without its loss) leaves p.grad clipped; its retry on the same
+    gradients is the step it would have been. It used to clip the clipped gradient again (a factor of
+    1 - 1e-6 / max_grad_norm: 1e-3 at a bound of 1e-3), silently."""
+    assert all(torch.equal(a, b) for a, b in zip(_soaa_steps(True), _soaa_steps(False)))

@@ -12,6 +12,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.plugins.precision import DoublePrecision
 
 from lightning_soaa.lightning import LossToOptimizer, OptimizerFactory
 from tests.lightning.helpers import RankRecorder, TinyRegressor, load_records, make_trainer
@@ -62,3 +63,16 @@ def test_gradient_clip_val_acts_on_the_averaged_gradient(name: str, tmp_path: Pa
 def test_gradient_clip_by_value_is_refused(tmp_path: Path) -> None:
     with pytest.raises(Exception, match=r"gradient_clip_algorithm='value'.*Must be 'norm'"):
         _fit(tmp_path, "AdamW", 2, gradient_clip_val=CLIP, gradient_clip_algorithm="value")
+
+
+class _OwnPrecision(DoublePrecision):
+    """A precision plugin of the user's own (a module outside Lightning's) that keeps Lightning's closure."""
+
+
+def test_gradient_clip_val_under_a_precision_plugin_of_the_users_own(tmp_path: Path) -> None:
+    """Lightning's closure comes from a subclass of its precision plugin defined outside Lightning: still taken
+    over (it was recognised by the plugin class's own module: Lightning clipped each rank's own gradient,
+    silently 0.1 off the one-process run)."""
+    ref = _fit(tmp_path / "one", "AdamW", 1, gradient_clip_val=CLIP)[0]["params"]
+    for rec in _fit(tmp_path / "two", "AdamW", 2, gradient_clip_val=CLIP, precision=None, plugins=[_OwnPrecision()]):
+        torch.testing.assert_close(rec["params"], ref, rtol=1e-10, atol=1e-12)
