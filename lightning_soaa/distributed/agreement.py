@@ -277,15 +277,16 @@ def presence_digest(present: Sequence[bool]) -> int:
     return int.from_bytes(hashlib.blake2b(bytes(present), digest_size=6).digest(), "big") & _MASK48
 
 
-def first_presence_difference(by_rank: Sequence[Sequence[bool] | None], names: Sequence[str]) -> str:
+def first_presence_difference(by_rank: Sequence[Sequence[bool] | None], labels: Sequence[str]) -> str:
     """The first parameter that has a gradient on some ranks and not on others (ranks that sent None left
-    out), as a sentence; empty when every rank's pattern is the same."""
+    out), as a sentence naming it by its label (``'name'`` or ``#index``); empty when every rank's pattern is
+    the same."""
     sent = [(r, p) for r, p in enumerate(by_rank) if p is not None]
-    for i, name in enumerate(names):
+    for i, label in enumerate(labels):
         with_grad = [r for r, p in sent if i < len(p) and p[i]]
         if with_grad and len(with_grad) < len(sent):
             without = [r for r, _ in sent if r not in with_grad]
-            return f"parameter {name!r} has a gradient on rank(s) {with_grad} and none on rank(s) {without}"
+            return f"parameter {label} has a gradient on rank(s) {with_grad} and none on rank(s) {without}"
     return ""
 
 

@@ -213,6 +213,8 @@ class DTensorLayout:
         self._labels = list(labels)
         #: indices of the plain (non-DTensor) parameters: replicas every rank updates from its own gradient
         self.plain = [i for i, pl in enumerate(self.placements) if not pl.is_dtensor]
+        #: indices of the DTensor parameters (whose gradients' presence the ranks compare at each step)
+        self.sharded = [i for i, pl in enumerate(self.placements) if pl.is_dtensor]
 
     def counted(self, param_index: int) -> bool:
         return self.placements[param_index].counted

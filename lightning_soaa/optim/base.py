@@ -850,8 +850,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         It has the record's size and this rank's step row (error, hyperparameters, steps, instance id), so a rank
         whose groups leave the option unset, in the record's all-reduce, reads the same table: both take one
         verdict and raise together (the hyperparameters differ), as do ranks stepping optimizers out of order."""
-        try:
-            hyper = self._hyper_digest()
+        try:  # (with the DTensor gradients' presence, as the record's: refused here, before any gradient is scaled)
+            hyper = self._step_digest()
         except Exception:  # noqa: BLE001 - this rank's error flag is set; the record raises it on every rank
             hyper = 0
         row = agreement.step_row_values(self.comm.rank, self.comm.world_size, error=agreement.error_flag(error),
@@ -1827,9 +1827,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         check = ((self.__dict__.get("_replicas_unchecked", False) and self._checks_replicas())
                  or (self.__dict__.get("_moved_recheck", False) and self._checks_moved()))
         digest = agreement.param_digest(self._params) if check and error is None else 0
-        # under FSDP2 which DTensor parameters have a gradient joins the digest: a rank without one skips that
-        # shard, and ASGO/DASGO's mesh sums (over the blocks with a gradient) then had other sizes on other ranks
-        hyper = self._hyper_digest() ^ agreement.presence_digest(self._dtensor_grad_presence()) if error is None else 0
+        hyper = self._step_digest() if error is None else 0
         return agreement.step_row_values(self.comm.rank, self.comm.world_size, error=agreement.error_flag(error),
                                          hyper=hyper, grad_sq=grad[0], grad_count=count,
                                          steps=self.num_steps + self.skipped_steps, replica_check=check,
@@ -1901,6 +1899,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
         grads = self._scanned_grads(views)
         return agreement.grad_sq_tensor(grads) if grads else 0.0
 
+    def _step_digest(self) -> int:
+        """The digest the step's meetings compare (the record's and ``max_grad_norm``'s, whichever comes first):
+        the hyperparameters', and under FSDP2 which DTensor parameters have a gradient (a rank without one skips
+        that shard, and ASGO/DASGO's mesh sums over the blocks with a gradient had other sizes on other ranks)."""
+        return self._hyper_digest() ^ agreement.presence_digest(self._dtensor_grad_presence())
+
     def _hyper_digest(self) -> int:
         """The hyperparameter digest of this step (distributed/hyper_digest.py: the groups' texts are
         reused while their values are the same objects; a scheduler's new lr re-reads lr alone)."""
@@ -1939,14 +1943,15 @@ class ShardedOptimizer(torch.optim.Optimizer):
         ranks, mixing their gradients) or from ``p.grad = None`` set on some ranks."""
         if self._dtensor is None or self.comm.world_size == 1 or not self._steps_gradients:
             return []
-        return [p.grad is not None for i, p in enumerate(self._params) if self._dtensor.is_dtensor(i)]
+        # (each step: a DTensor's .grad read past its __torch_function__ costs a third as much)
+        with torch._C.DisableTorchFunctionSubclass():
+            return [self._params[i].grad is not None for i in self._dtensor.sharded]
 
     def _presence_error(self, name: str, by_rank: list[Any]) -> RuntimeError | None:
         """The refusal of DTensor gradients present on some ranks only (``by_rank``: every rank's
         :meth:`_dtensor_grad_presence`), or None where every rank's is the same."""
-        names = [self._names[i] or f"#{i}" for i in range(len(self._params)) if self._dtensor is not None
-                 and self._dtensor.is_dtensor(i)]
-        detail = agreement.first_presence_difference(by_rank, names)
+        labels = [self._moved_label(i) for i in (self._dtensor.sharded if self._dtensor is not None else [])]
+        detail = agreement.first_presence_difference(by_rank, labels)
         if not detail:
             return None
         return RuntimeError(
@@ -1960,7 +1965,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     def _hyper_error(self, name: str, ranks: list[int]) -> RuntimeError:
         """The error for hyperparameters that differ across ranks (every rank calls it: a collective)."""
-        presence = self._gather_detail(self._dtensor_grad_presence)  # (folded into the same digest: see above)
+        presence = self._gather_detail(self._dtensor_grad_presence)  # (in the same digest: _step_digest)
         differs = self._presence_error(name, presence)
         if differs is not None:
             return differs

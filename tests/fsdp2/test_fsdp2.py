@@ -550,3 +550,40 @@ def test_a_fully_shard_branch_run_on_some_ranks_only_is_refused_on_every_rank(tm
             assert "parameter 'b.0.weight' has a gradient on rank(s) [0] and none on rank(s) [1]" in got["said"], (
                 name, r, got)
             assert "a data-dependent branch" in got["said"] and got["unchanged"], (name, r, got)
+
+
+def _clipped_gradient_on_some_ranks(rank: int, world_size: int) -> dict[str, Any]:
+    """With ``max_grad_norm`` set (its all-reduce of Σ‖g‖² comes before the step's record): a step whose middle
+    weight has no gradient on rank 0 only, and every rank's gradients before and after it."""
+    out: dict[str, Any] = {}
+    for name, cls, kw, sizes in W.CASES:
+        model = W.sharded_model(sizes, W.make_mesh(world_size, False))
+        opt = cls(model.named_parameters(), **kw, max_grad_norm=1e-3)  # (far below the gradient's norm)
+        W.train_step(model, opt, *W.local_batch(0, sizes, rank, world_size))
+        opt.zero_grad()
+        loss = loss_fn(model, *W.local_batch(1, sizes, rank, world_size))
+        loss.backward()
+        if rank == 0:
+            model[2].weight.grad = None
+        if isinstance(opt, SOAA):
+            opt.set_loss(loss)
+        grads = [None if p.grad is None else p.grad.to_local().clone() for p in model.parameters()]  # type: ignore[attr-defined]
+        said = W.expect_error(opt.step)
+        kept = all((a is None and p.grad is None) or (a is not None and p.grad is not None
+                                                       and torch.equal(a, p.grad.to_local()))  # type: ignore[attr-defined]
+                   for a, p in zip(grads, model.parameters()))
+        out[name] = {"said": said, "grads_kept": kept}
+    return out
+
+
+def test_a_dtensor_gradient_on_some_ranks_only_is_refused_before_the_clip_scales_it(tmp_path: Path) -> None:
+    """The presence of the DTensor gradients was compared in the step's record only, after ``max_grad_norm``'s
+    all-reduce: that meeting passed, and each rank scaled its gradients by a factor of a norm that missed rank 0's
+    shard before the record refused the step ("nothing changed", the gradients scaled). The clip's meeting compares
+    it too: refused there, every gradient as backward left it."""
+    for r, res in enumerate(run_distributed(_clipped_gradient_on_some_ranks, 2, tmp_path, timeout=240)):
+        for name, *_ in W.CASES:
+            got = res[name]
+            assert "parameter '2.weight' has a gradient on rank(s) [1] and none on rank(s) [0]" in got["said"], (
+                name, r, got)
+            assert got["grads_kept"], (name, r, got)
