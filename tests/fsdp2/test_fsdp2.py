@@ -465,6 +465,18 @@ def test_a_flattened_optimizer_state_dict_resumes_at_another_world_size(tmp_path
             assert res[name]["resumed_at"] == W.CKPT_AT, (name, r)
 
 
+def _backward_without_middle_grad_on_rank0(model: Any, opt: Any, sizes: Any, rank: int, world_size: int) -> None:
+    """A backward of the second batch, then the middle weight's gradient dropped on rank 0 only (and SOAA
+    handed the loss)."""
+    opt.zero_grad()
+    loss = loss_fn(model, *W.local_batch(1, sizes, rank, world_size))
+    loss.backward()
+    if rank == 0:
+        model[2].weight.grad = None
+    if isinstance(opt, SOAA):
+        opt.set_loss(loss)
+
+
 def _gradient_on_some_ranks(rank: int, world_size: int) -> dict[str, Any]:
     """Each optimizer: one step, then a step whose middle weight has no gradient on rank 0 only (set to None
     there by hand), then a step with every gradient."""
@@ -474,13 +486,7 @@ def _gradient_on_some_ranks(rank: int, world_size: int) -> dict[str, Any]:
         opt = cls(model.named_parameters(), **kw)
         W.train_step(model, opt, *W.local_batch(0, sizes, rank, world_size))
         before = [p.to_local().clone() for p in model.parameters()]  # type: ignore[operator]
-        opt.zero_grad()
-        loss = loss_fn(model, *W.local_batch(1, sizes, rank, world_size))
-        loss.backward()
-        if rank == 0:
-            model[2].weight.grad = None
-        if isinstance(opt, SOAA):
-            opt.set_loss(loss)
+        _backward_without_middle_grad_on_rank0(model, opt, sizes, rank, world_size)
         try:
             opt.step()
             said = ""
@@ -560,13 +566,7 @@ def _clipped_gradient_on_some_ranks(rank: int, world_size: int) -> dict[str, Any
         model = W.sharded_model(sizes, W.make_mesh(world_size, False))
         opt = cls(model.named_parameters(), **kw, max_grad_norm=1e-3)  # (far below the gradient's norm)
         W.train_step(model, opt, *W.local_batch(0, sizes, rank, world_size))
-        opt.zero_grad()
-        loss = loss_fn(model, *W.local_batch(1, sizes, rank, world_size))
-        loss.backward()
-        if rank == 0:
-            model[2].weight.grad = None
-        if isinstance(opt, SOAA):
-            opt.set_loss(loss)
+        _backward_without_middle_grad_on_rank0(model, opt, sizes, rank, world_size)
         grads = [None if p.grad is None else p.grad.to_local().clone() for p in model.parameters()]  # type: ignore[attr-defined]
         said = W.expect_error(opt.step)
         kept = all((a is None and p.grad is None) or (a is not None and p.grad is not None
