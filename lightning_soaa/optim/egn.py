@@ -52,6 +52,7 @@ from lightning_soaa.optim.egn_capture import (
     LinearCapture,
     changed_site,
     checked_explicit_rows,
+    part_of_batch_remedy,
     plan_curvature,
     probe_weights,
     site_params,
@@ -1769,6 +1770,11 @@ class EGN(ShardedOptimizer):
                             f"({self._explicit[0]!r}"
                             f"{' and others' if len(self._explicit) > 1 else ''}): freeze those, or run the "
                             "forward without them."))
+            if "dynamic shape" in text:  # vmap of nonzero / boolean-mask indexing: a data-dependent dispatch
+                return (f"EGN: the explicit per-sample Jacobians failed: {type(exc).__name__}: {exc}. The model's "
+                        "forward picks a data-dependent part of the batch (e.g. a mixture of experts that sends "
+                        "each expert the samples its router picked), which torch.func's vmap cannot run, whichever "
+                        "parameters are trained. " + part_of_batch_remedy(True))
             return (f"EGN: the explicit per-sample Jacobians failed: {type(exc).__name__}: {exc}. EGN takes them "
                     "with torch.func (vmap of jacrev over one-sample batches); modules that do not support it "
                     "(e.g. nn.GRU, nn.LSTM, nn.RNN, nn.PReLU) cannot be trained by EGN, nor can a forward that "

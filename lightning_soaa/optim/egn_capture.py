@@ -233,14 +233,7 @@ class LinearCapture:
                 return None
             # an embedding's input has no feature dimension: [b] indices are one position per sample
             if a.dim() < (1 if site.vocab else 2) or a.shape[0] != self.batch_size:
-                self.error = self.error or (
-                    f"EGN: the {site.kind} layer {site.path!r} received an input of shape "
-                    f"{tuple(a.shape)} whose first dimension is not the batch size {self.batch_size}; "
-                    "per-layer Gram factors need per-sample inputs. Use jacobian='explicit'" + (
-                        " or, for this table alone, factor_embeddings=False (explicit rows for every "
-                        "nn.Embedding: a positional table looked up with arange(T) trains that way)."
-                        if site.vocab else ".")
-                )
+                self.error = self.error or _not_per_sample(site, tuple(a.shape), self.batch_size)
                 return None
             if not output.requires_grad:  # no graph to read its back-signals from
                 self.error = self.error or (
@@ -377,6 +370,37 @@ def _batched_grads(z: Tensor, outs: list[Tensor], cot: Tensor) -> list[Tensor | 
              for k in range(cot.shape[0])]
     return [None if per_k[0][j] is None else torch.stack([g[j] for g in per_k])
             for j in range(len(outs))]
+
+
+def part_of_batch_remedy(explicit: bool) -> str:
+    """What works for a layer applied to a data-dependent part of the batch (a mixture of experts' dispatch);
+    ``explicit``: said after vmap failed on it, where freezing the experts alone does not stop the vmap."""
+    freeze = ("freeze the router and experts and, with jacobian='auto', every trained parameter that is not a "
+              "plain nn.Linear's weight or bias (EGN then runs no vmap)" if explicit else
+              "freeze the router and experts (EGN with jacobian='auto' trains the rest)")
+    return ("Neither of EGN's Jacobian modes captures a layer applied to part of the batch: the Gram factors need "
+            "the layer's input per sample of the whole batch, and jacobian='explicit' takes per-sample Jacobians "
+            "with torch.vmap, which cannot run the dispatch (nonzero, boolean-mask indexing: data-dependent "
+            "shapes). Compute every expert on the whole batch and mask its output (out = out + (pick == e)[:, "
+            f"None] * gate[:, e, None] * expert_e(x)), or {freeze}, or train the model with another optimizer "
+            "(e.g. ShardedAdamW, SOAA).")
+
+
+def _not_per_sample(site: LinearSite, shape: tuple[int, ...], batch_size: int) -> str:
+    """The refusal of a layer input whose first dimension is not the batch. Fewer rows than the batch, not
+    sequence-first: the layer most likely sees part of the batch (an MoE expert), which jacobian='explicit'
+    cannot run either; otherwise (flattened [b·T, d], sequence-first [T, b, d]) the explicit mode works."""
+    head = (f"EGN: the {site.kind} layer {site.path!r} received an input of shape {shape} whose first "
+            f"dimension is not the batch size {batch_size}; per-layer Gram factors need per-sample inputs. ")
+    if site.vocab:
+        return head + ("Use jacobian='explicit' or, for this table alone, factor_embeddings=False (explicit rows "
+                       "for every nn.Embedding: a positional table looked up with arange(T) trains that way).")
+    if shape[0] < batch_size and not (len(shape) > 2 and shape[1] == batch_size):
+        return head + ("With fewer rows than the batch, the layer is applied to part of the batch (e.g. a "
+                       "mixture of experts that sends each expert the samples its router picked). "
+                       + part_of_batch_remedy(False) + " (Where the layer does see every sample, in another layout, "
+                       "jacobian='explicit' works.)")
+    return head + "Use jacobian='explicit' (per-sample Jacobians of the whole forward, by torch.func)."
 
 
 #: relative difference, per dtype, between the probe's gradient and the same combination of the c
