@@ -3144,6 +3144,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         The input is validated completely before anything changes, so a bad state dict leaves the
         optimizer untouched.
         """
+        dcp.refuse_reordered_groups(type(self).__name__, state_dict)
         if not (isinstance(state_dict, dict) and FORMAT_KEY in state_dict) and dcp.is_dcp_state_dict(state_dict):
             # torch's shape (our metadata in param_groups[0]): saved under FSDP2, or any of our checkpoints
             # after torch rebuilt it (FSDP.rekey_optim_state_dict, set_optimizer_state_dict(full_state_dict=True))

@@ -79,7 +79,7 @@ if TYPE_CHECKING:
     from lightning_soaa.optim.base import ShardedOptimizer
 
 __all__ = ["block_schema", "dcp_state_dict", "hold_state_entries", "is_dcp_state_dict", "load_torch_form",
-           "options_unread", "saved_param_groups"]
+           "options_unread", "refuse_reordered_groups", "saved_param_groups"]
 
 log = logging.getLogger(__name__)
 
@@ -336,6 +336,32 @@ def is_dcp_state_dict(sd: Any) -> bool:
     if not groups or not isinstance(groups, list) or not isinstance(groups[0], dict):
         return False
     return isinstance(groups[0].get(FORMAT_KEY), str)
+
+
+def refuse_reordered_groups(name: str, sd: Any) -> None:
+    """Raise ``ValueError`` where our JSON metadata sits in a later param group than the first: torch's
+    ``set_optimizer_state_dict`` rebuilds an unflattened state dict group by group in the *destination's*
+    order (matching the saved groups by parameter name), so a destination whose groups were built in another
+    order than saved carries the saved first group's keys, the metadata among them, in another group. The
+    metadata's group options and block layout are in the saved order, so nothing here could be matched
+    safely; before, such a dict was refused as "not a lightning_soaa optimizer state". Deterministic in the
+    dict alone: every rank, handed the same dict, raises together, before anything changes."""
+    groups = sd.get("param_groups") if isinstance(sd, dict) and FORMAT_KEY not in sd else None
+    if not groups or not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        return
+    holder = next((i for i, g in enumerate(groups) if isinstance(g.get(FORMAT_KEY), str)), None)
+    if holder is None or holder == 0:
+        return
+    first = list(groups[holder].get("params", []))
+    raise ValueError(
+        f"{name}.load_state_dict: the checkpoint's param groups are in another order than this optimizer's (or "
+        f"grouped otherwise): its first param group (which holds the lightning_soaa metadata) is this optimizer's "
+        f"param_groups[{holder}] (parameters {first[:3]}{' ...' if len(first) > 3 else ''}), as torch's "
+        "set_optimizer_state_dict matched them by parameter name. The saved group options and block layout "
+        "follow the saved order, so this state cannot be loaded into these groups. Build the optimizer's param "
+        "groups in the order they were saved (the group holding those parameters first), load, and then "
+        "continue; a checkpoint saved with StateDictOptions(flatten_optimizer_state_dict=True) resumes such a "
+        "reorder by parameter name. Nothing was loaded.")
 
 
 def _keys_to_index(opt: ShardedOptimizer, groups: list[dict[str, Any]]) -> dict[Any, int]:
