@@ -3068,9 +3068,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if self._receiver() is not self:  # through Lightning's LightningOptimizer: it saved its class name
             return self._receiver().state_dict()
         # torch flattens it (dcp_flat.py): every option a key of its own, as the live groups hold them
-        flat = dcp_flat.flatten_requested(self)
-        sd = hooked_state_dict(self, lambda: self._full_state_dict(keep_options=flat))
-        return dcp_flat.for_flattening(sd) if flat else sd
+        names = dcp_flat.flattening_names(self)
+        sd = hooked_state_dict(self, lambda: self._full_state_dict(keep_options=names is not None))
+        return dcp_flat.for_flattening(sd, names) if names is not None else sd
 
     def _full_state_dict(self, keep_options: bool = False) -> dict[str, Any]:
         """The full, world-size independent state.

@@ -22,8 +22,8 @@ So both ends take the dict itself:
 * load: torch calls ``load_state_dict`` with its lossy rebuild; :func:`flat_source` finds the flattened
   dict torch was given (its caller's frame, as for the save's option: torch hands the optimizer nothing
   else) and :func:`unflattened` rebuilds our torch form from it by this optimizer's parameter names:
-  every saved key of every block, and the groups as saved (in this optimizer's order: the metadata is
-  looked for in every parameter's state). The usual validation follows.
+  every saved key of every block, and the groups as saved. Groups built in another order than saved are
+  refused (:func:`_refuse_reordered`: the metadata follows the saved order). The usual validation follows.
 
 The JSON rides in the state of the first group's first parameter (:func:`for_flattening`): torch's
 flattening repeats every group key once per parameter. Where torch's code moves so that the frame is not
@@ -42,7 +42,7 @@ from lightning_soaa.distributed.checkpoint import FORMAT_KEY
 if TYPE_CHECKING:
     from lightning_soaa.optim.base import ShardedOptimizer
 
-__all__ = ["flat_source", "flatten_requested", "for_flattening", "unflattened"]
+__all__ = ["flat_source", "flattening_names", "for_flattening", "unflattened"]
 
 _TORCH_DSD = "torch.distributed.checkpoint.state_dict"
 #: torch's function that calls an optimizer's ``state_dict()`` and flattens the result when asked
@@ -51,6 +51,8 @@ _GET = "_get_optim_state_dict"
 _LOAD = "_load_optim_state_dict"
 #: frames searched above the optimizer's own method: a LightningOptimizer's, decorators, torch's helpers
 _CALLER_DEPTH = 6
+#: the metadata's key for the names of the parameters in the saved order (:func:`for_flattening`)
+_NAMES = "param_fqns"
 
 
 def _torch_frame(function: str) -> Any:
@@ -65,11 +67,17 @@ def _torch_frame(function: str) -> Any:
     return None
 
 
-def flatten_requested(opt: ShardedOptimizer) -> bool:
-    """Whether torch's ``get_optimizer_state_dict`` (``get_state_dict``) calling ``opt.state_dict()`` will
-    flatten the result. Each rank decides from its own call's options, which every rank passes alike."""
+def flattening_names(opt: ShardedOptimizer) -> list[str] | None:
+    """Where torch's ``get_optimizer_state_dict`` (``get_state_dict``) calling ``opt.state_dict()`` will flatten
+    the result, the name each parameter of ``opt`` is saved under, in its order (``[]`` where torch names not
+    every one); else None. Each rank decides from its own call's options, which every rank passes alike."""
     frame = _torch_frame(_GET)
-    return frame is not None and bool(getattr(frame.f_locals.get("info"), "flatten_optimizer_state_dict", False))
+    info = frame.f_locals.get("info") if frame is not None else None
+    if not getattr(info, "flatten_optimizer_state_dict", False):
+        return None
+    mapping = getattr(info, "fqn_param_mapping", None)
+    names = [sorted(str(n) for n in mapping.get(p, ()))[:1] if isinstance(mapping, dict) else [] for p in opt._params]
+    return [n[0] for n in names] if all(names) else []
 
 
 def flat_source(opt: ShardedOptimizer) -> tuple[dict[str, Any], dict[Any, Any]] | None:
@@ -131,7 +139,7 @@ def _nested(flat: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def for_flattening(sd: dict[str, Any]) -> dict[str, Any]:
+def for_flattening(sd: dict[str, Any], names: list[str]) -> dict[str, Any]:
     """``sd`` (our torch form) with the JSON metadata moved from the first group into the state of that group's
     first parameter, as one Python int of its UTF-8 bytes: torch's flattening writes every group key once per
     parameter of the group (the JSON holds the block layout, ~26 bytes per parameter: quadratic, 2.4 MB at 300
@@ -141,12 +149,16 @@ def for_flattening(sd: dict[str, Any]) -> dict[str, Any]:
     The layout options the groups leave to the metadata (``_meta_options``: ASGO's ``adamw_indices``,
     ``fused_parts``) become keys again, with the values of its record: torch's rebuild reads every key a live
     group holds (a bare ``KeyError`` inside torch else, for a checkpoint already written); the load puts the
-    record's values back over them anyway (:func:`~lightning_soaa.distributed.checkpoint.restored_groups`)."""
+    record's values back over them anyway (:func:`~lightning_soaa.distributed.checkpoint.restored_groups`).
+
+    ``names`` (:func:`flattening_names`), the saved order of the parameters, ride in the metadata: the
+    flattened dict keeps nothing else of it, and the load refuses another order (:func:`_refuse_reordered`)."""
     groups = sd.get("param_groups")
     if not groups or FORMAT_KEY not in groups[0] or not groups[0].get("params"):
         return sd  # nothing to move (a group without parameters is written by no parameter at all)
-    text = groups[0][FORMAT_KEY]
-    options = json.loads(text).get("group_options") or [{} for _ in groups]
+    meta = json.loads(groups[0][FORMAT_KEY])
+    options = meta.get("group_options") or [{} for _ in groups]
+    text = json.dumps({**meta, _NAMES: names} if names else meta)
     out = [{**kept, **{k: v for k, v in g.items() if k != FORMAT_KEY}} for g, kept in zip(groups, options, strict=True)]
     key = out[0]["params"][0]
     state = dict(sd.get("state", {}))
@@ -156,8 +168,8 @@ def for_flattening(sd: dict[str, Any]) -> dict[str, Any]:
 
 def _metadata(opt: ShardedOptimizer, state: dict[str, dict[str, Any]]) -> str | None:
     """The JSON :func:`for_flattening` put into the state of a parameter of ``opt`` (taken out of it), if any.
-    Looked for in every parameter's state, not only the first group's first: groups built in another order
-    than saved hold it under another parameter (the load maps the state by name); two optimizers' entries
+    Looked for in every parameter's state, not only the first group's first (another parameter's is refused
+    first, :func:`_refuse_reordered`); two optimizers' entries
     mean the parameters were split among optimizers otherwise when saved (pipeline stages merged), which
     no optimizer here can continue."""
     name = type(opt).__name__
@@ -177,6 +189,29 @@ def _metadata(opt: ShardedOptimizer, state: dict[str, dict[str, Any]]) -> str | 
     return packed.to_bytes((packed.bit_length() + 7) // 8, "big").decode()
 
 
+def _refuse_reordered(opt: ShardedOptimizer, holder: str | None, meta: str, groups: list[dict[str, Any]]) -> str:
+    """``meta`` without the saved parameter order, where this optimizer's groups list the parameters in it;
+    else refused. Why: the metadata's group options, group keys and per-parameter records (shapes, block
+    layout) follow the saved order, and matched by position they would land on other groups (other shapes
+    were refused as "a different model"). Without the recorded order, the metadata's holder (the saved first
+    group's first parameter) is checked. Deterministic in the dict alone: every rank raises together, before
+    anything changes."""
+    record = json.loads(meta)
+    saved = record.pop(_NAMES, None)
+    mine = [n for g in groups for n in g["params"]]
+    if saved == mine or (saved is None and (not mine or holder == mine[0])):
+        return json.dumps(record) if saved is not None else meta
+    at = next((i for i, (a, b) in enumerate(zip(saved, mine)) if a != b), None) if isinstance(saved, list) else None
+    where = (f"the parameter saved at position {at} is {saved[at]!r}, this optimizer's {mine[at]!r}" if at is not None
+             else f"its first param group held parameter {holder!r}")
+    raise ValueError(
+        f"{type(opt).__name__}.load_state_dict: the flattened optimizer state dict was saved with its param "
+        f"groups in another order than this optimizer's (or grouped otherwise): {where}. The saved group "
+        "options and block layout follow the saved order, so this state cannot be loaded into these groups. "
+        "Build the optimizer's param groups in the order they were saved, load, and then continue. Nothing "
+        "was loaded.")
+
+
 def unflattened(opt: ShardedOptimizer, flat: dict[str, Any], mapping: dict[Any, Any]) -> dict[str, Any]:
     """Our torch form (``state`` keyed by parameter name, the groups as saved, with our metadata) from
     torch's flattened dict (which may hold other optimizers' keys too: torchtitan's model parts share one)."""
@@ -189,7 +224,10 @@ def unflattened(opt: ShardedOptimizer, flat: dict[str, Any], mapping: dict[Any, 
         state.update((n, _nested(saved_state.get(n, {}))) for n in fqns)
         saved = saved_groups[fqns[0]] if fqns else {}  # (torch too reads the first parameter's)
         groups.append({**{k: v for k, v in saved.items() if "." not in k}, "params": fqns})
+    holder = next((n for n, st in state.items() if FORMAT_KEY in st), None)
     meta = _metadata(opt, state)
+    if meta is not None:
+        meta = _refuse_reordered(opt, holder, meta, groups)
     if meta is None or not groups:
         raise ValueError(
             f"{type(opt).__name__}.load_state_dict: the flattened optimizer state dict (StateDictOptions("

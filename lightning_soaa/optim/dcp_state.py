@@ -360,8 +360,7 @@ def refuse_reordered_groups(name: str, sd: Any) -> None:
         "set_optimizer_state_dict matched them by parameter name. The saved group options and block layout "
         "follow the saved order, so this state cannot be loaded into these groups. Build the optimizer's param "
         "groups in the order they were saved (the group holding those parameters first), load, and then "
-        "continue; a checkpoint saved with StateDictOptions(flatten_optimizer_state_dict=True) resumes such a "
-        "reorder by parameter name. Nothing was loaded.")
+        "continue. Nothing was loaded.")
 
 
 def _keys_to_index(opt: ShardedOptimizer, groups: list[dict[str, Any]]) -> dict[Any, int]:

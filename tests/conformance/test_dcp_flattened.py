@@ -173,6 +173,25 @@ def test_a_flattened_dict_handed_to_load_state_dict_names_torchs_loader(spec: Op
     assert fresh.num_steps == 0
 
 
+def _two_matrices(out: int = 8) -> nn.Module:
+    """Two bias-free layers (float64, seeded): 8x8 and ``out``x8."""
+    import torch
+
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 8, bias=False), nn.Tanh(), nn.Linear(8, out, bias=False)).double()
+
+
+def _steps(m: nn.Module, opt: Any, n: int, seed: int) -> None:
+    """``n`` steps on seeded random inputs (the same ones for the same seed)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        opt.zero_grad()
+        m(torch.randn(4, 8, generator=g, dtype=torch.float64)).pow(2).mean().backward()
+        opt.step()
+
+
 def _two_groups(cls_name: str, model: nn.Module, swapped: bool) -> Any:
     """Two groups of one equal-shaped matrix each, with their own lr; ``swapped``: built in the other order."""
     import lightning_soaa
@@ -182,38 +201,71 @@ def _two_groups(cls_name: str, model: nn.Module, swapped: bool) -> Any:
     return getattr(lightning_soaa, cls_name)(groups[::-1] if swapped else groups, lr=1e-2)
 
 
-@pytest.mark.parametrize("cls_name", ["ShardedAdamW", "ASGO"])
-def test_groups_built_in_another_order_resume_by_parameter_name(cls_name: str) -> None:
-    """The destination's param groups in the other order than saved (torch's flattened form keys every value
-    by parameter name): each parameter resumes with its own state and its group's lr, as uninterrupted.
-    Before, the metadata was looked for only under the destination's first parameter and the load was
-    refused as "not saved by a lightning_soaa optimizer"."""
+@pytest.mark.parametrize(("cls_name", "first", "second"), [
+    ("ShardedAdamW", {"weight_decay": 0.1, "eps": 1e-6}, {"weight_decay": 0.0, "eps": 1e-8}),
+    ("ASGO", {"adamw_indices": [0], "weight_decay": 0.1}, {"adamw_indices": [], "weight_decay": 0.0}),
+])
+def test_groups_built_in_another_order_are_refused_naming_the_order(cls_name: str, first: dict[str, Any],
+                                                                    second: dict[str, Any]) -> None:
+    """Groups of other shapes and options (ASGO's ``adamw_indices``, kept in our JSON metadata: the first
+    matrix takes the AdamW part) built in the other order than saved: our metadata (group options, shapes,
+    block layout) follows the saved order, which the flattened dict does not record, so the load is refused
+    naming the order and the fix, nothing loaded. Built in the saved order, each group has its own options
+    and the run continues as uninterrupted. Before: "the state belongs to a different model: parameter 0 has
+    shape [8, 8] in the state and [4, 8] here" (same shapes loaded the metadata by position)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    import lightning_soaa
+
+    def build(m: nn.Module, swapped: bool) -> Any:
+        (na, a), (nb, b) = m.named_parameters()
+        groups = [{"params": [(na, a)], "lr": 1e-2, **first}, {"params": [(nb, b)], "lr": 3e-2, **second}]
+        return getattr(lightning_soaa, cls_name)(groups[::-1] if swapped else groups, lr=1e-2)
+
+    m = _two_matrices(4)
+    opt = build(m, False)
+    _steps(m, opt, STEPS, 0)
+    sd = get_optimizer_state_dict(m, opt, options=_flat())
+    m2 = _two_matrices(4)
+    m2.load_state_dict(m.state_dict())
+    swapped = build(m2, True)
+    before = copy.deepcopy(swapped.state_dict())
+    said = r"another order than this optimizer.s.*position 0 is .0\.weight., this optimizer.s .2\.weight.*in the order"
+    with pytest.raises(ValueError, match=said):
+        set_optimizer_state_dict(m2, swapped, copy.deepcopy(sd), options=_flat())
+    assert_identical(swapped.state_dict(), before)
+    opt2 = build(m2, False)  # the remedy the message names
+    set_optimizer_state_dict(m2, opt2, sd, options=_flat())
+    for got, want in zip(opt2.param_groups, opt.param_groups, strict=True):
+        assert {k: got[k] for k in ("lr", *first)} == {k: want[k] for k in ("lr", *first)}
+    _steps(m, opt, 2, 1)
+    _steps(m2, opt2, 2, 1)
+    assert_identical(params(m2), params(m))
+
+
+def test_later_groups_built_in_another_order_are_refused_too() -> None:
+    """Three groups, the first built as saved and the other two swapped (the metadata then rides with this
+    optimizer's first parameter as saved): refused by the saved order the metadata records, nothing loaded.
+    The same shapes loaded before: the metadata's per-group and per-parameter records were taken by position."""
     import torch
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-    def model() -> nn.Module:
-        torch.manual_seed(0)
-        return nn.Sequential(nn.Linear(8, 8, bias=False), nn.Tanh(), nn.Linear(8, 8, bias=False)).double()
+    from lightning_soaa import ShardedAdamW
 
-    def steps(m: nn.Module, opt: Any, n: int, seed: int) -> None:
-        g = torch.Generator().manual_seed(seed)
-        for _ in range(n):
-            opt.zero_grad()
-            m(torch.randn(4, 8, generator=g, dtype=torch.float64)).pow(2).mean().backward()
-            opt.step()
+    def build(m: nn.Module, order: tuple[int, ...]) -> Any:
+        named = list(m.named_parameters())
+        return ShardedAdamW([{"params": [named[i]], "lr": 1e-2 * (i + 1)} for i in order], lr=1e-2)
 
-    m = model()
-    opt = _two_groups(cls_name, m, False)
-    steps(m, opt, STEPS, 0)
+    torch.manual_seed(0)
+    m = nn.Sequential(*(nn.Linear(8, 8, bias=False) for _ in range(3))).double()
+    opt = build(m, (0, 1, 2))
+    _steps(m, opt, STEPS, 0)
     sd = get_optimizer_state_dict(m, opt, options=_flat())
-    m2 = model()
-    m2.load_state_dict(m.state_dict())
-    opt2 = _two_groups(cls_name, m2, True)
-    set_optimizer_state_dict(m2, opt2, sd, options=_flat())
-    assert [g["lr"] for g in opt2.param_groups] == [3e-2, 1e-2]
-    steps(m, opt, 2, 1)
-    steps(m2, opt2, 2, 1)
-    assert_identical(params(m2), params(m))
+    swapped = build(m, (0, 2, 1))
+    before = copy.deepcopy(swapped.state_dict())
+    with pytest.raises(ValueError, match=r"another order.*position 1 is '1\.weight', this optimizer's '2\.weight'"):
+        set_optimizer_state_dict(m, swapped, sd, options=_flat())
+    assert_identical(swapped.state_dict(), before)
 
 
 def test_parameters_saved_by_two_optimizers_loaded_into_one_is_refused_naming_the_split() -> None:
@@ -246,25 +298,13 @@ def test_unflattened_groups_built_in_another_order_are_refused_naming_the_order(
     while the metadata's group options and block layout follow the saved order. Refused naming the order and
     the fix, nothing loaded; built in the saved order it resumes as uninterrupted. Before: "not a
     lightning_soaa optimizer state"."""
-    import torch
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-    def model() -> nn.Module:
-        torch.manual_seed(0)
-        return nn.Sequential(nn.Linear(8, 8, bias=False), nn.Tanh(), nn.Linear(8, 8, bias=False)).double()
-
-    def steps(m: nn.Module, opt: Any, n: int, seed: int) -> None:
-        g = torch.Generator().manual_seed(seed)
-        for _ in range(n):
-            opt.zero_grad()
-            m(torch.randn(4, 8, generator=g, dtype=torch.float64)).pow(2).mean().backward()
-            opt.step()
-
-    m = model()
+    m = _two_matrices()
     opt = _two_groups(cls_name, m, False)
-    steps(m, opt, STEPS, 0)
+    _steps(m, opt, STEPS, 0)
     sd = get_optimizer_state_dict(m, opt)
-    m2 = model()
+    m2 = _two_matrices()
     m2.load_state_dict(m.state_dict())
     swapped = _two_groups(cls_name, m2, True)
     before = copy.deepcopy(swapped.state_dict())
@@ -275,6 +315,6 @@ def test_unflattened_groups_built_in_another_order_are_refused_naming_the_order(
     assert_identical(swapped.state_dict(), before)
     opt2 = _two_groups(cls_name, m2, False)  # the remedy the message names
     set_optimizer_state_dict(m2, opt2, sd)
-    steps(m, opt, 2, 1)
-    steps(m2, opt2, 2, 1)
+    _steps(m, opt, 2, 1)
+    _steps(m2, opt2, 2, 1)
     assert_identical(params(m2), params(m))
