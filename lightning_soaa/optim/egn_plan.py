@@ -156,6 +156,11 @@ class StepPlan:
                 or any(b.dim is not None or b.param_index != i for i, b in enumerate(opt._owned))
                 or len({p.dtype for p in opt._params}) != 1 or not all(p.device.type == "cpu" for p in opt._params)):
             return None
+        # the plan keeps the Parameters the modules hold now for its forward, and checks at every step that they
+        # still hold them: made at the first step after load_state_dict(..., assign=True), it ran the model's new
+        # ones and stepped EGN's (the model never moved). Declined, the general path refuses that, naming it.
+        if opt._places.first_replaced() is not None:
+            return None
         return StepPlan(opt, chain)
 
     # ------------------------------------------------------------------ is this step the planned one?
