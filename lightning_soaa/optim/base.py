@@ -549,6 +549,10 @@ _REBUILDING = "rebuilding the block table (add_param_group, or joining the proce
 #: outside the 48-bit ids, so a rank in another optimizer's step record sees another optimizer
 _JOINING_ID = float(1 << 48)
 
+#: the instance id of add_param_group's meeting (:meth:`ShardedOptimizer._agree_on_added_group`): a rank that
+#: called it where its peers stepped meets their step's first all-reduce, and every rank raises
+_ADDING_ID = float((1 << 48) + 1)
+
 
 class _OwnedState(NamedTuple):
     """A restore's state made (:meth:`ShardedOptimizer._owned_state`), not yet the optimizer's."""
@@ -1090,10 +1094,17 @@ class ShardedOptimizer(torch.optim.Optimizer):
         its table (``extend``: its :meth:`_as_built_memo` is current): the memo is per rank (a parameter moved
         on one rank), and an extended table keeps the existing blocks' costs where a full build recomputes
         them (ASGO's ``root_every`` changed since), so ranks on different paths could assign other owners."""
+        # first an all-reduce of the step record's size with its own instance id: called on some ranks only (a
+        # callback's add_param_group run where one rank's condition held), it met the others' next step, whose
+        # first all-reduce then passed against the all-gather's and whose exchange waited for ever (a hang). Now
+        # both see another instance id in that all-reduce and raise (_out_of_order), nothing changed.
+        rows = self._meet(_ADDING_ID, float(extend), agreement.error_flag(error))
+        if not any(row[agreement.ERROR_SLOT] for row in rows):
+            return all(row[1] for row in rows)
         texts = self.comm.all_gather_object((None if error is None else f"{type(error).__name__}: {error}", extend))
         bad = [r for r, (t, _) in enumerate(texts) if t is not None]
-        if not bad or error is not None:
-            return all(e for _, e in texts)  # all agree, or this rank raises its own error
+        if error is not None:
+            return False  # this rank raises its own error
         # (the caller drops the group)
         raise RuntimeError(f"{type(self).__name__}.add_param_group: the group was refused on rank(s) {bad} "
                            f"(rank {bad[0]}: {texts[bad[0]][0]}); it is dropped on every rank. Add the same group "
@@ -1932,8 +1943,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         return RuntimeError(
             f"{type(self).__name__}.step: rank(s) {ranks} are in the step of another optimizer than rank 0: "
             "the optimizers were stepped in a different order on some ranks (e.g. iterating a set of "
-            "optimizers, whose order differs between processes). Every rank must call step() on its "
-            "optimizers in the same order. Nothing changed."
+            "optimizers, whose order differs between processes), or add_param_group was called on some ranks only "
+            "(its agreement met a step). Every rank must call step() on its optimizers in the same order, and "
+            "add_param_group with the same group at the same point of training. Nothing changed."
         )
 
     def _dtensor_grad_presence(self) -> list[bool]:

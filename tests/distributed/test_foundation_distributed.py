@@ -218,16 +218,23 @@ def test_a_join_whose_blocks_are_refused_on_some_ranks_only_raises_on_every_rank
     assert all(pending for _, pending in out), out
 
 
-def _w_group_refused_on_one_rank(rank, world_size, name):
+def _built_without_last_layer(name):
+    """The battery's model for optimizer ``name``, its optimizer built while the last layer was frozen."""
     from lightning_soaa import registry
-    from tests.conformance._battery import make, step
+    from tests.conformance._battery import make
 
     spec = registry.get(name)
     model, _ = make(spec)
     last = [p for p in model.parameters()][-2:]  # the last layer: built without it, added later
     for p in last:
         p.requires_grad_(False)
-    opt = spec.build(model, **spec.test_kwargs)
+    return spec, model, last, spec.build(model, **spec.test_kwargs)
+
+
+def _w_group_refused_on_one_rank(rank, world_size, name):
+    from tests.conformance._battery import step
+
+    spec, model, last, opt = _built_without_last_layer(name)
     for p in last:
         p.requires_grad_(True)
     try:
@@ -262,6 +269,51 @@ def test_a_group_refused_by_one_ranks_checks_is_dropped_on_every_rank(tmp_path: 
     assert out[0][0].startswith(f"RuntimeError: {cls}.add_param_group: the group was refused on rank(s) [1]"), out
     assert "Invalid lr=-1.0" in out[0][0]
     assert out[0][1] == out[1][1] == 1
+    for a, b in zip(out[0][2], out[1][2]):
+        assert torch.equal(a, b)
+
+
+def _w_group_added_on_one_rank(rank, world_size, name):
+    """Rank 0 adds a group (a callback run on one rank only) between the gradients' averaging and the step."""
+    from lightning_soaa.registry import StepNeeds, half_mse
+    from tests.conformance._battery import data, step
+
+    spec, model, last, opt = _built_without_last_layer(name)
+    step(spec, model, opt, 0, rank=rank, world=world_size, average=True)
+    x, y = data(1, rank=rank, world=world_size)
+    opt.zero_grad()
+    loss = half_mse(model(x), y)
+    loss.backward()
+    for p in model.parameters():  # what DDP does in backward
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world_size
+    try:
+        if rank == 0:
+            for p in last:
+                p.requires_grad_(True)
+            opt.add_param_group({"params": last})
+        opt.step(loss=loss.detach()) if spec.needs is StepNeeds.LOSS else opt.step()
+        msg = "no error"
+    except RuntimeError as e:
+        msg = str(e)
+    for p in last:
+        p.requires_grad_(False)
+    groups = len(opt.param_groups)
+    step(spec, model, opt, 2, rank=rank, world=world_size, average=True)  # the optimizer as it was, on every rank
+    return msg, groups, [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("name", _takes_groups())
+def test_a_group_added_on_some_ranks_only_is_refused_on_every_rank(tmp_path: Path, name: str):
+    """add_param_group called on rank 0 only, where rank 1 went on to its step: add_param_group's agreement (an
+    all-gather) met the step's first all-reduce, which passed, and both ranks then waited for ever in collectives
+    of different kinds (a hang). Its agreement is now an all-reduce of the step record's size with its own
+    instance id: both ranks raise, naming add_param_group; the group is dropped and the next steps agree."""
+    out = run_distributed(_w_group_added_on_one_rank, 2, tmp_path, name, timeout=60)
+    for msg, groups, _ in out:
+        assert "add_param_group was called on some ranks only" in msg and "Nothing changed" in msg, msg
+        assert groups == 1
     for a, b in zip(out[0][2], out[1][2]):
         assert torch.equal(a, b)
 
