@@ -1470,12 +1470,19 @@ class ShardedOptimizer(torch.optim.Optimizer):
         of this rank's row holds ``value``, its error slot ``failed``: :func:`agreement.error_flag`); every
         rank's row. Raises :meth:`_out_of_order` on every rank where the ranks are in different optimizers'
         steps (rank 0's row is the reference, as in the record's verdict, so a rank in the record decides
-        alike)."""
+        alike); in add_param_group's meeting (``instance`` :data:`_ADDING_ID`) an error naming the ranks that
+        called it."""
         table, row = agreement.meeting_table(self.comm.rank, self.comm.world_size, instance, failed)
         table[row + 1] = value
         got = self.comm.all_reduce_scalars(torch.tensor(table, dtype=torch.float64)).tolist()
         rows = agreement.meeting_rows(got, self.comm.world_size)
         others = agreement.other_instances(rows)
+        if others and instance == _ADDING_ID:
+            adding = [r for r, x in enumerate(rows) if x[agreement.INSTANCE_SLOT] == _ADDING_ID]
+            raise RuntimeError(
+                f"{type(self).__name__}.add_param_group was called on rank(s) {adding} only; the other ranks went "
+                "on to a step (or another optimizer's collective). add_param_group is collective: call it on every "
+                "rank with the same group at the same point of training. The group was dropped; nothing changed.")
         if others:
             raise self._out_of_order(others)
         return rows

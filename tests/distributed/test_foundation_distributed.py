@@ -310,10 +310,13 @@ def test_a_group_added_on_some_ranks_only_is_refused_on_every_rank(tmp_path: Pat
     all-gather) met the step's first all-reduce, which passed, and both ranks then waited for ever in collectives
     of different kinds (a hang). Its agreement is now an all-reduce of the step record's size with its own
     instance id: both ranks raise, naming add_param_group; the group is dropped and the next steps agree."""
+    from lightning_soaa import registry
+
     out = run_distributed(_w_group_added_on_one_rank, 2, tmp_path, name, timeout=60)
-    for msg, groups, _ in out:
-        assert "add_param_group was called on some ranks only" in msg and "Nothing changed" in msg, msg
-        assert groups == 1
+    cls = registry.get(name).load().__name__
+    assert out[0][0].startswith(f"{cls}.add_param_group was called on rank(s) [0] only"), out[0][0]
+    assert "add_param_group was called on some ranks only" in out[1][0] and "Nothing changed" in out[1][0], out[1][0]
+    assert out[0][1] == out[1][1] == 1
     for a, b in zip(out[0][2], out[1][2]):
         assert torch.equal(a, b)
 
