@@ -267,6 +267,19 @@ def _refuse_wrapper_hooks(hooks: list[tuple[str, dict[int, Any]]]) -> None:
             "model before torch.compile: the compiled forward runs them too). Nothing changed.")
 
 
+#: why add_param_group is refused, and the route that works for a schedule of frozen and unfrozen layers
+ADD_PARAM_GROUP_MESSAGE = (
+    "EGN.add_param_group: EGN has exactly one param group, the parameters of the model it was built on, and "
+    "takes no other (Lightning's BaseFinetuning/BackboneFinetuning add one when they unfreeze a backbone, with "
+    "unfreeze_and_add_param_group). EGN follows requires_grad at every step over the parameters it was built "
+    "with: build it while every layer to be trained is trainable, then freeze and unfreeze with "
+    "requires_grad_. In a BaseFinetuning subclass leave freeze_before_training empty (it runs before "
+    "configure_optimizers) and in finetune_function call self.freeze(...) at the first epoch and "
+    "self.make_trainable(...) at the epoch to unfreeze; under DDP at W > 1 use "
+    "strategy='ddp_find_unused_parameters_true'. For another model construct a new EGN. Nothing changed."
+)
+
+
 def _the_module(model: Any) -> tuple[nn.Module, list[tuple[str, dict[int, Any]]]]:
     """The eager module EGN works on, and the hook dicts of the ``torch.compile`` wrapper it came in (EGN runs
     the inner module without them: refused here and at every step while any is registered)."""
@@ -1018,8 +1031,9 @@ class EGN(ShardedOptimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if self.param_groups:
-            raise ValueError("EGN has exactly one param group (the model's trainable parameters); "
-                             "construct a new EGN for a different model.")
+            # Lightning's BaseFinetuning/BackboneFinetuning reach this epochs into a fit when they unfreeze a
+            # backbone: say what works there (EGN follows requires_grad over the parameters it was built with)
+            raise ValueError(ADD_PARAM_GROUP_MESSAGE)
         super().add_param_group(param_group)
 
     def _global_state(self) -> dict[str, Any]:
