@@ -138,7 +138,7 @@ from lightning_soaa.optim import dcp_flat, grad_clip
 from lightning_soaa.optim import dcp_state as dcp
 from lightning_soaa.optim.construction import collective_construction, failed_row
 from lightning_soaa.optim.dcp_plain import handed_out, without_placeholders
-from lightning_soaa.optim.lightning_clip import routed_clip
+from lightning_soaa.optim.lightning_clip import clip_difference, routed_clip, running_trainer
 from lightning_soaa.optim.param_checks import (
     DisjointStorage,
     Signature,
@@ -712,7 +712,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 and not (callable(v) and callable(getattr(cls, k, None))) and k != "_opt_called"
                 and k not in ("_view_cache", "_step_counts", "_valid_groups", "_state_ids", "_state_ids_now",
                               "_hyper_digests", "stop_vote", "_world_at_build", "_storage_memo",
-                              "_step_addresses", "_fsdp_groups", "_amp_kept", "_clip_kept", "_consolidated_mark")}
+                              "_step_addresses", "_fsdp_groups", "_amp_kept", "_clip_mark", "_consolidated_mark")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         had_differentiable = "differentiable" in state["defaults"]
@@ -816,38 +816,46 @@ class ShardedOptimizer(torch.optim.Optimizer):
         """``max_grad_norm`` (:mod:`~lightning_soaa.optim.grad_clip`): scale the gradient the update reads by
         torch's clip factor of its global norm, after the ``"mean"`` exchange wrote the averages and before
         ``_prepare`` reads them (where every rank holds the whole gradient, before the step's exchange and a
-        planned step). Under ``"mean"`` at W > 1 the owned blocks' gradients are scaled (what the update reads),
-        elsewhere every local gradient (so that the ranks' compared gradients stay equal). Where the ranks
-        hold parts of the gradient (``"mean"``, FSDP2 shards, ``shard=False`` partitions) their Σ‖g‖² are summed
-        in one more all-reduce (:meth:`_clip_meeting`), made where any group sets the option. Returns the error
-        held for the step's record (this rank's, or one raised here)."""
-        routed = self.__dict__.get("_routed_clip")  # Lightning's gradient_clip_val (lightning_clip.py)
-        kept = self.__dict__.pop("_clip_kept", None)  # (a step that raised after its clip: _sharded_step)
+        planned step). Where the ranks hold parts of the gradient their Σ‖g‖² are summed in one more all-reduce
+        (:meth:`_clip_meeting`), made where any group sets the option. A step that raised after its clip leaves
+        its :class:`~lightning_soaa.optim.grad_clip.ClipMark` (:meth:`_sharded_step`): its retry on the same
+        gradients takes the norm they had and scales nothing twice. Returns the error held for the step's record
+        (this rank's, or one raised here)."""
+        routed = self.__dict__.get("_routed_clip")  # Lightning's clip (lightning_clip.py)
+        mark = self.__dict__.pop("_clip_mark", None)
         if not self._steps_gradients or (routed is None
                                          and all(g.get("max_grad_norm") is None for g in self.param_groups)):
             return error
-        replicas = self._clips_replicas()
-        owned = [(v.grad, v.counted) for v in views if v.grad is not None]
-        every = [g for g in (local(p.grad) for p in self._params) if g is not None]
-        targets = every if replicas or self.sharding.grad_reduction == "none" else [g for g, _ in owned]
-        counted = [g for g, c in owned if c]
-        partial, max_norm, applied = 0.0, None, 1.0
+        grads, scaled, counted = self._clip_parts(views)
+        bound, partial, applied = None, 0.0, 1.0
         if error is None:
             try:
-                max_norm = grad_clip.clip_value(self.param_groups) if routed is None else routed
-                if kept is not None and kept.holds(every):  # its retry: these gradients hold its clip already
-                    partial, applied = kept.partial, kept.factor
+                bound = grad_clip.clip_value(self.param_groups) if routed is None else routed
+                if mark is not None and mark.holds(grads):  # its retry: these gradients hold its clip already
+                    partial, applied = mark.partial, mark.factor
                 else:
-                    partial = grad_clip.grad_sq(targets if replicas else counted)
+                    partial = grad_clip.grad_sq(counted)
             except Exception as e:  # held: every rank raises it together at the record
                 error = e
-        total = partial if replicas else self._clip_meeting(partial, error)
-        if error is None and total is not None and max_norm is not None:
-            factor = grad_clip.clip_factor(max_norm, total) or 1.0
+        total = partial if self._clips_replicas() else self._clip_meeting(partial, error)
+        if error is None and total is not None and bound is not None:
+            factor = grad_clip.clip_factor(bound, total) or 1.0
             if factor != applied:  # (a retry under the same bound scales nothing: the step it would have been)
-                grad_clip.scale_grads_(targets, factor / applied)
-            self._clip_pending = grad_clip.ClipMark.of(every, partial, factor)
+                grad_clip.scale_grads_(scaled, factor / applied)
+            self._clip_mark = grad_clip.ClipMark.of(grads, partial, factor)
         return error
+
+    def _clip_parts(self, views: list[BlockView]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """The clip's gradients: every local one (what a retry's mark compares), those it scales (what the update
+        reads: under ``"mean"`` at W > 1 the owned blocks' averages; elsewhere every local gradient, so that the
+        ranks' compared gradients stay equal) and those whose Σ‖g‖² this rank adds to the norm (all of them where
+        each rank holds the whole gradient, else the owned blocks that rank counts)."""
+        grads = [g for g in (local(p.grad) for p in self._params) if g is not None]
+        if self._clips_replicas():
+            return grads, grads, grads
+        owned = [(g, v.counted) for v in views if (g := v.grad) is not None]
+        scaled = grads if self.sharding.grad_reduction == "none" else [g for g, _ in owned]
+        return grads, scaled, [g for g, counted in owned if counted]
 
     def _clip_meeting(self, partial: float, error: BaseException | None) -> float | None:
         """The clip's all-reduce: Σ‖g‖² over ranks (None where a rank failed: the record raises on every rank).
@@ -1743,11 +1751,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
         return loss
 
     def _run_step_closure(self, closure: Callable[[], Any] | None) -> Any:
-        """:meth:`_run_closure` for the step, with Lightning's ``gradient_clip_val`` taken over where it would clip
-        each rank's own gradient (:mod:`~lightning_soaa.optim.lightning_clip`); the step then applies it."""
-        if closure is None or not self._routes_lightning_clip():  # (the context manager costs 3 us a step)
+        """:meth:`_run_closure` for the step, with Lightning's clip taken over where it would clip each rank's own
+        gradient (:mod:`~lightning_soaa.optim.lightning_clip`); the step then applies it."""
+        trainer = running_trainer() if self._routes_lightning_clip() else None
+        if trainer is None:  # (no Lightning Trainer runs this step; a few us where Lightning is imported)
             return self._run_closure(closure)
-        with routed_clip(self, closure) as routed:
+        with routed_clip(self, trainer, closure is not None) as routed:
             loss = self._run_closure(closure)
         if routed:
             self._routed_clip = routed[0]  # (read by this step's _clip_grads; dropped when the step ends)
@@ -1920,8 +1929,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def _step_digest(self) -> int:
         """The digest the step's meetings compare (the record's and ``max_grad_norm``'s, whichever comes first):
         the hyperparameters', and under FSDP2 which DTensor parameters have a gradient (a rank without one skips
-        that shard, and ASGO/DASGO's mesh sums over the blocks with a gradient had other sizes on other ranks)."""
-        return self._hyper_digest() ^ agreement.presence_digest(self._dtensor_grad_presence())
+        that shard, and ASGO/DASGO's mesh sums over the blocks with a gradient had other sizes on other ranks), and
+        the bound of the Lightning clip the step took over (a ``configure_gradient_clipping`` may clip on some ranks
+        only: those met in the clip's all-reduce, the others in the record's, and read each other's table)."""
+        routed = self.__dict__.get("_routed_clip")
+        clip = 0 if routed is None else agreement.hyperparameter_digest([{"gradient_clip_val": routed}])
+        return self._hyper_digest() ^ clip ^ agreement.presence_digest(self._dtensor_grad_presence())
 
     def _hyper_digest(self) -> int:
         """The hyperparameter digest of this step (distributed/hyper_digest.py: the groups' texts are
@@ -1998,12 +2011,13 @@ class ShardedOptimizer(torch.optim.Optimizer):
         # this path only, names the value that differs
         # (an optimizer-wide value set by hand, EGN's opt.damping, is named too: it was "differ" and no more)
         by_rank = self._gather_detail(lambda: (agreement.group_values(self.param_groups),
-                                               self._global_hyperparameters()))
+                                               self._global_hyperparameters(), self.__dict__.get("_routed_clip")))
         # (a rank that could not make its values sent None: the others' are named)
         sent = [r for r in ranks if by_rank[r] is not None] if by_rank[0] is not None else []
-        pairs = [([], {}) if v is None else v for v in by_rank]
-        groups, wide = [g for g, _ in pairs], [o for _, o in pairs]
-        detail = agreement.first_group_difference(groups, sent) or agreement.first_global_difference(wide, sent)
+        values = [([], {}, None) if v is None else v for v in by_rank]
+        groups, wide, clips = [g for g, _, _ in values], [o for _, o, _ in values], [c for _, _, c in values]
+        detail = (clip_difference(clips, sent) or agreement.first_group_difference(groups, sent)
+                  or agreement.first_global_difference(wide, sent))
         return RuntimeError(
             f"{name}.step: the hyperparameters ({self._hyper_what}) on rank(s) {ranks} "
             f"differ from rank 0's{detail}; every rank must set the same values (same scheduler on every rank; a "
@@ -2287,12 +2301,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         """
         unscaled: list[Tensor] = []  # the gradients this step holds unscaled (the scaler's contract)
         try:
-            return self._template_step(local_error, unscaled)
+            stepped = self._template_step(local_error, unscaled)
         except BaseException:
             amp_after_raise(self, unscaled)
-            clipped = self.__dict__.pop("_clip_pending", None)
-            if clipped is not None:  # (its retry on these gradients clips them once: _clip_grads)
-                self._clip_kept = clipped
             # the traceback holds this frame (and _template_step's) until the caller's except block ends: emptied,
             # the list no longer keeps the gradients alive there (a caller freeing them to retry on a smaller batch)
             unscaled.clear()
@@ -2300,11 +2311,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
         finally:
             self.__dict__.pop("_held_out", None)  # (a skipped or failed step: its gather's buffers go)
             self.__dict__.pop("_routed_clip", None)  # (Lightning's clip value belongs to this step alone)
-            self.__dict__.pop("_clip_pending", None)
             # only a step whose verdict passed (or the first) moves the mark: a refused step changed nothing, and
             # marked, its retry saw no change and silently kept the owners' copies of what the ranks changed apart
             if self.__dict__.pop("_moved_judged", False) or self.__dict__.get("_param_versions") is None:
                 self._note_versions()
+        self.__dict__.pop("_clip_mark", None)  # (kept where the step raised: its retry clips these gradients once)
+        return stepped
 
     def _template_step(self, local_error: BaseException | None, unscaled: list[Tensor]) -> bool:
         """:meth:`_sharded_step`'s work; ``unscaled`` receives the gradients it unscales (or finds unscaled)."""

@@ -4,7 +4,8 @@ each rank's gradient, registered at fit start: Lightning registers ``ddp_comm_ho
 takes the value over as its ``max_grad_norm`` and clips the averaged gradient, equal to one process whose Trainer
 clips the full batch's gradient (float64). Lightning used to clip each rank's own gradient by its own norm, before
 the average (AdamW 0.10 off the one-process run in 4 steps), silently. ``gradient_clip_algorithm="value"`` is
-refused."""
+refused, and so is a clip the step cannot take over (one made before ``step()`` or without
+``clip_gradients``)."""
 
 from pathlib import Path
 from typing import Any
@@ -40,10 +41,10 @@ class _NoAveraging(pl.Callback):
         trainer.strategy.model.register_comm_hook(None, _local_gradients)
 
 
-def _fit(tmp: Path, name: str, devices: int, **trainer_kw: Any) -> list[dict[str, Any]]:
+def _fit(tmp: Path, name: str, devices: int, module: type[TinyRegressor] = TinyRegressor,
+         **trainer_kw: Any) -> list[dict[str, Any]]:
     class_path, init = OPTIMIZERS[name]
-    model = TinyRegressor(OptimizerFactory(class_path, {**init, "grad_reduction": "mean"}),
-                          batch_size=8 // devices)
+    model = module(OptimizerFactory(class_path, {**init, "grad_reduction": "mean"}), batch_size=8 // devices)
     extra = [_NoAveraging()] if devices > 1 else []
     trainer = make_trainer(tmp, devices=devices, max_steps=4,
                            callbacks=[LossToOptimizer(), RankRecorder(tmp), *extra], **trainer_kw)
@@ -76,3 +77,108 @@ def test_gradient_clip_val_under_a_precision_plugin_of_the_users_own(tmp_path: P
     ref = _fit(tmp_path / "one", "AdamW", 1, gradient_clip_val=CLIP)[0]["params"]
     for rec in _fit(tmp_path / "two", "AdamW", 2, gradient_clip_val=CLIP, precision=None, plugins=[_OwnPrecision()]):
         torch.testing.assert_close(rec["params"], ref, rtol=1e-10, atol=1e-12)
+
+
+class _OwnClosurePrecision(DoublePrecision):
+    """A precision plugin whose ``optimizer_step`` hands ``step()`` a closure of its own around Lightning's (as a
+    Lightning release that changes the closure's shape would)."""
+
+    def optimizer_step(self, optimizer: Any, model: Any, closure: Any, **kwargs: Any) -> Any:
+        def run() -> Any:
+            return self._wrap_closure(model, optimizer, closure)
+        return optimizer.step(closure=run, **kwargs)
+
+
+def test_gradient_clip_val_under_a_closure_of_another_shape(tmp_path: Path) -> None:
+    """Recognised by the Trainer that runs the step, not by the closure's shape: it was missed, and Lightning
+    clipped each rank's own gradient, silently (0.1 off the one-process run)."""
+    ref = _fit(tmp_path / "one", "AdamW", 1, gradient_clip_val=CLIP)[0]["params"]
+    for rec in _fit(tmp_path / "two", "AdamW", 2, gradient_clip_val=CLIP, precision=None,
+                    plugins=[_OwnClosurePrecision()]):
+        torch.testing.assert_close(rec["params"], ref, rtol=1e-10, atol=1e-12)
+
+
+class _ClipsInItsHook(TinyRegressor):
+    """Clips through ``self.clip_gradients`` in its own ``configure_gradient_clipping`` (the Trainer sets no
+    ``gradient_clip_val``): Lightning's documented way to choose the clip."""
+
+    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: Any = None,
+                                    gradient_clip_algorithm: Any = None) -> None:
+        self.clip_gradients(optimizer, gradient_clip_val=CLIP, gradient_clip_algorithm="norm")
+
+
+def test_clip_gradients_in_configure_gradient_clipping_acts_on_the_averaged_gradient(tmp_path: Path) -> None:
+    """It clipped each rank's own gradient, silently (no gradient_clip_val: nothing was taken over)."""
+    ref = _fit(tmp_path / "one", "AdamW", 1, gradient_clip_val=CLIP)[0]["params"]
+    for rec in _fit(tmp_path / "two", "AdamW", 2, module=_ClipsInItsHook):
+        torch.testing.assert_close(rec["params"], ref, rtol=1e-10, atol=1e-12)
+
+
+class _ClipsByItself(TinyRegressor):
+    """Clips with torch in its own ``configure_gradient_clipping``: a clip the step never sees."""
+
+    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: Any = None,
+                                    gradient_clip_algorithm: Any = None) -> None:
+        torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
+
+
+def test_configure_gradient_clipping_that_clips_by_itself_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(Exception, match=r"gradient_clip_val=0.3.*no clip of it reached the precision plugin's "
+                                        r"clip_gradients.*Pass max_grad_norm"):
+        _fit(tmp_path, "AdamW", 2, module=_ClipsByItself, gradient_clip_val=CLIP)
+
+
+class _ClosureBeforeStep(DoublePrecision):
+    """Runs the closure, and with it Lightning's clip, before ``step()`` (as Lightning's GradScaler path does)."""
+
+    def optimizer_step(self, optimizer: Any, model: Any, closure: Any, **kwargs: Any) -> Any:
+        result = closure()
+        self._after_closure(model, optimizer)
+        optimizer.step(**kwargs)
+        return result
+
+
+def test_a_clip_before_step_is_refused(tmp_path: Path) -> None:
+    """Lightning clipped each rank's own gradient before the step, which went on without a word."""
+    with pytest.raises(Exception, match=r"gradient_clip_val=0.3.*without a closure.*Pass max_grad_norm"):
+        _fit(tmp_path, "AdamW", 2, gradient_clip_val=CLIP, precision=None, plugins=[_ClosureBeforeStep()])
+
+
+class _ClipsOnRankZero(TinyRegressor):
+    """Clips through ``self.clip_gradients`` on rank 0 only, from the second step on."""
+
+    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: Any = None,
+                                    gradient_clip_algorithm: Any = None) -> None:
+        if self.global_rank == 0 and self.global_step >= 1:
+            self.clip_gradients(optimizer, gradient_clip_val=CLIP, gradient_clip_algorithm="norm")
+
+
+def test_a_clip_on_some_ranks_only_is_refused_on_every_rank(tmp_path: Path) -> None:
+    """Rank 0 clipped its own gradient and the step went on, silently; taken over on rank 0 alone, rank 0 met in
+    the clip's all-reduce and rank 1 in the record's."""
+    with pytest.raises(Exception, match=r"hyperparameters.*differ.*clip_gradients bounded this step's gradient "
+                                        r"norm by 0.3 on rank 0, None on rank 1"):
+        _fit(tmp_path, "AdamW", 2, module=_ClipsOnRankZero)
+
+
+class _ClipsTwice(TinyRegressor):
+    """Clips through ``self.clip_gradients`` twice in one step."""
+
+    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: Any = None,
+                                    gradient_clip_algorithm: Any = None) -> None:
+        for bound in (CLIP, 2 * CLIP):
+            self.clip_gradients(optimizer, gradient_clip_val=bound, gradient_clip_algorithm="norm")
+
+
+def test_two_clips_in_one_step_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(Exception, match=r"clipped ShardedAdamW's gradients twice in one step.*0.3, then 0.6"):
+        _fit(tmp_path, "AdamW", 2, module=_ClipsTwice)
+
+
+def test_gradient_clip_val_with_max_grad_norm_is_refused(tmp_path: Path) -> None:
+    model = TinyRegressor(OptimizerFactory("lightning_soaa.AdamW", {"lr": 0.05, "grad_reduction": "mean",
+                                                                    "max_grad_norm": 1.0}), batch_size=4)
+    trainer = make_trainer(tmp_path, devices=2, max_steps=2, gradient_clip_val=CLIP,
+                           callbacks=[LossToOptimizer(), _NoAveraging()])
+    with pytest.raises(Exception, match=r"gradient_clip_val=0.3 and ShardedAdamW's max_grad_norm are both set"):
+        trainer.fit(model)
