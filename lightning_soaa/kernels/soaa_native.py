@@ -33,6 +33,7 @@ from __future__ import annotations
 import array
 import contextlib
 import ctypes
+import functools
 import hashlib
 import itertools
 import logging
@@ -48,14 +49,13 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.autograd.graph import increment_version
 
 from lightning_soaa.kernels import forks
 from lightning_soaa.kernels.raw import own_storage
 
 log = logging.getLogger(__name__)
 
-__all__ = ["NativeSOAA", "NativeUnavailable", "build_library", "int_array", "pointers"]
+__all__ = ["NativeSOAA", "NativeUnavailable", "build_library", "int_array", "out_array", "pointers"]
 
 _SOURCE = Path(__file__).with_name("soaa_cpu.c")
 _ABI = 7
@@ -355,11 +355,13 @@ class NativeSOAA:
                             self._array(("sums", "mode"), ctypes.c_int, tuple(modes)))
 
     def sums_at(self, dtype: torch.dtype, g: PointerArray, m: PointerArray, v: PointerArray, n: Any,
-                modes: Any) -> list[list[float]]:
+                modes: Any, out: Any = None) -> list[list[float]]:
         """:meth:`sums` with the blocks given as C arrays (:func:`pointers`; ``n`` int64 sizes, ``modes``
-        ints): for a caller that keeps them between steps (SOAA's step plan)."""
+        ints): for a caller that keeps them between steps (SOAA's step plan), which may pass ``out`` too
+        (:func:`out_array` of ``2 * len(n)``, overwritten: the results are copied out of it)."""
         nb = len(n)
-        out = (ctypes.c_double * (2 * nb))()
+        if out is None:
+            out = out_array(2 * nb)
         if self._fns[("sums", dtype)](nb, g, m, v, n, modes, out, torch.get_num_threads()):
             raise MemoryError("SOAA CPU kernel: out of memory for its per-chunk sums")
         return _rows(out, 2)
@@ -375,17 +377,23 @@ class NativeSOAA:
                             self._array(("step", "n"), ctypes.c_int64, tuple(map(_numel, p))), scal)
 
     def step_at(self, dtype: torch.dtype, written: list[Tensor], p: PointerArray, g: PointerArray,
-                m: PointerArray, v: PointerArray, n: Any, scal: Sequence[Sequence[float]]) -> list[list[float]]:
+                m: PointerArray, v: PointerArray, n: Any, scal: Sequence[Sequence[float]],
+                out: Any = None) -> list[list[float]]:
         """:meth:`step` with the blocks given as C arrays (``written``: the tensors behind ``p``, ``m`` and
-        ``v``, whose versions the call bumps)."""
+        ``v``, whose versions the call bumps; ``out``: as :meth:`sums_at`'s, of ``5 * len(n)``)."""
         nb = len(n)
-        out = (ctypes.c_double * (5 * nb))()
-        sc = (ctypes.c_double * (8 * nb)).from_buffer_copy(_scalar_rows(scal))
+        if out is None:
+            out = out_array(5 * nb)
+        rows = _scalar_rows(scal)  # (passed by its address: no ctypes array made; alive until the call returns)
+        if len(rows) != 8 * nb:  # the loop reads 8 per block: a short buffer would be read past its end
+            raise ValueError(f"SOAA CPU kernel: {len(rows)} step scalars for {nb} blocks; expected 8 per block.")
+        sc = ctypes.c_void_p(rows.buffer_info()[0])
         # The loop writes through raw pointers: tell autograd these tensors change, as an in-place torch
         # op would (a graph that saved θ then refuses to backward instead of using the new θ). Done
         # before the loop, while the tensors are in cache (the loop's sweep evicts them); a call that
-        # fails (before any write) leaves them bumped, which only makes autograd stricter.
-        increment_version(written)
+        # fails (before any write) leaves them bumped, which only makes autograd stricter. (torch's
+        # increment_version without its Python frame: a list is what it passes on)
+        _increment_version(written)
         if self._fns[("step", dtype)](nb, p, g, m, v, n, sc, out, torch.get_num_threads()):
             raise MemoryError("SOAA CPU kernel: out of memory for its per-chunk sums")
         return _rows(out, 5)
@@ -401,6 +409,20 @@ def _scalar_rows(scal: Sequence[Sequence[float]]) -> array.array[float]:
 
 
 PointerArray = Any  # a ctypes array of void* (from pointers())
+
+_increment_version = torch._C._increment_version
+
+
+@functools.lru_cache(maxsize=64)
+def _double_array(k: int) -> Any:
+    """The ctypes type of an array of ``k`` doubles (made once per size)."""
+    return ctypes.c_double * k
+
+
+def out_array(k: int) -> Any:
+    """A C array of ``k`` doubles for the passes' results (``out`` of :meth:`NativeSOAA.sums_at` and
+    :meth:`NativeSOAA.step_at`)."""
+    return _double_array(k)()
 
 
 def pointers(ts: Sequence[Tensor]) -> PointerArray:

@@ -515,6 +515,8 @@ def _list_values(group: dict[str, Any]) -> tuple[tuple[Any, tuple[Any, ...]], ..
     """Copies of a group's list values other than ``params`` (``betas=[0.9, 0.95]`` from a YAML file): a
     list edited in place (``group["betas"][1] = 1.5``) is the same object, so only its contents show the
     change (an unchecked 1.5 wrote NaN into the parameters). Compared by :func:`_same_list_values`."""
+    if list(map(type, group.values())).count(list) == 1 and type(group.get("params")) is list:
+        return ()  # ``params`` is the only list (the usual case): one C-level pass, no generator
     return tuple((k, tuple(v)) for k, v in group.items() if k != "params" and type(v) is list)
 
 

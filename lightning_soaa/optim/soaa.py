@@ -532,6 +532,16 @@ class SOAA(ShardedOptimizer):
         self._pending_mark = self._grad_mark()
         self._set_loss_calls += 1
 
+    def _set_step_loss(self, loss: Tensor | float) -> None:
+        """``set_loss(loss, replace=True)`` for ``step(loss=)``, without the gradients' mark (~3 us on a small
+        model's step): the step drops its loss when it ends, and the mark is read only for a loss still pending
+        at ``zero_grad``."""
+        if self._receiver() is not self:  # (Lightning's LightningOptimizer: the optimizer behind it holds the loss)
+            self.set_loss(loss, replace=True)
+            return
+        self._pending_loss, self._pending_plain, self._pending_mark = (_check_loss(loss), 1.0), False, None
+        self._set_loss_calls += 1
+
     def discard_loss(self) -> None:
         """Forget a loss handed over with :meth:`set_loss` for a step that will not be taken.
 
@@ -620,7 +630,7 @@ class SOAA(ShardedOptimizer):
                 # its re-evaluation would return None too: every trial rejected, nothing trained, silently
                 raise ValueError(SAME_BATCH_NONE_MESSAGE)
             if loss is not None:
-                self.set_loss(loss, replace=True)  # step(loss=) overrides a set_loss value
+                self._set_step_loss(loss)  # step(loss=) overrides a set_loss value
             elif closure is not None and ret is not None and self._set_loss_calls == calls_before:
                 # A loss handed over *during* the closure (Lightning's LossToOptimizer fires inside it)
                 # wins over the closure's return value: under gradient accumulation Lightning's closure

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import itertools
 import operator
 from collections.abc import Sequence
 from typing import Any
@@ -43,11 +44,12 @@ from torch import Tensor
 
 from lightning_soaa.functional.soaa import add_moment_sums, add_step_sums, native_step_scalars
 from lightning_soaa.kernels.raw import cell_values, own_storage, value_cells
-from lightning_soaa.kernels.soaa_native import NativeSOAA, int_array, pointers
+from lightning_soaa.kernels.soaa_native import NativeSOAA, int_array, out_array, pointers
 
 __all__ = ["NativePlan"]
 
 _version_of = operator.attrgetter("_version")
+_ONES = itertools.repeat(1)
 _dtype_of = operator.attrgetter("dtype")
 _is_cpu = operator.attrgetter("is_cpu")
 _data_ptr = Tensor.data_ptr
@@ -86,6 +88,7 @@ class NativePlan:
     counts: list[float]  # the counters' values
     ts: list[int]  # the step count of the next update of each block (counts + 1)
     cells: list[Any]  # each counter's value as a ctypes number at its address
+    outs: tuple[Any, Any, Any]  # the passes' result arrays, the gradients' addresses (overwritten at each step)
     grad_array: tuple[list[Tensor], Any] | None = None  # this step's gradients and their C array
 
     @classmethod
@@ -106,7 +109,7 @@ class NativePlan:
         return cls(native, params[0].dtype, list(params), list(exp_avgs), list(exp_avg_sqs), list(counters),
                    sum(map(_numel, params)), cls._layout(watched), tuple(map(_version_of, versioned)), list(sums),
                    watched, versioned, arrays, counts, [int(x) + 1 for x in counts],
-                   cells)
+                   cells, (out_array(2 * len(params)), out_array(5 * len(params)), pointers(params)))
 
     @staticmethod
     def _layout(watched: list[Tensor]) -> tuple[int, ...]:
@@ -116,7 +119,7 @@ class NativePlan:
         """Whether these blocks, states and gradients are the plan's, unchanged (see the module docstring)."""
         if torch.compiler.is_compiling():  # as SOAAKernels: no C loops inside a graph dynamo traces
             return False
-        if not _same(params, self.params):
+        if params is not self.params and not _same(params, self.params):  # (SOAA's planned step: its own list)
             return False
         if len(states) != len(self.params):
             return False
@@ -136,11 +139,13 @@ class NativePlan:
                 and all(map(_is_contiguous, grads)) and own_storage(grads))
 
     def _grads(self, grads: list[Tensor]) -> Any:
-        """The C array of the gradients' addresses, made once for both passes of a step."""
+        """The C array of the gradients' addresses, written once for both passes of a step (into the plan's
+        own array: one array for every step, its values replaced)."""
         kept = self.grad_array
         if kept is not None and kept[0] is grads:
             return kept[1]
-        arr = pointers(grads)
+        arr = self.outs[2]
+        arr[:] = list(map(_data_ptr, grads))  # (one per block: matches checked; another length raises)
         self.grad_array = (grads, arr)
         return arr
 
@@ -148,7 +153,7 @@ class NativePlan:
                          eps: float) -> list[float]:
         """``[Σ m̂², Σ (v̂ + ε)]`` of the would-be moments: the general path's fused sums pass."""
         _, m, v, n, modes = self.arrays
-        rows = self.native.sums_at(self.dtype, self._grads(grads), m, v, n, modes)
+        rows = self.native.sums_at(self.dtype, self._grads(grads), m, v, n, modes, self.outs[0])
         s_m2, s_v = add_moment_sums(0.0, 0.0, self.sums, rows, ts, beta1=beta1, beta2=beta2)
         return [s_m2, s_v + eps * self.numel]
 
@@ -160,7 +165,8 @@ class NativePlan:
                                                weight_decay=weight_decay, d=d, c=c)
         p, m, v, n, _ = self.arrays
         # (the versions of θ, m, v and the counters bumped once, as the counters' own write would)
-        rows = self.native.step_at(self.dtype, self.watched, p, self._grads(grads), m, v, n, [rows_of[t] for t in ts])
+        rows = self.native.step_at(self.dtype, self.watched, p, self._grads(grads), m, v, n, [rows_of[t] for t in ts],
+                                   self.outs[1])
         self.grad_array = None  # the gradients are the caller's: not kept past the step
         self.counts = [x + 1.0 for x in self.counts]
         for cell, x in zip(self.cells, self.counts):
@@ -169,5 +175,8 @@ class NativePlan:
         out = [0.0, 0.0, 0.0]
         add_step_sums(out, rows, ts, weights)
         self.sums = [(r[3], r[4]) for r in rows]
-        self.versions = tuple(map(_version_of, self.versioned))
+        # the versions matches() found, each bumped once by step_at (not read again: 18 attribute calls). Were two
+        # of them one counter (views of one buffer), or were one not bumped, the next matches() finds them
+        # unequal and the general path runs: a wrong guess costs a rebuilt plan, never a stale one
+        self.versions = tuple(map(operator.add, self.versions, _ONES))
         return out if count_limited else out[:2]

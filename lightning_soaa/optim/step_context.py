@@ -27,6 +27,10 @@ AUTOCAST_DEVICES: tuple[str, ...] = ("cpu", "cuda", "xpu", "mps")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+#: whether autocast is enabled for any device type (a superset of AUTOCAST_DEVICES), in one call (a torch
+#: without it: always asked per device type)
+_any_autocast: Callable[[], bool] = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+
 
 def _in_autocast_region() -> bool:
     """Whether this thread is inside a ``torch.autocast`` region, enabled or not (0.2 us): autocast keeps its
@@ -90,7 +94,8 @@ def _full_precision(step: F, *, no_grad: bool) -> F:
         if no_grad:  # what torch.no_grad() does on entry and exit (torch.set_grad_enabled without its object)
             torch._C._set_grad_enabled(False)
         try:
-            active = [d for d in AUTOCAST_DEVICES if torch.is_autocast_enabled(d)]
+            # (one call says none is enabled, the usual case: asked per device type, each parses its name)
+            active = [d for d in AUTOCAST_DEVICES if torch.is_autocast_enabled(d)] if _any_autocast() else []
             if not active:
                 try:  # (inside a region's enabled=False part too: the region's casts outlive it)
                     return step(self, *args, **kwargs)

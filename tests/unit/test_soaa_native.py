@@ -567,9 +567,9 @@ def test_cached_step_takes_the_bits_of_an_uncached_one_after_every_kind_of_chang
             return
         inner = native.sums_at  # what every sums pass calls (NativeSOAA.sums and the step plan)
 
-        def sums_at(dtype, g, m, v, n, modes):  # type: ignore[no-untyped-def]
+        def sums_at(dtype, g, m, v, n, modes, *out):  # type: ignore[no-untyped-def]  # (out: the plan's buffer)
             mode0_blocks.append(sum(1 for x in modes if x == native.SUMS_MOMENTS))
-            return inner(dtype, g, m, v, n, modes)
+            return inner(dtype, g, m, v, n, modes, *out)
         native.sums_at = sums_at  # type: ignore[method-assign]
         native._spied = True
 
