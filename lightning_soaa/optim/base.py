@@ -512,12 +512,17 @@ def _same_members(params: list[Tensor], built: tuple[Tensor, ...]) -> bool:
 
 
 def _list_values(group: dict[str, Any]) -> tuple[tuple[Any, tuple[Any, ...]], ...]:
-    """Copies of a group's list values other than ``params`` (``betas=[0.9, 0.95]`` from a YAML file): a
-    list edited in place (``group["betas"][1] = 1.5``) is the same object, so only its contents show the
-    change (an unchecked 1.5 wrote NaN into the parameters). Compared by :func:`_same_list_values`."""
-    if list(map(type, group.values())).count(list) == 1 and type(group.get("params")) is list:
-        return ()  # ``params`` is the only list (the usual case): one C-level pass, no generator
-    return tuple((k, tuple(v)) for k, v in group.items() if k != "params" and type(v) is list)
+    """Copies of a group's list values other than ``params`` and ``param_names`` (``betas=[0.9, 0.95]`` from a
+    YAML file): a list edited in place (``group["betas"][1] = 1.5``) is the same object, so only its contents
+    show the change (an unchecked 1.5 wrote NaN into the parameters). Compared by :func:`_same_list_values`."""
+    lists = list(map(type, group.values())).count(list)  # (one C-level pass)
+    if lists == (type(group.get("params")) is list) + (type(group.get("param_names")) is list):
+        return ()  # the usual case: no list but the parameters and torch's names of them
+    return tuple((k, tuple(v)) for k, v in group.items() if k not in _NOT_HYPERPARAMETERS and type(v) is list)
+
+
+#: a group's list values that hold no hyperparameter: its tensors, and torch's names of them (labels only)
+_NOT_HYPERPARAMETERS = frozenset({"params", "param_names"})
 
 
 def _same_list_values(a: tuple[tuple[Any, tuple[Any, ...]], ...], b: tuple[tuple[Any, tuple[Any, ...]], ...]) -> bool:
