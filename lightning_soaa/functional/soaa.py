@@ -698,13 +698,12 @@ def add_moment_sums(s_m2: float, s_v: float, stored: Sequence[tuple[float, float
     a = 1.0 - beta1
     c1, c2, c3, b2c = beta1 * beta1, 2.0 * beta1 * a, a * a, 1.0 - beta2
     bias = {t: ((1.0 - beta1**t) ** 2, 1.0 - beta2**t) for t in set(ts)}
-    for t, st, (mg, g2) in zip(ts, stored, rows):
-        # a rounding below 0 only where m_t ≈ 0 everywhere
-        x = max(c1 * st[0] + c2 * mg + c3 * g2, 0.0)
-        y = beta2 * st[1] + b2c * g2
-        bc = bias[t]
-        s_m2 += x / bc[0]
-        s_v += y / bc[1]
+    for (bc1, bc2), (sm2, sv), (mg, g2) in zip(map(bias.__getitem__, ts), stored, rows):
+        x = c1 * sm2 + c2 * mg + c3 * g2
+        # a rounding below 0 only where m_t ≈ 0 everywhere: max(x, 0.0) without its call (x unless 0 > x, so
+        # a NaN and -0.0 stay as they were)
+        s_m2 += (0.0 if x < 0.0 else x) / bc1
+        s_v += (beta2 * sv + b2c * g2) / bc2
     return s_m2, s_v
 
 
@@ -747,11 +746,12 @@ def add_step_sums(out: list[float], rows: Sequence[Sequence[float]], ts: Sequenc
                   weights: dict[int, tuple[float, float]]) -> None:
     """Add the fused step's per-block ``[Σ m q, Σ (s q)², #limited, ...]`` into ``out = [Σ m̂·u, Σ v̂·u²,
     n_limited]``, weighted per step count, block by block in order (every caller, so the same bits)."""
-    for t, r in zip(ts, rows):
-        w = weights[t]
-        out[0] += r[0] * w[0]
-        out[1] += r[1] * w[1]
-        out[2] += r[2]
+    mu, vu2, limited = out  # (in locals: each sum still added block by block, in order)
+    for (w0, w1), r in zip(map(weights.__getitem__, ts), rows):
+        mu += r[0] * w0
+        vu2 += r[1] * w1
+        limited += r[2]
+    out[:] = mu, vu2, limited
 
 
 # ---------------------------------------------------------------- eager kernels
