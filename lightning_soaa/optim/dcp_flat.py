@@ -62,7 +62,7 @@ def _torch_frame(function: str) -> Any:
         frame = frame.f_back  # type: ignore[assignment]
         if frame is None:
             return None
-        if (frame.f_globals.get("__name__"), frame.f_code.co_name) == (_TORCH_DSD, function):
+        if _is_torch(frame, function):
             return frame
     return None
 
@@ -70,14 +70,63 @@ def _torch_frame(function: str) -> Any:
 def flattening_names(opt: ShardedOptimizer) -> list[str] | None:
     """Where torch's ``get_optimizer_state_dict`` (``get_state_dict``) calling ``opt.state_dict()`` will flatten
     the result, the name each parameter of ``opt`` is saved under, in its order (``[]`` where torch names not
-    every one); else None. Each rank decides from its own call's options, which every rank passes alike."""
+    every one); else None. Each rank decides from its own call's options, which every rank passes alike.
+    Flattened with ``full_state_dict=True`` it is refused (:func:`_refuse_full_flattened`)."""
     frame = _torch_frame(_GET)
     info = frame.f_locals.get("info") if frame is not None else None
     if not getattr(info, "flatten_optimizer_state_dict", False):
         return None
+    _refuse_full_flattened(opt, frame, info)
     mapping = getattr(info, "fqn_param_mapping", None)
     names = [sorted(str(n) for n in mapping.get(p, ()))[:1] if isinstance(mapping, dict) else [] for p in opt._params]
     return [n[0] for n in names] if all(names) else []
+
+
+_FULL_FLAT = "StateDictOptions(full_state_dict=True, flatten_optimizer_state_dict=True)"
+
+
+def _refuse_full_flattened(opt: ShardedOptimizer, frame: Any, info: Any) -> None:
+    """Refuse torch's flattened form with ``full_state_dict=True``, saved or loaded. Why: torch's
+    ``set_optimizer_state_dict`` cannot load it, for any optimizer (torch's AdamW too, torch 2.13): its
+    full-state branch merges the flattened dict's rebuild (``param_groups.0.params.0``, ...) into the
+    destination's own flattened dict and loses the keys' paths (a bare ``KeyError: 'param_groups.0.params.0'``),
+    so a checkpoint saved so could only be loaded by another recipe, found by the user after the run. That
+    branch is the only caller of torch's getter inside its load (with ``full_state_dict`` off meanwhile), so a
+    load is told by the getter's caller. Decided from the options alone, which every rank passes alike: every
+    rank raises together, before any collective or change."""
+    loading = _is_torch(_caller(frame), _LOAD)
+    if not (loading or getattr(info, "full_state_dict", False)):
+        return
+    name = type(opt).__name__
+    if loading:
+        raise ValueError(
+            f"{name}: set_optimizer_state_dict(..., options={_FULL_FLAT}) cannot load any optimizer's state (torch "
+            "fails inside, for its own optimizers too: KeyError 'param_groups.0.params.0'). Load a flattened "
+            "state dict with StateDictOptions(flatten_optimizer_state_dict=True) alone: over plain (non-FSDP2) "
+            "parameters a full flattened dict loads that way as it is; under FSDP2 save it with dcp.save and "
+            "dcp.load it into get_optimizer_state_dict(model, opt, options=StateDictOptions("
+            "flatten_optimizer_state_dict=True)), which shards it, then set_optimizer_state_dict with those "
+            "options. Nothing was loaded.")
+    raise ValueError(
+        f"{name}: get_optimizer_state_dict(..., options={_FULL_FLAT}) is refused: torch's "
+        "set_optimizer_state_dict cannot load a state dict saved with both options, for any optimizer (torch's "
+        "own fail with KeyError 'param_groups.0.params.0'). Drop one of the two: StateDictOptions("
+        "flatten_optimizer_state_dict=True) with dcp.save / dcp.load (torchtitan's recipe: resharded at any "
+        "world size), or StateDictOptions(full_state_dict=True) (add cpu_offload=True to gather on rank 0) and "
+        "load it with set_optimizer_state_dict(..., options=StateDictOptions(full_state_dict=True, "
+        "broadcast_from_rank0=True)). Nothing was saved or changed.")
+
+
+def _caller(frame: Any) -> Any:
+    """The frame that called ``frame``'s function, past decorators' wrappers (torch's ``no_grad``)."""
+    frame = frame.f_back
+    while frame is not None and frame.f_globals.get("__name__") == "torch.utils._contextlib":
+        frame = frame.f_back
+    return frame
+
+
+def _is_torch(frame: Any, function: str) -> bool:
+    return frame is not None and (frame.f_globals.get("__name__"), frame.f_code.co_name) == (_TORCH_DSD, function)
 
 
 def flat_source(opt: ShardedOptimizer) -> tuple[dict[str, Any], dict[Any, Any]] | None:

@@ -318,3 +318,58 @@ def test_unflattened_groups_built_in_another_order_are_refused_naming_the_order(
     _steps(m, opt, 2, 1)
     _steps(m2, opt2, 2, 1)
     assert_identical(params(m2), params(m))
+
+
+def _full_flat(cpu_offload: bool = False) -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, flatten_optimizer_state_dict=True, cpu_offload=cpu_offload)
+
+
+@pytest.mark.parametrize("cpu_offload", [False, True], ids=["full", "full_cpu_offload"])
+@each_optimizer
+def test_a_full_flattened_save_is_refused_naming_the_options_and_changes_nothing(spec: OptimizerSpec,
+                                                                                   cpu_offload: bool) -> None:
+    """``StateDictOptions(full_state_dict=True, flatten_optimizer_state_dict=True)`` (with or without
+    ``cpu_offload``): torch's set_optimizer_state_dict cannot load what it saves, for any optimizer (torch's AdamW
+    fails with a bare ``KeyError: 'param_groups.0.params.0'`` too), so the save is refused naming both options
+    and the fix, and the optimizer goes on as uninterrupted. Before: saved, then never loaded with those options."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    (model, opt), (model2, opt2) = _parts(spec)[0], _parts(spec)[0]  # the same first part twice
+    step(spec, model, opt, 0)
+    step(spec, model2, opt2, 0)
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=r"StateDictOptions\(full_state_dict=True, flatten_optimizer_state_dict=True\)"
+                                         r"\) is refused.*Drop one of the two.*Nothing was saved or changed"):
+        get_optimizer_state_dict(model, opt, options=_full_flat(cpu_offload))
+    assert_identical(opt.state_dict(), before)
+    for t in (1, 2):
+        step(spec, model, opt, t)
+        step(spec, model2, opt2, t)
+    assert_identical(params(model), params(model2))
+
+
+@each_optimizer
+def test_a_full_flattened_load_is_refused_naming_the_load_that_works(spec: OptimizerSpec) -> None:
+    """A flattened state dict handed to ``set_optimizer_state_dict`` with ``full_state_dict=True`` too: refused
+    naming the options and the load that works (the flattened option alone), nothing loaded; that load then
+    resumes as uninterrupted. Before: a bare ``KeyError: 'param_groups.0.params.0'`` from inside torch."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    (model, opt), = _parts(spec)[:1]
+    for t in range(STEPS):
+        step(spec, model, opt, t)
+    sd = get_optimizer_state_dict(model, opt, options=_flat())
+    (model2, fresh), = _parts(spec)[:1]
+    model2.load_state_dict(model.state_dict())
+    before = copy.deepcopy(fresh.state_dict())
+    with pytest.raises(ValueError, match=r"cannot load.*flatten_optimizer_state_dict=True\) alone.*Nothing was loaded"):
+        set_optimizer_state_dict(model2, fresh, copy.deepcopy(sd), options=_full_flat())
+    assert fresh.num_steps == 0
+    assert_identical(fresh.state_dict(), before)
+    set_optimizer_state_dict(model2, fresh, sd, options=_flat())  # the load the message names
+    for t in range(STEPS, STEPS + 2):
+        step(spec, model, opt, t)
+        step(spec, model2, fresh, t)
+    assert_close(params(model2), params(model), "params", rtol=0, atol=1e-12)

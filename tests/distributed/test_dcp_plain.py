@@ -8,7 +8,9 @@ of every block's state (``lightning_soaa/optim/dcp_plain.py``).
 
 Also with torch's flattened form, ``StateDictOptions(flatten_optimizer_state_dict=True)`` (torchtitan's) on
 both ends: it was refused at the save (torch rebuilds a flattened state on load from the destination's live
-keys and dropped our metadata; ``lightning_soaa/optim/dcp_flat.py`` rebuilds it from the dict itself)."""
+keys and dropped our metadata; ``lightning_soaa/optim/dcp_flat.py`` rebuilds it from the dict itself). With
+``full_state_dict=True`` too it is refused on every rank, at the save and at the load (torch cannot load it,
+for any optimizer), and the run goes on unchanged."""
 
 from __future__ import annotations
 
@@ -59,16 +61,36 @@ def _options(flat: bool) -> Any:
     return StateDictOptions(flatten_optimizer_state_dict=flat)
 
 
-def _w_save(rank: int, world: int, name: str, path: str, auto_blocks: bool = False, flat: bool = False) -> None:
+def _full_flat_refusal(fn: Any) -> str:
+    """What ``fn`` (a save or load with ``StateDictOptions(full_state_dict=True, flatten_optimizer_state_dict=
+    True)``) raised: a ValueError's message, else what happened."""
+    try:
+        fn()
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def _full_flat(cpu_offload: bool = False) -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, flatten_optimizer_state_dict=True, cpu_offload=cpu_offload)
+
+
+def _w_save(rank: int, world: int, name: str, path: str, auto_blocks: bool = False, flat: bool = False) -> list[str]:
+    """The save; where ``flat``, first the refusals of the full flattened save (the run goes on unchanged)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     model, opt = _make(name, auto_blocks)
     _steps(name, model, opt, range(STEPS_BEFORE), rank, world)
     opt.consolidate_state_dict(to=None)  # sharded ranks: state_dict() is the gathered state (README)
+    refused = [_full_flat_refusal(lambda off=off: get_optimizer_state_dict(model, opt, options=_full_flat(off)))
+               for off in ((False, True) if flat else ())]
     osd = get_optimizer_state_dict(model, opt, options=_options(flat))
     assert flat == ("state" not in osd)
     dcp.save({"model": model.state_dict(), "optim": osd}, checkpoint_id=path)
+    return refused
 
 
 def _load_and_continue(name: str, path: str, rank: int, world: int, auto_blocks: bool = False,
@@ -83,6 +105,10 @@ def _load_and_continue(name: str, path: str, rank: int, world: int, auto_blocks:
         warnings.simplefilter("ignore", UserWarning)  # one process: "assuming the intent is to load in a single ..."
         dcp.load(dest, checkpoint_id=path)
     model.load_state_dict(dest["model"])
+    if flat:  # with full_state_dict=True too: refused on every rank, nothing loaded (a bare KeyError in torch before)
+        said = _full_flat_refusal(lambda: set_optimizer_state_dict(model, opt, dict(dest["optim"]),
+                                                                   options=_full_flat()))
+        assert "cannot load" in said and "Nothing was loaded" in said and opt.num_steps == 0, said
     set_optimizer_state_dict(model, opt, dest["optim"], options=_options(flat))
     assert opt.num_steps == STEPS_BEFORE
     assert not auto_blocks or len(opt.block_table.blocks) > len(list(model.parameters())) or world == 1
@@ -100,7 +126,11 @@ def _check(name: str, tmp_path: Path, auto_blocks: bool, monkeypatch: pytest.Mon
 
     monkeypatch.setattr(ShardedOptimizer, "default_max_block_numel", ShardedOptimizer.default_max_block_numel)
     path = str(tmp_path / "ckpt")
-    run_distributed(_w_save, 2, tmp_path, name, path, auto_blocks, flat, timeout=120)
+    refused = run_distributed(_w_save, 2, tmp_path, name, path, auto_blocks, flat, timeout=120)
+    for said in (m for r in refused for m in r):  # (both ranks; the save after and the resume below unchanged)
+        assert "full_state_dict=True, flatten_optimizer_state_dict=True)) is refused" in said, said
+        assert "Drop one of the two" in said and "Nothing was saved or changed" in said, said
+    assert [len(r) for r in refused] == [2 * flat] * 2
     model, opt = _make(name, auto_blocks)
     _steps(name, model, opt, range(STEPS_BEFORE + STEPS_AFTER), 0, 1)
     want = params(model)

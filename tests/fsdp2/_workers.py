@@ -738,10 +738,18 @@ def _flat() -> Any:
     return StateDictOptions(flatten_optimizer_state_dict=True)
 
 
+def _full_flat(cpu_offload: bool = False) -> Any:
+    """The flattened form with full_state_dict=True: torch cannot load it (dcp_flat.py refuses it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, flatten_optimizer_state_dict=True, cpu_offload=cpu_offload)
+
+
 def save_flattened(rank: int, world_size: int, root: str) -> dict[str, Any]:
     """torchtitan's recipe after CKPT_AT steps of every case: ``get_model_state_dict`` and
     ``get_optimizer_state_dict(options=StateDictOptions(flatten_optimizer_state_dict=True))``, ``dcp.save``;
-    then the run goes on to STEPS (the uninterrupted run). Before, the save was refused (dcp_flat.py)."""
+    then the run goes on to STEPS (the uninterrupted run). Before, the save was refused (dcp_flat.py). First
+    the save with full_state_dict=True too (with and without cpu_offload), which is refused."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
@@ -749,19 +757,24 @@ def save_flattened(rank: int, world_size: int, root: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, _, _, sizes in CASES:
         model, opt = run_case(name, rank, world_size, mesh, steps=range(CKPT_AT))
+        # with full_state_dict=True too (cpu_offload or not): refused on every rank, nothing changed
+        refused = [expect_error(lambda off=off: get_optimizer_state_dict(model, opt, options=_full_flat(off)))
+                   for off in (False, True)]
         osd = get_optimizer_state_dict(model, opt, options=_flat())
         dcp.save({"model": get_model_state_dict(model), "optimizer": osd}, checkpoint_id=f"{root}/{name}")
         for t in range(CKPT_AT, STEPS):
             train_step(model, opt, *local_batch(t, sizes, rank, world_size))
-        out[name] = {"params": full_params(model), "stats": soaa_stats(opt), "flat": "state" not in osd}
+        out[name] = {"params": full_params(model), "stats": soaa_stats(opt), "flat": "state" not in osd,
+                     "full_flat_save": refused}
     return out
 
 
 def resume_flattened(rank: int, world_size: int, root: str) -> dict[str, Any]:
     """A fresh model and optimizer at this W: ``get_state_dict(options=flattened)`` as the destination,
-    ``dcp.load``, ``set_state_dict(options=flattened)``, then the remaining steps."""
+    ``dcp.load``, ``set_state_dict(options=flattened)``, then the remaining steps. First the load with
+    full_state_dict=True too, which is refused."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_optimizer_state_dict, set_state_dict
 
     mesh = make_mesh(world_size, False)
     out: dict[str, Any] = {}
@@ -771,12 +784,13 @@ def resume_flattened(rank: int, world_size: int, root: str) -> dict[str, Any]:
         model_sd, optim_sd = get_state_dict(model, opt, options=_flat())  # must not step the fresh optimizer
         fresh = {"num_steps": opt.num_steps, "state": sum(len(v) for v in opt.state.values())}
         dcp.load({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=f"{root}/{name}")
+        refused = expect_error(lambda: set_optimizer_state_dict(model, opt, dict(optim_sd), options=_full_flat()))
         set_state_dict(model, opt, model_state_dict=model_sd, optim_state_dict=optim_sd, options=_flat())
         resumed_at = opt.num_steps
         for t in range(CKPT_AT, STEPS):
             train_step(model, opt, *local_batch(t, sizes, rank, world_size))
         out[name] = {"params": full_params(model), "stats": soaa_stats(opt), "fresh": fresh,
-                     "resumed_at": resumed_at}
+                     "resumed_at": resumed_at, "full_flat_load": refused}
     return out
 
 

@@ -459,6 +459,9 @@ def test_a_flattened_optimizer_state_dict_resumes_at_another_world_size(tmp_path
     assert all(res[name]["flat"] for res in saved for name, *_ in W.CASES)
     results = run_distributed(W.resume_flattened, world_size, tmp_path, root, timeout=300)
     _assert_equal(results, references, f"resumed flattened at W = {world_size}")
+    for name, *_ in W.CASES:  # with full_state_dict=True too: refused on every rank, nothing loaded
+        said = {res[name]["full_flat_load"] for res in results}
+        assert len(said) == 1 and "cannot load" in next(iter(said)) and "Nothing was loaded" in next(iter(said)), said
     for r, res in enumerate(results):
         for name, *_ in W.CASES:  # torch's _init_optim_state did not step the fresh optimizer
             assert res[name]["fresh"] == {"num_steps": 0, "state": 0}, (name, r, res[name]["fresh"])
@@ -587,3 +590,18 @@ def test_a_dtensor_gradient_on_some_ranks_only_is_refused_before_the_clip_scales
             assert "parameter '2.weight' has a gradient on rank(s) [1] and none on rank(s) [0]" in got["said"], (
                 name, r, got)
             assert got["grads_kept"], (name, r, got)
+
+
+def test_a_full_flattened_save_is_refused_on_every_rank_and_the_run_goes_on(flattened_w2, references) -> None:
+    """``StateDictOptions(full_state_dict=True, flatten_optimizer_state_dict=True)`` at W = 2, with and without
+    ``cpu_offload``: torch's set_optimizer_state_dict cannot load it (a bare ``KeyError: 'param_groups.0.params.0'``
+    inside torch, for torch's AdamW too), so every rank refuses the save with the same message naming both
+    options and the fix, and the run, saved by the flattened form and continued, equals the uninterrupted one.
+    Before: saved, and no set_optimizer_state_dict options loaded it."""
+    saved, _ = flattened_w2
+    _assert_equal(saved, references, "refused the full flattened save and continued")
+    for name, *_ in W.CASES:
+        said = {m for res in saved for m in res[name]["full_flat_save"]}
+        assert len(said) == 1, (name, said)
+        msg = next(iter(said))
+        assert "flatten_optimizer_state_dict=True)) is refused" in msg and "Drop one of the two" in msg, msg
