@@ -134,7 +134,7 @@ from lightning_soaa.distributed.state_gather import gather_block_states
 from lightning_soaa.distributed.stop_vote import StopVote, in_handler_checkpoint_signal
 from lightning_soaa.functional.adamw import increment_counts_
 from lightning_soaa.kernels.raw import cell_values, value_cells
-from lightning_soaa.optim import dcp_flat, grad_clip
+from lightning_soaa.optim import dcp_flat, dcp_order, grad_clip
 from lightning_soaa.optim import dcp_state as dcp
 from lightning_soaa.optim.construction import collective_construction, failed_row
 from lightning_soaa.optim.dcp_plain import handed_out, without_placeholders
@@ -3105,10 +3105,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
         """:meth:`_full_state_dict` between torch's state-dict hooks (:mod:`~lightning_soaa.optim.sd_hooks`)."""
         if self._receiver() is not self:  # through Lightning's LightningOptimizer: it saved its class name
             return self._receiver().state_dict()
-        # torch flattens it (dcp_flat.py): every option a key of its own, as the live groups hold them
-        names = dcp_flat.flattening_names(self)
-        sd = hooked_state_dict(self, lambda: self._full_state_dict(keep_options=names is not None))
-        return dcp_flat.for_flattening(sd, names) if names is not None else sd
+        # where torch's getter calls: the saved order recorded (dcp_order.py); where torch flattens it
+        # (dcp_flat.py), every option a key of its own, as the live groups hold them
+        names, flat = dcp_flat.saving_names(self)
+        sd = hooked_state_dict(self, lambda: self._full_state_dict(keep_options=flat))
+        sd = dcp_order.with_saved_order(sd, names, FORMAT_KEY) if names else sd
+        return dcp_flat.for_flattening(sd, names) if flat else sd
 
     def _full_state_dict(self, keep_options: bool = False) -> dict[str, Any]:
         """The full, world-size independent state.
@@ -3182,7 +3184,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         The input is validated completely before anything changes, so a bad state dict leaves the
         optimizer untouched.
         """
-        dcp.refuse_reordered_groups(type(self).__name__, state_dict)
+        # torch's rebuild of groups built in another order than saved: our metadata put into their order
+        state_dict = dcp_order.in_live_order(type(self).__name__, state_dict, FORMAT_KEY)
+        dcp.refuse_reordered_groups(type(self).__name__, state_dict)  # (the order not recorded: refused)
         if not (isinstance(state_dict, dict) and FORMAT_KEY in state_dict) and dcp.is_dcp_state_dict(state_dict):
             # torch's shape (our metadata in param_groups[0]): saved under FSDP2, or any of our checkpoints
             # after torch rebuilt it (FSDP.rekey_optim_state_dict, set_optimizer_state_dict(full_state_dict=True))

@@ -22,10 +22,11 @@ So both ends take the dict itself:
 * load: torch calls ``load_state_dict`` with its lossy rebuild; :func:`flat_source` finds the flattened
   dict torch was given (its caller's frame, as for the save's option: torch hands the optimizer nothing
   else) and :func:`unflattened` rebuilds our torch form from it by this optimizer's parameter names:
-  every saved key of every block, and the groups as saved. Groups built in another order than saved are
-  refused (:func:`_refuse_reordered`: the metadata follows the saved order). The usual validation follows.
+  every saved key of every block, and the groups as saved. Groups built in another order than saved load,
+  the metadata put into their order (:func:`_in_live_order`, :mod:`~lightning_soaa.optim.dcp_order`). The
+  usual validation follows.
 
-The JSON rides in the state of the first group's first parameter (:func:`for_flattening`): torch's
+The JSON rides in the state of the parameter whose name sorts first (:func:`for_flattening`): torch's
 flattening repeats every group key once per parameter. Where torch's code moves so that the frame is not
 found, the rebuild without metadata is refused by the load as before ("not a lightning_soaa optimizer
 state").
@@ -38,11 +39,12 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from lightning_soaa.distributed.checkpoint import FORMAT_KEY
+from lightning_soaa.optim.dcp_order import NAMES, live_record
 
 if TYPE_CHECKING:
     from lightning_soaa.optim.base import ShardedOptimizer
 
-__all__ = ["flat_source", "flattening_names", "for_flattening", "unflattened"]
+__all__ = ["flat_source", "for_flattening", "saving_names", "unflattened"]
 
 _TORCH_DSD = "torch.distributed.checkpoint.state_dict"
 #: torch's function that calls an optimizer's ``state_dict()`` and flattens the result when asked
@@ -51,8 +53,6 @@ _GET = "_get_optim_state_dict"
 _LOAD = "_load_optim_state_dict"
 #: frames searched above the optimizer's own method: a LightningOptimizer's, decorators, torch's helpers
 _CALLER_DEPTH = 6
-#: the metadata's key for the names of the parameters in the saved order (:func:`for_flattening`)
-_NAMES = "param_fqns"
 
 
 def _torch_frame(function: str) -> Any:
@@ -67,19 +67,22 @@ def _torch_frame(function: str) -> Any:
     return None
 
 
-def flattening_names(opt: ShardedOptimizer) -> list[str] | None:
-    """Where torch's ``get_optimizer_state_dict`` (``get_state_dict``) calling ``opt.state_dict()`` will flatten
-    the result, the name each parameter of ``opt`` is saved under, in its order (``[]`` where torch names not
-    every one); else None. Each rank decides from its own call's options, which every rank passes alike.
-    Flattened with ``full_state_dict=True`` it is refused (:func:`_refuse_full_flattened`)."""
+def saving_names(opt: ShardedOptimizer) -> tuple[list[str] | None, bool]:
+    """Where torch's ``get_optimizer_state_dict`` (``get_state_dict``) calls ``opt.state_dict()``: the name
+    each parameter of ``opt`` is saved under, in its order (None where torch names not every one), and
+    whether torch will flatten the result; else ``(None, False)``. Each rank decides from its own call's
+    options, which every rank passes alike. Flattened with ``full_state_dict=True`` it is refused
+    (:func:`_refuse_full_flattened`)."""
     frame = _torch_frame(_GET)
-    info = frame.f_locals.get("info") if frame is not None else None
-    if not getattr(info, "flatten_optimizer_state_dict", False):
-        return None
-    _refuse_full_flattened(opt, frame, info)
+    if frame is None:
+        return None, False
+    info = frame.f_locals.get("info")
+    flat = bool(getattr(info, "flatten_optimizer_state_dict", False))
+    if flat:
+        _refuse_full_flattened(opt, frame, info)
     mapping = getattr(info, "fqn_param_mapping", None)
     names = [sorted(str(n) for n in mapping.get(p, ()))[:1] if isinstance(mapping, dict) else [] for p in opt._params]
-    return [n[0] for n in names] if all(names) else []
+    return ([n[0] for n in names] if all(names) else None), flat
 
 
 _FULL_FLAT = "StateDictOptions(full_state_dict=True, flatten_optimizer_state_dict=True)"
@@ -188,9 +191,13 @@ def _nested(flat: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def for_flattening(sd: dict[str, Any], names: list[str]) -> dict[str, Any]:
-    """``sd`` (our torch form) with the JSON metadata moved from the first group into the state of that group's
-    first parameter, as one Python int of its UTF-8 bytes: torch's flattening writes every group key once per
+def for_flattening(sd: dict[str, Any], names: list[str] | None) -> dict[str, Any]:
+    """``sd`` (our torch form) with the JSON metadata moved from the first group into the state of the
+    parameter whose name (``names``: each parameter's, in the optimizer's order) sorts first, else of the first
+    group's first parameter: a place that does not depend on the groups' order, as ``dcp.load`` fills only the
+    keys the destination shows (a destination with its groups built in another order showed the metadata
+    under its own first parameter: "Missing key in checkpoint state_dict"). As one Python int of its UTF-8
+    bytes: torch's flattening writes every group key once per
     parameter of the group (the JSON holds the block layout, ~26 bytes per parameter: quadratic, 2.4 MB at 300
     parameters), a state value once; and a state value must be a tensor, int, float or dict (a tensor would
     need the destination's length to load into). The dicts changed are copies.
@@ -200,27 +207,28 @@ def for_flattening(sd: dict[str, Any], names: list[str]) -> dict[str, Any]:
     group holds (a bare ``KeyError`` inside torch else, for a checkpoint already written); the load puts the
     record's values back over them anyway (:func:`~lightning_soaa.distributed.checkpoint.restored_groups`).
 
-    ``names`` (:func:`flattening_names`), the saved order of the parameters, ride in the metadata: the
-    flattened dict keeps nothing else of it, and the load refuses another order (:func:`_refuse_reordered`)."""
+    The saved order (:func:`~lightning_soaa.optim.dcp_order.with_saved_order`) rides in the metadata: the
+    flattened dict keeps nothing else of it, and the load needs it for groups built in another order."""
     groups = sd.get("param_groups")
-    if not groups or FORMAT_KEY not in groups[0] or not groups[0].get("params"):
+    keys = [k for g in groups or () for k in g.get("params", ())]
+    if not groups or FORMAT_KEY not in groups[0] or not keys:
         return sd  # nothing to move (a group without parameters is written by no parameter at all)
     meta = json.loads(groups[0][FORMAT_KEY])
     options = meta.get("group_options") or [{} for _ in groups]
-    text = json.dumps({**meta, _NAMES: names} if names else meta)
     out = [{**kept, **{k: v for k, v in g.items() if k != FORMAT_KEY}} for g, kept in zip(groups, options, strict=True)]
-    key = out[0]["params"][0]
+    # (the state is keyed by index, in the optimizer's order, which torch renames by ``names``)
+    key = keys[names.index(min(names))] if names and len(names) == len(keys) else keys[0]
     state = dict(sd.get("state", {}))
-    state[key] = {**state.get(key, {}), FORMAT_KEY: int.from_bytes(text.encode(), "big")}
+    state[key] = {**state.get(key, {}), FORMAT_KEY: int.from_bytes(groups[0][FORMAT_KEY].encode(), "big")}
     return {**sd, "state": state, "param_groups": out}
 
 
 def _metadata(opt: ShardedOptimizer, state: dict[str, dict[str, Any]]) -> str | None:
     """The JSON :func:`for_flattening` put into the state of a parameter of ``opt`` (taken out of it), if any.
-    Looked for in every parameter's state, not only the first group's first (another parameter's is refused
-    first, :func:`_refuse_reordered`); two optimizers' entries
-    mean the parameters were split among optimizers otherwise when saved (pipeline stages merged), which
-    no optimizer here can continue."""
+    Looked for in every parameter's state (the first-sorting name's since the saved order is recorded, the
+    first group's first before); two optimizers' entries mean the parameters were
+    split among optimizers otherwise when saved (pipeline stages merged), which no optimizer here can
+    continue."""
     name = type(opt).__name__
     holders = [n for n, st in state.items() if FORMAT_KEY in st]
     if len(holders) > 1:
@@ -238,27 +246,15 @@ def _metadata(opt: ShardedOptimizer, state: dict[str, dict[str, Any]]) -> str | 
     return packed.to_bytes((packed.bit_length() + 7) // 8, "big").decode()
 
 
-def _refuse_reordered(opt: ShardedOptimizer, holder: str | None, meta: str, groups: list[dict[str, Any]]) -> str:
-    """``meta`` without the saved parameter order, where this optimizer's groups list the parameters in it;
-    else refused. Why: the metadata's group options, group keys and per-parameter records (shapes, block
-    layout) follow the saved order, and matched by position they would land on other groups (other shapes
-    were refused as "a different model"). Without the recorded order, the metadata's holder (the saved first
-    group's first parameter) is checked. Deterministic in the dict alone: every rank raises together, before
-    anything changes."""
+def _in_live_order(opt: ShardedOptimizer, holder: str | None, meta: str, groups: list[dict[str, Any]]) -> str:
+    """``meta`` in the order of this optimizer's groups (:func:`~lightning_soaa.optim.dcp_order.live_record`),
+    else refused. A checkpoint without the saved order (written before it was recorded) loads only into the
+    saved order, which its metadata's holder (the saved first group's first parameter) then shows."""
     record = json.loads(meta)
-    saved = record.pop(_NAMES, None)
-    mine = [n for g in groups for n in g["params"]]
-    if saved == mine or (saved is None and (not mine or holder == mine[0])):
-        return json.dumps(record) if saved is not None else meta
-    at = next((i for i, (a, b) in enumerate(zip(saved, mine)) if a != b), None) if isinstance(saved, list) else None
-    where = (f"the parameter saved at position {at} is {saved[at]!r}, this optimizer's {mine[at]!r}" if at is not None
-             else f"its first param group held parameter {holder!r}")
-    raise ValueError(
-        f"{type(opt).__name__}.load_state_dict: the flattened optimizer state dict was saved with its param "
-        f"groups in another order than this optimizer's (or grouped otherwise): {where}. The saved group "
-        "options and block layout follow the saved order, so this state cannot be loaded into these groups. "
-        "Build the optimizer's param groups in the order they were saved, load, and then continue. Nothing "
-        "was loaded.")
+    live = [list(g["params"]) for g in groups]
+    if NAMES not in record and live and live[0] and holder != live[0][0]:
+        record[NAMES] = [holder] if holder else []  # (no sizes: refused as not recorded, naming the holder)
+    return json.dumps(live_record(type(opt).__name__, record, live))
 
 
 def unflattened(opt: ShardedOptimizer, flat: dict[str, Any], mapping: dict[Any, Any]) -> dict[str, Any]:
@@ -276,7 +272,7 @@ def unflattened(opt: ShardedOptimizer, flat: dict[str, Any], mapping: dict[Any, 
     holder = next((n for n, st in state.items() if FORMAT_KEY in st), None)
     meta = _metadata(opt, state)
     if meta is not None:
-        meta = _refuse_reordered(opt, holder, meta, groups)
+        meta = _in_live_order(opt, holder, meta, groups)
     if meta is None or not groups:
         raise ValueError(
             f"{type(opt).__name__}.load_state_dict: the flattened optimizer state dict (StateDictOptions("

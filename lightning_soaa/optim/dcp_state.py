@@ -342,10 +342,12 @@ def refuse_reordered_groups(name: str, sd: Any) -> None:
     """Raise ``ValueError`` where our JSON metadata sits in a later param group than the first: torch's
     ``set_optimizer_state_dict`` rebuilds an unflattened state dict group by group in the *destination's*
     order (matching the saved groups by parameter name), so a destination whose groups were built in another
-    order than saved carries the saved first group's keys, the metadata among them, in another group. The
-    metadata's group options and block layout are in the saved order, so nothing here could be matched
-    safely; before, such a dict was refused as "not a lightning_soaa optimizer state". Deterministic in the
-    dict alone: every rank, handed the same dict, raises together, before anything changes."""
+    order than saved carries the saved first group's keys, the metadata among them, in another group. Where
+    the metadata records the saved order, :mod:`~lightning_soaa.optim.dcp_order` put it into the
+    destination's order before; a checkpoint written earlier does not record it, and its group options and
+    block layout, in the saved order, cannot be matched safely; before, such a dict was refused as "not a
+    lightning_soaa optimizer state". Deterministic in the dict alone: every rank, handed the same dict,
+    raises together, before anything changes."""
     groups = sd.get("param_groups") if isinstance(sd, dict) and FORMAT_KEY not in sd else None
     if not groups or not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
         return

@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 from torch import nn
 
-from lightning_soaa.registry import OptimizerSpec
-from tests.conformance._battery import assert_close, assert_identical, each_optimizer, params, step
+from lightning_soaa.registry import FirstArg, OptimizerSpec
+from tests.conformance._battery import SPECS, assert_close, assert_identical, each_optimizer, params, step
 from tests.harness.models import tiny_mlp
 
 STEPS = 2
@@ -201,18 +201,27 @@ def _two_groups(cls_name: str, model: nn.Module, swapped: bool) -> Any:
     return getattr(lightning_soaa, cls_name)(groups[::-1] if swapped else groups, lr=1e-2)
 
 
+def _options(flat: bool) -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(flatten_optimizer_state_dict=flat)
+
+
+FORMS = pytest.mark.parametrize("flat", [True, False], ids=["flattened", "unflattened"])
+
+
+@FORMS
 @pytest.mark.parametrize(("cls_name", "first", "second"), [
     ("ShardedAdamW", {"weight_decay": 0.1, "eps": 1e-6}, {"weight_decay": 0.0, "eps": 1e-8}),
     ("ASGO", {"adamw_indices": [0], "weight_decay": 0.1}, {"adamw_indices": [], "weight_decay": 0.0}),
 ])
-def test_groups_built_in_another_order_are_refused_naming_the_order(cls_name: str, first: dict[str, Any],
-                                                                    second: dict[str, Any]) -> None:
+def test_groups_built_in_another_order_resume_by_name(cls_name: str, first: dict[str, Any], second: dict[str, Any],
+                                                      flat: bool) -> None:
     """Groups of other shapes and options (ASGO's ``adamw_indices``, kept in our JSON metadata: the first
-    matrix takes the AdamW part) built in the other order than saved: our metadata (group options, shapes,
-    block layout) follows the saved order, which the flattened dict does not record, so the load is refused
-    naming the order and the fix, nothing loaded. Built in the saved order, each group has its own options
-    and the run continues as uninterrupted. Before: "the state belongs to a different model: parameter 0 has
-    shape [8, 8] in the state and [4, 8] here" (same shapes loaded the metadata by position)."""
+    matrix takes the AdamW part) built in the other order than saved, through torch's tools (both forms):
+    each group gets the options it was saved with and the run continues as uninterrupted. Before: refused
+    (the metadata's per-group and per-parameter records follow the saved order; earlier still, "a different
+    model" or, with equal shapes, the records of other groups taken by position)."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
     import lightning_soaa
@@ -225,47 +234,135 @@ def test_groups_built_in_another_order_are_refused_naming_the_order(cls_name: st
     m = _two_matrices(4)
     opt = build(m, False)
     _steps(m, opt, STEPS, 0)
-    sd = get_optimizer_state_dict(m, opt, options=_flat())
+    sd = get_optimizer_state_dict(m, opt, options=_options(flat))
     m2 = _two_matrices(4)
     m2.load_state_dict(m.state_dict())
-    swapped = build(m2, True)
-    before = copy.deepcopy(swapped.state_dict())
-    said = r"another order than this optimizer.s.*position 0 is .0\.weight., this optimizer.s .2\.weight.*in the order"
-    with pytest.raises(ValueError, match=said):
-        set_optimizer_state_dict(m2, swapped, copy.deepcopy(sd), options=_flat())
-    assert_identical(swapped.state_dict(), before)
-    opt2 = build(m2, False)  # the remedy the message names
-    set_optimizer_state_dict(m2, opt2, sd, options=_flat())
-    for got, want in zip(opt2.param_groups, opt.param_groups, strict=True):
+    opt2 = build(m2, True)
+    set_optimizer_state_dict(m2, opt2, sd, options=_options(flat))
+    assert opt2.num_steps == STEPS
+    for got, want in zip(opt2.param_groups[::-1], opt.param_groups, strict=True):
         assert {k: got[k] for k in ("lr", *first)} == {k: want[k] for k in ("lr", *first)}
     _steps(m, opt, 2, 1)
     _steps(m2, opt2, 2, 1)
-    assert_identical(params(m2), params(m))
+    assert_close(params(m2), params(m), "params", rtol=0, atol=1e-12)
 
 
-def test_later_groups_built_in_another_order_are_refused_too() -> None:
-    """Three groups, the first built as saved and the other two swapped (the metadata then rides with this
-    optimizer's first parameter as saved): refused by the saved order the metadata records, nothing loaded.
-    The same shapes loaded before: the metadata's per-group and per-parameter records were taken by position."""
+def test_later_groups_built_in_another_order_resume_by_name() -> None:
+    """Three groups of ASGO, the second's matrix in its AdamW part (``adamw_indices``, kept in our metadata),
+    the first built as saved and the other two swapped (our metadata then rides with the saved first group,
+    where this optimizer's is too): the records of the other two follow their parameters, and the run
+    continues as uninterrupted (the flattened form; the unflattened one under FSDP2: tests/fsdp2). Before:
+    refused."""
     import torch
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    from lightning_soaa import ASGO
+
+    def build(m: nn.Module, order: tuple[int, ...]) -> Any:
+        named = list(m.named_parameters())  # the second matrix takes ASGO's AdamW part (kept in the metadata)
+        return ASGO([{"params": [named[i]], "lr": 1e-2 * (i + 1), "adamw_indices": [0] if i == 1 else []}
+                     for i in order], lr=1e-2)
+
+    def model() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(*(nn.Linear(8, 8, bias=False) for _ in range(3))).double()
+
+    m = model()
+    opt = build(m, (0, 1, 2))
+    _steps(m, opt, STEPS, 0)
+    sd = get_optimizer_state_dict(m, opt, options=_flat())
+    m2 = model()
+    m2.load_state_dict(m.state_dict())
+    opt2 = build(m2, (0, 2, 1))
+    set_optimizer_state_dict(m2, opt2, sd, options=_flat())
+    assert [(g["lr"], g["adamw_indices"]) for g in opt2.param_groups] == [(1e-2, []), (3e-2, []), (2e-2, [0])]
+    _steps(m, opt, 2, 1)
+    _steps(m2, opt2, 2, 1)
+    assert_close(params(m2), params(m), "params", rtol=0, atol=1e-12)
+
+
+def _layer_groups(spec: OptimizerSpec, model: nn.Module, swapped: bool) -> Any:
+    """``spec``'s optimizer over two param groups, the first layer and the rest, with their own lr;
+    ``swapped``: built in the other order."""
+    named = list(model.named_parameters())
+    lr = spec.test_kwargs.get("lr", 1e-2)
+    groups = [{"params": named[:2], "lr": lr}, {"params": named[2:], "lr": lr / 2}]
+    return spec.load()(groups[::-1] if swapped else groups, **spec.test_kwargs)
+
+
+@FORMS
+@pytest.mark.parametrize("spec", [s for s in SPECS if s.first_arg is not FirstArg.MODULE], ids=lambda s: s.name)
+def test_each_optimizer_resumes_groups_built_in_another_order(spec: OptimizerSpec, flat: bool) -> None:
+    """Every registry optimizer with param groups (EGN holds exactly one, of its module: it cannot be built
+    in another order), saved through torch's getter with two groups, loaded by torch's setter into one built
+    with the groups swapped: the remaining steps equal the uninterrupted run to 1e-12 (float64). Before:
+    refused."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    (model, _), = _parts(spec)[:1]
+    opt = _layer_groups(spec, model, False)
+    for t in range(STEPS):
+        step(spec, model, opt, t)
+    sd = get_optimizer_state_dict(model, opt, options=_options(flat))
+    (model2, _), = _parts(spec)[:1]
+    model2.load_state_dict(model.state_dict())
+    opt2 = _layer_groups(spec, model2, True)
+    set_optimizer_state_dict(model2, opt2, sd, options=_options(flat))
+    assert opt2.num_steps == STEPS
+    for t in range(STEPS, STEPS + 2):
+        step(spec, model, opt, t)
+        step(spec, model2, opt2, t)
+    assert_close(params(model2), params(model), "params", rtol=0, atol=1e-12)
+
+
+def _without_recorded_order(sd: dict[str, Any], flat: bool) -> dict[str, Any]:
+    """``sd`` as a version before the saved order was recorded wrote it (no ``param_fqns``/``group_sizes``)."""
+    import json
+
+    def strip(text: str) -> str:
+        meta = json.loads(text)
+        assert "param_fqns" in meta and "group_sizes" in meta
+        return json.dumps({k: v for k, v in meta.items() if k not in ("param_fqns", "group_sizes")})
+
+    out = copy.deepcopy(sd)
+    if not flat:
+        out["param_groups"][0]["lightning_soaa"] = strip(out["param_groups"][0]["lightning_soaa"])
+        return out
+    key = next(k for k in out if k.endswith(".lightning_soaa"))
+    text = strip(out[key].to_bytes((out[key].bit_length() + 7) // 8, "big").decode())
+    out[key] = int.from_bytes(text.encode(), "big")
+    return out
+
+
+@FORMS
+@pytest.mark.parametrize("case", ["within_a_group", "regrouped", "unrecorded"])
+def test_groups_not_the_saved_ones_reordered_are_refused_and_load_nothing(flat: bool, case: str) -> None:
+    """Refused, naming the order and the fix, nothing loaded: a group's parameters in another order (its
+    positional options follow it), the parameters grouped otherwise in the same order (the records of one
+    group would land on another), and a reorder of a checkpoint that does not record the saved order. Before:
+    the first two loaded the metadata's records by position where the shapes matched."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
     from lightning_soaa import ShardedAdamW
 
-    def build(m: nn.Module, order: tuple[int, ...]) -> Any:
-        named = list(m.named_parameters())
-        return ShardedAdamW([{"params": [named[i]], "lr": 1e-2 * (i + 1)} for i in order], lr=1e-2)
-
-    torch.manual_seed(0)
-    m = nn.Sequential(*(nn.Linear(8, 8, bias=False) for _ in range(3))).double()
-    opt = build(m, (0, 1, 2))
+    m = _two_matrices()
+    named = list(m.named_parameters())
+    saved_groups = ([[0], [1]] if case != "within_a_group" else [[0, 1]])
+    opt = ShardedAdamW([{"params": [named[i] for i in g], "lr": 1e-2 * (j + 1)} for j, g in enumerate(saved_groups)])
     _steps(m, opt, STEPS, 0)
-    sd = get_optimizer_state_dict(m, opt, options=_flat())
-    swapped = build(m, (0, 2, 1))
-    before = copy.deepcopy(swapped.state_dict())
-    with pytest.raises(ValueError, match=r"another order.*position 1 is '1\.weight', this optimizer's '2\.weight'"):
-        set_optimizer_state_dict(m, swapped, sd, options=_flat())
-    assert_identical(swapped.state_dict(), before)
+    sd = get_optimizer_state_dict(m, opt, options=_options(flat))
+    live = {"within_a_group": [[1, 0]], "regrouped": [[0, 1]], "unrecorded": [[1], [0]]}[case]
+    dest = ShardedAdamW([{"params": [named[i] for i in g], "lr": 1e-2} for g in live])
+    before = copy.deepcopy(dest.state_dict())
+    said = {"within_a_group": r"position 0 is '0\.weight', this optimizer's '2\.weight'.*in their saved order",
+            "regrouped": r"another order than this optimizer's \(or grouped otherwise\).*the same parameters per group",
+            "unrecorded": (r"does not record its groups" if flat else
+                           r"param groups are in another order.*param_groups\[1\] \(parameters \['0\.weight'\]\)")}
+    with pytest.raises(ValueError, match=said[case] + ".*Nothing was loaded"):
+        set_optimizer_state_dict(m, dest, _without_recorded_order(sd, flat) if case == "unrecorded" else sd,
+                                 options=_options(flat))
+    assert dest.num_steps == 0
+    assert_identical(dest.state_dict(), before)
 
 
 def test_parameters_saved_by_two_optimizers_loaded_into_one_is_refused_naming_the_split() -> None:
@@ -289,35 +386,6 @@ def test_parameters_saved_by_two_optimizers_loaded_into_one_is_refused_naming_th
     with pytest.raises(ValueError, match=r"entries of 2 optimizers.*split among several optimizers"):
         set_optimizer_state_dict(model2, fresh, sd, options=_flat())
     assert_identical(fresh.state_dict(), before)
-
-
-@pytest.mark.parametrize("cls_name", ["ShardedAdamW", "ASGO"])
-def test_unflattened_groups_built_in_another_order_are_refused_naming_the_order(cls_name: str) -> None:
-    """The same reorder with torch's default (unflattened) form: torch's rebuild matches the groups by
-    parameter name, so the saved first group, our metadata with it, lands in the destination's second group,
-    while the metadata's group options and block layout follow the saved order. Refused naming the order and
-    the fix, nothing loaded; built in the saved order it resumes as uninterrupted. Before: "not a
-    lightning_soaa optimizer state"."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-
-    m = _two_matrices()
-    opt = _two_groups(cls_name, m, False)
-    _steps(m, opt, STEPS, 0)
-    sd = get_optimizer_state_dict(m, opt)
-    m2 = _two_matrices()
-    m2.load_state_dict(m.state_dict())
-    swapped = _two_groups(cls_name, m2, True)
-    before = copy.deepcopy(swapped.state_dict())
-    said = (r"param groups are in another order than this optimizer.s \(or grouped otherwise\).*param_groups\[1\] "
-            r"\(parameters \['0\.weight'\]\).*in the order they were saved")
-    with pytest.raises(ValueError, match=said):
-        set_optimizer_state_dict(m2, swapped, copy.deepcopy(sd))
-    assert_identical(swapped.state_dict(), before)
-    opt2 = _two_groups(cls_name, m2, False)  # the remedy the message names
-    set_optimizer_state_dict(m2, opt2, sd)
-    _steps(m, opt, 2, 1)
-    _steps(m2, opt2, 2, 1)
-    assert_identical(params(m2), params(m))
 
 
 def _full_flat(cpu_offload: bool = False) -> Any:

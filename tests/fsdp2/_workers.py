@@ -834,3 +834,54 @@ def built_after_a_forward(rank: int, world_size: int) -> dict[str, dict[str, Any
             out[name, case] = {"error": error, "changed": [not torch.equal(a, b) for a, b in
                                                            zip(before, full_params(model), strict=True)]}
     return out
+
+
+#: equal shapes: a group's records taken by position then fit another group's parameters (no "different model")
+SQUARE = (6, 6, 6, 6)
+
+
+def _reorder_groups(model: nn.Module, order: tuple[int, ...]) -> list[dict[str, Any]]:
+    """ASGO's groups for :func:`reordered_groups`: one Linear each (weight and bias), with options its DCP form
+    keeps in the metadata only (``nesterov``, ``root_tol``), in ``order``."""
+    named = list(model.named_parameters())
+    options = [{"nesterov": True, "root_tol": 0.5}, {"nesterov": False, "root_tol": 1.0},
+               {"nesterov": True, "root_tol": 2.0}]
+    return [{"params": named[2 * i:2 * i + 2], "lr": 1e-2 * (i + 1), **options[i]} for i in order]
+
+
+def reordered_groups(rank: int, world_size: int, root: str) -> dict[str, Any]:
+    """ASGO over three groups of equal shapes (6x6 weights) under FSDP2, saved by torch's recipe after CKPT_AT
+    steps (both forms), resumed with the later two groups swapped (our metadata, with the saved first group,
+    stays where it was) and with all three reversed; the uninterrupted run goes on beside. Per case: the max
+    difference of the parameters after STEPS, and each resumed group's options."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    mesh = make_mesh(world_size, False)
+    kw = dict(lr=2e-2, damping=1e-6, root_every=2, grad_reduction="none")
+    out: dict[str, Any] = {}
+    for flat in (False, True):
+        options = StateDictOptions(flatten_optimizer_state_dict=flat)
+        model = sharded_model(SQUARE, mesh)
+        opt = ASGO(_reorder_groups(model, (0, 1, 2)), **kw)
+        for t in range(CKPT_AT):
+            train_step(model, opt, *local_batch(t, SQUARE, rank, world_size))
+        model_sd, optim_sd = get_state_dict(model, opt, options=options)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=f"{root}/reordered_{flat}")
+        for t in range(CKPT_AT, STEPS):
+            train_step(model, opt, *local_batch(t, SQUARE, rank, world_size))
+        want = full_params(model)
+        for order in ((0, 2, 1), (2, 1, 0)):
+            model2 = sharded_model(SQUARE, mesh)
+            opt2 = ASGO(_reorder_groups(model2, order), **{**kw, "nesterov": True})
+            model_sd, optim_sd = get_state_dict(model2, opt2, options=options)
+            dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=f"{root}/reordered_{flat}")
+            got: dict[str, Any] = {"error": expect_error(lambda: set_state_dict(  # noqa: B023 (called at once)
+                model2, opt2, model_state_dict=model_sd, optim_state_dict=optim_sd, options=options))}
+            if got["error"] == "no error":
+                for t in range(CKPT_AT, STEPS):
+                    train_step(model2, opt2, *local_batch(t, SQUARE, rank, world_size))
+                got["diff"] = max(float((a - b).abs().max()) for a, b in zip(full_params(model2), want, strict=True))
+                got["groups"] = [(g["lr"], g["nesterov"], g["root_tol"]) for g in opt2.param_groups]
+            out[f"{'flat' if flat else 'plain'}{order}"] = got
+    return out

@@ -605,3 +605,21 @@ def test_a_full_flattened_save_is_refused_on_every_rank_and_the_run_goes_on(flat
         assert len(said) == 1, (name, said)
         msg = next(iter(said))
         assert "flatten_optimizer_state_dict=True)) is refused" in msg and "Drop one of the two" in msg, msg
+
+
+def test_groups_built_in_another_order_resume_by_name(tmp_path: Path) -> None:
+    """ASGO over three param groups of equal shapes with options its DCP form keeps in the metadata only
+    (``nesterov``, ``root_tol``), saved at W = 2 by torch's recipe (unflattened and flattened), resumed with
+    the later two groups swapped and with all three reversed: each group gets its saved options and the
+    remaining steps equal the uninterrupted run. Before: refused (flattened: "Missing key in checkpoint state_dict:
+    optim.state.4.weight.lightning_soaa"), or, unflattened with the first group as saved, the metadata's
+    per-group options loaded by position: the swapped groups traded nesterov and root_tol silently (4.2e-3
+    off the uninterrupted run; other shapes were refused as "a different model")."""
+    out = run_distributed(W.reordered_groups, 2, tmp_path, str(tmp_path / "ckpt"), timeout=300)
+    assert out[0] == out[1] or all(out[0][k]["error"] == out[1][k]["error"] for k in out[0]), out
+    saved = {0: (1e-2, True, 0.5), 1: (2e-2, False, 1.0), 2: (3e-2, True, 2.0)}
+    for key, got in out[0].items():
+        order = (0, 2, 1) if "(0, 2, 1)" in key else (2, 1, 0)
+        assert got["error"] == "no error", (key, got["error"])
+        assert got["groups"] == [saved[i] for i in order], (key, got["groups"])
+        assert got["diff"] <= 1e-12, (key, got["diff"])
