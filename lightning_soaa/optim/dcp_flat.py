@@ -67,9 +67,10 @@ def _torch_frame(function: str) -> Any:
     return None
 
 
-def saving_names(opt: ShardedOptimizer) -> tuple[list[str] | None, bool]:
+def saving_names(opt: ShardedOptimizer) -> tuple[list[str | list[str]] | None, bool]:
     """Where torch's ``get_optimizer_state_dict`` (``get_state_dict``) calls ``opt.state_dict()``: the name
-    each parameter of ``opt`` is saved under, in its order (None where torch names not every one), and
+    each parameter of ``opt`` may be saved under, in its order (a shared one's names, sorted, as a list:
+    torch saves it under the name ``named_parameters`` gives it; None where torch names not every one), and
     whether torch will flatten the result; else ``(None, False)``. Each rank decides from its own call's
     options, which every rank passes alike. Flattened with ``full_state_dict=True`` it is refused
     (:func:`_refuse_full_flattened`)."""
@@ -81,8 +82,8 @@ def saving_names(opt: ShardedOptimizer) -> tuple[list[str] | None, bool]:
     if flat:
         _refuse_full_flattened(opt, frame, info)
     mapping = getattr(info, "fqn_param_mapping", None)
-    names = [sorted(str(n) for n in mapping.get(p, ()))[:1] if isinstance(mapping, dict) else [] for p in opt._params]
-    return ([n[0] for n in names] if all(names) else None), flat
+    names = [sorted(str(n) for n in mapping.get(p, ())) if isinstance(mapping, dict) else [] for p in opt._params]
+    return ([n[0] if len(n) == 1 else n for n in names] if all(names) else None), flat
 
 
 _FULL_FLAT = "StateDictOptions(full_state_dict=True, flatten_optimizer_state_dict=True)"
@@ -191,7 +192,7 @@ def _nested(flat: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def for_flattening(sd: dict[str, Any], names: list[str] | None) -> dict[str, Any]:
+def for_flattening(sd: dict[str, Any], names: list[str | list[str]] | None) -> dict[str, Any]:
     """``sd`` (our torch form) with the JSON metadata moved from the first group into the state of the
     parameter whose name (``names``: each parameter's, in the optimizer's order) sorts first, else of the first
     group's first parameter: a place that does not depend on the groups' order, as ``dcp.load`` fills only the
@@ -217,7 +218,8 @@ def for_flattening(sd: dict[str, Any], names: list[str] | None) -> dict[str, Any
     options = meta.get("group_options") or [{} for _ in groups]
     out = [{**kept, **{k: v for k, v in g.items() if k != FORMAT_KEY}} for g, kept in zip(groups, options, strict=True)]
     # (the state is keyed by index, in the optimizer's order, which torch renames by ``names``)
-    key = keys[names.index(min(names))] if names and len(names) == len(keys) else keys[0]
+    first = [n if isinstance(n, str) else n[0] for n in names or ()]
+    key = keys[first.index(min(first))] if first and len(first) == len(keys) else keys[0]
     state = dict(sd.get("state", {}))
     state[key] = {**state.get(key, {}), FORMAT_KEY: int.from_bytes(groups[0][FORMAT_KEY].encode(), "big")}
     return {**sd, "state": state, "param_groups": out}

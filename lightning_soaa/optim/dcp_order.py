@@ -33,10 +33,11 @@ _PER_PARAMETER = ("shapes", "layout", "blocks_with_state")
 _PER_GROUP = ("group_keys", "group_options")
 
 
-def with_saved_order(sd: dict[str, Any], names: list[str], key: str) -> dict[str, Any]:
+def with_saved_order(sd: dict[str, Any], names: list[str | list[str]], key: str) -> dict[str, Any]:
     """``sd`` (our torch form, the JSON metadata in ``param_groups[0][key]``) with the saved order recorded in
-    the metadata: ``names`` (every parameter's, in the optimizer's order) and the groups' sizes. Unchanged
-    where there is no such JSON or the names do not fit the groups. The dicts changed are copies."""
+    the metadata: ``names`` (every parameter's, in the optimizer's order; a shared parameter's names as a
+    list: torch saves it under one of them) and the groups' sizes. Unchanged where there is no such JSON or
+    the names do not fit the groups. The dicts changed are copies."""
     groups = sd.get("param_groups")
     if not groups or not isinstance(groups[0].get(key), str):
         return sd
@@ -47,12 +48,13 @@ def with_saved_order(sd: dict[str, Any], names: list[str], key: str) -> dict[str
     return {**sd, "param_groups": [{**groups[0], key: json.dumps(meta)}, *groups[1:]]}
 
 
-def _split(names: list[str], sizes: list[int]) -> list[list[str]]:
-    out, at = [], 0
-    for n in sizes:
-        out.append(names[at:at + n])
-        at += n
-    return out
+def _positions(saved: Any, mine: list[str]) -> list[int | None]:
+    """The saved position of each of ``mine`` (a shared parameter's entry lists its names: any one matches)."""
+    at: dict[str, int] = {}
+    for i, entry in enumerate(saved if isinstance(saved, list) else ()):
+        for n in [entry] if isinstance(entry, str) else entry if isinstance(entry, list) else ():
+            at[str(n)] = i
+    return [at.get(n) for n in mine]
 
 
 def live_record(opt_name: str, record: dict[str, Any], live: list[list[str]]) -> dict[str, Any]:
@@ -62,31 +64,56 @@ def live_record(opt_name: str, record: dict[str, Any], live: list[list[str]]) ->
     out = dict(record)
     saved, sizes = out.pop(NAMES, None), out.pop(SIZES, None)
     mine = [n for g in live for n in g]
-    if saved is None or (saved == mine and sizes in (None, [len(g) for g in live])):
+    pos = _positions(saved, mine)
+    if saved is None or (pos == list(range(len(saved))) and sizes in (None, [len(g) for g in live])):
         return out
-    groups = _split(saved, sizes) if _fits(saved, sizes) else None
-    index = {tuple(g): i for i, g in enumerate(groups or [])}
-    order = [index.get(tuple(g)) for g in live]
-    if groups is None or None in order or sorted(order) != list(range(len(groups))):  # type: ignore[type-var]
-        raise ValueError(_refusal(opt_name, saved, mine, recorded=groups is not None))
-    at = {n: i for i, n in enumerate(saved)}
-    perm = [at[n] for n in mine]
+    starts = _starts(saved, sizes)
+    at, order = 0, []
+    for g in live:  # each live group: one saved group's positions, in their order
+        p = pos[at:at + len(g)]
+        at += len(g)
+        order.append(_saved_group(p, starts))
+    groups = [o for o in order if o is not None]
+    if not starts or len(groups) != len(order) or sorted(groups) != list(range(len(starts))):
+        raise ValueError(_refusal(opt_name, saved, mine, pos, recorded=bool(starts)))
+    perm = [p for p in pos if p is not None]  # (all of them: every live group matched a saved one)
     for k in _PER_PARAMETER:
         if isinstance(out.get(k), list) and len(out[k]) == len(perm):
             out[k] = [out[k][i] for i in perm]
     for k in _PER_GROUP:
         if isinstance(out.get(k), list) and len(out[k]) == len(order):
-            out[k] = [out[k][i] for i in order]
+            out[k] = [out[k][i] for i in groups]
     return out
 
 
+def _saved_group(pos: list[int | None], starts: dict[tuple[int, int], int]) -> int | None:
+    """The saved group whose parameters are at ``pos``, in that order; else None."""
+    first = pos[0] if pos else None
+    if first is None or pos != list(range(first, first + len(pos))):
+        return None
+    return starts.get((first, len(pos)))
+
+
+def _starts(saved: Any, sizes: Any) -> dict[tuple[int, int], int]:
+    """``(first position, size) -> saved group index`` of the saved groups with parameters; empty where the
+    record does not fit (no sizes: written before they were recorded)."""
+    if not _fits(saved, sizes):
+        return {}
+    out, at = {}, 0
+    for gi, n in enumerate(sizes):
+        out[(at, n)] = gi
+        at += n
+    return out if all(n > 0 for n in sizes) else {}
+
+
 def _fits(saved: Any, sizes: Any) -> bool:
-    return (isinstance(saved, list) and all(isinstance(n, str) for n in saved) and isinstance(sizes, list)
-            and all(isinstance(s, int) and s >= 0 for s in sizes) and sum(sizes) == len(saved))
+    return (isinstance(saved, list) and isinstance(sizes, list) and all(isinstance(s, int) for s in sizes)
+            and sum(sizes) == len(saved))
 
 
-def _refusal(opt_name: str, saved: Any, mine: list[str], recorded: bool) -> str:
-    at = next((i for i, (a, b) in enumerate(zip(saved, mine)) if a != b), None) if isinstance(saved, list) else None
+def _refusal(opt_name: str, saved: Any, mine: list[str], pos: list[int | None], recorded: bool) -> str:
+    at = next((i for i, p in enumerate(pos) if p != i), None) if isinstance(saved, list) and saved else None
+    at = at if at is not None and at < len(saved) else None
     where = (f"the parameter saved at position {at} is {saved[at]!r}, this optimizer's {mine[at]!r}" if at is not None
              else f"it holds {len(saved) if isinstance(saved, list) else '?'} parameters, this optimizer {len(mine)}")
     why = ("Param groups built in another order load by name, but each group must hold the parameters it was "

@@ -315,6 +315,63 @@ def test_each_optimizer_resumes_groups_built_in_another_order(spec: OptimizerSpe
     assert_close(params(model2), params(model), "params", rtol=0, atol=1e-12)
 
 
+class _Tied(nn.Module):
+    """A tied embedding and head whose names sort against their order (``named_parameters`` gives the shared
+    weight as ``z_emb.weight``, its names sort ``a_head.weight`` first)."""
+
+    def __init__(self) -> None:
+        import torch
+
+        super().__init__()
+        torch.manual_seed(0)
+        self.z_emb, self.mid, self.a_head = nn.Embedding(10, 4), nn.Linear(4, 4), nn.Linear(4, 10, bias=False)
+        self.a_head.weight = self.z_emb.weight
+
+    def forward(self, x: Any) -> Any:
+        import torch
+
+        return self.a_head(torch.tanh(self.mid(self.z_emb(x))))
+
+
+@FORMS
+@pytest.mark.parametrize("swapped", [False, True], ids=["as_saved", "swapped"])
+def test_a_shared_parameter_resumes_by_the_name_torch_saves_it_under(flat: bool, swapped: bool) -> None:
+    """A tied weight has two names and torch saves it under the one ``named_parameters`` gives; the recorded
+    order lists both, so the groups (the shared weight's, the middle layer's) resume as saved and swapped, as
+    uninterrupted. Before: the flattened form was refused even as saved ("the parameter saved at position 0
+    is 'a_head.weight', this optimizer's 'z_emb.weight'": the order recorded the name that sorts first),
+    and a swap was refused in both forms."""
+    import torch
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    from lightning_soaa import ShardedAdamW
+
+    def build(m: nn.Module, swap: bool) -> Any:
+        (ne, e), *mid = m.named_parameters()
+        groups = [{"params": [(ne, e)], "lr": 1e-2}, {"params": mid, "lr": 3e-2, "weight_decay": 0.0}]
+        return ShardedAdamW(groups[::-1] if swap else groups)
+
+    def steps(m: nn.Module, opt: Any, n: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(n):
+            opt.zero_grad()
+            m(torch.randint(0, 10, (5,), generator=g)).pow(2).mean().backward()
+            opt.step()
+
+    m = _Tied().double()
+    opt = build(m, False)
+    steps(m, opt, STEPS, 0)
+    sd = get_optimizer_state_dict(m, opt, options=_options(flat))
+    m2 = _Tied().double()
+    m2.load_state_dict(m.state_dict())
+    opt2 = build(m2, swapped)
+    set_optimizer_state_dict(m2, opt2, sd, options=_options(flat))
+    assert opt2.num_steps == STEPS
+    steps(m, opt, 2, 1)
+    steps(m2, opt2, 2, 1)
+    assert_close(params(m2), params(m), "params", rtol=0, atol=1e-12)
+
+
 def _without_recorded_order(sd: dict[str, Any], flat: bool) -> dict[str, Any]:
     """``sd`` as a version before the saved order was recorded wrote it (no ``param_fqns``/``group_sizes``)."""
     import json
