@@ -24,7 +24,8 @@ on identical copies of the model), alternated step by step on the same batches: 
 refinement sweeps, the parameters' difference at the end, and the condition number of the systems (bλ-damped,
 so at most 1 + ‖SᵀKS‖/(bλ): it sets how fast the refinement converges). ``--model report`` takes the
 report's digits MLP 64-128-128-10 (``report_runs``, EGN-m's setting) as an ``nn.Sequential`` (the step plan)
-and adds a third arm, the report's own ``DigitsMLP`` (a LightningModule: the traced general path).
+and adds the report's own ``DigitsMLP`` (a LightningModule wrapping its layers: the step plan, ``egn_wrapped``)
+twice: through the plan and through the general path (the plan turned off, as it stepped before).
 
     python benchmarks/egn_step_floor.py [--steps 60] [--steps-ratio 0.62]
     python benchmarks/egn_step_floor.py --routes [--model t2t|report] [--steps 60]
@@ -194,6 +195,11 @@ def floor(adamw_ms: float, steps_ratio: float) -> dict[str, float]:
     return out
 
 
+#: the arm of --model report that steps through the general path (the step plan turned off: how the report's
+#: DigitsMLP stepped before the plan took wrappers, egn_wrapped)
+GENERAL = "report's DigitsMLP (general path)"
+
+
 def _route_models(model: str) -> tuple[list[tuple[str, nn.Module]], dict[str, Any], Any]:
     """The arms of :func:`routes` (label, model: identical initial functions), EGN's settings, a batch drawer."""
     if model == "t2t":
@@ -212,7 +218,7 @@ def _route_models(model: str) -> tuple[list[tuple[str, nn.Module]], dict[str, An
     own = rr.model_for("digits", 0)  # the report's DigitsMLP (64-128-128-10)
     seq = nn.Sequential(*copy.deepcopy(list(own.body)), copy.deepcopy(own.head))  # the same layers and values
     arms = [("float64 direct", seq), ("mixed (float32 + refinement)", copy.deepcopy(seq)),
-            ("report's DigitsMLP (general path)", own)]
+            ("report's DigitsMLP (step plan)", own), (GENERAL, copy.deepcopy(own))]
     settings = {"loss": "cross_entropy", "lr": 1.0, **rr.EGN_SETTINGS["EGN-m"]}
     return arms, settings, rr.batches(w, xtr, ytr, 0)
 
@@ -255,6 +261,9 @@ def routes(steps: int, model: str) -> dict[str, Any]:
     arms, settings, draw = _route_models(model)
     fresh = copy.deepcopy(arms[0][1])
     opts = [EGN(m, **settings) for _, m in arms]
+    for (label, _), opt in zip(arms, opts):
+        if label == GENERAL:
+            opt._planned_step = lambda: False  # type: ignore[method-assign]
     size = {label: egn_module.MIXED_MIN_SIZE for label, _ in arms}
     size["mixed (float32 + refinement)"] = 1  # route 2 at every size (bc' = 288 here)
     times: dict[str, list[float]] = {label: [] for label, _ in arms}
@@ -281,6 +290,9 @@ def routes(steps: int, model: str) -> dict[str, Any]:
             a / b for a, b in zip(times[label], times["float64 direct"]))
         out[f"{label}: parameters' largest relative difference from float64 direct"] = max(
             float((p.detach() - q).norm() / q.norm()) for p, q in zip(m.parameters(), ref))
+    if GENERAL in times:
+        out["report's DigitsMLP: step plan / general path (median of per-round ratios)"] = statistics.median(
+            a / b for a, b in zip(times["report's DigitsMLP (step plan)"], times[GENERAL]))
     out["mixed route's refinement sweeps (min, max)"] = [min(sweeps), max(sweeps)]
     kappas = _conditioning(settings, fresh, _route_models(model)[2], min(steps, 30))
     out["κ(SᵀKS + bλI) (min, median, max)"] = [min(kappas), statistics.median(kappas), max(kappas)]

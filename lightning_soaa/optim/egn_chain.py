@@ -33,7 +33,7 @@ from torch.nn.modules import module as _module
 
 from lightning_soaa.optim.egn_capture import LinearSite
 
-__all__ = ["Chain", "ChainCapture", "back_signals", "backward_hooks_in", "plan_chain"]
+__all__ = ["Chain", "ChainCapture", "back_signals", "backward_hooks_in", "chain_of", "plan_chain"]
 
 
 def _relu_backward(grad: Tensor, out: Tensor) -> Tensor:
@@ -126,6 +126,12 @@ def plan_chain(model: nn.Module, sites: list[LinearSite], explicit: list[str]) -
         return None
     # (iterating the Sequential, not children(): a module listed twice must stay twice, and be refused)
     mods: tuple[nn.Module, ...] = (model,) if isinstance(model, nn.Linear) else tuple(cast(nn.Sequential, model))
+    return chain_of(mods, sites, model)
+
+
+def chain_of(mods: tuple[nn.Module, ...], sites: list[LinearSite], root: nn.Module | None) -> Chain | None:
+    """The :class:`Chain` of ``mods`` run one after the other (:func:`plan_chain`'s terms: known modules of the
+    exact types, none in place or listed twice, the last a Linear, every site among them); else None."""
     if not mods or type(mods[-1]) is not nn.Linear or len({id(m) for m in mods}) != len(mods):
         return None
     index = {id(s.module): i for i, s in enumerate(sites)}
@@ -137,7 +143,7 @@ def plan_chain(model: nn.Module, sites: list[LinearSite], explicit: list[str]) -
     site_of = tuple(index.get(id(m), -1) for m in mods)
     if sorted(i for i in site_of if i >= 0) != list(range(len(sites))):
         return None
-    return Chain(mods, site_of, len(sites), root=model)
+    return Chain(mods, site_of, len(sites), root=root)
 
 
 class ChainCapture:

@@ -1,5 +1,6 @@
 """EGN's step plan: one process training a plain MLP (an ``nn.Sequential`` of ``nn.Linear`` layers and
-element-wise activations, or one ``nn.Linear``) on the CPU steps without the sharded template.
+element-wise activations, or one ``nn.Linear``, or a module that runs such children one after the other on its
+input: a ``LightningModule`` with ``self.head(self.body(x))``) on the CPU steps without the sharded template.
 
 Why: on a small model an EGN step is its fixed costs, not its arithmetic. The synthetic 20-32-32-2 MLP at b = 32
 made 175 ATen calls and ~900 Python calls a step; the template's machinery (agreement tables, step records, block
@@ -26,6 +27,14 @@ does a batch the general path refuses before a parameter moves (targets out of r
 with its messages, skips and errors. Any other error (an out of memory, a Ctrl+C) is raised with the step put back
 as the general path puts it back. The plan is EGN's shortcut past the template (``_planned_step``, which the
 tests turn off to compare it with the template, as SOAA's).
+
+A wrapper's forward is Python, so it is run, not assumed: every forward of its planned steps is the model's own,
+with its planned children standing in for themselves and checked to have been the chain on that very input
+(:mod:`~lightning_soaa.optim.egn_wrapped`); one that was not puts the step back, declines, and the plan is not
+used again. The report's digits ``DigitsMLP`` (64-128-128-10, ``self.head(self.body(x))``, b = 32, EGN-m) took the
+general (traced) path before; through the plan its step is 0.83-0.84x that path's CPU time, the same bits
+(``egn_step_floor.py --routes --model report``, alternated in one process, load 11-12: 4.51 vs 5.33 and 5.65 vs
+6.64 ms medians), and 1.07x the step of the same layers as an ``nn.Sequential`` (its forward run and checked).
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ from lightning_soaa.optim import egn as egn_module
 from lightning_soaa.optim.base import host_floats
 from lightning_soaa.optim.egn import _UNDONE, EGN, _Batch, _Curvature, _EGNRecord, _Undo
 from lightning_soaa.optim.egn_chain import Chain, back_signals
+from lightning_soaa.optim.egn_wrapped import NotPlanned, WrappedForward, plan_pieces
 from lightning_soaa.optim.param_checks import check_step
 
 __all__ = ["StepPlan"]
@@ -97,8 +107,9 @@ class _Sized:
 class StepPlan:
     """The planned step of one EGN (see the module docstring); made by :meth:`build`, used by ``EGN.step``."""
 
-    def __init__(self, opt: EGN, chain: Chain) -> None:
+    def __init__(self, opt: EGN, chain: Chain, pieces: list[nn.Module] | None = None) -> None:
         self.chain = chain
+        self._capture = (opt._chain, opt._sites)  # the capture plan this plan follows
         self.modules = chain.modules
         self.types = tuple(map(type, chain.modules))
         # the forward, per module: (_LINEAR, weight, bias), (_ACTIVATION, its forward, None) or
@@ -112,14 +123,13 @@ class StepPlan:
             else:
                 self.program.append((_IDENTITY, None, None))
         # what _module_as_planned reads at every step: the root's and the modules' hook, instance and parameter dicts
-        root = chain.root
-        assert root is not None
+        root = chain.root  # (None: a wrapper's chain, whose modules self.wrapped checks)
         self.root_type = type(root)
-        mods = chain.modules if root is chain.modules[0] else (root, *chain.modules)
+        mods = () if root is None else chain.modules if root is chain.modules[0] else (root, *chain.modules)
         self._hook_dicts = [getattr(m, a) for m in mods for a in
                             ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")]
         self._instance_dicts = [m.__dict__ for m in mods]
-        self._held = None if root is chain.modules[0] else root._modules
+        self._held = None if root is None or root is chain.modules[0] else root._modules
         linears = [m for m in chain.modules if type(m) is nn.Linear]
         self._param_dicts = [m._parameters for m in linears for _ in range(2)]
         self._param_names = ["weight", "bias"] * len(linears)
@@ -141,6 +151,9 @@ class StepPlan:
         self._checked: tuple[Any, ...] = ()
         self._active: tuple[bool, ...] | None = None
         self._groups: tuple[Any, ...] | None = None  # what _hyperparameter_error read when it last passed
+        #: a wrapper's forward, run and checked at every forward of a step (egn_wrapped); None: a plain MLP's
+        self.wrapped = None if pieces is None else WrappedForward(opt.model, pieces, self.program, self.params,
+                                                                  _run_span)
 
     @staticmethod
     def build(opt: EGN) -> StepPlan | None:
@@ -149,8 +162,13 @@ class StepPlan:
         (:func:`~lightning_soaa.optim.egn_chain.plan_chain`), blocks that are not whole parameters, parameters
         of several dtypes, or not on the CPU (the kept buffers' products were checked bit for bit against the
         general path's on the CPU's BLAS only: an accelerator's library may pick another kernel for them)."""
-        chain = opt._chain
-        if (chain is None or chain.root is not opt.model or type(opt.comm) is not LocalComm
+        chain, pieces = opt._chain, None
+        if chain is None and opt._trace is not None:  # a wrapper of its chain (egn_wrapped)
+            got = plan_pieces(opt.model, opt._sites)
+            if got is None or not _holds_all(got[0], opt._params):
+                return None
+            chain, pieces = got
+        if (chain is None or (pieces is None and chain.root is not opt.model) or type(opt.comm) is not LocalComm
                 or opt._dtensor is not None or opt._explicit or any(s.vocab for s in opt._sites)
                 or len(opt._owned) != len(opt._params)
                 or any(b.dim is not None or b.param_index != i for i, b in enumerate(opt._owned))
@@ -161,7 +179,7 @@ class StepPlan:
         # ones and stepped EGN's (the model never moved). Declined, the general path refuses that, naming it.
         if opt._places.first_replaced() is not None:
             return None
-        return StepPlan(opt, chain)
+        return StepPlan(opt, chain, pieces)
 
     # ------------------------------------------------------------------ is this step the planned one?
     def usable(self, opt: EGN, x: Any, y: Any) -> bool:
@@ -182,7 +200,11 @@ class StepPlan:
             return False
         d = opt.__dict__
         if (d.get("_caller_autocast") or d.get("_interrupted") is not None or d.get("_optimizer") is not None
-                or opt._chain is not self.chain or "grad_scale" in d or "found_inf" in d or d.get("_amp_found_inf")):
+                or opt._chain is not self._capture[0] or opt._sites is not self._capture[1] or "grad_scale" in d
+                or "found_inf" in d or d.get("_amp_found_inf")):
+            return False
+        # a wrapper's forward sees x itself (the general path gives it a normal copy of an inference tensor)
+        if self.wrapped is not None and x.is_inference():
             return False
         # a process group of several ranks: the general path joins it or refuses the step, collectives both (made
         # here, a refused join's meeting would be made twice); without one, EGN._join_before_step does nothing
@@ -230,7 +252,10 @@ class StepPlan:
             return False  # (model[1] = ...: another module in the Sequential)
         if not all(map(operator.is_, map(dict.get, self._param_dicts, self._param_names), self._slot_params)):
             return False  # (a parameter replaced in its module)
-        return not any(hooks for _, hooks in opt.__dict__.get("_wrapper_hooks", []))
+        if any(hooks for _, hooks in opt.__dict__.get("_wrapper_hooks", [])):
+            return False
+        # a wrapper: its other modules and parameters too (EGN._check_places: the chain holds only some of them)
+        return self.wrapped is None or (self.wrapped.as_planned() and opt._places.first_replaced() is None)
 
     def _params_as_checked(self, opt: EGN) -> bool:
         """The general path's checks of the parameters (:func:`check_step` against the signatures they were
@@ -254,7 +279,10 @@ class StepPlan:
     # ------------------------------------------------------------------ the forward and its factors
     def outputs(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         """The model's outputs z (each module's own forward, as ``model(x)`` runs it in eval mode) and every
-        module's input (the chain capture's ``saved``)."""
+        module's input (the chain capture's ``saved``); a wrapper's through its own forward (raising
+        :class:`~lightning_soaa.optim.egn_wrapped.NotPlanned` where that was not the chain)."""
+        if self.wrapped is not None:
+            return self.wrapped.run(x, capture=True)
         h = x
         saved = []
         for kind, f, g in self.program:
@@ -267,6 +295,13 @@ class StepPlan:
 
     def trial_outputs(self, x: Tensor) -> Tensor:
         """:meth:`outputs` without the saved inputs (a line-search trial)."""
+        if self.wrapped is not None:
+            try:
+                return self.wrapped.run(x, capture=False)[0]
+            except (torch.OutOfMemoryError, NotPlanned):
+                raise
+            except Exception as e:  # a wrapper's own error: the general path's step raises it its own way
+                raise NotPlanned(f"its forward raised {type(e).__name__} in a line-search trial") from e
         h = x
         for kind, f, g in self.program:
             if kind == _LINEAR:
@@ -318,16 +353,28 @@ class StepPlan:
         if not self.usable(opt, x, y):
             return None
         undo = _Undo(opt.num_steps + opt.skipped_steps, _undone(opt), opt._last)
+        wrapped, refused, rewind, raising = self.wrapped, None, False, False
+        if wrapped is not None:
+            wrapped.begin()
         try:
             f0 = self._step(opt, x, y, undo)
+            rewind = f0 is None  # (declined: the general path runs a wrapper's forward again, from the same draws)
+        except NotPlanned as e:  # a wrapper's forward that was not the chain: put back, the general path's step
+            refused = e
+            opt._roll_back(undo)
+            return None
         except BaseException as e:  # KeyboardInterrupt too: a trial's forward is most of a step
             if opt.num_steps + opt.skipped_steps == undo.counted:
+                rewind = raising = True  # (a wrapper's generator put back with the step, as the general path's)
                 try:
                     opt._roll_back(undo)
                 except BaseException:
                     opt._update_interrupted(e)
                     raise
             raise
+        finally:
+            if wrapped is not None:
+                wrapped.end(refused, rewind, raising)
         # made outside inference mode: the caller may keep it or use it in autograd
         return None if f0 is None else torch.scalar_tensor(f0, dtype=torch.float64)
 
@@ -395,7 +442,7 @@ class StepPlan:
         cfg = opt.config
         try:
             z, saved = self.outputs(x)
-        except torch.OutOfMemoryError:  # raised as itself, as the general path raises it
+        except (torch.OutOfMemoryError, NotPlanned):  # raised as itself, as the general path raises it; declined
             raise
         except Exception:  # noqa: BLE001 - the general path raises it within its message, naming the forward
             return None
@@ -551,3 +598,21 @@ class StepPlan:
 
 #: the optimizer-wide values a step changes before it is counted, read at once (EGN._exchange_in's _Undo)
 _undone = operator.attrgetter(*_UNDONE)
+
+
+def _run_span(program: list[tuple[int, Any, Any]], h: Tensor, saved: list[Tensor]) -> Tensor:
+    """``program``'s modules on ``h`` (:meth:`StepPlan.outputs`' loop), each one's input appended to ``saved``."""
+    for kind, f, g in program:
+        saved.append(h)
+        if kind == _LINEAR:
+            h = F.linear(h, f, g)
+        elif kind == _ACTIVATION:
+            h = f(h)
+    return h
+
+
+def _holds_all(chain: Chain, params: list[Tensor]) -> bool:
+    """Whether every one of ``params`` is a weight or bias of the chain's Linear layers (a wrapper may hold
+    others: frozen ones, or trained ones of layers off the chain, whose direction the plan would not form)."""
+    held = {id(p) for m in chain.modules if type(m) is nn.Linear for p in (m.weight, m.bias) if p is not None}
+    return all(id(p) in held for p in params)

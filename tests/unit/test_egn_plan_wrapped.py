@@ -1,0 +1,207 @@
+"""EGN's step plan for a model that wraps its MLP (``egn_wrapped``: a module whose forward runs its Sequential /
+Linear children one after the other on the input): such models take the plan with the general path's bits, and a
+wrapper whose forward does anything else (preprocess, postprocess, two calls of the child, a branch taken later,
+random draws, an in-place edit, a hook added later) never takes a wrong plan: it trains as the general path does,
+and the plan is dropped at its first miss."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F  # noqa: N812 - torch's own alias
+
+from lightning_soaa.lightning.demo import DigitsMLP
+from lightning_soaa.optim.egn import EGN
+from tests.unit.test_egn_plan import _counting, _general_only, _same_state
+
+KW = dict(lr=1.0, damping=0.5, momentum=0.3, line_search=True, adaptive_damping=True)
+
+
+class Wrapper(nn.Module):
+    """``forward(x) = self.net(x)`` unless ``how`` says otherwise (the variants below)."""
+
+    def __init__(self, how: str = "plain", d_out: int = 3) -> None:
+        super().__init__()
+        self.how = how
+        self.net = nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Dropout(0.2), nn.Linear(9, 6), nn.Tanh(),
+                                 nn.Linear(6, d_out))
+        self.drop = nn.Dropout(0.5)  # (off the chain: the identity in the step's eval mode)
+        self.calls = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        how, net = self.how, self.net
+        self.calls += 1
+        if how == "preprocess":
+            return net(x * 0.5)
+        if how == "postprocess":
+            return net(x) * 2.0
+        if how == "twice":
+            return net(net(x))
+        if how == "branch":  # a later batch takes the other branch
+            return net(x) * 0.5 if x[:, 0].mean() > 1.0 else net(x)
+        if how == "dropout_train":
+            return net(F.dropout(x, 0.3, training=True))
+        if how == "draws":  # the output is the chain's, but the forward moves the generator
+            torch.rand(())
+            return net(x)
+        if how == "in_place":
+            z = net(x)
+            return z.mul_(2.0)
+        if how == "train_inside":  # its Dropout draws
+            self.train()
+            return net(x)
+        if how == "train_branch":
+            return net(x) * 3.0 if self.training else net(self.drop(x))
+        return net(x)
+
+
+def _wrapper(how: str, dtype: torch.dtype = torch.float32, d_out: int = 3) -> Wrapper:
+    torch.manual_seed(0)
+    return Wrapper(how, d_out).to(dtype)
+
+
+def _batch(b: int, step: int, dtype: torch.dtype, shift: float = 0.0, c: int = 3) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(200 + step)
+    x = torch.randn(b, 6, generator=g, dtype=dtype)
+    x[:, 0] += shift
+    return x, torch.randint(0, c, (b,), generator=g)
+
+
+def _both(opt: EGN, ref: EGN, x: Tensor, y: Tensor) -> None:
+    """One step of each from the same generator state; the same loss and the generator left in the same state."""
+    torch.manual_seed(7)
+    got = opt.step(inputs=x, targets=y)
+    after = torch.get_rng_state()
+    torch.manual_seed(7)
+    want = ref.step(inputs=x, targets=y)
+    assert torch.equal(got, want)
+    assert torch.equal(after, torch.get_rng_state())
+
+
+@pytest.mark.parametrize("case", ["digits", "one_child", "float64", "mse"])
+def test_a_wrapped_mlp_takes_the_plan_with_the_general_paths_bits(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    dtype = torch.float64 if case == "float64" else torch.float32
+    loss = "mse" if case == "mse" else "cross_entropy"
+
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        if case == "digits":  # the report's model: self.head(self.body(x)), a LightningModule
+            return DigitsMLP(hidden=(16, 12), in_features=6, num_classes=3).to(dtype)
+        return _wrapper("plain", dtype)
+
+    ma, mb = make(), make()
+    ma.train()
+    opt, ref = EGN(ma, loss=loss, **KW), _general_only(EGN(mb, loss=loss, **KW))
+    with _counting(monkeypatch) as counts:
+        for t in range(6):
+            x, y = _batch(16, t, dtype)
+            if loss == "mse":
+                y = torch.tanh(x[:, :3] - x[:, 3:]).contiguous()
+            _both(opt, ref, x, y)
+            _same_state(opt, ref, ma, mb)
+    assert counts == [6, 0]  # every step planned
+    assert all(m.training for m in ma.modules())  # the modes put back after each step
+
+
+def _chain_params(how: str, steps: int, shift: float) -> list[Tensor]:
+    """The parameters a bare Sequential of the same layers reaches: what a plan that trusted the wrapper's
+    structure would give (the variants must differ from it, or their test could not catch such a plan)."""
+    model = _wrapper(how).net
+    opt = EGN(model, loss="cross_entropy", **KW)
+    for t in range(steps):
+        x, y = _batch(16, t, torch.float32, shift if t >= 3 else 0.0)
+        torch.manual_seed(7)
+        opt.step(inputs=x, targets=y)
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("how", ["preprocess", "postprocess", "twice", "branch", "dropout_train", "draws", "in_place",
+                                 "train_inside", "hook_later", "pre_hook_later"])
+def test_a_wrapper_whose_forward_is_not_the_chain_trains_as_the_general_path(
+        how: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    shift = 3.0 if how == "branch" else 0.0
+    c = 6 if how == "twice" else 3  # (twice: the child maps 6 -> 6)
+    ma, mb = _wrapper(how, d_out=c), _wrapper(how, d_out=c)
+    opt, ref = EGN(ma, loss="cross_entropy", **KW), _general_only(EGN(mb, loss="cross_entropy", **KW))
+    with _counting(monkeypatch) as counts:
+        for t in range(6):
+            if t == 3 and how.endswith("hook_later"):
+                for m in (ma, mb):
+                    if how == "hook_later":
+                        m.register_forward_hook(lambda mod, args, out: out * 1.5)
+                    else:
+                        m.net.register_forward_pre_hook(lambda mod, args: (args[0] * 0.5,))
+            x, y = _batch(16, t, torch.float32, shift if t >= 3 else 0.0, c=c)
+            _both(opt, ref, x, y)
+            _same_state(opt, ref, ma, mb)
+    hooked = how.endswith("hook_later")  # (declined before a forward ran)
+    # (the steps before the change planned; a forward that draws but returns the chain's output, every step)
+    assert counts[0] == (6 if how == "draws" else 3 if how == "branch" or hooked else 0)
+    assert ma.calls == mb.calls + (not hooked and how != "draws")  # (the first declined step's forward, once more)
+    if how not in ("twice", "draws"):  # a plan trusting the structure would have trained the bare chain
+        assert not all(map(torch.equal, ma.parameters(), _chain_params(how, 6, shift)))
+
+
+def test_a_wrapper_branching_on_its_mode_steps_in_eval_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The forward sees eval mode, as the general path runs it (its Dropout module the identity), and the modes
+    are put back after the step."""
+    ma, mb = _wrapper("train_branch"), _wrapper("train_branch")
+    ma.train()
+    mb.train()
+    opt, ref = EGN(ma, loss="cross_entropy", **KW), _general_only(EGN(mb, loss="cross_entropy", **KW))
+    with _counting(monkeypatch) as counts:
+        for t in range(4):
+            _both(opt, ref, *_batch(16, t, torch.float32))
+            _same_state(opt, ref, ma, mb)
+    assert counts == [4, 0] and ma.training and ma.drop.training
+
+
+@pytest.mark.parametrize("change", ["child_replaced", "module_added", "instance_forward"])
+def test_a_changed_wrapper_declines(change: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    ma, mb = _wrapper("plain"), _wrapper("plain")
+    opt, ref = EGN(ma, loss="cross_entropy", **KW), _general_only(EGN(mb, loss="cross_entropy", **KW))
+    edit: dict[str, Callable[[Wrapper], None]] = {
+        "child_replaced": lambda m: m.net.__setitem__(1, nn.Sigmoid()),
+        "module_added": lambda m: setattr(m, "extra", torch.manual_seed(1) and nn.MultiheadAttention(6, 2)),
+        "instance_forward": lambda m: setattr(m, "forward", lambda x: m.net(x) * 2.0),
+    }
+    with _counting(monkeypatch) as counts:
+        for t in range(4):
+            if t == 2:
+                edit[change](ma)
+                edit[change](mb)
+            _both(opt, ref, *_batch(16, t, torch.float32))
+            _same_state(opt, ref, ma, mb)
+    assert counts == [2, 2]
+
+
+class _Seq(nn.Sequential):
+    """A Sequential subclass: its forward, the Sequential's or its own, is run and checked at every forward."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+        self.scale = scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = super().forward(x)
+        return out if self.scale == 1.0 else out * self.scale
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.0])
+def test_a_sequential_subclass_is_planned_only_where_its_forward_is_the_chain(
+        scale: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    ma = _Seq(scale)
+    mb = _Seq(scale)
+    mb.load_state_dict(ma.state_dict())
+    opt, ref = EGN(ma, loss="cross_entropy", **KW), _general_only(EGN(mb, loss="cross_entropy", **KW))
+    with _counting(monkeypatch) as counts:
+        for t in range(4):
+            _both(opt, ref, *_batch(16, t, torch.float32))
+            _same_state(opt, ref, ma, mb)
+    assert counts == ([4, 0] if scale == 1.0 else [0, 4])
+    plan = opt._step_plan()
+    assert plan is not None and plan.wrapped is not None and (plan.wrapped.refused is None) == (scale == 1.0)
