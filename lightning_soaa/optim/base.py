@@ -138,7 +138,7 @@ from lightning_soaa.optim import dcp_flat, dcp_order, grad_clip
 from lightning_soaa.optim import dcp_state as dcp
 from lightning_soaa.optim.construction import collective_construction, failed_row
 from lightning_soaa.optim.dcp_plain import handed_out, without_placeholders
-from lightning_soaa.optim.lightning_clip import clip_difference, routed_clip, running_trainer
+from lightning_soaa.optim.lightning_clip import clip_difference, keep_manual_clips, routed_clip, running_trainer
 from lightning_soaa.optim.param_checks import (
     DisjointStorage,
     Signature,
@@ -669,6 +669,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if prints is not None and len(prints) == len(index.params):  # the memo of the next add_param_group
             self._storage_memo = StorageMemo(index, prints, self._table)
         self._check_unsharded_mean()
+        trainer = running_trainer() if self._routes_lightning_clip() else None
+        if trainer is not None:  # built in configure_optimizers: before a manual training_step's first clip
+            keep_manual_clips(self, trainer)
         # an (empty) entry per parameter: torch.distributed.checkpoint's get/set_optimizer_state_dict
         # otherwise takes a zero-gradient lr=0 step() of a fresh optimizer (and of an idle rank's, whose
         # state is empty: a collective the other ranks never join); see optim/dcp_state.py
@@ -719,7 +722,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 and not (callable(v) and callable(getattr(cls, k, None))) and k != "_opt_called"
                 and k not in ("_view_cache", "_step_counts", "_valid_groups", "_state_ids", "_state_ids_now",
                               "_hyper_digests", "stop_vote", "_world_at_build", "_storage_memo",
-                              "_step_addresses", "_fsdp_groups", "_amp_kept", "_clip_mark", "_consolidated_mark")}
+                              "_step_addresses", "_fsdp_groups", "_amp_kept", "_clip_mark", "_kept_clips",
+                              "_consolidated_mark")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         had_differentiable = "differentiable" in state["defaults"]

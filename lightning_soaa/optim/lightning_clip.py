@@ -11,13 +11,17 @@ The step finds the Trainer that runs it on the call stack (the frame of one of `
 of the user's own changes. While it runs the closure, that method of the Trainer's precision plugin takes this
 optimizer's clips: a clip by norm is applied by the step as ``max_grad_norm`` to the averaged gradient, on every
 rank alike, and Lightning clips nothing per rank (so never twice). Then the step checks what happened: a Trainer
-whose ``gradient_clip_val`` is set must have clipped this optimizer's step through that method, or the step raises
-(a clip it can neither see nor apply: a ``configure_gradient_clipping`` that clips without
-``self.clip_gradients``, a precision plugin that runs the closure before ``step()``, a Lightning release that clips
-elsewhere). ``gradient_clip_algorithm="value"``, two clips in one step and a clip with ``max_grad_norm`` also set
-are refused. The errors are raised in the step and held for its record: every rank raises together (the Trainer
-is configured alike on every rank). Elsewhere (DDP's averaged gradients under ``"none"``, one process) Lightning's
-own clip is exact and is left. No Lightning import: its classes are read where the user's program imported them.
+whose ``gradient_clip_val`` is set must have clipped this optimizer's step through that method where the step is one
+of Lightning's loop (its precision plugin's ``optimizer_step`` on the call stack; a callback's own ``opt.step()`` is
+one Lightning never clips), or the step raises (a clip it can neither see nor apply: a
+``configure_gradient_clipping`` that clips without ``self.clip_gradients``, a precision plugin that runs the closure
+before ``step()``, a Lightning release that clips elsewhere). Under manual optimization ``training_step`` clips
+before ``step()``: from the optimizer's construction (in ``configure_optimizers``) the plugin's method keeps its
+clips for its next step (:class:`_KeptClips`), which takes them over as above. ``gradient_clip_algorithm="value"``,
+two clips in one step and a clip with ``max_grad_norm`` also set are refused. The errors are raised in the step and
+held for its record: every rank raises together (the Trainer is configured alike on every rank). Elsewhere (DDP's
+averaged gradients under ``"none"``, one process) Lightning's own clip is exact and is left. No Lightning import:
+its classes are read where the user's program imported them.
 """
 
 from __future__ import annotations
@@ -25,10 +29,11 @@ from __future__ import annotations
 import contextlib
 import sys
 import types
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["clip_difference", "routed_clip", "running_trainer"]
+__all__ = ["clip_difference", "keep_manual_clips", "routed_clip", "running_trainer"]
 
 _TRAINER_MODULES = ("lightning.pytorch", "pytorch_lightning")
 _ABSENT = object()
@@ -114,6 +119,18 @@ def _taken_clip(optimizer: Any, taken: list[float], clip_val: float, algorithm: 
     taken.append(float(clip_val))
 
 
+def _clip_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, str]:
+    """``(clip_val, algorithm)`` of a call ``clip_gradients(optimizer, *args, **kwargs)``."""
+    clip_val = args[0] if args else kwargs.get("clip_val", 0.0)
+    return clip_val, _algorithm(args[1] if len(args) > 1 else kwargs.get("gradient_clip_algorithm"))
+
+
+def _take(optimizer: Any, taken: list[float], clip: tuple[Any, str]) -> None:
+    clip_val, algorithm = clip
+    if clip_val is not None and clip_val > 0:  # (Lightning clips nothing at 0: no gradient_clip_val)
+        _taken_clip(optimizer, taken, clip_val, algorithm)
+
+
 @contextlib.contextmanager
 def _clips_of(plugin: Any, optimizer: Any) -> Iterator[list[float]]:
     """While it lasts, the precision plugin's ``clip_gradients`` takes ``optimizer``'s clips into the yielded list
@@ -125,10 +142,7 @@ def _clips_of(plugin: Any, optimizer: Any) -> Iterator[list[float]]:
     def clip_gradients(opt: Any, *args: Any, **kwargs: Any) -> Any:
         if not _wraps(opt, optimizer):
             return original(opt, *args, **kwargs)
-        clip_val = args[0] if args else kwargs.get("clip_val", 0.0)
-        chosen = args[1] if len(args) > 1 else kwargs.get("gradient_clip_algorithm")
-        if clip_val is not None and clip_val > 0:  # (Lightning clips nothing at 0: no gradient_clip_val)
-            _taken_clip(optimizer, taken, clip_val, _algorithm(chosen))
+        _take(optimizer, taken, _clip_args(args, kwargs))
         return None
 
     plugin.clip_gradients = clip_gradients
@@ -157,17 +171,66 @@ def _missed(optimizer: Any, trainer: Any, runs_closure: bool) -> ValueError:
 def routed_clip(optimizer: Any, trainer: Any, runs_closure: bool) -> Iterator[list[float]]:
     """Around the step's run of its closure (``runs_closure``; False: ``step()`` without one) under ``trainer``
     (:func:`running_trainer`): yields a list that receives the bound of the Lightning clip this step takes over
-    (at most one), else stays empty. Raises where the Trainer's ``gradient_clip_val`` was not taken over (see the
-    module's text)."""
+    (at most one; under manual optimization the clips kept since the last step), else stays empty. Raises where
+    the Trainer's ``gradient_clip_val`` was not taken over (see the module's text)."""
     if not getattr(trainer.lightning_module, "automatic_optimization", False):
-        yield []  # (manual optimization: Lightning refuses gradient_clip_val; the loop's own clips are the user's)
+        keep_manual_clips(optimizer, trainer)
+        taken: list[float] = []
+        for clip in optimizer.__dict__.pop("_kept_clips", []):  # (the training_step's, before this step)
+            _take(optimizer, taken, clip)
+        yield taken
         return
     with contextlib.ExitStack() as stack:
         taken = stack.enter_context(_clips_of(trainer.precision_plugin, optimizer)) if runs_closure else []
         yield taken
-    stepped = any(_wraps(opt, optimizer) for opt in getattr(trainer, "optimizers", ()))
-    if not taken and stepped and getattr(trainer, "gradient_clip_val", None):
+    # (a step of the user's own, e.g. a callback's opt.step(), is one Lightning never clips: nothing was missed)
+    if not taken and getattr(trainer, "gradient_clip_val", None) and _plugin_steps(trainer, optimizer):
         raise _missed(optimizer, trainer, runs_closure)
+
+
+def _plugin_steps(trainer: Any, optimizer: Any) -> bool:
+    """Whether ``trainer``'s precision plugin's ``optimizer_step`` for ``optimizer`` is on the call stack: the step
+    is one of Lightning's loop (the one Lightning clips before), not one a callback or the user makes."""
+    plugin = trainer.precision_plugin
+    frame: types.FrameType | None = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "optimizer_step" and frame.f_locals.get("self") is plugin:
+            return _wraps(frame.f_locals.get("optimizer"), optimizer)
+        frame = frame.f_back
+    return False
+
+
+class _KeptClips:
+    """The precision plugin's ``clip_gradients`` under manual optimization, where ``training_step`` clips before
+    ``step()`` (Lightning's recipe: ``self.clip_gradients(opt, ...)`` after ``manual_backward``): a clip of one of
+    ``optimizers`` clips nothing and is kept on that optimizer for its next step, which applies it to the averaged
+    gradient (Lightning clipped each rank's own gradient, silently); other optimizers' clips are Lightning's."""
+
+    def __init__(self, plugin: Any) -> None:
+        self.plugin, self.original = plugin, plugin.clip_gradients
+        self.optimizers: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def __call__(self, opt: Any, *args: Any, **kwargs: Any) -> Any:
+        # (under a GradScaler ("16-mixed") Lightning refuses the clip for an optimizer that unscales in step(), as
+        # under automatic optimization; one process clips the scaled gradient there, which the step would not)
+        for mine in list(self.optimizers) if getattr(self.plugin, "scaler", None) is None else ():
+            if _wraps(opt, mine):
+                mine.__dict__.setdefault("_kept_clips", []).append(_clip_args(args, kwargs))
+                return None
+        return self.original(opt, *args, **kwargs)
+
+
+def keep_manual_clips(optimizer: Any, trainer: Any) -> None:
+    """Under a manual-optimization ``trainer``, from now on keep ``optimizer``'s clips for its next step
+    (:class:`_KeptClips`). Called where the optimizer is built (``configure_optimizers``: before any
+    ``training_step`` clips) and at every step."""
+    if getattr(trainer.lightning_module, "automatic_optimization", True):
+        return
+    plugin = trainer.precision_plugin
+    kept = vars(plugin).get("clip_gradients")
+    if not isinstance(kept, _KeptClips):
+        kept = plugin.clip_gradients = _KeptClips(plugin)
+    kept.optimizers.add(optimizer)
 
 
 def clip_difference(by_rank: list[float | None], ranks: list[int]) -> str:

@@ -13,10 +13,11 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.plugins.precision import DoublePrecision
 
 from lightning_soaa.lightning import LossToOptimizer, OptimizerFactory
-from tests.lightning.helpers import RankRecorder, TinyRegressor, load_records, make_trainer
+from tests.lightning.helpers import RankRecorder, TinyRegressor, load_records, make_trainer, regression_data
 
 pytestmark = [pytest.mark.lightning, pytest.mark.timeout(300)]
 
@@ -182,3 +183,76 @@ def test_gradient_clip_val_with_max_grad_norm_is_refused(tmp_path: Path) -> None
                            callbacks=[LossToOptimizer(), _NoAveraging()])
     with pytest.raises(Exception, match=r"gradient_clip_val=0.3 and ShardedAdamW's max_grad_norm are both set"):
         trainer.fit(model)
+
+
+class _ManualTwoOptimizers(TinyRegressor):
+    """Manual optimization with Lightning's recipe, ``self.clip_gradients(opt, ...)`` after ``manual_backward``:
+    the first layer with the optimizer under test (``grad_reduction="mean"``), the last with torch's SGD, whose
+    gradients the module averages itself (DDP's averaging is off in these runs); both clipped."""
+
+    def __init__(self, factory: OptimizerFactory, batch_size: int = 8) -> None:
+        super().__init__(factory, batch_size=batch_size)
+        self.automatic_optimization = False
+
+    def configure_optimizers(self) -> Any:
+        assert self.factory is not None
+        ours = self.factory(self.net[0])
+        return [ours, torch.optim.SGD(self.net[2].parameters(), lr=0.1)]
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        ours, sgd = self.optimizers()
+        ours.zero_grad()
+        sgd.zero_grad()
+        x, y = batch
+        loss = F.mse_loss(self(x), y)
+        self.manual_backward(loss)
+        if self.trainer.world_size > 1:
+            for p in self.net[2].parameters():
+                torch.distributed.all_reduce(p.grad)
+                p.grad /= self.trainer.world_size
+        self.clip_gradients(ours, gradient_clip_val=CLIP, gradient_clip_algorithm="norm")
+        self.clip_gradients(sgd, gradient_clip_val=CLIP / 3, gradient_clip_algorithm="norm")
+        ours.step()
+        sgd.step()
+        return loss
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_manual_optimization_clip_gradients_acts_on_the_averaged_gradient(name: str, tmp_path: Path) -> None:
+    """Lightning clipped each rank's own gradient before the step averaged them, silently (AdamW 0.10 off the
+    one-process run in 4 steps): the clip is now kept for the step, which applies it to the averaged gradient.
+    The optimizer is built in configure_optimizers, before the first training_step clips."""
+    ref = _fit(tmp_path / "one", name, 1, module=_ManualTwoOptimizers)[0]["params"]
+    for rec in _fit(tmp_path / "two", name, 2, module=_ManualTwoOptimizers):
+        torch.testing.assert_close(rec["params"], ref, rtol=1e-10, atol=1e-12)
+
+
+class _StepsByItself(pl.Callback):
+    """At the end of the epoch takes one more step of its own, on a batch of its own (each rank its half):
+    Lightning clips nothing there, whatever gradient_clip_val says."""
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        x, y = regression_data().tensors
+        rows = slice(4 * trainer.global_rank, 4 * (trainer.global_rank + 1)) if trainer.world_size > 1 else slice(8)
+        opt = trainer.optimizers[0]
+        opt.zero_grad()
+        F.mse_loss(pl_module(x[rows]), y[rows]).backward()
+        opt.step()
+
+
+def test_a_step_of_the_users_own_under_the_trainer_is_not_refused(tmp_path: Path) -> None:
+    """A step that Lightning's loop did not make (a callback's opt.step()) was refused with gradient_clip_val set,
+    saying that Lightning had run its clip before step(): Lightning clips nothing there. Now it steps unclipped,
+    as in one process."""
+    recs = []
+    for devices in (1, 2):
+        model = TinyRegressor(OptimizerFactory("lightning_soaa.AdamW", {"lr": 0.05, "grad_reduction": "mean"}),
+                              batch_size=8 // devices)
+        out = tmp_path / str(devices)
+        extra = [_NoAveraging()] if devices > 1 else []
+        trainer = make_trainer(out, devices=devices, max_epochs=1, max_steps=-1, gradient_clip_val=CLIP,
+                               callbacks=[_StepsByItself(), RankRecorder(out), *extra])
+        trainer.fit(model)
+        recs.append(load_records(out, "", devices))
+    for rec in recs[1]:
+        torch.testing.assert_close(rec["params"], recs[0][0]["params"], rtol=1e-10, atol=1e-12)
