@@ -131,23 +131,41 @@ def _take(optimizer: Any, taken: list[float], clip: tuple[Any, str]) -> None:
         _taken_clip(optimizer, taken, clip_val, algorithm)
 
 
+class _StandIn:
+    """What stands in for a precision plugin's ``clip_gradients`` (an instance attribute). A copy or pickle of the
+    plugin gets the plugin's own method back: the stand-in belongs to this run, not to the plugin's state (a local
+    function or a weak set could not be pickled, and a copy would have clipped through the original plugin)."""
+
+    def __init__(self, plugin: Any) -> None:
+        self.plugin, self.original = plugin, plugin.clip_gradients
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, str]]:
+        return getattr, (self.plugin, "clip_gradients")  # (read before the copy's state: the class's method)
+
+
+class _TakenClips(_StandIn):
+    """Takes ``optimizer``'s clips into ``taken`` (clipping nothing); other optimizers' clips are Lightning's."""
+
+    def __init__(self, plugin: Any, optimizer: Any) -> None:
+        super().__init__(plugin)
+        self.optimizer = optimizer
+        self.taken: list[float] = []
+
+    def __call__(self, opt: Any, *args: Any, **kwargs: Any) -> Any:
+        if not _wraps(opt, self.optimizer):
+            return self.original(opt, *args, **kwargs)
+        _take(self.optimizer, self.taken, _clip_args(args, kwargs))
+        return None
+
+
 @contextlib.contextmanager
 def _clips_of(plugin: Any, optimizer: Any) -> Iterator[list[float]]:
     """While it lasts, the precision plugin's ``clip_gradients`` takes ``optimizer``'s clips into the yielded list
-    (clipping nothing); other optimizers' clips are Lightning's, as before."""
-    taken: list[float] = []
-    original = plugin.clip_gradients
+    (:class:`_TakenClips`)."""
     own = vars(plugin).get("clip_gradients", _ABSENT)  # (an instance attribute the plugin already had)
-
-    def clip_gradients(opt: Any, *args: Any, **kwargs: Any) -> Any:
-        if not _wraps(opt, optimizer):
-            return original(opt, *args, **kwargs)
-        _take(optimizer, taken, _clip_args(args, kwargs))
-        return None
-
-    plugin.clip_gradients = clip_gradients
+    stand_in = plugin.clip_gradients = _TakenClips(plugin, optimizer)
     try:
-        yield taken
+        yield stand_in.taken
     finally:
         if own is _ABSENT:
             del plugin.clip_gradients
@@ -200,14 +218,14 @@ def _plugin_steps(trainer: Any, optimizer: Any) -> bool:
     return False
 
 
-class _KeptClips:
+class _KeptClips(_StandIn):
     """The precision plugin's ``clip_gradients`` under manual optimization, where ``training_step`` clips before
     ``step()`` (Lightning's recipe: ``self.clip_gradients(opt, ...)`` after ``manual_backward``): a clip of one of
     ``optimizers`` clips nothing and is kept on that optimizer for its next step, which applies it to the averaged
     gradient (Lightning clipped each rank's own gradient, silently); other optimizers' clips are Lightning's."""
 
     def __init__(self, plugin: Any) -> None:
-        self.plugin, self.original = plugin, plugin.clip_gradients
+        super().__init__(plugin)
         self.optimizers: weakref.WeakSet[Any] = weakref.WeakSet()
 
     def __call__(self, opt: Any, *args: Any, **kwargs: Any) -> Any:

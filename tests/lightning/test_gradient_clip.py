@@ -7,6 +7,8 @@ the average (AdamW 0.10 off the one-process run in 4 steps), silently. ``gradien
 refused, and so is a clip the step cannot take over (one made before ``step()`` or without
 ``clip_gradients``)."""
 
+import copy
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +45,12 @@ class _NoAveraging(pl.Callback):
 
 
 def _fit(tmp: Path, name: str, devices: int, module: type[TinyRegressor] = TinyRegressor,
-         **trainer_kw: Any) -> list[dict[str, Any]]:
+         callbacks: tuple[pl.Callback, ...] = (), **trainer_kw: Any) -> list[dict[str, Any]]:
     class_path, init = OPTIMIZERS[name]
     model = module(OptimizerFactory(class_path, {**init, "grad_reduction": "mean"}), batch_size=8 // devices)
     extra = [_NoAveraging()] if devices > 1 else []
     trainer = make_trainer(tmp, devices=devices, max_steps=4,
-                           callbacks=[LossToOptimizer(), RankRecorder(tmp), *extra], **trainer_kw)
+                           callbacks=[LossToOptimizer(), RankRecorder(tmp), *extra, *callbacks], **trainer_kw)
     trainer.fit(model)
     return load_records(tmp, "", devices)
 
@@ -256,3 +258,26 @@ def test_a_step_of_the_users_own_under_the_trainer_is_not_refused(tmp_path: Path
         recs.append(load_records(out, "", devices))
     for rec in recs[1]:
         torch.testing.assert_close(rec["params"], recs[0][0]["params"], rtol=1e-10, atol=1e-12)
+
+
+class _CopiesThePlugin(pl.Callback):
+    """Pickles and deep-copies the Trainer's precision plugin in ``on_before_optimizer_step`` (inside the closure the
+    step runs, while the plugin's ``clip_gradients`` is taken over; under manual optimization, while the plugin
+    keeps the optimizer's clips): each copy clips through its own method."""
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        plugin = trainer.precision_plugin
+        for copied in (pickle.loads(pickle.dumps(plugin)), copy.deepcopy(plugin)):
+            assert copied.clip_gradients.__self__ is copied
+            assert copied.clip_gradients.__func__ is type(plugin).clip_gradients
+
+
+@pytest.mark.parametrize("module", [TinyRegressor, _ManualTwoOptimizers])
+def test_the_precision_plugin_copies_while_the_clip_is_taken_over(module: type[TinyRegressor],
+                                                                   tmp_path: Path) -> None:
+    """The plugin's clip_gradients was a local function while the step ran the closure: a pickle of the plugin
+    (or of what holds it) raised, and a deep copy clipped through the original plugin."""
+    ref = _fit(tmp_path / "one", "AdamW", 1, module=module, gradient_clip_val=CLIP if module is TinyRegressor else None)
+    for rec in _fit(tmp_path / "two", "AdamW", 2, module=module, callbacks=(_CopiesThePlugin(),),
+                    gradient_clip_val=CLIP if module is TinyRegressor else None):
+        torch.testing.assert_close(rec["params"], ref[0]["params"], rtol=1e-10, atol=1e-12)
