@@ -27,9 +27,12 @@ AUTOCAST_DEVICES: tuple[str, ...] = ("cpu", "cuda", "xpu", "mps")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-#: whether autocast is enabled for any device type (a superset of AUTOCAST_DEVICES), in one call (a torch
-#: without it: always asked per device type)
+#: whether autocast is enabled for a device type torch's one call covers, in that call (a torch without it: always
+#: asked per device type). Not every one of AUTOCAST_DEVICES: torch 2.13's leaves MPS out, and an MPS region then
+#: reached the step (its matmuls in the region's dtype; same_batch judged the trial at the parameters' rounding)
 _any_autocast: Callable[[], bool] = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+#: the device types of AUTOCAST_DEVICES that torch's one call does not cover: asked on their own
+_NOT_IN_ANY: tuple[str, ...] = ("mps",)
 
 
 def _in_autocast_region() -> bool:
@@ -95,7 +98,8 @@ def _full_precision(step: F, *, no_grad: bool) -> F:
             torch._C._set_grad_enabled(False)
         try:
             # (one call says none is enabled, the usual case: asked per device type, each parses its name)
-            active = [d for d in AUTOCAST_DEVICES if torch.is_autocast_enabled(d)] if _any_autocast() else []
+            active = ([d for d in AUTOCAST_DEVICES if torch.is_autocast_enabled(d)]
+                      if _any_autocast() or any(map(torch.is_autocast_enabled, _NOT_IN_ANY)) else [])
             if not active:
                 try:  # (inside a region's enabled=False part too: the region's casts outlive it)
                     return step(self, *args, **kwargs)

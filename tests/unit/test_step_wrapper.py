@@ -12,19 +12,21 @@ import pytest
 import torch
 
 from lightning_soaa.kernels.soaa_native import _scalar_rows
-from lightning_soaa.optim.step_context import full_precision_no_grad
+from lightning_soaa.optim.step_context import AUTOCAST_DEVICES, full_precision_no_grad
 
 
 class _Stepper:
     """Records the contexts its step ran in."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: str = "cpu") -> None:
         self.seen: dict[str, Any] = {}
+        self.device = device  # whose autocast state "device_autocast" records
 
     @full_precision_no_grad
     def step(self, fail: bool = False) -> str:
         self.seen = {"grad": torch.is_grad_enabled(), "inference": torch.is_inference_mode_enabled(),
-                     "autocast": torch.is_autocast_enabled("cpu"), "regions": self.__dict__.get("_caller_autocast")}
+                     "autocast": torch.is_autocast_enabled("cpu"), "regions": self.__dict__.get("_caller_autocast"),
+                     "device_autocast": torch.is_autocast_enabled(self.device)}
         if fail:
             raise RuntimeError("boom")
         return "ok"
@@ -58,6 +60,24 @@ def test_inside_autocast_the_step_runs_without_it_and_remembers_the_callers_regi
     assert s.seen["autocast"] is False and s.seen["grad"] is False
     assert s.seen["regions"] == [("cpu", torch.bfloat16)]
     assert s.__dict__.get("_caller_autocast") is None  # the caller's regions belong to that step only
+
+
+@pytest.mark.parametrize("device", AUTOCAST_DEVICES)
+def test_autocast_enabled_on_any_device_type_the_step_reads_is_disabled_for_the_step(device: str) -> None:
+    """Each device type's autocast state set directly (torch.autocast refuses a device type this build lacks):
+    torch's one-call ``_is_any_autocast_enabled`` leaves MPS out, so an MPS region once reached the step."""
+    s = _Stepper(device)
+    before = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+    torch.set_autocast_enabled(device, True)
+    torch.set_autocast_dtype(device, torch.float16)
+    try:
+        s.step()
+        assert torch.is_autocast_enabled(device)  # the caller's state comes back
+    finally:
+        torch.set_autocast_enabled(device, before[0])
+        torch.set_autocast_dtype(device, before[1])
+    assert s.seen["regions"] == [(device, torch.float16)]
+    assert s.seen["device_autocast"] is False
 
 
 def _chained(rows: list[tuple[float, ...]]) -> bytes:
