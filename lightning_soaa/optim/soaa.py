@@ -535,8 +535,10 @@ class SOAA(ShardedOptimizer):
     def _set_step_loss(self, loss: Tensor | float) -> None:
         """``set_loss(loss, replace=True)`` for ``step(loss=)``, without the gradients' mark (~3 us on a small
         model's step): the step drops its loss when it ends, and the mark is read only for a loss still pending
-        at ``zero_grad``."""
-        if self._receiver() is not self:  # (Lightning's LightningOptimizer: the optimizer behind it holds the loss)
+        at ``zero_grad``. Through :meth:`set_loss` where that is not SOAA's own (a subclass's or an instance's
+        override: ``step(loss=)`` went through it before, a shortcut skipped it without a word) or where Lightning's
+        LightningOptimizer wraps the optimizer (the one behind it holds the loss)."""
+        if getattr(self.set_loss, "__func__", None) is not SOAA.set_loss or self._receiver() is not self:
             self.set_loss(loss, replace=True)
             return
         self._pending_loss, self._pending_plain, self._pending_mark = (_check_loss(loss), 1.0), False, None

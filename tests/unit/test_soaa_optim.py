@@ -138,6 +138,35 @@ def test_set_loss_and_loss_kwarg_and_closure_agree() -> None:
         assert torch.equal(ps[0], ps[1]) and torch.equal(ps[0], ps[2])
 
 
+def test_a_set_loss_override_sees_the_step_loss() -> None:
+    """``step(loss=)`` hands its loss over through ``set_loss``: a subclass's or an instance's override of it runs
+    (the step's shortcut around it skipped a subclass that rescales or logs the loss, silently)."""
+    class Halving(SOAA):
+        def set_loss(self, loss, weight=1.0, *, replace=False):  # type: ignore[no-untyped-def,override]
+            super().set_loss(loss * 0.5, weight, replace=replace)
+
+    models = [tiny_mlp(4) for _ in range(3)]
+    opts = [Halving(models[0].parameters(), lr=0.05, gamma=0.3), SOAA(models[1].parameters(), lr=0.05, gamma=0.3),
+            SOAA(models[2].parameters(), lr=0.05, gamma=0.3)]
+    seen: list[float] = []
+    plain = opts[2].set_loss
+
+    def spy(loss, weight=1.0, *, replace=False):  # type: ignore[no-untyped-def]
+        seen.append(float(loss))
+        plain(loss, weight, replace=replace)
+    opts[2].set_loss = spy  # type: ignore[method-assign]
+    for s in range(4):
+        loss = _closure(opts[0], models[0], s)().item()
+        opts[0].step(loss=loss)
+        _closure(opts[1], models[1], s)()
+        opts[1].step(loss=loss * 0.5)
+        _closure(opts[2], models[2], s)()
+        opts[2].step(loss=loss)
+    assert opts[0].trust_state() == opts[1].trust_state()
+    assert all(torch.equal(a, b) for a, b in zip(*(m.parameters() for m in models[:2])))
+    assert len(seen) == 4
+
+
 def test_numpy_losses_are_numbers_and_complex_or_bool_ones_are_refused() -> None:
     """A loss from numpy (np.float32, as a metric library hands it) is a number like a float; a complex
     tensor or a bool is refused with what is allowed."""
