@@ -123,6 +123,20 @@ def _touch_a_moment(t: int, opt: SOAA, model: torch.nn.Module) -> None:
         opt.state[next(iter(model.parameters()))]["exp_avg"].mul_(0.5)
 
 
+def _touch_every_exp_avg(t: int, opt: SOAA, model: torch.nn.Module) -> None:
+    # each bumped once, after a planned step: the versions the plan expects, were its step not to bump them
+    # (the plan takes its versions after a step as those before plus one, unread)
+    if t in (4, 7):
+        for p in model.parameters():
+            opt.state[p]["exp_avg"].mul_(0.5)
+
+
+def _touch_every_exp_avg_sq(t: int, opt: SOAA, model: torch.nn.Module) -> None:
+    if t in (4, 7):  # (as _touch_every_exp_avg)
+        for p in model.parameters():
+            opt.state[p]["exp_avg_sq"].mul_(2.0)
+
+
 def _replace_a_moment(t: int, opt: SOAA, model: torch.nn.Module) -> None:
     if t == 5:
         st = opt.state[next(iter(model.parameters()))]
@@ -167,7 +181,8 @@ def _reload(t: int, opt: SOAA, model: torch.nn.Module) -> None:
         opt.load_state_dict(copy.deepcopy(opt.state_dict()))
 
 
-@pytest.mark.parametrize("between", [_lr_schedule, _drop_a_gradient, _touch_a_moment, _replace_a_moment,
+@pytest.mark.parametrize("between", [_lr_schedule, _drop_a_gradient, _touch_a_moment, _touch_every_exp_avg,
+                                     _touch_every_exp_avg_sq, _replace_a_moment,
                                      _move_a_parameter, _swap_a_moments_storage, _reset_a_counter,
                                      _replace_a_counter, _non_contiguous_gradient,
                                      _nonfinite_gradient, _reload], ids=lambda f: f.__name__.strip("_"))
