@@ -560,6 +560,10 @@ _JOINING_ID = float(1 << 48)
 #: called it where its peers stepped meets their step's first all-reduce, and every rank raises
 _ADDING_ID = float((1 << 48) + 1)
 
+#: where a row of add_param_group's meeting holds the optimizer's own instance id (every such meeting shows
+#: :data:`_ADDING_ID` in the instance slot): :meth:`ShardedOptimizer._check_same_optimizer_added_to`
+_WHICH_SLOT = 2
+
 
 class _OwnedState(NamedTuple):
     """A restore's state made (:meth:`ShardedOptimizer._owned_state`), not yet the optimizer's."""
@@ -1117,7 +1121,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         # callback's add_param_group run where one rank's condition held), it met the others' next step, whose
         # first all-reduce then passed against the all-gather's and whose exchange waited for ever (a hang). Now
         # both see another instance id in that all-reduce and raise (_out_of_order), nothing changed.
-        rows = self._meet(_ADDING_ID, float(extend), agreement.error_flag(error))
+        rows = self._meet(_ADDING_ID, float(extend), agreement.error_flag(error),
+                          which=float(self.__dict__.get("_instance_id", 0)))
+        self._check_same_optimizer_added_to(rows)
         if not any(row[agreement.ERROR_SLOT] for row in rows):
             return all(row[1] for row in rows)
         texts = self.comm.all_gather_object((None if error is None else f"{type(error).__name__}: {error}", extend))
@@ -1128,6 +1134,20 @@ class ShardedOptimizer(torch.optim.Optimizer):
         raise RuntimeError(f"{type(self).__name__}.add_param_group: the group was refused on rank(s) {bad} "
                            f"(rank {bad[0]}: {texts[bad[0]][0]}); it is dropped on every rank. Add the same group "
                            "on every rank. Nothing changed.")
+
+    def _check_same_optimizer_added_to(self, rows: list[list[float]]) -> None:
+        """Raise on every rank where add_param_group's meeting (``rows``) joined calls on different optimizers
+        (rank 0 adding to one, rank 1 to another: a loop over a dict of optimizers, a callback per model).
+        Every meeting carries the same :data:`_ADDING_ID`, so those calls agreed, went on into each other's
+        cross-rank check (which compares shapes, not which optimizer: two models of one architecture passed)
+        and state gather, and each optimizer silently took the other's blocks and a group on some ranks only."""
+        others = [r for r, row in enumerate(rows) if row[_WHICH_SLOT] != rows[0][_WHICH_SLOT]]
+        if others:
+            raise RuntimeError(
+                f"{type(self).__name__}.add_param_group: rank(s) {others} called it on another optimizer than "
+                "rank 0 at the same point (optimizers extended in a different order on some ranks). "
+                "add_param_group is collective: call it on every rank, on the same optimizer, in the same order. "
+                "The group was dropped on every rank; nothing changed.")
 
     def _fsdp(self) -> FSDPGroups | None:
         """FSDP2's groups holding this optimizer's DTensor parameters (:class:`FSDPGroups`), found on first use
@@ -1484,15 +1504,17 @@ class ShardedOptimizer(torch.optim.Optimizer):
             flags = agreement.failed_flags([flat[r * width:(r + 1) * width] for r in range(self.comm.world_size)])
             self._raise_agreed(flags, error, f"while {_REBUILDING}", what=joining)
 
-    def _meet(self, instance: float, value: float, failed: float = 0.0) -> list[list[float]]:
+    def _meet(self, instance: float, value: float, failed: float = 0.0, which: float = 0.0) -> list[list[float]]:
         """Collective: a first all-reduce of the step record's size (:func:`agreement.meeting_table`; slot 1
-        of this rank's row holds ``value``, its error slot ``failed``: :func:`agreement.error_flag`); every
+        of this rank's row holds ``value``, :data:`_WHICH_SLOT` ``which``, its error slot ``failed``:
+        :func:`agreement.error_flag`); every
         rank's row. Raises :meth:`_out_of_order` on every rank where the ranks are in different optimizers'
         steps (rank 0's row is the reference, as in the record's verdict, so a rank in the record decides
         alike); in add_param_group's meeting (``instance`` :data:`_ADDING_ID`) an error naming the ranks that
         called it."""
         table, row = agreement.meeting_table(self.comm.rank, self.comm.world_size, instance, failed)
         table[row + 1] = value
+        table[row + _WHICH_SLOT] = which
         got = self.comm.all_reduce_scalars(torch.tensor(table, dtype=torch.float64)).tolist()
         rows = agreement.meeting_rows(got, self.comm.world_size)
         others = agreement.other_instances(rows)

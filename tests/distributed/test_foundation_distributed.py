@@ -321,6 +321,78 @@ def test_a_group_added_on_some_ranks_only_is_refused_on_every_rank(tmp_path: Pat
         assert torch.equal(a, b)
 
 
+def _two_models_extended(name, rank, world_size, crossed):
+    """Two models of one architecture (seeds 0 and 1), each with its optimizer built without its last layer
+    and stepped twice; then each optimizer is given that layer, on rank 1 in the other order when ``crossed``
+    (a loop over a dict of optimizers whose order differs between processes). The error raised, if any, each
+    optimizer's group count, and both models' parameters after two more steps."""
+    from lightning_soaa import registry
+    from tests.conformance._battery import make, step
+
+    spec = registry.get(name)
+    built = []
+    for seed in (0, 1):
+        model, _ = make(spec, seed=seed)
+        last = list(model.parameters())[-2:]
+        for p in last:
+            p.requires_grad_(False)
+        built.append((model, last, spec.build(model, **spec.test_kwargs)))
+    for t in range(2):
+        for model, _, opt in built:
+            step(spec, model, opt, t, rank=rank, world=world_size, average=True)
+    order = built[::-1] if crossed and rank == 1 else built
+    try:
+        for _, last, opt in order:
+            for p in last:
+                p.requires_grad_(True)
+            opt.add_param_group({"params": last})
+        msg = "no error"
+    except RuntimeError as e:
+        msg = str(e)
+        for _, last, _ in built:  # frozen again where no group took it
+            for p in last:
+                p.requires_grad_(False)
+    for t in range(2, 4):
+        for model, _, opt in built:
+            step(spec, model, opt, t, rank=rank, world=world_size, average=True)
+    return msg, [len(opt.param_groups) for _, _, opt in built], [
+        p.detach().clone() for model, _, _ in built for p in model.parameters()]
+
+
+def _w_two_models_extended(rank, world_size, name):
+    return _two_models_extended(name, rank, world_size, crossed=True)
+
+
+@pytest.mark.parametrize("name", _takes_groups())
+def test_groups_added_to_different_optimizers_on_different_ranks_are_refused(tmp_path: Path, name: str):
+    """Rank 0 adds a group to optimizer A while rank 1 adds one to B (two models of one architecture): every
+    add_param_group meeting carried the same instance id, so the calls agreed and each passed the other's
+    cross-rank check (shapes alike): both models ended 7e-2 (AdamW) to 1.3e-1 (SOAA) off the run adding in one
+    order, silently. Now every rank raises, naming the ranks; no group is added, and the steps after it equal
+    the one-process run of the optimizers as built."""
+    from lightning_soaa import registry
+
+    out = run_distributed(_w_two_models_extended, 2, tmp_path, name, timeout=120)
+    for msg, groups, _ in out:
+        assert "add_param_group: rank(s) [1] called it on another optimizer than rank 0" in msg, msg
+        assert "nothing changed" in msg and groups == [1, 1], (msg, groups)
+    spec = registry.get(name)
+    ref = []
+    for seed in (0, 1):
+        from tests.conformance._battery import make, step
+
+        model, _ = make(spec, seed=seed)
+        for p in list(model.parameters())[-2:]:
+            p.requires_grad_(False)
+        opt = spec.build(model, **spec.test_kwargs)
+        for t in range(4):
+            step(spec, model, opt, t)
+        ref += [p.detach() for p in model.parameters()]
+    for r in range(2):
+        for a, b in zip(out[r][2], ref):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
 def _w_pickled(rank, world_size, shard):
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).double()
     return pickle.dumps((model, ShardedAdamW(model[0].parameters(), shard=shard, **KW)))
