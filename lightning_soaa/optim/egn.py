@@ -1033,7 +1033,16 @@ class EGN(ShardedOptimizer):
         if self.param_groups:
             # Lightning's BaseFinetuning/BackboneFinetuning reach this epochs into a fit when they unfreeze a
             # backbone: say what works there (EGN follows requires_grad over the parameters it was built with)
-            raise ValueError(ADD_PARAM_GROUP_MESSAGE)
+            error = ValueError(ADD_PARAM_GROUP_MESSAGE)
+            if self._table is not None and self.comm.world_size > 1:
+                # collective as the other optimizers' is: called on some ranks only, this rank raised alone while
+                # its peers waited in their step's first all-reduce (a hang); met here, every rank raises (this
+                # one its own refusal, which says what to do, with the meeting's verdict as its cause)
+                try:
+                    self._agree_on_added_group(error, extend=False)
+                except RuntimeError as met:
+                    raise error from met
+            raise error
         super().add_param_group(param_group)
 
     def _global_state(self) -> dict[str, Any]:
