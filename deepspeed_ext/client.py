@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from deepspeed_ext.added_group import refuse_added_group
 from deepspeed_ext.ds_config import ELASTIC_MESSAGE
 from deepspeed_ext.structure import VirtualParams, build_virtual_params
 from lightning_soaa.distributed.checkpoint import with_absent
@@ -245,6 +246,7 @@ class DeepSpeedClientOptimizer(torch.optim.Optimizer):
                               **self.hyperparams)
         self._group_keys = tuple(k for k in probe.defaults if k not in _NON_HYPER)
         super().__init__(params, dict(probe.defaults))
+        self._built = True  # add_param_group from here on is refused (refuse_added_group)
         self._validate_groups(probe, zero_stage)
         names = dict(param_names or {})
         for group in self.param_groups:  # named_parameters() input: torch keeps the names per group
@@ -276,6 +278,11 @@ class DeepSpeedClientOptimizer(torch.optim.Optimizer):
         self.saving_at_global_step: int | None = None
         self.ignored_steps = 0  # step() calls during deepspeed.initialize
         self.step_calls = 0  # step() calls DeepSpeed made (several per training step at ZeRO-1/2/3)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not self.__dict__.get("_built"):  # torch's constructor adding the groups given
+            return super().add_param_group(param_group)
+        refuse_added_group(self, self._inner)
 
     def _validate_groups(self, probe: Any, zero_stage: int) -> None:
         """Each group's own options, validated by the probe before an engine exists; the options ZeRO-1/2/3's

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from deepspeed_ext.added_group import refuse_added_group
 from deepspeed_ext.client import EGN_STATE_KEY as STATE_KEY
 from deepspeed_ext.client import NOT_CONSOLIDATED, check_writer, group_size, marker_group
 from lightning_soaa.optim.egn_batches import concat_batches
@@ -66,6 +67,7 @@ class DeepSpeedEGNOptimizer(torch.optim.Optimizer):
         params = [p for p in model.parameters() if p.requires_grad]
         super().__init__(params, {k: v for k, v in probe.defaults.items()
                                   if k not in ("params", "param_names")})
+        self._built = True  # add_param_group from here on is refused (refuse_added_group)
         self._inner: Any = None
         self._batches: list[tuple[Any, Tensor]] = []  # the micro-batches of the coming step
         self.gradient_accumulation_steps = 1  # the engine's, read in bind()
@@ -76,6 +78,11 @@ class DeepSpeedEGNOptimizer(torch.optim.Optimizer):
         self.training_steps = 0
         self.ignored_steps = 0
         self.step_calls = 0
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not self.__dict__.get("_built"):  # torch's constructor adding the groups given
+            return super().add_param_group(param_group)
+        refuse_added_group(self, self._inner)
 
     @property
     def inner(self) -> Any:
