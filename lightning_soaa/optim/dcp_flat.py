@@ -26,7 +26,8 @@ So both ends take the dict itself:
   the metadata put into their order (:func:`_in_live_order`, :mod:`~lightning_soaa.optim.dcp_order`). The
   usual validation follows.
 
-The JSON rides in the state of the parameter whose name sorts first (:func:`for_flattening`): torch's
+The JSON rides in the state of the first parameter of the group whose first parameter's name sorts first
+(:func:`for_flattening`; with one group, its first parameter, as before the saved order was recorded): torch's
 flattening repeats every group key once per parameter. Where torch's code moves so that the frame is not
 found, the rebuild without metadata is refused by the load as before ("not a lightning_soaa optimizer
 state").
@@ -34,6 +35,7 @@ state").
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 from typing import TYPE_CHECKING, Any
@@ -193,15 +195,17 @@ def _nested(flat: dict[str, Any]) -> dict[str, Any]:
 
 
 def for_flattening(sd: dict[str, Any], names: list[str | list[str]] | None) -> dict[str, Any]:
-    """``sd`` (our torch form) with the JSON metadata moved from the first group into the state of the
-    parameter whose name (``names``: each parameter's, in the optimizer's order) sorts first, else of the first
-    group's first parameter: a place that does not depend on the groups' order, as ``dcp.load`` fills only the
-    keys the destination shows (a destination with its groups built in another order showed the metadata
-    under its own first parameter: "Missing key in checkpoint state_dict"). As one Python int of its UTF-8
-    bytes: torch's flattening writes every group key once per
-    parameter of the group (the JSON holds the block layout, ~26 bytes per parameter: quadratic, 2.4 MB at 300
-    parameters), a state value once; and a state value must be a tensor, int, float or dict (a tensor would
-    need the destination's length to load into). The dicts changed are copies.
+    """``sd`` (our torch form) with the JSON metadata moved from the first group into the state of the first
+    parameter of the group whose first parameter's name (``names``: each parameter's, in the optimizer's order)
+    sorts first, else of the first group's first parameter: a place that does not depend on the groups' order,
+    as ``dcp.load`` fills only the keys the destination shows (a destination with its groups built in another
+    order showed the metadata under its own first parameter: "Missing key in checkpoint state_dict"); with one
+    group, the first parameter, where checkpoints written before the saved order was recorded hold it (the
+    name that sorts first of all, ``0.bias`` before ``0.weight``, made every such checkpoint fail in
+    ``dcp.load``: "Missing key"). As one Python int of its UTF-8 bytes: torch's flattening writes every group
+    key once per parameter of the group (the JSON holds the block layout, ~26 bytes per parameter: quadratic,
+    2.4 MB at 300 parameters), a state value once; and a state value must be a tensor, int, float or dict (a
+    tensor would need the destination's length to load into). The dicts changed are copies.
 
     The layout options the groups leave to the metadata (``_meta_options``: ASGO's ``adamw_indices``,
     ``fused_parts``) become keys again, with the values of its record: torch's rebuild reads every key a live
@@ -219,7 +223,9 @@ def for_flattening(sd: dict[str, Any], names: list[str | list[str]] | None) -> d
     out = [{**kept, **{k: v for k, v in g.items() if k != FORMAT_KEY}} for g, kept in zip(groups, options, strict=True)]
     # (the state is keyed by index, in the optimizer's order, which torch renames by ``names``)
     first = [n if isinstance(n, str) else n[0] for n in names or ()]
-    key = keys[first.index(min(first))] if first and len(first) == len(keys) else keys[0]
+    starts = list(itertools.accumulate([len(g["params"]) for g in groups[:-1]], initial=0))
+    heads = [i for i, g in zip(starts, groups, strict=True) if g["params"]]  # (each group's first parameter)
+    key = keys[min(heads, key=lambda i: first[i])] if len(first) == len(keys) else keys[0]
     state = dict(sd.get("state", {}))
     state[key] = {**state.get(key, {}), FORMAT_KEY: int.from_bytes(groups[0][FORMAT_KEY].encode(), "big")}
     return {**sd, "state": state, "param_groups": out}
@@ -227,10 +233,9 @@ def for_flattening(sd: dict[str, Any], names: list[str | list[str]] | None) -> d
 
 def _metadata(opt: ShardedOptimizer, state: dict[str, dict[str, Any]]) -> str | None:
     """The JSON :func:`for_flattening` put into the state of a parameter of ``opt`` (taken out of it), if any.
-    Looked for in every parameter's state (the first-sorting name's since the saved order is recorded, the
-    first group's first before); two optimizers' entries mean the parameters were
-    split among optimizers otherwise when saved (pipeline stages merged), which no optimizer here can
-    continue."""
+    Looked for in every parameter's state (where :func:`for_flattening` puts it; the first group's first
+    parameter's before the saved order was recorded); two optimizers' entries mean the parameters were split
+    among optimizers otherwise when saved (pipeline stages merged), which no optimizer here can continue."""
     name = type(opt).__name__
     holders = [n for n, st in state.items() if FORMAT_KEY in st]
     if len(holders) > 1:

@@ -498,3 +498,41 @@ def test_a_full_flattened_load_is_refused_naming_the_load_that_works(spec: Optim
         step(spec, model, opt, t)
         step(spec, model2, fresh, t)
     assert_close(params(model2), params(model), "params", rtol=0, atol=1e-12)
+
+
+def _as_written_before_the_order_was_recorded(sd: dict[str, Any], first: str) -> dict[str, Any]:
+    """``sd`` as the versions before the saved order was recorded wrote it: no ``param_fqns``/``group_sizes``,
+    the metadata in the state of the first group's first parameter ``first``."""
+    out = _without_recorded_order(sd, flat=True)
+    key = next(k for k in out if k.endswith(".lightning_soaa"))
+    return {**{k: v for k, v in out.items() if k != key}, f"state.{first}.lightning_soaa": out[key]}
+
+
+@each_optimizer
+def test_a_flattened_checkpoint_written_before_the_order_was_recorded_loads_through_dcp(spec: OptimizerSpec,
+                                                                                       tmp_path: Path) -> None:
+    """A flattened checkpoint of one param group as the versions before the saved order was recorded wrote it
+    (the metadata in the state of the first parameter, ``stage0.0.weight``), through ``dcp.save`` and
+    ``dcp.load`` into a fresh optimizer's dict: resumes as uninterrupted. Before: the destination showed the
+    metadata under the name that sorts first (``stage0.0.bias``), so ``dcp.load`` refused every such
+    checkpoint of a model with biases ("Missing key in checkpoint state_dict: optimizer.state.stage0.0.bias.
+    lightning_soaa")."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    (model, opt), = _parts(spec)[:1]
+    for t in range(STEPS):
+        step(spec, model, opt, t)
+    first = next(iter(dict(model.named_parameters())))
+    old = _as_written_before_the_order_was_recorded(get_optimizer_state_dict(model, opt, options=_flat()), first)
+    _dcp(dcp.save, {"optimizer": old}, tmp_path)
+    (model2, fresh), = _parts(spec)[:1]
+    model2.load_state_dict(model.state_dict())
+    dest = {"optimizer": get_optimizer_state_dict(model2, fresh, options=_flat())}
+    _dcp(dcp.load, dest, tmp_path)
+    set_optimizer_state_dict(model2, fresh, dest["optimizer"], options=_flat())
+    assert fresh.num_steps == STEPS
+    for t in range(STEPS, STEPS + 2):
+        step(spec, model, opt, t)
+        step(spec, model2, fresh, t)
+    assert_close(params(model2), params(model), "params", rtol=0, atol=1e-12)
