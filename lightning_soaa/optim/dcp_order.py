@@ -67,6 +67,8 @@ def live_record(opt_name: str, record: dict[str, Any], live: list[list[str]]) ->
     pos = _positions(saved, mine)
     if saved is None or (pos == list(range(len(saved))) and sizes in (None, [len(g) for g in live])):
         return out
+    if _fits(saved, sizes) and 0 in sizes:
+        raise ValueError(_empty_group_refusal(opt_name, sizes))
     starts = _starts(saved, sizes)
     at, order = 0, []
     for g in live:  # each live group: one saved group's positions, in their order
@@ -103,12 +105,25 @@ def _starts(saved: Any, sizes: Any) -> dict[tuple[int, int], int]:
     for gi, n in enumerate(sizes):
         out[(at, n)] = gi
         at += n
-    return out if all(n > 0 for n in sizes) else {}
+    return out
 
 
 def _fits(saved: Any, sizes: Any) -> bool:
     return (isinstance(saved, list) and isinstance(sizes, list) and all(isinstance(s, int) for s in sizes)
             and sum(sizes) == len(saved))
+
+
+def _empty_group_refusal(opt_name: str, sizes: list[int]) -> str:
+    """Why: torch's ``set_optimizer_state_dict`` (``_split_optim_state_dict``, torch 2.13) hands a live group
+    without parameters the keys of the saved group it matched last, not those of the saved empty group, and
+    leaves that group's own keys out: right only where the groups are built as saved."""
+    empty = [i for i, n in enumerate(sizes) if n == 0]
+    return (f"{opt_name}.load_state_dict: the optimizer state dict was saved with param_groups{empty} holding no "
+            "parameters, and this optimizer's param groups are built in another order than saved (or grouped "
+            "otherwise). torch's set_optimizer_state_dict gives a group without parameters the options of another "
+            "saved group in that case (and that group none), so this state cannot be loaded into these groups. "
+            "Build the optimizer's param groups as they were saved (the same parameters per group, in the same "
+            "order, the empty group where it was), load, and then continue. Nothing was loaded.")
 
 
 def _refusal(opt_name: str, saved: Any, mine: list[str], pos: list[int | None], recorded: bool) -> str:

@@ -536,3 +536,65 @@ def test_a_flattened_checkpoint_written_before_the_order_was_recorded_loads_thro
         step(spec, model, opt, t)
         step(spec, model2, fresh, t)
     assert_close(params(model2), params(model), "params", rtol=0, atol=1e-12)
+
+
+def _with_an_empty_group(cls_name: str, model: nn.Module, order: tuple[int, ...]) -> Any:
+    """``cls_name`` over three groups in ``order``: the first matrix, one without parameters, the second
+    matrix, each with its own lr (torch allows an empty group only with unnamed parameters)."""
+    import lightning_soaa
+
+    a, b = model.parameters()
+    groups = [{"params": [a], "lr": 1e-2}, {"params": [], "lr": 5e-2}, {"params": [b], "lr": 3e-2}]
+    return getattr(lightning_soaa, cls_name)([groups[i] for i in order], lr=1e-2)
+
+
+@pytest.mark.parametrize("cls_name", ["ShardedAdamW", "ASGO"])
+def test_groups_with_an_empty_one_built_in_another_order_are_refused_saying_why(cls_name: str) -> None:
+    """A param group without parameters among groups built in another order than saved (the unflattened
+    form): refused naming the empty group, torch's misplacement and the fix, nothing loaded (torch 2.13's
+    ``_split_optim_state_dict`` hands the live empty group the keys of the saved group it matched last and
+    leaves that group none: the empty group took the other group's lr 3e-2, not its own 5e-2). Built as
+    saved, it resumes as uninterrupted. Before: refused saying the checkpoint "does not record its groups
+    (written before lightning_soaa resumed reordered groups)", which was not true."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    m = _two_matrices(4)
+    opt = _with_an_empty_group(cls_name, m, (0, 1, 2))
+    _steps(m, opt, STEPS, 0)
+    sd = get_optimizer_state_dict(m, opt, options=_options(False))
+    m2 = _two_matrices(4)
+    m2.load_state_dict(m.state_dict())
+    dest = _with_an_empty_group(cls_name, m2, (2, 1, 0))
+    before = copy.deepcopy(dest.state_dict())
+    with pytest.raises(ValueError, match=r"saved with param_groups\[1\] holding no parameters.*another order.*"
+                                         r"the empty group where it was.*Nothing was loaded"):
+        set_optimizer_state_dict(m2, dest, copy.deepcopy(sd), options=_options(False))
+    assert dest.num_steps == 0
+    assert_identical(dest.state_dict(), before)
+    opt2 = _with_an_empty_group(cls_name, m2, (0, 1, 2))
+    set_optimizer_state_dict(m2, opt2, sd, options=_options(False))
+    assert [g["lr"] for g in opt2.param_groups] == [1e-2, 5e-2, 3e-2]
+    _steps(m, opt, 2, 1)
+    _steps(m2, opt2, 2, 1)
+    assert_close(params(m2), params(m), "params", rtol=0, atol=1e-12)
+
+
+def test_a_flattened_state_dict_of_an_optimizer_with_an_empty_group_is_refused_and_changes_nothing() -> None:
+    """The flattened form of an optimizer with a param group without parameters: refused at the save (and
+    at the destination's get_optimizer_state_dict, before dcp.load), naming the group and the fix; the
+    optimizer goes on as uninterrupted. Before: saved, then set_optimizer_state_dict failed inside torch
+    with a bare ``IndexError: list index out of range`` (as for torch's own AdamW)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    m, m2 = _two_matrices(4), _two_matrices(4)
+    opt, opt2 = _with_an_empty_group("ShardedAdamW", m, (0, 1, 2)), _with_an_empty_group("ShardedAdamW", m2, (0, 1, 2))
+    _steps(m, opt, 1, 0)
+    _steps(m2, opt2, 1, 0)
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=r"flatten_optimizer_state_dict=True\)\) is refused: param_groups\[1\] hold "
+                                         r"no parameters.*without the empty group.*Nothing was saved or changed"):
+        get_optimizer_state_dict(m, opt, options=_flat())
+    assert_identical(opt.state_dict(), before)
+    _steps(m, opt, 2, 1)
+    _steps(m2, opt2, 2, 1)
+    assert_identical(params(m), params(m2))
