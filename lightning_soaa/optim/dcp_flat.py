@@ -83,7 +83,7 @@ def saving_names(opt: ShardedOptimizer) -> tuple[list[str | list[str]] | None, b
     flat = bool(getattr(info, "flatten_optimizer_state_dict", False))
     if flat:
         _refuse_full_flattened(opt, frame, info)
-        _refuse_empty_group(opt)
+    _refuse_empty_group(opt, flat)
     mapping = getattr(info, "fqn_param_mapping", None)
     names = [sorted(str(n) for n in mapping.get(p, ())) if isinstance(mapping, dict) else [] for p in opt._params]
     return ([n[0] if len(n) == 1 else n for n in names] if all(names) else None), flat
@@ -124,22 +124,29 @@ def _refuse_full_flattened(opt: ShardedOptimizer, frame: Any, info: Any) -> None
         "broadcast_from_rank0=True)). Nothing was saved or changed.")
 
 
-def _refuse_empty_group(opt: ShardedOptimizer) -> None:
-    """Refuse torch's flattened form for an optimizer with a param group without parameters. Why: torch's
-    ``set_optimizer_state_dict`` cannot rebuild a flattened dict into such an optimizer, for any optimizer
-    (torch's AdamW too, torch 2.13: ``IndexError`` in ``_unflatten_optim_state_dict``, which reads each live
-    group's keys under its first parameter's name), and the flattened form keeps a group's keys only under
-    its parameters' names. Raised at the save and at the destination's ``get_optimizer_state_dict``, before
+def _refuse_empty_group(opt: ShardedOptimizer, flat: bool) -> None:
+    """Refuse torch's form of an optimizer with a param group without parameters where torch's
+    ``set_optimizer_state_dict`` cannot load it back, for any optimizer (torch's AdamW too, torch 2.13): the
+    flattened form with any such group (``IndexError`` in ``_unflatten_optim_state_dict``, which reads each
+    live group's keys under its first parameter's name: the flattened form keeps a group's keys only there),
+    the unflattened one with such a first group (``_split_optim_state_dict`` hands it no keys, and with them
+    our metadata, which rides in the first group: "not a lightning_soaa optimizer state"; torch's AdamW loses
+    that group's lr). Raised at the save and at the destination's ``get_optimizer_state_dict``, before
     ``dcp.load``; the groups are alike on every rank, so every rank raises together."""
     empty = [i for i, g in enumerate(opt.param_groups) if not g["params"]]
-    if empty:
-        raise ValueError(
-            f"{type(opt).__name__}: get_optimizer_state_dict(..., options=StateDictOptions("
-            f"flatten_optimizer_state_dict=True)) is refused: param_groups{empty} hold no parameters, and torch's "
-            "set_optimizer_state_dict cannot load a flattened state dict into an optimizer with such a group "
-            "(for any optimizer: torch's own fail with IndexError). Build the optimizer without the empty "
-            "group (it steps nothing), or save without flatten_optimizer_state_dict (torch loads one empty "
-            "group then). Nothing was saved or changed.")
+    if not (empty if flat else empty[:1] == [0]):
+        return
+    options = "flatten_optimizer_state_dict=True" if flat else ""
+    why = ("torch's set_optimizer_state_dict cannot load a flattened state dict into an optimizer with such a group "
+           "(for any optimizer: torch's own fail with IndexError)" if flat else
+           "torch's set_optimizer_state_dict gives a first group without parameters none of its saved options (for "
+           "any optimizer: torch's AdamW loses its lr), and this optimizer's metadata rides in the first group")
+    fix = ("or save without flatten_optimizer_state_dict, the empty group after a group with parameters" if flat else
+           "or put it after a group with parameters")
+    raise ValueError(
+        f"{type(opt).__name__}: get_optimizer_state_dict(..., options=StateDictOptions({options})) is refused: "
+        f"param_groups{empty if flat else [0]} hold no parameters, and {why}. Build the optimizer without the empty "
+        f"group (it steps nothing), {fix}. Nothing was saved or changed.")
 
 
 def _caller(frame: Any) -> Any:

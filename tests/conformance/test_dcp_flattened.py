@@ -598,3 +598,35 @@ def test_a_flattened_state_dict_of_an_optimizer_with_an_empty_group_is_refused_a
     _steps(m, opt, 2, 1)
     _steps(m2, opt2, 2, 1)
     assert_identical(params(m), params(m2))
+
+
+def test_a_state_dict_of_an_optimizer_whose_first_group_is_empty_is_refused_and_changes_nothing() -> None:
+    """The unflattened form of an optimizer whose first param group holds no parameters: refused at the save
+    (and at the destination's get_optimizer_state_dict), naming the group and the fix; the optimizer goes on
+    as uninterrupted; with the empty group after the others it resumes. Before: saved, then refused at the
+    load as "not a lightning_soaa optimizer state" (torch's set_optimizer_state_dict hands a first empty
+    group none of its saved keys, our metadata among them; torch's AdamW loses that group's lr)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    m, m2 = _two_matrices(4), _two_matrices(4)
+    opt, opt2 = _with_an_empty_group("ShardedAdamW", m, (1, 0, 2)), _with_an_empty_group("ShardedAdamW", m2, (1, 0, 2))
+    _steps(m, opt, 1, 0)
+    _steps(m2, opt2, 1, 0)
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=r"StateDictOptions\(\)\) is refused: param_groups\[0\] hold no parameters.*"
+                                         r"put it after a group with parameters.*Nothing was saved or changed"):
+        get_optimizer_state_dict(m, opt, options=_options(False))
+    assert_identical(opt.state_dict(), before)
+    _steps(m, opt, 2, 1)
+    _steps(m2, opt2, 2, 1)
+    assert_identical(params(m), params(m2))
+    last = _with_an_empty_group("ShardedAdamW", m, (0, 2, 1))
+    _steps(m, last, STEPS, 0)
+    sd = get_optimizer_state_dict(m, last, options=_options(False))
+    m3 = _two_matrices(4)
+    m3.load_state_dict(m.state_dict())
+    resumed = _with_an_empty_group("ShardedAdamW", m3, (0, 2, 1))
+    set_optimizer_state_dict(m3, resumed, sd, options=_options(False))
+    _steps(m, last, 2, 1)
+    _steps(m3, resumed, 2, 1)
+    assert_close(params(m3), params(m), "params", rtol=0, atol=1e-12)
