@@ -20,6 +20,7 @@ Deterministic in the dict alone: every rank, handed the same dict, decides alike
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 __all__ = ["NAMES", "SIZES", "in_live_order", "live_record", "with_saved_order"]
@@ -31,6 +32,8 @@ SIZES = "group_sizes"
 #: the metadata's records with one entry per parameter / per group, in the saved order
 _PER_PARAMETER = ("shapes", "layout", "blocks_with_state")
 _PER_GROUP = ("group_keys", "group_options")
+
+log = logging.getLogger(__name__)
 
 
 def with_saved_order(sd: dict[str, Any], names: list[str | list[str]], key: str) -> dict[str, Any]:
@@ -78,6 +81,8 @@ def live_record(opt_name: str, record: dict[str, Any], live: list[list[str]]) ->
     groups = [o for o in order if o is not None]
     if not starts or len(groups) != len(order) or sorted(groups) != list(range(len(starts))):
         raise ValueError(_refusal(opt_name, saved, mine, pos, recorded=bool(starts)))
+    if groups != sorted(groups):
+        log.warning(_scheduler_warning(opt_name, groups))
     perm = [p for p in pos if p is not None]  # (all of them: every live group matched a saved one)
     for k in _PER_PARAMETER:
         if isinstance(out.get(k), list) and len(out[k]) == len(perm):
@@ -86,6 +91,17 @@ def live_record(opt_name: str, record: dict[str, Any], live: list[list[str]]) ->
         if isinstance(out.get(k), list) and len(out[k]) == len(order):
             out[k] = [out[k][i] for i in groups]
     return out
+
+
+def _scheduler_warning(opt_name: str, groups: list[int]) -> str:
+    """Why: a torch LR scheduler's state (``base_lrs``, ``_last_lr``, ...) is a list by group position, which
+    its ``load_state_dict`` takes as it is: into groups built in another order it swaps their learning rates
+    at the scheduler's next step, silently; the optimizer does not see the scheduler."""
+    return (f"{opt_name}.load_state_dict: param groups built in another order than saved, loaded by parameter name: "
+            f"this optimizer's param_groups[i] is the saved param_groups[{groups}[i]]. A torch LR scheduler's state "
+            "keeps its per-group lists (base_lrs, _last_lr, ...) in the saved order and would swap the groups' "
+            "learning rates at its next step: put them into this order before scheduler.load_state_dict "
+            f"(e.g. sd['base_lrs'] = [sd['base_lrs'][j] for j in {groups}]), or build the groups as saved.")
 
 
 def _saved_group(pos: list[int | None], starts: dict[tuple[int, int], int]) -> int | None:

@@ -630,3 +630,44 @@ def test_a_state_dict_of_an_optimizer_whose_first_group_is_empty_is_refused_and_
     _steps(m, last, 2, 1)
     _steps(m3, resumed, 2, 1)
     assert_close(params(m3), params(m), "params", rtol=0, atol=1e-12)
+
+
+@FORMS
+def test_groups_built_in_another_order_warn_that_a_scheduler_state_follows_the_saved_order(
+        flat: bool, caplog: pytest.LogCaptureFixture) -> None:
+    """torch's LR schedulers keep per-group lists (``base_lrs``) by position: loaded as they are into groups
+    built in another order, the next scheduler step swaps the groups' learning rates, silently (the optimizer
+    does not see the scheduler). The load of the optimizer warns, naming the saved group of each group and
+    the reorder; the scheduler state reordered so, the learning rates equal the uninterrupted run's; groups
+    built as saved do not warn. Before: no word (the lrs came out swapped: 1.25e-3 where 3.75e-3 was due)."""
+    import logging
+
+    import torch
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    def build(m: nn.Module, swapped: bool) -> tuple[Any, Any]:
+        opt = _two_groups("ShardedAdamW", m, swapped)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.5 ** e)
+
+    def lrs(opt: Any) -> dict[str, float]:
+        return {n: g["lr"] for g in opt.param_groups for n in g["param_names"]}
+
+    m = _two_matrices()
+    opt, sched = build(m, False)
+    _steps(m, opt, STEPS, 0)
+    sched.step()
+    sd, sched_sd = get_optimizer_state_dict(m, opt, options=_options(flat)), sched.state_dict()
+    for swapped in (False, True):
+        m2 = _two_matrices()
+        opt2, sched2 = build(m2, swapped)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="lightning_soaa"):
+            set_optimizer_state_dict(m2, opt2, copy.deepcopy(sd), options=_options(flat))
+        said = [r.getMessage() for r in caplog.records if "LR scheduler" in r.getMessage()]
+        assert len(said) == int(swapped), said
+        order = [1, 0] if swapped else [0, 1]
+        if swapped:
+            assert "param_groups[i] is the saved param_groups[[1, 0][i]]" in said[0], said[0]
+        sched2.load_state_dict({**sched_sd, "base_lrs": [sched_sd["base_lrs"][j] for j in order]})
+        sched2.step()
+        assert lrs(opt2) == pytest.approx({n: v / 2 for n, v in lrs(opt).items()})  # (one scheduler step on)
