@@ -90,6 +90,8 @@ def saving_names(opt: ShardedOptimizer) -> tuple[list[str | list[str]] | None, b
 
 
 _FULL_FLAT = "StateDictOptions(full_state_dict=True, flatten_optimizer_state_dict=True)"
+#: how torch's own optimizers fail at that load (torch 2.13): a stepped one, and one before its first step
+_TORCH_FAILS = "KeyError 'param_groups.0.params.0', or before their first step 'Expected device to be set'"
 
 
 def _refuse_full_flattened(opt: ShardedOptimizer, frame: Any, info: Any) -> None:
@@ -108,7 +110,7 @@ def _refuse_full_flattened(opt: ShardedOptimizer, frame: Any, info: Any) -> None
     if loading:
         raise ValueError(
             f"{name}: set_optimizer_state_dict(..., options={_FULL_FLAT}) cannot load any optimizer's state (torch "
-            "fails inside, for its own optimizers too: KeyError 'param_groups.0.params.0'). Load a flattened "
+            f"fails inside, for its own optimizers too: {_TORCH_FAILS}). Load a flattened "
             "state dict with StateDictOptions(flatten_optimizer_state_dict=True) alone: over plain (non-FSDP2) "
             "parameters a full flattened dict loads that way as it is; under FSDP2 save it with dcp.save and "
             "dcp.load it into get_optimizer_state_dict(model, opt, options=StateDictOptions("
@@ -116,8 +118,9 @@ def _refuse_full_flattened(opt: ShardedOptimizer, frame: Any, info: Any) -> None
             "options. Nothing was loaded.")
     raise ValueError(
         f"{name}: get_optimizer_state_dict(..., options={_FULL_FLAT}) is refused: torch's "
-        "set_optimizer_state_dict cannot load a state dict saved with both options, for any optimizer (torch's "
-        "own fail with KeyError 'param_groups.0.params.0'). Drop one of the two: StateDictOptions("
+        "set_optimizer_state_dict cannot load a state dict with both options, for any optimizer (torch's own "
+        f"fail inside: {_TORCH_FAILS}), so what they save loads only by another recipe, found after the run. "
+        "Drop one of the two: StateDictOptions("
         "flatten_optimizer_state_dict=True) with dcp.save / dcp.load (torchtitan's recipe: resharded at any "
         "world size), or StateDictOptions(full_state_dict=True) (add cpu_offload=True to gather on rank 0) and "
         "load it with set_optimizer_state_dict(..., options=StateDictOptions(full_state_dict=True, "

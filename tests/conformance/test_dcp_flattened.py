@@ -671,3 +671,31 @@ def test_groups_built_in_another_order_warn_that_a_scheduler_state_follows_the_s
         sched2.load_state_dict({**sched_sd, "base_lrs": [sched_sd["base_lrs"][j] for j in order]})
         sched2.step()
         assert lrs(opt2) == pytest.approx({n: v / 2 for n, v in lrs(opt).items()})  # (one scheduler step on)
+
+
+@pytest.mark.parametrize("stepped", [True, False], ids=["stepped", "fresh"])
+def test_the_full_flattened_refusals_say_how_torchs_own_adamw_fails_at_that_load(stepped: bool) -> None:
+    """What the refusals say of torch's own AdamW holds (torch 2.13): a full flattened dict does not load into
+    it with both options (a KeyError once stepped, an AssertionError before its first step), and loads with
+    the flattened option alone, as the load's refusal says. Before: the save's refusal said torch could not
+    load a dict "saved with" both options (it loads, with the flattened option alone) and named only the
+    KeyError."""
+    import torch
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    from lightning_soaa import ShardedAdamW
+
+    def adamw(m: nn.Module, steps: int) -> Any:
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+        _steps(m, opt, steps, 0)
+        return opt
+
+    m = _two_matrices()
+    sd = get_optimizer_state_dict(m, adamw(m, 1), options=_full_flat())
+    with pytest.raises((KeyError, AssertionError)) as torch_err:
+        set_optimizer_state_dict(m, adamw(m, int(stepped)), copy.deepcopy(sd), options=_full_flat())
+    set_optimizer_state_dict(m, adamw(m, int(stepped)), sd, options=_flat())
+    with pytest.raises(ValueError) as ours:
+        get_optimizer_state_dict(m, ShardedAdamW(m.parameters()), options=_full_flat())
+    said = str(ours.value)
+    assert "cannot load a state dict with both options" in said and str(torch_err.value).strip("'\"") in said, said
