@@ -579,25 +579,32 @@ def test_groups_with_an_empty_one_built_in_another_order_are_refused_saying_why(
     assert_close(params(m2), params(m), "params", rtol=0, atol=1e-12)
 
 
+def _refused_at_the_getter_and_unchanged(order: tuple[int, ...], options: Any, said: str) -> nn.Module:
+    """ShardedAdamW over :func:`_with_an_empty_group` in ``order``, one step: torch's getter with ``options``
+    raises a ValueError matching ``said`` and the run goes on as uninterrupted. Returns the model."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    m, m2 = _two_matrices(4), _two_matrices(4)
+    opt, opt2 = _with_an_empty_group("ShardedAdamW", m, order), _with_an_empty_group("ShardedAdamW", m2, order)
+    _steps(m, opt, 1, 0)
+    _steps(m2, opt2, 1, 0)
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=said + ".*Nothing was saved or changed"):
+        get_optimizer_state_dict(m, opt, options=options)
+    assert_identical(opt.state_dict(), before)
+    _steps(m, opt, 2, 1)
+    _steps(m2, opt2, 2, 1)
+    assert_identical(params(m), params(m2))
+    return m
+
+
 def test_a_flattened_state_dict_of_an_optimizer_with_an_empty_group_is_refused_and_changes_nothing() -> None:
     """The flattened form of an optimizer with a param group without parameters: refused at the save (and
     at the destination's get_optimizer_state_dict, before dcp.load), naming the group and the fix; the
     optimizer goes on as uninterrupted. Before: saved, then set_optimizer_state_dict failed inside torch
     with a bare ``IndexError: list index out of range`` (as for torch's own AdamW)."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-    m, m2 = _two_matrices(4), _two_matrices(4)
-    opt, opt2 = _with_an_empty_group("ShardedAdamW", m, (0, 1, 2)), _with_an_empty_group("ShardedAdamW", m2, (0, 1, 2))
-    _steps(m, opt, 1, 0)
-    _steps(m2, opt2, 1, 0)
-    before = copy.deepcopy(opt.state_dict())
-    with pytest.raises(ValueError, match=r"flatten_optimizer_state_dict=True\)\) is refused: param_groups\[1\] hold "
-                                         r"no parameters.*without the empty group.*Nothing was saved or changed"):
-        get_optimizer_state_dict(m, opt, options=_flat())
-    assert_identical(opt.state_dict(), before)
-    _steps(m, opt, 2, 1)
-    _steps(m2, opt2, 2, 1)
-    assert_identical(params(m), params(m2))
+    _refused_at_the_getter_and_unchanged((0, 1, 2), _flat(), r"flatten_optimizer_state_dict=True\)\) is refused: "
+                                         r"param_groups\[1\] hold no parameters.*without the empty group")
 
 
 def test_a_state_dict_of_an_optimizer_whose_first_group_is_empty_is_refused_and_changes_nothing() -> None:
@@ -608,18 +615,8 @@ def test_a_state_dict_of_an_optimizer_whose_first_group_is_empty_is_refused_and_
     group none of its saved keys, our metadata among them; torch's AdamW loses that group's lr)."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-    m, m2 = _two_matrices(4), _two_matrices(4)
-    opt, opt2 = _with_an_empty_group("ShardedAdamW", m, (1, 0, 2)), _with_an_empty_group("ShardedAdamW", m2, (1, 0, 2))
-    _steps(m, opt, 1, 0)
-    _steps(m2, opt2, 1, 0)
-    before = copy.deepcopy(opt.state_dict())
-    with pytest.raises(ValueError, match=r"StateDictOptions\(\)\) is refused: param_groups\[0\] hold no parameters.*"
-                                         r"put it after a group with parameters.*Nothing was saved or changed"):
-        get_optimizer_state_dict(m, opt, options=_options(False))
-    assert_identical(opt.state_dict(), before)
-    _steps(m, opt, 2, 1)
-    _steps(m2, opt2, 2, 1)
-    assert_identical(params(m), params(m2))
+    m = _refused_at_the_getter_and_unchanged((1, 0, 2), _options(False), r"StateDictOptions\(\)\) is refused: "
+                                             r"param_groups\[0\] hold no parameters.*after a group with parameters")
     last = _with_an_empty_group("ShardedAdamW", m, (0, 2, 1))
     _steps(m, last, STEPS, 0)
     sd = get_optimizer_state_dict(m, last, options=_options(False))
