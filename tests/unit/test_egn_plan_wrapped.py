@@ -55,6 +55,9 @@ class Wrapper(nn.Module):
             return net(x)
         if how == "train_branch":
             return net(x) * 3.0 if self.training else net(self.drop(x))
+        if how == "autocast":  # the chain's calls, each on the one before's output, in bfloat16
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return net(x)
         return net(x)
 
 
@@ -157,6 +160,29 @@ def test_a_wrapper_branching_on_its_mode_steps_in_eval_mode(monkeypatch: pytest.
             _both(opt, ref, *_batch(16, t, torch.float32))
             _same_state(opt, ref, ma, mb)
     assert counts == [4, 0] and ma.training and ma.drop.training
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.3])
+def test_a_wrapper_running_its_chain_under_autocast_is_refused_as_the_general_path_refuses_it(
+        momentum: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Autocast inside the forward makes the children's calls bfloat16 ones (the chain's calls all the same): the
+    plan must not step on those outputs (without momentum it did, silently, where the general path refuses the
+    outputs' dtype), nor fail in its own products (with momentum: a bare dtype error); it declines, and the general
+    path's error is raised, nothing changed."""
+    kw = {**KW, "momentum": momentum}
+    ma, mb = _wrapper("autocast"), _wrapper("autocast")
+    opt, ref = EGN(ma, loss="cross_entropy", **kw), _general_only(EGN(mb, loss="cross_entropy", **kw))
+    before = [p.detach().clone() for p in ma.parameters()]
+    with _counting(monkeypatch) as counts:
+        for t in range(2):
+            for o in (opt, ref):
+                with pytest.raises(ValueError, match="outputs are torch.bfloat16"):
+                    o.step(inputs=_batch(16, t, torch.float32)[0], targets=_batch(16, t, torch.float32)[1])
+            _same_state(opt, ref, ma, mb)
+    assert counts == [0, 2]
+    plan = opt._step_plan()
+    assert plan is not None and plan.wrapped is not None and plan.wrapped.refused is not None  # (not used again)
+    assert all(map(torch.equal, ma.parameters(), before)) and opt.num_steps == 0
 
 
 @pytest.mark.parametrize("change", ["child_replaced", "module_added", "instance_forward"])
