@@ -198,6 +198,8 @@ class WrappedForward:
     def run(self, x: Tensor, capture: bool) -> tuple[Tensor, list[Tensor]]:
         """(z, each chain module's input) from ``model(x)``, the pieces standing in for themselves; raises
         :class:`NotPlanned` where the forward was not the planned chain. ``capture``: the step's first forward."""
+        if not capture:
+            self._replay()
         run = self._run
         run.reset(x)
         x_version = x._version
@@ -221,6 +223,20 @@ class WrappedForward:
         if capture:
             self._rng_capture = torch.default_generator.get_state()
         return z, saved
+
+    def _replay(self) -> None:
+        """Before a line-search trial's forward: the generator back at the step's start where a forward moved it,
+        as the general path's :class:`~lightning_soaa.optim.egn_rng.StepRng` rewinds it before every forward after
+        one that drew, so that the forward draws what the general path's does (its draws do not reach the output,
+        but a buffer or attribute it keeps them in would differ). Another thread's EGN step that drew meanwhile:
+        not planned (:meth:`end` raises as the general path does)."""
+        start, gen = self._rng, torch.default_generator
+        if start is None or _equal(gen.get_state(), start):
+            return
+        if _OVERLAP.events != self._events:
+            raise NotPlanned("another thread's EGN step moved the generator during this one")
+        self._events = _OVERLAP.tick()
+        gen.set_state(start)
 
     def _why_not(self, run: _Run, z: Any, x: Tensor, x_version: int, versions: list[int]) -> str | None:
         """Why the forward just run was not the planned chain, or None (see the module docstring)."""

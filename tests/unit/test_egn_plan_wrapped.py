@@ -55,6 +55,9 @@ class Wrapper(nn.Module):
             return net(x)
         if how == "train_branch":
             return net(x) * 3.0 if self.training else net(self.drop(x))
+        if how == "draws_kept":  # the output is the chain's; what the forward drew is kept on the model
+            self.drawn = torch.rand(4)
+            return net(x)
         if how == "autocast":  # the chain's calls, each on the one before's output, in bfloat16
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 return net(x)
@@ -160,6 +163,20 @@ def test_a_wrapper_branching_on_its_mode_steps_in_eval_mode(monkeypatch: pytest.
             _both(opt, ref, *_batch(16, t, torch.float32))
             _same_state(opt, ref, ma, mb)
     assert counts == [4, 0] and ma.training and ma.drop.training
+
+
+def test_a_wrapper_keeping_its_draws_keeps_the_general_paths_draws(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A forward that draws (outside its output) and keeps the draw: the general path rewinds the generator before
+    each forward of the step, so each draws the capture forward's numbers; the plan's line-search forwards must
+    draw those too (they drew on, leaving other numbers on the model after the step)."""
+    ma, mb = _wrapper("draws_kept"), _wrapper("draws_kept")
+    opt, ref = EGN(ma, loss="cross_entropy", **KW), _general_only(EGN(mb, loss="cross_entropy", **KW))
+    with _counting(monkeypatch) as counts:
+        for t in range(4):
+            _both(opt, ref, *_batch(16, t, torch.float32))
+            _same_state(opt, ref, ma, mb)
+            assert torch.equal(ma.drawn, mb.drawn), t
+    assert counts == [4, 0] and ma.calls == mb.calls
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.3])
