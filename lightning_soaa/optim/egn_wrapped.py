@@ -14,7 +14,8 @@ where
 * every piece was called once, in order, from this thread, on one positional tensor: the first on ``x`` itself,
   each next on the very tensor the one before returned; and the model returned the last one's output itself;
 * each piece's Linear layers held their planned parameters, over their planned memory, when it was called, its
-  Dropout modules were in eval mode, and no autocast was enabled (its calls would be autocast's, in its dtype);
+  Dropout modules were in eval mode, and neither autocast (its calls would be autocast's, in its dtype) nor
+  inference mode was enabled;
 * none of those tensors, ``x`` or the trained parameters changed in place during the forward (version counters:
   the forward runs outside inference mode, under ``no_grad``, so every tensor involved has one).
 
@@ -271,6 +272,8 @@ class WrappedForward:
                     run.failed = f"a planned child ({type(piece).__name__}) was not called as planned"
                 elif run.outputs and run.outputs[-1][0]._version != run.outputs[-1][1]:
                     run.failed = "an output of a planned child changed in place"
+                elif torch.is_inference_mode_enabled():  # (its outputs would have no version counter)
+                    run.failed = f"a planned child ({type(piece).__name__}) was called in inference mode"
                 elif _any_autocast() and any(map(torch.is_autocast_enabled, AUTOCAST_DEVICES)):
                     # (the program's calls would be autocast's: outputs and saved inputs in its dtype, which the
                     # plan's products do not take and the general path refuses, naming the cast)

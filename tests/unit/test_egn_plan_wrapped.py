@@ -58,6 +58,9 @@ class Wrapper(nn.Module):
         if how == "draws_kept":  # the output is the chain's; what the forward drew is kept on the model
             self.drawn = torch.rand(4)
             return net(x)
+        if how == "inference":  # the chain, in inference mode (the general path trains it)
+            with torch.inference_mode():
+                return net(x)
         if how == "autocast":  # the chain's calls, each on the one before's output, in bfloat16
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 return net(x)
@@ -177,6 +180,20 @@ def test_a_wrapper_keeping_its_draws_keeps_the_general_paths_draws(monkeypatch: 
             _same_state(opt, ref, ma, mb)
             assert torch.equal(ma.drawn, mb.drawn), t
     assert counts == [4, 0] and ma.calls == mb.calls
+
+
+def test_a_wrapper_running_its_chain_in_inference_mode_drops_the_plan_at_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its children's outputs are inference tensors (no version counter to check): not the planned forward, so the
+    plan is given up at the first step, not tried (the forward run once more, its side effects seen) at every one."""
+    ma, mb = _wrapper("inference"), _wrapper("inference")
+    opt, ref = EGN(ma, loss="cross_entropy", **KW), _general_only(EGN(mb, loss="cross_entropy", **KW))
+    for t in range(4):
+        _both(opt, ref, *_batch(16, t, torch.float32))
+        _same_state(opt, ref, ma, mb)
+    plan = opt._step_plan()
+    assert plan is not None and plan.wrapped is not None and plan.wrapped.refused is not None
+    assert ma.calls == mb.calls + 1  # (the first step's planned forward, once)
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.3])
