@@ -57,7 +57,7 @@ from lightning_soaa.optim import egn as egn_module
 from lightning_soaa.optim.base import host_floats
 from lightning_soaa.optim.egn import _UNDONE, EGN, _Batch, _Curvature, _EGNRecord, _Undo
 from lightning_soaa.optim.egn_chain import Chain, back_signals
-from lightning_soaa.optim.egn_wrapped import NotPlanned, WrappedForward, plan_pieces
+from lightning_soaa.optim.egn_wrapped import Concurrent, NotPlanned, WrappedForward, plan_pieces
 from lightning_soaa.optim.param_checks import check_step
 
 __all__ = ["StepPlan"]
@@ -298,7 +298,7 @@ class StepPlan:
         if self.wrapped is not None:
             try:
                 return self.wrapped.run(x, capture=False)[0]
-            except (torch.OutOfMemoryError, NotPlanned):
+            except (torch.OutOfMemoryError, NotPlanned, Concurrent):
                 raise
             except Exception as e:  # a wrapper's own error: the general path's step raises it its own way
                 raise NotPlanned(f"its forward raised {type(e).__name__} in a line-search trial") from e
@@ -353,9 +353,9 @@ class StepPlan:
         if not self.usable(opt, x, y):
             return None
         undo = _Undo(opt.num_steps + opt.skipped_steps, _undone(opt), opt._last)
-        wrapped, refused, rewind, raising = self.wrapped, None, False, False
+        wrapped, refused, rewind = self.wrapped, None, False
         if wrapped is not None:
-            wrapped.begin()
+            wrapped.begin(opt._draws)
         try:
             f0 = self._step(opt, x, y, undo)
             rewind = f0 is None  # (declined: the general path runs a wrapper's forward again, from the same draws)
@@ -365,7 +365,7 @@ class StepPlan:
             return None
         except BaseException as e:  # KeyboardInterrupt too: a trial's forward is most of a step
             if opt.num_steps + opt.skipped_steps == undo.counted:
-                rewind = raising = True  # (a wrapper's generator put back with the step, as the general path's)
+                rewind = True  # (a wrapper's generator put back with the step, as the general path's)
                 try:
                     opt._roll_back(undo)
                 except BaseException:
@@ -374,7 +374,7 @@ class StepPlan:
             raise
         finally:
             if wrapped is not None:
-                wrapped.end(refused, rewind, raising)
+                wrapped.end(refused, rewind)
         # made outside inference mode: the caller may keep it or use it in autograd
         return None if f0 is None else torch.scalar_tensor(f0, dtype=torch.float64)
 
@@ -442,7 +442,7 @@ class StepPlan:
         cfg = opt.config
         try:
             z, saved = self.outputs(x)
-        except (torch.OutOfMemoryError, NotPlanned):  # raised as itself, as the general path raises it; declined
+        except (torch.OutOfMemoryError, NotPlanned, Concurrent):  # raised as the general path raises it; declined
             raise
         except Exception:  # noqa: BLE001 - the general path raises it within its message, naming the forward
             return None

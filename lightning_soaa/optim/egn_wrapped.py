@@ -19,9 +19,10 @@ where
 * none of those tensors, ``x`` or the trained parameters changed in place during the forward (version counters:
   the forward runs outside inference mode, under ``no_grad``, so every tensor involved has one).
 
-Then the output is the chain's function of ``x`` whatever else the forward did: random draws did not reach it
-(the generator is left where the capture forward left it, as the general path's replay leaves it,
-:mod:`~lightning_soaa.optim.egn_rng`). Between steps the modules are checked as the plan's are
+Then the output is the chain's function of ``x`` whatever else the forward did: random draws did not reach it.
+Every forward is bracketed by the general path's :class:`~lightning_soaa.optim.egn_rng.StepRng`, so that the
+forward draws what the general path's draws and the generator ends where it leaves it (another thread's draws
+are left alone, as there). Between steps the modules are checked as the plan's are
 (:meth:`WrappedForward.as_planned`): the model's module tree, classes, hooks and instance attributes as built,
 plain mode switches (the step puts every module in eval mode by its flag, as the general path does). A forward
 that is not the chain raises :class:`NotPlanned` inside the step: the step puts back what it changed
@@ -45,10 +46,10 @@ import torch
 from torch import Tensor, nn
 
 from lightning_soaa.optim.egn_chain import Chain, chain_of
-from lightning_soaa.optim.egn_rng import _CONCURRENT, _OVERLAP, _equal
+from lightning_soaa.optim.egn_rng import _CONCURRENT, DrawHistory, StepRng
 from lightning_soaa.optim.step_context import AUTOCAST_DEVICES, _any_autocast
 
-__all__ = ["NotPlanned", "WrappedForward", "plan_pieces"]
+__all__ = ["Concurrent", "NotPlanned", "WrappedForward", "plan_pieces"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,11 @@ _SPECIAL = (nn.MultiheadAttention, nn.TransformerEncoder, nn.TransformerEncoderL
 
 class NotPlanned(Exception):  # noqa: N818 - not an error: the step declines
     """A forward of a planned step was not the planned chain (the reason in its message)."""
+
+
+class Concurrent(RuntimeError):
+    """The general path's refusal of a step whose forward draws beside another thread's EGN step (egn_rng), raised
+    by a planned forward's bracket: raised as itself, as the general path raises it (not a declined step)."""
 
 
 def plan_pieces(model: nn.Module, sites: list[Any]) -> tuple[Chain, list[nn.Module]] | None:
@@ -136,9 +142,8 @@ class WrappedForward:
         self._params = params
         self._run_piece = run_piece  # (program, h, saved) -> the piece's output: the plan's own ops
         self._modes: list[tuple[nn.Module, bool]] = []
-        # the generator's state at the step's start and after its capture forward (egn_rng's replay, see end())
-        self._rng: Tensor | None = None
-        self._rng_capture: Tensor | None = None
+        # the general path's bracket of every forward of the step (egn_rng), for this step (see begin())
+        self._rng: StepRng | None = None
         self.refused: str | None = None
         self._run = _Run()
         self._calls = [self._stand_in(i) for i in range(len(pieces))]
@@ -159,25 +164,22 @@ class WrappedForward:
 
         return _plain_modes(self.modules)
 
-    def begin(self) -> None:
-        """At the step's start: every module in eval mode (its flag, as the general path sets it) and the
-        generator's state kept."""
+    def begin(self, draws: DrawHistory) -> None:
+        """At the step's start: every module in eval mode (its flag, as the general path sets it) and the step's
+        :class:`~lightning_soaa.optim.egn_rng.StepRng` (``draws``: the optimizer's, which the general path's
+        steps use too): every forward of the step starts from the first draw's start, as the general path's."""
         self._modes = [(m, m.training) for m in self.modules]
         for m in self.modules:
             object.__setattr__(m, "training", False)
-        self._rng, self._rng_capture = torch.default_generator.get_state(), None
-        self._events = _OVERLAP.events  # (other threads' EGN steps that draw: egn_rng._Overlap)
+        self._rng = StepRng((), draws)  # (the CPU generator: the plan's parameters and inputs are on the CPU)
         self._ptrs = [p.data_ptr() for p in self._params]
 
-    def end(self, refused: NotPlanned | None, rewind: bool = False, raising: bool = False) -> None:
+    def end(self, refused: NotPlanned | None, rewind: bool = False) -> None:
         """At the step's end: the modes as they were; where a forward was not planned, the plan given up (the
-        general path takes this step and the next ones). The generator, where a forward moved it: put back to the
-        step's start where the step declined, raised or was not planned (``rewind``, ``refused``); else left where
-        the capture forward left it (the output was the chain's all the same: nothing drawn reached it), as the
-        general path leaves it (:class:`~lightning_soaa.optim.egn_rng.StepRng`: as if the model had run once).
-        Where another thread's EGN step that draws ran meanwhile, it is not put back (that would undo the other
-        step's draws): a step that declined raises, as the general path's does (a taken step's output did not
-        depend on the draws)."""
+        general path takes this step and the next ones). The generator as the general path leaves it: as if the
+        model had been run once, or not at all where the step declined, raised or was not planned (``rewind``,
+        ``refused``: the general path then runs the step's forwards from the same draws). Judged by the general
+        path's own :class:`~lightning_soaa.optim.egn_rng.StepRng`: a draw of another thread is left alone."""
         for m, mode in self._modes:
             object.__setattr__(m, "training", mode)
         self._modes = []
@@ -185,22 +187,15 @@ class WrappedForward:
             self.refused = str(refused)
             log.info("EGN: the model's forward is not its planned chain (%s); the step plan is not used from now on.",
                      refused)
-        gen = torch.default_generator
-        back = self._rng if refused is not None or rewind else self._rng_capture
-        self._rng = self._rng_capture = None
-        if back is None or _equal(gen.get_state(), back):
-            return
-        if _OVERLAP.events == self._events:
-            _OVERLAP.tick()
-            gen.set_state(back)
-        elif back is not None and (refused is not None or rewind) and not raising:
-            raise RuntimeError(_CONCURRENT)
+        rng, self._rng = self._rng, None
+        if rng is not None:
+            rng.finish(rewind=refused is not None or rewind)
 
     def run(self, x: Tensor, capture: bool) -> tuple[Tensor, list[Tensor]]:
         """(z, each chain module's input) from ``model(x)``, the pieces standing in for themselves; raises
         :class:`NotPlanned` where the forward was not the planned chain. ``capture``: the step's first forward."""
-        if not capture:
-            self._replay()
+        rng = self._rng
+        assert rng is not None  # (begin() ran)
         run = self._run
         run.reset(x)
         x_version = x._version
@@ -209,9 +204,13 @@ class WrappedForward:
         try:
             for d, call in zip(dicts, self._calls):
                 d["forward"] = call
-            with _inference_mode(False):  # (its tensors have version counters)
+            with _inference_mode(False), rng:  # (its tensors have version counters; the step's draw again)
                 torch._C._set_grad_enabled(False)  # (the guard puts grad mode back with inference mode)
                 z = self.model(x)
+        except RuntimeError as e:
+            if e.args == (_CONCURRENT,):
+                raise Concurrent(_CONCURRENT) from None
+            raise
         finally:
             for d, call in zip(dicts, self._calls):
                 if d.get("forward") is call:
@@ -222,22 +221,8 @@ class WrappedForward:
         if why is not None:
             raise NotPlanned(why)
         if capture:
-            self._rng_capture = torch.default_generator.get_state()
+            rng.mark()
         return z, saved
-
-    def _replay(self) -> None:
-        """Before a line-search trial's forward: the generator back at the step's start where a forward moved it,
-        as the general path's :class:`~lightning_soaa.optim.egn_rng.StepRng` rewinds it before every forward after
-        one that drew, so that the forward draws what the general path's does (its draws do not reach the output,
-        but a buffer or attribute it keeps them in would differ). Another thread's EGN step that drew meanwhile:
-        not planned (:meth:`end` raises as the general path does)."""
-        start, gen = self._rng, torch.default_generator
-        if start is None or _equal(gen.get_state(), start):
-            return
-        if _OVERLAP.events != self._events:
-            raise NotPlanned("another thread's EGN step moved the generator during this one")
-        self._events = _OVERLAP.tick()
-        gen.set_state(start)
 
     def _why_not(self, run: _Run, z: Any, x: Tensor, x_version: int, versions: list[int]) -> str | None:
         """Why the forward just run was not the planned chain, or None (see the module docstring)."""

@@ -6,6 +6,7 @@ and the plan is dropped at its first miss."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import pytest
@@ -58,6 +59,8 @@ class Wrapper(nn.Module):
         if how == "draws_kept":  # the output is the chain's; what the forward drew is kept on the model
             self.drawn = torch.rand(4)
             return net(x)
+        if how == "other_thread" and self.calls % 2 == 0:  # (a line-search forward) another thread draws
+            self.helper.draw()
         if how == "inference":  # the chain, in inference mode (the general path trains it)
             with torch.inference_mode():
                 return net(x)
@@ -180,6 +183,54 @@ def test_a_wrapper_keeping_its_draws_keeps_the_general_paths_draws(monkeypatch: 
             _same_state(opt, ref, ma, mb)
             assert torch.equal(ma.drawn, mb.drawn), t
     assert counts == [4, 0] and ma.calls == mb.calls
+
+
+class _Drawer:
+    """A thread that draws from torch's generator when asked (a data-augmentation thread, say), alive throughout."""
+
+    def __init__(self) -> None:
+        self.ask, self.done, self.stop = threading.Event(), threading.Event(), threading.Event()
+        self.drawn: list[Tensor] = []
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while self.ask.wait(10) and not self.stop.is_set():
+            self.ask.clear()
+            self.drawn.append(torch.rand(4))
+            self.done.set()
+
+    def draw(self) -> None:
+        self.done.clear()
+        self.ask.set()
+        assert self.done.wait(10)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.ask.set()
+        self.thread.join(10)
+
+
+def test_another_threads_draws_during_a_planned_step_are_left_as_the_general_path_leaves_them(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The forward draws nothing; another thread draws while it runs. The general path judges its forwards'
+    draws (egn_rng.StepRng, watching them once it sees the generator move beside other threads) and leaves that
+    thread's draws alone; the plan put the generator back at every step's end, so that thread drew the same
+    numbers again and again."""
+    ma, mb = _wrapper("other_thread"), _wrapper("other_thread")
+    ma.helper, mb.helper = _Drawer(), _Drawer()
+    opt, ref = EGN(ma, loss="cross_entropy", **KW), _general_only(EGN(mb, loss="cross_entropy", **KW))
+    try:
+        with _counting(monkeypatch) as counts:
+            for t in range(5):
+                _both(opt, ref, *_batch(16, t, torch.float32))
+                _same_state(opt, ref, ma, mb)
+                assert len(ma.helper.drawn) == len(mb.helper.drawn) > 0
+                assert all(map(torch.equal, ma.helper.drawn, mb.helper.drawn)), t
+    finally:
+        ma.helper.close()
+        mb.helper.close()
+    assert counts == [5, 0]
 
 
 def test_a_wrapper_running_its_chain_in_inference_mode_drops_the_plan_at_once(
