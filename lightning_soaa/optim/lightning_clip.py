@@ -17,7 +17,9 @@ one Lightning never clips), or the step raises (a clip it can neither see nor ap
 ``configure_gradient_clipping`` that clips without ``self.clip_gradients``, a precision plugin that runs the closure
 before ``step()``, a Lightning release that clips elsewhere). Under manual optimization ``training_step`` clips
 before ``step()``: from the optimizer's construction (in ``configure_optimizers``) the plugin's method keeps its
-clips for its next step (:class:`_KeptClips`), which takes them over as above. ``gradient_clip_algorithm="value"``,
+clips for its next step (:class:`_KeptClips`), which takes them over as above where they clipped the gradient it
+takes (one made in the step's closure: that step's; a skipped step's, whose gradient was zeroed since, is dropped;
+one followed by another backward is refused). ``gradient_clip_algorithm="value"``,
 two clips in one step and a clip with ``max_grad_norm`` also set are refused. The errors are raised in the step and
 held for its record: every rank raises together (the Trainer is configured alike on every rank). Elsewhere (DDP's
 averaged gradients under ``"none"``, one process) Lightning's own clip is exact and is left. No Lightning import:
@@ -194,9 +196,12 @@ def routed_clip(optimizer: Any, trainer: Any, runs_closure: bool) -> Iterator[li
     if not getattr(trainer.lightning_module, "automatic_optimization", False):
         keep_manual_clips(optimizer, trainer)
         taken: list[float] = []
-        for clip in optimizer.__dict__.pop("_kept_clips", []):  # (the training_step's, before this step)
-            _take(optimizer, taken, clip)
+        for clip, grads in optimizer.__dict__.pop("_kept_clips", []):  # (the training_step's, before this step)
+            if _still_clipped(optimizer, grads, clip[0]):
+                _take(optimizer, taken, clip)
         yield taken
+        for clip, _ in optimizer.__dict__.pop("_kept_clips", []):  # (made in the closure: this step's gradient)
+            _take(optimizer, taken, clip)
         return
     with contextlib.ExitStack() as stack:
         taken = stack.enter_context(_clips_of(trainer.precision_plugin, optimizer)) if runs_closure else []
@@ -233,9 +238,40 @@ class _KeptClips(_StandIn):
         # under automatic optimization; one process clips the scaled gradient there, which the step would not)
         for mine in list(self.optimizers) if getattr(self.plugin, "scaler", None) is None else ():
             if _wraps(opt, mine):
-                mine.__dict__.setdefault("_kept_clips", []).append(_clip_args(args, kwargs))
+                mine.__dict__.setdefault("_kept_clips", []).append((_clip_args(args, kwargs), _grads_now(mine)))
                 return None
         return self.original(opt, *args, **kwargs)
+
+
+def _grads_now(optimizer: Any) -> list[tuple[weakref.ref[Any], int] | None]:
+    """Which gradient a kept clip clipped: each parameter's ``.grad`` (a weak reference) and its version."""
+    return [None if p.grad is None else (weakref.ref(p.grad), p.grad._version)
+            for group in optimizer.param_groups for p in group["params"]]
+
+
+def _still_clipped(optimizer: Any, grads: list[tuple[weakref.ref[Any], int] | None], clip_val: Any) -> bool:
+    """Whether a clip kept since ``grads`` (:func:`_grads_now`) applies to the gradient the step takes: the very
+    tensors, unchanged (True); all replaced or dropped since (False: a skipped step's clip, whose gradient was
+    zeroed, ``zero_grad()``; in one process it clipped a gradient that no step took). Raises where some changed in
+    place (a backward after the clip adds to it: one process clipped a part of the gradient, which the step cannot
+    do on the averaged one)."""
+    now = _grads_now(optimizer)
+    same = replaced = changed = False
+    for was, is_ in zip(grads, now):
+        if was is None and is_ is None:
+            continue
+        if was is None or is_ is None or was[0]() is not is_[0]():
+            replaced = True
+        elif was[1] == is_[1]:
+            same = True
+        else:
+            changed = True
+    if not changed and not (same and replaced):
+        return not replaced
+    raise ValueError(f"self.clip_gradients(gradient_clip_val={clip_val!r}) with {type(optimizer).__name__}: its "
+                     "gradient changed after the clip and before step() (a backward after the clip, or a zero_grad "
+                     f"that kept the tensors). {_where(optimizer)}, so the clip is applied in step(), to the gradient "
+                     "step() takes. Clip after the last backward of the step, right before opt.step().")
 
 
 def keep_manual_clips(optimizer: Any, trainer: Any) -> None:

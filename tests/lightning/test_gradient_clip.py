@@ -201,13 +201,18 @@ class _ManualTwoOptimizers(TinyRegressor):
         ours = self.factory(self.net[0])
         return [ours, torch.optim.SGD(self.net[2].parameters(), lr=0.1)]
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+    def _backward(self, batch: Any) -> tuple[Any, Any, torch.Tensor]:
+        """(ours, sgd, loss): both optimizers' gradients zeroed, then the batch's loss and its backward."""
         ours, sgd = self.optimizers()
         ours.zero_grad()
         sgd.zero_grad()
         x, y = batch
         loss = F.mse_loss(self(x), y)
         self.manual_backward(loss)
+        return ours, sgd, loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        ours, sgd, loss = self._backward(batch)
         if self.trainer.world_size > 1:
             for p in self.net[2].parameters():
                 torch.distributed.all_reduce(p.grad)
@@ -281,3 +286,71 @@ def test_the_precision_plugin_copies_while_the_clip_is_taken_over(module: type[T
     for rec in _fit(tmp_path / "two", "AdamW", 2, module=module, callbacks=(_CopiesThePlugin(),),
                     gradient_clip_val=CLIP if module is TinyRegressor else None):
         torch.testing.assert_close(rec["params"], ref[0]["params"], rtol=1e-10, atol=1e-12)
+
+
+class _ManualSkips(_ManualTwoOptimizers):
+    """Lightning's recipe, but the second iteration clips and then skips its step (``zero_grad()`` at the next
+    one, no ``step()``), and the third steps without a clip: one process clipped a gradient that no step took."""
+
+    clips_at_the_third = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        ours, _, loss = self._backward(batch)
+        if batch_idx != 2 or self.clips_at_the_third:
+            self.clip_gradients(ours, gradient_clip_val=CLIP, gradient_clip_algorithm="norm")
+        if batch_idx != 1:
+            ours.step()
+        return loss
+
+
+class _ManualSkipsThenClips(_ManualSkips):
+    """As :class:`_ManualSkips`, the third iteration clipping before its step (one clip per step taken)."""
+
+    clips_at_the_third = True
+
+
+class _ManualClipsInTheClosure(_ManualTwoOptimizers):
+    """Manual optimization with a closure that clips after its backward: ``opt.step(closure=...)``."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        ours = self.optimizers()[0]
+        x, y = batch
+
+        def closure() -> torch.Tensor:
+            ours.zero_grad()
+            loss = F.mse_loss(self(x), y)
+            self.manual_backward(loss)
+            self.clip_gradients(ours, gradient_clip_val=CLIP, gradient_clip_algorithm="norm")
+            return loss
+
+        ours.step(closure=closure)
+
+
+@pytest.mark.parametrize("module", [_ManualSkips, _ManualSkipsThenClips, _ManualClipsInTheClosure])
+def test_manual_optimization_clips_the_step_they_were_made_for(module: type[TinyRegressor], tmp_path: Path) -> None:
+    """A kept clip was applied at the optimizer's next step, whichever: a skipped step's clip clipped the next
+    step, silently (or was refused with that step's own clip as 'clipped twice'), and a clip made in the step's
+    closure clipped the next step instead of its own, silently. A clip now applies to the gradient it clipped."""
+    ref = _fit(tmp_path / "one", "AdamW", 1, module=module)[0]["params"]
+    for rec in _fit(tmp_path / "two", "AdamW", 2, module=module):
+        torch.testing.assert_close(rec["params"], ref, rtol=1e-10, atol=1e-12)
+
+
+class _ManualBackwardAfterTheClip(_ManualTwoOptimizers):
+    """Clips after the first half batch's backward and then adds the second half's gradient before the step."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        ours = self.optimizers()[0]
+        ours.zero_grad()
+        x, y = batch
+        self.manual_backward(F.mse_loss(self(x[:2]), y[:2]))
+        self.clip_gradients(ours, gradient_clip_val=CLIP, gradient_clip_algorithm="norm")
+        self.manual_backward(F.mse_loss(self(x[2:]), y[2:]))
+        ours.step()
+
+
+def test_a_manual_clip_before_another_backward_is_refused(tmp_path: Path) -> None:
+    """One process clips the first part of the gradient only, which the step cannot do on the averaged gradient:
+    the step clipped the whole averaged gradient, silently."""
+    with pytest.raises(Exception, match="its gradient changed after the clip and before step"):
+        _fit(tmp_path, "AdamW", 2, module=_ManualBackwardAfterTheClip)
