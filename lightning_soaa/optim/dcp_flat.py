@@ -35,6 +35,7 @@ state").
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import sys
@@ -83,7 +84,7 @@ def saving_names(opt: ShardedOptimizer) -> tuple[list[str | list[str]] | None, b
     flat = bool(getattr(info, "flatten_optimizer_state_dict", False))
     if flat:
         _refuse_full_flattened(opt, frame, info)
-    _refuse_empty_group(opt, flat)
+    _refuse_empty_group(opt, flat, info)
     mapping = getattr(info, "fqn_param_mapping", None)
     names = [sorted(str(n) for n in mapping.get(p, ())) if isinstance(mapping, dict) else [] for p in opt._params]
     return ([n[0] if len(n) == 1 else n for n in names] if all(names) else None), flat
@@ -127,23 +128,36 @@ def _refuse_full_flattened(opt: ShardedOptimizer, frame: Any, info: Any) -> None
         "broadcast_from_rank0=True)). Nothing was saved or changed.")
 
 
-def _refuse_empty_group(opt: ShardedOptimizer, flat: bool) -> None:
+def _passed_options(info: Any) -> str:
+    """The ``StateDictOptions`` fields torch's getter was called with that differ from their defaults, as the
+    caller wrote them (``full_state_dict=True, cpu_offload=True``): what a refusal names."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    default = StateDictOptions()
+    return ", ".join(f"{f.name}={getattr(info, f.name)!r}" for f in dataclasses.fields(StateDictOptions)
+                     if hasattr(info, f.name) and getattr(info, f.name) != getattr(default, f.name))
+
+
+def _refuse_empty_group(opt: ShardedOptimizer, flat: bool, info: Any) -> None:
     """Refuse torch's form of an optimizer with a param group without parameters where torch's
     ``set_optimizer_state_dict`` cannot load it back, for any optimizer (torch's AdamW too, torch 2.13): the
     flattened form with any such group (``IndexError`` in ``_unflatten_optim_state_dict``, which reads each
     live group's keys under its first parameter's name: the flattened form keeps a group's keys only there),
     the unflattened one with such a first group (``_split_optim_state_dict`` hands it no keys, and with them
     our metadata, which rides in the first group: "not a lightning_soaa optimizer state"; torch's AdamW loses
-    that group's lr). Raised at the save and at the destination's ``get_optimizer_state_dict``, before
-    ``dcp.load``; the groups are alike on every rank, so every rank raises together."""
+    that group's lr, or with ``full_state_dict=True`` keeps the options it was built with). The refusal names
+    the options the getter was called with (it named none with ``full_state_dict=True``). Raised at the save
+    and at the destination's ``get_optimizer_state_dict``, before ``dcp.load``; the groups are alike on every
+    rank, so every rank raises together."""
     empty = [i for i, g in enumerate(opt.param_groups) if not g["params"]]
     if not (empty if flat else empty[:1] == [0]):
         return
-    options = "flatten_optimizer_state_dict=True" if flat else ""
+    options = _passed_options(info)
+    torchs = "keeps the lr it was built with" if getattr(info, "full_state_dict", False) else "loses its lr"
     why = ("torch's set_optimizer_state_dict cannot load a flattened state dict into an optimizer with such a group "
            "(for any optimizer: torch's own fail with IndexError)" if flat else
            "torch's set_optimizer_state_dict gives a first group without parameters none of its saved options (for "
-           "any optimizer: torch's AdamW loses its lr), and this optimizer's metadata rides in the first group")
+           f"any optimizer: torch's AdamW {torchs}), and this optimizer's metadata rides in the first group")
     fix = ("or save without flatten_optimizer_state_dict, the empty group after a group with parameters" if flat else
            "or put it after a group with parameters")
     raise ValueError(

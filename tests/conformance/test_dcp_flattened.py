@@ -629,6 +629,19 @@ def test_a_state_dict_of_an_optimizer_whose_first_group_is_empty_is_refused_and_
     assert_close(params(m3), params(m), "params", rtol=0, atol=1e-12)
 
 
+def test_the_empty_first_group_refusal_names_the_options_the_getter_was_called_with() -> None:
+    """With ``full_state_dict=True`` (Lightning's ModelParallelStrategy without a distributed checkpoint) the
+    refusal of an empty first group names the options as passed and what torch's AdamW does there (keeps the
+    lr it was built with: torch fills the dropped keys from the destination's own). Before: it named
+    ``StateDictOptions()`` and said torch's AdamW loses its lr."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    _refused_at_the_getter_and_unchanged(
+        (1, 0, 2), StateDictOptions(full_state_dict=True, cpu_offload=True),
+        r"StateDictOptions\(full_state_dict=True, cpu_offload=True\)\) is refused: param_groups\[0\] hold no "
+        r"parameters.*torch's AdamW keeps the lr it was built with")
+
+
 @FORMS
 def test_groups_built_in_another_order_warn_that_a_scheduler_state_follows_the_saved_order(
         flat: bool, caplog: pytest.LogCaptureFixture) -> None:
