@@ -420,7 +420,7 @@ class OwnerExchange:
                 if skip_own and r == rank:
                     continue
                 for b, t in zip(per_rank[r], self._unpack(out[r * width:r * width + n], per_rank[r])):
-                    b.view(dest[b.param_index]).copy_(t)
+                    _copy_into(b.view(dest[b.param_index]), t)
 
     def _gather_flagged(self, held: HeldBuffers, flag: float) -> list[float]:
         """:meth:`gather_params` into buffers that carry each rank's flag (:meth:`gather_buffers`, ``flag=True``).
@@ -453,7 +453,7 @@ class OwnerExchange:
                 for r in range(world):
                     if r != rank and r not in unsent:
                         for b, t in zip(per_rank[r], self._unpack(out[r * width:r * width + n], per_rank[r])):
-                            b.view(self.params[b.param_index]).copy_(t)
+                            _copy_into(b.view(self.params[b.param_index]), t)
             except BaseException as e:  # noqa: BLE001 - as above
                 error = error or e
         if error is not None:
@@ -464,6 +464,16 @@ class OwnerExchange:
 #: the flag :meth:`OwnerExchange.gather_params` returns for a rank that could not pack its blocks (they were not
 #: sent: every other rank keeps its own copy of them); any value but a rank's word on its update (0, 1, 2)
 UNSENT = 3.0
+
+
+def _copy_into(dst: Tensor, src: Tensor) -> None:
+    """``dst.copy_(src)``; inside ``torch.inference_mode()`` where ``dst`` is an inference tensor (a parameter of a
+    model built there), the only place torch lets one change in place: the step runs with it off."""
+    if dst.is_inference():
+        with torch.inference_mode():
+            dst.copy_(src)
+    else:
+        dst.copy_(src)
 
 
 def _block_of(b: BlockInfo, t: Tensor | None) -> Tensor | None:

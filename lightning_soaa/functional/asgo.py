@@ -268,7 +268,17 @@ def apply_scaled_updates_(params: list[Tensor], updates: list[Tensor], factors: 
     """``W <- W (1 - lr wd) - lr (f U)`` for each block, as multi-tensor ops. ``updates`` (each the matrix
     form of its parameter's shape, or that shape) are scaled in place: they are the step's own fresh
     tensors, so no second copy of every update is made. float16/bfloat16 parameters are stepped on float32
-    copies and rounded once."""
+    copies and rounded once. Parameters made under ``torch.inference_mode()`` (the optimizer's step runs with
+    it off) are written inside it, the only place torch lets them change in place; the same operations."""
+    if any(p.is_inference() for p in params):
+        with torch.inference_mode():
+            _apply_scaled_updates_(params, updates, factors, lr, weight_decay)
+    else:  # (inference_mode(False) would turn grad mode back on: the step's no_grad must hold)
+        _apply_scaled_updates_(params, updates, factors, lr, weight_decay)
+
+
+def _apply_scaled_updates_(params: list[Tensor], updates: list[Tensor], factors: list[Tensor] | list[float],
+                           lr: float, weight_decay: float) -> None:
     torch._foreach_mul_(updates, factors)
     low = [p for p in params if p.dtype in _ROUND_ONCE]
     # float16/bf16 parameters: decay and update on float32 copies, rounded once (in their own dtype the

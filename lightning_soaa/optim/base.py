@@ -264,6 +264,18 @@ def host_floats(values: Sequence[Any]) -> list[float]:
 
 
 _version_of = operator.attrgetter("_version")
+
+
+def _param_versions(params: list[Tensor]) -> list[int]:
+    """Each parameter's version counter; -1 for an inference tensor (a model built under
+    ``torch.inference_mode()``), which has none: torch's bare "Inference tensors do not track version counter"
+    was raised at W > 1 after the step had updated every parameter. (The one C-level pass first.)"""
+    try:
+        return list(map(_version_of, params))
+    except RuntimeError:
+        return [-1 if p.is_inference() else p._version for p in params]
+
+
 _dtype_of = operator.attrgetter("dtype")
 _is_cpu = operator.attrgetter("is_cpu")
 # Counts below these are exact in their dtype, so writing count + 1 is what add_(1) writes.
@@ -1903,7 +1915,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def _note_versions(self) -> None:
         """Remember each parameter's version counter as this step leaves it (after its own writes), so the
         next step sees what else changed a parameter in place (:meth:`_moved_in_place`)."""
-        self._param_versions = list(map(_version_of, self._params)) if self._checks_moved() else None
+        self._param_versions = _param_versions(self._params) if self._checks_moved() else None
 
     def _moved_in_place(self) -> tuple[int, int]:
         """(:func:`agreement.moved_digest`, 1 + the first one's index) of the parameters changed in place since
@@ -1913,7 +1925,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         seen = self.__dict__.get("_param_versions")
         if seen is None or len(seen) != len(self._params) or not self._checks_moved():
             return 0, 0
-        now = list(map(_version_of, self._params))  # (one C-level pass and list compare: ~0.1 µs a parameter)
+        now = _param_versions(self._params)  # (one C-level pass and list compare: ~0.1 µs a parameter)
         if now == seen:
             return 0, 0
         moved = [i for i, (a, b) in enumerate(zip(now, seen, strict=True)) if a != b]

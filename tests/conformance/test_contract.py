@@ -545,6 +545,30 @@ def test_a_step_inside_inference_mode_equals_one_outside(spec: OptimizerSpec) ->
     assert_identical(runs[0], runs[1], "params")
 
 
+@each_optimizer
+def test_parameters_made_under_inference_mode_step_as_plain_ones(spec: OptimizerSpec) -> None:
+    """A model built inside ``torch.inference_mode()`` has inference-tensor parameters, which torch lets change
+    in place only inside it. ASGO's and DASGO's matrix update wrote them outside it: torch's bare "Inplace
+    update to inference tensor outside InferenceMode" mid-update, the biases already stepped and the matrices
+    not. Every optimizer steps them as it steps plain ones, bit for bit (the gradients are given: autograd
+    cannot save such a weight for backward, an optimizer taking the batch differentiates its own copy)."""
+    runs = []
+    for inside in (True, False):
+        with torch.inference_mode() if inside else contextlib.nullcontext():
+            model = tiny_mlp(0, torch.float64, sizes=SIZES)
+        opt = spec.build(model, **spec.test_kwargs)
+        g = torch.Generator().manual_seed(1)
+        for t in range(3):
+            if spec.needs is StepNeeds.BATCH:
+                step(spec, model, opt, t)
+                continue
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, dtype=p.dtype, generator=g)
+            opt.step(loss=torch.tensor(0.5, dtype=torch.float64)) if spec.needs is StepNeeds.LOSS else opt.step()
+        runs.append(params(model))
+    assert_identical(runs[0], runs[1], "params")
+
+
 # ---------------------------------------------------------------------------------------- layout options
 @each_optimizer
 def test_a_block_layout_option_written_after_construction_is_refused(spec: OptimizerSpec) -> None:

@@ -65,6 +65,7 @@ from tests.conformance._battery import (
     without_skips,
 )
 from tests.harness.distributed import run_distributed
+from tests.harness.models import tiny_mlp
 
 STEPS, SAVE_AT, NAN_AT, TINY_STEPS, VOTE_AT = 6, 3, 2, 3, 2
 NAN_WORLDS = (2, 3)  # grad_reduction "none" (gradients averaged first) and "mean"
@@ -712,6 +713,41 @@ def _frozen_phase_run(rank: int, world: int) -> dict[str, Any]:
                 runs.append({"params": params(model), "state": _consolidated(opt, rank, to=None)})
             out[f"{spec.name}-{reduction}"] = runs
     return out
+
+
+def _inference_params_run(rank: int, world: int) -> dict[str, list[list[torch.Tensor]]]:
+    """Per optimizer: the parameters after 3 steps of a model built inside ``torch.inference_mode()``, and of the
+    same model built outside it (the same given gradients on every rank; EGN's batch is this rank's share)."""
+    out = {}
+    for spec in SPECS:
+        runs = []
+        for inside in (True, False):
+            with torch.inference_mode(inside):
+                model = tiny_mlp(0, torch.float64, sizes=SIZES)
+            opt = spec.build(model, **spec.test_kwargs)
+            g = torch.Generator().manual_seed(1)
+            for t in range(3):
+                if spec.needs is StepNeeds.BATCH:
+                    step(spec, model, opt, t, rank=rank, world=world)
+                    continue
+                for p in model.parameters():
+                    p.grad = torch.randn(p.shape, dtype=p.dtype, generator=g)
+                opt.step(**({"loss": torch.tensor(0.5, dtype=torch.float64)} if spec.needs is StepNeeds.LOSS else {}))
+            runs.append(params(model))
+        out[spec.name] = runs
+    return out
+
+
+def test_parameters_made_under_inference_mode_step_as_plain_ones_on_two_ranks(tmp_path: Path) -> None:
+    """W = 2: a model built inside ``torch.inference_mode()`` (inference-tensor parameters) raised torch's bare
+    "Inference tensors do not track version counter" on every rank after the step had updated them, and the
+    parameter gather could not write them ("Inplace update to inference tensor outside InferenceMode"). They
+    are stepped as plain ones, bit for bit, on every rank (one process: tests/conformance/test_contract.py)."""
+    results = run_distributed(_inference_params_run, 2, tmp_path, timeout=240)
+    for r, res in enumerate(results):
+        for name, (inside, plain) in res.items():
+            assert_identical(inside, plain, f"rank {r} {name}: built under inference mode")
+            assert_identical(inside, results[0][name][0], f"rank {r} {name}: vs rank 0")
 
 
 def test_steps_without_any_gradient_on_any_rank_change_nothing(tmp_path: Path) -> None:
