@@ -92,7 +92,7 @@ from torch import Tensor
 from torch.autograd.graph import increment_version
 
 from lightning_soaa.config import ShardingConfig
-from lightning_soaa.distributed import agreement
+from lightning_soaa.distributed import agreement, reduce_order
 from lightning_soaa.distributed.blocks import (
     BlockInfo,
     BlockSpec,
@@ -681,6 +681,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         # after the construction check (a collective of every rank): a rank whose sharding options
         # differ must not raise alone before it (the other ranks would wait in it)
         self._build_table()
+        self._fsdp()  # (FSDP2's units: their gradient reductions are noted from here, see reduce_order.watch)
         prints = None if index is None else storage_prints(self._params)
         if prints is not None and len(prints) == len(index.params):  # the memo of the next add_param_group
             self._storage_memo = StorageMemo(index, prints, self._table)
@@ -1178,6 +1179,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
                             "reshard() on the fully_shard modules after such a forward.", type(self).__name__,
                             torch.__version__, found.unreadable)
             cached = self._fsdp_groups = (key, found)
+            if self.comm.world_size > 1:  # the order of their gradient reductions is compared at the step
+                reduce_order.watch(found.groups)
         return cached[1]
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -1979,7 +1982,18 @@ class ShardedOptimizer(torch.optim.Optimizer):
         only: those met in the clip's all-reduce, the others in the record's, and read each other's table)."""
         routed = self.__dict__.get("_routed_clip")
         clip = 0 if routed is None else agreement.hyperparameter_digest([{"gradient_clip_val": routed}])
-        return self._hyper_digest() ^ clip ^ agreement.presence_digest(self._dtensor_grad_presence())
+        order = reduce_order.digest() if self._compares_reduce_order() else 0
+        return self._hyper_digest() ^ clip ^ agreement.presence_digest(self._dtensor_grad_presence()) ^ order
+
+    def _compares_reduce_order(self) -> bool:
+        """Whether the step compares the order of FSDP2's gradient reductions across ranks (W > 1 over DTensor
+        parameters, stepping gradients): see :mod:`~lightning_soaa.distributed.reduce_order`."""
+        return self._dtensor is not None and self.comm.world_size > 1 and self._steps_gradients
+
+    def _reduce_order_error(self, name: str) -> RuntimeError | None:
+        """The refusal of FSDP2 units reduced in another order on some ranks (a collective: every rank calls it
+        on the refusal's path), or None where every rank's order is the same."""
+        return reduce_order.order_error(name, self._gather_detail(reduce_order.noted))
 
     def _hyper_digest(self) -> int:
         """The hyperparameter digest of this step (distributed/hyper_digest.py: the groups' texts are
@@ -2044,6 +2058,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         """The error for hyperparameters that differ across ranks (every rank calls it: a collective)."""
         presence = self._gather_detail(self._dtensor_grad_presence)  # (in the same digest: _step_digest)
         differs = self._presence_error(name, presence)
+        if differs is None and self._compares_reduce_order():
+            differs = self._reduce_order_error(name)
         if differs is not None:
             return differs
         # before the first step a conversion rebuilt on some ranks only joins this digest (the step
@@ -2345,8 +2361,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
         (:func:`~lightning_soaa.optim.step_context.amp_after_raise`): a retry is then the step it would have been.
         """
         unscaled: list[Tensor] = []  # the gradients this step holds unscaled (the scaler's contract)
+        raised = True
         try:
             stepped = self._template_step(local_error, unscaled)
+            raised = False
         except BaseException:
             amp_after_raise(self, unscaled)
             # the traceback holds this frame (and _template_step's) until the caller's except block ends: emptied,
@@ -2356,6 +2374,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         finally:
             self.__dict__.pop("_held_out", None)  # (a skipped or failed step: its gather's buffers go)
             self.__dict__.pop("_routed_clip", None)  # (Lightning's clip value belongs to this step alone)
+            if self._compares_reduce_order():  # (kept where it raised: a retry on these gradients compares it again)
+                reduce_order.clear_after_step(raised)
             # only a step whose verdict passed (or the first) moves the mark: a refused step changed nothing, and
             # marked, its retry saw no change and silently kept the owners' copies of what the ranks changed apart
             if self.__dict__.pop("_moved_judged", False) or self.__dict__.get("_param_versions") is None:
