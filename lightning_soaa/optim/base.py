@@ -1901,7 +1901,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         # nothing is read (the parameters may be unreadable, meta), and every rank raises anyway
         check = ((self.__dict__.get("_replicas_unchecked", False) and self._checks_replicas())
                  or (self.__dict__.get("_moved_recheck", False) and self._checks_moved()))
-        digest = agreement.param_digest(self._params) if check and error is None else 0
+        digest = agreement.param_digest(self._replica_params()[1]) if check and error is None else 0
         hyper = self._step_digest() if error is None else 0
         return agreement.step_row_values(self.comm.rank, self.comm.world_size, error=agreement.error_flag(error),
                                          hyper=hyper, grad_sq=grad[0], grad_count=count,
@@ -1911,14 +1911,36 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     def _checks_moved(self) -> bool:
         """Whether the step compares the parameters changed in place since the last step across ranks
-        (:data:`agreement.MOVED_SLOT`): W > 1 replicas whose blocks are each updated from their owner's copy.
-        FSDP2 shards and ``shard=False`` partitions are not replicas."""
-        return self._sharded_multi_rank() and self._dtensor is None
+        (:data:`agreement.MOVED_SLOT`): W > 1 replicas whose blocks are each updated from their owner's copy,
+        and an FSDP2 model's plain parameters. FSDP2 shards and ``shard=False`` partitions are not replicas."""
+        return (self._sharded_multi_rank() and self._dtensor is None) or self._has_fsdp2_replicas()
+
+    def _replicas_why(self) -> str:
+        """Why replicas that differ are refused (a refusal's sentence)."""
+        if self._dtensor is not None:
+            return ("the parameters that are not DTensors (left out of fully_shard) are one copy per rank, which "
+                    "every rank updates with the same averaged gradient, so copies that differ would stay apart "
+                    "at every step, silently")
+        return ("each block is updated from its owner's copy and sent to every rank, so different replicas "
+                "would silently become a mix of each owner's blocks (changes made on other ranks are dropped)")
+
+    def _has_fsdp2_replicas(self) -> bool:
+        """Whether W > 1 FSDP2 ranks hold plain (not DTensor) parameters: one copy per rank, which every rank
+        updates with its own (averaged or compared) gradient, so copies that differ stay apart at every step."""
+        return self._dtensor is not None and self.comm.world_size > 1 and bool(self._replica_params()[0])
+
+    def _replica_params(self) -> tuple[list[int], list[Tensor]]:
+        """(indices, parameters) of the replicas the replica and in-place checks compare: every parameter, or
+        under FSDP2 the plain ones (each rank's DTensor shard is its own)."""
+        if self._dtensor is None:
+            return list(range(len(self._params))), self._params
+        index = [i for i in range(len(self._params)) if not self._dtensor.is_dtensor(i)]
+        return index, [self._params[i] for i in index]
 
     def _note_versions(self) -> None:
         """Remember each parameter's version counter as this step leaves it (after its own writes), so the
         next step sees what else changed a parameter in place (:meth:`_moved_in_place`)."""
-        self._param_versions = _param_versions(self._params) if self._checks_moved() else None
+        self._param_versions = _param_versions(self._replica_params()[1]) if self._checks_moved() else None
 
     def _moved_in_place(self) -> tuple[int, int]:
         """(:func:`agreement.moved_digest`, 1 + the first one's index) of the parameters changed in place since
@@ -1926,12 +1948,13 @@ class ShardedOptimizer(torch.optim.Optimizer):
         nn.Embedding(max_norm=...)); (0, 0) when none was. One read of a version counter per parameter; the
         values are read only of those that changed."""
         seen = self.__dict__.get("_param_versions")
-        if seen is None or len(seen) != len(self._params) or not self._checks_moved():
+        index, params = self._replica_params()
+        if seen is None or len(seen) != len(params) or not self._checks_moved():
             return 0, 0
-        now = _param_versions(self._params)  # (one C-level pass and list compare: ~0.1 µs a parameter)
+        now = _param_versions(params)  # (one C-level pass and list compare: ~0.1 µs a parameter)
         if now == seen:
             return 0, 0
-        moved = [i for i, (a, b) in enumerate(zip(now, seen, strict=True)) if a != b]
+        moved = [index[i] for i, (a, b) in enumerate(zip(now, seen, strict=True)) if a != b]
         return agreement.moved_digest(moved, [self._params[i] for i in moved]), moved[0] + 1
 
     def _checks_replicas(self) -> bool:
@@ -1939,10 +1962,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
         ``load_state_dict``: sharded W > 1 ranks with ``grad_reduction="mean"`` update each block from its
         owner's copy and hand it to every rank, so replicas that started different (another seed per
         rank and no broadcast, which DDP would have made at wrap) end equal but as a mix of each owner's
-        blocks, silently. With ``"none"`` the gradient comparison catches it; FSDP2 shards and
-        ``shard=False`` partitions are not replicas."""
-        return (self.sharding.grad_reduction == "mean" and self._sharded_multi_rank()
-                and self._dtensor is None) or self._checks_partitions()
+        blocks, silently; so do an FSDP2 model's plain parameters, which would stay apart. With ``"none"`` the
+        gradient comparison catches it; FSDP2 shards and ``shard=False`` partitions are not replicas."""
+        return (self.sharding.grad_reduction == "mean" and (
+            (self._sharded_multi_rank() and self._dtensor is None) or self._has_fsdp2_replicas())
+        ) or self._checks_partitions()
 
     #: True where the step's global sums add up parts of one model (SOAA's trust region): with
     #: ``shard=False`` each rank's parameters must be its own partition, and a model replicated on every
@@ -2118,10 +2142,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
                  f"parameters were changed in place since the last step, outside the optimizer, and on rank(s) "
                  f"{verdict.moved_ranks} they now differ from rank 0's: parameter {label}, the first changed (on "
                  "every rank), or one changed after it (which one differs is not known here)")
+        why = self._replicas_why()
         return RuntimeError(
-            f"{type(self).__name__}.step: {which}. Each block is updated from its owner's copy and sent to every "
-            "rank, so the other ranks' changes would be dropped and the run would silently leave the "
-            "one-process run. Typical cause: nn.Embedding / nn.EmbeddingBag built with max_norm, whose forward "
+            f"{type(self).__name__}.step: {which}. {why[0].upper()}{why[1:]}. "
+            "Typical cause: nn.Embedding / nn.EmbeddingBag built with max_norm, whose forward "
             "renormalises the rows of this rank's own batch in place: build it without max_norm (renormalise the "
             "whole table after step(), the same way on every rank) or freeze it. Allowed: in-place changes of "
             "parameters between steps that are the same on every rank. Nothing changed; the next step compares "
@@ -2172,11 +2196,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
             raise RuntimeError(
                 f"{name}.step: the parameters on rank(s) {verdict.param_ranks} differ from rank 0's at the "
                 "first step after construction or load_state_dict. With grad_reduction='mean' every rank "
-                "must start from the same weights (each block is updated from its owner's copy and sent to "
-                "every rank, so different replicas would silently become a mix of each owner's blocks). "
+                f"must start from the same weights ({self._replicas_why()}). "
                 "Broadcast the initial weights (seed identically on every rank before building the model, "
-                "or torch.distributed.broadcast(p.data, src=0) for every parameter) or wrap the model in "
-                "DistributedDataParallel (it broadcasts at wrap) with grad_reduction='none'. Nothing changed."
+                "or torch.distributed.broadcast(p.data, src=0) for every parameter)"
+                + (", or load the same checkpoint on every rank" if self._dtensor is not None else
+                   " or wrap the model in DistributedDataParallel (it broadcasts at wrap) with grad_reduction='none'")
+                + ". Nothing changed."
             )
         if verdict.moved_ranks:  # after the replica check, which names the cure of a whole differing replica
             # the next step compares the whole parameters (on every rank: the verdict is the same everywhere)
