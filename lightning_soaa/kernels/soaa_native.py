@@ -403,7 +403,8 @@ def _scalar_rows(scal: Sequence[Sequence[float]]) -> array.array[float]:
     """The step's scalar rows as one float64 buffer. Through array.array: a ctypes array built from 8 * nb
     arguments costs ~10 us for 6 blocks; where every block has the same row (one step count, the usual case)
     that row repeated, ~1 us against ~9 us for the chained copy on a slow 2-core host."""
-    if scal and all(row is scal[0] for row in scal):  # (native_step_scalars' rows: one tuple per step count)
+    # (native_step_scalars' rows: one tuple per step count; identity, not equality: -0.0 == 0.0; a C-level map)
+    if scal and all(map(operator.is_, scal, itertools.repeat(scal[0]))):
         return array.array("d", scal[0]) * len(scal)
     return array.array("d", itertools.chain.from_iterable(scal))
 

@@ -73,6 +73,7 @@ from lightning_soaa.optim.base import TEMPLATE_HOOKS, BlockView, ShardedOptimize
 from lightning_soaa.optim.closure_source import accumulation_steps
 from lightning_soaa.optim.soaa_plan import NativePlan
 from lightning_soaa.optim.step_context import autocast_casts, full_precision_no_grad
+from lightning_soaa.optim.step_hooks import hooked_step
 
 __all__ = ["SOAA"]
 
@@ -608,6 +609,7 @@ class SOAA(ShardedOptimizer):
         return mark is None or mark[0] != now[0] or mark[1]() is not now[1]() or mark[2] != now[2]
 
     # ------------------------------------------------------------------ the step
+    @hooked_step  # torch's step hooks and profiler label, without the label's cost where no profiler records
     @torch._disable_dynamo  # eager under torch.compile (see ShardedOptimizer.step)
     @full_precision_no_grad  # inside an autocast region too, without grad (optim/step_context.py)
     def step(

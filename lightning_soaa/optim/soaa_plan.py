@@ -165,8 +165,8 @@ class NativePlan:
                                                weight_decay=weight_decay, d=d, c=c)
         p, m, v, n, _ = self.arrays
         # (the versions of θ, m, v and the counters bumped once, as the counters' own write would)
-        rows = self.native.step_at(self.dtype, self.watched, p, self._grads(grads), m, v, n, [rows_of[t] for t in ts],
-                                   self.outs[1])
+        rows = self.native.step_at(self.dtype, self.watched, p, self._grads(grads), m, v, n,
+                                   list(map(rows_of.__getitem__, ts)), self.outs[1])
         self.grad_array = None  # the gradients are the caller's: not kept past the step
         self.counts = [x + 1.0 for x in self.counts]
         for cell, x in zip(self.cells, self.counts):

@@ -1,0 +1,70 @@
+"""torch's ``Optimizer.step`` wrapper (step hooks, the profiler's label) without its cost where no profiler records.
+
+torch wraps every optimizer class's ``step`` at construction (``Optimizer.profile_hook_step``): the global and the
+optimizer's own pre hooks (which may replace the arguments), the step, ``_optimizer_step_code`` (the profiler's
+Python tracer hooks into it), the post hooks, all inside ``record_function("Optimizer.step#<class>.step")``. That
+``record_function`` makes two dispatched profiler ops per call whether or not a profiler records: ~50 us of a
+~270 us W = 1 SOAA step on the report's digits MLP (a slow 2-core host; ``bench_soaa_digits_step.py``), a fifth
+of the step. :func:`hooked_step` is the same wrapper, the label made only where a profiler records (torch's own
+test for its low-overhead labels, plus the C++ profiler state), so a trace reads exactly as under torch's.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from itertools import chain
+from typing import Any, TypeVar
+
+import torch
+from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
+
+__all__ = ["hooked_step"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_profiler_enabled: Callable[[], bool] = torch._C._autograd._profiler_enabled
+
+
+def _profiling() -> bool:
+    """Whether a profiler records in this thread: torch's Python flag (``torch.profiler.profile``,
+    ``torch.autograd.profiler.profile``), else the C++ state (a profiler enabled without the Python class)."""
+    return torch.autograd.profiler._is_profiler_enabled or _profiler_enabled()
+
+
+def hooked_step(step: F) -> F:
+    """Decorate an optimizer class's ``step`` with what torch's ``profile_hook_step`` does (its ``hooked`` flag set,
+    so torch does not wrap it again): hooks run and the label is made where torch's wrapper makes them.
+
+    A subclass that overrides ``step`` is wrapped by torch itself; its ``super().step()`` then calls this one
+    directly, without running the hooks a second time."""
+
+    @functools.wraps(step)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        self = args[0]
+        if type(self).step is not wrapper:  # a subclass's own step, wrapped by torch: its hooks ran there
+            return step(*args, **kwargs)
+        if _profiling():
+            with torch.autograd.profiler.record_function(f"Optimizer.step#{type(self).__name__}.step"):
+                return _run_hooked(step, self, args, kwargs)
+        return _run_hooked(step, self, args, kwargs)
+
+    wrapper.hooked = True  # type: ignore[attr-defined]  # (read by torch's Optimizer._patch_step_function)
+    return wrapper  # type: ignore[return-value]
+
+
+def _run_hooked(step: Callable[..., Any], self: Any, args: Any, kwargs: Any) -> Any:
+    """torch's body of the wrapper: pre hooks (a returned ``(args, kwargs)`` replaces them), the step, the
+    profiler's tracing point, post hooks, in torch's order and with its error."""
+    for pre_hook in chain(_global_optimizer_pre_hooks.values(), self._optimizer_step_pre_hooks.values()):
+        result = pre_hook(self, args, kwargs)
+        if result is not None:
+            if isinstance(result, tuple) and len(result) == 2:
+                args, kwargs = result
+            else:
+                raise RuntimeError(f"{step} must return None or a tuple of (new_args, new_kwargs), but got {result}.")
+    out = step(*args, **kwargs)
+    self._optimizer_step_code()
+    for post_hook in chain(self._optimizer_step_post_hooks.values(), _global_optimizer_post_hooks.values()):
+        post_hook(self, args, kwargs)
+    return out
