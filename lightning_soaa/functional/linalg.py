@@ -561,12 +561,14 @@ def _spectral_scales(v3: Tensor, eps: float,
     if k == 0 or n == 0:  # no entry to scale by (and the norm of nothing is 0)
         return [0.0] * n, [0.0] * n, [0.0] * n
     host = _host_array(v3)
-    # the largest magnitude and the division by a power of two are exact: numpy's give torch's bits
-    tops = (_np.abs(host).max(axis=(1, 2)).tolist() if host is not None
+    # the largest magnitude and the division by a power of two are exact: numpy's give torch's bits. The
+    # magnitude as max(max, -min) (a NaN propagates through both; + 0.0 makes a zero matrix's -0.0 a 0.0): no |V|
+    # temporary, ~20-40 us less a batch of a small model's step
+    tops = ((_np.maximum(host.max(axis=(1, 2)), -host.min(axis=(1, 2))) + 0.0).tolist() if host is not None
             else torch.linalg.vector_norm(v3, float("inf"), dim=(-2, -1)).tolist())
     # frexp: 0 and non-finite give exponent 0 (scale 1); 2^1024 is beyond float64 (inf, as torch.ldexp gives)
     scales = [math.ldexp(1.0, e) if e <= 1023 else math.inf for e in (math.frexp(t)[1] for t in tops)]
-    u = (torch.from_numpy(host / _np.array(scales)[:, None, None]) if host is not None
+    u = (torch.from_numpy(_scaled_down(host, scales)) if host is not None
          else v3 / torch.tensor([[[t]] for t in scales], dtype=v3.dtype, device=v3.device))
     sums = torch.stack((torch.linalg.matrix_norm(u), torch.diagonal(u, dim1=-2, dim2=-1).sum(-1)), dim=1).tolist()
     totals = []
@@ -575,6 +577,20 @@ def _spectral_scales(v3: Tensor, eps: float,
         totals.append(norm * norm + 2.0 * e * trace + n_i * e * e)
     norms = [scale * norm for scale, (norm, _) in zip(scales, sums)]
     return [1.01 * (scale * root) for scale, root in zip(scales, _host_sqrt(totals))], tops, norms
+
+
+#: The smallest positive normal float64 (``2^-1022``)
+_MIN_NORMAL = 2.0**-1022
+
+
+def _scaled_down(host: Any, scales: list[float]) -> Any:
+    """``host / scales`` per matrix (numpy ``[n, k, k]``; powers of two, or inf), as a product with each scale's
+    inverse where every inverse is a finite power of two: the same bits (both are ``x 2^-e`` correctly rounded; x
+    inf's inverse 0 gives the quotient's signed zero, and NaN where it is NaN) at a third of a division's cost. A
+    scale below ``2^-1022`` (a matrix of subnormal entries only) has no finite inverse: the division there."""
+    if min(scales) < _MIN_NORMAL:
+        return host / _np.array(scales)[:, None, None]
+    return host * _np.array([1.0 / s for s in scales])[:, None, None]
 
 
 def _host_sqrt(values: list[float]) -> list[float]:
@@ -621,7 +637,7 @@ def _mapped_spectrum(evals: Tensor, scales: list[float], coeffs: Sequence[tuple[
     if host and host_map is not None and evals.is_contiguous() and _host_readable(evals):
         # a non-finite scale's row: lam / NaN is NaN, as the tensor formula's where() makes it
         safe = [sc if ok else math.nan for sc, ok in zip(scales, finite)]
-        flat = tuple(c for i in range(num_iters) for c in coeffs[min(i, len(coeffs) - 1)])
+        flat = _flat_coeffs(tuple(coeffs), num_iters)
         z, tops = host_map(evals, safe, _host_sqrt(safe), flat, num_iters, floor,
                            FLOOR_POLISH_STEPS if floor > 0.0 else 0)
         return z, finite if all(t <= limit for t, ok in zip(tops, finite) if ok) else None
@@ -658,6 +674,13 @@ def _mapped_spectrum(evals: Tensor, scales: list[float], coeffs: Sequence[tuple[
 #: a tenth of that resolution (near ``||V|| ~ s`` it reaches -2e-8 s, where the bare map is ~9 z(0)); a jump of
 #: the map at the switch moves only eigenvalues below ~1e-6 s, where the two maps differ anyway.
 BARE_MAP_RATIO = 128.0
+
+
+@functools.lru_cache(maxsize=16)
+def _flat_coeffs(coeffs: tuple[tuple[float, float, float], ...], num_iters: int) -> tuple[float, ...]:
+    """The ``(a, b, c)`` of each of ``num_iters`` iterations, flat (the last triple repeated), as a :data:`HostMap`
+    takes them: a constant of the coefficients, made once (a 30-value generator was ~10-15 us of each root batch)."""
+    return tuple(c for i in range(num_iters) for c in coeffs[min(i, len(coeffs) - 1)])
 
 
 def _row_maps(num_iters: int, floor: float, bare_iters: int | None, scales: Sequence[float],
@@ -775,7 +798,7 @@ def _spectral_root(
     out_dt = root_compute_dtype(v.dtype if dtype is None else dtype)
     squeeze = v.dim() == 2
     k = v.shape[-1]
-    v3 = v.to(torch.float64)
+    v3 = v if v.dtype == torch.float64 else v.to(torch.float64)  # (a no-op to() is still an operator call)
     if v3.dim() != 3:
         v3 = v3.reshape(math.prod(v.shape[:-2]), k, k)  # explicit sizes: k = 0 is allowed
     scales, tops, norms = _spectral_scales(v3, eps, sizes)
@@ -1043,7 +1066,8 @@ def _check_sizes(sizes: Sequence[int], v: Tensor) -> None:
 def _damped(v: Tensor, damping: float, sizes: Sequence[int] | None = None) -> Tensor:
     """:func:`damp` of ``v`` in :func:`root_compute_dtype`; without damping ``v`` itself (or its promoted copy),
     not a clone: every route only reads it (a copy of each Gram at every step, for nothing)."""
-    v = v.to(root_compute_dtype(v.dtype))
+    wide = root_compute_dtype(v.dtype)
+    v = v if v.dtype == wide else v.to(wide)  # (a no-op to() is still an operator call, at every root batch)
     return v if damping == 0.0 else damp(v, damping, sizes)
 
 

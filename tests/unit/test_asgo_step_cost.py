@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -124,6 +125,35 @@ def test_eigh_route_is_a_few_operator_calls_and_the_same_bits(monkeypatch: pytes
     monkeypatch.setattr(linalg, "_HOST_MAP_MAX", 0)
     for (m, eps), got in zip(cases, host):
         assert _same_bits(got.double(), linalg.inverse_sqrt(m, "polar_express_eigh", eps=eps).double())
+
+
+def test_spectral_scales_scaled_copy_is_the_division_bit_for_bit() -> None:
+    """The scale's largest magnitudes (``max(max, -min)``, no ``|V|`` temporary) and the scaled copy (a product with
+    each power of two's inverse, ``linalg._scaled_down``) give the bits of ``|V|.max()`` and of the division they
+    replace: graded entries, subnormal ones (a matrix of subnormals only takes the division), entries of 2^1023 and
+    more (scale inf), NaN, inf, -0.0 and the zero matrix, in one batch and alone."""
+    import numpy as np
+
+    from lightning_soaa.functional import linalg
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(9, 6, 6, generator=g, dtype=torch.float64)
+    v = a @ a.transpose(-1, -2)
+    v[1] *= 1e-300
+    v[2] = torch.full((6, 6), 5e-324, dtype=torch.float64) * torch.randint(-3, 4, (6, 6), generator=g)
+    v[3] *= 1e307
+    v[3, 0, 0] = 1.7e308  # scale 2^1024: inf
+    v[4, 2, 3] = float("nan")
+    v[5, 1, 1] = float("-inf")
+    v[6] = -0.0
+    v[7] = 0.0
+    for batch in (v, v[:2], v[2:3], v[6:8], v[3:4]):
+        host = batch.numpy()
+        tops = linalg._spectral_scales(batch, 1e-10)[1]
+        assert _same_bits(torch.tensor(tops, dtype=torch.float64), torch.from_numpy(np.abs(host).max(axis=(1, 2))))
+        scales = [math.ldexp(1.0, e) if e <= 1023 else math.inf for e in (math.frexp(t)[1] for t in tops)]
+        assert _same_bits(torch.from_numpy(linalg._scaled_down(host, scales)),
+                          torch.from_numpy(host / np.array(scales)[:, None, None]))
 
 
 def test_finite_rows_is_exact_for_every_dtype() -> None:
