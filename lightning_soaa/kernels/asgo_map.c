@@ -6,9 +6,44 @@
  * vector width the compiler picks; the result is that evaluation's, bit for bit. The square root of each scale
  * is the caller's (torch's own, which is not always correctly rounded on a CPU).
  */
+#include <math.h>
 #include <stdint.h>
 
-int asgo_map_abi(void) { return 1; }
+int asgo_map_abi(void) { return 2; }
+
+/* The exact first half of the map's scale (lightning_soaa.functional.linalg._spectral_scales), for each of `n`
+ * contiguous k x k float64 matrices: its largest magnitude (NaN when it has a NaN; 0 for a zero matrix), the
+ * power of two 2^e of that magnitude's exponent (frexp's e; 1 for 0 and non-finite magnitudes, inf past 2^1023)
+ * and the matrix divided by it, into u. The largest magnitude and a division by a power of two are exact (the
+ * division correctly rounded where the quotient is subnormal), so these are numpy's and torch's bits; the
+ * reductions that round (the Frobenius norm, the trace) stay torch's. */
+void asgo_scaled_down(const double *v, double *u, int64_t n, int64_t k, double *tops, double *scales)
+{
+    const int64_t kk = k * k;
+    for (int64_t m = 0; m < n; ++m) {
+        const double *a = v + m * kk;
+        double *b = u + m * kk;
+        double top = 0.0;
+        int nan = 0;
+        for (int64_t i = 0; i < kk; ++i) {
+            const double x = a[i], mag = x < 0.0 ? -x : x;
+            if (x != x)
+                nan = 1;
+            else if (mag > top)
+                top = mag;
+        }
+        if (nan)
+            top = __builtin_nan("");
+        int e = 0;
+        if (top - top == 0.0) /* finite: its exponent; 0 gives 0 */
+            frexp(top, &e);
+        const double s = e <= 1023 ? ldexp(1.0, e) : INFINITY;
+        for (int64_t i = 0; i < kk; ++i)
+            b[i] = a[i] / s;
+        tops[m] = top;
+        scales[m] = s;
+    }
+}
 
 /* For each of `rows` rows of `k` eigenvalues: x = max(lam / scale, 0) (a NaN stays NaN), the coupled
  * recursion's map of x (coeffs: `num_iters` triples (a, b, c), one per iteration; `polish` Newton-Schulz steps

@@ -5,7 +5,9 @@ Why: the eigendecomposition route maps every eigenvalue through the Polar Expres
 polishing steps: ~60 elementwise operations). As numpy or tensor operations that is ~60 calls whatever the count
 of eigenvalues, 10-15% of a small model's step (each call costs microseconds on a CPU); as one C call a few
 microseconds. The loop makes the same IEEE double operations in the same order (``-ffp-contract=off``, no
-``-ffast-math``), so it gives those evaluations' bits (tests/unit/test_asgo_step_cost.py).
+``-ffast-math``), so it gives those evaluations' bits (tests/unit/test_asgo_step_cost.py). The exact half of the
+map's scale (each Gram's largest magnitude and its copy divided by that magnitude's power of two,
+``NativeSpectralMap.scaled_down``) is one call too: numpy's ~10 calls were ~5% of the report's digits MLP's step.
 
 Built at first use with the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``, as the SOAA kernels) into
 their cache directory (``$LIGHTNING_SOAA_CACHE``, else ``~/.cache/lightning_soaa``), keyed by the source, the
@@ -33,7 +35,7 @@ log = logging.getLogger(__name__)
 __all__ = ["NativeSpectralMap", "spectral_map"]
 
 _SOURCE = Path(__file__).with_name("asgo_map.c")
-_ABI = 1
+_ABI = 2
 _FLAGS = ("-O2", "-ffp-contract=off", "-std=gnu11", "-shared", "-fPIC")
 
 _double_p = ctypes.POINTER(ctypes.c_double)
@@ -51,6 +53,8 @@ class NativeSpectralMap:
             raise NativeUnavailable(f"stale ASGO map library (ABI {lib.asgo_map_abi()}, expected {_ABI})")
         self._fn = lib.asgo_spectral_map
         self._fn.restype = None
+        self._scale_fn = lib.asgo_scaled_down
+        self._scale_fn.restype = None
         self._coeffs: tuple[tuple[float, ...], ctypes.Array[ctypes.c_double]] | None = None
 
     def __call__(self, evals: Tensor, scales: Sequence[float], roots: Sequence[float], coeffs: tuple[float, ...],
@@ -67,6 +71,18 @@ class NativeSpectralMap:
                  ctypes.c_int64(k), (ctypes.c_double * rows)(*scales), (ctypes.c_double * rows)(*roots),
                  self._coeffs[1], ctypes.c_int64(num_iters), ctypes.c_double(floor), ctypes.c_int64(polish), tops)
         return out, tops[:]
+
+
+    def scaled_down(self, v: Tensor) -> tuple[Tensor, list[float], list[float]]:
+        """Of a contiguous float64 CPU ``[n, k, k]``: each matrix divided by the power of two of its largest
+        magnitude's exponent (a new tensor), those magnitudes and those powers (``asgo_scaled_down``: the bits of
+        :func:`lightning_soaa.functional.linalg._spectral_scales`' numpy evaluation in one call instead of ~10)."""
+        n, k = v.shape[0], v.shape[-1]
+        out = torch.empty_like(v)
+        tops, scales = (ctypes.c_double * n)(), (ctypes.c_double * n)()
+        self._scale_fn(ctypes.c_void_p(v.data_ptr()), ctypes.c_void_p(out.data_ptr()), ctypes.c_int64(n),
+                       ctypes.c_int64(k), tops, scales)
+        return out, tops[:], scales[:]
 
 
 @functools.cache

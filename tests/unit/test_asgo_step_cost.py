@@ -131,10 +131,15 @@ def test_spectral_scales_scaled_copy_is_the_division_bit_for_bit() -> None:
     """The scale's largest magnitudes (``max(max, -min)``, no ``|V|`` temporary) and the scaled copy (a product with
     each power of two's inverse, ``linalg._scaled_down``) give the bits of ``|V|.max()`` and of the division they
     replace: graded entries, subnormal ones (a matrix of subnormals only takes the division), entries of 2^1023 and
-    more (scale inf), NaN, inf, -0.0 and the zero matrix, in one batch and alone."""
+    more (scale inf), NaN, inf, -0.0 and the zero matrix, in one batch and alone. So does the compiled map's one C
+    call for both (``scaled_down``, the optimizer's route on a CPU), and the scales, magnitudes and norms made from
+    it are numpy's."""
     import numpy as np
 
     from lightning_soaa.functional import linalg
+    from lightning_soaa.kernels.asgo_native import spectral_map
+
+    native = spectral_map()
 
     g = torch.Generator().manual_seed(0)
     a = torch.randn(9, 6, 6, generator=g, dtype=torch.float64)
@@ -152,8 +157,15 @@ def test_spectral_scales_scaled_copy_is_the_division_bit_for_bit() -> None:
         tops = linalg._spectral_scales(batch, 1e-10)[1]
         assert _same_bits(torch.tensor(tops, dtype=torch.float64), torch.from_numpy(np.abs(host).max(axis=(1, 2))))
         scales = [math.ldexp(1.0, e) if e <= 1023 else math.inf for e in (math.frexp(t)[1] for t in tops)]
-        assert _same_bits(torch.from_numpy(linalg._scaled_down(host, scales)),
-                          torch.from_numpy(host / np.array(scales)[:, None, None]))
+        quotient = torch.from_numpy(host / np.array(scales)[:, None, None])
+        assert _same_bits(torch.from_numpy(linalg._scaled_down(host, scales)), quotient)
+        if native is not None:
+            u, native_tops, native_scales = native.scaled_down(batch)
+            assert _same_bits(u, quotient)
+            assert str((native_tops, native_scales)) == str((tops, scales))  # (NaN-safe: as written)
+            for mine, theirs in zip(linalg._spectral_scales(batch, 1e-10, host_map=native),
+                                    linalg._spectral_scales(batch, 1e-10)):
+                assert _same_bits(torch.tensor(mine, dtype=torch.float64), torch.tensor(theirs, dtype=torch.float64))
 
 
 def test_finite_rows_is_exact_for_every_dtype() -> None:
