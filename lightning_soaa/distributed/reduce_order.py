@@ -29,7 +29,8 @@ import torch
 __all__ = ["clear_after_step", "digest", "first_order_difference", "noted", "order_error", "watch"]
 
 _MASK48 = (1 << 48) - 1  # (exact in the step's float64 all-reduce, as agreement's digests)
-_SHOWN = 12  # names kept for a refusal's detail
+_SHOWN = 12  # names a refusal shows per rank, from just before the first difference
+_KEPT = 4096  # names kept for that (a deep model's accumulated step: a difference lies past the first dozen)
 _MARK = "_lightning_soaa_reduce_order"
 
 
@@ -45,7 +46,7 @@ class _Log:
         self.count += 1
         text = f"{self.digest}:{name}".encode()
         self.digest = int.from_bytes(hashlib.blake2b(text, digest_size=6).digest(), "big") & _MASK48
-        if len(self.names) < _SHOWN:
+        if len(self.names) < _KEPT:
             self.names.append(name)
 
 
@@ -109,9 +110,9 @@ def digest() -> int:
     return _LOG.digest if _LOG.count else 0
 
 
-def noted() -> tuple[int, list[str]]:
-    """(how many reductions were noted, the first names): a refusal's detail."""
-    return _LOG.count, list(_LOG.names)
+def noted() -> tuple[int, int, list[str]]:
+    """(how many reductions were noted, their digest, the first :data:`_KEPT` names): a refusal's detail."""
+    return _LOG.count, digest(), list(_LOG.names)
 
 
 def clear_after_step(raised: bool) -> None:
@@ -122,25 +123,38 @@ def clear_after_step(raised: bool) -> None:
         _LOG.__init__()  # type: ignore[misc]
 
 
-def first_order_difference(by_rank: Sequence[tuple[int, list[str]] | None]) -> str:
-    """The ranks whose reductions differ from rank 0's, with each one's order (empty where none differs)."""
+def first_order_difference(by_rank: Sequence[tuple[int, int, list[str]] | None]) -> str:
+    """The ranks whose reductions differ from the first sending rank's, with each one's order from just before
+    the first difference (empty where none differs)."""
     sent = [(r, v) for r, v in enumerate(by_rank) if v is not None]
     if not sent:
         return ""
     first = sent[0][1]
-    differ = [r for r, v in sent if v != first]
+    differ = [r for r, v in sent if v[:2] != first[:2]]
     if not differ:
         return ""
+    at = min(_first_difference(first[2], v[2]) for r, v in sent if r in differ)
+    start = max(0, at - 2)  # (two alike before it: where in the model the orders part)
 
-    def order(v: tuple[int, list[str]]) -> str:
-        shown = ", ".join(repr(n) for n in v[1])
-        return shown + (f", ... ({v[0]} in all)" if v[0] > len(v[1]) else "") if v[0] else "none"
+    def order(v: tuple[int, int, list[str]]) -> str:
+        if not v[0]:
+            return "none"
+        shown = v[2][start:start + _SHOWN]
+        more = v[0] > start + len(shown)
+        return ("..., " if start else "") + ", ".join(repr(n) for n in shown) + (
+            f", ... ({v[0]} in all)" if more else "")
 
+    where, since = (f" at reduction {at + 1} of {first[0]}", f"from reduction {start + 1} on: ") if start else ("", "")
     listed = "; ".join(f"rank {r}: {order(v)}" for r, v in sent if r == sent[0][0] or r in differ)
-    return f"rank(s) {differ} differ from rank {sent[0][0]} ({listed})"
+    return f"rank(s) {differ} differ from rank {sent[0][0]}{where} ({since}{listed})"
 
 
-def order_error(name: str, by_rank: Sequence[tuple[int, list[str]] | None]) -> RuntimeError | None:
+def _first_difference(a: list[str], b: list[str]) -> int:
+    """The index of the first name that differs (the shorter list's length where one starts the other)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def order_error(name: str, by_rank: Sequence[tuple[int, int, list[str]] | None]) -> RuntimeError | None:
     """The refusal of ``name``'s step where the ranks' reductions (every rank's :func:`noted`) differ, else None."""
     detail = first_order_difference(by_rank)
     if not detail:

@@ -145,3 +145,53 @@ def test_units_reduced_in_another_order_on_some_ranks_are_refused_on_every_rank(
                 assert got[what + "_unchanged"], (name, r, what)
                 assert got[what + "_retry"] == said, (name, r, what, got[what + "_retry"])
             assert got["steps"] == 4, (name, r, got["steps"])
+
+
+class _Deep(nn.Module):
+    """``pre``, two branches of one shape in ``order``, then a chain of :data:`DEEP` units: backward reduces the
+    chain first, so the branches' swap comes after the first 12 reductions (a refusal used to keep 12 names)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre, self.b, self.c = tiny_mlp(sizes=(3, 3)), tiny_mlp(1, sizes=(3, 4)), tiny_mlp(2, sizes=(3, 4))
+        self.chain = nn.ModuleList(tiny_mlp(3 + i, sizes=(4, 4)) for i in range(DEEP))
+        self.order = "bc"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.pre(x)
+        first, second = (getattr(self, k) for k in self.order)
+        h = first(h) + second(h)
+        for unit in self.chain:
+            h = torch.tanh(unit(h))
+        return h
+
+
+DEEP = 14
+
+
+def _late_swap(rank: int, world_size: int) -> dict[str, Any]:
+    """A step with one order, then one whose branches ran in another order on rank 1 (after 14 reductions)."""
+    from torch.distributed.fsdp import fully_shard
+
+    model, mesh = _Deep(), W.make_mesh(world_size, False)
+    for sub in (model.pre, model.b, model.c, *model.chain):
+        fully_shard(sub, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    name, cls, kw, _ = OPTIMIZERS[1]
+    opt = cls(model.named_parameters(), **kw)
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 4, dtype=torch.float64)
+    res = {"one_order": W.expect_error(lambda: _accumulate(model, opt, [("bc", x, y)], fsdp=True))}
+    res["swapped"] = W.expect_error(lambda: _accumulate(model, opt, [("bc" if rank == 0 else "cb", x, y)], True))
+    return res
+
+
+def test_a_swap_after_many_units_is_refused_as_an_order_naming_the_swapped_units(tmp_path: Path) -> None:
+    """Not as a difference of hyperparameters: the refusal names the units around the first difference."""
+    results = run_distributed(_late_swap, 2, tmp_path, timeout=300)
+    for r, res in enumerate(results):
+        assert res["one_order"] == "no error", (r, res["one_order"])
+        said = res["swapped"]
+        assert "reduced the gradients of its fully_shard units in another order" in said, (r, said)
+        assert ("rank(s) [1] differ from rank 0 at reduction 15 of 17 (from reduction 13 on: rank 0: ..., "
+                "'chain.1', 'chain.0', 'c', 'b', 'pre'; rank 1: ..., 'chain.1', 'chain.0', 'b', 'c', 'pre')") in said, (
+            r, said)
