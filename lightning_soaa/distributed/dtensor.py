@@ -44,7 +44,7 @@ from lightning_soaa.distributed.blocks import BlockInfo, writable_grad
 from lightning_soaa.distributed.comm import Communicator, LocalComm, TorchComm
 
 __all__ = ["DTensorLayout", "FSDPGroups", "ParamPlacement", "PARAM_LIKE_STATE_KEYS", "fsdp2_unsharded_params",
-           "has_dtensor", "is_dtensor", "local"]
+           "fsdp_groups_on_meshes", "has_dtensor", "is_dtensor", "local"]
 
 log = logging.getLogger(__name__)
 
@@ -432,6 +432,19 @@ def _fsdp_groups_of(params: Sequence[Tensor]) -> tuple[list[Any], str | None]:
     except (AttributeError, TypeError) as e:  # torch's internals changed: say so rather than find nothing
         return [], f"an FSDP2 state reads differently ({type(e).__name__}: {e})"
     return found, None
+
+
+def fsdp_groups_on_meshes(groups: Sequence[Any]) -> list[Any]:
+    """``groups`` and every other live FSDP2 parameter group on one of their meshes: the groups whose gradient
+    reductions pair up with theirs (another optimizer's units of the same model). Only ``groups`` where
+    torch's states read otherwise."""
+    try:
+        meshes = [g.mesh_info.mesh for g in groups]
+        peers = [g for g in _fsdp_param_groups() if any(g.mesh_info.mesh == m for m in meshes)]
+    except (ImportError, AttributeError, TypeError):
+        return list(groups)
+    ids = {id(g) for g in groups}
+    return list(groups) + [g for g in peers if id(g) not in ids]
 
 
 def fsdp2_unsharded_params() -> dict[int, str]:

@@ -9,8 +9,9 @@ notes, as it starts a reduction, its name into a per-process digest; the step co
 with its hyperparameters (no collective of its own) and clears it.
 
 One digest per process, not per optimizer: one optimizer per model part then compares every part's reductions
-at the first step, and the others find it empty. A step that raised keeps it (a retry on the same gradients is
-refused again); the next reduction into gradients that were zeroed starts a new one.
+at the first step, and the others find it empty; the units an optimizer watches are every unit on its units'
+meshes, so a part stepped by another optimizer (torch's) is compared too. A step that raised keeps it (a retry
+on the same gradients is refused again); the next reduction into gradients that were zeroed starts a new one.
 
 This reads FSDP2's internal parameter groups (``post_backward``, ``reduce_grads``, ``fsdp_params``): where they
 read otherwise (another torch) a unit counts as reducing whenever its backward ends, and where a group cannot

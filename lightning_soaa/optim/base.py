@@ -126,7 +126,7 @@ from lightning_soaa.distributed.comm import (
     distributed_running,
     group_key,
 )
-from lightning_soaa.distributed.dtensor import DTensorLayout, FSDPGroups, has_dtensor, local
+from lightning_soaa.distributed.dtensor import DTensorLayout, FSDPGroups, fsdp_groups_on_meshes, has_dtensor, local
 from lightning_soaa.distributed.exchange import UNSENT, OwnerExchange
 from lightning_soaa.distributed.hyper_digest import HyperparameterDigest
 from lightning_soaa.distributed.reblock import fit_layout
@@ -1180,7 +1180,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
                             torch.__version__, found.unreadable)
             cached = self._fsdp_groups = (key, found)
             if self.comm.world_size > 1:  # the order of their gradient reductions is compared at the step
-                reduce_order.watch(found.groups)
+                # (with the other units on their meshes: another optimizer's pair up with these as well)
+                reduce_order.watch(fsdp_groups_on_meshes(found.groups))
         return cached[1]
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:

@@ -195,3 +195,30 @@ def test_a_swap_after_many_units_is_refused_as_an_order_naming_the_swapped_units
         assert ("rank(s) [1] differ from rank 0 at reduction 15 of 17 (from reduction 13 on: rank 0: ..., "
                 "'chain.1', 'chain.0', 'c', 'b', 'pre'; rank 1: ..., 'chain.1', 'chain.0', 'b', 'c', 'pre')") in said, (
             r, said)
+
+
+def _other_optimizer(rank: int, world_size: int) -> dict[str, Any]:
+    """Ours over the trunk, torch's AdamW over the heads (each head its own unit on the same mesh), the heads run
+    in another order on rank 1: ours refuses, although none of its own units moved in the order."""
+    model = _sharded(world_size)
+    named = dict(model.named_parameters())
+    name, cls, kw, _ = OPTIMIZERS[1]
+    ours = cls([(n, p) for n, p in named.items() if n.startswith("a.")], **kw)
+    theirs = torch.optim.AdamW([p for n, p in named.items() if not n.startswith("a.")], lr=1e-2)
+    x, y = W.local_batch(0, (3, 9), rank, world_size)
+
+    def step(order: str) -> str:
+        ours.zero_grad()
+        theirs.zero_grad()
+        model.order = order
+        loss_fn(model, x, y).backward()
+        return W.expect_error(ours.step)
+
+    return {"one_order": step("bc"), "swapped": step("bc" if rank == 0 else "cb")}
+
+
+def test_units_of_another_optimizer_on_the_same_mesh_are_compared_too(tmp_path: Path) -> None:
+    results = run_distributed(_other_optimizer, 2, tmp_path, timeout=300)
+    for r, res in enumerate(results):
+        assert res["one_order"] == "no error", (r, res["one_order"])
+        assert ORDERS["forward"] in res["swapped"], (r, res["swapped"])
