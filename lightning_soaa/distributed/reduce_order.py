@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -33,6 +34,8 @@ _MASK48 = (1 << 48) - 1  # (exact in the step's float64 all-reduce, as agreement
 _SHOWN = 12  # names a refusal shows per rank, from just before the first difference
 _KEPT = 4096  # names kept for that (a deep model's accumulated step: a difference lies past the first dozen)
 _MARK = "_lightning_soaa_reduce_order"
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -62,8 +65,20 @@ def watch(groups: Iterable[Any]) -> None:
         try:
             group.post_backward = _noting(group, group.post_backward)
             setattr(group, _MARK, True)
-        except (AttributeError, TypeError):  # (another torch: this group goes unwatched on every rank alike)
-            continue
+        except (AttributeError, TypeError) as e:  # (another torch: this group goes unwatched on every rank alike)
+            _unwatched(group, e)
+
+
+def _unwatched(group: Any, error: BaseException) -> None:
+    """Say once per group that its reductions go uncompared (the check is off there, not the training)."""
+    try:
+        setattr(group, _MARK, True)  # (once: the next optimizer over it does not say it again)
+    except (AttributeError, TypeError):
+        pass
+    log.warning("the order of FSDP2's gradient reductions is not compared for %s on torch %s (%s: %s): a "
+                "forward that runs fully_shard units in another order on some ranks trains on mixed gradients "
+                "there, silently; run the same units in the same order on every rank.", type(group).__name__,
+                torch.__version__, type(error).__name__, error)
 
 
 def _noting(group: Any, original: Any) -> Any:
@@ -145,7 +160,7 @@ def first_order_difference(by_rank: Sequence[tuple[int, int, list[str]] | None])
         return ("..., " if start else "") + ", ".join(repr(n) for n in shown) + (
             f", ... ({v[0]} in all)" if more else "")
 
-    where, since = (f" at reduction {at + 1} of {first[0]}", f"from reduction {start + 1} on: ") if start else ("", "")
+    where, since = (f" at reduction {at + 1}", f"from reduction {start + 1} on: ") if start else ("", "")
     listed = "; ".join(f"rank {r}: {order(v)}" for r, v in sent if r == sent[0][0] or r in differ)
     return f"rank(s) {differ} differ from rank {sent[0][0]}{where} ({since}{listed})"
 
