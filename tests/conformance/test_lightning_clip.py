@@ -1,0 +1,187 @@
+"""Lightning's gradient clipping with every registered optimizer: ``Trainer(gradient_clip_val=...)``,
+``self.clip_gradients`` in the module's ``configure_gradient_clipping``, and ``self.clip_gradients(opt, ...)`` in
+a manual-optimization ``training_step`` (Lightning's recipe), each by norm and by value, equal to one process
+clipping the full batch's gradient with torch (``clip_grad_norm_`` / ``clip_grad_value_``, then ``step()``;
+float64, rtol 1e-10), or refused on every rank.
+
+- W = 1: Lightning clips the gradient the step reads; the optimizer takes nothing over.
+- W = 2, ``grad_reduction="mean"`` (DDP's averaging switched off by a communication hook that leaves each rank its
+  own gradient): the step averages the gradients, after Lightning would have clipped each rank's own (AdamW 0.10
+  off the one-process run in 4 steps, silently). A clip by norm is taken over and applied to the averaged gradient;
+  a clip by value has no such equivalent and is refused, naming ``'norm'``, on every rank.
+- W = 2, ``grad_reduction="none"``: DDP averaged the gradients; Lightning's own clip is exact, by norm and value.
+
+An optimizer that never reads ``p.grad`` (EGN, ``StepNeeds.BATCH``) is refused on every rank, before any step.
+The W = 2 fits run inside one pair of processes per launch (the process group exists, Lightning's ``"ddp"``
+joins it), every optimizer and case in turn: Lightning's own launcher forks two processes for each fit.
+"""
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from lightning_soaa.registry import OptimizerSpec, StepNeeds, half_mse
+from tests.conformance._battery import SIZES, SPECS, assert_close, data, params, takes_kwarg
+from tests.harness.distributed import run_distributed
+from tests.harness.models import tiny_mlp
+
+pl = pytest.importorskip("lightning.pytorch", reason="the [lightning] extra is not installed")
+
+STEPS = 4
+BOUND = {"norm": 0.5, "value": 0.05}  # both bind from the first step on (checked against the unclipped run)
+CLIPPED = [s for s in SPECS if s.needs is not StepNeeds.BATCH]
+REFUSING = [s for s in SPECS if s.needs is StepNeeds.BATCH]
+#: where the clip is asked for: the Trainer's gradient_clip_val, the module's configure_gradient_clipping, a manual
+#: training_step
+WHERE = ("trainer", "hook", "manual")
+CASES = [(where, algorithm) for where in WHERE for algorithm in BOUND]
+LAUNCHES = ("mean", "none")
+
+
+def _local_gradients(state: object, bucket: torch.distributed.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """A DDP communication hook that leaves each rank its own gradient (no averaging). (Annotations are
+    evaluated here: DDP checks that ``bucket``'s is ``GradBucket``.)"""
+    fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+    fut.set_result(bucket.buffer())
+    return fut
+
+
+class _NoAveraging(pl.Callback):
+    """Each rank keeps its own gradient (what the optimizer's ``grad_reduction="mean"`` is for)."""
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        trainer.strategy.model.register_comm_hook(None, _local_gradients)
+
+
+class _Module(pl.LightningModule):
+    """The battery's model and data (rank ``r`` of ``W`` takes its rows of each global batch), ``half_mse``."""
+
+    def __init__(self, spec: OptimizerSpec, where: str, algorithm: str, reduction: str | None) -> None:
+        super().__init__()
+        self.net = tiny_mlp(0, torch.float64, sizes=SIZES)
+        self.spec, self.where, self.algorithm, self.reduction = spec, where, algorithm, reduction
+        self.automatic_optimization = where != "manual"
+
+    def configure_optimizers(self) -> Any:
+        extra = {} if self.reduction is None or not takes_kwarg(self.spec, "grad_reduction") else {
+            "grad_reduction": self.reduction}
+        return self.spec.build(self.net, **{**self.spec.test_kwargs, **extra})
+
+    def train_dataloader(self) -> Any:
+        steps = [data(t, rank=self.trainer.global_rank, world=self.trainer.world_size) for t in range(STEPS)]
+        return torch.utils.data.DataLoader(steps, batch_size=None)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        x, y = batch
+        loss = half_mse(self.net(x), y)
+        if self.automatic_optimization:
+            return loss
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.manual_backward(loss)
+        self.clip_gradients(opt, gradient_clip_val=BOUND[self.algorithm], gradient_clip_algorithm=self.algorithm)
+        opt.step(**({"inputs": x, "targets": y} if self.spec.needs is StepNeeds.BATCH else {}))
+        return None
+
+
+class _ClipsInItsHook(_Module):
+    """Clips through ``self.clip_gradients`` in its own ``configure_gradient_clipping`` (no ``gradient_clip_val``):
+    Lightning's documented way to choose the clip."""
+
+    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: Any = None,
+                                    gradient_clip_algorithm: Any = None) -> None:
+        self.clip_gradients(optimizer, gradient_clip_val=BOUND[self.algorithm], gradient_clip_algorithm=self.algorithm)
+
+
+def _fit(spec: OptimizerSpec, where: str, algorithm: str, out: Path, world: int = 1,
+         reduction: str | None = None) -> list[torch.Tensor] | str:
+    """The parameters after ``STEPS`` steps of one fit, or the message of the error it raised."""
+    from lightning_soaa.lightning import BatchToOptimizer, LossToOptimizer
+
+    module = (_ClipsInItsHook if where == "hook" else _Module)(spec, where, algorithm, reduction)
+    clip = {"gradient_clip_val": BOUND[algorithm], "gradient_clip_algorithm": algorithm} if where == "trainer" else {}
+    # (under manual optimization the step is handed its batch: EGN's one-process step plan takes it there)
+    callbacks = [LossToOptimizer(), *([BatchToOptimizer()] if where != "manual" else []),
+                 *([_NoAveraging()] if reduction == "mean" else [])]
+    trainer = pl.Trainer(accelerator="cpu", devices=world, strategy="ddp" if world > 1 else "auto",
+                         max_steps=STEPS, precision="64-true", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         use_distributed_sampler=False, callbacks=callbacks, default_root_dir=str(out), **clip)
+    before = params(module.net)
+    try:
+        trainer.fit(module)
+    except Exception as e:  # (a refusal: every rank must raise it, having changed nothing)
+        changed = any(not torch.equal(a, b) for a, b in zip(before, params(module.net)))
+        return f"{type(e).__name__}: {e}" + (" [and the parameters changed]" if changed else "")
+    return params(module.net)
+
+
+def _reference(spec: OptimizerSpec, algorithm: str | None) -> list[torch.Tensor]:
+    """One process, the spec's own driver, torch's clip of the full batch's gradient (None: no clip)."""
+    model = tiny_mlp(0, torch.float64, sizes=SIZES)
+    opt = spec.build(model, **spec.test_kwargs)
+
+    def clip() -> None:
+        if algorithm == "norm":
+            torch.nn.utils.clip_grad_norm_(model.parameters(), BOUND["norm"])
+        elif algorithm == "value":
+            torch.nn.utils.clip_grad_value_(model.parameters(), BOUND["value"])
+
+    for t in range(STEPS):
+        spec.take_step(opt, model, *data(t), on_gradients=clip)
+    return params(model)
+
+
+def _launch(rank: int, world: int, out: Path, reduction: str) -> dict[tuple[str, str, str], Any]:
+    """Every optimizer and case in turn, in this pair of processes (Lightning's ``"ddp"`` joins the group)."""
+    os.environ.update(LOCAL_RANK=str(rank), NODE_RANK="0", WORLD_SIZE=str(world))
+    return {(spec.name, where, algorithm): _fit(spec, where, algorithm, out / f"{spec.name}-{where}-{algorithm}",
+                                                world, reduction)
+            for spec in SPECS for where, algorithm in CASES}
+
+
+@pytest.fixture(scope="module")
+def fits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[tuple[str, str, str], Any]]]:
+    """Per launch (W = 1 in this process, W = 2 under each reduction), each rank's results."""
+    tmp = tmp_path_factory.mktemp("lightning_clip")
+    out: dict[str, list[dict[tuple[str, str, str], Any]]] = {
+        "W1": [{(s.name, w, a): _fit(s, w, a, tmp / f"{s.name}-{w}-{a}") for s in SPECS for w, a in CASES}]}
+    for reduction in LAUNCHES:
+        out[f"W2-{reduction}"] = run_distributed(_launch, 2, tmp, tmp / reduction, reduction, timeout=600.0)
+    return out
+
+
+@pytest.mark.parametrize("launch", ["W1", *(f"W2-{r}" for r in LAUNCHES)])
+@pytest.mark.parametrize("where,algorithm", CASES, ids=[f"{w}-{a}" for w, a in CASES])
+@pytest.mark.parametrize("spec", CLIPPED, ids=[s.name for s in CLIPPED])
+def test_lightning_clip_equals_one_process_clip(spec: OptimizerSpec, where: str, algorithm: str, launch: str,
+                                                fits: dict[str, list[dict[tuple[str, str, str], Any]]]) -> None:
+    ref = _reference(spec, algorithm)
+    unclipped = _reference(spec, None)
+    assert max(float((a - b).abs().max()) for a, b in zip(ref, unclipped)) > 1e-3  # the clip binds
+    results = [r[(spec.name, where, algorithm)] for r in fits[launch]]
+    if launch == "W2-mean" and algorithm == "value":
+        for rank, res in enumerate(results):
+            assert isinstance(res, str) and "gradient_clip_algorithm='value'" in res and "Must be 'norm'" in res, (
+                rank, res)
+            assert not res.endswith("changed]"), (rank, res)
+        return
+    for rank, res in enumerate(results):
+        assert not isinstance(res, str), f"rank {rank} raised {res}"
+        assert_close(res, ref, f"{spec.name} {where} {algorithm} {launch} rank {rank} params")
+
+
+@pytest.mark.parametrize("launch", ["W1", *(f"W2-{r}" for r in LAUNCHES)])
+@pytest.mark.parametrize("where,algorithm", CASES[:4], ids=[f"{w}-{a}" for w, a in CASES[:4]])
+@pytest.mark.parametrize("spec", REFUSING, ids=[s.name for s in REFUSING])
+def test_lightning_clip_is_refused_by_an_optimizer_that_never_reads_the_gradient(
+        spec: OptimizerSpec, where: str, algorithm: str, launch: str,
+        fits: dict[str, list[dict[tuple[str, str, str], Any]]]) -> None:
+    for rank, res in enumerate(fits[launch]):
+        message = res[(spec.name, where, algorithm)]
+        assert isinstance(message, str) and message.startswith("ValueError: "), (rank, message)
+        assert "never" in message and "the gradients" in message and "bound" in message, (rank, message)
+        assert not message.endswith("changed]"), (rank, message)
