@@ -686,7 +686,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if prints is not None and len(prints) == len(index.params):  # the memo of the next add_param_group
             self._storage_memo = StorageMemo(index, prints, self._table)
         self._check_unsharded_mean()
-        trainer = running_trainer() if self._routes_lightning_clip() else None
+        # (one that never reads p.grad: its step refuses the clips kept for it, at any W)
+        trainer = running_trainer() if self._routes_lightning_clip() or not self._steps_gradients else None
         if trainer is not None:  # built in configure_optimizers: before a manual training_step's first clip
             keep_manual_clips(self, trainer)
         # an (empty) entry per parameter: torch.distributed.checkpoint's get/set_optimizer_state_dict

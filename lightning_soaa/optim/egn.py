@@ -61,6 +61,7 @@ from lightning_soaa.optim.egn_chain import ChainCapture, grad_off, plan_chain
 from lightning_soaa.optim.egn_places import ParamPlaces, replaced_message
 from lightning_soaa.optim.egn_rng import DrawHistory, StepRng
 from lightning_soaa.optim.egn_trace import plan_trace
+from lightning_soaa.optim.lightning_clip import unread_clip_error
 from lightning_soaa.optim.param_checks import check_step
 from lightning_soaa.optim.step_context import caller_autocast, full_precision, one_model_function
 
@@ -1127,7 +1128,8 @@ class EGN(ShardedOptimizer):
         """
         # one process training a plain MLP on step(inputs=x, targets=y): the step plan (egn_plan.py), the same
         # bits without the template's machinery; it declines (nothing changed) whatever it does not cover
-        if closure is None and inputs is not None and self._pending_batch is None:
+        # (not with a Lightning clip kept for it: the template's check refuses it)
+        if closure is None and inputs is not None and self._pending_batch is None and "_kept_clips" not in vars(self):
             self.__dict__["_plan_call"] = (inputs, targets)
             try:
                 if self._planned_step():
@@ -1226,6 +1228,9 @@ class EGN(ShardedOptimizer):
         hyper = self._hyperparameter_error()
         if hyper is not None:
             raise hyper
+        unread = unread_clip_error(self)  # a manual training_step's self.clip_gradients(opt, ...)
+        if unread is not None:
+            raise unread
         self._check_places()  # the module still holds EGN's parameters (not replaced since)
         # no two of them over one memory since (p.data = other.data.t()): its Gauss-Newton system takes
         # them as independent coordinates, at any W (one data_ptr() per parameter while none moved)

@@ -35,7 +35,7 @@ import weakref
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["clip_difference", "keep_manual_clips", "routed_clip", "running_trainer"]
+__all__ = ["clip_difference", "keep_manual_clips", "routed_clip", "running_trainer", "unread_clip_error"]
 
 _TRAINER_MODULES = ("lightning.pytorch", "pytorch_lightning")
 _ABSENT = object()
@@ -227,7 +227,8 @@ class _KeptClips(_StandIn):
     """The precision plugin's ``clip_gradients`` under manual optimization, where ``training_step`` clips before
     ``step()`` (Lightning's recipe: ``self.clip_gradients(opt, ...)`` after ``manual_backward``): a clip of one of
     ``optimizers`` clips nothing and is kept on that optimizer for its next step, which applies it to the averaged
-    gradient (Lightning clipped each rank's own gradient, silently); other optimizers' clips are Lightning's."""
+    gradient (Lightning clipped each rank's own gradient, silently), or, for one that never reads the gradients
+    (EGN, at any W), refuses them (:func:`unread_clip_error`); other optimizers' clips are Lightning's."""
 
     def __init__(self, plugin: Any) -> None:
         super().__init__(plugin)
@@ -285,6 +286,21 @@ def keep_manual_clips(optimizer: Any, trainer: Any) -> None:
     if not isinstance(kept, _KeptClips):
         kept = plugin.clip_gradients = _KeptClips(plugin)
     kept.optimizers.add(optimizer)
+
+
+def unread_clip_error(optimizer: Any) -> ValueError | None:
+    """The refusal of the clips kept (:class:`_KeptClips`) for an optimizer that never reads ``p.grad`` (EGN), which
+    drops them; None where none was kept. Lightning clipped the gradients and the step went on unclipped, silently."""
+    # (a clip by 0 clips nothing in Lightning: the default configure_gradient_clipping without gradient_clip_val)
+    kept = [k for k in optimizer.__dict__.pop("_kept_clips", []) if k[0][0] is not None and k[0][0] > 0]
+    if not kept:
+        return None
+    (clip_val, algorithm), _ = kept[0]
+    name = type(optimizer).__name__
+    return ValueError(f"self.clip_gradients(gradient_clip_val={clip_val!r}, gradient_clip_algorithm={algorithm!r}) "
+                      f"with {name}: {name} builds its step from the model and the batch, never from the gradients, "
+                      "so the clip would change nothing. Remove the clip_gradients call and bound the step with lr, "
+                      "damping or line_search=True.")
 
 
 def clip_difference(by_rank: list[float | None], ranks: list[int]) -> str:
