@@ -138,7 +138,7 @@ from lightning_soaa.optim import dcp_flat, dcp_order, grad_clip
 from lightning_soaa.optim import dcp_state as dcp
 from lightning_soaa.optim.construction import collective_construction, failed_row
 from lightning_soaa.optim.dcp_plain import handed_out, without_placeholders
-from lightning_soaa.optim.lightning_clip import clip_difference, keep_manual_clips, routed_clip, running_trainer
+from lightning_soaa.optim.lightning_clip import clip_difference, keep_clips, routed_clip, running_trainer
 from lightning_soaa.optim.param_checks import (
     DisjointStorage,
     Signature,
@@ -689,7 +689,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         # (one that never reads p.grad: its step refuses the clips kept for it, at any W)
         trainer = running_trainer() if self._routes_lightning_clip() or not self._steps_gradients else None
         if trainer is not None:  # built in configure_optimizers: before a manual training_step's first clip
-            keep_manual_clips(self, trainer)
+            keep_clips(self, trainer)
         # an (empty) entry per parameter: torch.distributed.checkpoint's get/set_optimizer_state_dict
         # otherwise takes a zero-gradient lr=0 step() of a fresh optimizer (and of an idle rank's, whose
         # state is empty: a collective the other ranks never join); see optim/dcp_state.py
@@ -1806,7 +1806,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         trainer = running_trainer() if self._routes_lightning_clip() else None
         if trainer is None:  # (no Lightning Trainer runs this step; a few us where Lightning is imported)
             return self._run_closure(closure)
-        with routed_clip(self, trainer, closure is not None) as routed:
+        with routed_clip(self, trainer) as routed:
             loss = self._run_closure(closure)
         if routed:
             self._routed_clip = routed[0]  # (read by this step's _clip_grads; dropped when the step ends)

@@ -8,22 +8,22 @@ it, and the default ``configure_gradient_clipping`` calls that with the Trainer'
 
 The step finds the Trainer that runs it on the call stack (the frame of one of ``Trainer``'s own methods: ``fit``,
 ``_fit_impl`` in a launched worker), not from the closure's shape, which a Lightning release or a precision plugin
-of the user's own changes. While it runs the closure, that method of the Trainer's precision plugin takes this
-optimizer's clips: a clip by norm is applied by the step as ``max_grad_norm`` to the averaged gradient, on every
-rank alike, and Lightning clips nothing per rank (so never twice). Then the step checks what happened: a Trainer
-whose ``gradient_clip_val`` is set must have clipped this optimizer's step through that method where the step is one
-of Lightning's loop (its precision plugin's ``optimizer_step`` on the call stack; a callback's own ``opt.step()`` is
-one Lightning never clips), or the step raises (a clip it can neither see nor apply: a
-``configure_gradient_clipping`` that clips without ``self.clip_gradients``, a precision plugin that runs the closure
-before ``step()``, a Lightning release that clips elsewhere). Under manual optimization ``training_step`` clips
-before ``step()``: from the optimizer's construction (in ``configure_optimizers``) the plugin's method keeps its
-clips for its next step (:class:`_KeptClips`), which takes them over as above where they clipped the gradient it
-takes (one made in the step's closure: that step's; a skipped step's, whose gradient was zeroed since, is dropped;
-one followed by another backward is refused). ``gradient_clip_algorithm="value"``,
-two clips in one step and a clip with ``max_grad_norm`` also set are refused. The errors are raised in the step and
-held for its record: every rank raises together (the Trainer is configured alike on every rank). Elsewhere (DDP's
-averaged gradients under ``"none"``, one process) Lightning's own clip is exact and is left. No Lightning import:
-its classes are read where the user's program imported them.
+of the user's own changes. From the optimizer's construction under that Trainer (``configure_optimizers``) and from
+each of its steps on, that method of the Trainer's precision plugin keeps this optimizer's clips for its next step
+(:class:`_KeptClips`), clipping nothing: Lightning clips nothing per rank (so never twice), and the step applies a
+clip by norm as ``max_grad_norm`` to the averaged gradient, on every rank alike, where it clipped the gradient the
+step takes: one made in the step's closure (automatic optimization: the default ``configure_gradient_clipping``)
+or before ``step()`` on the very gradient it takes (a manual ``training_step``, Lightning's recipe; a precision
+plugin that runs the closure before ``step()``). A skipped step's clip, whose gradient was replaced since, is dropped;
+one followed by another backward is refused. Then the step checks what happened: a Trainer whose
+``gradient_clip_val`` is set must have clipped this optimizer's step through that method where the step is one of
+Lightning's loop (its precision plugin's ``optimizer_step`` on the call stack; a callback's own ``opt.step()`` is one
+Lightning never clips), or the step raises (a clip it can neither see nor apply: a ``configure_gradient_clipping``
+that clips without ``self.clip_gradients``, a Lightning release that clips elsewhere).
+``gradient_clip_algorithm="value"``, two clips in one step and a clip with ``max_grad_norm`` also set are refused.
+The errors are raised in the step and held for its record: every rank raises together (the Trainer is configured
+alike on every rank). Elsewhere (DDP's averaged gradients under ``"none"``, one process) Lightning's own clip is exact
+and is left. No Lightning import: its classes are read where the user's program imported them.
 """
 
 from __future__ import annotations
@@ -35,10 +35,9 @@ import weakref
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["clip_difference", "keep_manual_clips", "routed_clip", "running_trainer", "unread_clip_error"]
+__all__ = ["clip_difference", "keep_clips", "routed_clip", "running_trainer", "unread_clip_error"]
 
 _TRAINER_MODULES = ("lightning.pytorch", "pytorch_lightning")
-_ABSENT = object()
 _LOOKUPS: dict[tuple[Any, ...], tuple[tuple[type, ...], frozenset[int]]] = {}  # by the imported modules
 
 
@@ -127,88 +126,36 @@ def _clip_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, str]
     return clip_val, _algorithm(args[1] if len(args) > 1 else kwargs.get("gradient_clip_algorithm"))
 
 
-def _take(optimizer: Any, taken: list[float], clip: tuple[Any, str]) -> None:
-    clip_val, algorithm = clip
-    if clip_val is not None and clip_val > 0:  # (Lightning clips nothing at 0: no gradient_clip_val)
-        _taken_clip(optimizer, taken, clip_val, algorithm)
-
-
-class _StandIn:
-    """What stands in for a precision plugin's ``clip_gradients`` (an instance attribute). A copy or pickle of the
-    plugin gets the plugin's own method back: the stand-in belongs to this run, not to the plugin's state (a local
-    function or a weak set could not be pickled, and a copy would have clipped through the original plugin)."""
-
-    def __init__(self, plugin: Any) -> None:
-        self.plugin, self.original = plugin, plugin.clip_gradients
-
-    def __reduce__(self) -> tuple[Any, tuple[Any, str]]:
-        return getattr, (self.plugin, "clip_gradients")  # (read before the copy's state: the class's method)
-
-
-class _TakenClips(_StandIn):
-    """Takes ``optimizer``'s clips into ``taken`` (clipping nothing); other optimizers' clips are Lightning's."""
-
-    def __init__(self, plugin: Any, optimizer: Any) -> None:
-        super().__init__(plugin)
-        self.optimizer = optimizer
-        self.taken: list[float] = []
-
-    def __call__(self, opt: Any, *args: Any, **kwargs: Any) -> Any:
-        if not _wraps(opt, self.optimizer):
-            return self.original(opt, *args, **kwargs)
-        _take(self.optimizer, self.taken, _clip_args(args, kwargs))
-        return None
+def _missed(optimizer: Any, trainer: Any) -> ValueError:
+    return ValueError(f"Trainer(gradient_clip_val={trainer.gradient_clip_val!r}) with {type(optimizer).__name__}: no "
+                      "clip of it reached the precision plugin's clip_gradients for this step (a "
+                      "configure_gradient_clipping that clips without self.clip_gradients, or skips it, or a Lightning "
+                      f"version that clips elsewhere). {_where(optimizer)}, so that clip would act on the wrong "
+                      "gradient. Pass max_grad_norm to the optimizer instead of gradient_clip_val, or clip through "
+                      "self.clip_gradients.")
 
 
 @contextlib.contextmanager
-def _clips_of(plugin: Any, optimizer: Any) -> Iterator[list[float]]:
-    """While it lasts, the precision plugin's ``clip_gradients`` takes ``optimizer``'s clips into the yielded list
-    (:class:`_TakenClips`)."""
-    own = vars(plugin).get("clip_gradients", _ABSENT)  # (an instance attribute the plugin already had)
-    stand_in = plugin.clip_gradients = _TakenClips(plugin, optimizer)
+def routed_clip(optimizer: Any, trainer: Any) -> Iterator[list[float]]:
+    """Around the step's run of its closure under ``trainer`` (:func:`running_trainer`): yields a list that receives
+    the bound of the Lightning clip this step takes over (at most one), else stays empty: the clips kept since the
+    last step (:class:`_KeptClips`) made before ``step()`` that clipped the gradient the step takes, and those made
+    in the closure. Raises where the Trainer's ``gradient_clip_val`` was not taken over in a step of
+    Lightning's loop (see the module's text)."""
+    keep_clips(optimizer, trainer)
+    taken: list[float] = []
+    for (clip_val, algorithm), grads in optimizer.__dict__.pop("_kept_clips", []):  # (made before step())
+        if _still_clipped(optimizer, grads, clip_val):
+            _taken_clip(optimizer, taken, clip_val, algorithm)
     try:
-        yield stand_in.taken
-    finally:
-        if own is _ABSENT:
-            del plugin.clip_gradients
-        else:
-            plugin.clip_gradients = own
-
-
-def _missed(optimizer: Any, trainer: Any, runs_closure: bool) -> ValueError:
-    why = ("no clip of it reached the precision plugin's clip_gradients while step() ran Lightning's closure (a "
-           "configure_gradient_clipping that clips without self.clip_gradients, or skips it, or a Lightning "
-           "version that clips elsewhere)" if runs_closure else
-           "step() was called without a closure, so Lightning ran the closure and its clip before step() (a "
-           "precision plugin's optimizer_step that calls closure() itself)")
-    return ValueError(f"Trainer(gradient_clip_val={trainer.gradient_clip_val!r}) with {type(optimizer).__name__}: "
-                      f"{why}. {_where(optimizer)}, so that clip would act on the wrong gradient. Pass max_grad_norm "
-                      "to the optimizer instead of gradient_clip_val, or let Lightning's own closure reach step() "
-                      "and clip through self.clip_gradients.")
-
-
-@contextlib.contextmanager
-def routed_clip(optimizer: Any, trainer: Any, runs_closure: bool) -> Iterator[list[float]]:
-    """Around the step's run of its closure (``runs_closure``; False: ``step()`` without one) under ``trainer``
-    (:func:`running_trainer`): yields a list that receives the bound of the Lightning clip this step takes over
-    (at most one; under manual optimization the clips kept since the last step), else stays empty. Raises where
-    the Trainer's ``gradient_clip_val`` was not taken over (see the module's text)."""
-    if not getattr(trainer.lightning_module, "automatic_optimization", False):
-        keep_manual_clips(optimizer, trainer)
-        taken: list[float] = []
-        for clip, grads in optimizer.__dict__.pop("_kept_clips", []):  # (the training_step's, before this step)
-            if _still_clipped(optimizer, grads, clip[0]):
-                _take(optimizer, taken, clip)
         yield taken
-        for clip, _ in optimizer.__dict__.pop("_kept_clips", []):  # (made in the closure: this step's gradient)
-            _take(optimizer, taken, clip)
-        return
-    with contextlib.ExitStack() as stack:
-        taken = stack.enter_context(_clips_of(trainer.precision_plugin, optimizer)) if runs_closure else []
-        yield taken
+    finally:  # (made in the closure: this step's gradient; dropped where the closure raised)
+        made = optimizer.__dict__.pop("_kept_clips", [])
+    for (clip_val, algorithm), _ in made:
+        _taken_clip(optimizer, taken, clip_val, algorithm)
     # (a step of the user's own, e.g. a callback's opt.step(), is one Lightning never clips: nothing was missed)
     if not taken and getattr(trainer, "gradient_clip_val", None) and _plugin_steps(trainer, optimizer):
-        raise _missed(optimizer, trainer, runs_closure)
+        raise _missed(optimizer, trainer)
 
 
 def _plugin_steps(trainer: Any, optimizer: Any) -> bool:
@@ -223,23 +170,30 @@ def _plugin_steps(trainer: Any, optimizer: Any) -> bool:
     return False
 
 
-class _KeptClips(_StandIn):
-    """The precision plugin's ``clip_gradients`` under manual optimization, where ``training_step`` clips before
-    ``step()`` (Lightning's recipe: ``self.clip_gradients(opt, ...)`` after ``manual_backward``): a clip of one of
-    ``optimizers`` clips nothing and is kept on that optimizer for its next step, which applies it to the averaged
-    gradient (Lightning clipped each rank's own gradient, silently), or, for one that never reads the gradients
-    (EGN, at any W), refuses them (:func:`unread_clip_error`); other optimizers' clips are Lightning's."""
+class _KeptClips:
+    """The precision plugin's ``clip_gradients`` (an instance attribute) while its Trainer runs optimizers that take
+    Lightning's clips over (:func:`keep_clips`): a clip of one of ``optimizers`` clips nothing and is kept on that
+    optimizer for its next step, which applies it to the averaged gradient (Lightning clipped each rank's own
+    gradient, silently), or, for one that never reads the gradients (EGN, at any W), refuses it
+    (:func:`unread_clip_error`); other optimizers' clips are Lightning's. A copy or pickle of the plugin gets the
+    plugin's own method back: the stand-in belongs to this run, not to the plugin's state (a weak set cannot be
+    pickled, and a copy would have clipped through the original plugin)."""
 
     def __init__(self, plugin: Any) -> None:
-        super().__init__(plugin)
+        self.plugin, self.original = plugin, plugin.clip_gradients
         self.optimizers: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, str]]:
+        return getattr, (self.plugin, "clip_gradients")  # (read before the copy's state: the class's method)
 
     def __call__(self, opt: Any, *args: Any, **kwargs: Any) -> Any:
         # (under a GradScaler ("16-mixed") Lightning refuses the clip for an optimizer that unscales in step(), as
         # under automatic optimization; one process clips the scaled gradient there, which the step would not)
-        for mine in list(self.optimizers) if getattr(self.plugin, "scaler", None) is None else ():
+        clip_val, algorithm = _clip_args(args, kwargs)
+        kept = clip_val is not None and clip_val > 0 and getattr(self.plugin, "scaler", None) is None
+        for mine in list(self.optimizers) if kept else ():  # (Lightning clips nothing by 0: no gradient_clip_val)
             if _wraps(opt, mine):
-                mine.__dict__.setdefault("_kept_clips", []).append((_clip_args(args, kwargs), _grads_now(mine)))
+                mine.__dict__.setdefault("_kept_clips", []).append(((clip_val, algorithm), _grads_now(mine)))
                 return None
         return self.original(opt, *args, **kwargs)
 
@@ -270,17 +224,15 @@ def _still_clipped(optimizer: Any, grads: list[tuple[weakref.ref[Any], int] | No
     if not changed and not (same and replaced):
         return not replaced
     raise ValueError(f"self.clip_gradients(gradient_clip_val={clip_val!r}) with {type(optimizer).__name__}: its "
-                     "gradient changed after the clip and before step() (a backward after the clip, or a zero_grad "
-                     f"that kept the tensors). {_where(optimizer)}, so the clip is applied in step(), to the gradient "
-                     "step() takes. Clip after the last backward of the step, right before opt.step().")
+                     "gradient changed after the clip and before step() (a backward after the clip, or a "
+                     f"zero_grad that kept the tensors). {_where(optimizer)}, so the clip is applied in step(), to the "
+                     "gradient step() takes. Clip after the last backward of the step, right before opt.step().")
 
 
-def keep_manual_clips(optimizer: Any, trainer: Any) -> None:
-    """Under a manual-optimization ``trainer``, from now on keep ``optimizer``'s clips for its next step
-    (:class:`_KeptClips`). Called where the optimizer is built (``configure_optimizers``: before any
-    ``training_step`` clips) and at every step."""
-    if getattr(trainer.lightning_module, "automatic_optimization", True):
-        return
+def keep_clips(optimizer: Any, trainer: Any) -> None:
+    """From now on ``trainer``'s precision plugin keeps ``optimizer``'s clips for its next step (:class:`_KeptClips`).
+    Called where the optimizer is built (``configure_optimizers``: before a manual ``training_step`` clips) and at
+    every step."""
     plugin = trainer.precision_plugin
     kept = vars(plugin).get("clip_gradients")
     if not isinstance(kept, _KeptClips):
@@ -291,8 +243,7 @@ def keep_manual_clips(optimizer: Any, trainer: Any) -> None:
 def unread_clip_error(optimizer: Any) -> ValueError | None:
     """The refusal of the clips kept (:class:`_KeptClips`) for an optimizer that never reads ``p.grad`` (EGN), which
     drops them; None where none was kept. Lightning clipped the gradients and the step went on unclipped, silently."""
-    # (a clip by 0 clips nothing in Lightning: the default configure_gradient_clipping without gradient_clip_val)
-    kept = [k for k in optimizer.__dict__.pop("_kept_clips", []) if k[0][0] is not None and k[0][0] > 0]
+    kept = optimizer.__dict__.pop("_kept_clips", None)
     if not kept:
         return None
     (clip_val, algorithm), _ = kept[0]
