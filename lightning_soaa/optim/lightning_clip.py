@@ -7,23 +7,23 @@ plugin's ``clip_gradients(optimizer, clip_val, gradient_clip_algorithm)``: ``Lig
 it, and the default ``configure_gradient_clipping`` calls that with the Trainer's ``gradient_clip_val``.
 
 The step finds the Trainer that runs it on the call stack (the frame of one of ``Trainer``'s own methods: ``fit``,
-``_fit_impl`` in a launched worker), not from the closure's shape, which a Lightning release or a precision plugin
-of the user's own changes. From the optimizer's construction under that Trainer (``configure_optimizers``) and from
-each of its steps on, that method of the Trainer's precision plugin keeps this optimizer's clips for its next step
-(:class:`_KeptClips`), clipping nothing: Lightning clips nothing per rank (so never twice), and the step applies a
-clip by norm as ``max_grad_norm`` to the averaged gradient, on every rank alike, where it clipped the gradient the
-step takes: one made in the step's closure (automatic optimization: the default ``configure_gradient_clipping``)
-or before ``step()`` on the very gradient it takes (a manual ``training_step``, Lightning's recipe; a precision
-plugin that runs the closure before ``step()``). A skipped step's clip, whose gradient was replaced since, is dropped;
-one followed by another backward is refused. Then the step checks what happened: a Trainer whose
-``gradient_clip_val`` is set must have clipped this optimizer's step through that method where the step is one of
-Lightning's loop (its precision plugin's ``optimizer_step`` on the call stack; a callback's own ``opt.step()`` is one
-Lightning never clips), or the step raises (a clip it can neither see nor apply: a ``configure_gradient_clipping``
-that clips without ``self.clip_gradients``, a Lightning release that clips elsewhere).
-``gradient_clip_algorithm="value"``, two clips in one step and a clip with ``max_grad_norm`` also set are refused.
-The errors are raised in the step and held for its record: every rank raises together (the Trainer is configured
-alike on every rank). Elsewhere (DDP's averaged gradients under ``"none"``, one process) Lightning's own clip is exact
-and is left. No Lightning import: its classes are read where the user's program imported them.
+``_fit_impl`` in a launched worker), not from the closure's shape, which a Lightning release or a precision plugin of
+the user's own changes. From the optimizer's construction under that Trainer (``configure_optimizers``) and from each of
+its steps on, that method of the Trainer's precision plugin keeps this optimizer's clips for its next step
+(:class:`_KeptClips`), clipping nothing: Lightning clips nothing per rank (so never twice), and the step applies a clip
+by norm as ``max_grad_norm`` to the averaged gradient, on every rank alike, where it clipped the gradient the step
+takes: one made in the step's closure (automatic optimization: the default ``configure_gradient_clipping``) or before
+``step()`` on the very gradient it takes (a manual ``training_step``, Lightning's recipe; a precision plugin that runs
+the closure before ``step()``). A clip whose gradient was replaced before the step took it (a skipped step's, or one
+before a closure that computes the gradient again) is dropped; one followed by another backward is refused. Then the
+step checks what happened: a Trainer whose ``gradient_clip_val`` is set must have clipped this optimizer's step through
+that method where the step is one of Lightning's loop (its precision plugin's ``optimizer_step`` on the call stack; a
+callback's own ``opt.step()`` is one Lightning never clips), or the step raises (a clip it can neither see nor apply: a
+``configure_gradient_clipping`` that clips without ``self.clip_gradients``, a Lightning release that clips elsewhere).
+``gradient_clip_algorithm="value"``, two clips in one step and a clip with ``max_grad_norm`` also set are refused. The
+errors are raised in the step and held for its record: every rank raises together (the Trainer is configured alike on
+every rank). Elsewhere (DDP's averaged gradients under ``"none"``, one process) Lightning's own clip is exact and is
+left. No Lightning import: its classes are read where the user's program imported them.
 """
 
 from __future__ import annotations
@@ -139,20 +139,18 @@ def _missed(optimizer: Any, trainer: Any) -> ValueError:
 def routed_clip(optimizer: Any, trainer: Any) -> Iterator[list[float]]:
     """Around the step's run of its closure under ``trainer`` (:func:`running_trainer`): yields a list that receives
     the bound of the Lightning clip this step takes over (at most one), else stays empty: the clips kept since the
-    last step (:class:`_KeptClips`) made before ``step()`` that clipped the gradient the step takes, and those made
-    in the closure. Raises where the Trainer's ``gradient_clip_val`` was not taken over in a step of
+    last step (:class:`_KeptClips`: made in the closure, or before ``step()``) that clipped the gradient the step
+    takes, the closure having run. Raises where the Trainer's ``gradient_clip_val`` was not taken over in a step of
     Lightning's loop (see the module's text)."""
     keep_clips(optimizer, trainer)
     taken: list[float] = []
-    for (clip_val, algorithm), grads in optimizer.__dict__.pop("_kept_clips", []):  # (made before step())
-        if _still_clipped(optimizer, grads, clip_val):
-            _taken_clip(optimizer, taken, clip_val, algorithm)
     try:
         yield taken
-    finally:  # (made in the closure: this step's gradient; dropped where the closure raised)
-        made = optimizer.__dict__.pop("_kept_clips", [])
-    for (clip_val, algorithm), _ in made:
-        _taken_clip(optimizer, taken, clip_val, algorithm)
+    finally:  # (dropped where the closure raised)
+        kept = optimizer.__dict__.pop("_kept_clips", [])
+    for (clip_val, algorithm), grads in kept:  # after the closure: on the gradient the step takes
+        if _still_clipped(optimizer, grads, clip_val):
+            _taken_clip(optimizer, taken, clip_val, algorithm)
     # (a step of the user's own, e.g. a callback's opt.step(), is one Lightning never clips: nothing was missed)
     if not taken and getattr(trainer, "gradient_clip_val", None) and _plugin_steps(trainer, optimizer):
         raise _missed(optimizer, trainer)
@@ -207,7 +205,8 @@ def _grads_now(optimizer: Any) -> list[tuple[weakref.ref[Any], int] | None]:
 def _still_clipped(optimizer: Any, grads: list[tuple[weakref.ref[Any], int] | None], clip_val: Any) -> bool:
     """Whether a clip kept since ``grads`` (:func:`_grads_now`) applies to the gradient the step takes: the very
     tensors, unchanged (True); all replaced or dropped since (False: a skipped step's clip, whose gradient was
-    zeroed, ``zero_grad()``; in one process it clipped a gradient that no step took). Raises where some changed in
+    zeroed, ``zero_grad()``, or one before a step whose closure computes the gradient again; in one process it
+    clipped a gradient that no step took). Raises where some changed in
     place (a backward after the clip adds to it: one process clipped a part of the gradient, which the step cannot
     do on the averaged one)."""
     now = _grads_now(optimizer)
@@ -224,7 +223,7 @@ def _still_clipped(optimizer: Any, grads: list[tuple[weakref.ref[Any], int] | No
     if not changed and not (same and replaced):
         return not replaced
     raise ValueError(f"self.clip_gradients(gradient_clip_val={clip_val!r}) with {type(optimizer).__name__}: its "
-                     "gradient changed after the clip and before step() (a backward after the clip, or a "
+                     "gradient changed after the clip and before step() took it (a backward after the clip, or a "
                      f"zero_grad that kept the tensors). {_where(optimizer)}, so the clip is applied in step(), to the "
                      "gradient step() takes. Clip after the last backward of the step, right before opt.step().")
 

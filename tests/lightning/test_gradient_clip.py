@@ -272,6 +272,8 @@ class _ManualSkipsThenClips(_ManualSkips):
 class _ManualClipsInTheClosure(_ManualTwoOptimizers):
     """Manual optimization with a closure that clips after its backward: ``opt.step(closure=...)``."""
 
+    clips_in_the_closure = True
+
     def training_step(self, batch: Any, batch_idx: int) -> None:
         ours = self.optimizers()[0]
         x, y = batch
@@ -280,17 +282,30 @@ class _ManualClipsInTheClosure(_ManualTwoOptimizers):
             ours.zero_grad()
             loss = F.mse_loss(self(x), y)
             self.manual_backward(loss)
-            self.clip_gradients(ours, gradient_clip_val=CLIP, gradient_clip_algorithm="norm")
+            if self.clips_in_the_closure:
+                self.clip_gradients(ours, gradient_clip_val=CLIP, gradient_clip_algorithm="norm")
             return loss
 
+        if not self.clips_in_the_closure:
+            closure()
+            self.clip_gradients(ours, gradient_clip_val=CLIP, gradient_clip_algorithm="norm")
         ours.step(closure=closure)
 
 
-@pytest.mark.parametrize("module", [_ManualSkips, _ManualSkipsThenClips, _ManualClipsInTheClosure])
+class _ManualClipsThenRecomputes(_ManualClipsInTheClosure):
+    """Clips after its backward, then steps with a closure that computes the gradient again (``zero_grad``, a
+    backward) without clipping it: the step takes a gradient no clip touched."""
+
+    clips_in_the_closure = False
+
+
+@pytest.mark.parametrize("module", [_ManualSkips, _ManualSkipsThenClips, _ManualClipsInTheClosure,
+                                    _ManualClipsThenRecomputes])
 def test_manual_optimization_clips_the_step_they_were_made_for(module: type[TinyRegressor], tmp_path: Path) -> None:
     """A kept clip was applied at the optimizer's next step, whichever: a skipped step's clip clipped the next
     step, silently (or was refused with that step's own clip as 'clipped twice'), and a clip made in the step's
-    closure clipped the next step instead of its own, silently. A clip now applies to the gradient it clipped."""
+    closure clipped the next step instead of its own, silently; a clip before a step whose closure computes the
+    gradient again clipped that new gradient, silently. A clip now applies to the gradient it clipped."""
     ref = _fit(tmp_path / "one", 1, module=module)[0]["params"]
     for rec in _fit(tmp_path / "two", 2, module=module):
         torch.testing.assert_close(rec["params"], ref, rtol=1e-10, atol=1e-12)
