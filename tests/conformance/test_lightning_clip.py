@@ -10,6 +10,8 @@ float64, rtol 1e-10), or refused on every rank.
   off the one-process run in 4 steps, silently). A clip by norm is taken over and applied to the averaged gradient;
   a clip by value has no such equivalent and is refused, naming ``'norm'``, on every rank.
 - W = 2, ``grad_reduction="none"``: DDP averaged the gradients; Lightning's own clip is exact, by norm and value.
+- ``gradient_clip_val`` beside the optimizer's own ``max_grad_norm``: both clips, one after the other (W = 1,
+  ``"none"``); refused under ``"mean"``, where both would bound the averaged gradient's norm.
 
 An optimizer that never reads ``p.grad`` (EGN, ``StepNeeds.BATCH``) is refused on every rank, before any step.
 The W = 2 fits run inside one pair of processes per launch (the process group exists, Lightning's ``"ddp"``
@@ -30,14 +32,18 @@ from tests.harness.models import tiny_mlp
 
 pl = pytest.importorskip("lightning.pytorch", reason="the [lightning] extra is not installed")
 
+pytestmark = [pytest.mark.lightning, pytest.mark.timeout(900)]  # (the fixture's fits: about a minute at a load of 10)
+
 STEPS = 4
 BOUND = {"norm": 0.5, "value": 0.05}  # both bind from the first step on (checked against the unclipped run)
 CLIPPED = [s for s in SPECS if s.needs is not StepNeeds.BATCH]
 REFUSING = [s for s in SPECS if s.needs is StepNeeds.BATCH]
+MAX_GRAD_NORM = 0.3  # the optimizer's own bound beside gradient_clip_val (case "both")
 #: where the clip is asked for: the Trainer's gradient_clip_val, the module's configure_gradient_clipping, a manual
-#: training_step
+#: training_step; "both": gradient_clip_val and the optimizer's max_grad_norm (not for EGN, which has none)
 WHERE = ("trainer", "hook", "manual")
 CASES = [(where, algorithm) for where in WHERE for algorithm in BOUND]
+ALL_CASES = [*CASES, ("both", "norm")]
 LAUNCHES = ("mean", "none")
 
 
@@ -66,8 +72,9 @@ class _Module(pl.LightningModule):
         self.automatic_optimization = where != "manual"
 
     def configure_optimizers(self) -> Any:
-        extra = {} if self.reduction is None or not takes_kwarg(self.spec, "grad_reduction") else {
-            "grad_reduction": self.reduction}
+        extra: dict[str, Any] = {"max_grad_norm": MAX_GRAD_NORM} if self.where == "both" else {}
+        if self.reduction is not None and takes_kwarg(self.spec, "grad_reduction"):
+            extra["grad_reduction"] = self.reduction
         return self.spec.build(self.net, **{**self.spec.test_kwargs, **extra})
 
     def train_dataloader(self) -> Any:
@@ -102,7 +109,8 @@ def _fit(spec: OptimizerSpec, where: str, algorithm: str, out: Path, world: int 
     from lightning_soaa.lightning import BatchToOptimizer, LossToOptimizer
 
     module = (_ClipsInItsHook if where == "hook" else _Module)(spec, where, algorithm, reduction)
-    clip = {"gradient_clip_val": BOUND[algorithm], "gradient_clip_algorithm": algorithm} if where == "trainer" else {}
+    clip = ({"gradient_clip_val": BOUND[algorithm], "gradient_clip_algorithm": algorithm}
+            if where in ("trainer", "both") else {})
     # (under manual optimization the step is handed its batch: EGN's one-process step plan takes it there)
     callbacks = [LossToOptimizer(), *([BatchToOptimizer()] if where != "manual" else []),
                  *([_NoAveraging()] if reduction == "mean" else [])]
@@ -119,8 +127,9 @@ def _fit(spec: OptimizerSpec, where: str, algorithm: str, out: Path, world: int 
     return params(module.net)
 
 
-def _reference(spec: OptimizerSpec, algorithm: str | None) -> list[torch.Tensor]:
-    """One process, the spec's own driver, torch's clip of the full batch's gradient (None: no clip)."""
+def _reference(spec: OptimizerSpec, algorithm: str | None, also: float | None = None) -> list[torch.Tensor]:
+    """One process, the spec's own driver, torch's clip of the full batch's gradient (None: no clip); ``also``: then
+    by that norm too."""
     model = tiny_mlp(0, torch.float64, sizes=SIZES)
     opt = spec.build(model, **spec.test_kwargs)
 
@@ -129,6 +138,8 @@ def _reference(spec: OptimizerSpec, algorithm: str | None) -> list[torch.Tensor]
             torch.nn.utils.clip_grad_norm_(model.parameters(), BOUND["norm"])
         elif algorithm == "value":
             torch.nn.utils.clip_grad_value_(model.parameters(), BOUND["value"])
+        if also is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), also)
 
     for t in range(STEPS):
         spec.take_step(opt, model, *data(t), on_gradients=clip)
@@ -140,7 +151,7 @@ def _launch(rank: int, world: int, out: Path, reduction: str) -> dict[tuple[str,
     os.environ.update(LOCAL_RANK=str(rank), NODE_RANK="0", WORLD_SIZE=str(world))
     return {(spec.name, where, algorithm): _fit(spec, where, algorithm, out / f"{spec.name}-{where}-{algorithm}",
                                                 world, reduction)
-            for spec in SPECS for where, algorithm in CASES}
+            for spec in SPECS for where, algorithm in (ALL_CASES if spec in CLIPPED else CASES)}
 
 
 @pytest.fixture(scope="module")
@@ -148,30 +159,38 @@ def fits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[tuple[
     """Per launch (W = 1 in this process, W = 2 under each reduction), each rank's results."""
     tmp = tmp_path_factory.mktemp("lightning_clip")
     out: dict[str, list[dict[tuple[str, str, str], Any]]] = {
-        "W1": [{(s.name, w, a): _fit(s, w, a, tmp / f"{s.name}-{w}-{a}") for s in SPECS for w, a in CASES}]}
+        "W1": [{(s.name, w, a): _fit(s, w, a, tmp / f"{s.name}-{w}-{a}") for s in SPECS
+                for w, a in (ALL_CASES if s in CLIPPED else CASES)}]}
     for reduction in LAUNCHES:
-        out[f"W2-{reduction}"] = run_distributed(_launch, 2, tmp, tmp / reduction, reduction, timeout=600.0)
+        out[f"W2-{reduction}"] = run_distributed(_launch, 2, tmp, tmp / reduction, reduction, timeout=300.0)
     return out
 
 
 @pytest.mark.parametrize("launch", ["W1", *(f"W2-{r}" for r in LAUNCHES)])
-@pytest.mark.parametrize("where,algorithm", CASES, ids=[f"{w}-{a}" for w, a in CASES])
+@pytest.mark.parametrize("where,algorithm", ALL_CASES, ids=[f"{w}-{a}" for w, a in ALL_CASES])
 @pytest.mark.parametrize("spec", CLIPPED, ids=[s.name for s in CLIPPED])
 def test_lightning_clip_equals_one_process_clip(spec: OptimizerSpec, where: str, algorithm: str, launch: str,
                                                 fits: dict[str, list[dict[tuple[str, str, str], Any]]]) -> None:
-    ref = _reference(spec, algorithm)
+    ref = _reference(spec, algorithm, MAX_GRAD_NORM if where == "both" else None)
     unclipped = _reference(spec, None)
     assert max(float((a - b).abs().max()) for a, b in zip(ref, unclipped)) > 1e-3  # the clip binds
-    results = [r[(spec.name, where, algorithm)] for r in fits[launch]]
-    if launch == "W2-mean" and algorithm == "value":
-        for rank, res in enumerate(results):
-            assert isinstance(res, str) and "gradient_clip_algorithm='value'" in res and "Must be 'norm'" in res, (
-                rank, res)
-            assert not res.endswith("changed]"), (rank, res)
-        return
-    for rank, res in enumerate(results):
-        assert not isinstance(res, str), f"rank {rank} raised {res}"
-        assert_close(res, ref, f"{spec.name} {where} {algorithm} {launch} rank {rank} params")
+    needles = _refusal(where, algorithm, launch)
+    for rank, res in enumerate(r[(spec.name, where, algorithm)] for r in fits[launch]):
+        if needles:
+            assert isinstance(res, str) and all(n in res for n in needles) and not res.endswith("changed]"), (rank, res)
+        else:
+            assert not isinstance(res, str), f"rank {rank} raised {res}"
+            assert_close(res, ref, f"{spec.name} {where} {algorithm} {launch} rank {rank} params")
+
+
+def _refusal(where: str, algorithm: str, launch: str) -> tuple[str, ...]:
+    """What every rank's error says where the case is refused; () where it trains. Under "mean" at W > 1 the clip
+    is taken over to the averaged gradient, which has no equivalent of a clip by value, and one bound."""
+    if launch != "W2-mean":
+        return ()
+    if algorithm == "value":
+        return "gradient_clip_algorithm='value'", "Must be 'norm'"
+    return ("gradient_clip_val=0.5 and", "max_grad_norm are both set") if where == "both" else ()
 
 
 @pytest.mark.parametrize("launch", ["W1", *(f"W2-{r}" for r in LAUNCHES)])

@@ -6,7 +6,7 @@ the one-process run. The guarantee itself (``gradient_clip_val``, ``configure_gr
 conformance battery (tests/conformance/test_lightning_clip.py). Here, with AdamW (the route is the base class's,
 the same for every optimizer): the precision plugins and closures of other shapes (one that runs the closure before
 ``step()`` included), the refusals of a clip the step cannot take over (made without ``clip_gradients``, on some
-ranks only, twice, besides ``max_grad_norm``), a step of the user's own, copies of the plugin, and the manual clips
+ranks only, twice), a step of the user's own, copies of the plugin, and the manual clips
 of skipped steps."""
 
 import copy
@@ -146,15 +146,6 @@ class _ClipsTwice(TinyRegressor):
 def test_two_clips_in_one_step_are_refused(tmp_path: Path) -> None:
     with pytest.raises(Exception, match=r"clipped ShardedAdamW's gradients twice in one step.*0.3, then 0.6"):
         _fit(tmp_path, 2, module=_ClipsTwice)
-
-
-def test_gradient_clip_val_with_max_grad_norm_is_refused(tmp_path: Path) -> None:
-    model = TinyRegressor(OptimizerFactory("lightning_soaa.AdamW", {"lr": 0.05, "grad_reduction": "mean",
-                                                                    "max_grad_norm": 1.0}), batch_size=4)
-    trainer = make_trainer(tmp_path, devices=2, max_steps=2, gradient_clip_val=CLIP,
-                           callbacks=[LossToOptimizer(), _NoAveraging()])
-    with pytest.raises(Exception, match=r"gradient_clip_val=0.3 and ShardedAdamW's max_grad_norm are both set"):
-        trainer.fit(model)
 
 
 class _ManualTwoOptimizers(TinyRegressor):
