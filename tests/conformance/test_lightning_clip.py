@@ -14,8 +14,8 @@ float64, rtol 1e-10), or refused on every rank.
   ``"none"``); refused under ``"mean"``, where both would bound the averaged gradient's norm.
 
 An optimizer that never reads ``p.grad`` (EGN, ``StepNeeds.BATCH``) is refused on every rank, before any step.
-The W = 2 fits run inside one pair of processes per launch (the process group exists, Lightning's ``"ddp"``
-joins it), every optimizer and case in turn: Lightning's own launcher forks two processes for each fit.
+The W = 2 fits run inside one pair of processes (the process group exists, Lightning's ``"ddp"`` joins it), every
+reduction, optimizer and case in turn: Lightning's own launcher forks two processes for each fit.
 """
 
 import os
@@ -146,12 +146,13 @@ def _reference(spec: OptimizerSpec, algorithm: str | None, also: float | None = 
     return params(model)
 
 
-def _launch(rank: int, world: int, out: Path, reduction: str) -> dict[tuple[str, str, str], Any]:
-    """Every optimizer and case in turn, in this pair of processes (Lightning's ``"ddp"`` joins the group)."""
+def _launch(rank: int, world: int, out: Path) -> dict[str, dict[tuple[str, str, str], Any]]:
+    """Every reduction, optimizer and case in turn, in this pair of processes (Lightning's ``"ddp"`` joins the
+    group)."""
     os.environ.update(LOCAL_RANK=str(rank), NODE_RANK="0", WORLD_SIZE=str(world))
-    return {(spec.name, where, algorithm): _fit(spec, where, algorithm, out / f"{spec.name}-{where}-{algorithm}",
-                                                world, reduction)
-            for spec in SPECS for where, algorithm in (ALL_CASES if spec in CLIPPED else CASES)}
+    return {f"W2-{reduction}": {(s.name, w, a): _fit(s, w, a, out / f"{reduction}-{s.name}-{w}-{a}", world, reduction)
+                                for s in SPECS for w, a in (ALL_CASES if s in CLIPPED else CASES)}
+            for reduction in LAUNCHES}
 
 
 @pytest.fixture(scope="module")
@@ -161,9 +162,8 @@ def fits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[tuple[
     out: dict[str, list[dict[tuple[str, str, str], Any]]] = {
         "W1": [{(s.name, w, a): _fit(s, w, a, tmp / f"{s.name}-{w}-{a}") for s in SPECS
                 for w, a in (ALL_CASES if s in CLIPPED else CASES)}]}
-    for reduction in LAUNCHES:
-        out[f"W2-{reduction}"] = run_distributed(_launch, 2, tmp, tmp / reduction, reduction, timeout=300.0)
-    return out
+    ranks = run_distributed(_launch, 2, tmp, tmp / "W2", timeout=300.0)
+    return {**out, **{launch: [r[launch] for r in ranks] for launch in ranks[0]}}
 
 
 @pytest.mark.parametrize("launch", ["W1", *(f"W2-{r}" for r in LAUNCHES)])
