@@ -150,7 +150,8 @@ class ShardingConfig:
             the step (with a warning, as for any non-finite value), so give every rank a sample. With
             ``"mean"`` the ranks must start from the same weights (the optimizer does not broadcast them,
             as DDP does at wrap): replicas that differ raise on every rank at the first step after
-            construction or ``load_state_dict``.
+            construction or ``load_state_dict``; with ``"none"`` too (weights loaded on rank 0 only after
+            DDP's wrap).
     """
 
     shard: bool = True

@@ -1961,14 +1961,15 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     def _checks_replicas(self) -> bool:
         """Whether the parameters must be compared across ranks at the first step after construction or
-        ``load_state_dict``: sharded W > 1 ranks with ``grad_reduction="mean"`` update each block from its
-        owner's copy and hand it to every rank, so replicas that started different (another seed per
-        rank and no broadcast, which DDP would have made at wrap) end equal but as a mix of each owner's
-        blocks, silently; so do an FSDP2 model's plain parameters, which would stay apart. With ``"none"`` the
-        gradient comparison catches it; FSDP2 shards and ``shard=False`` partitions are not replicas."""
-        return (self.sharding.grad_reduction == "mean" and (
-            (self._sharded_multi_rank() and self._dtensor is None) or self._has_fsdp2_replicas())
-        ) or self._checks_partitions()
+        ``load_state_dict``: sharded W > 1 ranks update each block from its owner's copy and hand it to every
+        rank, so replicas that started different (another seed per rank and no broadcast) end equal but as a
+        mix of each owner's blocks, silently (EGN, whose ranks apply one step each to their own copy, keeps
+        them apart); an FSDP2 model's plain parameters would stay apart. With either ``grad_reduction``: under
+        ``"none"`` the gradient comparison does not see replicas whose gradients were averaged (DDP broadcasts
+        rank 0's weights when it wraps the model only, so weights loaded on rank 0 alone after the wrap trained
+        as such a mix, 0.09-0.11 off one process in 4 steps). One read of the parameters per construction or
+        load. FSDP2 shards and ``shard=False`` partitions are not replicas."""
+        return self._checks_moved() or self._checks_partitions()
 
     #: True where the step's global sums add up parts of one model (SOAA's trust region): with
     #: ``shard=False`` each rank's parameters must be its own partition, and a model replicated on every
@@ -2195,16 +2196,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             self._moved_recheck = True  # (already: the check a refused in-place change forced, see _moved_error)
             raise self._resync_error(verdict)
         if verdict.param_ranks and not self._checks_partitions():
-            raise RuntimeError(
-                f"{name}.step: the parameters on rank(s) {verdict.param_ranks} differ from rank 0's at the "
-                "first step after construction or load_state_dict. With grad_reduction='mean' every rank "
-                f"must start from the same weights ({self._replicas_why()}). "
-                "Broadcast the initial weights (seed identically on every rank before building the model, "
-                "or torch.distributed.broadcast(p.data, src=0) for every parameter)"
-                + (", or load the same checkpoint on every rank" if self._dtensor is not None else
-                   " or wrap the model in DistributedDataParallel (it broadcasts at wrap) with grad_reduction='none'")
-                + ". Nothing changed."
-            )
+            raise self._replica_error(verdict.param_ranks)
         if verdict.moved_ranks:  # after the replica check, which names the cure of a whole differing replica
             # the next step compares the whole parameters (on every rank: the verdict is the same everywhere)
             self._moved_recheck = True
@@ -2234,6 +2226,37 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 "Nothing changed."
                 + fused
             )
+
+    def _replica_error(self, ranks: list[int]) -> RuntimeError:
+        """The error of the replica check due at the first step after construction or ``load_state_dict``
+        (:meth:`_checks_replicas`), naming the first parameter that differs (:meth:`_param_difference`)."""
+        ddp = ("load the same checkpoint on every rank" if self._dtensor is not None else
+               "wrap the model in DistributedDataParallel (it broadcasts at wrap) with grad_reduction='none'"
+               if self.sharding.grad_reduction == "mean" else "under DistributedDataParallel, which broadcasts "
+               "rank 0's weights only when it wraps the model, load or change weights after the wrap on every "
+               "rank, not on rank 0 only")
+        return RuntimeError(
+            f"{type(self).__name__}.step: the parameters on rank(s) {ranks} differ from rank 0's"
+            f"{self._param_difference(ranks)} at the first step after construction or load_state_dict. Every "
+            f"rank must start from the same weights ({self._replicas_why()}). Broadcast the initial weights "
+            "(seed identically on every rank before building the model, or torch.distributed.broadcast(p.data, "
+            f"src=0) for every parameter) or {ddp}. A forward that changes its own weights in place on each "
+            "rank's batch makes them differ too: nn.Embedding / nn.EmbeddingBag built with max_norm (build it "
+            "without max_norm and renormalise the whole table after step(), the same way on every rank, or "
+            "freeze it). Nothing changed."
+        )
+
+    def _param_difference(self, ranks: list[int]) -> str:
+        """`` (first: parameter 'w' on rank r)``: the first parameter whose bits one of ``ranks`` holds otherwise than
+        rank 0 (:func:`agreement.param_digest` of each), or '' where no rank could tell. Every rank calls it: one more
+        collective, on this error path only, as :meth:`_grad_difference`."""
+        index, params = self._replica_params()
+        by_rank = self._gather_detail(lambda: [agreement.param_digest([p]) for p in params])
+        for r in (r for r in ranks if by_rank[r] is not None and by_rank[0] is not None):
+            j = next((j for j, (a, b) in enumerate(zip(by_rank[0], by_rank[r])) if a != b), None)
+            if j is not None:
+                return f" (first: parameter {self._moved_label(index[j])} on rank {r})"
+        return ""
 
     def _grad_difference(self, ranks: list[int]) -> str:
         """`` (first: parameter 'w', ‖g‖² A on rank 0, B on rank r)``: the first compared gradient in which one of

@@ -1649,6 +1649,55 @@ def test_replicas_that_differ_under_mean_raise_on_every_rank(tmp_path: Path, nam
         assert "different steps" in out["same_step"] and "rank(s) [1]" in out["same_step"], (r, out)
 
 
+def _w_replicas_differ_under_ddp(rank: int, world: int, name: str) -> dict[str, Any]:
+    """grad_reduction="none": DDP broadcasts rank 0's weights when it wraps the model only, and rank 0 alone
+    then loads other weights (a resume on rank 0 only) before the first step; EGN (no DDP: it differentiates
+    the module) is built from another seed on each rank. The first step, the step again after a broadcast,
+    and one more."""
+    spec = get(name)
+    own = spec.needs is StepNeeds.BATCH
+    model = tiny_mlp(sizes=SIZES, seed=rank if own else 0)
+    opt = _build(name, model)
+    net = model if own else nn.parallel.DistributedDataParallel(model)
+    if rank == 0 and not own:
+        model.load_state_dict(tiny_mlp(sizes=SIZES, seed=5).state_dict())
+    before = _params(model)
+    out: dict[str, Any] = {"first": _error(lambda: spec.take_step(opt, net, *_replica_batch(0, rank)))}
+    out["unchanged"] = _unchanged(before, model)
+    _broadcast(model)  # what the message asks for
+    for t in range(2):
+        spec.take_step(opt, net, *_replica_batch(t, rank))
+    out["params"] = _params(model)
+    return out
+
+
+def _replica_batch(t: int, rank: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank ``rank``'s batch of step ``t``; ``None``: both ranks' together (the one-process reference's)."""
+    parts = [batch(t, r, n=4, d_in=SIZES[0], d_out=SIZES[-1]) for r in ((0, 1) if rank is None else (rank,))]
+    return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_replicas_that_differ_under_none_raise_on_every_rank(tmp_path: Path, name: str) -> None:
+    """With grad_reduction="none" the parameters were not compared at the first step, since the gradient
+    comparison was taken to catch replicas that differ. It does not where the gradients were averaged: DDP
+    averages gradients taken at different weights alike on every rank. A rank-0-only load after the wrap
+    became a mix of each owner's blocks (0.09-0.11 off the one-process run in 4 steps, ranks bit-equal), and
+    EGN's replicas, built from another seed per rank, stayed apart for good (1.36 after 3 steps), silently.
+    Now every rank raises at that step, nothing changed; after a broadcast they train as one process."""
+    spec = get(name)
+    model = tiny_mlp(sizes=SIZES, seed=0 if spec.needs is StepNeeds.BATCH else 5)
+    opt = _build(name, model)
+    for t in range(2):
+        spec.take_step(opt, model, *_replica_batch(t, None))
+    for r, out in enumerate(run_distributed(_w_replicas_differ_under_ddp, 2, tmp_path, name, timeout=60)):
+        assert "parameters on rank(s) [1] differ from rank 0's (first: parameter '0.weight' on rank 1)" in out[
+            "first"] and "rank 0 only" in out["first"], (r, out)
+        assert out["unchanged"], f"rank {r}: parameters changed by a refused step"
+        for a, b in zip(out["params"], model.parameters()):
+            torch.testing.assert_close(a, b.detach(), rtol=1e-10, atol=1e-12)
+
+
 def _w_changed_on_one_rank(rank: int, world: int, name: str) -> dict[str, Any]:
     model = tiny_mlp(sizes=SIZES)
     spec = get(name)
