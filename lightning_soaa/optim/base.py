@@ -2197,9 +2197,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
             raise self._resync_error(verdict)
         if verdict.param_ranks and not self._checks_partitions():
             raise self._replica_error(verdict.param_ranks)
-        if verdict.moved_ranks:  # after the replica check, which names the cure of a whole differing replica
-            # the next step compares the whole parameters (on every rank: the verdict is the same everywhere)
-            self._moved_recheck = True
+        # after the replica check, which names the cure of a whole differing replica; the verdict is the same on
+        # every rank, so every rank joins _replicas_agree's collective
+        if verdict.moved_ranks and not self._replicas_agree():
+            self._moved_recheck = True  # the next step compares the whole parameters (on every rank)
             raise self._moved_error(verdict)
         if verdict.grad_ranks:
             # a step fused into the backward (a post-accumulate-grad hook) runs before DDP's all-reduce
@@ -2245,6 +2246,14 @@ class ShardedOptimizer(torch.optim.Optimizer):
             "without max_norm and renormalise the whole table after step(), the same way on every rank, or "
             "freeze it). Nothing changed."
         )
+
+    def _replicas_agree(self) -> bool:
+        """Whether every rank holds the same replicas (:meth:`_replica_params`), bit for bit, asked where
+        the ranks changed parameters in place differently since the last step: a rank that swapped EMA weights
+        in for an evaluation and its own back, alone, moved version counters there only, and every rank raised
+        although nothing differed. One more collective, on that path only."""
+        digests = self._gather_detail(lambda: agreement.param_digest(self._replica_params()[1]))
+        return None not in digests and len(set(digests)) == 1
 
     def _param_difference(self, ranks: list[int]) -> str:
         """`` (first: parameter 'w' on rank r)``: the first parameter whose bits one of ``ranks`` holds otherwise than
