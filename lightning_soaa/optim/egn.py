@@ -1178,6 +1178,11 @@ class EGN(ShardedOptimizer):
             if closure is not None:
                 with torch.enable_grad(), caller_autocast(self), watch:
                     closure_value = closure()
+                # a clip made in the closure (a manual opt.step(closure) that clips, on_before_optimizer_step): this
+                # step's, refused before it changes anything (at the next step, this one had gone on unclipped)
+                unread = unread_clip_error(self)
+                if unread is not None:
+                    raise unread
             if inputs is None and targets is None:
                 if pending is not None:  # set_batch() wins; a closure then only supplies the returned loss
                     inputs, targets = pending

@@ -1,8 +1,8 @@
 """Lightning's gradient clipping with every registered optimizer: ``Trainer(gradient_clip_val=...)``,
 ``self.clip_gradients`` in the module's ``configure_gradient_clipping``, and ``self.clip_gradients(opt, ...)`` in
-a manual-optimization ``training_step`` (Lightning's recipe), each by norm and by value, equal to one process
-clipping the full batch's gradient with torch (``clip_grad_norm_`` / ``clip_grad_value_``, then ``step()``;
-float64, rtol 1e-10), or refused on every rank.
+a manual-optimization ``training_step`` (Lightning's recipe) or in the closure it hands ``opt.step(closure)``, each
+by norm and by value, equal to one process clipping the full batch's gradient with torch (``clip_grad_norm_`` /
+``clip_grad_value_``, then ``step()``; float64, rtol 1e-10), or refused on every rank.
 
 - W = 1: Lightning clips the gradient the step reads; the optimizer takes nothing over.
 - W = 2, ``grad_reduction="mean"`` (DDP's averaging switched off by a communication hook that leaves each rank its
@@ -40,8 +40,10 @@ CLIPPED = [s for s in SPECS if s.needs is not StepNeeds.BATCH]
 REFUSING = [s for s in SPECS if s.needs is StepNeeds.BATCH]
 MAX_GRAD_NORM = 0.3  # the optimizer's own bound beside gradient_clip_val (case "both")
 #: where the clip is asked for: the Trainer's gradient_clip_val, the module's configure_gradient_clipping, a manual
-#: training_step; "both": gradient_clip_val and the optimizer's max_grad_norm (not for EGN, which has none)
-WHERE = ("trainer", "hook", "manual")
+#: training_step before opt.step() ("manual") or in the closure it hands opt.step ("closure", which the step runs);
+#: "both": gradient_clip_val and the optimizer's max_grad_norm (not for EGN, which has none)
+WHERE = ("trainer", "hook", "manual", "closure")
+MANUAL = ("manual", "closure")
 CASES = [(where, algorithm) for where in WHERE for algorithm in BOUND]
 ALL_CASES = [*CASES, ("both", "norm")]
 LAUNCHES = ("mean", "none")
@@ -69,7 +71,7 @@ class _Module(pl.LightningModule):
         super().__init__()
         self.net = tiny_mlp(0, torch.float64, sizes=SIZES)
         self.spec, self.where, self.algorithm, self.reduction = spec, where, algorithm, reduction
-        self.automatic_optimization = where != "manual"
+        self.automatic_optimization = where not in MANUAL
 
     def configure_optimizers(self) -> Any:
         extra: dict[str, Any] = {"max_grad_norm": MAX_GRAD_NORM} if self.where == "both" else {}
@@ -87,10 +89,19 @@ class _Module(pl.LightningModule):
         if self.automatic_optimization:
             return loss
         opt = self.optimizers()
-        opt.zero_grad()
-        self.manual_backward(loss)
-        self.clip_gradients(opt, gradient_clip_val=BOUND[self.algorithm], gradient_clip_algorithm=self.algorithm)
-        opt.step(**({"inputs": x, "targets": y} if self.spec.needs is StepNeeds.BATCH else {}))
+        batch_kw = {"inputs": x, "targets": y} if self.spec.needs is StepNeeds.BATCH else {}
+
+        def backward_and_clip() -> torch.Tensor:
+            opt.zero_grad()
+            self.manual_backward(loss)
+            self.clip_gradients(opt, gradient_clip_val=BOUND[self.algorithm], gradient_clip_algorithm=self.algorithm)
+            return loss.detach()
+
+        if self.where == "closure":  # (the closure runs inside the step: its clip too)
+            opt.step(backward_and_clip, **batch_kw)
+        else:
+            backward_and_clip()
+            opt.step(**batch_kw)
         return None
 
 
@@ -112,7 +123,7 @@ def _fit(spec: OptimizerSpec, where: str, algorithm: str, out: Path, world: int 
     clip = ({"gradient_clip_val": BOUND[algorithm], "gradient_clip_algorithm": algorithm}
             if where in ("trainer", "both") else {})
     # (under manual optimization the step is handed its batch: EGN's one-process step plan takes it there)
-    callbacks = [LossToOptimizer(), *([BatchToOptimizer()] if where != "manual" else []),
+    callbacks = [LossToOptimizer(), *([BatchToOptimizer()] if where not in MANUAL else []),
                  *([_NoAveraging()] if reduction == "mean" else [])]
     trainer = pl.Trainer(accelerator="cpu", devices=world, strategy="ddp" if world > 1 else "auto",
                          max_steps=STEPS, precision="64-true", logger=False, enable_checkpointing=False,
