@@ -320,3 +320,27 @@ def test_a_manual_clip_before_another_backward_is_refused(tmp_path: Path) -> Non
     the step clipped the whole averaged gradient, silently."""
     with pytest.raises(Exception, match="its gradient changed after the clip and before step"):
         _fit(tmp_path, 2, module=_ManualBackwardAfterTheClip)
+
+
+class _ManualClips(_ManualTwoOptimizers):
+    """Lightning's manual recipe for the optimizer under test alone (torch's SGD steps unclipped)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        ours, sgd, loss = self._backward(batch)
+        self.clip_gradients(ours, gradient_clip_val=CLIP, gradient_clip_algorithm="norm")
+        ours.step()
+        sgd.step()
+        return loss
+
+
+@pytest.mark.parametrize("module", [TinyRegressor, _ManualClips])
+def test_a_clip_under_a_grad_scaler_is_left_to_lightnings_refusal(module: type[TinyRegressor], tmp_path: Path) -> None:
+    """Under a GradScaler ("16-mixed" with a scaler) one process clips the scaled gradient under manual optimization
+    and Lightning refuses any clip of an optimizer that unscales in step(): the stand-in passes the clip to Lightning,
+    which refuses it on every rank (taken over, it would have clipped the unscaled, averaged gradient)."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    plugin = MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))
+    with pytest.raises(Exception, match=r"does not allow for gradient clipping"):
+        _fit(tmp_path, 2, module=module, precision=None, plugins=[plugin],
+             gradient_clip_val=CLIP if module is TinyRegressor else None)
