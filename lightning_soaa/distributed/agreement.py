@@ -79,6 +79,7 @@ __all__ = [
     "MOVED_FIRST_SLOT",
     "moved_digest",
     "param_digest",
+    "param_sums",
     "instance_id",
     "RECORD_SLOTS",
     "ERROR_SLOT",
@@ -633,7 +634,13 @@ def grad_sq_exact(grads: Sequence[Tensor]) -> float:
 
 
 def param_digest(params: Sequence[Tensor]) -> int:
-    """A 48-bit digest of the parameters' bits, the same on every rank that holds the same values.
+    """A 48-bit digest of the parameters' bits (:func:`param_sums`), the same on every rank that holds the same
+    values."""
+    return _digest(canonical(param_sums(params)))
+
+
+def param_sums(params: Sequence[Tensor]) -> list[int]:
+    """Each parameter's sum of its elements' mixed bits, the same on every rank that holds the same values.
 
     Each element's bits (a complex one's real and imaginary parts) are read as an integer, mixed with its
     position (:func:`_mixed_sum`) and summed modulo 2^64: integer addition is exact and associative, so the
@@ -651,8 +658,7 @@ def param_digest(params: Sequence[Tensor]) -> int:
         elif x.dtype == torch.float64:
             x = x.view(torch.int64)
         sums.append(_mixed_sum(x))
-    values = torch.stack([s.to(sums[0].device) for s in sums]).tolist() if sums else []  # one host copy
-    return _digest(canonical(values))
+    return torch.stack([s.to(sums[0].device) for s in sums]).tolist() if sums else []  # one host copy
 
 
 def moved_digest(indices: Sequence[int], params: Sequence[Tensor]) -> int:

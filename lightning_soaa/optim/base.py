@@ -2133,18 +2133,15 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def _moved_label(self, i: int) -> str:
         return (repr(self._names[i]) if self._names[i] else f"#{i}") if 0 <= i < len(self._names) else "?"
 
-    def _moved_error(self, verdict: agreement.StepVerdict) -> RuntimeError:
+    def _moved_error(self, verdict: agreement.StepVerdict, differ: tuple[list[int], int]) -> RuntimeError:
         """The error of a step whose parameters were changed in place differently across ranks. The next step
         compares the whole parameters across ranks (the replica check): a retry after the ranks were made equal
         again (a broadcast of ``p.data`` moves no version counter) is judged by their values. Raised on every
         rank from the same verdict, so the next step's check is due on every rank (:meth:`_raise_disagreement`)."""
-        label = self._moved_label(verdict.moved_first)
-        which = (f"parameter {label} was changed in place since the last step, outside the optimizer, on some "
-                 f"ranks only (rank(s) {verdict.moved_ranks} differ from rank 0 in what was changed)"
-                 if verdict.moved_first_differs else
-                 f"parameters were changed in place since the last step, outside the optimizer, and on rank(s) "
-                 f"{verdict.moved_ranks} they now differ from rank 0's: parameter {label}, the first changed (on "
-                 "every rank), or one changed after it (which one differs is not known here)")
+        ranks, first = differ  # (:meth:`_replicas_differ`: the whole parameters compared, which names the one)
+        which = (f"parameters were changed in place since the last step, outside the optimizer, otherwise on "
+                 f"rank(s) {verdict.moved_ranks} than on rank 0, and the parameters on rank(s) {ranks} now differ "
+                 f"from rank 0's (first: parameter {self._moved_label(first)})")
         why = self._replicas_why()
         return RuntimeError(
             f"{type(self).__name__}.step: {which}. {why[0].upper()}{why[1:]}. "
@@ -2198,10 +2195,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if verdict.param_ranks and not self._checks_partitions():
             raise self._replica_error(verdict.param_ranks)
         # after the replica check, which names the cure of a whole differing replica; the verdict is the same on
-        # every rank, so every rank joins _replicas_agree's collective
-        if verdict.moved_ranks and not self._replicas_agree():
+        # every rank, so every rank joins _replicas_differ's collective
+        differ = self._replicas_differ() if verdict.moved_ranks else None
+        if differ is not None:
             self._moved_recheck = True  # the next step compares the whole parameters (on every rank)
-            raise self._moved_error(verdict)
+            raise self._moved_error(verdict, differ)
         if verdict.grad_ranks:
             # a step fused into the backward (a post-accumulate-grad hook) runs before DDP's all-reduce
             fused = (" This step runs inside a backward pass (fused into it by a gradient hook): there it "
@@ -2238,7 +2236,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                "rank, not on rank 0 only")
         return RuntimeError(
             f"{type(self).__name__}.step: the parameters on rank(s) {ranks} differ from rank 0's"
-            f"{self._param_difference(ranks)} at the first step after construction or load_state_dict. Every "
+            f"{self._param_difference()} at the first step after construction or load_state_dict. Every "
             f"rank must start from the same weights ({self._replicas_why()}). Broadcast the initial weights "
             "(seed identically on every rank before building the model, or torch.distributed.broadcast(p.data, "
             f"src=0) for every parameter) or {ddp}. A forward that changes its own weights in place on each "
@@ -2247,25 +2245,30 @@ class ShardedOptimizer(torch.optim.Optimizer):
             "freeze it). Nothing changed."
         )
 
-    def _replicas_agree(self) -> bool:
-        """Whether every rank holds the same replicas (:meth:`_replica_params`), bit for bit, asked where
-        the ranks changed parameters in place differently since the last step: a rank that swapped EMA weights
-        in for an evaluation and its own back, alone, moved version counters there only, and every rank raised
-        although nothing differed. One more collective, on that path only."""
-        digests = self._gather_detail(lambda: agreement.param_digest(self._replica_params()[1]))
-        return None not in digests and len(set(digests)) == 1
-
-    def _param_difference(self, ranks: list[int]) -> str:
-        """`` (first: parameter 'w' on rank r)``: the first parameter whose bits one of ``ranks`` holds otherwise than
-        rank 0 (:func:`agreement.param_digest` of each), or '' where no rank could tell. Every rank calls it: one more
-        collective, on this error path only, as :meth:`_grad_difference`."""
+    def _replicas_differ(self) -> tuple[list[int], int] | None:
+        """``(the ranks whose replicas (:meth:`_replica_params`) differ from rank 0's bits, the index of the first
+        parameter that differs, -1 where no rank could tell)``, or None where every rank holds the same. Asked where
+        the ranks changed parameters in place differently since the last step (a rank that swapped EMA weights in
+        for an evaluation and its own back, alone, moved version counters there only although nothing differs)
+        and to name a differing replica. One collective (each rank's :func:`agreement.param_sums`), on those paths
+        only; every rank asks, from the same verdict."""
         index, params = self._replica_params()
-        by_rank = self._gather_detail(lambda: [agreement.param_digest([p]) for p in params])
-        for r in (r for r in ranks if by_rank[r] is not None and by_rank[0] is not None):
-            j = next((j for j, (a, b) in enumerate(zip(by_rank[0], by_rank[r])) if a != b), None)
-            if j is not None:
-                return f" (first: parameter {self._moved_label(index[j])} on rank {r})"
-        return ""
+        by_rank = self._gather_detail(lambda: agreement.param_sums(params))
+        ranks = [r for r in range(1, len(by_rank)) if by_rank[0] is None or by_rank[r] != by_rank[0]]
+        if not ranks:
+            return None
+        first = next((j for r in ranks if by_rank[r] is not None and by_rank[0] is not None
+                      for j, (a, b) in enumerate(zip(by_rank[0], by_rank[r], strict=True)) if a != b), None)
+        return ranks, (-1 if first is None else index[first])
+
+    def _param_difference(self) -> str:
+        """`` (first: parameter 'w' on rank r)``: the first parameter whose bits a rank holds otherwise than rank 0
+        (:meth:`_replicas_differ`), or '' where no rank could tell. Every rank calls it: one more collective, on
+        this error path only, as :meth:`_grad_difference`."""
+        differ = self._replicas_differ()
+        if differ is None or differ[1] < 0:
+            return ""
+        return f" (first: parameter {self._moved_label(differ[1])} on rank {differ[0][0]})"
 
     def _grad_difference(self, ranks: list[int]) -> str:
         """`` (first: parameter 'w', ‖g‖² A on rank 0, B on rank r)``: the first compared gradient in which one of

@@ -102,6 +102,26 @@ def _run_put_back(spec: OptimizerSpec, rank: int, world: int) -> dict[str, Any]:
     return {"error": None, "params": params(model)}
 
 
+def _run_put_back_and_change(spec: OptimizerSpec, rank: int, world: int) -> str | None:
+    """Rank 1 alone swaps other weights into the first parameter and its own back, and changes the last: the error
+    of the step after that."""
+    model, opt = make(spec)
+    average = world > 1 and spec.needs is not StepNeeds.BATCH
+    for t in range(STEPS):
+        if t == CHANGED_AFTER + 1 and rank == 1:
+            first = next(iter(model.parameters()))
+            with torch.no_grad():
+                kept = first.clone()
+                first.mul_(0.5)
+                first.copy_(kept)
+            _change(model, rank, alike=False)
+        try:
+            step(spec, model, opt, t, rank=rank, world=world, average=average)
+        except RuntimeError as e:
+            return str(e)
+    return None
+
+
 def _resync_and_train(spec: OptimizerSpec, model: nn.Module, opt: Any, rank: int, world: int,
                       average: bool) -> dict[str, Any]:
     """After the refusals: rank 0's parameters broadcast into every rank's ``p.data`` (no version counter moves:
@@ -155,6 +175,7 @@ def _worker(rank: int, world: int) -> dict[str, dict[str, Any]]:
                           "alike": _run_change(spec, rank, world, alike=True),
                           "alike_then_one_rank": _run_alike_then_one_rank(spec, rank, world),
                           "put_back": _run_put_back(spec, rank, world),
+                          "put_back_and_change": _run_put_back_and_change(spec, rank, world),
                           "max_norm": None if spec.first_arg is FirstArg.MODULE else _run_max_norm(spec, rank, world)}
     return out
 
@@ -169,7 +190,7 @@ def test_a_change_on_one_rank_is_refused_on_every_rank(spec: OptimizerSpec, laun
     for rank, res in enumerate(launch):
         got = res[spec.name]["one_rank"]
         assert got["error"] is not None, f"rank {rank}: a parameter changed on rank 1 only was stepped"
-        assert "was changed in place since the last step" in got["error"] and "rank(s) [1]" in got["error"]
+        assert "were changed in place since the last step" in got["error"] and "rank(s) [1]" in got["error"]
         last = [n for n, _ in make(spec)[0].named_parameters()][-1]
         assert repr(last) in got["error"], got["error"]
         assert got["steps"] == got["steps_before"]  # nothing counted, nothing written
@@ -188,8 +209,20 @@ def test_a_parameter_changed_alike_is_not_named_as_the_one_that_differs(spec: Op
     for rank, res in enumerate(launch):
         error = res[spec.name]["alike_then_one_rank"]
         assert error is not None, f"rank {rank}: the change on rank 1 only was stepped"
-        assert "rank(s) [1]" in error and "which one differs is not known" in error, error
-        assert f"parameter {first}, the first changed (on every rank)" in error, error
+        last = repr([n for n, _ in make(spec)[0].named_parameters()][-1])
+        assert "rank(s) [1]" in error and f"(first: parameter {last})" in error and first not in error, error
+
+
+@each_optimizer
+def test_the_parameter_that_differs_is_named_not_one_put_back(spec: OptimizerSpec, launch: list[Any]) -> None:
+    """Rank 1 alone put the first parameter back after a swap and changed the last: the whole parameters are
+    compared, and the refusal named the first (equal on every rank) as the one changed on some ranks only."""
+    names = [repr(n) for n, _ in make(spec)[0].named_parameters()]
+    for rank, res in enumerate(launch):
+        error = res[spec.name]["put_back_and_change"]
+        assert error is not None, f"rank {rank}: the change on rank 1 only was stepped"
+        assert f"rank(s) [1] now differ from rank 0's (first: parameter {names[-1]})" in error, error
+        assert names[0] not in error, error
 
 
 @each_optimizer
