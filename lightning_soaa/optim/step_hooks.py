@@ -6,7 +6,10 @@ Python tracer hooks into it), the post hooks, all inside ``record_function("Opti
 ``record_function`` makes two dispatched profiler ops per call whether or not a profiler records: ~50 us of a
 ~270 us W = 1 SOAA step on the report's digits MLP (a slow 2-core host; ``bench_soaa_digits_step.py``), a fifth
 of the step. :func:`hooked_step` is the same wrapper, the label made only where a profiler records (torch's own
-test for its low-overhead labels, plus the C++ profiler state), so a trace reads exactly as under torch's.
+test for its low-overhead labels, plus the C++ profiler state), so a profiler's trace reads as under torch's.
+One observer sees a difference: torch's ``ExecutionTraceObserver`` run on its own, without a profiler (it sets
+no state Python can read), records no ``Optimizer.step#SOAA.step`` node. Making the label there as a plain C
+``RecordFunction`` cost ~45 us of the digits training step's ~100 us saving, so it is not made.
 ``Optimizer.zero_grad`` makes the same label around its loop: :func:`grads_to_none` is its ``set_to_none=True``
 loop without it (~80 us against ~15 us there, more than the loop itself).
 """
@@ -27,6 +30,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 _profiler_enabled: Callable[[], bool] = torch._C._autograd._profiler_enabled
 
+#: the code of torch's own step wrapper (``Optimizer.profile_hook_step``): a class step made of it ran the hooks
+_TORCH_WRAPPER_CODE = torch.optim.Optimizer.profile_hook_step(lambda *args, **kwargs: None).__code__
+
 #: torch's ``Optimizer.zero_grad``, whose ``set_to_none=True`` loop :func:`grads_to_none` is
 TORCH_ZERO_GRAD: Callable[..., None] = torch.optim.Optimizer.zero_grad
 
@@ -42,12 +48,14 @@ def hooked_step(step: F) -> F:
     so torch does not wrap it again): hooks run and the label is made where torch's wrapper makes them.
 
     A subclass that overrides ``step`` is wrapped by torch itself; its ``super().step()`` then calls this one
-    directly, without running the hooks a second time."""
+    directly, without running the hooks a second time. Only torch's wrapper counts as having run them: a class
+    step re-wrapped by anything else (a decorator that copies ``hooked`` with ``functools.wraps``) still runs
+    them here, as torch's wrapper inside it did."""
 
     @functools.wraps(step)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         self = args[0]
-        if type(self).step is not wrapper:  # a subclass's own step, wrapped by torch: its hooks ran there
+        if getattr(type(self).step, "__code__", None) is _TORCH_WRAPPER_CODE:  # a subclass's step: hooks ran
             return step(*args, **kwargs)
         if _profiling():
             with torch.autograd.profiler.record_function(f"Optimizer.step#{type(self).__name__}.step"):

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import pytest
@@ -106,6 +107,27 @@ def test_a_subclass_step_calling_super_runs_the_hooks_once() -> None:
     for s in range(2):
         opt.step(loss=_loss(opt, model, s))
     assert calls == ["pre", "post"] * 2 and opt.num_steps == 2
+
+
+def test_a_step_re_wrapped_on_the_class_still_runs_the_hooks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decorator put on ``SOAA.step`` with ``functools.wraps`` copies its ``hooked`` flag, so torch does not wrap
+    it again: torch's wrapper inside it ran the hooks, and so must SOAA's (LossToOptimizer's post hook among
+    them). Taking every class step but SOAA's own for torch's wrapper ran none, silently."""
+
+    def logged(step: Any) -> Any:
+        @functools.wraps(step)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            return step(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(SOAA, "step", logged(SOAA.step))
+    model = tiny_mlp(0)
+    opt = SOAA(model.parameters(), lr=1e-2)
+    calls: list[str] = []
+    opt.register_step_pre_hook(lambda o, a, k: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, a, k: calls.append("post"))
+    opt.step(loss=_loss(opt, model, 0))
+    assert calls == ["pre", "post"] and opt.num_steps == 1
 
 
 def test_zero_grad_sets_the_gradients_to_none_without_a_profiler_op_outside_a_profiler() -> None:
