@@ -160,6 +160,7 @@ from lightning_soaa.optim.step_context import (
     full_precision_no_grad,
     outside_inference_mode,
 )
+from lightning_soaa.optim.step_hooks import grads_to_none, hooked_step, torch_zero_grad_next
 
 __all__ = ["ShardedOptimizer", "BlockView", "SkipStep", "StepCounts", "StepRecord", "host_floats", "summed"]
 
@@ -1788,6 +1789,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
     # break), as torch's own optimizers do outside their compiled paths. Traced, its host reads and
     # in-place kernels on the state broke inductor (an internal assert), after the counters had moved,
     # and SOAA's Python-float scalars were baked into graphs recompiled at every step.
+    @hooked_step  # torch's step hooks and profiler label, without the label's cost where no profiler records
     @torch._disable_dynamo
     @full_precision_no_grad  # inside an autocast region too, without grad (optim/step_context.py)
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -1799,6 +1801,13 @@ class ShardedOptimizer(torch.optim.Optimizer):
             error = e
         self._sharded_step(local_error=error)
         return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's ``zero_grad``. Its ``set_to_none=True`` loop runs here without the profiler label torch makes
+        around it whether or not a profiler records (~65 us of a small model's training step; step_hooks.py);
+        under a profiler, while dynamo traces, for ``set_to_none=False`` and behind a mixin's, torch's runs."""
+        if not (set_to_none and torch_zero_grad_next(super().zero_grad) and grads_to_none(self)):
+            super().zero_grad(set_to_none)
 
     def _run_step_closure(self, closure: Callable[[], Any] | None) -> Any:
         """:meth:`_run_closure` for the step, with Lightning's clip taken over where it would clip each rank's own

@@ -64,6 +64,7 @@ from lightning_soaa.optim.egn_trace import plan_trace
 from lightning_soaa.optim.lightning_clip import unread_clip_error
 from lightning_soaa.optim.param_checks import check_step
 from lightning_soaa.optim.step_context import caller_autocast, full_precision, one_model_function
+from lightning_soaa.optim.step_hooks import hooked_step
 
 if TYPE_CHECKING:
     from lightning_soaa.optim.egn_plan import StepPlan
@@ -1122,6 +1123,7 @@ class EGN(ShardedOptimizer):
                                          "(lightning_soaa.optim.egn_batches.concat_batches)")
         self._pending_batch, self._pending_plain = (inputs, targets), not replace
 
+    @hooked_step  # torch's step hooks and profiler label, without the label's cost where no profiler records
     @torch._disable_dynamo  # eager under torch.compile (see ShardedOptimizer.step)
     @full_precision  # inside an autocast region too (optim/step_context.py)
     def step(self, closure: Callable[[], Any] | None = None, *, inputs: Any = None,

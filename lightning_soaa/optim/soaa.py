@@ -73,7 +73,7 @@ from lightning_soaa.optim.base import TEMPLATE_HOOKS, BlockView, ShardedOptimize
 from lightning_soaa.optim.closure_source import accumulation_steps
 from lightning_soaa.optim.soaa_plan import NativePlan
 from lightning_soaa.optim.step_context import autocast_casts, full_precision_no_grad
-from lightning_soaa.optim.step_hooks import TORCH_ZERO_GRAD, grads_to_none, hooked_step
+from lightning_soaa.optim.step_hooks import hooked_step
 
 __all__ = ["SOAA"]
 
@@ -579,10 +579,7 @@ class SOAA(ShardedOptimizer):
         if self._pending_loss is not None and self._grad_mark_moved():
             self._pending_loss = None
         self._pending_plain, self._pending_mark = False, None
-        # torch's, or its set_to_none loop without the profiler label it makes whether or not one records
-        if not (set_to_none and getattr(super().zero_grad, "__func__", None) is TORCH_ZERO_GRAD
-                and grads_to_none(self)):
-            super().zero_grad(set_to_none)
+        super().zero_grad(set_to_none)
 
     def _grad_mark(self) -> _GradMark:
         """What the first trainable parameter with a gradient holds: its index, the gradient (weakly) and its

@@ -7,11 +7,12 @@ Python tracer hooks into it), the post hooks, all inside ``record_function("Opti
 ~270 us W = 1 SOAA step on the report's digits MLP (a slow 2-core host; ``bench_soaa_digits_step.py``), a fifth
 of the step. :func:`hooked_step` is the same wrapper, the label made only where a profiler records (torch's own
 test for its low-overhead labels, plus the C++ profiler state), so a profiler's trace reads as under torch's.
+Every registered optimizer's step has it (``ShardedOptimizer.step``, ``SOAA.step``, ``EGN.step``).
 One observer sees a difference: torch's ``ExecutionTraceObserver`` run on its own, without a profiler (it sets
-no state Python can read), records no ``Optimizer.step#SOAA.step`` node. Making the label there as a plain C
-``RecordFunction`` cost ~45 us of the digits training step's ~100 us saving, so it is not made.
+no state Python can read), records no ``Optimizer.step#<class>.step`` or ``zero_grad`` node. Making the labels
+there as plain C ``RecordFunction`` s cost ~45 us of the digits training step's ~100 us saving: not made.
 ``Optimizer.zero_grad`` makes the same label around its loop: :func:`grads_to_none` is its ``set_to_none=True``
-loop without it (~80 us against ~15 us there, more than the loop itself).
+loop without it (~80 us against ~15 us there, more than the loop itself), ``ShardedOptimizer.zero_grad``'s.
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from itertools import chain
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
-__all__ = ["TORCH_ZERO_GRAD", "grads_to_none", "hooked_step"]
+__all__ = ["TORCH_ZERO_GRAD", "grads_to_none", "hooked_step", "torch_zero_grad_next"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -55,7 +56,8 @@ def hooked_step(step: F) -> F:
     @functools.wraps(step)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         self = args[0]
-        if getattr(type(self).step, "__code__", None) is _TORCH_WRAPPER_CODE:  # a subclass's step: hooks ran
+        outer = type(self).step  # a subclass's step wrapped by torch, or by this (EGN's over the base's): hooks ran
+        if outer is not wrapper and getattr(outer, "__code__", None) in _STEP_WRAPPER_CODES:
             return step(*args, **kwargs)
         if _profiling():
             with torch.autograd.profiler.record_function(f"Optimizer.step#{type(self).__name__}.step"):
@@ -64,6 +66,10 @@ def hooked_step(step: F) -> F:
 
     wrapper.hooked = True  # type: ignore[attr-defined]  # (read by torch's Optimizer._patch_step_function)
     return wrapper  # type: ignore[return-value]
+
+
+#: torch's wrapper's code and this module's: a class step made of either ran the hooks
+_STEP_WRAPPER_CODES = (_TORCH_WRAPPER_CODE, cast(Any, hooked_step(lambda *args, **kwargs: None)).__code__)
 
 
 def _run_hooked(step: Callable[..., Any], self: Any, args: Any, kwargs: Any) -> Any:
@@ -81,6 +87,11 @@ def _run_hooked(step: Callable[..., Any], self: Any, args: Any, kwargs: Any) -> 
     for post_hook in chain(self._optimizer_step_post_hooks.values(), _global_optimizer_post_hooks.values()):
         post_hook(self, args, kwargs)
     return out
+
+
+def torch_zero_grad_next(bound_super_zero_grad: Any) -> bool:
+    """Whether ``super().zero_grad`` is torch's own (no mixin's in between), whose loop :func:`grads_to_none` is."""
+    return getattr(bound_super_zero_grad, "__func__", None) is TORCH_ZERO_GRAD
 
 
 def grads_to_none(optimizer: Any) -> bool:
