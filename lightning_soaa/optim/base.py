@@ -1805,8 +1805,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """torch's ``zero_grad``. Its ``set_to_none=True`` loop runs here without the profiler label torch makes
         around it whether or not a profiler records (~65 us of a small model's training step; step_hooks.py);
-        under a profiler, while dynamo traces, for ``set_to_none=False`` and behind a mixin's, torch's runs."""
-        if not (set_to_none and torch_zero_grad_next(super().zero_grad) and grads_to_none(self)):
+        under a profiler, for ``set_to_none=False`` and behind a mixin's, torch's runs, and while dynamo traces
+        (tested first: torch's, which dynamo skips, is what torch.compile meets, as for torch's optimizers)."""
+        if not (set_to_none and not torch.compiler.is_compiling() and torch_zero_grad_next(super().zero_grad)
+                and grads_to_none(self)):
             super().zero_grad(set_to_none)
 
     def _run_step_closure(self, closure: Callable[[], Any] | None) -> Any:

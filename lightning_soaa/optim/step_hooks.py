@@ -59,7 +59,7 @@ def hooked_step(step: F) -> F:
         outer = type(self).step  # a subclass's step wrapped by torch, or by this (EGN's over the base's): hooks ran
         if outer is not wrapper and getattr(outer, "__code__", None) in _STEP_WRAPPER_CODES:
             return step(*args, **kwargs)
-        if _profiling():
+        if not torch.compiler.is_compiling() and _profiling():  # (traced: no label, as dynamo drops torch's)
             with torch.autograd.profiler.record_function(f"Optimizer.step#{type(self).__name__}.step"):
                 return _run_hooked(step, self, args, kwargs)
         return _run_hooked(step, self, args, kwargs)

@@ -18,8 +18,8 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lightning_soaa.registry import FirstArg, OptimizerSpec
-from tests.conformance._battery import each_optimizer, make, step
+from lightning_soaa.registry import FirstArg, OptimizerSpec, StepNeeds
+from tests.conformance._battery import data, each_optimizer, make, step
 
 
 class _Ops(TorchDispatchMode):
@@ -151,3 +151,21 @@ def test_a_step_re_wrapped_on_the_class_still_runs_the_hooks(spec: OptimizerSpec
     _hooked(opt, calls)
     step(spec, model, opt, 0)
     assert calls == ["pre", "post"] and opt.num_steps == 1
+
+
+@each_optimizer
+def test_under_fullgraph_compile_step_and_zero_grad_fail_as_torchs_do(spec: OptimizerSpec) -> None:
+    """Both run eagerly under torch.compile (skipped functions), so ``fullgraph=True`` refuses them, with dynamo's
+    "marked as skipped" as under torch's wrapper; the wrapper's profiler test, traced, broke the graph first with
+    "torch.* op returned non-Tensor", pointing at lightning_soaa's internals."""
+    import torch._dynamo
+
+    model, opt = make(spec)
+    step(spec, model, opt, 0)  # (its gradients stay for the step below)
+    x, y = data(1)
+    kwargs = {StepNeeds.BATCH: {"inputs": x, "targets": y}, StepNeeds.LOSS: {"loss": torch.tensor(1.0)},
+              StepNeeds.NOTHING: {}}[spec.needs]
+    for call in (lambda: opt.step(**kwargs), opt.zero_grad):
+        torch._dynamo.reset()
+        with pytest.raises(torch._dynamo.exc.Unsupported, match="marked as skipped"):
+            torch.compile(call, fullgraph=True, backend="eager")()
