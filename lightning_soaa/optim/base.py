@@ -1942,11 +1942,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
         updates with its own (averaged or compared) gradient, so copies that differ stay apart at every step."""
         return self._dtensor is not None and self.comm.world_size > 1 and bool(self._replica_params()[0])
 
-    def _replica_params(self) -> tuple[list[int], list[Tensor]]:
+    def _replica_params(self) -> tuple[Sequence[int], list[Tensor]]:
         """(indices, parameters) of the replicas the replica and in-place checks compare: every parameter, or
-        under FSDP2 the plain ones (each rank's DTensor shard is its own)."""
+        under FSDP2 the plain ones (each rank's DTensor shard is its own). Asked twice a step (the in-place
+        check and the versions it leaves): without FSDP2 a range, no list of indices built per step."""
         if self._dtensor is None:
-            return list(range(len(self._params))), self._params
+            return range(len(self._params)), self._params
         index = [i for i in range(len(self._params)) if not self._dtensor.is_dtensor(i)]
         return index, [self._params[i] for i in index]
 
