@@ -1841,10 +1841,15 @@ class ShardedOptimizer(torch.optim.Optimizer):
         others entered the step's collectives: gloo aborted, NCCL would hang)."""
         if self.sharding.grad_reduction != "mean":  # (read at every step: the world only where it can matter)
             return False
+        return self._world_at_step() > 1
+
+    def _world_at_step(self) -> int:
+        """The world size the next step runs at: the process group's where an optimizer built before it joins it
+        at that step."""
         world = self.comm.world_size
         if self.__dict__.get("_join_pending") and default_group_ready():
             world = torch.distributed.get_world_size()
-        return world > 1
+        return world
 
     def _local_nonfinite(self, partials: Sequence[float]) -> bool:
         """True when a summed value this rank computed or an optimizer-wide scalar is non-finite (its

@@ -768,6 +768,15 @@ class EGN(ShardedOptimizer):
     #: step plan (views of this process's parameters and buffers: a copy plans its own at its first step)
     _transient = ("_wrapper_hooks", "_plan_cache")
     _steps_gradients = False  # its directions come from the batch, never from p.grad
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """torch.amp.GradScaler's flag (the base's): at W > 1 the scaler calls ``step()`` on every rank and an
+        overflow on any rank skips it on every rank. EGN differentiates the bare module (no DDP averages the
+        gradients of a scaled backward), so each rank's scaler decided from its own: one rank skipped the step
+        and the others' collectives paired with its next one (the batches of two iterations solved together, or
+        a hang where the counts differed). One process: the scaler's own flow (it skips without a call)."""
+        return self._world_at_step() > 1
     _hyper_what = "param_groups, e.g. lr, or opt.damping"
     #: EGN never reads ``p.grad`` (Lightning may leave stale or non-finite ones): the base must not scan
     #: them; ``_prepare`` flags a non-finite direction itself.

@@ -251,3 +251,46 @@ def test_float16_gradients_under_the_scalers_contract_are_refused_on_every_rank(
             assert "torch.amp.GradScaler with float16 gradients" in msg and "parameter '0.weight'" in msg \
                 and "dtype=torch.float16" in msg and "float32 parameters under torch.autocast" in msg, \
                 f"rank {r} {name}: {msg}"
+
+
+# ------------------------------------------------------------------ W = 2, optimizers that step from the batch
+BATCH_SPECS = [s for s in SPECS if s.needs is StepNeeds.BATCH]
+
+
+def _w_batch_skip(rank: int, world: int, names: list[str], bad: bool) -> dict[str, Any]:
+    """Each rank's own scaled backward (no DDP: the optimizer differentiates the bare module itself) and
+    ``scaler.step(opt, inputs=x, targets=y)``; at step ``BAD`` rank 1's gradient alone holds an inf. Without
+    ``bad`` that batch is left out."""
+    out: dict[str, Any] = {}
+    for name in names:
+        model, opt = make(get(name))
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        for t in range(STEPS):
+            if t == BAD and not bad:
+                continue
+            x, y = data(t, rank=rank, world=world)
+            opt.zero_grad()
+            scaler.scale(half_mse(model(x), y)).backward()
+            if t == BAD and rank == 1:
+                next(model.parameters()).grad.view(-1)[0] = float("inf")
+            scaler.step(opt, inputs=x, targets=y)
+            scaler.update()
+        out[name] = {"params": params(model), "state": without_skips(_state(opt)),
+                     "steps": (opt.num_steps, opt.skipped_steps)}
+    return out
+
+
+@pytest.mark.skipif(not BATCH_SPECS, reason="no registered optimizer steps from the batch")
+def test_an_overflow_on_one_rank_skips_a_batch_optimizers_step_on_every_rank(tmp_path: Path) -> None:
+    """W = 2 without DDP: each rank's scaler decided from its own gradients whether to call step(), so rank 0
+    stepped on batch ``BAD`` while rank 1 skipped it, and rank 0's step paired with rank 1's next one (the
+    batches of two iterations solved as one; the last step found no peer). Under the scaler's contract every
+    rank calls step() and the overflow skips it on every rank: the run equals the one without that batch."""
+    names = [s.name for s in BATCH_SPECS]
+    runs = [run_distributed(_w_batch_skip, 2, tmp_path, names, bad, timeout=90.0) for bad in (True, False)]
+    for r, out in enumerate(runs[0]):
+        for name in names:
+            got, ref = out[name], runs[1][r][name]
+            assert got["steps"] == (STEPS - 1, 1), f"rank {r} {name}: (steps, skipped) = {got['steps']}"
+            assert_identical(got["params"], ref["params"], f"rank {r} {name} params")
+            assert_identical(got["state"], ref["state"], f"rank {r} {name} state")
