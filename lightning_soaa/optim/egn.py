@@ -768,6 +768,13 @@ class EGN(ShardedOptimizer):
     #: step plan (views of this process's parameters and buffers: a copy plans its own at its first step)
     _transient = ("_wrapper_hooks", "_plan_cache")
     _steps_gradients = False  # its directions come from the batch, never from p.grad
+    _hyper_what = "param_groups, e.g. lr, or opt.damping"
+    #: EGN never reads ``p.grad`` (Lightning may leave stale or non-finite ones): the base must not scan
+    #: them; ``_prepare`` flags a non-finite direction itself.
+    partials_cover_grads = True
+    #: FSDP2 refused: EGN's forwards run the module itself and its Gram factors are built from whole
+    #: layer weights; over sharded parameters that needs FSDP's unshard hooks inside EGN's passes.
+    supports_dtensor = False
 
     @property
     def _step_supports_amp_scaling(self) -> bool:
@@ -777,13 +784,19 @@ class EGN(ShardedOptimizer):
         and the others' collectives paired with its next one (the batches of two iterations solved together, or
         a hang where the counts differed). One process: the scaler's own flow (it skips without a call)."""
         return self._world_at_step() > 1
-    _hyper_what = "param_groups, e.g. lr, or opt.damping"
-    #: EGN never reads ``p.grad`` (Lightning may leave stale or non-finite ones): the base must not scan
-    #: them; ``_prepare`` flags a non-finite direction itself.
-    partials_cover_grads = True
-    #: FSDP2 refused: EGN's forwards run the module itself and its Gram factors are built from whole
-    #: layer weights; over sharded parameters that needs FSDP's unshard hooks inside EGN's passes.
-    supports_dtensor = False
+
+    def _check_before_exchange(self, unscaled: list[Tensor]) -> None:
+        """The base's checks and the scaler's contract; then, under the contract, a scaler handed no gradient to
+        check: EGN needs no backward, and without one torch's scaler raised 'No inf checks were recorded prior to
+        update' at ``scaler.update()``, after the step (in one process it raises before it, in ``scaler.step``)."""
+        super()._check_before_exchange(unscaled)
+        if "found_inf" in self.__dict__ and not any(p.grad is not None for p in self._params):
+            raise ValueError(
+                "EGN: torch.amp.GradScaler.step(opt) on a rank whose parameters hold no gradient: the scaler "
+                "checks the gradients of a scaled backward for infs, and EGN builds its step from the batch "
+                "without one. Call opt.step(inputs=x, targets=y) without the scaler (EGN runs its own forwards "
+                "in full precision), or run scaler.scale(loss).backward() before scaler.step(opt, ...).")
+
     def _replicas_why(self) -> str:
         """Every rank applies the gathered direction to its own copy (no block is sent), its Jacobians taken at
         that copy: replicas built from another seed per rank trained on, 1.36 apart after 3 steps."""

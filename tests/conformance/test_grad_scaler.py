@@ -11,6 +11,9 @@
 * Under the scaler's contract (``_step_supports_amp_scaling``: ``grad_reduction="mean"`` at W > 1) the step
   unscales the gradients itself; float16 gradients, which torch.amp.GradScaler refuses to unscale (the same
   model raised at W = 1), are refused on every rank, naming the parameter, before anything is written.
+* An optimizer that steps from the batch (``StepNeeds.BATCH``) at W = 2 without DDP, each rank's own scaled
+  backward: an overflow on one rank skips the step on every rank (the run equals the one without that batch),
+  and ``scaler.step`` with no backward before it is refused on every rank before the step.
 
 Skipped steps under the contract, an overflow on one rank and the unscaled-equals-scaled runs are in
 :mod:`tests.conformance.test_ranks` and :mod:`tests.conformance.test_contract`.
@@ -294,3 +297,37 @@ def test_an_overflow_on_one_rank_skips_a_batch_optimizers_step_on_every_rank(tmp
             assert got["steps"] == (STEPS - 1, 1), f"rank {r} {name}: (steps, skipped) = {got['steps']}"
             assert_identical(got["params"], ref["params"], f"rank {r} {name} params")
             assert_identical(got["state"], ref["state"], f"rank {r} {name} state")
+
+
+def _w_batch_no_backward(rank: int, world: int, names: list[str]) -> dict[str, Any]:
+    """``scaler.step(opt, inputs=x, targets=y)`` with no backward before it (the optimizer needs none): what it
+    raised, and whether anything changed."""
+    out: dict[str, Any] = {}
+    for name in names:
+        model, opt = make(get(name))
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        x, y = data(0, rank=rank, world=world)
+        scaler.scale(half_mse(model(x), y))
+        before = params(model)
+        try:
+            scaler.step(opt, inputs=x, targets=y)
+            scaler.update()
+            out[name] = {"error": "no error"}
+        except Exception as e:  # noqa: BLE001 - reported to the parent
+            out[name] = {"error": f"{type(e).__name__}: {e}"}
+        assert_identical(params(model), before, f"{name} params")
+        assert opt.num_steps == 0, f"{name}: {opt.num_steps} steps"
+    return out
+
+
+@pytest.mark.skipif(not BATCH_SPECS, reason="no registered optimizer steps from the batch")
+def test_a_scaler_step_without_a_backward_is_refused_before_the_step(tmp_path: Path) -> None:
+    """W = 2: the step was taken, and torch's scaler then raised 'No inf checks were recorded prior to update' at
+    scaler.update() (in one process torch raises in scaler.step, before it). Refused on every rank before the
+    step now, saying what to do."""
+    names = [s.name for s in BATCH_SPECS]
+    for r, out in enumerate(run_distributed(_w_batch_no_backward, 2, tmp_path, names, timeout=90.0)):
+        for name in names:
+            msg = out[name]["error"]
+            assert msg.startswith("ValueError") and "hold no gradient" in msg and "without the scaler" in msg, \
+                f"rank {r} {name}: {msg}"
