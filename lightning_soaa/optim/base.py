@@ -79,6 +79,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import logging
 import math
 import operator
@@ -676,6 +677,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         # weights are often initialised or loaded after the optimizer is built, so not here
         self._replicas_unchecked = True
         super().__init__(params, defaults)
+        # the groups given to the constructor: those past it came by add_param_group (see _added_group_of)
+        self._groups_at_construction = len(self.param_groups)
         index = self.__dict__.pop("_storage_index", None)  # the constructor's storage check is done (_check_storage)
         self._setup_dtensor(comm, process_group)
         self._construction_comm = self.comm  # the group the construction check gathers over (construction.py)
@@ -2218,30 +2221,70 @@ class ShardedOptimizer(torch.optim.Optimizer):
             self._moved_recheck = True  # the next step compares the whole parameters (on every rank)
             raise self._moved_error(verdict, differ)
         if verdict.grad_ranks:
-            # a step fused into the backward (a post-accumulate-grad hook) runs before DDP's all-reduce
-            fused = (" This step runs inside a backward pass (fused into it by a gradient hook): there it "
-                     "comes before DDP averages the gradients, so use grad_reduction='mean' without DDP."
-                     if torch._C._current_graph_task_id() != -1 else "")
-            detail = self._grad_difference(verdict.grad_ranks)
-            raise RuntimeError(
-                f"{name}.step: the gradients on rank(s) {verdict.grad_ranks} differ from rank 0's{detail}, but with "
-                "grad_reduction='none' every block is updated with its owner's gradient, so the ranks would "
-                "train on different data without averaging it. Wrap the model in DistributedDataParallel "
-                "(Lightning strategy='ddp' does), or construct the optimizer with grad_reduction='mean' to "
-                "have it average the gradients itself. Already under DDP: a parameter the forward did not use "
-                "keeps DDP from reducing its bucket; pass find_unused_parameters=True (Lightning: "
-                "strategy='ddp_find_unused_parameters_true') or leave that parameter out; a parameter that was "
-                "frozen (requires_grad=False) when DDP was built and unfrozen later is never reduced by it: "
-                "build the DDP wrapper again after unfreezing; and the last backward before step() must run "
-                "outside ddp_model.no_sync() (under gradient accumulation only the earlier micro-batches go "
-                "inside it); a communication hook (ddp_model.register_comm_hook) must leave every rank the "
-                "same gradient: one that skips the all-reduce or reduces over a subgroup only (local SGD: "
-                "post_localSGD_hook past start_localSGD_iter with a subgroup smaller than the group) does "
-                "not, and a sharded optimizer cannot step replicas apart: use DDP's default reduction or a "
-                "hook that all-reduces over the whole group (fp16_compress_hook and powerSGD_hook do). "
-                "Nothing changed."
-                + fused
-            )
+            raise self._grad_error(verdict.grad_ranks)
+
+    def _grad_error(self, ranks: list[int]) -> RuntimeError:
+        """The refusal of gradients that differ across ranks under ``grad_reduction="none"`` (``ranks``: those
+        differing from rank 0), naming the first parameter that differs. Collective: every rank calls it."""
+        name = type(self).__name__
+        # a step fused into the backward (a post-accumulate-grad hook) runs before DDP's all-reduce
+        fused = (" This step runs inside a backward pass (fused into it by a gradient hook): there it "
+                 "comes before DDP averages the gradients, so use grad_reduction='mean' without DDP."
+                 if torch._C._current_graph_task_id() != -1 else "")
+        detail, first = self._grad_difference(ranks)
+        added = None if fused else self._added_group_of(first)
+        if added is not None:
+            return RuntimeError(self._unreduced_added_group(name, ranks, detail, added))
+        return RuntimeError(
+            f"{name}.step: the gradients on rank(s) {ranks} differ from rank 0's{detail}, but with "
+            "grad_reduction='none' every block is updated with its owner's gradient, so the ranks would "
+            "train on different data without averaging it. Wrap the model in DistributedDataParallel "
+            "(Lightning strategy='ddp' does), or construct the optimizer with grad_reduction='mean' to "
+            "have it average the gradients itself. Already under DDP: a parameter the forward did not use "
+            "keeps DDP from reducing its bucket; pass find_unused_parameters=True (Lightning: "
+            "strategy='ddp_find_unused_parameters_true') or leave that parameter out; a parameter that was "
+            "frozen (requires_grad=False) when DDP was built and unfrozen later is never reduced by it: "
+            "build the DDP wrapper again after unfreezing; and the last backward before step() must run "
+            "outside ddp_model.no_sync() (under gradient accumulation only the earlier micro-batches go "
+            "inside it); a communication hook (ddp_model.register_comm_hook) must leave every rank the "
+            "same gradient: one that skips the all-reduce or reduces over a subgroup only (local SGD: "
+            "post_localSGD_hook past start_localSGD_iter with a subgroup smaller than the group) does "
+            "not, and a sharded optimizer cannot step replicas apart: use DDP's default reduction or a "
+            "hook that all-reduces over the whole group (fp16_compress_hook and powerSGD_hook do). "
+            "Nothing changed."
+            + fused
+        )
+
+    def _added_group_of(self, index: int | None) -> int | None:
+        """The param group of parameter ``index`` when ``add_param_group`` added it after construction (Lightning's
+        BaseFinetuning unfreezing a backbone, or its replay of that group on a resume), else None."""
+        built = self.__dict__.get("_groups_at_construction")
+        if index is None or built is None:
+            return None
+        ends = itertools.accumulate(len(m) for m in self._group_members)
+        gi = next((g for g, end in enumerate(ends) if index < end), None)
+        return gi if gi is not None and gi >= built else None
+
+    @staticmethod
+    def _unreduced_added_group(name: str, ranks: list[int], detail: str, group: int) -> str:
+        """The refusal where the first gradient that differs is in a group added after construction while the
+        groups built with the optimizer agree: DDP reduces those, so it was built with this one frozen. Lightning's
+        BaseFinetuning/BackboneFinetuning under strategy='ddp' does exactly that; the list of every cause
+        (:meth:`_grad_error`) left its users to find theirs among six."""
+        return (
+            f"{name}.step: the gradients on rank(s) {ranks} differ from rank 0's{detail}, a parameter of "
+            f"param_groups[{group}], which add_param_group added after the optimizer was built, while those of "
+            "the groups it was built with agree. A parameter frozen (requires_grad=False) when "
+            "DistributedDataParallel wrapped the model and unfrozen later, or made after the wrap (an adapter "
+            "added since), is never averaged by DDP: Lightning's "
+            "BaseFinetuning/BackboneFinetuning under strategy='ddp' freeze the backbone in freeze_before_training, "
+            "before the wrap, and unfreeze_and_add_param_group adds it after. With grad_reduction='none' every block "
+            "is updated with its owner's gradient, so the ranks would train on different data. Construct the "
+            "optimizer with grad_reduction='mean' (it then averages every gradient itself: equal to one process), "
+            "or freeze nothing before the wrap (build the optimizer over every parameter and freeze / "
+            "make_trainable the backbone from finetune_function, with strategy='ddp_find_unused_parameters_true'); "
+            "in a loop of your own, wrap the model in DDP again after unfreezing or adding. Nothing changed."
+        )
 
     def _replica_error(self, ranks: list[int]) -> RuntimeError:
         """The error of the replica check due at the first step after construction or ``load_state_dict``
@@ -2287,24 +2330,24 @@ class ShardedOptimizer(torch.optim.Optimizer):
             return ""
         return f" (first: parameter {self._moved_label(differ[1])} on rank {differ[0][0]})"
 
-    def _grad_difference(self, ranks: list[int]) -> str:
+    def _grad_difference(self, ranks: list[int]) -> tuple[str, int | None]:
         """`` (first: parameter 'w', ‖g‖² A on rank 0, B on rank r)``: the first compared gradient in which one of
         ``ranks`` differs from rank 0 (absent: "none"), or '' if none does by its norm alone (then it differs in
-        its values only). Every rank calls it (the verdict comes from the all-reduced table): one more
-        collective, on this error path only, as :meth:`_hyper_error`'s."""
+        its values only); and that parameter's index (None with ''). Every rank calls it (the verdict comes
+        from the all-reduced table): one more collective, on this error path only, as :meth:`_hyper_error`'s."""
         idx = range(len(self._params)) if self._dtensor is None else self._dtensor.plain
         grads = [self._params[i].grad for i in idx]
         by_rank = self._gather_detail(lambda: [None if g is None else agreement.grad_sq_exact([g]) for g in grads])
         if by_rank[0] is None:  # (rank 0 could not take its norms: nothing to compare with)
-            return ""
+            return "", None
         for r in (r for r in ranks if by_rank[r] is not None):
             for j, (a, b) in enumerate(zip(by_rank[0], by_rank[r])):
                 if a != b and (a is None or b is None or abs(a - b) > agreement.GRAD_RTOL * max(abs(a), abs(b))):
                     i = list(idx)[j]
                     label = repr(self._names[i]) if self._names[i] else f"#{i}"
                     show = ["none" if v is None else f"{v:.6g}" for v in (a, b)]
-                    return f" (first: parameter {label}, ‖g‖² {show[0]} on rank 0, {show[1]} on rank {r})"
-        return ""
+                    return f" (first: parameter {label}, ‖g‖² {show[0]} on rank 0, {show[1]} on rank {r})", i
+        return "", None
 
     def _gather_detail(self, make: Callable[[], Any]) -> list[Any]:
         """Every rank's ``make()`` (a refusal's detail: one all_gather_object, on an error path every rank takes),

@@ -30,7 +30,7 @@ from torch import nn
 
 from lightning_soaa.distributed import agreement, hyper_digest
 from lightning_soaa.registry import FirstArg, OptimizerSpec
-from tests.conformance._battery import SPECS, assert_close, assert_identical, params, step, without_skips
+from tests.conformance._battery import SPECS, assert_close, assert_identical, data, params, step, without_skips
 from tests.harness.distributed import run_distributed
 from tests.harness.models import tiny_mlp
 
@@ -246,6 +246,31 @@ def _lr_changed_on_one_rank(spec: OptimizerSpec, rank: int, world: int) -> dict[
     return {"msg": msg, "unchanged": unchanged, "groups": len(opt.param_groups), "params": params(model)}
 
 
+def _unfrozen_under_ddp(spec: OptimizerSpec, rank: int = 0, world: int = 1, **kwargs: Any) -> dict[str, Any]:
+    """Lightning's BaseFinetuning under strategy='ddp', as a loop: the backbone frozen when DDP wraps the model
+    (DDP leaves it out of its buckets), the optimizer over the rest; a step, then the backbone unfrozen and
+    added as a group of its own, then steps (at W = 1: no DDP, the reference). The first error, if any, and
+    whether that step changed nothing."""
+    model = tiny_mlp(0)
+    model[0].requires_grad_(False)
+    opt = spec.load()([(n, p) for n, p in model.named_parameters() if p.requires_grad],
+                      **{**spec.test_kwargs, **kwargs})
+    wrapped = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    msg, unchanged = None, True
+    for t in range(STEPS_BEFORE + STEPS_AFTER):
+        if t == STEPS_BEFORE:
+            model[0].requires_grad_(True)
+            opt.add_param_group({"params": list(model[0].parameters()), "lr": spec.test_kwargs["lr"] / 2})
+        before = params(model)
+        x, y = data(t, rank=rank, world=world)
+        try:
+            spec.take_step(opt, wrapped, x, y)
+        except RuntimeError as e:
+            msg, unchanged = str(e), all(torch.equal(a, b) for a, b in zip(before, params(model)))
+            break
+    return {"msg": msg, "unchanged": unchanged, "params": params(model)}
+
+
 def _w_groups(rank: int, world: int) -> dict[str, Any]:
     out = {}
     for spec in _TAKES_PARAMS:
@@ -253,7 +278,9 @@ def _w_groups(rank: int, world: int) -> dict[str, Any]:
             before = _added_before_stepping(spec, rank, world, mp)
         with pytest.MonkeyPatch.context() as mp:
             after = _added_after_steps(spec, rank, world, mp)
-        out[spec.name] = {"before": before, "after": after, "refused": _lr_changed_on_one_rank(spec, rank, world)}
+        out[spec.name] = {"before": before, "after": after, "refused": _lr_changed_on_one_rank(spec, rank, world),
+                          "ddp": {how: _unfrozen_under_ddp(spec, rank, world, grad_reduction=how)
+                                  for how in ("none", "mean")}}
     return out
 
 
@@ -325,3 +352,23 @@ def test_an_lr_changed_on_one_rank_is_refused_at_the_next_add_on_every_rank(worl
         assert all(r["unchanged"] and r["groups"] == 4 for r in runs), (spec.name, runs)
         for r in runs:
             assert_identical(r["params"], runs[0]["params"], f"{spec.name} params")
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_a_group_unfrozen_under_ddp_is_refused_naming_it_and_the_route_that_trains(world: int, _tmp: str) -> None:
+    """BaseFinetuning under DDP: the backbone frozen when DDP wraps the model is never averaged by it once
+    unfrozen and added. Refused on every rank, nothing changed, as before, but the message listed six causes
+    (and "build the DDP wrapper again", which Lightning gives no way to do); it now names the added group
+    and the two routes that work in Lightning. The first of them, grad_reduction='mean', equals one process."""
+    out = _launch(world, _tmp)
+    for spec in _TAKES_PARAMS:
+        runs = [res[spec.name]["ddp"] for res in out]
+        for r in runs:
+            msg = r["none"]["msg"]
+            assert msg is not None and r["none"]["unchanged"], (spec.name, r["none"])
+            assert "param_groups[1], which add_param_group added after the optimizer was built" in msg, msg
+            assert "BaseFinetuning" in msg and "grad_reduction='mean'" in msg and "finetune_function" in msg, msg
+            assert r["mean"]["msg"] is None, (spec.name, r["mean"]["msg"])
+        ref = _unfrozen_under_ddp(spec, grad_reduction="mean")
+        for rank, r in enumerate(runs):
+            assert_close(r["mean"]["params"], ref["params"], f"{spec.name} W={world} rank {rank} params")

@@ -15,6 +15,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import BackboneFinetuning, BaseFinetuning, ModelCheckpoint
+from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -22,7 +23,16 @@ from lightning_soaa import ASGO, DASGO
 from lightning_soaa.lightning import LossToOptimizer, OptimizerFactory
 from lightning_soaa.optim.asgo import asgo_param_groups
 from tests.harness.models import QKVNet
-from tests.lightning.helpers import D_IN, D_OUT, TinyRegressor, make_trainer, regression_data
+from tests.lightning.helpers import (
+    D_IN,
+    D_OUT,
+    RankRecorder,
+    TinyRegressor,
+    load_records,
+    make_trainer,
+    regression_data,
+)
+from tests.lightning.test_finetuning_egn import _RequiresGradUnfreeze
 from tests.lightning.test_strategies import _case
 
 pytestmark = [pytest.mark.lightning, pytest.mark.timeout(240)]
@@ -68,6 +78,36 @@ def test_backbone_unfrozen_mid_fit_trains_and_resumes(name: str, tmp_path: Path)
         torch.testing.assert_close(resumed, _fit(_TorchAdamW(), tmp_path / "torch_resumed",
                                                  tmp_path / "torch" / "ckpt" / "epoch=1-step=16.ckpt"),
                                    rtol=1e-12, atol=1e-14)
+
+
+def _fit_ddp(name: str, devices: int, out: Path, late: bool = False, **extra: Any) -> torch.Tensor:
+    """The stock recipe (``_Unfreeze``), or with ``late`` the one that freezes nothing before the wrap, at
+    ``devices`` processes (DDP, forked): rank 0's final parameters."""
+    class_path, _ = _case(name)
+    model = TinyRegressor(OptimizerFactory(class_path, {"lr": 1e-2, **extra}), batch_size=16 // devices)
+    strategy = DDPStrategy(start_method="fork", find_unused_parameters=late) if devices > 1 else None
+    trainer = make_trainer(out, devices=devices, strategy=strategy, max_steps=-1, max_epochs=3,
+                           callbacks=[_RequiresGradUnfreeze() if late else _Unfreeze(), LossToOptimizer(),
+                                      RankRecorder(out)])
+    trainer.fit(model)
+    return load_records(out, "", devices)[0]["params"]
+
+
+@pytest.mark.parametrize("name", ["AdamW", "SOAA", "ASGO"])
+def test_backbone_unfrozen_under_ddp_is_refused_naming_the_callback_and_trains_with_mean(name: str,
+                                                                                         tmp_path: Path) -> None:
+    """Under strategy='ddp' the callback freezes the backbone before DDP wraps the model, so DDP never averages
+    it once unfrozen: the optimizer refuses the first step after the unfreeze (the ranks' gradients differ).
+    The refusal listed every cause of such gradients; it now names the added group, the callback and
+    grad_reduction='mean', with which the same fit equals one process, as does the other route it names
+    (the backbone frozen and made trainable from finetune_function)."""
+    with pytest.raises(Exception, match=r"param_groups\[1\], which add_param_group added") as err:
+        _fit_ddp(name, 2, tmp_path / "none")
+    assert "BaseFinetuning" in str(err.value) and "grad_reduction='mean'" in str(err.value)
+    torch.testing.assert_close(_fit_ddp(name, 2, tmp_path / "mean", grad_reduction="mean"),
+                               _fit_ddp(name, 1, tmp_path / "one"), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(_fit_ddp(name, 2, tmp_path / "late2", late=True),
+                               _fit_ddp(name, 1, tmp_path / "late1", late=True), rtol=1e-12, atol=1e-14)
 
 
 class _Backbone(nn.Module):
