@@ -490,9 +490,15 @@ def validate_state_dict(optimizer: CheckpointView, sd: Any, by_position: bool = 
         )
     for gi, (saved, mine) in enumerate(zip(groups, optimizer.param_groups)):
         if len(saved["params"]) != len(mine["params"]):
+            # parameters of the state in other groups here: the groups were cut otherwise (per-layer lr groups
+            # changed), which the names-only-one-side-has guess ('frozen or unfrozen since') misnamed
+            moved = _regrouped(groups, optimizer.param_groups)
             raise ValueError(
                 f"{name}.load_state_dict: param group {gi} has {len(saved['params'])} parameters in the "
-                f"state and {len(mine['params'])} in this optimizer{_names_differ(saved, mine)}."
+                f"state and {len(mine['params'])} in this optimizer"
+                + (f": its parameters are grouped otherwise{moved}" if moved else _names_differ(saved, mine))
+                + ". Build the optimizer with the param groups the state was saved with (the same parameters in "
+                "each group, in the same order). Nothing was loaded."
             )
         if by_position:
             _check_name_order(name, gi, saved.get("param_names"), mine.get("param_names"))

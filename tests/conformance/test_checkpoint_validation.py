@@ -267,6 +267,37 @@ def test_a_count_mismatch_names_the_parameters_only_one_side_has(name: str) -> N
         target.load_state_dict(sd)
 
 
+def _two_groups(name: str, cut: int) -> tuple[Any, torch.nn.Module]:
+    """The optimizer over two groups of ``tiny_mlp``'s named parameters, the first ``cut`` of them and the rest
+    (a layer-wise lr), after two steps."""
+    spec = get(name)
+    model = tiny_mlp(0)
+    named = list(model.named_parameters())
+    opt = spec.load()([{"params": named[:cut]}, {"params": named[cut:], "lr": spec.test_kwargs["lr"] / 2}],
+                      **spec.test_kwargs)
+    for t in range(2):
+        spec.take_step(opt, model, *batch(t, 0))
+    return opt, model
+
+
+@pytest.mark.parametrize("name", [pytest.param(s.name, id=s.name) for s in REGISTRY
+                                  if s.first_arg is FirstArg.NAMED_PARAMETERS])
+def test_a_state_of_groups_cut_otherwise_is_refused_naming_a_moved_parameter(name: str) -> None:
+    """Saved with layer-wise groups [layers 0-1], [layer 2] and loaded into [layer 0], [layers 1-2] (as many
+    groups, every parameter on both sides): refused, nothing loaded, as before, but the message guessed 'trained
+    parameters frozen or unfrozen since it was saved?' of parameters the optimizer holds (in its other group).
+    It now says the groups are cut otherwise, naming a parameter and its group on each side."""
+    sd = copy.deepcopy(_two_groups(name, 4)[0].state_dict())
+    target, _ = _two_groups(name, 2)
+    before = _snapshot(target)
+    with pytest.raises(ValueError, match=re.escape("param group 0 has 4 parameters in the state and 2 in this "
+                                                   "optimizer: its parameters are grouped otherwise ('2.weight' "
+                                                   "and 1 more in group 0 of the state, in group 1 here)")) as err:
+        target.load_state_dict(sd)
+    assert "frozen or unfrozen" not in str(err.value) and "Nothing was loaded" in str(err.value)
+    assert _same(_snapshot(target), before)
+
+
 @pytest.mark.parametrize("to", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", SPECS)
 def test_a_state_loads_into_a_model_converted_since(name: str, to: torch.dtype) -> None:
