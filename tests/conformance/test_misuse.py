@@ -750,6 +750,32 @@ def test_a_layer_unfrozen_after_ddp_was_built_is_named(tmp_path: Path, name: str
         assert out["unchanged"]
 
 
+def _w_frozen_after_ddp(rank: int, world: int, name: str, find_unused: bool) -> dict[str, Any]:
+    """``model[0].requires_grad_(False)`` after DDP wrapped the model (a backbone frozen by hand between steps):
+    without find_unused_parameters DDP never reduces the bucket holding it, nor the other parameters in that
+    bucket. The error named a parameter the user never touched and only 'a parameter the forward did not
+    use'. With find_unused_parameters=True the loop trains (its final parameters returned)."""
+    model = tiny_mlp(sizes=SIZES)
+    opt = _build(name, model)  # over every parameter
+    ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=find_unused)
+    _step(name, opt, ddp, 0, rank, average=False)
+    model[0].requires_grad_(False)
+    if not find_unused:
+        return _one_ddp_step(rank, name, model, opt, ddp)
+    for t in range(1, 3):
+        _step(name, opt, ddp, t, rank, average=False)
+    return {"params": _params(model)}
+
+
+@pytest.mark.parametrize("name", GRAD_SPECS)
+def test_a_layer_frozen_after_ddp_was_built_is_named(tmp_path: Path, name: str) -> None:
+    for out in run_distributed(_w_frozen_after_ddp, 2, tmp_path, name, False):
+        assert "one frozen (requires_grad_(False)) since DDP wrapped the model" in out["msg"], out["msg"]
+        assert "find_unused_parameters=True" in out["msg"] and out["unchanged"], out
+    trained = [out["params"] for out in run_distributed(_w_frozen_after_ddp, 2, tmp_path, name, True)]
+    assert all(torch.equal(a, b) for a, b in zip(trained[0], trained[1]))
+
+
 def _local_hook(state, bucket):  # type: ignore[no-untyped-def]  # DDP refuses annotations other than its own
     """A DDP communication hook that leaves each rank its own gradient (local SGD without a subgroup)."""
     fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
