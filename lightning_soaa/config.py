@@ -24,6 +24,7 @@ __all__ = [
     "DASGOConfig",
     "SOAAConfig",
     "EGNConfig",
+    "REPLICA_CHECK_EVERY",
 ]
 
 
@@ -37,6 +38,10 @@ EPS_WHY = "float32's smallest normal number: a smaller eps rounds to 0 in float3
 #: in float32 (and k1 nonzero) at every allowed beta2; at d = 1e-60 it overflowed, 0 * inf wrote NaN into the
 #: trial step and the trust state, and every later step was skipped
 D_MIN_FLOOR = 1e-30
+#: ``replica_check_every``'s default: the checking step's digest (one read of every replicated parameter) cost
+#: 1.3-1.5 AdamW steps on 10 x 1000x1000 float32 (2 gloo ranks, one CPU thread each), 0.09-0.15% of a step
+#: amortised over 1000 steps; at most 0.07% on the report's small models (benchmarks/bench_replica_check.py)
+REPLICA_CHECK_EVERY = 1000
 
 
 def check_range(
@@ -152,15 +157,25 @@ class ShardingConfig:
             as DDP does at wrap): replicas that differ raise on every rank at the first step after
             construction or ``load_state_dict``; with ``"none"`` too (weights loaded on rank 0 only after
             DDP's wrap).
+        replica_check_every: every this many steps (W > 1 replicas: sharded ranks, an FSDP2 model's plain
+            parameters) the step compares a bitwise digest of the replicated parameters across ranks, in its
+            existing all-reduce, and refuses on every rank where they differ. It catches writes made on some
+            ranks only that move no version counter, which the per-step in-place check cannot see
+            (``p.data.mul_``, ``p.data = t``, a NumPy view of a parameter): the sharded optimizers silently
+            trained on a mix of each owner's blocks, EGN's replicas stayed apart. ``0`` turns it off. The
+            checking step reads every replicated parameter once (on one CPU thread about 1.5 AdamW steps of
+            the same model); the default keeps that near 0.1% of the run (benchmarks/bench_replica_check.py).
     """
 
     shard: bool = True
     grad_reduction: str = "none"
+    replica_check_every: int = REPLICA_CHECK_EVERY
 
     def __post_init__(self) -> None:
         if not isinstance(self.shard, bool):
             raise ValueError(f"Invalid shard={self.shard!r}. Must be True or False.")
         check_choice("grad_reduction", self.grad_reduction, ("none", "mean"))
+        check_int("replica_check_every", self.replica_check_every, 0)
 
 
 def check_max_grad_norm(value: Any) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from lightning_soaa.config import AdamWConfig, config_from_group
+from lightning_soaa.config import REPLICA_CHECK_EVERY, AdamWConfig, config_from_group
 from lightning_soaa.distributed.blocks import BlockInfo, row_block_specs
 from lightning_soaa.distributed.checkpoint import StateField
 from lightning_soaa.functional.adamw import adamw_update_
@@ -92,7 +92,7 @@ class ShardedAdamW(ShardedOptimizer):
         max_grad_norm: clip the gradient the update reads (after ``grad_reduction="mean"`` averages it) by its
             global norm over all parameters, as torch's ``clip_grad_norm_`` (default None: no clipping); see
             :mod:`lightning_soaa.optim.grad_clip`.
-        process_group, comm, shard, grad_reduction: see :class:`ShardedOptimizer`.
+        process_group, comm, shard, grad_reduction, replica_check_every: see :class:`ShardedOptimizer`.
 
     References:
         Loshchilov & Hutter, *Decoupled Weight Decay Regularization*, ICLR 2019.
@@ -112,13 +112,14 @@ class ShardedAdamW(ShardedOptimizer):
         comm: Any = None,
         shard: bool = True,
         grad_reduction: str = "none",
+        replica_check_every: int = REPLICA_CHECK_EVERY,
     ) -> None:
         self.config = cfg = AdamWConfig(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                         max_grad_norm=max_grad_norm)
         defaults = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
                         max_block_numel=max_block_numel, max_grad_norm=cfg.max_grad_norm)
         super().__init__(params, defaults, process_group=process_group, comm=comm, shard=shard,
-                         grad_reduction=grad_reduction)
+                         grad_reduction=grad_reduction, replica_check_every=replica_check_every)
 
     elementwise = True  # row blocks of at most max_block_numel elements (see ShardedOptimizer)
 

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_soaa.config import ASGOConfig, DASGOConfig, config_from_group
+from lightning_soaa.config import REPLICA_CHECK_EVERY, ASGOConfig, DASGOConfig, config_from_group
 from lightning_soaa.distributed.blocks import BlockInfo, BlockSpec, row_block_specs
 from lightning_soaa.distributed.checkpoint import StateField
 from lightning_soaa.distributed.dtensor import is_dtensor
@@ -1146,7 +1146,8 @@ class ASGO(_OneSided):
         max_grad_norm: clip the gradient the update reads (after ``grad_reduction="mean"`` averages it) by its
             global norm over all parameters, as torch's ``clip_grad_norm_`` (default None: no clipping); see
             :mod:`lightning_soaa.optim.grad_clip`.
-        process_group, comm, shard, grad_reduction: see :class:`~lightning_soaa.optim.base.ShardedOptimizer`.
+        process_group, comm, shard, grad_reduction, replica_check_every: see
+            :class:`~lightning_soaa.optim.base.ShardedOptimizer`.
 
     References:
         An, Liu, Pan, Ren, Ma, Goldfarb, Zhang, *ASGO: Adaptive Structured Gradient Optimization*,
@@ -1219,6 +1220,7 @@ class ASGO(_OneSided):
         comm: Any = None,
         shard: bool = True,
         grad_reduction: str = "none",
+        replica_check_every: int = REPLICA_CHECK_EVERY,
     ) -> None:
         # kept for the groups added later (add_param_group decides their fused_parts)
         self._fused = check_fused(fused) if fused is not None else {}
@@ -1238,7 +1240,7 @@ class ASGO(_OneSided):
         defaults = dict(vars(cfg))
         defaults["use_asgo"] = None
         super().__init__(params, defaults, process_group=process_group, comm=comm, shard=shard,
-                         grad_reduction=grad_reduction)
+                         grad_reduction=grad_reduction, replica_check_every=replica_check_every)
         self._warn_if_no_matrices()
 
     @staticmethod
@@ -1921,7 +1923,8 @@ class DASGO(_OneSided):
         max_grad_norm: clip the gradient the update reads (after ``grad_reduction="mean"`` averages it) by its
             global norm over all parameters, as torch's ``clip_grad_norm_`` (default None: no clipping); see
             :mod:`lightning_soaa.optim.grad_clip`.
-        process_group, comm, shard, grad_reduction: see :class:`~lightning_soaa.optim.base.ShardedOptimizer`.
+        process_group, comm, shard, grad_reduction, replica_check_every: see
+            :class:`~lightning_soaa.optim.base.ShardedOptimizer`.
 
     References:
         ASGO paper, Algorithm 4 (DASGO) [P]; official code [C infinity-stars/ASGO@d3ef14b
@@ -1953,6 +1956,7 @@ class DASGO(_OneSided):
         comm: Any = None,
         shard: bool = True,
         grad_reduction: str = "none",
+        replica_check_every: int = REPLICA_CHECK_EVERY,
     ) -> None:
         self.config = cfg = DASGOConfig(lr=lr, betas=_pair(betas), weight_decay=weight_decay,
                                         rms_scale=rms_scale, eps=eps, adam_betas=_pair(adam_betas),
@@ -1962,7 +1966,7 @@ class DASGO(_OneSided):
         defaults["max_block_numel"] = max_block_numel
         defaults["use_asgo"] = None
         super().__init__(params, defaults, process_group=process_group, comm=comm, shard=shard,
-                         grad_reduction=grad_reduction)
+                         grad_reduction=grad_reduction, replica_check_every=replica_check_every)
         self._warn_if_no_matrices()
 
     def _validate_group(self, group: dict[str, Any]) -> None:

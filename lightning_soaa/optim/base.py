@@ -92,7 +92,7 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import increment_version
 
-from lightning_soaa.config import ShardingConfig
+from lightning_soaa.config import REPLICA_CHECK_EVERY, ShardingConfig
 from lightning_soaa.distributed import agreement, reduce_order
 from lightning_soaa.distributed.blocks import (
     BlockInfo,
@@ -616,6 +616,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         comm: inject a communicator directly (tests, DeepSpeed adapter); overrides ``process_group``.
         shard: see :class:`~lightning_soaa.config.ShardingConfig`.
         grad_reduction: see :class:`~lightning_soaa.config.ShardingConfig`.
+        replica_check_every: see :class:`~lightning_soaa.config.ShardingConfig` (:meth:`_periodic_check_due`).
 
     Parameters that are DTensors (FSDP2 ``fully_shard``) switch the optimizer to their mesh: local shards
     are owned, nothing is gathered, global sums count each piece once (:mod:`lightning_soaa.distributed.dtensor`).
@@ -652,8 +653,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
         comm: Communicator | None = None,
         shard: bool = True,
         grad_reduction: str = "none",
+        replica_check_every: int = REPLICA_CHECK_EVERY,
     ) -> None:
-        self.sharding = ShardingConfig(shard=shard, grad_reduction=grad_reduction)
+        self.sharding = ShardingConfig(shard=shard, grad_reduction=grad_reduction,
+                                       replica_check_every=replica_check_every)
         if comm is not None and not isinstance(comm, Communicator):
             raise ValueError(f"Invalid comm={comm!r}. Must be a lightning_soaa.distributed.comm.Communicator "
                              "(or None: the default process group, or process_group=).")
@@ -1081,7 +1084,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._dtensor = DTensorLayout([p for p, _, _ in plist], labels, comm=comm,
                                       process_group=process_group, optimizer=type(self).__name__)
         self.comm = self._dtensor.comm
-        self.sharding = ShardingConfig(shard=False, grad_reduction=self.sharding.grad_reduction)
+        self.sharding = dataclasses.replace(self.sharding, shard=False)
         plain = [lab for lab, pl in zip(labels, self._dtensor.placements) if not pl.is_dtensor]
         if plain and self.sharding.grad_reduction == "none" and self.comm.world_size > 1:
             log.warning("%s: parameters %s are not DTensors, so FSDP2 does not average their gradients; "
@@ -1917,11 +1920,13 @@ class ShardedOptimizer(torch.optim.Optimizer):
             return []
         held = self.__dict__.pop("_grads_held", 0)
         count = (len(self._compared_grads()) if self._compares_grads() else held if self._counts_grads() else 0)
-        # the replica check: due once after construction or load_state_dict (one read of the parameters), and at
-        # the step after a refused in-place change (W > 1 replicas with either grad_reduction); after an error
-        # nothing is read (the parameters may be unreadable, meta), and every rank raises anyway
+        # the replica check: due once after construction or load_state_dict (one read of the parameters), at
+        # the step after a refused in-place change, and every replica_check_every steps (W > 1 replicas with either
+        # grad_reduction); after an error nothing is read (the parameters may be unreadable, meta), and every rank
+        # raises anyway
         check = ((self.__dict__.get("_replicas_unchecked", False) and self._checks_replicas())
-                 or (self.__dict__.get("_moved_recheck", False) and self._checks_moved()))
+                 or (self.__dict__.get("_moved_recheck", False) and self._checks_moved())
+                 or self._periodic_check_due())
         digest = agreement.param_digest(self._replica_params()[1]) if check and error is None else 0
         hyper = self._step_digest() if error is None else 0
         return agreement.step_row_values(self.comm.rank, self.comm.world_size, error=agreement.error_flag(error),
@@ -1935,6 +1940,17 @@ class ShardedOptimizer(torch.optim.Optimizer):
         (:data:`agreement.MOVED_SLOT`): W > 1 replicas whose blocks are each updated from their owner's copy,
         and an FSDP2 model's plain parameters. FSDP2 shards and ``shard=False`` partitions are not replicas."""
         return (self._sharded_multi_rank() and self._dtensor is None) or self._has_fsdp2_replicas()
+
+    def _periodic_check_due(self) -> bool:
+        """Whether this step is one of the periodic replica checks (every ``replica_check_every`` steps, counted
+        with the skipped ones; the first step's is the one after construction). The same on every rank: the
+        step counts are compared in the same row, so every rank made a digest, or every rank raises. It catches
+        writes on some ranks only that bypass the version counters the in-place check reads (``p.data.mul_``,
+        ``p.data = t``, a NumPy view): sharded ranks then trained on a mix of each owner's blocks (0.095 off one
+        process), EGN's and FSDP2's plain replicas stayed apart for good."""
+        every = self.sharding.replica_check_every
+        steps = self.num_steps + self.skipped_steps
+        return every > 0 and steps > 0 and steps % every == 0 and self._checks_moved()
 
     def _replicas_why(self) -> str:
         """Why replicas that differ are refused (a refusal's sentence)."""
@@ -2153,12 +2169,13 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def _moved_label(self, i: int) -> str:
         return (repr(self._names[i]) if self._names[i] else f"#{i}") if 0 <= i < len(self._names) else "?"
 
-    def _moved_error(self, verdict: agreement.StepVerdict, differ: tuple[list[int], int]) -> RuntimeError:
+    def _moved_error(self, verdict: agreement.StepVerdict, differ: tuple[list[int], list[int]]) -> RuntimeError:
         """The error of a step whose parameters were changed in place differently across ranks. The next step
         compares the whole parameters across ranks (the replica check): a retry after the ranks were made equal
         again (a broadcast of ``p.data`` moves no version counter) is judged by their values. Raised on every
         rank from the same verdict, so the next step's check is due on every rank (:meth:`_raise_disagreement`)."""
-        ranks, first = differ  # (:meth:`_replicas_differ`: the whole parameters compared, which names the one)
+        ranks, which_differ = differ  # (:meth:`_replicas_differ`: the whole parameters compared, names the one)
+        first = which_differ[0] if which_differ else -1
         which = (f"parameters were changed in place since the last step, outside the optimizer, otherwise on "
                  f"rank(s) {verdict.moved_ranks} than on rank 0, and the parameters on rank(s) {ranks} now differ "
                  f"from rank 0's (first: parameter {self._moved_label(first)})")
@@ -2209,11 +2226,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 f"count the replicated model {self.comm.world_size} times. Use shard=True (the default). "
                 "Nothing changed."
             )
-        if verdict.param_ranks and not self._checks_partitions() and not self._replicas_due():
-            self._moved_recheck = True  # (already: the check a refused in-place change forced, see _moved_error)
-            raise self._resync_error(verdict)
         if verdict.param_ranks and not self._checks_partitions():
-            raise self._replica_error(verdict.param_ranks)
+            self._raise_replicas_differ(verdict)
         # after the replica check, which names the cure of a whole differing replica; the verdict is the same on
         # every rank, so every rank joins _replicas_differ's collective
         differ = self._replicas_differ() if verdict.moved_ranks else None
@@ -2287,6 +2301,42 @@ class ShardedOptimizer(torch.optim.Optimizer):
             "in a loop of your own, wrap the model in DDP again after unfreezing or adding. Nothing changed."
         )
 
+    def _raise_replicas_differ(self, verdict: agreement.StepVerdict) -> None:
+        """Raise (every rank, from the same verdict) for whole replicas that differ, by the check that found them:
+        the first step's, the one after an in-place refusal, or the periodic one. A periodic check that meets
+        version counters moved otherwise across ranks returns: the in-place refusal names those."""
+        if self._replicas_due():
+            raise self._replica_error(verdict.param_ranks)
+        if self.__dict__.get("_moved_recheck", False) or not self._periodic_check_due():
+            self._moved_recheck = True  # (already: the check a refused in-place change forced, see _moved_error)
+            raise self._resync_error(verdict)
+        if not verdict.moved_ranks:
+            raise self._unseen_write_error()
+
+    def _unseen_write_error(self) -> RuntimeError:
+        """The periodic replica check's refusal (:meth:`_periodic_check_due`): the replicas differ and no version
+        counter says why. Names every parameter that differs (up to 8) and the ranks (one more collective, on
+        this error path only)."""
+        ranks, differ = self._replicas_differ() or ([], [])
+        names = ", ".join(self._moved_label(i) for i in differ[:8]) + (", ..." if len(differ) > 8 else "")
+        what = f"parameter(s) {names}" if names else "the parameters"
+        # (FSDP2's plain parameters under "none": each rank updates its own copy from its own gradient, which the
+        # step compares to a tolerance only; gradients that differ in their last bits leave copies that drift)
+        drift = (" Under FSDP2 with grad_reduction='none', plain parameters whose gradients differed in their last "
+                 "bits across ranks drift apart too: pass grad_reduction='mean'."
+                 if self._dtensor is not None and self.sharding.grad_reduction == "none" else "")
+        return RuntimeError(
+            f"{type(self).__name__}.step: {what} on rank(s) {ranks} differ from rank 0's at step "
+            f"{self.num_steps + self.skipped_steps} (the replica check made every replica_check_every="
+            f"{self.sharding.replica_check_every} steps), and no in-place change since the last step says why: "
+            "they were written on some ranks only around autograd's version counters, e.g. through p.data "
+            "(p.data.mul_(...), p.data = t, p.data.copy_(...)) or a NumPy view of a parameter, or loaded or "
+            f"broadcast on some ranks only. {self._replicas_why()[0].upper()}{self._replicas_why()[1:]}. Make every "
+            "rank hold the same values again (torch.distributed.broadcast(p.data, src=0) for every parameter) and "
+            f"make such writes on every rank alike.{drift} Nothing changed; the step trains on once the replicas are "
+            "equal."
+        )
+
     def _replica_error(self, ranks: list[int]) -> RuntimeError:
         """The error of the replica check due at the first step after construction or ``load_state_dict``
         (:meth:`_checks_replicas`), naming the first parameter that differs (:meth:`_param_difference`)."""
@@ -2306,9 +2356,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
             "freeze it). Nothing changed."
         )
 
-    def _replicas_differ(self) -> tuple[list[int], int] | None:
-        """``(the ranks whose replicas (:meth:`_replica_params`) differ from rank 0's bits, the index of the first
-        parameter that differs, -1 where no rank could tell)``, or None where every rank holds the same. Asked where
+    def _replicas_differ(self) -> tuple[list[int], list[int]] | None:
+        """``(the ranks whose replicas (:meth:`_replica_params`) differ from rank 0's bits, the indices of the
+        parameters that differ on any of them, in order, empty where no rank could tell)``, or None where every
+        rank holds the same. Asked where
         the ranks changed parameters in place differently since the last step (a rank that swapped EMA weights in
         for an evaluation and its own back, alone, moved version counters there only although nothing differs)
         and to name a differing replica. One collective (each rank's :func:`agreement.param_sums`), on those paths
@@ -2318,18 +2369,17 @@ class ShardedOptimizer(torch.optim.Optimizer):
         ranks = [r for r in range(1, len(by_rank)) if by_rank[0] is None or by_rank[r] != by_rank[0]]
         if not ranks:
             return None
-        first = next((j for r in ranks if by_rank[r] is not None and by_rank[0] is not None
-                      for j, (a, b) in enumerate(zip(by_rank[0], by_rank[r], strict=True)) if a != b), None)
-        return ranks, (-1 if first is None else index[first])
+        told = [by_rank[r] for r in ranks if by_rank[r] is not None] if by_rank[0] is not None else []
+        return ranks, [index[j] for j, a in enumerate(by_rank[0] or []) if any(a != sums[j] for sums in told)]
 
     def _param_difference(self) -> str:
         """`` (first: parameter 'w' on rank r)``: the first parameter whose bits a rank holds otherwise than rank 0
         (:meth:`_replicas_differ`), or '' where no rank could tell. Every rank calls it: one more collective, on
         this error path only, as :meth:`_grad_difference`."""
         differ = self._replicas_differ()
-        if differ is None or differ[1] < 0:
+        if differ is None or not differ[1]:
             return ""
-        return f" (first: parameter {self._moved_label(differ[1])} on rank {differ[0][0]})"
+        return f" (first: parameter {self._moved_label(differ[1][0])} on rank {differ[0][0]})"
 
     def _grad_difference(self, ranks: list[int]) -> tuple[str, int | None]:
         """`` (first: parameter 'w', ‖g‖² A on rank 0, B on rank r)``: the first compared gradient in which one of

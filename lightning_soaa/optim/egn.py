@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from lightning_soaa.config import EGNConfig, check_range
+from lightning_soaa.config import REPLICA_CHECK_EVERY, EGNConfig, check_range
 from lightning_soaa.distributed import agreement
 from lightning_soaa.distributed.blocks import BlockInfo
 from lightning_soaa.distributed.checkpoint import StateField, check_finite_number
@@ -752,7 +752,7 @@ class EGN(ShardedOptimizer):
         jacobian: ``"auto"`` (Linear factors + explicit rest) or ``"explicit"`` (default ``"auto"``).
         factor_embeddings: Gram factors from the indices of plain ``nn.Embedding`` tables looked up per
             sample (default False: explicit rows, a V·d-column row per sample and output; see EGNConfig).
-        process_group, comm, shard: see :class:`ShardedOptimizer`.
+        process_group, comm, shard, replica_check_every: see :class:`ShardedOptimizer`.
 
     References:
         Korbit, Adeoye, Bemporad, Zanon, *Exact Gauss-Newton Optimization for Training Deep Neural
@@ -859,6 +859,7 @@ class EGN(ShardedOptimizer):
         process_group: Any = None,
         comm: Any = None,
         shard: bool = True,
+        replica_check_every: int = REPLICA_CHECK_EVERY,
     ) -> None:
         model, wrapper_hooks = _the_module(model)
         cfg = EGNConfig(
@@ -881,7 +882,8 @@ class EGN(ShardedOptimizer):
         # weight_decay: every torch optimizer's groups carry it, and tools read it (Lightning's
         # LearningRateMonitor(log_weight_decay=True) raised KeyError); EGN has none: it must stay 0.0
         super().__init__(named, dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=0.0),
-                         process_group=process_group, comm=comm, shard=shard, grad_reduction="none")
+                         process_group=process_group, comm=comm, shard=shard, grad_reduction="none",
+                         replica_check_every=replica_check_every)
         self._named = named  # EGN's parameters (the base's, in its order); fixed at construction
         self._index = {n: i for i, (n, _) in enumerate(named)}
         self._param_devices: set[torch.device] | None = None  # see _devices

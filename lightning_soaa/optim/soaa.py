@@ -50,7 +50,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
-from lightning_soaa.config import SOAAConfig, config_from_group
+from lightning_soaa.config import REPLICA_CHECK_EVERY, SOAAConfig, config_from_group
 from lightning_soaa.distributed.blocks import BlockInfo
 from lightning_soaa.distributed.checkpoint import StateField, check_finite_number
 from lightning_soaa.distributed.comm import LocalComm
@@ -329,7 +329,7 @@ class SOAA(ShardedOptimizer):
         max_grad_norm: clip the gradient the update reads (after ``grad_reduction="mean"`` averages it) by its
             global norm over all parameters, as torch's ``clip_grad_norm_`` (default None: no clipping); see
             :mod:`lightning_soaa.optim.grad_clip`.
-        process_group, comm, shard, grad_reduction: see :class:`ShardedOptimizer`.
+        process_group, comm, shard, grad_reduction, replica_check_every: see :class:`ShardedOptimizer`.
 
     The loss: ``step(closure)`` (evaluated under ``enable_grad``), ``step(loss=...)`` (tensor or
     float), or :meth:`set_loss` before ``step()`` (what the Lightning ``LossToOptimizer`` callback
@@ -378,6 +378,7 @@ class SOAA(ShardedOptimizer):
         comm: Any = None,
         shard: bool = True,
         grad_reduction: str = "none",
+        replica_check_every: int = REPLICA_CHECK_EVERY,
     ) -> None:
         self.config = SOAAConfig(
             # SOAAConfig checks that it is a pair (a list from a YAML file becomes a tuple here).
@@ -417,7 +418,7 @@ class SOAA(ShardedOptimizer):
         self._soaa_kernels: SOAAKernels | None
         self._kernels()  # resolves compile=None from the environment now
         super().__init__(params, defaults, process_group=process_group, comm=comm, shard=shard,
-                         grad_reduction=grad_reduction)
+                         grad_reduction=grad_reduction, replica_check_every=replica_check_every)
 
     # compiled per process, rebuilt by _kernels() after a copy or pickle
     # (and this rank's loss before a same_batch trial, read by its verdict: belongs to one step)

@@ -1,0 +1,67 @@
+"""An FSDP2 model's plain (not ``fully_shard``ed) parameters written on some ranks only around autograd.
+
+``p.data.mul_(...)`` moves no version counter, so the per-step in-place check (test_fsdp2_plain_replicas.py) does
+not see it: rank 0's plain copy stayed apart from the others at every step after, silently. The periodic replica
+check (``replica_check_every``) compares the plain parameters' digest at its steps and refuses on every rank,
+naming the parameter and the rank, nothing changed; once every rank holds the same values again the run goes on.
+A DTensor's shard written the same way on one rank is that rank's own, not a replica: not compared.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from tests.fsdp2 import _workers as W
+from tests.harness.distributed import run_distributed
+
+OPTIMIZERS = W.CASES[:4]  # SOAA, ShardedAdamW, DASGO, ASGO
+EVERY = 2
+
+
+def _step(model: Any, opt: Any, t: int, sizes: Any, rank: int, world_size: int) -> str:
+    return W.expect_error(lambda: W.train_step(model, opt, *W.local_batch(t, sizes, rank, world_size)))
+
+
+def _unseen_writes(rank: int, world_size: int) -> dict[str, Any]:
+    """Per optimizer: two steps, rank 1's plain weight written through p.data, the checking step, a broadcast, the
+    checking step again, then rank 1's shard of a DTensor written through p.data and two more steps."""
+    mesh = W.make_mesh(world_size, False)
+    out: dict[str, Any] = {}
+    for name, cls, kw, sizes in OPTIMIZERS:
+        model = W.sharded_model(sizes, mesh, plain_last=True)
+        plain = model[-1].weight
+        opt = cls(model.named_parameters(), **kw, grad_reduction="mean", replica_check_every=EVERY)
+        res: dict[str, Any] = {"first": [_step(model, opt, t, sizes, rank, world_size) for t in range(EVERY)]}
+        if rank == 1:
+            plain.data.mul_(1.5)
+        before = plain.detach().clone()
+        res["written"] = _step(model, opt, EVERY, sizes, rank, world_size)
+        res["unchanged"] = torch.equal(plain.detach(), before) and opt.num_steps == EVERY
+        with torch.no_grad():
+            dist.broadcast(plain.data, src=0)
+        res["then"] = _step(model, opt, EVERY, sizes, rank, world_size)
+        if rank == 1:
+            model[0].weight.data.mul_(0.5)  # (this rank's shard of a DTensor)
+        res["shard"] = [_step(model, opt, t, sizes, rank, world_size) for t in (EVERY + 1, EVERY + 2)]
+        res["plain"], res["steps"] = plain.detach().clone(), opt.num_steps
+        out[name] = res
+    return out
+
+
+def _assert_refused_then_trained(got: dict[str, Any], plain_on_rank0: torch.Tensor) -> None:
+    assert got["first"] == ["no error"] * EVERY, got["first"]
+    assert "parameter(s) '4.weight' on rank(s) [1] differ from rank 0's" in got["written"], got["written"]
+    assert "p.data" in got["written"] and got["unchanged"], got["written"]
+    assert [got["then"], *got["shard"]] == ["no error"] * 3 and got["steps"] == EVERY + 3, got
+    assert torch.equal(got["plain"], plain_on_rank0)
+
+
+def test_plain_parameters_written_through_p_data_on_some_ranks_are_refused(tmp_path: Path) -> None:
+    results = run_distributed(_unseen_writes, 2, tmp_path, timeout=300)
+    for name, *_ in OPTIMIZERS:
+        for res in results:
+            _assert_refused_then_trained(res[name], results[0][name]["plain"])
