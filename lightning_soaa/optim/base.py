@@ -139,7 +139,14 @@ from lightning_soaa.optim import dcp_flat, dcp_order, grad_clip
 from lightning_soaa.optim import dcp_state as dcp
 from lightning_soaa.optim.construction import collective_construction, failed_row
 from lightning_soaa.optim.dcp_plain import handed_out, without_placeholders
-from lightning_soaa.optim.lightning_clip import clip_difference, keep_clips, routed_clip, running_trainer
+from lightning_soaa.optim.lightning_clip import (
+    clip_difference,
+    drop_kept_clips,
+    keep_clips,
+    lightning_wrapping,
+    routed_clip,
+    running_trainer,
+)
 from lightning_soaa.optim.param_checks import (
     DisjointStorage,
     Signature,
@@ -639,6 +646,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         # subclass may run collectives of its own before super().__init__, which an announcement would meet)
         if "__init__" in cls.__dict__ and cls.__module__.startswith("lightning_soaa."):
             cls.__init__ = collective_construction(cls.__dict__["__init__"])  # type: ignore[method-assign]
+        wrapped = lightning_wrapping(cls)  # Lightning wrapping one of ours: it keeps its clips from now on
+        if isinstance(wrapped, ShardedOptimizer):
+            wrapped._keep_lightning_clips()
 
     def construction_width(self) -> int:
         """Columns of a rank's row in the construction check (:meth:`_check_same_params_on_all_ranks`)."""
@@ -693,10 +703,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if prints is not None and len(prints) == len(index.params):  # the memo of the next add_param_group
             self._storage_memo = StorageMemo(index, prints, self._table)
         self._check_unsharded_mean()
-        # (one that never reads p.grad: its step refuses the clips kept for it, at any W)
-        trainer = running_trainer() if self._routes_lightning_clip() or not self._steps_gradients else None
-        if trainer is not None:  # built in configure_optimizers: before a manual training_step's first clip
-            keep_clips(self, trainer)
+        self._keep_lightning_clips()  # built in configure_optimizers: before a manual training_step's first clip
         # an (empty) entry per parameter: torch.distributed.checkpoint's get/set_optimizer_state_dict
         # otherwise takes a zero-gradient lr=0 step() of a fresh optimizer (and of an idle rank's, whose
         # state is empty: a collective the other ranks never join); see optim/dcp_state.py
@@ -747,7 +754,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 and not (callable(v) and callable(getattr(cls, k, None))) and k != "_opt_called"
                 and k not in ("_view_cache", "_step_counts", "_valid_groups", "_state_ids", "_state_ids_now",
                               "_hyper_digests", "stop_vote", "_world_at_build", "_storage_memo",
-                              "_step_addresses", "_fsdp_groups", "_amp_kept", "_clip_mark", "_kept_clips",
+                              "_step_addresses", "_fsdp_groups", "_amp_kept", "_clip_mark", "_kept_clips", "_clip_hook",
                               "_consolidated_mark")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -1813,6 +1820,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         around it whether or not a profiler records (~65 us of a small model's training step; step_hooks.py);
         under a profiler, for ``set_to_none=False`` and behind a mixin's, torch's runs, and while dynamo traces
         (tested first: torch's, which dynamo skips, is what torch.compile meets, as for torch's optimizers)."""
+        if not torch.compiler.is_compiling():  # (a clip kept for the next step clipped the gradient zeroed now)
+            drop_kept_clips(self._receiver())
         if not (set_to_none and not torch.compiler.is_compiling() and torch_zero_grad_next(super().zero_grad)
                 and grads_to_none(self)):
             super().zero_grad(set_to_none)
@@ -1828,6 +1837,20 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if routed:
             self._routed_clip = routed[0]  # (read by this step's _clip_grads; dropped when the step ends)
         return loss
+
+    def _takes_lightning_clips(self) -> bool:
+        """Whether Lightning's clips of this optimizer are kept for its step (:mod:`lightning_clip`): applied to the
+        averaged gradient (:meth:`_routes_lightning_clip`), or refused by one that never reads ``p.grad`` (EGN, at
+        any W)."""
+        return self._routes_lightning_clip() or not self._steps_gradients
+
+    def _keep_lightning_clips(self) -> None:
+        """Under a Lightning Trainer (built in ``configure_optimizers``, or wrapped by Lightning when the Trainer sets
+        up), its precision plugin keeps this optimizer's clips from now on: before a manual ``training_step``'s
+        first clip."""
+        trainer = running_trainer() if self._takes_lightning_clips() else None
+        if trainer is not None:
+            keep_clips(self, trainer)
 
     def _routes_lightning_clip(self) -> bool:
         """Whether Lightning's ``gradient_clip_val`` is applied by this step (:mod:`lightning_clip`): where the

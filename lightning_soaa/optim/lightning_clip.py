@@ -8,22 +8,26 @@ it, and the default ``configure_gradient_clipping`` calls that with the Trainer'
 
 The step finds the Trainer that runs it on the call stack (the frame of one of ``Trainer``'s own methods: ``fit``,
 ``_fit_impl`` in a launched worker), not from the closure's shape, which a Lightning release or a precision plugin of
-the user's own changes. From the optimizer's construction under that Trainer (``configure_optimizers``) and from each of
-its steps on, that method of the Trainer's precision plugin keeps this optimizer's clips for its next step
-(:class:`_KeptClips`), clipping nothing: Lightning clips nothing per rank (so never twice), and the step applies a clip
-by norm as ``max_grad_norm`` to the averaged gradient, on every rank alike, where it clipped the gradient the step
-takes: one made in the step's closure (automatic optimization: the default ``configure_gradient_clipping``) or before
-``step()`` on the very gradient it takes (a manual ``training_step``, Lightning's recipe; a precision plugin that runs
-the closure before ``step()``). A clip whose gradient was replaced before the step took it (a skipped step's, or one
-before a closure that computes the gradient again) is dropped; one followed by another backward is refused. Then the
-step checks what happened: a Trainer whose ``gradient_clip_val`` is set must have clipped this optimizer's step through
-that method where the step is one of Lightning's loop (its precision plugin's ``optimizer_step`` on the call stack; a
-callback's own ``opt.step()`` is one Lightning never clips), or the step raises (a clip it can neither see nor apply: a
-``configure_gradient_clipping`` that clips without ``self.clip_gradients``, a Lightning release that clips elsewhere).
-``gradient_clip_algorithm="value"``, two clips in one step and a clip with ``max_grad_norm`` also set are refused. The
-errors are raised in the step and held for its record: every rank raises together (the Trainer is configured alike on
-every rank). Elsewhere (DDP's averaged gradients under ``"none"``, one process) Lightning's own clip is exact and is
-left. No Lightning import: its classes are read where the user's program imported them.
+the user's own changes. From the optimizer's construction under that Trainer (``configure_optimizers``), from when
+Lightning wraps it (the start of ``fit``, for one built before the Trainer: :func:`lightning_wrapping`), from its
+first clip through a plugin that keeps another's, and from each of its steps on, that method of the Trainer's
+precision plugin keeps this optimizer's clips for its next step (:class:`_KeptClips`), clipping nothing: Lightning
+clips nothing per rank (so never twice), and the step applies a clip by norm as ``max_grad_norm`` to the averaged
+gradient, on every rank alike, where it clipped the gradient the step takes: one made in the step's closure (automatic
+optimization: the default ``configure_gradient_clipping``) or before ``step()`` on the very gradient it takes (a
+manual ``training_step``, Lightning's recipe; a precision plugin that runs the closure before ``step()``). A clip
+whose gradient was zeroed (the optimizer's ``zero_grad``, :func:`drop_kept_clips`) or replaced before the step took it
+(a skipped step's, or one before a closure that computes the gradient again) is dropped; one followed by another
+backward is refused. Then the step checks what happened: a Trainer whose ``gradient_clip_val`` is set must have
+clipped this optimizer's step through that method, or its ``configure_gradient_clipping`` left the gradient alone (a
+hook that clips on some steps only: :class:`_WatchedHook`), where the step is one of Lightning's loop (its precision
+plugin's ``optimizer_step`` on the call stack; a callback's own ``opt.step()`` is one Lightning never clips), or the
+step raises (a clip it can neither see nor apply: a ``configure_gradient_clipping`` that clips without
+``self.clip_gradients``, a Lightning release that clips elsewhere). ``gradient_clip_algorithm="value"``, two clips in
+one step and a clip with ``max_grad_norm`` also set are refused. The errors are raised in the step and held for its
+record: every rank raises together (the Trainer is configured alike on every rank). Elsewhere (DDP's averaged
+gradients under ``"none"``, one process) Lightning's own clip is exact and is left. No Lightning import: its classes
+are read where the user's program imported them.
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ import weakref
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["clip_difference", "keep_clips", "routed_clip", "running_trainer", "unread_clip_error"]
+__all__ = ["clip_difference", "drop_kept_clips", "keep_clips", "lightning_wrapping", "routed_clip", "running_trainer",
+           "unread_clip_error"]
 
 _TRAINER_MODULES = ("lightning.pytorch", "pytorch_lightning")
 _LOOKUPS: dict[tuple[Any, ...], tuple[tuple[type, ...], frozenset[int]]] = {}  # by the imported modules
@@ -126,13 +131,17 @@ def _clip_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, str]
     return clip_val, _algorithm(args[1] if len(args) > 1 else kwargs.get("gradient_clip_algorithm"))
 
 
-def _missed(optimizer: Any, trainer: Any) -> ValueError:
-    return ValueError(f"Trainer(gradient_clip_val={trainer.gradient_clip_val!r}) with {type(optimizer).__name__}: no "
-                      "clip of it reached the precision plugin's clip_gradients for this step (a "
-                      "configure_gradient_clipping that clips without self.clip_gradients, or skips it, or a Lightning "
-                      f"version that clips elsewhere). {_where(optimizer)}, so that clip would act on the wrong "
-                      "gradient. Pass max_grad_norm to the optimizer instead of gradient_clip_val, or clip through "
-                      "self.clip_gradients.")
+def _missed(optimizer: Any, trainer: Any, hooked: bool) -> ValueError:
+    """``hooked``: the module's ``configure_gradient_clipping`` ran for this step and changed the gradient in place
+    without ``self.clip_gradients`` (a torch clip)."""
+    how = ("its configure_gradient_clipping changed the gradient in place without self.clip_gradients (a torch "
+           "clip_grad_norm_?)" if hooked else "no clip of it reached the precision plugin's clip_gradients for this "
+           "step (a Lightning version that clips elsewhere, or a precision plugin that skips "
+           "configure_gradient_clipping)")
+    return ValueError(f"Trainer(gradient_clip_val={trainer.gradient_clip_val!r}) with {type(optimizer).__name__}: "
+                      f"{how}. {_where(optimizer)}, so that clip would act on the wrong gradient. Pass max_grad_norm "
+                      "to the optimizer instead of gradient_clip_val, or clip through self.clip_gradients (a step "
+                      "whose configure_gradient_clipping leaves the gradient alone is not clipped).")
 
 
 @contextlib.contextmanager
@@ -148,12 +157,15 @@ def routed_clip(optimizer: Any, trainer: Any) -> Iterator[list[float]]:
         yield taken
     finally:  # (dropped where the closure raised)
         kept = optimizer.__dict__.pop("_kept_clips", [])
+        hook = optimizer.__dict__.pop("_clip_hook", None)  # (_WatchedHook: what configure_gradient_clipping did)
     for (clip_val, algorithm), grads in kept:  # after the closure: on the gradient the step takes
         if _still_clipped(optimizer, grads, clip_val):
             _taken_clip(optimizer, taken, clip_val, algorithm)
     # (a step of the user's own, e.g. a callback's opt.step(), is one Lightning never clips: nothing was missed)
-    if not taken and getattr(trainer, "gradient_clip_val", None) and _plugin_steps(trainer, optimizer):
-        raise _missed(optimizer, trainer)
+    # (a configure_gradient_clipping that left the gradient alone skipped this step's clip, as one process does)
+    if (not taken and hook != "skipped" and getattr(trainer, "gradient_clip_val", None)
+            and _plugin_steps(trainer, optimizer)):
+        raise _missed(optimizer, trainer, hook == "changed")
 
 
 def _plugin_steps(trainer: Any, optimizer: Any) -> bool:
@@ -168,38 +180,95 @@ def _plugin_steps(trainer: Any, optimizer: Any) -> bool:
     return False
 
 
-class _KeptClips:
-    """The precision plugin's ``clip_gradients`` (an instance attribute) while its Trainer runs optimizers that take
-    Lightning's clips over (:func:`keep_clips`): a clip of one of ``optimizers`` clips nothing and is kept on that
-    optimizer for its next step, which applies it to the averaged gradient (Lightning clipped each rank's own
-    gradient, silently), or, for one that never reads the gradients (EGN, at any W), refuses it
-    (:func:`unread_clip_error`); other optimizers' clips are Lightning's. A copy or pickle of the plugin gets the
-    plugin's own method back: the stand-in belongs to this run, not to the plugin's state (a weak set cannot be
-    pickled, and a copy would have clipped through the original plugin)."""
+class _StandIn:
+    """A method of the precision plugin stood in for by an instance attribute while its Trainer runs optimizers that
+    take Lightning's clips over (:func:`keep_clips`). A copy or pickle of the plugin gets the plugin's own method
+    back: the stand-in belongs to this run, not to the plugin's state (a weak set cannot be pickled, and a copy would
+    have called the original plugin)."""
+
+    name = ""
 
     def __init__(self, plugin: Any) -> None:
-        self.plugin, self.original = plugin, plugin.clip_gradients
-        self.optimizers: weakref.WeakSet[Any] = weakref.WeakSet()
+        self.plugin, self.original = plugin, getattr(plugin, self.name)
 
     def __reduce__(self) -> tuple[Any, tuple[Any, str]]:
-        return getattr, (self.plugin, "clip_gradients")  # (read before the copy's state: the class's method)
+        return getattr, (self.plugin, self.name)  # (read before the copy's state: the class's method)
+
+
+class _KeptClips(_StandIn):
+    """The plugin's ``clip_gradients``: a clip of one of ``optimizers`` (or of another optimizer that takes
+    Lightning's clips, added then: built before the Trainer, or not Lightning's) clips nothing and is kept on that
+    optimizer for its next step, which applies it to the averaged gradient (Lightning clipped each rank's own
+    gradient, silently), or, for one that never reads the gradients (EGN, at any W), refuses it
+    (:func:`unread_clip_error`); other optimizers' clips are Lightning's."""
+
+    name = "clip_gradients"
+
+    def __init__(self, plugin: Any) -> None:
+        super().__init__(plugin)
+        self.optimizers: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def mine(self, opt: Any) -> Any | None:
+        """The optimizer of ours that ``opt`` is or wraps, registered here (now, where it takes clips), else None."""
+        inner = opt
+        for _ in range(4):  # (to the innermost: Lightning's wrapper subclasses our class, with its own __dict__)
+            if inner in self.optimizers:
+                return inner
+            if (wrapped := getattr(inner, "_optimizer", None)) is None:
+                break
+            inner = wrapped
+        takes = getattr(type(inner), "_takes_lightning_clips", None)
+        if takes is None or not takes(inner):
+            return None
+        self.optimizers.add(inner)
+        return inner
 
     def __call__(self, opt: Any, *args: Any, **kwargs: Any) -> Any:
         # (under a GradScaler ("16-mixed") Lightning refuses the clip for an optimizer that unscales in step(), as
         # under automatic optimization; one process clips the scaled gradient there, which the step would not)
         clip_val, algorithm = _clip_args(args, kwargs)
         kept = clip_val is not None and clip_val > 0 and getattr(self.plugin, "scaler", None) is None
-        for mine in list(self.optimizers) if kept else ():  # (Lightning clips nothing by 0: no gradient_clip_val)
-            if _wraps(opt, mine):
-                mine.__dict__.setdefault("_kept_clips", []).append(((clip_val, algorithm), _grads_now(mine)))
-                return None
-        return self.original(opt, *args, **kwargs)
+        mine = self.mine(opt) if kept else None  # (Lightning clips nothing by 0: no gradient_clip_val)
+        if mine is None:
+            return self.original(opt, *args, **kwargs)
+        mine.__dict__.setdefault("_kept_clips", []).append(((clip_val, algorithm), _grads_now(mine)))
+        return None
+
+
+class _WatchedHook(_StandIn):
+    """The plugin's ``_clip_gradients`` (Lightning's call of the module's ``configure_gradient_clipping`` with the
+    Trainer's ``gradient_clip_val``): notes on the optimizer whether the hook, where it clipped nothing through
+    ``self.clip_gradients``, left the gradient alone (``"skipped"``: one process clips nothing in that step either)
+    or changed it in place (``"changed"``: a clip of its own, per rank), for :func:`routed_clip`. A Lightning
+    release without this method: no note, and a step without a clip is refused as before."""
+
+    name = "_clip_gradients"
+
+    def __init__(self, plugin: Any, clips: _KeptClips) -> None:
+        super().__init__(plugin)
+        self.clips = clips
+
+    def __call__(self, model: Any, opt: Any, clip_val: Any = None, *args: Any, **kwargs: Any) -> Any:
+        mine = self.clips.mine(opt) if clip_val else None  # (no gradient_clip_val: nothing is refused as missed)
+        if mine is None:
+            return self.original(model, opt, clip_val, *args, **kwargs)
+        before, kept = _grads_now(mine), len(mine.__dict__.get("_kept_clips", ()))
+        result = self.original(model, opt, clip_val, *args, **kwargs)
+        if len(mine.__dict__.get("_kept_clips", ())) == kept:
+            mine._clip_hook = "skipped" if _same_grads(before, _grads_now(mine)) else "changed"
+        return result
 
 
 def _grads_now(optimizer: Any) -> list[tuple[weakref.ref[Any], int] | None]:
     """Which gradient a kept clip clipped: each parameter's ``.grad`` (a weak reference) and its version."""
     return [None if p.grad is None else (weakref.ref(p.grad), p.grad._version)
             for group in optimizer.param_groups for p in group["params"]]
+
+
+def _same_grads(was: list[tuple[weakref.ref[Any], int] | None], now: list[tuple[weakref.ref[Any], int] | None]) -> bool:
+    """Whether two :func:`_grads_now` name the very gradient tensors, unchanged."""
+    return all((a is None and b is None) or (a is not None and b is not None and a[0]() is b[0]() and a[1] == b[1])
+               for a, b in zip(was, now))
 
 
 def _still_clipped(optimizer: Any, grads: list[tuple[weakref.ref[Any], int] | None], clip_val: Any) -> bool:
@@ -230,13 +299,41 @@ def _still_clipped(optimizer: Any, grads: list[tuple[weakref.ref[Any], int] | No
 
 def keep_clips(optimizer: Any, trainer: Any) -> None:
     """From now on ``trainer``'s precision plugin keeps ``optimizer``'s clips for its next step (:class:`_KeptClips`).
-    Called where the optimizer is built (``configure_optimizers``: before a manual ``training_step`` clips) and at
-    every step."""
+    Called where the optimizer is built (``configure_optimizers``: before a manual ``training_step`` clips), where
+    Lightning wraps it (:func:`lightning_wrapping`: one built before the Trainer runs) and at every step."""
     plugin = trainer.precision_plugin
     kept = vars(plugin).get("clip_gradients")
     if not isinstance(kept, _KeptClips):
         kept = plugin.clip_gradients = _KeptClips(plugin)
+        if callable(getattr(plugin, _WatchedHook.name, None)):
+            setattr(plugin, _WatchedHook.name, _WatchedHook(plugin, kept))
     kept.optimizers.add(optimizer)
+
+
+def lightning_wrapping(cls: type) -> Any | None:
+    """The optimizer that Lightning's ``LightningOptimizer`` is wrapping, where ``cls`` is the class it makes for
+    that (``type("Lightning" + name, (LightningOptimizer, type(optimizer)), {})``, which calls the optimizer class's
+    ``__init_subclass__``); else None. Lightning wraps every optimizer it runs, when the Trainer sets up (one built
+    before the Trainer, or assigned to ``trainer.optimizers`` later): the first point at which such an optimizer
+    can keep its clips before a manual ``training_step`` clips it."""
+    if not cls.__name__.startswith("Lightning") or len(cls.__bases__) != 2:
+        return None
+    frame: types.FrameType | None = sys._getframe(2)  # (past the __init_subclass__ that asks)
+    for _ in range(4):  # (to LightningOptimizer.__init__, which calls type(); a subclass's hooks in between)
+        if frame is None:
+            return None
+        wrapper = frame.f_locals.get("self")
+        optimizer = getattr(wrapper, "_optimizer", None)
+        if type(wrapper) is cls.__bases__[0] and type(optimizer) is cls.__bases__[1]:
+            return optimizer
+        frame = frame.f_back
+    return None
+
+
+def drop_kept_clips(optimizer: Any) -> None:
+    """``optimizer.zero_grad()``: the clips kept for its next step clipped a gradient that no step takes (one process
+    zeroes the clipped gradient too; a backward then writes a new one into the same tensors)."""
+    optimizer.__dict__.pop("_kept_clips", None)
 
 
 def unread_clip_error(optimizer: Any) -> ValueError | None:

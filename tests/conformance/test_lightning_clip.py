@@ -13,7 +13,13 @@ by norm and by value, equal to one process clipping the full batch's gradient wi
 - ``gradient_clip_val`` beside the optimizer's own ``max_grad_norm``: both clips, one after the other (W = 1,
   ``"none"``); refused under ``"mean"``, where both would bound the averaged gradient's norm.
 
-An optimizer that never reads ``p.grad`` (EGN, ``StepNeeds.BATCH``) is refused on every rank, before any step.
+- By norm, also: ``gradient_clip_val`` with a ``configure_gradient_clipping`` that clips on some steps only (one process
+  clips those; it was refused under "mean"), a manual clip whose gradient ``opt.zero_grad(set_to_none=False)`` zeroed
+  before a new backward (one process steps unclipped; it was refused under "mean"), and the manual recipe with an
+  optimizer built before the Trainer (its first clip was each rank's own under "mean", silently).
+
+An optimizer that never reads ``p.grad`` (EGN, ``StepNeeds.BATCH``) is refused on every rank, before any step (built
+before the Trainer too: it trained with the clip ignored, silently); a clip zeroed since is no clip there either.
 The W = 2 fits run inside one pair of processes (the process group exists, Lightning's ``"ddp"`` joins it), every
 reduction, optimizer and case in turn: Lightning's own launcher forks two processes for each fit.
 """
@@ -43,9 +49,18 @@ MAX_GRAD_NORM = 0.3  # the optimizer's own bound beside gradient_clip_val (case 
 #: training_step before opt.step() ("manual") or in the closure it hands opt.step ("closure", which the step runs);
 #: "both": gradient_clip_val and the optimizer's max_grad_norm (not for EGN, which has none)
 WHERE = ("trainer", "hook", "manual", "closure")
-MANUAL = ("manual", "closure")
+#: by norm only (what each is about holds alike for both algorithms): "some": gradient_clip_val with a
+#: configure_gradient_clipping that clips through self.clip_gradients on even steps only (one process clips those);
+#: "rezeroed": a manual clip, then opt.zero_grad(set_to_none=False) and a new backward before opt.step() (one process
+#: steps on the new gradient, unclipped); "early": the manual recipe with an optimizer built before the Trainer runs
+#: (in the module's __init__; configure_optimizers returns it): its first step is clipped like the others
+LATER = ("some", "rezeroed", "early")
+MANUAL = ("manual", "closure", "rezeroed", "early")
 CASES = [(where, algorithm) for where in WHERE for algorithm in BOUND]
-ALL_CASES = [*CASES, ("both", "norm")]
+ALL_CASES = [*CASES, ("both", "norm"), *((where, "norm") for where in LATER)]
+#: what an optimizer that never reads the gradient refuses (it has no max_grad_norm; "rezeroed" trains, below)
+REFUSED_CASES = [*CASES, ("some", "norm"), ("early", "norm")]
+BATCH_CASES = [*REFUSED_CASES, ("rezeroed", "norm")]
 LAUNCHES = ("mean", "none")
 
 
@@ -72,12 +87,16 @@ class _Module(pl.LightningModule):
         self.net = tiny_mlp(0, torch.float64, sizes=SIZES)
         self.spec, self.where, self.algorithm, self.reduction = spec, where, algorithm, reduction
         self.automatic_optimization = where not in MANUAL
+        self.early = self._build() if where == "early" else None
 
-    def configure_optimizers(self) -> Any:
+    def _build(self) -> Any:
         extra: dict[str, Any] = {"max_grad_norm": MAX_GRAD_NORM} if self.where == "both" else {}
         if self.reduction is not None and takes_kwarg(self.spec, "grad_reduction"):
             extra["grad_reduction"] = self.reduction
         return self.spec.build(self.net, **{**self.spec.test_kwargs, **extra})
+
+    def configure_optimizers(self) -> Any:
+        return self.early if self.early is not None else self._build()
 
     def train_dataloader(self) -> Any:
         steps = [data(t, rank=self.trainer.global_rank, world=self.trainer.world_size) for t in range(STEPS)]
@@ -99,9 +118,12 @@ class _Module(pl.LightningModule):
 
         if self.where == "closure":  # (the closure runs inside the step: its clip too)
             opt.step(backward_and_clip, **batch_kw)
-        else:
-            backward_and_clip()
-            opt.step(**batch_kw)
+            return None
+        backward_and_clip()
+        if self.where == "rezeroed":  # (the clipped gradient is zeroed, the same tensors take a new one)
+            opt.zero_grad(set_to_none=False)
+            self.manual_backward(half_mse(self.net(x), y))
+        opt.step(**batch_kw)
         return None
 
 
@@ -111,7 +133,9 @@ class _ClipsInItsHook(_Module):
 
     def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: Any = None,
                                     gradient_clip_algorithm: Any = None) -> None:
-        self.clip_gradients(optimizer, gradient_clip_val=BOUND[self.algorithm], gradient_clip_algorithm=self.algorithm)
+        if self.where != "some" or self.trainer.global_step % 2 == 0:
+            self.clip_gradients(optimizer, gradient_clip_val=BOUND[self.algorithm],
+                                gradient_clip_algorithm=self.algorithm)
 
 
 def _fit(spec: OptimizerSpec, where: str, algorithm: str, out: Path, world: int = 1,
@@ -119,9 +143,9 @@ def _fit(spec: OptimizerSpec, where: str, algorithm: str, out: Path, world: int 
     """The parameters after ``STEPS`` steps of one fit, or the message of the error it raised."""
     from lightning_soaa.lightning import BatchToOptimizer, LossToOptimizer
 
-    module = (_ClipsInItsHook if where == "hook" else _Module)(spec, where, algorithm, reduction)
+    module = (_ClipsInItsHook if where in ("hook", "some") else _Module)(spec, where, algorithm, reduction)
     clip = ({"gradient_clip_val": BOUND[algorithm], "gradient_clip_algorithm": algorithm}
-            if where in ("trainer", "both") else {})
+            if where in ("trainer", "both", "some") else {})
     # (under manual optimization the step is handed its batch: EGN's one-process step plan takes it there)
     callbacks = [LossToOptimizer(), *([BatchToOptimizer()] if where not in MANUAL else []),
                  *([_NoAveraging()] if reduction == "mean" else [])]
@@ -138,13 +162,17 @@ def _fit(spec: OptimizerSpec, where: str, algorithm: str, out: Path, world: int 
     return params(module.net)
 
 
-def _reference(spec: OptimizerSpec, algorithm: str | None, also: float | None = None) -> list[torch.Tensor]:
-    """One process, the spec's own driver, torch's clip of the full batch's gradient (None: no clip); ``also``: then
-    by that norm too."""
+def _reference(spec: OptimizerSpec, algorithm: str | None, also: float | None = None,
+               every: int = 1) -> list[torch.Tensor]:
+    """One process, the spec's own driver, torch's clip of the full batch's gradient (None: no clip) at every
+    ``every``-th step from the first; ``also``: then by that norm too."""
     model = tiny_mlp(0, torch.float64, sizes=SIZES)
     opt = spec.build(model, **spec.test_kwargs)
+    steps = iter(range(STEPS))
 
     def clip() -> None:
+        if next(steps) % every:
+            return
         if algorithm == "norm":
             torch.nn.utils.clip_grad_norm_(model.parameters(), BOUND["norm"])
         elif algorithm == "value":
@@ -162,7 +190,7 @@ def _launch(rank: int, world: int, out: Path) -> dict[str, dict[tuple[str, str, 
     group)."""
     os.environ.update(LOCAL_RANK=str(rank), NODE_RANK="0", WORLD_SIZE=str(world))
     return {f"W2-{reduction}": {(s.name, w, a): _fit(s, w, a, out / f"{reduction}-{s.name}-{w}-{a}", world, reduction)
-                                for s in SPECS for w, a in (ALL_CASES if s in CLIPPED else CASES)}
+                                for s in SPECS for w, a in (ALL_CASES if s in CLIPPED else BATCH_CASES)}
             for reduction in LAUNCHES}
 
 
@@ -172,7 +200,7 @@ def fits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[tuple[
     tmp = tmp_path_factory.mktemp("lightning_clip")
     out: dict[str, list[dict[tuple[str, str, str], Any]]] = {
         "W1": [{(s.name, w, a): _fit(s, w, a, tmp / f"{s.name}-{w}-{a}") for s in SPECS
-                for w, a in (ALL_CASES if s in CLIPPED else CASES)}]}
+                for w, a in (ALL_CASES if s in CLIPPED else BATCH_CASES)}]}
     ranks = run_distributed(_launch, 2, tmp, tmp / "W2", timeout=300.0)
     return {**out, **{launch: [r[launch] for r in ranks] for launch in ranks[0]}}
 
@@ -182,9 +210,11 @@ def fits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[tuple[
 @pytest.mark.parametrize("spec", CLIPPED, ids=[s.name for s in CLIPPED])
 def test_lightning_clip_equals_one_process_clip(spec: OptimizerSpec, where: str, algorithm: str, launch: str,
                                                 fits: dict[str, list[dict[tuple[str, str, str], Any]]]) -> None:
-    ref = _reference(spec, algorithm, MAX_GRAD_NORM if where == "both" else None)
     unclipped = _reference(spec, None)
-    assert max(float((a - b).abs().max()) for a, b in zip(ref, unclipped)) > 1e-3  # the clip binds
+    # the clip binds (a step that clips differs from one that does not)
+    assert max(float((a - b).abs().max()) for a, b in zip(_reference(spec, algorithm), unclipped)) > 1e-3
+    ref = (unclipped if where == "rezeroed" else
+           _reference(spec, algorithm, MAX_GRAD_NORM if where == "both" else None, 2 if where == "some" else 1))
     needles = _refusal(where, algorithm, launch)
     for rank, res in enumerate(r[(spec.name, where, algorithm)] for r in fits[launch]):
         if needles:
@@ -205,7 +235,7 @@ def _refusal(where: str, algorithm: str, launch: str) -> tuple[str, ...]:
 
 
 @pytest.mark.parametrize("launch", ["W1", *(f"W2-{r}" for r in LAUNCHES)])
-@pytest.mark.parametrize("where,algorithm", CASES, ids=[f"{w}-{a}" for w, a in CASES])
+@pytest.mark.parametrize("where,algorithm", REFUSED_CASES, ids=[f"{w}-{a}" for w, a in REFUSED_CASES])
 @pytest.mark.parametrize("spec", REFUSING, ids=[s.name for s in REFUSING])
 def test_lightning_clip_is_refused_by_an_optimizer_that_never_reads_the_gradient(
         spec: OptimizerSpec, where: str, algorithm: str, launch: str,
@@ -215,3 +245,15 @@ def test_lightning_clip_is_refused_by_an_optimizer_that_never_reads_the_gradient
         assert isinstance(message, str) and message.startswith("ValueError: "), (rank, message)
         assert "never" in message and "the gradients" in message and "bound" in message, (rank, message)
         assert not message.endswith("changed]"), (rank, message)
+
+
+@pytest.mark.parametrize("launch", ["W1", *(f"W2-{r}" for r in LAUNCHES)])
+@pytest.mark.parametrize("spec", REFUSING, ids=[s.name for s in REFUSING])
+def test_a_clip_whose_gradient_was_zeroed_is_no_clip_for_an_optimizer_that_never_reads_it(
+        spec: OptimizerSpec, launch: str, fits: dict[str, list[dict[tuple[str, str, str], Any]]]) -> None:
+    """A clip followed by ``opt.zero_grad(set_to_none=False)`` clipped a gradient no step takes, in one process too:
+    nothing to refuse."""
+    ref = _reference(spec, None)
+    for rank, res in enumerate(r[(spec.name, "rezeroed", "norm")] for r in fits[launch]):
+        assert not isinstance(res, str), f"rank {rank} raised {res}"
+        assert_close(res, ref, f"{spec.name} rezeroed {launch} rank {rank} params")

@@ -6,8 +6,8 @@ the one-process run. The guarantee itself (``gradient_clip_val``, ``configure_gr
 conformance battery (tests/conformance/test_lightning_clip.py). Here, with AdamW (the route is the base class's,
 the same for every optimizer): the precision plugins and closures of other shapes (one that runs the closure before
 ``step()`` included), the refusals of a clip the step cannot take over (made without ``clip_gradients``, on some
-ranks only, twice), a step of the user's own, copies of the plugin, and the manual clips
-of skipped steps."""
+ranks only, twice), a step of the user's own, copies of the plugin, the manual clips
+of skipped steps, and the clip of an optimizer of ours that Lightning does not run."""
 
 import copy
 import pickle
@@ -94,8 +94,8 @@ class _ClipsByItself(TinyRegressor):
 
 
 def test_configure_gradient_clipping_that_clips_by_itself_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(Exception, match=r"gradient_clip_val=0.3.*no clip of it reached the precision plugin's "
-                                        r"clip_gradients.*Pass max_grad_norm"):
+    with pytest.raises(Exception, match=r"gradient_clip_val=0.3.*its configure_gradient_clipping changed the "
+                                        r"gradient in place without self.clip_gradients.*Pass max_grad_norm"):
         _fit(tmp_path, 2, module=_ClipsByItself, gradient_clip_val=CLIP)
 
 
@@ -224,8 +224,9 @@ class _CopiesThePlugin(pl.Callback):
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         plugin = trainer.precision_plugin
         for copied in (pickle.loads(pickle.dumps(plugin)), copy.deepcopy(plugin)):
-            assert copied.clip_gradients.__self__ is copied
-            assert copied.clip_gradients.__func__ is type(plugin).clip_gradients
+            for name in ("clip_gradients", "_clip_gradients"):  # (stood in for: lightning_clip.py)
+                assert getattr(copied, name).__self__ is copied
+                assert getattr(copied, name).__func__ is getattr(type(plugin), name)
 
 
 @pytest.mark.parametrize("module", [TinyRegressor, _ManualTwoOptimizers])
@@ -299,6 +300,41 @@ def test_manual_optimization_clips_the_step_they_were_made_for(module: type[Tiny
     gradient again clipped that new gradient, silently. A clip now applies to the gradient it clipped."""
     ref = _fit(tmp_path / "one", 1, module=module)[0]["params"]
     for rec in _fit(tmp_path / "two", 2, module=module):
+        torch.testing.assert_close(rec["params"], ref, rtol=1e-10, atol=1e-12)
+
+
+class _ManualOwnOptimizer(_ManualTwoOptimizers):
+    """The last layer's optimizer is one of ours built with the module and never handed to Lightning: the
+    ``training_step`` zeroes, clips (``self.clip_gradients``) and steps it itself, beside the one Lightning runs."""
+
+    def __init__(self, factory: OptimizerFactory, batch_size: int = 8) -> None:
+        super().__init__(factory, batch_size=batch_size)
+        self.own = factory(self.net[2])
+
+    def configure_optimizers(self) -> Any:
+        assert self.factory is not None
+        return self.factory(self.net[0])
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        ours = self.optimizers()
+        ours.zero_grad()
+        self.own.zero_grad()
+        x, y = batch
+        loss = F.mse_loss(self(x), y)
+        self.manual_backward(loss)
+        self.clip_gradients(ours, gradient_clip_val=CLIP, gradient_clip_algorithm="norm")
+        self.clip_gradients(self.own, gradient_clip_val=CLIP / 3, gradient_clip_algorithm="norm")
+        ours.step()
+        self.own.step()
+        return loss
+
+
+def test_a_clip_of_an_optimizer_lightning_does_not_run_is_taken_over(tmp_path: Path) -> None:
+    """An optimizer of ours that the Trainer does not run (not returned by configure_optimizers) was registered at its
+    first step only: its first clip clipped each rank's own gradient, silently. The precision plugin, which keeps the
+    clips of the optimizer Lightning runs, now keeps that one's clips too."""
+    ref = _fit(tmp_path / "one", 1, module=_ManualOwnOptimizer)[0]["params"]
+    for rec in _fit(tmp_path / "two", 2, module=_ManualOwnOptimizer):
         torch.testing.assert_close(rec["params"], ref, rtol=1e-10, atol=1e-12)
 
 
