@@ -299,15 +299,18 @@ def test_an_overflow_on_one_rank_skips_a_batch_optimizers_step_on_every_rank(tmp
             assert_identical(got["state"], ref["state"], f"rank {r} {name} state")
 
 
-def _w_batch_no_backward(rank: int, world: int, names: list[str]) -> dict[str, Any]:
-    """``scaler.step(opt, inputs=x, targets=y)`` with no backward before it (the optimizer needs none): what it
-    raised, and whether anything changed."""
+def _w_batch_no_backward(rank: int, world: int, names: list[str], backward_on: tuple[int, ...] = ()
+                         ) -> dict[str, Any]:
+    """``scaler.step(opt, inputs=x, targets=y)`` with no backward before it (the optimizer needs none) on the ranks
+    not in ``backward_on``: what it raised, and whether anything changed."""
     out: dict[str, Any] = {}
     for name in names:
         model, opt = make(get(name))
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
         x, y = data(0, rank=rank, world=world)
-        scaler.scale(half_mse(model(x), y))
+        loss = scaler.scale(half_mse(model(x), y))
+        if rank in backward_on:
+            loss.backward()
         before = params(model)
         try:
             scaler.step(opt, inputs=x, targets=y)
@@ -331,3 +334,17 @@ def test_a_scaler_step_without_a_backward_is_refused_before_the_step(tmp_path: P
             msg = out[name]["error"]
             assert msg.startswith("ValueError") and "hold no gradient" in msg and "without the scaler" in msg, \
                 f"rank {r} {name}: {msg}"
+
+
+@pytest.mark.skipif(not BATCH_SPECS, reason="no registered optimizer steps from the batch")
+def test_a_scaler_step_without_a_backward_on_one_rank_is_refused_on_every_rank(tmp_path: Path) -> None:
+    """W = 2, rank 0 ran the scaled backward and rank 1 did not: rank 1 alone has nothing for the scaler to check
+    (before the contract its scaler raised alone while rank 0 entered the step's collectives; without the refusal
+    rank 1's ``scaler.update()`` raised alone, after a step taken on both). Refused on both ranks, before the step:
+    rank 1 says why, rank 0 names rank 1."""
+    names = [s.name for s in BATCH_SPECS]
+    for r, out in enumerate(run_distributed(_w_batch_no_backward, 2, tmp_path, names, (0,), timeout=90.0)):
+        for name in names:
+            msg = out[name]["error"]
+            want = "hold no gradient" if r == 1 else "rank(s) [1] raised"
+            assert msg.startswith("ValueError") and want in msg, f"rank {r} {name}: {msg}"
