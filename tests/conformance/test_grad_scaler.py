@@ -12,8 +12,9 @@
   unscales the gradients itself; float16 gradients, which torch.amp.GradScaler refuses to unscale (the same
   model raised at W = 1), are refused on every rank, naming the parameter, before anything is written.
 * An optimizer that steps from the batch (``StepNeeds.BATCH``) at W = 2 without DDP, each rank's own scaled
-  backward: an overflow on one rank skips the step on every rank (the run equals the one without that batch),
-  and ``scaler.step`` with no backward before it is refused on every rank before the step.
+  backward: an overflow on one rank skips the step on every rank (the run equals the one without that batch; also
+  for an optimizer built before the process group, at the step that joins it), and ``scaler.step`` with no
+  backward before it, on every rank or on one, is refused on every rank before the step.
 
 Skipped steps under the contract, an overflow on one rank and the unscaled-equals-scaled runs are in
 :mod:`tests.conformance.test_ranks` and :mod:`tests.conformance.test_contract`.
@@ -27,6 +28,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from lightning_soaa.registry import OptimizerSpec, StepNeeds, get, half_mse
@@ -260,21 +262,30 @@ def test_float16_gradients_under_the_scalers_contract_are_refused_on_every_rank(
 BATCH_SPECS = [s for s in SPECS if s.needs is StepNeeds.BATCH]
 
 
-def _w_batch_skip(rank: int, world: int, names: list[str], bad: bool) -> dict[str, Any]:
+def _w_batch_skip(rank: int, world: int, names: list[str], bad: bool, early_store: str | None = None
+                  ) -> dict[str, Any]:
     """Each rank's own scaled backward (no DDP: the optimizer differentiates the bare module itself) and
     ``scaler.step(opt, inputs=x, targets=y)``; at step ``BAD`` rank 1's gradient alone holds an inf. Without
-    ``bad`` that batch is left out."""
+    ``bad`` that batch is left out. ``early_store``: the optimizers are built before the process group (made
+    again on that store), which they join at their first step, and the inf comes at that step."""
     out: dict[str, Any] = {}
+    at = 0 if early_store else BAD
+    if early_store:
+        dist.barrier()  # no rank tears the harness's group down while a peer is still connecting to it
+        dist.destroy_process_group()
+    built = {name: make(get(name)) for name in names}
+    if early_store:
+        dist.init_process_group("gloo", store=dist.FileStore(early_store, world), rank=rank, world_size=world)
     for name in names:
-        model, opt = make(get(name))
+        model, opt = built[name]
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
         for t in range(STEPS):
-            if t == BAD and not bad:
+            if t == at and not bad:
                 continue
             x, y = data(t, rank=rank, world=world)
             opt.zero_grad()
             scaler.scale(half_mse(model(x), y)).backward()
-            if t == BAD and rank == 1:
+            if t == at and rank == 1:
                 next(model.parameters()).grad.view(-1)[0] = float("inf")
             scaler.step(opt, inputs=x, targets=y)
             scaler.update()
@@ -284,13 +295,17 @@ def _w_batch_skip(rank: int, world: int, names: list[str], bad: bool) -> dict[st
 
 
 @pytest.mark.skipif(not BATCH_SPECS, reason="no registered optimizer steps from the batch")
-def test_an_overflow_on_one_rank_skips_a_batch_optimizers_step_on_every_rank(tmp_path: Path) -> None:
+@pytest.mark.parametrize("early", [False, True], ids=["built_after_the_group", "built_before_the_group"])
+def test_an_overflow_on_one_rank_skips_a_batch_optimizers_step_on_every_rank(tmp_path: Path, early: bool) -> None:
     """W = 2 without DDP: each rank's scaler decided from its own gradients whether to call step(), so rank 0
     stepped on batch ``BAD`` while rank 1 skipped it, and rank 0's step paired with rank 1's next one (the
     batches of two iterations solved as one; the last step found no peer). Under the scaler's contract every
-    rank calls step() and the overflow skips it on every rank: the run equals the one without that batch."""
+    rank calls step() and the overflow skips it on every rank: the run equals the one without that batch. Built
+    before the group, the optimizer is single-process until its first step joins it: the scaler reads the flag
+    before that step, which must count the group it will join (read as one process, rank 1 skipped alone)."""
     names = [s.name for s in BATCH_SPECS]
-    runs = [run_distributed(_w_batch_skip, 2, tmp_path, names, bad, timeout=90.0) for bad in (True, False)]
+    runs = [run_distributed(_w_batch_skip, 2, tmp_path, names, bad,
+                            str(tmp_path / f"store-{bad}") if early else None, timeout=90.0) for bad in (True, False)]
     for r, out in enumerate(runs[0]):
         for name in names:
             got, ref = out[name], runs[1][r][name]
