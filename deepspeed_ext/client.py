@@ -199,6 +199,22 @@ def switch_message(saved: str | None, loading: str, *, where: str = "this checkp
             "module and fit without ckpt_path.")
 
 
+def _refuse_module_optimizer(optimizer_cls: type) -> None:
+    """EGN takes the module, not param groups: this client would build it over the groups and EGN's own
+    refusal ("needs the nn.Module itself, not its parameters") would blame a user who built it right."""
+    from lightning_soaa.registry import DeepSpeedLayout, spec_of
+
+    spec = spec_of(optimizer_cls)
+    if spec is not None and spec.ds_layout is DeepSpeedLayout.MODEL:
+        name = optimizer_cls.__name__
+        raise ValueError(
+            f"Invalid DeepSpeedClientOptimizer(optimizer_cls={name}): {name} differentiates the module itself and "
+            f"steps from the batch, so it is not a client over parameters. Pass "
+            f"optimizer=deepspeed_ext.DeepSpeedEGNOptimizer(model, {name}, {{...its options}}) with a config "
+            f"without an optimizer block at ZeRO stage 0, or name it in the config: \"optimizer\": "
+            f"{{\"type\": \"{spec.qualified_name}\", \"params\": {{...}}}} (stage 0).")
+
+
 class DeepSpeedClientOptimizer(torch.optim.Optimizer):
     """Our optimizer as a DeepSpeed client optimizer (see the module docstring for the why).
 
@@ -229,6 +245,7 @@ class DeepSpeedClientOptimizer(torch.optim.Optimizer):
             raise ValueError(f"Invalid zero_stage={zero_stage!r}. Must be one of 0, 1, 2, 3.")
         if layout not in ("elementwise", "structured"):
             raise ValueError(f"Invalid layout={layout!r}. Must be one of 'elementwise', 'structured'.")
+        _refuse_module_optimizer(optimizer_cls)
         self.optimizer_cls = optimizer_cls
         self.hyperparams = dict(hyperparams or {})
         self.zero_stage = zero_stage

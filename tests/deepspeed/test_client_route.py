@@ -74,6 +74,26 @@ def test_client_route_checks_layout_module_and_duplicate_optimizer():
     assert not torch.distributed.is_initialized()
 
 
+@pytest.mark.parametrize("layout", ["elementwise", "structured"])
+def test_an_egn_built_in_code_is_pointed_to_its_own_client(layout):
+    """Found by a docs hunter: the README's route for an optimizer built in code,
+    ``DeepSpeedClientOptimizer.from_optimizer(opt, ...)``, given an EGN (built over the module, as EGN must be)
+    failed with "Invalid model=list. EGN needs the nn.Module itself ..., not its parameters", which blamed the
+    user for what the client did (it hands its optimizer param groups). Now the client refuses EGN itself,
+    naming the route that takes it."""
+    import deepspeed_ext
+    from deepspeed_ext.client import DeepSpeedClientOptimizer
+    from lightning_soaa.optim.egn import EGN
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    with pytest.raises(ValueError, match=r"DeepSpeedClientOptimizer\(optimizer_cls=EGN\).*"
+                                         r"deepspeed_ext.DeepSpeedEGNOptimizer\(model, EGN, \{.*stage 0"):
+        DeepSpeedClientOptimizer.from_optimizer(EGN(model, loss="mse"), zero_stage=0, layout=layout)
+    with pytest.raises(ValueError, match=r"DeepSpeedEGNOptimizer"):
+        deepspeed_ext.DeepSpeedClientOptimizer(model.parameters(), EGN, {"loss": "mse"}, zero_stage=0)
+    assert not torch.distributed.is_initialized()
+
+
 def test_asgo_named_in_the_json_steps_an_embedding_named_wte_by_adamw(tmp_path):
     """Found by a hunter: a JSON naming ``lightning_soaa.ASGO``/``DASGO``, given the model alone, handed the
     optimizer bare parameters and their names, so an ``nn.Embedding`` named ``wte`` (no "emb" in its name)
