@@ -76,7 +76,6 @@ __all__ = [
     "grad_log_exact",
     "GRAD_LOG_SLOT",
     "MOVED_SLOT",
-    "MOVED_FIRST_SLOT",
     "moved_digest",
     "param_digest",
     "param_sums",
@@ -92,7 +91,6 @@ __all__ = [
     "meeting_table",
     "meeting_rows",
     "other_instances",
-    "step_rows",
     "step_row_values",
     "StepVerdict",
     "read_step_rows",
@@ -123,9 +121,8 @@ CONSTRUCTION_WIDTH = 16
 #: step counter, the replica check's flag (1: this rank compares its parameters at this step), the
 #: parameter digest, the optimizer instance's id (:func:`instance_id`) and Σ log2 ‖g_i‖² over the compared
 #: gradients (:data:`GRAD_LOG_SLOT`), then the digest of the parameters changed in place since the optimizer last
-#: wrote them and 1 + the index of the first (:data:`MOVED_SLOT`). The same layout on every rank and at every step,
-#: whether or not a value is used.
-STEP_ROW = 11
+#: wrote them (:data:`MOVED_SLOT`). The same layout on every rank and at every step, whether or not a value is used.
+STEP_ROW = 10
 
 #: the step record's summed values (the non-finite flag and the count of ranks with a gradient first) are
 #: padded to this many, so that the step's
@@ -148,12 +145,13 @@ ERROR_SLOT, INSTANCE_SLOT = 0, 7
 GRAD_LOG_SLOT = 8
 
 #: where a rank's row holds :func:`moved_digest` of the parameters something other than the optimizer changed in
-#: place since its last step (0: none), and 1 + the first one's index (0: none). A replica's forward that writes
-#: its own parameters (nn.Embedding(max_norm=...) renormalises the rows of this rank's batch) leaves the ranks
-#: with different weights, each block is then updated from its owner's copy alone, and the run silently left
-#: the one-process run (AdamW: 1.6e-3 off at W = 2 in 4 steps); an in-place change made alike on every rank
-#: (clipping after the step) digests alike and passes.
-MOVED_SLOT, MOVED_FIRST_SLOT = 9, 10
+#: place since its last step (0: none). A replica's forward that writes its own parameters (nn.Embedding(max_norm=...)
+#: renormalises the rows of this rank's batch) leaves the ranks with different weights, each block is then updated
+#: from its owner's copy alone, and the run silently left the one-process run (AdamW: 1.6e-3 off at W = 2 in 4
+#: steps); an in-place change made alike on every rank (clipping after the step) digests alike and passes. Which
+#: parameter differs is found by comparing the whole parameters once a digest differs (the optimizer's
+#: ``_replicas_differ``), so the row holds no index.
+MOVED_SLOT = 9
 
 #: the error slot's value of a rank whose error is an out of memory. Each rank writes only its own row, so the
 #: summed table keeps it.
@@ -697,9 +695,9 @@ def instance_id(construction: Tensor, ordinal: int) -> int:
 
 def step_row_values(rank: int, world: int, *, error: float, hyper: int, grad_sq: float, grad_count: int,
                     steps: int = 0, replica_check: bool = False, params_digest: int = 0,
-                    instance: int = 0, grad_logs: float = 0.0, moved: tuple[int, int] = (0, 0)) -> list[float]:
-    """:func:`step_rows` as a list of floats (what the step packs into its vector). ``error``: a bool, or
-    :func:`error_flag`'s value; ``moved``: the :data:`MOVED_SLOT` pair."""
+                    instance: int = 0, grad_logs: float = 0.0, moved: int = 0) -> list[float]:
+    """The ``[world * STEP_ROW]`` block of the step's all-reduce as floats: this rank's row, zeros elsewhere.
+    ``error``: a bool, or :func:`error_flag`'s value; ``moved``: the :data:`MOVED_SLOT` digest."""
     out = [0.0] * (world * STEP_ROW)
     # A non-finite Σ‖g‖² is reported through the non-finite flag; zero keeps the row comparable.
     out[rank * STEP_ROW:(rank + 1) * STEP_ROW] = [float(error), float(hyper),
@@ -707,16 +705,8 @@ def step_row_values(rank: int, world: int, *, error: float, hyper: int, grad_sq:
                                                   float(steps), 1.0 if replica_check else 0.0,
                                                   float(params_digest), float(instance),
                                                   grad_logs if math.isfinite(grad_logs) else 0.0,
-                                                  float(moved[0]), float(moved[1])]
+                                                  float(moved)]
     return out
-
-
-def step_rows(rank: int, world: int, *, error: float, hyper: int, grad_sq: float, grad_count: int,
-              steps: int = 0, replica_check: bool = False, params_digest: int = 0, instance: int = 0) -> Tensor:
-    """The ``[world * STEP_ROW]`` fp64 block of the step's all-reduce: this rank's row, zeros elsewhere."""
-    return torch.tensor(step_row_values(rank, world, error=error, hyper=hyper, grad_sq=grad_sq,
-                                        grad_count=grad_count, steps=steps, replica_check=replica_check,
-                                        params_digest=params_digest, instance=instance), dtype=torch.float64)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -742,12 +732,6 @@ class StepVerdict:
     error_flags: list[float] = dataclasses.field(default_factory=list)
     #: ranks whose parameters changed in place since the last step differ from rank 0's (:data:`MOVED_SLOT`)
     moved_ranks: list[int] = dataclasses.field(default_factory=list)
-    #: the index of the first parameter changed in place on any rank (-1: none)
-    moved_first: int = -1
-    #: whether ``moved_first`` was changed on some ranks only (their first changed indices differ): then it is
-    #: one that differs; else every rank changed it first, and the one that differs may be another (each row
-    #: holds one index)
-    moved_first_differs: bool = False
 
 
 def read_step_rows(rows: Tensor | Sequence[float], world: int, compare_grads: bool,
@@ -779,11 +763,8 @@ def read_step_rows(rows: Tensor | Sequence[float], world: int, compare_grads: bo
     # was then re-synced by a broadcast of p.data, which moves no version counter, would be refused for ever)
     whole_equal = digests and not params
     moved = [] if whole_equal else [r for r in range(world) if m[r][MOVED_SLOT] != m[0][MOVED_SLOT]]
-    each_first = [int(m[r][MOVED_FIRST_SLOT]) for r in range(world)]  # 0: none changed on that rank
-    firsts = [f for f in each_first if f > 0]
     return StepVerdict(errors, hyper, grads, steps if len(set(steps)) > 1 else [], checks, params,
                        replicated=whole_equal and world > 1, gradless_ranks=gradless,
                        instance_ranks=instances,
                        error_flags=[m[r][ERROR_SLOT] for r in range(world)],
-                       moved_ranks=moved, moved_first=min(firsts) - 1 if firsts else -1,
-                       moved_first_differs=len(set(each_first)) > 1)
+                       moved_ranks=moved)
