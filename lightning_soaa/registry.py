@@ -31,6 +31,7 @@ __all__ = [
     "FirstArg",
     "OptimizerSpec",
     "StepNeeds",
+    "dtensor_class_names",
     "get",
     "lookup",
     "names",
@@ -150,6 +151,12 @@ class OptimizerSpec:
     def load(self) -> type[torch.optim.Optimizer]:
         """The optimizer class (imports its module on first use)."""
         return _load(self.class_path)
+
+    @property
+    def supports_dtensor(self) -> bool:
+        """Whether the optimizer takes DTensor (FSDP2 ``fully_shard``) parameters: its class's own
+        ``supports_dtensor`` (imports the class); one that does not refuses them at construction."""
+        return bool(getattr(self.load(), "supports_dtensor", False))
 
     def load_config(self) -> type:
         """The optimizer's frozen hyperparameter config class."""
@@ -302,6 +309,12 @@ def get(name: str) -> OptimizerSpec:
     if spec is None:
         raise ValueError(f"Invalid optimizer={name!r}. Must be one of {', '.join(qualified_names())}.")
     return spec
+
+
+def dtensor_class_names() -> list[str]:
+    """The class names of the optimizers that take DTensor parameters, in registry order: what a refusal of
+    DTensor parameters offers instead (imports every optimizer class)."""
+    return [s.attr for s in REGISTRY if s.supports_dtensor]
 
 
 def spec_of(optimizer: Any) -> OptimizerSpec | None:

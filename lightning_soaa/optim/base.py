@@ -1100,7 +1100,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
                         type(self).__name__, ", ".join(plain[:5]) + (" ..." if len(plain) > 5 else ""))
 
     def _dtensor_refusal(self) -> Exception:
-        return ValueError(f"{type(self).__name__} does not support DTensor (FSDP2) parameters.")
+        from lightning_soaa import registry  # (here: the registry loads the optimizer classes, this one's too)
+
+        return ValueError(f"{type(self).__name__} does not support DTensor (FSDP2) parameters: train it on a model "
+                          f"that is not fully_shard'ed, or under FSDP2 use one of "
+                          f"{', '.join(registry.dtensor_class_names())}.")
 
     def _consolidating(self) -> bool:
         """Whether checkpoints need a collective (state spread over ranks: ZeRO blocks or DTensor shards)."""

@@ -819,10 +819,13 @@ class EGN(ShardedOptimizer):
         return super()._hyperparameter_error()
 
     def _dtensor_refusal(self) -> Exception:
+        from lightning_soaa import registry  # (here: the registry loads the optimizer classes, this one's too)
+
         return ValueError(
             "EGN does not support DTensor (FSDP2 fully_shard / ModelParallelStrategy) parameters. EGN "
             "shards its own state over ranks: run it on a model that is not fully_shard'ed (plain "
-            "torchrun, DDP, or Lightning's DDPStrategy); under FSDP2 use SOAA, ASGO, DASGO or ShardedAdamW."
+            "torchrun, DDP, or Lightning's DDPStrategy); under FSDP2 use one of "
+            f"{', '.join(registry.dtensor_class_names())}."
         )
 
     #: its parameter check refuses a conversion after construction even before the first step (its

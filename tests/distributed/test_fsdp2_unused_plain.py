@@ -20,8 +20,8 @@ from tests.harness.distributed import run_distributed
 
 UNUSED_AT = 2  # from this step on the last Linear (plain tensors) has no gradient
 #: asgo_wide is left out: under FSDP2 its row-sharded matrices take the other side than one process
-#: (tests/fsdp2 compares it with a patched reference); asgo_tall covers ASGO
-NAMES = [c[0] for c in W.CASES if c[0] != "asgo_wide"]
+#: (tests/fsdp2 compares it with a patched reference); the optimizer cases cover ASGO
+NAMES = [c[0] for c in W.OPTIMIZER_CASES]
 
 
 def _run(name: str, rank: int, world: int, mesh: Any, how: str) -> list[torch.Tensor]:

@@ -16,24 +16,29 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lightning_soaa import ASGO, DASGO, SOAA, ShardedAdamW
+from lightning_soaa import ASGO, DASGO, SOAA, ShardedAdamW, registry
 from lightning_soaa.optim import base
+from lightning_soaa.registry import OptimizerSpec, StepNeeds
 from tests.harness.models import forward_only_step, loss_fn, tiny_mlp
 
 N = 8  # global rows per step (divisible by 1, 2 and 4)
 TALL = (3, 5, 7, 9)  # weights 5x3, 7x5, 9x7: rows >= cols, so ASGO's right side is also the unsharded choice
 WIDE = (9, 7, 5, 3)  # weights 7x9, 5x7, 3x5: rows < cols, unsharded ASGO preconditions the left side
 STEPS = 4
-CKPT_AT = 3  # odd: the resumed step 4 reuses ASGO's stored root (asgo_tall: root_every=2)
+CKPT_AT = 3  # the resumed step 4 reuses a root ASGO stored at step 3 (the registry's root_every="auto")
 
-#: (name, class, kwargs, model sizes)
-CASES: list[tuple[str, type, dict[str, Any], tuple[int, ...]]] = [
-    ("soaa", SOAA, dict(lr=3e-2, gamma=0.3, weight_decay=0.01), TALL),
-    ("adamw", ShardedAdamW, dict(lr=3e-2), TALL),
-    ("dasgo", DASGO, dict(lr=2e-2, eps=1e-2), WIDE),
-    ("asgo_tall", ASGO, dict(lr=2e-2, max_block_size=4, root_every=2, damping=1e-6), TALL),
-    ("asgo_wide", ASGO, dict(lr=2e-2, damping=1e-6, root_every="auto"), WIDE),  # auto: its extra state in DCP
-]
+Case = tuple[str, type, dict[str, Any], tuple[int, ...]]
+#: (name, class, kwargs, model sizes): every registered optimizer that takes DTensors, named in lower case, with
+#: the registry's test hyperparameters (which exercise all of its state: ASGO's split blocks and stored roots, its
+#: "auto" state in DCP), on the TALL model (rows >= cols: ASGO's side is the one-process choice, so every run
+#: equals the plain one). Each guarantee of this suite is checked for each, and for the next one registered.
+OPTIMIZER_CASES: list[Case] = [(s.name.lower(), s.load(), dict(s.test_kwargs), TALL)
+                               for s in registry.REGISTRY if s.supports_dtensor]
+#: the registered optimizers that refuse DTensor parameters (EGN): each is checked to refuse them on every rank
+REFUSING: list[OptimizerSpec] = [s for s in registry.REGISTRY if not s.supports_dtensor]
+#: the optimizer cases and ASGO's own on the WIDE model, where FSDP2 preconditions the other side than one process
+#: (tests/fsdp2/test_fsdp2.py compares it with a reference whose side is forced)
+CASES: list[Case] = [*OPTIMIZER_CASES, ("asgo_wide", ASGO, dict(registry.get("ASGO").test_kwargs), WIDE)]
 CASE = {c[0]: c for c in CASES}
 #: the options a case ran with in a version before ASGO's ``nesterov`` existed (the paper's rule, False: the
 #: default since is True), what a checkpoint of such a version was trained with
@@ -57,9 +62,16 @@ def train_step(model: nn.Module, opt: Any, x: torch.Tensor, y: torch.Tensor) -> 
     opt.zero_grad()
     loss = loss_fn(model, x, y)
     loss.backward()
-    if isinstance(opt, SOAA):
-        opt.set_loss(loss)
+    hand_loss(opt, loss)
     opt.step()
+
+
+def hand_loss(opt: Any, loss: torch.Tensor) -> None:
+    """Give ``opt`` the loss where its registry entry says its step needs it (SOAA)."""
+    spec = registry.spec_of(opt)
+    assert spec is not None and spec.needs is not StepNeeds.BATCH, f"teach train_step to step {type(opt).__name__}"
+    if spec.needs is StepNeeds.LOSS:
+        opt.set_loss(loss)
 
 
 #: SOAA's global scalars: the trust-region sums enter them, so a sum counted twice (an HSDP replica)
@@ -201,12 +213,11 @@ def bad_combinations(rank: int, world_size: int) -> dict[str, str]:
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    from lightning_soaa import EGN
-
     mesh = make_mesh(world_size, False)
     out: dict[str, str] = {}
     model = sharded_model(WIDE, mesh)
-    out["egn"] = expect_error(lambda: EGN(model, loss="mse"))
+    for spec in REFUSING:
+        out[f"refuses_{spec.name}"] = expect_error(lambda spec=spec: spec.build(model, **spec.test_kwargs))
     col = tiny_mlp(sizes=(8, 4, 4))  # FSDP2 needs Shard(1) dims divisible by W
     fully_shard(col, mesh=mesh, shard_placement_fn=lambda p: Shard(1) if p.dim() == 2 else Shard(0))
     out["asgo_shard1"] = expect_error(lambda: ASGO(col.named_parameters()))
@@ -214,9 +225,12 @@ def bad_combinations(rank: int, world_size: int) -> dict[str, str]:
     solo = init_device_mesh("cpu", (world_size,), mesh_dim_names=("other",))
     a = nn.Parameter(distribute_tensor(torch.zeros(4, 3, dtype=torch.float64), mesh, [Shard(0)]))
     b = nn.Parameter(distribute_tensor(torch.zeros(4, 3, dtype=torch.float64), solo, [Shard(0)]))
-    out["two_meshes"] = expect_error(lambda: SOAA([a, b]))
-    out["add_group"] = expect_error(lambda: SOAA([a]).add_param_group({"params": [nn.Parameter(torch.zeros(2))]}))
-    out["fsdp_tp"] = expect_error(lambda: SOAA(_fsdp_over_tp(world_size).named_parameters()))
+    over_tp = _fsdp_over_tp(world_size)
+    for name, cls, kw, _ in OPTIMIZER_CASES:
+        out[f"two_meshes_{name}"] = expect_error(lambda cls=cls, kw=kw: cls([a, b], **kw))
+        out[f"add_group_{name}"] = expect_error(
+            lambda cls=cls, kw=kw: cls([a], **kw).add_param_group({"params": [nn.Parameter(torch.zeros(2))]}))
+        out[f"fsdp_tp_{name}"] = expect_error(lambda cls=cls, kw=kw: cls(over_tp.named_parameters(), **kw))
     return out
 
 
@@ -339,8 +353,7 @@ def eval_forward_before_step(rank: int, world_size: int) -> dict[str, Any]:
                 if evaluate:
                     with torch.no_grad():
                         loss_fn(model, x, y)  # e.g. a metric, logged before the step
-                if isinstance(opt, SOAA):
-                    opt.set_loss(loss)
+                hand_loss(opt, loss)
                 opt.step()
             out[name, evaluate] = [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
                                    for g in opt.param_groups for p in g["params"]]
@@ -549,8 +562,8 @@ def two_groups_roundtrip(rank: int, world_size: int, root: str) -> dict[str, Any
 
 
 # ------------------------------------------------- full-file checkpoints between plain runs and FSDP2
-#: the cases whose FSDP2 run equals the plain one (asgo_tall: a parameter cut into two blocks)
-SWITCH_CASES = ("soaa", "adamw", "asgo_tall")
+#: the cases whose FSDP2 run equals the plain one (ASGO's: a parameter cut into two blocks)
+SWITCH_CASES = tuple(name for name, *_ in OPTIMIZER_CASES)
 
 
 def plain_checkpoint(name: str) -> dict[str, Any]:
@@ -702,8 +715,6 @@ def built_before_fully_shard(rank: int, world_size: int) -> dict[str, dict[str, 
     The stale originals never get a gradient again, so such an optimizer trained nothing (it warned once)."""
     from torch.distributed.fsdp import fully_shard
 
-    from lightning_soaa import registry
-
     mesh = make_mesh(world_size, False)
     out: dict[str, dict[str, Any]] = {}
     for name in registry.names():
@@ -804,15 +815,12 @@ def built_after_a_forward(rank: int, world_size: int) -> dict[str, dict[str, Any
     parameters (as full tensors) changed."""
     from torch.distributed.fsdp import fully_shard
 
-    from lightning_soaa import registry
-    from lightning_soaa.registry import StepNeeds
-
     mesh = make_mesh(world_size, False)
     out: dict[str, dict[str, Any]] = {}
-    for name in registry.names():
-        spec = registry.get(name)
-        if spec.needs is StepNeeds.BATCH:
-            continue  # (EGN refuses FSDP2's DTensor parameters at construction)
+    for spec in registry.REGISTRY:
+        if not spec.supports_dtensor:
+            continue  # (refused at construction: bad_combinations)
+        name = spec.name
         for case in ("forward", "kept", "resharded"):
             model = tiny_mlp(sizes=TALL)
             for lin in [m for m in model if isinstance(m, nn.Linear)][:-1]:

@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 import lightning_soaa.functional.asgo as asgo_functional
-from lightning_soaa import SOAA
+from lightning_soaa import registry
+from lightning_soaa.registry import FirstArg
 from tests.fsdp2 import _workers as W
 from tests.harness.distributed import run_distributed
 from tests.harness.models import loss_fn, tiny_mlp
@@ -111,16 +112,18 @@ def _assert_equal(results: list[dict[str, Any]], refs: dict[str, dict[str, Any]]
                 assert torch.equal(a, b), f"{what} {name}: ranks disagree"
 
 
+#: the all-reduces a case's step makes besides the record's one scalar all-reduce (ASGO/DASGO: statistics, norms)
+MORE_ALL_REDUCES = {"asgo": 2, "dasgo": 2, "asgo_wide": 2}
+
+
 def _assert_collectives(results: list[dict[str, Any]], plain_last: bool = False) -> None:
-    """No parameter all-gather (FSDP2 owns the parameters): SOAA/AdamW one scalar all-reduce, ASGO/DASGO
-    two more (statistics, norms); one more for the mean of the plain tensors' gradients, and before it the
+    """No parameter all-gather (FSDP2 owns the parameters): one scalar all-reduce and those of
+    MORE_ALL_REDUCES; one more for the mean of the plain tensors' gradients, and before it the
     order check of grad_reduction="mean" where several optimizers were built over the group."""
     extra = 1 if plain_last else 0
     for res in results:
-        assert res["soaa"]["calls"] == {"all_reduce": 1 + extra + res["soaa"]["order_check"]}
-        assert res["adamw"]["calls"] == {"all_reduce": 1 + extra + res["adamw"]["order_check"]}
-        for name in ("dasgo", "asgo_tall", "asgo_wide"):
-            want = 3 + extra + res[name]["order_check"]
+        for name, *_ in W.CASES:
+            want = 1 + MORE_ALL_REDUCES.get(name, 0) + extra + res[name]["order_check"]
             assert res[name]["calls"] == {"all_reduce": want}, (name, res[name]["calls"])
 
 
@@ -152,16 +155,21 @@ def test_checkpoint_misuse_is_refused_on_every_rank(w2_run):
 
 
 def test_bad_combinations_raise_on_every_rank(w2_run):
+    """Every registered optimizer that takes DTensors refuses each bad layout; each one that does not (EGN)
+    refuses DTensor parameters, naming itself and what to use instead."""
     results, _ = w2_run
-    expected = {
-        "egn": "EGN does not support DTensor",
-        "asgo_shard1": "only row sharding",
-        "dasgo_shard1": "only row sharding",
-        "two_meshes": "must share one device mesh",
-        "add_group": "add_param_group is not supported with DTensor",
-        "fsdp_tp": "FSDP2 combined with tensor parallelism",
-    }
+    expected = {"asgo_shard1": "only row sharding", "dasgo_shard1": "only row sharding"}
+    for spec in W.REFUSING:
+        expected[f"refuses_{spec.name}"] = f"ValueError: {spec.load().__name__} does not support DTensor"
+    for name, *_ in W.OPTIMIZER_CASES:
+        expected.update({f"two_meshes_{name}": "must share one device mesh",
+                         f"add_group_{name}": "add_param_group is not supported with DTensor",
+                         f"fsdp_tp_{name}": "FSDP2 combined with tensor parallelism"})
     for r, res in enumerate(results):
+        assert set(res["errors"]) == set(expected), (r, sorted(res["errors"]))
+        for spec in W.REFUSING:  # and says what to use instead: every optimizer that takes them
+            said = res["errors"][f"refuses_{spec.name}"]
+            assert all(name in said for name in registry.dtensor_class_names()), (r, said)
         for key, text in expected.items():
             assert text in res["errors"][key], f"rank {r} {key}: {res['errors'][key]}"
 
@@ -174,9 +182,11 @@ def test_parameters_fully_shard_replaced_are_refused_on_every_rank(w2_run):
     ``fully_shard``; nothing changes. EGN (which refuses DTensor parameters) built before is refused alike."""
     results, _ = w2_run
     for r, res in enumerate(results):
+        assert sorted(res["built_before"]) == sorted(registry.names()), r
         for name, got in res["built_before"].items():
-            for when in ("built_before",) if name == "EGN" else ("built_before", "list_taken_before"):
-                msg = got[when]  # (EGN takes the module, not a list)
+            takes_module = registry.get(name).first_arg is FirstArg.MODULE  # (EGN: the module, not a list)
+            for when in ("built_before",) if takes_module else ("built_before", "list_taken_before"):
+                msg = got[when]
                 assert "'0.weight' was given to FSDP2's fully_shard" in msg, f"rank {r} {name} {when}: {msg}"
                 assert got[when + "_unchanged"], f"rank {r} {name} {when}: the model changed"
 
@@ -314,9 +324,9 @@ def test_dcp_state_dict_is_torch_shaped_and_validated(w2_run):
         soaa = saved["soaa"]["state"]
         assert soaa["0.weight"]["exp_avg"] == ("DTensor", "(Shard(dim=0),)", (5, 3), ((3, 3), (2, 3))[r])
         assert soaa["0.weight"]["step"] == ("Tensor", ())
-        asgo = saved["asgo_tall"]["state"]["0.weight"]  # 5x3, right side: k = 3 <= max_block_size
+        asgo = saved["asgo"]["state"]["0.weight"]  # 5x3, right side: k = 3 <= max_block_size
         assert asgo["gram"] == ("Tensor", (3, 3)) and asgo["exp_avg"][0] == "DTensor"
-        split = saved["asgo_tall"]["state"]["4.weight"]  # 9x7: 7 columns cut into blocks of <= 4
+        split = saved["asgo"]["state"]["4.weight"]  # 9x7: 7 columns cut into blocks of <= 4
         assert sorted(split) == ["block0", "block1"], split
         assert split["block1"]["exp_avg"][:3] == ("DTensor", "(Shard(dim=0),)", (9, 3))
         assert "saved by 'SOAA', not 'ShardedAdamW'" in saved["wrong_optimizer"], saved["wrong_optimizer"]
@@ -367,10 +377,12 @@ def test_dcp_checkpoints_of_earlier_versions_resume(tmp_path: Path):
         _assert_equal([{name: res[f"{name}_{form}"] for name, *_ in W.CASES} for res in results], references,
                       f"resumed from a DCP checkpoint of an earlier version ({form})")
         for res in results:
-            assert res[f"asgo_tall_{form}"]["nesterov"] == [False] == res[f"asgo_wide_{form}"]["nesterov"], res
+            assert res[f"asgo_{form}"]["nesterov"] == [False] == res[f"asgo_wide_{form}"]["nesterov"], res
+        kw = W.CASE["asgo_wide"][2]
+        kept = f"root_max_every={kw['root_max_every']}, root_tol={kw['root_tol']}"  # (as the optimizer was built)
         for res in results:  # options such a checkpoint cannot give are said, with the values kept (reviewer)
             said = " ".join(res[f"asgo_wide_{form}"]["said"])
-            assert "written by an earlier lightning_soaa" in said and "root_max_every=10, root_tol=0.05" in said, said
+            assert "written by an earlier lightning_soaa" in said and kept in said, said
             assert "max_block_size" not in said and "batch_dims" not in said, said  # checked by the layout
             assert "max_grad_norm" not in said, said  # added since, at the value those versions ran (None)
             assert not res[f"soaa_{form}"]["said"], res[f"soaa_{form}"]["said"]  # nothing moved: nothing lost
@@ -476,8 +488,7 @@ def _backward_without_middle_grad_on_rank0(model: Any, opt: Any, sizes: Any, ran
     loss.backward()
     if rank == 0:
         model[2].weight.grad = None
-    if isinstance(opt, SOAA):
-        opt.set_loss(loss)
+    W.hand_loss(opt, loss)
 
 
 def _gradient_on_some_ranks(rank: int, world_size: int) -> dict[str, Any]:
@@ -519,7 +530,7 @@ def _branch_on_some_ranks(rank: int, world_size: int) -> dict[str, Any]:
     from torch.distributed.fsdp import fully_shard
 
     out: dict[str, Any] = {}
-    for name, cls, kw, _ in W.CASES[1:4]:  # ShardedAdamW, DASGO, ASGO
+    for name, cls, kw, _ in W.OPTIMIZER_CASES:
         model, mesh = _Branches(), W.make_mesh(world_size, False)
         for sub in (model.a, model.b, model.c):
             fully_shard(sub, mesh=mesh)
@@ -554,7 +565,7 @@ def test_a_fully_shard_branch_run_on_some_ranks_only_is_refused_on_every_rank(tm
     rank 1's of head c and wrote their mixture as both gradients, and every optimizer stepped on it silently
     (ASGO/DASGO's mesh sums had equal sizes, so they summed b's statistics with c's). Refused, nothing changed."""
     for r, res in enumerate(run_distributed(_branch_on_some_ranks, 2, tmp_path, timeout=180)):
-        for name, *_ in W.CASES[1:4]:
+        for name, *_ in W.OPTIMIZER_CASES:
             got = res[name]
             assert "parameter 'b.0.weight' has a gradient on rank(s) [0] and none on rank(s) [1]" in got["said"], (
                 name, r, got)

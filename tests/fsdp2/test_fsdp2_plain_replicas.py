@@ -21,7 +21,7 @@ import torch.distributed as dist
 from tests.fsdp2 import _workers as W
 from tests.harness.distributed import run_distributed
 
-OPTIMIZERS = W.CASES[:4]  # SOAA, ShardedAdamW, DASGO, ASGO
+OPTIMIZERS = W.OPTIMIZER_CASES
 
 
 def _step(model: Any, opt: Any, t: int, sizes: Any, rank: int, world_size: int) -> str:

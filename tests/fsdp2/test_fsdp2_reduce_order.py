@@ -20,12 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_soaa import SOAA
 from tests.fsdp2 import _workers as W
 from tests.harness.distributed import run_distributed
 from tests.harness.models import loss_fn, tiny_mlp
 
-OPTIMIZERS = W.CASES[:4]  # SOAA, ShardedAdamW, DASGO, ASGO (tall weights: ASGO's side is the unsharded choice)
+OPTIMIZERS = W.OPTIMIZER_CASES  # (tall weights: ASGO's side is the unsharded choice)
 
 
 class _Heads(nn.Module):
@@ -71,8 +70,7 @@ def _accumulate(model: Any, opt: Any, micro: list[tuple[str, torch.Tensor, torch
         loss = loss_fn(model, x, y) / len(micro)
         loss.backward()
         total += loss.detach()
-    if isinstance(opt, SOAA):
-        opt.set_loss(total)
+    W.hand_loss(opt, total)
     opt.step()
 
 
