@@ -158,8 +158,9 @@ class ShardingConfig:
             construction or ``load_state_dict``; with ``"none"`` too (weights loaded on rank 0 only after
             DDP's wrap).
         replica_check_every: every this many steps (W > 1 replicas: sharded ranks, an FSDP2 model's plain
-            parameters) the step compares a bitwise digest of the replicated parameters across ranks, in its
-            existing all-reduce, and refuses on every rank where they differ. It catches writes made on some
+            parameters with ``grad_reduction="mean"``; under ``"none"`` their gradients are compared to a
+            tolerance, so honest copies may drift in their last bits) the step compares a bitwise digest of
+            the replicated parameters across ranks, in its existing all-reduce, and refuses on every rank where they differ. It catches writes made on some
             ranks only that move no version counter, which the per-step in-place check cannot see
             (``p.data.mul_``, ``p.data = t``, a NumPy view of a parameter): the sharded optimizers silently
             trained on a mix of each owner's blocks, EGN's replicas stayed apart. ``0`` turns it off. The
