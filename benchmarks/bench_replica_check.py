@@ -12,9 +12,14 @@ Reported (medians, ms): ``iter_off``/``iter_check``, ``step_off``/``step_check``
 ``check_ms`` (``step_check - step_off``) and its share amortised over ``N`` steps at the default ``N``:
 ``check_ms / N / iter_off`` (and ``/ step_off``, the stricter ratio).
 
+Writes ``benchmarks/results/bench_replica_check.json`` and ``.png`` (``--label``: a suffix of both names).
+``--digest-chunk``: the CPU digest's chunk (``agreement._DIGEST_CHUNK``; 16777216 was the chunk before turn 54's
+review), for an A/B of the digest alone.
+
 Usage::
 
     python benchmarks/bench_replica_check.py [--pairs 40] [--big-pairs 6] [--models digits,lstsq,chars,big]
+        [--label before --digest-chunk 16777216]
 """
 
 from __future__ import annotations
@@ -24,10 +29,12 @@ import dataclasses
 import json
 import logging
 import os
+import platform
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import report_runs as rr  # a sibling module: run this file as benchmarks/bench_replica_check.py
@@ -38,6 +45,7 @@ from torch import Tensor, nn
 
 from lightning_soaa import registry
 from lightning_soaa.config import REPLICA_CHECK_EVERY
+from lightning_soaa.distributed import agreement
 
 log = logging.getLogger("bench_replica_check")
 
@@ -100,6 +108,8 @@ def _measure(spec: registry.OptimizerSpec, name: str, pairs: int) -> dict[str, A
 
 def _worker(rank: int, world: int, store: str, args: argparse.Namespace, out: str) -> None:
     torch.set_num_threads(1)
+    if args.digest_chunk:
+        agreement._DIGEST_CHUNK = args.digest_chunk
     dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world)
     results = []
     for name in args.models.split(","):
@@ -111,19 +121,63 @@ def _worker(rank: int, world: int, store: str, args: argparse.Namespace, out: st
     dist.destroy_process_group()
 
 
+def _plot(rows: list[dict[str, Any]], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['model']}\n{r['optimizer']}" for r in rows]
+    xs = range(len(rows))
+    fig, ax = plt.subplots(1, 2, figsize=(12, 4.6))
+    ax[0].bar([x - 0.2 for x in xs], [r["step_off_ms"] for r in rows], width=0.4, label="ordinary step()")
+    ax[0].bar([x + 0.2 for x in xs], [r["check_ms"] for r in rows], width=0.4, label="checking step's extra")
+    ax[0].set_yscale("log")
+    ax[0].set_ylabel("CPU time [ms], median")
+    ax[0].set_title(title, fontsize=9)
+    ax[1].bar(list(xs), [100 * r["amortised_of_step"] for r in rows])
+    ax[1].set_ylabel(f"check amortised over N = {REPLICA_CHECK_EVERY} steps [% of step()]")
+    for a in ax:
+        a.set_xticks(list(xs), labels, fontsize=7)
+    ax[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pairs", type=int, default=40)
     ap.add_argument("--big-pairs", type=int, default=6)
     ap.add_argument("--models", default="digits,lstsq,chars,big")
+    ap.add_argument("--digest-chunk", type=int, default=0, help="the CPU digest's chunk (0: the package's)")
+    ap.add_argument("--label", default="", help="suffix of the result files (e.g. before)")
+    ap.add_argument("--results", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    log.info("load average before: %s", os.getloadavg())
+    load_before = os.getloadavg()
+    t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         mp.start_processes(_worker, args=(2, os.path.join(tmp, "store"), args, tmp), nprocs=2, start_method="spawn")
-        for row in torch.load(os.path.join(tmp, "rank0.pt")):
-            log.info(json.dumps(row))
-    log.info("load average after: %s", os.getloadavg())
+        rows = torch.load(os.path.join(tmp, "rank0.pt"))
+    for row in rows:
+        log.info(json.dumps(row))
+    chunk = args.digest_chunk or agreement._DIGEST_CHUNK
+    result = {
+        "benchmark": "bench_replica_check", "label": args.label, "world": 2, "threads": 1, "digest_chunk": chunk,
+        "every": REPLICA_CHECK_EVERY, "torch": torch.__version__, "cpu_count": os.cpu_count(),
+        "platform": platform.platform(), "load_average_before": load_before, "load_average_after": os.getloadavg(),
+        "wall_s": time.perf_counter() - t0, "rows": rows,
+        "what": "rank 0's CPU time per step(): replica_check_every=1 (checking) and 0 alternately, 2 gloo ranks, "
+                "the same batch on both ranks, grad_reduction='none'",
+    }
+    out_dir = Path(args.results)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = "bench_replica_check" + (f"_{args.label}" if args.label else "")
+    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    title = f"replica check, W = 2 (gloo), 1 thread, digest chunk {chunk}, CPU time"
+    _plot(rows, title + (f" ({args.label})" if args.label else ""), out_dir / f"{stem}.png")
+    log.info("wrote %s; load average %s -> %s", out_dir / f"{stem}.json", load_before, result["load_average_after"])
 
 
 if __name__ == "__main__":

@@ -39,8 +39,8 @@ EPS_WHY = "float32's smallest normal number: a smaller eps rounds to 0 in float3
 #: trial step and the trust state, and every later step was skipped
 D_MIN_FLOOR = 1e-30
 #: ``replica_check_every``'s default: the checking step's digest (one read of every replicated parameter) cost
-#: 1.3-1.5 AdamW steps on 10 x 1000x1000 float32 (2 gloo ranks, one CPU thread each), 0.09-0.15% of a step
-#: amortised over 1000 steps; at most 0.07% on the report's small models (benchmarks/bench_replica_check.py)
+#: 0.67-0.73 AdamW / SOAA steps on 10 x 1000x1000 float32 (2 gloo ranks, one CPU thread each), 0.07% of a step
+#: amortised over 1000 steps; at most 0.06% on the report's small models (benchmarks/bench_replica_check.py)
 REPLICA_CHECK_EVERY = 1000
 
 
@@ -159,13 +159,14 @@ class ShardingConfig:
             DDP's wrap).
         replica_check_every: every this many steps (W > 1 replicas: sharded ranks, an FSDP2 model's plain
             parameters with ``grad_reduction="mean"``; under ``"none"`` their gradients are compared to a
-            tolerance, so honest copies may drift in their last bits) the step compares a bitwise digest of
-            the replicated parameters across ranks, in its existing all-reduce, and refuses on every rank where they differ. It catches writes made on some
-            ranks only that move no version counter, which the per-step in-place check cannot see
-            (``p.data.mul_``, ``p.data = t``, a NumPy view of a parameter): the sharded optimizers silently
-            trained on a mix of each owner's blocks, EGN's replicas stayed apart. ``0`` turns it off. The
-            checking step reads every replicated parameter once (on one CPU thread about 1.5 AdamW steps of
-            the same model); the default keeps that near 0.1% of the run (benchmarks/bench_replica_check.py).
+            tolerance, so honest copies may drift in their last bits) the step compares a bitwise digest of the
+            replicated parameters across ranks, in its existing all-reduce, and refuses on every rank where they
+            differ. It catches writes made on some ranks only that move no version counter, which the per-step
+            in-place check cannot see (``p.data.mul_``, ``p.data = t``, a NumPy view of a parameter): the
+            sharded optimizers silently trained on a mix of each owner's blocks, EGN's replicas stayed apart.
+            ``0`` turns it off. The checking step reads every replicated parameter once (on one CPU thread
+            about 0.7 AdamW steps of the same model); the default keeps that under 0.1% of the run
+            (benchmarks/bench_replica_check.py).
     """
 
     shard: bool = True

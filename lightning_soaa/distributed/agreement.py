@@ -667,8 +667,12 @@ def moved_digest(indices: Sequence[int], params: Sequence[Tensor]) -> int:
 
 #: splitmix64's constants as int64 (torch's int64 products wrap around, as the mix needs)
 _GOLDEN, _MIX1, _MIX2 = (c - (1 << 64) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
-#: elements mixed at a time (bounds the int64 temporaries of a large parameter to a few times 128 MiB)
-_DIGEST_CHUNK = 1 << 24
+#: elements mixed at a time on the CPU: the mix makes ~10 passes over its int64 chunk, and a chunk whose two
+#: temporaries (1 MiB) stay in a core's cache made them 4x faster than 2^24 (10M float32, one thread: 47-52 ms
+#: against 193-208 ms); the sum is exact modulo 2^64, so every chunking gives the same bits
+_DIGEST_CHUNK = 1 << 16
+#: on an accelerator, where each pass is a kernel launch: bounds the temporaries to a few times 128 MiB
+_DEVICE_DIGEST_CHUNK = 1 << 24
 
 
 def _mixed_sum(bits: Tensor) -> Tensor:
@@ -676,8 +680,9 @@ def _mixed_sum(bits: Tensor) -> Tensor:
     that cancel in it: sign flips of an even number of float64 elements (each adds 2^63), a conjugate's
     imaginary parts, values swapped between positions (a square matrix against its transpose)."""
     total = torch.zeros((), dtype=torch.int64, device=bits.device)
-    for start in range(0, bits.numel(), _DIGEST_CHUNK):
-        h = bits[start:start + _DIGEST_CHUNK].to(torch.int64, copy=True)  # mixed in place below
+    chunk = _DIGEST_CHUNK if bits.device.type == "cpu" else _DEVICE_DIGEST_CHUNK
+    for start in range(0, bits.numel(), chunk):
+        h = bits[start:start + chunk].to(torch.int64, copy=True)  # mixed in place below
         idx = torch.arange(start, start + h.numel(), dtype=torch.int64, device=h.device).mul_(_GOLDEN)
         h.bitwise_xor_(idx).mul_(_MIX1)
         h.bitwise_xor_(torch.bitwise_right_shift(h, 31, out=idx)).mul_(_MIX2)
