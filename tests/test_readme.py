@@ -1,8 +1,9 @@
 """The README's Python snippets run as written.
 
-Every fenced ``python`` block of README.md is written to a file and run by this interpreter in a fresh
-process (a block that starts Lightning DDP re-launches its own script, which must not be pytest), from a
-scratch directory that sees the repository's ``configs/``. Blocks share nothing: each must be complete.
+Every fenced ``python`` block of README.md, those indented inside a list item too (dedented), is written to a
+file and run by this interpreter in a fresh process (a block that starts Lightning DDP re-launches its own
+script, which must not be pytest), from a scratch directory that sees the repository's ``configs/``. Blocks
+share nothing: each must be complete. Other fences (``bash``, plain) are not run.
 """
 
 from __future__ import annotations
@@ -12,13 +13,16 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-_BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+# A fence may be indented (a block inside a list item); its closing fence has the same indentation.
+_BLOCK = re.compile(r"^([ \t]*)```python\n(.*?)^\1```", re.S | re.M)
 _HEADING = re.compile(r"^#+ +(.*)$", re.M)
+_FENCED = re.compile(r"^([ \t]*)```.*?^\1```", re.S | re.M)  # any fenced block: its `# comments` are no headings
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -27,10 +31,10 @@ def readme_blocks(text: str) -> list[tuple[str, str]]:
     """``(id, code)`` per python block; the id is the nearest heading above it, numbered if repeated."""
     out: list[tuple[str, str]] = []
     for m in _BLOCK.finditer(text):
-        headings = _HEADING.findall(text, 0, m.start())
+        headings = _HEADING.findall(_FENCED.sub("", text[:m.start()]))
         base = re.sub(r"\W+", "-", headings[-1]).strip("-").lower() if headings else "top"
         ids = [i for i, _ in out]
-        out.append((base if base not in ids else f"{base}-{ids.count(base) + 1}", m.group(1)))
+        out.append((base if base not in ids else f"{base}-{ids.count(base) + 1}", textwrap.dedent(m.group(2))))
     return out
 
 
@@ -39,6 +43,12 @@ BLOCKS = readme_blocks((REPO / "README.md").read_text())
 
 def test_readme_has_the_snippets() -> None:
     assert len(BLOCKS) >= 3, [i for i, _ in BLOCKS]
+
+
+def test_indented_blocks_are_found_and_dedented() -> None:
+    text = "# A\n\n* item:\n\n  ```python\n  x = 1\n\n  if x:\n      y = 2\n  ```\n\n```python\nz = 3\n```\n"
+    assert readme_blocks(text) == [("a", "x = 1\n\nif x:\n    y = 2\n"), ("a-2", "z = 3\n")]
+    assert [i for i, _ in readme_blocks(text.replace("z = 3", "# not a heading"))] == ["a", "a-2"]
 
 
 def _needs(code: str) -> list[str]:
