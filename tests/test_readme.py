@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import socket
 import subprocess
 import sys
 import textwrap
@@ -57,6 +58,12 @@ def _needs(code: str) -> list[str]:
     return sorted(m for m in mods & {"lightning", "deepspeed_ext", "deepspeed", "mpi4py"})
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 @pytest.mark.parametrize("code", [c for _, c in BLOCKS], ids=[i for i, _ in BLOCKS])
 def test_readme_snippet_runs(code: str, tmp_path: Path) -> None:
     for mod in _needs(code):
@@ -69,6 +76,10 @@ def test_readme_snippet_runs(code: str, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items()
            if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK")}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    if "deepspeed_ext" in _needs(code) or "deepspeed" in _needs(code):
+        # one process as DeepSpeed's launcher would start it: without these DeepSpeed picks its fixed port 29500,
+        # which another job on a shared CI host may hold (the snippet then failed to rendezvous)
+        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=400)
     assert proc.returncode == 0, f"README snippet failed:\n{code}\n---\n{proc.stdout[-3000:]}{proc.stderr[-5000:]}"
