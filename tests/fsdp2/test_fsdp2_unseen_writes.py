@@ -16,11 +16,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from lightning_soaa import SOAA
 from tests.fsdp2 import _workers as W
 from tests.harness.distributed import run_distributed
 
-OPTIMIZERS = W.CASES[:4]  # SOAA, ShardedAdamW, DASGO, ASGO
+OPTIMIZERS = W.OPTIMIZER_CASES
 EVERY = 2
 
 
@@ -93,8 +92,7 @@ def _ulp_apart(rank: int, world_size: int) -> dict[str, Any]:
             if rank == 1:
                 g = plain.grad.view(-1)
                 g[0] = torch.nextafter(g[0], torch.tensor(float("inf"), dtype=g.dtype))
-            if isinstance(opt, SOAA):
-                opt.set_loss(loss)
+            W.hand_loss(opt, loss)
             errors.append(W.expect_error(opt.step))
         out[name] = {"errors": errors, "steps": opt.num_steps}
     return out
