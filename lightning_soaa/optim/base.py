@@ -1825,7 +1825,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
         under a profiler, for ``set_to_none=False`` and behind a mixin's, torch's runs, and while dynamo traces
         (tested first: torch's, which dynamo skips, is what torch.compile meets, as for torch's optimizers)."""
         if not torch.compiler.is_compiling():  # (a clip kept for the next step clipped the gradient zeroed now)
-            drop_kept_clips(self._receiver())
+            receiver = self._receiver()
+            drop_kept_clips(receiver)
+            # (under a Trainer, before a manual training_step's clip: also one Lightning never built nor wrapped)
+            receiver._keep_lightning_clips()
         if not (set_to_none and not torch.compiler.is_compiling() and torch_zero_grad_next(super().zero_grad)
                 and grads_to_none(self)):
             super().zero_grad(set_to_none)

@@ -10,7 +10,9 @@ The step finds the Trainer that runs it on the call stack (the frame of one of `
 ``_fit_impl`` in a launched worker), not from the closure's shape, which a Lightning release or a precision plugin of
 the user's own changes. From the optimizer's construction under that Trainer (``configure_optimizers``), from when
 Lightning wraps it (the start of ``fit``, for one built before the Trainer: :func:`lightning_wrapping`), from its
-first clip through a plugin that keeps another's, and from each of its steps on, that method of the Trainer's
+first clip through a plugin that keeps another's, from its ``zero_grad`` under that Trainer (one the Trainer does
+not run, in a Trainer that runs none of ours: Lightning's manual recipe zeroes before it clips), and from each of its
+steps on, that method of the Trainer's
 precision plugin keeps this optimizer's clips for its next step (:class:`_KeptClips`), clipping nothing: Lightning
 clips nothing per rank (so never twice), and the step applies a clip by norm as ``max_grad_norm`` to the averaged
 gradient, on every rank alike, where it clipped the gradient the step takes: one made in the step's closure (automatic
@@ -300,7 +302,8 @@ def _still_clipped(optimizer: Any, grads: list[tuple[weakref.ref[Any], int] | No
 def keep_clips(optimizer: Any, trainer: Any) -> None:
     """From now on ``trainer``'s precision plugin keeps ``optimizer``'s clips for its next step (:class:`_KeptClips`).
     Called where the optimizer is built (``configure_optimizers``: before a manual ``training_step`` clips), where
-    Lightning wraps it (:func:`lightning_wrapping`: one built before the Trainer runs) and at every step."""
+    Lightning wraps it (:func:`lightning_wrapping`: one built before the Trainer runs), at its ``zero_grad`` and at
+    every step."""
     plugin = trainer.precision_plugin
     kept = vars(plugin).get("clip_gradients")
     if not isinstance(kept, _KeptClips):

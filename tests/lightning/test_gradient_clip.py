@@ -338,6 +338,24 @@ def test_a_clip_of_an_optimizer_lightning_does_not_run_is_taken_over(tmp_path: P
         torch.testing.assert_close(rec["params"], ref, rtol=1e-10, atol=1e-12)
 
 
+class _OnlyOwnOfOurs(_ManualOwnOptimizer):
+    """As :class:`_ManualOwnOptimizer`, but the Trainer runs torch's SGD alone (at lr=0: the first layer stays as
+    built, so its gradient, clipped by Lightning per rank, is never averaged): no optimizer of ours is built under the
+    Trainer or wrapped by Lightning before ``own``'s first clip."""
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.net[0].parameters(), lr=0.0)
+
+
+def test_a_clip_of_ours_in_a_trainer_that_runs_none_of_ours_is_taken_over(tmp_path: Path) -> None:
+    """An optimizer of ours built before the Trainer and never handed to Lightning, beside a Trainer that runs
+    torch's SGD only, was registered at its first step: its first clip clipped each rank's own gradient, silently.
+    Its zero_grad under the Trainer (Lightning's recipe zeroes before the clip) now keeps its clips from then on."""
+    ref = _fit(tmp_path / "one", 1, module=_OnlyOwnOfOurs)[0]["params"]
+    for rec in _fit(tmp_path / "two", 2, module=_OnlyOwnOfOurs):
+        torch.testing.assert_close(rec["params"], ref, rtol=1e-10, atol=1e-12)
+
+
 class _ManualBackwardAfterTheClip(_ManualTwoOptimizers):
     """Clips after the first half batch's backward and then adds the second half's gradient before the step."""
 
