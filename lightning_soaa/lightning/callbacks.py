@@ -613,18 +613,37 @@ def _batch_idx(trainer: pl.Trainer) -> int:
     return int(trainer.fit_loop.epoch_loop.batch_idx)
 
 
+#: why a batch with more than inputs and targets is refused rather than split by position or key
+_EXTRAS = ("EGN calls the module as model(inputs) and minimises its own loss of (outputs, targets), so the rest "
+           "(a mask or second input the forward takes, per-sample weights) would be dropped silently")
+
+
 def default_split_batch(batch: Any) -> tuple[Any, Any]:
-    """``(inputs, targets)`` from a ``(x, y, ...)`` tuple/list or a dict with ``inputs``/``targets``
-    (or ``x``/``y``) keys."""
+    """``(inputs, targets)`` from an ``(x, y)`` tuple/list or a dict of exactly ``inputs``/``targets`` (or
+    ``x``/``y``, ``input``/``target``) keys. A batch holding more is refused: which of its other elements the
+    user's ``training_step`` feeds the forward or the loss cannot be told from the batch (an ``(x, y, mask)``
+    batch trained the unmasked model, silently)."""
+    fix = ("pass split_batch=<picklable function batch -> (inputs, targets)>; inputs may be a tuple of the "
+           "forward's arguments")
     if isinstance(batch, dict):
         for ki, kt in (("inputs", "targets"), ("x", "y"), ("input", "target")):
             if ki in batch and kt in batch:
+                if len(batch) > 2:
+                    raise ValueError(
+                        f"BatchToOptimizer: the batch dict has keys {sorted(batch)}; the default split takes "
+                        f"{ki!r}/{kt!r} only from a dict of those two keys: {_EXTRAS}. {fix[0].upper()}{fix[1:]}."
+                    )
                 return batch[ki], batch[kt]
         raise ValueError(
-            f"BatchToOptimizer: cannot find inputs/targets in a batch dict with keys {sorted(batch)}; pass "
-            "split_batch=<picklable function batch -> (inputs, targets)>."
+            f"BatchToOptimizer: cannot find inputs/targets in a batch dict with keys {sorted(batch)}; {fix}."
         )
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+    if isinstance(batch, (tuple, list)) and len(batch) > 2:
+        raise ValueError(
+            f"BatchToOptimizer: the batch is a {type(batch).__name__} of {len(batch)} elements; the default split "
+            f"takes (inputs, targets) only from one of 2: {_EXTRAS}. {fix[0].upper()}{fix[1:]} (a function "
+            "returning (batch[0], batch[1]) where the rest is an index EGN may ignore)."
+        )
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return batch[0], batch[1]
     raise ValueError(
         f"BatchToOptimizer: cannot split a batch of type {type(batch).__name__} into (inputs, targets); pass "

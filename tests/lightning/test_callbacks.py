@@ -1147,3 +1147,57 @@ def test_ddp_bucket_views_do_not_count_one_optimizers_backward_for_the_other(tmp
                  callbacks=[LossToOptimizer()]).fit(ToggledBothFirst(8, two))
     for a, b in zip(torch.load(one), torch.load(two), strict=True):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
+
+
+class _MaskedRegressor(PlainRegressor):
+    """Batches of (x, y, mask) whose training_step feeds the mask to the forward: EGN, calling model(x), would
+    train the unmasked function (before: silently, the default split took batch[0], batch[1])."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.net(x if mask is None else x * mask)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y, mask = batch
+        return F.mse_loss(self(x, mask), y)
+
+    def train_dataloader(self) -> Any:
+        x, y = next(iter(super().train_dataloader()))
+        mask = (torch.arange(x.shape[1]) % 2).to(x.dtype).expand_as(x)
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y, mask), batch_size=self.batch_size)
+
+    def configure_optimizers(self) -> Any:
+        from lightning_soaa.lightning import EGN
+
+        return EGN(self, loss="mse", lr=0.5)
+
+
+def test_batch_to_optimizer_refuses_a_batch_with_more_than_inputs_and_targets(tmp_path: Path) -> None:
+    """A 3-element batch (or a dict with a key beyond the pair) cannot be split by position: the step is refused
+    before it is taken, saying to pass split_batch (before, EGN trained the unmasked model, silently); the split
+    it asks for trains the masked model as EGN's step on model(x, mask) does."""
+    pytest.importorskip("lightning_soaa.optim.egn")
+    model = _MaskedRegressor()
+    w0 = [p.detach().clone() for p in model.parameters()]
+    trainer = make_trainer(tmp_path, max_steps=2, callbacks=[BatchToOptimizer()])
+    with pytest.raises(ValueError, match=r"list of 3 elements.*dropped silently.*split_batch="):
+        trainer.fit(model)
+    assert all(torch.equal(a, b) for a, b in zip(w0, model.parameters()))  # no step was taken
+    with pytest.raises(ValueError, match=r"keys \['w', 'x', 'y'\].*split_batch="):
+        lightning_soaa.lightning.default_split_batch({"x": 1, "y": 2, "w": 3})
+    assert lightning_soaa.lightning.default_split_batch({"x": 1, "y": 2}) == (1, 2)
+    # the fix it names: split_batch returning ((x, mask), y) steps EGN on model(x, mask)
+    model = _MaskedRegressor()
+    trainer = make_trainer(tmp_path / "split", max_steps=1, callbacks=[BatchToOptimizer(_split_masked)])
+    trainer.fit(model)
+    ref = _MaskedRegressor()
+    from lightning_soaa.lightning import EGN
+
+    x, y, mask = next(iter(ref.train_dataloader()))
+    EGN(ref, loss="mse", lr=0.5).step(inputs=(x, mask), targets=y)
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def _split_masked(batch: Any) -> tuple[Any, Any]:
+    x, y, mask = batch
+    return (x, mask), y
