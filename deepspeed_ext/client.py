@@ -49,6 +49,7 @@ from deepspeed_ext.ds_config import ELASTIC_MESSAGE
 from deepspeed_ext.structure import VirtualParams, build_virtual_params
 from lightning_soaa.distributed.checkpoint import with_absent
 from lightning_soaa.optim.sd_hooks import hooked_load, hooked_state_dict
+from lightning_soaa.optim.soaa import MISSING_LOSS_MESSAGE
 
 __all__ = ["DeepSpeedClientOptimizer", "OptimizerSwitchError", "StateLayoutError"]
 
@@ -56,6 +57,17 @@ log = logging.getLogger(__name__)
 
 STATE_KEY = "lightning_soaa_deepspeed"
 EGN_STATE_KEY = "lightning_soaa_deepspeed_egn"  # DeepSpeedEGNOptimizer's
+
+# SOAA's own advice names the routes of plain torch, Lightning and Fabric; under DeepSpeed the loss arrives only
+# through engine.backward(loss), and DeepSpeed 0.19's torch-style backward (loss.backward() at ZeRO 1-3, which
+# it runs) bypasses that, so its users met an error that named none of what works here
+DEEPSPEED_LOSS_ADVICE = (
+    "Under DeepSpeed: call engine.backward(loss) on the engine deepspeed_ext.initialize returned (it hands the "
+    "loss over; under Lightning's deepspeed_ext.DeepSpeedStrategy add the LossToOptimizer callback); a direct "
+    "loss.backward() or engine.scale(loss).backward() hands over none: then hand the training step's loss (the "
+    "mean over its micro-batches), once, to deepspeed_ext.find_client_optimizer(engine).set_loss(loss) before "
+    "the engine.step() that steps."
+)
 
 NOT_CONSOLIDATED = (
     "{cls}.state_dict() at ZeRO stage 0 on several ranks: the optimizer state is sharded over the ranks "
@@ -547,6 +559,10 @@ class DeepSpeedClientOptimizer(torch.optim.Optimizer):
         self._vparams.attach_grads()
         try:
             self._inner.step()
+        except ValueError as e:
+            if str(e).startswith(MISSING_LOSS_MESSAGE):  # raised on every rank (SOAA's reduced count)
+                raise ValueError(f"{e} {DEEPSPEED_LOSS_ADVICE}") from None
+            raise
         finally:
             self._vparams.detach_grads()
         self.training_steps += 1

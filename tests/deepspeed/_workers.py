@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from lightning_soaa.registry import StepNeeds
+from tests.harness.compare import max_abs_diff
 from tests.harness.models import batch, loss_fn, tiny_mlp
 
 SIZES = (6, 8, 5, 3)
@@ -1661,4 +1662,52 @@ def w_manual_loss_after_skip(rank: int, world: int, routes: list[str]) -> dict[s
             handler.messages = []
             out[route, name] = {**_manual_loss_run(rank, route, feed, losses), "warnings": handler.messages}
     logging.getLogger().removeHandler(handler)
+    return out
+
+
+def _soaa_engine(stage: int) -> tuple[Any, Any, Any]:
+    import deepspeed_ext
+
+    cfg = make_config(stage, "fp32", "lightning_soaa.SOAA", {"lr": 1e-2, "gamma": 0.1, "total_steps": 10})
+    model = tiny_mlp(0, torch.float32, SIZES)
+    engine, _, _, _ = deepspeed_ext.initialize(model=model, config=cfg)
+    return engine, deepspeed_ext.find_client_optimizer(engine), model
+
+
+def w_torch_style_backward(rank: int, world: int, stages: list[int], steps: int) -> dict[int, dict[str, Any]]:
+    """Per ZeRO stage, SOAA named in the JSON: a ``loss.backward()`` (DeepSpeed's torch-style backward, which
+    hands SOAA no loss) then ``engine.step()``: the error and whether the weights moved; then ``steps`` steps of
+    ``loss.backward()`` + ``set_loss(loss)`` and of ``engine.backward(loss)``: their weights and trust regions."""
+    ds_env(rank, world)
+    out: dict[int, dict[str, Any]] = {}
+    for stage in stages:
+        res: dict[str, Any] = {}
+        engine, client, model = _soaa_engine(stage)
+        params = list(model.parameters())
+        before = full_fp32_params(engine, stage, client, params, params)
+        x, y = batch(0, rank, dtype=torch.float32)
+        loss_fn(engine, x, y).backward()
+        try:
+            engine.step()
+            res["error"] = None
+        except ValueError as e:
+            res["error"] = str(e)
+        res["moved"] = max_abs_diff(full_fp32_params(engine, stage, client, params, params), before)
+        del engine
+        for route in ("set_loss", "engine.backward"):
+            engine, client, model = _soaa_engine(stage)
+            for s in range(steps):
+                x, y = batch(s, rank, dtype=torch.float32)
+                loss = loss_fn(engine, x, y)
+                if route == "set_loss":
+                    loss.backward()
+                    client.set_loss(loss)
+                else:
+                    engine.backward(loss)
+                engine.step()
+            params = list(model.parameters())
+            res[route] = {"params": full_fp32_params(engine, stage, client, params, params),
+                          "t": client.statistics()["t"]}
+            del engine
+        out[stage] = res
     return out
