@@ -26,7 +26,9 @@ never a crash of one rank inside the collective library, never silent divergence
   their order and both sides count alike: it shows, with torch's own error, at the last collective one
   rank makes alone, as under DDP); and, at the first step after construction or ``load_state_dict`` with
   ``grad_reduction="mean"`` on sharded ranks, a flag and a digest of the parameters (replicas that
-  were never made equal, e.g. initialised with another seed on every rank and no broadcast).
+  were never made equal, e.g. initialised with another seed on every rank and no broadcast); the digest of
+  what changed in place since the last step; and under HSDP the same two of the replicated DTensor shards,
+  each compared with the lowest rank holding the same shard (not with rank 0, whose shard is another).
 
 Nothing here keeps global state; the functions read an optimizer and return values or raise.
 """
@@ -76,6 +78,7 @@ __all__ = [
     "grad_log_exact",
     "GRAD_LOG_SLOT",
     "MOVED_SLOT",
+    "SHARD_SLOT",
     "moved_digest",
     "param_digest",
     "param_sums",
@@ -121,8 +124,9 @@ CONSTRUCTION_WIDTH = 16
 #: step counter, the replica check's flag (1: this rank compares its parameters at this step), the
 #: parameter digest, the optimizer instance's id (:func:`instance_id`) and Σ log2 ‖g_i‖² over the compared
 #: gradients (:data:`GRAD_LOG_SLOT`), then the digest of the parameters changed in place since the optimizer last
-#: wrote them (:data:`MOVED_SLOT`). The same layout on every rank and at every step, whether or not a value is used.
-STEP_ROW = 10
+#: wrote them (:data:`MOVED_SLOT`), and the digest of this rank's replicated DTensor shards (:data:`SHARD_SLOT`).
+#: The same layout on every rank and at every step, whether or not a value is used.
+STEP_ROW = 11
 
 #: the step record's summed values (the non-finite flag and the count of ranks with a gradient first) are
 #: padded to this many, so that the step's
@@ -152,6 +156,14 @@ GRAD_LOG_SLOT = 8
 #: parameter differs is found by comparing the whole parameters once a digest differs (the optimizer's
 #: ``_replicas_differ``), so the row holds no index.
 MOVED_SLOT = 9
+
+#: where a rank's row holds the digest of its pieces of the DTensor parameters that have replicas (HSDP's
+#: replicate dim: :mod:`~lightning_soaa.distributed.shard_replicas`): at a replica check (:func:`param_digest` of
+#: the pieces), else :func:`moved_digest` of those changed in place since the last step (0: none). A piece is
+#: compared with the lowest rank holding the same piece (``replica_of`` of :func:`read_step_rows`), not with rank
+#: 0: shards differ across the shard dim by design. A replica written on one rank only (or started from other
+#: weights) would otherwise train apart from its twin at every step, silently (FSDP2 averages their gradients).
+SHARD_SLOT = 10
 
 #: the error slot's value of a rank whose error is an out of memory. Each rank writes only its own row, so the
 #: summed table keeps it.
@@ -700,9 +712,10 @@ def instance_id(construction: Tensor, ordinal: int) -> int:
 
 def step_row_values(rank: int, world: int, *, error: float, hyper: int, grad_sq: float, grad_count: int,
                     steps: int = 0, replica_check: bool = False, params_digest: int = 0,
-                    instance: int = 0, grad_logs: float = 0.0, moved: int = 0) -> list[float]:
+                    instance: int = 0, grad_logs: float = 0.0, moved: int = 0, shards: int = 0) -> list[float]:
     """The ``[world * STEP_ROW]`` block of the step's all-reduce as floats: this rank's row, zeros elsewhere.
-    ``error``: a bool, or :func:`error_flag`'s value; ``moved``: the :data:`MOVED_SLOT` digest."""
+    ``error``: a bool, or :func:`error_flag`'s value; ``moved``: the :data:`MOVED_SLOT` digest; ``shards``:
+    :data:`SHARD_SLOT`'s digest."""
     out = [0.0] * (world * STEP_ROW)
     # A non-finite Σ‖g‖² is reported through the non-finite flag; zero keeps the row comparable.
     out[rank * STEP_ROW:(rank + 1) * STEP_ROW] = [float(error), float(hyper),
@@ -710,7 +723,7 @@ def step_row_values(rank: int, world: int, *, error: float, hyper: int, grad_sq:
                                                   float(steps), 1.0 if replica_check else 0.0,
                                                   float(params_digest), float(instance),
                                                   grad_logs if math.isfinite(grad_logs) else 0.0,
-                                                  float(moved)]
+                                                  float(moved), float(shards)]
     return out
 
 
@@ -740,9 +753,11 @@ class StepVerdict:
 
 
 def read_step_rows(rows: Tensor | Sequence[float], world: int, compare_grads: bool,
-                   count_grads: bool = False) -> StepVerdict:
+                   count_grads: bool = False, replica_of: Sequence[int] | None = None) -> StepVerdict:
     """Decode the reduced ``[world * STEP_ROW]`` block (bit-identical on every rank). ``count_grads``: the
-    rows' gradient counts are each rank's number of parameters with a gradient (not compared gradients)."""
+    rows' gradient counts are each rank's number of parameters with a gradient (not compared gradients).
+    ``replica_of``: per rank, the rank whose DTensor pieces it must hold too (:data:`SHARD_SLOT`; None: none
+    compared); a rank whose piece differs is named in ``param_ranks`` (a replica check) or ``moved_ranks``."""
     flat = rows.tolist() if isinstance(rows, Tensor) else list(rows)
     m = [flat[r * STEP_ROW:(r + 1) * STEP_ROW] for r in range(world)]
     errors = [r for r in range(world) if m[r][ERROR_SLOT] > 0]
@@ -759,7 +774,9 @@ def read_step_rows(rows: Tensor | Sequence[float], world: int, compare_grads: bo
     checks = [r for r in range(world) if m[r][5] != m[0][5]]
     # digests are compared only when every rank made one (a rank whose check is not due wrote 0)
     digests = not checks and m[0][5] > 0
-    params = [r for r in range(world) if m[r][6] != m[0][6]] if digests else []
+    # (a piece compared with its replica's: at a replica check its digest, else that of its in-place changes)
+    shards = [] if replica_of is None else [r for r in range(world) if m[r][SHARD_SLOT] != m[replica_of[r]][SHARD_SLOT]]
+    params = sorted({r for r in range(world) if m[r][6] != m[0][6]}.union(shards)) if digests else []
     counts = [m[r][3] for r in range(world)]
     gradless = [r for r in range(world) if counts[r] == 0] if count_grads and max(counts) > 0 else []
     instances = other_instances(m)
@@ -767,7 +784,8 @@ def read_step_rows(rows: Tensor | Sequence[float], world: int, compare_grads: bo
     # parameters changed in place since the last step are equal too (a rank that changed one, was refused, and
     # was then re-synced by a broadcast of p.data, which moves no version counter, would be refused for ever)
     whole_equal = digests and not params
-    moved = [] if whole_equal else [r for r in range(world) if m[r][MOVED_SLOT] != m[0][MOVED_SLOT]]
+    moved = [] if whole_equal else sorted({r for r in range(world) if m[r][MOVED_SLOT] != m[0][MOVED_SLOT]}
+                                          .union([] if digests else shards))
     return StepVerdict(errors, hyper, grads, steps if len(set(steps)) > 1 else [], checks, params,
                        replicated=whole_equal and world > 1, gradless_ranks=gradless,
                        instance_ranks=instances,

@@ -131,6 +131,7 @@ from lightning_soaa.distributed.dtensor import DTensorLayout, FSDPGroups, fsdp_g
 from lightning_soaa.distributed.exchange import UNSENT, OwnerExchange
 from lightning_soaa.distributed.hyper_digest import HyperparameterDigest
 from lightning_soaa.distributed.reblock import fit_layout
+from lightning_soaa.distributed.shard_replicas import ShardReplicas, shard_replicas
 from lightning_soaa.distributed.state_gather import gather_block_states
 from lightning_soaa.distributed.stop_vote import StopVote, in_handler_checkpoint_signal
 from lightning_soaa.functional.adamw import increment_counts_
@@ -273,6 +274,16 @@ def host_floats(values: Sequence[Any]) -> list[float]:
 
 
 _version_of = operator.attrgetter("_version")
+
+
+def _differences(by_rank: Sequence[Sequence[int] | None], ranks: Sequence[int], ref: Sequence[int],
+                 index: Sequence[int]) -> list[int]:
+    """``index`` of every parameter, in order, whose sums (one list per rank) one of ``ranks`` holds otherwise
+    than its reference rank ``ref[r]``; empty where none could tell (a rank that sent None)."""
+    pairs = [(by_rank[r], by_rank[ref[r]]) for r in ranks]
+    told = [(mine, theirs) for mine, theirs in pairs if mine is not None and theirs is not None]
+    width = len(told[0][0]) if told else 0
+    return [index[j] for j in range(width) if any(mine[j] != theirs[j] for mine, theirs in told)]
 
 
 def _param_versions(params: list[Tensor]) -> list[int]:
@@ -745,17 +756,17 @@ class ShardedOptimizer(torch.optim.Optimizer):
         optimizer's step: a copy would step the original) and the scheduler's ``_opt_called`` flag, which
         torch's own ``__getstate__`` (defaults, state, param_groups) never copies either."""
         cls = type(self)
-        # also left out, rebuilt on first use: views into this process's parameters, the counters' cache,
-        # the groups validated last, the identities of the state dicts (_check_state_layout); and the gradients a
-        # step that raised left unscaled (weak references to this process's tensors: no pickle, and a copy's
-        # gradients are other tensors)
+        # also left out, rebuilt on first use: views into this process's parameters (HSDP's replicas too), the
+        # counters' cache, the groups validated last, the identities of the state dicts (_check_state_layout); and
+        # the gradients a step that raised left unscaled (weak references to this process's tensors: no pickle,
+        # and a copy's gradients are other tensors)
         return {k: v for k, v in self.__dict__.items()
                 if not (k.startswith("_optimizer_") and k.endswith("_hooks")) and k not in self._transient
                 and not (callable(v) and callable(getattr(cls, k, None))) and k != "_opt_called"
                 and k not in ("_view_cache", "_step_counts", "_valid_groups", "_state_ids", "_state_ids_now",
                               "_hyper_digests", "stop_vote", "_world_at_build", "_storage_memo",
                               "_step_addresses", "_fsdp_groups", "_amp_kept", "_clip_mark", "_kept_clips", "_clip_hook",
-                              "_consolidated_mark")}
+                              "_consolidated_mark", "_shard_replicas_memo")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         had_differentiable = "differentiable" in state["defaults"]
@@ -1959,25 +1970,31 @@ class ShardedOptimizer(torch.optim.Optimizer):
                  or self._periodic_check_due())
         digest = agreement.param_digest(self._replica_params()[1]) if check and error is None else 0
         hyper = self._step_digest() if error is None else 0
+        moved = self._moved_in_place() if error is None else (0, 0)
+        # HSDP's replicated shards: their whole digest at a replica check, else that of their in-place changes
+        pieces = self._shard_pieces()[1] if check and error is None else []
+        shards = agreement.param_digest(pieces) if pieces else 0 if check else moved[1]
         return agreement.step_row_values(self.comm.rank, self.comm.world_size, error=agreement.error_flag(error),
                                          hyper=hyper, grad_sq=grad[0], grad_count=count,
                                          steps=self.num_steps + self.skipped_steps, replica_check=check,
                                          params_digest=digest, instance=self.__dict__.get("_instance_id", 0),
-                                         grad_logs=grad[1], moved=self._moved_in_place() if error is None else 0)
+                                         grad_logs=grad[1], moved=moved[0], shards=shards)
 
     def _checks_moved(self) -> bool:
         """Whether the step compares the parameters changed in place since the last step across ranks
         (:data:`agreement.MOVED_SLOT`): W > 1 replicas whose blocks are each updated from their owner's copy,
-        and an FSDP2 model's plain parameters. FSDP2 shards and ``shard=False`` partitions are not replicas."""
-        return (self._sharded_multi_rank() and self._dtensor is None) or self._has_fsdp2_replicas()
+        an FSDP2 model's plain parameters, and HSDP's replicated shards (each compared with its replica's,
+        :data:`agreement.SHARD_SLOT`). ``shard=False`` partitions and a 1-D mesh's shards are not replicas."""
+        return ((self._sharded_multi_rank() and self._dtensor is None) or self._has_fsdp2_replicas()
+                or self._shard_replicas() is not None)
 
     def _periodic_check_due(self) -> bool:
         """Whether this step is one of the periodic replica checks (every ``replica_check_every`` steps, counted
         with the skipped ones; the first step's is the one after construction). The same on every rank: the
         step counts are compared in the same row, so every rank made a digest, or every rank raises. It catches
         writes on some ranks only that bypass the version counters the in-place check reads (``p.data.mul_``,
-        ``p.data = t``, a NumPy view): sharded ranks then trained on a mix of each owner's blocks (0.095 off one
-        process), EGN's and FSDP2's plain replicas stayed apart for good."""
+        ``p.data = t``, a NumPy view; under HSDP ``p.to_local()`` too): sharded ranks then trained on a mix of each
+        owner's blocks (0.095 off one process), EGN's, FSDP2's plain and HSDP's replicas stayed apart for good."""
         every = self.sharding.replica_check_every
         steps = self.num_steps + self.skipped_steps
         # not FSDP2's plain replicas under "none": their gradients are compared to a tolerance (GRAD_RTOL: other
@@ -1986,8 +2003,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
         drifts = self._dtensor is not None and self.sharding.grad_reduction == "none"
         return every > 0 and steps > 0 and steps % every == 0 and not drifts and self._checks_moved()
 
-    def _replicas_why(self) -> str:
-        """Why replicas that differ are refused (a refusal's sentence)."""
+    def _replicas_why(self, shards: bool = False) -> str:
+        """Why replicas that differ are refused (a refusal's sentence); ``shards``: HSDP's replicated shards."""
+        if shards:
+            return ("under HSDP the ranks that hold the same shard (one in each replicate group) update it with the "
+                    "same averaged gradient, so copies that differ would stay apart at every step, silently")
         if self._dtensor is not None:
             return ("the parameters that are not DTensors (left out of fully_shard) are one copy per rank, which "
                     "every rank updates with the same averaged gradient, so copies that differ would stay apart "
@@ -2009,25 +2029,73 @@ class ShardedOptimizer(torch.optim.Optimizer):
         index = [i for i in range(len(self._params)) if not self._dtensor.is_dtensor(i)]
         return index, [self._params[i] for i in index]
 
+    def _shard_replicas(self) -> ShardReplicas | None:
+        """HSDP: the DTensor parameters that have replicas and each rank's replica
+        (:mod:`~lightning_soaa.distributed.shard_replicas`), read from the mesh once per communicator; None where
+        none has (no DTensor, a 1-D mesh, W = 1)."""
+        if self._dtensor is None:
+            return None
+        return self._shard_memo()[0]
+
+    def _shard_memo(self) -> tuple[ShardReplicas | None, list[Tensor]]:
+        """(:meth:`_shard_replicas`, those DTensor parameters themselves), made once per communicator."""
+        memo = self.__dict__.get("_shard_replicas_memo")
+        key = (id(self.comm), len(self._params))
+        if memo is None or memo[0] != key:
+            found = shard_replicas(self._params, self.comm)
+            memo = self._shard_replicas_memo = (key, found, [] if found is None else
+                                                [self._params[i] for i in found.indices])
+        return memo[1], memo[2]
+
+    def _replica_of(self) -> tuple[int, ...] | None:
+        """Per rank, the rank whose replicated DTensor pieces it must hold too (None: none compared)."""
+        shards = self._shard_replicas()
+        return None if shards is None else shards.replica_of
+
+    def _shard_pieces(self) -> tuple[Sequence[int], list[Tensor]]:
+        """(indices, this rank's local pieces) of HSDP's replicated DTensor parameters (empty without)."""
+        shards = self._shard_replicas()
+        if shards is None:
+            return (), []
+        return shards.indices, [local(self._params[i]) for i in shards.indices]  # type: ignore[misc]
+
     def _note_versions(self) -> None:
         """Remember each parameter's version counter as this step leaves it (after its own writes), so the
         next step sees what else changed a parameter in place (:meth:`_moved_in_place`)."""
-        self._param_versions = _param_versions(self._replica_params()[1]) if self._checks_moved() else None
+        self._param_versions = (_param_versions(self._versioned(self._replica_params()[1])) if self._checks_moved()
+                                else None)
 
-    def _moved_in_place(self) -> int:
-        """:func:`agreement.moved_digest` of the parameters changed in place since the last step by something
-        other than this optimizer (a forward that renormalises its own weights: nn.Embedding(max_norm=...)); 0
-        when none was. One read of a version counter per parameter; the values are read only of those that
-        changed."""
+    def _versioned(self, params: list[Tensor]) -> list[Tensor]:
+        """The tensors whose version counters the in-place check reads: the replicas, then HSDP's replicated
+        DTensor parameters. A write through the DTensor (``p.mul_``, ``p.copy_``, ``load_state_dict``) moves its
+        counter; the optimizer's own writes go to the local piece and move none of these (measured, torch 2.13)."""
+        if self._dtensor is None:
+            return params  # (without FSDP2: the list itself, no copy per step)
+        shards = self._shard_memo()[1]
+        return params + shards if shards else params
+
+    def _moved_in_place(self) -> tuple[int, int]:
+        """(:func:`agreement.moved_digest` of the replicas, that of HSDP's replicated shards) changed in place since
+        the last step by something other than this optimizer (a forward that renormalises its own weights:
+        nn.Embedding(max_norm=...)); 0 where none was. One read of a version counter per parameter; the values
+        are read only of those that changed."""
         seen = self.__dict__.get("_param_versions")
         index, params = self._replica_params()
-        if seen is None or len(seen) != len(params) or not self._checks_moved():
-            return 0
-        now = _param_versions(params)  # (one C-level pass and list compare: ~0.1 µs a parameter)
+        if seen is None or not self._checks_moved():
+            return 0, 0
+        versioned = self._versioned(params)
+        if len(seen) != len(versioned):
+            return 0, 0
+        now = _param_versions(versioned)  # (one C-level pass and list compare: ~0.1 µs a parameter)
         if now == seen:
-            return 0
-        moved = [index[i] for i, (a, b) in enumerate(zip(now, seen, strict=True)) if a != b]
-        return agreement.moved_digest(moved, [self._params[i] for i in moved])
+            return 0, 0
+        changed = [i for i, (a, b) in enumerate(zip(now, seen, strict=True)) if a != b]
+        moved = [index[i] for i in changed if i < len(params)]
+        plain = agreement.moved_digest(moved, [self._params[i] for i in moved]) if moved else 0
+        sidx, pieces = self._shard_pieces()  # (only where HSDP's replicated parameters are versioned)
+        hsdp = [i - len(params) for i in changed if i >= len(params)]
+        shard = agreement.moved_digest([sidx[j] for j in hsdp], [pieces[j] for j in hsdp]) if hsdp else 0
+        return plain, shard
 
     def _checks_replicas(self) -> bool:
         """Whether the parameters must be compared across ranks at the first step after construction or
@@ -2203,17 +2271,33 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def _moved_label(self, i: int) -> str:
         return (repr(self._names[i]) if self._names[i] else f"#{i}") if 0 <= i < len(self._names) else "?"
 
-    def _moved_error(self, verdict: agreement.StepVerdict, differ: tuple[list[int], list[int]]) -> RuntimeError:
+    #: how HSDP's replicated shards are made equal again (a refusal's cure)
+    _HSDP_BROADCAST = ("torch.distributed.broadcast(p.to_local(), group=mesh.get_group(0), group_src=0) for every "
+                       "DTensor parameter p, over the replicate dim of fully_shard's (replicate, shard) mesh")
+
+    def _shard_pairs(self, ranks: Sequence[int]) -> str:
+        """``rank 2 from rank 0, ...``: each rank whose HSDP shard differs and the replica it was compared with."""
+        shards = self._shard_replicas()
+        of = shards.replica_of if shards is not None else [0] * self.comm.world_size
+        return ", ".join(f"rank {r} from rank {of[r]}" for r in ranks)
+
+    def _moved_error(self, verdict: agreement.StepVerdict, differ: tuple[list[int], list[int], bool]) -> RuntimeError:
         """The error of a step whose parameters were changed in place differently across ranks. The next step
         compares the whole parameters across ranks (the replica check): a retry after the ranks were made equal
         again (a broadcast of ``p.data`` moves no version counter) is judged by their values. Raised on every
         rank from the same verdict, so the next step's check is due on every rank (:meth:`_raise_disagreement`)."""
-        ranks, which_differ = differ  # (:meth:`_replicas_differ`: the whole parameters compared, names the one)
+        ranks, which_differ, hsdp = differ  # (:meth:`_replicas_differ`: the whole parameters compared, names them)
         first = which_differ[0] if which_differ else -1
-        which = (f"parameters were changed in place since the last step, outside the optimizer, otherwise on "
-                 f"rank(s) {verdict.moved_ranks} than on rank 0, and the parameters on rank(s) {ranks} now differ "
-                 f"from rank 0's (first: parameter {self._moved_label(first)})")
-        why = self._replicas_why()
+        if hsdp:
+            which = ("parameters were changed in place since the last step, outside the optimizer, on some HSDP "
+                     f"replicas only, and ranks that hold the same shard now differ ({self._shard_pairs(ranks)}; "
+                     f"first: parameter {self._moved_label(first)})")
+        else:
+            which = (f"parameters were changed in place since the last step, outside the optimizer, otherwise on "
+                     f"rank(s) {verdict.moved_ranks} than on rank 0, and the parameters on rank(s) {ranks} now "
+                     f"differ from rank 0's (first: parameter {self._moved_label(first)})")
+        why = self._replicas_why(hsdp)
+        cure = self._HSDP_BROADCAST if hsdp else "torch.distributed.broadcast(p.data, src=0) for every parameter"
         return RuntimeError(
             f"{type(self).__name__}.step: {which}. {why[0].upper()}{why[1:]}. "
             "Typical cause: nn.Embedding / nn.EmbeddingBag built with max_norm, whose forward "
@@ -2221,16 +2305,18 @@ class ShardedOptimizer(torch.optim.Optimizer):
             "whole table after step(), the same way on every rank) or freeze it. Allowed: in-place changes of "
             "parameters between steps that are the same on every rank. Nothing changed; the next step compares "
             "the whole parameters across ranks, so it trains on once every rank holds the same values again "
-            "(e.g. torch.distributed.broadcast(p.data, src=0) for every parameter)."
+            f"(e.g. {cure})."
         )
 
     def _resync_error(self, verdict: agreement.StepVerdict) -> RuntimeError:
         """The error of the step after an in-place-change refusal whose whole parameters still differ."""
         return RuntimeError(
             f"{type(self).__name__}.step: the parameters on rank(s) {verdict.param_ranks} still differ from rank "
-            "0's after a step refused for a parameter changed in place on some ranks only. Make them equal on "
-            "every rank again (torch.distributed.broadcast(p.data, src=0) for every parameter, or load the same "
-            "weights on every rank) before stepping. Nothing changed."
+            "0's (an HSDP shard: from the rank that holds the same shard) after a step refused for a parameter "
+            "changed in place on some ranks only. Make them equal on every rank again "
+            "(torch.distributed.broadcast(p.data, src=0) for every parameter"
+            + ("; under HSDP " + self._HSDP_BROADCAST if self._shard_replicas() is not None else "")
+            + ", or load the same weights on every rank) before stepping. Nothing changed."
         )
 
     def _raise_disagreement(self, verdict: agreement.StepVerdict, error: BaseException | None) -> None:
@@ -2351,7 +2437,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         """The periodic replica check's refusal (:meth:`_periodic_check_due`): the replicas differ and no version
         counter says why. Names every parameter that differs (up to 8) and the ranks (one more collective, on
         this error path only)."""
-        ranks, differ = self._replicas_differ() or ([], [])
+        ranks, differ, _ = self._replicas_differ() or ([], [], False)
         names = ", ".join(self._moved_label(i) for i in differ[:8]) + (", ..." if len(differ) > 8 else "")
         what = f"parameter(s) {names}" if names else "the parameters"
         return RuntimeError(
@@ -2368,7 +2454,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     def _replica_error(self, ranks: list[int]) -> RuntimeError:
         """The error of the replica check due at the first step after construction or ``load_state_dict``
-        (:meth:`_checks_replicas`), naming the first parameter that differs (:meth:`_param_difference`)."""
+        (:meth:`_checks_replicas`), naming the first parameter that differs (:meth:`_param_difference`). One more
+        collective, on this error path only (every rank raises it, from the same verdict)."""
+        differ = self._replicas_differ()
+        if differ is not None and differ[2]:
+            return self._shard_replica_error(differ)
         ddp = ("load the same checkpoint on every rank" if self._dtensor is not None else
                "wrap the model in DistributedDataParallel (it broadcasts at wrap) with grad_reduction='none'"
                if self.sharding.grad_reduction == "mean" else "under DistributedDataParallel, which broadcasts "
@@ -2376,7 +2466,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                "rank, not on rank 0 only")
         return RuntimeError(
             f"{type(self).__name__}.step: the parameters on rank(s) {ranks} differ from rank 0's"
-            f"{self._param_difference()} at the first step after construction or load_state_dict. Every "
+            f"{self._param_difference(differ)} at the first step after construction or load_state_dict. Every "
             f"rank must start from the same weights ({self._replicas_why()}). Broadcast the initial weights "
             "(seed identically on every rank before building the model, or torch.distributed.broadcast(p.data, "
             f"src=0) for every parameter) or {ddp}. A forward that changes its own weights in place on each "
@@ -2385,27 +2475,47 @@ class ShardedOptimizer(torch.optim.Optimizer):
             "freeze it). Nothing changed."
         )
 
-    def _replicas_differ(self) -> tuple[list[int], list[int]] | None:
+    def _replicas_differ(self) -> tuple[list[int], list[int], bool] | None:
         """``(the ranks whose replicas (:meth:`_replica_params`) differ from rank 0's bits, the indices of the
-        parameters that differ on any of them, in order, empty where no rank could tell)``, or None where every
-        rank holds the same. Asked where
-        the ranks changed parameters in place differently since the last step (a rank that swapped EMA weights in
-        for an evaluation and its own back, alone, moved version counters there only although nothing differs)
-        and to name a differing replica. One collective (each rank's :func:`agreement.param_sums`), on those paths
-        only; every rank asks, from the same verdict."""
+        parameters that differ on any of them, in order, empty where no rank could tell, False)``; where those are
+        equal, the same of HSDP's replicated shards, each rank's compared with its replica's
+        (:meth:`_shard_pieces`), with True; or None where every rank holds the same. Asked where the ranks changed
+        parameters in place differently since the last step (a rank that swapped EMA weights in for an evaluation
+        and its own back, alone, moved version counters there only although nothing differs) and to name a
+        differing replica. One collective (each rank's :func:`agreement.param_sums`), on those paths only; every
+        rank asks, from the same verdict."""
         index, params = self._replica_params()
-        by_rank = self._gather_detail(lambda: agreement.param_sums(params))
-        ranks = [r for r in range(1, len(by_rank)) if by_rank[0] is None or by_rank[r] != by_rank[0]]
-        if not ranks:
+        sidx, pieces = self._shard_pieces()
+        by_rank = self._gather_detail(lambda: (agreement.param_sums(params), agreement.param_sums(pieces)))
+        plain = [None if v is None else v[0] for v in by_rank]
+        ranks = [r for r in range(1, len(plain)) if plain[0] is None or plain[r] != plain[0]]
+        if ranks:
+            return ranks, _differences(plain, ranks, [0] * len(plain), index), False
+        shards = self._shard_replicas()
+        if shards is None:
             return None
-        told = [by_rank[r] for r in ranks if by_rank[r] is not None] if by_rank[0] is not None else []
-        return ranks, [index[j] for j, a in enumerate(by_rank[0] or []) if any(a != sums[j] for sums in told)]
+        piece = [None if v is None else v[1] for v in by_rank]
+        odd = shards.odd_ranks(piece)
+        return (odd, _differences(piece, odd, shards.replica_of, sidx), True) if odd else None
 
-    def _param_difference(self) -> str:
+    def _shard_replica_error(self, differ: tuple[list[int], list[int], bool]) -> RuntimeError:
+        """:meth:`_replica_error` where HSDP's replicated shards differ (another seed per replicate group, weights
+        loaded on one replica after ``fully_shard``)."""
+        ranks, which_differ, _ = differ
+        first = which_differ[0] if which_differ else -1
+        return RuntimeError(
+            f"{type(self).__name__}.step: ranks that hold the same shard of a DTensor parameter differ "
+            f"({self._shard_pairs(ranks)}; first: parameter {self._moved_label(first)}) at the first step after "
+            f"construction or load_state_dict. Every rank must start from the same weights "
+            f"({self._replicas_why(True)}). Seed identically on every rank (every replicate group alike) before "
+            "building the model, or load the same weights on every rank after fully_shard (torch.distributed."
+            "checkpoint, or set_model_state_dict with full_state_dict=True and broadcast_from_rank0=True), or "
+            f"make the replicas equal: {self._HSDP_BROADCAST}. Nothing changed."
+        )
+
+    def _param_difference(self, differ: tuple[list[int], list[int], bool] | None) -> str:
         """`` (first: parameter 'w' on rank r)``: the first parameter whose bits a rank holds otherwise than rank 0
-        (:meth:`_replicas_differ`), or '' where no rank could tell. Every rank calls it: one more collective, on
-        this error path only, as :meth:`_grad_difference`."""
-        differ = self._replicas_differ()
+        (``differ``: :meth:`_replicas_differ`'s), or '' where no rank could tell."""
         if differ is None or not differ[1]:
             return ""
         return f" (first: parameter {self._moved_label(differ[1][0])} on rank {differ[0][0]})"
@@ -2495,7 +2605,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 self._warn_in_handler_checkpoint()
             verdict = agreement.read_step_rows(reduced[agreement.RECORD_SLOTS:], self.comm.world_size,
                                                compare_grads=compare and reduced[0] == 0,
-                                               count_grads=self._counts_grads())
+                                               count_grads=self._counts_grads(), replica_of=self._replica_of())
             self._raise_disagreement(verdict, error)
             self._replicas_unchecked = self._moved_recheck = False  # compared (or not due): every rank alike
             self._moved_judged = True  # the in-place changes passed (read by _sharded_step's _note_versions)

@@ -797,9 +797,10 @@ class EGN(ShardedOptimizer):
                 "without one. Call opt.step(inputs=x, targets=y) without the scaler (EGN runs its own forwards "
                 "in full precision), or run scaler.scale(loss).backward() before scaler.step(opt, ...).")
 
-    def _replicas_why(self) -> str:
+    def _replicas_why(self, shards: bool = False) -> str:
         """Every rank applies the gathered direction to its own copy (no block is sent), its Jacobians taken at
-        that copy: replicas built from another seed per rank trained on, 1.36 apart after 3 steps."""
+        that copy: replicas built from another seed per rank trained on, 1.36 apart after 3 steps. (``shards``:
+        never, EGN refuses DTensors.)"""
         return ("every rank applies the same step to its own copy, so different replicas would silently stay "
                 "apart, each with Jacobians taken at other weights")
 
