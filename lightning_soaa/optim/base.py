@@ -2026,7 +2026,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         check and the versions it leaves): without FSDP2 a range, no list of indices built per step."""
         if self._dtensor is None:
             return range(len(self._params)), self._params
-        index = [i for i in range(len(self._params)) if not self._dtensor.is_dtensor(i)]
+        index = self._dtensor.plain  # (made once: add_param_group is refused under FSDP2)
+        if len(self._dtensor.placements) != len(self._params):
+            index = [i for i in range(len(self._params)) if not self._dtensor.is_dtensor(i)]
         return index, [self._params[i] for i in index]
 
     def _shard_replicas(self) -> ShardReplicas | None:
