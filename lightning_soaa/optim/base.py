@@ -1965,10 +1965,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
         # the step after a refused in-place change, and every replica_check_every steps (W > 1 replicas with either
         # grad_reduction); after an error nothing is read (the parameters may be unreadable, meta), and every rank
         # raises anyway
-        check = ((self.__dict__.get("_replicas_unchecked", False) and self._checks_replicas())
-                 or (self.__dict__.get("_moved_recheck", False) and self._checks_moved())
-                 or self._periodic_check_due())
-        digest = agreement.param_digest(self._replica_params()[1]) if check and error is None else 0
+        whole = ((self.__dict__.get("_replicas_unchecked", False) and self._checks_replicas())
+                 or (self.__dict__.get("_moved_recheck", False) and self._checks_moved()))
+        check = whole or self._periodic_check_due()
+        # (a periodic check under FSDP2 "none" compares HSDP's shards only: the plain replicas' digest stays 0)
+        plain = check and error is None and (whole or not self._plain_drifts())
+        digest = agreement.param_digest(self._replica_params()[1]) if plain else 0
         hyper = self._step_digest() if error is None else 0
         moved = self._moved_in_place() if error is None else (0, 0)
         # HSDP's replicated shards: their whole digest at a replica check, else that of their in-place changes
@@ -1997,11 +1999,16 @@ class ShardedOptimizer(torch.optim.Optimizer):
         owner's blocks (0.095 off one process), EGN's, FSDP2's plain and HSDP's replicas stayed apart for good."""
         every = self.sharding.replica_check_every
         steps = self.num_steps + self.skipped_steps
-        # not FSDP2's plain replicas under "none": their gradients are compared to a tolerance (GRAD_RTOL: other
-        # devices' reduction kernels), so honest copies may drift in their last bits, which a bitwise check would
-        # refuse at step N of a run accepted until then (ASGO at W = 2, one ulp of one gradient element)
-        drifts = self._dtensor is not None and self.sharding.grad_reduction == "none"
-        return every > 0 and steps > 0 and steps % every == 0 and not drifts and self._checks_moved()
+        # HSDP's replicated shards with either grad_reduction: FSDP2 averages their gradients, bit-equal replicas
+        due = (not self._plain_drifts() and self._checks_moved()) or self._shard_replicas() is not None
+        return every > 0 and steps > 0 and steps % every == 0 and due
+
+    def _plain_drifts(self) -> bool:
+        """Whether the periodic check leaves the replicas (:meth:`_replica_params`) out: FSDP2's plain replicas
+        under ``"none"``, whose gradients are compared to a tolerance (GRAD_RTOL: other devices' reduction
+        kernels), so honest copies may drift in their last bits, which a bitwise check would refuse at step N of a
+        run accepted until then (ASGO at W = 2, one ulp of one gradient element)."""
+        return self._dtensor is not None and self.sharding.grad_reduction == "none"
 
     def _replicas_why(self, shards: bool = False) -> str:
         """Why replicas that differ are refused (a refusal's sentence); ``shards``: HSDP's replicated shards."""
@@ -2438,19 +2445,24 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def _unseen_write_error(self) -> RuntimeError:
         """The periodic replica check's refusal (:meth:`_periodic_check_due`): the replicas differ and no version
         counter says why. Names every parameter that differs (up to 8) and the ranks (one more collective, on
-        this error path only)."""
-        ranks, differ, _ = self._replicas_differ() or ([], [], False)
+        this error path only); under HSDP, where the replicated shards differ, each rank with the replica it was
+        compared with."""
+        ranks, differ, hsdp = self._replicas_differ(replicas=not self._plain_drifts()) or ([], [], False)
         names = ", ".join(self._moved_label(i) for i in differ[:8]) + (", ..." if len(differ) > 8 else "")
         what = f"parameter(s) {names}" if names else "the parameters"
+        where = (f"on ranks that hold the same shard differ ({self._shard_pairs(ranks)})" if hsdp else
+                 f"on rank(s) {ranks} differ from rank 0's")
+        how = ("p.to_local() or p.data (p.to_local().mul_(...), p.data.mul_(...), p.data = t)" if hsdp else
+               "p.data (p.data.mul_(...), p.data = t, p.data.copy_(...))")
+        cure = self._HSDP_BROADCAST if hsdp else "torch.distributed.broadcast(p.data, src=0) for every parameter"
+        why = self._replicas_why(hsdp)
         return RuntimeError(
-            f"{type(self).__name__}.step: {what} on rank(s) {ranks} differ from rank 0's at step "
-            f"{self.num_steps + self.skipped_steps} (the replica check made every replica_check_every="
-            f"{self.sharding.replica_check_every} steps), and no in-place change since the last step says why: "
-            "they were written on some ranks only around autograd's version counters, e.g. through p.data "
-            "(p.data.mul_(...), p.data = t, p.data.copy_(...)) or a NumPy view of a parameter, or loaded or "
-            f"broadcast on some ranks only. {self._replicas_why()[0].upper()}{self._replicas_why()[1:]}. Make every "
-            "rank hold the same values again (torch.distributed.broadcast(p.data, src=0) for every parameter) and "
-            "make such writes on every rank alike. Nothing changed; the step trains on once the replicas are "
+            f"{type(self).__name__}.step: {what} {where} at step {self.num_steps + self.skipped_steps} (the replica "
+            f"check made every replica_check_every={self.sharding.replica_check_every} steps), and no in-place "
+            "change since the last step says why: they were written on some ranks only around autograd's version "
+            f"counters, e.g. through {how} or a NumPy view of a parameter, or loaded or broadcast on some "
+            f"ranks only. {why[0].upper()}{why[1:]}. Make every rank hold the same values again ({cure}) and make "
+            "such writes on every rank alike. Nothing changed; the step trains on once the replicas are "
             "equal."
         )
 
@@ -2477,7 +2489,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             "freeze it). Nothing changed."
         )
 
-    def _replicas_differ(self) -> tuple[list[int], list[int], bool] | None:
+    def _replicas_differ(self, replicas: bool = True) -> tuple[list[int], list[int], bool] | None:
         """``(the ranks whose replicas (:meth:`_replica_params`) differ from rank 0's bits, the indices of the
         parameters that differ on any of them, in order, empty where no rank could tell, False)``; where those are
         equal, the same of HSDP's replicated shards, each rank's compared with its replica's
@@ -2485,8 +2497,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         parameters in place differently since the last step (a rank that swapped EMA weights in for an evaluation
         and its own back, alone, moved version counters there only although nothing differs) and to name a
         differing replica. One collective (each rank's :func:`agreement.param_sums`), on those paths only; every
-        rank asks, from the same verdict."""
-        index, params = self._replica_params()
+        rank asks, from the same verdict. ``replicas=False``: HSDP's shards only (:meth:`_plain_drifts`)."""
+        index, params = self._replica_params() if replicas else ((), [])
         sidx, pieces = self._shard_pieces()
         by_rank = self._gather_detail(lambda: (agreement.param_sums(params), agreement.param_sums(pieces)))
         plain = [None if v is None else v[0] for v in by_rank]

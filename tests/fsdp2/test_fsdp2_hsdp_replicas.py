@@ -8,8 +8,10 @@ every optimizer, with no message: the step compared the parameters with rank 0's
 shard dim by design, so DTensor shards were not compared at all. Now each rank's shard is compared with the
 lowest rank holding the same one, in the step's existing all-reduce: refused on every rank, naming the
 parameter and the ranks, nothing changed (the retry too), and once the replicas are equal again (a broadcast
-over the replicate dim) the run goes on. Allowed, and not refused: the same write on every replica, and a write
-to one rank's shard on a 1-D mesh (one model whose shards differ by design).
+over the replicate dim) the run goes on. A write around the DTensor's version counter (``p.to_local()``,
+``p.data``) on one replica is caught by the periodic replica check (``replica_check_every``), which compares the
+whole shards with their replicas'. Allowed, and not refused: the same write on every replica, and a write to one
+rank's shard on a 1-D mesh (one model whose shards differ by design).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ OPTIMIZERS = W.OPTIMIZER_CASES  # every registered optimizer that takes DTensors
 WORLD = 4
 #: the rank that holds the same shard as each rank on the 2 x 2 mesh (dim 0: replicate, dim 1: shard)
 REPLICA = {0: 2, 1: 3, 2: 0, 3: 1}
+EVERY = 2  # replica_check_every of the unseen-write case
 
 
 def _step(model: Any, opt: Any, t: int, sizes: Any, rank: int, world_size: int) -> str:
@@ -93,6 +96,28 @@ def _start(rank: int, world_size: int, mesh: Any, name: str, cls: Any, kw: Any, 
     return res
 
 
+def _unseen(rank: int, world_size: int, mesh: Any, name: str, cls: Any, kw: Any, sizes: Any) -> dict[str, Any]:
+    """Rank 2's shard of ``0.weight`` written through ``p.to_local()`` and rank 3's through ``p.data`` after step
+    2, which move no version counter the per-step check reads: the checking step 3 (replica_check_every=2)
+    refused, its retry too, nothing changed; after a broadcast over the replicate dim it runs."""
+    model = W.sharded_model(sizes, mesh)
+    opt = cls(model.named_parameters(), **kw, replica_check_every=EVERY)
+    res: dict[str, Any] = {"first": [_step(model, opt, t, sizes, rank, world_size) for t in range(EVERY)]}
+    with torch.no_grad():
+        if rank == 2:
+            model[0].weight.to_local().mul_(1.5)
+        if rank == 3:
+            model[0].weight.data.mul_(1.5)
+    before = _pieces(model)
+    res["written"] = _step(model, opt, EVERY, sizes, rank, world_size)
+    res["retry"] = _step(model, opt, EVERY, sizes, rank, world_size)
+    res["unchanged"] = all(torch.equal(a, b) for a, b in zip(before, _pieces(model))) and opt.num_steps == EVERY
+    _broadcast_shards(model, mesh)
+    res["then"] = _step(model, opt, EVERY, sizes, rank, world_size)
+    res["pieces"] = _pieces(model)
+    return res
+
+
 def _one_mesh(rank: int, world_size: int, mesh: Any, name: str, cls: Any, kw: Any, sizes: Any) -> dict[str, Any]:
     """A 1-D mesh of every rank: rank 0's shard written after step 1 is one model's piece, not refused."""
     model = W.sharded_model(sizes, mesh)
@@ -111,6 +136,7 @@ def _hsdp(rank: int, world_size: int) -> dict[str, Any]:
     for name, cls, kw, sizes in OPTIMIZERS:
         out[name] = {"moved": _moved(rank, world_size, hsdp, name, cls, kw, sizes),
                      "start": _start(rank, world_size, hsdp, name, cls, kw, sizes),
+                     "unseen": _unseen(rank, world_size, hsdp, name, cls, kw, sizes),
                      "flat": _one_mesh(rank, world_size, flat, name, cls, kw, sizes)}
     return out
 
@@ -149,6 +175,22 @@ def test_hsdp_replicas_that_start_different_are_refused_at_the_first_step(result
                     in got["loaded"]), (name, r, got["loaded"])
             for after in ("seed_then", "loaded_then"):
                 assert got[after] == "no error", (name, r, after, got[after])
+
+
+def test_a_shard_written_around_its_counter_on_one_replica_is_refused_at_the_periodic_check(
+        results: list[dict[str, Any]]) -> None:
+    for name, *_ in OPTIMIZERS:
+        for r, out in enumerate(results):
+            got = out[name]["unseen"]
+            assert got["first"] == ["no error"] * EVERY, (name, r, got["first"])
+            for attempt in ("written", "retry"):
+                assert ("parameter(s) '0.weight' on ranks that hold the same shard differ (rank 2 from rank 0, rank 3 "
+                        f"from rank 1) at step {EVERY} (the replica check made every replica_check_every={EVERY} "
+                        "steps)") in got[attempt], (name, r, attempt, got[attempt])
+                assert "group=mesh.get_group(0), group_src=0" in got[attempt], (name, r, got[attempt])
+            assert got["unchanged"] and got["then"] == "no error", (name, r, got["then"])
+            replica = results[REPLICA[r]][name]["unseen"]["pieces"]
+            assert all(torch.equal(a, b) for a, b in zip(got["pieces"], replica)), (name, r)
 
 
 def test_a_shard_written_on_one_rank_of_a_one_dim_mesh_is_not_refused(results: list[dict[str, Any]]) -> None:
