@@ -711,16 +711,18 @@ def instance_id(construction: Tensor, ordinal: int) -> int:
 
 
 def step_row_values(rank: int, world: int, *, error: float, hyper: int, grad_sq: float, grad_count: int,
-                    steps: int = 0, replica_check: bool = False, params_digest: int = 0,
+                    steps: int = 0, replica_check: bool = False, shards_only: bool = False, params_digest: int = 0,
                     instance: int = 0, grad_logs: float = 0.0, moved: int = 0, shards: int = 0) -> list[float]:
     """The ``[world * STEP_ROW]`` block of the step's all-reduce as floats: this rank's row, zeros elsewhere.
     ``error``: a bool, or :func:`error_flag`'s value; ``moved``: the :data:`MOVED_SLOT` digest; ``shards``:
-    :data:`SHARD_SLOT`'s digest."""
+    :data:`SHARD_SLOT`'s digest; ``shards_only``: a replica check that digests HSDP's shards but not the
+    replicas (``params_digest`` 0: FSDP2's plain replicas under ``"none"``), so their in-place changes are
+    still judged (the check's flag is 2, not 1)."""
     out = [0.0] * (world * STEP_ROW)
     # A non-finite Σ‖g‖² is reported through the non-finite flag; zero keeps the row comparable.
     out[rank * STEP_ROW:(rank + 1) * STEP_ROW] = [float(error), float(hyper),
                                                   grad_sq if math.isfinite(grad_sq) else 0.0, float(grad_count),
-                                                  float(steps), 1.0 if replica_check else 0.0,
+                                                  float(steps), (2.0 if shards_only else 1.0) if replica_check else 0.0,
                                                   float(params_digest), float(instance),
                                                   grad_logs if math.isfinite(grad_logs) else 0.0,
                                                   float(moved), float(shards)]
@@ -783,7 +785,8 @@ def read_step_rows(rows: Tensor | Sequence[float], world: int, compare_grads: bo
     # a step whose replica check compared every rank's whole parameters equal has nothing left to judge: the
     # parameters changed in place since the last step are equal too (a rank that changed one, was refused, and
     # was then re-synced by a broadcast of p.data, which moves no version counter, would be refused for ever)
-    whole_equal = digests and not params
+    # (not where the check left the replicas out (flag 2): their in-place changes are judged as at any step)
+    whole_equal = digests and not params and m[0][5] == 1.0
     moved = [] if whole_equal else sorted({r for r in range(world) if m[r][MOVED_SLOT] != m[0][MOVED_SLOT]}
                                           .union([] if digests else shards))
     return StepVerdict(errors, hyper, grads, steps if len(set(steps)) > 1 else [], checks, params,

@@ -1979,6 +1979,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         return agreement.step_row_values(self.comm.rank, self.comm.world_size, error=agreement.error_flag(error),
                                          hyper=hyper, grad_sq=grad[0], grad_count=count,
                                          steps=self.num_steps + self.skipped_steps, replica_check=check,
+                                         shards_only=check and not whole and self._plain_drifts(),
                                          params_digest=digest, instance=self.__dict__.get("_instance_id", 0),
                                          grad_logs=grad[1], moved=moved[0], shards=shards)
 
