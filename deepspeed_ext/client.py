@@ -375,6 +375,8 @@ class DeepSpeedClientOptimizer(torch.optim.Optimizer):
                 kwargs[name] = optimizer.defaults[name]
             elif hasattr(optimizer, name):
                 kwargs[name] = getattr(optimizer, name)
+            elif hasattr(getattr(optimizer, "sharding", None), name):  # replica_check_every: kept in its sharding
+                kwargs[name] = getattr(optimizer.sharding, name)
         names = dict(param_names or {})
         for g in optimizer.param_groups:
             for p, n in zip(g["params"], g.get("param_names", ())):

@@ -129,3 +129,15 @@ def test_a_checkpoint_saved_with_the_table_in_the_one_group_is_refused_naming_it
     for r in res:
         for stage, msg in r.items():
             assert "'wte.weight'" in msg and "param group" in msg, (stage, msg)
+
+
+def test_a_sharding_option_of_an_optimizer_built_in_code_is_carried_over():
+    """``from_optimizer`` rebuilds the optimizer from its constructor arguments: ``replica_check_every`` lives in
+    ``opt.sharding`` (not in its config or defaults) and fell back to the default."""
+    from deepspeed_ext.client import DeepSpeedClientOptimizer
+    from lightning_soaa import SOAA
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    client = DeepSpeedClientOptimizer.from_optimizer(SOAA(model.parameters(), lr=1e-2, replica_check_every=7),
+                                                     zero_stage=0, layout="elementwise")
+    assert client.hyperparams["replica_check_every"] == 7
