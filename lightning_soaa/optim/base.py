@@ -2000,9 +2000,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
         owner's blocks (0.095 off one process), EGN's, FSDP2's plain and HSDP's replicas stayed apart for good."""
         every = self.sharding.replica_check_every
         steps = self.num_steps + self.skipped_steps
+        if every <= 0 or steps <= 0 or steps % every:  # (every step asks: the count first, the layout only when due)
+            return False
         # HSDP's replicated shards with either grad_reduction: FSDP2 averages their gradients, bit-equal replicas
-        due = (not self._plain_drifts() and self._checks_moved()) or self._shard_replicas() is not None
-        return every > 0 and steps > 0 and steps % every == 0 and due
+        return (not self._plain_drifts() and self._checks_moved()) or self._shard_replicas() is not None
 
     def _plain_drifts(self) -> bool:
         """Whether the periodic check leaves the replicas (:meth:`_replica_params`) out: FSDP2's plain replicas
@@ -2049,6 +2050,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     def _shard_memo(self) -> tuple[ShardReplicas | None, list[Tensor]]:
         """(:meth:`_shard_replicas`, those DTensor parameters themselves), made once per communicator."""
+        if self._dtensor is None:  # (no DTensor, no shard replicas: asked every step, so without the memo's key)
+            return None, []
         memo = self.__dict__.get("_shard_replicas_memo")
         key = (id(self.comm), len(self._params))
         if memo is None or memo[0] != key:
