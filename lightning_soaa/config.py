@@ -143,7 +143,7 @@ class ShardingConfig:
             trust-region scalars over ranks as parts of one model: on W > 1 ranks whose parameters are
             all equal (a replicated model, e.g. DDP) it refuses ``shard=False`` at the first step. (EGN,
             whose ZeRO stage is 0 only, reads ``shard=False`` as replicated state: every rank steps every
-            block.)
+            block, and the replica checks compare its copies as they compare sharded replicas.)
         grad_reduction: ``"none"`` when gradients arrive already averaged (DDP, Lightning, DeepSpeed);
             ``"mean"`` to have the optimizer reduce-scatter and average them itself (plain torchrun
             without DDP), so each rank only receives the gradients of the blocks it owns. As DDP does, it
@@ -157,8 +157,9 @@ class ShardingConfig:
             as DDP does at wrap): replicas that differ raise on every rank at the first step after
             construction or ``load_state_dict``; with ``"none"`` too (weights loaded on rank 0 only after
             DDP's wrap).
-        replica_check_every: every this many steps (W > 1 replicas: sharded ranks, an FSDP2 model's plain
-            parameters with ``grad_reduction="mean"``; under ``"none"`` their gradients are compared to a
+        replica_check_every: every this many steps (W > 1 replicas: sharded ranks, EGN's ``shard=False``
+            copies, an FSDP2 model's plain parameters with ``grad_reduction="mean"``; under ``"none"`` their
+            gradients are compared to a
             tolerance, so honest copies may drift in their last bits) the step compares a bitwise digest of the
             replicated parameters across ranks, in its existing all-reduce, and refuses on every rank where they
             differ. It catches writes made on some ranks only that move no version counter, which the per-step

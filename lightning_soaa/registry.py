@@ -158,6 +158,12 @@ class OptimizerSpec:
         ``supports_dtensor`` (imports the class); one that does not refuses them at construction."""
         return bool(getattr(self.load(), "supports_dtensor", False))
 
+    @property
+    def unsharded_replicas(self) -> bool:
+        """Whether ``shard=False`` means replicated state (every rank steps every parameter of its own copy: EGN)
+        rather than the caller's partitions (DeepSpeed ZeRO): its class's own ``unsharded_replicas``."""
+        return bool(getattr(self.load(), "unsharded_replicas", False))
+
     def load_config(self) -> type:
         """The optimizer's frozen hyperparameter config class."""
         return _load(self.config_path)

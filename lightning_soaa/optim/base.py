@@ -650,6 +650,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
     #: which also flags a NaN this rank alone sees in a block another rank owns; with ``"mean"`` the
     #: owner's averaged gradient carries any rank's NaN.
     partials_cover_grads: bool = False
+    #: True where ``shard=False`` means replicated state, not the caller's partitions: every rank holds and
+    #: steps every parameter of one replicated model (EGN, whose ZeRO stage is 0 only). The replica checks
+    #: (first step, in-place, periodic: :meth:`_checks_moved`) then cover it as they cover sharded replicas.
+    unsharded_replicas: bool = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -1985,10 +1989,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     def _checks_moved(self) -> bool:
         """Whether the step compares the parameters changed in place since the last step across ranks
-        (:data:`agreement.MOVED_SLOT`): W > 1 replicas whose blocks are each updated from their owner's copy,
-        an FSDP2 model's plain parameters, and HSDP's replicated shards (each compared with its replica's,
-        :data:`agreement.SHARD_SLOT`). ``shard=False`` partitions and a 1-D mesh's shards are not replicas."""
-        return ((self._sharded_multi_rank() and self._dtensor is None) or self._has_fsdp2_replicas()
+        (:data:`agreement.MOVED_SLOT`): W > 1 replicas whose blocks are each updated from their owner's copy
+        (or, :attr:`unsharded_replicas`, stepped alike on every rank), an FSDP2 model's plain parameters, and
+        HSDP's replicated shards (each compared with its replica's, :data:`agreement.SHARD_SLOT`).
+        ``shard=False`` partitions and a 1-D mesh's shards are not replicas."""
+        replicas = self.sharding.shard or self.unsharded_replicas
+        return ((replicas and self.comm.world_size > 1 and self._dtensor is None) or self._has_fsdp2_replicas()
                 or self._shard_replicas() is not None)
 
     def _periodic_check_due(self) -> bool:

@@ -775,6 +775,9 @@ class EGN(ShardedOptimizer):
     #: FSDP2 refused: EGN's forwards run the module itself and its Gram factors are built from whole
     #: layer weights; over sharded parameters that needs FSDP's unshard hooks inside EGN's passes.
     supports_dtensor = False
+    #: ``shard=False``: replicated state, every rank steps every block of its own copy (no block is sent), so
+    #: copies that differ (one rank's ``p.data`` write, another seed per rank) stayed apart silently
+    unsharded_replicas = True
 
     @property
     def _step_supports_amp_scaling(self) -> bool:

@@ -35,9 +35,21 @@ TINY = (6, 3)  # one Linear: two blocks, so at W >= 3 some ranks own nothing
 GLOBAL_BATCH = 12
 
 
+#: every registered optimizer, then the ``shard=False`` variant (named ``<name>-unsharded``) of each one that reads
+#: it as replicated state (``OptimizerSpec.unsharded_replicas``: EGN): the replicas the replica checks compare
+REPLICA_SPECS: tuple[OptimizerSpec, ...] = SPECS + tuple(
+    dataclasses.replace(s, name=f"{s.name}-unsharded", test_kwargs={**s.test_kwargs, "shard": False})
+    for s in SPECS if s.unsharded_replicas)
+
+
 def each_optimizer(fn: Callable[..., Any]) -> Any:
     """``@each_optimizer``: parametrize a test over every registered optimizer (argument ``spec``)."""
     return pytest.mark.parametrize("spec", SPECS, ids=[s.name for s in SPECS])(fn)
+
+
+def each_replica_variant(fn: Callable[..., Any]) -> Any:
+    """``@each_replica_variant``: parametrize a test over :data:`REPLICA_SPECS` (argument ``spec``)."""
+    return pytest.mark.parametrize("spec", REPLICA_SPECS, ids=[s.name for s in REPLICA_SPECS])(fn)
 
 
 def takes_kwarg(spec: OptimizerSpec, name: str) -> bool:

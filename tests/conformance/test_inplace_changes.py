@@ -12,6 +12,9 @@ optimizer in :data:`lightning_soaa.registry.REGISTRY`:
 * a trained ``nn.Embedding(max_norm=...)`` under DDP is refused on every rank, naming its table (EGN refuses
   it at construction: tests/unit/test_egn_places.py).
 
+EGN with ``shard=False`` (replicated state: every rank steps every block of its own copy) is checked alike
+(``EGN-unsharded``, :data:`tests.conformance._battery.REPLICA_SPECS`): its copies changed apart stayed apart.
+
 One launch serves all optimizers and all three cases.
 """
 
@@ -26,7 +29,15 @@ from torch import nn
 
 from lightning_soaa import SOAA
 from lightning_soaa.registry import FirstArg, OptimizerSpec, StepNeeds
-from tests.conformance._battery import SPECS, assert_close, each_optimizer, make, params, step
+from tests.conformance._battery import (
+    REPLICA_SPECS,
+    assert_close,
+    each_optimizer,
+    each_replica_variant,
+    make,
+    params,
+    step,
+)
 from tests.harness.distributed import run_distributed
 
 WORLD, CHANGED_AFTER, STEPS = 2, 1, 3  # the change comes after step CHANGED_AFTER (the first has no record)
@@ -170,7 +181,7 @@ def _run_max_norm(spec: OptimizerSpec, rank: int, world: int) -> str | None:
 def _worker(rank: int, world: int) -> dict[str, dict[str, Any]]:
     torch.set_num_threads(1)
     out: dict[str, dict[str, Any]] = {}
-    for spec in SPECS:
+    for spec in REPLICA_SPECS:
         out[spec.name] = {"one_rank": _run_change(spec, rank, world, alike=False),
                           "alike": _run_change(spec, rank, world, alike=True),
                           "alike_then_one_rank": _run_alike_then_one_rank(spec, rank, world),
@@ -185,7 +196,7 @@ def launch(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, dict[str,
     return run_distributed(_worker, WORLD, Path(tmp_path_factory.mktemp("inplace_changes")), timeout=300)
 
 
-@each_optimizer
+@each_replica_variant
 def test_a_change_on_one_rank_is_refused_on_every_rank(spec: OptimizerSpec, launch: list[Any]) -> None:
     for rank, res in enumerate(launch):
         got = res[spec.name]["one_rank"]
@@ -200,7 +211,7 @@ def test_a_change_on_one_rank_is_refused_on_every_rank(spec: OptimizerSpec, laun
             assert torch.equal(a, b)
 
 
-@each_optimizer
+@each_replica_variant
 def test_a_parameter_changed_alike_is_not_named_as_the_one_that_differs(spec: OptimizerSpec,
                                                                         launch: list[Any]) -> None:
     """Each rank's row holds the first index it changed: where that is the same on every rank (a clip of the first
@@ -213,7 +224,7 @@ def test_a_parameter_changed_alike_is_not_named_as_the_one_that_differs(spec: Op
         assert "rank(s) [1]" in error and f"(first: parameter {last})" in error and first not in error, error
 
 
-@each_optimizer
+@each_replica_variant
 def test_the_parameter_that_differs_is_named_not_one_put_back(spec: OptimizerSpec, launch: list[Any]) -> None:
     """Rank 1 alone put the first parameter back after a swap and changed the last: the whole parameters are
     compared, and the refusal named the first (equal on every rank) as the one changed on some ranks only."""
@@ -225,7 +236,7 @@ def test_the_parameter_that_differs_is_named_not_one_put_back(spec: OptimizerSpe
         assert names[0] not in error, error
 
 
-@each_optimizer
+@each_replica_variant
 def test_after_a_refusal_ranks_made_equal_again_train_as_one_process(spec: OptimizerSpec, launch: list[Any]) -> None:
     """Under DDP (grad_reduction="none", no replica check due) a rank re-synced by broadcasting ``p.data`` was
     refused for ever (its version counter had moved, rank 0's had not); the step after a refusal now compares
@@ -240,7 +251,7 @@ def test_after_a_refusal_ranks_made_equal_again_train_as_one_process(spec: Optim
         assert_close(got["params"], ref, f"rank {rank} params")
 
 
-@each_optimizer
+@each_replica_variant
 def test_parameters_changed_on_one_rank_and_put_back_train_as_one_process(spec: OptimizerSpec,
                                                                         launch: list[Any]) -> None:
     """Rank 0 alone swapping EMA weights in for an evaluation and its own back left the parameters equal on every
@@ -249,7 +260,7 @@ def test_parameters_changed_on_one_rank_and_put_back_train_as_one_process(spec: 
     _assert_equals_one_process(spec, launch, "put_back", alike=False)
 
 
-@each_optimizer
+@each_replica_variant
 def test_the_same_change_on_every_rank_trains_as_one_process(spec: OptimizerSpec, launch: list[Any]) -> None:
     _assert_equals_one_process(spec, launch, "alike", alike=True)
 

@@ -35,8 +35,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_soaa.optim.base import ShardedOptimizer
-from lightning_soaa.registry import REGISTRY, FirstArg, StepNeeds, get, half_mse
-from tests.conformance._battery import assert_identical, takes_kwarg
+from lightning_soaa.registry import REGISTRY, FirstArg, OptimizerSpec, StepNeeds, get, half_mse
+from tests.conformance._battery import assert_identical, each_replica_variant, takes_kwarg
 from tests.harness.distributed import run_distributed
 from tests.harness.models import batch, tiny_mlp
 
@@ -1675,15 +1675,14 @@ def test_replicas_that_differ_under_mean_raise_on_every_rank(tmp_path: Path, nam
         assert "different steps" in out["same_step"] and "rank(s) [1]" in out["same_step"], (r, out)
 
 
-def _w_replicas_differ_under_ddp(rank: int, world: int, name: str) -> dict[str, Any]:
+def _w_replicas_differ_under_ddp(rank: int, world: int, spec: OptimizerSpec) -> dict[str, Any]:
     """grad_reduction="none": DDP broadcasts rank 0's weights when it wraps the model only, and rank 0 alone
     then loads other weights (a resume on rank 0 only) before the first step; EGN (no DDP: it differentiates
     the module) is built from another seed on each rank. The first step, the step again after a broadcast,
     and one more."""
-    spec = get(name)
     own = spec.needs is StepNeeds.BATCH
     model = tiny_mlp(sizes=SIZES, seed=rank if own else 0)
-    opt = _build(name, model)
+    opt = spec.build(model, **spec.test_kwargs)
     net = model if own else nn.parallel.DistributedDataParallel(model)
     if rank == 0 and not own:
         model.load_state_dict(tiny_mlp(sizes=SIZES, seed=5).state_dict())
@@ -1703,20 +1702,20 @@ def _replica_batch(t: int, rank: int | None) -> tuple[torch.Tensor, torch.Tensor
     return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
 
 
-@pytest.mark.parametrize("name", SPECS)
-def test_replicas_that_differ_under_none_raise_on_every_rank(tmp_path: Path, name: str) -> None:
+@each_replica_variant
+def test_replicas_that_differ_under_none_raise_on_every_rank(tmp_path: Path, spec: OptimizerSpec) -> None:
     """With grad_reduction="none" the parameters were not compared at the first step, since the gradient
     comparison was taken to catch replicas that differ. It does not where the gradients were averaged: DDP
     averages gradients taken at different weights alike on every rank. A rank-0-only load after the wrap
     became a mix of each owner's blocks (0.09-0.11 off the one-process run in 4 steps, ranks bit-equal), and
-    EGN's replicas, built from another seed per rank, stayed apart for good (1.36 after 3 steps), silently.
-    Now every rank raises at that step, nothing changed; after a broadcast they train as one process."""
-    spec = get(name)
+    EGN's replicas, built from another seed per rank, stayed apart for good (1.36 after 3 steps), silently
+    (with ``shard=False`` too: ``EGN-unsharded``). Now every rank raises at that step, nothing changed; after a
+    broadcast they train as one process."""
     model = tiny_mlp(sizes=SIZES, seed=0 if spec.needs is StepNeeds.BATCH else 5)
-    opt = _build(name, model)
+    opt = spec.build(model, **spec.test_kwargs)
     for t in range(2):
         spec.take_step(opt, model, *_replica_batch(t, None))
-    for r, out in enumerate(run_distributed(_w_replicas_differ_under_ddp, 2, tmp_path, name, timeout=60)):
+    for r, out in enumerate(run_distributed(_w_replicas_differ_under_ddp, 2, tmp_path, spec, timeout=60)):
         assert "parameters on rank(s) [1] differ from rank 0's (first: parameter '0.weight' on rank 1)" in out[
             "first"] and "rank 0 only" in out["first"], (r, out)
         assert out["unchanged"], f"rank {r}: parameters changed by a refused step"

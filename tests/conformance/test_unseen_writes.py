@@ -12,6 +12,9 @@ a digest of the replicated parameters across ranks, in its existing all-reduce. 
   the rank, with the parameters and the step count unchanged; the same step again is refused again;
 * after a broadcast of rank 0's ``p.data`` the run trains on, equal to one process;
 * a rank that swaps other weights in through ``p.data`` and its own back (an EMA evaluation) trains on.
+
+EGN with ``shard=False`` (``EGN-unsharded``: replicated state, every rank steps every block of its own copy) too:
+neither this check nor the first step's covered it, and its copies written apart stayed apart.
 """
 
 from __future__ import annotations
@@ -25,7 +28,16 @@ import torch
 from torch import nn
 
 from lightning_soaa.registry import OptimizerSpec, StepNeeds
-from tests.conformance._battery import SPECS, assert_close, each_optimizer, make, params, step, takes_kwarg
+from tests.conformance._battery import (
+    REPLICA_SPECS,
+    SPECS,
+    assert_close,
+    each_replica_variant,
+    make,
+    params,
+    step,
+    takes_kwarg,
+)
 from tests.harness.distributed import run_distributed
 
 EVERY, STEPS = 2, 4  # the check runs at the steps taken 2 (and 4): the writes come just before the first
@@ -111,7 +123,7 @@ def _resync_and_train(spec: OptimizerSpec, model: nn.Module, wrapped: nn.Module,
 def _worker(rank: int, world: int) -> dict[str, Any]:
     torch.set_num_threads(1)
     return {(spec.name, mode, case): _run(spec, mode, case, rank, world)
-            for spec in SPECS for mode in _modes(spec) for case in CASES}
+            for spec in REPLICA_SPECS for mode in _modes(spec) for case in CASES}
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["W2", "W3"])
@@ -126,7 +138,7 @@ def _reference(spec: OptimizerSpec) -> list[torch.Tensor]:
     return params(model)
 
 
-@each_optimizer
+@each_replica_variant
 @pytest.mark.parametrize("case", list(WRITES))
 def test_a_write_around_autograd_on_some_ranks_is_refused_on_every_rank(spec: OptimizerSpec, case: str,
                                                                         launch: list[Any]) -> None:
@@ -146,7 +158,7 @@ def test_a_write_around_autograd_on_some_ranks_is_refused_on_every_rank(spec: Op
             assert got["retry_error"] is not None and written in got["retry_error"], (where, got["retry_error"])
 
 
-@each_optimizer
+@each_replica_variant
 def test_every_parameter_that_differs_is_named(spec: OptimizerSpec, launch: list[Any]) -> None:
     names = [repr(n) for n, _ in make(spec)[0].named_parameters()]
     for mode in _modes(spec):
@@ -156,7 +168,7 @@ def test_every_parameter_that_differs_is_named(spec: OptimizerSpec, launch: list
             assert error is not None and named in error, (mode, rank, error)
 
 
-@each_optimizer
+@each_replica_variant
 def test_ranks_made_equal_again_after_the_refusal_train_as_one_process(spec: OptimizerSpec,
                                                                        launch: list[Any]) -> None:
     ref = _reference(spec)
@@ -168,7 +180,7 @@ def test_ranks_made_equal_again_after_the_refusal_train_as_one_process(spec: Opt
                 assert_close(got["params"], ref, f"{mode}, {case}, rank {rank} params")
 
 
-@each_optimizer
+@each_replica_variant
 def test_weights_swapped_in_through_p_data_and_put_back_on_one_rank_train_as_one_process(
         spec: OptimizerSpec, launch: list[Any]) -> None:
     """No false refusal: the checking step meets replicas that are bit-equal again."""
