@@ -34,8 +34,8 @@ def readme_blocks(text: str) -> list[tuple[str, str]]:
     for m in _BLOCK.finditer(text):
         headings = _HEADING.findall(_FENCED.sub("", text[:m.start()]))
         base = re.sub(r"\W+", "-", headings[-1]).strip("-").lower() if headings else "top"
-        ids = [i for i, _ in out]
-        out.append((base if base not in ids else f"{base}-{ids.count(base) + 1}", textwrap.dedent(m.group(2))))
+        seen = sum(1 for i, _ in out if i == base or re.fullmatch(re.escape(base) + r"-\d+", i))
+        out.append((f"{base}-{seen + 1}" if seen else base, textwrap.dedent(m.group(2))))
     return out
 
 
@@ -50,6 +50,7 @@ def test_indented_blocks_are_found_and_dedented() -> None:
     text = "# A\n\n* item:\n\n  ```python\n  x = 1\n\n  if x:\n      y = 2\n  ```\n\n```python\nz = 3\n```\n"
     assert readme_blocks(text) == [("a", "x = 1\n\nif x:\n    y = 2\n"), ("a-2", "z = 3\n")]
     assert [i for i, _ in readme_blocks(text.replace("z = 3", "# not a heading"))] == ["a", "a-2"]
+    assert [i for i, _ in readme_blocks(text + "\n```python\nw = 4\n```\n")] == ["a", "a-2", "a-3"]  # not a-2 twice
 
 
 def _needs(code: str) -> list[str]:
