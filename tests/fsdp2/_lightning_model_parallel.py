@@ -31,12 +31,14 @@ from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from lightning_soaa import ASGO, SOAA
+from lightning_soaa import registry
 from lightning_soaa.lightning import LossToOptimizer
 
 STEPS = 4
 ROWS = 16
-KWARGS = {"SOAA": dict(lr=3e-2, gamma=0.3), "ASGO": dict(lr=2e-2, damping=1e-6, root_every=3)}
+#: every registered optimizer that takes DTensor parameters, with the battery's hyperparameters (they exercise
+#: each one's state: ASGO's "auto" roots reuse a stored root at the resumed steps, SOAA's trust band...)
+KWARGS = {s.name: dict(s.test_kwargs) for s in registry.REGISTRY if s.supports_dtensor}
 FORMATS = {"dist": True, "full": False}  # save_distributed_checkpoint
 
 
@@ -56,7 +58,7 @@ def data() -> TensorDataset:
 
 
 def optimizer(name: str, params):
-    return {"SOAA": SOAA, "ASGO": ASGO}[name](params, **KWARGS[name])
+    return registry.get(name).load()(params, **KWARGS[name])
 
 
 class Module(L.LightningModule):

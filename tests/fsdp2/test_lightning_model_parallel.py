@@ -3,8 +3,9 @@ single-process run, and its checkpoints (``ModelCheckpoint``/``trainer.save_chec
 distributed DCP folder and the full single file) resume to the same parameters, at 2 ranks and at 1.
 (FSDPStrategy, FSDP1, refuses CPU: "requires a GPU accelerator".)
 
-Two launches: the script at 2 devices (fit with checkpoints, then resumes) and at 1 device (resumes of
-the 2-rank checkpoints). ASGO uses root_every=3, so the resumed step 3 reuses the stored root.
+Every registered optimizer that takes DTensor parameters (``OptimizerSpec.supports_dtensor``), with the
+battery's ``test_kwargs``. Two launches: the script at 2 devices (fit with checkpoints, then resumes) and at
+1 device (resumes of the 2-rank checkpoints).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pytest
 import torch
 
 import lightning_soaa.functional.asgo as asgo_functional
+from lightning_soaa import registry
 
 pytest.importorskip("lightning", reason="the [lightning] extra is not installed")
 
@@ -35,7 +37,7 @@ def _reference(name: str) -> list[torch.Tensor]:
         opt.zero_grad()
         loss = 0.5 * (net(x) - y).pow(2).sum(dim=1).mean()
         loss.backward()
-        if name == "SOAA":
+        if registry.get(name).needs is registry.StepNeeds.LOSS:
             opt.set_loss(loss)
         opt.step()
     return [p.detach().clone() for p in net.parameters()]
