@@ -2138,8 +2138,18 @@ class ShardedOptimizer(torch.optim.Optimizer):
         whose parameters are all equal (replicas, not partitions; the same digest as
         :meth:`_checks_replicas`). ``partitioned_by_caller``: set by a caller that partitioned the
         parameters itself (deepspeed_ext, ZeRO 1-3), where equal partitions would be a coincidence."""
-        return (self.sums_parts_over_ranks and not self.sharding.shard and self.comm.world_size > 1
+        return (self._global_sums() is not None and not self.sharding.shard and self.comm.world_size > 1
                 and self._dtensor is None and not self.__dict__.get("partitioned_by_caller", False))
+
+    def _global_sums(self) -> str | None:
+        """What of the step sums parts of one model over the ranks (named for the refusal), or None: SOAA's trust
+        region, and ``max_grad_norm``'s norm of every optimizer that clips (on replicas it counted the model W
+        times, so it clipped harder than one process: AdamW 1.2e-6, DASGO 3.6e-5 off it after 4 steps at W = 2)."""
+        if self.sums_parts_over_ranks:
+            return "the trust region's sums"
+        if any(g.get("max_grad_norm") is not None for g in self.param_groups):
+            return "max_grad_norm's gradient norm"
+        return None
 
     def _scanned_grads(self, views: list[BlockView]) -> list[Tensor]:
         """The gradients this step must read: every local gradient when they are compared across ranks
@@ -2361,8 +2371,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
             raise RuntimeError(
                 f"{name}.step: shard=False on {self.comm.world_size} ranks whose parameters are all equal (a "
                 "model replicated on every rank, e.g. under DDP): shard=False declares that every rank's "
-                "parameters are its own partition (DeepSpeed ZeRO), and the optimizer's global sums would "
-                f"count the replicated model {self.comm.world_size} times. Use shard=True (the default). "
+                "parameters are its own partition (DeepSpeed ZeRO), and the optimizer's global sums "
+                f"({self._global_sums()}) would count the replicated model {self.comm.world_size} times. Use "
+                "shard=True (the default). "
                 "Nothing changed."
             )
         if verdict.param_ranks and not self._checks_partitions():

@@ -135,6 +135,39 @@ def test_ranks_with_different_bounds_raise_together(tmp_path: Path) -> None:
             assert "hyperparameters" in message and "max_grad_norm" in message, (name, message)
 
 
+
+def _unsharded_launch(rank: int, world: int) -> dict[str, dict[str, Any]]:
+    """``shard=False`` (each rank's parameters declared its own partition) with ``max_grad_norm``: on a model
+    replicated on every rank (DDP), whose norm the step would sum over the ranks as parts of one model, and on
+    partitions of their own (another seed per rank), which must step."""
+    out = {}
+    for spec in CLIPPED:
+        res: dict[str, Any] = {}
+        for how, seed in (("replicas", 0), ("partitions", 10 + rank)):
+            model, opt = make(spec, seed=seed, shard=False, max_grad_norm=0.5)
+            w0 = params(model)
+            try:
+                step(spec, model, opt, 0, rank=rank, world=world, average=how == "replicas")
+                res[how] = None
+            except RuntimeError as e:
+                res[how] = str(e)
+            res[how + "_unchanged"] = all(torch.equal(a, b) for a, b in zip(params(model), w0))
+        out[spec.name] = res
+    return out
+
+
+def test_unsharded_replicas_with_max_grad_norm_are_refused_on_every_rank(tmp_path: Path) -> None:
+    """The clip's norm summed W copies of the model: it clipped harder than one process, silently (W = 2, 4
+    steps: AdamW 1.2e-6, ASGO 4.6e-7, DASGO 3.6e-5 off the one-process run in float64)."""
+    for rank, res in enumerate(run_distributed(_unsharded_launch, 2, tmp_path, timeout=300.0)):
+        for name, r in res.items():
+            message = r["replicas"]
+            assert message is not None and "whose parameters are all equal" in message, (name, rank, message)
+            assert "shard=True" in message and r["replicas_unchanged"], (name, rank, message)
+            if not make(next(s for s in CLIPPED if s.name == name))[1].sums_parts_over_ranks:
+                assert "max_grad_norm's gradient norm" in message, (name, message)
+            assert r["partitions"] is None and not r["partitions_unchanged"], (name, rank, r["partitions"])
+
 @pytest.mark.parametrize("spec", CLIPPED, ids=[s.name for s in CLIPPED])
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf"), "1.0", True])
 def test_invalid_max_grad_norm_is_refused(spec: OptimizerSpec, bad: Any) -> None:
