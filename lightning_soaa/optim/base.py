@@ -1970,7 +1970,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         # grad_reduction); after an error nothing is read (the parameters may be unreadable, meta), and every rank
         # raises anyway
         whole = ((self.__dict__.get("_replicas_unchecked", False) and self._checks_replicas())
-                 or (self.__dict__.get("_moved_recheck", False) and self._checks_moved()))
+                 or (self.__dict__.get("_moved_recheck", False) and self._checks_moved())
+                 or self._partitions_due())
         check = whole or self._periodic_check_due()
         # (a periodic check under FSDP2 "none" compares HSDP's shards only: the plain replicas' digest stays 0)
         plain = check and error is None and (whole or not self._plain_drifts())
@@ -2140,6 +2141,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
         parameters itself (deepspeed_ext, ZeRO 1-3), where equal partitions would be a coincidence."""
         return (self._global_sums() is not None and not self.sharding.shard and self.comm.world_size > 1
                 and self._dtensor is None and not self.__dict__.get("partitioned_by_caller", False))
+
+    def _partitions_due(self) -> bool:
+        """Whether this step must tell partitions from replicas although construction or ``load_state_dict`` is
+        behind it: ``max_grad_norm`` written into the groups since (by hand, a schedule) starts a global sum."""
+        return self._checks_partitions() and not self.__dict__.get("_partitions_seen", False)
 
     def _global_sums(self) -> str | None:
         """What of the step sums parts of one model over the ranks (named for the refusal), or None: SOAA's trust
@@ -2643,6 +2649,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                                                count_grads=self._counts_grads(), replica_of=self._replica_of())
             self._raise_disagreement(verdict, error)
             self._replicas_unchecked = self._moved_recheck = False  # compared (or not due): every rank alike
+            self._partitions_seen = self._checks_partitions()
             self._moved_judged = True  # the in-place changes passed (read by _sharded_step's _note_versions)
             if verdict.gradless_ranks:
                 self._warn_gradless_ranks(verdict.gradless_ranks)
