@@ -18,7 +18,9 @@ clips nothing per rank (so never twice), and the step applies a clip by norm as 
 gradient, on every rank alike, where it clipped the gradient the step takes: one made in the step's closure (automatic
 optimization: the default ``configure_gradient_clipping``) or before ``step()`` on the very gradient it takes (a
 manual ``training_step``, Lightning's recipe; a precision plugin that runs the closure before ``step()``). A clip
-whose gradient was zeroed (the optimizer's ``zero_grad``, :func:`drop_kept_clips`) or replaced before the step took it
+whose gradient was zeroed (the optimizer's ``zero_grad``, :func:`drop_kept_clips`; the module's
+``zero_grad(set_to_none=False)`` before Lightning's next backward, :class:`_WatchedBackward`) or replaced before the
+step took it
 (a skipped step's, or one before a closure that computes the gradient again) is dropped; one followed by another
 backward is refused. Then the step checks what happened: a Trainer whose ``gradient_clip_val`` is set must have
 clipped this optimizer's step through that method, or its ``configure_gradient_clipping`` left the gradient alone (a
@@ -261,6 +263,47 @@ class _WatchedHook(_StandIn):
         return result
 
 
+class _WatchedBackward(_StandIn):
+    """The plugin's ``backward`` (Lightning's ``manual_backward``, and the closure's backward): before a backward adds
+    to the gradient, forgets the clips kept (:class:`_KeptClips`) for each parameter whose gradient was zeroed in
+    place since the clip (:func:`_forget_zeroed`: the module's own ``zero_grad(set_to_none=False)``, which the
+    optimizer never sees). One process clipped a gradient that no step takes; without this the step would see that
+    gradient changed since the clip and refuse legitimate code. A gradient that a backward adds to without zeroing
+    keeps its clip, and the step refuses it (:func:`_still_clipped`)."""
+
+    name = "backward"
+
+    def __init__(self, plugin: Any, clips: _KeptClips) -> None:
+        super().__init__(plugin)
+        self.clips = clips
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        for opt in list(self.clips.optimizers):
+            for _, grads in opt.__dict__.get("_kept_clips", ()):
+                _forget_zeroed(grads)
+        return self.original(*args, **kwargs)
+
+
+def _zeroed(was: tuple[weakref.ref[Any], int] | None) -> bool:
+    """Whether the very gradient a clip clipped (:func:`_grads_now`) was changed in place since and is all zeros now:
+    the clip's effect is gone, as in one process (asked only where the version moved: one reduction a parameter)."""
+    grad = None if was is None else was[0]()
+    if grad is None or grad._version == was[1]:  # type: ignore[index]
+        return False
+    local = grad.to_local() if callable(getattr(grad, "to_local", None)) else grad  # (a DTensor: this rank's part)
+    return not bool(local.any())
+
+
+def _forget_zeroed(grads: list[tuple[weakref.ref[Any], int] | None]) -> bool:
+    """Each entry of a kept clip's ``grads`` whose gradient was zeroed since (:func:`_zeroed`) becomes None, as for a
+    parameter that had no gradient at the clip: the gradient the step takes is then one the clip never saw. Returns
+    whether the clip still names a gradient."""
+    for i, was in enumerate(grads):
+        if _zeroed(was):
+            grads[i] = None
+    return any(was is not None for was in grads)
+
+
 def _grads_now(optimizer: Any) -> list[tuple[weakref.ref[Any], int] | None]:
     """Which gradient a kept clip clipped: each parameter's ``.grad`` (a weak reference) and its version."""
     return [None if p.grad is None else (weakref.ref(p.grad), p.grad._version)
@@ -280,6 +323,7 @@ def _still_clipped(optimizer: Any, grads: list[tuple[weakref.ref[Any], int] | No
     clipped a gradient that no step took). Raises where some changed in
     place (a backward after the clip adds to it: one process clipped a part of the gradient, which the step cannot
     do on the averaged one)."""
+    _forget_zeroed(grads)  # (zeroed since, with no backward after: one process steps on the zeros)
     now = _grads_now(optimizer)
     same = replaced = changed = False
     for was, is_ in zip(grads, now):
@@ -295,7 +339,8 @@ def _still_clipped(optimizer: Any, grads: list[tuple[weakref.ref[Any], int] | No
         return not replaced
     raise ValueError(f"self.clip_gradients(gradient_clip_val={clip_val!r}) with {type(optimizer).__name__}: its "
                      "gradient changed after the clip and before step() took it (a backward after the clip, or a "
-                     f"zero_grad that kept the tensors). {_where(optimizer)}, so the clip is applied in step(), to the "
+                     "zero_grad that kept the tensors followed by a backward other than self.manual_backward). "
+                     f"{_where(optimizer)}, so the clip is applied in step(), to the "
                      "gradient step() takes. Clip after the last backward of the step, right before opt.step().")
 
 
@@ -308,8 +353,9 @@ def keep_clips(optimizer: Any, trainer: Any) -> None:
     kept = vars(plugin).get("clip_gradients")
     if not isinstance(kept, _KeptClips):
         kept = plugin.clip_gradients = _KeptClips(plugin)
-        if callable(getattr(plugin, _WatchedHook.name, None)):
-            setattr(plugin, _WatchedHook.name, _WatchedHook(plugin, kept))
+        for watch in (_WatchedHook, _WatchedBackward):
+            if callable(getattr(plugin, watch.name, None)):
+                setattr(plugin, watch.name, watch(plugin, kept))
     kept.optimizers.add(optimizer)
 
 
@@ -341,8 +387,10 @@ def drop_kept_clips(optimizer: Any) -> None:
 
 def unread_clip_error(optimizer: Any) -> ValueError | None:
     """The refusal of the clips kept (:class:`_KeptClips`) for an optimizer that never reads ``p.grad`` (EGN), which
-    drops them; None where none was kept. Lightning clipped the gradients and the step went on unclipped, silently."""
-    kept = optimizer.__dict__.pop("_kept_clips", None)
+    drops them; None where none was kept. Lightning clipped the gradients and the step went on unclipped, silently.
+    A clip whose gradients were all zeroed since (:func:`_forget_zeroed`) clipped nothing the step could take."""
+    kept = [(clip, grads) for clip, grads in optimizer.__dict__.pop("_kept_clips", ())
+            if _forget_zeroed(grads)]
     if not kept:
         return None
     (clip_val, algorithm), _ = kept[0]

@@ -14,9 +14,10 @@ by norm and by value, equal to one process clipping the full batch's gradient wi
   ``"none"``); refused under ``"mean"``, where both would bound the averaged gradient's norm.
 
 - By norm, also: ``gradient_clip_val`` with a ``configure_gradient_clipping`` that clips on some steps only (one process
-  clips those; it was refused under "mean"), a manual clip whose gradient ``opt.zero_grad(set_to_none=False)`` zeroed
-  before a new backward (one process steps unclipped; it was refused under "mean"), and the manual recipe with an
-  optimizer built before the Trainer (its first clip was each rank's own under "mean", silently).
+  clips those; it was refused under "mean"), a manual clip whose gradient ``opt.zero_grad(set_to_none=False)`` or the
+  module's own ``zero_grad(set_to_none=False)`` zeroed before a new backward (one process steps unclipped; both were
+  refused under "mean"), and the manual recipe with an optimizer built before the Trainer (its first clip was each
+  rank's own under "mean", silently).
 
 An optimizer that never reads ``p.grad`` (EGN, ``StepNeeds.BATCH``) is refused on every rank, before any step (built
 before the Trainer too: it trained with the clip ignored, silently); a clip zeroed since is no clip there either.
@@ -53,14 +54,15 @@ WHERE = ("trainer", "hook", "manual", "closure")
 #: configure_gradient_clipping that clips through self.clip_gradients on even steps only (one process clips those);
 #: "rezeroed": a manual clip, then opt.zero_grad(set_to_none=False) and a new backward before opt.step() (one process
 #: steps on the new gradient, unclipped); "early": the manual recipe with an optimizer built before the Trainer runs
-#: (in the module's __init__; configure_optimizers returns it): its first step is clipped like the others
-LATER = ("some", "rezeroed", "early")
-MANUAL = ("manual", "closure", "rezeroed", "early")
+#: (in the module's __init__; configure_optimizers returns it): its first step is clipped like the others;
+#: "netzeroed": as "rezeroed", but the module's own zero_grad(set_to_none=False) zeroes (the optimizer never sees it)
+LATER = ("some", "rezeroed", "netzeroed", "early")
+MANUAL = ("manual", "closure", "rezeroed", "netzeroed", "early")
 CASES = [(where, algorithm) for where in WHERE for algorithm in BOUND]
 ALL_CASES = [*CASES, ("both", "norm"), *((where, "norm") for where in LATER)]
 #: what an optimizer that never reads the gradient refuses (it has no max_grad_norm; "rezeroed" trains, below)
 REFUSED_CASES = [*CASES, ("some", "norm"), ("early", "norm")]
-BATCH_CASES = [*REFUSED_CASES, ("rezeroed", "norm")]
+BATCH_CASES = [*REFUSED_CASES, ("rezeroed", "norm"), ("netzeroed", "norm")]
 LAUNCHES = ("mean", "none")
 
 
@@ -120,8 +122,8 @@ class _Module(pl.LightningModule):
             opt.step(backward_and_clip, **batch_kw)
             return None
         backward_and_clip()
-        if self.where == "rezeroed":  # (the clipped gradient is zeroed, the same tensors take a new one)
-            opt.zero_grad(set_to_none=False)
+        if self.where in ("rezeroed", "netzeroed"):  # (the clipped gradient is zeroed, the same tensors take a new one)
+            (opt if self.where == "rezeroed" else self.net).zero_grad(set_to_none=False)
             self.manual_backward(half_mse(self.net(x), y))
         opt.step(**batch_kw)
         return None
@@ -213,7 +215,7 @@ def test_lightning_clip_equals_one_process_clip(spec: OptimizerSpec, where: str,
     unclipped = _reference(spec, None)
     # the clip binds (a step that clips differs from one that does not)
     assert max(float((a - b).abs().max()) for a, b in zip(_reference(spec, algorithm), unclipped)) > 1e-3
-    ref = (unclipped if where == "rezeroed" else
+    ref = (unclipped if where in ("rezeroed", "netzeroed") else
            _reference(spec, algorithm, MAX_GRAD_NORM if where == "both" else None, 2 if where == "some" else 1))
     needles = _refusal(where, algorithm, launch)
     for rank, res in enumerate(r[(spec.name, where, algorithm)] for r in fits[launch]):
@@ -248,12 +250,13 @@ def test_lightning_clip_is_refused_by_an_optimizer_that_never_reads_the_gradient
 
 
 @pytest.mark.parametrize("launch", ["W1", *(f"W2-{r}" for r in LAUNCHES)])
+@pytest.mark.parametrize("where", ["rezeroed", "netzeroed"])
 @pytest.mark.parametrize("spec", REFUSING, ids=[s.name for s in REFUSING])
 def test_a_clip_whose_gradient_was_zeroed_is_no_clip_for_an_optimizer_that_never_reads_it(
-        spec: OptimizerSpec, launch: str, fits: dict[str, list[dict[tuple[str, str, str], Any]]]) -> None:
-    """A clip followed by ``opt.zero_grad(set_to_none=False)`` clipped a gradient no step takes, in one process too:
-    nothing to refuse."""
+        spec: OptimizerSpec, where: str, launch: str, fits: dict[str, list[dict[tuple[str, str, str], Any]]]) -> None:
+    """A clip followed by ``zero_grad(set_to_none=False)`` (the optimizer's or the module's) clipped a gradient no
+    step takes, in one process too: nothing to refuse."""
     ref = _reference(spec, None)
-    for rank, res in enumerate(r[(spec.name, "rezeroed", "norm")] for r in fits[launch]):
+    for rank, res in enumerate(r[(spec.name, where, "norm")] for r in fits[launch]):
         assert not isinstance(res, str), f"rank {rank} raised {res}"
-        assert_close(res, ref, f"{spec.name} rezeroed {launch} rank {rank} params")
+        assert_close(res, ref, f"{spec.name} {where} {launch} rank {rank} params")

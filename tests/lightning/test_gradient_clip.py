@@ -224,7 +224,7 @@ class _CopiesThePlugin(pl.Callback):
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         plugin = trainer.precision_plugin
         for copied in (pickle.loads(pickle.dumps(plugin)), copy.deepcopy(plugin)):
-            for name in ("clip_gradients", "_clip_gradients"):  # (stood in for: lightning_clip.py)
+            for name in ("clip_gradients", "_clip_gradients", "backward"):  # (stood in for: lightning_clip.py)
                 assert getattr(copied, name).__self__ is copied
                 assert getattr(copied, name).__func__ is getattr(type(plugin), name)
 
