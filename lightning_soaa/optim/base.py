@@ -130,6 +130,7 @@ from lightning_soaa.distributed.comm import (
 from lightning_soaa.distributed.dtensor import DTensorLayout, FSDPGroups, fsdp_groups_on_meshes, has_dtensor, local
 from lightning_soaa.distributed.exchange import UNSENT, OwnerExchange
 from lightning_soaa.distributed.hyper_digest import HyperparameterDigest
+from lightning_soaa.distributed.plain_drift import PLAIN_DRIFT_RTOL, beyond_drift
 from lightning_soaa.distributed.reblock import fit_layout
 from lightning_soaa.distributed.shard_replicas import ShardReplicas, shard_replicas
 from lightning_soaa.distributed.state_gather import gather_block_states
@@ -2328,9 +2329,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
                      f"replicas only, and ranks that hold the same shard now differ ({self._shard_pairs(ranks)}; "
                      f"first: parameter {self._moved_label(first)})")
         else:
+            drift = (f" by more than {PLAIN_DRIFT_RTOL:g} of their largest magnitude (the drift grad_reduction='none' "
+                     "allows)" if self._plain_drifts() else "")
             which = (f"parameters were changed in place since the last step, outside the optimizer, otherwise on "
                      f"rank(s) {verdict.moved_ranks} than on rank 0, and the parameters on rank(s) {ranks} now "
-                     f"differ from rank 0's (first: parameter {self._moved_label(first)})")
+                     f"differ from rank 0's{drift} (first: parameter {self._moved_label(first)})")
         why = self._replicas_why(hsdp)
         cure = self._HSDP_BROADCAST if hsdp else "torch.distributed.broadcast(p.data, src=0) for every parameter"
         return RuntimeError(
@@ -2460,7 +2463,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def _raise_replicas_differ(self, verdict: agreement.StepVerdict) -> None:
         """Raise (every rank, from the same verdict) for whole replicas that differ, by the check that found them:
         the first step's, the one after an in-place refusal, or the periodic one. A periodic check that meets
-        version counters moved otherwise across ranks returns: the in-place refusal names those."""
+        version counters moved otherwise across ranks returns: the in-place refusal names those. So does one whose
+        FSDP2 plain replicas under ``"none"`` differ by drift only (:meth:`_plain_beyond_drift`; the bits did)."""
+        if self._plain_drifts() and self._replicas_differ() is None:
+            return
         if self._replicas_due():
             raise self._replica_error(verdict.param_ranks)
         if self.__dict__.get("_moved_recheck", False) or not self._periodic_check_due():
@@ -2524,9 +2530,15 @@ class ShardedOptimizer(torch.optim.Optimizer):
         parameters in place differently since the last step (a rank that swapped EMA weights in for an evaluation
         and its own back, alone, moved version counters there only although nothing differs) and to name a
         differing replica. One collective (each rank's :func:`agreement.param_sums`), on those paths only; every
-        rank asks, from the same verdict. ``replicas=False``: HSDP's shards only (:meth:`_plain_drifts`)."""
+        rank asks, from the same verdict. ``replicas=False``: HSDP's shards only (:meth:`_plain_drifts`). FSDP2's
+        plain replicas under ``"none"`` are compared to a tolerance (:meth:`_plain_beyond_drift`)."""
         index, params = self._replica_params() if replicas else ((), [])
         sidx, pieces = self._shard_pieces()
+        if params and self._plain_drifts():
+            drifted = self._plain_beyond_drift(index, params)
+            if drifted is not None:
+                return drifted
+            params = []  # (compared: within drift)
         by_rank = self._gather_detail(lambda: (agreement.param_sums(params), agreement.param_sums(pieces)))
         plain = [None if v is None else v[0] for v in by_rank]
         ranks = [r for r in range(1, len(plain)) if plain[0] is None or plain[r] != plain[0]]
@@ -2538,6 +2550,19 @@ class ShardedOptimizer(torch.optim.Optimizer):
         piece = [None if v is None else v[1] for v in by_rank]
         odd = shards.odd_ranks(piece)
         return (odd, _differences(piece, odd, shards.replica_of, sidx), True) if odd else None
+
+    def _plain_beyond_drift(self, index: Sequence[int],
+                            params: list[Tensor]) -> tuple[list[int], list[int], bool] | None:
+        """:meth:`_replicas_differ` of FSDP2's plain replicas under ``"none"`` (:meth:`_plain_drifts`): each rank's
+        copy compared with rank 0's to :func:`~lightning_soaa.distributed.plain_drift.drift_tolerance`, since honest
+        copies drift by ulps there and a bitwise comparison refused an EMA swap made on one rank. Collective (one sum
+        per parameter, then one gather), on the paths :meth:`_replicas_differ` is asked on only."""
+        found = beyond_drift(params, self.comm.rank, self.comm.all_reduce_)
+        by_rank = self._gather_detail(lambda: found)
+        ranks = [r for r in range(1, len(by_rank)) if by_rank[r] is None or by_rank[r]]
+        if not ranks:
+            return None
+        return ranks, sorted({index[j] for r in ranks for j in by_rank[r] or ()}), False
 
     def _shard_replica_error(self, differ: tuple[list[int], list[int], bool]) -> RuntimeError:
         """:meth:`_replica_error` where HSDP's replicated shards differ (another seed per replicate group, weights
