@@ -163,7 +163,9 @@ class ShardingConfig:
             gradients are compared to a
             tolerance, so honest copies may drift in their last bits) the step compares a bitwise digest of the
             replicated parameters across ranks, in its existing all-reduce, and refuses on every rank where they
-            differ. It catches writes made on some ranks only that move no version counter, which the per-step
+            differ (DTensor ``Replicate`` pieces, whose copies drift by ulps under non-deterministic kernels: by
+            more than ``replica_drift.DRIFT_RTOL`` of their largest magnitude, compared where the bits differ). It
+            catches writes made on some ranks only that move no version counter, which the per-step
             in-place check cannot see (``p.data.mul_``, ``p.data = t``, a NumPy view of a parameter): the
             sharded optimizers silently trained on a mix of each owner's blocks, EGN's replicas stayed apart.
             ``0`` turns it off. The checking step reads every replicated parameter once (on one CPU thread

@@ -130,8 +130,8 @@ from lightning_soaa.distributed.comm import (
 from lightning_soaa.distributed.dtensor import DTensorLayout, FSDPGroups, fsdp_groups_on_meshes, has_dtensor, local
 from lightning_soaa.distributed.exchange import UNSENT, OwnerExchange
 from lightning_soaa.distributed.hyper_digest import HyperparameterDigest
-from lightning_soaa.distributed.plain_drift import PLAIN_DRIFT_RTOL, beyond_drift
 from lightning_soaa.distributed.reblock import fit_layout
+from lightning_soaa.distributed.replica_drift import DRIFT_RTOL, beyond_drift, pieces_beyond_drift
 from lightning_soaa.distributed.shard_replicas import ShardReplicas, shard_replicas
 from lightning_soaa.distributed.state_gather import gather_block_states
 from lightning_soaa.distributed.stop_vote import StopVote, in_handler_checkpoint_signal
@@ -2324,13 +2324,13 @@ class ShardedOptimizer(torch.optim.Optimizer):
         rank from the same verdict, so the next step's check is due on every rank (:meth:`_raise_disagreement`)."""
         ranks, which_differ, hsdp = differ  # (:meth:`_replicas_differ`: the whole parameters compared, names them)
         first = which_differ[0] if which_differ else -1
+        drift = f" by more than {DRIFT_RTOL:g} of their largest magnitude (the drift of last bits allowed)"
         if hsdp:
             which = ("parameters were changed in place since the last step, outside the optimizer, on some HSDP "
-                     f"replicas only, and ranks that hold the same shard now differ ({self._shard_pairs(ranks)}; "
-                     f"first: parameter {self._moved_label(first)})")
+                     "replicas only, and ranks that hold the same shard now differ "
+                     f"({self._shard_pairs(ranks)}; first: parameter {self._moved_label(first)}){drift}")
         else:
-            drift = (f" by more than {PLAIN_DRIFT_RTOL:g} of their largest magnitude (the drift grad_reduction='none' "
-                     "allows)" if self._plain_drifts() else "")
+            drift = drift if self._plain_drifts() else ""
             which = (f"parameters were changed in place since the last step, outside the optimizer, otherwise on "
                      f"rank(s) {verdict.moved_ranks} than on rank 0, and the parameters on rank(s) {ranks} now "
                      f"differ from rank 0's{drift} (first: parameter {self._moved_label(first)})")
@@ -2463,9 +2463,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def _raise_replicas_differ(self, verdict: agreement.StepVerdict) -> None:
         """Raise (every rank, from the same verdict) for whole replicas that differ, by the check that found them:
         the first step's, the one after an in-place refusal, or the periodic one. A periodic check that meets
-        version counters moved otherwise across ranks returns: the in-place refusal names those. So does one whose
-        FSDP2 plain replicas under ``"none"`` differ by drift only (:meth:`_plain_beyond_drift`; the bits did)."""
-        if self._plain_drifts() and self._replicas_differ() is None:
+        version counters moved otherwise across ranks returns: the in-place refusal names those. So does a check
+        whose replicas that may drift (FSDP2's plain ones under ``"none"``, ``Replicate`` DTensor pieces) differ by
+        drift only (:meth:`_replicas_differ`; their bits did)."""
+        if (self._plain_drifts() or self._shard_replicas() is not None) and self._replicas_differ() is None:
             return
         if self._replicas_due():
             raise self._replica_error(verdict.param_ranks)
@@ -2489,9 +2490,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
                "p.data (p.data.mul_(...), p.data = t, p.data.copy_(...))")
         cure = self._HSDP_BROADCAST if hsdp else "torch.distributed.broadcast(p.data, src=0) for every parameter"
         why = self._replicas_why(hsdp)
+        drift = f", by more than {DRIFT_RTOL:g} of their largest magnitude (a drift of last bits passes)" * hsdp
         return RuntimeError(
             f"{type(self).__name__}.step: {what} {where} at step {self.num_steps + self.skipped_steps} (the replica "
-            f"check made every replica_check_every={self.sharding.replica_check_every} steps), and no in-place "
+            f"check made every replica_check_every={self.sharding.replica_check_every} steps){drift}, and no in-place "
             "change since the last step says why: they were written on some ranks only around autograd's version "
             f"counters, e.g. through {how} or a NumPy view of a parameter, or loaded or broadcast on some "
             f"ranks only. {why[0].upper()}{why[1:]}. Make every rank hold the same values again ({cure}) and make "
@@ -2531,7 +2533,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         and its own back, alone, moved version counters there only although nothing differs) and to name a
         differing replica. One collective (each rank's :func:`agreement.param_sums`), on those paths only; every
         rank asks, from the same verdict. ``replicas=False``: HSDP's shards only (:meth:`_plain_drifts`). FSDP2's
-        plain replicas under ``"none"`` are compared to a tolerance (:meth:`_plain_beyond_drift`)."""
+        plain replicas under ``"none"`` (:meth:`_plain_beyond_drift`) and the ``Replicate`` DTensor pieces whose bits
+        differ are compared to a tolerance (:mod:`~lightning_soaa.distributed.replica_drift`): honest copies drift
+        by ulps there."""
         index, params = self._replica_params() if replicas else ((), [])
         sidx, pieces = self._shard_pieces()
         if params and self._plain_drifts():
@@ -2548,13 +2552,18 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if shards is None:
             return None
         piece = [None if v is None else v[1] for v in by_rank]
-        odd = shards.odd_ranks(piece)
-        return (odd, _differences(piece, odd, shards.replica_of, sidx), True) if odd else None
+        if not shards.odd_ranks(piece):
+            return None
+        # (bits apart: compared to a tolerance, since Replicate copies drift by ulps under non-deterministic kernels)
+        found = pieces_beyond_drift(pieces, self.comm.rank, shards.replica_of, self._gather_detail)
+        by_rank = self._gather_detail(lambda: found)
+        odd = [r for r, v in enumerate(by_rank) if v is None or v]
+        return (odd, sorted({sidx[j] for r in odd for j in by_rank[r] or ()}), True) if odd else None
 
     def _plain_beyond_drift(self, index: Sequence[int],
                             params: list[Tensor]) -> tuple[list[int], list[int], bool] | None:
         """:meth:`_replicas_differ` of FSDP2's plain replicas under ``"none"`` (:meth:`_plain_drifts`): each rank's
-        copy compared with rank 0's to :func:`~lightning_soaa.distributed.plain_drift.drift_tolerance`, since honest
+        copy compared with rank 0's to :func:`~lightning_soaa.distributed.replica_drift.drift_tolerance`, since honest
         copies drift by ulps there and a bitwise comparison refused an EMA swap made on one rank. Collective (one sum
         per parameter, then one gather), on the paths :meth:`_replicas_differ` is asked on only."""
         found = beyond_drift(params, self.comm.rank, self.comm.all_reduce_)

@@ -138,7 +138,7 @@ def _swapped_on_one_rank(rank: int, world_size: int) -> dict[str, Any]:
 def test_an_ema_swap_on_one_rank_of_drifting_plain_copies_is_not_refused(tmp_path: Path) -> None:
     """The in-place check compared the plain copies bit for bit after rank 0's swap: refused ("now differ"), and the
     retry too ("still differ"), although every rank held its honest copy. They are compared to a tolerance
-    (plain_drift.py) now; a real write on one rank is still refused, and the run goes on after a broadcast."""
+    (replica_drift.py) now; a real write on one rank is still refused, and the run goes on after a broadcast."""
     results = run_distributed(_swapped_on_one_rank, 2, tmp_path, timeout=300)
     swapped = {(name, r): res[name]["got"][:4] for name, *_ in OPTIMIZERS for r, res in enumerate(results)}
     assert all(got == ["no error"] * 4 for got in swapped.values()), swapped
