@@ -37,6 +37,7 @@ are read where the user's program imported them.
 from __future__ import annotations
 
 import contextlib
+import operator
 import sys
 import types
 import weakref
@@ -256,10 +257,10 @@ class _WatchedHook(_StandIn):
         mine = self.clips.mine(opt) if clip_val else None  # (no gradient_clip_val: nothing is refused as missed)
         if mine is None:
             return self.original(model, opt, clip_val, *args, **kwargs)
-        before, kept = _grads_now(mine), len(mine.__dict__.get("_kept_clips", ()))
+        before, kept = _held(mine), len(mine.__dict__.get("_kept_clips", ()))
         result = self.original(model, opt, clip_val, *args, **kwargs)
         if len(mine.__dict__.get("_kept_clips", ())) == kept:
-            mine._clip_hook = "skipped" if _same_grads(before, _grads_now(mine)) else "changed"
+            mine._clip_hook = "skipped" if _held_unchanged(before, mine) else "changed"
         return result
 
 
@@ -304,16 +305,63 @@ def _forget_zeroed(grads: list[tuple[weakref.ref[Any], int] | None]) -> bool:
     return any(was is not None for was in grads)
 
 
+_grad_of, _version_of = operator.attrgetter("grad"), operator.attrgetter("_version")
+
+
+def _params(optimizer: Any) -> list[Any]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def _any_none(values: list[Any]) -> bool:
+    """``None in values`` without ``==`` (a tensor's ``__eq__`` runs torch's dispatch: some 25 us each)."""
+    return any(v is None for v in values)
+
+
+def _versions(grads: list[Any]) -> list[int]:
+    """Each gradient's version (-1 for none): one C-level pass where every parameter has one (~0.1 us each)."""
+    try:
+        return list(map(_version_of, grads))
+    except AttributeError:
+        return [-1 if g is None else g._version for g in grads]
+
+
 def _grads_now(optimizer: Any) -> list[tuple[weakref.ref[Any], int] | None]:
-    """Which gradient a kept clip clipped: each parameter's ``.grad`` (a weak reference) and its version."""
-    return [None if p.grad is None else (weakref.ref(p.grad), p.grad._version)
-            for group in optimizer.param_groups for p in group["params"]]
+    """Which gradient a kept clip clipped: each parameter's ``.grad`` (a weak reference: a clip kept until the next
+    step must not keep a replaced gradient alive) and its version."""
+    grads = list(map(_grad_of, _params(optimizer)))
+    if not _any_none(grads):  # (the usual case, in C-level passes)
+        return list(zip(map(weakref.ref, grads), map(_version_of, grads)))
+    return [None if g is None else (weakref.ref(g), g._version) for g in grads]
 
 
-def _same_grads(was: list[tuple[weakref.ref[Any], int] | None], now: list[tuple[weakref.ref[Any], int] | None]) -> bool:
-    """Whether two :func:`_grads_now` name the very gradient tensors, unchanged."""
-    return all((a is None and b is None) or (a is not None and b is not None and a[0]() is b[0]() and a[1] == b[1])
-               for a, b in zip(was, now))
+def _compared(grads: list[tuple[weakref.ref[Any], int] | None], params: list[Any]) -> tuple[bool, bool, bool]:
+    """``(same, replaced, changed)``: whether some parameter's gradient is the very tensor of ``grads``
+    (:func:`_grads_now`) unchanged, another tensor (or none, or one where there was none), the same tensor changed
+    in place. Read from the parameters directly: no second snapshot."""
+    same = replaced = changed = False
+    for was, g in zip(grads, map(_grad_of, params)):
+        if was is None:
+            replaced = replaced or g is not None
+        elif g is None or was[0]() is not g:
+            replaced = True
+        elif was[1] == _version_of(g):
+            same = True
+        else:
+            changed = True
+    return same, replaced, changed
+
+
+def _held(optimizer: Any) -> tuple[list[Any], list[int]]:
+    """Each parameter's ``.grad`` itself (held only while one call of the hook runs) and its version: what
+    :func:`_held_unchanged` compares, cheaper than :func:`_grads_now`'s weak references."""
+    grads = list(map(_grad_of, _params(optimizer)))
+    return grads, _versions(grads)
+
+
+def _held_unchanged(held: tuple[list[Any], list[int]], optimizer: Any) -> bool:
+    """Whether every parameter's gradient is still the very tensor of ``held`` (:func:`_held`), unchanged."""
+    now = list(map(_grad_of, _params(optimizer)))
+    return all(map(operator.is_, held[0], now)) and held[1] == _versions(now)
 
 
 def _still_clipped(optimizer: Any, grads: list[tuple[weakref.ref[Any], int] | None], clip_val: Any) -> bool:
@@ -323,18 +371,10 @@ def _still_clipped(optimizer: Any, grads: list[tuple[weakref.ref[Any], int] | No
     clipped a gradient that no step took). Raises where some changed in
     place (a backward after the clip adds to it: one process clipped a part of the gradient, which the step cannot
     do on the averaged one)."""
-    _forget_zeroed(grads)  # (zeroed since, with no backward after: one process steps on the zeros)
-    now = _grads_now(optimizer)
-    same = replaced = changed = False
-    for was, is_ in zip(grads, now):
-        if was is None and is_ is None:
-            continue
-        if was is None or is_ is None or was[0]() is not is_[0]():
-            replaced = True
-        elif was[1] == is_[1]:
-            same = True
-        else:
-            changed = True
+    same, replaced, changed = _compared(grads, _params(optimizer))
+    if changed:  # (zeroed since, with no backward after: one process steps on the zeros)
+        _forget_zeroed(grads)
+        same, replaced, changed = _compared(grads, _params(optimizer))
     if not changed and not (same and replaced):
         return not replaced
     raise ValueError(f"self.clip_gradients(gradient_clip_val={clip_val!r}) with {type(optimizer).__name__}: its "
