@@ -25,7 +25,6 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.utils.weak import WeakIdKeyDictionary
 
 from lightning_soaa.optim.param_checks import check_initialized
 
@@ -46,10 +45,14 @@ class RouteHint(NamedTuple):
     parts: int = 1
 
 
-#: parameter -> its :class:`RouteHint` from the first walk of a module holding it (so routing does not depend on
-#: which wrapper or part of the model was walked since). Weak keys: a hint lives as long
-#: as its parameter; by identity (a tensor's ``==`` compares values).
-_HINTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+#: id(parameter) -> (a weak reference to the module that holds it, its :class:`RouteHint`) from the first walk of
+#: a module holding it (so routing does not depend on which wrapper or part of the model was walked since). Never
+#: a weak reference to the parameter itself: torch.utils.swap_tensors refuses a tensor that has one, and
+#: ``model.to(...)`` / ``model.load_state_dict(...)`` swap every parameter under
+#: ``torch.__future__.set_swap_module_params_on_conversion(True)`` (and FSDP2's DTensors whatever the flag),
+#: so a walk made them fail for good. A hint counts while that module still holds the parameter (an id is
+#: reused once its tensor is gone); :func:`_record_hints` drops those of modules that are gone.
+_HINTS: dict[int, tuple[weakref.ref[nn.Module], RouteHint]] = {}
 
 
 def route_hint(param: Any) -> RouteHint | None:
@@ -57,16 +60,24 @@ def route_hint(param: Any) -> RouteHint | None:
     when they first walked a module holding it, trainable or not then; None for a parameter of no such module.
     ASGO/DASGO's ``add_param_group`` reads it: a backbone frozen while the optimizer was built and added later
     as bare tensors (Lightning's BaseFinetuning) is routed as those walks would have routed it."""
-    if not isinstance(param, Tensor) or param not in _HINTS:
+    entry = _HINTS.get(id(param)) if isinstance(param, Tensor) else None
+    if entry is None:
         return None
-    hint: RouteHint = _HINTS[param]
-    return hint
+    holder = entry[0]()
+    if holder is None or not any(q is param for q in holder._parameters.values()):
+        return None
+    return entry[1]
 
 
 def _record_hints(module: nn.Module, adamw: set[int], fused: Mapping[str, int] | None = None) -> None:
     """A :class:`RouteHint` for every parameter of ``module``, frozen ones included (they are the ones a
     later ``add_param_group`` brings); ``fused``: the parts of the matrices it matches (``{}``: none, a walk
     for groups that asked for none; None: those an earlier walk recorded are kept)."""
+    for key in [k for k, (holder, _) in _HINTS.items() if holder() is None]:
+        del _HINTS[key]
+    # each parameter's holder from the modules themselves, not from its name: a wrapper may name parameters
+    # otherwise than its submodule paths (FSDP1 strips its own)
+    holders = {id(q): sub for sub in module.modules() for q in sub._parameters.values() if q is not None}
     for name, p in module.named_parameters(remove_duplicate=False):
         old = route_hint(p)
         s = fused_suffix(name, p, fused) if fused else None
@@ -77,9 +88,11 @@ def _record_hints(module: nn.Module, adamw: set[int], fused: Mapping[str, int] |
         # walk's module while it lives (a wrapper walked first and dropped left a dead reference, and fused
         # refused a model whose only fused matrix is frozen)
         alive = old is not None and old.module is not None and old.module() is not None
-        _HINTS[p] = RouteHint(name if old is None else old.name, id(p) in adamw or (old is not None and old.adamw),
-                              old.module if alive and old is not None else weakref.ref(module),
-                              (fused[s] if s else 1) if fused is not None else (1 if old is None else old.parts))
+        hint = RouteHint(name if old is None else old.name, id(p) in adamw or (old is not None and old.adamw),
+                         old.module if alive and old is not None else weakref.ref(module),
+                         (fused[s] if s else 1) if fused is not None else (1 if old is None else old.parts))
+        if id(p) in holders:
+            _HINTS[id(p)] = (weakref.ref(holders[id(p)]), hint)
 
 
 def check_fused(fused: Any) -> dict[str, int]:

@@ -482,7 +482,10 @@ class _ViewCache:
             if pi not in grads:
                 key = (p.data_ptr(), p.device, p.dtype, p.shape, p.stride())
                 if self.keys.get(pi) != key:
-                    cut = self._cut(pi, p, self._by_param[pi])
+                    # cut from a detached alias: a view of p itself holds p's tensor, and torch.utils.swap_tensors
+                    # (model.to / load_state_dict under torch.__future__.set_swap_module_params_on_conversion)
+                    # then refused every parameter the optimizer had stepped
+                    cut = self._cut(pi, p.detach(), self._by_param[pi])
                     for j, x in enumerate(self.owned):
                         if x.param_index == pi:
                             pviews[j] = cut[x.sub_index]
