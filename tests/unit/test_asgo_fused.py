@@ -659,6 +659,24 @@ def test_a_frozen_fused_matrix_is_found_after_a_wrapper_walked_first_is_gone() -
     assert opt.param_groups[-1]["fused_parts"] == ((0, 3),)
 
 
+def test_the_recorded_parts_survive_a_swapping_conversion_before_the_unfreeze() -> None:
+    """Found by a hunter: the walk's record was a weak reference to each parameter, and torch.utils.swap_tensors
+    refuses a tensor that has one, so ``model.to(...)`` under ``set_swap_module_params_on_conversion(True)`` failed
+    ("Couldn't swap"). A swap keeps each Parameter object: the record of a frozen fused matrix is still found when
+    BaseFinetuning's ``add_param_group`` brings it, which steps it as its parts."""
+    m, _ = qkv_pair()
+    set_qkv_trainable(m, False)
+    opt = ASGO(asgo_param_groups(m), fused=FUSED, **KW)
+    was = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        m.to("cpu")
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(was)
+    opt.add_param_group({"params": set_qkv_trainable(m, True)})
+    assert opt.param_groups[-1]["fused_parts"] == ((0, 3),)
+
+
 def test_the_module_walks_and_fused_refuse_a_lazy_parameter_naming_it() -> None:
     """``asgo_param_groups`` and ``fused`` read shapes before the optimizer's own check: a lazy module's
     uninitialized parameter raised torch's message there, naming nothing (the walk's: one that blamed
