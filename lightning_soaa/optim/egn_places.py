@@ -82,7 +82,8 @@ class ParamPlaces:
 
 
 class Renamed(NamedTuple):
-    """The parameter is still in its module, under another name (``weight_orig``: torch.nn.utils.prune)."""
+    """The parameter is still in its module, under another name (``weight_orig``: torch.nn.utils.prune, or
+    the old-style torch.nn.utils.spectral_norm)."""
 
     attr: str
 
@@ -109,9 +110,10 @@ def replaced_message(name: str, held: object, submodule: str | None, *, dtensor_
                 "Parameters it was built with.")
     elif isinstance(held, Renamed):
         what = (f"EGN: the model's parameter {name!r} is now registered as {held.attr!r} in its module: "
-                "torch.nn.utils.prune (or Lightning's ModelPruning callback) reparametrized the layer after this "
-                "EGN was built, and the layer now computes with a masked copy. Prune before building EGN (EGN "
-                "then takes the pruned layers' Jacobians explicitly); ModelPruning prunes during fit, after "
+                "torch.nn.utils.prune (or Lightning's ModelPruning callback) or torch.nn.utils.spectral_norm "
+                "reparametrized the layer after this EGN was built, and the layer now computes with a copy made "
+                "from it (masked, or divided by its spectral norm). Prune or apply spectral_norm before building "
+                "EGN (EGN then takes those layers' Jacobians explicitly); ModelPruning prunes during fit, after "
                 "configure_optimizers, so it cannot be used with EGN.")
     else:
         now = "nothing (the place is gone)" if held is None else f"another {type(held).__name__}"

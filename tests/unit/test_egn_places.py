@@ -133,6 +133,27 @@ def test_a_parameter_or_its_submodule_replaced_is_refused(change: str, stepped: 
     _unchanged(opt, model, before)
 
 
+@pytest.mark.parametrize("stepped", [True, False], ids=["after_a_step", "before_the_first_step"])
+def test_spectral_norm_applied_after_construction_is_refused_naming_it(stepped: bool) -> None:
+    """torch.nn.utils.spectral_norm renames the weight 'weight_orig' as prune does: EGN's refusal blamed prune
+    alone (and a "masked copy"), which sent a user of spectral_norm looking for a pruning call. Now it names
+    both, and what to do, which works: an EGN built after spectral_norm steps the layer's 'weight_orig'."""
+    model = MODELS["chain"]()
+    opt = EGN(model, loss="mse", lr=0.5, damping=0.3)
+    if stepped:
+        opt.step(inputs=_batch(0)[0], targets=_batch(0)[1])
+    nn.utils.spectral_norm(model[2])
+    before = _snapshot(opt)
+    with pytest.raises(RuntimeError, match=r"'2.weight' is now registered as 'weight_orig'.*torch.nn.utils."
+                                           r"spectral_norm.*apply spectral_norm before building EGN.*Nothing changed"):
+        opt.step(inputs=_batch(1)[0], targets=_batch(1)[1])
+    _unchanged(opt, model, before)
+    fresh = EGN(model, loss="mse", lr=0.5, damping=0.3)
+    was = model[2].weight_orig.detach().clone()
+    fresh.step(inputs=_batch(1)[0], targets=_batch(1)[1])
+    assert not torch.equal(was, model[2].weight_orig) and torch.isfinite(model[2].weight_orig).all()
+
+
 def _tie_data(model: nn.Module) -> None:
     model[2].weight.data = model[0].weight.data.t()
 
