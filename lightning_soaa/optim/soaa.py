@@ -650,12 +650,14 @@ class SOAA(ShardedOptimizer):
         try:
             ran = self._sharded_step(local_error=error)
         finally:
-            self._pending_loss, self._pending_plain = None, False  # a loss belongs to one step, whatever happened
+            # a loss belongs to one step, whatever happened; so does its gradients' mark, a weak reference that
+            # made torch.utils.swap_tensors refuse the gradient (model.to() under FSDP2 or the swap flag)
+            self._pending_loss, self._pending_plain, self._pending_mark = None, False, None
         if ran and self.config.acceptance == "same_batch":
             try:
                 self._same_batch_check(closure)  # type: ignore[arg-type]
             finally:  # its re-evaluation may hand a loss over too: it belongs to no later step
-                self._pending_loss, self._pending_plain = None, False
+                self._pending_loss, self._pending_plain, self._pending_mark = None, False, None
         return ret
 
     def _has_gradients(self) -> bool:

@@ -25,8 +25,8 @@ import pytest
 import torch
 
 from lightning_soaa import registry
-from lightning_soaa.registry import OptimizerSpec, StepNeeds
-from tests.conformance._battery import assert_close, each_optimizer, make, params, step
+from lightning_soaa.registry import OptimizerSpec, StepNeeds, half_mse
+from tests.conformance._battery import assert_close, data, each_optimizer, make, params, step
 from tests.harness.distributed import run_distributed
 from tests.harness.models import tiny_mlp
 
@@ -112,3 +112,32 @@ def test_swapped_parameters_on_two_ranks_train_on_as_one_process(spec: Optimizer
         assert_close(got["params"], params(model), f"rank {rank} params")
     assert spec.needs is StepNeeds.BATCH or all(  # the ranks hold one replica
         torch.equal(a, b) for a, b in zip(two_ranks[0][spec.name]["params"], two_ranks[1][spec.name]["params"]))
+
+
+def _handed_over_steps(spec: OptimizerSpec, swap_between: bool) -> list[torch.Tensor]:
+    """Two steps with the loss handed over by ``set_loss`` where the optimizer takes one (the Lightning callbacks'
+    route), ``model.to("cpu")`` swapping between them while the first step's gradients are still there."""
+    model, opt = make(spec)
+    for t in range(2):
+        if t == 1 and swap_between:
+            with _swapping():
+                model.to("cpu")  # (swaps each gradient too)
+        x, y = data(t)
+        if spec.needs is StepNeeds.BATCH:
+            opt.step(inputs=x, targets=y)
+            continue
+        opt.zero_grad()
+        loss = half_mse(model(x), y)
+        loss.backward()
+        if spec.needs is StepNeeds.LOSS:
+            opt.set_loss(loss.detach())
+        opt.step()
+    return params(model)
+
+
+@each_optimizer
+def test_a_swap_after_a_step_with_its_gradients_still_there(spec: OptimizerSpec) -> None:
+    """SOAA kept a weak reference to the first gradient of a loss handed over by ``set_loss`` past the step (the
+    mark telling a later ``zero_grad`` whether that loss's gradients moved), so ``model.to(...)`` between the
+    step and the next ``zero_grad`` failed on the gradient's swap: "Couldn't swap Linear.weight.grad"."""
+    assert_close(_handed_over_steps(spec, True), _handed_over_steps(spec, False), "params")
