@@ -129,8 +129,11 @@ class SOAALightningCLI(LightningCLI):
         return trainer
 
 
+# The class path's problem runs to the next item of the same list (the Union's "Expected a NoneType"), not
+# to the first such line: an option that also takes None (``total_steps: int | None``) has its own, nested
+# deeper, and cutting there dropped the value the user gave.
 _CLASS_PATH_PROBLEM = re.compile(
-    r"Problem with given class_path '([^']+)':\n(.*?)(?:\n\s*- Expected a <class 'NoneType'>|\Z)", re.S)
+    r"^([ \t]*)- Problem with given class_path '([^']+)':\n(.*?)(?=^\1- |\Z)", re.S | re.M)
 
 
 def explain_optimizer_error(msg: str) -> str:
@@ -147,7 +150,7 @@ def explain_optimizer_error(msg: str) -> str:
     found = _CLASS_PATH_PROBLEM.search(msg)
     if found is None:
         return f"{msg}\nUnknown or invalid optimizer. Valid optimizers: {valid_optimizer_names()}."
-    class_path, detail = found.group(1), textwrap.dedent(found.group(2)).strip()
+    class_path, detail = found.group(2), textwrap.dedent(found.group(3)).strip()
     try:
         cls = resolve_optimizer_class(class_path)
         if "has no attribute" in detail or "No module named" in detail:

@@ -280,6 +280,21 @@ def test_cli_option_typo_names_the_option_not_the_optimizer(tmp_path: Path, monk
     assert "--optimizer.comm" not in err and "--optimizer.process_group" not in err, err
 
 
+@pytest.mark.parametrize(("option", "value"), [("total_steps", "2.5"), ("max_grad_norm", "big"), ("lr", "abc")])
+def test_cli_bad_value_names_the_option_and_the_value(option: str, value: str, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """A wrong type for an option that also takes None (``total_steps: int | None``) lost the value given:
+    the message was cut at the option's own "Expected a NoneType", before its "Given value"."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        SOAALightningCLI(args=[*BASE, "--optimizer", "lightning_soaa.SOAA", f"--optimizer.{option}", value])
+    assert exc.value.code != 0
+    err = capsys.readouterr().err
+    assert f'Parser key "{option}"' in err and f"value: {value}" in err, err
+    assert "Unknown optimizer" not in err, err
+
+
 class _HalvedBatch(BatchToOptimizer):
     """A user's subclass: hands EGN the batch as the training_step would transform it."""
 
