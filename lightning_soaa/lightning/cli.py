@@ -83,6 +83,9 @@ class SOAALightningCLI(LightningCLI):
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        if not self.auto_configure_optimizers:
+            # as the stock CLI: no --optimizer then (one would be parsed and never used)
+            return
         # As LightningCLI's automatic optimizer group, but EGN's first argument ("model") is skipped too.
         parser.add_subclass_arguments((Optimizer,), "optimizer", instantiate=False, fail_untyped=False,
                                       skip=set(_NOT_OPTIONS), required=False)
@@ -104,15 +107,23 @@ class SOAALightningCLI(LightningCLI):
 
     def _add_configure_optimizers_method_to_model(self, subcommand: str | None) -> None:
         """Like LightningCLI's, but the optimizer is built lazily inside ``configure_optimizers``."""
-        init = self._get(self.config_init, "optimizer") if self.auto_configure_optimizers else None
+        if not self.auto_configure_optimizers:
+            return
+        init = self._get(self.config_init, "optimizer")
+        sched = self._get(self.config_init, "lr_scheduler")
+        sched = _to_dict(sched) if sched else None
         if not init:
+            if sched:
+                # the stock CLI drops it silently: the model's own configure_optimizers trains without it
+                parser = self._parser(subcommand)
+                parser.exit_on_error = True
+                parser.error(_SCHEDULER_WITHOUT_OPTIMIZER.format(sched=sched["class_path"],
+                                                                model=type(self.model).__name__))
             return
         init = _to_dict(init)
         if is_overridden("configure_optimizers", self.model, LightningModule):  # as the stock CLI says it
             log.warning("`%s.configure_optimizers` will be overridden by the --optimizer of %s (%s).",
                         type(self.model).__name__, type(self).__name__, init["class_path"])
-        sched = self._get(self.config_init, "lr_scheduler")
-        sched = _to_dict(sched) if sched else None
         factory = OptimizerFactory(init["class_path"], dict(init.get("init_args") or {}), lr_scheduler=sched)
         attach_optimizer(self.model, factory)
 
@@ -132,6 +143,12 @@ class SOAALightningCLI(LightningCLI):
 # The class path's problem runs to the next item of the same list (the Union's "Expected a NoneType"), not
 # to the first such line: an option that also takes None (``total_steps: int | None``) has its own, nested
 # deeper, and cutting there dropped the value the user gave.
+_SCHEDULER_WITHOUT_OPTIMIZER = (
+    "--lr_scheduler {sched} was given without --optimizer: the CLI builds a scheduler only around the "
+    "optimizer it builds from --optimizer, and {model}.configure_optimizers would train without it. Give "
+    "--optimizer <class path> too (it replaces configure_optimizers), or create the scheduler in "
+    "configure_optimizers (e.g. from a LRSchedulerCallable argument of the model, --model.<name>).")
+
 _CLASS_PATH_PROBLEM = re.compile(
     r"^([ \t]*)- Problem with given class_path '([^']+)':\n(.*?)(?=^\1- |\Z)", re.S | re.M)
 

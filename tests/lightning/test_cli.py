@@ -295,6 +295,48 @@ def test_cli_bad_value_names_the_option_and_the_value(option: str, value: str, t
     assert "Unknown optimizer" not in err, err
 
 
+class _OwnOptimizer(TinyRegressor):
+    """A module whose configure_optimizers builds its optimizer itself, without a scheduler."""
+
+    def configure_optimizers(self) -> Any:
+        return registry.get("AdamW").load()(self.named_parameters(), lr=0.02)
+
+
+def test_cli_lr_scheduler_without_optimizer_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """``--lr_scheduler`` is built around the optimizer of ``--optimizer``; without one, the model's own
+    configure_optimizers ran and the scheduler was dropped without a word (StepLR's lr stayed at 0.02 for
+    two epochs where it was to reach 2e-4)."""
+    monkeypatch.chdir(tmp_path)
+    args = [a if a != "tests.lightning.helpers.PlainRegressor" else "tests.lightning.test_cli._OwnOptimizer"
+            for a in BASE]
+    with pytest.raises(SystemExit) as exc:
+        SOAALightningCLI(args=[*args, "--lr_scheduler", "torch.optim.lr_scheduler.StepLR",
+                               "--lr_scheduler.step_size", "1"])
+    assert exc.value.code != 0
+    err = capsys.readouterr().err
+    assert "--lr_scheduler torch.optim.lr_scheduler.StepLR" in err and "without --optimizer" in err, err
+    assert "configure_optimizers" in err, err
+    # without it the model's own optimizer trains, as before
+    cli = SOAALightningCLI(args=args)
+    assert cli.trainer.global_step == 3 and not cli.trainer.lr_scheduler_configs
+
+
+def test_cli_without_auto_configure_optimizers_has_no_optimizer_option(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """``auto_configure_optimizers=False`` (as the stock CLI: no --optimizer, no --lr_scheduler): our CLI still
+    offered --optimizer, and a given one was ignored, the model's own optimizer training instead."""
+    monkeypatch.chdir(tmp_path)
+    args = [a if a != "tests.lightning.helpers.PlainRegressor" else "tests.lightning.test_cli._OwnOptimizer"
+            for a in BASE]
+    with pytest.raises(SystemExit) as exc:
+        SOAALightningCLI(args=[*args, "--optimizer", "lightning_soaa.SOAA"], auto_configure_optimizers=False)
+    assert exc.value.code != 0
+    assert "optimizer" in capsys.readouterr().err
+    cli = SOAALightningCLI(args=args, auto_configure_optimizers=False)
+    assert cli.trainer.global_step == 3
+
+
 class _HalvedBatch(BatchToOptimizer):
     """A user's subclass: hands EGN the batch as the training_step would transform it."""
 
