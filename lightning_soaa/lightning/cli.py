@@ -26,6 +26,7 @@ Differences from a stock ``LightningCLI``, each for a reason:
 from __future__ import annotations
 
 import argparse
+import ast
 import inspect
 import logging
 import re
@@ -168,6 +169,9 @@ def explain_optimizer_error(msg: str) -> str:
     if found is None:
         return f"{msg}\nUnknown or invalid optimizer. Valid optimizers: {valid_optimizer_names()}."
     class_path, detail = found.group(2), textwrap.dedent(found.group(3)).strip()
+    beside = _options_beside_class_path(msg, detail)
+    if beside:
+        return beside
     try:
         cls = resolve_optimizer_class(class_path)
         if "has no attribute" in detail or "No module named" in detail:
@@ -180,6 +184,32 @@ def explain_optimizer_error(msg: str) -> str:
                 if n not in _NOT_OPTIONS and prm.kind not in (prm.VAR_POSITIONAL, prm.VAR_KEYWORD)]
     return (f"Invalid option for --optimizer {class_path}: {detail}\n"
             f"{class_path} accepts: {', '.join('--optimizer.' + n for n in accepted)}.")
+
+
+_GIVEN_VALUE = re.compile(r"^  Given value: (.*)\Z", re.M | re.S)
+
+
+def _options_beside_class_path(msg: str, detail: str) -> str:
+    """The message for a config whose options sit beside ``class_path`` instead of under ``init_args``
+    (``optimizer: {class_path: lightning_soaa.SOAA, lr: 0.03}``), else "". jsonargparse then tries the base
+    class and says "Option 'class_path' is not accepted" of ``torch.optim.Optimizer``, which the user never
+    wrote."""
+    given = _GIVEN_VALUE.search(msg)
+    if "Option 'class_path' is not accepted" not in detail or given is None:
+        return ""
+    try:
+        value = ast.literal_eval(given.group(1).strip())
+    except (ValueError, SyntaxError):
+        return ""
+    if not isinstance(value, dict) or "class_path" not in value:
+        return ""
+    options = {k: v for k, v in value.items() if k not in ("class_path", "init_args", "dict_kwargs")}
+    if not options:
+        return ""
+    lines = "\n".join(f"      {k}: {v!r}" for k, v in options.items())
+    return (f"Invalid --optimizer config: option(s) {', '.join(options)} sit beside class_path; an optimizer's "
+            f"options go under init_args:\n  optimizer:\n    class_path: {value['class_path']}\n    init_args:\n"
+            f"{lines}")
 
 
 def _flag_values(tokens: list[str], flag: str) -> list[str]:

@@ -295,6 +295,22 @@ def test_cli_bad_value_names_the_option_and_the_value(option: str, value: str, t
     assert "Unknown optimizer" not in err, err
 
 
+def test_cli_options_beside_class_path_are_pointed_to_init_args(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """``optimizer: {class_path: lightning_soaa.SOAA, lr: 0.03}`` (init_args left out) was reported as "Invalid
+    option for --optimizer torch.optim.Optimizer: Option 'class_path' is not accepted", about a class the
+    config does not name."""
+    monkeypatch.chdir(tmp_path)
+    cfg = tmp_path / "flat.yaml"
+    cfg.write_text("optimizer:\n  class_path: lightning_soaa.SOAA\n  lr: 0.03\n  gamma: 0.1\n")
+    with pytest.raises(SystemExit) as exc:
+        SOAALightningCLI(args=[*BASE, "--config", str(cfg)])
+    assert exc.value.code != 0
+    err = capsys.readouterr().err
+    assert "lr, gamma sit beside class_path" in err and "init_args:" in err and "lr: 0.03" in err, err
+    assert "torch.optim.Optimizer" not in err, err
+
+
 class _OwnOptimizer(TinyRegressor):
     """A module whose configure_optimizers builds its optimizer itself, without a scheduler."""
 
