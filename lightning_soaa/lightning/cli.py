@@ -111,8 +111,7 @@ class SOAALightningCLI(LightningCLI):
         if not self.auto_configure_optimizers:
             return
         init = self._get(self.config_init, "optimizer")
-        sched = self._get(self.config_init, "lr_scheduler")
-        sched = _to_dict(sched) if sched else None
+        sched = self._automatic_scheduler(subcommand)
         if not init:
             if sched:
                 # the stock CLI drops it silently: the model's own configure_optimizers trains without it
@@ -127,6 +126,22 @@ class SOAALightningCLI(LightningCLI):
                         type(self.model).__name__, type(self).__name__, init["class_path"])
         factory = OptimizerFactory(init["class_path"], dict(init.get("init_args") or {}), lr_scheduler=sched)
         attach_optimizer(self.model, factory)
+
+    def _automatic_scheduler(self, subcommand: str | None) -> dict[str, Any] | None:
+        """The scheduler this CLI builds around its optimizer, ``{"class_path", "init_args"}``, or None: an
+        ``"AUTOMATIC"`` group only, as the stock CLI (one a subclass adds with ``link_to="model...."`` is the
+        model's; read as ours it was refused, or built a second time), its class filled in where the group
+        was added for a single class (its value is then the init args alone)."""
+        registered = self._parser(subcommand)._lr_schedulers
+        keys = [k for k, (_, link) in registered.items() if link == "AUTOMATIC"]
+        value = self._get(self.config_init, keys[0]) if keys else None
+        if not value:
+            return None
+        value = _to_dict(value)
+        cls = registered[keys[0]][0]
+        if not isinstance(cls, tuple) and "class_path" not in value:
+            value = {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": value}
+        return dict(value)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)

@@ -338,6 +338,48 @@ def test_cli_lr_scheduler_without_optimizer_is_refused(tmp_path: Path, monkeypat
     assert cli.trainer.global_step == 3 and not cli.trainer.lr_scheduler_configs
 
 
+class _LinkedScheduler(TinyRegressor):
+    """A module handed its scheduler's init args by a CLI link (``add_lr_scheduler_args(link_to=...)``)."""
+
+    def __init__(self, lr_scheduler_init: dict | None = None) -> None:
+        super().__init__()
+        self.lr_scheduler_init = lr_scheduler_init
+
+    def configure_optimizers(self) -> Any:
+        from lightning.pytorch.cli import instantiate_class
+
+        opt = registry.get("AdamW").load()(self.named_parameters(), lr=0.02)
+        return [opt], [instantiate_class(opt, self.lr_scheduler_init)]
+
+
+class _LinkingCLI(SOAALightningCLI):
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        super().add_arguments_to_parser(parser)
+        parser.add_lr_scheduler_args(torch.optim.lr_scheduler.StepLR, link_to="model.lr_scheduler_init")
+
+
+class _OneSchedulerCLI(SOAALightningCLI):
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        super().add_arguments_to_parser(parser)
+        parser.add_lr_scheduler_args(torch.optim.lr_scheduler.StepLR)  # "AUTOMATIC", one class: no class_path
+
+
+def test_cli_schedulers_a_subclass_adds_are_read_as_the_stock_cli_reads_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A scheduler group linked to the model is the model's (it was refused as a --lr_scheduler without
+    --optimizer); an automatic group of one class carries its init args alone (it was refused for a missing
+    class_path). Both as the stock CLI; 16 steps are 2 epochs: StepLR(1, 0.1) takes 0.02 to 2e-4."""
+    monkeypatch.chdir(tmp_path)
+    args = [a if a != "3" else "16" for a in BASE[3:]]
+    args += ["--lr_scheduler.step_size", "1", "--lr_scheduler.gamma", "0.1"]
+    linked = _LinkingCLI(_LinkedScheduler, args=["fit", *args])
+    one = _OneSchedulerCLI(TinyRegressor, args=["fit", *args, "--optimizer", "lightning_soaa.AdamW",
+                                                "--optimizer.lr", "0.02"])
+    for cli in (linked, one):
+        assert len(cli.trainer.lr_scheduler_configs) == 1
+        assert cli.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(2e-4, rel=1e-12)
+
+
 def test_cli_without_auto_configure_optimizers_has_no_optimizer_option(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """``auto_configure_optimizers=False`` (as the stock CLI: no --optimizer, no --lr_scheduler): our CLI still
