@@ -110,8 +110,8 @@ class SOAALightningCLI(LightningCLI):
         """Like LightningCLI's, but the optimizer is built lazily inside ``configure_optimizers``."""
         if not self.auto_configure_optimizers:
             return
-        init = self._get(self.config_init, "optimizer")
-        sched = self._automatic_scheduler(subcommand)
+        init = self._automatic(subcommand, "_optimizers")
+        sched = self._automatic(subcommand, "_lr_schedulers")
         if not init:
             if sched:
                 # the stock CLI drops it silently: the model's own configure_optimizers trains without it
@@ -120,19 +120,19 @@ class SOAALightningCLI(LightningCLI):
                 parser.error(_SCHEDULER_WITHOUT_OPTIMIZER.format(sched=sched["class_path"],
                                                                 model=type(self.model).__name__))
             return
-        init = _to_dict(init)
         if is_overridden("configure_optimizers", self.model, LightningModule):  # as the stock CLI says it
             log.warning("`%s.configure_optimizers` will be overridden by the --optimizer of %s (%s).",
                         type(self.model).__name__, type(self).__name__, init["class_path"])
         factory = OptimizerFactory(init["class_path"], dict(init.get("init_args") or {}), lr_scheduler=sched)
         attach_optimizer(self.model, factory)
 
-    def _automatic_scheduler(self, subcommand: str | None) -> dict[str, Any] | None:
-        """The scheduler this CLI builds around its optimizer, ``{"class_path", "init_args"}``, or None: an
-        ``"AUTOMATIC"`` group only, as the stock CLI (one a subclass adds with ``link_to="model...."`` is the
-        model's; read as ours it was refused, or built a second time), its class filled in where the group
-        was added for a single class (its value is then the init args alone)."""
-        registered = self._parser(subcommand)._lr_schedulers
+    def _automatic(self, subcommand: str | None, kind: str) -> dict[str, Any] | None:
+        """The optimizer (``kind="_optimizers"``) or scheduler (``"_lr_schedulers"``) this CLI builds,
+        ``{"class_path", "init_args"}``, or None: an ``"AUTOMATIC"`` group only, as the stock CLI (one a
+        subclass adds with ``link_to="model...."`` is the model's; read as ours it failed for a missing
+        class_path, or was built a second time), its class filled in where the group was added for a single
+        class (its value is then the init args alone)."""
+        registered = getattr(self._parser(subcommand), kind)
         keys = [k for k, (_, link) in registered.items() if link == "AUTOMATIC"]
         value = self._get(self.config_init, keys[0]) if keys else None
         if not value:

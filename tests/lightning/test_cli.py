@@ -364,11 +364,30 @@ class _OneSchedulerCLI(SOAALightningCLI):
         parser.add_lr_scheduler_args(torch.optim.lr_scheduler.StepLR)  # "AUTOMATIC", one class: no class_path
 
 
-def test_cli_schedulers_a_subclass_adds_are_read_as_the_stock_cli_reads_them(
+class _LinkedOptimizer(TinyRegressor):
+    """A module handed its optimizer's init args by a CLI link (``add_optimizer_args(link_to=...)``)."""
+
+    def __init__(self, optimizer_init: dict | None = None) -> None:
+        super().__init__()
+        self.optimizer_init = optimizer_init
+
+    def configure_optimizers(self) -> Any:
+        from lightning.pytorch.cli import instantiate_class
+
+        return instantiate_class(self.named_parameters(), self.optimizer_init)
+
+
+class _LinkingOptimizerCLI(SOAALightningCLI):
+    def add_arguments_to_parser(self, parser: Any) -> None:  # Lightning's documented pattern, without super()
+        parser.add_optimizer_args(registry.get("AdamW").load(), link_to="model.optimizer_init")
+
+
+def test_cli_groups_a_subclass_adds_are_read_as_the_stock_cli_reads_them(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A scheduler group linked to the model is the model's (it was refused as a --lr_scheduler without
-    --optimizer); an automatic group of one class carries its init args alone (it was refused for a missing
-    class_path). Both as the stock CLI; 16 steps are 2 epochs: StepLR(1, 0.1) takes 0.02 to 2e-4."""
+    --optimizer), and so is an optimizer group; an automatic group of one class carries its init args alone
+    (it was refused for a missing class_path). All as the stock CLI; 16 steps are 2 epochs: StepLR(1, 0.1)
+    takes 0.02 to 2e-4."""
     monkeypatch.chdir(tmp_path)
     args = [a if a != "3" else "16" for a in BASE[3:]]
     args += ["--lr_scheduler.step_size", "1", "--lr_scheduler.gamma", "0.1"]
@@ -378,6 +397,11 @@ def test_cli_schedulers_a_subclass_adds_are_read_as_the_stock_cli_reads_them(
     for cli in (linked, one):
         assert len(cli.trainer.lr_scheduler_configs) == 1
         assert cli.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(2e-4, rel=1e-12)
+    # an optimizer linked to the model (it failed with KeyError: 'class_path'): the model builds it
+    own = _LinkingOptimizerCLI(_LinkedOptimizer, args=["fit", *BASE[3:], "--optimizer.lr", "0.03"])
+    opt = own.trainer.optimizers[0]
+    assert type(opt) is registry.get("AdamW").load() and opt.param_groups[0]["lr"] == 0.03
+    assert opt.statistics()["steps"] == 3.0
 
 
 def test_cli_without_auto_configure_optimizers_has_no_optimizer_option(
