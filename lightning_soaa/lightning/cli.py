@@ -132,8 +132,14 @@ class SOAALightningCLI(LightningCLI):
         subclass adds with ``link_to="model...."`` is the model's; read as ours it failed for a missing
         class_path, or was built a second time), its class filled in where the group was added for a single
         class (its value is then the init args alone)."""
-        registered = getattr(self._parser(subcommand), kind)
+        parser = self._parser(subcommand)
+        registered = getattr(parser, kind)
         keys = [k for k, (_, link) in registered.items() if link == "AUTOMATIC"]
+        if len(keys) > 1:  # the stock CLI refuses it too; reading the first would ignore the others' values
+            parser.exit_on_error = True
+            parser.error(f"{type(self).__name__} builds one optimizer and one scheduler, but {', '.join(keys)} "
+                         "are all automatic groups. Give each extra group link_to='model.<argument>' and build "
+                         "it in configure_optimizers.")
         value = self._get(self.config_init, keys[0]) if keys else None
         if not value:
             return None

@@ -382,6 +382,12 @@ class _LinkingOptimizerCLI(SOAALightningCLI):
         parser.add_optimizer_args(registry.get("AdamW").load(), link_to="model.optimizer_init")
 
 
+class _TwoOptimizersCLI(SOAALightningCLI):
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        super().add_arguments_to_parser(parser)
+        parser.add_optimizer_args(torch.optim.SGD, nested_key="second_optimizer")  # "AUTOMATIC" too
+
+
 def test_cli_groups_a_subclass_adds_are_read_as_the_stock_cli_reads_them(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A scheduler group linked to the model is the model's (it was refused as a --lr_scheduler without
@@ -402,6 +408,10 @@ def test_cli_groups_a_subclass_adds_are_read_as_the_stock_cli_reads_them(
     opt = own.trainer.optimizers[0]
     assert type(opt) is registry.get("AdamW").load() and opt.param_groups[0]["lr"] == 0.03
     assert opt.statistics()["steps"] == 3.0
+    # two automatic optimizer groups: the stock CLI refuses; the second's values were ignored
+    with pytest.raises(SystemExit):
+        _TwoOptimizersCLI(TinyRegressor, args=["fit", *BASE[3:], "--optimizer", "lightning_soaa.AdamW",
+                                               "--second_optimizer.lr", "0.5"])
 
 
 def test_cli_without_auto_configure_optimizers_has_no_optimizer_option(
