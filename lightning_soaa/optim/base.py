@@ -137,7 +137,7 @@ from lightning_soaa.distributed.state_gather import gather_block_states
 from lightning_soaa.distributed.stop_vote import StopVote, in_handler_checkpoint_signal
 from lightning_soaa.functional.adamw import increment_counts_
 from lightning_soaa.kernels.raw import cell_values, value_cells
-from lightning_soaa.optim import dcp_flat, dcp_order, grad_clip
+from lightning_soaa.optim import dcp_flat, dcp_order, grad_clip, grad_marks
 from lightning_soaa.optim import dcp_state as dcp
 from lightning_soaa.optim.construction import collective_construction, failed_row
 from lightning_soaa.optim.dcp_plain import handed_out, without_placeholders
@@ -864,6 +864,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             # them failed part way: the record's note says which p.grad hold one
             written: list[int] | None = getattr(self.exchange, "averaged", None)  # (None: an exchange of no shards)
             self._grads_kept = written is not None and not written
+            self._averaged_into = written  # marked when the step ends (grad_marks.py)
             if written and self.__dict__.get("_held_error") is not None:
                 self._grads_partly = [repr(self._names[i]) if self._names[i] else f"#{i}" for i in sorted(set(written))]
         return None
@@ -2764,6 +2765,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             raise
         finally:
             self.__dict__.pop("_held_out", None)  # (a skipped or failed step: its gather's buffers go)
+            self._mark_averaged_grads()
             self.__dict__.pop("_routed_clip", None)  # (Lightning's clip value belongs to this step alone)
             if self._compares_reduce_order():  # (kept where it raised: a retry on these gradients compares it again)
                 reduce_order.clear_after_step(raised)
@@ -2936,12 +2938,39 @@ class ShardedOptimizer(torch.optim.Optimizer):
         fsdp = self._fsdp()
         if fsdp is not None:  # before anything is written: unsharded copies an earlier forward left are stale after
             fsdp.reshard()  # the update, and the next forward read them (0.13 off in 4 steps; local, no collective)
-        error = (self._hyperparameter_error() or self._interrupted_update_error()
+        error = (self._hyperparameter_error() or self._interrupted_update_error() or self._averaged_elsewhere_error()
                  or (gradient_mismatch(self, self._params, self._names) if self._steps_gradients else None))
         if self._step_supports_amp_scaling:
             self._amp_found_inf = amp_unscale_(self, unscaled)  # under torch.amp.GradScaler (step_context.py)
         if error is not None:
             raise error
+
+    def _mark_averaged_grads(self) -> None:
+        """After a step (taken, skipped or raised) whose ``"mean"`` exchange wrote averages into ``p.grad``: mark
+        them as they are now, after the step's own writes to them (a clip), for :meth:`_averaged_elsewhere_error`."""
+        written: list[int] | None = self.__dict__.pop("_averaged_into", None)
+        if written:
+            grad_marks.note_averaged(self, (self._params[i].grad for i in set(written)))
+
+    def _averaged_elsewhere_error(self) -> RuntimeError | None:
+        """The error for a gradient another optimizer's ``"mean"`` step wrote its average into, unchanged since
+        (a parameter in two optimizers of ours; :mod:`~lightning_soaa.optim.grad_marks`), or None. Only the ranks
+        that own its blocks in the other optimizer see it: held like any local error, every rank raises."""
+        if self.sharding.grad_reduction != "mean" or self.comm.world_size == 1 or self._dtensor is not None:
+            return None
+        found = grad_marks.averaged_by_another(self, self._params)
+        if found is None:
+            return None
+        i, other = found
+        name = repr(self._names[i]) if self._names[i] else f"#{i}"
+        return RuntimeError(
+            f"{type(self).__name__}.step: the gradient of parameter {name} already holds the ranks' average, written "
+            f"by the step of another optimizer ({type(other).__name__}) over the same parameter since backward(): "
+            "with grad_reduction='mean' each optimizer averages p.grad itself and writes the average into the "
+            "blocks its rank owns, so a second optimizer would average it again, mixed with the other ranks' own "
+            "gradients, and train that parameter on a wrong gradient. Give each parameter to one optimizer only, "
+            "or wrap the model in DistributedDataParallel and use grad_reduction='none' (DDP averages the "
+            "gradients once, before both steps). Nothing changed.")
 
     def _step_without_gradients(self) -> bool:
         """No rank owns a block with a gradient (every rank reads it from the step's all-reduce, so every

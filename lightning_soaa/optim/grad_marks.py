@@ -1,0 +1,54 @@
+"""Which optimizer wrote the ranks' average into a ``p.grad`` (``grad_reduction="mean"``, W > 1).
+
+The ``"mean"`` exchange writes the average into the ``p.grad`` blocks a rank owns and leaves the local
+gradient in the others (:meth:`~lightning_soaa.distributed.exchange.OwnerExchange.reduce_scatter_grads`).
+A second optimizer of ours over the same parameter (torch allows a parameter in two optimizers), stepped
+after the first on the same gradients, averaged them again: an average of one rank's average and the
+others' local gradients. The parameter then trained on a wrong gradient, alike on every rank, so nothing
+noticed (two ShardedAdamW at W = 2: 6.7e-2 off one process after 5 steps; SOAA 1.8e-1). Under DDP
+(``"none"``) every rank holds the average before either step, and the same two optimizers train exactly.
+
+Each step marks the gradients it wrote averages into (the tensor, its version counter at the end of that
+step, the optimizer), and a step refuses a gradient still marked by another optimizer. A new backward
+clears a mark: it makes a new tensor after ``zero_grad(set_to_none=True)``, or moves the version counter
+of the one it accumulates into (as ``zero_grad(set_to_none=False)`` does).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
+
+__all__ = ["averaged_by_another", "note_averaged"]
+
+#: gradient tensor -> (its version counter when marked, the optimizer that wrote an average into it)
+_MARKS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def note_averaged(optimizer: Any, grads: Iterable[Tensor | None]) -> None:
+    """Mark ``grads`` as holding ``optimizer``'s average (in the blocks this rank owns) as they are now."""
+    ref = weakref.ref(optimizer)
+    for g in grads:
+        if g is not None:
+            _MARKS[g] = (g._version, ref)
+
+
+def averaged_by_another(optimizer: Any, params: Sequence[Tensor]) -> tuple[int, Any] | None:
+    """The index of the first of ``params`` whose ``p.grad`` holds, unchanged since, the average another live
+    optimizer wrote into it, and that optimizer; None if there is none."""
+    for i, p in enumerate(params):
+        g = p.grad
+        if g is None:
+            continue
+        mark = _MARKS.get(g)  # type: ignore[no-untyped-call]  # (torch's WeakIdKeyDictionary is untyped)
+        if mark is None:
+            continue
+        version, ref = mark
+        other = ref()
+        if other is not None and other is not optimizer and g._version == version:
+            return i, other
+    return None

@@ -1,0 +1,101 @@
+"""A parameter in two optimizers of ours (torch allows it): trained exactly, or refused on every rank.
+
+With ``grad_reduction="mean"`` each optimizer averages ``p.grad`` itself and writes the average into the
+blocks its rank owns; a second optimizer stepped on those gradients averaged them again, mixed with the
+other ranks' own, and trained the shared parameter on a wrong gradient, alike on every rank (two
+ShardedAdamW at W = 2: 6.7e-2 off one process after 5 steps), silently. It is refused now, on every rank,
+naming the parameter, with nothing changed. Each optimizer stepped after a backward of its own, and both
+under DDP with ``"none"`` (the route the refusal names), train as one process. Every gradient optimizer of
+the registry, on real gloo ranks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from lightning_soaa.registry import REGISTRY, StepNeeds, get, half_mse
+from tests.conformance._battery import data, takes_kwarg
+from tests.harness.distributed import run_distributed
+from tests.harness.models import tiny_mlp
+
+GRAD_MEAN_SPECS = [pytest.param(s.name, id=s.name) for s in REGISTRY
+                   if s.needs is not StepNeeds.BATCH and takes_kwarg(s, "grad_reduction")]
+STEPS = 3
+
+
+def _pair(name: str, model: nn.Module, reduction: str) -> tuple[Any, Any]:
+    """One optimizer over every parameter and one over the last layer's (both of class ``name``)."""
+    spec = get(name)
+    kw = {**spec.test_kwargs, "grad_reduction": reduction}
+    last = [(f"head.{n}", p) for n, p in list(model.children())[-1].named_parameters()]
+    return spec.build(model, **kw), spec.load()(last, **kw)
+
+
+def _backward(model: nn.Module, t: int, rank: int, world: int) -> torch.Tensor:
+    x, y = data(t, rank=rank, world=world)
+    loss = half_mse(model(x), y)
+    loss.backward()
+    return loss.detach()
+
+
+def _step(name: str, opt: Any, loss: torch.Tensor) -> None:
+    if get(name).needs is StepNeeds.LOSS:
+        opt.step(loss=loss)
+    else:
+        opt.step()
+
+
+def _train(name: str, rank: int, world: int, *, reduction: str, ddp: bool, own_backward: bool) -> list[torch.Tensor]:
+    """STEPS iterations: both optimizers step on one backward, or (``own_backward``) each on its own."""
+    model = tiny_mlp()
+    fwd = DDP(model) if ddp else model
+    opts = _pair(name, model, reduction)
+    for t in range(STEPS):
+        for opt in opts:
+            if own_backward or opt is opts[0]:
+                model.zero_grad(set_to_none=True)
+                loss = _backward(fwd, t, rank, world)
+            _step(name, opt, loss)
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _w_shared(rank: int, world: int, name: str) -> dict[str, Any]:
+    model = tiny_mlp()
+    whole, head = _pair(name, model, "mean")
+    loss = _backward(model, 0, rank, world)
+    _step(name, whole, loss)
+    before = [p.detach().clone() for p in model.parameters()]
+    try:
+        _step(name, head, loss)
+        msg = "no error"
+    except Exception as e:  # noqa: BLE001 - its class and text are what is checked
+        msg = f"{type(e).__name__}: {e}"
+    unchanged = all(torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
+    dist.barrier()
+    return {"msg": msg, "unchanged": unchanged, "head_steps": head.num_steps,
+            "own": _train(name, rank, world, reduction="mean", ddp=False, own_backward=True),
+            "ddp": _train(name, rank, world, reduction="none", ddp=True, own_backward=False)}
+
+
+@pytest.mark.parametrize("name", GRAD_MEAN_SPECS)
+def test_a_parameter_in_two_optimizers_under_mean_is_refused_or_trains_as_one_process(tmp_path: Path,
+                                                                                      name: str) -> None:
+    res = run_distributed(_w_shared, 2, tmp_path, name, timeout=180)
+    for out in res:  # every rank (a rank that owns no block of the head in the first one: naming the others)
+        assert out["msg"].startswith("RuntimeError"), out["msg"]
+        assert out["unchanged"] and out["head_steps"] == 0, out
+    named = [out["msg"] for out in res if "another optimizer" in out["msg"]]
+    assert named, [out["msg"] for out in res]
+    assert all("'head." in m and "grad_reduction='none'" in m and "Nothing changed" in m for m in named), named
+    for key, own in (("own", True), ("ddp", False)):
+        ref = _train(name, 0, 1, reduction="mean", ddp=False, own_backward=own)
+        for out in res:
+            for a, b in zip(out[key], ref):
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
