@@ -2938,7 +2938,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         fsdp = self._fsdp()
         if fsdp is not None:  # before anything is written: unsharded copies an earlier forward left are stale after
             fsdp.reshard()  # the update, and the next forward read them (0.13 off in 4 steps; local, no collective)
-        error = (self._hyperparameter_error() or self._interrupted_update_error() or self._averaged_elsewhere_error()
+        error = (self._hyperparameter_error() or self._interrupted_update_error() or self._averaged_already_error()
                  or (gradient_mismatch(self, self._params, self._names) if self._steps_gradients else None))
         if self._step_supports_amp_scaling:
             self._amp_found_inf = amp_unscale_(self, unscaled)  # under torch.amp.GradScaler (step_context.py)
@@ -2947,30 +2947,36 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     def _mark_averaged_grads(self) -> None:
         """After a step (taken, skipped or raised) whose ``"mean"`` exchange wrote averages into ``p.grad``: mark
-        them as they are now, after the step's own writes to them (a clip), for :meth:`_averaged_elsewhere_error`."""
+        them as they are now, after the step's own writes to them (a clip), for :meth:`_averaged_already_error`."""
         written: list[int] | None = self.__dict__.pop("_averaged_into", None)
         if written:
             grad_marks.note_averaged(self, (self._params[i].grad for i in set(written)))
 
-    def _averaged_elsewhere_error(self) -> RuntimeError | None:
-        """The error for a gradient another optimizer's ``"mean"`` step wrote its average into, unchanged since
-        (a parameter in two optimizers of ours; :mod:`~lightning_soaa.optim.grad_marks`), or None. Only the ranks
-        that own its blocks in the other optimizer see it: held like any local error, every rank raises."""
+    def _averaged_already_error(self) -> RuntimeError | None:
+        """The error for a gradient a ``"mean"`` step already wrote its average into, unchanged since
+        (:mod:`~lightning_soaa.optim.grad_marks`): another optimizer's (a parameter in two optimizers of ours), or
+        this one's (step() called again, or taken again after it raised, without a new backward), or None. Only
+        the ranks that own its blocks in that step see it: held like any local error, every rank raises."""
         if self.sharding.grad_reduction != "mean" or self.comm.world_size == 1 or self._dtensor is not None:
             return None
-        found = grad_marks.averaged_by_another(self, self._params)
+        found = grad_marks.averaged_already(self._params)
         if found is None:
             return None
-        i, other = found
-        name = repr(self._names[i]) if self._names[i] else f"#{i}"
+        i, writer = found
+        head = (f"{type(self).__name__}.step: the gradient of parameter "
+                f"{repr(self._names[i]) if self._names[i] else f'#{i}'} already holds the ranks' average, written ")
+        mix = ("with grad_reduction='mean' a step writes the average into the blocks its rank owns and leaves each "
+               "rank's own gradient elsewhere, so averaging that mix again would train on a wrong gradient")
+        if writer is self:
+            return RuntimeError(
+                f"{head}by this optimizer's last step (or one that raised after its gradient exchange), and no "
+                f"backward() ran since: {mix} (one process would apply the same gradient again). Run backward() "
+                "before each step(). Nothing changed.")
         return RuntimeError(
-            f"{type(self).__name__}.step: the gradient of parameter {name} already holds the ranks' average, written "
-            f"by the step of another optimizer ({type(other).__name__}) over the same parameter since backward(): "
-            "with grad_reduction='mean' each optimizer averages p.grad itself and writes the average into the "
-            "blocks its rank owns, so a second optimizer would average it again, mixed with the other ranks' own "
-            "gradients, and train that parameter on a wrong gradient. Give each parameter to one optimizer only, "
-            "or wrap the model in DistributedDataParallel and use grad_reduction='none' (DDP averages the "
-            "gradients once, before both steps). Nothing changed.")
+            f"{head}by the step of another optimizer ({type(writer).__name__}) over the same parameter since "
+            f"backward(): {mix}. Give each parameter to one optimizer only, or wrap the model in "
+            "DistributedDataParallel and use grad_reduction='none' (DDP averages the gradients once, before both "
+            "steps). Nothing changed.")
 
     def _step_without_gradients(self) -> bool:
         """No rank owns a block with a gradient (every rank reads it from the step's all-reduce, so every

@@ -8,8 +8,12 @@ others' local gradients. The parameter then trained on a wrong gradient, alike o
 noticed (two ShardedAdamW at W = 2: 6.7e-2 off one process after 5 steps; SOAA 1.8e-1). Under DDP
 (``"none"``) every rank holds the average before either step, and the same two optimizers train exactly.
 
+The same holds for one optimizer stepped twice on one backward (a second ``step()`` call, or a step taken
+again after one that raised once it had exchanged the gradients): one process applies the same gradient
+again, W ranks averaged the mix (ShardedAdamW: 8.2e-2 off one process after 3 such iterations).
+
 Each step marks the gradients it wrote averages into (the tensor, its version counter at the end of that
-step, the optimizer), and a step refuses a gradient still marked by another optimizer. A new backward
+step, the optimizer), and a step refuses a gradient still marked. A new backward
 clears a mark: it makes a new tensor after ``zero_grad(set_to_none=True)``, or moves the version counter
 of the one it accumulates into (as ``zero_grad(set_to_none=False)`` does).
 """
@@ -23,7 +27,7 @@ from typing import Any
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["averaged_by_another", "note_averaged"]
+__all__ = ["averaged_already", "note_averaged"]
 
 #: gradient tensor -> (its version counter when marked, the optimizer that wrote an average into it)
 _MARKS: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -37,9 +41,9 @@ def note_averaged(optimizer: Any, grads: Iterable[Tensor | None]) -> None:
             _MARKS[g] = (g._version, ref)
 
 
-def averaged_by_another(optimizer: Any, params: Sequence[Tensor]) -> tuple[int, Any] | None:
-    """The index of the first of ``params`` whose ``p.grad`` holds, unchanged since, the average another live
-    optimizer wrote into it, and that optimizer; None if there is none."""
+def averaged_already(params: Sequence[Tensor]) -> tuple[int, Any] | None:
+    """The index of the first of ``params`` whose ``p.grad`` holds, unchanged since, the average a live optimizer
+    wrote into it, and that optimizer; None if there is none."""
     for i, p in enumerate(params):
         g = p.grad
         if g is None:
@@ -48,7 +52,7 @@ def averaged_by_another(optimizer: Any, params: Sequence[Tensor]) -> tuple[int, 
         if mark is None:
             continue
         version, ref = mark
-        other = ref()
-        if other is not None and other is not optimizer and g._version == version:
-            return i, other
+        writer = ref()
+        if writer is not None and g._version == version:
+            return i, writer
     return None

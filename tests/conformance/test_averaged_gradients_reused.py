@@ -1,12 +1,17 @@
-"""A parameter in two optimizers of ours (torch allows it): trained exactly, or refused on every rank.
+"""Gradients a ``grad_reduction="mean"`` step averaged are not averaged again: trained exactly, or refused.
 
-With ``grad_reduction="mean"`` each optimizer averages ``p.grad`` itself and writes the average into the
-blocks its rank owns; a second optimizer stepped on those gradients averaged them again, mixed with the
-other ranks' own, and trained the shared parameter on a wrong gradient, alike on every rank (two
-ShardedAdamW at W = 2: 6.7e-2 off one process after 5 steps), silently. It is refused now, on every rank,
-naming the parameter, with nothing changed. Each optimizer stepped after a backward of its own, and both
-under DDP with ``"none"`` (the route the refusal names), train as one process. Every gradient optimizer of
-the registry, on real gloo ranks.
+With ``"mean"`` each optimizer averages ``p.grad`` itself and writes the average into the blocks its rank
+owns, leaving each rank's own gradient elsewhere. Stepped again on those gradients, without a new backward,
+that mix was averaged again, and the ranks trained alike on a wrong gradient, silently:
+
+* a parameter in two optimizers of ours (torch allows it) stepped on one backward (two ShardedAdamW at
+  W = 2: 6.7e-2 off one process after 5 steps);
+* one optimizer stepped twice on one backward (ShardedAdamW: 8.2e-2 after 3 iterations; one process
+  applies the same gradient twice).
+
+Both are refused now, on every rank, naming the parameter, with nothing changed. Each optimizer stepped
+after a backward of its own, and both under DDP with ``"none"`` (the route the refusal names), train as one
+process. Every gradient optimizer of the registry, on real gloo ranks.
 """
 
 from __future__ import annotations
@@ -99,3 +104,32 @@ def test_a_parameter_in_two_optimizers_under_mean_is_refused_or_trains_as_one_pr
         for out in res:
             for a, b in zip(out[key], ref):
                 torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+
+
+def _w_stepped_twice(rank: int, world: int, name: str) -> dict[str, Any]:
+    spec = get(name)
+    model = tiny_mlp()
+    opt = spec.build(model, **{**spec.test_kwargs, "grad_reduction": "mean"})
+    loss = _backward(model, 0, rank, world)
+    _step(name, opt, loss)
+    before = [p.detach().clone() for p in model.parameters()]
+    try:
+        _step(name, opt, loss)  # no backward since the first
+        msg = "no error"
+    except Exception as e:  # noqa: BLE001 - its class and text are what is checked
+        msg = f"{type(e).__name__}: {e}"
+    unchanged = all(torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
+    model.zero_grad(set_to_none=False)  # a new backward into the same tensors clears the mark
+    _step(name, opt, _backward(model, 1, rank, world))
+    return {"msg": msg, "unchanged": unchanged, "steps": opt.num_steps}
+
+
+@pytest.mark.parametrize("name", GRAD_MEAN_SPECS)
+def test_a_second_step_on_one_backward_under_mean_is_refused_on_every_rank(tmp_path: Path, name: str) -> None:
+    res = run_distributed(_w_stepped_twice, 2, tmp_path, name)
+    for out in res:
+        assert out["msg"].startswith("RuntimeError"), out["msg"]
+        assert out["unchanged"] and out["steps"] == 2, out
+    named = [out["msg"] for out in res if "this optimizer's last step" in out["msg"]]
+    assert named and all("Run backward() before each step()" in m and "Nothing changed" in m for m in named), \
+        [out["msg"] for out in res]
