@@ -142,7 +142,8 @@ class ShardingConfig:
             owned, nothing is gathered, and only the global scalars are all-reduced. SOAA sums its
             trust-region scalars over ranks as parts of one model: on W > 1 ranks whose parameters are
             all equal (a replicated model, e.g. DDP) it refuses ``shard=False`` at the first step, and so
-            does every optimizer given ``max_grad_norm`` (its norm sums the ranks' parts too). (EGN,
+            does every optimizer given ``max_grad_norm`` (its norm sums the ranks' parts too); partitions
+            that hold equal values (one seed on every rank) set ``opt.partitioned_by_caller = True``. (EGN,
             whose ZeRO stage is 0 only, reads ``shard=False`` as replicated state: every rank steps every
             block, and the replica checks compare its copies as they compare sharded replicas.)
         grad_reduction: ``"none"`` when gradients arrive already averaged (DDP, Lightning, DeepSpeed);

@@ -2386,7 +2386,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 "model replicated on every rank, e.g. under DDP): shard=False declares that every rank's "
                 "parameters are its own partition (DeepSpeed ZeRO), and the optimizer's global sums "
                 f"({self._global_sums()}) would count the replicated model {self.comm.world_size} times. Use "
-                "shard=True (the default). "
+                "shard=True (the default). Where these are partitions of one model that hold equal values (every "
+                "rank built its part from one seed: identical pipeline stages, a manual tensor-parallel layer's "
+                "shards), set opt.partitioned_by_caller = True on every rank. "
                 "Nothing changed."
             )
         if verdict.param_ranks and not self._checks_partitions():
