@@ -44,7 +44,7 @@ from lightning_soaa.distributed.blocks import BlockInfo, writable_grad
 from lightning_soaa.distributed.comm import Communicator, LocalComm, TorchComm
 
 __all__ = ["DTensorLayout", "FSDPGroups", "ParamPlacement", "PARAM_LIKE_STATE_KEYS", "fsdp2_unsharded_params",
-           "fsdp_groups_on_meshes", "has_dtensor", "is_dtensor", "local"]
+           "fsdp_groups_on_meshes", "has_dtensor", "is_dtensor", "local", "replicas_may_drift"]
 
 log = logging.getLogger(__name__)
 
@@ -432,6 +432,35 @@ def _fsdp_groups_of(params: Sequence[Tensor]) -> tuple[list[Any], str | None]:
     except (AttributeError, TypeError) as e:  # torch's internals changed: say so rather than find nothing
         return [], f"an FSDP2 state reads differently ({type(e).__name__}: {e})"
     return found, None
+
+
+def _averaged_dims(params: Sequence[Tensor]) -> dict[int, int]:
+    """``id(p)`` -> the mesh dim over which FSDP2 averages ``p``'s gradient (HSDP's replicate dim: the first of
+    its mesh, before any tensor-parallel dim), for each of ``params`` a ``fully_shard`` unit holds under HSDP.
+    Empty where torch's states read otherwise (every ``Replicate`` dim then counts as one that may drift)."""
+    wanted = {id(p) for p in params}
+    found: dict[int, int] = {}
+    try:
+        for group in _fsdp_param_groups():
+            for fp in group.fsdp_params:
+                dim = getattr(fp.mesh_info, "replicate_mesh_dim", None)
+                if id(fp.sharded_param) in wanted and isinstance(dim, int):
+                    found[id(fp.sharded_param)] = dim
+    except (ImportError, AttributeError, TypeError):
+        return {}
+    return found
+
+
+def replicas_may_drift(params: Sequence[Tensor]) -> list[bool]:
+    """Per DTensor parameter: whether its copies on the ranks that hold the same piece may drift by ulps. A
+    ``Replicate`` dim over which FSDP2 averages the gradient (HSDP's) gives every copy the same bits; any other
+    (a tensor-parallel ``Replicate`` weight, whose gradient each rank computes itself) may not."""
+    averaged = _averaged_dims(params)
+    from torch.distributed.tensor import Replicate
+
+    return [any(isinstance(pl, Replicate) and p.device_mesh.size(i) > 1 and i != averaged.get(id(p))  # type: ignore[attr-defined]
+                for i, pl in enumerate(p.placements))  # type: ignore[attr-defined]
+            for p in params]
 
 
 def fsdp_groups_on_meshes(groups: Sequence[Any]) -> list[Any]:

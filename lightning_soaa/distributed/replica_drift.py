@@ -73,15 +73,17 @@ def beyond_drift(params: Sequence[Tensor], rank: int, all_reduce_: Callable[[Ten
 
 
 def pieces_beyond_drift(pieces: Sequence[Tensor], rank: int, replica_of: Sequence[int],
-                        gather: Callable[[Callable[[], Any]], list[Any]]) -> list[int]:
+                        gather: Callable[[Callable[[], Any]], list[Any]], drifts: Sequence[bool]) -> list[int]:
     """The positions in ``pieces`` (this rank's local pieces of the ``Replicate`` DTensor parameters) whose copy
-    differs from its replica's (rank ``replica_of[rank]``) by more than drift. Collective: ``gather(make)`` is every
-    rank's ``make()`` (None from a rank that could not make it), one piece at a time (host memory: every rank's copy
-    of one piece)."""
+    differs from its replica's (rank ``replica_of[rank]``) by more than drift, where ``drifts`` says it may drift
+    (a tensor-parallel ``Replicate`` weight); else in any bit (HSDP's replicas, whose gradient FSDP2 averages:
+    equal bits by construction, so a tolerance would only let a real write pass). Collective: ``gather(make)`` is
+    every rank's ``make()`` (None from a rank that could not make it), one piece at a time (host memory: every
+    rank's copy of one piece)."""
     out = []
     for j, p in enumerate(pieces):
         copies = gather(functools.partial(_host_copy, p))  # (made inside: a rank that cannot still joins, with None)
         mine, ref = copies[rank], copies[replica_of[rank]]
-        if mine is None or ref is None or _apart(mine, ref, drift_tolerance(p.dtype)):
+        if mine is None or ref is None or _apart(mine, ref, drift_tolerance(p.dtype) if drifts[j] else 0.0):
             out.append(j)
     return out

@@ -127,7 +127,14 @@ from lightning_soaa.distributed.comm import (
     distributed_running,
     group_key,
 )
-from lightning_soaa.distributed.dtensor import DTensorLayout, FSDPGroups, fsdp_groups_on_meshes, has_dtensor, local
+from lightning_soaa.distributed.dtensor import (
+    DTensorLayout,
+    FSDPGroups,
+    fsdp_groups_on_meshes,
+    has_dtensor,
+    local,
+    replicas_may_drift,
+)
 from lightning_soaa.distributed.exchange import UNSENT, OwnerExchange
 from lightning_soaa.distributed.hyper_digest import HyperparameterDigest
 from lightning_soaa.distributed.reblock import fit_layout
@@ -2332,9 +2339,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if hsdp:
             which = ("parameters were changed in place since the last step, outside the optimizer, on some HSDP "
                      "replicas only, and ranks that hold the same shard now differ "
-                     f"({self._shard_pairs(ranks)}; first: parameter {self._moved_label(first)}){drift}")
+                     f"({self._shard_pairs(ranks)}; first: parameter {self._moved_label(first)})"
+                     f"{drift * self._drift_allowed(True)}")
         else:
-            drift = drift if self._plain_drifts() else ""
+            drift = drift * self._drift_allowed(False)
             which = (f"parameters were changed in place since the last step, outside the optimizer, otherwise on "
                      f"rank(s) {verdict.moved_ranks} than on rank 0, and the parameters on rank(s) {ranks} now "
                      f"differ from rank 0's{drift} (first: parameter {self._moved_label(first)})")
@@ -2496,7 +2504,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
                "p.data (p.data.mul_(...), p.data = t, p.data.copy_(...))")
         cure = self._HSDP_BROADCAST if hsdp else "torch.distributed.broadcast(p.data, src=0) for every parameter"
         why = self._replicas_why(hsdp)
-        drift = f", by more than {DRIFT_RTOL:g} of their largest magnitude (a drift of last bits passes)" * hsdp
+        drift = (f", by more than {DRIFT_RTOL:g} of their largest magnitude (a drift of last bits passes)"
+                 * (hsdp and self._drift_allowed(True)))
         return RuntimeError(
             f"{type(self).__name__}.step: {what} {where} at step {self.num_steps + self.skipped_steps} (the replica "
             f"check made every replica_check_every={self.sharding.replica_check_every} steps){drift}, and no in-place "
@@ -2561,10 +2570,21 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if not shards.odd_ranks(piece):
             return None
         # (bits apart: compared to a tolerance, since Replicate copies drift by ulps under non-deterministic kernels)
-        found = pieces_beyond_drift(pieces, self.comm.rank, shards.replica_of, self._gather_detail)
+        found = pieces_beyond_drift(pieces, self.comm.rank, shards.replica_of, self._gather_detail,
+                                    self._pieces_drift())
         by_rank = self._gather_detail(lambda: found)
         odd = [r for r, v in enumerate(by_rank) if v is None or v]
         return (odd, sorted({sidx[j] for r in odd for j in by_rank[r] or ()}), True) if odd else None
+
+    def _pieces_drift(self) -> list[bool]:
+        """Per replicated DTensor parameter (:meth:`_shard_pieces`): whether its copies may drift by ulps (a
+        tensor-parallel ``Replicate`` weight), not equal in every bit by construction (HSDP's replicas).
+        Read on the paths that compare the pieces' values only."""
+        return replicas_may_drift(self._shard_memo()[1])
+
+    def _drift_allowed(self, hsdp: bool) -> bool:
+        """Whether a refusal of differing replicas compared them to a tolerance (a refusal's sentence)."""
+        return any(self._pieces_drift()) if hsdp else self._plain_drifts()
 
     def _plain_beyond_drift(self, index: Sequence[int],
                             params: list[Tensor]) -> tuple[list[int], list[int], bool] | None:

@@ -130,6 +130,19 @@ def _one_mesh(rank: int, world_size: int, mesh: Any, name: str, cls: Any, kw: An
     return res
 
 
+def _close(rank: int, world_size: int, mesh: Any, name: str, cls: Any, kw: Any, sizes: Any) -> dict[str, Any]:
+    """Rank 2's shard of ``0.weight`` loaded after ``fully_shard`` from weights 5e-6 of its largest magnitude off
+    rank 0's (another checkpoint a step or so apart): within the tolerance of a tensor-parallel weight's drift, but
+    HSDP's replicas are equal in every bit by construction, so it is a real difference: refused at the first step."""
+    model = W.sharded_model(sizes, mesh)
+    opt = cls(model.named_parameters(), **kw)
+    if rank == 2:
+        with torch.no_grad():
+            piece = model[0].weight.to_local()
+            piece.add_(5e-6 * float(piece.abs().max()))
+    return {"first": _step(model, opt, 0, sizes, rank, world_size), "steps": opt.num_steps}
+
+
 def _hsdp(rank: int, world_size: int) -> dict[str, Any]:
     hsdp, flat = W.make_mesh(world_size, True), W.make_mesh(world_size, False)
     out: dict[str, Any] = {}
@@ -137,7 +150,8 @@ def _hsdp(rank: int, world_size: int) -> dict[str, Any]:
         out[name] = {"moved": _moved(rank, world_size, hsdp, name, cls, kw, sizes),
                      "start": _start(rank, world_size, hsdp, name, cls, kw, sizes),
                      "unseen": _unseen(rank, world_size, hsdp, name, cls, kw, sizes),
-                     "flat": _one_mesh(rank, world_size, flat, name, cls, kw, sizes)}
+                     "flat": _one_mesh(rank, world_size, flat, name, cls, kw, sizes),
+                     "close": _close(rank, world_size, hsdp, name, cls, kw, sizes)}
     return out
 
 
@@ -197,3 +211,14 @@ def test_a_shard_written_on_one_rank_of_a_one_dim_mesh_is_not_refused(results: l
     for name, *_ in OPTIMIZERS:
         for r, out in enumerate(results):
             assert out[name]["flat"] == {"first": "no error", "written": "no error"}, (name, r, out[name]["flat"])
+
+
+def test_hsdp_replicas_a_few_ulps_apart_are_refused_bit_for_bit(results: list[dict[str, Any]]) -> None:
+    """The tolerance for tensor-parallel ``Replicate`` weights' drift let them through: the replicas then stayed
+    6e-6 apart at every step (bfloat16 weights: 1e-2, within 4 of its ulps of the largest magnitude), silently."""
+    for name, *_ in OPTIMIZERS:
+        for r, out in enumerate(results):
+            got = out[name]["close"]
+            assert ("ranks that hold the same shard of a DTensor parameter differ (rank 2 from rank 0; first: "
+                    "parameter '0.weight') at the first step") in got["first"], (name, r, got["first"])
+            assert got["steps"] == 0, (name, r)
