@@ -45,14 +45,48 @@ class RouteHint(NamedTuple):
     parts: int = 1
 
 
-#: id(parameter) -> (a weak reference to the module that holds it, its :class:`RouteHint`) from the first walk of
-#: a module holding it (so routing does not depend on which wrapper or part of the model was walked since). Never
-#: a weak reference to the parameter itself: torch.utils.swap_tensors refuses a tensor that has one, and
-#: ``model.to(...)`` / ``model.load_state_dict(...)`` swap every parameter under
-#: ``torch.__future__.set_swap_module_params_on_conversion(True)`` (and FSDP2's DTensors whatever the flag),
-#: so a walk made them fail for good. A hint counts while that module still holds the parameter (an id is
-#: reused once its tensor is gone); :func:`_record_hints` drops those of modules that are gone.
-_HINTS: dict[int, tuple[weakref.ref[nn.Module], RouteHint]] = {}
+#: Where a walk found a parameter: (a weak reference to a module, the parameter's key in its ``_parameters``).
+_Place = tuple["weakref.ref[nn.Module]", str]
+
+
+class _Entry(NamedTuple):
+    """One parameter's record in :data:`_HINTS`: every place a walk found it (a tied weight has several), its
+    shape then, and its hint."""
+
+    places: tuple[_Place, ...]
+    shape: tuple[int, ...]
+    hint: RouteHint
+
+
+#: id(parameter) -> its :class:`_Entry`, from the first walk of a module holding it (so routing does not depend on
+#: which wrapper or part of the model was walked since). Never a weak reference to the parameter itself:
+#: torch.utils.swap_tensors refuses a tensor that has one, and ``model.to(...)`` / ``model.load_state_dict(...)``
+#: swap every parameter under ``torch.__future__.set_swap_module_params_on_conversion(True)`` (and FSDP2's
+#: DTensors whatever the flag), so a walk made them fail for good. An id is reused once its tensor is gone, often
+#: by the next parameter made (re-wrapping a module's parameters one by one gave ``proj`` the dead
+#: ``pos_embedding``'s id, name and AdamW routing): a hint counts only for the tensor at one of its places
+#: (:func:`_holds`) with its shape. :func:`_record_hints` drops the entries whose places hold it no more.
+_HINTS: dict[int, _Entry] = {}
+
+
+def _holds(place: _Place, param: Any) -> bool:
+    """Whether the module of ``place`` still holds ``param`` there (or, where that key is gone from it,
+    under another key: prune and the old-style weight_norm / spectral_norm rename a weight ``weight_orig``)."""
+    module = place[0]()
+    if module is None:
+        return False
+    held = module._parameters
+    if place[1] in held:
+        return held[place[1]] is param
+    return any(q is param for q in held.values())
+
+
+def _entry_of(param: Any) -> _Entry | None:
+    """``param``'s entry in :data:`_HINTS` where it is that parameter's (not that of a dead one at its id)."""
+    entry = _HINTS.get(id(param)) if isinstance(param, Tensor) else None
+    if entry is None or tuple(param.shape) != entry.shape or not any(_holds(pl, param) for pl in entry.places):
+        return None
+    return entry
 
 
 def route_hint(param: Any) -> RouteHint | None:
@@ -60,26 +94,25 @@ def route_hint(param: Any) -> RouteHint | None:
     when they first walked a module holding it, trainable or not then; None for a parameter of no such module.
     ASGO/DASGO's ``add_param_group`` reads it: a backbone frozen while the optimizer was built and added later
     as bare tensors (Lightning's BaseFinetuning) is routed as those walks would have routed it."""
-    entry = _HINTS.get(id(param)) if isinstance(param, Tensor) else None
-    if entry is None:
-        return None
-    holder = entry[0]()
-    if holder is None or not any(q is param for q in holder._parameters.values()):
-        return None
-    return entry[1]
+    entry = _entry_of(param)
+    return None if entry is None else entry.hint
 
 
 def _record_hints(module: nn.Module, adamw: set[int], fused: Mapping[str, int] | None = None) -> None:
     """A :class:`RouteHint` for every parameter of ``module``, frozen ones included (they are the ones a
     later ``add_param_group`` brings); ``fused``: the parts of the matrices it matches (``{}``: none, a walk
     for groups that asked for none; None: those an earlier walk recorded are kept)."""
-    for key in [k for k, (holder, _) in _HINTS.items() if holder() is None]:
-        del _HINTS[key]
-    # each parameter's holder from the modules themselves, not from its name: a wrapper may name parameters
+    _drop_stale()
+    # each parameter's places from the modules themselves, not from its name: a wrapper may name parameters
     # otherwise than its submodule paths (FSDP1 strips its own)
-    holders = {id(q): sub for sub in module.modules() for q in sub._parameters.values() if q is not None}
+    places: dict[int, list[_Place]] = {}
+    for sub in module.modules():
+        for key, q in sub._parameters.items():
+            if q is not None:
+                places.setdefault(id(q), []).append((weakref.ref(sub), key))
     for name, p in module.named_parameters(remove_duplicate=False):
-        old = route_hint(p)
+        was = _entry_of(p)
+        old = None if was is None else was.hint
         s = fused_suffix(name, p, fused) if fused else None
         # the first walk's name (a later walk of a part or a wrapper names from another root); a table is
         # a table if any walk saw its module (a head tied to it is walked without the nn.Embedding); the
@@ -91,8 +124,26 @@ def _record_hints(module: nn.Module, adamw: set[int], fused: Mapping[str, int] |
         hint = RouteHint(name if old is None else old.name, id(p) in adamw or (old is not None and old.adamw),
                          old.module if alive and old is not None else weakref.ref(module),
                          (fused[s] if s else 1) if fused is not None else (1 if old is None else old.parts))
-        if id(p) in holders:
-            _HINTS[id(p)] = (weakref.ref(holders[id(p)]), hint)
+        if id(p) in places:  # (a walk of part of a model keeps the places an earlier walk found too)
+            kept = () if was is None else tuple(pl for pl in was.places if _holds(pl, p))
+            _HINTS[id(p)] = _Entry(tuple(dict.fromkeys(kept + tuple(places[id(p)]))), tuple(p.shape), hint)
+
+
+def _drop_stale() -> None:
+    """Drop the entries of :data:`_HINTS` whose parameter none of its places holds any more (its module is
+    gone, or holds another tensor there): the record stays as large as the walked parameters still in use."""
+    held: dict[int, set[int]] = {}  # id(module) -> the ids of its parameters (one pass over each module)
+
+    def ids(ref: weakref.ref[nn.Module]) -> set[int]:
+        m = ref()
+        if m is None:
+            return set()
+        if id(m) not in held:
+            held[id(m)] = {id(q) for q in m._parameters.values()}
+        return held[id(m)]
+
+    for key in [k for k, e in _HINTS.items() if not any(k in ids(pl[0]) for pl in e.places)]:
+        del _HINTS[key]
 
 
 def check_fused(fused: Any) -> dict[str, int]:
