@@ -234,8 +234,16 @@ def save_checkpoint(ckpt_dir: Path, step: int, model: nn.Module, opt: Any, losse
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(ckpt_dir, step)
     tmp = final.with_name(final.name + ".tmp")
-    torch.save(state, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename: after a power loss the newest name must not be truncated
     os.replace(tmp, final)
+    dir_fd = os.open(ckpt_dir, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself
+    finally:
+        os.close(dir_fd)
     log.info("checkpoint after step %d: %s", step, final)
 
 

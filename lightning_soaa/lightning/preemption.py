@@ -92,6 +92,32 @@ def _wait_for_writes(io: Any) -> None:
         io, seen = getattr(io, "checkpoint_io", None), seen + 1
 
 
+def _fsync(name: str) -> None:
+    fd = os.open(name, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_to_disk(path: str) -> None:
+    """fsync a local checkpoint (a file, or every file of a directory the strategy wrote) before it is renamed into
+    place: a rename is atomic against a killed process, but after a node's power loss the newest name could point
+    at data the page cache never wrote (a truncated checkpoint that every requeued run fails to load). Remote
+    filesystems (fsspec URLs) are left to their own guarantees."""
+    if "://" in path or not os.path.exists(path):
+        return
+    files = [path] if os.path.isfile(path) else [os.path.join(d, f) for d, _, names in os.walk(path) for f in names]
+    for name in files:
+        _fsync(name)
+
+
+def _sync_rename(path: str) -> None:
+    """fsync the directory that a local checkpoint was renamed into (the rename itself)."""
+    if "://" not in path:
+        _fsync(os.path.dirname(os.path.abspath(path)))
+
+
 def _warn_plateau(trainer: pl.Trainer) -> None:
     """Say so where a plateau scheduler is configured: a fit resumed from this callback's checkpoint (written
     after an optimizer step, before the validation and the plateau update Lightning runs after it) misses an
@@ -350,7 +376,9 @@ class PreemptionCheckpoint(Callback):
         trainer.save_checkpoint(partial)  # every rank (a sharded optimizer consolidates); ends in a barrier
         if trainer.is_global_zero:
             _wait_for_writes(trainer.strategy.checkpoint_io)
+            _sync_to_disk(partial)
             fs.mv(partial, path)
+            _sync_rename(path)
             if self._requeue:
                 self._requeue_job()
         self.preempted = True
