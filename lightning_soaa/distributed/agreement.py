@@ -78,6 +78,7 @@ __all__ = [
     "grad_log_exact",
     "GRAD_LOG_SLOT",
     "MOVED_SLOT",
+    "LOADED_SLOT",
     "SHARD_SLOT",
     "moved_digest",
     "param_digest",
@@ -125,8 +126,9 @@ CONSTRUCTION_WIDTH = 16
 #: parameter digest, the optimizer instance's id (:func:`instance_id`) and Σ log2 ‖g_i‖² over the compared
 #: gradients (:data:`GRAD_LOG_SLOT`), then the digest of the parameters changed in place since the optimizer last
 #: wrote them (:data:`MOVED_SLOT`), and the digest of this rank's replicated DTensor shards (:data:`SHARD_SLOT`).
+#: Last, whose state a rank loaded since its last step where that was another rank's (:data:`LOADED_SLOT`).
 #: The same layout on every rank and at every step, whether or not a value is used.
-STEP_ROW = 11
+STEP_ROW = 12
 
 #: the step record's summed values (the non-finite flag and the count of ranks with a gradient first) are
 #: padded to this many, so that the step's
@@ -164,6 +166,12 @@ MOVED_SLOT = 9
 #: 0: shards differ across the shard dim by design. A replica written on one rank only (or started from other
 #: weights) would otherwise train apart from its twin at every step, silently (FSDP2 averages their gradients).
 SHARD_SLOT = 10
+
+#: where a rank's row says that the ``shard=False`` state it loaded since its last step was saved by another rank
+#: (:func:`~lightning_soaa.optim.saving_rank.loaded_slot`; 0: its own, or none recorded). Read only at the replica
+#: check that such a load makes due: parameters that differ there are partitions, and another rank's state on
+#: them is refused on every rank (:mod:`~lightning_soaa.optim.saving_rank`).
+LOADED_SLOT = 11
 
 #: the error slot's value of a rank whose error is an out of memory. Each rank writes only its own row, so the
 #: summed table keeps it.
@@ -712,12 +720,13 @@ def instance_id(construction: Tensor, ordinal: int) -> int:
 
 def step_row_values(rank: int, world: int, *, error: float, hyper: int, grad_sq: float, grad_count: int,
                     steps: int = 0, replica_check: bool = False, shards_only: bool = False, params_digest: int = 0,
-                    instance: int = 0, grad_logs: float = 0.0, moved: int = 0, shards: int = 0) -> list[float]:
+                    instance: int = 0, grad_logs: float = 0.0, moved: int = 0, shards: int = 0,
+                    loaded: float = 0.0) -> list[float]:
     """The ``[world * STEP_ROW]`` block of the step's all-reduce as floats: this rank's row, zeros elsewhere.
     ``error``: a bool, or :func:`error_flag`'s value; ``moved``: the :data:`MOVED_SLOT` digest; ``shards``:
-    :data:`SHARD_SLOT`'s digest; ``shards_only``: a replica check that digests HSDP's shards but not the
-    replicas (``params_digest`` 0: FSDP2's plain replicas under ``"none"``), so their in-place changes are
-    still judged (the check's flag is 2, not 1)."""
+    :data:`SHARD_SLOT`'s digest; ``loaded``: :data:`LOADED_SLOT`'s value; ``shards_only``: a replica check that
+    digests HSDP's shards but not the replicas (``params_digest`` 0: FSDP2's plain replicas under ``"none"``), so
+    their in-place changes are still judged (the check's flag is 2, not 1)."""
     out = [0.0] * (world * STEP_ROW)
     # A non-finite Σ‖g‖² is reported through the non-finite flag; zero keeps the row comparable.
     out[rank * STEP_ROW:(rank + 1) * STEP_ROW] = [float(error), float(hyper),
@@ -725,7 +734,7 @@ def step_row_values(rank: int, world: int, *, error: float, hyper: int, grad_sq:
                                                   float(steps), (2.0 if shards_only else 1.0) if replica_check else 0.0,
                                                   float(params_digest), float(instance),
                                                   grad_logs if math.isfinite(grad_logs) else 0.0,
-                                                  float(moved), float(shards)]
+                                                  float(moved), float(shards), float(loaded)]
     return out
 
 
@@ -752,6 +761,8 @@ class StepVerdict:
     error_flags: list[float] = dataclasses.field(default_factory=list)
     #: ranks whose parameters changed in place since the last step differ from rank 0's (:data:`MOVED_SLOT`)
     moved_ranks: list[int] = dataclasses.field(default_factory=list)
+    #: ``(rank, LOADED_SLOT value)`` of each rank that loaded another rank's ``shard=False`` state since its last step
+    foreign_loads: list[tuple[int, float]] = dataclasses.field(default_factory=list)
 
 
 def read_step_rows(rows: Tensor | Sequence[float], world: int, compare_grads: bool,
@@ -793,4 +804,5 @@ def read_step_rows(rows: Tensor | Sequence[float], world: int, compare_grads: bo
                        replicated=whole_equal and world > 1, gradless_ranks=gradless,
                        instance_ranks=instances,
                        error_flags=[m[r][ERROR_SLOT] for r in range(world)],
-                       moved_ranks=moved)
+                       moved_ranks=moved,
+                       foreign_loads=[(r, m[r][LOADED_SLOT]) for r in range(world) if m[r][LOADED_SLOT] > 0])

@@ -144,7 +144,7 @@ from lightning_soaa.distributed.state_gather import gather_block_states
 from lightning_soaa.distributed.stop_vote import StopVote, in_handler_checkpoint_signal
 from lightning_soaa.functional.adamw import increment_counts_
 from lightning_soaa.kernels.raw import cell_values, value_cells
-from lightning_soaa.optim import dcp_flat, dcp_order, grad_clip, grad_marks
+from lightning_soaa.optim import dcp_flat, dcp_order, grad_clip, grad_marks, saving_rank
 from lightning_soaa.optim import dcp_state as dcp
 from lightning_soaa.optim.construction import collective_construction, failed_row
 from lightning_soaa.optim.dcp_plain import handed_out, without_placeholders
@@ -665,6 +665,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
     #: steps every parameter of one replicated model (EGN, whose ZeRO stage is 0 only). The replica checks
     #: (first step, in-place, periodic: :meth:`_checks_moved`) then cover it as they cover sharded replicas.
     unsharded_replicas: bool = False
+    #: ``(rank, world_size)`` that saved the ``shard=False`` state loaded since the last step, where it says so
+    #: (:mod:`~lightning_soaa.optim.saving_rank`); the step's verdict on it sets it back to None on every rank
+    _loaded_origin: tuple[int, int] | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -1983,7 +1986,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         # raises anyway
         whole = ((self.__dict__.get("_replicas_unchecked", False) and self._checks_replicas())
                  or (self.__dict__.get("_moved_recheck", False) and self._checks_moved())
-                 or self._partitions_due())
+                 or self._partitions_due() or self._origin_due())
         check = whole or self._periodic_check_due()
         # (a periodic check under FSDP2 "none" compares HSDP's shards only: the plain replicas' digest stays 0)
         plain = check and error is None and (whole or not self._plain_drifts())
@@ -1998,7 +2001,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
                                          steps=self.num_steps + self.skipped_steps, replica_check=check,
                                          shards_only=check and not whole and self._plain_drifts(),
                                          params_digest=digest, instance=self.__dict__.get("_instance_id", 0),
-                                         grad_logs=grad[1], moved=moved[0], shards=shards)
+                                         grad_logs=grad[1], moved=moved[0], shards=shards,
+                                         loaded=saving_rank.loaded_slot(self.__dict__.get("_loaded_origin"),
+                                                                        self.comm.rank, self.comm.world_size))
 
     def _checks_moved(self) -> bool:
         """Whether the step compares the parameters changed in place since the last step across ranks
@@ -2153,6 +2158,20 @@ class ShardedOptimizer(torch.optim.Optimizer):
         parameters itself (deepspeed_ext, ZeRO 1-3), where equal partitions would be a coincidence."""
         return (self._global_sums() is not None and not self.sharding.shard and self.comm.world_size > 1
                 and self._dtensor is None and not self.__dict__.get("partitioned_by_caller", False))
+
+    def _records_saving_rank(self) -> bool:
+        """Whether this optimizer's state dicts record the rank that saved them
+        (:mod:`~lightning_soaa.optim.saving_rank`): ``shard=False`` at W > 1 over parameters of the caller's own,
+        where each rank's ``state_dict()`` is its own state. Not DeepSpeed's partitions (``partitioned_by_caller``:
+        DeepSpeed saves one file per rank and checks its layout), DTensor shards, or EGN's replicas
+        (:attr:`unsharded_replicas`: compared anyway)."""
+        return (not self.sharding.shard and not self.unsharded_replicas and self.comm.world_size > 1
+                and self._dtensor is None and not self.__dict__.get("partitioned_by_caller", False))
+
+    def _origin_due(self) -> bool:
+        """Whether this step compares the parameters across ranks because a state dict that records its saving
+        rank was loaded since the last step (on every rank that loaded one: a load on every rank is the rule)."""
+        return self.__dict__.get("_loaded_origin") is not None and self._records_saving_rank()
 
     def _partitions_due(self) -> bool:
         """Whether this step must tell partitions from replicas although construction or ``load_state_dict`` is
@@ -2388,6 +2407,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
             )
         if verdict.hyper_ranks:
             raise self._hyper_error(name, verdict.hyper_ranks)
+        if verdict.foreign_loads and verdict.param_ranks and self._origin_due():
+            raise RuntimeError(saving_rank.foreign_load_error(name, verdict.foreign_loads, self.comm.world_size,
+                                                              verdict.param_ranks))
         if verdict.replicated and self._checks_partitions():
             raise RuntimeError(
                 f"{name}.step: shard=False on {self.comm.world_size} ranks whose parameters are all equal (a "
@@ -2399,7 +2421,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 "shards), set opt.partitioned_by_caller = True on every rank. "
                 "Nothing changed."
             )
-        if verdict.param_ranks and not self._checks_partitions():
+        # (a check made due by a load alone compares partitions: they differ by design)
+        if verdict.param_ranks and not self._checks_partitions() and not self._origin_due():
             self._raise_replicas_differ(verdict)
         # after the replica check, which names the cure of a whole differing replica; the verdict is the same on
         # every rank, so every rank joins _replicas_differ's collective
@@ -2710,6 +2733,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             self._raise_disagreement(verdict, error)
             self._replicas_unchecked = self._moved_recheck = False  # compared (or not due): every rank alike
             self._partitions_seen = self._checks_partitions()
+            self._loaded_origin = None  # judged: the next load records its own
             self._moved_judged = True  # the in-place changes passed (read by _sharded_step's _note_versions)
             if verdict.gradless_ranks:
                 self._warn_gradless_ranks(verdict.gradless_ranks)
@@ -3631,7 +3655,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if self._dtensor is not None and not fresh:
             return dcp.dcp_state_dict(self, keep_options=keep_options)
         if self._dtensor is None and not self._consolidating():
-            return self._gather_full_state(placeholders=True)
+            full = self._gather_full_state(placeholders=True)
+            return (saving_rank.with_saving_rank(full, FORMAT_KEY, self.comm.rank, self.comm.world_size)
+                    if self._records_saving_rank() else full)
         if fresh and self._consolidated is None and self._dtensor is None:
             raise RuntimeError(
                 f"{type(self).__name__}.state_dict() on rank {self.comm.rank} of {self.comm.world_size}: the state "
@@ -3703,6 +3729,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         """Validate our consolidated format against this optimizer (raises, changing nothing); returns
         the load itself."""
         view = self._checkpoint_view()
+        origin = saving_rank.saved_origin(type(self).__name__, state_dict.get(FORMAT_KEY)
+                                          if isinstance(state_dict, dict) else None)
         # the groups as saved: the options kept in the metadata back in, a partial dcp.load's fills out
         state_dict = with_saved_groups(type(self).__name__, state_dict)
         state_dict = without_placeholders(self, state_dict)  # zeros shown for DCP are no state (dcp_plain.py)
@@ -3715,6 +3743,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
             self._restore_owned_state(state_dict)
             commit_groups(self.param_groups, new_groups)
             self._replicas_unchecked = True  # the model is often loaded with it: compare at the next step
+            # another rank's shard=False state is right on replicas only: the next step tells (saving_rank.py)
+            self._loaded_origin = origin if self._records_saving_rank() else None
         return load
 
     def _restore_owned_state(self, state_dict: dict[str, Any]) -> None:
