@@ -175,10 +175,17 @@ def _fused_cpu_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
             if n:  # cannot happen (the same kernel ran for the first dtype); never leave a half step
                 raise
             return list(range(len(params)))
+        # The kernel writes θ without moving its version counter (torch 2.13; AdamW(fused=True) alike): a graph
+        # that saved θ in a forward before this step then backpropagated silently at the stepped θ, where the
+        # foreach ops make autograd refuse. Moved here as an in-place op would (one C call for the dtype)
+        _increment_version(lists[0])
         for j in strided:
             for orig, dense in ((lists[0], p), (lists[2], m), (lists[3], v)):
                 orig[j].copy_(dense[j])
     return rest
+
+
+_increment_version = torch._C._increment_version  # (torch.autograd.graph.increment_version, no Python frame)
 
 
 def _dense_copies(lists: tuple[list[Tensor], ...], strided: list[int]) -> tuple[list[Tensor], ...]:

@@ -180,6 +180,28 @@ def test_update_of_contiguous_and_strided_slices_matches_the_reference(view, dty
     assert torch.equal(full[untouched], orig[untouched])  # nothing outside the slice was written
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_every_parameter_the_update_writes_moves_its_version_counter(dtype):
+    """torch's fused CPU kernel writes θ without moving its version counter: a graph that saved θ before the step
+    then backpropagated at the stepped θ silently. Each θ of a call (whole, a row block, a column slice: the
+    kernel's direct path and its contiguous copies) moves, as under the foreach ops; a backward through it refuses."""
+    from lightning_soaa.functional import adamw as F
+
+    g0 = torch.Generator().manual_seed(11)
+    full = torch.randn(6, 5, generator=g0).to(dtype).requires_grad_()
+    with torch.no_grad():
+        ps = [full[:2], full[2:][:, 1:4], torch.randn(3, generator=g0).to(dtype)]
+    graph = (full * full).sum()
+    before = [p._version for p in ps]
+    with torch.no_grad():  # (as the optimizers' steps run)
+        F.adamw_update_(ps, [torch.ones_like(p) for p in ps], [torch.zeros_like(p) for p in ps],
+                        [torch.zeros_like(p) for p in ps], [torch.zeros(()) for _ in ps], lr=1e-2, beta1=0.9,
+                        beta2=0.99, eps=1e-8, weight_decay=0.1)
+    assert all(p._version > b for p, b in zip(ps, before))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        graph.backward()
+
+
 def test_a_torch_without_the_fused_cpu_kernel_takes_the_foreach_ops(monkeypatch):
     """Where the dispatcher refuses the fused kernel on CPU (an older torch), the foreach ops do the
     step: the same update, nothing applied twice."""
