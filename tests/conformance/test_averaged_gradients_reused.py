@@ -133,3 +133,25 @@ def test_a_second_step_on_one_backward_under_mean_is_refused_on_every_rank(tmp_p
     named = [out["msg"] for out in res if "this optimizer's last step" in out["msg"]]
     assert named and all("Run backward() before each step()" in m and "Nothing changed" in m for m in named), \
         [out["msg"] for out in res]
+
+
+def _w_grads_saved(rank: int, world: int, name: str, path: str) -> dict[str, Any]:
+    spec = get(name)
+    model = tiny_mlp()
+    opt = spec.build(model, **{**spec.test_kwargs, "grad_reduction": "mean"})
+    _step(name, opt, _backward(model, 0, rank, world))
+    grads = [p.grad for p in model.parameters()]
+    torch.save(grads, f"{path}.{rank}")  # (a gradient dump for a look; the mark made it unpicklable)
+    loaded = torch.load(f"{path}.{rank}", weights_only=True)
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, grads[0])  # (comparing the ranks' gradients: pickled too)
+    return {"same": all(torch.equal(a, b) for a, b in zip(grads, loaded)),
+            "gathered": all(isinstance(g, torch.Tensor) for g in gathered)}
+
+
+@pytest.mark.parametrize("name", GRAD_MEAN_SPECS)
+def test_gradients_a_mean_step_marked_can_be_saved_and_gathered(tmp_path: Path, name: str) -> None:
+    """The mark on a gradient a ``"mean"`` step averaged into held a weak reference to the optimizer: torch.save
+    of that gradient (and all_gather_object, any pickle) raised "cannot pickle 'weakref.ReferenceType' object"."""
+    for out in run_distributed(_w_grads_saved, 2, tmp_path, name, str(tmp_path / "grads")):
+        assert out == {"same": True, "gathered": True}, out
