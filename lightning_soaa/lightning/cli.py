@@ -51,7 +51,7 @@ from lightning_soaa.lightning.factory import (
 from lightning_soaa.lightning.preemption import PreemptionCheckpoint
 from lightning_soaa.lightning.resume_check import OptimizerStateCheck
 
-__all__ = ["SOAALightningCLI", "explain_optimizer_error", "main"]
+__all__ = ["SOAAArgumentParser", "SOAALightningCLI", "explain_optimizer_error", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,23 @@ def _to_dict(obj: Any) -> Any:
     if hasattr(obj, "as_dict"):
         return obj.as_dict()
     return obj
+
+
+class SOAAArgumentParser(LightningArgumentParser):
+    """Lightning's parser, whose optimizer groups skip the constructor arguments no command line can give (EGN's
+    ``model``, which the factory passes; a communicator or process group)."""
+
+    def add_optimizer_args(self, optimizer_class: type[Optimizer] | tuple[type[Optimizer], ...] = (Optimizer,),
+                           nested_key: str = "optimizer", link_to: str = "AUTOMATIC") -> None:
+        classes = optimizer_class if isinstance(optimizer_class, tuple) else (optimizer_class,)
+        if not all(isinstance(c, type) and issubclass(c, Optimizer) for c in classes):
+            raise TypeError(f"add_optimizer_args takes subclasses of torch.optim.Optimizer, got {optimizer_class!r}")
+        kwargs: dict[str, Any] = {"instantiate": False, "fail_untyped": False, "skip": set(_NOT_OPTIONS)}
+        if isinstance(optimizer_class, tuple):
+            self.add_subclass_arguments(optimizer_class, nested_key, required=False, **kwargs)
+        else:
+            self.add_class_arguments(optimizer_class, nested_key, sub_configs=True, **kwargs)
+        self._optimizers[nested_key] = (optimizer_class, link_to)
 
 
 class SOAALightningCLI(LightningCLI):
@@ -81,16 +98,12 @@ class SOAALightningCLI(LightningCLI):
         for sub in self.subcommands():
             parser_kwargs.setdefault(sub, {}).setdefault("exit_on_error", False)
         kwargs["parser_kwargs"] = parser_kwargs
+        # --optimizer is added where the stock CLI adds it (only if add_arguments_to_parser added no optimizer
+        # group, and not without auto_configure_optimizers), by a parser that skips EGN's "model": added here
+        # before, a subclass's own add_optimizer_args after super() failed ("Group with name optimizer already
+        # exists"), and one without super() got the stock group, where EGN was refused for a missing "model"
+        kwargs.setdefault("parser_class", SOAAArgumentParser)
         super().__init__(*args, **kwargs)
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        if not self.auto_configure_optimizers:
-            # as the stock CLI: no --optimizer then (one would be parsed and never used)
-            return
-        # As LightningCLI's automatic optimizer group, but EGN's first argument ("model") is skipped too.
-        parser.add_subclass_arguments((Optimizer,), "optimizer", instantiate=False, fail_untyped=False,
-                                      skip=set(_NOT_OPTIONS), required=False)
-        parser._optimizers["optimizer"] = ((Optimizer,), "AUTOMATIC")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         try:

@@ -414,6 +414,31 @@ def test_cli_groups_a_subclass_adds_are_read_as_the_stock_cli_reads_them(
                                                "--second_optimizer.lr", "0.5"])
 
 
+class _OwnOptimizerGroupCLI(SOAALightningCLI):
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        super().add_arguments_to_parser(parser)
+        parser.add_optimizer_args(torch.optim.Adam)  # Lightning's documented group, after the habitual super()
+
+
+class _SchedulerOnlyCLI(SOAALightningCLI):
+    def add_arguments_to_parser(self, parser: Any) -> None:  # without super(): the CLI's --optimizer is still added
+        parser.add_lr_scheduler_args(torch.optim.lr_scheduler.StepLR)
+
+
+def test_cli_optimizer_group_is_added_where_the_stock_cli_adds_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A subclass's own optimizer group after ``super().add_arguments_to_parser`` failed ("Group with name
+    optimizer already exists"; the stock CLI takes it); a subclass without super() got the stock --optimizer,
+    where EGN was refused for a "model" no command line can give."""
+    monkeypatch.chdir(tmp_path)
+    own = _OwnOptimizerGroupCLI(args=[*BASE, "--optimizer.lr", "0.02"])
+    assert type(own.trainer.optimizers[0]) is torch.optim.Adam
+    assert own.trainer.optimizers[0].param_groups[0]["lr"] == 0.02
+    egn = _SchedulerOnlyCLI(args=[*BASE, "--optimizer", "lightning_soaa.EGN", "--lr_scheduler.step_size", "1"])
+    assert type(egn.trainer.optimizers[0]) is registry.get("EGN").load() and egn.trainer.global_step == 3
+    assert len(egn.trainer.lr_scheduler_configs) == 1
+
+
 def test_cli_without_auto_configure_optimizers_has_no_optimizer_option(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """``auto_configure_optimizers=False`` (as the stock CLI: no --optimizer, no --lr_scheduler): our CLI still
