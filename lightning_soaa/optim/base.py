@@ -2168,6 +2168,16 @@ class ShardedOptimizer(torch.optim.Optimizer):
         return (not self.sharding.shard and not self.unsharded_replicas and self.comm.world_size > 1
                 and self._dtensor is None and not self.__dict__.get("partitioned_by_caller", False))
 
+    def _with_saving_rank(self, full: dict[str, Any]) -> dict[str, Any]:
+        """``full`` with the rank that saved it recorded, where :meth:`_records_saving_rank` and a step was taken
+        (a state without one has no moments to put on the wrong rank). Not before: a fresh optimizer's state dict
+        is the destination of torch's ``dcp.load``, which refuses a checkpoint that lacks any of its keys, as every
+        one saved before this key was. A state loaded and not yet judged by a step keeps the rank that saved it."""
+        if not self._records_saving_rank() or self.num_steps + self.skipped_steps == 0:
+            return full
+        rank, world = self.__dict__.get("_loaded_origin") or (self.comm.rank, self.comm.world_size)
+        return saving_rank.with_saving_rank(full, FORMAT_KEY, rank, world)
+
     def _origin_due(self) -> bool:
         """Whether this step compares the parameters across ranks because a state dict that records its saving
         rank was loaded since the last step (on every rank that loaded one: a load on every rank is the rule)."""
@@ -2407,7 +2417,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             )
         if verdict.hyper_ranks:
             raise self._hyper_error(name, verdict.hyper_ranks)
-        if verdict.foreign_loads and verdict.param_ranks and self._origin_due():
+        if verdict.foreign_loads and verdict.param_ranks and self._records_saving_rank():  # (the verdict: every rank)
             raise RuntimeError(saving_rank.foreign_load_error(name, verdict.foreign_loads, self.comm.world_size,
                                                               verdict.param_ranks))
         if verdict.replicated and self._checks_partitions():
@@ -3655,9 +3665,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if self._dtensor is not None and not fresh:
             return dcp.dcp_state_dict(self, keep_options=keep_options)
         if self._dtensor is None and not self._consolidating():
-            full = self._gather_full_state(placeholders=True)
-            return (saving_rank.with_saving_rank(full, FORMAT_KEY, self.comm.rank, self.comm.world_size)
-                    if self._records_saving_rank() else full)
+            return self._with_saving_rank(self._gather_full_state(placeholders=True))
         if fresh and self._consolidated is None and self._dtensor is None:
             raise RuntimeError(
                 f"{type(self).__name__}.state_dict() on rank {self.comm.rank} of {self.comm.world_size}: the state "
