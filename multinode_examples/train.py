@@ -239,11 +239,14 @@ def save_checkpoint(ckpt_dir: Path, step: int, model: nn.Module, opt: Any, losse
         f.flush()
         os.fsync(f.fileno())  # on disk before the rename: after a power loss the newest name must not be truncated
     os.replace(tmp, final)
-    dir_fd = os.open(ckpt_dir, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself
-    finally:
-        os.close(dir_fd)
+    try:  # the rename itself (some filesystems refuse a directory's fsync: the checkpoint is in place anyway)
+        dir_fd = os.open(ckpt_dir, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as err:
+        log.debug("fsync of %s failed (%s); the rename stands", ckpt_dir, err)
     log.info("checkpoint after step %d: %s", step, final)
 
 

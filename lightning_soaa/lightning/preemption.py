@@ -113,9 +113,13 @@ def _sync_to_disk(path: str) -> None:
 
 
 def _sync_rename(path: str) -> None:
-    """fsync the directory that a local checkpoint was renamed into (the rename itself)."""
+    """fsync the directory that a local checkpoint was renamed into (the rename itself). Some filesystems refuse
+    a directory's fsync (EINVAL): the checkpoint is in place then, and raising here would skip the requeue."""
     if "://" not in path:
-        _fsync(os.path.dirname(os.path.abspath(path)))
+        try:
+            _fsync(os.path.dirname(os.path.abspath(path)))
+        except OSError as err:
+            log.debug("PreemptionCheckpoint: the checkpoint directory's fsync failed (%s); the rename stands", err)
 
 
 def _warn_plateau(trainer: pl.Trainer) -> None:
