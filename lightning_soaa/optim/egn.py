@@ -610,6 +610,18 @@ def _output_cast_advice(model: Any) -> str:
 _PLANNED_HOOKS = ("_general_step", *TEMPLATE_HOOKS)
 
 
+def _backward_failed(exc: Exception) -> str:
+    """The refusal of a capture whose forward could not be differentiated (EGN differentiates each step's forward
+    several times: back-signals, the factor probe)."""
+    text = f"EGN: differentiating the model's forward failed: {type(exc).__name__}: {exc}."
+    if isinstance(exc, AttributeError) and "_GeneratorContextManager" in str(exc):
+        # torch's checkpoint(debug=True) re-enters one spent context manager at a second recomputation
+        text += (" A torch.utils.checkpoint region with debug=True cannot be differentiated twice (torch raises "
+                 "this at a second backward through it), and EGN differentiates each step's forward more than "
+                 "once: call checkpoint without debug=True (keep it for a plain loss.backward() while debugging).")
+    return text
+
+
 class EGN(ShardedOptimizer):
     r"""Exact Gauss-Newton (Levenberg-Marquardt in the bc×bc mini-batch space), sharded and exact
     across ranks.
@@ -1745,15 +1757,24 @@ class EGN(ShardedOptimizer):
         except ValueError as exc:
             return None, None, str(exc)
         if isinstance(cap, LinearCapture):  # its back-signals now: a model that mixes samples is refused
-            cap.prepare(z, z.shape[1])      # before the ranks exchange anything
-            if cap.error is None and self._explicit:
-                cap.error = self._explicit_rows(cap, xs, z)
-            if cap.error is None and self.__dict__.get("_probe_due", True):
-                cap.error, decided = self._factor_probe(cap, z)
-                self._current().probed = cap.error is None and decided
+            try:                            # before the ranks exchange anything
+                self._differentiate_capture(cap, xs, z)
+            except Exception as exc:  # noqa: BLE001 - reported on every rank, never a hang
+                self._hold_out_of_memory(exc)
+                return None, None, _backward_failed(exc)
             if cap.error is not None:
                 return None, None, cap.error
         return z, cap, None
+
+    def _differentiate_capture(self, cap: LinearCapture, xs: tuple[Tensor, ...], z: Tensor) -> None:
+        """The capture's back-signals, the explicit rows and the factor probe: each differentiates the forward's
+        graph again (a refusal goes to ``cap.error``)."""
+        cap.prepare(z, z.shape[1])
+        if cap.error is None and self._explicit:
+            cap.error = self._explicit_rows(cap, xs, z)
+        if cap.error is None and self.__dict__.get("_probe_due", True):
+            cap.error, decided = self._factor_probe(cap, z)
+            self._current().probed = cap.error is None and decided
 
     def _user_forward(self, xs: tuple[Tensor, ...], b: int) -> tuple[LinearCapture | ChainCapture | None, Any,
                                                                     str | None]:

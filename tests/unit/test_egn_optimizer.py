@@ -789,6 +789,30 @@ def test_a_closure_pair_from_a_checkpointed_forward_is_not_taken_as_the_batch() 
     assert torch.equal(flat_params(net), before)
 
 
+def test_a_checkpoint_region_with_debug_is_refused_naming_it() -> None:
+    """torch.utils.checkpoint(..., debug=True) cannot be differentiated twice (torch's second backward through
+    the region raises a bare AttributeError from its debug context), and EGN differentiates each step's
+    forward more than once (back-signals, the factor probe): the step raised that AttributeError from
+    inside EGN, naming neither the region nor the option. It is refused, naming both, nothing changed."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 4)).double()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + checkpoint(self.block, x, use_reentrant=False, debug=True)  # (a residual: the general capture)
+
+    net = Net()
+    opt = EGN(net, loss="mse", lr=1.0)
+    x, y = torch.randn(8, 4, dtype=DT), torch.randn(8, 4, dtype=DT)
+    before = flat_params(net)
+    with pytest.raises(ValueError, match=r"debug=True"):
+        opt.step(inputs=x, targets=y)
+    assert torch.equal(flat_params(net), before)
+
+
 def test_a_bf16_model_with_float32_targets_measures_every_loss_on_the_same_targets() -> None:
     """EGN takes targets in the outputs' dtype for its solve and its line-search trials; the loss before
     the step (what step() returns, the Armijo test's and rho's reference) was computed on the float32
