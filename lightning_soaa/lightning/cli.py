@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import inspect
 import logging
 import re
@@ -71,15 +72,21 @@ class SOAAArgumentParser(LightningArgumentParser):
 
     def add_optimizer_args(self, optimizer_class: type[Optimizer] | tuple[type[Optimizer], ...] = (Optimizer,),
                            nested_key: str = "optimizer", link_to: str = "AUTOMATIC") -> None:
-        classes = optimizer_class if isinstance(optimizer_class, tuple) else (optimizer_class,)
-        if not all(isinstance(c, type) and issubclass(c, Optimizer) for c in classes):
-            raise TypeError(f"add_optimizer_args takes subclasses of torch.optim.Optimizer, got {optimizer_class!r}")
-        kwargs: dict[str, Any] = {"instantiate": False, "fail_untyped": False, "skip": set(_NOT_OPTIONS)}
-        if isinstance(optimizer_class, tuple):
-            self.add_subclass_arguments(optimizer_class, nested_key, required=False, **kwargs)
-        else:
-            self.add_class_arguments(optimizer_class, nested_key, sub_configs=True, **kwargs)
-        self._optimizers[nested_key] = (optimizer_class, link_to)
+        _add_optimizer_args(self, optimizer_class, nested_key, link_to)
+
+
+def _add_optimizer_args(parser: LightningArgumentParser,
+                        optimizer_class: type[Optimizer] | tuple[type[Optimizer], ...] = (Optimizer,),
+                        nested_key: str = "optimizer", link_to: str = "AUTOMATIC") -> None:
+    classes = optimizer_class if isinstance(optimizer_class, tuple) else (optimizer_class,)
+    if not all(isinstance(c, type) and issubclass(c, Optimizer) for c in classes):
+        raise TypeError(f"add_optimizer_args takes subclasses of torch.optim.Optimizer, got {optimizer_class!r}")
+    kwargs: dict[str, Any] = {"instantiate": False, "fail_untyped": False, "skip": set(_NOT_OPTIONS)}
+    if isinstance(optimizer_class, tuple):
+        parser.add_subclass_arguments(optimizer_class, nested_key, required=False, **kwargs)
+    else:
+        parser.add_class_arguments(optimizer_class, nested_key, sub_configs=True, **kwargs)
+    parser._optimizers[nested_key] = (optimizer_class, link_to)
 
 
 class SOAALightningCLI(LightningCLI):
@@ -104,6 +111,15 @@ class SOAALightningCLI(LightningCLI):
         # exists"), and one without super() got the stock group, where EGN was refused for a missing "model"
         kwargs.setdefault("parser_class", SOAAArgumentParser)
         super().__init__(*args, **kwargs)
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        parser = super().init_parser(**kwargs)
+        if type(parser).add_optimizer_args is LightningArgumentParser.add_optimizer_args:
+            # a parser_class of the user's own (not a SOAAArgumentParser) got the stock optimizer group, where
+            # EGN was refused for a "model" no command line can give. Set on the instance, not by a class made
+            # here: Lightning pickles the parser with the trainer under ddp_spawn; an override of the user's stays
+            parser.add_optimizer_args = functools.partial(_add_optimizer_args, parser)  # type: ignore[method-assign]
+        return parser
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from lightning.pytorch.cli import LightningArgumentParser
 
 from lightning_soaa import registry
 from lightning_soaa.lightning import BatchToOptimizer, LossToOptimizer, OptimizerDiagnostics
@@ -437,6 +439,36 @@ def test_cli_optimizer_group_is_added_where_the_stock_cli_adds_it(
     egn = _SchedulerOnlyCLI(args=[*BASE, "--optimizer", "lightning_soaa.EGN", "--lr_scheduler.step_size", "1"])
     assert type(egn.trainer.optimizers[0]) is registry.get("EGN").load() and egn.trainer.global_step == 3
     assert len(egn.trainer.lr_scheduler_configs) == 1
+
+
+class _OwnParser(LightningArgumentParser):
+    pass
+
+
+class _LinkedOptimizerCLI(SOAALightningCLI):
+    def add_arguments_to_parser(self, parser: Any) -> None:  # the README's way to link to or set --optimizer
+        super().add_arguments_to_parser(parser)
+        parser.add_optimizer_args()
+        parser.set_defaults({"optimizer": {"class_path": "lightning_soaa.SOAA", "init_args": {"lr": 0.02}}})
+        parser.link_arguments("trainer.max_steps", "optimizer.init_args.total_steps")
+
+
+def test_cli_own_parser_class_keeps_egn_and_linked_optimizer_options(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A user's own ``parser_class`` got the stock optimizer group, where EGN was refused for a "model" no
+    command line can give (it built before --optimizer moved to the parser); the parser still pickles
+    (Lightning pickles it with the trainer under ddp_spawn). Linking to or setting --optimizer in
+    add_arguments_to_parser works once the subclass adds the group."""
+    monkeypatch.chdir(tmp_path)
+    egn = SOAALightningCLI(parser_class=_OwnParser,
+                           args=[*BASE, "--optimizer", "lightning_soaa.EGN", "--optimizer.loss", "mse"])
+    assert type(egn.trainer.optimizers[0]) is registry.get("EGN").load() and egn.trainer.global_step == 3
+    assert type(egn._parser("fit")) is _OwnParser
+    assert type(pickle.loads(pickle.dumps(egn.parser))) is _OwnParser
+    linked = _LinkedOptimizerCLI(args=BASE)
+    assert type(linked.trainer.optimizers[0]) is registry.get("SOAA").load()
+    assert linked.trainer.optimizers[0].param_groups[0]["lr"] == 0.02
+    assert linked.config.fit.optimizer.init_args.total_steps == 3
 
 
 def test_cli_without_auto_configure_optimizers_has_no_optimizer_option(
