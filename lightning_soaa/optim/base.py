@@ -2156,8 +2156,14 @@ class ShardedOptimizer(torch.optim.Optimizer):
         whose parameters are all equal (replicas, not partitions; the same digest as
         :meth:`_checks_replicas`). ``partitioned_by_caller``: set by a caller that partitioned the
         parameters itself (deepspeed_ext, ZeRO 1-3), where equal partitions would be a coincidence."""
-        return (self._global_sums() is not None and not self.sharding.shard and self.comm.world_size > 1
-                and self._dtensor is None and not self.__dict__.get("partitioned_by_caller", False))
+        return self._own_partitions() and self._global_sums() is not None
+
+    def _own_partitions(self) -> bool:
+        """``shard=False`` at W > 1 over parameters of the caller's own: not DTensor shards, not partitions a
+        caller made and checks itself (``partitioned_by_caller``: deepspeed_ext, ZeRO 1-3). Asked first: the
+        default (sharded) optimizer answers at its first test, before :meth:`_global_sums` reads the groups."""
+        return (not self.sharding.shard and self.comm.world_size > 1 and self._dtensor is None
+                and not self.__dict__.get("partitioned_by_caller", False))
 
     def _records_saving_rank(self) -> bool:
         """Whether this optimizer's state dicts record the rank that saved them
@@ -2165,8 +2171,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         where each rank's ``state_dict()`` is its own state. Not DeepSpeed's partitions (``partitioned_by_caller``:
         DeepSpeed saves one file per rank and checks its layout), DTensor shards, or EGN's replicas
         (:attr:`unsharded_replicas`: compared anyway)."""
-        return (not self.sharding.shard and not self.unsharded_replicas and self.comm.world_size > 1
-                and self._dtensor is None and not self.__dict__.get("partitioned_by_caller", False))
+        return not self.unsharded_replicas and self._own_partitions()
 
     def _with_saving_rank(self, full: dict[str, Any]) -> dict[str, Any]:
         """``full`` with the rank that saved it recorded, where :meth:`_records_saving_rank` and a step was taken
